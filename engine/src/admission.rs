@@ -1,0 +1,590 @@
+//! Admission: whether a key may spend what it asks for, and where it is charged.
+//!
+//! One request touches every limit of the key's plan whose meter counts the resource. Limits are
+//! reserved in the plan's order with a CAS each; if one does not fit, the ones already reserved
+//! are given back and nothing is recorded, so a request is admitted whole or not at all. A request
+//! the plan cannot take (quota exhausted or resource not covered) falls to the team's credits.
+
+use crate::calendar::CalendarPeriod;
+use crate::error::Error;
+use crate::ledger::{KeyUsage, Team, WindowState};
+use crate::policy::{
+    CounterId, Limit, Plan, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE, MAX_QUANTITY,
+    UNIT_COUNT,
+};
+use crate::window::period_end_ms;
+
+/// A validated set of quantities, one per unit (0 = the unit is not in the request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Quantities(pub(crate) [u64; UNIT_COUNT]);
+
+impl Quantities {
+    /// Validates `(unit, quantity)` pairs: at least one, no unit twice, each in 1..=2^40.
+    pub fn new(pairs: &[(Unit, u64)]) -> Result<Quantities, Error> {
+        if pairs.is_empty() {
+            return Err(Error::invalid("quantities", "give at least one (unit, quantity)"));
+        }
+        let mut values = [0u64; UNIT_COUNT];
+        for &(unit, quantity) in pairs {
+            if quantity == 0 {
+                return Err(Error::invalid("quantities", format!("{unit}: a quantity must be at least 1")));
+            }
+            if quantity > MAX_QUANTITY {
+                return Err(Error::invalid(
+                    "quantities",
+                    format!("{unit}: {quantity} is more than the largest quantity, {MAX_QUANTITY}"),
+                ));
+            }
+            if values[unit.index()] != 0 {
+                return Err(Error::invalid("quantities", format!("{unit} is given twice")));
+            }
+            values[unit.index()] = quantity;
+        }
+        Ok(Quantities(values))
+    }
+
+    pub fn get(&self, unit: Unit) -> u64 {
+        self.0[unit.index()]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|quantity| *quantity == 0)
+    }
+
+    pub fn pairs(&self) -> impl Iterator<Item = (Unit, u64)> + '_ {
+        Unit::ALL
+            .into_iter()
+            .filter(|unit| self.0[unit.index()] > 0)
+            .map(|unit| (unit, self.0[unit.index()]))
+    }
+
+    /// Units in `self` beyond `other`, and units in `other` beyond `self`.
+    pub(crate) fn differences(&self, other: &Quantities) -> (Quantities, Quantities) {
+        let mut more = [0; UNIT_COUNT];
+        let mut less = [0; UNIT_COUNT];
+        for index in 0..UNIT_COUNT {
+            more[index] = self.0[index].saturating_sub(other.0[index]);
+            less[index] = other.0[index].saturating_sub(self.0[index]);
+        }
+        (Quantities(more), Quantities(less))
+    }
+
+    /// `sum(quantity * weight)`, or an error naming the overflow.
+    pub(crate) fn weighted(&self, weights: &[u64; UNIT_COUNT]) -> Result<u64, Error> {
+        let mut sum = 0u64;
+        for index in 0..UNIT_COUNT {
+            sum = self.0[index]
+                .checked_mul(weights[index])
+                .and_then(|part| sum.checked_add(part))
+                .ok_or(Error::Overflow { field: "quantities" })?;
+        }
+        Ok(sum)
+    }
+}
+
+/// Where an admitted request was charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChargedTo {
+    PlanQuota { plan: PlanId },
+    Credits { micros: u64 },
+    PayAsYouGo { micros: u64 },
+}
+
+/// One limit's state as seen by a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LimitStatus {
+    /// Index into the plan's `limits`.
+    pub limit: u8,
+    pub used: u64,
+    pub amount: u64,
+    /// When everything counted now will have aged out (rolling) or the period ends (calendar);
+    /// `None` for an empty rolling window.
+    pub reset_at_ms: Option<u64>,
+}
+
+impl LimitStatus {
+    pub fn remaining(&self) -> u64 {
+        self.amount.saturating_sub(self.used)
+    }
+}
+
+/// The statuses of the limits a request touched, inline so the hot path allocates nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LimitStatuses {
+    len: u8,
+    items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
+}
+
+impl LimitStatuses {
+    fn push(&mut self, status: LimitStatus) {
+        debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
+        self.items[usize::from(self.len)] = status;
+        self.len += 1;
+    }
+
+    pub fn as_slice(&self) -> &[LimitStatus] {
+        &self.items[..usize::from(self.len)]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    pub charged_to: ChargedTo,
+    /// The time the usage was counted at: the request's, or later if the key's windows had
+    /// already seen a later time (a clock stepping back never writes into the past).
+    pub at_ms: u64,
+    /// The plan whose limits `limits` describes, if the key has a seat.
+    pub plan: Option<PlanId>,
+    pub limits: LimitStatuses,
+    /// The team's balance after this request, when credits were involved.
+    pub credits_balance_micros: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenialReason {
+    UnknownKey,
+    /// The key exists but has neither a seat nor credits.
+    NoResources,
+    /// The key's plan does not cover the resource, and credits do not either.
+    ResourceNotCovered { resource: ResourceId },
+    OverRequestMaximum { unit: Unit, maximum: u64, requested: u64 },
+    /// A limit is used up; waiting until `retry_at_ms` lets this request fit.
+    QuotaExhausted { limit: u8, retry_at_ms: u64, retry_after_ms: u64, reset_at_ms: u64 },
+    /// The request is larger than the limit itself: waiting cannot help.
+    ExceedsLimit { limit: u8, amount: u64, requested: u64 },
+    InsufficientCredits { balance_micros: u64, price_micros: u64 },
+    /// The key holds as many open reservations as its plan allows.
+    TooManyReservations { open: u32, maximum: u32 },
+}
+
+/// What could let a denied request through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Remedies {
+    /// Credits the team would need to add for this request to be charged to credits.
+    pub credits_needed_micros: Option<u64>,
+    /// A plan with more room on the limit that denied, or that covers the resource.
+    pub upgrade_to: Option<PlanId>,
+    /// Waiting until then lets the request fit the plan.
+    pub wait_until_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: DenialReason,
+    pub plan: Option<PlanId>,
+    pub limits: LimitStatuses,
+    pub credits_balance_micros: Option<u64>,
+    pub remedies: Remedies,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Admitted(Admission),
+    Denied(Denial),
+}
+
+impl Decision {
+    pub fn is_admitted(&self) -> bool {
+        matches!(self, Decision::Admitted(_))
+    }
+
+    pub fn denied(reason: DenialReason) -> Decision {
+        Decision::Denied(Denial {
+            reason,
+            plan: None,
+            limits: LimitStatuses::default(),
+            credits_balance_micros: None,
+            remedies: Remedies::default(),
+        })
+    }
+}
+
+/// What an admitted request moved, so it can be refunded, settled or voided exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Receipt {
+    pub charged_to: ChargedTo,
+    /// The policy generation whose counter ids `holds` uses.
+    pub generation: u32,
+    pub holds: Holds,
+}
+
+/// Units held on counters: `(counter, amount, epoch or period)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub(crate) struct Holds {
+    pub len: u8,
+    pub items: [(CounterId, u64, u64); MAX_LIMITS_PER_RESOURCE],
+}
+
+impl Holds {
+    fn push(&mut self, hold: (CounterId, u64, u64)) {
+        self.items[usize::from(self.len)] = hold;
+        self.len += 1;
+    }
+
+    pub fn as_slice(&self) -> &[(CounterId, u64, u64)] {
+        &self.items[..usize::from(self.len)]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [(CounterId, u64, u64)] {
+        &mut self.items[..usize::from(self.len)]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Consume,
+    Check,
+}
+
+/// The amount a request adds to each limit of the plan it touches, computed before anything
+/// changes so an overflow is an error with no effect.
+pub(crate) struct Amounts {
+    len: usize,
+    items: [(u8, u64); MAX_LIMITS_PER_RESOURCE],
+}
+
+impl Amounts {
+    pub fn of(touches: &[Touch], quantities: &Quantities) -> Result<Amounts, Error> {
+        let mut amounts = Amounts {
+            len: 0,
+            items: [(0, 0); MAX_LIMITS_PER_RESOURCE],
+        };
+        for touch in touches {
+            let amount = quantities.weighted(&touch.weights)?;
+            if amount > 0 {
+                amounts.items[amounts.len] = (touch.limit, amount);
+                amounts.len += 1;
+            }
+        }
+        Ok(amounts)
+    }
+
+    pub fn as_slice(&self) -> &[(u8, u64)] {
+        &self.items[..self.len]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Price of a request in micro-credits: `None` if the resource has no price.
+pub(crate) fn price_micros(policy: &Policy, resource: ResourceId, quantities: &Quantities) -> Result<Option<u64>, Error> {
+    let resource = policy.resource(resource);
+    if !resource.is_priced() {
+        return Ok(None);
+    }
+    let mut weights = [0; UNIT_COUNT];
+    for (index, price) in resource.price_micros.iter().enumerate() {
+        weights[index] = price.unwrap_or(0);
+    }
+    quantities.weighted(&weights).map(Some)
+}
+
+/// Checks per-request maximums (the resource's, then the plan's).
+pub(crate) fn over_maximum(maximums: &[u64; UNIT_COUNT], quantities: &Quantities) -> Option<DenialReason> {
+    Unit::ALL.into_iter().find_map(|unit| {
+        let maximum = maximums[unit.index()];
+        let requested = quantities.get(unit);
+        (maximum > 0 && requested > maximum).then_some(DenialReason::OverRequestMaximum {
+            unit,
+            maximum,
+            requested,
+        })
+    })
+}
+
+/// The outcome of trying the plan's quota.
+pub(crate) enum QuotaOutcome {
+    Admitted(Admission, Holds),
+    Denied(Denial),
+}
+
+/// Tries to take `amounts` from the plan's limits for this key. In `Check` mode nothing is
+/// taken. `at_ms` has been validated.
+pub(crate) fn try_quota(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+    mode: Mode,
+) -> QuotaOutcome {
+    let plan = policy.plan(plan_id);
+    let mut statuses = LimitStatuses::default();
+    let mut holds = Holds::default();
+    let mut effective_ms = at_ms;
+    for (position, &(limit_index, amount)) in amounts.as_slice().iter().enumerate() {
+        let limit = &plan.limits[usize::from(limit_index)];
+        let state = &usage.counters[usize::from(limit_index)].state;
+        debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
+        if amount > limit.amount {
+            rollback(plan, usage, amounts, &holds, position);
+            let reason = DenialReason::ExceedsLimit {
+                limit: limit_index,
+                amount: limit.amount,
+                requested: amount,
+            };
+            let remedies = Remedies {
+                upgrade_to: limit.upgrade,
+                ..Remedies::default()
+            };
+            return QuotaOutcome::Denied(quota_denial(policy, plan_id, usage, amounts, at_ms, reason, remedies));
+        }
+        match take(policy, limit, state, amount, at_ms, mode) {
+            Ok((mut status, time)) => {
+                status.limit = limit_index;
+                statuses.push(status);
+                holds.push((limit.counter, amount, time));
+                if let (WindowState::Rolling(_), Window::Rolling { bucket_ms, .. }) = (state, limit.window) {
+                    effective_ms = effective_ms.max(time * bucket_ms);
+                }
+            }
+            Err((retry_at_ms, reset_at_ms)) => {
+                rollback(plan, usage, amounts, &holds, position);
+                let reason = DenialReason::QuotaExhausted {
+                    limit: limit_index,
+                    retry_at_ms,
+                    retry_after_ms: retry_at_ms.saturating_sub(at_ms),
+                    reset_at_ms,
+                };
+                let remedies = Remedies {
+                    upgrade_to: limit.upgrade,
+                    wait_until_ms: Some(retry_at_ms),
+                    ..Remedies::default()
+                };
+                return QuotaOutcome::Denied(quota_denial(policy, plan_id, usage, amounts, at_ms, reason, remedies));
+            }
+        }
+    }
+    if mode == Mode::Consume {
+        for (&(limit_index, amount), hold) in amounts.as_slice().iter().zip(holds.as_slice()) {
+            if let WindowState::Rolling(window) = &usage.counters[usize::from(limit_index)].state {
+                let shape = plan.limits[usize::from(limit_index)].window.shape();
+                window.record(shape.unwrap_or_else(|| unreachable!()), hold.2, amount);
+            }
+        }
+    }
+    let admission = Admission {
+        charged_to: ChargedTo::PlanQuota { plan: plan_id },
+        at_ms: effective_ms,
+        plan: Some(plan_id),
+        limits: statuses,
+        credits_balance_micros: None,
+    };
+    QuotaOutcome::Admitted(admission, holds)
+}
+
+/// Takes `amount` from one limit. `Ok((status, epoch or period))` or `Err((retry_at, reset_at))`.
+fn take(
+    policy: &Policy,
+    limit: &Limit,
+    state: &WindowState,
+    amount: u64,
+    at_ms: u64,
+    mode: Mode,
+) -> Result<(LimitStatus, u64), (u64, u64)> {
+    match (state, limit.window) {
+        (WindowState::Rolling(window), Window::Rolling { .. }) => {
+            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let epoch = window.advance(shape, shape.epoch(at_ms));
+            let taken = match mode {
+                Mode::Consume => window.try_reserve(amount, limit.amount),
+                Mode::Check => {
+                    let used = window.used();
+                    if used.saturating_add(amount) <= limit.amount {
+                        Ok(used + amount)
+                    } else {
+                        Err(used)
+                    }
+                }
+            };
+            match taken {
+                Ok(used) => {
+                    let status = LimitStatus {
+                        limit: 0,
+                        used,
+                        amount: limit.amount,
+                        reset_at_ms: Some(shape.release_ms(epoch)),
+                    };
+                    Ok((status, epoch))
+                }
+                Err(used) => {
+                    let needed = used.saturating_add(amount) - limit.amount;
+                    let drained = shape.release_ms(epoch);
+                    let retry = window.release_time(shape, epoch, needed).unwrap_or(drained);
+                    let reset = window.drain_time(shape, epoch).unwrap_or(drained);
+                    Err((retry.max(at_ms), reset.max(retry)))
+                }
+            }
+        }
+        (WindowState::Calendar(counter), Window::Calendar(kind)) => {
+            let period = policy.calendar().period_of(kind, at_ms);
+            let taken = match mode {
+                Mode::Consume => counter.try_add(period.index, amount, limit.amount),
+                Mode::Check => {
+                    let now = counter.used(period.index);
+                    if now.used.saturating_add(amount) <= limit.amount {
+                        Ok(crate::window::PeriodUse {
+                            period: now.period,
+                            used: now.used + amount,
+                        })
+                    } else {
+                        Err(now)
+                    }
+                }
+            };
+            let end = |stored: u32| {
+                if stored == period.index {
+                    period.end_ms
+                } else {
+                    period_end_ms(policy.calendar(), kind, stored, at_ms)
+                }
+            };
+            match taken {
+                Ok(now) => {
+                    let status = LimitStatus {
+                        limit: 0,
+                        used: now.used,
+                        amount: limit.amount,
+                        reset_at_ms: Some(end(now.period)),
+                    };
+                    Ok((status, u64::from(now.period)))
+                }
+                Err(now) => {
+                    let reset = end(now.period);
+                    Err((reset, reset))
+                }
+            }
+        }
+        _ => unreachable!("a key's counter always has its limit's kind of window"),
+    }
+}
+
+/// Gives back the first `taken` reservations of a request that another limit denied.
+fn rollback(plan: &Plan, usage: &KeyUsage, amounts: &Amounts, holds: &Holds, taken: usize) {
+    for (&(limit_index, amount), hold) in amounts.as_slice()[..taken].iter().zip(holds.as_slice()) {
+        match &usage.counters[usize::from(limit_index)].state {
+            WindowState::Rolling(window) => window.unreserve(amount),
+            WindowState::Calendar(counter) => {
+                let given = counter.refund(hold.2 as u32, amount);
+                debug_assert!(given == amount || plan.limits.is_empty());
+            }
+        }
+    }
+}
+
+/// A quota denial with the status of every limit the request touches.
+fn quota_denial(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+    reason: DenialReason,
+    remedies: Remedies,
+) -> Denial {
+    let plan = policy.plan(plan_id);
+    let mut limits = LimitStatuses::default();
+    for &(limit_index, _) in amounts.as_slice() {
+        let limit = &plan.limits[usize::from(limit_index)];
+        let state = &usage.counters[usize::from(limit_index)].state;
+        limits.push(status_of(policy, limit, state, limit_index, at_ms));
+    }
+    Denial {
+        reason,
+        plan: Some(plan_id),
+        limits,
+        credits_balance_micros: None,
+        remedies,
+    }
+}
+
+/// A limit's used, remaining and reset time, without changing it.
+pub(crate) fn status_of(policy: &Policy, limit: &Limit, state: &WindowState, limit_index: u8, at_ms: u64) -> LimitStatus {
+    let (used, reset_at_ms) = match (state, limit.window) {
+        (WindowState::Rolling(window), Window::Rolling { .. }) => {
+            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let epoch = window.advance(shape, shape.epoch(at_ms));
+            (window.used(), window.drain_time(shape, epoch))
+        }
+        (WindowState::Calendar(counter), Window::Calendar(kind)) => {
+            let period = policy.calendar().period_of(kind, at_ms);
+            let now = counter.used(period.index);
+            (now.used, Some(period_end_ms(policy.calendar(), kind, now.period, at_ms)))
+        }
+        _ => unreachable!("a key's counter always has its limit's kind of window"),
+    };
+    LimitStatus {
+        limit: limit_index,
+        used,
+        amount: limit.amount,
+        reset_at_ms,
+    }
+}
+
+/// Charges a request to the team's credits, for a key whose plan could not take it. `denial`
+/// is what the plan said (if the key has one); it is kept as the reason when credits fail too.
+pub(crate) fn try_credits(
+    team: &Team,
+    price: Option<u64>,
+    at_ms: u64,
+    plan: Option<PlanId>,
+    denial: Option<Denial>,
+    mode: Mode,
+    fallback: DenialReason,
+) -> Decision {
+    let balance = team.balance_micros();
+    let Some(price) = price else {
+        return Decision::Denied(denial.unwrap_or_else(|| bare_denial(fallback, plan)));
+    };
+    if balance > 0 {
+        let charged = match mode {
+            Mode::Consume => team.charge(price),
+            Mode::Check => balance.checked_sub(price).ok_or(balance),
+        };
+        if let Ok(after) = charged {
+            return Decision::Admitted(Admission {
+                charged_to: ChargedTo::Credits { micros: price },
+                at_ms,
+                plan,
+                limits: denial.map(|denial| denial.limits).unwrap_or_default(),
+                credits_balance_micros: Some(after),
+            });
+        }
+    }
+    let mut denied = denial.unwrap_or_else(|| {
+        let reason = if balance > 0 && !matches!(fallback, DenialReason::ResourceNotCovered { .. }) {
+            DenialReason::InsufficientCredits {
+                balance_micros: balance,
+                price_micros: price,
+            }
+        } else {
+            fallback
+        };
+        bare_denial(reason, plan)
+    });
+    denied.credits_balance_micros = Some(balance);
+    denied.remedies.credits_needed_micros = Some(price.saturating_sub(balance).max(1));
+    Decision::Denied(denied)
+}
+
+fn bare_denial(reason: DenialReason, plan: Option<PlanId>) -> Denial {
+    Denial {
+        reason,
+        plan,
+        limits: LimitStatuses::default(),
+        credits_balance_micros: None,
+        remedies: Remedies::default(),
+    }
+}
+
+/// The reason a calendar limit reports in words, e.g. "resets at local midnight".
+pub fn window_reset_words(window: Window) -> &'static str {
+    match window {
+        Window::Rolling { .. } => "as usage ages out of the rolling window",
+        Window::Calendar(CalendarPeriod::Daily) => "at local midnight",
+        Window::Calendar(CalendarPeriod::Weekly) => "at local midnight on Monday",
+        Window::Calendar(CalendarPeriod::Monthly) => "at local midnight on the 1st",
+    }
+}

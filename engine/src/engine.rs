@@ -1,0 +1,637 @@
+//! The engine: one handle that ties the policy, the accounts, the ledger, admission,
+//! idempotency and reservations together. Safe to share between threads (`Engine: Sync`).
+//!
+//! Data flow of one `consume`: resolve the timestamp (explicit or the `Clock`), validate the
+//! quantities, read-lock the key's shard, resolve the resource in that shard's policy, then
+//! `admission` tries the plan's limits (lock-free CAS on each window) and falls back to the
+//! team's credits. With a request id the whole call runs once per id (`idempotency`).
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::accounts::{default_team_name, KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord, MAX_ID_BYTES, MAX_KEY_BYTES};
+use crate::admission::{
+    over_maximum, price_micros, try_credits, try_quota, Admission, Amounts, ChargedTo, Decision, DenialReason, Holds,
+    LimitStatus, Mode, QuotaOutcome, Quantities, Receipt,
+};
+use crate::calendar::MAX_TIMESTAMP_MS;
+use crate::clock::Clock;
+use crate::error::Error;
+use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
+use crate::ledger::{KeyUsage, Team, WindowState};
+use crate::policy::{PlanId, Policy, ResourceId, Unit, Window};
+use crate::reservation::{
+    Closed, Reservation, ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS, MAX_LEASE_MS,
+};
+
+/// Bounds and horizons, chosen when the engine opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    pub max_keys: u64,
+    pub max_teams: u64,
+    pub max_users: u64,
+    /// Request ids remembered at once (about 400 bytes each).
+    pub idempotency_capacity: usize,
+    /// How long a request id is remembered; never less than the policy's longest window.
+    pub idempotency_horizon_ms: u64,
+    pub max_open_reservations: usize,
+    pub default_lease_ms: u64,
+    /// Policies kept so receipts from before a swap can still be refunded exactly.
+    pub max_policy_generations: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> EngineOptions {
+        EngineOptions {
+            max_keys: 16_000_000,
+            max_teams: 4_000_000,
+            max_users: 8_000_000,
+            idempotency_capacity: 1_000_000,
+            idempotency_horizon_ms: 0,
+            max_open_reservations: 1_000_000,
+            default_lease_ms: DEFAULT_LEASE_MS,
+            max_policy_generations: 1_024,
+        }
+    }
+}
+
+/// One usage request: `quantities` are `(unit, amount)` pairs, e.g. a song is
+/// `[(Songs, 1), (Seconds, 280)]`. `at_ms` defaults to the engine's clock.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageRequest<'a> {
+    pub key: &'a str,
+    pub resource: &'a str,
+    pub quantities: &'a [(Unit, u64)],
+    pub at_ms: Option<u64>,
+    pub request_id: Option<&'a str>,
+}
+
+impl<'a> UsageRequest<'a> {
+    pub fn new(key: &'a str, resource: &'a str, quantities: &'a [(Unit, u64)]) -> UsageRequest<'a> {
+        UsageRequest {
+            key,
+            resource,
+            quantities,
+            at_ms: None,
+            request_id: None,
+        }
+    }
+
+    pub fn at(mut self, at_ms: u64) -> UsageRequest<'a> {
+        self.at_ms = Some(at_ms);
+        self
+    }
+
+    pub fn id(mut self, request_id: &'a str) -> UsageRequest<'a> {
+        self.request_id = Some(request_id);
+        self
+    }
+}
+
+/// What `reserve` answered: a reservation id when admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReserveOutcome {
+    pub decision: Decision,
+    pub reservation: Option<ReservationId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled(Settlement),
+    /// The actual amount went beyond the estimate and the rest did not fit: nothing changed,
+    /// the reservation stays open (settle with less, or void it).
+    Denied(crate::admission::Denial),
+}
+
+/// One limit on the console's usage bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitReport {
+    pub name: String,
+    pub meter: String,
+    pub window: Window,
+    pub amount: u64,
+    pub used: u64,
+    pub remaining: u64,
+    pub reset_at_ms: Option<u64>,
+}
+
+/// A key's usage report: every limit of its plan, and the credits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub key: String,
+    pub kind: KeyKind,
+    pub user: String,
+    pub team: String,
+    pub plan: Option<String>,
+    pub limits: Vec<LimitReport>,
+    pub credits_balance_micros: u64,
+    pub credits_charged_micros: u64,
+    pub open_reservations: u32,
+    pub payg_micros: u64,
+    pub at_ms: u64,
+}
+
+/// Memory held by keys, for the per-key figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub keys: u64,
+    pub keys_with_usage: u64,
+    pub usage_bytes: u64,
+    pub table_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdjustmentDirection {
+    /// Usage that really happened but was not counted: counted now, whatever the limit.
+    Add,
+    /// Usage counted that should not have been: given back if its window is still live.
+    Remove,
+}
+
+pub struct Engine {
+    clock: Arc<dyn Clock>,
+    options: EngineOptions,
+    keys: KeyTable,
+    registry: Mutex<Registry>,
+    /// Every installed policy by generation; the last is current. Also serialises swaps.
+    policies: RwLock<Vec<Option<Arc<Policy>>>>,
+    requests: RequestTable,
+    reservations: ReservationTable,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("keys", &self.keys.len())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max_bytes {
+        return Err(Error::invalid(field, format!("is {} bytes; at most {max_bytes}", value.len())));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters (NUL, newline, ...)"));
+    }
+    Ok(())
+}
+
+impl Engine {
+    pub fn new(policy: Policy, clock: Arc<dyn Clock>, options: EngineOptions) -> Engine {
+        let horizon_ms = options.idempotency_horizon_ms.max(policy.longest_window_ms());
+        let policy = Arc::new(policy);
+        Engine {
+            clock,
+            keys: KeyTable::new(Arc::clone(&policy)),
+            registry: Mutex::new(Registry::default()),
+            policies: RwLock::new(vec![Some(policy)]),
+            requests: RequestTable::new(options.idempotency_capacity, horizon_ms),
+            reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
+            options,
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        let policies = self.policies.read();
+        policies.last().and_then(Clone::clone).unwrap_or_else(|| unreachable!("the current policy is always kept"))
+    }
+
+    fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
+        self.policies.read().get(generation as usize).and_then(Clone::clone)
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
+        let at_ms = at_ms.unwrap_or_else(|| self.clock.now_ms());
+        if at_ms >= MAX_TIMESTAMP_MS {
+            return Err(Error::invalid(
+                "at_ms",
+                format!("{at_ms} is at or after 2100-01-01T00:00:00Z, the end of tally's time range"),
+            ));
+        }
+        Ok(at_ms)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Accounts (cold: the registry mutex, then a key shard's write lock).
+
+    /// Creates a user, their Default Team (`@user`) and their plan key in it.
+    pub fn create_user(&self, user: &str, key: &str) -> Result<(), Error> {
+        check_id("user", user, MAX_ID_BYTES)?;
+        check_id("key", key, MAX_KEY_BYTES)?;
+        let mut registry = self.registry.lock();
+        if registry.users.contains_key(user) {
+            return Err(Error::AlreadyExists { what: "user", id: user.into() });
+        }
+        let team_name = default_team_name(user);
+        if registry.teams.contains_key(team_name.as_str()) {
+            return Err(Error::AlreadyExists { what: "team", id: team_name });
+        }
+        self.check_room(&registry, 1)?;
+        self.check_new_key(key)?;
+        let user_name: Arc<str> = user.into();
+        let team = Arc::new(Team::new(&team_name));
+        self.keys.insert(key, KeyState::new(KeyKind::Plan, Arc::clone(&user_name), Arc::clone(&team)));
+        let mut members = rustc_hash::FxHashMap::default();
+        members.insert(Arc::clone(&user_name), key.into());
+        registry.teams.insert(
+            team_name.as_str().into(),
+            TeamRecord { team, members, owner: Some(Arc::clone(&user_name)) },
+        );
+        registry.users.insert(
+            Arc::clone(&user_name),
+            UserRecord { name: user_name, default_team: team_name.into(), payg_keys: Vec::new() },
+        );
+        Ok(())
+    }
+
+    fn check_room(&self, registry: &Registry, new_teams: u64) -> Result<(), Error> {
+        if registry.users.len() as u64 >= self.options.max_users {
+            return Err(Error::CapacityExceeded { what: "users", capacity: self.options.max_users });
+        }
+        if registry.teams.len() as u64 + new_teams > self.options.max_teams {
+            return Err(Error::CapacityExceeded { what: "teams", capacity: self.options.max_teams });
+        }
+        Ok(())
+    }
+
+    fn check_new_key(&self, key: &str) -> Result<(), Error> {
+        if self.keys.len() >= self.options.max_keys {
+            return Err(Error::CapacityExceeded { what: "keys", capacity: self.options.max_keys });
+        }
+        if self.keys.read(key, |_, state| state.is_some()) {
+            return Err(Error::AlreadyExists { what: "key", id: key.into() });
+        }
+        Ok(())
+    }
+
+    pub fn create_team(&self, team: &str) -> Result<(), Error> {
+        check_id("team", team, MAX_ID_BYTES)?;
+        if team.starts_with('@') {
+            return Err(Error::invalid("team", "names starting with '@' are Default Teams"));
+        }
+        let mut registry = self.registry.lock();
+        if registry.teams.contains_key(team) {
+            return Err(Error::AlreadyExists { what: "team", id: team.into() });
+        }
+        if registry.teams.len() as u64 >= self.options.max_teams {
+            return Err(Error::CapacityExceeded { what: "teams", capacity: self.options.max_teams });
+        }
+        let record = TeamRecord { team: Arc::new(Team::new(team)), members: Default::default(), owner: None };
+        registry.teams.insert(team.into(), record);
+        Ok(())
+    }
+
+    /// Adds `user` to `team` with their plan key for that team (one key per user per team).
+    pub fn add_member(&self, team: &str, user: &str, key: &str) -> Result<(), Error> {
+        check_id("key", key, MAX_KEY_BYTES)?;
+        let mut registry = self.registry.lock();
+        let user_name = registry
+            .users
+            .get(user)
+            .map(|record| Arc::clone(&record.name))
+            .ok_or_else(|| Error::UnknownUser { user: user.into() })?;
+        let record = registry.teams.get_mut(team).ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        if record.members.contains_key(user) {
+            return Err(Error::AlreadyExists { what: "member", id: format!("{user} in {team}") });
+        }
+        self.check_new_key(key)?;
+        self.keys.insert(key, KeyState::new(KeyKind::Plan, Arc::clone(&user_name), Arc::clone(&record.team)));
+        record.members.insert(user_name, key.into());
+        Ok(())
+    }
+
+    /// Issues a pay-as-you-go key to `user`: never draws on plan quota or credits.
+    pub fn create_payg_key(&self, user: &str, key: &str) -> Result<(), Error> {
+        check_id("key", key, MAX_KEY_BYTES)?;
+        let mut registry = self.registry.lock();
+        let record = registry.users.get(user).ok_or_else(|| Error::UnknownUser { user: user.into() })?;
+        let default_team = Arc::clone(&registry.teams[&*record.default_team].team);
+        let user_name = Arc::clone(&record.name);
+        self.check_new_key(key)?;
+        self.keys.insert(key, KeyState::new(KeyKind::PayAsYouGo, user_name, default_team));
+        if let Some(record) = registry.users.get_mut(user) {
+            record.payg_keys.push(key.into());
+        }
+        Ok(())
+    }
+
+    fn member_key(&self, team: &str, user: &str) -> Result<Box<str>, Error> {
+        let registry = self.registry.lock();
+        let record = registry.teams.get(team).ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        if !registry.users.contains_key(user) {
+            return Err(Error::UnknownUser { user: user.into() });
+        }
+        record
+            .members
+            .get(user)
+            .cloned()
+            .ok_or_else(|| Error::NotAMember { team: team.into(), user: user.into() })
+    }
+
+    /// Gives `user`'s key in `team` a seat on `plan`, or changes it (upgrade or downgrade) at
+    /// once. Usage already counted in a window stays counted.
+    pub fn assign_seat(&self, team: &str, user: &str, plan: &str) -> Result<(), Error> {
+        let key = self.member_key(team, user)?;
+        self.change_seat(&key, Some(plan))
+    }
+
+    pub fn unassign_seat(&self, team: &str, user: &str) -> Result<(), Error> {
+        let key = self.member_key(team, user)?;
+        self.change_seat(&key, None)
+    }
+
+    fn change_seat(&self, key: &str, plan: Option<&str>) -> Result<(), Error> {
+        self.keys.write(key, |policy, state| {
+            let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
+            let seat = match plan {
+                Some(name) => Some(policy.plan_id(name).ok_or_else(|| Error::UnknownPlan { plan: name.into() })?),
+                None => None,
+            };
+            state.seat = seat;
+            let usage = state.usage.take().map(|usage| usage.rearranged(policy, policy, seat));
+            state.usage.set(usage);
+            Ok(())
+        })
+    }
+
+    /// Adds credits to a team; returns the new balance.
+    pub fn top_up(&self, team: &str, micros: u64) -> Result<u64, Error> {
+        if micros == 0 {
+            return Err(Error::invalid("micros", "a top-up must be at least 1 micro-credit"));
+        }
+        let team_record = self.team(team)?;
+        team_record.credit(micros).map_err(|_| Error::Overflow { field: "micros" })
+    }
+
+    /// Corrects a team's balance downwards (a chargeback, a mistaken top-up). Never below zero.
+    pub fn withdraw_credits(&self, team: &str, micros: u64) -> Result<u64, Error> {
+        if micros == 0 {
+            return Err(Error::invalid("micros", "a correction must be at least 1 micro-credit"));
+        }
+        let team_record = self.team(team)?;
+        team_record.charge(micros).map_err(|balance| Error::InsufficientCredits {
+            team: team.into(),
+            balance_micros: balance,
+            needed_micros: micros,
+        })
+    }
+
+    pub fn credits_micros(&self, team: &str) -> Result<u64, Error> {
+        Ok(self.team(team)?.balance_micros())
+    }
+
+    fn team(&self, team: &str) -> Result<Arc<Team>, Error> {
+        let registry = self.registry.lock();
+        registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })
+    }
+
+    /// Replaces the policy at run time. Usage carries over for every counter whose meter (by
+    /// name) and window stay; seats move to the plan of the same name, and a swap that would
+    /// drop a plan someone is seated on is refused, changing nothing.
+    pub fn swap_policy(&self, policy: Policy) -> Result<(), Error> {
+        let mut policies = self.policies.write();
+        let old = policies.last().and_then(Clone::clone).unwrap_or_else(|| unreachable!());
+        let mut policy = policy;
+        policy.generation = u32::try_from(policies.len()).map_err(|_| Error::Overflow { field: "policy generation" })?;
+        let policy = Arc::new(policy);
+        let mut shards = self.keys.lock_all();
+        for shard in shards.iter() {
+            for (_, state) in shard.iter() {
+                if let Some(seat) = state.seat {
+                    let name = &old.plan(seat).name;
+                    if policy.plan_id(name).is_none() {
+                        return Err(Error::invalid(
+                            "policy",
+                            format!("plan {name:?} has seats assigned but is missing from the new policy"),
+                        ));
+                    }
+                }
+            }
+        }
+        for shard in shards.iter_mut() {
+            for (_, state) in shard.iter_mut() {
+                state.seat = state.seat.and_then(|seat| policy.plan_id(&old.plan(seat).name));
+                let usage = state.usage.take().map(|usage| usage.rearranged(&old, &policy, state.seat));
+                state.usage.set(usage);
+            }
+            shard.policy = Arc::clone(&policy);
+        }
+        drop(shards);
+        policies.push(Some(policy));
+        let kept = self.options.max_policy_generations.max(2);
+        let excess = policies.len().saturating_sub(kept);
+        for generation in policies.iter_mut().take(excess) {
+            *generation = None;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Admission (hot: a key shard's read lock and lock-free windows).
+
+    /// Checks every limit that applies and admits all of the request or none of it.
+    pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
+        self.admit(request, Mode::Consume)
+    }
+
+    /// The decision `consume` would make now, changing nothing.
+    pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
+        self.admit(request, Mode::Check)
+    }
+
+    fn admit(&self, request: &UsageRequest<'_>, mode: Mode) -> Result<Decision, Error> {
+        let at_ms = self.resolve_time(request.at_ms)?;
+        let quantities = Quantities::new(request.quantities)?;
+        check_id("key", request.key, MAX_KEY_BYTES)?;
+        let Some(request_id) = request.request_id else {
+            return Ok(self.decide(request.key, request.resource, &quantities, at_ms, mode)?.0);
+        };
+        check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
+        let fingerprint = Fingerprint {
+            key: request.key.into(),
+            resource: request.resource.into(),
+            quantities,
+        };
+        match mode {
+            Mode::Consume => self.requests.once(request_id, fingerprint, at_ms, || {
+                self.decide(request.key, request.resource, &quantities, at_ms, mode)
+            }),
+            Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
+                Some(decision) => Ok(decision),
+                None => Ok(self.decide(request.key, request.resource, &quantities, at_ms, mode)?.0),
+            },
+        }
+    }
+
+    fn decide(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        at_ms: u64,
+        mode: Mode,
+    ) -> Result<(Decision, Option<Receipt>), Error> {
+        self.keys.read(key, |policy, state| {
+            let resource = resolve_resource(policy, resource, quantities)?;
+            match state {
+                None => Ok((Decision::denied(DenialReason::UnknownKey), None)),
+                Some(state) => decide_for_key(policy, state, resource, quantities, at_ms, mode),
+            }
+        })
+    }
+
+    /// The console's usage bar for a key: every limit of its plan, and the credits.
+    pub fn usage(&self, key: &str, at_ms: Option<u64>) -> Result<UsageReport, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        check_id("key", key, MAX_KEY_BYTES)?;
+        self.keys.read(key, |policy, state| {
+            let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
+            let mut limits = Vec::new();
+            if let Some(plan_id) = state.seat {
+                let plan = policy.plan(plan_id);
+                let usage = state.usage.get();
+                for (index, limit) in plan.limits.iter().enumerate() {
+                    let status = match usage {
+                        Some(usage) => {
+                            crate::admission::status_of(policy, limit, &usage.counters[index].state, index as u8, at_ms)
+                        }
+                        None => LimitStatus { limit: index as u8, used: 0, amount: limit.amount, reset_at_ms: None },
+                    };
+                    limits.push(LimitReport {
+                        name: limit.name.to_string(),
+                        meter: policy.meter(limit.meter).name.to_string(),
+                        window: limit.window,
+                        amount: limit.amount,
+                        used: status.used,
+                        remaining: status.remaining(),
+                        reset_at_ms: status.reset_at_ms,
+                    });
+                }
+            }
+            Ok(UsageReport {
+                key: key.into(),
+                kind: state.kind,
+                user: state.user.to_string(),
+                team: state.team.name.to_string(),
+                plan: state.seat.map(|seat| policy.plan(seat).name.to_string()),
+                limits,
+                credits_balance_micros: state.team.balance_micros(),
+                credits_charged_micros: state.team.charged_micros(),
+                open_reservations: state.open_reservations.load(std::sync::atomic::Ordering::Acquire),
+                payg_micros: state.payg_micros.load(std::sync::atomic::Ordering::Acquire),
+                at_ms,
+            })
+        })
+    }
+}
+
+/// Resolves a resource name and checks the request's units against it.
+fn resolve_resource(policy: &Policy, resource: &str, quantities: &Quantities) -> Result<ResourceId, Error> {
+    let id = policy.resource_id(resource).ok_or_else(|| Error::UnknownResource { resource: resource.into() })?;
+    let metered = &policy.resource(id).units;
+    if let Some((unit, _)) = quantities.pairs().find(|(unit, _)| !metered[unit.index()]) {
+        return Err(Error::invalid("quantities", format!("resource {resource:?} does not meter {unit}")));
+    }
+    Ok(id)
+}
+
+/// The admission decision for one existing key.
+pub(crate) fn decide_for_key(
+    policy: &Policy,
+    state: &KeyState,
+    resource: ResourceId,
+    quantities: &Quantities,
+    at_ms: u64,
+    mode: Mode,
+) -> Result<(Decision, Option<Receipt>), Error> {
+    let price = price_micros(policy, resource, quantities)?;
+    if let Some(reason) = over_maximum(&policy.resource(resource).max_per_request, quantities) {
+        return Ok((Decision::denied(reason), None));
+    }
+    if state.kind == KeyKind::PayAsYouGo {
+        return pay_as_you_go(policy, state, resource, price, at_ms, mode);
+    }
+    let mut quota_denial = None;
+    let mut fallback = DenialReason::NoResources;
+    let mut cover_upgrade = None;
+    if let Some(plan_id) = state.seat {
+        let plan = policy.plan(plan_id);
+        if let Some(reason) = over_maximum(&plan.maximums[resource.index()], quantities) {
+            return Ok((Decision::denied(reason), None));
+        }
+        if plan.covers[resource.index()] {
+            let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
+            let usage = state.usage.get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            match try_quota(policy, plan_id, usage, &amounts, at_ms, mode) {
+                QuotaOutcome::Admitted(admission, holds) => {
+                    let receipt = Receipt { charged_to: admission.charged_to, generation: policy.generation, holds };
+                    return Ok((Decision::Admitted(admission), Some(receipt)));
+                }
+                QuotaOutcome::Denied(denial) => quota_denial = Some(denial),
+            }
+        } else {
+            fallback = DenialReason::ResourceNotCovered { resource };
+            cover_upgrade = policy.cover_upgrade(resource);
+        }
+    }
+    let mut decision = try_credits(&state.team, price, at_ms, state.seat, quota_denial, mode, fallback);
+    let receipt = match &mut decision {
+        Decision::Admitted(admission) => Some(Receipt {
+            charged_to: admission.charged_to,
+            generation: policy.generation,
+            holds: Holds::default(),
+        }),
+        Decision::Denied(denial) => {
+            if denial.remedies.upgrade_to.is_none() {
+                denial.remedies.upgrade_to = cover_upgrade;
+            }
+            None
+        }
+    };
+    Ok((decision, receipt))
+}
+
+fn pay_as_you_go(
+    policy: &Policy,
+    state: &KeyState,
+    resource: ResourceId,
+    price: Option<u64>,
+    at_ms: u64,
+    mode: Mode,
+) -> Result<(Decision, Option<Receipt>), Error> {
+    let _ = policy;
+    let Some(price) = price else {
+        return Ok((Decision::denied(DenialReason::ResourceNotCovered { resource }), None));
+    };
+    if mode == Mode::Consume {
+        state.add_payg(price).map_err(|_| Error::Overflow { field: "pay-as-you-go micros" })?;
+    }
+    let charged_to = ChargedTo::PayAsYouGo { micros: price };
+    let admission = Admission {
+        charged_to,
+        at_ms,
+        plan: None,
+        limits: Default::default(),
+        credits_balance_micros: None,
+    };
+    let receipt = Receipt { charged_to, generation: policy.generation, holds: Holds::default() };
+    Ok((Decision::Admitted(admission), Some(receipt)))
+}

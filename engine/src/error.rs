@@ -1,0 +1,95 @@
+//! Errors: bad input and operations that can never succeed.
+//!
+//! Following governor's two result layers, an expected outcome such as a denial with its retry
+//! time is a `Decision`, not an error. An `Error` means the call itself was wrong (unknown
+//! resource, zero quantity, a request id reused for something else, ...) and changed nothing.
+
+use std::fmt;
+
+use crate::policy::PolicyError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// A field of a call was malformed: `field` names it, `problem` says what was wrong.
+    InvalidArgument { field: &'static str, problem: String },
+    UnknownResource { resource: String },
+    UnknownPlan { plan: String },
+    UnknownTeam { team: String },
+    UnknownUser { user: String },
+    /// A pay-as-you-go key passed where a plan key is required, or an unknown key to an
+    /// admin call (the admission path reports unknown keys as a denial instead).
+    UnknownKey { key: String },
+    UnknownReservation { reservation: u64 },
+    UnknownRequest { request_id: String },
+    AlreadyExists { what: &'static str, id: String },
+    NotAMember { team: String, user: String },
+    /// The same request id came back with a different key, resource or quantities.
+    RequestIdConflict { request_id: String },
+    /// A bounded table is full; nothing was changed.
+    CapacityExceeded { what: &'static str, capacity: u64 },
+    /// Adding to a balance or counter would overflow `u64`.
+    Overflow { field: &'static str },
+    /// A reservation can no longer be settled or voided.
+    ReservationClosed { reservation: u64, state: &'static str },
+    /// A credits correction asked to take more than the team holds.
+    InsufficientCredits { team: String, balance_micros: u64, needed_micros: u64 },
+    Policy(PolicyError),
+}
+
+impl Error {
+    pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidArgument { field, problem } => write!(f, "{field}: {problem}"),
+            Error::UnknownResource { resource } => write!(f, "resource: unknown resource {resource:?}"),
+            Error::UnknownPlan { plan } => write!(f, "plan: unknown plan {plan:?}"),
+            Error::UnknownTeam { team } => write!(f, "team: unknown team {team:?}"),
+            Error::UnknownUser { user } => write!(f, "user: unknown user {user:?}"),
+            Error::UnknownKey { key } => write!(f, "key: unknown key {key:?}"),
+            Error::UnknownReservation { reservation } => {
+                write!(f, "reservation: unknown reservation {reservation}")
+            }
+            Error::UnknownRequest { request_id } => {
+                write!(f, "request_id: no admitted request {request_id:?} within the idempotency horizon")
+            }
+            Error::AlreadyExists { what, id } => write!(f, "{what}: {id:?} already exists"),
+            Error::NotAMember { team, user } => write!(f, "user: {user:?} is not a member of team {team:?}"),
+            Error::RequestIdConflict { request_id } => write!(
+                f,
+                "request_id: {request_id:?} was already used for a different key, resource or quantities"
+            ),
+            Error::CapacityExceeded { what, capacity } => {
+                write!(f, "{what}: the bound of {capacity} is reached; nothing was changed")
+            }
+            Error::Overflow { field } => write!(f, "{field}: the result would overflow a 64-bit counter"),
+            Error::ReservationClosed { reservation, state } => {
+                write!(f, "reservation: reservation {reservation} is already {state}")
+            }
+            Error::InsufficientCredits {
+                team,
+                balance_micros,
+                needed_micros,
+            } => write!(
+                f,
+                "micros: team {team:?} holds {balance_micros} micro-credits, {needed_micros} needed"
+            ),
+            Error::Policy(error) => write!(f, "policy: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<PolicyError> for Error {
+    fn from(error: PolicyError) -> Error {
+        Error::Policy(error)
+    }
+}

@@ -1,0 +1,165 @@
+//! Idempotency: a request id seen again within the horizon returns its first decision and counts
+//! nothing; the same id with a different key, resource or quantities is an error.
+//!
+//! The table is sharded by the id's hash, each shard a mutex over a map and a queue in arrival
+//! order; entries older than the horizon (at least the policy's longest window) are dropped as
+//! new ones arrive. The table is bounded: when a shard is full of entries still inside the
+//! horizon, a new id is refused with `CapacityExceeded` rather than forgotten early.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use parking_lot::Mutex;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::admission::{Decision, Quantities, Receipt};
+use crate::error::Error;
+
+const SHARDS: usize = 64;
+
+/// What a request id was first used for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fingerprint {
+    pub key: Box<str>,
+    pub resource: Box<str>,
+    pub quantities: Quantities,
+}
+
+#[derive(Debug)]
+pub(crate) struct RequestRecord {
+    pub fingerprint: Fingerprint,
+    pub decision: Decision,
+    pub receipt: Option<Receipt>,
+    pub refunded: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    records: FxHashMap<Arc<str>, RequestRecord>,
+    arrivals: VecDeque<(u64, Arc<str>)>,
+    newest_ms: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct RequestTable {
+    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    capacity_per_shard: usize,
+    horizon_ms: u64,
+}
+
+pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
+
+impl RequestTable {
+    pub fn new(capacity: usize, horizon_ms: u64) -> RequestTable {
+        RequestTable {
+            shards: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(Shard::default()))).collect(),
+            capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+            horizon_ms,
+        }
+    }
+
+    pub fn horizon_ms(&self) -> u64 {
+        self.horizon_ms
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity_per_shard * SHARDS
+    }
+
+    fn shard(&self, request_id: &str) -> &Mutex<Shard> {
+        let hash = FxBuildHasher.hash_one(request_id);
+        &self.shards[(hash >> 32) as usize % SHARDS]
+    }
+
+    /// Runs `admit` once per request id: a repeat returns the first decision.
+    pub fn once(
+        &self,
+        request_id: &str,
+        fingerprint: Fingerprint,
+        at_ms: u64,
+        admit: impl FnOnce() -> Result<(Decision, Option<Receipt>), Error>,
+    ) -> Result<Decision, Error> {
+        let mut shard = self.shard(request_id).lock();
+        shard.expire(at_ms, self.horizon_ms);
+        if let Some(record) = shard.records.get(request_id) {
+            return if record.fingerprint == fingerprint {
+                Ok(record.decision)
+            } else {
+                Err(Error::RequestIdConflict {
+                    request_id: request_id.into(),
+                })
+            };
+        }
+        if shard.records.len() >= self.capacity_per_shard {
+            return Err(Error::CapacityExceeded {
+                what: "request_id (idempotency table)",
+                capacity: self.capacity() as u64,
+            });
+        }
+        let (decision, receipt) = admit()?;
+        let id: Arc<str> = request_id.into();
+        shard.arrivals.push_back((at_ms, Arc::clone(&id)));
+        shard.records.insert(
+            id,
+            RequestRecord {
+                fingerprint,
+                decision,
+                receipt,
+                refunded: false,
+            },
+        );
+        Ok(decision)
+    }
+
+    /// The first decision for `request_id`, if it is still remembered and matches.
+    pub fn peek(&self, request_id: &str, fingerprint: &Fingerprint) -> Result<Option<Decision>, Error> {
+        let shard = self.shard(request_id).lock();
+        match shard.records.get(request_id) {
+            None => Ok(None),
+            Some(record) if record.fingerprint == *fingerprint => Ok(Some(record.decision)),
+            Some(_) => Err(Error::RequestIdConflict {
+                request_id: request_id.into(),
+            }),
+        }
+    }
+
+    /// Calls `f` with the record of `request_id` under its shard's lock.
+    pub fn with_record<R>(
+        &self,
+        request_id: &str,
+        f: impl FnOnce(Option<&mut RequestRecord>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let mut shard = self.shard(request_id).lock();
+        f(shard.records.get_mut(request_id))
+    }
+
+    /// Locks every shard (in order) and applies `f` to every record: for a policy swap.
+    pub fn for_each_record(&self, mut f: impl FnMut(&mut RequestRecord)) {
+        for shard in self.shards.iter() {
+            for record in shard.lock().records.values_mut() {
+                f(record);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|shard| shard.lock().records.len()).sum()
+    }
+}
+
+impl Shard {
+    fn expire(&mut self, at_ms: u64, horizon_ms: u64) {
+        self.newest_ms = self.newest_ms.max(at_ms);
+        let oldest_kept = self.newest_ms.saturating_sub(horizon_ms);
+        while let Some((arrived_ms, _)) = self.arrivals.front() {
+            if *arrived_ms >= oldest_kept {
+                break;
+            }
+            if let Some((_, id)) = self.arrivals.pop_front() {
+                self.records.remove(&id);
+            }
+        }
+    }
+}

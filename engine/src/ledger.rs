@@ -1,0 +1,292 @@
+//! The ledger: what each key has used (its window counters, one per distinct meter and window)
+//! and what each team holds (its credits balance in integer micro-credits).
+
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+use crate::policy::{CounterId, PlanId, Policy, Window};
+use crate::window::{CalendarCounter, RollingWindow};
+
+/// A team's prepaid credits. A Default Team's credits are its user's own.
+#[derive(Debug)]
+pub struct Team {
+    pub name: Box<str>,
+    // AcqRel CAS: the balance is one word; a charge succeeds only against the value it replaced,
+    // so concurrent charges can never take it below zero.
+    credits_micros: AtomicU64,
+    // Relaxed: a statistic (total charged so far), read only for reports.
+    charged_micros: AtomicU64,
+}
+
+impl Team {
+    pub fn new(name: &str) -> Team {
+        Team {
+            name: name.into(),
+            credits_micros: AtomicU64::new(0),
+            charged_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn balance_micros(&self) -> u64 {
+        self.credits_micros.load(Ordering::Acquire)
+    }
+
+    pub fn charged_micros(&self) -> u64 {
+        self.charged_micros.load(Ordering::Relaxed)
+    }
+
+    /// Takes `micros` if the balance covers it: `Ok(balance after)`, or `Err(balance)`.
+    pub fn charge(&self, micros: u64) -> Result<u64, u64> {
+        let mut balance = self.balance_micros();
+        loop {
+            let Some(after) = balance.checked_sub(micros) else {
+                return Err(balance);
+            };
+            match self
+                .credits_micros
+                .compare_exchange_weak(balance, after, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    self.charged_micros.fetch_add(micros, Ordering::Relaxed);
+                    return Ok(after);
+                }
+                Err(current) => balance = current,
+            }
+        }
+    }
+
+    /// Adds `micros` (a top-up or a refund): `Ok(balance after)`, or `Err(())` on overflow.
+    pub fn credit(&self, micros: u64) -> Result<u64, ()> {
+        let mut balance = self.balance_micros();
+        loop {
+            let after = balance.checked_add(micros).ok_or(())?;
+            match self
+                .credits_micros
+                .compare_exchange_weak(balance, after, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(after),
+                Err(current) => balance = current,
+            }
+        }
+    }
+
+    /// Gives back part of an earlier charge.
+    pub fn refund(&self, micros: u64) -> Result<u64, ()> {
+        let after = self.credit(micros)?;
+        let _ = self
+            .charged_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |charged| Some(charged.saturating_sub(micros)));
+        Ok(after)
+    }
+}
+
+/// The state of one counter for one key.
+#[derive(Debug)]
+pub enum WindowState {
+    Rolling(RollingWindow),
+    Calendar(CalendarCounter),
+}
+
+impl WindowState {
+    pub fn new(window: Window) -> WindowState {
+        match window.shape() {
+            Some(shape) => WindowState::Rolling(RollingWindow::new(shape)),
+            None => WindowState::Calendar(CalendarCounter::new()),
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        match self {
+            WindowState::Rolling(window) => window.memory_bytes(),
+            WindowState::Calendar(_) => std::mem::size_of::<CalendarCounter>(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Counter {
+    pub id: CounterId,
+    pub state: WindowState,
+}
+
+/// Everything one key has used. The first `plan.limits.len()` counters are the key's plan's
+/// limits in order (so admission indexes them directly); any after those are dormant counters
+/// from an earlier plan, kept so a change back within the window still sees that usage.
+#[derive(Debug)]
+pub struct KeyUsage {
+    pub counters: Vec<Counter>,
+}
+
+impl KeyUsage {
+    pub fn for_plan(policy: &Policy, plan: Option<PlanId>) -> KeyUsage {
+        let counters = plan
+            .map(|plan| {
+                policy
+                    .plan(plan)
+                    .limits
+                    .iter()
+                    .map(|limit| Counter {
+                        id: limit.counter,
+                        state: WindowState::new(limit.window),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        KeyUsage { counters }
+    }
+
+    pub fn counter(&self, id: CounterId) -> Option<&WindowState> {
+        self.counters.iter().find(|counter| counter.id == id).map(|counter| &counter.state)
+    }
+
+    /// The same usage laid out for `plan` under `policy`, taking counters from `self` (laid
+    /// out under `old_policy`). Counters with the same meter and window carry over, even if the
+    /// bucket width changed; the rest stay dormant.
+    pub fn rearranged(self, old_policy: &Policy, policy: &Policy, plan: Option<PlanId>) -> KeyUsage {
+        let mut carried: Vec<Counter> = Vec::with_capacity(self.counters.len());
+        for counter in self.counters {
+            let Some(id) = old_policy.same_counter_in(counter.id, policy) else {
+                continue; // the meter or window is gone from the new policy: nothing can read it
+            };
+            let old_window = old_policy.counter(counter.id).window;
+            let new_window = policy.counter(id).window;
+            let state = match (counter.state, old_window.shape(), new_window.shape()) {
+                (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
+                    WindowState::Rolling(window.reshaped(from, to))
+                }
+                (state, _, _) => state,
+            };
+            carried.push(Counter { id, state });
+        }
+        let mut counters = Vec::with_capacity(carried.len() + 4);
+        if let Some(plan) = plan {
+            for limit in &policy.plan(plan).limits {
+                let state = match carried.iter().position(|counter| counter.id == limit.counter) {
+                    Some(position) => carried.swap_remove(position).state,
+                    None => WindowState::new(limit.window),
+                };
+                counters.push(Counter {
+                    id: limit.counter,
+                    state,
+                });
+            }
+        }
+        counters.extend(carried);
+        KeyUsage { counters }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<KeyUsage>()
+            + self.counters.capacity() * std::mem::size_of::<Counter>()
+            + self
+                .counters
+                .iter()
+                .map(|counter| counter.state.memory_bytes() - std::mem::size_of::<WindowState>().min(counter.state.memory_bytes()))
+                .sum::<usize>()
+    }
+}
+
+/// A lazily allocated `KeyUsage`: a key with no usage holds only a null pointer. Readers share
+/// the key through its shard's read lock; the first consumer installs the box by CAS (a loser
+/// frees its own). Replacing or freeing needs `&mut`, i.e. the shard's write lock, so no reader
+/// can hold a reference then.
+#[derive(Debug, Default)]
+pub struct UsageCell {
+    // Release on install / Acquire on load: the box's contents are visible to whoever sees it.
+    pointer: AtomicPtr<KeyUsage>,
+}
+
+impl UsageCell {
+    pub fn get(&self) -> Option<&KeyUsage> {
+        let pointer = self.pointer.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer came from `Box::into_raw` and is only freed through `&mut self`
+        // (`take`, `Drop`), which cannot overlap with this shared borrow.
+        unsafe { pointer.as_ref() }
+    }
+
+    pub fn get_or_init(&self, init: impl FnOnce() -> KeyUsage) -> &KeyUsage {
+        if let Some(usage) = self.get() {
+            return usage;
+        }
+        let fresh = Box::into_raw(Box::new(init()));
+        match self
+            .pointer
+            .compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
+        {
+            // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
+            Ok(_) => unsafe { &*fresh },
+            Err(installed) => {
+                // SAFETY: `fresh` was never shared; `installed` is live as in `get`.
+                unsafe {
+                    drop(Box::from_raw(fresh));
+                    &*installed
+                }
+            }
+        }
+    }
+
+    pub fn take(&mut self) -> Option<KeyUsage> {
+        let pointer = std::mem::replace(self.pointer.get_mut(), std::ptr::null_mut());
+        // SAFETY: exclusive access; the pointer came from `Box::into_raw`.
+        (!pointer.is_null()).then(|| *unsafe { Box::from_raw(pointer) })
+    }
+
+    pub fn set(&mut self, usage: Option<KeyUsage>) {
+        drop(self.take());
+        if let Some(usage) = usage {
+            *self.pointer.get_mut() = Box::into_raw(Box::new(usage));
+        }
+    }
+}
+
+impl Drop for UsageCell {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credits_never_go_below_zero_under_concurrent_charges() {
+        let team = Team::new("t");
+        team.credit(1_000).unwrap();
+        let charged = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..1_000 {
+                        if team.charge(3).is_ok() {
+                            charged.fetch_add(3, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(team.balance_micros(), 1);
+        assert_eq!(charged.load(Ordering::Relaxed), 999);
+        assert_eq!(team.charged_micros(), 999);
+    }
+
+    #[test]
+    fn a_credit_that_would_overflow_changes_nothing() {
+        let team = Team::new("t");
+        team.credit(u64::MAX - 1).unwrap();
+        assert_eq!(team.credit(2), Err(()));
+        assert_eq!(team.balance_micros(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn a_usage_cell_installs_once() {
+        let policy = Policy::token_plan();
+        let plus = policy.plan_id("Plus");
+        let mut cell = UsageCell::default();
+        assert!(cell.get().is_none());
+        let first = cell.get_or_init(|| KeyUsage::for_plan(&policy, plus)) as *const KeyUsage;
+        let second = cell.get_or_init(|| panic!("must not build twice")) as *const KeyUsage;
+        assert_eq!(first, second);
+        assert_eq!(cell.take().map(|usage| usage.counters.len()), Some(4));
+        assert!(cell.get().is_none());
+    }
+}

@@ -1,0 +1,49 @@
+//! tally's engine: the quota model of an AI provider's subscription plans (plans, keys, teams,
+//! seats, credits) and lock-free admission on rolling and calendar windows.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tally_engine::{Engine, EngineOptions, ManualClock, Policy, Unit, UsageRequest};
+//!
+//! let clock = Arc::new(ManualClock::new(1_790_000_000_000));
+//! let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+//! engine.create_user("ada", "tp-ada").unwrap();
+//! engine.assign_seat("@ada", "ada", "Starter").unwrap();
+//! let decision = engine
+//!     .consume(&UsageRequest::new("tp-ada", "m2.7", &[(Unit::Requests, 1)]))
+//!     .unwrap();
+//! assert!(decision.is_admitted());
+//! ```
+//!
+//! Modules, one concept each: `clock` (where now comes from), `calendar` (local days, weeks and
+//! months of a time zone), `policy` (the plan document and its compiled form), `window` (the
+//! lock-free sliding buckets and calendar counters), `ledger` (per-key counters and team
+//! credits), `accounts` (users, teams, seats, keys), `admission` (the decision),
+//! `idempotency` (request ids), `reservation` (reserve, settle, void), `adjustment` (refunds and
+//! corrections), `engine` (the handle tying them together).
+
+pub mod accounts;
+pub mod adjustment;
+pub mod admission;
+pub mod calendar;
+pub mod clock;
+pub mod engine;
+pub mod error;
+pub mod idempotency;
+pub mod ledger;
+pub mod policy;
+pub mod reservation;
+pub mod window;
+
+pub use accounts::KeyKind;
+pub use admission::{
+    Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities, Remedies,
+};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use engine::{
+    AdjustmentDirection, Engine, EngineOptions, LimitReport, MemoryStats, ReserveOutcome, SettleOutcome, UsageReport,
+    UsageRequest,
+};
+pub use error::Error;
+pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
+pub use reservation::{ReservationId, Settlement};

@@ -1,0 +1,1069 @@
+//! The policy: resources with their units and prices, meters, windows, limits and plans, in a
+//! human-edited TOML or JSON document; its validation (errors name the field and say why) and
+//! its compilation into the dense, immutable tables that admission reads.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::calendar::{Calendar, CalendarPeriod};
+
+/// What a quantity counts. A usage request carries one quantity per unit it uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Requests,
+    Characters,
+    Images,
+    Videos,
+    Songs,
+    Seconds,
+    Tokens,
+}
+
+pub const UNIT_COUNT: usize = 7;
+
+impl Unit {
+    pub const ALL: [Unit; UNIT_COUNT] = [
+        Unit::Requests,
+        Unit::Characters,
+        Unit::Images,
+        Unit::Videos,
+        Unit::Songs,
+        Unit::Seconds,
+        Unit::Tokens,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Characters => "characters",
+            Unit::Images => "images",
+            Unit::Videos => "videos",
+            Unit::Songs => "songs",
+            Unit::Seconds => "seconds",
+            Unit::Tokens => "tokens",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Unit> {
+        Unit::ALL.into_iter().find(|unit| unit.name() == name)
+    }
+
+    /// The unit's position in per-unit arrays; also its stable code at the C boundary.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn from_index(index: usize) -> Option<Unit> {
+        Unit::ALL.get(index).copied()
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+// Bounds on everything a policy can make grow (TIGER_STYLE). Each is checked on load.
+pub const MAX_NAME_BYTES: usize = 64;
+pub const MAX_RESOURCES: usize = 256;
+pub const MAX_METERS: usize = 256;
+pub const MAX_PLANS: usize = 64;
+pub const MAX_LIMITS_PER_PLAN: usize = 16;
+/// How many limits of one plan may apply to one resource: the admission path keeps them inline.
+pub const MAX_LIMITS_PER_RESOURCE: usize = 8;
+/// A rolling bucket counts up to `u32::MAX` (its slot packs a 32-bit lap tag and count).
+pub const MAX_ROLLING_AMOUNT: u64 = u32::MAX as u64;
+/// A calendar counter packs a 16-bit period tag and a 48-bit count into one atomic word.
+pub const MAX_CALENDAR_AMOUNT: u64 = (1 << 48) - 1;
+/// The largest quantity of one unit in one request.
+pub const MAX_QUANTITY: u64 = 1 << 40;
+pub const MIN_BUCKET_MS: u64 = 1_000;
+pub const MAX_BUCKETS_PER_WINDOW: u64 = 4_096;
+pub const MAX_ROLLING_WINDOW_MS: u64 = 366 * DAY_MS;
+pub const MAX_RESERVATIONS_PER_KEY: u32 = 4_096;
+/// The default bucket width is the window divided by this: the error of a rolling window (how
+/// much later than the exact time a unit is released) is at most one bucket, 1/210 = 0.476%.
+pub const DEFAULT_BUCKETS_PER_WINDOW: u64 = 210;
+
+const SECOND_MS: u64 = 1_000;
+const MINUTE_MS: u64 = 60 * SECOND_MS;
+const HOUR_MS: u64 = 60 * MINUTE_MS;
+const DAY_MS: u64 = 24 * HOUR_MS;
+const WEEK_MS: u64 = 7 * DAY_MS;
+/// The longest calendar month, for the idempotency horizon.
+const MONTH_MS: u64 = 31 * DAY_MS + HOUR_MS;
+
+const _: () = assert!(DEFAULT_BUCKETS_PER_WINDOW * 5 > 1_000, "default error must be under 0.5%");
+const _: () = assert!(DEFAULT_BUCKETS_PER_WINDOW <= MAX_BUCKETS_PER_WINDOW);
+const _: () = assert!(MAX_LIMITS_PER_RESOURCE <= MAX_LIMITS_PER_PLAN);
+const _: () = assert!(MAX_QUANTITY <= MAX_CALENDAR_AMOUNT);
+
+// ---------------------------------------------------------------------------------------------
+// The document: what a person writes.
+
+/// A policy as written in a TOML or JSON file. `Policy::compile` validates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// The IANA time zone in which daily, weekly and monthly windows reset.
+    pub time_zone: String,
+    pub resources: BTreeMap<String, ResourceDocument>,
+    #[serde(default)]
+    pub meters: BTreeMap<String, MeterDocument>,
+    pub plans: BTreeMap<String, PlanDocument>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The units a request for this resource may carry.
+    pub units: Vec<Unit>,
+    /// The price per unit in micro-credits, for credits and pay-as-you-go. A resource with no
+    /// price cannot be paid for with credits.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub price_micros: BTreeMap<Unit, u64>,
+    /// Per-request maximums that hold for every key, whatever its plan.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub max_per_request: BTreeMap<Unit, u64>,
+}
+
+/// A meter is one resource's unit, or a weighted sum (`terms`), or every priced resource's
+/// usage at its price (`priced = true`: the older seed's shared usage bar).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MeterDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Unit>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub priced: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub terms: Vec<TermDocument>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TermDocument {
+    pub resource: String,
+    pub unit: Unit,
+    pub weight: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PlanDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_micros_per_month: Option<u64>,
+    /// Resources the plan covers. Absent: the resources its limits touch. `["*"]`: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: Vec<LimitDocument>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maximums: Vec<MaximumDocument>,
+    /// How many reservations one key may hold open at once (the older seed's "agents").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_open_reservations: Option<u32>,
+}
+
+/// A limit names a meter, or a resource and unit (an implicit meter `resource:unit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitDocument {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<Unit>,
+    pub amount: u64,
+    /// `rolling:5h`, `daily`, `weekly` or `monthly`.
+    pub window: String,
+    /// Bucket width of a rolling window, e.g. `90s`; default: window / 210.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaximumDocument {
+    pub resource: String,
+    pub unit: Unit,
+    pub amount: u64,
+}
+
+/// A policy that failed to load: `field` is the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl PolicyError {
+    fn new(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+        PolicyError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+// ---------------------------------------------------------------------------------------------
+// The compiled policy: what admission reads.
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub u16);
+        impl $name {
+            pub fn index(self) -> usize {
+                usize::from(self.0)
+            }
+        }
+    };
+}
+
+id_type!(ResourceId);
+id_type!(MeterId);
+id_type!(PlanId);
+id_type!(
+    /// A distinct (meter, window) pair: the identity of a usage counter, kept across seat
+    /// changes and policy swaps so usage already counted stays counted.
+    CounterId
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    Rolling { window_ms: u64, bucket_ms: u64 },
+    Calendar(CalendarPeriod),
+}
+
+impl Window {
+    /// Number of buckets the window spans (rolling only); the ring holds one more, the bucket
+    /// being filled now.
+    pub fn buckets(&self) -> u64 {
+        match *self {
+            Window::Rolling {
+                window_ms,
+                bucket_ms,
+            } => window_ms.div_ceil(bucket_ms),
+            Window::Calendar(_) => 0,
+        }
+    }
+
+    /// The longest time a unit stays counted in this window.
+    pub fn span_ms(&self) -> u64 {
+        match *self {
+            Window::Rolling {
+                window_ms,
+                bucket_ms,
+            } => window_ms.div_ceil(bucket_ms).saturating_add(1).saturating_mul(bucket_ms),
+            Window::Calendar(CalendarPeriod::Daily) => DAY_MS + HOUR_MS,
+            Window::Calendar(CalendarPeriod::Weekly) => WEEK_MS + HOUR_MS,
+            Window::Calendar(CalendarPeriod::Monthly) => MONTH_MS,
+        }
+    }
+}
+
+impl Window {
+    /// The ring geometry of a rolling window.
+    pub fn shape(&self) -> Option<crate::window::RollingShape> {
+        match *self {
+            Window::Rolling {
+                window_ms,
+                bucket_ms,
+            } => Some(crate::window::RollingShape::new(window_ms, bucket_ms)),
+            Window::Calendar(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Window::Rolling { window_ms, .. } => write!(f, "rolling:{}", format_duration(window_ms)),
+            Window::Calendar(period) => f.write_str(period.name()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Resource {
+    pub name: Box<str>,
+    pub units: [bool; UNIT_COUNT],
+    /// Micro-credits per unit; `None` where the unit has no price.
+    pub price_micros: [Option<u64>; UNIT_COUNT],
+    /// 0 where there is no maximum.
+    pub max_per_request: [u64; UNIT_COUNT],
+}
+
+impl Resource {
+    /// Whether credits (and pay-as-you-go) can pay for this resource.
+    pub fn is_priced(&self) -> bool {
+        self.price_micros.iter().any(Option::is_some)
+    }
+}
+
+#[derive(Debug)]
+pub struct Meter {
+    pub name: Box<str>,
+    pub terms: Vec<(ResourceId, Unit, u64)>,
+}
+
+#[derive(Debug)]
+pub struct CounterSpec {
+    pub meter: MeterId,
+    pub window: Window,
+}
+
+#[derive(Debug)]
+pub struct Limit {
+    /// e.g. `m2.7:requests per rolling:5h`.
+    pub name: Box<str>,
+    pub meter: MeterId,
+    pub counter: CounterId,
+    pub amount: u64,
+    pub window: Window,
+    /// The plan with the smallest larger amount on the same counter: the upgrade to suggest.
+    pub upgrade: Option<PlanId>,
+}
+
+/// The limits of a plan that one resource's usage moves, with the weight of each unit.
+#[derive(Debug, Clone, Copy)]
+pub struct Touch {
+    /// Index into `Plan::limits`.
+    pub limit: u8,
+    pub weights: [u64; UNIT_COUNT],
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub name: Box<str>,
+    pub limits: Vec<Limit>,
+    /// Indexed by `ResourceId`.
+    pub covers: Vec<bool>,
+    /// Indexed by `ResourceId`: the limits each resource moves, in `limits` order.
+    pub touches: Vec<Vec<Touch>>,
+    /// Indexed by `ResourceId`: per-request maximums, 0 where none.
+    pub maximums: Vec<[u64; UNIT_COUNT]>,
+    pub max_open_reservations: Option<u32>,
+    pub price_micros_per_month: Option<u64>,
+}
+
+/// A validated, compiled policy. Immutable; the engine swaps whole policies.
+#[derive(Debug)]
+pub struct Policy {
+    document: PolicyDocument,
+    calendar: Calendar,
+    resources: Vec<Resource>,
+    resource_ids: FxHashMap<Box<str>, ResourceId>,
+    meters: Vec<Meter>,
+    counters: Vec<CounterSpec>,
+    plans: Vec<Plan>,
+    plan_ids: FxHashMap<Box<str>, PlanId>,
+    /// Indexed by `ResourceId`: the cheapest plan covering it, to suggest when none does.
+    cover_upgrade: Vec<Option<PlanId>>,
+    longest_window_ms: u64,
+    /// Set by the engine when it installs the policy: receipts name counters of a generation.
+    pub(crate) generation: u32,
+}
+
+/// The default policy shipped with tally: the Token Plan seeds' plans with every number from
+/// their tables (see the comments in the file for what the seeds leave open).
+pub const TOKEN_PLAN_TOML: &str = include_str!("../policy/token-plan.toml");
+
+impl Policy {
+    pub fn token_plan() -> Policy {
+        match Policy::from_toml_str(TOKEN_PLAN_TOML) {
+            Ok(policy) => policy,
+            // The shipped file is tested; failing here is a build defect, not bad input.
+            Err(error) => panic!("the shipped token-plan policy is invalid: {error}"),
+        }
+    }
+
+    pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
+        let document: PolicyDocument =
+            toml::from_str(text).map_err(|error| PolicyError::new("(toml)", error.to_string().trim_end()))?;
+        Policy::compile(document)
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
+        let document: PolicyDocument =
+            serde_json::from_str(text).map_err(|error| PolicyError::new("(json)", error.to_string()))?;
+        Policy::compile(document)
+    }
+
+    /// Loads a `.toml` or `.json` policy file.
+    pub fn load(path: &std::path::Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| PolicyError::new("(file)", format!("cannot read {}: {error}", path.display())))?;
+        match path.extension().and_then(|extension| extension.to_str()) {
+            Some("json") => Policy::from_json_str(&text),
+            Some("toml") => Policy::from_toml_str(&text),
+            _ => Err(PolicyError::new(
+                "(file)",
+                format!("{}: a policy file ends in .toml or .json", path.display()),
+            )),
+        }
+    }
+
+    pub fn compile(document: PolicyDocument) -> Result<Policy, PolicyError> {
+        Compiler::default().compile(document)
+    }
+
+    pub fn document(&self) -> &PolicyDocument {
+        &self.document
+    }
+
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(&self.document).unwrap_or_default()
+    }
+
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
+    }
+
+    pub fn resource_id(&self, name: &str) -> Option<ResourceId> {
+        self.resource_ids.get(name).copied()
+    }
+
+    pub fn resource(&self, id: ResourceId) -> &Resource {
+        &self.resources[id.index()]
+    }
+
+    pub fn resources(&self) -> &[Resource] {
+        &self.resources
+    }
+
+    pub fn meter(&self, id: MeterId) -> &Meter {
+        &self.meters[id.index()]
+    }
+
+    pub fn counter(&self, id: CounterId) -> &CounterSpec {
+        &self.counters[id.index()]
+    }
+
+    pub fn counters(&self) -> &[CounterSpec] {
+        &self.counters
+    }
+
+    pub fn plan_id(&self, name: &str) -> Option<PlanId> {
+        self.plan_ids.get(name).copied()
+    }
+
+    pub fn plan(&self, id: PlanId) -> &Plan {
+        &self.plans[id.index()]
+    }
+
+    pub fn plans(&self) -> &[Plan] {
+        &self.plans
+    }
+
+    pub fn cover_upgrade(&self, resource: ResourceId) -> Option<PlanId> {
+        self.cover_upgrade[resource.index()]
+    }
+
+    /// The longest time any window keeps a unit counted: the idempotency horizon's floor.
+    pub fn longest_window_ms(&self) -> u64 {
+        self.longest_window_ms
+    }
+
+    /// The weights with which `resource`'s units move `counter`'s meter.
+    pub fn counter_weights(&self, counter: CounterId, resource: ResourceId) -> [u64; UNIT_COUNT] {
+        let mut weights = [0; UNIT_COUNT];
+        for (term_resource, unit, weight) in &self.meter(self.counter(counter).meter).terms {
+            if *term_resource == resource {
+                weights[unit.index()] = *weight;
+            }
+        }
+        weights
+    }
+
+    /// Finds the counter of another policy with the same meter name and window, so counts
+    /// carry across a policy swap.
+    pub fn same_counter_in(&self, counter: CounterId, other: &Policy) -> Option<CounterId> {
+        let spec = self.counter(counter);
+        let meter_name = &self.meter(spec.meter).name;
+        other
+            .counters
+            .iter()
+            .position(|candidate| {
+                candidate.window == spec.window && other.meter(candidate.meter).name == *meter_name
+            })
+            .map(|index| CounterId(index as u16))
+    }
+}
+
+#[derive(Default)]
+struct Compiler {
+    resources: Vec<Resource>,
+    resource_ids: FxHashMap<Box<str>, ResourceId>,
+    meters: Vec<Meter>,
+    meter_ids: FxHashMap<Box<str>, MeterId>,
+    counters: Vec<CounterSpec>,
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
+    if name.is_empty() {
+        return Err(PolicyError::new(field, "a name must not be empty"));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(PolicyError::new(
+            field,
+            format!("{name:?} is longer than {MAX_NAME_BYTES} bytes"),
+        ));
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(PolicyError::new(
+            field,
+            format!("{name:?} contains whitespace or control characters"),
+        ));
+    }
+    Ok(())
+}
+
+impl Compiler {
+    fn compile(mut self, document: PolicyDocument) -> Result<Policy, PolicyError> {
+        let calendar = Calendar::new(&document.time_zone)
+            .map_err(|error| PolicyError::new("time_zone", error.to_string()))?;
+        self.compile_resources(&document)?;
+        self.compile_named_meters(&document)?;
+        let mut plans = Vec::with_capacity(document.plans.len());
+        if document.plans.is_empty() {
+            return Err(PolicyError::new("plans", "a policy needs at least one plan"));
+        }
+        if document.plans.len() > MAX_PLANS {
+            return Err(PolicyError::new("plans", format!("more than {MAX_PLANS} plans")));
+        }
+        for (name, plan) in &document.plans {
+            plans.push(self.compile_plan(name, plan)?);
+        }
+        let plan_ids = plans
+            .iter()
+            .enumerate()
+            .map(|(index, plan)| (plan.name.clone(), PlanId(index as u16)))
+            .collect();
+        link_upgrades(&mut plans);
+        let cover_upgrade = (0..self.resources.len())
+            .map(|resource| cheapest_plan(&plans, |plan| plan.covers[resource]))
+            .collect();
+        let longest_window_ms = self
+            .counters
+            .iter()
+            .map(|counter| counter.window.span_ms())
+            .max()
+            .unwrap_or(0);
+        Ok(Policy {
+            document,
+            calendar,
+            resources: self.resources,
+            resource_ids: self.resource_ids,
+            meters: self.meters,
+            counters: self.counters,
+            plans,
+            plan_ids,
+            cover_upgrade,
+            longest_window_ms,
+            generation: 0,
+        })
+    }
+
+    fn compile_resources(&mut self, document: &PolicyDocument) -> Result<(), PolicyError> {
+        if document.resources.is_empty() {
+            return Err(PolicyError::new("resources", "a policy needs at least one resource"));
+        }
+        if document.resources.len() > MAX_RESOURCES {
+            return Err(PolicyError::new("resources", format!("more than {MAX_RESOURCES} resources")));
+        }
+        for (name, resource) in &document.resources {
+            let field = format!("resources.{name:?}");
+            check_name(&field, name)?;
+            if resource.units.is_empty() {
+                return Err(PolicyError::new(format!("{field}.units"), "list at least one unit"));
+            }
+            let mut units = [false; UNIT_COUNT];
+            for unit in &resource.units {
+                if units[unit.index()] {
+                    return Err(PolicyError::new(format!("{field}.units"), format!("{unit} is listed twice")));
+                }
+                units[unit.index()] = true;
+            }
+            let mut price_micros = [None; UNIT_COUNT];
+            for (unit, price) in &resource.price_micros {
+                if !units[unit.index()] {
+                    return Err(PolicyError::new(
+                        format!("{field}.price_micros.{unit}"),
+                        format!("{unit} is not one of the resource's units"),
+                    ));
+                }
+                if *price > MAX_QUANTITY {
+                    return Err(PolicyError::new(
+                        format!("{field}.price_micros.{unit}"),
+                        format!("{price} exceeds the largest price, {MAX_QUANTITY}"),
+                    ));
+                }
+                price_micros[unit.index()] = Some(*price);
+            }
+            let max_per_request = self.compile_maximums(&field, &units, &resource.max_per_request)?;
+            let id = ResourceId(self.resources.len() as u16);
+            self.resource_ids.insert(name.as_str().into(), id);
+            self.resources.push(Resource {
+                name: name.as_str().into(),
+                units,
+                price_micros,
+                max_per_request,
+            });
+        }
+        Ok(())
+    }
+
+    fn compile_maximums(
+        &self,
+        field: &str,
+        units: &[bool; UNIT_COUNT],
+        maximums: &BTreeMap<Unit, u64>,
+    ) -> Result<[u64; UNIT_COUNT], PolicyError> {
+        let mut compiled = [0; UNIT_COUNT];
+        for (unit, amount) in maximums {
+            let field = format!("{field}.max_per_request.{unit}");
+            if !units[unit.index()] {
+                return Err(PolicyError::new(field, format!("{unit} is not one of the resource's units")));
+            }
+            if *amount == 0 || *amount > MAX_QUANTITY {
+                return Err(PolicyError::new(field, format!("must be between 1 and {MAX_QUANTITY}")));
+            }
+            compiled[unit.index()] = *amount;
+        }
+        Ok(compiled)
+    }
+
+    fn resource(&self, field: &str, name: &str) -> Result<ResourceId, PolicyError> {
+        self.resource_ids
+            .get(name)
+            .copied()
+            .ok_or_else(|| PolicyError::new(field, format!("unknown resource {name:?}")))
+    }
+
+    fn unit_of(&self, field: &str, resource: ResourceId, unit: Unit) -> Result<(), PolicyError> {
+        let resource = &self.resources[resource.index()];
+        if resource.units[unit.index()] {
+            Ok(())
+        } else {
+            Err(PolicyError::new(
+                field,
+                format!("resource {:?} does not meter {unit}", resource.name),
+            ))
+        }
+    }
+
+    fn compile_named_meters(&mut self, document: &PolicyDocument) -> Result<(), PolicyError> {
+        if document.meters.len() > MAX_METERS {
+            return Err(PolicyError::new("meters", format!("more than {MAX_METERS} meters")));
+        }
+        for (name, meter) in &document.meters {
+            let field = format!("meters.{name:?}");
+            check_name(&field, name)?;
+            let terms = self.meter_terms(&field, meter)?;
+            self.add_meter(name, terms);
+        }
+        Ok(())
+    }
+
+    fn meter_terms(&self, field: &str, meter: &MeterDocument) -> Result<Vec<(ResourceId, Unit, u64)>, PolicyError> {
+        let kinds = usize::from(meter.resource.is_some() || meter.unit.is_some())
+            + usize::from(meter.priced)
+            + usize::from(!meter.terms.is_empty());
+        if kinds != 1 {
+            return Err(PolicyError::new(
+                field,
+                "give exactly one of: resource and unit, priced = true, or terms",
+            ));
+        }
+        if meter.priced {
+            let terms: Vec<_> = self
+                .resources
+                .iter()
+                .enumerate()
+                .flat_map(|(index, resource)| {
+                    Unit::ALL.into_iter().filter_map(move |unit| {
+                        resource.price_micros[unit.index()].map(|price| (ResourceId(index as u16), unit, price))
+                    })
+                })
+                .filter(|(_, _, weight)| *weight > 0)
+                .collect();
+            if terms.is_empty() {
+                return Err(PolicyError::new(format!("{field}.priced"), "no resource has a price"));
+            }
+            return Ok(terms);
+        }
+        if !meter.terms.is_empty() {
+            let mut terms = Vec::with_capacity(meter.terms.len());
+            for (index, term) in meter.terms.iter().enumerate() {
+                let term_field = format!("{field}.terms[{index}]");
+                let resource = self.resource(&format!("{term_field}.resource"), &term.resource)?;
+                self.unit_of(&format!("{term_field}.unit"), resource, term.unit)?;
+                if term.weight == 0 || term.weight > MAX_QUANTITY {
+                    return Err(PolicyError::new(
+                        format!("{term_field}.weight"),
+                        format!("must be between 1 and {MAX_QUANTITY}"),
+                    ));
+                }
+                if terms.iter().any(|(r, u, _)| *r == resource && *u == term.unit) {
+                    return Err(PolicyError::new(term_field, "this resource and unit appear twice"));
+                }
+                terms.push((resource, term.unit, term.weight));
+            }
+            return Ok(terms);
+        }
+        let resource_name = meter
+            .resource
+            .as_deref()
+            .ok_or_else(|| PolicyError::new(format!("{field}.resource"), "missing: name the resource"))?;
+        let unit = meter
+            .unit
+            .ok_or_else(|| PolicyError::new(format!("{field}.unit"), "missing: name the unit"))?;
+        let resource = self.resource(&format!("{field}.resource"), resource_name)?;
+        self.unit_of(&format!("{field}.unit"), resource, unit)?;
+        Ok(vec![(resource, unit, 1)])
+    }
+
+    fn add_meter(&mut self, name: &str, terms: Vec<(ResourceId, Unit, u64)>) -> MeterId {
+        let id = MeterId(self.meters.len() as u16);
+        self.meter_ids.insert(name.into(), id);
+        self.meters.push(Meter {
+            name: name.into(),
+            terms,
+        });
+        id
+    }
+
+    fn limit_meter(&mut self, field: &str, limit: &LimitDocument) -> Result<MeterId, PolicyError> {
+        match (&limit.meter, &limit.resource, limit.unit) {
+            (Some(meter), None, None) => self
+                .meter_ids
+                .get(meter.as_str())
+                .copied()
+                .ok_or_else(|| PolicyError::new(format!("{field}.meter"), format!("unknown meter {meter:?}"))),
+            (None, Some(resource_name), Some(unit)) => {
+                let resource = self.resource(&format!("{field}.resource"), resource_name)?;
+                self.unit_of(&format!("{field}.unit"), resource, unit)?;
+                let name = format!("{resource_name}:{unit}");
+                if let Some(id) = self.meter_ids.get(name.as_str()) {
+                    return Ok(*id);
+                }
+                if self.meters.len() >= MAX_METERS {
+                    return Err(PolicyError::new(field, format!("more than {MAX_METERS} meters")));
+                }
+                Ok(self.add_meter(&name, vec![(resource, unit, 1)]))
+            }
+            _ => Err(PolicyError::new(
+                field,
+                "name either a meter, or a resource and a unit",
+            )),
+        }
+    }
+
+    fn counter(&mut self, meter: MeterId, window: Window) -> CounterId {
+        if let Some(index) = self
+            .counters
+            .iter()
+            .position(|counter| counter.meter == meter && counter.window == window)
+        {
+            return CounterId(index as u16);
+        }
+        self.counters.push(CounterSpec { meter, window });
+        CounterId((self.counters.len() - 1) as u16)
+    }
+
+    fn compile_plan(&mut self, name: &str, plan: &PlanDocument) -> Result<Plan, PolicyError> {
+        let field = format!("plans.{name:?}");
+        check_name(&field, name)?;
+        if plan.limits.len() > MAX_LIMITS_PER_PLAN {
+            return Err(PolicyError::new(
+                format!("{field}.limits"),
+                format!("more than {MAX_LIMITS_PER_PLAN} limits"),
+            ));
+        }
+        let mut limits: Vec<Limit> = Vec::with_capacity(plan.limits.len());
+        for (index, limit) in plan.limits.iter().enumerate() {
+            let limit_field = format!("{field}.limits[{index}]");
+            let compiled = self.compile_limit(&limit_field, limit)?;
+            if limits.iter().any(|other| other.counter == compiled.counter) {
+                return Err(PolicyError::new(
+                    limit_field,
+                    format!("a second limit on {}", compiled.name),
+                ));
+            }
+            limits.push(compiled);
+        }
+        let touches = self.plan_touches(&field, &limits)?;
+        let covers = self.plan_covers(&field, plan, &touches)?;
+        let mut maximums = vec![[0; UNIT_COUNT]; self.resources.len()];
+        for (index, maximum) in plan.maximums.iter().enumerate() {
+            let max_field = format!("{field}.maximums[{index}]");
+            let resource = self.resource(&format!("{max_field}.resource"), &maximum.resource)?;
+            self.unit_of(&format!("{max_field}.unit"), resource, maximum.unit)?;
+            if maximum.amount == 0 || maximum.amount > MAX_QUANTITY {
+                return Err(PolicyError::new(
+                    format!("{max_field}.amount"),
+                    format!("must be between 1 and {MAX_QUANTITY}"),
+                ));
+            }
+            maximums[resource.index()][maximum.unit.index()] = maximum.amount;
+        }
+        if let Some(open) = plan.max_open_reservations {
+            if open == 0 || open > MAX_RESERVATIONS_PER_KEY {
+                return Err(PolicyError::new(
+                    format!("{field}.max_open_reservations"),
+                    format!("must be between 1 and {MAX_RESERVATIONS_PER_KEY}"),
+                ));
+            }
+        }
+        Ok(Plan {
+            name: name.into(),
+            limits,
+            covers,
+            touches,
+            maximums,
+            max_open_reservations: plan.max_open_reservations,
+            price_micros_per_month: plan.price_micros_per_month,
+        })
+    }
+
+    fn compile_limit(&mut self, field: &str, limit: &LimitDocument) -> Result<Limit, PolicyError> {
+        let meter = self.limit_meter(field, limit)?;
+        let window = parse_window(field, &limit.window, limit.bucket.as_deref())?;
+        let max_amount = match window {
+            Window::Rolling { .. } => MAX_ROLLING_AMOUNT,
+            Window::Calendar(_) => MAX_CALENDAR_AMOUNT,
+        };
+        if limit.amount == 0 || limit.amount > max_amount {
+            return Err(PolicyError::new(
+                format!("{field}.amount"),
+                format!("{} is out of range: a {window} limit is between 1 and {max_amount}", limit.amount),
+            ));
+        }
+        let counter = self.counter(meter, window);
+        Ok(Limit {
+            name: format!("{} per {window}", self.meters[meter.index()].name).into(),
+            meter,
+            counter,
+            amount: limit.amount,
+            window,
+            upgrade: None,
+        })
+    }
+
+    fn plan_touches(&self, field: &str, limits: &[Limit]) -> Result<Vec<Vec<Touch>>, PolicyError> {
+        let mut touches: Vec<Vec<Touch>> = vec![Vec::new(); self.resources.len()];
+        for (limit_index, limit) in limits.iter().enumerate() {
+            for (resource, unit, weight) in &self.meters[limit.meter.index()].terms {
+                let list = &mut touches[resource.index()];
+                match list.iter_mut().find(|touch| usize::from(touch.limit) == limit_index) {
+                    Some(touch) => touch.weights[unit.index()] = *weight,
+                    None => {
+                        let mut weights = [0; UNIT_COUNT];
+                        weights[unit.index()] = *weight;
+                        list.push(Touch {
+                            limit: limit_index as u8,
+                            weights,
+                        });
+                    }
+                }
+                if list.len() > MAX_LIMITS_PER_RESOURCE {
+                    return Err(PolicyError::new(
+                        format!("{field}.limits"),
+                        format!(
+                            "more than {MAX_LIMITS_PER_RESOURCE} limits apply to resource {:?}",
+                            self.resources[resource.index()].name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(touches)
+    }
+
+    fn plan_covers(&self, field: &str, plan: &PlanDocument, touches: &[Vec<Touch>]) -> Result<Vec<bool>, PolicyError> {
+        let Some(names) = &plan.covers else {
+            return Ok(touches.iter().map(|list| !list.is_empty()).collect());
+        };
+        if names.iter().any(|name| name == "*") {
+            if names.len() != 1 {
+                return Err(PolicyError::new(format!("{field}.covers"), "\"*\" stands alone"));
+            }
+            return Ok(vec![true; self.resources.len()]);
+        }
+        let mut covers = vec![false; self.resources.len()];
+        for (index, name) in names.iter().enumerate() {
+            let resource = self.resource(&format!("{field}.covers[{index}]"), name)?;
+            covers[resource.index()] = true;
+        }
+        for (resource, list) in touches.iter().enumerate() {
+            if !list.is_empty() && !covers[resource] {
+                return Err(PolicyError::new(
+                    format!("{field}.covers"),
+                    format!(
+                        "a limit meters {:?} but the plan does not cover it",
+                        self.resources[resource].name
+                    ),
+                ));
+            }
+        }
+        Ok(covers)
+    }
+}
+
+fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanId> {
+    plans
+        .iter()
+        .enumerate()
+        .filter(|(_, plan)| accept(plan))
+        .min_by_key(|(_, plan)| plan.price_micros_per_month.unwrap_or(u64::MAX))
+        .map(|(index, _)| PlanId(index as u16))
+}
+
+/// For each limit, the plan with the smallest larger amount on the same counter.
+fn link_upgrades(plans: &mut [Plan]) {
+    let mut upgrades = Vec::new();
+    for (plan_index, plan) in plans.iter().enumerate() {
+        for (limit_index, limit) in plan.limits.iter().enumerate() {
+            let best = plans
+                .iter()
+                .enumerate()
+                .filter_map(|(other_index, other)| {
+                    other
+                        .limits
+                        .iter()
+                        .find(|candidate| candidate.counter == limit.counter && candidate.amount > limit.amount)
+                        .map(|candidate| (candidate.amount, other_index))
+                })
+                .min();
+            upgrades.push((plan_index, limit_index, best.map(|(_, other)| PlanId(other as u16))));
+        }
+    }
+    for (plan_index, limit_index, upgrade) in upgrades {
+        plans[plan_index].limits[limit_index].upgrade = upgrade;
+    }
+}
+
+fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Window, PolicyError> {
+    let window_field = format!("{field}.window");
+    let calendar = match window {
+        "daily" => Some(CalendarPeriod::Daily),
+        "weekly" => Some(CalendarPeriod::Weekly),
+        "monthly" => Some(CalendarPeriod::Monthly),
+        _ => None,
+    };
+    if let Some(period) = calendar {
+        if bucket.is_some() {
+            return Err(PolicyError::new(
+                format!("{field}.bucket"),
+                "only a rolling window has buckets",
+            ));
+        }
+        return Ok(Window::Calendar(period));
+    }
+    let Some(duration) = window.strip_prefix("rolling:") else {
+        return Err(PolicyError::new(
+            window_field,
+            format!("{window:?} is not a window: write rolling:DURATION (e.g. rolling:5h), daily, weekly or monthly"),
+        ));
+    };
+    let window_ms = parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
+    if window_ms < 2 * MIN_BUCKET_MS || window_ms > MAX_ROLLING_WINDOW_MS {
+        return Err(PolicyError::new(
+            window_field,
+            format!("a rolling window lasts between 2s and {}", format_duration(MAX_ROLLING_WINDOW_MS)),
+        ));
+    }
+    let bucket_field = format!("{field}.bucket");
+    let bucket_ms = match bucket {
+        Some(text) => parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?,
+        None => (window_ms / DEFAULT_BUCKETS_PER_WINDOW / SECOND_MS * SECOND_MS).max(MIN_BUCKET_MS),
+    };
+    if bucket_ms < MIN_BUCKET_MS || bucket_ms * 2 > window_ms {
+        return Err(PolicyError::new(
+            bucket_field,
+            format!("a bucket lasts at least 1s and at most half the window ({})", format_duration(window_ms)),
+        ));
+    }
+    if window_ms.div_ceil(bucket_ms) > MAX_BUCKETS_PER_WINDOW {
+        return Err(PolicyError::new(
+            bucket_field,
+            format!("the window would have more than {MAX_BUCKETS_PER_WINDOW} buckets"),
+        ));
+    }
+    Ok(Window::Rolling {
+        window_ms,
+        bucket_ms,
+    })
+}
+
+/// Parses `5h`, `90s`, `1h30m`, `1500ms`, `7d`, `2w`.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let mut total: u64 = 0;
+    let mut rest = text;
+    if rest.is_empty() {
+        return Err("a duration must not be empty".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!("{text:?} is not a duration like 5h, 90s, 1h30m or 1500ms"));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{text:?}: the number is too large"))?;
+        rest = &rest[digits..];
+        let letters = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let scale = match &rest[..letters] {
+            "ms" => 1,
+            "s" => SECOND_MS,
+            "m" => MINUTE_MS,
+            "h" => HOUR_MS,
+            "d" => DAY_MS,
+            "w" => WEEK_MS,
+            other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m, h, d or w)")),
+        };
+        rest = &rest[letters..];
+        total = number
+            .checked_mul(scale)
+            .and_then(|part| total.checked_add(part))
+            .ok_or_else(|| format!("{text:?} is too long"))?;
+    }
+    Ok(total)
+}
+
+pub fn format_duration(mut ms: u64) -> String {
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut text = String::new();
+    for (scale, unit) in [(DAY_MS, "d"), (HOUR_MS, "h"), (MINUTE_MS, "m"), (SECOND_MS, "s"), (1, "ms")] {
+        if ms >= scale {
+            text.push_str(&format!("{}{unit}", ms / scale));
+            ms %= scale;
+        }
+    }
+    text
+}
