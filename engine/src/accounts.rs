@@ -63,7 +63,9 @@ impl KeyState {
     /// Records pay-as-you-go spend; `Err` if the tally would overflow.
     pub fn add_payg(&self, micros: u64) -> Result<u64, ()> {
         self.payg_micros
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| spent.checked_add(micros))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
+                spent.checked_add(micros)
+            })
             .map(|before| before + micros)
             .map_err(|_| ())
     }
@@ -71,14 +73,18 @@ impl KeyState {
     pub fn subtract_payg(&self, micros: u64) {
         let _ = self
             .payg_micros
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| Some(spent.saturating_sub(micros)));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
+                Some(spent.saturating_sub(micros))
+            });
     }
 
     /// Opens a reservation slot if fewer than `maximum` are open.
     pub fn open_reservation(&self, maximum: Option<u32>) -> Result<(), u32> {
         let maximum = maximum.unwrap_or(crate::policy::MAX_RESERVATIONS_PER_KEY);
         self.open_reservations
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| (open < maximum).then_some(open + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < maximum).then_some(open + 1)
+            })
             .map(|_| ())
     }
 
@@ -103,11 +109,15 @@ pub struct Shard {
 
 impl Shard {
     pub fn find(&self, hash: u64, key: &str) -> Option<&KeyState> {
-        self.keys.find(hash, |entry| &*entry.name == key).map(|entry| &entry.state)
+        self.keys
+            .find(hash, |entry| &*entry.name == key)
+            .map(|entry| &entry.state)
     }
 
     pub fn find_mut(&mut self, hash: u64, key: &str) -> Option<&mut KeyState> {
-        self.keys.find_mut(hash, |entry| &*entry.name == key).map(|entry| &mut entry.state)
+        self.keys
+            .find_mut(hash, |entry| &*entry.name == key)
+            .map(|entry| &mut entry.state)
     }
 
     pub fn insert(&mut self, hash: u64, key: &str, state: KeyState) {
@@ -123,7 +133,9 @@ impl Shard {
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut KeyState)> {
-        self.keys.iter_mut().map(|entry| (&*entry.name, &mut entry.state))
+        self.keys
+            .iter_mut()
+            .map(|entry| (&*entry.name, &mut entry.state))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &KeyState)> {

@@ -9,8 +9,8 @@ use crate::calendar::CalendarPeriod;
 use crate::error::Error;
 use crate::ledger::{KeyUsage, Team, WindowState};
 use crate::policy::{
-    CounterId, Limit, Plan, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE, MAX_QUANTITY,
-    UNIT_COUNT,
+    CounterId, Limit, Plan, PlanId, Policy, ResourceId, Touch, Unit, Window,
+    MAX_LIMITS_PER_RESOURCE, MAX_QUANTITY, UNIT_COUNT,
 };
 use crate::window::period_end_ms;
 
@@ -22,12 +22,18 @@ impl Quantities {
     /// Validates `(unit, quantity)` pairs: at least one, no unit twice, each in 1..=2^40.
     pub fn new(pairs: &[(Unit, u64)]) -> Result<Quantities, Error> {
         if pairs.is_empty() {
-            return Err(Error::invalid("quantities", "give at least one (unit, quantity)"));
+            return Err(Error::invalid(
+                "quantities",
+                "give at least one (unit, quantity)",
+            ));
         }
         let mut values = [0u64; UNIT_COUNT];
         for &(unit, quantity) in pairs {
             if quantity == 0 {
-                return Err(Error::invalid("quantities", format!("{unit}: a quantity must be at least 1")));
+                return Err(Error::invalid(
+                    "quantities",
+                    format!("{unit}: a quantity must be at least 1"),
+                ));
             }
             if quantity > MAX_QUANTITY {
                 return Err(Error::invalid(
@@ -36,7 +42,10 @@ impl Quantities {
                 ));
             }
             if values[unit.index()] != 0 {
-                return Err(Error::invalid("quantities", format!("{unit} is given twice")));
+                return Err(Error::invalid(
+                    "quantities",
+                    format!("{unit} is given twice"),
+                ));
             }
             values[unit.index()] = quantity;
         }
@@ -76,7 +85,9 @@ impl Quantities {
             sum = self.0[index]
                 .checked_mul(weights[index])
                 .and_then(|part| sum.checked_add(part))
-                .ok_or(Error::Overflow { field: "quantities" })?;
+                .ok_or(Error::Overflow {
+                    field: "quantities",
+                })?;
         }
         Ok(sum)
     }
@@ -146,15 +157,36 @@ pub enum DenialReason {
     /// The key exists but has neither a seat nor credits.
     NoResources,
     /// The key's plan does not cover the resource, and credits do not either.
-    ResourceNotCovered { resource: ResourceId },
-    OverRequestMaximum { unit: Unit, maximum: u64, requested: u64 },
+    ResourceNotCovered {
+        resource: ResourceId,
+    },
+    OverRequestMaximum {
+        unit: Unit,
+        maximum: u64,
+        requested: u64,
+    },
     /// A limit is used up; waiting until `retry_at_ms` lets this request fit.
-    QuotaExhausted { limit: u8, retry_at_ms: u64, retry_after_ms: u64, reset_at_ms: u64 },
+    QuotaExhausted {
+        limit: u8,
+        retry_at_ms: u64,
+        retry_after_ms: u64,
+        reset_at_ms: u64,
+    },
     /// The request is larger than the limit itself: waiting cannot help.
-    ExceedsLimit { limit: u8, amount: u64, requested: u64 },
-    InsufficientCredits { balance_micros: u64, price_micros: u64 },
+    ExceedsLimit {
+        limit: u8,
+        amount: u64,
+        requested: u64,
+    },
+    InsufficientCredits {
+        balance_micros: u64,
+        price_micros: u64,
+    },
     /// The key holds as many open reservations as its plan allows.
-    TooManyReservations { open: u32, maximum: u32 },
+    TooManyReservations {
+        open: u32,
+        maximum: u32,
+    },
 }
 
 /// What could let a denied request through.
@@ -269,7 +301,11 @@ impl Amounts {
 }
 
 /// Price of a request in micro-credits: `None` if the resource has no price.
-pub(crate) fn price_micros(policy: &Policy, resource: ResourceId, quantities: &Quantities) -> Result<Option<u64>, Error> {
+pub(crate) fn price_micros(
+    policy: &Policy,
+    resource: ResourceId,
+    quantities: &Quantities,
+) -> Result<Option<u64>, Error> {
     let resource = policy.resource(resource);
     if !resource.is_priced() {
         return Ok(None);
@@ -282,7 +318,10 @@ pub(crate) fn price_micros(policy: &Policy, resource: ResourceId, quantities: &Q
 }
 
 /// Checks per-request maximums (the resource's, then the plan's).
-pub(crate) fn over_maximum(maximums: &[u64; UNIT_COUNT], quantities: &Quantities) -> Option<DenialReason> {
+pub(crate) fn over_maximum(
+    maximums: &[u64; UNIT_COUNT],
+    quantities: &Quantities,
+) -> Option<DenialReason> {
     Unit::ALL.into_iter().find_map(|unit| {
         let maximum = maximums[unit.index()];
         let requested = quantities.get(unit);
@@ -329,14 +368,18 @@ pub(crate) fn try_quota(
                 upgrade_to: limit.upgrade,
                 ..Remedies::default()
             };
-            return QuotaOutcome::Denied(quota_denial(policy, plan_id, usage, amounts, at_ms, reason, remedies));
+            return QuotaOutcome::Denied(quota_denial(
+                policy, plan_id, usage, amounts, at_ms, reason, remedies,
+            ));
         }
         match take(policy, limit, state, amount, at_ms, mode) {
             Ok((mut status, time)) => {
                 status.limit = limit_index;
                 statuses.push(status);
                 holds.push((limit.counter, amount, time));
-                if let (WindowState::Rolling(_), Window::Rolling { bucket_ms, .. }) = (state, limit.window) {
+                if let (WindowState::Rolling(_), Window::Rolling { bucket_ms, .. }) =
+                    (state, limit.window)
+                {
                     effective_ms = effective_ms.max(time * bucket_ms);
                 }
             }
@@ -353,7 +396,9 @@ pub(crate) fn try_quota(
                     wait_until_ms: Some(retry_at_ms),
                     ..Remedies::default()
                 };
-                return QuotaOutcome::Denied(quota_denial(policy, plan_id, usage, amounts, at_ms, reason, remedies));
+                return QuotaOutcome::Denied(quota_denial(
+                    policy, plan_id, usage, amounts, at_ms, reason, remedies,
+                ));
             }
         }
     }
@@ -501,7 +546,13 @@ fn quota_denial(
 }
 
 /// A limit's used, remaining and reset time, without changing it.
-pub(crate) fn status_of(policy: &Policy, limit: &Limit, state: &WindowState, limit_index: u8, at_ms: u64) -> LimitStatus {
+pub(crate) fn status_of(
+    policy: &Policy,
+    limit: &Limit,
+    state: &WindowState,
+    limit_index: u8,
+    at_ms: u64,
+) -> LimitStatus {
     let (used, reset_at_ms) = match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
             let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
@@ -511,7 +562,10 @@ pub(crate) fn status_of(policy: &Policy, limit: &Limit, state: &WindowState, lim
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);
             let now = counter.used(period.index);
-            (now.used, Some(period_end_ms(policy.calendar(), kind, now.period, at_ms)))
+            (
+                now.used,
+                Some(period_end_ms(policy.calendar(), kind, now.period, at_ms)),
+            )
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     };
@@ -554,7 +608,8 @@ pub(crate) fn try_credits(
         }
     }
     let mut denied = denial.unwrap_or_else(|| {
-        let reason = if balance > 0 && !matches!(fallback, DenialReason::ResourceNotCovered { .. }) {
+        let reason = if balance > 0 && !matches!(fallback, DenialReason::ResourceNotCovered { .. })
+        {
             DenialReason::InsufficientCredits {
                 balance_micros: balance,
                 price_micros: price,

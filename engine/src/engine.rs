@@ -10,10 +10,13 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::accounts::{default_team_name, KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord, MAX_ID_BYTES, MAX_KEY_BYTES};
+use crate::accounts::{
+    default_team_name, KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord, MAX_ID_BYTES,
+    MAX_KEY_BYTES,
+};
 use crate::admission::{
-    over_maximum, price_micros, try_credits, try_quota, Admission, Amounts, ChargedTo, Decision, DenialReason, Holds,
-    LimitStatus, Mode, QuotaOutcome, Quantities, Receipt,
+    over_maximum, price_micros, try_credits, try_quota, Admission, Amounts, ChargedTo, Decision,
+    DenialReason, Holds, LimitStatus, Mode, Quantities, QuotaOutcome, Receipt,
 };
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
@@ -22,8 +25,12 @@ use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team, WindowState};
 use crate::policy::{PlanId, Policy, ResourceId, Unit, Window};
 use crate::reservation::{
-    Closed, Reservation, ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS, MAX_LEASE_MS,
+    Closed, Reservation, ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS,
+    MAX_LEASE_MS,
 };
+
+// Admin calls take a timestamp like every other operation (validated now; stamped on the
+// events they become once the engine has a log).
 
 /// Bounds and horizons, chosen when the engine opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,17 +181,25 @@ fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Er
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.len() > max_bytes {
-        return Err(Error::invalid(field, format!("is {} bytes; at most {max_bytes}", value.len())));
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes; at most {max_bytes}", value.len()),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters (NUL, newline, ...)"));
+        return Err(Error::invalid(
+            field,
+            "must not contain control characters (NUL, newline, ...)",
+        ));
     }
     Ok(())
 }
 
 impl Engine {
     pub fn new(policy: Policy, clock: Arc<dyn Clock>, options: EngineOptions) -> Engine {
-        let horizon_ms = options.idempotency_horizon_ms.max(policy.longest_window_ms());
+        let horizon_ms = options
+            .idempotency_horizon_ms
+            .max(policy.longest_window_ms());
         let policy = Arc::new(policy);
         Engine {
             clock,
@@ -199,11 +214,17 @@ impl Engine {
 
     pub fn policy(&self) -> Arc<Policy> {
         let policies = self.policies.read();
-        policies.last().and_then(Clone::clone).unwrap_or_else(|| unreachable!("the current policy is always kept"))
+        policies
+            .last()
+            .and_then(Clone::clone)
+            .unwrap_or_else(|| unreachable!("the current policy is always kept"))
     }
 
     fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
-        self.policies.read().get(generation as usize).and_then(Clone::clone)
+        self.policies
+            .read()
+            .get(generation as usize)
+            .and_then(Clone::clone)
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -219,7 +240,9 @@ impl Engine {
         if at_ms >= MAX_TIMESTAMP_MS {
             return Err(Error::invalid(
                 "at_ms",
-                format!("{at_ms} is at or after 2100-01-01T00:00:00Z, the end of tally's time range"),
+                format!(
+                    "{at_ms} is at or after 2100-01-01T00:00:00Z, the end of tally's time range"
+                ),
             ));
         }
         Ok(at_ms)
@@ -229,74 +252,125 @@ impl Engine {
     // Accounts (cold: the registry mutex, then a key shard's write lock).
 
     /// Creates a user, their Default Team (`@user`) and their plan key in it.
-    pub fn create_user(&self, user: &str, key: &str) -> Result<(), Error> {
+    pub fn create_user(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         check_id("user", user, MAX_ID_BYTES)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         if registry.users.contains_key(user) {
-            return Err(Error::AlreadyExists { what: "user", id: user.into() });
+            return Err(Error::AlreadyExists {
+                what: "user",
+                id: user.into(),
+            });
         }
         let team_name = default_team_name(user);
         if registry.teams.contains_key(team_name.as_str()) {
-            return Err(Error::AlreadyExists { what: "team", id: team_name });
+            return Err(Error::AlreadyExists {
+                what: "team",
+                id: team_name,
+            });
         }
         self.check_room(&registry, 1)?;
         self.check_new_key(key)?;
         let user_name: Arc<str> = user.into();
         let team = Arc::new(Team::new(&team_name));
-        self.keys.insert(key, KeyState::new(KeyKind::Plan, Arc::clone(&user_name), Arc::clone(&team)));
+        self.keys.insert(
+            key,
+            KeyState::new(KeyKind::Plan, Arc::clone(&user_name), Arc::clone(&team)),
+        );
         let mut members = rustc_hash::FxHashMap::default();
         members.insert(Arc::clone(&user_name), key.into());
         registry.teams.insert(
             team_name.as_str().into(),
-            TeamRecord { team, members, owner: Some(Arc::clone(&user_name)) },
+            TeamRecord {
+                team,
+                members,
+                owner: Some(Arc::clone(&user_name)),
+            },
         );
         registry.users.insert(
             Arc::clone(&user_name),
-            UserRecord { name: user_name, default_team: team_name.into(), payg_keys: Vec::new() },
+            UserRecord {
+                name: user_name,
+                default_team: team_name.into(),
+                payg_keys: Vec::new(),
+            },
         );
         Ok(())
     }
 
     fn check_room(&self, registry: &Registry, new_teams: u64) -> Result<(), Error> {
         if registry.users.len() as u64 >= self.options.max_users {
-            return Err(Error::CapacityExceeded { what: "users", capacity: self.options.max_users });
+            return Err(Error::CapacityExceeded {
+                what: "users",
+                capacity: self.options.max_users,
+            });
         }
         if registry.teams.len() as u64 + new_teams > self.options.max_teams {
-            return Err(Error::CapacityExceeded { what: "teams", capacity: self.options.max_teams });
+            return Err(Error::CapacityExceeded {
+                what: "teams",
+                capacity: self.options.max_teams,
+            });
         }
         Ok(())
     }
 
     fn check_new_key(&self, key: &str) -> Result<(), Error> {
         if self.keys.len() >= self.options.max_keys {
-            return Err(Error::CapacityExceeded { what: "keys", capacity: self.options.max_keys });
+            return Err(Error::CapacityExceeded {
+                what: "keys",
+                capacity: self.options.max_keys,
+            });
         }
         if self.keys.read(key, |_, state| state.is_some()) {
-            return Err(Error::AlreadyExists { what: "key", id: key.into() });
+            return Err(Error::AlreadyExists {
+                what: "key",
+                id: key.into(),
+            });
         }
         Ok(())
     }
 
-    pub fn create_team(&self, team: &str) -> Result<(), Error> {
+    pub fn create_team(&self, team: &str, at_ms: Option<u64>) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         check_id("team", team, MAX_ID_BYTES)?;
         if team.starts_with('@') {
-            return Err(Error::invalid("team", "names starting with '@' are Default Teams"));
+            return Err(Error::invalid(
+                "team",
+                "names starting with '@' are Default Teams",
+            ));
         }
         let mut registry = self.registry.lock();
         if registry.teams.contains_key(team) {
-            return Err(Error::AlreadyExists { what: "team", id: team.into() });
+            return Err(Error::AlreadyExists {
+                what: "team",
+                id: team.into(),
+            });
         }
         if registry.teams.len() as u64 >= self.options.max_teams {
-            return Err(Error::CapacityExceeded { what: "teams", capacity: self.options.max_teams });
+            return Err(Error::CapacityExceeded {
+                what: "teams",
+                capacity: self.options.max_teams,
+            });
         }
-        let record = TeamRecord { team: Arc::new(Team::new(team)), members: Default::default(), owner: None };
+        let record = TeamRecord {
+            team: Arc::new(Team::new(team)),
+            members: Default::default(),
+            owner: None,
+        };
         registry.teams.insert(team.into(), record);
         Ok(())
     }
 
     /// Adds `user` to `team` with their plan key for that team (one key per user per team).
-    pub fn add_member(&self, team: &str, user: &str, key: &str) -> Result<(), Error> {
+    pub fn add_member(
+        &self,
+        team: &str,
+        user: &str,
+        key: &str,
+        at_ms: Option<u64>,
+    ) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         let user_name = registry
@@ -304,25 +378,45 @@ impl Engine {
             .get(user)
             .map(|record| Arc::clone(&record.name))
             .ok_or_else(|| Error::UnknownUser { user: user.into() })?;
-        let record = registry.teams.get_mut(team).ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let record = registry
+            .teams
+            .get_mut(team)
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
         if record.members.contains_key(user) {
-            return Err(Error::AlreadyExists { what: "member", id: format!("{user} in {team}") });
+            return Err(Error::AlreadyExists {
+                what: "member",
+                id: format!("{user} in {team}"),
+            });
         }
         self.check_new_key(key)?;
-        self.keys.insert(key, KeyState::new(KeyKind::Plan, Arc::clone(&user_name), Arc::clone(&record.team)));
+        self.keys.insert(
+            key,
+            KeyState::new(
+                KeyKind::Plan,
+                Arc::clone(&user_name),
+                Arc::clone(&record.team),
+            ),
+        );
         record.members.insert(user_name, key.into());
         Ok(())
     }
 
     /// Issues a pay-as-you-go key to `user`: never draws on plan quota or credits.
-    pub fn create_payg_key(&self, user: &str, key: &str) -> Result<(), Error> {
+    pub fn create_payg_key(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
-        let record = registry.users.get(user).ok_or_else(|| Error::UnknownUser { user: user.into() })?;
+        let record = registry
+            .users
+            .get(user)
+            .ok_or_else(|| Error::UnknownUser { user: user.into() })?;
         let default_team = Arc::clone(&registry.teams[&*record.default_team].team);
         let user_name = Arc::clone(&record.name);
         self.check_new_key(key)?;
-        self.keys.insert(key, KeyState::new(KeyKind::PayAsYouGo, user_name, default_team));
+        self.keys.insert(
+            key,
+            KeyState::new(KeyKind::PayAsYouGo, user_name, default_team),
+        );
         if let Some(record) = registry.users.get_mut(user) {
             record.payg_keys.push(key.into());
         }
@@ -331,7 +425,10 @@ impl Engine {
 
     fn member_key(&self, team: &str, user: &str) -> Result<Box<str>, Error> {
         let registry = self.registry.lock();
-        let record = registry.teams.get(team).ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let record = registry
+            .teams
+            .get(team)
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
         if !registry.users.contains_key(user) {
             return Err(Error::UnknownUser { user: user.into() });
         }
@@ -339,17 +436,28 @@ impl Engine {
             .members
             .get(user)
             .cloned()
-            .ok_or_else(|| Error::NotAMember { team: team.into(), user: user.into() })
+            .ok_or_else(|| Error::NotAMember {
+                team: team.into(),
+                user: user.into(),
+            })
     }
 
     /// Gives `user`'s key in `team` a seat on `plan`, or changes it (upgrade or downgrade) at
     /// once. Usage already counted in a window stays counted.
-    pub fn assign_seat(&self, team: &str, user: &str, plan: &str) -> Result<(), Error> {
+    pub fn assign_seat(
+        &self,
+        team: &str,
+        user: &str,
+        plan: &str,
+        at_ms: Option<u64>,
+    ) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
         self.change_seat(&key, Some(plan))
     }
 
-    pub fn unassign_seat(&self, team: &str, user: &str) -> Result<(), Error> {
+    pub fn unassign_seat(&self, team: &str, user: &str, at_ms: Option<u64>) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
         self.change_seat(&key, None)
     }
@@ -358,36 +466,60 @@ impl Engine {
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
-                Some(name) => Some(policy.plan_id(name).ok_or_else(|| Error::UnknownPlan { plan: name.into() })?),
+                Some(name) => Some(
+                    policy
+                        .plan_id(name)
+                        .ok_or_else(|| Error::UnknownPlan { plan: name.into() })?,
+                ),
                 None => None,
             };
             state.seat = seat;
-            let usage = state.usage.take().map(|usage| usage.rearranged(policy, policy, seat));
+            let usage = state
+                .usage
+                .take()
+                .map(|usage| usage.rearranged(policy, policy, seat));
             state.usage.set(usage);
             Ok(())
         })
     }
 
     /// Adds credits to a team; returns the new balance.
-    pub fn top_up(&self, team: &str, micros: u64) -> Result<u64, Error> {
+    pub fn top_up(&self, team: &str, micros: u64, at_ms: Option<u64>) -> Result<u64, Error> {
+        self.resolve_time(at_ms)?;
         if micros == 0 {
-            return Err(Error::invalid("micros", "a top-up must be at least 1 micro-credit"));
+            return Err(Error::invalid(
+                "micros",
+                "a top-up must be at least 1 micro-credit",
+            ));
         }
         let team_record = self.team(team)?;
-        team_record.credit(micros).map_err(|_| Error::Overflow { field: "micros" })
+        team_record
+            .credit(micros)
+            .map_err(|_| Error::Overflow { field: "micros" })
     }
 
     /// Corrects a team's balance downwards (a chargeback, a mistaken top-up). Never below zero.
-    pub fn withdraw_credits(&self, team: &str, micros: u64) -> Result<u64, Error> {
+    pub fn withdraw_credits(
+        &self,
+        team: &str,
+        micros: u64,
+        at_ms: Option<u64>,
+    ) -> Result<u64, Error> {
+        self.resolve_time(at_ms)?;
         if micros == 0 {
-            return Err(Error::invalid("micros", "a correction must be at least 1 micro-credit"));
+            return Err(Error::invalid(
+                "micros",
+                "a correction must be at least 1 micro-credit",
+            ));
         }
         let team_record = self.team(team)?;
-        team_record.charge(micros).map_err(|balance| Error::InsufficientCredits {
-            team: team.into(),
-            balance_micros: balance,
-            needed_micros: micros,
-        })
+        team_record
+            .charge(micros)
+            .map_err(|balance| Error::InsufficientCredits {
+                team: team.into(),
+                balance_micros: balance,
+                needed_micros: micros,
+            })
     }
 
     pub fn credits_micros(&self, team: &str) -> Result<u64, Error> {
@@ -406,11 +538,17 @@ impl Engine {
     /// Replaces the policy at run time. Usage carries over for every counter whose meter (by
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
     /// drop a plan someone is seated on is refused, changing nothing.
-    pub fn swap_policy(&self, policy: Policy) -> Result<(), Error> {
+    pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
+        self.resolve_time(at_ms)?;
         let mut policies = self.policies.write();
-        let old = policies.last().and_then(Clone::clone).unwrap_or_else(|| unreachable!());
+        let old = policies
+            .last()
+            .and_then(Clone::clone)
+            .unwrap_or_else(|| unreachable!());
         let mut policy = policy;
-        policy.generation = u32::try_from(policies.len()).map_err(|_| Error::Overflow { field: "policy generation" })?;
+        policy.generation = u32::try_from(policies.len()).map_err(|_| Error::Overflow {
+            field: "policy generation",
+        })?;
         let policy = Arc::new(policy);
         let mut shards = self.keys.lock_all();
         for shard in shards.iter() {
@@ -428,8 +566,13 @@ impl Engine {
         }
         for shard in shards.iter_mut() {
             for (_, state) in shard.iter_mut() {
-                state.seat = state.seat.and_then(|seat| policy.plan_id(&old.plan(seat).name));
-                let usage = state.usage.take().map(|usage| usage.rearranged(&old, &policy, state.seat));
+                state.seat = state
+                    .seat
+                    .and_then(|seat| policy.plan_id(&old.plan(seat).name));
+                let usage = state
+                    .usage
+                    .take()
+                    .map(|usage| usage.rearranged(&old, &policy, state.seat));
                 state.usage.set(usage);
             }
             shard.policy = Arc::clone(&policy);
@@ -462,7 +605,9 @@ impl Engine {
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
-            return Ok(self.decide(request.key, request.resource, &quantities, at_ms, mode)?.0);
+            return Ok(self
+                .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                .0);
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -476,7 +621,9 @@ impl Engine {
             }),
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => Ok(decision),
-                None => Ok(self.decide(request.key, request.resource, &quantities, at_ms, mode)?.0),
+                None => Ok(self
+                    .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                    .0),
             },
         }
     }
@@ -510,10 +657,19 @@ impl Engine {
                 let usage = state.usage.get();
                 for (index, limit) in plan.limits.iter().enumerate() {
                     let status = match usage {
-                        Some(usage) => {
-                            crate::admission::status_of(policy, limit, &usage.counters[index].state, index as u8, at_ms)
-                        }
-                        None => LimitStatus { limit: index as u8, used: 0, amount: limit.amount, reset_at_ms: None },
+                        Some(usage) => crate::admission::status_of(
+                            policy,
+                            limit,
+                            &usage.counters[index].state,
+                            index as u8,
+                            at_ms,
+                        ),
+                        None => LimitStatus {
+                            limit: index as u8,
+                            used: 0,
+                            amount: limit.amount,
+                            reset_at_ms: None,
+                        },
                     };
                     limits.push(LimitReport {
                         name: limit.name.to_string(),
@@ -535,7 +691,9 @@ impl Engine {
                 limits,
                 credits_balance_micros: state.team.balance_micros(),
                 credits_charged_micros: state.team.charged_micros(),
-                open_reservations: state.open_reservations.load(std::sync::atomic::Ordering::Acquire),
+                open_reservations: state
+                    .open_reservations
+                    .load(std::sync::atomic::Ordering::Acquire),
                 payg_micros: state.payg_micros.load(std::sync::atomic::Ordering::Acquire),
                 at_ms,
             })
@@ -544,11 +702,22 @@ impl Engine {
 }
 
 /// Resolves a resource name and checks the request's units against it.
-fn resolve_resource(policy: &Policy, resource: &str, quantities: &Quantities) -> Result<ResourceId, Error> {
-    let id = policy.resource_id(resource).ok_or_else(|| Error::UnknownResource { resource: resource.into() })?;
+fn resolve_resource(
+    policy: &Policy,
+    resource: &str,
+    quantities: &Quantities,
+) -> Result<ResourceId, Error> {
+    let id = policy
+        .resource_id(resource)
+        .ok_or_else(|| Error::UnknownResource {
+            resource: resource.into(),
+        })?;
     let metered = &policy.resource(id).units;
     if let Some((unit, _)) = quantities.pairs().find(|(unit, _)| !metered[unit.index()]) {
-        return Err(Error::invalid("quantities", format!("resource {resource:?} does not meter {unit}")));
+        return Err(Error::invalid(
+            "quantities",
+            format!("resource {resource:?} does not meter {unit}"),
+        ));
     }
     Ok(id)
 }
@@ -579,10 +748,16 @@ pub(crate) fn decide_for_key(
         }
         if plan.covers[resource.index()] {
             let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
-            let usage = state.usage.get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            let usage = state
+                .usage
+                .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
             match try_quota(policy, plan_id, usage, &amounts, at_ms, mode) {
                 QuotaOutcome::Admitted(admission, holds) => {
-                    let receipt = Receipt { charged_to: admission.charged_to, generation: policy.generation, holds };
+                    let receipt = Receipt {
+                        charged_to: admission.charged_to,
+                        generation: policy.generation,
+                        holds,
+                    };
                     return Ok((Decision::Admitted(admission), Some(receipt)));
                 }
                 QuotaOutcome::Denied(denial) => quota_denial = Some(denial),
@@ -592,7 +767,15 @@ pub(crate) fn decide_for_key(
             cover_upgrade = policy.cover_upgrade(resource);
         }
     }
-    let mut decision = try_credits(&state.team, price, at_ms, state.seat, quota_denial, mode, fallback);
+    let mut decision = try_credits(
+        &state.team,
+        price,
+        at_ms,
+        state.seat,
+        quota_denial,
+        mode,
+        fallback,
+    );
     let receipt = match &mut decision {
         Decision::Admitted(admission) => Some(Receipt {
             charged_to: admission.charged_to,
@@ -619,10 +802,15 @@ fn pay_as_you_go(
 ) -> Result<(Decision, Option<Receipt>), Error> {
     let _ = policy;
     let Some(price) = price else {
-        return Ok((Decision::denied(DenialReason::ResourceNotCovered { resource }), None));
+        return Ok((
+            Decision::denied(DenialReason::ResourceNotCovered { resource }),
+            None,
+        ));
     };
     if mode == Mode::Consume {
-        state.add_payg(price).map_err(|_| Error::Overflow { field: "pay-as-you-go micros" })?;
+        state.add_payg(price).map_err(|_| Error::Overflow {
+            field: "pay-as-you-go micros",
+        })?;
     }
     let charged_to = ChargedTo::PayAsYouGo { micros: price };
     let admission = Admission {
@@ -632,6 +820,10 @@ fn pay_as_you_go(
         limits: Default::default(),
         credits_balance_micros: None,
     };
-    let receipt = Receipt { charged_to, generation: policy.generation, holds: Holds::default() };
+    let receipt = Receipt {
+        charged_to,
+        generation: policy.generation,
+        holds: Holds::default(),
+    };
     Ok((Decision::Admitted(admission), Some(receipt)))
 }

@@ -11,28 +11,65 @@ use crate::policy::PolicyError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// A field of a call was malformed: `field` names it, `problem` says what was wrong.
-    InvalidArgument { field: &'static str, problem: String },
-    UnknownResource { resource: String },
-    UnknownPlan { plan: String },
-    UnknownTeam { team: String },
-    UnknownUser { user: String },
+    InvalidArgument {
+        field: &'static str,
+        problem: String,
+    },
+    UnknownResource {
+        resource: String,
+    },
+    UnknownPlan {
+        plan: String,
+    },
+    UnknownTeam {
+        team: String,
+    },
+    UnknownUser {
+        user: String,
+    },
     /// A pay-as-you-go key passed where a plan key is required, or an unknown key to an
     /// admin call (the admission path reports unknown keys as a denial instead).
-    UnknownKey { key: String },
-    UnknownReservation { reservation: u64 },
-    UnknownRequest { request_id: String },
-    AlreadyExists { what: &'static str, id: String },
-    NotAMember { team: String, user: String },
+    UnknownKey {
+        key: String,
+    },
+    UnknownReservation {
+        reservation: u64,
+    },
+    UnknownRequest {
+        request_id: String,
+    },
+    AlreadyExists {
+        what: &'static str,
+        id: String,
+    },
+    NotAMember {
+        team: String,
+        user: String,
+    },
     /// The same request id came back with a different key, resource or quantities.
-    RequestIdConflict { request_id: String },
+    RequestIdConflict {
+        request_id: String,
+    },
     /// A bounded table is full; nothing was changed.
-    CapacityExceeded { what: &'static str, capacity: u64 },
+    CapacityExceeded {
+        what: &'static str,
+        capacity: u64,
+    },
     /// Adding to a balance or counter would overflow `u64`.
-    Overflow { field: &'static str },
+    Overflow {
+        field: &'static str,
+    },
     /// A reservation can no longer be settled or voided.
-    ReservationClosed { reservation: u64, state: &'static str },
+    ReservationClosed {
+        reservation: u64,
+        state: &'static str,
+    },
     /// A credits correction asked to take more than the team holds.
-    InsufficientCredits { team: String, balance_micros: u64, needed_micros: u64 },
+    InsufficientCredits {
+        team: String,
+        balance_micros: u64,
+        needed_micros: u64,
+    },
     Policy(PolicyError),
 }
 

@@ -54,7 +54,9 @@ pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
 impl RequestTable {
     pub fn new(capacity: usize, horizon_ms: u64) -> RequestTable {
         RequestTable {
-            shards: (0..SHARDS).map(|_| CachePadded::new(Mutex::new(Shard::default()))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
+                .collect(),
             capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
             horizon_ms,
         }
@@ -114,7 +116,11 @@ impl RequestTable {
     }
 
     /// The first decision for `request_id`, if it is still remembered and matches.
-    pub fn peek(&self, request_id: &str, fingerprint: &Fingerprint) -> Result<Option<Decision>, Error> {
+    pub fn peek(
+        &self,
+        request_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Decision>, Error> {
         let shard = self.shard(request_id).lock();
         match shard.records.get(request_id) {
             None => Ok(None),
@@ -145,7 +151,10 @@ impl RequestTable {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.lock().records.len()).sum()
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().records.len())
+            .sum()
     }
 }
 

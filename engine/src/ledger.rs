@@ -41,10 +41,12 @@ impl Team {
             let Some(after) = balance.checked_sub(micros) else {
                 return Err(balance);
             };
-            match self
-                .credits_micros
-                .compare_exchange_weak(balance, after, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.credits_micros.compare_exchange_weak(
+                balance,
+                after,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     self.charged_micros.fetch_add(micros, Ordering::Relaxed);
                     return Ok(after);
@@ -59,10 +61,12 @@ impl Team {
         let mut balance = self.balance_micros();
         loop {
             let after = balance.checked_add(micros).ok_or(())?;
-            match self
-                .credits_micros
-                .compare_exchange_weak(balance, after, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.credits_micros.compare_exchange_weak(
+                balance,
+                after,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Ok(after),
                 Err(current) => balance = current,
             }
@@ -74,7 +78,9 @@ impl Team {
         let after = self.credit(micros)?;
         let _ = self
             .charged_micros
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |charged| Some(charged.saturating_sub(micros)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |charged| {
+                Some(charged.saturating_sub(micros))
+            });
         Ok(after)
     }
 }
@@ -135,13 +141,21 @@ impl KeyUsage {
     }
 
     pub fn counter(&self, id: CounterId) -> Option<&WindowState> {
-        self.counters.iter().find(|counter| counter.id == id).map(|counter| &counter.state)
+        self.counters
+            .iter()
+            .find(|counter| counter.id == id)
+            .map(|counter| &counter.state)
     }
 
     /// The same usage laid out for `plan` under `policy`, taking counters from `self` (laid
     /// out under `old_policy`). Counters with the same meter and window carry over, even if the
     /// bucket width changed; the rest stay dormant.
-    pub fn rearranged(self, old_policy: &Policy, policy: &Policy, plan: Option<PlanId>) -> KeyUsage {
+    pub fn rearranged(
+        self,
+        old_policy: &Policy,
+        policy: &Policy,
+        plan: Option<PlanId>,
+    ) -> KeyUsage {
         let mut carried: Vec<Counter> = Vec::with_capacity(self.counters.len());
         for counter in self.counters {
             let Some(id) = old_policy.same_counter_in(counter.id, policy) else {
@@ -160,7 +174,10 @@ impl KeyUsage {
         let mut counters = Vec::with_capacity(carried.len() + 4);
         if let Some(plan) = plan {
             for limit in &policy.plan(plan).limits {
-                let state = match carried.iter().position(|counter| counter.id == limit.counter) {
+                let state = match carried
+                    .iter()
+                    .position(|counter| counter.id == limit.counter)
+                {
                     Some(position) => carried.swap_remove(position).state,
                     None => WindowState::new(limit.window),
                 };
@@ -180,7 +197,10 @@ impl KeyUsage {
             + self
                 .counters
                 .iter()
-                .map(|counter| counter.state.memory_bytes() - std::mem::size_of::<WindowState>().min(counter.state.memory_bytes()))
+                .map(|counter| {
+                    counter.state.memory_bytes()
+                        - std::mem::size_of::<WindowState>().min(counter.state.memory_bytes())
+                })
                 .sum::<usize>()
     }
 }
@@ -208,10 +228,12 @@ impl UsageCell {
             return usage;
         }
         let fresh = Box::into_raw(Box::new(init()));
-        match self
-            .pointer
-            .compare_exchange(std::ptr::null_mut(), fresh, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match self.pointer.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
             // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
             Ok(_) => unsafe { &*fresh },
             Err(installed) => {

@@ -7,8 +7,8 @@
 //!
 //! let clock = Arc::new(ManualClock::new(1_790_000_000_000));
 //! let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
-//! engine.create_user("ada", "tp-ada").unwrap();
-//! engine.assign_seat("@ada", "ada", "Starter").unwrap();
+//! engine.create_user("ada", "tp-ada", None).unwrap();
+//! engine.assign_seat("@ada", "ada", "Starter", None).unwrap();
 //! let decision = engine
 //!     .consume(&UsageRequest::new("tp-ada", "m2.7", &[(Unit::Requests, 1)]))
 //!     .unwrap();
@@ -37,12 +37,13 @@ pub mod window;
 
 pub use accounts::KeyKind;
 pub use admission::{
-    Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities, Remedies,
+    Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities,
+    Remedies,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
-    AdjustmentDirection, Engine, EngineOptions, LimitReport, MemoryStats, ReserveOutcome, SettleOutcome, UsageReport,
-    UsageRequest,
+    AdjustmentDirection, Engine, EngineOptions, LimitReport, MemoryStats, ReserveOutcome,
+    SettleOutcome, UsageReport, UsageRequest,
 };
 pub use error::Error;
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};

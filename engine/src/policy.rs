@@ -98,7 +98,10 @@ const WEEK_MS: u64 = 7 * DAY_MS;
 /// The longest calendar month, for the idempotency horizon.
 const MONTH_MS: u64 = 31 * DAY_MS + HOUR_MS;
 
-const _: () = assert!(DEFAULT_BUCKETS_PER_WINDOW * 5 > 1_000, "default error must be under 0.5%");
+const _: () = assert!(
+    DEFAULT_BUCKETS_PER_WINDOW * 5 > 1_000,
+    "default error must be under 0.5%"
+);
 const _: () = assert!(DEFAULT_BUCKETS_PER_WINDOW <= MAX_BUCKETS_PER_WINDOW);
 const _: () = assert!(MAX_LIMITS_PER_RESOURCE <= MAX_LIMITS_PER_PLAN);
 const _: () = assert!(MAX_QUANTITY <= MAX_CALENDAR_AMOUNT);
@@ -276,7 +279,10 @@ impl Window {
             Window::Rolling {
                 window_ms,
                 bucket_ms,
-            } => window_ms.div_ceil(bucket_ms).saturating_add(1).saturating_mul(bucket_ms),
+            } => window_ms
+                .div_ceil(bucket_ms)
+                .saturating_add(1)
+                .saturating_mul(bucket_ms),
             Window::Calendar(CalendarPeriod::Daily) => DAY_MS + HOUR_MS,
             Window::Calendar(CalendarPeriod::Weekly) => WEEK_MS + HOUR_MS,
             Window::Calendar(CalendarPeriod::Monthly) => MONTH_MS,
@@ -300,7 +306,9 @@ impl Window {
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Window::Rolling { window_ms, .. } => write!(f, "rolling:{}", format_duration(window_ms)),
+            Window::Rolling { window_ms, .. } => {
+                write!(f, "rolling:{}", format_duration(window_ms))
+            }
             Window::Calendar(period) => f.write_str(period.name()),
         }
     }
@@ -401,21 +409,22 @@ impl Policy {
     }
 
     pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument =
-            toml::from_str(text).map_err(|error| PolicyError::new("(toml)", error.to_string().trim_end()))?;
+        let document: PolicyDocument = toml::from_str(text)
+            .map_err(|error| PolicyError::new("(toml)", error.to_string().trim_end()))?;
         Policy::compile(document)
     }
 
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument =
-            serde_json::from_str(text).map_err(|error| PolicyError::new("(json)", error.to_string()))?;
+        let document: PolicyDocument = serde_json::from_str(text)
+            .map_err(|error| PolicyError::new("(json)", error.to_string()))?;
         Policy::compile(document)
     }
 
     /// Loads a `.toml` or `.json` policy file.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| PolicyError::new("(file)", format!("cannot read {}: {error}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            PolicyError::new("(file)", format!("cannot read {}: {error}", path.display()))
+        })?;
         match path.extension().and_then(|extension| extension.to_str()) {
             Some("json") => Policy::from_json_str(&text),
             Some("toml") => Policy::from_toml_str(&text),
@@ -549,10 +558,16 @@ impl Compiler {
         self.compile_named_meters(&document)?;
         let mut plans = Vec::with_capacity(document.plans.len());
         if document.plans.is_empty() {
-            return Err(PolicyError::new("plans", "a policy needs at least one plan"));
+            return Err(PolicyError::new(
+                "plans",
+                "a policy needs at least one plan",
+            ));
         }
         if document.plans.len() > MAX_PLANS {
-            return Err(PolicyError::new("plans", format!("more than {MAX_PLANS} plans")));
+            return Err(PolicyError::new(
+                "plans",
+                format!("more than {MAX_PLANS} plans"),
+            ));
         }
         for (name, plan) in &document.plans {
             plans.push(self.compile_plan(name, plan)?);
@@ -589,21 +604,33 @@ impl Compiler {
 
     fn compile_resources(&mut self, document: &PolicyDocument) -> Result<(), PolicyError> {
         if document.resources.is_empty() {
-            return Err(PolicyError::new("resources", "a policy needs at least one resource"));
+            return Err(PolicyError::new(
+                "resources",
+                "a policy needs at least one resource",
+            ));
         }
         if document.resources.len() > MAX_RESOURCES {
-            return Err(PolicyError::new("resources", format!("more than {MAX_RESOURCES} resources")));
+            return Err(PolicyError::new(
+                "resources",
+                format!("more than {MAX_RESOURCES} resources"),
+            ));
         }
         for (name, resource) in &document.resources {
             let field = format!("resources.{name:?}");
             check_name(&field, name)?;
             if resource.units.is_empty() {
-                return Err(PolicyError::new(format!("{field}.units"), "list at least one unit"));
+                return Err(PolicyError::new(
+                    format!("{field}.units"),
+                    "list at least one unit",
+                ));
             }
             let mut units = [false; UNIT_COUNT];
             for unit in &resource.units {
                 if units[unit.index()] {
-                    return Err(PolicyError::new(format!("{field}.units"), format!("{unit} is listed twice")));
+                    return Err(PolicyError::new(
+                        format!("{field}.units"),
+                        format!("{unit} is listed twice"),
+                    ));
                 }
                 units[unit.index()] = true;
             }
@@ -623,7 +650,8 @@ impl Compiler {
                 }
                 price_micros[unit.index()] = Some(*price);
             }
-            let max_per_request = self.compile_maximums(&field, &units, &resource.max_per_request)?;
+            let max_per_request =
+                self.compile_maximums(&field, &units, &resource.max_per_request)?;
             let id = ResourceId(self.resources.len() as u16);
             self.resource_ids.insert(name.as_str().into(), id);
             self.resources.push(Resource {
@@ -646,10 +674,16 @@ impl Compiler {
         for (unit, amount) in maximums {
             let field = format!("{field}.max_per_request.{unit}");
             if !units[unit.index()] {
-                return Err(PolicyError::new(field, format!("{unit} is not one of the resource's units")));
+                return Err(PolicyError::new(
+                    field,
+                    format!("{unit} is not one of the resource's units"),
+                ));
             }
             if *amount == 0 || *amount > MAX_QUANTITY {
-                return Err(PolicyError::new(field, format!("must be between 1 and {MAX_QUANTITY}")));
+                return Err(PolicyError::new(
+                    field,
+                    format!("must be between 1 and {MAX_QUANTITY}"),
+                ));
             }
             compiled[unit.index()] = *amount;
         }
@@ -677,7 +711,10 @@ impl Compiler {
 
     fn compile_named_meters(&mut self, document: &PolicyDocument) -> Result<(), PolicyError> {
         if document.meters.len() > MAX_METERS {
-            return Err(PolicyError::new("meters", format!("more than {MAX_METERS} meters")));
+            return Err(PolicyError::new(
+                "meters",
+                format!("more than {MAX_METERS} meters"),
+            ));
         }
         for (name, meter) in &document.meters {
             let field = format!("meters.{name:?}");
@@ -688,7 +725,11 @@ impl Compiler {
         Ok(())
     }
 
-    fn meter_terms(&self, field: &str, meter: &MeterDocument) -> Result<Vec<(ResourceId, Unit, u64)>, PolicyError> {
+    fn meter_terms(
+        &self,
+        field: &str,
+        meter: &MeterDocument,
+    ) -> Result<Vec<(ResourceId, Unit, u64)>, PolicyError> {
         let kinds = usize::from(meter.resource.is_some() || meter.unit.is_some())
             + usize::from(meter.priced)
             + usize::from(!meter.terms.is_empty());
@@ -705,13 +746,17 @@ impl Compiler {
                 .enumerate()
                 .flat_map(|(index, resource)| {
                     Unit::ALL.into_iter().filter_map(move |unit| {
-                        resource.price_micros[unit.index()].map(|price| (ResourceId(index as u16), unit, price))
+                        resource.price_micros[unit.index()]
+                            .map(|price| (ResourceId(index as u16), unit, price))
                     })
                 })
                 .filter(|(_, _, weight)| *weight > 0)
                 .collect();
             if terms.is_empty() {
-                return Err(PolicyError::new(format!("{field}.priced"), "no resource has a price"));
+                return Err(PolicyError::new(
+                    format!("{field}.priced"),
+                    "no resource has a price",
+                ));
             }
             return Ok(terms);
         }
@@ -727,17 +772,22 @@ impl Compiler {
                         format!("must be between 1 and {MAX_QUANTITY}"),
                     ));
                 }
-                if terms.iter().any(|(r, u, _)| *r == resource && *u == term.unit) {
-                    return Err(PolicyError::new(term_field, "this resource and unit appear twice"));
+                if terms
+                    .iter()
+                    .any(|(r, u, _)| *r == resource && *u == term.unit)
+                {
+                    return Err(PolicyError::new(
+                        term_field,
+                        "this resource and unit appear twice",
+                    ));
                 }
                 terms.push((resource, term.unit, term.weight));
             }
             return Ok(terms);
         }
-        let resource_name = meter
-            .resource
-            .as_deref()
-            .ok_or_else(|| PolicyError::new(format!("{field}.resource"), "missing: name the resource"))?;
+        let resource_name = meter.resource.as_deref().ok_or_else(|| {
+            PolicyError::new(format!("{field}.resource"), "missing: name the resource")
+        })?;
         let unit = meter
             .unit
             .ok_or_else(|| PolicyError::new(format!("{field}.unit"), "missing: name the unit"))?;
@@ -758,11 +808,11 @@ impl Compiler {
 
     fn limit_meter(&mut self, field: &str, limit: &LimitDocument) -> Result<MeterId, PolicyError> {
         match (&limit.meter, &limit.resource, limit.unit) {
-            (Some(meter), None, None) => self
-                .meter_ids
-                .get(meter.as_str())
-                .copied()
-                .ok_or_else(|| PolicyError::new(format!("{field}.meter"), format!("unknown meter {meter:?}"))),
+            (Some(meter), None, None) => {
+                self.meter_ids.get(meter.as_str()).copied().ok_or_else(|| {
+                    PolicyError::new(format!("{field}.meter"), format!("unknown meter {meter:?}"))
+                })
+            }
             (None, Some(resource_name), Some(unit)) => {
                 let resource = self.resource(&format!("{field}.resource"), resource_name)?;
                 self.unit_of(&format!("{field}.unit"), resource, unit)?;
@@ -771,7 +821,10 @@ impl Compiler {
                     return Ok(*id);
                 }
                 if self.meters.len() >= MAX_METERS {
-                    return Err(PolicyError::new(field, format!("more than {MAX_METERS} meters")));
+                    return Err(PolicyError::new(
+                        field,
+                        format!("more than {MAX_METERS} meters"),
+                    ));
                 }
                 Ok(self.add_meter(&name, vec![(resource, unit, 1)]))
             }
@@ -859,7 +912,10 @@ impl Compiler {
         if limit.amount == 0 || limit.amount > max_amount {
             return Err(PolicyError::new(
                 format!("{field}.amount"),
-                format!("{} is out of range: a {window} limit is between 1 and {max_amount}", limit.amount),
+                format!(
+                    "{} is out of range: a {window} limit is between 1 and {max_amount}",
+                    limit.amount
+                ),
             ));
         }
         let counter = self.counter(meter, window);
@@ -878,7 +934,10 @@ impl Compiler {
         for (limit_index, limit) in limits.iter().enumerate() {
             for (resource, unit, weight) in &self.meters[limit.meter.index()].terms {
                 let list = &mut touches[resource.index()];
-                match list.iter_mut().find(|touch| usize::from(touch.limit) == limit_index) {
+                match list
+                    .iter_mut()
+                    .find(|touch| usize::from(touch.limit) == limit_index)
+                {
                     Some(touch) => touch.weights[unit.index()] = *weight,
                     None => {
                         let mut weights = [0; UNIT_COUNT];
@@ -903,13 +962,21 @@ impl Compiler {
         Ok(touches)
     }
 
-    fn plan_covers(&self, field: &str, plan: &PlanDocument, touches: &[Vec<Touch>]) -> Result<Vec<bool>, PolicyError> {
+    fn plan_covers(
+        &self,
+        field: &str,
+        plan: &PlanDocument,
+        touches: &[Vec<Touch>],
+    ) -> Result<Vec<bool>, PolicyError> {
         let Some(names) = &plan.covers else {
             return Ok(touches.iter().map(|list| !list.is_empty()).collect());
         };
         if names.iter().any(|name| name == "*") {
             if names.len() != 1 {
-                return Err(PolicyError::new(format!("{field}.covers"), "\"*\" stands alone"));
+                return Err(PolicyError::new(
+                    format!("{field}.covers"),
+                    "\"*\" stands alone",
+                ));
             }
             return Ok(vec![true; self.resources.len()]);
         }
@@ -954,11 +1021,17 @@ fn link_upgrades(plans: &mut [Plan]) {
                     other
                         .limits
                         .iter()
-                        .find(|candidate| candidate.counter == limit.counter && candidate.amount > limit.amount)
+                        .find(|candidate| {
+                            candidate.counter == limit.counter && candidate.amount > limit.amount
+                        })
                         .map(|candidate| (candidate.amount, other_index))
                 })
                 .min();
-            upgrades.push((plan_index, limit_index, best.map(|(_, other)| PlanId(other as u16))));
+            upgrades.push((
+                plan_index,
+                limit_index,
+                best.map(|(_, other)| PlanId(other as u16)),
+            ));
         }
     }
     for (plan_index, limit_index, upgrade) in upgrades {
@@ -989,22 +1062,31 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
             format!("{window:?} is not a window: write rolling:DURATION (e.g. rolling:5h), daily, weekly or monthly"),
         ));
     };
-    let window_ms = parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
+    let window_ms =
+        parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
     if window_ms < 2 * MIN_BUCKET_MS || window_ms > MAX_ROLLING_WINDOW_MS {
         return Err(PolicyError::new(
             window_field,
-            format!("a rolling window lasts between 2s and {}", format_duration(MAX_ROLLING_WINDOW_MS)),
+            format!(
+                "a rolling window lasts between 2s and {}",
+                format_duration(MAX_ROLLING_WINDOW_MS)
+            ),
         ));
     }
     let bucket_field = format!("{field}.bucket");
     let bucket_ms = match bucket {
-        Some(text) => parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?,
+        Some(text) => {
+            parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?
+        }
         None => (window_ms / DEFAULT_BUCKETS_PER_WINDOW / SECOND_MS * SECOND_MS).max(MIN_BUCKET_MS),
     };
     if bucket_ms < MIN_BUCKET_MS || bucket_ms * 2 > window_ms {
         return Err(PolicyError::new(
             bucket_field,
-            format!("a bucket lasts at least 1s and at most half the window ({})", format_duration(window_ms)),
+            format!(
+                "a bucket lasts at least 1s and at most half the window ({})",
+                format_duration(window_ms)
+            ),
         ));
     }
     if window_ms.div_ceil(bucket_ms) > MAX_BUCKETS_PER_WINDOW {
@@ -1029,7 +1111,9 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!("{text:?} is not a duration like 5h, 90s, 1h30m or 1500ms"));
+            return Err(format!(
+                "{text:?} is not a duration like 5h, 90s, 1h30m or 1500ms"
+            ));
         }
         let number: u64 = rest[..digits]
             .parse()
@@ -1043,7 +1127,11 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
             "h" => HOUR_MS,
             "d" => DAY_MS,
             "w" => WEEK_MS,
-            other => return Err(format!("{text:?}: unknown unit {other:?} (use ms, s, m, h, d or w)")),
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?} (use ms, s, m, h, d or w)"
+                ))
+            }
         };
         rest = &rest[letters..];
         total = number
@@ -1059,7 +1147,13 @@ pub fn format_duration(mut ms: u64) -> String {
         return "0s".into();
     }
     let mut text = String::new();
-    for (scale, unit) in [(DAY_MS, "d"), (HOUR_MS, "h"), (MINUTE_MS, "m"), (SECOND_MS, "s"), (1, "ms")] {
+    for (scale, unit) in [
+        (DAY_MS, "d"),
+        (HOUR_MS, "h"),
+        (MINUTE_MS, "m"),
+        (SECOND_MS, "s"),
+        (1, "ms"),
+    ] {
         if ms >= scale {
             text.push_str(&format!("{}{unit}", ms / scale));
             ms %= scale;

@@ -49,7 +49,10 @@ pub struct RollingShape {
 
 impl RollingShape {
     pub fn new(window_ms: u64, bucket_ms: u64) -> RollingShape {
-        assert!(bucket_ms > 0 && window_ms >= bucket_ms, "shape: bucket must fit the window");
+        assert!(
+            bucket_ms > 0 && window_ms >= bucket_ms,
+            "shape: bucket must fit the window"
+        );
         RollingShape {
             bucket_ms,
             buckets: window_ms.div_ceil(bucket_ms),
@@ -74,7 +77,9 @@ impl RollingShape {
 
     /// When the units recorded in bucket `epoch` stop counting.
     pub fn release_ms(&self, epoch: u64) -> u64 {
-        epoch.saturating_add(self.buckets + 1).saturating_mul(self.bucket_ms)
+        epoch
+            .saturating_add(self.buckets + 1)
+            .saturating_mul(self.bucket_ms)
     }
 }
 
@@ -115,7 +120,9 @@ impl RollingWindow {
                 .compare_exchange_weak(head, epoch, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    let first = head.saturating_add(1).max(epoch.saturating_sub(shape.buckets));
+                    let first = head
+                        .saturating_add(1)
+                        .max(epoch.saturating_sub(shape.buckets));
                     for passed in first..=epoch {
                         self.expire_stale(shape, passed);
                     }
@@ -136,7 +143,12 @@ impl RollingWindow {
             if count == 0 || !lap_before(tag, lap) {
                 return;
             }
-            match slot.compare_exchange_weak(word, pack(lap, 0), Ordering::AcqRel, Ordering::Acquire) {
+            match slot.compare_exchange_weak(
+                word,
+                pack(lap, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     self.subtract_total(count);
                     return;
@@ -232,7 +244,12 @@ impl RollingWindow {
                 return 0;
             }
             let given = count.min(amount);
-            match slot.compare_exchange_weak(word, pack(lap, count - given), Ordering::AcqRel, Ordering::Acquire) {
+            match slot.compare_exchange_weak(
+                word,
+                pack(lap, count - given),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => {
                     self.subtract_total(given);
                     return given;
@@ -265,10 +282,12 @@ impl RollingWindow {
         if self.used() == 0 {
             return None;
         }
-        let newest = (epoch.saturating_sub(shape.buckets)..=epoch).rev().find(|bucket| {
-            let (tag, count) = unpack(self.slots[shape.slot(*bucket)].load(Ordering::Acquire));
-            tag == shape.lap(*bucket) && count > 0
-        });
+        let newest = (epoch.saturating_sub(shape.buckets)..=epoch)
+            .rev()
+            .find(|bucket| {
+                let (tag, count) = unpack(self.slots[shape.slot(*bucket)].load(Ordering::Acquire));
+                tag == shape.lap(*bucket) && count > 0
+            });
         Some(shape.release_ms(newest.unwrap_or(epoch)))
     }
 
@@ -309,7 +328,10 @@ impl RollingWindow {
 
     #[cfg(test)]
     pub(crate) fn slot_sum(&self) -> u64 {
-        self.slots.iter().map(|slot| unpack(slot.load(Ordering::Acquire)).1).sum()
+        self.slots
+            .iter()
+            .map(|slot| unpack(slot.load(Ordering::Acquire)).1)
+            .sum()
     }
 }
 
@@ -371,7 +393,12 @@ impl CalendarCounter {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(PeriodUse { period: now.period, used: next }),
+                Ok(_) => {
+                    return Ok(PeriodUse {
+                        period: now.period,
+                        used: next,
+                    })
+                }
                 Err(current) => word = current,
             }
         }
@@ -379,7 +406,8 @@ impl CalendarCounter {
 
     /// Adds whatever the limit, up to the 48-bit bound (an adjustment).
     pub fn force(&self, period: u32, amount: u64) -> Result<PeriodUse, ()> {
-        self.try_add(period, amount, PERIOD_COUNT_MASK).map_err(|_| ())
+        self.try_add(period, amount, PERIOD_COUNT_MASK)
+            .map_err(|_| ())
     }
 
     /// Gives back up to `amount` units counted in `period`, if it is still the current one.
@@ -413,7 +441,10 @@ impl CalendarCounter {
 
 fn effective(stored: u32, count: u64, period: u32) -> PeriodUse {
     if stored >= period {
-        PeriodUse { period: stored, used: count }
+        PeriodUse {
+            period: stored,
+            used: count,
+        }
     } else {
         PeriodUse { period, used: 0 }
     }
@@ -544,11 +575,23 @@ mod tests {
     #[test]
     fn a_calendar_counter_resets_with_the_period_and_never_goes_back() {
         let counter = CalendarCounter::new();
-        assert_eq!(counter.try_add(7, 3, 5), Ok(PeriodUse { period: 7, used: 3 }));
-        assert_eq!(counter.try_add(7, 3, 5), Err(PeriodUse { period: 7, used: 3 }));
-        assert_eq!(counter.try_add(8, 5, 5), Ok(PeriodUse { period: 8, used: 5 }));
+        assert_eq!(
+            counter.try_add(7, 3, 5),
+            Ok(PeriodUse { period: 7, used: 3 })
+        );
+        assert_eq!(
+            counter.try_add(7, 3, 5),
+            Err(PeriodUse { period: 7, used: 3 })
+        );
+        assert_eq!(
+            counter.try_add(8, 5, 5),
+            Ok(PeriodUse { period: 8, used: 5 })
+        );
         // A timestamp from period 7 again: period 8 stands.
-        assert_eq!(counter.try_add(7, 1, 5), Err(PeriodUse { period: 8, used: 5 }));
+        assert_eq!(
+            counter.try_add(7, 1, 5),
+            Err(PeriodUse { period: 8, used: 5 })
+        );
         assert_eq!(counter.refund(7, 1), 0);
         assert_eq!(counter.refund(8, 2), 2);
         assert_eq!(counter.used(8).used, 3);
