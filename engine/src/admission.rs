@@ -52,6 +52,14 @@ impl Quantities {
         Ok(Quantities(values))
     }
 
+    /// Like `new`, but an empty list (nothing used) is allowed: for settling a reservation.
+    pub fn new_allowing_none(pairs: &[(Unit, u64)]) -> Result<Quantities, Error> {
+        if pairs.is_empty() {
+            return Ok(Quantities::default());
+        }
+        Quantities::new(pairs)
+    }
+
     pub fn get(&self, unit: Unit) -> u64 {
         self.0[unit.index()]
     }
@@ -120,10 +128,16 @@ impl LimitStatus {
 }
 
 /// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct LimitStatuses {
     len: u8,
     items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
+}
+
+impl std::fmt::Debug for LimitStatuses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
 }
 
 impl LimitStatuses {
@@ -256,10 +270,6 @@ impl Holds {
     pub fn as_slice(&self) -> &[(CounterId, u64, u64)] {
         &self.items[..usize::from(self.len)]
     }
-
-    pub fn as_mut_slice(&mut self) -> &mut [(CounterId, u64, u64)] {
-        &mut self.items[..usize::from(self.len)]
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,10 +303,6 @@ impl Amounts {
 
     pub fn as_slice(&self) -> &[(u8, u64)] {
         &self.items[..self.len]
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 

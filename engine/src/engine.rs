@@ -22,12 +22,9 @@ use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
 use crate::error::Error;
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
-use crate::ledger::{KeyUsage, Team, WindowState};
-use crate::policy::{PlanId, Policy, ResourceId, Unit, Window};
-use crate::reservation::{
-    Closed, Reservation, ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS,
-    MAX_LEASE_MS,
-};
+use crate::ledger::{KeyUsage, Team};
+use crate::policy::{Policy, ResourceId, Unit, Window};
+use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
 // events they become once the engine has a log).
@@ -159,12 +156,12 @@ pub enum AdjustmentDirection {
 pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
-    keys: KeyTable,
+    pub(crate) keys: KeyTable,
     registry: Mutex<Registry>,
     /// Every installed policy by generation; the last is current. Also serialises swaps.
     policies: RwLock<Vec<Option<Arc<Policy>>>>,
-    requests: RequestTable,
-    reservations: ReservationTable,
+    pub(crate) requests: RequestTable,
+    pub(crate) reservations: ReservationTable,
 }
 
 impl std::fmt::Debug for Engine {
@@ -176,7 +173,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
+pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -220,7 +217,7 @@ impl Engine {
             .unwrap_or_else(|| unreachable!("the current policy is always kept"))
     }
 
-    fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
+    pub(crate) fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
         self.policies
             .read()
             .get(generation as usize)
@@ -235,7 +232,7 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
+    pub(crate) fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
         let at_ms = at_ms.unwrap_or_else(|| self.clock.now_ms());
         if at_ms >= MAX_TIMESTAMP_MS {
             return Err(Error::invalid(
@@ -702,7 +699,7 @@ impl Engine {
 }
 
 /// Resolves a resource name and checks the request's units against it.
-fn resolve_resource(
+pub(crate) fn resolve_resource(
     policy: &Policy,
     resource: &str,
     quantities: &Quantities,

@@ -62,10 +62,6 @@ impl RequestTable {
         }
     }
 
-    pub fn horizon_ms(&self) -> u64 {
-        self.horizon_ms
-    }
-
     pub fn capacity(&self) -> usize {
         self.capacity_per_shard * SHARDS
     }
@@ -139,22 +135,6 @@ impl RequestTable {
     ) -> Result<R, Error> {
         let mut shard = self.shard(request_id).lock();
         f(shard.records.get_mut(request_id))
-    }
-
-    /// Locks every shard (in order) and applies `f` to every record: for a policy swap.
-    pub fn for_each_record(&self, mut f: impl FnMut(&mut RequestRecord)) {
-        for shard in self.shards.iter() {
-            for record in shard.lock().records.values_mut() {
-                f(record);
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().records.len())
-            .sum()
     }
 }
 

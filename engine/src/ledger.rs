@@ -100,10 +100,10 @@ impl WindowState {
         }
     }
 
-    fn memory_bytes(&self) -> usize {
+    fn heap_bytes(&self) -> usize {
         match self {
-            WindowState::Rolling(window) => window.memory_bytes(),
-            WindowState::Calendar(_) => std::mem::size_of::<CalendarCounter>(),
+            WindowState::Rolling(window) => window.heap_bytes(),
+            WindowState::Calendar(_) => 0,
         }
     }
 }
@@ -191,16 +191,14 @@ impl KeyUsage {
         KeyUsage { counters }
     }
 
+    /// Bytes this key's usage holds on the heap: the box, the counter list and the rings.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<KeyUsage>()
             + self.counters.capacity() * std::mem::size_of::<Counter>()
             + self
                 .counters
                 .iter()
-                .map(|counter| {
-                    counter.state.memory_bytes()
-                        - std::mem::size_of::<WindowState>().min(counter.state.memory_bytes())
-                })
+                .map(|counter| counter.state.heap_bytes())
                 .sum::<usize>()
     }
 }

@@ -36,6 +36,7 @@ pub mod reservation;
 pub mod window;
 
 pub use accounts::KeyKind;
+pub use adjustment::{AdjustmentOutcome, Refund};
 pub use admission::{
     Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities,
     Remedies,

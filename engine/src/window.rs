@@ -103,8 +103,9 @@ impl RollingWindow {
         }
     }
 
-    pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of::<RollingWindow>() + self.slots.len() * std::mem::size_of::<AtomicU64>()
+    /// Bytes of the slot array (the struct itself lives inline in its key's counter list).
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<AtomicU64>()
     }
 
     /// Moves the window to `epoch` (or keeps it at a newer head) and returns the effective epoch.
