@@ -60,14 +60,14 @@ impl KeyState {
         }
     }
 
-    /// Records pay-as-you-go spend; `Err` if the tally would overflow.
-    pub fn add_payg(&self, micros: u64) -> Result<u64, ()> {
+    /// Records pay-as-you-go spend; `None` (nothing recorded) if the tally would overflow.
+    pub fn add_payg(&self, micros: u64) -> Option<u64> {
         self.payg_micros
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
                 spent.checked_add(micros)
             })
             .map(|before| before + micros)
-            .map_err(|_| ())
+            .ok()
     }
 
     pub fn subtract_payg(&self, micros: u64) {
@@ -146,6 +146,10 @@ impl Shard {
         self.keys.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     pub fn table_bytes(&self) -> usize {
         self.keys.capacity() * (std::mem::size_of::<KeyEntry>() + 1)
     }
@@ -208,6 +212,10 @@ impl KeyTable {
 
     pub fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Write-locks every shard in order: for a policy swap and full sweeps.

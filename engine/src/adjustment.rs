@@ -112,7 +112,7 @@ impl Engine {
                         .ok()
                         .flatten();
                     let back = price.unwrap_or(micros).min(micros);
-                    state.team.refund(back).map(|_| back).unwrap_or(0)
+                    state.team.refund(back).map_or(0, |_| back)
                 }
                 ChargedTo::PayAsYouGo { micros } => {
                     let price = crate::admission::price_micros(policy, resource, quantities)
@@ -290,8 +290,8 @@ fn adjust_counter(
                 AdjustmentDirection::Remove => Ok(ring.refund(shape, epoch, amount)),
                 AdjustmentDirection::Add => ring
                     .force(shape, epoch, amount)
-                    .map(|_| amount)
-                    .map_err(|_| Error::Overflow {
+                    .then_some(amount)
+                    .ok_or(Error::Overflow {
                         field: "quantities (bucket count)",
                     }),
             }
@@ -311,7 +311,7 @@ fn adjust_counter(
                     counter
                         .force(period, amount)
                         .map(|_| amount)
-                        .map_err(|_| Error::Overflow {
+                        .ok_or(Error::Overflow {
                             field: "quantities (period count)",
                         })
                 }

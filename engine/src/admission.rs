@@ -89,9 +89,9 @@ impl Quantities {
     /// `sum(quantity * weight)`, or an error naming the overflow.
     pub(crate) fn weighted(&self, weights: &[u64; UNIT_COUNT]) -> Result<u64, Error> {
         let mut sum = 0u64;
-        for index in 0..UNIT_COUNT {
-            sum = self.0[index]
-                .checked_mul(weights[index])
+        for (quantity, weight) in self.0.iter().zip(weights) {
+            sum = quantity
+                .checked_mul(*weight)
                 .and_then(|part| sum.checked_add(part))
                 .ok_or(Error::Overflow {
                     field: "quantities",

@@ -100,12 +100,12 @@ pub struct ReserveOutcome {
     pub reservation: Option<ReservationId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettleOutcome {
     Settled(Settlement),
     /// The actual amount went beyond the estimate and the rest did not fit: nothing changed,
     /// the reservation stays open (settle with less, or void it).
-    Denied(crate::admission::Denial),
+    Denied(Box<crate::admission::Denial>),
 }
 
 /// One limit on the console's usage bar.
@@ -492,7 +492,7 @@ impl Engine {
         let team_record = self.team(team)?;
         team_record
             .credit(micros)
-            .map_err(|_| Error::Overflow { field: "micros" })
+            .ok_or(Error::Overflow { field: "micros" })
     }
 
     /// Corrects a team's balance downwards (a chargeback, a mistaken top-up). Never below zero.
@@ -805,7 +805,7 @@ fn pay_as_you_go(
         ));
     };
     if mode == Mode::Consume {
-        state.add_payg(price).map_err(|_| Error::Overflow {
+        state.add_payg(price).ok_or(Error::Overflow {
             field: "pay-as-you-go micros",
         })?;
     }

@@ -56,32 +56,33 @@ impl Team {
         }
     }
 
-    /// Adds `micros` (a top-up or a refund): `Ok(balance after)`, or `Err(())` on overflow.
-    pub fn credit(&self, micros: u64) -> Result<u64, ()> {
+    /// Adds `micros` (a top-up or a refund): the balance after, or `None` (nothing added) on
+    /// overflow.
+    pub fn credit(&self, micros: u64) -> Option<u64> {
         let mut balance = self.balance_micros();
         loop {
-            let after = balance.checked_add(micros).ok_or(())?;
+            let after = balance.checked_add(micros)?;
             match self.credits_micros.compare_exchange_weak(
                 balance,
                 after,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(after),
+                Ok(_) => return Some(after),
                 Err(current) => balance = current,
             }
         }
     }
 
     /// Gives back part of an earlier charge.
-    pub fn refund(&self, micros: u64) -> Result<u64, ()> {
+    pub fn refund(&self, micros: u64) -> Option<u64> {
         let after = self.credit(micros)?;
         let _ = self
             .charged_micros
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |charged| {
                 Some(charged.saturating_sub(micros))
             });
-        Ok(after)
+        Some(after)
     }
 }
 
@@ -93,9 +94,10 @@ pub enum WindowState {
 }
 
 impl WindowState {
-    pub fn new(window: Window) -> WindowState {
+    /// The state for a limit of `amount` on `window`.
+    pub fn new(window: Window, amount: u64) -> WindowState {
         match window.shape() {
-            Some(shape) => WindowState::Rolling(RollingWindow::new(shape)),
+            Some(shape) => WindowState::Rolling(RollingWindow::new(shape, amount)),
             None => WindowState::Calendar(CalendarCounter::new()),
         }
     }
@@ -132,7 +134,7 @@ impl KeyUsage {
                     .iter()
                     .map(|limit| Counter {
                         id: limit.counter,
-                        state: WindowState::new(limit.window),
+                        state: WindowState::new(limit.window, limit.amount),
                     })
                     .collect()
             })
@@ -165,7 +167,7 @@ impl KeyUsage {
             let new_window = policy.counter(id).window;
             let state = match (counter.state, old_window.shape(), new_window.shape()) {
                 (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
-                    WindowState::Rolling(window.reshaped(from, to))
+                    WindowState::Rolling(window.reshaped(from, to, 0))
                 }
                 (state, _, _) => state,
             };
@@ -178,8 +180,12 @@ impl KeyUsage {
                     .iter()
                     .position(|counter| counter.id == limit.counter)
                 {
-                    Some(position) => carried.swap_remove(position).state,
-                    None => WindowState::new(limit.window),
+                    Some(position) => widened(
+                        carried.swap_remove(position).state,
+                        limit.window,
+                        limit.amount,
+                    ),
+                    None => WindowState::new(limit.window, limit.amount),
                 };
                 counters.push(Counter {
                     id: limit.counter,
@@ -200,6 +206,16 @@ impl KeyUsage {
                 .iter()
                 .map(|counter| counter.state.heap_bytes())
                 .sum::<usize>()
+    }
+}
+
+/// A carried ring whose slots are too narrow for a bigger limit, copied into wide slots.
+fn widened(state: WindowState, window: Window, amount: u64) -> WindowState {
+    match (state, window.shape()) {
+        (WindowState::Rolling(ring), Some(shape)) if !ring.holds(amount) => {
+            WindowState::Rolling(ring.reshaped(shape, shape, amount))
+        }
+        (state, _) => state,
     }
 }
 
@@ -271,7 +287,7 @@ mod tests {
     #[test]
     fn credits_never_go_below_zero_under_concurrent_charges() {
         let team = Team::new("t");
-        team.credit(1_000).unwrap();
+        team.credit(1_000).expect("room for a top-up");
         let charged = AtomicU64::new(0);
         std::thread::scope(|scope| {
             for _ in 0..2 {
@@ -292,8 +308,8 @@ mod tests {
     #[test]
     fn a_credit_that_would_overflow_changes_nothing() {
         let team = Team::new("t");
-        team.credit(u64::MAX - 1).unwrap();
-        assert_eq!(team.credit(2), Err(()));
+        team.credit(u64::MAX - 1).expect("room for a top-up");
+        assert_eq!(team.credit(2), None);
         assert_eq!(team.balance_micros(), u64::MAX - 1);
     }
 

@@ -1064,7 +1064,7 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
     };
     let window_ms =
         parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
-    if window_ms < 2 * MIN_BUCKET_MS || window_ms > MAX_ROLLING_WINDOW_MS {
+    if !(2 * MIN_BUCKET_MS..=MAX_ROLLING_WINDOW_MS).contains(&window_ms) {
         return Err(PolicyError::new(
             window_field,
             format!(

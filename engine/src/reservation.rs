@@ -268,7 +268,7 @@ impl Engine {
         } else {
             match self.charge_extra(&reservation, &extra, at_ms)? {
                 Decision::Admitted(admission) => Some(admission.charged_to),
-                Decision::Denied(denial) => return Ok(SettleOutcome::Denied(denial)),
+                Decision::Denied(denial) => return Ok(SettleOutcome::Denied(Box::new(denial))),
             }
         };
         self.give_back(
