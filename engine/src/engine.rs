@@ -173,6 +173,20 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Whether `text` holds a Unicode control character (C0, DEL or C1), scanning bytes: C1
+/// controls U+0080..U+009F are encoded as 0xC2 0x80..0x9F.
+fn has_control_character(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(index, &byte)| {
+        byte < 0x20
+            || byte == 0x7F
+            || (byte == 0xC2
+                && bytes
+                    .get(index + 1)
+                    .is_some_and(|next| (0x80..=0x9F).contains(next)))
+    })
+}
+
 pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
@@ -183,7 +197,7 @@ pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Re
             format!("is {} bytes; at most {max_bytes}", value.len()),
         ));
     }
-    if value.chars().any(char::is_control) {
+    if has_control_character(value) {
         return Err(Error::invalid(
             field,
             "must not contain control characters (NUL, newline, ...)",
@@ -823,4 +837,29 @@ fn pay_as_you_go(
         holds: Holds::default(),
     };
     Ok((Decision::Admitted(admission), Some(receipt)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_found_by_the_byte_scan_exactly_as_by_char() {
+        for text in [
+            "plain",
+            "tab\there",
+            "nul\0",
+            "del\u{7f}",
+            "c1\u{85}x",
+            "é ü ß",
+            "\u{a0}nbsp",
+            "日本",
+        ] {
+            assert_eq!(
+                has_control_character(text),
+                text.chars().any(char::is_control),
+                "{text:?}"
+            );
+        }
+    }
 }
