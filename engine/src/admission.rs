@@ -15,7 +15,9 @@ use crate::policy::{
 use crate::window::period_end_ms;
 
 /// A validated set of quantities, one per unit (0 = the unit is not in the request).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct Quantities(pub(crate) [u64; UNIT_COUNT]);
 
 impl Quantities {
@@ -102,7 +104,7 @@ impl Quantities {
 }
 
 /// Where an admitted request was charged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChargedTo {
     PlanQuota { plan: PlanId },
     Credits { micros: u64 },
@@ -110,7 +112,7 @@ pub enum ChargedTo {
 }
 
 /// One limit's state as seen by a decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct LimitStatus {
     /// Index into the plan's `limits`.
     pub limit: u8,
@@ -128,7 +130,7 @@ impl LimitStatus {
 }
 
 /// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct LimitStatuses {
     len: u8,
     items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
@@ -152,7 +154,7 @@ impl LimitStatuses {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Admission {
     pub charged_to: ChargedTo,
     /// The time the usage was counted at: the request's, or later if the key's windows had
@@ -165,7 +167,7 @@ pub struct Admission {
     pub credits_balance_micros: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DenialReason {
     UnknownKey,
     /// The key exists but has neither a seat nor credits.
@@ -204,7 +206,7 @@ pub enum DenialReason {
 }
 
 /// What could let a denied request through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Remedies {
     /// Credits the team would need to add for this request to be charged to credits.
     pub credits_needed_micros: Option<u64>,
@@ -214,7 +216,7 @@ pub struct Remedies {
     pub wait_until_ms: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Denial {
     pub reason: DenialReason,
     pub plan: Option<PlanId>,
@@ -223,7 +225,7 @@ pub struct Denial {
     pub remedies: Remedies,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Decision {
     Admitted(Admission),
     Denied(Denial),
@@ -246,8 +248,8 @@ impl Decision {
 }
 
 /// What an admitted request moved, so it can be refunded, settled or voided exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Receipt {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Receipt {
     pub charged_to: ChargedTo,
     /// The policy generation whose counter ids `holds` uses.
     pub generation: u32,
@@ -255,8 +257,8 @@ pub(crate) struct Receipt {
 }
 
 /// Units held on counters: `(counter, amount, epoch or period)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub(crate) struct Holds {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Holds {
     pub len: u8,
     pub items: [(CounterId, u64, u64); MAX_LIMITS_PER_RESOURCE],
 }

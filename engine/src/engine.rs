@@ -6,6 +6,7 @@
 //! `admission` tries the plan's limits (lock-free CAS on each window) and falls back to the
 //! team's credits. With a request id the whole call runs once per id (`idempotency`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -21,8 +22,10 @@ use crate::admission::{
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
 use crate::error::Error;
+use crate::event::{encode_body, EventBody};
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
+use crate::log::EventLog;
 use crate::policy::{Policy, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
@@ -145,7 +148,7 @@ pub struct MemoryStats {
     pub table_bytes: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdjustmentDirection {
     /// Usage that really happened but was not counted: counted now, whatever the limit.
     Add,
@@ -157,11 +160,22 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
     pub(crate) keys: KeyTable,
-    registry: Mutex<Registry>,
+    pub(crate) registry: Mutex<Registry>,
     /// Every installed policy by generation; the last is current. Also serialises swaps.
-    policies: RwLock<Vec<Option<Arc<Policy>>>>,
+    pub(crate) policies: RwLock<Vec<Option<Arc<Policy>>>>,
     pub(crate) requests: RequestTable,
     pub(crate) reservations: ReservationTable,
+    /// The event log, once recovery has replayed it (absent for an in-memory engine).
+    pub(crate) journal: std::sync::OnceLock<EventLog>,
+    /// The serialised checkpoint in progress, if any (see `recovery`).
+    pub(crate) checkpointing: Mutex<()>,
+    /// The sequence number the latest checkpoint covers.
+    pub(crate) checkpointed_seq: Mutex<u64>,
+    // Relaxed: settings read on the commit path; set once when the engine opens.
+    pub(crate) checkpoint_every: AtomicU64,
+    pub(crate) retention_ms: AtomicU64,
+    // Relaxed fetch_max: the newest event time logged, stamped on snapshots.
+    newest_event_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -219,6 +233,12 @@ impl Engine {
             policies: RwLock::new(vec![Some(policy)]),
             requests: RequestTable::new(options.idempotency_capacity, horizon_ms),
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
+            journal: std::sync::OnceLock::new(),
+            checkpointing: Mutex::new(()),
+            checkpointed_seq: Mutex::new(0),
+            checkpoint_every: AtomicU64::new(u64::MAX),
+            retention_ms: AtomicU64::new(0),
+            newest_event_ms: AtomicU64::new(0),
             options,
         }
     }
@@ -246,6 +266,31 @@ impl Engine {
         self.clock.now_ms()
     }
 
+    pub(crate) fn note_event_time(&self, at_ms: u64) {
+        self.newest_event_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn newest_event_ms(&self) -> u64 {
+        self.newest_event_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn journal(&self) -> Option<&EventLog> {
+        self.journal.get()
+    }
+
+    /// Logs a state change and, as the durability mode says, waits for it to be durable:
+    /// write-ahead for admin calls (applied only if this succeeds).
+    pub(crate) fn commit(&self, at_ms: u64, body: EventBody) -> Result<(), Error> {
+        match self.journal() {
+            None => Ok(()),
+            Some(journal) => {
+                let seq = journal.append(at_ms, encode_body(&body))?;
+                self.note_event_time(at_ms);
+                journal.wait(seq)
+            }
+        }
+    }
+
     pub(crate) fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
         let at_ms = at_ms.unwrap_or_else(|| self.clock.now_ms());
         if at_ms >= MAX_TIMESTAMP_MS {
@@ -264,7 +309,7 @@ impl Engine {
 
     /// Creates a user, their Default Team (`@user`) and their plan key in it.
     pub fn create_user(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("user", user, MAX_ID_BYTES)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
@@ -283,6 +328,13 @@ impl Engine {
         }
         self.check_room(&registry, 1)?;
         self.check_new_key(key)?;
+        self.commit(
+            at_ms,
+            EventBody::UserCreated {
+                user: user.into(),
+                key: key.into(),
+            },
+        )?;
         let user_name: Arc<str> = user.into();
         let team = Arc::new(Team::new(&team_name));
         self.keys.insert(
@@ -343,7 +395,7 @@ impl Engine {
     }
 
     pub fn create_team(&self, team: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("team", team, MAX_ID_BYTES)?;
         if team.starts_with('@') {
             return Err(Error::invalid(
@@ -364,6 +416,7 @@ impl Engine {
                 capacity: self.options.max_teams,
             });
         }
+        self.commit(at_ms, EventBody::TeamCreated { team: team.into() })?;
         let record = TeamRecord {
             team: Arc::new(Team::new(team)),
             members: Default::default(),
@@ -381,7 +434,7 @@ impl Engine {
         key: &str,
         at_ms: Option<u64>,
     ) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         let user_name = registry
@@ -400,6 +453,12 @@ impl Engine {
             });
         }
         self.check_new_key(key)?;
+        let body = EventBody::MemberAdded {
+            team: team.into(),
+            user: user.into(),
+            key: key.into(),
+        };
+        self.commit(at_ms, body)?;
         self.keys.insert(
             key,
             KeyState::new(
@@ -414,7 +473,7 @@ impl Engine {
 
     /// Issues a pay-as-you-go key to `user`: never draws on plan quota or credits.
     pub fn create_payg_key(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         let record = registry
@@ -424,6 +483,13 @@ impl Engine {
         let default_team = Arc::clone(&registry.teams[&*record.default_team].team);
         let user_name = Arc::clone(&record.name);
         self.check_new_key(key)?;
+        self.commit(
+            at_ms,
+            EventBody::PayAsYouGoKeyCreated {
+                user: user.into(),
+                key: key.into(),
+            },
+        )?;
         self.keys.insert(
             key,
             KeyState::new(KeyKind::PayAsYouGo, user_name, default_team),
@@ -462,18 +528,25 @@ impl Engine {
         plan: &str,
         at_ms: Option<u64>,
     ) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
-        self.change_seat(&key, Some(plan))
+        self.change_seat(team, user, &key, Some(plan), at_ms)
     }
 
     pub fn unassign_seat(&self, team: &str, user: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
-        self.change_seat(&key, None)
+        self.change_seat(team, user, &key, None, at_ms)
     }
 
-    fn change_seat(&self, key: &str, plan: Option<&str>) -> Result<(), Error> {
+    fn change_seat(
+        &self,
+        team: &str,
+        user: &str,
+        key: &str,
+        plan: Option<&str>,
+        at_ms: u64,
+    ) -> Result<(), Error> {
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
@@ -484,6 +557,13 @@ impl Engine {
                 ),
                 None => None,
             };
+            let body = EventBody::SeatChanged {
+                team: team.into(),
+                user: user.into(),
+                key: key.into(),
+                plan: plan.map(Into::into),
+            };
+            self.commit(at_ms, body)?;
             state.seat = seat;
             let usage = state
                 .usage
@@ -496,14 +576,30 @@ impl Engine {
 
     /// Adds credits to a team; returns the new balance.
     pub fn top_up(&self, team: &str, micros: u64, at_ms: Option<u64>) -> Result<u64, Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         if micros == 0 {
             return Err(Error::invalid(
                 "micros",
                 "a top-up must be at least 1 micro-credit",
             ));
         }
-        let team_record = self.team(team)?;
+        let registry = self.registry.lock();
+        let team_record = registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        if team_record.balance_micros().checked_add(micros).is_none() {
+            return Err(Error::Overflow { field: "micros" });
+        }
+        self.commit(
+            at_ms,
+            EventBody::CreditsToppedUp {
+                team: team.into(),
+                micros,
+            },
+        )?;
+        drop(registry);
         team_record
             .credit(micros)
             .ok_or(Error::Overflow { field: "micros" })
@@ -516,21 +612,38 @@ impl Engine {
         micros: u64,
         at_ms: Option<u64>,
     ) -> Result<u64, Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         if micros == 0 {
             return Err(Error::invalid(
                 "micros",
                 "a correction must be at least 1 micro-credit",
             ));
         }
-        let team_record = self.team(team)?;
-        team_record
+        let registry = self.registry.lock();
+        let team_record = registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let after = team_record
             .charge(micros)
             .map_err(|balance| Error::InsufficientCredits {
                 team: team.into(),
                 balance_micros: balance,
                 needed_micros: micros,
-            })
+            })?;
+        if let Err(error) = self.commit(
+            at_ms,
+            EventBody::CreditsWithdrawn {
+                team: team.into(),
+                micros,
+            },
+        ) {
+            team_record.refund(micros);
+            return Err(error);
+        }
+        drop(registry);
+        Ok(after)
     }
 
     pub fn credits_micros(&self, team: &str) -> Result<u64, Error> {
@@ -550,7 +663,7 @@ impl Engine {
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
     /// drop a plan someone is seated on is refused, changing nothing.
     pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let mut policies = self.policies.write();
         let old = policies
             .last()
@@ -575,6 +688,15 @@ impl Engine {
                 }
             }
         }
+        let document = serde_json::to_string(policy.document())
+            .map_err(|error| Error::invalid("policy", error.to_string()))?;
+        self.commit(
+            at_ms,
+            EventBody::PolicySwapped {
+                generation: policy.generation,
+                document,
+            },
+        )?;
         for shard in shards.iter_mut() {
             for (_, state) in shard.iter_mut() {
                 state.seat = state
@@ -617,7 +739,14 @@ impl Engine {
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
             return Ok(self
-                .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                .decide(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    None,
+                    at_ms,
+                    mode,
+                )?
                 .0);
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
@@ -628,32 +757,87 @@ impl Engine {
         };
         match mode {
             Mode::Consume => self.requests.once(request_id, fingerprint, at_ms, || {
-                self.decide(request.key, request.resource, &quantities, at_ms, mode)
+                self.decide(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    Some(request_id),
+                    at_ms,
+                    mode,
+                )
             }),
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => Ok(decision),
                 None => Ok(self
-                    .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                    .decide(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        mode,
+                    )?
                     .0),
             },
         }
     }
 
+    /// Decides, and for an admitted consume logs the usage while the key's shard is still
+    /// read-locked (so a checkpoint's cut sees every applied effect logged). If the log fails,
+    /// the effect is given back and the error returned: memory never runs ahead of disk.
     fn decide(
         &self,
         key: &str,
         resource: &str,
         quantities: &Quantities,
+        request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
     ) -> Result<(Decision, Option<Receipt>), Error> {
-        self.keys.read(key, |policy, state| {
-            let resource = resolve_resource(policy, resource, quantities)?;
-            match state {
-                None => Ok((Decision::denied(DenialReason::UnknownKey), None)),
-                Some(state) => decide_for_key(policy, state, resource, quantities, at_ms, mode),
+        let journal = self.journal().filter(|_| mode == Mode::Consume);
+        let (decision, receipt, seq) = self.keys.read(key, |policy, state| {
+            let resource_id = resolve_resource(policy, resource, quantities)?;
+            let Some(state) = state else {
+                return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
+            };
+            let (decision, receipt) =
+                decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
+            let (Some(journal), Some(receipt)) = (journal, receipt) else {
+                return Ok((decision, receipt, None));
+            };
+            let body = EventBody::UsageAdmitted {
+                key: key.into(),
+                resource: resource.into(),
+                quantities: *quantities,
+                request_id: request_id.map(Into::into),
+                decision,
+                receipt,
+            };
+            match journal.append(at_ms, encode_body(&body)) {
+                Ok(seq) => Ok((decision, Some(receipt), Some(seq))),
+                Err(error) => {
+                    let then = Some(policy);
+                    crate::adjustment::give_back_in(
+                        then,
+                        policy,
+                        state,
+                        resource_id,
+                        &receipt,
+                        quantities,
+                    );
+                    Err(error)
+                }
             }
-        })
+        })?;
+        if let (Some(journal), Some(seq), Some(receipt)) = (journal, seq, receipt) {
+            self.note_event_time(at_ms);
+            if let Err(error) = journal.wait(seq) {
+                self.give_back(key, resource, &receipt, quantities);
+                return Err(error);
+            }
+            self.maybe_checkpoint(seq);
+        }
+        Ok((decision, receipt))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.
@@ -705,7 +889,7 @@ impl Engine {
                 open_reservations: state
                     .open_reservations
                     .load(std::sync::atomic::Ordering::Acquire),
-                payg_micros: state.payg_micros.load(std::sync::atomic::Ordering::Acquire),
+                payg_micros: state.payg_micros.load(Ordering::Acquire),
                 at_ms,
             })
         })

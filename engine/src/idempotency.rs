@@ -36,7 +36,7 @@ pub(crate) struct RequestRecord {
 }
 
 #[derive(Debug, Default)]
-struct Shard {
+pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
     arrivals: VecDeque<(u64, Arc<str>)>,
     newest_ms: u64,
@@ -125,6 +125,43 @@ impl RequestTable {
                 request_id: request_id.into(),
             }),
         }
+    }
+
+    /// Locks every shard, in order: for a checkpoint's cut.
+    pub fn lock_all(&self) -> Vec<parking_lot::MutexGuard<'_, Shard>> {
+        self.shards.iter().map(|shard| shard.lock()).collect()
+    }
+
+    /// The admitted records, oldest first, as `(arrival ms, id, record)`: for a snapshot.
+    pub fn export<'a>(
+        guards: &'a [parking_lot::MutexGuard<'_, Shard>],
+    ) -> Vec<(u64, String, &'a RequestRecord)> {
+        let mut out = Vec::new();
+        for shard in guards {
+            for (arrived_ms, id) in &shard.arrivals {
+                if let Some(record) = shard
+                    .records
+                    .get(id)
+                    .filter(|record| record.receipt.is_some())
+                {
+                    out.push((*arrived_ms, id.to_string(), record));
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        out
+    }
+
+    /// Inserts a record from a snapshot or the log, unless its id is already known.
+    pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
+        let mut shard = self.shard(request_id).lock();
+        shard.newest_ms = shard.newest_ms.max(arrived_ms);
+        if shard.records.contains_key(request_id) {
+            return;
+        }
+        let id: Arc<str> = request_id.into();
+        shard.arrivals.push_back((arrived_ms, Arc::clone(&id)));
+        shard.records.insert(id, record);
     }
 
     /// Calls `f` with the record of `request_id` under its shard's lock.

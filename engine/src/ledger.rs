@@ -74,6 +74,49 @@ impl Team {
         }
     }
 
+    /// Takes `micros` whatever the balance, stopping at zero: only to reverse a refund whose
+    /// event could not be logged.
+    pub fn force_charge(&self, micros: u64) {
+        let _ = self
+            .credits_micros
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
+                Some(balance.saturating_sub(micros))
+            });
+        self.charged_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Applies a logged credit during replay (a top-up, or a refund when `refund`). Replay
+    /// follows log order, which may differ from the order charges and top-ups met in memory, so
+    /// the balance may pass below zero on the way: wrapping arithmetic keeps the final sum exact.
+    pub fn replay_add(&self, micros: u64, refund: bool) {
+        let balance = self.credits_micros.load(Ordering::Acquire);
+        self.credits_micros
+            .store(balance.wrapping_add(micros), Ordering::Release);
+        if refund {
+            let charged = self.charged_micros.load(Ordering::Relaxed);
+            self.charged_micros
+                .store(charged.wrapping_sub(micros), Ordering::Relaxed);
+        }
+    }
+
+    /// Applies a logged charge (`charge`) or withdrawal during replay; see `replay_add`.
+    pub fn replay_take(&self, micros: u64, charge: bool) {
+        let balance = self.credits_micros.load(Ordering::Acquire);
+        self.credits_micros
+            .store(balance.wrapping_sub(micros), Ordering::Release);
+        if charge {
+            let charged = self.charged_micros.load(Ordering::Relaxed);
+            self.charged_micros
+                .store(charged.wrapping_add(micros), Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the balance and total charged (restoring a snapshot).
+    pub fn restore(&self, balance_micros: u64, charged_micros: u64) {
+        self.credits_micros.store(balance_micros, Ordering::Release);
+        self.charged_micros.store(charged_micros, Ordering::Relaxed);
+    }
+
     /// Gives back part of an earlier charge.
     pub fn refund(&self, micros: u64) -> Option<u64> {
         let after = self.credit(micros)?;

@@ -29,9 +29,12 @@ pub mod calendar;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod event;
 pub mod idempotency;
 pub mod ledger;
+pub mod log;
 pub mod policy;
+pub mod recovery;
 pub mod reservation;
 pub mod window;
 
@@ -47,5 +50,8 @@ pub use engine::{
     SettleOutcome, UsageReport, UsageRequest,
 };
 pub use error::Error;
+pub use event::{Event, EventBody};
+pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
+pub use recovery::{CompactReport, OpenOptions, VerifyReport};
 pub use reservation::{ReservationId, Settlement};

@@ -17,7 +17,9 @@ use crate::admission::{ChargedTo, Quantities, Receipt};
 use crate::error::Error;
 
 /// A reservation's id, unique within an engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ReservationId(pub NonZeroU64);
 
 impl ReservationId {
@@ -39,7 +41,7 @@ pub(crate) struct Reservation {
 }
 
 /// How a settlement ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub reservation: ReservationId,
     /// Where the estimate was held.
@@ -51,7 +53,7 @@ pub struct Settlement {
     pub actual: Quantities,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Closed {
     Settled(Settlement),
     Voided,
@@ -96,11 +98,6 @@ impl ReservationTable {
 }
 
 impl ReservationInner {
-    pub fn allocate_id(&mut self) -> ReservationId {
-        self.next_id += 1;
-        ReservationId(NonZeroU64::new(self.next_id).unwrap_or(NonZeroU64::MIN))
-    }
-
     pub fn insert(&mut self, id: ReservationId, reservation: Reservation) {
         self.by_expiry.insert((reservation.expires_at_ms, id.get()));
         self.open.insert(id.get(), reservation);
@@ -153,12 +150,15 @@ impl ReservationInner {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The engine's reservation calls. Lock order: the reservation table, then a key shard.
+// The engine's reservation calls. Lock order: the reservation table, then a key shard. The
+// table's lock is held through each call, including logging, so a checkpoint's cut (which takes
+// it too) never splits a reservation's change from its event.
 
 use crate::admission::{Decision, DenialReason, Mode};
 use crate::engine::{
     decide_for_key, resolve_resource, Engine, ReserveOutcome, SettleOutcome, UsageRequest,
 };
+use crate::event::{EventBody, GivenBack, ReservationEnd};
 use crate::policy::Unit;
 
 impl Engine {
@@ -186,17 +186,20 @@ impl Engine {
             ));
         }
         let mut table = self.reservations.inner.lock();
-        self.expire_locked(&mut table, at_ms);
+        self.expire_locked(&mut table, at_ms)?;
         if table.open.len() >= self.reservations.capacity {
             return Err(Error::CapacityExceeded {
                 what: "reservations",
                 capacity: self.reservations.capacity as u64,
             });
         }
-        let outcome = self.keys.read(request.key, |policy, state| {
+        let id = ReservationId(NonZeroU64::new(table.next_id + 1).unwrap_or(NonZeroU64::MIN));
+        let expires_at_ms = at_ms.saturating_add(lease_ms);
+        let journal = self.journal();
+        let (decision, receipt, seq) = self.keys.read(request.key, |policy, state| {
             let resource = resolve_resource(policy, request.resource, &estimate)?;
             let Some(state) = state else {
-                return Ok((Decision::denied(DenialReason::UnknownKey), None));
+                return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
             };
             let maximum = state
                 .seat
@@ -206,29 +209,63 @@ impl Engine {
                     open,
                     maximum: maximum.unwrap_or(open),
                 };
-                return Ok((Decision::denied(reason), None));
+                return Ok((Decision::denied(reason), None, None));
             }
-            let decided = decide_for_key(policy, state, resource, &estimate, at_ms, Mode::Consume);
-            if !matches!(decided, Ok((Decision::Admitted(_), _))) {
-                state.close_reservation();
+            let (decision, receipt) =
+                match decide_for_key(policy, state, resource, &estimate, at_ms, Mode::Consume) {
+                    Ok((decision @ Decision::Admitted(_), Some(receipt))) => (decision, receipt),
+                    other => {
+                        state.close_reservation();
+                        return other.map(|(decision, _)| (decision, None, None));
+                    }
+                };
+            let body = EventBody::ReservationOpened {
+                reservation: id.get(),
+                key: request.key.into(),
+                resource: request.resource.into(),
+                estimate,
+                expires_at_ms,
+                decision,
+                receipt,
+            };
+            match journal.map(|journal| journal.append(at_ms, crate::event::encode_body(&body))) {
+                Some(Err(error)) => {
+                    crate::adjustment::give_back_in(
+                        Some(policy),
+                        policy,
+                        state,
+                        resource,
+                        &receipt,
+                        &estimate,
+                    );
+                    state.close_reservation();
+                    Err(error)
+                }
+                Some(Ok(seq)) => Ok((decision, Some(receipt), Some(seq))),
+                None => Ok((decision, Some(receipt), None)),
             }
-            decided
         })?;
-        let (decision, receipt) = outcome;
-        let Some(receipt) = receipt.filter(|_| decision.is_admitted()) else {
+        let Some(receipt) = receipt else {
             return Ok(ReserveOutcome {
                 decision,
                 reservation: None,
             });
         };
-        let id = table.allocate_id();
+        if let (Some(journal), Some(seq)) = (journal, seq) {
+            if let Err(error) = journal.wait(seq) {
+                self.give_back(request.key, request.resource, &receipt, &estimate);
+                self.release_slot(request.key);
+                return Err(error);
+            }
+        }
         let reservation = Reservation {
             key: request.key.into(),
             resource: request.resource.into(),
             estimate,
             receipt,
-            expires_at_ms: at_ms.saturating_add(lease_ms),
+            expires_at_ms,
         };
+        table.next_id += 1;
         table.insert(id, reservation);
         Ok(ReserveOutcome {
             decision,
@@ -256,35 +293,47 @@ impl Engine {
         }
         let reservation = table.lookup(id.get())?.clone();
         if reservation.expires_at_ms <= at_ms {
-            self.close_reservation(&mut table, id.get(), &reservation, Closed::Expired, at_ms);
+            self.expire_locked(&mut table, at_ms)?;
             return Err(Error::ReservationClosed {
                 reservation: id.get(),
                 state: "expired",
             });
         }
         let (extra, released) = actual.differences(&reservation.estimate);
-        let extra_charge = if extra.is_empty() {
+        let extra_receipt = if extra.is_empty() {
             None
         } else {
             match self.charge_extra(&reservation, &extra, at_ms)? {
-                Decision::Admitted(admission) => Some(admission.charged_to),
-                Decision::Denied(denial) => return Ok(SettleOutcome::Denied(Box::new(denial))),
+                (Decision::Admitted(_), receipt) => receipt,
+                (Decision::Denied(denial), _) => {
+                    return Ok(SettleOutcome::Denied(Box::new(denial)))
+                }
             }
         };
-        self.give_back(
+        let given_back = self.give_back(
             &reservation.key,
             &reservation.resource,
             &reservation.receipt,
             &released,
-            at_ms,
         );
         let settlement = Settlement {
             reservation: id,
             held: reservation.receipt.charged_to,
-            extra: extra_charge,
+            extra: extra_receipt.map(|receipt| receipt.charged_to),
             released,
             actual,
         };
+        let end = ReservationEnd::Settled {
+            settlement,
+            extra: extra_receipt,
+        };
+        if let Err(error) = self.log_close(&reservation, id, end, &given_back, at_ms) {
+            self.take_back(&reservation.key, &given_back);
+            if let Some(receipt) = extra_receipt {
+                self.give_back(&reservation.key, &reservation.resource, &receipt, &extra);
+            }
+            return Err(error);
+        }
         self.close_reservation(
             &mut table,
             id.get(),
@@ -300,14 +349,31 @@ impl Engine {
         reservation: &Reservation,
         extra: &Quantities,
         at_ms: u64,
-    ) -> Result<Decision, Error> {
+    ) -> Result<(Decision, Option<Receipt>), Error> {
         self.keys.read(&reservation.key, |policy, state| {
             let resource = resolve_resource(policy, &reservation.resource, extra)?;
             let state = state.ok_or_else(|| Error::UnknownKey {
                 key: reservation.key.to_string(),
             })?;
-            Ok(decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)?.0)
+            decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
         })
+    }
+
+    fn log_close(
+        &self,
+        reservation: &Reservation,
+        id: ReservationId,
+        end: ReservationEnd,
+        given_back: &GivenBack,
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        let body = EventBody::ReservationClosed {
+            reservation: id.get(),
+            key: reservation.key.to_string(),
+            end,
+            given_back: given_back.clone(),
+        };
+        self.commit(at_ms, body)
     }
 
     /// Frees everything a reservation holds. Voiding again is a no-op.
@@ -322,14 +388,33 @@ impl Engine {
             return Ok(());
         }
         let reservation = table.lookup(id.get())?.clone();
-        self.give_back(
+        self.end_reservation(&mut table, id, &reservation, Closed::Voided, at_ms)
+    }
+
+    fn end_reservation(
+        &self,
+        table: &mut ReservationInner,
+        id: ReservationId,
+        reservation: &Reservation,
+        closed: Closed,
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        let given_back = self.give_back(
             &reservation.key,
             &reservation.resource,
             &reservation.receipt,
             &reservation.estimate,
-            at_ms,
         );
-        self.close_reservation(&mut table, id.get(), &reservation, Closed::Voided, at_ms);
+        let end = if closed == Closed::Expired {
+            ReservationEnd::Expired
+        } else {
+            ReservationEnd::Voided
+        };
+        if let Err(error) = self.log_close(reservation, id, end, &given_back, at_ms) {
+            self.take_back(&reservation.key, &given_back);
+            return Err(error);
+        }
+        self.close_reservation(table, id.get(), reservation, closed, at_ms);
         Ok(())
     }
 
@@ -338,28 +423,22 @@ impl Engine {
     pub fn expire_reservations(&self, at_ms: Option<u64>) -> Result<usize, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let mut table = self.reservations.inner.lock();
-        Ok(self.expire_locked(&mut table, at_ms))
+        self.expire_locked(&mut table, at_ms)
     }
 
-    fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> usize {
+    fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> Result<usize, Error> {
         table.forget_closed(at_ms, self.reservations.horizon_ms);
         let overdue = table.overdue(at_ms);
         for id in &overdue {
             if let Some(reservation) = table.open.get(id).cloned() {
-                self.give_back(
-                    &reservation.key,
-                    &reservation.resource,
-                    &reservation.receipt,
-                    &reservation.estimate,
-                    at_ms,
-                );
-                self.close_reservation(table, *id, &reservation, Closed::Expired, at_ms);
+                let id = ReservationId(NonZeroU64::new(*id).unwrap_or(NonZeroU64::MIN));
+                self.end_reservation(table, id, &reservation, Closed::Expired, at_ms)?;
             }
         }
-        overdue.len()
+        Ok(overdue.len())
     }
 
-    fn close_reservation(
+    pub(crate) fn close_reservation(
         &self,
         table: &mut ReservationInner,
         id: u64,
@@ -369,7 +448,11 @@ impl Engine {
     ) {
         table.remove_open(id);
         table.close(id, closed, at_ms);
-        self.keys.read(&reservation.key, |_, state| {
+        self.release_slot(&reservation.key);
+    }
+
+    fn release_slot(&self, key: &str) {
+        self.keys.read(key, |_, state| {
             if let Some(state) = state {
                 state.close_reservation();
             }

@@ -33,9 +33,9 @@ struct Slot {
 
 /// The ring's slots: wide ones pack a 32-bit lap tag with a 32-bit count in an `AtomicU64`;
 /// narrow ones (limits up to 65,535, e.g. every seed plan's request quota) pack 16 + 16 bits in
-/// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width: a stale
-/// slot is told apart by serial-number comparison, and the head-driven sweep visits every slot
-/// each lap, so a tag is never more than one lap behind when compared.
+/// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width, only ever
+/// compared for equality; which of two laps is older is decided by the ring's `head`. The
+/// head-driven sweep visits every slot each lap, so an old tag never survives to look current.
 #[derive(Debug)]
 enum Slots {
     Wide(Box<[AtomicU64]>),
@@ -81,14 +81,6 @@ impl Slots {
         match self {
             Slots::Wide(_) => lap as u32,
             Slots::Narrow(_) => (lap as u32) & 0xFFFF,
-        }
-    }
-
-    /// Whether `tag` is an older lap than `current` (both already truncated).
-    fn before(&self, tag: u32, current: u32) -> bool {
-        match self {
-            Slots::Wide(_) => (current.wrapping_sub(tag) as i32) > 0,
-            Slots::Narrow(_) => (((current.wrapping_sub(tag)) & 0xFFFF) as u16 as i16) > 0,
         }
     }
 
@@ -246,12 +238,16 @@ impl RollingWindow {
     }
 
     /// Clears the slot of `epoch` if it still holds an older lap's count.
+    ///
+    /// Whether a slot's lap is older or newer than ours is decided by `head`, never by comparing
+    /// truncated tags: the slot is read first, then `head` (Acquire): a sweep that wrote a newer
+    /// lap into the slot moved `head` before, so we see that our epoch has aged out.
     fn expire_stale(&self, shape: RollingShape, epoch: u64) {
         let index = shape.slot(epoch);
         let tag = self.slots.tag(shape.lap(epoch));
         let (mut raw, mut slot) = self.slots.load(index);
         loop {
-            if slot.count == 0 || !self.slots.before(slot.tag, tag) {
+            if slot.count == 0 || slot.tag == tag || self.aged_out(shape, epoch) {
                 return;
             }
             match self.slots.replace(index, raw, Slot { tag, count: 0 }) {
@@ -262,6 +258,11 @@ impl RollingWindow {
                 Err(found) => (raw, slot) = found,
             }
         }
+    }
+
+    /// Whether bucket `epoch` is out of the window as of the newest epoch seen.
+    fn aged_out(&self, shape: RollingShape, epoch: u64) -> bool {
+        epoch.saturating_add(shape.buckets) < self.head.load(Ordering::Acquire)
     }
 
     fn subtract_total(&self, count: u64) {
@@ -302,7 +303,9 @@ impl RollingWindow {
         self.subtract_total(amount);
     }
 
-    /// Records reserved units in the bucket of `epoch`.
+    /// Records reserved units in the bucket of `epoch`. If the slot holds another lap and our
+    /// bucket is still live, that lap is older: its count is replaced and subtracted. If our
+    /// bucket has aged out meanwhile, the units are released at once (they no longer count).
     pub fn record(&self, shape: RollingShape, epoch: u64, amount: u64) {
         let index = shape.slot(epoch);
         let tag = self.slots.tag(shape.lap(epoch));
@@ -318,12 +321,11 @@ impl RollingWindow {
                     },
                     0,
                 )
-            } else if self.slots.before(slot.tag, tag) {
-                (Slot { tag, count: amount }, slot.count)
-            } else {
-                // The slot already belongs to a newer lap: this bucket has aged out entirely.
+            } else if self.aged_out(shape, epoch) {
                 self.subtract_total(amount);
                 return;
+            } else {
+                (Slot { tag, count: amount }, slot.count)
             };
             match self.slots.replace(index, raw, next) {
                 Ok(()) => {
@@ -454,6 +456,31 @@ impl RollingWindow {
         window
     }
 
+    /// The newest epoch seen and whether the slots are wide: with `buckets`, what a snapshot keeps.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    pub fn is_wide(&self) -> bool {
+        self.slots.is_wide()
+    }
+
+    /// Rebuilds a ring from a snapshot: its head, width and live `(epoch, count)` buckets.
+    pub fn restored(
+        shape: RollingShape,
+        wide: bool,
+        head: u64,
+        buckets: &[(u64, u64)],
+    ) -> RollingWindow {
+        let window = RollingWindow::new(shape, if wide { NARROW_MAX_AMOUNT + 1 } else { 0 });
+        window.advance(shape, head);
+        for &(epoch, count) in buckets {
+            window.total.fetch_add(count, Ordering::AcqRel);
+            window.record(shape, epoch, count);
+        }
+        window
+    }
+
     /// Whether nothing is counted as of `epoch` (the key's state may then be reclaimed).
     pub fn is_idle(&self, shape: RollingShape, epoch: u64) -> bool {
         self.advance(shape, epoch);
@@ -560,6 +587,17 @@ impl CalendarCounter {
                 Ok(_) => return given,
                 Err(current) => word = current,
             }
+        }
+    }
+
+    /// The stored period and count, for a snapshot.
+    pub fn raw(&self) -> (u32, u64) {
+        unpack_period(self.word.load(Ordering::Acquire))
+    }
+
+    pub fn restored(period: u32, count: u64) -> CalendarCounter {
+        CalendarCounter {
+            word: AtomicU64::new(pack_period(period, count.min(PERIOD_COUNT_MASK))),
         }
     }
 
@@ -728,6 +766,23 @@ mod tests {
             SHAPE.lap(SHAPE.epoch(at)) > 1 << 16,
             "the narrow tags wrapped"
         );
+    }
+
+    #[test]
+    fn a_fresh_narrow_ring_counts_at_a_real_timestamp() {
+        // 2026: the 5-hour ring's lap tag is past 2^15, where a serial-number comparison with a
+        // fresh slot's tag 0 once read "newer" and dropped the usage.
+        let shape = RollingShape::new(5 * 3_600_000, 85_000);
+        let at = 1_790_000_000_000u64;
+        assert!(shape.lap(shape.epoch(at)) & 0xFFFF >= 0x8000);
+        let ring = RollingWindow::new(shape, 1_500);
+        for step in 0..3u64 {
+            let epoch = ring.advance(shape, shape.epoch(at + step));
+            assert_eq!(ring.try_reserve(1, 1_500), Ok(step + 1));
+            ring.record(shape, epoch, 1);
+        }
+        assert_eq!(ring.used(), 3);
+        assert_eq!(ring.slot_sum(), 3);
     }
 
     #[test]
