@@ -782,9 +782,8 @@ impl Engine {
         }
     }
 
-    /// Decides, and for an admitted consume logs the usage while the key's shard is still
-    /// read-locked (so a checkpoint's cut sees every applied effect logged). If the log fails,
-    /// the effect is given back and the error returned: memory never runs ahead of disk.
+    /// Decides and, for an admitted consume, waits until its event is durable (as the mode
+    /// says); if the log fails, the effect is given back and the error returned.
     fn decide(
         &self,
         key: &str,
@@ -794,14 +793,32 @@ impl Engine {
         at_ms: u64,
         mode: Mode,
     ) -> Result<(Decision, Option<Receipt>), Error> {
+        let (decision, receipt, seq) = self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
+        if let (Some(seq), Some(receipt)) = (seq, receipt) {
+            self.await_durable(seq, key, resource, quantities, &receipt)?;
+        }
+        Ok((decision, receipt))
+    }
+
+    /// Decides, and for an admitted consume appends the usage event while the key's shard is
+    /// still read-locked (so a checkpoint's cut sees every applied effect logged). Returns the
+    /// event's sequence number; does not wait for it.
+    fn decide_logged(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        request_id: Option<&str>,
+        at_ms: u64,
+        mode: Mode,
+    ) -> Result<(Decision, Option<Receipt>, Option<u64>), Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
-        let (decision, receipt, seq) = self.keys.read(key, |policy, state| {
+        self.keys.read(key, |policy, state| {
             let resource_id = resolve_resource(policy, resource, quantities)?;
             let Some(state) = state else {
                 return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
             };
-            let (decision, receipt) =
-                decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
+            let (decision, receipt) = decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
             let (Some(journal), Some(receipt)) = (journal, receipt) else {
                 return Ok((decision, receipt, None));
             };
@@ -814,30 +831,89 @@ impl Engine {
                 receipt,
             };
             match journal.append(at_ms, encode_body(&body)) {
-                Ok(seq) => Ok((decision, Some(receipt), Some(seq))),
+                Ok(seq) => {
+                    self.note_event_time(at_ms);
+                    Ok((decision, Some(receipt), Some(seq)))
+                }
                 Err(error) => {
-                    let then = Some(policy);
-                    crate::adjustment::give_back_in(
-                        then,
-                        policy,
-                        state,
-                        resource_id,
-                        &receipt,
-                        quantities,
-                    );
+                    crate::adjustment::give_back_in(Some(policy), policy, state, resource_id, &receipt, quantities);
                     Err(error)
                 }
             }
-        })?;
-        if let (Some(journal), Some(seq), Some(receipt)) = (journal, seq, receipt) {
-            self.note_event_time(at_ms);
-            if let Err(error) = journal.wait(seq) {
-                self.give_back(key, resource, &receipt, quantities);
-                return Err(error);
-            }
-            self.maybe_checkpoint(seq);
+        })
+    }
+
+    /// Waits for `seq`; if the log failed, gives the receipt's effect back.
+    fn await_durable(&self, seq: u64, key: &str, resource: &str, quantities: &Quantities, receipt: &Receipt) -> Result<(), Error> {
+        let Some(journal) = self.journal() else { return Ok(()) };
+        if let Err(error) = journal.wait(seq) {
+            self.give_back(key, resource, receipt, quantities);
+            return Err(error);
         }
-        Ok((decision, receipt))
+        self.maybe_checkpoint(seq);
+        Ok(())
+    }
+
+    /// Consumes many requests with one wait for durability: each is decided on its own (all of
+    /// it or none), then the call waits once for the last event, so a gateway batching its
+    /// requests gets group commit from a single thread. If the log fails, every request of the
+    /// batch that was admitted is given back and answers the error.
+    pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
+        let mut results = Vec::with_capacity(requests.len());
+        let mut pending: Vec<(usize, Quantities, Receipt)> = Vec::new();
+        let mut last_seq = None;
+        for (index, request) in requests.iter().enumerate() {
+            let outcome = self.admit_without_waiting(request).map(|(decision, admitted)| {
+                if let Some((quantities, receipt, seq)) = admitted {
+                    pending.push((index, quantities, receipt));
+                    last_seq = last_seq.max(seq);
+                }
+                decision
+            });
+            results.push(outcome);
+        }
+        let Some(journal) = self.journal() else { return results };
+        let Some(last_seq) = last_seq else { return results };
+        if let Err(error) = journal.wait(last_seq) {
+            for (index, quantities, receipt) in pending {
+                let request = &requests[index];
+                self.give_back(request.key, request.resource, &receipt, &quantities);
+                if let Some(request_id) = request.request_id {
+                    self.requests.forget(request_id);
+                }
+                results[index] = Err(error.clone());
+            }
+            return results;
+        }
+        self.maybe_checkpoint(last_seq);
+        results
+    }
+
+    /// One request of `consume_many`: the decision and, if admitted and logged, what to give
+    /// back should the batch's wait fail.
+    #[allow(clippy::type_complexity)]
+    fn admit_without_waiting(
+        &self,
+        request: &UsageRequest<'_>,
+    ) -> Result<(Decision, Option<(Quantities, Receipt, Option<u64>)>), Error> {
+        let at_ms = self.resolve_time(request.at_ms)?;
+        let quantities = Quantities::new(request.quantities)?;
+        check_id("key", request.key, MAX_KEY_BYTES)?;
+        let Some(request_id) = request.request_id else {
+            let (decision, receipt, seq) =
+                self.decide_logged(request.key, request.resource, &quantities, None, at_ms, Mode::Consume)?;
+            return Ok((decision, receipt.map(|receipt| (quantities, receipt, seq))));
+        };
+        check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
+        let fingerprint = Fingerprint { key: request.key.into(), resource: request.resource.into(), quantities };
+        let mut admitted = None;
+        let decision = self.requests.once(request_id, fingerprint, at_ms, || {
+            let (decision, receipt, seq) =
+                self.decide_logged(request.key, request.resource, &quantities, Some(request_id), at_ms, Mode::Consume)?;
+            admitted = receipt.map(|receipt| (quantities, receipt, seq));
+            Ok((decision, receipt))
+        })?;
+        Ok((decision, admitted))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.

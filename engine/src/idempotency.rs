@@ -127,6 +127,12 @@ impl RequestTable {
         }
     }
 
+    /// Forgets `request_id` (its admission was given back because the log failed).
+    pub fn forget(&self, request_id: &str) {
+        let mut shard = self.shard(request_id).lock();
+        shard.records.remove(request_id);
+    }
+
     /// Locks every shard, in order: for a checkpoint's cut.
     pub fn lock_all(&self) -> Vec<parking_lot::MutexGuard<'_, Shard>> {
         self.shards.iter().map(|shard| shard.lock()).collect()
@@ -184,7 +190,11 @@ impl Shard {
                 break;
             }
             if let Some((_, id)) = self.arrivals.pop_front() {
-                self.records.remove(&id);
+                // Only the entry this arrival created: a forgotten id may have come back since.
+                let same = self.records.get_key_value(&id).is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
+                if same {
+                    self.records.remove(&id);
+                }
             }
         }
     }
