@@ -45,6 +45,9 @@ pub struct KeyState {
     pub open_reservations: AtomicU32,
     // AcqRel CAS with an overflow check: pay-as-you-go spend recorded for billing.
     pub payg_micros: AtomicU64,
+    /// Requests are counted no earlier than this (set when idle windows are reclaimed; written
+    /// under the shard's write lock only).
+    pub time_floor_ms: u64,
 }
 
 impl KeyState {
@@ -57,6 +60,7 @@ impl KeyState {
             usage: UsageCell::default(),
             open_reservations: AtomicU32::new(0),
             payg_micros: AtomicU64::new(0),
+            time_floor_ms: 0,
         }
     }
 

@@ -86,21 +86,19 @@ impl Engine {
         quantities: &Quantities,
     ) -> GivenBack {
         let then = self.policy_of_generation(receipt.generation);
-        self.keys.read(key, |policy, state| {
-            match (state, policy.resource_id(resource)) {
-                (Some(state), Some(resource)) => give_back_in(
-                    then.as_deref(),
-                    policy,
-                    state,
-                    resource,
-                    receipt,
-                    quantities,
-                ),
-                _ => GivenBack {
-                    generation: policy.generation,
-                    ..GivenBack::default()
-                },
-            }
+        self.keys.read(key, |policy, state| match state {
+            Some(state) => give_back_in(
+                then.as_deref(),
+                policy,
+                state,
+                resource,
+                receipt,
+                quantities,
+            ),
+            _ => GivenBack {
+                generation: policy.generation,
+                ..GivenBack::default()
+            },
         })
     }
 
@@ -126,7 +124,12 @@ impl Engine {
         at_ms: Option<u64>,
     ) -> Result<AdjustmentOutcome, Error> {
         let at_ms = self.resolve_time(at_ms)?;
-        let usage_at_ms = self.resolve_time(Some(usage_at_ms))?;
+        if usage_at_ms >= crate::calendar::MAX_TIMESTAMP_MS {
+            return Err(Error::invalid(
+                "usage_at_ms",
+                format!("{usage_at_ms} is at or after 2100-01-01T00:00:00Z, the end of tally's time range"),
+            ));
+        }
         if usage_at_ms > at_ms {
             return Err(Error::invalid(
                 "usage_at_ms",
@@ -227,6 +230,9 @@ impl Engine {
                         .get()
                         .is_some_and(|usage| usage_is_idle(&policy, usage, at_ms));
                 if idle {
+                    // Keep the newest time the windows had seen, so a late request stamped
+                    // before it is still counted at it (never released early).
+                    state.time_floor_ms = state.time_floor_ms.max(newest_time_ms(&policy, state));
                     state.usage.set(None);
                     reclaimed += 1;
                 }
@@ -263,7 +269,7 @@ pub(crate) fn give_back_in(
     then: Option<&Policy>,
     policy: &Policy,
     state: &KeyState,
-    resource: ResourceId,
+    resource: &str,
     receipt: &Receipt,
     quantities: &Quantities,
 ) -> GivenBack {
@@ -271,12 +277,18 @@ pub(crate) fn give_back_in(
         generation: policy.generation,
         ..GivenBack::default()
     };
+    // What was charged is priced and weighted by the policy in force then, not now: a price
+    // cut since must not shrink a refund.
+    let Some(then) = then else { return given };
+    let Some(resource) = then.resource_id(resource) else {
+        return given;
+    };
     if quantities.is_empty() {
         return given;
     }
     match receipt.charged_to {
         ChargedTo::PlanQuota { .. } => {
-            let (Some(usage), Some(then)) = (state.usage.get(), then) else {
+            let Some(usage) = state.usage.get() else {
                 return given;
             };
             for &hold in receipt.holds.as_slice() {
@@ -286,14 +298,14 @@ pub(crate) fn give_back_in(
             }
         }
         ChargedTo::Credits { micros } => {
-            let price = price_micros(policy, resource, quantities).ok().flatten();
+            let price = price_micros(then, resource, quantities).ok().flatten();
             let back = price.unwrap_or(micros).min(micros);
             if state.team.refund(back).is_some() {
                 given.credits_micros = back;
             }
         }
         ChargedTo::PayAsYouGo { micros } => {
-            let price = price_micros(policy, resource, quantities).ok().flatten();
+            let price = price_micros(then, resource, quantities).ok().flatten();
             let back = price.unwrap_or(micros).min(micros);
             state.subtract_payg(back);
             given.payg_micros = back;
@@ -406,7 +418,7 @@ fn refund_hold(
         then.same_counter_in(counter, now)
     }?;
     let amount = quantities
-        .weighted(&now.counter_weights(current, resource))
+        .weighted(&then.counter_weights(counter, resource))
         .unwrap_or(held)
         .min(held);
     let state = usage.counter(current)?;
@@ -474,6 +486,26 @@ fn adjust_counter(
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     }
+}
+
+/// The newest time any of a key's rolling windows has seen (its head), in ms.
+fn newest_time_ms(policy: &Policy, state: &KeyState) -> u64 {
+    let Some(usage) = state.usage.get() else {
+        return 0;
+    };
+    usage
+        .counters
+        .iter()
+        .filter_map(
+            |counter| match (&counter.state, policy.counter(counter.id).window) {
+                (WindowState::Rolling(ring), Window::Rolling { bucket_ms, .. }) => {
+                    Some(ring.head().saturating_mul(bucket_ms))
+                }
+                _ => None,
+            },
+        )
+        .max()
+        .unwrap_or(0)
 }
 
 fn usage_is_idle(policy: &Policy, usage: &KeyUsage, at_ms: u64) -> bool {

@@ -711,6 +711,14 @@ impl Engine {
             shard.policy = Arc::clone(&policy);
         }
         drop(shards);
+        let horizon_ms = self
+            .options
+            .idempotency_horizon_ms
+            .max(policy.longest_window_ms());
+        self.requests.set_horizon_ms(horizon_ms);
+        self.reservations
+            .horizon_ms
+            .store(horizon_ms, Ordering::Relaxed);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);
         let excess = policies.len().saturating_sub(kept);
@@ -756,16 +764,19 @@ impl Engine {
             quantities,
         };
         match mode {
-            Mode::Consume => self.requests.once(request_id, fingerprint, at_ms, || {
-                self.decide(
-                    request.key,
-                    request.resource,
-                    &quantities,
-                    Some(request_id),
-                    at_ms,
-                    mode,
-                )
-            }),
+            Mode::Consume => {
+                self.requests
+                    .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                        self.decide(
+                            request.key,
+                            request.resource,
+                            &quantities,
+                            Some(request_id),
+                            at_ms,
+                            mode,
+                        )
+                    })
+            }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => Ok(decision),
                 None => Ok(self
@@ -793,7 +804,8 @@ impl Engine {
         at_ms: u64,
         mode: Mode,
     ) -> Result<(Decision, Option<Receipt>), Error> {
-        let (decision, receipt, seq) = self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
+        let (decision, receipt, seq) =
+            self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
         if let (Some(seq), Some(receipt)) = (seq, receipt) {
             self.await_durable(seq, key, resource, quantities, &receipt)?;
         }
@@ -818,7 +830,8 @@ impl Engine {
             let Some(state) = state else {
                 return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
             };
-            let (decision, receipt) = decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
+            let (decision, receipt) =
+                decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
             let (Some(journal), Some(receipt)) = (journal, receipt) else {
                 return Ok((decision, receipt, None));
             };
@@ -836,7 +849,14 @@ impl Engine {
                     Ok((decision, Some(receipt), Some(seq)))
                 }
                 Err(error) => {
-                    crate::adjustment::give_back_in(Some(policy), policy, state, resource_id, &receipt, quantities);
+                    crate::adjustment::give_back_in(
+                        Some(policy),
+                        policy,
+                        state,
+                        resource,
+                        &receipt,
+                        quantities,
+                    );
                     Err(error)
                 }
             }
@@ -844,8 +864,17 @@ impl Engine {
     }
 
     /// Waits for `seq`; if the log failed, gives the receipt's effect back.
-    fn await_durable(&self, seq: u64, key: &str, resource: &str, quantities: &Quantities, receipt: &Receipt) -> Result<(), Error> {
-        let Some(journal) = self.journal() else { return Ok(()) };
+    fn await_durable(
+        &self,
+        seq: u64,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        receipt: &Receipt,
+    ) -> Result<(), Error> {
+        let Some(journal) = self.journal() else {
+            return Ok(());
+        };
         if let Err(error) = journal.wait(seq) {
             self.give_back(key, resource, receipt, quantities);
             return Err(error);
@@ -863,17 +892,23 @@ impl Engine {
         let mut pending: Vec<(usize, Quantities, Receipt)> = Vec::new();
         let mut last_seq = None;
         for (index, request) in requests.iter().enumerate() {
-            let outcome = self.admit_without_waiting(request).map(|(decision, admitted)| {
-                if let Some((quantities, receipt, seq)) = admitted {
-                    pending.push((index, quantities, receipt));
-                    last_seq = last_seq.max(seq);
-                }
-                decision
-            });
+            let outcome = self
+                .admit_without_waiting(request)
+                .map(|(decision, admitted)| {
+                    if let Some((quantities, receipt, seq)) = admitted {
+                        pending.push((index, quantities, receipt));
+                        last_seq = last_seq.max(seq);
+                    }
+                    decision
+                });
             results.push(outcome);
         }
-        let Some(journal) = self.journal() else { return results };
-        let Some(last_seq) = last_seq else { return results };
+        let Some(journal) = self.journal() else {
+            return results;
+        };
+        let Some(last_seq) = last_seq else {
+            return results;
+        };
         if let Err(error) = journal.wait(last_seq) {
             for (index, quantities, receipt) in pending {
                 let request = &requests[index];
@@ -900,19 +935,37 @@ impl Engine {
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
-            let (decision, receipt, seq) =
-                self.decide_logged(request.key, request.resource, &quantities, None, at_ms, Mode::Consume)?;
+            let (decision, receipt, seq) = self.decide_logged(
+                request.key,
+                request.resource,
+                &quantities,
+                None,
+                at_ms,
+                Mode::Consume,
+            )?;
             return Ok((decision, receipt.map(|receipt| (quantities, receipt, seq))));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
-        let fingerprint = Fingerprint { key: request.key.into(), resource: request.resource.into(), quantities };
+        let fingerprint = Fingerprint {
+            key: request.key.into(),
+            resource: request.resource.into(),
+            quantities,
+        };
         let mut admitted = None;
-        let decision = self.requests.once(request_id, fingerprint, at_ms, || {
-            let (decision, receipt, seq) =
-                self.decide_logged(request.key, request.resource, &quantities, Some(request_id), at_ms, Mode::Consume)?;
-            admitted = receipt.map(|receipt| (quantities, receipt, seq));
-            Ok((decision, receipt))
-        })?;
+        let decision =
+            self.requests
+                .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                    let (decision, receipt, seq) = self.decide_logged(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        Mode::Consume,
+                    )?;
+                    admitted = receipt.map(|receipt| (quantities, receipt, seq));
+                    Ok((decision, receipt))
+                })?;
         Ok((decision, admitted))
     }
 
@@ -984,6 +1037,16 @@ pub(crate) fn resolve_resource(
             resource: resource.into(),
         })?;
     let metered = &policy.resource(id).units;
+    let required = &policy.resource(id).required;
+    if let Some(unit) = Unit::ALL
+        .into_iter()
+        .find(|unit| required[unit.index()] && quantities.get(*unit) == 0)
+    {
+        return Err(Error::invalid(
+            "quantities",
+            format!("a request for {resource:?} must carry {unit}"),
+        ));
+    }
     if let Some((unit, _)) = quantities.pairs().find(|(unit, _)| !metered[unit.index()]) {
         return Err(Error::invalid(
             "quantities",
@@ -1002,6 +1065,8 @@ pub(crate) fn decide_for_key(
     at_ms: u64,
     mode: Mode,
 ) -> Result<(Decision, Option<Receipt>), Error> {
+    // Time never goes back for a key, even across a reclaim of its idle windows.
+    let at_ms = at_ms.max(state.time_floor_ms);
     let price = price_micros(policy, resource, quantities)?;
     if let Some(reason) = over_maximum(&policy.resource(resource).max_per_request, quantities) {
         return Ok((Decision::denied(reason), None));
@@ -1019,9 +1084,19 @@ pub(crate) fn decide_for_key(
         }
         if plan.covers[resource.index()] {
             let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
-            let usage = state
-                .usage
-                .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            // A check on a key that never used anything looks at empty windows without keeping
+            // them: a key with no usage holds no window memory.
+            let scratch;
+            let usage = match (state.usage.get(), mode) {
+                (Some(usage), _) => usage,
+                (None, Mode::Check) => {
+                    scratch = KeyUsage::for_plan(policy, Some(plan_id));
+                    &scratch
+                }
+                (None, Mode::Consume) => state
+                    .usage
+                    .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
+            };
             match try_quota(policy, plan_id, usage, &amounts, at_ms, mode) {
                 QuotaOutcome::Admitted(admission, holds) => {
                     let receipt = Receipt {

@@ -39,14 +39,14 @@ pub(crate) struct RequestRecord {
 pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
     arrivals: VecDeque<(u64, Arc<str>)>,
-    newest_ms: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct RequestTable {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
     capacity_per_shard: usize,
-    horizon_ms: u64,
+    // Relaxed: a setting, changed by a policy swap to cover its longest window.
+    horizon_ms: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -58,8 +58,13 @@ impl RequestTable {
                 .map(|_| CachePadded::new(Mutex::new(Shard::default())))
                 .collect(),
             capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
-            horizon_ms,
+            horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
+    }
+
+    pub fn set_horizon_ms(&self, horizon_ms: u64) {
+        self.horizon_ms
+            .store(horizon_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn capacity(&self) -> usize {
@@ -77,10 +82,14 @@ impl RequestTable {
         request_id: &str,
         fingerprint: Fingerprint,
         at_ms: u64,
+        now_ms: u64,
         admit: impl FnOnce() -> Result<(Decision, Option<Receipt>), Error>,
     ) -> Result<Decision, Error> {
         let mut shard = self.shard(request_id).lock();
-        shard.expire(at_ms, self.horizon_ms);
+        shard.expire(
+            now_ms,
+            self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
         if let Some(record) = shard.records.get(request_id) {
             return if record.fingerprint == fingerprint {
                 Ok(record.decision)
@@ -161,7 +170,6 @@ impl RequestTable {
     /// Inserts a record from a snapshot or the log, unless its id is already known.
     pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
         let mut shard = self.shard(request_id).lock();
-        shard.newest_ms = shard.newest_ms.max(arrived_ms);
         if shard.records.contains_key(request_id) {
             return;
         }
@@ -182,16 +190,20 @@ impl RequestTable {
 }
 
 impl Shard {
-    fn expire(&mut self, at_ms: u64, horizon_ms: u64) {
-        self.newest_ms = self.newest_ms.max(at_ms);
-        let oldest_kept = self.newest_ms.saturating_sub(horizon_ms);
+    /// Drops ids that arrived more than the horizon before `now_ms` (the engine's clock, not a
+    /// request's timestamp: one request stamped far ahead must not make everyone forgotten).
+    fn expire(&mut self, now_ms: u64, horizon_ms: u64) {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
         while let Some((arrived_ms, _)) = self.arrivals.front() {
             if *arrived_ms >= oldest_kept {
                 break;
             }
             if let Some((_, id)) = self.arrivals.pop_front() {
                 // Only the entry this arrival created: a forgotten id may have come back since.
-                let same = self.records.get_key_value(&id).is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
+                let same = self
+                    .records
+                    .get_key_value(&id)
+                    .is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
                 if same {
                     self.records.remove(&id);
                 }

@@ -135,6 +135,10 @@ pub struct ResourceDocument {
     /// Per-request maximums that hold for every key, whatever its plan.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub max_per_request: BTreeMap<Unit, u64>,
+    /// Units every request for this resource must carry (a speech call without characters
+    /// would otherwise pass a characters quota for free).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<Unit>,
 }
 
 /// A meter is one resource's unit, or a weighted sum (`terms`), or every priced resource's
@@ -322,6 +326,8 @@ pub struct Resource {
     pub price_micros: [Option<u64>; UNIT_COUNT],
     /// 0 where there is no maximum.
     pub max_per_request: [u64; UNIT_COUNT],
+    /// Units every request must carry.
+    pub required: [bool; UNIT_COUNT],
 }
 
 impl Resource {
@@ -409,14 +415,17 @@ impl Policy {
     }
 
     pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument = toml::from_str(text)
+        let deserializer = toml::Deserializer::parse(text)
             .map_err(|error| PolicyError::new("(toml)", error.to_string().trim_end()))?;
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(deserializer).map_err(path_error)?;
         Policy::compile(document)
     }
 
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument = serde_json::from_str(text)
-            .map_err(|error| PolicyError::new("(json)", error.to_string()))?;
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
         Policy::compile(document)
     }
 
@@ -516,10 +525,23 @@ impl Policy {
             .counters
             .iter()
             .position(|candidate| {
-                candidate.window == spec.window && other.meter(candidate.meter).name == *meter_name
+                same_window_ignoring_buckets(candidate.window, spec.window)
+                    && other.meter(candidate.meter).name == *meter_name
             })
             .map(|index| CounterId(index as u16))
     }
+}
+
+/// A document that does not fit the schema: the error names the path of the field (`.` for the
+/// whole document, e.g. when a required table is missing).
+fn path_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> PolicyError {
+    let path = error.path().to_string();
+    let field = if path.is_empty() || path == "." {
+        ".".to_string()
+    } else {
+        path
+    };
+    PolicyError::new(field, error.inner().to_string().trim_end())
 }
 
 #[derive(Default)]
@@ -652,6 +674,16 @@ impl Compiler {
             }
             let max_per_request =
                 self.compile_maximums(&field, &units, &resource.max_per_request)?;
+            let mut required = [false; UNIT_COUNT];
+            for unit in &resource.required {
+                if !units[unit.index()] {
+                    return Err(PolicyError::new(
+                        format!("{field}.required"),
+                        format!("{unit} is not one of the resource's units"),
+                    ));
+                }
+                required[unit.index()] = true;
+            }
             let id = ResourceId(self.resources.len() as u16);
             self.resource_ids.insert(name.as_str().into(), id);
             self.resources.push(Resource {
@@ -659,6 +691,7 @@ impl Compiler {
                 units,
                 price_micros,
                 max_per_request,
+                required,
             });
         }
         Ok(())
@@ -1000,6 +1033,15 @@ impl Compiler {
     }
 }
 
+/// Two windows count the same span (a rolling window whose buckets changed width still holds the
+/// same usage: it is reshaped, never dropped).
+fn same_window_ignoring_buckets(a: Window, b: Window) -> bool {
+    match (a, b) {
+        (Window::Rolling { window_ms: x, .. }, Window::Rolling { window_ms: y, .. }) => x == y,
+        (a, b) => a == b,
+    }
+}
+
 fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanId> {
     plans
         .iter()
@@ -1078,8 +1120,26 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
         Some(text) => {
             parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?
         }
-        None => (window_ms / DEFAULT_BUCKETS_PER_WINDOW / SECOND_MS * SECOND_MS).max(MIN_BUCKET_MS),
+        None => default_bucket_ms(window_ms).ok_or_else(|| {
+            PolicyError::new(
+                &bucket_field,
+                format!(
+                    "no bucket of at least 1s divides {} into at most {MAX_BUCKETS_PER_WINDOW} buckets: give one",
+                    format_duration(window_ms)
+                ),
+            )
+        })?,
     };
+    if window_ms % bucket_ms != 0 {
+        return Err(PolicyError::new(
+            bucket_field,
+            format!(
+                "{} does not divide the window ({}) evenly, so a unit could come back more than one bucket late",
+                format_duration(bucket_ms),
+                format_duration(window_ms)
+            ),
+        ));
+    }
     if bucket_ms < MIN_BUCKET_MS || bucket_ms * 2 > window_ms {
         return Err(PolicyError::new(
             bucket_field,
@@ -1099,6 +1159,27 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
         window_ms,
         bucket_ms,
     })
+}
+
+/// The default bucket: the widest that divides the window into at least
+/// `DEFAULT_BUCKETS_PER_WINDOW` equal buckets (so a unit comes back at most one bucket, under
+/// 0.5% of the window, late), preferring whole seconds; windows shorter than 210 s get 1 s.
+fn default_bucket_ms(window_ms: u64) -> Option<u64> {
+    if window_ms < DEFAULT_BUCKETS_PER_WINDOW * MIN_BUCKET_MS {
+        return (window_ms % MIN_BUCKET_MS == 0).then_some(MIN_BUCKET_MS);
+    }
+    let fits = |buckets: u64, whole_seconds: bool| {
+        let bucket_ms = window_ms / buckets;
+        window_ms % buckets == 0
+            && bucket_ms >= MIN_BUCKET_MS
+            && (!whole_seconds || bucket_ms % SECOND_MS == 0)
+    };
+    let range = DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW;
+    range
+        .clone()
+        .find(|buckets| fits(*buckets, true))
+        .or_else(|| range.clone().find(|buckets| fits(*buckets, false)))
+        .map(|buckets| window_ms / buckets)
 }
 
 /// Parses `5h`, `90s`, `1h30m`, `1500ms`, `7d`, `2w`.

@@ -85,6 +85,7 @@ struct KeySnapshot {
     seat: Option<u16>,
     open_reservations: u32,
     payg_micros: u64,
+    time_floor_ms: u64,
     counters: Option<Vec<(u16, CounterSnapshot)>>,
 }
 
@@ -761,6 +762,7 @@ impl Engine {
                 .open_reservations
                 .store(key.open_reservations, Ordering::Release);
             state.payg_micros.store(key.payg_micros, Ordering::Release);
+            state.time_floor_ms = key.time_floor_ms;
             if let Some(counters) = &key.counters {
                 state.usage.set(Some(restore_usage(&policy, counters)?));
             }
@@ -997,6 +999,7 @@ fn normalized(snapshot: &Snapshot, reference: &Snapshot) -> Snapshot {
     };
     out.newest_at_ms = 0;
     for key in &mut out.keys {
+        key.time_floor_ms = 0;
         let Some(counters) = key.counters.as_mut() else {
             continue;
         };
@@ -1093,6 +1096,7 @@ fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
         seat: state.seat.map(|seat| seat.0),
         open_reservations: state.open_reservations.load(Ordering::Acquire),
         payg_micros: state.payg_micros.load(Ordering::Acquire),
+        time_floor_ms: state.time_floor_ms,
         counters,
     }
 }

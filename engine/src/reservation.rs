@@ -77,22 +77,26 @@ pub(crate) struct ReservationInner {
     pub closed: FxHashMap<u64, Closed>,
     pub closed_order: VecDeque<(u64, u64)>,
     pub next_id: u64,
-    pub newest_ms: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct ReservationTable {
     pub inner: Mutex<ReservationInner>,
     pub capacity: usize,
-    pub horizon_ms: u64,
+    // Relaxed: a setting, changed by a policy swap.
+    pub horizon_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ReservationTable {
+    pub fn horizon(&self) -> u64 {
+        self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(capacity: usize, horizon_ms: u64) -> ReservationTable {
         ReservationTable {
             inner: Mutex::new(ReservationInner::default()),
             capacity: capacity.max(1),
-            horizon_ms,
+            horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
     }
 }
@@ -114,10 +118,10 @@ impl ReservationInner {
         self.closed_order.push_back((at_ms, id));
     }
 
-    /// Forgets closed reservations older than the horizon.
-    pub fn forget_closed(&mut self, at_ms: u64, horizon_ms: u64) {
-        self.newest_ms = self.newest_ms.max(at_ms);
-        let oldest_kept = self.newest_ms.saturating_sub(horizon_ms);
+    /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
+    /// clock).
+    pub fn forget_closed(&mut self, now_ms: u64, horizon_ms: u64) {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
         while let Some(&(closed_ms, id)) = self.closed_order.front() {
             if closed_ms >= oldest_kept {
                 break;
@@ -186,7 +190,9 @@ impl Engine {
             ));
         }
         let mut table = self.reservations.inner.lock();
-        self.expire_locked(&mut table, at_ms)?;
+        // Leases that ended by the clock's now (not this request's stamp: one request stamped
+        // far ahead must not expire everyone's reservations).
+        self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
         if table.open.len() >= self.reservations.capacity {
             return Err(Error::CapacityExceeded {
                 what: "reservations",
@@ -234,7 +240,7 @@ impl Engine {
                         Some(policy),
                         policy,
                         state,
-                        resource,
+                        request.resource,
                         &receipt,
                         &estimate,
                     );
@@ -285,7 +291,7 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         let actual = Quantities::new_allowing_none(actual)?;
         let mut table = self.reservations.inner.lock();
-        table.forget_closed(at_ms, self.reservations.horizon_ms);
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
         if let Some(Closed::Settled(settlement)) = table.closed.get(&id.get()) {
             if settlement.actual == actual {
                 return Ok(SettleOutcome::Settled(*settlement));
@@ -380,7 +386,7 @@ impl Engine {
     pub fn void(&self, id: ReservationId, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let mut table = self.reservations.inner.lock();
-        table.forget_closed(at_ms, self.reservations.horizon_ms);
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
         if matches!(
             table.closed.get(&id.get()),
             Some(Closed::Voided) | Some(Closed::Expired)
@@ -427,7 +433,7 @@ impl Engine {
     }
 
     fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> Result<usize, Error> {
-        table.forget_closed(at_ms, self.reservations.horizon_ms);
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
         let overdue = table.overdue(at_ms);
         for id in &overdue {
             if let Some(reservation) = table.open.get(id).cloned() {

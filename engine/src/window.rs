@@ -270,6 +270,23 @@ impl RollingWindow {
         debug_assert!(before >= count, "rolling total would go below zero");
     }
 
+    /// What the window would count at `epoch`, without moving it: `(effective epoch, used)`.
+    /// A later epoch leaves out the buckets that will have aged out by then; an earlier one
+    /// sees the window at its head (time never goes back).
+    pub fn used_at(&self, shape: RollingShape, epoch: u64) -> (u64, u64) {
+        let head = self.head.load(Ordering::Acquire);
+        let total = self.used();
+        if epoch <= head {
+            return (head, total);
+        }
+        let first_live_then = epoch.saturating_sub(shape.buckets);
+        let first_live_now = head.saturating_sub(shape.buckets);
+        let aging: u64 = (first_live_now..first_live_then.min(head.saturating_add(1)))
+            .map(|bucket| self.live_count(shape, bucket))
+            .sum();
+        (epoch, total.saturating_sub(aging))
+    }
+
     /// Units counted now (after `advance`), including reservations in flight.
     pub fn used(&self) -> u64 {
         self.total.load(Ordering::Acquire)
