@@ -623,3 +623,141 @@ fn retry_at_waits_for_every_full_limit_not_just_the_first() {
         (next_monday_ms - T0_MS) / HOUR_MS
     );
 }
+
+// ---- Midnight that does not exist, or happens twice ---------------------------------------------
+
+const HAVANA_POLICY: &str = r#"
+time_zone = "America/Havana"
+
+[resources.widget]
+units = ["requests"]
+price_micros = { requests = 10 }
+
+[plans.Local]
+limits = [{ resource = "widget", unit = "requests", amount = 3, window = "daily" }]
+"#;
+
+fn havana() -> (Engine, String) {
+    let engine = engine_with(Policy::from_toml_str(HAVANA_POLICY).expect("a valid policy"));
+    let key = seated(&engine, "ada", "Local");
+    (engine, key)
+}
+
+#[test]
+fn a_day_whose_midnight_is_skipped_starts_at_the_first_instant_that_exists() {
+    let (engine, key) = havana();
+    // Cuba springs forward at 00:00 standard time: 2026-03-08 00:00 CST (05:00 UTC) is 01:00 CDT.
+    let first_instant_ms = utc_ms(2026, 3, 8, 5, 0, 0);
+    let next_midnight_ms = utc_ms(2026, 3, 9, 4, 0, 0); // 2026-03-09 00:00 CDT
+    assert_eq!(
+        admit_count(
+            &engine,
+            &key,
+            "widget",
+            Unit::Requests,
+            4,
+            first_instant_ms - 1
+        ),
+        3
+    );
+    assert_eq!(
+        admit_count(&engine, &key, "widget", Unit::Requests, 4, first_instant_ms),
+        3
+    );
+    let (_, retry_at_ms, _, _) = quota_exhausted(consume(
+        &engine,
+        &key,
+        "widget",
+        &[(Unit::Requests, 1)],
+        first_instant_ms + HOUR_MS,
+    ));
+    assert_eq!(retry_at_ms, next_midnight_ms);
+}
+
+#[test]
+fn a_day_whose_midnight_happens_twice_resets_only_once() {
+    let (engine, key) = havana();
+    // Cuba falls back at 01:00 CDT (05:00 UTC) to 00:00 CST: 2026-11-01 00:00 happens twice.
+    let first_midnight_ms = utc_ms(2026, 11, 1, 4, 0, 0);
+    let second_midnight_ms = utc_ms(2026, 11, 1, 5, 0, 0);
+    let next_midnight_ms = utc_ms(2026, 11, 2, 5, 0, 0); // 2026-11-02 00:00 CST
+    assert_eq!(
+        admit_count(
+            &engine,
+            &key,
+            "widget",
+            Unit::Requests,
+            4,
+            first_midnight_ms - 1
+        ),
+        3
+    );
+    assert_eq!(
+        admit_count(
+            &engine,
+            &key,
+            "widget",
+            Unit::Requests,
+            4,
+            first_midnight_ms + 30 * MINUTE_MS
+        ),
+        3
+    );
+    assert_eq!(
+        admit_count(
+            &engine,
+            &key,
+            "widget",
+            Unit::Requests,
+            1,
+            second_midnight_ms
+        ),
+        0
+    );
+    let (_, retry_at_ms, _, _) = quota_exhausted(consume(
+        &engine,
+        &key,
+        "widget",
+        &[(Unit::Requests, 1)],
+        second_midnight_ms + HOUR_MS,
+    ));
+    assert_eq!(retry_at_ms, next_midnight_ms);
+    assert_eq!(
+        admit_count(&engine, &key, "widget", Unit::Requests, 4, next_midnight_ms),
+        3
+    );
+}
+
+#[test]
+fn a_monthly_window_resets_on_the_first_at_local_midnight() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.widget]
+units = ["requests"]
+price_micros = { requests = 10 }
+[plans.Monthly]
+limits = [{ resource = "widget", unit = "requests", amount = 5, window = "monthly" }]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Monthly");
+    let december_ms = utc_ms(2026, 11, 30, 16, 0, 0); // 2026-12-01 00:00 in Shanghai
+    assert_eq!(
+        admit_count(&engine, &key, "widget", Unit::Requests, 6, T0_MS),
+        5
+    );
+    let (_, retry_at_ms, _, _) = quota_exhausted(consume(
+        &engine,
+        &key,
+        "widget",
+        &[(Unit::Requests, 1)],
+        december_ms - 1,
+    ));
+    assert_eq!(retry_at_ms, december_ms);
+    assert_eq!(
+        admit_count(&engine, &key, "widget", Unit::Requests, 6, december_ms),
+        5
+    );
+}
