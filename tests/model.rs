@@ -1276,3 +1276,98 @@ fn a_check_refused_by_the_rolling_limit_frees_no_daily_quota() {
         "the checks changed the counts"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// A clock stepped backwards (the engine's own clock, no explicit timestamps).
+
+#[test]
+fn a_clock_stepped_back_counts_at_the_newest_time_and_releases_nothing_early() {
+    let midnight_ms = 1_781_582_400_000; // 2026-06-16T00:00 EDT, a bucket boundary
+    let start_ms = midnight_ms - 2 * HOUR_MS;
+    let clock = Arc::new(ManualClock::new(start_ms));
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy is valid");
+    let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+    engine.create_user("u0", "k0", None).expect("new user");
+    engine
+        .assign_seat("@u0", "u0", "Small", None)
+        .expect("seat");
+    let consume = |requests: u64| {
+        let quantities = [(tally_engine::Unit::Requests, requests)];
+        engine
+            .consume(&UsageRequest::new("k0", "chat", &quantities))
+            .expect("consume")
+    };
+    let Decision::Admitted(first) = consume(10) else {
+        panic!("an empty window takes ten")
+    };
+    assert_eq!(first.at_ms, start_ms);
+
+    // Two hours back, then up to one millisecond before the window ends: still full.
+    for at_ms in [start_ms - 2 * HOUR_MS, start_ms + WINDOW_MS - 1] {
+        clock.set_ms(at_ms);
+        assert!(!consume(1).is_admitted(), "released early at {at_ms}");
+    }
+    // Released when the bucket's last instant has aged out: one bucket after the window.
+    clock.set_ms(start_ms + WINDOW_MS + BUCKET_MS);
+    assert!(consume(1).is_admitted());
+
+    // Across midnight and back: the new day stands, and a unit stamped before midnight counts
+    // in it, at the newest time the rolling window has seen.
+    clock.set_ms(midnight_ms + SECOND_MS);
+    assert!(consume(1).is_admitted());
+    clock.set_ms(midnight_ms - SECOND_MS);
+    let Decision::Admitted(stepped_back) = consume(1) else {
+        panic!("room in the new day")
+    };
+    let next_midnight_ms = local_midnight_ms(local_day(midnight_ms) + 1);
+    assert_eq!(
+        stepped_back.limits.as_slice()[1].reset_at_ms,
+        Some(next_midnight_ms)
+    );
+    assert_eq!(stepped_back.at_ms, midnight_ms);
+    let report = engine.usage("k0", None).expect("usage");
+    let used: Vec<u64> = report.limits.iter().map(|limit| limit.used).collect();
+    assert_eq!(used, [3, 2], "the rolling hour holds 3; the new day 2");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-bucket bound when the window is not a whole number of buckets.
+
+/// The shipped policy's 5-hour windows have the default bucket, 5h / 210 rounded down to whole
+/// seconds: 85 s, so the ring spans ceil(18,000 / 85) = 212 buckets plus the current one, and a
+/// unit used at the start of a bucket is released 213 x 85 s = 5h 1m 45s later: 105 s, not at
+/// most 85 s, after the window. `window.rs` promises at most one bucket.
+#[test]
+#[ignore = "engine bug: a window that is not a whole number of buckets releases up to two buckets late (shipped 5h windows: 105 s, bucket 85 s)"]
+fn the_shipped_five_hour_window_releases_within_one_bucket_of_its_edge() {
+    let bucket_ms = 85 * SECOND_MS;
+    let start_ms = 1_790_000_000_000 / bucket_ms * bucket_ms; // the start of a bucket
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::new(ManualClock::new(start_ms)),
+        EngineOptions::default(),
+    );
+    engine
+        .create_user("ada", "tp-ada", Some(start_ms))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(start_ms))
+        .expect("seat");
+    let consume = |requests: u64, at_ms: u64| {
+        let quantities = [(tally_engine::Unit::Requests, requests)];
+        engine
+            .consume(&UsageRequest::new("tp-ada", "m2.7", &quantities).at(at_ms))
+            .expect("consume")
+    };
+    assert!(consume(1_500, start_ms).is_admitted());
+    assert!(
+        !consume(1, start_ms + 5 * HOUR_MS - 1).is_admitted(),
+        "never early"
+    );
+    let one_bucket_late_ms = start_ms + 5 * HOUR_MS + bucket_ms;
+    let decision = consume(1, one_bucket_late_ms);
+    assert!(
+        decision.is_admitted(),
+        "still refused one bucket after the window: {decision:?}"
+    );
+}
