@@ -674,7 +674,7 @@ fn a_refund_by_request_id_gives_the_quota_back_and_a_second_refund_is_an_error()
         .expect("refund");
     let starter = plan_id(&engine, "Starter");
     assert_eq!(refund.charged_to, ChargedTo::PlanQuota { plan: starter });
-    assert_eq!(refund.given_back, 100);
+    assert_eq!(refund.given_back.total(), 100);
     assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 1400);
 
     let again = engine.refund("batch-7", Some(T0_MS + MINUTE_MS));
@@ -713,7 +713,7 @@ fn a_refund_of_a_request_paid_with_credits_gives_the_credits_back() {
         ChargedTo::Credits { micros: price }
     );
     let refund = engine.refund("song-1", Some(T0_MS)).expect("refund");
-    assert_eq!(refund.given_back, price);
+    assert_eq!(refund.given_back.total(), price);
     assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
     assert_eq!(
         engine
@@ -747,7 +747,8 @@ fn a_refund_of_a_pay_as_you_go_request_takes_back_the_spend() {
         engine
             .refund("p-1", Some(T0_MS))
             .expect("refund")
-            .given_back,
+            .given_back
+            .total(),
         price
     );
     assert_eq!(
@@ -794,7 +795,7 @@ fn a_refund_after_the_usage_aged_out_gives_nothing_back_and_takes_nothing() {
     let later_ms = T0_MS + FIVE_HOURS_MS + 2 * BUCKET_MS;
     assert_eq!(m27_requests(&engine, &key, 5, later_ms), 5);
     let refund = engine.refund("old", Some(later_ms)).expect("refund");
-    assert_eq!(refund.given_back, 0);
+    assert_eq!(refund.given_back.total(), 0);
     assert_eq!(m27_used(&engine, &key, later_ms), 5);
 }
 
@@ -983,7 +984,8 @@ fn a_refund_after_a_policy_swap_gives_back_to_the_carried_window() {
         engine
             .refund("before-swap", Some(T0_MS))
             .expect("refund")
-            .given_back,
+            .given_back
+            .total(),
         100
     );
     assert_eq!(m27_used(&engine, &key, T0_MS), 0);
@@ -1384,7 +1386,7 @@ fn a_refund_after_a_price_cut_gives_back_what_was_charged() {
         .swap_policy(Policy::from_toml_str(&cheaper).expect("valid"), Some(T0_MS))
         .expect("swap");
     let refund = engine.refund("paid", Some(T0_MS)).expect("refund");
-    assert_eq!(refund.given_back, charged);
+    assert_eq!(refund.given_back.total(), charged);
     assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
 }
 

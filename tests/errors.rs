@@ -87,7 +87,8 @@ fn assert_bad_request(world: &World, request: UsageRequest<'_>, expected: &str) 
             .engine
             .refund("bad-1", Some(T0_MS))
             .expect("refund")
-            .given_back,
+            .given_back
+            .total(),
         1
     );
 }

@@ -19,12 +19,12 @@ pub const DAY_MS: u64 = 24 * HOUR_MS;
 pub const WEEK_MS: u64 = 7 * DAY_MS;
 pub const FIVE_HOURS_MS: u64 = 5 * HOUR_MS;
 
-/// The bucket of the default policy's `rolling:5h` windows: 5 h / 210, rounded down to whole
-/// seconds (policy.rs, DEFAULT_BUCKETS_PER_WINDOW).
-pub const BUCKET_MS: u64 = 85 * SECOND_MS;
+/// The bucket of the default policy's `rolling:5h` windows: the widest whole-second bucket that
+/// divides 5 h into at least 210 (policy.rs, DEFAULT_BUCKETS_PER_WINDOW): 80 s, 225 buckets.
+pub const BUCKET_MS: u64 = 80 * SECOND_MS;
 
 /// 2026-11-23T00:00:00+08:00 (a Monday; 2026-11-22T16:00:00Z): the start of a local day and a
-/// local week in Asia/Shanghai, the default policy's zone. It is also a multiple of 85 s, so it
+/// local week in Asia/Shanghai, the default policy's zone. It is also a multiple of 80 s, so it
 /// is the first instant of a rolling bucket.
 pub const T0_MS: u64 = 1_795_363_200_000;
 
