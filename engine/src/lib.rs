@@ -55,3 +55,8 @@ pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
 pub use recovery::{CompactReport, OpenOptions, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
+
+/// A policy's document as JSON: the form the event log stores.
+pub fn policy_json(policy: &Policy) -> String {
+    serde_json::to_string(policy.document()).unwrap_or_default()
+}

@@ -1242,3 +1242,74 @@ pub fn format_duration(mut ms: u64) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_compiles_with_every_seed_plan() {
+        let policy = Policy::token_plan();
+        for plan in [
+            "Starter",
+            "Plus",
+            "Max",
+            "Plus-Highspeed",
+            "Max-Highspeed",
+            "Ultra-Highspeed",
+            "Bar-Plus",
+            "Bar-Max",
+            "Bar-Ultra",
+        ] {
+            assert!(policy.plan_id(plan).is_some(), "{plan}");
+        }
+        assert_eq!(policy.calendar().time_zone(), "Asia/Shanghai");
+    }
+
+    #[test]
+    fn the_default_bucket_divides_the_window_into_at_least_210() {
+        assert_eq!(default_bucket_ms(5 * HOUR_MS), Some(80 * SECOND_MS));
+        assert_eq!(default_bucket_ms(WEEK_MS), Some(2_880 * SECOND_MS));
+        assert_eq!(default_bucket_ms(60 * SECOND_MS), Some(SECOND_MS));
+        for window_ms in [HOUR_MS, 5 * HOUR_MS, DAY_MS, WEEK_MS, 30 * DAY_MS, 7_777 * SECOND_MS] {
+            let bucket_ms = default_bucket_ms(window_ms).expect("a bucket");
+            assert_eq!(window_ms % bucket_ms, 0, "{window_ms}");
+            assert!(window_ms / bucket_ms >= DEFAULT_BUCKETS_PER_WINDOW, "{window_ms}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        assert_eq!(parse_duration_ms("5h"), Ok(5 * HOUR_MS));
+        assert_eq!(parse_duration_ms("1h30m"), Ok(90 * MINUTE_MS));
+        assert_eq!(parse_duration_ms("1500ms"), Ok(1_500));
+        assert!(parse_duration_ms("").is_err());
+        assert!(parse_duration_ms("5 hours").is_err());
+        assert!(parse_duration_ms("99999999999999999999d").is_err());
+        assert_eq!(format_duration(90 * MINUTE_MS + 1), "1h30m1ms");
+    }
+
+    #[test]
+    fn a_bucket_that_does_not_divide_the_window_is_refused() {
+        let error = parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s")).expect_err("refused");
+        assert_eq!(error.field, "plans.\"P\".limits[0].bucket");
+        assert!(error.problem.contains("does not divide"), "{}", error.problem);
+        assert!(parse_window("f", "rolling:5h", Some("90s")).is_ok());
+    }
+
+    #[test]
+    fn a_schema_error_names_the_field_path() {
+        let text = TOKEN_PLAN_TOML.replacen("[plans.Starter]", "[plans.Starter]\ncolour = \"red\"", 1);
+        let error = Policy::from_toml_str(&text).expect_err("refused");
+        assert!(error.field.contains("Starter"), "{error}");
+        assert!(error.problem.contains("colour"), "{error}");
+    }
+
+    #[test]
+    fn a_json_policy_is_the_same_document_as_its_toml() {
+        let policy = Policy::token_plan();
+        let json = serde_json::to_string(policy.document()).expect("serialises");
+        let again = Policy::from_json_str(&json).expect("parses");
+        assert_eq!(again.document(), policy.document());
+    }
+}
