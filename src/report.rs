@@ -10,7 +10,7 @@ use tally_engine::{LimitReport, Window};
 use crate::format::{bar, credits, grouped, percent, short_duration, utc_iso8601};
 use crate::outcome::{Counts, DENIAL_REASONS};
 use crate::scenario::{Access, SeatChangeKind, TeamRole};
-use crate::simulate::{Bar, RowSummary, SeatChangeSummary, Summary, TeamSummary};
+use crate::simulate::{RowSummary, SeatChangeSummary, Summary, TeamSummary};
 
 const BAR_CELLS: usize = 10;
 
@@ -26,12 +26,19 @@ pub fn text(summary: &Summary) -> String {
     out
 }
 
+fn days(count: u64) -> String {
+    match count {
+        1 => "1 day".to_string(),
+        _ => format!("{count} days"),
+    }
+}
+
 fn access_words(access: Access) -> &'static str {
     match access {
-        Access::Individual => "individual seats",
-        Access::TeamSeat => "team seats",
+        Access::Individual => "individual",
+        Access::TeamSeat => "team seat",
         Access::CreditsOnly => "team credits only",
-        Access::Unseated => "no seat or credits",
+        Access::Unseated => "unseated",
         Access::PayAsYouGo => "pay-as-you-go",
     }
 }
@@ -40,9 +47,9 @@ fn header(out: &mut String, summary: &Summary) {
     let shape = &summary.shape;
     let _ = writeln!(
         out,
-        "tally simulate: {} keys, {} days from {} to {}, seed {}",
+        "tally simulate: {} keys, {} from {} to {}, seed {}",
         grouped(shape.keys),
-        shape.days,
+        days(shape.days),
         utc_iso8601(shape.start_ms),
         utc_iso8601(shape.end_ms()),
         shape.seed
@@ -109,17 +116,23 @@ fn requests(out: &mut String, summary: &Summary) {
             .collect();
         line(out, "engine errors", totals.errors, kinds.join(", "));
     }
-    let _ = writeln!(
-        out,
-        "  idempotent replays {:>23}          {} of them got their first decision back, counted once",
-        grouped(summary.replays),
+    let replays_note = format!(
+        "{} got their first decision back, counted once",
         grouped(summary.replays_matching)
     );
-    let _ = writeln!(
+    note_line(out, "idempotent replays", summary.replays, &replays_note);
+    let resets_note = "refused on a daily quota, admitted again after midnight";
+    note_line(
         out,
-        "  daily resets seen {:>24}          keys refused on a daily quota, admitted on it after midnight\n",
-        grouped(summary.daily_resets_seen)
+        "daily resets seen",
+        summary.daily_resets_seen,
+        resets_note,
     );
+    out.push('\n');
+}
+
+fn note_line(out: &mut String, label: &str, count: u64, note: &str) {
+    let _ = writeln!(out, "  {label:<30}{:>12}  {note}", grouped(count));
 }
 
 /// Thousandths, rounded down, for one-decimal percentages.
@@ -153,7 +166,7 @@ fn plans_table(out: &mut String, summary: &Summary) {
 fn plan_row(out: &mut String, row: &RowSummary) {
     let counts: &Counts = &row.counts;
     let admitted_elsewhere = if counts.pay_as_you_go > 0 {
-        format!("  (+{} pay-as-you-go)", grouped(counts.pay_as_you_go))
+        format!("  +{} payg", grouped(counts.pay_as_you_go))
     } else {
         String::new()
     };
@@ -316,9 +329,9 @@ fn seat_changes(out: &mut String, summary: &Summary) {
     out.push('\n');
 }
 
-fn bar_words(bar: &Option<Bar>) -> String {
-    match bar {
-        Some(bar) => format!("{}/{}", grouped(bar.used), grouped(bar.amount)),
+fn bar_words(limit: &Option<LimitReport>) -> String {
+    match limit {
+        Some(limit) => format!("{}/{}", grouped(limit.used), grouped(limit.amount)),
         None => "-".to_string(),
     }
 }
@@ -328,14 +341,19 @@ fn seat_change_lines(out: &mut String, change: &SeatChangeSummary) {
         SeatChangeKind::Upgrade => "upgrade",
         SeatChangeKind::Downgrade => "downgrade",
     };
-    let limit = change.before.as_ref().map_or("", |bar| bar.limit.as_str());
     let _ = writeln!(
         out,
-        "  {kind:<10}{} {} -> {} at {}: {limit} {} -> {}",
+        "  {kind:<10}{}  {} -> {}  at {}",
         change.key,
         change.from,
         change.to,
         utc_iso8601(change.at_ms),
+    );
+    let limit = change.before.as_ref().map(limit_label).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {:<10}{limit}: {} before, {} after",
+        "",
         bar_words(&change.before),
         bar_words(&change.after),
     );
@@ -363,11 +381,14 @@ fn timing(out: &mut String, summary: &Summary) {
     };
     let _ = writeln!(
         out,
-        "Ran {} days of traffic in {seconds:.2} s wall time: {} decisions ({} admissions), \
-         {} decisions/s, {} admissions/s, one thread",
-        summary.shape.days,
+        "Ran {} of traffic in {seconds:.2} s wall time, one thread: {} decisions, {} admitted",
+        days(summary.shape.days),
         grouped(decisions),
         grouped(summary.totals.admitted()),
+    );
+    let _ = writeln!(
+        out,
+        "  {} decisions/s, {} admissions/s",
         per_second(decisions),
         per_second(summary.totals.admitted()),
     );
@@ -487,9 +508,10 @@ fn team_json(team: &TeamSummary) -> Value {
 }
 
 fn seat_change_json(change: &SeatChangeSummary) -> Value {
-    let bar = |bar: &Option<Bar>| {
-        bar.as_ref()
-            .map(|bar| json!({"limit": bar.limit, "used": bar.used, "amount": bar.amount}))
+    let bar = |limit: &Option<LimitReport>| {
+        limit
+            .as_ref()
+            .map(|limit| json!({"limit": limit.name, "used": limit.used, "amount": limit.amount}))
     };
     json!({
         "kind": match change.kind {

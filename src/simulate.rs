@@ -96,14 +96,6 @@ impl TeamSummary {
     }
 }
 
-/// A chat window's state as the console shows it.
-#[derive(Debug, Clone)]
-pub struct Bar {
-    pub limit: String,
-    pub used: u64,
-    pub amount: u64,
-}
-
 #[derive(Debug, Clone)]
 pub struct SeatChangeSummary {
     pub kind: SeatChangeKind,
@@ -111,8 +103,9 @@ pub struct SeatChangeSummary {
     pub from: String,
     pub to: String,
     pub at_ms: u64,
-    pub before: Option<Bar>,
-    pub after: Option<Bar>,
+    /// The key's chat window just before and just after the change.
+    pub before: Option<LimitReport>,
+    pub after: Option<LimitReport>,
     /// This key's decisions in the five hours after the change.
     pub counts_after: Counts,
 }
@@ -658,15 +651,10 @@ fn burst_requests_in_slot(
 }
 
 /// The first rolling limit of a key's usage report: the chat window the seat change is about.
-fn chat_bar(engine: &Engine, key: &str, at_ms: u64) -> Result<Option<Bar>, Error> {
+fn chat_bar(engine: &Engine, key: &str, at_ms: u64) -> Result<Option<LimitReport>, Error> {
     let report = engine.usage(key, Some(at_ms))?;
     Ok(report
         .limits
-        .iter()
-        .find(|limit| matches!(limit.window, Window::Rolling { .. }))
-        .map(|limit| Bar {
-            limit: limit.name.clone(),
-            used: limit.used,
-            amount: limit.amount,
-        }))
+        .into_iter()
+        .find(|limit| matches!(limit.window, Window::Rolling { .. })))
 }
