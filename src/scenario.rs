@@ -279,7 +279,6 @@ impl<'a> Builder<'a> {
         self.engine.create_user(&user, &default_key, at)?;
         self.scenario.users += 1;
         self.engine_keys += 1;
-        let mut rng = Rng::stream(self.shape.seed, index);
         let mut actor = Actor {
             key: default_key,
             user,
@@ -289,30 +288,25 @@ impl<'a> Builder<'a> {
             chat: self.catalog.chat_for(None),
             account: None,
             bursts: Vec::new(),
-            rng: rng.clone(),
+            // The key's own stream: its setup draws and then its traffic.
+            rng: Rng::stream(self.shape.seed, index),
         };
         match role {
             Role::Scripted(kind) => self.script_seat_change(&mut actor, kind)?,
-            Role::Plain(access) => self.give_access(&mut actor, access, &mut rng)?,
+            Role::Plain(access) => self.give_access(&mut actor, access)?,
         }
-        actor.rng = rng;
         self.scenario.actors.push(actor);
         Ok(())
     }
 
-    fn give_access(
-        &mut self,
-        actor: &mut Actor,
-        access: Access,
-        rng: &mut Rng,
-    ) -> Result<(), Error> {
+    fn give_access(&mut self, actor: &mut Actor, access: Access) -> Result<(), Error> {
         let at = Some(self.shape.start_ms);
         actor.access = access;
         match access {
             Access::Individual => {
-                self.seat_round_robin(actor, &format!("@{}", actor.user), rng)?;
+                self.seat_round_robin(actor, &format!("@{}", actor.user))?;
                 // One individual in ten also bought credits for their Default Team.
-                if rng.chance(100_000) {
+                if actor.rng.chance(100_000) {
                     actor.account = Some(self.default_team_account(&actor.user)?);
                 }
             }
@@ -328,7 +322,7 @@ impl<'a> Builder<'a> {
                 account.members += 1;
                 if access == Access::TeamSeat {
                     account.seated += 1;
-                    self.seat_round_robin(actor, &name, rng)?;
+                    self.seat_round_robin(actor, &name)?;
                 } else {
                     account.credits_only += 1;
                 }
@@ -345,12 +339,7 @@ impl<'a> Builder<'a> {
 
     /// Seats the key on the next plan in turn; every `HEAVY_EVERY_ROUNDS` rounds the whole round
     /// is heavy, so each plan has its heavy users (the first round included: small runs too).
-    fn seat_round_robin(
-        &mut self,
-        actor: &mut Actor,
-        team: &str,
-        rng: &mut Rng,
-    ) -> Result<(), Error> {
+    fn seat_round_robin(&mut self, actor: &mut Actor, team: &str) -> Result<(), Error> {
         let plans = self.policy.plans().len() as u64;
         let plan = PlanId((self.seated % plans) as u16);
         let round = self.seated / plans;
@@ -358,13 +347,15 @@ impl<'a> Builder<'a> {
         self.seat(actor, team, plan)?;
         actor.appetite = if round % HEAVY_EVERY_ROUNDS == 0 {
             Appetite::Heavy
-        } else if rng.chance(500_000) {
+        } else if actor.rng.chance(500_000) {
             Appetite::Light
         } else {
             Appetite::Regular
         };
         if actor.appetite == Appetite::Heavy {
-            actor.bursts = self.daily_bursts(actor, self.seated % 2 == 0, rng);
+            let needed = self.requests_to_exhaust(actor.plan, actor.chat);
+            let straddle_midnight = self.seated % 2 == 0;
+            actor.bursts = self.daily_bursts(needed, straddle_midnight, &mut actor.rng);
         }
         Ok(())
     }
@@ -378,12 +369,11 @@ impl<'a> Builder<'a> {
         Ok(())
     }
 
-    /// One burst a day at a random time, sized to go a fifth to a half past the plan's rolling
-    /// chat limit (within `MAX_BURST_REQUESTS`).
-    /// Every other heavy user's first burst straddles the first local midnight, so daily
-    /// quotas used up before it are seen to reset after it.
-    fn daily_bursts(&self, actor: &Actor, straddle_midnight: bool, rng: &mut Rng) -> Vec<Burst> {
-        let needed = self.requests_to_exhaust(actor.plan, actor.chat);
+    /// One burst a day at a random time, sized to go a fifth to a half past the `needed` calls
+    /// that fill the plan's rolling chat limit (within `MAX_BURST_REQUESTS`). With
+    /// `straddle_midnight` the first burst straddles the first local midnight, so daily quotas
+    /// used up before it are seen to reset after it.
+    fn daily_bursts(&self, needed: u64, straddle_midnight: bool, rng: &mut Rng) -> Vec<Burst> {
         (0..self.shape.days)
             .map(|day| {
                 let duration_ms = rng.between(60, 150) * MINUTE_MS;
@@ -421,8 +411,7 @@ impl<'a> Builder<'a> {
         };
         let Some((from, to)) = pair else {
             // The policy has no such pair of plans: this key is an ordinary individual.
-            let mut rng = actor.rng.clone();
-            return self.give_access(actor, Access::Individual, &mut rng);
+            return self.give_access(actor, Access::Individual);
         };
         actor.access = Access::Individual;
         self.seat(actor, &format!("@{}", actor.user), from)?;

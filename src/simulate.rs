@@ -287,6 +287,7 @@ impl<'a> Simulation<'a> {
         self.planned.clear();
         let total = ordinary + burst;
         for position in 0..total {
+            // Burst and ordinary calls mixed at random, about `burst` of the former.
             let in_burst = actor.rng.below(total) < burst;
             let request = if in_burst {
                 self.catalog
@@ -376,10 +377,12 @@ impl<'a> Simulation<'a> {
             Row::UnknownKey => plans + 2,
         };
         self.rows[row_index].record(outcome);
+        if let Err(error) = outcome {
+            self.count_error(error_kind(error));
+        }
         let Some(index) = index else { return };
-        match outcome {
-            Ok(decision) => self.follow_key(index, decision, at_ms),
-            Err(error) => self.count_error(error_kind(error)),
+        if let Ok(decision) = outcome {
+            self.follow_key(index, decision, at_ms);
         }
         if let Some(change) = self.progress[index].seat_change {
             let summary = &mut self.seat_changes[change];
@@ -657,4 +660,48 @@ fn chat_bar(engine: &Engine, key: &str, at_ms: u64) -> Result<Option<LimitReport
         .limits
         .into_iter()
         .find(|limit| matches!(limit.window, Window::Rolling { .. })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_stay_well_within_what_the_engine_remembers() {
+        // Ids hash unevenly into the engine's shards: keep half the capacity free.
+        let capacity = EngineOptions::default().idempotency_capacity as u64;
+        assert!(MAX_REQUEST_IDS * 2 <= capacity);
+    }
+
+    #[test]
+    fn a_burst_sends_its_requests_across_the_slots_it_overlaps() {
+        let burst = Burst {
+            start_ms: 1_000 * SLOT_MS + SLOT_MS / 2,
+            end_ms: 1_012 * SLOT_MS + SLOT_MS / 2,
+            requests: 1_200,
+        };
+        let mut rng = Rng::new(1);
+        let mut next = 0;
+        let sent: Vec<u64> = (998..1_016)
+            .map(|slot| {
+                burst_requests_in_slot(&[burst], &mut next, slot * SLOT_MS, SLOT_MS, &mut rng)
+            })
+            .collect();
+        assert_eq!(sent.iter().sum::<u64>(), 1_200);
+        assert_eq!(&sent[..2], [0, 0]);
+        assert_eq!(sent[2], 50, "half a slot of a 100-per-slot burst");
+        assert_eq!(sent[3], 100);
+        assert_eq!(&sent[15..], [0, 0, 0]);
+    }
+
+    #[test]
+    fn every_key_kind_lands_in_its_row() {
+        assert_eq!(row_of(Access::PayAsYouGo, None), Row::PayAsYouGo);
+        assert_eq!(
+            row_of(Access::Individual, Some(PlanId(3))),
+            Row::Plan(PlanId(3))
+        );
+        assert_eq!(row_of(Access::CreditsOnly, None), Row::NoSeat);
+        assert_eq!(row_of(Access::Unseated, None), Row::NoSeat);
+    }
 }
