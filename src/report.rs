@@ -96,9 +96,9 @@ fn requests(out: &mut String, summary: &Summary) {
         totals.plan_quota,
         String::new(),
     );
-    let credits_note = format!("{} credits", credits(totals.credits_micros));
+    let credits_note = micro_credits(totals.credits_micros);
     line(out, "charged to credits", totals.credits, credits_note);
-    let payg_note = format!("{} credits", credits(totals.pay_as_you_go_micros));
+    let payg_note = micro_credits(totals.pay_as_you_go_micros);
     line(out, "pay-as-you-go", totals.pay_as_you_go, payg_note);
     line(out, "denied", totals.denied_total(), String::new());
     for (index, (_, words)) in DENIAL_REASONS.iter().enumerate() {
@@ -129,6 +129,14 @@ fn requests(out: &mut String, summary: &Summary) {
         resets_note,
     );
     out.push('\n');
+}
+
+fn micro_credits(micros: u64) -> String {
+    format!(
+        "{} micro-credits ({} credits)",
+        grouped(micros),
+        credits(micros)
+    )
 }
 
 fn note_line(out: &mut String, label: &str, count: u64, note: &str) {
