@@ -6,6 +6,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::format::grouped;
+
 pub const MIN_KEYS: u64 = 20;
 pub const MAX_KEYS: u64 = 1_000_000;
 pub const DEFAULT_KEYS: u64 = 2_000;
@@ -270,7 +272,7 @@ pub fn parse_count(option: &str, value: &str, min: u64, max: u64) -> Result<u64,
             format!("{value:?} is not a whole number"),
         ));
     }
-    let range = || format!("must be between {min} and {max}");
+    let range = || format!("must be between {} and {}", grouped(min), grouped(max));
     let number: u64 = digits
         .parse()
         .map_err(|_| simulate_error(option, format!("{value} is too large; {}", range())))?;
@@ -349,7 +351,10 @@ mod tests {
     fn values_out_of_range_are_refused_with_the_range() {
         let error = error_of("simulate --keys 5");
         assert_eq!(error.option, "--keys");
-        assert!(error.problem.contains("between 20 and 1000000"), "{error}");
+        assert!(
+            error.problem.contains("between 20 and 1,000,000"),
+            "{error}"
+        );
         assert_eq!(error_of("simulate --days 0").option, "--days");
         assert_eq!(error_of("simulate --days 61").option, "--days");
         assert_eq!(

@@ -59,7 +59,7 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
     // The wall time is not in the JSON, so the same seed prints the same JSON: say it here.
     eprintln!(
         "tally: simulated {} requests in {:.2} s",
-        summary.totals.sent,
+        format::grouped(summary.totals.sent),
         summary.wall.as_secs_f64()
     );
     print_out(&format!("{json}\n"))

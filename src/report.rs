@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use serde_json::{json, Value};
-use tally_engine::{LimitReport, Window};
+use tally_engine::LimitReport;
 
 use crate::format::{bar, credits, grouped, percent, short_duration, utc_iso8601};
 use crate::outcome::{Counts, DENIAL_REASONS};
@@ -235,11 +235,7 @@ fn limit_line(out: &mut String, limit: &LimitReport, now_ms: u64) {
 
 /// `m2.7:requests per rolling:5h` reads better as `m2.7 requests / rolling:5h`.
 fn limit_label(limit: &LimitReport) -> String {
-    let window = match limit.window {
-        Window::Rolling { .. } => limit.window.to_string(),
-        Window::Calendar(period) => period.name().to_string(),
-    };
-    format!("{} / {window}", limit.meter.replace(':', " "))
+    format!("{} / {}", limit.meter.replace(':', " "), limit.window)
 }
 
 fn role_words(role: Option<TeamRole>) -> &'static str {
