@@ -38,7 +38,7 @@ pub struct EngineOptions {
     pub max_keys: u64,
     pub max_teams: u64,
     pub max_users: u64,
-    /// Request ids remembered at once (about 400 bytes each).
+    /// Request ids remembered at once (about 1.5 KB each with their first decision).
     pub idempotency_capacity: usize,
     /// How long a request id is remembered; never less than the policy's longest window.
     pub idempotency_horizon_ms: u64,

@@ -1271,10 +1271,20 @@ mod tests {
         assert_eq!(default_bucket_ms(5 * HOUR_MS), Some(80 * SECOND_MS));
         assert_eq!(default_bucket_ms(WEEK_MS), Some(2_880 * SECOND_MS));
         assert_eq!(default_bucket_ms(60 * SECOND_MS), Some(SECOND_MS));
-        for window_ms in [HOUR_MS, 5 * HOUR_MS, DAY_MS, WEEK_MS, 30 * DAY_MS, 7_777 * SECOND_MS] {
+        for window_ms in [
+            HOUR_MS,
+            5 * HOUR_MS,
+            DAY_MS,
+            WEEK_MS,
+            30 * DAY_MS,
+            7_777 * SECOND_MS,
+        ] {
             let bucket_ms = default_bucket_ms(window_ms).expect("a bucket");
             assert_eq!(window_ms % bucket_ms, 0, "{window_ms}");
-            assert!(window_ms / bucket_ms >= DEFAULT_BUCKETS_PER_WINDOW, "{window_ms}");
+            assert!(
+                window_ms / bucket_ms >= DEFAULT_BUCKETS_PER_WINDOW,
+                "{window_ms}"
+            );
         }
     }
 
@@ -1291,15 +1301,21 @@ mod tests {
 
     #[test]
     fn a_bucket_that_does_not_divide_the_window_is_refused() {
-        let error = parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s")).expect_err("refused");
+        let error =
+            parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s")).expect_err("refused");
         assert_eq!(error.field, "plans.\"P\".limits[0].bucket");
-        assert!(error.problem.contains("does not divide"), "{}", error.problem);
+        assert!(
+            error.problem.contains("does not divide"),
+            "{}",
+            error.problem
+        );
         assert!(parse_window("f", "rolling:5h", Some("90s")).is_ok());
     }
 
     #[test]
     fn a_schema_error_names_the_field_path() {
-        let text = TOKEN_PLAN_TOML.replacen("[plans.Starter]", "[plans.Starter]\ncolour = \"red\"", 1);
+        let text =
+            TOKEN_PLAN_TOML.replacen("[plans.Starter]", "[plans.Starter]\ncolour = \"red\"", 1);
         let error = Policy::from_toml_str(&text).expect_err("refused");
         assert!(error.field.contains("Starter"), "{error}");
         assert!(error.problem.contains("colour"), "{error}");
