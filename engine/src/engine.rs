@@ -170,7 +170,9 @@ pub struct Engine {
     /// The serialised checkpoint in progress, if any (see `recovery`).
     pub(crate) checkpointing: Mutex<()>,
     /// The sequence number the latest checkpoint covers.
-    pub(crate) checkpointed_seq: Mutex<u64>,
+    // Relaxed: compared against on the commit path to decide when to checkpoint; exactness
+    // does not matter (a checkpoint a few events late is fine).
+    pub(crate) checkpointed_seq: AtomicU64,
     // Relaxed: settings read on the commit path; set once when the engine opens.
     pub(crate) checkpoint_every: AtomicU64,
     pub(crate) retention_ms: AtomicU64,
@@ -235,7 +237,7 @@ impl Engine {
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
             journal: std::sync::OnceLock::new(),
             checkpointing: Mutex::new(()),
-            checkpointed_seq: Mutex::new(0),
+            checkpointed_seq: AtomicU64::new(0),
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),

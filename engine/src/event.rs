@@ -45,7 +45,7 @@ impl GivenBack {
 pub enum ReservationEnd {
     Settled {
         settlement: Settlement,
-        extra: Option<Receipt>,
+        extra: Option<Box<Receipt>>,
     },
     Voided,
     Expired,

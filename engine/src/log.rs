@@ -730,10 +730,8 @@ impl Writer {
             if !batch.is_empty() {
                 let first = batch[0].0;
                 let last = batch[batch.len() - 1].0;
-                let mut result = self.write(&batch).map(|keys| {
-                    unflushed = true;
-                    keys
-                });
+                let mut result = self.write(&batch);
+                unflushed |= result.is_ok();
                 if let (Ok(keys), Durability::Sync) = (&result, self.shared.durability) {
                     if let Err(error) = self.syncer.flush(&self.db, self.shared.faults.as_deref()) {
                         self.unwrite(keys);

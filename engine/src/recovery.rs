@@ -211,7 +211,9 @@ impl Engine {
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
-        *engine.checkpointed_seq.lock() = replayed_from;
+        engine
+            .checkpointed_seq
+            .store(replayed_from, Ordering::Relaxed);
         let at_ms = engine.now_ms().min(crate::calendar::MAX_TIMESTAMP_MS - 1);
         if fresh {
             engine.commit(
@@ -574,7 +576,7 @@ impl Engine {
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         journal.sync()?;
         journal.write_snapshot(snapshot.seq, &bytes)?;
-        *self.checkpointed_seq.lock() = snapshot.seq;
+        self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
         Ok(snapshot.seq)
     }
 
@@ -582,7 +584,7 @@ impl Engine {
     /// commit; the caller that crosses the threshold does the work).
     pub(crate) fn maybe_checkpoint(&self, seq: u64) {
         let every = self.checkpoint_every.load(Ordering::Relaxed);
-        let last = *self.checkpointed_seq.lock();
+        let last = self.checkpointed_seq.load(Ordering::Relaxed);
         if seq.saturating_sub(last) >= every {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);

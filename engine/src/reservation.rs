@@ -331,7 +331,7 @@ impl Engine {
         };
         let end = ReservationEnd::Settled {
             settlement,
-            extra: extra_receipt,
+            extra: extra_receipt.map(Box::new),
         };
         if let Err(error) = self.log_close(&reservation, id, end, &given_back, at_ms) {
             self.take_back(&reservation.key, &given_back);
