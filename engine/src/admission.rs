@@ -315,14 +315,10 @@ pub(crate) fn price_micros(
     quantities: &Quantities,
 ) -> Result<Option<u64>, Error> {
     let resource = policy.resource(resource);
-    if !resource.is_priced() {
+    if !resource.priced {
         return Ok(None);
     }
-    let mut weights = [0; UNIT_COUNT];
-    for (index, price) in resource.price_micros.iter().enumerate() {
-        weights[index] = price.unwrap_or(0);
-    }
-    quantities.weighted(&weights).map(Some)
+    quantities.weighted(&resource.price_weights).map(Some)
 }
 
 /// Checks per-request maximums (the resource's, then the plan's).

@@ -328,12 +328,16 @@ pub struct Resource {
     pub max_per_request: [u64; UNIT_COUNT],
     /// Units every request must carry.
     pub required: [bool; UNIT_COUNT],
+    /// `price_micros` with 0 for unpriced units, and whether any unit is priced: precomputed
+    /// for the admission path.
+    pub price_weights: [u64; UNIT_COUNT],
+    pub priced: bool,
 }
 
 impl Resource {
     /// Whether credits (and pay-as-you-go) can pay for this resource.
     pub fn is_priced(&self) -> bool {
-        self.price_micros.iter().any(Option::is_some)
+        self.priced
     }
 }
 
@@ -692,6 +696,8 @@ impl Compiler {
                 price_micros,
                 max_per_request,
                 required,
+                price_weights: price_micros.map(|price| price.unwrap_or(0)),
+                priced: price_micros.iter().any(Option::is_some),
             });
         }
         Ok(())
