@@ -128,6 +128,46 @@ fn a_unit_used_at_the_start_of_a_bucket_comes_back_no_later_than_one_bucket_afte
     assert_eq!(m27_requests(&engine, &key, 2, deadline_ms), 1);
 }
 
+/// The default bucket of a 5-hour window is 80 s, 225 to the window: it divides the window, so
+/// a unit comes back at most one bucket late. Every 5-hour limit of the shipped policy has it,
+/// and so does a policy's own `rolling:5h` limit that names no bucket.
+#[test]
+fn the_default_bucket_of_a_five_hour_window_is_80_seconds() {
+    assert_eq!(BUCKET_MS, 80 * SECOND_MS);
+    assert_eq!(FIVE_HOURS_MS % BUCKET_MS, 0);
+    assert_eq!(FIVE_HOURS_MS / BUCKET_MS, 225);
+    let shipped = Policy::token_plan();
+    let is_five_hours = |window: tally_engine::Window| match window {
+        tally_engine::Window::Rolling { window_ms, .. } => window_ms == FIVE_HOURS_MS,
+        tally_engine::Window::Calendar(_) => false,
+    };
+    let five_hour_limits: Vec<_> = shipped
+        .plans()
+        .iter()
+        .flat_map(|plan| plan.limits.iter())
+        .filter(|limit| is_five_hours(limit.window))
+        .collect();
+    assert_eq!(
+        five_hour_limits.len(),
+        shipped.plans().len(),
+        "every plan has one 5-hour limit"
+    );
+    for limit in five_hour_limits {
+        assert_eq!(limit.window, five_hours(), "{}", limit.name);
+    }
+    let own = Policy::from_toml_str(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.chat]
+units = ["requests"]
+[plans.Own]
+limits = [{ resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" }]
+"#,
+    )
+    .expect("a valid policy");
+    assert_eq!(own.plans()[0].limits[0].window, five_hours());
+}
+
 #[test]
 fn quota_comes_back_as_usage_ages_out_oldest_first() {
     let engine = engine();
