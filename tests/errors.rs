@@ -163,7 +163,9 @@ fn a_unit_given_twice_is_an_error_and_changes_nothing() {
 /// them a call would pass its quota for free (a speech call without characters).
 #[test]
 fn a_request_missing_a_required_unit_is_an_error_naming_quantities_and_changes_nothing() {
-    let cases: [(&str, &[(Unit, u64)], Unit); 5] = [
+    // (resource, what the request carries, the required unit it lacks)
+    type Case<'a> = (&'a str, &'a [(Unit, u64)], Unit);
+    let cases: [Case; 5] = [
         ("m2.7", &[(Unit::Tokens, 500)], Unit::Requests),
         ("speech-2.8", &[(Unit::Requests, 1)], Unit::Characters),
         ("image-01", &[(Unit::Requests, 1)], Unit::Images),
