@@ -340,24 +340,31 @@ fn the_usage_bar_counts_each_endpoints_usage_at_its_price_across_resources() {
             "{resource}"
         );
     }
-    // Fill the rest of the bar with tokens, then the bar is full for every resource.
-    let token_micros = price_micros(&engine, "m2.7", &[(Unit::Tokens, 1)]);
-    assert_eq!((bar - spent) % token_micros, 0);
-    let rest = [(Unit::Tokens, (bar - spent) / token_micros)];
+    // A zero-priced part of a request (speech requests) moves nothing: a thousand requests
+    // with one character count one character's price. (Every speech call must carry
+    // characters, so a call of requests alone is no longer possible.)
+    let one_character = price_micros(&engine, "speech-2.8", &[(Unit::Characters, 1)]);
+    assert!(one_character > 0);
+    let many_requests = [(Unit::Characters, 1), (Unit::Requests, 1_000)];
+    assert!(consume(&engine, &key, "speech-2.8", &many_requests, T0_MS).is_admitted());
+    spent += one_character;
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), spent);
+    // Fill the rest of the bar with one m2.7 request and tokens, then the bar is full for
+    // every resource.
+    let rest = m27_worth(&engine, bar - spent);
     assert!(consume(&engine, &key, "m2.7", &rest, T0_MS).is_admitted());
     let report = limit(&engine, &key, "usage-bar", five_hours(), T0_MS);
     assert_eq!((report.used, report.remaining), (bar, 0));
     let rolling_index = limit_index(&engine, "Bar-Plus", "usage-bar", five_hours());
     for (resource, quantities) in [
-        ("m2.7", &[(Unit::Tokens, 1)][..]),
+        ("m2.7", &[(Unit::Requests, 1), (Unit::Tokens, 1)][..]),
         ("image-01", &[(Unit::Images, 1)][..]),
         ("m2.7-highspeed", &ONE_REQUEST[..]),
+        ("speech-2.8", &[(Unit::Characters, 1)][..]),
     ] {
         let (limit, _, _, _) = quota_exhausted(consume(&engine, &key, resource, quantities, T0_MS));
         assert_eq!(limit, rolling_index, "{resource}");
     }
-    // A zero-priced part of a request (speech requests) moves nothing.
-    assert!(consume(&engine, &key, "speech-2.8", &ONE_REQUEST, T0_MS).is_admitted());
     assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), bar);
 }
 
@@ -366,9 +373,9 @@ fn a_full_usage_bar_falls_to_credits() {
     let engine = engine();
     let key = seated(&engine, "ada", "Bar-Plus");
     let bar = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
-    let token_micros = price_micros(&engine, "m2.7", &[(Unit::Tokens, 1)]);
-    let all = [(Unit::Tokens, bar / token_micros)];
+    let all = m27_worth(&engine, bar);
     assert!(consume(&engine, &key, "m2.7", &all, T0_MS).is_admitted());
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), bar);
     engine
         .top_up("@ada", 1_000_000, Some(T0_MS))
         .expect("top up");

@@ -1084,7 +1084,6 @@ proptest! {
     }
 
     #[test]
-    #[ignore = "engine bug: a check refused by a later limit gives back units the earlier limits never took"]
     fn the_engine_agrees_with_the_model_when_checks_are_refused_by_a_later_limit(
         start in start(),
         ops in prop::collection::vec(op(), 1..120),
@@ -1134,7 +1133,6 @@ fn new_york_engine(start_ms: u64) -> Engine {
 
 /// Minimised from the model test (seat on Big, then one `check` of one chat request).
 #[test]
-#[ignore = "engine bug: a key's first check allocates its usage, so usage() then gives daily limits a reset time"]
 fn check_leaves_the_usage_report_as_it_was() {
     let at_ms = 1_772_931_600_000;
     let engine = new_york_engine(at_ms);
@@ -1222,7 +1220,6 @@ fn the_check_rollback_reproductions_start_from_half_an_hour_before_midnight() {
 /// take one unit off the rolling window; at 00:10, inside the same rolling hour, ten more
 /// requests are admitted: fifteen in one hour on a limit of ten.
 #[test]
-#[ignore = "engine bug: a check refused by the daily limit gives back rolling units it never took (over-admission)"]
 fn a_check_refused_by_the_daily_limit_frees_no_rolling_quota() {
     let at_ms = HALF_AN_HOUR_BEFORE_MIDNIGHT_MS;
     let engine = solo_engine(ROLLING_THEN_DAILY, at_ms);
@@ -1246,7 +1243,6 @@ fn a_check_refused_by_the_daily_limit_frees_no_rolling_quota() {
 /// builds ("rolling total would go below zero"), and in release builds the count wraps to
 /// u64::MAX, which locks the key out of its plan for good.
 #[test]
-#[ignore = "engine bug: checks refused by the daily limit drive the rolling count below zero (wraps in release)"]
 fn checks_refused_by_the_daily_limit_never_take_the_rolling_count_below_zero() {
     let at_ms = HALF_AN_HOUR_BEFORE_MIDNIGHT_MS;
     let engine = solo_engine(ROLLING_THEN_DAILY, at_ms);
@@ -1262,7 +1258,6 @@ fn checks_refused_by_the_daily_limit_never_take_the_rolling_count_below_zero() {
 /// The same bug with the limits the other way round: checks refused by the rolling limit take
 /// units off the daily count.
 #[test]
-#[ignore = "engine bug: a check refused by the rolling limit gives back daily units it never took"]
 fn a_check_refused_by_the_rolling_limit_frees_no_daily_quota() {
     let at_ms = HALF_AN_HOUR_BEFORE_MIDNIGHT_MS - 12 * HOUR_MS;
     let engine = solo_engine(DAILY_THEN_ROLLING, at_ms);
@@ -1331,16 +1326,25 @@ fn a_clock_stepped_back_counts_at_the_newest_time_and_releases_nothing_early() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The one-bucket bound when the window is not a whole number of buckets.
+// The one-bucket bound on the shipped 5-hour windows.
 
-/// The shipped policy's 5-hour windows have the default bucket, 5h / 210 rounded down to whole
-/// seconds: 85 s, so the ring spans ceil(18,000 / 85) = 212 buckets plus the current one, and a
-/// unit used at the start of a bucket is released 213 x 85 s = 5h 1m 45s later: 105 s, not at
-/// most 85 s, after the window. `window.rs` promises at most one bucket.
+/// The shipped policy's 5-hour windows have the default bucket. It used to be 5h / 210 rounded
+/// down to whole seconds, 85 s, which does not divide 5 h: the ring spanned 212 buckets and a
+/// unit used at the start of a bucket came back 105 s after the window. The default now divides
+/// the window (80 s, 225 buckets), and `window.rs` promises at most one bucket late.
 #[test]
-#[ignore = "engine bug: a window that is not a whole number of buckets releases up to two buckets late (shipped 5h windows: 105 s, bucket 85 s)"]
 fn the_shipped_five_hour_window_releases_within_one_bucket_of_its_edge() {
-    let bucket_ms = 85 * SECOND_MS;
+    let policy = Policy::token_plan();
+    let starter = policy.plan(policy.plan_id("Starter").expect("Starter"));
+    let Window::Rolling {
+        window_ms,
+        bucket_ms,
+    } = starter.limits[0].window
+    else {
+        panic!("Starter's first limit is rolling: {:?}", starter.limits[0]);
+    };
+    assert_eq!((window_ms, bucket_ms), (5 * HOUR_MS, 80 * SECOND_MS));
+    assert_eq!(window_ms % bucket_ms, 0);
     let start_ms = 1_790_000_000_000 / bucket_ms * bucket_ms; // the start of a bucket
     let engine = Engine::new(
         Policy::token_plan(),

@@ -53,11 +53,19 @@ pub fn engine() -> Engine {
 }
 
 pub fn engine_with(policy: Policy) -> Engine {
-    Engine::new(
-        policy,
-        Arc::new(ManualClock::new(T0_MS)),
-        EngineOptions::default(),
-    )
+    engine_on_clock_with(policy).0
+}
+
+/// The default engine and its clock, for what the engine measures on its own clock rather than
+/// on request timestamps (how long request ids are remembered, lease expiry on `reserve`).
+pub fn engine_on_clock() -> (Engine, Arc<ManualClock>) {
+    engine_on_clock_with(Policy::token_plan())
+}
+
+pub fn engine_on_clock_with(policy: Policy) -> (Engine, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+    (engine, clock)
 }
 
 /// The plan key of `user` in their Default Team.
@@ -124,6 +132,28 @@ pub fn admit_count(
     (0..count)
         .filter(|_| consume(engine, key, resource, &[(unit, 1)], at_ms).is_admitted())
         .count() as u64
+}
+
+/// m2.7 quantities whose price is exactly `micros`: the one request every m2.7 call must carry
+/// (the resource's required unit), the rest in tokens. For filling the shared usage bar.
+pub fn m27_worth(engine: &Engine, micros: u64) -> Vec<(Unit, u64)> {
+    let request_micros = price_micros(engine, "m2.7", &[(Unit::Requests, 1)]);
+    let token_micros = price_micros(engine, "m2.7", &[(Unit::Tokens, 1)]);
+    assert!(
+        micros >= request_micros,
+        "{micros} is less than one m2.7 request"
+    );
+    let rest = micros - request_micros;
+    assert_eq!(
+        rest % token_micros,
+        0,
+        "{micros} is not a whole number of tokens"
+    );
+    let mut quantities = vec![(Unit::Requests, 1)];
+    if rest > 0 {
+        quantities.push((Unit::Tokens, rest / token_micros));
+    }
+    quantities
 }
 
 /// Consumes single m2.7 requests at `at_ms`; returns how many were admitted.
