@@ -1014,7 +1014,6 @@ fn a_policy_swap_that_drops_a_seated_plan_is_refused_and_changes_nothing() {
 }
 
 #[test]
-#[ignore = "engine bug: a swap giving only Starter's 5h limit a 60 s bucket drops its 1,500 used at once (other plans keep the 80 s counter; same_counter_in matches that one first, so the usage goes dormant there)"]
 fn a_policy_swap_that_changes_the_bucket_width_keeps_usage() {
     let engine = engine();
     let key = seated(&engine, "ada", "Starter");

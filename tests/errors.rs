@@ -706,7 +706,6 @@ fn a_bucket_wider_than_half_the_window_is_refused_naming_the_limits_bucket() {
 }
 
 #[test]
-#[ignore = "engine bug: bucket = \"0s\" panics in Policy::from_toml_str (parse_window takes window_ms % bucket_ms before checking bucket >= 1 s: remainder by zero) instead of refusing the limit's bucket"]
 fn a_zero_bucket_is_refused_naming_the_limits_bucket() {
     let text = with_limit(
         r#"{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "0s" }"#,

@@ -219,15 +219,28 @@ impl KeyUsage {
         let mut counters = Vec::with_capacity(carried.len() + 4);
         if let Some(plan) = plan {
             for limit in &policy.plan(plan).limits {
-                let state = match carried
+                // The same counter, or else the same meter over the same span with other
+                // buckets (a swap that changed this plan's bucket width only): reshaped.
+                let same_span = |counter: &Counter| {
+                    let spec = policy.counter(counter.id);
+                    spec.meter == limit.meter && spec.window.span_equals(limit.window)
+                };
+                let found = carried
                     .iter()
                     .position(|counter| counter.id == limit.counter)
-                {
-                    Some(position) => widened(
-                        carried.swap_remove(position).state,
-                        limit.window,
-                        limit.amount,
-                    ),
+                    .or_else(|| carried.iter().position(same_span));
+                let state = match found {
+                    Some(position) => {
+                        let counter = carried.swap_remove(position);
+                        let from = policy.counter(counter.id).window;
+                        let state = match (counter.state, from.shape(), limit.window.shape()) {
+                            (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
+                                WindowState::Rolling(window.reshaped(from, to, limit.amount))
+                            }
+                            (state, _, _) => state,
+                        };
+                        widened(state, limit.window, limit.amount)
+                    }
                     None => WindowState::new(limit.window, limit.amount),
                 };
                 counters.push(Counter {

@@ -307,6 +307,14 @@ impl Window {
     }
 }
 
+impl Window {
+    /// Whether two windows count the same span: equal, or rolling over the same duration with
+    /// buckets of another width (the usage carries over, reshaped).
+    pub fn span_equals(&self, other: Window) -> bool {
+        same_window_ignoring_buckets(*self, other)
+    }
+}
+
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -525,12 +533,16 @@ impl Policy {
     pub fn same_counter_in(&self, counter: CounterId, other: &Policy) -> Option<CounterId> {
         let spec = self.counter(counter);
         let meter_name = &self.meter(spec.meter).name;
+        let same_meter = |candidate: &CounterSpec| other.meter(candidate.meter).name == *meter_name;
         other
             .counters
             .iter()
-            .position(|candidate| {
-                same_window_ignoring_buckets(candidate.window, spec.window)
-                    && other.meter(candidate.meter).name == *meter_name
+            .position(|candidate| same_meter(candidate) && candidate.window == spec.window)
+            .or_else(|| {
+                other.counters.iter().position(|candidate| {
+                    same_meter(candidate)
+                        && same_window_ignoring_buckets(candidate.window, spec.window)
+                })
             })
             .map(|index| CounterId(index as u16))
     }
@@ -1136,6 +1148,9 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
             )
         })?,
     };
+    if bucket_ms < MIN_BUCKET_MS {
+        return Err(PolicyError::new(bucket_field, "a bucket lasts at least 1s"));
+    }
     if window_ms % bucket_ms != 0 {
         return Err(PolicyError::new(
             bucket_field,
