@@ -450,6 +450,9 @@ pub fn populate(engine: &Engine) -> World {
         ("key-ada-acme", "image-01", Images, 1, "req-a2"),
         ("key-bob-acme", "m2.7", Requests, 5, "req-b1"),
         ("key-bob-acme", "image-01", Images, 1, "req-b2"),
+        // Left unrefunded: from Starter's quota, and from acme's credits (Starter does not
+        // cover images).
+        ("key-bob-acme", "image-01", Images, 2, "req-b3"),
     ];
     for (key, resource, unit, amount, id) in acme {
         out.push(consume_id(
