@@ -339,6 +339,41 @@ fn a_request_id_admitted_in_a_consume_many_batch_is_recognised_after_a_reopen() 
     assert_same_state(&state(&engine, &KEYS, &TEAMS, T0_MS), &before, "state");
 }
 
+/// A request id is remembered for the idempotency horizon (at least the longest window: a
+/// week and an hour with the default policy). Used again after that, it is admitted anew and
+/// remembered from then on. Replay restores a request id with `RequestTable::restore`, which
+/// keeps the first record of an id and ignores later ones: after a reopen the id carries its
+/// first, expired arrival time, is dropped at once, and a retry of the second admission is
+/// admitted and counted a third time.
+#[test]
+#[ignore = "engine bug: replay keeps the first of two admissions of a request id, so a retry is counted twice"]
+fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() {
+    let dir = TempDir::new("id-readmitted");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("reused");
+    let first = engine.consume(&request.at(T0_MS)).unwrap();
+    let later_ms = T0_MS + 8 * DAY_MS;
+    let second = engine.consume(&request.at(later_ms)).unwrap();
+    assert!(second.is_admitted());
+    assert_ne!(second, first, "past the horizon the id is admitted anew");
+    let before = engine.usage("key-ada", Some(later_ms)).unwrap();
+    assert_eq!(before.limits[0].used, 1);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let retry = engine.consume(&request.at(later_ms + SECOND_MS)).unwrap();
+    assert_eq!(retry, second, "a retry returns the second admission");
+    assert_eq!(
+        engine.usage("key-ada", Some(later_ms)).unwrap(),
+        before,
+        "counted once"
+    );
+}
+
 /// The balance a withdrawal leaves survives every kind of restart.
 #[test]
 fn a_withdrawal_survives_a_reopen_in_the_balance() {
@@ -414,6 +449,32 @@ fn a_request_id_denied_before_a_reopen_returns_the_same_denial_after_it() {
         Ok(first),
         "the reopened engine should too"
     );
+}
+
+/// A key's window counters are created lazily, on its first request, even a denied one; a
+/// calendar limit with counters reports its period's end as `reset_at_ms`, one without reports
+/// `None`. A denied request logs nothing, so a reopen (without a checkpoint after it) forgets
+/// the counters and the report changes, with no usage anywhere.
+#[test]
+#[ignore = "engine bug: a denied request makes a calendar limit report a reset time that a reopen forgets"]
+fn a_usage_report_after_a_denied_request_is_the_same_after_a_reopen() {
+    let dir = TempDir::new("denied-report");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let videos = [(Unit::Videos, 3)];
+    let request = UsageRequest::new("key-ada", "hailuo-2.3-768p-6s", &videos).at(T0_MS);
+    let denied = engine.consume(&request).unwrap();
+    assert!(
+        !denied.is_admitted(),
+        "3 videos exceed Max's 2 a day: {denied:?}"
+    );
+    let before = engine.usage("key-ada", Some(T0_MS)).unwrap();
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.usage("key-ada", Some(T0_MS)).unwrap(), before);
 }
 
 // ---------------------------------------------------------------------------------------------
