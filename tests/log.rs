@@ -921,6 +921,61 @@ fn verify_reports_a_sound_database_as_sound_with_a_matching_snapshot() {
     assert_eq!(last_seq(&engine), events + 1);
 }
 
+/// A closed reservation is remembered for the idempotency horizon (a week and an hour with
+/// the default policy), then forgotten by the next reservation call, which logs nothing. The
+/// live engine's snapshot no longer holds it; `verify` replays the log onto the snapshot
+/// before, where nothing forgets it, and reports a mismatch on a sound database.
+#[test]
+#[ignore = "engine bug: verify reports a snapshot mismatch once a closed reservation has aged out"]
+fn verify_stays_sound_after_a_closed_reservation_ages_out() {
+    let dir = TempDir::new("verify-aged-reservation");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS);
+    let id = engine.reserve(&request, None).unwrap().reservation.unwrap();
+    engine.settle(id, &[], Some(T0_MS)).unwrap();
+    engine.checkpoint().unwrap();
+    let later_ms = T0_MS + 8 * DAY_MS;
+    assert_eq!(engine.expire_reservations(Some(later_ms)), Ok(0));
+    assert!(matches!(
+        engine.void(id, Some(later_ms)),
+        Err(Error::UnknownReservation { .. })
+    ));
+    engine.top_up("@ada", 1, Some(later_ms)).unwrap();
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
+/// The same for request ids: an id older than the horizon is dropped from the live table
+/// when a later request lands in its shard; replay onto the snapshot before keeps it.
+#[test]
+#[ignore = "engine bug: verify reports a snapshot mismatch once a request id has aged out"]
+fn verify_stays_sound_after_a_request_id_ages_out() {
+    let dir = TempDir::new("verify-aged-id");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities);
+    engine.consume(&request.at(T0_MS).id("old")).unwrap();
+    engine.checkpoint().unwrap();
+    // Enough new ids to land in every one of the 64 idempotency shards.
+    let later_ms = T0_MS + 8 * DAY_MS;
+    let ids: Vec<String> = (0..400).map(|index| format!("new-{index}")).collect();
+    let batch: Vec<_> = ids.iter().map(|id| request.at(later_ms).id(id)).collect();
+    assert!(engine.consume_many(&batch).iter().all(Result::is_ok));
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
 fn assert_names_record(problem: &str, first: u64) {
     assert!(
         problem.contains(&format!("log record {first}")),

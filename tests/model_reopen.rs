@@ -1,12 +1,13 @@
 //! A durable engine against one that never closes.
 //!
 //! Random sequences of consume (with and without request ids, retries included), check,
-//! top-up, seat changes, time steps, reserve, settle, void, refund, checkpoint and
-//! close-and-reopen (by `close()` or by drop) run side by side on an engine opened on a fresh
+//! top-up, seat changes, time steps, reserve, settle, void, refund, policy swaps, checkpoint
+//! and close-and-reopen (by `close()` or by drop) run side by side on an engine opened on a fresh
 //! temporary directory and on an in-memory twin (`Engine::new`). After every step the two must
 //! have answered the same thing and report the same state (every key's usage report, every
 //! team's balance, the open reservations); after every reopen, the reopened engine's state must
-//! equal the state just before it.
+//! equal the state just before it. Each case ends with `verify`: sound, and the last snapshot
+//! equal to a replay of the log.
 //!
 //! Each case also draws the durability mode and how often the engine checkpoints by itself
 //! (every 3 or 10 events, or practically never), so replay from the start, from a checkpoint,
@@ -22,7 +23,9 @@
 //! - `withdraw_credits` is not among the operations (its effect on `credits_charged_micros` is
 //!   not replayed as applied);
 //! - reports are compared with the reset time of unused calendar limits taken out (a denied
-//!   request creates the counters that show it; a reopen forgets them).
+//!   request creates the counters that show it; a reopen forgets them);
+//! - past the idempotency horizon, `verify`'s "snapshot does not match a replay" is tolerated
+//!   (it does not forget aged-out closed reservations and request ids as the engine does).
 //!
 //! `PROPTEST_CASES` sets the number of cases (default 64, about 10 s in debug).
 
@@ -75,8 +78,25 @@ max_open_reservations = 2
 limits = [{ meter = "bar", amount = 30000, window = "rolling:2h" }]
 "#;
 
+/// The policies a case swaps between: 0 is `POLICY`; 1 changes amounts (usage carries over);
+/// 2 also changes Small's rolling window to 90 minutes (its usage there starts afresh).
+fn policy_version(version: usize) -> Policy {
+    let text = match version {
+        0 => POLICY.to_string(),
+        1 => POLICY
+            .replace("amount = 6,", "amount = 9,")
+            .replace("amount = 3,", "amount = 5,"),
+        _ => POLICY.replace(
+            "amount = 6, window = \"rolling:1h\"",
+            "amount = 7, window = \"rolling:90m\"",
+        ),
+    };
+    assert!(version == 0 || text != POLICY, "policy {version} differs");
+    Policy::from_toml_str(&text).expect("a valid policy")
+}
+
 fn policy() -> Policy {
-    Policy::from_toml_str(POLICY).expect("a valid policy")
+    policy_version(0)
 }
 
 /// Plan keys u0..u3 (own Default Teams), c0 and c1 (u0 and u1 in team crew), and a
@@ -147,6 +167,9 @@ enum Op {
     Reopen {
         close: bool,
     },
+    SwapPolicy {
+        version: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -179,6 +202,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|which| Op::Refund { which }),
         1 => Just(Op::Checkpoint),
         2 => any::<bool>().prop_map(|close| Op::Reopen { close }),
+        1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
     ]
 }
 
@@ -217,6 +241,8 @@ struct Run {
     next_id: u64,
     reservations: Vec<ReservationId>,
     reopens: u32,
+    /// The policy in force (reopening passes it, as a deployment would).
+    policy_version: usize,
 }
 
 impl Run {
@@ -242,6 +268,7 @@ impl Run {
             next_id: 0,
             reservations: Vec::new(),
             reopens: 0,
+            policy_version: 0,
         };
         run.create_accounts(&setup.seats);
         run
@@ -376,6 +403,14 @@ impl Run {
                 self.durable().checkpoint().expect("checkpoint");
             }
             Op::Reopen { close } => self.reopen(*close),
+            Op::SwapPolicy { version } => {
+                let at = Some(self.now_ms);
+                self.both("swap", |engine| {
+                    engine.swap_policy(policy_version(*version), at)
+                })
+                .expect("every policy keeps every plan");
+                self.policy_version = *version;
+            }
         }
     }
 
@@ -423,6 +458,26 @@ impl Run {
         }
     }
 
+    /// Closes the durable engine and checks the database: sound, and its latest snapshot
+    /// equal to a replay of the log. Once the case has run past the idempotency horizon, a
+    /// closed reservation or request id may have aged out, which `verify` mistakes for a
+    /// mismatch (known bug, ignored reproductions in `log.rs`): only then is that one problem
+    /// tolerated.
+    fn verify(mut self) {
+        self.durable.take().expect("open").close().expect("close");
+        let report = Engine::verify(self.dir.path(), self.options.clone()).expect("verify");
+        let aged = self.now_ms - START_MS > policy().longest_window_ms();
+        let problems: Vec<&String> = report
+            .problems
+            .iter()
+            .filter(|problem| !(aged && problem.contains("does not match a replay")))
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
+        if !aged {
+            assert_eq!(report.snapshot_matches_replay, Some(true));
+        }
+    }
+
     fn reopen(&mut self, close: bool) {
         let before = observed(self.durable(), self.now_ms);
         let engine = self.durable.take().expect("open");
@@ -433,7 +488,7 @@ impl Run {
         }
         let engine = Engine::open(
             self.dir.path(),
-            policy(),
+            policy_version(self.policy_version),
             self.clock.clone(),
             self.options.clone(),
         )
@@ -512,6 +567,7 @@ proptest! {
         run.compare_states("after the final drop");
         run.reopen(true);
         run.compare_states("after the final close");
+        run.verify();
     }
 }
 
@@ -605,5 +661,6 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
         }
         assert!(run.reopens >= 12);
         assert!(!run.admitted.is_empty() && !run.reservations.is_empty());
+        run.verify();
     }
 }
