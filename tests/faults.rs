@@ -442,3 +442,45 @@ fn after_a_failure_the_engine_reopens_with_the_same_faults_object_and_works() {
         4
     );
 }
+
+/// Without `Sync`, a call returns before its event is written, so a write that fails later
+/// cannot fail the call: the log is failed for every later call, and a reopen holds exactly
+/// what was written before the failure; the acknowledged request that failed is gone (the
+/// durability modes' documented trade-off, without a crash). In memory it stays counted until
+/// the reopen.
+#[test]
+fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_was_written() {
+    for durability in [Durability::Interval { ms: 20 }, Durability::None] {
+        let dir = TempDir::new("fault-interval");
+        let faults = Faults::new();
+        let options = OpenOptions {
+            durability,
+            faults: Some(Arc::clone(&faults)),
+            ..OpenOptions::default()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        create_accounts(&engine);
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        engine.sync().expect("written and durable");
+        faults.fail_next_inserts(1);
+        let acknowledged = engine.consume(&request);
+        engine
+            .sync()
+            .expect_err("the write behind the acknowledgement failed");
+        let later = engine.consume(&request);
+        assert_storage_error(&later, "a later consume");
+        assert_storage_error(&engine.top_up("@bob", 1, Some(T0_MS)), "a later top-up");
+        drop(engine);
+        let engine = open_token_plan(dir.path(), options);
+        let used = engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used;
+        // Usually acknowledged before the writer failed (and now lost); if the writer failed
+        // first, the call saw it and gave its effect back. Either way only the first counts.
+        let admitted = matches!(&acknowledged, Ok(decision) if decision.is_admitted());
+        let refused = matches!(&acknowledged, Err(Error::Storage { .. }));
+        assert!(admitted || refused, "{acknowledged:?}");
+        assert_eq!(used, 1, "{durability:?}");
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+}
