@@ -22,8 +22,8 @@ pub const DAY_MS: u64 = 24 * HOUR_MS;
 /// 2026-09-21T13:46:40Z: every test runs around here, with explicit timestamps.
 pub const T0_MS: u64 = 1_790_000_000_000;
 
-/// A database directory under the system's temporary directory, unique to this process and
-/// call, removed when dropped.
+/// A database directory (or file) under the system's temporary directory, unique to this
+/// process and call, removed when dropped.
 #[derive(Debug)]
 pub struct TempDir {
     path: PathBuf,
@@ -57,7 +57,12 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
+        // Some tests put a plain file at the path.
+        if self.path.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
