@@ -1,0 +1,486 @@
+//! Storage faults: a record insert or a durable flush that fails (`Faults`, `Sync` durability)
+//! makes the call that needed it return `Error::Storage` with nothing applied, in memory or on
+//! disk, and fails the log until the engine is reopened.
+//!
+//! Every case builds the same world in a durable engine and in an in-memory twin, runs the call
+//! on the twin first (it must succeed and change something: the call is worth failing), injects
+//! one fault, runs the call on the durable engine and checks:
+//! - it returns a Storage error, and the state (every usage report, every balance, open
+//!   reservations, keys and teams that the call would have created) is what it was;
+//! - later calls that would log are refused with a Storage error, still changing nothing;
+//! - after closing, the database verifies sound and holds no event of the failed call;
+//! - after reopening, the state is what it was, and the same call now succeeds with exactly the
+//!   twin's outcome and leaves exactly the twin's state.
+
+mod log_support;
+
+use std::sync::Arc;
+
+use log_support::*;
+use tally_engine::{
+    AdjustmentDirection, Decision, Durability, Engine, Error, Faults, OpenOptions, Policy,
+    ReservationId, Unit, UsageReport, UsageRequest,
+};
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Insert,
+    Flush,
+}
+
+fn options(faults: &Arc<Faults>) -> OpenOptions {
+    OpenOptions {
+        durability: Durability::Sync,
+        faults: Some(Arc::clone(faults)),
+        ..OpenOptions::default()
+    }
+}
+
+/// The time every call of a case runs at.
+const AT_MS: u64 = POPULATED_MS + 10 * 60 * 1_000;
+
+/// Keys, teams and users a call may create, probed beside the world's.
+const NEW_KEYS: [&str; 3] = ["key-zed", "key-cy-acme", "payg-ada"];
+const NEW_TEAMS: [&str; 2] = ["@zed", "beta"];
+
+/// What a caller can observe: the world's state, and whether the things a call may create
+/// exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observed {
+    state: State,
+    new_keys: Vec<Result<UsageReport, Error>>,
+    new_teams: Vec<Result<u64, Error>>,
+}
+
+fn observe(engine: &Engine) -> Observed {
+    Observed {
+        state: state(engine, &KEYS, &TEAMS, AT_MS),
+        new_keys: NEW_KEYS
+            .iter()
+            .map(|key| engine.usage(key, Some(AT_MS)))
+            .collect(),
+        new_teams: NEW_TEAMS
+            .iter()
+            .map(|team| engine.credits_micros(team))
+            .collect(),
+    }
+}
+
+#[track_caller]
+fn assert_same(actual: &Observed, expected: &Observed, context: &str) {
+    assert_same_state(&actual.state, &expected.state, context);
+    assert_eq!(actual.new_keys, expected.new_keys, "{context}: new keys");
+    assert_eq!(actual.new_teams, expected.new_teams, "{context}: new teams");
+}
+
+#[track_caller]
+fn assert_storage_error<T: std::fmt::Debug>(result: &Result<T, Error>, context: &str) {
+    assert!(
+        matches!(result, Err(Error::Storage { .. })),
+        "{context}: expected a Storage error, got {result:?}"
+    );
+}
+
+/// A call under test: its outcome as text, or the error.
+type Call = dyn Fn(&Engine, &World) -> Result<String, Error>;
+
+fn fault_case(label: &str, fault: Fault, call: &Call) {
+    let dir = TempDir::new(&format!("fault-{label}-{fault:?}"));
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let twin = twin(Policy::token_plan());
+    let world = populate(&engine);
+    assert_eq!(world, populate(&twin));
+    let before = observe(&engine);
+    assert_same(&before, &observe(&twin), "before the call");
+    let expected = call(&twin, &world).expect("the call succeeds without a fault");
+    let expected_after = observe(&twin);
+    assert_ne!(expected_after, before, "the call changes something");
+    let events = last_seq(&engine);
+
+    match fault {
+        Fault::Insert => faults.fail_next_inserts(1),
+        Fault::Flush => faults.fail_next_flushes(1),
+    }
+    let failed = call(&engine, &world);
+    assert_storage_error(&failed, "the failed call");
+    assert_same(
+        &observe(&engine),
+        &before,
+        "in memory after the failed call",
+    );
+
+    // The log is failed: calls that would log are refused, and change nothing either.
+    let one = [(Unit::Requests, 1)];
+    let later = engine.consume(&UsageRequest::new("key-bob", "m2.7", &one).at(AT_MS));
+    assert_storage_error(&later, "a later consume");
+    assert_storage_error(&engine.top_up("@bob", 1, Some(AT_MS)), "a later top-up");
+    assert_storage_error(&call(&engine, &world), "the same call again");
+    assert_same(&observe(&engine), &before, "after the refused calls");
+    drop(engine);
+
+    let report = Engine::verify(dir.path(), options(&faults)).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+    assert_eq!(
+        report.last_seq, events,
+        "no event of the failed call is on disk"
+    );
+
+    let engine = open_token_plan(dir.path(), options(&faults));
+    assert_same(&observe(&engine), &before, "on disk");
+    assert_eq!(last_seq(&engine), events);
+    assert_eq!(
+        call(&engine, &world),
+        Ok(expected),
+        "the call after reopening"
+    );
+    assert_same(
+        &observe(&engine),
+        &expected_after,
+        "after the call succeeded",
+    );
+    assert!(last_seq(&engine) > events, "the successful call was logged");
+}
+
+fn both_faults(label: &str, call: &Call) {
+    fault_case(label, Fault::Insert, call);
+    fault_case(label, Fault::Flush, call);
+}
+
+fn admitted(decision: Result<Decision, Error>, charged: &str) -> Result<String, Error> {
+    let decision = decision?;
+    let text = format!("{decision:?}");
+    assert!(decision.is_admitted(), "{text}");
+    assert!(text.contains(charged), "charged to {charged}: {text}");
+    Ok(text)
+}
+
+fn open_reservation(world: &World, key: &str) -> ReservationId {
+    world
+        .open
+        .iter()
+        .find(|(_, holder)| holder == key)
+        .map(|(id, _)| *id)
+        .unwrap_or_else(|| panic!("{key} holds an open reservation"))
+}
+
+#[test]
+fn a_failed_consume_from_plan_quota_admits_nothing_and_changes_nothing() {
+    both_faults("consume-quota", &|engine, _| {
+        let quantities = [(Unit::Requests, 3), (Unit::Tokens, 500)];
+        let request = UsageRequest::new("key-bob", "m2.7", &quantities).at(AT_MS);
+        admitted(engine.consume(&request), "PlanQuota")
+    });
+}
+
+#[test]
+fn a_failed_consume_charged_to_credits_admits_nothing_and_changes_nothing() {
+    both_faults("consume-credits", &|engine, _| {
+        let quantities = [(Unit::Requests, 2)];
+        let request = UsageRequest::new("key-dee", "m2.7", &quantities).at(AT_MS);
+        admitted(engine.consume(&request), "Credits")
+    });
+}
+
+#[test]
+fn a_failed_consume_on_a_usage_bar_admits_nothing_and_changes_nothing() {
+    both_faults("consume-bar", &|engine, _| {
+        let quantities = [(Unit::Characters, 500)];
+        let request = UsageRequest::new("key-cy", "speech-2.8", &quantities).at(AT_MS);
+        admitted(engine.consume(&request), "PlanQuota")
+    });
+}
+
+#[test]
+fn a_failed_pay_as_you_go_consume_records_no_spend() {
+    both_faults("consume-payg", &|engine, _| {
+        let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2_000)];
+        let request = UsageRequest::new("payg-dee", "m2.7", &quantities).at(AT_MS);
+        admitted(engine.consume(&request), "PayAsYouGo")
+    });
+}
+
+#[test]
+fn a_failed_consume_with_a_request_id_does_not_remember_the_id() {
+    // After reopening, the same id is decided afresh (and admitted): nothing remembered it.
+    both_faults("consume-id", &|engine, _| {
+        let quantities = [(Unit::Requests, 4)];
+        let request = UsageRequest::new("key-ada-acme", "m2.7", &quantities)
+            .at(AT_MS)
+            .id("fault-id");
+        admitted(engine.consume(&request), "PlanQuota")
+    });
+}
+
+#[test]
+fn a_failed_consume_many_admits_none_of_its_requests() {
+    both_faults("consume-many", &|engine, _| {
+        let quota = [(Unit::Requests, 3)];
+        let credits = [(Unit::Requests, 1)];
+        let requests = [
+            UsageRequest::new("key-bob", "m2.7", &quota).at(AT_MS),
+            UsageRequest::new("key-dee", "m2.7", &credits).at(AT_MS),
+            UsageRequest::new("key-ada-acme", "m2.7", &quota)
+                .at(AT_MS)
+                .id("many-1"),
+            UsageRequest::new("key-eve", "image-01", &[(Unit::Images, 1)]).at(AT_MS),
+        ];
+        let results = engine.consume_many(&requests);
+        assert_eq!(results.len(), requests.len());
+        if let Some(error) = results.iter().find_map(|result| result.clone().err()) {
+            // All or nothing: every request of a failed batch answers the error.
+            assert!(
+                results.iter().all(|result| result.is_err()),
+                "a batch half failed: {results:?}"
+            );
+            return Err(error);
+        }
+        assert!(results
+            .iter()
+            .all(|result| matches!(result, Ok(d) if d.is_admitted())));
+        Ok(format!("{results:?}"))
+    });
+}
+
+#[test]
+fn a_failed_reserve_holds_nothing_and_opens_no_reservation() {
+    both_faults("reserve", &|engine, _| {
+        let quantities = [(Unit::Requests, 5)];
+        let request = UsageRequest::new("key-bob", "m2.7", &quantities).at(AT_MS);
+        let outcome = engine.reserve(&request, Some(60 * 60 * 1_000))?;
+        assert!(outcome.reservation.is_some());
+        Ok(format!("{outcome:?}"))
+    });
+}
+
+#[test]
+fn a_failed_reserve_charged_to_credits_holds_nothing() {
+    both_faults("reserve-credits", &|engine, _| {
+        let quantities = [(Unit::Requests, 2)];
+        let request = UsageRequest::new("key-dee", "m2.7", &quantities).at(AT_MS);
+        let outcome = engine.reserve(&request, None)?;
+        assert!(outcome.reservation.is_some());
+        Ok(format!("{outcome:?}"))
+    });
+}
+
+#[test]
+fn a_failed_settle_for_less_than_the_estimate_gives_nothing_back_and_keeps_it_open() {
+    both_faults("settle-less", &|engine, world| {
+        let id = open_reservation(world, "key-bob");
+        let outcome = engine.settle(id, &[(Unit::Requests, 12)], Some(AT_MS))?;
+        Ok(format!("{outcome:?}"))
+    });
+}
+
+#[test]
+fn a_failed_settle_for_more_than_the_estimate_charges_nothing_extra_and_keeps_it_open() {
+    both_faults("settle-more", &|engine, world| {
+        let id = open_reservation(world, "key-dee");
+        let outcome = engine.settle(id, &[(Unit::Requests, 4)], Some(AT_MS))?;
+        let text = format!("{outcome:?}");
+        assert!(text.contains("extra: Some(Credits"), "{text}");
+        Ok(text)
+    });
+}
+
+#[test]
+fn a_failed_void_frees_nothing_and_keeps_the_reservation_open() {
+    both_faults("void", &|engine, world| {
+        let id = open_reservation(world, "key-bob");
+        engine.void(id, Some(AT_MS)).map(|()| "voided".into())
+    });
+}
+
+#[test]
+fn a_failed_top_up_adds_no_credits() {
+    both_faults("top-up", &|engine, _| {
+        engine
+            .top_up("@bob", 250_000, Some(AT_MS))
+            .map(|balance| balance.to_string())
+    });
+}
+
+#[test]
+fn a_failed_withdrawal_takes_no_credits() {
+    both_faults("withdraw", &|engine, _| {
+        engine
+            .withdraw_credits("acme", 40_000, Some(AT_MS))
+            .map(|balance| balance.to_string())
+    });
+}
+
+#[test]
+fn a_failed_seat_assignment_leaves_the_old_seat() {
+    both_faults("assign-seat", &|engine, _| {
+        engine
+            .assign_seat("@ada", "ada", "Max", Some(AT_MS))
+            .map(|()| "seated".into())
+    });
+}
+
+#[test]
+fn a_failed_seat_removal_leaves_the_seat() {
+    both_faults("unassign-seat", &|engine, _| {
+        engine
+            .unassign_seat("acme", "bob", Some(AT_MS))
+            .map(|()| "unseated".into())
+    });
+}
+
+#[test]
+fn a_failed_refund_gives_nothing_back_and_the_request_stays_refundable() {
+    both_faults("refund-quota", &|engine, _| {
+        engine
+            .refund("req-b1", Some(AT_MS))
+            .map(|refund| format!("{refund:?}"))
+    });
+}
+
+#[test]
+fn a_failed_refund_of_a_credits_charge_gives_no_credits_back() {
+    both_faults("refund-credits", &|engine, _| {
+        engine
+            .refund("req-b3", Some(AT_MS))
+            .map(|refund| format!("{refund:?}"))
+    });
+}
+
+#[test]
+fn a_failed_usage_correction_upwards_counts_nothing() {
+    both_faults("adjust-add", &|engine, _| {
+        engine
+            .adjust_usage(
+                "key-bob",
+                "m2.7",
+                &[(Unit::Requests, 9)],
+                AT_MS - 60 * 60 * 1_000,
+                AdjustmentDirection::Add,
+                Some(AT_MS),
+            )
+            .map(|outcome| format!("{outcome:?}"))
+    });
+}
+
+#[test]
+fn a_failed_usage_correction_downwards_gives_nothing_back() {
+    both_faults("adjust-remove", &|engine, _| {
+        engine
+            .adjust_usage(
+                "key-eve",
+                "speech-2.8",
+                &[(Unit::Characters, 1_000)],
+                T0_MS + 3 * HOUR_MS,
+                AdjustmentDirection::Remove,
+                Some(AT_MS),
+            )
+            .map(|outcome| format!("{outcome:?}"))
+    });
+}
+
+#[test]
+fn a_failed_account_creation_creates_no_user_team_or_key() {
+    both_faults("create-user", &|engine, _| {
+        engine
+            .create_user("zed", "key-zed", Some(AT_MS))
+            .map(|()| "created".into())
+    });
+    both_faults("create-team", &|engine, _| {
+        engine
+            .create_team("beta", Some(AT_MS))
+            .map(|()| "created".into())
+    });
+    both_faults("add-member", &|engine, _| {
+        engine
+            .add_member("acme", "cy", "key-cy-acme", Some(AT_MS))
+            .map(|()| "added".into())
+    });
+    both_faults("payg-key", &|engine, _| {
+        engine
+            .create_payg_key("ada", "payg-ada", Some(AT_MS))
+            .map(|()| "created".into())
+    });
+}
+
+#[test]
+fn a_failed_policy_swap_keeps_the_old_policy() {
+    both_faults("swap", &|engine, _| {
+        let text =
+            tally_engine::policy::TOKEN_PLAN_TOML.replace("amount = 1500,", "amount = 1700,");
+        let policy = Policy::from_toml_str(&text).expect("a valid policy");
+        engine
+            .swap_policy(policy, Some(AT_MS))
+            .map(|()| "swapped".into())
+    });
+}
+
+#[test]
+fn after_a_failure_the_engine_reopens_with_the_same_faults_object_and_works() {
+    // The failure lives in memory only: a reopen with injection still configured (nothing
+    // pending) works, and each later failure is handled like the first.
+    let dir = TempDir::new("fault-again");
+    let faults = Faults::new();
+    let mut engine = open_token_plan(dir.path(), options(&faults));
+    create_accounts(&engine);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    for round in 0..4u64 {
+        if round % 2 == 0 {
+            faults.fail_next_flushes(1);
+        } else {
+            faults.fail_next_inserts(1);
+        }
+        assert_storage_error(&engine.consume(&request), "a failed consume");
+        drop(engine);
+        engine = open_token_plan(dir.path(), options(&faults));
+        let used = engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used;
+        assert_eq!(used, round, "only the successful consumes counted");
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    assert_eq!(
+        engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used,
+        4
+    );
+}
+
+/// Without `Sync`, a call returns before its event is written, so a write that fails later
+/// cannot fail the call: the log is failed for every later call, and a reopen holds exactly
+/// what was written before the failure; the acknowledged request that failed is gone (the
+/// durability modes' documented trade-off, without a crash). In memory it stays counted until
+/// the reopen.
+#[test]
+fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_was_written() {
+    for durability in [Durability::Interval { ms: 20 }, Durability::None] {
+        let dir = TempDir::new("fault-interval");
+        let faults = Faults::new();
+        let options = OpenOptions {
+            durability,
+            faults: Some(Arc::clone(&faults)),
+            ..OpenOptions::default()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        create_accounts(&engine);
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        engine.sync().expect("written and durable");
+        faults.fail_next_inserts(1);
+        let acknowledged = engine.consume(&request);
+        engine
+            .sync()
+            .expect_err("the write behind the acknowledgement failed");
+        let later = engine.consume(&request);
+        assert_storage_error(&later, "a later consume");
+        assert_storage_error(&engine.top_up("@bob", 1, Some(T0_MS)), "a later top-up");
+        drop(engine);
+        let engine = open_token_plan(dir.path(), options);
+        let used = engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used;
+        // Usually acknowledged before the writer failed (and now lost); if the writer failed
+        // first, the call saw it and gave its effect back. Either way only the first counts.
+        let admitted = matches!(&acknowledged, Ok(decision) if decision.is_admitted());
+        let refused = matches!(&acknowledged, Err(Error::Storage { .. }));
+        assert!(admitted || refused, "{acknowledged:?}");
+        assert_eq!(used, 1, "{durability:?}");
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+}

@@ -1,0 +1,1308 @@
+//! The durable event log through the engine's public API: recovery after close and after drop
+//! (with and without checkpoints), idempotency across restarts, a persisted policy swap, export
+//! with cursors, retention and compaction, `verify`, the errors of opening, and the sled hazards
+//! handled at open.
+//!
+//! Recovery is judged against a twin: an in-memory engine fed the same operations that never
+//! closes. Before a restart the durable engine and its twin must agree; after it, the reopened
+//! engine must report exactly the state it had, and decide every later operation exactly as the
+//! twin does.
+
+mod log_support;
+
+use log_support::*;
+use tally_engine::event::{encode_record, Record};
+use tally_engine::policy::TOKEN_PLAN_TOML;
+use tally_engine::{
+    Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Recovery.
+
+#[derive(Clone, Copy, Debug)]
+enum Shutdown {
+    /// `close()`: checkpoint, flush, close.
+    Close,
+    /// Plain drop: flush and close, no checkpoint.
+    Drop,
+}
+
+fn shut(engine: Engine, how: Shutdown) {
+    match how {
+        Shutdown::Close => engine.close().expect("close"),
+        Shutdown::Drop => drop(engine),
+    }
+}
+
+/// Populates a durable engine and its twin, optionally checkpoints, adds `bulk` more usage
+/// events (with request ids), shuts down, reopens, and checks the state and every later
+/// decision against the twin.
+fn recovery_case(label: &str, options: OpenOptions, how: Shutdown, checkpoint: bool, bulk: u64) {
+    let dir = TempDir::new(label);
+    let engine = open_token_plan(dir.path(), options.clone());
+    let twin = twin(Policy::token_plan());
+    let world = populate(&engine);
+    assert_eq!(
+        world,
+        populate(&twin),
+        "the durable engine and its twin disagree"
+    );
+    assert!(
+        world
+            .outcomes
+            .iter()
+            .any(|outcome| outcome.contains("Denied")),
+        "the world should hold a denial"
+    );
+    assert_eq!(world.open.len(), 2, "two reservations stay open");
+    if checkpoint {
+        engine.checkpoint().expect("checkpoint");
+    }
+    // Odd ones carry a request id and go through `consume_many` (a `consume` with a request id
+    // that crosses the checkpoint threshold deadlocks: see the ignored test below).
+    for index in 0..bulk {
+        let id = format!("bulk-{index}");
+        let key = KEYS[(index as usize) % KEYS.len()];
+        let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+            .at(POPULATED_MS + index * SECOND_MS);
+        if index % 2 == 0 {
+            assert_eq!(engine.consume(&request), twin.consume(&request), "{id}");
+        } else {
+            let batch = [request.id(&id)];
+            assert_eq!(
+                engine.consume_many(&batch),
+                twin.consume_many(&batch),
+                "{id}"
+            );
+        }
+    }
+    let at_ms = POPULATED_MS + bulk * SECOND_MS + MINUTE_MS;
+    let before = state(&engine, &KEYS, &TEAMS, at_ms);
+    assert_same_state(
+        &before,
+        &state(&twin, &KEYS, &TEAMS, at_ms),
+        "before the restart",
+    );
+    assert!(before
+        .reports
+        .iter()
+        .any(|report| report.limits.iter().any(|limit| limit.used > 0)));
+    assert_eq!(before.open_reservations, 2);
+    // Without `Sync`, an acknowledged event may still be on its way to sled: export reads sled.
+    engine.sync().expect("sync");
+    let events = last_seq(&engine);
+    shut(engine, how);
+
+    let engine = open_token_plan(dir.path(), options.clone());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at_ms),
+        &before,
+        "after reopening",
+    );
+    assert_eq!(
+        last_seq(&engine),
+        events,
+        "reopening with the same policy logs nothing"
+    );
+    // Retried request ids (also some of the bulk), then everything else.
+    for index in (1..bulk).step_by(36) {
+        let id = format!("bulk-{index}");
+        let key = KEYS[(index as usize) % KEYS.len()];
+        let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+            .at(at_ms)
+            .id(&id);
+        let decision = engine.consume(&request).expect("a retry");
+        assert!(decision.is_admitted());
+        assert_eq!(Ok(decision), twin.consume(&request), "{id}");
+    }
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at_ms),
+        &before,
+        "after the retries",
+    );
+    let continued = continue_world(&engine, &world, at_ms);
+    assert_eq!(continued, continue_world(&twin, &world, at_ms));
+    assert!(continued.iter().any(|outcome| outcome.contains("Settled")));
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at_ms),
+        &state(&twin, &KEYS, &TEAMS, at_ms),
+        "after the later operations",
+    );
+    assert_eq!(engine.open_reservations(), 0);
+    shut(engine, how);
+
+    // And once more: the state after the later operations survives too, and ages out exactly
+    // as the twin's (reports at later times last: a report moves a rolling window's head).
+    let engine = open_token_plan(dir.path(), options);
+    for at_ms in [at_ms, at_ms + HOUR_MS, at_ms + DAY_MS] {
+        assert_same_state(
+            &state(&engine, &KEYS, &TEAMS, at_ms),
+            &state(&twin, &KEYS, &TEAMS, at_ms),
+            &format!("after the second reopening, at {at_ms}"),
+        );
+    }
+}
+
+#[test]
+fn after_close_and_reopen_every_window_balance_key_request_id_and_reservation_is_as_before() {
+    recovery_case("close", sync_options(), Shutdown::Close, false, 0);
+}
+
+#[test]
+fn after_drop_and_reopen_every_window_balance_key_request_id_and_reservation_is_as_before() {
+    recovery_case("drop", sync_options(), Shutdown::Drop, false, 0);
+}
+
+#[test]
+fn recovery_from_a_checkpoint_in_the_middle_plus_the_events_after_it_is_exact() {
+    recovery_case("middle-drop", sync_options(), Shutdown::Drop, true, 40);
+    recovery_case("middle-close", sync_options(), Shutdown::Close, true, 40);
+}
+
+#[test]
+fn recovery_with_many_events_after_the_last_automatic_checkpoint_is_exact() {
+    let options = OpenOptions {
+        checkpoint_every_events: 100,
+        ..sync_options()
+    };
+    recovery_case(
+        "auto-checkpoint",
+        options.clone(),
+        Shutdown::Drop,
+        false,
+        260,
+    );
+
+    // The automatic checkpoint did run: a database dropped without `close` has a snapshot.
+    let dir = TempDir::new("auto-checkpoint-proof");
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    for index in 0..170 {
+        let request = UsageRequest::new("key-bob", "m2.7", &[(Unit::Requests, 1)])
+            .at(POPULATED_MS + index * SECOND_MS);
+        assert!(engine.consume(&request).expect("consume").is_admitted());
+    }
+    let events = last_seq(&engine);
+    drop(engine);
+    let report = Engine::verify(dir.path(), options).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let snapshot = report
+        .snapshot_seq
+        .expect("an automatic checkpoint was taken");
+    assert!(
+        snapshot >= 100 && snapshot <= events,
+        "snapshot {snapshot} of {events}"
+    );
+    assert_eq!(report.snapshot_matches_replay, Some(true));
+}
+
+/// Runs `work` on its own thread and fails if it has not finished within `seconds` (the thread
+/// is left behind: a deadlocked call cannot be cancelled).
+fn finishes_within<T: Send + 'static>(
+    seconds: u64,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    receiver
+        .recv_timeout(std::time::Duration::from_secs(seconds))
+        .unwrap_or_else(|_| panic!("still running after {seconds} s: deadlocked"))
+}
+
+/// `consume` with a request id holds the id's idempotency shard lock while it waits for its
+/// event and then runs `maybe_checkpoint`; the checkpoint's cut locks every idempotency shard,
+/// including the one this thread already holds (parking_lot mutexes are not reentrant).
+#[test]
+#[ignore = "engine bug: consume with a request_id that crosses checkpoint_every_events deadlocks"]
+fn a_consume_with_a_request_id_that_triggers_the_automatic_checkpoint_returns() {
+    let dir = TempDir::new("checkpoint-deadlock");
+    let options = OpenOptions {
+        checkpoint_every_events: 5,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let engine = std::sync::Arc::new(engine);
+    let worker = std::sync::Arc::clone(&engine);
+    let admitted = finishes_within(20, move || {
+        (0..10)
+            .map(|index| {
+                let id = format!("id-{index}");
+                let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)])
+                    .at(T0_MS)
+                    .id(&id);
+                worker
+                    .consume(&request)
+                    .map(|decision| decision.is_admitted())
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(admitted, vec![Ok(true); 10]);
+}
+
+#[test]
+fn recovery_is_exact_with_interval_and_no_explicit_durability_too() {
+    for (label, durability) in [
+        ("interval", Durability::Interval { ms: 5 }),
+        ("none", Durability::None),
+    ] {
+        let options = OpenOptions {
+            durability,
+            ..OpenOptions::default()
+        };
+        recovery_case(label, options, Shutdown::Drop, false, 20);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency across restarts.
+
+fn idempotency_case(label: &str, how: Shutdown) {
+    let dir = TempDir::new(label);
+    let engine = open_token_plan(dir.path(), sync_options());
+    create_accounts(&engine);
+    let quantities = [(Unit::Requests, 7)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities)
+        .at(T0_MS + MINUTE_MS)
+        .id("retry-me");
+    let first = engine.consume(&request).expect("consume");
+    assert!(first.is_admitted());
+    let before = state(&engine, &KEYS, &TEAMS, T0_MS + HOUR_MS);
+    assert_eq!(before.reports[0].limits[0].used, 7);
+    shut(engine, how);
+
+    let engine = open_token_plan(dir.path(), sync_options());
+    let retried = engine
+        .consume(&request.at(T0_MS + 2 * MINUTE_MS))
+        .expect("the retry");
+    assert_eq!(retried, first, "the retry returns the first decision");
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, T0_MS + HOUR_MS),
+        &before,
+        "counted once",
+    );
+    let other = [(Unit::Requests, 8)];
+    let conflict = engine.consume(
+        &UsageRequest::new("key-ada", "m2.7", &other)
+            .at(T0_MS + 2 * MINUTE_MS)
+            .id("retry-me"),
+    );
+    assert!(
+        matches!(conflict, Err(Error::RequestIdConflict { .. })),
+        "{conflict:?}"
+    );
+    // Once more across a second restart, after the retry.
+    shut(engine, how);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.consume(&request), Ok(first));
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, T0_MS + HOUR_MS),
+        &before,
+        "state",
+    );
+}
+
+#[test]
+fn a_request_id_admitted_before_a_close_and_retried_after_it_is_counted_once() {
+    idempotency_case("idempotent-close", Shutdown::Close);
+}
+
+#[test]
+fn a_request_id_admitted_before_a_drop_and_retried_after_it_is_counted_once() {
+    idempotency_case("idempotent-drop", Shutdown::Drop);
+}
+
+#[test]
+fn a_request_id_admitted_in_a_consume_many_batch_is_recognised_after_a_reopen() {
+    let dir = TempDir::new("idempotent-batch");
+    let engine = open_token_plan(dir.path(), sync_options());
+    create_accounts(&engine);
+    let one = [(Unit::Requests, 1)];
+    let requests: Vec<UsageRequest<'_>> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|id| UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS).id(id))
+        .collect();
+    let first: Vec<_> = engine.consume_many(&requests);
+    assert!(first
+        .iter()
+        .all(|result| matches!(result, Ok(d) if d.is_admitted())));
+    let before = state(&engine, &KEYS, &TEAMS, T0_MS);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.consume_many(&requests), first);
+    assert_same_state(&state(&engine, &KEYS, &TEAMS, T0_MS), &before, "state");
+}
+
+/// A request id is remembered for the idempotency horizon (at least the longest window: a
+/// week and an hour with the default policy). Used again after that, it is admitted anew and
+/// remembered from then on. Replay restores a request id with `RequestTable::restore`, which
+/// keeps the first record of an id and ignores later ones: after a reopen the id carries its
+/// first, expired arrival time, is dropped at once, and a retry of the second admission is
+/// admitted and counted a third time.
+#[test]
+#[ignore = "engine bug: replay keeps the first of two admissions of a request id, so a retry is counted twice"]
+fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() {
+    let dir = TempDir::new("id-readmitted");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("reused");
+    let first = engine.consume(&request.at(T0_MS)).unwrap();
+    let later_ms = T0_MS + 8 * DAY_MS;
+    let second = engine.consume(&request.at(later_ms)).unwrap();
+    assert!(second.is_admitted());
+    assert_ne!(second, first, "past the horizon the id is admitted anew");
+    let before = engine.usage("key-ada", Some(later_ms)).unwrap();
+    assert_eq!(before.limits[0].used, 1);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let retry = engine.consume(&request.at(later_ms + SECOND_MS)).unwrap();
+    assert_eq!(retry, second, "a retry returns the second admission");
+    assert_eq!(
+        engine.usage("key-ada", Some(later_ms)).unwrap(),
+        before,
+        "counted once"
+    );
+}
+
+/// The balance a withdrawal leaves survives every kind of restart.
+#[test]
+fn a_withdrawal_survives_a_reopen_in_the_balance() {
+    for how in [Shutdown::Close, Shutdown::Drop] {
+        let dir = TempDir::new("withdraw-balance");
+        let engine = open_token_plan(dir.path(), sync_options());
+        engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+        engine.top_up("@ada", 1_000, Some(T0_MS)).unwrap();
+        assert_eq!(engine.withdraw_credits("@ada", 100, Some(T0_MS)), Ok(900));
+        shut(engine, how);
+        let engine = open_token_plan(dir.path(), sync_options());
+        assert_eq!(engine.credits_micros("@ada"), Ok(900), "{how:?}");
+    }
+}
+
+/// `withdraw_credits` takes the micros with `Team::charge`, which also adds them to the
+/// team's total charged; replaying its event uses `replay_take(micros, false)`, which does not.
+/// So `credits_charged_micros` differs after a reopen that replays the withdrawal (a drop, or
+/// events after the last checkpoint) and not after one restored from a snapshot.
+#[test]
+#[ignore = "engine bug: a replayed withdrawal does not count in credits_charged_micros as the live call did"]
+fn a_withdrawal_reports_the_same_credits_charged_after_a_reopen() {
+    let dir = TempDir::new("withdraw-charged");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 1_000, Some(T0_MS)).unwrap();
+    engine.withdraw_credits("@ada", 100, Some(T0_MS)).unwrap();
+    let before = engine.usage("key-ada", Some(T0_MS)).unwrap();
+    assert_eq!(
+        before.credits_charged_micros, 100,
+        "what the live call reports"
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let after = engine.usage("key-ada", Some(T0_MS)).unwrap();
+    assert_eq!(after.credits_balance_micros, 900);
+    assert_eq!(after.credits_charged_micros, before.credits_charged_micros);
+}
+
+/// In memory, a request id whose first decision was a denial returns that denial when
+/// retried. Only admitted requests are logged (and only admitted ids go into snapshots), so
+/// after a reopen the retry is decided afresh and can be admitted: the reopened engine decides
+/// differently from one that never closed.
+#[test]
+#[ignore = "engine bug: a denied request id is forgotten by a reopen, so its retry is decided afresh"]
+fn a_request_id_denied_before_a_reopen_returns_the_same_denial_after_it() {
+    let dir = TempDir::new("denied-id");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let twin = twin(Policy::token_plan());
+    for engine in [&engine, &twin] {
+        engine.create_user("zed", "key-zed", Some(T0_MS)).unwrap();
+    }
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-zed", "m2.7", &quantities)
+        .at(T0_MS)
+        .id("denied-once");
+    let first = engine.consume(&request).expect("consume");
+    assert!(!first.is_admitted(), "no seat and no credits: {first:?}");
+    assert_eq!(twin.consume(&request), Ok(first));
+    for engine in [&engine, &twin] {
+        engine.top_up("@zed", 1_000_000, Some(T0_MS)).unwrap();
+    }
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let retry = request.at(T0_MS + SECOND_MS);
+    assert_eq!(
+        twin.consume(&retry),
+        Ok(first),
+        "the twin returns the first denial"
+    );
+    assert_eq!(
+        engine.consume(&retry),
+        Ok(first),
+        "the reopened engine should too"
+    );
+}
+
+/// A key's window counters are created lazily, on its first request, even a denied one; a
+/// calendar limit with counters reports its period's end as `reset_at_ms`, one without reports
+/// `None`. A denied request logs nothing, so a reopen (without a checkpoint after it) forgets
+/// the counters and the report changes, with no usage anywhere.
+#[test]
+#[ignore = "engine bug: a denied request makes a calendar limit report a reset time that a reopen forgets"]
+fn a_usage_report_after_a_denied_request_is_the_same_after_a_reopen() {
+    let dir = TempDir::new("denied-report");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let videos = [(Unit::Videos, 3)];
+    let request = UsageRequest::new("key-ada", "hailuo-2.3-768p-6s", &videos).at(T0_MS);
+    let denied = engine.consume(&request).unwrap();
+    assert!(
+        !denied.is_admitted(),
+        "3 videos exceed Max's 2 a day: {denied:?}"
+    );
+    let before = engine.usage("key-ada", Some(T0_MS)).unwrap();
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.usage("key-ada", Some(T0_MS)).unwrap(), before);
+}
+
+/// A report reads a rolling window "as of" its timestamp and moves the window's head there;
+/// a later request with an earlier timestamp is then counted at that head, where the units
+/// used before have already aged out. So a report at a future time (a dashboard previewing
+/// tomorrow) frees quota for requests now. Heads moved by reads are not logged either, so a
+/// reopen moves them back and the reopened engine decides differently from one that never
+/// closed.
+#[test]
+#[ignore = "engine bug: a usage report at a future time frees rolling quota for requests at the current time"]
+fn a_usage_report_at_a_future_time_frees_no_quota_now() {
+    let engine = twin(Policy::token_plan());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(T0_MS))
+        .unwrap();
+    let all = [(Unit::Requests, 1_500)];
+    let request = UsageRequest::new("key-ada", "m2.7", &all).at(T0_MS);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let one = [(Unit::Requests, 1)];
+    let now = UsageRequest::new("key-ada", "m2.7", &one).at(T0_MS + MINUTE_MS);
+    let denied = engine.check(&now).unwrap();
+    assert!(
+        !denied.is_admitted(),
+        "Starter's 1,500 are used: {denied:?}"
+    );
+    engine.usage("key-ada", Some(T0_MS + 6 * HOUR_MS)).unwrap();
+    assert_eq!(
+        engine.consume(&now),
+        Ok(denied),
+        "a report changed the decision"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy swaps.
+
+fn bigger_starter() -> Policy {
+    let text = TOKEN_PLAN_TOML.replace("amount = 1500,", "amount = 2000,");
+    assert_ne!(text, TOKEN_PLAN_TOML);
+    Policy::from_toml_str(&text).expect("a valid policy")
+}
+
+fn without_starter() -> Policy {
+    let mut document = Policy::token_plan().document().clone();
+    assert!(document.plans.remove("Starter").is_some());
+    Policy::compile(document).expect("a valid policy")
+}
+
+#[test]
+fn a_swapped_policy_is_persisted_and_reopening_with_it_keeps_the_state() {
+    let dir = TempDir::new("swap");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let twin = twin(Policy::token_plan());
+    assert_eq!(populate(&engine), populate(&twin));
+    for engine in [&engine, &twin] {
+        engine
+            .swap_policy(bigger_starter(), Some(POPULATED_MS))
+            .expect("swap");
+    }
+    let at_ms = POPULATED_MS + MINUTE_MS;
+    let before = state(&engine, &KEYS, &TEAMS, at_ms);
+    assert_same_state(&before, &state(&twin, &KEYS, &TEAMS, at_ms), "state");
+    let starter = &before.reports[0].limits[0];
+    assert_eq!(before.reports[0].plan.as_deref(), Some("Starter"));
+    assert_eq!(starter.amount, 2000, "the swapped-in amount");
+    assert!(starter.used > 0, "usage carried over the swap");
+    let events = last_seq(&engine);
+    engine.close().expect("close");
+
+    let engine = open(dir.path(), bigger_starter(), sync_options());
+    assert_same_state(&state(&engine, &KEYS, &TEAMS, at_ms), &before, "state");
+    assert_eq!(last_seq(&engine), events, "the same policy: no new event");
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 300)]).at(at_ms);
+    assert_eq!(engine.consume(&request), twin.consume(&request));
+    let after = state(&engine, &KEYS, &TEAMS, at_ms);
+    drop(engine);
+
+    let refused = Engine::open(dir.path(), without_starter(), clock(), sync_options())
+        .expect_err("Starter has seats");
+    let text = refused.to_string();
+    assert!(
+        text.contains("Starter") && text.contains("missing"),
+        "{text}"
+    );
+
+    let engine = open(dir.path(), bigger_starter(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at_ms),
+        &after,
+        "the refusal changed nothing",
+    );
+    assert_eq!(
+        last_seq(&engine),
+        events + 1,
+        "only the consume was logged since"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Export.
+
+#[test]
+fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_cursor_survives_a_reopen(
+) {
+    let dir = TempDir::new("export");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let mut expected = vec!["policy_swapped"];
+    let t = T0_MS;
+    let at = |minutes: u64| Some(t + minutes * MINUTE_MS);
+    engine.create_user("ada", "key-ada", at(1)).unwrap();
+    expected.push("user_created");
+    engine.assign_seat("@ada", "ada", "Starter", at(2)).unwrap();
+    expected.push("seat_changed");
+    engine.top_up("@ada", 1_000_000, at(3)).unwrap();
+    expected.push("credits_topped_up");
+    let quantities = [(Unit::Requests, 2)];
+    let admitted = engine
+        .consume(&UsageRequest::new("key-ada", "m2.7", &quantities).at(t + 4 * MINUTE_MS))
+        .unwrap();
+    assert!(admitted.is_admitted());
+    expected.push("usage_admitted");
+    // A denial changes nothing and logs nothing; neither does a check.
+    let videos = [(Unit::Videos, 1)];
+    let denied = engine
+        .consume(&UsageRequest::new("nobody", "m2.7", &quantities).at(t + 5 * MINUTE_MS))
+        .unwrap();
+    assert!(!denied.is_admitted());
+    engine
+        .check(&UsageRequest::new("key-ada", "hailuo-2.3-768p-6s", &videos).at(t))
+        .unwrap();
+    engine.create_team("acme", at(6)).unwrap();
+    expected.push("team_created");
+    engine.add_member("acme", "ada", "key-acme", at(7)).unwrap();
+    expected.push("member_added");
+    engine.create_payg_key("ada", "payg-ada", at(8)).unwrap();
+    expected.push("payg_key_created");
+    engine
+        .consume(
+            &UsageRequest::new("key-ada", "m2.7", &quantities)
+                .at(t + 9 * MINUTE_MS)
+                .id("export-1"),
+        )
+        .unwrap();
+    expected.push("usage_admitted");
+    engine.refund("export-1", at(10)).unwrap();
+    expected.push("refunded");
+    let reserved = engine
+        .reserve(
+            &UsageRequest::new("key-ada", "m2.7", &quantities).at(t + 11 * MINUTE_MS),
+            None,
+        )
+        .unwrap();
+    expected.push("reservation_opened");
+    engine
+        .settle(
+            reserved.reservation.unwrap(),
+            &[(Unit::Requests, 1)],
+            at(12),
+        )
+        .unwrap();
+    expected.push("reservation_closed");
+    engine
+        .adjust_usage(
+            "key-ada",
+            "m2.7",
+            &[(Unit::Requests, 1)],
+            t + 4 * MINUTE_MS,
+            tally_engine::AdjustmentDirection::Remove,
+            at(13),
+        )
+        .unwrap();
+    expected.push("usage_adjusted");
+    engine.withdraw_credits("@ada", 10, at(14)).unwrap();
+    expected.push("credits_withdrawn");
+    engine.swap_policy(bigger_starter(), at(15)).unwrap();
+    expected.push("policy_swapped");
+
+    let all = engine.events_after(0, 1_000).expect("export");
+    let kinds: Vec<&str> = all.iter().map(|event| event.body.kind()).collect();
+    assert_eq!(kinds, expected);
+    let seqs: Vec<u64> = all.iter().map(|event| event.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=expected.len() as u64).collect::<Vec<_>>(),
+        "gap-free from 1"
+    );
+    assert!(all.windows(2).all(|pair| pair[0].at_ms <= pair[1].at_ms));
+    assert_eq!(all[4].at_ms, t + 4 * MINUTE_MS, "the usage's own time");
+    match &all[8].body {
+        EventBody::UsageAdmitted {
+            key, request_id, ..
+        } => {
+            assert_eq!(key, "key-ada");
+            assert_eq!(request_id.as_deref(), Some("export-1"));
+        }
+        other => panic!("expected a usage event, got {other:?}"),
+    }
+    // Paging with a cursor gives the same events.
+    let mut paged = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let page = engine.events_after(cursor, 3).expect("a page");
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        cursor = last.seq;
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    assert!(engine
+        .events_after(all.len() as u64, 10)
+        .unwrap()
+        .is_empty());
+
+    assert_eq!(engine.cursor("billing").unwrap(), 0, "never saved");
+    engine.save_cursor("billing", 6).expect("save a cursor");
+    assert_eq!(engine.cursor("billing").unwrap(), 6);
+    let beyond = engine.save_cursor("billing", all.len() as u64 + 1);
+    assert!(
+        matches!(beyond, Err(Error::InvalidArgument { .. })),
+        "{beyond:?}"
+    );
+    assert_eq!(
+        engine.cursor("billing").unwrap(),
+        6,
+        "a refused save changes nothing"
+    );
+    drop(engine);
+
+    let engine = open(dir.path(), bigger_starter(), sync_options());
+    let cursor = engine.cursor("billing").expect("the cursor survives");
+    assert_eq!(cursor, 6);
+    assert_eq!(
+        engine.events_after(cursor, 1_000).unwrap(),
+        all[6..].to_vec()
+    );
+    engine.top_up("@ada", 5, at(16)).unwrap();
+    let next = engine.events_after(all.len() as u64, 10).unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        next[0].seq,
+        all.len() as u64 + 1,
+        "numbering continues without a gap"
+    );
+    assert_eq!(next[0].body.kind(), "credits_topped_up");
+    engine.save_cursor("billing", next[0].seq).unwrap();
+    engine.close().unwrap();
+    let engine = open(dir.path(), bigger_starter(), sync_options());
+    assert_eq!(engine.cursor("billing").unwrap(), all.len() as u64 + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention and compaction.
+
+const TEN_SECONDS_POLICY: &str = r#"
+time_zone = "UTC"
+
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+
+[plans.Tiny]
+limits = [{ resource = "chat", unit = "requests", amount = 5, window = "rolling:10s" }]
+
+[plans.Small]
+limits = [
+  { resource = "chat", unit = "requests", amount = 20, window = "rolling:10s" },
+  { resource = "chat", unit = "requests", amount = 30, window = "rolling:20s" },
+]
+"#;
+
+fn ten_seconds() -> Policy {
+    Policy::from_toml_str(TEN_SECONDS_POLICY).expect("a valid policy")
+}
+
+fn small_retention() -> OpenOptions {
+    OpenOptions {
+        retention_ms: SECOND_MS,
+        ..sync_options()
+    }
+}
+
+#[test]
+fn compaction_removes_old_events_keeps_the_state_exactly_and_verify_stays_sound() {
+    let dir = TempDir::new("compact");
+    let engine = open(dir.path(), ten_seconds(), small_retention());
+    let twin = twin(ten_seconds());
+    let keys = ["key-ann", "key-ben"];
+    let teams = ["@ann", "@ben"];
+    let one = [(Unit::Requests, 1)];
+    let run = |engine: &Engine| -> Vec<String> {
+        let mut out = Vec::new();
+        engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+        engine.create_user("ben", "key-ben", Some(T0_MS)).unwrap();
+        engine
+            .assign_seat("@ann", "ann", "Tiny", Some(T0_MS))
+            .unwrap();
+        engine
+            .assign_seat("@ben", "ben", "Small", Some(T0_MS))
+            .unwrap();
+        engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+        for index in 0..8 {
+            // Tiny's 5 fill up, the rest go to credits.
+            let request = UsageRequest::new("key-ann", "chat", &one).at(T0_MS + index);
+            out.push(format!("{:?}", engine.consume(&request)));
+        }
+        for index in 0..25 {
+            let request = UsageRequest::new("key-ben", "chat", &one).at(T0_MS + index * 100);
+            out.push(format!("{:?}", engine.consume(&request)));
+        }
+        out
+    };
+    let outcomes = run(&engine);
+    assert_eq!(outcomes, run(&twin));
+    assert!(outcomes.iter().any(|outcome| outcome.contains("Credits")));
+    let first_snapshot = engine.checkpoint().expect("checkpoint");
+    // Usage one minute later, and some still live (5 s old) when compacting.
+    let compact_at = T0_MS + 2 * MINUTE_MS;
+    for at_ms in [T0_MS + MINUTE_MS, compact_at - 5 * SECOND_MS] {
+        for key in keys {
+            let request = UsageRequest::new(key, "chat", &one).at(at_ms);
+            assert_eq!(engine.consume(&request), twin.consume(&request));
+        }
+    }
+    let before = state(&engine, &keys, &teams, compact_at);
+    assert_same_state(&before, &state(&twin, &keys, &teams, compact_at), "state");
+    assert!(before
+        .reports
+        .iter()
+        .all(|report| report.limits[0].used == 1));
+    let events = last_seq(&engine);
+
+    let report = engine.compact(Some(compact_at)).expect("compact");
+    assert_eq!(
+        report.events_removed, first_snapshot,
+        "every event up to the checkpoint"
+    );
+    assert_eq!(report.first_seq_kept, first_snapshot + 1);
+    assert_eq!(report.snapshot_seq, events);
+    let kept = engine.events_after(0, 1_000).unwrap();
+    assert_eq!(
+        kept.first().map(|event| event.seq),
+        Some(first_snapshot + 1)
+    );
+    assert_eq!(kept.last().map(|event| event.seq), Some(events));
+    assert_same_state(
+        &state(&engine, &keys, &teams, compact_at),
+        &before,
+        "in memory",
+    );
+    engine.close().expect("close");
+
+    let verified = Engine::verify(dir.path(), small_retention()).expect("verify");
+    assert!(verified.is_sound(), "{:?}", verified.problems);
+    assert_eq!(verified.first_seq, first_snapshot + 1);
+    assert_eq!(verified.snapshot_matches_replay, Some(true));
+
+    let engine = open(dir.path(), ten_seconds(), small_retention());
+    assert_same_state(
+        &state(&engine, &keys, &teams, compact_at),
+        &before,
+        "after reopening",
+    );
+    for at_ms in [
+        compact_at,
+        compact_at + 3 * SECOND_MS,
+        compact_at + MINUTE_MS,
+    ] {
+        for key in keys {
+            let request = UsageRequest::new(key, "chat", &[(Unit::Requests, 4)]).at(at_ms);
+            assert_eq!(
+                engine.consume(&request),
+                twin.consume(&request),
+                "{key} {at_ms}"
+            );
+        }
+    }
+    // A second compaction later drops what the first kept.
+    let later = compact_at + 10 * MINUTE_MS;
+    let second = engine.compact(Some(later)).expect("compact again");
+    assert!(second.events_removed > 0);
+    assert!(second.first_seq_kept > first_snapshot + 1);
+    let after = state(&engine, &keys, &teams, later);
+    assert_same_state(&after, &state(&twin, &keys, &teams, later), "state");
+    drop(engine);
+    let verified = Engine::verify(dir.path(), small_retention()).expect("verify");
+    assert!(verified.is_sound(), "{:?}", verified.problems);
+    let engine = open(dir.path(), ten_seconds(), small_retention());
+    assert_same_state(&state(&engine, &keys, &teams, later), &after, "state");
+}
+
+#[test]
+fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() {
+    let dir = TempDir::new("compact-young");
+    let engine = open(dir.path(), ten_seconds(), small_retention());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ann", "ann", "Tiny", Some(T0_MS))
+        .unwrap();
+    engine.checkpoint().unwrap();
+    let request = UsageRequest::new("key-ann", "chat", &[(Unit::Requests, 1)]).at(T0_MS);
+    engine.consume(&request).unwrap();
+    let events = last_seq(&engine);
+    // Everything is younger than 10 s + 1 s: nothing may go.
+    let report = engine.compact(Some(T0_MS + 5 * SECOND_MS)).unwrap();
+    assert_eq!(report.events_removed, 0);
+    assert_eq!(engine.events_after(0, 100).unwrap().len() as u64, events);
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify.
+
+/// A database with some history, closed without a final checkpoint (so opening replays every
+/// record), and the keys of its log records.
+fn closed_database(label: &str) -> (TempDir, State, Vec<u64>) {
+    let dir = TempDir::new(label);
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    drop(engine);
+    let db = open_sled_retrying(dir.path());
+    let events = db.open_tree("events").unwrap();
+    let firsts = events
+        .iter()
+        .keys()
+        .map(|key| u64::from_be_bytes(key.unwrap().as_ref().try_into().unwrap()))
+        .collect();
+    drop(events);
+    drop(db);
+    (dir, before, firsts)
+}
+
+/// Overwrites the log record that starts at `first` with `value`.
+fn overwrite_record(dir: &std::path::Path, first: u64, value: impl Fn(&[u8]) -> Vec<u8>) {
+    let db = open_sled_retrying(dir);
+    let events = db.open_tree("events").unwrap();
+    let old = events
+        .get(first.to_be_bytes())
+        .unwrap()
+        .expect("the record");
+    events.insert(first.to_be_bytes(), value(&old)).unwrap();
+    db.flush().unwrap();
+}
+
+/// sled's file lock can outlive a dropped handle for a moment (upstream issue 1234).
+fn open_sled_retrying(dir: &std::path::Path) -> sled::Db {
+    for _ in 0..100 {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+    sled::open(dir).expect("sled opens the database")
+}
+
+#[test]
+fn verify_reports_a_sound_database_as_sound_with_a_matching_snapshot() {
+    let dir = TempDir::new("verify-sound");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let events = last_seq(&engine);
+    engine.checkpoint().unwrap();
+    let request = UsageRequest::new("key-bob", "m2.7", &[(Unit::Requests, 1)]).at(POPULATED_MS);
+    engine.consume(&request).unwrap();
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+    assert_eq!(report.first_seq, 1);
+    assert_eq!(report.last_seq, events + 1);
+    assert_eq!(report.events, events + 1);
+    assert!(report.records >= 1 && report.records <= report.events);
+    assert_eq!(report.snapshot_seq, Some(events + 1));
+    assert_eq!(report.snapshot_matches_replay, Some(true));
+    // verify closes what it opened: the database opens again at once.
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(last_seq(&engine), events + 1);
+}
+
+/// A closed reservation is remembered for the idempotency horizon (a week and an hour with
+/// the default policy), then forgotten by the next reservation call, which logs nothing. The
+/// live engine's snapshot no longer holds it; `verify` replays the log onto the snapshot
+/// before, where nothing forgets it, and reports a mismatch on a sound database.
+#[test]
+#[ignore = "engine bug: verify reports a snapshot mismatch once a closed reservation has aged out"]
+fn verify_stays_sound_after_a_closed_reservation_ages_out() {
+    let dir = TempDir::new("verify-aged-reservation");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS);
+    let id = engine.reserve(&request, None).unwrap().reservation.unwrap();
+    engine.settle(id, &[], Some(T0_MS)).unwrap();
+    engine.checkpoint().unwrap();
+    let later_ms = T0_MS + 8 * DAY_MS;
+    assert_eq!(engine.expire_reservations(Some(later_ms)), Ok(0));
+    assert!(matches!(
+        engine.void(id, Some(later_ms)),
+        Err(Error::UnknownReservation { .. })
+    ));
+    engine.top_up("@ada", 1, Some(later_ms)).unwrap();
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
+/// The same for request ids: an id older than the horizon is dropped from the live table
+/// when a later request lands in its shard; replay onto the snapshot before keeps it.
+#[test]
+#[ignore = "engine bug: verify reports a snapshot mismatch once a request id has aged out"]
+fn verify_stays_sound_after_a_request_id_ages_out() {
+    let dir = TempDir::new("verify-aged-id");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities);
+    engine.consume(&request.at(T0_MS).id("old")).unwrap();
+    engine.checkpoint().unwrap();
+    // Enough new ids to land in every one of the 64 idempotency shards.
+    let later_ms = T0_MS + 8 * DAY_MS;
+    let ids: Vec<String> = (0..400).map(|index| format!("new-{index}")).collect();
+    let batch: Vec<_> = ids.iter().map(|id| request.at(later_ms).id(id)).collect();
+    assert!(engine.consume_many(&batch).iter().all(Result::is_ok));
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
+fn assert_names_record(problem: &str, first: u64) {
+    assert!(
+        problem.contains(&format!("log record {first}")),
+        "{problem}"
+    );
+}
+
+#[test]
+fn verify_and_open_name_a_record_overwritten_with_garbage() {
+    let (dir, _, firsts) = closed_database("verify-garbage");
+    let first = firsts[firsts.len() / 2];
+    // A valid version, then nothing that decodes.
+    overwrite_record(dir.path(), first, |_| {
+        vec![1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+    });
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert!(!report.is_sound());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("log record {first}"))),
+        "{:?}",
+        report.problems
+    );
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("a damaged record");
+    assert_names_record(storage_problem(&error), first);
+}
+
+#[test]
+fn verify_and_open_name_a_record_of_an_unknown_version() {
+    let (dir, _, firsts) = closed_database("verify-version");
+    let first = firsts[1];
+    overwrite_record(dir.path(), first, |old| {
+        let mut record: Record = bincode::deserialize(old).expect("a record");
+        record.version = 99;
+        encode_record(&record)
+    });
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    let problem = report
+        .problems
+        .iter()
+        .find(|problem| problem.contains(&format!("log record {first}")))
+        .unwrap_or_else(|| panic!("{:?}", report.problems));
+    assert!(problem.contains("format version 99"), "{problem}");
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("an unknown version");
+    let problem = storage_problem(&error);
+    assert_names_record(problem, first);
+    assert!(problem.contains("format version 99"), "{problem}");
+}
+
+fn damage_last_event_body(label: &str) -> (TempDir, u64) {
+    let (dir, _, firsts) = closed_database(label);
+    let first = *firsts.last().unwrap();
+    overwrite_record(dir.path(), first, |old| {
+        let mut record: Record = bincode::deserialize(old).expect("a record");
+        record.events[0].2 = vec![0xfa; 3];
+        encode_record(&record)
+    });
+    (dir, first)
+}
+
+#[test]
+fn opening_names_the_event_whose_body_is_damaged() {
+    let (dir, first) = damage_last_event_body("open-body");
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("a damaged event");
+    let problem = storage_problem(&error);
+    assert_names_record(problem, first);
+    assert!(
+        problem.contains(&format!("event {first} is damaged")),
+        "{problem}"
+    );
+}
+
+/// `verify` decodes every record but not the event bodies inside it (it replays bodies only
+/// between two snapshots), so a record whose body is damaged passes: `verify` says sound, and
+/// opening the same database fails on that event.
+#[test]
+#[ignore = "engine bug: verify does not decode event bodies, so it calls a database sound that cannot be opened"]
+fn verify_reports_a_record_whose_event_body_is_damaged() {
+    let (dir, first) = damage_last_event_body("verify-body");
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("event {first}"))),
+        "sound: {report:?}"
+    );
+}
+
+#[test]
+fn a_damaged_copy_fails_to_open_while_the_original_still_opens_with_its_state() {
+    // The damage is in a copy; the original is untouched and still opens with its state.
+    let (dir, before, firsts) = closed_database("verify-copy");
+    let copy = dir.sibling("copy");
+    copy_dir(dir.path(), copy.path());
+    overwrite_record(copy.path(), firsts[0], |_| b"garbage!".to_vec());
+    assert!(Engine::open(copy.path(), Policy::token_plan(), clock(), sync_options()).is_err());
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors of opening.
+
+#[test]
+fn opening_a_directory_another_engine_holds_is_a_storage_error_saying_it_is_locked() {
+    let dir = TempDir::new("locked");
+    let first = open_token_plan(dir.path(), sync_options());
+    first.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("locked");
+    let problem = storage_problem(&error);
+    assert!(problem.contains("locked"), "{problem}");
+    // The first engine is unharmed.
+    first.top_up("@ada", 10, Some(T0_MS)).unwrap();
+    assert_eq!(first.credits_micros("@ada").unwrap(), 10);
+}
+
+#[test]
+fn opening_a_directory_of_unrelated_files_is_a_clear_error_and_touches_nothing() {
+    let dir = TempDir::new("foreign");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"my notes").unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("foreign");
+    let problem = storage_problem(&error);
+    assert!(problem.contains("not a tally database"), "{problem}");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("notes.txt")]);
+
+    let file = dir.sibling("file");
+    std::fs::write(file.path(), b"a file").unwrap();
+    let error = Engine::open(file.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("a file");
+    assert!(
+        storage_problem(&error).contains("not a directory"),
+        "{error}"
+    );
+}
+
+#[test]
+fn opening_a_database_of_a_newer_format_is_a_clear_error_naming_the_version() {
+    let dir = TempDir::new("newer");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    drop(engine);
+    {
+        let db = open_sled_retrying(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format_version", &99u16.to_le_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let error =
+        Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options()).expect_err("newer");
+    let problem = storage_problem(&error);
+    assert!(problem.contains("format version 99"), "{problem}");
+    let error = Engine::verify(dir.path(), sync_options()).expect_err("newer");
+    assert!(
+        storage_problem(&error).contains("format version 99"),
+        "{error}"
+    );
+}
+
+#[test]
+fn reopening_right_after_dropping_works_every_time() {
+    let dir = TempDir::new("reopen-fast");
+    for round in 0..8u64 {
+        let engine = open_token_plan(dir.path(), sync_options());
+        if round == 0 {
+            engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+            engine
+                .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+                .unwrap();
+        }
+        let report = engine.usage("key-ada", Some(T0_MS + HOUR_MS)).unwrap();
+        assert_eq!(report.limits[0].used, round, "every earlier round counted");
+        let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)])
+            .at(T0_MS + round * SECOND_MS);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        if round % 2 == 0 {
+            drop(engine);
+        } else {
+            engine.close().unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sled hazards handled at open.
+
+fn generating_case(label: &str, contents: impl Fn(&std::path::Path) -> Vec<u8>) {
+    let dir = TempDir::new(label);
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    engine.close().unwrap();
+    // sled writes its own snapshot (`snap.<lsn>`) when it opens a database with new data.
+    open_token_plan(dir.path(), sync_options()).close().unwrap();
+    let leftover = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&leftover, contents(dir.path())).unwrap();
+
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "the data is intact",
+    );
+    assert!(!leftover.exists(), "the leftover was moved aside");
+    let request = UsageRequest::new("key-bob", "m2.7", &[(Unit::Requests, 1)]).at(POPULATED_MS);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    drop(engine);
+    // And the database keeps opening.
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(engine.consume(&request).unwrap().is_admitted());
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The engine renames the leftover to `snap.<lsn>.generating.moved-aside`, but sled takes
+/// every file whose name starts with `snap.` as a snapshot candidate and reads the last in
+/// sorted order: the renamed garbage, so sled refuses with "Read corrupted data" on every open.
+#[test]
+#[ignore = "engine bug: the moved-aside name still starts with `snap.`, so sled reads it and refuses to open"]
+fn a_leftover_generating_snapshot_file_of_garbage_is_moved_aside_and_the_data_opens_intact() {
+    generating_case("generating-garbage", |_| b"half a snapshot".to_vec());
+}
+
+#[test]
+fn a_leftover_generating_copy_of_a_real_snapshot_is_moved_aside_and_the_data_opens_intact() {
+    generating_case("generating-copy", |dir| {
+        let names = names_in(dir);
+        let snapshot = names
+            .iter()
+            .find(|name| name.starts_with("snap.") && !name.contains("generating"))
+            .unwrap_or_else(|| panic!("sled wrote no snapshot: {names:?}"));
+        std::fs::read(dir.join(snapshot)).unwrap()
+    });
+}
+
+#[test]
+fn with_sync_durability_an_acknowledged_event_is_already_in_the_files_when_consume_returns() {
+    let dir = TempDir::new("sync-copy");
+    let engine = open_token_plan(dir.path(), sync_options());
+    create_accounts(&engine);
+    for round in 1..=3u64 {
+        let quantities = [(Unit::Requests, round)];
+        let id = format!("sync-{round}");
+        let request = UsageRequest::new("key-bob", "m2.7", &quantities)
+            .at(T0_MS + round * SECOND_MS)
+            .id(&id);
+        let decision = engine.consume(&request).unwrap();
+        assert!(decision.is_admitted());
+        // Copy the files while the engine is still open, then open the copy.
+        let copy = dir.sibling(&format!("copy-{round}"));
+        copy_dir(dir.path(), copy.path());
+        let copied = open_token_plan(copy.path(), sync_options());
+        let used = copied
+            .usage("key-bob", Some(T0_MS + HOUR_MS))
+            .unwrap()
+            .limits[0]
+            .used;
+        assert_eq!(used, round * (round + 1) / 2, "round {round}");
+        assert_eq!(
+            copied.consume(&request),
+            Ok(decision),
+            "the copy knows the request id"
+        );
+        let events = copied.events_after(0, 1_000).unwrap();
+        assert_eq!(
+            events.last().map(|event| event.body.kind()),
+            Some("usage_admitted")
+        );
+        drop(copied);
+    }
+    assert!(matches!(
+        engine.consume(&UsageRequest::new("key-bob", "m2.7", &[(Unit::Requests, 1)]).at(T0_MS)),
+        Ok(Decision::Admitted(_))
+    ));
+}

@@ -1,0 +1,666 @@
+//! A durable engine against one that never closes.
+//!
+//! Random sequences of consume (with and without request ids, retries included), check,
+//! top-up, seat changes, time steps, reserve, settle, void, refund, policy swaps, checkpoint
+//! and close-and-reopen (by `close()` or by drop) run side by side on an engine opened on a fresh
+//! temporary directory and on an in-memory twin (`Engine::new`). After every step the two must
+//! have answered the same thing and report the same state (every key's usage report, every
+//! team's balance, the open reservations); after every reopen, the reopened engine's state must
+//! equal the state just before it. Each case ends with `verify`: sound, and the last snapshot
+//! equal to a replay of the log.
+//!
+//! Each case also draws the durability mode and how often the engine checkpoints by itself
+//! (every 3 or 10 events, or practically never), so replay from the start, from a checkpoint,
+//! and from an automatic checkpoint are all exercised.
+//!
+//! Known engine bugs are kept out of the way here, each with an ignored reproduction in
+//! `log.rs`:
+//! - a request id is retried only if its first answer was an admission (a denied id is
+//!   forgotten by a reopen), and not after it was admitted anew past its horizon (replay keeps
+//!   the first admission of an id);
+//! - a consume with a request id goes through `consume_many` while automatic checkpoints are
+//!   on (`consume` with an id deadlocks when it triggers one);
+//! - `withdraw_credits` is not among the operations (its effect on `credits_charged_micros` is
+//!   not replayed as applied);
+//! - reports are compared with the reset time of unused calendar limits taken out (a denied
+//!   request creates the counters that show it; a reopen forgets them);
+//! - past the idempotency horizon, `verify`'s "snapshot does not match a replay" is tolerated
+//!   (it does not forget aged-out closed reservations and request ids as the engine does).
+//!
+//! `PROPTEST_CASES` sets the number of cases (default 64, about 10 s in debug).
+
+mod log_support;
+
+use std::sync::Arc;
+
+use log_support::{
+    assert_same_state, state, State, TempDir, DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS,
+};
+use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
+use tally_engine::{
+    Decision, Durability, Engine, EngineOptions, ManualClock, OpenOptions, Policy, ReservationId,
+    Unit, UsageRequest, Window,
+};
+
+/// 2026-09-22T00:00:00+08:00 minus 2 hours: cases cross a local midnight early on.
+const START_MS: u64 = 1_790_000_000_000 + 8 * HOUR_MS;
+
+const POLICY: &str = r#"
+time_zone = "Asia/Shanghai"
+
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 1 }
+
+[resources.image]
+units = ["images"]
+price_micros = { images = 20000 }
+
+[meters.bar]
+priced = true
+
+[plans.Small]
+limits = [
+  { resource = "chat", unit = "requests", amount = 6, window = "rolling:1h", bucket = "60s" },
+  { resource = "chat", unit = "requests", amount = 15, window = "daily" },
+]
+
+[plans.Big]
+limits = [
+  { resource = "chat", unit = "requests", amount = 20, window = "rolling:1h", bucket = "60s" },
+  { resource = "image", unit = "images", amount = 3, window = "daily" },
+]
+
+[plans.Bar]
+covers = ["*"]
+max_open_reservations = 2
+limits = [{ meter = "bar", amount = 30000, window = "rolling:2h" }]
+"#;
+
+/// The policies a case swaps between: 0 is `POLICY`; 1 changes amounts (usage carries over);
+/// 2 also changes Small's rolling window to 90 minutes (its usage there starts afresh).
+fn policy_version(version: usize) -> Policy {
+    let text = match version {
+        0 => POLICY.to_string(),
+        1 => POLICY
+            .replace("amount = 6,", "amount = 9,")
+            .replace("amount = 3,", "amount = 5,"),
+        _ => POLICY.replace(
+            "amount = 6, window = \"rolling:1h\"",
+            "amount = 7, window = \"rolling:90m\"",
+        ),
+    };
+    assert!(version == 0 || text != POLICY, "policy {version} differs");
+    Policy::from_toml_str(&text).expect("a valid policy")
+}
+
+fn policy() -> Policy {
+    policy_version(0)
+}
+
+/// Plan keys u0..u3 (own Default Teams), c0 and c1 (u0 and u1 in team crew), and a
+/// pay-as-you-go key of u2.
+const KEYS: [&str; 7] = ["k0", "k1", "k2", "k3", "c0", "c1", "p2"];
+const TEAMS: [&str; 5] = ["@u0", "@u1", "@u2", "@u3", "crew"];
+/// The seats that can change: `(team, user)`.
+const MEMBERS: [(&str, &str); 6] = [
+    ("@u0", "u0"),
+    ("@u1", "u1"),
+    ("@u2", "u2"),
+    ("@u3", "u3"),
+    ("crew", "u0"),
+    ("crew", "u1"),
+];
+const PLANS: [&str; 3] = ["Small", "Big", "Bar"];
+const RESOURCES: [&str; 2] = ["chat", "image"];
+
+#[derive(Clone, Debug)]
+enum RequestId {
+    None,
+    /// A new id.
+    Fresh,
+    /// The id of an earlier admitted request, retried with its own key, resource and amount.
+    Retry(usize),
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Consume {
+        key: usize,
+        resource: usize,
+        amount: u64,
+        id: RequestId,
+    },
+    Check {
+        key: usize,
+        resource: usize,
+        amount: u64,
+    },
+    TopUp {
+        team: usize,
+        micros: u64,
+    },
+    Seat {
+        member: usize,
+        plan: Option<usize>,
+    },
+    Advance {
+        ms: u64,
+    },
+    Reserve {
+        key: usize,
+        amount: u64,
+        lease_ms: u64,
+    },
+    Settle {
+        which: usize,
+        amount: u64,
+    },
+    Void {
+        which: usize,
+    },
+    Refund {
+        which: usize,
+    },
+    Checkpoint,
+    Reopen {
+        close: bool,
+    },
+    SwapPolicy {
+        version: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let id = prop_oneof![
+        3 => Just(RequestId::None),
+        2 => Just(RequestId::Fresh),
+        2 => any::<usize>().prop_map(RequestId::Retry),
+    ];
+    prop_oneof![
+        8 => (0..KEYS.len(), 0..RESOURCES.len(), 1..=4u64, id).prop_map(
+            |(key, resource, amount, id)| Op::Consume { key, resource, amount, id }
+        ),
+        2 => (0..KEYS.len(), 0..RESOURCES.len(), 1..=4u64)
+            .prop_map(|(key, resource, amount)| Op::Check { key, resource, amount }),
+        2 => (0..TEAMS.len(), prop_oneof![Just(1_000u64), Just(25_000), Just(100_000)])
+            .prop_map(|(team, micros)| Op::TopUp { team, micros }),
+        3 => (0..MEMBERS.len(), prop::option::weighted(0.85, 0..PLANS.len()))
+            .prop_map(|(member, plan)| Op::Seat { member, plan }),
+        3 => prop_oneof![
+            4 => (1..=600u64).prop_map(|seconds| seconds * SECOND_MS),
+            2 => (10..=90u64).prop_map(|minutes| minutes * MINUTE_MS),
+            1 => Just(DAY_MS),
+        ]
+        .prop_map(|ms| Op::Advance { ms }),
+        2 => (0..KEYS.len(), 1..=5u64, 5..=120u64).prop_map(|(key, amount, minutes)| {
+            Op::Reserve { key, amount, lease_ms: minutes * MINUTE_MS }
+        }),
+        2 => (any::<usize>(), 0..=7u64).prop_map(|(which, amount)| Op::Settle { which, amount }),
+        1 => any::<usize>().prop_map(|which| Op::Void { which }),
+        1 => any::<usize>().prop_map(|which| Op::Refund { which }),
+        1 => Just(Op::Checkpoint),
+        2 => any::<bool>().prop_map(|close| Op::Reopen { close }),
+        1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Setup {
+    durability: Durability,
+    checkpoint_every_events: u64,
+    seats: Vec<Option<usize>>,
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    let durability = prop_oneof![
+        Just(Durability::Sync),
+        Just(Durability::Interval { ms: 2 }),
+        Just(Durability::None),
+    ];
+    let every = prop_oneof![Just(3u64), Just(10), Just(1_000_000)];
+    let seats = prop::collection::vec(prop::option::weighted(0.8, 0..PLANS.len()), MEMBERS.len());
+    (durability, every, seats).prop_map(|(durability, checkpoint_every_events, seats)| Setup {
+        durability,
+        checkpoint_every_events,
+        seats,
+    })
+}
+
+/// The durable engine, its twin and what the sequence has produced so far.
+struct Run {
+    dir: TempDir,
+    options: OpenOptions,
+    clock: Arc<ManualClock>,
+    durable: Option<Engine>,
+    twin: Engine,
+    now_ms: u64,
+    /// Admitted request ids with `(key, resource, amount)` and the first decision.
+    admitted: Vec<(String, usize, usize, u64, Decision)>,
+    next_id: u64,
+    reservations: Vec<ReservationId>,
+    reopens: u32,
+    /// The policy in force (reopening passes it, as a deployment would).
+    policy_version: usize,
+}
+
+impl Run {
+    fn new(setup: &Setup) -> Run {
+        let dir = TempDir::new("model-reopen");
+        let options = OpenOptions {
+            durability: setup.durability,
+            checkpoint_every_events: setup.checkpoint_every_events,
+            ..OpenOptions::default()
+        };
+        let clock = Arc::new(ManualClock::new(START_MS));
+        let durable = Engine::open(dir.path(), policy(), clock.clone(), options.clone())
+            .expect("open a fresh database");
+        let twin = Engine::new(policy(), clock.clone(), EngineOptions::default());
+        let mut run = Run {
+            dir,
+            options,
+            clock,
+            durable: Some(durable),
+            twin,
+            now_ms: START_MS,
+            admitted: Vec::new(),
+            next_id: 0,
+            reservations: Vec::new(),
+            reopens: 0,
+            policy_version: 0,
+        };
+        run.create_accounts(&setup.seats);
+        run
+    }
+
+    fn durable(&self) -> &Engine {
+        self.durable.as_ref().expect("open")
+    }
+
+    /// Runs `call` on both engines and requires the same answer (an error is an answer too:
+    /// settling a closed reservation, refunding twice).
+    fn both<T: PartialEq + std::fmt::Debug>(&self, what: &str, call: impl Fn(&Engine) -> T) -> T {
+        let durable = call(self.durable());
+        let twin = call(&self.twin);
+        assert_eq!(
+            durable, twin,
+            "{what}: the durable engine and the twin answer differently"
+        );
+        durable
+    }
+
+    fn create_accounts(&mut self, seats: &[Option<usize>]) {
+        let at = Some(self.now_ms);
+        for user in 0..4 {
+            let (name, key) = (format!("u{user}"), format!("k{user}"));
+            self.both("create a user", |engine| {
+                engine.create_user(&name, &key, at)
+            })
+            .expect("create a user");
+        }
+        self.both("create a team", |engine| engine.create_team("crew", at))
+            .expect("create a team");
+        for (user, key) in [("u0", "c0"), ("u1", "c1")] {
+            self.both("add a member", |engine| {
+                engine.add_member("crew", user, key, at)
+            })
+            .expect("add a member");
+        }
+        self.both("create a key", |engine| {
+            engine.create_payg_key("u2", "p2", at)
+        })
+        .expect("create a pay-as-you-go key");
+        for (member, plan) in seats.iter().enumerate() {
+            self.seat(member, *plan);
+        }
+    }
+
+    fn seat(&self, member: usize, plan: Option<usize>) {
+        let (team, user) = MEMBERS[member];
+        let at = Some(self.now_ms);
+        self.both("a seat change", |engine| match plan {
+            Some(plan) => engine.assign_seat(team, user, PLANS[plan], at),
+            None => engine.unassign_seat(team, user, at),
+        })
+        .expect("members exist and plans are known");
+    }
+
+    fn compare_states(&self, context: &str) {
+        assert_same_state(
+            &observed(self.durable(), self.now_ms),
+            &observed(&self.twin, self.now_ms),
+            context,
+        );
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Consume {
+                key,
+                resource,
+                amount,
+                id,
+            } => self.consume(*key, *resource, *amount, id),
+            Op::Check {
+                key,
+                resource,
+                amount,
+            } => {
+                let quantities = quantities(*resource, *amount);
+                let request = UsageRequest::new(KEYS[*key], RESOURCES[*resource], &quantities)
+                    .at(self.now_ms);
+                let _compared = self.both("check", |engine| engine.check(&request));
+            }
+            Op::TopUp { team, micros } => {
+                let at = Some(self.now_ms);
+                self.both("top-up", |engine| engine.top_up(TEAMS[*team], *micros, at))
+                    .expect("a top-up");
+            }
+            Op::Seat { member, plan } => self.seat(*member, *plan),
+            Op::Advance { ms } => {
+                self.now_ms += ms;
+                self.clock.set_ms(self.now_ms);
+            }
+            Op::Reserve {
+                key,
+                amount,
+                lease_ms,
+            } => {
+                let quantities = [(Unit::Requests, *amount)];
+                let request = UsageRequest::new(KEYS[*key], "chat", &quantities).at(self.now_ms);
+                let outcome = self.both("reserve", |engine| {
+                    engine.reserve(&request, Some(*lease_ms))
+                });
+                if let Ok(outcome) = outcome {
+                    self.reservations.extend(outcome.reservation);
+                }
+            }
+            Op::Settle { which, amount } => {
+                if let Some(id) = pick(&self.reservations, *which) {
+                    let actual: Vec<(Unit, u64)> = if *amount == 0 {
+                        Vec::new()
+                    } else {
+                        vec![(Unit::Requests, *amount)]
+                    };
+                    let at = Some(self.now_ms);
+                    let _compared = self.both("settle", |engine| engine.settle(id, &actual, at));
+                }
+            }
+            Op::Void { which } => {
+                if let Some(id) = pick(&self.reservations, *which) {
+                    let at = Some(self.now_ms);
+                    let _compared = self.both("void", |engine| engine.void(id, at));
+                }
+            }
+            Op::Refund { which } => {
+                if let Some((id, ..)) = pick(&self.admitted, *which) {
+                    let at = Some(self.now_ms);
+                    let _compared = self.both("refund", |engine| engine.refund(&id, at));
+                }
+            }
+            Op::Checkpoint => {
+                self.durable().checkpoint().expect("checkpoint");
+            }
+            Op::Reopen { close } => self.reopen(*close),
+            Op::SwapPolicy { version } => {
+                let at = Some(self.now_ms);
+                self.both("swap", |engine| {
+                    engine.swap_policy(policy_version(*version), at)
+                })
+                .expect("every policy keeps every plan");
+                self.policy_version = *version;
+            }
+        }
+    }
+
+    fn consume(&mut self, key: usize, resource: usize, amount: u64, id: &RequestId) {
+        let (key, resource, amount, id) = match id {
+            RequestId::None => (key, resource, amount, None),
+            RequestId::Fresh => {
+                self.next_id += 1;
+                (key, resource, amount, Some(format!("r{}", self.next_id)))
+            }
+            RequestId::Retry(which) => match pick(&self.admitted, *which) {
+                Some((id, key, resource, amount, _)) => (key, resource, amount, Some(id)),
+                None => (key, resource, amount, None),
+            },
+        };
+        let quantities = quantities(resource, amount);
+        let mut request =
+            UsageRequest::new(KEYS[key], RESOURCES[resource], &quantities).at(self.now_ms);
+        if let Some(id) = &id {
+            request = request.id(id);
+        }
+        let durable = if id.is_some() && self.options.checkpoint_every_events < 1_000 {
+            let mut results = self.durable().consume_many(&[request]);
+            results.pop().expect("one result")
+        } else {
+            self.durable().consume(&request)
+        };
+        let twin = self.twin.consume(&request);
+        assert_eq!(
+            durable, twin,
+            "consume {request:?}: the engines answer differently"
+        );
+        let Some(id) = id else { return };
+        let Ok(decision) = twin else { return };
+        match self.admitted.iter().position(|admitted| admitted.0 == id) {
+            None if decision.is_admitted() => {
+                self.admitted.push((id, key, resource, amount, decision));
+            }
+            // Retried past the idempotency horizon, the id was admitted anew; a reopen would
+            // restore its first admission instead (known bug): retry it no more.
+            Some(index) if self.admitted[index].4 != decision => {
+                self.admitted.remove(index);
+            }
+            _ => {}
+        }
+    }
+
+    /// Closes the durable engine and checks the database: sound, and its latest snapshot
+    /// equal to a replay of the log. Once the case has run past the idempotency horizon, a
+    /// closed reservation or request id may have aged out, which `verify` mistakes for a
+    /// mismatch (known bug, ignored reproductions in `log.rs`): only then is that one problem
+    /// tolerated.
+    fn verify(mut self) {
+        self.durable.take().expect("open").close().expect("close");
+        let report = Engine::verify(self.dir.path(), self.options.clone()).expect("verify");
+        let aged = self.now_ms - START_MS > policy().longest_window_ms();
+        let problems: Vec<&String> = report
+            .problems
+            .iter()
+            .filter(|problem| !(aged && problem.contains("does not match a replay")))
+            .collect();
+        assert!(problems.is_empty(), "{problems:?}");
+        if !aged {
+            assert_eq!(report.snapshot_matches_replay, Some(true));
+        }
+    }
+
+    fn reopen(&mut self, close: bool) {
+        let before = observed(self.durable(), self.now_ms);
+        let engine = self.durable.take().expect("open");
+        if close {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        let engine = Engine::open(
+            self.dir.path(),
+            policy_version(self.policy_version),
+            self.clock.clone(),
+            self.options.clone(),
+        )
+        .unwrap_or_else(|error| panic!("reopening: {error}"));
+        self.durable = Some(engine);
+        self.reopens += 1;
+        assert_same_state(
+            &observed(self.durable(), self.now_ms),
+            &before,
+            &format!("after reopen {} (close: {close})", self.reopens),
+        );
+    }
+}
+
+/// The state of every key and team, with one known difference taken out: a calendar limit
+/// with nothing used reports its period's end only if a request (even a denied one) created the
+/// key's counters, which a reopen forgets (ignored reproduction in `log.rs`).
+fn observed(engine: &Engine, at_ms: u64) -> State {
+    let mut observed = state(engine, &KEYS, &TEAMS, at_ms);
+    for report in &mut observed.reports {
+        for limit in &mut report.limits {
+            if limit.used == 0 && matches!(limit.window, Window::Calendar(_)) {
+                limit.reset_at_ms = None;
+            }
+        }
+    }
+    observed
+}
+
+fn quantities(resource: usize, amount: u64) -> Vec<(Unit, u64)> {
+    match resource {
+        0 => vec![(Unit::Requests, amount), (Unit::Tokens, amount * 150)],
+        _ => vec![(Unit::Images, amount)],
+    }
+}
+
+fn pick<T: Clone>(items: &[T], which: usize) -> Option<T> {
+    if items.is_empty() {
+        None
+    } else {
+        Some(items[which % items.len()].clone())
+    }
+}
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(64);
+    ProptestConfig {
+        cases,
+        max_shrink_iters: 256,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/model_reopen.txt",
+        ))),
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_reopened_engine_keeps_its_state_and_decides_like_one_that_never_closed(
+        setup in setup(),
+        ops in prop::collection::vec(op(), 1..48),
+    ) {
+        let mut run = Run::new(&setup);
+        run.compare_states("after the accounts");
+        for (step, op) in ops.iter().enumerate() {
+            run.apply(op);
+            run.compare_states(&format!("after step {step}: {op:?}"));
+        }
+        // A last reopen of each kind, so every case ends by recovering.
+        run.reopen(false);
+        run.compare_states("after the final drop");
+        run.reopen(true);
+        run.compare_states("after the final close");
+        run.verify();
+    }
+}
+
+/// The same comparison on one fixed, long sequence that touches every operation, so a run
+/// with few random cases still covers them all.
+#[test]
+fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
+    for (durability, every) in [
+        (Durability::Sync, 1_000_000),
+        (Durability::Sync, 3),
+        (Durability::None, 10),
+    ] {
+        let setup = Setup {
+            durability,
+            checkpoint_every_events: every,
+            seats: vec![Some(0), Some(1), Some(2), None, Some(1), Some(0)],
+        };
+        let mut run = Run::new(&setup);
+        let mut ops = Vec::new();
+        for round in 0..6 {
+            ops.extend([
+                Op::Consume {
+                    key: round % 4,
+                    resource: 0,
+                    amount: 3,
+                    id: RequestId::Fresh,
+                },
+                Op::Consume {
+                    key: 4,
+                    resource: 1,
+                    amount: 1,
+                    id: RequestId::None,
+                },
+                Op::Consume {
+                    key: 6,
+                    resource: 0,
+                    amount: 2,
+                    id: RequestId::None,
+                },
+                Op::Reserve {
+                    key: round % 4,
+                    amount: 2,
+                    lease_ms: 30 * MINUTE_MS,
+                },
+                Op::TopUp {
+                    team: round % 5,
+                    micros: 25_000,
+                },
+                Op::Consume {
+                    key: 5,
+                    resource: 1,
+                    amount: 2,
+                    id: RequestId::Fresh,
+                },
+                Op::Reopen {
+                    close: round % 2 == 0,
+                },
+                Op::Consume {
+                    key: 0,
+                    resource: 0,
+                    amount: 1,
+                    id: RequestId::Retry(round),
+                },
+                Op::Settle {
+                    which: round,
+                    amount: 3,
+                },
+                Op::Refund { which: round },
+                Op::Seat {
+                    member: round,
+                    plan: Some(round % 3),
+                },
+                Op::Check {
+                    key: round % 7,
+                    resource: 0,
+                    amount: 4,
+                },
+                Op::Void { which: round + 1 },
+                Op::Checkpoint,
+                Op::Advance { ms: 20 * MINUTE_MS },
+                Op::Reopen {
+                    close: round % 2 == 1,
+                },
+            ]);
+        }
+        ops.push(Op::Advance { ms: DAY_MS });
+        ops.push(Op::Reopen { close: false });
+        for (step, op) in ops.iter().enumerate() {
+            run.apply(op);
+            run.compare_states(&format!("{durability:?} step {step}: {op:?}"));
+        }
+        assert!(run.reopens >= 12);
+        assert!(!run.admitted.is_empty() && !run.reservations.is_empty());
+        run.verify();
+    }
+}
