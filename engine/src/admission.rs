@@ -615,6 +615,7 @@ pub(crate) fn status_of(
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);
             let now = counter.used(period.index);
+            // A calendar window resets at its period's end whether or not anything is counted.
             (
                 now.used,
                 Some(period_end_ms(policy.calendar(), kind, now.period, at_ms)),

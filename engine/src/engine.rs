@@ -628,7 +628,7 @@ impl Engine {
             .map(|record| Arc::clone(&record.team))
             .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
         let after = team_record
-            .charge(micros)
+            .withdraw(micros)
             .map_err(|balance| Error::InsufficientCredits {
                 team: team.into(),
                 balance_micros: balance,
@@ -641,7 +641,7 @@ impl Engine {
                 micros,
             },
         ) {
-            team_record.refund(micros);
+            team_record.credit(micros);
             return Err(error);
         }
         drop(registry);
@@ -735,7 +735,10 @@ impl Engine {
 
     /// Checks every limit that applies and admits all of the request or none of it.
     pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
-        self.admit(request, Mode::Consume)
+        let decision = self.admit(request, Mode::Consume);
+        // Outside every lock (a checkpoint takes them all).
+        self.maybe_checkpoint();
+        decision
     }
 
     /// The decision `consume` would make now, changing nothing.
@@ -808,8 +811,12 @@ impl Engine {
     ) -> Result<(Decision, Option<Receipt>), Error> {
         let (decision, receipt, seq) =
             self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
-        if let (Some(seq), Some(receipt)) = (seq, receipt) {
-            self.await_durable(seq, key, resource, quantities, &receipt)?;
+        match (seq, receipt, self.journal()) {
+            (Some(seq), Some(receipt), _) => {
+                self.await_durable(seq, key, resource, quantities, &receipt)?
+            }
+            (Some(seq), None, Some(journal)) => journal.wait(seq)?,
+            _ => {}
         }
         Ok((decision, receipt))
     }
@@ -829,13 +836,28 @@ impl Engine {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
         self.keys.read(key, |policy, state| {
             let resource_id = resolve_resource(policy, resource, quantities)?;
-            let Some(state) = state else {
-                return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
+            let (decision, receipt) = match state {
+                Some(state) => decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?,
+                None => (Decision::denied(DenialReason::UnknownKey), None),
             };
-            let (decision, receipt) =
-                decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
-            let (Some(journal), Some(receipt)) = (journal, receipt) else {
+            let Some(journal) = journal else {
                 return Ok((decision, receipt, None));
+            };
+            let (Some(state), Some(receipt)) = (state, receipt) else {
+                // A denial under a request id is logged too, so its retry gets the same
+                // answer after a restart.
+                let Some(request_id) = request_id else {
+                    return Ok((decision, None, None));
+                };
+                let body = EventBody::RequestDenied {
+                    request_id: request_id.into(),
+                    key: key.into(),
+                    resource: resource.into(),
+                    quantities: *quantities,
+                    decision,
+                };
+                let seq = journal.append(at_ms, encode_body(&body))?;
+                return Ok((decision, None, Some(seq)));
             };
             let body = EventBody::UsageAdmitted {
                 key: key.into(),
@@ -881,7 +903,6 @@ impl Engine {
             self.give_back(key, resource, receipt, quantities);
             return Err(error);
         }
-        self.maybe_checkpoint(seq);
         Ok(())
     }
 
@@ -891,7 +912,7 @@ impl Engine {
     /// batch that was admitted is given back and answers the error.
     pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
-        let mut pending: Vec<(usize, Quantities, Receipt)> = Vec::new();
+        let mut pending: Vec<(usize, Quantities, Option<Receipt>)> = Vec::new();
         let mut last_seq = None;
         for (index, request) in requests.iter().enumerate() {
             let outcome = self
@@ -914,7 +935,9 @@ impl Engine {
         if let Err(error) = journal.wait(last_seq) {
             for (index, quantities, receipt) in pending {
                 let request = &requests[index];
-                self.give_back(request.key, request.resource, &receipt, &quantities);
+                if let Some(receipt) = receipt {
+                    self.give_back(request.key, request.resource, &receipt, &quantities);
+                }
                 if let Some(request_id) = request.request_id {
                     self.requests.forget(request_id);
                 }
@@ -922,7 +945,7 @@ impl Engine {
             }
             return results;
         }
-        self.maybe_checkpoint(last_seq);
+        self.maybe_checkpoint();
         results
     }
 
@@ -932,7 +955,7 @@ impl Engine {
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
-    ) -> Result<(Decision, Option<(Quantities, Receipt, Option<u64>)>), Error> {
+    ) -> Result<(Decision, Option<(Quantities, Option<Receipt>, Option<u64>)>), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
@@ -945,7 +968,10 @@ impl Engine {
                 at_ms,
                 Mode::Consume,
             )?;
-            return Ok((decision, receipt.map(|receipt| (quantities, receipt, seq))));
+            return Ok((
+                decision,
+                receipt.map(|receipt| (quantities, Some(receipt), seq)),
+            ));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -965,7 +991,8 @@ impl Engine {
                         at_ms,
                         Mode::Consume,
                     )?;
-                    admitted = receipt.map(|receipt| (quantities, receipt, seq));
+                    // Logged, admitted or denied: the batch's wait decides whether it stands.
+                    admitted = seq.map(|seq| (quantities, receipt, Some(seq)));
                     Ok((decision, receipt))
                 })?;
         Ok((decision, admitted))
@@ -990,11 +1017,18 @@ impl Engine {
                             index as u8,
                             at_ms,
                         ),
+                        // No usage yet: the same report as empty windows (a calendar window
+                        // still resets at its period's end).
                         None => LimitStatus {
                             limit: index as u8,
                             used: 0,
                             amount: limit.amount,
-                            reset_at_ms: None,
+                            reset_at_ms: match limit.window {
+                                Window::Calendar(kind) => {
+                                    Some(policy.calendar().period_of(kind, at_ms).end_ms)
+                                }
+                                Window::Rolling { .. } => None,
+                            },
                         },
                     };
                     limits.push(LimitReport {

@@ -97,6 +97,14 @@ pub enum EventBody {
         decision: Decision,
         receipt: Receipt,
     },
+    /// A denial under a request id: nothing moved, but a retry of the id gets this answer.
+    RequestDenied {
+        request_id: String,
+        key: String,
+        resource: String,
+        quantities: Quantities,
+        decision: Decision,
+    },
     ReservationOpened {
         reservation: u64,
         key: String,
@@ -142,6 +150,7 @@ impl EventBody {
             EventBody::CreditsWithdrawn { .. } => "credits_withdrawn",
             EventBody::PolicySwapped { .. } => "policy_swapped",
             EventBody::UsageAdmitted { .. } => "usage_admitted",
+            EventBody::RequestDenied { .. } => "request_denied",
             EventBody::ReservationOpened { .. } => "reservation_opened",
             EventBody::ReservationClosed { .. } => "reservation_closed",
             EventBody::Refunded { .. } => "refunded",

@@ -147,19 +147,19 @@ impl RequestTable {
         self.shards.iter().map(|shard| shard.lock()).collect()
     }
 
-    /// The admitted records, oldest first, as `(arrival ms, id, record)`: for a snapshot.
+    /// The remembered records, oldest first, as `(arrival ms, id, record)`: for a snapshot.
     pub fn export<'a>(
         guards: &'a [parking_lot::MutexGuard<'_, Shard>],
     ) -> Vec<(u64, String, &'a RequestRecord)> {
         let mut out = Vec::new();
         for shard in guards {
             for (arrived_ms, id) in &shard.arrivals {
-                if let Some(record) = shard
-                    .records
-                    .get(id)
-                    .filter(|record| record.receipt.is_some())
-                {
-                    out.push((*arrived_ms, id.to_string(), record));
+                // Only the arrival that created the record (an id may have come back since).
+                match shard.records.get_key_value(id) {
+                    Some((stored, record)) if Arc::ptr_eq(stored, id) => {
+                        out.push((*arrived_ms, id.to_string(), record));
+                    }
+                    _ => {}
                 }
             }
         }
@@ -168,11 +168,11 @@ impl RequestTable {
     }
 
     /// Inserts a record from a snapshot or the log, unless its id is already known.
+    /// A later record of the same id replaces the earlier one (live, the earlier one had aged
+    /// out of the horizon before the id was admitted anew).
     pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
         let mut shard = self.shard(request_id).lock();
-        if shard.records.contains_key(request_id) {
-            return;
-        }
+        shard.records.remove(request_id);
         let id: Arc<str> = request_id.into();
         shard.arrivals.push_back((arrived_ms, Arc::clone(&id)));
         shard.records.insert(id, record);

@@ -74,6 +74,16 @@ impl Team {
         }
     }
 
+    /// Takes `micros` if the balance covers it, as a correction (not counted as charged):
+    /// `Ok(balance after)`, or `Err(balance)`.
+    pub fn withdraw(&self, micros: u64) -> Result<u64, u64> {
+        self.credits_micros
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
+                balance.checked_sub(micros)
+            })
+            .map(|before| before - micros)
+    }
+
     /// Takes `micros` whatever the balance, stopping at zero: only to reverse a refund whose
     /// event could not be logged.
     pub fn force_charge(&self, micros: u64) {

@@ -14,8 +14,10 @@
 //! first retained sequence number), `cursors` (named export cursors).
 //!
 //! After a write or flush error the log is failed: the batch's callers get the error and undo
-//! their in-memory effect, and every later append is refused until the engine is reopened, so
-//! memory never runs ahead of disk.
+//! their in-memory effect, and every later append is refused until the engine is reopened. In
+//! `Sync` mode memory therefore never runs ahead of disk; in the other modes a call was already
+//! answered when its write fails, so its effect stays in memory (not on disk) until the reopen —
+//! the loss those modes accept.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -120,6 +122,8 @@ struct Progress {
 
 #[derive(Debug)]
 struct Shared {
+    // Relaxed: the newest sequence number handed out, read to decide when to checkpoint.
+    last_appended: AtomicU64,
     durability: Durability,
     faults: Option<Arc<Faults>>,
     queue: Mutex<Queue>,
@@ -187,6 +191,7 @@ impl EventLog {
             None => read_u64(&meta, META_LOG_START)?.map_or(0, |start| start.saturating_sub(1)),
         };
         let shared = Arc::new(Shared {
+            last_appended: AtomicU64::new(last_seq),
             durability,
             faults,
             queue: Mutex::new(Queue {
@@ -244,6 +249,11 @@ impl EventLog {
         self.shared.queue.lock().next_seq
     }
 
+    /// The newest sequence number handed out (lock-free, possibly a moment stale).
+    pub fn last_appended(&self) -> u64 {
+        self.shared.last_appended.load(Ordering::Relaxed)
+    }
+
     /// Every event up to here is durable (with `Sync`) or written.
     pub fn durable_seq(&self) -> u64 {
         self.shared.progress.lock().durable_seq
@@ -269,6 +279,7 @@ impl EventLog {
         }
         let seq = queue.next_seq;
         queue.next_seq += 1;
+        self.shared.last_appended.store(seq, Ordering::Relaxed);
         queue.events.push((seq, at_ms, body));
         drop(queue);
         self.shared.queue_ready.notify_one();
@@ -574,6 +585,7 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
     let is_sled = names.iter().any(|name| name == "db" || name == "conf");
+    // `quarantined-*` files are sled snapshot leftovers this function moved aside earlier.
     if !names.is_empty() && !is_sled {
         return Err(storage(
             dir.display(),
@@ -584,7 +596,8 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
         .iter()
         .filter(|name| name.starts_with("snap.") && name.ends_with(".generating"))
     {
-        let aside = dir.join(format!("{name}.moved-aside"));
+        // Not `snap.*`: sled reads every file so named as one of its snapshots.
+        let aside = dir.join(format!("quarantined-{name}"));
         std::fs::rename(dir.join(name), &aside)
             .map_err(|error| storage(format!("moving aside {name}"), error))?;
     }

@@ -99,6 +99,14 @@ pub fn open(dir: &Path, policy: Policy, options: OpenOptions) -> Engine {
     }
 }
 
+/// Opens with a clock the test moves (request-id and reservation horizons run on the clock).
+pub fn open_on_clock(dir: &Path, clock: Arc<ManualClock>, options: OpenOptions) -> Engine {
+    match Engine::open(dir, Policy::token_plan(), clock, options) {
+        Ok(engine) => engine,
+        Err(error) => panic!("opening {}: {error}", dir.display()),
+    }
+}
+
 pub fn open_token_plan(dir: &Path, options: OpenOptions) -> Engine {
     open(dir, Policy::token_plan(), options)
 }
