@@ -243,6 +243,10 @@ struct Sizes {
     million_keys: usize,
     random_sequence: usize,
     keys_per_thread: usize,
+    /// Rounds of alternating bursts for the paired ratios, and admissions per burst.
+    paired_rounds: usize,
+    hot_burst: usize,
+    million_burst: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -250,12 +254,18 @@ const FULL: Sizes = Sizes {
     million_keys: 1_000_000,
     random_sequence: 1 << 20,
     keys_per_thread: 1 << 10,
+    paired_rounds: 21,
+    hot_burst: 100_000,
+    million_burst: 20_000,
 };
 const QUICK: Sizes = Sizes {
     memory_keys: 2_000,
     million_keys: 10_000,
     random_sequence: 1 << 12,
     keys_per_thread: 1 << 4,
+    paired_rounds: 3,
+    hot_burst: 100,
+    million_burst: 100,
 };
 
 /// Lines for the closing summary, gathered as the run goes.
@@ -264,6 +274,52 @@ struct Report {
     lines: Vec<String>,
     memory_active_bytes: Option<f64>,
     memory_idle_bytes: Option<f64>,
+    hot_paired: Option<Paired>,
+    million_paired: Option<Paired>,
+}
+
+/// Medians of alternating bursts: governor's and tally's time per admission, and their ratio.
+#[derive(Clone, Copy)]
+struct Paired {
+    governor_ns: f64,
+    tally_ns: f64,
+    ratio: f64,
+}
+
+/// Alternates a burst of governor admissions with a burst of tally admissions, `rounds` times,
+/// and keeps the medians. The machine is shared: criterion times one benchmark after another,
+/// so a neighbour's build starting between them skews the ratio of the two medians, while here
+/// it lands on both halves of a round alike.
+fn paired(
+    rounds: usize,
+    burst: usize,
+    governor: impl Fn() -> bool,
+    tally: impl Fn() -> bool,
+) -> Paired {
+    let burst_ns = |admit: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        for _ in 0..burst {
+            black_box(admit());
+        }
+        started.elapsed().as_nanos() as f64 / burst as f64
+    };
+    let (mut governor_ns, mut tally_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (governor_burst, tally_burst) = (burst_ns(&governor), burst_ns(&tally));
+        governor_ns.push(governor_burst);
+        tally_ns.push(tally_burst);
+        ratios.push(tally_burst / governor_burst);
+    }
+    Paired {
+        governor_ns: median(governor_ns),
+        tally_ns: median(tally_ns),
+        ratio: median(ratios),
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 impl Report {
@@ -381,54 +437,105 @@ fn memory_after_check_and_expiry(
 // ---------------------------------------------------------------------------------------------
 // hot_key
 
-fn bench_hot_key(criterion: &mut Criterion) {
+/// One admission of each kind on the hot key; each continues its own stream of timestamps.
+struct HotKey {
+    governor: DefaultKeyedRateLimiter<u64>,
+    engine: Engine,
+    key: String,
+    clock_key: String,
+    governor_stream: Stream,
+    consume_stream: Stream,
+    check_stream: Stream,
+    clock_stream: Stream,
+}
+
+/// Governor's key for the hot-key case.
+const HOT_GOVERNOR_KEY: u64 = 42;
+
+impl HotKey {
+    fn new() -> HotKey {
+        // SystemClock for the one variant that asks the engine for the time; every other
+        // request passes its own timestamp, so the clock is never read there.
+        let engine = bench_engine(None);
+        let key = add_seated_key(&engine, 0, BENCH_PLAN);
+        let clock_key = add_seated_key(&engine, 1, BENCH_PLAN);
+        HotKey {
+            governor: RateLimiter::keyed(governor_quota()),
+            engine,
+            key,
+            clock_key,
+            governor_stream: Stream::default(),
+            consume_stream: Stream::default(),
+            check_stream: Stream::default(),
+            clock_stream: Stream::default(),
+        }
+    }
+
+    fn governor_check(&self) -> bool {
+        let admitted = self
+            .governor
+            .check_key(black_box(&HOT_GOVERNOR_KEY))
+            .is_ok();
+        self.governor_stream.count(admitted)
+    }
+
+    fn tally_consume(&self) -> bool {
+        let step = self.consume_stream.next();
+        let request = UsageRequest::new(black_box(&self.key), BENCH_RESOURCE, ONE_REQUEST);
+        let admitted = tally_admitted(self.engine.consume(&request.at(at_ms(step))));
+        self.consume_stream.count(admitted)
+    }
+
+    /// Follows the consume stream's clock, so the windows it reads are full of real usage.
+    fn tally_check(&self) -> bool {
+        let step = self.check_stream.next() + self.consume_stream.step.get();
+        let request = UsageRequest::new(black_box(&self.key), BENCH_RESOURCE, ONE_REQUEST);
+        let admitted = tally_admitted(self.engine.check(&request.at(at_ms(step))));
+        self.check_stream.count(admitted)
+    }
+
+    fn tally_consume_system_clock(&self) -> bool {
+        let request = UsageRequest::new(black_box(&self.clock_key), BENCH_RESOURCE, ONE_REQUEST);
+        let admitted = tally_admitted(self.engine.consume(&request));
+        self.clock_stream.count(admitted)
+    }
+
+    fn assert_never_denied(&self) {
+        self.governor_stream
+            .assert_never_denied("hot_key/governor_check_key");
+        self.consume_stream
+            .assert_never_denied("hot_key/tally_consume");
+        self.check_stream.assert_never_denied("hot_key/tally_check");
+        self.clock_stream
+            .assert_never_denied("hot_key/tally_consume_system_clock");
+    }
+}
+
+fn bench_hot_key(criterion: &mut Criterion, sizes: Sizes, report: &mut Report) {
+    let hot = HotKey::new();
     let mut group = criterion.benchmark_group("hot_key");
     group.throughput(Throughput::Elements(1));
-
-    let governor: DefaultKeyedRateLimiter<u64> = RateLimiter::keyed(governor_quota());
-    let hot_governor_key: u64 = 42;
-    let governor_stream = Stream::default();
     group.bench_function("governor_check_key", |bencher| {
-        bencher.iter(|| {
-            governor_stream.count(governor.check_key(black_box(&hot_governor_key)).is_ok())
-        })
+        bencher.iter(|| hot.governor_check())
     });
-
-    // SystemClock for the one variant that asks the engine for the time; every other request
-    // passes its own timestamp, so the clock is never read there.
-    let engine = bench_engine(None);
-    let key = add_seated_key(&engine, 0, BENCH_PLAN);
-    let clock_key = add_seated_key(&engine, 1, BENCH_PLAN);
-    let consume_stream = Stream::default();
     group.bench_function("tally_consume", |bencher| {
-        bencher.iter(|| {
-            let step = consume_stream.next();
-            let request = UsageRequest::new(black_box(&key), BENCH_RESOURCE, ONE_REQUEST);
-            consume_stream.count(tally_admitted(engine.consume(&request.at(at_ms(step)))))
-        })
+        bencher.iter(|| hot.tally_consume())
     });
-    // `check` continues the consume stream's clock: the windows are full of real usage.
-    let check_stream = Stream::default();
-    check_stream.step.set(consume_stream.step.get());
-    group.bench_function("tally_check", |bencher| {
-        bencher.iter(|| {
-            let step = check_stream.next();
-            let request = UsageRequest::new(black_box(&key), BENCH_RESOURCE, ONE_REQUEST);
-            check_stream.count(tally_admitted(engine.check(&request.at(at_ms(step)))))
-        })
-    });
-    let clock_stream = Stream::default();
+    group.bench_function("tally_check", |bencher| bencher.iter(|| hot.tally_check()));
     group.bench_function("tally_consume_system_clock", |bencher| {
-        bencher.iter(|| {
-            let request = UsageRequest::new(black_box(&clock_key), BENCH_RESOURCE, ONE_REQUEST);
-            clock_stream.count(tally_admitted(engine.consume(&request)))
-        })
+        bencher.iter(|| hot.tally_consume_system_clock())
     });
     group.finish();
-    governor_stream.assert_never_denied("hot_key/governor_check_key");
-    consume_stream.assert_never_denied("hot_key/tally_consume");
-    check_stream.assert_never_denied("hot_key/tally_check");
-    clock_stream.assert_never_denied("hot_key/tally_consume_system_clock");
+    // Only when both sides ran (a filter may have skipped them).
+    if hot.governor_stream.step.get() > 0 && hot.consume_stream.step.get() > 0 {
+        report.hot_paired = Some(paired(
+            sizes.paired_rounds,
+            sizes.hot_burst,
+            || hot.governor_check(),
+            || hot.tally_consume(),
+        ));
+    }
+    hot.assert_never_denied();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,6 +609,19 @@ impl MillionKeys {
         }
     }
 
+    fn governor_check(&self, stream: &Stream) -> bool {
+        let key = self.governor_key(stream.next());
+        stream.count(self.governor.check_key(key).is_ok())
+    }
+
+    fn tally_consume(&self, stream: &Stream) -> bool {
+        let step = stream.next();
+        let request = UsageRequest::new(self.tally_key(step), BENCH_RESOURCE, ONE_REQUEST);
+        stream.count(tally_admitted(
+            self.engine.consume(&request.at(at_ms(step))),
+        ))
+    }
+
     fn tally_key(&self, step: u64) -> &str {
         let position = step as usize % self.governor_sequence.len();
         &self.tally_sequence[position * self.key_width..(position + 1) * self.key_width]
@@ -521,23 +641,22 @@ fn bench_million_keys(criterion: &mut Criterion, sizes: Sizes, report: &mut Repo
     let governor_stream = Stream::default();
     group.bench_function("governor_check_key", |bencher| {
         let fixture = fixture.get_or_init(|| MillionKeys::build(sizes));
-        bencher.iter(|| {
-            let key = fixture.governor_key(governor_stream.next());
-            governor_stream.count(fixture.governor.check_key(key).is_ok())
-        })
+        bencher.iter(|| fixture.governor_check(&governor_stream))
     });
     let tally_stream = Stream::default();
     group.bench_function("tally_consume", |bencher| {
         let fixture = fixture.get_or_init(|| MillionKeys::build(sizes));
-        bencher.iter(|| {
-            let step = tally_stream.next();
-            let request = UsageRequest::new(fixture.tally_key(step), BENCH_RESOURCE, ONE_REQUEST);
-            tally_stream.count(tally_admitted(
-                fixture.engine.consume(&request.at(at_ms(step))),
-            ))
-        })
+        bencher.iter(|| fixture.tally_consume(&tally_stream))
     });
     group.finish();
+    if let Some(fixture) = fixture.get() {
+        report.million_paired = Some(paired(
+            sizes.paired_rounds,
+            sizes.million_burst,
+            || fixture.governor_check(&governor_stream),
+            || fixture.tally_consume(&tally_stream),
+        ));
+    }
     governor_stream.assert_never_denied("million_keys/governor_check_key");
     tally_stream.assert_never_denied("million_keys/tally_consume");
     if let Some(fixture) = fixture.into_inner() {
@@ -773,6 +892,23 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
         show(million_consume),
         ratio(million_consume, million_governor, 1.2),
     );
+    for (case, paired, target) in [
+        ("hot_key", report.hot_paired, 1.5),
+        ("million_keys", report.million_paired, 1.2),
+    ] {
+        if let Some(paired) = paired {
+            let verdict = if paired.ratio <= target {
+                "met"
+            } else {
+                "MISSED"
+            };
+            println!(
+                "{case:<13} paired bursts (median of {} alternating rounds): governor {:.1} ns, \
+                 tally consume {:.1} ns: {:.2}x (target <= {target}x: {verdict})",
+                sizes.paired_rounds, paired.governor_ns, paired.tally_ns, paired.ratio,
+            );
+        }
+    }
     for bench in [
         "tally_consume_1_key_each".to_string(),
         format!("tally_consume_{many}_keys_each"),
@@ -828,7 +964,7 @@ fn main() {
     if !listing {
         memory_report(&mut report, sizes.memory_keys);
     }
-    bench_hot_key(&mut criterion);
+    bench_hot_key(&mut criterion, sizes, &mut report);
     bench_million_keys(&mut criterion, sizes, &mut report);
     bench_two_threads(&mut criterion, sizes);
     criterion.final_summary();
