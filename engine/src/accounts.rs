@@ -45,6 +45,9 @@ pub struct KeyState {
     pub open_reservations: AtomicU32,
     // AcqRel CAS with an overflow check: pay-as-you-go spend recorded for billing.
     pub payg_micros: AtomicU64,
+    /// Requests are counted no earlier than this (set when idle windows are reclaimed; written
+    /// under the shard's write lock only).
+    pub time_floor_ms: u64,
 }
 
 impl KeyState {
@@ -57,17 +60,18 @@ impl KeyState {
             usage: UsageCell::default(),
             open_reservations: AtomicU32::new(0),
             payg_micros: AtomicU64::new(0),
+            time_floor_ms: 0,
         }
     }
 
-    /// Records pay-as-you-go spend; `Err` if the tally would overflow.
-    pub fn add_payg(&self, micros: u64) -> Result<u64, ()> {
+    /// Records pay-as-you-go spend; `None` (nothing recorded) if the tally would overflow.
+    pub fn add_payg(&self, micros: u64) -> Option<u64> {
         self.payg_micros
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
                 spent.checked_add(micros)
             })
             .map(|before| before + micros)
-            .map_err(|_| ())
+            .ok()
     }
 
     pub fn subtract_payg(&self, micros: u64) {
@@ -146,6 +150,10 @@ impl Shard {
         self.keys.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     pub fn table_bytes(&self) -> usize {
         self.keys.capacity() * (std::mem::size_of::<KeyEntry>() + 1)
     }
@@ -208,6 +216,10 @@ impl KeyTable {
 
     pub fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Write-locks every shard in order: for a policy swap and full sweeps.

@@ -1,1 +1,527 @@
-//! Refunds and corrections of recorded usage.
+//! Adjustments: refunds and corrections of recorded usage, each its own operation, never an edit.
+//!
+//! A refund gives back what an admitted request moved (its receipt): units in windows that are
+//! still live, micro-credits to the team, pay-as-you-go spend. A usage correction adds usage that
+//! really happened but was not counted, or removes usage counted by mistake, at the time it
+//! happened. The same machinery frees what a reservation held. Every give-back returns exactly
+//! what it moved (`GivenBack`), which is what the log records and what an undo reverses.
+
+use crate::accounts::KeyState;
+use crate::admission::{price_micros, Amounts, ChargedTo, Quantities, Receipt};
+use crate::engine::{check_id, resolve_resource, AdjustmentDirection, Engine, MemoryStats};
+use crate::error::Error;
+use crate::event::{EventBody, GivenBack};
+use crate::ledger::{KeyUsage, WindowState};
+use crate::policy::{CounterId, Policy, ResourceId, Unit, Window};
+
+/// What a refund gave back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub charged_to: ChargedTo,
+    /// Exactly what was given back: window units per counter, micro-credits, pay-as-you-go.
+    pub given_back: GivenBack,
+}
+
+/// Per limit of the key's plan, how much an adjustment moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdjustmentOutcome {
+    pub limits: Vec<(String, u64)>,
+}
+
+impl Engine {
+    /// Refunds a request admitted with `request_id`, in full. Refunding twice is an error.
+    pub fn refund(&self, request_id: &str, at_ms: Option<u64>) -> Result<Refund, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        check_id(
+            "request_id",
+            request_id,
+            crate::idempotency::MAX_REQUEST_ID_BYTES,
+        )?;
+        self.requests.with_record(request_id, |record| {
+            let record = record.ok_or_else(|| Error::UnknownRequest {
+                request_id: request_id.into(),
+            })?;
+            if record.refunded {
+                return Err(Error::invalid(
+                    "request_id",
+                    format!("{request_id:?} was already refunded"),
+                ));
+            }
+            let receipt = record.receipt.ok_or_else(|| {
+                Error::invalid(
+                    "request_id",
+                    format!("{request_id:?} was denied: nothing to refund"),
+                )
+            })?;
+            let fingerprint = record.fingerprint.clone();
+            let given_back = self.give_back(
+                &fingerprint.key,
+                &fingerprint.resource,
+                &receipt,
+                &fingerprint.quantities,
+            );
+            let body = EventBody::Refunded {
+                request_id: request_id.into(),
+                key: fingerprint.key.to_string(),
+                given_back: given_back.clone(),
+            };
+            if let Err(error) = self.commit(at_ms, body) {
+                self.take_back(&fingerprint.key, &given_back);
+                return Err(error);
+            }
+            record.refunded = true;
+            Ok(Refund {
+                charged_to: receipt.charged_to,
+                given_back,
+            })
+        })
+    }
+
+    /// Gives back `quantities` (at most what the receipt moved), locking the key's shard.
+    pub(crate) fn give_back(
+        &self,
+        key: &str,
+        resource: &str,
+        receipt: &Receipt,
+        quantities: &Quantities,
+    ) -> GivenBack {
+        let then = self.policy_of_generation(receipt.generation);
+        self.keys.read(key, |policy, state| match state {
+            Some(state) => give_back_in(
+                then.as_deref(),
+                policy,
+                state,
+                resource,
+                receipt,
+                quantities,
+            ),
+            _ => GivenBack {
+                generation: policy.generation,
+                ..GivenBack::default()
+            },
+        })
+    }
+
+    /// Reverses a give-back whose event could not be logged.
+    pub(crate) fn take_back(&self, key: &str, given: &GivenBack) {
+        let then = self.policy_of_generation(given.generation);
+        self.keys.read(key, |policy, state| {
+            if let (Some(state), Some(then)) = (state, then.as_deref()) {
+                retake_in(then, policy, state, given);
+            }
+        });
+    }
+
+    /// Corrects recorded usage of a key's plan limits at the time it happened (`usage_at_ms`).
+    /// Usage whose window has already reset or aged out is left alone. All limits or none.
+    pub fn adjust_usage(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &[(Unit, u64)],
+        usage_at_ms: u64,
+        direction: AdjustmentDirection,
+        at_ms: Option<u64>,
+    ) -> Result<AdjustmentOutcome, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        if usage_at_ms >= crate::calendar::MAX_TIMESTAMP_MS {
+            return Err(Error::invalid(
+                "usage_at_ms",
+                format!("{usage_at_ms} is at or after 2100-01-01T00:00:00Z, the end of tally's time range"),
+            ));
+        }
+        if usage_at_ms > at_ms {
+            return Err(Error::invalid(
+                "usage_at_ms",
+                "usage cannot be corrected before it happens",
+            ));
+        }
+        let quantities = Quantities::new(quantities)?;
+        check_id("key", key, crate::accounts::MAX_KEY_BYTES)?;
+        let journal = self.journal();
+        let (outcome, seq, moved, generation) = self.keys.read(key, |policy, state| {
+            let resource_id = resolve_resource(policy, resource, &quantities)?;
+            let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
+            let plan_id = state.seat.ok_or_else(|| {
+                Error::invalid(
+                    "key",
+                    format!("{key:?} has no seat: no plan usage to adjust"),
+                )
+            })?;
+            let plan = policy.plan(plan_id);
+            let amounts = Amounts::of(&plan.touches[resource_id.index()], &quantities)?;
+            let usage = state
+                .usage
+                .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            let mut limits = Vec::new();
+            let mut moved = Vec::new();
+            for &(limit_index, amount) in amounts.as_slice() {
+                let limit = &plan.limits[usize::from(limit_index)];
+                let counter = &usage.counters[usize::from(limit_index)];
+                let step = adjust_counter(
+                    policy,
+                    limit.window,
+                    &counter.state,
+                    amount,
+                    usage_at_ms,
+                    at_ms,
+                    direction,
+                );
+                match step {
+                    Ok((time, amount)) => {
+                        limits.push((limit.name.to_string(), amount));
+                        moved.push((counter.id, time, amount));
+                    }
+                    Err(error) => {
+                        undo_adjustment(policy, usage, &moved, direction);
+                        return Err(error);
+                    }
+                }
+            }
+            let body = EventBody::UsageAdjusted {
+                key: key.into(),
+                resource: resource.into(),
+                quantities,
+                usage_at_ms,
+                direction,
+                generation: policy.generation,
+                moved: moved.clone(),
+            };
+            let seq = match journal
+                .map(|journal| journal.append(at_ms, crate::event::encode_body(&body)))
+            {
+                Some(Err(error)) => {
+                    undo_adjustment(policy, usage, &moved, direction);
+                    return Err(error);
+                }
+                Some(Ok(seq)) => Some(seq),
+                None => None,
+            };
+            Ok((AdjustmentOutcome { limits }, seq, moved, policy.generation))
+        })?;
+        if let (Some(journal), Some(seq)) = (journal, seq) {
+            if let Err(error) = journal.wait(seq) {
+                self.keys.read(key, |policy, state| {
+                    let usage = state.and_then(|state| state.usage.get());
+                    if let Some(usage) = usage.filter(|_| policy.generation == generation) {
+                        undo_adjustment(policy, usage, &moved, direction);
+                    }
+                });
+                return Err(error);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Frees the window memory of keys with nothing counted in any window as of `at_ms` and no
+    /// open reservation; returns how many keys were reclaimed.
+    pub fn reclaim_idle(&self, at_ms: Option<u64>) -> Result<u64, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        let mut reclaimed = 0;
+        self.keys.for_each_shard(|shard| {
+            let policy = std::sync::Arc::clone(&shard.policy);
+            for (_, state) in shard.iter_mut() {
+                let idle = state
+                    .open_reservations
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    == 0
+                    && state
+                        .usage
+                        .get()
+                        .is_some_and(|usage| usage_is_idle(&policy, usage, at_ms));
+                if idle {
+                    // Keep the newest time the windows had seen, so a late request stamped
+                    // before it is still counted at it (never released early).
+                    state.time_floor_ms = state.time_floor_ms.max(newest_time_ms(&policy, state));
+                    state.usage.set(None);
+                    reclaimed += 1;
+                }
+            }
+        });
+        Ok(reclaimed)
+    }
+
+    /// Memory held by keys and their window counters.
+    pub fn memory_stats(&self) -> MemoryStats {
+        let mut stats = MemoryStats {
+            keys: 0,
+            keys_with_usage: 0,
+            usage_bytes: 0,
+            table_bytes: 0,
+        };
+        self.keys.for_each_shard(|shard| {
+            stats.table_bytes += shard.table_bytes() as u64;
+            for (name, state) in shard.iter() {
+                stats.keys += 1;
+                stats.table_bytes += name.len() as u64;
+                if let Some(usage) = state.usage.get() {
+                    stats.keys_with_usage += 1;
+                    stats.usage_bytes += usage.memory_bytes() as u64;
+                }
+            }
+        });
+        stats
+    }
+}
+
+/// Gives back the part of `receipt` that `quantities` accounts for, under the caller's lock.
+pub(crate) fn give_back_in(
+    then: Option<&Policy>,
+    policy: &Policy,
+    state: &KeyState,
+    resource: &str,
+    receipt: &Receipt,
+    quantities: &Quantities,
+) -> GivenBack {
+    let mut given = GivenBack {
+        generation: policy.generation,
+        ..GivenBack::default()
+    };
+    // What was charged is priced and weighted by the policy in force then, not now: a price
+    // cut since must not shrink a refund.
+    let Some(then) = then else { return given };
+    let Some(resource) = then.resource_id(resource) else {
+        return given;
+    };
+    if quantities.is_empty() {
+        return given;
+    }
+    match receipt.charged_to {
+        ChargedTo::PlanQuota { .. } => {
+            let Some(usage) = state.usage.get() else {
+                return given;
+            };
+            for &hold in receipt.holds.as_slice() {
+                if let Some(moved) = refund_hold(then, policy, usage, resource, quantities, hold) {
+                    given.counters.push(moved);
+                }
+            }
+        }
+        ChargedTo::Credits { micros } => {
+            let price = price_micros(then, resource, quantities).ok().flatten();
+            let back = price.unwrap_or(micros).min(micros);
+            if state.team.refund(back).is_some() {
+                given.credits_micros = back;
+            }
+        }
+        ChargedTo::PayAsYouGo { micros } => {
+            let price = price_micros(then, resource, quantities).ok().flatten();
+            let back = price.unwrap_or(micros).min(micros);
+            state.subtract_payg(back);
+            given.payg_micros = back;
+        }
+    }
+    given
+}
+
+/// Takes again what `given` gave back (the give-back's event could not be logged).
+pub(crate) fn retake_in(then: &Policy, policy: &Policy, state: &KeyState, given: &GivenBack) {
+    if given.credits_micros > 0 {
+        state.team.force_charge(given.credits_micros);
+    }
+    if given.payg_micros > 0 {
+        let _ = state.add_payg(given.payg_micros);
+    }
+    if let Some(usage) = state.usage.get() {
+        for &(counter, time, amount) in &given.counters {
+            let current = if then.generation == policy.generation {
+                Some(counter)
+            } else {
+                then.same_counter_in(counter, policy)
+            };
+            if let Some(current) = current {
+                force_counter(policy, usage, current, time, amount);
+            }
+        }
+    }
+}
+
+/// Adds `amount` to a counter at `time` (an epoch or a period) whatever the limit.
+pub(crate) fn force_counter(
+    policy: &Policy,
+    usage: &KeyUsage,
+    counter: CounterId,
+    time: u64,
+    amount: u64,
+) {
+    let Some(state) = usage.counter(counter) else {
+        return;
+    };
+    match (state, policy.counter(counter).window) {
+        (WindowState::Rolling(ring), window @ Window::Rolling { .. }) => {
+            if let Some(shape) = window.shape() {
+                ring.advance(shape, time);
+                let _ = ring.force(shape, time, amount);
+            }
+        }
+        (WindowState::Calendar(counter_state), Window::Calendar(_)) => {
+            let _ = counter_state.force(time as u32, amount);
+        }
+        _ => {}
+    }
+}
+
+/// Takes `amount` off a counter at `time`; returns how much could not be taken (the counter
+/// held less).
+pub(crate) fn unforce_counter(
+    policy: &Policy,
+    usage: &KeyUsage,
+    counter: CounterId,
+    time: u64,
+    amount: u64,
+) -> u64 {
+    let Some(state) = usage.counter(counter) else {
+        return 0;
+    };
+    let taken = match (state, policy.counter(counter).window) {
+        (WindowState::Rolling(ring), window @ Window::Rolling { .. }) => match window.shape() {
+            Some(shape) => ring.refund(shape, time, amount),
+            None => 0,
+        },
+        (WindowState::Calendar(counter_state), Window::Calendar(_)) => {
+            counter_state.refund(time as u32, amount)
+        }
+        _ => 0,
+    };
+    amount - taken
+}
+
+fn undo_adjustment(
+    policy: &Policy,
+    usage: &KeyUsage,
+    moved: &[(CounterId, u64, u64)],
+    direction: AdjustmentDirection,
+) {
+    for &(counter, time, amount) in moved {
+        match direction {
+            AdjustmentDirection::Add => {
+                unforce_counter(policy, usage, counter, time, amount);
+            }
+            AdjustmentDirection::Remove => force_counter(policy, usage, counter, time, amount),
+        }
+    }
+}
+
+/// Gives back the part of one hold that `quantities` accounts for: `(counter, time, amount)`
+/// in the current policy's ids, or `None` if its counter is gone or nothing was live.
+fn refund_hold(
+    then: &Policy,
+    now: &Policy,
+    usage: &KeyUsage,
+    resource: ResourceId,
+    quantities: &Quantities,
+    (counter, held, time): (CounterId, u64, u64),
+) -> Option<(CounterId, u64, u64)> {
+    let current = if then.generation == now.generation {
+        Some(counter)
+    } else {
+        then.same_counter_in(counter, now)
+    }?;
+    let amount = quantities
+        .weighted(&then.counter_weights(counter, resource))
+        .unwrap_or(held)
+        .min(held);
+    let state = usage.counter(current)?;
+    let (time, given) = match state {
+        WindowState::Rolling(window) => {
+            let shape = now.counter(current).window.shape()?;
+            let epoch = match then.counter(counter).window.shape() {
+                Some(old) if old != shape => shape.epoch(time * old.bucket_ms + old.bucket_ms - 1),
+                _ => time,
+            };
+            (epoch, window.refund(shape, epoch, amount))
+        }
+        WindowState::Calendar(counter_state) => (time, counter_state.refund(time as u32, amount)),
+    };
+    (given > 0).then_some((current, time, given))
+}
+
+/// Moves one counter for an adjustment: `(epoch or period, amount moved)`.
+fn adjust_counter(
+    policy: &Policy,
+    window: Window,
+    state: &WindowState,
+    amount: u64,
+    usage_at_ms: u64,
+    at_ms: u64,
+    direction: AdjustmentDirection,
+) -> Result<(u64, u64), Error> {
+    match (state, window) {
+        (WindowState::Rolling(ring), Window::Rolling { .. }) => {
+            let shape = window.shape().unwrap_or_else(|| unreachable!());
+            let head = ring.advance(shape, shape.epoch(at_ms));
+            let epoch = shape.epoch(usage_at_ms);
+            if epoch.saturating_add(shape.buckets) < head {
+                return Ok((epoch, 0)); // aged out already
+            }
+            match direction {
+                AdjustmentDirection::Remove => Ok((epoch, ring.refund(shape, epoch, amount))),
+                AdjustmentDirection::Add => ring
+                    .force(shape, epoch, amount)
+                    .then_some((epoch, amount))
+                    .ok_or(Error::Overflow {
+                        field: "quantities (bucket count)",
+                    }),
+            }
+        }
+        (WindowState::Calendar(counter), Window::Calendar(kind)) => {
+            let period = policy.calendar().period_of(kind, usage_at_ms).index;
+            let time = u64::from(period);
+            if counter
+                .used(policy.calendar().period_of(kind, at_ms).index)
+                .period
+                != period
+            {
+                return Ok((time, 0)); // that period has reset
+            }
+            match direction {
+                AdjustmentDirection::Remove => Ok((time, counter.refund(period, amount))),
+                AdjustmentDirection::Add => counter
+                    .force(period, amount)
+                    .map(|_| (time, amount))
+                    .ok_or(Error::Overflow {
+                        field: "quantities (period count)",
+                    }),
+            }
+        }
+        _ => unreachable!("a key's counter always has its limit's kind of window"),
+    }
+}
+
+/// The newest time any of a key's rolling windows has seen (its head), in ms.
+fn newest_time_ms(policy: &Policy, state: &KeyState) -> u64 {
+    let Some(usage) = state.usage.get() else {
+        return 0;
+    };
+    usage
+        .counters
+        .iter()
+        .filter_map(
+            |counter| match (&counter.state, policy.counter(counter.id).window) {
+                (WindowState::Rolling(ring), Window::Rolling { bucket_ms, .. }) => {
+                    Some(ring.head().saturating_mul(bucket_ms))
+                }
+                _ => None,
+            },
+        )
+        .max()
+        .unwrap_or(0)
+}
+
+fn usage_is_idle(policy: &Policy, usage: &KeyUsage, at_ms: u64) -> bool {
+    usage.counters.iter().all(|counter| match &counter.state {
+        WindowState::Rolling(window) => match policy.counter(counter.id).window.shape() {
+            Some(shape) => window.is_idle(shape, shape.epoch(at_ms)),
+            None => false,
+        },
+        WindowState::Calendar(state) => match policy.counter(counter.id).window {
+            crate::policy::Window::Calendar(kind) => {
+                state
+                    .used(policy.calendar().period_of(kind, at_ms).index)
+                    .used
+                    == 0
+            }
+            crate::policy::Window::Rolling { .. } => false,
+        },
+    })
+}

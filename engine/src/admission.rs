@@ -9,13 +9,15 @@ use crate::calendar::CalendarPeriod;
 use crate::error::Error;
 use crate::ledger::{KeyUsage, Team, WindowState};
 use crate::policy::{
-    CounterId, Limit, Plan, PlanId, Policy, ResourceId, Touch, Unit, Window,
-    MAX_LIMITS_PER_RESOURCE, MAX_QUANTITY, UNIT_COUNT,
+    CounterId, Limit, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE,
+    MAX_QUANTITY, UNIT_COUNT,
 };
 use crate::window::period_end_ms;
 
 /// A validated set of quantities, one per unit (0 = the unit is not in the request).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct Quantities(pub(crate) [u64; UNIT_COUNT]);
 
 impl Quantities {
@@ -52,6 +54,14 @@ impl Quantities {
         Ok(Quantities(values))
     }
 
+    /// Like `new`, but an empty list (nothing used) is allowed: for settling a reservation.
+    pub fn new_allowing_none(pairs: &[(Unit, u64)]) -> Result<Quantities, Error> {
+        if pairs.is_empty() {
+            return Ok(Quantities::default());
+        }
+        Quantities::new(pairs)
+    }
+
     pub fn get(&self, unit: Unit) -> u64 {
         self.0[unit.index()]
     }
@@ -81,9 +91,9 @@ impl Quantities {
     /// `sum(quantity * weight)`, or an error naming the overflow.
     pub(crate) fn weighted(&self, weights: &[u64; UNIT_COUNT]) -> Result<u64, Error> {
         let mut sum = 0u64;
-        for index in 0..UNIT_COUNT {
-            sum = self.0[index]
-                .checked_mul(weights[index])
+        for (quantity, weight) in self.0.iter().zip(weights) {
+            sum = quantity
+                .checked_mul(*weight)
                 .and_then(|part| sum.checked_add(part))
                 .ok_or(Error::Overflow {
                     field: "quantities",
@@ -94,7 +104,7 @@ impl Quantities {
 }
 
 /// Where an admitted request was charged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChargedTo {
     PlanQuota { plan: PlanId },
     Credits { micros: u64 },
@@ -102,7 +112,7 @@ pub enum ChargedTo {
 }
 
 /// One limit's state as seen by a decision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct LimitStatus {
     /// Index into the plan's `limits`.
     pub limit: u8,
@@ -120,10 +130,16 @@ impl LimitStatus {
 }
 
 /// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct LimitStatuses {
     len: u8,
     items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
+}
+
+impl std::fmt::Debug for LimitStatuses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
 }
 
 impl LimitStatuses {
@@ -138,7 +154,7 @@ impl LimitStatuses {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Admission {
     pub charged_to: ChargedTo,
     /// The time the usage was counted at: the request's, or later if the key's windows had
@@ -151,7 +167,7 @@ pub struct Admission {
     pub credits_balance_micros: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DenialReason {
     UnknownKey,
     /// The key exists but has neither a seat nor credits.
@@ -190,7 +206,7 @@ pub enum DenialReason {
 }
 
 /// What could let a denied request through.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Remedies {
     /// Credits the team would need to add for this request to be charged to credits.
     pub credits_needed_micros: Option<u64>,
@@ -200,7 +216,7 @@ pub struct Remedies {
     pub wait_until_ms: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Denial {
     pub reason: DenialReason,
     pub plan: Option<PlanId>,
@@ -209,7 +225,7 @@ pub struct Denial {
     pub remedies: Remedies,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Decision {
     Admitted(Admission),
     Denied(Denial),
@@ -232,8 +248,8 @@ impl Decision {
 }
 
 /// What an admitted request moved, so it can be refunded, settled or voided exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Receipt {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Receipt {
     pub charged_to: ChargedTo,
     /// The policy generation whose counter ids `holds` uses.
     pub generation: u32,
@@ -241,8 +257,8 @@ pub(crate) struct Receipt {
 }
 
 /// Units held on counters: `(counter, amount, epoch or period)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub(crate) struct Holds {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Holds {
     pub len: u8,
     pub items: [(CounterId, u64, u64); MAX_LIMITS_PER_RESOURCE],
 }
@@ -255,10 +271,6 @@ impl Holds {
 
     pub fn as_slice(&self) -> &[(CounterId, u64, u64)] {
         &self.items[..usize::from(self.len)]
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [(CounterId, u64, u64)] {
-        &mut self.items[..usize::from(self.len)]
     }
 }
 
@@ -294,10 +306,6 @@ impl Amounts {
     pub fn as_slice(&self) -> &[(u8, u64)] {
         &self.items[..self.len]
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 /// Price of a request in micro-credits: `None` if the resource has no price.
@@ -307,14 +315,10 @@ pub(crate) fn price_micros(
     quantities: &Quantities,
 ) -> Result<Option<u64>, Error> {
     let resource = policy.resource(resource);
-    if !resource.is_priced() {
+    if !resource.priced {
         return Ok(None);
     }
-    let mut weights = [0; UNIT_COUNT];
-    for (index, price) in resource.price_micros.iter().enumerate() {
-        weights[index] = price.unwrap_or(0);
-    }
-    quantities.weighted(&weights).map(Some)
+    quantities.weighted(&resource.price_weights).map(Some)
 }
 
 /// Checks per-request maximums (the resource's, then the plan's).
@@ -340,7 +344,7 @@ pub(crate) enum QuotaOutcome {
 }
 
 /// Tries to take `amounts` from the plan's limits for this key. In `Check` mode nothing is
-/// taken. `at_ms` has been validated.
+/// taken or moved (not even a window's head). `at_ms` has been validated.
 pub(crate) fn try_quota(
     policy: &Policy,
     plan_id: PlanId,
@@ -350,15 +354,10 @@ pub(crate) fn try_quota(
     mode: Mode,
 ) -> QuotaOutcome {
     let plan = policy.plan(plan_id);
-    let mut statuses = LimitStatuses::default();
-    let mut holds = Holds::default();
-    let mut effective_ms = at_ms;
-    for (position, &(limit_index, amount)) in amounts.as_slice().iter().enumerate() {
+    // A request larger than a limit itself can never fit: say so before touching anything.
+    for &(limit_index, amount) in amounts.as_slice() {
         let limit = &plan.limits[usize::from(limit_index)];
-        let state = &usage.counters[usize::from(limit_index)].state;
-        debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
         if amount > limit.amount {
-            rollback(plan, usage, amounts, &holds, position);
             let reason = DenialReason::ExceedsLimit {
                 limit: limit_index,
                 amount: limit.amount,
@@ -372,33 +371,28 @@ pub(crate) fn try_quota(
                 policy, plan_id, usage, amounts, at_ms, reason, remedies,
             ));
         }
+    }
+    let mut statuses = LimitStatuses::default();
+    let mut holds = Holds::default();
+    let mut effective_ms = at_ms;
+    for (position, &(limit_index, amount)) in amounts.as_slice().iter().enumerate() {
+        let limit = &plan.limits[usize::from(limit_index)];
+        let state = &usage.counters[usize::from(limit_index)].state;
+        debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
         match take(policy, limit, state, amount, at_ms, mode) {
-            Ok((mut status, time)) => {
+            Some((mut status, time)) => {
                 status.limit = limit_index;
                 statuses.push(status);
                 holds.push((limit.counter, amount, time));
-                if let (WindowState::Rolling(_), Window::Rolling { bucket_ms, .. }) =
-                    (state, limit.window)
-                {
+                if let Window::Rolling { bucket_ms, .. } = limit.window {
                     effective_ms = effective_ms.max(time * bucket_ms);
                 }
             }
-            Err((retry_at_ms, reset_at_ms)) => {
-                rollback(plan, usage, amounts, &holds, position);
-                let reason = DenialReason::QuotaExhausted {
-                    limit: limit_index,
-                    retry_at_ms,
-                    retry_after_ms: retry_at_ms.saturating_sub(at_ms),
-                    reset_at_ms,
-                };
-                let remedies = Remedies {
-                    upgrade_to: limit.upgrade,
-                    wait_until_ms: Some(retry_at_ms),
-                    ..Remedies::default()
-                };
-                return QuotaOutcome::Denied(quota_denial(
-                    policy, plan_id, usage, amounts, at_ms, reason, remedies,
-                ));
+            None => {
+                if mode == Mode::Consume {
+                    rollback(usage, amounts, &holds, position);
+                }
+                return QuotaOutcome::Denied(exhausted(policy, plan_id, usage, amounts, at_ms));
             }
         }
     }
@@ -420,7 +414,8 @@ pub(crate) fn try_quota(
     QuotaOutcome::Admitted(admission, holds)
 }
 
-/// Takes `amount` from one limit. `Ok((status, epoch or period))` or `Err((retry_at, reset_at))`.
+/// Takes `amount` from one limit (in `Check` mode only looks): `Some((status, epoch or
+/// period))`, or `None` if it does not fit.
 fn take(
     policy: &Policy,
     limit: &Limit,
@@ -428,92 +423,150 @@ fn take(
     amount: u64,
     at_ms: u64,
     mode: Mode,
-) -> Result<(LimitStatus, u64), (u64, u64)> {
+) -> Option<(LimitStatus, u64)> {
     match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
             let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
-            let epoch = window.advance(shape, shape.epoch(at_ms));
-            let taken = match mode {
-                Mode::Consume => window.try_reserve(amount, limit.amount),
+            let (epoch, used) = match mode {
+                Mode::Consume => {
+                    let epoch = window.advance(shape, shape.epoch(at_ms));
+                    (epoch, window.try_reserve(amount, limit.amount).ok()?)
+                }
                 Mode::Check => {
-                    let used = window.used();
-                    if used.saturating_add(amount) <= limit.amount {
-                        Ok(used + amount)
-                    } else {
-                        Err(used)
-                    }
+                    let (epoch, used) = window.used_at(shape, shape.epoch(at_ms));
+                    (
+                        epoch,
+                        used.checked_add(amount)
+                            .filter(|next| *next <= limit.amount)?,
+                    )
                 }
             };
-            match taken {
-                Ok(used) => {
-                    let status = LimitStatus {
-                        limit: 0,
-                        used,
-                        amount: limit.amount,
-                        reset_at_ms: Some(shape.release_ms(epoch)),
-                    };
-                    Ok((status, epoch))
-                }
-                Err(used) => {
-                    let needed = used.saturating_add(amount) - limit.amount;
-                    let drained = shape.release_ms(epoch);
-                    let retry = window.release_time(shape, epoch, needed).unwrap_or(drained);
-                    let reset = window.drain_time(shape, epoch).unwrap_or(drained);
-                    Err((retry.max(at_ms), reset.max(retry)))
-                }
-            }
+            let status = LimitStatus {
+                limit: 0,
+                used,
+                amount: limit.amount,
+                reset_at_ms: Some(shape.release_ms(epoch)),
+            };
+            Some((status, epoch))
         }
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);
-            let taken = match mode {
-                Mode::Consume => counter.try_add(period.index, amount, limit.amount),
+            let now = match mode {
+                Mode::Consume => counter.try_add(period.index, amount, limit.amount).ok()?,
                 Mode::Check => {
                     let now = counter.used(period.index);
-                    if now.used.saturating_add(amount) <= limit.amount {
-                        Ok(crate::window::PeriodUse {
-                            period: now.period,
-                            used: now.used + amount,
-                        })
-                    } else {
-                        Err(now)
+                    let used = now
+                        .used
+                        .checked_add(amount)
+                        .filter(|next| *next <= limit.amount)?;
+                    crate::window::PeriodUse {
+                        period: now.period,
+                        used,
                     }
                 }
             };
-            let end = |stored: u32| {
-                if stored == period.index {
-                    period.end_ms
-                } else {
-                    period_end_ms(policy.calendar(), kind, stored, at_ms)
-                }
+            let reset = if now.period == period.index {
+                period.end_ms
+            } else {
+                period_end_ms(policy.calendar(), kind, now.period, at_ms)
             };
-            match taken {
-                Ok(now) => {
-                    let status = LimitStatus {
-                        limit: 0,
-                        used: now.used,
-                        amount: limit.amount,
-                        reset_at_ms: Some(end(now.period)),
-                    };
-                    Ok((status, u64::from(now.period)))
-                }
-                Err(now) => {
-                    let reset = end(now.period);
-                    Err((reset, reset))
-                }
+            let status = LimitStatus {
+                limit: 0,
+                used: now.used,
+                amount: limit.amount,
+                reset_at_ms: Some(reset),
+            };
+            Some((status, u64::from(now.period)))
+        }
+        _ => unreachable!("a key's counter always has its limit's kind of window"),
+    }
+}
+
+/// When `amount` more fits `limit` (never earlier than the truth, at most one bucket later for a
+/// rolling window), looking without changing anything; `at_ms` if it fits now.
+fn fits_at(policy: &Policy, limit: &Limit, state: &WindowState, amount: u64, at_ms: u64) -> u64 {
+    match (state, limit.window) {
+        (WindowState::Rolling(window), Window::Rolling { .. }) => {
+            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let (epoch, used) = window.used_at(shape, shape.epoch(at_ms));
+            let Some(needed) = used
+                .saturating_add(amount)
+                .checked_sub(limit.amount)
+                .filter(|needed| *needed > 0)
+            else {
+                return at_ms;
+            };
+            let drained = shape.release_ms(epoch);
+            window
+                .release_time(shape, epoch, needed)
+                .unwrap_or(drained)
+                .max(at_ms)
+        }
+        (WindowState::Calendar(counter), Window::Calendar(kind)) => {
+            let period = policy.calendar().period_of(kind, at_ms);
+            let now = counter.used(period.index);
+            if now.used.saturating_add(amount) <= limit.amount {
+                at_ms
+            } else if now.period == period.index {
+                period.end_ms
+            } else {
+                period_end_ms(policy.calendar(), kind, now.period, at_ms)
             }
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     }
 }
 
+/// The denial of a request some limit could not take: the limit that keeps it out longest, when
+/// it will fit (the latest of every limit's fit time), and the remedies.
+fn exhausted(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+) -> Denial {
+    let plan = policy.plan(plan_id);
+    let mut binding = None;
+    for &(limit_index, amount) in amounts.as_slice() {
+        let limit = &plan.limits[usize::from(limit_index)];
+        let state = &usage.counters[usize::from(limit_index)].state;
+        let retry_at = fits_at(policy, limit, state, amount, at_ms);
+        if retry_at > at_ms && binding.is_none_or(|(_, latest)| retry_at > latest) {
+            binding = Some((limit_index, retry_at));
+        }
+    }
+    // Every limit fits now when the only obstacle was a concurrent request's reservation in
+    // flight: retry at once.
+    let (limit_index, retry_at_ms) = binding.unwrap_or((amounts.as_slice()[0].0, at_ms));
+    let limit = &plan.limits[usize::from(limit_index)];
+    let state = &usage.counters[usize::from(limit_index)].state;
+    let reset_at_ms = status_of(policy, limit, state, limit_index, at_ms)
+        .reset_at_ms
+        .unwrap_or(retry_at_ms)
+        .max(retry_at_ms);
+    let reason = DenialReason::QuotaExhausted {
+        limit: limit_index,
+        retry_at_ms,
+        retry_after_ms: retry_at_ms - at_ms,
+        reset_at_ms,
+    };
+    let remedies = Remedies {
+        upgrade_to: limit.upgrade,
+        wait_until_ms: Some(retry_at_ms),
+        ..Remedies::default()
+    };
+    quota_denial(policy, plan_id, usage, amounts, at_ms, reason, remedies)
+}
+
 /// Gives back the first `taken` reservations of a request that another limit denied.
-fn rollback(plan: &Plan, usage: &KeyUsage, amounts: &Amounts, holds: &Holds, taken: usize) {
+fn rollback(usage: &KeyUsage, amounts: &Amounts, holds: &Holds, taken: usize) {
     for (&(limit_index, amount), hold) in amounts.as_slice()[..taken].iter().zip(holds.as_slice()) {
         match &usage.counters[usize::from(limit_index)].state {
             WindowState::Rolling(window) => window.unreserve(amount),
             WindowState::Calendar(counter) => {
                 let given = counter.refund(hold.2 as u32, amount);
-                debug_assert!(given == amount || plan.limits.is_empty());
+                debug_assert_eq!(given, amount, "a calendar hold is given back whole");
             }
         }
     }
@@ -545,7 +598,7 @@ fn quota_denial(
     }
 }
 
-/// A limit's used, remaining and reset time, without changing it.
+/// A limit's used, remaining and reset time as of `at_ms`, changing nothing.
 pub(crate) fn status_of(
     policy: &Policy,
     limit: &Limit,
@@ -556,8 +609,8 @@ pub(crate) fn status_of(
     let (used, reset_at_ms) = match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
             let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
-            let epoch = window.advance(shape, shape.epoch(at_ms));
-            (window.used(), window.drain_time(shape, epoch))
+            let (epoch, used) = window.used_at(shape, shape.epoch(at_ms));
+            (used, window.drain_time(shape, epoch).filter(|_| used > 0))
         }
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);

@@ -6,6 +6,7 @@
 //! `admission` tries the plan's limits (lock-free CAS on each window) and falls back to the
 //! team's credits. With a request id the whole call runs once per id (`idempotency`).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -21,13 +22,12 @@ use crate::admission::{
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
 use crate::error::Error;
+use crate::event::{encode_body, EventBody};
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
-use crate::ledger::{KeyUsage, Team, WindowState};
-use crate::policy::{PlanId, Policy, ResourceId, Unit, Window};
-use crate::reservation::{
-    Closed, Reservation, ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS,
-    MAX_LEASE_MS,
-};
+use crate::ledger::{KeyUsage, Team};
+use crate::log::EventLog;
+use crate::policy::{Policy, ResourceId, Unit, Window};
+use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
 // events they become once the engine has a log).
@@ -38,7 +38,7 @@ pub struct EngineOptions {
     pub max_keys: u64,
     pub max_teams: u64,
     pub max_users: u64,
-    /// Request ids remembered at once (about 400 bytes each).
+    /// Request ids remembered at once (about 1.5 KB each with their first decision).
     pub idempotency_capacity: usize,
     /// How long a request id is remembered; never less than the policy's longest window.
     pub idempotency_horizon_ms: u64,
@@ -103,12 +103,12 @@ pub struct ReserveOutcome {
     pub reservation: Option<ReservationId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettleOutcome {
     Settled(Settlement),
     /// The actual amount went beyond the estimate and the rest did not fit: nothing changed,
     /// the reservation stays open (settle with less, or void it).
-    Denied(crate::admission::Denial),
+    Denied(Box<crate::admission::Denial>),
 }
 
 /// One limit on the console's usage bar.
@@ -148,7 +148,7 @@ pub struct MemoryStats {
     pub table_bytes: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AdjustmentDirection {
     /// Usage that really happened but was not counted: counted now, whatever the limit.
     Add,
@@ -159,12 +159,25 @@ pub enum AdjustmentDirection {
 pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
-    keys: KeyTable,
-    registry: Mutex<Registry>,
+    pub(crate) keys: KeyTable,
+    pub(crate) registry: Mutex<Registry>,
     /// Every installed policy by generation; the last is current. Also serialises swaps.
-    policies: RwLock<Vec<Option<Arc<Policy>>>>,
-    requests: RequestTable,
-    reservations: ReservationTable,
+    pub(crate) policies: RwLock<Vec<Option<Arc<Policy>>>>,
+    pub(crate) requests: RequestTable,
+    pub(crate) reservations: ReservationTable,
+    /// The event log, once recovery has replayed it (absent for an in-memory engine).
+    pub(crate) journal: std::sync::OnceLock<EventLog>,
+    /// The serialised checkpoint in progress, if any (see `recovery`).
+    pub(crate) checkpointing: Mutex<()>,
+    /// The sequence number the latest checkpoint covers.
+    // Relaxed: compared against on the commit path to decide when to checkpoint; exactness
+    // does not matter (a checkpoint a few events late is fine).
+    pub(crate) checkpointed_seq: AtomicU64,
+    // Relaxed: settings read on the commit path; set once when the engine opens.
+    pub(crate) checkpoint_every: AtomicU64,
+    pub(crate) retention_ms: AtomicU64,
+    // Relaxed fetch_max: the newest event time logged, stamped on snapshots.
+    newest_event_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -176,7 +189,21 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
+/// Whether `text` holds a Unicode control character (C0, DEL or C1), scanning bytes: C1
+/// controls U+0080..U+009F are encoded as 0xC2 0x80..0x9F.
+fn has_control_character(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(index, &byte)| {
+        byte < 0x20
+            || byte == 0x7F
+            || (byte == 0xC2
+                && bytes
+                    .get(index + 1)
+                    .is_some_and(|next| (0x80..=0x9F).contains(next)))
+    })
+}
+
+pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -186,7 +213,7 @@ fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Result<(), Er
             format!("is {} bytes; at most {max_bytes}", value.len()),
         ));
     }
-    if value.chars().any(char::is_control) {
+    if has_control_character(value) {
         return Err(Error::invalid(
             field,
             "must not contain control characters (NUL, newline, ...)",
@@ -208,6 +235,12 @@ impl Engine {
             policies: RwLock::new(vec![Some(policy)]),
             requests: RequestTable::new(options.idempotency_capacity, horizon_ms),
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
+            journal: std::sync::OnceLock::new(),
+            checkpointing: Mutex::new(()),
+            checkpointed_seq: AtomicU64::new(0),
+            checkpoint_every: AtomicU64::new(u64::MAX),
+            retention_ms: AtomicU64::new(0),
+            newest_event_ms: AtomicU64::new(0),
             options,
         }
     }
@@ -220,7 +253,7 @@ impl Engine {
             .unwrap_or_else(|| unreachable!("the current policy is always kept"))
     }
 
-    fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
+    pub(crate) fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
         self.policies
             .read()
             .get(generation as usize)
@@ -235,7 +268,32 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
+    pub(crate) fn note_event_time(&self, at_ms: u64) {
+        self.newest_event_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn newest_event_ms(&self) -> u64 {
+        self.newest_event_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn journal(&self) -> Option<&EventLog> {
+        self.journal.get()
+    }
+
+    /// Logs a state change and, as the durability mode says, waits for it to be durable:
+    /// write-ahead for admin calls (applied only if this succeeds).
+    pub(crate) fn commit(&self, at_ms: u64, body: EventBody) -> Result<(), Error> {
+        match self.journal() {
+            None => Ok(()),
+            Some(journal) => {
+                let seq = journal.append(at_ms, encode_body(&body))?;
+                self.note_event_time(at_ms);
+                journal.wait(seq)
+            }
+        }
+    }
+
+    pub(crate) fn resolve_time(&self, at_ms: Option<u64>) -> Result<u64, Error> {
         let at_ms = at_ms.unwrap_or_else(|| self.clock.now_ms());
         if at_ms >= MAX_TIMESTAMP_MS {
             return Err(Error::invalid(
@@ -253,7 +311,7 @@ impl Engine {
 
     /// Creates a user, their Default Team (`@user`) and their plan key in it.
     pub fn create_user(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("user", user, MAX_ID_BYTES)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
@@ -272,6 +330,13 @@ impl Engine {
         }
         self.check_room(&registry, 1)?;
         self.check_new_key(key)?;
+        self.commit(
+            at_ms,
+            EventBody::UserCreated {
+                user: user.into(),
+                key: key.into(),
+            },
+        )?;
         let user_name: Arc<str> = user.into();
         let team = Arc::new(Team::new(&team_name));
         self.keys.insert(
@@ -332,7 +397,7 @@ impl Engine {
     }
 
     pub fn create_team(&self, team: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("team", team, MAX_ID_BYTES)?;
         if team.starts_with('@') {
             return Err(Error::invalid(
@@ -353,6 +418,7 @@ impl Engine {
                 capacity: self.options.max_teams,
             });
         }
+        self.commit(at_ms, EventBody::TeamCreated { team: team.into() })?;
         let record = TeamRecord {
             team: Arc::new(Team::new(team)),
             members: Default::default(),
@@ -370,7 +436,7 @@ impl Engine {
         key: &str,
         at_ms: Option<u64>,
     ) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         let user_name = registry
@@ -389,6 +455,12 @@ impl Engine {
             });
         }
         self.check_new_key(key)?;
+        let body = EventBody::MemberAdded {
+            team: team.into(),
+            user: user.into(),
+            key: key.into(),
+        };
+        self.commit(at_ms, body)?;
         self.keys.insert(
             key,
             KeyState::new(
@@ -403,7 +475,7 @@ impl Engine {
 
     /// Issues a pay-as-you-go key to `user`: never draws on plan quota or credits.
     pub fn create_payg_key(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
         let mut registry = self.registry.lock();
         let record = registry
@@ -413,6 +485,13 @@ impl Engine {
         let default_team = Arc::clone(&registry.teams[&*record.default_team].team);
         let user_name = Arc::clone(&record.name);
         self.check_new_key(key)?;
+        self.commit(
+            at_ms,
+            EventBody::PayAsYouGoKeyCreated {
+                user: user.into(),
+                key: key.into(),
+            },
+        )?;
         self.keys.insert(
             key,
             KeyState::new(KeyKind::PayAsYouGo, user_name, default_team),
@@ -451,18 +530,25 @@ impl Engine {
         plan: &str,
         at_ms: Option<u64>,
     ) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
-        self.change_seat(&key, Some(plan))
+        self.change_seat(team, user, &key, Some(plan), at_ms)
     }
 
     pub fn unassign_seat(&self, team: &str, user: &str, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let key = self.member_key(team, user)?;
-        self.change_seat(&key, None)
+        self.change_seat(team, user, &key, None, at_ms)
     }
 
-    fn change_seat(&self, key: &str, plan: Option<&str>) -> Result<(), Error> {
+    fn change_seat(
+        &self,
+        team: &str,
+        user: &str,
+        key: &str,
+        plan: Option<&str>,
+        at_ms: u64,
+    ) -> Result<(), Error> {
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
@@ -473,6 +559,13 @@ impl Engine {
                 ),
                 None => None,
             };
+            let body = EventBody::SeatChanged {
+                team: team.into(),
+                user: user.into(),
+                key: key.into(),
+                plan: plan.map(Into::into),
+            };
+            self.commit(at_ms, body)?;
             state.seat = seat;
             let usage = state
                 .usage
@@ -485,17 +578,33 @@ impl Engine {
 
     /// Adds credits to a team; returns the new balance.
     pub fn top_up(&self, team: &str, micros: u64, at_ms: Option<u64>) -> Result<u64, Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         if micros == 0 {
             return Err(Error::invalid(
                 "micros",
                 "a top-up must be at least 1 micro-credit",
             ));
         }
-        let team_record = self.team(team)?;
+        let registry = self.registry.lock();
+        let team_record = registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        if team_record.balance_micros().checked_add(micros).is_none() {
+            return Err(Error::Overflow { field: "micros" });
+        }
+        self.commit(
+            at_ms,
+            EventBody::CreditsToppedUp {
+                team: team.into(),
+                micros,
+            },
+        )?;
+        drop(registry);
         team_record
             .credit(micros)
-            .map_err(|_| Error::Overflow { field: "micros" })
+            .ok_or(Error::Overflow { field: "micros" })
     }
 
     /// Corrects a team's balance downwards (a chargeback, a mistaken top-up). Never below zero.
@@ -505,21 +614,38 @@ impl Engine {
         micros: u64,
         at_ms: Option<u64>,
     ) -> Result<u64, Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         if micros == 0 {
             return Err(Error::invalid(
                 "micros",
                 "a correction must be at least 1 micro-credit",
             ));
         }
-        let team_record = self.team(team)?;
-        team_record
+        let registry = self.registry.lock();
+        let team_record = registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let after = team_record
             .charge(micros)
             .map_err(|balance| Error::InsufficientCredits {
                 team: team.into(),
                 balance_micros: balance,
                 needed_micros: micros,
-            })
+            })?;
+        if let Err(error) = self.commit(
+            at_ms,
+            EventBody::CreditsWithdrawn {
+                team: team.into(),
+                micros,
+            },
+        ) {
+            team_record.refund(micros);
+            return Err(error);
+        }
+        drop(registry);
+        Ok(after)
     }
 
     pub fn credits_micros(&self, team: &str) -> Result<u64, Error> {
@@ -539,7 +665,7 @@ impl Engine {
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
     /// drop a plan someone is seated on is refused, changing nothing.
     pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
-        self.resolve_time(at_ms)?;
+        let at_ms = self.resolve_time(at_ms)?;
         let mut policies = self.policies.write();
         let old = policies
             .last()
@@ -564,6 +690,15 @@ impl Engine {
                 }
             }
         }
+        let document = serde_json::to_string(policy.document())
+            .map_err(|error| Error::invalid("policy", error.to_string()))?;
+        self.commit(
+            at_ms,
+            EventBody::PolicySwapped {
+                generation: policy.generation,
+                document,
+            },
+        )?;
         for shard in shards.iter_mut() {
             for (_, state) in shard.iter_mut() {
                 state.seat = state
@@ -578,6 +713,14 @@ impl Engine {
             shard.policy = Arc::clone(&policy);
         }
         drop(shards);
+        let horizon_ms = self
+            .options
+            .idempotency_horizon_ms
+            .max(policy.longest_window_ms());
+        self.requests.set_horizon_ms(horizon_ms);
+        self.reservations
+            .horizon_ms
+            .store(horizon_ms, Ordering::Relaxed);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);
         let excess = policies.len().saturating_sub(kept);
@@ -606,7 +749,14 @@ impl Engine {
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
             return Ok(self
-                .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                .decide(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    None,
+                    at_ms,
+                    mode,
+                )?
                 .0);
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
@@ -616,33 +766,209 @@ impl Engine {
             quantities,
         };
         match mode {
-            Mode::Consume => self.requests.once(request_id, fingerprint, at_ms, || {
-                self.decide(request.key, request.resource, &quantities, at_ms, mode)
-            }),
+            Mode::Consume => {
+                self.requests
+                    .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                        self.decide(
+                            request.key,
+                            request.resource,
+                            &quantities,
+                            Some(request_id),
+                            at_ms,
+                            mode,
+                        )
+                    })
+            }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => Ok(decision),
                 None => Ok(self
-                    .decide(request.key, request.resource, &quantities, at_ms, mode)?
+                    .decide(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        mode,
+                    )?
                     .0),
             },
         }
     }
 
+    /// Decides and, for an admitted consume, waits until its event is durable (as the mode
+    /// says); if the log fails, the effect is given back and the error returned.
     fn decide(
         &self,
         key: &str,
         resource: &str,
         quantities: &Quantities,
+        request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
     ) -> Result<(Decision, Option<Receipt>), Error> {
+        let (decision, receipt, seq) =
+            self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
+        if let (Some(seq), Some(receipt)) = (seq, receipt) {
+            self.await_durable(seq, key, resource, quantities, &receipt)?;
+        }
+        Ok((decision, receipt))
+    }
+
+    /// Decides, and for an admitted consume appends the usage event while the key's shard is
+    /// still read-locked (so a checkpoint's cut sees every applied effect logged). Returns the
+    /// event's sequence number; does not wait for it.
+    fn decide_logged(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        request_id: Option<&str>,
+        at_ms: u64,
+        mode: Mode,
+    ) -> Result<(Decision, Option<Receipt>, Option<u64>), Error> {
+        let journal = self.journal().filter(|_| mode == Mode::Consume);
         self.keys.read(key, |policy, state| {
-            let resource = resolve_resource(policy, resource, quantities)?;
-            match state {
-                None => Ok((Decision::denied(DenialReason::UnknownKey), None)),
-                Some(state) => decide_for_key(policy, state, resource, quantities, at_ms, mode),
+            let resource_id = resolve_resource(policy, resource, quantities)?;
+            let Some(state) = state else {
+                return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
+            };
+            let (decision, receipt) =
+                decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?;
+            let (Some(journal), Some(receipt)) = (journal, receipt) else {
+                return Ok((decision, receipt, None));
+            };
+            let body = EventBody::UsageAdmitted {
+                key: key.into(),
+                resource: resource.into(),
+                quantities: *quantities,
+                request_id: request_id.map(Into::into),
+                decision,
+                receipt,
+            };
+            match journal.append(at_ms, encode_body(&body)) {
+                Ok(seq) => {
+                    self.note_event_time(at_ms);
+                    Ok((decision, Some(receipt), Some(seq)))
+                }
+                Err(error) => {
+                    crate::adjustment::give_back_in(
+                        Some(policy),
+                        policy,
+                        state,
+                        resource,
+                        &receipt,
+                        quantities,
+                    );
+                    Err(error)
+                }
             }
         })
+    }
+
+    /// Waits for `seq`; if the log failed, gives the receipt's effect back.
+    fn await_durable(
+        &self,
+        seq: u64,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        receipt: &Receipt,
+    ) -> Result<(), Error> {
+        let Some(journal) = self.journal() else {
+            return Ok(());
+        };
+        if let Err(error) = journal.wait(seq) {
+            self.give_back(key, resource, receipt, quantities);
+            return Err(error);
+        }
+        self.maybe_checkpoint(seq);
+        Ok(())
+    }
+
+    /// Consumes many requests with one wait for durability: each is decided on its own (all of
+    /// it or none), then the call waits once for the last event, so a gateway batching its
+    /// requests gets group commit from a single thread. If the log fails, every request of the
+    /// batch that was admitted is given back and answers the error.
+    pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
+        let mut results = Vec::with_capacity(requests.len());
+        let mut pending: Vec<(usize, Quantities, Receipt)> = Vec::new();
+        let mut last_seq = None;
+        for (index, request) in requests.iter().enumerate() {
+            let outcome = self
+                .admit_without_waiting(request)
+                .map(|(decision, admitted)| {
+                    if let Some((quantities, receipt, seq)) = admitted {
+                        pending.push((index, quantities, receipt));
+                        last_seq = last_seq.max(seq);
+                    }
+                    decision
+                });
+            results.push(outcome);
+        }
+        let Some(journal) = self.journal() else {
+            return results;
+        };
+        let Some(last_seq) = last_seq else {
+            return results;
+        };
+        if let Err(error) = journal.wait(last_seq) {
+            for (index, quantities, receipt) in pending {
+                let request = &requests[index];
+                self.give_back(request.key, request.resource, &receipt, &quantities);
+                if let Some(request_id) = request.request_id {
+                    self.requests.forget(request_id);
+                }
+                results[index] = Err(error.clone());
+            }
+            return results;
+        }
+        self.maybe_checkpoint(last_seq);
+        results
+    }
+
+    /// One request of `consume_many`: the decision and, if admitted and logged, what to give
+    /// back should the batch's wait fail.
+    #[allow(clippy::type_complexity)]
+    fn admit_without_waiting(
+        &self,
+        request: &UsageRequest<'_>,
+    ) -> Result<(Decision, Option<(Quantities, Receipt, Option<u64>)>), Error> {
+        let at_ms = self.resolve_time(request.at_ms)?;
+        let quantities = Quantities::new(request.quantities)?;
+        check_id("key", request.key, MAX_KEY_BYTES)?;
+        let Some(request_id) = request.request_id else {
+            let (decision, receipt, seq) = self.decide_logged(
+                request.key,
+                request.resource,
+                &quantities,
+                None,
+                at_ms,
+                Mode::Consume,
+            )?;
+            return Ok((decision, receipt.map(|receipt| (quantities, receipt, seq))));
+        };
+        check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
+        let fingerprint = Fingerprint {
+            key: request.key.into(),
+            resource: request.resource.into(),
+            quantities,
+        };
+        let mut admitted = None;
+        let decision =
+            self.requests
+                .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                    let (decision, receipt, seq) = self.decide_logged(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        Mode::Consume,
+                    )?;
+                    admitted = receipt.map(|receipt| (quantities, receipt, seq));
+                    Ok((decision, receipt))
+                })?;
+        Ok((decision, admitted))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.
@@ -694,7 +1020,7 @@ impl Engine {
                 open_reservations: state
                     .open_reservations
                     .load(std::sync::atomic::Ordering::Acquire),
-                payg_micros: state.payg_micros.load(std::sync::atomic::Ordering::Acquire),
+                payg_micros: state.payg_micros.load(Ordering::Acquire),
                 at_ms,
             })
         })
@@ -702,7 +1028,7 @@ impl Engine {
 }
 
 /// Resolves a resource name and checks the request's units against it.
-fn resolve_resource(
+pub(crate) fn resolve_resource(
     policy: &Policy,
     resource: &str,
     quantities: &Quantities,
@@ -713,6 +1039,16 @@ fn resolve_resource(
             resource: resource.into(),
         })?;
     let metered = &policy.resource(id).units;
+    let required = &policy.resource(id).required;
+    if let Some(unit) = Unit::ALL
+        .into_iter()
+        .find(|unit| required[unit.index()] && quantities.get(*unit) == 0)
+    {
+        return Err(Error::invalid(
+            "quantities",
+            format!("a request for {resource:?} must carry {unit}"),
+        ));
+    }
     if let Some((unit, _)) = quantities.pairs().find(|(unit, _)| !metered[unit.index()]) {
         return Err(Error::invalid(
             "quantities",
@@ -731,6 +1067,8 @@ pub(crate) fn decide_for_key(
     at_ms: u64,
     mode: Mode,
 ) -> Result<(Decision, Option<Receipt>), Error> {
+    // Time never goes back for a key, even across a reclaim of its idle windows.
+    let at_ms = at_ms.max(state.time_floor_ms);
     let price = price_micros(policy, resource, quantities)?;
     if let Some(reason) = over_maximum(&policy.resource(resource).max_per_request, quantities) {
         return Ok((Decision::denied(reason), None));
@@ -748,9 +1086,19 @@ pub(crate) fn decide_for_key(
         }
         if plan.covers[resource.index()] {
             let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
-            let usage = state
-                .usage
-                .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            // A check on a key that never used anything looks at empty windows without keeping
+            // them: a key with no usage holds no window memory.
+            let scratch;
+            let usage = match (state.usage.get(), mode) {
+                (Some(usage), _) => usage,
+                (None, Mode::Check) => {
+                    scratch = KeyUsage::for_plan(policy, Some(plan_id));
+                    &scratch
+                }
+                (None, Mode::Consume) => state
+                    .usage
+                    .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
+            };
             match try_quota(policy, plan_id, usage, &amounts, at_ms, mode) {
                 QuotaOutcome::Admitted(admission, holds) => {
                     let receipt = Receipt {
@@ -808,7 +1156,7 @@ fn pay_as_you_go(
         ));
     };
     if mode == Mode::Consume {
-        state.add_payg(price).map_err(|_| Error::Overflow {
+        state.add_payg(price).ok_or(Error::Overflow {
             field: "pay-as-you-go micros",
         })?;
     }
@@ -826,4 +1174,29 @@ fn pay_as_you_go(
         holds: Holds::default(),
     };
     Ok((Decision::Admitted(admission), Some(receipt)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_found_by_the_byte_scan_exactly_as_by_char() {
+        for text in [
+            "plain",
+            "tab\there",
+            "nul\0",
+            "del\u{7f}",
+            "c1\u{85}x",
+            "é ü ß",
+            "\u{a0}nbsp",
+            "日本",
+        ] {
+            assert_eq!(
+                has_control_character(text),
+                text.chars().any(char::is_control),
+                "{text:?}"
+            );
+        }
+    }
 }

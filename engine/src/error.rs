@@ -71,6 +71,10 @@ pub enum Error {
         needed_micros: u64,
     },
     Policy(PolicyError),
+    /// The event log could not be read or written; the call changed nothing.
+    Storage {
+        problem: String,
+    },
 }
 
 impl Error {
@@ -119,6 +123,7 @@ impl fmt::Display for Error {
                 "micros: team {team:?} holds {balance_micros} micro-credits, {needed_micros} needed"
             ),
             Error::Policy(error) => write!(f, "policy: {error}"),
+            Error::Storage { problem } => write!(f, "storage: {problem}"),
         }
     }
 }

@@ -36,17 +36,17 @@ pub(crate) struct RequestRecord {
 }
 
 #[derive(Debug, Default)]
-struct Shard {
+pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
     arrivals: VecDeque<(u64, Arc<str>)>,
-    newest_ms: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct RequestTable {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
     capacity_per_shard: usize,
-    horizon_ms: u64,
+    // Relaxed: a setting, changed by a policy swap to cover its longest window.
+    horizon_ms: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -58,12 +58,13 @@ impl RequestTable {
                 .map(|_| CachePadded::new(Mutex::new(Shard::default())))
                 .collect(),
             capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
-            horizon_ms,
+            horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
     }
 
-    pub fn horizon_ms(&self) -> u64 {
+    pub fn set_horizon_ms(&self, horizon_ms: u64) {
         self.horizon_ms
+            .store(horizon_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn capacity(&self) -> usize {
@@ -81,10 +82,14 @@ impl RequestTable {
         request_id: &str,
         fingerprint: Fingerprint,
         at_ms: u64,
+        now_ms: u64,
         admit: impl FnOnce() -> Result<(Decision, Option<Receipt>), Error>,
     ) -> Result<Decision, Error> {
         let mut shard = self.shard(request_id).lock();
-        shard.expire(at_ms, self.horizon_ms);
+        shard.expire(
+            now_ms,
+            self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed),
+        );
         if let Some(record) = shard.records.get(request_id) {
             return if record.fingerprint == fingerprint {
                 Ok(record.decision)
@@ -131,6 +136,48 @@ impl RequestTable {
         }
     }
 
+    /// Forgets `request_id` (its admission was given back because the log failed).
+    pub fn forget(&self, request_id: &str) {
+        let mut shard = self.shard(request_id).lock();
+        shard.records.remove(request_id);
+    }
+
+    /// Locks every shard, in order: for a checkpoint's cut.
+    pub fn lock_all(&self) -> Vec<parking_lot::MutexGuard<'_, Shard>> {
+        self.shards.iter().map(|shard| shard.lock()).collect()
+    }
+
+    /// The admitted records, oldest first, as `(arrival ms, id, record)`: for a snapshot.
+    pub fn export<'a>(
+        guards: &'a [parking_lot::MutexGuard<'_, Shard>],
+    ) -> Vec<(u64, String, &'a RequestRecord)> {
+        let mut out = Vec::new();
+        for shard in guards {
+            for (arrived_ms, id) in &shard.arrivals {
+                if let Some(record) = shard
+                    .records
+                    .get(id)
+                    .filter(|record| record.receipt.is_some())
+                {
+                    out.push((*arrived_ms, id.to_string(), record));
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        out
+    }
+
+    /// Inserts a record from a snapshot or the log, unless its id is already known.
+    pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
+        let mut shard = self.shard(request_id).lock();
+        if shard.records.contains_key(request_id) {
+            return;
+        }
+        let id: Arc<str> = request_id.into();
+        shard.arrivals.push_back((arrived_ms, Arc::clone(&id)));
+        shard.records.insert(id, record);
+    }
+
     /// Calls `f` with the record of `request_id` under its shard's lock.
     pub fn with_record<R>(
         &self,
@@ -140,34 +187,26 @@ impl RequestTable {
         let mut shard = self.shard(request_id).lock();
         f(shard.records.get_mut(request_id))
     }
-
-    /// Locks every shard (in order) and applies `f` to every record: for a policy swap.
-    pub fn for_each_record(&self, mut f: impl FnMut(&mut RequestRecord)) {
-        for shard in self.shards.iter() {
-            for record in shard.lock().records.values_mut() {
-                f(record);
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().records.len())
-            .sum()
-    }
 }
 
 impl Shard {
-    fn expire(&mut self, at_ms: u64, horizon_ms: u64) {
-        self.newest_ms = self.newest_ms.max(at_ms);
-        let oldest_kept = self.newest_ms.saturating_sub(horizon_ms);
+    /// Drops ids that arrived more than the horizon before `now_ms` (the engine's clock, not a
+    /// request's timestamp: one request stamped far ahead must not make everyone forgotten).
+    fn expire(&mut self, now_ms: u64, horizon_ms: u64) {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
         while let Some((arrived_ms, _)) = self.arrivals.front() {
             if *arrived_ms >= oldest_kept {
                 break;
             }
             if let Some((_, id)) = self.arrivals.pop_front() {
-                self.records.remove(&id);
+                // Only the entry this arrival created: a forgotten id may have come back since.
+                let same = self
+                    .records
+                    .get_key_value(&id)
+                    .is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
+                if same {
+                    self.records.remove(&id);
+                }
             }
         }
     }

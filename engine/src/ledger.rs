@@ -56,32 +56,76 @@ impl Team {
         }
     }
 
-    /// Adds `micros` (a top-up or a refund): `Ok(balance after)`, or `Err(())` on overflow.
-    pub fn credit(&self, micros: u64) -> Result<u64, ()> {
+    /// Adds `micros` (a top-up or a refund): the balance after, or `None` (nothing added) on
+    /// overflow.
+    pub fn credit(&self, micros: u64) -> Option<u64> {
         let mut balance = self.balance_micros();
         loop {
-            let after = balance.checked_add(micros).ok_or(())?;
+            let after = balance.checked_add(micros)?;
             match self.credits_micros.compare_exchange_weak(
                 balance,
                 after,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(after),
+                Ok(_) => return Some(after),
                 Err(current) => balance = current,
             }
         }
     }
 
+    /// Takes `micros` whatever the balance, stopping at zero: only to reverse a refund whose
+    /// event could not be logged.
+    pub fn force_charge(&self, micros: u64) {
+        let _ = self
+            .credits_micros
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
+                Some(balance.saturating_sub(micros))
+            });
+        self.charged_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Applies a logged credit during replay (a top-up, or a refund when `refund`). Replay
+    /// follows log order, which may differ from the order charges and top-ups met in memory, so
+    /// the balance may pass below zero on the way: wrapping arithmetic keeps the final sum exact.
+    pub fn replay_add(&self, micros: u64, refund: bool) {
+        let balance = self.credits_micros.load(Ordering::Acquire);
+        self.credits_micros
+            .store(balance.wrapping_add(micros), Ordering::Release);
+        if refund {
+            let charged = self.charged_micros.load(Ordering::Relaxed);
+            self.charged_micros
+                .store(charged.wrapping_sub(micros), Ordering::Relaxed);
+        }
+    }
+
+    /// Applies a logged charge (`charge`) or withdrawal during replay; see `replay_add`.
+    pub fn replay_take(&self, micros: u64, charge: bool) {
+        let balance = self.credits_micros.load(Ordering::Acquire);
+        self.credits_micros
+            .store(balance.wrapping_sub(micros), Ordering::Release);
+        if charge {
+            let charged = self.charged_micros.load(Ordering::Relaxed);
+            self.charged_micros
+                .store(charged.wrapping_add(micros), Ordering::Relaxed);
+        }
+    }
+
+    /// Sets the balance and total charged (restoring a snapshot).
+    pub fn restore(&self, balance_micros: u64, charged_micros: u64) {
+        self.credits_micros.store(balance_micros, Ordering::Release);
+        self.charged_micros.store(charged_micros, Ordering::Relaxed);
+    }
+
     /// Gives back part of an earlier charge.
-    pub fn refund(&self, micros: u64) -> Result<u64, ()> {
+    pub fn refund(&self, micros: u64) -> Option<u64> {
         let after = self.credit(micros)?;
         let _ = self
             .charged_micros
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |charged| {
                 Some(charged.saturating_sub(micros))
             });
-        Ok(after)
+        Some(after)
     }
 }
 
@@ -93,17 +137,18 @@ pub enum WindowState {
 }
 
 impl WindowState {
-    pub fn new(window: Window) -> WindowState {
+    /// The state for a limit of `amount` on `window`.
+    pub fn new(window: Window, amount: u64) -> WindowState {
         match window.shape() {
-            Some(shape) => WindowState::Rolling(RollingWindow::new(shape)),
+            Some(shape) => WindowState::Rolling(RollingWindow::new(shape, amount)),
             None => WindowState::Calendar(CalendarCounter::new()),
         }
     }
 
-    fn memory_bytes(&self) -> usize {
+    fn heap_bytes(&self) -> usize {
         match self {
-            WindowState::Rolling(window) => window.memory_bytes(),
-            WindowState::Calendar(_) => std::mem::size_of::<CalendarCounter>(),
+            WindowState::Rolling(window) => window.heap_bytes(),
+            WindowState::Calendar(_) => 0,
         }
     }
 }
@@ -132,7 +177,7 @@ impl KeyUsage {
                     .iter()
                     .map(|limit| Counter {
                         id: limit.counter,
-                        state: WindowState::new(limit.window),
+                        state: WindowState::new(limit.window, limit.amount),
                     })
                     .collect()
             })
@@ -165,7 +210,7 @@ impl KeyUsage {
             let new_window = policy.counter(id).window;
             let state = match (counter.state, old_window.shape(), new_window.shape()) {
                 (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
-                    WindowState::Rolling(window.reshaped(from, to))
+                    WindowState::Rolling(window.reshaped(from, to, 0))
                 }
                 (state, _, _) => state,
             };
@@ -178,8 +223,12 @@ impl KeyUsage {
                     .iter()
                     .position(|counter| counter.id == limit.counter)
                 {
-                    Some(position) => carried.swap_remove(position).state,
-                    None => WindowState::new(limit.window),
+                    Some(position) => widened(
+                        carried.swap_remove(position).state,
+                        limit.window,
+                        limit.amount,
+                    ),
+                    None => WindowState::new(limit.window, limit.amount),
                 };
                 counters.push(Counter {
                     id: limit.counter,
@@ -191,17 +240,25 @@ impl KeyUsage {
         KeyUsage { counters }
     }
 
+    /// Bytes this key's usage holds on the heap: the box, the counter list and the rings.
     pub fn memory_bytes(&self) -> usize {
         std::mem::size_of::<KeyUsage>()
             + self.counters.capacity() * std::mem::size_of::<Counter>()
             + self
                 .counters
                 .iter()
-                .map(|counter| {
-                    counter.state.memory_bytes()
-                        - std::mem::size_of::<WindowState>().min(counter.state.memory_bytes())
-                })
+                .map(|counter| counter.state.heap_bytes())
                 .sum::<usize>()
+    }
+}
+
+/// A carried ring whose slots are too narrow for a bigger limit, copied into wide slots.
+fn widened(state: WindowState, window: Window, amount: u64) -> WindowState {
+    match (state, window.shape()) {
+        (WindowState::Rolling(ring), Some(shape)) if !ring.holds(amount) => {
+            WindowState::Rolling(ring.reshaped(shape, shape, amount))
+        }
+        (state, _) => state,
     }
 }
 
@@ -273,7 +330,7 @@ mod tests {
     #[test]
     fn credits_never_go_below_zero_under_concurrent_charges() {
         let team = Team::new("t");
-        team.credit(1_000).unwrap();
+        team.credit(1_000).expect("room for a top-up");
         let charged = AtomicU64::new(0);
         std::thread::scope(|scope| {
             for _ in 0..2 {
@@ -294,8 +351,8 @@ mod tests {
     #[test]
     fn a_credit_that_would_overflow_changes_nothing() {
         let team = Team::new("t");
-        team.credit(u64::MAX - 1).unwrap();
-        assert_eq!(team.credit(2), Err(()));
+        team.credit(u64::MAX - 1).expect("room for a top-up");
+        assert_eq!(team.credit(2), None);
         assert_eq!(team.balance_micros(), u64::MAX - 1);
     }
 

@@ -29,13 +29,17 @@ pub mod calendar;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod event;
 pub mod idempotency;
 pub mod ledger;
+pub mod log;
 pub mod policy;
+pub mod recovery;
 pub mod reservation;
 pub mod window;
 
 pub use accounts::KeyKind;
+pub use adjustment::{AdjustmentOutcome, Refund};
 pub use admission::{
     Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities,
     Remedies,
@@ -46,5 +50,13 @@ pub use engine::{
     SettleOutcome, UsageReport, UsageRequest,
 };
 pub use error::Error;
+pub use event::{Event, EventBody};
+pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
+pub use recovery::{CompactReport, OpenOptions, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
+
+/// A policy's document as JSON: the form the event log stores.
+pub fn policy_json(policy: &Policy) -> String {
+    serde_json::to_string(policy.document()).unwrap_or_default()
+}

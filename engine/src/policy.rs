@@ -135,6 +135,10 @@ pub struct ResourceDocument {
     /// Per-request maximums that hold for every key, whatever its plan.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub max_per_request: BTreeMap<Unit, u64>,
+    /// Units every request for this resource must carry (a speech call without characters
+    /// would otherwise pass a characters quota for free).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<Unit>,
 }
 
 /// A meter is one resource's unit, or a weighted sum (`terms`), or every priced resource's
@@ -235,7 +239,7 @@ impl std::error::Error for PolicyError {}
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize)]
         pub struct $name(pub u16);
         impl $name {
             pub fn index(self) -> usize {
@@ -322,12 +326,18 @@ pub struct Resource {
     pub price_micros: [Option<u64>; UNIT_COUNT],
     /// 0 where there is no maximum.
     pub max_per_request: [u64; UNIT_COUNT],
+    /// Units every request must carry.
+    pub required: [bool; UNIT_COUNT],
+    /// `price_micros` with 0 for unpriced units, and whether any unit is priced: precomputed
+    /// for the admission path.
+    pub price_weights: [u64; UNIT_COUNT],
+    pub priced: bool,
 }
 
 impl Resource {
     /// Whether credits (and pay-as-you-go) can pay for this resource.
     pub fn is_priced(&self) -> bool {
-        self.price_micros.iter().any(Option::is_some)
+        self.priced
     }
 }
 
@@ -409,14 +419,17 @@ impl Policy {
     }
 
     pub fn from_toml_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument = toml::from_str(text)
+        let deserializer = toml::Deserializer::parse(text)
             .map_err(|error| PolicyError::new("(toml)", error.to_string().trim_end()))?;
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(deserializer).map_err(path_error)?;
         Policy::compile(document)
     }
 
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let document: PolicyDocument = serde_json::from_str(text)
-            .map_err(|error| PolicyError::new("(json)", error.to_string()))?;
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
         Policy::compile(document)
     }
 
@@ -516,10 +529,23 @@ impl Policy {
             .counters
             .iter()
             .position(|candidate| {
-                candidate.window == spec.window && other.meter(candidate.meter).name == *meter_name
+                same_window_ignoring_buckets(candidate.window, spec.window)
+                    && other.meter(candidate.meter).name == *meter_name
             })
             .map(|index| CounterId(index as u16))
     }
+}
+
+/// A document that does not fit the schema: the error names the path of the field (`.` for the
+/// whole document, e.g. when a required table is missing).
+fn path_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> PolicyError {
+    let path = error.path().to_string();
+    let field = if path.is_empty() || path == "." {
+        ".".to_string()
+    } else {
+        path
+    };
+    PolicyError::new(field, error.inner().to_string().trim_end())
 }
 
 #[derive(Default)]
@@ -652,6 +678,16 @@ impl Compiler {
             }
             let max_per_request =
                 self.compile_maximums(&field, &units, &resource.max_per_request)?;
+            let mut required = [false; UNIT_COUNT];
+            for unit in &resource.required {
+                if !units[unit.index()] {
+                    return Err(PolicyError::new(
+                        format!("{field}.required"),
+                        format!("{unit} is not one of the resource's units"),
+                    ));
+                }
+                required[unit.index()] = true;
+            }
             let id = ResourceId(self.resources.len() as u16);
             self.resource_ids.insert(name.as_str().into(), id);
             self.resources.push(Resource {
@@ -659,6 +695,9 @@ impl Compiler {
                 units,
                 price_micros,
                 max_per_request,
+                required,
+                price_weights: price_micros.map(|price| price.unwrap_or(0)),
+                priced: price_micros.iter().any(Option::is_some),
             });
         }
         Ok(())
@@ -1000,6 +1039,15 @@ impl Compiler {
     }
 }
 
+/// Two windows count the same span (a rolling window whose buckets changed width still holds the
+/// same usage: it is reshaped, never dropped).
+fn same_window_ignoring_buckets(a: Window, b: Window) -> bool {
+    match (a, b) {
+        (Window::Rolling { window_ms: x, .. }, Window::Rolling { window_ms: y, .. }) => x == y,
+        (a, b) => a == b,
+    }
+}
+
 fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanId> {
     plans
         .iter()
@@ -1064,7 +1112,7 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
     };
     let window_ms =
         parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
-    if window_ms < 2 * MIN_BUCKET_MS || window_ms > MAX_ROLLING_WINDOW_MS {
+    if !(2 * MIN_BUCKET_MS..=MAX_ROLLING_WINDOW_MS).contains(&window_ms) {
         return Err(PolicyError::new(
             window_field,
             format!(
@@ -1078,8 +1126,26 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
         Some(text) => {
             parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?
         }
-        None => (window_ms / DEFAULT_BUCKETS_PER_WINDOW / SECOND_MS * SECOND_MS).max(MIN_BUCKET_MS),
+        None => default_bucket_ms(window_ms).ok_or_else(|| {
+            PolicyError::new(
+                &bucket_field,
+                format!(
+                    "no bucket of at least 1s divides {} into at most {MAX_BUCKETS_PER_WINDOW} buckets: give one",
+                    format_duration(window_ms)
+                ),
+            )
+        })?,
     };
+    if window_ms % bucket_ms != 0 {
+        return Err(PolicyError::new(
+            bucket_field,
+            format!(
+                "{} does not divide the window ({}) evenly, so a unit could come back more than one bucket late",
+                format_duration(bucket_ms),
+                format_duration(window_ms)
+            ),
+        ));
+    }
     if bucket_ms < MIN_BUCKET_MS || bucket_ms * 2 > window_ms {
         return Err(PolicyError::new(
             bucket_field,
@@ -1099,6 +1165,27 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
         window_ms,
         bucket_ms,
     })
+}
+
+/// The default bucket: the widest that divides the window into at least
+/// `DEFAULT_BUCKETS_PER_WINDOW` equal buckets (so a unit comes back at most one bucket, under
+/// 0.5% of the window, late), preferring whole seconds; windows shorter than 210 s get 1 s.
+fn default_bucket_ms(window_ms: u64) -> Option<u64> {
+    if window_ms < DEFAULT_BUCKETS_PER_WINDOW * MIN_BUCKET_MS {
+        return (window_ms % MIN_BUCKET_MS == 0).then_some(MIN_BUCKET_MS);
+    }
+    let fits = |buckets: u64, whole_seconds: bool| {
+        let bucket_ms = window_ms / buckets;
+        window_ms % buckets == 0
+            && bucket_ms >= MIN_BUCKET_MS
+            && (!whole_seconds || bucket_ms % SECOND_MS == 0)
+    };
+    let range = DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW;
+    range
+        .clone()
+        .find(|buckets| fits(*buckets, true))
+        .or_else(|| range.clone().find(|buckets| fits(*buckets, false)))
+        .map(|buckets| window_ms / buckets)
 }
 
 /// Parses `5h`, `90s`, `1h30m`, `1500ms`, `7d`, `2w`.
@@ -1160,4 +1247,91 @@ pub fn format_duration(mut ms: u64) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_policy_compiles_with_every_seed_plan() {
+        let policy = Policy::token_plan();
+        for plan in [
+            "Starter",
+            "Plus",
+            "Max",
+            "Plus-Highspeed",
+            "Max-Highspeed",
+            "Ultra-Highspeed",
+            "Bar-Plus",
+            "Bar-Max",
+            "Bar-Ultra",
+        ] {
+            assert!(policy.plan_id(plan).is_some(), "{plan}");
+        }
+        assert_eq!(policy.calendar().time_zone(), "Asia/Shanghai");
+    }
+
+    #[test]
+    fn the_default_bucket_divides_the_window_into_at_least_210() {
+        assert_eq!(default_bucket_ms(5 * HOUR_MS), Some(80 * SECOND_MS));
+        assert_eq!(default_bucket_ms(WEEK_MS), Some(2_880 * SECOND_MS));
+        assert_eq!(default_bucket_ms(60 * SECOND_MS), Some(SECOND_MS));
+        for window_ms in [
+            HOUR_MS,
+            5 * HOUR_MS,
+            DAY_MS,
+            WEEK_MS,
+            30 * DAY_MS,
+            7_777 * SECOND_MS,
+        ] {
+            let bucket_ms = default_bucket_ms(window_ms).expect("a bucket");
+            assert_eq!(window_ms % bucket_ms, 0, "{window_ms}");
+            assert!(
+                window_ms / bucket_ms >= DEFAULT_BUCKETS_PER_WINDOW,
+                "{window_ms}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_parse_and_print_back() {
+        assert_eq!(parse_duration_ms("5h"), Ok(5 * HOUR_MS));
+        assert_eq!(parse_duration_ms("1h30m"), Ok(90 * MINUTE_MS));
+        assert_eq!(parse_duration_ms("1500ms"), Ok(1_500));
+        assert!(parse_duration_ms("").is_err());
+        assert!(parse_duration_ms("5 hours").is_err());
+        assert!(parse_duration_ms("99999999999999999999d").is_err());
+        assert_eq!(format_duration(90 * MINUTE_MS + 1), "1h30m1ms");
+    }
+
+    #[test]
+    fn a_bucket_that_does_not_divide_the_window_is_refused() {
+        let error =
+            parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s")).expect_err("refused");
+        assert_eq!(error.field, "plans.\"P\".limits[0].bucket");
+        assert!(
+            error.problem.contains("does not divide"),
+            "{}",
+            error.problem
+        );
+        assert!(parse_window("f", "rolling:5h", Some("90s")).is_ok());
+    }
+
+    #[test]
+    fn a_schema_error_names_the_field_path() {
+        let text =
+            TOKEN_PLAN_TOML.replacen("[plans.Starter]", "[plans.Starter]\ncolour = \"red\"", 1);
+        let error = Policy::from_toml_str(&text).expect_err("refused");
+        assert!(error.field.contains("Starter"), "{error}");
+        assert!(error.problem.contains("colour"), "{error}");
+    }
+
+    #[test]
+    fn a_json_policy_is_the_same_document_as_its_toml() {
+        let policy = Policy::token_plan();
+        let json = serde_json::to_string(policy.document()).expect("serialises");
+        let again = Policy::from_json_str(&json).expect("parses");
+        assert_eq!(again.document(), policy.document());
+    }
 }

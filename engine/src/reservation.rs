@@ -17,7 +17,9 @@ use crate::admission::{ChargedTo, Quantities, Receipt};
 use crate::error::Error;
 
 /// A reservation's id, unique within an engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ReservationId(pub NonZeroU64);
 
 impl ReservationId {
@@ -39,7 +41,7 @@ pub(crate) struct Reservation {
 }
 
 /// How a settlement ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub reservation: ReservationId,
     /// Where the estimate was held.
@@ -51,7 +53,7 @@ pub struct Settlement {
     pub actual: Quantities,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Closed {
     Settled(Settlement),
     Voided,
@@ -75,32 +77,31 @@ pub(crate) struct ReservationInner {
     pub closed: FxHashMap<u64, Closed>,
     pub closed_order: VecDeque<(u64, u64)>,
     pub next_id: u64,
-    pub newest_ms: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct ReservationTable {
     pub inner: Mutex<ReservationInner>,
     pub capacity: usize,
-    pub horizon_ms: u64,
+    // Relaxed: a setting, changed by a policy swap.
+    pub horizon_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ReservationTable {
+    pub fn horizon(&self) -> u64 {
+        self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(capacity: usize, horizon_ms: u64) -> ReservationTable {
         ReservationTable {
             inner: Mutex::new(ReservationInner::default()),
             capacity: capacity.max(1),
-            horizon_ms,
+            horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
     }
 }
 
 impl ReservationInner {
-    pub fn allocate_id(&mut self) -> ReservationId {
-        self.next_id += 1;
-        ReservationId(NonZeroU64::new(self.next_id).unwrap_or(NonZeroU64::MIN))
-    }
-
     pub fn insert(&mut self, id: ReservationId, reservation: Reservation) {
         self.by_expiry.insert((reservation.expires_at_ms, id.get()));
         self.open.insert(id.get(), reservation);
@@ -117,10 +118,10 @@ impl ReservationInner {
         self.closed_order.push_back((at_ms, id));
     }
 
-    /// Forgets closed reservations older than the horizon.
-    pub fn forget_closed(&mut self, at_ms: u64, horizon_ms: u64) {
-        self.newest_ms = self.newest_ms.max(at_ms);
-        let oldest_kept = self.newest_ms.saturating_sub(horizon_ms);
+    /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
+    /// clock).
+    pub fn forget_closed(&mut self, now_ms: u64, horizon_ms: u64) {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
         while let Some(&(closed_ms, id)) = self.closed_order.front() {
             if closed_ms >= oldest_kept {
                 break;
@@ -149,5 +150,323 @@ impl ReservationInner {
             },
             None => Error::UnknownReservation { reservation: id },
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine's reservation calls. Lock order: the reservation table, then a key shard. The
+// table's lock is held through each call, including logging, so a checkpoint's cut (which takes
+// it too) never splits a reservation's change from its event.
+
+use crate::admission::{Decision, DenialReason, Mode};
+use crate::engine::{
+    decide_for_key, resolve_resource, Engine, ReserveOutcome, SettleOutcome, UsageRequest,
+};
+use crate::event::{EventBody, GivenBack, ReservationEnd};
+use crate::policy::Unit;
+
+impl Engine {
+    /// Holds an estimate against every limit (or the credits) until `settle`, `void` or the end
+    /// of the lease (`lease_ms`, default `EngineOptions::default_lease_ms`, at most a day).
+    pub fn reserve(
+        &self,
+        request: &UsageRequest<'_>,
+        lease_ms: Option<u64>,
+    ) -> Result<ReserveOutcome, Error> {
+        let at_ms = self.resolve_time(request.at_ms)?;
+        let estimate = Quantities::new(request.quantities)?;
+        crate::engine::check_id("key", request.key, crate::accounts::MAX_KEY_BYTES)?;
+        if request.request_id.is_some() {
+            return Err(Error::invalid(
+                "request_id",
+                "reservations are identified by the id reserve returns",
+            ));
+        }
+        let lease_ms = lease_ms.unwrap_or(self.options().default_lease_ms);
+        if lease_ms == 0 || lease_ms > MAX_LEASE_MS {
+            return Err(Error::invalid(
+                "lease_ms",
+                format!("must be between 1 and {MAX_LEASE_MS}"),
+            ));
+        }
+        let mut table = self.reservations.inner.lock();
+        // Leases that ended by the clock's now (not this request's stamp: one request stamped
+        // far ahead must not expire everyone's reservations).
+        self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
+        if table.open.len() >= self.reservations.capacity {
+            return Err(Error::CapacityExceeded {
+                what: "reservations",
+                capacity: self.reservations.capacity as u64,
+            });
+        }
+        let id = ReservationId(NonZeroU64::new(table.next_id + 1).unwrap_or(NonZeroU64::MIN));
+        let expires_at_ms = at_ms.saturating_add(lease_ms);
+        let journal = self.journal();
+        let (decision, receipt, seq) = self.keys.read(request.key, |policy, state| {
+            let resource = resolve_resource(policy, request.resource, &estimate)?;
+            let Some(state) = state else {
+                return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
+            };
+            let maximum = state
+                .seat
+                .and_then(|seat| policy.plan(seat).max_open_reservations);
+            if let Err(open) = state.open_reservation(maximum) {
+                let reason = DenialReason::TooManyReservations {
+                    open,
+                    maximum: maximum.unwrap_or(open),
+                };
+                return Ok((Decision::denied(reason), None, None));
+            }
+            let (decision, receipt) =
+                match decide_for_key(policy, state, resource, &estimate, at_ms, Mode::Consume) {
+                    Ok((decision @ Decision::Admitted(_), Some(receipt))) => (decision, receipt),
+                    other => {
+                        state.close_reservation();
+                        return other.map(|(decision, _)| (decision, None, None));
+                    }
+                };
+            let body = EventBody::ReservationOpened {
+                reservation: id.get(),
+                key: request.key.into(),
+                resource: request.resource.into(),
+                estimate,
+                expires_at_ms,
+                decision,
+                receipt,
+            };
+            match journal.map(|journal| journal.append(at_ms, crate::event::encode_body(&body))) {
+                Some(Err(error)) => {
+                    crate::adjustment::give_back_in(
+                        Some(policy),
+                        policy,
+                        state,
+                        request.resource,
+                        &receipt,
+                        &estimate,
+                    );
+                    state.close_reservation();
+                    Err(error)
+                }
+                Some(Ok(seq)) => Ok((decision, Some(receipt), Some(seq))),
+                None => Ok((decision, Some(receipt), None)),
+            }
+        })?;
+        let Some(receipt) = receipt else {
+            return Ok(ReserveOutcome {
+                decision,
+                reservation: None,
+            });
+        };
+        if let (Some(journal), Some(seq)) = (journal, seq) {
+            if let Err(error) = journal.wait(seq) {
+                self.give_back(request.key, request.resource, &receipt, &estimate);
+                self.release_slot(request.key);
+                return Err(error);
+            }
+        }
+        let reservation = Reservation {
+            key: request.key.into(),
+            resource: request.resource.into(),
+            estimate,
+            receipt,
+            expires_at_ms,
+        };
+        table.next_id += 1;
+        table.insert(id, reservation);
+        Ok(ReserveOutcome {
+            decision,
+            reservation: Some(id),
+        })
+    }
+
+    /// Charges the actual amount: less than the estimate gives the rest back; more is admitted
+    /// like a consume (plan quota, then credits) only if it still fits. Settling again with the
+    /// same amounts returns the first settlement.
+    pub fn settle(
+        &self,
+        id: ReservationId,
+        actual: &[(Unit, u64)],
+        at_ms: Option<u64>,
+    ) -> Result<SettleOutcome, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        let actual = Quantities::new_allowing_none(actual)?;
+        let mut table = self.reservations.inner.lock();
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
+        if let Some(Closed::Settled(settlement)) = table.closed.get(&id.get()) {
+            if settlement.actual == actual {
+                return Ok(SettleOutcome::Settled(*settlement));
+            }
+        }
+        let reservation = table.lookup(id.get())?.clone();
+        if reservation.expires_at_ms <= at_ms {
+            self.expire_locked(&mut table, at_ms)?;
+            return Err(Error::ReservationClosed {
+                reservation: id.get(),
+                state: "expired",
+            });
+        }
+        let (extra, released) = actual.differences(&reservation.estimate);
+        let extra_receipt = if extra.is_empty() {
+            None
+        } else {
+            match self.charge_extra(&reservation, &extra, at_ms)? {
+                (Decision::Admitted(_), receipt) => receipt,
+                (Decision::Denied(denial), _) => {
+                    return Ok(SettleOutcome::Denied(Box::new(denial)))
+                }
+            }
+        };
+        let given_back = self.give_back(
+            &reservation.key,
+            &reservation.resource,
+            &reservation.receipt,
+            &released,
+        );
+        let settlement = Settlement {
+            reservation: id,
+            held: reservation.receipt.charged_to,
+            extra: extra_receipt.map(|receipt| receipt.charged_to),
+            released,
+            actual,
+        };
+        let end = ReservationEnd::Settled {
+            settlement,
+            extra: extra_receipt.map(Box::new),
+        };
+        if let Err(error) = self.log_close(&reservation, id, end, &given_back, at_ms) {
+            self.take_back(&reservation.key, &given_back);
+            if let Some(receipt) = extra_receipt {
+                self.give_back(&reservation.key, &reservation.resource, &receipt, &extra);
+            }
+            return Err(error);
+        }
+        self.close_reservation(
+            &mut table,
+            id.get(),
+            &reservation,
+            Closed::Settled(settlement),
+            at_ms,
+        );
+        Ok(SettleOutcome::Settled(settlement))
+    }
+
+    fn charge_extra(
+        &self,
+        reservation: &Reservation,
+        extra: &Quantities,
+        at_ms: u64,
+    ) -> Result<(Decision, Option<Receipt>), Error> {
+        self.keys.read(&reservation.key, |policy, state| {
+            let resource = resolve_resource(policy, &reservation.resource, extra)?;
+            let state = state.ok_or_else(|| Error::UnknownKey {
+                key: reservation.key.to_string(),
+            })?;
+            decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
+        })
+    }
+
+    fn log_close(
+        &self,
+        reservation: &Reservation,
+        id: ReservationId,
+        end: ReservationEnd,
+        given_back: &GivenBack,
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        let body = EventBody::ReservationClosed {
+            reservation: id.get(),
+            key: reservation.key.to_string(),
+            end,
+            given_back: given_back.clone(),
+        };
+        self.commit(at_ms, body)
+    }
+
+    /// Frees everything a reservation holds. Voiding again is a no-op.
+    pub fn void(&self, id: ReservationId, at_ms: Option<u64>) -> Result<(), Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        let mut table = self.reservations.inner.lock();
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
+        if matches!(
+            table.closed.get(&id.get()),
+            Some(Closed::Voided) | Some(Closed::Expired)
+        ) {
+            return Ok(());
+        }
+        let reservation = table.lookup(id.get())?.clone();
+        self.end_reservation(&mut table, id, &reservation, Closed::Voided, at_ms)
+    }
+
+    fn end_reservation(
+        &self,
+        table: &mut ReservationInner,
+        id: ReservationId,
+        reservation: &Reservation,
+        closed: Closed,
+        at_ms: u64,
+    ) -> Result<(), Error> {
+        let given_back = self.give_back(
+            &reservation.key,
+            &reservation.resource,
+            &reservation.receipt,
+            &reservation.estimate,
+        );
+        let end = if closed == Closed::Expired {
+            ReservationEnd::Expired
+        } else {
+            ReservationEnd::Voided
+        };
+        if let Err(error) = self.log_close(reservation, id, end, &given_back, at_ms) {
+            self.take_back(&reservation.key, &given_back);
+            return Err(error);
+        }
+        self.close_reservation(table, id.get(), reservation, closed, at_ms);
+        Ok(())
+    }
+
+    /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;
+    /// returns how many. Also runs on every `reserve`.
+    pub fn expire_reservations(&self, at_ms: Option<u64>) -> Result<usize, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        let mut table = self.reservations.inner.lock();
+        self.expire_locked(&mut table, at_ms)
+    }
+
+    fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> Result<usize, Error> {
+        table.forget_closed(self.now_ms(), self.reservations.horizon());
+        let overdue = table.overdue(at_ms);
+        for id in &overdue {
+            if let Some(reservation) = table.open.get(id).cloned() {
+                let id = ReservationId(NonZeroU64::new(*id).unwrap_or(NonZeroU64::MIN));
+                self.end_reservation(table, id, &reservation, Closed::Expired, at_ms)?;
+            }
+        }
+        Ok(overdue.len())
+    }
+
+    pub(crate) fn close_reservation(
+        &self,
+        table: &mut ReservationInner,
+        id: u64,
+        reservation: &Reservation,
+        closed: Closed,
+        at_ms: u64,
+    ) {
+        table.remove_open(id);
+        table.close(id, closed, at_ms);
+        self.release_slot(&reservation.key);
+    }
+
+    fn release_slot(&self, key: &str) {
+        self.keys.read(key, |_, state| {
+            if let Some(state) = state {
+                state.close_reservation();
+            }
+        });
+    }
+
+    /// Open reservations right now.
+    pub fn open_reservations(&self) -> usize {
+        self.reservations.inner.lock().open.len()
     }
 }

@@ -17,26 +17,123 @@
 //! Invariant (checked in debug builds): `total >= sum of slot counts`, so `total` never
 //! under-counts and concurrent consumers never over-admit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::calendar::{Calendar, CalendarPeriod};
 
-const COUNT_BITS: u32 = 32;
-const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+/// The largest limit a narrow ring (16-bit counts) can hold; larger limits get wide slots.
+pub const NARROW_MAX_AMOUNT: u64 = u16::MAX as u64;
 
-fn pack(lap: u32, count: u64) -> u64 {
-    debug_assert!(count <= COUNT_MASK);
-    (u64::from(lap) << COUNT_BITS) | count
+/// A slot's content: the lap tag (truncated to the slot's tag bits) and the count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    tag: u32,
+    count: u64,
 }
 
-fn unpack(word: u64) -> (u32, u64) {
-    ((word >> COUNT_BITS) as u32, word & COUNT_MASK)
+/// The ring's slots: wide ones pack a 32-bit lap tag with a 32-bit count in an `AtomicU64`;
+/// narrow ones (limits up to 65,535, e.g. every seed plan's request quota) pack 16 + 16 bits in
+/// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width, only ever
+/// compared for equality; which of two laps is older is decided by the ring's `head`. The
+/// head-driven sweep visits every slot each lap, so an old tag never survives to look current.
+#[derive(Debug)]
+enum Slots {
+    Wide(Box<[AtomicU64]>),
+    Narrow(Box<[AtomicU32]>),
 }
 
-/// Whether lap `tag` comes before lap `current` (serial-number comparison, so the 32-bit tags may
-/// wrap; in practice they never do: laps are at least 2 s and timestamps end in 2100).
-fn lap_before(tag: u32, current: u32) -> bool {
-    (current.wrapping_sub(tag) as i32) > 0
+impl Slots {
+    fn new(count: u64, wide: bool) -> Slots {
+        if wide {
+            Slots::Wide((0..count).map(|_| AtomicU64::new(0)).collect())
+        } else {
+            Slots::Narrow((0..count).map(|_| AtomicU32::new(0)).collect())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Slots::Wide(slots) => slots.len(),
+            Slots::Narrow(slots) => slots.len(),
+        }
+    }
+
+    fn is_wide(&self) -> bool {
+        matches!(self, Slots::Wide(_))
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Slots::Wide(slots) => slots.len() * std::mem::size_of::<AtomicU64>(),
+            Slots::Narrow(slots) => slots.len() * std::mem::size_of::<AtomicU32>(),
+        }
+    }
+
+    fn max_count(&self) -> u64 {
+        match self {
+            Slots::Wide(_) => u64::from(u32::MAX),
+            Slots::Narrow(_) => NARROW_MAX_AMOUNT,
+        }
+    }
+
+    /// The tag of lap `lap` in this slot width.
+    fn tag(&self, lap: u64) -> u32 {
+        match self {
+            Slots::Wide(_) => lap as u32,
+            Slots::Narrow(_) => (lap as u32) & 0xFFFF,
+        }
+    }
+
+    fn load(&self, index: usize) -> (u64, Slot) {
+        match self {
+            Slots::Wide(slots) => {
+                let raw = slots[index].load(Ordering::Acquire);
+                (
+                    raw,
+                    Slot {
+                        tag: (raw >> 32) as u32,
+                        count: raw & 0xFFFF_FFFF,
+                    },
+                )
+            }
+            Slots::Narrow(slots) => {
+                let raw = slots[index].load(Ordering::Acquire);
+                (
+                    u64::from(raw),
+                    Slot {
+                        tag: raw >> 16,
+                        count: u64::from(raw & 0xFFFF),
+                    },
+                )
+            }
+        }
+    }
+
+    /// Replaces the slot's raw value `current` by `next`; on failure returns the value found.
+    fn replace(&self, index: usize, current: u64, next: Slot) -> Result<(), (u64, Slot)> {
+        debug_assert!(next.count <= self.max_count());
+        let outcome = match self {
+            Slots::Wide(slots) => slots[index]
+                .compare_exchange_weak(
+                    current,
+                    (u64::from(next.tag) << 32) | next.count,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .map(|_| ())
+                .map_err(|_| ()),
+            Slots::Narrow(slots) => slots[index]
+                .compare_exchange_weak(
+                    current as u32,
+                    (next.tag << 16) | next.count as u32,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .map(|_| ())
+                .map_err(|_| ()),
+        };
+        outcome.map_err(|_| self.load(index))
+    }
 }
 
 /// The geometry of a rolling window, shared by every key on the limit (not stored per key).
@@ -67,8 +164,8 @@ impl RollingShape {
         at_ms / self.bucket_ms
     }
 
-    fn lap(&self, epoch: u64) -> u32 {
-        (epoch / self.slots()) as u32
+    fn lap(&self, epoch: u64) -> u64 {
+        epoch / self.slots()
     }
 
     fn slot(&self, epoch: u64) -> usize {
@@ -91,20 +188,27 @@ pub struct RollingWindow {
     // AcqRel CAS: publishes the newest epoch; its winner sweeps the slots it passed over.
     head: AtomicU64,
     // AcqRel CAS on each slot; see `total`.
-    slots: Box<[AtomicU64]>,
+    slots: Slots,
 }
 
 impl RollingWindow {
-    pub fn new(shape: RollingShape) -> RollingWindow {
+    /// A ring for a limit of `amount`: narrow slots when it fits 16 bits.
+    pub fn new(shape: RollingShape, amount: u64) -> RollingWindow {
         RollingWindow {
             total: AtomicU64::new(0),
             head: AtomicU64::new(0),
-            slots: (0..shape.slots()).map(|_| AtomicU64::new(0)).collect(),
+            slots: Slots::new(shape.slots(), amount > NARROW_MAX_AMOUNT),
         }
     }
 
-    pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of::<RollingWindow>() + self.slots.len() * std::mem::size_of::<AtomicU64>()
+    /// Bytes of the slot array (the struct itself lives inline in its key's counter list).
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.heap_bytes()
+    }
+
+    /// Whether this ring can count up to `amount` in one bucket.
+    pub fn holds(&self, amount: u64) -> bool {
+        amount <= self.slots.max_count()
     }
 
     /// Moves the window to `epoch` (or keeps it at a newer head) and returns the effective epoch.
@@ -134,33 +238,53 @@ impl RollingWindow {
     }
 
     /// Clears the slot of `epoch` if it still holds an older lap's count.
+    ///
+    /// Whether a slot's lap is older or newer than ours is decided by `head`, never by comparing
+    /// truncated tags: the slot is read first, then `head` (Acquire): a sweep that wrote a newer
+    /// lap into the slot moved `head` before, so we see that our epoch has aged out.
     fn expire_stale(&self, shape: RollingShape, epoch: u64) {
-        let slot = &self.slots[shape.slot(epoch)];
-        let lap = shape.lap(epoch);
-        let mut word = slot.load(Ordering::Acquire);
+        let index = shape.slot(epoch);
+        let tag = self.slots.tag(shape.lap(epoch));
+        let (mut raw, mut slot) = self.slots.load(index);
         loop {
-            let (tag, count) = unpack(word);
-            if count == 0 || !lap_before(tag, lap) {
+            if slot.count == 0 || slot.tag == tag || self.aged_out(shape, epoch) {
                 return;
             }
-            match slot.compare_exchange_weak(
-                word,
-                pack(lap, 0),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.subtract_total(count);
+            match self.slots.replace(index, raw, Slot { tag, count: 0 }) {
+                Ok(()) => {
+                    self.subtract_total(slot.count);
                     return;
                 }
-                Err(current) => word = current,
+                Err(found) => (raw, slot) = found,
             }
         }
+    }
+
+    /// Whether bucket `epoch` is out of the window as of the newest epoch seen.
+    fn aged_out(&self, shape: RollingShape, epoch: u64) -> bool {
+        epoch.saturating_add(shape.buckets) < self.head.load(Ordering::Acquire)
     }
 
     fn subtract_total(&self, count: u64) {
         let before = self.total.fetch_sub(count, Ordering::AcqRel);
         debug_assert!(before >= count, "rolling total would go below zero");
+    }
+
+    /// What the window would count at `epoch`, without moving it: `(effective epoch, used)`.
+    /// A later epoch leaves out the buckets that will have aged out by then; an earlier one
+    /// sees the window at its head (time never goes back).
+    pub fn used_at(&self, shape: RollingShape, epoch: u64) -> (u64, u64) {
+        let head = self.head.load(Ordering::Acquire);
+        let total = self.used();
+        if epoch <= head {
+            return (head, total);
+        }
+        let first_live_then = epoch.saturating_sub(shape.buckets);
+        let first_live_now = head.saturating_sub(shape.buckets);
+        let aging: u64 = (first_live_now..first_live_then.min(head.saturating_add(1)))
+            .map(|bucket| self.live_count(shape, bucket))
+            .sum();
+        (epoch, total.saturating_sub(aging))
     }
 
     /// Units counted now (after `advance`), including reservations in flight.
@@ -171,6 +295,10 @@ impl RollingWindow {
     /// Reserves `amount` if `used + amount <= limit`; returns the new `used`, or the current
     /// `used` when it does not fit.
     pub fn try_reserve(&self, amount: u64, limit: u64) -> Result<u64, u64> {
+        debug_assert!(
+            self.holds(limit),
+            "a ring is widened before its limit outgrows it"
+        );
         let mut total = self.total.load(Ordering::Acquire);
         loop {
             let next = match total.checked_add(amount) {
@@ -192,70 +320,93 @@ impl RollingWindow {
         self.subtract_total(amount);
     }
 
-    /// Records reserved units in the bucket of `epoch`.
+    /// Records reserved units in the bucket of `epoch`. If the slot holds another lap and our
+    /// bucket is still live, that lap is older: its count is replaced and subtracted. If our
+    /// bucket has aged out meanwhile, the units are released at once (they no longer count).
     pub fn record(&self, shape: RollingShape, epoch: u64, amount: u64) {
-        let slot = &self.slots[shape.slot(epoch)];
-        let lap = shape.lap(epoch);
-        let mut word = slot.load(Ordering::Acquire);
+        let index = shape.slot(epoch);
+        let tag = self.slots.tag(shape.lap(epoch));
+        let (mut raw, mut slot) = self.slots.load(index);
         loop {
-            let (tag, count) = unpack(word);
-            let (next, stale) = if tag == lap {
-                (pack(lap, (count + amount).min(COUNT_MASK)), 0)
-            } else if lap_before(tag, lap) {
-                (pack(lap, amount), count)
-            } else {
-                // The slot already belongs to a newer lap: this bucket has aged out entirely.
+            let (next, stale) = if slot.tag == tag {
+                let count = slot.count + amount;
+                debug_assert!(count <= self.slots.max_count(), "bucket count overflow");
+                (
+                    Slot {
+                        tag,
+                        count: count.min(self.slots.max_count()),
+                    },
+                    0,
+                )
+            } else if self.aged_out(shape, epoch) {
                 self.subtract_total(amount);
                 return;
+            } else {
+                (Slot { tag, count: amount }, slot.count)
             };
-            match slot.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
+            match self.slots.replace(index, raw, next) {
+                Ok(()) => {
                     if stale > 0 {
                         self.subtract_total(stale);
                     }
                     return;
                 }
-                Err(current) => word = current,
+                Err(found) => (raw, slot) = found,
             }
         }
     }
 
     /// Adds units whatever the limit (an adjustment recording usage that really happened).
-    /// Fails, changing nothing, if the bucket's 32-bit count would overflow.
-    pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> Result<(), ()> {
-        let (_, count) = unpack(self.slots[shape.slot(epoch)].load(Ordering::Acquire));
-        if count.checked_add(amount).is_none_or(|sum| sum > COUNT_MASK) {
-            return Err(());
+    /// Returns false, changing nothing, if the bucket's count would overflow its slot.
+    pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> bool {
+        let (_, slot) = self.slots.load(shape.slot(epoch));
+        if slot
+            .count
+            .checked_add(amount)
+            .is_none_or(|sum| sum > self.slots.max_count())
+        {
+            return false;
         }
         self.total.fetch_add(amount, Ordering::AcqRel);
         self.record(shape, epoch, amount);
-        Ok(())
+        true
     }
 
     /// Gives back up to `amount` units recorded in bucket `epoch`, if that bucket is still live;
     /// returns how many were given back.
     pub fn refund(&self, shape: RollingShape, epoch: u64, amount: u64) -> u64 {
-        let slot = &self.slots[shape.slot(epoch)];
-        let lap = shape.lap(epoch);
-        let mut word = slot.load(Ordering::Acquire);
+        let index = shape.slot(epoch);
+        let tag = self.slots.tag(shape.lap(epoch));
+        let (mut raw, mut slot) = self.slots.load(index);
         loop {
-            let (tag, count) = unpack(word);
-            if tag != lap || count == 0 {
+            if slot.tag != tag || slot.count == 0 {
                 return 0;
             }
-            let given = count.min(amount);
-            match slot.compare_exchange_weak(
-                word,
-                pack(lap, count - given),
-                Ordering::AcqRel,
-                Ordering::Acquire,
+            let given = slot.count.min(amount);
+            match self.slots.replace(
+                index,
+                raw,
+                Slot {
+                    tag,
+                    count: slot.count - given,
+                },
             ) {
-                Ok(_) => {
+                Ok(()) => {
                     self.subtract_total(given);
                     return given;
                 }
-                Err(current) => word = current,
+                Err(found) => (raw, slot) = found,
             }
+        }
+    }
+
+    /// The live count of bucket `bucket`, or 0 if its slot holds another lap.
+    fn live_count(&self, shape: RollingShape, bucket: u64) -> u64 {
+        let (_, slot) = self.slots.load(shape.slot(bucket));
+        if slot.tag == self.slots.tag(shape.lap(bucket)) {
+            slot.count
+        } else {
+            0
         }
     }
 
@@ -265,12 +416,9 @@ impl RollingWindow {
     pub fn release_time(&self, shape: RollingShape, epoch: u64, needed: u64) -> Option<u64> {
         let mut freed = 0u64;
         for bucket in epoch.saturating_sub(shape.buckets)..=epoch {
-            let (tag, count) = unpack(self.slots[shape.slot(bucket)].load(Ordering::Acquire));
-            if tag == shape.lap(bucket) && count > 0 {
-                freed = freed.saturating_add(count);
-                if freed >= needed {
-                    return Some(shape.release_ms(bucket));
-                }
+            freed = freed.saturating_add(self.live_count(shape, bucket));
+            if freed >= needed && freed > 0 {
+                return Some(shape.release_ms(bucket));
             }
         }
         None
@@ -284,10 +432,7 @@ impl RollingWindow {
         }
         let newest = (epoch.saturating_sub(shape.buckets)..=epoch)
             .rev()
-            .find(|bucket| {
-                let (tag, count) = unpack(self.slots[shape.slot(*bucket)].load(Ordering::Acquire));
-                tag == shape.lap(*bucket) && count > 0
-            });
+            .find(|bucket| self.live_count(shape, *bucket) > 0);
         Some(shape.release_ms(newest.unwrap_or(epoch)))
     }
 
@@ -295,17 +440,25 @@ impl RollingWindow {
     pub fn buckets(&self, shape: RollingShape, epoch: u64) -> Vec<(u64, u64)> {
         (epoch.saturating_sub(shape.buckets)..=epoch)
             .filter_map(|bucket| {
-                let (tag, count) = unpack(self.slots[shape.slot(bucket)].load(Ordering::Acquire));
-                (tag == shape.lap(bucket) && count > 0).then_some((bucket * shape.bucket_ms, count))
+                let count = self.live_count(shape, bucket);
+                (count > 0).then_some((bucket * shape.bucket_ms, count))
             })
             .collect()
     }
 
-    /// Rebuilds this window's live counts in another shape (a policy swap changed the bucket
-    /// width). Each bucket's units move to the new bucket holding the old bucket's last instant,
-    /// so nothing is released earlier than it would have been.
-    pub fn reshaped(&self, from: RollingShape, to: RollingShape) -> RollingWindow {
-        let window = RollingWindow::new(to);
+    /// Rebuilds this window's live counts in another shape or slot width (a policy swap changed
+    /// the bucket width, or a bigger limit needs wide slots). Each bucket's units move to the new
+    /// bucket holding the old bucket's last instant, so nothing is released earlier than it
+    /// would have been.
+    pub fn reshaped(&self, from: RollingShape, to: RollingShape, amount: u64) -> RollingWindow {
+        let window = RollingWindow::new(
+            to,
+            amount.max(if self.slots.is_wide() {
+                NARROW_MAX_AMOUNT + 1
+            } else {
+                0
+            }),
+        );
         let head = self.head.load(Ordering::Acquire);
         let head_ms = head.saturating_mul(from.bucket_ms);
         let new_head = window.advance(to, to.epoch(head_ms.saturating_add(from.bucket_ms - 1)));
@@ -320,6 +473,31 @@ impl RollingWindow {
         window
     }
 
+    /// The newest epoch seen and whether the slots are wide: with `buckets`, what a snapshot keeps.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+
+    pub fn is_wide(&self) -> bool {
+        self.slots.is_wide()
+    }
+
+    /// Rebuilds a ring from a snapshot: its head, width and live `(epoch, count)` buckets.
+    pub fn restored(
+        shape: RollingShape,
+        wide: bool,
+        head: u64,
+        buckets: &[(u64, u64)],
+    ) -> RollingWindow {
+        let window = RollingWindow::new(shape, if wide { NARROW_MAX_AMOUNT + 1 } else { 0 });
+        window.advance(shape, head);
+        for &(epoch, count) in buckets {
+            window.total.fetch_add(count, Ordering::AcqRel);
+            window.record(shape, epoch, count);
+        }
+        window
+    }
+
     /// Whether nothing is counted as of `epoch` (the key's state may then be reclaimed).
     pub fn is_idle(&self, shape: RollingShape, epoch: u64) -> bool {
         self.advance(shape, epoch);
@@ -328,9 +506,8 @@ impl RollingWindow {
 
     #[cfg(test)]
     pub(crate) fn slot_sum(&self) -> u64 {
-        self.slots
-            .iter()
-            .map(|slot| unpack(slot.load(Ordering::Acquire)).1)
+        (0..self.slots.len())
+            .map(|index| self.slots.load(index).1.count)
             .sum()
     }
 }
@@ -404,10 +581,9 @@ impl CalendarCounter {
         }
     }
 
-    /// Adds whatever the limit, up to the 48-bit bound (an adjustment).
-    pub fn force(&self, period: u32, amount: u64) -> Result<PeriodUse, ()> {
-        self.try_add(period, amount, PERIOD_COUNT_MASK)
-            .map_err(|_| ())
+    /// Adds whatever the limit, up to the 48-bit bound (an adjustment); `None` on overflow.
+    pub fn force(&self, period: u32, amount: u64) -> Option<PeriodUse> {
+        self.try_add(period, amount, PERIOD_COUNT_MASK).ok()
     }
 
     /// Gives back up to `amount` units counted in `period`, if it is still the current one.
@@ -428,6 +604,17 @@ impl CalendarCounter {
                 Ok(_) => return given,
                 Err(current) => word = current,
             }
+        }
+    }
+
+    /// The stored period and count, for a snapshot.
+    pub fn raw(&self) -> (u32, u64) {
+        unpack_period(self.word.load(Ordering::Acquire))
+    }
+
+    pub fn restored(period: u32, count: u64) -> CalendarCounter {
+        CalendarCounter {
+            word: AtomicU64::new(pack_period(period, count.min(PERIOD_COUNT_MASK))),
         }
     }
 
@@ -482,7 +669,7 @@ mod tests {
 
     #[test]
     fn units_are_released_one_window_after_their_bucket_ends() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         assert!(consume(&window, 500, 10, 10));
         assert!(!consume(&window, 10_999, 1, 10), "still inside the window");
         // Bucket 0 ends at 1,000; released at 1,000 + 10 * 1,000.
@@ -493,7 +680,7 @@ mod tests {
 
     #[test]
     fn release_time_is_the_first_bucket_that_frees_enough() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         assert!(consume(&window, 1_000, 3, 10));
         assert!(consume(&window, 4_500, 7, 10));
         let epoch = window.advance(SHAPE, SHAPE.epoch(5_000));
@@ -504,7 +691,7 @@ mod tests {
 
     #[test]
     fn a_timestamp_going_backwards_is_counted_at_the_newest_epoch() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         assert!(consume(&window, 20_000, 5, 5));
         // An old timestamp must not see the bucket as expired nor write into the past.
         assert!(!consume(&window, 1_000, 1, 5));
@@ -514,7 +701,7 @@ mod tests {
 
     #[test]
     fn a_jump_longer_than_the_window_clears_every_slot() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         for at in 0..10 {
             assert!(consume(&window, at * 1_000, 1, 100));
         }
@@ -525,7 +712,7 @@ mod tests {
 
     #[test]
     fn refunds_only_touch_live_buckets() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         assert!(consume(&window, 2_000, 4, 10));
         assert_eq!(window.refund(SHAPE, 2, 3), 3);
         assert_eq!(window.used(), 1);
@@ -536,10 +723,10 @@ mod tests {
 
     #[test]
     fn reshaping_never_releases_earlier() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         assert!(consume(&window, 2_500, 4, 10));
         let wider = RollingShape::new(10_000, 2_000);
-        let reshaped = window.reshaped(SHAPE, wider);
+        let reshaped = window.reshaped(SHAPE, wider, 10);
         assert_eq!(reshaped.used(), 4);
         // Old release: 13,000; the new bucket [2,000, 4,000) releases at 4,000 + 10,000.
         let epoch = reshaped.advance(wider, wider.epoch(12_999));
@@ -550,7 +737,7 @@ mod tests {
 
     #[test]
     fn two_threads_never_over_admit_on_one_window() {
-        let window = RollingWindow::new(SHAPE);
+        let window = RollingWindow::new(SHAPE, 1_000);
         let admitted = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|scope| {
             for thread in 0..2u64 {
@@ -570,6 +757,63 @@ mod tests {
         assert!(window.used() <= 1_000);
         assert_eq!(window.used(), window.slot_sum());
         assert!(admitted.load(Ordering::Relaxed) >= 1_000);
+    }
+
+    #[test]
+    fn a_narrow_ring_counts_exactly_like_a_wide_one() {
+        let narrow = RollingWindow::new(SHAPE, 1_000);
+        let wide = RollingWindow::new(SHAPE, 100_000);
+        assert!(!narrow.slots.is_wide() && wide.slots.is_wide());
+        let mut at = 0u64;
+        // Many laps, so narrow tags (16 bits) are exercised well past one lap, with jumps.
+        for step in 0..200_000u64 {
+            at += (step * 7_919) % 1_700;
+            if step % 997 == 0 {
+                at += 3_000_000; // ~270 laps at once; 200 of these pass 2^16 laps
+            }
+            let amount = 1 + step % 5;
+            assert_eq!(
+                consume(&narrow, at, amount, 1_000),
+                consume(&wide, at, amount, 1_000)
+            );
+            assert_eq!(narrow.used(), wide.used());
+        }
+        assert_eq!(narrow.used(), narrow.slot_sum());
+        assert!(
+            SHAPE.lap(SHAPE.epoch(at)) > 1 << 16,
+            "the narrow tags wrapped"
+        );
+    }
+
+    #[test]
+    fn a_fresh_narrow_ring_counts_at_a_real_timestamp() {
+        // 2026: the 5-hour ring's lap tag is past 2^15, where a serial-number comparison with a
+        // fresh slot's tag 0 once read "newer" and dropped the usage.
+        let shape = RollingShape::new(5 * 3_600_000, 85_000);
+        let at = 1_790_000_000_000u64;
+        assert!(shape.lap(shape.epoch(at)) & 0xFFFF >= 0x8000);
+        let ring = RollingWindow::new(shape, 1_500);
+        for step in 0..3u64 {
+            let epoch = ring.advance(shape, shape.epoch(at + step));
+            assert_eq!(ring.try_reserve(1, 1_500), Ok(step + 1));
+            ring.record(shape, epoch, 1);
+        }
+        assert_eq!(ring.used(), 3);
+        assert_eq!(ring.slot_sum(), 3);
+    }
+
+    #[test]
+    fn widening_a_narrow_ring_keeps_every_count() {
+        let narrow = RollingWindow::new(SHAPE, 60_000);
+        for at in [1_000, 2_500, 7_000] {
+            assert!(consume(&narrow, at, 60_000 / 3, 60_000));
+        }
+        let wide = narrow.reshaped(SHAPE, SHAPE, 200_000);
+        assert!(wide.slots.is_wide());
+        assert_eq!(wide.used(), 60_000);
+        let epoch = wide.advance(SHAPE, 7);
+        assert_eq!(wide.buckets(SHAPE, epoch), narrow.buckets(SHAPE, epoch));
+        assert!(consume(&wide, 7_500, 100_000, 200_000));
     }
 
     #[test]

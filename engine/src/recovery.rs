@@ -1,0 +1,1176 @@
+//! Recovery: opening a database rebuilds every window, balance, key, seat, idempotency record and
+//! reservation exactly as they were at the last acknowledged event — from the latest snapshot
+//! (checkpoint) plus the events after it — and `verify` checks a database.
+//!
+//! A checkpoint takes a consistent cut: it holds every lock a state change logs under (the
+//! reservation table, the idempotency shards, the registry, the policy list and every key shard
+//! for writing), so every event appended so far has been applied in memory and no applied change
+//! is missing from the log. The cut is serialised, the log synced up to it, and the snapshot
+//! stored in chunks; opening then replays only the events after it.
+//!
+//! Replay applies each event's exact effect (the counters, epochs and amounts a usage moved), so
+//! the order in which concurrent requests met in memory does not matter: counter and credit
+//! changes commute, and everything order-sensitive (seats, policies, reservations, request ids)
+//! is logged under the lock that orders it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::{KeyKind, KeyState, TeamRecord, UserRecord};
+use crate::adjustment::{force_counter, unforce_counter};
+use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
+use crate::clock::Clock;
+use crate::engine::{AdjustmentDirection, Engine, EngineOptions};
+use crate::error::Error;
+use crate::event::{Event, EventBody, GivenBack, ReservationEnd, FORMAT_VERSION};
+use crate::idempotency::{Fingerprint, RequestRecord};
+use crate::ledger::{Counter, KeyUsage, Team, WindowState};
+use crate::log::{Durability, EventLog, Faults};
+use crate::policy::{CounterId, PlanId, Policy, Window};
+use crate::reservation::{Closed, Reservation, ReservationId};
+use crate::window::{CalendarCounter, RollingWindow};
+
+/// How to open a database.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub durability: Durability,
+    pub engine: EngineOptions,
+    /// A checkpoint is taken once this many events were logged since the last one, so opening
+    /// never replays more than about this many events.
+    pub checkpoint_every_events: u64,
+    /// Usage events stay in the log this long beyond the longest window before `compact` may
+    /// drop them (their effect lives on in the snapshot).
+    pub retention_ms: u64,
+    /// Faults to inject into the storage (tests).
+    pub faults: Option<Arc<Faults>>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            durability: Durability::Sync,
+            engine: EngineOptions::default(),
+            checkpoint_every_events: 1_000_000,
+            retention_ms: 7 * 24 * 60 * 60 * 1_000,
+            faults: None,
+        }
+    }
+}
+
+const EVENTS_PER_READ: usize = 65_536;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+enum CounterSnapshot {
+    Rolling {
+        head: u64,
+        wide: bool,
+        buckets: Vec<(u64, u64)>,
+    },
+    Calendar {
+        period: u32,
+        count: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct KeySnapshot {
+    key: String,
+    payg: bool,
+    user: String,
+    team: String,
+    seat: Option<u16>,
+    open_reservations: u32,
+    payg_micros: u64,
+    time_floor_ms: u64,
+    counters: Option<Vec<(u16, CounterSnapshot)>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TeamSnapshot {
+    name: String,
+    owner: Option<String>,
+    balance_micros: u64,
+    charged_micros: u64,
+    members: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RequestSnapshot {
+    id: String,
+    arrived_ms: u64,
+    key: String,
+    resource: String,
+    quantities: Quantities,
+    decision: Decision,
+    receipt: Option<Receipt>,
+    refunded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ReservationSnapshot {
+    id: u64,
+    key: String,
+    resource: String,
+    estimate: Quantities,
+    receipt: Receipt,
+    expires_at_ms: u64,
+}
+
+/// The whole engine state at one sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Snapshot {
+    version: u16,
+    seq: u64,
+    newest_at_ms: u64,
+    policies: Vec<Option<String>>,
+    users: Vec<(String, String, Vec<String>)>,
+    teams: Vec<TeamSnapshot>,
+    keys: Vec<KeySnapshot>,
+    requests: Vec<RequestSnapshot>,
+    open_reservations: Vec<ReservationSnapshot>,
+    closed_reservations: Vec<(u64, u64, Closed)>,
+    next_reservation: u64,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub events: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub snapshot_seq: Option<u64>,
+    /// Whether the latest snapshot equals a replay from the one before it (or from the start).
+    pub snapshot_matches_replay: Option<bool>,
+    /// Everything wrong, one line each; empty when the database is sound.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_sound(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What `compact` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactReport {
+    pub snapshot_seq: u64,
+    pub events_removed: u64,
+    pub first_seq_kept: u64,
+}
+
+fn storage(problem: impl Into<String>) -> Error {
+    Error::Storage {
+        problem: problem.into(),
+    }
+}
+
+fn policy_from_json(document: &str, generation: u32) -> Result<Policy, Error> {
+    let mut policy = Policy::from_json_str(document).map_err(|error| {
+        storage(format!(
+            "policy generation {generation} in the log: {error}"
+        ))
+    })?;
+    policy.generation = generation;
+    Ok(policy)
+}
+
+impl Engine {
+    /// Opens (or creates) the database in `dir`. `policy` is the policy to run with: on a new
+    /// database it is the first event; on an existing one, if it differs from the stored policy
+    /// it is swapped in (usage carries over), and refused if it drops a plan someone is seated on.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        options: OpenOptions,
+    ) -> Result<Engine, Error> {
+        let dir = dir.as_ref();
+        let log = EventLog::open(dir, options.durability, options.faults.clone())?;
+        let wanted =
+            serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
+        let engine = Engine::new(policy, clock, options.engine);
+        let mut replayed_from = 0;
+        if let Some(pointer) = log.snapshot_pointer()? {
+            let snapshot = decode_snapshot(&log.read_snapshot(&pointer)?, pointer.seq)?;
+            engine.restore(&snapshot)?;
+            replayed_from = pointer.seq;
+        } else if log.log_start()? > 1 {
+            return Err(storage(format!(
+                "{}: the log starts after event 1 but there is no snapshot",
+                dir.display()
+            )));
+        }
+        let replayed = engine.replay_log(&log, replayed_from, u64::MAX)?;
+        let fresh = replayed_from == 0 && replayed == 0;
+        if engine.journal.set(log).is_err() {
+            unreachable!("a new engine has no journal yet");
+        }
+        engine
+            .checkpointed_seq
+            .store(replayed_from, Ordering::Relaxed);
+        let at_ms = engine.now_ms().min(crate::calendar::MAX_TIMESTAMP_MS - 1);
+        if fresh {
+            engine.commit(
+                at_ms,
+                EventBody::PolicySwapped {
+                    generation: 0,
+                    document: wanted,
+                },
+            )?;
+        } else if serde_json::to_string(engine.policy().document())
+            .ok()
+            .as_deref()
+            != Some(wanted.as_str())
+        {
+            engine.swap_policy(Policy::from_json_str(&wanted)?, Some(at_ms))?;
+        }
+        if replayed > options.checkpoint_every_events / 2 {
+            engine.checkpoint()?;
+        }
+        engine
+            .checkpoint_every
+            .store(options.checkpoint_every_events.max(1), Ordering::Relaxed);
+        engine
+            .retention_ms
+            .store(options.retention_ms, Ordering::Relaxed);
+        Ok(engine)
+    }
+
+    /// Replays events in `(after, up_to]`; returns how many.
+    fn replay_log(&self, log: &EventLog, after: u64, up_to: u64) -> Result<u64, Error> {
+        let mut next = after;
+        let mut count = 0;
+        let mut debts = Debts::default();
+        loop {
+            let events = log.events_after(next, EVENTS_PER_READ)?;
+            if events.is_empty() {
+                break;
+            }
+            for event in &events {
+                if event.seq > up_to {
+                    return self.finish_replay(count, &debts);
+                }
+                if event.seq != next + 1 {
+                    return Err(storage(format!(
+                        "the log jumps from event {next} to {}: events are missing",
+                        event.seq
+                    )));
+                }
+                self.replay(event, &mut debts).map_err(|error| {
+                    storage(format!(
+                        "replaying event {} ({}): {error}",
+                        event.seq,
+                        event.body.kind()
+                    ))
+                })?;
+                self.note_event_time(event.at_ms);
+                next = event.seq;
+                count += 1;
+            }
+        }
+        self.finish_replay(count, &debts)
+    }
+
+    fn finish_replay(&self, count: u64, _debts: &Debts) -> Result<u64, Error> {
+        // A debt left over is a correction whose usage aged out of its window before the
+        // correction was logged: it no longer counts anywhere, so there is nothing to settle.
+        let registry = self.registry.lock();
+        for record in registry.teams.values() {
+            if record.team.balance_micros() > i64::MAX as u64 {
+                return Err(storage(format!(
+                    "team {:?}: the log's credits sum to a negative balance",
+                    record.team.name
+                )));
+            }
+        }
+        Ok(count)
+    }
+
+    /// Applies one logged event.
+    fn replay(&self, event: &Event, debts: &mut Debts) -> Result<(), Error> {
+        let at = Some(event.at_ms);
+        match &event.body {
+            EventBody::UserCreated { user, key } => self.create_user(user, key, at),
+            EventBody::TeamCreated { team } => self.create_team(team, at),
+            EventBody::MemberAdded { team, user, key } => self.add_member(team, user, key, at),
+            EventBody::PayAsYouGoKeyCreated { user, key } => self.create_payg_key(user, key, at),
+            EventBody::SeatChanged {
+                team, user, plan, ..
+            } => match plan {
+                Some(plan) => self.assign_seat(team, user, plan, at),
+                None => self.unassign_seat(team, user, at),
+            },
+            EventBody::CreditsToppedUp { team, micros } => {
+                self.replay_team(team)?.replay_add(*micros, false);
+                Ok(())
+            }
+            EventBody::CreditsWithdrawn { team, micros } => {
+                self.replay_team(team)?.replay_take(*micros, false);
+                Ok(())
+            }
+            EventBody::PolicySwapped {
+                generation,
+                document,
+            } => self.replay_policy(*generation, document, event.at_ms),
+            EventBody::UsageAdmitted {
+                key,
+                resource,
+                quantities,
+                request_id,
+                decision,
+                receipt,
+            } => {
+                self.apply_receipt(key, receipt, debts)?;
+                if let Some(id) = request_id {
+                    let fingerprint = Fingerprint {
+                        key: key.as_str().into(),
+                        resource: resource.as_str().into(),
+                        quantities: *quantities,
+                    };
+                    let record = RequestRecord {
+                        fingerprint,
+                        decision: *decision,
+                        receipt: Some(*receipt),
+                        refunded: false,
+                    };
+                    self.requests.restore(id, event.at_ms, record);
+                }
+                Ok(())
+            }
+            EventBody::ReservationOpened {
+                reservation,
+                key,
+                resource,
+                estimate,
+                expires_at_ms,
+                receipt,
+                ..
+            } => {
+                self.apply_receipt(key, receipt, debts)?;
+                self.keys.read(key, |_, state| {
+                    state.map(|state| state.open_reservations.fetch_add(1, Ordering::AcqRel))
+                });
+                let mut table = self.reservations.inner.lock();
+                table.next_id = table.next_id.max(*reservation);
+                let id = ReservationId(
+                    std::num::NonZeroU64::new(*reservation)
+                        .ok_or_else(|| storage("reservation 0"))?,
+                );
+                let entry = Reservation {
+                    key: key.as_str().into(),
+                    resource: resource.as_str().into(),
+                    estimate: *estimate,
+                    receipt: *receipt,
+                    expires_at_ms: *expires_at_ms,
+                };
+                table.insert(id, entry);
+                Ok(())
+            }
+            EventBody::ReservationClosed {
+                reservation,
+                key,
+                end,
+                given_back,
+            } => {
+                self.apply_given_back(key, given_back, debts);
+                let closed = match end {
+                    ReservationEnd::Settled { settlement, extra } => {
+                        if let Some(extra) = extra {
+                            self.apply_receipt(key, extra, debts)?;
+                        }
+                        Closed::Settled(*settlement)
+                    }
+                    ReservationEnd::Voided => Closed::Voided,
+                    ReservationEnd::Expired => Closed::Expired,
+                };
+                let mut table = self.reservations.inner.lock();
+                if let Some(entry) = table.remove_open(*reservation) {
+                    table.close(*reservation, closed, event.at_ms);
+                    drop(table);
+                    self.keys.read(&entry.key, |_, state| {
+                        state.map(KeyState::close_reservation)
+                    });
+                }
+                Ok(())
+            }
+            EventBody::Refunded {
+                request_id,
+                key,
+                given_back,
+            } => {
+                self.apply_given_back(key, given_back, debts);
+                self.requests.with_record(request_id, |record| {
+                    if let Some(record) = record {
+                        record.refunded = true;
+                    }
+                    Ok(())
+                })
+            }
+            EventBody::UsageAdjusted {
+                key,
+                direction,
+                generation,
+                moved,
+                ..
+            } => {
+                let counters: Vec<_> = moved.clone();
+                match direction {
+                    AdjustmentDirection::Add => {
+                        let receipt_like = GivenBack {
+                            generation: *generation,
+                            counters,
+                            ..GivenBack::default()
+                        };
+                        self.apply_counters(key, &receipt_like, debts);
+                    }
+                    AdjustmentDirection::Remove => {
+                        let given = GivenBack {
+                            generation: *generation,
+                            counters,
+                            ..GivenBack::default()
+                        };
+                        self.apply_given_back(key, &given, debts);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn replay_team(&self, team: &str) -> Result<Arc<Team>, Error> {
+        let registry = self.registry.lock();
+        registry
+            .teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| Error::UnknownTeam { team: team.into() })
+    }
+
+    fn replay_policy(&self, generation: u32, document: &str, at_ms: u64) -> Result<(), Error> {
+        let policy = policy_from_json(document, generation)?;
+        if generation == 0 {
+            self.install_policies(vec![Some(Arc::new(policy))]);
+            return Ok(());
+        }
+        let expected = self.policies.read().len() as u32;
+        if generation != expected {
+            return Err(storage(format!(
+                "policy generation {generation} follows generation {}",
+                expected - 1
+            )));
+        }
+        self.swap_policy(policy, Some(at_ms))
+    }
+
+    /// Replaces the policy list (a new engine being restored) and points every shard at the last.
+    fn install_policies(&self, policies: Vec<Option<Arc<Policy>>>) {
+        let current = policies
+            .last()
+            .and_then(Clone::clone)
+            .unwrap_or_else(|| unreachable!("a restored list is never empty"));
+        let mut list = self.policies.write();
+        *list = policies;
+        for mut shard in self.keys.lock_all() {
+            shard.policy = Arc::clone(&current);
+        }
+    }
+
+    /// Applies what a logged admitted usage moved.
+    fn apply_receipt(&self, key: &str, receipt: &Receipt, debts: &mut Debts) -> Result<(), Error> {
+        match receipt.charged_to {
+            ChargedTo::PlanQuota { .. } => {
+                // Holds are (counter, amount, time); moves are (counter, time, amount).
+                let counters = receipt
+                    .holds
+                    .as_slice()
+                    .iter()
+                    .map(|&(counter, amount, time)| (counter, time, amount))
+                    .collect();
+                let moved = GivenBack {
+                    generation: receipt.generation,
+                    counters,
+                    ..GivenBack::default()
+                };
+                self.apply_counters(key, &moved, debts);
+            }
+            ChargedTo::Credits { micros } => {
+                self.keys.read(key, |_, state| {
+                    state.map(|state| state.team.replay_take(micros, true))
+                });
+            }
+            ChargedTo::PayAsYouGo { micros } => {
+                self.keys
+                    .read(key, |_, state| state.map(|state| state.add_payg(micros)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds logged counter amounts, first paying off any debt from an earlier removal.
+    fn apply_counters(&self, key: &str, moved: &GivenBack, debts: &mut Debts) {
+        let then = self.policy_of_generation(moved.generation);
+        self.keys.read(key, |policy, state| {
+            let (Some(state), Some(then)) = (state, then.as_deref()) else {
+                return;
+            };
+            let usage = state
+                .usage
+                .get_or_init(|| KeyUsage::for_plan(policy, state.seat));
+            for &(counter, time, amount) in &moved.counters {
+                let Some(current) = translate(then, policy, counter) else {
+                    continue;
+                };
+                let owed = debts.take(key, current, time, amount);
+                if amount > owed {
+                    force_counter(policy, usage, current, time, amount - owed);
+                }
+            }
+        });
+    }
+
+    /// Takes back logged give-back amounts exactly; what the counter does not hold yet (its add
+    /// comes later in the log) is kept as a debt.
+    fn apply_given_back(&self, key: &str, given: &GivenBack, debts: &mut Debts) {
+        let then = self.policy_of_generation(given.generation);
+        self.keys.read(key, |policy, state| {
+            let Some(state) = state else { return };
+            if given.credits_micros > 0 {
+                state.team.replay_add(given.credits_micros, true);
+            }
+            if given.payg_micros > 0 {
+                state.subtract_payg(given.payg_micros);
+            }
+            let (Some(usage), Some(then)) = (state.usage.get(), then.as_deref()) else {
+                return;
+            };
+            for &(counter, time, amount) in &given.counters {
+                let Some(current) = translate(then, policy, counter) else {
+                    continue;
+                };
+                let short = unforce_counter(policy, usage, current, time, amount);
+                if short > 0 {
+                    debts.add(key, current, time, short);
+                }
+            }
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Checkpoints.
+
+    /// Takes a consistent snapshot of the whole state and stores it; returns the sequence
+    /// number it covers. Opening then replays only the events after it.
+    pub fn checkpoint(&self) -> Result<u64, Error> {
+        let journal = self.journal().ok_or_else(|| {
+            Error::invalid("engine", "an in-memory engine has no log to checkpoint")
+        })?;
+        let _one_at_a_time = self.checkpointing.lock();
+        let snapshot = self.cut(|| journal.next_seq() - 1);
+        let bytes = bincode::serialize(&snapshot)
+            .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
+        journal.sync()?;
+        journal.write_snapshot(snapshot.seq, &bytes)?;
+        self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
+        Ok(snapshot.seq)
+    }
+
+    /// Takes a checkpoint if enough events were logged since the last one (called after a
+    /// commit; the caller that crosses the threshold does the work).
+    pub(crate) fn maybe_checkpoint(&self, seq: u64) {
+        let every = self.checkpoint_every.load(Ordering::Relaxed);
+        let last = self.checkpointed_seq.load(Ordering::Relaxed);
+        if seq.saturating_sub(last) >= every {
+            if let Some(_busy) = self.checkpointing.try_lock() {
+                drop(_busy);
+                let _ = self.checkpoint();
+            }
+        }
+    }
+
+    /// Builds a snapshot with every lock taken in the engine's lock order.
+    fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+        let table = self.reservations.inner.lock();
+        let requests = self.requests.lock_all();
+        let registry = self.registry.lock();
+        let policies = self.policies.read();
+        let shards = self.keys.lock_all();
+        let seq = seq();
+        let mut teams: Vec<TeamSnapshot> = registry
+            .teams
+            .values()
+            .map(|record| {
+                let mut members: Vec<(String, String)> = record
+                    .members
+                    .iter()
+                    .map(|(user, key)| (user.to_string(), key.to_string()))
+                    .collect();
+                members.sort();
+                TeamSnapshot {
+                    name: record.team.name.to_string(),
+                    owner: record.owner.as_deref().map(Into::into),
+                    balance_micros: record.team.balance_micros(),
+                    charged_micros: record.team.charged_micros(),
+                    members,
+                }
+            })
+            .collect();
+        teams.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut users: Vec<(String, String, Vec<String>)> = registry
+            .users
+            .values()
+            .map(|record| {
+                let keys = record.payg_keys.iter().map(|key| key.to_string()).collect();
+                (
+                    record.name.to_string(),
+                    record.default_team.to_string(),
+                    keys,
+                )
+            })
+            .collect();
+        users.sort();
+        let mut keys = Vec::new();
+        for shard in &shards {
+            for (key, state) in shard.iter() {
+                keys.push(key_snapshot(&shard.policy, key, state));
+            }
+        }
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        let requests = crate::idempotency::RequestTable::export(&requests)
+            .into_iter()
+            .map(|(arrived_ms, id, record)| RequestSnapshot {
+                id,
+                arrived_ms,
+                key: record.fingerprint.key.to_string(),
+                resource: record.fingerprint.resource.to_string(),
+                quantities: record.fingerprint.quantities,
+                decision: record.decision,
+                receipt: record.receipt,
+                refunded: record.refunded,
+            })
+            .collect();
+        let mut open_reservations: Vec<ReservationSnapshot> = table
+            .open
+            .iter()
+            .map(|(id, reservation)| ReservationSnapshot {
+                id: *id,
+                key: reservation.key.to_string(),
+                resource: reservation.resource.to_string(),
+                estimate: reservation.estimate,
+                receipt: reservation.receipt,
+                expires_at_ms: reservation.expires_at_ms,
+            })
+            .collect();
+        open_reservations.sort_by_key(|reservation| reservation.id);
+        let mut closed_reservations: Vec<(u64, u64, Closed)> = table
+            .closed_order
+            .iter()
+            .filter_map(|(at_ms, id)| table.closed.get(id).map(|closed| (*id, *at_ms, *closed)))
+            .collect();
+        closed_reservations.sort_by_key(|closed| closed.0);
+        let policies = policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .as_ref()
+                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
+            })
+            .collect();
+        Snapshot {
+            version: FORMAT_VERSION,
+            seq,
+            newest_at_ms: self.newest_event_ms(),
+            policies,
+            users,
+            teams,
+            keys,
+            requests,
+            open_reservations,
+            closed_reservations,
+            next_reservation: table.next_id,
+        }
+    }
+
+    /// Rebuilds the state of a new engine from a snapshot.
+    fn restore(&self, snapshot: &Snapshot) -> Result<(), Error> {
+        let mut policies = Vec::with_capacity(snapshot.policies.len());
+        for (generation, document) in snapshot.policies.iter().enumerate() {
+            policies.push(match document {
+                Some(document) => Some(Arc::new(policy_from_json(document, generation as u32)?)),
+                None => None,
+            });
+        }
+        if policies.last().is_none_or(Option::is_none) {
+            return Err(storage(format!(
+                "snapshot {}: no current policy",
+                snapshot.seq
+            )));
+        }
+        self.install_policies(policies);
+        let policy = self.policy();
+        let mut registry = self.registry.lock();
+        for team in &snapshot.teams {
+            let state = Arc::new(Team::new(&team.name));
+            state.restore(team.balance_micros, team.charged_micros);
+            let members = team
+                .members
+                .iter()
+                .map(|(user, key)| (Arc::<str>::from(user.as_str()), key.as_str().into()))
+                .collect();
+            let owner = team.owner.as_deref().map(Arc::<str>::from);
+            registry.teams.insert(
+                team.name.as_str().into(),
+                TeamRecord {
+                    team: state,
+                    members,
+                    owner,
+                },
+            );
+        }
+        for (user, default_team, payg_keys) in &snapshot.users {
+            let name: Arc<str> = user.as_str().into();
+            let payg_keys = payg_keys.iter().map(|key| key.as_str().into()).collect();
+            let record = UserRecord {
+                name: Arc::clone(&name),
+                default_team: default_team.as_str().into(),
+                payg_keys,
+            };
+            registry.users.insert(name, record);
+        }
+        for key in &snapshot.keys {
+            let team = registry
+                .teams
+                .get(key.team.as_str())
+                .map(|record| Arc::clone(&record.team))
+                .ok_or_else(|| {
+                    storage(format!(
+                        "snapshot {}: key {:?} names unknown team {:?}",
+                        snapshot.seq, key.key, key.team
+                    ))
+                })?;
+            let kind = if key.payg {
+                KeyKind::PayAsYouGo
+            } else {
+                KeyKind::Plan
+            };
+            let mut state = KeyState::new(kind, key.user.as_str().into(), team);
+            state.seat = key.seat.map(PlanId);
+            state
+                .open_reservations
+                .store(key.open_reservations, Ordering::Release);
+            state.payg_micros.store(key.payg_micros, Ordering::Release);
+            state.time_floor_ms = key.time_floor_ms;
+            if let Some(counters) = &key.counters {
+                state.usage.set(Some(restore_usage(&policy, counters)?));
+            }
+            self.keys.insert(&key.key, state);
+        }
+        drop(registry);
+        for request in &snapshot.requests {
+            let fingerprint = Fingerprint {
+                key: request.key.as_str().into(),
+                resource: request.resource.as_str().into(),
+                quantities: request.quantities,
+            };
+            let record = RequestRecord {
+                fingerprint,
+                decision: request.decision,
+                receipt: request.receipt,
+                refunded: request.refunded,
+            };
+            self.requests
+                .restore(&request.id, request.arrived_ms, record);
+        }
+        let mut table = self.reservations.inner.lock();
+        table.next_id = snapshot.next_reservation;
+        for reservation in &snapshot.open_reservations {
+            let id = ReservationId(
+                std::num::NonZeroU64::new(reservation.id)
+                    .ok_or_else(|| storage("reservation 0"))?,
+            );
+            let entry = Reservation {
+                key: reservation.key.as_str().into(),
+                resource: reservation.resource.as_str().into(),
+                estimate: reservation.estimate,
+                receipt: reservation.receipt,
+                expires_at_ms: reservation.expires_at_ms,
+            };
+            table.insert(id, entry);
+        }
+        for &(id, at_ms, closed) in &snapshot.closed_reservations {
+            table.close(id, closed, at_ms);
+        }
+        self.note_event_time(snapshot.newest_at_ms);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Export, retention, verify, close.
+
+    /// Up to `limit` events after sequence number `after`, in order: for billing export.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
+        self.require_journal()?.events_after(after, limit)
+    }
+
+    /// A named export cursor (0 if never saved); it survives restarts.
+    pub fn cursor(&self, name: &str) -> Result<u64, Error> {
+        crate::engine::check_id("cursor", name, 128)?;
+        self.require_journal()?.cursor(name)
+    }
+
+    pub fn save_cursor(&self, name: &str, seq: u64) -> Result<(), Error> {
+        crate::engine::check_id("cursor", name, 128)?;
+        let journal = self.require_journal()?;
+        if seq >= journal.next_seq() {
+            return Err(Error::invalid(
+                "seq",
+                format!("{seq} is beyond the last event, {}", journal.next_seq() - 1),
+            ));
+        }
+        journal.save_cursor(name, seq)
+    }
+
+    /// Makes everything logged so far durable, whatever the durability mode.
+    pub fn sync(&self) -> Result<(), Error> {
+        self.require_journal()?.sync()
+    }
+
+    /// Takes a checkpoint, then drops usage events older than the longest window plus the
+    /// retention (their effect lives on in the snapshot). Events after the snapshot before the
+    /// latest are kept, so `verify` can replay between the two.
+    pub fn compact(&self, at_ms: Option<u64>) -> Result<CompactReport, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        let journal = self.require_journal()?;
+        let snapshot_seq = self.checkpoint()?;
+        let keep_after = journal
+            .previous_snapshot_pointer()?
+            .map_or(0, |pointer| pointer.seq);
+        let horizon = self
+            .policy()
+            .longest_window_ms()
+            .saturating_add(self.retention_ms.load(Ordering::Relaxed));
+        let removed = journal.compact(keep_after, at_ms.saturating_sub(horizon))?;
+        Ok(CompactReport {
+            snapshot_seq,
+            events_removed: removed,
+            first_seq_kept: journal.log_start()?,
+        })
+    }
+
+    /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
+    /// snapshot equals a replay of the log from the snapshot before it (or from the start).
+    pub fn verify(dir: impl AsRef<Path>, options: OpenOptions) -> Result<VerifyReport, Error> {
+        let log = EventLog::open(dir.as_ref(), Durability::None, options.faults.clone())?;
+        let mut report = VerifyReport::default();
+        let mut expected = None;
+        for record in log.records() {
+            match record {
+                Err(error) => report.problems.push(error.to_string()),
+                Ok(record) => {
+                    report.records += 1;
+                    for (seq, _, _) in &record.events {
+                        if let Some(expected) = expected.filter(|expected| expected != seq) {
+                            report
+                                .problems
+                                .push(format!("event {seq} follows event {}: a gap", expected - 1));
+                        }
+                        if report.first_seq == 0 {
+                            report.first_seq = *seq;
+                        }
+                        report.last_seq = *seq;
+                        report.events += 1;
+                        expected = Some(seq + 1);
+                    }
+                }
+            }
+        }
+        if let Some(pointer) = log.snapshot_pointer()? {
+            report.snapshot_seq = Some(pointer.seq);
+            match verify_snapshot(&log, pointer, &options) {
+                Ok(matches) => {
+                    report.snapshot_matches_replay = Some(matches);
+                    if !matches {
+                        report.problems.push(format!(
+                            "snapshot {} does not match a replay of the log",
+                            pointer.seq
+                        ));
+                    }
+                }
+                Err(error) => report.problems.push(error.to_string()),
+            }
+        }
+        log.close()?;
+        Ok(report)
+    }
+
+    /// Checkpoints, flushes and closes the log. Dropping the engine also closes it, without
+    /// the checkpoint.
+    pub fn close(self) -> Result<(), Error> {
+        if let Some(journal) = self.journal() {
+            self.checkpoint()?;
+            journal.close()?;
+        }
+        Ok(())
+    }
+
+    fn require_journal(&self) -> Result<&EventLog, Error> {
+        self.journal()
+            .ok_or_else(|| Error::invalid("engine", "an in-memory engine has no log"))
+    }
+}
+
+/// Replays from the snapshot before the latest (or the start) up to the latest and compares.
+fn verify_snapshot(
+    log: &EventLog,
+    latest: crate::log::SnapshotPointer,
+    options: &OpenOptions,
+) -> Result<bool, Error> {
+    let stored = decode_snapshot(&log.read_snapshot(&latest)?, latest.seq)?;
+    let base = match log.previous_snapshot_pointer()? {
+        Some(previous) if previous.seq < latest.seq => Some(decode_snapshot(
+            &log.read_snapshot(&previous)?,
+            previous.seq,
+        )?),
+        _ => None,
+    };
+    let first_needed = base.as_ref().map_or(1, |snapshot| snapshot.seq + 1);
+    if log.log_start()? > first_needed {
+        return Err(storage(format!(
+            "the events before snapshot {} were compacted: nothing to replay it from",
+            latest.seq
+        )));
+    }
+    let policy = Policy::token_plan();
+    let engine = Engine::new(
+        policy,
+        Arc::new(crate::clock::ManualClock::new(0)),
+        options.engine,
+    );
+    let from = match &base {
+        Some(snapshot) => {
+            engine.restore(snapshot)?;
+            snapshot.seq
+        }
+        None => 0,
+    };
+    engine.replay_log(log, from, latest.seq)?;
+    let replayed = engine.cut(|| latest.seq);
+    Ok(normalized(&replayed, &stored) == normalized(&stored, &stored))
+}
+
+fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot, Error> {
+    let version: u16 = bincode::deserialize(bytes.get(..2).unwrap_or(&[]))
+        .map_err(|error| storage(format!("snapshot {seq}: cannot read its version: {error}")))?;
+    if version != FORMAT_VERSION {
+        return Err(storage(format!(
+            "snapshot {seq}: format version {version}; this build reads {FORMAT_VERSION}"
+        )));
+    }
+    bincode::deserialize(bytes)
+        .map_err(|error| storage(format!("snapshot {seq} is damaged: {error}")))
+}
+
+/// A snapshot with what does not change what the engine would decide taken out: ring heads
+/// (advanced by reads without events), buckets and periods no longer live as of `reference`'s
+/// time, empty counters, and keys whose usage was reclaimed.
+fn normalized(snapshot: &Snapshot, reference: &Snapshot) -> Snapshot {
+    let mut out = snapshot.clone();
+    let policy = reference
+        .policies
+        .last()
+        .and_then(|document| document.as_deref())
+        .and_then(|document| Policy::from_json_str(document).ok());
+    let head_of = |key: &str, counter: u16| -> Option<u64> {
+        let found = reference
+            .keys
+            .binary_search_by(|probe| probe.key.as_str().cmp(key))
+            .ok()?;
+        reference.keys[found]
+            .counters
+            .as_ref()?
+            .iter()
+            .find_map(|(id, state)| match state {
+                CounterSnapshot::Rolling { head, .. } if *id == counter => Some(*head),
+                _ => None,
+            })
+    };
+    out.newest_at_ms = 0;
+    for key in &mut out.keys {
+        key.time_floor_ms = 0;
+        let Some(counters) = key.counters.as_mut() else {
+            continue;
+        };
+        for (id, state) in counters.iter_mut() {
+            match state {
+                CounterSnapshot::Rolling {
+                    head,
+                    buckets,
+                    wide,
+                } => {
+                    let reference_head = head_of(&key.key, *id).unwrap_or(*head).max(*head);
+                    let span = policy
+                        .as_ref()
+                        .and_then(|policy| {
+                            policy
+                                .counters()
+                                .get(usize::from(*id))
+                                .and_then(|spec| spec.window.shape())
+                        })
+                        .map_or(0, |shape| shape.buckets);
+                    buckets.retain(|(epoch, count)| *count > 0 && epoch + span >= reference_head);
+                    *head = 0;
+                    *wide = false;
+                }
+                CounterSnapshot::Calendar { period, count } => {
+                    let current = policy.as_ref().and_then(|policy| {
+                        match policy.counters().get(usize::from(*id))?.window {
+                            Window::Calendar(kind) => Some(
+                                policy
+                                    .calendar()
+                                    .period_of(kind, reference.newest_at_ms)
+                                    .index,
+                            ),
+                            Window::Rolling { .. } => None,
+                        }
+                    });
+                    if *count == 0 || current.is_some_and(|current| *period < current) {
+                        *period = 0;
+                        *count = 0;
+                    }
+                }
+            }
+        }
+        counters.retain(|(_, state)| match state {
+            CounterSnapshot::Rolling { buckets, .. } => !buckets.is_empty(),
+            CounterSnapshot::Calendar { count, .. } => *count > 0,
+        });
+        if counters.is_empty() {
+            key.counters = None;
+        }
+    }
+    out
+}
+
+fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
+    let counters = state.usage.get().map(|usage| {
+        usage
+            .counters
+            .iter()
+            .map(|counter| {
+                let snapshot = match &counter.state {
+                    WindowState::Rolling(window) => {
+                        let shape = policy
+                            .counter(counter.id)
+                            .window
+                            .shape()
+                            .unwrap_or_else(|| unreachable!());
+                        let head = window.head();
+                        let buckets = window
+                            .buckets(shape, head)
+                            .into_iter()
+                            .map(|(start_ms, count)| (start_ms / shape.bucket_ms, count))
+                            .collect();
+                        CounterSnapshot::Rolling {
+                            head,
+                            wide: window.is_wide(),
+                            buckets,
+                        }
+                    }
+                    WindowState::Calendar(calendar) => {
+                        let (period, count) = calendar.raw();
+                        CounterSnapshot::Calendar { period, count }
+                    }
+                };
+                (counter.id.0, snapshot)
+            })
+            .collect()
+    });
+    KeySnapshot {
+        key: key.into(),
+        payg: state.kind == KeyKind::PayAsYouGo,
+        user: state.user.to_string(),
+        team: state.team.name.to_string(),
+        seat: state.seat.map(|seat| seat.0),
+        open_reservations: state.open_reservations.load(Ordering::Acquire),
+        payg_micros: state.payg_micros.load(Ordering::Acquire),
+        time_floor_ms: state.time_floor_ms,
+        counters,
+    }
+}
+
+fn restore_usage(policy: &Policy, counters: &[(u16, CounterSnapshot)]) -> Result<KeyUsage, Error> {
+    let mut restored = Vec::with_capacity(counters.len());
+    for (id, snapshot) in counters {
+        let spec = policy.counters().get(usize::from(*id)).ok_or_else(|| {
+            storage(format!(
+                "a snapshot names counter {id}, which the policy does not have"
+            ))
+        })?;
+        let state = match (snapshot, spec.window.shape()) {
+            (
+                CounterSnapshot::Rolling {
+                    head,
+                    wide,
+                    buckets,
+                },
+                Some(shape),
+            ) => WindowState::Rolling(RollingWindow::restored(shape, *wide, *head, buckets)),
+            (CounterSnapshot::Calendar { period, count }, None) => {
+                WindowState::Calendar(CalendarCounter::restored(*period, *count))
+            }
+            _ => {
+                return Err(storage(format!(
+                    "a snapshot's counter {id} does not match its window"
+                )))
+            }
+        };
+        restored.push(Counter {
+            id: CounterId(*id),
+            state,
+        });
+    }
+    Ok(KeyUsage { counters: restored })
+}
+
+fn translate(then: &Policy, now: &Policy, counter: CounterId) -> Option<CounterId> {
+    if then.generation == now.generation {
+        Some(counter)
+    } else {
+        then.same_counter_in(counter, now)
+    }
+}
+
+/// Amounts removed before the log's matching add (replay order differs from memory order only
+/// for commuting counter changes): paid off by the next add to the same counter and time.
+#[derive(Debug, Default)]
+struct Debts {
+    owed: HashMap<(String, CounterId, u64), u64>,
+}
+
+impl Debts {
+    fn add(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) {
+        *self.owed.entry((key.into(), counter, time)).or_default() += amount;
+    }
+
+    /// Takes up to `amount` of debt; returns how much was owed and is now paid.
+    fn take(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) -> u64 {
+        if self.owed.is_empty() {
+            return 0;
+        }
+        let entry = (key.to_string(), counter, time);
+        let Some(owed) = self.owed.get_mut(&entry) else {
+            return 0;
+        };
+        let paid = (*owed).min(amount);
+        *owed -= paid;
+        if *owed == 0 {
+            self.owed.remove(&entry);
+        }
+        paid
+    }
+}

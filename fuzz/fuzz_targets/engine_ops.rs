@@ -1,0 +1,135 @@
+//! Arbitrary sequences of engine operations on the shipped policy, against invariants a simple
+//! model can check: no panic; a team's credits equal top-ups minus charges plus refunds; no limit
+//! of any key is ever reported above its amount (usage added by corrections aside); a repeated
+//! request id never counts twice.
+#![no_main]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use libfuzzer_sys::fuzz_target;
+use tally_engine::{
+    AdjustmentDirection, ChargedTo, Decision, Engine, EngineOptions, ManualClock, Policy, SettleOutcome, Unit,
+    UsageRequest,
+};
+
+const T0_MS: u64 = 1_795_363_200_000;
+const PLANS: [&str; 6] = ["Starter", "Plus", "Max", "Plus-Highspeed", "Bar-Plus", "Ultra-Highspeed"];
+const RESOURCES: [(&str, &[(Unit, u64)]); 6] = [
+    ("m2.7", &[(Unit::Requests, 1)]),
+    ("m2.7-highspeed", &[(Unit::Requests, 1), (Unit::Tokens, 900)]),
+    ("speech-2.8", &[(Unit::Characters, 700)]),
+    ("image-01", &[(Unit::Images, 2)]),
+    ("music-2.6", &[(Unit::Songs, 1), (Unit::Seconds, 240)]),
+    ("hailuo-2.3-768p-6s", &[(Unit::Videos, 1)]),
+];
+
+struct World {
+    engine: Engine,
+    at_ms: u64,
+    credits: HashMap<String, i128>,
+    reservations: Vec<tally_engine::ReservationId>,
+    adjusted: bool,
+    /// Request ids already answered: a repeat returns the first decision and charges nothing.
+    answered: HashSet<String>,
+}
+
+fuzz_target!(|data: &[u8]| {
+    let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), EngineOptions::default());
+    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new() };
+    for user in 0..3 {
+        let name = format!("u{user}");
+        world.engine.create_user(&name, &format!("k{user}"), Some(T0_MS)).expect("a fresh user");
+        world.credits.insert(format!("@{name}"), 0);
+    }
+    for chunk in data.chunks(3).take(2_000) {
+        let [op, a, b] = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        step(&mut world, op, a, b);
+    }
+    check_invariants(&world);
+});
+
+fn step(world: &mut World, op: u8, a: u8, b: u8) {
+    let user = usize::from(a % 3);
+    let key = format!("k{user}");
+    let team = format!("@u{user}");
+    let (resource, quantities) = RESOURCES[usize::from(b) % RESOURCES.len()];
+    let engine = &world.engine;
+    match op % 10 {
+        0 => {
+            let _ = engine.assign_seat(&team, &format!("u{user}"), PLANS[usize::from(b) % PLANS.len()], Some(world.at_ms));
+        }
+        1 => {
+            let micros = u64::from(b) * 10_000 + 1;
+            if engine.top_up(&team, micros, Some(world.at_ms)).is_ok() {
+                *world.credits.entry(team).or_default() += i128::from(micros);
+            }
+        }
+        2 => world.at_ms += u64::from(b) * 61_000,
+        3 => world.at_ms = world.at_ms.saturating_sub(u64::from(b) * 1_000), // a stepped clock
+        4 | 5 => {
+            let id = format!("r{}", b % 16);
+            let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
+            let with_id = op % 2 == 0;
+            let request = if with_id { request.id(&id) } else { request };
+            if let Ok(decision) = engine.consume(&request) {
+                if !with_id || world.answered.insert(id) {
+                    account(world, &team, decision);
+                }
+            }
+        }
+        6 => {
+            let _ = engine.check(&UsageRequest::new(&key, resource, quantities).at(world.at_ms));
+        }
+        7 => {
+            let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
+            if let Ok(outcome) = engine.reserve(&request, Some(u64::from(b) * 10_000 + 1)) {
+                account(world, &team, outcome.decision);
+                world.reservations.extend(outcome.reservation);
+            }
+        }
+        8 => {
+            if let Some(id) = world.reservations.pop() {
+                let before = engine.credits_micros(&team).unwrap_or(0);
+                let settled = if b % 2 == 0 {
+                    engine.settle(id, &quantities[..1], Some(world.at_ms)).map(|outcome| matches!(outcome, SettleOutcome::Settled(_)))
+                } else {
+                    engine.void(id, Some(world.at_ms)).map(|()| true)
+                };
+                let _ = settled;
+                let after = engine.credits_micros(&team).unwrap_or(0);
+                // Give-backs and extra charges on settle move this team's credits.
+                *world.credits.entry(team).or_default() += i128::from(after) - i128::from(before);
+            }
+        }
+        _ => {
+            let direction = if b % 2 == 0 { AdjustmentDirection::Remove } else { AdjustmentDirection::Add };
+            if engine.adjust_usage(&key, resource, quantities, world.at_ms, direction, Some(world.at_ms)).is_ok() {
+                world.adjusted |= direction == AdjustmentDirection::Add;
+            }
+        }
+    }
+}
+
+fn account(world: &mut World, team: &str, decision: Decision) {
+    if let Decision::Admitted(admission) = decision {
+        if let ChargedTo::Credits { micros } = admission.charged_to {
+            *world.credits.entry(team.into()).or_default() -= i128::from(micros);
+        }
+    }
+}
+
+fn check_invariants(world: &World) {
+    for user in 0..3 {
+        let team = format!("@u{user}");
+        let balance = world.engine.credits_micros(&team).expect("a known team");
+        let expected = world.credits.get(&team).copied().unwrap_or(0);
+        assert_eq!(i128::from(balance), expected, "{team}: credits differ from top-ups minus charges");
+        let report = world.engine.usage(&format!("k{user}"), Some(world.at_ms)).expect("a known key");
+        if !world.adjusted {
+            for limit in &report.limits {
+                assert!(limit.used <= limit.amount, "{} over its amount: {limit:?}", report.key);
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone on a fresh machine: installs what is missing, then
+# runs formatting and lint checks, every Rust test, the benchmark in quick test mode and the
+# main job once. Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is missing: install Rust (stable) first" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || true
+fi
+cargo --version
+
+step "format"
+cargo fmt --all -- --check
+
+step "lint"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "tests (debug, with debug assertions on the hot path)"
+cargo test --workspace --no-fail-fast
+
+step "benchmark in quick test mode"
+cargo bench --bench admission -- --test
+
+step "main job: tally simulate"
+cargo run --quiet --release -- simulate --keys 500 --days 2 >/dev/null
+echo "simulate ran"

@@ -1,0 +1,533 @@
+//! The simulation's report: aligned text for a person (a screen or two), or a JSON summary for
+//! a program. The JSON holds only what the seed decides (no wall time), so two runs with the same
+//! seed print the same bytes.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+use tally_engine::LimitReport;
+
+use crate::format::{bar, credits, grouped, percent, short_duration, utc_iso8601};
+use crate::outcome::{Counts, DENIAL_REASONS};
+use crate::scenario::{Access, SeatChangeKind, TeamRole};
+use crate::simulate::{RowSummary, SeatChangeSummary, Summary, TeamSummary};
+
+const BAR_CELLS: usize = 10;
+
+pub fn text(summary: &Summary) -> String {
+    let mut out = String::new();
+    header(&mut out, summary);
+    requests(&mut out, summary);
+    plans_table(&mut out, summary);
+    usage_bars(&mut out, summary);
+    team_credits(&mut out, summary);
+    seat_changes(&mut out, summary);
+    timing(&mut out, summary);
+    out
+}
+
+fn days(count: u64) -> String {
+    match count {
+        1 => "1 day".to_string(),
+        _ => format!("{count} days"),
+    }
+}
+
+fn access_words(access: Access) -> &'static str {
+    match access {
+        Access::Individual => "individual",
+        Access::TeamSeat => "team seat",
+        Access::CreditsOnly => "team credits only",
+        Access::Unseated => "unseated",
+        Access::PayAsYouGo => "pay-as-you-go",
+    }
+}
+
+fn header(out: &mut String, summary: &Summary) {
+    let shape = &summary.shape;
+    let _ = writeln!(
+        out,
+        "tally simulate: {} keys, {} from {} to {}, seed {}",
+        grouped(shape.keys),
+        days(shape.days),
+        utc_iso8601(shape.start_ms),
+        utc_iso8601(shape.end_ms()),
+        shape.seed
+    );
+    let _ = writeln!(
+        out,
+        "policy: {} (daily quotas reset at midnight {}); {}-minute slots",
+        summary.policy,
+        summary.time_zone,
+        shape.slot_ms / 60_000
+    );
+    let kinds: Vec<String> = summary
+        .keys_by_access
+        .iter()
+        .map(|(access, count)| format!("{} {}", grouped(*count), access_words(*access)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "keys: {}; {} heavy",
+        kinds.join(", "),
+        grouped(summary.heavy_keys)
+    );
+    let _ = writeln!(
+        out,
+        "engine: {} users, {} named teams, {} keys in all\n",
+        grouped(summary.users),
+        summary.named_teams,
+        grouped(summary.engine_keys)
+    );
+}
+
+fn requests(out: &mut String, summary: &Summary) {
+    let totals = &summary.totals;
+    let line = |out: &mut String, label: &str, count: u64, note: String| {
+        let share = format!("{:.1}%", share_per_mille(count, totals.sent) as f64 / 10.0);
+        let text = format!("  {label:<30}{:>12}  {share:>6}  {note}", grouped(count));
+        let _ = writeln!(out, "{}", text.trim_end());
+    };
+    let _ = writeln!(out, "Requests{:>36}  {:>6}", "count", "share");
+    line(out, "sent", totals.sent, String::new());
+    line(
+        out,
+        "admitted from plan quota",
+        totals.plan_quota,
+        String::new(),
+    );
+    let credits_note = micro_credits(totals.credits_micros);
+    line(out, "charged to credits", totals.credits, credits_note);
+    let payg_note = micro_credits(totals.pay_as_you_go_micros);
+    line(out, "pay-as-you-go", totals.pay_as_you_go, payg_note);
+    line(out, "denied", totals.denied_total(), String::new());
+    for (index, (_, words)) in DENIAL_REASONS.iter().enumerate() {
+        let count = totals.denied[index];
+        // Reservations are not simulated: show that reason only if it ever appears.
+        if count > 0 || *words != "too many reservations" {
+            line(out, &format!("  {words}"), count, String::new());
+        }
+    }
+    if totals.errors > 0 {
+        let kinds: Vec<String> = summary
+            .errors
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        line(out, "engine errors", totals.errors, kinds.join(", "));
+    }
+    let replays_note = format!(
+        "{} got their first decision back, counted once",
+        grouped(summary.replays_matching)
+    );
+    note_line(out, "idempotent replays", summary.replays, &replays_note);
+    let resets_note = "refused on a daily quota, admitted again after midnight";
+    note_line(
+        out,
+        "daily resets seen",
+        summary.daily_resets_seen,
+        resets_note,
+    );
+    out.push('\n');
+}
+
+fn micro_credits(micros: u64) -> String {
+    format!(
+        "{} micro-credits ({} credits)",
+        grouped(micros),
+        credits(micros)
+    )
+}
+
+fn note_line(out: &mut String, label: &str, count: u64, note: &str) {
+    let _ = writeln!(out, "  {label:<30}{:>12}  {note}", grouped(count));
+}
+
+/// Thousandths, rounded down, for one-decimal percentages.
+fn share_per_mille(part: u64, whole: u64) -> u64 {
+    if whole == 0 {
+        0
+    } else {
+        (u128::from(part) * 1_000 / u128::from(whole)) as u64
+    }
+}
+
+fn plans_table(out: &mut String, summary: &Summary) {
+    let _ = writeln!(
+        out,
+        "{:<18}{:>6}{:>6}{:>11}{:>10}{:>10}{:>10}{:>10}{:>8}",
+        "Plan", "keys", "heavy", "quota", "credits", "charged", "denied", "limited", "keys"
+    );
+    for row in &summary.rows {
+        if row.keys == 0 && row.counts.sent == 0 {
+            continue;
+        }
+        plan_row(out, row);
+    }
+    let _ = writeln!(
+        out,
+        "  quota: admitted from plan quota; credits: charged to credits (requests, then credits);\n  \
+         limited: denied by a plan limit (quota exhausted or exceeds limit), by requests and keys\n"
+    );
+}
+
+fn plan_row(out: &mut String, row: &RowSummary) {
+    let counts: &Counts = &row.counts;
+    let admitted_elsewhere = if counts.pay_as_you_go > 0 {
+        format!("  +{} payg", grouped(counts.pay_as_you_go))
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "  {:<16}{:>6}{:>6}{:>11}{:>10}{:>10}{:>10}{:>10}{:>8}{}",
+        row.label,
+        grouped(row.keys),
+        grouped(row.heavy),
+        grouped(counts.plan_quota),
+        grouped(counts.credits),
+        credits(counts.credits_micros),
+        grouped(counts.denied_total()),
+        grouped(counts.limited()),
+        grouped(row.keys_limited),
+        admitted_elsewhere
+    );
+}
+
+fn usage_bars(out: &mut String, summary: &Summary) {
+    let end_ms = summary.shape.end_ms();
+    let _ = writeln!(
+        out,
+        "Usage bars at the end of the run ({}), busiest key of each plan",
+        utc_iso8601(end_ms)
+    );
+    for row in &summary.rows {
+        let Some(sample) = &row.sample else { continue };
+        let heavy = if sample.heavy { ", heavy" } else { "" };
+        let _ = writeln!(out, "  {} ({}{heavy})", row.label, sample.key);
+        for limit in &sample.limits {
+            limit_line(out, limit, end_ms);
+        }
+    }
+    out.push('\n');
+}
+
+fn limit_line(out: &mut String, limit: &LimitReport, now_ms: u64) {
+    // Relative to the end of the run, whose UTC time heads the section; the JSON has the
+    // ISO-8601 times.
+    let reset = match limit.reset_at_ms {
+        Some(reset_ms) => format!(
+            "resets in {}",
+            short_duration(reset_ms.saturating_sub(now_ms))
+        ),
+        None => "nothing counted".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "    {:<39} {} {:>10}/{:<10} {:>3}%  {reset}",
+        limit_label(limit),
+        bar(limit.used, limit.amount, BAR_CELLS),
+        grouped(limit.used),
+        grouped(limit.amount),
+        percent(limit.used, limit.amount)
+    );
+}
+
+/// `m2.7:requests per rolling:5h` reads better as `m2.7 requests / rolling:5h`.
+fn limit_label(limit: &LimitReport) -> String {
+    format!("{} / {}", limit.meter.replace(':', " "), limit.window)
+}
+
+fn role_words(role: Option<TeamRole>) -> &'static str {
+    match role {
+        Some(TeamRole::Corporate) => "bought plenty",
+        Some(TeamRole::Shoestring) => "bought little, no top-ups",
+        Some(TeamRole::Prepaid) => "tops up below 25%",
+        None => "",
+    }
+}
+
+fn team_credits(out: &mut String, summary: &Summary) {
+    let _ = writeln!(
+        out,
+        "{:<36}{:>8}{:>12}{:>12}{:>12}{:>12}",
+        "Team credits", "members", "start", "top-ups", "charged", "end"
+    );
+    let mut default_teams: Option<TeamSummary> = None;
+    for team in &summary.teams {
+        if team.account.role.is_none() {
+            default_teams = Some(merge_default_team(default_teams, team));
+            continue;
+        }
+        let label = format!("{} ({})", team.account.team, role_words(team.account.role));
+        team_line(out, &label, team);
+    }
+    if let Some(merged) = &default_teams {
+        let label = format!("{} Default Teams", merged.account.members);
+        team_line(out, &label, merged);
+    }
+    let reconciled = summary.teams.iter().all(TeamSummary::reconciles);
+    let _ = writeln!(
+        out,
+        "  every balance is start + top-ups - charged: {}\n",
+        if reconciled {
+            "yes"
+        } else {
+            "NO (see the JSON)"
+        }
+    );
+}
+
+fn merge_default_team(merged: Option<TeamSummary>, team: &TeamSummary) -> TeamSummary {
+    let mut merged = merged.unwrap_or_else(|| {
+        let mut empty = team.clone();
+        empty.account.members = 0;
+        empty.account.initial_micros = 0;
+        empty.mid_run_top_ups = 0;
+        empty.mid_run_top_up_micros = 0;
+        empty.charged_micros = 0;
+        empty.end_micros = 0;
+        empty
+    });
+    merged.account.members += 1;
+    merged.account.initial_micros += team.account.initial_micros;
+    merged.mid_run_top_ups += team.mid_run_top_ups;
+    merged.mid_run_top_up_micros += team.mid_run_top_up_micros;
+    merged.charged_micros += team.charged_micros;
+    merged.end_micros += team.end_micros;
+    merged
+}
+
+fn team_line(out: &mut String, label: &str, team: &TeamSummary) {
+    let top_ups = if team.mid_run_top_ups > 0 {
+        format!(
+            "{} x{}",
+            credits(team.mid_run_top_up_micros),
+            team.mid_run_top_ups
+        )
+    } else {
+        "-".to_string()
+    };
+    let _ = writeln!(
+        out,
+        "  {label:<34}{:>8}{:>12}{:>12}{:>12}{:>12}",
+        team.account.members,
+        credits(team.account.initial_micros),
+        top_ups,
+        credits(team.charged_micros),
+        credits(team.end_micros)
+    );
+}
+
+fn seat_changes(out: &mut String, summary: &Summary) {
+    if summary.seat_changes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "Seat changes mid-window (usage already counted stays counted)"
+    );
+    for change in &summary.seat_changes {
+        seat_change_lines(out, change);
+    }
+    out.push('\n');
+}
+
+fn bar_words(limit: &Option<LimitReport>) -> String {
+    match limit {
+        Some(limit) => format!("{}/{}", grouped(limit.used), grouped(limit.amount)),
+        None => "-".to_string(),
+    }
+}
+
+fn seat_change_lines(out: &mut String, change: &SeatChangeSummary) {
+    let kind = match change.kind {
+        SeatChangeKind::Upgrade => "upgrade",
+        SeatChangeKind::Downgrade => "downgrade",
+    };
+    let _ = writeln!(
+        out,
+        "  {kind:<10}{}  {} -> {}  at {}",
+        change.key,
+        change.from,
+        change.to,
+        utc_iso8601(change.at_ms),
+    );
+    let limit = change.before.as_ref().map(limit_label).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "  {:<10}{limit}: {} before, {} after",
+        "",
+        bar_words(&change.before),
+        bar_words(&change.after),
+    );
+    let counts = &change.counts_after;
+    let _ = writeln!(
+        out,
+        "  {:<10}next 5h: {} from quota, {} to credits, {} denied ({} quota exhausted)",
+        "",
+        grouped(counts.plan_quota),
+        grouped(counts.credits),
+        grouped(counts.denied_total()),
+        grouped(counts.quota_exhausted()),
+    );
+}
+
+fn timing(out: &mut String, summary: &Summary) {
+    let seconds = summary.wall.as_secs_f64();
+    let decisions = summary.totals.sent + summary.replays;
+    let per_second = |count: u64| {
+        if seconds > 0.0 {
+            grouped((count as f64 / seconds) as u64)
+        } else {
+            "-".into()
+        }
+    };
+    let _ = writeln!(
+        out,
+        "Ran {} of traffic in {seconds:.2} s wall time, one thread: {} decisions, {} admitted",
+        days(summary.shape.days),
+        grouped(decisions),
+        grouped(summary.totals.admitted()),
+    );
+    let _ = writeln!(
+        out,
+        "  {} decisions/s, {} admissions/s",
+        per_second(decisions),
+        per_second(summary.totals.admitted()),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+pub fn json(summary: &Summary) -> Value {
+    let shape = &summary.shape;
+    json!({
+        "parameters": {
+            "keys": shape.keys,
+            "days": shape.days,
+            "seed": shape.seed,
+            "policy": summary.policy,
+            "time_zone": summary.time_zone,
+            "start": utc_iso8601(shape.start_ms),
+            "end": utc_iso8601(shape.end_ms()),
+            "slot_ms": shape.slot_ms,
+        },
+        "accounts": {
+            "users": summary.users,
+            "named_teams": summary.named_teams,
+            "engine_keys": summary.engine_keys,
+            "heavy_keys": summary.heavy_keys,
+            "keys_by_access": summary.keys_by_access.iter()
+                .map(|(access, count)| (access_name(*access).to_string(), json!(count)))
+                .collect::<serde_json::Map<String, Value>>(),
+        },
+        "requests": counts_json(&summary.totals),
+        "errors": summary.errors.iter()
+            .map(|(kind, count)| (kind.to_string(), json!(count)))
+            .collect::<serde_json::Map<String, Value>>(),
+        "request_ids": summary.requests_with_ids,
+        "replays": summary.replays,
+        "replays_matching_first_decision": summary.replays_matching,
+        "daily_resets_seen": summary.daily_resets_seen,
+        "plans": summary.rows.iter().map(row_json).collect::<Vec<Value>>(),
+        "teams": summary.teams.iter().map(team_json).collect::<Vec<Value>>(),
+        "seat_changes": summary.seat_changes.iter().map(seat_change_json).collect::<Vec<Value>>(),
+    })
+}
+
+fn access_name(access: Access) -> &'static str {
+    match access {
+        Access::Individual => "individual",
+        Access::TeamSeat => "team_seat",
+        Access::CreditsOnly => "credits_only",
+        Access::Unseated => "unseated",
+        Access::PayAsYouGo => "pay_as_you_go",
+    }
+}
+
+fn counts_json(counts: &Counts) -> Value {
+    let denied: serde_json::Map<String, Value> = DENIAL_REASONS
+        .iter()
+        .zip(counts.denied)
+        .map(|((name, _), count)| (name.to_string(), json!(count)))
+        .collect();
+    json!({
+        "sent": counts.sent,
+        "admitted": counts.admitted(),
+        "plan_quota": counts.plan_quota,
+        "credits": counts.credits,
+        "credits_micros": counts.credits_micros,
+        "pay_as_you_go": counts.pay_as_you_go,
+        "pay_as_you_go_micros": counts.pay_as_you_go_micros,
+        "denied": counts.denied_total(),
+        "denied_by_reason": denied,
+        "errors": counts.errors,
+    })
+}
+
+fn row_json(row: &RowSummary) -> Value {
+    let sample = row.sample.as_ref().map(|sample| {
+        json!({
+            "key": sample.key,
+            "heavy": sample.heavy,
+            "limits": sample.limits.iter().map(|limit| json!({
+                "name": limit.name,
+                "used": limit.used,
+                "amount": limit.amount,
+                "reset_at": limit.reset_at_ms.map(utc_iso8601),
+            })).collect::<Vec<Value>>(),
+        })
+    });
+    json!({
+        "plan": row.label,
+        "keys": row.keys,
+        "heavy_keys": row.heavy,
+        "keys_limited": row.keys_limited,
+        "requests": counts_json(&row.counts),
+        "busiest_key_at_end": sample,
+    })
+}
+
+fn team_json(team: &TeamSummary) -> Value {
+    json!({
+        "team": team.account.team,
+        "role": match team.account.role {
+            Some(TeamRole::Corporate) => "corporate",
+            Some(TeamRole::Shoestring) => "shoestring",
+            Some(TeamRole::Prepaid) => "prepaid",
+            None => "default_team",
+        },
+        "members": team.account.members,
+        "seated": team.account.seated,
+        "credits_only": team.account.credits_only,
+        "initial_micros": team.account.initial_micros,
+        "mid_run_top_ups": team.mid_run_top_ups,
+        "mid_run_top_up_micros": team.mid_run_top_up_micros,
+        "topped_up_micros": team.topped_up_micros(),
+        "charged_micros": team.charged_micros,
+        "end_micros": team.end_micros,
+    })
+}
+
+fn seat_change_json(change: &SeatChangeSummary) -> Value {
+    let bar = |limit: &Option<LimitReport>| {
+        limit
+            .as_ref()
+            .map(|limit| json!({"limit": limit.name, "used": limit.used, "amount": limit.amount}))
+    };
+    json!({
+        "kind": match change.kind {
+            SeatChangeKind::Upgrade => "upgrade",
+            SeatChangeKind::Downgrade => "downgrade",
+        },
+        "key": change.key,
+        "from": change.from,
+        "to": change.to,
+        "at": utc_iso8601(change.at_ms),
+        "before": bar(&change.before),
+        "after": bar(&change.after),
+        "next_5h": counts_json(&change.counts_after),
+    })
+}

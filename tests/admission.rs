@@ -1,0 +1,1505 @@
+//! Admission: all-or-nothing across limits, `check` without effects, request ids, the usage
+//! report, reservations (reserve, settle, void, lease expiry), refunds, usage corrections, policy
+//! swaps and idle-memory reclaim.
+
+mod common;
+
+use std::num::NonZeroU64;
+
+use common::*;
+use tally_engine::policy::TOKEN_PLAN_TOML;
+use tally_engine::{
+    AdjustmentDirection, ChargedTo, DenialReason, Engine, Error, Policy, ReservationId,
+    SettleOutcome, Unit, UsageRequest,
+};
+
+const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
+
+fn request<'a>(key: &'a str, quantities: &'a [(Unit, u64)], at_ms: u64) -> UsageRequest<'a> {
+    UsageRequest::new(key, "m2.7", quantities).at(at_ms)
+}
+
+// ---- All or nothing ----------------------------------------------------------------------------
+
+/// A plan with two limits on one resource, in the given order: requests per 5 hours and tokens
+/// per day.
+fn two_limit_policy(requests_first: bool) -> Policy {
+    let requests =
+        r#"{ resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" }"#;
+    let tokens = r#"{ resource = "chat", unit = "tokens", amount = 100, window = "daily" }"#;
+    let (first, second) = if requests_first {
+        (requests, tokens)
+    } else {
+        (tokens, requests)
+    };
+    let text = format!(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = {{ requests = 1000, tokens = 10 }}
+[plans.Two]
+limits = [
+  {first},
+  {second},
+]
+"#
+    );
+    Policy::from_toml_str(&text).expect("a valid policy")
+}
+
+#[test]
+fn a_request_that_fits_one_limit_but_not_another_changes_neither() {
+    for requests_first in [true, false] {
+        let engine = engine_with(two_limit_policy(requests_first));
+        let key = seated(&engine, "ada", "Two");
+        let chat = |quantities: &[(Unit, u64)]| consume(&engine, &key, "chat", quantities, T0_MS);
+        assert!(chat(&[(Unit::Requests, 1), (Unit::Tokens, 95)]).is_admitted());
+        // Requests have room (1 of 10), tokens do not (95 + 6 > 100).
+        let denial = denied(chat(&[(Unit::Requests, 1), (Unit::Tokens, 6)]));
+        assert!(matches!(denial.reason, DenialReason::QuotaExhausted { .. }));
+        assert_eq!(used(&engine, &key, "chat:requests", five_hours(), T0_MS), 1);
+        assert_eq!(used(&engine, &key, "chat:tokens", daily(), T0_MS), 95);
+        // Requests alone still fit, nine times, as if the denied request never happened.
+        assert_eq!(
+            admit_count(&engine, &key, "chat", Unit::Requests, 10, T0_MS),
+            9
+        );
+        assert!(chat(&[(Unit::Tokens, 5)]).is_admitted());
+        assert_eq!(used(&engine, &key, "chat:tokens", daily(), T0_MS), 100);
+    }
+}
+
+#[test]
+fn a_request_over_the_weekly_bar_leaves_the_five_hour_bar_untouched() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let rolling_amount = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
+    let weekly_amount = limit(&engine, &key, "usage-bar", weekly(), T0_MS).amount;
+    let token_micros = price_micros(&engine, "m2.7", &[(Unit::Tokens, 1)]);
+    // Leave exactly one token of room in the week, in windows six hours apart.
+    let mut left = weekly_amount - token_micros;
+    let mut at_ms = T0_MS;
+    while left > 0 {
+        let micros = left.min(rolling_amount);
+        assert!(consume(
+            &engine,
+            &key,
+            "m2.7",
+            &[(Unit::Tokens, micros / token_micros)],
+            at_ms
+        )
+        .is_admitted());
+        left -= micros;
+        at_ms += 6 * HOUR_MS;
+    }
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), at_ms), 0);
+    let two_tokens = [(Unit::Tokens, 2)];
+    let (denied_limit, _, _, _) =
+        quota_exhausted(consume(&engine, &key, "m2.7", &two_tokens, at_ms));
+    assert_eq!(
+        denied_limit,
+        limit_index(&engine, "Bar-Plus", "usage-bar", weekly())
+    );
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), at_ms), 0);
+    assert_eq!(
+        used(&engine, &key, "usage-bar", weekly(), at_ms),
+        weekly_amount - token_micros
+    );
+
+    // Paid with credits instead, it still leaves both bars alone.
+    engine
+        .top_up("@ada", 1_000_000, Some(at_ms))
+        .expect("top up");
+    assert_eq!(
+        admitted(consume(&engine, &key, "m2.7", &two_tokens, at_ms)).charged_to,
+        ChargedTo::Credits {
+            micros: 2 * token_micros
+        }
+    );
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), at_ms), 0);
+    assert_eq!(
+        used(&engine, &key, "usage-bar", weekly(), at_ms),
+        weekly_amount - token_micros
+    );
+}
+
+// ---- check ------------------------------------------------------------------------------------
+
+#[test]
+fn check_gives_the_decision_consume_would_give_and_changes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    for _ in 0..3000 {
+        assert!(check(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    }
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+    assert_eq!(m27_requests(&engine, &key, 1499, T0_MS), 1499);
+    let checked = check(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS);
+    let consumed = consume(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS);
+    assert_eq!(admitted(checked).charged_to, admitted(consumed).charged_to);
+    assert_eq!(admitted(checked).limits, admitted(consumed).limits);
+    let checked = check(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS);
+    assert_eq!(checked, consume(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS));
+}
+
+#[test]
+fn check_does_not_spend_credits() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let price = price_micros(&engine, "m2.7", &ONE_REQUEST);
+    engine.top_up("@ada", price, Some(T0_MS)).expect("top up");
+    for _ in 0..10 {
+        let admission = admitted(check(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS));
+        assert_eq!(admission.charged_to, ChargedTo::Credits { micros: price });
+        assert_eq!(admission.credits_balance_micros, Some(0));
+    }
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), price);
+    let report = engine.usage(&key, Some(T0_MS)).expect("report");
+    assert_eq!(report.credits_charged_micros, 0);
+}
+
+#[test]
+#[ignore = "engine bug: check (and usage) at a later timestamp moves the rolling window's head, so a consume stamped earlier is counted later and released later"]
+fn a_check_at_a_later_time_does_not_change_when_later_usage_is_released() {
+    // Without the check: 1,500 used at T0 come back at T0 + 5 h + (at most) a bucket or two.
+    let used_at_ms = T0_MS + 30 * SECOND_MS;
+    let probe_ms = used_at_ms + FIVE_HOURS_MS + 2 * BUCKET_MS;
+    let plain = engine();
+    let plain_key = seated(&plain, "ada", "Starter");
+    assert_eq!(m27_requests(&plain, &plain_key, 1500, used_at_ms), 1500);
+    assert_eq!(m27_requests(&plain, &plain_key, 1, probe_ms), 1);
+
+    // The same, with a check stamped four hours later before the consumes.
+    let checked = engine();
+    let key = seated(&checked, "ada", "Starter");
+    assert!(check(
+        &checked,
+        &key,
+        "m2.7",
+        &ONE_REQUEST,
+        used_at_ms + 4 * HOUR_MS
+    )
+    .is_admitted());
+    assert_eq!(m27_requests(&checked, &key, 1500, used_at_ms), 1500);
+    assert_eq!(
+        m27_requests(&checked, &key, 1, probe_ms),
+        1,
+        "the check changed when the usage ages out"
+    );
+}
+
+#[test]
+#[ignore = "engine bug: check allocates the key's window counters (memory_stats counts usage for a key that was only checked)"]
+fn a_check_allocates_nothing_for_a_never_used_key() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Max");
+    assert!(check(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    let stats = engine.memory_stats();
+    assert_eq!((stats.keys_with_usage, stats.usage_bytes), (0, 0));
+}
+
+// ---- Request ids -------------------------------------------------------------------------------
+
+#[test]
+fn a_repeated_request_id_returns_the_first_decision_and_counts_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let first = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("req-1"))
+        .expect("consume");
+    assert!(first.is_admitted());
+    for later_ms in [T0_MS, T0_MS + MINUTE_MS, T0_MS + HOUR_MS] {
+        let again = engine
+            .consume(&request(&key, &ONE_REQUEST, later_ms).id("req-1"))
+            .expect("consume");
+        assert_eq!(again, first);
+    }
+    assert_eq!(m27_used(&engine, &key, T0_MS + HOUR_MS), 1);
+    // A check with the id answers from memory too.
+    let checked = engine
+        .check(&request(&key, &ONE_REQUEST, T0_MS + HOUR_MS).id("req-1"))
+        .expect("check");
+    assert_eq!(checked, first);
+}
+
+#[test]
+fn a_repeated_denied_request_id_returns_the_first_denial_and_charges_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1500, T0_MS), 1500);
+    let first = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("late"))
+        .expect("consume");
+    assert!(!first.is_admitted());
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let again = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("late"))
+        .expect("consume");
+    assert_eq!(again, first);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
+}
+
+#[test]
+fn the_same_request_id_for_a_different_request_is_a_conflict_and_counts_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Max");
+    let other = seated(&engine, "bob", "Max");
+    engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("req-1"))
+        .expect("consume");
+    let two = [(Unit::Requests, 2)];
+    let image = [(Unit::Images, 1)];
+    let conflicts = [
+        UsageRequest::new(&other, "m2.7", &ONE_REQUEST),
+        UsageRequest::new(&key, "m2.7", &two),
+        UsageRequest::new(&key, "image-01", &image),
+    ];
+    for conflicting in conflicts {
+        let answer = engine.consume(&conflicting.at(T0_MS).id("req-1"));
+        assert_eq!(
+            answer,
+            Err(Error::RequestIdConflict {
+                request_id: "req-1".into()
+            })
+        );
+        let checked = engine.check(&conflicting.at(T0_MS).id("req-1"));
+        assert!(matches!(checked, Err(Error::RequestIdConflict { .. })));
+    }
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1);
+    assert_eq!(m27_used(&engine, &other, T0_MS), 0);
+    assert_eq!(used(&engine, &key, "image-01:images", daily(), T0_MS), 0);
+}
+
+#[test]
+fn a_request_id_whose_call_failed_or_was_only_checked_is_not_taken() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let bad = engine.consume(
+        &UsageRequest::new(&key, "m9", &ONE_REQUEST)
+            .at(T0_MS)
+            .id("req-1"),
+    );
+    assert!(matches!(bad, Err(Error::UnknownResource { .. })));
+    let checked = engine
+        .check(&request(&key, &[(Unit::Requests, 7)], T0_MS).id("req-1"))
+        .expect("check");
+    assert!(checked.is_admitted());
+    let good = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("req-1"))
+        .expect("the id is free");
+    assert!(good.is_admitted());
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1);
+}
+
+// ---- The usage report --------------------------------------------------------------------------
+
+#[test]
+fn the_usage_report_shows_used_remaining_and_reset_for_every_limit_plus_credits() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    let used_at_ms = T0_MS + 2 * HOUR_MS + 10 * SECOND_MS;
+    assert_eq!(m27_requests(&engine, &key, 10, used_at_ms), 10);
+    assert_eq!(
+        admit_count(&engine, &key, "image-01", Unit::Images, 3, used_at_ms),
+        3
+    );
+    engine
+        .top_up("@ada", 123_456, Some(used_at_ms))
+        .expect("top up");
+
+    let report = engine
+        .usage(&key, Some(used_at_ms + MINUTE_MS))
+        .expect("report");
+    assert_eq!(report.plan.as_deref(), Some("Plus"));
+    assert_eq!(report.credits_balance_micros, 123_456);
+    let summary: Vec<(&str, u64, u64, u64)> = report
+        .limits
+        .iter()
+        .map(|limit| {
+            (
+                limit.meter.as_str(),
+                limit.amount,
+                limit.used,
+                limit.remaining,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("m2.7:requests", 4500, 10, 4490),
+            ("speech-2.8:characters", 4000, 0, 4000),
+            ("image-01:images", 50, 3, 47),
+            ("music-2.6:songs", 100, 0, 100),
+        ]
+    );
+    for limit in &report.limits {
+        match limit.window {
+            tally_engine::Window::Rolling { .. } => {
+                let reset_ms = limit.reset_at_ms.expect("used, so it resets");
+                assert!(reset_ms >= used_at_ms + FIVE_HOURS_MS);
+                assert!(reset_ms <= used_at_ms + FIVE_HOURS_MS + 2 * BUCKET_MS);
+            }
+            _ => assert_eq!(limit.reset_at_ms, Some(T0_MS + DAY_MS), "{}", limit.name),
+        }
+    }
+}
+
+#[test]
+fn the_usage_report_of_an_unknown_key_is_an_error() {
+    let engine = engine();
+    assert_eq!(
+        engine.usage("nobody", Some(T0_MS)),
+        Err(Error::UnknownKey {
+            key: "nobody".into()
+        })
+    );
+}
+
+// ---- Reservations -----------------------------------------------------------------------------
+
+fn reserve(
+    engine: &Engine,
+    key: &str,
+    quantities: &[(Unit, u64)],
+    at_ms: u64,
+    lease_ms: Option<u64>,
+) -> ReservationId {
+    let outcome = engine
+        .reserve(&request(key, quantities, at_ms), lease_ms)
+        .expect("reserve");
+    assert!(outcome.decision.is_admitted(), "{:?}", outcome.decision);
+    outcome
+        .reservation
+        .expect("an admitted reservation has an id")
+}
+
+#[test]
+fn a_reservation_holds_its_estimate_against_the_limits() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    reserve(&engine, &key, &[(Unit::Requests, 1000)], T0_MS, None);
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1000);
+    assert_eq!(m27_requests(&engine, &key, 501, T0_MS), 500);
+    assert_eq!(engine.open_reservations(), 1);
+}
+
+#[test]
+fn settling_for_less_frees_the_rest() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 1000)], T0_MS, None);
+    let outcome = engine
+        .settle(id, &[(Unit::Requests, 600)], Some(T0_MS + MINUTE_MS))
+        .expect("settle");
+    let SettleOutcome::Settled(settlement) = outcome else {
+        panic!("expected a settlement, got {outcome:?}");
+    };
+    assert_eq!(settlement.released.get(Unit::Requests), 400);
+    assert_eq!(settlement.extra, None);
+    assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 600);
+    assert_eq!(engine.open_reservations(), 0);
+}
+
+#[test]
+fn settling_for_more_is_charged_only_if_the_rest_fits() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 100)], T0_MS, None);
+    let outcome = engine
+        .settle(id, &[(Unit::Requests, 150)], Some(T0_MS))
+        .expect("settle");
+    let SettleOutcome::Settled(settlement) = outcome else {
+        panic!("expected a settlement, got {outcome:?}");
+    };
+    let starter = plan_id(&engine, "Starter");
+    assert_eq!(
+        settlement.extra,
+        Some(ChargedTo::PlanQuota { plan: starter })
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 150);
+
+    // 1,250 more in use; a reservation of 100 fills the window; settling for 101 does not fit.
+    assert_eq!(m27_requests(&engine, &key, 1250, T0_MS), 1250);
+    let id = reserve(&engine, &key, &[(Unit::Requests, 100)], T0_MS, None);
+    let outcome = engine
+        .settle(id, &[(Unit::Requests, 101)], Some(T0_MS))
+        .expect("settle");
+    let SettleOutcome::Denied(denial) = outcome else {
+        panic!("expected a denial, got {outcome:?}");
+    };
+    assert!(matches!(denial.reason, DenialReason::QuotaExhausted { .. }));
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1500, "nothing changed");
+    assert_eq!(engine.open_reservations(), 1, "the reservation stays open");
+    // Settling with what fits still works.
+    assert!(matches!(
+        engine.settle(id, &[(Unit::Requests, 100)], Some(T0_MS)),
+        Ok(SettleOutcome::Settled(_))
+    ));
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1500);
+}
+
+#[test]
+fn voiding_frees_everything_and_voiding_again_is_a_no_op() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 700)], T0_MS, None);
+    engine.void(id, Some(T0_MS)).expect("void");
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+    engine.void(id, Some(T0_MS)).expect("void again");
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+    assert_eq!(
+        engine.settle(id, &[(Unit::Requests, 1)], Some(T0_MS)),
+        Err(Error::ReservationClosed {
+            reservation: id.get(),
+            state: "voided"
+        })
+    );
+    assert_eq!(m27_requests(&engine, &key, 1501, T0_MS), 1500);
+}
+
+#[test]
+fn settling_twice_with_the_same_amount_returns_the_first_settlement() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 300)], T0_MS, None);
+    let first = engine
+        .settle(id, &[(Unit::Requests, 200)], Some(T0_MS))
+        .expect("settle");
+    let second = engine
+        .settle(id, &[(Unit::Requests, 200)], Some(T0_MS))
+        .expect("settle");
+    assert_eq!(first, second);
+    assert_eq!(m27_used(&engine, &key, T0_MS), 200);
+    assert_eq!(
+        engine.settle(id, &[(Unit::Requests, 250)], Some(T0_MS)),
+        Err(Error::ReservationClosed {
+            reservation: id.get(),
+            state: "settled"
+        })
+    );
+    assert!(matches!(
+        engine.void(id, Some(T0_MS)),
+        Err(Error::ReservationClosed { .. })
+    ));
+    assert_eq!(m27_used(&engine, &key, T0_MS), 200);
+}
+
+#[test]
+fn an_unknown_reservation_is_an_error() {
+    let engine = engine();
+    let id = ReservationId(NonZeroU64::new(42).expect("non-zero"));
+    assert_eq!(
+        engine.void(id, Some(T0_MS)),
+        Err(Error::UnknownReservation { reservation: 42 })
+    );
+    assert_eq!(
+        engine.settle(id, &ONE_REQUEST, Some(T0_MS)),
+        Err(Error::UnknownReservation { reservation: 42 })
+    );
+}
+
+#[test]
+fn a_reservation_left_open_by_a_crashed_gateway_expires_and_leaks_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let lease_ms = 90 * SECOND_MS;
+    reserve(
+        &engine,
+        &key,
+        &[(Unit::Requests, 1500)],
+        T0_MS,
+        Some(lease_ms),
+    );
+    // Beyond the quota, a second reservation is held in credits.
+    let estimate = [(Unit::Requests, 10)];
+    reserve(&engine, &key, &estimate, T0_MS, Some(lease_ms));
+    let price = price_micros(&engine, "m2.7", &estimate);
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        1_000_000 - price
+    );
+
+    assert_eq!(
+        engine.expire_reservations(Some(T0_MS + lease_ms - 1)),
+        Ok(0)
+    );
+    assert_eq!(engine.expire_reservations(Some(T0_MS + lease_ms)), Ok(2));
+    assert_eq!(m27_used(&engine, &key, T0_MS + lease_ms), 0);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
+    assert_eq!(engine.open_reservations(), 0);
+    assert_eq!(
+        engine
+            .usage(&key, Some(T0_MS + lease_ms))
+            .expect("report")
+            .open_reservations,
+        0
+    );
+}
+
+#[test]
+fn a_new_reservation_expires_the_overdue_ones_first() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    reserve(
+        &engine,
+        &key,
+        &[(Unit::Requests, 1500)],
+        T0_MS,
+        Some(MINUTE_MS),
+    );
+    let later_ms = T0_MS + MINUTE_MS;
+    reserve(&engine, &key, &[(Unit::Requests, 1500)], later_ms, None);
+    assert_eq!(m27_used(&engine, &key, later_ms), 1500);
+    assert_eq!(engine.open_reservations(), 1);
+}
+
+#[test]
+#[ignore = "engine bug: settle after the lease ended marks the reservation expired without giving back what it held (quota and credits leak)"]
+fn settling_after_the_lease_ended_leaks_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let lease_ms = MINUTE_MS;
+    let held = reserve(
+        &engine,
+        &key,
+        &[(Unit::Requests, 1000)],
+        T0_MS,
+        Some(lease_ms),
+    );
+    assert_eq!(m27_requests(&engine, &key, 500, T0_MS), 500);
+    let estimate = [(Unit::Requests, 10)];
+    let in_credits = reserve(&engine, &key, &estimate, T0_MS, Some(lease_ms));
+
+    let late_ms = T0_MS + lease_ms + SECOND_MS;
+    for id in [held, in_credits] {
+        assert_eq!(
+            engine.settle(id, &ONE_REQUEST, Some(late_ms)),
+            Err(Error::ReservationClosed {
+                reservation: id.get(),
+                state: "expired"
+            })
+        );
+    }
+    assert_eq!(engine.open_reservations(), 0);
+    assert_eq!(
+        m27_used(&engine, &key, late_ms),
+        500,
+        "the 1,000 held must come back"
+    );
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
+}
+
+#[test]
+fn a_reservation_held_in_credits_settles_for_less_and_refunds_the_rest() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let estimate = [(Unit::Requests, 10), (Unit::Tokens, 10_000)];
+    let id = reserve(&engine, &key, &estimate, T0_MS, None);
+    let actual = [(Unit::Requests, 4), (Unit::Tokens, 2_500)];
+    let outcome = engine.settle(id, &actual, Some(T0_MS)).expect("settle");
+    let SettleOutcome::Settled(settlement) = outcome else {
+        panic!("expected a settlement, got {outcome:?}");
+    };
+    assert_eq!(
+        settlement.held,
+        ChargedTo::Credits {
+            micros: price_micros(&engine, "m2.7", &estimate)
+        }
+    );
+    let actual_price = price_micros(&engine, "m2.7", &actual);
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        1_000_000 - actual_price
+    );
+}
+
+#[test]
+fn a_reservation_request_may_not_carry_a_request_id_or_a_bad_lease() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let with_id = engine.reserve(&request(&key, &ONE_REQUEST, T0_MS).id("r"), None);
+    assert!(matches!(
+        with_id,
+        Err(Error::InvalidArgument {
+            field: "request_id",
+            ..
+        })
+    ));
+    for lease_ms in [0, DAY_MS + 1] {
+        let bad = engine.reserve(&request(&key, &ONE_REQUEST, T0_MS), Some(lease_ms));
+        assert!(
+            matches!(
+                bad,
+                Err(Error::InvalidArgument {
+                    field: "lease_ms",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+    assert_eq!(engine.open_reservations(), 0);
+}
+
+// ---- Refunds ----------------------------------------------------------------------------------
+
+#[test]
+fn a_refund_by_request_id_gives_the_quota_back_and_a_second_refund_is_an_error() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1400, T0_MS), 1400);
+    let hundred = [(Unit::Requests, 100)];
+    assert!(engine
+        .consume(&request(&key, &hundred, T0_MS).id("batch-7"))
+        .expect("consume")
+        .is_admitted());
+    assert_eq!(m27_requests(&engine, &key, 1, T0_MS), 0);
+
+    let refund = engine
+        .refund("batch-7", Some(T0_MS + MINUTE_MS))
+        .expect("refund");
+    let starter = plan_id(&engine, "Starter");
+    assert_eq!(refund.charged_to, ChargedTo::PlanQuota { plan: starter });
+    assert_eq!(refund.given_back.total(), 100);
+    assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 1400);
+
+    let again = engine.refund("batch-7", Some(T0_MS + MINUTE_MS));
+    assert!(
+        matches!(
+            again,
+            Err(Error::InvalidArgument {
+                field: "request_id",
+                ..
+            })
+        ),
+        "{again:?}"
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 1400);
+    assert_eq!(m27_requests(&engine, &key, 101, T0_MS + MINUTE_MS), 100);
+}
+
+#[test]
+fn a_refund_of_a_request_paid_with_credits_gives_the_credits_back() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let song = [(Unit::Songs, 1), (Unit::Seconds, 240)];
+    let paid = engine
+        .consume(
+            &UsageRequest::new(&key, "music-2.6", &song)
+                .at(T0_MS)
+                .id("song-1"),
+        )
+        .expect("consume");
+    let price = price_micros(&engine, "music-2.6", &song);
+    assert_eq!(
+        admitted(paid).charged_to,
+        ChargedTo::Credits { micros: price }
+    );
+    let refund = engine.refund("song-1", Some(T0_MS)).expect("refund");
+    assert_eq!(refund.given_back.total(), price);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
+    assert_eq!(
+        engine
+            .usage(&key, Some(T0_MS))
+            .expect("report")
+            .credits_charged_micros,
+        0
+    );
+}
+
+#[test]
+fn a_refund_of_a_pay_as_you_go_request_takes_back_the_spend() {
+    let engine = engine();
+    user(&engine, "ada");
+    engine
+        .create_payg_key("ada", "payg-ada", Some(T0_MS))
+        .expect("payg key");
+    assert!(engine
+        .consume(&request("payg-ada", &ONE_REQUEST, T0_MS).id("p-1"))
+        .expect("consume")
+        .is_admitted());
+    let price = price_micros(&engine, "m2.7", &ONE_REQUEST);
+    assert_eq!(
+        engine
+            .usage("payg-ada", Some(T0_MS))
+            .expect("report")
+            .payg_micros,
+        price
+    );
+    assert_eq!(
+        engine
+            .refund("p-1", Some(T0_MS))
+            .expect("refund")
+            .given_back
+            .total(),
+        price
+    );
+    assert_eq!(
+        engine
+            .usage("payg-ada", Some(T0_MS))
+            .expect("report")
+            .payg_micros,
+        0
+    );
+}
+
+#[test]
+fn refunding_a_denied_or_unknown_request_is_an_error() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let denied_decision = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("no"))
+        .expect("consume");
+    assert!(!denied_decision.is_admitted());
+    assert!(matches!(
+        engine.refund("no", Some(T0_MS)),
+        Err(Error::InvalidArgument {
+            field: "request_id",
+            ..
+        })
+    ));
+    assert_eq!(
+        engine.refund("never-seen", Some(T0_MS)),
+        Err(Error::UnknownRequest {
+            request_id: "never-seen".into()
+        })
+    );
+}
+
+#[test]
+fn a_refund_after_the_usage_aged_out_gives_nothing_back_and_takes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let ten = [(Unit::Requests, 10)];
+    assert!(engine
+        .consume(&request(&key, &ten, T0_MS).id("old"))
+        .expect("consume")
+        .is_admitted());
+    let later_ms = T0_MS + FIVE_HOURS_MS + 2 * BUCKET_MS;
+    assert_eq!(m27_requests(&engine, &key, 5, later_ms), 5);
+    let refund = engine.refund("old", Some(later_ms)).expect("refund");
+    assert_eq!(refund.given_back.total(), 0);
+    assert_eq!(m27_used(&engine, &key, later_ms), 5);
+}
+
+// ---- Usage corrections --------------------------------------------------------------------------
+
+#[test]
+fn adding_usage_counts_it_whatever_the_limit_and_removing_gives_it_back() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let at_ms = T0_MS + HOUR_MS;
+    assert_eq!(m27_requests(&engine, &key, 1490, at_ms), 1490);
+    let added = engine
+        .adjust_usage(
+            &key,
+            "m2.7",
+            &[(Unit::Requests, 30)],
+            at_ms,
+            AdjustmentDirection::Add,
+            Some(at_ms + MINUTE_MS),
+        )
+        .expect("add");
+    assert_eq!(
+        added.limits,
+        vec![("m2.7:requests per rolling:5h".to_string(), 30)]
+    );
+    let report = limit(
+        &engine,
+        &key,
+        "m2.7:requests",
+        five_hours(),
+        at_ms + MINUTE_MS,
+    );
+    assert_eq!((report.used, report.remaining), (1520, 0));
+
+    let removed = engine
+        .adjust_usage(
+            &key,
+            "m2.7",
+            &[(Unit::Requests, 50)],
+            at_ms,
+            AdjustmentDirection::Remove,
+            Some(at_ms + MINUTE_MS),
+        )
+        .expect("remove");
+    assert_eq!(removed.limits[0].1, 50);
+    assert_eq!(m27_used(&engine, &key, at_ms + MINUTE_MS), 1470);
+    assert_eq!(m27_requests(&engine, &key, 31, at_ms + MINUTE_MS), 30);
+}
+
+#[test]
+fn added_usage_ages_out_five_hours_after_it_happened() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let happened_ms = T0_MS + 30 * SECOND_MS;
+    let noticed_ms = happened_ms + 3 * HOUR_MS;
+    engine
+        .adjust_usage(
+            &key,
+            "m2.7",
+            &[(Unit::Requests, 1500)],
+            happened_ms,
+            AdjustmentDirection::Add,
+            Some(noticed_ms),
+        )
+        .expect("add");
+    assert_eq!(m27_requests(&engine, &key, 1, noticed_ms), 0);
+    assert_eq!(
+        m27_requests(&engine, &key, 1, happened_ms + FIVE_HOURS_MS - 1),
+        0
+    );
+    let back_ms = happened_ms + FIVE_HOURS_MS + 2 * BUCKET_MS;
+    assert_eq!(m27_used(&engine, &key, back_ms), 0);
+}
+
+#[test]
+fn corrections_of_usage_whose_window_has_passed_move_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    let now_ms = T0_MS + DAY_MS + HOUR_MS;
+    let rolling = engine
+        .adjust_usage(
+            &key,
+            "m2.7",
+            &ONE_REQUEST,
+            now_ms - 6 * HOUR_MS,
+            AdjustmentDirection::Add,
+            Some(now_ms),
+        )
+        .expect("add");
+    assert_eq!(rolling.limits[0].1, 0);
+    let daily_quota = engine
+        .adjust_usage(
+            &key,
+            "image-01",
+            &[(Unit::Images, 5)],
+            T0_MS + HOUR_MS,
+            AdjustmentDirection::Add,
+            Some(now_ms),
+        )
+        .expect("add");
+    assert_eq!(daily_quota.limits[0].1, 0);
+    assert_eq!(m27_used(&engine, &key, now_ms), 0);
+    assert_eq!(used(&engine, &key, "image-01:images", daily(), now_ms), 0);
+    // The same day's daily usage does move.
+    let today = engine
+        .adjust_usage(
+            &key,
+            "image-01",
+            &[(Unit::Images, 5)],
+            now_ms - MINUTE_MS,
+            AdjustmentDirection::Add,
+            Some(now_ms),
+        )
+        .expect("add");
+    assert_eq!(today.limits[0].1, 5);
+    assert_eq!(used(&engine, &key, "image-01:images", daily(), now_ms), 5);
+}
+
+#[test]
+fn a_correction_dated_in_the_future_is_an_error_and_changes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let future = engine.adjust_usage(
+        &key,
+        "m2.7",
+        &ONE_REQUEST,
+        T0_MS + 1,
+        AdjustmentDirection::Add,
+        Some(T0_MS),
+    );
+    assert!(
+        matches!(
+            future,
+            Err(Error::InvalidArgument {
+                field: "usage_at_ms",
+                ..
+            })
+        ),
+        "{future:?}"
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+}
+
+// ---- Policy swaps -------------------------------------------------------------------------------
+
+#[test]
+fn a_policy_swap_keeps_usage_so_1500_used_of_a_new_2000_leaves_500() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1500, T0_MS), 1500);
+    assert_eq!(TOKEN_PLAN_TOML.matches("amount = 1500,").count(), 1);
+    let bigger =
+        Policy::from_toml_str(&TOKEN_PLAN_TOML.replace("amount = 1500,", "amount = 2000,"))
+            .expect("a valid policy");
+    engine
+        .swap_policy(bigger, Some(T0_MS + MINUTE_MS))
+        .expect("swap");
+    let report = limit(
+        &engine,
+        &key,
+        "m2.7:requests",
+        five_hours(),
+        T0_MS + MINUTE_MS,
+    );
+    assert_eq!(
+        (report.amount, report.used, report.remaining),
+        (2000, 1500, 500)
+    );
+    assert_eq!(m27_requests(&engine, &key, 501, T0_MS + MINUTE_MS), 500);
+}
+
+#[test]
+fn a_refund_after_a_policy_swap_gives_back_to_the_carried_window() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let hundred = [(Unit::Requests, 100)];
+    assert!(engine
+        .consume(&request(&key, &hundred, T0_MS).id("before-swap"))
+        .expect("consume")
+        .is_admitted());
+    let bigger =
+        Policy::from_toml_str(&TOKEN_PLAN_TOML.replace("amount = 1500,", "amount = 2000,"))
+            .expect("a valid policy");
+    engine.swap_policy(bigger, Some(T0_MS)).expect("swap");
+    assert_eq!(
+        engine
+            .refund("before-swap", Some(T0_MS))
+            .expect("refund")
+            .given_back
+            .total(),
+        100
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+}
+
+#[test]
+fn a_policy_swap_that_drops_a_seated_plan_is_refused_and_changes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1000, T0_MS), 1000);
+    let mut document = Policy::token_plan().document().clone();
+    assert!(document.plans.remove("Starter").is_some());
+    let without_starter = Policy::compile(document).expect("a valid policy");
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
+
+    let refused = engine.swap_policy(without_starter, Some(T0_MS));
+    assert!(
+        matches!(
+            refused,
+            Err(Error::InvalidArgument {
+                field: "policy",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert!(refused
+        .expect_err("refused")
+        .to_string()
+        .contains("Starter"));
+    assert!(engine.policy().plan_id("Starter").is_some());
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+    assert_eq!(m27_requests(&engine, &key, 501, T0_MS), 500);
+}
+
+#[test]
+#[ignore = "engine bug: a swap that only changes a rolling limit's bucket width drops the window's usage (counters match on window incl. bucket_ms, so reshaping never runs)"]
+fn a_policy_swap_that_changes_the_bucket_width_keeps_usage() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1500, T0_MS), 1500);
+    let old = r#"{ resource = "m2.7", unit = "requests", amount = 1500, window = "rolling:5h" }"#;
+    let new = r#"{ resource = "m2.7", unit = "requests", amount = 1500, window = "rolling:5h", bucket = "60s" }"#;
+    assert_eq!(TOKEN_PLAN_TOML.matches(old).count(), 1);
+    let finer = Policy::from_toml_str(&TOKEN_PLAN_TOML.replace(old, new)).expect("a valid policy");
+    engine
+        .swap_policy(finer, Some(T0_MS + MINUTE_MS))
+        .expect("swap");
+    let fine_window = tally_engine::Window::Rolling {
+        window_ms: FIVE_HOURS_MS,
+        bucket_ms: MINUTE_MS,
+    };
+    let at_ms = T0_MS + HOUR_MS;
+    assert_eq!(
+        used(&engine, &key, "m2.7:requests", fine_window, at_ms),
+        1500
+    );
+    assert_eq!(
+        m27_requests(&engine, &key, 1, at_ms),
+        0,
+        "quota released early by a swap"
+    );
+}
+
+// ---- Memory -------------------------------------------------------------------------------------
+
+#[test]
+fn never_used_keys_hold_no_usage_memory() {
+    let engine = engine();
+    for index in 0..100 {
+        seated(&engine, &format!("user-{index}"), "Max");
+    }
+    let key = key_of("user-7");
+    engine.usage(&key, Some(T0_MS)).expect("report");
+    let stats = engine.memory_stats();
+    assert_eq!(stats.keys, 100);
+    assert_eq!((stats.keys_with_usage, stats.usage_bytes), (0, 0));
+    assert!(consume(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    let stats = engine.memory_stats();
+    assert_eq!(stats.keys_with_usage, 1);
+    assert!(stats.usage_bytes > 0);
+}
+
+#[test]
+fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
+    let engine = engine();
+    let idle = seated(&engine, "ada", "Starter");
+    let busy = seated(&engine, "bob", "Plus");
+    let reserved = seated(&engine, "cy", "Starter");
+    assert_eq!(m27_requests(&engine, &idle, 20, T0_MS), 20);
+    assert_eq!(
+        admit_count(&engine, &busy, "image-01", Unit::Images, 1, T0_MS),
+        1
+    );
+    reserve(&engine, &reserved, &ONE_REQUEST, T0_MS, Some(DAY_MS));
+    let at_ms = T0_MS + 6 * HOUR_MS; // the 5-hour window is empty; the day is not over
+    assert_eq!(engine.reclaim_idle(Some(at_ms)), Ok(1));
+    let stats = engine.memory_stats();
+    assert_eq!(stats.keys_with_usage, 2);
+    assert_eq!(used(&engine, &busy, "image-01:images", daily(), at_ms), 1);
+    // A reclaimed key works as before.
+    assert_eq!(m27_requests(&engine, &idle, 1501, at_ms), 1500);
+    // The next day the image counter is empty too; the open reservation still pins its key.
+    assert_eq!(
+        engine.reclaim_idle(Some(T0_MS + DAY_MS + 6 * HOUR_MS)),
+        Ok(2)
+    );
+    assert_eq!(engine.memory_stats().keys_with_usage, 1);
+}
+
+#[test]
+#[ignore = "engine bug: a request larger than a later limit's whole amount is reported as QuotaExhausted (with a retry time) when an earlier limit is full, although waiting can never help"]
+fn a_request_that_can_never_fit_is_exceeds_limit_even_when_an_earlier_limit_is_full() {
+    let engine = engine_with(two_limit_policy(true));
+    let key = seated(&engine, "ada", "Two");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 10, T0_MS),
+        10
+    );
+    let too_many_tokens = [(Unit::Requests, 1), (Unit::Tokens, 101)];
+    let decision = consume(&engine, &key, "chat", &too_many_tokens, T0_MS);
+    assert!(
+        matches!(
+            reason(decision),
+            DenialReason::ExceedsLimit {
+                amount: 100,
+                requested: 101,
+                ..
+            }
+        ),
+        "{decision:?}"
+    );
+}
+
+#[test]
+#[ignore = "engine bug: a usage report at a later timestamp moves the rolling window's head, so a consume stamped earlier is counted later and released later"]
+fn a_usage_report_at_a_later_time_does_not_change_when_later_usage_is_released() {
+    let used_at_ms = T0_MS + 30 * SECOND_MS;
+    let probe_ms = used_at_ms + FIVE_HOURS_MS + 2 * BUCKET_MS;
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1, used_at_ms), 1);
+    // A dashboard asks for the report with a clock four hours ahead.
+    engine
+        .usage(&key, Some(used_at_ms + 4 * HOUR_MS))
+        .expect("report");
+    assert_eq!(m27_requests(&engine, &key, 1499, used_at_ms), 1499);
+    assert_eq!(
+        m27_requests(&engine, &key, 1500, probe_ms),
+        1500,
+        "the report changed when the usage ages out"
+    );
+}
+
+// ---- Concurrency ---------------------------------------------------------------------------------
+
+#[test]
+fn concurrent_consumers_never_admit_more_than_the_quota() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let admitted_total: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let (engine, key) = (&engine, &key);
+                scope.spawn(move || {
+                    // Timestamps race back and forth over a few buckets.
+                    (0..1000u64)
+                        .map(|step| T0_MS + ((step + thread * 7) % 5) * BUCKET_MS)
+                        .map(|at_ms| m27_requests(engine, key, 1, at_ms))
+                        .sum::<u64>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("no panic"))
+            .sum()
+    });
+    assert_eq!(admitted_total, 1500);
+    assert_eq!(m27_used(&engine, &key, T0_MS + 5 * BUCKET_MS), 1500);
+}
+
+#[test]
+fn concurrent_charges_never_take_credits_below_zero() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let price = price_micros(&engine, "m2.7", &ONE_REQUEST);
+    engine
+        .top_up("@ada", 777 * price + price / 2, Some(T0_MS))
+        .expect("top up");
+    let admitted_total: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (engine, key) = (&engine, &key);
+                scope.spawn(move || m27_requests(engine, key, 300, T0_MS))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("no panic"))
+            .sum()
+    });
+    assert_eq!(admitted_total, 777);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), price / 2);
+}
+
+#[test]
+fn concurrent_repeats_of_one_request_id_count_once() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let ten = [(Unit::Requests, 10)];
+    let decisions: Vec<_> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..4)
+            .map(|_| {
+                let (engine, key) = (&engine, &key);
+                scope.spawn(move || {
+                    (0..200)
+                        .map(|_| {
+                            engine
+                                .consume(&request(key, &ten, T0_MS).id("once"))
+                                .expect("consume")
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| worker.join().expect("no panic"))
+            .collect()
+    });
+    assert!(decisions.iter().all(|decision| *decision == decisions[0]));
+    assert_eq!(m27_used(&engine, &key, T0_MS), 10);
+}
+
+// ---- Bounded tables --------------------------------------------------------------------------------
+
+#[test]
+fn a_full_request_id_table_refuses_new_ids_and_counts_nothing() {
+    let options = tally_engine::EngineOptions {
+        idempotency_capacity: 64,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(
+        Policy::token_plan(),
+        std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
+        options,
+    );
+    let key = seated(&engine, "ada", "Starter");
+    let mut remembered = 0;
+    let mut refused = None;
+    for index in 0..=64 {
+        let id = format!("id-{index}");
+        match engine.consume(&request(&key, &ONE_REQUEST, T0_MS).id(&id)) {
+            Ok(decision) => {
+                assert!(decision.is_admitted());
+                remembered += 1;
+            }
+            Err(error) => {
+                refused = Some((id, error));
+                break;
+            }
+        }
+    }
+    let (id, error) = refused.expect("at most 64 ids fit");
+    assert!(matches!(error, Error::CapacityExceeded { .. }), "{error:?}");
+    assert_eq!(m27_used(&engine, &key, T0_MS), remembered);
+    // Once the remembered ids are older than the horizon, the id is accepted.
+    let later_ms = T0_MS + engine.policy().longest_window_ms() + HOUR_MS;
+    assert!(engine
+        .consume(&request(&key, &ONE_REQUEST, later_ms).id(&id))
+        .expect("room again")
+        .is_admitted());
+}
+
+#[test]
+fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
+    let options = tally_engine::EngineOptions {
+        max_open_reservations: 2,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(
+        Policy::token_plan(),
+        std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
+        options,
+    );
+    let key = seated(&engine, "ada", "Starter");
+    reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
+    reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
+    let third = engine.reserve(&request(&key, &ONE_REQUEST, T0_MS), None);
+    assert!(
+        matches!(third, Err(Error::CapacityExceeded { .. })),
+        "{third:?}"
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 2);
+    assert_eq!(
+        engine
+            .usage(&key, Some(T0_MS))
+            .expect("report")
+            .open_reservations,
+        2
+    );
+}
+
+#[test]
+fn a_full_key_table_refuses_new_users_and_creates_nothing() {
+    let options = tally_engine::EngineOptions {
+        max_keys: 2,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(
+        Policy::token_plan(),
+        std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
+        options,
+    );
+    user(&engine, "ada");
+    user(&engine, "bob");
+    let third = engine.create_user("cy", "tp-cy", Some(T0_MS));
+    assert!(
+        matches!(third, Err(Error::CapacityExceeded { what: "keys", .. })),
+        "{third:?}"
+    );
+    assert!(matches!(
+        engine.credits_micros("@cy"),
+        Err(Error::UnknownTeam { .. })
+    ));
+    assert!(matches!(
+        engine.create_payg_key("ada", "payg-ada", Some(T0_MS)),
+        Err(Error::CapacityExceeded { .. })
+    ));
+    assert_eq!(engine.memory_stats().keys, 2);
+}
+
+// ---- Seat changes and reclaim while usage is in flight ----------------------------------------------
+
+#[test]
+fn voiding_a_reservation_after_an_upgrade_gives_the_quota_back() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 1000)], T0_MS, None);
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
+        .expect("upgrade");
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1000);
+    engine.void(id, Some(T0_MS)).expect("void");
+    assert_eq!(m27_used(&engine, &key, T0_MS), 0);
+    assert_eq!(m27_requests(&engine, &key, 4501, T0_MS), 4500);
+}
+
+#[test]
+#[ignore = "engine bug: reclaim_idle drops the rolling head, so a late request stamped before the reclaim time is counted in the past (1 at T0 plus 1,500 at T0+4h in one 5-hour span) and comes back early"]
+fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_quota_early() {
+    // Without reclaim: a request stamped before the newest time seen is counted at that time.
+    let run = |reclaim: bool| {
+        let engine = engine();
+        let key = seated(&engine, "ada", "Starter");
+        assert_eq!(m27_requests(&engine, &key, 1, T0_MS), 1);
+        let now_ms = T0_MS + 6 * HOUR_MS;
+        assert_eq!(m27_used(&engine, &key, now_ms), 0);
+        if reclaim {
+            assert_eq!(engine.reclaim_idle(Some(now_ms)), Ok(1));
+        }
+        // A delayed gateway reports 1,500 requests stamped two hours ago.
+        assert_eq!(
+            m27_requests(&engine, &key, 1500, now_ms - 2 * HOUR_MS),
+            1500
+        );
+        m27_requests(&engine, &key, 1500, now_ms + 4 * HOUR_MS)
+    };
+    assert_eq!(
+        run(true),
+        run(false),
+        "reclaim changed what the late requests hold"
+    );
+}
+
+// ---- Refunds across a price change ---------------------------------------------------------------
+
+#[test]
+#[ignore = "engine bug: a refund after a policy swap that lowers the price gives back the new price, not the micro-credits actually charged"]
+fn a_refund_after_a_price_cut_gives_back_what_was_charged() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let paid = engine
+        .consume(&request(&key, &ONE_REQUEST, T0_MS).id("paid"))
+        .expect("consume");
+    let ChargedTo::Credits { micros: charged } = admitted(paid).charged_to else {
+        panic!("expected credits, got {paid:?}");
+    };
+    let old_price = "price_micros = { requests = 2000, tokens = 1 }";
+    assert_eq!(TOKEN_PLAN_TOML.matches(old_price).count(), 1);
+    let cheaper =
+        TOKEN_PLAN_TOML.replace(old_price, "price_micros = { requests = 500, tokens = 1 }");
+    engine
+        .swap_policy(Policy::from_toml_str(&cheaper).expect("valid"), Some(T0_MS))
+        .expect("swap");
+    let refund = engine.refund("paid", Some(T0_MS)).expect("refund");
+    assert_eq!(refund.given_back.total(), charged);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 1_000_000);
+}
+
+#[test]
+#[ignore = "engine bug: a refund after a policy swap that lowers a price gives back the new price's worth of the usage bar, leaving the rest of what was held counted"]
+fn a_refund_after_a_price_cut_gives_the_whole_usage_bar_hold_back() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let image = [(Unit::Images, 4)];
+    let paid = engine
+        .consume(
+            &UsageRequest::new(&key, "image-01", &image)
+                .at(T0_MS)
+                .id("img"),
+        )
+        .expect("consume");
+    assert!(paid.is_admitted());
+    let held = used(&engine, &key, "usage-bar", five_hours(), T0_MS);
+    assert_eq!(held, price_micros(&engine, "image-01", &image));
+    let old_price = "price_micros = { images = 25000, requests = 0 }";
+    assert_eq!(TOKEN_PLAN_TOML.matches(old_price).count(), 1);
+    let cheaper =
+        TOKEN_PLAN_TOML.replace(old_price, "price_micros = { images = 10000, requests = 0 }");
+    engine
+        .swap_policy(Policy::from_toml_str(&cheaper).expect("valid"), Some(T0_MS))
+        .expect("swap");
+    assert_eq!(
+        used(&engine, &key, "usage-bar", five_hours(), T0_MS),
+        held,
+        "usage carried"
+    );
+    engine.refund("img", Some(T0_MS)).expect("refund");
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), 0);
+    assert_eq!(used(&engine, &key, "usage-bar", weekly(), T0_MS), 0);
+}
+
+// ---- How long request ids are remembered -----------------------------------------------------------
+
+#[test]
+#[ignore = "engine bug: the request-id horizon is fixed when the engine opens; after a swap to a policy with a monthly window, ids are forgotten after 7 d + 1 h and a retry inside the month counts twice"]
+fn request_ids_are_remembered_for_the_longest_window_of_a_swapped_in_policy() {
+    let engine = engine();
+    let monthly = Policy::from_toml_str(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.widget]
+units = ["requests"]
+price_micros = { requests = 10 }
+[plans.Monthly]
+limits = [{ resource = "widget", unit = "requests", amount = 100, window = "monthly" }]
+"#,
+    )
+    .expect("a valid policy");
+    engine.swap_policy(monthly, Some(T0_MS)).expect("swap");
+    let key = seated(&engine, "ada", "Monthly");
+    let december_ms = utc_ms(2026, 11, 30, 17, 0, 0); // 2026-12-01 01:00 in Shanghai
+    let one = [(Unit::Requests, 1)];
+    let first = engine
+        .consume(
+            &UsageRequest::new(&key, "widget", &one)
+                .at(december_ms)
+                .id("once-a-month"),
+        )
+        .expect("consume");
+    assert!(first.is_admitted());
+    let retry_ms = december_ms + 10 * DAY_MS;
+    let again = engine
+        .consume(
+            &UsageRequest::new(&key, "widget", &one)
+                .at(retry_ms)
+                .id("once-a-month"),
+        )
+        .expect("consume");
+    assert_eq!(again, first);
+    assert_eq!(
+        used(
+            &engine,
+            &key,
+            "widget:requests",
+            tally_engine::Window::Calendar(tally_engine::calendar::CalendarPeriod::Monthly),
+            retry_ms
+        ),
+        1
+    );
+}
+
+#[test]
+#[ignore = "engine bug: one request with a far-future timestamp makes its idempotency shard forget every id, so a retry of an earlier request counts twice"]
+fn a_far_future_timestamp_does_not_make_request_ids_forgotten() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let other = seated(&engine, "bob", "Max");
+    let ten = [(Unit::Requests, 10)];
+    let first = engine
+        .consume(&request(&key, &ten, T0_MS).id("req-a"))
+        .expect("consume");
+    assert!(first.is_admitted());
+    // Another client with a clock decades ahead sends requests with ids of its own; with 64
+    // shards, some land in the shard of "req-a".
+    let future_ms = utc_ms(2099, 1, 1, 0, 0, 0);
+    for index in 0..256 {
+        let id = format!("skewed-{index}");
+        engine
+            .consume(&request(&other, &ONE_REQUEST, future_ms).id(&id))
+            .expect("consume");
+    }
+    let retry = engine
+        .consume(&request(&key, &ten, T0_MS + MINUTE_MS).id("req-a"))
+        .expect("consume");
+    assert_eq!(retry, first);
+    assert_eq!(
+        m27_used(&engine, &key, T0_MS + MINUTE_MS),
+        10,
+        "the retry counted again"
+    );
+}

@@ -1,0 +1,336 @@
+//! The `tally` binary, run as a user would: exit statuses, error messages, and properties of
+//! the simulation's report that must hold whatever the numbers turn out to be.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+const SMALL_RUN: &[&str] = &["simulate", "--keys", "60", "--days", "1", "--seed", "7"];
+
+fn tally(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .output()
+        .expect("the tally binary runs")
+}
+
+fn stdout_of(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8")
+}
+
+fn json_run(args: &[&str]) -> (String, Value) {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = tally(&args);
+    assert!(output.status.success(), "{args:?}: {}", stderr_of(&output));
+    let text = stdout_of(&output);
+    let value = serde_json::from_str(&text).expect("the summary is JSON");
+    (text, value)
+}
+
+/// The small run most tests read, made once.
+fn small_run() -> &'static Value {
+    static RUN: OnceLock<Value> = OnceLock::new();
+    RUN.get_or_init(|| json_run(SMALL_RUN).1)
+}
+
+fn number(value: &Value, path: &str) -> u64 {
+    let mut current = value;
+    for part in path.split('.') {
+        current = &current[part];
+    }
+    current
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path} is not a number: {current}"))
+}
+
+fn array<'a>(value: &'a Value, field: &str) -> &'a Vec<Value> {
+    value[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("{field} is not an array"))
+}
+
+#[test]
+fn every_request_sent_is_admitted_or_denied_and_none_errs() {
+    let run = small_run();
+    let requests = &run["requests"];
+    let sent = number(requests, "sent");
+    assert!(sent > 1_000, "a day of 60 keys sends more than {sent}");
+    let admitted = number(requests, "plan_quota")
+        + number(requests, "credits")
+        + number(requests, "pay_as_you_go");
+    assert_eq!(admitted, number(requests, "admitted"));
+    assert_eq!(admitted + number(requests, "denied"), sent);
+    assert_eq!(
+        number(requests, "errors"),
+        0,
+        "engine errors: {}",
+        run["errors"]
+    );
+    let by_reason: u64 = requests["denied_by_reason"]
+        .as_object()
+        .expect("denials by reason")
+        .values()
+        .map(|count| count.as_u64().expect("a count"))
+        .sum();
+    assert_eq!(by_reason, number(requests, "denied"));
+}
+
+#[test]
+fn the_plan_rows_add_up_to_the_totals() {
+    let run = small_run();
+    for field in [
+        "sent",
+        "plan_quota",
+        "credits",
+        "credits_micros",
+        "pay_as_you_go",
+        "denied",
+    ] {
+        let rows: u64 = array(run, "plans")
+            .iter()
+            .map(|row| number(&row["requests"], field))
+            .sum();
+        assert_eq!(rows, number(&run["requests"], field), "{field}");
+    }
+    let keys: u64 = array(run, "plans")
+        .iter()
+        .map(|row| number(row, "keys"))
+        .sum();
+    assert_eq!(keys, number(&run["parameters"], "keys"));
+}
+
+#[test]
+fn credits_charged_equal_the_decrease_of_the_teams_balances() {
+    let run = small_run();
+    let teams = array(run, "teams");
+    let topped_up: u64 = teams
+        .iter()
+        .map(|team| number(team, "topped_up_micros"))
+        .sum();
+    let left: u64 = teams.iter().map(|team| number(team, "end_micros")).sum();
+    let charged = number(&run["requests"], "credits_micros");
+    assert!(charged > 0, "some requests were charged to credits");
+    assert_eq!(topped_up - left, charged);
+    for team in teams {
+        assert_eq!(
+            number(team, "topped_up_micros") - number(team, "end_micros"),
+            number(team, "charged_micros"),
+            "{team}"
+        );
+    }
+}
+
+#[test]
+fn heavy_users_exhaust_quotas_and_every_kind_of_outcome_occurs() {
+    let run = small_run();
+    let requests = &run["requests"];
+    for field in ["plan_quota", "credits", "pay_as_you_go"] {
+        assert!(number(requests, field) > 0, "{field}");
+    }
+    for reason in [
+        "quota_exhausted",
+        "unknown_key",
+        "no_resources",
+        "resource_not_covered",
+        "over_request_maximum",
+        "insufficient_credits",
+    ] {
+        let count = number(&requests["denied_by_reason"], reason);
+        assert!(count > 0, "no {reason} denials in {requests}");
+    }
+    assert!(
+        number(run, "daily_resets_seen") > 0,
+        "a daily quota reset after midnight"
+    );
+}
+
+#[test]
+fn retried_requests_get_their_first_decision_back() {
+    let run = small_run();
+    let replays = number(run, "replays");
+    assert!(replays > 0);
+    assert!(number(run, "request_ids") >= replays);
+    assert_eq!(number(run, "replays_matching_first_decision"), replays);
+}
+
+#[test]
+fn seat_changes_move_the_limit_and_keep_the_usage() {
+    let run = small_run();
+    let changes = array(run, "seat_changes");
+    let find = |kind: &str| {
+        changes
+            .iter()
+            .find(|change| change["kind"] == kind)
+            .unwrap_or_else(|| panic!("a {kind} in {changes:?}"))
+    };
+    let upgrade = find("upgrade");
+    assert_eq!(
+        number(upgrade, "before.used"),
+        number(upgrade, "after.used")
+    );
+    assert!(number(upgrade, "after.amount") > number(upgrade, "before.amount"));
+    assert!(number(upgrade, "before.used") >= number(upgrade, "before.amount"));
+    assert!(number(upgrade, "next_5h.plan_quota") > 0);
+    let downgrade = find("downgrade");
+    assert_eq!(
+        number(downgrade, "before.used"),
+        number(downgrade, "after.used")
+    );
+    assert!(number(downgrade, "after.used") > number(downgrade, "after.amount"));
+    assert!(number(downgrade, "next_5h.denied_by_reason.quota_exhausted") > 0);
+}
+
+#[test]
+fn the_same_seed_prints_the_same_json_and_another_seed_does_not() {
+    let (first, _) = json_run(SMALL_RUN);
+    let (second, _) = json_run(SMALL_RUN);
+    assert_eq!(first, second);
+    let other_seed = ["simulate", "--keys", "60", "--days", "1", "--seed", "8"];
+    let (third, _) = json_run(&other_seed);
+    assert_ne!(first, third);
+}
+
+#[test]
+fn the_report_shows_every_plan_s_usage_bars_counts_and_timing() {
+    let output = tally(SMALL_RUN);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let report = stdout_of(&output);
+    for section in [
+        "Requests",
+        "quota exhausted",
+        "Usage bars",
+        "Team credits",
+        "decisions/s",
+    ] {
+        assert!(report.contains(section), "no {section:?} in:\n{report}");
+    }
+    for row in array(small_run(), "plans") {
+        if row["busiest_key_at_end"].is_null() {
+            continue;
+        }
+        let key = row["busiest_key_at_end"]["key"].as_str().expect("a key");
+        let heading = format!("  {} ({key}", row["plan"].as_str().expect("a plan"));
+        assert!(report.contains(&heading), "no {heading:?} in:\n{report}");
+    }
+    assert!(
+        report.contains("%  resets in"),
+        "usage bars with reset times"
+    );
+    assert!(
+        report.lines().all(|line| line.chars().count() <= 120),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_bad_command_line_exits_with_status_2_naming_the_culprit() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["simulate", "--kees", "10"], "--kees"),
+        (&["simulate", "--keys", "many"], "--keys"),
+        (&["simulate", "--days", "0"], "--days"),
+        (&["simulate", "--seed"], "--seed"),
+        (&["simulat"], "simulat"),
+        (&[], "<COMMAND>"),
+    ];
+    for (args, culprit) in cases {
+        let output = tally(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr_of(&output).contains(culprit),
+            "{args:?}: {}",
+            stderr_of(&output)
+        );
+        assert!(output.stdout.is_empty(), "{args:?} printed a report");
+    }
+}
+
+#[test]
+fn help_lists_the_options_and_exits_0() {
+    let output = tally(&["simulate", "--help"]);
+    assert_eq!(output.status.code(), Some(0));
+    let help = stdout_of(&output);
+    for option in ["--keys", "--days", "--seed", "--policy", "--json"] {
+        assert!(help.contains(option), "{option} missing from:\n{help}");
+    }
+    assert!(stdout_of(&tally(&["--help"])).contains("simulate"));
+}
+
+/// A file in the temporary directory, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("tally-cli-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).expect("the temporary file is written");
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 path")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const TWO_PLAN_POLICY: &str = r#"
+time_zone = "UTC"
+
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+
+[plans.Small]
+limits = [{ resource = "chat", unit = "requests", amount = 40, window = "rolling:1h" }]
+
+[plans.Large]
+limits = [{ resource = "chat", unit = "requests", amount = 400, window = "rolling:1h" }]
+"#;
+
+#[test]
+fn a_policy_file_replaces_the_shipped_plans() {
+    let policy = TempFile::new("two-plans.toml", TWO_PLAN_POLICY);
+    let (_, run) = json_run(&[
+        "simulate",
+        "--keys",
+        "30",
+        "--days",
+        "1",
+        "--policy",
+        policy.path(),
+    ]);
+    let plans: Vec<&str> = array(&run, "plans")
+        .iter()
+        .map(|row| row["plan"].as_str().expect("a plan name"))
+        .collect();
+    assert_eq!(&plans[..2], ["Large", "Small"]);
+    assert_eq!(number(&run["requests"], "errors"), 0, "{}", run["errors"]);
+    assert!(number(&run["requests"], "denied_by_reason.quota_exhausted") > 0);
+    assert_eq!(run["parameters"]["time_zone"], "UTC");
+}
+
+#[test]
+fn a_policy_that_does_not_load_is_a_bad_policy_option() {
+    let broken = TempFile::new("broken.toml", "time_zone = \"Mars/Olympus\"\n");
+    let missing = std::env::temp_dir().join("tally-cli-no-such-policy.toml");
+    for path in [broken.path(), missing.to_str().expect("a UTF-8 path")] {
+        let output = tally(&["simulate", "--policy", path]);
+        assert_eq!(output.status.code(), Some(2), "{path}");
+        assert!(
+            stderr_of(&output).contains("--policy"),
+            "{}",
+            stderr_of(&output)
+        );
+        assert!(output.stdout.is_empty());
+    }
+}

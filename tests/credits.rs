@@ -1,0 +1,455 @@
+//! Credits: usage beyond the quota is charged to the team's credits at the resource's price,
+//! never below zero; denials say what would help; the older seed's shared usage bar counts every
+//! endpoint at its price; the bar plans cap the agents (open reservations) a key may run.
+
+mod common;
+
+use common::*;
+use tally_engine::{ChargedTo, DenialReason, Engine, Error, Unit, UsageRequest};
+
+const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
+
+/// A Starter key whose 1,500 m2.7 requests are used at T0.
+fn starter_exhausted() -> (Engine, String) {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1500, T0_MS), 1500);
+    (engine, key)
+}
+
+#[test]
+fn once_the_rolling_quota_is_exhausted_requests_are_charged_to_credits_at_the_resource_price() {
+    let (engine, key) = starter_exhausted();
+    let top_up_micros = 1_000_000;
+    engine
+        .top_up("@ada", top_up_micros, Some(T0_MS))
+        .expect("top up");
+    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 500)];
+    let policy = engine.policy();
+    let prices = policy.resource(resource_id(&engine, "m2.7")).price_micros;
+    let price = prices[Unit::Requests.index()].expect("priced")
+        + 500 * prices[Unit::Tokens.index()].expect("priced");
+
+    let admission = admitted(consume(
+        &engine,
+        &key,
+        "m2.7",
+        &quantities,
+        T0_MS + MINUTE_MS,
+    ));
+    assert_eq!(admission.charged_to, ChargedTo::Credits { micros: price });
+    assert_eq!(
+        admission.credits_balance_micros,
+        Some(top_up_micros - price)
+    );
+    assert_eq!(admission.plan, Some(plan_id(&engine, "Starter")));
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        top_up_micros - price
+    );
+    // The plan window is not touched by usage paid with credits.
+    assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 1500);
+    let report = engine.usage(&key, Some(T0_MS + MINUTE_MS)).expect("report");
+    assert_eq!(report.credits_charged_micros, price);
+    assert_eq!(report.credits_balance_micros, top_up_micros - price);
+}
+
+#[test]
+fn once_a_daily_quota_is_exhausted_requests_are_charged_to_credits_at_the_resource_price() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    assert_eq!(
+        admit_count(&engine, &key, "image-01", Unit::Images, 50, T0_MS),
+        50
+    );
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let images = [(Unit::Images, 3)];
+    let price = price_micros(&engine, "image-01", &images);
+    let admission = admitted(consume(&engine, &key, "image-01", &images, T0_MS));
+    assert_eq!(admission.charged_to, ChargedTo::Credits { micros: price });
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        1_000_000 - price
+    );
+    assert_eq!(used(&engine, &key, "image-01:images", daily(), T0_MS), 50);
+    // After the daily reset the plan pays again.
+    let next_day = admitted(consume(&engine, &key, "image-01", &images, T0_MS + DAY_MS));
+    assert_eq!(
+        next_day.charged_to,
+        ChargedTo::PlanQuota {
+            plan: plan_id(&engine, "Plus")
+        }
+    );
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        1_000_000 - price
+    );
+}
+
+#[test]
+fn a_request_that_does_not_fit_the_rest_of_the_quota_is_charged_to_credits_whole() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    assert_eq!(m27_requests(&engine, &key, 1499, T0_MS), 1499);
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let two = [(Unit::Requests, 2)];
+    let price = price_micros(&engine, "m2.7", &two);
+    assert_eq!(
+        admitted(consume(&engine, &key, "m2.7", &two, T0_MS)).charged_to,
+        ChargedTo::Credits { micros: price }
+    );
+    assert_eq!(
+        m27_used(&engine, &key, T0_MS),
+        1499,
+        "no half of it on the plan"
+    );
+    assert_eq!(m27_requests(&engine, &key, 1, T0_MS), 1);
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        1_000_000 - price
+    );
+}
+
+#[test]
+fn credits_never_go_negative_and_the_denial_says_how_much_is_needed() {
+    let (engine, key) = starter_exhausted();
+    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 300)];
+    let price = price_micros(&engine, "m2.7", &quantities);
+    engine
+        .top_up("@ada", price - 1, Some(T0_MS))
+        .expect("top up");
+
+    let denial = denied(consume(&engine, &key, "m2.7", &quantities, T0_MS));
+    assert!(matches!(denial.reason, DenialReason::QuotaExhausted { .. }));
+    assert_eq!(denial.credits_balance_micros, Some(price - 1));
+    assert_eq!(denial.remedies.credits_needed_micros, Some(1));
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), price - 1);
+
+    engine.top_up("@ada", 1, Some(T0_MS)).expect("top up");
+    let admission = admitted(consume(&engine, &key, "m2.7", &quantities, T0_MS));
+    assert_eq!(admission.credits_balance_micros, Some(0));
+    let denial = denied(consume(&engine, &key, "m2.7", &quantities, T0_MS));
+    assert_eq!(denial.remedies.credits_needed_micros, Some(price));
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 0);
+}
+
+#[test]
+fn a_seatless_key_whose_credits_fall_short_is_denied_with_insufficient_credits() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let video = [(Unit::Videos, 1)];
+    let price = price_micros(&engine, "hailuo-2.3-768p-6s", &video);
+    let balance = price / 3;
+    engine.top_up("@ada", balance, Some(T0_MS)).expect("top up");
+    let denial = denied(consume(&engine, &key, "hailuo-2.3-768p-6s", &video, T0_MS));
+    assert_eq!(
+        denial.reason,
+        DenialReason::InsufficientCredits {
+            balance_micros: balance,
+            price_micros: price
+        }
+    );
+    assert_eq!(denial.remedies.credits_needed_micros, Some(price - balance));
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
+}
+
+#[test]
+fn withdrawing_more_credits_than_the_team_holds_is_refused_and_changes_nothing() {
+    let engine = engine();
+    user(&engine, "ada");
+    engine.top_up("@ada", 5_000, Some(T0_MS)).expect("top up");
+    let withdrawn = engine.withdraw_credits("@ada", 5_001, Some(T0_MS));
+    assert!(
+        matches!(
+            withdrawn,
+            Err(Error::InsufficientCredits {
+                balance_micros: 5_000,
+                needed_micros: 5_001,
+                ..
+            })
+        ),
+        "{withdrawn:?}"
+    );
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 5_000);
+    assert_eq!(engine.withdraw_credits("@ada", 5_000, Some(T0_MS)), Ok(0));
+}
+
+#[test]
+fn a_rolling_quota_denial_names_a_bigger_plan_and_the_wait() {
+    let (engine, key) = starter_exhausted();
+    let asked_ms = T0_MS + HOUR_MS;
+    let decision = consume(&engine, &key, "m2.7", &ONE_REQUEST, asked_ms);
+    let (_, retry_at_ms, _, _) = quota_exhausted(decision);
+    let remedies = denied(decision).remedies;
+    assert_eq!(
+        remedies.upgrade_to,
+        Some(plan_id(&engine, "Plus")),
+        "4,500 > 1,500"
+    );
+    assert_eq!(remedies.wait_until_ms, Some(retry_at_ms));
+    assert!(retry_at_ms >= T0_MS + FIVE_HOURS_MS);
+    let price = price_micros(&engine, "m2.7", &ONE_REQUEST);
+    assert_eq!(
+        remedies.credits_needed_micros,
+        Some(price),
+        "no credits yet"
+    );
+}
+
+#[test]
+fn a_quota_denial_suggests_the_next_bigger_plan_on_that_limit() {
+    // (plan, resource, unit, the seed's figure): the suggestion must allow more on that limit.
+    let cells = [
+        ("Starter", "m2.7", Unit::Requests, 1500),
+        ("Plus", "m2.7", Unit::Requests, 4500),
+        ("Plus", "image-01", Unit::Images, 50),
+        ("Plus", "speech-2.8", Unit::Characters, 4000),
+        ("Max-Highspeed", "hailuo-2.3-fast-768p-6s", Unit::Videos, 3),
+        ("Plus-Highspeed", "m2.7-highspeed", Unit::Requests, 4500),
+    ];
+    for (plan, resource, unit, figure) in cells {
+        let engine = engine();
+        let key = seated(&engine, "ada", plan);
+        assert!(consume(&engine, &key, resource, &[(unit, figure)], T0_MS).is_admitted());
+        let denial = denied(consume(&engine, &key, resource, &[(unit, 1)], T0_MS));
+        let upgrade = denial
+            .remedies
+            .upgrade_to
+            .unwrap_or_else(|| panic!("{plan}: an upgrade"));
+        let report_meter = format!("{resource}:{unit}");
+        let policy = engine.policy();
+        let bigger = policy
+            .plan(upgrade)
+            .limits
+            .iter()
+            .find(|limit| *policy.meter(limit.meter).name == *report_meter)
+            .map(|limit| limit.amount)
+            .unwrap_or(0);
+        assert!(
+            bigger > figure,
+            "{plan}: {} allows {bigger}",
+            policy.plan(upgrade).name
+        );
+    }
+}
+
+#[test]
+fn the_biggest_plan_has_no_upgrade_to_suggest_only_the_wait() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Ultra-Highspeed");
+    let requests = [(Unit::Requests, 30_000)];
+    assert!(consume(&engine, &key, "m2.7-highspeed", &requests, T0_MS).is_admitted());
+    let decision = consume(&engine, &key, "m2.7-highspeed", &ONE_REQUEST, T0_MS);
+    let (_, retry_at_ms, _, _) = quota_exhausted(decision);
+    let remedies = denied(decision).remedies;
+    assert_eq!(remedies.upgrade_to, None);
+    assert_eq!(remedies.wait_until_ms, Some(retry_at_ms));
+}
+
+#[test]
+fn a_daily_quota_denial_waits_until_local_midnight() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Max");
+    let video = [(Unit::Videos, 1)];
+    let at_ms = T0_MS + 20 * HOUR_MS;
+    assert_eq!(
+        admit_count(
+            &engine,
+            &key,
+            "hailuo-2.3-fast-768p-6s",
+            Unit::Videos,
+            2,
+            at_ms
+        ),
+        2
+    );
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "hailuo-2.3-fast-768p-6s",
+        &video,
+        at_ms,
+    ));
+    assert_eq!(denial.remedies.wait_until_ms, Some(T0_MS + DAY_MS));
+    let upgrade = denial.remedies.upgrade_to.expect("a plan with more videos");
+    assert_eq!(
+        upgrade,
+        plan_id(&engine, "Max-Highspeed"),
+        "3/day is the next bigger figure"
+    );
+}
+
+#[test]
+fn an_uncovered_resource_suggests_a_plan_that_covers_it() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "image-01",
+        &[(Unit::Images, 1)],
+        T0_MS,
+    ));
+    assert!(matches!(
+        denial.reason,
+        DenialReason::ResourceNotCovered { .. }
+    ));
+    let upgrade = denial
+        .remedies
+        .upgrade_to
+        .expect("some plan covers image-01");
+    let policy = engine.policy();
+    assert!(policy.plan(upgrade).covers[resource_id(&engine, "image-01").index()]);
+    let price = price_micros(&engine, "image-01", &[(Unit::Images, 1)]);
+    assert_eq!(denial.remedies.credits_needed_micros, Some(price));
+}
+
+// ---- The older seed's shared usage bar ---------------------------------------------------------
+
+#[test]
+fn the_usage_bar_counts_each_endpoints_usage_at_its_price_across_resources() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let bar = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
+    let uses: [(&str, &[(Unit, u64)]); 4] = [
+        ("image-01", &[(Unit::Images, 4)]),
+        (
+            "speech-2.8",
+            &[(Unit::Characters, 1_000), (Unit::Requests, 1)],
+        ),
+        ("music-2.6", &[(Unit::Songs, 1), (Unit::Seconds, 180)]),
+        ("m2.7", &[(Unit::Requests, 3), (Unit::Tokens, 2_000)]),
+    ];
+    let mut spent = 0;
+    for (resource, quantities) in uses {
+        let price = price_micros(&engine, resource, quantities);
+        assert!(consume(&engine, &key, resource, quantities, T0_MS).is_admitted());
+        spent += price;
+        assert_eq!(
+            used(&engine, &key, "usage-bar", five_hours(), T0_MS),
+            spent,
+            "{resource}"
+        );
+        assert_eq!(
+            used(&engine, &key, "usage-bar", weekly(), T0_MS),
+            spent,
+            "{resource}"
+        );
+    }
+    // Fill the rest of the bar with tokens, then the bar is full for every resource.
+    let token_micros = price_micros(&engine, "m2.7", &[(Unit::Tokens, 1)]);
+    assert_eq!((bar - spent) % token_micros, 0);
+    let rest = [(Unit::Tokens, (bar - spent) / token_micros)];
+    assert!(consume(&engine, &key, "m2.7", &rest, T0_MS).is_admitted());
+    let report = limit(&engine, &key, "usage-bar", five_hours(), T0_MS);
+    assert_eq!((report.used, report.remaining), (bar, 0));
+    let rolling_index = limit_index(&engine, "Bar-Plus", "usage-bar", five_hours());
+    for (resource, quantities) in [
+        ("m2.7", &[(Unit::Tokens, 1)][..]),
+        ("image-01", &[(Unit::Images, 1)][..]),
+        ("m2.7-highspeed", &ONE_REQUEST[..]),
+    ] {
+        let (limit, _, _, _) = quota_exhausted(consume(&engine, &key, resource, quantities, T0_MS));
+        assert_eq!(limit, rolling_index, "{resource}");
+    }
+    // A zero-priced part of a request (speech requests) moves nothing.
+    assert!(consume(&engine, &key, "speech-2.8", &ONE_REQUEST, T0_MS).is_admitted());
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), bar);
+}
+
+#[test]
+fn a_full_usage_bar_falls_to_credits() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let bar = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
+    let token_micros = price_micros(&engine, "m2.7", &[(Unit::Tokens, 1)]);
+    let all = [(Unit::Tokens, bar / token_micros)];
+    assert!(consume(&engine, &key, "m2.7", &all, T0_MS).is_admitted());
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let image = [(Unit::Images, 1)];
+    let price = price_micros(&engine, "image-01", &image);
+    assert_eq!(
+        admitted(consume(&engine, &key, "image-01", &image, T0_MS)).charged_to,
+        ChargedTo::Credits { micros: price }
+    );
+    assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), bar);
+}
+
+#[test]
+fn the_usage_bar_plans_cap_open_reservations_at_their_agent_count() {
+    // The older seed: "3-4 agents", "4-5 agents", "6-7 agents"; the cap is the upper figure.
+    for (plan, agents) in [("Bar-Plus", 4u32), ("Bar-Max", 5), ("Bar-Ultra", 7)] {
+        let engine = engine();
+        let key = seated(&engine, "ada", plan);
+        let estimate = [(Unit::Requests, 1), (Unit::Tokens, 1_000)];
+        let request = UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS);
+        let mut reservations = Vec::new();
+        for _ in 0..agents {
+            let outcome = engine.reserve(&request, None).expect("reserve");
+            assert!(outcome.decision.is_admitted(), "{plan}");
+            reservations.push(outcome.reservation.expect("an id"));
+        }
+        let held = used(&engine, &key, "usage-bar", five_hours(), T0_MS);
+        assert_eq!(
+            held,
+            u64::from(agents) * price_micros(&engine, "m2.7", &estimate)
+        );
+
+        let over = engine.reserve(&request, None).expect("reserve");
+        assert_eq!(over.reservation, None);
+        assert_eq!(
+            reason(over.decision),
+            DenialReason::TooManyReservations {
+                open: agents,
+                maximum: agents
+            },
+            "{plan}"
+        );
+        assert_eq!(used(&engine, &key, "usage-bar", five_hours(), T0_MS), held);
+        let report = engine.usage(&key, Some(T0_MS)).expect("report");
+        assert_eq!(report.open_reservations, agents);
+
+        engine.void(reservations[0], Some(T0_MS)).expect("void");
+        let again = engine.reserve(&request, None).expect("reserve");
+        assert!(
+            again.decision.is_admitted(),
+            "{plan}: a freed agent slot is usable"
+        );
+    }
+}
+
+#[test]
+fn settling_a_reservation_frees_its_agent_slot() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let estimate = [(Unit::Requests, 1)];
+    let request = UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS);
+    let ids: Vec<_> = (0..4)
+        .map(|_| {
+            engine
+                .reserve(&request, None)
+                .expect("reserve")
+                .reservation
+                .expect("id")
+        })
+        .collect();
+    assert!(engine
+        .reserve(&request, None)
+        .expect("reserve")
+        .reservation
+        .is_none());
+    engine
+        .settle(ids[1], &[(Unit::Requests, 1)], Some(T0_MS))
+        .expect("settle");
+    assert!(engine
+        .reserve(&request, None)
+        .expect("reserve")
+        .reservation
+        .is_some());
+}

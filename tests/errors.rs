@@ -1,0 +1,661 @@
+//! Bad input: every malformed call gives an error naming the offending field, and changes nothing
+//! (checked with a usage report and the team's balance before and after); malformed policies are
+//! refused with the path of the offending field.
+
+mod common;
+
+use common::*;
+use tally_engine::{Engine, Error, Policy, PolicyError, Unit, UsageReport, UsageRequest};
+
+/// 2^40, the largest quantity of one unit in one request.
+const MAX_QUANTITY: u64 = 1 << 40;
+/// 2100-01-01T00:00:00Z, the first timestamp tally refuses.
+const YEAR_2100_MS: u64 = 4_102_444_800_000;
+
+struct World {
+    engine: Engine,
+    key: String,
+}
+
+/// A Plus key with some usage on two windows and credits in its Default Team.
+fn world() -> World {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    assert_eq!(m27_requests(&engine, &key, 5, T0_MS), 5);
+    assert_eq!(
+        admit_count(&engine, &key, "image-01", Unit::Images, 2, T0_MS),
+        2
+    );
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    World { engine, key }
+}
+
+impl World {
+    fn snapshot(&self) -> (UsageReport, u64, u64) {
+        (
+            self.engine.usage(&self.key, Some(T0_MS)).expect("report"),
+            self.engine.credits_micros("@ada").expect("balance"),
+            self.engine.open_reservations() as u64,
+        )
+    }
+
+    /// Runs `call`, expects an error, and checks that nothing changed.
+    fn refuses<T: std::fmt::Debug>(&self, call: impl FnOnce(&Engine) -> Result<T, Error>) -> Error {
+        let before = self.snapshot();
+        let error = call(&self.engine).expect_err("bad input is an error");
+        assert_eq!(self.snapshot(), before, "{error:?} changed something");
+        error
+    }
+}
+
+/// The field an `InvalidArgument` names.
+fn field(error: &Error) -> &'static str {
+    match error {
+        Error::InvalidArgument { field, .. } => field,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+/// Consume, check and an id-carrying consume of the same bad request all fail on `expected`;
+/// the request id stays free for a good request.
+fn assert_bad_request(world: &World, request: UsageRequest<'_>, expected: &str) {
+    for call in 0..3 {
+        let error = world.refuses(|engine| match call {
+            0 => engine.consume(&request),
+            1 => engine.check(&request),
+            _ => engine.consume(&request.id("bad-1")),
+        });
+        let text = error.to_string();
+        assert!(
+            text.starts_with(expected),
+            "{text:?} should start with {expected:?}"
+        );
+    }
+    let fine = [(Unit::Requests, 1)];
+    let good = UsageRequest::new(&world.key, "m2.7", &fine)
+        .at(T0_MS)
+        .id("bad-1");
+    assert!(world
+        .engine
+        .consume(&good)
+        .expect("the id is free")
+        .is_admitted());
+    assert_eq!(
+        world
+            .engine
+            .refund("bad-1", Some(T0_MS))
+            .expect("refund")
+            .given_back
+            .total(),
+        1
+    );
+}
+
+// ---- Requests ---------------------------------------------------------------------------------
+
+#[test]
+fn an_unknown_resource_is_an_error_naming_it_and_changes_nothing() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new(&world.key, "m9", &one).at(T0_MS);
+    assert_bad_request(&world, request, "resource:");
+    assert_eq!(
+        world.engine.consume(&request),
+        Err(Error::UnknownResource {
+            resource: "m9".into()
+        })
+    );
+}
+
+#[test]
+fn a_unit_the_resource_does_not_meter_is_an_error_and_changes_nothing() {
+    let world = world();
+    let images = [(Unit::Requests, 1), (Unit::Images, 1)];
+    let request = UsageRequest::new(&world.key, "m2.7", &images).at(T0_MS);
+    assert_bad_request(&world, request, "quantities:");
+    let error = world.engine.consume(&request).expect_err("an error");
+    assert_eq!(field(&error), "quantities");
+    assert!(error.to_string().contains("images"), "{error}");
+}
+
+#[test]
+fn a_zero_quantity_is_an_error_and_changes_nothing() {
+    let world = world();
+    let zero = [(Unit::Requests, 1), (Unit::Tokens, 0)];
+    let request = UsageRequest::new(&world.key, "m2.7", &zero).at(T0_MS);
+    assert_bad_request(&world, request, "quantities:");
+    let error = world.engine.consume(&request).expect_err("an error");
+    assert!(error.to_string().contains("tokens"), "{error}");
+}
+
+#[test]
+fn a_quantity_above_2_to_the_40_is_an_error_and_2_to_the_40_is_not() {
+    let world = world();
+    let huge = [(Unit::Tokens, MAX_QUANTITY + 1)];
+    let request = UsageRequest::new(&world.key, "m2.7", &huge).at(T0_MS);
+    assert_bad_request(&world, request, "quantities:");
+    let largest = [(Unit::Tokens, MAX_QUANTITY)];
+    let answer = world
+        .engine
+        .check(&UsageRequest::new(&world.key, "m2.7", &largest).at(T0_MS));
+    assert!(answer.is_ok(), "2^40 is a valid quantity: {answer:?}");
+}
+
+#[test]
+fn a_unit_given_twice_is_an_error_and_changes_nothing() {
+    let world = world();
+    let twice = [(Unit::Requests, 1), (Unit::Requests, 1)];
+    let request = UsageRequest::new(&world.key, "m2.7", &twice).at(T0_MS);
+    assert_bad_request(&world, request, "quantities:");
+    let error = world.engine.consume(&request).expect_err("an error");
+    assert!(error.to_string().contains("twice"), "{error}");
+}
+
+#[test]
+fn empty_quantities_are_an_error_and_change_nothing() {
+    let world = world();
+    let request = UsageRequest::new(&world.key, "m2.7", &[]).at(T0_MS);
+    assert_bad_request(&world, request, "quantities:");
+}
+
+#[test]
+fn a_price_that_overflows_64_bits_is_an_error_and_changes_nothing() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.gold]
+units = ["requests", "tokens"]
+price_micros = { requests = 1099511627776, tokens = 1099511627776 }
+[plans.Rich]
+limits = [{ resource = "gold", unit = "requests", amount = 10, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let seated_key = seated(&engine, "ada", "Rich");
+    let seatless_key = user(&engine, "bob");
+    engine
+        .top_up("@ada", u64::MAX / 2, Some(T0_MS))
+        .expect("top up");
+    engine
+        .top_up("@bob", u64::MAX / 2, Some(T0_MS))
+        .expect("top up");
+    // 2^40 micros per token times 2^24 tokens is 2^64: one more than a u64 holds.
+    let tokens = [(Unit::Requests, 1), (Unit::Tokens, 1 << 24)];
+    for key in [&seated_key, &seatless_key] {
+        let team = if *key == seated_key { "@ada" } else { "@bob" };
+        let before = engine.credits_micros(team).expect("balance");
+        let request = UsageRequest::new(key, "gold", &tokens).at(T0_MS);
+        for answer in [
+            engine.consume(&request),
+            engine.check(&request),
+            engine.consume(&request.id("x")),
+        ] {
+            assert_eq!(
+                answer,
+                Err(Error::Overflow {
+                    field: "quantities"
+                }),
+                "{key}"
+            );
+        }
+        assert_eq!(engine.credits_micros(team).expect("balance"), before);
+    }
+    assert_eq!(
+        used(&engine, &seated_key, "gold:requests", daily(), T0_MS),
+        0
+    );
+    let one = [(Unit::Requests, 1)];
+    assert!(engine
+        .consume(
+            &UsageRequest::new(&seated_key, "gold", &one)
+                .at(T0_MS)
+                .id("x")
+        )
+        .expect("the id is free")
+        .is_admitted());
+}
+
+#[test]
+fn malformed_keys_are_errors_naming_the_key_and_change_nothing() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    let long = "k".repeat(129);
+    for key in ["", long.as_str(), "tp-ada\n", "tp\u{0}ada"] {
+        let request = UsageRequest::new(key, "m2.7", &one).at(T0_MS);
+        let error = world.refuses(|engine| engine.consume(&request));
+        assert_eq!(field(&error), "key", "{key:?}");
+        let error = world.refuses(|engine| engine.check(&request));
+        assert_eq!(field(&error), "key", "{key:?}");
+        let error = world.refuses(|engine| engine.usage(key, Some(T0_MS)));
+        assert_eq!(field(&error), "key", "{key:?}");
+        let error = world.refuses(|engine| engine.reserve(&request, None));
+        assert_eq!(field(&error), "key", "{key:?}");
+    }
+    // 128 bytes is fine: an unknown key is a denial, not an error.
+    let longest = "k".repeat(128);
+    let decision = world
+        .engine
+        .consume(&UsageRequest::new(&longest, "m2.7", &one).at(T0_MS))
+        .expect("a well-formed key");
+    assert_eq!(reason(decision), tally_engine::DenialReason::UnknownKey);
+}
+
+#[test]
+fn malformed_request_ids_are_errors_naming_the_request_id_and_change_nothing() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    let long = "r".repeat(129);
+    for id in ["", long.as_str(), "req\t1", "req\u{7f}"] {
+        let request = UsageRequest::new(&world.key, "m2.7", &one).at(T0_MS).id(id);
+        let error = world.refuses(|engine| engine.consume(&request));
+        assert_eq!(field(&error), "request_id", "{id:?}");
+        let error = world.refuses(|engine| engine.check(&request));
+        assert_eq!(field(&error), "request_id", "{id:?}");
+        let error = world.refuses(|engine| engine.refund(id, Some(T0_MS)));
+        assert_eq!(field(&error), "request_id", "{id:?}");
+    }
+}
+
+#[test]
+fn timestamps_at_or_after_2100_are_errors_naming_at_ms_and_change_nothing() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    for at_ms in [YEAR_2100_MS, YEAR_2100_MS + 1, u64::MAX] {
+        let request = UsageRequest::new(&world.key, "m2.7", &one).at(at_ms);
+        let errors = [
+            world.refuses(|engine| engine.consume(&request)),
+            world.refuses(|engine| engine.check(&request)),
+            world.refuses(|engine| engine.reserve(&request, None)),
+            world.refuses(|engine| engine.usage(&world.key, Some(at_ms))),
+            world.refuses(|engine| engine.top_up("@ada", 1, Some(at_ms))),
+            world.refuses(|engine| engine.withdraw_credits("@ada", 1, Some(at_ms))),
+            world.refuses(|engine| engine.assign_seat("@ada", "ada", "Max", Some(at_ms))),
+            world.refuses(|engine| engine.unassign_seat("@ada", "ada", Some(at_ms))),
+            world.refuses(|engine| engine.create_user("bob", "tp-bob", Some(at_ms))),
+            world.refuses(|engine| engine.create_team("acme", Some(at_ms))),
+            world.refuses(|engine| engine.reclaim_idle(Some(at_ms))),
+            world.refuses(|engine| engine.swap_policy(Policy::token_plan(), Some(at_ms))),
+        ];
+        for error in errors {
+            assert_eq!(field(&error), "at_ms", "{error}");
+            assert!(error.to_string().contains("2100"), "{error}");
+        }
+    }
+    // The user and team of the refused calls were not created.
+    assert!(world
+        .engine
+        .create_user("bob", "tp-bob", Some(T0_MS))
+        .is_ok());
+    assert!(world.engine.create_team("acme", Some(T0_MS)).is_ok());
+    // The last millisecond before 2100 is accepted.
+    let last = UsageRequest::new(&world.key, "m2.7", &one).at(YEAR_2100_MS - 1);
+    assert!(world.engine.check(&last).expect("in range").is_admitted());
+}
+
+#[test]
+fn a_bad_settlement_is_an_error_and_leaves_the_reservation_open() {
+    let world = world();
+    let estimate = [(Unit::Requests, 10)];
+    let outcome = world
+        .engine
+        .reserve(
+            &UsageRequest::new(&world.key, "m2.7", &estimate).at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    let id = outcome.reservation.expect("admitted");
+    let bad: [&[(Unit, u64)]; 3] = [
+        &[(Unit::Requests, 0)],
+        &[(Unit::Requests, MAX_QUANTITY + 1)],
+        &[(Unit::Requests, 1), (Unit::Requests, 2)],
+    ];
+    for actual in bad {
+        let error = world.refuses(|engine| engine.settle(id, actual, Some(T0_MS)));
+        assert_eq!(field(&error), "quantities", "{actual:?}");
+    }
+    let not_metered = [(Unit::Images, 1)];
+    world.refuses(|engine| engine.settle(id, &not_metered, Some(T0_MS)));
+    let error = world.refuses(|engine| engine.settle(id, &estimate, Some(YEAR_2100_MS)));
+    assert_eq!(field(&error), "at_ms");
+    assert_eq!(world.engine.open_reservations(), 1);
+    assert!(world.engine.settle(id, &estimate, Some(T0_MS)).is_ok());
+}
+
+#[test]
+fn a_bad_usage_correction_is_an_error_and_changes_nothing() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    let add = tally_engine::AdjustmentDirection::Add;
+    let error = world.refuses(|e| e.adjust_usage(&world.key, "m9", &one, T0_MS, add, Some(T0_MS)));
+    assert!(matches!(error, Error::UnknownResource { .. }), "{error:?}");
+    let zero = [(Unit::Requests, 0)];
+    let error =
+        world.refuses(|e| e.adjust_usage(&world.key, "m2.7", &zero, T0_MS, add, Some(T0_MS)));
+    assert_eq!(field(&error), "quantities");
+    let error = world.refuses(|e| e.adjust_usage("", "m2.7", &one, T0_MS, add, Some(T0_MS)));
+    assert_eq!(field(&error), "key");
+    let error =
+        world.refuses(|e| e.adjust_usage("tp-nobody", "m2.7", &one, T0_MS, add, Some(T0_MS)));
+    assert!(matches!(error, Error::UnknownKey { .. }), "{error:?}");
+}
+
+#[test]
+#[ignore = "engine bug: adjust_usage with usage_at_ms >= 2100 reports the error under field \"at_ms\" instead of \"usage_at_ms\""]
+fn a_usage_correction_dated_after_2100_names_usage_at_ms() {
+    let world = world();
+    let one = [(Unit::Requests, 1)];
+    let add = tally_engine::AdjustmentDirection::Add;
+    let error =
+        world.refuses(|e| e.adjust_usage(&world.key, "m2.7", &one, YEAR_2100_MS, add, Some(T0_MS)));
+    assert_eq!(field(&error), "usage_at_ms");
+}
+
+// ---- Accounts and credits ---------------------------------------------------------------------
+
+#[test]
+fn a_zero_top_up_or_withdrawal_is_an_error_naming_micros_and_changes_nothing() {
+    let world = world();
+    let error = world.refuses(|engine| engine.top_up("@ada", 0, Some(T0_MS)));
+    assert_eq!(field(&error), "micros");
+    let error = world.refuses(|engine| engine.withdraw_credits("@ada", 0, Some(T0_MS)));
+    assert_eq!(field(&error), "micros");
+}
+
+#[test]
+fn a_top_up_that_would_overflow_is_an_error_and_changes_nothing() {
+    let world = world();
+    let balance = world.engine.credits_micros("@ada").expect("balance");
+    let error = world.refuses(|engine| engine.top_up("@ada", u64::MAX - balance + 1, Some(T0_MS)));
+    assert_eq!(error, Error::Overflow { field: "micros" });
+    assert!(error.to_string().starts_with("micros:"));
+    assert_eq!(
+        world.engine.top_up("@ada", u64::MAX - balance, Some(T0_MS)),
+        Ok(u64::MAX)
+    );
+}
+
+#[test]
+fn unknown_teams_users_and_plans_are_errors_naming_them_and_change_nothing() {
+    let world = world();
+    let engine = &world.engine;
+    engine.create_team("acme", Some(T0_MS)).expect("team");
+    let cases: Vec<(Error, &str)> = vec![
+        (world.refuses(|e| e.top_up("nope", 1, Some(T0_MS))), "team:"),
+        (
+            world.refuses(|e| e.withdraw_credits("nope", 1, Some(T0_MS))),
+            "team:",
+        ),
+        (world.refuses(|e| e.credits_micros("nope")), "team:"),
+        (
+            world.refuses(|e| e.add_member("nope", "ada", "k-1", Some(T0_MS))),
+            "team:",
+        ),
+        (
+            world.refuses(|e| e.add_member("acme", "nobody", "k-2", Some(T0_MS))),
+            "user:",
+        ),
+        (
+            world.refuses(|e| e.create_payg_key("nobody", "k-3", Some(T0_MS))),
+            "user:",
+        ),
+        (
+            world.refuses(|e| e.assign_seat("@ada", "ada", "Gold", Some(T0_MS))),
+            "plan:",
+        ),
+        (
+            world.refuses(|e| e.assign_seat("@ada", "nobody", "Plus", Some(T0_MS))),
+            "user:",
+        ),
+        (
+            world.refuses(|e| e.unassign_seat("nope", "ada", Some(T0_MS))),
+            "team:",
+        ),
+        (
+            world.refuses(|e| e.assign_seat("acme", "ada", "Plus", Some(T0_MS))),
+            "user:",
+        ),
+    ];
+    for (error, prefix) in &cases {
+        assert!(
+            error.to_string().starts_with(prefix),
+            "{error} should start with {prefix}"
+        );
+    }
+    assert_eq!(
+        cases[6].0,
+        Error::UnknownPlan {
+            plan: "Gold".into()
+        }
+    );
+    assert!(matches!(cases[9].0, Error::NotAMember { .. }));
+    // None of the keys of the refused calls exist.
+    for key in ["k-1", "k-2", "k-3"] {
+        assert!(matches!(
+            engine.usage(key, Some(T0_MS)),
+            Err(Error::UnknownKey { .. })
+        ));
+    }
+    assert_eq!(
+        engine
+            .usage(&world.key, Some(T0_MS))
+            .expect("report")
+            .plan
+            .as_deref(),
+        Some("Plus")
+    );
+}
+
+#[test]
+fn malformed_user_and_team_names_are_errors_naming_the_field() {
+    let world = world();
+    let long = "u".repeat(129);
+    for name in ["", long.as_str(), "bo\nb"] {
+        let error = world.refuses(|e| e.create_user(name, "tp-new", Some(T0_MS)));
+        assert_eq!(field(&error), "user", "{name:?}");
+        let error = world.refuses(|e| e.create_team(name, Some(T0_MS)));
+        assert_eq!(field(&error), "team", "{name:?}");
+    }
+    let error = world.refuses(|e| e.create_team("@bob", Some(T0_MS)));
+    assert_eq!(field(&error), "team");
+    let error = world.refuses(|e| e.create_user("bob", "", Some(T0_MS)));
+    assert_eq!(field(&error), "key");
+    // bob was never half-created.
+    assert!(world
+        .engine
+        .create_user("bob", "tp-bob", Some(T0_MS))
+        .is_ok());
+}
+
+#[test]
+fn creating_something_that_exists_is_an_error_and_changes_nothing() {
+    let world = world();
+    let error = world.refuses(|e| e.create_user("ada", "tp-other", Some(T0_MS)));
+    assert_eq!(
+        error,
+        Error::AlreadyExists {
+            what: "user",
+            id: "ada".into()
+        }
+    );
+    let error = world.refuses(|e| e.create_user("bob", &world.key, Some(T0_MS)));
+    assert!(
+        matches!(error, Error::AlreadyExists { what: "key", .. }),
+        "{error:?}"
+    );
+    world.engine.create_team("acme", Some(T0_MS)).expect("team");
+    let error = world.refuses(|e| e.create_team("acme", Some(T0_MS)));
+    assert!(
+        matches!(error, Error::AlreadyExists { what: "team", .. }),
+        "{error:?}"
+    );
+    // The refused calls did not create bob nor his Default Team.
+    assert!(matches!(
+        world.engine.credits_micros("@bob"),
+        Err(Error::UnknownTeam { .. })
+    ));
+    assert!(world
+        .engine
+        .create_user("bob", "tp-bob", Some(T0_MS))
+        .is_ok());
+}
+
+// ---- Malformed policies -----------------------------------------------------------------------
+
+const BASE: &str = r#"
+time_zone = "Asia/Shanghai"
+
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 1 }
+
+[plans.Basic]
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "rolling:5h" },
+]
+"#;
+
+const LIMIT: &str =
+    r#"{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h" }"#;
+
+fn policy_error(text: &str) -> PolicyError {
+    Policy::from_toml_str(text).expect_err("a malformed policy")
+}
+
+/// The base policy with its one limit replaced.
+fn with_limit(limit: &str) -> String {
+    assert_eq!(BASE.matches(LIMIT).count(), 1);
+    BASE.replace(LIMIT, limit)
+}
+
+#[test]
+fn the_base_policy_of_these_tests_is_valid() {
+    Policy::from_toml_str(BASE).expect("valid");
+    Policy::from_toml_str(&with_limit(
+        r#"{ resource = "chat", unit = "requests", amount = 4294967295, window = "rolling:5h", bucket = "2h30m" }"#,
+    ))
+    .expect("u32::MAX and a bucket of half the window are the largest allowed");
+}
+
+#[test]
+fn a_toml_syntax_error_is_refused_with_its_line() {
+    let error = policy_error(&BASE.replace("time_zone = \"Asia/Shanghai\"", "time_zone = "));
+    assert_eq!(error.field, "(toml)");
+    assert!(error.problem.contains("line 2"), "{}", error.problem);
+}
+
+#[test]
+fn an_unknown_field_is_refused_naming_it() {
+    let error = policy_error(&BASE.replace("[plans.Basic]", "[plans.Basic]\ncolour = \"red\""));
+    assert!(error.problem.contains("colour"), "{error}");
+    assert!(error.problem.contains("line 9"), "{error}");
+}
+
+#[test]
+#[ignore = "engine bug: serde-level policy errors (unknown or missing fields) put \"(toml)\" in PolicyError.field instead of the offending path"]
+fn an_unknown_field_is_refused_with_its_path_in_the_field() {
+    let error = policy_error(&BASE.replace("[plans.Basic]", "[plans.Basic]\ncolour = \"red\""));
+    assert!(error.field.contains("Basic"), "field is {:?}", error.field);
+}
+
+#[test]
+fn a_policy_without_plans_is_refused() {
+    let without_table = BASE.split("[plans.Basic]").next().expect("text");
+    let error = policy_error(without_table);
+    assert!(error.problem.contains("plans"), "{error}");
+    let empty = format!("{without_table}[plans]\n");
+    let error = policy_error(&empty);
+    assert_eq!(error.field, "plans");
+}
+
+#[test]
+fn an_unknown_resource_in_a_limit_is_refused_naming_the_limits_resource() {
+    let error = policy_error(&with_limit(
+        r#"{ resource = "chatt", unit = "requests", amount = 100, window = "rolling:5h" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].resource"#);
+    assert!(error.problem.contains("chatt"), "{error}");
+}
+
+#[test]
+fn a_unit_the_resource_does_not_meter_is_refused_naming_the_limits_unit() {
+    let error = policy_error(&with_limit(
+        r#"{ resource = "chat", unit = "images", amount = 100, window = "rolling:5h" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].unit"#);
+}
+
+#[test]
+fn a_zero_amount_is_refused_naming_the_limits_amount() {
+    let error = policy_error(&with_limit(
+        r#"{ resource = "chat", unit = "requests", amount = 0, window = "daily" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].amount"#);
+}
+
+#[test]
+fn a_rolling_amount_above_u32_max_is_refused_naming_the_limits_amount() {
+    let error = policy_error(&with_limit(
+        r#"{ resource = "chat", unit = "requests", amount = 4294967296, window = "rolling:5h" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].amount"#);
+    assert!(error.problem.contains("4294967295"), "{error}");
+}
+
+#[test]
+fn a_bad_window_is_refused_naming_the_limits_window() {
+    for window in [
+        "hourly",
+        "rolling:5x",
+        "rolling:",
+        "rolling:1s",
+        "rolling:400d",
+    ] {
+        let error = policy_error(&with_limit(&format!(
+            r#"{{ resource = "chat", unit = "requests", amount = 100, window = "{window}" }}"#
+        )));
+        assert_eq!(error.field, r#"plans."Basic".limits[0].window"#, "{window}");
+    }
+}
+
+#[test]
+fn a_bad_time_zone_is_refused_naming_time_zone() {
+    let error = policy_error(&BASE.replace("Asia/Shanghai", "Mars/Olympus_Mons"));
+    assert_eq!(error.field, "time_zone");
+    assert!(error.problem.contains("Mars/Olympus_Mons"), "{error}");
+}
+
+#[test]
+fn a_bucket_wider_than_half_the_window_is_refused_naming_the_limits_bucket() {
+    for bucket in ["2h30m1s", "3h", "5h", "0s", "500ms"] {
+        let error = policy_error(&with_limit(&format!(
+            r#"{{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "{bucket}" }}"#
+        )));
+        assert_eq!(error.field, r#"plans."Basic".limits[0].bucket"#, "{bucket}");
+    }
+    let error = policy_error(&with_limit(
+        r#"{ resource = "chat", unit = "requests", amount = 100, window = "daily", bucket = "1h" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].bucket"#);
+}
+
+#[test]
+fn an_unknown_meter_in_a_limit_is_refused_naming_the_limits_meter() {
+    let error = policy_error(&with_limit(
+        r#"{ meter = "bar", amount = 100, window = "daily" }"#,
+    ));
+    assert_eq!(error.field, r#"plans."Basic".limits[0].meter"#);
+}
+
+#[test]
+fn a_policy_error_reads_as_its_field_then_the_problem() {
+    let error = policy_error(&BASE.replace("Asia/Shanghai", "Nowhere/Land"));
+    assert!(error.to_string().starts_with("time_zone: "), "{error}");
+    let wrapped = Error::from(error);
+    assert!(
+        wrapped.to_string().starts_with("policy: time_zone: "),
+        "{wrapped}"
+    );
+}

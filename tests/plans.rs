@@ -1,0 +1,661 @@
+//! Every cell of the seed's two plan tables ("Token Plan", Standard Plans and Highspeed Plans):
+//! the shipped policy admits exactly the seed's figure in its window and denies the next unit;
+//! an empty cell means the plan does not cover the resource (credits may still pay for it).
+//!
+//! The figures below are copied from the seed text, not read from the policy file: the point is
+//! that the shipped policy matches the published tables.
+
+mod common;
+
+use common::*;
+use tally_engine::{ChargedTo, DenialReason, Engine, Unit};
+
+/// How one unit of a cell is asked for: songs carry their length (at most 5 minutes each).
+fn one_unit(unit: Unit) -> Vec<(Unit, u64)> {
+    match unit {
+        Unit::Songs => vec![(Unit::Songs, 1), (Unit::Seconds, 300)],
+        other => vec![(other, 1)],
+    }
+}
+
+/// Fills `resource` up to `figure` units at `at_ms`, in requests of at most `chunk` units.
+/// Returns how many units were admitted.
+fn fill(engine: &Engine, key: &str, resource: &str, unit: Unit, figure: u64, at_ms: u64) -> u64 {
+    // Characters come in large requests; everything else one unit per request, as the seed
+    // counts them ("requests", "images", "songs", videos per day).
+    let chunk = if unit == Unit::Characters { 700 } else { 1 };
+    let mut admitted_units = 0;
+    let mut left = figure;
+    while left > 0 {
+        let size = left.min(chunk);
+        let quantities = match unit {
+            Unit::Songs => vec![(Unit::Songs, size), (Unit::Seconds, 300)],
+            other => vec![(other, size)],
+        };
+        if consume(engine, key, resource, &quantities, at_ms).is_admitted() {
+            admitted_units += size;
+        }
+        left -= size;
+    }
+    admitted_units
+}
+
+/// The seed's figure for `plan` on `resource` per `unit`: exactly `figure` units are admitted in
+/// the window, the next unit is denied with `QuotaExhausted` on that limit, and the quota comes
+/// back when the window resets.
+fn assert_seed_quota(plan: &str, resource: &str, unit: Unit, figure: u64, rolling: bool) {
+    let engine = engine();
+    let key = seated(&engine, "ada", plan);
+    let meter = format!("{resource}:{unit}");
+    let window = if rolling { five_hours() } else { daily() };
+    let index = limit_index(&engine, plan, &meter, window);
+
+    let start_ms = T0_MS + HOUR_MS;
+    let admitted_units = fill(&engine, &key, resource, unit, figure, start_ms);
+    assert_eq!(
+        admitted_units, figure,
+        "{plan}: {resource} admits the seed's {figure} {unit}"
+    );
+    let report = limit(&engine, &key, &meter, window, start_ms);
+    assert_eq!((report.amount, report.used), (figure, figure), "{plan}");
+    assert_eq!(report.remaining, 0, "{plan}");
+
+    let next = consume(
+        &engine,
+        &key,
+        resource,
+        &one_unit(unit),
+        start_ms + MINUTE_MS,
+    );
+    let (denied_limit, retry_at_ms, _, _) = quota_exhausted(next);
+    assert_eq!(denied_limit, index, "{plan}: the {meter} limit denies");
+    let denial = denied(next);
+    assert_eq!(denial.plan, Some(plan_id(&engine, plan)));
+    let status = denial
+        .limits
+        .as_slice()
+        .iter()
+        .find(|status| status.limit == index)
+        .expect("the denial reports the limit");
+    assert_eq!((status.amount, status.used), (figure, figure), "{plan}");
+
+    let reset_ms = if rolling {
+        assert!(
+            retry_at_ms >= start_ms + FIVE_HOURS_MS,
+            "{plan}: not before 5 h"
+        );
+        // Generous: the exact lateness is checked in tests/windows.rs.
+        start_ms + FIVE_HOURS_MS + 2 * BUCKET_MS
+    } else {
+        // Local midnight in Asia/Shanghai after T0 + 1 h.
+        assert_eq!(retry_at_ms, T0_MS + DAY_MS, "{plan}: daily reset");
+        T0_MS + DAY_MS
+    };
+    if !rolling {
+        let before_reset = consume(&engine, &key, resource, &one_unit(unit), reset_ms - 1);
+        assert!(
+            !before_reset.is_admitted(),
+            "{plan}: nothing back before local midnight"
+        );
+    }
+    let again = fill(&engine, &key, resource, unit, figure, reset_ms);
+    assert_eq!(
+        again, figure,
+        "{plan}: the whole quota is back after the reset"
+    );
+    assert!(!consume(&engine, &key, resource, &one_unit(unit), reset_ms).is_admitted());
+}
+
+/// A request larger than the whole limit can never fit: `ExceedsLimit`, not a wait.
+fn assert_one_request_over_the_figure_exceeds_the_limit(
+    plan: &str,
+    resource: &str,
+    unit: Unit,
+    figure: u64,
+) {
+    let engine = engine();
+    let key = seated(&engine, "ada", plan);
+    let decision = consume(&engine, &key, resource, &[(unit, figure + 1)], T0_MS);
+    match reason(decision) {
+        DenialReason::ExceedsLimit {
+            amount, requested, ..
+        } => assert_eq!((amount, requested), (figure, figure + 1), "{plan}"),
+        other => panic!("{plan}: expected ExceedsLimit, got {other:?}"),
+    }
+    assert!(consume(&engine, &key, resource, &[(unit, figure)], T0_MS).is_admitted());
+}
+
+/// An empty cell: the plan does not cover the resource; with team credits the request is
+/// charged to credits at the resource's price.
+fn assert_not_covered(plan: &str, resource: &str, unit: Unit) {
+    let engine = engine();
+    let key = seated(&engine, "ada", plan);
+    let quantities = one_unit(unit);
+    match reason(consume(&engine, &key, resource, &quantities, T0_MS)) {
+        DenialReason::ResourceNotCovered { resource: denied } => {
+            assert_eq!(denied, resource_id(&engine, resource), "{plan}")
+        }
+        other => panic!("{plan}: expected ResourceNotCovered for {resource}, got {other:?}"),
+    }
+    let report = engine.usage(&key, Some(T0_MS)).expect("report");
+    assert!(
+        report
+            .limits
+            .iter()
+            .all(|limit| !limit.meter.starts_with(&format!("{resource}:"))),
+        "{plan} has no limit on {resource}"
+    );
+
+    let top_up_micros = 10_000_000;
+    engine
+        .top_up("@ada", top_up_micros, Some(T0_MS))
+        .expect("top up");
+    let price = price_micros(&engine, resource, &quantities);
+    let admission = admitted(consume(&engine, &key, resource, &quantities, T0_MS));
+    assert_eq!(admission.charged_to, ChargedTo::Credits { micros: price });
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        top_up_micros - price
+    );
+}
+
+macro_rules! seed_quota {
+    ($name:ident, $plan:literal, $resource:literal, $unit:expr, $figure:literal, rolling) => {
+        #[test]
+        fn $name() {
+            assert_seed_quota($plan, $resource, $unit, $figure, true);
+        }
+    };
+    ($name:ident, $plan:literal, $resource:literal, $unit:expr, $figure:literal, daily) => {
+        #[test]
+        fn $name() {
+            assert_seed_quota($plan, $resource, $unit, $figure, false);
+        }
+    };
+}
+
+macro_rules! not_covered {
+    ($name:ident, $plan:literal, $resource:literal, $unit:expr) => {
+        #[test]
+        fn $name() {
+            assert_not_covered($plan, $resource, $unit);
+        }
+    };
+}
+
+// ---- Standard Plans: Starter, Plus, Max -------------------------------------------------------
+// M2.7:           1,500 / 4,500 / 15,000 requests per 5 hours
+// Speech 2.8:     (empty) / 4,000 / 11,000 characters per day
+// image-01:       (empty) / 50 / 120 images per day
+// Hailuo-2.3-Fast 768P 6s: (empty) / (empty) / 2 per day
+// Hailuo-2.3 768P 6s:      (empty) / (empty) / 2 per day
+// Music-2.6:      100 / 100 / 100 songs per day (each at most 5 minutes)
+
+seed_quota!(
+    starter_admits_1500_m27_requests_in_five_hours_and_denies_the_1501st,
+    "Starter",
+    "m2.7",
+    Unit::Requests,
+    1500,
+    rolling
+);
+not_covered!(
+    starter_does_not_cover_speech,
+    "Starter",
+    "speech-2.8",
+    Unit::Characters
+);
+not_covered!(
+    starter_does_not_cover_image_01,
+    "Starter",
+    "image-01",
+    Unit::Images
+);
+not_covered!(
+    starter_does_not_cover_hailuo_fast,
+    "Starter",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos
+);
+not_covered!(
+    starter_does_not_cover_hailuo,
+    "Starter",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos
+);
+seed_quota!(
+    starter_admits_100_songs_a_day_and_denies_the_101st,
+    "Starter",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+seed_quota!(
+    plus_admits_4500_m27_requests_in_five_hours_and_denies_the_4501st,
+    "Plus",
+    "m2.7",
+    Unit::Requests,
+    4500,
+    rolling
+);
+seed_quota!(
+    plus_admits_4000_speech_characters_a_day_and_denies_the_4001st,
+    "Plus",
+    "speech-2.8",
+    Unit::Characters,
+    4000,
+    daily
+);
+seed_quota!(
+    plus_admits_50_images_a_day_and_denies_the_51st,
+    "Plus",
+    "image-01",
+    Unit::Images,
+    50,
+    daily
+);
+not_covered!(
+    plus_does_not_cover_hailuo_fast,
+    "Plus",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos
+);
+not_covered!(
+    plus_does_not_cover_hailuo,
+    "Plus",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos
+);
+seed_quota!(
+    plus_admits_100_songs_a_day_and_denies_the_101st,
+    "Plus",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+seed_quota!(
+    max_admits_15000_m27_requests_in_five_hours_and_denies_the_15001st,
+    "Max",
+    "m2.7",
+    Unit::Requests,
+    15000,
+    rolling
+);
+seed_quota!(
+    max_admits_11000_speech_characters_a_day_and_denies_the_11001st,
+    "Max",
+    "speech-2.8",
+    Unit::Characters,
+    11000,
+    daily
+);
+seed_quota!(
+    max_admits_120_images_a_day_and_denies_the_121st,
+    "Max",
+    "image-01",
+    Unit::Images,
+    120,
+    daily
+);
+seed_quota!(
+    max_admits_2_hailuo_fast_videos_a_day_and_denies_the_3rd,
+    "Max",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos,
+    2,
+    daily
+);
+seed_quota!(
+    max_admits_2_hailuo_videos_a_day_and_denies_the_3rd,
+    "Max",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos,
+    2,
+    daily
+);
+seed_quota!(
+    max_admits_100_songs_a_day_and_denies_the_101st,
+    "Max",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+// ---- Highspeed Plans: Plus-Highspeed, Max-Highspeed, Ultra-Highspeed -------------------------
+// M2.7-highspeed: 4,500 / 15,000 / 30,000 requests per 5 hours
+// Speech 2.8:     9,000 / 19,000 / 50,000 characters per day
+// image-01:       100 / 200 / 800 images per day
+// Hailuo-2.3-Fast 768P 6s: (empty) / 3 / 5 per day
+// Hailuo-2.3 768P 6s:      (empty) / 3 / 5 per day
+// Music-2.6:      100 / 100 / 100 songs per day (each at most 5 minutes)
+
+seed_quota!(
+    plus_highspeed_admits_4500_m27_highspeed_requests_in_five_hours_and_denies_the_4501st,
+    "Plus-Highspeed",
+    "m2.7-highspeed",
+    Unit::Requests,
+    4500,
+    rolling
+);
+seed_quota!(
+    plus_highspeed_admits_9000_speech_characters_a_day_and_denies_the_9001st,
+    "Plus-Highspeed",
+    "speech-2.8",
+    Unit::Characters,
+    9000,
+    daily
+);
+seed_quota!(
+    plus_highspeed_admits_100_images_a_day_and_denies_the_101st,
+    "Plus-Highspeed",
+    "image-01",
+    Unit::Images,
+    100,
+    daily
+);
+not_covered!(
+    plus_highspeed_does_not_cover_hailuo_fast,
+    "Plus-Highspeed",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos
+);
+not_covered!(
+    plus_highspeed_does_not_cover_hailuo,
+    "Plus-Highspeed",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos
+);
+seed_quota!(
+    plus_highspeed_admits_100_songs_a_day_and_denies_the_101st,
+    "Plus-Highspeed",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+seed_quota!(
+    max_highspeed_admits_15000_m27_highspeed_requests_in_five_hours_and_denies_the_15001st,
+    "Max-Highspeed",
+    "m2.7-highspeed",
+    Unit::Requests,
+    15000,
+    rolling
+);
+seed_quota!(
+    max_highspeed_admits_19000_speech_characters_a_day_and_denies_the_19001st,
+    "Max-Highspeed",
+    "speech-2.8",
+    Unit::Characters,
+    19000,
+    daily
+);
+seed_quota!(
+    max_highspeed_admits_200_images_a_day_and_denies_the_201st,
+    "Max-Highspeed",
+    "image-01",
+    Unit::Images,
+    200,
+    daily
+);
+seed_quota!(
+    max_highspeed_admits_3_hailuo_fast_videos_a_day_and_denies_the_4th,
+    "Max-Highspeed",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos,
+    3,
+    daily
+);
+seed_quota!(
+    max_highspeed_admits_3_hailuo_videos_a_day_and_denies_the_4th,
+    "Max-Highspeed",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos,
+    3,
+    daily
+);
+seed_quota!(
+    max_highspeed_admits_100_songs_a_day_and_denies_the_101st,
+    "Max-Highspeed",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+seed_quota!(
+    ultra_highspeed_admits_30000_m27_highspeed_requests_in_five_hours_and_denies_the_30001st,
+    "Ultra-Highspeed",
+    "m2.7-highspeed",
+    Unit::Requests,
+    30000,
+    rolling
+);
+seed_quota!(
+    ultra_highspeed_admits_50000_speech_characters_a_day_and_denies_the_50001st,
+    "Ultra-Highspeed",
+    "speech-2.8",
+    Unit::Characters,
+    50000,
+    daily
+);
+seed_quota!(
+    ultra_highspeed_admits_800_images_a_day_and_denies_the_801st,
+    "Ultra-Highspeed",
+    "image-01",
+    Unit::Images,
+    800,
+    daily
+);
+seed_quota!(
+    ultra_highspeed_admits_5_hailuo_fast_videos_a_day_and_denies_the_6th,
+    "Ultra-Highspeed",
+    "hailuo-2.3-fast-768p-6s",
+    Unit::Videos,
+    5,
+    daily
+);
+seed_quota!(
+    ultra_highspeed_admits_5_hailuo_videos_a_day_and_denies_the_6th,
+    "Ultra-Highspeed",
+    "hailuo-2.3-768p-6s",
+    Unit::Videos,
+    5,
+    daily
+);
+seed_quota!(
+    ultra_highspeed_admits_100_songs_a_day_and_denies_the_101st,
+    "Ultra-Highspeed",
+    "music-2.6",
+    Unit::Songs,
+    100,
+    daily
+);
+
+// ---- M2.7 versus M2.7-highspeed ---------------------------------------------------------------
+
+not_covered!(
+    plus_highspeed_does_not_cover_plain_m27,
+    "Plus-Highspeed",
+    "m2.7",
+    Unit::Requests
+);
+not_covered!(
+    max_highspeed_does_not_cover_plain_m27,
+    "Max-Highspeed",
+    "m2.7",
+    Unit::Requests
+);
+not_covered!(
+    ultra_highspeed_does_not_cover_plain_m27,
+    "Ultra-Highspeed",
+    "m2.7",
+    Unit::Requests
+);
+not_covered!(
+    starter_does_not_cover_m27_highspeed,
+    "Starter",
+    "m2.7-highspeed",
+    Unit::Requests
+);
+not_covered!(
+    plus_does_not_cover_m27_highspeed,
+    "Plus",
+    "m2.7-highspeed",
+    Unit::Requests
+);
+not_covered!(
+    max_does_not_cover_m27_highspeed,
+    "Max",
+    "m2.7-highspeed",
+    Unit::Requests
+);
+
+// ---- One request larger than the whole quota --------------------------------------------------
+
+#[test]
+fn one_request_for_more_than_a_whole_quota_is_denied_as_exceeding_the_limit() {
+    let cells = [
+        ("Starter", "m2.7", Unit::Requests, 1500),
+        ("Plus", "speech-2.8", Unit::Characters, 4000),
+        ("Max", "image-01", Unit::Images, 120),
+        ("Max", "hailuo-2.3-fast-768p-6s", Unit::Videos, 2),
+        ("Ultra-Highspeed", "m2.7-highspeed", Unit::Requests, 30000),
+        ("Ultra-Highspeed", "speech-2.8", Unit::Characters, 50000),
+    ];
+    for (plan, resource, unit, figure) in cells {
+        assert_one_request_over_the_figure_exceeds_the_limit(plan, resource, unit, figure);
+    }
+}
+
+// ---- Songs: at most 5 minutes each ------------------------------------------------------------
+
+#[test]
+fn a_song_of_exactly_five_minutes_is_admitted_on_every_plan() {
+    for plan in [
+        "Starter",
+        "Plus",
+        "Max",
+        "Plus-Highspeed",
+        "Max-Highspeed",
+        "Ultra-Highspeed",
+    ] {
+        let engine = engine();
+        let key = seated(&engine, "ada", plan);
+        let song = [(Unit::Songs, 1), (Unit::Seconds, 300)];
+        assert!(
+            consume(&engine, &key, "music-2.6", &song, T0_MS).is_admitted(),
+            "{plan}"
+        );
+        assert_eq!(
+            used(&engine, &key, "music-2.6:songs", daily(), T0_MS),
+            1,
+            "{plan}"
+        );
+    }
+}
+
+#[test]
+fn a_song_of_301_seconds_is_over_the_request_maximum_on_every_plan_and_counts_nothing() {
+    for plan in [
+        "Starter",
+        "Plus",
+        "Max",
+        "Plus-Highspeed",
+        "Max-Highspeed",
+        "Ultra-Highspeed",
+    ] {
+        let engine = engine();
+        let key = seated(&engine, "ada", plan);
+        engine
+            .top_up("@ada", 10_000_000, Some(T0_MS))
+            .expect("top up");
+        let song = [(Unit::Songs, 1), (Unit::Seconds, 301)];
+        assert_eq!(
+            reason(consume(&engine, &key, "music-2.6", &song, T0_MS)),
+            DenialReason::OverRequestMaximum {
+                unit: Unit::Seconds,
+                maximum: 300,
+                requested: 301
+            },
+            "{plan}"
+        );
+        assert_eq!(
+            used(&engine, &key, "music-2.6:songs", daily(), T0_MS),
+            0,
+            "{plan}"
+        );
+        assert_eq!(
+            engine.credits_micros("@ada").expect("balance"),
+            10_000_000,
+            "{plan}: credits do not pay for an over-long song either"
+        );
+    }
+}
+
+#[test]
+fn two_songs_in_one_request_are_over_the_request_maximum() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Max");
+    let songs = [(Unit::Songs, 2), (Unit::Seconds, 300)];
+    assert!(matches!(
+        reason(consume(&engine, &key, "music-2.6", &songs, T0_MS)),
+        DenialReason::OverRequestMaximum {
+            unit: Unit::Songs,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn an_over_long_song_is_denied_even_when_credits_would_pay_for_it() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", 10_000_000, Some(T0_MS))
+        .expect("top up");
+    let song = [(Unit::Songs, 1), (Unit::Seconds, 301)];
+    assert!(matches!(
+        reason(consume(&engine, &key, "music-2.6", &song, T0_MS)),
+        DenialReason::OverRequestMaximum { .. }
+    ));
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 10_000_000);
+    let song = [(Unit::Songs, 1), (Unit::Seconds, 300)];
+    assert!(consume(&engine, &key, "music-2.6", &song, T0_MS).is_admitted());
+}
+
+// ---- The older seed's plans: price per month and agents ---------------------------------------
+
+#[test]
+fn the_usage_bar_plans_carry_the_older_seeds_prices_and_agent_counts() {
+    // "$20 /month, 3-4 agents", "$50 /month, 4-5 agents", "$120 /month, 6-7 agents"; the cap on
+    // open reservations is the upper figure of each range.
+    let engine = engine();
+    let policy = engine.policy();
+    for (plan, price_micros, agents) in [
+        ("Bar-Plus", 20_000_000, 4),
+        ("Bar-Max", 50_000_000, 5),
+        ("Bar-Ultra", 120_000_000, 7),
+    ] {
+        let plan = policy.plan(plan_id(&engine, plan));
+        assert_eq!(
+            plan.price_micros_per_month,
+            Some(price_micros),
+            "{}",
+            plan.name
+        );
+        assert_eq!(plan.max_open_reservations, Some(agents), "{}", plan.name);
+        let windows: Vec<_> = plan.limits.iter().map(|limit| limit.window).collect();
+        assert_eq!(
+            windows,
+            vec![five_hours(), weekly()],
+            "{}: 5-hour rolling and weekly windows",
+            plan.name
+        );
+    }
+}
