@@ -501,9 +501,10 @@ impl HotKey {
         self.consume_stream.count(admitted)
     }
 
-    /// Follows the consume stream's clock, so the windows it reads are full of real usage.
+    /// Shares the consume stream's clock: the windows it reads are full of real usage, and
+    /// since a check also moves a window's head, a consume after it never goes back in time.
     fn tally_check(&self) -> bool {
-        let step = self.check_stream.next() + self.consume_stream.step.get();
+        let step = self.consume_stream.next();
         let request = UsageRequest::new(black_box(&self.key), BENCH_RESOURCE, ONE_REQUEST);
         let admitted = tally_admitted(self.engine.check(&request.at(at_ms(step))));
         self.check_stream.count(admitted)
