@@ -22,6 +22,7 @@ pub struct Quantities(pub(crate) [u64; UNIT_COUNT]);
 
 impl Quantities {
     /// Validates `(unit, quantity)` pairs: at least one, no unit twice, each in 1..=2^40.
+    #[inline]
     pub fn new(pairs: &[(Unit, u64)]) -> Result<Quantities, Error> {
         if pairs.is_empty() {
             return Err(Error::invalid(
@@ -68,6 +69,11 @@ impl Quantities {
 
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|quantity| *quantity == 0)
+    }
+
+    /// The sum of every quantity (at most 7 x 2^40: cannot overflow).
+    pub fn sum(&self) -> u64 {
+        self.0.iter().sum()
     }
 
     pub fn pairs(&self) -> impl Iterator<Item = (Unit, u64)> + '_ {
@@ -130,10 +136,34 @@ impl LimitStatus {
 }
 
 /// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-#[derive(Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct LimitStatuses {
     len: u8,
     items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
+}
+
+// Encoded as a list of the used slots only (the log stores decisions).
+impl serde::Serialize for LimitStatuses {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.as_slice())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for LimitStatuses {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let items: Vec<LimitStatus> = serde::Deserialize::deserialize(deserializer)?;
+        if items.len() > MAX_LIMITS_PER_RESOURCE {
+            return Err(serde::de::Error::invalid_length(
+                items.len(),
+                &"at most 4 limit statuses",
+            ));
+        }
+        let mut statuses = LimitStatuses::default();
+        for item in items {
+            statuses.push(item);
+        }
+        Ok(statuses)
+    }
 }
 
 impl std::fmt::Debug for LimitStatuses {
@@ -257,10 +287,34 @@ pub struct Receipt {
 }
 
 /// Units held on counters: `(counter, amount, epoch or period)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Holds {
     pub len: u8,
     pub items: [(CounterId, u64, u64); MAX_LIMITS_PER_RESOURCE],
+}
+
+// Encoded as a list of the used slots only.
+impl serde::Serialize for Holds {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.as_slice())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Holds {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let items: Vec<(CounterId, u64, u64)> = serde::Deserialize::deserialize(deserializer)?;
+        if items.len() > MAX_LIMITS_PER_RESOURCE {
+            return Err(serde::de::Error::invalid_length(
+                items.len(),
+                &"at most 4 holds",
+            ));
+        }
+        let mut holds = Holds::default();
+        for item in items {
+            holds.push(item);
+        }
+        Ok(holds)
+    }
 }
 
 impl Holds {
@@ -294,7 +348,15 @@ impl Amounts {
             items: [(0, 0); MAX_LIMITS_PER_RESOURCE],
         };
         for touch in touches {
-            let amount = quantities.weighted(&touch.weights)?;
+            let amount =
+                match touch.single {
+                    Some((unit, weight)) => quantities.0[usize::from(unit)]
+                        .checked_mul(weight)
+                        .ok_or(Error::Overflow {
+                            field: "quantities",
+                        })?,
+                    None => quantities.weighted(&touch.weights)?,
+                };
             if amount > 0 {
                 amounts.items[amounts.len] = (touch.limit, amount);
                 amounts.len += 1;
@@ -345,6 +407,7 @@ pub(crate) enum QuotaOutcome {
 
 /// Tries to take `amounts` from the plan's limits for this key. In `Check` mode nothing is
 /// taken or moved (not even a window's head). `at_ms` has been validated.
+#[inline]
 pub(crate) fn try_quota(
     policy: &Policy,
     plan_id: PlanId,

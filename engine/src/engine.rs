@@ -734,6 +734,7 @@ impl Engine {
     // Admission (hot: a key shard's read lock and lock-free windows).
 
     /// Checks every limit that applies and admits all of the request or none of it.
+    #[inline]
     pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
         let decision = self.admit(request, Mode::Consume);
         // Outside every lock (a checkpoint takes them all).
@@ -746,10 +747,13 @@ impl Engine {
         self.admit(request, Mode::Check)
     }
 
+    #[inline]
     fn admit(&self, request: &UsageRequest<'_>, mode: Mode) -> Result<Decision, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
-        check_id("key", request.key, MAX_KEY_BYTES)?;
+        if request.key.is_empty() || request.key.len() > MAX_KEY_BYTES {
+            check_id("key", request.key, MAX_KEY_BYTES)?;
+        }
         let Some(request_id) = request.request_id else {
             return Ok(self
                 .decide(
@@ -800,6 +804,7 @@ impl Engine {
 
     /// Decides and, for an admitted consume, waits until its event is durable (as the mode
     /// says); if the log fails, the effect is given back and the error returned.
+    #[inline]
     fn decide(
         &self,
         key: &str,
@@ -824,6 +829,7 @@ impl Engine {
     /// Decides, and for an admitted consume appends the usage event while the key's shard is
     /// still read-locked (so a checkpoint's cut sees every applied effect logged). Returns the
     /// event's sequence number; does not wait for it.
+    #[inline]
     fn decide_logged(
         &self,
         key: &str,
@@ -838,7 +844,11 @@ impl Engine {
             let resource_id = resolve_resource(policy, resource, quantities)?;
             let (decision, receipt) = match state {
                 Some(state) => decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?,
-                None => (Decision::denied(DenialReason::UnknownKey), None),
+                None => {
+                    // A key that is not there may be one that can never be: say what is wrong.
+                    check_id("key", key, MAX_KEY_BYTES)?;
+                    (Decision::denied(DenialReason::UnknownKey), None)
+                }
             };
             let Some(journal) = journal else {
                 return Ok((decision, receipt, None));
@@ -1093,6 +1103,7 @@ pub(crate) fn resolve_resource(
 }
 
 /// The admission decision for one existing key.
+#[inline]
 pub(crate) fn decide_for_key(
     policy: &Policy,
     state: &KeyState,
@@ -1103,11 +1114,18 @@ pub(crate) fn decide_for_key(
 ) -> Result<(Decision, Option<Receipt>), Error> {
     // Time never goes back for a key, even across a reclaim of its idle windows.
     let at_ms = at_ms.max(state.time_floor_ms);
-    let price = price_micros(policy, resource, quantities)?;
-    if let Some(reason) = over_maximum(&policy.resource(resource).max_per_request, quantities) {
-        return Ok((Decision::denied(reason), None));
+    let resource_spec = policy.resource(resource);
+    if resource_spec.has_maximum {
+        if let Some(reason) = over_maximum(&resource_spec.max_per_request, quantities) {
+            return Ok((Decision::denied(reason), None));
+        }
+    }
+    // A price that overflows is bad input whoever pays; only large requests need the check.
+    if resource_spec.priced && quantities.sum() > resource_spec.safe_quantity_sum {
+        price_micros(policy, resource, quantities)?;
     }
     if state.kind == KeyKind::PayAsYouGo {
+        let price = price_micros(policy, resource, quantities)?;
         return pay_as_you_go(policy, state, resource, price, at_ms, mode);
     }
     let mut quota_denial = None;
@@ -1115,8 +1133,10 @@ pub(crate) fn decide_for_key(
     let mut cover_upgrade = None;
     if let Some(plan_id) = state.seat {
         let plan = policy.plan(plan_id);
-        if let Some(reason) = over_maximum(&plan.maximums[resource.index()], quantities) {
-            return Ok((Decision::denied(reason), None));
+        if plan.has_maximum[resource.index()] {
+            if let Some(reason) = over_maximum(&plan.maximums[resource.index()], quantities) {
+                return Ok((Decision::denied(reason), None));
+            }
         }
         if plan.covers[resource.index()] {
             let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
@@ -1149,6 +1169,8 @@ pub(crate) fn decide_for_key(
             cover_upgrade = policy.cover_upgrade(resource);
         }
     }
+    // Priced only now: a request the plan took never needs it.
+    let price = price_micros(policy, resource, quantities)?;
     let mut decision = try_credits(
         &state.team,
         price,

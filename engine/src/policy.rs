@@ -75,7 +75,7 @@ pub const MAX_METERS: usize = 256;
 pub const MAX_PLANS: usize = 64;
 pub const MAX_LIMITS_PER_PLAN: usize = 16;
 /// How many limits of one plan may apply to one resource: the admission path keeps them inline.
-pub const MAX_LIMITS_PER_RESOURCE: usize = 8;
+pub const MAX_LIMITS_PER_RESOURCE: usize = 4;
 /// A rolling bucket counts up to `u32::MAX` (its slot packs a 32-bit lap tag and count).
 pub const MAX_ROLLING_AMOUNT: u64 = u32::MAX as u64;
 /// A calendar counter packs a 16-bit period tag and a 48-bit count into one atomic word.
@@ -340,6 +340,11 @@ pub struct Resource {
     /// for the admission path.
     pub price_weights: [u64; UNIT_COUNT],
     pub priced: bool,
+    /// Whether any per-request maximum is set (the admission path skips the check otherwise).
+    pub has_maximum: bool,
+    /// Requests whose quantities sum to at most this cannot overflow the price, so admission
+    /// need not price a request the plan takes to find out.
+    pub safe_quantity_sum: u64,
 }
 
 impl Resource {
@@ -379,6 +384,8 @@ pub struct Touch {
     /// Index into `Plan::limits`.
     pub limit: u8,
     pub weights: [u64; UNIT_COUNT],
+    /// `(unit index, weight)` when only one unit has a weight: the admission path's shortcut.
+    pub single: Option<(u8, u64)>,
 }
 
 #[derive(Debug)]
@@ -391,6 +398,8 @@ pub struct Plan {
     pub touches: Vec<Vec<Touch>>,
     /// Indexed by `ResourceId`: per-request maximums, 0 where none.
     pub maximums: Vec<[u64; UNIT_COUNT]>,
+    /// Indexed by `ResourceId`: whether any maximum is set.
+    pub has_maximum: Vec<bool>,
     pub max_open_reservations: Option<u32>,
     pub price_micros_per_month: Option<u64>,
 }
@@ -710,6 +719,15 @@ impl Compiler {
                 required,
                 price_weights: price_micros.map(|price| price.unwrap_or(0)),
                 priced: price_micros.iter().any(Option::is_some),
+                has_maximum: max_per_request.iter().any(|maximum| *maximum > 0),
+                safe_quantity_sum: u64::MAX
+                    / price_micros
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .max()
+                        .unwrap_or(1)
+                        .max(1),
             });
         }
         Ok(())
@@ -942,12 +960,17 @@ impl Compiler {
                 ));
             }
         }
+        let has_maximum = maximums
+            .iter()
+            .map(|units| units.iter().any(|maximum| *maximum > 0))
+            .collect();
         Ok(Plan {
             name: name.into(),
             limits,
             covers,
             touches,
             maximums,
+            has_maximum,
             max_open_reservations: plan.max_open_reservations,
             price_micros_per_month: plan.price_micros_per_month,
         })
@@ -996,6 +1019,7 @@ impl Compiler {
                         list.push(Touch {
                             limit: limit_index as u8,
                             weights,
+                            single: None,
                         });
                     }
                 }
@@ -1008,6 +1032,19 @@ impl Compiler {
                         ),
                     ));
                 }
+            }
+        }
+        for list in &mut touches {
+            for touch in list.iter_mut() {
+                let mut weighted = touch
+                    .weights
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, weight)| **weight > 0);
+                touch.single = match (weighted.next(), weighted.next()) {
+                    (Some((unit, weight)), None) => Some((unit as u8, *weight)),
+                    _ => None,
+                };
             }
         }
         Ok(touches)
