@@ -874,7 +874,7 @@ impl Engine {
                 resource: resource.into(),
                 quantities: *quantities,
                 request_id: request_id.map(Into::into),
-                decision,
+                decision: request_id.is_some().then_some(decision),
                 receipt,
             };
             match journal.append(at_ms, encode_body(&body)) {

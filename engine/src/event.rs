@@ -94,7 +94,8 @@ pub enum EventBody {
         resource: String,
         quantities: Quantities,
         request_id: Option<String>,
-        decision: Decision,
+        /// The first decision, kept only under a request id (its retry is answered with it).
+        decision: Option<Decision>,
         receipt: Receipt,
     },
     /// A denial under a request id: nothing moved, but a retry of the id gets this answer.

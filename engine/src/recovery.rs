@@ -327,7 +327,7 @@ impl Engine {
                 receipt,
             } => {
                 self.apply_receipt(key, receipt, debts)?;
-                if let Some(id) = request_id {
+                if let (Some(id), Some(decision)) = (request_id, decision) {
                     let fingerprint = Fingerprint {
                         key: key.as_str().into(),
                         resource: resource.as_str().into(),
