@@ -11,7 +11,7 @@
 mod log_support;
 
 use log_support::*;
-use tally_engine::event::{encode_record, Record};
+use tally_engine::event::{decode_record, encode_record, Record};
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
     Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
@@ -1035,7 +1035,7 @@ fn verify_and_open_name_a_record_of_an_unknown_version() {
     let (dir, _, firsts) = closed_database("verify-version");
     let first = firsts[1];
     overwrite_record(dir.path(), first, |old| {
-        let mut record: Record = bincode::deserialize(old).expect("a record");
+        let mut record: Record = decode_record(&first.to_be_bytes(), old).expect("a record");
         record.version = 99;
         encode_record(&record)
     });
@@ -1057,7 +1057,7 @@ fn damage_last_event_body(label: &str) -> (TempDir, u64) {
     let (dir, _, firsts) = closed_database(label);
     let first = *firsts.last().unwrap();
     overwrite_record(dir.path(), first, |old| {
-        let mut record: Record = bincode::deserialize(old).expect("a record");
+        let mut record: Record = decode_record(&first.to_be_bytes(), old).expect("a record");
         record.events[0].2 = vec![0xfa; 3];
         encode_record(&record)
     });
