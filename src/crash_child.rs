@@ -35,8 +35,12 @@ use crate::store;
 /// The child stops by itself after this long, in case nobody kills it.
 const MAX_RUN_MS: u64 = 120_000;
 /// Checkpoints come often, so kills land in the middle of them too.
-const CHECKPOINT_EVERY_EVENTS: u64 = 2_000;
+const CHECKPOINT_EVERY_EVENTS: u64 = 5_000;
 const MAX_BATCH_REQUESTS: u64 = 8;
+/// Each consuming thread pauses this long between calls: calls waiting for their fsync still
+/// overlap (a call takes about as long), and the log grows slowly enough that a debug build
+/// reopens it quickly after a hundred kills.
+const PAUSE_BETWEEN_CALLS: Duration = Duration::from_millis(2);
 const MAX_QUANTITY: u64 = 3;
 /// A team below this balance is topped up by `TOP_UP_MICROS`, now and then (so credits also
 /// run out at times).
@@ -257,6 +261,7 @@ fn consume_loop(engine: &Engine, seed: u64, thread: u64, stop: &AtomicBool, dead
             // The log failed: nothing more can be acknowledged until it is reopened.
             stop.store(true, Ordering::Relaxed);
         }
+        std::thread::sleep(PAUSE_BETWEEN_CALLS);
     }
 }
 
