@@ -457,6 +457,40 @@ fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
             }
             charged_fields(policy, receipt.charged_to, &mut fields);
         }
+        EventBody::ReservationOpened { .. } | EventBody::ReservationClosed { .. } => {
+            return reservation_event_fields(policy, body);
+        }
+        EventBody::Refunded {
+            request_id,
+            key,
+            given_back,
+        } => {
+            fields.push(("request_id", json!(request_id)));
+            fields.push(("key", json!(key)));
+            given_back_fields(given_back, &mut fields);
+        }
+        EventBody::UsageAdjusted {
+            key,
+            resource,
+            quantities,
+            usage_at_ms,
+            direction,
+            ..
+        } => {
+            fields.push(("key", json!(key)));
+            fields.push(("resource", json!(resource)));
+            fields.push(("quantities", quantities_json(quantities)));
+            fields.push(("usage_at_ms", json!(usage_at_ms)));
+            fields.push(("direction", json!(format!("{direction:?}").to_lowercase())));
+        }
+        _ => {}
+    }
+    fields
+}
+
+fn reservation_event_fields(policy: &Policy, body: &EventBody) -> Fields {
+    let mut fields = Fields::new();
+    match body {
         EventBody::ReservationOpened {
             reservation,
             key,
@@ -491,29 +525,6 @@ fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
             };
             fields.push(("end", json!(end)));
             given_back_fields(given_back, &mut fields);
-        }
-        EventBody::Refunded {
-            request_id,
-            key,
-            given_back,
-        } => {
-            fields.push(("request_id", json!(request_id)));
-            fields.push(("key", json!(key)));
-            given_back_fields(given_back, &mut fields);
-        }
-        EventBody::UsageAdjusted {
-            key,
-            resource,
-            quantities,
-            usage_at_ms,
-            direction,
-            ..
-        } => {
-            fields.push(("key", json!(key)));
-            fields.push(("resource", json!(resource)));
-            fields.push(("quantities", quantities_json(quantities)));
-            fields.push(("usage_at_ms", json!(usage_at_ms)));
-            fields.push(("direction", json!(format!("{direction:?}").to_lowercase())));
         }
         _ => {}
     }

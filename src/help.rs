@@ -125,16 +125,18 @@ Options:
                        the scenario's accounts; use a new --db)
   --durability MODE    When acknowledged decisions are durable [default: interval:100]:
                          sync         each batch of requests (one per 5 simulated minutes) and
-                                      each account created waits for an fsync: nothing
-                                      acknowledged is lost even on power loss; slowest (setup
-                                      alone costs one fsync per account)
-                         interval:MS  written at once, fsynced in the background every MS ms
-                                      (1 to 60,000): a killed process loses nothing it
-                                      acknowledged; a power loss, at most the last MS ms
-                         none         no fsync of its own (sled flushes every 500 ms): a power
-                                      loss can lose any recent decision; for benchmarks
-                       Most of a run's time beyond the decisions is the log's writing, the same
-                       in every mode.
+                                      each account created waits for its fsync: nothing
+                                      acknowledged is ever lost; slowest: the default run
+                                      takes about 2.5 times as long as with interval:100
+                         interval:MS  decisions return at once; the log's writer thread writes
+                                      them behind and fsyncs every MS ms (1 to 60,000). A crash
+                                      loses what it had not written yet: under a run's full
+                                      load it falls behind by up to seconds, so a killed run
+                                      can lose many thousands of decisions
+                         none         like interval, with no fsync of its own (sled's flush
+                                      every 500 ms): for benchmarks
+                       In every mode the run ends by waiting for the writer to catch up, and
+                       that wait, not the mode, is most of its time beyond the decisions.
   -h, --help           Print this help
 
 Exit status: 0 on success, 2 on a bad command line, policy or database, 1 if the engine refuses
@@ -254,6 +256,9 @@ Options:
                        printed: run again to get only what is new. It survives restarts.
   --limit N            At most this many events, 1 to 100,000 [default: 1,000]
   --json               One JSON object per line
+
+Exit status: 0 when the events were written out (or there were none); 1 when they could not
+be (a closed pipe: the cursor does not move).
 ";
 
 const VERIFY_HELP: &str = "\

@@ -4,6 +4,7 @@
 //! changes nothing: the engine validates before it logs, and a database this command created
 //! for a change that then failed is removed again.
 
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,7 +22,8 @@ pub struct Outcome {
     pub status: u8,
 }
 
-/// `consume` was denied, or `verify` found the database unsound.
+/// `consume` was denied, `verify` found the database unsound, or `events` could not write out
+/// what it read (its cursor then stays where it was).
 pub const EXIT_NO: u8 = 1;
 
 impl Outcome {
@@ -119,7 +121,7 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
                 describe::usage_text(&report)
             }
         }
-        Action::Events(args) => events(engine, args)?,
+        Action::Events(args) => return events(engine, args),
         Action::Compact { at_ms } => describe::compact_text(&engine.compact(*at_ms)?),
         Action::Verify { .. } => unreachable!("verify reads the database without an engine"),
     };
@@ -168,13 +170,20 @@ fn consume(engine: &Engine, args: &ConsumeArgs) -> Result<Outcome, Error> {
     Ok(Outcome { text, status })
 }
 
-fn events(engine: &Engine, args: &EventsArgs) -> Result<String, Error> {
+/// Prints the events itself, before moving a cursor past them: a cursor only ever moves past
+/// events that were written out (a closed pipe leaves it where it was).
+fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
     let after = match &args.start {
         EventsStart::After(seq) => *seq,
         EventsStart::Cursor(name) => engine.cursor(name)?,
     };
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let events = engine.events_after(after, limit)?;
+    let Some(last) = events.last() else {
+        // Nothing new: say so where a script reading stdout will not trip on it.
+        eprintln!("tally: no events after {after}");
+        return Ok(Outcome::success(String::new()));
+    };
     let policy = engine.policy();
     let mut text = String::new();
     for event in &events {
@@ -186,13 +195,21 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<String, Error> {
         text.push_str(&line);
         text.push('\n');
     }
-    match (&args.start, events.last()) {
-        (EventsStart::Cursor(name), Some(last)) => engine.save_cursor(name, last.seq)?,
-        // Nothing new: say so where a script reading stdout will not trip on it.
-        (_, None) => eprintln!("tally: no events after {after}"),
-        (EventsStart::After(_), Some(_)) => {}
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        eprintln!("tally: cannot write the events ({error}); no cursor was moved");
+        return Ok(Outcome {
+            text: String::new(),
+            status: EXIT_NO,
+        });
     }
-    Ok(text)
+    if let EventsStart::Cursor(name) = &args.start {
+        engine.save_cursor(name, last.seq)?;
+    }
+    Ok(Outcome::success(String::new()))
 }
 
 fn verify(database: &Database, json: bool) -> Result<Outcome, (String, String)> {

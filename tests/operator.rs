@@ -357,3 +357,33 @@ fn a_command_on_a_missing_database_creates_none() {
     );
     assert!(Path::new(&workspace.policy).exists());
 }
+
+#[test]
+fn a_cursor_does_not_move_past_events_that_could_not_be_written_out() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "events",
+            "--cursor",
+            "billing",
+            "--policy",
+            &workspace.policy,
+        ])
+        .current_dir(&workspace.directory)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the tally binary runs");
+    // Close the reading end before the command writes: its write fails (a closed pipe).
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("the command ends");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("no cursor was moved"),
+        "{}",
+        stderr_of(&output)
+    );
+    let events = workspace.events(&["--cursor", "billing"]);
+    assert_eq!(events.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4]);
+}
