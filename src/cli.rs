@@ -1,12 +1,21 @@
 //! The command line: hand-parsed `std::env::args` (the root package takes no parsing crate).
 //!
 //! Parsing is pure: it turns the arguments into a `Command` or a `UsageError` naming the option
-//! at fault, and touches nothing else, so a bad command line changes nothing.
+//! or argument at fault, and touches nothing else, so a bad command line changes nothing. Every
+//! command is described by a `Spec` (its arguments and options) and read by one scanner, so
+//! `--opt value`, `--opt=value`, `--help` anywhere, "given twice" and "needs a value" behave
+//! the same in every command.
 
 use std::fmt;
 use std::path::PathBuf;
 
+use tally_engine::calendar::MAX_TIMESTAMP_MS;
+use tally_engine::policy::MAX_QUANTITY;
+use tally_engine::{Durability, Unit};
+
 use crate::format::grouped;
+pub use crate::help::HelpTopic;
+use crate::store;
 
 pub const MIN_KEYS: u64 = 20;
 pub const MAX_KEYS: u64 = 1_000_000;
@@ -15,49 +24,21 @@ pub const MIN_DAYS: u64 = 1;
 pub const MAX_DAYS: u64 = 60;
 pub const DEFAULT_DAYS: u64 = 3;
 pub const DEFAULT_SEED: u64 = 1;
+/// `tally simulate` makes its writes durable this often by default: fast, and a crash of the
+/// process loses nothing it was told (see `SIMULATE_HELP`).
+pub const DEFAULT_SIMULATE_DURABILITY: Durability = Durability::Interval { ms: 100 };
+/// `tally events` prints at most this many events per call by default, and never more than
+/// `MAX_EVENTS_LIMIT` (they are held in memory before printing).
+pub const DEFAULT_EVENTS_LIMIT: u64 = 1_000;
+pub const MAX_EVENTS_LIMIT: u64 = 100_000;
+/// The crash test's child runs this many consuming threads by default.
+pub const DEFAULT_CRASH_THREADS: u64 = 4;
+pub const MAX_CRASH_THREADS: u64 = 16;
 
 // The scripted scenario needs a few keys of each kind; fewer than this leaves plans empty.
 const _: () = assert!(MIN_KEYS <= DEFAULT_KEYS && DEFAULT_KEYS <= MAX_KEYS);
 const _: () = assert!(MIN_DAYS <= DEFAULT_DAYS && DEFAULT_DAYS <= MAX_DAYS);
-
-pub const MAIN_HELP: &str = "\
-tally: an embedded quota-accounting engine for AI subscription plans
-
-Usage: tally <COMMAND> [OPTIONS]
-
-Commands:
-  simulate   Run simulated gateway traffic through the engine and print each plan's usage bars,
-             what was admitted from quota, charged to credits or pay-as-you-go, and denied
-  help       Print this help (or `tally help simulate`)
-
-Options:
-  -h, --help     Print help
-  -V, --version  Print the version
-
-Run `tally simulate --help` for the simulation's options.
-";
-
-pub const SIMULATE_HELP: &str = "\
-Run a simulated stretch of gateway traffic through the engine, days compressed into seconds.
-
-Usage: tally simulate [OPTIONS]
-
-Keys on every plan of the policy (and some with no seat), named teams sharing credits, a few
-pay-as-you-go keys, bursty heavy users that exhaust their windows, a seat upgrade and a
-downgrade mid-window, retried requests with request ids, and traffic across local midnight.
-The same seed prints the same report.
-
-Options:
-  --keys N        Keys sending traffic, 20 to 1,000,000 [default: 2,000]
-  --days D        Simulated days, 1 to 60 [default: 3]
-  --seed S        Seed of the deterministic random generator, 0 to 2^64-1 [default: 1]
-  --policy PATH   Policy file (.toml or .json) [default: the shipped Token Plan policy]
-  --json          Print a machine-readable JSON summary instead of the report
-                  (the run's wall time then goes to stderr, so the JSON depends only on the seed)
-  -h, --help      Print this help
-
-Exit status: 0 on success, 2 on a bad command line or policy, 1 if the engine refuses the setup.
-";
+const _: () = assert!(1 <= DEFAULT_EVENTS_LIMIT && DEFAULT_EVENTS_LIMIT <= MAX_EVENTS_LIMIT);
 
 /// What the command line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,21 +46,10 @@ pub enum Command {
     Help(HelpTopic),
     Version,
     Simulate(SimulateOptions),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HelpTopic {
-    Main,
-    Simulate,
-}
-
-impl HelpTopic {
-    pub fn text(self) -> &'static str {
-        match self {
-            HelpTopic::Main => MAIN_HELP,
-            HelpTopic::Simulate => SIMULATE_HELP,
-        }
-    }
+    /// An operator command on a database.
+    Operate(Operation),
+    /// The crash test's child (hidden): consumes on a database until it is killed.
+    CrashChild(CrashChildOptions),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +60,10 @@ pub struct SimulateOptions {
     /// `None`: the policy shipped with the engine.
     pub policy: Option<PathBuf>,
     pub json: bool,
+    pub db: PathBuf,
+    pub durability: Durability,
+    /// Keep what the database holds instead of wiping it first.
+    pub keep: bool,
 }
 
 impl Default for SimulateOptions {
@@ -100,11 +74,125 @@ impl Default for SimulateOptions {
             seed: DEFAULT_SEED,
             policy: None,
             json: false,
+            db: PathBuf::from(store::DEFAULT_SIMULATE_DB),
+            durability: DEFAULT_SIMULATE_DURABILITY,
+            keep: false,
         }
     }
 }
 
-/// A command line that cannot run: `option` names the argument at fault.
+/// The database an operator command works on, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Database {
+    pub path: PathBuf,
+    /// `None`: the policy shipped with the engine.
+    pub policy: Option<PathBuf>,
+    pub durability: Durability,
+}
+
+impl Default for Database {
+    fn default() -> Database {
+        Database {
+            path: PathBuf::from(store::DEFAULT_DB),
+            policy: None,
+            durability: Durability::Sync,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operation {
+    pub database: Database,
+    pub action: Action,
+    /// Which help an error points at.
+    pub topic: HelpTopic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    User {
+        user: String,
+        key: String,
+        at_ms: Option<u64>,
+    },
+    Team {
+        team: String,
+        at_ms: Option<u64>,
+    },
+    Member {
+        team: String,
+        user: String,
+        key: String,
+        at_ms: Option<u64>,
+    },
+    /// `plan: None` takes the seat away.
+    Seat {
+        team: String,
+        user: String,
+        plan: Option<String>,
+        at_ms: Option<u64>,
+    },
+    TopUp {
+        team: String,
+        micros: u64,
+        at_ms: Option<u64>,
+    },
+    Consume(ConsumeArgs),
+    Usage {
+        key: String,
+        at_ms: Option<u64>,
+        json: bool,
+    },
+    Events(EventsArgs),
+    Verify {
+        json: bool,
+    },
+    Compact {
+        at_ms: Option<u64>,
+    },
+}
+
+impl Action {
+    /// Whether the command may create the database: only the ones that start filling one.
+    pub fn creates_database(&self) -> bool {
+        matches!(self, Action::User { .. } | Action::Team { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumeArgs {
+    pub key: String,
+    pub resource: String,
+    pub quantities: Vec<(Unit, u64)>,
+    pub request_id: Option<String>,
+    pub at_ms: Option<u64>,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsArgs {
+    pub start: EventsStart,
+    pub limit: u64,
+    pub json: bool,
+}
+
+/// Where `tally events` starts: after a sequence number, or after a named cursor that it then
+/// moves to the last event printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsStart {
+    After(u64),
+    Cursor(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrashChildOptions {
+    pub db: PathBuf,
+    pub seed: u64,
+    pub policy: Option<PathBuf>,
+    pub threads: u64,
+}
+
+/// A command line that cannot run: `option` names the option or argument at fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError {
     pub option: String,
@@ -122,10 +210,10 @@ impl UsageError {
         }
     }
 
-    pub fn hint(&self) -> &'static str {
-        match self.topic {
-            HelpTopic::Main => "Run `tally --help` for usage.",
-            HelpTopic::Simulate => "Run `tally simulate --help` for the options.",
+    pub fn hint(&self) -> String {
+        match self.topic.command() {
+            None => "Run `tally --help` for usage.".into(),
+            Some(command) => format!("Run `tally {command} --help` for the options."),
         }
     }
 }
@@ -152,134 +240,578 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
         "-V" | "--version" => Ok(Command::Version),
         "help" => parse_help(rest),
         "simulate" => parse_simulate(rest),
-        other if other.starts_with('-') => Err(UsageError::new(
-            other,
-            "unknown option; a command comes first, e.g. `tally simulate`",
-            HelpTopic::Main,
-        )),
-        other => Err(UsageError::new(
-            other,
-            "unknown command; the command is `simulate`",
-            HelpTopic::Main,
-        )),
+        "crash-child" => parse_crash_child(rest),
+        other => match HelpTopic::of_command(other) {
+            Some(topic) => parse_operation(topic, rest),
+            None if other.starts_with('-') => Err(UsageError::new(
+                other,
+                "unknown option; a command comes first, e.g. `tally simulate`",
+                HelpTopic::Main,
+            )),
+            None => Err(UsageError::new(
+                other,
+                "unknown command; the commands are simulate, user, team, member, seat, topup, \
+                 consume, usage, events, verify and compact",
+                HelpTopic::Main,
+            )),
+        },
     }
 }
 
 fn parse_help(rest: &[String]) -> Result<Command, UsageError> {
     match rest {
         [] => Ok(Command::Help(HelpTopic::Main)),
-        [topic] if topic == "simulate" => Ok(Command::Help(HelpTopic::Simulate)),
-        [topic, ..] => Err(UsageError::new(
-            topic.as_str(),
-            "no help on that; try `tally help simulate`",
+        [topic] => HelpTopic::of_command(topic)
+            .map(Command::Help)
+            .ok_or_else(|| {
+                UsageError::new(
+                    topic.as_str(),
+                    "no help on that; try `tally help simulate`",
+                    HelpTopic::Main,
+                )
+            }),
+        [_, extra, ..] => Err(UsageError::new(
+            extra.as_str(),
+            "unexpected argument; `tally help` takes one command",
             HelpTopic::Main,
         )),
     }
 }
 
-fn parse_simulate(args: &[String]) -> Result<Command, UsageError> {
-    let mut options = SimulateOptions::default();
-    let mut seen: Vec<&'static str> = Vec::new();
-    let mut index = 0;
-    while index < args.len() {
-        let argument = args[index].as_str();
-        index += 1;
-        // `--keys=2000` and `--keys 2000` are the same option.
-        let (name, inline_value) = match argument.split_once('=') {
-            Some((name, value)) if name.starts_with("--") => (name, Some(value)),
-            _ => (argument, None),
+// ---------------------------------------------------------------------------------------------
+// The scanner.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takes {
+    Flag,
+    Value,
+}
+
+/// What may follow a command's required arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    Nothing,
+    /// At most one more argument, so named.
+    Optional(&'static str),
+    /// One or more arguments, so named.
+    OneOrMore(&'static str),
+}
+
+/// A command's shape: required arguments in order, what may follow, and options.
+struct Spec {
+    name: &'static str,
+    topic: HelpTopic,
+    arguments: &'static [&'static str],
+    rest: Rest,
+    options: &'static [(&'static str, Takes)],
+    /// Whether `--db`, `--policy` and `--durability` apply.
+    database: bool,
+}
+
+const DATABASE_OPTIONS: [(&str, Takes); 3] = [
+    ("--db", Takes::Value),
+    ("--policy", Takes::Value),
+    ("--durability", Takes::Value),
+];
+
+/// A scanned command line: arguments in order, options as given.
+#[derive(Debug, Default)]
+struct Scanned {
+    arguments: Vec<String>,
+    options: Vec<(&'static str, Option<String>)>,
+}
+
+impl Scanned {
+    fn value(&self, option: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .find(|(name, _)| *name == option)
+            .and_then(|(_, value)| value.as_deref())
+    }
+
+    fn flag(&self, option: &str) -> bool {
+        self.options.iter().any(|(name, _)| *name == option)
+    }
+}
+
+impl Spec {
+    fn error(&self, option: &str, problem: impl Into<String>) -> UsageError {
+        UsageError::new(option, problem, self.topic)
+    }
+
+    fn option(&self, name: &str) -> Option<(&'static str, Takes)> {
+        let database: &[(&'static str, Takes)] = if self.database {
+            &DATABASE_OPTIONS
+        } else {
+            &[]
         };
-        let option = canonical_option(name)?;
-        if option == "--help" {
-            return Ok(Command::Help(HelpTopic::Simulate));
+        self.options
+            .iter()
+            .chain(database)
+            .find(|(option, _)| *option == name)
+            .copied()
+    }
+
+    fn synopsis(&self) -> String {
+        let mut words = vec![format!("tally {}", self.name)];
+        words.extend(self.arguments.iter().map(|name| name.to_string()));
+        match self.rest {
+            Rest::Nothing => {}
+            Rest::Optional(name) => words.push(format!("[{name}]")),
+            Rest::OneOrMore(name) => words.push(format!("{name} [{name} ...]")),
         }
-        if seen.contains(&option) {
-            return Err(simulate_error(option, "given twice"));
-        }
-        seen.push(option);
-        if option == "--json" {
-            if inline_value.is_some() {
-                return Err(simulate_error(option, "takes no value"));
+        words.join(" ")
+    }
+
+    /// Reads `args`; `None` when help was asked for.
+    fn scan(&self, args: &[String]) -> Result<Option<Scanned>, UsageError> {
+        let mut scanned = Scanned::default();
+        let mut only_arguments = false;
+        let mut index = 0;
+        while index < args.len() {
+            let argument = args[index].as_str();
+            index += 1;
+            if !only_arguments && argument == "--" {
+                only_arguments = true;
+                continue;
             }
-            options.json = true;
-            continue;
-        }
-        let value = match inline_value {
-            Some(value) => value,
-            None => {
-                let value = args
-                    .get(index)
-                    .ok_or_else(|| simulate_error(option, "needs a value"))?;
-                index += 1;
-                value.as_str()
+            if only_arguments || !argument.starts_with('-') || argument == "-" {
+                scanned.arguments.push(argument.to_string());
+                continue;
             }
+            // `--keys=2000` and `--keys 2000` are the same option.
+            let (name, inline_value) = match argument.split_once('=') {
+                Some((name, value)) if name.starts_with("--") => (name, Some(value)),
+                _ => (argument, None),
+            };
+            if name == "-h" || name == "--help" {
+                return Ok(None);
+            }
+            let (option, takes) = self
+                .option(name)
+                .ok_or_else(|| self.error(name, "unknown option"))?;
+            if scanned.options.iter().any(|(seen, _)| *seen == option) {
+                return Err(self.error(option, "given twice"));
+            }
+            let value = match (takes, inline_value) {
+                (Takes::Flag, Some(_)) => return Err(self.error(option, "takes no value")),
+                (Takes::Flag, None) => None,
+                (Takes::Value, Some(value)) => Some(value.to_string()),
+                (Takes::Value, None) => {
+                    let value = args
+                        .get(index)
+                        .ok_or_else(|| self.error(option, "needs a value"))?;
+                    index += 1;
+                    Some(value.clone())
+                }
+            };
+            scanned.options.push((option, value));
+        }
+        self.check_arguments(&scanned.arguments)?;
+        Ok(Some(scanned))
+    }
+
+    fn check_arguments(&self, arguments: &[String]) -> Result<(), UsageError> {
+        let required = self.arguments.len();
+        if let Some(missing) = self.arguments.get(arguments.len()) {
+            return Err(self.error(missing, format!("missing; usage: {}", self.synopsis())));
+        }
+        let most = match self.rest {
+            Rest::Nothing => required,
+            Rest::Optional(_) => required + 1,
+            Rest::OneOrMore(_) => usize::MAX,
         };
-        apply_value(&mut options, option, value)?;
-    }
-    Ok(Command::Simulate(options))
-}
-
-fn canonical_option(name: &str) -> Result<&'static str, UsageError> {
-    match name {
-        "-h" | "--help" => Ok("--help"),
-        "--keys" => Ok("--keys"),
-        "--days" => Ok("--days"),
-        "--seed" => Ok("--seed"),
-        "--policy" => Ok("--policy"),
-        "--json" => Ok("--json"),
-        other if other.starts_with('-') => Err(simulate_error(other, "unknown option")),
-        other => Err(simulate_error(
-            other,
-            "unexpected argument; `simulate` takes only options",
-        )),
-    }
-}
-
-fn apply_value(
-    options: &mut SimulateOptions,
-    option: &'static str,
-    value: &str,
-) -> Result<(), UsageError> {
-    match option {
-        "--keys" => options.keys = parse_count(option, value, MIN_KEYS, MAX_KEYS)?,
-        "--days" => options.days = parse_count(option, value, MIN_DAYS, MAX_DAYS)?,
-        "--seed" => options.seed = parse_count(option, value, 0, u64::MAX)?,
-        "--policy" => {
-            if value.is_empty() {
-                return Err(simulate_error(option, "needs a file path"));
+        if let Rest::OneOrMore(name) = self.rest {
+            if arguments.len() == required {
+                return Err(self.error(name, format!("missing; usage: {}", self.synopsis())));
             }
-            options.policy = Some(PathBuf::from(value));
         }
-        _ => unreachable!("every option taking a value is handled above"),
+        if let Some(extra) = arguments.get(most) {
+            let problem = if self.arguments.is_empty() && self.rest == Rest::Nothing {
+                format!("unexpected argument; `{}` takes only options", self.name)
+            } else {
+                format!("unexpected argument; usage: {}", self.synopsis())
+            };
+            return Err(self.error(extra, problem));
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-fn simulate_error(option: &str, problem: impl Into<String>) -> UsageError {
-    UsageError::new(option, problem, HelpTopic::Simulate)
-}
+// ---------------------------------------------------------------------------------------------
+// Values.
 
 /// Parses a whole number, allowing `_` or `,` between digits (`2,000`, `10_000`).
-pub fn parse_count(option: &str, value: &str, min: u64, max: u64) -> Result<u64, UsageError> {
+pub fn parse_count(
+    option: &str,
+    value: &str,
+    min: u64,
+    max: u64,
+    topic: HelpTopic,
+) -> Result<u64, UsageError> {
+    let error = |problem: String| UsageError::new(option, problem, topic);
     let digits: String = value.chars().filter(|c| *c != '_' && *c != ',').collect();
     let well_formed = !digits.is_empty()
         && digits.bytes().all(|byte| byte.is_ascii_digit())
         && value.starts_with(|c: char| c.is_ascii_digit())
         && value.ends_with(|c: char| c.is_ascii_digit());
     if !well_formed {
-        return Err(simulate_error(
-            option,
-            format!("{value:?} is not a whole number"),
-        ));
+        return Err(error(format!("{value:?} is not a whole number")));
     }
     let range = || format!("must be between {} and {}", grouped(min), grouped(max));
     let number: u64 = digits
         .parse()
-        .map_err(|_| simulate_error(option, format!("{value} is too large; {}", range())))?;
+        .map_err(|_| error(format!("{value} is too large; {}", range())))?;
     if !(min..=max).contains(&number) {
-        return Err(simulate_error(option, format!("{value} {}", range())));
+        return Err(error(format!("{value} {}", range())));
     }
     Ok(number)
+}
+
+/// A timestamp in milliseconds since the Unix epoch, before 2100 (the engine's range).
+fn parse_at(option: &str, value: &str, topic: HelpTopic) -> Result<u64, UsageError> {
+    parse_count(option, value, 0, MAX_TIMESTAMP_MS - 1, topic)
+}
+
+fn parse_path(option: &str, value: &str, topic: HelpTopic) -> Result<PathBuf, UsageError> {
+    if value.is_empty() {
+        return Err(UsageError::new(option, "needs a path", topic));
+    }
+    Ok(PathBuf::from(value))
+}
+
+/// A name given on the command line (user, team, key, request id, cursor): not empty.
+fn parse_name(option: &str, value: &str, topic: HelpTopic) -> Result<String, UsageError> {
+    if value.is_empty() {
+        return Err(UsageError::new(option, "must not be empty", topic));
+    }
+    Ok(value.to_string())
+}
+
+/// `UNIT=N` arguments, e.g. `requests=1 tokens=1200`.
+fn parse_quantities(
+    arguments: &[String],
+    topic: HelpTopic,
+) -> Result<Vec<(Unit, u64)>, UsageError> {
+    let mut quantities: Vec<(Unit, u64)> = Vec::with_capacity(arguments.len());
+    for argument in arguments {
+        let error = |problem: String| UsageError::new(argument.as_str(), problem, topic);
+        let Some((name, amount)) = argument.split_once('=') else {
+            return Err(error("a quantity is UNIT=N, e.g. requests=1".into()));
+        };
+        let unit = Unit::parse(name).ok_or_else(|| {
+            let names: Vec<&str> = Unit::ALL.iter().map(|unit| unit.name()).collect();
+            error(format!(
+                "unknown unit {name:?}; the units are {}",
+                names.join(", ")
+            ))
+        })?;
+        if quantities.iter().any(|(seen, _)| *seen == unit) {
+            return Err(error(format!("{unit} is given twice")));
+        }
+        let amount = parse_count(argument, amount, 1, MAX_QUANTITY, topic)?;
+        quantities.push((unit, amount));
+    }
+    Ok(quantities)
+}
+
+fn optional_at(spec: &Spec, scanned: &Scanned) -> Result<Option<u64>, UsageError> {
+    scanned
+        .value("--at")
+        .map(|value| parse_at("--at", value, spec.topic))
+        .transpose()
+}
+
+fn parse_database(spec: &Spec, scanned: &Scanned) -> Result<Database, UsageError> {
+    let mut database = Database::default();
+    if let Some(value) = scanned.value("--db") {
+        database.path = parse_path("--db", value, spec.topic)?;
+    }
+    if let Some(value) = scanned.value("--policy") {
+        database.policy = Some(parse_path("--policy", value, spec.topic)?);
+    }
+    if let Some(value) = scanned.value("--durability") {
+        database.durability = store::parse_durability(value)
+            .map_err(|problem| spec.error("--durability", problem))?;
+    }
+    Ok(database)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands.
+
+const SIMULATE: Spec = Spec {
+    name: "simulate",
+    topic: HelpTopic::Simulate,
+    arguments: &[],
+    rest: Rest::Nothing,
+    options: &[
+        ("--keys", Takes::Value),
+        ("--days", Takes::Value),
+        ("--seed", Takes::Value),
+        ("--policy", Takes::Value),
+        ("--json", Takes::Flag),
+        ("--db", Takes::Value),
+        ("--durability", Takes::Value),
+        ("--keep", Takes::Flag),
+    ],
+    database: false,
+};
+
+fn parse_simulate(args: &[String]) -> Result<Command, UsageError> {
+    let spec = &SIMULATE;
+    let Some(scanned) = spec.scan(args)? else {
+        return Ok(Command::Help(spec.topic));
+    };
+    let topic = spec.topic;
+    let mut options = SimulateOptions::default();
+    if let Some(value) = scanned.value("--keys") {
+        options.keys = parse_count("--keys", value, MIN_KEYS, MAX_KEYS, topic)?;
+    }
+    if let Some(value) = scanned.value("--days") {
+        options.days = parse_count("--days", value, MIN_DAYS, MAX_DAYS, topic)?;
+    }
+    if let Some(value) = scanned.value("--seed") {
+        options.seed = parse_count("--seed", value, 0, u64::MAX, topic)?;
+    }
+    if let Some(value) = scanned.value("--policy") {
+        if value.is_empty() {
+            return Err(spec.error("--policy", "needs a file path"));
+        }
+        options.policy = Some(PathBuf::from(value));
+    }
+    if let Some(value) = scanned.value("--db") {
+        options.db = parse_path("--db", value, topic)?;
+    }
+    if let Some(value) = scanned.value("--durability") {
+        options.durability = store::parse_durability(value)
+            .map_err(|problem| spec.error("--durability", problem))?;
+    }
+    options.json = scanned.flag("--json");
+    options.keep = scanned.flag("--keep");
+    Ok(Command::Simulate(options))
+}
+
+const CRASH_CHILD: Spec = Spec {
+    name: "crash-child",
+    topic: HelpTopic::Main,
+    arguments: &[],
+    rest: Rest::Nothing,
+    options: &[
+        ("--db", Takes::Value),
+        ("--seed", Takes::Value),
+        ("--policy", Takes::Value),
+        ("--threads", Takes::Value),
+    ],
+    database: false,
+};
+
+fn parse_crash_child(args: &[String]) -> Result<Command, UsageError> {
+    let spec = &CRASH_CHILD;
+    let Some(scanned) = spec.scan(args)? else {
+        return Ok(Command::Help(HelpTopic::Main));
+    };
+    let topic = spec.topic;
+    let db = scanned
+        .value("--db")
+        .ok_or_else(|| spec.error("--db", "missing; the child needs a database"))?;
+    let seed = scanned.value("--seed").map_or(Ok(0), |value| {
+        parse_count("--seed", value, 0, u64::MAX, topic)
+    })?;
+    let policy = scanned
+        .value("--policy")
+        .map(|value| parse_path("--policy", value, topic))
+        .transpose()?;
+    let threads = scanned
+        .value("--threads")
+        .map_or(Ok(DEFAULT_CRASH_THREADS), |value| {
+            parse_count("--threads", value, 1, MAX_CRASH_THREADS, topic)
+        })?;
+    Ok(Command::CrashChild(CrashChildOptions {
+        db: parse_path("--db", db, topic)?,
+        seed,
+        policy,
+        threads,
+    }))
+}
+
+const AT: (&str, Takes) = ("--at", Takes::Value);
+const JSON: (&str, Takes) = ("--json", Takes::Flag);
+
+const fn operator_spec(
+    name: &'static str,
+    topic: HelpTopic,
+    arguments: &'static [&'static str],
+    rest: Rest,
+    options: &'static [(&'static str, Takes)],
+) -> Spec {
+    Spec {
+        name,
+        topic,
+        arguments,
+        rest,
+        options,
+        database: true,
+    }
+}
+
+fn operator_spec_of(topic: HelpTopic) -> Spec {
+    use HelpTopic as T;
+    match topic {
+        T::User => operator_spec("user", topic, &["USER", "KEY"], Rest::Nothing, &[AT]),
+        T::Team => operator_spec("team", topic, &["TEAM"], Rest::Nothing, &[AT]),
+        T::Member => operator_spec(
+            "member",
+            topic,
+            &["TEAM", "USER", "KEY"],
+            Rest::Nothing,
+            &[AT],
+        ),
+        T::Seat => operator_spec(
+            "seat",
+            topic,
+            &["TEAM", "USER"],
+            Rest::Optional("PLAN"),
+            &[("--none", Takes::Flag), AT],
+        ),
+        T::TopUp => operator_spec("topup", topic, &["TEAM", "MICROS"], Rest::Nothing, &[AT]),
+        T::Consume => operator_spec(
+            "consume",
+            topic,
+            &["KEY", "RESOURCE"],
+            Rest::OneOrMore("UNIT=N"),
+            &[("--id", Takes::Value), AT, JSON],
+        ),
+        T::Usage => operator_spec("usage", topic, &["KEY"], Rest::Nothing, &[AT, JSON]),
+        T::Events => operator_spec(
+            "events",
+            topic,
+            &[],
+            Rest::Nothing,
+            &[
+                ("--after", Takes::Value),
+                ("--cursor", Takes::Value),
+                ("--limit", Takes::Value),
+                JSON,
+            ],
+        ),
+        T::Verify => operator_spec("verify", topic, &[], Rest::Nothing, &[JSON]),
+        T::Compact => operator_spec("compact", topic, &[], Rest::Nothing, &[AT]),
+        T::Main | T::Simulate => unreachable!("not an operator command"),
+    }
+}
+
+fn parse_operation(topic: HelpTopic, args: &[String]) -> Result<Command, UsageError> {
+    let spec = operator_spec_of(topic);
+    let Some(scanned) = spec.scan(args)? else {
+        return Ok(Command::Help(topic));
+    };
+    let database = parse_database(&spec, &scanned)?;
+    let action = parse_action(&spec, &scanned)?;
+    Ok(Command::Operate(Operation {
+        database,
+        action,
+        topic,
+    }))
+}
+
+fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
+    let topic = spec.topic;
+    let argument = |index: usize| -> Result<String, UsageError> {
+        parse_name(spec.arguments[index], &scanned.arguments[index], topic)
+    };
+    let at_ms = optional_at(spec, scanned)?;
+    let json = scanned.flag("--json");
+    let action = match topic {
+        HelpTopic::User => Action::User {
+            user: argument(0)?,
+            key: argument(1)?,
+            at_ms,
+        },
+        HelpTopic::Team => Action::Team {
+            team: argument(0)?,
+            at_ms,
+        },
+        HelpTopic::Member => Action::Member {
+            team: argument(0)?,
+            user: argument(1)?,
+            key: argument(2)?,
+            at_ms,
+        },
+        HelpTopic::Seat => parse_seat(spec, scanned, at_ms)?,
+        HelpTopic::TopUp => Action::TopUp {
+            team: argument(0)?,
+            micros: parse_count("MICROS", &scanned.arguments[1], 1, u64::MAX, topic)?,
+            at_ms,
+        },
+        HelpTopic::Consume => Action::Consume(ConsumeArgs {
+            key: argument(0)?,
+            resource: argument(1)?,
+            quantities: parse_quantities(&scanned.arguments[2..], topic)?,
+            request_id: scanned
+                .value("--id")
+                .map(|value| parse_name("--id", value, topic))
+                .transpose()?,
+            at_ms,
+            json,
+        }),
+        HelpTopic::Usage => Action::Usage {
+            key: argument(0)?,
+            at_ms,
+            json,
+        },
+        HelpTopic::Events => Action::Events(parse_events(spec, scanned)?),
+        HelpTopic::Verify => Action::Verify { json },
+        HelpTopic::Compact => Action::Compact { at_ms },
+        HelpTopic::Main | HelpTopic::Simulate => unreachable!("not an operator command"),
+    };
+    Ok(action)
+}
+
+fn parse_seat(spec: &Spec, scanned: &Scanned, at_ms: Option<u64>) -> Result<Action, UsageError> {
+    let plan = match (scanned.arguments.get(2), scanned.flag("--none")) {
+        (Some(plan), false) => Some(parse_name("PLAN", plan, spec.topic)?),
+        (None, true) => None,
+        (Some(_), true) => {
+            return Err(spec.error("--none", "given with a PLAN; give one or the other"));
+        }
+        (None, false) => {
+            return Err(spec.error(
+                "PLAN",
+                "missing; give a plan name, or --none to take the seat away",
+            ));
+        }
+    };
+    Ok(Action::Seat {
+        team: parse_name("TEAM", &scanned.arguments[0], spec.topic)?,
+        user: parse_name("USER", &scanned.arguments[1], spec.topic)?,
+        plan,
+        at_ms,
+    })
+}
+
+fn parse_events(spec: &Spec, scanned: &Scanned) -> Result<EventsArgs, UsageError> {
+    let topic = spec.topic;
+    let start = match (scanned.value("--after"), scanned.value("--cursor")) {
+        (Some(_), Some(_)) => {
+            return Err(spec.error("--cursor", "give --after or --cursor, not both"));
+        }
+        (Some(after), None) => {
+            EventsStart::After(parse_count("--after", after, 0, u64::MAX, topic)?)
+        }
+        (None, Some(name)) => EventsStart::Cursor(parse_name("--cursor", name, topic)?),
+        (None, None) => EventsStart::After(0),
+    };
+    let limit = scanned
+        .value("--limit")
+        .map_or(Ok(DEFAULT_EVENTS_LIMIT), |value| {
+            parse_count("--limit", value, 1, MAX_EVENTS_LIMIT, topic)
+        })?;
+    Ok(EventsArgs {
+        start,
+        limit,
+        json: scanned.flag("--json"),
+    })
 }
 
 #[cfg(test)]
@@ -298,6 +830,17 @@ mod tests {
         }
     }
 
+    fn operation(line: &str) -> Operation {
+        match parse_words(line) {
+            Ok(Command::Operate(operation)) => operation,
+            other => panic!("{line:?} parsed as {other:?}"),
+        }
+    }
+
+    fn action(line: &str) -> Action {
+        operation(line).action
+    }
+
     fn error_of(line: &str) -> UsageError {
         match parse_words(line) {
             Err(error) => error,
@@ -308,12 +851,18 @@ mod tests {
     #[test]
     fn simulate_without_options_uses_the_defaults() {
         assert_eq!(simulate_options("simulate"), SimulateOptions::default());
+        let defaults = SimulateOptions::default();
+        assert_eq!(defaults.db, PathBuf::from("tally-data-simulate"));
+        assert_eq!(defaults.durability, Durability::Interval { ms: 100 });
+        assert!(!defaults.keep);
     }
 
     #[test]
     fn every_option_is_read_in_both_spellings() {
-        let options =
-            simulate_options("simulate --keys 500 --days=2 --seed 7 --policy p.json --json");
+        let options = simulate_options(
+            "simulate --keys 500 --days=2 --seed 7 --policy p.json --json --db=/tmp/sim \
+             --durability none --keep",
+        );
         assert_eq!(
             options,
             SimulateOptions {
@@ -322,6 +871,9 @@ mod tests {
                 seed: 7,
                 policy: Some(PathBuf::from("p.json")),
                 json: true,
+                db: PathBuf::from("/tmp/sim"),
+                durability: Durability::None,
+                keep: true,
             }
         );
     }
@@ -345,6 +897,9 @@ mod tests {
         let error = error_of("simulate --days three");
         assert_eq!(error.option, "--days");
         assert!(error.problem.contains("three"), "{error}");
+        let error = error_of("simulate --durability fast");
+        assert_eq!(error.option, "--durability");
+        assert!(error.problem.contains("interval:MS"), "{error}");
     }
 
     #[test]
@@ -387,16 +942,20 @@ mod tests {
             error_of("simulate --keys 30 --keys 40").problem,
             "given twice"
         );
+        assert_eq!(error_of("usage k --json --json").option, "--json");
     }
 
     #[test]
-    fn json_takes_no_value() {
+    fn flags_take_no_value() {
         assert_eq!(error_of("simulate --json=yes").option, "--json");
+        assert_eq!(error_of("simulate --keep=1").option, "--keep");
     }
 
     #[test]
     fn a_stray_argument_to_simulate_is_refused() {
-        assert_eq!(error_of("simulate 100").option, "100");
+        let error = error_of("simulate 100");
+        assert_eq!(error.option, "100");
+        assert!(error.problem.contains("takes only options"), "{error}");
     }
 
     #[test]
@@ -412,6 +971,14 @@ mod tests {
             parse_words("simulate --keys 30 --help"),
             Ok(Command::Help(HelpTopic::Simulate))
         );
+        assert_eq!(
+            parse_words("consume k m2.7 requests=1 -h"),
+            Ok(Command::Help(HelpTopic::Consume))
+        );
+        assert_eq!(
+            parse_words("help events"),
+            Ok(Command::Help(HelpTopic::Events))
+        );
         assert_eq!(parse_words("--version"), Ok(Command::Version));
     }
 
@@ -420,6 +987,231 @@ mod tests {
         assert_eq!(error_of("simulat").option, "simulat");
         assert_eq!(error_of("simulat").topic, HelpTopic::Main);
         assert_eq!(error_of("--keys").topic, HelpTopic::Main);
+        assert_eq!(error_of("help consumer").option, "consumer");
         assert_eq!(parse(&[]).expect_err("no command").option, "<COMMAND>");
+    }
+
+    #[test]
+    fn operator_commands_default_to_the_local_store_the_shipped_policy_and_sync() {
+        let operation = operation("usage tp-ada");
+        assert_eq!(operation.database, Database::default());
+        assert_eq!(operation.database.path, PathBuf::from("tally-data"));
+        assert_eq!(operation.database.policy, None);
+        assert_eq!(operation.database.durability, Durability::Sync);
+        assert_eq!(
+            operation.action,
+            Action::Usage {
+                key: "tp-ada".into(),
+                at_ms: None,
+                json: false
+            }
+        );
+    }
+
+    #[test]
+    fn database_options_are_read_by_every_operator_command() {
+        let operation =
+            operation("team acme --db /tmp/x --policy p.toml --durability interval:250 --at 5");
+        assert_eq!(
+            operation.database,
+            Database {
+                path: PathBuf::from("/tmp/x"),
+                policy: Some(PathBuf::from("p.toml")),
+                durability: Durability::Interval { ms: 250 },
+            }
+        );
+        assert_eq!(
+            operation.action,
+            Action::Team {
+                team: "acme".into(),
+                at_ms: Some(5)
+            }
+        );
+        assert_eq!(error_of("verify --db").option, "--db");
+        assert_eq!(
+            error_of("verify --durability interval:0").option,
+            "--durability"
+        );
+    }
+
+    #[test]
+    fn admin_commands_take_their_arguments_in_order() {
+        assert_eq!(
+            action("user ada tp-ada"),
+            Action::User {
+                user: "ada".into(),
+                key: "tp-ada".into(),
+                at_ms: None
+            }
+        );
+        assert_eq!(
+            action("member acme ada tp-acme-ada --at 1,000"),
+            Action::Member {
+                team: "acme".into(),
+                user: "ada".into(),
+                key: "tp-acme-ada".into(),
+                at_ms: Some(1_000)
+            }
+        );
+        assert_eq!(
+            action("topup @ada 5,000,000"),
+            Action::TopUp {
+                team: "@ada".into(),
+                micros: 5_000_000,
+                at_ms: None
+            }
+        );
+        assert_eq!(error_of("topup @ada 0").option, "MICROS");
+        assert_eq!(error_of("topup @ada lots").option, "MICROS");
+    }
+
+    #[test]
+    fn a_missing_or_extra_argument_is_named() {
+        let error = error_of("member acme ada");
+        assert_eq!(error.option, "KEY");
+        assert!(
+            error.problem.contains("tally member TEAM USER KEY"),
+            "{error}"
+        );
+        assert_eq!(error.topic, HelpTopic::Member);
+        assert_eq!(error_of("team acme globex").option, "globex");
+        assert_eq!(error_of("usage").option, "KEY");
+        assert_eq!(error_of("consume k m2.7").option, "UNIT=N");
+    }
+
+    #[test]
+    fn a_seat_names_a_plan_or_none_but_not_both() {
+        assert_eq!(
+            action("seat @ada ada Plus"),
+            Action::Seat {
+                team: "@ada".into(),
+                user: "ada".into(),
+                plan: Some("Plus".into()),
+                at_ms: None
+            }
+        );
+        assert_eq!(
+            action("seat @ada ada --none"),
+            Action::Seat {
+                team: "@ada".into(),
+                user: "ada".into(),
+                plan: None,
+                at_ms: None
+            }
+        );
+        assert_eq!(error_of("seat @ada ada").option, "PLAN");
+        assert_eq!(error_of("seat @ada ada Plus --none").option, "--none");
+        assert_eq!(error_of("seat @ada ada Plus Max").option, "Max");
+    }
+
+    #[test]
+    fn consume_reads_quantities_an_id_and_a_time() {
+        assert_eq!(
+            action("consume tp-ada m2.7 requests=1 tokens=1,200 --id req-1 --at 7 --json"),
+            Action::Consume(ConsumeArgs {
+                key: "tp-ada".into(),
+                resource: "m2.7".into(),
+                quantities: vec![(Unit::Requests, 1), (Unit::Tokens, 1_200)],
+                request_id: Some("req-1".into()),
+                at_ms: Some(7),
+                json: true,
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_quantity_names_the_argument() {
+        for (line, culprit, words) in [
+            ("consume k m2.7 requests", "requests", "UNIT=N"),
+            ("consume k m2.7 request=1", "request=1", "unknown unit"),
+            ("consume k m2.7 requests=0", "requests=0", "between 1 and"),
+            (
+                "consume k m2.7 requests=x",
+                "requests=x",
+                "not a whole number",
+            ),
+            (
+                "consume k m2.7 requests=1 requests=2",
+                "requests=2",
+                "given twice",
+            ),
+        ] {
+            let error = error_of(line);
+            assert_eq!(error.option, culprit, "{line}");
+            assert!(error.problem.contains(words), "{line}: {error}");
+        }
+        assert_eq!(
+            error_of("consume k m2.7 requests=1099511627777").option,
+            "requests=1099511627777"
+        );
+    }
+
+    #[test]
+    fn a_time_beyond_2100_is_refused_by_the_command_line() {
+        let error = error_of("usage k --at 4102444800000");
+        assert_eq!(error.option, "--at");
+        assert!(error.problem.contains("between 0 and"), "{error}");
+    }
+
+    #[test]
+    fn events_start_after_a_number_or_a_cursor_with_a_bounded_limit() {
+        assert_eq!(
+            action("events"),
+            Action::Events(EventsArgs {
+                start: EventsStart::After(0),
+                limit: DEFAULT_EVENTS_LIMIT,
+                json: false
+            })
+        );
+        assert_eq!(
+            action("events --after 41 --limit 5 --json"),
+            Action::Events(EventsArgs {
+                start: EventsStart::After(41),
+                limit: 5,
+                json: true
+            })
+        );
+        assert_eq!(
+            action("events --cursor billing"),
+            Action::Events(EventsArgs {
+                start: EventsStart::Cursor("billing".into()),
+                limit: DEFAULT_EVENTS_LIMIT,
+                json: false
+            })
+        );
+        assert_eq!(error_of("events --after 1 --cursor b").option, "--cursor");
+        assert_eq!(error_of("events --limit 0").option, "--limit");
+        assert_eq!(error_of("events --limit 100001").option, "--limit");
+        assert_eq!(error_of("events --after=").option, "--after");
+    }
+
+    #[test]
+    fn a_double_dash_ends_the_options() {
+        assert_eq!(
+            action("usage -- --odd-key"),
+            Action::Usage {
+                key: "--odd-key".into(),
+                at_ms: None,
+                json: false
+            }
+        );
+    }
+
+    #[test]
+    fn the_crash_child_needs_a_database() {
+        assert_eq!(
+            parse_words("crash-child --db /tmp/c --seed 9"),
+            Ok(Command::CrashChild(CrashChildOptions {
+                db: PathBuf::from("/tmp/c"),
+                seed: 9,
+                policy: None,
+                threads: DEFAULT_CRASH_THREADS,
+            }))
+        );
+        assert_eq!(error_of("crash-child --seed 9").option, "--db");
+        assert_eq!(
+            error_of("crash-child --db d --threads 0").option,
+            "--threads"
+        );
     }
 }

@@ -87,6 +87,13 @@ pub fn utc_iso8601(ms: u64) -> String {
     )
 }
 
+/// Like `utc_iso8601`, to the millisecond: `2026-03-02T01:00:00.250Z` (event times).
+pub fn utc_iso8601_ms(ms: u64) -> String {
+    let seconds = utc_iso8601(ms);
+    let whole = seconds.trim_end_matches('Z');
+    format!("{whole}.{:03}Z", ms % MS_PER_SECOND)
+}
+
 /// Days since 1970-01-01 to a proleptic Gregorian (year, month, day): Howard Hinnant's
 /// `civil_from_days`, restricted to dates after the epoch (tally's timestamps are unsigned).
 fn civil_from_days(days: u64) -> (u64, u64, u64) {
@@ -164,5 +171,10 @@ mod tests {
         // A leap day and the last millisecond of a year.
         assert_eq!(utc_iso8601(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(utc_iso8601(1_735_689_599_999), "2024-12-31T23:59:59Z");
+        assert_eq!(
+            utc_iso8601_ms(1_735_689_599_999),
+            "2024-12-31T23:59:59.999Z"
+        );
+        assert_eq!(utc_iso8601_ms(7), "1970-01-01T00:00:00.007Z");
     }
 }

@@ -1,42 +1,78 @@
 //! `tally`: the command-line program. Its main job is `tally simulate`, which runs days of
-//! simulated gateway traffic through the engine in seconds and reports what happened.
+//! simulated gateway traffic through the engine on a database in seconds and reports what
+//! happened; the operator commands (`user`, `seat`, `topup`, `consume`, `usage`, `events`,
+//! `verify`, `compact`, ...) work on a database one change or question at a time.
 
 mod cli;
+mod crash_child;
+mod describe;
 mod format;
+mod help;
+mod operator;
 mod outcome;
 mod report;
 mod rng;
 mod scenario;
 mod simulate;
+mod store;
 mod traffic;
 
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
-use tally_engine::Policy;
+use tally_engine::{Error, ManualClock, Policy};
 
-use crate::cli::{Command, HelpTopic, SimulateOptions, UsageError};
+use crate::cli::{Command, CrashChildOptions, HelpTopic, Operation, SimulateOptions, UsageError};
 
-/// A bad command line or policy: nothing ran.
+/// A bad command line, policy or database, or an argument the engine refused: nothing changed.
 const EXIT_USAGE: u8 = 2;
-/// The engine refused the scenario's setup (a policy it cannot serve).
+/// The engine refused the scenario's setup (a policy it cannot serve), or the log failed.
 const EXIT_FAILURE: u8 = 1;
+/// `tally simulate` checkpoints once, at the end, rather than every so many events: a
+/// checkpoint holds every lock while it copies the state, and the run only wants speed.
+const SIMULATE_CHECKPOINT_EVERY_EVENTS: u64 = u64::MAX;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match cli::parse(&args) {
-        Ok(Command::Help(topic)) => print_out(topic.text()),
+        Ok(Command::Help(topic)) => print_out(&topic.text()),
         Ok(Command::Version) => print_out(&format!("tally {}\n", env!("CARGO_PKG_VERSION"))),
         Ok(Command::Simulate(options)) => simulate(&options),
+        Ok(Command::Operate(operation)) => operate(&operation),
+        Ok(Command::CrashChild(options)) => crash_child(&options),
+        Err(error) => usage_error(&error),
+    }
+}
+
+fn operate(operation: &Operation) -> ExitCode {
+    match operator::run(operation) {
+        Ok(outcome) => {
+            let printed = print_out(&outcome.text);
+            if outcome.status == 0 {
+                printed
+            } else {
+                ExitCode::from(outcome.status)
+            }
+        }
         Err(error) => usage_error(&error),
     }
 }
 
 fn simulate(options: &SimulateOptions) -> ExitCode {
-    let (policy, policy_name) = match load_policy(options) {
+    let (policy, policy_name) = match load_policy(options.policy.as_deref(), HelpTopic::Simulate) {
         Ok(loaded) => loaded,
         Err(error) => return usage_error(&error),
     };
+    let prepared = if options.keep {
+        store::check_openable(&options.db, true).map(|_| ())
+    } else {
+        store::wipe(&options.db)
+    };
+    if let Err(problem) = prepared {
+        return usage_error(&UsageError::new("--db", problem, HelpTopic::Simulate));
+    }
     let shape = scenario::Shape {
         keys: options.keys,
         days: options.days,
@@ -44,33 +80,92 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         start_ms: simulate::START_MS,
         slot_ms: simulate::SLOT_MS,
     };
-    let summary = match simulate::run(shape, policy, &policy_name) {
-        Ok(summary) => summary,
+    let clock = Arc::new(ManualClock::new(shape.start_ms));
+    let engine = match store::open(
+        &options.db,
+        policy,
+        clock.clone(),
+        options.durability,
+        SIMULATE_CHECKPOINT_EVERY_EVENTS,
+    ) {
+        Ok(engine) => engine,
         Err(error) => {
-            eprintln!("tally: simulate: the engine refused the scenario: {error}");
-            return ExitCode::from(EXIT_FAILURE);
+            let (culprit, problem) = operator::culprit(&error);
+            return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));
         }
     };
+    let summary = match simulate::run(shape, &engine, &clock, &policy_name) {
+        Ok(summary) => summary,
+        Err(error) => return simulate_failure(&error, options),
+    };
+    let closing = Instant::now();
+    // A checkpoint at the end makes the next open of this database quick; it covers every
+    // event, so its sequence number is how many the log holds.
+    let events = match engine.checkpoint() {
+        Ok(seq) => seq,
+        Err(error) => return simulate_failure(&error, options),
+    };
+    drop(engine);
+    let database = format!(
+        "Database: {} holds {} events (durability {}; checkpoint and close {:.2} s)\n",
+        options.db.display(),
+        format::grouped(events),
+        store::durability_words(options.durability),
+        closing.elapsed().as_secs_f64()
+    );
     if !options.json {
-        return print_out(&report::text(&summary));
+        return print_out(&format!("{}\n{database}", report::text(&summary)));
     }
     let json = serde_json::to_string_pretty(&report::json(&summary))
         .unwrap_or_else(|error| unreachable!("a JSON value always serialises: {error}"));
-    // The wall time is not in the JSON, so the same seed prints the same JSON: say it here.
+    // The wall time and the path are not in the JSON, so the same seed prints the same JSON:
+    // say them here.
     eprintln!(
-        "tally: simulated {} requests in {:.2} s",
+        "tally: simulated {} requests in {:.2} s\ntally: {}",
         format::grouped(summary.totals.sent),
-        summary.wall.as_secs_f64()
+        summary.wall.as_secs_f64(),
+        database.trim_end()
     );
     print_out(&format!("{json}\n"))
 }
 
-fn load_policy(options: &SimulateOptions) -> Result<(Policy, String), UsageError> {
-    match &options.policy {
+fn simulate_failure(error: &Error, options: &SimulateOptions) -> ExitCode {
+    let hint = match error {
+        Error::AlreadyExists { .. } if options.keep => {
+            " (the database already holds a simulation's accounts: drop --keep or give a new --db)"
+        }
+        _ => "",
+    };
+    eprintln!("tally: simulate: the engine refused the scenario: {error}{hint}");
+    ExitCode::from(EXIT_FAILURE)
+}
+
+fn crash_child(options: &CrashChildOptions) -> ExitCode {
+    let (policy, _) = match load_policy(options.policy.as_deref(), HelpTopic::Main) {
+        Ok(loaded) => loaded,
+        Err(error) => return usage_error(&error),
+    };
+    if let Err(problem) = crash_child::check_path(&options.db) {
+        return usage_error(&UsageError::new("--db", problem, HelpTopic::Main));
+    }
+    match crash_child::run(options, policy) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tally: crash-child: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn load_policy(
+    path: Option<&std::path::Path>,
+    topic: HelpTopic,
+) -> Result<(Policy, String), UsageError> {
+    match path {
         None => Ok((Policy::token_plan(), "the shipped Token Plan policy".into())),
         Some(path) => Policy::load(path)
             .map(|policy| (policy, path.display().to_string()))
-            .map_err(|error| UsageError::new("--policy", error.to_string(), HelpTopic::Simulate)),
+            .map_err(|error| UsageError::new("--policy", error.to_string(), topic)),
     }
 }
 

@@ -212,7 +212,8 @@ fn usage_bars(out: &mut String, summary: &Summary) {
     out.push('\n');
 }
 
-fn limit_line(out: &mut String, limit: &LimitReport, now_ms: u64) {
+/// One usage bar: label, bar, used/amount, percent, and when it resets relative to `now_ms`.
+pub fn limit_line(out: &mut String, limit: &LimitReport, now_ms: u64) {
     // Relative to the end of the run, whose UTC time heads the section; the JSON has the
     // ISO-8601 times.
     let reset = match limit.reset_at_ms {
@@ -234,7 +235,7 @@ fn limit_line(out: &mut String, limit: &LimitReport, now_ms: u64) {
 }
 
 /// `m2.7:requests per rolling:5h` reads better as `m2.7 requests / rolling:5h`.
-fn limit_label(limit: &LimitReport) -> String {
+pub fn limit_label(limit: &LimitReport) -> String {
     format!("{} / {}", limit.meter.replace(':', " "), limit.window)
 }
 

@@ -5,14 +5,13 @@
 //! One thread on purpose: decisions then happen in one order, so team credits run out at the
 //! same request on every run and the report is reproducible.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tally_engine::calendar::CalendarPeriod;
 use tally_engine::{
-    ChargedTo, Decision, Engine, EngineOptions, Error, LimitReport, ManualClock, PlanId, Policy,
-    UsageRequest, Window,
+    ChargedTo, Decision, Engine, Error, LimitReport, ManualClock, PlanId, Policy, UsageRequest,
+    Window,
 };
 
 use crate::outcome::{error_kind, Counts};
@@ -42,6 +41,9 @@ const MAX_REQUEST_IDS: u64 = 200_000;
 /// Now and then a revoked or mistyped key calls in.
 const STRAY_PER_MILLION_SLOTS: u64 = 300_000;
 const STRAY_KEYS: u64 = 50;
+/// A slot's requests go to the engine in batches of at most this many (a bound on the memory
+/// of one `consume_many`; a slot of the default run holds about 2,500).
+const MAX_BATCH_REQUESTS: usize = 16_384;
 /// A seat change's effect is counted over the five hours after it.
 const SEAT_CHANGE_WATCH_MS: u64 = 5 * HOUR_MS;
 
@@ -136,13 +138,18 @@ pub struct Summary {
     pub wall: Duration,
 }
 
-/// Runs a whole simulation: builds the accounts, sends the traffic, and summarises.
-pub fn run(shape: Shape, policy: Policy, policy_name: &str) -> Result<Summary, Error> {
-    let clock = Arc::new(ManualClock::new(shape.start_ms));
-    let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+/// Runs a whole simulation on `engine` (a fresh database whose clock is `clock`): builds the
+/// accounts, sends the traffic, and summarises.
+pub fn run(
+    shape: Shape,
+    engine: &Engine,
+    clock: &ManualClock,
+    policy_name: &str,
+) -> Result<Summary, Error> {
+    clock.set_ms(shape.start_ms);
     let policy = engine.policy();
-    let scenario = scenario::build(&engine, &policy, &shape)?;
-    let mut simulation = Simulation::new(&engine, &clock, policy, shape, scenario);
+    let scenario = scenario::build(engine, &policy, &shape)?;
+    let mut simulation = Simulation::new(engine, clock, policy, shape, scenario);
     let started = Instant::now();
     simulation.send_traffic()?;
     let wall = started.elapsed();
@@ -159,10 +166,18 @@ struct KeyProgress {
     seat_change: Option<usize>,
 }
 
-/// A request decided on before it is sent, so drawing (which borrows the key's random stream)
-/// and sending (which records into the counts) do not overlap.
+/// Who sends a request of a slot's batch: a key of the scenario, or a revoked key (its number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    Actor(usize),
+    Stray(usize),
+}
+
+/// A request decided on before it is sent: a slot's requests are drawn first (drawing does not
+/// depend on decisions), then sent as one batch, then recorded in the order they were drawn.
 #[derive(Debug, Clone, Copy)]
 struct Planned {
+    sender: Sender,
     at_ms: u64,
     request: Request,
     request_id: Option<u64>,
@@ -189,8 +204,9 @@ struct Simulation<'a> {
     daily_resets_seen: u64,
     errors: Vec<(&'static str, u64)>,
     stray_rng: Rng,
-    planned: Vec<Planned>,
-    request_id_text: String,
+    stray_keys: Vec<String>,
+    /// The slot's requests, in the order they are decided.
+    batch: Vec<Planned>,
 }
 
 impl<'a> Simulation<'a> {
@@ -239,8 +255,10 @@ impl<'a> Simulation<'a> {
             daily_resets_seen: 0,
             errors: Vec::new(),
             stray_rng: Rng::stream(shape.seed, u64::from_le_bytes(*b"strays\0\0")),
-            planned: Vec::new(),
-            request_id_text: String::new(),
+            stray_keys: (0..STRAY_KEYS)
+                .map(|number| format!("tp-revoked-{number}"))
+                .collect(),
+            batch: Vec::new(),
         }
     }
 
@@ -254,11 +272,16 @@ impl<'a> Simulation<'a> {
                 self.top_up_low_teams(slot_start)?;
             }
             let percent = activity_percent(self.local_hour(slot_start));
+            self.batch.clear();
             for index in 0..self.scenario.actors.len() {
                 self.plan_slot(index, slot_start, percent);
-                self.send_planned(index);
             }
-            self.send_stray(slot_start);
+            self.plan_stray(slot_start);
+            let batch = std::mem::take(&mut self.batch);
+            for chunk in batch.chunks(MAX_BATCH_REQUESTS) {
+                self.send_batch(chunk);
+            }
+            self.batch = batch;
         }
         Ok(())
     }
@@ -286,7 +309,6 @@ impl<'a> Simulation<'a> {
             slot_ms,
             &mut actor.rng,
         );
-        self.planned.clear();
         let total = ordinary + burst;
         for position in 0..total {
             // Burst and ordinary calls mixed at random, about `burst` of the former.
@@ -305,7 +327,8 @@ impl<'a> Simulation<'a> {
                 self.next_request_id
             });
             let retried = request_id.is_some() && actor.rng.chance(RETRY_PER_MILLION);
-            self.planned.push(Planned {
+            self.batch.push(Planned {
+                sender: Sender::Actor(index),
                 at_ms: slot_start + (2 * position + 1) * slot_ms / (2 * total),
                 request,
                 request_id,
@@ -314,53 +337,73 @@ impl<'a> Simulation<'a> {
         }
     }
 
-    fn send_planned(&mut self, index: usize) {
-        let planned = std::mem::take(&mut self.planned);
-        for request in &planned {
-            self.send(index, request);
-        }
-        self.planned = planned;
-    }
-
-    fn send(&mut self, index: usize, planned: &Planned) {
-        let actor = &self.scenario.actors[index];
-        let resource = &*self.policy.resource(planned.request.resource).name;
-        let mut request =
-            UsageRequest::new(&actor.key, resource, planned.request.quantities()).at(planned.at_ms);
-        if let Some(id) = planned.request_id {
-            self.request_id_text.clear();
-            let _ = write!(self.request_id_text, "req-{id}");
-            request = request.id(&self.request_id_text);
-        }
-        let outcome = self.engine.consume(&request);
-        if planned.retried {
-            // A gateway retry after a timeout: same id, same request, a little later.
-            let again = self
-                .engine
-                .consume(&request.at(planned.at_ms + RETRY_DELAY_MS));
-            self.replays += 1;
-            self.replays_matching += u64::from(again == outcome);
-        }
-        let row = row_of(actor.access, actor.plan);
-        self.record(Some(index), row, &outcome, planned.at_ms);
-    }
-
-    /// A request from a key that does not exist (revoked, mistyped).
-    fn send_stray(&mut self, slot_start: u64) {
+    /// A request from a key that does not exist (revoked, mistyped), now and then.
+    fn plan_stray(&mut self, slot_start: u64) {
         if !self.stray_rng.chance(STRAY_PER_MILLION_SLOTS) {
             return;
         }
-        let key = format!("tp-revoked-{}", self.stray_rng.below(STRAY_KEYS));
+        let number = self.stray_rng.below(STRAY_KEYS) as usize;
         let chat = self.catalog.chat_for(None);
         let request = self
             .catalog
             .draw_ordinary(&mut self.stray_rng, chat, &self.policy);
-        let resource = &*self.policy.resource(request.resource).name;
         let at_ms = slot_start + self.stray_rng.below(self.shape.slot_ms);
-        let outcome = self
-            .engine
-            .consume(&UsageRequest::new(&key, resource, request.quantities()).at(at_ms));
-        self.record(None, Row::UnknownKey, &outcome, at_ms);
+        self.batch.push(Planned {
+            sender: Sender::Stray(number),
+            at_ms,
+            request,
+            request_id: None,
+            retried: false,
+        });
+    }
+
+    /// Decides a batch with one `consume_many` (one wait for durability, so `--durability sync`
+    /// costs one flush per batch, not per request), then records the outcomes in order. A
+    /// retried request follows its first attempt in the batch: a gateway retry after a
+    /// timeout, same id, same request, a little later.
+    fn send_batch(&mut self, batch: &[Planned]) {
+        let engine = self.engine;
+        let ids: Vec<Option<String>> = batch
+            .iter()
+            .map(|planned| planned.request_id.map(|id| format!("req-{id}")))
+            .collect();
+        let mut requests = Vec::with_capacity(batch.len() + batch.len() / 16);
+        for (planned, id) in batch.iter().zip(&ids) {
+            let key = match planned.sender {
+                Sender::Actor(index) => &self.scenario.actors[index].key,
+                Sender::Stray(number) => &self.stray_keys[number],
+            };
+            let resource = &*self.policy.resource(planned.request.resource).name;
+            let mut request =
+                UsageRequest::new(key, resource, planned.request.quantities()).at(planned.at_ms);
+            if let Some(id) = id {
+                request = request.id(id);
+            }
+            requests.push(request);
+            if planned.retried {
+                requests.push(request.at(planned.at_ms + RETRY_DELAY_MS));
+            }
+        }
+        let mut outcomes = engine.consume_many(&requests).into_iter();
+        drop(requests);
+        for planned in batch {
+            let Some(outcome) = outcomes.next() else {
+                unreachable!("consume_many answers every request")
+            };
+            if planned.retried {
+                let again = outcomes.next();
+                self.replays += 1;
+                self.replays_matching += u64::from(again.as_ref() == Some(&outcome));
+            }
+            match planned.sender {
+                Sender::Actor(index) => {
+                    let actor = &self.scenario.actors[index];
+                    let row = row_of(actor.access, actor.plan);
+                    self.record(Some(index), row, &outcome, planned.at_ms);
+                }
+                Sender::Stray(_) => self.record(None, Row::UnknownKey, &outcome, planned.at_ms),
+            }
+        }
     }
 
     fn record(
@@ -667,6 +710,7 @@ fn chat_bar(engine: &Engine, key: &str, at_ms: u64) -> Result<Option<LimitReport
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tally_engine::EngineOptions;
 
     #[test]
     fn request_ids_stay_well_within_what_the_engine_remembers() {

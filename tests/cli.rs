@@ -3,17 +3,46 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use serde_json::Value;
 
 const SMALL_RUN: &[&str] = &["simulate", "--keys", "60", "--days", "1", "--seed", "7"];
 
-fn tally(args: &[&str]) -> Output {
+/// A fresh directory under the system's temporary directory, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let number = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tally-cli-{}-run-{number}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("the scratch directory is created");
+        Scratch(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tally_in(directory: &Scratch, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(args)
+        .current_dir(&directory.0)
         .output()
         .expect("the tally binary runs")
+}
+
+/// Runs the binary in a fresh working directory of its own, so `simulate` writes its default
+/// database (`./tally-data-simulate`) there and runs in parallel do not meet.
+fn tally(args: &[&str]) -> Output {
+    tally_in(&Scratch::new(), args)
 }
 
 fn stdout_of(output: &Output) -> String {
@@ -333,4 +362,96 @@ fn a_policy_that_does_not_load_is_a_bad_policy_option() {
         );
         assert!(output.stdout.is_empty());
     }
+}
+
+/// `N` from the line `Database: PATH holds N events (...)`.
+fn events_held(text: &str) -> u64 {
+    let line = text
+        .lines()
+        .find(|line| line.contains("Database: tally-data-simulate holds "))
+        .unwrap_or_else(|| panic!("no database line in:\n{text}"));
+    let count = line
+        .split(" holds ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .expect("a count");
+    count.replace(',', "").parse().expect("a number")
+}
+
+#[test]
+fn simulate_logs_every_admitted_request_once_in_the_default_database() {
+    let directory = Scratch::new();
+    let mut args = SMALL_RUN.to_vec();
+    args.push("--json");
+    let output = tally_in(&directory, &args);
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let run: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let events = events_held(&stderr_of(&output));
+    let admitted = number(&run["requests"], "admitted");
+    assert!(events > admitted, "{events} events, {admitted} admitted");
+    let listed = tally_in(
+        &directory,
+        &[
+            "events",
+            "--db",
+            "tally-data-simulate",
+            "--limit",
+            "100000",
+            "--json",
+        ],
+    );
+    assert!(listed.status.success(), "{}", stderr_of(&listed));
+    let lines: Vec<Value> = stdout_of(&listed)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len() as u64, events);
+    for (index, event) in lines.iter().enumerate() {
+        assert_eq!(number(event, "seq"), index as u64 + 1, "{event}");
+    }
+    let usage = lines
+        .iter()
+        .filter(|event| event["kind"] == "usage_admitted")
+        .count() as u64;
+    assert_eq!(usage, admitted, "one usage event per admitted request");
+    let verified = tally_in(&directory, &["verify", "--db", "tally-data-simulate"]);
+    assert_eq!(verified.status.code(), Some(0), "{}", stdout_of(&verified));
+    assert!(stdout_of(&verified).contains("matches a replay"));
+}
+
+#[test]
+fn a_second_run_starts_from_a_wiped_database_and_keep_will_not_mix_two_runs() {
+    let directory = Scratch::new();
+    let first = tally_in(&directory, SMALL_RUN);
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    let second = tally_in(&directory, SMALL_RUN);
+    assert_eq!(
+        events_held(&stdout_of(&first)),
+        events_held(&stdout_of(&second))
+    );
+    let mut keep = SMALL_RUN.to_vec();
+    keep.push("--keep");
+    let kept = tally_in(&directory, &keep);
+    assert_eq!(kept.status.code(), Some(1));
+    assert!(
+        stderr_of(&kept).contains("drop --keep"),
+        "{}",
+        stderr_of(&kept)
+    );
+}
+
+#[test]
+fn simulate_never_wipes_a_folder_that_is_not_a_database() {
+    let directory = Scratch::new();
+    let folder = directory.0.join("tally-data-simulate");
+    std::fs::create_dir_all(&folder).expect("created");
+    std::fs::write(folder.join("notes.txt"), "mine").expect("written");
+    let output = tally_in(&directory, SMALL_RUN);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr_of(&output).contains("--db"),
+        "{}",
+        stderr_of(&output)
+    );
+    assert!(folder.join("notes.txt").exists());
 }

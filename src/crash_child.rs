@@ -1,0 +1,293 @@
+//! `tally crash-child` (hidden): the process `tests/crash.rs` kills with SIGKILL, over and over.
+//!
+//! It opens the database with `Durability::Sync`, sets up a few users, keys, seats and credits
+//! if they are missing (a kill may have stopped an earlier child halfway through), then
+//! consumes from several threads — some one request at a time, some in `consume_many` batches —
+//! with request ids unique to this run, and tops up teams that run low. It prints a line for
+//! every call only after the call returned, so every `ok` line is a request the engine
+//! acknowledged as durable:
+//!
+//! ```text
+//! ready
+//! ok <request id> <key> <resource> <unit=n,...> quota <plan>
+//! ok <request id> <key> <resource> <unit=n,...> credits <micros>
+//! no <request id> <key> <resource> <unit=n,...> <denial reason>
+//! topup <team> <micros>
+//! err <what> <error>
+//! ```
+//!
+//! The workload is drawn from whatever policy it runs with: any resource, its required units
+//! and sometimes its optional ones, small quantities.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_engine::{ChargedTo, Decision, Engine, Error, Policy, SystemClock, Unit, UsageRequest};
+
+use crate::cli::CrashChildOptions;
+use crate::outcome::{reason_index, DENIAL_REASONS};
+use crate::rng::Rng;
+use crate::store;
+
+/// The child stops by itself after this long, in case nobody kills it.
+const MAX_RUN_MS: u64 = 120_000;
+/// Checkpoints come often, so kills land in the middle of them too.
+const CHECKPOINT_EVERY_EVENTS: u64 = 5_000;
+const MAX_BATCH_REQUESTS: u64 = 8;
+/// Each consuming thread pauses this long between calls: calls waiting for their fsync still
+/// overlap (a call takes about as long), and the log grows slowly enough that a debug build
+/// reopens it quickly after a hundred kills.
+const PAUSE_BETWEEN_CALLS: Duration = Duration::from_millis(2);
+const MAX_QUANTITY: u64 = 3;
+/// A team below this balance is topped up by `TOP_UP_MICROS`, now and then (so credits also
+/// run out at times).
+const LOW_BALANCE_MICROS: u64 = 50_000;
+const TOP_UP_MICROS: u64 = 200_000;
+const TOP_UP_CHECK_MS: u64 = 15;
+const TOP_UP_PER_MILLION: u64 = 300_000;
+
+/// `(user, key of their Default Team, seat on the policy's plan number or none)`.
+const USERS: [(&str, &str, Option<usize>); 4] = [
+    ("crash-a", "ck-a", Some(0)),
+    ("crash-b", "ck-b", Some(1)),
+    ("crash-c", "ck-c", None),
+    ("crash-d", "ck-d", Some(2)),
+];
+const TEAM: &str = "crash-team";
+/// `(user, key in TEAM, seat)`.
+const MEMBERS: [(&str, &str, Option<usize>); 2] = [
+    ("crash-a", "ck-team-a", Some(0)),
+    ("crash-c", "ck-team-c", None),
+];
+/// Teams holding credits: every Default Team but crash-d's (its key has quota only), and TEAM.
+const CREDIT_TEAMS: [&str; 4] = ["@crash-a", "@crash-b", "@crash-c", TEAM];
+
+/// Every key that sends traffic.
+fn keys() -> Vec<&'static str> {
+    USERS
+        .iter()
+        .map(|(_, key, _)| *key)
+        .chain(MEMBERS.iter().map(|(_, key, _)| *key))
+        .collect()
+}
+
+pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
+    let engine = store::open(
+        &options.db,
+        policy,
+        Arc::new(SystemClock),
+        tally_engine::Durability::Sync,
+        CHECKPOINT_EVERY_EVENTS,
+    )?;
+    set_up(&engine)?;
+    say("ready");
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_millis(MAX_RUN_MS);
+    std::thread::scope(|scope| {
+        for thread in 0..options.threads {
+            let engine = &engine;
+            let stop = &stop;
+            scope.spawn(move || consume_loop(engine, options.seed, thread, stop, deadline));
+        }
+        scope.spawn(|| top_up_loop(&engine, options.seed, &stop, deadline));
+    });
+    Ok(())
+}
+
+fn say(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(format!("{line}\n").as_bytes());
+    let _ = stdout.flush();
+}
+
+fn ignore_existing(result: Result<(), Error>) -> Result<(), Error> {
+    match result {
+        Err(Error::AlreadyExists { .. }) => Ok(()),
+        other => other,
+    }
+}
+
+/// Creates what is missing; an earlier child may have been killed halfway through.
+fn set_up(engine: &Engine) -> Result<(), Error> {
+    let policy = engine.policy();
+    let plans = policy.plans().len();
+    for (user, key, _) in USERS {
+        ignore_existing(engine.create_user(user, key, None))?;
+    }
+    ignore_existing(engine.create_team(TEAM, None))?;
+    for (user, key, _) in MEMBERS {
+        ignore_existing(engine.add_member(TEAM, user, key, None))?;
+    }
+    let seats = USERS
+        .iter()
+        .map(|(user, key, plan)| (format!("@{user}"), *user, *key, *plan))
+        .chain(
+            MEMBERS
+                .iter()
+                .map(|(user, key, plan)| (TEAM.to_string(), *user, *key, *plan)),
+        );
+    for (team, user, key, plan) in seats {
+        let Some(plan) = plan.filter(|_| plans > 0) else {
+            continue;
+        };
+        let name = &policy.plans()[plan % plans].name;
+        if engine.usage(key, None)?.plan.as_deref() != Some(&**name) {
+            engine.assign_seat(&team, user, name, None)?;
+        }
+    }
+    for team in CREDIT_TEAMS {
+        if engine.credits_micros(team)? < LOW_BALANCE_MICROS {
+            engine.top_up(team, TOP_UP_MICROS, None)?;
+            say(&format!("topup {team} {TOP_UP_MICROS}"));
+        }
+    }
+    Ok(())
+}
+
+/// One drawn request: key, resource and quantities.
+struct Drawn {
+    key: &'static str,
+    resource: String,
+    quantities: Vec<(Unit, u64)>,
+}
+
+impl Drawn {
+    fn units(&self) -> String {
+        let parts: Vec<String> = self
+            .quantities
+            .iter()
+            .map(|(unit, amount)| format!("{unit}={amount}"))
+            .collect();
+        parts.join(",")
+    }
+}
+
+fn draw(rng: &mut Rng, keys: &[&'static str], policy: &Policy) -> Drawn {
+    let key = keys[rng.below(keys.len() as u64) as usize];
+    let resources = policy.resources();
+    let resource = &resources[rng.below(resources.len() as u64) as usize];
+    let mut quantities = Vec::new();
+    for unit in Unit::ALL {
+        let index = unit.index();
+        if !resource.units[index] || !(resource.required[index] || rng.chance(500_000)) {
+            continue;
+        }
+        let cap = resource.max_per_request[index].clamp(1, MAX_QUANTITY);
+        quantities.push((unit, rng.between(1, cap)));
+    }
+    if quantities.is_empty() {
+        // A resource with no required unit: its first unit.
+        if let Some(unit) = Unit::ALL
+            .into_iter()
+            .find(|unit| resource.units[unit.index()])
+        {
+            quantities.push((unit, 1));
+        }
+    }
+    Drawn {
+        key,
+        resource: resource.name.to_string(),
+        quantities,
+    }
+}
+
+fn report(policy: &Policy, id: &str, drawn: &Drawn, outcome: &Result<Decision, Error>) {
+    let head = format!("{id} {} {} {}", drawn.key, drawn.resource, drawn.units());
+    let line = match outcome {
+        Ok(Decision::Admitted(admission)) => match admission.charged_to {
+            ChargedTo::PlanQuota { plan } => {
+                let name = policy
+                    .plans()
+                    .get(plan.index())
+                    .map_or("?", |plan| &*plan.name);
+                format!("ok {head} quota {name}")
+            }
+            ChargedTo::Credits { micros } => format!("ok {head} credits {micros}"),
+            ChargedTo::PayAsYouGo { micros } => format!("ok {head} payg {micros}"),
+        },
+        Ok(Decision::Denied(denial)) => {
+            format!(
+                "no {head} {}",
+                DENIAL_REASONS[reason_index(&denial.reason)].0
+            )
+        }
+        Err(error) => format!("err {id} {error}"),
+    };
+    say(&line);
+}
+
+/// Even threads send one request per call, odd threads batches of 2 to 8.
+fn consume_loop(engine: &Engine, seed: u64, thread: u64, stop: &AtomicBool, deadline: Instant) {
+    let policy = engine.policy();
+    let keys = keys();
+    let mut rng = Rng::stream(seed, thread + 1);
+    let mut next = 0u64;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let size = if thread % 2 == 0 {
+            1
+        } else {
+            rng.between(2, MAX_BATCH_REQUESTS)
+        };
+        let batch: Vec<(String, Drawn)> = (0..size)
+            .map(|_| {
+                next += 1;
+                (
+                    format!("c{seed}-t{thread}-{next}"),
+                    draw(&mut rng, &keys, &policy),
+                )
+            })
+            .collect();
+        let requests: Vec<UsageRequest<'_>> = batch
+            .iter()
+            .map(|(id, drawn)| {
+                UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities).id(id)
+            })
+            .collect();
+        let outcomes = if size == 1 {
+            vec![engine.consume(&requests[0])]
+        } else {
+            engine.consume_many(&requests)
+        };
+        for ((id, drawn), outcome) in batch.iter().zip(&outcomes) {
+            report(&policy, id, drawn, outcome);
+        }
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Err(Error::Storage { .. })))
+        {
+            // The log failed: nothing more can be acknowledged until it is reopened.
+            stop.store(true, Ordering::Relaxed);
+        }
+        std::thread::sleep(PAUSE_BETWEEN_CALLS);
+    }
+}
+
+fn top_up_loop(engine: &Engine, seed: u64, stop: &AtomicBool, deadline: Instant) {
+    let mut rng = Rng::stream(seed, 0);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(TOP_UP_CHECK_MS));
+        for team in CREDIT_TEAMS {
+            let low = engine
+                .credits_micros(team)
+                .is_ok_and(|balance| balance < LOW_BALANCE_MICROS);
+            if !low || !rng.chance(TOP_UP_PER_MILLION) {
+                continue;
+            }
+            match engine.top_up(team, TOP_UP_MICROS, None) {
+                Ok(_) => say(&format!("topup {team} {TOP_UP_MICROS}")),
+                Err(error) => {
+                    say(&format!("err topup-{team} {error}"));
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The database the child opens must not be a path typed by mistake: it is a test's.
+pub fn check_path(path: &Path) -> Result<(), String> {
+    store::check_openable(path, true).map(|_| ())
+}

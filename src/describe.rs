@@ -1,0 +1,725 @@
+//! What the operator commands print: a key's usage report, a decision, an event, a verify or
+//! compact report — as text for a person and as JSON for a program. Pure functions of engine
+//! values and the policy (for plan and limit names).
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Map, Value};
+use tally_engine::event::{GivenBack, ReservationEnd};
+use tally_engine::{
+    Admission, ChargedTo, CompactReport, Decision, Denial, DenialReason, Event, EventBody, KeyKind,
+    LimitReport, LimitStatus, PlanId, Policy, Quantities, UsageReport, VerifyReport,
+};
+
+use crate::format::{credits, grouped, short_duration, utc_iso8601_ms};
+use crate::outcome::{reason_index, DENIAL_REASONS};
+use crate::report::{limit_label, limit_line};
+
+fn plan_name(policy: &Policy, plan: PlanId) -> String {
+    policy
+        .plans()
+        .get(plan.index())
+        .map_or_else(|| format!("plan #{}", plan.0), |plan| plan.name.to_string())
+}
+
+fn micro_credits(micros: u64) -> String {
+    format!(
+        "{} micro-credits ({} credits)",
+        grouped(micros),
+        credits(micros)
+    )
+}
+
+/// The limits a decision touched, in the words of a usage report.
+fn limit_reports(
+    policy: &Policy,
+    plan: Option<PlanId>,
+    statuses: &[LimitStatus],
+) -> Vec<LimitReport> {
+    let Some(plan) = plan.and_then(|plan| policy.plans().get(plan.index())) else {
+        return Vec::new();
+    };
+    statuses
+        .iter()
+        .filter_map(|status| {
+            let limit = plan.limits.get(usize::from(status.limit))?;
+            Some(LimitReport {
+                name: limit.name.to_string(),
+                meter: policy.meter(limit.meter).name.to_string(),
+                window: limit.window,
+                amount: status.amount,
+                used: status.used,
+                remaining: status.remaining(),
+                reset_at_ms: status.reset_at_ms,
+            })
+        })
+        .collect()
+}
+
+fn limit_json(limit: &LimitReport) -> Value {
+    json!({
+        "name": limit.name,
+        "meter": limit.meter,
+        "window": limit.window.to_string(),
+        "used": limit.used,
+        "amount": limit.amount,
+        "remaining": limit.remaining,
+        "reset_at_ms": limit.reset_at_ms,
+        "reset_at": limit.reset_at_ms.map(utc_iso8601_ms),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Usage report.
+
+pub fn usage_text(report: &UsageReport) -> String {
+    let mut out = String::new();
+    let seat = match (&report.kind, &report.plan) {
+        (KeyKind::PayAsYouGo, _) => "a pay-as-you-go key".to_string(),
+        (KeyKind::Plan, Some(plan)) => format!("seat on {plan}"),
+        (KeyKind::Plan, None) => "no seat".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "key {}: user {}, team {}, {seat}; at {}",
+        report.key,
+        report.user,
+        report.team,
+        utc_iso8601_ms(report.at_ms)
+    );
+    for limit in &report.limits {
+        limit_line(&mut out, limit, report.at_ms);
+    }
+    if report.kind == KeyKind::PayAsYouGo {
+        let _ = writeln!(
+            out,
+            "  pay-as-you-go spent: {}",
+            micro_credits(report.payg_micros)
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  credits of team {}: {} left; {} charged so far",
+            report.team,
+            micro_credits(report.credits_balance_micros),
+            grouped(report.credits_charged_micros)
+        );
+    }
+    if report.open_reservations > 0 {
+        let _ = writeln!(out, "  open reservations: {}", report.open_reservations);
+    }
+    out
+}
+
+pub fn usage_json(report: &UsageReport) -> Value {
+    json!({
+        "key": report.key,
+        "kind": match report.kind {
+            KeyKind::Plan => "plan",
+            KeyKind::PayAsYouGo => "pay_as_you_go",
+        },
+        "user": report.user,
+        "team": report.team,
+        "plan": report.plan,
+        "at_ms": report.at_ms,
+        "at": utc_iso8601_ms(report.at_ms),
+        "limits": report.limits.iter().map(limit_json).collect::<Vec<Value>>(),
+        "credits_balance_micros": report.credits_balance_micros,
+        "credits_charged_micros": report.credits_charged_micros,
+        "open_reservations": report.open_reservations,
+        "pay_as_you_go_micros": report.payg_micros,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions.
+
+fn charged_to_words(policy: &Policy, charged_to: ChargedTo) -> String {
+    match charged_to {
+        ChargedTo::PlanQuota { plan } => {
+            format!("from plan quota ({})", plan_name(policy, plan))
+        }
+        ChargedTo::Credits { micros } => {
+            format!("charged to credits: {}", micro_credits(micros))
+        }
+        ChargedTo::PayAsYouGo { micros } => format!("pay-as-you-go: {}", micro_credits(micros)),
+    }
+}
+
+fn charged_to_json(policy: &Policy, charged_to: ChargedTo) -> Value {
+    match charged_to {
+        ChargedTo::PlanQuota { plan } => {
+            json!({"kind": "plan_quota", "plan": plan_name(policy, plan)})
+        }
+        ChargedTo::Credits { micros } => json!({"kind": "credits", "micros": micros}),
+        ChargedTo::PayAsYouGo { micros } => json!({"kind": "pay_as_you_go", "micros": micros}),
+    }
+}
+
+/// `now_ms`: the request's time, for the reset times of a denial's limits.
+pub fn decision_text(policy: &Policy, decision: &Decision, now_ms: u64) -> String {
+    match decision {
+        Decision::Admitted(admission) => admission_text(policy, admission),
+        Decision::Denied(denial) => denial_text(policy, denial, now_ms),
+    }
+}
+
+fn admission_text(policy: &Policy, admission: &Admission) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "admitted: {}",
+        charged_to_words(policy, admission.charged_to)
+    );
+    for limit in limit_reports(policy, admission.plan, admission.limits.as_slice()) {
+        limit_line(&mut out, &limit, admission.at_ms);
+    }
+    if let Some(balance) = admission.credits_balance_micros {
+        let _ = writeln!(out, "  team credits left: {}", micro_credits(balance));
+    }
+    out
+}
+
+/// The limit a denial names, as a label (`m2.7 requests / rolling:5h`).
+fn denied_limit(policy: &Policy, denial: &Denial, limit: u8) -> String {
+    let statuses: Vec<LimitStatus> = denial
+        .limits
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|status| status.limit == limit)
+        .collect();
+    limit_reports(policy, denial.plan, &statuses)
+        .first()
+        .map_or_else(|| format!("limit #{limit}"), limit_label)
+}
+
+fn reason_words(policy: &Policy, denial: &Denial) -> String {
+    match denial.reason {
+        DenialReason::UnknownKey => "unknown key".into(),
+        DenialReason::NoResources => "the key has no seat and its team no credits".into(),
+        DenialReason::ResourceNotCovered { resource } => format!(
+            "{} is not covered by the key's plan, and its team's credits cannot pay for it",
+            policy.resource(resource).name
+        ),
+        DenialReason::OverRequestMaximum {
+            unit,
+            maximum,
+            requested,
+        } => format!(
+            "over the per-request maximum: {} {unit} asked, at most {}",
+            grouped(requested),
+            grouped(maximum)
+        ),
+        DenialReason::QuotaExhausted {
+            limit,
+            retry_at_ms,
+            retry_after_ms,
+            ..
+        } => format!(
+            "quota exhausted on {}; retry in {} (at {})",
+            denied_limit(policy, denial, limit),
+            short_duration(retry_after_ms),
+            utc_iso8601_ms(retry_at_ms)
+        ),
+        DenialReason::ExceedsLimit {
+            limit,
+            amount,
+            requested,
+        } => format!(
+            "the request ({}) is larger than the limit {} itself ({}): waiting cannot help",
+            grouped(requested),
+            denied_limit(policy, denial, limit),
+            grouped(amount)
+        ),
+        DenialReason::InsufficientCredits {
+            balance_micros,
+            price_micros,
+        } => format!(
+            "insufficient credits: the request costs {}, the team holds {}",
+            micro_credits(price_micros),
+            micro_credits(balance_micros)
+        ),
+        DenialReason::TooManyReservations { open, maximum } => {
+            format!("too many reservations: {open} open, at most {maximum}")
+        }
+    }
+}
+
+fn denial_text(policy: &Policy, denial: &Denial, now_ms: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "denied: {}", reason_words(policy, denial));
+    for limit in limit_reports(policy, denial.plan, denial.limits.as_slice()) {
+        limit_line(&mut out, &limit, now_ms);
+    }
+    if let Some(balance) = denial.credits_balance_micros {
+        let _ = writeln!(out, "  team credits: {}", micro_credits(balance));
+    }
+    let remedies = remedy_words(policy, denial);
+    if !remedies.is_empty() {
+        let _ = writeln!(out, "  what would help: {}", remedies.join("; "));
+    }
+    out
+}
+
+fn remedy_words(policy: &Policy, denial: &Denial) -> Vec<String> {
+    let remedies = &denial.remedies;
+    let mut words = Vec::new();
+    if let Some(micros) = remedies.credits_needed_micros {
+        words.push(format!(
+            "{} more in the team's credits",
+            micro_credits(micros)
+        ));
+    }
+    if let Some(plan) = remedies.upgrade_to {
+        words.push(format!("a seat on {}", plan_name(policy, plan)));
+    }
+    if let Some(at_ms) = remedies.wait_until_ms {
+        words.push(format!("waiting until {}", utc_iso8601_ms(at_ms)));
+    }
+    words
+}
+
+pub fn decision_json(policy: &Policy, decision: &Decision) -> Value {
+    match decision {
+        Decision::Admitted(admission) => json!({
+            "decision": "admitted",
+            "charged_to": charged_to_json(policy, admission.charged_to),
+            "at_ms": admission.at_ms,
+            "plan": admission.plan.map(|plan| plan_name(policy, plan)),
+            "limits": limit_reports(policy, admission.plan, admission.limits.as_slice())
+                .iter().map(limit_json).collect::<Vec<Value>>(),
+            "credits_balance_micros": admission.credits_balance_micros,
+        }),
+        Decision::Denied(denial) => json!({
+            "decision": "denied",
+            "reason": reason_json(policy, denial),
+            "plan": denial.plan.map(|plan| plan_name(policy, plan)),
+            "limits": limit_reports(policy, denial.plan, denial.limits.as_slice())
+                .iter().map(limit_json).collect::<Vec<Value>>(),
+            "credits_balance_micros": denial.credits_balance_micros,
+            "remedies": {
+                "credits_needed_micros": denial.remedies.credits_needed_micros,
+                "upgrade_to": denial.remedies.upgrade_to.map(|plan| plan_name(policy, plan)),
+                "wait_until_ms": denial.remedies.wait_until_ms,
+            },
+        }),
+    }
+}
+
+fn reason_json(policy: &Policy, denial: &Denial) -> Value {
+    let kind = DENIAL_REASONS[reason_index(&denial.reason)].0;
+    let mut fields = match denial.reason {
+        DenialReason::ResourceNotCovered { resource } => {
+            json!({"resource": &*policy.resource(resource).name})
+        }
+        DenialReason::OverRequestMaximum {
+            unit,
+            maximum,
+            requested,
+        } => json!({"unit": unit.name(), "maximum": maximum, "requested": requested}),
+        DenialReason::QuotaExhausted {
+            limit,
+            retry_at_ms,
+            retry_after_ms,
+            reset_at_ms,
+        } => json!({
+            "limit": denied_limit(policy, denial, limit),
+            "retry_at_ms": retry_at_ms,
+            "retry_after_ms": retry_after_ms,
+            "reset_at_ms": reset_at_ms,
+        }),
+        DenialReason::ExceedsLimit {
+            limit,
+            amount,
+            requested,
+        } => json!({
+            "limit": denied_limit(policy, denial, limit),
+            "amount": amount,
+            "requested": requested,
+        }),
+        DenialReason::InsufficientCredits {
+            balance_micros,
+            price_micros,
+        } => json!({"balance_micros": balance_micros, "price_micros": price_micros}),
+        DenialReason::TooManyReservations { open, maximum } => {
+            json!({"open": open, "maximum": maximum})
+        }
+        DenialReason::UnknownKey | DenialReason::NoResources => json!({}),
+    };
+    fields["kind"] = json!(kind);
+    fields
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+fn quantities_json(quantities: &Quantities) -> Value {
+    let map: Map<String, Value> = quantities
+        .pairs()
+        .map(|(unit, amount)| (unit.name().to_string(), json!(amount)))
+        .collect();
+    Value::Object(map)
+}
+
+/// An event's fields in the order they print.
+type Fields = Vec<(&'static str, Value)>;
+
+/// `charged_to`, and `plan` or `micros`, of an admitted usage.
+fn charged_fields(policy: &Policy, charged_to: ChargedTo, fields: &mut Fields) {
+    let (kind, detail) = match charged_to {
+        ChargedTo::PlanQuota { plan } => ("quota", ("plan", json!(plan_name(policy, plan)))),
+        ChargedTo::Credits { micros } => ("credits", ("micros", json!(micros))),
+        ChargedTo::PayAsYouGo { micros } => ("pay_as_you_go", ("micros", json!(micros))),
+    };
+    fields.push(("charged_to", json!(kind)));
+    fields.push(detail);
+}
+
+fn given_back_fields(given_back: &GivenBack, fields: &mut Fields) {
+    let units: u64 = given_back
+        .counters
+        .iter()
+        .map(|(_, _, amount)| amount)
+        .sum();
+    fields.push(("units_given_back", json!(units)));
+    fields.push((
+        "credits_micros_given_back",
+        json!(given_back.credits_micros),
+    ));
+    if given_back.payg_micros > 0 {
+        fields.push((
+            "pay_as_you_go_micros_given_back",
+            json!(given_back.payg_micros),
+        ));
+    }
+}
+
+/// An event's own fields (besides seq, time and kind), in a fixed order.
+fn event_fields(policy: &Policy, body: &EventBody) -> Fields {
+    let mut fields = Fields::new();
+    let mut put = |name: &'static str, value: Value| fields.push((name, value));
+    match body {
+        EventBody::UserCreated { user, key } | EventBody::PayAsYouGoKeyCreated { user, key } => {
+            put("user", json!(user));
+            put("key", json!(key));
+        }
+        EventBody::TeamCreated { team } => put("team", json!(team)),
+        EventBody::MemberAdded { team, user, key } => {
+            put("team", json!(team));
+            put("user", json!(user));
+            put("key", json!(key));
+        }
+        EventBody::SeatChanged {
+            team,
+            user,
+            key,
+            plan,
+        } => {
+            put("team", json!(team));
+            put("user", json!(user));
+            put("key", json!(key));
+            put("plan", json!(plan.as_deref().unwrap_or("none")));
+        }
+        EventBody::CreditsToppedUp { team, micros }
+        | EventBody::CreditsWithdrawn { team, micros } => {
+            put("team", json!(team));
+            put("micros", json!(micros));
+        }
+        EventBody::PolicySwapped {
+            generation,
+            document,
+        } => {
+            put("generation", json!(generation));
+            put("document_bytes", json!(document.len()));
+        }
+        _ => return usage_event_fields(policy, body),
+    }
+    fields
+}
+
+fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
+    let mut fields = Fields::new();
+    match body {
+        EventBody::UsageAdmitted {
+            key,
+            resource,
+            quantities,
+            request_id,
+            receipt,
+            ..
+        } => {
+            fields.push(("key", json!(key)));
+            fields.push(("resource", json!(resource)));
+            fields.push(("quantities", quantities_json(quantities)));
+            if let Some(id) = request_id {
+                fields.push(("request_id", json!(id)));
+            }
+            charged_fields(policy, receipt.charged_to, &mut fields);
+        }
+        EventBody::ReservationOpened { .. } | EventBody::ReservationClosed { .. } => {
+            return reservation_event_fields(policy, body);
+        }
+        EventBody::Refunded {
+            request_id,
+            key,
+            given_back,
+        } => {
+            fields.push(("request_id", json!(request_id)));
+            fields.push(("key", json!(key)));
+            given_back_fields(given_back, &mut fields);
+        }
+        EventBody::UsageAdjusted {
+            key,
+            resource,
+            quantities,
+            usage_at_ms,
+            direction,
+            ..
+        } => {
+            fields.push(("key", json!(key)));
+            fields.push(("resource", json!(resource)));
+            fields.push(("quantities", quantities_json(quantities)));
+            fields.push(("usage_at_ms", json!(usage_at_ms)));
+            fields.push(("direction", json!(format!("{direction:?}").to_lowercase())));
+        }
+        _ => {}
+    }
+    fields
+}
+
+fn reservation_event_fields(policy: &Policy, body: &EventBody) -> Fields {
+    let mut fields = Fields::new();
+    match body {
+        EventBody::ReservationOpened {
+            reservation,
+            key,
+            resource,
+            estimate,
+            expires_at_ms,
+            receipt,
+            ..
+        } => {
+            fields.push(("reservation", json!(reservation)));
+            fields.push(("key", json!(key)));
+            fields.push(("resource", json!(resource)));
+            fields.push(("quantities", quantities_json(estimate)));
+            fields.push(("expires_at_ms", json!(expires_at_ms)));
+            charged_fields(policy, receipt.charged_to, &mut fields);
+        }
+        EventBody::ReservationClosed {
+            reservation,
+            key,
+            end,
+            given_back,
+        } => {
+            fields.push(("reservation", json!(reservation)));
+            fields.push(("key", json!(key)));
+            let end = match end {
+                ReservationEnd::Settled { settlement, .. } => {
+                    fields.push(("actual", quantities_json(&settlement.actual)));
+                    "settled"
+                }
+                ReservationEnd::Voided => "voided",
+                ReservationEnd::Expired => "expired",
+            };
+            fields.push(("end", json!(end)));
+            given_back_fields(given_back, &mut fields);
+        }
+        _ => {}
+    }
+    fields
+}
+
+/// A field's value on an event line: bare when it reads unambiguously, quoted otherwise.
+fn field_text(value: &Value) -> String {
+    match value {
+        Value::String(text)
+            if !text.is_empty()
+                && !text.contains(|c: char| c.is_whitespace() || c == '=' || c == '"') =>
+        {
+            text.clone()
+        }
+        Value::String(text) => format!("{text:?}"),
+        Value::Object(map) => {
+            let parts: Vec<String> = map
+                .iter()
+                .map(|(name, value)| format!("{name}={}", field_text(value)))
+                .collect();
+            parts.join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// `seq  time  kind  name=value ...`: one line per event.
+pub fn event_line(policy: &Policy, event: &Event) -> String {
+    let mut line = format!(
+        "{:>8}  {}  {:<18}",
+        event.seq,
+        utc_iso8601_ms(event.at_ms),
+        event.body.kind()
+    );
+    for (name, value) in event_fields(policy, &event.body) {
+        match value {
+            // Quantities read best as they are typed: `requests=1 tokens=200`.
+            Value::Object(map) => {
+                for (unit, amount) in map {
+                    let _ = write!(line, " {unit}={}", field_text(&amount));
+                }
+            }
+            value => {
+                let _ = write!(line, " {name}={}", field_text(&value));
+            }
+        }
+    }
+    line.trim_end().to_string()
+}
+
+pub fn event_json(policy: &Policy, event: &Event) -> Value {
+    let mut object = Map::new();
+    object.insert("seq".into(), json!(event.seq));
+    object.insert("at_ms".into(), json!(event.at_ms));
+    object.insert("at".into(), json!(utc_iso8601_ms(event.at_ms)));
+    object.insert("kind".into(), json!(event.body.kind()));
+    object.extend(
+        event_fields(policy, &event.body)
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value)),
+    );
+    Value::Object(object)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verify and compact.
+
+pub fn verify_text(database: &str, report: &VerifyReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "database: {database}");
+    let _ = writeln!(out, "records:  {}", grouped(report.records));
+    let span = if report.events == 0 {
+        String::new()
+    } else {
+        format!(
+            " (sequence numbers {} to {})",
+            grouped(report.first_seq),
+            grouped(report.last_seq)
+        )
+    };
+    let _ = writeln!(out, "events:   {}{span}", grouped(report.events));
+    let snapshot = match (report.snapshot_seq, report.snapshot_matches_replay) {
+        (None, _) => "none yet (the log alone holds the state)".to_string(),
+        (Some(seq), Some(true)) => {
+            format!("at event {}; matches a replay of the log", grouped(seq))
+        }
+        (Some(seq), Some(false)) => {
+            format!(
+                "at event {}; DOES NOT match a replay of the log",
+                grouped(seq)
+            )
+        }
+        (Some(seq), None) => format!("at event {}; could not be compared", grouped(seq)),
+    };
+    let _ = writeln!(out, "snapshot: {snapshot}");
+    if report.problems.is_empty() {
+        let _ = writeln!(out, "problems: none");
+    } else {
+        let _ = writeln!(out, "problems: {}", report.problems.len());
+        for problem in &report.problems {
+            let _ = writeln!(out, "  {problem}");
+        }
+    }
+    let verdict = if report.is_sound() { "yes" } else { "NO" };
+    let _ = writeln!(out, "sound:    {verdict}");
+    out
+}
+
+pub fn verify_json(report: &VerifyReport) -> Value {
+    json!({
+        "sound": report.is_sound(),
+        "records": report.records,
+        "events": report.events,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "snapshot_seq": report.snapshot_seq,
+        "snapshot_matches_replay": report.snapshot_matches_replay,
+        "problems": report.problems,
+    })
+}
+
+pub fn compact_text(report: &CompactReport) -> String {
+    format!(
+        "checkpoint: a snapshot of the whole state at event {}\n\
+         removed:    {} events (usage older than the longest window plus the retention, \
+         and before the previous snapshot)\n\
+         log:        starts at event {}\n",
+        grouped(report.snapshot_seq),
+        grouped(report.events_removed),
+        grouped(report.first_seq_kept)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_field_is_bare_unless_it_could_be_misread() {
+        assert_eq!(field_text(&json!("tp-ada")), "tp-ada");
+        assert_eq!(field_text(&json!("two words")), "\"two words\"");
+        assert_eq!(field_text(&json!("a=b")), "\"a=b\"");
+        assert_eq!(field_text(&json!("")), "\"\"");
+        assert_eq!(field_text(&json!(42)), "42");
+        assert_eq!(
+            field_text(&json!({"requests": 1, "tokens": 20})),
+            "requests=1,tokens=20"
+        );
+    }
+
+    #[test]
+    fn an_event_line_holds_its_sequence_time_kind_and_fields() {
+        let event = Event {
+            seq: 7,
+            at_ms: 1_772_456_400_250,
+            body: EventBody::CreditsToppedUp {
+                team: "@ada".into(),
+                micros: 5_000_000,
+            },
+        };
+        let policy = Policy::token_plan();
+        assert_eq!(
+            event_line(&policy, &event),
+            "       7  2026-03-02T13:00:00.250Z  credits_topped_up  team=@ada micros=5000000"
+        );
+        assert_eq!(
+            event_json(&policy, &event),
+            json!({
+                "seq": 7,
+                "at_ms": 1_772_456_400_250u64,
+                "at": "2026-03-02T13:00:00.250Z",
+                "kind": "credits_topped_up",
+                "team": "@ada",
+                "micros": 5_000_000,
+            })
+        );
+    }
+
+    #[test]
+    fn an_unsound_report_says_so_and_lists_its_problems() {
+        let report = VerifyReport {
+            records: 2,
+            events: 5,
+            first_seq: 1,
+            last_seq: 6,
+            snapshot_seq: Some(4),
+            snapshot_matches_replay: Some(false),
+            problems: vec!["event 5 follows event 3: a gap".into()],
+        };
+        let text = verify_text("db", &report);
+        assert!(text.contains("DOES NOT match"), "{text}");
+        assert!(text.contains("  event 5 follows event 3: a gap"), "{text}");
+        assert!(text.ends_with("sound:    NO\n"), "{text}");
+        assert_eq!(verify_json(&report)["sound"], json!(false));
+    }
+}

@@ -1,0 +1,313 @@
+//! The help texts: `tally --help`, and one per command (`tally COMMAND --help`).
+
+/// Which help to print, or to point an error at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelpTopic {
+    Main,
+    Simulate,
+    User,
+    Team,
+    Member,
+    Seat,
+    TopUp,
+    Consume,
+    Usage,
+    Events,
+    Verify,
+    Compact,
+}
+
+const COMMANDS: [(&str, HelpTopic); 11] = [
+    ("simulate", HelpTopic::Simulate),
+    ("user", HelpTopic::User),
+    ("team", HelpTopic::Team),
+    ("member", HelpTopic::Member),
+    ("seat", HelpTopic::Seat),
+    ("topup", HelpTopic::TopUp),
+    ("consume", HelpTopic::Consume),
+    ("usage", HelpTopic::Usage),
+    ("events", HelpTopic::Events),
+    ("verify", HelpTopic::Verify),
+    ("compact", HelpTopic::Compact),
+];
+
+impl HelpTopic {
+    /// The topic of a command's name (`simulate`, `usage`, ...).
+    pub fn of_command(name: &str) -> Option<HelpTopic> {
+        COMMANDS
+            .iter()
+            .find(|(command, _)| *command == name)
+            .map(|(_, topic)| *topic)
+    }
+
+    /// The command's name; `None` for the main help.
+    pub fn command(self) -> Option<&'static str> {
+        COMMANDS
+            .iter()
+            .find(|(_, topic)| *topic == self)
+            .map(|(command, _)| *command)
+    }
+
+    pub fn text(self) -> String {
+        let body = match self {
+            HelpTopic::Main => return MAIN_HELP.to_string(),
+            HelpTopic::Simulate => return SIMULATE_HELP.to_string(),
+            HelpTopic::User => USER_HELP,
+            HelpTopic::Team => TEAM_HELP,
+            HelpTopic::Member => MEMBER_HELP,
+            HelpTopic::Seat => SEAT_HELP,
+            HelpTopic::TopUp => TOPUP_HELP,
+            HelpTopic::Consume => CONSUME_HELP,
+            HelpTopic::Usage => USAGE_HELP,
+            HelpTopic::Events => EVENTS_HELP,
+            HelpTopic::Verify => VERIFY_HELP,
+            HelpTopic::Compact => COMPACT_HELP,
+        };
+        format!("{body}{DATABASE_OPTIONS_HELP}")
+    }
+}
+
+pub const MAIN_HELP: &str = "\
+tally: an embedded quota-accounting engine for AI subscription plans
+
+Usage: tally <COMMAND> [ARGUMENTS] [OPTIONS]
+
+The main job:
+  simulate                       Run simulated gateway traffic through the engine on a database
+                                 and print each plan's usage bars, what was admitted from quota,
+                                 charged to credits or pay-as-you-go, and denied
+
+Operator commands, on the database at --db (default: ./tally-data):
+  user USER KEY                  Create a user, their Default Team @USER and their key in it
+  team TEAM                      Create a named team
+  member TEAM USER KEY           Add a user to a team, with their key for that team
+  seat TEAM USER PLAN|--none     Give the user's key in the team a seat on a plan, or take it
+  topup TEAM MICROS              Add credits to a team (1 credit = 1,000,000 micro-credits)
+  consume KEY RESOURCE UNIT=N..  Admit or deny one request, and say where it was charged or why
+  usage KEY                      A key's usage bars, reset times and credits
+  events                         The event log, one event per line, after a sequence number or
+                                 a named export cursor
+  verify                         Check the database; exit status 1 if it is not sound
+  compact                        Checkpoint, then drop usage events past the retention
+  help [COMMAND]                 Print this help, or a command's
+
+Options:
+  -h, --help     Print help (`tally COMMAND --help` for a command's arguments and options)
+  -V, --version  Print the version
+
+Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied or `verify` finds the
+database unsound; 2 when the command could not run (a bad command line or policy, an argument the
+engine refuses such as an unknown key or team, a database that cannot be opened): nothing changed.
+";
+
+pub const SIMULATE_HELP: &str = "\
+Run a simulated stretch of gateway traffic through the engine, days compressed into seconds.
+
+Usage: tally simulate [OPTIONS]
+
+Keys on every plan of the policy (and some with no seat), named teams sharing credits, a few
+pay-as-you-go keys, bursty heavy users that exhaust their windows, a seat upgrade and a
+downgrade mid-window, retried requests with request ids, and traffic across local midnight.
+Every decision is written to a real database (the embedded event log), as a gateway's would be.
+The same seed prints the same report.
+
+Options:
+  --keys N             Keys sending traffic, 20 to 1,000,000 [default: 2,000]
+  --days D             Simulated days, 1 to 60 [default: 3]
+  --seed S             Seed of the deterministic random generator, 0 to 2^64-1 [default: 1]
+  --policy PATH        Policy file (.toml or .json) [default: the shipped Token Plan policy]
+  --json               Print a machine-readable JSON summary instead of the report
+                       (the wall time and the database then go to stderr, so the JSON
+                       depends only on the seed)
+  --db PATH            The database the run writes [default: ./tally-data-simulate]; a database
+                       already there is wiped first (anything else there is refused)
+  --keep               Do not wipe the database first (the run is refused if it already holds
+                       the scenario's accounts; use a new --db)
+  --durability MODE    When acknowledged decisions are durable [default: interval:100]:
+                         sync         each batch of requests (one per 5 simulated minutes) and
+                                      each account created waits for its fsync: nothing
+                                      acknowledged is ever lost; slowest: the default run
+                                      takes about 2.5 times as long as with interval:100
+                         interval:MS  decisions return at once; the log's writer thread writes
+                                      them behind and fsyncs every MS ms (1 to 60,000). A crash
+                                      loses what it had not written yet: under a run's full
+                                      load it falls behind by up to seconds, so a killed run
+                                      can lose many thousands of decisions
+                         none         like interval, with no fsync of its own (sled's flush
+                                      every 500 ms): for benchmarks
+                       In every mode the run ends by waiting for the writer to catch up, and
+                       that wait, not the mode, is most of its time beyond the decisions.
+  -h, --help           Print this help
+
+Exit status: 0 on success, 2 on a bad command line, policy or database, 1 if the engine refuses
+the setup.
+";
+
+const DATABASE_OPTIONS_HELP: &str = "
+Database options:
+  --db PATH            The database [default: ./tally-data]
+  --policy PATH        The policy to run with (.toml or .json) [default: the shipped Token Plan
+                       policy]. A database always runs with the policy given: one that differs
+                       from the one it last ran with is swapped in (logged; usage carries over)
+                       and refused if it drops a plan someone holds a seat on.
+  --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
+                       only once its change is fsynced (see `tally simulate --help`)
+  -h, --help           Print this help
+
+Exit status: 0 on success; 2 if the command could not run (it then changed nothing).
+";
+
+const USER_HELP: &str = "\
+Create a user, their Default Team (@USER) and their plan key in it.
+
+Usage: tally user USER KEY [OPTIONS]
+
+The key exists at once but is usable only with a seat (`tally seat @USER USER PLAN`) or credits
+(`tally topup @USER MICROS`). Creates the database if there is none.
+
+Options:
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+";
+
+const TEAM_HELP: &str = "\
+Create a named team (names starting with @ are Default Teams, made by `tally user`).
+
+Usage: tally team TEAM [OPTIONS]
+
+Creates the database if there is none.
+
+Options:
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+";
+
+const MEMBER_HELP: &str = "\
+Add an existing user to a team, with their plan key for that team (one key per user per team).
+
+Usage: tally member TEAM USER KEY [OPTIONS]
+
+Options:
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+";
+
+const SEAT_HELP: &str = "\
+Give a user's key in a team a seat on a plan, change it (upgrade or downgrade at once), or take
+it away with --none. Usage already counted in a window stays counted.
+
+Usage: tally seat TEAM USER PLAN [OPTIONS]
+       tally seat TEAM USER --none [OPTIONS]
+
+Options:
+  --none               Take the seat away (the key keeps drawing on the team's credits)
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+";
+
+const TOPUP_HELP: &str = "\
+Add credits to a team: a prepaid balance that pays for usage once the plan's quota is used up.
+
+Usage: tally topup TEAM MICROS [OPTIONS]
+
+MICROS is in micro-credits: 1 credit = 1,000,000 (digits may be grouped: 5,000,000).
+
+Options:
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+";
+
+const CONSUME_HELP: &str = "\
+Admit or deny one request, as a gateway would: all of it or none. Prints where an admitted
+request was charged (plan quota, credits or pay-as-you-go) and the limits it moved; a denied one
+says why, when to retry and what would help (credits, a bigger plan).
+
+Usage: tally consume KEY RESOURCE UNIT=N [UNIT=N ...] [OPTIONS]
+
+UNIT is requests, characters, images, videos, songs, seconds or tokens; e.g.
+  tally consume tp-ada m2.7 requests=1
+  tally consume tp-ada music-2.6 songs=1 seconds=280
+
+Options:
+  --id REQUEST_ID      An idempotent request id: the same id again (same key, resource and
+                       quantities) gets the first decision back and counts nothing
+  --at MS              The time of the request, in ms since 1970 UTC [default: now]
+  --json               Print the decision as JSON
+
+Exit status: 0 admitted, 1 denied, 2 the request could not be decided (a bad command line, an
+unknown resource, a quantity the resource does not take, ...).
+";
+
+const USAGE_HELP: &str = "\
+A key's usage report: each limit of its plan as a usage bar (used / amount), when it resets,
+and its team's credits.
+
+Usage: tally usage KEY [OPTIONS]
+
+Options:
+  --at MS              Report as of this time, in ms since 1970 UTC [default: now]
+  --json               Print the report as JSON
+";
+
+const EVENTS_HELP: &str = "\
+The event log, oldest first, one event per line: sequence number, time, kind, and the key,
+resource, quantities and where it was charged when relevant. For billing export.
+
+Usage: tally events [OPTIONS]
+
+Options:
+  --after SEQ          Print the events after this sequence number [default: 0, from the start]
+  --cursor NAME        Start after the named cursor (0 if new), then move it to the last event
+                       printed: run again to get only what is new. It survives restarts.
+  --limit N            At most this many events, 1 to 100,000 [default: 1,000]
+  --json               One JSON object per line
+
+Exit status: 0 when the events were written out (or there were none); 1 when they could not
+be (a closed pipe: the cursor does not move).
+";
+
+const VERIFY_HELP: &str = "\
+Check a database: every record decodes, sequence numbers have no gaps, and the latest snapshot
+equals a replay of the log. Prints the records, events, first and last sequence numbers, the
+snapshot, whether it matches, and every problem found.
+
+Usage: tally verify [OPTIONS]
+
+Options:
+  --json               Print the report as JSON
+
+Exit status: 0 sound, 1 unsound, 2 the database cannot be opened.
+";
+
+const COMPACT_HELP: &str = "\
+Take a checkpoint (a snapshot of the whole state), then drop usage events older than the
+longest window plus the retention (7 days); their effect lives on in the snapshot. Events after
+the snapshot before the latest are kept, so `verify` can still replay between the two.
+
+Usage: tally compact [OPTIONS]
+
+Options:
+  --at MS              Compact as of this time, in ms since 1970 UTC [default: now]
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_has_a_topic_and_back() {
+        for (name, topic) in COMMANDS {
+            assert_eq!(HelpTopic::of_command(name), Some(topic));
+            assert_eq!(topic.command(), Some(name));
+        }
+        assert_eq!(HelpTopic::Main.command(), None);
+        assert_eq!(HelpTopic::of_command("crash-child"), None);
+    }
+
+    #[test]
+    fn every_command_is_in_the_main_help_and_its_own_help_fits_100_columns() {
+        for (name, topic) in COMMANDS {
+            assert!(MAIN_HELP.contains(&format!("  {name}")), "{name}");
+            let text = topic.text();
+            assert!(text.contains(&format!("tally {name}")), "{name}");
+            for line in text.lines().chain(MAIN_HELP.lines()) {
+                assert!(line.chars().count() <= 100, "{line}");
+            }
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The operator commands: open the database, do one thing, say what happened.
+//!
+//! An error names the option or argument at fault (`KEY`, `TEAM`, `--id`, `--db`, ...) and
+//! changes nothing: the engine validates before it logs, and a database this command created
+//! for a change that then failed is removed again.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+use tally_engine::{Decision, Engine, Error, Policy, SystemClock, UsageRequest};
+
+use crate::cli::{Action, ConsumeArgs, Database, EventsArgs, EventsStart, Operation, UsageError};
+use crate::describe;
+use crate::format::{credits, grouped};
+use crate::store;
+
+/// What a command printed and its exit status.
+pub struct Outcome {
+    pub text: String,
+    pub status: u8,
+}
+
+/// `consume` was denied, `verify` found the database unsound, or `events` could not write out
+/// what it read (its cursor then stays where it was).
+pub const EXIT_NO: u8 = 1;
+
+impl Outcome {
+    fn success(text: String) -> Outcome {
+        Outcome { text, status: 0 }
+    }
+}
+
+pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
+    let fail =
+        |(culprit, problem): (String, String)| UsageError::new(culprit, problem, operation.topic);
+    let database = &operation.database;
+    if let Action::Verify { json } = operation.action {
+        return verify(database, json).map_err(fail);
+    }
+    let policy = load_policy(database).map_err(fail)?;
+    let created = store::check_openable(&database.path, operation.action.creates_database())
+        .map_err(|problem| fail(("--db".into(), problem)))?;
+    let engine = match store::open(
+        &database.path,
+        policy,
+        Arc::new(SystemClock),
+        database.durability,
+        store::CHECKPOINT_EVERY_EVENTS,
+    ) {
+        Ok(engine) => engine,
+        Err(error) => {
+            if created {
+                let _ = std::fs::remove_dir_all(&database.path);
+            }
+            return Err(fail(opening_culprit(&error)));
+        }
+    };
+    let result = act(&engine, &operation.action);
+    drop(engine);
+    if result.is_err() && created {
+        // The change failed: leave no database behind that the command made for it.
+        let _ = std::fs::remove_dir_all(&database.path);
+    }
+    result.map_err(|error| fail(culprit(&error)))
+}
+
+fn load_policy(database: &Database) -> Result<Policy, (String, String)> {
+    match &database.policy {
+        None => Ok(Policy::token_plan()),
+        Some(path) => Policy::load(path).map_err(|error| ("--policy".into(), error.to_string())),
+    }
+}
+
+fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
+    let text = match action {
+        Action::User { user, key, at_ms } => {
+            engine.create_user(user, key, *at_ms)?;
+            format!("created user {user}, their Default Team @{user} and key {key}\n")
+        }
+        Action::Team { team, at_ms } => {
+            engine.create_team(team, *at_ms)?;
+            format!("created team {team}\n")
+        }
+        Action::Member {
+            team,
+            user,
+            key,
+            at_ms,
+        } => {
+            engine.add_member(team, user, key, *at_ms)?;
+            format!("added {user} to team {team} with key {key}\n")
+        }
+        Action::Seat {
+            team,
+            user,
+            plan,
+            at_ms,
+        } => seat(engine, team, user, plan.as_deref(), *at_ms)?,
+        Action::TopUp {
+            team,
+            micros,
+            at_ms,
+        } => {
+            let balance = engine.top_up(team, *micros, *at_ms)?;
+            format!(
+                "team {team}: +{} micro-credits ({} credits); balance {} micro-credits ({} credits)\n",
+                grouped(*micros),
+                credits(*micros),
+                grouped(balance),
+                credits(balance)
+            )
+        }
+        Action::Consume(args) => return consume(engine, args),
+        Action::Usage { key, at_ms, json } => {
+            let report = engine.usage(key, *at_ms)?;
+            if *json {
+                json_text(&describe::usage_json(&report))
+            } else {
+                describe::usage_text(&report)
+            }
+        }
+        Action::Events(args) => return events(engine, args),
+        Action::Compact { at_ms } => describe::compact_text(&engine.compact(*at_ms)?),
+        Action::Verify { .. } => unreachable!("verify reads the database without an engine"),
+    };
+    Ok(Outcome::success(text))
+}
+
+fn seat(
+    engine: &Engine,
+    team: &str,
+    user: &str,
+    plan: Option<&str>,
+    at_ms: Option<u64>,
+) -> Result<String, Error> {
+    match plan {
+        Some(plan) => {
+            engine.assign_seat(team, user, plan, at_ms)?;
+            Ok(format!("{user} in team {team}: seat on {plan}\n"))
+        }
+        None => {
+            engine.unassign_seat(team, user, at_ms)?;
+            Ok(format!("{user} in team {team}: no seat\n"))
+        }
+    }
+}
+
+fn consume(engine: &Engine, args: &ConsumeArgs) -> Result<Outcome, Error> {
+    let mut request = UsageRequest::new(&args.key, &args.resource, &args.quantities);
+    if let Some(at_ms) = args.at_ms {
+        request = request.at(at_ms);
+    }
+    if let Some(id) = &args.request_id {
+        request = request.id(id);
+    }
+    let now_ms = args.at_ms.unwrap_or_else(|| engine.now_ms());
+    let decision = engine.consume(&request)?;
+    let policy = engine.policy();
+    let text = if args.json {
+        json_text(&describe::decision_json(&policy, &decision))
+    } else {
+        describe::decision_text(&policy, &decision, now_ms)
+    };
+    let status = match decision {
+        Decision::Admitted(_) => 0,
+        Decision::Denied(_) => EXIT_NO,
+    };
+    Ok(Outcome { text, status })
+}
+
+/// Prints the events itself, before moving a cursor past them: a cursor only ever moves past
+/// events that were written out (a closed pipe leaves it where it was).
+fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
+    let after = match &args.start {
+        EventsStart::After(seq) => *seq,
+        EventsStart::Cursor(name) => engine.cursor(name)?,
+    };
+    let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+    let events = engine.events_after(after, limit)?;
+    let Some(last) = events.last() else {
+        // Nothing new: say so where a script reading stdout will not trip on it.
+        eprintln!("tally: no events after {after}");
+        return Ok(Outcome::success(String::new()));
+    };
+    let policy = engine.policy();
+    let mut text = String::new();
+    for event in &events {
+        let line = if args.json {
+            describe::event_json(&policy, event).to_string()
+        } else {
+            describe::event_line(&policy, event)
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        eprintln!("tally: cannot write the events ({error}); no cursor was moved");
+        return Ok(Outcome {
+            text: String::new(),
+            status: EXIT_NO,
+        });
+    }
+    if let EventsStart::Cursor(name) = &args.start {
+        engine.save_cursor(name, last.seq)?;
+    }
+    Ok(Outcome::success(String::new()))
+}
+
+fn verify(database: &Database, json: bool) -> Result<Outcome, (String, String)> {
+    store::check_openable(&database.path, false).map_err(|problem| ("--db".into(), problem))?;
+    let report = Engine::verify(&database.path, tally_engine::OpenOptions::default())
+        .map_err(|error| opening_culprit(&error))?;
+    let text = if json {
+        json_text(&describe::verify_json(&report))
+    } else {
+        describe::verify_text(&display(&database.path), &report)
+    };
+    let status = if report.is_sound() { 0 } else { EXIT_NO };
+    Ok(Outcome { text, status })
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn json_text(value: &Value) -> String {
+    let text = serde_json::to_string_pretty(value)
+        .unwrap_or_else(|error| unreachable!("a JSON value always serialises: {error}"));
+    format!("{text}\n")
+}
+
+/// Why a database would not open: the policy given (a swap the engine refuses, a policy it
+/// cannot read back), or the database itself.
+fn opening_culprit(error: &Error) -> (String, String) {
+    match error {
+        Error::InvalidArgument {
+            field: "policy",
+            problem,
+        } => ("--policy".into(), problem.clone()),
+        Error::Policy(error) => ("--policy".into(), error.to_string()),
+        Error::InvalidArgument {
+            field: "durability",
+            problem,
+        } => ("--durability".into(), problem.clone()),
+        Error::Storage { problem } => ("--db".into(), problem.clone()),
+        other => ("--db".into(), other.to_string()),
+    }
+}
+
+/// The argument an engine error is about, in the command line's words, and what went wrong
+/// (without the engine's own field prefix).
+pub fn culprit(error: &Error) -> (String, String) {
+    let (culprit, problem) = match error {
+        Error::InvalidArgument { field, problem } => (argument_of(field), problem.clone()),
+        Error::UnknownResource { resource } => {
+            ("RESOURCE", format!("unknown resource {resource:?}"))
+        }
+        Error::UnknownPlan { plan } => ("PLAN", format!("unknown plan {plan:?}")),
+        Error::UnknownTeam { team } => ("TEAM", format!("unknown team {team:?}")),
+        Error::UnknownUser { user } => ("USER", format!("unknown user {user:?}")),
+        Error::UnknownKey { key } => ("KEY", format!("unknown key {key:?}")),
+        Error::NotAMember { team, user } => {
+            ("USER", format!("{user:?} is not a member of team {team:?}"))
+        }
+        Error::AlreadyExists { what, id } => {
+            (argument_of(what), format!("{what} {id:?} already exists"))
+        }
+        Error::RequestIdConflict { request_id } => (
+            "--id",
+            format!("{request_id:?} was already used for a different key, resource or quantities"),
+        ),
+        Error::CapacityExceeded { what, .. } if what.starts_with("request_id") => {
+            ("--id", error.to_string())
+        }
+        Error::Overflow { field: "micros" } => ("MICROS", "the balance would overflow".into()),
+        Error::Overflow { .. } => ("UNIT=N", error.to_string()),
+        Error::Policy(error) => ("--policy", error.to_string()),
+        Error::Storage { problem } => ("--db", problem.clone()),
+        other => ("--db", other.to_string()),
+    };
+    (culprit.to_string(), problem)
+}
+
+/// An engine field name as the command line spells it.
+fn argument_of(field: &str) -> &'static str {
+    match field {
+        "user" => "USER",
+        "team" => "TEAM",
+        "key" => "KEY",
+        "member" => "USER",
+        "plan" => "PLAN",
+        "resource" => "RESOURCE",
+        "quantities" => "UNIT=N",
+        "micros" => "MICROS",
+        "at_ms" => "--at",
+        "request_id" => "--id",
+        "cursor" => "--cursor",
+        "seq" => "--after",
+        "policy" => "--policy",
+        "durability" => "--durability",
+        _ => "--db",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_name_the_argument_they_are_about() {
+        let cases = [
+            (Error::UnknownKey { key: "k".into() }, "KEY"),
+            (Error::UnknownTeam { team: "t".into() }, "TEAM"),
+            (Error::UnknownUser { user: "u".into() }, "USER"),
+            (Error::UnknownPlan { plan: "p".into() }, "PLAN"),
+            (
+                Error::UnknownResource {
+                    resource: "r".into(),
+                },
+                "RESOURCE",
+            ),
+            (
+                Error::AlreadyExists {
+                    what: "key",
+                    id: "k".into(),
+                },
+                "KEY",
+            ),
+            (
+                Error::RequestIdConflict {
+                    request_id: "r".into(),
+                },
+                "--id",
+            ),
+            (
+                Error::Storage {
+                    problem: "disk".into(),
+                },
+                "--db",
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(culprit(&error).0, expected, "{error}");
+        }
+    }
+
+    #[test]
+    fn the_engine_field_prefix_is_not_repeated() {
+        let error = Error::UnknownKey { key: "tp-x".into() };
+        assert_eq!(
+            culprit(&error),
+            ("KEY".to_string(), "unknown key \"tp-x\"".to_string())
+        );
+    }
+}

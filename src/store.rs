@@ -1,0 +1,192 @@
+//! Where the `tally` commands keep their data: a database directory (sled, through
+//! `Engine::open`), how durable its writes are, and the checks before a command opens, creates
+//! or wipes one, so a mistyped path never turns into a new empty database or a deleted folder.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions, Policy};
+
+/// The operator commands' database, in the working directory.
+pub const DEFAULT_DB: &str = "tally-data";
+/// `tally simulate`'s own database, wiped at the start of each run (unless `--keep`).
+pub const DEFAULT_SIMULATE_DB: &str = "tally-data-simulate";
+/// The engine takes a checkpoint once this many events were logged since the last one, and on
+/// opening when more than half of this is left to replay: a command never replays more than
+/// about this many events before it can answer.
+pub const CHECKPOINT_EVERY_EVENTS: u64 = 20_000;
+/// `Durability::Interval` bounds, as the engine checks them.
+pub const MIN_INTERVAL_MS: u64 = 1;
+pub const MAX_INTERVAL_MS: u64 = 60_000;
+
+/// `sync`, `none` or `interval:MS`.
+pub fn parse_durability(value: &str) -> Result<Durability, String> {
+    match value {
+        "sync" => Ok(Durability::Sync),
+        "none" => Ok(Durability::None),
+        _ => {
+            let Some(ms) = value.strip_prefix("interval:") else {
+                return Err(format!(
+                    "{value:?} is not a durability; use sync, interval:MS or none"
+                ));
+            };
+            match ms.parse::<u64>() {
+                Ok(ms) if (MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ms) => {
+                    Ok(Durability::Interval { ms })
+                }
+                _ => Err(format!(
+                    "{value:?}: the interval is whole milliseconds, {MIN_INTERVAL_MS} to {}",
+                    crate::format::grouped(MAX_INTERVAL_MS)
+                )),
+            }
+        }
+    }
+}
+
+/// The spelling `parse_durability` reads.
+pub fn durability_words(durability: Durability) -> String {
+    match durability {
+        Durability::Sync => "sync".into(),
+        Durability::Interval { ms } => format!("interval:{ms}"),
+        Durability::None => "none".into(),
+    }
+}
+
+/// Whether `path` is a directory sled has written (`db` or `conf` in it).
+pub fn is_database(path: &Path) -> bool {
+    path.is_dir() && (path.join("db").exists() || path.join("conf").exists())
+}
+
+/// Whether `path` is missing or an empty directory: a database may be created there.
+fn is_vacant(path: &Path) -> bool {
+    match std::fs::read_dir(path) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(_) => !path.exists(),
+    }
+}
+
+/// Removes the database at `path` so a run starts from nothing. Refuses anything that is not a
+/// tally database (a typo must not delete a folder of someone's files).
+pub fn wipe(path: &Path) -> Result<(), String> {
+    if is_vacant(path) {
+        return Ok(());
+    }
+    if !is_database(path) {
+        return Err(format!(
+            "{} exists and is not a tally database; choose another path",
+            path.display()
+        ));
+    }
+    std::fs::remove_dir_all(path)
+        .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
+}
+
+/// Checks that `path` may be opened: an existing database, or (when `create` is true) a path
+/// that is missing or an empty directory. Returns whether the database is new.
+pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
+    if is_database(path) {
+        return Ok(false);
+    }
+    if !is_vacant(path) {
+        return Err(format!(
+            "{} exists and is not a tally database",
+            path.display()
+        ));
+    }
+    if create {
+        Ok(true)
+    } else {
+        Err(format!(
+            "no database at {}; create one with `tally user` or `tally team` (or give --db)",
+            path.display()
+        ))
+    }
+}
+
+/// Opens (or creates) the database. `checkpoint_every_events`: see `CHECKPOINT_EVERY_EVENTS`.
+pub fn open(
+    path: &Path,
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    checkpoint_every_events: u64,
+) -> Result<Engine, Error> {
+    let options = OpenOptions {
+        durability,
+        engine: EngineOptions::default(),
+        checkpoint_every_events,
+        ..OpenOptions::default()
+    };
+    Engine::open(path, policy, clock, options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durabilities_are_read_in_the_spelling_they_are_written() {
+        for durability in [
+            Durability::Sync,
+            Durability::None,
+            Durability::Interval { ms: 1 },
+            Durability::Interval { ms: 60_000 },
+        ] {
+            assert_eq!(
+                parse_durability(&durability_words(durability)),
+                Ok(durability)
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_durability_says_what_is_accepted() {
+        for value in [
+            "",
+            "Sync",
+            "interval",
+            "interval:",
+            "interval:0",
+            "interval:60001",
+        ] {
+            let problem = parse_durability(value).expect_err(value);
+            assert!(
+                problem.contains("interval") && problem.contains(&format!("{value:?}")),
+                "{value:?}: {problem}"
+            );
+        }
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("tally-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        path
+    }
+
+    #[test]
+    fn only_a_database_or_nothing_is_wiped() {
+        let folder = scratch("folder");
+        std::fs::create_dir_all(&folder).expect("created");
+        std::fs::write(folder.join("notes.txt"), "keep me").expect("written");
+        assert!(wipe(&folder).is_err());
+        assert!(folder.join("notes.txt").exists());
+        assert!(check_openable(&folder, true).is_err());
+        std::fs::remove_dir_all(&folder).expect("removed");
+
+        let database = scratch("database");
+        std::fs::create_dir_all(&database).expect("created");
+        std::fs::write(database.join("conf"), "").expect("written");
+        assert_eq!(check_openable(&database, false), Ok(false));
+        wipe(&database).expect("a database is wiped");
+        assert!(!database.exists());
+        assert!(wipe(&database).is_ok(), "nothing to wipe is fine");
+    }
+
+    #[test]
+    fn a_missing_database_is_created_only_when_asked() {
+        let missing = scratch("missing");
+        assert_eq!(check_openable(&missing, true), Ok(true));
+        let problem = check_openable(&missing, false).expect_err("not created");
+        assert!(problem.contains("no database"), "{problem}");
+    }
+}

@@ -1,0 +1,666 @@
+//! The crash test: a process consuming on a database is killed with SIGKILL, again and again,
+//! and after the kills the database must hold every request the process was told was admitted,
+//! exactly once, and nothing else out of place.
+//!
+//! The child is the `tally` binary itself (`tally crash-child`, hidden): it opens the database
+//! with `Durability::Sync`, sets up users, keys, seats and credits if they are missing, then
+//! consumes from four threads (two one request at a time, two in `consume_many` batches) with
+//! request ids unique to the run, topping up teams that run low, and prints a line for each
+//! call only after it returned (see `src/crash_child.rs`). The parent spawns it, waits 20 to
+//! 300 ms (a deterministic generator picks; counted from the child's `ready` line in three
+//! runs of four, from its start in the fourth, so kills land both while it consumes and while
+//! it recovers), kills it (`Child::kill` is SIGKILL on Unix), reads what it printed, and every
+//! few kills opens the database itself and checks:
+//!
+//! - every acknowledged request id is in the log exactly once, charged where the child was told;
+//!   no request id is in the log twice; no denied request is in it at all;
+//! - sequence numbers have no gaps, and `Engine::verify` finds the database sound;
+//! - no key's usage is over any of its limits;
+//! - every team's balance is its top-ups minus its credit charges, as the events say, and every
+//!   acknowledged top-up is in the log;
+//! - a retry of acknowledged request ids gets the first decision back and logs nothing.
+//!
+//! At the end it prints `kills=N acked=N lost=0 duplicated=0`. `TALLY_CRASH_KILLS` sets the
+//! number of kills (default 100), `TALLY_CRASH_SEED` the generator's seed. On a failure (or
+//! with `TALLY_CRASH_KEEP` set) the work directory is kept: each child's output, and a copy of
+//! the database as it was just before the last check.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally_engine::{
+    ChargedTo, Decision, Engine, EventBody, OpenOptions, Policy, SystemClock, Unit, UsageRequest,
+};
+
+const DEFAULT_KILLS: u64 = 100;
+const DEFAULT_SEED: u64 = 0x7a11_c0de;
+const CHECK_EVERY_KILLS: u64 = 5;
+/// Every this many checks (and at the end) the log is read from the start and verified.
+const THOROUGH_EVERY_CHECKS: u64 = 4;
+const MIN_WAIT_MS: u64 = 20;
+const MAX_WAIT_MS: u64 = 300;
+/// One kill in this many counts its wait from the child's start, so it lands while the child
+/// opens the database (recovery, a checkpoint on opening, the set-up); the others count it from
+/// the child's `ready`, so they land while it consumes. Counted from the start only, three
+/// kills in four landed before `ready` in a debug build.
+const KILL_IN_STARTUP_EVERY: u64 = 4;
+const MAX_STARTUP_MS: u64 = 60_000;
+const READY_POLL_MS: u64 = 2;
+const RETRIES_PER_CHECK: usize = 25;
+const EVENTS_PER_READ: usize = 65_536;
+
+/// Quotas that last a while under the child's traffic (so the test sees quota, credits and
+/// denials all along), a daily limit next to a rolling one, and a resource priced per image.
+const POLICY: &str = r#"
+time_zone = "UTC"
+
+[resources.chat]
+units = ["requests", "tokens"]
+required = ["requests"]
+price_micros = { requests = 1000, tokens = 10 }
+
+[resources.image]
+units = ["images"]
+price_micros = { images = 20000 }
+
+[plans.Small]
+limits = [
+  { resource = "chat", unit = "requests", amount = 3000, window = "rolling:1h" },
+  { resource = "image", unit = "images", amount = 300, window = "daily" },
+]
+
+[plans.Large]
+limits = [
+  { resource = "chat", unit = "requests", amount = 12000, window = "rolling:1h" },
+  { resource = "chat", unit = "tokens", amount = 9000, window = "daily" },
+  { resource = "image", unit = "images", amount = 1500, window = "daily" },
+]
+"#;
+
+/// splitmix64: the kill delays and the retried ids, the same for the same seed.
+struct Generator(u64);
+
+impl Generator {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next() % (high - low + 1)
+    }
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// Where an acknowledged request was charged, as the child printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Charged {
+    Quota(String),
+    Credits(u64),
+    PayAsYouGo(u64),
+}
+
+#[derive(Debug, Clone)]
+struct Ack {
+    key: String,
+    resource: String,
+    quantities: Vec<(Unit, u64)>,
+    charged: Charged,
+}
+
+/// Everything the children were told, over all kills.
+#[derive(Debug, Default)]
+struct Ledger {
+    acked: HashMap<String, Ack>,
+    /// Acknowledged ids in the order they came, for picking retries.
+    order: Vec<String>,
+    denied: HashSet<String>,
+    top_ups: HashMap<String, u64>,
+    /// `err` lines and anything unreadable.
+    errors: Vec<String>,
+    /// Runs that got as far as `ready`.
+    ready: u64,
+}
+
+fn parse_quantities(text: &str) -> Option<Vec<(Unit, u64)>> {
+    text.split(',')
+        .map(|pair| {
+            let (unit, amount) = pair.split_once('=')?;
+            Some((Unit::parse(unit)?, amount.parse().ok()?))
+        })
+        .collect()
+}
+
+impl Ledger {
+    /// Reads one child's output; only complete lines count (a kill can cut the last one).
+    fn read(&mut self, output: &str, run: u64) {
+        let complete = match output.rfind('\n') {
+            Some(end) => &output[..end],
+            None => "",
+        };
+        for line in complete.lines() {
+            if !self.read_line(line) {
+                self.errors.push(format!("run {run}: {line}"));
+            }
+        }
+    }
+
+    fn read_line(&mut self, line: &str) -> bool {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["ready"] => {
+                self.ready += 1;
+                true
+            }
+            ["topup", team, _micros] => {
+                *self.top_ups.entry(team.to_string()).or_default() += 1;
+                true
+            }
+            ["no", id, ..] => self.denied.insert(id.to_string()),
+            ["ok", id, key, resource, units, kind, detail] => {
+                let charged = match (*kind, detail.parse::<u64>()) {
+                    ("quota", _) => Charged::Quota(detail.to_string()),
+                    ("credits", Ok(micros)) => Charged::Credits(micros),
+                    ("payg", Ok(micros)) => Charged::PayAsYouGo(micros),
+                    _ => return false,
+                };
+                let Some(quantities) = parse_quantities(units) else {
+                    return false;
+                };
+                let ack = Ack {
+                    key: key.to_string(),
+                    resource: resource.to_string(),
+                    quantities,
+                    charged,
+                };
+                self.order.push(id.to_string());
+                self.acked.insert(id.to_string(), ack).is_none()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The test's files: the policy, the database, each child's output, evidence.
+struct Workspace {
+    directory: PathBuf,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        let directory = std::env::temp_dir().join(format!("tally-crash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(directory.join("children")).expect("the workspace is created");
+        std::fs::write(directory.join("policy.toml"), POLICY).expect("the policy is written");
+        Workspace { directory }
+    }
+
+    fn database(&self) -> PathBuf {
+        self.directory.join("db")
+    }
+
+    fn policy(&self) -> PathBuf {
+        self.directory.join("policy.toml")
+    }
+
+    fn child_output(&self, run: u64, stream: &str) -> PathBuf {
+        self.directory
+            .join("children")
+            .join(format!("run-{run:04}.{stream}"))
+    }
+
+    /// Keeps a copy of the database as it is now (before a check opens it).
+    fn snapshot_database(&self) {
+        let copy = self.directory.join("db-before-last-check");
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_directory(&self.database(), &copy);
+    }
+}
+
+fn copy_directory(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("the copy's directory is created");
+    let entries = std::fs::read_dir(from).expect("the database directory is read");
+    for entry in entries.map(|entry| entry.expect("a directory entry")) {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_directory(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("a database file is copied");
+        }
+    }
+}
+
+/// Waits until the child printed `ready` (it opened the database and set it up) or exited.
+fn wait_until_ready(child: &mut std::process::Child, stdout_path: &Path) {
+    let deadline = Instant::now() + Duration::from_millis(MAX_STARTUP_MS);
+    while Instant::now() < deadline {
+        let printed = std::fs::read_to_string(stdout_path).unwrap_or_default();
+        if printed.contains("ready\n") || child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(READY_POLL_MS));
+    }
+}
+
+/// Spawns a child, lets it run `wait_ms` (after it is ready, or after its start), kills it, and
+/// reads what it printed.
+fn run_child(
+    workspace: &Workspace,
+    run: u64,
+    seed: u64,
+    (wait_ms, from_ready): (u64, bool),
+    ledger: &mut Ledger,
+) {
+    let stdout_path = workspace.child_output(run, "out");
+    let stderr_path = workspace.child_output(run, "err");
+    let stdout = std::fs::File::create(&stdout_path).expect("the child's stdout file");
+    let stderr = std::fs::File::create(&stderr_path).expect("the child's stderr file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["crash-child", "--seed", &seed.to_string()])
+        .arg("--db")
+        .arg(workspace.database())
+        .arg("--policy")
+        .arg(workspace.policy())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .expect("the child starts");
+    if from_ready {
+        wait_until_ready(&mut child, &stdout_path);
+    }
+    std::thread::sleep(Duration::from_millis(wait_ms));
+    let exited_early = child.try_wait().expect("the child's status").is_some();
+    let _ = child.kill();
+    let status = child.wait().expect("the child is reaped");
+    let output = std::fs::read_to_string(&stdout_path).expect("the child's output is read");
+    ledger.read(&output, run);
+    if exited_early {
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        ledger.errors.push(format!(
+            "run {run}: the child exited by itself ({status}) before the kill: {}",
+            stderr.trim()
+        ));
+    }
+}
+
+/// What one check found.
+#[derive(Debug, Default)]
+struct Findings {
+    lost: Vec<String>,
+    duplicated: Vec<String>,
+    problems: Vec<String>,
+    events: u64,
+    retried: usize,
+}
+
+/// What the log says, summed up.
+#[derive(Debug, Default)]
+struct LogSummary {
+    /// Request id -> times logged, and where the first was charged.
+    requests: HashMap<String, (u64, ChargedTo)>,
+    key_team: HashMap<String, String>,
+    topped_up_micros: HashMap<String, u64>,
+    top_up_events: HashMap<String, u64>,
+    credits_charged_micros: HashMap<String, u64>,
+    withdrawn_micros: HashMap<String, u64>,
+    last_seq: u64,
+    events: u64,
+}
+
+/// Reads the events after `summary.last_seq` into `summary`. The last event read before must
+/// still be there: a log that lost its tail after a later crash would otherwise go unseen
+/// until the next full reading.
+fn read_log(engine: &Engine, summary: &mut LogSummary, problems: &mut Vec<String>) {
+    if summary.last_seq > 0 {
+        match engine.events_after(summary.last_seq - 1, 1) {
+            Ok(events) if events.first().map(|event| event.seq) == Some(summary.last_seq) => {}
+            other => problems.push(format!(
+                "event {} was in the log at the last check; now: {other:?}",
+                summary.last_seq
+            )),
+        }
+    }
+    loop {
+        let events = match engine.events_after(summary.last_seq, EVENTS_PER_READ) {
+            Ok(events) => events,
+            Err(error) => {
+                problems.push(format!(
+                    "reading the log after {}: {error}",
+                    summary.last_seq
+                ));
+                return;
+            }
+        };
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
+            if summary.last_seq != 0 && event.seq != summary.last_seq + 1 {
+                problems.push(format!("event {} follows {}", event.seq, summary.last_seq));
+            }
+            summary.last_seq = event.seq;
+            summary.events += 1;
+            summarise_event(summary, event.body, problems);
+        }
+    }
+}
+
+fn summarise_event(summary: &mut LogSummary, body: EventBody, problems: &mut Vec<String>) {
+    match body {
+        EventBody::UserCreated { user, key } => {
+            summary.key_team.insert(key, format!("@{user}"));
+        }
+        EventBody::MemberAdded { team, key, .. } => {
+            summary.key_team.insert(key, team);
+        }
+        EventBody::CreditsToppedUp { team, micros } => {
+            *summary.topped_up_micros.entry(team.clone()).or_default() += micros;
+            *summary.top_up_events.entry(team).or_default() += 1;
+        }
+        EventBody::CreditsWithdrawn { team, micros } => {
+            *summary.withdrawn_micros.entry(team).or_default() += micros;
+        }
+        EventBody::UsageAdmitted {
+            key,
+            request_id,
+            receipt,
+            ..
+        } => {
+            if let ChargedTo::Credits { micros } = receipt.charged_to {
+                let team = summary.key_team.get(&key).cloned().unwrap_or_default();
+                *summary.credits_charged_micros.entry(team).or_default() += micros;
+            }
+            match request_id {
+                Some(id) => {
+                    let entry = summary
+                        .requests
+                        .entry(id)
+                        .or_insert((0, receipt.charged_to));
+                    entry.0 += 1;
+                }
+                None => problems.push(format!("a usage of {key} without a request id")),
+            }
+        }
+        EventBody::TeamCreated { .. }
+        | EventBody::SeatChanged { .. }
+        | EventBody::PolicySwapped { .. } => {}
+        other => problems.push(format!("an event the child never causes: {}", other.kind())),
+    }
+}
+
+fn same_charge(policy: &Policy, logged: ChargedTo, told: &Charged) -> bool {
+    match (logged, told) {
+        (ChargedTo::PlanQuota { plan }, Charged::Quota(name)) => policy
+            .plans()
+            .get(plan.index())
+            .is_some_and(|plan| *plan.name == **name),
+        (ChargedTo::Credits { micros }, Charged::Credits(told)) => micros == *told,
+        (ChargedTo::PayAsYouGo { micros }, Charged::PayAsYouGo(told)) => micros == *told,
+        _ => false,
+    }
+}
+
+fn check_requests(policy: &Policy, ledger: &Ledger, log: &LogSummary, findings: &mut Findings) {
+    for (id, ack) in &ledger.acked {
+        match log.requests.get(id) {
+            None => findings.lost.push(id.clone()),
+            Some((_, logged)) if !same_charge(policy, *logged, &ack.charged) => findings
+                .problems
+                .push(format!("{id}: told {:?}, logged {logged:?}", ack.charged)),
+            Some(_) => {}
+        }
+    }
+    for (id, (count, _)) in &log.requests {
+        if *count > 1 {
+            findings.duplicated.push(format!("{id} x{count}"));
+        }
+        if ledger.denied.contains(id) {
+            findings
+                .problems
+                .push(format!("{id} was denied but is in the log"));
+        }
+    }
+}
+
+fn check_limits_and_credits(
+    engine: &Engine,
+    ledger: &Ledger,
+    log: &LogSummary,
+    findings: &mut Findings,
+) {
+    for key in log.key_team.keys() {
+        match engine.usage(key, None) {
+            Ok(report) => {
+                for limit in report
+                    .limits
+                    .iter()
+                    .filter(|limit| limit.used > limit.amount)
+                {
+                    findings.problems.push(format!(
+                        "{key}: {} used {} of {}",
+                        limit.name, limit.used, limit.amount
+                    ));
+                }
+            }
+            Err(error) => findings.problems.push(format!("usage of {key}: {error}")),
+        }
+    }
+    let teams: HashSet<&String> = log.key_team.values().collect();
+    for team in teams {
+        let get = |map: &HashMap<String, u64>| map.get(team).copied().unwrap_or(0);
+        let expected = get(&log.topped_up_micros)
+            .checked_sub(get(&log.credits_charged_micros) + get(&log.withdrawn_micros));
+        match engine.credits_micros(team) {
+            Ok(balance) if Some(balance) == expected => {}
+            Ok(balance) => findings.problems.push(format!(
+                "team {team}: balance {balance}, but the events say {expected:?} \
+                 (top-ups {} - charges {})",
+                get(&log.topped_up_micros),
+                get(&log.credits_charged_micros)
+            )),
+            Err(error) => findings
+                .problems
+                .push(format!("credits of {team}: {error}")),
+        }
+        let acked = ledger.top_ups.get(team).copied().unwrap_or(0);
+        if acked > get(&log.top_up_events) {
+            findings.problems.push(format!(
+                "team {team}: {acked} top-ups acknowledged, {} logged",
+                get(&log.top_up_events)
+            ));
+        }
+    }
+}
+
+/// Retries acknowledged ids: each must get its first decision back, and nothing is logged.
+fn check_retries(
+    engine: &Engine,
+    policy: &Policy,
+    ledger: &Ledger,
+    log: &LogSummary,
+    generator: &mut Generator,
+    findings: &mut Findings,
+) {
+    if ledger.order.is_empty() {
+        return;
+    }
+    for _ in 0..RETRIES_PER_CHECK {
+        let id = &ledger.order[generator.next() as usize % ledger.order.len()];
+        let ack = &ledger.acked[id];
+        let request = UsageRequest::new(&ack.key, &ack.resource, &ack.quantities).id(id);
+        match engine.consume(&request) {
+            Ok(Decision::Admitted(admission))
+                if same_charge(policy, admission.charged_to, &ack.charged) => {}
+            other => findings.problems.push(format!(
+                "retry of {id}: {other:?}, first told {:?}",
+                ack.charged
+            )),
+        }
+        findings.retried += 1;
+    }
+    match engine.events_after(log.last_seq, 1) {
+        Ok(events) if events.is_empty() => {}
+        Ok(events) => findings
+            .problems
+            .push(format!("retries logged event {:?}", events[0])),
+        Err(error) => findings.problems.push(format!("reading the log: {error}")),
+    }
+}
+
+/// Opens the database as a restarted gateway would, and checks everything above. The log is
+/// read from where the last check stopped, or (`thorough`) from the start, followed then by
+/// `Engine::verify` (both cost time growing with the whole log).
+fn check(
+    workspace: &Workspace,
+    ledger: &Ledger,
+    log: &mut LogSummary,
+    generator: &mut Generator,
+    thorough: bool,
+) -> Findings {
+    let mut findings = Findings::default();
+    let policy = Policy::from_toml_str(POLICY).expect("the test's policy loads");
+    let options = OpenOptions::default();
+    let engine = match Engine::open(workspace.database(), policy, Arc::new(SystemClock), options) {
+        Ok(engine) => engine,
+        Err(error) => {
+            let problem = format!("the database does not reopen: {error}");
+            findings.problems.push(problem);
+            return findings;
+        }
+    };
+    let policy = engine.policy();
+    if thorough {
+        *log = LogSummary::default();
+    }
+    read_log(&engine, log, &mut findings.problems);
+    findings.events = log.events;
+    check_requests(&policy, ledger, log, &mut findings);
+    check_limits_and_credits(&engine, ledger, log, &mut findings);
+    check_retries(&engine, &policy, ledger, log, generator, &mut findings);
+    drop(engine);
+    if thorough {
+        match Engine::verify(workspace.database(), OpenOptions::default()) {
+            Ok(report) if report.is_sound() => {}
+            Ok(report) => findings
+                .problems
+                .push(format!("verify: {:?}", report.problems)),
+            Err(error) => findings.problems.push(format!("verify: {error}")),
+        }
+    }
+    findings
+}
+
+/// For the closing lines.
+#[derive(Debug, Default)]
+struct Figures {
+    checks: u64,
+    retried: usize,
+    events: u64,
+    lost: usize,
+    duplicated: usize,
+    children_s: f64,
+    checks_s: f64,
+}
+
+/// Checks the database after `kill` and fails the test, keeping the evidence, on any finding.
+fn check_after(
+    kill: u64,
+    thorough: bool,
+    workspace: &Workspace,
+    state: (&Ledger, &mut LogSummary, &mut Generator),
+    figures: &mut Figures,
+) {
+    let (ledger, log, generator) = state;
+    let started = Instant::now();
+    workspace.snapshot_database();
+    let findings = check(workspace, ledger, log, generator, thorough);
+    figures.checks += 1;
+    figures.retried += findings.retried;
+    figures.events = findings.events;
+    figures.lost = findings.lost.len();
+    figures.duplicated = findings.duplicated.len();
+    figures.checks_s += started.elapsed().as_secs_f64();
+    let failed = !findings.lost.is_empty()
+        || !findings.duplicated.is_empty()
+        || !findings.problems.is_empty()
+        || !ledger.errors.is_empty();
+    assert!(
+        !failed,
+        "after kill {kill} (evidence kept in {}: the database as it was before this check in \
+         db-before-last-check, each child's output in children/):\n  lost {:?}\n  \
+         duplicated {:?}\n  problems {:?}\n  child errors {:?}",
+        workspace.directory.display(),
+        findings.lost,
+        findings.duplicated,
+        findings.problems,
+        ledger.errors
+    );
+}
+
+#[test]
+fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
+    let kills = env_number("TALLY_CRASH_KILLS", DEFAULT_KILLS);
+    let seed = env_number("TALLY_CRASH_SEED", DEFAULT_SEED);
+    let workspace = Workspace::new();
+    let mut generator = Generator(seed);
+    let mut ledger = Ledger::default();
+    let mut log = LogSummary::default();
+    let mut figures = Figures::default();
+    let started = Instant::now();
+    for kill in 1..=kills {
+        let wait_ms = generator.between(MIN_WAIT_MS, MAX_WAIT_MS);
+        let from_ready = kill % KILL_IN_STARTUP_EVERY != 0;
+        let child_seed = seed.wrapping_mul(1_000_003).wrapping_add(kill);
+        let phase = Instant::now();
+        let timing = (wait_ms, from_ready);
+        run_child(&workspace, kill, child_seed, timing, &mut ledger);
+        figures.children_s += phase.elapsed().as_secs_f64();
+        if kill % CHECK_EVERY_KILLS == 0 || kill == kills {
+            let thorough = (figures.checks + 1) % THOROUGH_EVERY_CHECKS == 0 || kill == kills;
+            let state = (&ledger, &mut log, &mut generator);
+            check_after(kill, thorough, &workspace, state, &mut figures);
+        }
+    }
+    println!(
+        "kills={kills} acked={} lost={} duplicated={}",
+        ledger.acked.len(),
+        figures.lost,
+        figures.duplicated
+    );
+    println!(
+        "crash test: seed {seed}; {} of {kills} kills after the child was ready; {} checks; \
+         {} events in the log; {} denied; {} top-ups; {} retries recognised; {:.1} s \
+         (children {:.1} s, checks {:.1} s)",
+        ledger.ready,
+        figures.checks,
+        figures.events,
+        ledger.denied.len(),
+        ledger.top_ups.values().sum::<u64>(),
+        figures.retried,
+        started.elapsed().as_secs_f64(),
+        figures.children_s,
+        figures.checks_s
+    );
+    assert!(
+        ledger.acked.len() as u64 >= kills,
+        "the children acknowledged too little"
+    );
+    if std::env::var_os("TALLY_CRASH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&workspace.directory);
+    }
+}

@@ -1,0 +1,389 @@
+//! The operator commands, run as the built binary in a temporary working directory, on the
+//! default database (`./tally-data`): set a key up, consume until it is denied, read its usage,
+//! export the events with a cursor that survives, verify and compact the database, and refuse
+//! bad command lines without changing anything.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+const HOUR_MS: u64 = 60 * 60 * 1_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Three chat requests an hour on Small, then credits at 1,000 micro-credits a request.
+const POLICY: &str = r#"
+time_zone = "UTC"
+
+[resources.chat]
+units = ["requests", "tokens"]
+required = ["requests"]
+price_micros = { requests = 1000, tokens = 1 }
+
+[plans.Small]
+limits = [{ resource = "chat", unit = "requests", amount = 3, window = "rolling:1h" }]
+
+[plans.Large]
+limits = [{ resource = "chat", unit = "requests", amount = 30, window = "rolling:1h" }]
+"#;
+
+/// A working directory holding the policy file, removed when dropped.
+struct Workspace {
+    directory: PathBuf,
+    policy: String,
+}
+
+impl Workspace {
+    fn new() -> Workspace {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let number = NEXT.fetch_add(1, Ordering::Relaxed);
+        let directory =
+            std::env::temp_dir().join(format!("tally-operator-{}-{number}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).expect("the workspace is created");
+        let policy = directory.join("policy.toml");
+        std::fs::write(&policy, POLICY).expect("the policy is written");
+        Workspace {
+            directory,
+            policy: policy.to_str().expect("a UTF-8 path").to_string(),
+        }
+    }
+
+    fn database(&self) -> PathBuf {
+        self.directory.join("tally-data")
+    }
+
+    /// Runs `tally` here, without `--policy`.
+    fn bare(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .current_dir(&self.directory)
+            .output()
+            .expect("the tally binary runs")
+    }
+
+    /// Runs `tally ARGS --policy POLICY` here.
+    fn run(&self, args: &[&str]) -> Output {
+        let mut args = args.to_vec();
+        args.extend(["--policy", &self.policy]);
+        self.bare(&args)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}{}",
+            stdout_of(&output),
+            stderr_of(&output)
+        );
+        stdout_of(&output)
+    }
+
+    fn events(&self, args: &[&str]) -> Vec<Value> {
+        let mut all = vec!["events", "--json"];
+        all.extend_from_slice(args);
+        self.ok(&all)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+            .collect()
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
+
+fn stdout_of(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8")
+}
+
+fn now_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970");
+    since.as_millis() as u64
+}
+
+fn seq(event: &Value) -> u64 {
+    event["seq"].as_u64().expect("a sequence number")
+}
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|event| event["kind"].as_str().expect("a kind"))
+        .collect()
+}
+
+/// A user with a Small seat and 2,000 micro-credits: three requests from quota, two from
+/// credits, then denied.
+fn set_up_ada(workspace: &Workspace) {
+    let created = workspace.ok(&["user", "ada", "tp-ada"]);
+    assert!(created.contains("tp-ada"), "{created}");
+    workspace.ok(&["seat", "@ada", "ada", "Small"]);
+    let topped = workspace.ok(&["topup", "@ada", "2,000"]);
+    assert!(topped.contains("balance 2,000 micro-credits"), "{topped}");
+}
+
+fn consume(workspace: &Workspace, at_ms: u64, extra: &[&str]) -> Output {
+    let at = at_ms.to_string();
+    let mut args = vec!["consume", "tp-ada", "chat", "requests=1", "--at", &at];
+    args.extend(extra);
+    workspace.run(&args)
+}
+
+#[test]
+fn a_key_set_up_from_the_command_line_consumes_until_denied_and_its_usage_shows_it() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    let mut charged = Vec::new();
+    for _ in 0..5 {
+        let output = consume(&workspace, at_ms, &["--json"]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+        let decision: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+        assert_eq!(decision["decision"], "admitted");
+        charged.push(decision["charged_to"]["kind"].as_str().map(String::from));
+    }
+    let expected: Vec<Option<String>> = ["plan_quota", "plan_quota", "plan_quota"]
+        .iter()
+        .chain(&["credits", "credits"])
+        .map(|kind| Some(kind.to_string()))
+        .collect();
+    assert_eq!(charged, expected);
+
+    let denied = consume(&workspace, at_ms, &[]);
+    assert_eq!(denied.status.code(), Some(1), "denied exits 1");
+    let text = stdout_of(&denied);
+    assert!(text.starts_with("denied: quota exhausted"), "{text}");
+    assert!(text.contains("retry in"), "{text}");
+    assert!(text.contains("what would help"), "{text}");
+
+    let usage = workspace.ok(&["usage", "tp-ada", "--at", &at_ms.to_string()]);
+    assert!(usage.contains("seat on Small"), "{usage}");
+    assert!(usage.contains("[##########]"), "a full bar: {usage}");
+    assert!(usage.contains("3/3"), "{usage}");
+    assert!(
+        usage.contains("0 micro-credits (0.00 credits) left"),
+        "{usage}"
+    );
+    let report: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+    assert_eq!(report["limits"][0]["used"], 3);
+    assert_eq!(report["credits_charged_micros"], 2_000);
+}
+
+#[test]
+fn events_come_in_order_and_a_named_cursor_survives_between_invocations() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    for _ in 0..4 {
+        assert_eq!(consume(&workspace, at_ms, &[]).status.code(), Some(0));
+    }
+    let all = workspace.events(&[]);
+    assert_eq!(
+        kinds(&all),
+        [
+            "policy_swapped",
+            "user_created",
+            "seat_changed",
+            "credits_topped_up",
+            "usage_admitted",
+            "usage_admitted",
+            "usage_admitted",
+            "usage_admitted",
+        ]
+    );
+    let sequence: Vec<u64> = all.iter().map(seq).collect();
+    assert_eq!(sequence, (1..=8).collect::<Vec<u64>>());
+    assert_eq!(all[7]["charged_to"], "credits");
+    assert_eq!(all[7]["micros"], 1_000);
+    assert_eq!(all[4]["quantities"]["requests"], 1);
+
+    let first = workspace.events(&["--cursor", "billing", "--limit", "5"]);
+    assert_eq!(first.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4, 5]);
+    let second = workspace.events(&["--cursor", "billing"]);
+    assert_eq!(second.iter().map(seq).collect::<Vec<u64>>(), [6, 7, 8]);
+    assert!(workspace.events(&["--cursor", "billing"]).is_empty());
+    assert_eq!(consume(&workspace, at_ms, &[]).status.code(), Some(0));
+    let third = workspace.events(&["--cursor", "billing"]);
+    assert_eq!(third.iter().map(seq).collect::<Vec<u64>>(), [9]);
+
+    let text = workspace.ok(&["events", "--after", "8"]);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("usage_admitted"), "{text}");
+    assert!(
+        text.contains("key=tp-ada resource=chat requests=1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_retried_request_id_gets_its_first_decision_and_counts_nothing() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    let first = consume(&workspace, at_ms, &["--id", "req-1", "--json"]);
+    let again = consume(&workspace, at_ms + 1_000, &["--id", "req-1", "--json"]);
+    assert_eq!(first.status.code(), Some(0));
+    assert_eq!(stdout_of(&first), stdout_of(&again));
+    assert_eq!(workspace.events(&["--after", "4"]).len(), 1);
+    let conflict = workspace.run(&["consume", "tp-ada", "chat", "requests=2", "--id", "req-1"]);
+    assert_eq!(conflict.status.code(), Some(2));
+    assert!(
+        stderr_of(&conflict).contains("--id"),
+        "{}",
+        stderr_of(&conflict)
+    );
+}
+
+#[test]
+fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retention() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    consume(&workspace, at_ms, &[]);
+    let verified = workspace.ok(&["verify"]);
+    assert!(
+        verified.contains("events:   5 (sequence numbers 1 to 5)"),
+        "{verified}"
+    );
+    assert!(verified.contains("sound:    yes"), "{verified}");
+
+    let compacted = workspace.ok(&["compact"]);
+    assert!(
+        compacted.contains("snapshot of the whole state at event 5"),
+        "{compacted}"
+    );
+    assert!(compacted.contains("removed:    0 events"), "{compacted}");
+    consume(&workspace, at_ms, &[]);
+    let later = (at_ms + 30 * DAY_MS).to_string();
+    let compacted = workspace.ok(&["compact", "--at", &later]);
+    assert!(compacted.contains("removed:    5 events"), "{compacted}");
+    assert!(compacted.contains("starts at event 6"), "{compacted}");
+
+    let report: Value = serde_json::from_str(&workspace.ok(&["verify", "--json"])).expect("JSON");
+    assert_eq!(report["sound"], true, "{report}");
+    assert_eq!(report["first_seq"], 6);
+    assert_eq!(report["snapshot_matches_replay"], true);
+    assert_eq!(seq(&workspace.events(&[])[0]), 6);
+    let usage: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+    assert_eq!(
+        usage["limits"][0]["used"], 2,
+        "usage lives on in the snapshot"
+    );
+}
+
+/// The number of events in the database, read without changing it.
+fn event_count(workspace: &Workspace) -> usize {
+    workspace.events(&[]).len()
+}
+
+#[test]
+fn a_bad_command_line_or_argument_exits_2_naming_it_and_changes_nothing() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = event_count(&workspace);
+    let cases: [(&[&str], &str); 9] = [
+        (&["usage", "tp-ada", "--bogus"], "--bogus"),
+        (&["usage", "tp-nobody"], "KEY"),
+        (&["consume", "tp-ada", "chat", "requests=x"], "requests=x"),
+        (&["consume", "tp-ada", "video", "requests=1"], "RESOURCE"),
+        (&["consume", "tp-ada", "chat", "songs=1"], "UNIT=N"),
+        (&["topup", "@nobody", "5"], "TEAM"),
+        (&["seat", "@ada", "ada", "Huge"], "PLAN"),
+        (&["user", "ada", "tp-ada-2"], "USER"),
+        (&["events", "--limit", "0"], "--limit"),
+    ];
+    for (args, culprit) in cases {
+        let output = workspace.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains(&format!("tally: {culprit}: ")),
+            "{args:?}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    assert_eq!(event_count(&workspace), before);
+}
+
+#[test]
+fn a_policy_that_drops_a_seated_plan_is_refused_and_nothing_changes() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = event_count(&workspace);
+    // No --policy: the shipped policy, which has no plan "Small".
+    let output = workspace.bare(&["usage", "tp-ada"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = stderr_of(&output);
+    assert!(stderr.contains("tally: --policy: "), "{stderr}");
+    assert!(stderr.contains("Small"), "{stderr}");
+    assert_eq!(event_count(&workspace), before);
+}
+
+#[test]
+fn a_command_on_a_missing_database_creates_none() {
+    let workspace = Workspace::new();
+    for args in [
+        &["usage", "tp-ada"][..],
+        &["topup", "@ada", "5"],
+        &["verify"],
+        &["events"],
+        &["team", "@bad"],
+    ] {
+        let output = workspace.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(!workspace.database().exists(), "{args:?} left a database");
+    }
+    let missing = workspace.run(&["usage", "tp-ada"]);
+    assert!(
+        stderr_of(&missing).contains("tally: --db: no database at tally-data"),
+        "{}",
+        stderr_of(&missing)
+    );
+    assert!(Path::new(&workspace.policy).exists());
+}
+
+#[test]
+fn a_cursor_does_not_move_past_events_that_could_not_be_written_out() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "events",
+            "--cursor",
+            "billing",
+            "--policy",
+            &workspace.policy,
+        ])
+        .current_dir(&workspace.directory)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the tally binary runs");
+    // Close the reading end before the command writes: its write fails (a closed pipe).
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("the command ends");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).contains("no cursor was moved"),
+        "{}",
+        stderr_of(&output)
+    );
+    let events = workspace.events(&["--cursor", "billing"]);
+    assert_eq!(events.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4]);
+}
