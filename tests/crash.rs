@@ -396,9 +396,12 @@ fn summarise_event(summary: &mut LogSummary, body: EventBody, problems: &mut Vec
                 None => problems.push(format!("a usage of {key} without a request id")),
             }
         }
+        // A denial under a request id is logged so its retry gets the same answer; it moves
+        // nothing, so it neither acknowledges nor charges anything here.
         EventBody::TeamCreated { .. }
         | EventBody::SeatChanged { .. }
-        | EventBody::PolicySwapped { .. } => {}
+        | EventBody::PolicySwapped { .. }
+        | EventBody::RequestDenied { .. } => {}
         other => problems.push(format!("an event the child never causes: {}", other.kind())),
     }
 }
