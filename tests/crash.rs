@@ -21,7 +21,8 @@
 //! - a retry of acknowledged request ids gets the first decision back and logs nothing.
 //!
 //! At the end it prints `kills=N acked=N lost=0 duplicated=0`. `TALLY_CRASH_KILLS` sets the
-//! number of kills (default 100), `TALLY_CRASH_SEED` the generator's seed. On a failure (or
+//! number of kills (default 100), `TALLY_CRASH_SEED` the generator's seed,
+//! `TALLY_CRASH_THREADS` the child's consuming threads (default 4, at most 16). On a failure (or
 //! with `TALLY_CRASH_KEEP` set) the work directory is kept: each child's output, and a copy of
 //! the database as it was just before the last check.
 
@@ -271,6 +272,10 @@ fn run_child(
     let stderr = std::fs::File::create(&stderr_path).expect("the child's stderr file");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["crash-child", "--seed", &seed.to_string()])
+        .args([
+            "--threads",
+            &env_number("TALLY_CRASH_THREADS", 4).to_string(),
+        ])
         .arg("--db")
         .arg(workspace.database())
         .arg("--policy")
