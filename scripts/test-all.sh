@@ -28,6 +28,7 @@ cargo test --workspace --no-fail-fast
 
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test
+cargo bench --bench durability -- --test
 
 step "main job: tally simulate"
 cargo run --quiet --release -- simulate --keys 500 --days 2 >/dev/null

@@ -42,6 +42,10 @@ use crate::event::{
 pub const MAX_RECORD_BYTES: usize = 7 * 1024;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
+/// Events queued but not yet written, at most: an append waits for room beyond this, so in the
+/// modes that do not wait for durability a process crash loses at most this many events (plus
+/// those written but not yet flushed).
+pub const MAX_QUEUED_EVENTS: usize = 16_384;
 const SNAPSHOT_CHUNK_BYTES: usize = 48 * 1024;
 const LOCK_RETRIES: u32 = 50;
 const LOCK_RETRY_DELAY: Duration = Duration::from_millis(20);
@@ -57,12 +61,13 @@ pub enum Durability {
     /// A call returns only after its event is flushed and fsynced; concurrent callers share one
     /// flush (group commit). A crash loses nothing that was acknowledged.
     Sync,
-    /// Events are written at once and made durable in the background at most `ms` after they
-    /// were acknowledged. A crash (power loss) can lose up to the last `ms` of acknowledged events;
-    /// a process crash alone loses only what had not reached sled yet (microseconds).
+    /// A call returns once its event is queued; the writer writes it and makes it durable in
+    /// the background at most `ms` later. A crash can lose the acknowledged events still queued
+    /// (at most `MAX_QUEUED_EVENTS`) and, on power loss, those written in the last `ms`.
     Interval { ms: u64 },
     /// No explicit flush (sled's own background flush, every 500 ms, still runs). For tests and
-    /// benchmarks: a crash can lose any acknowledged event not yet flushed.
+    /// benchmarks: a crash can lose the queued events (at most `MAX_QUEUED_EVENTS`) and any
+    /// acknowledged event sled had not flushed.
     None,
 }
 
@@ -130,6 +135,7 @@ struct Shared {
     faults: Option<Arc<Faults>>,
     queue: Mutex<Queue>,
     queue_ready: Condvar,
+    queue_room: Condvar,
     progress: Mutex<Progress>,
     progress_changed: Condvar,
 }
@@ -201,6 +207,7 @@ impl EventLog {
                 ..Queue::default()
             }),
             queue_ready: Condvar::new(),
+            queue_room: Condvar::new(),
             progress: Mutex::new(Progress {
                 durable_seq: last_seq,
                 failure: None,
@@ -274,6 +281,10 @@ impl EventLog {
             return Err(failed(*seq, problem));
         }
         let mut queue = self.shared.queue.lock();
+        while queue.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
+            self.shared.queue_ready.notify_one();
+            self.shared.queue_room.wait(&mut queue);
+        }
         if queue.stop {
             return Err(Error::Storage {
                 problem: "the log is closed".into(),
@@ -507,6 +518,7 @@ impl EventLog {
             queue.stop = true;
         }
         self.shared.queue_ready.notify_all();
+        self.shared.queue_room.notify_all();
         if let Some(handle) = self.writer.lock().take() {
             let _ = handle.join();
         }
@@ -807,7 +819,9 @@ impl Writer {
                 _ => self.shared.queue_ready.wait(&mut queue),
             }
         }
-        (std::mem::take(&mut queue.events), queue.stop)
+        let batch = std::mem::take(&mut queue.events);
+        self.shared.queue_room.notify_all();
+        (batch, queue.stop)
     }
 
     /// Inserts the batch as records of at most `MAX_RECORD_BYTES`, in one atomic sled batch.
