@@ -644,13 +644,18 @@ fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
             check_after(kill, thorough, &workspace, state, &mut figures);
         }
     }
-    println!(
+    // Written to the process's stderr directly, not through `println!`, which the test
+    // harness captures: CI's log must show these figures.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
         "kills={kills} acked={} lost={} duplicated={}",
         ledger.acked.len(),
         figures.lost,
         figures.duplicated
     );
-    println!(
+    let _ = writeln!(
+        std::io::stderr(),
         "crash test: seed {seed}; {} of {kills} kills after the child was ready; {} checks; \
          {} events in the log; {} denied; {} top-ups; {} retries recognised; {:.1} s \
          (children {:.1} s, checks {:.1} s)",
