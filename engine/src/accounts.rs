@@ -259,6 +259,16 @@ pub struct Registry {
     pub teams: FxHashMap<Box<str>, TeamRecord>,
 }
 
+impl Registry {
+    /// The team named `team`, or the error naming it.
+    pub fn team(&self, team: &str) -> Result<Arc<Team>, crate::error::Error> {
+        self.teams
+            .get(team)
+            .map(|record| Arc::clone(&record.team))
+            .ok_or_else(|| crate::error::Error::UnknownTeam { team: team.into() })
+    }
+}
+
 /// The Default Team of `user` is named `@user`; other team names cannot start with `@`.
 pub fn default_team_name(user: &str) -> String {
     format!("@{user}")

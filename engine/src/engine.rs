@@ -586,11 +586,7 @@ impl Engine {
             ));
         }
         let registry = self.registry.lock();
-        let team_record = registry
-            .teams
-            .get(team)
-            .map(|record| Arc::clone(&record.team))
-            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let team_record = registry.team(team)?;
         if team_record.balance_micros().checked_add(micros).is_none() {
             return Err(Error::Overflow { field: "micros" });
         }
@@ -601,10 +597,12 @@ impl Engine {
                 micros,
             },
         )?;
-        drop(registry);
-        team_record
+        // Still under the registry lock: no other top-up can pass the overflow check between.
+        let after = team_record
             .credit(micros)
-            .ok_or(Error::Overflow { field: "micros" })
+            .ok_or(Error::Overflow { field: "micros" });
+        drop(registry);
+        after
     }
 
     /// Corrects a team's balance downwards (a chargeback, a mistaken top-up). Never below zero.
@@ -622,11 +620,7 @@ impl Engine {
             ));
         }
         let registry = self.registry.lock();
-        let team_record = registry
-            .teams
-            .get(team)
-            .map(|record| Arc::clone(&record.team))
-            .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
+        let team_record = registry.team(team)?;
         let after = team_record
             .withdraw(micros)
             .map_err(|balance| Error::InsufficientCredits {
@@ -652,13 +646,8 @@ impl Engine {
         Ok(self.team(team)?.balance_micros())
     }
 
-    fn team(&self, team: &str) -> Result<Arc<Team>, Error> {
-        let registry = self.registry.lock();
-        registry
-            .teams
-            .get(team)
-            .map(|record| Arc::clone(&record.team))
-            .ok_or_else(|| Error::UnknownTeam { team: team.into() })
+    pub(crate) fn team(&self, team: &str) -> Result<Arc<Team>, Error> {
+        self.registry.lock().team(team)
     }
 
     /// Replaces the policy at run time. Usage carries over for every counter whose meter (by

@@ -307,11 +307,11 @@ impl Engine {
                 None => self.unassign_seat(team, user, at),
             },
             EventBody::CreditsToppedUp { team, micros } => {
-                self.replay_team(team)?.replay_add(*micros, false);
+                self.team(team)?.replay_add(*micros, false);
                 Ok(())
             }
             EventBody::CreditsWithdrawn { team, micros } => {
-                self.replay_team(team)?.replay_take(*micros, false);
+                self.team(team)?.replay_take(*micros, false);
                 Ok(())
             }
             EventBody::PolicySwapped {
@@ -462,15 +462,6 @@ impl Engine {
                 Ok(())
             }
         }
-    }
-
-    fn replay_team(&self, team: &str) -> Result<Arc<Team>, Error> {
-        let registry = self.registry.lock();
-        registry
-            .teams
-            .get(team)
-            .map(|record| Arc::clone(&record.team))
-            .ok_or_else(|| Error::UnknownTeam { team: team.into() })
     }
 
     fn replay_policy(&self, generation: u32, document: &str, at_ms: u64) -> Result<(), Error> {
