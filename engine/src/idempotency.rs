@@ -211,3 +211,16 @@ impl Shard {
         }
     }
 }
+
+impl crate::engine::Engine {
+    /// Whether `request_id` is remembered now (its first decision would answer a repeat). For
+    /// the C boundary's `replayed` flag: a consume under an id known just before it is a
+    /// replay. An id at the very edge of the horizon may be forgotten by the consume itself.
+    pub fn is_request_known(&self, request_id: &str) -> bool {
+        self.requests
+            .shard(request_id)
+            .lock()
+            .records
+            .contains_key(request_id)
+    }
+}

@@ -1,0 +1,312 @@
+//! The hot path and its relatives: consume, check, batches, reservations and refunds.
+
+use std::ffi::c_char;
+use std::num::NonZeroU64;
+
+use ::tally_engine::{ChargedTo, Decision, ReservationId, SettleOutcome};
+
+use crate::checks::{optional_slice, text, Out, TALLY_MAX_ID_BYTES};
+use crate::decision::{at, quantities, tally_decision, tally_quantity, tally_request, Request};
+use crate::handle::{tally_engine, try_ref, Open};
+use crate::panic::boundary;
+use crate::status::{status_of, tally_status, Failure};
+
+/// The most requests one `tally_engine_consume_many` takes.
+pub const TALLY_MAX_BATCH: usize = 4_096;
+
+fn decide(open: &Open, request: &Request<'_>, consume: bool) -> Result<tally_decision, Failure> {
+    let replayed_if_admitted = request
+        .request_id
+        .is_some_and(|id| open.engine.is_request_known(id));
+    let engine_request = request.engine_request();
+    let decision = if consume {
+        open.engine.consume(&engine_request)?
+    } else {
+        open.engine.check(&engine_request)?
+    };
+    Ok(tally_decision::from_engine(
+        &decision,
+        &open.policy,
+        replayed_if_admitted,
+    ))
+}
+
+/// Decides `*request` and, if admitted, counts it (all of it or nothing); writes the decision
+/// to `*decision_out`. A denial is `TALLY_OK` with `admitted == false`: statuses are for calls
+/// that could not be decided (bad input, `TALLY_REQUEST_ID_CONFLICT`, storage errors, ...).
+/// An unknown key is a denial (`TALLY_DENIAL_UNKNOWN_KEY`); an unknown resource is
+/// `TALLY_UNKNOWN_RESOURCE`. With durability SYNC it returns once the usage is on disk.
+/// Allocates nothing on success.
+#[no_mangle]
+pub extern "C" fn tally_engine_consume(
+    engine: *const tally_engine,
+    request: *const tally_request,
+    decision_out: *mut tally_decision,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("decision_out", decision_out)?;
+        let request = Request::from_c(request)?;
+        out.set(handle.with(|open| decide(open, &request, true))?);
+        Ok(())
+    })
+}
+
+/// The decision `tally_engine_consume` would make now, counting nothing. With a request id
+/// already used, the first decision (`replayed`).
+#[no_mangle]
+pub extern "C" fn tally_engine_check(
+    engine: *const tally_engine,
+    request: *const tally_request,
+    decision_out: *mut tally_decision,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("decision_out", decision_out)?;
+        let request = Request::from_c(request)?;
+        out.set(handle.with(|open| decide(open, &request, false))?);
+        Ok(())
+    })
+}
+
+/// Consumes `count` (1..=`TALLY_MAX_BATCH`) requests with one wait for durability (group
+/// commit from one thread). Each is decided on its own: `statuses_out[i]` is its status and,
+/// when that is `TALLY_OK`, `decisions_out[i]` its decision (otherwise `decisions_out[i]` is
+/// left as it was; `tally_last_error` does not describe individual entries). The call
+/// itself returns `TALLY_OK` when the batch ran, or the status that kept it from running
+/// (NULL arrays, closed handle, ...), in which case no entry is written.
+#[no_mangle]
+pub extern "C" fn tally_engine_consume_many(
+    engine: *const tally_engine,
+    requests: *const tally_request,
+    count: usize,
+    statuses_out: *mut tally_status,
+    decisions_out: *mut tally_decision,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        if count == 0 || count > TALLY_MAX_BATCH {
+            return Err(Failure::new(
+                tally_status::TALLY_INVALID_ARGUMENT,
+                format!("count: {count}; between 1 and {TALLY_MAX_BATCH}"),
+            ));
+        }
+        let requests = optional_slice("requests", requests, count)?.unwrap_or(&[]);
+        let null = |field: &str| {
+            Failure::new(
+                tally_status::TALLY_NULL_POINTER,
+                format!("{field}: is NULL"),
+            )
+        };
+        if statuses_out.is_null() {
+            return Err(null("statuses_out"));
+        }
+        if decisions_out.is_null() {
+            return Err(null("decisions_out"));
+        }
+        let checked: Vec<Result<Request<'_>, Failure>> = requests
+            .iter()
+            .map(|request| Request::from_c(request))
+            .collect();
+        let results = handle.with(|open| Ok(consume_checked(open, &checked)))?;
+        for (index, result) in results.into_iter().enumerate() {
+            let status = match result {
+                Ok(decision) => {
+                    // SAFETY: `decisions_out` is not NULL and the caller promises `count`
+                    // writable entries; `index < count`.
+                    unsafe { decisions_out.add(index).write(decision) };
+                    tally_status::TALLY_OK
+                }
+                Err(status) => status,
+            };
+            // SAFETY: as above, for `statuses_out`.
+            unsafe { statuses_out.add(index).write(status) };
+        }
+        Ok(())
+    })
+}
+
+fn consume_checked(
+    open: &Open,
+    checked: &[Result<Request<'_>, Failure>],
+) -> Vec<Result<tally_decision, tally_status>> {
+    let valid: Vec<&Request<'_>> = checked.iter().filter_map(|r| r.as_ref().ok()).collect();
+    let replayed: Vec<bool> = valid
+        .iter()
+        .map(|request| {
+            request
+                .request_id
+                .is_some_and(|id| open.engine.is_request_known(id))
+        })
+        .collect();
+    let engine_requests: Vec<_> = valid
+        .iter()
+        .map(|request| request.engine_request())
+        .collect();
+    let mut decided = open
+        .engine
+        .consume_many(&engine_requests)
+        .into_iter()
+        .zip(replayed);
+    checked
+        .iter()
+        .map(|request| match request {
+            Err(failure) => Err(failure.status),
+            Ok(_) => match decided.next() {
+                Some((Ok(decision), replayed)) => Ok(tally_decision::from_engine(
+                    &decision,
+                    &open.policy,
+                    replayed,
+                )),
+                Some((Err(error), _)) => Err(status_of(&error)),
+                None => Err(tally_status::TALLY_PANIC),
+            },
+        })
+        .collect()
+}
+
+/// Holds an estimate (`*request`, without a request id) against every limit or the credits
+/// until settled, voided or the lease ends (`lease_ms`; 0 = the default, 10 minutes; at most
+/// 24 h). Writes the decision; when admitted, the reservation's id (never 0) to
+/// `*reservation_out`, when denied 0. Gateways that learn the real cost at the end (tokens)
+/// reserve an estimate, then settle the actual amount.
+#[no_mangle]
+pub extern "C" fn tally_engine_reserve(
+    engine: *const tally_engine,
+    request: *const tally_request,
+    lease_ms: u64,
+    decision_out: *mut tally_decision,
+    reservation_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let decision_out = Out::new("decision_out", decision_out)?;
+        let reservation_out = Out::new("reservation_out", reservation_out)?;
+        let request = Request::from_c(request)?;
+        let lease = (lease_ms != 0).then_some(lease_ms);
+        let (decision, id) = handle.with(|open| {
+            let outcome = open.engine.reserve(&request.engine_request(), lease)?;
+            Ok((
+                tally_decision::from_engine(&outcome.decision, &open.policy, false),
+                outcome.reservation.map_or(0, ReservationId::get),
+            ))
+        })?;
+        decision_out.set(decision);
+        reservation_out.set(id);
+        Ok(())
+    })
+}
+
+fn reservation_id(reservation: u64) -> Result<ReservationId, Failure> {
+    NonZeroU64::new(reservation)
+        .map(ReservationId)
+        .ok_or_else(|| {
+            Failure::new(
+                tally_status::TALLY_UNKNOWN_RESERVATION,
+                "reservation: 0 is never a reservation id",
+            )
+        })
+}
+
+fn micros(charged_to: ChargedTo) -> u64 {
+    match charged_to {
+        ChargedTo::PlanQuota { .. } => 0,
+        ChargedTo::Credits { micros } | ChargedTo::PayAsYouGo { micros } => micros,
+    }
+}
+
+/// Charges the actual amount of a reservation (`actual`/`actual_len` quantities; none at all
+/// is allowed: nothing was used). Less than the estimate gives the rest back; more is
+/// admitted like a consume only if it still fits. Writes a decision: `admitted` = settled,
+/// `charged_to` where the estimate was held and `charged_micros` the micro-credits held plus
+/// any charged for the part beyond it. Not admitted: the part beyond the estimate did not
+/// fit (the denial says why); nothing changed and the reservation stays open: settle with
+/// less, or void it. Settling again with the same amounts answers the first settlement.
+#[no_mangle]
+pub extern "C" fn tally_engine_settle(
+    engine: *const tally_engine,
+    reservation: u64,
+    actual: *const tally_quantity,
+    actual_len: usize,
+    at_ms: u64,
+    decision_out: *mut tally_decision,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("decision_out", decision_out)?;
+        let id = reservation_id(reservation)?;
+        let actual = quantities(actual, actual_len, true)?;
+        let decision =
+            handle.with(
+                |open| match open.engine.settle(id, actual.as_slice(), at(at_ms))? {
+                    SettleOutcome::Settled(settlement) => {
+                        let mut decision = tally_decision::empty();
+                        decision.admitted = true;
+                        decision.charged_to = crate::decision::charged_to_code(settlement.held);
+                        decision.charged_micros = micros(settlement.held)
+                            .saturating_add(settlement.extra.map_or(0, micros));
+                        Ok(decision)
+                    }
+                    SettleOutcome::Denied(denial) => Ok(tally_decision::from_engine(
+                        &Decision::Denied(*denial),
+                        &open.policy,
+                        false,
+                    )),
+                },
+            )?;
+        out.set(decision);
+        Ok(())
+    })
+}
+
+/// Frees everything a reservation holds. Voiding again is a no-op (`TALLY_OK`); voiding a
+/// settled one is `TALLY_RESERVATION_CLOSED`.
+#[no_mangle]
+pub extern "C" fn tally_engine_void(
+    engine: *const tally_engine,
+    reservation: u64,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let id = reservation_id(reservation)?;
+        handle.with(|open| Ok(open.engine.void(id, at(at_ms))?))
+    })
+}
+
+/// Ends every reservation whose lease ended by `at_ms` (or now), giving back what they held;
+/// writes how many to `*expired_out`. Reserve does this too as it goes.
+#[no_mangle]
+pub extern "C" fn tally_engine_expire_reservations(
+    engine: *const tally_engine,
+    at_ms: u64,
+    expired_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("expired_out", expired_out)?;
+        let expired = handle.with(|open| Ok(open.engine.expire_reservations(at(at_ms))?))?;
+        out.set(expired as u64);
+        Ok(())
+    })
+}
+
+/// Refunds in full a request admitted under `request_id`: its quota, credits or pay-as-you-go
+/// spend is given back. Refunding twice is an error (`TALLY_INVALID_ARGUMENT`); an id no
+/// admitted request used is `TALLY_UNKNOWN_REQUEST`.
+#[no_mangle]
+pub extern "C" fn tally_engine_refund(
+    engine: *const tally_engine,
+    request_id: *const c_char,
+    request_id_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let request_id = text("request_id", request_id, request_id_len, TALLY_MAX_ID_BYTES)?;
+        handle.with(|open| {
+            open.engine.refund(request_id, at(at_ms))?;
+            Ok(())
+        })
+    })
+}

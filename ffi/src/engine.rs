@@ -1,0 +1,375 @@
+//! The engine handle's life (open, close, free) and the admin calls: users, teams, members,
+//! keys, seats, credits and policy swaps.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+
+use ::tally_engine::{Durability, Engine, EngineOptions, OpenOptions, Policy, SystemClock};
+
+use crate::checks::{
+    text, Out, TALLY_MAX_DOCUMENT_BYTES, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES,
+};
+use crate::decision::at;
+use crate::handle::{free_boxed, tally_engine, to_boxed_ptr, try_ref, EngineHandle};
+use crate::panic::boundary;
+use crate::status::{tally_status, Failure};
+
+/// When an acknowledged change is on disk (`durability` of `tally_engine_open`).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tally_durability {
+    /// A call returns after its event is flushed and fsynced (concurrent calls share a
+    /// flush). A crash loses nothing acknowledged.
+    TALLY_DURABILITY_SYNC = 0,
+    /// A call returns once its event is queued; flushed at most `interval_ms` (1..=60,000)
+    /// later. A crash can lose the queued events and, on power loss, the last interval.
+    TALLY_DURABILITY_INTERVAL = 1,
+    /// No explicit flush (tests, benchmarks).
+    TALLY_DURABILITY_NONE = 2,
+}
+
+/// Where a policy comes from (`policy_source` of open and swap).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tally_policy_source {
+    /// The shipped Token Plan policy; `policy` must be NULL with length 0.
+    TALLY_POLICY_DEFAULT = 0,
+    /// `policy` is the path of a `.toml` or `.json` file.
+    TALLY_POLICY_FILE = 1,
+    /// `policy` is a TOML document.
+    TALLY_POLICY_TOML = 2,
+    /// `policy` is a JSON document.
+    TALLY_POLICY_JSON = 3,
+}
+
+fn bad_enum(field: &str, value: u32) -> Failure {
+    Failure::new(
+        tally_status::TALLY_BAD_ENUM,
+        format!("{field}: {value} is not one of its enum's values"),
+    )
+}
+
+fn policy_failure(error: ::tally_engine::PolicyError) -> Failure {
+    Failure::new(
+        tally_status::TALLY_POLICY_INVALID,
+        format!("policy: {error}"),
+    )
+}
+
+/// Loads a policy as `source` says.
+pub(crate) fn load_policy(
+    source: u32,
+    policy: *const c_char,
+    policy_len: usize,
+) -> Result<Policy, Failure> {
+    let document = |field| text(field, policy, policy_len, TALLY_MAX_DOCUMENT_BYTES);
+    match source {
+        0 => {
+            if !policy.is_null() || policy_len != 0 {
+                return Err(Failure::new(
+                    tally_status::TALLY_INVALID_ARGUMENT,
+                    "policy: must be NULL with length 0 for TALLY_POLICY_DEFAULT",
+                ));
+            }
+            Ok(Policy::token_plan())
+        }
+        1 => Policy::load(std::path::Path::new(document("policy (path)")?)).map_err(policy_failure),
+        2 => Policy::from_toml_str(document("policy (TOML)")?).map_err(policy_failure),
+        3 => Policy::from_json_str(document("policy (JSON)")?).map_err(policy_failure),
+        other => Err(bad_enum("policy_source", other)),
+    }
+}
+
+fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
+    match mode {
+        0 => Ok(Durability::Sync),
+        1 => Ok(Durability::Interval {
+            ms: u64::from(interval_ms),
+        }),
+        2 => Ok(Durability::None),
+        other => Err(bad_enum("durability", other)),
+    }
+}
+
+/// Opens (or creates) the database in the directory `path` and writes a new handle to
+/// `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
+/// text. On a new database the policy is the first event; on an existing one a different policy
+/// is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
+/// read only for `TALLY_DURABILITY_INTERVAL`. Without an explicit timestamp the engine uses
+/// the system clock.
+///
+/// Errors: `TALLY_DATABASE_LOCKED` (open elsewhere), `TALLY_DATABASE_DAMAGED`,
+/// `TALLY_DATABASE_FOREIGN` (a directory of other files), `TALLY_DATABASE_NEWER_FORMAT`,
+/// `TALLY_POLICY_INVALID`, `TALLY_STORAGE`. On error `*engine_out` is not written.
+/// The handle must be closed with `tally_engine_close` and freed with `tally_engine_free`.
+#[no_mangle]
+pub extern "C" fn tally_engine_open(
+    path: *const c_char,
+    path_len: usize,
+    policy_source: u32,
+    policy: *const c_char,
+    policy_len: usize,
+    durability_mode: u32,
+    interval_ms: u32,
+    engine_out: *mut *mut tally_engine,
+) -> tally_status {
+    boundary(|| {
+        let out = Out::new("engine_out", engine_out)?;
+        let path = text("path", path, path_len, TALLY_MAX_DOCUMENT_BYTES)?;
+        let durability = durability(durability_mode, interval_ms)?;
+        let policy = load_policy(policy_source, policy, policy_len)?;
+        let options = OpenOptions {
+            durability,
+            ..OpenOptions::default()
+        };
+        let engine = Engine::open(path, policy, Arc::new(SystemClock), options)?;
+        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
+        Ok(())
+    })
+}
+
+/// Creates an engine that keeps everything in memory (lost when closed): for tests and
+/// simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
+/// answer `TALLY_NOT_DURABLE`.
+#[no_mangle]
+pub extern "C" fn tally_engine_open_in_memory(
+    policy_source: u32,
+    policy: *const c_char,
+    policy_len: usize,
+    engine_out: *mut *mut tally_engine,
+) -> tally_status {
+    boundary(|| {
+        let out = Out::new("engine_out", engine_out)?;
+        let policy = load_policy(policy_source, policy, policy_len)?;
+        let engine = Engine::new(policy, Arc::new(SystemClock), EngineOptions::default());
+        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
+        Ok(())
+    })
+}
+
+/// Closes the engine: waits for calls other threads have inside it, takes a checkpoint and
+/// flushes the database, and releases its lock so it can be opened again. Safe while other
+/// threads are using the handle: their calls already inside finish normally, later ones get
+/// `TALLY_CLOSED`. Closing again answers `TALLY_CLOSED` and changes nothing. The handle is
+/// closed even when this returns a storage error. It is still allocated: free it with
+/// `tally_engine_free`.
+#[no_mangle]
+pub extern "C" fn tally_engine_close(engine: *const tally_engine) -> tally_status {
+    boundary(|| try_ref(engine)?.close())
+}
+
+/// Frees a handle, closing it first if it is still open (any close error is dropped: close
+/// explicitly to see it). NULL is a no-op. The handle must not be used, by any thread, from the
+/// moment this is called: a call racing or following free, or a second free, is undefined
+/// behaviour like any use after free.
+#[no_mangle]
+pub extern "C" fn tally_engine_free(engine: *mut tally_engine) {
+    let _ = boundary(|| {
+        if let Ok(handle) = try_ref(engine) {
+            if handle.is_open() {
+                let _ = handle.close();
+            }
+        }
+        free_boxed(engine);
+        Ok(())
+    });
+}
+
+fn id<'a>(field: &str, ptr: *const c_char, len: usize) -> Result<&'a str, Failure> {
+    text(field, ptr, len, TALLY_MAX_ID_BYTES)
+}
+
+/// Creates a user, their Default Team (named `@` + user) and their plan key in it. The key has
+/// no resources until a seat is assigned or the team has credits.
+#[no_mangle]
+pub extern "C" fn tally_engine_create_user(
+    engine: *const tally_engine,
+    user: *const c_char,
+    user_len: usize,
+    key: *const c_char,
+    key_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let (user, key) = (id("user", user, user_len)?, id("key", key, key_len)?);
+        handle.with(|open| Ok(open.engine.create_user(user, key, at(at_ms))?))
+    })
+}
+
+/// Creates a team (with no members and no credits).
+#[no_mangle]
+pub extern "C" fn tally_engine_create_team(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let team = id("team", team, team_len)?;
+        handle.with(|open| Ok(open.engine.create_team(team, at(at_ms))?))
+    })
+}
+
+/// Adds an existing user to a team with their plan key for that team (one key per user per
+/// team).
+#[no_mangle]
+pub extern "C" fn tally_engine_add_member(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    user: *const c_char,
+    user_len: usize,
+    key: *const c_char,
+    key_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let team = id("team", team, team_len)?;
+        let (user, key) = (id("user", user, user_len)?, id("key", key, key_len)?);
+        handle.with(|open| Ok(open.engine.add_member(team, user, key, at(at_ms))?))
+    })
+}
+
+/// Issues a pay-as-you-go key to an existing user: admitted whenever the resource exists,
+/// its spend recorded for billing; never touches plan quota or credits.
+#[no_mangle]
+pub extern "C" fn tally_engine_create_payg_key(
+    engine: *const tally_engine,
+    user: *const c_char,
+    user_len: usize,
+    key: *const c_char,
+    key_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let (user, key) = (id("user", user, user_len)?, id("key", key, key_len)?);
+        handle.with(|open| Ok(open.engine.create_payg_key(user, key, at(at_ms))?))
+    })
+}
+
+/// Gives the user's key in the team a seat on `plan`, or changes it (upgrade or downgrade) at
+/// once; usage already counted stays counted.
+#[no_mangle]
+pub extern "C" fn tally_engine_assign_seat(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    user: *const c_char,
+    user_len: usize,
+    plan: *const c_char,
+    plan_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let (team, user) = (id("team", team, team_len)?, id("user", user, user_len)?);
+        let plan = text("plan", plan, plan_len, TALLY_MAX_NAME_BYTES)?;
+        handle.with(|open| Ok(open.engine.assign_seat(team, user, plan, at(at_ms))?))
+    })
+}
+
+/// Takes the seat away (the key falls back to the team's credits, if any).
+#[no_mangle]
+pub extern "C" fn tally_engine_unassign_seat(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    user: *const c_char,
+    user_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let (team, user) = (id("team", team, team_len)?, id("user", user, user_len)?);
+        handle.with(|open| Ok(open.engine.unassign_seat(team, user, at(at_ms))?))
+    })
+}
+
+/// Adds `micros` micro-credits to the team's balance and writes the new balance to
+/// `*balance_out`. `TALLY_OVERFLOW` if the balance would pass 2^64 - 1.
+#[no_mangle]
+pub extern "C" fn tally_engine_top_up(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    micros: u64,
+    at_ms: u64,
+    balance_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("balance_out", balance_out)?;
+        let team = id("team", team, team_len)?;
+        let balance = handle.with(|open| Ok(open.engine.top_up(team, micros, at(at_ms))?))?;
+        out.set(balance);
+        Ok(())
+    })
+}
+
+/// Takes `micros` from the team's balance (a chargeback, a mistaken top-up), never below zero
+/// (`TALLY_INSUFFICIENT_CREDITS`); writes the new balance to `*balance_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_withdraw_credits(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    micros: u64,
+    at_ms: u64,
+    balance_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("balance_out", balance_out)?;
+        let team = id("team", team, team_len)?;
+        let balance =
+            handle.with(|open| Ok(open.engine.withdraw_credits(team, micros, at(at_ms))?))?;
+        out.set(balance);
+        Ok(())
+    })
+}
+
+/// Writes the team's credits balance in micro-credits to `*balance_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_credits(
+    engine: *const tally_engine,
+    team: *const c_char,
+    team_len: usize,
+    balance_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("balance_out", balance_out)?;
+        let team = id("team", team, team_len)?;
+        out.set(handle.with(|open| Ok(open.engine.credits_micros(team)?))?);
+        Ok(())
+    })
+}
+
+/// Replaces the policy at run time (`policy_source` and `policy` as for open). Usage carries
+/// over for every counter whose meter and window stay; seats move to the plan of the same name.
+/// A swap that would drop a plan someone is seated on is refused (`TALLY_POLICY_INVALID` or
+/// `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls inside the handle.
+#[no_mangle]
+pub extern "C" fn tally_engine_swap_policy(
+    engine: *const tally_engine,
+    policy_source: u32,
+    policy: *const c_char,
+    policy_len: usize,
+    at_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let policy = load_policy(policy_source, policy, policy_len)?;
+        handle.with_exclusive(|open| {
+            open.engine.swap_policy(policy, at(at_ms))?;
+            open.policy = open.engine.policy();
+            Ok(())
+        })
+    })
+}

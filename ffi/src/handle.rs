@@ -1,0 +1,167 @@
+//! Handles: the opaque C types and the Rust values behind them. One trait ties each C type to
+//! its Rust type, so no function casts a bare pointer itself.
+//!
+//! The engine handle is a heap object that `tally_engine_close` never frees: close marks it
+//! closed (waiting for calls already inside it) and closes the engine; `tally_engine_free`
+//! frees the memory. So a call racing a close, a second close, and any call after close are
+//! all safe and answer `TALLY_CLOSED`; only a call after free (or a double free) is undefined,
+//! as with any C API.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError};
+
+use ::tally_engine::{Engine, Policy};
+use crossbeam_utils::sync::ShardedLock;
+
+use crate::status::{tally_status, Failure};
+
+/// A C type that stands for a Rust value owned as a `Box`.
+pub(crate) trait Castable {
+    type RustType;
+}
+
+/// Moves `value` to the heap and hands its address to C as `*mut C`.
+pub(crate) fn to_boxed_ptr<C: Castable>(value: C::RustType) -> *mut C {
+    Box::into_raw(Box::new(value)).cast()
+}
+
+/// Borrows the Rust value behind a handle; NULL is `TALLY_NULL_POINTER`.
+pub(crate) fn try_ref<'a, C: Castable>(ptr: *const C) -> Result<&'a C::RustType, Failure> {
+    if ptr.is_null() {
+        return Err(Failure::new(
+            tally_status::TALLY_NULL_POINTER,
+            "engine: the handle is NULL",
+        ));
+    }
+    // SAFETY: non-NULL handles come from `to_boxed_ptr` of the same `C` and stay valid until
+    // `free_boxed` (the header makes using a handle after `_free` the caller's error).
+    Ok(unsafe { &*ptr.cast::<C::RustType>() })
+}
+
+/// Takes back and drops a value from `to_boxed_ptr`; NULL is a no-op.
+pub(crate) fn free_boxed<C: Castable>(ptr: *mut C) {
+    if !ptr.is_null() {
+        // SAFETY: `ptr` came from `to_boxed_ptr` and, as the header says, is freed once and not
+        // used by any other thread from now on.
+        drop(unsafe { Box::from_raw(ptr.cast::<C::RustType>()) });
+    }
+}
+
+/// An engine. Opaque: created by `tally_engine_open` or `tally_engine_open_in_memory`, closed
+/// by `tally_engine_close`, freed by `tally_engine_free`. Safe to use from many threads at
+/// once, including a close racing other calls.
+#[allow(non_camel_case_types)]
+pub struct tally_engine {
+    _private: [u8; 0],
+}
+
+impl Castable for tally_engine {
+    type RustType = EngineHandle;
+}
+
+/// What an open handle holds.
+pub(crate) struct Open {
+    pub engine: Engine,
+    /// The engine's current policy, for naming the plans and limits of decisions without the
+    /// engine's policy lock on the hot path. Every swap goes through this handle and holds it
+    /// exclusively, so it is always the policy the engine decides with.
+    pub policy: Arc<Policy>,
+}
+
+pub(crate) struct EngineHandle {
+    /// `None` once closed. A sharded lock: a call read-locks only its thread's shard, so
+    /// threads deciding at once do not contend on one cache line; close and policy swaps
+    /// take it for writing (all shards) and so wait for the calls inside.
+    state: ShardedLock<Option<Open>>,
+    /// Set when a call panicked inside the engine: its state may be half-changed.
+    poisoned: AtomicBool,
+}
+
+// Many threads share one handle: it must be `Send + Sync`.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<EngineHandle>();
+};
+
+/// Sets the poisoned flag if dropped while its thread is panicking.
+struct PoisonOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn closed() -> Failure {
+    Failure::new(
+        tally_status::TALLY_CLOSED,
+        "engine: the handle was closed; open a new engine",
+    )
+}
+
+impl EngineHandle {
+    pub fn new(engine: Engine) -> EngineHandle {
+        let policy = engine.policy();
+        EngineHandle {
+            state: ShardedLock::new(Some(Open { engine, policy })),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    fn check_poisoned(&self) -> Result<(), Failure> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Failure::new(
+                tally_status::TALLY_POISONED,
+                "engine: an earlier call panicked; close the handle and open the database again",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the open engine (many threads at once); `TALLY_CLOSED` once closed.
+    pub fn with<R>(&self, f: impl FnOnce(&Open) -> Result<R, Failure>) -> Result<R, Failure> {
+        self.check_poisoned()?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let open = state.as_ref().ok_or_else(closed)?;
+        let _poison = PoisonOnPanic(&self.poisoned);
+        f(open)
+    }
+
+    /// Runs `f` with no other call inside the handle (a policy swap).
+    pub fn with_exclusive<R>(
+        &self,
+        f: impl FnOnce(&mut Open) -> Result<R, Failure>,
+    ) -> Result<R, Failure> {
+        self.check_poisoned()?;
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let open = state.as_mut().ok_or_else(closed)?;
+        let _poison = PoisonOnPanic(&self.poisoned);
+        f(open)
+    }
+
+    /// Waits for the calls inside, marks the handle closed and closes the engine (checkpoint,
+    /// flush). The handle is closed even when closing the engine fails.
+    pub fn close(&self) -> Result<(), Failure> {
+        let open = self
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(closed)?;
+        if self.poisoned.load(Ordering::Acquire) {
+            // The state may be inconsistent: drop the engine without a checkpoint.
+            drop(open);
+            return Ok(());
+        }
+        open.engine.close().map_err(Failure::from)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+}

@@ -1,0 +1,54 @@
+//! The calling thread's last error message: what went wrong in the most recent call on this
+//! thread that returned a status other than `TALLY_OK` (a successful call leaves it as it was,
+//! so the hot path never touches it).
+
+use std::cell::RefCell;
+use std::ffi::c_char;
+
+use crate::checks::{write_text, OutBuffer};
+use crate::panic::boundary;
+use crate::status::tally_status;
+
+/// The longest message kept; longer ones are cut at a character boundary.
+const MAX_MESSAGE_BYTES: usize = 4_096;
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+pub(crate) fn set(mut message: String) {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    // A NUL would cut the C string short; none of ours contain one, but a key echoed in a
+    // message could.
+    let message = message.replace('\0', "\\0");
+    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+}
+
+/// Copies the calling thread's last error message into `buf` as a NUL-terminated UTF-8
+/// string ("" if no call on this thread has failed yet).
+///
+/// Size query: `*needed` is set to the message's length plus one (for the NUL). If `buf` is
+/// NULL or `buf_len < *needed`, nothing is copied and `TALLY_BUFFER_TOO_SMALL` is returned;
+/// call again with a buffer of `*needed` bytes. `needed` must not be NULL
+/// (`TALLY_NULL_POINTER`). This function never changes the last error itself, not even when
+/// it fails, so the size query does not clobber the message it asks about.
+#[no_mangle]
+pub extern "C" fn tally_last_error(
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    let saved = LAST_ERROR.with(|last| last.borrow().clone());
+    let status = boundary(|| {
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        write_text(&saved, out)
+    });
+    LAST_ERROR.with(|last| *last.borrow_mut() = saved);
+    status
+}

@@ -1,0 +1,288 @@
+//! Reports and the event log: the usage report, the policy, billing export (events after a
+//! cursor, named cursors), checkpoints, sync, compaction and verify. Larger answers are JSON
+//! in a caller-owned buffer with the size-query convention (see `tally_last_error`).
+
+use std::ffi::c_char;
+
+use ::tally_engine::{Engine, Event, KeyKind, OpenOptions, UsageReport};
+use serde_json::{json, Map, Value};
+
+use crate::checks::{
+    text, write_text, Out, OutBuffer, TALLY_MAX_DOCUMENT_BYTES, TALLY_MAX_ID_BYTES,
+};
+use crate::decision::at;
+use crate::handle::{tally_engine, try_ref};
+use crate::panic::boundary;
+use crate::status::{tally_status, Failure};
+
+/// The most events one `tally_engine_events_after` returns.
+pub const TALLY_MAX_EVENTS_PER_CALL: u32 = 65_536;
+
+fn usage_json(report: &UsageReport) -> Value {
+    let limits: Vec<Value> = report
+        .limits
+        .iter()
+        .map(|limit| {
+            json!({
+                "name": limit.name,
+                "meter": limit.meter,
+                "window": limit.window.to_string(),
+                "used": limit.used,
+                "amount": limit.amount,
+                "remaining": limit.remaining,
+                "reset_at_ms": limit.reset_at_ms,
+            })
+        })
+        .collect();
+    json!({
+        "key": report.key,
+        "kind": match report.kind {
+            KeyKind::Plan => "plan",
+            KeyKind::PayAsYouGo => "pay_as_you_go",
+        },
+        "user": report.user,
+        "team": report.team,
+        "plan": report.plan,
+        "at_ms": report.at_ms,
+        "limits": limits,
+        "credits_balance_micros": report.credits_balance_micros,
+        "credits_charged_micros": report.credits_charged_micros,
+        "open_reservations": report.open_reservations,
+        "pay_as_you_go_micros": report.payg_micros,
+    })
+}
+
+/// Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
+/// "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
+/// "meter", "window", "used", "amount", "remaining", "reset_at_ms": ms or null}],
+/// "credits_balance_micros", "credits_charged_micros", "open_reservations",
+/// "pay_as_you_go_micros"}`. Size query: `*needed` = the JSON's length + 1 (NUL); a NULL or
+/// short `buf` answers `TALLY_BUFFER_TOO_SMALL` and copies nothing. The report can grow between
+/// two calls: loop until `TALLY_OK`. An unknown key is `TALLY_UNKNOWN_KEY`.
+#[no_mangle]
+pub extern "C" fn tally_engine_usage(
+    engine: *const tally_engine,
+    key: *const c_char,
+    key_len: usize,
+    at_ms: u64,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        let key = text("key", key, key_len, TALLY_MAX_ID_BYTES)?;
+        let report = handle.with(|open| Ok(open.engine.usage(key, at(at_ms))?))?;
+        write_text(&usage_json(&report).to_string(), out)
+    })
+}
+
+/// Writes the current policy document as JSON into `buf` (size query as for usage).
+#[no_mangle]
+pub extern "C" fn tally_engine_policy_json(
+    engine: *const tally_engine,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        let document = handle.with(|open| Ok(::tally_engine::policy_json(&open.policy)))?;
+        write_text(&document, out)
+    })
+}
+
+/// Rewrites a serde array of per-unit quantities (`[requests, characters, ...]`) as an object
+/// of the non-zero ones, by unit name, wherever one appears.
+fn name_quantities(value: &mut Value) {
+    match value {
+        Value::Object(object) => {
+            for (field, inner) in object.iter_mut() {
+                let is_quantities = matches!(
+                    field.as_str(),
+                    "quantities" | "estimate" | "actual" | "released"
+                );
+                match inner {
+                    Value::Array(items) if is_quantities && items.len() == 7 => {
+                        let named: Map<String, Value> = ::tally_engine::Unit::ALL
+                            .iter()
+                            .zip(items.iter())
+                            .filter(|(_, amount)| amount.as_u64() != Some(0))
+                            .map(|(unit, amount)| (unit.name().to_string(), amount.clone()))
+                            .collect();
+                        *inner = Value::Object(named);
+                    }
+                    _ => name_quantities(inner),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(name_quantities),
+        _ => {}
+    }
+}
+
+fn event_json(event: &Event) -> Value {
+    let mut body = serde_json::to_value(&event.body).unwrap_or(Value::Null);
+    // serde writes `{"VariantName": {fields}}`: keep the fields, named by `kind`.
+    if let Value::Object(object) = &mut body {
+        if object.len() == 1 {
+            if let Some((_, inner)) = object.iter_mut().next() {
+                body = inner.take();
+            }
+        }
+    }
+    name_quantities(&mut body);
+    json!({
+        "seq": event.seq,
+        "at_ms": event.at_ms,
+        "kind": event.body.kind(),
+        "body": body,
+    })
+}
+
+/// Writes up to `limit` (1..=`TALLY_MAX_EVENTS_PER_CALL`) events with sequence numbers after
+/// `after_seq` as a JSON array into `buf`, oldest first: `[{"seq", "at_ms", "kind":
+/// "usage_admitted" | "credits_topped_up" | ..., "body": {the event's fields; quantities as
+/// {"unit": amount}}}]`; `[]` when there are none. Sequence numbers start at 1 and have no
+/// gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
+/// with the last `seq`. Size query as for usage (the events are read again on the second call).
+#[no_mangle]
+pub extern "C" fn tally_engine_events_after(
+    engine: *const tally_engine,
+    after_seq: u64,
+    limit: u32,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        if limit == 0 || limit > TALLY_MAX_EVENTS_PER_CALL {
+            return Err(Failure::new(
+                tally_status::TALLY_INVALID_ARGUMENT,
+                format!("limit: {limit}; between 1 and {TALLY_MAX_EVENTS_PER_CALL}"),
+            ));
+        }
+        let events =
+            handle.with(|open| Ok(open.engine.events_after(after_seq, limit as usize)?))?;
+        let array: Vec<Value> = events.iter().map(event_json).collect();
+        write_text(&Value::Array(array).to_string(), out)
+    })
+}
+
+/// Writes the named export cursor's sequence number (0 if never saved) to `*seq_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_cursor(
+    engine: *const tally_engine,
+    name: *const c_char,
+    name_len: usize,
+    seq_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("seq_out", seq_out)?;
+        let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
+        out.set(handle.with(|open| Ok(open.engine.cursor(name)?))?);
+        Ok(())
+    })
+}
+
+/// Saves a named export cursor at `seq` (at most the last event's); it survives restarts.
+#[no_mangle]
+pub extern "C" fn tally_engine_save_cursor(
+    engine: *const tally_engine,
+    name: *const c_char,
+    name_len: usize,
+    seq: u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
+        handle.with(|open| Ok(open.engine.save_cursor(name, seq)?))
+    })
+}
+
+/// Takes a checkpoint (a snapshot of the whole state, so opening replays only what follows);
+/// writes the sequence number it covers to `*seq_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_checkpoint(
+    engine: *const tally_engine,
+    seq_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("seq_out", seq_out)?;
+        out.set(handle.with(|open| Ok(open.engine.checkpoint()?))?);
+        Ok(())
+    })
+}
+
+/// Makes everything logged so far durable, whatever the durability mode.
+#[no_mangle]
+pub extern "C" fn tally_engine_sync(engine: *const tally_engine) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        handle.with(|open| Ok(open.engine.sync()?))
+    })
+}
+
+/// Checkpoints, then drops usage events older than the longest window plus the retention
+/// (7 days) as of `at_ms`; writes how many events were removed to `*removed_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_compact(
+    engine: *const tally_engine,
+    at_ms: u64,
+    removed_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("removed_out", removed_out)?;
+        let report = handle.with(|open| Ok(open.engine.compact(at(at_ms))?))?;
+        out.set(report.events_removed);
+        Ok(())
+    })
+}
+
+/// Checks the database in the directory `path`, which must not be open (`TALLY_DATABASE_LOCKED`
+/// otherwise): every record decodes, sequence numbers have no gaps, the latest snapshot equals
+/// a replay. Writes `*sound_out` and a JSON report into `buf`: `{"sound", "records", "events",
+/// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
+/// Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
+#[no_mangle]
+pub extern "C" fn tally_verify(
+    path: *const c_char,
+    path_len: usize,
+    sound_out: *mut bool,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let sound = Out::new("sound_out", sound_out)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        let path = text("path", path, path_len, TALLY_MAX_DOCUMENT_BYTES)?;
+        if !std::path::Path::new(path).is_dir() {
+            return Err(Failure::new(
+                tally_status::TALLY_STORAGE,
+                format!("path: {path} is not a directory"),
+            ));
+        }
+        let report = Engine::verify(path, OpenOptions::default())?;
+        let json = json!({
+            "sound": report.is_sound(),
+            "records": report.records,
+            "events": report.events,
+            "first_seq": report.first_seq,
+            "last_seq": report.last_seq,
+            "snapshot_seq": report.snapshot_seq,
+            "snapshot_matches_replay": report.snapshot_matches_replay,
+            "problems": report.problems,
+        });
+        write_text(&json.to_string(), out)?;
+        sound.set(report.is_sound());
+        Ok(())
+    })
+}
