@@ -1,0 +1,518 @@
+/*
+ * The C ABI from C: every exported function, its success path and its error paths. Built by
+ * scripts/test-c.sh with -Wall -Wextra -Werror -std=c11 and run plainly and under Valgrind.
+ * Prints "N passed, 0 failed" and exits non-zero on any failure.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tally.h"
+
+static int passed = 0;
+static int failed = 0;
+
+static void print_last_error(void) {
+  char message[512];
+  size_t needed = 0;
+  if (tally_last_error(message, sizeof message, &needed) == TALLY_OK) {
+    fprintf(stderr, "    last error: %s\n", message);
+  }
+}
+
+#define CHECK(condition)                                                   \
+  do {                                                                     \
+    if (condition) {                                                       \
+      passed++;                                                            \
+    } else {                                                               \
+      failed++;                                                            \
+      fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, __LINE__, #condition); \
+      print_last_error();                                                  \
+    }                                                                      \
+  } while (0)
+
+#define EXPECT(call, status) CHECK((call) == (status))
+#define S(text) text, strlen(text)
+
+/* 2030-03-17T17:46:40Z: a fixed time after the machine's clock (request ids and closed
+ * reservations are remembered relative to the clock), so windows are exact. */
+static const uint64_t T0 = 1900000000000ULL;
+
+static tally_request request(const char *key, const char *resource, const tally_quantity *q,
+                             size_t n, uint64_t at_ms, const char *request_id) {
+  tally_request r;
+  memset(&r, 0, sizeof r);
+  r.key = key;
+  r.key_len = key ? strlen(key) : 0;
+  r.resource = resource;
+  r.resource_len = resource ? strlen(resource) : 0;
+  r.quantities = q;
+  r.quantities_len = n;
+  r.at_ms = at_ms;
+  r.request_id = request_id;
+  r.request_id_len = request_id ? strlen(request_id) : 0;
+  return r;
+}
+
+static void test_library(void) {
+  CHECK(strcmp(tally_version(), TALLY_VERSION) == 0);
+  char expected[32];
+  snprintf(expected, sizeof expected, "%d.%d.%d", TALLY_VERSION_MAJOR, TALLY_VERSION_MINOR,
+           TALLY_VERSION_PATCH);
+  CHECK(strcmp(expected, TALLY_VERSION) == 0);
+  CHECK(strcmp(tally_status_name(TALLY_OK), "TALLY_OK") == 0);
+  CHECK(strcmp(tally_status_name(TALLY_BUFFER_TOO_SMALL), "TALLY_BUFFER_TOO_SMALL") == 0);
+  CHECK(strcmp(tally_status_name(TALLY_NOT_DURABLE), "TALLY_NOT_DURABLE") == 0);
+  CHECK(strcmp(tally_status_name(4000000000u), "TALLY_UNKNOWN_STATUS") == 0);
+
+  /* The last error: a failure sets it, the size query does not clobber it. */
+  EXPECT(tally_engine_close(NULL), TALLY_NULL_POINTER);
+  size_t needed = 0;
+  EXPECT(tally_last_error(NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(needed > 1);
+  char tiny[4];
+  EXPECT(tally_last_error(tiny, sizeof tiny, &needed), TALLY_BUFFER_TOO_SMALL);
+  char *message = malloc(needed);
+  EXPECT(tally_last_error(message, needed, &needed), TALLY_OK);
+  CHECK(strstr(message, "NULL") != NULL);
+  free(message);
+  EXPECT(tally_last_error(NULL, 0, NULL), TALLY_NULL_POINTER);
+  tally_engine_free(NULL);
+  passed++;
+}
+
+static void test_policies(void) {
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open_in_memory(99, NULL, 0, &engine), TALLY_BAD_ENUM);
+  CHECK(engine == NULL);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, S("x"), &engine),
+         TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, S("time_zone = 3"), &engine),
+         TALLY_POLICY_INVALID);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, S("{"), &engine), TALLY_POLICY_INVALID);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, NULL, 5, &engine), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, S("/nonexistent/policy.toml"), &engine),
+         TALLY_POLICY_INVALID);
+
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &engine), TALLY_OK);
+  size_t needed = 0;
+  EXPECT(tally_engine_policy_json(engine, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  char *json = malloc(needed);
+  EXPECT(tally_engine_policy_json(engine, json, needed, &needed), TALLY_OK);
+  CHECK(strstr(json, "\"Starter\"") != NULL);
+
+  /* The same document as JSON text and as a .json file. */
+  tally_engine *from_json = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, json, strlen(json), &from_json), TALLY_OK);
+  char dir[] = "/tmp/tally-c-policy-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char path[64];
+  snprintf(path, sizeof path, "%s/policy.json", dir);
+  int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+  CHECK(fd >= 0);
+  CHECK(write(fd, json, strlen(json)) == (ssize_t)strlen(json));
+  close(fd);
+  tally_engine *from_file = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, path, strlen(path), &from_file), TALLY_OK);
+  unlink(path);
+  rmdir(dir);
+
+  /* Swap: the same policy again, then an invalid one (nothing changes). */
+  EXPECT(tally_engine_swap_policy(engine, TALLY_POLICY_JSON, json, strlen(json), T0), TALLY_OK);
+  EXPECT(tally_engine_swap_policy(engine, TALLY_POLICY_TOML, S("nonsense ="), T0),
+         TALLY_POLICY_INVALID);
+  EXPECT(tally_engine_swap_policy(engine, 7, NULL, 0, T0), TALLY_BAD_ENUM);
+  EXPECT(tally_engine_swap_policy(NULL, TALLY_POLICY_DEFAULT, NULL, 0, T0), TALLY_NULL_POINTER);
+  free(json);
+
+  /* An in-memory engine has no log. */
+  uint64_t seq = 0;
+  EXPECT(tally_engine_checkpoint(engine, &seq), TALLY_NOT_DURABLE);
+  EXPECT(tally_engine_sync(engine), TALLY_NOT_DURABLE);
+
+  EXPECT(tally_engine_close(from_json), TALLY_OK);
+  EXPECT(tally_engine_close(from_file), TALLY_OK);
+  EXPECT(tally_engine_close(engine), TALLY_OK);
+  tally_engine_free(from_json);
+  tally_engine_free(from_file);
+  tally_engine_free(engine);
+}
+
+static void test_admin(tally_engine *engine) {
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada-2"), T0), TALLY_ALREADY_EXISTS);
+  EXPECT(tally_engine_create_user(engine, S(""), S("k"), T0), TALLY_EMPTY_STRING);
+  EXPECT(tally_engine_create_user(engine, NULL, 3, S("k"), T0), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_create_user(engine, "a\0b", 3, S("k"), T0), TALLY_NUL_IN_STRING);
+  EXPECT(tally_engine_create_user(engine, "\xff\xfe", 2, S("k"), T0), TALLY_INVALID_UTF8);
+  char long_key[TALLY_MAX_ID_BYTES + 2];
+  memset(long_key, 'k', sizeof long_key - 1);
+  long_key[sizeof long_key - 1] = 0;
+  EXPECT(tally_engine_create_user(engine, S("bob"), S(long_key), T0), TALLY_STRING_TOO_LONG);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("k"), UINT64_MAX), TALLY_BAD_TIMESTAMP);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), TALLY_NOW), TALLY_OK);
+
+  EXPECT(tally_engine_create_team(engine, S("acme"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_team(engine, S("acme"), T0), TALLY_ALREADY_EXISTS);
+  EXPECT(tally_engine_add_member(engine, S("acme"), S("ada"), S("tp-ada-acme"), T0), TALLY_OK);
+  EXPECT(tally_engine_add_member(engine, S("nope"), S("ada"), S("x"), T0), TALLY_UNKNOWN_TEAM);
+  EXPECT(tally_engine_add_member(engine, S("acme"), S("nobody"), S("x"), T0), TALLY_UNKNOWN_USER);
+  EXPECT(tally_engine_create_payg_key(engine, S("ada"), S("payg-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_payg_key(engine, S("nobody"), S("payg-x"), T0), TALLY_UNKNOWN_USER);
+
+  EXPECT(tally_engine_assign_seat(engine, S("@ada"), S("ada"), S("Starter"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@ada"), S("ada"), S("Gold"), T0), TALLY_UNKNOWN_PLAN);
+  EXPECT(tally_engine_assign_seat(engine, S("acme"), S("bob"), S("Plus"), T0), TALLY_NOT_A_MEMBER);
+  EXPECT(tally_engine_assign_seat(engine, S("acme"), S("ada"), S("Plus"), T0), TALLY_OK);
+  EXPECT(tally_engine_unassign_seat(engine, S("acme"), S("ada"), T0), TALLY_OK);
+
+  uint64_t balance = 0;
+  EXPECT(tally_engine_top_up(engine, S("acme"), 5000000, T0, &balance), TALLY_OK);
+  CHECK(balance == 5000000);
+  EXPECT(tally_engine_top_up(engine, S("acme"), UINT64_MAX, T0, &balance), TALLY_OVERFLOW);
+  CHECK(balance == 5000000);
+  EXPECT(tally_engine_top_up(engine, S("acme"), 1, T0, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_withdraw_credits(engine, S("acme"), 1000000, T0, &balance), TALLY_OK);
+  CHECK(balance == 4000000);
+  EXPECT(tally_engine_withdraw_credits(engine, S("acme"), 99000000, T0, &balance),
+         TALLY_INSUFFICIENT_CREDITS);
+  EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_OK);
+  CHECK(balance == 4000000);
+  EXPECT(tally_engine_credits(engine, S("nope"), &balance), TALLY_UNKNOWN_TEAM);
+}
+
+static void test_admission(tally_engine *engine) {
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_decision d;
+  tally_request r = request("tp-ada", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &r, &d), TALLY_OK);
+  CHECK(d.admitted && !d.replayed);
+  CHECK(d.charged_to == TALLY_CHARGED_TO_PLAN_QUOTA);
+  CHECK(d.denial == TALLY_DENIAL_NONE);
+  CHECK(strcmp(d.plan, "Starter") == 0);
+  CHECK(d.limit_index != TALLY_NO_INDEX && d.limit_amount == 1500 && d.remaining == 1499);
+  CHECK(strstr(d.limit_name, "rolling:5h") != NULL);
+  CHECK(d.limit_count >= 1 && d.limits[0].used == 1);
+
+  EXPECT(tally_engine_check(engine, &r, &d), TALLY_OK);
+  CHECK(d.admitted && d.remaining == 1498);
+
+  /* Unknown key: a denial, not an error. */
+  tally_request unknown = request("tp-nobody", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &unknown, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_UNKNOWN_KEY && d.charged_to == TALLY_CHARGED_TO_NONE);
+  tally_request no_seat = request("tp-bob", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &no_seat, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_NO_RESOURCES);
+
+  /* Credits pay once the plan does not cover it (acme key has no seat, credits). */
+  tally_request credits = request("tp-ada-acme", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &credits, &d), TALLY_OK);
+  CHECK(d.admitted && d.charged_to == TALLY_CHARGED_TO_CREDITS && d.charged_micros > 0);
+  CHECK(d.has_credits_balance && d.credits_balance_micros < 4000000);
+
+  tally_request payg = request("payg-ada", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &payg, &d), TALLY_OK);
+  CHECK(d.admitted && d.charged_to == TALLY_CHARGED_TO_PAY_AS_YOU_GO);
+
+  /* Bad input. */
+  EXPECT(tally_engine_consume(NULL, &r, &d), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_consume(engine, NULL, &d), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_consume(engine, &r, NULL), TALLY_NULL_POINTER);
+  tally_quantity zero[] = {{TALLY_UNIT_REQUESTS, 0}};
+  tally_request bad = request("tp-ada", "m2.7", zero, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  tally_quantity huge[] = {{TALLY_UNIT_REQUESTS, UINT64_MAX}};
+  bad = request("tp-ada", "m2.7", huge, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  tally_quantity twice[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_REQUESTS, 1}};
+  bad = request("tp-ada", "m2.7", twice, 2, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  tally_quantity bad_unit[] = {{42, 1}};
+  bad = request("tp-ada", "m2.7", bad_unit, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_ENUM);
+  bad = request("tp-ada", "m2.7", NULL, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_NULL_POINTER);
+  bad = request("tp-ada", "m2.7", one, 0, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  bad = request("tp-ada", "no-such-model", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_UNKNOWN_RESOURCE);
+  bad = request("tp-ada", "m2.7", one, 1, UINT64_MAX, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_TIMESTAMP);
+  bad = request("", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_EMPTY_STRING);
+  bad = request("tp-ada", "m2.7", one, 1, T0, NULL);
+  bad.request_id_len = 3; /* NULL id with a length */
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_NULL_POINTER);
+
+  /* Request ids: a replay counts nothing; another amount under the same id conflicts. */
+  tally_request first = request("tp-ada", "m2.7", one, 1, T0, "req-1");
+  EXPECT(tally_engine_consume(engine, &first, &d), TALLY_OK);
+  CHECK(d.admitted && !d.replayed);
+  uint64_t remaining = d.remaining;
+  EXPECT(tally_engine_consume(engine, &first, &d), TALLY_OK);
+  CHECK(d.admitted && d.replayed && d.remaining == remaining);
+  tally_quantity two[] = {{TALLY_UNIT_REQUESTS, 2}};
+  tally_request conflict = request("tp-ada", "m2.7", two, 1, T0, "req-1");
+  EXPECT(tally_engine_consume(engine, &conflict, &d), TALLY_REQUEST_ID_CONFLICT);
+
+  /* A batch: one good, one unknown resource. */
+  tally_request batch[2] = {request("tp-ada", "m2.7", one, 1, T0, NULL),
+                            request("tp-ada", "nope", one, 1, T0, NULL)};
+  tally_status statuses[2];
+  tally_decision decisions[2];
+  EXPECT(tally_engine_consume_many(engine, batch, 2, statuses, decisions), TALLY_OK);
+  CHECK(statuses[0] == TALLY_OK && decisions[0].admitted);
+  CHECK(statuses[1] == TALLY_UNKNOWN_RESOURCE);
+  EXPECT(tally_engine_consume_many(engine, batch, 0, statuses, decisions), TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_consume_many(engine, NULL, 2, statuses, decisions), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_consume_many(engine, batch, 2, NULL, decisions), TALLY_NULL_POINTER);
+
+  /* Refund the request admitted under req-1, once. */
+  EXPECT(tally_engine_refund(engine, S("req-1"), T0), TALLY_OK);
+  CHECK(tally_engine_refund(engine, S("req-1"), T0) != TALLY_OK);
+  EXPECT(tally_engine_refund(engine, S("req-unknown"), T0), TALLY_UNKNOWN_REQUEST);
+
+  /* One song per request at most. */
+  tally_quantity songs[] = {{TALLY_UNIT_SONGS, 100}, {TALLY_UNIT_SECONDS, 100}};
+  tally_request music = request("tp-ada", "music-2.6", songs, 2, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &music, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_OVER_REQUEST_MAXIMUM);
+  CHECK(d.unit == TALLY_UNIT_SONGS && d.requested == 100 && d.maximum == 1);
+
+  /* Exhaust cy's Starter window (1,500 requests in 5 hours): a denial with a retry time. */
+  EXPECT(tally_engine_create_user(engine, S("cy"), S("tp-cy"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@cy"), S("cy"), S("Starter"), T0), TALLY_OK);
+  tally_quantity too_many[] = {{TALLY_UNIT_REQUESTS, 1501}};
+  tally_request cy = request("tp-cy", "m2.7", too_many, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &cy, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_EXCEEDS_LIMIT && d.maximum == 1500);
+  tally_quantity all[] = {{TALLY_UNIT_REQUESTS, 1500}};
+  cy = request("tp-cy", "m2.7", all, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &cy, &d), TALLY_OK);
+  CHECK(d.admitted && d.remaining == 0);
+  cy = request("tp-cy", "m2.7", one, 1, T0 + 1000, NULL);
+  EXPECT(tally_engine_consume(engine, &cy, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_QUOTA_EXHAUSTED);
+  CHECK(d.retry_after_ms > 0 && d.retry_at_ms > T0 && d.reset_at_ms > T0 && d.remaining == 0);
+  CHECK(d.limit_amount == 1500 && strstr(d.limit_name, "rolling:5h") != NULL);
+  CHECK(strcmp(d.upgrade_plan, "") != 0);
+}
+
+static void test_reservations(tally_engine *engine) {
+  tally_quantity estimate[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_TOKENS, 1000}};
+  tally_request r = request("tp-ada", "m2.7", estimate, 2, T0, NULL);
+  tally_decision d;
+  uint64_t id = 0;
+  EXPECT(tally_engine_reserve(engine, &r, 0, &d, &id), TALLY_OK);
+  CHECK(d.admitted && id != 0);
+  tally_quantity actual[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_TOKENS, 700}};
+  EXPECT(tally_engine_settle(engine, id, actual, 2, T0, &d), TALLY_OK);
+  CHECK(d.admitted && d.charged_to == TALLY_CHARGED_TO_PLAN_QUOTA);
+  EXPECT(tally_engine_void(engine, id, T0), TALLY_RESERVATION_CLOSED);
+  EXPECT(tally_engine_settle(engine, 0, actual, 2, T0, &d), TALLY_UNKNOWN_RESERVATION);
+  EXPECT(tally_engine_settle(engine, 999999, actual, 2, T0, &d), TALLY_UNKNOWN_RESERVATION);
+
+  uint64_t second = 0;
+  EXPECT(tally_engine_reserve(engine, &r, 60000, &d, &second), TALLY_OK);
+  EXPECT(tally_engine_void(engine, second, T0), TALLY_OK);
+  EXPECT(tally_engine_void(engine, second, T0), TALLY_OK);
+  EXPECT(tally_engine_settle(engine, second, NULL, 0, T0, &d), TALLY_RESERVATION_CLOSED);
+
+  uint64_t third = 0, expired = 0;
+  EXPECT(tally_engine_reserve(engine, &r, 1, &d, &third), TALLY_OK);
+  EXPECT(tally_engine_expire_reservations(engine, T0 + 1000, &expired), TALLY_OK);
+  CHECK(expired <= 1);
+  EXPECT(tally_engine_expire_reservations(engine, T0, NULL), TALLY_NULL_POINTER);
+
+  tally_request with_id = request("tp-ada", "m2.7", estimate, 2, T0, "res-id");
+  EXPECT(tally_engine_reserve(engine, &with_id, 0, &d, &id), TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_reserve(engine, &r, 0, &d, NULL), TALLY_NULL_POINTER);
+}
+
+static void test_usage(tally_engine *engine) {
+  size_t needed = 0;
+  EXPECT(tally_engine_usage(engine, S("tp-ada"), T0, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(needed > 10);
+  char small[8];
+  size_t needed_again = 0;
+  EXPECT(tally_engine_usage(engine, S("tp-ada"), T0, small, sizeof small, &needed_again),
+         TALLY_BUFFER_TOO_SMALL);
+  CHECK(needed_again == needed);
+  char *json = malloc(needed);
+  EXPECT(tally_engine_usage(engine, S("tp-ada"), T0, json, needed, &needed), TALLY_OK);
+  CHECK(strlen(json) + 1 == needed);
+  CHECK(strstr(json, "\"plan\":\"Starter\"") != NULL);
+  free(json);
+  EXPECT(tally_engine_usage(engine, S("tp-nobody"), T0, NULL, 0, &needed), TALLY_UNKNOWN_KEY);
+  EXPECT(tally_engine_usage(engine, S("tp-ada"), T0, NULL, 0, NULL), TALLY_NULL_POINTER);
+}
+
+static void test_log(tally_engine *engine) {
+  size_t needed = 0;
+  EXPECT(tally_engine_events_after(engine, 0, 1000, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  char *json = malloc(needed);
+  EXPECT(tally_engine_events_after(engine, 0, 1000, json, needed, &needed), TALLY_OK);
+  CHECK(json[0] == '[' && strstr(json, "\"policy_swapped\"") != NULL);
+  CHECK(strstr(json, "\"usage_admitted\"") != NULL);
+  free(json);
+  EXPECT(tally_engine_events_after(engine, 0, 0, NULL, 0, &needed), TALLY_INVALID_ARGUMENT);
+
+  uint64_t seq = 99;
+  EXPECT(tally_engine_cursor(engine, S("billing"), &seq), TALLY_OK);
+  CHECK(seq == 0);
+  EXPECT(tally_engine_save_cursor(engine, S("billing"), 3), TALLY_OK);
+  EXPECT(tally_engine_cursor(engine, S("billing"), &seq), TALLY_OK);
+  CHECK(seq == 3);
+  EXPECT(tally_engine_save_cursor(engine, S("billing"), UINT64_MAX - 1), TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_cursor(engine, S(""), &seq), TALLY_EMPTY_STRING);
+
+  EXPECT(tally_engine_sync(engine), TALLY_OK);
+  EXPECT(tally_engine_checkpoint(engine, &seq), TALLY_OK);
+  CHECK(seq > 3);
+  uint64_t removed = 99;
+  EXPECT(tally_engine_compact(engine, T0, &removed), TALLY_OK);
+  EXPECT(tally_engine_compact(engine, T0, NULL), TALLY_NULL_POINTER);
+}
+
+struct racer {
+  tally_engine *engine;
+  int ok;
+  int closed;
+  int other;
+};
+
+static void *race(void *argument) {
+  struct racer *racer = argument;
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request r = request("tp-ada", "m2.7", one, 1, T0, NULL);
+  tally_decision d;
+  for (int i = 0; i < 2000; i++) {
+    tally_status status = tally_engine_check(racer->engine, &r, &d);
+    if (status == TALLY_OK) {
+      racer->ok++;
+    } else if (status == TALLY_CLOSED) {
+      racer->closed++;
+    } else {
+      racer->other++;
+    }
+  }
+  return NULL;
+}
+
+static void test_close_while_in_use(tally_engine *engine) {
+  struct racer racer = {engine, 0, 0, 0};
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, race, &racer) == 0);
+  while (racer.ok == 0) {
+    sched_yield();
+  }
+  EXPECT(tally_engine_close(engine), TALLY_OK);
+  CHECK(pthread_join(thread, NULL) == 0);
+  CHECK(racer.other == 0 && racer.ok + racer.closed == 2000);
+
+  /* Use after close and double close: TALLY_CLOSED. */
+  tally_decision d;
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request r = request("tp-ada", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &r, &d), TALLY_CLOSED);
+  EXPECT(tally_engine_close(engine), TALLY_CLOSED);
+  uint64_t balance = 0;
+  EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_CLOSED);
+}
+
+/* A directory holding a file that is not a tally database. */
+static int make_foreign(const char *dir) {
+  if (mkdir(dir, 0700) != 0) {
+    return 0;
+  }
+  char file[300];
+  snprintf(file, sizeof file, "%s/notes.txt", dir);
+  FILE *notes = fopen(file, "w");
+  if (notes == NULL) {
+    return 0;
+  }
+  fputs("not a database\n", notes);
+  fclose(notes);
+  return 1;
+}
+
+static void test_database(void) {
+  char dir[] = "/tmp/tally-c-test-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char db[256];
+  snprintf(db, sizeof db, "%s/db", dir);
+
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, 9, 0, &engine), TALLY_BAD_ENUM);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL, 0,
+                           &engine),
+         TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_open(NULL, 0, TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           &engine),
+         TALLY_NULL_POINTER);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_SYNC, 0,
+                           &engine),
+         TALLY_OK);
+
+  /* The same directory again: locked. */
+  tally_engine *second = NULL;
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           &second),
+         TALLY_DATABASE_LOCKED);
+  CHECK(second == NULL);
+
+  test_admin(engine);
+  test_admission(engine);
+  test_reservations(engine);
+  test_usage(engine);
+  test_log(engine);
+  test_close_while_in_use(engine);
+  tally_engine_free(engine);
+
+  /* Closed: verify it, then open it again and find the usage. */
+  bool sound = false;
+  size_t needed = 0;
+  EXPECT(tally_verify(S(db), &sound, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  char *report = malloc(needed);
+  EXPECT(tally_verify(S(db), &sound, report, needed, &needed), TALLY_OK);
+  CHECK(sound && strstr(report, "\"sound\":true") != NULL);
+  free(report);
+  EXPECT(tally_verify(S("/nonexistent/tally"), &sound, NULL, 0, &needed), TALLY_STORAGE);
+
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL, 100,
+                           &engine),
+         TALLY_OK);
+  uint64_t balance = 0;
+  EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_OK);
+  CHECK(balance > 0 && balance < 4000000);
+  /* Free without close closes it. */
+  tally_engine_free(engine);
+
+  /* A directory of other files is foreign. */
+  char foreign[256];
+  snprintf(foreign, sizeof foreign, "%s/foreign", dir);
+  CHECK(make_foreign(foreign));
+  EXPECT(tally_engine_open(S(foreign), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           &engine),
+         TALLY_DATABASE_FOREIGN);
+
+  char command[600];
+  snprintf(command, sizeof command, "rm -rf '%s'", dir);
+  CHECK(system(command) == 0);
+}
+
+int main(void) {
+  test_library();
+  test_policies();
+  test_database();
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
