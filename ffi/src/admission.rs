@@ -5,7 +5,7 @@ use std::num::NonZeroU64;
 
 use ::tally_engine::{ChargedTo, Decision, ReservationId, SettleOutcome};
 
-use crate::checks::{optional_slice, text, Out, TALLY_MAX_ID_BYTES};
+use crate::checks::{optional_slice, text, Out, OutSlice, TALLY_MAX_ID_BYTES};
 use crate::decision::{at, quantities, tally_decision, tally_quantity, tally_request, Request};
 use crate::handle::{tally_engine, try_ref, Open};
 use crate::panic::boundary;
@@ -92,18 +92,8 @@ pub extern "C" fn tally_engine_consume_many(
             ));
         }
         let requests = optional_slice("requests", requests, count)?.unwrap_or(&[]);
-        let null = |field: &str| {
-            Failure::new(
-                tally_status::TALLY_NULL_POINTER,
-                format!("{field}: is NULL"),
-            )
-        };
-        if statuses_out.is_null() {
-            return Err(null("statuses_out"));
-        }
-        if decisions_out.is_null() {
-            return Err(null("decisions_out"));
-        }
+        let statuses_out = OutSlice::new("statuses_out", statuses_out, count)?;
+        let decisions_out = OutSlice::new("decisions_out", decisions_out, count)?;
         let checked: Vec<Result<Request<'_>, Failure>> = requests
             .iter()
             .map(|request| Request::from_c(request))
@@ -112,15 +102,12 @@ pub extern "C" fn tally_engine_consume_many(
         for (index, result) in results.into_iter().enumerate() {
             let status = match result {
                 Ok(decision) => {
-                    // SAFETY: `decisions_out` is not NULL and the caller promises `count`
-                    // writable entries; `index < count`.
-                    unsafe { decisions_out.add(index).write(decision) };
+                    decisions_out.set(index, decision);
                     tally_status::TALLY_OK
                 }
                 Err(status) => status,
             };
-            // SAFETY: as above, for `statuses_out`.
-            unsafe { statuses_out.add(index).write(status) };
+            statuses_out.set(index, status);
         }
         Ok(())
     })

@@ -123,6 +123,28 @@ impl<T> Out<T> {
     }
 }
 
+/// An out-array of `len` items, checked for NULL up front; items are written one by one.
+pub(crate) struct OutSlice<T> {
+    start: NonNull<T>,
+    len: usize,
+}
+
+impl<T> OutSlice<T> {
+    pub fn new(field: &str, ptr: *mut T, len: usize) -> Result<OutSlice<T>, Failure> {
+        let start = Out::new(field, ptr)?.0;
+        Ok(OutSlice { start, len })
+    }
+
+    /// Writes item `index`; an index past the end is ignored.
+    pub fn set(&self, index: usize, value: T) {
+        if index < self.len {
+            // SAFETY: not NULL (checked in `new`); the caller promises `len` writable, aligned
+            // items there and `index < len`; `write` does not read the old contents.
+            unsafe { self.start.as_ptr().add(index).write(value) }
+        }
+    }
+}
+
 /// A caller-owned output buffer with the size-query convention: `needed` receives the bytes
 /// the text needs including its NUL, whether or not `buf` was large enough.
 pub(crate) struct OutBuffer {

@@ -45,6 +45,13 @@ pub use last_error::tally_last_error;
 pub use report::*;
 pub use status::{tally_status, tally_status_name};
 
+/// For Rust tests of the boundary only (not part of the C ABI): wraps an engine the test opened
+/// itself (with injected storage faults, a manual clock, ...) in a C handle.
+#[doc(hidden)]
+pub fn handle_from_engine(engine: ::tally_engine::Engine) -> *mut tally_engine {
+    handle::to_boxed_ptr::<tally_engine>(handle::EngineHandle::new(engine))
+}
+
 /// The library's major version; agrees with Cargo's (checked at compile time).
 pub const TALLY_VERSION_MAJOR: u32 = 0;
 /// The library's minor version.

@@ -1,0 +1,608 @@
+//! Bad input at the C boundary, through the exported functions (the rlib): each case gets its
+//! own status and none crashes.
+
+use std::ffi::c_char;
+use std::ptr;
+use std::sync::Arc;
+
+use tally::*;
+
+const T0: u64 = 1_900_000_000_000; // 2030-03-17T17:46:40Z, after the machine's clock
+const HOUR_MS: u64 = 3_600_000;
+
+struct Handle(*mut tally_engine);
+
+// SAFETY: the C handle is documented as safe to share between threads.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        tally_engine_free(self.0);
+    }
+}
+
+fn s(text: &str) -> (*const c_char, usize) {
+    (text.as_ptr().cast(), text.len())
+}
+
+fn in_memory() -> Handle {
+    let mut engine = ptr::null_mut();
+    assert_eq!(
+        tally_engine_open_in_memory(0, ptr::null(), 0, &mut engine),
+        tally_status::TALLY_OK
+    );
+    Handle(engine)
+}
+
+fn user(handle: &Handle, name: &str, key: &str, plan: Option<&str>) {
+    let (u, ul) = s(name);
+    let (k, kl) = s(key);
+    assert_eq!(
+        tally_engine_create_user(handle.0, u, ul, k, kl, T0),
+        tally_status::TALLY_OK
+    );
+    if let Some(plan) = plan {
+        let team = format!("@{name}");
+        let (t, tl) = s(&team);
+        let (p, pl) = s(plan);
+        assert_eq!(
+            tally_engine_assign_seat(handle.0, t, tl, u, ul, p, pl, T0),
+            tally_status::TALLY_OK
+        );
+    }
+}
+
+fn request<'a>(
+    key: &'a [u8],
+    resource: &'a str,
+    quantities: &'a [tally_quantity],
+    at_ms: u64,
+    request_id: Option<&'a [u8]>,
+) -> tally_request {
+    tally_request {
+        key: key.as_ptr().cast(),
+        key_len: key.len(),
+        resource: resource.as_ptr().cast(),
+        resource_len: resource.len(),
+        quantities: quantities.as_ptr(),
+        quantities_len: quantities.len(),
+        at_ms,
+        request_id: request_id.map_or(ptr::null(), |id| id.as_ptr().cast()),
+        request_id_len: request_id.map_or(0, <[u8]>::len),
+    }
+}
+
+fn requests(amount: u64) -> [tally_quantity; 1] {
+    [tally_quantity {
+        unit: tally_unit::TALLY_UNIT_REQUESTS as u32,
+        amount,
+    }]
+}
+
+fn consume(handle: &Handle, request: &tally_request) -> Result<tally_decision, tally_status> {
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    match tally_engine_consume(handle.0, request, decision.as_mut_ptr()) {
+        // SAFETY: written on TALLY_OK.
+        tally_status::TALLY_OK => Ok(unsafe { decision.assume_init() }),
+        status => Err(status),
+    }
+}
+
+fn last_error() -> String {
+    let mut needed = 0;
+    let _ = tally_last_error(ptr::null_mut(), 0, &mut needed);
+    let mut buf = vec![0u8; needed];
+    assert_eq!(
+        tally_last_error(buf.as_mut_ptr().cast(), buf.len(), &mut needed),
+        tally_status::TALLY_OK
+    );
+    buf.pop();
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+fn name(array: &[c_char]) -> String {
+    let bytes: Vec<u8> = array
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8(bytes).unwrap_or_default()
+}
+
+#[test]
+fn null_handles_and_null_pointers_with_lengths_are_null_pointer() {
+    let handle = in_memory();
+    let one = requests(1);
+    let good = request(b"k", "m2.7", &one, T0, None);
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    use tally_status::TALLY_NULL_POINTER as NULL;
+    assert_eq!(
+        tally_engine_consume(ptr::null(), &good, decision.as_mut_ptr()),
+        NULL
+    );
+    assert_eq!(
+        tally_engine_consume(handle.0, ptr::null(), decision.as_mut_ptr()),
+        NULL
+    );
+    assert_eq!(tally_engine_consume(handle.0, &good, ptr::null_mut()), NULL);
+    let mut bad = good;
+    bad.key = ptr::null();
+    assert_eq!(consume(&handle, &bad).err(), Some(NULL));
+    assert!(last_error().contains("key"));
+    let mut bad = good;
+    bad.quantities = ptr::null();
+    assert_eq!(consume(&handle, &bad).err(), Some(NULL));
+    let mut bad = good;
+    bad.request_id_len = 5;
+    assert_eq!(consume(&handle, &bad).err(), Some(NULL));
+    assert!(last_error().contains("request_id"));
+    assert_eq!(tally_engine_create_team(handle.0, ptr::null(), 3, T0), NULL);
+    let mut needed = 0;
+    let (k, kl) = s("k");
+    assert_eq!(
+        tally_engine_usage(handle.0, k, kl, T0, ptr::null_mut(), 0, ptr::null_mut()),
+        NULL
+    );
+    assert_eq!(tally_engine_close(ptr::null()), NULL);
+    assert_eq!(tally_last_error(ptr::null_mut(), 0, ptr::null_mut()), NULL);
+    assert_eq!(
+        tally_engine_usage(ptr::null(), k, kl, T0, ptr::null_mut(), 0, &mut needed),
+        NULL
+    );
+    tally_engine_free(ptr::null_mut());
+}
+
+#[test]
+fn bad_keys_and_request_ids_each_get_their_own_status() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let one = requests(1);
+    let long = vec![b'k'; TALLY_MAX_ID_BYTES + 1];
+    let cases: [(&[u8], tally_status); 4] = [
+        (b"", tally_status::TALLY_EMPTY_STRING),
+        (b"\xff\xfe", tally_status::TALLY_INVALID_UTF8),
+        (&long, tally_status::TALLY_STRING_TOO_LONG),
+        (b"tp\0ada", tally_status::TALLY_NUL_IN_STRING),
+    ];
+    for (bytes, status) in cases {
+        let as_key = request(bytes, "m2.7", &one, T0, None);
+        assert_eq!(
+            consume(&handle, &as_key).err(),
+            Some(status),
+            "key {bytes:?}"
+        );
+        let as_id = request(b"tp-ada", "m2.7", &one, T0, Some(bytes));
+        assert_eq!(consume(&handle, &as_id).err(), Some(status), "id {bytes:?}");
+        assert!(last_error().starts_with("request_id"));
+    }
+    let exactly_long = vec![b'k'; TALLY_MAX_ID_BYTES];
+    let at_bound = request(&exactly_long, "m2.7", &one, T0, None);
+    let decision = consume(&handle, &at_bound).expect("a 128-byte key is allowed");
+    assert_eq!(
+        decision.denial,
+        tally_denial::TALLY_DENIAL_UNKNOWN_KEY as u32
+    );
+    let newline = request(b"tp-ada", "m2.7", &one, T0, Some(b"a\nb"));
+    assert_eq!(
+        consume(&handle, &newline).err(),
+        Some(tally_status::TALLY_INVALID_ARGUMENT)
+    );
+}
+
+#[test]
+fn bad_quantities_are_bad_quantity_and_overflowing_sums_overflow() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let unit = |unit: tally_unit, amount| tally_quantity {
+        unit: unit as u32,
+        amount,
+    };
+    use tally_unit::*;
+    let cases: [(&[tally_quantity], tally_status); 6] = [
+        (
+            &[unit(TALLY_UNIT_REQUESTS, 0)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (
+            &[unit(TALLY_UNIT_REQUESTS, u64::MAX)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (
+            &[unit(TALLY_UNIT_REQUESTS, (1 << 40) + 1)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (&[], tally_status::TALLY_BAD_QUANTITY),
+        (
+            &[unit(TALLY_UNIT_REQUESTS, 1), unit(TALLY_UNIT_REQUESTS, 1)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (
+            &[tally_quantity { unit: 7, amount: 1 }],
+            tally_status::TALLY_BAD_ENUM,
+        ),
+    ];
+    for (quantities, status) in cases {
+        let bad = request(b"tp-ada", "m2.7", quantities, T0, None);
+        assert_eq!(consume(&handle, &bad).err(), Some(status), "{quantities:?}");
+    }
+    let eight = [unit(TALLY_UNIT_REQUESTS, 1); 8];
+    let bad = request(b"tp-ada", "m2.7", &eight, T0, None);
+    assert_eq!(
+        consume(&handle, &bad).err(),
+        Some(tally_status::TALLY_BAD_QUANTITY)
+    );
+    // The largest quantity is allowed; it just does not fit the plan.
+    let largest = [unit(TALLY_UNIT_REQUESTS, 1 << 40)];
+    let decision = consume(&handle, &request(b"tp-ada", "m2.7", &largest, T0, None));
+    assert!(decision.is_ok_and(|decision| !decision.admitted));
+    // Balances: a top-up past 2^64 - 1 overflows and changes nothing.
+    let (team, team_len) = s("@ada");
+    let mut balance = 0;
+    assert_eq!(
+        tally_engine_top_up(handle.0, team, team_len, u64::MAX - 5, T0, &mut balance),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(
+        tally_engine_top_up(handle.0, team, team_len, 10, T0, &mut balance),
+        tally_status::TALLY_OVERFLOW
+    );
+    assert_eq!(balance, u64::MAX - 5);
+}
+
+#[test]
+fn a_request_id_reused_with_another_key_or_amount_conflicts_and_a_repeat_is_replayed() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    user(&handle, "bob", "tp-bob", Some("Starter"));
+    let (one, two) = (requests(1), requests(2));
+    let first =
+        consume(&handle, &request(b"tp-ada", "m2.7", &one, T0, Some(b"r1"))).expect("decided");
+    assert!(first.admitted && !first.replayed);
+    let again =
+        consume(&handle, &request(b"tp-ada", "m2.7", &one, T0, Some(b"r1"))).expect("decided");
+    assert!(again.admitted && again.replayed);
+    assert_eq!(again.remaining, first.remaining);
+    for conflict in [
+        request(b"tp-bob", "m2.7", &one, T0, Some(b"r1")),
+        request(b"tp-ada", "m2.7", &two, T0, Some(b"r1")),
+        request(b"tp-ada", "m2.7-highspeed", &one, T0, Some(b"r1")),
+    ] {
+        assert_eq!(
+            consume(&handle, &conflict).err(),
+            Some(tally_status::TALLY_REQUEST_ID_CONFLICT)
+        );
+    }
+}
+
+#[test]
+fn timestamps_at_the_extremes_going_backwards_and_on_boundaries() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let one = requests(1);
+    // 0 is "now": the engine's clock.
+    let now =
+        consume(&handle, &request(b"tp-ada", "m2.7", &one, TALLY_NOW, None)).expect("decided");
+    assert!(now.admitted && now.at_ms > 1_700_000_000_000 && now.at_ms < T0);
+    // 1 ms after the epoch is a real timestamp (counted at the newest time the key has seen).
+    let early = consume(&handle, &request(b"tp-ada", "m2.7", &one, 1, None)).expect("decided");
+    assert!(early.admitted);
+    for at_ms in [u64::MAX, 4_102_444_800_000] {
+        assert_eq!(
+            consume(&handle, &request(b"tp-ada", "m2.7", &one, at_ms, None)).err(),
+            Some(tally_status::TALLY_BAD_TIMESTAMP)
+        );
+    }
+    assert!(consume(
+        &handle,
+        &request(b"tp-ada", "m2.7", &one, 4_102_444_799_999, None)
+    )
+    .is_ok());
+
+    // A rolling window, exactly on its boundary: denied 1 ms before retry_at, admitted at it.
+    user(&handle, "cy", "tp-cy", Some("Starter"));
+    let all = requests(1_500);
+    assert!(consume(&handle, &request(b"tp-cy", "m2.7", &all, T0, None)).is_ok_and(|d| d.admitted));
+    let denied = consume(
+        &handle,
+        &request(b"tp-cy", "m2.7", &one, T0 + HOUR_MS, None),
+    )
+    .expect("decided");
+    assert_eq!(
+        denied.denial,
+        tally_denial::TALLY_DENIAL_QUOTA_EXHAUSTED as u32
+    );
+    assert_eq!(denied.retry_at_ms, T0 + HOUR_MS + denied.retry_after_ms);
+    assert!(name(&denied.limit_name).contains("rolling:5h"));
+    let before = request(b"tp-cy", "m2.7", &one, denied.retry_at_ms - 1, None);
+    assert!(consume(&handle, &before).is_ok_and(|d| !d.admitted));
+    let at = request(b"tp-cy", "m2.7", &one, denied.retry_at_ms, None);
+    assert!(consume(&handle, &at).is_ok_and(|d| d.admitted));
+    // Going backwards after that never releases quota early.
+    let back = request(b"tp-cy", "m2.7", &all, T0, None);
+    assert!(consume(&handle, &back).is_ok_and(|d| !d.admitted));
+
+    // A daily limit, exactly at local midnight (Asia/Shanghai).
+    user(&handle, "di", "tp-di", Some("Starter"));
+    let song = [
+        tally_quantity {
+            unit: tally_unit::TALLY_UNIT_SONGS as u32,
+            amount: 1,
+        },
+        tally_quantity {
+            unit: tally_unit::TALLY_UNIT_SECONDS as u32,
+            amount: 200,
+        },
+    ];
+    for _ in 0..100 {
+        let decision = consume(&handle, &request(b"tp-di", "music-2.6", &song, T0, None));
+        assert!(decision.is_ok_and(|d| d.admitted));
+    }
+    let denied =
+        consume(&handle, &request(b"tp-di", "music-2.6", &song, T0, None)).expect("decided");
+    assert_eq!(
+        denied.denial,
+        tally_denial::TALLY_DENIAL_QUOTA_EXHAUSTED as u32
+    );
+    let midnight = denied.reset_at_ms;
+    assert_eq!(
+        (midnight + 8 * HOUR_MS) % (24 * HOUR_MS),
+        0,
+        "local midnight"
+    );
+    let before = request(b"tp-di", "music-2.6", &song, midnight - 1, None);
+    assert!(consume(&handle, &before).is_ok_and(|d| !d.admitted));
+    let at = request(b"tp-di", "music-2.6", &song, midnight, None);
+    assert!(consume(&handle, &at).is_ok_and(|d| d.admitted));
+}
+
+#[test]
+fn out_of_range_enum_values_are_bad_enum() {
+    let mut engine = ptr::null_mut();
+    let dir = temp_dir("enums");
+    let (p, pl) = s(dir.to_str().unwrap_or_default());
+    assert_eq!(
+        tally_engine_open(p, pl, 0, ptr::null(), 0, 3, 0, &mut engine),
+        tally_status::TALLY_BAD_ENUM
+    );
+    assert_eq!(
+        tally_engine_open(p, pl, 4, ptr::null(), 0, 0, 0, &mut engine),
+        tally_status::TALLY_BAD_ENUM
+    );
+    assert_eq!(
+        tally_engine_open_in_memory(u32::MAX, ptr::null(), 0, &mut engine),
+        tally_status::TALLY_BAD_ENUM
+    );
+    assert!(engine.is_null());
+    let handle = in_memory();
+    let bad = [tally_quantity {
+        unit: u32::MAX,
+        amount: 1,
+    }];
+    assert_eq!(
+        consume(&handle, &request(b"k", "m2.7", &bad, T0, None)).err(),
+        Some(tally_status::TALLY_BAD_ENUM)
+    );
+}
+
+#[test]
+fn a_too_small_buffer_answers_the_size_needed() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Plus"));
+    let (k, kl) = s("tp-ada");
+    let mut needed = 0;
+    assert_eq!(
+        tally_engine_usage(handle.0, k, kl, T0, ptr::null_mut(), 0, &mut needed),
+        tally_status::TALLY_BUFFER_TOO_SMALL
+    );
+    let mut buf = vec![0x55u8; needed];
+    let mut short_needed = 0;
+    assert_eq!(
+        tally_engine_usage(
+            handle.0,
+            k,
+            kl,
+            T0,
+            buf.as_mut_ptr().cast(),
+            needed - 1,
+            &mut short_needed
+        ),
+        tally_status::TALLY_BUFFER_TOO_SMALL
+    );
+    assert_eq!(short_needed, needed);
+    assert!(buf.iter().all(|&byte| byte == 0x55), "nothing copied");
+    assert_eq!(
+        tally_engine_usage(
+            handle.0,
+            k,
+            kl,
+            T0,
+            buf.as_mut_ptr().cast(),
+            needed,
+            &mut needed
+        ),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(buf.last(), Some(&0));
+    let json: serde_json::Value =
+        serde_json::from_slice(&buf[..needed - 1]).expect("the report is JSON");
+    assert_eq!(json["plan"], "Plus");
+    assert_eq!(json["limits"].as_array().map(Vec::len), Some(4));
+}
+
+#[test]
+fn double_close_and_use_after_close_are_closed() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_CLOSED);
+    let one = requests(1);
+    assert_eq!(
+        consume(&handle, &request(b"tp-ada", "m2.7", &one, T0, None)).err(),
+        Some(tally_status::TALLY_CLOSED)
+    );
+    let (t, tl) = s("@ada");
+    let mut balance = 0;
+    assert_eq!(
+        tally_engine_credits(handle.0, t, tl, &mut balance),
+        tally_status::TALLY_CLOSED
+    );
+}
+
+#[test]
+fn close_while_other_threads_are_inside_calls_is_safe() {
+    let handle = Arc::new(in_memory());
+    user(&handle, "ada", "tp-ada", Some("Max"));
+    let started = Arc::new(std::sync::Barrier::new(5));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let handle = Arc::clone(&handle);
+            let started = Arc::clone(&started);
+            std::thread::spawn(move || {
+                let one = requests(1);
+                let request = request(b"tp-ada", "m2.7", &one, T0, None);
+                started.wait();
+                let mut counts = (0u32, 0u32);
+                loop {
+                    match consume(&handle, &request) {
+                        Ok(_) => counts.0 += 1,
+                        Err(tally_status::TALLY_CLOSED) => counts.1 += 1,
+                        Err(other) => panic!("unexpected {other:?}"),
+                    }
+                    if counts.1 > 10 {
+                        return counts;
+                    }
+                }
+            })
+        })
+        .collect();
+    started.wait();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    for thread in threads {
+        let (ok, closed) = thread.join().expect("no panic");
+        assert!(ok > 0 && closed > 10);
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tally-ffi-{name}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn open(dir: &std::path::Path) -> Result<Handle, tally_status> {
+    let path = dir.to_str().unwrap_or_default();
+    let (p, pl) = s(path);
+    let mut engine = ptr::null_mut();
+    match tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, &mut engine) {
+        tally_status::TALLY_OK => Ok(Handle(engine)),
+        status => Err(status),
+    }
+}
+
+#[test]
+fn calls_after_a_storage_error_say_the_log_failed_until_reopened() {
+    let dir = temp_dir("faults");
+    let faults = ::tally_engine::Faults::new();
+    let options = ::tally_engine::OpenOptions {
+        faults: Some(Arc::clone(&faults)),
+        ..::tally_engine::OpenOptions::default()
+    };
+    let engine = ::tally_engine::Engine::open(
+        &dir,
+        ::tally_engine::Policy::token_plan(),
+        Arc::new(::tally_engine::ManualClock::new(T0)),
+        options,
+    )
+    .expect("opens");
+    let handle = Handle(handle_from_engine(engine));
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    faults.fail_next_inserts(1);
+    let one = requests(1);
+    // The failed write fails the log: this call and every later change say so.
+    for _ in 0..3 {
+        let status = consume(&handle, &request(b"tp-ada", "m2.7", &one, T0, None)).err();
+        assert_eq!(status, Some(tally_status::TALLY_LOG_FAILED));
+        assert!(last_error().contains("reopen"));
+    }
+    let (t, tl) = s("@ada");
+    let mut balance = 0;
+    assert_eq!(
+        tally_engine_top_up(handle.0, t, tl, 5, T0, &mut balance),
+        tally_status::TALLY_LOG_FAILED
+    );
+    // Reads still answer.
+    assert_eq!(
+        tally_engine_credits(handle.0, t, tl, &mut balance),
+        tally_status::TALLY_OK
+    );
+    let _ = tally_engine_close(handle.0);
+    drop(handle);
+    let reopened = open(&dir).expect("reopens");
+    let decision = consume(&reopened, &request(b"tp-ada", "m2.7", &one, T0, None));
+    assert!(decision.is_ok_and(|d| d.admitted));
+    drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn opening_a_locked_foreign_damaged_or_newer_database_has_its_own_status() {
+    let dir = temp_dir("open");
+    let first = open(&dir).expect("opens");
+    assert_eq!(open(&dir).err(), Some(tally_status::TALLY_DATABASE_LOCKED));
+    assert_eq!(tally_engine_close(first.0), tally_status::TALLY_OK);
+    drop(first);
+
+    let foreign = temp_dir("foreign");
+    std::fs::create_dir_all(&foreign).expect("mkdir");
+    std::fs::write(foreign.join("notes.txt"), "not tally").expect("write");
+    assert_eq!(
+        open(&foreign).err(),
+        Some(tally_status::TALLY_DATABASE_FOREIGN)
+    );
+    let file = foreign.join("notes.txt");
+    assert_eq!(
+        open(&file).err(),
+        Some(tally_status::TALLY_DATABASE_FOREIGN)
+    );
+
+    // A newer format: the meta tree says a format version this build does not read.
+    {
+        let db = sled::open(&dir).expect("sled opens");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert("format_version", &999u16.to_le_bytes())
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        open(&dir).err(),
+        Some(tally_status::TALLY_DATABASE_NEWER_FORMAT)
+    );
+
+    // Damaged: sled's files overwritten with garbage.
+    let damaged = temp_dir("damaged");
+    drop(open(&damaged).expect("opens"));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for entry in std::fs::read_dir(&damaged).expect("list").flatten() {
+        if entry.path().is_file() {
+            std::fs::write(entry.path(), vec![0xA5u8; 4096]).expect("overwrite");
+        }
+    }
+    let status = open(&damaged).err();
+    assert_eq!(
+        status,
+        Some(tally_status::TALLY_DATABASE_DAMAGED),
+        "{}",
+        last_error()
+    );
+    for dir in [dir, foreign, damaged] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
