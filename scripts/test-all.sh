@@ -26,6 +26,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "tests (debug, with debug assertions on the hot path)"
 cargo test --workspace --no-fail-fast
 
+step "C ABI: the C test (plain and under Valgrind) and the generated header"
+bash scripts/test-c.sh
+
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test
 cargo bench --bench durability -- --test
