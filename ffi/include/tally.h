@@ -411,7 +411,7 @@ const char *tally_version(void);
 // that could not be decided (bad input, `TALLY_REQUEST_ID_CONFLICT`, storage errors, ...).
 // An unknown key is a denial (`TALLY_DENIAL_UNKNOWN_KEY`); an unknown resource is
 // `TALLY_UNKNOWN_RESOURCE`. With durability SYNC it returns once the usage is on disk.
-// Allocates nothing on success.
+// The boundary itself allocates nothing on success (no parsing, no heap).
 tally_status tally_engine_consume(const struct tally_engine *engine,
                                   const struct tally_request *request,
                                   struct tally_decision *decision_out);

@@ -36,7 +36,7 @@ fn decide(open: &Open, request: &Request<'_>, consume: bool) -> Result<tally_dec
 /// that could not be decided (bad input, `TALLY_REQUEST_ID_CONFLICT`, storage errors, ...).
 /// An unknown key is a denial (`TALLY_DENIAL_UNKNOWN_KEY`); an unknown resource is
 /// `TALLY_UNKNOWN_RESOURCE`. With durability SYNC it returns once the usage is on disk.
-/// Allocates nothing on success.
+/// The boundary itself allocates nothing on success (no parsing, no heap).
 #[no_mangle]
 pub extern "C" fn tally_engine_consume(
     engine: *const tally_engine,
