@@ -1,0 +1,149 @@
+package tally
+
+/*
+#include "tally.h"
+*/
+import "C"
+
+import (
+	"time"
+)
+
+// CreateUser creates a user, their Default Team ("@" + user) and their plan key in it. The
+// key has no resources until a seat is assigned or the team has credits.
+func (e *Engine) CreateUser(user, key string, at time.Time) error {
+	atMs, err := milliseconds("CreateUser", at)
+	if err != nil {
+		return err
+	}
+	userText, userLen := text(user)
+	keyText, keyLen := text(key)
+	return e.call("CreateUser", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_create_user(handle, userText, userLen, keyText, keyLen, atMs)
+	})
+}
+
+// CreateTeam creates a team with no members and no credits.
+func (e *Engine) CreateTeam(team string, at time.Time) error {
+	atMs, err := milliseconds("CreateTeam", at)
+	if err != nil {
+		return err
+	}
+	teamText, teamLen := text(team)
+	return e.call("CreateTeam", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_create_team(handle, teamText, teamLen, atMs)
+	})
+}
+
+// AddMember adds an existing user to a team with their plan key for that team.
+func (e *Engine) AddMember(team, user, key string, at time.Time) error {
+	atMs, err := milliseconds("AddMember", at)
+	if err != nil {
+		return err
+	}
+	teamText, teamLen := text(team)
+	userText, userLen := text(user)
+	keyText, keyLen := text(key)
+	return e.call("AddMember", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_add_member(handle, teamText, teamLen, userText, userLen, keyText, keyLen, atMs)
+	})
+}
+
+// CreatePaygKey issues a pay-as-you-go key to an existing user: admitted whenever the
+// resource exists, its spend recorded for billing; it never touches plan quota or credits.
+func (e *Engine) CreatePaygKey(user, key string, at time.Time) error {
+	atMs, err := milliseconds("CreatePaygKey", at)
+	if err != nil {
+		return err
+	}
+	userText, userLen := text(user)
+	keyText, keyLen := text(key)
+	return e.call("CreatePaygKey", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_create_payg_key(handle, userText, userLen, keyText, keyLen, atMs)
+	})
+}
+
+// AssignSeat gives the user's key in the team a seat on plan, or changes it at once (usage
+// already counted stays counted).
+func (e *Engine) AssignSeat(team, user, plan string, at time.Time) error {
+	atMs, err := milliseconds("AssignSeat", at)
+	if err != nil {
+		return err
+	}
+	teamText, teamLen := text(team)
+	userText, userLen := text(user)
+	planText, planLen := text(plan)
+	return e.call("AssignSeat", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_assign_seat(handle, teamText, teamLen, userText, userLen, planText, planLen, atMs)
+	})
+}
+
+// UnassignSeat takes the seat away (the key falls back to the team's credits, if any).
+func (e *Engine) UnassignSeat(team, user string, at time.Time) error {
+	atMs, err := milliseconds("UnassignSeat", at)
+	if err != nil {
+		return err
+	}
+	teamText, teamLen := text(team)
+	userText, userLen := text(user)
+	return e.call("UnassignSeat", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_unassign_seat(handle, teamText, teamLen, userText, userLen, atMs)
+	})
+}
+
+// TopUp adds micro-credits to the team's balance and returns the new balance.
+func (e *Engine) TopUp(team string, micros uint64, at time.Time) (uint64, error) {
+	return e.moveCredits("TopUp", team, micros, at)
+}
+
+// WithdrawCredits takes micro-credits from the team's balance, never below zero
+// (ErrInsufficientCredits), and returns the new balance.
+func (e *Engine) WithdrawCredits(team string, micros uint64, at time.Time) (uint64, error) {
+	return e.moveCredits("WithdrawCredits", team, micros, at)
+}
+
+func (e *Engine) moveCredits(op, team string, micros uint64, at time.Time) (uint64, error) {
+	atMs, err := milliseconds(op, at)
+	if err != nil {
+		return 0, err
+	}
+	teamText, teamLen := text(team)
+	var balance C.uint64_t
+	err = e.call(op, func(handle *C.tally_engine) C.uint32_t {
+		if op == "TopUp" {
+			return C.tally_engine_top_up(handle, teamText, teamLen, C.uint64_t(micros), atMs, &balance)
+		}
+		return C.tally_engine_withdraw_credits(handle, teamText, teamLen, C.uint64_t(micros), atMs, &balance)
+	})
+	return uint64(balance), err
+}
+
+// Credits is the team's balance in micro-credits.
+func (e *Engine) Credits(team string) (uint64, error) {
+	teamText, teamLen := text(team)
+	var balance C.uint64_t
+	err := e.call("Credits", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_credits(handle, teamText, teamLen, &balance)
+	})
+	return uint64(balance), err
+}
+
+// SwapPolicy replaces the policy at run time (one of WithPolicyFile, WithPolicyTOML,
+// WithPolicyJSON, or none for the shipped default). Usage carries over; a swap that would
+// drop a plan someone is seated on is refused.
+func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
+	atMs, err := milliseconds("SwapPolicy", at)
+	if err != nil {
+		return err
+	}
+	var o options
+	if policy != nil {
+		o = collect([]Option{policy})
+	} else {
+		o = collect(nil)
+	}
+	document, documentLen := o.policyText()
+	return e.call("SwapPolicy", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_swap_policy(handle, C.uint32_t(o.policySource), document, documentLen, atMs)
+	})
+}

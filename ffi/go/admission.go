@@ -1,0 +1,218 @@
+package tally
+
+/*
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"time"
+	"unsafe"
+)
+
+// ReservationID names an open reservation (never 0).
+type ReservationID uint64
+
+// Consume decides the request and, if admitted, counts it (all of it or nothing). A denial
+// is a Decision with Admitted false, not an error; errors are for requests that could not be
+// decided (bad input, an unknown resource, ErrRequestIDConflict, storage errors, ...).
+func (e *Engine) Consume(request Request) (Decision, error) {
+	decision, _, err := e.decide("Consume", C.TALLY_GO_CONSUME, request, 0)
+	return decision, err
+}
+
+// Check is the decision Consume would make now, counting nothing.
+func (e *Engine) Check(request Request) (Decision, error) {
+	decision, _, err := e.decide("Check", C.TALLY_GO_CHECK, request, 0)
+	return decision, err
+}
+
+// Reserve holds an estimate (a request without a request id) against every limit or the
+// credits until Settle, Void or the end of the lease (0: the default, 10 minutes; at most
+// 24 h). When admitted it returns the reservation; when denied, 0.
+func (e *Engine) Reserve(request Request, lease time.Duration) (Decision, ReservationID, error) {
+	if lease < 0 {
+		return Decision{}, 0, newError("Reserve", C.TALLY_INVALID_ARGUMENT, "lease: must not be negative")
+	}
+	return e.decide("Reserve", C.TALLY_GO_RESERVE, request, uint64(lease.Milliseconds()))
+}
+
+func (e *Engine) decide(op string, kind C.int, request Request, leaseMs uint64) (Decision, ReservationID, error) {
+	at, err := milliseconds(op, request.At)
+	if err != nil {
+		return Decision{}, 0, err
+	}
+	key, keyLen := text(request.Key)
+	resource, resourceLen := text(request.Resource)
+	requestID, requestIDLen := optionalText(request.RequestID)
+	quantities, quantitiesLen := quantitiesOf(request.Quantities)
+	var out C.tally_decision
+	var reservation C.uint64_t
+	err = e.call(op, func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_go_decide(handle, kind, key, keyLen, resource, resourceLen,
+			quantities, quantitiesLen, at, requestID, requestIDLen, C.uint64_t(leaseMs),
+			&out, &reservation)
+	})
+	if err != nil {
+		return Decision{}, 0, err
+	}
+	return decisionFrom(&out), ReservationID(reservation), nil
+}
+
+// quantitiesOf copies quantities into C's layout (Go memory without Go pointers, which cgo
+// lets C read during the call). None is (NULL, 0).
+func quantitiesOf(quantities []Quantity) (*C.tally_quantity, C.size_t) {
+	if len(quantities) == 0 {
+		return nil, 0
+	}
+	out := make([]C.tally_quantity, len(quantities))
+	for i, quantity := range quantities {
+		out[i] = C.tally_quantity{unit: C.uint32_t(quantity.Unit), amount: C.uint64_t(quantity.Amount)}
+	}
+	return &out[0], C.size_t(len(out))
+}
+
+// Settle charges a reservation's actual amount (none at all: nothing was used). Less than
+// the estimate gives the rest back; more is admitted only if it still fits. Not admitted:
+// nothing changed and the reservation stays open (settle with less, or Void it).
+func (e *Engine) Settle(reservation ReservationID, actual []Quantity, at time.Time) (Decision, error) {
+	atMs, err := milliseconds("Settle", at)
+	if err != nil {
+		return Decision{}, err
+	}
+	quantities, quantitiesLen := quantitiesOf(actual)
+	var out C.tally_decision
+	err = e.call("Settle", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_settle(handle, C.uint64_t(reservation), quantities, quantitiesLen, atMs, &out)
+	})
+	if err != nil {
+		return Decision{}, err
+	}
+	return decisionFrom(&out), nil
+}
+
+// Void frees everything a reservation holds. Voiding again is a no-op; voiding a settled one
+// is ErrReservationClosed.
+func (e *Engine) Void(reservation ReservationID, at time.Time) error {
+	atMs, err := milliseconds("Void", at)
+	if err != nil {
+		return err
+	}
+	return e.call("Void", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_void(handle, C.uint64_t(reservation), atMs)
+	})
+}
+
+// ExpireReservations ends every reservation whose lease ended by at, returning how many.
+func (e *Engine) ExpireReservations(at time.Time) (uint64, error) {
+	atMs, err := milliseconds("ExpireReservations", at)
+	if err != nil {
+		return 0, err
+	}
+	var expired C.uint64_t
+	err = e.call("ExpireReservations", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_expire_reservations(handle, atMs, &expired)
+	})
+	return uint64(expired), err
+}
+
+// Refund gives back in full what a request admitted under requestID was charged.
+func (e *Engine) Refund(requestID string, at time.Time) error {
+	atMs, err := milliseconds("Refund", at)
+	if err != nil {
+		return err
+	}
+	id, idLen := text(requestID)
+	return e.call("Refund", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_refund(handle, id, idLen, atMs)
+	})
+}
+
+// Result is one entry of ConsumeMany: its decision, or why it could not be decided.
+type Result struct {
+	Decision Decision
+	Err      error
+}
+
+// ConsumeMany consumes up to MaxBatch requests with one wait for durability. Each is decided
+// on its own (its Result); the error is for a batch that could not run at all.
+func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
+	const op = "ConsumeMany"
+	if len(requests) == 0 || len(requests) > MaxBatch {
+		return nil, newError(op, C.TALLY_INVALID_ARGUMENT, "requests: 1 to TALLY_MAX_BATCH at a time")
+	}
+	batch, err := newBatch(op, requests)
+	if err != nil {
+		return nil, err
+	}
+	statuses := make([]C.uint32_t, len(requests))
+	decisions := make([]C.tally_decision, len(requests))
+	var ran C.uint32_t
+	err = e.call(op, func(handle *C.tally_engine) C.uint32_t {
+		ran = C.tally_go_consume_many(handle, (*C.char)(unsafe.Pointer(&batch.text[0])), batch.quantitiesPointer(),
+			&batch.requests[0], C.size_t(len(requests)), &statuses[0], &decisions[0])
+		if ran == C.TALLY_GO_OUT_OF_MEMORY {
+			return C.TALLY_OK
+		}
+		return ran
+	})
+	if ran == C.TALLY_GO_OUT_OF_MEMORY {
+		panic("tally: ConsumeMany: out of C memory")
+	}
+	if err != nil {
+		return nil, err
+	}
+	results := make([]Result, len(requests))
+	for i := range results {
+		if statuses[i] == C.TALLY_OK {
+			results[i].Decision = decisionFrom(&decisions[i])
+		} else {
+			results[i].Err = newError(op, Status(statuses[i]), "")
+		}
+	}
+	return results, nil
+}
+
+// batch is ConsumeMany's requests as pointer-free arrays: one text buffer, one quantity array
+// and per request the offsets into them (shim.h turns them into tally_requests in C memory).
+type batch struct {
+	text       []byte
+	quantities []C.tally_quantity
+	requests   []C.tally_go_request
+}
+
+func newBatch(op string, requests []Request) (*batch, error) {
+	b := &batch{text: make([]byte, 0, 64*len(requests)+1), requests: make([]C.tally_go_request, len(requests))}
+	for i, request := range requests {
+		at, err := milliseconds(op, request.At)
+		if err != nil {
+			return nil, err
+		}
+		to := &b.requests[i]
+		to.key_offset, to.key_len = b.add(request.Key)
+		to.resource_offset, to.resource_len = b.add(request.Resource)
+		to.request_id_offset, to.request_id_len = b.add(request.RequestID)
+		to.quantities_offset = C.size_t(len(b.quantities))
+		to.quantities_len = C.size_t(len(request.Quantities))
+		for _, quantity := range request.Quantities {
+			b.quantities = append(b.quantities, C.tally_quantity{unit: C.uint32_t(quantity.Unit), amount: C.uint64_t(quantity.Amount)})
+		}
+		to.at_ms = at
+	}
+	// A non-empty buffer, so even empty strings point somewhere (empty, not NULL).
+	b.text = append(b.text, 0)
+	return b, nil
+}
+
+func (b *batch) add(s string) (C.size_t, C.size_t) {
+	offset := len(b.text)
+	b.text = append(b.text, s...)
+	return C.size_t(offset), C.size_t(len(s))
+}
+
+func (b *batch) quantitiesPointer() *C.tally_quantity {
+	if len(b.quantities) == 0 {
+		return nil
+	}
+	return &b.quantities[0]
+}

@@ -1,0 +1,99 @@
+package tally_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(5*time.Millisecond)))
+	must(t, err)
+	seated(t, engine, "qi", "tp-qi", "Starter")
+	request := tally.Request{Key: "tp-qi", Resource: "m2.7", Quantities: one(tally.Requests)}
+	for i := 0; i < 10; i++ {
+		request.At = at(int64(i))
+		consume(t, engine, request)
+	}
+	if _, err := tally.Open(dir); !errors.Is(err, tally.ErrDatabaseLocked) {
+		t.Fatalf("a second open: %v", err)
+	}
+	must(t, engine.Sync())
+	events, err := engine.EventsAfter(0, 1000)
+	must(t, err)
+	if len(events) < 10 || events[0].Seq != 1 || events[len(events)-1].Kind != "usage_admitted" ||
+		!events[len(events)-1].At().Equal(at(9)) {
+		t.Fatalf("%d events: %+v", len(events), events)
+	}
+	last := events[len(events)-1].Seq
+	must(t, engine.SaveCursor("billing", last))
+	seq, err := engine.Checkpoint()
+	if err != nil || seq != last {
+		t.Fatalf("checkpoint at %d: %v", seq, err)
+	}
+	if _, err := engine.Compact(at(20)); err != nil {
+		t.Fatal(err)
+	}
+	must(t, engine.Close())
+	report, err := tally.Verify(dir)
+	if err != nil || !report.Sound || len(report.Problems) != 0 {
+		t.Fatalf("verify: %+v %v", report, err)
+	}
+
+	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync))
+	must(t, err)
+	defer func() { must(t, reopened.Close()) }()
+	usage, err := reopened.Usage("tp-qi", at(100))
+	must(t, err)
+	if usage.Limits[0].Used != 10 || usage.Plan != "Starter" {
+		t.Fatalf("after reopening: %+v", usage)
+	}
+	cursor, err := reopened.Cursor("billing")
+	if err != nil || cursor != last {
+		t.Fatalf("cursor %d (want %d): %v", cursor, last, err)
+	}
+	if _, err := tally.Verify(dir); !errors.Is(err, tally.ErrDatabaseLocked) {
+		t.Fatalf("verify while open: %v", err)
+	}
+}
+
+func TestOpeningADirectoryOfOtherFilesIsErrDatabaseForeign(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("not a database"), 0o600))
+	if _, err := tally.Open(dir); !errors.Is(err, tally.ErrDatabaseForeign) {
+		t.Fatalf("open: %v", err)
+	}
+	if _, err := tally.Open(""); err == nil {
+		t.Fatal("an empty path opened")
+	}
+}
+
+// An engine dropped without Close is freed by its finalizer, which closes it and releases the
+// database's lock.
+func TestAnEngineDroppedWithoutCloseIsFreedByItsFinalizer(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	func() {
+		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+		must(t, err)
+		must(t, engine.CreateUser("ra", "tp-ra", t0))
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		runtime.GC()
+		engine, err := tally.Open(dir)
+		if err == nil {
+			must(t, engine.Close())
+			return
+		}
+		if !errors.Is(err, tally.ErrDatabaseLocked) || time.Now().After(deadline) {
+			t.Fatalf("reopen: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -1,0 +1,244 @@
+package tally
+
+/*
+#include "tally.h"
+*/
+import "C"
+
+import (
+	"encoding/json"
+	"runtime"
+	"time"
+	"unsafe"
+)
+
+// Usage is a key's usage report (the console's usage bars).
+type Usage struct {
+	Key                  string
+	Kind                 string // "plan" or "pay_as_you_go"
+	User                 string
+	Team                 string
+	Plan                 string // "" if the key has no seat
+	At                   time.Time
+	Limits               []UsageLimit
+	CreditsBalanceMicros uint64
+	CreditsChargedMicros uint64
+	OpenReservations     uint64
+	PayAsYouGoMicros     uint64
+}
+
+// UsageLimit is one limit of the key's plan.
+type UsageLimit struct {
+	Name      string // "m2.7 requests per rolling:5h"
+	Meter     string
+	Window    string // "rolling:5h", "daily", ...
+	Used      uint64
+	Amount    uint64
+	Remaining uint64
+	ResetAt   time.Time // zero if nothing is counted
+}
+
+type usageJSON struct {
+	Key    string  `json:"key"`
+	Kind   string  `json:"kind"`
+	User   string  `json:"user"`
+	Team   string  `json:"team"`
+	Plan   *string `json:"plan"`
+	AtMs   uint64  `json:"at_ms"`
+	Limits []struct {
+		Name      string  `json:"name"`
+		Meter     string  `json:"meter"`
+		Window    string  `json:"window"`
+		Used      uint64  `json:"used"`
+		Amount    uint64  `json:"amount"`
+		Remaining uint64  `json:"remaining"`
+		ResetAtMs *uint64 `json:"reset_at_ms"`
+	} `json:"limits"`
+	CreditsBalanceMicros uint64 `json:"credits_balance_micros"`
+	CreditsChargedMicros uint64 `json:"credits_charged_micros"`
+	OpenReservations     uint64 `json:"open_reservations"`
+	PayAsYouGoMicros     uint64 `json:"pay_as_you_go_micros"`
+}
+
+// Usage reports the key's usage at a time (zero: now). An unknown key is ErrUnknownKey.
+func (e *Engine) Usage(key string, at time.Time) (Usage, error) {
+	atMs, err := milliseconds("Usage", at)
+	if err != nil {
+		return Usage{}, err
+	}
+	keyText, keyLen := text(key)
+	document, err := e.readText("Usage", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_engine_usage(handle, keyText, keyLen, atMs, buf, bufLen, needed)
+	})
+	if err != nil {
+		return Usage{}, err
+	}
+	var raw usageJSON
+	if err := json.Unmarshal(document, &raw); err != nil {
+		return Usage{}, newError("Usage", C.TALLY_PANIC, "the library's usage JSON did not parse: "+err.Error())
+	}
+	usage := Usage{Key: raw.Key, Kind: raw.Kind, User: raw.User, Team: raw.Team,
+		At: fromMilliseconds(raw.AtMs), CreditsBalanceMicros: raw.CreditsBalanceMicros,
+		CreditsChargedMicros: raw.CreditsChargedMicros, OpenReservations: raw.OpenReservations,
+		PayAsYouGoMicros: raw.PayAsYouGoMicros, Limits: make([]UsageLimit, len(raw.Limits))}
+	if raw.Plan != nil {
+		usage.Plan = *raw.Plan
+	}
+	for i, limit := range raw.Limits {
+		usage.Limits[i] = UsageLimit{Name: limit.Name, Meter: limit.Meter, Window: limit.Window,
+			Used: limit.Used, Amount: limit.Amount, Remaining: limit.Remaining}
+		if limit.ResetAtMs != nil {
+			usage.Limits[i].ResetAt = fromMilliseconds(*limit.ResetAtMs)
+		}
+	}
+	return usage, nil
+}
+
+// PolicyJSON is the current policy document as JSON.
+func (e *Engine) PolicyJSON() (string, error) {
+	document, err := e.readText("PolicyJSON", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_engine_policy_json(handle, buf, bufLen, needed)
+	})
+	return string(document), err
+}
+
+// Event is one event of the log, for billing export.
+type Event struct {
+	Seq  uint64          `json:"seq"`
+	AtMs uint64          `json:"at_ms"`
+	Kind string          `json:"kind"` // "usage_admitted", "credits_topped_up", ...
+	Body json.RawMessage `json:"body"` // the event's fields; quantities as {"unit": amount}
+}
+
+// At is the event's time.
+func (event Event) At() time.Time { return fromMilliseconds(event.AtMs) }
+
+// EventsAfter returns up to limit (1 to MaxEventsPerCall) events after sequence number
+// afterSeq, oldest first. Read after a saved cursor, process, then SaveCursor the last Seq.
+func (e *Engine) EventsAfter(afterSeq uint64, limit uint32) ([]Event, error) {
+	document, err := e.readText("EventsAfter", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_engine_events_after(handle, C.uint64_t(afterSeq), C.uint32_t(limit), buf, bufLen, needed)
+	})
+	if err != nil {
+		return nil, err
+	}
+	var events []Event
+	if err := json.Unmarshal(document, &events); err != nil {
+		return nil, newError("EventsAfter", C.TALLY_PANIC, "the library's events JSON did not parse: "+err.Error())
+	}
+	return events, nil
+}
+
+// Cursor is the named export cursor's sequence number (0 if never saved).
+func (e *Engine) Cursor(name string) (uint64, error) {
+	nameText, nameLen := text(name)
+	var seq C.uint64_t
+	err := e.call("Cursor", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_cursor(handle, nameText, nameLen, &seq)
+	})
+	return uint64(seq), err
+}
+
+// SaveCursor saves a named export cursor at seq (at most the last event's).
+func (e *Engine) SaveCursor(name string, seq uint64) error {
+	nameText, nameLen := text(name)
+	return e.call("SaveCursor", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_save_cursor(handle, nameText, nameLen, C.uint64_t(seq))
+	})
+}
+
+// Checkpoint snapshots the whole state and returns the sequence number it covers.
+func (e *Engine) Checkpoint() (uint64, error) {
+	var seq C.uint64_t
+	err := e.call("Checkpoint", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_checkpoint(handle, &seq)
+	})
+	return uint64(seq), err
+}
+
+// Sync makes everything logged so far durable, whatever the durability mode.
+func (e *Engine) Sync() error {
+	return e.call("Sync", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_sync(handle)
+	})
+}
+
+// Compact checkpoints, then drops usage events older than the longest window plus 7 days as
+// of at, returning how many it removed.
+func (e *Engine) Compact(at time.Time) (uint64, error) {
+	atMs, err := milliseconds("Compact", at)
+	if err != nil {
+		return 0, err
+	}
+	var removed C.uint64_t
+	err = e.call("Compact", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_compact(handle, atMs, &removed)
+	})
+	return uint64(removed), err
+}
+
+// VerifyReport is what Verify found in a database.
+type VerifyReport struct {
+	Sound                 bool     `json:"sound"`
+	Records               uint64   `json:"records"`
+	Events                uint64   `json:"events"`
+	FirstSeq              *uint64  `json:"first_seq"`
+	LastSeq               *uint64  `json:"last_seq"`
+	SnapshotSeq           *uint64  `json:"snapshot_seq"`
+	SnapshotMatchesReplay *bool    `json:"snapshot_matches_replay"`
+	Problems              []string `json:"problems"`
+}
+
+// Verify checks the database in the directory path, which must not be open
+// (ErrDatabaseLocked): every record decodes, sequence numbers have no gaps, the latest
+// snapshot equals a replay.
+func Verify(path string) (VerifyReport, error) {
+	pathText, pathLen := text(path)
+	var sound C.bool
+	document, err := readText("Verify", func(buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_verify(pathText, pathLen, &sound, buf, bufLen, needed)
+	})
+	if err != nil {
+		return VerifyReport{}, err
+	}
+	var report VerifyReport
+	if err := json.Unmarshal(document, &report); err != nil {
+		return VerifyReport{}, newError("Verify", C.TALLY_PANIC, "the library's verify JSON did not parse: "+err.Error())
+	}
+	report.Sound = bool(sound)
+	return report, nil
+}
+
+type textCall func(buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t
+
+// readText runs a size-query call: first into a small buffer, then again with the size the
+// library asked for. A report can grow between two calls, so it loops, a bounded number of
+// times. Returns the text without its NUL.
+func readText(op string, f textCall) ([]byte, error) {
+	const attempts = 8
+	buffer := make([]byte, 4096)
+	for attempt := 0; ; attempt++ {
+		var needed C.size_t
+		err := withThread(op, func() C.uint32_t {
+			return f((*C.char)(unsafe.Pointer(&buffer[0])), C.size_t(len(buffer)), &needed)
+		})
+		if err == nil {
+			if needed == 0 || int(needed) > len(buffer) {
+				return nil, newError(op, C.TALLY_PANIC, "the library reported an impossible size")
+			}
+			return buffer[:needed-1], nil
+		}
+		if StatusOf(err) != C.TALLY_BUFFER_TOO_SMALL || attempt+1 == attempts {
+			return nil, err
+		}
+		buffer = make([]byte, needed+needed/4)
+	}
+}
+
+func (e *Engine) readText(op string, f func(*C.tally_engine, *C.char, C.size_t, *C.size_t) C.uint32_t) ([]byte, error) {
+	document, err := readText(op, func(buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return f(e.handle, buf, bufLen, needed)
+	})
+	runtime.KeepAlive(e)
+	return document, err
+}

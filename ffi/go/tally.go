@@ -1,0 +1,259 @@
+// Package tally is the Go binding of tally, an embedded quota-accounting engine, over its C
+// ABI (ffi/include/tally.h). It uses only the standard library and cgo.
+//
+// An Engine is safe to use from many goroutines at once. Close it when done; a finalizer
+// frees an engine that is dropped without Close. Every failed call returns an *Error that
+// wraps one sentinel per status (errors.Is(err, tally.ErrClosed)) and carries the library's
+// detail message. A denial is not an error: it is a Decision with Admitted false.
+//
+// Linking: the package links libtally statically from the repository's cargo target
+// directory (../../target/release, built by `cargo build -p tally-ffi --release`). With
+// another CARGO_TARGET_DIR, point the linker at it:
+//
+//	CGO_LDFLAGS="-L$CARGO_TARGET_DIR/release" go test ./...
+package tally
+
+/*
+#cgo CFLAGS: -I${SRCDIR}/../include
+#cgo LDFLAGS: -L${SRCDIR}/../../target/release
+#cgo linux LDFLAGS: -Wl,-Bstatic -ltally -Wl,-Bdynamic -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+#cgo darwin LDFLAGS: -ltally -Wl,-rpath,${SRCDIR}/../../target/release -framework CoreFoundation -framework Security -liconv -lc -lm
+#include <stdlib.h>
+#include "tally.h"
+
+// A non-NULL empty string: Go's "" for a required string must reach the library as an empty
+// string (TALLY_EMPTY_STRING), not as NULL.
+static const char tally_go_empty_text[1] = "";
+static const char *tally_go_empty(void) { return tally_go_empty_text; }
+*/
+import "C"
+
+import (
+	"math"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+)
+
+// Version is the header's version; LibraryVersion() is the linked library's.
+const Version = C.TALLY_VERSION
+
+// Bounds from the header.
+const (
+	MaxBatch         = C.TALLY_MAX_BATCH           // requests per ConsumeMany
+	MaxIDBytes       = C.TALLY_MAX_ID_BYTES        // key, user, team, request id, cursor name
+	MaxNameBytes     = C.TALLY_MAX_NAME_BYTES      // resource or plan name
+	MaxDocumentBytes = C.TALLY_MAX_DOCUMENT_BYTES  // path or inline policy
+	MaxQuantities    = C.TALLY_MAX_QUANTITIES      // quantities per request (one per unit)
+	MaxEventsPerCall = C.TALLY_MAX_EVENTS_PER_CALL // events per EventsAfter
+)
+
+// LibraryVersion is the version of the linked library (compare with Version).
+func LibraryVersion() string { return C.GoString(C.tally_version()) }
+
+// Durability says when an acknowledged change is on disk (Open only).
+type Durability struct {
+	mode     uint32
+	interval time.Duration
+}
+
+var (
+	// DurabilitySync: a call returns after its event is fsynced; a crash loses nothing
+	// acknowledged. The default.
+	DurabilitySync = Durability{mode: C.TALLY_DURABILITY_SYNC}
+	// DurabilityNone: no explicit flush (tests, benchmarks).
+	DurabilityNone = Durability{mode: C.TALLY_DURABILITY_NONE}
+)
+
+// DurabilityInterval: a call returns once its event is queued; it is flushed at most
+// `interval` (1 ms to 60 s) later.
+func DurabilityInterval(interval time.Duration) Durability {
+	return Durability{mode: C.TALLY_DURABILITY_INTERVAL, interval: interval}
+}
+
+// Option configures Open and OpenInMemory.
+type Option func(*options)
+
+type options struct {
+	policySource uint32
+	policy       string
+	durability   Durability
+}
+
+// WithPolicyFile loads the policy from a .toml or .json file (default: the shipped Token Plan).
+func WithPolicyFile(path string) Option {
+	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_FILE, path }
+}
+
+// WithPolicyTOML uses a policy given as a TOML document.
+func WithPolicyTOML(document string) Option {
+	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_TOML, document }
+}
+
+// WithPolicyJSON uses a policy given as a JSON document.
+func WithPolicyJSON(document string) Option {
+	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_JSON, document }
+}
+
+// WithDurability sets the durability mode of Open (ignored by OpenInMemory).
+func WithDurability(d Durability) Option {
+	return func(o *options) { o.durability = d }
+}
+
+func collect(opts []Option) options {
+	o := options{policySource: C.TALLY_POLICY_DEFAULT, durability: DurabilitySync}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
+// policyText is the policy argument: NULL for the default, else the path or document.
+func (o *options) policyText() (*C.char, C.size_t) {
+	if o.policySource == C.TALLY_POLICY_DEFAULT {
+		return nil, 0
+	}
+	return text(o.policy)
+}
+
+// Engine is an open tally engine. Safe for concurrent use.
+type Engine struct {
+	handle *C.tally_engine
+	// closed is set by the first Close, so a second one is a no-op.
+	closed atomic.Bool
+}
+
+// Open opens (or creates) the database in the directory path. On an existing database a
+// different policy is swapped in; usage carries over.
+func Open(path string, opts ...Option) (*Engine, error) {
+	o := collect(opts)
+	pathText, pathLen := text(path)
+	policy, policyLen := o.policyText()
+	interval := uint32(0)
+	if o.durability.mode == C.TALLY_DURABILITY_INTERVAL {
+		interval = clampMilliseconds(o.durability.interval)
+	}
+	var handle *C.tally_engine
+	err := withThread("Open", func() C.uint32_t {
+		return C.tally_engine_open(pathText, pathLen, C.uint32_t(o.policySource), policy, policyLen,
+			C.uint32_t(o.durability.mode), C.uint32_t(interval), &handle)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return newEngine(handle), nil
+}
+
+// OpenInMemory creates an engine that keeps everything in memory (for tests and
+// simulations). Calls that need the event log answer ErrNotDurable.
+func OpenInMemory(opts ...Option) (*Engine, error) {
+	o := collect(opts)
+	policy, policyLen := o.policyText()
+	var handle *C.tally_engine
+	err := withThread("OpenInMemory", func() C.uint32_t {
+		return C.tally_engine_open_in_memory(C.uint32_t(o.policySource), policy, policyLen, &handle)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return newEngine(handle), nil
+}
+
+func newEngine(handle *C.tally_engine) *Engine {
+	engine := &Engine{handle: handle}
+	// Free only when no goroutine can reach the engine any more: every method keeps it
+	// alive (runtime.KeepAlive) until its C call has returned, so free never races a call.
+	// Close alone does not free, which is what makes Close safe while others are calling.
+	runtime.SetFinalizer(engine, func(engine *Engine) { C.tally_engine_free(engine.handle) })
+	return engine
+}
+
+// Close waits for calls in flight, checkpoints and flushes the database and releases its
+// lock. Later calls answer ErrClosed. Closing again does nothing and returns nil. The engine
+// is closed even when Close returns a storage error.
+func (e *Engine) Close() error {
+	if !e.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	err := e.call("Close", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_close(handle)
+	})
+	if StatusOf(err) == C.TALLY_CLOSED {
+		return nil
+	}
+	return err
+}
+
+// call runs one C call on the engine's handle with the OS thread held, so the thread's last
+// error belongs to that call, and keeps the engine alive until the call has returned.
+func (e *Engine) call(op string, f func(*C.tally_engine) C.uint32_t) error {
+	err := withThread(op, func() C.uint32_t { return f(e.handle) })
+	runtime.KeepAlive(e)
+	return err
+}
+
+func withThread(op string, f func() C.uint32_t) error {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	status := Status(f())
+	if status == 0 {
+		return nil
+	}
+	return newError(op, status, lastError())
+}
+
+// text passes a Go string to C for the duration of one call: a pointer to its bytes (the
+// library reads them during the call only and never keeps them) and its length. "" becomes a
+// non-NULL empty string, which the library rejects as empty where a value is required.
+func text(s string) (*C.char, C.size_t) {
+	if len(s) == 0 {
+		return C.tally_go_empty(), 0
+	}
+	// The string header's first word is its data pointer (unsafe.StringData needs Go 1.20).
+	return (*C.char)(*(*unsafe.Pointer)(unsafe.Pointer(&s))), C.size_t(len(s))
+}
+
+// optionalText is text, with "" passed as NULL: "not given".
+func optionalText(s string) (*C.char, C.size_t) {
+	if len(s) == 0 {
+		return nil, 0
+	}
+	return text(s)
+}
+
+// milliseconds converts an optional time to at_ms: the zero time is TALLY_NOW (the engine's
+// clock). Times before 1970-01-01T00:00:00.001Z cannot be expressed and answer
+// ErrBadTimestamp without calling the library.
+func milliseconds(op string, at time.Time) (C.uint64_t, error) {
+	if at.IsZero() {
+		return C.TALLY_NOW, nil
+	}
+	ms := at.UnixMilli()
+	if ms <= 0 {
+		return 0, newError(op, C.TALLY_BAD_TIMESTAMP,
+			"timestamp "+at.UTC().Format(time.RFC3339Nano)+" is not after 1970-01-01T00:00:00Z")
+	}
+	return C.uint64_t(ms), nil
+}
+
+// clampMilliseconds turns a duration into whole milliseconds for a uint32 argument; values
+// out of range are clamped so the library reports them (its message names the valid range).
+func clampMilliseconds(d time.Duration) uint32 {
+	ms := d.Milliseconds()
+	if ms < 0 {
+		return 0
+	}
+	if ms > math.MaxUint32 {
+		return math.MaxUint32
+	}
+	return uint32(ms)
+}
+
+// fromMilliseconds is the inverse of milliseconds for outputs: 0 is the zero time.
+func fromMilliseconds(ms uint64) time.Time {
+	if ms == 0 || ms > math.MaxInt64 {
+		return time.Time{}
+	}
+	return time.UnixMilli(int64(ms)).UTC()
+}

@@ -1,0 +1,570 @@
+package tally_test
+
+import (
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// t0 is 2030-03-17T17:46:40Z: after the machine's clock, since request ids and closed
+// reservations are forgotten relative to the clock, so windows are exact.
+var t0 = time.UnixMilli(1_900_000_000_000)
+
+func at(ms int64) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+
+func one(unit tally.Unit) []tally.Quantity { return []tally.Quantity{{Unit: unit, Amount: 1}} }
+
+func openMemory(t *testing.T) *tally.Engine {
+	t.Helper()
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := engine.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return engine
+}
+
+// seated creates user with key on plan in their Default Team.
+func seated(t *testing.T, engine *tally.Engine, user, key, plan string) {
+	t.Helper()
+	must(t, engine.CreateUser(user, key, t0))
+	if plan != "" {
+		must(t, engine.AssignSeat("@"+user, user, plan, t0))
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func consume(t *testing.T, engine *tally.Engine, request tally.Request) tally.Decision {
+	t.Helper()
+	decision, err := engine.Consume(request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return decision
+}
+
+// limitAmount reads a limit's amount from the key's usage report, so tests follow the
+// shipped policy instead of repeating its numbers.
+func limitAmount(t *testing.T, engine *tally.Engine, key, namePrefix string) uint64 {
+	t.Helper()
+	usage, err := engine.Usage(key, t0)
+	must(t, err)
+	for _, limit := range usage.Limits {
+		if strings.HasPrefix(limit.Name, namePrefix) {
+			return limit.Amount
+		}
+	}
+	t.Fatalf("no limit %q in %+v", namePrefix, usage.Limits)
+	return 0
+}
+
+func TestTheLinkedLibraryHasTheHeadersVersion(t *testing.T) {
+	if tally.LibraryVersion() != tally.Version {
+		t.Fatalf("library %s, header %s", tally.LibraryVersion(), tally.Version)
+	}
+}
+
+func TestAStarterKeyGetsItsFiveHourRequestQuotaThenARetryAfter(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ada", "tp-ada", "Starter")
+	limit := limitAmount(t, engine, "tp-ada", "m2.7:requests")
+	request := tally.Request{Key: "tp-ada", Resource: "m2.7", Quantities: one(tally.Requests)}
+	for i := uint64(0); i < limit; i++ {
+		request.At = at(int64(i))
+		decision := consume(t, engine, request)
+		if !decision.Admitted || decision.ChargedTo != tally.ChargedToPlanQuota {
+			t.Fatalf("request %d: %+v", i, decision)
+		}
+		if decision.Remaining != limit-i-1 || decision.Plan != "Starter" {
+			t.Fatalf("request %d: remaining %d plan %q", i, decision.Remaining, decision.Plan)
+		}
+	}
+	request.At = at(int64(limit))
+	denied := consume(t, engine, request)
+	if denied.Admitted || denied.Denial != tally.DenialQuotaExhausted {
+		t.Fatalf("over the quota: %+v", denied)
+	}
+	// The first requests age out of the rolling window about 5 hours after they were counted
+	// (the window counts in buckets, so up to a bucket later).
+	if denied.RetryAt.Sub(request.At) != denied.RetryAfter ||
+		denied.RetryAt.Before(t0.Add(5*time.Hour)) || denied.RetryAt.After(t0.Add(5*time.Hour+5*time.Minute)) {
+		t.Fatalf("retry after %v at %v", denied.RetryAfter, denied.RetryAt)
+	}
+	if !strings.Contains(denied.LimitName, "m2.7") || denied.LimitIndex < 0 || denied.UpgradePlan == "" {
+		t.Fatalf("denial names %q (index %d), upgrade %q", denied.LimitName, denied.LimitIndex, denied.UpgradePlan)
+	}
+	request.At = denied.RetryAt.Add(-time.Millisecond)
+	if early := consume(t, engine, request); early.Admitted {
+		t.Fatalf("just before the retry time: %+v", early)
+	}
+	request.At = denied.RetryAt
+	if again := consume(t, engine, request); !again.Admitted {
+		t.Fatalf("at the retry time: %+v", again)
+	}
+}
+
+func TestADailyQuotaResetsAtLocalMidnight(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "bo", "tp-bo", "Starter")
+	songs := limitAmount(t, engine, "tp-bo", "music-2.6:songs")
+	request := tally.Request{Key: "tp-bo", Resource: "music-2.6",
+		Quantities: []tally.Quantity{{Unit: tally.Songs, Amount: 1}, {Unit: tally.Seconds, Amount: 200}}}
+	for i := uint64(0); i < songs; i++ {
+		request.At = at(int64(i))
+		if decision := consume(t, engine, request); !decision.Admitted {
+			t.Fatalf("song %d: %+v", i, decision)
+		}
+	}
+	request.At = at(int64(songs))
+	denied := consume(t, engine, request)
+	if denied.Admitted || denied.Denial != tally.DenialQuotaExhausted {
+		t.Fatalf("over the daily quota: %+v", denied)
+	}
+	shanghai := time.FixedZone("UTC+8", 8*3600) // the shipped policy's zone, Asia/Shanghai
+	local := denied.ResetAt.In(shanghai)
+	if local.Hour() != 0 || local.Minute() != 0 || !denied.ResetAt.After(t0) || denied.ResetAt.Sub(t0) > 24*time.Hour {
+		t.Fatalf("resets at %v", local)
+	}
+	request.At = denied.ResetAt
+	if next := consume(t, engine, request); !next.Admitted {
+		t.Fatalf("after midnight: %+v", next)
+	}
+	// One song is at most 300 seconds: over the per-request maximum, whatever the quota.
+	long := tally.Request{Key: "tp-bo", Resource: "music-2.6", At: denied.ResetAt,
+		Quantities: []tally.Quantity{{Unit: tally.Songs, Amount: 1}, {Unit: tally.Seconds, Amount: 301}}}
+	over := consume(t, engine, long)
+	if over.Denial != tally.DenialOverRequestMaximum || over.Unit != tally.Seconds || over.Maximum != 300 {
+		t.Fatalf("a 301-second song: %+v", over)
+	}
+}
+
+func TestCreditsPayOnceThePlanQuotaIsExhausted(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "cy", "tp-cy", "Starter")
+	limit := limitAmount(t, engine, "tp-cy", "m2.7:requests")
+	request := tally.Request{Key: "tp-cy", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	for i := uint64(0); i < limit; i++ {
+		consume(t, engine, request)
+	}
+	denied := consume(t, engine, request)
+	if denied.Admitted || denied.CreditsNeededMicros == 0 {
+		t.Fatalf("before the top-up: %+v", denied)
+	}
+	balance, err := engine.TopUp("@cy", 1_000_000, t0)
+	must(t, err)
+	if balance != 1_000_000 {
+		t.Fatalf("balance %d", balance)
+	}
+	paid := consume(t, engine, request)
+	if !paid.Admitted || paid.ChargedTo != tally.ChargedToCredits || paid.ChargedMicros != denied.CreditsNeededMicros {
+		t.Fatalf("after the top-up: %+v (needed %d)", paid, denied.CreditsNeededMicros)
+	}
+	left, err := engine.Credits("@cy")
+	must(t, err)
+	if left != balance-paid.ChargedMicros || !paid.HasCreditsBalance || paid.CreditsBalanceMicros != left {
+		t.Fatalf("credits %d after paying %d: %+v", left, paid.ChargedMicros, paid)
+	}
+	usage, err := engine.Usage("tp-cy", t0)
+	must(t, err)
+	if usage.CreditsChargedMicros != paid.ChargedMicros || usage.CreditsBalanceMicros != left {
+		t.Fatalf("usage %+v", usage)
+	}
+	left, err = engine.WithdrawCredits("@cy", left, t0)
+	if err != nil || left != 0 {
+		t.Fatalf("withdraw: %d %v", left, err)
+	}
+	if _, err := engine.WithdrawCredits("@cy", 1, t0); !errors.Is(err, tally.ErrInsufficientCredits) {
+		t.Fatalf("withdraw from nothing: %v", err)
+	}
+}
+
+func TestAKeyBeforeAnySeatHasNoResourcesUntilOneIsAssigned(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "di", "tp-di", "")
+	request := tally.Request{Key: "tp-di", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	if decision := consume(t, engine, request); decision.Admitted || decision.Denial != tally.DenialNoResources {
+		t.Fatalf("no seat: %+v", decision)
+	}
+	must(t, engine.AssignSeat("@di", "di", "Plus", t0))
+	if decision := consume(t, engine, request); !decision.Admitted || decision.Plan != "Plus" {
+		t.Fatalf("seated: %+v", decision)
+	}
+	must(t, engine.UnassignSeat("@di", "di", t0))
+	if decision := consume(t, engine, request); decision.Denial != tally.DenialNoResources {
+		t.Fatalf("unseated: %+v", decision)
+	}
+	unknown := tally.Request{Key: "tp-nobody", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	if decision := consume(t, engine, unknown); decision.Denial != tally.DenialUnknownKey {
+		t.Fatalf("unknown key: %+v", decision)
+	}
+}
+
+func TestAPayAsYouGoKeyIsAdmittedAndBilled(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ed", "tp-ed", "")
+	must(t, engine.CreatePaygKey("ed", "pg-ed", t0))
+	request := tally.Request{Key: "pg-ed", Resource: "m2.7", At: t0,
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 1000}}}
+	decision := consume(t, engine, request)
+	if !decision.Admitted || decision.ChargedTo != tally.ChargedToPayAsYouGo || decision.ChargedMicros == 0 {
+		t.Fatalf("pay as you go: %+v", decision)
+	}
+	usage, err := engine.Usage("pg-ed", t0)
+	must(t, err)
+	if usage.Kind != "pay_as_you_go" || usage.PayAsYouGoMicros != decision.ChargedMicros || usage.User != "ed" {
+		t.Fatalf("usage %+v", usage)
+	}
+}
+
+func TestARequestIDIsCountedOnceAndRefundedOnce(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "fa", "tp-fa", "Plus")
+	request := tally.Request{Key: "tp-fa", Resource: "m2.7", Quantities: one(tally.Requests), At: t0, RequestID: "req-1"}
+	first := consume(t, engine, request)
+	second := consume(t, engine, request)
+	if !first.Admitted || first.Replayed || !second.Replayed || second.Remaining != first.Remaining {
+		t.Fatalf("first %+v second %+v", first, second)
+	}
+	conflict := request
+	conflict.Quantities = []tally.Quantity{{Unit: tally.Requests, Amount: 2}}
+	if _, err := engine.Consume(conflict); !errors.Is(err, tally.ErrRequestIDConflict) {
+		t.Fatalf("same id, other amount: %v", err)
+	}
+	must(t, engine.Refund("req-1", t0))
+	usage, err := engine.Usage("tp-fa", t0)
+	must(t, err)
+	if usage.Limits[0].Used != 0 {
+		t.Fatalf("after the refund: %+v", usage.Limits[0])
+	}
+	if err := engine.Refund("req-1", t0); !errors.Is(err, tally.ErrInvalidArgument) {
+		t.Fatalf("second refund: %v", err)
+	}
+	if err := engine.Refund("req-none", t0); !errors.Is(err, tally.ErrUnknownRequest) {
+		t.Fatalf("unknown id: %v", err)
+	}
+}
+
+func TestCheckCountsNothing(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "gu", "tp-gu", "Starter")
+	request := tally.Request{Key: "tp-gu", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	for i := 0; i < 3; i++ {
+		decision, err := engine.Check(request)
+		must(t, err)
+		if !decision.Admitted || decision.Remaining != decision.LimitAmount-1 {
+			t.Fatalf("check: %+v", decision)
+		}
+	}
+	usage, err := engine.Usage("tp-gu", t0)
+	must(t, err)
+	if usage.Limits[0].Used != 0 {
+		t.Fatalf("after checks: %+v", usage.Limits[0])
+	}
+}
+
+func TestBadInputIsAnErrorWithItsOwnSentinelAndTheLibrarysMessage(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ha", "tp-ha", "Starter")
+	good := tally.Request{Key: "tp-ha", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	cases := []struct {
+		name   string
+		change func(*tally.Request)
+		want   error
+	}{
+		{"an empty key", func(r *tally.Request) { r.Key = "" }, tally.ErrEmptyString},
+		{"a NUL in the key", func(r *tally.Request) { r.Key = "tp\x00ha" }, tally.ErrNulInString},
+		{"a key that is not UTF-8", func(r *tally.Request) { r.Key = "tp-\xff" }, tally.ErrInvalidUTF8},
+		{"a key over the bound", func(r *tally.Request) { r.Key = strings.Repeat("k", tally.MaxIDBytes+1) }, tally.ErrStringTooLong},
+		{"an unknown resource", func(r *tally.Request) { r.Resource = "gpt-9" }, tally.ErrUnknownResource},
+		{"no quantities", func(r *tally.Request) { r.Quantities = nil }, tally.ErrBadQuantity},
+		{"a zero quantity", func(r *tally.Request) { r.Quantities[0].Amount = 0 }, tally.ErrBadQuantity},
+		{"the largest quantity", func(r *tally.Request) { r.Quantities[0].Amount = ^uint64(0) }, tally.ErrBadQuantity},
+		{"a unit twice", func(r *tally.Request) { r.Quantities = append(r.Quantities, r.Quantities[0]) }, tally.ErrBadQuantity},
+		{"an unknown unit", func(r *tally.Request) { r.Quantities[0].Unit = 99 }, tally.ErrBadEnum},
+		{"a time before 1970", func(r *tally.Request) { r.At = time.Unix(-1, 0) }, tally.ErrBadTimestamp},
+		{"the year 2100", func(r *tally.Request) { r.At = time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC) }, tally.ErrBadTimestamp},
+		{"an empty request id", func(r *tally.Request) { r.RequestID = "" }, nil},
+		{"a NUL in the request id", func(r *tally.Request) { r.RequestID = "a\x00" }, tally.ErrNulInString},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			request := good
+			request.Quantities = append([]tally.Quantity(nil), good.Quantities...)
+			c.change(&request)
+			_, err := engine.Check(request)
+			if !errors.Is(err, c.want) || (c.want == nil) != (err == nil) {
+				t.Fatalf("got %v, want %v", err, c.want)
+			}
+			var tallyError *tally.Error
+			if err != nil && (!errors.As(err, &tallyError) || tallyError.Message == "" ||
+				!strings.HasPrefix(tallyError.Status.String(), "TALLY_")) {
+				t.Fatalf("no detail: %#v", err)
+			}
+		})
+	}
+	if _, _, err := engine.Reserve(good, -time.Second); !errors.Is(err, tally.ErrInvalidArgument) {
+		t.Fatalf("negative lease: %v", err)
+	}
+}
+
+func TestAdminCallsReportWhatIsWrong(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "io", "tp-io", "Starter")
+	checks := []struct {
+		name string
+		err  error
+		want error
+	}{
+		{"the same user again", engine.CreateUser("io", "tp-io-2", t0), tally.ErrAlreadyExists},
+		{"the same key again", engine.CreateUser("jo", "tp-io", t0), tally.ErrAlreadyExists},
+		{"an unknown plan", engine.AssignSeat("@io", "io", "Gold", t0), tally.ErrUnknownPlan},
+		{"an unknown team", engine.AssignSeat("@nobody", "io", "Plus", t0), tally.ErrUnknownTeam},
+		{"an unknown user", engine.AddMember("@io", "nobody", "tp-x", t0), tally.ErrUnknownUser},
+		{"a new team", engine.CreateTeam("acme", t0), nil},
+		{"a member of it", engine.AddMember("acme", "io", "tp-io-acme", t0), nil},
+		{"a seat in it", engine.AssignSeat("acme", "io", "Max", t0), nil},
+		{"a seat for a non-member", engine.UnassignSeat("acme", "jo", t0), tally.ErrUnknownUser},
+		{"an empty team", engine.CreateTeam("", t0), tally.ErrEmptyString},
+	}
+	for _, c := range checks {
+		if !errors.Is(c.err, c.want) || (c.want == nil) != (c.err == nil) {
+			t.Errorf("%s: got %v, want %v", c.name, c.err, c.want)
+		}
+	}
+	if _, err := engine.Credits("nowhere"); !errors.Is(err, tally.ErrUnknownTeam) {
+		t.Errorf("credits of an unknown team: %v", err)
+	}
+	_, err := engine.TopUp("acme", ^uint64(0), t0)
+	must(t, err)
+	if _, err := engine.TopUp("acme", 1, t0); !errors.Is(err, tally.ErrOverflow) {
+		t.Errorf("a top-up past 2^64: %v", err)
+	}
+	if _, err := engine.Usage("tp-nobody", t0); !errors.Is(err, tally.ErrUnknownKey) {
+		t.Errorf("usage of an unknown key: %v", err)
+	}
+	if _, err := engine.EventsAfter(0, 10); !errors.Is(err, tally.ErrNotDurable) {
+		t.Errorf("events of an in-memory engine: %v", err)
+	}
+}
+
+func TestReservationsHoldAnEstimateAndSettleTheActualTokens(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ka", "tp-ka", "Starter")
+	estimate := tally.Request{Key: "tp-ka", Resource: "m2.7", At: t0,
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 4000}}}
+	decision, reservation, err := engine.Reserve(estimate, time.Minute)
+	must(t, err)
+	if !decision.Admitted || reservation == 0 {
+		t.Fatalf("reserve: %+v %d", decision, reservation)
+	}
+	usage, err := engine.Usage("tp-ka", t0)
+	must(t, err)
+	if usage.OpenReservations != 1 || usage.Limits[0].Used != 1 {
+		t.Fatalf("while open: %+v", usage)
+	}
+	settled, err := engine.Settle(reservation, []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 1234}}, at(10))
+	must(t, err)
+	if !settled.Admitted {
+		t.Fatalf("settle: %+v", settled)
+	}
+	if err := engine.Void(reservation, at(20)); !errors.Is(err, tally.ErrReservationClosed) {
+		t.Fatalf("void after settle: %v", err)
+	}
+	_, second, err := engine.Reserve(estimate, 0)
+	must(t, err)
+	must(t, engine.Void(second, at(30)))
+	must(t, engine.Void(second, at(31))) // voiding again is a no-op
+	if _, err := engine.Settle(second, nil, at(40)); !errors.Is(err, tally.ErrReservationClosed) {
+		t.Fatalf("settle after void: %v", err)
+	}
+	if _, err := engine.Settle(987654, nil, at(40)); !errors.Is(err, tally.ErrUnknownReservation) {
+		t.Fatalf("unknown reservation: %v", err)
+	}
+	_, third, err := engine.Reserve(estimate, time.Second)
+	must(t, err)
+	expired, err := engine.ExpireReservations(at(10_000))
+	if err != nil || expired != 1 || third == 0 {
+		t.Fatalf("expired %d: %v", expired, err)
+	}
+	usage, err = engine.Usage("tp-ka", at(10_000))
+	must(t, err)
+	if usage.OpenReservations != 0 || usage.Limits[0].Used != 1 {
+		t.Fatalf("after settle, void and expiry: %+v", usage)
+	}
+}
+
+func TestConsumeManyDecidesEachRequestOnItsOwn(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "lu", "tp-lu", "Starter")
+	requests := []tally.Request{
+		{Key: "tp-lu", Resource: "m2.7", Quantities: one(tally.Requests), At: t0, RequestID: "a"},
+		{Key: "tp-lu", Resource: "no-such-model", Quantities: one(tally.Requests), At: t0},
+		{Key: "", Resource: "m2.7", Quantities: one(tally.Requests), At: t0},
+		{Key: "tp-nobody", Resource: "m2.7", Quantities: one(tally.Requests), At: t0},
+		{Key: "tp-lu", Resource: "m2.7", Quantities: one(tally.Requests), At: t0, RequestID: "a"},
+	}
+	results, err := engine.ConsumeMany(requests)
+	must(t, err)
+	if !results[0].Decision.Admitted || !errors.Is(results[1].Err, tally.ErrUnknownResource) ||
+		!errors.Is(results[2].Err, tally.ErrEmptyString) || results[3].Decision.Denial != tally.DenialUnknownKey ||
+		!results[4].Decision.Admitted {
+		t.Fatalf("results %+v", results)
+	}
+	// The repeated request id counted once.
+	usage, err := engine.Usage("tp-lu", t0)
+	must(t, err)
+	if usage.Limits[0].Used != 1 {
+		t.Fatalf("usage %+v", usage.Limits[0])
+	}
+	if _, err := engine.ConsumeMany(nil); !errors.Is(err, tally.ErrInvalidArgument) {
+		t.Fatalf("an empty batch: %v", err)
+	}
+}
+
+func TestGoroutinesSharingOneEngineAreAdmittedExactlyTheLimit(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "mo", "tp-mo", "Starter")
+	limit := limitAmount(t, engine, "tp-mo", "m2.7:requests")
+	const goroutines = 16
+	perGoroutine := int(limit)/goroutines*2 + 1
+	var wg sync.WaitGroup
+	counts := make([][2]int, goroutines)
+	for g := 0; g < goroutines; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < perGoroutine; i++ {
+				request := tally.Request{Key: "tp-mo", Resource: "m2.7", Quantities: one(tally.Requests), At: at(int64(i))}
+				decision, err := engine.Consume(request)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if decision.Admitted {
+					counts[g][0]++
+				} else if decision.Denial == tally.DenialQuotaExhausted {
+					counts[g][1]++
+				}
+				if _, err := engine.Usage("tp-mo", time.Time{}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	total, refused := 0, 0
+	for _, count := range counts {
+		total += count[0]
+		refused += count[1]
+	}
+	if uint64(total) != limit || total+refused != goroutines*perGoroutine {
+		t.Fatalf("admitted %d, denied %d of %d; limit %d", total, refused, goroutines*perGoroutine, limit)
+	}
+}
+
+func TestCloseIsIdempotentAndLaterCallsAnswerErrClosed(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	must(t, err)
+	seated(t, engine, "no", "tp-no", "Starter")
+	must(t, engine.Close())
+	must(t, engine.Close())
+	request := tally.Request{Key: "tp-no", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	if _, err := engine.Consume(request); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("consume after close: %v", err)
+	}
+	if _, err := engine.Usage("tp-no", t0); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("usage after close: %v", err)
+	}
+	if err := engine.CreateTeam("late", t0); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("admin after close: %v", err)
+	}
+	if _, err := engine.PolicyJSON(); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("policy after close: %v", err)
+	}
+}
+
+func TestCloseWhileGoroutinesAreCallingLetsThemFinishOrAnswerErrClosed(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	must(t, err)
+	seated(t, engine, "ob", "tp-ob", "Max")
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			for i := 0; i < 2000; i++ {
+				request := tally.Request{Key: "tp-ob", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+				if _, err := engine.Consume(request); err != nil {
+					if !errors.Is(err, tally.ErrClosed) {
+						t.Error(err)
+					}
+					return
+				}
+			}
+		}()
+	}
+	close(start)
+	time.Sleep(time.Millisecond)
+	var closers sync.WaitGroup
+	for c := 0; c < 2; c++ {
+		closers.Add(1)
+		go func() {
+			defer closers.Done()
+			if err := engine.Close(); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	closers.Wait()
+	wg.Wait()
+}
+
+func TestStatusesMapToDistinctSentinelsAndAnUnknownOnePanics(t *testing.T) {
+	if tally.Status(12).String() != "TALLY_CLOSED" || tally.Status(1000).String() != "TALLY_UNKNOWN_STATUS" {
+		t.Fatalf("names: %s %s", tally.Status(12), tally.Status(1000))
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("an unknown status did not panic")
+		}
+	}()
+	tally.PanicOnUnknownStatusForTest(36)
+}
+
+func TestPolicySwapKeepsUsageAndRefusesAnInvalidDocument(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "pa", "tp-pa", "Starter")
+	consume(t, engine, tally.Request{Key: "tp-pa", Resource: "m2.7", Quantities: one(tally.Requests), At: t0})
+	document, err := engine.PolicyJSON()
+	must(t, err)
+	must(t, engine.SwapPolicy(tally.WithPolicyJSON(document), t0))
+	if err := engine.SwapPolicy(tally.WithPolicyTOML("time_zone = 7"), t0); !errors.Is(err, tally.ErrPolicyInvalid) {
+		t.Fatalf("an invalid policy: %v", err)
+	}
+	must(t, engine.SwapPolicy(nil, t0))
+	usage, err := engine.Usage("tp-pa", t0)
+	must(t, err)
+	if usage.Limits[0].Used != 1 {
+		t.Fatalf("after the swaps: %+v", usage.Limits[0])
+	}
+	if _, err := tally.OpenInMemory(tally.WithPolicyFile("/nonexistent/policy.toml")); err == nil {
+		t.Fatal("a missing policy file opened")
+	}
+}
