@@ -1,0 +1,115 @@
+package gateway
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+)
+
+// API is the wire dialect of a route: how a client sends its key and how errors look.
+type API int
+
+const (
+	// OpenAI: /v1/chat/completions and friends; errors {"error": {"message", "type", "code"}}.
+	OpenAI API = iota
+	// Anthropic: /v1/messages; errors {"type": "error", "error": {"type", "message"}}.
+	Anthropic
+)
+
+// meteredRoutes are the POST routes the gateway counts, by API. Other paths are proxied
+// unmetered once the key is known (model lists, token counting).
+var meteredRoutes = map[string]API{
+	"/v1/chat/completions": OpenAI,
+	"/v1/completions":      OpenAI,
+	"/v1/responses":        OpenAI,
+	"/v1/embeddings":       OpenAI,
+	"/v1/messages":         Anthropic,
+}
+
+// apiOf is the dialect of a path: Anthropic for /v1/messages..., OpenAI otherwise.
+func apiOf(path string) API {
+	if strings.HasPrefix(path, "/v1/messages") {
+		return Anthropic
+	}
+	return OpenAI
+}
+
+// keyOf reads the caller's key: "Authorization: Bearer KEY" (OpenAI clients, Cursor, Cline)
+// or "x-api-key: KEY" (Anthropic clients, Claude Code).
+func keyOf(r *http.Request) string {
+	if key := strings.TrimSpace(r.Header.Get("x-api-key")); key != "" {
+		return key
+	}
+	authorization := r.Header.Get("Authorization")
+	if len(authorization) > 7 && strings.EqualFold(authorization[:7], "bearer ") {
+		return strings.TrimSpace(authorization[7:])
+	}
+	return ""
+}
+
+// apiError is one error answer: status, the API-specific type and code, and the message.
+type apiError struct {
+	status  int
+	kind    string // OpenAI "type" / Anthropic "error.type"
+	code    string // OpenAI "code" (Anthropic has none)
+	message string
+}
+
+// write answers the error in the shape of api, so coding tools show the message.
+func (e apiError) write(w http.ResponseWriter, api API) {
+	var body interface{}
+	if api == Anthropic {
+		body = map[string]interface{}{
+			"type":  "error",
+			"error": map[string]string{"type": e.kind, "message": e.message},
+		}
+	} else {
+		body = map[string]interface{}{
+			"error": map[string]interface{}{"message": e.message, "type": e.kind, "code": e.code, "param": nil},
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(e.status)
+	_ = json.NewEncoder(w).Encode(body)
+}
+
+// The error kinds by API.
+func invalidRequest(api API, code, message string) apiError {
+	return apiError{status: http.StatusBadRequest, kind: "invalid_request_error", code: code, message: message}
+}
+
+func unauthorized(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusUnauthorized, kind: "authentication_error", message: message}
+	}
+	return apiError{status: http.StatusUnauthorized, kind: "invalid_request_error", code: "invalid_api_key", message: message}
+}
+
+func rateLimited(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusTooManyRequests, kind: "rate_limit_error", message: message}
+	}
+	return apiError{status: http.StatusTooManyRequests, kind: "requests", code: "rate_limit_exceeded", message: message}
+}
+
+// noResources: waiting does not help (no seat, not covered, no credits).
+func noResources(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusForbidden, kind: "permission_error", message: message}
+	}
+	return apiError{status: http.StatusTooManyRequests, kind: "insufficient_quota", code: "insufficient_quota", message: message}
+}
+
+func upstreamFailed(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusBadGateway, kind: "api_error", message: message}
+	}
+	return apiError{status: http.StatusBadGateway, kind: "server_error", code: "upstream_error", message: message}
+}
+
+func internal(api API, status int, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: status, kind: "api_error", message: message}
+	}
+	return apiError{status: status, kind: "server_error", code: "internal_error", message: message}
+}

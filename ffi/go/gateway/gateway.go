@@ -1,0 +1,317 @@
+// Package gateway is a quota-enforcing reverse proxy in front of an OpenAI- or
+// Anthropic-compatible upstream, as coding tools (Claude Code, Cursor, Cline) call them.
+//
+// For each metered call it takes the key from "Authorization: Bearer" or "x-api-key", the
+// resource from the route and the body's "model", and reserves one request plus an estimate
+// of the tokens on a tally engine. Admitted calls are proxied; the upstream's reported token
+// usage settles the reservation (an upstream error voids it). Denied calls are answered
+// 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
+// shape whose message says which quota ran out and when it resets.
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// Config configures a Gateway. Engine and Upstream are required.
+type Config struct {
+	Engine   *tally.Engine
+	Upstream *url.URL
+	// UpstreamKey, if set, replaces the caller's key towards the upstream (Bearer for OpenAI
+	// routes, x-api-key for Anthropic ones), so tally keys never leave the gateway.
+	UpstreamKey string
+	// Resource maps a request's model to a tally resource; nil: DefaultResource.
+	Resource func(model string) string
+	// EstimateTokens is reserved when the body gives no max_tokens (default 4096).
+	EstimateTokens uint64
+	// Lease bounds a reservation whose response never finishes (default 30 minutes).
+	Lease time.Duration
+	// Clock gives the time of each call; nil: the engine's clock.
+	Clock func() time.Time
+	// MaxBodyBytes bounds a request body (default 32 MiB).
+	MaxBodyBytes int64
+	Logger       *log.Logger
+}
+
+// DefaultResource maps provider model names to the default policy's resources:
+// "MiniMax-M2.7" → "m2.7", "MiniMax-M2.7-highspeed" → "m2.7-highspeed".
+func DefaultResource(model string) string {
+	model = strings.ToLower(strings.TrimSpace(model))
+	return strings.TrimPrefix(model, "minimax-")
+}
+
+// Gateway is the http.Handler.
+type Gateway struct {
+	config Config
+	proxy  *httputil.ReverseProxy
+}
+
+// New builds a Gateway.
+func New(config Config) (*Gateway, error) {
+	if config.Engine == nil || config.Upstream == nil {
+		return nil, errors.New("gateway: Engine and Upstream are required")
+	}
+	if config.Resource == nil {
+		config.Resource = DefaultResource
+	}
+	if config.EstimateTokens == 0 {
+		config.EstimateTokens = 4096
+	}
+	if config.Lease <= 0 {
+		config.Lease = 30 * time.Minute
+	}
+	if config.MaxBodyBytes <= 0 {
+		config.MaxBodyBytes = 32 << 20
+	}
+	if config.Logger == nil {
+		config.Logger = log.Default()
+	}
+	g := &Gateway{config: config}
+	g.proxy = &httputil.ReverseProxy{
+		Director:       g.direct,
+		ModifyResponse: g.modifyResponse,
+		ErrorHandler:   g.upstreamError,
+		FlushInterval:  -1, // stream server-sent events as they come
+	}
+	return g, nil
+}
+
+// now is the time to pass the engine: the zero time (the engine's clock) without a Clock.
+func (g *Gateway) now() time.Time {
+	if g.config.Clock == nil {
+		return time.Time{}
+	}
+	return g.config.Clock()
+}
+
+// wallNow is the time for headers and messages.
+func (g *Gateway) wallNow() time.Time {
+	if g.config.Clock == nil {
+		return time.Now()
+	}
+	return g.config.Clock()
+}
+
+// call is one metered request in flight: its reservation and what to settle.
+type call struct {
+	gateway     *Gateway
+	api         API
+	resource    string
+	reservation tally.ReservationID
+	estimate    uint64
+	decision    tally.Decision
+	mutex       sync.Mutex
+	done        bool // settled or voided
+}
+
+type callKey struct{}
+
+// ServeHTTP meters the metered routes and proxies everything for known keys.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	api := apiOf(r.URL.Path)
+	key := keyOf(r)
+	if key == "" {
+		unauthorized(api, "missing API key: send Authorization: Bearer <key> or x-api-key").write(w, api)
+		return
+	}
+	if _, metered := meteredRoutes[r.URL.Path]; !metered || r.Method != http.MethodPost {
+		g.proxyUnmetered(w, r, api, key)
+		return
+	}
+	body, request, failure := g.readRequest(w, r, api, key)
+	if failure != nil {
+		failure.write(w, api)
+		return
+	}
+	c := &call{gateway: g, api: api, resource: request.Resource, estimate: request.Quantities[1].Amount}
+	decision, reservation, err := g.config.Engine.Reserve(request, g.config.Lease)
+	if err != nil {
+		engineError(api, err).write(w, api)
+		return
+	}
+	c.decision, c.reservation = decision, reservation
+	setRateLimitHeaders(w.Header(), api, decision, g.wallNow())
+	if !decision.Admitted {
+		denied(w, api, request.Resource, decision)
+		return
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	g.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
+}
+
+// readRequest reads (and bounds) the body, finds the model and builds the reservation's
+// estimate: one request and the tokens it may use.
+func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, key string) ([]byte, tally.Request, *apiError) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.config.MaxBodyBytes))
+	if err != nil {
+		failure := apiError{status: http.StatusRequestEntityTooLarge, kind: "request_too_large",
+			code: "request_too_large", message: "request body: " + err.Error()}
+		return nil, tally.Request{}, &failure
+	}
+	var fields struct {
+		Model               string  `json:"model"`
+		MaxTokens           *uint64 `json:"max_tokens"`
+		MaxCompletionTokens *uint64 `json:"max_completion_tokens"`
+		MaxOutputTokens     *uint64 `json:"max_output_tokens"`
+	}
+	if err := json.Unmarshal(body, &fields); err != nil || fields.Model == "" {
+		failure := invalidRequest(api, "invalid_request", "the body must be a JSON object with a \"model\"")
+		return nil, tally.Request{}, &failure
+	}
+	estimate := g.config.EstimateTokens
+	for _, limit := range []*uint64{fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens} {
+		if limit != nil && *limit > 0 {
+			estimate = *limit
+		}
+	}
+	// The prompt counts too: about one token per 4 bytes of body.
+	estimate += uint64(len(body))/4 + 1
+	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(),
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}}
+	return body, request, nil
+}
+
+// proxyUnmetered forwards calls that use no quota (model lists, token counting) for keys the
+// engine knows.
+func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key string) {
+	if _, err := g.config.Engine.Usage(key, g.now()); err != nil {
+		engineError(api, err).write(w, api)
+		return
+	}
+	g.proxy.ServeHTTP(w, r)
+}
+
+// direct points the request at the upstream and swaps in the upstream's key.
+func (g *Gateway) direct(r *http.Request) {
+	upstream := g.config.Upstream
+	r.URL.Scheme, r.URL.Host = upstream.Scheme, upstream.Host
+	r.URL.Path = strings.TrimSuffix(upstream.Path, "/") + r.URL.Path
+	r.Host = upstream.Host
+	if g.config.UpstreamKey == "" {
+		return
+	}
+	r.Header.Del("Authorization")
+	r.Header.Del("x-api-key")
+	if apiOf(r.URL.Path) == Anthropic {
+		r.Header.Set("x-api-key", g.config.UpstreamKey)
+	} else {
+		r.Header.Set("Authorization", "Bearer "+g.config.UpstreamKey)
+	}
+}
+
+// engineError maps an engine error to an answer.
+func engineError(api API, err error) apiError {
+	switch {
+	case errors.Is(err, tally.ErrUnknownKey):
+		return unauthorized(api, "invalid API key")
+	case errors.Is(err, tally.ErrUnknownResource):
+		return invalidRequest(api, "model_not_found", "this model is not served here: "+err.Error())
+	case errors.Is(err, tally.ErrEmptyString), errors.Is(err, tally.ErrStringTooLong),
+		errors.Is(err, tally.ErrNulInString), errors.Is(err, tally.ErrInvalidUTF8),
+		errors.Is(err, tally.ErrBadQuantity):
+		return invalidRequest(api, "invalid_request", err.Error())
+	case errors.Is(err, tally.ErrClosed):
+		return internal(api, http.StatusServiceUnavailable, "the gateway is shutting down")
+	default:
+		return internal(api, http.StatusInternalServerError, err.Error())
+	}
+}
+
+// denied answers a denial: 429 with Retry-After when waiting helps, in the API's shape.
+func denied(w http.ResponseWriter, api API, resource string, d tally.Decision) {
+	message := denialMessage(resource, d)
+	switch d.Denial {
+	case tally.DenialUnknownKey:
+		unauthorized(api, "invalid API key").write(w, api)
+	case tally.DenialQuotaExhausted:
+		w.Header().Set("Retry-After", fmt.Sprint(ceilSeconds(d.RetryAfter)))
+		rateLimited(api, message).write(w, api)
+	case tally.DenialTooManyReservations:
+		w.Header().Set("Retry-After", "1")
+		rateLimited(api, message).write(w, api)
+	case tally.DenialExceedsLimit, tally.DenialOverRequestMaximum:
+		invalidRequest(api, "request_too_large", message).write(w, api)
+	default: // no resources, not covered, insufficient credits: waiting does not help
+		noResources(api, message).write(w, api)
+	}
+}
+
+// denialMessage says which quota ran out and when it resets.
+func denialMessage(resource string, d tally.Decision) string {
+	plan := d.Plan
+	if plan == "" {
+		plan = "no plan"
+	}
+	var message string
+	switch d.Denial {
+	case tally.DenialQuotaExhausted:
+		message = fmt.Sprintf("Quota exhausted: %s (%d of %d used) on plan %s. It resets at %s; retry after %d seconds.",
+			d.LimitName, d.LimitUsed, d.LimitAmount, plan, d.RetryAt.UTC().Format(time.RFC3339), ceilSeconds(d.RetryAfter))
+	case tally.DenialNoResources:
+		message = "This key has no Token Plan seat and its team has no credits: assign a seat or top up credits."
+	case tally.DenialResourceNotCovered:
+		message = fmt.Sprintf("Plan %s does not cover %s and the team's credits cannot pay for it.", plan, resource)
+	case tally.DenialInsufficientCredits:
+		message = fmt.Sprintf("The plan's quota for %s is used up and the team's credits are short (%d micro-credits needed).",
+			resource, d.CreditsNeededMicros)
+	case tally.DenialTooManyReservations:
+		message = fmt.Sprintf("Too many calls in flight for this key (%d of %d allowed by plan %s).", d.Requested, d.Maximum, plan)
+	case tally.DenialExceedsLimit:
+		message = fmt.Sprintf("The request (%d) is larger than the limit %s itself (%d).", d.Requested, d.LimitName, d.Maximum)
+	case tally.DenialOverRequestMaximum:
+		message = fmt.Sprintf("The request asks for %d %s; at most %d per request.", d.Requested, d.Unit, d.Maximum)
+	default:
+		message = "Denied: " + d.Denial.String() + "."
+	}
+	if d.UpgradePlan != "" {
+		message += " Plan " + d.UpgradePlan + " has room for it."
+	}
+	return message
+}
+
+// setRateLimitHeaders reports the limit the decision names (the tightest or the one that
+// denied) as OpenAI's x-ratelimit-* headers, plus Anthropic's for /v1/messages.
+func setRateLimitHeaders(h http.Header, api API, d tally.Decision, now time.Time) {
+	if d.LimitIndex < 0 {
+		return
+	}
+	reset := time.Duration(0)
+	if !d.ResetAt.IsZero() && d.ResetAt.After(now) {
+		reset = time.Duration(ceilSeconds(d.ResetAt.Sub(now))) * time.Second
+	}
+	if d.Denial == tally.DenialQuotaExhausted {
+		reset = time.Duration(ceilSeconds(d.RetryAfter)) * time.Second
+	}
+	h.Set("x-ratelimit-limit-requests", fmt.Sprint(d.LimitAmount))
+	h.Set("x-ratelimit-remaining-requests", fmt.Sprint(d.Remaining))
+	h.Set("x-ratelimit-reset-requests", reset.String())
+	if api == Anthropic {
+		h.Set("anthropic-ratelimit-requests-limit", fmt.Sprint(d.LimitAmount))
+		h.Set("anthropic-ratelimit-requests-remaining", fmt.Sprint(d.Remaining))
+		h.Set("anthropic-ratelimit-requests-reset", now.Add(reset).UTC().Format(time.RFC3339))
+	}
+}
+
+// ceilSeconds rounds a wait up to whole seconds (at least 1), as Retry-After needs.
+func ceilSeconds(d time.Duration) int64 {
+	seconds := int64((d + time.Second - 1) / time.Second)
+	if seconds < 1 {
+		seconds = 1
+	}
+	return seconds
+}

@@ -1,0 +1,422 @@
+package gateway_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+	"github.com/tally-engine/tally/ffi/go/gateway"
+)
+
+// t0 is 2030-03-17T17:46:40Z: after the machine's clock (the engine forgets reservations
+// relative to it); each call advances the gateway's clock by a millisecond.
+var t0 = time.UnixMilli(1_900_000_000_000)
+
+const upstreamKey = "sk-upstream-secret"
+
+// fakeUpstream answers like the OpenAI and Anthropic APIs, with token usage, streamed when
+// asked; while fail is set it answers 500. It counts the calls it served.
+type fakeUpstream struct {
+	fail   atomic.Bool
+	served atomic.Int64
+	wrong  atomic.Int64 // calls that arrived without the upstream's key
+}
+
+func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Authorization") != "Bearer "+upstreamKey && r.Header.Get("x-api-key") != upstreamKey {
+		f.wrong.Add(1)
+	}
+	var body struct {
+		Model  string `json:"model"`
+		Stream bool   `json:"stream"`
+	}
+	if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
+		fmt.Fprint(w, `{"object":"list","data":[{"id":"MiniMax-M2.7"}]}`)
+		return
+	}
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Model == "" {
+		http.Error(w, "the gateway must pass the body through", http.StatusBadRequest)
+		return
+	}
+	if f.fail.Load() {
+		http.Error(w, `{"error":{"message":"boom","type":"server_error"}}`, http.StatusInternalServerError)
+		return
+	}
+	f.served.Add(1)
+	anthropic := r.URL.Path == "/v1/messages"
+	if body.Stream {
+		w.Header().Set("Content-Type", "text/event-stream")
+		if anthropic {
+			fmt.Fprint(w, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n")
+			fmt.Fprint(w, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n")
+			fmt.Fprint(w, "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":20}}\n\n")
+			fmt.Fprint(w, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+		} else {
+			fmt.Fprint(w, "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n")
+			fmt.Fprint(w, "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":18,\"total_tokens\":30}}\n\n")
+			fmt.Fprint(w, "data: [DONE]\n\n")
+		}
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if anthropic {
+		fmt.Fprint(w, `{"type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"output_tokens":20}}`)
+	} else {
+		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}`)
+	}
+}
+
+type harness struct {
+	engine   *tally.Engine
+	upstream *fakeUpstream
+	gateway  *httptest.Server
+	policy   policyDocument
+}
+
+type policyDocument struct {
+	Resources map[string]struct {
+		PriceMicros map[string]uint64 `json:"price_micros"`
+	} `json:"resources"`
+	Plans map[string]struct {
+		Limits []struct {
+			Resource string `json:"resource"`
+			Unit     string `json:"unit"`
+			Amount   uint64 `json:"amount"`
+		} `json:"limits"`
+	} `json:"plans"`
+}
+
+// start runs a fake upstream and the gateway in front of it on loopback, on a fresh engine
+// with the shipped policy.
+func start(t *testing.T) *harness {
+	t.Helper()
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{engine: engine, upstream: &fakeUpstream{}}
+	upstream := httptest.NewServer(h.upstream)
+	upstreamURL, _ := url.Parse(upstream.URL)
+	var tick atomic.Int64
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, UpstreamKey: upstreamKey,
+		Clock:  func() time.Time { return t0.Add(time.Duration(tick.Add(1)) * time.Millisecond) },
+		Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.gateway = httptest.NewServer(g)
+	t.Cleanup(func() {
+		h.gateway.Close()
+		upstream.Close()
+		if err := engine.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	document, err := engine.PolicyJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal([]byte(document), &h.policy); err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+// limit reads a plan's limit on a resource's unit from the engine's policy.
+func (h *harness) limit(t *testing.T, plan, resource, unit string) uint64 {
+	for _, limit := range h.policy.Plans[plan].Limits {
+		if limit.Resource == resource && limit.Unit == unit {
+			return limit.Amount
+		}
+	}
+	t.Fatalf("plan %s has no %s %s limit", plan, resource, unit)
+	return 0
+}
+
+func (h *harness) user(t *testing.T, user, key, plan string) {
+	t.Helper()
+	if err := h.engine.CreateUser(user, key, t0); err != nil {
+		t.Fatal(err)
+	}
+	if plan == "" {
+		return
+	}
+	if err := h.engine.AssignSeat("@"+user, user, plan, t0); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type answer struct {
+	status int
+	header http.Header
+	body   map[string]interface{}
+	raw    string
+}
+
+// call sends one chat call the way the API's clients do: OpenAI with a Bearer key to
+// /v1/chat/completions, Anthropic with x-api-key to /v1/messages.
+func (h *harness) call(t *testing.T, anthropic bool, key, model string, stream bool) answer {
+	path := "/v1/chat/completions"
+	if anthropic {
+		path = "/v1/messages"
+	}
+	body := fmt.Sprintf(`{"model":%q,"max_tokens":256,"stream":%t,"messages":[{"role":"user","content":"hello"}]}`, model, stream)
+	request, err := http.NewRequest(http.MethodPost, h.gateway.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	request.Header.Set("Content-Type", "application/json")
+	if anthropic {
+		request.Header.Set("x-api-key", key)
+		request.Header.Set("anthropic-version", "2023-06-01")
+	} else if key != "" {
+		request.Header.Set("Authorization", "Bearer "+key)
+	}
+	response, err := http.DefaultClient.Do(request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer response.Body.Close()
+	raw, err := io.ReadAll(response.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := answer{status: response.StatusCode, header: response.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &a.body)
+	return a
+}
+
+// openAIError and anthropicError check an error body's shape and return its message.
+func openAIError(t *testing.T, a answer, wantType string) string {
+	t.Helper()
+	inner, ok := a.body["error"].(map[string]interface{})
+	if !ok || inner["type"] != wantType || inner["message"] == "" || inner["code"] == nil {
+		t.Fatalf("not an OpenAI %s error: %d %s", wantType, a.status, a.raw)
+	}
+	return inner["message"].(string)
+}
+
+func anthropicError(t *testing.T, a answer, wantType string) string {
+	t.Helper()
+	inner, ok := a.body["error"].(map[string]interface{})
+	if a.body["type"] != "error" || !ok || inner["type"] != wantType || inner["message"] == "" {
+		t.Fatalf("not an Anthropic %s error: %d %s", wantType, a.status, a.raw)
+	}
+	return inner["message"].(string)
+}
+
+func TestAStarterKeyGetsExactlyItsLimitThen429sInEachAPIsShape(t *testing.T) {
+	h := start(t)
+	h.user(t, "ada", "tp-ada", "Starter")
+	limit := h.limit(t, "Starter", "m2.7", "requests")
+	total := int(limit) + 40
+	var next atomic.Int64
+	var admitted, limited atomic.Int64
+	var mutex sync.Mutex
+	denials := map[bool]answer{} // the last 429 by API (true: Anthropic)
+	var wg sync.WaitGroup
+	for worker := 0; worker < 8; worker++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1)
+				if i > int64(total) {
+					return
+				}
+				anthropic := i%2 == 0
+				a := h.call(t, anthropic, "tp-ada", "MiniMax-M2.7", i%3 == 0)
+				switch a.status {
+				case http.StatusOK:
+					admitted.Add(1)
+				case http.StatusTooManyRequests:
+					limited.Add(1)
+					mutex.Lock()
+					denials[anthropic] = a
+					mutex.Unlock()
+				default:
+					t.Errorf("call %d: %d %s", i, a.status, a.raw)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if admitted.Load() != int64(limit) || limited.Load() != int64(total)-int64(limit) ||
+		h.upstream.served.Load() != int64(limit) || h.upstream.wrong.Load() != 0 {
+		t.Fatalf("admitted %d, 429 %d, upstream served %d (%d without its key); limit %d",
+			admitted.Load(), limited.Load(), h.upstream.served.Load(), h.upstream.wrong.Load(), limit)
+	}
+	for anthropic, a := range denials {
+		retryAfter, err := strconv.Atoi(a.header.Get("Retry-After"))
+		if err != nil || retryAfter < 4*3600 || retryAfter > 5*3600+600 {
+			t.Fatalf("Retry-After %q", a.header.Get("Retry-After"))
+		}
+		if a.header.Get("x-ratelimit-limit-requests") != fmt.Sprint(limit) ||
+			a.header.Get("x-ratelimit-remaining-requests") != "0" ||
+			a.header.Get("x-ratelimit-reset-requests") != (time.Duration(retryAfter)*time.Second).String() {
+			t.Fatalf("headers %v", a.header)
+		}
+		var message string
+		if anthropic {
+			message = anthropicError(t, a, "rate_limit_error")
+		} else {
+			message = openAIError(t, a, "requests")
+		}
+		if !strings.Contains(message, "m2.7") || !strings.Contains(message, "resets at 2030-03-17T2") ||
+			!strings.Contains(message, fmt.Sprintf("retry after %d seconds", retryAfter)) {
+			t.Fatalf("message %q", message)
+		}
+	}
+	if len(denials) != 2 {
+		t.Fatalf("429s seen for %d APIs", len(denials))
+	}
+	usage, err := h.engine.Usage("tp-ada", t0.Add(time.Minute))
+	if err != nil || usage.Limits[0].Used != limit || usage.OpenReservations != 0 {
+		t.Fatalf("usage %+v %v", usage, err)
+	}
+}
+
+func TestTokensTheUpstreamReportsAreSettled(t *testing.T) {
+	h := start(t)
+	// A shared-usage-bar plan counts tokens at their price, so the bar shows them.
+	h.user(t, "bo", "tp-bo", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	const tokensPerCall = 30 // the fake upstream's usage: 12 + 18, and 10 + 20
+	for _, anthropic := range []bool{false, true} {
+		for _, stream := range []bool{false, true} {
+			a := h.call(t, anthropic, "tp-bo", "MiniMax-M2.7", stream)
+			if a.status != http.StatusOK || a.header.Get("x-ratelimit-limit-requests") == "" {
+				t.Fatalf("anthropic %t stream %t: %d %s %v", anthropic, stream, a.status, a.raw, a.header)
+			}
+		}
+	}
+	usage, err := h.engine.Usage("tp-bo", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 4 * (prices["requests"] + tokensPerCall*prices["tokens"])
+	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
+		t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+	}
+}
+
+func TestUnknownAndMissingKeysAre401InTheAPIsShape(t *testing.T) {
+	h := start(t)
+	a := h.call(t, false, "tp-nobody", "MiniMax-M2.7", false)
+	if a.status != http.StatusUnauthorized {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	openAIError(t, a, "invalid_request_error")
+	a = h.call(t, true, "tp-nobody", "MiniMax-M2.7", false)
+	if a.status != http.StatusUnauthorized {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "authentication_error")
+	if a = h.call(t, false, "", "MiniMax-M2.7", false); a.status != http.StatusUnauthorized {
+		t.Fatalf("no key: %d %s", a.status, a.raw)
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served an unknown key")
+	}
+}
+
+func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing.T) {
+	h := start(t)
+	h.user(t, "cy", "tp-cy", "")
+	a := h.call(t, true, "tp-cy", "MiniMax-M2.7", false)
+	if a.status != http.StatusForbidden || !strings.Contains(anthropicError(t, a, "permission_error"), "no Token Plan seat") {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	a = h.call(t, false, "tp-cy", "MiniMax-M2.7", false)
+	if a.status != http.StatusTooManyRequests || a.header.Get("Retry-After") != "" {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	openAIError(t, a, "insufficient_quota")
+	h.user(t, "di", "tp-di", "Starter")
+	if a = h.call(t, false, "tp-di", "gpt-99", false); a.status != http.StatusBadRequest {
+		t.Fatalf("unknown model: %d %s", a.status, a.raw)
+	}
+	openAIError(t, a, "invalid_request_error")
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a refused call")
+	}
+}
+
+func TestAnUpstreamFailureVoidsTheReservation(t *testing.T) {
+	h := start(t)
+	h.user(t, "ed", "tp-ed", "Starter")
+	h.upstream.fail.Store(true)
+	a := h.call(t, false, "tp-ed", "MiniMax-M2.7", false)
+	if a.status != http.StatusInternalServerError {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	usage, err := h.engine.Usage("tp-ed", t0.Add(time.Minute))
+	if err != nil || usage.Limits[0].Used != 0 || usage.OpenReservations != 0 {
+		t.Fatalf("after an upstream error: %+v %v", usage, err)
+	}
+}
+
+func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	if err := engine.CreateUser("fa", "tp-fa", t0); err != nil {
+		t.Fatal(err)
+	}
+	if err := engine.AssignSeat("@fa", "fa", "Starter", t0); err != nil {
+		t.Fatal(err)
+	}
+	dead := httptest.NewServer(http.NotFoundHandler())
+	deadURL, _ := url.Parse(dead.URL)
+	dead.Close()
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: deadURL,
+		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recorder := httptest.NewRecorder()
+	request := httptest.NewRequest(http.MethodPost, "/v1/messages", strings.NewReader(`{"model":"MiniMax-M2.7","max_tokens":5}`))
+	request.Header.Set("x-api-key", "tp-fa")
+	g.ServeHTTP(recorder, request)
+	a := answer{status: recorder.Code, raw: recorder.Body.String()}
+	_ = json.Unmarshal(recorder.Body.Bytes(), &a.body)
+	if a.status != http.StatusBadGateway {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "api_error")
+	usage, err := engine.Usage("tp-fa", t0)
+	if err != nil || usage.Limits[0].Used != 0 || usage.OpenReservations != 0 {
+		t.Fatalf("after an unreachable upstream: %+v %v", usage, err)
+	}
+}
+
+func TestUnmeteredRoutesAreProxiedForKnownKeys(t *testing.T) {
+	h := start(t)
+	h.user(t, "gu", "tp-gu", "Starter")
+	for key, want := range map[string]int{"tp-gu": http.StatusOK, "tp-nobody": http.StatusUnauthorized} {
+		request, _ := http.NewRequest(http.MethodGet, h.gateway.URL+"/v1/models", nil)
+		request.Header.Set("Authorization", "Bearer "+key)
+		response, err := http.DefaultClient.Do(request)
+		if err != nil {
+			t.Fatal(err)
+		}
+		response.Body.Close()
+		if response.StatusCode != want {
+			t.Fatalf("%s: %d", key, response.StatusCode)
+		}
+	}
+}

@@ -1,0 +1,236 @@
+package gateway
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// The most bytes of a non-streamed response read to find its usage; a longer one is
+// streamed through and charged at the estimate.
+const maxUsageBodyBytes = 32 << 20
+
+// modifyResponse settles the call's reservation from the upstream's reported usage, or
+// voids it when the upstream failed. Streamed responses (server-sent events) are settled
+// when their body ends, from the usage their events carry.
+func (g *Gateway) modifyResponse(response *http.Response) error {
+	c, ok := response.Request.Context().Value(callKey{}).(*call)
+	if !ok {
+		return nil
+	}
+	setRateLimitHeaders(response.Header, c.api, c.decision, g.wallNow())
+	if response.StatusCode >= http.StatusBadRequest {
+		c.void()
+		return nil
+	}
+	if strings.HasPrefix(response.Header.Get("Content-Type"), "text/event-stream") {
+		response.Body = &streamedBody{body: response.Body, call: c}
+		return nil
+	}
+	body, err := io.ReadAll(io.LimitReader(response.Body, maxUsageBodyBytes+1))
+	if err != nil {
+		c.void()
+		return err
+	}
+	var counter tokenCounter
+	if len(body) <= maxUsageBodyBytes {
+		counter.observe(body)
+	}
+	c.settle(counter)
+	response.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(body), response.Body), response.Body}
+	return nil
+}
+
+// upstreamError voids the reservation and answers 502 in the API's shape.
+func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
+	api := apiOf(r.URL.Path)
+	if c, ok := r.Context().Value(callKey{}).(*call); ok {
+		c.void()
+		api = c.api
+	}
+	g.config.Logger.Printf("tally-gateway: upstream: %v", err)
+	upstreamFailed(api, "the upstream failed: "+err.Error()).write(w, api)
+}
+
+// settle charges one request and the tokens the upstream reported (the estimate if it
+// reported none). If more tokens than reserved no longer fit, the estimate is charged: the
+// tokens were spent either way.
+func (c *call) settle(counter tokenCounter) {
+	if !c.end() {
+		return
+	}
+	tokens, seen := counter.tokens()
+	if !seen {
+		tokens = c.estimate
+	}
+	actual := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
+	if tokens > 0 {
+		actual = append(actual, tally.Quantity{Unit: tally.Tokens, Amount: tokens})
+	}
+	engine, at, logger := c.gateway.config.Engine, c.gateway.now(), c.gateway.config.Logger
+	decision, err := engine.Settle(c.reservation, actual, at)
+	if err == nil && !decision.Admitted {
+		logger.Printf("tally-gateway: %d tokens beyond the estimate did not fit (%s); charging the estimate",
+			tokens, decision.Denial)
+		actual[len(actual)-1].Amount = c.estimate
+		decision, err = engine.Settle(c.reservation, actual, at)
+	}
+	if err != nil || !decision.Admitted {
+		logger.Printf("tally-gateway: settle reservation %d: %v %+v", c.reservation, err, decision.Denial)
+	}
+}
+
+// end marks the call finished; only the first of settle and void does anything.
+func (c *call) end() bool {
+	c.mutex.Lock()
+	defer c.mutex.Unlock()
+	first := !c.done
+	c.done = true
+	return first
+}
+
+// void gives back everything the reservation held.
+func (c *call) void() {
+	if !c.end() {
+		return
+	}
+	if err := c.gateway.config.Engine.Void(c.reservation, c.gateway.now()); err != nil {
+		c.gateway.config.Logger.Printf("tally-gateway: void reservation %d: %v", c.reservation, err)
+	}
+}
+
+// streamedBody passes server-sent events through, reading the usage their "data:" lines
+// carry, and settles the call when the stream ends or is closed.
+type streamedBody struct {
+	body    io.ReadCloser
+	call    *call
+	line    []byte
+	counter tokenCounter
+	once    sync.Once
+}
+
+// The longest event line kept for usage (longer ones are content, not usage).
+const maxEventLineBytes = 1 << 20
+
+func (s *streamedBody) Read(p []byte) (int, error) {
+	n, err := s.body.Read(p)
+	s.scan(p[:n])
+	if err != nil {
+		s.finish()
+	}
+	return n, err
+}
+
+func (s *streamedBody) Close() error {
+	s.finish()
+	return s.body.Close()
+}
+
+func (s *streamedBody) finish() {
+	s.once.Do(func() {
+		s.endLine()
+		s.call.settle(s.counter)
+	})
+}
+
+func (s *streamedBody) scan(chunk []byte) {
+	for len(chunk) > 0 {
+		end := bytes.IndexByte(chunk, '\n')
+		if end < 0 {
+			if len(s.line)+len(chunk) <= maxEventLineBytes {
+				s.line = append(s.line, chunk...)
+			}
+			return
+		}
+		if len(s.line)+end <= maxEventLineBytes {
+			s.line = append(s.line, chunk[:end]...)
+		}
+		s.endLine()
+		chunk = chunk[end+1:]
+	}
+}
+
+func (s *streamedBody) endLine() {
+	line := bytes.TrimSpace(s.line)
+	s.line = s.line[:0]
+	if data := bytes.TrimPrefix(line, []byte("data:")); len(data) < len(line) {
+		s.counter.observe(bytes.TrimSpace(data))
+	}
+}
+
+// tokenCounter collects token usage from response JSON: OpenAI's usage.total_tokens (or
+// prompt + completion), the Responses API's response.usage, Anthropic's usage.input_tokens +
+// output_tokens, and in Anthropic streams message_start's message.usage and message_delta's
+// cumulative usage. Later reports replace earlier ones (they are cumulative).
+type tokenCounter struct {
+	total, input, output *uint64
+}
+
+type usageFields struct {
+	TotalTokens      *uint64 `json:"total_tokens"`
+	PromptTokens     *uint64 `json:"prompt_tokens"`
+	CompletionTokens *uint64 `json:"completion_tokens"`
+	InputTokens      *uint64 `json:"input_tokens"`
+	OutputTokens     *uint64 `json:"output_tokens"`
+}
+
+func (t *tokenCounter) observe(document []byte) {
+	var event struct {
+		Usage    *usageFields                  `json:"usage"`
+		Message  *struct{ Usage *usageFields } `json:"message"`
+		Response *struct{ Usage *usageFields } `json:"response"`
+	}
+	if json.Unmarshal(document, &event) != nil {
+		return
+	}
+	for _, usage := range []*usageFields{event.Usage, nestedUsage(event.Message), nestedUsage(event.Response)} {
+		if usage == nil {
+			continue
+		}
+		replace(&t.total, usage.TotalTokens)
+		replace(&t.input, usage.PromptTokens)
+		replace(&t.input, usage.InputTokens)
+		replace(&t.output, usage.CompletionTokens)
+		replace(&t.output, usage.OutputTokens)
+	}
+}
+
+func nestedUsage(holder *struct{ Usage *usageFields }) *usageFields {
+	if holder == nil {
+		return nil
+	}
+	return holder.Usage
+}
+
+func replace(into **uint64, value *uint64) {
+	if value != nil {
+		v := *value
+		*into = &v
+	}
+}
+
+// tokens is the usage seen: the total if reported, else input + output.
+func (t *tokenCounter) tokens() (uint64, bool) {
+	if t.total != nil {
+		return *t.total, true
+	}
+	if t.input == nil && t.output == nil {
+		return 0, false
+	}
+	var sum uint64
+	if t.input != nil {
+		sum += *t.input
+	}
+	if t.output != nil {
+		sum += *t.output
+	}
+	return sum, true
+}
