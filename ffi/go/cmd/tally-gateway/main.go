@@ -1,0 +1,119 @@
+// Command tally-gateway enforces tally quotas in front of an OpenAI- or Anthropic-compatible
+// upstream. Point a coding tool's base URL at it and use a tally key as its API key.
+//
+//	tally-gateway -upstream https://api.example.com -db ./tally-data -demo-key tp-demo:Starter
+//
+// The upstream's own key comes from the UPSTREAM_API_KEY environment variable (or
+// -upstream-key); without one, callers' credentials are forwarded as they are.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+	"github.com/tally-engine/tally/ffi/go/gateway"
+)
+
+// demoKeys collects repeated -demo-key KEY:PLAN flags (PLAN "payg" for pay-as-you-go).
+type demoKeys []string
+
+func (d *demoKeys) String() string     { return strings.Join(*d, ",") }
+func (d *demoKeys) Set(v string) error { *d = append(*d, v); return nil }
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:8080", "address to listen on")
+	upstream := flag.String("upstream", "", "upstream base URL, e.g. https://api.minimax.io/anthropic (required)")
+	upstreamKey := flag.String("upstream-key", os.Getenv("UPSTREAM_API_KEY"), "the upstream's API key (default $UPSTREAM_API_KEY)")
+	db := flag.String("db", "", "database directory (default: in memory, lost on exit)")
+	policy := flag.String("policy", "", "policy file, .toml or .json (default: the shipped Token Plan)")
+	estimate := flag.Uint64("estimate-tokens", 4096, "tokens reserved when a request gives no max_tokens")
+	var keys demoKeys
+	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
+	flag.Parse()
+	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, keys); err != nil {
+		log.Fatalf("tally-gateway: %v", err)
+	}
+}
+
+func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys demoKeys) error {
+	upstreamURL, err := url.Parse(upstream)
+	if err != nil || upstreamURL.Scheme == "" || upstreamURL.Host == "" {
+		return fmt.Errorf("-upstream: want an absolute URL, got %q", upstream)
+	}
+	var options []tally.Option
+	if policy != "" {
+		options = append(options, tally.WithPolicyFile(policy))
+	}
+	var engine *tally.Engine
+	if db == "" {
+		engine, err = tally.OpenInMemory(options...)
+	} else {
+		engine, err = tally.Open(db, options...)
+	}
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err := engine.Close(); err != nil {
+			log.Printf("tally-gateway: close: %v", err)
+		}
+	}()
+	for _, key := range keys {
+		if err := seedKey(engine, key); err != nil {
+			return err
+		}
+	}
+	handler, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL,
+		UpstreamKey: upstreamKey, EstimateTokens: estimate})
+	if err != nil {
+		return err
+	}
+	server := &http.Server{Addr: listen, Handler: handler, ReadHeaderTimeout: 30 * time.Second}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-stop
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_ = server.Shutdown(ctx)
+	}()
+	log.Printf("tally-gateway: listening on %s, proxying to %s (library %s)", listen, upstreamURL, tally.LibraryVersion())
+	if err := server.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// seedKey creates the user "demo-KEY" with KEY on PLAN in their Default Team; a key that
+// exists (a reopened database) is kept as it is.
+func seedKey(engine *tally.Engine, spec string) error {
+	key, plan, ok := strings.Cut(spec, ":")
+	if !ok || key == "" || plan == "" {
+		return fmt.Errorf("-demo-key: want KEY:PLAN, got %q", spec)
+	}
+	user := "demo-" + key
+	if strings.EqualFold(plan, "payg") {
+		if err := engine.CreateUser(user, key+"-plan", time.Time{}); err != nil && !errors.Is(err, tally.ErrAlreadyExists) {
+			return err
+		}
+		if err := engine.CreatePaygKey(user, key, time.Time{}); err != nil && !errors.Is(err, tally.ErrAlreadyExists) {
+			return err
+		}
+		return nil
+	}
+	if err := engine.CreateUser(user, key, time.Time{}); err != nil && !errors.Is(err, tally.ErrAlreadyExists) {
+		return err
+	}
+	return engine.AssignSeat("@"+user, user, plan, time.Time{})
+}
