@@ -28,6 +28,7 @@ cargo test --workspace --no-fail-fast
 
 step "C ABI: the C test (plain and under Valgrind) and the generated header"
 bash scripts/test-c.sh
+step "Go: the package and the gateway (go vet, go test -race)" && bash scripts/test-go.sh
 
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test
