@@ -1,0 +1,35 @@
+package tally_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// The README's Go example (keep the two in step).
+func Example() {
+	dir, _ := os.MkdirTemp("", "tally-example")
+	defer os.RemoveAll(dir)
+
+	engine, err := tally.Open(filepath.Join(dir, "tally-data")) // shipped policy, fsync before acknowledging
+	if err != nil {
+		panic(err)
+	}
+	defer engine.Close()                             // idempotent; later calls return tally.ErrClosed
+	_ = engine.CreateUser("ada", "tp-ada-1", t0)     // user, Default Team "@ada", key
+	_ = engine.AssignSeat("@ada", "ada", "Plus", t0) // a seat makes the key usable
+
+	decision, err := engine.Consume(tally.Request{Key: "tp-ada-1", Resource: "m2.7", At: t0,
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}}, RequestID: "req-42"})
+	switch {
+	case err != nil: // bad input, storage, ...: errors.Is(err, tally.ErrUnknownResource)
+		panic(err)
+	case !decision.Admitted: // e.g. tally.DenialQuotaExhausted: 429, Retry-After from RetryAfter
+		fmt.Printf("denied by %s; retry in %v\n", decision.LimitName, decision.RetryAfter)
+	default:
+		fmt.Printf("%s: %d of %d left\n", decision.ChargedTo, decision.Remaining, decision.LimitAmount)
+	}
+	// Output: plan_quota: 4499 of 4500 left
+}
