@@ -28,6 +28,7 @@ cargo test --workspace --no-fail-fast
 
 step "C ABI: the C test (plain and under Valgrind) and the generated header"
 bash scripts/test-c.sh
+bash scripts/test-python.sh
 
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test
