@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Python package (ffi/python) over the C ABI: builds libtally (release), makes a virtual
-# environment under the target directory, installs the package (editable) and pytest from PyPI,
-# and runs the tests. On a fresh Debian machine it installs python3-venv and gcc (the struct
-# layout test compiles a C program against the header) when they are missing.
+# environment under the target directory, installs the package (editable), pytest and the pinned
+# linters from PyPI, lints (ruff, mypy --strict) and runs the tests. On a fresh Debian machine it
+# installs python3-venv and gcc (the struct layout test compiles a C program against the header)
+# when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,8 +52,13 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/nu
 fi
 "$venv/bin/python" --version
 
-step "install tally (editable) and pytest"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ffi/python "pytest>=7"
+step "install tally (editable), pytest and the pinned linters"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ffi/python \
+  "pytest>=7" "ruff==0.17.6" "mypy==2.4.1"
+
+step "lint: ruff (check and format) and mypy --strict (settings in ffi/python/pyproject.toml)"
+(cd ffi/python && "$venv/bin/ruff" check src tests && "$venv/bin/ruff" format --check src tests \
+  && "$venv/bin/python" -m mypy src/tally)
 
 step "pytest"
 "$venv/bin/python" -m pytest ffi/python/tests -q

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
 
-import tally
-from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader
-
 from conftest import HOUR_MS, T, seated
+from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -23,7 +21,7 @@ class Upstream:
     """A fake OpenAI/Anthropic upstream: answers each route with its usage, records calls."""
 
     def __init__(self) -> None:
-        self.calls: List[Dict[str, Any]] = []
+        self.calls: list[dict[str, Any]] = []
         self.status = 200
         self.raise_error = False
         self.stream = False
@@ -45,16 +43,27 @@ class Upstream:
             await self._stream(scope["path"], send, prompt, completion)
             return
         if scope["path"] == MESSAGES:
-            answer = {"type": "message", "usage": {"input_tokens": prompt, "output_tokens": completion}}
+            answer = {
+                "type": "message",
+                "usage": {"input_tokens": prompt, "output_tokens": completion},
+            }
         else:
             answer = {
                 "object": "chat.completion",
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                          "total_tokens": prompt + completion},
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
             }
         payload = json.dumps(answer).encode()
-        await send({"type": "http.response.start", "status": self.status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         # In two pieces, as a real proxy may send it.
         await send({"type": "http.response.body", "body": payload[:7], "more_body": True})
         await send({"type": "http.response.body", "body": payload[7:], "more_body": False})
@@ -62,27 +71,43 @@ class Upstream:
     async def _stream(self, path: str, send, prompt: int, completion: int) -> None:
         if path == MESSAGES:
             events = [
-                {"type": "message_start", "message": {"usage": {"input_tokens": prompt, "output_tokens": 1}}},
+                {
+                    "type": "message_start",
+                    "message": {"usage": {"input_tokens": prompt, "output_tokens": 1}},
+                },
                 {"type": "content_block_delta", "delta": {"text": "hi"}},
                 {"type": "message_delta", "usage": {"output_tokens": completion}},
             ]
         else:
             events = [
                 {"choices": [{"delta": {"content": "hi"}}], "usage": None},
-                {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                          "total_tokens": prompt + completion}},
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                },
             ]
         text = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         raw = text.encode()
         for start in range(0, len(raw), 13):  # chunks that split lines
-            await send({"type": "http.response.body", "body": raw[start:start + 13], "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": raw[start : start + 13], "more_body": True}
+            )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class Response:
-    def __init__(self, status: int, headers: Dict[str, str], body: bytes) -> None:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.status = status
         self.headers = headers
         self.body = body
@@ -91,19 +116,36 @@ class Response:
         return json.loads(self.body)
 
 
-def request(app, path: str, body: Optional[Dict[str, Any]] = None, *, key: Optional[str] = "",
-            header: str = "authorization", method: str = "POST", raw: Optional[bytes] = None) -> Response:
-    headers: List[Tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+def request(
+    app,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    key: str | None = "",
+    header: str = "authorization",
+    method: str = "POST",
+    raw: bytes | None = None,
+) -> Response:
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
     if key:
         value = f"Bearer {key}" if header == "authorization" else key
         headers.append((header.encode(), value.encode()))
     payload = raw if raw is not None else json.dumps(body or {}).encode()
-    scope = {"type": "http", "method": method, "path": path, "headers": headers,
-             "query_string": b"", "http_version": "1.1", "scheme": "http"}
-    pieces = [payload[: len(payload) // 2], payload[len(payload) // 2:]]
-    incoming = [{"type": "http.request", "body": piece, "more_body": i == 0}
-                for i, piece in enumerate(pieces)]
-    sent: List[Dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+    }
+    pieces = [payload[: len(payload) // 2], payload[len(payload) // 2 :]]
+    incoming = [
+        {"type": "http.request", "body": piece, "more_body": i == 0}
+        for i, piece in enumerate(pieces)
+    ]
+    sent: list[dict[str, Any]] = []
 
     async def receive():
         if incoming:
@@ -144,7 +186,7 @@ def gateway(engine, upstream, clock):
     return QuotaMiddleware(upstream, engine, clock=clock)
 
 
-def chat(model: str = "MiniMax-M2.7", **extra: Any) -> Dict[str, Any]:
+def chat(model: str = "MiniMax-M2.7", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
 
 
@@ -183,8 +225,13 @@ def test_admitted_responses_carry_the_rate_limit_headers(engine, gateway):
 def test_the_anthropic_route_denies_in_anthropics_error_shape(engine, gateway):
     key = seated(engine, "cy", "tp-cy-1", "Starter")
     engine.consume(key, "m2.7", {"requests": 1500}, at_ms=T)
-    denied = request(gateway, MESSAGES, {"model": "MiniMax-M2.7", "max_tokens": 100,
-                                         "messages": []}, key=key, header="x-api-key")
+    denied = request(
+        gateway,
+        MESSAGES,
+        {"model": "MiniMax-M2.7", "max_tokens": 100, "messages": []},
+        key=key,
+        header="x-api-key",
+    )
     assert denied.status == 429
     assert int(denied.headers["retry-after"]) > 0
     body = denied.json()
@@ -200,8 +247,10 @@ def test_unknown_and_missing_keys_get_401_in_each_apis_shape(engine, gateway, up
     assert openai.json()["error"]["code"] == "invalid_api_key"
     anthropic = request(gateway, MESSAGES, chat(), key=None)
     assert anthropic.status == 401
-    assert anthropic.json() == {"type": "error", "error": {
-        "type": "authentication_error", "message": anthropic.json()["error"]["message"]}}
+    assert anthropic.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": anthropic.json()["error"]["message"]},
+    }
     assert request(gateway, CHAT, chat(), key="x" * 500).status == 401
     assert upstream.calls == []
 
@@ -211,8 +260,10 @@ def test_tokens_from_the_response_are_settled_through_a_reservation(engine, gate
     engine.create_payg_key("di", "pg-di-1", at_ms=T)
     upstream.tokens = (120, 380)
     assert request(gateway, CHAT, chat(max_tokens=1000), key="pg-di-1").status == 200
-    assert request(gateway, MESSAGES, chat(max_tokens=1000), key="pg-di-1",
-                   header="x-api-key").status == 200
+    assert (
+        request(gateway, MESSAGES, chat(max_tokens=1000), key="pg-di-1", header="x-api-key").status
+        == 200
+    )
     usage = engine.usage("pg-di-1", at_ms=T + HOUR_MS)
     # 2 requests at 2,000 micros plus 2 x 500 tokens at 1 micro: the actual, not the estimate.
     assert usage.pay_as_you_go_micros == 2 * 2_000 + 2 * 500
@@ -229,7 +280,9 @@ def test_streamed_usage_is_settled_for_both_apis(engine, gateway, upstream):
     assert engine.credits("@ed") == 1_000_000 - 2 * (2_000 + 120)
 
 
-def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(engine, gateway, upstream):
+def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(
+    engine, gateway, upstream
+):
     engine.create_user("fa", "tp-fa-1", at_ms=T)
     engine.top_up("@fa", 1_000_000, at_ms=T)
     upstream.status = 500
@@ -285,7 +338,10 @@ def test_unknown_models_bad_bodies_and_other_routes(engine, gateway, upstream):
     key = seated(engine, "ka", "tp-ka-1", "Max")
     missing = request(gateway, CHAT, chat(model="gpt-99"), key=key)
     assert missing.status == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert request(gateway, MESSAGES, chat(model="gpt-99"), key=key).json()["error"]["type"] == "not_found_error"
+    assert (
+        request(gateway, MESSAGES, chat(model="gpt-99"), key=key).json()["error"]["type"]
+        == "not_found_error"
+    )
     assert request(gateway, CHAT, raw=b"{not json", key=key).status == 400
     assert request(gateway, CHAT, {"messages": []}, key=key).status == 400
     assert request(gateway, CHAT, chat(model="m2.7-highspeed"), key=key).status == 429  # not on Max
@@ -298,13 +354,18 @@ def test_unknown_models_bad_bodies_and_other_routes(engine, gateway, upstream):
 
 def test_routes_and_models_are_configurable(engine, upstream, clock):
     gateway = QuotaMiddleware(
-        upstream, engine, clock=clock,
+        upstream,
+        engine,
+        clock=clock,
         routes={"/anthropic/v1/messages": Route(Api.ANTHROPIC, Metering.REQUESTS, "m2.7")},
         models={"claude-sonnet-4-5": "m2.7"},
     )
     key = seated(engine, "la", "tp-la-1", "Starter")
     assert request(gateway, "/anthropic/v1/messages", {"messages": []}, key=key).status == 200
-    assert request(gateway, "/anthropic/v1/messages", chat(model="claude-sonnet-4-5"), key=key).status == 200
+    assert (
+        request(gateway, "/anthropic/v1/messages", chat(model="claude-sonnet-4-5"), key=key).status
+        == 200
+    )
     assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2
     assert request(gateway, CHAT, chat(), key=key).status == 200  # no longer metered
     assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 import tally
-from tally import Durability
-
 from conftest import T, seated
+from tally import Durability
 
 
 def test_a_reopened_engine_keeps_its_usage_credits_and_request_ids(tmp_path):
@@ -29,7 +28,9 @@ def test_a_reopened_engine_keeps_its_usage_credits_and_request_ids(tmp_path):
 
 
 def test_the_event_log_and_a_billing_cursor(tmp_path):
-    with tally.Engine.open(tmp_path / "db", durability=Durability.INTERVAL, interval_ms=50) as engine:
+    with tally.Engine.open(
+        tmp_path / "db", durability=Durability.INTERVAL, interval_ms=50
+    ) as engine:
         key = seated(engine, "bo", "tp-bo-1", "Plus")
         engine.consume(key, "m2.7", {"requests": 2}, at_ms=T)
         engine.sync()
@@ -75,8 +76,12 @@ def test_a_policy_file_and_an_invalid_one(tmp_path):
     )
     with tally.Engine.open(tmp_path / "db", policy, durability="none") as engine:
         key = seated(engine, "cy", "tp-cy-1", "Tiny")
-        assert [engine.consume(key, "chat", {"requests": 1}, at_ms=T).admitted for _ in range(3)] == [
-            True, True, False,
+        assert [
+            engine.consume(key, "chat", {"requests": 1}, at_ms=T).admitted for _ in range(3)
+        ] == [
+            True,
+            True,
+            False,
         ]
     with tally.Engine.in_memory(tally.Policy.toml(policy.read_text())) as engine:
         assert "Tiny" in engine.policy()["plans"]

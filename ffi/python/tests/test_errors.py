@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 import tally
-from tally import errors
-
 from conftest import T, seated
+from tally import errors
 
 
 @pytest.fixture

@@ -35,13 +35,23 @@ def _c_layout(tmp_path: Path) -> dict:
             )
     program = tmp_path / "layout.c"
     program.write_text(
-        "#include <stddef.h>\n#include <stdio.h>\n#include \"tally.h\"\n"
+        '#include <stddef.h>\n#include <stdio.h>\n#include "tally.h"\n'
         "int main(void) {\n" + "\n".join(lines) + "\nreturn 0;\n}\n"
     )
     binary = tmp_path / "layout"
     subprocess.run(
-        ["gcc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-I", str(HEADER.parent),
-         str(program), "-o", str(binary)],
+        [
+            "gcc",
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-I",
+            str(HEADER.parent),
+            str(program),
+            "-o",
+            str(binary),
+        ],
         check=True,
     )
     output = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
@@ -56,7 +66,9 @@ def _c_layout(tmp_path: Path) -> dict:
     return layout
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (scripts/test-python.sh installs it)")
+@pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="needs gcc (scripts/test-python.sh installs it)"
+)
 def test_every_struct_has_the_size_alignment_and_field_offsets_gcc_gives_it(tmp_path):
     layout = _c_layout(tmp_path)
     assert set(layout) == set(_native.STRUCTS)
@@ -72,7 +84,7 @@ def test_the_header_has_no_struct_field_the_mirror_lacks():
     """gcc checks the fields the mirror names; this checks the mirror names them all."""
     text = HEADER.read_text()
     for c_name, structure in _native.STRUCTS.items():
-        body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (c_name, c_name), text, re.S)
+        body = re.search(rf"typedef struct {c_name} \{{(.*?)\}} {c_name};", text, re.S)
         assert body, c_name
         code = "\n".join(line.split("//")[0] for line in body.group(1).splitlines())
         fields = re.findall(r"(\w+)(?:\[\w+\])?;", code)
@@ -93,14 +105,29 @@ def test_the_constants_agree_with_the_header():
     assert defines["VERSION"] == f'"{tally.version()}"'
     assert int(defines["VERSION_MAJOR"]) == _native.VERSION_MAJOR
     assert int(defines["VERSION_MINOR"]) == _native.VERSION_MINOR
-    for name in ["MAX_BATCH", "MAX_ID_BYTES", "MAX_NAME_BYTES", "NAME_CAPACITY",
-                 "MAX_DECISION_LIMITS", "MAX_QUANTITIES", "MAX_EVENTS_PER_CALL", "NOW"]:
+    for name in [
+        "MAX_BATCH",
+        "MAX_ID_BYTES",
+        "MAX_NAME_BYTES",
+        "NAME_CAPACITY",
+        "MAX_DECISION_LIMITS",
+        "MAX_QUANTITIES",
+        "MAX_EVENTS_PER_CALL",
+        "NOW",
+    ]:
         assert int(defines[name]) == getattr(_native, name), name
     assert tally.MAX_BATCH == _native.MAX_BATCH
-    for enum_name, enum in [("unit", tally.Unit), ("charged_to", tally.ChargedTo),
-                            ("denial", tally.Denial), ("durability", tally.Durability)]:
-        block = re.search(r"enum tally_%s\b.*?\{(.*?)\};" % enum_name, text, re.S).group(1)
-        values = {m[0]: int(m[1]) for m in re.findall(r"TALLY_(?:%s_)?(\w+) = (\d+)" % enum_name.upper(), block)}
+    for enum_name, enum in [
+        ("unit", tally.Unit),
+        ("charged_to", tally.ChargedTo),
+        ("denial", tally.Denial),
+        ("durability", tally.Durability),
+    ]:
+        block = re.search(rf"enum tally_{enum_name}\b.*?\{{(.*?)\}};", text, re.S).group(1)
+        values = {
+            m[0]: int(m[1])
+            for m in re.findall(rf"TALLY_(?:{enum_name.upper()}_)?(\w+) = (\d+)", block)
+        }
         assert values == {member.name: member.value for member in enum}, enum_name
     policy_block = re.search(r"enum tally_policy_source\b.*?\{(.*?)\};", text, re.S).group(1)
     policy_values = dict(re.findall(r"TALLY_POLICY_(\w+) = (\d+)", policy_block))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import tally
-from tally import ChargedTo, Denial, Unit
-
 from conftest import HOUR_MS, T, seated
+from tally import ChargedTo, Denial, Unit
 
 
 def test_a_starter_key_gets_exactly_its_5_hour_request_quota_then_a_retry_after(engine):
@@ -75,7 +74,9 @@ def test_a_key_exists_before_any_resources_and_is_denied_no_resources(engine):
     assert decision.credits_needed_micros == 2_000
     # Credits alone make the same key usable.
     engine.top_up("@ed", 2_000, at_ms=T)
-    assert engine.consume("tp-ed-1", "m2.7", {"requests": 1}, at_ms=T).charged_to is ChargedTo.CREDITS
+    assert (
+        engine.consume("tp-ed-1", "m2.7", {"requests": 1}, at_ms=T).charged_to is ChargedTo.CREDITS
+    )
 
 
 def test_a_resource_the_plan_does_not_cover_is_denied_without_credits(engine):
@@ -149,7 +150,9 @@ def test_teams_members_seats_and_withdrawals(engine):
     assert engine.usage("tp-ka-acme", at_ms=T).plan == "Max"
     assert engine.consume("tp-ka-acme", "hailuo-2.3-768p-6s", {"videos": 1}, at_ms=T).admitted
     engine.unassign_seat("acme", "ka", at_ms=T)
-    assert engine.consume("tp-ka-acme", "m2.7", {"requests": 1}, at_ms=T).denial is Denial.NO_RESOURCES
+    assert (
+        engine.consume("tp-ka-acme", "m2.7", {"requests": 1}, at_ms=T).denial is Denial.NO_RESOURCES
+    )
     assert engine.top_up("acme", 10_000, at_ms=T) == 10_000
     assert engine.withdraw_credits("acme", 4_000, at_ms=T) == 6_000
 

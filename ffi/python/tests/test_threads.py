@@ -6,7 +6,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import tally
-
 from conftest import T, seated
 
 THREADS = 8

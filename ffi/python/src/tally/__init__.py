@@ -1,13 +1,13 @@
 """tally: an embedded quota-accounting engine, from Python (over its C ABI).
 
-    import tally
+import tally
 
-    with tally.Engine.in_memory() as engine:          # the shipped Token Plan policy
-        engine.create_user("ada", "tp-ada-1")          # user, Default Team "@ada", key
-        engine.assign_seat("@ada", "ada", "Plus")
-        decision = engine.consume("tp-ada-1", "m2.7", {"requests": 1})
-        if not decision.admitted:
-            print(decision.denial, decision.retry_after_seconds)
+with tally.Engine.in_memory() as engine:          # the shipped Token Plan policy
+    engine.create_user("ada", "tp-ada-1")          # user, Default Team "@ada", key
+    engine.assign_seat("@ada", "ada", "Plus")
+    decision = engine.consume("tp-ada-1", "m2.7", {"requests": 1})
+    if not decision.admitted:
+        print(decision.denial, decision.retry_after_seconds)
 """
 
 from __future__ import annotations

@@ -8,13 +8,14 @@ never reaches C."""
 from __future__ import annotations
 
 import ctypes
-from typing import Callable, Mapping, Optional, Tuple, Union
+from collections.abc import Callable, Mapping
 
 from . import _native, errors
 from .enums import Unit
 
-Text = Union[str, bytes]
-Quantities = Mapping[Union[Unit, str], int]
+Text = str | bytes
+#: ``{"requests": 1}``, ``{Unit.TOKENS: 900}`` or a mix (Mapping is invariant in its key).
+Quantities = Mapping[str, int] | Mapping[Unit, int] | Mapping[Unit | str, int]
 
 # A size query never needs more rounds than this unless a report grows on every call.
 _MAX_TEXT_ATTEMPTS = 8
@@ -39,7 +40,7 @@ def u32(name: str, value: object) -> int:
     return integer(name, value, _native.U32_MAX)
 
 
-def at_ms(value: Optional[int]) -> int:
+def at_ms(value: int | None) -> int:
     """A timestamp argument: None is the engine's clock (TALLY_NOW)."""
     return _native.NOW if value is None else u64("at_ms", value)
 
@@ -57,14 +58,14 @@ def text(name: str, value: object) -> bytes:
     raise TypeError(f"{name} must be a str, not {type(value).__name__}")
 
 
-def optional_text(name: str, value: object) -> Tuple[Optional[bytes], int]:
+def optional_text(name: str, value: object) -> tuple[bytes | None, int]:
     if value is None:
         return None, 0
     encoded = text(name, value)
     return encoded, len(encoded)
 
 
-def quantities(name: str, value: object) -> "ctypes.Array[_native.Quantity]":
+def quantities(name: str, value: object) -> ctypes.Array[_native.Quantity]:
     """A mapping of unit to amount as a C array (``{"requests": 1}``, ``{Unit.TOKENS: 900}``).
 
     Zero amounts, too many entries and a unit twice are the library's to refuse
@@ -78,7 +79,7 @@ def quantities(name: str, value: object) -> "ctypes.Array[_native.Quantity]":
     return array
 
 
-def read_text(call: Callable[[Optional["ctypes.Array[ctypes.c_char]"], int, object], int]) -> str:
+def read_text(call: Callable[[ctypes.Array[ctypes.c_char] | None, int, object], int]) -> str:
     """Runs a size-query call (``buf, buf_len, &needed``) until its text fits, and decodes it."""
     needed = ctypes.c_size_t(0)
     buffer = ctypes.create_string_buffer(_FIRST_BUFFER_BYTES)

@@ -29,7 +29,6 @@ from ctypes import (
     c_void_p,
 )
 from pathlib import Path
-from typing import List, Optional
 
 # The header's constants (tally.h); the wrapper checks against these before calling.
 VERSION_MAJOR = 0
@@ -214,7 +213,7 @@ def _library_file_name() -> str:
     return "libtally.so"
 
 
-def _repository_target_dirs() -> List[Path]:
+def _repository_target_dirs() -> list[Path]:
     """``target/`` of the repository this file sits in (ffi/python/src/tally/_native.py)."""
     for parent in Path(__file__).resolve().parents:
         if (parent / "ffi" / "include" / "tally.h").is_file():
@@ -222,12 +221,12 @@ def _repository_target_dirs() -> List[Path]:
     return []
 
 
-def candidate_paths() -> List[Path]:
+def candidate_paths() -> list[Path]:
     """Where the library may be, best first (not counting the system loader)."""
     override = os.environ.get(ENV_LIBRARY)
     if override:
         return [Path(override)]
-    target_dirs: List[Path] = []
+    target_dirs: list[Path] = []
     cargo_target = os.environ.get("CARGO_TARGET_DIR")
     if cargo_target:
         target_dirs.append(Path(cargo_target))
@@ -263,7 +262,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def _check_version(library: ctypes.CDLL) -> str:
-    version = library.tally_version().decode("utf-8")
+    version = str(library.tally_version().decode("utf-8"))
     major, minor = (int(part) for part in version.split(".")[:2])
     if (major, minor) != (VERSION_MAJOR, VERSION_MINOR):
         raise LibraryNotFound(
@@ -275,4 +274,4 @@ def _check_version(library: ctypes.CDLL) -> str:
 
 lib = _declare(_load())
 library_version = _check_version(lib)
-library_path: Optional[str] = getattr(lib, "_name", None)
+library_path: str | None = getattr(lib, "_name", None)

@@ -27,19 +27,10 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import (
     Any,
-    Awaitable,
-    Callable,
-    Dict,
-    Iterable,
-    List,
-    Mapping,
-    MutableMapping,
-    Optional,
-    Set,
-    Tuple,
     TypeVar,
 )
 
@@ -53,7 +44,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-Headers = List[Tuple[bytes, bytes]]
+Headers = list[tuple[bytes, bytes]]
 R = TypeVar("R")
 A = TypeVar("A", Decision, Reservation)
 RunSync = Callable[[Callable[[], Any]], Awaitable[Any]]
@@ -91,7 +82,7 @@ class Route:
 
     api: Api
     metering: Metering
-    default_model: Optional[str] = None
+    default_model: str | None = None
 
 
 DEFAULT_ROUTES: Mapping[str, Route] = {
@@ -115,10 +106,12 @@ DEFAULT_MODELS: Mapping[str, str] = {
 class _Refusal(Exception):
     """An answer the middleware gives instead of the app's (401, 400, 404, 413, 503)."""
 
-    def __init__(self, status: int, kind: str, message: str, code: Optional[str] = None) -> None:
+    def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.kind = kind  # "authentication", "invalid_request", "not_found", "too_large", "unavailable"
+        self.kind = (
+            kind  # "authentication", "invalid_request", "not_found", "too_large", "unavailable"
+        )
         self.message = message
         self.code = code
 
@@ -145,20 +138,18 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def error_body(api: Api, kind: str, message: str, code: Optional[str]) -> Dict[str, Any]:
+def error_body(api: Api, kind: str, message: str, code: str | None) -> dict[str, Any]:
     """The JSON error of ``api``: OpenAI ``{"error": {"message", "type", "param", "code"}}``,
     Anthropic ``{"type": "error", "error": {"type", "message"}}``."""
     if api is Api.ANTHROPIC:
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
-    return {
-        "error": {"message": message, "type": _OPENAI_TYPES[kind], "param": None, "code": code}
-    }
+    return {"error": {"message": message, "type": _OPENAI_TYPES[kind], "param": None, "code": code}}
 
 
 # ---- what a denial says ---------------------------------------------------------------------
 
 
-def _iso(ms: Optional[int]) -> str:
+def _iso(ms: int | None) -> str:
     if not ms:
         return "unknown"
     moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
@@ -182,7 +173,11 @@ def denial_message(decision: Decision, resource: str) -> str:
     credits = f" Or top up at least {needed:.6f} credits to pay for it." if needed else ""
     denial = decision.denial
     if denial is Denial.QUOTA_EXHAUSTED:
-        retry_at = "" if decision.retry_at_ms == decision.reset_at_ms else f" ({_iso(decision.retry_at_ms)})"
+        retry_at = (
+            ""
+            if decision.retry_at_ms == decision.reset_at_ms
+            else f" ({_iso(decision.retry_at_ms)})"
+        )
         return (
             f"Quota exhausted: {decision.limit_name} on {plan} "
             f"({decision.limit_used}/{decision.limit_amount} used). It resets at "
@@ -222,7 +217,7 @@ def denial_message(decision: Decision, resource: str) -> str:
     return "Invalid API key."
 
 
-def _denial_answer(decision: Decision) -> Tuple[int, str, Optional[str]]:
+def _denial_answer(decision: Decision) -> tuple[int, str, str | None]:
     """(HTTP status, error kind, OpenAI code) for a denial."""
     denial = decision.denial
     if denial is Denial.UNKNOWN_KEY:
@@ -234,7 +229,7 @@ def _denial_answer(decision: Decision) -> Tuple[int, str, Optional[str]]:
     return 429, "insufficient_quota", "insufficient_quota"
 
 
-def rate_limit_headers(api: Api, decision: Decision, now_ms: Optional[int]) -> Headers:
+def rate_limit_headers(api: Api, decision: Decision, now_ms: int | None) -> Headers:
     """``x-ratelimit-{limit,remaining,reset}-<unit>`` for the limit the decision names
     (``-requests`` for request quotas), Anthropic's ``anthropic-ratelimit-*`` on its routes,
     and ``x-tally-*`` saying where the request was charged."""
@@ -273,14 +268,14 @@ def _limit_unit(limit_name: str) -> str:
 # ---- reading requests and responses ---------------------------------------------------------
 
 
-def _header(scope: Scope, name: bytes) -> Optional[str]:
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
 
 
-def api_key(scope: Scope) -> Optional[str]:
+def api_key(scope: Scope) -> str | None:
     """The key from ``Authorization: Bearer <key>`` or else ``x-api-key``."""
     authorization = _header(scope, b"authorization")
     if authorization:
@@ -312,7 +307,7 @@ def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens
     return max(1, min(MAX_TOKEN_ESTIMATE, body_bytes // 4 + output))
 
 
-def tokens_from_usage(usage: Any) -> Optional[int]:
+def tokens_from_usage(usage: Any) -> int | None:
     """Total tokens of an OpenAI ``usage`` (``total_tokens`` or prompt + completion) or an
     Anthropic one (input + output)."""
     if not isinstance(usage, Mapping):
@@ -339,7 +334,7 @@ class UsageReader:
         self.streaming = "text/event-stream" in content_type
         self._buffer = bytearray()
         self._overflowed = False
-        self._total: Optional[int] = None
+        self._total: int | None = None
         self._input = 0
         self._output = 0
 
@@ -373,12 +368,16 @@ class UsageReader:
             self._output = tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or 0
         elif event.get("type") == "message_delta":
             usage = event.get("usage") or {}
-            self._input = tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or self._input
-            self._output = tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or self._output
+            self._input = (
+                tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or self._input
+            )
+            self._output = (
+                tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or self._output
+            )
         else:
             self._total = tokens_from_usage(event.get("usage")) or self._total
 
-    def tokens(self) -> Optional[int]:
+    def tokens(self) -> int | None:
         """The tokens the response reported, or None if it reported none we could read."""
         if self.streaming:
             if self._buffer:
@@ -403,7 +402,7 @@ class _Plan:
     route: Route
     key: str
     resource: str
-    quantities: Dict[str, int]
+    quantities: dict[str, int]
 
 
 class QuotaMiddleware:
@@ -425,13 +424,13 @@ class QuotaMiddleware:
         app: ASGIApp,
         engine: Engine,
         *,
-        routes: Optional[Mapping[str, Route]] = None,
-        models: Optional[Mapping[str, str]] = None,
-        clock: Optional[Callable[[], int]] = None,
+        routes: Mapping[str, Route] | None = None,
+        models: Mapping[str, str] | None = None,
+        clock: Callable[[], int] | None = None,
         default_max_tokens: int = 4096,
-        lease_ms: Optional[int] = None,
+        lease_ms: int | None = None,
         refund_on_error: bool = True,
-        run_sync: Optional[RunSync] = None,
+        run_sync: RunSync | None = None,
     ) -> None:
         self.app = app
         self.engine = engine
@@ -442,15 +441,17 @@ class QuotaMiddleware:
         self.lease_ms = lease_ms
         self.refund_on_error = refund_on_error
         self._run_sync = run_sync
-        self._resource_units: Dict[str, Set[str]] = {}
+        self._resource_units: dict[str, set[str]] = {}
         self.refresh_policy()
 
     def refresh_policy(self) -> None:
         """Re-reads the resources and their units (after ``swap_policy``)."""
         resources = self.engine.policy().get("resources", {})
-        self._resource_units = {name: set(spec.get("units", [])) for name, spec in resources.items()}
+        self._resource_units = {
+            name: set(spec.get("units", [])) for name, spec in resources.items()
+        }
 
-    def _now(self) -> Optional[int]:
+    def _now(self) -> int | None:
         return self.clock() if self.clock is not None else None
 
     async def _call(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
@@ -478,7 +479,7 @@ class QuotaMiddleware:
         else:
             await self._consume(scope, replay, send, plan)
 
-    def _route(self, scope: Scope) -> Optional[Route]:
+    def _route(self, scope: Scope) -> Route | None:
         if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
             return None
         path = scope.get("path", "")
@@ -505,7 +506,9 @@ class QuotaMiddleware:
         metered = {unit: amount for unit, amount in quantities.items() if unit in units}
         if not metered:
             raise _Refusal(
-                400, "invalid_request", f"The model maps to {resource}, which this route cannot meter."
+                400,
+                "invalid_request",
+                f"The model maps to {resource}, which this route cannot meter.",
             )
         return _Plan(route, key, resource, metered)
 
@@ -516,12 +519,14 @@ class QuotaMiddleware:
         resource = self.models.get(model, model)
         if resource not in self._resource_units:
             raise _Refusal(
-                404, "not_found", f"The model {model!r} does not exist or is not metered here.",
+                404,
+                "not_found",
+                f"The model {model!r} does not exist or is not metered here.",
                 "model_not_found",
             )
         return resource
 
-    def _quantities(self, route: Route, document: Mapping[str, Any], size: int) -> Dict[str, int]:
+    def _quantities(self, route: Route, document: Mapping[str, Any], size: int) -> dict[str, int]:
         if route.metering is Metering.TOKENS:
             tokens = estimate_tokens(document, size, self.default_max_tokens)
             return {"requests": 1, "tokens": tokens}
@@ -573,7 +578,9 @@ class QuotaMiddleware:
         finally:
             await self._finish(reservation, plan, watcher)
 
-    async def _finish(self, reservation: Reservation, plan: _Plan, watcher: "_ResponseWatcher") -> None:
+    async def _finish(
+        self, reservation: Reservation, plan: _Plan, watcher: _ResponseWatcher
+    ) -> None:
         """Settles the tokens the response reported (the estimate if a successful response
         reported none); voids the reservation when the app failed without reporting any."""
         tokens = watcher.tokens()
@@ -589,7 +596,7 @@ class QuotaMiddleware:
             # was held rather than leave the reservation open until its lease ends.
             await self._undo(self.engine.settle, reservation, plan.quantities)
 
-    async def _undo(self, function: Callable[..., R], *args: Any) -> Optional[R]:
+    async def _undo(self, function: Callable[..., R], *args: Any) -> R | None:
         """A call after the app ran (settle, void, refund): an error is logged, not raised, so
         it never hides the app's own outcome."""
         try:
@@ -598,7 +605,7 @@ class QuotaMiddleware:
             _log.exception("tally: %s failed after the response", function.__name__)
             return None
 
-    async def _admit(self, send: Send, plan: _Plan, call: Callable[[], A]) -> Optional[A]:
+    async def _admit(self, send: Send, plan: _Plan, call: Callable[[], A]) -> A | None:
         """Runs the admission call (consume or reserve). On a denial or an error it answers
         for the app and returns None."""
         api = plan.route.api
@@ -639,8 +646,8 @@ class _ResponseWatcher:
         self._send = send
         self._headers = headers
         self._read_usage = read_usage
-        self._reader: Optional[UsageReader] = None
-        self.status: Optional[int] = None
+        self._reader: UsageReader | None = None
+        self.status: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -662,11 +669,11 @@ class _ResponseWatcher:
             self._reader.feed(bytes(message.get("body", b"")))
         await self._send(message)
 
-    def tokens(self) -> Optional[int]:
+    def tokens(self) -> int | None:
         return self._reader.tokens() if self._reader is not None else None
 
 
-async def _read_body(receive: Receive) -> Optional[bytes]:
+async def _read_body(receive: Receive) -> bytes | None:
     """The whole request body (bounded), or None if the client disconnected."""
     chunks = bytearray()
     while True:
@@ -695,7 +702,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 
 
 async def _send_json(
-    send: Send, api: Api, refusal: _Refusal, headers: Iterable[Tuple[bytes, bytes]]
+    send: Send, api: Api, refusal: _Refusal, headers: Iterable[tuple[bytes, bytes]]
 ) -> None:
     body = json.dumps(error_body(api, refusal.kind, refusal.message, refusal.code)).encode()
     all_headers = [

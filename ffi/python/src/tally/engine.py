@@ -7,8 +7,9 @@ import ctypes
 import json
 import os
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Union
 
 from . import _convert, _native, errors
 from ._convert import Quantities, Text
@@ -26,22 +27,22 @@ class Policy:
     dict for a JSON document; a bare ``str`` is refused as ambiguous."""
 
     source: PolicySource
-    document: Optional[bytes] = None
+    document: bytes | None = None
 
     @classmethod
-    def default(cls) -> "Policy":
+    def default(cls) -> Policy:
         return cls(PolicySource.DEFAULT)
 
     @classmethod
-    def file(cls, path: Union[str, "os.PathLike[str]"]) -> "Policy":
+    def file(cls, path: str | os.PathLike[str]) -> Policy:
         return cls(PolicySource.FILE, os.fsencode(path))
 
     @classmethod
-    def toml(cls, document: str) -> "Policy":
+    def toml(cls, document: str) -> Policy:
         return cls(PolicySource.TOML, _convert.text("policy", document))
 
     @classmethod
-    def json(cls, document: Union[str, Mapping[str, Any]]) -> "Policy":
+    def json(cls, document: str | Mapping[str, Any]) -> Policy:
         if isinstance(document, Mapping):
             document = json.dumps(document)
         return cls(PolicySource.JSON, _convert.text("policy", document))
@@ -50,7 +51,7 @@ class Policy:
 PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
 
 
-def _policy(policy: PolicyLike) -> Tuple[int, Optional[bytes], int]:
+def _policy(policy: PolicyLike) -> tuple[int, bytes | None, int]:
     if policy is None:
         policy = Policy.default()
     elif isinstance(policy, os.PathLike):
@@ -66,7 +67,7 @@ def _policy(policy: PolicyLike) -> Tuple[int, Optional[bytes], int]:
     return int(policy.source), document, 0 if document is None else len(document)
 
 
-def _durability(value: Union[Durability, str]) -> Durability:
+def _durability(value: Durability | str) -> Durability:
     if isinstance(value, Durability):
         return value
     if isinstance(value, str):
@@ -84,15 +85,15 @@ class Request:
     key: Text
     resource: Text
     quantities: Quantities
-    at_ms: Optional[int] = None
-    request_id: Optional[Text] = None
+    at_ms: int | None = None
+    request_id: Text | None = None
 
 
 def _request(
     key: object,
     resource: object,
     quantities: object,
-    at_ms: Optional[int],
+    at_ms: int | None,
     request_id: object,
 ) -> _native.Request:
     """A ``tally_request`` whose pointers stay alive as long as the struct (ctypes keeps the
@@ -112,11 +113,11 @@ def _request(
     request.request_id = request_id_bytes
     request.request_id_len = request_id_len
     # The cast pointer does not own the array: keep it with the struct.
-    request._tally_quantities = array  # type: ignore[attr-defined]
+    request._tally_quantities = array
     return request
 
 
-def _reservation_id(reservation: Union[int, Reservation]) -> int:
+def _reservation_id(reservation: int | Reservation) -> int:
     if isinstance(reservation, Reservation):
         if reservation.id is None:
             raise ValueError("the reservation was denied: there is nothing to settle or void")
@@ -145,12 +146,12 @@ class Engine:
     @classmethod
     def open(
         cls,
-        path: Union[str, "os.PathLike[str]"],
+        path: str | os.PathLike[str],
         policy: PolicyLike = None,
         *,
-        durability: Union[Durability, str] = Durability.SYNC,
+        durability: Durability | str = Durability.SYNC,
         interval_ms: int = 100,
-    ) -> "Engine":
+    ) -> Engine:
         """Opens (or creates) the database in directory ``path``. ``interval_ms`` (1..=60,000)
         is read only for ``Durability.INTERVAL``."""
         if not isinstance(path, (str, os.PathLike)):
@@ -175,7 +176,7 @@ class Engine:
         return cls(handle)
 
     @classmethod
-    def in_memory(cls, policy: PolicyLike = None) -> "Engine":
+    def in_memory(cls, policy: PolicyLike = None) -> Engine:
         """An engine that keeps everything in memory (tests, simulations)."""
         source, document, document_len = _policy(policy)
         handle = ctypes.c_void_p()
@@ -199,7 +200,7 @@ class Engine:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -216,8 +217,8 @@ class Engine:
         resource: Text,
         quantities: Quantities,
         *,
-        at_ms: Optional[int] = None,
-        request_id: Optional[Text] = None,
+        at_ms: int | None = None,
+        request_id: Text | None = None,
     ) -> Decision:
         """Decides the request and, if admitted, counts it (all of it or nothing).
 
@@ -235,8 +236,8 @@ class Engine:
         resource: Text,
         quantities: Quantities,
         *,
-        at_ms: Optional[int] = None,
-        request_id: Optional[Text] = None,
+        at_ms: int | None = None,
+        request_id: Text | None = None,
     ) -> Decision:
         """The decision ``consume`` would make now, counting nothing."""
         request = _request(key, resource, quantities, at_ms, request_id)
@@ -246,9 +247,7 @@ class Engine:
         )
         return Decision.from_native(out)
 
-    def consume_many(
-        self, requests: Sequence[Request]
-    ) -> List[Union[Decision, errors.TallyError]]:
+    def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
         its decision, or the error (not raised) that kept that request from being decided."""
         if not 1 <= len(requests) <= _native.MAX_BATCH:
@@ -284,8 +283,8 @@ class Engine:
         resource: Text,
         estimate: Quantities,
         *,
-        at_ms: Optional[int] = None,
-        lease_ms: Optional[int] = None,
+        at_ms: int | None = None,
+        lease_ms: int | None = None,
     ) -> Reservation:
         """Holds an estimate until settled, voided or the lease ends (default 10 minutes)."""
         request = _request(key, resource, estimate, at_ms, None)
@@ -305,10 +304,10 @@ class Engine:
 
     def settle(
         self,
-        reservation: Union[int, Reservation],
-        actual: Optional[Quantities] = None,
+        reservation: int | Reservation,
+        actual: Quantities | None = None,
         *,
-        at_ms: Optional[int] = None,
+        at_ms: int | None = None,
     ) -> Decision:
         """Charges what was actually used (None or {}: nothing). Not admitted: the part beyond
         the estimate did not fit and the reservation stays open."""
@@ -328,14 +327,14 @@ class Engine:
         )
         return Decision.from_native(out)
 
-    def void(self, reservation: Union[int, Reservation], *, at_ms: Optional[int] = None) -> None:
+    def void(self, reservation: int | Reservation, *, at_ms: int | None = None) -> None:
         """Frees everything a reservation holds (again: no-op)."""
         reservation_id = _reservation_id(reservation)
         errors.check(
             _native.lib.tally_engine_void(self._handle, reservation_id, _convert.at_ms(at_ms))
         )
 
-    def expire_reservations(self, *, at_ms: Optional[int] = None) -> int:
+    def expire_reservations(self, *, at_ms: int | None = None) -> int:
         """Ends reservations whose lease ended; returns how many."""
         expired = ctypes.c_uint64(0)
         errors.check(
@@ -345,7 +344,7 @@ class Engine:
         )
         return expired.value
 
-    def refund(self, request_id: Text, *, at_ms: Optional[int] = None) -> None:
+    def refund(self, request_id: Text, *, at_ms: int | None = None) -> None:
         """Refunds in full a request admitted under ``request_id``."""
         encoded = _convert.text("request_id", request_id)
         errors.check(
@@ -356,7 +355,7 @@ class Engine:
 
     # ---- teams, keys, seats, credits -------------------------------------------------------
 
-    def create_user(self, user: Text, key: Text, *, at_ms: Optional[int] = None) -> None:
+    def create_user(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
         """Creates a user, their Default Team ``"@" + user`` and their plan key in it."""
         user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
         errors.check(
@@ -370,7 +369,7 @@ class Engine:
             )
         )
 
-    def create_team(self, team: Text, *, at_ms: Optional[int] = None) -> None:
+    def create_team(self, team: Text, *, at_ms: int | None = None) -> None:
         team_bytes = _convert.text("team", team)
         errors.check(
             _native.lib.tally_engine_create_team(
@@ -378,9 +377,7 @@ class Engine:
             )
         )
 
-    def add_member(
-        self, team: Text, user: Text, key: Text, *, at_ms: Optional[int] = None
-    ) -> None:
+    def add_member(self, team: Text, user: Text, key: Text, *, at_ms: int | None = None) -> None:
         """Adds an existing user to a team with their plan key for that team."""
         team_bytes = _convert.text("team", team)
         user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
@@ -397,7 +394,7 @@ class Engine:
             )
         )
 
-    def create_payg_key(self, user: Text, key: Text, *, at_ms: Optional[int] = None) -> None:
+    def create_payg_key(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
         """Issues a pay-as-you-go key to an existing user."""
         user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
         errors.check(
@@ -411,9 +408,7 @@ class Engine:
             )
         )
 
-    def assign_seat(
-        self, team: Text, user: Text, plan: Text, *, at_ms: Optional[int] = None
-    ) -> None:
+    def assign_seat(self, team: Text, user: Text, plan: Text, *, at_ms: int | None = None) -> None:
         """Seats the user's key in the team on ``plan`` (or changes its plan at once)."""
         team_bytes, user_bytes = _convert.text("team", team), _convert.text("user", user)
         plan_bytes = _convert.text("plan", plan)
@@ -430,7 +425,7 @@ class Engine:
             )
         )
 
-    def unassign_seat(self, team: Text, user: Text, *, at_ms: Optional[int] = None) -> None:
+    def unassign_seat(self, team: Text, user: Text, *, at_ms: int | None = None) -> None:
         team_bytes, user_bytes = _convert.text("team", team), _convert.text("user", user)
         errors.check(
             _native.lib.tally_engine_unassign_seat(
@@ -443,7 +438,7 @@ class Engine:
             )
         )
 
-    def top_up(self, team: Text, micros: int, *, at_ms: Optional[int] = None) -> int:
+    def top_up(self, team: Text, micros: int, *, at_ms: int | None = None) -> int:
         """Adds micro-credits to the team's balance; returns the new balance."""
         team_bytes = _convert.text("team", team)
         balance = ctypes.c_uint64(0)
@@ -459,7 +454,7 @@ class Engine:
         )
         return balance.value
 
-    def withdraw_credits(self, team: Text, micros: int, *, at_ms: Optional[int] = None) -> int:
+    def withdraw_credits(self, team: Text, micros: int, *, at_ms: int | None = None) -> int:
         """Takes micro-credits from the team's balance; returns the new balance."""
         team_bytes = _convert.text("team", team)
         balance = ctypes.c_uint64(0)
@@ -488,7 +483,7 @@ class Engine:
 
     # ---- policy and reports ----------------------------------------------------------------
 
-    def swap_policy(self, policy: PolicyLike, *, at_ms: Optional[int] = None) -> None:
+    def swap_policy(self, policy: PolicyLike, *, at_ms: int | None = None) -> None:
         """Replaces the policy at run time; usage carries over."""
         source, document, document_len = _policy(policy)
         errors.check(
@@ -497,17 +492,17 @@ class Engine:
             )
         )
 
-    def policy(self) -> Dict[str, Any]:
+    def policy(self) -> dict[str, Any]:
         """The current policy document, parsed from its JSON."""
         document = _convert.read_text(
             lambda buf, size, needed: _native.lib.tally_engine_policy_json(
                 self._handle, buf, size, needed
             )
         )
-        parsed: Dict[str, Any] = json.loads(document)
+        parsed: dict[str, Any] = json.loads(document)
         return parsed
 
-    def usage(self, key: Text, *, at_ms: Optional[int] = None) -> Usage:
+    def usage(self, key: Text, *, at_ms: int | None = None) -> Usage:
         """The key's usage report: its plan's limits (used, remaining, reset) and credits."""
         key_bytes = _convert.text("key", key)
         when = _convert.at_ms(at_ms)
@@ -520,7 +515,7 @@ class Engine:
 
     # ---- the event log (durable engines) ---------------------------------------------------
 
-    def events_after(self, after_seq: int = 0, limit: int = 1000) -> List[Event]:
+    def events_after(self, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         """Up to ``limit`` events after sequence number ``after_seq``, oldest first."""
         after = _convert.u64("after_seq", after_seq)
         count = _convert.u32("limit", limit)
@@ -563,7 +558,7 @@ class Engine:
         """Makes everything logged so far durable."""
         errors.check(_native.lib.tally_engine_sync(self._handle))
 
-    def compact(self, *, at_ms: Optional[int] = None) -> int:
+    def compact(self, *, at_ms: int | None = None) -> int:
         """Checkpoints and drops old usage events; returns how many were removed."""
         removed = ctypes.c_uint64(0)
         errors.check(
@@ -574,7 +569,7 @@ class Engine:
         return removed.value
 
 
-def verify(path: Union[str, "os.PathLike[str]"]) -> VerifyReport:
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Checks a database directory that no engine has open."""
     path_bytes = os.fsencode(path)
     sound = ctypes.c_bool(False)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import enum
-from typing import Union
 
 
 class Unit(enum.IntEnum):
@@ -19,7 +18,7 @@ class Unit(enum.IntEnum):
     TOKENS = 6
 
     @classmethod
-    def parse(cls, value: Union["Unit", str]) -> "Unit":
+    def parse(cls, value: Unit | str) -> Unit:
         """A ``Unit`` from itself or its name (``"requests"``, any case).
 
         Plain integers are refused so that a count is never mistaken for a unit."""

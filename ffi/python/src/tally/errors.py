@@ -9,7 +9,6 @@ code that does not care about tally's taxonomy can catch the usual Python bases.
 from __future__ import annotations
 
 import ctypes
-from typing import Dict, Optional, Type
 
 from . import _native
 
@@ -239,7 +238,7 @@ class NotDurableError(TallyError):
 
 
 #: status code -> exception class, for every status but TALLY_OK.
-ERRORS_BY_STATUS: Dict[int, Type[TallyError]] = {
+ERRORS_BY_STATUS: dict[int, type[TallyError]] = {
     cls.status_code: cls
     for cls in [
         NullPointerError,
@@ -292,7 +291,7 @@ def status_name(status: int) -> str:
 def last_error() -> str:
     """The calling thread's last error message from the library ("" if none)."""
     needed = ctypes.c_size_t(0)
-    buffer: Optional[ctypes.Array[ctypes.c_char]] = None
+    buffer: ctypes.Array[ctypes.c_char] | None = None
     for _ in range(4):  # the message cannot change between our calls on this thread
         size = len(buffer) if buffer is not None else 0
         status = _native.lib.tally_last_error(buffer, size, ctypes.byref(needed))

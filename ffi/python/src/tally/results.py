@@ -5,14 +5,15 @@ All are frozen dataclasses: plain values, safe to keep and share between threads
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 from . import _native
 from .enums import ChargedTo, Denial, Unit
 
 
-def _name(raw: bytes) -> Optional[str]:
+def _name(raw: bytes) -> str | None:
     text = raw.decode("utf-8", errors="replace")
     return text or None
 
@@ -26,7 +27,7 @@ class LimitStatus:
     amount: int
     remaining: int
     #: When what is counted now ages out (rolling) or the period ends; None if nothing counted.
-    reset_at_ms: Optional[int]
+    reset_at_ms: int | None
 
 
 @dataclass(frozen=True)
@@ -41,25 +42,25 @@ class Decision:
     charged_to: ChargedTo
     denial: Denial
     #: The limit that denied, or the tightest one when admitted from quota.
-    limit_index: Optional[int]
-    limit_name: Optional[str]
+    limit_index: int | None
+    limit_name: str | None
     limit_amount: int
     limit_used: int
     remaining: int
-    reset_at_ms: Optional[int]
+    reset_at_ms: int | None
     retry_after_ms: int
-    retry_at_ms: Optional[int]
+    retry_at_ms: int | None
     at_ms: int
     charged_micros: int
-    credits_balance_micros: Optional[int]
+    credits_balance_micros: int | None
     credits_needed_micros: int
     #: For OVER_REQUEST_MAXIMUM: the unit over its maximum.
-    unit: Optional[Unit]
+    unit: Unit | None
     requested: int
     maximum: int
-    limits: Tuple[LimitStatus, ...]
-    plan: Optional[str]
-    upgrade_plan: Optional[str]
+    limits: tuple[LimitStatus, ...]
+    plan: str | None
+    upgrade_plan: str | None
 
     def __bool__(self) -> bool:
         return self.admitted
@@ -70,7 +71,7 @@ class Decision:
         return math.ceil(self.retry_after_ms / 1000)
 
     @classmethod
-    def from_native(cls, raw: _native.Decision) -> "Decision":
+    def from_native(cls, raw: _native.Decision) -> Decision:
         count = min(raw.limit_count, _native.MAX_DECISION_LIMITS)
         limits = tuple(
             LimitStatus(
@@ -117,7 +118,7 @@ class Reservation:
 
     decision: Decision
     #: The id to settle or void; None when denied.
-    id: Optional[int]
+    id: int | None
 
     @property
     def admitted(self) -> bool:
@@ -134,7 +135,7 @@ class UsageLimit:
     used: int
     amount: int
     remaining: int
-    reset_at_ms: Optional[int]
+    reset_at_ms: int | None
 
 
 @dataclass(frozen=True)
@@ -143,19 +144,19 @@ class Usage:
 
     key: str
     kind: str
-    user: Optional[str]
-    team: Optional[str]
-    plan: Optional[str]
+    user: str | None
+    team: str | None
+    plan: str | None
     at_ms: int
-    limits: Tuple[UsageLimit, ...]
-    credits_balance_micros: Optional[int]
-    credits_charged_micros: Optional[int]
-    open_reservations: Optional[int]
-    pay_as_you_go_micros: Optional[int]
+    limits: tuple[UsageLimit, ...]
+    credits_balance_micros: int | None
+    credits_charged_micros: int | None
+    open_reservations: int | None
+    pay_as_you_go_micros: int | None
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, document: Dict[str, Any]) -> "Usage":
+    def from_json(cls, document: dict[str, Any]) -> Usage:
         limits = tuple(
             UsageLimit(
                 name=limit["name"],
@@ -201,14 +202,14 @@ class VerifyReport:
     sound: bool
     records: int
     events: int
-    first_seq: Optional[int]
-    last_seq: Optional[int]
-    snapshot_seq: Optional[int]
-    snapshot_matches_replay: Optional[bool]
-    problems: Tuple[str, ...]
+    first_seq: int | None
+    last_seq: int | None
+    snapshot_seq: int | None
+    snapshot_matches_replay: bool | None
+    problems: tuple[str, ...]
 
     @classmethod
-    def from_json(cls, sound: bool, document: Dict[str, Any]) -> "VerifyReport":
+    def from_json(cls, sound: bool, document: dict[str, Any]) -> VerifyReport:
         return cls(
             sound=sound,
             records=document.get("records", 0),
