@@ -396,7 +396,7 @@ class UsageReader:
 
 
 @dataclass
-class _Plan:
+class _Metered:
     """What one request will be charged: resolved before the app is called."""
 
     route: Route
@@ -469,15 +469,15 @@ class QuotaMiddleware:
             body = await _read_body(receive)
             if body is None:
                 return  # the client went away
-            plan = self._plan(scope, route, body)
+            metered = self._metered(scope, route, body)
         except _Refusal as refusal:
             await _send_json(send, route.api, refusal, [])
             return
         replay = _replaying(body, receive)
         if route.metering is Metering.TOKENS:
-            await self._reserve_and_settle(scope, replay, send, plan)
+            await self._reserve_and_settle(scope, replay, send, metered)
         else:
-            await self._consume(scope, replay, send, plan)
+            await self._consume(scope, replay, send, metered)
 
     def _route(self, scope: Scope) -> Route | None:
         if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
@@ -485,7 +485,7 @@ class QuotaMiddleware:
         path = scope.get("path", "")
         return self.routes.get(path) or self.routes.get(path.rstrip("/"))
 
-    def _plan(self, scope: Scope, route: Route, body: bytes) -> _Plan:
+    def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
         key = api_key(scope)
         if key is None:
             raise _Refusal(
@@ -503,14 +503,14 @@ class QuotaMiddleware:
         resource = self._resource(route, document)
         quantities = self._quantities(route, document, len(body))
         units = self._resource_units.get(resource, set())
-        metered = {unit: amount for unit, amount in quantities.items() if unit in units}
-        if not metered:
+        counted = {unit: amount for unit, amount in quantities.items() if unit in units}
+        if not counted:
             raise _Refusal(
                 400,
                 "invalid_request",
                 f"The model maps to {resource}, which this route cannot meter.",
             )
-        return _Plan(route, key, resource, metered)
+        return _Metered(route, key, resource, counted)
 
     def _resource(self, route: Route, document: Mapping[str, Any]) -> str:
         model = document.get("model") or route.default_model
@@ -539,64 +539,64 @@ class QuotaMiddleware:
             return {"images": _positive_int(document, "n", 1), "requests": 1}
         return {"requests": 1}
 
-    async def _consume(self, scope: Scope, receive: Receive, send: Send, plan: _Plan) -> None:
+    async def _consume(self, scope: Scope, receive: Receive, send: Send, metered: _Metered) -> None:
         request_id = uuid.uuid4().hex if self.refund_on_error else None
         now = self._now()
         decision = await self._admit(
             send,
-            plan,
+            metered,
             lambda: self.engine.consume(
-                plan.key, plan.resource, plan.quantities, at_ms=now, request_id=request_id
+                metered.key, metered.resource, metered.quantities, at_ms=now, request_id=request_id
             ),
         )
         if decision is None:
             return
-        watcher = _ResponseWatcher(send, rate_limit_headers(plan.route.api, decision, now))
+        watcher = _ResponseWatcher(send, rate_limit_headers(metered.route.api, decision, now))
         try:
             await self.app(scope, receive, watcher.send)
         finally:
             if request_id is not None and watcher.failed:
-                await self._undo(self.engine.refund, request_id)
+                await self._after_response(self.engine.refund, request_id)
 
     async def _reserve_and_settle(
-        self, scope: Scope, receive: Receive, send: Send, plan: _Plan
+        self, scope: Scope, receive: Receive, send: Send, metered: _Metered
     ) -> None:
         now = self._now()
         reservation = await self._admit(
             send,
-            plan,
+            metered,
             lambda: self.engine.reserve(
-                plan.key, plan.resource, plan.quantities, at_ms=now, lease_ms=self.lease_ms
+                metered.key, metered.resource, metered.quantities, at_ms=now, lease_ms=self.lease_ms
             ),
         )
         if reservation is None:
             return
-        headers = rate_limit_headers(plan.route.api, reservation.decision, now)
+        headers = rate_limit_headers(metered.route.api, reservation.decision, now)
         watcher = _ResponseWatcher(send, headers, read_usage=True)
         try:
             await self.app(scope, receive, watcher.send)
         finally:
-            await self._finish(reservation, plan, watcher)
+            await self._finish(reservation, metered, watcher)
 
     async def _finish(
-        self, reservation: Reservation, plan: _Plan, watcher: _ResponseWatcher
+        self, reservation: Reservation, metered: _Metered, watcher: _ResponseWatcher
     ) -> None:
         """Settles the tokens the response reported (the estimate if a successful response
         reported none); voids the reservation when the app failed without reporting any."""
         tokens = watcher.tokens()
         if tokens is None and watcher.failed:
-            await self._undo(self.engine.void, reservation)
+            await self._after_response(self.engine.void, reservation)
             return
-        actual = dict(plan.quantities)
-        if tokens is not None:
+        actual = dict(metered.quantities)
+        if tokens is not None and "tokens" in actual:
             actual["tokens"] = tokens
-        settled = await self._undo(self.engine.settle, reservation, actual)
+        settled = await self._after_response(self.engine.settle, reservation, actual)
         if settled is not None and not settled.admitted:
             # More than the estimate, and the rest does not fit (credits short): charge what
             # was held rather than leave the reservation open until its lease ends.
-            await self._undo(self.engine.settle, reservation, plan.quantities)
+            await self._after_response(self.engine.settle, reservation, metered.quantities)
 
-    async def _undo(self, function: Callable[..., R], *args: Any) -> R | None:
+    async def _after_response(self, function: Callable[..., R], *args: Any) -> R | None:
         """A call after the app ran (settle, void, refund): an error is logged, not raised, so
         it never hides the app's own outcome."""
         try:
@@ -605,10 +605,10 @@ class QuotaMiddleware:
             _log.exception("tally: %s failed after the response", function.__name__)
             return None
 
-    async def _admit(self, send: Send, plan: _Plan, call: Callable[[], A]) -> A | None:
+    async def _admit(self, send: Send, metered: _Metered, call: Callable[[], A]) -> A | None:
         """Runs the admission call (consume or reserve). On a denial or an error it answers
         for the app and returns None."""
-        api = plan.route.api
+        api = metered.route.api
         try:
             result = await self._call(call)
         except errors.UnknownResourceError as error:
@@ -633,7 +633,7 @@ class QuotaMiddleware:
             headers.append((b"retry-after", str(max(1, decision.retry_after_seconds)).encode()))
         elif decision.denial is Denial.TOO_MANY_RESERVATIONS:
             headers.append((b"retry-after", b"1"))
-        refusal = _Refusal(status, kind, denial_message(decision, plan.resource), code)
+        refusal = _Refusal(status, kind, denial_message(decision, metered.resource), code)
         await _send_json(send, api, refusal, headers)
         return None
 
