@@ -28,7 +28,12 @@ cargo test --workspace --no-fail-fast
 
 step "C ABI: the C test (plain and under Valgrind) and the generated header"
 bash scripts/test-c.sh
-step "Go: the package and the gateway (go vet, go test -race)" && bash scripts/test-go.sh
+
+step "Go: the package and the gateway (go vet, go test -race)"
+bash scripts/test-go.sh
+
+step "Python: the package and the ASGI middleware (pytest)"
+bash scripts/test-python.sh
 
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test

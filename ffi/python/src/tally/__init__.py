@@ -1,0 +1,54 @@
+"""tally: an embedded quota-accounting engine, from Python (over its C ABI).
+
+import tally
+
+with tally.Engine.in_memory() as engine:          # the shipped Token Plan policy
+    engine.create_user("ada", "tp-ada-1")          # user, Default Team "@ada", key
+    engine.assign_seat("@ada", "ada", "Plus")
+    decision = engine.consume("tp-ada-1", "m2.7", {"requests": 1})
+    if not decision.admitted:
+        print(decision.denial, decision.retry_after_seconds)
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._native import LibraryNotFound
+from .engine import Engine, Policy, Request, verify, version
+from .enums import ChargedTo, Denial, Durability, PolicySource, Unit
+from .errors import *  # noqa: F401,F403  (one exception class per status)
+from .errors import ERRORS_BY_STATUS, TallyError, last_error, status_name
+from .results import Decision, Event, LimitStatus, Reservation, Usage, UsageLimit, VerifyReport
+
+__version__ = "0.1.0"
+
+#: The most requests one consume_many takes.
+MAX_BATCH = 4096
+
+__all__ = [
+    "ChargedTo",
+    "Decision",
+    "Denial",
+    "Durability",
+    "Engine",
+    "ERRORS_BY_STATUS",
+    "Event",
+    "LibraryNotFound",
+    "LimitStatus",
+    "MAX_BATCH",
+    "Policy",
+    "PolicySource",
+    "Request",
+    "Reservation",
+    "TallyError",
+    "Unit",
+    "Usage",
+    "UsageLimit",
+    "VerifyReport",
+    "errors",
+    "last_error",
+    "status_name",
+    "verify",
+    "version",
+    *(cls.__name__ for cls in ERRORS_BY_STATUS.values()),
+]

@@ -1,0 +1,96 @@
+"""Checks and conversions from Python values to C arguments, done before any call.
+
+ctypes silently wraps integers (``c_uint64(-1)`` is 2^64 - 1), accepts bools as integers and
+truncates nothing it should: every integer that crosses the boundary goes through ``u64`` or
+``u32`` here first, so a negative, a bool, a float or an oversized value raises in Python and
+never reaches C."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Mapping
+
+from . import _native, errors
+from .enums import Unit
+
+Text = str | bytes
+#: ``{"requests": 1}``, ``{Unit.TOKENS: 900}`` or a mix (Mapping is invariant in its key).
+Quantities = Mapping[str, int] | Mapping[Unit, int] | Mapping[Unit | str, int]
+
+# A size query never needs more rounds than this unless a report grows on every call.
+_MAX_TEXT_ATTEMPTS = 8
+_FIRST_BUFFER_BYTES = 4096
+
+
+def integer(name: str, value: object, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative (got {value})")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum} (got {value})")
+    return value
+
+
+def u64(name: str, value: object) -> int:
+    return integer(name, value, _native.U64_MAX)
+
+
+def u32(name: str, value: object) -> int:
+    return integer(name, value, _native.U32_MAX)
+
+
+def at_ms(value: int | None) -> int:
+    """A timestamp argument: None is the engine's clock (TALLY_NOW)."""
+    return _native.NOW if value is None else u64("at_ms", value)
+
+
+def text(name: str, value: object) -> bytes:
+    """A string argument as UTF-8 bytes. bytes pass as they are (the library checks UTF-8);
+    emptiness, NUL bytes and length are the library's to check, each with its own status."""
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{name} is not encodable as UTF-8: {error}") from None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+
+
+def optional_text(name: str, value: object) -> tuple[bytes | None, int]:
+    if value is None:
+        return None, 0
+    encoded = text(name, value)
+    return encoded, len(encoded)
+
+
+def quantities(name: str, value: object) -> ctypes.Array[_native.Quantity]:
+    """A mapping of unit to amount as a C array (``{"requests": 1}``, ``{Unit.TOKENS: 900}``).
+
+    Zero amounts, too many entries and a unit twice are the library's to refuse
+    (TALLY_BAD_QUANTITY)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a mapping of unit to amount, not {type(value).__name__}")
+    array = (_native.Quantity * len(value))()
+    for index, (unit, amount) in enumerate(value.items()):
+        array[index].unit = Unit.parse(unit)
+        array[index].amount = u64(f"{name}[{unit!r}]", amount)
+    return array
+
+
+def read_text(call: Callable[[ctypes.Array[ctypes.c_char] | None, int, object], int]) -> str:
+    """Runs a size-query call (``buf, buf_len, &needed``) until its text fits, and decodes it."""
+    needed = ctypes.c_size_t(0)
+    buffer = ctypes.create_string_buffer(_FIRST_BUFFER_BYTES)
+    for _ in range(_MAX_TEXT_ATTEMPTS):
+        status = call(buffer, len(buffer), ctypes.byref(needed))
+        if status == _native.OK:
+            return buffer.value.decode("utf-8")
+        if status != _native.BUFFER_TOO_SMALL:
+            errors.check(status)
+        # A report can grow between two calls: leave it some room.
+        buffer = ctypes.create_string_buffer(needed.value + needed.value // 8)
+    raise errors.BufferTooSmallError(
+        _native.BUFFER_TOO_SMALL, f"the report kept growing over {_MAX_TEXT_ATTEMPTS} calls"
+    )

@@ -1,0 +1,714 @@
+"""``QuotaMiddleware``: quotas in front of OpenAI- and Anthropic-compatible endpoints, as plain
+ASGI (no framework): wrap any ASGI app and serve it with uvicorn, hypercorn, granian, ...
+
+For each request on a metered route it:
+
+1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none or unknown: 401);
+2. reads the JSON body and maps the route and its ``model`` to a resource of the policy, and
+   the body to quantities: 1 request; for speech the characters of ``input``; for images ``n``;
+3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
+   app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
+   actual tokens; an error response or an exception *voids* the reservation;
+   other routes *consume* at once (and are refunded if the app answers an error);
+4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
+   with a JSON body in the error shape of the API being proxied, whose message says which
+   quota ran out and when it resets; admitted responses carry the rate-limit headers too.
+
+Engine calls are synchronous and fast in memory; with ``Durability.SYNC`` they wait for an
+fsync, so pass ``run_sync`` (e.g. ``asyncio.to_thread`` or ``anyio.to_thread.run_sync``) to
+keep them off the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import json
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import (
+    Any,
+    TypeVar,
+)
+
+from . import errors
+from .engine import Engine
+from .enums import Denial
+from .results import Decision, Reservation
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+R = TypeVar("R")
+A = TypeVar("A", Decision, Reservation)
+RunSync = Callable[[Callable[[], Any]], Awaitable[Any]]
+
+_log = logging.getLogger("tally.asgi")
+
+#: Bounds on what the middleware buffers.
+MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
+MAX_RESPONSE_JSON_BYTES = 16 * 1024 * 1024
+MAX_EVENT_LINE_BYTES = 1024 * 1024
+#: The most tokens one estimate holds (the engine's bound on a quantity is 2^40).
+MAX_TOKEN_ESTIMATE = 1 << 40
+
+
+class Api(enum.Enum):
+    """Which API a route speaks: decides the error shape and the rate-limit headers."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class Metering(enum.Enum):
+    """What a route's request is counted in."""
+
+    REQUESTS = "requests"  # 1 request
+    TOKENS = "tokens"  # 1 request + tokens, reserved then settled from the response's usage
+    CHARACTERS = "characters"  # the characters of "input" (+ 1 request)
+    IMAGES = "images"  # "n" images, default 1 (+ 1 request)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A metered route: its API, how it is counted and, optionally, the model to assume when
+    the body names none."""
+
+    api: Api
+    metering: Metering
+    default_model: str | None = None
+
+
+DEFAULT_ROUTES: Mapping[str, Route] = {
+    "/v1/chat/completions": Route(Api.OPENAI, Metering.TOKENS),
+    "/v1/completions": Route(Api.OPENAI, Metering.TOKENS),
+    "/v1/messages": Route(Api.ANTHROPIC, Metering.TOKENS),
+    "/v1/audio/speech": Route(Api.OPENAI, Metering.CHARACTERS),
+    "/v1/images/generations": Route(Api.OPENAI, Metering.IMAGES),
+}
+
+#: Model names as clients send them -> resources of the shipped Token Plan policy. A model
+#: that is itself the name of a resource needs no entry.
+DEFAULT_MODELS: Mapping[str, str] = {
+    "MiniMax-M2.7": "m2.7",
+    "MiniMax-M2.7-highspeed": "m2.7-highspeed",
+    "speech-2.8-hd": "speech-2.8",
+    "speech-2.8-turbo": "speech-2.8",
+}
+
+
+class _Refusal(Exception):
+    """An answer the middleware gives instead of the app's (401, 400, 404, 413, 503)."""
+
+    def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = (
+            kind  # "authentication", "invalid_request", "not_found", "too_large", "unavailable"
+        )
+        self.message = message
+        self.code = code
+
+
+# ---- error bodies in each API's shape -------------------------------------------------------
+
+_OPENAI_TYPES = {
+    "authentication": "invalid_request_error",
+    "invalid_request": "invalid_request_error",
+    "not_found": "invalid_request_error",
+    "too_large": "invalid_request_error",
+    "unavailable": "api_error",
+    "rate_limit": "rate_limit_error",
+    "insufficient_quota": "insufficient_quota",
+}
+_ANTHROPIC_TYPES = {
+    "authentication": "authentication_error",
+    "invalid_request": "invalid_request_error",
+    "not_found": "not_found_error",
+    "too_large": "request_too_large",
+    "unavailable": "api_error",
+    "rate_limit": "rate_limit_error",
+    "insufficient_quota": "rate_limit_error",
+}
+
+
+def error_body(api: Api, kind: str, message: str, code: str | None) -> dict[str, Any]:
+    """The JSON error of ``api``: OpenAI ``{"error": {"message", "type", "param", "code"}}``,
+    Anthropic ``{"type": "error", "error": {"type", "message"}}``."""
+    if api is Api.ANTHROPIC:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
+    return {"error": {"message": message, "type": _OPENAI_TYPES[kind], "param": None, "code": code}}
+
+
+# ---- what a denial says ---------------------------------------------------------------------
+
+
+def _iso(ms: int | None) -> str:
+    if not ms:
+        return "unknown"
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _duration(ms: int) -> str:
+    """OpenAI's reset format: ``"4h59m3s"``, ``"12s"`` (seconds rounded up)."""
+    seconds = max(0, math.ceil(ms / 1000))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
+    return f"{text}{seconds}s"
+
+
+def denial_message(decision: Decision, resource: str) -> str:
+    """Which quota ran out and when it resets, or why waiting cannot help."""
+    plan = f"plan {decision.plan}" if decision.plan else "this key"
+    upgrade = f" Upgrade to {decision.upgrade_plan} for more." if decision.upgrade_plan else ""
+    needed = decision.credits_needed_micros / 1e6
+    credits = f" Or top up at least {needed:.6f} credits to pay for it." if needed else ""
+    denial = decision.denial
+    if denial is Denial.QUOTA_EXHAUSTED:
+        retry_at = (
+            ""
+            if decision.retry_at_ms == decision.reset_at_ms
+            else f" ({_iso(decision.retry_at_ms)})"
+        )
+        return (
+            f"Quota exhausted: {decision.limit_name} on {plan} "
+            f"({decision.limit_used}/{decision.limit_amount} used). It resets at "
+            f"{_iso(decision.reset_at_ms)}; retry after {decision.retry_after_seconds} s"
+            f"{retry_at}.{upgrade}{credits}"
+        )
+    if denial is Denial.NO_RESOURCES:
+        return (
+            "This key has no usable resources: it has no Token Plan seat and its team has no "
+            f"credits. Assign a seat or top up credits (at least {needed:.6f} for this request)."
+        )
+    if denial is Denial.RESOURCE_NOT_COVERED:
+        return f"{plan[0].upper()}{plan[1:]} does not cover {resource}.{upgrade}{credits}"
+    if denial is Denial.EXCEEDS_LIMIT:
+        return (
+            f"The request ({decision.requested}) is larger than the whole limit "
+            f"{decision.limit_name} ({decision.maximum}) on {plan}: waiting cannot help.{upgrade}"
+        )
+    if denial is Denial.INSUFFICIENT_CREDITS:
+        balance = (decision.credits_balance_micros or 0) / 1e6
+        return (
+            f"The plan's quota cannot take this request and the team's credits are short: it "
+            f"costs {decision.requested / 1e6:.6f} credits, the balance is {balance:.6f}."
+            f"{upgrade}"
+        )
+    if denial is Denial.OVER_REQUEST_MAXIMUM:
+        unit = decision.unit.name.lower() if decision.unit is not None else "units"
+        return (
+            f"At most {decision.maximum} {unit} per request on {resource} "
+            f"(asked {decision.requested})."
+        )
+    if denial is Denial.TOO_MANY_RESERVATIONS:
+        return (
+            f"This key has {decision.requested} requests in flight; {plan} allows "
+            f"{decision.maximum} at once. Retry when one finishes."
+        )
+    return "Invalid API key."
+
+
+def _denial_answer(decision: Decision) -> tuple[int, str, str | None]:
+    """(HTTP status, error kind, OpenAI code) for a denial."""
+    denial = decision.denial
+    if denial is Denial.UNKNOWN_KEY:
+        return 401, "authentication", "invalid_api_key"
+    if denial is Denial.OVER_REQUEST_MAXIMUM:
+        return 400, "invalid_request", "request_too_large"
+    if denial in (Denial.QUOTA_EXHAUSTED, Denial.TOO_MANY_RESERVATIONS):
+        return 429, "rate_limit", "rate_limit_exceeded"
+    return 429, "insufficient_quota", "insufficient_quota"
+
+
+def rate_limit_headers(api: Api, decision: Decision, now_ms: int | None) -> Headers:
+    """``x-ratelimit-{limit,remaining,reset}-<unit>`` for the limit the decision names
+    (``-requests`` for request quotas), Anthropic's ``anthropic-ratelimit-*`` on its routes,
+    and ``x-tally-*`` saying where the request was charged."""
+    headers: Headers = []
+    if decision.plan:
+        headers.append((b"x-tally-plan", decision.plan.encode()))
+    if decision.admitted:
+        headers.append((b"x-tally-charged-to", decision.charged_to.name.lower().encode()))
+    if decision.limit_index is None or decision.limit_name is None:
+        return headers
+    unit = _limit_unit(decision.limit_name)
+    now = now_ms if now_ms is not None else decision.at_ms
+    reset_in = max(0, (decision.reset_at_ms or now) - now)
+    headers += [
+        (b"x-tally-limit", decision.limit_name.encode()),
+        (f"x-ratelimit-limit-{unit}".encode(), str(decision.limit_amount).encode()),
+        (f"x-ratelimit-remaining-{unit}".encode(), str(decision.remaining).encode()),
+        (f"x-ratelimit-reset-{unit}".encode(), _duration(reset_in).encode()),
+    ]
+    if api is Api.ANTHROPIC:
+        headers += [
+            (f"anthropic-ratelimit-{unit}-limit".encode(), str(decision.limit_amount).encode()),
+            (f"anthropic-ratelimit-{unit}-remaining".encode(), str(decision.remaining).encode()),
+            (f"anthropic-ratelimit-{unit}-reset".encode(), _iso(decision.reset_at_ms).encode()),
+        ]
+    return headers
+
+
+def _limit_unit(limit_name: str) -> str:
+    """``"m2.7:requests per rolling:5h"`` -> ``"requests"``; a shared bar -> ``"usage"``."""
+    meter = limit_name.split(" per ", 1)[0]
+    unit = meter.rsplit(":", 1)[1] if ":" in meter else "usage"
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in unit) or "usage"
+
+
+# ---- reading requests and responses ---------------------------------------------------------
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def api_key(scope: Scope) -> str | None:
+    """The key from ``Authorization: Bearer <key>`` or else ``x-api-key``."""
+    authorization = _header(scope, b"authorization")
+    if authorization:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    key = _header(scope, b"x-api-key")
+    return key.strip() if key and key.strip() else None
+
+
+def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Refusal(400, "invalid_request", f"{name} must be a positive integer", None)
+    return value
+
+
+def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens: int) -> int:
+    """Tokens to hold for a chat call: about one per 4 bytes of the request, plus the most the
+    model may write (``max_tokens``, ``max_completion_tokens`` or the default)."""
+    output = default_max_tokens
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            output = value
+            break
+    return max(1, min(MAX_TOKEN_ESTIMATE, body_bytes // 4 + output))
+
+
+def tokens_from_usage(usage: Any) -> int | None:
+    """Total tokens of an OpenAI ``usage`` (``total_tokens`` or prompt + completion) or an
+    Anthropic one (input + output)."""
+    if not isinstance(usage, Mapping):
+        return None
+
+    def count(name: str) -> int:
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+    if count("total_tokens"):
+        return count("total_tokens")
+    total = count("prompt_tokens") + count("completion_tokens")
+    total = total or count("input_tokens") + count("output_tokens")
+    return total or None
+
+
+class UsageReader:
+    """Finds the token usage in a response body as it streams past, without holding it up:
+    a JSON body is kept (bounded) and parsed at the end; server-sent events are parsed line by
+    line (OpenAI's last chunk carries ``usage``; Anthropic's ``message_start`` the input
+    tokens and ``message_delta`` the running output tokens)."""
+
+    def __init__(self, content_type: str) -> None:
+        self.streaming = "text/event-stream" in content_type
+        self._buffer = bytearray()
+        self._overflowed = False
+        self._total: int | None = None
+        self._input = 0
+        self._output = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._overflowed:
+            return
+        self._buffer += chunk
+        if self.streaming:
+            *lines, rest = bytes(self._buffer).split(b"\n")
+            self._buffer = bytearray(rest)
+            for line in lines:
+                self._event_line(line.strip())
+        limit = MAX_EVENT_LINE_BYTES if self.streaming else MAX_RESPONSE_JSON_BYTES
+        if len(self._buffer) > limit:
+            self._overflowed = True
+            self._buffer = bytearray()
+
+    def _event_line(self, line: bytes) -> None:
+        if not line.startswith(b"data:") or b"usage" not in line:
+            return
+        try:
+            event = json.loads(line[5:].strip())
+        except ValueError:
+            return
+        if not isinstance(event, Mapping):
+            return
+        message = event.get("message")
+        if event.get("type") == "message_start" and isinstance(message, Mapping):
+            usage = message.get("usage") or {}
+            self._input = tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or 0
+            self._output = tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or 0
+        elif event.get("type") == "message_delta":
+            usage = event.get("usage") or {}
+            self._input = (
+                tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or self._input
+            )
+            self._output = (
+                tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or self._output
+            )
+        else:
+            self._total = tokens_from_usage(event.get("usage")) or self._total
+
+    def tokens(self) -> int | None:
+        """The tokens the response reported, or None if it reported none we could read."""
+        if self.streaming:
+            if self._buffer:
+                self._event_line(bytes(self._buffer).strip())
+            return self._total or (self._input + self._output) or None
+        if self._overflowed:
+            return None
+        try:
+            document = json.loads(bytes(self._buffer))
+        except ValueError:
+            return None
+        return tokens_from_usage(document.get("usage")) if isinstance(document, Mapping) else None
+
+
+# ---- the middleware -------------------------------------------------------------------------
+
+
+@dataclass
+class _Metered:
+    """What one request will be charged: resolved before the app is called."""
+
+    route: Route
+    key: str
+    resource: str
+    quantities: dict[str, int]
+
+
+class QuotaMiddleware:
+    """Enforces tally quotas on an ASGI app. Requests on other routes (and non-POST ones)
+    pass through untouched.
+
+    - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``);
+    - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
+      resource of the engine's policy maps to itself, any other is a 404;
+    - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
+    - ``default_max_tokens``: the output tokens to hold when the request names no maximum;
+    - ``lease_ms``: how long a reservation holds if the gateway dies before settling it;
+    - ``refund_on_error``: give back a consumed request when the app answers >= 400 or raises;
+    - ``run_sync``: runs each engine call (e.g. ``asyncio.to_thread``); default inline.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        engine: Engine,
+        *,
+        routes: Mapping[str, Route] | None = None,
+        models: Mapping[str, str] | None = None,
+        clock: Callable[[], int] | None = None,
+        default_max_tokens: int = 4096,
+        lease_ms: int | None = None,
+        refund_on_error: bool = True,
+        run_sync: RunSync | None = None,
+    ) -> None:
+        self.app = app
+        self.engine = engine
+        self.routes = dict(DEFAULT_ROUTES if routes is None else routes)
+        self.models = dict(DEFAULT_MODELS if models is None else models)
+        self.clock = clock
+        self.default_max_tokens = default_max_tokens
+        self.lease_ms = lease_ms
+        self.refund_on_error = refund_on_error
+        self._run_sync = run_sync
+        self._resource_units: dict[str, set[str]] = {}
+        self.refresh_policy()
+
+    def refresh_policy(self) -> None:
+        """Re-reads the resources and their units (after ``swap_policy``)."""
+        resources = self.engine.policy().get("resources", {})
+        self._resource_units = {
+            name: set(spec.get("units", [])) for name, spec in resources.items()
+        }
+
+    def _now(self) -> int | None:
+        return self.clock() if self.clock is not None else None
+
+    async def _call(self, function: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        if self._run_sync is None:
+            return function(*args, **kwargs)
+        result: R = await self._run_sync(lambda: function(*args, **kwargs))
+        return result
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self._route(scope)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_body(receive)
+            if body is None:
+                return  # the client went away
+            metered = self._metered(scope, route, body)
+        except _Refusal as refusal:
+            await _send_json(send, route.api, refusal, [])
+            return
+        replay = _replaying(body, receive)
+        if route.metering is Metering.TOKENS:
+            await self._reserve_and_settle(scope, replay, send, metered)
+        else:
+            await self._consume(scope, replay, send, metered)
+
+    def _route(self, scope: Scope) -> Route | None:
+        if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
+            return None
+        path = scope.get("path", "")
+        return self.routes.get(path) or self.routes.get(path.rstrip("/"))
+
+    def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
+        key = api_key(scope)
+        if key is None:
+            raise _Refusal(
+                401,
+                "authentication",
+                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+                "invalid_api_key",
+            )
+        try:
+            document = json.loads(body) if body else {}
+        except ValueError:
+            raise _Refusal(400, "invalid_request", "The request body is not valid JSON.") from None
+        if not isinstance(document, Mapping):
+            raise _Refusal(400, "invalid_request", "The request body must be a JSON object.")
+        resource = self._resource(route, document)
+        quantities = self._quantities(route, document, len(body))
+        units = self._resource_units.get(resource, set())
+        counted = {unit: amount for unit, amount in quantities.items() if unit in units}
+        if not counted:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                f"The model maps to {resource}, which this route cannot meter.",
+            )
+        return _Metered(route, key, resource, counted)
+
+    def _resource(self, route: Route, document: Mapping[str, Any]) -> str:
+        model = document.get("model") or route.default_model
+        if not isinstance(model, str) or not model:
+            raise _Refusal(400, "invalid_request", "The request names no model.")
+        resource = self.models.get(model, model)
+        if resource not in self._resource_units:
+            raise _Refusal(
+                404,
+                "not_found",
+                f"The model {model!r} does not exist or is not metered here.",
+                "model_not_found",
+            )
+        return resource
+
+    def _quantities(self, route: Route, document: Mapping[str, Any], size: int) -> dict[str, int]:
+        if route.metering is Metering.TOKENS:
+            tokens = estimate_tokens(document, size, self.default_max_tokens)
+            return {"requests": 1, "tokens": tokens}
+        if route.metering is Metering.CHARACTERS:
+            text = document.get("input")
+            if not isinstance(text, str) or not text:
+                raise _Refusal(400, "invalid_request", "input must be a non-empty string.")
+            return {"characters": len(text), "requests": 1}
+        if route.metering is Metering.IMAGES:
+            return {"images": _positive_int(document, "n", 1), "requests": 1}
+        return {"requests": 1}
+
+    async def _consume(self, scope: Scope, receive: Receive, send: Send, metered: _Metered) -> None:
+        request_id = uuid.uuid4().hex if self.refund_on_error else None
+        now = self._now()
+        decision = await self._admit(
+            send,
+            metered,
+            lambda: self.engine.consume(
+                metered.key, metered.resource, metered.quantities, at_ms=now, request_id=request_id
+            ),
+        )
+        if decision is None:
+            return
+        watcher = _ResponseWatcher(send, rate_limit_headers(metered.route.api, decision, now))
+        try:
+            await self.app(scope, receive, watcher.send)
+        finally:
+            if request_id is not None and watcher.failed:
+                await self._after_response(self.engine.refund, request_id)
+
+    async def _reserve_and_settle(
+        self, scope: Scope, receive: Receive, send: Send, metered: _Metered
+    ) -> None:
+        now = self._now()
+        reservation = await self._admit(
+            send,
+            metered,
+            lambda: self.engine.reserve(
+                metered.key, metered.resource, metered.quantities, at_ms=now, lease_ms=self.lease_ms
+            ),
+        )
+        if reservation is None:
+            return
+        headers = rate_limit_headers(metered.route.api, reservation.decision, now)
+        watcher = _ResponseWatcher(send, headers, read_usage=True)
+        try:
+            await self.app(scope, receive, watcher.send)
+        finally:
+            await self._finish(reservation, metered, watcher)
+
+    async def _finish(
+        self, reservation: Reservation, metered: _Metered, watcher: _ResponseWatcher
+    ) -> None:
+        """Settles the tokens the response reported (the estimate if a successful response
+        reported none); voids the reservation when the app failed without reporting any."""
+        tokens = watcher.tokens()
+        if tokens is None and watcher.failed:
+            await self._after_response(self.engine.void, reservation)
+            return
+        actual = dict(metered.quantities)
+        if tokens is not None and "tokens" in actual:
+            actual["tokens"] = tokens
+        settled = await self._after_response(self.engine.settle, reservation, actual)
+        if settled is not None and not settled.admitted:
+            # More than the estimate, and the rest does not fit (credits short): charge what
+            # was held rather than leave the reservation open until its lease ends.
+            await self._after_response(self.engine.settle, reservation, metered.quantities)
+
+    async def _after_response(self, function: Callable[..., R], *args: Any) -> R | None:
+        """A call after the app ran (settle, void, refund): an error is logged, not raised, so
+        it never hides the app's own outcome."""
+        try:
+            return await self._call(function, *args, at_ms=self._now())
+        except errors.TallyError:
+            _log.exception("tally: %s failed after the response", function.__name__)
+            return None
+
+    async def _admit(self, send: Send, metered: _Metered, call: Callable[[], A]) -> A | None:
+        """Runs the admission call (consume or reserve). On a denial or an error it answers
+        for the app and returns None."""
+        api = metered.route.api
+        try:
+            result = await self._call(call)
+        except errors.UnknownResourceError as error:
+            refusal = _Refusal(404, "not_found", error.message, "model_not_found")
+            await _send_json(send, api, refusal, [])
+            return None
+        except (errors.StringTooLongError, errors.NulInStringError, errors.InvalidUtf8Error):
+            refusal = _Refusal(401, "authentication", "Invalid API key.", "invalid_api_key")
+            await _send_json(send, api, refusal, [])
+            return None
+        except errors.TallyError as error:
+            _log.error("tally: admission failed: %s", error)
+            refusal = _Refusal(503, "unavailable", f"The quota service failed ({error.name}).")
+            await _send_json(send, api, refusal, [])
+            return None
+        decision = result.decision if isinstance(result, Reservation) else result
+        if decision.admitted:
+            return result
+        status, kind, code = _denial_answer(decision)
+        headers = rate_limit_headers(api, decision, self._now())
+        if decision.denial is Denial.QUOTA_EXHAUSTED:
+            headers.append((b"retry-after", str(max(1, decision.retry_after_seconds)).encode()))
+        elif decision.denial is Denial.TOO_MANY_RESERVATIONS:
+            headers.append((b"retry-after", b"1"))
+        refusal = _Refusal(status, kind, denial_message(decision, metered.resource), code)
+        await _send_json(send, api, refusal, headers)
+        return None
+
+
+class _ResponseWatcher:
+    """Wraps ``send``: adds the rate-limit headers to the response start, notes the status and
+    (for token routes) reads the usage as the body streams past."""
+
+    def __init__(self, send: Send, headers: Headers, read_usage: bool = False) -> None:
+        self._send = send
+        self._headers = headers
+        self._read_usage = read_usage
+        self._reader: UsageReader | None = None
+        self.status: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status is None or self.status >= 400
+
+    async def send(self, message: Message) -> None:
+        if message.get("type") == "http.response.start":
+            self.status = int(message.get("status", 200))
+            headers = list(message.get("headers", []))
+            names = {bytes(name).lower() for name, _ in headers}
+            headers += [(name, value) for name, value in self._headers if name not in names]
+            message = dict(message, headers=headers)
+            if self._read_usage and self.status < 400:
+                content_type = dict((bytes(k).lower(), bytes(v)) for k, v in headers).get(
+                    b"content-type", b""
+                )
+                self._reader = UsageReader(content_type.decode("latin-1").lower())
+        elif message.get("type") == "http.response.body" and self._reader is not None:
+            self._reader.feed(bytes(message.get("body", b"")))
+        await self._send(message)
+
+    def tokens(self) -> int | None:
+        return self._reader.tokens() if self._reader is not None else None
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body (bounded), or None if the client disconnected."""
+    chunks = bytearray()
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            return None
+        chunks += message.get("body", b"")
+        if len(chunks) > MAX_REQUEST_BODY_BYTES:
+            raise _Refusal(413, "too_large", "The request body is too large.", "request_too_large")
+        if not message.get("more_body", False):
+            return bytes(chunks)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the app the body already read, then the client's messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _send_json(
+    send: Send, api: Api, refusal: _Refusal, headers: Iterable[tuple[bytes, bytes]]
+) -> None:
+    body = json.dumps(error_body(api, refusal.kind, refusal.message, refusal.code)).encode()
+    all_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": refusal.status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

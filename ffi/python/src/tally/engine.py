@@ -1,0 +1,586 @@
+"""The managed engine: a ``tally_engine`` handle with ``with`` support, an idempotent
+``close()`` and a finalizer that frees it."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from . import _convert, _native, errors
+from ._convert import Quantities, Text
+from .enums import Durability, PolicySource
+from .results import Decision, Event, Reservation, Usage, VerifyReport
+
+_EMPTY_QUANTITIES = (_native.Quantity * 0)()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where a policy comes from: the shipped Token Plan, a file, or a TOML/JSON document.
+
+    ``Engine.open`` and ``swap_policy`` also take a path (``os.PathLike``) for a file and a
+    dict for a JSON document; a bare ``str`` is refused as ambiguous."""
+
+    source: PolicySource
+    document: bytes | None = None
+
+    @classmethod
+    def default(cls) -> Policy:
+        return cls(PolicySource.DEFAULT)
+
+    @classmethod
+    def file(cls, path: str | os.PathLike[str]) -> Policy:
+        return cls(PolicySource.FILE, os.fsencode(path))
+
+    @classmethod
+    def toml(cls, document: str) -> Policy:
+        return cls(PolicySource.TOML, _convert.text("policy", document))
+
+    @classmethod
+    def json(cls, document: str | Mapping[str, Any]) -> Policy:
+        if isinstance(document, Mapping):
+            document = json.dumps(document)
+        return cls(PolicySource.JSON, _convert.text("policy", document))
+
+
+PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
+
+
+def _policy(policy: PolicyLike) -> tuple[int, bytes | None, int]:
+    if policy is None:
+        policy = Policy.default()
+    elif isinstance(policy, os.PathLike):
+        policy = Policy.file(policy)
+    elif isinstance(policy, Mapping):
+        policy = Policy.json(policy)
+    elif not isinstance(policy, Policy):
+        raise TypeError(
+            "policy must be a tally.Policy (Policy.file, Policy.toml, Policy.json), a path "
+            f"or a dict, not {type(policy).__name__}"
+        )
+    document = policy.document
+    return int(policy.source), document, 0 if document is None else len(document)
+
+
+def _durability(value: Durability | str) -> Durability:
+    if isinstance(value, Durability):
+        return value
+    if isinstance(value, str):
+        try:
+            return Durability[value.upper()]
+        except KeyError:
+            raise ValueError(f"unknown durability {value!r}: sync, interval or none") from None
+    raise TypeError(f"durability must be a tally.Durability, not {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of ``consume_many`` (the arguments of ``consume``)."""
+
+    key: Text
+    resource: Text
+    quantities: Quantities
+    at_ms: int | None = None
+    request_id: Text | None = None
+
+
+def _request(
+    key: object,
+    resource: object,
+    quantities: object,
+    at_ms: int | None,
+    request_id: object,
+) -> _native.Request:
+    """A ``tally_request`` whose pointers stay alive as long as the struct (ctypes keeps the
+    bytes and the quantity array in the struct's ``_objects``)."""
+    key_bytes = _convert.text("key", key)
+    resource_bytes = _convert.text("resource", resource)
+    array = _convert.quantities("quantities", quantities)
+    request_id_bytes, request_id_len = _convert.optional_text("request_id", request_id)
+    request = _native.Request()
+    request.key = key_bytes
+    request.key_len = len(key_bytes)
+    request.resource = resource_bytes
+    request.resource_len = len(resource_bytes)
+    request.quantities = ctypes.cast(array, ctypes.POINTER(_native.Quantity))
+    request.quantities_len = len(array)
+    request.at_ms = _convert.at_ms(at_ms)
+    request.request_id = request_id_bytes
+    request.request_id_len = request_id_len
+    # The cast pointer does not own the array: keep it with the struct.
+    request._tally_quantities = array
+    return request
+
+
+def _reservation_id(reservation: int | Reservation) -> int:
+    if isinstance(reservation, Reservation):
+        if reservation.id is None:
+            raise ValueError("the reservation was denied: there is nothing to settle or void")
+        return reservation.id
+    return _convert.u64("reservation", reservation)
+
+
+class Engine:
+    """A tally engine: in memory (``Engine.in_memory``) or on a database directory
+    (``Engine.open``). Safe to share between threads; calls release the GIL.
+
+    ``close()`` closes the engine (it waits for calls in flight; later calls raise
+    ``ClosedError``) and may be called any number of times; the handle's memory is freed when
+    the object is collected, so a thread racing a close can never touch freed memory."""
+
+    def __init__(self, handle: ctypes.c_void_p) -> None:
+        """Use ``Engine.open`` or ``Engine.in_memory``."""
+        if not isinstance(handle, ctypes.c_void_p) or not handle.value:
+            raise TypeError("use Engine.open or Engine.in_memory to create an engine")
+        self._handle = handle
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _native.lib.tally_engine_free, handle)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        policy: PolicyLike = None,
+        *,
+        durability: Durability | str = Durability.SYNC,
+        interval_ms: int = 100,
+    ) -> Engine:
+        """Opens (or creates) the database in directory ``path``. ``interval_ms`` (1..=60,000)
+        is read only for ``Durability.INTERVAL``."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or a path, not {type(path).__name__}")
+        path_bytes = os.fsencode(path)
+        source, document, document_len = _policy(policy)
+        mode = _durability(durability)
+        interval = _convert.u32("interval_ms", interval_ms)
+        handle = ctypes.c_void_p()
+        errors.check(
+            _native.lib.tally_engine_open(
+                path_bytes,
+                len(path_bytes),
+                source,
+                document,
+                document_len,
+                int(mode),
+                interval,
+                ctypes.byref(handle),
+            )
+        )
+        return cls(handle)
+
+    @classmethod
+    def in_memory(cls, policy: PolicyLike = None) -> Engine:
+        """An engine that keeps everything in memory (tests, simulations)."""
+        source, document, document_len = _policy(policy)
+        handle = ctypes.c_void_p()
+        errors.check(
+            _native.lib.tally_engine_open_in_memory(
+                source, document, document_len, ctypes.byref(handle)
+            )
+        )
+        return cls(handle)
+
+    def close(self) -> None:
+        """Closes the engine (checkpoint, flush, release the database lock). Idempotent.
+
+        Raises a storage error if the final flush failed; the engine is closed even then."""
+        self._closed = True
+        status = _native.lib.tally_engine_close(self._handle)
+        if status not in (_native.OK, errors.ClosedError.status_code):
+            errors.check(status)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<tally.Engine {'closed' if self._closed else 'open'} at {self._handle.value:#x}>"
+
+    # ---- admission -------------------------------------------------------------------------
+
+    def consume(
+        self,
+        key: Text,
+        resource: Text,
+        quantities: Quantities,
+        *,
+        at_ms: int | None = None,
+        request_id: Text | None = None,
+    ) -> Decision:
+        """Decides the request and, if admitted, counts it (all of it or nothing).
+
+        A denial is a ``Decision`` with ``admitted`` False, not an exception."""
+        request = _request(key, resource, quantities, at_ms, request_id)
+        out = _native.Decision()
+        errors.check(
+            _native.lib.tally_engine_consume(self._handle, ctypes.byref(request), ctypes.byref(out))
+        )
+        return Decision.from_native(out)
+
+    def check(
+        self,
+        key: Text,
+        resource: Text,
+        quantities: Quantities,
+        *,
+        at_ms: int | None = None,
+        request_id: Text | None = None,
+    ) -> Decision:
+        """The decision ``consume`` would make now, counting nothing."""
+        request = _request(key, resource, quantities, at_ms, request_id)
+        out = _native.Decision()
+        errors.check(
+            _native.lib.tally_engine_check(self._handle, ctypes.byref(request), ctypes.byref(out))
+        )
+        return Decision.from_native(out)
+
+    def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
+        """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
+        its decision, or the error (not raised) that kept that request from being decided."""
+        if not 1 <= len(requests) <= _native.MAX_BATCH:
+            raise ValueError(f"consume_many takes 1..={_native.MAX_BATCH} requests")
+        natives = (_native.Request * len(requests))()
+        keep_alive = []
+        for index, item in enumerate(requests):
+            if not isinstance(item, Request):
+                raise TypeError(f"requests[{index}] must be a tally.Request")
+            native = _request(item.key, item.resource, item.quantities, item.at_ms, item.request_id)
+            keep_alive.append(native)  # the array copies the pointers, not what they own
+            natives[index] = native
+        statuses = (ctypes.c_uint32 * len(requests))()
+        decisions = (_native.Decision * len(requests))()
+        errors.check(
+            _native.lib.tally_engine_consume_many(
+                self._handle, natives, len(requests), statuses, decisions
+            )
+        )
+        del keep_alive
+        return [
+            Decision.from_native(decisions[index])
+            if status == _native.OK
+            else errors.error_for(status, "")
+            for index, status in enumerate(statuses)
+        ]
+
+    # ---- reservations ----------------------------------------------------------------------
+
+    def reserve(
+        self,
+        key: Text,
+        resource: Text,
+        estimate: Quantities,
+        *,
+        at_ms: int | None = None,
+        lease_ms: int | None = None,
+    ) -> Reservation:
+        """Holds an estimate until settled, voided or the lease ends (default 10 minutes)."""
+        request = _request(key, resource, estimate, at_ms, None)
+        lease = 0 if lease_ms is None else _convert.u64("lease_ms", lease_ms)
+        out = _native.Decision()
+        reservation = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_reserve(
+                self._handle,
+                ctypes.byref(request),
+                lease,
+                ctypes.byref(out),
+                ctypes.byref(reservation),
+            )
+        )
+        return Reservation(Decision.from_native(out), reservation.value or None)
+
+    def settle(
+        self,
+        reservation: int | Reservation,
+        actual: Quantities | None = None,
+        *,
+        at_ms: int | None = None,
+    ) -> Decision:
+        """Charges what was actually used (None or {}: nothing). Not admitted: the part beyond
+        the estimate did not fit and the reservation stays open."""
+        reservation_id = _reservation_id(reservation)
+        array = _EMPTY_QUANTITIES if not actual else _convert.quantities("actual", actual)
+        pointer = ctypes.cast(array, ctypes.POINTER(_native.Quantity)) if len(array) else None
+        out = _native.Decision()
+        errors.check(
+            _native.lib.tally_engine_settle(
+                self._handle,
+                reservation_id,
+                pointer,
+                len(array),
+                _convert.at_ms(at_ms),
+                ctypes.byref(out),
+            )
+        )
+        return Decision.from_native(out)
+
+    def void(self, reservation: int | Reservation, *, at_ms: int | None = None) -> None:
+        """Frees everything a reservation holds (again: no-op)."""
+        reservation_id = _reservation_id(reservation)
+        errors.check(
+            _native.lib.tally_engine_void(self._handle, reservation_id, _convert.at_ms(at_ms))
+        )
+
+    def expire_reservations(self, *, at_ms: int | None = None) -> int:
+        """Ends reservations whose lease ended; returns how many."""
+        expired = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_expire_reservations(
+                self._handle, _convert.at_ms(at_ms), ctypes.byref(expired)
+            )
+        )
+        return expired.value
+
+    def refund(self, request_id: Text, *, at_ms: int | None = None) -> None:
+        """Refunds in full a request admitted under ``request_id``."""
+        encoded = _convert.text("request_id", request_id)
+        errors.check(
+            _native.lib.tally_engine_refund(
+                self._handle, encoded, len(encoded), _convert.at_ms(at_ms)
+            )
+        )
+
+    # ---- teams, keys, seats, credits -------------------------------------------------------
+
+    def create_user(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
+        """Creates a user, their Default Team ``"@" + user`` and their plan key in it."""
+        user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
+        errors.check(
+            _native.lib.tally_engine_create_user(
+                self._handle,
+                user_bytes,
+                len(user_bytes),
+                key_bytes,
+                len(key_bytes),
+                _convert.at_ms(at_ms),
+            )
+        )
+
+    def create_team(self, team: Text, *, at_ms: int | None = None) -> None:
+        team_bytes = _convert.text("team", team)
+        errors.check(
+            _native.lib.tally_engine_create_team(
+                self._handle, team_bytes, len(team_bytes), _convert.at_ms(at_ms)
+            )
+        )
+
+    def add_member(self, team: Text, user: Text, key: Text, *, at_ms: int | None = None) -> None:
+        """Adds an existing user to a team with their plan key for that team."""
+        team_bytes = _convert.text("team", team)
+        user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
+        errors.check(
+            _native.lib.tally_engine_add_member(
+                self._handle,
+                team_bytes,
+                len(team_bytes),
+                user_bytes,
+                len(user_bytes),
+                key_bytes,
+                len(key_bytes),
+                _convert.at_ms(at_ms),
+            )
+        )
+
+    def create_payg_key(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
+        """Issues a pay-as-you-go key to an existing user."""
+        user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
+        errors.check(
+            _native.lib.tally_engine_create_payg_key(
+                self._handle,
+                user_bytes,
+                len(user_bytes),
+                key_bytes,
+                len(key_bytes),
+                _convert.at_ms(at_ms),
+            )
+        )
+
+    def assign_seat(self, team: Text, user: Text, plan: Text, *, at_ms: int | None = None) -> None:
+        """Seats the user's key in the team on ``plan`` (or changes its plan at once)."""
+        team_bytes, user_bytes = _convert.text("team", team), _convert.text("user", user)
+        plan_bytes = _convert.text("plan", plan)
+        errors.check(
+            _native.lib.tally_engine_assign_seat(
+                self._handle,
+                team_bytes,
+                len(team_bytes),
+                user_bytes,
+                len(user_bytes),
+                plan_bytes,
+                len(plan_bytes),
+                _convert.at_ms(at_ms),
+            )
+        )
+
+    def unassign_seat(self, team: Text, user: Text, *, at_ms: int | None = None) -> None:
+        team_bytes, user_bytes = _convert.text("team", team), _convert.text("user", user)
+        errors.check(
+            _native.lib.tally_engine_unassign_seat(
+                self._handle,
+                team_bytes,
+                len(team_bytes),
+                user_bytes,
+                len(user_bytes),
+                _convert.at_ms(at_ms),
+            )
+        )
+
+    def top_up(self, team: Text, micros: int, *, at_ms: int | None = None) -> int:
+        """Adds micro-credits to the team's balance; returns the new balance."""
+        team_bytes = _convert.text("team", team)
+        balance = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_top_up(
+                self._handle,
+                team_bytes,
+                len(team_bytes),
+                _convert.u64("micros", micros),
+                _convert.at_ms(at_ms),
+                ctypes.byref(balance),
+            )
+        )
+        return balance.value
+
+    def withdraw_credits(self, team: Text, micros: int, *, at_ms: int | None = None) -> int:
+        """Takes micro-credits from the team's balance; returns the new balance."""
+        team_bytes = _convert.text("team", team)
+        balance = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_withdraw_credits(
+                self._handle,
+                team_bytes,
+                len(team_bytes),
+                _convert.u64("micros", micros),
+                _convert.at_ms(at_ms),
+                ctypes.byref(balance),
+            )
+        )
+        return balance.value
+
+    def credits(self, team: Text) -> int:
+        """The team's credits balance in micro-credits."""
+        team_bytes = _convert.text("team", team)
+        balance = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_credits(
+                self._handle, team_bytes, len(team_bytes), ctypes.byref(balance)
+            )
+        )
+        return balance.value
+
+    # ---- policy and reports ----------------------------------------------------------------
+
+    def swap_policy(self, policy: PolicyLike, *, at_ms: int | None = None) -> None:
+        """Replaces the policy at run time; usage carries over."""
+        source, document, document_len = _policy(policy)
+        errors.check(
+            _native.lib.tally_engine_swap_policy(
+                self._handle, source, document, document_len, _convert.at_ms(at_ms)
+            )
+        )
+
+    def policy(self) -> dict[str, Any]:
+        """The current policy document, parsed from its JSON."""
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_engine_policy_json(
+                self._handle, buf, size, needed
+            )
+        )
+        parsed: dict[str, Any] = json.loads(document)
+        return parsed
+
+    def usage(self, key: Text, *, at_ms: int | None = None) -> Usage:
+        """The key's usage report: its plan's limits (used, remaining, reset) and credits."""
+        key_bytes = _convert.text("key", key)
+        when = _convert.at_ms(at_ms)
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_engine_usage(
+                self._handle, key_bytes, len(key_bytes), when, buf, size, needed
+            )
+        )
+        return Usage.from_json(json.loads(document))
+
+    # ---- the event log (durable engines) ---------------------------------------------------
+
+    def events_after(self, after_seq: int = 0, limit: int = 1000) -> list[Event]:
+        """Up to ``limit`` events after sequence number ``after_seq``, oldest first."""
+        after = _convert.u64("after_seq", after_seq)
+        count = _convert.u32("limit", limit)
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_engine_events_after(
+                self._handle, after, count, buf, size, needed
+            )
+        )
+        return [
+            Event(seq=item["seq"], at_ms=item["at_ms"], kind=item["kind"], body=item["body"])
+            for item in json.loads(document)
+        ]
+
+    def cursor(self, name: Text) -> int:
+        """The named export cursor's sequence number (0 if never saved)."""
+        name_bytes = _convert.text("name", name)
+        seq = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_cursor(
+                self._handle, name_bytes, len(name_bytes), ctypes.byref(seq)
+            )
+        )
+        return seq.value
+
+    def save_cursor(self, name: Text, seq: int) -> None:
+        name_bytes = _convert.text("name", name)
+        errors.check(
+            _native.lib.tally_engine_save_cursor(
+                self._handle, name_bytes, len(name_bytes), _convert.u64("seq", seq)
+            )
+        )
+
+    def checkpoint(self) -> int:
+        """Takes a checkpoint; returns the sequence number it covers."""
+        seq = ctypes.c_uint64(0)
+        errors.check(_native.lib.tally_engine_checkpoint(self._handle, ctypes.byref(seq)))
+        return seq.value
+
+    def sync(self) -> None:
+        """Makes everything logged so far durable."""
+        errors.check(_native.lib.tally_engine_sync(self._handle))
+
+    def compact(self, *, at_ms: int | None = None) -> int:
+        """Checkpoints and drops old usage events; returns how many were removed."""
+        removed = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_compact(
+                self._handle, _convert.at_ms(at_ms), ctypes.byref(removed)
+            )
+        )
+        return removed.value
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
+    """Checks a database directory that no engine has open."""
+    path_bytes = os.fsencode(path)
+    sound = ctypes.c_bool(False)
+    document = _convert.read_text(
+        lambda buf, size, needed: _native.lib.tally_verify(
+            path_bytes, len(path_bytes), ctypes.byref(sound), buf, size, needed
+        )
+    )
+    return VerifyReport.from_json(bool(sound.value), json.loads(document))
+
+
+def version() -> str:
+    """The loaded library's version (``tally_version``)."""
+    return _native.library_version

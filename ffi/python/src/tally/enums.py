@@ -1,0 +1,73 @@
+"""The header's enums (``tally_unit``, ``tally_charged_to``, ``tally_denial``,
+``tally_durability``, ``tally_policy_source``) with the same values."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Unit(enum.IntEnum):
+    """What a quantity counts."""
+
+    REQUESTS = 0
+    CHARACTERS = 1
+    IMAGES = 2
+    VIDEOS = 3
+    SONGS = 4
+    SECONDS = 5
+    TOKENS = 6
+
+    @classmethod
+    def parse(cls, value: Unit | str) -> Unit:
+        """A ``Unit`` from itself or its name (``"requests"``, any case).
+
+        Plain integers are refused so that a count is never mistaken for a unit."""
+        if isinstance(value, Unit):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                names = ", ".join(unit.name.lower() for unit in cls)
+                raise ValueError(f"unknown unit {value!r}: one of {names}") from None
+        raise TypeError(f"a unit is a tally.Unit or its name, not {type(value).__name__}")
+
+
+class ChargedTo(enum.IntEnum):
+    """Where an admitted request was charged."""
+
+    NONE = 0
+    PLAN_QUOTA = 1
+    CREDITS = 2
+    PAY_AS_YOU_GO = 3
+
+
+class Denial(enum.IntEnum):
+    """Why a request was denied (``NONE`` when admitted)."""
+
+    NONE = 0
+    UNKNOWN_KEY = 1
+    NO_RESOURCES = 2
+    RESOURCE_NOT_COVERED = 3
+    OVER_REQUEST_MAXIMUM = 4
+    QUOTA_EXHAUSTED = 5
+    EXCEEDS_LIMIT = 6
+    INSUFFICIENT_CREDITS = 7
+    TOO_MANY_RESERVATIONS = 8
+
+
+class Durability(enum.IntEnum):
+    """When an acknowledged change is on disk."""
+
+    SYNC = 0
+    INTERVAL = 1
+    NONE = 2
+
+
+class PolicySource(enum.IntEnum):
+    """Where a policy comes from."""
+
+    DEFAULT = 0
+    FILE = 1
+    TOML = 2
+    JSON = 3

@@ -1,0 +1,222 @@
+"""What calls answer: decisions (copied out of ``tally_decision``) and parsed JSON reports.
+
+All are frozen dataclasses: plain values, safe to keep and share between threads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _native
+from .enums import ChargedTo, Denial, Unit
+
+
+def _name(raw: bytes) -> str | None:
+    text = raw.decode("utf-8", errors="replace")
+    return text or None
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One limit of the key's plan as a decision saw it."""
+
+    limit_index: int
+    used: int
+    amount: int
+    remaining: int
+    #: When what is counted now ages out (rolling) or the period ends; None if nothing counted.
+    reset_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to consume, check, reserve or settle.
+
+    A denial is a normal answer (``admitted`` False, ``denial`` says why); errors are
+    exceptions. Names of plans and limits are None where the header has ""."""
+
+    admitted: bool
+    replayed: bool
+    charged_to: ChargedTo
+    denial: Denial
+    #: The limit that denied, or the tightest one when admitted from quota.
+    limit_index: int | None
+    limit_name: str | None
+    limit_amount: int
+    limit_used: int
+    remaining: int
+    reset_at_ms: int | None
+    retry_after_ms: int
+    retry_at_ms: int | None
+    at_ms: int
+    charged_micros: int
+    credits_balance_micros: int | None
+    credits_needed_micros: int
+    #: For OVER_REQUEST_MAXIMUM: the unit over its maximum.
+    unit: Unit | None
+    requested: int
+    maximum: int
+    limits: tuple[LimitStatus, ...]
+    plan: str | None
+    upgrade_plan: str | None
+
+    def __bool__(self) -> bool:
+        return self.admitted
+
+    @property
+    def retry_after_seconds(self) -> int:
+        """``retry_after_ms`` in whole seconds, rounded up (for ``Retry-After``)."""
+        return math.ceil(self.retry_after_ms / 1000)
+
+    @classmethod
+    def from_native(cls, raw: _native.Decision) -> Decision:
+        count = min(raw.limit_count, _native.MAX_DECISION_LIMITS)
+        limits = tuple(
+            LimitStatus(
+                limit_index=limit.limit_index,
+                used=limit.used,
+                amount=limit.amount,
+                remaining=limit.remaining,
+                reset_at_ms=limit.reset_at_ms or None,
+            )
+            for limit in raw.limits[:count]
+        )
+        denial = Denial(raw.denial)
+        return cls(
+            admitted=bool(raw.admitted),
+            replayed=bool(raw.replayed),
+            charged_to=ChargedTo(raw.charged_to),
+            denial=denial,
+            limit_index=None if raw.limit_index == _native.NO_INDEX else raw.limit_index,
+            limit_name=_name(raw.limit_name),
+            limit_amount=raw.limit_amount,
+            limit_used=raw.limit_used,
+            remaining=raw.remaining,
+            reset_at_ms=raw.reset_at_ms or None,
+            retry_after_ms=raw.retry_after_ms,
+            retry_at_ms=raw.retry_at_ms or None,
+            at_ms=raw.at_ms,
+            charged_micros=raw.charged_micros,
+            credits_balance_micros=(
+                raw.credits_balance_micros if raw.has_credits_balance else None
+            ),
+            credits_needed_micros=raw.credits_needed_micros,
+            unit=Unit(raw.unit) if denial == Denial.OVER_REQUEST_MAXIMUM else None,
+            requested=raw.requested,
+            maximum=raw.maximum,
+            limits=limits,
+            plan=_name(raw.plan),
+            upgrade_plan=_name(raw.upgrade_plan),
+        )
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer to reserve: the decision and, when admitted, the reservation's id."""
+
+    decision: Decision
+    #: The id to settle or void; None when denied.
+    id: int | None
+
+    @property
+    def admitted(self) -> bool:
+        return self.decision.admitted
+
+
+@dataclass(frozen=True)
+class UsageLimit:
+    """One limit of a usage report (the console's usage bar)."""
+
+    name: str
+    meter: str
+    window: str
+    used: int
+    amount: int
+    remaining: int
+    reset_at_ms: int | None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A key's usage report (``tally_engine_usage``); ``raw`` keeps the whole JSON object."""
+
+    key: str
+    kind: str
+    user: str | None
+    team: str | None
+    plan: str | None
+    at_ms: int
+    limits: tuple[UsageLimit, ...]
+    credits_balance_micros: int | None
+    credits_charged_micros: int | None
+    open_reservations: int | None
+    pay_as_you_go_micros: int | None
+    raw: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Usage:
+        limits = tuple(
+            UsageLimit(
+                name=limit["name"],
+                meter=limit["meter"],
+                window=limit["window"],
+                used=limit["used"],
+                amount=limit["amount"],
+                remaining=limit["remaining"],
+                reset_at_ms=limit.get("reset_at_ms"),
+            )
+            for limit in document.get("limits", [])
+        )
+        return cls(
+            key=document["key"],
+            kind=document["kind"],
+            user=document.get("user"),
+            team=document.get("team"),
+            plan=document.get("plan"),
+            at_ms=document["at_ms"],
+            limits=limits,
+            credits_balance_micros=document.get("credits_balance_micros"),
+            credits_charged_micros=document.get("credits_charged_micros"),
+            open_reservations=document.get("open_reservations"),
+            pay_as_you_go_micros=document.get("pay_as_you_go_micros"),
+            raw=document,
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event of the log (``tally_engine_events_after``)."""
+
+    seq: int
+    at_ms: int
+    kind: str
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``tally.verify`` found in a database directory."""
+
+    sound: bool
+    records: int
+    events: int
+    first_seq: int | None
+    last_seq: int | None
+    snapshot_seq: int | None
+    snapshot_matches_replay: bool | None
+    problems: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, sound: bool, document: dict[str, Any]) -> VerifyReport:
+        return cls(
+            sound=sound,
+            records=document.get("records", 0),
+            events=document.get("events", 0),
+            first_seq=document.get("first_seq"),
+            last_seq=document.get("last_seq"),
+            snapshot_seq=document.get("snapshot_seq"),
+            snapshot_matches_replay=document.get("snapshot_matches_replay"),
+            problems=tuple(document.get("problems", [])),
+        )

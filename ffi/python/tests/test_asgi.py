@@ -1,0 +1,390 @@
+"""QuotaMiddleware driven in-process with a fake upstream app: no server, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from conftest import HOUR_MS, T, seated
+from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader
+
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
+SPEECH = "/v1/audio/speech"
+IMAGES = "/v1/images/generations"
+
+
+class Upstream:
+    """A fake OpenAI/Anthropic upstream: answers each route with its usage, records calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.status = 200
+        self.raise_error = False
+        self.stream = False
+        self.tokens = (10, 20)
+
+    async def __call__(self, scope, receive, send) -> None:
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw or b"{}")
+        self.calls.append({"path": scope["path"], "body": body})
+        if self.raise_error:
+            raise RuntimeError("upstream broke")
+        prompt, completion = self.tokens
+        if self.stream:
+            await self._stream(scope["path"], send, prompt, completion)
+            return
+        if scope["path"] == MESSAGES:
+            answer = {
+                "type": "message",
+                "usage": {"input_tokens": prompt, "output_tokens": completion},
+            }
+        else:
+            answer = {
+                "object": "chat.completion",
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            }
+        payload = json.dumps(answer).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        # In two pieces, as a real proxy may send it.
+        await send({"type": "http.response.body", "body": payload[:7], "more_body": True})
+        await send({"type": "http.response.body", "body": payload[7:], "more_body": False})
+
+    async def _stream(self, path: str, send, prompt: int, completion: int) -> None:
+        if path == MESSAGES:
+            events = [
+                {
+                    "type": "message_start",
+                    "message": {"usage": {"input_tokens": prompt, "output_tokens": 1}},
+                },
+                {"type": "content_block_delta", "delta": {"text": "hi"}},
+                {"type": "message_delta", "usage": {"output_tokens": completion}},
+            ]
+        else:
+            events = [
+                {"choices": [{"delta": {"content": "hi"}}], "usage": None},
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                },
+            ]
+        text = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        raw = text.encode()
+        for start in range(0, len(raw), 13):  # chunks that split lines
+            await send(
+                {"type": "http.response.body", "body": raw[start : start + 13], "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def request(
+    app,
+    path: str,
+    body: dict[str, Any] | None = None,
+    *,
+    key: str | None = "",
+    header: str = "authorization",
+    method: str = "POST",
+    raw: bytes | None = None,
+) -> Response:
+    headers: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")]
+    if key:
+        value = f"Bearer {key}" if header == "authorization" else key
+        headers.append((header.encode(), value.encode()))
+    payload = raw if raw is not None else json.dumps(body or {}).encode()
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+    }
+    pieces = [payload[: len(payload) // 2], payload[len(payload) // 2 :]]
+    incoming = [
+        {"type": "http.request", "body": piece, "more_body": i == 0}
+        for i, piece in enumerate(pieces)
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    response_headers = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    body_bytes = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Response(start["status"], response_headers, body_bytes)
+
+
+class Clock:
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        self.now += 1
+        return self.now
+
+
+@pytest.fixture
+def upstream():
+    return Upstream()
+
+
+@pytest.fixture
+def clock():
+    return Clock(T)
+
+
+@pytest.fixture
+def gateway(engine, upstream, clock):
+    return QuotaMiddleware(upstream, engine, clock=clock)
+
+
+def chat(model: str = "MiniMax-M2.7", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], **extra}
+
+
+def test_exactly_the_starter_limit_is_admitted_then_429_with_retry_after(engine, gateway, upstream):
+    key = seated(engine, "ada", "tp-ada-1", "Starter")
+    statuses = [request(gateway, CHAT, chat(), key=key).status for _ in range(1510)]
+    assert statuses.count(200) == 1500 and statuses.count(429) == 10
+    assert statuses[:1500] == [200] * 1500
+    assert len(upstream.calls) == 1500
+    assert engine.usage(key, at_ms=T + 10_000).open_reservations == 0
+
+    denied = request(gateway, CHAT, chat(), key=key)
+    assert denied.status == 429
+    retry_after = int(denied.headers["retry-after"])
+    assert 0 < retry_after <= 5 * 3600 + 300
+    assert denied.headers["x-ratelimit-limit-requests"] == "1500"
+    assert denied.headers["x-ratelimit-remaining-requests"] == "0"
+    assert denied.headers["x-ratelimit-reset-requests"].endswith("s")
+    error = denied.json()["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert "m2.7:requests per rolling:5h" in error["message"]
+    assert "resets at 2030-03-1" in error["message"] and "Starter" in error["message"]
+
+
+def test_admitted_responses_carry_the_rate_limit_headers(engine, gateway):
+    key = seated(engine, "bo", "tp-bo-1", "Plus")
+    first = request(gateway, CHAT, chat(), key=key)
+    assert first.status == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "4500"
+    assert first.headers["x-ratelimit-remaining-requests"] == "4499"
+    assert first.headers["x-tally-plan"] == "Plus"
+    assert first.headers["x-tally-charged-to"] == "plan_quota"
+    assert first.json()["usage"]["total_tokens"] == 30  # the upstream's body, untouched
+
+
+def test_the_anthropic_route_denies_in_anthropics_error_shape(engine, gateway):
+    key = seated(engine, "cy", "tp-cy-1", "Starter")
+    engine.consume(key, "m2.7", {"requests": 1500}, at_ms=T)
+    denied = request(
+        gateway,
+        MESSAGES,
+        {"model": "MiniMax-M2.7", "max_tokens": 100, "messages": []},
+        key=key,
+        header="x-api-key",
+    )
+    assert denied.status == 429
+    assert int(denied.headers["retry-after"]) > 0
+    body = denied.json()
+    assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+    assert "Quota exhausted" in body["error"]["message"] and "resets at" in body["error"]["message"]
+    assert denied.headers["anthropic-ratelimit-requests-limit"] == "1500"
+    assert denied.headers["anthropic-ratelimit-requests-remaining"] == "0"
+
+
+def test_unknown_and_missing_keys_get_401_in_each_apis_shape(engine, gateway, upstream):
+    openai = request(gateway, CHAT, chat(), key="sk-nobody")
+    assert openai.status == 401
+    assert openai.json()["error"]["code"] == "invalid_api_key"
+    anthropic = request(gateway, MESSAGES, chat(), key=None)
+    assert anthropic.status == 401
+    assert anthropic.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": anthropic.json()["error"]["message"]},
+    }
+    assert request(gateway, CHAT, chat(), key="x" * 500).status == 401
+    assert upstream.calls == []
+
+
+def test_tokens_from_the_response_are_settled_through_a_reservation(engine, gateway, upstream):
+    engine.create_user("di", "tp-di-1", at_ms=T)
+    engine.create_payg_key("di", "pg-di-1", at_ms=T)
+    upstream.tokens = (120, 380)
+    assert request(gateway, CHAT, chat(max_tokens=1000), key="pg-di-1").status == 200
+    assert (
+        request(gateway, MESSAGES, chat(max_tokens=1000), key="pg-di-1", header="x-api-key").status
+        == 200
+    )
+    usage = engine.usage("pg-di-1", at_ms=T + HOUR_MS)
+    # 2 requests at 2,000 micros plus 2 x 500 tokens at 1 micro: the actual, not the estimate.
+    assert usage.pay_as_you_go_micros == 2 * 2_000 + 2 * 500
+    assert usage.open_reservations == 0
+
+
+def test_streamed_usage_is_settled_for_both_apis(engine, gateway, upstream):
+    engine.create_user("ed", "tp-ed-1", at_ms=T)
+    engine.top_up("@ed", 1_000_000, at_ms=T)
+    upstream.stream = True
+    upstream.tokens = (50, 70)
+    assert request(gateway, CHAT, chat(stream=True), key="tp-ed-1").status == 200
+    assert request(gateway, MESSAGES, chat(stream=True), key="tp-ed-1").status == 200
+    assert engine.credits("@ed") == 1_000_000 - 2 * (2_000 + 120)
+
+
+def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(
+    engine, gateway, upstream
+):
+    engine.create_user("fa", "tp-fa-1", at_ms=T)
+    engine.top_up("@fa", 1_000_000, at_ms=T)
+    upstream.status = 500
+    assert request(gateway, CHAT, chat(), key="tp-fa-1").status == 500
+    assert engine.credits("@fa") == 1_000_000
+    upstream.status = 200
+    upstream.raise_error = True
+    with pytest.raises(RuntimeError):
+        request(gateway, CHAT, chat(), key="tp-fa-1")
+    with pytest.raises(RuntimeError):
+        request(gateway, IMAGES, {"model": "image-01", "n": 2}, key="tp-fa-1")
+    assert engine.credits("@fa") == 1_000_000
+    assert engine.usage("tp-fa-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
+def test_speech_is_counted_in_characters_of_its_input_against_the_daily_quota(engine, gateway):
+    key = seated(engine, "gu", "tp-gu-1", "Plus")
+    ok = request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": "a" * 3000}, key=key)
+    assert ok.status == 200
+    assert ok.headers["x-ratelimit-remaining-characters"] == "1000"
+    denied = request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": "b" * 1500}, key=key)
+    assert denied.status == 429
+    assert denied.json()["error"]["type"] == "rate_limit_error"
+    assert "speech-2.8:characters per daily" in denied.json()["error"]["message"]
+    # The next local midnight in Asia/Shanghai is 2030-03-18T16:00:00Z.
+    assert "2030-03-18T16:00:00Z" in denied.json()["error"]["message"]
+    assert request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": ""}, key=key).status == 400
+
+
+def test_images_are_counted_by_n_and_a_plan_without_them_is_insufficient_quota(engine, gateway):
+    plus = seated(engine, "ha", "tp-ha-1", "Plus")
+    assert request(gateway, IMAGES, {"model": "image-01", "n": 48}, key=plus).status == 200
+    assert request(gateway, IMAGES, {"model": "image-01", "n": 3}, key=plus).status == 429
+    assert request(gateway, IMAGES, {"model": "image-01", "n": 2}, key=plus).status == 200
+    starter = seated(engine, "io", "tp-io-1", "Starter")
+    denied = request(gateway, IMAGES, {"model": "image-01"}, key=starter)
+    assert denied.status == 429 and "retry-after" not in denied.headers
+    error = denied.json()["error"]
+    assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+    assert "does not cover image-01" in error["message"]
+    assert request(gateway, IMAGES, {"model": "image-01", "n": -1}, key=plus).status == 400
+
+
+def test_a_key_without_resources_is_told_to_get_a_seat_or_credits(engine, gateway):
+    engine.create_user("jo", "tp-jo-1", at_ms=T)
+    denied = request(gateway, CHAT, chat(), key="tp-jo-1")
+    assert denied.status == 429
+    assert denied.json()["error"]["type"] == "insufficient_quota"
+    assert "no Token Plan seat" in denied.json()["error"]["message"]
+
+
+def test_unknown_models_bad_bodies_and_other_routes(engine, gateway, upstream):
+    key = seated(engine, "ka", "tp-ka-1", "Max")
+    missing = request(gateway, CHAT, chat(model="gpt-99"), key=key)
+    assert missing.status == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert (
+        request(gateway, MESSAGES, chat(model="gpt-99"), key=key).json()["error"]["type"]
+        == "not_found_error"
+    )
+    assert request(gateway, CHAT, raw=b"{not json", key=key).status == 400
+    assert request(gateway, CHAT, {"messages": []}, key=key).status == 400
+    assert request(gateway, CHAT, chat(model="m2.7-highspeed"), key=key).status == 429  # not on Max
+    # A resource named directly, and routes the middleware does not meter, pass through.
+    assert request(gateway, CHAT, chat(model="m2.7"), key=key).status == 200
+    assert request(gateway, "/v1/models", method="GET", key=None).status == 200
+    assert request(gateway, "/health", {}, key=None).status == 200
+    assert [call["path"] for call in upstream.calls] == [CHAT, "/v1/models", "/health"]
+
+
+def test_routes_and_models_are_configurable(engine, upstream, clock):
+    gateway = QuotaMiddleware(
+        upstream,
+        engine,
+        clock=clock,
+        routes={"/anthropic/v1/messages": Route(Api.ANTHROPIC, Metering.REQUESTS, "m2.7")},
+        models={"claude-sonnet-4-5": "m2.7"},
+    )
+    key = seated(engine, "la", "tp-la-1", "Starter")
+    assert request(gateway, "/anthropic/v1/messages", {"messages": []}, key=key).status == 200
+    assert (
+        request(gateway, "/anthropic/v1/messages", chat(model="claude-sonnet-4-5"), key=key).status
+        == 200
+    )
+    assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2
+    assert request(gateway, CHAT, chat(), key=key).status == 200  # no longer metered
+    assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2
+
+
+def test_engine_calls_can_run_off_the_event_loop(engine, upstream, clock):
+    gateway = QuotaMiddleware(upstream, engine, clock=clock, run_sync=asyncio.to_thread)
+    key = seated(engine, "ma", "tp-ma-1", "Starter")
+    assert request(gateway, CHAT, chat(), key=key).status == 200
+    assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 1
+
+
+def test_the_usage_reader_finds_tokens_in_json_and_events():
+    reader = UsageReader("application/json")
+    reader.feed(b'{"usage": {"input_tokens": 3, "output_tokens": 4}}')
+    assert reader.tokens() == 7
+    reader = UsageReader("application/json")
+    reader.feed(b"not json")
+    assert reader.tokens() is None
+    reader = UsageReader("text/event-stream; charset=utf-8")
+    reader.feed(b'data: {"usage": {"total_tokens": 9}}')  # no final newline
+    assert reader.tokens() == 9

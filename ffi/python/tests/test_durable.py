@@ -1,0 +1,90 @@
+"""A durable engine in a temporary directory: usage survives a reopen, the event log, cursors,
+checkpoints, compaction and verify."""
+
+from __future__ import annotations
+
+import pytest
+
+import tally
+from conftest import T, seated
+from tally import Durability
+
+
+def test_a_reopened_engine_keeps_its_usage_credits_and_request_ids(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, durability=Durability.SYNC) as engine:
+        key = seated(engine, "ada", "tp-ada-1", "Starter")
+        for i in range(10):
+            assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=T, request_id=f"r{i}")
+        engine.top_up("@ada", 7_000, at_ms=T)
+    with tally.Engine.open(str(path), durability="none") as engine:
+        usage = engine.usage("tp-ada-1", at_ms=T)
+        assert usage.plan == "Starter"
+        assert usage.limits[0].used == 10
+        assert engine.credits("@ada") == 7_000
+        replay = engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T, request_id="r3")
+        assert replay.replayed
+        assert engine.usage("tp-ada-1", at_ms=T).limits[0].used == 10
+
+
+def test_the_event_log_and_a_billing_cursor(tmp_path):
+    with tally.Engine.open(
+        tmp_path / "db", durability=Durability.INTERVAL, interval_ms=50
+    ) as engine:
+        key = seated(engine, "bo", "tp-bo-1", "Plus")
+        engine.consume(key, "m2.7", {"requests": 2}, at_ms=T)
+        engine.sync()
+        events = engine.events_after(0, limit=1000)
+        assert [event.seq for event in events] == list(range(1, len(events) + 1))
+        kinds = [event.kind for event in events]
+        assert "usage_admitted" in kinds
+        admitted = events[kinds.index("usage_admitted")]
+        assert admitted.body["quantities"] == {"requests": 2}
+        assert engine.cursor("billing") == 0
+        engine.save_cursor("billing", events[-1].seq)
+        assert engine.cursor("billing") == events[-1].seq
+        assert engine.events_after(events[-1].seq) == []
+        assert engine.checkpoint() == events[-1].seq
+        assert engine.compact(at_ms=T) >= 0
+    report = tally.verify(tmp_path / "db")
+    assert report.sound and not report.problems
+    assert report.last_seq is not None and report.last_seq >= len(events)
+
+
+def test_a_database_open_in_one_engine_is_locked_for_another(tmp_path):
+    with tally.Engine.open(tmp_path / "db", durability="none"):
+        with pytest.raises(tally.DatabaseLockedError):
+            tally.Engine.open(tmp_path / "db")
+        with pytest.raises(tally.DatabaseLockedError):
+            tally.verify(tmp_path / "db")
+
+
+def test_a_directory_of_other_files_is_foreign(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a database")
+    with pytest.raises(tally.DatabaseForeignError):
+        tally.Engine.open(tmp_path)
+
+
+def test_a_policy_file_and_an_invalid_one(tmp_path):
+    policy = tmp_path / "plans.toml"
+    policy.write_text(
+        'time_zone = "UTC"\n'
+        '[resources.chat]\nunits = ["requests"]\nrequired = ["requests"]\n'
+        "price_micros = { requests = 10 }\n"
+        '[plans.Tiny]\nlimits = [{ resource = "chat", unit = "requests", amount = 2, '
+        'window = "daily" }]\n'
+    )
+    with tally.Engine.open(tmp_path / "db", policy, durability="none") as engine:
+        key = seated(engine, "cy", "tp-cy-1", "Tiny")
+        assert [
+            engine.consume(key, "chat", {"requests": 1}, at_ms=T).admitted for _ in range(3)
+        ] == [
+            True,
+            True,
+            False,
+        ]
+    with tally.Engine.in_memory(tally.Policy.toml(policy.read_text())) as engine:
+        assert "Tiny" in engine.policy()["plans"]
+    policy.write_text("time_zone = ")
+    with pytest.raises(tally.PolicyInvalidError):
+        tally.Engine.in_memory(tally.Policy.file(policy))

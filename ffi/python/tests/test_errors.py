@@ -1,0 +1,194 @@
+"""Bad input: each gets its own exception, and Python values that would wrap or be
+misread in C are refused before the call."""
+
+from __future__ import annotations
+
+import pytest
+
+import tally
+from conftest import T, seated
+from tally import errors
+
+
+@pytest.fixture
+def key(engine):
+    return seated(engine, "ada", "tp-ada-1", "Starter")
+
+
+@pytest.mark.parametrize(
+    "bad_key, error",
+    [
+        ("", tally.EmptyStringError),
+        ("tp\x00ada", tally.NulInStringError),
+        (b"\xff\xfe", tally.InvalidUtf8Error),
+        ("k" * 129, tally.StringTooLongError),
+    ],
+)
+def test_each_bad_key_has_its_own_exception(engine, key, bad_key, error):
+    with pytest.raises(error) as raised:
+        engine.consume(bad_key, "m2.7", {"requests": 1}, at_ms=T)
+    assert raised.value.status == error.status_code
+    assert raised.value.name == tally.status_name(error.status_code)
+    assert raised.value.message  # the library's detail, e.g. "key: must not be empty"
+    assert isinstance(raised.value, ValueError)
+
+
+def test_an_unknown_resource_is_an_error(engine, key):
+    with pytest.raises(tally.UnknownResourceError, match="no-such-model"):
+        engine.consume(key, "no-such-model", {"requests": 1}, at_ms=T)
+
+
+def test_a_request_id_reused_with_other_quantities_conflicts(engine, key):
+    engine.consume(key, "m2.7", {"requests": 1}, at_ms=T, request_id="req-1")
+    with pytest.raises(tally.RequestIdConflictError):
+        engine.consume(key, "m2.7", {"requests": 2}, at_ms=T, request_id="req-1")
+
+
+@pytest.mark.parametrize(
+    "quantities, error",
+    [
+        ({"requests": -1}, ValueError),  # would wrap to 2^64 - 1 in ctypes
+        ({"requests": 2**64}, ValueError),  # would wrap to 0
+        ({"requests": True}, TypeError),
+        ({"requests": 1.0}, TypeError),
+        ({"requests": "1"}, TypeError),
+        ({"furlongs": 1}, ValueError),
+        ({0: 1}, TypeError),  # a bare int is not a unit
+        ([("requests", 1)], TypeError),
+    ],
+)
+def test_python_values_that_c_would_misread_are_refused_before_the_call(
+    engine, key, quantities, error
+):
+    with pytest.raises(error):
+        engine.consume(key, "m2.7", quantities, at_ms=T)
+    assert engine.usage(key, at_ms=T).limits[0].used == 0
+
+
+@pytest.mark.parametrize(
+    "quantities, error",
+    [
+        ({"requests": 0}, tally.BadQuantityError),
+        ({"requests": 2**40 + 1}, tally.BadQuantityError),
+        ({}, tally.BadQuantityError),
+        ({"requests": 1, tally.Unit.REQUESTS: 1}, tally.BadQuantityError),
+    ],
+)
+def test_quantities_the_library_refuses(engine, key, quantities, error):
+    with pytest.raises(error):
+        engine.consume(key, "m2.7", quantities, at_ms=T)
+
+
+def test_bad_arguments_of_other_types(engine, key):
+    with pytest.raises(ValueError):
+        engine.consume(key, "m2.7", {"requests": 1}, at_ms=-5)
+    with pytest.raises(TypeError):
+        engine.consume(key, "m2.7", {"requests": 1}, at_ms=1.5)
+    with pytest.raises(TypeError):
+        engine.consume(42, "m2.7", {"requests": 1})
+    with pytest.raises(TypeError):
+        engine.consume(key, None, {"requests": 1})
+    with pytest.raises(ValueError):
+        engine.top_up("@ada", -100, at_ms=T)
+    with pytest.raises(TypeError):
+        engine.top_up("@ada", False, at_ms=T)
+    with pytest.raises(ValueError):
+        engine.consume("\ud800", "m2.7", {"requests": 1})  # a lone surrogate has no UTF-8
+    with pytest.raises(tally.BadTimestampError):
+        engine.consume(key, "m2.7", {"requests": 1}, at_ms=4_102_444_800_000)  # 2100-01-01
+    with pytest.raises(TypeError):
+        engine.swap_policy("plans.toml")  # ambiguous: Policy.file or Policy.toml?
+    with pytest.raises(ValueError):
+        tally.Engine.open("/nonexistent", durability="eventually")
+
+
+def test_admin_errors(engine, key):
+    with pytest.raises(tally.AlreadyExistsError):
+        engine.create_user("ada", "tp-ada-2", at_ms=T)
+    with pytest.raises(tally.UnknownTeamError):
+        engine.top_up("no-team", 1, at_ms=T)
+    with pytest.raises(tally.UnknownUserError):
+        engine.create_payg_key("nobody", "pg-1", at_ms=T)
+    with pytest.raises(tally.UnknownPlanError):
+        engine.assign_seat("@ada", "ada", "Platinum", at_ms=T)
+    with pytest.raises(tally.UnknownKeyError):
+        engine.usage("no-such-key", at_ms=T)
+    with pytest.raises(tally.UnknownReservationError):
+        engine.void(12345, at_ms=T)
+    with pytest.raises(tally.UnknownRequestError):
+        engine.refund("never-used", at_ms=T)
+    with pytest.raises(tally.InsufficientCreditsError):
+        engine.withdraw_credits("@ada", 1, at_ms=T)
+    with pytest.raises(tally.AmountOverflowError):
+        engine.top_up("@ada", 2**64 - 1, at_ms=T)
+        engine.top_up("@ada", 1, at_ms=T)
+    with pytest.raises(tally.NotAMemberError):
+        engine.create_team("acme", at_ms=T)
+        engine.assign_seat("acme", "ada", "Plus", at_ms=T)
+    with pytest.raises(tally.NotDurableError):
+        engine.events_after(0)
+    with pytest.raises(tally.PolicyInvalidError):
+        engine.swap_policy(tally.Policy.toml("time_zone = 7"), at_ms=T)
+
+
+def test_use_after_close_raises_closed_and_close_is_idempotent(key):
+    engine = tally.Engine.in_memory()
+    engine.create_user("ada", "tp-ada-1", at_ms=T)
+    engine.close()
+    assert engine.closed
+    engine.close()  # a second close does nothing
+    with pytest.raises(tally.ClosedError):
+        engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T)
+    with pytest.raises(tally.ClosedError):
+        engine.usage("tp-ada-1")
+    with pytest.raises(tally.ClosedError):
+        engine.create_team("acme")
+
+
+def test_the_library_answers_a_second_close_with_closed():
+    """What Engine.close hides: the C close is not idempotent, it answers TALLY_CLOSED."""
+    from tally import _native
+
+    engine = tally.Engine.in_memory()
+    assert _native.lib.tally_engine_close(engine._handle) == _native.OK
+    assert _native.lib.tally_engine_close(engine._handle) == tally.ClosedError.status_code
+    engine.close()
+
+
+def test_with_closes_the_engine_and_the_finalizer_frees_it():
+    with tally.Engine.in_memory() as engine:
+        finalizer = engine._finalizer
+        assert finalizer.alive
+    assert engine.closed
+    del engine
+    import gc
+
+    gc.collect()
+    assert not finalizer.alive
+
+
+def test_an_engine_cannot_be_built_from_nothing():
+    with pytest.raises(TypeError):
+        tally.Engine(None)  # type: ignore[arg-type]
+
+
+def test_every_status_has_its_own_class_named_as_in_the_header():
+    assert sorted(errors.ERRORS_BY_STATUS) == list(range(1, 36))
+    assert len(set(errors.ERRORS_BY_STATUS.values())) == 35
+    for status, cls in errors.ERRORS_BY_STATUS.items():
+        assert issubclass(cls, tally.TallyError)
+        assert cls.status_code == status
+        assert getattr(tally, cls.__name__) is cls
+        name = tally.status_name(status)
+        assert name.startswith("TALLY_") and name != "TALLY_UNKNOWN_STATUS"
+        error = errors.error_for(status, "detail")
+        assert type(error) is cls and error.name == name and "detail" in str(error)
+    assert tally.status_name(0) == "TALLY_OK"
+    assert tally.status_name(36) == "TALLY_UNKNOWN_STATUS"
+    assert type(errors.error_for(999, "")) is tally.TallyError
+
+
+def test_the_last_error_is_per_thread_and_kept_after_a_failure(engine, key):
+    with pytest.raises(tally.EmptyStringError):
+        engine.consume("", "m2.7", {"requests": 1}, at_ms=T)
+    assert "empty" in tally.last_error()
