@@ -149,7 +149,11 @@ impl Engine {
                 )
             })?;
             let plan = policy.plan(plan_id);
-            let amounts = Amounts::of(&plan.touches[resource_id.index()], &quantities)?;
+            let amounts = Amounts::of(&plan.touches[resource_id.index()], &quantities).ok_or(
+                Error::Overflow {
+                    field: "quantities",
+                },
+            )?;
             let usage = state
                 .usage
                 .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));

@@ -17,7 +17,7 @@ use crate::accounts::{
 };
 use crate::admission::{
     over_maximum, price_micros, try_credits, try_quota, Admission, Amounts, ChargedTo, Decision,
-    DenialReason, Holds, LimitStatus, Mode, Quantities, QuotaOutcome, Receipt,
+    DenialReason, Holds, LimitStatus, Mode, Quantities, Receipt, Verdict,
 };
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
@@ -26,7 +26,7 @@ use crate::event::{encode_body, EventBody};
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
 use crate::log::EventLog;
-use crate::policy::{Policy, ResourceId, Unit, Window};
+use crate::policy::{Policy, ResourceId, Unit, Window, UNIT_COUNT};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
@@ -725,35 +725,43 @@ impl Engine {
     /// Checks every limit that applies and admits all of the request or none of it.
     #[inline]
     pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
-        let decision = self.admit(request, Mode::Consume);
+        let mut verdict = Verdict::new();
+        let outcome = self.admit(request, Mode::Consume, &mut verdict);
         // Outside every lock (a checkpoint takes them all).
         self.maybe_checkpoint();
-        decision
+        outcome.map(|()| verdict.decision)
     }
 
     /// The decision `consume` would make now, changing nothing.
     pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
-        self.admit(request, Mode::Check)
+        let mut verdict = Verdict::new();
+        self.admit(request, Mode::Check, &mut verdict)
+            .map(|()| verdict.decision)
     }
 
+    /// Decides `request` into `verdict` (its `receipt` is set only without a request id).
     #[inline]
-    fn admit(&self, request: &UsageRequest<'_>, mode: Mode) -> Result<Decision, Error> {
+    fn admit(
+        &self,
+        request: &UsageRequest<'_>,
+        mode: Mode,
+        verdict: &mut Verdict,
+    ) -> Result<(), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         if request.key.is_empty() || request.key.len() > MAX_KEY_BYTES {
             check_id("key", request.key, MAX_KEY_BYTES)?;
         }
         let Some(request_id) = request.request_id else {
-            return Ok(self
-                .decide(
-                    request.key,
-                    request.resource,
-                    &quantities,
-                    None,
-                    at_ms,
-                    mode,
-                )?
-                .0);
+            return self.decide(
+                request.key,
+                request.resource,
+                &quantities,
+                None,
+                at_ms,
+                mode,
+                verdict,
+            );
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -763,8 +771,13 @@ impl Engine {
         };
         match mode {
             Mode::Consume => {
-                self.requests
-                    .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                verdict.decision = self.requests.once(
+                    request_id,
+                    fingerprint,
+                    at_ms,
+                    self.clock.now_ms(),
+                    || {
+                        let mut first = Verdict::new();
                         self.decide(
                             request.key,
                             request.resource,
@@ -772,21 +785,29 @@ impl Engine {
                             Some(request_id),
                             at_ms,
                             mode,
-                        )
-                    })
+                            &mut first,
+                        )?;
+                        Ok((first.decision, first.receipt))
+                    },
+                )?;
+                verdict.receipt = None;
+                Ok(())
             }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
-                Some(decision) => Ok(decision),
-                None => Ok(self
-                    .decide(
-                        request.key,
-                        request.resource,
-                        &quantities,
-                        Some(request_id),
-                        at_ms,
-                        mode,
-                    )?
-                    .0),
+                Some(decision) => {
+                    verdict.decision = decision;
+                    verdict.receipt = None;
+                    Ok(())
+                }
+                None => self.decide(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    Some(request_id),
+                    at_ms,
+                    mode,
+                    verdict,
+                ),
             },
         }
     }
@@ -794,6 +815,7 @@ impl Engine {
     /// Decides and, for an admitted consume, waits until its event is durable (as the mode
     /// says); if the log fails, the effect is given back and the error returned.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         key: &str,
@@ -802,23 +824,24 @@ impl Engine {
         request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
-    ) -> Result<(Decision, Option<Receipt>), Error> {
-        let (decision, receipt, seq) =
-            self.decide_logged(key, resource, quantities, request_id, at_ms, mode)?;
-        match (seq, receipt, self.journal()) {
+        verdict: &mut Verdict,
+    ) -> Result<(), Error> {
+        let seq =
+            self.decide_logged(key, resource, quantities, request_id, at_ms, mode, verdict)?;
+        match (seq, &verdict.receipt, self.journal()) {
             (Some(seq), Some(receipt), _) => {
-                self.await_durable(seq, key, resource, quantities, &receipt)?
+                self.await_durable(seq, key, resource, quantities, receipt)
             }
-            (Some(seq), None, Some(journal)) => journal.wait(seq)?,
-            _ => {}
+            (Some(seq), None, Some(journal)) => journal.wait(seq),
+            _ => Ok(()),
         }
-        Ok((decision, receipt))
     }
 
     /// Decides, and for an admitted consume appends the usage event while the key's shard is
     /// still read-locked (so a checkpoint's cut sees every applied effect logged). Returns the
     /// event's sequence number; does not wait for it.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn decide_logged(
         &self,
         key: &str,
@@ -827,49 +850,58 @@ impl Engine {
         request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
-    ) -> Result<(Decision, Option<Receipt>, Option<u64>), Error> {
+        verdict: &mut Verdict,
+    ) -> Result<Option<u64>, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
         self.keys.read(key, |policy, state| {
             let resource_id = resolve_resource(policy, resource, quantities)?;
-            let (decision, receipt) = match state {
-                Some(state) => decide_for_key(policy, state, resource_id, quantities, at_ms, mode)?,
+            match state {
+                Some(state) => decide_for_key_into(
+                    policy,
+                    state,
+                    resource_id,
+                    quantities,
+                    at_ms,
+                    mode,
+                    verdict,
+                )?,
                 None => {
                     // A key that is not there may be one that can never be: say what is wrong.
                     check_id("key", key, MAX_KEY_BYTES)?;
-                    (Decision::denied(DenialReason::UnknownKey), None)
+                    verdict.deny(DenialReason::UnknownKey);
                 }
-            };
+            }
             let Some(journal) = journal else {
-                return Ok((decision, receipt, None));
+                return Ok(None);
             };
-            let (Some(state), Some(receipt)) = (state, receipt) else {
+            let (Some(state), Some(receipt)) = (state, verdict.receipt) else {
                 // A denial under a request id is logged too, so its retry gets the same
                 // answer after a restart.
                 let Some(request_id) = request_id else {
-                    return Ok((decision, None, None));
+                    return Ok(None);
                 };
                 let body = EventBody::RequestDenied {
                     request_id: request_id.into(),
                     key: key.into(),
                     resource: resource.into(),
                     quantities: *quantities,
-                    decision,
+                    decision: verdict.decision,
                 };
                 let seq = journal.append(at_ms, encode_body(&body))?;
-                return Ok((decision, None, Some(seq)));
+                return Ok(Some(seq));
             };
             let body = EventBody::UsageAdmitted {
                 key: key.into(),
                 resource: resource.into(),
                 quantities: *quantities,
                 request_id: request_id.map(Into::into),
-                decision: request_id.is_some().then_some(decision),
+                decision: request_id.is_some().then_some(verdict.decision),
                 receipt,
             };
             match journal.append(at_ms, encode_body(&body)) {
                 Ok(seq) => {
                     self.note_event_time(at_ms);
-                    Ok((decision, Some(receipt), Some(seq)))
+                    Ok(Some(seq))
                 }
                 Err(error) => {
                     crate::adjustment::give_back_in(
@@ -959,17 +991,21 @@ impl Engine {
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
-            let (decision, receipt, seq) = self.decide_logged(
+            let mut verdict = Verdict::new();
+            let seq = self.decide_logged(
                 request.key,
                 request.resource,
                 &quantities,
                 None,
                 at_ms,
                 Mode::Consume,
+                &mut verdict,
             )?;
             return Ok((
-                decision,
-                receipt.map(|receipt| (quantities, Some(receipt), seq)),
+                verdict.decision,
+                verdict
+                    .receipt
+                    .map(|receipt| (quantities, Some(receipt), seq)),
             ));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
@@ -982,17 +1018,19 @@ impl Engine {
         let decision =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
-                    let (decision, receipt, seq) = self.decide_logged(
+                    let mut verdict = Verdict::new();
+                    let seq = self.decide_logged(
                         request.key,
                         request.resource,
                         &quantities,
                         Some(request_id),
                         at_ms,
                         Mode::Consume,
+                        &mut verdict,
                     )?;
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
-                    admitted = seq.map(|seq| (quantities, receipt, Some(seq)));
-                    Ok((decision, receipt))
+                    admitted = seq.map(|seq| (quantities, verdict.receipt, Some(seq)));
+                    Ok((verdict.decision, verdict.receipt))
                 })?;
         Ok((decision, admitted))
     }
@@ -1073,6 +1111,16 @@ pub(crate) fn resolve_resource(
         })?;
     let metered = &policy.resource(id).units;
     let required = &policy.resource(id).required;
+    // One branch-free pass for the usual request (every unit metered, every required unit
+    // there); the messages below are worked out only when something is wrong.
+    let mut wrong = false;
+    for index in 0..UNIT_COUNT {
+        let given = quantities.0[index] != 0;
+        wrong |= (required[index] & !given) | (given & !metered[index]);
+    }
+    if !wrong {
+        return Ok(id);
+    }
     if let Some(unit) = Unit::ALL
         .into_iter()
         .find(|unit| required[unit.index()] && quantities.get(*unit) == 0)
@@ -1101,12 +1149,37 @@ pub(crate) fn decide_for_key(
     at_ms: u64,
     mode: Mode,
 ) -> Result<(Decision, Option<Receipt>), Error> {
+    let mut verdict = Verdict::new();
+    decide_for_key_into(
+        policy,
+        state,
+        resource,
+        quantities,
+        at_ms,
+        mode,
+        &mut verdict,
+    )?;
+    Ok((verdict.decision, verdict.receipt))
+}
+
+/// `decide_for_key`, written into `verdict` in place (the hot path).
+#[inline]
+pub(crate) fn decide_for_key_into(
+    policy: &Policy,
+    state: &KeyState,
+    resource: ResourceId,
+    quantities: &Quantities,
+    at_ms: u64,
+    mode: Mode,
+    verdict: &mut Verdict,
+) -> Result<(), Error> {
     // Time never goes back for a key, even across a reclaim of its idle windows.
     let at_ms = at_ms.max(state.time_floor_ms);
     let resource_spec = policy.resource(resource);
     if resource_spec.has_maximum {
         if let Some(reason) = over_maximum(&resource_spec.max_per_request, quantities) {
-            return Ok((Decision::denied(reason), None));
+            verdict.deny(reason);
+            return Ok(());
         }
     }
     // A price that overflows is bad input whoever pays; only large requests need the check.
@@ -1115,7 +1188,9 @@ pub(crate) fn decide_for_key(
     }
     if state.kind == KeyKind::PayAsYouGo {
         let price = price_micros(policy, resource, quantities)?;
-        return pay_as_you_go(policy, state, resource, price, at_ms, mode);
+        (verdict.decision, verdict.receipt) =
+            pay_as_you_go(policy, state, resource, price, at_ms, mode)?;
+        return Ok(());
     }
     let mut quota_denial = None;
     let mut fallback = DenialReason::NoResources;
@@ -1124,11 +1199,16 @@ pub(crate) fn decide_for_key(
         let plan = policy.plan(plan_id);
         if plan.has_maximum[resource.index()] {
             if let Some(reason) = over_maximum(&plan.maximums[resource.index()], quantities) {
-                return Ok((Decision::denied(reason), None));
+                verdict.deny(reason);
+                return Ok(());
             }
         }
         if plan.covers[resource.index()] {
-            let amounts = Amounts::of(&plan.touches[resource.index()], quantities)?;
+            let amounts = Amounts::of(&plan.touches[resource.index()], quantities).ok_or(
+                Error::Overflow {
+                    field: "quantities",
+                },
+            )?;
             // A check on a key that never used anything looks at empty windows without keeping
             // them: a key with no usage holds no window memory.
             let scratch;
@@ -1142,16 +1222,11 @@ pub(crate) fn decide_for_key(
                     .usage
                     .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
             };
-            match try_quota(policy, plan_id, usage, &amounts, at_ms, mode) {
-                QuotaOutcome::Admitted(admission, holds) => {
-                    let receipt = Receipt {
-                        charged_to: admission.charged_to,
-                        generation: policy.generation,
-                        holds,
-                    };
-                    return Ok((Decision::Admitted(admission), Some(receipt)));
-                }
-                QuotaOutcome::Denied(denial) => quota_denial = Some(denial),
+            if try_quota(policy, plan_id, usage, &amounts, at_ms, mode, verdict) {
+                return Ok(());
+            }
+            if let Decision::Denied(denial) = verdict.decision {
+                quota_denial = Some(denial);
             }
         } else {
             fallback = DenialReason::ResourceNotCovered { resource };
@@ -1182,7 +1257,9 @@ pub(crate) fn decide_for_key(
             None
         }
     };
-    Ok((decision, receipt))
+    verdict.decision = decision;
+    verdict.receipt = receipt;
+    Ok(())
 }
 
 fn pay_as_you_go(

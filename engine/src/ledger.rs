@@ -303,6 +303,25 @@ impl UsageCell {
         unsafe { pointer.as_ref() }
     }
 
+    /// Hints the CPU to start loading the usage (and the first line of its counters' list
+    /// header) now; a no-op without usage or off x86-64.
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let pointer = self.pointer.load(Ordering::Relaxed);
+            if !pointer.is_null() {
+                // SAFETY: a prefetch never faults and has no effect on memory; the pointer is
+                // not dereferenced.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        pointer.cast::<i8>(),
+                    )
+                };
+            }
+        }
+    }
+
     pub fn get_or_init(&self, init: impl FnOnce() -> KeyUsage) -> &KeyUsage {
         if let Some(usage) = self.get() {
             return usage;

@@ -15,12 +15,13 @@
 //! assert!(decision.is_admitted());
 //! ```
 //!
-//! Modules, one concept each: `clock` (where now comes from), `calendar` (local days, weeks and
-//! months of a time zone), `policy` (the plan document and its compiled form), `window` (the
-//! lock-free sliding buckets and calendar counters), `ledger` (per-key counters and team
-//! credits), `accounts` (users, teams, seats, keys), `admission` (the decision),
-//! `idempotency` (request ids), `reservation` (reserve, settle, void), `adjustment` (refunds and
-//! corrections), `engine` (the handle tying them together).
+//! Modules, one concept each: `clock` (where now comes from), `calendar` (local days, weeks
+//! and months of a time zone), `policy` (the plan document and its compiled form), `window`
+//! (the lock-free sliding buckets and calendar counters), `ledger` (per-key counters and team
+//! credits), `accounts` (users, teams, seats, keys), `lock` (the read-mostly lock of a key
+//! shard), `admission` (the decision), `idempotency` (request ids), `reservation` (reserve,
+//! settle, void), `adjustment` (refunds and corrections), `engine` (the handle tying them
+//! together).
 
 pub mod accounts;
 pub mod adjustment;
@@ -32,6 +33,7 @@ pub mod error;
 pub mod event;
 pub mod idempotency;
 pub mod ledger;
+pub mod lock;
 pub mod log;
 pub mod policy;
 pub mod recovery;
