@@ -47,6 +47,9 @@ pub struct OpenOptions {
     pub retention_ms: u64,
     /// Faults to inject into the storage (tests).
     pub faults: Option<Arc<Faults>>,
+    /// A log segment is sealed and a new one started past this many bytes (and at every
+    /// checkpoint); compaction deletes whole segments.
+    pub segment_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -57,11 +60,10 @@ impl Default for OpenOptions {
             checkpoint_every_events: 1_000_000,
             retention_ms: 7 * 24 * 60 * 60 * 1_000,
             faults: None,
+            segment_bytes: crate::log::SEGMENT_BYTES,
         }
     }
 }
-
-const EVENTS_PER_READ: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum CounterSnapshot {
@@ -191,7 +193,12 @@ impl Engine {
         options: OpenOptions,
     ) -> Result<Engine, Error> {
         let dir = dir.as_ref();
-        let log = EventLog::open(dir, options.durability, options.faults.clone())?;
+        let log = EventLog::open_with(
+            dir,
+            options.durability,
+            options.faults.clone(),
+            options.segment_bytes,
+        )?;
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine);
@@ -247,33 +254,29 @@ impl Engine {
         let mut next = after;
         let mut count = 0;
         let mut debts = Debts::default();
-        loop {
-            let events = log.events_after(next, EVENTS_PER_READ)?;
-            if events.is_empty() {
-                break;
+        log.scan(after, |raw| {
+            if raw.seq > up_to {
+                return Ok(false);
             }
-            for event in &events {
-                if event.seq > up_to {
-                    return self.finish_replay(count, &debts);
-                }
-                if event.seq != next + 1 {
-                    return Err(storage(format!(
-                        "the log jumps from event {next} to {}: events are missing",
-                        event.seq
-                    )));
-                }
-                self.replay(event, &mut debts).map_err(|error| {
-                    storage(format!(
-                        "replaying event {} ({}): {error}",
-                        event.seq,
-                        event.body.kind()
-                    ))
-                })?;
-                self.note_event_time(event.at_ms);
-                next = event.seq;
-                count += 1;
+            if raw.seq != next + 1 {
+                return Err(storage(format!(
+                    "the log jumps from event {next} to {}: events are missing",
+                    raw.seq
+                )));
             }
-        }
+            let event = crate::event::decode_raw(raw)?;
+            self.replay(&event, &mut debts).map_err(|error| {
+                storage(format!(
+                    "replaying event {} ({}): {error}",
+                    event.seq,
+                    event.body.kind()
+                ))
+            })?;
+            self.note_event_time(event.at_ms);
+            next = event.seq;
+            count += 1;
+            Ok(true)
+        })?;
         self.finish_replay(count, &debts)
     }
 
@@ -583,7 +586,12 @@ impl Engine {
             Error::invalid("engine", "an in-memory engine has no log to checkpoint")
         })?;
         let _one_at_a_time = self.checkpointing.lock();
-        let snapshot = self.cut(|| journal.next_seq() - 1);
+        // The next segment starts right after the cut, so compaction can drop whole segments.
+        let snapshot = self.cut(|| {
+            let seq = journal.next_seq() - 1;
+            journal.rotate_at(seq + 1);
+            seq
+        });
         let bytes = bincode::serialize(&snapshot)
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         journal.sync()?;
@@ -863,6 +871,7 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         let journal = self.require_journal()?;
         let snapshot_seq = self.checkpoint()?;
+        journal.wait_rotation(snapshot_seq + 1)?;
         let keep_after = journal
             .previous_snapshot_pointer()?
             .map_or(0, |pointer| pointer.seq);
@@ -881,35 +890,29 @@ impl Engine {
     /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
     /// snapshot equals a replay of the log from the snapshot before it (or from the start).
     pub fn verify(dir: impl AsRef<Path>, options: OpenOptions) -> Result<VerifyReport, Error> {
-        let log = EventLog::open(dir.as_ref(), Durability::None, options.faults.clone())?;
+        let log = EventLog::open_read_only(dir.as_ref())?;
         let mut report = VerifyReport::default();
-        let mut expected = None;
-        for record in log.records() {
-            match record {
-                Err(error) => report.problems.push(error.to_string()),
-                Ok(record) => {
-                    report.records += 1;
-                    let first = record.events.first().map_or(0, |event| event.0);
-                    for raw in &record.events {
-                        if let Err(error) = crate::event::decode_event(first, raw) {
-                            report.problems.push(error.to_string());
-                        }
-                        let seq = &raw.0;
-                        if let Some(expected) = expected.filter(|expected| expected != seq) {
-                            report
-                                .problems
-                                .push(format!("event {seq} follows event {}: a gap", expected - 1));
-                        }
-                        if report.first_seq == 0 {
-                            report.first_seq = *seq;
-                        }
-                        report.last_seq = *seq;
-                        report.events += 1;
-                        expected = Some(seq + 1);
-                    }
+        let mut bodies = Vec::new();
+        let problems = log.walk(|record| {
+            report.records += 1;
+            let _ = record.for_each(|raw| {
+                if let Err(error) = crate::event::decode_body(raw.seq, raw.body) {
+                    bodies.push(format!(
+                        "log record of events {} to {}: {error}",
+                        record.first_seq,
+                        record.last_seq()
+                    ));
                 }
-            }
-        }
+                if report.first_seq == 0 {
+                    report.first_seq = raw.seq;
+                }
+                report.last_seq = raw.seq;
+                report.events += 1;
+                Ok(true)
+            });
+        });
+        report.problems.extend(problems);
+        report.problems.extend(bodies);
         if let Some(pointer) = log.snapshot_pointer()? {
             report.snapshot_seq = Some(pointer.seq);
             match verify_snapshot(&log, pointer, &options) {
