@@ -1263,7 +1263,7 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
 fn a_bad_record_at_the_end_of_an_earlier_segment_is_damage_naming_it() {
     let dir = TempDir::new("sealed-damage");
     let options = OpenOptions {
-        segment_bytes: 4_096,
+        segment_bytes: 512,
         ..sync_options()
     };
     let engine = open_token_plan(dir.path(), options.clone());
@@ -1303,7 +1303,7 @@ fn open_result(dir: &std::path::Path, options: OpenOptions) -> Result<Engine, Er
 fn segments_rotate_by_size_and_at_checkpoints_and_reopen_with_the_same_state() {
     let dir = TempDir::new("rotation");
     let options = OpenOptions {
-        segment_bytes: 4_096,
+        segment_bytes: 512,
         ..sync_options()
     };
     let engine = open_token_plan(dir.path(), options.clone());
@@ -1318,7 +1318,7 @@ fn segments_rotate_by_size_and_at_checkpoints_and_reopen_with_the_same_state() {
         assert_eq!(pair[1].first, pair[0].first + pair[0].count, "{pair:?}");
     }
     for path in &segment_paths(dir.path())[..by_size - 1] {
-        assert!(std::fs::metadata(path).unwrap().len() >= 4_096, "{path:?}");
+        assert!(std::fs::metadata(path).unwrap().len() >= 512, "{path:?}");
     }
     // A checkpoint starts a new segment at the first event after it.
     let snapshot = engine.checkpoint().unwrap();
@@ -1353,7 +1353,7 @@ fn segments_rotate_by_size_and_at_checkpoints_and_reopen_with_the_same_state() {
 fn compaction_deletes_whole_segment_files_and_never_the_one_being_written() {
     let dir = TempDir::new("compact-files");
     let options = OpenOptions {
-        segment_bytes: 4_096,
+        segment_bytes: 512,
         retention_ms: SECOND_MS,
         ..sync_options()
     };

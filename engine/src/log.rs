@@ -655,7 +655,7 @@ impl EventLog {
         EventLog::open_inner(dir, Durability::None, None, SEGMENT_BYTES, true)
     }
 
-    /// Opens the log, sealing segments once they hold `segment_bytes` (at least 4 KiB).
+    /// Opens the log, sealing segments once they hold `segment_bytes` (at least 256).
     pub fn open_with(
         dir: &Path,
         durability: Durability,
@@ -689,7 +689,7 @@ impl EventLog {
         let (meta, cursors) = (tree("meta")?, tree("cursors")?);
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
-        check_format(dir, &meta, &events_dir)?;
+        check_format(dir, &db, &meta, &events_dir)?;
         for sub in [&events_dir, &snapshots_dir] {
             if !sub.exists() {
                 std::fs::create_dir(sub)
@@ -735,7 +735,7 @@ impl EventLog {
             durability,
             faults,
             events_dir,
-            segment_bytes: segment_bytes.max(4_096),
+            segment_bytes: segment_bytes.max(256),
             queue: Mutex::new(Queue {
                 next_seq: last_seq + 1,
                 ..Queue::default()
@@ -1456,7 +1456,12 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
-fn check_format(dir: &Path, meta: &sled::Tree, events_dir: &Path) -> Result<(), Error> {
+fn check_format(
+    dir: &Path,
+    meta_db: &sled::Db,
+    meta: &sled::Tree,
+    events_dir: &Path,
+) -> Result<(), Error> {
     match meta
         .get(META_FORMAT)
         .map_err(|error| storage("reading metadata", error))?
@@ -1487,6 +1492,9 @@ fn check_format(dir: &Path, meta: &sled::Tree, events_dir: &Path) -> Result<(), 
             }
             meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
                 .map_err(|error| storage("writing metadata", error))?;
+            // Durable before the first segment exists: events without a format version would
+            // be refused as not a tally database.
+            FileSyncer::new(dir)?.flush(meta_db)?;
             Ok(())
         }
     }
