@@ -129,10 +129,43 @@ pub struct SnapshotPointer {
     pub bytes: u64,
 }
 
+/// A queued event: its body is `bytes[previous end..end]` of the queue's arena.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    seq: u64,
+    at_ms: u64,
+    end: usize,
+}
+
+/// Events waiting for the writer. Bodies are copied into one arena at append, so the caller's
+/// buffer is freed on its own thread (a cross-thread free is slow in glibc's allocator) and the
+/// writer frees nothing per event.
+#[derive(Debug, Default)]
+struct Batch {
+    events: Vec<Queued>,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn body(&self, index: usize) -> &[u8] {
+        let start = if index == 0 {
+            0
+        } else {
+            self.events[index - 1].end
+        };
+        &self.bytes[start..self.events[index].end]
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.bytes.clear();
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     next_seq: u64,
-    events: Vec<(u64, u64, Vec<u8>)>,
+    batch: Batch,
     /// A checkpoint asked for a new segment starting at this sequence number.
     rotate_at: Option<u64>,
     stop: bool,
@@ -190,6 +223,8 @@ pub struct EventLog {
     /// Where the last `events_after` stopped: (first sequence number of a record, its segment,
     /// its offset), so an export reading forward does not rescan the segment.
     resume: Mutex<Option<(u64, u64, u64)>>,
+    /// A snapshot being encoded and written by its own thread (`write_snapshot_in_background`).
+    snapshot_thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
     /// Opened by `open_read_only`: no writer, nothing repaired.
     read_only: bool,
     /// What a read-only open found wrong at the end of the log.
@@ -761,6 +796,7 @@ impl EventLog {
             shared,
             writer: Mutex::new(None),
             resume: Mutex::new(None),
+            snapshot_thread: Mutex::new(None),
             read_only,
             open_problem: recovered.problem,
         };
@@ -786,7 +822,7 @@ impl EventLog {
             shared: Arc::clone(&self.shared),
             active,
             buffer: Vec::with_capacity(1 << 20),
-            spare: Vec::new(),
+            spare: Batch::default(),
             rotate_at: None,
         };
         let handle = std::thread::Builder::new()
@@ -825,7 +861,7 @@ impl EventLog {
             return Err(failed(*seq, problem));
         }
         let mut queue = self.shared.queue.lock();
-        while queue.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
+        while queue.batch.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
             self.shared.queue_ready.notify_one();
             self.shared.queue_room.wait(&mut queue);
         }
@@ -837,9 +873,12 @@ impl EventLog {
         let seq = queue.next_seq;
         queue.next_seq += 1;
         self.shared.last_appended.store(seq, Ordering::Relaxed);
-        let first = queue.events.is_empty();
-        queue.events.push((seq, at_ms, body));
+        let first = queue.batch.events.is_empty();
+        queue.batch.bytes.extend_from_slice(&body);
+        let end = queue.batch.bytes.len();
+        queue.batch.events.push(Queued { seq, at_ms, end });
         drop(queue);
+        drop(body);
         // The writer waits only on an empty queue: only the first event needs to wake it.
         if first {
             self.shared.queue_ready.notify_one();
@@ -1155,39 +1194,54 @@ impl EventLog {
     /// Stores a snapshot covering events up to `seq` durably (temporary file, fsync, rename,
     /// directory fsync). Keeps the one before (for `verify`) and deletes older ones.
     pub fn write_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
-        let name = format!("{seq:020}.snap");
-        let path = self.snapshots_dir.join(&name);
-        let temporary = self.snapshots_dir.join(format!("{name}.tmp"));
-        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-        header[..8].copy_from_slice(SNAPSHOT_MAGIC);
-        header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header[12..20].copy_from_slice(&seq.to_le_bytes());
-        header[20..28].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-        header[28..32].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
-        let write = || -> std::io::Result<()> {
-            let mut file = File::create(&temporary)?;
-            file.write_all(&header)?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &path)
-        };
-        write().map_err(|error| storage(format!("writing snapshot {}", path.display()), error))?;
-        sync_dir(&self.snapshots_dir)?;
-        let kept = latest_snapshots(&self.snapshots_dir)?;
-        let mut removed = false;
-        for old in list_snapshots(&self.snapshots_dir)? {
-            if kept.iter().take(2).all(|pointer| pointer.seq != old) {
-                let _ = std::fs::remove_file(self.snapshots_dir.join(format!("{old:020}.snap")));
-                removed = true;
-            }
+        store_snapshot(&self.snapshots_dir, seq, bytes)
+    }
+
+    /// Encodes (with `encode`) and stores a snapshot covering events up to `seq` on a thread
+    /// of its own, once the log is durable up to `seq`. One at a time: call
+    /// `finish_snapshot_in_background` before the next.
+    pub fn write_snapshot_in_background(
+        &self,
+        seq: u64,
+        encode: Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>,
+    ) {
+        let shared = Arc::clone(&self.shared);
+        let snapshots_dir = self.snapshots_dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tally-snapshot".into())
+            .spawn(move || {
+                let bytes = encode()?;
+                let mut progress = shared.progress.lock();
+                loop {
+                    if let Some((failed_seq, problem)) = &progress.failure {
+                        return Err(failed(*failed_seq, problem));
+                    }
+                    if progress.visible.seq >= seq {
+                        break;
+                    }
+                    shared.progress_changed.wait(&mut progress);
+                }
+                drop(progress);
+                if shared.durability != Durability::Sync {
+                    let file = Arc::clone(&shared.active_file.lock());
+                    file.sync_data()
+                        .map_err(|error| storage("fdatasync of the log", error))?;
+                }
+                store_snapshot(&snapshots_dir, seq, &bytes).map(|_| ())
+            });
+        if let Ok(handle) = spawned {
+            *self.snapshot_thread.lock() = Some(handle);
         }
-        if removed {
-            sync_dir(&self.snapshots_dir)?;
+    }
+
+    /// Waits for a snapshot being written in the background; returns its error, if any.
+    pub fn finish_snapshot_in_background(&self) -> Result<(), Error> {
+        let handle = self.snapshot_thread.lock().take();
+        match handle.map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(storage("writing a snapshot", "its thread panicked")),
         }
-        Ok(SnapshotPointer {
-            seq,
-            bytes: bytes.len() as u64,
-        })
     }
 
     pub fn read_snapshot(&self, pointer: &SnapshotPointer) -> Result<Vec<u8>, Error> {
@@ -1311,6 +1365,7 @@ impl EventLog {
 
     /// Stops the writer after it has written and flushed everything queued.
     pub fn close(&self) -> Result<(), Error> {
+        let snapshot = self.finish_snapshot_in_background();
         {
             let mut queue = self.shared.queue.lock();
             queue.stop = true;
@@ -1330,7 +1385,8 @@ impl EventLog {
         let file = Arc::clone(&self.shared.active_file.lock());
         file.sync_data()
             .map_err(|error| storage("fdatasync of the log", error))?;
-        self.syncer.flush(&self.db)
+        self.syncer.flush(&self.db)?;
+        snapshot
     }
 }
 
@@ -1344,6 +1400,44 @@ fn failed(seq: u64, problem: &str) -> Error {
     Error::Storage {
         problem: format!("the log failed at event {seq} ({problem}); nothing from then on was kept; reopen the engine"),
     }
+}
+
+/// Stores a snapshot durably (temporary file, fsync, rename, directory fsync); keeps the one
+/// before it and deletes older ones.
+fn store_snapshot(snapshots_dir: &Path, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
+    let name = format!("{seq:020}.snap");
+    let path = snapshots_dir.join(&name);
+    let temporary = snapshots_dir.join(format!("{name}.tmp"));
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    header[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..20].copy_from_slice(&seq.to_le_bytes());
+    header[20..28].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    header[28..32].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&temporary)?;
+        file.write_all(&header)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)
+    };
+    write().map_err(|error| storage(format!("writing snapshot {}", path.display()), error))?;
+    sync_dir(&snapshots_dir)?;
+    let kept = latest_snapshots(&snapshots_dir)?;
+    let mut removed = false;
+    for old in list_snapshots(&snapshots_dir)? {
+        if kept.iter().take(2).all(|pointer| pointer.seq != old) {
+            let _ = std::fs::remove_file(snapshots_dir.join(format!("{old:020}.snap")));
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(&snapshots_dir)?;
+    }
+    Ok(SnapshotPointer {
+        seq,
+        bytes: bytes.len() as u64,
+    })
 }
 
 fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
@@ -1534,7 +1628,7 @@ struct Writer {
     /// The encoded group, reused.
     buffer: Vec<u8>,
     /// An empty queue vector with capacity, swapped in for the full one.
-    spare: Vec<(u64, u64, Vec<u8>)>,
+    spare: Batch,
     /// A new segment is due at this sequence number.
     rotate_at: Option<u64>,
 }
@@ -1545,23 +1639,23 @@ impl Writer {
         let mut unflushed = false;
         loop {
             let (mut batch, stop) = self.next_batch(unflushed, last_flush);
+            let events = batch.events.len();
             let mut start = 0;
-            while start < batch.len() {
+            while start < events {
                 // A group is split where a checkpoint asked for a new segment.
                 let end = match self.rotate_at {
-                    Some(at) if at > batch[start].0 => batch[start..]
+                    Some(at) if at > batch.events[start].seq => batch.events[start..]
                         .iter()
-                        .position(|event| event.0 >= at)
-                        .map_or(batch.len(), |offset| start + offset),
-                    _ => batch.len(),
+                        .position(|event| event.seq >= at)
+                        .map_or(events, |offset| start + offset),
+                    _ => events,
                 };
-                let part = &batch[start..end];
-                let result = self.write_group(part);
+                let result = self.write_group(&batch, start..end);
                 if result.is_ok() {
                     unflushed = self.shared.durability != Durability::Sync;
                 }
                 let failed = result.is_err();
-                self.report(part[0].0, part[part.len() - 1].0, result);
+                self.report(batch.events[start].seq, batch.events[end - 1].seq, result);
                 if failed {
                     // Later parts fail with it: their callers wait for sequence numbers past
                     // the failure.
@@ -1590,9 +1684,9 @@ impl Writer {
     }
 
     /// Waits for events (or a rotation, the interval deadline, or stop) and takes them all.
-    fn next_batch(&mut self, unflushed: bool, last_flush: Instant) -> (Vec<(u64, u64, Vec<u8>)>, bool) {
+    fn next_batch(&mut self, unflushed: bool, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
-        while queue.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
+        while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
             match self.shared.durability {
                 Durability::Interval { ms } if unflushed => {
                     let deadline = last_flush + Duration::from_millis(ms);
@@ -1612,7 +1706,7 @@ impl Writer {
         if let Some(at) = queue.rotate_at.take() {
             self.rotate_at = Some(at);
         }
-        let batch = std::mem::replace(&mut queue.events, std::mem::take(&mut self.spare));
+        let batch = std::mem::replace(&mut queue.batch, std::mem::take(&mut self.spare));
         let stop = queue.stop;
         drop(queue);
         self.shared.queue_room.notify_all();
@@ -1689,31 +1783,30 @@ impl Writer {
 
     /// Appends one group of consecutive events with one write and, in `Sync` mode, one
     /// fdatasync. On failure the group's bytes are cut off again.
-    fn write_group(&mut self, group: &[(u64, u64, Vec<u8>)]) -> Result<(), Error> {
+    fn write_group(&mut self, batch: &Batch, group: std::ops::Range<usize>) -> Result<(), Error> {
         if let Some((seq, problem)) = &self.shared.progress.lock().failure {
             return Err(failed(*seq, problem));
         }
-        self.rotate_if_due(Some(group[0].0))?;
+        self.rotate_if_due(Some(batch.events[group.start].seq))?;
         self.buffer.clear();
-        let mut start = 0;
-        while start < group.len() {
+        let mut start = group.start;
+        while start < group.end {
             let mut end = start;
             let mut bytes = 0;
-            while end < group.len()
-                && (end == start
-                    || bytes + event_bytes_at_most(group[end].2.len()) <= MAX_RECORD_BYTES - RECORD_HEADER_BYTES)
-            {
-                bytes += event_bytes_at_most(group[end].2.len());
+            while end < group.end {
+                let size = event_bytes_at_most(batch.body(end).len());
+                if end > start && bytes + size > MAX_RECORD_BYTES - RECORD_HEADER_BYTES {
+                    break;
+                }
+                bytes += size;
                 end += 1;
             }
             let frame_at = self.buffer.len();
             self.buffer.extend_from_slice(&[0u8; FRAME_BYTES]);
             encode_record_into(
                 &mut self.buffer,
-                group[start].0,
-                group[start..end]
-                    .iter()
-                    .map(|(_, at_ms, body)| (*at_ms, body.as_slice())),
+                batch.events[start].seq,
+                (start..end).map(|index| (batch.events[index].at_ms, batch.body(index))),
             );
             let len = (self.buffer.len() - frame_at - FRAME_BYTES) as u32;
             let crc = frame_crc(len, &self.buffer[frame_at + FRAME_BYTES..]);

@@ -586,18 +586,45 @@ impl Engine {
             Error::invalid("engine", "an in-memory engine has no log to checkpoint")
         })?;
         let _one_at_a_time = self.checkpointing.lock();
-        // The next segment starts right after the cut, so compaction can drop whole segments.
-        let snapshot = self.cut(|| {
-            let seq = journal.next_seq() - 1;
-            journal.rotate_at(seq + 1);
-            seq
-        });
+        // A periodic checkpoint still being written lands first (snapshots keep their order).
+        journal.finish_snapshot_in_background()?;
+        let snapshot = self.cut_rotating(journal);
         let bytes = bincode::serialize(&snapshot)
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         journal.sync()?;
         journal.write_snapshot(snapshot.seq, &bytes)?;
         self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
         Ok(snapshot.seq)
+    }
+
+    /// The cut of a checkpoint; the next segment starts right after it, so compaction can drop
+    /// whole segments.
+    fn cut_rotating(&self, journal: &EventLog) -> Snapshot {
+        self.cut(|| {
+            let seq = journal.next_seq() - 1;
+            journal.rotate_at(seq + 1);
+            seq
+        })
+    }
+
+    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); encoding
+    /// it, waiting for the log to be durable up to it and writing it happen on the log's
+    /// snapshot thread, so the caller that crossed the threshold goes back to work at once.
+    fn checkpoint_in_background(&self, journal: &EventLog) {
+        let _one_at_a_time = self.checkpointing.lock();
+        if journal.finish_snapshot_in_background().is_err() {
+            return;
+        }
+        let snapshot = self.cut_rotating(journal);
+        let seq = snapshot.seq;
+        self.checkpointed_seq.store(seq, Ordering::Relaxed);
+        journal.write_snapshot_in_background(
+            seq,
+            Box::new(move || {
+                bincode::serialize(&snapshot)
+                    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+            }),
+        );
     }
 
     /// Takes a checkpoint if enough events were logged since the last one (called after a
@@ -612,7 +639,7 @@ impl Engine {
         if seq.saturating_sub(last) >= every {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);
-                let _ = self.checkpoint();
+                self.checkpoint_in_background(journal);
             }
         }
     }
@@ -620,12 +647,12 @@ impl Engine {
     /// Builds a snapshot with every lock taken in the engine's lock order.
     fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
         let table = self.reservations.inner.lock();
-        let requests = self.requests.lock_all();
+        let requests_guard = self.requests.lock_all();
         let registry = self.registry.lock();
-        let policies = self.policies.read();
+        let policies_guard = self.policies.read();
         let shards = self.keys.lock_all();
         let seq = seq();
-        let mut teams: Vec<TeamSnapshot> = registry
+        let teams: Vec<TeamSnapshot> = registry
             .teams
             .values()
             .map(|record| {
@@ -644,8 +671,7 @@ impl Engine {
                 }
             })
             .collect();
-        teams.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut users: Vec<(String, String, Vec<String>)> = registry
+        let users: Vec<(String, String, Vec<String>)> = registry
             .users
             .values()
             .map(|record| {
@@ -657,15 +683,13 @@ impl Engine {
                 )
             })
             .collect();
-        users.sort();
         let mut keys = Vec::new();
         for shard in &shards {
             for (key, state) in shard.iter() {
                 keys.push(key_snapshot(&shard.policy, key, state));
             }
         }
-        keys.sort_by(|a, b| a.key.cmp(&b.key));
-        let requests = crate::idempotency::RequestTable::export(&requests)
+        let requests = crate::idempotency::RequestTable::export(&requests_guard)
             .into_iter()
             .map(|(arrived_ms, id, record)| RequestSnapshot {
                 id,
@@ -678,7 +702,7 @@ impl Engine {
                 refunded: record.refunded,
             })
             .collect();
-        let mut open_reservations: Vec<ReservationSnapshot> = table
+        let open_reservations: Vec<ReservationSnapshot> = table
             .open
             .iter()
             .map(|(id, reservation)| ReservationSnapshot {
@@ -690,14 +714,12 @@ impl Engine {
                 expires_at_ms: reservation.expires_at_ms,
             })
             .collect();
-        open_reservations.sort_by_key(|reservation| reservation.id);
-        let mut closed_reservations: Vec<(u64, u64, Closed)> = table
+        let closed_reservations: Vec<(u64, u64, Closed)> = table
             .closed_order
             .iter()
             .filter_map(|(at_ms, id)| table.closed.get(id).map(|closed| (*id, *at_ms, *closed)))
             .collect();
-        closed_reservations.sort_by_key(|closed| closed.0);
-        let policies = policies
+        let policies = policies_guard
             .iter()
             .map(|policy| {
                 policy
@@ -705,7 +727,7 @@ impl Engine {
                     .and_then(|policy| serde_json::to_string(policy.document()).ok())
             })
             .collect();
-        Snapshot {
+        let mut snapshot = Snapshot {
             version: FORMAT_VERSION,
             seq,
             newest_at_ms: self.newest_event_ms(),
@@ -717,7 +739,15 @@ impl Engine {
             open_reservations,
             closed_reservations,
             next_reservation: table.next_id,
-        }
+        };
+        // Everything is copied: the engine goes on while the copy is put in order.
+        drop((shards, policies_guard, registry, requests_guard, table));
+        snapshot.teams.sort_by(|a, b| a.name.cmp(&b.name));
+        snapshot.users.sort();
+        snapshot.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        snapshot.open_reservations.sort_by_key(|reservation| reservation.id);
+        snapshot.closed_reservations.sort_by_key(|closed| closed.0);
+        snapshot
     }
 
     /// Rebuilds the state of a new engine from a snapshot.
