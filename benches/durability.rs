@@ -764,7 +764,9 @@ fn space_report(database: &Path) -> u64 {
     });
     assert!(problems.is_empty(), "{problems:?}");
     let snapshot = log.snapshot_pointer().expect("reading the snapshots");
-    let previous = log.previous_snapshot_pointer().expect("reading the snapshots");
+    let previous = log
+        .previous_snapshot_pointer()
+        .expect("reading the snapshots");
     let snapshot_bytes = snapshot.map_or(0, |pointer| pointer.bytes);
     let previous_bytes = previous.map_or(0, |pointer| pointer.bytes);
     let segments = log.segments().len();

@@ -979,7 +979,12 @@ fn record_events(frame: &Frame) -> Vec<(u64, Vec<u8>)> {
 }
 
 fn segment_name(frame: &Frame) -> String {
-    frame.path.file_name().unwrap().to_string_lossy().into_owned()
+    frame
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// sled's file lock can outlive a dropped handle for a moment (upstream issue 1234).
@@ -1094,7 +1099,10 @@ fn a_damaged_record_in_the_middle_is_an_error_naming_its_segment_offset_and_even
         .find(|problem| problem.contains("crc mismatch"))
         .unwrap_or_else(|| panic!("{:?}", report.problems));
     assert_names_where(problem, &frame);
-    assert!(problem.contains(&format!("event {}", frame.first)), "{problem}");
+    assert!(
+        problem.contains(&format!("event {}", frame.first)),
+        "{problem}"
+    );
     let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
         .expect_err("a damaged record");
     let problem = storage_problem(&error);
@@ -1103,7 +1111,10 @@ fn a_damaged_record_in_the_middle_is_an_error_naming_its_segment_offset_and_even
     // Refusing changed nothing: the damaged bytes and everything after them are still there.
     assert_eq!(
         std::fs::metadata(&frame.path).unwrap().len() as usize,
-        frames.last().map(|last| last.offset + 8 + last.len).unwrap()
+        frames
+            .last()
+            .map(|last| last.offset + 8 + last.len)
+            .unwrap()
     );
 }
 
@@ -1137,7 +1148,10 @@ fn a_segment_of_a_newer_format_version_is_refused_by_name() {
     assert!(problem.contains(&segment_name(&frames[0])), "{problem}");
     assert!(problem.contains("upgrade"), "{problem}");
     let error = Engine::verify(dir.path(), sync_options()).expect_err("a newer segment");
-    assert!(storage_problem(&error).contains("format version 99"), "{error}");
+    assert!(
+        storage_problem(&error).contains("format version 99"),
+        "{error}"
+    );
 }
 
 fn damage_last_event_body(label: &str) -> (TempDir, Frame) {
@@ -1184,7 +1198,10 @@ fn a_damaged_copy_fails_to_open_while_the_original_still_opens_with_its_state() 
     let copy = dir.sibling("copy");
     copy_dir(dir.path(), copy.path());
     let mut first = frames[0].clone();
-    first.path = copy.path().join("events").join(first.path.file_name().unwrap());
+    first.path = copy
+        .path()
+        .join("events")
+        .join(first.path.file_name().unwrap());
     flip_a_byte(&first);
     assert!(Engine::open(copy.path(), Policy::token_plan(), clock(), sync_options()).is_err());
     let engine = open_token_plan(dir.path(), sync_options());
@@ -1203,7 +1220,12 @@ fn a_damaged_copy_fails_to_open_while_the_original_still_opens_with_its_state() 
 /// and goes on as if it had never been written.
 #[test]
 fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
-    for cut in ["half a record", "a frame header only", "garbage appended", "a flipped byte"] {
+    for cut in [
+        "half a record",
+        "a frame header only",
+        "garbage appended",
+        "a flipped byte",
+    ] {
         let (dir, before, frames) = closed_database(&format!("torn-{}", cut.replace(' ', "-")));
         let last = frames.last().unwrap().clone();
         let sound_len = (last.offset + 8 + last.len) as u64;
@@ -1238,11 +1260,7 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         );
         assert_eq!(last_seq(&engine), kept_events, "{cut}");
         if kept_len == sound_len {
-            assert_same_state(
-                &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
-                &before,
-                cut,
-            );
+            assert_same_state(&state(&engine, &KEYS, &TEAMS, POPULATED_MS), &before, cut);
         }
         // It goes on: new events after the cut, and they survive a reopen.
         engine.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();

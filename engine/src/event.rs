@@ -3,8 +3,11 @@
 //! An event is immutable once written. It carries its sequence number, the time it happened and
 //! what it did exactly (the counters, epochs and amounts a usage moved; the micro-credits it
 //! charged or gave back), so replaying the log reproduces the engine's state whatever the order
-//! in which concurrent requests were applied in memory. Bodies are bincode (serde) behind a
-//! format version; a record of an unknown version or a damaged record is an error naming it.
+//! in which concurrent requests were applied in memory. Bodies are bincode (serde, variable-length
+//! integers); many events are packed into one record (`encode_record_into`: implicit sequence
+//! numbers, time deltas, 2-3 bytes per event besides its body), which `log` frames with a length
+//! and a crc in its segment files behind a format version. A damaged record or body is an error
+//! naming it, never a panic and never a silently skipped event.
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
@@ -293,7 +296,8 @@ impl<'a> RecordView<'a> {
     /// Reads a payload's header; `None` if it is too short to hold one.
     pub fn parse(payload: &'a [u8]) -> Option<RecordView<'a>> {
         let header = payload.get(..RECORD_HEADER_BYTES)?;
-        let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
         Some(RecordView {
             first_seq: u64_at(0),
             count: u32::from_le_bytes(header[8..12].try_into().unwrap_or_default()),
@@ -445,7 +449,10 @@ mod tests {
         assert_eq!(event.seq, 6);
         assert_eq!(event.body, EventBody::TeamCreated { team: "t".into() });
         // Two bytes of framing per event besides the body, for these.
-        assert!(bytes.len() <= RECORD_HEADER_BYTES + 3 * 4 + bodies().iter().map(|b| b.1.len()).sum::<usize>());
+        assert!(
+            bytes.len()
+                <= RECORD_HEADER_BYTES + 3 * 4 + bodies().iter().map(|b| b.1.len()).sum::<usize>()
+        );
     }
 
     #[test]

@@ -356,7 +356,9 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
 /// Whether a sound record holding events from `expected` on starts anywhere after `from`: if
 /// not, a bad record at `from - 1` is a torn tail; if so, it is damage.
 fn sound_record_after(bytes: &[u8], from: usize, expected: u64) -> bool {
-    let last_start = bytes.len().saturating_sub(FRAME_BYTES + RECORD_HEADER_BYTES);
+    let last_start = bytes
+        .len()
+        .saturating_sub(FRAME_BYTES + RECORD_HEADER_BYTES);
     (from..=last_start).any(|at| {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
         if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len)
@@ -440,8 +442,8 @@ fn recover_segments(
     let mut problem = None;
     while let Some(&first) = segments.last() {
         let path = segment_path(events_dir, first);
-        let bytes =
-            std::fs::read(&path).map_err(|error| storage(format!("reading {}", path.display()), error))?;
+        let bytes = std::fs::read(&path)
+            .map_err(|error| storage(format!("reading {}", path.display()), error))?;
         if bytes.len() <= SEGMENT_HEADER_BYTES
             && check_segment_header(&bytes, first, &path).is_err()
         {
@@ -504,7 +506,10 @@ fn recover_segments(
                     file.set_len(at as u64)
                         .and_then(|()| file.sync_all())
                         .map_err(|error| {
-                            storage(format!("truncating the torn tail of {}", path.display()), error)
+                            storage(
+                                format!("truncating the torn tail of {}", path.display()),
+                                error,
+                            )
                         })?;
                     break;
                 }
@@ -583,9 +588,14 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    fn open(path: PathBuf, first: u64, offset: u64, limit: Option<u64>) -> Result<FrameReader, Error> {
-        let mut file =
-            File::open(&path).map_err(|error| storage(format!("opening {}", path.display()), error))?;
+    fn open(
+        path: PathBuf,
+        first: u64,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<FrameReader, Error> {
+        let mut file = File::open(&path)
+            .map_err(|error| storage(format!("opening {}", path.display()), error))?;
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
         file.read_exact(&mut header)
             .map_err(|error| storage(format!("reading {}", path.display()), error))?;
@@ -643,7 +653,12 @@ impl FrameReader {
         self.fill(FRAME_BYTES)?;
         let available = &self.buffer[self.start..];
         if available.len() < FRAME_BYTES {
-            return Err(damage(&self.path, at as usize, expected, "a partial frame header"));
+            return Err(damage(
+                &self.path,
+                at as usize,
+                expected,
+                "a partial frame header",
+            ));
         }
         let len = u32::from_le_bytes(available[..4].try_into().unwrap_or_default()) as usize;
         if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len) {
@@ -670,7 +685,10 @@ impl FrameReader {
             Frame::End => return Ok(None),
         }
         self.start += FRAME_BYTES + len;
-        Ok(Some((at, &self.buffer[start + FRAME_BYTES..start + FRAME_BYTES + len])))
+        Ok(Some((
+            at,
+            &self.buffer[start + FRAME_BYTES..start + FRAME_BYTES + len],
+        )))
     }
 }
 
@@ -1029,9 +1047,8 @@ impl EventLog {
             };
             let mut reader = FrameReader::open(path.clone(), first, offset, limit)?;
             while let Some((at, payload)) = reader.next(next)? {
-                let view = RecordView::parse(payload).ok_or_else(|| {
-                    damage(&path, at as usize, next, "a record without a header")
-                })?;
+                let view = RecordView::parse(payload)
+                    .ok_or_else(|| damage(&path, at as usize, next, "a record without a header"))?;
                 if view.first_seq != next || view.count == 0 {
                     return Err(damage(
                         &path,
@@ -1285,9 +1302,10 @@ impl EventLog {
         {
             None => Ok(0),
             Some(value) => {
-                let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| {
-                    storage("reading a cursor", format!("{name:?} is not 8 bytes"))
-                })?;
+                let bytes: [u8; 8] = value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| storage("reading a cursor", format!("{name:?} is not 8 bytes")))?;
                 Ok(u64::from_be_bytes(bytes))
             }
         }
@@ -1826,11 +1844,11 @@ impl Writer {
             }
             Err(error) => {
                 // Nothing of a failed group may stay: its callers are told it failed.
-                let undo = self
-                    .active
-                    .file
-                    .set_len(before)
-                    .and_then(|()| (&*self.active.file).seek(SeekFrom::Start(before)).map(|_| ()));
+                let undo = self.active.file.set_len(before).and_then(|()| {
+                    (&*self.active.file)
+                        .seek(SeekFrom::Start(before))
+                        .map(|_| ())
+                });
                 match undo {
                     Ok(()) => Err(error),
                     Err(undo) => Err(storage(

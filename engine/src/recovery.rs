@@ -745,7 +745,9 @@ impl Engine {
         snapshot.teams.sort_by(|a, b| a.name.cmp(&b.name));
         snapshot.users.sort();
         snapshot.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        snapshot.open_reservations.sort_by_key(|reservation| reservation.id);
+        snapshot
+            .open_reservations
+            .sort_by_key(|reservation| reservation.id);
         snapshot.closed_reservations.sort_by_key(|closed| closed.0);
         snapshot
     }
