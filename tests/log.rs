@@ -1292,8 +1292,7 @@ fn a_bad_record_at_the_end_of_an_earlier_segment_is_damage_naming_it() {
     assert!(paths.len() >= 3, "{paths:?}");
     let last_of_first: Frame = frames
         .iter()
-        .filter(|frame| frame.path == paths[0])
-        .next_back()
+        .rfind(|frame| frame.path == paths[0])
         .unwrap()
         .clone();
     let mut bytes = std::fs::read(&paths[0]).unwrap();

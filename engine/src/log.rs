@@ -1440,17 +1440,17 @@ fn store_snapshot(snapshots_dir: &Path, seq: u64, bytes: &[u8]) -> Result<Snapsh
         std::fs::rename(&temporary, &path)
     };
     write().map_err(|error| storage(format!("writing snapshot {}", path.display()), error))?;
-    sync_dir(&snapshots_dir)?;
-    let kept = latest_snapshots(&snapshots_dir)?;
+    sync_dir(snapshots_dir)?;
+    let kept = latest_snapshots(snapshots_dir)?;
     let mut removed = false;
-    for old in list_snapshots(&snapshots_dir)? {
+    for old in list_snapshots(snapshots_dir)? {
         if kept.iter().take(2).all(|pointer| pointer.seq != old) {
             let _ = std::fs::remove_file(snapshots_dir.join(format!("{old:020}.snap")));
             removed = true;
         }
     }
     if removed {
-        sync_dir(&snapshots_dir)?;
+        sync_dir(snapshots_dir)?;
     }
     Ok(SnapshotPointer {
         seq,
