@@ -7,8 +7,8 @@
 //!
 //! Besides the targets it prints what explains them: the same load in `Durability::None` (what
 //! the engine and its writer absorb without any fsync: the ceiling of every `Sync` figure), the
-//! bytes the process wrote per event (`wchar`, sled's write amplification), per-call latency
-//! percentiles, the records, snapshots and blob files on disk, and where an open's time goes.
+//! bytes the process wrote per event (`wchar`: the log's write amplification), per-call latency
+//! percentiles, the records, segments and snapshots on disk, and where an open's time goes.
 //!
 //! Plain `fn main` (not criterion): the figures are throughput, sizes and open times, not the
 //! latency of one closure. Run:
@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use tally_engine::event::encode_body;
+use tally_engine::event::{decode_raw, encode_body};
 use tally_engine::log::EventLog;
 use tally_engine::{
     Durability, Engine, EngineOptions, EventBody, ManualClock, OpenOptions, Policy, Unit,
@@ -70,8 +70,9 @@ const PLAN: &str = "Bench";
 const QUANTITIES: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 1_500)];
 /// 2026-09-21 (UTC): an ordinary present-day timestamp.
 const BASE_MS: u64 = 1_790_000_000_000;
-/// A stored event is bincode `(seq: u64, at_ms: u64, body: Vec<u8>)`: 24 bytes besides the body.
-const EVENT_FRAME_BYTES: usize = 24;
+/// A stored event is its body behind two varints (time delta, body length): 2 bytes for these
+/// events; a record adds 36 bytes (frame and header) for all of its events together.
+const EVENT_FRAME_BYTES: usize = 2;
 /// The throughput runs' timestamps advance as fast as a 1 M events/s gateway's clock would.
 const THROUGHPUT_MS_PER_MILLION: u64 = 1_000;
 /// The open-time history is spread over a day, so a 5-hour window holds a realistic part of it.
@@ -327,12 +328,11 @@ fn usage_event_bytes(settings: &Settings) -> Vec<u8> {
     encode_body(&last.body)
 }
 
-/// The bytes one event takes in a tally record: the body framed as bincode `(seq, at_ms, body)`.
+/// The bytes one event takes in a tally record: the body behind its time delta and length.
 fn framed(body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(EVENT_FRAME_BYTES + body.len());
-    bytes.extend_from_slice(&1u64.to_le_bytes());
-    bytes.extend_from_slice(&BASE_MS.to_le_bytes());
-    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.push(0);
+    bytes.push(body.len() as u8);
     bytes.extend_from_slice(body);
     bytes
 }
@@ -746,36 +746,45 @@ fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {
     }
 }
 
-/// What a closed database holds: events, records, snapshots and bytes on disk, and the space
-/// amplification over the encoded event bodies.
+/// What a closed database holds: events, records, segments, snapshots and bytes on disk, and
+/// the space amplification over the encoded event bodies.
 fn space_report(database: &Path) -> u64 {
     let on_disk = disk_bytes(database);
     let log = EventLog::open(database, Durability::None, None).expect("opening the log");
-    let (mut records, mut events, mut body_bytes, mut record_bytes) = (0u64, 0u64, 0u64, 0u64);
-    for record in log.records() {
-        let record = record.expect("a sound record");
+    let (mut records, mut events, mut body_bytes) = (0u64, 0u64, 0u64);
+    let problems = log.walk(|record| {
         records += 1;
-        events += record.events.len() as u64;
-        for (_, _, body) in &record.events {
-            body_bytes += body.len() as u64;
-            record_bytes += (EVENT_FRAME_BYTES + body.len()) as u64;
-        }
-    }
-    let snapshot = log.snapshot_pointer().expect("reading meta");
-    let previous = log.previous_snapshot_pointer().expect("reading meta");
+        events += u64::from(record.count);
+        record
+            .for_each(|event| {
+                body_bytes += event.body.len() as u64;
+                Ok(true)
+            })
+            .expect("a sound record");
+    });
+    assert!(problems.is_empty(), "{problems:?}");
+    let snapshot = log.snapshot_pointer().expect("reading the snapshots");
+    let previous = log
+        .previous_snapshot_pointer()
+        .expect("reading the snapshots");
     let snapshot_bytes = snapshot.map_or(0, |pointer| pointer.bytes);
     let previous_bytes = previous.map_or(0, |pointer| pointer.bytes);
-    let sled_bytes = log.size_on_disk().unwrap_or(0);
+    let segments = log.segments().len();
     log.close().expect("closing the log");
+    let segment_bytes = disk_bytes(&database.join("events"));
+    let sled_bytes = on_disk
+        .saturating_sub(segment_bytes)
+        .saturating_sub(disk_bytes(&database.join("snapshots")));
     let body_bytes = body_bytes.max(1);
     println!(
-        "log: {events} events in {records} records ({:.0} events per record), bodies {}, framed {}",
+        "log: {events} events in {records} records ({:.0} events per record) in {segments} segment(s); bodies {}, segments {} ({:.3}x the bodies)",
         events as f64 / records.max(1) as f64,
         mebibytes(body_bytes),
-        mebibytes(record_bytes)
+        mebibytes(segment_bytes),
+        segment_bytes as f64 / body_bytes as f64,
     );
     println!(
-        "snapshots kept: latest {} + previous {}; sled size_on_disk {}; du {}",
+        "snapshots kept: latest {} + previous {}; sled (meta, cursors) {}; du {}",
         mebibytes(snapshot_bytes),
         mebibytes(previous_bytes),
         mebibytes(sled_bytes),
@@ -841,9 +850,9 @@ fn median_open_seconds(database: &Path, settings: &Settings) -> OpenFigures {
     }
 }
 
-/// How many files sled keeps in `blobs/` (values or nodes over its inline threshold).
-fn blob_files(database: &Path) -> usize {
-    std::fs::read_dir(database.join("blobs")).map_or(0, |entries| entries.count())
+/// How many segment files the log has.
+fn segment_files(database: &Path) -> usize {
+    std::fs::read_dir(database.join("events")).map_or(0, |entries| entries.count())
 }
 
 fn print_open(what: &str, figures: &OpenFigures, database: &Path) {
@@ -857,15 +866,15 @@ fn print_open(what: &str, figures: &OpenFigures, database: &Path) {
         }
     );
     println!(
-        "  closing it again without writing: {:.3} s ({} files in sled's blobs/)",
+        "  closing it again without writing: {:.3} s ({} segment files)",
         figures.close_seconds,
-        blob_files(database)
+        segment_files(database)
     );
     println!("  {}", open_breakdown(database));
 }
 
-/// Where an open's time goes: sled's own open, reading the snapshot, reading and decoding the
-/// events after it. The rest of `Engine::open` is decoding the snapshot, restoring the state and
+/// Where an open's time goes: the log's open (sled, and a scan of the last segment for a torn
+/// tail), reading the snapshot, reading and decoding the events after it. The rest of `Engine::open` is decoding the snapshot, restoring the state and
 /// applying the events.
 fn open_breakdown(database: &Path) -> String {
     std::thread::sleep(Duration::from_millis(200));
@@ -881,18 +890,18 @@ fn open_breakdown(database: &Path) -> String {
     });
     let snapshot_read = started.elapsed();
     let started = Instant::now();
-    let mut after = pointer.map_or(0, |pointer| pointer.seq);
+    let after = pointer.map_or(0, |pointer| pointer.seq);
     let mut tail = 0u64;
-    loop {
-        let events = log.events_after(after, 65_536).expect("reading the log");
-        let Some(last) = events.last() else { break };
-        after = last.seq;
-        tail += events.len() as u64;
-    }
+    log.scan(after, |event| {
+        std::hint::black_box(decode_raw(event)?);
+        tail += 1;
+        Ok(true)
+    })
+    .expect("reading the log");
     let tail_read = started.elapsed();
     log.close().expect("closing the log");
     format!(
-        "sled open + last record {:.3} s; snapshot read {:.3} s ({}); {tail} tail events read + decoded {:.3} s",
+        "log open (sled, last segment scanned) {:.3} s; snapshot read {:.3} s ({}); {tail} tail events read + decoded {:.3} s",
         log_open.as_secs_f64(),
         snapshot_read.as_secs_f64(),
         mebibytes(snapshot_bytes as u64),

@@ -133,8 +133,8 @@ Options:
                                       loses what it had not written yet: under a run's full
                                       load it falls behind by up to seconds, so a killed run
                                       can lose many thousands of decisions
-                         none         like interval, with no fsync of its own (sled's flush
-                                      every 500 ms): for benchmarks
+                         none         like interval, with no fsync at all (the kernel
+                                      writes back when it will): for benchmarks
                        In every mode the run ends by waiting for the writer to catch up, and
                        that wait, not the mode, is most of its time beyond the decisions.
   -h, --help           Print this help

@@ -1,6 +1,7 @@
-//! Where the `tally` commands keep their data: a database directory (sled, through
-//! `Engine::open`), how durable its writes are, and the checks before a command opens, creates
-//! or wipes one, so a mistyped path never turns into a new empty database or a deleted folder.
+//! Where the `tally` commands keep their data: a database directory (log segments, snapshots and
+//! a small sled store, through `Engine::open`), how durable its writes are, and the checks before
+//! a command opens, creates or wipes one, so a mistyped path never turns into a new empty
+//! database or a deleted folder.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 mod log_support;
 
 use log_support::*;
-use tally_engine::event::{decode_record, encode_record, Record};
+use tally_engine::event::{encode_record_into, RecordView};
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
     Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
@@ -880,35 +880,111 @@ fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() 
 // verify.
 
 /// A database with some history, closed without a final checkpoint (so opening replays every
-/// record), and the keys of its log records.
-fn closed_database(label: &str) -> (TempDir, State, Vec<u64>) {
+/// record), and where its log records are.
+fn closed_database(label: &str) -> (TempDir, State, Vec<Frame>) {
     let dir = TempDir::new(label);
     let engine = open_token_plan(dir.path(), sync_options());
     populate(&engine);
     let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
     drop(engine);
-    let db = open_sled_retrying(dir.path());
-    let events = db.open_tree("events").unwrap();
-    let firsts = events
-        .iter()
-        .keys()
-        .map(|key| u64::from_be_bytes(key.unwrap().as_ref().try_into().unwrap()))
-        .collect();
-    drop(events);
-    drop(db);
-    (dir, before, firsts)
+    let frames = frames_of(dir.path());
+    (dir, before, frames)
 }
 
-/// Overwrites the log record that starts at `first` with `value`.
-fn overwrite_record(dir: &std::path::Path, first: u64, value: impl Fn(&[u8]) -> Vec<u8>) {
-    let db = open_sled_retrying(dir);
-    let events = db.open_tree("events").unwrap();
-    let old = events
-        .get(first.to_be_bytes())
+/// One log record on disk: its segment file, the frame's offset and payload length, and its
+/// events.
+#[derive(Debug, Clone)]
+struct Frame {
+    path: std::path::PathBuf,
+    offset: usize,
+    len: usize,
+    first: u64,
+    count: u64,
+}
+
+const SEGMENT_HEADER: usize = 32;
+
+fn segment_paths(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir.join("events"))
         .unwrap()
-        .expect("the record");
-    events.insert(first.to_be_bytes(), value(&old)).unwrap();
-    db.flush().unwrap();
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Every record of every segment, read with the documented framing.
+fn frames_of(dir: &std::path::Path) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for path in segment_paths(dir) {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = SEGMENT_HEADER;
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let view = RecordView::parse(&bytes[at + 8..at + 8 + len]).unwrap();
+            frames.push(Frame {
+                path: path.clone(),
+                offset: at,
+                len,
+                first: view.first_seq,
+                count: u64::from(view.count),
+            });
+            at += 8 + len;
+        }
+    }
+    frames
+}
+
+fn frame_crc(payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&(payload.len() as u32).to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Flips one byte of a record's payload: its crc no longer matches.
+fn flip_a_byte(frame: &Frame) {
+    let mut bytes = std::fs::read(&frame.path).unwrap();
+    bytes[frame.offset + 8 + frame.len / 2] ^= 0x55;
+    std::fs::write(&frame.path, bytes).unwrap();
+}
+
+/// Replaces the last record of its segment with `events` (re-framed, with a correct crc).
+fn rewrite_last_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
+    let mut bytes = std::fs::read(&frame.path).unwrap();
+    assert_eq!(bytes.len(), frame.offset + 8 + frame.len, "the last record");
+    bytes.truncate(frame.offset);
+    let mut payload = Vec::new();
+    encode_record_into(
+        &mut payload,
+        frame.first,
+        events.iter().map(|(at, body)| (*at, body.as_slice())),
+    );
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&frame_crc(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    std::fs::write(&frame.path, bytes).unwrap();
+}
+
+/// The events of a record, as `(at_ms, body)`.
+fn record_events(frame: &Frame) -> Vec<(u64, Vec<u8>)> {
+    let bytes = std::fs::read(&frame.path).unwrap();
+    let view = RecordView::parse(&bytes[frame.offset + 8..frame.offset + 8 + frame.len]).unwrap();
+    view.to_record()
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|(_, at, body)| (at, body))
+        .collect()
+}
+
+fn segment_name(frame: &Frame) -> String {
+    frame
+        .path
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// sled's file lock can outlive a dropped handle for a moment (upstream issue 1234).
@@ -1000,95 +1076,117 @@ fn verify_stays_sound_after_a_request_id_ages_out() {
     assert!(report.is_sound(), "{:?}", report.problems);
 }
 
-fn assert_names_record(problem: &str, first: u64) {
+#[track_caller]
+fn assert_names_where(problem: &str, frame: &Frame) {
+    assert!(problem.contains(&segment_name(frame)), "{problem}");
     assert!(
-        problem.contains(&format!("log record {first}")),
+        problem.contains(&format!("offset {}", frame.offset)),
         "{problem}"
     );
 }
 
 #[test]
-fn verify_and_open_name_a_record_overwritten_with_garbage() {
-    let (dir, _, firsts) = closed_database("verify-garbage");
-    let first = firsts[firsts.len() / 2];
-    // A valid version, then nothing that decodes.
-    overwrite_record(dir.path(), first, |_| {
-        vec![1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
-    });
+fn a_damaged_record_in_the_middle_is_an_error_naming_its_segment_offset_and_event() {
+    let (dir, _, frames) = closed_database("verify-garbage");
+    assert!(frames.len() > 4, "{frames:?}");
+    let frame = frames[frames.len() / 2].clone();
+    flip_a_byte(&frame);
     let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
     assert!(!report.is_sound());
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|problem| problem.contains(&format!("log record {first}"))),
-        "{:?}",
-        report.problems
-    );
-    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
-        .expect_err("a damaged record");
-    assert_names_record(storage_problem(&error), first);
-}
-
-#[test]
-fn verify_and_open_name_a_record_of_an_unknown_version() {
-    let (dir, _, firsts) = closed_database("verify-version");
-    let first = firsts[1];
-    overwrite_record(dir.path(), first, |old| {
-        let mut record: Record = decode_record(&first.to_be_bytes(), old).expect("a record");
-        record.version = 99;
-        encode_record(&record)
-    });
-    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
     let problem = report
         .problems
         .iter()
-        .find(|problem| problem.contains(&format!("log record {first}")))
+        .find(|problem| problem.contains("crc mismatch"))
         .unwrap_or_else(|| panic!("{:?}", report.problems));
-    assert!(problem.contains("format version 99"), "{problem}");
+    assert_names_where(problem, &frame);
+    assert!(
+        problem.contains(&format!("event {}", frame.first)),
+        "{problem}"
+    );
     let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
-        .expect_err("an unknown version");
+        .expect_err("a damaged record");
     let problem = storage_problem(&error);
-    assert_names_record(problem, first);
-    assert!(problem.contains("format version 99"), "{problem}");
+    assert_names_where(problem, &frame);
+    assert!(problem.contains("crc mismatch"), "{problem}");
+    // Refusing changed nothing: the damaged bytes and everything after them are still there.
+    assert_eq!(
+        std::fs::metadata(&frame.path).unwrap().len() as usize,
+        frames
+            .last()
+            .map(|last| last.offset + 8 + last.len)
+            .unwrap()
+    );
 }
 
-fn damage_last_event_body(label: &str) -> (TempDir, u64) {
-    let (dir, _, firsts) = closed_database(label);
-    let first = *firsts.last().unwrap();
-    overwrite_record(dir.path(), first, |old| {
-        let mut record: Record = decode_record(&first.to_be_bytes(), old).expect("a record");
-        record.events[0].2 = vec![0xfa; 3];
-        encode_record(&record)
-    });
-    (dir, first)
+#[test]
+fn a_record_whose_length_is_impossible_before_the_tail_is_damage_not_a_torn_tail() {
+    let (dir, _, frames) = closed_database("bad-length");
+    let frame = frames[1].clone();
+    let mut bytes = std::fs::read(&frame.path).unwrap();
+    bytes[frame.offset..frame.offset + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&frame.path, bytes).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("damage");
+    let problem = storage_problem(&error);
+    assert_names_where(problem, &frame);
+    assert!(problem.contains("impossible"), "{problem}");
+}
+
+#[test]
+fn a_segment_of_a_newer_format_version_is_refused_by_name() {
+    let (dir, _, frames) = closed_database("segment-version");
+    let path = &frames[0].path;
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[8..10].copy_from_slice(&99u16.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..20]);
+    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("a newer segment");
+    let problem = storage_problem(&error);
+    assert!(problem.contains("format version 99"), "{problem}");
+    assert!(problem.contains(&segment_name(&frames[0])), "{problem}");
+    assert!(problem.contains("upgrade"), "{problem}");
+    let error = Engine::verify(dir.path(), sync_options()).expect_err("a newer segment");
+    assert!(
+        storage_problem(&error).contains("format version 99"),
+        "{error}"
+    );
+}
+
+fn damage_last_event_body(label: &str) -> (TempDir, Frame) {
+    let (dir, _, frames) = closed_database(label);
+    let frame = frames.last().unwrap().clone();
+    let mut events = record_events(&frame);
+    events[0].1 = vec![0xfa; 3];
+    rewrite_last_record(&frame, &events);
+    (dir, frame)
 }
 
 #[test]
 fn opening_names_the_event_whose_body_is_damaged() {
-    let (dir, first) = damage_last_event_body("open-body");
+    let (dir, frame) = damage_last_event_body("open-body");
     let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
         .expect_err("a damaged event");
     let problem = storage_problem(&error);
-    assert_names_record(problem, first);
+    assert_names_where(problem, &frame);
     assert!(
-        problem.contains(&format!("event {first} is damaged")),
+        problem.contains(&format!("event {} is damaged", frame.first)),
         "{problem}"
     );
 }
 
-/// `verify` decodes every record but not the event bodies inside it (it replays bodies only
-/// between two snapshots), so a record whose body is damaged passes: `verify` says sound, and
-/// opening the same database fails on that event.
+/// The record is sound (its crc matches) but an event body in it does not decode: `verify`
+/// decodes every body and names the event.
 #[test]
 fn verify_reports_a_record_whose_event_body_is_damaged() {
-    let (dir, first) = damage_last_event_body("verify-body");
+    let (dir, frame) = damage_last_event_body("verify-body");
     let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
     assert!(
         report
             .problems
             .iter()
-            .any(|problem| problem.contains(&format!("event {first}"))),
+            .any(|problem| problem.contains(&format!("event {} is damaged", frame.first))),
         "sound: {report:?}"
     );
 }
@@ -1096,10 +1194,15 @@ fn verify_reports_a_record_whose_event_body_is_damaged() {
 #[test]
 fn a_damaged_copy_fails_to_open_while_the_original_still_opens_with_its_state() {
     // The damage is in a copy; the original is untouched and still opens with its state.
-    let (dir, before, firsts) = closed_database("verify-copy");
+    let (dir, before, frames) = closed_database("verify-copy");
     let copy = dir.sibling("copy");
     copy_dir(dir.path(), copy.path());
-    overwrite_record(copy.path(), firsts[0], |_| b"garbage!".to_vec());
+    let mut first = frames[0].clone();
+    first.path = copy
+        .path()
+        .join("events")
+        .join(first.path.file_name().unwrap());
+    flip_a_byte(&first);
     assert!(Engine::open(copy.path(), Policy::token_plan(), clock(), sync_options()).is_err());
     let engine = open_token_plan(dir.path(), sync_options());
     assert_same_state(
@@ -1107,6 +1210,211 @@ fn a_damaged_copy_fails_to_open_while_the_original_still_opens_with_its_state() 
         &before,
         "state",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Torn tails, segments and compaction of whole segments.
+
+/// A crash in the middle of a write leaves part of a record at the end of the last segment.
+/// It was never acknowledged (acknowledgement follows the fdatasync), so opening cuts it off
+/// and goes on as if it had never been written.
+#[test]
+fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
+    for cut in [
+        "half a record",
+        "a frame header only",
+        "garbage appended",
+        "a flipped byte",
+    ] {
+        let (dir, before, frames) = closed_database(&format!("torn-{}", cut.replace(' ', "-")));
+        let last = frames.last().unwrap().clone();
+        let sound_len = (last.offset + 8 + last.len) as u64;
+        let mut bytes = std::fs::read(&last.path).unwrap();
+        // What survives: everything, or everything before the last record.
+        let (kept_len, kept_events) = match cut {
+            "half a record" => {
+                bytes.truncate(last.offset + 8 + last.len / 2);
+                (last.offset as u64, last.first - 1)
+            }
+            "a frame header only" => {
+                bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2]);
+                (sound_len, last.first + last.count - 1)
+            }
+            "garbage appended" => {
+                bytes.extend_from_slice(&[0u8; 4096]);
+                (sound_len, last.first + last.count - 1)
+            }
+            _ => {
+                bytes[last.offset + 8 + last.len / 2] ^= 1;
+                (last.offset as u64, last.first - 1)
+            }
+        };
+        std::fs::write(&last.path, bytes).unwrap();
+        let report = Engine::verify(dir.path(), sync_options()).unwrap();
+        assert!(report.is_sound(), "{cut}: {:?}", report.problems);
+        let engine = open_token_plan(dir.path(), sync_options());
+        assert_eq!(
+            std::fs::metadata(&last.path).unwrap().len(),
+            kept_len,
+            "{cut}: the tail is cut off"
+        );
+        assert_eq!(last_seq(&engine), kept_events, "{cut}");
+        if kept_len == sound_len {
+            assert_same_state(&state(&engine, &KEYS, &TEAMS, POPULATED_MS), &before, cut);
+        }
+        // It goes on: new events after the cut, and they survive a reopen.
+        engine.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();
+        let credits = engine.credits_micros("@ada").unwrap();
+        drop(engine);
+        let engine = open_token_plan(dir.path(), sync_options());
+        assert_eq!(engine.credits_micros("@ada").unwrap(), credits, "{cut}");
+        assert_eq!(last_seq(&engine), kept_events + 1, "{cut}");
+        drop(engine);
+        let report = Engine::verify(dir.path(), sync_options()).unwrap();
+        assert!(report.is_sound(), "{cut}: {:?}", report.problems);
+    }
+}
+
+/// Only the end of the last segment can be torn: a sealed segment was fdatasynced before the
+/// next one was created, so a short or bad record at its end is damage.
+#[test]
+fn a_bad_record_at_the_end_of_an_earlier_segment_is_damage_naming_it() {
+    let dir = TempDir::new("sealed-damage");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    drop(engine);
+    let frames = frames_of(dir.path());
+    let paths = segment_paths(dir.path());
+    assert!(paths.len() >= 3, "{paths:?}");
+    let last_of_first: Frame = frames
+        .iter()
+        .rfind(|frame| frame.path == paths[0])
+        .unwrap()
+        .clone();
+    let mut bytes = std::fs::read(&paths[0]).unwrap();
+    bytes.truncate(bytes.len() - 3);
+    std::fs::write(&paths[0], bytes).unwrap();
+    let error = open_result(dir.path(), options.clone()).expect_err("damage");
+    let problem = storage_problem(&error);
+    assert_names_where(problem, &last_of_first);
+    let report = Engine::verify(dir.path(), options).expect("verify runs");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&segment_name(&last_of_first))),
+        "{:?}",
+        report.problems
+    );
+}
+
+fn open_result(dir: &std::path::Path, options: OpenOptions) -> Result<Engine, Error> {
+    Engine::open(dir, Policy::token_plan(), clock(), options)
+}
+
+#[test]
+fn segments_rotate_by_size_and_at_checkpoints_and_reopen_with_the_same_state() {
+    let dir = TempDir::new("rotation");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    let by_size = segment_paths(dir.path()).len();
+    assert!(by_size >= 3, "{by_size} segments");
+    // Every segment but the last one is full (at least the size bound), and each starts right
+    // after the one before ends.
+    let frames = frames_of(dir.path());
+    for pair in frames.windows(2) {
+        assert_eq!(pair[1].first, pair[0].first + pair[0].count, "{pair:?}");
+    }
+    for path in &segment_paths(dir.path())[..by_size - 1] {
+        assert!(std::fs::metadata(path).unwrap().len() >= 512, "{path:?}");
+    }
+    // A checkpoint starts a new segment at the first event after it.
+    let snapshot = engine.checkpoint().unwrap();
+    engine.top_up("@ada", 1, Some(POPULATED_MS)).unwrap();
+    let names: Vec<String> = segment_paths(dir.path())
+        .iter()
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.last().unwrap(),
+        &format!("{:020}.seg", snapshot + 1),
+        "{names:?}"
+    );
+    let after_top_up = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    assert_ne!(after_top_up, before);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options.clone());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &after_top_up,
+        "after reopening",
+    );
+    assert_eq!(last_seq(&engine), snapshot + 1);
+    drop(engine);
+    let report = Engine::verify(dir.path(), options).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    assert_eq!(report.first_seq, 1);
+    assert_eq!(report.last_seq, snapshot + 1);
+}
+
+#[test]
+fn compaction_deletes_whole_segment_files_and_never_the_one_being_written() {
+    let dir = TempDir::new("compact-files");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        retention_ms: SECOND_MS,
+        ..sync_options()
+    };
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ann", "ann", "Small", Some(T0_MS))
+        .unwrap();
+    engine.top_up("@ann", 1_000_000_000, Some(T0_MS)).unwrap();
+    let one = [(Unit::Requests, 1)];
+    for index in 0..300 {
+        let request = UsageRequest::new("key-ann", "chat", &one).at(T0_MS + index * 10);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let first_snapshot = engine.checkpoint().unwrap();
+    let segments_before = segment_paths(dir.path()).len();
+    assert!(segments_before >= 3, "{segments_before}");
+    let later = T0_MS + 10 * MINUTE_MS;
+    engine
+        .consume(&UsageRequest::new("key-ann", "chat", &one).at(later))
+        .unwrap();
+    let balance = engine.credits_micros("@ann").unwrap();
+    let report = engine.compact(Some(later)).unwrap();
+    assert_eq!(report.events_removed, first_snapshot);
+    assert_eq!(report.first_seq_kept, first_snapshot + 1);
+    let names: Vec<String> = segment_paths(dir.path())
+        .iter()
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.first().unwrap(),
+        &format!("{:020}.seg", first_snapshot + 1),
+        "{names:?}"
+    );
+    // Compacting again at once: what is left is younger than the snapshot before the latest.
+    let again = engine.compact(Some(later)).unwrap();
+    assert!(!segment_paths(dir.path()).is_empty());
+    assert_eq!(engine.credits_micros("@ann").unwrap(), balance);
+    drop(engine);
+    let verified = Engine::verify(dir.path(), options.clone()).unwrap();
+    assert!(verified.is_sound(), "{:?}", verified.problems);
+    assert_eq!(verified.first_seq, again.first_seq_kept);
+    let engine = open(dir.path(), ten_seconds(), options);
+    assert_eq!(engine.credits_micros("@ann").unwrap(), balance);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 //! An event is immutable once written. It carries its sequence number, the time it happened and
 //! what it did exactly (the counters, epochs and amounts a usage moved; the micro-credits it
 //! charged or gave back), so replaying the log reproduces the engine's state whatever the order
-//! in which concurrent requests were applied in memory. Bodies are bincode (serde) behind a
-//! format version; a record of an unknown version or a damaged record is an error naming it.
+//! in which concurrent requests were applied in memory. Bodies are bincode (serde, variable-length
+//! integers); many events are packed into one record (`encode_record_into`: implicit sequence
+//! numbers, time deltas, 2-3 bytes per event besides its body), which `log` frames with a length
+//! and a crc in its segment files behind a format version. A damaged record or body is an error
+//! naming it, never a panic and never a silently skipped event.
 
 use bincode::Options;
 use serde::{Deserialize, Serialize};
@@ -16,7 +19,8 @@ use crate::policy::CounterId;
 use crate::reservation::Settlement;
 
 /// The version of the event and record encoding written by this build.
-pub const FORMAT_VERSION: u16 = 1;
+/// Version 2: the event log in segment files (see `log`); version 1 kept it in sled.
+pub const FORMAT_VERSION: u16 = 2;
 
 /// Exactly what a give-back moved: per hold, the amount given back (used when a reservation is
 /// settled or voided, a request refunded, a usage corrected).
@@ -169,9 +173,9 @@ pub struct Event {
     pub body: EventBody,
 }
 
-/// A log record: many events packed into one sled value (sled's cost is per insert, so one
-/// record per group commit). Keyed by its first event's sequence number, big-endian.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A log record, decoded and owned: for `verify`, tools and tests. Replay and export read
+/// records in place instead ([`RecordView`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub version: u16,
     /// The newest `at_ms` of its events, so compaction can skip decoding bodies.
@@ -193,39 +197,199 @@ pub fn encode_body(body: &EventBody) -> Vec<u8> {
     encoding().serialize(body).unwrap_or_default()
 }
 
-pub fn encode_record(record: &Record) -> Vec<u8> {
-    encoding().serialize(record).unwrap_or_default()
+// ---------------------------------------------------------------------------------------------
+// The record payload (inside a log frame; see `log` for the frame and the segment files).
+//
+// ```text
+// first_seq u64 LE | count u32 LE | newest_at_ms u64 LE | base_at_ms u64 LE     (28 bytes)
+// count x [ at_ms - previous at_ms: zigzag varint | body length: varint | body ]
+// ```
+//
+// Sequence numbers are implicit (first_seq + index: a record is gap-free by construction);
+// the first event's "previous at_ms" is `base_at_ms`. An event costs its body plus 2-3 bytes.
+
+/// Bytes of a record payload's fixed header.
+pub const RECORD_HEADER_BYTES: usize = 28;
+
+/// One event read in place from a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawEvent<'a> {
+    pub seq: u64,
+    pub at_ms: u64,
+    pub body: &'a [u8],
 }
 
-/// Decodes a record stored under `key`; errors name the record and, for a body, the event.
-pub fn decode_record(key: &[u8], value: &[u8]) -> Result<Record, Error> {
-    let first = record_key_seq(key)?;
-    // The version comes first in the encoding: read it alone so a newer format is named as such.
-    let version: u16 = encoding()
-        .deserialize::<u16>(value.get(..3).unwrap_or(value))
-        .map_err(|error| Error::Storage {
-            problem: format!("log record {first}: cannot read its version: {error}"),
-        })?;
-    if version != FORMAT_VERSION {
-        return Err(Error::Storage {
-            problem: format!(
-                "log record {first}: format version {version}, but this build reads version {FORMAT_VERSION}"
-            ),
-        });
+/// Appends the payload of a record holding `events` (consecutive sequence numbers) to `out`.
+pub fn encode_record_into<'a, I>(out: &mut Vec<u8>, first_seq: u64, events: I)
+where
+    I: IntoIterator<Item = (u64, &'a [u8])> + Clone,
+{
+    let header_at = out.len();
+    let mut count = 0u32;
+    let mut newest = 0u64;
+    let mut base = None;
+    for (at_ms, _) in events.clone() {
+        count += 1;
+        newest = newest.max(at_ms);
+        base.get_or_insert(at_ms);
     }
-    let record: Record = encoding()
-        .deserialize(value)
-        .map_err(|error| Error::Storage {
-            problem: format!("log record {first}: damaged: {error}"),
-        })?;
-    if record.events.first().map(|event| event.0) != Some(first) {
-        return Err(Error::Storage {
-            problem: format!(
-                "log record {first}: its first event does not carry sequence number {first}"
-            ),
-        });
+    let base = base.unwrap_or(0);
+    out.extend_from_slice(&first_seq.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&newest.to_le_bytes());
+    out.extend_from_slice(&base.to_le_bytes());
+    debug_assert_eq!(out.len() - header_at, RECORD_HEADER_BYTES);
+    let mut previous = base;
+    for (at_ms, body) in events {
+        let delta = at_ms.wrapping_sub(previous) as i64;
+        put_varint(out, ((delta << 1) ^ (delta >> 63)) as u64);
+        put_varint(out, body.len() as u64);
+        out.extend_from_slice(body);
+        previous = at_ms;
     }
-    Ok(record)
+}
+
+/// The encoded size of one event inside a record, at most (for sizing records).
+pub fn event_bytes_at_most(body_len: usize) -> usize {
+    body_len + 20
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    let mut shift = 0;
+    loop {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        if shift == 63 && byte > 1 {
+            return None;
+        }
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+        shift += 7;
+        if shift > 63 {
+            return None;
+        }
+    }
+}
+
+/// A record payload, checked for shape (not yet for its bodies), read in place.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub first_seq: u64,
+    pub count: u32,
+    pub newest_at_ms: u64,
+    base_at_ms: u64,
+    events: &'a [u8],
+}
+
+impl<'a> RecordView<'a> {
+    /// Reads a payload's header; `None` if it is too short to hold one.
+    pub fn parse(payload: &'a [u8]) -> Option<RecordView<'a>> {
+        let header = payload.get(..RECORD_HEADER_BYTES)?;
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+        Some(RecordView {
+            first_seq: u64_at(0),
+            count: u32::from_le_bytes(header[8..12].try_into().unwrap_or_default()),
+            newest_at_ms: u64_at(12),
+            base_at_ms: u64_at(20),
+            events: &payload[RECORD_HEADER_BYTES..],
+        })
+    }
+
+    /// The last sequence number in the record (`first_seq - 1` for an empty one).
+    pub fn last_seq(&self) -> u64 {
+        (self.first_seq + u64::from(self.count)).saturating_sub(1)
+    }
+
+    /// Calls `visit` with each event in order; stops early (returning `Ok(false)`) when it
+    /// returns false. A payload whose events do not fill it exactly is an error, described.
+    pub fn for_each(
+        &self,
+        mut visit: impl FnMut(RawEvent<'a>) -> Result<bool, Error>,
+    ) -> Result<bool, RecordError> {
+        let bytes = self.events;
+        let mut at = 0usize;
+        let mut at_ms = self.base_at_ms;
+        for index in 0..u64::from(self.count) {
+            let seq = self.first_seq + index;
+            let (Some(delta), Some(len)) = (get_varint(bytes, &mut at), get_varint(bytes, &mut at))
+            else {
+                return Err(RecordError::Shape(seq));
+            };
+            let delta = ((delta >> 1) as i64) ^ -((delta & 1) as i64);
+            at_ms = at_ms.wrapping_add(delta as u64);
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|len| at.checked_add(len))
+                .filter(|end| *end <= bytes.len())
+                .ok_or(RecordError::Shape(seq))?;
+            let event = RawEvent {
+                seq,
+                at_ms,
+                body: &bytes[at..end],
+            };
+            at = end;
+            if !visit(event).map_err(RecordError::Visit)? {
+                return Ok(false);
+            }
+        }
+        if at != bytes.len() {
+            return Err(RecordError::Shape(self.last_seq() + 1));
+        }
+        Ok(true)
+    }
+
+    /// The record, owned.
+    pub fn to_record(&self) -> Result<Record, RecordError> {
+        let mut events = Vec::with_capacity(self.count as usize);
+        self.for_each(|event| {
+            events.push((event.seq, event.at_ms, event.body.to_vec()));
+            Ok(true)
+        })?;
+        Ok(Record {
+            version: FORMAT_VERSION,
+            newest_at_ms: self.newest_at_ms,
+            events,
+        })
+    }
+}
+
+/// What is wrong with a record's events.
+#[derive(Debug)]
+pub enum RecordError {
+    /// The payload does not hold its events as it says, at this event.
+    Shape(u64),
+    /// The visitor failed.
+    Visit(Error),
+}
+
+/// Decodes an event body; an error names the event.
+pub fn decode_body(seq: u64, body: &[u8]) -> Result<EventBody, Error> {
+    encoding()
+        .deserialize(body)
+        .map_err(|error| Error::Storage {
+            problem: format!("event {seq} is damaged: {error}"),
+        })
+}
+
+/// Decodes one stored event.
+pub fn decode_raw(raw: RawEvent<'_>) -> Result<Event, Error> {
+    Ok(Event {
+        seq: raw.seq,
+        at_ms: raw.at_ms,
+        body: decode_body(raw.seq, raw.body)?,
+    })
 }
 
 pub fn decode_event(
@@ -244,61 +408,64 @@ pub fn decode_event(
     })
 }
 
-pub fn record_key(first_seq: u64) -> [u8; 8] {
-    first_seq.to_be_bytes()
-}
-
-pub fn record_key_seq(key: &[u8]) -> Result<u64, Error> {
-    let bytes: [u8; 8] = key.try_into().map_err(|_| Error::Storage {
-        problem: format!("log record key {key:?} is not an 8-byte sequence number"),
-    })?;
-    Ok(u64::from_be_bytes(bytes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(first: u64) -> Record {
+    fn bodies() -> Vec<(u64, Vec<u8>)> {
         let body = EventBody::TeamCreated { team: "t".into() };
-        Record {
-            version: FORMAT_VERSION,
-            newest_at_ms: 7,
-            events: vec![
-                (first, 7, encode_body(&body)),
-                (first + 1, 7, encode_body(&body)),
-            ],
-        }
+        vec![
+            (1_790_000_000_007, encode_body(&body)),
+            (1_790_000_000_003, encode_body(&body)),
+            (1_790_000_100_000, Vec::new()),
+        ]
+    }
+
+    fn encoded(first: u64) -> Vec<u8> {
+        let events = bodies();
+        let mut out = Vec::new();
+        encode_record_into(
+            &mut out,
+            first,
+            events.iter().map(|(at, body)| (*at, body.as_slice())),
+        );
+        out
     }
 
     #[test]
-    fn a_record_round_trips() {
-        let encoded = encode_record(&record(5));
-        let decoded = decode_record(&record_key(5), &encoded).expect("decodes");
-        assert_eq!(decoded, record(5));
-        let event = decode_event(5, &decoded.events[1]).expect("decodes");
+    fn a_record_round_trips_with_times_going_back_and_forth() {
+        let bytes = encoded(5);
+        let view = RecordView::parse(&bytes).expect("a header");
+        assert_eq!((view.first_seq, view.count, view.last_seq()), (5, 3, 7));
+        assert_eq!(view.newest_at_ms, 1_790_000_100_000);
+        let record = view.to_record().expect("decodes");
+        let expected: Vec<_> = bodies()
+            .into_iter()
+            .enumerate()
+            .map(|(index, (at, body))| (5 + index as u64, at, body))
+            .collect();
+        assert_eq!(record.events, expected);
+        let event = decode_event(5, &record.events[1]).expect("decodes");
         assert_eq!(event.seq, 6);
         assert_eq!(event.body, EventBody::TeamCreated { team: "t".into() });
-    }
-
-    #[test]
-    fn a_newer_version_is_an_error_naming_the_record() {
-        let mut newer = record(9);
-        newer.version = FORMAT_VERSION + 1;
-        let error = decode_record(&record_key(9), &encode_record(&newer)).expect_err("refused");
-        assert!(error.to_string().contains("log record 9"), "{error}");
-        assert!(error.to_string().contains("format version 2"), "{error}");
-    }
-
-    #[test]
-    fn a_damaged_record_is_an_error_naming_it() {
-        let mut encoded = encode_record(&record(3));
-        encoded.truncate(encoded.len() - 3);
-        let error = decode_record(&record_key(3), &encoded).expect_err("refused");
+        // Two bytes of framing per event besides the body, for these.
         assert!(
-            error.to_string().contains("log record 3: damaged"),
-            "{error}"
+            bytes.len()
+                <= RECORD_HEADER_BYTES + 3 * 4 + bodies().iter().map(|b| b.1.len()).sum::<usize>()
         );
+    }
+
+    #[test]
+    fn a_record_that_does_not_hold_what_it_says_is_an_error_naming_the_event() {
+        let mut bytes = encoded(3);
+        bytes.truncate(bytes.len() - 3);
+        bytes.push(9);
+        let view = RecordView::parse(&bytes).expect("a header");
+        assert!(matches!(view.to_record(), Err(RecordError::Shape(4 | 5))));
+        let mut longer = encoded(3);
+        longer.push(0);
+        let view = RecordView::parse(&longer).expect("a header");
+        assert!(matches!(view.to_record(), Err(RecordError::Shape(6))));
         let bad_body = (3, 1, vec![250, 250, 250]);
         let error = decode_event(3, &bad_body).expect_err("refused");
         assert!(error.to_string().contains("event 3 is damaged"), "{error}");

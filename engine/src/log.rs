@@ -1,26 +1,38 @@
-//! The event log on sled: group commit, durability modes, snapshots, cursors and compaction.
+//! The event log: append-only segment files, group commit, durability modes, snapshots, cursors
+//! and compaction.
 //!
 //! Callers append encoded events to a queue (a short mutex: the sequence number is assigned
-//! there, so the queue's order is the log's order). One writer thread drains the queue, packs the
-//! events into records of at most `MAX_RECORD_BYTES` (sled's cost is per insert, not per byte),
-//! inserts them, and — in `Sync` mode — makes them durable once per batch: sled's `flush()` only
-//! issues `sync_file_range` on Linux, which flushes neither the drive's cache nor metadata, so
-//! the writer follows it with `fdatasync` of sled's `db` file and `fsync` of any blob files
-//! (upstream issues 1452 and 1351). Callers in `Sync` mode wait until their sequence number is
-//! durable; everyone in a batch shares one flush, so throughput grows with concurrency.
+//! there, so the queue's order is the log's order). One writer thread drains the queue, packs
+//! the events into records of at most `MAX_RECORD_BYTES`, appends the whole group to the active
+//! segment file with one `write` and — in `Sync` mode — one `fdatasync`. Callers in `Sync` mode
+//! wait until their sequence number is durable; everyone in a group shares one `fdatasync`, so
+//! throughput grows with concurrency and with `consume_many`'s batches.
 //!
-//! Trees: `events` (record key = first sequence number, big-endian), `snapshots` (chunks keyed by
-//! snapshot sequence number and chunk index), `meta` (format version, the latest snapshot, the
-//! first retained sequence number), `cursors` (named export cursors).
+//! On disk, under the database directory:
+//! - `events/<first seq, 20 digits>.seg`: the log. A segment starts with a 32-byte header
+//!   (`TALLYLOG`, format version, its first sequence number, a crc) and holds frames
+//!   `[payload length u32 LE][crc32 of length and payload u32 LE][payload]`, each payload one
+//!   record of consecutive events (`event::encode_record_into`). A segment is sealed (fsynced,
+//!   never written again) when it passes `SEGMENT_BYTES` or when a checkpoint asks for a new one
+//!   (so segments end at snapshots and compaction can drop whole files).
+//! - `snapshots/<seq, 20 digits>.snap`: checkpoints, written to a temporary file, fsynced and
+//!   renamed (then the directory fsynced); the latest two are kept.
+//! - sled, for what is small and keyed: `meta` (the format version) and `cursors` (named export
+//!   cursors). sled's file lock also keeps a second process out of the directory.
 //!
-//! After a write or flush error the log is failed: the batch's callers get the error and undo
-//! their in-memory effect, and every later append is refused until the engine is reopened. In
-//! `Sync` mode memory therefore never runs ahead of disk; in the other modes a call was already
-//! answered when its write fails, so its effect stays in memory (not on disk) until the reopen —
-//! the loss those modes accept.
+//! Opening scans the last segment: a record whose length or crc is wrong with nothing valid after
+//! it is a torn write from a crash (never acknowledged: acknowledgement follows the
+//! `fdatasync`) and is truncated away; a bad record with a valid one after it, or anywhere in
+//! an earlier segment, is damage and an error naming the file, offset and sequence number.
+//!
+//! After a write or flush error the log is failed: the group's bytes are truncated away again,
+//! its callers get the error and undo their in-memory effect, and every later append is refused
+//! until the engine is reopened. In `Sync` mode memory therefore never runs ahead of disk; in
+//! the other modes a call was already answered when its write fails, so its effect stays in
+//! memory (not on disk) until the reopen — the loss those modes accept.
 
-use std::collections::HashSet;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,46 +40,51 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::event::{
-    decode_event, decode_record, encode_record, record_key, Event, Record, FORMAT_VERSION,
+    decode_raw, encode_record_into, event_bytes_at_most, Event, RawEvent, Record, RecordError,
+    RecordView, FORMAT_VERSION, RECORD_HEADER_BYTES,
 };
 
-/// Records stay small enough that a whole sled leaf of them (sled splits a leaf past 16 entries)
-/// stays under sled's blob threshold (segment size / 4 = 128 KiB): otherwise every node split
-/// rewrites both halves as new blob files, tripling the bytes written and fsyncing new files on
-/// every commit (measured: 1,200-1,400 bytes written per 453-byte event with 64 KiB records).
-pub const MAX_RECORD_BYTES: usize = 7 * 1024;
+/// A record's payload is at most this long (a group commit larger than this is several records
+/// in the same write).
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// Events queued but not yet written, at most: an append waits for room beyond this, so in the
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
-const SNAPSHOT_CHUNK_BYTES: usize = 48 * 1024;
+/// A segment is sealed and a new one started once it holds this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+const SEGMENT_HEADER_BYTES: usize = 32;
+const SEGMENT_MAGIC: &[u8; 8] = b"TALLYLOG";
+const SNAPSHOT_HEADER_BYTES: usize = 32;
+const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
+const FRAME_BYTES: usize = 8;
+const EVENTS_DIR: &str = "events";
+const SNAPSHOTS_DIR: &str = "snapshots";
+/// Reads of a segment go through a buffer of this size (a frame is at most `MAX_RECORD_BYTES`).
+const READ_CHUNK_BYTES: usize = 4 << 20;
 const LOCK_RETRIES: u32 = 50;
 const LOCK_RETRY_DELAY: Duration = Duration::from_millis(20);
 
 const META_FORMAT: &[u8] = b"format_version";
-const META_SNAPSHOT: &[u8] = b"snapshot";
-const META_PREVIOUS_SNAPSHOT: &[u8] = b"previous_snapshot";
-const META_LOG_START: &[u8] = b"log_start";
 
 /// When an acknowledged event is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// A call returns only after its event is flushed and fsynced; concurrent callers share one
-    /// flush (group commit). A crash loses nothing that was acknowledged.
+    /// A call returns only after its event is written and fdatasynced; concurrent callers share
+    /// one fdatasync (group commit). A crash, even a power loss, loses nothing acknowledged.
     Sync,
-    /// A call returns once its event is queued; the writer writes it and makes it durable in
-    /// the background at most `ms` later. A crash can lose the acknowledged events still queued
-    /// (at most `MAX_QUEUED_EVENTS`) and, on power loss, those written in the last `ms`.
+    /// A call returns once its event is queued; the writer writes it at once and fdatasyncs in
+    /// the background at most `ms` later. A process crash can lose the acknowledged events
+    /// still queued (at most `MAX_QUEUED_EVENTS`); a power loss also those of the last `ms`.
     Interval { ms: u64 },
-    /// No explicit flush (sled's own background flush, every 500 ms, still runs). For tests and
-    /// benchmarks: a crash can lose the queued events (at most `MAX_QUEUED_EVENTS`) and any
-    /// acknowledged event sled had not flushed.
+    /// No fsync of events at all (only when a segment is sealed, on `sync()` and on close). For
+    /// tests and benchmarks: a process crash can lose the queued events (at most
+    /// `MAX_QUEUED_EVENTS`), a power loss whatever the kernel had not written back.
     None,
 }
 
@@ -84,12 +101,12 @@ impl Faults {
         Arc::new(Faults::default())
     }
 
-    /// The next `count` record inserts fail.
+    /// The next `count` group writes fail, after writing half their bytes (a short write).
     pub fn fail_next_inserts(&self, count: u64) {
         self.fail_inserts.store(count, Ordering::Relaxed);
     }
 
-    /// The next `count` durable flushes fail.
+    /// The next `count` fdatasyncs of the log fail.
     pub fn fail_next_flushes(&self, count: u64) {
         self.fail_flushes.store(count, Ordering::Relaxed);
     }
@@ -104,25 +121,72 @@ impl Faults {
 }
 
 /// Where a snapshot is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotPointer {
     /// The snapshot holds the effect of every event up to and including this one.
     pub seq: u64,
-    pub chunks: u32,
+    /// The encoded snapshot's length (without the file's header).
     pub bytes: u64,
+}
+
+/// A queued event: its body is `bytes[previous end..end]` of the queue's arena.
+#[derive(Debug, Clone, Copy)]
+struct Queued {
+    seq: u64,
+    at_ms: u64,
+    end: usize,
+}
+
+/// Events waiting for the writer. Bodies are copied into one arena at append, so the caller's
+/// buffer is freed on its own thread (a cross-thread free is slow in glibc's allocator) and the
+/// writer frees nothing per event.
+#[derive(Debug, Default)]
+struct Batch {
+    events: Vec<Queued>,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn body(&self, index: usize) -> &[u8] {
+        let start = if index == 0 {
+            0
+        } else {
+            self.events[index - 1].end
+        };
+        &self.bytes[start..self.events[index].end]
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.bytes.clear();
+    }
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     next_seq: u64,
-    events: Vec<(u64, u64, Vec<u8>)>,
+    batch: Batch,
+    /// A checkpoint asked for a new segment starting at this sequence number.
+    rotate_at: Option<u64>,
     stop: bool,
+}
+
+/// A position in the log: every event up to `seq` is in the segments up to the one starting at
+/// `segment`, which is complete up to byte `end`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Position {
+    seq: u64,
+    segment: u64,
+    end: u64,
 }
 
 #[derive(Debug, Default)]
 struct Progress {
-    /// Every event up to here is durable (or, without `Sync`, written to sled).
-    durable_seq: u64,
+    /// Written to the segment file (not necessarily durable).
+    written: Position,
+    /// With `Sync`, fdatasynced; in the other modes the same as `written`. Readers see the log
+    /// up to here, so nothing they return is taken back by a failed flush.
+    visible: Position,
     /// The first sequence number that failed, and why.
     failure: Option<(u64, String)>,
 }
@@ -133,11 +197,17 @@ struct Shared {
     last_appended: AtomicU64,
     durability: Durability,
     faults: Option<Arc<Faults>>,
+    events_dir: PathBuf,
+    segment_bytes: u64,
     queue: Mutex<Queue>,
     queue_ready: Condvar,
     queue_room: Condvar,
     progress: Mutex<Progress>,
     progress_changed: Condvar,
+    /// First sequence numbers of the segments, oldest first; the last is being written.
+    segments: Mutex<Vec<u64>>,
+    /// The segment being written (for `sync()` from other threads).
+    active_file: Mutex<Arc<File>>,
 }
 
 /// The open log. Dropping it stops the writer after a final flush.
@@ -145,13 +215,20 @@ struct Shared {
 pub struct EventLog {
     dir: PathBuf,
     db: sled::Db,
-    events: sled::Tree,
-    snapshots: sled::Tree,
-    meta: sled::Tree,
     cursors: sled::Tree,
-    syncer: Arc<FileSyncer>,
+    snapshots_dir: PathBuf,
+    syncer: FileSyncer,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Where the last `events_after` stopped: (first sequence number of a record, its segment,
+    /// its offset), so an export reading forward does not rescan the segment.
+    resume: Mutex<Option<(u64, u64, u64)>>,
+    /// A snapshot being encoded and written by its own thread (`write_snapshot_in_background`).
+    snapshot_thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
+    /// Opened by `open_read_only`: no writer, nothing repaired.
+    read_only: bool,
+    /// What a read-only open found wrong at the end of the log.
+    open_problem: Option<String>,
 }
 
 fn storage(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Error {
@@ -160,12 +237,493 @@ fn storage(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Er
     }
 }
 
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+fn segment_path(events_dir: &Path, first: u64) -> PathBuf {
+    events_dir.join(segment_name(first))
+}
+
+/// The segments in `events_dir`, by first sequence number.
+fn list_segments(events_dir: &Path) -> Result<Vec<u64>, Error> {
+    let entries = std::fs::read_dir(events_dir)
+        .map_err(|error| storage(format!("reading {}", events_dir.display()), error))?;
+    let mut firsts = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|error| storage("reading the log directory", error))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(stem) = name.strip_suffix(".seg") else {
+            continue;
+        };
+        match stem.parse::<u64>() {
+            Ok(first) if stem.len() == 20 && first > 0 => firsts.push(first),
+            _ => {
+                return Err(storage(
+                    events_dir.display(),
+                    format!("{name} is not a segment name (20 digits, .seg)"),
+                ))
+            }
+        }
+    }
+    firsts.sort_unstable();
+    Ok(firsts)
+}
+
+fn segment_header(first: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut header = [0u8; SEGMENT_HEADER_BYTES];
+    header[..8].copy_from_slice(SEGMENT_MAGIC);
+    header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..20].copy_from_slice(&first.to_le_bytes());
+    let crc = crc32fast::hash(&header[..20]);
+    header[20..24].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Checks a segment's header: magic, crc, version (a newer one is refused by name), and that it
+/// starts where its name says.
+fn check_segment_header(header: &[u8], first: u64, path: &Path) -> Result<(), Error> {
+    let bad = |why: String| storage(format!("log segment {}", path.display()), why);
+    if header.len() < SEGMENT_HEADER_BYTES || &header[..8] != SEGMENT_MAGIC {
+        return Err(bad("not a tally log segment (bad header)".into()));
+    }
+    let crc = u32::from_le_bytes(header[20..24].try_into().unwrap_or_default());
+    if crc != crc32fast::hash(&header[..20]) {
+        return Err(bad("its header is damaged (crc mismatch)".into()));
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {version}, but this build reads version {FORMAT_VERSION}{}",
+            if version > FORMAT_VERSION {
+                ": upgrade tally"
+            } else {
+                ""
+            }
+        )));
+    }
+    let stated = u64::from_le_bytes(header[12..20].try_into().unwrap_or_default());
+    if stated != first {
+        return Err(bad(format!(
+            "its header says it starts at event {stated}, its name says {first}"
+        )));
+    }
+    Ok(())
+}
+
+fn frame_crc(len: u32, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// What is at `at` in a segment's bytes.
+enum Frame<'a> {
+    End,
+    Sound { payload: &'a [u8], next: usize },
+    Bad(String),
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
+    if at == bytes.len() {
+        return Frame::End;
+    }
+    let Some(header) = bytes.get(at..at + FRAME_BYTES) else {
+        return Frame::Bad(format!(
+            "{} bytes, too short for a frame header",
+            bytes.len() - at
+        ));
+    };
+    let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
+    if (len as usize) < RECORD_HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
+        return Frame::Bad(format!("a record length of {len} bytes is impossible"));
+    }
+    let end = at + FRAME_BYTES + len as usize;
+    let Some(payload) = bytes.get(at + FRAME_BYTES..end) else {
+        return Frame::Bad(format!(
+            "a record of {len} bytes runs past the end of the file"
+        ));
+    };
+    if frame_crc(len, payload) != crc {
+        return Frame::Bad("crc mismatch".into());
+    }
+    Frame::Sound { payload, next: end }
+}
+
+/// Whether a sound record holding events from `expected` on starts anywhere after `from`: if
+/// not, a bad record at `from - 1` is a torn tail; if so, it is damage.
+fn sound_record_after(bytes: &[u8], from: usize, expected: u64) -> bool {
+    let last_start = bytes
+        .len()
+        .saturating_sub(FRAME_BYTES + RECORD_HEADER_BYTES);
+    (from..=last_start).any(|at| {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+        if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len)
+            || at + FRAME_BYTES + len > bytes.len()
+        {
+            return false;
+        }
+        let first = u64::from_le_bytes(
+            bytes[at + FRAME_BYTES..at + FRAME_BYTES + 8]
+                .try_into()
+                .unwrap_or_default(),
+        );
+        if first < expected || first - expected > u64::from(u32::MAX) {
+            return false;
+        }
+        matches!(frame_at(bytes, at), Frame::Sound { .. })
+    })
+}
+
+fn damage(path: &Path, offset: usize, seq: u64, why: impl std::fmt::Display) -> Error {
+    Error::Storage {
+        problem: format!(
+            "log segment {} is damaged at offset {offset} (the record of event {seq}): {why}",
+            path.display()
+        ),
+    }
+}
+
+fn record_problem(path: &Path, offset: usize, error: RecordError) -> Error {
+    match error {
+        RecordError::Shape(seq) => damage(
+            path,
+            offset,
+            seq,
+            "its events do not fill it as its header says",
+        ),
+        RecordError::Visit(error) => match error {
+            Error::Storage { problem } => Error::Storage {
+                problem: format!(
+                    "log segment {}, record at offset {offset}: {problem}",
+                    path.display()
+                ),
+            },
+            other => other,
+        },
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|directory| directory.sync_all())
+        .map_err(|error| storage(format!("fsync of {}", dir.display()), error))
+}
+
+/// The segment being appended to.
+#[derive(Debug)]
+struct Active {
+    file: Arc<File>,
+    first: u64,
+    len: u64,
+}
+
+/// What opening found at the end of the log.
+struct Recovered {
+    segments: Vec<u64>,
+    active: Active,
+    last_seq: u64,
+    /// Read-only: the damage or torn tail found at the end of the last segment (left alone).
+    problem: Option<String>,
+}
+
+/// Scans the last segment, truncating a torn tail; creates the first segment of a new log.
+/// `read_only` (verify) changes nothing: damage is reported in `problem` and the log read up
+/// to it; a torn tail is reported and left.
+fn recover_segments(
+    events_dir: &Path,
+    start_if_empty: u64,
+    read_only: bool,
+) -> Result<Recovered, Error> {
+    let mut segments = list_segments(events_dir)?;
+    let mut problem = None;
+    while let Some(&first) = segments.last() {
+        let path = segment_path(events_dir, first);
+        let bytes = std::fs::read(&path)
+            .map_err(|error| storage(format!("reading {}", path.display()), error))?;
+        if bytes.len() <= SEGMENT_HEADER_BYTES
+            && check_segment_header(&bytes, first, &path).is_err()
+        {
+            // A crash while creating the segment (its header is written and fsynced before
+            // anything else): it holds nothing. The one before goes on, or a new first one.
+            if !read_only {
+                std::fs::remove_file(&path)
+                    .map_err(|error| storage(format!("removing {}", path.display()), error))?;
+                sync_dir(events_dir)?;
+            }
+            segments.pop();
+            continue;
+        }
+        check_segment_header(&bytes, first, &path)?;
+        let mut at = SEGMENT_HEADER_BYTES;
+        let mut expected = first;
+        loop {
+            match frame_at(&bytes, at) {
+                Frame::End => break,
+                Frame::Sound { payload, next } => {
+                    let view = RecordView::parse(payload)
+                        .ok_or_else(|| damage(&path, at, expected, "a record without a header"))?;
+                    if view.first_seq != expected || view.count == 0 {
+                        return Err(damage(
+                            &path,
+                            at,
+                            expected,
+                            format!(
+                                "it holds events {} to {} where event {expected} comes next",
+                                view.first_seq,
+                                view.last_seq()
+                            ),
+                        ));
+                    }
+                    if let Err(error) = view.for_each(|_| Ok(true)) {
+                        let error = record_problem(&path, at, error);
+                        if !read_only {
+                            return Err(error);
+                        }
+                        problem = Some(error.to_string());
+                        break;
+                    }
+                    expected = view.last_seq() + 1;
+                    at = next;
+                }
+                Frame::Bad(why) => {
+                    let torn = !sound_record_after(&bytes, at + 1, expected);
+                    if read_only {
+                        problem = (!torn).then(|| damage(&path, at, expected, why).to_string());
+                        break;
+                    }
+                    if !torn {
+                        return Err(damage(&path, at, expected, why));
+                    }
+                    // A torn write at the end: never acknowledged. Cut it off.
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|error| storage(format!("opening {}", path.display()), error))?;
+                    file.set_len(at as u64)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|error| {
+                            storage(
+                                format!("truncating the torn tail of {}", path.display()),
+                                error,
+                            )
+                        })?;
+                    break;
+                }
+            }
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|error| storage(format!("opening {}", path.display()), error))?;
+        file.seek(SeekFrom::Start(at as u64))
+            .map_err(|error| storage(format!("seeking in {}", path.display()), error))?;
+        return Ok(Recovered {
+            segments,
+            active: Active {
+                file: Arc::new(file),
+                first,
+                len: at as u64,
+            },
+            last_seq: expected - 1,
+            problem,
+        });
+    }
+    if read_only {
+        let file = File::open(events_dir)
+            .map_err(|error| storage(format!("opening {}", events_dir.display()), error))?;
+        return Ok(Recovered {
+            segments,
+            active: Active {
+                file: Arc::new(file),
+                first: start_if_empty,
+                len: 0,
+            },
+            last_seq: start_if_empty - 1,
+            problem,
+        });
+    }
+    let file = create_segment(events_dir, start_if_empty)?;
+    Ok(Recovered {
+        segments: vec![start_if_empty],
+        active: Active {
+            file: Arc::new(file),
+            first: start_if_empty,
+            len: SEGMENT_HEADER_BYTES as u64,
+        },
+        last_seq: start_if_empty - 1,
+        problem,
+    })
+}
+
+/// Creates a segment durably: header written and fsynced, then the directory fsynced.
+fn create_segment(events_dir: &Path, first: u64) -> Result<File, Error> {
+    let path = segment_path(events_dir, first);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|error| storage(format!("creating {}", path.display()), error))?;
+    file.write_all(&segment_header(first))
+        .and_then(|()| file.sync_all())
+        .map_err(|error| storage(format!("writing {}", path.display()), error))?;
+    sync_dir(events_dir)?;
+    Ok(file)
+}
+
+/// Reads a segment's frames in order through a buffer, up to a limit.
+struct FrameReader {
+    file: File,
+    path: PathBuf,
+    buffer: Vec<u8>,
+    /// `buffer[start..]` is unread; `buffer[0]` is at file offset `buffer_at`.
+    start: usize,
+    buffer_at: u64,
+    limit: u64,
+}
+
+impl FrameReader {
+    fn open(
+        path: PathBuf,
+        first: u64,
+        offset: u64,
+        limit: Option<u64>,
+    ) -> Result<FrameReader, Error> {
+        let mut file = File::open(&path)
+            .map_err(|error| storage(format!("opening {}", path.display()), error))?;
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        file.read_exact(&mut header)
+            .map_err(|error| storage(format!("reading {}", path.display()), error))?;
+        check_segment_header(&header, first, &path)?;
+        let limit = match limit {
+            Some(limit) => limit,
+            None => file
+                .metadata()
+                .map_err(|error| storage(format!("reading {}", path.display()), error))?
+                .len(),
+        };
+        let offset = offset.max(SEGMENT_HEADER_BYTES as u64);
+        file.seek(SeekFrom::Start(offset))
+            .map_err(|error| storage(format!("seeking in {}", path.display()), error))?;
+        Ok(FrameReader {
+            file,
+            path,
+            buffer: Vec::new(),
+            start: 0,
+            buffer_at: offset,
+            limit,
+        })
+    }
+
+    fn offset(&self) -> u64 {
+        self.buffer_at + self.start as u64
+    }
+
+    /// Makes `want` bytes available at `start` (fewer only at the limit).
+    fn fill(&mut self, want: usize) -> Result<(), Error> {
+        let available = self.buffer.len() - self.start;
+        if available >= want {
+            return Ok(());
+        }
+        self.buffer.drain(..self.start);
+        self.buffer_at += self.start as u64;
+        self.start = 0;
+        let end_of_buffer = self.buffer_at + self.buffer.len() as u64;
+        let room = self.limit.saturating_sub(end_of_buffer);
+        let read = (want.max(READ_CHUNK_BYTES) - self.buffer.len()).min(room as usize);
+        let old = self.buffer.len();
+        self.buffer.resize(old + read, 0);
+        self.file
+            .read_exact(&mut self.buffer[old..])
+            .map_err(|error| storage(format!("reading {}", self.path.display()), error))
+    }
+
+    /// The next frame's offset and payload, crc-checked; `None` at the limit. `expected` is
+    /// the sequence number the frame should start at (for error messages).
+    fn next(&mut self, expected: u64) -> Result<Option<(u64, &[u8])>, Error> {
+        let at = self.offset();
+        if at >= self.limit {
+            return Ok(None);
+        }
+        self.fill(FRAME_BYTES)?;
+        let available = &self.buffer[self.start..];
+        if available.len() < FRAME_BYTES {
+            return Err(damage(
+                &self.path,
+                at as usize,
+                expected,
+                "a partial frame header",
+            ));
+        }
+        let len = u32::from_le_bytes(available[..4].try_into().unwrap_or_default()) as usize;
+        if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len) {
+            return Err(damage(
+                &self.path,
+                at as usize,
+                expected,
+                format!("a record length of {len} bytes is impossible"),
+            ));
+        }
+        self.fill(FRAME_BYTES + len)?;
+        let start = self.start;
+        if self.buffer.len() - start < FRAME_BYTES + len {
+            return Err(damage(
+                &self.path,
+                at as usize,
+                expected,
+                "the record runs past the end of the segment",
+            ));
+        }
+        match frame_at(&self.buffer[start..start + FRAME_BYTES + len], 0) {
+            Frame::Sound { .. } => {}
+            Frame::Bad(why) => return Err(damage(&self.path, at as usize, expected, why)),
+            Frame::End => return Ok(None),
+        }
+        self.start += FRAME_BYTES + len;
+        Ok(Some((
+            at,
+            &self.buffer[start + FRAME_BYTES..start + FRAME_BYTES + len],
+        )))
+    }
+}
+
 impl EventLog {
-    /// Opens (creating if needed) the log in `dir`.
+    /// Opens (creating if needed) the log in `dir`, with segments of `SEGMENT_BYTES`.
     pub fn open(
         dir: &Path,
         durability: Durability,
         faults: Option<Arc<Faults>>,
+    ) -> Result<EventLog, Error> {
+        EventLog::open_with(dir, durability, faults, SEGMENT_BYTES)
+    }
+
+    /// Opens the log to read it only (`verify`, tools): no writer thread, no torn tail cut off,
+    /// and damage at the end of the log reported by `walk` instead of refusing to open.
+    pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
+        EventLog::open_inner(dir, Durability::None, None, SEGMENT_BYTES, true)
+    }
+
+    /// Opens the log, sealing segments once they hold `segment_bytes` (at least 256).
+    pub fn open_with(
+        dir: &Path,
+        durability: Durability,
+        faults: Option<Arc<Faults>>,
+        segment_bytes: u64,
+    ) -> Result<EventLog, Error> {
+        EventLog::open_inner(dir, durability, faults, segment_bytes, false)
+    }
+
+    fn open_inner(
+        dir: &Path,
+        durability: Durability,
+        faults: Option<Arc<Faults>>,
+        segment_bytes: u64,
+        read_only: bool,
     ) -> Result<EventLog, Error> {
         if let Durability::Interval { ms } = durability {
             if ms == 0 || ms > 60_000 {
@@ -181,27 +739,56 @@ impl EventLog {
             db.open_tree(name)
                 .map_err(|error| storage(format!("{}: tree {name}", dir.display()), error))
         };
-        let (events, snapshots, meta, cursors) = (
-            tree("events")?,
-            tree("snapshots")?,
-            tree("meta")?,
-            tree("cursors")?,
-        );
-        check_format(dir, &meta, &events)?;
-        let last_seq = match events
-            .last()
-            .map_err(|error| storage("reading the log's end", error))?
-        {
-            Some((key, value)) => decode_record(&key, &value)?
-                .events
-                .last()
-                .map_or(0, |event| event.0),
-            None => read_u64(&meta, META_LOG_START)?.map_or(0, |start| start.saturating_sub(1)),
+        let (meta, cursors) = (tree("meta")?, tree("cursors")?);
+        let events_dir = dir.join(EVENTS_DIR);
+        let snapshots_dir = dir.join(SNAPSHOTS_DIR);
+        check_format(dir, &db, &meta, &events_dir)?;
+        for sub in [&events_dir, &snapshots_dir] {
+            if !sub.exists() {
+                std::fs::create_dir(sub)
+                    .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
+                sync_dir(dir)?;
+            }
+        }
+        remove_temporary_snapshots(&snapshots_dir)?;
+        let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
+        let start_if_empty = match snapshot {
+            None => 1,
+            Some(pointer) => {
+                if list_segments(&events_dir)?.is_empty() {
+                    return Err(storage(
+                        dir.display(),
+                        format!(
+                            "has a snapshot at event {} but no log segments in {EVENTS_DIR}/",
+                            pointer.seq
+                        ),
+                    ));
+                }
+                pointer.seq + 1
+            }
+        };
+        let recovered = recover_segments(&events_dir, start_if_empty, read_only)?;
+        let last_seq = recovered.last_seq;
+        if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
+            return Err(storage(
+                dir.display(),
+                format!(
+                    "the log ends at event {last_seq}, before the snapshot at event {}: events are missing",
+                    pointer.seq
+                ),
+            ));
+        }
+        let position = Position {
+            seq: last_seq,
+            segment: recovered.active.first,
+            end: recovered.active.len,
         };
         let shared = Arc::new(Shared {
             last_appended: AtomicU64::new(last_seq),
             durability,
             faults,
+            events_dir,
+            segment_bytes: segment_bytes.max(256),
             queue: Mutex::new(Queue {
                 next_seq: last_seq + 1,
                 ..Queue::default()
@@ -209,24 +796,34 @@ impl EventLog {
             queue_ready: Condvar::new(),
             queue_room: Condvar::new(),
             progress: Mutex::new(Progress {
-                durable_seq: last_seq,
+                written: position,
+                visible: position,
                 failure: None,
             }),
             progress_changed: Condvar::new(),
+            segments: Mutex::new(recovered.segments),
+            active_file: Mutex::new(Arc::clone(&recovered.active.file)),
         });
-        let syncer = Arc::new(FileSyncer::new(dir)?);
+        let syncer = FileSyncer::new(dir)?;
         let log = EventLog {
             dir: dir.to_path_buf(),
             db,
-            events,
-            snapshots,
-            meta,
             cursors,
+            snapshots_dir,
             syncer,
             shared,
             writer: Mutex::new(None),
+            resume: Mutex::new(None),
+            snapshot_thread: Mutex::new(None),
+            read_only,
+            open_problem: recovered.problem,
         };
-        log.start_writer()?;
+        if read_only {
+            // Nothing can be appended.
+            log.shared.queue.lock().stop = true;
+        } else {
+            log.start_writer(recovered.active)?;
+        }
         Ok(log)
     }
 
@@ -238,12 +835,13 @@ impl EventLog {
         self.shared.durability
     }
 
-    fn start_writer(&self) -> Result<(), Error> {
+    fn start_writer(&self, active: Active) -> Result<(), Error> {
         let writer = Writer {
             shared: Arc::clone(&self.shared),
-            db: self.db.clone(),
-            events: self.events.clone(),
-            syncer: Arc::clone(&self.syncer),
+            active,
+            buffer: Vec::with_capacity(1 << 20),
+            spare: Batch::default(),
+            rotate_at: None,
         };
         let handle = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -265,7 +863,7 @@ impl EventLog {
 
     /// Every event up to here is durable (with `Sync`) or written.
     pub fn durable_seq(&self) -> u64 {
-        self.shared.progress.lock().durable_seq
+        self.shared.progress.lock().visible.seq
     }
 
     /// Queues an encoded event body; returns its sequence number. Fails at once if the log has
@@ -281,7 +879,7 @@ impl EventLog {
             return Err(failed(*seq, problem));
         }
         let mut queue = self.shared.queue.lock();
-        while queue.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
+        while queue.batch.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
             self.shared.queue_ready.notify_one();
             self.shared.queue_room.wait(&mut queue);
         }
@@ -293,9 +891,16 @@ impl EventLog {
         let seq = queue.next_seq;
         queue.next_seq += 1;
         self.shared.last_appended.store(seq, Ordering::Relaxed);
-        queue.events.push((seq, at_ms, body));
+        let first = queue.batch.events.is_empty();
+        queue.batch.bytes.extend_from_slice(&body);
+        let end = queue.batch.bytes.len();
+        queue.batch.events.push(Queued { seq, at_ms, end });
         drop(queue);
-        self.shared.queue_ready.notify_one();
+        drop(body);
+        // The writer waits only on an empty queue: only the first event needs to wake it.
+        if first {
+            self.shared.queue_ready.notify_one();
+        }
         Ok(seq)
     }
 
@@ -309,7 +914,7 @@ impl EventLog {
                     return Err(failed(*failed_seq, problem));
                 }
             }
-            if self.shared.durability != Durability::Sync || progress.durable_seq >= seq {
+            if self.shared.durability != Durability::Sync || progress.visible.seq >= seq {
                 return Ok(());
             }
             self.shared.progress_changed.wait(&mut progress);
@@ -325,140 +930,364 @@ impl EventLog {
             if let Some((seq, problem)) = &progress.failure {
                 return Err(failed(*seq, problem));
             }
-            if progress.durable_seq >= last {
+            if progress.visible.seq >= last {
                 break;
             }
             self.shared.progress_changed.wait(&mut progress);
         }
         drop(progress);
-        self.syncer.flush(&self.db, self.shared.faults.as_deref())
+        if self.shared.durability == Durability::Sync {
+            return Ok(());
+        }
+        let file = Arc::clone(&self.shared.active_file.lock());
+        let result = if self
+            .shared
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
+        {
+            Err(storage("fdatasync of the log", "injected fault"))
+        } else {
+            file.sync_data()
+                .map_err(|error| storage("fdatasync of the log", error))
+        };
+        if let Err(error) = &result {
+            // The kernel may have dropped the pages it could not write: nothing after the last
+            // good flush can be trusted any more.
+            let mut progress = self.shared.progress.lock();
+            let next = progress.visible.seq + 1;
+            progress.failure.get_or_insert((next, error.to_string()));
+            self.shared.progress_changed.notify_all();
+        }
+        result
+    }
+
+    /// Asks for a new segment to start at `seq` (a checkpoint's first uncovered event), so the
+    /// segments before it can later be dropped whole. Called while nothing can be appended.
+    pub fn rotate_at(&self, seq: u64) {
+        self.shared.queue.lock().rotate_at = Some(seq);
+        self.shared.queue_ready.notify_one();
+    }
+
+    /// Waits until the segment being written starts at or after `seq` (a rotation asked for
+    /// with `rotate_at`), or the log failed.
+    pub fn wait_rotation(&self, seq: u64) -> Result<(), Error> {
+        let mut progress = self.shared.progress.lock();
+        loop {
+            if let Some((failed_seq, problem)) = &progress.failure {
+                return Err(failed(*failed_seq, problem));
+            }
+            if progress.written.segment >= seq {
+                return Ok(());
+            }
+            if self.shared.queue.lock().stop {
+                return Ok(());
+            }
+            self.shared
+                .progress_changed
+                .wait_for(&mut progress, Duration::from_millis(50));
+        }
+    }
+
+    fn visible(&self) -> Position {
+        self.shared.progress.lock().visible
+    }
+
+    /// Calls `visit` with every event after `after`, in order, read in place from the segments,
+    /// until it returns false. Errors name the segment, offset and event; a gap is an error.
+    pub fn scan(
+        &self,
+        after: u64,
+        mut visit: impl FnMut(RawEvent<'_>) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        self.scan_from(after, None, &mut visit).map(|_| ())
+    }
+
+    /// `scan`, optionally starting at a known record (`(first seq, segment, offset)`); returns
+    /// where the record holding the last visited event starts.
+    fn scan_from(
+        &self,
+        after: u64,
+        hint: Option<(u64, u64, u64)>,
+        visit: &mut dyn FnMut(RawEvent<'_>) -> Result<bool, Error>,
+    ) -> Result<Option<(u64, u64, u64)>, Error> {
+        let visible = self.visible();
+        let segments = self.shared.segments.lock().clone();
+        let wanted = after.saturating_add(1);
+        let index = segments
+            .partition_point(|first| *first <= wanted)
+            .saturating_sub(1);
+        let mut stopped_at = None;
+        let mut expected_first: Option<u64> = None;
+        for &first in &segments[index..] {
+            if first > visible.segment {
+                break;
+            }
+            if let Some(expected) = expected_first {
+                if first != expected {
+                    return Err(storage(
+                        "the log",
+                        format!(
+                            "segment {} starts at event {first} but the one before ends at event {}: events are missing",
+                            segment_name(first),
+                            expected - 1
+                        ),
+                    ));
+                }
+            }
+            let path = segment_path(&self.shared.events_dir, first);
+            let limit = (first == visible.segment).then_some(visible.end);
+            let (offset, mut next) = match hint {
+                Some((hint_seq, hint_segment, hint_offset))
+                    if hint_segment == first && hint_seq <= wanted && expected_first.is_none() =>
+                {
+                    (hint_offset, hint_seq)
+                }
+                _ => (0, first),
+            };
+            let mut reader = FrameReader::open(path.clone(), first, offset, limit)?;
+            while let Some((at, payload)) = reader.next(next)? {
+                let view = RecordView::parse(payload)
+                    .ok_or_else(|| damage(&path, at as usize, next, "a record without a header"))?;
+                if view.first_seq != next || view.count == 0 {
+                    return Err(damage(
+                        &path,
+                        at as usize,
+                        next,
+                        format!(
+                            "it holds events {} to {} where event {next} comes next",
+                            view.first_seq,
+                            view.last_seq()
+                        ),
+                    ));
+                }
+                next = view.last_seq() + 1;
+                if view.last_seq() <= after {
+                    continue;
+                }
+                stopped_at = Some((view.first_seq, first, at));
+                let went_on = view
+                    .for_each(|event| {
+                        if event.seq <= after {
+                            Ok(true)
+                        } else {
+                            visit(event)
+                        }
+                    })
+                    .map_err(|error| record_problem(&path, at as usize, error))?;
+                if !went_on {
+                    return Ok(stopped_at);
+                }
+            }
+            expected_first = Some(next);
+        }
+        Ok(stopped_at)
     }
 
     /// Reads up to `limit` events with sequence numbers greater than `after`, in order.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
         let mut out = Vec::with_capacity(limit.min(4_096));
-        let start = match self
-            .events
-            .range(..=record_key(after.saturating_add(1)))
-            .next_back()
-            .transpose()
-            .map_err(|error| storage("reading the log", error))?
-        {
-            Some((key, _)) => key.to_vec(),
-            None => record_key(0).to_vec(),
-        };
-        for entry in self.events.range(start..) {
-            let (key, value) = entry.map_err(|error| storage("reading the log", error))?;
-            let record = decode_record(&key, &value)?;
-            let first = record.events.first().map_or(0, |event| event.0);
-            for raw in &record.events {
-                if raw.0 > after {
-                    out.push(decode_event(first, raw)?);
-                    if out.len() >= limit {
-                        return Ok(out);
-                    }
-                }
-            }
+        if limit == 0 {
+            return Ok(out);
+        }
+        let hint = *self.resume.lock();
+        let hint = hint.filter(|(seq, _, _)| *seq <= after.saturating_add(1));
+        let stopped = self.scan_from(after, hint, &mut |event| {
+            out.push(decode_raw(event)?);
+            Ok(out.len() < limit)
+        })?;
+        if stopped.is_some() {
+            *self.resume.lock() = stopped;
         }
         Ok(out)
     }
 
-    /// Every record, decoded, in order: for recovery and `verify`.
-    pub fn records(&self) -> impl Iterator<Item = Result<Record, Error>> + '_ {
-        self.events.iter().map(|entry| {
-            let (key, value) = entry.map_err(|error| storage("reading the log", error))?;
-            decode_record(&key, &value)
-        })
+    /// Walks every segment from the start (for `verify` and tools), checking each header,
+    /// frame (length and crc), record shape and that sequence numbers are gap-free; calls
+    /// `record` with each sound record. Returns everything found wrong, going on with the next
+    /// segment after damage.
+    pub fn walk(&self, mut record: impl FnMut(&RecordView<'_>)) -> Vec<String> {
+        let visible = self.visible();
+        let segments = self.shared.segments.lock().clone();
+        let mut problems: Vec<String> = self.open_problem.iter().cloned().collect();
+        let mut expected: Option<u64> = None;
+        for &first in &segments {
+            if first > visible.segment {
+                break;
+            }
+            if let Some(expected) = expected.filter(|expected| *expected != first) {
+                problems.push(format!(
+                    "log segment {} starts at event {first}, but event {expected} comes next: a gap",
+                    segment_name(first)
+                ));
+            }
+            let path = segment_path(&self.shared.events_dir, first);
+            let limit = (first == visible.segment).then_some(visible.end);
+            let mut reader = match FrameReader::open(path.clone(), first, 0, limit) {
+                Ok(reader) => reader,
+                Err(error) => {
+                    problems.push(error.to_string());
+                    expected = None;
+                    continue;
+                }
+            };
+            let mut next = first;
+            loop {
+                match reader.next(next) {
+                    Ok(None) => break,
+                    Err(error) => {
+                        problems.push(error.to_string());
+                        break;
+                    }
+                    Ok(Some((at, payload))) => {
+                        let Some(view) = RecordView::parse(payload) else {
+                            problems.push(
+                                damage(&path, at as usize, next, "a record without a header")
+                                    .to_string(),
+                            );
+                            break;
+                        };
+                        if view.first_seq != next {
+                            problems.push(format!(
+                                "log segment {}, offset {at}: event {} follows event {}: a gap",
+                                segment_name(first),
+                                view.first_seq,
+                                next - 1
+                            ));
+                        }
+                        if let Err(error) = view.for_each(|_| Ok(true)) {
+                            problems.push(record_problem(&path, at as usize, error).to_string());
+                        } else {
+                            record(&view);
+                        }
+                        next = view.last_seq() + 1;
+                    }
+                }
+            }
+            expected = Some(next);
+        }
+        problems
+    }
+
+    /// Every record, decoded and owned, in order (tools and tests; `walk` and `scan` read in
+    /// place).
+    pub fn records(&self) -> Result<Vec<Record>, Error> {
+        let mut records = Vec::new();
+        let mut failure = None;
+        let problems = self.walk(|view| match view.to_record() {
+            Ok(record) => records.push(record),
+            Err(_) => failure = Some(view.first_seq),
+        });
+        if let Some(problem) = problems.into_iter().next() {
+            return Err(Error::Storage { problem });
+        }
+        if let Some(first) = failure {
+            return Err(storage("the log", format!("record of event {first}")));
+        }
+        Ok(records)
     }
 
     /// The first sequence number still in the log (older ones were compacted away).
     pub fn log_start(&self) -> Result<u64, Error> {
-        match self
-            .events
-            .first()
-            .map_err(|error| storage("reading the log", error))?
-        {
-            Some((key, value)) => Ok(decode_record(&key, &value)?
-                .events
-                .first()
-                .map_or(1, |event| event.0)),
-            None => Ok(read_u64(&self.meta, META_LOG_START)?.unwrap_or(1)),
-        }
+        Ok(self.shared.segments.lock().first().copied().unwrap_or(1))
+    }
+
+    /// First sequence numbers of the segments, oldest first.
+    pub fn segments(&self) -> Vec<u64> {
+        self.shared.segments.lock().clone()
     }
 
     // -----------------------------------------------------------------------------------------
     // Snapshots.
 
     pub fn snapshot_pointer(&self) -> Result<Option<SnapshotPointer>, Error> {
-        read_pointer(&self.meta, META_SNAPSHOT)
+        Ok(latest_snapshots(&self.snapshots_dir)?.first().copied())
     }
 
     pub fn previous_snapshot_pointer(&self) -> Result<Option<SnapshotPointer>, Error> {
-        read_pointer(&self.meta, META_PREVIOUS_SNAPSHOT)
+        Ok(latest_snapshots(&self.snapshots_dir)?.get(1).copied())
     }
 
-    /// Stores a snapshot covering events up to `seq` durably, then points the meta tree at it.
-    /// Keeps the one before (for `verify`) and deletes older ones.
+    /// Stores a snapshot covering events up to `seq` durably (temporary file, fsync, rename,
+    /// directory fsync). Keeps the one before (for `verify`) and deletes older ones.
     pub fn write_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
-        let chunks: Vec<&[u8]> = bytes.chunks(SNAPSHOT_CHUNK_BYTES).collect();
-        for (index, chunk) in chunks.iter().enumerate() {
-            self.snapshots
-                .insert(snapshot_key(seq, index as u32), *chunk)
-                .map_err(|error| storage("writing a snapshot", error))?;
-        }
-        let pointer = SnapshotPointer {
-            seq,
-            chunks: chunks.len() as u32,
-            bytes: bytes.len() as u64,
-        };
-        self.syncer.flush(&self.db, self.shared.faults.as_deref())?;
-        let previous = self.snapshot_pointer()?;
-        let encoded = bincode::serialize(&pointer).unwrap_or_default();
-        self.meta
-            .insert(META_SNAPSHOT, encoded)
-            .map_err(|error| storage("writing a snapshot", error))?;
-        if let Some(previous) = previous.filter(|previous| previous.seq != seq) {
-            let encoded = bincode::serialize(&previous).unwrap_or_default();
-            self.meta
-                .insert(META_PREVIOUS_SNAPSHOT, encoded)
-                .map_err(|error| storage("writing a snapshot", error))?;
-            self.delete_snapshots_before(previous.seq)?;
-        }
-        self.syncer.flush(&self.db, self.shared.faults.as_deref())?;
-        Ok(pointer)
+        store_snapshot(&self.snapshots_dir, seq, bytes)
     }
 
-    fn delete_snapshots_before(&self, seq: u64) -> Result<(), Error> {
-        for entry in self.snapshots.range(..snapshot_key(seq, 0)) {
-            let (key, _) = entry.map_err(|error| storage("deleting old snapshots", error))?;
-            self.snapshots
-                .remove(key)
-                .map_err(|error| storage("deleting old snapshots", error))?;
+    /// Encodes (with `encode`) and stores a snapshot covering events up to `seq` on a thread
+    /// of its own, once the log is durable up to `seq`. One at a time: call
+    /// `finish_snapshot_in_background` before the next.
+    pub fn write_snapshot_in_background(
+        &self,
+        seq: u64,
+        encode: Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>,
+    ) {
+        let shared = Arc::clone(&self.shared);
+        let snapshots_dir = self.snapshots_dir.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tally-snapshot".into())
+            .spawn(move || {
+                let bytes = encode()?;
+                let mut progress = shared.progress.lock();
+                loop {
+                    if let Some((failed_seq, problem)) = &progress.failure {
+                        return Err(failed(*failed_seq, problem));
+                    }
+                    if progress.visible.seq >= seq {
+                        break;
+                    }
+                    shared.progress_changed.wait(&mut progress);
+                }
+                drop(progress);
+                if shared.durability != Durability::Sync {
+                    let file = Arc::clone(&shared.active_file.lock());
+                    file.sync_data()
+                        .map_err(|error| storage("fdatasync of the log", error))?;
+                }
+                store_snapshot(&snapshots_dir, seq, &bytes).map(|_| ())
+            });
+        if let Ok(handle) = spawned {
+            *self.snapshot_thread.lock() = Some(handle);
         }
-        Ok(())
+    }
+
+    /// Waits for a snapshot being written in the background; returns its error, if any.
+    pub fn finish_snapshot_in_background(&self) -> Result<(), Error> {
+        let handle = self.snapshot_thread.lock().take();
+        match handle.map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(storage("writing a snapshot", "its thread panicked")),
+        }
     }
 
     pub fn read_snapshot(&self, pointer: &SnapshotPointer) -> Result<Vec<u8>, Error> {
-        let mut bytes = Vec::with_capacity(pointer.bytes as usize);
-        for index in 0..pointer.chunks {
-            let chunk = self
-                .snapshots
-                .get(snapshot_key(pointer.seq, index))
-                .map_err(|error| storage("reading a snapshot", error))?
-                .ok_or_else(|| {
-                    storage(
-                        format!("snapshot {}", pointer.seq),
-                        format!("chunk {index} is missing"),
-                    )
-                })?;
-            bytes.extend_from_slice(&chunk);
+        let path = self.snapshots_dir.join(format!("{:020}.snap", pointer.seq));
+        let mut bytes = std::fs::read(&path)
+            .map_err(|error| storage(format!("reading {}", path.display()), error))?;
+        let bad = |why: String| storage(format!("snapshot {}", path.display()), why);
+        if bytes.len() < SNAPSHOT_HEADER_BYTES || &bytes[..8] != SNAPSHOT_MAGIC {
+            return Err(bad("not a tally snapshot (bad header)".into()));
         }
-        if bytes.len() as u64 != pointer.bytes {
-            return Err(storage(
-                format!("snapshot {}", pointer.seq),
-                format!("{} bytes, expected {}", bytes.len(), pointer.bytes),
-            ));
+        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        if version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {version}, but this build reads version {FORMAT_VERSION}"
+            )));
         }
+        let seq = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(bytes[20..28].try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(bytes[28..32].try_into().unwrap_or_default());
+        if seq != pointer.seq || len != (bytes.len() - SNAPSHOT_HEADER_BYTES) as u64 {
+            return Err(bad(format!(
+                "its header says event {seq} and {len} bytes; the file holds {}",
+                bytes.len() - SNAPSHOT_HEADER_BYTES
+            )));
+        }
+        if crc32fast::hash(&bytes[SNAPSHOT_HEADER_BYTES..]) != crc {
+            return Err(bad("damaged (crc mismatch)".into()));
+        }
+        bytes.drain(..SNAPSHOT_HEADER_BYTES);
         Ok(bytes)
     }
 
@@ -466,7 +1295,20 @@ impl EventLog {
     // Export cursors and compaction.
 
     pub fn cursor(&self, name: &str) -> Result<u64, Error> {
-        Ok(read_u64(&self.cursors, name.as_bytes())?.unwrap_or(0))
+        match self
+            .cursors
+            .get(name.as_bytes())
+            .map_err(|error| storage("reading a cursor", error))?
+        {
+            None => Ok(0),
+            Some(value) => {
+                let bytes: [u8; 8] = value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| storage("reading a cursor", format!("{name:?} is not 8 bytes")))?;
+                Ok(u64::from_be_bytes(bytes))
+            }
+        }
     }
 
     /// Saves a named cursor durably (it survives restarts).
@@ -474,45 +1316,74 @@ impl EventLog {
         self.cursors
             .insert(name.as_bytes(), &seq.to_be_bytes())
             .map_err(|error| storage("saving a cursor", error))?;
-        self.syncer.flush(&self.db, self.shared.faults.as_deref())
+        self.syncer.flush(&self.db)
     }
 
-    /// Removes records whose every event is at or before `up_to_seq` and older than
-    /// `before_ms`; returns how many events were removed.
+    /// Deletes whole sealed segments whose every event is at or before `up_to_seq` and older
+    /// than `before_ms`, oldest first; returns how many events they held.
     pub fn compact(&self, up_to_seq: u64, before_ms: u64) -> Result<u64, Error> {
+        let segments = self.segments();
         let mut removed = 0u64;
-        let mut next_start = None;
-        for entry in self.events.iter() {
-            let (key, value) = entry.map_err(|error| storage("compacting the log", error))?;
-            let record = decode_record(&key, &value)?;
-            let last = record.events.last().map_or(0, |event| event.0);
-            if last > up_to_seq || record.newest_at_ms >= before_ms {
+        let mut deleted = false;
+        for pair in segments.windows(2) {
+            let (first, next) = (pair[0], pair[1]);
+            let last = next - 1;
+            if last > up_to_seq {
                 break;
             }
-            self.events
-                .remove(&key)
-                .map_err(|error| storage("compacting the log", error))?;
-            removed += record.events.len() as u64;
-            next_start = Some(last + 1);
+            let path = segment_path(&self.shared.events_dir, first);
+            let mut newest_at_ms = 0u64;
+            let mut reader = FrameReader::open(path.clone(), first, 0, None)?;
+            let mut expected = first;
+            while let Some((at, payload)) = reader.next(expected)? {
+                let view = RecordView::parse(payload).ok_or_else(|| {
+                    damage(&path, at as usize, expected, "a record without a header")
+                })?;
+                newest_at_ms = newest_at_ms.max(view.newest_at_ms);
+                expected = view.last_seq() + 1;
+            }
+            if newest_at_ms >= before_ms {
+                break;
+            }
+            {
+                let mut list = self.shared.segments.lock();
+                list.retain(|segment| *segment != first);
+            }
+            *self.resume.lock() = None;
+            std::fs::remove_file(&path)
+                .map_err(|error| storage(format!("removing {}", path.display()), error))?;
+            removed += last + 1 - first;
+            deleted = true;
         }
-        if let Some(start) = next_start {
-            self.meta
-                .insert(META_LOG_START, &start.to_be_bytes())
-                .map_err(|error| storage("compacting the log", error))?;
+        if deleted {
+            sync_dir(&self.shared.events_dir)?;
         }
-        self.syncer.flush(&self.db, self.shared.faults.as_deref())?;
         Ok(removed)
     }
 
-    /// Bytes sled uses on disk.
+    /// Bytes the database uses on disk: segments, snapshots and sled.
     pub fn size_on_disk(&self) -> Result<u64, Error> {
-        self.db
+        let files = |dir: &Path| -> u64 {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter_map(|entry| entry.metadata().ok())
+                        .map(|metadata| metadata.len())
+                        .sum()
+                })
+                .unwrap_or(0)
+        };
+        let sled = self
+            .db
             .size_on_disk()
-            .map_err(|error| storage("measuring the database", error))
+            .map_err(|error| storage("measuring the database", error))?;
+        Ok(files(&self.shared.events_dir) + files(&self.snapshots_dir) + sled)
     }
 
     /// Stops the writer after it has written and flushed everything queued.
     pub fn close(&self) -> Result<(), Error> {
+        let snapshot = self.finish_snapshot_in_background();
         {
             let mut queue = self.shared.queue.lock();
             queue.stop = true;
@@ -526,7 +1397,14 @@ impl EventLog {
         if let Some((seq, problem)) = failure {
             return Err(failed(seq, &problem));
         }
-        self.syncer.flush(&self.db, None)
+        if self.read_only {
+            return Ok(());
+        }
+        let file = Arc::clone(&self.shared.active_file.lock());
+        file.sync_data()
+            .map_err(|error| storage("fdatasync of the log", error))?;
+        self.syncer.flush(&self.db)?;
+        snapshot
     }
 }
 
@@ -542,41 +1420,85 @@ fn failed(seq: u64, problem: &str) -> Error {
     }
 }
 
-fn snapshot_key(seq: u64, chunk: u32) -> [u8; 12] {
-    let mut key = [0u8; 12];
-    key[..8].copy_from_slice(&seq.to_be_bytes());
-    key[8..].copy_from_slice(&chunk.to_be_bytes());
-    key
-}
-
-fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<Option<u64>, Error> {
-    match tree
-        .get(key)
-        .map_err(|error| storage("reading metadata", error))?
-    {
-        None => Ok(None),
-        Some(value) => {
-            let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| {
-                storage(
-                    "reading metadata",
-                    format!("{:?} is not 8 bytes", String::from_utf8_lossy(key)),
-                )
-            })?;
-            Ok(Some(u64::from_be_bytes(bytes)))
+/// Stores a snapshot durably (temporary file, fsync, rename, directory fsync); keeps the one
+/// before it and deletes older ones.
+fn store_snapshot(snapshots_dir: &Path, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
+    let name = format!("{seq:020}.snap");
+    let path = snapshots_dir.join(&name);
+    let temporary = snapshots_dir.join(format!("{name}.tmp"));
+    let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+    header[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..20].copy_from_slice(&seq.to_le_bytes());
+    header[20..28].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    header[28..32].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&temporary)?;
+        file.write_all(&header)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)
+    };
+    write().map_err(|error| storage(format!("writing snapshot {}", path.display()), error))?;
+    sync_dir(snapshots_dir)?;
+    let kept = latest_snapshots(snapshots_dir)?;
+    let mut removed = false;
+    for old in list_snapshots(snapshots_dir)? {
+        if kept.iter().take(2).all(|pointer| pointer.seq != old) {
+            let _ = std::fs::remove_file(snapshots_dir.join(format!("{old:020}.snap")));
+            removed = true;
         }
     }
+    if removed {
+        sync_dir(snapshots_dir)?;
+    }
+    Ok(SnapshotPointer {
+        seq,
+        bytes: bytes.len() as u64,
+    })
 }
 
-fn read_pointer(meta: &sled::Tree, key: &[u8]) -> Result<Option<SnapshotPointer>, Error> {
-    match meta
-        .get(key)
-        .map_err(|error| storage("reading metadata", error))?
-    {
-        None => Ok(None),
-        Some(value) => bincode::deserialize(&value)
-            .map(Some)
-            .map_err(|error| storage("the snapshot pointer is damaged", error)),
+fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|error| storage(format!("reading {}", dir.display()), error))?;
+    let mut seqs: Vec<u64> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            name.to_str()?.strip_suffix(".snap")?.parse().ok()
+        })
+        .collect();
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// The snapshots, newest first.
+fn latest_snapshots(dir: &Path) -> Result<Vec<SnapshotPointer>, Error> {
+    let mut pointers = Vec::new();
+    for seq in list_snapshots(dir)?.into_iter().rev() {
+        let path = dir.join(format!("{seq:020}.snap"));
+        let len = std::fs::metadata(&path)
+            .map_err(|error| storage(format!("reading {}", path.display()), error))?
+            .len();
+        pointers.push(SnapshotPointer {
+            seq,
+            bytes: len.saturating_sub(SNAPSHOT_HEADER_BYTES as u64),
+        });
     }
+    Ok(pointers)
+}
+
+/// A crash while writing a snapshot leaves its temporary file: it was never renamed, so never
+/// used.
+fn remove_temporary_snapshots(dir: &Path) -> Result<(), Error> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|error| storage(format!("reading {}", dir.display()), error))?;
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_name().to_string_lossy().ends_with(".snap.tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a foreign directory, and moves aside a leftover `snap.*.generating` file: after a
@@ -646,7 +1568,12 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
-fn check_format(dir: &Path, meta: &sled::Tree, events: &sled::Tree) -> Result<(), Error> {
+fn check_format(
+    dir: &Path,
+    meta_db: &sled::Db,
+    meta: &sled::Tree,
+    events_dir: &Path,
+) -> Result<(), Error> {
     match meta
         .get(META_FORMAT)
         .map_err(|error| storage("reading metadata", error))?
@@ -660,10 +1587,16 @@ fn check_format(dir: &Path, meta: &sled::Tree, events: &sled::Tree) -> Result<()
                     format!("was written in format version {version}; this build reads up to {FORMAT_VERSION}: upgrade tally"),
                 ));
             }
+            if version < FORMAT_VERSION {
+                return Err(storage(
+                    dir.display(),
+                    format!("was written in format version {version} (the event log inside sled, by a development build); this build reads version {FORMAT_VERSION}: export its events with that build and start a new database"),
+                ));
+            }
             Ok(())
         }
         None => {
-            if !events.is_empty() {
+            if events_dir.exists() && !list_segments(events_dir)?.is_empty() {
                 return Err(storage(
                     dir.display(),
                     "has events but no format version: not a tally database",
@@ -671,123 +1604,92 @@ fn check_format(dir: &Path, meta: &sled::Tree, events: &sled::Tree) -> Result<()
             }
             meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
                 .map_err(|error| storage("writing metadata", error))?;
+            // Durable before the first segment exists: events without a format version would
+            // be refused as not a tally database.
+            FileSyncer::new(dir)?.flush(meta_db)?;
             Ok(())
         }
     }
 }
 
-/// Makes sled's writes durable: `flush()` then `fdatasync` of the `db` file and `fsync` of new
-/// blob files and of the blob directory.
+/// Makes sled's writes (meta, cursors) durable: `flush()` only issues `sync_file_range` on
+/// Linux (upstream issues 1452 and 1351), so it is followed by `fdatasync` of the `db` file.
+/// sled holds no large values any more, so no blob files.
 #[derive(Debug)]
 struct FileSyncer {
-    dir: PathBuf,
     db_file: Mutex<File>,
-    synced_blobs: Mutex<HashSet<std::ffi::OsString>>,
 }
 
 impl FileSyncer {
     fn new(dir: &Path) -> Result<FileSyncer, Error> {
         let db_file = File::open(dir.join("db"))
             .map_err(|error| storage(format!("opening {}/db", dir.display()), error))?;
-        if let Ok(directory) = File::open(dir) {
-            let _ = directory.sync_all();
-        }
-        // Blob files already there are made durable once now; after that only new ones need
-        // an fsync (seeding the set keeps the first commit after an open from syncing them all).
-        let mut existing = HashSet::new();
-        if let Ok(entries) = std::fs::read_dir(dir.join("blobs")) {
-            for entry in entries.filter_map(Result::ok) {
-                if let Ok(file) = File::open(entry.path()) {
-                    let _ = file.sync_all();
-                }
-                existing.insert(entry.file_name());
-            }
-        }
+        sync_dir(dir)?;
         Ok(FileSyncer {
-            dir: dir.to_path_buf(),
             db_file: Mutex::new(db_file),
-            synced_blobs: Mutex::new(existing),
         })
     }
 
-    fn flush(&self, db: &sled::Db, faults: Option<&Faults>) -> Result<(), Error> {
-        if faults.is_some_and(|faults| Faults::take(&faults.fail_flushes)) {
-            return Err(storage("flushing the log", "injected fault"));
-        }
+    fn flush(&self, db: &sled::Db) -> Result<(), Error> {
         db.flush()
-            .map_err(|error| storage("flushing the log", error))?;
+            .map_err(|error| storage("flushing sled", error))?;
         self.db_file
             .lock()
             .sync_data()
-            .map_err(|error| storage("fdatasync of sled's db file", error))?;
-        self.sync_blobs()
-    }
-
-    fn sync_blobs(&self) -> Result<(), Error> {
-        let blobs = self.dir.join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blobs) else {
-            return Ok(());
-        };
-        let mut synced = self.synced_blobs.lock();
-        let mut any = false;
-        for entry in entries.filter_map(Result::ok) {
-            if synced.contains(&entry.file_name()) {
-                continue;
-            }
-            if let Ok(file) = File::open(entry.path()) {
-                file.sync_all()
-                    .map_err(|error| storage("fsync of a blob file", error))?;
-            }
-            synced.insert(entry.file_name());
-            any = true;
-        }
-        if any {
-            if let Ok(directory) = File::open(&blobs) {
-                directory
-                    .sync_all()
-                    .map_err(|error| storage("fsync of the blob directory", error))?;
-            }
-        }
-        Ok(())
+            .map_err(|error| storage("fdatasync of sled's db file", error))
     }
 }
 
 struct Writer {
     shared: Arc<Shared>,
-    db: sled::Db,
-    events: sled::Tree,
-    syncer: Arc<FileSyncer>,
+    active: Active,
+    /// The encoded group, reused.
+    buffer: Vec<u8>,
+    /// An empty queue vector with capacity, swapped in for the full one.
+    spare: Batch,
+    /// A new segment is due at this sequence number.
+    rotate_at: Option<u64>,
 }
 
 impl Writer {
-    fn run(self) {
+    fn run(mut self) {
         let mut last_flush = Instant::now();
         let mut unflushed = false;
         loop {
-            let (batch, stop) = self.next_batch(unflushed, last_flush);
-            if !batch.is_empty() {
-                let first = batch[0].0;
-                let last = batch[batch.len() - 1].0;
-                let mut result = self.write(&batch);
-                unflushed |= result.is_ok();
-                if let (Ok(keys), Durability::Sync) = (&result, self.shared.durability) {
-                    if let Err(error) = self.syncer.flush(&self.db, self.shared.faults.as_deref()) {
-                        self.unwrite(keys);
-                        result = Err(error);
-                    }
-                    last_flush = Instant::now();
-                    unflushed = false;
+            let (mut batch, stop) = self.next_batch(unflushed, last_flush);
+            let events = batch.events.len();
+            let mut start = 0;
+            while start < events {
+                // A group is split where a checkpoint asked for a new segment.
+                let end = match self.rotate_at {
+                    Some(at) if at > batch.events[start].seq => batch.events[start..]
+                        .iter()
+                        .position(|event| event.seq >= at)
+                        .map_or(events, |offset| start + offset),
+                    _ => events,
+                };
+                let result = self.write_group(&batch, start..end);
+                if result.is_ok() {
+                    unflushed = self.shared.durability != Durability::Sync;
                 }
-                self.report(first, last, result.map(|_| ()));
+                let failed = result.is_err();
+                self.report(batch.events[start].seq, batch.events[end - 1].seq, result);
+                if failed {
+                    // Later parts fail with it: their callers wait for sequence numbers past
+                    // the failure.
+                    break;
+                }
+                start = end;
+            }
+            batch.clear();
+            self.spare = batch;
+            if let Err(error) = self.rotate_if_due(None) {
+                self.fail(error);
             }
             if let Durability::Interval { ms } = self.shared.durability {
                 if unflushed && (stop || last_flush.elapsed() >= Duration::from_millis(ms)) {
-                    let result = self.syncer.flush(&self.db, self.shared.faults.as_deref());
-                    if let Err(error) = result {
-                        let mut progress = self.shared.progress.lock();
-                        let next = progress.durable_seq + 1;
-                        progress.failure.get_or_insert((next, error.to_string()));
-                        self.shared.progress_changed.notify_all();
+                    if let Err(error) = self.flush() {
+                        self.fail(error);
                     }
                     last_flush = Instant::now();
                     unflushed = false;
@@ -799,10 +1701,10 @@ impl Writer {
         }
     }
 
-    /// Waits for events (or the interval deadline, or stop) and takes them all.
-    fn next_batch(&self, unflushed: bool, last_flush: Instant) -> (Vec<(u64, u64, Vec<u8>)>, bool) {
+    /// Waits for events (or a rotation, the interval deadline, or stop) and takes them all.
+    fn next_batch(&mut self, unflushed: bool, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
-        while queue.events.is_empty() && !queue.stop {
+        while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
             match self.shared.durability {
                 Durability::Interval { ms } if unflushed => {
                     let deadline = last_flush + Duration::from_millis(ms);
@@ -819,69 +1721,173 @@ impl Writer {
                 _ => self.shared.queue_ready.wait(&mut queue),
             }
         }
-        let batch = std::mem::take(&mut queue.events);
+        if let Some(at) = queue.rotate_at.take() {
+            self.rotate_at = Some(at);
+        }
+        let batch = std::mem::replace(&mut queue.batch, std::mem::take(&mut self.spare));
+        let stop = queue.stop;
+        drop(queue);
         self.shared.queue_room.notify_all();
-        (batch, queue.stop)
+        (batch, stop)
     }
 
-    /// Inserts the batch as records of at most `MAX_RECORD_BYTES`, in one atomic sled batch.
-    /// After a failure nothing more is written (no gap can follow a hole).
-    fn write(&self, batch: &[(u64, u64, Vec<u8>)]) -> Result<Vec<[u8; 8]>, Error> {
+    fn fail(&self, error: Error) {
+        let mut progress = self.shared.progress.lock();
+        let next = progress.written.seq + 1;
+        progress.failure.get_or_insert((next, error.to_string()));
+        drop(progress);
+        self.shared.progress_changed.notify_all();
+    }
+
+    fn flush(&self) -> Result<(), Error> {
+        if self
+            .shared
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
+        {
+            return Err(storage("fdatasync of the log", "injected fault"));
+        }
+        self.active
+            .file
+            .sync_data()
+            .map_err(|error| storage("fdatasync of the log", error))
+    }
+
+    /// Starts a new segment if one is due: the active one is full, or a checkpoint asked for
+    /// one at `next` (the next event to write; `None` when idle: the next sequence number).
+    fn rotate_if_due(&mut self, next: Option<u64>) -> Result<(), Error> {
+        let written = self.shared.progress.lock().written.seq;
+        let next = next.unwrap_or(written + 1);
+        let holds_events = written >= self.active.first;
+        let asked = self.rotate_at.is_some_and(|at| at <= next);
+        if asked && !holds_events {
+            self.rotate_at = None;
+        }
+        let full = self.active.len >= self.shared.segment_bytes;
+        if !holds_events || !(asked || full) || next != written + 1 {
+            return Ok(());
+        }
+        if self.shared.progress.lock().failure.is_some() {
+            return Ok(());
+        }
+        // The sealed segment is durable before the next one exists, whatever the mode: a later
+        // segment never follows a torn one.
+        self.active
+            .file
+            .sync_data()
+            .map_err(|error| storage("fdatasync of a sealed segment", error))?;
+        let file = Arc::new(create_segment(&self.shared.events_dir, next)?);
+        self.active = Active {
+            file: Arc::clone(&file),
+            first: next,
+            len: SEGMENT_HEADER_BYTES as u64,
+        };
+        self.rotate_at = None;
+        self.shared.segments.lock().push(next);
+        *self.shared.active_file.lock() = file;
+        let mut progress = self.shared.progress.lock();
+        let position = Position {
+            seq: written,
+            segment: next,
+            end: SEGMENT_HEADER_BYTES as u64,
+        };
+        progress.written = position;
+        progress.visible = position;
+        drop(progress);
+        self.shared.progress_changed.notify_all();
+        Ok(())
+    }
+
+    /// Appends one group of consecutive events with one write and, in `Sync` mode, one
+    /// fdatasync. On failure the group's bytes are cut off again.
+    fn write_group(&mut self, batch: &Batch, group: std::ops::Range<usize>) -> Result<(), Error> {
         if let Some((seq, problem)) = &self.shared.progress.lock().failure {
             return Err(failed(*seq, problem));
         }
-        let mut records = sled::Batch::default();
-        let mut keys = Vec::new();
-        let mut start = 0;
-        while start < batch.len() {
+        self.rotate_if_due(Some(batch.events[group.start].seq))?;
+        self.buffer.clear();
+        let mut start = group.start;
+        while start < group.end {
             let mut end = start;
             let mut bytes = 0;
-            while end < batch.len()
-                && (end == start || bytes + batch[end].2.len() + 24 <= MAX_RECORD_BYTES)
-            {
-                bytes += batch[end].2.len() + 24;
+            while end < group.end {
+                let size = event_bytes_at_most(batch.body(end).len());
+                if end > start && bytes + size > MAX_RECORD_BYTES - RECORD_HEADER_BYTES {
+                    break;
+                }
+                bytes += size;
                 end += 1;
             }
-            let events = batch[start..end].to_vec();
-            let newest_at_ms = events.iter().map(|event| event.1).max().unwrap_or(0);
-            let record = Record {
-                version: FORMAT_VERSION,
-                newest_at_ms,
-                events,
-            };
-            let key = record_key(batch[start].0);
-            records.insert(&key, encode_record(&record));
-            keys.push(key);
+            let frame_at = self.buffer.len();
+            self.buffer.extend_from_slice(&[0u8; FRAME_BYTES]);
+            encode_record_into(
+                &mut self.buffer,
+                batch.events[start].seq,
+                (start..end).map(|index| (batch.events[index].at_ms, batch.body(index))),
+            );
+            let len = (self.buffer.len() - frame_at - FRAME_BYTES) as u32;
+            let crc = frame_crc(len, &self.buffer[frame_at + FRAME_BYTES..]);
+            self.buffer[frame_at..frame_at + 4].copy_from_slice(&len.to_le_bytes());
+            self.buffer[frame_at + 4..frame_at + 8].copy_from_slice(&crc.to_le_bytes());
             start = end;
         }
+        let before = self.active.len;
+        let mut result = self.write_buffer();
+        if result.is_ok() && self.shared.durability == Durability::Sync {
+            result = self.flush();
+        }
+        match result {
+            Ok(()) => {
+                self.active.len = before + self.buffer.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                // Nothing of a failed group may stay: its callers are told it failed.
+                let undo = self.active.file.set_len(before).and_then(|()| {
+                    (&*self.active.file)
+                        .seek(SeekFrom::Start(before))
+                        .map(|_| ())
+                });
+                match undo {
+                    Ok(()) => Err(error),
+                    Err(undo) => Err(storage(
+                        format!("{error}; cutting the failed write off again"),
+                        undo,
+                    )),
+                }
+            }
+        }
+    }
+
+    fn write_buffer(&self) -> Result<(), Error> {
+        let mut file = &*self.active.file;
         if self
             .shared
             .faults
             .as_deref()
             .is_some_and(|faults| Faults::take(&faults.fail_inserts))
         {
+            let half = self.buffer.len() / 2;
+            let _ = file.write_all(&self.buffer[..half]);
             return Err(storage("writing the log", "injected fault"));
         }
-        self.events
-            .apply_batch(records)
-            .map_err(|error| storage("writing the log", error))?;
-        Ok(keys)
-    }
-
-    /// A batch whose flush failed is taken out of sled again, so it cannot reach the disk
-    /// later through sled's own background flush: its callers were told it failed.
-    fn unwrite(&self, keys: &[[u8; 8]]) {
-        let mut removal = sled::Batch::default();
-        for key in keys {
-            removal.remove(key);
-        }
-        let _ = self.events.apply_batch(removal);
+        file.write_all(&self.buffer)
+            .map_err(|error| storage("writing the log", error))
     }
 
     fn report(&self, first: u64, last: u64, result: Result<(), Error>) {
         let mut progress = self.shared.progress.lock();
         match result {
-            Ok(()) if progress.failure.is_none() => progress.durable_seq = last,
+            Ok(()) if progress.failure.is_none() => {
+                let position = Position {
+                    seq: last,
+                    segment: self.active.first,
+                    end: self.active.len,
+                };
+                progress.written = position;
+                progress.visible = position;
+            }
             Ok(()) => {}
             Err(error) => {
                 progress.failure.get_or_insert((first, error.to_string()));

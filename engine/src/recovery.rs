@@ -47,6 +47,9 @@ pub struct OpenOptions {
     pub retention_ms: u64,
     /// Faults to inject into the storage (tests).
     pub faults: Option<Arc<Faults>>,
+    /// A log segment is sealed and a new one started past this many bytes (and at every
+    /// checkpoint); compaction deletes whole segments.
+    pub segment_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -57,11 +60,10 @@ impl Default for OpenOptions {
             checkpoint_every_events: 1_000_000,
             retention_ms: 7 * 24 * 60 * 60 * 1_000,
             faults: None,
+            segment_bytes: crate::log::SEGMENT_BYTES,
         }
     }
 }
-
-const EVENTS_PER_READ: usize = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum CounterSnapshot {
@@ -191,7 +193,12 @@ impl Engine {
         options: OpenOptions,
     ) -> Result<Engine, Error> {
         let dir = dir.as_ref();
-        let log = EventLog::open(dir, options.durability, options.faults.clone())?;
+        let log = EventLog::open_with(
+            dir,
+            options.durability,
+            options.faults.clone(),
+            options.segment_bytes,
+        )?;
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine);
@@ -247,33 +254,29 @@ impl Engine {
         let mut next = after;
         let mut count = 0;
         let mut debts = Debts::default();
-        loop {
-            let events = log.events_after(next, EVENTS_PER_READ)?;
-            if events.is_empty() {
-                break;
+        log.scan(after, |raw| {
+            if raw.seq > up_to {
+                return Ok(false);
             }
-            for event in &events {
-                if event.seq > up_to {
-                    return self.finish_replay(count, &debts);
-                }
-                if event.seq != next + 1 {
-                    return Err(storage(format!(
-                        "the log jumps from event {next} to {}: events are missing",
-                        event.seq
-                    )));
-                }
-                self.replay(event, &mut debts).map_err(|error| {
-                    storage(format!(
-                        "replaying event {} ({}): {error}",
-                        event.seq,
-                        event.body.kind()
-                    ))
-                })?;
-                self.note_event_time(event.at_ms);
-                next = event.seq;
-                count += 1;
+            if raw.seq != next + 1 {
+                return Err(storage(format!(
+                    "the log jumps from event {next} to {}: events are missing",
+                    raw.seq
+                )));
             }
-        }
+            let event = crate::event::decode_raw(raw)?;
+            self.replay(&event, &mut debts).map_err(|error| {
+                storage(format!(
+                    "replaying event {} ({}): {error}",
+                    event.seq,
+                    event.body.kind()
+                ))
+            })?;
+            self.note_event_time(event.at_ms);
+            next = event.seq;
+            count += 1;
+            Ok(true)
+        })?;
         self.finish_replay(count, &debts)
     }
 
@@ -583,13 +586,45 @@ impl Engine {
             Error::invalid("engine", "an in-memory engine has no log to checkpoint")
         })?;
         let _one_at_a_time = self.checkpointing.lock();
-        let snapshot = self.cut(|| journal.next_seq() - 1);
+        // A periodic checkpoint still being written lands first (snapshots keep their order).
+        journal.finish_snapshot_in_background()?;
+        let snapshot = self.cut_rotating(journal);
         let bytes = bincode::serialize(&snapshot)
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         journal.sync()?;
         journal.write_snapshot(snapshot.seq, &bytes)?;
         self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
         Ok(snapshot.seq)
+    }
+
+    /// The cut of a checkpoint; the next segment starts right after it, so compaction can drop
+    /// whole segments.
+    fn cut_rotating(&self, journal: &EventLog) -> Snapshot {
+        self.cut(|| {
+            let seq = journal.next_seq() - 1;
+            journal.rotate_at(seq + 1);
+            seq
+        })
+    }
+
+    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); encoding
+    /// it, waiting for the log to be durable up to it and writing it happen on the log's
+    /// snapshot thread, so the caller that crossed the threshold goes back to work at once.
+    fn checkpoint_in_background(&self, journal: &EventLog) {
+        let _one_at_a_time = self.checkpointing.lock();
+        if journal.finish_snapshot_in_background().is_err() {
+            return;
+        }
+        let snapshot = self.cut_rotating(journal);
+        let seq = snapshot.seq;
+        self.checkpointed_seq.store(seq, Ordering::Relaxed);
+        journal.write_snapshot_in_background(
+            seq,
+            Box::new(move || {
+                bincode::serialize(&snapshot)
+                    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+            }),
+        );
     }
 
     /// Takes a checkpoint if enough events were logged since the last one (called after a
@@ -604,7 +639,7 @@ impl Engine {
         if seq.saturating_sub(last) >= every {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);
-                let _ = self.checkpoint();
+                self.checkpoint_in_background(journal);
             }
         }
     }
@@ -612,12 +647,12 @@ impl Engine {
     /// Builds a snapshot with every lock taken in the engine's lock order.
     fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
         let table = self.reservations.inner.lock();
-        let requests = self.requests.lock_all();
+        let requests_guard = self.requests.lock_all();
         let registry = self.registry.lock();
-        let policies = self.policies.read();
+        let policies_guard = self.policies.read();
         let shards = self.keys.lock_all();
         let seq = seq();
-        let mut teams: Vec<TeamSnapshot> = registry
+        let teams: Vec<TeamSnapshot> = registry
             .teams
             .values()
             .map(|record| {
@@ -636,8 +671,7 @@ impl Engine {
                 }
             })
             .collect();
-        teams.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut users: Vec<(String, String, Vec<String>)> = registry
+        let users: Vec<(String, String, Vec<String>)> = registry
             .users
             .values()
             .map(|record| {
@@ -649,15 +683,13 @@ impl Engine {
                 )
             })
             .collect();
-        users.sort();
         let mut keys = Vec::new();
         for shard in &shards {
             for (key, state) in shard.iter() {
                 keys.push(key_snapshot(&shard.policy, key, state));
             }
         }
-        keys.sort_by(|a, b| a.key.cmp(&b.key));
-        let requests = crate::idempotency::RequestTable::export(&requests)
+        let requests = crate::idempotency::RequestTable::export(&requests_guard)
             .into_iter()
             .map(|(arrived_ms, id, record)| RequestSnapshot {
                 id,
@@ -670,7 +702,7 @@ impl Engine {
                 refunded: record.refunded,
             })
             .collect();
-        let mut open_reservations: Vec<ReservationSnapshot> = table
+        let open_reservations: Vec<ReservationSnapshot> = table
             .open
             .iter()
             .map(|(id, reservation)| ReservationSnapshot {
@@ -682,14 +714,12 @@ impl Engine {
                 expires_at_ms: reservation.expires_at_ms,
             })
             .collect();
-        open_reservations.sort_by_key(|reservation| reservation.id);
-        let mut closed_reservations: Vec<(u64, u64, Closed)> = table
+        let closed_reservations: Vec<(u64, u64, Closed)> = table
             .closed_order
             .iter()
             .filter_map(|(at_ms, id)| table.closed.get(id).map(|closed| (*id, *at_ms, *closed)))
             .collect();
-        closed_reservations.sort_by_key(|closed| closed.0);
-        let policies = policies
+        let policies = policies_guard
             .iter()
             .map(|policy| {
                 policy
@@ -697,7 +727,7 @@ impl Engine {
                     .and_then(|policy| serde_json::to_string(policy.document()).ok())
             })
             .collect();
-        Snapshot {
+        let mut snapshot = Snapshot {
             version: FORMAT_VERSION,
             seq,
             newest_at_ms: self.newest_event_ms(),
@@ -709,7 +739,17 @@ impl Engine {
             open_reservations,
             closed_reservations,
             next_reservation: table.next_id,
-        }
+        };
+        // Everything is copied: the engine goes on while the copy is put in order.
+        drop((shards, policies_guard, registry, requests_guard, table));
+        snapshot.teams.sort_by(|a, b| a.name.cmp(&b.name));
+        snapshot.users.sort();
+        snapshot.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        snapshot
+            .open_reservations
+            .sort_by_key(|reservation| reservation.id);
+        snapshot.closed_reservations.sort_by_key(|closed| closed.0);
+        snapshot
     }
 
     /// Rebuilds the state of a new engine from a snapshot.
@@ -863,6 +903,7 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         let journal = self.require_journal()?;
         let snapshot_seq = self.checkpoint()?;
+        journal.wait_rotation(snapshot_seq + 1)?;
         let keep_after = journal
             .previous_snapshot_pointer()?
             .map_or(0, |pointer| pointer.seq);
@@ -881,35 +922,29 @@ impl Engine {
     /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
     /// snapshot equals a replay of the log from the snapshot before it (or from the start).
     pub fn verify(dir: impl AsRef<Path>, options: OpenOptions) -> Result<VerifyReport, Error> {
-        let log = EventLog::open(dir.as_ref(), Durability::None, options.faults.clone())?;
+        let log = EventLog::open_read_only(dir.as_ref())?;
         let mut report = VerifyReport::default();
-        let mut expected = None;
-        for record in log.records() {
-            match record {
-                Err(error) => report.problems.push(error.to_string()),
-                Ok(record) => {
-                    report.records += 1;
-                    let first = record.events.first().map_or(0, |event| event.0);
-                    for raw in &record.events {
-                        if let Err(error) = crate::event::decode_event(first, raw) {
-                            report.problems.push(error.to_string());
-                        }
-                        let seq = &raw.0;
-                        if let Some(expected) = expected.filter(|expected| expected != seq) {
-                            report
-                                .problems
-                                .push(format!("event {seq} follows event {}: a gap", expected - 1));
-                        }
-                        if report.first_seq == 0 {
-                            report.first_seq = *seq;
-                        }
-                        report.last_seq = *seq;
-                        report.events += 1;
-                        expected = Some(seq + 1);
-                    }
+        let mut bodies = Vec::new();
+        let problems = log.walk(|record| {
+            report.records += 1;
+            let _ = record.for_each(|raw| {
+                if let Err(error) = crate::event::decode_body(raw.seq, raw.body) {
+                    bodies.push(format!(
+                        "log record of events {} to {}: {error}",
+                        record.first_seq,
+                        record.last_seq()
+                    ));
                 }
-            }
-        }
+                if report.first_seq == 0 {
+                    report.first_seq = raw.seq;
+                }
+                report.last_seq = raw.seq;
+                report.events += 1;
+                Ok(true)
+            });
+        });
+        report.problems.extend(problems);
+        report.problems.extend(bodies);
         if let Some(pointer) = log.snapshot_pointer()? {
             report.snapshot_seq = Some(pointer.seq);
             match verify_snapshot(&log, pointer, &options) {
