@@ -271,8 +271,8 @@ impl Quantities {
             .unwrap_or_default()
             .iter()
             .filter(|quantity| quantity.unit == 0)
-            .map(|quantity| quantity.amount)
-            .sum()
+            // Saturating: a unit given twice with huge amounts is refused, never admitted.
+            .fold(0u64, |sum, quantity| sum.saturating_add(quantity.amount))
     }
 }
 
@@ -680,9 +680,10 @@ impl World {
         }
         fixed.first_at = fixed.first_at.min(decision.at_ms);
         fixed.last_at = fixed.last_at.max(decision.at_ms);
-        fixed.admitted += built.requests;
+        fixed.admitted = fixed.admitted.saturating_add(built.requests);
         if let Some(id) = &built.id.bytes {
-            *fixed.by_id.entry(id.clone()).or_default() += built.requests;
+            let by_id = fixed.by_id.entry(id.clone()).or_default();
+            *by_id = by_id.saturating_add(built.requests);
         }
         if !fixed.broken && fixed.last_at - fixed.first_at < 5 * HOUR_MS {
             assert!(
@@ -963,7 +964,7 @@ impl World {
                     if let Some(given_back) =
                         id.bytes.as_ref().and_then(|id| self.fixed.by_id.remove(id))
                     {
-                        self.fixed.admitted -= given_back;
+                        self.fixed.admitted = self.fixed.admitted.saturating_sub(given_back);
                     }
                 }
             }
