@@ -35,6 +35,9 @@ bash scripts/test-go.sh
 step "Python: the package and the ASGI middleware (pytest)"
 bash scripts/test-python.sh
 
+step "fuzz: replay the corpora of the cargo-fuzz targets, then fuzz each briefly"
+bash scripts/test-fuzz.sh
+
 step "benchmark in quick test mode"
 cargo bench --bench admission -- --test
 cargo bench --bench durability -- --test
