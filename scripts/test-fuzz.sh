@@ -20,6 +20,20 @@ SANITIZER=${TALLY_FUZZ_SANITIZER:-address}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# libfuzzer-sys compiles libFuzzer (C++) when a target is built.
+if ! command -v c++ >/dev/null 2>&1; then
+  step "installing g++"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo="sudo"; else
+      echo "missing g++; install it (not root, and no sudo)" >&2
+      exit 1
+    fi
+  fi
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+fi
+
 if ! cargo fuzz --version >/dev/null 2>&1; then
   step "installing cargo-fuzz $CARGO_FUZZ_VERSION"
   cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
