@@ -22,7 +22,15 @@ use crate::admission::{
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
 use crate::error::Error;
-use crate::event::{encode_body, EventBody};
+use crate::event::{encode_body, encode_usage_into, EventBody, UsageAdmittedRef};
+
+thread_local! {
+    /// Where this thread encodes the usage events it logs (the log copies them into its queue),
+    /// so logging a usage allocates nothing.
+    static EVENT_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+/// A usage event is a few dozen bytes; a buffer grown past this is given back.
+const EVENT_BUFFER_KEPT_BYTES: usize = 4096;
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
 use crate::log::EventLog;
@@ -890,15 +898,23 @@ impl Engine {
                 let seq = journal.append(at_ms, encode_body(&body))?;
                 return Ok(Some(seq));
             };
-            let body = EventBody::UsageAdmitted {
-                key: key.into(),
-                resource: resource.into(),
-                quantities: *quantities,
-                request_id: request_id.map(Into::into),
-                decision: request_id.is_some().then_some(verdict.decision),
-                receipt,
+            let usage = UsageAdmittedRef {
+                key,
+                resource,
+                quantities,
+                request_id,
+                decision: request_id.map(|_| &verdict.decision),
+                receipt: &receipt,
             };
-            match journal.append(at_ms, encode_body(&body)) {
+            let appended = EVENT_BUFFER.with_borrow_mut(|buffer| {
+                encode_usage_into(buffer, &usage);
+                let appended = journal.append(at_ms, buffer.as_slice());
+                if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
+                    *buffer = Vec::new();
+                }
+                appended
+            });
+            match appended {
                 Ok(seq) => {
                     self.note_event_time(at_ms);
                     Ok(Some(seq))

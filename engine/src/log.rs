@@ -195,6 +195,9 @@ struct Progress {
 struct Shared {
     // Relaxed: the newest sequence number handed out, read to decide when to checkpoint.
     last_appended: AtomicU64,
+    // Release when set (just after `progress.failure`, under its lock) / Acquire in `append`: a
+    // lock-free first look, so appends do not all take the progress mutex the writer holds.
+    failed: std::sync::atomic::AtomicBool,
     durability: Durability,
     faults: Option<Arc<Faults>>,
     events_dir: PathBuf,
@@ -785,6 +788,7 @@ impl EventLog {
         };
         let shared = Arc::new(Shared {
             last_appended: AtomicU64::new(last_seq),
+            failed: std::sync::atomic::AtomicBool::new(false),
             durability,
             faults,
             events_dir,
@@ -868,15 +872,18 @@ impl EventLog {
 
     /// Queues an encoded event body; returns its sequence number. Fails at once if the log has
     /// failed before.
-    pub fn append(&self, at_ms: u64, body: Vec<u8>) -> Result<u64, Error> {
+    pub fn append(&self, at_ms: u64, body: impl AsRef<[u8]>) -> Result<u64, Error> {
+        let body = body.as_ref();
         if body.len() > MAX_EVENT_BYTES {
             return Err(Error::invalid(
                 "event",
                 format!("{} bytes; at most {MAX_EVENT_BYTES}", body.len()),
             ));
         }
-        if let Some((seq, problem)) = &self.shared.progress.lock().failure {
-            return Err(failed(*seq, problem));
+        if self.shared.failed.load(Ordering::Acquire) {
+            if let Some((seq, problem)) = &self.shared.progress.lock().failure {
+                return Err(failed(*seq, problem));
+            }
         }
         let mut queue = self.shared.queue.lock();
         while queue.batch.events.len() >= MAX_QUEUED_EVENTS && !queue.stop {
@@ -892,11 +899,10 @@ impl EventLog {
         queue.next_seq += 1;
         self.shared.last_appended.store(seq, Ordering::Relaxed);
         let first = queue.batch.events.is_empty();
-        queue.batch.bytes.extend_from_slice(&body);
+        queue.batch.bytes.extend_from_slice(body);
         let end = queue.batch.bytes.len();
         queue.batch.events.push(Queued { seq, at_ms, end });
         drop(queue);
-        drop(body);
         // The writer waits only on an empty queue: only the first event needs to wake it.
         if first {
             self.shared.queue_ready.notify_one();
@@ -957,6 +963,7 @@ impl EventLog {
             let mut progress = self.shared.progress.lock();
             let next = progress.visible.seq + 1;
             progress.failure.get_or_insert((next, error.to_string()));
+            self.shared.failed.store(true, Ordering::Release);
             self.shared.progress_changed.notify_all();
         }
         result
@@ -1735,6 +1742,7 @@ impl Writer {
         let mut progress = self.shared.progress.lock();
         let next = progress.written.seq + 1;
         progress.failure.get_or_insert((next, error.to_string()));
+        self.shared.failed.store(true, Ordering::Release);
         drop(progress);
         self.shared.progress_changed.notify_all();
     }
@@ -1891,6 +1899,7 @@ impl Writer {
             Ok(()) => {}
             Err(error) => {
                 progress.failure.get_or_insert((first, error.to_string()));
+                self.shared.failed.store(true, Ordering::Release);
             }
         }
         drop(progress);
