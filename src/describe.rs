@@ -56,17 +56,11 @@ fn limit_reports(
         .collect()
 }
 
+/// The engine's JSON of a limit, plus its reset time in ISO 8601 for people reading it.
 fn limit_json(limit: &LimitReport) -> Value {
-    json!({
-        "name": limit.name,
-        "meter": limit.meter,
-        "window": limit.window.to_string(),
-        "used": limit.used,
-        "amount": limit.amount,
-        "remaining": limit.remaining,
-        "reset_at_ms": limit.reset_at_ms,
-        "reset_at": limit.reset_at_ms.map(utc_iso8601_ms),
-    })
+    let mut json = limit.to_json();
+    json["reset_at"] = json!(limit.reset_at_ms.map(utc_iso8601_ms));
+    json
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -111,24 +105,12 @@ pub fn usage_text(report: &UsageReport) -> String {
     out
 }
 
+/// The engine's JSON of the report (the C ABI's too), plus ISO 8601 times.
 pub fn usage_json(report: &UsageReport) -> Value {
-    json!({
-        "key": report.key,
-        "kind": match report.kind {
-            KeyKind::Plan => "plan",
-            KeyKind::PayAsYouGo => "pay_as_you_go",
-        },
-        "user": report.user,
-        "team": report.team,
-        "plan": report.plan,
-        "at_ms": report.at_ms,
-        "at": utc_iso8601_ms(report.at_ms),
-        "limits": report.limits.iter().map(limit_json).collect::<Vec<Value>>(),
-        "credits_balance_micros": report.credits_balance_micros,
-        "credits_charged_micros": report.credits_charged_micros,
-        "open_reservations": report.open_reservations,
-        "pay_as_you_go_micros": report.payg_micros,
-    })
+    let mut json = report.to_json();
+    json["at"] = json!(utc_iso8601_ms(report.at_ms));
+    json["limits"] = json!(report.limits.iter().map(limit_json).collect::<Vec<Value>>());
+    json
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -147,6 +147,47 @@ pub struct UsageReport {
     pub at_ms: u64,
 }
 
+impl LimitReport {
+    /// The limit as JSON: `{"name", "meter", "window", "used", "amount", "remaining",
+    /// "reset_at_ms": ms or null}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "meter": self.meter,
+            "window": self.window.to_string(),
+            "used": self.used,
+            "amount": self.amount,
+            "remaining": self.remaining,
+            "reset_at_ms": self.reset_at_ms,
+        })
+    }
+}
+
+impl UsageReport {
+    /// The report as JSON, the one form the C ABI and the `tally usage` command share:
+    /// `{"key", "kind": "plan" | "pay_as_you_go", "user", "team", "plan": name or null,
+    /// "at_ms", "limits": [LimitReport::to_json], "credits_balance_micros",
+    /// "credits_charged_micros", "open_reservations", "pay_as_you_go_micros"}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "key": self.key,
+            "kind": match self.kind {
+                KeyKind::Plan => "plan",
+                KeyKind::PayAsYouGo => "pay_as_you_go",
+            },
+            "user": self.user,
+            "team": self.team,
+            "plan": self.plan,
+            "at_ms": self.at_ms,
+            "limits": self.limits.iter().map(LimitReport::to_json).collect::<Vec<_>>(),
+            "credits_balance_micros": self.credits_balance_micros,
+            "credits_charged_micros": self.credits_charged_micros,
+            "open_reservations": self.open_reservations,
+            "pay_as_you_go_micros": self.payg_micros,
+        })
+    }
+}
+
 /// Memory held by keys, for the per-key figure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryStats {

@@ -4,7 +4,7 @@
 
 use std::ffi::c_char;
 
-use ::tally_engine::{Engine, Event, KeyKind, OpenOptions, UsageReport};
+use ::tally_engine::{Engine, Event, OpenOptions};
 use serde_json::{json, Map, Value};
 
 use crate::checks::{
@@ -17,40 +17,6 @@ use crate::status::{tally_status, Failure};
 
 /// The most events one `tally_engine_events_after` returns.
 pub const TALLY_MAX_EVENTS_PER_CALL: u32 = 65_536;
-
-fn usage_json(report: &UsageReport) -> Value {
-    let limits: Vec<Value> = report
-        .limits
-        .iter()
-        .map(|limit| {
-            json!({
-                "name": limit.name,
-                "meter": limit.meter,
-                "window": limit.window.to_string(),
-                "used": limit.used,
-                "amount": limit.amount,
-                "remaining": limit.remaining,
-                "reset_at_ms": limit.reset_at_ms,
-            })
-        })
-        .collect();
-    json!({
-        "key": report.key,
-        "kind": match report.kind {
-            KeyKind::Plan => "plan",
-            KeyKind::PayAsYouGo => "pay_as_you_go",
-        },
-        "user": report.user,
-        "team": report.team,
-        "plan": report.plan,
-        "at_ms": report.at_ms,
-        "limits": limits,
-        "credits_balance_micros": report.credits_balance_micros,
-        "credits_charged_micros": report.credits_charged_micros,
-        "open_reservations": report.open_reservations,
-        "pay_as_you_go_micros": report.payg_micros,
-    })
-}
 
 /// Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 /// "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
@@ -74,7 +40,7 @@ pub extern "C" fn tally_engine_usage(
         let out = OutBuffer::new(buf, buf_len, needed)?;
         let key = text("key", key, key_len, TALLY_MAX_ID_BYTES)?;
         let report = handle.with(|open| Ok(open.engine.usage(key, at(at_ms))?))?;
-        write_text(&usage_json(&report).to_string(), out)
+        write_text(&report.to_json().to_string(), out)
     })
 }
 
