@@ -14,7 +14,7 @@ time_zone = "UTC"
 units = ["requests"]
 [plans.P]
 limits = [
- { resource = "chat", unit = "requests", amount = 4000000000, window = "rolling:5h" },
+ { resource = "chat", unit = "requests", amount = ROLLING_AMOUNT, window = "rolling:5h" },
  { resource = "chat", unit = "requests", amount = 100000000000000, window = "daily" },
  { resource = "chat", unit = "requests", amount = 200000000000000, window = "weekly" },
 ]
@@ -22,7 +22,13 @@ limits = [
 
 const SEQUENCE: usize = 1 << 20;
 const BURST: usize = 200_000;
-const ROUNDS: usize = 15;
+/// Paired bursts per run; `HOTLOOP_ROUNDS` sets another (e.g. 1 under callgrind).
+fn rounds() -> usize {
+    std::env::var("HOTLOOP_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(15)
+}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -32,7 +38,11 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let t0 = 1_790_000_000_000u64;
     let engine = Engine::new(
-        Policy::from_toml_str(POLICY).expect("valid policy"),
+        Policy::from_toml_str(&POLICY.replace(
+            "ROLLING_AMOUNT",
+            &std::env::var("HOTLOOP_ROLLING_AMOUNT").unwrap_or_else(|_| "4000000000".into()),
+        ))
+        .expect("valid policy"),
         Arc::new(ManualClock::new(t0)),
         EngineOptions {
             max_keys: 4_000_000,
@@ -81,7 +91,7 @@ fn main() {
         // second over all threads, the median of ROUNDS bursts.
         let barrier = std::sync::Barrier::new(threads);
         let mut rates = Vec::new();
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds() {
             let started = Instant::now();
             std::thread::scope(|scope| {
                 for thread in 0..threads {
@@ -111,7 +121,7 @@ fn main() {
     }
     let mut step = 0u64;
     let (mut tally_ns, mut governor_ns, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds() {
         let started = Instant::now();
         for _ in 0..BURST {
             let position = (step as usize) & (SEQUENCE - 1);
@@ -136,9 +146,10 @@ fn main() {
         ratios.push(tally_burst / governor_burst);
     }
     println!(
-        "keys={n_keys} governor {:.1} ns, tally {:.1} ns, ratio {:.2}x (medians of {ROUNDS} paired bursts)",
+        "keys={n_keys} governor {:.1} ns, tally {:.1} ns, ratio {:.2}x (medians of {} paired bursts)",
         median(governor_ns),
         median(tally_ns),
-        median(ratios)
+        median(ratios),
+        rounds()
     );
 }

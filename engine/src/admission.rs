@@ -5,9 +5,11 @@
 //! are given back and nothing is recorded, so a request is admitted whole or not at all. A request
 //! the plan cannot take (quota exhausted or resource not covered) falls to the team's credits.
 
+use std::mem::MaybeUninit;
+
 use crate::calendar::CalendarPeriod;
 use crate::error::Error;
-use crate::ledger::{KeyUsage, Team, WindowState};
+use crate::ledger::{KeyUsage, Team, UsageCell, WindowState};
 use crate::policy::{
     CounterId, Limit, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE,
     MAX_QUANTITY, UNIT_COUNT,
@@ -69,6 +71,16 @@ impl Quantities {
 
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(|quantity| *quantity == 0)
+    }
+
+    /// The units present, as a bit mask (bit `i` for unit index `i`).
+    #[inline]
+    pub(crate) fn unit_mask(&self) -> u8 {
+        let mut mask = 0u8;
+        for (index, quantity) in self.0.iter().enumerate() {
+            mask |= u8::from(*quantity != 0) << index;
+        }
+        mask
     }
 
     /// The sum of every quantity (at most 7 x 2^40: cannot overflow).
@@ -136,11 +148,31 @@ impl LimitStatus {
 }
 
 /// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-#[derive(Clone, Copy, PartialEq, Eq, Default)]
+/// Slots past `len` are left uninitialised: a decision is built on every admission, and
+/// zeroing four unused statuses each time was a measurable part of it.
+#[derive(Clone, Copy)]
 pub struct LimitStatuses {
     len: u8,
-    items: [LimitStatus; MAX_LIMITS_PER_RESOURCE],
+    items: [MaybeUninit<LimitStatus>; MAX_LIMITS_PER_RESOURCE],
 }
+
+impl Default for LimitStatuses {
+    #[inline]
+    fn default() -> LimitStatuses {
+        LimitStatuses {
+            len: 0,
+            items: [MaybeUninit::uninit(); MAX_LIMITS_PER_RESOURCE],
+        }
+    }
+}
+
+impl PartialEq for LimitStatuses {
+    fn eq(&self, other: &LimitStatuses) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for LimitStatuses {}
 
 // Encoded as a list of the used slots only (the log stores decisions).
 impl serde::Serialize for LimitStatuses {
@@ -173,14 +205,18 @@ impl std::fmt::Debug for LimitStatuses {
 }
 
 impl LimitStatuses {
+    #[inline]
     fn push(&mut self, status: LimitStatus) {
         debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
-        self.items[usize::from(self.len)] = status;
+        self.items[usize::from(self.len)].write(status);
         self.len += 1;
     }
 
+    #[inline]
     pub fn as_slice(&self) -> &[LimitStatus] {
-        &self.items[..usize::from(self.len)]
+        let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
+        // SAFETY: the first `len` items were written by `push` (the only way `len` grows).
+        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<LimitStatus>(), len) }
     }
 }
 
@@ -286,11 +322,38 @@ pub struct Receipt {
     pub holds: Holds,
 }
 
-/// Units held on counters: `(counter, amount, epoch or period)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+/// A hold: `(counter, amount, epoch or period)`.
+pub type Hold = (CounterId, u64, u64);
+
+/// Units held on counters, inline; slots past `len` are uninitialised (see `LimitStatuses`).
+#[derive(Clone, Copy)]
 pub struct Holds {
-    pub len: u8,
-    pub items: [(CounterId, u64, u64); MAX_LIMITS_PER_RESOURCE],
+    len: u8,
+    items: [MaybeUninit<Hold>; MAX_LIMITS_PER_RESOURCE],
+}
+
+impl Default for Holds {
+    #[inline]
+    fn default() -> Holds {
+        Holds {
+            len: 0,
+            items: [MaybeUninit::uninit(); MAX_LIMITS_PER_RESOURCE],
+        }
+    }
+}
+
+impl PartialEq for Holds {
+    fn eq(&self, other: &Holds) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Holds {}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
 }
 
 // Encoded as a list of the used slots only.
@@ -318,13 +381,38 @@ impl<'de> serde::Deserialize<'de> for Holds {
 }
 
 impl Holds {
-    fn push(&mut self, hold: (CounterId, u64, u64)) {
-        self.items[usize::from(self.len)] = hold;
+    /// Holds from a list of at most `MAX_LIMITS_PER_RESOURCE`, or `None` if it is longer.
+    pub fn from_slice(holds: &[Hold]) -> Option<Holds> {
+        if holds.len() > MAX_LIMITS_PER_RESOURCE {
+            return None;
+        }
+        let mut built = Holds::default();
+        for hold in holds {
+            built.push(*hold);
+        }
+        Some(built)
+    }
+
+    #[inline]
+    fn push(&mut self, hold: Hold) {
+        debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
+        self.items[usize::from(self.len)].write(hold);
         self.len += 1;
     }
 
-    pub fn as_slice(&self) -> &[(CounterId, u64, u64)] {
-        &self.items[..usize::from(self.len)]
+    #[inline]
+    pub fn as_slice(&self) -> &[Hold] {
+        let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
+        // SAFETY: the first `len` items were written by `push` (the only way `len` grows).
+        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<Hold>(), len) }
+    }
+
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -422,12 +510,15 @@ impl Verdict {
 
 /// Tries to take `amounts` from the plan's limits for this key, writing the admission and its
 /// receipt (or the denial) into `verdict`; true if admitted. In `Check` mode nothing is taken or
-/// moved (not even a window's head). `at_ms` has been validated.
+/// moved (not even a window's head). `at_ms` has been validated. A consume notes the slot it
+/// wrote in `cell` (the cell `usage` came from), so the key's next request prefetches it.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn try_quota(
     policy: &Policy,
     plan_id: PlanId,
     usage: &KeyUsage,
+    cell: &UsageCell,
     amounts: &Amounts,
     at_ms: u64,
     mode: Mode,
@@ -497,12 +588,20 @@ pub(crate) fn try_quota(
         }
     }
     if mode == Mode::Consume {
+        let mut noted = false;
         for (&(limit_index, amount), hold) in
             amounts.as_slice().iter().zip(receipt.holds.as_slice())
         {
             if let WindowState::Rolling(window) = &usage.counters[usize::from(limit_index)].state {
-                let shape = plan.limits[usize::from(limit_index)].window.shape();
-                window.record(shape.unwrap_or_else(|| unreachable!()), hold.2, amount);
+                let shape = plan.limits[usize::from(limit_index)]
+                    .window
+                    .shape()
+                    .unwrap_or_else(|| unreachable!());
+                window.record(shape, hold.2, amount);
+                if !noted {
+                    cell.note_slot(window.slot_address(shape, hold.2));
+                    noted = true;
+                }
             }
         }
     }

@@ -34,7 +34,7 @@ const EVENT_BUFFER_KEPT_BYTES: usize = 4096;
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
 use crate::log::EventLog;
-use crate::policy::{Policy, ResourceId, Unit, Window, UNIT_COUNT};
+use crate::policy::{Policy, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
@@ -1166,18 +1166,14 @@ pub(crate) fn resolve_resource(
         .ok_or_else(|| Error::UnknownResource {
             resource: resource.into(),
         })?;
-    let metered = &policy.resource(id).units;
-    let required = &policy.resource(id).required;
-    // One branch-free pass for the usual request (every unit metered, every required unit
-    // there); the messages below are worked out only when something is wrong.
-    let mut wrong = false;
-    for index in 0..UNIT_COUNT {
-        let given = quantities.0[index] != 0;
-        wrong |= (required[index] & !given) | (given & !metered[index]);
-    }
-    if !wrong {
+    let spec = policy.resource(id);
+    // One mask test for the usual request (every unit metered, every required unit there);
+    // the messages below are worked out only when something is wrong.
+    let given = quantities.unit_mask();
+    if (spec.required_mask & !given) | (given & !spec.unit_mask) == 0 {
         return Ok(id);
     }
+    let (metered, required) = (&spec.units, &spec.required);
     if let Some(unit) = Unit::ALL
         .into_iter()
         .find(|unit| required[unit.index()] && quantities.get(*unit) == 0)
@@ -1279,7 +1275,16 @@ pub(crate) fn decide_for_key_into(
                     .usage
                     .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
             };
-            if try_quota(policy, plan_id, usage, &amounts, at_ms, mode, verdict) {
+            if try_quota(
+                policy,
+                plan_id,
+                usage,
+                &state.usage,
+                &amounts,
+                at_ms,
+                mode,
+                verdict,
+            ) {
                 return Ok(());
             }
             if let Decision::Denied(denial) = verdict.decision {

@@ -474,10 +474,11 @@ mod tests {
             .expect("a valid request");
         assert!(admitted.is_admitted());
         let denied = Decision::denied(DenialReason::NoResources);
-        let mut items = Holds::default().items;
-        items[0] = (CounterId(3), 1, 22_375_000);
-        items[1] = (CounterId(65_000), 1 << 40, u64::MAX);
-        let holds = Holds { len: 2, items };
+        let holds = Holds::from_slice(&[
+            (CounterId(3), 1, 22_375_000),
+            (CounterId(65_000), 1 << 40, u64::MAX),
+        ])
+        .expect("two holds fit");
         let receipt = Receipt {
             charged_to: ChargedTo::Credits { micros: 7_000 },
             generation: 2,

@@ -285,15 +285,28 @@ fn widened(state: WindowState, window: Window, amount: u64) -> WindowState {
     }
 }
 
-/// A lazily allocated `KeyUsage`: a key with no usage holds only a null pointer. Readers share
+/// A lazily allocated `KeyUsage`: a key with no usage holds only null pointers. Readers share
 /// the key through its shard's read lock; the first consumer installs the box by CAS (a loser
 /// frees its own). Replacing or freeing needs `&mut`, i.e. the shard's write lock, so no reader
 /// can hold a reference then.
+///
+/// Over many keys, each hop from the key's table entry to its counters is a cache miss: the
+/// box, the counters' list, then the slot of a rolling ring. The cell keeps where the list and
+/// the last slot written are, so all three loads start together as soon as the entry is read
+/// (`prefetch`) instead of one after another. The hints are only ever prefetched, never
+/// dereferenced: a stale one costs a wasted prefetch, nothing else.
 #[derive(Debug, Default)]
 pub struct UsageCell {
     // Release on install / Acquire on load: the box's contents are visible to whoever sees it.
     pointer: AtomicPtr<KeyUsage>,
+    // Relaxed: a prefetch hint (the counters' list), written when the box is installed.
+    counters_hint: AtomicPtr<u8>,
+    // Relaxed: a prefetch hint (the rolling slot written last), rewritten only when it moves.
+    slot_hint: AtomicPtr<u8>,
 }
+
+/// Lines of the counters' list prefetched: three counters, a typical plan's limits on a meter.
+const COUNTER_LINES_PREFETCHED: usize = 3;
 
 impl UsageCell {
     pub fn get(&self) -> Option<&KeyUsage> {
@@ -303,23 +316,38 @@ impl UsageCell {
         unsafe { pointer.as_ref() }
     }
 
-    /// Hints the CPU to start loading the usage (and the first line of its counters' list
-    /// header) now; a no-op without usage or off x86-64.
+    /// Hints the CPU to start loading the usage, its counters and the rolling slot written
+    /// last, all at once; a no-op without usage or off x86-64.
     #[inline]
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         {
             let pointer = self.pointer.load(Ordering::Relaxed);
             if !pointer.is_null() {
-                // SAFETY: a prefetch never faults and has no effect on memory; the pointer is
-                // not dereferenced.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                        pointer.cast::<i8>(),
-                    )
-                };
+                prefetch_line(pointer);
+                let counters = self.counters_hint.load(Ordering::Relaxed);
+                for line in 0..COUNTER_LINES_PREFETCHED {
+                    prefetch_line(counters.wrapping_add(line * 64));
+                }
+                prefetch_line(self.slot_hint.load(Ordering::Relaxed));
             }
         }
+    }
+
+    /// Remembers the address of the rolling slot just written, for the next `prefetch`.
+    #[inline]
+    pub fn note_slot(&self, slot: *const u8) {
+        // Written only when it moves (once a bucket), so the entry's line stays read-mostly.
+        if self.slot_hint.load(Ordering::Relaxed) != slot.cast_mut() {
+            self.slot_hint.store(slot.cast_mut(), Ordering::Relaxed);
+        }
+    }
+
+    fn note_counters(&self, usage: &KeyUsage) {
+        self.counters_hint.store(
+            usage.counters.as_ptr().cast::<u8>().cast_mut(),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn get_or_init(&self, init: impl FnOnce() -> KeyUsage) -> &KeyUsage {
@@ -333,8 +361,12 @@ impl UsageCell {
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
-            // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
-            Ok(_) => unsafe { &*fresh },
+            Ok(_) => {
+                // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
+                let usage = unsafe { &*fresh };
+                self.note_counters(usage);
+                usage
+            }
             Err(installed) => {
                 // SAFETY: `fresh` was never shared; `installed` is live as in `get`.
                 unsafe {
@@ -347,6 +379,8 @@ impl UsageCell {
 
     pub fn take(&mut self) -> Option<KeyUsage> {
         let pointer = std::mem::replace(self.pointer.get_mut(), std::ptr::null_mut());
+        *self.counters_hint.get_mut() = std::ptr::null_mut();
+        *self.slot_hint.get_mut() = std::ptr::null_mut();
         // SAFETY: exclusive access; the pointer came from `Box::into_raw`.
         (!pointer.is_null()).then(|| *unsafe { Box::from_raw(pointer) })
     }
@@ -354,9 +388,23 @@ impl UsageCell {
     pub fn set(&mut self, usage: Option<KeyUsage>) {
         drop(self.take());
         if let Some(usage) = usage {
-            *self.pointer.get_mut() = Box::into_raw(Box::new(usage));
+            let usage = Box::into_raw(Box::new(usage));
+            *self.pointer.get_mut() = usage;
+            // SAFETY: just made from a box, exclusively ours.
+            self.note_counters(unsafe { &*usage });
         }
     }
+}
+
+/// Starts loading the cache line at `address` into every cache level; never faults, whatever
+/// the address.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_line<T>(address: *const T) {
+    // SAFETY: a prefetch has no effect on memory and does not fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast())
+    };
 }
 
 impl Drop for UsageCell {

@@ -340,11 +340,23 @@ pub struct Resource {
     /// for the admission path.
     pub price_weights: [u64; UNIT_COUNT],
     pub priced: bool,
+    /// `units` and `required` as bit masks (bit `i` for unit index `i`), for the admission
+    /// path's one-instruction check of a request's units.
+    pub unit_mask: u8,
+    pub required_mask: u8,
     /// Whether any per-request maximum is set (the admission path skips the check otherwise).
     pub has_maximum: bool,
     /// Requests whose quantities sum to at most this cannot overflow the price, so admission
     /// need not price a request the plan takes to find out.
     pub safe_quantity_sum: u64,
+}
+
+/// Bit `i` set where `flags[i]`.
+fn unit_mask(flags: &[bool; UNIT_COUNT]) -> u8 {
+    flags
+        .iter()
+        .enumerate()
+        .fold(0, |mask, (index, flag)| mask | (u8::from(*flag) << index))
 }
 
 impl Resource {
@@ -732,6 +744,8 @@ impl Compiler {
                 max_per_request,
                 required,
                 price_weights: price_micros.map(|price| price.unwrap_or(0)),
+                unit_mask: unit_mask(&units),
+                required_mask: unit_mask(&required),
                 priced: price_micros.iter().any(Option::is_some),
                 has_maximum: max_per_request.iter().any(|maximum| *maximum > 0),
                 safe_quantity_sum: u64::MAX

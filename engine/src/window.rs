@@ -62,6 +62,14 @@ impl Slots {
         matches!(self, Slots::Wide(_))
     }
 
+    /// Where slot `index` lives (only ever prefetched).
+    fn address(&self, index: usize) -> *const u8 {
+        match self {
+            Slots::Wide(slots) => slots.as_ptr().wrapping_add(index).cast(),
+            Slots::Narrow(slots) => slots.as_ptr().wrapping_add(index).cast(),
+        }
+    }
+
     fn heap_bytes(&self) -> usize {
         match self {
             Slots::Wide(slots) => slots.len() * std::mem::size_of::<AtomicU64>(),
@@ -318,6 +326,11 @@ impl RollingWindow {
     /// Takes back a reservation that was never recorded (another limit denied the request).
     pub fn unreserve(&self, amount: u64) {
         self.subtract_total(amount);
+    }
+
+    /// Where the slot of bucket `epoch` lives: a prefetch hint for the key's next request.
+    pub fn slot_address(&self, shape: RollingShape, epoch: u64) -> *const u8 {
+        self.slots.address(shape.slot(epoch))
     }
 
     /// Records reserved units in the bucket of `epoch`. If the slot holds another lap and our
