@@ -31,6 +31,15 @@ thread_local! {
 }
 /// A usage event is a few dozen bytes; a buffer grown past this is given back.
 const EVENT_BUFFER_KEPT_BYTES: usize = 4096;
+
+thread_local! {
+    /// `consume_many`'s list of admitted requests and their receipts (see there).
+    #[allow(clippy::type_complexity)]
+    static PENDING: std::cell::RefCell<Vec<(usize, Quantities, Option<Receipt>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+/// Entries of `PENDING` kept between calls (a batch of up to this many allocates nothing).
+const PENDING_KEPT: usize = 4_096;
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
 use crate::log::EventLog;
@@ -999,8 +1008,25 @@ impl Engine {
     /// requests gets group commit from a single thread. If the log fails, every request of the
     /// batch that was admitted is given back and answers the error.
     pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
+        // What to give back should the wait fail, kept in a per-thread list reused from call to
+        // call: built afresh it grew by doubling on every batch, a copy and a large free (a
+        // consolidation of malloc's free lists) per call.
+        PENDING.with_borrow_mut(|pending| {
+            pending.clear();
+            let results = self.consume_many_with(requests, pending);
+            if pending.capacity() > PENDING_KEPT {
+                *pending = Vec::new();
+            }
+            results
+        })
+    }
+
+    fn consume_many_with(
+        &self,
+        requests: &[UsageRequest<'_>],
+        pending: &mut Vec<(usize, Quantities, Option<Receipt>)>,
+    ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
-        let mut pending: Vec<(usize, Quantities, Option<Receipt>)> = Vec::new();
         let mut last_seq = None;
         for (index, request) in requests.iter().enumerate() {
             let outcome = self
@@ -1021,7 +1047,7 @@ impl Engine {
             return results;
         };
         if let Err(error) = journal.wait(last_seq) {
-            for (index, quantities, receipt) in pending {
+            for &(index, quantities, receipt) in pending.iter() {
                 let request = &requests[index];
                 if let Some(receipt) = receipt {
                     self.give_back(request.key, request.resource, &receipt, &quantities);
