@@ -1283,11 +1283,12 @@ pub(crate) fn decide_for_key_into(
             }
         }
         if plan.covers[resource.index()] {
-            let amounts = Amounts::of(&plan.touches[resource.index()], quantities).ok_or(
-                Error::Overflow {
+            let mut amounts = Amounts::empty();
+            if !amounts.fill(&plan.touches[resource.index()], quantities) {
+                return Err(Error::Overflow {
                     field: "quantities",
-                },
-            )?;
+                });
+            }
             // A check on a key that never used anything looks at empty windows without keeping
             // them: a key with no usage holds no window memory.
             let scratch;
