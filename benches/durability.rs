@@ -664,6 +664,10 @@ fn throughput(settings: &Settings, body: &[u8]) {
         }
     }
     print_throughput(settings, &raw, &configs);
+    // The periodic checkpoints' cuts held every lock: admission waited that long each time.
+    for (what, engine) in [("Sync", &sync_engine), ("None", &none_engine)] {
+        println!("{what} database: {}", cut_summary(engine, settings.keys));
+    }
     sync_engine.close().expect("closing the Sync database");
     none_engine.close().expect("closing the None database");
     println!();
@@ -685,6 +689,24 @@ fn throughput(settings: &Settings, body: &[u8]) {
         none_cursor.load(Ordering::Relaxed)
     );
     space_report(&none_database);
+}
+
+/// The checkpoint cuts this engine took so far: how long each held the engine's locks.
+fn cut_summary(engine: &Engine, keys: usize) -> String {
+    let mut held: Vec<f64> = engine
+        .cut_lock_times()
+        .iter()
+        .map(|time| time.as_secs_f64() * 1e3)
+        .collect();
+    if held.is_empty() {
+        return "checkpoint cut: none taken".into();
+    }
+    let cuts = held.len();
+    let longest = held.iter().copied().fold(0.0, f64::max);
+    format!(
+        "checkpoint cut: {cuts} cuts, median {:.2} ms, max {longest:.2} ms with {keys} keys",
+        median(&mut held)
+    )
 }
 
 fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {

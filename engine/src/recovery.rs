@@ -34,6 +34,9 @@ use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
 
+/// How many cut durations `Engine::cut_lock_times` keeps.
+const CUT_TIMES_KEPT: usize = 4_096;
+
 /// How to open a database.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -644,8 +647,26 @@ impl Engine {
         }
     }
 
+    /// How long each checkpoint cut since the engine was created held its locks (every key
+    /// shard write-locked: no admission meanwhile), oldest first; the latest
+    /// `CUT_TIMES_KEPT` are kept. For benchmarks.
+    #[doc(hidden)]
+    pub fn cut_lock_times(&self) -> Vec<std::time::Duration> {
+        self.cut_times.lock().clone()
+    }
+
+    /// Records how long a cut held the locks.
+    fn note_cut_time(&self, held: std::time::Duration) {
+        let mut times = self.cut_times.lock();
+        if times.len() >= CUT_TIMES_KEPT {
+            times.remove(0);
+        }
+        times.push(held);
+    }
+
     /// Builds a snapshot with every lock taken in the engine's lock order.
     fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+        let locking = std::time::Instant::now();
         let table = self.reservations.inner.lock();
         let requests_guard = self.requests.lock_all();
         let registry = self.registry.lock();
@@ -742,6 +763,7 @@ impl Engine {
         };
         // Everything is copied: the engine goes on while the copy is put in order.
         drop((shards, policies_guard, registry, requests_guard, table));
+        self.note_cut_time(locking.elapsed());
         snapshot.teams.sort_by(|a, b| a.name.cmp(&b.name));
         snapshot.users.sort();
         snapshot.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
