@@ -32,7 +32,7 @@ use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults};
 use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
-use crate::window::{CalendarCounter, RollingWindow};
+use crate::window::{CalendarCounter, RawRing, RollingWindow};
 
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
@@ -139,6 +139,377 @@ struct Snapshot {
     open_reservations: Vec<ReservationSnapshot>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
+}
+
+/// Every string a cut copies, back to back in one buffer: copying one under the locks is a
+/// `memcpy` onto its end, not an allocation.
+#[derive(Debug, Default)]
+struct Texts(String);
+
+/// One string of a cut's `Texts`.
+#[derive(Debug, Clone, Copy)]
+struct Text {
+    start: usize,
+    end: usize,
+}
+
+impl Texts {
+    fn push(&mut self, text: &str) -> Text {
+        let start = self.0.len();
+        self.0.push_str(text);
+        Text {
+            start,
+            end: self.0.len(),
+        }
+    }
+
+    fn get(&self, text: Text) -> String {
+        self.0[text.start..text.end].to_owned()
+    }
+}
+
+/// A counter as the cut copied it.
+#[derive(Debug)]
+enum RawCounter {
+    /// A ring's head and width, and where its occupied slots are in `RawCut::slots`.
+    Rolling {
+        id: u16,
+        ring: RawRing,
+        slots: std::ops::Range<usize>,
+    },
+    Calendar {
+        id: u16,
+        period: u32,
+        count: u64,
+    },
+}
+
+#[derive(Debug)]
+struct RawKey {
+    key: Text,
+    user: Text,
+    team: Text,
+    payg: bool,
+    seat: Option<u16>,
+    open_reservations: u32,
+    payg_micros: u64,
+    time_floor_ms: u64,
+    /// Its counters in `RawCut::counters`; `None` when the key holds no usage.
+    counters: Option<std::ops::Range<usize>>,
+}
+
+#[derive(Debug)]
+struct RawTeam {
+    name: Text,
+    owner: Option<Text>,
+    balance_micros: u64,
+    charged_micros: u64,
+    /// Its `(user, key)` pairs in `RawCut::members`.
+    members: std::ops::Range<usize>,
+}
+
+#[derive(Debug)]
+struct RawUser {
+    name: Text,
+    default_team: Text,
+    /// Its pay-as-you-go keys in `RawCut::payg_keys`.
+    payg_keys: std::ops::Range<usize>,
+}
+
+#[derive(Debug)]
+struct RawRequest {
+    arrived_ms: u64,
+    id: Text,
+    key: Text,
+    resource: Text,
+    quantities: Quantities,
+    decision: Decision,
+    receipt: Option<Receipt>,
+    refunded: bool,
+}
+
+#[derive(Debug)]
+struct RawReservation {
+    id: u64,
+    key: Text,
+    resource: Text,
+    estimate: Quantities,
+    receipt: Receipt,
+    expires_at_ms: u64,
+}
+
+/// The engine's state at one sequence number as a checkpoint's cut copied it under every lock:
+/// only raw copies (strings into one buffer, counter words, policies by reference), so the
+/// locks are held as briefly as possible. `into_snapshot` makes the `Snapshot` of it, off the
+/// locks.
+#[derive(Debug, Default)]
+struct RawCut {
+    seq: u64,
+    newest_at_ms: u64,
+    policies: Vec<Option<Arc<Policy>>>,
+    texts: Texts,
+    /// Each key shard's policy and the end of its keys in `keys` (shards in order).
+    shards: Vec<(Arc<Policy>, usize)>,
+    keys: Vec<RawKey>,
+    counters: Vec<RawCounter>,
+    /// Every ring's occupied slots, `(slot index, raw word)` (`RollingWindow::copy_raw`).
+    slots: Vec<(u32, u64)>,
+    teams: Vec<RawTeam>,
+    members: Vec<(Text, Text)>,
+    users: Vec<RawUser>,
+    payg_keys: Vec<Text>,
+    requests: Vec<RawRequest>,
+    open_reservations: Vec<RawReservation>,
+    closed_reservations: Vec<(u64, u64, Closed)>,
+    next_reservation: u64,
+}
+
+impl RawCut {
+    /// A cut with room for about `keys` keys, made before the locks are taken.
+    fn with_capacity(keys: usize) -> RawCut {
+        let keys = keys + keys / 16 + 64;
+        RawCut {
+            texts: Texts(String::with_capacity(keys * 48)),
+            shards: Vec::with_capacity(64),
+            keys: Vec::with_capacity(keys),
+            counters: Vec::with_capacity(keys * 2),
+            slots: Vec::with_capacity(keys * 2),
+            ..RawCut::default()
+        }
+    }
+
+    fn push_key(&mut self, key: &str, state: &KeyState) {
+        let counters = state.usage.get().map(|usage| {
+            let first = self.counters.len();
+            for counter in &usage.counters {
+                let raw = match &counter.state {
+                    WindowState::Rolling(window) => {
+                        let from = self.slots.len();
+                        let ring = window.copy_raw(&mut self.slots);
+                        RawCounter::Rolling {
+                            id: counter.id.0,
+                            ring,
+                            slots: from..self.slots.len(),
+                        }
+                    }
+                    WindowState::Calendar(calendar) => {
+                        let (period, count) = calendar.raw();
+                        RawCounter::Calendar {
+                            id: counter.id.0,
+                            period,
+                            count,
+                        }
+                    }
+                };
+                self.counters.push(raw);
+            }
+            first..self.counters.len()
+        });
+        let raw = RawKey {
+            key: self.texts.push(key),
+            user: self.texts.push(&state.user),
+            team: self.texts.push(&state.team.name),
+            payg: state.kind == KeyKind::PayAsYouGo,
+            seat: state.seat.map(|seat| seat.0),
+            open_reservations: state.open_reservations.load(Ordering::Acquire),
+            payg_micros: state.payg_micros.load(Ordering::Acquire),
+            time_floor_ms: state.time_floor_ms,
+            counters,
+        };
+        self.keys.push(raw);
+    }
+
+    fn push_team(&mut self, record: &TeamRecord) {
+        let first = self.members.len();
+        for (user, key) in &record.members {
+            let pair = (self.texts.push(user), self.texts.push(key));
+            self.members.push(pair);
+        }
+        let raw = RawTeam {
+            name: self.texts.push(&record.team.name),
+            owner: record.owner.as_deref().map(|owner| self.texts.push(owner)),
+            balance_micros: record.team.balance_micros(),
+            charged_micros: record.team.charged_micros(),
+            members: first..self.members.len(),
+        };
+        self.teams.push(raw);
+    }
+
+    fn push_user(&mut self, record: &UserRecord) {
+        let first = self.payg_keys.len();
+        for key in &record.payg_keys {
+            let key = self.texts.push(key);
+            self.payg_keys.push(key);
+        }
+        let raw = RawUser {
+            name: self.texts.push(&record.name),
+            default_team: self.texts.push(&record.default_team),
+            payg_keys: first..self.payg_keys.len(),
+        };
+        self.users.push(raw);
+    }
+
+    fn push_request(&mut self, arrived_ms: u64, id: &str, record: &RequestRecord) {
+        let raw = RawRequest {
+            arrived_ms,
+            id: self.texts.push(id),
+            key: self.texts.push(&record.fingerprint.key),
+            resource: self.texts.push(&record.fingerprint.resource),
+            quantities: record.fingerprint.quantities,
+            decision: record.decision,
+            receipt: record.receipt,
+            refunded: record.refunded,
+        };
+        self.requests.push(raw);
+    }
+
+    fn push_reservation(&mut self, id: u64, reservation: &Reservation) {
+        let raw = RawReservation {
+            id,
+            key: self.texts.push(&reservation.key),
+            resource: self.texts.push(&reservation.resource),
+            estimate: reservation.estimate,
+            receipt: reservation.receipt,
+            expires_at_ms: reservation.expires_at_ms,
+        };
+        self.open_reservations.push(raw);
+    }
+
+    /// The snapshot of the cut: strings and bucket lists built, everything put in its order.
+    /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
+    fn into_snapshot(self) -> Snapshot {
+        let texts = &self.texts;
+        let policies = self
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .as_ref()
+                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
+            })
+            .collect();
+        let mut teams: Vec<TeamSnapshot> = self
+            .teams
+            .iter()
+            .map(|team| {
+                let mut members: Vec<(String, String)> = self.members[team.members.clone()]
+                    .iter()
+                    .map(|&(user, key)| (texts.get(user), texts.get(key)))
+                    .collect();
+                members.sort();
+                TeamSnapshot {
+                    name: texts.get(team.name),
+                    owner: team.owner.map(|owner| texts.get(owner)),
+                    balance_micros: team.balance_micros,
+                    charged_micros: team.charged_micros,
+                    members,
+                }
+            })
+            .collect();
+        teams.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut users: Vec<(String, String, Vec<String>)> = self
+            .users
+            .iter()
+            .map(|user| {
+                let keys = self.payg_keys[user.payg_keys.clone()]
+                    .iter()
+                    .map(|&key| texts.get(key))
+                    .collect();
+                (texts.get(user.name), texts.get(user.default_team), keys)
+            })
+            .collect();
+        users.sort();
+        let mut keys = Vec::with_capacity(self.keys.len());
+        let mut first = 0;
+        for (policy, end) in &self.shards {
+            for key in &self.keys[first..*end] {
+                keys.push(self.key_snapshot(policy, key));
+            }
+            first = *end;
+        }
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let mut requests: Vec<RequestSnapshot> = self
+            .requests
+            .iter()
+            .map(|request| RequestSnapshot {
+                id: texts.get(request.id),
+                arrived_ms: request.arrived_ms,
+                key: texts.get(request.key),
+                resource: texts.get(request.resource),
+                quantities: request.quantities,
+                decision: request.decision,
+                receipt: request.receipt,
+                refunded: request.refunded,
+            })
+            .collect();
+        requests.sort_by(|a, b| (a.arrived_ms, &a.id).cmp(&(b.arrived_ms, &b.id)));
+        let mut open_reservations: Vec<ReservationSnapshot> = self
+            .open_reservations
+            .iter()
+            .map(|reservation| ReservationSnapshot {
+                id: reservation.id,
+                key: texts.get(reservation.key),
+                resource: texts.get(reservation.resource),
+                estimate: reservation.estimate,
+                receipt: reservation.receipt,
+                expires_at_ms: reservation.expires_at_ms,
+            })
+            .collect();
+        open_reservations.sort_by_key(|reservation| reservation.id);
+        let mut closed_reservations = self.closed_reservations;
+        closed_reservations.sort_by_key(|closed| closed.0);
+        Snapshot {
+            version: FORMAT_VERSION,
+            seq: self.seq,
+            newest_at_ms: self.newest_at_ms,
+            policies,
+            users,
+            teams,
+            keys,
+            requests,
+            open_reservations,
+            closed_reservations,
+            next_reservation: self.next_reservation,
+        }
+    }
+
+    fn key_snapshot(&self, policy: &Policy, key: &RawKey) -> KeySnapshot {
+        let counters = key.counters.clone().map(|counters| {
+            self.counters[counters]
+                .iter()
+                .map(|counter| match counter {
+                    RawCounter::Rolling { id, ring, slots } => {
+                        let shape = policy
+                            .counter(CounterId(*id))
+                            .window
+                            .shape()
+                            .unwrap_or_else(|| unreachable!("a ring is on a rolling window"));
+                        let buckets = ring.live_buckets(shape, &self.slots[slots.clone()]);
+                        let snapshot = CounterSnapshot::Rolling {
+                            head: ring.head,
+                            wide: ring.wide,
+                            buckets,
+                        };
+                        (*id, snapshot)
+                    }
+                    &RawCounter::Calendar { id, period, count } => {
+                        (id, CounterSnapshot::Calendar { period, count })
+                    }
+                })
+                .collect()
+        });
+        KeySnapshot {
+            key: self.texts.get(key.key),
+            payg: key.payg,
+            user: self.texts.get(key.user),
+            team: self.texts.get(key.team),
+            seat: key.seat,
+            open_reservations: key.open_reservations,
+            payg_micros: key.payg_micros,
+            time_floor_ms: key.time_floor_ms,
+            counters,
+        }
+    }
 }
 
 /// What `verify` found.
@@ -591,7 +962,7 @@ impl Engine {
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
-        let snapshot = self.cut_rotating(journal);
+        let snapshot = self.cut_rotating(journal).into_snapshot();
         let bytes = bincode::serialize(&snapshot)
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         journal.sync()?;
@@ -602,29 +973,30 @@ impl Engine {
 
     /// The cut of a checkpoint; the next segment starts right after it, so compaction can drop
     /// whole segments.
-    fn cut_rotating(&self, journal: &EventLog) -> Snapshot {
-        self.cut(|| {
+    fn cut_rotating(&self, journal: &EventLog) -> RawCut {
+        self.cut_raw(|| {
             let seq = journal.next_seq() - 1;
             journal.rotate_at(seq + 1);
             seq
         })
     }
 
-    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); encoding
-    /// it, waiting for the log to be durable up to it and writing it happen on the log's
-    /// snapshot thread, so the caller that crossed the threshold goes back to work at once.
+    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); making
+    /// the snapshot of it, encoding it, waiting for the log to be durable up to it and writing
+    /// it happen on the log's snapshot thread, so the caller that crossed the threshold goes
+    /// back to work at once.
     fn checkpoint_in_background(&self, journal: &EventLog) {
         let _one_at_a_time = self.checkpointing.lock();
         if journal.finish_snapshot_in_background().is_err() {
             return;
         }
-        let snapshot = self.cut_rotating(journal);
-        let seq = snapshot.seq;
+        let cut = self.cut_rotating(journal);
+        let seq = cut.seq;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         journal.write_snapshot_in_background(
             seq,
             Box::new(move || {
-                bincode::serialize(&snapshot)
+                bincode::serialize(&cut.into_snapshot())
                     .map_err(|error| storage(format!("encoding a snapshot: {error}")))
             }),
         );
@@ -664,15 +1036,67 @@ impl Engine {
         times.push(held);
     }
 
-    /// Builds a snapshot with every lock taken in the engine's lock order.
+    /// Builds a snapshot with every lock taken in the engine's lock order (see `cut_raw`).
     fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+        self.cut_raw(seq).into_snapshot()
+    }
+
+    /// Copies the state with every lock taken in the engine's lock order: every event appended
+    /// up to the sequence number `seq` returns has been applied and no applied change is
+    /// unlogged. No admission runs meanwhile (every key shard is write-locked), so only raw
+    /// copies are made here: strings into one buffer, counters' words, each ring's occupied
+    /// slots. Putting them in order, converting and encoding happen after the locks are let go
+    /// (`RawCut::into_snapshot`; for a periodic checkpoint, on the snapshot thread).
+    fn cut_raw(&self, seq: impl FnOnce() -> u64) -> RawCut {
+        let mut cut = RawCut::with_capacity(self.keys.len() as usize);
         let locking = std::time::Instant::now();
         let table = self.reservations.inner.lock();
         let requests_guard = self.requests.lock_all();
         let registry = self.registry.lock();
         let policies_guard = self.policies.read();
         let shards = self.keys.lock_all();
-        let seq = seq();
+        cut.seq = seq();
+        cut.newest_at_ms = self.newest_event_ms();
+        cut.policies.clone_from(&policies_guard);
+        for record in registry.teams.values() {
+            cut.push_team(record);
+        }
+        for record in registry.users.values() {
+            cut.push_user(record);
+        }
+        for shard in &shards {
+            for (key, state) in shard.iter() {
+                cut.push_key(key, state);
+            }
+            cut.shards.push((Arc::clone(&shard.policy), cut.keys.len()));
+        }
+        crate::idempotency::RequestTable::visit(&requests_guard, |arrived_ms, id, record| {
+            cut.push_request(arrived_ms, id, record);
+        });
+        for (id, reservation) in &table.open {
+            cut.push_reservation(*id, reservation);
+        }
+        cut.closed_reservations.extend(
+            table.closed_order.iter().filter_map(|(at_ms, id)| {
+                table.closed.get(id).map(|closed| (*id, *at_ms, *closed))
+            }),
+        );
+        cut.next_reservation = table.next_id;
+        // Everything is copied: the engine goes on while the copy is put in order.
+        drop((shards, policies_guard, registry, requests_guard, table));
+        self.note_cut_time(locking.elapsed());
+        cut
+    }
+
+    /// The cut as it was gathered before `cut_raw` (every string and bucket list built under
+    /// the locks): the reference the raw cut is tested against.
+    #[cfg(test)]
+    fn cut_reference(&self, seq: u64) -> Snapshot {
+        let table = self.reservations.inner.lock();
+        let requests_guard = self.requests.lock_all();
+        let registry = self.registry.lock();
+        let policies_guard = self.policies.read();
+        let shards = self.keys.lock_all();
         let teams: Vec<TeamSnapshot> = registry
             .teams
             .values()
@@ -763,7 +1187,6 @@ impl Engine {
         };
         // Everything is copied: the engine goes on while the copy is put in order.
         drop((shards, policies_guard, registry, requests_guard, table));
-        self.note_cut_time(locking.elapsed());
         snapshot.teams.sort_by(|a, b| a.name.cmp(&b.name));
         snapshot.users.sort();
         snapshot.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -1151,6 +1574,7 @@ fn normalized(snapshot: &Snapshot, reference: &Snapshot) -> Snapshot {
     out
 }
 
+#[cfg(test)]
 fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
     let counters = state.usage.get().map(|usage| {
         usage
@@ -1267,5 +1691,220 @@ impl Debts {
             self.owed.remove(&entry);
         }
         paid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::engine::UsageRequest;
+    use crate::policy::Unit;
+
+    const T0: u64 = 1_790_000_000_000;
+    const MINUTE: u64 = 60_000;
+    const DAY: u64 = 24 * 60 * MINUTE;
+
+    fn m27(key: &str, requests: u64, at_ms: u64) -> UsageRequest<'_> {
+        static QUANTITIES: [[(Unit, u64); 2]; 4] = [
+            [(Unit::Requests, 1), (Unit::Tokens, 1_000)],
+            [(Unit::Requests, 2), (Unit::Tokens, 2_000)],
+            [(Unit::Requests, 3), (Unit::Tokens, 3_000)],
+            [(Unit::Requests, 4), (Unit::Tokens, 4_000)],
+        ];
+        UsageRequest::new(key, "m2.7", &QUANTITIES[(requests as usize - 1) % 4]).at(at_ms)
+    }
+
+    /// An engine holding every kind of state a snapshot carries: narrow rings (request
+    /// quotas), wide rings (the priced usage bar), daily and weekly counters, dormant counters
+    /// of an earlier plan, keys reclaimed with a time floor, pay-as-you-go keys, teams with
+    /// members and credits, request ids (admitted and denied), open and closed reservations.
+    fn busy_engine() -> (Engine, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Engine::new(
+            Policy::token_plan(),
+            clock.clone(),
+            EngineOptions::default(),
+        );
+        let plans = ["Starter", "Plus", "Bar-Plus", "Max", ""];
+        for index in 0..300u64 {
+            let user = format!("user-{index}");
+            engine
+                .create_user(&user, &format!("tp-{index}"), Some(T0))
+                .expect("user");
+            let plan = plans[index as usize % plans.len()];
+            if !plan.is_empty() {
+                engine
+                    .assign_seat(&format!("@{user}"), &user, plan, Some(T0))
+                    .expect("seat");
+            }
+        }
+        // Keys used once, then reclaimed as idle a week later: they keep a time floor.
+        for index in 0..20u64 {
+            let _ = engine.consume(&m27(&format!("tp-{index}"), 1, T0 + index * MINUTE));
+        }
+        let t1 = T0 + 8 * DAY;
+        assert!(engine.reclaim_idle(Some(t1)).expect("reclaim") > 0);
+        clock.set_ms(t1);
+        // Usage over many buckets of the 5-hour windows, and on daily quotas.
+        for step in 0..3_000u64 {
+            let index = (step * 7) % 300;
+            let at_ms = t1 + step * MINUTE / 10;
+            let key = format!("tp-{index}");
+            let _ = engine.consume(&m27(&key, 1 + step % 4, at_ms));
+            if step % 5 == 0 {
+                let speech = UsageRequest::new(&key, "speech-2.8", &[(Unit::Characters, 40)]);
+                let _ = engine.consume(&speech.at(at_ms));
+            }
+        }
+        // Dormant counters: Plus keys with usage move to the shared usage bar, and back on one.
+        for index in [1u64, 6, 11, 16, 21, 26] {
+            let user = format!("user-{index}");
+            engine
+                .assign_seat(&format!("@{user}"), &user, "Bar-Plus", Some(t1 + DAY / 4))
+                .expect("seat change");
+        }
+        engine
+            .assign_seat("@user-21", "user-21", "Plus", Some(t1 + DAY / 4))
+            .expect("seat back");
+        // A team with members, credits and a credit-paid video.
+        engine.create_team("acme", Some(t1)).expect("team");
+        for index in [2u64, 3, 4] {
+            let user = format!("user-{index}");
+            engine
+                .add_member("acme", &user, &format!("acme-{index}"), Some(t1))
+                .expect("member");
+        }
+        engine
+            .assign_seat("acme", "user-3", "Max", Some(t1))
+            .expect("seat");
+        engine.top_up("acme", 50_000_000, Some(t1)).expect("top-up");
+        engine
+            .top_up("@user-4", 3_000_000, Some(t1))
+            .expect("top-up");
+        for _ in 0..4 {
+            let video = UsageRequest::new("acme-3", "hailuo-2.3-768p-6s", &[(Unit::Videos, 1)]);
+            assert!(engine.consume(&video.at(t1 + 60 * MINUTE)).is_ok());
+        }
+        // Pay-as-you-go keys.
+        for index in [5u64, 7] {
+            let key = format!("payg-{index}");
+            engine
+                .create_payg_key(&format!("user-{index}"), &key, Some(t1))
+                .expect("payg key");
+            for step in 0..5 {
+                let _ = engine.consume(&m27(&key, 2, t1 + step * MINUTE));
+            }
+        }
+        // Request ids: admitted ones, and a denied one (a key without a seat or credits).
+        for step in 0..40u64 {
+            let id = format!("req-{step}");
+            let key = format!("tp-{}", 30 + step % 7);
+            let request = m27(&key, 1, t1 + 70 * MINUTE + step).id(&id);
+            engine.consume(&request).expect("a request with an id");
+        }
+        let id = "req-denied";
+        let denied = engine
+            .consume(&m27("tp-9", 1, t1 + 80 * MINUTE).id(id))
+            .expect("a denial is a decision");
+        assert!(!denied.is_admitted());
+        // Reservations: some settled, one voided, some left open.
+        let mut reserved = Vec::new();
+        for index in [8u64, 13, 17, 22, 23] {
+            let key = format!("tp-{index}");
+            let outcome = engine
+                .reserve(&m27(&key, 3, t1 + 90 * MINUTE), Some(3_600_000))
+                .expect("reserve");
+            reserved.extend(outcome.reservation);
+        }
+        assert!(reserved.len() >= 4, "{reserved:?}");
+        engine
+            .settle(
+                reserved[0],
+                &[(Unit::Requests, 2), (Unit::Tokens, 500)],
+                Some(t1 + 95 * MINUTE),
+            )
+            .expect("settle");
+        engine
+            .void(reserved[1], Some(t1 + 96 * MINUTE))
+            .expect("void");
+        (engine, clock)
+    }
+
+    #[test]
+    fn the_raw_cut_makes_the_snapshot_the_locked_gathering_made() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut_reference(4_242);
+        let snapshot = engine.cut(|| 4_242);
+        // Every kind of state is there, so the comparison covers it.
+        let counters: Vec<&CounterSnapshot> = reference
+            .keys
+            .iter()
+            .flat_map(|key| key.counters.iter().flatten().map(|(_, counter)| counter))
+            .collect();
+        let rings = |wide: bool| {
+            counters
+                .iter()
+                .filter(|counter| {
+                    matches!(counter, CounterSnapshot::Rolling { wide: w, buckets, .. }
+                        if *w == wide && buckets.len() > 1)
+                })
+                .count()
+        };
+        assert!(rings(false) > 10 && rings(true) > 10);
+        assert!(counters.iter().any(
+            |counter| matches!(counter, CounterSnapshot::Calendar { count, .. } if *count > 0)
+        ));
+        assert!(reference.keys.iter().any(|key| key.time_floor_ms > 0));
+        assert!(reference
+            .keys
+            .iter()
+            .any(|key| key.payg && key.payg_micros > 0));
+        assert!(reference.keys.iter().any(|key| {
+            let plan = key
+                .seat
+                .map_or(0, |seat| engine.policy().plan(PlanId(seat)).limits.len());
+            key.counters
+                .as_ref()
+                .is_some_and(|counters| counters.len() > plan)
+        }));
+        assert!(reference.teams.iter().any(|team| team.members.len() == 3));
+        assert!(reference.requests.len() == 41);
+        assert!(reference
+            .requests
+            .iter()
+            .any(|request| request.receipt.is_none()));
+        assert!(reference.open_reservations.len() >= 2);
+        assert_eq!(reference.closed_reservations.len(), 2);
+        assert!(reference.users.iter().any(|user| !user.2.is_empty()));
+
+        assert_eq!(snapshot, reference);
+        let bytes = bincode::serialize(&snapshot).expect("encoding");
+        assert_eq!(
+            bytes,
+            bincode::serialize(&reference).expect("encoding"),
+            "the snapshot's bytes changed"
+        );
+
+        // And a restored engine cuts to the same snapshot again.
+        let restored = Engine::new(
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0 + 8 * DAY)),
+            EngineOptions::default(),
+        );
+        restored
+            .restore(&decode_snapshot(&bytes, 4_242).expect("decoding"))
+            .expect("restoring");
+        assert_eq!(restored.cut(|| 4_242), reference);
+        assert_eq!(restored.cut_reference(4_242), reference);
+    }
+
+    #[test]
+    fn every_cut_is_timed() {
+        let (engine, _clock) = busy_engine();
+        assert!(engine.cut_lock_times().is_empty());
+        engine.cut(|| 1);
+        engine.cut(|| 2);
+        assert_eq!(engine.cut_lock_times().len(), 2);
     }
 }
