@@ -691,21 +691,31 @@ fn throughput(settings: &Settings, body: &[u8]) {
     space_report(&none_database);
 }
 
-/// The checkpoint cuts this engine took so far: how long each held the engine's locks.
+/// The checkpoint cuts this engine took so far: how long each held the engine's locks (every
+/// key shard write-locked: no admission meanwhile; and from its first lock to its last).
 fn cut_summary(engine: &Engine, keys: usize) -> String {
-    let mut held: Vec<f64> = engine
-        .cut_lock_times()
-        .iter()
-        .map(|time| time.as_secs_f64() * 1e3)
-        .collect();
-    if held.is_empty() {
+    let times = engine.cut_lock_times();
+    if times.is_empty() {
         return "checkpoint cut: none taken".into();
     }
-    let cuts = held.len();
-    let longest = held.iter().copied().fold(0.0, f64::max);
+    let summary = |held: &mut Vec<f64>| {
+        let longest = held.iter().copied().fold(0.0, f64::max);
+        format!("median {:.2} ms, max {longest:.2} ms", median(held))
+    };
+    let milliseconds = |time: std::time::Duration| time.as_secs_f64() * 1e3;
+    let mut shards: Vec<f64> = times
+        .iter()
+        .map(|time| milliseconds(time.key_shards))
+        .collect();
+    let mut every: Vec<f64> = times
+        .iter()
+        .map(|time| milliseconds(time.every_lock))
+        .collect();
     format!(
-        "checkpoint cut: {cuts} cuts, median {:.2} ms, max {longest:.2} ms with {keys} keys",
-        median(&mut held)
+        "checkpoint cut: {} cuts, {} with {keys} keys (key shards write-locked); every lock held {}",
+        times.len(),
+        summary(&mut shards),
+        summary(&mut every)
     )
 }
 
