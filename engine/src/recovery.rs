@@ -33,7 +33,7 @@ use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults};
 use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId, ReservationInner};
-use crate::window::{CalendarCounter, RawRing, RollingWindow};
+use crate::window::{prefetch, CalendarCounter, RawRing, RollingWindow};
 
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
@@ -329,8 +329,42 @@ impl RawCut {
     }
 
     /// Every key of a shard (write-locked), with the shard's policy.
+    ///
+    /// Memory-bound: a key's name, user, team, usage, counter list and rings are separate
+    /// allocations scattered over the heap, each a cache miss, and each found only through the
+    /// one before. So the loop runs a pipeline of prefetches ahead of the copy: the first
+    /// allocations `PREFETCH_AHEAD` keys ahead, what they point to half as far ahead, the rings
+    /// a quarter as far, and the misses of many keys overlap instead of adding up.
     fn copy_keys(&mut self, shard: &Shard) {
+        const PREFETCH_AHEAD: usize = 16;
+        let mut first = shard.iter();
+        let mut second = shard.iter();
+        let mut third = shard.iter();
+        for _ in 0..PREFETCH_AHEAD {
+            if let Some((key, state)) = first.next() {
+                prefetch_key(key, state);
+            }
+        }
+        for _ in 0..PREFETCH_AHEAD / 2 {
+            if let Some((_, state)) = second.next() {
+                prefetch_key_pointees(state);
+            }
+        }
+        for _ in 0..PREFETCH_AHEAD / 4 {
+            if let Some((_, state)) = third.next() {
+                prefetch_rings(state);
+            }
+        }
         for (key, state) in shard.iter() {
+            if let Some((key, state)) = first.next() {
+                prefetch_key(key, state);
+            }
+            if let Some((_, state)) = second.next() {
+                prefetch_key_pointees(state);
+            }
+            if let Some((_, state)) = third.next() {
+                prefetch_rings(state);
+            }
             self.push_key(key, state);
         }
         self.shards
@@ -599,6 +633,34 @@ impl RawCut {
             payg_micros: key.payg_micros,
             time_floor_ms: key.time_floor_ms,
             counters,
+        }
+    }
+}
+
+/// The first allocations a key's copy reads: its name, user, team and usage.
+fn prefetch_key(key: &str, state: &KeyState) {
+    prefetch(key.as_ptr());
+    prefetch(state.user.as_ptr());
+    prefetch(Arc::as_ptr(&state.team));
+    state.usage.prefetch();
+}
+
+/// What those point to: the team's name and the usage's counter list (`prefetch_key`'s lines
+/// should have arrived by now).
+fn prefetch_key_pointees(state: &KeyState) {
+    prefetch(state.team.name.as_ptr());
+    if let Some(usage) = state.usage.get() {
+        prefetch(usage.counters.as_ptr());
+    }
+}
+
+/// The key's rings' slot arrays.
+fn prefetch_rings(state: &KeyState) {
+    if let Some(usage) = state.usage.get() {
+        for counter in &usage.counters {
+            if let WindowState::Rolling(window) = &counter.state {
+                window.prefetch_slots();
+            }
         }
     }
 }
