@@ -126,7 +126,9 @@ struct ReservationSnapshot {
     expires_at_ms: u64,
 }
 
-/// The whole engine state at one sequence number.
+/// The whole engine state at one sequence number. A checkpoint writes its bytes without
+/// building it (`RawCut::encode`, through the borrowed `SnapshotRef` and friends): a change
+/// here is a change there too (a test compares the bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Snapshot {
     version: u16,
@@ -140,6 +142,97 @@ struct Snapshot {
     open_reservations: Vec<ReservationSnapshot>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
+}
+
+/// A sequence of `len` elements made by a function of their index, serialized as a `Vec` of
+/// them would be (`RawCut::encode`).
+struct SeqOf<F>(usize, F);
+
+impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0))?;
+        for index in 0..self.0 {
+            seq.serialize_element(&(self.1)(index))?;
+        }
+        seq.end()
+    }
+}
+
+// `Snapshot` and its parts with borrowed fields, for `RawCut::encode`: the same fields in the
+// same order with the same serde shapes (`&str` for `String`, a sequence for a `Vec`), so the
+// same bytes.
+
+#[derive(Serialize)]
+struct SnapshotRef<'a, U, T, K, R, O> {
+    version: u16,
+    seq: u64,
+    newest_at_ms: u64,
+    policies: &'a [Option<String>],
+    users: U,
+    teams: T,
+    keys: K,
+    requests: R,
+    open_reservations: O,
+    closed_reservations: &'a [(u64, u64, Closed)],
+    next_reservation: u64,
+}
+
+#[derive(Serialize)]
+enum CounterRef<'a> {
+    Rolling {
+        head: u64,
+        wide: bool,
+        buckets: &'a [(u64, u64)],
+    },
+    Calendar {
+        period: u32,
+        count: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct KeyRef<'a, C> {
+    key: &'a str,
+    payg: bool,
+    user: &'a str,
+    team: &'a str,
+    seat: Option<u16>,
+    open_reservations: u32,
+    payg_micros: u64,
+    time_floor_ms: u64,
+    counters: Option<C>,
+}
+
+#[derive(Serialize)]
+struct TeamRef<'a> {
+    name: &'a str,
+    owner: Option<&'a str>,
+    balance_micros: u64,
+    charged_micros: u64,
+    members: &'a [(&'a str, &'a str)],
+}
+
+#[derive(Serialize)]
+struct RequestRef<'a> {
+    id: &'a str,
+    arrived_ms: u64,
+    key: &'a str,
+    resource: &'a str,
+    quantities: Quantities,
+    decision: Decision,
+    receipt: Option<Receipt>,
+    refunded: bool,
+}
+
+#[derive(Serialize)]
+struct ReservationRef<'a> {
+    id: u64,
+    key: &'a str,
+    resource: &'a str,
+    estimate: Quantities,
+    receipt: Receipt,
+    expires_at_ms: u64,
 }
 
 /// Every string a cut copies, back to back in one buffer: copying one under the locks is a
@@ -164,8 +257,12 @@ impl Texts {
         }
     }
 
+    fn str(&self, text: Text) -> &str {
+        &self.0[text.start..text.end]
+    }
+
     fn get(&self, text: Text) -> String {
-        self.0[text.start..text.end].to_owned()
+        self.str(text).to_owned()
     }
 }
 
@@ -263,6 +360,9 @@ struct RawCut {
     open_reservations: Vec<RawReservation>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
+    /// How many bytes this cut's buffers last encoded to: room reserved for the next encoding
+    /// (kept by `clear`).
+    encoded_bytes: usize,
 }
 
 impl RawCut {
@@ -311,6 +411,7 @@ impl RawCut {
             open_reservations,
             closed_reservations,
             next_reservation,
+            encoded_bytes: _,
         } = self;
         (*seq, *newest_at_ms, *next_reservation) = (0, 0, 0);
         policies.clear();
@@ -598,6 +699,187 @@ impl RawCut {
         }
     }
 
+    /// The snapshot's bincode bytes written straight from the cut: the very bytes of
+    /// `bincode::serialize(&self.to_snapshot())` (tested), without building the `Snapshot`
+    /// (a few strings and lists per key, allocated and freed again on the snapshot thread,
+    /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
+    /// field for field, so serde writes the same bytes.
+    fn encode(&mut self) -> Result<Vec<u8>, Error> {
+        // Room for the last encoding's size: one pass (`bincode::serialize` would first walk
+        // everything once to measure it).
+        let bytes = Vec::with_capacity(self.encoded_bytes + self.encoded_bytes / 8);
+        let bytes = self.encode_into(bytes)?;
+        self.encoded_bytes = bytes.len();
+        Ok(bytes)
+    }
+
+    fn encode_into(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let texts = &self.texts;
+        let text = |text: Text| texts.str(text);
+        let policies: Vec<Option<String>> = self
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .as_ref()
+                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
+            })
+            .collect();
+        // Every ring's live buckets in one list, each counter's range of it beside it.
+        let mut buckets = Vec::new();
+        let mut ranges = vec![0..0; self.counters.len()];
+        let mut first = 0;
+        for (policy, end) in &self.shards {
+            for key in &self.keys[first..*end] {
+                for index in key.counters.clone().unwrap_or(0..0) {
+                    if let RawCounter::Rolling { id, ring, slots } = &self.counters[index] {
+                        let shape = policy
+                            .counter(CounterId(*id))
+                            .window
+                            .shape()
+                            .unwrap_or_else(|| unreachable!("a ring is on a rolling window"));
+                        let from = buckets.len();
+                        ring.append_live_buckets(shape, &self.slots[slots.clone()], &mut buckets);
+                        ranges[index] = from..buckets.len();
+                    }
+                }
+            }
+            first = *end;
+        }
+        // The orders `to_snapshot` sorts into, as lists of indexes. Names are compared by
+        // their first 16 bytes as one integer first (`name_prefix`): no pointer to follow.
+        let user_keys = |user: &RawUser| {
+            self.payg_keys[user.payg_keys.clone()]
+                .iter()
+                .map(|&key| text(key))
+        };
+        let mut users = by_name_prefix(&self.users, |user| text(user.name));
+        users.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
+            let (a, b) = (&self.users[a], &self.users[b]);
+            prefix_a.cmp(&prefix_b).then_with(|| {
+                (text(a.name), text(a.default_team))
+                    .cmp(&(text(b.name), text(b.default_team)))
+                    .then_with(|| user_keys(a).cmp(user_keys(b)))
+            })
+        });
+        let mut teams = by_name_prefix(&self.teams, |team| text(team.name));
+        teams.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
+            prefix_a
+                .cmp(&prefix_b)
+                .then_with(|| text(self.teams[a].name).cmp(text(self.teams[b].name)))
+        });
+        let mut members: Vec<(&str, &str)> = self
+            .members
+            .iter()
+            .map(|&(user, key)| (text(user), text(key)))
+            .collect();
+        for team in &self.teams {
+            members[team.members.clone()].sort();
+        }
+        let mut keys = by_name_prefix(&self.keys, |key| text(key.key));
+        keys.sort_unstable_by(|&(prefix_a, a), &(prefix_b, b)| {
+            prefix_a
+                .cmp(&prefix_b)
+                .then_with(|| text(self.keys[a].key).cmp(text(self.keys[b].key)))
+        });
+        let mut requests: Vec<usize> = (0..self.requests.len()).collect();
+        requests.sort_by(|&a, &b| {
+            let (a, b) = (&self.requests[a], &self.requests[b]);
+            (a.arrived_ms, text(a.id)).cmp(&(b.arrived_ms, text(b.id)))
+        });
+        let mut open: Vec<usize> = (0..self.open_reservations.len()).collect();
+        open.sort_by_key(|&index| self.open_reservations[index].id);
+        let mut closed = self.closed_reservations.clone();
+        closed.sort_by_key(|closed| closed.0);
+
+        let snapshot = SnapshotRef {
+            version: FORMAT_VERSION,
+            seq: self.seq,
+            newest_at_ms: self.newest_at_ms,
+            policies: &policies,
+            users: SeqOf(users.len(), |index: usize| {
+                let user = &self.users[users[index].1];
+                let payg_keys = &self.payg_keys[user.payg_keys.clone()];
+                (
+                    text(user.name),
+                    text(user.default_team),
+                    SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
+                )
+            }),
+            teams: SeqOf(teams.len(), |index: usize| {
+                let team = &self.teams[teams[index].1];
+                TeamRef {
+                    name: text(team.name),
+                    owner: team.owner.map(text),
+                    balance_micros: team.balance_micros,
+                    charged_micros: team.charged_micros,
+                    members: &members[team.members.clone()],
+                }
+            }),
+            keys: SeqOf(keys.len(), |index: usize| {
+                let key = &self.keys[keys[index].1];
+                KeyRef {
+                    key: text(key.key),
+                    payg: key.payg,
+                    user: text(key.user),
+                    team: text(key.team),
+                    seat: key.seat,
+                    open_reservations: key.open_reservations,
+                    payg_micros: key.payg_micros,
+                    time_floor_ms: key.time_floor_ms,
+                    counters: key.counters.clone().map(|counters| {
+                        let (buckets, ranges) = (&buckets, &ranges);
+                        SeqOf(counters.len(), move |offset: usize| {
+                            let index = counters.start + offset;
+                            match &self.counters[index] {
+                                RawCounter::Rolling { id, ring, .. } => (
+                                    *id,
+                                    CounterRef::Rolling {
+                                        head: ring.head,
+                                        wide: ring.wide,
+                                        buckets: &buckets[ranges[index].clone()],
+                                    },
+                                ),
+                                &RawCounter::Calendar { id, period, count } => {
+                                    (id, CounterRef::Calendar { period, count })
+                                }
+                            }
+                        })
+                    }),
+                }
+            }),
+            requests: SeqOf(requests.len(), |index: usize| {
+                let request = &self.requests[requests[index]];
+                RequestRef {
+                    id: text(request.id),
+                    arrived_ms: request.arrived_ms,
+                    key: text(request.key),
+                    resource: text(request.resource),
+                    quantities: request.quantities,
+                    decision: request.decision,
+                    receipt: request.receipt,
+                    refunded: request.refunded,
+                }
+            }),
+            open_reservations: SeqOf(open.len(), |index: usize| {
+                let reservation = &self.open_reservations[open[index]];
+                ReservationRef {
+                    id: reservation.id,
+                    key: text(reservation.key),
+                    resource: text(reservation.resource),
+                    estimate: reservation.estimate,
+                    receipt: reservation.receipt,
+                    expires_at_ms: reservation.expires_at_ms,
+                }
+            }),
+            closed_reservations: &closed,
+            next_reservation: self.next_reservation,
+        };
+        bincode::serialize_into(&mut bytes, &snapshot)
+            .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
+        Ok(bytes)
+    }
+
     fn key_snapshot(&self, policy: &Policy, key: &RawKey) -> KeySnapshot {
         let counters = key.counters.clone().map(|counters| {
             self.counters[counters]
@@ -635,6 +917,25 @@ impl RawCut {
             counters,
         }
     }
+}
+
+/// `items` as `(name_prefix(name), index)`, to be sorted by name.
+fn by_name_prefix<'a, T>(items: &[T], name: impl Fn(&T) -> &'a str) -> Vec<(u128, usize)> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| (name_prefix(name(item)), index))
+        .collect()
+}
+
+/// The first 16 bytes of `name`, zero-padded, as a big-endian integer: two names whose
+/// prefixes differ compare as their prefixes do (a name that is a prefix of another pads with
+/// zeros, which sort first); equal prefixes say nothing, and the names are compared.
+fn name_prefix(name: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    let length = name.len().min(16);
+    bytes[..length].copy_from_slice(&name.as_bytes()[..length]);
+    u128::from_be_bytes(bytes)
 }
 
 /// The first allocations a key's copy reads: its name, user, team and usage.
@@ -1167,15 +1468,14 @@ impl Engine {
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
-        let cut = self.cut_rotating(journal);
-        let snapshot = cut.to_snapshot();
+        let mut cut = self.cut_rotating(journal);
+        let (seq, bytes) = (cut.seq, cut.encode());
         self.cuts.give_back(cut);
-        let bytes = bincode::serialize(&snapshot)
-            .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
+        let bytes = bytes?;
         journal.sync()?;
-        journal.write_snapshot(snapshot.seq, &bytes)?;
-        self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
-        Ok(snapshot.seq)
+        journal.write_snapshot(seq, &bytes)?;
+        self.checkpointed_seq.store(seq, Ordering::Relaxed);
+        Ok(seq)
     }
 
     /// The cut of a checkpoint; the next segment starts right after it, so compaction can drop
@@ -1197,17 +1497,16 @@ impl Engine {
         if journal.finish_snapshot_in_background().is_err() {
             return;
         }
-        let cut = self.cut_rotating(journal);
+        let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
         journal.write_snapshot_in_background(
             seq,
             Box::new(move || {
-                let snapshot = cut.to_snapshot();
+                let bytes = cut.encode();
                 Cuts::keep_spare(&spare, cut);
-                bincode::serialize(&snapshot)
-                    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+                bytes
             }),
         );
     }
@@ -1945,6 +2244,15 @@ mod tests {
                     .expect("seat");
             }
         }
+        // Long names sharing their first 16 bytes (sorted past their prefixes).
+        for index in [3u64, 1, 12, 2, 11] {
+            let user = format!("a-user-with-a-long-name-{index}");
+            let key = format!("tp-with-a-long-name-{index}");
+            engine.create_user(&user, &key, Some(T0)).expect("user");
+            engine
+                .assign_seat(&format!("@{user}"), &user, "Plus", Some(T0))
+                .expect("seat");
+        }
         // Keys used once, then reclaimed as idle a week later: they keep a time floor.
         for index in 0..20u64 {
             let _ = engine.consume(&m27(&format!("tp-{index}"), 1, T0 + index * MINUTE));
@@ -2001,6 +2309,10 @@ mod tests {
             for step in 0..5 {
                 let _ = engine.consume(&m27(&key, 2, t1 + step * MINUTE));
             }
+        }
+        for index in [3u64, 1, 12, 2, 11] {
+            let key = format!("tp-with-a-long-name-{index}");
+            let _ = engine.consume(&m27(&key, 1, t1 + index * MINUTE));
         }
         // Request ids: admitted ones, and a denied one (a key without a seat or credits).
         for step in 0..40u64 {
@@ -2085,12 +2397,15 @@ mod tests {
         assert!(reference.users.iter().any(|user| !user.2.is_empty()));
 
         assert_eq!(snapshot, reference);
-        let bytes = bincode::serialize(&snapshot).expect("encoding");
+        let bytes = bincode::serialize(&reference).expect("encoding");
         assert_eq!(
+            bincode::serialize(&snapshot).expect("encoding"),
             bytes,
-            bincode::serialize(&reference).expect("encoding"),
             "the snapshot's bytes changed"
         );
+        // What a checkpoint writes: the bytes straight from the cut.
+        let written = engine.cut_raw(|| 4_242).encode().expect("encoding");
+        assert!(written == bytes, "RawCut::encode wrote other bytes");
 
         // And a restored engine cuts to the same snapshot again.
         let restored = Engine::new(
@@ -2116,6 +2431,8 @@ mod tests {
         let reference = engine.cut_reference(5_000);
         assert_ne!(reference.keys, snapshot.keys);
         assert_eq!(engine.cut(|| 5_000), reference);
+        let written = engine.cut_raw(|| 5_000).encode().expect("encoding");
+        assert!(written == bincode::serialize(&reference).expect("encoding"));
     }
 
     #[test]

@@ -592,27 +592,36 @@ impl RawRing {
     /// `buckets(shape, head)` returned (with bucket numbers instead of start times) when the
     /// ring was copied. `slots` is what `copy_raw` appended for this ring.
     pub fn live_buckets(self, shape: RollingShape, slots: &[(u32, u64)]) -> Vec<(u64, u64)> {
+        let mut live = Vec::new();
+        self.append_live_buckets(shape, slots, &mut live);
+        live
+    }
+
+    /// `live_buckets`, appended to `out`.
+    pub fn append_live_buckets(
+        self,
+        shape: RollingShape,
+        slots: &[(u32, u64)],
+        out: &mut Vec<(u64, u64)>,
+    ) {
         let laps = shape.slots();
         let head_slot = self.head % laps;
-        let mut live: Vec<(u64, u64)> = slots
-            .iter()
-            .filter_map(|&(index, raw)| {
-                let (tag, count) = if self.wide {
-                    ((raw >> 32) as u32, raw & 0xFFFF_FFFF)
-                } else {
-                    ((raw as u32) >> 16, raw & 0xFFFF)
-                };
-                // The one bucket of the live range `head - N ..= head` this slot can hold
-                // (none below epoch 0 while the head is younger than a window).
-                let behind = (head_slot + laps - u64::from(index)) % laps;
-                let bucket = self.head.checked_sub(behind)?;
-                let lap = shape.lap(bucket) as u32;
-                let current = if self.wide { lap } else { lap & 0xFFFF };
-                (count > 0 && tag == current).then_some((bucket, count))
-            })
-            .collect();
-        live.sort_unstable_by_key(|&(bucket, _)| bucket);
-        live
+        let first = out.len();
+        out.extend(slots.iter().filter_map(|&(index, raw)| {
+            let (tag, count) = if self.wide {
+                ((raw >> 32) as u32, raw & 0xFFFF_FFFF)
+            } else {
+                ((raw as u32) >> 16, raw & 0xFFFF)
+            };
+            // The one bucket of the live range `head - N ..= head` this slot can hold (none
+            // below epoch 0 while the head is younger than a window).
+            let behind = (head_slot + laps - u64::from(index)) % laps;
+            let bucket = self.head.checked_sub(behind)?;
+            let lap = shape.lap(bucket) as u32;
+            let current = if self.wide { lap } else { lap & 0xFFFF };
+            (count > 0 && tag == current).then_some((bucket, count))
+        }));
+        out[first..].sort_unstable_by_key(|&(bucket, _)| bucket);
     }
 }
 
