@@ -664,6 +664,10 @@ fn throughput(settings: &Settings, body: &[u8]) {
         }
     }
     print_throughput(settings, &raw, &configs);
+    // The periodic checkpoints' cuts held every lock: admission waited that long each time.
+    for (what, engine) in [("Sync", &sync_engine), ("None", &none_engine)] {
+        println!("{what} database: {}", cut_summary(engine, settings.keys));
+    }
     sync_engine.close().expect("closing the Sync database");
     none_engine.close().expect("closing the None database");
     println!();
@@ -685,6 +689,34 @@ fn throughput(settings: &Settings, body: &[u8]) {
         none_cursor.load(Ordering::Relaxed)
     );
     space_report(&none_database);
+}
+
+/// The checkpoint cuts this engine took so far: how long each held the engine's locks (every
+/// key shard write-locked: no admission meanwhile; and from its first lock to its last).
+fn cut_summary(engine: &Engine, keys: usize) -> String {
+    let times = engine.cut_lock_times();
+    if times.is_empty() {
+        return "checkpoint cut: none taken".into();
+    }
+    let summary = |held: &mut Vec<f64>| {
+        let longest = held.iter().copied().fold(0.0, f64::max);
+        format!("median {:.2} ms, max {longest:.2} ms", median(held))
+    };
+    let milliseconds = |time: std::time::Duration| time.as_secs_f64() * 1e3;
+    let mut shards: Vec<f64> = times
+        .iter()
+        .map(|time| milliseconds(time.key_shards))
+        .collect();
+    let mut every: Vec<f64> = times
+        .iter()
+        .map(|time| milliseconds(time.every_lock))
+        .collect();
+    format!(
+        "checkpoint cut: {} cuts, {} with {keys} keys (key shards write-locked); every lock held {}",
+        times.len(),
+        summary(&mut shards),
+        summary(&mut every)
+    )
 }
 
 fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {

@@ -236,6 +236,8 @@ pub struct Engine {
     pub(crate) retention_ms: AtomicU64,
     // Relaxed fetch_max: the newest event time logged, stamped on snapshots.
     newest_event_ms: AtomicU64,
+    /// How long each checkpoint cut held the locks, and the last cut's buffers (`recovery`).
+    pub(crate) cuts: crate::recovery::Cuts,
 }
 
 impl std::fmt::Debug for Engine {
@@ -295,6 +297,7 @@ impl Engine {
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
             journal: std::sync::OnceLock::new(),
             checkpointing: Mutex::new(()),
+            cuts: crate::recovery::Cuts::default(),
             checkpointed_seq: AtomicU64::new(0),
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),

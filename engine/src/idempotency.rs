@@ -147,7 +147,29 @@ impl RequestTable {
         self.shards.iter().map(|shard| shard.lock()).collect()
     }
 
-    /// The remembered records, oldest first, as `(arrival ms, id, record)`: for a snapshot.
+    /// Visits the remembered records as `(arrival ms, id, record)`, in no particular order:
+    /// for a checkpoint's cut, which puts them in order after letting go of the locks.
+    pub fn visit<'a>(
+        guards: &'a [parking_lot::MutexGuard<'_, Shard>],
+        mut visit: impl FnMut(u64, &'a str, &'a RequestRecord),
+    ) {
+        for shard in guards {
+            for (arrived_ms, id) in &shard.arrivals {
+                // Only the arrival that created the record (an id may have come back since).
+                match shard.records.get_key_value(id) {
+                    Some((stored, record)) if Arc::ptr_eq(stored, id) => {
+                        visit(*arrived_ms, stored, record);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The remembered records, oldest first, as `(arrival ms, id, record)`: the snapshot's
+    /// order, as the cut gathered it before it let go of the locks first (the reference its
+    /// test compares with).
+    #[cfg(test)]
     pub fn export<'a>(
         guards: &'a [parking_lot::MutexGuard<'_, Shard>],
     ) -> Vec<(u64, String, &'a RequestRecord)> {

@@ -34,6 +34,12 @@ use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
 
+mod cut;
+
+pub use cut::CutLockTime;
+pub(crate) use cut::Cuts;
+use cut::RawCut;
+
 /// How to open a database.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -122,7 +128,9 @@ struct ReservationSnapshot {
     expires_at_ms: u64,
 }
 
-/// The whole engine state at one sequence number.
+/// The whole engine state at one sequence number. A checkpoint writes its bytes without
+/// building it (`RawCut::encode`, through the borrowed `SnapshotRef` and friends): a change
+/// here is a change there too (a test compares the bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Snapshot {
     version: u16,
@@ -588,41 +596,45 @@ impl Engine {
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
-        let snapshot = self.cut_rotating(journal);
-        let bytes = bincode::serialize(&snapshot)
-            .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
+        let mut cut = self.cut_rotating(journal);
+        let (seq, bytes) = (cut.seq, cut.encode());
+        self.cuts.give_back(cut);
+        let bytes = bytes?;
         journal.sync()?;
-        journal.write_snapshot(snapshot.seq, &bytes)?;
-        self.checkpointed_seq.store(snapshot.seq, Ordering::Relaxed);
-        Ok(snapshot.seq)
+        journal.write_snapshot(seq, &bytes)?;
+        self.checkpointed_seq.store(seq, Ordering::Relaxed);
+        Ok(seq)
     }
 
     /// The cut of a checkpoint; the next segment starts right after it, so compaction can drop
     /// whole segments.
-    fn cut_rotating(&self, journal: &EventLog) -> Snapshot {
-        self.cut(|| {
+    fn cut_rotating(&self, journal: &EventLog) -> RawCut {
+        self.cut_raw(|| {
             let seq = journal.next_seq() - 1;
             journal.rotate_at(seq + 1);
             seq
         })
     }
 
-    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); encoding
-    /// it, waiting for the log to be durable up to it and writing it happen on the log's
-    /// snapshot thread, so the caller that crossed the threshold goes back to work at once.
+    /// A periodic checkpoint: the cut is taken here (every lock held for its duration); making
+    /// the snapshot of it, encoding it, waiting for the log to be durable up to it and writing
+    /// it happen on the log's snapshot thread, so the caller that crossed the threshold goes
+    /// back to work at once.
     fn checkpoint_in_background(&self, journal: &EventLog) {
         let _one_at_a_time = self.checkpointing.lock();
         if journal.finish_snapshot_in_background().is_err() {
             return;
         }
-        let snapshot = self.cut_rotating(journal);
-        let seq = snapshot.seq;
+        let mut cut = self.cut_rotating(journal);
+        let seq = cut.seq;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
+        let spare = Arc::clone(&self.cuts.spare);
         journal.write_snapshot_in_background(
             seq,
             Box::new(move || {
-                bincode::serialize(&snapshot)
-                    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+                let bytes = cut.encode();
+                Cuts::keep_spare(&spare, cut);
+                bytes
             }),
         );
     }
@@ -644,14 +656,15 @@ impl Engine {
         }
     }
 
-    /// Builds a snapshot with every lock taken in the engine's lock order.
-    fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+    /// The cut as it was gathered before `cut_raw` (every string and bucket list built under
+    /// the locks): the reference the raw cut is tested against.
+    #[cfg(test)]
+    fn cut_reference(&self, seq: u64) -> Snapshot {
         let table = self.reservations.inner.lock();
         let requests_guard = self.requests.lock_all();
         let registry = self.registry.lock();
         let policies_guard = self.policies.read();
         let shards = self.keys.lock_all();
-        let seq = seq();
         let teams: Vec<TeamSnapshot> = registry
             .teams
             .values()
@@ -1129,6 +1142,7 @@ fn normalized(snapshot: &Snapshot, reference: &Snapshot) -> Snapshot {
     out
 }
 
+#[cfg(test)]
 fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
     let counters = state.usage.get().map(|usage| {
         usage
@@ -1245,5 +1259,251 @@ impl Debts {
             self.owed.remove(&entry);
         }
         paid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::engine::UsageRequest;
+    use crate::policy::Unit;
+
+    const T0: u64 = 1_790_000_000_000;
+    const MINUTE: u64 = 60_000;
+    const DAY: u64 = 24 * 60 * MINUTE;
+
+    fn m27(key: &str, requests: u64, at_ms: u64) -> UsageRequest<'_> {
+        static QUANTITIES: [[(Unit, u64); 2]; 4] = [
+            [(Unit::Requests, 1), (Unit::Tokens, 1_000)],
+            [(Unit::Requests, 2), (Unit::Tokens, 2_000)],
+            [(Unit::Requests, 3), (Unit::Tokens, 3_000)],
+            [(Unit::Requests, 4), (Unit::Tokens, 4_000)],
+        ];
+        UsageRequest::new(key, "m2.7", &QUANTITIES[(requests as usize - 1) % 4]).at(at_ms)
+    }
+
+    /// An engine holding every kind of state a snapshot carries: narrow rings (request
+    /// quotas), wide rings (the priced usage bar), daily and weekly counters, dormant counters
+    /// of an earlier plan, keys reclaimed with a time floor, pay-as-you-go keys, teams with
+    /// members and credits, request ids (admitted and denied), open and closed reservations.
+    fn busy_engine() -> (Engine, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Engine::new(
+            Policy::token_plan(),
+            clock.clone(),
+            EngineOptions::default(),
+        );
+        let plans = ["Starter", "Plus", "Bar-Plus", "Max", ""];
+        for index in 0..300u64 {
+            let user = format!("user-{index}");
+            engine
+                .create_user(&user, &format!("tp-{index}"), Some(T0))
+                .expect("user");
+            let plan = plans[index as usize % plans.len()];
+            if !plan.is_empty() {
+                engine
+                    .assign_seat(&format!("@{user}"), &user, plan, Some(T0))
+                    .expect("seat");
+            }
+        }
+        // Long names sharing their first 16 bytes (sorted past their prefixes).
+        for index in [3u64, 1, 12, 2, 11] {
+            let user = format!("a-user-with-a-long-name-{index}");
+            let key = format!("tp-with-a-long-name-{index}");
+            engine.create_user(&user, &key, Some(T0)).expect("user");
+            engine
+                .assign_seat(&format!("@{user}"), &user, "Plus", Some(T0))
+                .expect("seat");
+        }
+        // Keys used once, then reclaimed as idle a week later: they keep a time floor.
+        for index in 0..20u64 {
+            let _ = engine.consume(&m27(&format!("tp-{index}"), 1, T0 + index * MINUTE));
+        }
+        let t1 = T0 + 8 * DAY;
+        assert!(engine.reclaim_idle(Some(t1)).expect("reclaim") > 0);
+        clock.set_ms(t1);
+        // Usage over many buckets of the 5-hour windows, and on daily quotas.
+        for step in 0..3_000u64 {
+            let index = (step * 7) % 300;
+            let at_ms = t1 + step * MINUTE / 10;
+            let key = format!("tp-{index}");
+            let _ = engine.consume(&m27(&key, 1 + step % 4, at_ms));
+            if step % 5 == 0 {
+                let speech = UsageRequest::new(&key, "speech-2.8", &[(Unit::Characters, 40)]);
+                let _ = engine.consume(&speech.at(at_ms));
+            }
+        }
+        // Dormant counters: Plus keys with usage move to the shared usage bar, and back on one.
+        for index in [1u64, 6, 11, 16, 21, 26] {
+            let user = format!("user-{index}");
+            engine
+                .assign_seat(&format!("@{user}"), &user, "Bar-Plus", Some(t1 + DAY / 4))
+                .expect("seat change");
+        }
+        engine
+            .assign_seat("@user-21", "user-21", "Plus", Some(t1 + DAY / 4))
+            .expect("seat back");
+        // A team with members, credits and a credit-paid video.
+        engine.create_team("acme", Some(t1)).expect("team");
+        for index in [2u64, 3, 4] {
+            let user = format!("user-{index}");
+            engine
+                .add_member("acme", &user, &format!("acme-{index}"), Some(t1))
+                .expect("member");
+        }
+        engine
+            .assign_seat("acme", "user-3", "Max", Some(t1))
+            .expect("seat");
+        engine.top_up("acme", 50_000_000, Some(t1)).expect("top-up");
+        engine
+            .top_up("@user-4", 3_000_000, Some(t1))
+            .expect("top-up");
+        for _ in 0..4 {
+            let video = UsageRequest::new("acme-3", "hailuo-2.3-768p-6s", &[(Unit::Videos, 1)]);
+            assert!(engine.consume(&video.at(t1 + 60 * MINUTE)).is_ok());
+        }
+        // Pay-as-you-go keys.
+        for index in [5u64, 7] {
+            let key = format!("payg-{index}");
+            engine
+                .create_payg_key(&format!("user-{index}"), &key, Some(t1))
+                .expect("payg key");
+            for step in 0..5 {
+                let _ = engine.consume(&m27(&key, 2, t1 + step * MINUTE));
+            }
+        }
+        for index in [3u64, 1, 12, 2, 11] {
+            let key = format!("tp-with-a-long-name-{index}");
+            let _ = engine.consume(&m27(&key, 1, t1 + index * MINUTE));
+        }
+        // Request ids: admitted ones, and a denied one (a key without a seat or credits).
+        for step in 0..40u64 {
+            let id = format!("req-{step}");
+            let key = format!("tp-{}", 30 + step % 7);
+            let request = m27(&key, 1, t1 + 70 * MINUTE + step).id(&id);
+            engine.consume(&request).expect("a request with an id");
+        }
+        let id = "req-denied";
+        let denied = engine
+            .consume(&m27("tp-9", 1, t1 + 80 * MINUTE).id(id))
+            .expect("a denial is a decision");
+        assert!(!denied.is_admitted());
+        // Reservations: some settled, one voided, some left open.
+        let mut reserved = Vec::new();
+        for index in [8u64, 13, 17, 22, 23] {
+            let key = format!("tp-{index}");
+            let outcome = engine
+                .reserve(&m27(&key, 3, t1 + 90 * MINUTE), Some(3_600_000))
+                .expect("reserve");
+            reserved.extend(outcome.reservation);
+        }
+        assert!(reserved.len() >= 4, "{reserved:?}");
+        engine
+            .settle(
+                reserved[0],
+                &[(Unit::Requests, 2), (Unit::Tokens, 500)],
+                Some(t1 + 95 * MINUTE),
+            )
+            .expect("settle");
+        engine
+            .void(reserved[1], Some(t1 + 96 * MINUTE))
+            .expect("void");
+        (engine, clock)
+    }
+
+    #[test]
+    fn the_raw_cut_makes_the_snapshot_the_locked_gathering_made() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut_reference(4_242);
+        let snapshot = engine.cut(|| 4_242);
+        // Every kind of state is there, so the comparison covers it.
+        let counters: Vec<&CounterSnapshot> = reference
+            .keys
+            .iter()
+            .flat_map(|key| key.counters.iter().flatten().map(|(_, counter)| counter))
+            .collect();
+        let rings = |wide: bool| {
+            counters
+                .iter()
+                .filter(|counter| {
+                    matches!(counter, CounterSnapshot::Rolling { wide: w, buckets, .. }
+                        if *w == wide && buckets.len() > 1)
+                })
+                .count()
+        };
+        assert!(rings(false) > 10 && rings(true) > 10);
+        assert!(counters.iter().any(
+            |counter| matches!(counter, CounterSnapshot::Calendar { count, .. } if *count > 0)
+        ));
+        assert!(reference.keys.iter().any(|key| key.time_floor_ms > 0));
+        assert!(reference
+            .keys
+            .iter()
+            .any(|key| key.payg && key.payg_micros > 0));
+        assert!(reference.keys.iter().any(|key| {
+            let plan = key
+                .seat
+                .map_or(0, |seat| engine.policy().plan(PlanId(seat)).limits.len());
+            key.counters
+                .as_ref()
+                .is_some_and(|counters| counters.len() > plan)
+        }));
+        assert!(reference.teams.iter().any(|team| team.members.len() == 3));
+        assert!(reference.requests.len() == 41);
+        assert!(reference
+            .requests
+            .iter()
+            .any(|request| request.receipt.is_none()));
+        assert!(reference.open_reservations.len() >= 2);
+        assert_eq!(reference.closed_reservations.len(), 2);
+        assert!(reference.users.iter().any(|user| !user.2.is_empty()));
+
+        assert_eq!(snapshot, reference);
+        let bytes = bincode::serialize(&reference).expect("encoding");
+        assert_eq!(
+            bincode::serialize(&snapshot).expect("encoding"),
+            bytes,
+            "the snapshot's bytes changed"
+        );
+        // What a checkpoint writes: the bytes straight from the cut.
+        let written = engine.cut_raw(|| 4_242).encode().expect("encoding");
+        assert!(written == bytes, "RawCut::encode wrote other bytes");
+
+        // And a restored engine cuts to the same snapshot again.
+        let restored = Engine::new(
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0 + 8 * DAY)),
+            EngineOptions::default(),
+        );
+        restored
+            .restore(&decode_snapshot(&bytes, 4_242).expect("decoding"))
+            .expect("restoring");
+        assert_eq!(restored.cut(|| 4_242), reference);
+        assert_eq!(restored.cut_reference(4_242), reference);
+
+        // A later cut reuses the buffers of the one before (emptied): still the same.
+        let t2 = T0 + 8 * DAY + 3 * 60 * MINUTE;
+        for step in 0..500u64 {
+            let key = format!("tp-{}", (step * 13) % 300);
+            let _ = engine.consume(&m27(&key, 1 + step % 4, t2 + step * MINUTE / 7));
+        }
+        engine
+            .create_user("late", "tp-late", Some(t2))
+            .expect("user");
+        let reference = engine.cut_reference(5_000);
+        assert_ne!(reference.keys, snapshot.keys);
+        assert_eq!(engine.cut(|| 5_000), reference);
+        let written = engine.cut_raw(|| 5_000).encode().expect("encoding");
+        assert!(written == bincode::serialize(&reference).expect("encoding"));
+    }
+
+    #[test]
+    fn every_cut_is_timed() {
+        let (engine, _clock) = busy_engine();
+        assert!(engine.cut_lock_times().is_empty());
+        engine.cut(|| 1);
+        engine.cut(|| 2);
+        assert_eq!(engine.cut_lock_times().len(), 2);
     }
 }

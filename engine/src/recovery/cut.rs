@@ -1,0 +1,974 @@
+//! A checkpoint's cut: the state copied raw under the locks (`RawCut`), and made into the
+//! snapshot's bytes (or a `Snapshot`) after they are let go.
+//!
+//! While the key shards are write-locked no admission runs, so the copy spends nothing there:
+//! strings go back to back into one buffer, counters as their words, each ring as its head and
+//! occupied slots (`RollingWindow::copy_raw`), into the previous cut's buffers, with every
+//! key's scattered allocations prefetched a few keys ahead. Turning slots into live buckets,
+//! sorting and encoding happen afterwards, for a periodic checkpoint on the snapshot thread.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use super::{
+    storage, CounterSnapshot, KeySnapshot, RequestSnapshot, ReservationSnapshot, Snapshot,
+    TeamSnapshot,
+};
+use crate::accounts::{KeyKind, KeyState, Registry, Shard, TeamRecord, UserRecord};
+use crate::admission::{Decision, Quantities, Receipt};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::event::FORMAT_VERSION;
+use crate::idempotency::RequestRecord;
+use crate::ledger::{Team, WindowState};
+use crate::policy::{CounterId, Policy};
+use crate::reservation::{Closed, ReservationInner};
+use crate::window::{prefetch, RawRing};
+
+/// How many cut durations `Engine::cut_lock_times` keeps.
+const CUT_TIMES_KEPT: usize = 4_096;
+
+/// A sequence of `len` elements made by a function of their index, serialized as a `Vec` of
+/// them would be (`RawCut::encode`).
+struct SeqOf<F>(usize, F);
+
+impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.0))?;
+        for index in 0..self.0 {
+            seq.serialize_element(&(self.1)(index))?;
+        }
+        seq.end()
+    }
+}
+
+// `Snapshot` and its parts with borrowed fields, for `RawCut::encode`: the same fields in the
+// same order with the same serde shapes (`&str` for `String`, a sequence for a `Vec`), so the
+// same bytes.
+
+#[derive(Serialize)]
+struct SnapshotRef<'a, U, T, K, R, O> {
+    version: u16,
+    seq: u64,
+    newest_at_ms: u64,
+    policies: &'a [Option<String>],
+    users: U,
+    teams: T,
+    keys: K,
+    requests: R,
+    open_reservations: O,
+    closed_reservations: &'a [(u64, u64, Closed)],
+    next_reservation: u64,
+}
+
+#[derive(Serialize)]
+enum CounterRef<'a> {
+    Rolling {
+        head: u64,
+        wide: bool,
+        buckets: &'a [(u64, u64)],
+    },
+    Calendar {
+        period: u32,
+        count: u64,
+    },
+}
+
+#[derive(Serialize)]
+struct KeyRef<'a, C> {
+    key: &'a str,
+    payg: bool,
+    user: &'a str,
+    team: &'a str,
+    seat: Option<u16>,
+    open_reservations: u32,
+    payg_micros: u64,
+    time_floor_ms: u64,
+    counters: Option<C>,
+}
+
+#[derive(Serialize)]
+struct TeamRef<'a> {
+    name: &'a str,
+    owner: Option<&'a str>,
+    balance_micros: u64,
+    charged_micros: u64,
+    members: &'a [(&'a str, &'a str)],
+}
+
+#[derive(Serialize)]
+struct RequestRef<'a> {
+    id: &'a str,
+    arrived_ms: u64,
+    key: &'a str,
+    resource: &'a str,
+    quantities: Quantities,
+    decision: Decision,
+    receipt: Option<Receipt>,
+    refunded: bool,
+}
+
+#[derive(Serialize)]
+struct ReservationRef<'a> {
+    id: u64,
+    key: &'a str,
+    resource: &'a str,
+    estimate: Quantities,
+    receipt: Receipt,
+    expires_at_ms: u64,
+}
+
+/// Every string a cut copies, back to back in one buffer: copying one under the locks is a
+/// `memcpy` onto its end, not an allocation.
+#[derive(Debug, Default)]
+struct Texts(String);
+
+/// One string of a cut's `Texts`.
+#[derive(Debug, Clone, Copy)]
+struct Text {
+    start: usize,
+    end: usize,
+}
+
+impl Texts {
+    fn push(&mut self, text: &str) -> Text {
+        let start = self.0.len();
+        self.0.push_str(text);
+        Text {
+            start,
+            end: self.0.len(),
+        }
+    }
+
+    fn str(&self, text: Text) -> &str {
+        &self.0[text.start..text.end]
+    }
+
+    fn get(&self, text: Text) -> String {
+        self.str(text).to_owned()
+    }
+}
+
+/// A counter as the cut copied it.
+#[derive(Debug)]
+enum RawCounter {
+    /// A ring's head and width, and where its occupied slots are in `RawCut::slots`.
+    Rolling {
+        id: u16,
+        ring: RawRing,
+        slots: std::ops::Range<usize>,
+    },
+    Calendar {
+        id: u16,
+        period: u32,
+        count: u64,
+    },
+}
+
+#[derive(Debug)]
+struct RawKey {
+    key: Text,
+    user: Text,
+    team: Text,
+    payg: bool,
+    seat: Option<u16>,
+    open_reservations: u32,
+    payg_micros: u64,
+    time_floor_ms: u64,
+    /// Its counters in `RawCut::counters`; `None` when the key holds no usage.
+    counters: Option<std::ops::Range<usize>>,
+}
+
+#[derive(Debug)]
+struct RawTeam {
+    name: Text,
+    owner: Option<Text>,
+    balance_micros: u64,
+    charged_micros: u64,
+    /// Its `(user, key)` pairs in `RawCut::members`.
+    members: std::ops::Range<usize>,
+}
+
+#[derive(Debug)]
+struct RawUser {
+    name: Text,
+    default_team: Text,
+    /// Its pay-as-you-go keys in `RawCut::payg_keys`.
+    payg_keys: std::ops::Range<usize>,
+}
+
+#[derive(Debug)]
+struct RawRequest {
+    arrived_ms: u64,
+    id: Text,
+    key: Text,
+    resource: Text,
+    quantities: Quantities,
+    decision: Decision,
+    receipt: Option<Receipt>,
+    refunded: bool,
+}
+
+#[derive(Debug)]
+struct RawReservation {
+    id: u64,
+    key: Text,
+    resource: Text,
+    estimate: Quantities,
+    receipt: Receipt,
+    expires_at_ms: u64,
+}
+
+/// The engine's state at one sequence number as a checkpoint's cut copied it under every lock:
+/// only raw copies (strings into one buffer, counter words, policies by reference), so the
+/// locks are held as briefly as possible. `into_snapshot` makes the `Snapshot` of it, off the
+/// locks.
+#[derive(Debug, Default)]
+pub(crate) struct RawCut {
+    pub(super) seq: u64,
+    newest_at_ms: u64,
+    policies: Vec<Option<Arc<Policy>>>,
+    texts: Texts,
+    /// Each key shard's policy and the end of its keys in `keys` (shards in order).
+    shards: Vec<(Arc<Policy>, usize)>,
+    keys: Vec<RawKey>,
+    counters: Vec<RawCounter>,
+    /// Every ring's occupied slots, `(slot index, raw word)` (`RollingWindow::copy_raw`).
+    slots: Vec<(u32, u64)>,
+    teams: Vec<RawTeam>,
+    members: Vec<(Text, Text)>,
+    users: Vec<RawUser>,
+    payg_keys: Vec<Text>,
+    requests: Vec<RawRequest>,
+    open_reservations: Vec<RawReservation>,
+    closed_reservations: Vec<(u64, u64, Closed)>,
+    next_reservation: u64,
+    /// How many bytes this cut's buffers last encoded to: room reserved for the next encoding
+    /// (kept by `clear`).
+    encoded_bytes: usize,
+}
+
+impl RawCut {
+    /// A cut with room for about `keys` keys, made before the locks are taken.
+    fn with_capacity(keys: usize) -> RawCut {
+        let mut cut = RawCut::default();
+        cut.reserve(keys);
+        cut
+    }
+
+    /// Makes room for about `keys` keys (and as many users and teams), so that copying them
+    /// under the locks does not allocate.
+    fn reserve(&mut self, keys: usize) {
+        let keys = keys + keys / 16 + 64;
+        fn room<T>(buffer: &mut Vec<T>, wanted: usize) {
+            buffer.reserve(wanted.saturating_sub(buffer.len()));
+        }
+        self.texts
+            .0
+            .reserve((keys * 112).saturating_sub(self.texts.0.len()));
+        room(&mut self.shards, 64);
+        room(&mut self.keys, keys);
+        room(&mut self.counters, keys * 2);
+        room(&mut self.slots, keys * 2);
+        room(&mut self.teams, keys);
+        room(&mut self.members, keys);
+        room(&mut self.users, keys);
+    }
+
+    /// Empties the cut, keeping its buffers' memory for the next one.
+    fn clear(&mut self) {
+        let RawCut {
+            seq,
+            newest_at_ms,
+            policies,
+            texts,
+            shards,
+            keys,
+            counters,
+            slots,
+            teams,
+            members,
+            users,
+            payg_keys,
+            requests,
+            open_reservations,
+            closed_reservations,
+            next_reservation,
+            encoded_bytes: _,
+        } = self;
+        (*seq, *newest_at_ms, *next_reservation) = (0, 0, 0);
+        policies.clear();
+        texts.0.clear();
+        shards.clear();
+        keys.clear();
+        counters.clear();
+        slots.clear();
+        teams.clear();
+        members.clear();
+        users.clear();
+        payg_keys.clear();
+        requests.clear();
+        open_reservations.clear();
+        closed_reservations.clear();
+    }
+
+    /// Every key of a shard (write-locked), with the shard's policy.
+    ///
+    /// Memory-bound: a key's name, user, team, usage, counter list and rings are separate
+    /// allocations scattered over the heap, each a cache miss, and each found only through the
+    /// one before. So the loop runs a pipeline of prefetches ahead of the copy: the first
+    /// allocations `PREFETCH_AHEAD` keys ahead, what they point to half as far ahead, the rings
+    /// a quarter as far, and the misses of many keys overlap instead of adding up.
+    fn copy_keys(&mut self, shard: &Shard) {
+        const PREFETCH_AHEAD: usize = 16;
+        let mut first = shard.iter();
+        let mut second = shard.iter();
+        let mut third = shard.iter();
+        for _ in 0..PREFETCH_AHEAD {
+            if let Some((key, state)) = first.next() {
+                prefetch_key(key, state);
+            }
+        }
+        for _ in 0..PREFETCH_AHEAD / 2 {
+            if let Some((_, state)) = second.next() {
+                prefetch_key_pointees(state);
+            }
+        }
+        for _ in 0..PREFETCH_AHEAD / 4 {
+            if let Some((_, state)) = third.next() {
+                prefetch_rings(state);
+            }
+        }
+        for (key, state) in shard.iter() {
+            if let Some((key, state)) = first.next() {
+                prefetch_key(key, state);
+            }
+            if let Some((_, state)) = second.next() {
+                prefetch_key_pointees(state);
+            }
+            if let Some((_, state)) = third.next() {
+                prefetch_rings(state);
+            }
+            self.push_key(key, state);
+        }
+        self.shards
+            .push((Arc::clone(&shard.policy), self.keys.len()));
+    }
+
+    fn push_key(&mut self, key: &str, state: &KeyState) {
+        let counters = state.usage.get().map(|usage| {
+            let first = self.counters.len();
+            for counter in &usage.counters {
+                let raw = match &counter.state {
+                    WindowState::Rolling(window) => {
+                        let from = self.slots.len();
+                        let ring = window.copy_raw(&mut self.slots);
+                        RawCounter::Rolling {
+                            id: counter.id.0,
+                            ring,
+                            slots: from..self.slots.len(),
+                        }
+                    }
+                    WindowState::Calendar(calendar) => {
+                        let (period, count) = calendar.raw();
+                        RawCounter::Calendar {
+                            id: counter.id.0,
+                            period,
+                            count,
+                        }
+                    }
+                };
+                self.counters.push(raw);
+            }
+            first..self.counters.len()
+        });
+        let raw = RawKey {
+            key: self.texts.push(key),
+            user: self.texts.push(&state.user),
+            team: self.texts.push(&state.team.name),
+            payg: state.kind == KeyKind::PayAsYouGo,
+            seat: state.seat.map(|seat| seat.0),
+            open_reservations: state.open_reservations.load(Ordering::Acquire),
+            payg_micros: state.payg_micros.load(Ordering::Acquire),
+            time_floor_ms: state.time_floor_ms,
+            counters,
+        };
+        self.keys.push(raw);
+    }
+
+    /// The registry's users, teams and members (it is locked); the teams' balances are left
+    /// for `copy_balances`, once the key shards are locked too. Returns the teams in the order
+    /// of `self.teams`.
+    fn copy_registry<'r>(&mut self, registry: &'r Registry) -> Vec<&'r Team> {
+        let mut teams = Vec::with_capacity(registry.teams.len());
+        for record in registry.teams.values() {
+            self.push_team(record);
+            teams.push(&*record.team);
+        }
+        for record in registry.users.values() {
+            self.push_user(record);
+        }
+        teams
+    }
+
+    /// The balances of `teams` (as `copy_registry` returned them).
+    fn copy_balances(&mut self, teams: &[&Team]) {
+        for (raw, team) in self.teams.iter_mut().zip(teams) {
+            raw.balance_micros = team.balance_micros();
+            raw.charged_micros = team.charged_micros();
+        }
+    }
+
+    fn push_team(&mut self, record: &TeamRecord) {
+        let first = self.members.len();
+        for (user, key) in &record.members {
+            let pair = (self.texts.push(user), self.texts.push(key));
+            self.members.push(pair);
+        }
+        let raw = RawTeam {
+            name: self.texts.push(&record.team.name),
+            owner: record.owner.as_deref().map(|owner| self.texts.push(owner)),
+            balance_micros: 0,
+            charged_micros: 0,
+            members: first..self.members.len(),
+        };
+        self.teams.push(raw);
+    }
+
+    fn push_user(&mut self, record: &UserRecord) {
+        let first = self.payg_keys.len();
+        for key in &record.payg_keys {
+            let key = self.texts.push(key);
+            self.payg_keys.push(key);
+        }
+        let raw = RawUser {
+            name: self.texts.push(&record.name),
+            default_team: self.texts.push(&record.default_team),
+            payg_keys: first..self.payg_keys.len(),
+        };
+        self.users.push(raw);
+    }
+
+    fn push_request(&mut self, arrived_ms: u64, id: &str, record: &RequestRecord) {
+        let raw = RawRequest {
+            arrived_ms,
+            id: self.texts.push(id),
+            key: self.texts.push(&record.fingerprint.key),
+            resource: self.texts.push(&record.fingerprint.resource),
+            quantities: record.fingerprint.quantities,
+            decision: record.decision,
+            receipt: record.receipt,
+            refunded: record.refunded,
+        };
+        self.requests.push(raw);
+    }
+
+    /// The open and closed reservations (the table is locked).
+    fn copy_reservations(&mut self, table: &ReservationInner) {
+        for (id, reservation) in &table.open {
+            let raw = RawReservation {
+                id: *id,
+                key: self.texts.push(&reservation.key),
+                resource: self.texts.push(&reservation.resource),
+                estimate: reservation.estimate,
+                receipt: reservation.receipt,
+                expires_at_ms: reservation.expires_at_ms,
+            };
+            self.open_reservations.push(raw);
+        }
+        self.closed_reservations.extend(
+            table.closed_order.iter().filter_map(|(at_ms, id)| {
+                table.closed.get(id).map(|closed| (*id, *at_ms, *closed))
+            }),
+        );
+        self.next_reservation = table.next_id;
+    }
+
+    /// The snapshot of the cut: strings and bucket lists built, everything put in its order.
+    /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
+    fn to_snapshot(&self) -> Snapshot {
+        let texts = &self.texts;
+        let policies = self
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .as_ref()
+                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
+            })
+            .collect();
+        let mut teams: Vec<TeamSnapshot> = self
+            .teams
+            .iter()
+            .map(|team| {
+                let mut members: Vec<(String, String)> = self.members[team.members.clone()]
+                    .iter()
+                    .map(|&(user, key)| (texts.get(user), texts.get(key)))
+                    .collect();
+                members.sort();
+                TeamSnapshot {
+                    name: texts.get(team.name),
+                    owner: team.owner.map(|owner| texts.get(owner)),
+                    balance_micros: team.balance_micros,
+                    charged_micros: team.charged_micros,
+                    members,
+                }
+            })
+            .collect();
+        teams.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut users: Vec<(String, String, Vec<String>)> = self
+            .users
+            .iter()
+            .map(|user| {
+                let keys = self.payg_keys[user.payg_keys.clone()]
+                    .iter()
+                    .map(|&key| texts.get(key))
+                    .collect();
+                (texts.get(user.name), texts.get(user.default_team), keys)
+            })
+            .collect();
+        users.sort();
+        let mut keys = Vec::with_capacity(self.keys.len());
+        let mut first = 0;
+        for (policy, end) in &self.shards {
+            for key in &self.keys[first..*end] {
+                keys.push(self.key_snapshot(policy, key));
+            }
+            first = *end;
+        }
+        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let mut requests: Vec<RequestSnapshot> = self
+            .requests
+            .iter()
+            .map(|request| RequestSnapshot {
+                id: texts.get(request.id),
+                arrived_ms: request.arrived_ms,
+                key: texts.get(request.key),
+                resource: texts.get(request.resource),
+                quantities: request.quantities,
+                decision: request.decision,
+                receipt: request.receipt,
+                refunded: request.refunded,
+            })
+            .collect();
+        requests.sort_by(|a, b| (a.arrived_ms, &a.id).cmp(&(b.arrived_ms, &b.id)));
+        let mut open_reservations: Vec<ReservationSnapshot> = self
+            .open_reservations
+            .iter()
+            .map(|reservation| ReservationSnapshot {
+                id: reservation.id,
+                key: texts.get(reservation.key),
+                resource: texts.get(reservation.resource),
+                estimate: reservation.estimate,
+                receipt: reservation.receipt,
+                expires_at_ms: reservation.expires_at_ms,
+            })
+            .collect();
+        open_reservations.sort_by_key(|reservation| reservation.id);
+        let mut closed_reservations = self.closed_reservations.clone();
+        closed_reservations.sort_by_key(|closed| closed.0);
+        Snapshot {
+            version: FORMAT_VERSION,
+            seq: self.seq,
+            newest_at_ms: self.newest_at_ms,
+            policies,
+            users,
+            teams,
+            keys,
+            requests,
+            open_reservations,
+            closed_reservations,
+            next_reservation: self.next_reservation,
+        }
+    }
+
+    /// The snapshot's bincode bytes written straight from the cut: the very bytes of
+    /// `bincode::serialize(&self.to_snapshot())` (tested), without building the `Snapshot`
+    /// (a few strings and lists per key, allocated and freed again on the snapshot thread,
+    /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
+    /// field for field, so serde writes the same bytes.
+    pub(super) fn encode(&mut self) -> Result<Vec<u8>, Error> {
+        // Room for the last encoding's size: one pass (`bincode::serialize` would first walk
+        // everything once to measure it).
+        let bytes = Vec::with_capacity(self.encoded_bytes + self.encoded_bytes / 8);
+        let bytes = self.encode_into(bytes)?;
+        self.encoded_bytes = bytes.len();
+        Ok(bytes)
+    }
+
+    fn encode_into(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let texts = &self.texts;
+        let text = |text: Text| texts.str(text);
+        let policies: Vec<Option<String>> = self
+            .policies
+            .iter()
+            .map(|policy| {
+                policy
+                    .as_ref()
+                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
+            })
+            .collect();
+        // Every ring's live buckets in one list, each counter's range of it beside it.
+        let mut buckets = Vec::new();
+        let mut ranges = vec![0..0; self.counters.len()];
+        let mut first = 0;
+        for (policy, end) in &self.shards {
+            for key in &self.keys[first..*end] {
+                for index in key.counters.clone().unwrap_or(0..0) {
+                    if let RawCounter::Rolling { id, ring, slots } = &self.counters[index] {
+                        let shape = policy
+                            .counter(CounterId(*id))
+                            .window
+                            .shape()
+                            .unwrap_or_else(|| unreachable!("a ring is on a rolling window"));
+                        let from = buckets.len();
+                        ring.append_live_buckets(shape, &self.slots[slots.clone()], &mut buckets);
+                        ranges[index] = from..buckets.len();
+                    }
+                }
+            }
+            first = *end;
+        }
+        // The orders `to_snapshot` sorts into, as lists of indexes. Names are compared by
+        // their first 16 bytes as one integer first (`name_prefix`): no pointer to follow.
+        let user_keys = |user: &RawUser| {
+            self.payg_keys[user.payg_keys.clone()]
+                .iter()
+                .map(|&key| text(key))
+        };
+        let mut users = by_name_prefix(&self.users, |user| text(user.name));
+        users.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
+            let (a, b) = (&self.users[a], &self.users[b]);
+            prefix_a.cmp(&prefix_b).then_with(|| {
+                (text(a.name), text(a.default_team))
+                    .cmp(&(text(b.name), text(b.default_team)))
+                    .then_with(|| user_keys(a).cmp(user_keys(b)))
+            })
+        });
+        let mut teams = by_name_prefix(&self.teams, |team| text(team.name));
+        teams.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
+            prefix_a
+                .cmp(&prefix_b)
+                .then_with(|| text(self.teams[a].name).cmp(text(self.teams[b].name)))
+        });
+        let mut members: Vec<(&str, &str)> = self
+            .members
+            .iter()
+            .map(|&(user, key)| (text(user), text(key)))
+            .collect();
+        for team in &self.teams {
+            members[team.members.clone()].sort();
+        }
+        let mut keys = by_name_prefix(&self.keys, |key| text(key.key));
+        keys.sort_unstable_by(|&(prefix_a, a), &(prefix_b, b)| {
+            prefix_a
+                .cmp(&prefix_b)
+                .then_with(|| text(self.keys[a].key).cmp(text(self.keys[b].key)))
+        });
+        let mut requests: Vec<usize> = (0..self.requests.len()).collect();
+        requests.sort_by(|&a, &b| {
+            let (a, b) = (&self.requests[a], &self.requests[b]);
+            (a.arrived_ms, text(a.id)).cmp(&(b.arrived_ms, text(b.id)))
+        });
+        let mut open: Vec<usize> = (0..self.open_reservations.len()).collect();
+        open.sort_by_key(|&index| self.open_reservations[index].id);
+        let mut closed = self.closed_reservations.clone();
+        closed.sort_by_key(|closed| closed.0);
+
+        let snapshot = SnapshotRef {
+            version: FORMAT_VERSION,
+            seq: self.seq,
+            newest_at_ms: self.newest_at_ms,
+            policies: &policies,
+            users: SeqOf(users.len(), |index: usize| {
+                let user = &self.users[users[index].1];
+                let payg_keys = &self.payg_keys[user.payg_keys.clone()];
+                (
+                    text(user.name),
+                    text(user.default_team),
+                    SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
+                )
+            }),
+            teams: SeqOf(teams.len(), |index: usize| {
+                let team = &self.teams[teams[index].1];
+                TeamRef {
+                    name: text(team.name),
+                    owner: team.owner.map(text),
+                    balance_micros: team.balance_micros,
+                    charged_micros: team.charged_micros,
+                    members: &members[team.members.clone()],
+                }
+            }),
+            keys: SeqOf(keys.len(), |index: usize| {
+                let key = &self.keys[keys[index].1];
+                KeyRef {
+                    key: text(key.key),
+                    payg: key.payg,
+                    user: text(key.user),
+                    team: text(key.team),
+                    seat: key.seat,
+                    open_reservations: key.open_reservations,
+                    payg_micros: key.payg_micros,
+                    time_floor_ms: key.time_floor_ms,
+                    counters: key.counters.clone().map(|counters| {
+                        let (buckets, ranges) = (&buckets, &ranges);
+                        SeqOf(counters.len(), move |offset: usize| {
+                            let index = counters.start + offset;
+                            match &self.counters[index] {
+                                RawCounter::Rolling { id, ring, .. } => (
+                                    *id,
+                                    CounterRef::Rolling {
+                                        head: ring.head,
+                                        wide: ring.wide,
+                                        buckets: &buckets[ranges[index].clone()],
+                                    },
+                                ),
+                                &RawCounter::Calendar { id, period, count } => {
+                                    (id, CounterRef::Calendar { period, count })
+                                }
+                            }
+                        })
+                    }),
+                }
+            }),
+            requests: SeqOf(requests.len(), |index: usize| {
+                let request = &self.requests[requests[index]];
+                RequestRef {
+                    id: text(request.id),
+                    arrived_ms: request.arrived_ms,
+                    key: text(request.key),
+                    resource: text(request.resource),
+                    quantities: request.quantities,
+                    decision: request.decision,
+                    receipt: request.receipt,
+                    refunded: request.refunded,
+                }
+            }),
+            open_reservations: SeqOf(open.len(), |index: usize| {
+                let reservation = &self.open_reservations[open[index]];
+                ReservationRef {
+                    id: reservation.id,
+                    key: text(reservation.key),
+                    resource: text(reservation.resource),
+                    estimate: reservation.estimate,
+                    receipt: reservation.receipt,
+                    expires_at_ms: reservation.expires_at_ms,
+                }
+            }),
+            closed_reservations: &closed,
+            next_reservation: self.next_reservation,
+        };
+        bincode::serialize_into(&mut bytes, &snapshot)
+            .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
+        Ok(bytes)
+    }
+
+    fn key_snapshot(&self, policy: &Policy, key: &RawKey) -> KeySnapshot {
+        let counters = key.counters.clone().map(|counters| {
+            self.counters[counters]
+                .iter()
+                .map(|counter| match counter {
+                    RawCounter::Rolling { id, ring, slots } => {
+                        let shape = policy
+                            .counter(CounterId(*id))
+                            .window
+                            .shape()
+                            .unwrap_or_else(|| unreachable!("a ring is on a rolling window"));
+                        let buckets = ring.live_buckets(shape, &self.slots[slots.clone()]);
+                        let snapshot = CounterSnapshot::Rolling {
+                            head: ring.head,
+                            wide: ring.wide,
+                            buckets,
+                        };
+                        (*id, snapshot)
+                    }
+                    &RawCounter::Calendar { id, period, count } => {
+                        (id, CounterSnapshot::Calendar { period, count })
+                    }
+                })
+                .collect()
+        });
+        KeySnapshot {
+            key: self.texts.get(key.key),
+            payg: key.payg,
+            user: self.texts.get(key.user),
+            team: self.texts.get(key.team),
+            seat: key.seat,
+            open_reservations: key.open_reservations,
+            payg_micros: key.payg_micros,
+            time_floor_ms: key.time_floor_ms,
+            counters,
+        }
+    }
+}
+
+/// `items` as `(name_prefix(name), index)`, to be sorted by name.
+fn by_name_prefix<'a, T>(items: &[T], name: impl Fn(&T) -> &'a str) -> Vec<(u128, usize)> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| (name_prefix(name(item)), index))
+        .collect()
+}
+
+/// The first 16 bytes of `name`, zero-padded, as a big-endian integer: two names whose
+/// prefixes differ compare as their prefixes do (a name that is a prefix of another pads with
+/// zeros, which sort first); equal prefixes say nothing, and the names are compared.
+fn name_prefix(name: &str) -> u128 {
+    let mut bytes = [0u8; 16];
+    let length = name.len().min(16);
+    bytes[..length].copy_from_slice(&name.as_bytes()[..length]);
+    u128::from_be_bytes(bytes)
+}
+
+/// The first allocations a key's copy reads: its name, user, team and usage.
+fn prefetch_key(key: &str, state: &KeyState) {
+    prefetch(key.as_ptr());
+    prefetch(state.user.as_ptr());
+    prefetch(Arc::as_ptr(&state.team));
+    state.usage.prefetch();
+}
+
+/// What those point to: the team's name and the usage's counter list (`prefetch_key`'s lines
+/// should have arrived by now).
+fn prefetch_key_pointees(state: &KeyState) {
+    prefetch(state.team.name.as_ptr());
+    if let Some(usage) = state.usage.get() {
+        prefetch(usage.counters.as_ptr());
+    }
+}
+
+/// The key's rings' slot arrays.
+fn prefetch_rings(state: &KeyState) {
+    if let Some(usage) = state.usage.get() {
+        for counter in &usage.counters {
+            if let WindowState::Rolling(window) = &counter.state {
+                window.prefetch_slots();
+            }
+        }
+    }
+}
+
+/// How long one checkpoint cut held the engine's locks (see `Engine::cut_lock_times`).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutLockTime {
+    /// From taking the first lock (the reservation table) to letting go of the last: admin
+    /// calls, reservations and requests with an id wait this long.
+    pub every_lock: std::time::Duration,
+    /// While every key shard was write-locked: no admission at all.
+    pub key_shards: std::time::Duration,
+}
+
+/// What the checkpoint cuts keep between them: how long each held the locks, and the previous
+/// cut's buffers, emptied, so the next cut copies into memory already allocated (and mapped)
+/// instead of growing buffers under the locks. The buffers hold about 150 bytes per key and
+/// per team, plus 16 per occupied ring slot, beside the strings' bytes.
+#[derive(Debug, Default)]
+pub(crate) struct Cuts {
+    times: Mutex<std::collections::VecDeque<CutLockTime>>,
+    pub(super) spare: Arc<Mutex<Option<RawCut>>>,
+}
+
+impl Cuts {
+    fn note(&self, time: CutLockTime) {
+        let mut times = self.times.lock();
+        if times.len() >= CUT_TIMES_KEPT {
+            times.pop_front();
+        }
+        times.push_back(time);
+    }
+
+    /// The previous cut's buffers, or new ones, with room for about `keys` keys.
+    fn take_spare(&self, keys: usize) -> RawCut {
+        let mut cut = self
+            .spare
+            .lock()
+            .take()
+            .unwrap_or_else(|| RawCut::with_capacity(keys));
+        cut.reserve(keys);
+        cut
+    }
+
+    pub(super) fn give_back(&self, cut: RawCut) {
+        Cuts::keep_spare(&self.spare, cut);
+    }
+
+    /// Keeps `cut`'s buffers (emptied) for the next cut.
+    pub(super) fn keep_spare(spare: &Mutex<Option<RawCut>>, mut cut: RawCut) {
+        cut.clear();
+        *spare.lock() = Some(cut);
+    }
+}
+
+impl Engine {
+    /// How long each checkpoint cut since the engine was created held its locks, oldest
+    /// first; the latest `CUT_TIMES_KEPT` are kept. For benchmarks.
+    #[doc(hidden)]
+    pub fn cut_lock_times(&self) -> Vec<CutLockTime> {
+        self.cuts.times.lock().iter().copied().collect()
+    }
+
+    /// Builds a snapshot with every lock taken in the engine's lock order (see `cut_raw`).
+    pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+        let cut = self.cut_raw(seq);
+        let snapshot = cut.to_snapshot();
+        self.cuts.give_back(cut);
+        snapshot
+    }
+
+    /// Copies the state at one sequence number (the one `seq` returns, called with every lock
+    /// held): every event appended up to it has been applied and no applied change is
+    /// unlogged.
+    ///
+    /// The locks are taken in the engine's lock order, and each part of the state is copied
+    /// as soon as the lock that guards it is held: the reservation table, then the request
+    /// ids, then the registry's users, teams and members. None of them can change after its
+    /// copy, for its lock stays held until the end. Only then are the key shards
+    /// write-locked (admission waits from here on), `seq` read, and what changes under a
+    /// shard's read lock copied: team balances, keys, their counters. So admission waits only
+    /// for the keys' copy.
+    ///
+    /// Only raw copies are made: strings into one buffer, counter words, each ring's occupied
+    /// slots, into the previous cut's buffers (no allocation under the locks when the state
+    /// has not grown). Putting them in order, converting and encoding happen after the locks
+    /// are let go (`RawCut::encode`, for a periodic checkpoint on the snapshot thread; or
+    /// `RawCut::to_snapshot`).
+    pub(super) fn cut_raw(&self, seq: impl FnOnce() -> u64) -> RawCut {
+        let mut cut = self.cuts.take_spare(self.keys.len() as usize);
+        let locking = std::time::Instant::now();
+        let table = self.reservations.inner.lock();
+        cut.copy_reservations(&table);
+        let requests_guard = self.requests.lock_all();
+        crate::idempotency::RequestTable::visit(&requests_guard, |arrived_ms, id, record| {
+            cut.push_request(arrived_ms, id, record);
+        });
+        let registry = self.registry.lock();
+        let teams = cut.copy_registry(&registry);
+        let policies_guard = self.policies.read();
+        cut.policies.clone_from(&policies_guard);
+        let shards_locking = std::time::Instant::now();
+        let shards = self.keys.lock_all();
+        cut.seq = seq();
+        cut.newest_at_ms = self.newest_event_ms();
+        // Credits move under a key shard's read lock (admission) as well as the registry's.
+        cut.copy_balances(&teams);
+        for shard in &shards {
+            cut.copy_keys(shard);
+        }
+        // Everything is copied: the engine goes on while the copy is put in order.
+        drop(shards);
+        let key_shards = shards_locking.elapsed();
+        drop(teams);
+        drop((policies_guard, registry, requests_guard, table));
+        self.cuts.note(CutLockTime {
+            every_lock: locking.elapsed(),
+            key_shards,
+        });
+        cut
+    }
+}
