@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use crate::policy::{CounterId, PlanId, Policy, Window};
-use crate::window::{CalendarCounter, RollingWindow};
+use crate::window::{prefetch, CalendarCounter, RollingWindow};
 
 /// A team's prepaid credits. A Default Team's credits are its user's own.
 #[derive(Debug)]
@@ -320,17 +320,14 @@ impl UsageCell {
     /// last, all at once; a no-op without usage or off x86-64.
     #[inline]
     pub fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let pointer = self.pointer.load(Ordering::Relaxed);
-            if !pointer.is_null() {
-                prefetch_line(pointer);
-                let counters = self.counters_hint.load(Ordering::Relaxed);
-                for line in 0..COUNTER_LINES_PREFETCHED {
-                    prefetch_line(counters.wrapping_add(line * 64));
-                }
-                prefetch_line(self.slot_hint.load(Ordering::Relaxed));
+        let pointer = self.pointer.load(Ordering::Relaxed);
+        if !pointer.is_null() {
+            prefetch(pointer);
+            let counters = self.counters_hint.load(Ordering::Relaxed);
+            for line in 0..COUNTER_LINES_PREFETCHED {
+                prefetch(counters.wrapping_add(line * 64));
             }
+            prefetch(self.slot_hint.load(Ordering::Relaxed));
         }
     }
 
@@ -394,17 +391,6 @@ impl UsageCell {
             self.note_counters(unsafe { &*usage });
         }
     }
-}
-
-/// Starts loading the cache line at `address` into every cache level; never faults, whatever
-/// the address.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn prefetch_line<T>(address: *const T) {
-    // SAFETY: a prefetch has no effect on memory and does not fault on any address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast())
-    };
 }
 
 impl Drop for UsageCell {
