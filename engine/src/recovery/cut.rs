@@ -492,15 +492,7 @@ impl RawCut {
     /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
     fn to_snapshot(&self) -> Snapshot {
         let texts = &self.texts;
-        let policies = self
-            .policies
-            .iter()
-            .map(|policy| {
-                policy
-                    .as_ref()
-                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
-            })
-            .collect();
+        let policies = policy_documents(&self.policies);
         let mut teams: Vec<TeamSnapshot> = self
             .teams
             .iter()
@@ -603,15 +595,7 @@ impl RawCut {
     fn encode_into(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
         let texts = &self.texts;
         let text = |text: Text| texts.str(text);
-        let policies: Vec<Option<String>> = self
-            .policies
-            .iter()
-            .map(|policy| {
-                policy
-                    .as_ref()
-                    .and_then(|policy| serde_json::to_string(policy.document()).ok())
-            })
-            .collect();
+        let policies = policy_documents(&self.policies);
         // Every ring's live buckets in one list, each counter's range of it beside it.
         let mut buckets = Vec::new();
         let mut ranges = vec![0..0; self.counters.len()];
@@ -971,4 +955,16 @@ impl Engine {
         });
         cut
     }
+}
+
+/// The policies by generation as a snapshot keeps them: each one's document in JSON.
+fn policy_documents(policies: &[Option<Arc<Policy>>]) -> Vec<Option<String>> {
+    policies
+        .iter()
+        .map(|policy| {
+            policy
+                .as_ref()
+                .and_then(|policy| serde_json::to_string(policy.document()).ok())
+        })
+        .collect()
 }
