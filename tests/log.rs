@@ -59,8 +59,9 @@ fn recovery_case(label: &str, options: OpenOptions, how: Shutdown, checkpoint: b
     if checkpoint {
         engine.checkpoint().expect("checkpoint");
     }
-    // Odd ones carry a request id and go through `consume_many` (a `consume` with a request id
-    // that crosses the checkpoint threshold deadlocks: see the ignored test below).
+    // Odd ones carry a request id and go through `consume_many`, the even ones through `consume`
+    // (a `consume` with a request id that crossed the checkpoint threshold once deadlocked; its
+    // regression test is `a_consume_with_a_request_id_that_triggers_the_automatic_checkpoint_returns`).
     for index in 0..bulk {
         let id = format!("bulk-{index}");
         let key = KEYS[(index as usize) % KEYS.len()];
