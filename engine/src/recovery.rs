@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::{KeyKind, KeyState, TeamRecord, UserRecord};
+use crate::accounts::{KeyKind, KeyState, Registry, TeamRecord, UserRecord};
 use crate::adjustment::{force_counter, unforce_counter};
 use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
 use crate::clock::Clock;
@@ -783,24 +783,6 @@ impl Engine {
         self.install_policies(policies);
         let policy = self.policy();
         let mut registry = self.registry.lock();
-        for team in &snapshot.teams {
-            let state = Arc::new(Team::new(&team.name));
-            state.restore(team.balance_micros, team.charged_micros);
-            let members = team
-                .members
-                .iter()
-                .map(|(user, key)| (Arc::<str>::from(user.as_str()), key.as_str().into()))
-                .collect();
-            let owner = team.owner.as_deref().map(Arc::<str>::from);
-            registry.teams.insert(
-                team.name.as_str().into(),
-                TeamRecord {
-                    team: state,
-                    members,
-                    owner,
-                },
-            );
-        }
         for (user, default_team, payg_keys) in &snapshot.users {
             let name: Arc<str> = user.as_str().into();
             let payg_keys = payg_keys.iter().map(|key| key.as_str().into()).collect();
@@ -810,6 +792,35 @@ impl Engine {
                 payg_keys,
             };
             registry.users.insert(name, record);
+        }
+        // Every mention of a user shares the registry's one copy of the name, as before the
+        // restart (a user without a record keeps a copy of its own).
+        let user_name = |registry: &Registry, user: &str| -> Arc<str> {
+            registry
+                .users
+                .get_key_value(user)
+                .map_or_else(|| user.into(), |(name, _)| Arc::clone(name))
+        };
+        for team in &snapshot.teams {
+            let state = Arc::new(Team::new(&team.name));
+            state.restore(team.balance_micros, team.charged_micros);
+            let members = team
+                .members
+                .iter()
+                .map(|(user, key)| (user_name(&registry, user), key.as_str().into()))
+                .collect();
+            let owner = team
+                .owner
+                .as_deref()
+                .map(|owner| user_name(&registry, owner));
+            registry.teams.insert(
+                team.name.as_str().into(),
+                TeamRecord {
+                    team: state,
+                    members,
+                    owner,
+                },
+            );
         }
         for key in &snapshot.keys {
             let team = registry
@@ -827,7 +838,7 @@ impl Engine {
             } else {
                 KeyKind::Plan
             };
-            let mut state = KeyState::new(kind, key.user.as_str().into(), team);
+            let mut state = KeyState::new(kind, user_name(&registry, &key.user), team);
             state.seat = key.seat.map(PlanId);
             state
                 .open_reservations
@@ -1496,6 +1507,45 @@ mod tests {
         assert_eq!(engine.cut(|| 5_000), reference);
         let written = engine.cut_raw(|| 5_000).encode().expect("encoding");
         assert!(written == bincode::serialize(&reference).expect("encoding"));
+    }
+
+    #[test]
+    fn a_restored_engine_keeps_one_copy_of_each_user_name() {
+        let (engine, _clock) = busy_engine();
+        let bytes = bincode::serialize(&engine.cut(|| 7)).expect("encoding");
+        let restored = Engine::new(
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0 + 8 * DAY)),
+            EngineOptions::default(),
+        );
+        restored
+            .restore(&decode_snapshot(&bytes, 7).expect("decoding"))
+            .expect("restoring");
+        let registry = restored.registry.lock();
+        let mut keys_seen = 0;
+        for shard in restored.keys.lock_all().iter() {
+            for (key, state) in shard.iter() {
+                let (name, _) = registry
+                    .users
+                    .get_key_value(&*state.user)
+                    .unwrap_or_else(|| panic!("{key}: its user has a record"));
+                assert!(
+                    Arc::ptr_eq(name, &state.user),
+                    "{key}: a copy of its user's name"
+                );
+                keys_seen += 1;
+            }
+        }
+        assert!(keys_seen > 100, "the busy engine has its keys back");
+        for (team, record) in &registry.teams {
+            for user in record.members.keys().chain(record.owner.iter()) {
+                let (name, _) = registry
+                    .users
+                    .get_key_value(user)
+                    .expect("a member's record");
+                assert!(Arc::ptr_eq(name, user), "{team}: a copy of {user}'s name");
+            }
+        }
     }
 
     #[test]
