@@ -606,3 +606,77 @@ fn a_head_jumping_a_whole_window_mid_request_leaves_exact_counts() {
         &lingering[..lingering.len().min(5)]
     );
 }
+
+/// Threads racing to consume under the same new request ids: each id is counted once, exactly
+/// one thread per id is told its decision is the first (`replayed == false`), and every other
+/// thread gets that same decision marked as a replay, through `consume` and `consume_many`.
+#[test]
+fn threads_racing_on_one_request_id_count_it_once_and_exactly_one_is_told_it_was_first() {
+    const IDS: u64 = 200;
+    let engine = engine_with_users(
+        policy(&[("rolling:5h", 100_000), ("daily", 100_000)]),
+        1,
+        WEDNESDAY_NOON_MS,
+    );
+    engine
+        .assign_seat("@u0", "u0", "Team", Some(WEDNESDAY_NOON_MS))
+        .expect("seat");
+    let firsts: Vec<AtomicU64> = (0..IDS).map(|_| AtomicU64::new(0)).collect();
+    let barrier = Barrier::new(THREADS as usize);
+    let quantities = [(Unit::Requests, 1)];
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (engine, firsts, barrier, quantities) = (&engine, &firsts, &barrier, &quantities);
+            scope.spawn(move || {
+                let ids: Vec<String> = (0..IDS).map(|id| format!("req-{id}")).collect();
+                let requests: Vec<UsageRequest<'_>> = ids
+                    .iter()
+                    .map(|id| {
+                        UsageRequest::new("k0", "chat", quantities)
+                            .at(WEDNESDAY_NOON_MS)
+                            .id(id)
+                    })
+                    .collect();
+                barrier.wait();
+                // Half the threads one request at a time, half in one batch.
+                let answers: Vec<(Decision, bool)> = if thread % 2 == 0 {
+                    requests
+                        .iter()
+                        .map(|request| engine.consume_noting_replay(request).expect("valid"))
+                        .collect()
+                } else {
+                    let (results, replays) = engine.consume_many_noting_replay(&requests);
+                    results
+                        .into_iter()
+                        .map(|result| result.expect("valid"))
+                        .zip(replays)
+                        .collect()
+                };
+                for (id, (decision, replayed)) in answers.iter().enumerate() {
+                    assert!(decision.is_admitted(), "req-{id}: {decision:?}");
+                    if !replayed {
+                        firsts[id].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    for (id, firsts) in firsts.iter().enumerate() {
+        assert_eq!(
+            firsts.load(Ordering::Relaxed),
+            1,
+            "req-{id}: threads told first"
+        );
+    }
+    let report = engine.usage("k0", Some(WEDNESDAY_NOON_MS)).expect("usage");
+    assert_eq!(used(&report), vec![IDS, IDS], "each id counted once");
+    // A check of a remembered id is a replay too; of a new one, not.
+    let known = UsageRequest::new("k0", "chat", &quantities)
+        .at(WEDNESDAY_NOON_MS)
+        .id("req-0");
+    assert!(engine.check_noting_replay(&known).expect("valid").1);
+    let new = UsageRequest::new("k0", "chat", &quantities)
+        .at(WEDNESDAY_NOON_MS)
+        .id("req-new");
+    assert!(!engine.check_noting_replay(&new).expect("valid").1);
+}

@@ -511,6 +511,8 @@ pub(crate) fn over_maximum(
 pub(crate) struct Verdict {
     pub decision: Decision,
     pub receipt: Option<Receipt>,
+    /// The decision is the one remembered for the request's id: nothing was counted now.
+    pub replayed: bool,
 }
 
 impl Verdict {
@@ -518,6 +520,7 @@ impl Verdict {
         Verdict {
             decision: Decision::denied(DenialReason::UnknownKey),
             receipt: None,
+            replayed: false,
         }
     }
 

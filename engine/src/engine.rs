@@ -793,11 +793,35 @@ impl Engine {
         outcome.map(|()| verdict.decision)
     }
 
+    /// `consume`, also saying whether the decision is a replay: the one remembered for the
+    /// request's id, with nothing counted now (true only with a request id). Decided in the
+    /// same step as the decision, so two threads racing on a new id cannot both be told
+    /// "first" or both "replay".
+    pub fn consume_noting_replay(
+        &self,
+        request: &UsageRequest<'_>,
+    ) -> Result<(Decision, bool), Error> {
+        let mut verdict = Verdict::new();
+        let outcome = self.admit(request, Mode::Consume, &mut verdict);
+        self.maybe_checkpoint();
+        outcome.map(|()| (verdict.decision, verdict.replayed))
+    }
+
     /// The decision `consume` would make now, changing nothing.
     pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
         let mut verdict = Verdict::new();
         self.admit(request, Mode::Check, &mut verdict)
             .map(|()| verdict.decision)
+    }
+
+    /// `check`, also saying whether the answer is the decision remembered for the request's id.
+    pub fn check_noting_replay(
+        &self,
+        request: &UsageRequest<'_>,
+    ) -> Result<(Decision, bool), Error> {
+        let mut verdict = Verdict::new();
+        self.admit(request, Mode::Check, &mut verdict)
+            .map(|()| (verdict.decision, verdict.replayed))
     }
 
     /// Decides `request` into `verdict` (its `receipt` is set only without a request id).
@@ -832,7 +856,7 @@ impl Engine {
         };
         match mode {
             Mode::Consume => {
-                verdict.decision = self.requests.once(
+                (verdict.decision, verdict.replayed) = self.requests.once(
                     request_id,
                     fingerprint,
                     at_ms,
@@ -858,6 +882,7 @@ impl Engine {
                 Some(decision) => {
                     verdict.decision = decision;
                     verdict.receipt = None;
+                    verdict.replayed = true;
                     Ok(())
                 }
                 None => self.decide(
@@ -1014,9 +1039,28 @@ impl Engine {
         // What to give back should the wait fail, kept in a per-thread list reused from call to
         // call: built afresh it grew by doubling on every batch, a copy and a large free (a
         // consolidation of malloc's free lists) per call.
+        self.consume_many_noting(requests, None)
+    }
+
+    /// `consume_many`, also saying for each request whether its decision is a replay (see
+    /// `consume_noting_replay`; false for a request that failed).
+    pub fn consume_many_noting_replay(
+        &self,
+        requests: &[UsageRequest<'_>],
+    ) -> (Vec<Result<Decision, Error>>, Vec<bool>) {
+        let mut replays = Vec::with_capacity(requests.len());
+        let results = self.consume_many_noting(requests, Some(&mut replays));
+        (results, replays)
+    }
+
+    fn consume_many_noting(
+        &self,
+        requests: &[UsageRequest<'_>],
+        replays: Option<&mut Vec<bool>>,
+    ) -> Vec<Result<Decision, Error>> {
         PENDING.with_borrow_mut(|pending| {
             pending.clear();
-            let results = self.consume_many_with(requests, pending);
+            let results = self.consume_many_with(requests, pending, replays);
             if pending.capacity() > PENDING_KEPT {
                 *pending = Vec::new();
             }
@@ -1028,20 +1072,26 @@ impl Engine {
         &self,
         requests: &[UsageRequest<'_>],
         pending: &mut Vec<(usize, Quantities, Option<Receipt>)>,
+        mut replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
         let mut last_seq = None;
         for (index, request) in requests.iter().enumerate() {
-            let outcome = self
-                .admit_without_waiting(request)
-                .map(|(decision, admitted)| {
-                    if let Some((quantities, receipt, seq)) = admitted {
-                        pending.push((index, quantities, receipt));
-                        last_seq = last_seq.max(seq);
-                    }
-                    decision
-                });
+            let mut replayed = false;
+            let outcome =
+                self.admit_without_waiting(request)
+                    .map(|(decision, replay, admitted)| {
+                        if let Some((quantities, receipt, seq)) = admitted {
+                            pending.push((index, quantities, receipt));
+                            last_seq = last_seq.max(seq);
+                        }
+                        replayed = replay;
+                        decision
+                    });
             results.push(outcome);
+            if let Some(replays) = replays.as_deref_mut() {
+                replays.push(replayed);
+            }
         }
         let Some(journal) = self.journal() else {
             return results;
@@ -1059,6 +1109,9 @@ impl Engine {
                     self.requests.forget(request_id);
                 }
                 results[index] = Err(error.clone());
+                if let Some(replays) = replays.as_deref_mut() {
+                    replays[index] = false;
+                }
             }
             return results;
         }
@@ -1066,13 +1119,20 @@ impl Engine {
         results
     }
 
-    /// One request of `consume_many`: the decision and, if admitted and logged, what to give
-    /// back should the batch's wait fail.
+    /// One request of `consume_many`: the decision, whether it is a replay and, if admitted
+    /// and logged, what to give back should the batch's wait fail.
     #[allow(clippy::type_complexity)]
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
-    ) -> Result<(Decision, Option<(Quantities, Option<Receipt>, Option<u64>)>), Error> {
+    ) -> Result<
+        (
+            Decision,
+            bool,
+            Option<(Quantities, Option<Receipt>, Option<u64>)>,
+        ),
+        Error,
+    > {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
@@ -1089,6 +1149,7 @@ impl Engine {
             )?;
             return Ok((
                 verdict.decision,
+                false,
                 verdict
                     .receipt
                     .map(|receipt| (quantities, Some(receipt), seq)),
@@ -1101,7 +1162,7 @@ impl Engine {
             quantities,
         };
         let mut admitted = None;
-        let decision =
+        let (decision, replayed) =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut verdict = Verdict::new();
@@ -1118,7 +1179,7 @@ impl Engine {
                     admitted = seq.map(|seq| (quantities, verdict.receipt, Some(seq)));
                     Ok((verdict.decision, verdict.receipt))
                 })?;
-        Ok((decision, admitted))
+        Ok((decision, replayed, admitted))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.

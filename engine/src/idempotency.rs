@@ -84,7 +84,7 @@ impl RequestTable {
         at_ms: u64,
         now_ms: u64,
         admit: impl FnOnce() -> Result<(Decision, Option<Receipt>), Error>,
-    ) -> Result<Decision, Error> {
+    ) -> Result<(Decision, bool), Error> {
         let mut shard = self.shard(request_id).lock();
         shard.expire(
             now_ms,
@@ -92,7 +92,7 @@ impl RequestTable {
         );
         if let Some(record) = shard.records.get(request_id) {
             return if record.fingerprint == fingerprint {
-                Ok(record.decision)
+                Ok((record.decision, true))
             } else {
                 Err(Error::RequestIdConflict {
                     request_id: request_id.into(),
@@ -117,7 +117,7 @@ impl RequestTable {
                 refunded: false,
             },
         );
-        Ok(decision)
+        Ok((decision, false))
     }
 
     /// The first decision for `request_id`, if it is still remembered and matches.
@@ -231,18 +231,5 @@ impl Shard {
                 }
             }
         }
-    }
-}
-
-impl crate::engine::Engine {
-    /// Whether `request_id` is remembered now (its first decision would answer a repeat). For
-    /// the C boundary's `replayed` flag: a consume under an id known just before it is a
-    /// replay. An id at the very edge of the horizon may be forgotten by the consume itself.
-    pub fn is_request_known(&self, request_id: &str) -> bool {
-        self.requests
-            .shard(request_id)
-            .lock()
-            .records
-            .contains_key(request_id)
     }
 }

@@ -15,19 +15,17 @@ use crate::status::{status_of, tally_status, Failure};
 pub const TALLY_MAX_BATCH: usize = 4_096;
 
 fn decide(open: &Open, request: &Request<'_>, consume: bool) -> Result<tally_decision, Failure> {
-    let replayed_if_admitted = request
-        .request_id
-        .is_some_and(|id| open.engine.is_request_known(id));
     let engine_request = request.engine_request();
-    let decision = if consume {
-        open.engine.consume(&engine_request)?
+    // Whether it is a replay is decided with the decision itself, under the id's lock.
+    let (decision, replayed) = if consume {
+        open.engine.consume_noting_replay(&engine_request)?
     } else {
-        open.engine.check(&engine_request)?
+        open.engine.check_noting_replay(&engine_request)?
     };
     Ok(tally_decision::from_engine(
         &decision,
         &open.policy,
-        replayed_if_admitted,
+        replayed,
     ))
 }
 
@@ -118,23 +116,12 @@ fn consume_checked(
     checked: &[Result<Request<'_>, Failure>],
 ) -> Vec<Result<tally_decision, tally_status>> {
     let valid: Vec<&Request<'_>> = checked.iter().filter_map(|r| r.as_ref().ok()).collect();
-    let replayed: Vec<bool> = valid
-        .iter()
-        .map(|request| {
-            request
-                .request_id
-                .is_some_and(|id| open.engine.is_request_known(id))
-        })
-        .collect();
     let engine_requests: Vec<_> = valid
         .iter()
         .map(|request| request.engine_request())
         .collect();
-    let mut decided = open
-        .engine
-        .consume_many(&engine_requests)
-        .into_iter()
-        .zip(replayed);
+    let (results, replayed) = open.engine.consume_many_noting_replay(&engine_requests);
+    let mut decided = results.into_iter().zip(replayed);
     checked
         .iter()
         .map(|request| match request {
