@@ -406,14 +406,6 @@ impl Holds {
         // SAFETY: the first `len` items were written by `push` (the only way `len` grows).
         unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<Hold>(), len) }
     }
-
-    pub fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -787,10 +787,8 @@ impl Engine {
     #[inline]
     pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
         let mut verdict = Verdict::new();
-        let outcome = self.admit(request, Mode::Consume, &mut verdict);
-        // Outside every lock (a checkpoint takes them all).
-        self.maybe_checkpoint();
-        outcome.map(|()| verdict.decision)
+        self.consume_into(request, &mut verdict)
+            .map(|()| verdict.decision)
     }
 
     /// `consume`, also saying whether the decision is a replay: the one remembered for the
@@ -802,9 +800,17 @@ impl Engine {
         request: &UsageRequest<'_>,
     ) -> Result<(Decision, bool), Error> {
         let mut verdict = Verdict::new();
-        let outcome = self.admit(request, Mode::Consume, &mut verdict);
+        self.consume_into(request, &mut verdict)
+            .map(|()| (verdict.decision, verdict.replayed))
+    }
+
+    /// A consume decided into `verdict`, then the periodic checkpoint if one is due.
+    #[inline]
+    fn consume_into(&self, request: &UsageRequest<'_>, verdict: &mut Verdict) -> Result<(), Error> {
+        let outcome = self.admit(request, Mode::Consume, verdict);
+        // Outside every lock (a checkpoint takes them all).
         self.maybe_checkpoint();
-        outcome.map(|()| (verdict.decision, verdict.replayed))
+        outcome
     }
 
     /// The decision `consume` would make now, changing nothing.
