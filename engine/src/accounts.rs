@@ -20,6 +20,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 use crate::ledger::{Team, UsageCell};
 use crate::lock::{ShardLock, WriteGuard};
 use crate::policy::{PlanId, Policy};
+use crate::window::prefetch;
 
 pub const MAX_KEY_BYTES: usize = 128;
 pub const MAX_ID_BYTES: usize = 128;
@@ -127,6 +128,32 @@ impl Shard {
             .map(|entry| &entry.state)
     }
 
+    /// A batch's first look ahead: starts loading the entries the key may sit in, reading
+    /// only the table's control bytes (a small array, mostly in cache). Never dereferences an
+    /// entry, so it costs no wait for one.
+    #[inline]
+    fn prefetch_entry(&self, hash: u64) {
+        let _ = self.keys.find(hash, |entry| {
+            let start = std::ptr::from_ref(entry).cast::<u8>();
+            prefetch(start);
+            prefetch(start.wrapping_add(std::mem::size_of::<KeyEntry>() - 1));
+            false
+        });
+    }
+
+    /// A batch's second look ahead, once the entry is (likely) in cache: starts loading the
+    /// key's name and usage (see `UsageCell::prefetch`), so the real lookup waits for neither.
+    #[inline]
+    fn prefetch_pointees(&self, hash: u64) {
+        let _ = self.keys.find(hash, |entry| {
+            if entry.hash == hash {
+                prefetch(entry.name.as_ptr());
+                entry.state.usage.prefetch();
+            }
+            false
+        });
+    }
+
     pub fn find_mut(&mut self, hash: u64, key: &str) -> Option<&mut KeyState> {
         self.keys
             .find_mut(hash, |entry| &*entry.name == key)
@@ -205,6 +232,19 @@ impl KeyTable {
         let hash = KeyTable::hash(key);
         let shard = self.shard_of(hash).read();
         f(&shard.policy, shard.find(hash, key))
+    }
+
+    /// Looks ahead for a batch (see `Shard::prefetch_entry`): what `read` of this key will
+    /// touch first starts loading now. Only hints; correct whatever the key.
+    #[inline]
+    pub fn prefetch_entry(&self, hash: u64) {
+        self.shard_of(hash).read().prefetch_entry(hash);
+    }
+
+    /// The second look ahead (see `Shard::prefetch_pointees`), some requests after the first.
+    #[inline]
+    pub fn prefetch_pointees(&self, hash: u64) {
+        self.shard_of(hash).read().prefetch_pointees(hash);
     }
 
     /// Runs `f` with the key's shard write-locked: admin calls.
