@@ -243,6 +243,46 @@ fn a_failed_consume_many_admits_none_of_its_requests() {
 }
 
 #[test]
+fn a_failed_consume_many_of_several_chunks_admits_none_of_its_requests() {
+    // `consume_many` appends its events a chunk at a time: a batch of several chunks fails as a
+    // whole, whichever chunk's append or which wait meets the fault.
+    both_faults("consume-many-chunks", &|engine, _| {
+        let one = [(Unit::Requests, 1)];
+        let ids: Vec<String> = (0..150).map(|index| format!("chunked-{index}")).collect();
+        let requests: Vec<UsageRequest<'_>> = ids
+            .iter()
+            .enumerate()
+            .map(|(index, id)| {
+                let key = if index % 2 == 0 {
+                    "key-bob"
+                } else {
+                    "payg-dee"
+                };
+                let request = UsageRequest::new(key, "m2.7", &one).at(AT_MS);
+                if index % 10 == 0 {
+                    request.id(id)
+                } else {
+                    request
+                }
+            })
+            .collect();
+        let results = engine.consume_many(&requests);
+        assert_eq!(results.len(), requests.len());
+        if let Some(error) = results.iter().find_map(|result| result.clone().err()) {
+            assert!(
+                results.iter().all(|result| result.is_err()),
+                "a batch half failed: {results:?}"
+            );
+            return Err(error);
+        }
+        assert!(results
+            .iter()
+            .all(|result| matches!(result, Ok(d) if d.is_admitted())));
+        Ok(format!("{results:?}"))
+    });
+}
+
+#[test]
 fn a_failed_reserve_holds_nothing_and_opens_no_reservation() {
     both_faults("reserve", &|engine, _| {
         let quantities = [(Unit::Requests, 5)];

@@ -305,6 +305,33 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
             }
             running.store(false, std::sync::atomic::Ordering::Relaxed);
         });
+        // Batches of several `consume_many` chunks: each chunk's effects are applied before its
+        // events are appended, and a cut must never fall in between.
+        scope.spawn(move || {
+            for round in 0..12u64 {
+                let ids: Vec<String> = (0..150)
+                    .map(|index| format!("many-{round}-{index}"))
+                    .collect();
+                let one = [(Unit::Requests, 1)];
+                let batch: Vec<UsageRequest<'_>> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(index, id)| {
+                        let key = &keys[(index * 3 + round as usize) % keys.len()];
+                        let request = UsageRequest::new(key, "m2.7", &one).at(at(round * 100));
+                        if index % 7 == 0 {
+                            request.id(id)
+                        } else {
+                            request
+                        }
+                    })
+                    .collect();
+                for result in engine.consume_many(&batch) {
+                    result.expect("consume_many of several chunks");
+                }
+            }
+            running.store(false, std::sync::atomic::Ordering::Relaxed);
+        });
         scope.spawn(move || {
             while running.load(std::sync::atomic::Ordering::Relaxed) {
                 engine.checkpoint().expect("checkpoint");

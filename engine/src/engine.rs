@@ -22,7 +22,9 @@ use crate::admission::{
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
 use crate::error::Error;
-use crate::event::{encode_body, encode_usage_into, EventBody, UsageAdmittedRef};
+use crate::event::{
+    append_body_to, append_usage_to, encode_body, encode_usage_into, EventBody, UsageAdmittedRef,
+};
 
 thread_local! {
     /// Where this thread encodes the usage events it logs (the log copies them into its queue),
@@ -33,6 +35,8 @@ thread_local! {
 const EVENT_BUFFER_KEPT_BYTES: usize = 4096;
 
 thread_local! {
+    /// `consume_many`'s chunk of events encoded but not yet appended (see there).
+    static STAGED: std::cell::RefCell<Staged> = std::cell::RefCell::new(Staged::default());
     /// `consume_many`'s list of admitted requests and their receipts (see there).
     #[allow(clippy::type_complexity)]
     static PENDING: std::cell::RefCell<Vec<(usize, Quantities, Option<Receipt>)>> =
@@ -40,6 +44,11 @@ thread_local! {
 }
 /// Entries of `PENDING` kept between calls (a batch of up to this many allocates nothing).
 const PENDING_KEPT: usize = 4_096;
+/// `consume_many` applies this many requests, then appends their events at once (one hold of
+/// the log queue's lock); a checkpoint's cut waits for at most one chunk.
+const STAGED_CHUNK: usize = 64;
+/// Bytes of a thread's staged chunk kept between calls.
+const STAGED_KEPT_BYTES: usize = 64 * 1024;
 /// How far ahead `consume_many` starts loading a request's table entry, and then its name and
 /// usage. One decision takes longer than a miss to memory, so a few requests suffice; more
 /// would only risk the lines being evicted before use.
@@ -48,7 +57,8 @@ const POINTEES_AHEAD: usize = 2;
 const _: () = assert!(POINTEES_AHEAD < ENTRY_AHEAD);
 use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
 use crate::ledger::{KeyUsage, Team};
-use crate::log::EventLog;
+use crate::lock::ShardLock;
+use crate::log::{EventLog, Staged};
 use crate::policy::{Policy, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
@@ -220,6 +230,15 @@ pub enum AdjustmentDirection {
     Remove,
 }
 
+/// Whether a decision's event went to the log: appended with this sequence number, staged
+/// in a `consume_many` chunk (appended at the chunk's end), or not logged at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Logged {
+    Not,
+    At(u64),
+    Staged,
+}
+
 pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
@@ -231,6 +250,10 @@ pub struct Engine {
     pub(crate) reservations: ReservationTable,
     /// The event log, once recovery has replayed it (absent for an in-memory engine).
     pub(crate) journal: std::sync::OnceLock<EventLog>,
+    /// Read-held by a `consume_many` chunk from its first decision until its staged events are
+    /// appended; write-held by a checkpoint's cut first of all (see `cut_raw`), so a cut never
+    /// sees an applied effect whose event is not yet in the log.
+    pub(crate) append_gate: ShardLock<()>,
     /// The serialised checkpoint in progress, if any (see `recovery`).
     pub(crate) checkpointing: Mutex<()>,
     /// The sequence number the latest checkpoint covers.
@@ -308,6 +331,7 @@ impl Engine {
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),
+            append_gate: ShardLock::new(()),
             options,
         }
     }
@@ -924,20 +948,22 @@ impl Engine {
         mode: Mode,
         verdict: &mut Verdict,
     ) -> Result<(), Error> {
-        let seq =
-            self.decide_logged(key, resource, quantities, request_id, at_ms, mode, verdict)?;
-        match (seq, &verdict.receipt, self.journal()) {
-            (Some(seq), Some(receipt), _) => {
+        let logged = self.decide_logged(
+            key, resource, quantities, request_id, at_ms, mode, verdict, None,
+        )?;
+        match (logged, &verdict.receipt, self.journal()) {
+            (Logged::At(seq), Some(receipt), _) => {
                 self.await_durable(seq, key, resource, quantities, receipt)
             }
-            (Some(seq), None, Some(journal)) => journal.wait(seq),
+            (Logged::At(seq), None, Some(journal)) => journal.wait(seq),
             _ => Ok(()),
         }
     }
 
     /// Decides, and for an admitted consume appends the usage event while the key's shard is
-    /// still read-locked (so a checkpoint's cut sees every applied effect logged). Returns the
-    /// event's sequence number; does not wait for it.
+    /// still read-locked (so a checkpoint's cut sees every applied effect logged); or, given a
+    /// `staged` chunk, stages it there for the caller to append before it lets a cut in (see
+    /// `consume_many_with`). Does not wait for the event to be durable.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn decide_logged(
@@ -949,7 +975,8 @@ impl Engine {
         at_ms: u64,
         mode: Mode,
         verdict: &mut Verdict,
-    ) -> Result<Option<u64>, Error> {
+        staged: Option<&mut Staged>,
+    ) -> Result<Logged, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
         self.keys.read(key, |policy, state| {
             let resource_id = resolve_resource(policy, resource, quantities)?;
@@ -970,13 +997,13 @@ impl Engine {
                 }
             }
             let Some(journal) = journal else {
-                return Ok(None);
+                return Ok(Logged::Not);
             };
             let (Some(state), Some(receipt)) = (state, verdict.receipt) else {
                 // A denial under a request id is logged too, so its retry gets the same
                 // answer after a restart.
                 let Some(request_id) = request_id else {
-                    return Ok(None);
+                    return Ok(Logged::Not);
                 };
                 let body = EventBody::RequestDenied {
                     request_id: request_id.into(),
@@ -985,8 +1012,12 @@ impl Engine {
                     quantities: *quantities,
                     decision: verdict.decision,
                 };
-                let seq = journal.append(at_ms, encode_body(&body))?;
-                return Ok(Some(seq));
+                return match staged {
+                    Some(staged) => staged
+                        .push_with(at_ms, |buffer| append_body_to(buffer, &body))
+                        .map(|()| Logged::Staged),
+                    None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
+                };
             };
             let usage = UsageAdmittedRef {
                 key,
@@ -996,18 +1027,23 @@ impl Engine {
                 decision: request_id.map(|_| &verdict.decision),
                 receipt: &receipt,
             };
-            let appended = EVENT_BUFFER.with_borrow_mut(|buffer| {
-                encode_usage_into(buffer, &usage);
-                let appended = journal.append(at_ms, buffer.as_slice());
-                if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
-                    *buffer = Vec::new();
-                }
-                appended
-            });
-            match appended {
-                Ok(seq) => {
+            let logged = match staged {
+                Some(staged) => staged
+                    .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
+                    .map(|()| Logged::Staged),
+                None => EVENT_BUFFER.with_borrow_mut(|buffer| {
+                    encode_usage_into(buffer, &usage);
+                    let appended = journal.append(at_ms, buffer.as_slice());
+                    if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
+                        *buffer = Vec::new();
+                    }
+                    appended.map(Logged::At)
+                }),
+            };
+            match logged {
+                Ok(logged) => {
                     self.note_event_time(at_ms);
-                    Ok(Some(seq))
+                    Ok(logged)
                 }
                 Err(error) => {
                     crate::adjustment::give_back_in(
@@ -1087,6 +1123,7 @@ impl Engine {
         mut replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
+        let journal = self.journal();
         let mut last_seq = None;
         // Over many keys each request's lookup is a chain of cache misses (the table entry,
         // then the name and the usage it points to). A batch knows its keys in advance, so
@@ -1097,78 +1134,111 @@ impl Engine {
             hashes[ahead] = KeyTable::hash(request.key);
             self.keys.prefetch_entry(hashes[ahead]);
         }
-        for (index, request) in requests.iter().enumerate() {
-            if let Some(later) = requests.get(index + ENTRY_AHEAD) {
-                let hash = KeyTable::hash(later.key);
-                hashes[index % ENTRY_AHEAD] = hash;
-                self.keys.prefetch_entry(hash);
+        STAGED.with_borrow_mut(|staged| {
+            for (chunk_index, chunk) in requests.chunks(STAGED_CHUNK).enumerate() {
+                let first_index = chunk_index * STAGED_CHUNK;
+                let first_pending = pending.len();
+                // The chunk's events are applied now and appended at its end: the gate keeps
+                // a checkpoint's cut out in between, so a cut never sees an effect unlogged.
+                let gate = journal.map(|_| self.append_gate.read());
+                for (offset, request) in chunk.iter().enumerate() {
+                    let index = first_index + offset;
+                    if let Some(later) = requests.get(index + ENTRY_AHEAD) {
+                        let hash = KeyTable::hash(later.key);
+                        hashes[index % ENTRY_AHEAD] = hash;
+                        self.keys.prefetch_entry(hash);
+                    }
+                    if index + POINTEES_AHEAD < requests.len() {
+                        self.keys
+                            .prefetch_pointees(hashes[(index + POINTEES_AHEAD) % ENTRY_AHEAD]);
+                    }
+                    let mut replayed = false;
+                    let staged = journal.map(|_| &mut *staged);
+                    let outcome = self.admit_without_waiting(request, staged).map(
+                        |(decision, replay, logged)| {
+                            if let Some((quantities, receipt)) = logged {
+                                pending.push((index, quantities, receipt));
+                            }
+                            replayed = replay;
+                            decision
+                        },
+                    );
+                    results.push(outcome);
+                    if let Some(replays) = replays.as_deref_mut() {
+                        replays.push(replayed);
+                    }
+                }
+                let (Some(journal), false) = (journal, staged.is_empty()) else {
+                    continue;
+                };
+                let appended = journal.append_staged(staged);
+                staged.clear(STAGED_KEPT_BYTES);
+                drop(gate);
+                match appended {
+                    Ok(seq) => last_seq = last_seq.max(Some(seq)),
+                    Err(error) => {
+                        self.undo_pending(
+                            requests,
+                            &pending[first_pending..],
+                            &mut results,
+                            replays.as_deref_mut(),
+                            &error,
+                        );
+                        pending.truncate(first_pending);
+                    }
+                }
             }
-            if index + POINTEES_AHEAD < requests.len() {
-                self.keys
-                    .prefetch_pointees(hashes[(index + POINTEES_AHEAD) % ENTRY_AHEAD]);
-            }
-            let mut replayed = false;
-            let outcome =
-                self.admit_without_waiting(request)
-                    .map(|(decision, replay, admitted)| {
-                        if let Some((quantities, receipt, seq)) = admitted {
-                            pending.push((index, quantities, receipt));
-                            last_seq = last_seq.max(seq);
-                        }
-                        replayed = replay;
-                        decision
-                    });
-            results.push(outcome);
-            if let Some(replays) = replays.as_deref_mut() {
-                replays.push(replayed);
-            }
-        }
-        let Some(journal) = self.journal() else {
-            return results;
-        };
-        let Some(last_seq) = last_seq else {
+        });
+        let (Some(journal), Some(last_seq)) = (journal, last_seq) else {
             return results;
         };
         if let Err(error) = journal.wait(last_seq) {
-            for &(index, quantities, receipt) in pending.iter() {
-                let request = &requests[index];
-                if let Some(receipt) = receipt {
-                    self.give_back(request.key, request.resource, &receipt, &quantities);
-                }
-                if let Some(request_id) = request.request_id {
-                    self.requests.forget(request_id);
-                }
-                results[index] = Err(error.clone());
-                if let Some(replays) = replays.as_deref_mut() {
-                    replays[index] = false;
-                }
-            }
+            self.undo_pending(requests, pending, &mut results, replays, &error);
             return results;
         }
         self.maybe_checkpoint();
         results
     }
 
-    /// One request of `consume_many`: the decision, whether it is a replay and, if admitted
-    /// and logged, what to give back should the batch's wait fail.
+    /// A `consume_many`'s logged decisions whose events could not be made durable: their
+    /// effects are given back, their request ids forgotten, and each one's result is the error.
+    fn undo_pending(
+        &self,
+        requests: &[UsageRequest<'_>],
+        pending: &[(usize, Quantities, Option<Receipt>)],
+        results: &mut [Result<Decision, Error>],
+        mut replays: Option<&mut Vec<bool>>,
+        error: &Error,
+    ) {
+        for &(index, quantities, receipt) in pending {
+            let request = &requests[index];
+            if let Some(receipt) = receipt {
+                self.give_back(request.key, request.resource, &receipt, &quantities);
+            }
+            if let Some(request_id) = request.request_id {
+                self.requests.forget(request_id);
+            }
+            results[index] = Err(error.clone());
+            if let Some(replays) = replays.as_deref_mut() {
+                replays[index] = false;
+            }
+        }
+    }
+
+    /// One request of `consume_many`: the decision, whether it is a replay and, if its event
+    /// was staged, what to give back should the batch's append or wait fail.
     #[allow(clippy::type_complexity)]
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
-    ) -> Result<
-        (
-            Decision,
-            bool,
-            Option<(Quantities, Option<Receipt>, Option<u64>)>,
-        ),
-        Error,
-    > {
+        staged: Option<&mut Staged>,
+    ) -> Result<(Decision, bool, Option<(Quantities, Option<Receipt>)>), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
             let mut verdict = Verdict::new();
-            let seq = self.decide_logged(
+            let logged = self.decide_logged(
                 request.key,
                 request.resource,
                 &quantities,
@@ -1176,14 +1246,13 @@ impl Engine {
                 at_ms,
                 Mode::Consume,
                 &mut verdict,
+                staged,
             )?;
-            return Ok((
-                verdict.decision,
-                false,
-                verdict
-                    .receipt
-                    .map(|receipt| (quantities, Some(receipt), seq)),
-            ));
+            let logged = (logged != Logged::Not)
+                .then_some(verdict.receipt)
+                .flatten()
+                .map(|receipt| (quantities, Some(receipt)));
+            return Ok((verdict.decision, false, logged));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -1191,12 +1260,12 @@ impl Engine {
             resource: request.resource.into(),
             quantities,
         };
-        let mut admitted = None;
+        let mut logged = None;
         let (decision, replayed) =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut verdict = Verdict::new();
-                    let seq = self.decide_logged(
+                    let outcome = self.decide_logged(
                         request.key,
                         request.resource,
                         &quantities,
@@ -1204,12 +1273,15 @@ impl Engine {
                         at_ms,
                         Mode::Consume,
                         &mut verdict,
+                        staged,
                     )?;
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
-                    admitted = seq.map(|seq| (quantities, verdict.receipt, Some(seq)));
+                    if outcome != Logged::Not {
+                        logged = Some((quantities, verdict.receipt));
+                    }
                     Ok((verdict.decision, verdict.receipt))
                 })?;
-        Ok((decision, replayed, admitted))
+        Ok((decision, replayed, logged))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.

@@ -234,6 +234,18 @@ pub(crate) fn encode_usage_into(buffer: &mut Vec<u8>, usage: &UsageAdmittedRef<'
     let _ = encoding().serialize_into(&mut *buffer, usage);
 }
 
+/// Encodes a usage event at the end of `buffer` (what is there stays).
+pub(crate) fn append_usage_to(buffer: &mut Vec<u8>, usage: &UsageAdmittedRef<'_>) {
+    // Serialising plain data into a Vec cannot fail.
+    let _ = encoding().serialize_into(&mut *buffer, usage);
+}
+
+/// Encodes an event body at the end of `buffer` (what is there stays).
+pub(crate) fn append_body_to(buffer: &mut Vec<u8>, body: &EventBody) {
+    // Serialising plain data into a Vec cannot fail.
+    let _ = encoding().serialize_into(&mut *buffer, body);
+}
+
 pub fn encode_body(body: &EventBody) -> Vec<u8> {
     // Serialising plain data into a Vec cannot fail.
     encoding().serialize(body).unwrap_or_default()

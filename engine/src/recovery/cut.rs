@@ -910,7 +910,8 @@ impl Engine {
     /// unlogged.
     ///
     /// The locks are taken in the engine's lock order, and each part of the state is copied
-    /// as soon as the lock that guards it is held: the reservation table, then the request
+    /// as soon as the lock that guards it is held: the append gate (no `consume_many` chunk
+    /// is between applying its effects and appending their events), the reservation table, then the request
     /// ids, then the registry's users, teams and members. None of them can change after its
     /// copy, for its lock stays held until the end. Only then are the key shards
     /// write-locked (admission waits from here on), `seq` read, and what changes under a
@@ -925,6 +926,8 @@ impl Engine {
     pub(super) fn cut_raw(&self, seq: impl FnOnce() -> u64) -> RawCut {
         let mut cut = self.cuts.take_spare(self.keys.len() as usize);
         let locking = std::time::Instant::now();
+        // First of all: no `consume_many` chunk is between applying and appending.
+        let gate = self.append_gate.write();
         let table = self.reservations.inner.lock();
         cut.copy_reservations(&table);
         let requests_guard = self.requests.lock_all();
@@ -948,7 +951,7 @@ impl Engine {
         drop(shards);
         let key_shards = shards_locking.elapsed();
         drop(teams);
-        drop((policies_guard, registry, requests_guard, table));
+        drop((policies_guard, registry, requests_guard, table, gate));
         self.cuts.note(CutLockTime {
             every_lock: locking.elapsed(),
             key_shards,
