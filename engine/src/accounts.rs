@@ -229,7 +229,18 @@ impl KeyTable {
     /// Runs `f` with the key's shard read-locked: the admission path.
     #[inline]
     pub fn read<R>(&self, key: &str, f: impl FnOnce(&Policy, Option<&KeyState>) -> R) -> R {
-        let hash = KeyTable::hash(key);
+        self.read_hashed(KeyTable::hash(key), key, f)
+    }
+
+    /// `read` with the key's hash already at hand (`KeyTable::hash(key)`).
+    #[inline]
+    pub fn read_hashed<R>(
+        &self,
+        hash: u64,
+        key: &str,
+        f: impl FnOnce(&Policy, Option<&KeyState>) -> R,
+    ) -> R {
+        debug_assert_eq!(hash, KeyTable::hash(key));
         let shard = self.shard_of(hash).read();
         f(&shard.policy, shard.find(hash, key))
     }

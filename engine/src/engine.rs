@@ -975,10 +975,14 @@ impl Engine {
         at_ms: u64,
         mode: Mode,
         verdict: &mut Verdict,
-        staged: Option<&mut Staged>,
+        staged: Option<(u64, &mut Staged)>,
     ) -> Result<Logged, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
-        self.keys.read(key, |policy, state| {
+        let hash = match &staged {
+            Some((hash, _)) => *hash,
+            None => KeyTable::hash(key),
+        };
+        self.keys.read_hashed(hash, key, |policy, state| {
             let resource_id = resolve_resource(policy, resource, quantities)?;
             match state {
                 Some(state) => decide_for_key_into(
@@ -1013,7 +1017,7 @@ impl Engine {
                     decision: verdict.decision,
                 };
                 return match staged {
-                    Some(staged) => staged
+                    Some((_, staged)) => staged
                         .push_with(at_ms, |buffer| append_body_to(buffer, &body))
                         .map(|()| Logged::Staged),
                     None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
@@ -1028,7 +1032,7 @@ impl Engine {
                 receipt: &receipt,
             };
             let logged = match staged {
-                Some(staged) => staged
+                Some((_, staged)) => staged
                     .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
                     .map(|()| Logged::Staged),
                 None => EVENT_BUFFER.with_borrow_mut(|buffer| {
@@ -1042,7 +1046,10 @@ impl Engine {
             };
             match logged {
                 Ok(logged) => {
-                    self.note_event_time(at_ms);
+                    // A staged chunk notes its newest timestamp once, before it is appended.
+                    if logged != Logged::Staged {
+                        self.note_event_time(at_ms);
+                    }
                     Ok(logged)
                 }
                 Err(error) => {
@@ -1143,6 +1150,8 @@ impl Engine {
                 let gate = journal.map(|_| self.append_gate.read());
                 for (offset, request) in chunk.iter().enumerate() {
                     let index = first_index + offset;
+                    let hash = hashes[index % ENTRY_AHEAD];
+                    debug_assert_eq!(hash, KeyTable::hash(request.key));
                     if let Some(later) = requests.get(index + ENTRY_AHEAD) {
                         let hash = KeyTable::hash(later.key);
                         hashes[index % ENTRY_AHEAD] = hash;
@@ -1153,7 +1162,7 @@ impl Engine {
                             .prefetch_pointees(hashes[(index + POINTEES_AHEAD) % ENTRY_AHEAD]);
                     }
                     let mut replayed = false;
-                    let staged = journal.map(|_| &mut *staged);
+                    let staged = journal.map(|_| (hash, &mut *staged));
                     let outcome = self.admit_without_waiting(request, staged).map(
                         |(decision, replay, logged)| {
                             if let Some((quantities, receipt)) = logged {
@@ -1171,6 +1180,7 @@ impl Engine {
                 let (Some(journal), false) = (journal, staged.is_empty()) else {
                     continue;
                 };
+                self.note_event_time(staged.newest_at_ms());
                 let appended = journal.append_staged(staged);
                 staged.clear(STAGED_KEPT_BYTES);
                 drop(gate);
@@ -1231,7 +1241,7 @@ impl Engine {
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
-        staged: Option<&mut Staged>,
+        staged: Option<(u64, &mut Staged)>,
     ) -> Result<(Decision, bool, Option<(Quantities, Option<Receipt>)>), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;

@@ -230,8 +230,7 @@ impl Serialize for UsageAdmittedRef<'_> {
 /// Encodes a usage event into `buffer` (cleared first), reusing its allocation.
 pub(crate) fn encode_usage_into(buffer: &mut Vec<u8>, usage: &UsageAdmittedRef<'_>) {
     buffer.clear();
-    // Serialising plain data into a Vec cannot fail.
-    let _ = encoding().serialize_into(&mut *buffer, usage);
+    append_usage_to(buffer, usage);
 }
 
 /// Encodes a usage event at the end of `buffer` (what is there stays).
@@ -526,6 +525,22 @@ mod tests {
             );
             assert_eq!(buffer, encode_body(&owned), "{request_id:?}");
             assert_eq!(decode_body(0, &buffer).expect("decodes"), owned);
+            // Appended after what a staged chunk already holds, it is the same bytes.
+            let mut chunk = vec![0x55; 5];
+            let usage = UsageAdmittedRef {
+                key: "tp-ada",
+                resource: "m2.7-highspeed",
+                quantities: &quantities,
+                request_id,
+                decision: decision.as_ref(),
+                receipt: &receipt,
+            };
+            append_usage_to(&mut chunk, &usage);
+            append_usage_to(&mut chunk, &usage);
+            let once = encode_body(&owned);
+            assert_eq!(chunk[..5], [0x55; 5]);
+            assert_eq!(chunk[5..5 + once.len()], once[..]);
+            assert_eq!(chunk[5 + once.len()..], once[..]);
         }
     }
 

@@ -202,6 +202,15 @@ impl Staged {
         self.events.is_empty()
     }
 
+    /// The newest timestamp staged (0 if none).
+    pub fn newest_at_ms(&self) -> u64 {
+        self.events
+            .iter()
+            .map(|&(at_ms, _)| at_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Empties it, keeping at most `kept_bytes` of buffer for the next chunk.
     pub fn clear(&mut self, kept_bytes: usize) {
         self.events.clear();
