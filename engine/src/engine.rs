@@ -1183,10 +1183,11 @@ impl Engine {
                 self.note_event_time(staged.newest_at_ms());
                 let appended = journal.append_staged(staged);
                 staged.clear(STAGED_KEPT_BYTES);
-                drop(gate);
                 match appended {
                     Ok(seq) => last_seq = last_seq.max(Some(seq)),
                     Err(error) => {
+                        // Still behind the gate: no cut sees the effects of events that will
+                        // never be in the log.
                         self.undo_pending(
                             requests,
                             &pending[first_pending..],
@@ -1197,6 +1198,7 @@ impl Engine {
                         pending.truncate(first_pending);
                     }
                 }
+                drop(gate);
             }
         });
         let (Some(journal), Some(last_seq)) = (journal, last_seq) else {
