@@ -155,6 +155,26 @@ fn admitted(decision: Result<Decision, Error>, charged: &str) -> Result<String, 
     Ok(text)
 }
 
+/// A `consume_many`'s outcome: all or nothing, every request of a failed batch answers the
+/// error; otherwise every request is admitted.
+fn all_admitted_or_all_failed(
+    results: &[Result<Decision, Error>],
+    requests: usize,
+) -> Result<String, Error> {
+    assert_eq!(results.len(), requests);
+    if let Some(error) = results.iter().find_map(|result| result.clone().err()) {
+        assert!(
+            results.iter().all(|result| result.is_err()),
+            "a batch half failed: {results:?}"
+        );
+        return Err(error);
+    }
+    assert!(results
+        .iter()
+        .all(|result| matches!(result, Ok(d) if d.is_admitted())));
+    Ok(format!("{results:?}"))
+}
+
 fn open_reservation(world: &World, key: &str) -> ReservationId {
     world
         .open
@@ -225,20 +245,7 @@ fn a_failed_consume_many_admits_none_of_its_requests() {
                 .id("many-1"),
             UsageRequest::new("key-eve", "image-01", &[(Unit::Images, 1)]).at(AT_MS),
         ];
-        let results = engine.consume_many(&requests);
-        assert_eq!(results.len(), requests.len());
-        if let Some(error) = results.iter().find_map(|result| result.clone().err()) {
-            // All or nothing: every request of a failed batch answers the error.
-            assert!(
-                results.iter().all(|result| result.is_err()),
-                "a batch half failed: {results:?}"
-            );
-            return Err(error);
-        }
-        assert!(results
-            .iter()
-            .all(|result| matches!(result, Ok(d) if d.is_admitted())));
-        Ok(format!("{results:?}"))
+        all_admitted_or_all_failed(&engine.consume_many(&requests), requests.len())
     });
 }
 
@@ -266,19 +273,7 @@ fn a_failed_consume_many_of_several_chunks_admits_none_of_its_requests() {
                 }
             })
             .collect();
-        let results = engine.consume_many(&requests);
-        assert_eq!(results.len(), requests.len());
-        if let Some(error) = results.iter().find_map(|result| result.clone().err()) {
-            assert!(
-                results.iter().all(|result| result.is_err()),
-                "a batch half failed: {results:?}"
-            );
-            return Err(error);
-        }
-        assert!(results
-            .iter()
-            .all(|result| matches!(result, Ok(d) if d.is_admitted())));
-        Ok(format!("{results:?}"))
+        all_admitted_or_all_failed(&engine.consume_many(&requests), requests.len())
     });
 }
 

@@ -512,21 +512,6 @@ mod tests {
                 decision,
                 receipt,
             };
-            encode_usage_into(
-                &mut buffer,
-                &UsageAdmittedRef {
-                    key: "tp-ada",
-                    resource: "m2.7-highspeed",
-                    quantities: &quantities,
-                    request_id,
-                    decision: decision.as_ref(),
-                    receipt: &receipt,
-                },
-            );
-            assert_eq!(buffer, encode_body(&owned), "{request_id:?}");
-            assert_eq!(decode_body(0, &buffer).expect("decodes"), owned);
-            // Appended after what a staged chunk already holds, it is the same bytes.
-            let mut chunk = vec![0x55; 5];
             let usage = UsageAdmittedRef {
                 key: "tp-ada",
                 resource: "m2.7-highspeed",
@@ -535,6 +520,11 @@ mod tests {
                 decision: decision.as_ref(),
                 receipt: &receipt,
             };
+            encode_usage_into(&mut buffer, &usage);
+            assert_eq!(buffer, encode_body(&owned), "{request_id:?}");
+            assert_eq!(decode_body(0, &buffer).expect("decodes"), owned);
+            // Appended after what a staged chunk already holds, it is the same bytes.
+            let mut chunk = vec![0x55; 5];
             append_usage_to(&mut chunk, &usage);
             append_usage_to(&mut chunk, &usage);
             let once = encode_body(&owned);
