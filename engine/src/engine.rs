@@ -1090,6 +1090,9 @@ impl Engine {
     /// it or none), then the call waits once for the last event, so a gateway batching its
     /// requests gets group commit from a single thread. If the log fails, every request of the
     /// batch that was admitted is given back and answers the error.
+    ///
+    /// The events are appended 64 at a time (one hold of the log queue's lock per chunk), while
+    /// the batch's keys are looked up a few requests ahead so their cache misses overlap.
     pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
         // What to give back should the wait fail, kept in a per-thread list reused from call to
         // call: built afresh it grew by doubling on every batch, a copy and a large free (a
@@ -1145,6 +1148,8 @@ impl Engine {
             for (chunk_index, chunk) in requests.chunks(STAGED_CHUNK).enumerate() {
                 let first_index = chunk_index * STAGED_CHUNK;
                 let first_pending = pending.len();
+                // Empty unless a previous call unwound mid-chunk: its events must not be logged.
+                staged.clear(STAGED_KEPT_BYTES);
                 // The chunk's events are applied now and appended at its end: the gate keeps
                 // a checkpoint's cut out in between, so a cut never sees an effect unlogged.
                 let gate = journal.map(|_| self.append_gate.read());
