@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::{KeyKind, KeyState, Registry, TeamRecord, UserRecord};
+use crate::accounts::{KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord};
 use crate::adjustment::{force_counter, unforce_counter};
 use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
 use crate::clock::Clock;
@@ -39,6 +39,12 @@ mod cut;
 pub use cut::CutLockTime;
 pub(crate) use cut::Cuts;
 use cut::RawCut;
+
+/// How far behind the newest decoded event replay applies (see `replay_log`), and how far
+/// behind it the second look-ahead (a usage event's name and usage) runs.
+const REPLAY_AHEAD: usize = 8;
+const REPLAY_POINTEES_AHEAD: usize = 4;
+const _: () = assert!(REPLAY_POINTEES_AHEAD < REPLAY_AHEAD);
 
 /// How to open a database.
 #[derive(Debug, Clone)]
@@ -262,6 +268,24 @@ impl Engine {
         let mut next = after;
         let mut count = 0;
         let mut debts = Debts::default();
+        // Events are applied in order, `REPLAY_AHEAD` behind the one just decoded, so the key
+        // table entry of each usage event, then its name and usage, start loading before it is
+        // applied (as in `consume_many`): over many keys each would otherwise wait on misses.
+        // Each event waits with its key's hash, if it is a usage event.
+        let mut ahead: std::collections::VecDeque<(Option<u64>, Event)> =
+            std::collections::VecDeque::with_capacity(REPLAY_AHEAD + 1);
+        let mut apply = |event: Event| -> Result<(), Error> {
+            self.replay(&event, &mut debts).map_err(|error| {
+                storage(format!(
+                    "replaying event {} ({}): {error}",
+                    event.seq,
+                    event.body.kind()
+                ))
+            })?;
+            self.note_event_time(event.at_ms);
+            count += 1;
+            Ok(())
+        };
         log.scan(after, |raw| {
             if raw.seq > up_to {
                 return Ok(false);
@@ -273,18 +297,29 @@ impl Engine {
                 )));
             }
             let event = crate::event::decode_raw(raw)?;
-            self.replay(&event, &mut debts).map_err(|error| {
-                storage(format!(
-                    "replaying event {} ({}): {error}",
-                    event.seq,
-                    event.body.kind()
-                ))
-            })?;
-            self.note_event_time(event.at_ms);
             next = event.seq;
-            count += 1;
+            let hash = match &event.body {
+                EventBody::UsageAdmitted { key, .. } => Some(KeyTable::hash(key)),
+                _ => None,
+            };
+            if let Some(hash) = hash {
+                self.keys.prefetch_entry(hash);
+            }
+            ahead.push_back((hash, event));
+            let halfway = ahead.len().checked_sub(1 + REPLAY_POINTEES_AHEAD);
+            if let Some((Some(hash), _)) = halfway.and_then(|index| ahead.get(index)) {
+                self.keys.prefetch_pointees(*hash);
+            }
+            if ahead.len() > REPLAY_AHEAD {
+                if let Some((_, oldest)) = ahead.pop_front() {
+                    apply(oldest)?;
+                }
+            }
             Ok(true)
         })?;
+        for (_, rest) in ahead.drain(..) {
+            apply(rest)?;
+        }
         self.finish_replay(count, &debts)
     }
 
