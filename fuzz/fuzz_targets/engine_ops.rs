@@ -28,7 +28,8 @@ struct World {
     engine: Engine,
     at_ms: u64,
     credits: HashMap<String, i128>,
-    reservations: Vec<tally_engine::ReservationId>,
+    /// Open reservations, each with the team whose credits it holds.
+    reservations: Vec<(tally_engine::ReservationId, String)>,
     adjusted: bool,
     /// Request ids already answered: a repeat returns the first decision and charges nothing.
     answered: HashSet<String>,
@@ -85,11 +86,13 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
             if let Ok(outcome) = engine.reserve(&request, Some(u64::from(b) * 10_000 + 1)) {
                 account(world, &team, outcome.decision);
-                world.reservations.extend(outcome.reservation);
+                world.reservations.extend(outcome.reservation.map(|id| (id, team)));
             }
         }
         8 => {
-            if let Some(id) = world.reservations.pop() {
+            // The reservation's own team: the one whose credits a settle or void moves, which
+            // need not be this step's user.
+            if let Some((id, team)) = world.reservations.pop() {
                 let before = engine.credits_micros(&team).unwrap_or(0);
                 let settled = if b % 2 == 0 {
                     engine.settle(id, &quantities[..1], Some(world.at_ms)).map(|outcome| matches!(outcome, SettleOutcome::Settled(_)))
