@@ -1094,9 +1094,6 @@ impl Engine {
     /// The events are appended 64 at a time (one hold of the log queue's lock per chunk), while
     /// the batch's keys are looked up a few requests ahead so their cache misses overlap.
     pub fn consume_many(&self, requests: &[UsageRequest<'_>]) -> Vec<Result<Decision, Error>> {
-        // What to give back should the wait fail, kept in a per-thread list reused from call to
-        // call: built afresh it grew by doubling on every batch, a copy and a large free (a
-        // consolidation of malloc's free lists) per call.
         self.consume_many_noting(requests, None)
     }
 
@@ -1116,6 +1113,9 @@ impl Engine {
         requests: &[UsageRequest<'_>],
         replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
+        // What to give back should the append or wait fail, kept in a per-thread list reused
+        // from call to call: built afresh it grew by doubling on every batch, a copy and a
+        // large free (a consolidation of malloc's free lists) per call.
         PENDING.with_borrow_mut(|pending| {
             pending.clear();
             let results = self.consume_many_with(requests, pending, replays);

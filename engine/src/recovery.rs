@@ -1333,6 +1333,19 @@ mod tests {
     /// quotas), wide rings (the priced usage bar), daily and weekly counters, dormant counters
     /// of an earlier plan, keys reclaimed with a time floor, pay-as-you-go keys, teams with
     /// members and credits, request ids (admitted and denied), open and closed reservations.
+    /// A fresh in-memory engine restored from snapshot `bytes` covering events up to `seq`.
+    fn restored_from(bytes: &[u8], seq: u64) -> Engine {
+        let restored = Engine::new(
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0 + 8 * DAY)),
+            EngineOptions::default(),
+        );
+        restored
+            .restore(&decode_snapshot(bytes, seq).expect("decoding"))
+            .expect("restoring");
+        restored
+    }
+
     fn busy_engine() -> (Engine, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(T0));
         let engine = Engine::new(
@@ -1517,14 +1530,7 @@ mod tests {
         assert!(written == bytes, "RawCut::encode wrote other bytes");
 
         // And a restored engine cuts to the same snapshot again.
-        let restored = Engine::new(
-            Policy::token_plan(),
-            Arc::new(ManualClock::new(T0 + 8 * DAY)),
-            EngineOptions::default(),
-        );
-        restored
-            .restore(&decode_snapshot(&bytes, 4_242).expect("decoding"))
-            .expect("restoring");
+        let restored = restored_from(&bytes, 4_242);
         assert_eq!(restored.cut(|| 4_242), reference);
         assert_eq!(restored.cut_reference(4_242), reference);
 
@@ -1548,14 +1554,7 @@ mod tests {
     fn a_restored_engine_keeps_one_copy_of_each_user_name() {
         let (engine, _clock) = busy_engine();
         let bytes = bincode::serialize(&engine.cut(|| 7)).expect("encoding");
-        let restored = Engine::new(
-            Policy::token_plan(),
-            Arc::new(ManualClock::new(T0 + 8 * DAY)),
-            EngineOptions::default(),
-        );
-        restored
-            .restore(&decode_snapshot(&bytes, 7).expect("decoding"))
-            .expect("restoring");
+        let restored = restored_from(&bytes, 7);
         let registry = restored.registry.lock();
         let mut keys_seen = 0;
         for shard in restored.keys.lock_all().iter() {
