@@ -4,8 +4,9 @@
 //! `cargo bench --bench admission` runs, in order:
 //! - a memory report (not a criterion timing): heap bytes per Plus key with usage in every
 //!   limit, per key with no usage, and what a `check` or an aged-out window leaves behind;
-//! - `hot_key`: one key; governor's `check_key` against tally's `consume` and `check` on a plan
-//!   with three limits that all apply to the request;
+//! - `hot_key`: one key; governor's `check_key` against tally's `consume`, `consume_into`
+//!   (the decision written into the caller's) and `check` on a plan with three limits that
+//!   all apply to the request;
 //! - `million_keys`: keys drawn uniformly at random from 1,000,000, governor against tally;
 //! - `two_threads`: wall time per admission with two threads on disjoint keys;
 //! - a summary: criterion's medians read back from this run's `estimates.json`, and the ratios
@@ -19,7 +20,7 @@
 //! `hot_key/tally_consume_system_clock`, which reads the engine's `SystemClock` instead.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -29,7 +30,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use tally_engine::{Engine, EngineOptions, ManualClock, Policy, SystemClock, Unit, UsageRequest};
+use tally_engine::{
+    Decision, DenialReason, Engine, EngineOptions, ManualClock, Policy, SystemClock, Unit,
+    UsageRequest,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Heap accounting.
@@ -460,6 +464,8 @@ struct HotKey {
     consume_stream: Stream,
     check_stream: Stream,
     clock_stream: Stream,
+    /// The decision `consume_into` writes into, reused call after call.
+    decision: RefCell<Decision>,
 }
 
 /// Governor's key for the hot-key case.
@@ -481,6 +487,7 @@ impl HotKey {
             consume_stream: Stream::default(),
             check_stream: Stream::default(),
             clock_stream: Stream::default(),
+            decision: RefCell::new(Decision::denied(DenialReason::UnknownKey)),
         }
     }
 
@@ -499,6 +506,17 @@ impl HotKey {
         let request = UsageRequest::new(black_box(&self.key), BENCH_RESOURCE, ONE_REQUEST);
         let admitted = tally_admitted(self.engine.consume(&request.at(at_ms(step))));
         self.consume_stream.count(admitted)
+    }
+
+    /// `consume` writing into a reused decision instead of returning one; it continues the
+    /// consume stream (same key, same clock).
+    fn tally_consume_into(&self) -> bool {
+        let step = self.consume_stream.next();
+        let request = UsageRequest::new(black_box(&self.key), BENCH_RESOURCE, ONE_REQUEST);
+        let decision = &mut *self.decision.borrow_mut();
+        let decided = self.engine.consume_into(&request.at(at_ms(step)), decision);
+        self.consume_stream
+            .count(decided.is_ok() && decision.is_admitted())
     }
 
     /// Shares the consume stream's clock: the windows it reads are full of real usage, and
@@ -536,6 +554,9 @@ fn bench_hot_key(criterion: &mut Criterion, sizes: Sizes, report: &mut Report) {
     });
     group.bench_function("tally_consume", |bencher| {
         bencher.iter(|| hot.tally_consume())
+    });
+    group.bench_function("tally_consume_into", |bencher| {
+        bencher.iter(|| hot.tally_consume_into())
     });
     group.bench_function("tally_check", |bencher| bencher.iter(|| hot.tally_check()));
     group.bench_function("tally_consume_system_clock", |bencher| {
@@ -888,16 +909,20 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
     let median = |group: &str, bench: &str| median_ns(group, bench, run_started);
     let hot_governor = median("hot_key", "governor_check_key");
     let hot_consume = median("hot_key", "tally_consume");
+    let hot_consume_into = median("hot_key", "tally_consume_into");
     let million_governor = median("million_keys", "governor_check_key");
     let million_consume = median("million_keys", "tally_consume");
     let many = sizes.keys_per_thread;
     println!("\n== admission summary: criterion medians from this run ==");
     println!(
         "hot_key       governor check_key (u64 key) {} | tally consume, 3 limits {}: {} | \
-         tally check {} | tally consume reading SystemClock {}",
+         consume_into (decision written in place) {}: {} | tally check {} | tally consume \
+         reading SystemClock {}",
         show(hot_governor),
         show(hot_consume),
         ratio(hot_consume, hot_governor, 1.5),
+        show(hot_consume_into),
+        ratio(hot_consume_into, hot_governor, 1.5),
         show(median("hot_key", "tally_check")),
         show(median("hot_key", "tally_consume_system_clock")),
     );

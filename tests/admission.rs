@@ -193,6 +193,101 @@ fn a_check_allocates_nothing_for_a_never_used_key() {
 // ---- Request ids -------------------------------------------------------------------------------
 
 #[test]
+fn consume_into_and_check_into_write_what_consume_and_check_return() {
+    // Twin engines take the same requests, one through the returning calls and one through
+    // the writing calls with a single reused decision: quota, then credits, then a denial,
+    // with and without request ids.
+    let twins = [
+        engine_with(two_limit_policy(true)),
+        engine_with(two_limit_policy(true)),
+    ];
+    let keys = twins.each_ref().map(|engine| seated(engine, "ada", "Two"));
+    for engine in &twins {
+        engine.top_up("@ada", 1_500, Some(T0_MS)).expect("top up");
+    }
+    let [returning, writing] = &twins;
+    // Starts as an admission, so a denial written over it must replace all of it.
+    let mut decision = returning
+        .check(&UsageRequest::new(&keys[0], "chat", &ONE_REQUEST).at(T0_MS))
+        .expect("check");
+    assert!(decision.is_admitted());
+    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 5)];
+    let mut kinds = Vec::new();
+    for step in 0..16u64 {
+        let id = format!("r{}", step % 2);
+        let id = (step % 3 == 0).then_some(id.as_str());
+        let at_ms = T0_MS + step * MINUTE_MS;
+        let asks = keys.each_ref().map(|key| {
+            let request = UsageRequest::new(key, "chat", &quantities).at(at_ms);
+            match id {
+                Some(id) => request.id(id),
+                None => request,
+            }
+        });
+        let ask = |twin: usize| &asks[twin];
+        // Ids r0 and r1 are first used at steps 0 and 3, then come back every 6 steps.
+        let is_replay = id.is_some() && step >= 6;
+        let checked = returning.check(ask(0)).expect("check");
+        let replayed = writing
+            .check_into(ask(1), &mut decision)
+            .expect("check_into");
+        assert_eq!(
+            (decision, replayed),
+            (checked, is_replay),
+            "check at step {step}"
+        );
+        let expected = returning.consume(ask(0)).expect("consume");
+        let replayed = writing
+            .consume_into(ask(1), &mut decision)
+            .expect("consume_into");
+        assert_eq!(
+            (decision, replayed),
+            (expected, is_replay),
+            "consume at step {step}"
+        );
+        kinds.push(match decision {
+            tally_engine::Decision::Admitted(admission) => match admission.charged_to {
+                ChargedTo::PlanQuota { .. } => "quota",
+                ChargedTo::Credits { .. } => "credits",
+                ChargedTo::PayAsYouGo { .. } => "payg",
+            },
+            tally_engine::Decision::Denied(_) => "denied",
+        });
+    }
+    // The sequence went through every path it was meant to (steps 6, 9, 12 and 15 reuse ids).
+    for kind in ["quota", "credits", "denied"] {
+        assert!(kinds.contains(&kind), "no {kind} decision in {kinds:?}");
+    }
+    assert_eq!(
+        writing.credits_micros("@ada").expect("balance"),
+        returning.credits_micros("@ada").expect("balance")
+    );
+    assert_eq!(
+        used_per_limit(returning, &keys[0]),
+        used_per_limit(writing, &keys[1])
+    );
+    // Bad input is an error through either call and counts nothing.
+    let bad = UsageRequest::new(&keys[1], "no-such-model", &ONE_REQUEST).at(T0_MS + HOUR_MS);
+    let before = used_per_limit(writing, &keys[1]);
+    assert!(matches!(
+        writing.consume_into(&bad, &mut decision),
+        Err(Error::UnknownResource { .. })
+    ));
+    assert_eq!(used_per_limit(writing, &keys[1]), before);
+}
+
+/// What a key of the two-limit plan has used, as the usage report says (every limit).
+fn used_per_limit(engine: &Engine, key: &str) -> Vec<u64> {
+    engine
+        .usage(key, Some(T0_MS + HOUR_MS))
+        .expect("usage")
+        .limits
+        .iter()
+        .map(|limit| limit.used)
+        .collect()
+}
+
+#[test]
 fn a_repeated_request_id_returns_the_first_decision_and_counts_nothing() {
     let engine = engine();
     let key = seated(&engine, "ada", "Starter");

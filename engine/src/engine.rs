@@ -816,9 +816,9 @@ impl Engine {
     /// Checks every limit that applies and admits all of the request or none of it.
     #[inline]
     pub fn consume(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
-        let mut verdict = Verdict::new();
-        self.consume_into(request, &mut verdict)
-            .map(|()| verdict.decision)
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
+        self.consume_into(request, &mut decision)?;
+        Ok(decision)
     }
 
     /// `consume`, also saying whether the decision is a replay: the one remembered for the
@@ -829,25 +829,32 @@ impl Engine {
         &self,
         request: &UsageRequest<'_>,
     ) -> Result<(Decision, bool), Error> {
-        let mut verdict = Verdict::new();
-        self.consume_into(request, &mut verdict)
-            .map(|()| (verdict.decision, verdict.replayed))
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
+        let replayed = self.consume_into(request, &mut decision)?;
+        Ok((decision, replayed))
     }
 
-    /// A consume decided into `verdict`, then the periodic checkpoint if one is due.
-    #[inline]
-    fn consume_into(&self, request: &UsageRequest<'_>, verdict: &mut Verdict) -> Result<(), Error> {
-        let outcome = self.admit(request, Mode::Consume, verdict);
+    /// `consume_noting_replay`, writing the decision into the caller's `decision` instead of
+    /// returning it: `Ok(replayed)`. For a gateway's hot path: a `Decision` is a few hundred
+    /// bytes, and returning one by value copies it. After an error, `decision` holds some
+    /// valid decision that means nothing.
+    pub fn consume_into(
+        &self,
+        request: &UsageRequest<'_>,
+        decision: &mut Decision,
+    ) -> Result<bool, Error> {
+        let mut verdict = Verdict::new(decision);
+        let outcome = self.admit(request, Mode::Consume, &mut verdict);
         // Outside every lock (a checkpoint takes them all).
         self.maybe_checkpoint();
-        outcome
+        outcome.map(|()| verdict.replayed)
     }
 
     /// The decision `consume` would make now, changing nothing.
     pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
-        let mut verdict = Verdict::new();
-        self.admit(request, Mode::Check, &mut verdict)
-            .map(|()| verdict.decision)
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
+        self.check_into(request, &mut decision)?;
+        Ok(decision)
     }
 
     /// `check`, also saying whether the answer is the decision remembered for the request's id.
@@ -855,9 +862,20 @@ impl Engine {
         &self,
         request: &UsageRequest<'_>,
     ) -> Result<(Decision, bool), Error> {
-        let mut verdict = Verdict::new();
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
+        let replayed = self.check_into(request, &mut decision)?;
+        Ok((decision, replayed))
+    }
+
+    /// `check_noting_replay`, writing into the caller's `decision` (see `consume_into`).
+    pub fn check_into(
+        &self,
+        request: &UsageRequest<'_>,
+        decision: &mut Decision,
+    ) -> Result<bool, Error> {
+        let mut verdict = Verdict::new(decision);
         self.admit(request, Mode::Check, &mut verdict)
-            .map(|()| (verdict.decision, verdict.replayed))
+            .map(|()| verdict.replayed)
     }
 
     /// Decides `request` into `verdict` (its `receipt` is set only without a request id).
@@ -866,7 +884,7 @@ impl Engine {
         &self,
         request: &UsageRequest<'_>,
         mode: Mode,
-        verdict: &mut Verdict,
+        verdict: &mut Verdict<'_>,
     ) -> Result<(), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
@@ -892,13 +910,14 @@ impl Engine {
         };
         match mode {
             Mode::Consume => {
-                (verdict.decision, verdict.replayed) = self.requests.once(
+                (*verdict.decision, verdict.replayed) = self.requests.once(
                     request_id,
                     fingerprint,
                     at_ms,
                     self.clock.now_ms(),
                     || {
-                        let mut first = Verdict::new();
+                        let mut decision = Decision::denied(DenialReason::UnknownKey);
+                        let mut first = Verdict::new(&mut decision);
                         self.decide(
                             request.key,
                             request.resource,
@@ -908,7 +927,8 @@ impl Engine {
                             mode,
                             &mut first,
                         )?;
-                        Ok((first.decision, first.receipt))
+                        let receipt = first.receipt;
+                        Ok((decision, receipt))
                     },
                 )?;
                 verdict.receipt = None;
@@ -916,7 +936,7 @@ impl Engine {
             }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => {
-                    verdict.decision = decision;
+                    *verdict.decision = decision;
                     verdict.receipt = None;
                     verdict.replayed = true;
                     Ok(())
@@ -946,7 +966,7 @@ impl Engine {
         request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
-        verdict: &mut Verdict,
+        verdict: &mut Verdict<'_>,
     ) -> Result<(), Error> {
         let logged = self.decide_logged(
             key, resource, quantities, request_id, at_ms, mode, verdict, None,
@@ -974,7 +994,7 @@ impl Engine {
         request_id: Option<&str>,
         at_ms: u64,
         mode: Mode,
-        verdict: &mut Verdict,
+        verdict: &mut Verdict<'_>,
         staged: Option<(u64, &mut Staged)>,
     ) -> Result<Logged, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
@@ -1014,7 +1034,7 @@ impl Engine {
                     key: key.into(),
                     resource: resource.into(),
                     quantities: *quantities,
-                    decision: verdict.decision,
+                    decision: *verdict.decision,
                 };
                 return match staged {
                     Some((_, staged)) => staged
@@ -1028,7 +1048,7 @@ impl Engine {
                 resource,
                 quantities,
                 request_id,
-                decision: request_id.map(|_| &verdict.decision),
+                decision: request_id.map(|_| &*verdict.decision),
                 receipt: &receipt,
             };
             let logged = match staged {
@@ -1254,7 +1274,8 @@ impl Engine {
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
-            let mut verdict = Verdict::new();
+            let mut decision = Decision::denied(DenialReason::UnknownKey);
+            let mut verdict = Verdict::new(&mut decision);
             let logged = self.decide_logged(
                 request.key,
                 request.resource,
@@ -1269,7 +1290,7 @@ impl Engine {
                 .then_some(verdict.receipt)
                 .flatten()
                 .map(|receipt| (quantities, Some(receipt)));
-            return Ok((verdict.decision, false, logged));
+            return Ok((decision, false, logged));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -1281,7 +1302,8 @@ impl Engine {
         let (decision, replayed) =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
-                    let mut verdict = Verdict::new();
+                    let mut decision = Decision::denied(DenialReason::UnknownKey);
+                    let mut verdict = Verdict::new(&mut decision);
                     let outcome = self.decide_logged(
                         request.key,
                         request.resource,
@@ -1293,10 +1315,11 @@ impl Engine {
                         staged,
                     )?;
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
+                    let receipt = verdict.receipt;
                     if outcome != Logged::Not {
-                        logged = Some((quantities, verdict.receipt));
+                        logged = Some((quantities, receipt));
                     }
-                    Ok((verdict.decision, verdict.receipt))
+                    Ok((decision, receipt))
                 })?;
         Ok((decision, replayed, logged))
     }
@@ -1411,7 +1434,8 @@ pub(crate) fn decide_for_key(
     at_ms: u64,
     mode: Mode,
 ) -> Result<(Decision, Option<Receipt>), Error> {
-    let mut verdict = Verdict::new();
+    let mut decision = Decision::denied(DenialReason::UnknownKey);
+    let mut verdict = Verdict::new(&mut decision);
     decide_for_key_into(
         policy,
         state,
@@ -1421,7 +1445,8 @@ pub(crate) fn decide_for_key(
         mode,
         &mut verdict,
     )?;
-    Ok((verdict.decision, verdict.receipt))
+    let receipt = verdict.receipt;
+    Ok((decision, receipt))
 }
 
 /// `decide_for_key`, written into `verdict` in place (the hot path).
@@ -1433,7 +1458,7 @@ pub(crate) fn decide_for_key_into(
     quantities: &Quantities,
     at_ms: u64,
     mode: Mode,
-    verdict: &mut Verdict,
+    verdict: &mut Verdict<'_>,
 ) -> Result<(), Error> {
     // Time never goes back for a key, even across a reclaim of its idle windows.
     let at_ms = at_ms.max(state.time_floor_ms);
@@ -1450,7 +1475,7 @@ pub(crate) fn decide_for_key_into(
     }
     if state.kind == KeyKind::PayAsYouGo {
         let price = price_micros(policy, resource, quantities)?;
-        (verdict.decision, verdict.receipt) =
+        (*verdict.decision, verdict.receipt) =
             pay_as_you_go(policy, state, resource, price, at_ms, mode)?;
         return Ok(());
     }
@@ -1497,7 +1522,7 @@ pub(crate) fn decide_for_key_into(
             ) {
                 return Ok(());
             }
-            if let Decision::Denied(denial) = verdict.decision {
+            if let Decision::Denied(denial) = *verdict.decision {
                 quota_denial = Some(denial);
             }
         } else {
@@ -1529,7 +1554,7 @@ pub(crate) fn decide_for_key_into(
             None
         }
     };
-    verdict.decision = decision;
+    *verdict.decision = decision;
     verdict.receipt = receipt;
     Ok(())
 }

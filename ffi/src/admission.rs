@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 use std::num::NonZeroU64;
 
-use ::tally_engine::{ChargedTo, Decision, ReservationId, SettleOutcome};
+use ::tally_engine::{ChargedTo, Decision, DenialReason, ReservationId, SettleOutcome};
 
 use crate::checks::{optional_slice, text, Out, OutSlice, TALLY_MAX_ID_BYTES};
 use crate::decision::{at, quantities, tally_decision, tally_quantity, tally_request, Request};
@@ -16,11 +16,13 @@ pub const TALLY_MAX_BATCH: usize = 4_096;
 
 fn decide(open: &Open, request: &Request<'_>, consume: bool) -> Result<tally_decision, Failure> {
     let engine_request = request.engine_request();
-    // Whether it is a replay is decided with the decision itself, under the id's lock.
-    let (decision, replayed) = if consume {
-        open.engine.consume_noting_replay(&engine_request)?
+    // Whether it is a replay is decided with the decision itself, under the id's lock. The
+    // decision is written in place (`consume_into`), not copied out of a return value.
+    let mut decision = Decision::denied(DenialReason::UnknownKey);
+    let replayed = if consume {
+        open.engine.consume_into(&engine_request, &mut decision)?
     } else {
-        open.engine.check_noting_replay(&engine_request)?
+        open.engine.check_into(&engine_request, &mut decision)?
     };
     Ok(tally_decision::from_engine(
         &decision,
