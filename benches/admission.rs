@@ -279,6 +279,8 @@ struct Report {
     memory_active_bytes: Option<f64>,
     memory_idle_bytes: Option<f64>,
     hot_paired: Option<Paired>,
+    /// `consume_into` against governor, in bursts of its own alternating with governor's.
+    hot_into_paired: Option<Paired>,
     million_paired: Option<Paired>,
 }
 
@@ -570,6 +572,12 @@ fn bench_hot_key(criterion: &mut Criterion, sizes: Sizes, report: &mut Report) {
             sizes.hot_burst,
             || hot.governor_check(),
             || hot.tally_consume(),
+        ));
+        report.hot_into_paired = Some(paired(
+            sizes.paired_rounds,
+            sizes.hot_burst,
+            || hot.governor_check(),
+            || hot.tally_consume_into(),
         ));
     }
     hot.assert_never_denied();
@@ -933,9 +941,10 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
         show(million_consume),
         ratio(million_consume, million_governor, 1.2),
     );
-    for (case, paired, target) in [
-        ("hot_key", report.hot_paired, 1.5),
-        ("million_keys", report.million_paired, 1.2),
+    for (case, call, paired, target) in [
+        ("hot_key", "consume", report.hot_paired, 1.5),
+        ("hot_key", "consume_into", report.hot_into_paired, 1.5),
+        ("million_keys", "consume", report.million_paired, 1.2),
     ] {
         if let Some(paired) = paired {
             let verdict = if paired.ratio <= target {
@@ -945,7 +954,7 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
             };
             println!(
                 "{case:<13} paired bursts (median of {} alternating rounds): governor {:.1} ns, \
-                 tally consume {:.1} ns: {:.2}x (target <= {target}x: {verdict})",
+                 tally {call} {:.1} ns: {:.2}x (target <= {target}x: {verdict})",
                 sizes.paired_rounds, paired.governor_ns, paired.tally_ns, paired.ratio,
             );
         }
