@@ -19,6 +19,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::ledger::{Team, UsageCell};
 use crate::lock::{ShardLock, WriteGuard};
+use crate::pages::TablePages;
 use crate::policy::{PlanId, Policy};
 use crate::window::prefetch;
 
@@ -109,7 +110,7 @@ struct KeyEntry {
 #[derive(Debug)]
 pub struct Shard {
     pub policy: Arc<Policy>,
-    keys: HashTable<KeyEntry>,
+    keys: HashTable<KeyEntry, TablePages>,
 }
 
 impl Shard {
@@ -210,7 +211,7 @@ impl KeyTable {
                 .map(|_| {
                     CachePadded::new(ShardLock::new(Shard {
                         policy: Arc::clone(&policy),
-                        keys: HashTable::new(),
+                        keys: HashTable::new_in(TablePages),
                     }))
                 })
                 .collect(),

@@ -35,6 +35,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod lock;
 pub mod log;
+pub mod pages;
 pub mod policy;
 pub mod recovery;
 pub mod reservation;
