@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tally_engine::pages::usage_pages_stats;
 use tally_engine::{
     Decision, DenialReason, Engine, EngineOptions, ManualClock, Policy, SystemClock, Unit,
     UsageRequest,
@@ -438,15 +439,19 @@ fn memory_after_check_and_expiry(
     // Eight days on, every Plus window (5 hours rolling, daily) is empty.
     let later_ms = START_MS + 8 * 24 * 3_600_000;
     let before_reclaim = live_bytes();
+    let free_before = usage_pages_stats().free_bytes;
     let reclaimed = match engine.reclaim_idle(Some(later_ms)) {
         Ok(reclaimed) => reclaimed,
         Err(error) => panic!("memory: reclaim_idle failed: {error}"),
     };
     let reclaim_bytes = per_key(before_reclaim, live_bytes(), active.len());
+    // Usage blocks go back to the usage pages' free lists (for the next keys), not to the
+    // global allocator: count both.
+    let to_pages = per_key(free_before, usage_pages_stats().free_bytes, active.len());
     report.note(format!(
         "memory: a check on a key with no usage allocates {check_bytes:.0} bytes/key; 8 days \
-         later reclaim_idle freed {reclaimed} of {} used keys, {:.0} bytes/key, leaving {} keys \
-         with usage",
+         later reclaim_idle freed {reclaimed} of {} used keys, {:.0} bytes/key to the heap and \
+         {to_pages:.0} bytes/key to the usage pages' free lists, leaving {} keys with usage",
         active.len(),
         -reclaim_bytes,
         engine.memory_stats().keys_with_usage,

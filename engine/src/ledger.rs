@@ -3,6 +3,9 @@
 
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+use allocator_api2::boxed::Box;
+
+use crate::pages::UsagePages;
 use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::window::{prefetch, CalendarCounter, RollingWindow};
 
@@ -171,27 +174,29 @@ pub struct Counter {
 
 /// Everything one key has used. The first `plan.limits.len()` counters are the key's plan's
 /// limits in order (so admission indexes them directly); any after those are dormant counters
-/// from an earlier plan, kept so a change back within the window still sees that usage.
+/// from an earlier plan, kept so a change back within the window still sees that usage. The
+/// box, the list and the rings live on the usage pages (see `pages::UsagePages`).
 #[derive(Debug)]
 pub struct KeyUsage {
-    pub counters: Vec<Counter>,
+    pub counters: Counters,
+}
+
+/// A key's counters, on the usage pages.
+pub type Counters = allocator_api2::vec::Vec<Counter, UsagePages>;
+
+/// An empty list of counters with room for `capacity`.
+pub fn counters_with_capacity(capacity: usize) -> Counters {
+    Counters::with_capacity_in(capacity, UsagePages)
 }
 
 impl KeyUsage {
     pub fn for_plan(policy: &Policy, plan: Option<PlanId>) -> KeyUsage {
-        let counters = plan
-            .map(|plan| {
-                policy
-                    .plan(plan)
-                    .limits
-                    .iter()
-                    .map(|limit| Counter {
-                        id: limit.counter,
-                        state: WindowState::new(limit.window, limit.amount),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let limits = plan.map_or(&[][..], |plan| &policy.plan(plan).limits[..]);
+        let mut counters = counters_with_capacity(limits.len());
+        counters.extend(limits.iter().map(|limit| Counter {
+            id: limit.counter,
+            state: WindowState::new(limit.window, limit.amount),
+        }));
         KeyUsage { counters }
     }
 
@@ -226,7 +231,7 @@ impl KeyUsage {
             };
             carried.push(Counter { id, state });
         }
-        let mut counters = Vec::with_capacity(carried.len() + 4);
+        let mut counters = counters_with_capacity(carried.len() + 4);
         if let Some(plan) = plan {
             for limit in &policy.plan(plan).limits {
                 // The same counter, or else the same meter over the same span with other
@@ -351,7 +356,7 @@ impl UsageCell {
         if let Some(usage) = self.get() {
             return usage;
         }
-        let fresh = Box::into_raw(Box::new(init()));
+        let fresh = Box::into_raw(Box::new_in(init(), UsagePages));
         match self.pointer.compare_exchange(
             std::ptr::null_mut(),
             fresh,
@@ -367,7 +372,7 @@ impl UsageCell {
             Err(installed) => {
                 // SAFETY: `fresh` was never shared; `installed` is live as in `get`.
                 unsafe {
-                    drop(Box::from_raw(fresh));
+                    drop(Box::from_raw_in(fresh, UsagePages));
                     &*installed
                 }
             }
@@ -379,13 +384,14 @@ impl UsageCell {
         *self.counters_hint.get_mut() = std::ptr::null_mut();
         *self.slot_hint.get_mut() = std::ptr::null_mut();
         // SAFETY: exclusive access; the pointer came from `Box::into_raw`.
-        (!pointer.is_null()).then(|| *unsafe { Box::from_raw(pointer) })
+        (!pointer.is_null())
+            .then(|| Box::into_inner(unsafe { Box::from_raw_in(pointer, UsagePages) }))
     }
 
     pub fn set(&mut self, usage: Option<KeyUsage>) {
         drop(self.take());
         if let Some(usage) = usage {
-            let usage = Box::into_raw(Box::new(usage));
+            let usage = Box::into_raw(Box::new_in(usage, UsagePages));
             *self.pointer.get_mut() = usage;
             // SAFETY: just made from a box, exclusively ours.
             self.note_counters(unsafe { &*usage });

@@ -1237,7 +1237,7 @@ fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
 }
 
 fn restore_usage(policy: &Policy, counters: &[(u16, CounterSnapshot)]) -> Result<KeyUsage, Error> {
-    let mut restored = Vec::with_capacity(counters.len());
+    let mut restored = crate::ledger::counters_with_capacity(counters.len());
     for (id, snapshot) in counters {
         let spec = policy.counters().get(usize::from(*id)).ok_or_else(|| {
             storage(format!(

@@ -19,7 +19,10 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use allocator_api2::boxed::Box;
+
 use crate::calendar::{Calendar, CalendarPeriod};
+use crate::pages::UsagePages;
 
 /// The largest limit a narrow ring (16-bit counts) can hold; larger limits get wide slots.
 pub const NARROW_MAX_AMOUNT: u64 = u16::MAX as u64;
@@ -36,18 +39,27 @@ struct Slot {
 /// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width, only ever
 /// compared for equality; which of two laps is older is decided by the ring's `head`. The
 /// head-driven sweep visits every slot each lap, so an old tag never survives to look current.
+/// The slots live on the usage pages (see `pages::UsagePages`).
 #[derive(Debug)]
 enum Slots {
-    Wide(Box<[AtomicU64]>),
-    Narrow(Box<[AtomicU32]>),
+    Wide(Box<[AtomicU64], UsagePages>),
+    Narrow(Box<[AtomicU32], UsagePages>),
+}
+
+/// `count` fresh items on the usage pages.
+fn usage_slice<T>(count: u64, fresh: impl Fn() -> T) -> Box<[T], UsagePages> {
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    let mut items = allocator_api2::vec::Vec::with_capacity_in(count, UsagePages);
+    items.extend((0..count).map(|_| fresh()));
+    items.into_boxed_slice()
 }
 
 impl Slots {
     fn new(count: u64, wide: bool) -> Slots {
         if wide {
-            Slots::Wide((0..count).map(|_| AtomicU64::new(0)).collect())
+            Slots::Wide(usage_slice(count, || AtomicU64::new(0)))
         } else {
-            Slots::Narrow((0..count).map(|_| AtomicU32::new(0)).collect())
+            Slots::Narrow(usage_slice(count, || AtomicU32::new(0)))
         }
     }
 
