@@ -82,7 +82,7 @@ pub struct UsagePages;
 
 /// Blocks are whole cache lines: a block never shares a line with another key's.
 const BLOCK_UNIT: usize = 64;
-/// The largest block carved from a chunk (a ring of 2,047 wide slots).
+/// The largest block carved from a chunk (a ring of 2,048 wide slots).
 pub const MAX_BLOCK_BYTES: usize = 16 * 1024;
 const CLASSES: usize = MAX_BLOCK_BYTES / BLOCK_UNIT;
 

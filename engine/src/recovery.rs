@@ -1329,10 +1329,6 @@ mod tests {
         UsageRequest::new(key, "m2.7", &QUANTITIES[(requests as usize - 1) % 4]).at(at_ms)
     }
 
-    /// An engine holding every kind of state a snapshot carries: narrow rings (request
-    /// quotas), wide rings (the priced usage bar), daily and weekly counters, dormant counters
-    /// of an earlier plan, keys reclaimed with a time floor, pay-as-you-go keys, teams with
-    /// members and credits, request ids (admitted and denied), open and closed reservations.
     /// A fresh in-memory engine restored from snapshot `bytes` covering events up to `seq`.
     fn restored_from(bytes: &[u8], seq: u64) -> Engine {
         let restored = Engine::new(
@@ -1346,6 +1342,10 @@ mod tests {
         restored
     }
 
+    /// An engine holding every kind of state a snapshot carries: narrow rings (request
+    /// quotas), wide rings (the priced usage bar), daily and weekly counters, dormant counters
+    /// of an earlier plan, keys reclaimed with a time floor, pay-as-you-go keys, teams with
+    /// members and credits, request ids (admitted and denied), open and closed reservations.
     fn busy_engine() -> (Engine, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::new(T0));
         let engine = Engine::new(

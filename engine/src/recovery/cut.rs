@@ -912,11 +912,11 @@ impl Engine {
     /// The locks are taken in the engine's lock order, and each part of the state is copied
     /// as soon as the lock that guards it is held: the append gate (no `consume_many` chunk
     /// is between applying its effects and appending their events), the reservation table,
-    /// then the request ids, then the registry's users, teams and members. None of them can change after its
-    /// copy, for its lock stays held until the end. Only then are the key shards
-    /// write-locked (admission waits from here on), `seq` read, and what changes under a
-    /// shard's read lock copied: team balances, keys, their counters. So admission waits only
-    /// for the keys' copy.
+    /// then the request ids, then the registry's users, teams and members. None of them can
+    /// change after its copy, for its lock stays held until the end. Only then are the key
+    /// shards write-locked (admission waits from here on), `seq` read, and what changes under
+    /// a shard's read lock copied: team balances, keys, their counters. So admission waits
+    /// only for the keys' copy.
     ///
     /// Only raw copies are made: strings into one buffer, counter words, each ring's occupied
     /// slots, into the previous cut's buffers (no allocation under the locks when the state
