@@ -266,6 +266,10 @@ struct Shared {
     queue_room: Condvar,
     progress: Mutex<Progress>,
     progress_changed: Condvar,
+    // Release after `progress.visible` moves, under its lock / Acquire in `wait`: a caller sees
+    // its event durable without the progress mutex. Its address is also the key `Sync`
+    // callers park on, each woken on its own (`wake_durable`).
+    visible_seq: AtomicU64,
     /// First sequence numbers of the segments, oldest first; the last is being written.
     segments: Mutex<Vec<u64>>,
     /// The segment being written (for `sync()` from other threads).
@@ -864,6 +868,7 @@ impl EventLog {
                 failure: None,
             }),
             progress_changed: Condvar::new(),
+            visible_seq: AtomicU64::new(position.seq),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
         });
@@ -1029,19 +1034,24 @@ impl EventLog {
 
     /// Waits, in `Sync` mode, until `seq` is durable; in the other modes returns at once unless
     /// the log has already failed at or before `seq`.
+    ///
+    /// A `Sync` caller parks on its own and the writer wakes exactly the callers its flush made
+    /// durable, all at once. (Waiting on one condition variable, they were woken one after
+    /// another, each passing the progress mutex on to the next: with hundreds of callers the
+    /// wake-ups, not the `fdatasync`, set the pace.)
     pub fn wait(&self, seq: u64) -> Result<(), Error> {
-        let mut progress = self.shared.progress.lock();
-        loop {
-            if let Some((failed_seq, problem)) = &progress.failure {
+        let shared = &*self.shared;
+        if shared.durability == Durability::Sync {
+            shared.park_until_durable(seq);
+        }
+        if shared.failed.load(Ordering::Acquire) {
+            if let Some((failed_seq, problem)) = &shared.progress.lock().failure {
                 if *failed_seq <= seq {
                     return Err(failed(*failed_seq, problem));
                 }
             }
-            if self.shared.durability != Durability::Sync || progress.visible.seq >= seq {
-                return Ok(());
-            }
-            self.shared.progress_changed.wait(&mut progress);
         }
+        Ok(())
     }
 
     /// Waits until every event appended so far is written, then makes it durable, whatever
@@ -1081,7 +1091,9 @@ impl EventLog {
             let next = progress.visible.seq + 1;
             progress.failure.get_or_insert((next, error.to_string()));
             self.shared.failed.store(true, Ordering::Release);
+            drop(progress);
             self.shared.progress_changed.notify_all();
+            self.shared.wake_durable(0);
         }
         result
     }
@@ -1862,6 +1874,7 @@ impl Writer {
         self.shared.failed.store(true, Ordering::Release);
         drop(progress);
         self.shared.progress_changed.notify_all();
+        self.shared.wake_durable(0);
     }
 
     fn flush(&self) -> Result<(), Error> {
@@ -1919,8 +1932,12 @@ impl Writer {
         };
         progress.written = position;
         progress.visible = position;
+        self.shared
+            .visible_seq
+            .store(position.seq, Ordering::Release);
         drop(progress);
         self.shared.progress_changed.notify_all();
+        self.shared.wake_durable(position.seq);
         Ok(())
     }
 
@@ -2012,6 +2029,7 @@ impl Writer {
                 };
                 progress.written = position;
                 progress.visible = position;
+                self.shared.visible_seq.store(last, Ordering::Release);
             }
             Ok(()) => {}
             Err(error) => {
@@ -2021,6 +2039,66 @@ impl Writer {
         }
         drop(progress);
         self.shared.progress_changed.notify_all();
+        self.shared.wake_durable(last);
+    }
+}
+
+impl Shared {
+    /// The key `Sync` callers park on in `park_until_durable`.
+    fn durable_key(&self) -> usize {
+        std::ptr::from_ref(&self.visible_seq) as usize
+    }
+
+    /// Has `seq` become durable, or the log failed (so `seq` never will)?
+    fn settled(&self, seq: u64) -> bool {
+        self.failed.load(Ordering::Acquire) || self.visible_seq.load(Ordering::Acquire) >= seq
+    }
+
+    /// Parks the calling thread until `settled(seq)`. The parked thread's token is its
+    /// sequence number, so `wake_durable` wakes only the threads it has made durable.
+    fn park_until_durable(&self, seq: u64) {
+        // On a 32-bit target a larger number parks as `usize::MAX`: woken early, it parks again.
+        let token = parking_lot_core::ParkToken(usize::try_from(seq).unwrap_or(usize::MAX));
+        while !self.settled(seq) {
+            // SAFETY: the key is the address of this log's `visible_seq`, used as a key by
+            // nothing else and alive while `self` is borrowed; the callbacks only load atomics,
+            // cannot panic and call nothing in parking_lot. `validate` runs under the queue's
+            // lock, which the waker takes after its Release store: no wake-up is lost.
+            unsafe {
+                parking_lot_core::park(
+                    self.durable_key(),
+                    || !self.settled(seq),
+                    || {},
+                    |_, _| {},
+                    token,
+                    None,
+                );
+            }
+        }
+    }
+
+    /// Wakes the parked callers whose events are durable up to `visible` (all of them once the
+    /// log has failed). Called after the Release stores of `visible_seq` or `failed`.
+    fn wake_durable(&self, visible: u64) {
+        if self.durability != Durability::Sync {
+            return;
+        }
+        let everyone = self.failed.load(Ordering::Acquire);
+        let limit = usize::try_from(visible).unwrap_or(usize::MAX);
+        // SAFETY: as in `park_until_durable`; the filter only compares tokens.
+        unsafe {
+            parking_lot_core::unpark_filter(
+                self.durable_key(),
+                |parking_lot_core::ParkToken(seq)| {
+                    if everyone || seq <= limit {
+                        parking_lot_core::FilterOp::Unpark
+                    } else {
+                        parking_lot_core::FilterOp::Skip
+                    }
+                },
+                |_| parking_lot_core::DEFAULT_UNPARK_TOKEN,
+            );
+        }
     }
 }
 
@@ -2087,6 +2165,99 @@ mod tests {
         staged.clear(0);
         assert!(staged.is_empty());
         log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs `threads` threads, each appending `rounds` events and waiting for each in `Sync`
+    /// mode; returns every wait's outcome (appended seq, result). A thread not back within 60 s
+    /// fails the test instead of hanging it: a lost wake-up shows as a failure.
+    fn append_and_wait_from_threads(
+        log: &Arc<EventLog>,
+        threads: usize,
+        rounds: usize,
+        faults: Option<(&Faults, usize)>,
+    ) -> Vec<(u64, Result<(), Error>)> {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let start = Arc::new(std::sync::Barrier::new(threads));
+        for thread in 0..threads {
+            let (log, sender, start) = (Arc::clone(log), sender.clone(), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                for round in 0..rounds {
+                    let micros = (thread * rounds + round) as u64 + 1;
+                    let outcome = match log.append(1_000, encode_body(&top_up(micros))) {
+                        Ok(seq) => (seq, log.wait(seq)),
+                        Err(error) => (0, Err(error)),
+                    };
+                    if sender.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut outcomes = Vec::new();
+        for received in 0..threads * rounds {
+            if let Some((faults, after)) = faults {
+                if received == after {
+                    faults.fail_next_flushes(1);
+                }
+            }
+            let outcome = receiver
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("a waiter never returned ({received} did)"));
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    #[test]
+    fn every_sync_waiter_is_woken_once_its_event_is_durable() {
+        let dir = std::env::temp_dir().join(format!("tally-log-waiters-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
+        let outcomes = append_and_wait_from_threads(&log, 48, 40, None);
+        let durable = log.durable_seq();
+        for (seq, result) in &outcomes {
+            result.as_ref().expect("durable");
+            assert!(*seq <= durable, "seq {seq} acknowledged past {durable}");
+        }
+        let mut seqs: Vec<u64> = outcomes.iter().map(|(seq, _)| *seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 48 * 40);
+        assert_eq!(log.events_after(0, 10_000).expect("read").len(), 48 * 40);
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_flush_wakes_every_sync_waiter_with_the_error() {
+        let dir =
+            std::env::temp_dir().join(format!("tally-log-waiters-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let faults = Faults::new();
+        let log = Arc::new(
+            EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open"),
+        );
+        let outcomes = append_and_wait_from_threads(&log, 32, 30, Some((&faults, 200)));
+        let durable = log.durable_seq();
+        let failures = outcomes
+            .iter()
+            .filter(|(_, result)| result.is_err())
+            .count();
+        assert!(failures > 0, "the injected fault surfaced nowhere");
+        for (seq, result) in &outcomes {
+            // Acknowledged exactly when durable: everything after the failed flush fails.
+            assert_eq!(
+                result.is_ok(),
+                *seq != 0 && *seq <= durable,
+                "seq {seq}: {result:?}"
+            );
+        }
+        assert!(outcomes.iter().filter(|(_, result)| result.is_ok()).count() >= 200);
+        assert!(log.close().is_err(), "the log stays failed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
