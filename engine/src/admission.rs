@@ -14,7 +14,7 @@ use crate::policy::{
     CounterId, Limit, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE,
     MAX_QUANTITY, UNIT_COUNT,
 };
-use crate::window::period_end_ms;
+use crate::window::{period_end_ms, RollingShape, RollingWindow};
 
 /// A validated set of quantities, one per unit (0 = the unit is not in the request).
 #[derive(
@@ -205,6 +205,11 @@ impl std::fmt::Debug for LimitStatuses {
 }
 
 impl LimitStatuses {
+    #[inline]
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+
     #[inline]
     fn push(&mut self, status: LimitStatus) {
         debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
@@ -542,63 +547,45 @@ pub(crate) fn try_quota(
     verdict: &mut Verdict<'_>,
 ) -> bool {
     let plan = policy.plan(plan_id);
-    // A request larger than a limit itself can never fit: say so before touching anything.
-    for &(limit_index, amount) in amounts.as_slice() {
-        let limit = &plan.limits[usize::from(limit_index)];
-        if amount > limit.amount {
-            let reason = DenialReason::ExceedsLimit {
-                limit: limit_index,
-                amount: limit.amount,
-                requested: amount,
-            };
-            let remedies = Remedies {
-                upgrade_to: limit.upgrade,
-                ..Remedies::default()
-            };
-            *verdict.decision = Decision::Denied(quota_denial(
-                policy, plan_id, usage, amounts, at_ms, reason, remedies,
-            ));
-            verdict.receipt = None;
-            return false;
-        }
-    }
     let charged_to = ChargedTo::PlanQuota { plan: plan_id };
-    *verdict.decision = Decision::Admitted(Admission {
-        charged_to,
-        at_ms,
-        plan: Some(plan_id),
-        limits: LimitStatuses::default(),
-        credits_balance_micros: None,
-    });
-    verdict.receipt = Some(Receipt {
+    let admission = admitted_in_place(verdict.decision, charged_to, at_ms, Some(plan_id));
+    let receipt = verdict.receipt.insert(Receipt {
         charged_to,
         generation: policy.generation,
         holds: Holds::default(),
     });
-    let (Decision::Admitted(admission), Some(receipt)) =
-        (&mut *verdict.decision, &mut verdict.receipt)
-    else {
-        unreachable!("both were just set")
-    };
+    // The rolling windows taken, to record in their buckets once every limit has fitted.
+    let mut taken_rings: [Option<(&RollingWindow, RollingShape, u64, u64)>;
+        MAX_LIMITS_PER_RESOURCE] = [None; MAX_LIMITS_PER_RESOURCE];
     for (position, &(limit_index, amount)) in amounts.as_slice().iter().enumerate() {
         let limit = &plan.limits[usize::from(limit_index)];
         let state = &usage.counters[usize::from(limit_index)].state;
         debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
         match take(policy, limit, state, amount, at_ms, mode) {
-            Some((mut status, time)) => {
-                status.limit = limit_index;
-                admission.limits.push(status);
+            Some((used, reset_at_ms, time)) => {
+                admission.limits.push(LimitStatus {
+                    limit: limit_index,
+                    used,
+                    amount: limit.amount,
+                    reset_at_ms: Some(reset_at_ms),
+                });
                 receipt.holds.push((limit.counter, amount, time));
-                if let Window::Rolling { bucket_ms, .. } = limit.window {
-                    admission.at_ms = admission.at_ms.max(time * bucket_ms);
+                if let (WindowState::Rolling(ring), Some(shape)) = (state, limit.shape) {
+                    admission.at_ms = admission.at_ms.max(time * shape.bucket_ms);
+                    if let Some(slot) = taken_rings.get_mut(position) {
+                        *slot = Some((ring, shape, time, amount));
+                    }
                 }
             }
             None => {
                 if mode == Mode::Consume {
                     rollback(usage, amounts, &receipt.holds, position);
                 }
-                *verdict.decision =
-                    Decision::Denied(exhausted(policy, plan_id, usage, amounts, at_ms));
+                // A request larger than a limit itself can never fit, and says so; only a
+                // request some limit refused can be one (a take checks `used + amount`).
+                let denial = exceeded(policy, plan_id, usage, amounts, at_ms)
+                    .unwrap_or_else(|| exhausted(policy, plan_id, usage, amounts, at_ms));
+                *verdict.decision = Decision::Denied(denial);
                 verdict.receipt = None;
                 return false;
             }
@@ -606,27 +593,50 @@ pub(crate) fn try_quota(
     }
     if mode == Mode::Consume {
         let mut noted = false;
-        for (&(limit_index, amount), hold) in
-            amounts.as_slice().iter().zip(receipt.holds.as_slice())
-        {
-            if let WindowState::Rolling(window) = &usage.counters[usize::from(limit_index)].state {
-                let shape = plan.limits[usize::from(limit_index)]
-                    .window
-                    .shape()
-                    .unwrap_or_else(|| unreachable!());
-                window.record(shape, hold.2, amount);
-                if !noted {
-                    cell.note_slot(window.slot_address(shape, hold.2));
-                    noted = true;
-                }
+        for &(ring, shape, epoch, amount) in taken_rings.iter().flatten() {
+            let slot = ring.record_noting_slot(shape, epoch, amount);
+            if !noted {
+                cell.note_slot(slot);
+                noted = true;
             }
         }
     }
     true
 }
 
-/// Takes `amount` from one limit (in `Check` mode only looks): `Some((status, epoch or
-/// period))`, or `None` if it does not fit.
+/// Makes `decision` an admission charged to `charged_to`, with no limit statuses yet, and
+/// returns it. A decision that is an admission already (a caller reusing one) is rewritten
+/// field by field: writing a whole `Admission` also wrote its unused status slots.
+#[inline]
+fn admitted_in_place(
+    decision: &mut Decision,
+    charged_to: ChargedTo,
+    at_ms: u64,
+    plan: Option<PlanId>,
+) -> &mut Admission {
+    if let Decision::Admitted(admission) = decision {
+        admission.charged_to = charged_to;
+        admission.at_ms = at_ms;
+        admission.plan = plan;
+        admission.limits.clear();
+        admission.credits_balance_micros = None;
+    } else {
+        *decision = Decision::Admitted(Admission {
+            charged_to,
+            at_ms,
+            plan,
+            limits: LimitStatuses::default(),
+            credits_balance_micros: None,
+        });
+    }
+    match decision {
+        Decision::Admitted(admission) => admission,
+        Decision::Denied(_) => unreachable!("just made an admission"),
+    }
+}
+
+/// Takes `amount` from one limit (in `Check` mode only looks): `Some((used, reset_at_ms, epoch
+/// or period))`, or `None` if it does not fit.
 fn take(
     policy: &Policy,
     limit: &Limit,
@@ -634,10 +644,10 @@ fn take(
     amount: u64,
     at_ms: u64,
     mode: Mode,
-) -> Option<(LimitStatus, u64)> {
+) -> Option<(u64, u64, u64)> {
     match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
-            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let shape = limit.shape.unwrap_or_else(|| unreachable!());
             let (epoch, used) = match mode {
                 Mode::Consume => {
                     let epoch = window.advance(shape, shape.epoch(at_ms));
@@ -652,13 +662,7 @@ fn take(
                     )
                 }
             };
-            let status = LimitStatus {
-                limit: 0,
-                used,
-                amount: limit.amount,
-                reset_at_ms: Some(shape.release_ms(epoch)),
-            };
-            Some((status, epoch))
+            Some((used, shape.release_ms(epoch), epoch))
         }
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);
@@ -681,13 +685,7 @@ fn take(
             } else {
                 period_end_ms(policy.calendar(), kind, now.period, at_ms)
             };
-            let status = LimitStatus {
-                limit: 0,
-                used: now.used,
-                amount: limit.amount,
-                reset_at_ms: Some(reset),
-            };
-            Some((status, u64::from(now.period)))
+            Some((now.used, reset, u64::from(now.period)))
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     }
@@ -698,7 +696,7 @@ fn take(
 fn fits_at(policy: &Policy, limit: &Limit, state: &WindowState, amount: u64, at_ms: u64) -> u64 {
     match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
-            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let shape = limit.shape.unwrap_or_else(|| unreachable!());
             let (epoch, used) = window.used_at(shape, shape.epoch(at_ms));
             let Some(needed) = used
                 .saturating_add(amount)
@@ -726,6 +724,36 @@ fn fits_at(policy: &Policy, limit: &Limit, state: &WindowState, amount: u64, at_
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     }
+}
+
+/// The denial of a request larger than one of the limits it touches (the first in the plan's
+/// order), if it is one: waiting cannot help it.
+fn exceeded(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+) -> Option<Denial> {
+    let plan = policy.plan(plan_id);
+    let (limit_index, amount) = amounts
+        .as_slice()
+        .iter()
+        .copied()
+        .find(|&(limit_index, amount)| amount > plan.limits[usize::from(limit_index)].amount)?;
+    let limit = &plan.limits[usize::from(limit_index)];
+    let reason = DenialReason::ExceedsLimit {
+        limit: limit_index,
+        amount: limit.amount,
+        requested: amount,
+    };
+    let remedies = Remedies {
+        upgrade_to: limit.upgrade,
+        ..Remedies::default()
+    };
+    Some(quota_denial(
+        policy, plan_id, usage, amounts, at_ms, reason, remedies,
+    ))
 }
 
 /// The denial of a request some limit could not take: the limit that keeps it out longest, when
@@ -819,7 +847,7 @@ pub(crate) fn status_of(
 ) -> LimitStatus {
     let (used, reset_at_ms) = match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
-            let shape = limit.window.shape().unwrap_or_else(|| unreachable!());
+            let shape = limit.shape.unwrap_or_else(|| unreachable!());
             let (epoch, used) = window.used_at(shape, shape.epoch(at_ms));
             (used, window.drain_time(shape, epoch).filter(|_| used > 0))
         }

@@ -386,6 +386,9 @@ pub struct Limit {
     pub counter: CounterId,
     pub amount: u64,
     pub window: Window,
+    /// `window.shape()`, worked out once: admission needs it on every request, and it costs a
+    /// division.
+    pub shape: Option<crate::window::RollingShape>,
     /// The plan with the smallest larger amount on the same counter: the upgrade to suggest.
     pub upgrade: Option<PlanId>,
 }
@@ -1027,6 +1030,7 @@ impl Compiler {
             counter,
             amount: limit.amount,
             window,
+            shape: window.shape(),
             upgrade: None,
         })
     }

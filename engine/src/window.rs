@@ -192,6 +192,14 @@ impl RollingShape {
         (epoch % self.slots()) as usize
     }
 
+    /// `(lap(epoch), slot(epoch))` from one division.
+    #[inline]
+    fn lap_and_slot(&self, epoch: u64) -> (u64, usize) {
+        let slots = self.slots();
+        let lap = epoch / slots;
+        (lap, (epoch - lap * slots) as usize)
+    }
+
     /// When the units recorded in bucket `epoch` stop counting.
     pub fn release_ms(&self, epoch: u64) -> u64 {
         epoch
@@ -349,8 +357,21 @@ impl RollingWindow {
     /// bucket is still live, that lap is older: its count is replaced and subtracted. If our
     /// bucket has aged out meanwhile, the units are released at once (they no longer count).
     pub fn record(&self, shape: RollingShape, epoch: u64, amount: u64) {
-        let index = shape.slot(epoch);
-        let tag = self.slots.tag(shape.lap(epoch));
+        self.record_at(shape.lap_and_slot(epoch), epoch, shape, amount);
+    }
+
+    /// `record`, returning where the bucket's slot lives (a prefetch hint for the key's next
+    /// request, as `slot_address` gives it): one division for both.
+    #[inline]
+    pub fn record_noting_slot(&self, shape: RollingShape, epoch: u64, amount: u64) -> *const u8 {
+        let (lap, index) = shape.lap_and_slot(epoch);
+        self.record_at((lap, index), epoch, shape, amount);
+        self.slots.address(index)
+    }
+
+    #[inline]
+    fn record_at(&self, (lap, index): (u64, usize), epoch: u64, shape: RollingShape, amount: u64) {
+        let tag = self.slots.tag(lap);
         let (mut raw, mut slot) = self.slots.load(index);
         loop {
             let (next, stale) = if slot.tag == tag {
