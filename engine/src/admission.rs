@@ -16,11 +16,31 @@ use crate::policy::{
 };
 use crate::window::{period_end_ms, RollingShape, RollingWindow};
 
-/// A validated set of quantities, one per unit (0 = the unit is not in the request).
+/// A validated set of quantities, one per unit (0 = the unit is not in the request), and the
+/// mask of the units present (bit `i` for unit index `i`), kept beside them because admission
+/// tests it on every request. Serialized as the quantities alone.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
 )]
-pub struct Quantities(pub(crate) [u64; UNIT_COUNT]);
+#[serde(from = "QuantitiesOnWire", into = "QuantitiesOnWire")]
+pub struct Quantities(pub(crate) [u64; UNIT_COUNT], u8);
+
+/// How `Quantities` is encoded: the quantities only (the mask follows from them).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename = "Quantities")]
+struct QuantitiesOnWire([u64; UNIT_COUNT]);
+
+impl From<QuantitiesOnWire> for Quantities {
+    fn from(wire: QuantitiesOnWire) -> Quantities {
+        Quantities::from_values(wire.0)
+    }
+}
+
+impl From<Quantities> for QuantitiesOnWire {
+    fn from(quantities: Quantities) -> QuantitiesOnWire {
+        QuantitiesOnWire(quantities.0)
+    }
+}
 
 impl Quantities {
     /// Validates `(unit, quantity)` pairs: at least one, no unit twice, each in 1..=2^40.
@@ -33,6 +53,7 @@ impl Quantities {
             ));
         }
         let mut values = [0u64; UNIT_COUNT];
+        let mut mask = 0u8;
         for &(unit, quantity) in pairs {
             if quantity == 0 {
                 return Err(Error::invalid(
@@ -53,8 +74,18 @@ impl Quantities {
                 ));
             }
             values[unit.index()] = quantity;
+            mask |= 1 << unit.index();
         }
-        Ok(Quantities(values))
+        Ok(Quantities(values, mask))
+    }
+
+    /// Quantities as they are (each at most `MAX_QUANTITY`), with their mask worked out.
+    fn from_values(values: [u64; UNIT_COUNT]) -> Quantities {
+        let mut mask = 0u8;
+        for (index, quantity) in values.iter().enumerate() {
+            mask |= u8::from(*quantity != 0) << index;
+        }
+        Quantities(values, mask)
     }
 
     /// Like `new`, but an empty list (nothing used) is allowed: for settling a reservation.
@@ -76,11 +107,8 @@ impl Quantities {
     /// The units present, as a bit mask (bit `i` for unit index `i`).
     #[inline]
     pub(crate) fn unit_mask(&self) -> u8 {
-        let mut mask = 0u8;
-        for (index, quantity) in self.0.iter().enumerate() {
-            mask |= u8::from(*quantity != 0) << index;
-        }
-        mask
+        debug_assert_eq!(self.1, Quantities::from_values(self.0).1);
+        self.1
     }
 
     /// The sum of every quantity (at most 7 x 2^40: cannot overflow).
@@ -103,7 +131,7 @@ impl Quantities {
             more[index] = self.0[index].saturating_sub(other.0[index]);
             less[index] = other.0[index].saturating_sub(self.0[index]);
         }
-        (Quantities(more), Quantities(less))
+        (Quantities::from_values(more), Quantities::from_values(less))
     }
 
     /// `sum(quantity * weight)`, or an error naming the overflow.
@@ -934,5 +962,34 @@ pub fn window_reset_words(window: Window) -> &'static str {
         Window::Calendar(CalendarPeriod::Daily) => "at local midnight",
         Window::Calendar(CalendarPeriod::Weekly) => "at local midnight on Monday",
         Window::Calendar(CalendarPeriod::Monthly) => "at local midnight on the 1st",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_carry_the_mask_of_their_units_and_encode_as_the_quantities_alone() {
+        let quantities =
+            Quantities::new(&[(Unit::Songs, 1), (Unit::Seconds, 280)]).expect("valid quantities");
+        let expected = (1 << Unit::Songs.index()) | (1 << Unit::Seconds.index());
+        assert_eq!(quantities.unit_mask(), expected);
+        let values = quantities.0;
+        assert_eq!(
+            bincode::serialize(&quantities).expect("encode"),
+            bincode::serialize(&values).expect("encode")
+        );
+        assert_eq!(
+            serde_json::to_string(&quantities).expect("encode"),
+            serde_json::to_string(&values).expect("encode")
+        );
+        let decoded: Quantities =
+            bincode::deserialize(&bincode::serialize(&values).expect("encode")).expect("decode");
+        assert_eq!(decoded, quantities);
+        assert_eq!(decoded.unit_mask(), expected);
+        let (more, less) = quantities.differences(&Quantities::new(&[(Unit::Songs, 1)]).unwrap());
+        assert_eq!(more.unit_mask(), 1 << Unit::Seconds.index());
+        assert_eq!(less.unit_mask(), 0);
     }
 }
