@@ -311,7 +311,7 @@ pub struct UsageCell {
 }
 
 /// Lines of the counters' list prefetched: three counters, a typical plan's limits on a meter.
-const COUNTER_LINES_PREFETCHED: usize = 3;
+pub(crate) const COUNTER_LINES_PREFETCHED: usize = 3;
 
 impl UsageCell {
     pub fn get(&self) -> Option<&KeyUsage> {
@@ -334,6 +334,17 @@ impl UsageCell {
             }
             prefetch(self.slot_hint.load(Ordering::Relaxed));
         }
+    }
+
+    /// What `prefetch` starts loading: the usage, its counters' list and the slot written
+    /// last (null without usage), for a hint kept where it can be read before the entry.
+    #[inline]
+    pub fn prefetch_addresses(&self) -> [usize; 3] {
+        [
+            self.pointer.load(Ordering::Relaxed) as usize,
+            self.counters_hint.load(Ordering::Relaxed) as usize,
+            self.slot_hint.load(Ordering::Relaxed) as usize,
+        ]
     }
 
     /// Remembers the address of the rolling slot just written, for the next `prefetch`.
