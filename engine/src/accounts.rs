@@ -220,6 +220,12 @@ impl Shard {
     /// prefetched before the name is compared and the two misses overlap instead of adding up.
     #[inline]
     pub fn find(&self, hash: u64, key: &str) -> Option<&KeyState> {
+        self.find_noting(hash, key, true)
+    }
+
+    /// `find`, leaving the key's prefetch hint alone unless `note_hint`.
+    #[inline]
+    fn find_noting(&self, hash: u64, key: &str, note_hint: bool) -> Option<&KeyState> {
         self.keys
             .find(hash, |entry| {
                 entry.hash == hash && {
@@ -229,7 +235,9 @@ impl Shard {
                 }
             })
             .map(|entry| {
-                self.note_hint(hash, entry);
+                if note_hint {
+                    self.note_hint(hash, entry);
+                }
                 &entry.state
             })
     }
@@ -340,21 +348,28 @@ impl KeyTable {
     /// Runs `f` with the key's shard read-locked: the admission path.
     #[inline]
     pub fn read<R>(&self, key: &str, f: impl FnOnce(&Policy, Option<&KeyState>) -> R) -> R {
-        self.read_hashed(KeyTable::hash(key), key, f)
+        self.read_hashed(KeyTable::hash(key), key, false, f)
     }
 
-    /// `read` with the key's hash already at hand (`KeyTable::hash(key)`).
+    /// `read` with the key's hash already at hand (`KeyTable::hash(key)`). A batch that
+    /// looked ahead (`prefetch_entry`, `prefetch_pointees`) says so: the prefetch hints are
+    /// then neither read nor written, since the hint's own line would be the one miss left
+    /// (measured: `consume_many` at 100,000 keys, p50 of a batch of 1,000 up from about 0.4 to
+    /// 0.6 ms).
     #[inline]
     pub fn read_hashed<R>(
         &self,
         hash: u64,
         key: &str,
+        looked_ahead: bool,
         f: impl FnOnce(&Policy, Option<&KeyState>) -> R,
     ) -> R {
         debug_assert_eq!(hash, KeyTable::hash(key));
         let shard = self.shard_of(hash).read();
-        shard.prefetch_hinted(hash);
-        f(&shard.policy, shard.find(hash, key))
+        if !looked_ahead {
+            shard.prefetch_hinted(hash);
+        }
+        f(&shard.policy, shard.find_noting(hash, key, !looked_ahead))
     }
 
     /// Looks ahead for a batch (see `Shard::prefetch_entry`): what `read` of this key will

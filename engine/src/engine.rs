@@ -998,93 +998,94 @@ impl Engine {
         staged: Option<(u64, &mut Staged)>,
     ) -> Result<Logged, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
-        let hash = match &staged {
-            Some((hash, _)) => *hash,
-            None => KeyTable::hash(key),
+        let (hash, looked_ahead) = match &staged {
+            Some((hash, _)) => (*hash, true),
+            None => (KeyTable::hash(key), false),
         };
-        self.keys.read_hashed(hash, key, |policy, state| {
-            let resource_id = resolve_resource(policy, resource, quantities)?;
-            match state {
-                Some(state) => decide_for_key_into(
-                    policy,
-                    state,
-                    resource_id,
-                    quantities,
-                    at_ms,
-                    mode,
-                    verdict,
-                )?,
-                None => {
-                    // A key that is not there may be one that can never be: say what is wrong.
-                    check_id("key", key, MAX_KEY_BYTES)?;
-                    verdict.deny(DenialReason::UnknownKey);
-                }
-            }
-            let Some(journal) = journal else {
-                return Ok(Logged::Not);
-            };
-            let (Some(state), Some(receipt)) = (state, verdict.receipt) else {
-                // A denial under a request id is logged too, so its retry gets the same
-                // answer after a restart.
-                let Some(request_id) = request_id else {
-                    return Ok(Logged::Not);
-                };
-                let body = EventBody::RequestDenied {
-                    request_id: request_id.into(),
-                    key: key.into(),
-                    resource: resource.into(),
-                    quantities: *quantities,
-                    decision: *verdict.decision,
-                };
-                return match staged {
-                    Some((_, staged)) => staged
-                        .push_with(at_ms, |buffer| append_body_to(buffer, &body))
-                        .map(|()| Logged::Staged),
-                    None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
-                };
-            };
-            let usage = UsageAdmittedRef {
-                key,
-                resource,
-                quantities,
-                request_id,
-                decision: request_id.map(|_| &*verdict.decision),
-                receipt: &receipt,
-            };
-            let logged = match staged {
-                Some((_, staged)) => staged
-                    .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
-                    .map(|()| Logged::Staged),
-                None => EVENT_BUFFER.with_borrow_mut(|buffer| {
-                    encode_usage_into(buffer, &usage);
-                    let appended = journal.append(at_ms, buffer.as_slice());
-                    if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
-                        *buffer = Vec::new();
-                    }
-                    appended.map(Logged::At)
-                }),
-            };
-            match logged {
-                Ok(logged) => {
-                    // A staged chunk notes its newest timestamp once, before it is appended.
-                    if logged != Logged::Staged {
-                        self.note_event_time(at_ms);
-                    }
-                    Ok(logged)
-                }
-                Err(error) => {
-                    crate::adjustment::give_back_in(
-                        Some(policy),
+        self.keys
+            .read_hashed(hash, key, looked_ahead, |policy, state| {
+                let resource_id = resolve_resource(policy, resource, quantities)?;
+                match state {
+                    Some(state) => decide_for_key_into(
                         policy,
                         state,
-                        resource,
-                        &receipt,
+                        resource_id,
                         quantities,
-                    );
-                    Err(error)
+                        at_ms,
+                        mode,
+                        verdict,
+                    )?,
+                    None => {
+                        // A key that is not there may be one that can never be: say what is wrong.
+                        check_id("key", key, MAX_KEY_BYTES)?;
+                        verdict.deny(DenialReason::UnknownKey);
+                    }
                 }
-            }
-        })
+                let Some(journal) = journal else {
+                    return Ok(Logged::Not);
+                };
+                let (Some(state), Some(receipt)) = (state, verdict.receipt) else {
+                    // A denial under a request id is logged too, so its retry gets the same
+                    // answer after a restart.
+                    let Some(request_id) = request_id else {
+                        return Ok(Logged::Not);
+                    };
+                    let body = EventBody::RequestDenied {
+                        request_id: request_id.into(),
+                        key: key.into(),
+                        resource: resource.into(),
+                        quantities: *quantities,
+                        decision: *verdict.decision,
+                    };
+                    return match staged {
+                        Some((_, staged)) => staged
+                            .push_with(at_ms, |buffer| append_body_to(buffer, &body))
+                            .map(|()| Logged::Staged),
+                        None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
+                    };
+                };
+                let usage = UsageAdmittedRef {
+                    key,
+                    resource,
+                    quantities,
+                    request_id,
+                    decision: request_id.map(|_| &*verdict.decision),
+                    receipt: &receipt,
+                };
+                let logged = match staged {
+                    Some((_, staged)) => staged
+                        .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
+                        .map(|()| Logged::Staged),
+                    None => EVENT_BUFFER.with_borrow_mut(|buffer| {
+                        encode_usage_into(buffer, &usage);
+                        let appended = journal.append(at_ms, buffer.as_slice());
+                        if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
+                            *buffer = Vec::new();
+                        }
+                        appended.map(Logged::At)
+                    }),
+                };
+                match logged {
+                    Ok(logged) => {
+                        // A staged chunk notes its newest timestamp once, before it is appended.
+                        if logged != Logged::Staged {
+                            self.note_event_time(at_ms);
+                        }
+                        Ok(logged)
+                    }
+                    Err(error) => {
+                        crate::adjustment::give_back_in(
+                            Some(policy),
+                            policy,
+                            state,
+                            resource,
+                            &receipt,
+                            quantities,
+                        );
+                        Err(error)
+                    }
+                }
+            })
     }
 
     /// Waits for `seq`; if the log failed, gives the receipt's effect back.
