@@ -26,7 +26,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::ledger::{Team, UsageCell};
 use crate::lock::{ShardLock, WriteGuard};
-use crate::pages::TablePages;
+use crate::pages::{boxed_slice_in, TablePages};
 use crate::policy::{PlanId, Policy};
 use crate::window::prefetch;
 
@@ -143,7 +143,7 @@ impl Shard {
         Shard {
             policy,
             keys: HashTable::new_in(TablePages),
-            hints: allocator_api2::vec::Vec::new_in(TablePages).into_boxed_slice(),
+            hints: boxed_slice_in(0, TablePages, KeyHint::default),
         }
     }
 
@@ -167,13 +167,7 @@ impl Shard {
         if name != 0 {
             prefetch(name as *const u8);
         }
-        if usage != 0 {
-            prefetch(usage as *const u8);
-            for line in 0..crate::ledger::COUNTER_LINES_PREFETCHED {
-                prefetch((counters as *const u8).wrapping_add(line * 64));
-            }
-            prefetch(slot as *const u8);
-        }
+        crate::ledger::prefetch_usage([usage, counters, slot]);
     }
 
     /// Makes the hint for `hash` point where `entry`'s lookup reads, if the hint is free or
@@ -281,10 +275,7 @@ impl Shard {
         if self.keys.len() >= HINTS_FROM_KEYS && self.hints.len() < least {
             // Doubled as the keys double (the old hints are dropped; they refill as keys are
             // looked up): two to four hints per key, 64 to 128 bytes.
-            let count = least.next_power_of_two();
-            let mut hints = allocator_api2::vec::Vec::with_capacity_in(count, TablePages);
-            hints.resize_with(count, KeyHint::default);
-            self.hints = hints.into_boxed_slice();
+            self.hints = boxed_slice_in(least.next_power_of_two(), TablePages, KeyHint::default);
         }
         self.keys.insert_unique(
             hash,

@@ -311,7 +311,20 @@ pub struct UsageCell {
 }
 
 /// Lines of the counters' list prefetched: three counters, a typical plan's limits on a meter.
-pub(crate) const COUNTER_LINES_PREFETCHED: usize = 3;
+const COUNTER_LINES_PREFETCHED: usize = 3;
+
+/// Starts loading a key's usage, the first lines of its counters' list and a rolling slot, as
+/// `UsageCell::prefetch_addresses` gives them; a no-op for a key without usage (null).
+#[inline]
+pub(crate) fn prefetch_usage([usage, counters, slot]: [usize; 3]) {
+    if usage != 0 {
+        prefetch(usage as *const u8);
+        for line in 0..COUNTER_LINES_PREFETCHED {
+            prefetch((counters as *const u8).wrapping_add(line * 64));
+        }
+        prefetch(slot as *const u8);
+    }
+}
 
 impl UsageCell {
     pub fn get(&self) -> Option<&KeyUsage> {
@@ -325,15 +338,7 @@ impl UsageCell {
     /// last, all at once; a no-op without usage or off x86-64.
     #[inline]
     pub fn prefetch(&self) {
-        let pointer = self.pointer.load(Ordering::Relaxed);
-        if !pointer.is_null() {
-            prefetch(pointer);
-            let counters = self.counters_hint.load(Ordering::Relaxed);
-            for line in 0..COUNTER_LINES_PREFETCHED {
-                prefetch(counters.wrapping_add(line * 64));
-            }
-            prefetch(self.slot_hint.load(Ordering::Relaxed));
-        }
+        prefetch_usage(self.prefetch_addresses());
     }
 
     /// What `prefetch` starts loading: the usage, its counters' list and the slot written

@@ -191,6 +191,17 @@ unsafe impl Allocator for UsagePages {
     }
 }
 
+/// `count` fresh items in a boxed slice from `allocator` (the usage rings, the key hints).
+pub(crate) fn boxed_slice_in<T, A: Allocator>(
+    count: usize,
+    allocator: A,
+    fresh: impl FnMut() -> T,
+) -> allocator_api2::boxed::Box<[T], A> {
+    let mut items = allocator_api2::vec::Vec::with_capacity_in(count, allocator);
+    items.resize_with(count, fresh);
+    items.into_boxed_slice()
+}
+
 /// Asks the kernel to back `[block, block + bytes)` with huge pages. Only a hint: a refusal
 /// (an old kernel, THP off) leaves ordinary pages, which is what there was before.
 #[cfg(target_os = "linux")]

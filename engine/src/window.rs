@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use allocator_api2::boxed::Box;
 
 use crate::calendar::{Calendar, CalendarPeriod};
-use crate::pages::UsagePages;
+use crate::pages::{boxed_slice_in, UsagePages};
 
 /// The largest limit a narrow ring (16-bit counts) can hold; larger limits get wide slots.
 pub const NARROW_MAX_AMOUNT: u64 = u16::MAX as u64;
@@ -47,11 +47,12 @@ enum Slots {
 }
 
 /// `count` fresh items on the usage pages.
-fn usage_slice<T>(count: u64, fresh: impl Fn() -> T) -> Box<[T], UsagePages> {
-    let count = usize::try_from(count).unwrap_or(usize::MAX);
-    let mut items = allocator_api2::vec::Vec::with_capacity_in(count, UsagePages);
-    items.extend((0..count).map(|_| fresh()));
-    items.into_boxed_slice()
+fn usage_slice<T>(count: u64, fresh: impl FnMut() -> T) -> Box<[T], UsagePages> {
+    boxed_slice_in(
+        usize::try_from(count).unwrap_or(usize::MAX),
+        UsagePages,
+        fresh,
+    )
 }
 
 impl Slots {
@@ -348,11 +349,6 @@ impl RollingWindow {
         self.subtract_total(amount);
     }
 
-    /// Where the slot of bucket `epoch` lives: a prefetch hint for the key's next request.
-    pub fn slot_address(&self, shape: RollingShape, epoch: u64) -> *const u8 {
-        self.slots.address(shape.slot(epoch))
-    }
-
     /// Records reserved units in the bucket of `epoch`. If the slot holds another lap and our
     /// bucket is still live, that lap is older: its count is replaced and subtracted. If our
     /// bucket has aged out meanwhile, the units are released at once (they no longer count).
@@ -361,7 +357,7 @@ impl RollingWindow {
     }
 
     /// `record`, returning where the bucket's slot lives (a prefetch hint for the key's next
-    /// request, as `slot_address` gives it): one division for both.
+    /// request): one division for both.
     #[inline]
     pub fn record_noting_slot(&self, shape: RollingShape, epoch: u64, amount: u64) -> *const u8 {
         let (lap, index) = shape.lap_and_slot(epoch);
