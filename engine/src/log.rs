@@ -56,6 +56,9 @@ pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
+/// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
+/// (bounds the flush a caller waits for).
+const SYNC_AFTER_BYTES: u64 = 4 << 20;
 /// A segment is sealed and a new one started once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const SEGMENT_HEADER_BYTES: usize = 32;
@@ -76,7 +79,8 @@ const META_FORMAT: &[u8] = b"format_version";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// A call returns only after its event is written and fdatasynced; concurrent callers share
-    /// one fdatasync (group commit). A crash, even a power loss, loses nothing acknowledged.
+    /// one fdatasync (group commit), made when a caller waits for an event written since the
+    /// last. A crash, even a power loss, loses nothing acknowledged.
     Sync,
     /// A call returns once its event is queued; the writer writes it at once and fdatasyncs in
     /// the background at most `ms` later. A process crash can lose the acknowledged events
@@ -270,6 +274,14 @@ struct Shared {
     // its event durable without the progress mutex. Its address is also the key `Sync`
     // callers park on, each woken on its own (`wake_durable`).
     visible_seq: AtomicU64,
+    // SeqCst, paired with `writer_idle` (a Dekker handshake, see `Shared::demand`): the newest
+    // sequence number a `Sync` caller waits for. The writer fdatasyncs only when asked.
+    demand_seq: AtomicU64,
+    // SeqCst, paired with `demand_seq`: the writer is asleep on `queue_ready` with events
+    // written but not yet fdatasynced.
+    writer_idle: std::sync::atomic::AtomicBool,
+    // Relaxed: fdatasyncs of the log's segments by the writer so far (a statistic).
+    writer_flushes: AtomicU64,
     /// First sequence numbers of the segments, oldest first; the last is being written.
     segments: Mutex<Vec<u64>>,
     /// The segment being written (for `sync()` from other threads).
@@ -869,6 +881,9 @@ impl EventLog {
             }),
             progress_changed: Condvar::new(),
             visible_seq: AtomicU64::new(position.seq),
+            demand_seq: AtomicU64::new(position.seq),
+            writer_idle: std::sync::atomic::AtomicBool::new(false),
+            writer_flushes: AtomicU64::new(0),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
         });
@@ -904,12 +919,15 @@ impl EventLog {
     }
 
     fn start_writer(&self, active: Active) -> Result<(), Error> {
+        let active_len = active.len;
         let writer = Writer {
             shared: Arc::clone(&self.shared),
             active,
             buffer: Vec::with_capacity(1 << 20),
             spare: Batch::default(),
             rotate_at: None,
+            unsynced_from: None,
+            durable_len: active_len,
         };
         let handle = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -927,6 +945,12 @@ impl EventLog {
     /// The newest sequence number handed out (lock-free, possibly a moment stale).
     pub fn last_appended(&self) -> u64 {
         self.shared.last_appended.load(Ordering::Relaxed)
+    }
+
+    /// How many fdatasyncs of its segments the writer has made since the log opened: with
+    /// `Sync`, events per flush is the group commit's batch.
+    pub fn writer_flushes(&self) -> u64 {
+        self.shared.writer_flushes.load(Ordering::Relaxed)
     }
 
     /// Every event up to here is durable (with `Sync`) or written.
@@ -1041,7 +1065,8 @@ impl EventLog {
     /// wake-ups, not the `fdatasync`, set the pace.)
     pub fn wait(&self, seq: u64) -> Result<(), Error> {
         let shared = &*self.shared;
-        if shared.durability == Durability::Sync {
+        if shared.durability == Durability::Sync && !shared.settled(seq) {
+            shared.demand(seq);
             shared.park_until_durable(seq);
         }
         if shared.failed.load(Ordering::Acquire) {
@@ -1058,6 +1083,9 @@ impl EventLog {
     /// the mode (a checkpoint, a close, `tally` commands).
     pub fn sync(&self) -> Result<(), Error> {
         let last = self.next_seq() - 1;
+        if self.shared.durability == Durability::Sync {
+            self.shared.demand(last);
+        }
         let mut progress = self.shared.progress.lock();
         loop {
             if let Some((seq, problem)) = &progress.failure {
@@ -1364,6 +1392,9 @@ impl EventLog {
             .name("tally-snapshot".into())
             .spawn(move || {
                 let bytes = encode()?;
+                if shared.durability == Durability::Sync {
+                    shared.demand(seq);
+                }
                 let mut progress = shared.progress.lock();
                 loop {
                     if let Some((failed_seq, problem)) = &progress.failure {
@@ -1785,6 +1816,11 @@ struct Writer {
     spare: Batch,
     /// A new segment is due at this sequence number.
     rotate_at: Option<u64>,
+    /// `Sync`: the first event written but not yet fdatasynced (none: all durable).
+    unsynced_from: Option<u64>,
+    /// `Sync`: the active segment's length at its last fdatasync; a failed write or flush cuts
+    /// the file back to it.
+    durable_len: u64,
 }
 
 impl Writer {
@@ -1807,6 +1843,9 @@ impl Writer {
                 let result = self.write_group(&batch, start..end);
                 if result.is_ok() {
                     unflushed = self.shared.durability != Durability::Sync;
+                    if self.shared.durability == Durability::Sync {
+                        self.unsynced_from.get_or_insert(batch.events[start].seq);
+                    }
                 }
                 let failed = result.is_err();
                 self.report(batch.events[start].seq, batch.events[end - 1].seq, result);
@@ -1831,6 +1870,9 @@ impl Writer {
                     unflushed = false;
                 }
             }
+            if self.sync_due(stop) {
+                self.sync_written();
+            }
             if stop {
                 return;
             }
@@ -1842,6 +1884,17 @@ impl Writer {
         let mut queue = self.shared.queue.lock();
         while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
             match self.shared.durability {
+                Durability::Sync if self.unsynced_from.is_some() => {
+                    // Asleep with events unsynced: say so before looking at the demand (a
+                    // caller that asks later sees the flag and wakes this thread).
+                    self.shared.writer_idle.store(true, Ordering::SeqCst);
+                    if self.sync_due(false) {
+                        self.shared.writer_idle.store(false, Ordering::Relaxed);
+                        break;
+                    }
+                    self.shared.queue_ready.wait(&mut queue);
+                    self.shared.writer_idle.store(false, Ordering::Relaxed);
+                }
                 Durability::Interval { ms } if unflushed => {
                     let deadline = last_flush + Duration::from_millis(ms);
                     if Instant::now() >= deadline
@@ -1869,7 +1922,8 @@ impl Writer {
 
     fn fail(&self, error: Error) {
         let mut progress = self.shared.progress.lock();
-        let next = progress.written.seq + 1;
+        // Everything not yet durable fails with it (in `Sync` mode written events may not be).
+        let next = progress.visible.seq + 1;
         progress.failure.get_or_insert((next, error.to_string()));
         self.shared.failed.store(true, Ordering::Release);
         drop(progress);
@@ -1886,6 +1940,7 @@ impl Writer {
         {
             return Err(storage("fdatasync of the log", "injected fault"));
         }
+        self.shared.writer_flushes.fetch_add(1, Ordering::Relaxed);
         self.active
             .file
             .sync_data()
@@ -1910,17 +1965,22 @@ impl Writer {
             return Ok(());
         }
         // The sealed segment is durable before the next one exists, whatever the mode: a later
-        // segment never follows a torn one.
-        self.active
+        // segment never follows a torn one. (Its events are durable from here on, whether or
+        // not the new segment can be made.)
+        self.shared.writer_flushes.fetch_add(1, Ordering::Relaxed);
+        let sealed = self
+            .active
             .file
             .sync_data()
-            .map_err(|error| storage("fdatasync of a sealed segment", error))?;
+            .map_err(|error| storage("fdatasync of a sealed segment", error));
+        self.settle_flush(sealed)?;
         let file = Arc::new(create_segment(&self.shared.events_dir, next)?);
         self.active = Active {
             file: Arc::clone(&file),
             first: next,
             len: SEGMENT_HEADER_BYTES as u64,
         };
+        self.durable_len = self.active.len;
         self.rotate_at = None;
         self.shared.segments.lock().push(next);
         *self.shared.active_file.lock() = file;
@@ -1975,31 +2035,94 @@ impl Writer {
             start = end;
         }
         let before = self.active.len;
-        let mut result = self.write_buffer();
-        if result.is_ok() && self.shared.durability == Durability::Sync {
-            result = self.flush();
-        }
-        match result {
+        match self.write_buffer() {
             Ok(()) => {
                 self.active.len = before + self.buffer.len() as u64;
                 Ok(())
             }
             Err(error) => {
-                // Nothing of a failed group may stay: its callers are told it failed.
-                let undo = self.active.file.set_len(before).and_then(|()| {
-                    (&*self.active.file)
-                        .seek(SeekFrom::Start(before))
-                        .map(|_| ())
-                });
-                match undo {
-                    Ok(()) => Err(error),
-                    Err(undo) => Err(storage(
-                        format!("{error}; cutting the failed write off again"),
-                        undo,
-                    )),
-                }
+                // Nothing of a failed group may stay: its callers are told it failed. In
+                // `Sync` mode neither may the groups written before it but not yet durable:
+                // they fail with it.
+                let keep = match self.shared.durability {
+                    Durability::Sync => self.durable_len,
+                    _ => before,
+                };
+                Err(self.cut_back(keep, error))
             }
         }
+    }
+
+    /// Cuts the active segment back to `len` bytes after `error`; returns the error to report.
+    fn cut_back(&mut self, len: u64, error: Error) -> Error {
+        let undo = self
+            .active
+            .file
+            .set_len(len)
+            .and_then(|()| (&*self.active.file).seek(SeekFrom::Start(len)).map(|_| ()));
+        self.active.len = len;
+        match undo {
+            Ok(()) => error,
+            Err(undo) => storage(format!("{error}; cutting the failed write off again"), undo),
+        }
+    }
+
+    /// `Sync`: should the events written but not yet durable be fdatasynced now? When a caller
+    /// waits for one of them (nobody is acknowledged before that, so a flush earlier would only
+    /// split a `consume_many` batch over several), when stopping, or when they are many.
+    fn sync_due(&self, stop: bool) -> bool {
+        let Some(first) = self.unsynced_from else {
+            return false;
+        };
+        stop || self.shared.demand_seq.load(Ordering::SeqCst) >= first
+            || self.active.len - self.durable_len >= SYNC_AFTER_BYTES
+    }
+
+    /// `Sync`: one fdatasync for every event written since the last one (the group commit),
+    /// then their callers are woken. On failure the file is cut back to its durable length and
+    /// every event after the durable point fails.
+    fn sync_written(&mut self) {
+        if self.unsynced_from.is_some() {
+            let result = self.flush();
+            // A failure is recorded for every caller to see; the writer carries on refusing.
+            let _ = self.settle_flush(result);
+        }
+    }
+
+    /// Applies the outcome of an fdatasync of the active segment: on success everything
+    /// written is durable and its callers are woken; on failure (the kernel may have dropped
+    /// the pages it could not write) the file is cut back to its durable length in `Sync` mode
+    /// and every event after the durable point fails.
+    fn settle_flush(&mut self, result: Result<(), Error>) -> Result<(), Error> {
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(error) if self.shared.durability == Durability::Sync => {
+                Err(self.cut_back(self.durable_len, error))
+            }
+            Err(error) => Err(error),
+        };
+        self.unsynced_from = None;
+        let mut progress = self.shared.progress.lock();
+        match &result {
+            Ok(()) if progress.failure.is_none() => {
+                self.durable_len = self.active.len;
+                progress.visible = progress.written;
+                self.shared
+                    .visible_seq
+                    .store(progress.visible.seq, Ordering::Release);
+            }
+            Ok(()) => {}
+            Err(error) => {
+                let next = progress.visible.seq + 1;
+                progress.failure.get_or_insert((next, error.to_string()));
+                self.shared.failed.store(true, Ordering::Release);
+            }
+        }
+        let visible = progress.visible.seq;
+        drop(progress);
+        self.shared.progress_changed.notify_all();
+        self.shared.wake_durable(visible);
+        result
     }
 
     fn write_buffer(&self) -> Result<(), Error> {
@@ -2028,22 +2151,47 @@ impl Writer {
                     end: self.active.len,
                 };
                 progress.written = position;
-                progress.visible = position;
-                self.shared.visible_seq.store(last, Ordering::Release);
+                // `Sync`: visible once fdatasynced (`sync_written`).
+                if self.shared.durability != Durability::Sync {
+                    progress.visible = position;
+                    self.shared.visible_seq.store(last, Ordering::Release);
+                }
             }
             Ok(()) => {}
             Err(error) => {
-                progress.failure.get_or_insert((first, error.to_string()));
+                // In `Sync` mode the written events not yet durable fail with this group.
+                debug_assert!(progress.visible.seq < first);
+                let next = progress.visible.seq + 1;
+                progress.failure.get_or_insert((next, error.to_string()));
                 self.shared.failed.store(true, Ordering::Release);
             }
         }
+        let visible = progress.visible.seq;
         drop(progress);
         self.shared.progress_changed.notify_all();
-        self.shared.wake_durable(last);
+        self.shared.wake_durable(visible);
     }
 }
 
 impl Shared {
+    /// `Sync`: asks the writer to make everything up to `seq` durable. The writer fdatasyncs
+    /// only when asked, so one flush covers a whole `consume_many` batch instead of the first
+    /// chunks that happened to be written. Dekker handshake, both sides SeqCst: this stores the
+    /// demand then reads `writer_idle`; the writer stores `writer_idle` then reads the demand,
+    /// so at least one of them sees the other and no demand is left asleep.
+    fn demand(&self, seq: u64) {
+        if self.demand_seq.fetch_max(seq, Ordering::SeqCst) >= seq {
+            // An earlier demand covers it, and its caller made sure the writer sees it.
+            return;
+        }
+        if self.writer_idle.load(Ordering::SeqCst) {
+            // Under the queue's lock: the writer is either past its look at the demand (and
+            // asleep, so this wakes it) or not yet at it (and sees the demand).
+            let _queue = self.queue.lock();
+            self.queue_ready.notify_one();
+        }
+    }
+
     /// The key `Sync` callers park on in `park_until_durable`.
     fn durable_key(&self) -> usize {
         std::ptr::from_ref(&self.visible_seq) as usize
@@ -2227,6 +2375,88 @@ mod tests {
         seqs.dedup();
         assert_eq!(seqs.len(), 48 * 40);
         assert_eq!(log.events_after(0, 10_000).expect("read").len(), 48 * 40);
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Polls `condition` for up to 10 s.
+    fn eventually(mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if condition() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+
+    fn written_seq(log: &EventLog) -> u64 {
+        log.shared.progress.lock().written.seq
+    }
+
+    #[test]
+    fn sync_flushes_only_when_a_caller_waits_and_then_once_for_everything_written() {
+        let dir = std::env::temp_dir().join(format!("tally-log-demand-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("open");
+        let durable = log.durable_seq();
+        let flushes = log.writer_flushes();
+        let mut last = 0;
+        for micros in 1..=3 {
+            last = log
+                .append(1_000, encode_body(&top_up(micros)))
+                .expect("append");
+            // Each one written on its own (the writer takes what is queued).
+            assert!(eventually(|| written_seq(&log) >= last), "never written");
+        }
+        // Written, asked for by nobody: not flushed, not yet visible to readers.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(log.writer_flushes(), flushes);
+        assert_eq!(log.durable_seq(), durable);
+        assert!(log.events_after(0, 10).expect("read").is_empty());
+        // A wait for the first asks for it while the writer sleeps: one flush covers all three.
+        log.wait(last - 2).expect("durable");
+        assert_eq!(log.writer_flushes(), flushes + 1);
+        assert_eq!(log.durable_seq(), last);
+        log.wait(last).expect("durable");
+        assert_eq!(log.writer_flushes(), flushes + 1);
+        assert_eq!(log.events_after(0, 10).expect("read").len(), 3);
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_write_in_sync_mode_fails_the_written_events_not_yet_durable() {
+        let dir =
+            std::env::temp_dir().join(format!("tally-log-unsynced-fail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let faults = Faults::new();
+        let log = EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open");
+        let durable = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        log.wait(durable).expect("durable");
+        let unsynced = log.append(1_001, encode_body(&top_up(2))).expect("append");
+        assert!(
+            eventually(|| written_seq(&log) >= unsynced),
+            "never written"
+        );
+        faults.fail_next_inserts(1);
+        let failing = log.append(1_002, encode_body(&top_up(3))).expect("append");
+        assert!(log.wait(failing).is_err());
+        // Written before the failure but never flushed: it fails too, and is cut off the file.
+        assert!(log.wait(unsynced).is_err());
+        log.wait(durable).expect("acknowledged before the failure");
+        assert_eq!(log.durable_seq(), durable);
+        assert!(log.close().is_err(), "the log stays failed");
+        drop(log);
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("reopen");
+        let events = log.events_after(0, 10).expect("read");
+        assert_eq!(
+            events.iter().map(|event| event.seq).collect::<Vec<_>>(),
+            vec![durable]
+        );
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
     }

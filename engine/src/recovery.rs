@@ -956,6 +956,12 @@ impl Engine {
         journal.save_cursor(name, seq)
     }
 
+    /// How many fdatasyncs of the event log its writer has made since the engine opened (0
+    /// without a log): in `Sync` mode, events per flush is the group commit's batch.
+    pub fn log_writer_flushes(&self) -> u64 {
+        self.journal().map_or(0, EventLog::writer_flushes)
+    }
+
     /// Makes everything logged so far durable, whatever the durability mode.
     pub fn sync(&self) -> Result<(), Error> {
         self.require_journal()?.sync()
