@@ -981,9 +981,10 @@ impl Engine {
     }
 
     /// Decides, and for an admitted consume appends the usage event while the key's shard is
-    /// still read-locked (so a checkpoint's cut sees every applied effect logged); or, given a
-    /// `staged` chunk, stages it there for the caller to append before it lets a cut in (see
-    /// `consume_many_with`). Does not wait for the event to be durable.
+    /// still read-locked (so a checkpoint's cut sees every applied effect logged). A `batch`
+    /// (from `consume_many_with`, which looked ahead) brings the key's hash and, with a log, a
+    /// `staged` chunk to stage the event in for the caller to append before it lets a cut in.
+    /// Does not wait for the event to be durable.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn decide_logged(
@@ -995,12 +996,13 @@ impl Engine {
         at_ms: u64,
         mode: Mode,
         verdict: &mut Verdict<'_>,
-        staged: Option<(u64, &mut Staged)>,
+        batch: Option<(u64, Option<&mut Staged>)>,
     ) -> Result<Logged, Error> {
         let journal = self.journal().filter(|_| mode == Mode::Consume);
-        let (hash, looked_ahead) = match &staged {
-            Some((hash, _)) => (*hash, true),
-            None => (KeyTable::hash(key), false),
+        // A batch looked ahead (with or without a log), and knows the key's hash.
+        let (hash, looked_ahead, staged) = match batch {
+            Some((hash, staged)) => (hash, true, staged),
+            None => (KeyTable::hash(key), false, None),
         };
         self.keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
@@ -1038,7 +1040,7 @@ impl Engine {
                         decision: *verdict.decision,
                     };
                     return match staged {
-                        Some((_, staged)) => staged
+                        Some(staged) => staged
                             .push_with(at_ms, |buffer| append_body_to(buffer, &body))
                             .map(|()| Logged::Staged),
                         None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
@@ -1053,7 +1055,7 @@ impl Engine {
                     receipt: &receipt,
                 };
                 let logged = match staged {
-                    Some((_, staged)) => staged
+                    Some(staged) => staged
                         .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
                         .map(|()| Logged::Staged),
                     None => EVENT_BUFFER.with_borrow_mut(|buffer| {
@@ -1188,8 +1190,8 @@ impl Engine {
                             .prefetch_pointees(hashes[(index + POINTEES_AHEAD) % ENTRY_AHEAD]);
                     }
                     let mut replayed = false;
-                    let staged = journal.map(|_| (hash, &mut *staged));
-                    let outcome = self.admit_without_waiting(request, staged).map(
+                    let batch = (hash, journal.map(|_| &mut *staged));
+                    let outcome = self.admit_without_waiting(request, batch).map(
                         |(decision, replay, logged)| {
                             if let Some((quantities, receipt)) = logged {
                                 pending.push((index, quantities, receipt));
@@ -1269,7 +1271,7 @@ impl Engine {
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
-        staged: Option<(u64, &mut Staged)>,
+        batch: (u64, Option<&mut Staged>),
     ) -> Result<(Decision, bool, Option<(Quantities, Option<Receipt>)>), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
@@ -1285,7 +1287,7 @@ impl Engine {
                 at_ms,
                 Mode::Consume,
                 &mut verdict,
-                staged,
+                Some(batch),
             )?;
             let logged = (logged != Logged::Not)
                 .then_some(verdict.receipt)
@@ -1313,7 +1315,7 @@ impl Engine {
                         at_ms,
                         Mode::Consume,
                         &mut verdict,
-                        staged,
+                        Some(batch),
                     )?;
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
                     let receipt = verdict.receipt;
