@@ -502,6 +502,50 @@ fn a_request_id_admitted_in_a_consume_many_batch_is_recognised_after_a_reopen() 
     assert_same_state(&state(&engine, &KEYS, &TEAMS, T0_MS), &before, "state");
 }
 
+/// `consume_many` queues its chunks without waking the log's writer and wakes it once at the
+/// end: its events are written without any later call, in every mode (here `None`, whose
+/// writer sleeps until woken).
+#[test]
+fn a_consume_many_batch_is_written_without_any_later_call() {
+    let dir = TempDir::new("batch-written");
+    let options = OpenOptions {
+        durability: Durability::None,
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    create_accounts(&engine);
+    engine.sync().expect("sync");
+    let before = engine.events_after(0, 100_000).expect("read").len();
+    // Let the writer fall asleep on an empty queue.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let one = [(Unit::Requests, 1)];
+    // Three chunks of the staged batch, fewer events than wake the writer on their own.
+    let requests: Vec<UsageRequest<'_>> = (0..150)
+        .map(|offset| UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS + offset))
+        .collect();
+    let admitted = engine
+        .consume_many(&requests)
+        .iter()
+        .filter(|result| matches!(result, Ok(decision) if decision.is_admitted()))
+        .count();
+    assert!(
+        admitted > 64,
+        "the batch should fill more than one chunk: {admitted}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let written = engine.events_after(0, 100_000).expect("read").len() - before;
+        if written == admitted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{written} of {admitted} events written after 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A request id is remembered for the idempotency horizon (at least the longest window: a
 /// week and an hour with the default policy), measured on the engine's clock. Used again after
 /// that, it is admitted anew and remembered from then on; after a reopen, a retry returns the

@@ -1232,6 +1232,8 @@ impl Engine {
         let (Some(journal), Some(last_seq)) = (journal, last_seq) else {
             return results;
         };
+        // The chunks were queued without waking the writer (see `EventLog::append_staged`).
+        journal.nudge();
         if let Err(error) = journal.wait(last_seq) {
             self.undo_pending(requests, pending, &mut results, replays, &error);
             return results;

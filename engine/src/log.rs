@@ -56,6 +56,8 @@ pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
+/// `append_staged` wakes a sleeping writer once this many events are queued (see there).
+pub const WAKE_WRITER_AT_EVENTS: usize = 1024;
 /// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
 /// (bounds the flush a caller waits for).
 const SYNC_AFTER_BYTES: u64 = 4 << 20;
@@ -274,12 +276,13 @@ struct Shared {
     // its event durable without the progress mutex. Its address is also the key `Sync`
     // callers park on, each woken on its own (`wake_durable`).
     visible_seq: AtomicU64,
-    // SeqCst, paired with `writer_idle` (a Dekker handshake, see `Shared::demand`): the newest
-    // sequence number a `Sync` caller waits for. The writer fdatasyncs only when asked.
+    // SeqCst, paired with `writer_asleep` (a Dekker handshake, see `Shared::demand`): the
+    // newest sequence number a `Sync` caller waits for. The writer fdatasyncs only when asked.
     demand_seq: AtomicU64,
-    // SeqCst, paired with `demand_seq`: the writer is asleep on `queue_ready` with events
-    // written but not yet fdatasynced.
-    writer_idle: std::sync::atomic::AtomicBool,
+    // The writer is asleep on `queue_ready`. Stored by the writer only, under the queue's lock
+    // (read there with Relaxed); SeqCst, paired with `demand_seq`, for `nudge`'s look without
+    // the lock.
+    writer_asleep: std::sync::atomic::AtomicBool,
     // Relaxed: fdatasyncs of the log's segments by the writer so far (a statistic).
     writer_flushes: AtomicU64,
     /// First sequence numbers of the segments, oldest first; the last is being written.
@@ -882,7 +885,7 @@ impl EventLog {
             progress_changed: Condvar::new(),
             visible_seq: AtomicU64::new(position.seq),
             demand_seq: AtomicU64::new(position.seq),
-            writer_idle: std::sync::atomic::AtomicBool::new(false),
+            writer_asleep: std::sync::atomic::AtomicBool::new(false),
             writer_flushes: AtomicU64::new(0),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
@@ -986,13 +989,12 @@ impl EventLog {
         let seq = queue.next_seq;
         queue.next_seq += 1;
         self.shared.last_appended.store(seq, Ordering::Relaxed);
-        let first = queue.batch.events.is_empty();
         queue.batch.bytes.extend_from_slice(body);
         let end = queue.batch.bytes.len();
         queue.batch.events.push(Queued { seq, at_ms, end });
+        let asleep = self.shared.writer_asleep.load(Ordering::Relaxed);
         drop(queue);
-        // The writer waits only on an empty queue: only the first event needs to wake it.
-        if first {
+        if asleep {
             self.shared.queue_ready.notify_one();
         }
         Ok(seq)
@@ -1001,6 +1003,11 @@ impl EventLog {
     /// Queues every staged event, in order, under one hold of the queue's lock; returns the
     /// last one's sequence number (they get consecutive ones). All or nothing: if the log has
     /// failed or is closed, none is queued.
+    ///
+    /// Wakes a sleeping writer only once `WAKE_WRITER_AT_EVENTS` are queued: the caller, a
+    /// `consume_many` with more chunks to come, calls `nudge` after its last one. (Woken for
+    /// every chunk of 64, the writer cost each a futex wake-up, a context switch and a write:
+    /// about a tenth of a batch's time, measured in `examples/manyloop`.)
     pub fn append_staged(&self, staged: &Staged) -> Result<u64, Error> {
         let count = staged.events.len();
         if count == 0 {
@@ -1028,7 +1035,6 @@ impl EventLog {
                 problem: "the log is closed".into(),
             });
         }
-        let first = queue.batch.events.is_empty();
         let first_seq = queue.next_seq;
         let offset = queue.batch.bytes.len();
         queue.batch.bytes.extend_from_slice(&staged.bytes);
@@ -1049,11 +1055,18 @@ impl EventLog {
         let last_seq = first_seq + count as u64 - 1;
         queue.next_seq = last_seq + 1;
         self.shared.last_appended.store(last_seq, Ordering::Relaxed);
+        let wake = self.shared.writer_asleep.load(Ordering::Relaxed)
+            && queue.batch.events.len() >= WAKE_WRITER_AT_EVENTS;
         drop(queue);
-        if first {
+        if wake {
             self.shared.queue_ready.notify_one();
         }
         Ok(last_seq)
+    }
+
+    /// Wakes the writer if it sleeps while events are queued (see `append_staged`).
+    pub fn nudge(&self) {
+        self.shared.nudge();
     }
 
     /// Waits, in `Sync` mode, until `seq` is durable; in the other modes returns at once unless
@@ -1086,6 +1099,7 @@ impl EventLog {
         if self.shared.durability == Durability::Sync {
             self.shared.demand(last);
         }
+        self.shared.nudge();
         let mut progress = self.shared.progress.lock();
         loop {
             if let Some((seq, problem)) = &progress.failure {
@@ -1395,6 +1409,7 @@ impl EventLog {
                 if shared.durability == Durability::Sync {
                     shared.demand(seq);
                 }
+                shared.nudge();
                 let mut progress = shared.progress.lock();
                 loop {
                     if let Some((failed_seq, problem)) = &progress.failure {
@@ -1883,18 +1898,11 @@ impl Writer {
     fn next_batch(&mut self, unflushed: bool, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
         while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
+            // Say so before looking at the demand: a caller that asks later sees the flag and
+            // wakes this thread (`Shared::nudge`).
+            self.shared.writer_asleep.store(true, Ordering::SeqCst);
             match self.shared.durability {
-                Durability::Sync if self.unsynced_from.is_some() => {
-                    // Asleep with events unsynced: say so before looking at the demand (a
-                    // caller that asks later sees the flag and wakes this thread).
-                    self.shared.writer_idle.store(true, Ordering::SeqCst);
-                    if self.sync_due(false) {
-                        self.shared.writer_idle.store(false, Ordering::Relaxed);
-                        break;
-                    }
-                    self.shared.queue_ready.wait(&mut queue);
-                    self.shared.writer_idle.store(false, Ordering::Relaxed);
-                }
+                Durability::Sync if self.sync_due(false) => break,
                 Durability::Interval { ms } if unflushed => {
                     let deadline = last_flush + Duration::from_millis(ms);
                     if Instant::now() >= deadline
@@ -1910,6 +1918,7 @@ impl Writer {
                 _ => self.shared.queue_ready.wait(&mut queue),
             }
         }
+        self.shared.writer_asleep.store(false, Ordering::Relaxed);
         if let Some(at) = queue.rotate_at.take() {
             self.rotate_at = Some(at);
         }
@@ -2177,16 +2186,23 @@ impl Shared {
     /// `Sync`: asks the writer to make everything up to `seq` durable. The writer fdatasyncs
     /// only when asked, so one flush covers a whole `consume_many` batch instead of the first
     /// chunks that happened to be written. Dekker handshake, both sides SeqCst: this stores the
-    /// demand then reads `writer_idle`; the writer stores `writer_idle` then reads the demand,
-    /// so at least one of them sees the other and no demand is left asleep.
+    /// demand then reads `writer_asleep`; the writer stores `writer_asleep` then reads the
+    /// demand, so at least one of them sees the other and no demand is left asleep.
     fn demand(&self, seq: u64) {
         if self.demand_seq.fetch_max(seq, Ordering::SeqCst) >= seq {
-            // An earlier demand covers it, and its caller made sure the writer sees it.
+            // An earlier demand covers it, and its caller made sure the writer sees it (its
+            // events were queued before `seq`'s, so the writer takes `seq` with them).
             return;
         }
-        if self.writer_idle.load(Ordering::SeqCst) {
-            // Under the queue's lock: the writer is either past its look at the demand (and
-            // asleep, so this wakes it) or not yet at it (and sees the demand).
+        self.nudge();
+    }
+
+    /// Wakes the writer if it is asleep: for events queued without waking it (see
+    /// `append_staged`) or a demand. Under the queue's lock: the writer is either past its
+    /// look at the queue and the demand (and asleep, so this wakes it) or not yet at it (and
+    /// sees them).
+    fn nudge(&self) {
+        if self.writer_asleep.load(Ordering::SeqCst) {
             let _queue = self.queue.lock();
             self.queue_ready.notify_one();
         }
