@@ -1191,16 +1191,21 @@ impl Engine {
                     }
                     let mut replayed = false;
                     let batch = (hash, journal.map(|_| &mut *staged));
-                    let outcome = self.admit_without_waiting(request, batch).map(
-                        |(decision, replay, logged)| {
+                    // Decided in place: a decision is a few hundred bytes, and moving it out
+                    // through the calls and into the list was four copies per request.
+                    results.push(Ok(Decision::denied(DenialReason::UnknownKey)));
+                    let Some(Ok(decision)) = results.last_mut() else {
+                        unreachable!("a decision was just pushed");
+                    };
+                    match self.admit_without_waiting(request, batch, decision) {
+                        Ok((replay, logged)) => {
                             if let Some((quantities, receipt)) = logged {
                                 pending.push((index, quantities, receipt));
                             }
                             replayed = replay;
-                            decision
-                        },
-                    );
-                    results.push(outcome);
+                        }
+                        Err(error) => results[index] = Err(error),
+                    }
                     if let Some(replays) = replays.as_deref_mut() {
                         replays.push(replayed);
                     }
@@ -1267,20 +1272,20 @@ impl Engine {
         }
     }
 
-    /// One request of `consume_many`: the decision, whether it is a replay and, if its event
-    /// was staged, what to give back should the batch's append or wait fail.
+    /// One request of `consume_many`, decided into `decision`: whether it is a replay and, if
+    /// its event was staged, what to give back should the batch's append or wait fail.
     #[allow(clippy::type_complexity)]
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
         batch: (u64, Option<&mut Staged>),
-    ) -> Result<(Decision, bool, Option<(Quantities, Option<Receipt>)>), Error> {
+        decision: &mut Decision,
+    ) -> Result<(bool, Option<(Quantities, Option<Receipt>)>), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
-            let mut decision = Decision::denied(DenialReason::UnknownKey);
-            let mut verdict = Verdict::new(&mut decision);
+            let mut verdict = Verdict::new(decision);
             let logged = self.decide_logged(
                 request.key,
                 request.resource,
@@ -1295,7 +1300,7 @@ impl Engine {
                 .then_some(verdict.receipt)
                 .flatten()
                 .map(|receipt| (quantities, Some(receipt)));
-            return Ok((decision, false, logged));
+            return Ok((false, logged));
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -1304,7 +1309,8 @@ impl Engine {
             quantities,
         };
         let mut logged = None;
-        let (decision, replayed) =
+        let replayed;
+        (*decision, replayed) =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut decision = Decision::denied(DenialReason::UnknownKey);
@@ -1326,7 +1332,7 @@ impl Engine {
                     }
                     Ok((decision, receipt))
                 })?;
-        Ok((decision, replayed, logged))
+        Ok((replayed, logged))
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.
