@@ -80,7 +80,7 @@ impl Quantities {
     }
 
     /// Quantities as they are (each at most `MAX_QUANTITY`), with their mask worked out.
-    fn from_values(values: [u64; UNIT_COUNT]) -> Quantities {
+    pub(crate) fn from_values(values: [u64; UNIT_COUNT]) -> Quantities {
         let mut mask = 0u8;
         for (index, quantity) in values.iter().enumerate() {
             mask |= u8::from(*quantity != 0) << index;
