@@ -39,7 +39,7 @@ thread_local! {
     static STAGED: std::cell::RefCell<Staged> = std::cell::RefCell::new(Staged::default());
     /// `consume_many`'s list of admitted requests and their receipts (see there).
     #[allow(clippy::type_complexity)]
-    static PENDING: std::cell::RefCell<Vec<(usize, Quantities, Option<Receipt>)>> =
+    static PENDING: std::cell::RefCell<Vec<(usize, Option<Receipt>)>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 /// Entries of `PENDING` kept between calls (a batch of up to this many allocates nothing).
@@ -1152,7 +1152,7 @@ impl Engine {
     fn consume_many_with(
         &self,
         requests: &[UsageRequest<'_>],
-        pending: &mut Vec<(usize, Quantities, Option<Receipt>)>,
+        pending: &mut Vec<(usize, Option<Receipt>)>,
         mut replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
@@ -1197,13 +1197,8 @@ impl Engine {
                     let Some(Ok(decision)) = results.last_mut() else {
                         unreachable!("a decision was just pushed");
                     };
-                    match self.admit_without_waiting(request, batch, decision) {
-                        Ok((replay, logged)) => {
-                            if let Some((quantities, receipt)) = logged {
-                                pending.push((index, quantities, receipt));
-                            }
-                            replayed = replay;
-                        }
+                    match self.admit_without_waiting(request, batch, decision, index, pending) {
+                        Ok(replay) => replayed = replay,
                         Err(error) => results[index] = Err(error),
                     }
                     if let Some(replays) = replays.as_deref_mut() {
@@ -1252,14 +1247,16 @@ impl Engine {
     fn undo_pending(
         &self,
         requests: &[UsageRequest<'_>],
-        pending: &[(usize, Quantities, Option<Receipt>)],
+        pending: &[(usize, Option<Receipt>)],
         results: &mut [Result<Decision, Error>],
         mut replays: Option<&mut Vec<bool>>,
         error: &Error,
     ) {
-        for &(index, quantities, receipt) in pending {
+        for &(index, receipt) in pending {
             let request = &requests[index];
-            if let Some(receipt) = receipt {
+            // The quantities were valid when the request was decided, so they still are.
+            if let (Some(receipt), Ok(quantities)) = (receipt, Quantities::new(request.quantities))
+            {
                 self.give_back(request.key, request.resource, &receipt, &quantities);
             }
             if let Some(request_id) = request.request_id {
@@ -1272,15 +1269,17 @@ impl Engine {
         }
     }
 
-    /// One request of `consume_many`, decided into `decision`: whether it is a replay and, if
-    /// its event was staged, what to give back should the batch's append or wait fail.
-    #[allow(clippy::type_complexity)]
+    /// One request of `consume_many` (the `index`th), decided into `decision`: whether it is a
+    /// replay. If its event was staged, what to give back should the batch's append or wait
+    /// fail goes onto `pending`.
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
         batch: (u64, Option<&mut Staged>),
         decision: &mut Decision,
-    ) -> Result<(bool, Option<(Quantities, Option<Receipt>)>), Error> {
+        index: usize,
+        pending: &mut Vec<(usize, Option<Receipt>)>,
+    ) -> Result<bool, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let quantities = Quantities::new(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
@@ -1296,11 +1295,10 @@ impl Engine {
                 &mut verdict,
                 Some(batch),
             )?;
-            let logged = (logged != Logged::Not)
-                .then_some(verdict.receipt)
-                .flatten()
-                .map(|receipt| (quantities, Some(receipt)));
-            return Ok((false, logged));
+            if let (true, Some(receipt)) = (logged != Logged::Not, verdict.receipt) {
+                pending.push((index, Some(receipt)));
+            }
+            return Ok(false);
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -1308,7 +1306,6 @@ impl Engine {
             resource: request.resource.into(),
             quantities,
         };
-        let mut logged = None;
         let replayed;
         (*decision, replayed) =
             self.requests
@@ -1328,11 +1325,11 @@ impl Engine {
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
                     let receipt = verdict.receipt;
                     if outcome != Logged::Not {
-                        logged = Some((quantities, receipt));
+                        pending.push((index, receipt));
                     }
                     Ok((decision, receipt))
                 })?;
-        Ok((replayed, logged))
+        Ok(replayed)
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.
