@@ -7,8 +7,10 @@
 //!
 //! Besides the targets it prints what explains them: the same load in `Durability::None` (what
 //! the engine and its writer absorb without any fsync: the ceiling of every `Sync` figure), the
-//! bytes the process wrote per event (`wchar`: the log's write amplification), per-call latency
-//! percentiles, the records, segments and snapshots on disk, and where an open's time goes.
+//! bytes the process wrote per event (`wchar`: the log's write amplification), events per
+//! fdatasync (the group commit's batch), per-call latency percentiles, the records, segments
+//! and snapshots on disk, and where an open's time goes. Every key is admitted once, untimed,
+//! before the first measurement (a key's first admission allocates its windows).
 //!
 //! Plain `fn main` (not criterion): the figures are throughput, sizes and open times, not the
 //! latency of one closure. Run:
