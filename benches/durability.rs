@@ -572,27 +572,22 @@ impl Row {
         }
     }
 
-    fn median_events_per_second(&self) -> f64 {
-        let mut values: Vec<f64> = self.samples.iter().map(Sample::events_per_second).collect();
+    /// The median over the runs of a figure of each sample.
+    fn median_of(&self, figure: impl Fn(&Sample) -> f64) -> f64 {
+        let mut values: Vec<f64> = self.samples.iter().map(figure).collect();
         median(&mut values)
+    }
+
+    fn median_events_per_second(&self) -> f64 {
+        self.median_of(Sample::events_per_second)
     }
 
     fn median_written_per_event(&self) -> f64 {
-        let mut values: Vec<f64> = self
-            .samples
-            .iter()
-            .map(|sample| sample.written_bytes as f64 / sample.events.max(1) as f64)
-            .collect();
-        median(&mut values)
+        self.median_of(|sample| sample.written_bytes as f64 / sample.events.max(1) as f64)
     }
 
     fn median_events_per_flush(&self) -> f64 {
-        let mut values: Vec<f64> = self
-            .samples
-            .iter()
-            .map(|sample| sample.events as f64 / sample.flushes.max(1) as f64)
-            .collect();
-        median(&mut values)
+        self.median_of(|sample| sample.events as f64 / sample.flushes.max(1) as f64)
     }
 
     fn latency_us(&self, fraction: f64) -> u32 {

@@ -2,25 +2,12 @@
 //! seated on the durability benchmark's plan, each with usage in its windows, checkpointed
 //! ROUNDS times; prints how long each cut held the engine's locks.
 //! `cargo run --release --example cutloop -- KEYS ROUNDS` (defaults 100000, 15).
-use std::sync::Arc;
 use std::time::Instant;
 
 use tally_engine::*;
 
-const POLICY: &str = r#"
-time_zone = "UTC"
-
-[resources."m2.7"]
-units = ["requests", "tokens"]
-price_micros = { requests = 2000, tokens = 1 }
-
-[plans.Bench]
-limits = [
-  { resource = "m2.7", unit = "requests", amount = 4294967295, window = "rolling:5h" },
-  { resource = "m2.7", unit = "tokens", amount = 281474976710655, window = "daily" },
-]
-"#;
-const BASE_MS: u64 = 1_790_000_000_000;
+mod support;
+use support::{BASE_MS, QUANTITIES};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -30,23 +17,9 @@ fn main() {
     let rounds: usize = args.next().map_or(15, |text| text.parse().expect("ROUNDS"));
     let dir = std::env::temp_dir().join(format!("tally-cutloop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let options = OpenOptions {
-        durability: Durability::None,
-        checkpoint_every_events: u64::MAX,
-        ..OpenOptions::default()
-    };
-    let policy = Policy::from_toml_str(POLICY).expect("policy");
-    let clock = Arc::new(ManualClock::new(BASE_MS));
-    let engine = Engine::open(&dir, policy, clock, options).expect("open");
-    let names: Vec<String> = (0..keys).map(|index| format!("tp-{index:07}")).collect();
-    for (index, key) in names.iter().enumerate() {
-        let user = format!("user-{index:07}");
-        engine.create_user(&user, key, Some(BASE_MS)).expect("user");
-        engine
-            .assign_seat(&format!("@{user}"), &user, "Bench", Some(BASE_MS))
-            .expect("seat");
-    }
-    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 1_500)];
+    let engine = support::engine(&dir, Some(Durability::None));
+    let names = support::seated_keys(&engine, keys);
+    let quantities = QUANTITIES;
     // Ten events per key over ten seconds, as the benchmark's timeline spreads them.
     let events = keys * 10;
     let started = Instant::now();

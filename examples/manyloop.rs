@@ -4,25 +4,12 @@
 //! them; prints the time per event.
 //! `cargo run --release --example manyloop -- KEYS BATCH BATCHES [none|sync|memory]`
 //! (defaults 100000, 1000, 2000, none; `memory` opens no log at all).
-use std::sync::Arc;
 use std::time::Instant;
 
 use tally_engine::*;
 
-const POLICY: &str = r#"
-time_zone = "UTC"
-
-[resources."m2.7"]
-units = ["requests", "tokens"]
-price_micros = { requests = 2000, tokens = 1 }
-
-[plans.Bench]
-limits = [
-  { resource = "m2.7", unit = "requests", amount = 4294967295, window = "rolling:5h" },
-  { resource = "m2.7", unit = "tokens", amount = 281474976710655, window = "daily" },
-]
-"#;
-const BASE_MS: u64 = 1_790_000_000_000;
+mod support;
+use support::{BASE_MS, QUANTITIES};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -36,34 +23,15 @@ fn main() {
     let mode = std::env::args().nth(4).unwrap_or_else(|| "none".into());
     let dir = std::env::temp_dir().join(format!("tally-manyloop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let policy = Policy::from_toml_str(POLICY).expect("policy");
-    let clock = Arc::new(ManualClock::new(BASE_MS));
-    let engine = match mode.as_str() {
-        "memory" => Engine::new(policy, clock, EngineOptions::default()),
-        "none" | "sync" => {
-            let durability = if mode == "sync" {
-                Durability::Sync
-            } else {
-                Durability::None
-            };
-            let options = OpenOptions {
-                durability,
-                checkpoint_every_events: u64::MAX,
-                ..OpenOptions::default()
-            };
-            Engine::open(&dir, policy, clock, options).expect("open")
-        }
+    let durability = match mode.as_str() {
+        "memory" => None,
+        "none" => Some(Durability::None),
+        "sync" => Some(Durability::Sync),
         other => panic!("mode {other:?}: none, sync or memory"),
     };
-    let names: Vec<String> = (0..keys).map(|index| format!("tp-{index:07}")).collect();
-    for (index, key) in names.iter().enumerate() {
-        let user = format!("user-{index:07}");
-        engine.create_user(&user, key, Some(BASE_MS)).expect("user");
-        engine
-            .assign_seat(&format!("@{user}"), &user, "Bench", Some(BASE_MS))
-            .expect("seat");
-    }
-    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 1_500)];
+    let engine = support::engine(&dir, durability);
+    let names = support::seated_keys(&engine, keys);
+    let quantities = QUANTITIES;
     // One millisecond per thousand events, as the durability bench's timeline.
     let run = |first: u64, count: u64| {
         let mut requests = Vec::with_capacity(batch);

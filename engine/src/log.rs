@@ -1931,13 +1931,8 @@ impl Writer {
 
     fn fail(&self, error: Error) {
         let mut progress = self.shared.progress.lock();
-        // Everything not yet durable fails with it (in `Sync` mode written events may not be).
-        let next = progress.visible.seq + 1;
-        progress.failure.get_or_insert((next, error.to_string()));
-        self.shared.failed.store(true, Ordering::Release);
-        drop(progress);
-        self.shared.progress_changed.notify_all();
-        self.shared.wake_durable(0);
+        self.shared.mark_failed(&mut progress, &error);
+        self.shared.announce(progress);
     }
 
     fn flush(&self) -> Result<(), Error> {
@@ -2121,16 +2116,9 @@ impl Writer {
                     .store(progress.visible.seq, Ordering::Release);
             }
             Ok(()) => {}
-            Err(error) => {
-                let next = progress.visible.seq + 1;
-                progress.failure.get_or_insert((next, error.to_string()));
-                self.shared.failed.store(true, Ordering::Release);
-            }
+            Err(error) => self.shared.mark_failed(&mut progress, error),
         }
-        let visible = progress.visible.seq;
-        drop(progress);
-        self.shared.progress_changed.notify_all();
-        self.shared.wake_durable(visible);
+        self.shared.announce(progress);
         result
     }
 
@@ -2170,19 +2158,31 @@ impl Writer {
             Err(error) => {
                 // In `Sync` mode the written events not yet durable fail with this group.
                 debug_assert!(progress.visible.seq < first);
-                let next = progress.visible.seq + 1;
-                progress.failure.get_or_insert((next, error.to_string()));
-                self.shared.failed.store(true, Ordering::Release);
+                self.shared.mark_failed(&mut progress, &error);
             }
         }
-        let visible = progress.visible.seq;
-        drop(progress);
-        self.shared.progress_changed.notify_all();
-        self.shared.wake_durable(visible);
+        self.shared.announce(progress);
     }
 }
 
 impl Shared {
+    /// Marks the log failed from the first event not yet durable (in `Sync` mode, events
+    /// written but not flushed fail too); a failure already recorded stays the one reported.
+    fn mark_failed(&self, progress: &mut Progress, error: &Error) {
+        let next = progress.visible.seq + 1;
+        progress.failure.get_or_insert((next, error.to_string()));
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Lets the progress go and tells whoever waits on it: `sync`, rotations, snapshots and
+    /// the parked `Sync` callers now durable (all of them once the log has failed).
+    fn announce(&self, progress: parking_lot::MutexGuard<'_, Progress>) {
+        let visible = progress.visible.seq;
+        drop(progress);
+        self.progress_changed.notify_all();
+        self.wake_durable(visible);
+    }
+
     /// `Sync`: asks the writer to make everything up to `seq` durable. The writer fdatasyncs
     /// only when asked, so one flush covers a whole `consume_many` batch instead of the first
     /// chunks that happened to be written. Dekker handshake, both sides SeqCst: this stores the
@@ -2271,6 +2271,14 @@ mod tests {
     use super::*;
     use crate::event::{append_body_to, encode_body, EventBody};
 
+    /// An empty directory under the temporary directory, unique to this test and process.
+    fn fresh_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tally-log-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a directory");
+        dir
+    }
+
     fn top_up(micros: u64) -> EventBody {
         EventBody::CreditsToppedUp {
             team: "acme".into(),
@@ -2280,9 +2288,7 @@ mod tests {
 
     #[test]
     fn a_staged_chunk_is_appended_in_order_with_consecutive_sequence_numbers() {
-        let dir = std::env::temp_dir().join(format!("tally-log-staged-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = fresh_dir("staged");
         let log = EventLog::open(&dir, Durability::Sync, None).expect("open");
         let single = log.append(1_000, encode_body(&top_up(1))).expect("append");
         let mut staged = Staged::default();
@@ -2376,9 +2382,7 @@ mod tests {
 
     #[test]
     fn every_sync_waiter_is_woken_once_its_event_is_durable() {
-        let dir = std::env::temp_dir().join(format!("tally-log-waiters-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = fresh_dir("waiters");
         let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
         let outcomes = append_and_wait_from_threads(&log, 48, 40, None);
         let durable = log.durable_seq();
@@ -2413,9 +2417,7 @@ mod tests {
 
     #[test]
     fn sync_flushes_only_when_a_caller_waits_and_then_once_for_everything_written() {
-        let dir = std::env::temp_dir().join(format!("tally-log-demand-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = fresh_dir("demand");
         let log = EventLog::open(&dir, Durability::Sync, None).expect("open");
         let durable = log.durable_seq();
         let flushes = log.writer_flushes();
@@ -2445,10 +2447,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_in_sync_mode_fails_the_written_events_not_yet_durable() {
-        let dir =
-            std::env::temp_dir().join(format!("tally-log-unsynced-fail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = fresh_dir("unsynced-fail");
         let faults = Faults::new();
         let log = EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open");
         let durable = log.append(1_000, encode_body(&top_up(1))).expect("append");
@@ -2479,10 +2478,7 @@ mod tests {
 
     #[test]
     fn a_failed_flush_wakes_every_sync_waiter_with_the_error() {
-        let dir =
-            std::env::temp_dir().join(format!("tally-log-waiters-fail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a directory");
+        let dir = fresh_dir("waiters-fail");
         let faults = Faults::new();
         let log = Arc::new(
             EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open"),
