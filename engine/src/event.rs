@@ -241,18 +241,23 @@ pub(crate) fn encode_usage_into(buffer: &mut Vec<u8>, usage: &UsageAdmittedRef<'
 /// two, together a quarter of a `consume_many`'s instructions (callgrind, examples/manyloop).
 pub(crate) fn append_usage_to(buffer: &mut Vec<u8>, usage: &UsageAdmittedRef<'_>) {
     if usage.decision.is_none() {
-        let holds = usage.receipt.holds.as_slice();
+        // Varints: the tag, three string lengths, the quantities, the charge's tag and value,
+        // the generation, the holds' count and three per hold; and two option tags.
+        let varints =
+            1 + 3 + usage.quantities.0.len() + 4 + 3 * usage.receipt.holds.as_slice().len();
         let most = usage.key.len()
             + usage.resource.len()
             + usage.request_id.map_or(0, str::len)
-            + (3 + usage.quantities.0.len() + 3 + 3 * holds.len()) * MAX_VARINT_BYTES
-            + 3;
+            + varints * MAX_VARINT_BYTES
+            + 2;
         buffer.reserve(most);
         let mut out = Spare {
             bytes: buffer.spare_capacity_mut(),
             len: 0,
         };
-        if out.usage(usage).is_some() {
+        let fitted = out.usage(usage).is_some();
+        debug_assert!(fitted, "the bound reserved for a usage event is too small");
+        if fitted {
             let written = out.len;
             // SAFETY: `Spare` wrote every one of the first `written` bytes of the spare
             // capacity (it only ever advances `len` past bytes it wrote), so they are

@@ -1831,7 +1831,8 @@ struct Writer {
     spare: Batch,
     /// A new segment is due at this sequence number.
     rotate_at: Option<u64>,
-    /// `Sync`: the first event written but not yet fdatasynced (none: all durable).
+    /// The first event written since the last fdatasync (none: all durable). `Sync` flushes
+    /// when asked (`sync_due`), `Interval` when its time is up, `None` only at a segment's end.
     unsynced_from: Option<u64>,
     /// `Sync`: the active segment's length at its last fdatasync; a failed write or flush cuts
     /// the file back to it.
@@ -1841,9 +1842,8 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut last_flush = Instant::now();
-        let mut unflushed = false;
         loop {
-            let (mut batch, stop) = self.next_batch(unflushed, last_flush);
+            let (mut batch, stop) = self.next_batch(last_flush);
             let events = batch.events.len();
             let mut start = 0;
             while start < events {
@@ -1857,10 +1857,7 @@ impl Writer {
                 };
                 let result = self.write_group(&batch, start..end);
                 if result.is_ok() {
-                    unflushed = self.shared.durability != Durability::Sync;
-                    if self.shared.durability == Durability::Sync {
-                        self.unsynced_from.get_or_insert(batch.events[start].seq);
-                    }
+                    self.unsynced_from.get_or_insert(batch.events[start].seq);
                 }
                 let failed = result.is_err();
                 self.report(batch.events[start].seq, batch.events[end - 1].seq, result);
@@ -1877,12 +1874,10 @@ impl Writer {
                 self.fail(error);
             }
             if let Durability::Interval { ms } = self.shared.durability {
-                if unflushed && (stop || last_flush.elapsed() >= Duration::from_millis(ms)) {
-                    if let Err(error) = self.flush() {
-                        self.fail(error);
-                    }
+                let due = stop || last_flush.elapsed() >= Duration::from_millis(ms);
+                if self.unsynced_from.is_some() && due {
+                    self.sync_written();
                     last_flush = Instant::now();
-                    unflushed = false;
                 }
             }
             if self.sync_due(stop) {
@@ -1895,7 +1890,7 @@ impl Writer {
     }
 
     /// Waits for events (or a rotation, the interval deadline, or stop) and takes them all.
-    fn next_batch(&mut self, unflushed: bool, last_flush: Instant) -> (Batch, bool) {
+    fn next_batch(&mut self, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
         while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
             // Say so before looking at the demand: a caller that asks later sees the flag and
@@ -1903,7 +1898,7 @@ impl Writer {
             self.shared.writer_asleep.store(true, Ordering::SeqCst);
             match self.shared.durability {
                 Durability::Sync if self.sync_due(false) => break,
-                Durability::Interval { ms } if unflushed => {
+                Durability::Interval { ms } if self.unsynced_from.is_some() => {
                     let deadline = last_flush + Duration::from_millis(ms);
                     if Instant::now() >= deadline
                         || self
@@ -2075,15 +2070,15 @@ impl Writer {
     /// waits for one of them (nobody is acknowledged before that, so a flush earlier would only
     /// split a `consume_many` batch over several), when stopping, or when they are many.
     fn sync_due(&self, stop: bool) -> bool {
-        let Some(first) = self.unsynced_from else {
+        let (Durability::Sync, Some(first)) = (self.shared.durability, self.unsynced_from) else {
             return false;
         };
         stop || self.shared.demand_seq.load(Ordering::SeqCst) >= first
             || self.active.len - self.durable_len >= SYNC_AFTER_BYTES
     }
 
-    /// `Sync`: one fdatasync for every event written since the last one (the group commit),
-    /// then their callers are woken. On failure the file is cut back to its durable length and
+    /// One fdatasync for every event written since the last one (in `Sync` mode the group
+    /// commit), then their callers are woken. On failure the file is cut back to its durable length and
     /// every event after the durable point fails.
     fn sync_written(&mut self) {
         if self.unsynced_from.is_some() {
