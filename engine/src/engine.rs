@@ -887,7 +887,8 @@ impl Engine {
         verdict: &mut Verdict<'_>,
     ) -> Result<(), Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
-        let quantities = Quantities::new(request.quantities)?;
+        let mut quantities = Quantities::default();
+        quantities.parse(request.quantities)?;
         if request.key.is_empty() || request.key.len() > MAX_KEY_BYTES {
             check_id("key", request.key, MAX_KEY_BYTES)?;
         }
