@@ -1282,7 +1282,8 @@ impl Engine {
         pending: &mut Vec<(usize, Option<Receipt>)>,
     ) -> Result<bool, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
-        let quantities = Quantities::new(request.quantities)?;
+        let mut quantities = Quantities::default();
+        quantities.parse(request.quantities)?;
         check_id("key", request.key, MAX_KEY_BYTES)?;
         let Some(request_id) = request.request_id else {
             let mut verdict = Verdict::new(decision);
