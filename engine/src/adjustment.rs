@@ -334,34 +334,35 @@ pub(crate) fn retake_in(then: &Policy, policy: &Policy, state: &KeyState, given:
                 then.same_counter_in(counter, policy)
             };
             if let Some(current) = current {
-                force_counter(policy, usage, current, time, amount);
+                let _ = force_counter(policy, usage, current, time, amount);
             }
         }
     }
 }
 
 /// Adds `amount` to a counter at `time` (an epoch or a period) whatever the limit.
+/// Returns, for a rolling counter, the address of the slot it wrote (to note as the key's
+/// prefetch hint).
 pub(crate) fn force_counter(
     policy: &Policy,
     usage: &KeyUsage,
     counter: CounterId,
     time: u64,
     amount: u64,
-) {
-    let Some(state) = usage.counter(counter) else {
-        return;
-    };
+) -> Option<*const u8> {
+    let state = usage.counter(counter)?;
     match (state, policy.counter(counter).window) {
         (WindowState::Rolling(ring), window @ Window::Rolling { .. }) => {
-            if let Some(shape) = window.shape() {
-                ring.advance(shape, time);
-                let _ = ring.force(shape, time, amount);
-            }
+            let shape = window.shape()?;
+            ring.advance(shape, time);
+            let _ = ring.force(shape, time, amount);
+            Some(ring.slot_address(shape, time))
         }
         (WindowState::Calendar(counter_state), Window::Calendar(_)) => {
             let _ = counter_state.force(time as u32, amount);
+            None
         }
-        _ => {}
+        _ => None,
     }
 }
 
@@ -401,7 +402,9 @@ fn undo_adjustment(
             AdjustmentDirection::Add => {
                 unforce_counter(policy, usage, counter, time, amount);
             }
-            AdjustmentDirection::Remove => force_counter(policy, usage, counter, time, amount),
+            AdjustmentDirection::Remove => {
+                let _ = force_counter(policy, usage, counter, time, amount);
+            }
         }
     }
 }

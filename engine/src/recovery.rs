@@ -274,8 +274,8 @@ impl Engine {
         // Each event waits with its key's hash, if it is a usage event.
         let mut ahead: std::collections::VecDeque<(Option<u64>, Event)> =
             std::collections::VecDeque::with_capacity(REPLAY_AHEAD + 1);
-        let mut apply = |event: Event| -> Result<(), Error> {
-            self.replay(&event, &mut debts).map_err(|error| {
+        let mut apply = |hash: Option<u64>, event: Event| -> Result<(), Error> {
+            self.replay(&event, hash, &mut debts).map_err(|error| {
                 storage(format!(
                     "replaying event {} ({}): {error}",
                     event.seq,
@@ -311,14 +311,14 @@ impl Engine {
                 self.keys.prefetch_pointees(*hash);
             }
             if ahead.len() > REPLAY_AHEAD {
-                if let Some((_, oldest)) = ahead.pop_front() {
-                    apply(oldest)?;
+                if let Some((hash, oldest)) = ahead.pop_front() {
+                    apply(hash, oldest)?;
                 }
             }
             Ok(true)
         })?;
-        for (_, rest) in ahead.drain(..) {
-            apply(rest)?;
+        for (hash, rest) in ahead.drain(..) {
+            apply(hash, rest)?;
         }
         self.finish_replay(count, &debts)
     }
@@ -339,7 +339,14 @@ impl Engine {
     }
 
     /// Applies one logged event.
-    fn replay(&self, event: &Event, debts: &mut Debts) -> Result<(), Error> {
+    /// Applies one logged event. `looked_ahead` is the key's hash of a usage event whose key
+    /// `replay_log` prefetched (so the lookup neither reads nor writes prefetch hints).
+    fn replay(
+        &self,
+        event: &Event,
+        looked_ahead: Option<u64>,
+        debts: &mut Debts,
+    ) -> Result<(), Error> {
         let at = Some(event.at_ms);
         match &event.body {
             EventBody::UserCreated { user, key } => self.create_user(user, key, at),
@@ -372,7 +379,7 @@ impl Engine {
                 decision,
                 receipt,
             } => {
-                self.apply_receipt(key, receipt, debts)?;
+                self.apply_receipt(key, looked_ahead, receipt, debts)?;
                 if let (Some(id), Some(decision)) = (request_id, decision) {
                     let fingerprint = Fingerprint {
                         key: key.as_str().into(),
@@ -419,7 +426,7 @@ impl Engine {
                 receipt,
                 ..
             } => {
-                self.apply_receipt(key, receipt, debts)?;
+                self.apply_receipt(key, None, receipt, debts)?;
                 self.keys.read(key, |_, state| {
                     state.map(|state| state.open_reservations.fetch_add(1, Ordering::AcqRel))
                 });
@@ -449,7 +456,7 @@ impl Engine {
                 let closed = match end {
                     ReservationEnd::Settled { settlement, extra } => {
                         if let Some(extra) = extra {
-                            self.apply_receipt(key, extra, debts)?;
+                            self.apply_receipt(key, None, extra, debts)?;
                         }
                         Closed::Settled(*settlement)
                     }
@@ -489,12 +496,7 @@ impl Engine {
                 let counters: Vec<_> = moved.clone();
                 match direction {
                     AdjustmentDirection::Add => {
-                        let receipt_like = GivenBack {
-                            generation: *generation,
-                            counters,
-                            ..GivenBack::default()
-                        };
-                        self.apply_counters(key, &receipt_like, debts);
+                        self.apply_counters(key, None, *generation, counters, debts);
                     }
                     AdjustmentDirection::Remove => {
                         let given = GivenBack {
@@ -539,23 +541,23 @@ impl Engine {
         }
     }
 
-    /// Applies what a logged admitted usage moved.
-    fn apply_receipt(&self, key: &str, receipt: &Receipt, debts: &mut Debts) -> Result<(), Error> {
+    /// Applies what a logged admitted usage moved (`looked_ahead`: see `replay`).
+    fn apply_receipt(
+        &self,
+        key: &str,
+        looked_ahead: Option<u64>,
+        receipt: &Receipt,
+        debts: &mut Debts,
+    ) -> Result<(), Error> {
         match receipt.charged_to {
             ChargedTo::PlanQuota { .. } => {
                 // Holds are (counter, amount, time); moves are (counter, time, amount).
-                let counters = receipt
+                let moves = receipt
                     .holds
                     .as_slice()
                     .iter()
-                    .map(|&(counter, amount, time)| (counter, time, amount))
-                    .collect();
-                let moved = GivenBack {
-                    generation: receipt.generation,
-                    counters,
-                    ..GivenBack::default()
-                };
-                self.apply_counters(key, &moved, debts);
+                    .map(|&(counter, amount, time)| (counter, time, amount));
+                self.apply_counters(key, looked_ahead, receipt.generation, moves, debts);
             }
             ChargedTo::Credits { micros } => {
                 self.keys.read(key, |_, state| {
@@ -570,26 +572,67 @@ impl Engine {
         Ok(())
     }
 
-    /// Adds logged counter amounts, first paying off any debt from an earlier removal.
-    fn apply_counters(&self, key: &str, moved: &GivenBack, debts: &mut Debts) {
-        let then = self.policy_of_generation(moved.generation);
-        self.keys.read(key, |policy, state| {
-            let (Some(state), Some(then)) = (state, then.as_deref()) else {
-                return;
-            };
+    /// Adds logged counter amounts `moves` (counter, time, amount) of policy `generation`,
+    /// first paying off any debt from an earlier removal. `looked_ahead`: see `replay`.
+    ///
+    /// The hot part of an open's replay, once per usage event: a move of the current policy
+    /// (nearly all of them) is applied without looking its generation up (a lock and an `Arc`
+    /// clone), and nothing is allocated.
+    fn apply_counters(
+        &self,
+        key: &str,
+        looked_ahead: Option<u64>,
+        generation: u32,
+        moves: impl IntoIterator<Item = (CounterId, u64, u64)> + Clone,
+        debts: &mut Debts,
+    ) {
+        let apply = |then: &Policy, policy: &Policy, state: &KeyState, debts: &mut Debts| {
             let usage = state
                 .usage
                 .get_or_init(|| KeyUsage::for_plan(policy, state.seat));
-            for &(counter, time, amount) in &moved.counters {
+            for (counter, time, amount) in moves.clone() {
                 let Some(current) = translate(then, policy, counter) else {
                     continue;
                 };
                 let owed = debts.take(key, current, time, amount);
                 if amount > owed {
-                    force_counter(policy, usage, current, time, amount - owed);
+                    if let Some(slot) = force_counter(policy, usage, current, time, amount - owed) {
+                        // So the key's next event prefetches the slots its sweep reads, as a
+                        // live admission does: after a restore the hint points nowhere.
+                        state.usage.note_slot(slot);
+                    }
                 }
             }
-        });
+        };
+        let (hash, looked_ahead) = match looked_ahead {
+            Some(hash) => (hash, true),
+            None => (KeyTable::hash(key), false),
+        };
+        let current = self
+            .keys
+            .read_hashed(hash, key, looked_ahead, |policy, state| {
+                if policy.generation != generation {
+                    return false;
+                }
+                if let Some(state) = state {
+                    apply(policy, policy, state, debts);
+                }
+                true
+            });
+        if current {
+            return;
+        }
+        // An older generation's move: its policy is looked up outside the key's shard lock
+        // (the policy list is locked before the shards, never after).
+        let Some(then) = self.policy_of_generation(generation) else {
+            return;
+        };
+        self.keys
+            .read_hashed(hash, key, looked_ahead, |policy, state| {
+                if let Some(state) = state {
+                    apply(&then, policy, state, debts);
+                }
+            });
     }
 
     /// Takes back logged give-back amounts exactly; what the counter does not hold yet (its add
@@ -1601,5 +1644,66 @@ mod tests {
         engine.cut(|| 1);
         engine.cut(|| 2);
         assert_eq!(engine.cut_lock_times().len(), 2);
+    }
+
+    /// A replayed usage event of an older policy generation (a `consume_many` chunk decided
+    /// before a swap and appended after it) goes through that generation's counters, as one of
+    /// the current generation does through the current ones.
+    #[test]
+    fn a_replayed_receipt_of_an_older_generation_counts_like_a_current_one() {
+        let dir = std::env::temp_dir().join(format!("tally-recovery-older-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine =
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Plus", Some(T0))
+            .expect("seat");
+        assert!(engine
+            .consume(&m27("tp-u", 2, T0))
+            .expect("valid")
+            .is_admitted());
+        let receipt = engine
+            .events_after(0, usize::MAX)
+            .expect("events")
+            .into_iter()
+            .find_map(|event| match event.body {
+                EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
+                _ => None,
+            })
+            .expect("the usage event");
+        let used = |engine: &Engine| -> Vec<u64> {
+            let report = engine.usage("tp-u", Some(T0)).expect("usage");
+            report.limits.iter().map(|limit| limit.used).collect()
+        };
+        let once = used(&engine);
+        assert!(once.iter().any(|used| *used > 0), "{once:?}");
+        // The current generation's receipt, applied again: every counter the request touched
+        // counts it twice.
+        engine
+            .apply_receipt("tp-u", None, &receipt, &mut Debts::default())
+            .expect("applied");
+        let twice = used(&engine);
+        assert_eq!(twice, once.iter().map(|used| 2 * used).collect::<Vec<_>>());
+        // The same receipt once the policy has moved on a generation: looked up, translated.
+        engine
+            .swap_policy(Policy::token_plan(), Some(T0))
+            .expect("swap");
+        assert_eq!(engine.policy().generation, receipt.generation + 1);
+        engine
+            .apply_receipt(
+                "tp-u",
+                Some(KeyTable::hash("tp-u")),
+                &receipt,
+                &mut Debts::default(),
+            )
+            .expect("applied");
+        assert_eq!(
+            used(&engine),
+            once.iter().map(|used| 3 * used).collect::<Vec<_>>()
+        );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
