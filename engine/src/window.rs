@@ -256,9 +256,7 @@ impl RollingWindow {
                     let first = head
                         .saturating_add(1)
                         .max(epoch.saturating_sub(shape.buckets));
-                    for passed in first..=epoch {
-                        self.expire_stale(shape, passed);
-                    }
+                    self.expire_passed(shape, first, epoch);
                     return epoch;
                 }
                 Err(current) => head = current,
@@ -266,14 +264,35 @@ impl RollingWindow {
         }
     }
 
-    /// Clears the slot of `epoch` if it still holds an older lap's count.
+    /// Clears the slots of epochs `first..=last` (at most one lap of them) that still hold an
+    /// older lap's count. A key's first admission (a fresh ring at epoch 0) passes every slot,
+    /// a key used every few minutes a few: the slots are walked with a running lap and index,
+    /// not two divisions each.
+    #[inline]
+    fn expire_passed(&self, shape: RollingShape, first: u64, last: u64) {
+        debug_assert!(last - first < shape.slots());
+        let slots = self.slots.len();
+        let (mut lap, mut index) = shape.lap_and_slot(first);
+        for epoch in first..=last {
+            self.expire_stale(shape, epoch, lap, index);
+            index += 1;
+            if index == slots {
+                index = 0;
+                lap += 1;
+            }
+        }
+    }
+
+    /// Clears the slot of `epoch` (lap `lap`, at `index`) if it still holds an older lap's
+    /// count.
     ///
     /// Whether a slot's lap is older or newer than ours is decided by `head`, never by comparing
     /// truncated tags: the slot is read first, then `head` (Acquire): a sweep that wrote a newer
     /// lap into the slot moved `head` before, so we see that our epoch has aged out.
-    fn expire_stale(&self, shape: RollingShape, epoch: u64) {
-        let index = shape.slot(epoch);
-        let tag = self.slots.tag(shape.lap(epoch));
+    #[inline]
+    fn expire_stale(&self, shape: RollingShape, epoch: u64, lap: u64, index: usize) {
+        debug_assert_eq!((lap, index), shape.lap_and_slot(epoch));
+        let tag = self.slots.tag(lap);
         let (mut raw, mut slot) = self.slots.load(index);
         loop {
             if slot.count == 0 || slot.tag == tag || self.aged_out(shape, epoch) {
@@ -537,7 +556,9 @@ impl RollingWindow {
         buckets: &[(u64, u64)],
     ) -> RollingWindow {
         let window = RollingWindow::new(shape, if wide { NARROW_MAX_AMOUNT + 1 } else { 0 });
-        window.advance(shape, head);
+        // Not shared yet and every slot empty: nothing for `advance`'s sweep to clear (it
+        // walked the whole ring for every key restored).
+        window.head.store(head, Ordering::Relaxed);
         for &(epoch, count) in buckets {
             window.total.fetch_add(count, Ordering::AcqRel);
             window.record(shape, epoch, count);
