@@ -6,7 +6,7 @@
 //! `admission` tries the plan's limits (lock-free CAS on each window) and falls back to the
 //! team's credits. With a request id the whole call runs once per id (`idempotency`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -260,6 +260,9 @@ pub struct Engine {
     // Relaxed: compared against on the commit path to decide when to checkpoint; exactness
     // does not matter (a checkpoint a few events late is fine).
     pub(crate) checkpointed_seq: AtomicU64,
+    /// A checkpoint is due at the next commit whatever `checkpointed_seq` says (an open that
+    /// replayed a long tail). Relaxed: read on the commit path, like `checkpointed_seq`.
+    pub(crate) checkpoint_due: AtomicBool,
     // Relaxed: settings read on the commit path; set once when the engine opens.
     pub(crate) checkpoint_every: AtomicU64,
     pub(crate) retention_ms: AtomicU64,
@@ -328,6 +331,7 @@ impl Engine {
             checkpointing: Mutex::new(()),
             cuts: crate::recovery::Cuts::default(),
             checkpointed_seq: AtomicU64::new(0),
+            checkpoint_due: AtomicBool::new(false),
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),
