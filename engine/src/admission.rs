@@ -54,7 +54,7 @@ impl Quantities {
     /// `new`, written into `self` (all zero) where it will be read: the hot path. Built in a
     /// local and then moved, the quantities were stored a word at a time and at once read back
     /// 16 bytes at a time, a load the CPU cannot forward from those stores, which stalled every
-    /// admission for about a tenth of its time (perf, hot key).
+    /// admission for about a sixth of its time (perf, hot key: `consume_into` 82 -> 67 ns).
     #[inline]
     pub(crate) fn parse(&mut self, pairs: &[(Unit, u64)]) -> Result<(), Error> {
         debug_assert!(self.is_empty() && self.1 == 0);

@@ -419,7 +419,6 @@ impl Engine {
         Ok(count)
     }
 
-    /// Applies one logged event.
     /// Applies one logged event. `looked_ahead` is the key's hash of a usage event whose key
     /// `replay_log` prefetched (so the lookup neither reads nor writes prefetch hints).
     fn replay(
@@ -1468,6 +1467,14 @@ mod tests {
         UsageRequest::new(key, "m2.7", &QUANTITIES[(requests as usize - 1) % 4]).at(at_ms)
     }
 
+    /// An empty directory of this process's for a test's database (`label` tells them apart).
+    fn fresh_dir(label: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("tally-recovery-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     /// A fresh in-memory engine restored from snapshot `bytes` covering events up to `seq`.
     fn restored_from(bytes: &[u8], seq: u64) -> Engine {
         let restored = Engine::new(
@@ -1735,8 +1742,7 @@ mod tests {
     /// the current generation does through the current ones.
     #[test]
     fn a_replayed_receipt_of_an_older_generation_counts_like_a_current_one() {
-        let dir = std::env::temp_dir().join(format!("tally-recovery-older-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("older");
         let clock = Arc::new(ManualClock::new(T0));
         let engine =
             Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
@@ -1796,9 +1802,7 @@ mod tests {
     /// to exactly the state it was closed with.
     #[test]
     fn a_log_of_whole_batches_and_a_short_last_one_replays_every_event() {
-        let dir =
-            std::env::temp_dir().join(format!("tally-recovery-batches-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("batches");
         let options = || OpenOptions {
             durability: Durability::None,
             checkpoint_every_events: u64::MAX,
@@ -1864,9 +1868,7 @@ mod tests {
     /// only what came after it.
     #[test]
     fn an_open_that_replayed_a_long_tail_is_checkpointed_by_its_first_commit() {
-        let dir =
-            std::env::temp_dir().join(format!("tally-recovery-open-cut-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = fresh_dir("open-cut");
         let open = |every: u64| {
             let clock = Arc::new(ManualClock::new(T0));
             let options = OpenOptions {

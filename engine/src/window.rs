@@ -375,14 +375,14 @@ impl RollingWindow {
         self.record_at(shape.lap_and_slot(epoch), epoch, shape, amount);
     }
 
-    /// `record`, returning where the bucket's slot lives (a prefetch hint for the key's next
-    /// request): one division for both.
-    #[inline]
     /// Where bucket `epoch`'s slot lives (an address to prefetch, never dereferenced).
     pub fn slot_address(&self, shape: RollingShape, epoch: u64) -> *const u8 {
         self.slots.address(shape.lap_and_slot(epoch).1)
     }
 
+    /// `record`, returning where the bucket's slot lives (a prefetch hint for the key's next
+    /// request): one division for both.
+    #[inline]
     pub fn record_noting_slot(&self, shape: RollingShape, epoch: u64, amount: u64) -> *const u8 {
         let (lap, index) = shape.lap_and_slot(epoch);
         self.record_at((lap, index), epoch, shape, amount);
