@@ -53,20 +53,8 @@ use tally_engine::{
 /// Every limit is far above what the benchmark consumes, so every request is admitted and
 /// every admission writes one event (a denial writes nothing and would flatter the figures).
 /// Two limits, as a real plan has (requests on a rolling window, tokens per day): the event
-/// carries a hold per limit.
-const POLICY_TOML: &str = r#"
-time_zone = "UTC"
-
-[resources."m2.7"]
-units = ["requests", "tokens"]
-price_micros = { requests = 2000, tokens = 1 }
-
-[plans.Bench]
-limits = [
-  { resource = "m2.7", unit = "requests", amount = 4294967295, window = "rolling:5h" },
-  { resource = "m2.7", unit = "tokens", amount = 281474976710655, window = "daily" },
-]
-"#;
+/// carries a hold per limit. The profiling loops in `examples/` read the same file.
+const POLICY_TOML: &str = include_str!("durability-policy.toml");
 const RESOURCE: &str = "m2.7";
 const PLAN: &str = "Bench";
 const QUANTITIES: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 1_500)];

@@ -342,7 +342,7 @@ pub(crate) fn retake_in(then: &Policy, policy: &Policy, state: &KeyState, given:
 
 /// Adds `amount` to a counter at `time` (an epoch or a period) whatever the limit.
 /// Returns, for a rolling counter, the address of the slot it wrote (to note as the key's
-/// prefetch hint).
+/// prefetch hint); `None` for a calendar counter or a bucket that could not take it.
 pub(crate) fn force_counter(
     policy: &Policy,
     usage: &KeyUsage,
@@ -355,8 +355,7 @@ pub(crate) fn force_counter(
         (WindowState::Rolling(ring), window @ Window::Rolling { .. }) => {
             let shape = window.shape()?;
             ring.advance(shape, time);
-            let _ = ring.force(shape, time, amount);
-            Some(ring.slot_address(shape, time))
+            ring.force(shape, time, amount)
         }
         (WindowState::Calendar(counter_state), Window::Calendar(_)) => {
             let _ = counter_state.force(time as u32, amount);
@@ -465,7 +464,7 @@ fn adjust_counter(
                 AdjustmentDirection::Remove => Ok((epoch, ring.refund(shape, epoch, amount))),
                 AdjustmentDirection::Add => ring
                     .force(shape, epoch, amount)
-                    .then_some((epoch, amount))
+                    .map(|_| (epoch, amount))
                     .ok_or(Error::Overflow {
                         field: "quantities (bucket count)",
                     }),

@@ -65,29 +65,19 @@ impl Quantities {
             ));
         }
         for &(unit, quantity) in pairs {
-            if quantity == 0 {
-                *self = Quantities::default();
-                return Err(Error::invalid(
-                    "quantities",
-                    format!("{unit}: a quantity must be at least 1"),
-                ));
-            }
-            if quantity > MAX_QUANTITY {
-                *self = Quantities::default();
-                return Err(Error::invalid(
-                    "quantities",
-                    format!("{unit}: {quantity} is more than the largest quantity, {MAX_QUANTITY}"),
-                ));
-            }
-            if self.1 & (1 << unit.index()) != 0 {
-                *self = Quantities::default();
-                return Err(Error::invalid(
-                    "quantities",
-                    format!("{unit} is given twice"),
-                ));
-            }
-            self.0[unit.index()] = quantity;
-            self.1 |= 1 << unit.index();
+            let problem = if quantity == 0 {
+                format!("{unit}: a quantity must be at least 1")
+            } else if quantity > MAX_QUANTITY {
+                format!("{unit}: {quantity} is more than the largest quantity, {MAX_QUANTITY}")
+            } else if self.1 & (1 << unit.index()) != 0 {
+                format!("{unit} is given twice")
+            } else {
+                self.0[unit.index()] = quantity;
+                self.1 |= 1 << unit.index();
+                continue;
+            };
+            *self = Quantities::default();
+            return Err(Error::invalid("quantities", problem));
         }
         Ok(())
     }

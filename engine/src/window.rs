@@ -375,11 +375,6 @@ impl RollingWindow {
         self.record_at(shape.lap_and_slot(epoch), epoch, shape, amount);
     }
 
-    /// Where bucket `epoch`'s slot lives (an address to prefetch, never dereferenced).
-    pub fn slot_address(&self, shape: RollingShape, epoch: u64) -> *const u8 {
-        self.slots.address(shape.lap_and_slot(epoch).1)
-    }
-
     /// `record`, returning where the bucket's slot lives (a prefetch hint for the key's next
     /// request): one division for both.
     #[inline]
@@ -424,18 +419,21 @@ impl RollingWindow {
 
     /// Adds units whatever the limit (an adjustment recording usage that really happened).
     /// Returns false, changing nothing, if the bucket's count would overflow its slot.
-    pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> bool {
-        let (_, slot) = self.slots.load(shape.slot(epoch));
+    /// Returns where the bucket's slot lives (a prefetch hint, as `record_noting_slot`), or
+    /// `None`, changing nothing, if the bucket's count would overflow its slot.
+    pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> Option<*const u8> {
+        let (lap, index) = shape.lap_and_slot(epoch);
+        let (_, slot) = self.slots.load(index);
         if slot
             .count
             .checked_add(amount)
             .is_none_or(|sum| sum > self.slots.max_count())
         {
-            return false;
+            return None;
         }
         self.total.fetch_add(amount, Ordering::AcqRel);
-        self.record(shape, epoch, amount);
-        true
+        self.record_at((lap, index), epoch, shape, amount);
+        Some(self.slots.address(index))
     }
 
     /// Gives back up to `amount` units recorded in bucket `epoch`, if that bucket is still live;

@@ -5,21 +5,8 @@ use std::sync::Arc;
 
 use tally_engine::*;
 
-/// The durability benchmark's policy (`benches/durability.rs` keeps its own copy, next to
-/// the figures it explains).
-pub const POLICY: &str = r#"
-time_zone = "UTC"
-
-[resources."m2.7"]
-units = ["requests", "tokens"]
-price_micros = { requests = 2000, tokens = 1 }
-
-[plans.Bench]
-limits = [
-  { resource = "m2.7", unit = "requests", amount = 4294967295, window = "rolling:5h" },
-  { resource = "m2.7", unit = "tokens", amount = 281474976710655, window = "daily" },
-]
-"#;
+/// The durability benchmark's policy: the file `benches/durability.rs` reads too.
+pub const POLICY: &str = include_str!("../../benches/durability-policy.toml");
 
 /// 2026-09-21 (UTC); the loops' timestamps count from here.
 pub const BASE_MS: u64 = 1_790_000_000_000;
