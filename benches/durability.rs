@@ -43,11 +43,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use tally_engine::event::{decode_raw, encode_body};
+use tally_engine::event::encode_body;
 use tally_engine::log::EventLog;
 use tally_engine::{
-    Durability, Engine, EngineOptions, EventBody, ManualClock, OpenOptions, Policy, Unit,
-    UsageRequest,
+    Durability, Engine, EngineOptions, EventBody, ManualClock, OpenOptions, OpenReport, Policy,
+    Unit, UsageRequest,
 };
 
 /// Every limit is far above what the benchmark consumes, so every request is admitted and
@@ -898,16 +898,18 @@ fn write_history(target: &Target<'_>, events: u64, settings: &Settings) -> Sampl
     drive(target, Calls::Many(batch), 2, &budget)
 }
 
-/// Median seconds of an open, and of closing again without having written anything.
+/// Median seconds of an open, and of closing again without having written anything; and
+/// where each open's time went.
 struct OpenFigures {
     open_seconds: f64,
     close_seconds: f64,
+    reports: Vec<OpenReport>,
 }
 
 /// Opens the database `opens` times. Periodic checkpoints are off, so an open that replays a
 /// tail does not write a checkpoint and change the next open.
 fn median_open_seconds(database: &Path, settings: &Settings) -> OpenFigures {
-    let (mut opens, mut closes) = (Vec::new(), Vec::new());
+    let (mut opens, mut closes, mut reports) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..settings.opens {
         // A restart is a new process; let this process's previous sled threads let go of the
         // directory lock first, so the lock-retry sleep is not counted as open time.
@@ -915,6 +917,7 @@ fn median_open_seconds(database: &Path, settings: &Settings) -> OpenFigures {
         let started = Instant::now();
         let engine = open_engine(database, Durability::Sync, u64::MAX);
         opens.push(started.elapsed().as_secs_f64());
+        reports.extend(engine.open_report());
         // Closing flushes durably: the first flush after an open is also what the first `Sync`
         // commit pays.
         let started = Instant::now();
@@ -924,6 +927,7 @@ fn median_open_seconds(database: &Path, settings: &Settings) -> OpenFigures {
     OpenFigures {
         open_seconds: median(&mut opens),
         close_seconds: median(&mut closes),
+        reports,
     }
 }
 
@@ -947,43 +951,9 @@ fn print_open(what: &str, figures: &OpenFigures, database: &Path) {
         figures.close_seconds,
         segment_files(database)
     );
-    println!("  {}", open_breakdown(database));
-}
-
-/// Where an open's time goes: the log's open (sled, and a scan of the last segment for a torn
-/// tail), reading the snapshot, reading and decoding the events after it. The rest of `Engine::open` is decoding the snapshot, restoring the state and
-/// applying the events.
-fn open_breakdown(database: &Path) -> String {
-    std::thread::sleep(Duration::from_millis(200));
-    let started = Instant::now();
-    let log = EventLog::open(database, Durability::None, None).expect("opening the log");
-    let log_open = started.elapsed();
-    let pointer = log.snapshot_pointer().expect("reading meta");
-    let started = Instant::now();
-    let snapshot_bytes = pointer.map_or(0, |pointer| {
-        log.read_snapshot(&pointer)
-            .expect("reading the snapshot")
-            .len()
-    });
-    let snapshot_read = started.elapsed();
-    let started = Instant::now();
-    let after = pointer.map_or(0, |pointer| pointer.seq);
-    let mut tail = 0u64;
-    log.scan(after, |event| {
-        std::hint::black_box(decode_raw(event)?);
-        tail += 1;
-        Ok(true)
-    })
-    .expect("reading the log");
-    let tail_read = started.elapsed();
-    log.close().expect("closing the log");
-    format!(
-        "log open (sled, last segment scanned) {:.3} s; snapshot read {:.3} s ({}); {tail} tail events read + decoded {:.3} s",
-        log_open.as_secs_f64(),
-        snapshot_read.as_secs_f64(),
-        mebibytes(snapshot_bytes as u64),
-        tail_read.as_secs_f64()
-    )
+    for report in &figures.reports {
+        println!("  one open: {report}");
+    }
 }
 
 fn open_times(settings: &Settings) {

@@ -335,7 +335,12 @@ impl KeyTable {
     }
 
     fn shard_of(&self, hash: u64) -> &ShardLock<Shard> {
-        &self.shards[((hash >> 32) as usize) & (SHARDS - 1)]
+        &self.shards[KeyTable::shard_index(hash)]
+    }
+
+    /// The shard a key of this hash lives in.
+    pub(crate) fn shard_index(hash: u64) -> usize {
+        ((hash >> 32) as usize) & (SHARDS - 1)
     }
 
     /// Runs `f` with the key's shard read-locked: the admission path.

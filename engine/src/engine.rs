@@ -270,6 +270,8 @@ pub struct Engine {
     newest_event_ms: AtomicU64,
     /// How long each checkpoint cut held the locks, and the last cut's buffers (`recovery`).
     pub(crate) cuts: crate::recovery::Cuts,
+    /// Where the open that built this engine spent its time (absent for an in-memory engine).
+    pub(crate) open_report: std::sync::OnceLock<crate::recovery::OpenReport>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -328,6 +330,7 @@ impl Engine {
             requests: RequestTable::new(options.idempotency_capacity, horizon_ms),
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),
             journal: std::sync::OnceLock::new(),
+            open_report: std::sync::OnceLock::new(),
             checkpointing: Mutex::new(()),
             cuts: crate::recovery::Cuts::default(),
             checkpointed_seq: AtomicU64::new(0),

@@ -362,6 +362,153 @@ impl Spare<'_> {
     }
 }
 
+/// A usage event without a decision, read in place: replay's fast path (see `read_usage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UsageView<'a> {
+    pub key: &'a str,
+    pub resource: &'a str,
+    pub quantities: Quantities,
+    pub request_id: Option<&'a str>,
+    pub receipt: Receipt,
+    /// Where `key`'s bytes start in the body, and where the receipt does (`read_receipt`).
+    pub key_at: usize,
+    pub receipt_at: usize,
+}
+
+/// Reads the body of a `UsageAdmitted` event without a decision, borrowing its strings; `None`
+/// for any other body, or one bincode would not decode (the caller then decodes it through
+/// serde, which names what is wrong). Accepts exactly what bincode does for such a body (a
+/// property test compares the two over valid and damaged bodies): replay decodes nearly every
+/// event here, without an allocation, where serde allocated its strings.
+pub(crate) fn read_usage(body: &[u8]) -> Option<UsageView<'_>> {
+    let mut reader = Reader { bytes: body, at: 0 };
+    if reader.varint_u32()? != USAGE_ADMITTED_VARIANT {
+        return None;
+    }
+    let key = reader.str()?;
+    let key_at = reader.at - key.len();
+    let resource = reader.str()?;
+    let mut values = [0u64; crate::policy::UNIT_COUNT];
+    for value in &mut values {
+        *value = reader.varint()?;
+    }
+    let request_id = match reader.byte()? {
+        0 => None,
+        1 => Some(reader.str()?),
+        _ => return None,
+    };
+    // The decision: only `None` is read here.
+    if reader.byte()? != 0 {
+        return None;
+    }
+    let receipt_at = reader.at;
+    let receipt = reader.receipt()?;
+    Some(UsageView {
+        key,
+        resource,
+        quantities: Quantities::from_values(values),
+        request_id,
+        receipt,
+        key_at,
+        receipt_at,
+    })
+}
+
+/// Reads a receipt as bincode encodes it, from the start of `bytes` (trailing bytes ignored).
+pub(crate) fn read_receipt(bytes: &[u8]) -> Option<Receipt> {
+    Reader { bytes, at: 0 }.receipt()
+}
+
+/// bincode's encoding, read by hand (see `Spare` for the writing side).
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    #[inline(always)]
+    fn byte(&mut self) -> Option<u8> {
+        let byte = *self.bytes.get(self.at)?;
+        self.at += 1;
+        Some(byte)
+    }
+
+    #[inline(always)]
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(len)?;
+        let taken = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(taken)
+    }
+
+    /// bincode 1.3's `VarintEncoding`, as `Spare::varint` writes it; a longer form than
+    /// needed is accepted, as bincode accepts it.
+    #[inline(always)]
+    fn varint(&mut self) -> Option<u64> {
+        match self.byte()? {
+            byte @ 0..=250 => Some(u64::from(byte)),
+            251 => Some(u64::from(u16::from_le_bytes(
+                self.take(2)?.try_into().ok()?,
+            ))),
+            252 => Some(u64::from(u32::from_le_bytes(
+                self.take(4)?.try_into().ok()?,
+            ))),
+            253 => Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?)),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn varint_u16(&mut self) -> Option<u16> {
+        u16::try_from(self.varint()?).ok()
+    }
+
+    #[inline(always)]
+    fn varint_u32(&mut self) -> Option<u32> {
+        u32::try_from(self.varint()?).ok()
+    }
+
+    /// A string: its length in bytes (a varint), then UTF-8.
+    #[inline(always)]
+    fn str(&mut self) -> Option<&'a str> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        std::str::from_utf8(self.take(len)?).ok()
+    }
+
+    fn receipt(&mut self) -> Option<Receipt> {
+        let charged_to = match self.varint_u32()? {
+            0 => ChargedTo::PlanQuota {
+                plan: crate::policy::PlanId(self.varint_u16()?),
+            },
+            1 => ChargedTo::Credits {
+                micros: self.varint()?,
+            },
+            2 => ChargedTo::PayAsYouGo {
+                micros: self.varint()?,
+            },
+            _ => return None,
+        };
+        let generation = self.varint_u32()?;
+        let count = usize::try_from(self.varint()?).ok()?;
+        if count > crate::policy::MAX_LIMITS_PER_RESOURCE {
+            return None;
+        }
+        let mut holds = [(CounterId(0), 0, 0); crate::policy::MAX_LIMITS_PER_RESOURCE];
+        for hold in &mut holds[..count] {
+            *hold = (
+                CounterId(self.varint_u16()?),
+                self.varint()?,
+                self.varint()?,
+            );
+        }
+        Some(Receipt {
+            charged_to,
+            generation,
+            holds: crate::admission::Holds::from_slice(&holds[..count])?,
+        })
+    }
+}
+
 /// Encodes an event body at the end of `buffer` (what is there stays).
 pub(crate) fn append_body_to(buffer: &mut Vec<u8>, body: &EventBody) {
     // Serialising plain data into a Vec cannot fail.
@@ -732,6 +879,104 @@ mod tests {
                 .serialize_into(&mut by_bincode, &usage)
                 .expect("serialises");
             proptest::prop_assert_eq!(by_hand, by_bincode);
+        }
+    }
+
+    /// A usage event's parts, as the property tests draw them.
+    fn usage_event() -> impl proptest::strategy::Strategy<Value = EventBody> {
+        use crate::admission::{ChargedTo, Holds};
+        use crate::policy::PlanId;
+        use proptest::prelude::*;
+        (
+            ".{0,40}",
+            "[a-z0-9.-]{0,20}",
+            proptest::option::of(".{0,40}"),
+            proptest::array::uniform7(boundary_u64()),
+            (0u8..3, boundary_u64(), any::<u16>()),
+            any::<u32>(),
+            proptest::collection::vec(
+                (any::<u16>(), boundary_u64(), boundary_u64()),
+                0..=crate::policy::MAX_LIMITS_PER_RESOURCE,
+            ),
+        )
+            .prop_map(
+                |(key, resource, request_id, values, charge, generation, holds)| {
+                    let charged_to = match charge.0 {
+                        0 => ChargedTo::PlanQuota {
+                            plan: PlanId(charge.2),
+                        },
+                        1 => ChargedTo::Credits { micros: charge.1 },
+                        _ => ChargedTo::PayAsYouGo { micros: charge.1 },
+                    };
+                    let holds: Vec<_> = holds
+                        .into_iter()
+                        .map(|(counter, amount, epoch)| (CounterId(counter), amount, epoch))
+                        .collect();
+                    EventBody::UsageAdmitted {
+                        key,
+                        resource,
+                        quantities: Quantities::from_values(values),
+                        request_id,
+                        decision: None,
+                        receipt: Receipt {
+                            charged_to,
+                            generation,
+                            holds: Holds::from_slice(&holds).expect("at most the maximum"),
+                        },
+                    }
+                },
+            )
+    }
+
+    /// What `read_usage` read, as the owned event serde decodes.
+    fn owned(view: &UsageView<'_>) -> EventBody {
+        EventBody::UsageAdmitted {
+            key: view.key.into(),
+            resource: view.resource.into(),
+            quantities: view.quantities,
+            request_id: view.request_id.map(str::to_string),
+            decision: None,
+            receipt: view.receipt,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3_000))]
+        /// Read by hand, a usage event without a decision is what serde decodes, and its key
+        /// and receipt are where the view says.
+        #[test]
+        fn a_usage_event_read_by_hand_is_what_serde_decodes(body in usage_event()) {
+            let bytes = encode_body(&body);
+            let view = read_usage(&bytes).expect("read");
+            proptest::prop_assert_eq!(&owned(&view), &body);
+            proptest::prop_assert_eq!(&bytes[view.key_at..view.key_at + view.key.len()], view.key.as_bytes());
+            proptest::prop_assert_eq!(read_receipt(&bytes[view.receipt_at..]), Some(view.receipt));
+        }
+
+        /// On damaged bodies (bytes changed, cut short or added) the hand reader accepts exactly
+        /// the usage events without a decision that serde decodes, and reads them alike.
+        #[test]
+        fn a_damaged_usage_event_is_read_by_hand_only_as_serde_decodes_it(
+            body in usage_event(),
+            changes in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
+            cut in proptest::option::of(proptest::prelude::any::<usize>()),
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),
+        ) {
+            let mut bytes = encode_body(&body);
+            for (at, byte) in changes {
+                let len = bytes.len();
+                bytes[at % len] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            bytes.extend(extra);
+            let by_serde = match decode_body(1, &bytes) {
+                Ok(decoded @ EventBody::UsageAdmitted { decision: None, .. }) => Some(decoded),
+                _ => None,
+            };
+            let by_hand = read_usage(&bytes).map(|view| owned(&view));
+            proptest::prop_assert_eq!(by_hand, by_serde);
         }
     }
 

@@ -56,7 +56,7 @@ pub use error::Error;
 pub use event::{Event, EventBody};
 pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
-pub use recovery::{CompactReport, OpenOptions, VerifyReport};
+pub use recovery::{CompactReport, OpenOptions, OpenReport, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
 
 /// A policy's document as JSON: the form the event log stores.

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,28 +41,169 @@ pub use cut::CutLockTime;
 pub(crate) use cut::Cuts;
 use cut::RawCut;
 
-/// How far behind the newest decoded event replay applies (see `replay_log`), and how far
-/// behind it the second look-ahead (a usage event's name and usage) runs.
-const REPLAY_AHEAD: usize = 8;
-const REPLAY_POINTEES_AHEAD: usize = 4;
+/// How far behind the event it looks at an applier applies (see `apply_usage_run`), and how
+/// far behind it the second look-ahead (a usage event's name and usage) runs: in events of
+/// the run, about half of them the applier's own.
+const REPLAY_AHEAD: usize = 16;
+const REPLAY_POINTEES_AHEAD: usize = 8;
 const _: () = assert!(REPLAY_POINTEES_AHEAD < REPLAY_AHEAD);
 /// Events per batch the replay's decoder hands over, and batches it may be ahead by.
-const REPLAY_BATCH: usize = 1024;
+const REPLAY_BATCH: usize = 4096;
 const REPLAY_BATCHES_QUEUED: usize = 8;
+/// A run of usage events at least this long is shared with the replay's helper thread; a
+/// shorter one costs less applied here than the hand-over (a wake-up) does.
+const PARALLEL_REPLAY_RUN: usize = 64;
+/// The helper applies the keys of 3 key shards in 8: on two cores it shares its core with
+/// the decoder (a fifth to a quarter of the work), so the opening thread takes the rest
+/// (`openloop`: the opening thread waited 120-170 ms per open for the helper at half and
+/// half, 20-70 ms at 3 in 8).
+const HELPER_SHARDS_OF_8: usize = 3;
 
-/// The replay's decoder: reads events `(after, up_to]` in order, checks that none is missing,
-/// decodes them and sends them in batches, each with its key's hash if it is a usage event
-/// (so the applier can look its key up ahead). Stops early, without an error, once the
-/// applier has stopped listening (it failed).
+/// A batch of events read for replay. A usage event without a decision (nearly every event of
+/// a busy log) is not decoded into an `Event`: its body is copied into `bodies` and read in
+/// place by whichever applier applies it, so neither thread allocates for it. Every other
+/// event is decoded in full into `decoded`.
+#[derive(Default)]
+struct ReplayBatch {
+    events: Vec<ReplayEvent>,
+    /// The bodies of the usage events read in place, back to back.
+    bodies: Vec<u8>,
+    decoded: Vec<Event>,
+}
+
+struct ReplayEvent {
+    seq: u64,
+    at_ms: u64,
+    /// The key's hash, for a usage event.
+    hash: Option<u64>,
+    what: ReplayBody,
+}
+
+enum ReplayBody {
+    /// A usage event without a decision, checked by `read_usage` on the decoder's thread:
+    /// its key is `bodies[key]`, and its receipt is read from `bodies[receipt_at..]`.
+    InPlace {
+        key: std::ops::Range<usize>,
+        receipt_at: usize,
+    },
+    /// `decoded[index]`.
+    Decoded(usize),
+}
+
+impl ReplayBatch {
+    fn clear(&mut self) {
+        self.events.clear();
+        self.bodies.clear();
+        self.decoded.clear();
+    }
+
+    /// The key and receipt of a usage event read in place.
+    fn usage(
+        &self,
+        event: &ReplayEvent,
+        key: &std::ops::Range<usize>,
+        receipt_at: usize,
+    ) -> Result<(&str, Receipt), Error> {
+        // Both were read on the decoder's thread; read again, they cannot fail short of a bug.
+        let key = self
+            .bodies
+            .get(key.clone())
+            .and_then(|key| std::str::from_utf8(key).ok());
+        let receipt = self
+            .bodies
+            .get(receipt_at..)
+            .and_then(crate::event::read_receipt);
+        key.zip(receipt)
+            .ok_or_else(|| storage(format!("event {}: its usage reads differently", event.seq)))
+    }
+}
+
+/// Which of replay's two appliers applies the usage events of a key (1: the helper): by key
+/// shard, so the two never take the same shard's lock.
+fn applier_of(hash: u64) -> usize {
+    usize::from(KeyTable::shard_index(hash) % 8 < HELPER_SHARDS_OF_8)
+}
+
+/// The key whose debts (see `Debts`) a barrier event may touch.
+fn debtor_key(body: &EventBody) -> Option<&str> {
+    match body {
+        EventBody::ReservationOpened { key, .. }
+        | EventBody::ReservationClosed { key, .. }
+        | EventBody::Refunded { key, .. }
+        | EventBody::UsageAdjusted { key, .. } => Some(key),
+        _ => None,
+    }
+}
+
+/// The replay's second applier: a thread that applies its keys' share of a run of usage
+/// events while the opening thread applies the rest (see `Engine::apply_decoded`).
+struct ReplayHelper {
+    work: std::sync::mpsc::SyncSender<(Arc<ReplayBatch>, std::ops::Range<usize>, Debts)>,
+    done: std::sync::mpsc::Receiver<(Result<u64, Error>, Debts)>,
+}
+
+impl ReplayHelper {
+    /// Starts the helper in `scope`; `None` if no thread could be started (the opening thread
+    /// then applies everything).
+    fn start<'scope>(
+        engine: &'scope Engine,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+    ) -> Option<ReplayHelper> {
+        let (work, runs) =
+            std::sync::mpsc::sync_channel::<(Arc<ReplayBatch>, std::ops::Range<usize>, Debts)>(1);
+        let (answers, done) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("tally-replay-helper".into())
+            .spawn_scoped(scope, move || {
+                for (batch, run, mut debts) in runs {
+                    let applied = engine.apply_usage_run(&batch, run, 1, &mut debts);
+                    // Its share of the batch is let go before answering, so the opening thread
+                    // gets the batch back whole.
+                    drop(batch);
+                    if answers.send((applied, debts)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(ReplayHelper { work, done })
+    }
+
+    fn send(
+        &self,
+        batch: Arc<ReplayBatch>,
+        run: std::ops::Range<usize>,
+        debts: Debts,
+    ) -> Result<(), Error> {
+        self.work
+            .send((batch, run, debts))
+            .map_err(|_| storage("the replay's helper thread stopped"))
+    }
+
+    /// The helper's count of applied events (or its error) and its debts, once it is done
+    /// with its run.
+    fn wait(&self) -> Result<(Result<u64, Error>, Debts), Error> {
+        self.done
+            .recv()
+            .map_err(|_| storage("the replay's helper thread stopped"))
+    }
+}
+/// From this many keys on, a snapshot's keys are restored on two threads.
+const PARALLEL_RESTORE_KEYS: usize = 4096;
+
+/// The replay's decoder: reads events `(after, up_to]` in order, checks that none is missing
+/// and that each decodes (an error names the event), and sends them in batches (see
+/// `ReplayBatch`). Stops early, without an error, once the applier has stopped listening (it
+/// failed).
 fn decode_for_replay(
     log: &EventLog,
     after: u64,
     up_to: u64,
-    batches: &std::sync::mpsc::SyncSender<Vec<(Option<u64>, Event)>>,
-    returned: &std::sync::mpsc::Receiver<Vec<(Option<u64>, Event)>>,
+    batches: &std::sync::mpsc::SyncSender<ReplayBatch>,
+    returned: &std::sync::mpsc::Receiver<ReplayBatch>,
 ) -> Result<(), Error> {
     let mut next = after;
-    let mut batch = Vec::with_capacity(REPLAY_BATCH);
+    let mut batch = ReplayBatch::default();
     let mut listening = true;
     log.scan(after, |raw| {
         if raw.seq > up_to {
@@ -73,29 +215,50 @@ fn decode_for_replay(
                 raw.seq
             )));
         }
-        let event = crate::event::decode_raw(raw)?;
-        next = event.seq;
-        let hash = match &event.body {
-            EventBody::UsageAdmitted { key, .. } => Some(KeyTable::hash(key)),
-            _ => None,
+        next = raw.seq;
+        let (hash, what) = match crate::event::read_usage(raw.body) {
+            Some(usage) => {
+                let at = batch.bodies.len();
+                batch.bodies.extend_from_slice(raw.body);
+                let key = at + usage.key_at..at + usage.key_at + usage.key.len();
+                let receipt_at = at + usage.receipt_at;
+                (
+                    Some(KeyTable::hash(usage.key)),
+                    ReplayBody::InPlace { key, receipt_at },
+                )
+            }
+            None => {
+                let event = crate::event::decode_raw(raw)?;
+                let hash = match &event.body {
+                    EventBody::UsageAdmitted { key, .. } => Some(KeyTable::hash(key)),
+                    _ => None,
+                };
+                batch.decoded.push(event);
+                (hash, ReplayBody::Decoded(batch.decoded.len() - 1))
+            }
         };
-        batch.push((hash, event));
-        if batch.len() == REPLAY_BATCH {
-            // A batch the applier is done with, emptied here (its events freed on the thread
-            // that allocated them), or a new one.
+        batch.events.push(ReplayEvent {
+            seq: raw.seq,
+            at_ms: raw.at_ms,
+            hash,
+            what,
+        });
+        if batch.events.len() == REPLAY_BATCH {
+            // A batch the applier is done with, emptied here (what it decoded freed on the
+            // thread that allocated it), or a new one.
             let empty = match returned.try_recv() {
                 Ok(mut done) => {
                     done.clear();
                     done
                 }
-                Err(_) => Vec::with_capacity(REPLAY_BATCH),
+                Err(_) => ReplayBatch::default(),
             };
             let full = std::mem::replace(&mut batch, empty);
             listening = batches.send(full).is_ok();
         }
         Ok(listening)
     })?;
-    if listening && !batch.is_empty() {
+    if listening && !batch.events.is_empty() {
         let _ = batches.send(batch);
     }
     Ok(())
@@ -207,6 +370,44 @@ struct Snapshot {
     next_reservation: u64,
 }
 
+/// Where an open spent its time, measured with the process's monotonic clock (a figure for
+/// benchmarks and operators; no engine logic reads it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Opening the log (sled, and a scan of the last segment for a torn tail).
+    pub log_open: Duration,
+    /// Reading the latest snapshot's bytes, and decoding them.
+    pub snapshot_read: Duration,
+    pub snapshot_decode: Duration,
+    /// Rebuilding users, teams, keys, request ids and reservations from the decoded snapshot,
+    /// and freeing it.
+    pub restore: Duration,
+    /// Reading, decoding and applying the events after the snapshot.
+    pub replay: Duration,
+    pub events_replayed: u64,
+    /// The whole open, including the policy check after the replay.
+    pub total: Duration,
+}
+
+impl std::fmt::Display for OpenReport {
+    /// One line, in milliseconds: `log 12 + snapshot read 50 + decode 60 + restore 300 +
+    /// replay 1000000 events 370 = 800 ms`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |duration: Duration| duration.as_secs_f64() * 1e3;
+        write!(
+            f,
+            "log {:.0} + snapshot read {:.0} + decode {:.0} + restore {:.0} + replay {} events {:.0} = {:.0} ms",
+            ms(self.log_open),
+            ms(self.snapshot_read),
+            ms(self.snapshot_decode),
+            ms(self.restore),
+            self.events_replayed,
+            ms(self.replay),
+            ms(self.total)
+        )
+    }
+}
+
 /// What `verify` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifyReport {
@@ -262,19 +463,31 @@ impl Engine {
         options: OpenOptions,
     ) -> Result<Engine, Error> {
         let dir = dir.as_ref();
+        let started = Instant::now();
+        let mut report = OpenReport::default();
         let log = EventLog::open_with(
             dir,
             options.durability,
             options.faults.clone(),
             options.segment_bytes,
         )?;
+        report.log_open = started.elapsed();
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine);
         let mut replayed_from = 0;
         if let Some(pointer) = log.snapshot_pointer()? {
-            let snapshot = decode_snapshot(&log.read_snapshot(&pointer)?, pointer.seq)?;
+            let step = Instant::now();
+            let bytes = log.read_snapshot(&pointer)?;
+            report.snapshot_read = step.elapsed();
+            let step = Instant::now();
+            let snapshot = decode_snapshot(&bytes, pointer.seq)?;
+            drop(bytes);
+            report.snapshot_decode = step.elapsed();
+            let step = Instant::now();
             engine.restore(&snapshot)?;
+            drop(snapshot);
+            report.restore = step.elapsed();
             replayed_from = pointer.seq;
         } else if log.log_start()? > 1 {
             return Err(storage(format!(
@@ -282,7 +495,10 @@ impl Engine {
                 dir.display()
             )));
         }
+        let step = Instant::now();
         let replayed = engine.replay_log(&log, replayed_from, u64::MAX)?;
+        report.replay = step.elapsed();
+        report.events_replayed = replayed;
         let fresh = replayed_from == 0 && replayed == 0;
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
@@ -321,7 +537,14 @@ impl Engine {
         engine
             .retention_ms
             .store(options.retention_ms, Ordering::Relaxed);
+        report.total = started.elapsed();
+        let _ = engine.open_report.set(report);
         Ok(engine)
+    }
+
+    /// Where the open that built this engine spent its time; `None` for an in-memory engine.
+    pub fn open_report(&self) -> Option<OpenReport> {
+        self.open_report.get().copied()
     }
 
     /// Replays events in `(after, up_to]`; returns how many.
@@ -341,8 +564,7 @@ impl Engine {
                     decode_for_replay(log, after, up_to, &batches, &returned)
                 })
                 .map_err(|error| storage(format!("starting the replay's decoder: {error}")))?;
-            let mut debts = Debts::default();
-            let applied = self.apply_decoded(&received, &used, &mut debts);
+            let applied = self.apply_decoded(scope, &received, &used);
             // A decoder still sending stops at its next batch.
             drop(received);
             drop(used);
@@ -352,59 +574,183 @@ impl Engine {
             // The applier is behind the decoder: its error is about the earlier event.
             let count = applied?;
             decoded?;
-            self.finish_replay(count, &debts)
+            self.finish_replay(count)
         })
     }
 
     /// Applies the decoded events as they arrive, in order; returns how many.
     ///
-    /// Each is applied `REPLAY_AHEAD` behind the one just taken from its batch, so the key table
-    /// entry of each usage event, then its name and usage, start loading before it is applied
-    /// (as in `consume_many`): over many keys each would otherwise wait on misses.
-    fn apply_decoded(
-        &self,
-        received: &std::sync::mpsc::Receiver<Vec<(Option<u64>, Event)>>,
-        used: &std::sync::mpsc::Sender<Vec<(Option<u64>, Event)>>,
-        debts: &mut Debts,
+    /// A run of usage events (all but a few of a busy log's) is applied by two threads, each
+    /// taking the keys of every other key shard (`applier_of`): a usage event's counter and
+    /// credit changes commute with any other key's, and each key's own stay in log order.
+    /// Every other event is a barrier, applied here alone once both are done with the run
+    /// before it. Request ids are restored here, in log order, for the whole run.
+    fn apply_decoded<'scope>(
+        &'scope self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        received: &std::sync::mpsc::Receiver<ReplayBatch>,
+        used: &std::sync::mpsc::Sender<ReplayBatch>,
     ) -> Result<u64, Error> {
         let mut count = 0;
-        let mut apply = |hash: Option<u64>, event: &Event| -> Result<(), Error> {
-            self.replay(event, hash, debts).map_err(|error| {
-                storage(format!(
-                    "replaying event {} ({}): {error}",
-                    event.seq,
-                    event.body.kind()
-                ))
-            })?;
-            self.note_event_time(event.at_ms);
-            count += 1;
-            Ok(())
-        };
+        // Debts are kept by key, so each applier holds those of its own keys; a barrier event
+        // uses the one of the key it names.
+        let mut debts = [Debts::default(), Debts::default()];
+        let mut helper: Option<ReplayHelper> = None;
+        let mut helper_failed = false;
         for batch in received {
-            for index in 0..batch.len() {
-                if let (Some(hash), _) = batch[index] {
-                    self.keys.prefetch_entry(hash);
+            let batch = Arc::new(batch);
+            let events = &batch.events;
+            let mut start = 0;
+            while start < events.len() {
+                let end = events[start..]
+                    .iter()
+                    .position(|event| event.hash.is_none())
+                    .map_or(events.len(), |offset| start + offset);
+                let run = start..end;
+                if run.len() >= PARALLEL_REPLAY_RUN && helper.is_none() && !helper_failed {
+                    helper = ReplayHelper::start(self, scope);
+                    helper_failed = helper.is_none();
                 }
-                let pointees = index.checked_sub(REPLAY_POINTEES_AHEAD);
-                if let Some((Some(hash), _)) = pointees.map(|earlier| &batch[earlier]) {
-                    self.keys.prefetch_pointees(*hash);
+                match helper.as_ref().filter(|_| run.len() >= PARALLEL_REPLAY_RUN) {
+                    Some(helper) => {
+                        let theirs = std::mem::take(&mut debts[1]);
+                        helper.send(Arc::clone(&batch), run.clone(), theirs)?;
+                        let applied = self.apply_usage_run(&batch, run.clone(), 0, &mut debts[0]);
+                        self.restore_requests_of_run(&batch, run);
+                        // The helper's events of the run come before this thread's later ones
+                        // only by key: whichever error it is, it is this run's.
+                        let (helped, theirs) = helper.wait()?;
+                        debts[1] = theirs;
+                        count += applied? + helped?;
+                    }
+                    None => {
+                        count += self.apply_usage_run(&batch, run.clone(), 0, &mut debts[0])?;
+                        count += self.apply_usage_run(&batch, run.clone(), 1, &mut debts[1])?;
+                        self.restore_requests_of_run(&batch, run);
+                    }
                 }
-                if let Some(earlier) = index.checked_sub(REPLAY_AHEAD) {
-                    let (hash, event) = &batch[earlier];
-                    apply(*hash, event)?;
-                }
+                let Some(barrier) = events.get(end) else {
+                    break;
+                };
+                let ReplayBody::Decoded(index) = barrier.what else {
+                    unreachable!("an event without a key's hash is decoded in full");
+                };
+                let event = &batch.decoded[index];
+                let owner =
+                    debtor_key(&event.body).map_or(0, |key| applier_of(KeyTable::hash(key)));
+                self.replay(event, None, &mut debts[owner])
+                    .map_err(|error| {
+                        storage(format!(
+                            "replaying event {} ({}): {error}",
+                            event.seq,
+                            event.body.kind()
+                        ))
+                    })?;
+                self.note_event_time(event.at_ms);
+                count += 1;
+                start = end + 1;
             }
-            // The batch's last events, without looking ahead into the next one (a thousandth
-            // of them).
-            for (hash, event) in &batch[batch.len().saturating_sub(REPLAY_AHEAD)..] {
-                apply(*hash, event)?;
+            // The helper let go of its share when it answered.
+            if let Ok(batch) = Arc::try_unwrap(batch) {
+                let _ = used.send(batch);
             }
-            let _ = used.send(batch);
         }
         Ok(count)
     }
 
-    fn finish_replay(&self, count: u64, _debts: &Debts) -> Result<u64, Error> {
+    /// Applies the usage events of `batch.events[run]` whose keys belong to `applier` (see
+    /// `apply_decoded`); returns how many.
+    ///
+    /// Each is applied `REPLAY_AHEAD` events behind the one just looked at, so the key table
+    /// entry of each, then its name and usage, start loading before it is applied (as in
+    /// `consume_many`): over many keys each would otherwise wait on misses. About half of a
+    /// run is this applier's, so the distances are twice those between its own events.
+    fn apply_usage_run(
+        &self,
+        batch: &ReplayBatch,
+        run: std::ops::Range<usize>,
+        applier: usize,
+        debts: &mut Debts,
+    ) -> Result<u64, Error> {
+        let events = &batch.events[run];
+        let mine = |index: usize| -> Option<(u64, &ReplayEvent)> {
+            let event = events.get(index)?;
+            event
+                .hash
+                .filter(|&hash| applier_of(hash) == applier)
+                .map(|hash| (hash, event))
+        };
+        let (mut count, mut newest_ms) = (0, 0);
+        for index in 0..events.len() + REPLAY_AHEAD {
+            if let Some((hash, _)) = mine(index) {
+                self.keys.prefetch_entry(hash);
+            }
+            if let Some((hash, _)) = index.checked_sub(REPLAY_POINTEES_AHEAD).and_then(mine) {
+                self.keys.prefetch_pointees(hash);
+            }
+            let Some((hash, event)) = index.checked_sub(REPLAY_AHEAD).and_then(mine) else {
+                continue;
+            };
+            match &event.what {
+                ReplayBody::InPlace { key, receipt_at } => {
+                    let (key, receipt) = batch.usage(event, key, *receipt_at)?;
+                    self.apply_receipt(key, Some(hash), &receipt, debts);
+                }
+                ReplayBody::Decoded(index) => {
+                    if let EventBody::UsageAdmitted { key, receipt, .. } =
+                        &batch.decoded[*index].body
+                    {
+                        self.apply_receipt(key, Some(hash), receipt, debts);
+                    }
+                }
+            }
+            newest_ms = newest_ms.max(event.at_ms);
+            count += 1;
+        }
+        // Once per run: a locked instruction on a line both appliers write, per event, would
+        // cost more than the event.
+        self.note_event_time(newest_ms);
+        Ok(count)
+    }
+
+    /// Restores the request ids of a run of usage events, in log order (a later record of an
+    /// id replaces an earlier one). Only a fully decoded usage event has a decision to keep.
+    fn restore_requests_of_run(&self, batch: &ReplayBatch, run: std::ops::Range<usize>) {
+        for event in &batch.events[run] {
+            if let ReplayBody::Decoded(index) = event.what {
+                self.restore_request_of_usage(&batch.decoded[index]);
+            }
+        }
+    }
+
+    /// Restores the request id of an admitted usage event that has one.
+    fn restore_request_of_usage(&self, event: &Event) {
+        let EventBody::UsageAdmitted {
+            key,
+            resource,
+            quantities,
+            request_id: Some(id),
+            decision: Some(decision),
+            receipt,
+        } = &event.body
+        else {
+            return;
+        };
+        let fingerprint = Fingerprint {
+            key: key.as_str().into(),
+            resource: resource.as_str().into(),
+            quantities: *quantities,
+        };
+        let record = RequestRecord {
+            fingerprint,
+            decision: *decision,
+            receipt: Some(*receipt),
+            refunded: false,
+        };
+        self.requests.restore(id, event.at_ms, record);
+    }
+
+    fn finish_replay(&self, count: u64) -> Result<u64, Error> {
         // A debt left over is a correction whose usage aged out of its window before the
         // correction was logged: it no longer counts anywhere, so there is nothing to settle.
         let registry = self.registry.lock();
@@ -451,29 +797,9 @@ impl Engine {
                 generation,
                 document,
             } => self.replay_policy(*generation, document, event.at_ms),
-            EventBody::UsageAdmitted {
-                key,
-                resource,
-                quantities,
-                request_id,
-                decision,
-                receipt,
-            } => {
-                self.apply_receipt(key, looked_ahead, receipt, debts)?;
-                if let (Some(id), Some(decision)) = (request_id, decision) {
-                    let fingerprint = Fingerprint {
-                        key: key.as_str().into(),
-                        resource: resource.as_str().into(),
-                        quantities: *quantities,
-                    };
-                    let record = RequestRecord {
-                        fingerprint,
-                        decision: *decision,
-                        receipt: Some(*receipt),
-                        refunded: false,
-                    };
-                    self.requests.restore(id, event.at_ms, record);
-                }
+            EventBody::UsageAdmitted { key, receipt, .. } => {
+                self.apply_receipt(key, looked_ahead, receipt, debts);
+                self.restore_request_of_usage(event);
                 Ok(())
             }
             EventBody::RequestDenied {
@@ -506,7 +832,7 @@ impl Engine {
                 receipt,
                 ..
             } => {
-                self.apply_receipt(key, None, receipt, debts)?;
+                self.apply_receipt(key, None, receipt, debts);
                 self.keys.read(key, |_, state| {
                     state.map(|state| state.open_reservations.fetch_add(1, Ordering::AcqRel))
                 });
@@ -536,7 +862,7 @@ impl Engine {
                 let closed = match end {
                     ReservationEnd::Settled { settlement, extra } => {
                         if let Some(extra) = extra {
-                            self.apply_receipt(key, None, extra, debts)?;
+                            self.apply_receipt(key, None, extra, debts);
                         }
                         Closed::Settled(*settlement)
                     }
@@ -628,7 +954,7 @@ impl Engine {
         looked_ahead: Option<u64>,
         receipt: &Receipt,
         debts: &mut Debts,
-    ) -> Result<(), Error> {
+    ) {
         match receipt.charged_to {
             ChargedTo::PlanQuota { .. } => {
                 // Holds are (counter, amount, time); moves are (counter, time, amount).
@@ -649,7 +975,6 @@ impl Engine {
                     .read(key, |_, state| state.map(|state| state.add_payg(micros)));
             }
         }
-        Ok(())
     }
 
     /// Adds logged counter amounts `moves` (counter, time, amount) of policy `generation`,
@@ -960,14 +1285,6 @@ impl Engine {
             };
             registry.users.insert(name, record);
         }
-        // Every mention of a user shares the registry's one copy of the name, as before the
-        // restart (a user without a record keeps a copy of its own).
-        let user_name = |registry: &Registry, user: &str| -> Arc<str> {
-            registry
-                .users
-                .get_key_value(user)
-                .map_or_else(|| user.into(), |(name, _)| Arc::clone(name))
-        };
         for team in &snapshot.teams {
             let state = Arc::new(Team::new(&team.name));
             state.restore(team.balance_micros, team.charged_micros);
@@ -989,34 +1306,7 @@ impl Engine {
                 },
             );
         }
-        for key in &snapshot.keys {
-            let team = registry
-                .teams
-                .get(key.team.as_str())
-                .map(|record| Arc::clone(&record.team))
-                .ok_or_else(|| {
-                    storage(format!(
-                        "snapshot {}: key {:?} names unknown team {:?}",
-                        snapshot.seq, key.key, key.team
-                    ))
-                })?;
-            let kind = if key.payg {
-                KeyKind::PayAsYouGo
-            } else {
-                KeyKind::Plan
-            };
-            let mut state = KeyState::new(kind, user_name(&registry, &key.user), team);
-            state.seat = key.seat.map(PlanId);
-            state
-                .open_reservations
-                .store(key.open_reservations, Ordering::Release);
-            state.payg_micros.store(key.payg_micros, Ordering::Release);
-            state.time_floor_ms = key.time_floor_ms;
-            if let Some(counters) = &key.counters {
-                state.usage.set(Some(restore_usage(&policy, counters)?));
-            }
-            self.keys.insert(&key.key, state);
-        }
+        self.restore_keys(&registry, &policy, &snapshot.keys, snapshot.seq)?;
         drop(registry);
         for request in &snapshot.requests {
             let fingerprint = Fingerprint {
@@ -1053,6 +1343,76 @@ impl Engine {
             table.close(id, closed, at_ms);
         }
         self.note_event_time(snapshot.newest_at_ms);
+        Ok(())
+    }
+
+    /// Restores `keys` from a snapshot, on two threads from `PARALLEL_RESTORE_KEYS` keys on
+    /// (the registry is only read by then, and a key's restore touches nothing another key's
+    /// does but the key table's shard locks and the usage slab's lock).
+    fn restore_keys(
+        &self,
+        registry: &Registry,
+        policy: &Policy,
+        keys: &[KeySnapshot],
+        seq: u64,
+    ) -> Result<(), Error> {
+        if keys.len() < PARALLEL_RESTORE_KEYS {
+            return self.restore_key_run(registry, policy, keys, seq);
+        }
+        let (mine, theirs) = keys.split_at(keys.len() / 2);
+        std::thread::scope(|scope| {
+            let helper = std::thread::Builder::new()
+                .name("tally-restore".into())
+                .spawn_scoped(scope, || {
+                    self.restore_key_run(registry, policy, theirs, seq)
+                });
+            let restored = self.restore_key_run(registry, policy, mine, seq);
+            let helped = match helper {
+                Ok(helper) => helper
+                    .join()
+                    .unwrap_or_else(|_| Err(storage("the restore's helper thread panicked"))),
+                // No second thread: this one restores their half too.
+                Err(_) => self.restore_key_run(registry, policy, theirs, seq),
+            };
+            restored.and(helped)
+        })
+    }
+
+    fn restore_key_run(
+        &self,
+        registry: &Registry,
+        policy: &Policy,
+        keys: &[KeySnapshot],
+        seq: u64,
+    ) -> Result<(), Error> {
+        for key in keys {
+            let team = registry
+                .teams
+                .get(key.team.as_str())
+                .map(|record| Arc::clone(&record.team))
+                .ok_or_else(|| {
+                    storage(format!(
+                        "snapshot {}: key {:?} names unknown team {:?}",
+                        seq, key.key, key.team
+                    ))
+                })?;
+            let kind = if key.payg {
+                KeyKind::PayAsYouGo
+            } else {
+                KeyKind::Plan
+            };
+            let mut state = KeyState::new(kind, user_name(registry, &key.user), team);
+            state.seat = key.seat.map(PlanId);
+            state
+                .open_reservations
+                .store(key.open_reservations, Ordering::Release);
+            state.payg_micros.store(key.payg_micros, Ordering::Release);
+            state.time_floor_ms = key.time_floor_ms;
+            if let Some(counters) = &key.counters {
+                state.usage.set(Some(restore_usage(policy, counters)?));
+            }
+            self.keys.insert(&key.key, state);
+        }
         Ok(())
     }
 
@@ -1372,6 +1732,15 @@ fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
         time_floor_ms: state.time_floor_ms,
         counters,
     }
+}
+
+/// The registry's one copy of a user's name: every mention of a user shares it, as before the
+/// restart (a user without a record keeps a copy of its own).
+fn user_name(registry: &Registry, user: &str) -> Arc<str> {
+    registry
+        .users
+        .get_key_value(user)
+        .map_or_else(|| user.into(), |(name, _)| Arc::clone(name))
 }
 
 fn restore_usage(policy: &Policy, counters: &[(u16, CounterSnapshot)]) -> Result<KeyUsage, Error> {
@@ -1771,9 +2140,7 @@ mod tests {
         assert!(once.iter().any(|used| *used > 0), "{once:?}");
         // The current generation's receipt, applied again: every counter the request touched
         // counts it twice.
-        engine
-            .apply_receipt("tp-u", None, &receipt, &mut Debts::default())
-            .expect("applied");
+        engine.apply_receipt("tp-u", None, &receipt, &mut Debts::default());
         let twice = used(&engine);
         assert_eq!(twice, once.iter().map(|used| 2 * used).collect::<Vec<_>>());
         // The same receipt once the policy has moved on a generation: looked up, translated.
@@ -1781,14 +2148,12 @@ mod tests {
             .swap_policy(Policy::token_plan(), Some(T0))
             .expect("swap");
         assert_eq!(engine.policy().generation, receipt.generation + 1);
-        engine
-            .apply_receipt(
-                "tp-u",
-                Some(KeyTable::hash("tp-u")),
-                &receipt,
-                &mut Debts::default(),
-            )
-            .expect("applied");
+        engine.apply_receipt(
+            "tp-u",
+            Some(KeyTable::hash("tp-u")),
+            &receipt,
+            &mut Debts::default(),
+        );
         assert_eq!(
             used(&engine),
             once.iter().map(|used| 3 * used).collect::<Vec<_>>()
@@ -1859,6 +2224,100 @@ mod tests {
             engine
         };
         assert_eq!(state(&reopened), before);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Replay applies runs of usage events on two threads, each taking its own key shards,
+    /// and every other event alone between runs: a log of long runs over keys of both
+    /// appliers, paid from plan quota and from credits, some under request ids, between
+    /// top-ups, reservations, settlements and refunds, replays to the state it was closed with.
+    #[test]
+    fn long_usage_runs_between_other_events_replay_on_two_appliers_to_the_same_state() {
+        let dir = fresh_dir("appliers");
+        let options = OpenOptions {
+            durability: Durability::None,
+            checkpoint_every_events: u64::MAX,
+            ..OpenOptions::default()
+        };
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Engine::open(&dir, Policy::token_plan(), clock, options).expect("open");
+        let keys: Vec<String> = (0..24).map(|index| format!("tp-{index}")).collect();
+        let helped = keys
+            .iter()
+            .filter(|key| applier_of(KeyTable::hash(key)) == 1)
+            .count();
+        assert!(
+            helped > 0 && helped < keys.len(),
+            "{helped} of the keys are the helper's"
+        );
+        for (index, key) in keys.iter().enumerate() {
+            let user = format!("u-{index}");
+            engine.create_user(&user, key, Some(T0)).expect("user");
+            // A key without a seat is paid from its Default Team's credits.
+            if index % 3 != 0 {
+                engine
+                    .assign_seat(&format!("@{user}"), &user, "Plus", Some(T0))
+                    .expect("seat");
+            }
+            engine
+                .top_up(&format!("@{user}"), 500_000_000, Some(T0))
+                .expect("top-up");
+        }
+        let mut at_ms = T0;
+        let mut charged = [0u64; 2];
+        for round in 0..6u64 {
+            // A run of usage events well past `PARALLEL_REPLAY_RUN`.
+            for step in 0..300u64 {
+                at_ms += MINUTE / 20;
+                let key = &keys[((round * 300 + step) * 7 % 24) as usize];
+                let id = format!("r-{round}-{step}");
+                let request = m27(key, 1 + step % 4, at_ms);
+                let request = if step % 5 == 0 {
+                    request.id(&id)
+                } else {
+                    request
+                };
+                let Decision::Admitted(admission) = engine.consume(&request).expect("valid") else {
+                    panic!("{key} denied at {at_ms}");
+                };
+                let credits = matches!(admission.charged_to, ChargedTo::Credits { .. });
+                charged[usize::from(credits)] += 1;
+            }
+            engine
+                .top_up("@u-1", 1_000_000, Some(at_ms))
+                .expect("top-up");
+            let key = &keys[round as usize];
+            let reserved = engine
+                .reserve(&m27(key, 4, at_ms), None)
+                .expect("valid")
+                .reservation
+                .expect("reserved");
+            engine
+                .settle(
+                    reserved,
+                    &[(Unit::Requests, 1), (Unit::Tokens, 500)],
+                    Some(at_ms),
+                )
+                .expect("settled");
+            engine
+                .refund(&format!("r-{round}-0"), Some(at_ms))
+                .expect("refunded");
+        }
+        assert!(
+            charged[0] > 0 && charged[1] > 0,
+            "quota and credits: {charged:?}"
+        );
+        let before = engine.cut_reference(1);
+        engine.close().expect("close");
+        // Replayed from the first event, past the checkpoint close() took.
+        let clock = Arc::new(ManualClock::new(T0));
+        let reopened = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+        let segment_bytes = OpenOptions::default().segment_bytes;
+        let log = EventLog::open_with(&dir, Durability::None, None, segment_bytes).expect("log");
+        reopened.replay_log(&log, 0, u64::MAX).expect("replay");
+        drop(log);
+        let after = reopened.cut_reference(1);
+        assert_eq!(normalized(&after, &before), normalized(&before, &before));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
