@@ -379,8 +379,8 @@ pub struct OpenReport {
     /// Reading the latest snapshot's bytes, and decoding them.
     pub snapshot_read: Duration,
     pub snapshot_decode: Duration,
-    /// Rebuilding users, teams, keys, request ids and reservations from the decoded snapshot,
-    /// and freeing it.
+    /// Rebuilding users, teams, keys, request ids and reservations from the decoded snapshot
+    /// (which is then freed on a thread of its own).
     pub restore: Duration,
     /// Reading, decoding and applying the events after the snapshot.
     pub replay: Duration,
@@ -476,6 +476,7 @@ impl Engine {
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine);
         let mut replayed_from = 0;
+        let mut restored_from = None;
         if let Some(pointer) = log.snapshot_pointer()? {
             let step = Instant::now();
             let bytes = log.read_snapshot(&pointer)?;
@@ -486,7 +487,7 @@ impl Engine {
             report.snapshot_decode = step.elapsed();
             let step = Instant::now();
             engine.restore(&snapshot)?;
-            drop(snapshot);
+            restored_from = Some(snapshot);
             report.restore = step.elapsed();
             replayed_from = pointer.seq;
         } else if log.log_start()? > 1 {
@@ -496,6 +497,14 @@ impl Engine {
             )));
         }
         let step = Instant::now();
+        if let Some(snapshot) = restored_from.take() {
+            // Freeing the decoded snapshot (40-50 ms at 100,000 keys, measured) overlaps the
+            // replay and whatever follows the open: it holds only plain data, and nothing waits
+            // for it. Without a thread, the closure and the snapshot with it are dropped here.
+            let _ = std::thread::Builder::new()
+                .name("tally-snapshot-free".into())
+                .spawn(move || drop(snapshot));
+        }
         let replayed = engine.replay_log(&log, replayed_from, u64::MAX)?;
         report.replay = step.elapsed();
         report.events_replayed = replayed;
