@@ -1812,3 +1812,77 @@ fn with_sync_durability_an_acknowledged_event_is_already_in_the_files_when_consu
         Ok(Decision::Admitted(_))
     ));
 }
+
+/// Opening scans the last segment through a window of a few MiB rather than reading it whole:
+/// a segment longer than the window is judged exactly as a short one. A torn record at its
+/// end is cut off; a damaged record past the first window, with sound ones after it, is damage
+/// naming its offset.
+#[test]
+fn the_end_of_a_segment_longer_than_the_read_window_is_judged_as_a_short_ones() {
+    let dir = TempDir::new("long-segment");
+    let engine = open_token_plan(dir.path(), sync_options());
+    create_accounts(&engine);
+    let quantities = [(Unit::Requests, 1), (Unit::Tokens, 1_000)];
+    let mut at_ms = T0_MS;
+    // Pay-as-you-go usage is always admitted: batches of it until the last segment holds
+    // more than twice the window (4 MiB).
+    while segment_paths(dir.path())
+        .last()
+        .map_or(0, |path| std::fs::metadata(path).unwrap().len())
+        < 9 << 20
+    {
+        let requests: Vec<_> = (0..2_000)
+            .map(|_| {
+                at_ms += 7;
+                UsageRequest::new("payg-dee", "m2.7", &quantities).at(at_ms)
+            })
+            .collect();
+        for result in engine.consume_many(&requests) {
+            assert!(result.unwrap().is_admitted());
+        }
+    }
+    drop(engine);
+    let frames = frames_of(dir.path());
+    let last_path = segment_paths(dir.path()).pop().unwrap();
+    assert_eq!(segment_paths(dir.path()).len(), 1, "one long segment");
+    let last = frames.last().unwrap().clone();
+    let pristine = std::fs::read(&last_path).unwrap();
+
+    // Torn: half of the last record, 9 MiB in.
+    let mut torn = pristine.clone();
+    torn.truncate(last.offset + 8 + last.len / 2);
+    std::fs::write(&last_path, &torn).unwrap();
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(
+        last_seq(&engine),
+        last.first - 1,
+        "the torn record is cut off"
+    );
+    drop(engine);
+    assert_eq!(
+        std::fs::metadata(&last_path).unwrap().len(),
+        last.offset as u64
+    );
+
+    // Damaged: a flipped byte in a record past the first window, sound records after it.
+    let damaged_frame = frames
+        .iter()
+        .find(|frame| frame.offset > 6 << 20)
+        .unwrap()
+        .clone();
+    let mut damaged = pristine;
+    damaged[damaged_frame.offset + 8 + damaged_frame.len / 2] ^= 1;
+    std::fs::write(&last_path, &damaged).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("damage is not a torn tail");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&format!("damaged at offset {}", damaged_frame.offset)),
+        "{problem}"
+    );
+    assert_eq!(
+        std::fs::read(&last_path).unwrap(),
+        damaged,
+        "nothing cut off"
+    );
+}

@@ -502,6 +502,55 @@ struct Active {
     len: u64,
 }
 
+/// The last segment as opening scans it: read through a window of about `READ_CHUNK_BYTES`
+/// rather than whole (a segment holds up to `segment_bytes`, 64 MiB by default, which read
+/// whole was that much fresh memory, and page faults, on every open).
+struct SegmentWindow {
+    file: File,
+    file_len: u64,
+    bytes: Vec<u8>,
+    /// `bytes[0]` is at this file offset.
+    bytes_at: u64,
+}
+
+impl SegmentWindow {
+    /// The bytes from file offset `at` on: a whole frame's worth at least (`FRAME_BYTES +
+    /// MAX_RECORD_BYTES`), or up to the end of the file, so `frame_at(bytes, 0)` judges the
+    /// frame at `at` exactly as on the whole file. `at` only moves forward.
+    fn from(&mut self, at: u64) -> std::io::Result<&[u8]> {
+        debug_assert!(at >= self.bytes_at);
+        let want_end = self
+            .file_len
+            .min(at + (FRAME_BYTES + MAX_RECORD_BYTES) as u64);
+        let have_end = self.bytes_at + self.bytes.len() as u64;
+        if want_end > have_end {
+            // What is left of the window moves to its front, and the rest is read after it.
+            let keep = (at.min(have_end) - self.bytes_at) as usize;
+            self.bytes.copy_within(keep.., 0);
+            self.bytes.truncate(self.bytes.len() - keep);
+            self.bytes_at += keep as u64;
+            let end = self
+                .file_len
+                .min(self.bytes_at + READ_CHUNK_BYTES.max(FRAME_BYTES + MAX_RECORD_BYTES) as u64);
+            let old = self.bytes.len();
+            self.bytes.resize((end - self.bytes_at) as usize, 0);
+            self.file
+                .seek(SeekFrom::Start(self.bytes_at + old as u64))?;
+            self.file.read_exact(&mut self.bytes[old..])?;
+        }
+        Ok(&self.bytes[(at - self.bytes_at) as usize..])
+    }
+
+    /// Everything from file offset `at` to the end of the file (a bad frame's rest, to tell a
+    /// torn tail from damage).
+    fn rest(&mut self, at: u64) -> std::io::Result<Vec<u8>> {
+        let mut rest = vec![0; (self.file_len - at) as usize];
+        self.file.seek(SeekFrom::Start(at))?;
+        self.file.read_exact(&mut rest)?;
+        Ok(rest)
+    }
+}
+
 /// What opening found at the end of the log.
 struct Recovered {
     segments: Vec<u64>,
@@ -523,10 +572,13 @@ fn recover_segments(
     let mut problem = None;
     while let Some(&first) = segments.last() {
         let path = segment_path(events_dir, first);
-        let bytes = std::fs::read(&path)
-            .map_err(|error| storage(format!("reading {}", path.display()), error))?;
-        if bytes.len() <= SEGMENT_HEADER_BYTES
-            && check_segment_header(&bytes, first, &path).is_err()
+        let reading = |error| storage(format!("reading {}", path.display()), error);
+        let mut file = File::open(&path).map_err(reading)?;
+        let file_len = file.metadata().map_err(reading)?.len();
+        let mut header = vec![0; file_len.min(SEGMENT_HEADER_BYTES as u64) as usize];
+        file.read_exact(&mut header).map_err(reading)?;
+        if file_len <= SEGMENT_HEADER_BYTES as u64
+            && check_segment_header(&header, first, &path).is_err()
         {
             // A crash while creating the segment (its header is written and fsynced before
             // anything else): it holds nothing. The one before goes on, or a new first one.
@@ -538,11 +590,17 @@ fn recover_segments(
             segments.pop();
             continue;
         }
-        check_segment_header(&bytes, first, &path)?;
+        check_segment_header(&header, first, &path)?;
+        let mut window = SegmentWindow {
+            file,
+            file_len,
+            bytes: Vec::new(),
+            bytes_at: 0,
+        };
         let mut at = SEGMENT_HEADER_BYTES;
         let mut expected = first;
         loop {
-            match frame_at(&bytes, at) {
+            match frame_at(window.from(at as u64).map_err(reading)?, 0) {
                 Frame::End => break,
                 Frame::Sound { payload, next } => {
                     let view = RecordView::parse(payload)
@@ -568,10 +626,11 @@ fn recover_segments(
                         break;
                     }
                     expected = view.last_seq() + 1;
-                    at = next;
+                    at += next;
                 }
                 Frame::Bad(why) => {
-                    let torn = !sound_record_after(&bytes, at + 1, expected);
+                    let rest = window.rest(at as u64).map_err(reading)?;
+                    let torn = !sound_record_after(&rest, 1, expected);
                     if read_only {
                         problem = (!torn).then(|| damage(&path, at, expected, why).to_string());
                         break;
