@@ -10,7 +10,9 @@
 //! bytes the process wrote per event (`wchar`: the log's write amplification), events per
 //! fdatasync (the group commit's batch), per-call latency percentiles, the records, segments
 //! and snapshots on disk, and where an open's time goes. Every key is admitted once, untimed,
-//! before the first measurement (a key's first admission allocates its windows).
+//! before the first measurement (a key's first admission allocates its windows). Opens are
+//! measured twice: in this process (memory it already had) and each in a new process of its
+//! own, as a restart opens (every page of the state faults in fresh).
 //!
 //! Plain `fn main` (not criterion): the figures are throughput, sizes and open times, not the
 //! latency of one closure. Run:
@@ -931,12 +933,48 @@ fn median_open_seconds(database: &Path, settings: &Settings) -> OpenFigures {
     }
 }
 
+/// Opens the database in a new process each time, as a restart does, `settings.opens` times:
+/// the median seconds and each open's report. A new process starts on fresh memory (every page
+/// of the state faults in), which the opens in this process do not see.
+fn new_process_opens(database: &Path, settings: &Settings) -> (f64, Vec<String>) {
+    let mut seconds = Vec::new();
+    let mut reports = Vec::new();
+    for _ in 0..settings.opens {
+        std::thread::sleep(Duration::from_millis(200));
+        let output = std::process::Command::new(std::env::current_exe().expect("this program"))
+            .env(OPEN_ONCE, database)
+            .output()
+            .expect("running the open in a new process");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let (open, report) = text
+            .trim()
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("the new process printed {text:?}"));
+        seconds.push(open.parse::<f64>().expect("seconds"));
+        reports.push(report.to_string());
+    }
+    (median(&mut seconds), reports)
+}
+
+/// Set to a database path, this program only opens it once and prints the seconds and the
+/// open's report (see `new_process_opens`).
+const OPEN_ONCE: &str = "TALLY_BENCH_OPEN_ONCE";
+
+fn open_once(database: &Path) {
+    let started = Instant::now();
+    let engine = open_engine(database, Durability::Sync, u64::MAX);
+    let seconds = started.elapsed().as_secs_f64();
+    let report = engine.open_report().expect("an opened engine has a report");
+    println!("{seconds:.3} {report}");
+    drop(engine);
+}
+
 /// How many segment files the log has.
 fn segment_files(database: &Path) -> usize {
     std::fs::read_dir(database.join("events")).map_or(0, |entries| entries.count())
 }
 
-fn print_open(what: &str, figures: &OpenFigures, database: &Path) {
+fn print_open(what: &str, figures: &OpenFigures, database: &Path, settings: &Settings) {
     let open = figures.open_seconds;
     println!(
         "open, {what}: {open:.3} s; target <= {TARGET_OPEN_SECONDS} s: {}",
@@ -952,6 +990,18 @@ fn print_open(what: &str, figures: &OpenFigures, database: &Path) {
         segment_files(database)
     );
     for report in &figures.reports {
+        println!("  one open: {report}");
+    }
+    let (restart, reports) = new_process_opens(database, settings);
+    println!(
+        "  opened in a new process each time (a restart): {restart:.3} s; target <= {TARGET_OPEN_SECONDS} s: {}",
+        if restart <= TARGET_OPEN_SECONDS {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    for report in reports {
         println!("  one open: {report}");
     }
 }
@@ -992,7 +1042,12 @@ fn open_times(settings: &Settings) {
     );
     space_report(&database);
     let checkpointed = median_open_seconds(&database, settings);
-    print_open("snapshot covers everything", &checkpointed, &database);
+    print_open(
+        "snapshot covers everything",
+        &checkpointed,
+        &database,
+        settings,
+    );
 
     let engine = open_engine(&database, Durability::None, u64::MAX);
     let target = Target {
@@ -1007,7 +1062,7 @@ fn open_times(settings: &Settings) {
     drop(engine);
     let with_tail = median_open_seconds(&database, settings);
     let what = format!("{} events after the last checkpoint", settings.tail_events);
-    print_open(&what, &with_tail, &database);
+    print_open(&what, &with_tail, &database, settings);
     // With the default options an open that replayed more than half the interval leaves a
     // checkpoint due, which its first commit takes: measured once, since that changes the
     // database.
@@ -1028,6 +1083,10 @@ fn open_times(settings: &Settings) {
 // ---------------------------------------------------------------------------------------------
 
 fn main() {
+    if let Some(database) = std::env::var_os(OPEN_ONCE) {
+        open_once(Path::new(&database));
+        return;
+    }
     let settings = Settings::from_env();
     let started = Instant::now();
     let body = usage_event_bytes(&settings);
