@@ -188,8 +188,9 @@ impl ReplayHelper {
             .map_err(|_| storage("the replay's helper thread stopped"))
     }
 }
-/// From this many keys on, a snapshot's keys are restored on two threads.
+/// From this many keys (teams) on, a snapshot's keys (teams) are restored on two threads.
 const PARALLEL_RESTORE_KEYS: usize = 4096;
+const PARALLEL_RESTORE_TEAMS: usize = 4096;
 
 /// The replay's decoder: reads events `(after, up_to]` in order, checks that none is missing
 /// and that each decodes (an error names the event), and sends them in batches (see
@@ -1294,26 +1295,10 @@ impl Engine {
             };
             registry.users.insert(name, record);
         }
-        for team in &snapshot.teams {
-            let state = Arc::new(Team::new(&team.name));
-            state.restore(team.balance_micros, team.charged_micros);
-            let members = team
-                .members
-                .iter()
-                .map(|(user, key)| (user_name(&registry, user), key.as_str().into()))
-                .collect();
-            let owner = team
-                .owner
-                .as_deref()
-                .map(|owner| user_name(&registry, owner));
-            registry.teams.insert(
-                team.name.as_str().into(),
-                TeamRecord {
-                    team: state,
-                    members,
-                    owner,
-                },
-            );
+        let teams = team_records(&registry, &snapshot.teams);
+        registry.teams.reserve(teams.len());
+        for (name, record) in teams {
+            registry.teams.insert(name, record);
         }
         self.restore_keys(&registry, &policy, &snapshot.keys, snapshot.seq)?;
         drop(registry);
@@ -1741,6 +1726,54 @@ fn key_snapshot(policy: &Policy, key: &str, state: &KeyState) -> KeySnapshot {
         time_floor_ms: state.time_floor_ms,
         counters,
     }
+}
+
+/// The records of a snapshot's teams, built on two threads from `PARALLEL_RESTORE_TEAMS` teams
+/// on (each a handful of allocations and a lookup of each member's name among the users);
+/// inserting them into the registry stays on one thread.
+fn team_records(registry: &Registry, teams: &[TeamSnapshot]) -> Vec<(Box<str>, TeamRecord)> {
+    let build = |teams: &[TeamSnapshot]| -> Vec<(Box<str>, TeamRecord)> {
+        teams
+            .iter()
+            .map(|team| {
+                let state = Arc::new(Team::new(&team.name));
+                state.restore(team.balance_micros, team.charged_micros);
+                let members = team
+                    .members
+                    .iter()
+                    .map(|(user, key)| (user_name(registry, user), key.as_str().into()))
+                    .collect();
+                let owner = team
+                    .owner
+                    .as_deref()
+                    .map(|owner| user_name(registry, owner));
+                let record = TeamRecord {
+                    team: state,
+                    members,
+                    owner,
+                };
+                (team.name.as_str().into(), record)
+            })
+            .collect()
+    };
+    if teams.len() < PARALLEL_RESTORE_TEAMS {
+        return build(teams);
+    }
+    let (mine, theirs) = teams.split_at(teams.len() / 2);
+    std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name("tally-restore".into())
+            .spawn_scoped(scope, || build(theirs));
+        let mut records = build(mine);
+        // Without a second thread (or if it panicked, which building plain records cannot),
+        // this one builds their half too.
+        let helped = helper
+            .ok()
+            .and_then(|helper| helper.join().ok())
+            .unwrap_or_else(|| build(theirs));
+        records.extend(helped);
+        records
+    })
 }
 
 /// The registry's one copy of a user's name: every mention of a user shares it, as before the
@@ -2234,6 +2267,55 @@ mod tests {
         };
         assert_eq!(state(&reopened), before);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// From `PARALLEL_RESTORE_KEYS` keys and `PARALLEL_RESTORE_TEAMS` teams on, a snapshot's keys
+    /// and teams are restored on two threads: such a snapshot, with keys of both halves seated,
+    /// used, in teams with members and credits, restores to an engine that cuts to it again.
+    #[test]
+    fn a_snapshot_of_many_keys_and_teams_restored_on_two_threads_cuts_to_itself() {
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+        let users = PARALLEL_RESTORE_KEYS.max(PARALLEL_RESTORE_TEAMS) + 100;
+        for index in 0..users {
+            let user = format!("user-{index}");
+            let key = format!("tp-{index}");
+            engine.create_user(&user, &key, Some(T0)).expect("user");
+            if index % 4 != 0 {
+                engine
+                    .assign_seat(&format!("@{user}"), &user, "Plus", Some(T0))
+                    .expect("seat");
+            }
+            if index % 3 == 0 {
+                let _ = engine.consume(&m27(&key, 1 + index as u64 % 4, T0 + MINUTE));
+            }
+            // Every tenth user's Default Team has credits and a colleague as a member.
+            if index % 10 == 9 {
+                engine
+                    .top_up(&format!("@{user}"), 1_000 + index as u64, Some(T0))
+                    .expect("top-up");
+                engine
+                    .add_member(
+                        &format!("@{user}"),
+                        "user-0",
+                        &format!("m-{index}"),
+                        Some(T0),
+                    )
+                    .expect("member");
+            }
+        }
+        let reference = engine.cut_reference(9);
+        assert!(reference.keys.len() >= PARALLEL_RESTORE_KEYS);
+        assert!(reference.teams.len() >= PARALLEL_RESTORE_TEAMS);
+        let bytes = bincode::serialize(&reference).expect("encoding");
+        let restored = restored_from(&bytes, 9);
+        assert_eq!(restored.cut_reference(9), reference);
+        // The last key of the second half is there, and so is its usage.
+        let last = format!("tp-{}", users - 1);
+        assert_eq!(
+            restored.usage(&last, Some(T0 + MINUTE)).expect("usage"),
+            engine.usage(&last, Some(T0 + MINUTE)).expect("usage")
+        );
     }
 
     /// Replay applies runs of usage events on two threads, each taking its own key shards,
