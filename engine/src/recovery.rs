@@ -43,7 +43,7 @@ use cut::RawCut;
 
 /// How far behind the event it looks at an applier applies (see `apply_usage_run`), and how
 /// far behind it the second look-ahead (a usage event's name and usage) runs: in events of
-/// the run, about half of them the applier's own.
+/// the run, of which 5 or 3 in 8 are the applier's own.
 const REPLAY_AHEAD: usize = 16;
 const REPLAY_POINTEES_AHEAD: usize = 8;
 const _: () = assert!(REPLAY_POINTEES_AHEAD < REPLAY_AHEAD);
@@ -55,9 +55,13 @@ const REPLAY_BATCHES_QUEUED: usize = 8;
 const PARALLEL_REPLAY_RUN: usize = 64;
 /// The helper applies the keys of 3 key shards in 8: on two cores it shares its core with
 /// the decoder (a fifth to a quarter of the work), so the opening thread takes the rest
-/// (`openloop`: the opening thread waited 120-170 ms per open for the helper at half and
+/// (`openloop`: the opening thread waited 100-170 ms per open for the helper at half and
 /// half, 20-70 ms at 3 in 8).
 const HELPER_SHARDS_OF_8: usize = 3;
+
+/// From this many keys (teams) on, a snapshot's keys (teams) are restored on two threads.
+const PARALLEL_RESTORE_KEYS: usize = 4096;
+const PARALLEL_RESTORE_TEAMS: usize = 4096;
 
 /// A batch of events read for replay. A usage event without a decision (nearly every event of
 /// a busy log) is not decoded into an `Event`: its body is copied into `bodies` and read in
@@ -188,9 +192,6 @@ impl ReplayHelper {
             .map_err(|_| storage("the replay's helper thread stopped"))
     }
 }
-/// From this many keys (teams) on, a snapshot's keys (teams) are restored on two threads.
-const PARALLEL_RESTORE_KEYS: usize = 4096;
-const PARALLEL_RESTORE_TEAMS: usize = 4096;
 
 /// The replay's decoder: reads events `(after, up_to]` in order, checks that none is missing
 /// and that each decodes (an error names the event), and sends them in batches (see
