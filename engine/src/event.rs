@@ -835,42 +835,21 @@ mod tests {
         /// byte, whatever the strings, quantities, charge and holds.
         #[test]
         fn a_usage_event_written_by_hand_is_bincodes_bytes(
-            key in ".{0,300}",
-            resource in "[a-z0-9.-]{0,70}",
-            request_id in proptest::option::of(".{0,260}"),
-            values in proptest::array::uniform7(boundary_u64()),
-            charge in (0u8..3, boundary_u64(), proptest::prelude::any::<u16>()),
-            generation in proptest::prelude::any::<u32>(),
-            holds in proptest::collection::vec(
-                (proptest::prelude::any::<u16>(), boundary_u64(), boundary_u64()),
-                0..=crate::policy::MAX_LIMITS_PER_RESOURCE,
-            ),
+            body in usage_event(300, 70, 260),
             prefix in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4),
         ) {
-            use crate::admission::{ChargedTo, Holds};
-            use crate::policy::PlanId;
-            let charged_to = match charge.0 {
-                0 => ChargedTo::PlanQuota { plan: PlanId(charge.2) },
-                1 => ChargedTo::Credits { micros: charge.1 },
-                _ => ChargedTo::PayAsYouGo { micros: charge.1 },
+            let EventBody::UsageAdmitted { key, resource, quantities, request_id, receipt, .. } =
+                &body
+            else {
+                unreachable!("a usage event");
             };
-            let holds: Vec<_> = holds
-                .into_iter()
-                .map(|(counter, amount, epoch)| (CounterId(counter), amount, epoch))
-                .collect();
-            let receipt = Receipt {
-                charged_to,
-                generation,
-                holds: Holds::from_slice(&holds).expect("at most the maximum"),
-            };
-            let quantities = Quantities::from_values(values);
             let usage = UsageAdmittedRef {
-                key: &key,
-                resource: &resource,
-                quantities: &quantities,
+                key,
+                resource,
+                quantities,
                 request_id: request_id.as_deref(),
                 decision: None,
-                receipt: &receipt,
+                receipt,
             };
             let mut by_hand = prefix.clone();
             append_usage_to(&mut by_hand, &usage);
@@ -882,15 +861,24 @@ mod tests {
         }
     }
 
-    /// A usage event's parts, as the property tests draw them.
-    fn usage_event() -> impl proptest::strategy::Strategy<Value = EventBody> {
+    /// A usage event without a decision, as the property tests draw it: a key, a resource and
+    /// a request id of at most the given lengths, any quantities, charge and holds.
+    fn usage_event(
+        key_chars: usize,
+        resource_chars: usize,
+        request_id_chars: usize,
+    ) -> impl proptest::strategy::Strategy<Value = EventBody> {
         use crate::admission::{ChargedTo, Holds};
         use crate::policy::PlanId;
         use proptest::prelude::*;
         (
-            ".{0,40}",
-            "[a-z0-9.-]{0,20}",
-            proptest::option::of(".{0,40}"),
+            proptest::string::string_regex(&format!(".{{0,{key_chars}}}")).expect("a pattern"),
+            proptest::string::string_regex(&format!("[a-z0-9.-]{{0,{resource_chars}}}"))
+                .expect("a pattern"),
+            proptest::option::of(
+                proptest::string::string_regex(&format!(".{{0,{request_id_chars}}}"))
+                    .expect("a pattern"),
+            ),
             proptest::array::uniform7(boundary_u64()),
             (0u8..3, boundary_u64(), any::<u16>()),
             any::<u32>(),
@@ -945,7 +933,7 @@ mod tests {
         /// Read by hand, a usage event without a decision is what serde decodes, and its key
         /// and receipt are where the view says.
         #[test]
-        fn a_usage_event_read_by_hand_is_what_serde_decodes(body in usage_event()) {
+        fn a_usage_event_read_by_hand_is_what_serde_decodes(body in usage_event(40, 20, 40)) {
             let bytes = encode_body(&body);
             let view = read_usage(&bytes).expect("read");
             proptest::prop_assert_eq!(&owned(&view), &body);
@@ -957,7 +945,7 @@ mod tests {
         /// the usage events without a decision that serde decodes, and reads them alike.
         #[test]
         fn a_damaged_usage_event_is_read_by_hand_only_as_serde_decodes_it(
-            body in usage_event(),
+            body in usage_event(40, 20, 40),
             changes in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..4),
             cut in proptest::option::of(proptest::prelude::any::<usize>()),
             extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),

@@ -747,17 +747,7 @@ impl Engine {
         else {
             return;
         };
-        let fingerprint = Fingerprint {
-            key: key.as_str().into(),
-            resource: resource.as_str().into(),
-            quantities: *quantities,
-        };
-        let record = RequestRecord {
-            fingerprint,
-            decision: *decision,
-            receipt: Some(*receipt),
-            refunded: false,
-        };
+        let record = request_record(key, resource, quantities, decision, Some(*receipt));
         self.requests.restore(id, event.at_ms, record);
     }
 
@@ -820,17 +810,7 @@ impl Engine {
                 quantities,
                 decision,
             } => {
-                let fingerprint = Fingerprint {
-                    key: key.as_str().into(),
-                    resource: resource.as_str().into(),
-                    quantities: *quantities,
-                };
-                let record = RequestRecord {
-                    fingerprint,
-                    decision: *decision,
-                    receipt: None,
-                    refunded: false,
-                };
+                let record = request_record(key, resource, quantities, decision, None);
                 self.requests.restore(request_id, event.at_ms, record);
                 Ok(())
             }
@@ -1301,7 +1281,13 @@ impl Engine {
         for (name, record) in teams {
             registry.teams.insert(name, record);
         }
-        self.restore_keys(&registry, &policy, &snapshot.keys, snapshot.seq)?;
+        // On two threads from `PARALLEL_RESTORE_KEYS` keys on: the registry is only read by
+        // now, and a key's restore touches nothing another key's does but the key table's
+        // shard locks and the usage slab's lock.
+        let (restored, helped) = in_halves(&snapshot.keys, PARALLEL_RESTORE_KEYS, |keys| {
+            self.restore_key_run(&registry, &policy, keys, snapshot.seq)
+        });
+        restored.and(helped)?;
         drop(registry);
         for request in &snapshot.requests {
             let fingerprint = Fingerprint {
@@ -1341,38 +1327,7 @@ impl Engine {
         Ok(())
     }
 
-    /// Restores `keys` from a snapshot, on two threads from `PARALLEL_RESTORE_KEYS` keys on
-    /// (the registry is only read by then, and a key's restore touches nothing another key's
-    /// does but the key table's shard locks and the usage slab's lock).
-    fn restore_keys(
-        &self,
-        registry: &Registry,
-        policy: &Policy,
-        keys: &[KeySnapshot],
-        seq: u64,
-    ) -> Result<(), Error> {
-        if keys.len() < PARALLEL_RESTORE_KEYS {
-            return self.restore_key_run(registry, policy, keys, seq);
-        }
-        let (mine, theirs) = keys.split_at(keys.len() / 2);
-        std::thread::scope(|scope| {
-            let helper = std::thread::Builder::new()
-                .name("tally-restore".into())
-                .spawn_scoped(scope, || {
-                    self.restore_key_run(registry, policy, theirs, seq)
-                });
-            let restored = self.restore_key_run(registry, policy, mine, seq);
-            let helped = match helper {
-                Ok(helper) => helper
-                    .join()
-                    .unwrap_or_else(|_| Err(storage("the restore's helper thread panicked"))),
-                // No second thread: this one restores their half too.
-                Err(_) => self.restore_key_run(registry, policy, theirs, seq),
-            };
-            restored.and(helped)
-        })
-    }
-
+    /// Restores `keys` from a snapshot (see `restore`).
     fn restore_key_run(
         &self,
         registry: &Registry,
@@ -1757,24 +1712,57 @@ fn team_records(registry: &Registry, teams: &[TeamSnapshot]) -> Vec<(Box<str>, T
             })
             .collect()
     };
-    if teams.len() < PARALLEL_RESTORE_TEAMS {
-        return build(teams);
+    let (mut records, helped) = in_halves(teams, PARALLEL_RESTORE_TEAMS, build);
+    records.extend(helped);
+    records
+}
+
+/// `work` over the two halves of `items`, the second on a thread of its own, from `threshold`
+/// items on (below it, over all of them here, and over nothing): a restore's keys and teams.
+fn in_halves<T: Sync, R: Send>(
+    items: &[T],
+    threshold: usize,
+    work: impl Fn(&[T]) -> R + Sync,
+) -> (R, R) {
+    if items.len() < threshold {
+        return (work(items), work(&[]));
     }
-    let (mine, theirs) = teams.split_at(teams.len() / 2);
+    let (mine, theirs) = items.split_at(items.len() / 2);
     std::thread::scope(|scope| {
         let helper = std::thread::Builder::new()
             .name("tally-restore".into())
-            .spawn_scoped(scope, || build(theirs));
-        let mut records = build(mine);
-        // Without a second thread (or if it panicked, which building plain records cannot),
-        // this one builds their half too.
-        let helped = helper
-            .ok()
-            .and_then(|helper| helper.join().ok())
-            .unwrap_or_else(|| build(theirs));
-        records.extend(helped);
-        records
+            .spawn_scoped(scope, || work(theirs));
+        let done = work(mine);
+        let helped = match helper {
+            // A panic (a bug) goes on as if it had happened here.
+            Ok(helper) => helper
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            // No second thread: this one does their half too.
+            Err(_) => work(theirs),
+        };
+        (done, helped)
     })
+}
+
+/// The record a logged request id restores: its request's fingerprint and first decision.
+fn request_record(
+    key: &str,
+    resource: &str,
+    quantities: &Quantities,
+    decision: &Decision,
+    receipt: Option<Receipt>,
+) -> RequestRecord {
+    RequestRecord {
+        fingerprint: Fingerprint {
+            key: key.into(),
+            resource: resource.into(),
+            quantities: *quantities,
+        },
+        decision: *decision,
+        receipt,
+        refunded: false,
+    }
 }
 
 /// The registry's one copy of a user's name: every mention of a user shares it, as before the
