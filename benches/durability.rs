@@ -946,10 +946,13 @@ fn new_process_opens(database: &Path, settings: &Settings) -> (f64, Vec<String>)
             .output()
             .expect("running the open in a new process");
         let text = String::from_utf8_lossy(&output.stdout);
-        let (open, report) = text
-            .trim()
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("the new process printed {text:?}"));
+        let (open, report) = text.trim().split_once(' ').unwrap_or_else(|| {
+            panic!(
+                "the new process ({}) printed {text:?}; its errors: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
         seconds.push(open.parse::<f64>().expect("seconds"));
         reports.push(report.to_string());
     }
