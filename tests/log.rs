@@ -1886,3 +1886,91 @@ fn the_end_of_a_segment_longer_than_the_read_window_is_judged_as_a_short_ones() 
         "nothing cut off"
     );
 }
+
+/// A snapshot's header says how much memory its keys' usage took (in 2 MiB units, rounded
+/// up), so that an open can make that memory ready on the other core while it reads and
+/// decodes the snapshot. An open warms no more than the hint says; a snapshot without the
+/// hint (as builds before it wrote) opens to the same state, warming nothing.
+#[test]
+fn a_snapshot_carries_its_keys_usage_memory_and_an_open_warms_at_most_that() {
+    const USERS: usize = 1_500;
+    const UNIT: u64 = 2 << 20;
+    let dir = TempDir::new("usage-hint");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let at = Some(T0_MS);
+    let mut keys = Vec::new();
+    for index in 0..USERS {
+        let user = format!("user-{index}");
+        let key = format!("key-{index}");
+        engine.create_user(&user, &key, at).expect("a user");
+        let plan = if index % 2 == 0 { "Plus" } else { "Max" };
+        engine
+            .assign_seat(&format!("@{user}"), &user, plan, at)
+            .expect("a seat");
+        keys.push(key);
+    }
+    let one = [(Unit::Requests, 1)];
+    for (index, key) in keys.iter().enumerate() {
+        let request = UsageRequest::new(key, "m2.7", &one).at(T0_MS + index as u64);
+        assert!(engine.consume(&request).expect("decided").is_admitted());
+    }
+    let memory = engine.memory_stats();
+    assert_eq!(memory.keys_with_usage, USERS as u64);
+    let key_names: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let at_ms = T0_MS + HOUR_MS;
+    let before = state(&engine, &key_names, &[], at_ms);
+    engine.close().expect("close, with its checkpoint");
+
+    // Named by the event they cover, zero-padded: the greatest name is the latest.
+    let latest_snapshot = || {
+        std::fs::read_dir(dir.path().join("snapshots"))
+            .expect("the snapshots directory")
+            .map(|entry| entry.expect("an entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "snap"))
+            .max()
+            .expect("a snapshot")
+    };
+    let mut bytes = std::fs::read(latest_snapshot()).expect("the snapshot");
+    let hint = u64::from(u16::from_le_bytes([bytes[10], bytes[11]])) * UNIT;
+    // At least what the usage holds; over it by less than a unit plus a line per block
+    // (a box, a counter list and at most one ring per counter: under 8 blocks a key here).
+    assert!(
+        hint >= memory.usage_bytes,
+        "hint {hint} < {}",
+        memory.usage_bytes
+    );
+    assert!(
+        hint < memory.usage_bytes + UNIT + USERS as u64 * 8 * 64,
+        "hint {hint} for {} bytes",
+        memory.usage_bytes
+    );
+
+    let engine = open_token_plan(dir.path(), sync_options());
+    let report = engine.open_report().expect("an open's report");
+    assert!(report.usage_warmed_bytes <= hint, "{report}");
+    assert_same_state(
+        &state(&engine, &key_names, &[], at_ms),
+        &before,
+        "with the hint",
+    );
+    engine.close().expect("close");
+
+    // As an older build wrote it: no hint. Its checksum covers only the body, so it still opens.
+    let snapshot = latest_snapshot();
+    bytes = std::fs::read(&snapshot).expect("the snapshot");
+    assert_ne!(
+        &bytes[10..12],
+        &[0, 0],
+        "the close's snapshot has a hint too"
+    );
+    bytes[10..12].copy_from_slice(&[0, 0]);
+    std::fs::write(&snapshot, &bytes).expect("write the snapshot back");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let report = engine.open_report().expect("an open's report");
+    assert_eq!(report.usage_warmed_bytes, 0, "{report}");
+    assert_same_state(
+        &state(&engine, &key_names, &[], at_ms),
+        &before,
+        "without the hint",
+    );
+}

@@ -65,8 +65,13 @@ const SYNC_AFTER_BYTES: u64 = 4 << 20;
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const SEGMENT_HEADER_BYTES: usize = 32;
 const SEGMENT_MAGIC: &[u8; 8] = b"TALLYLOG";
+/// A snapshot's header: magic (8 bytes), format version (2), the usage hint in units of
+/// `SNAPSHOT_HINT_UNIT` (2; builds before it wrote 0 there and read nothing), the sequence
+/// number it covers (8), the body's length (8) and the body's CRC-32 (4).
 const SNAPSHOT_HEADER_BYTES: usize = 32;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
+/// The usage hint counts usage chunks (see `EventLog::snapshot_usage_hint`).
+const SNAPSHOT_HINT_UNIT: usize = crate::pages::HUGE_PAGE_BYTES;
 const FRAME_BYTES: usize = 8;
 const EVENTS_DIR: &str = "events";
 const SNAPSHOTS_DIR: &str = "snapshots";
@@ -1447,8 +1452,29 @@ impl EventLog {
 
     /// Stores a snapshot covering events up to `seq` durably (temporary file, fsync, rename,
     /// directory fsync). Keeps the one before (for `verify`) and deletes older ones.
-    pub fn write_snapshot(&self, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
-        store_snapshot(&self.snapshots_dir, seq, bytes)
+    /// `usage_bytes` is what the snapshot's keys' usage took in memory: kept in the header as
+    /// a hint for the open (see `snapshot_usage_hint`).
+    pub fn write_snapshot(
+        &self,
+        seq: u64,
+        usage_bytes: usize,
+        bytes: &[u8],
+    ) -> Result<SnapshotPointer, Error> {
+        store_snapshot(&self.snapshots_dir, seq, usage_bytes, bytes)
+    }
+
+    /// How many bytes of usage the keys of the snapshot at `pointer` took when it was cut, as
+    /// its header says: 0 if it does not say (written before the hint existed) or cannot be
+    /// read (`read_snapshot` then says why). Only a hint: it is outside the checksum, so it
+    /// decides nothing but how much memory an open makes ready ahead (see `pages::Warmer`).
+    pub fn snapshot_usage_hint(&self, pointer: &SnapshotPointer) -> usize {
+        let path = self.snapshots_dir.join(format!("{:020}.snap", pointer.seq));
+        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
+        let read = File::open(&path).and_then(|mut file| file.read_exact(&mut header));
+        if read.is_err() || &header[..8] != SNAPSHOT_MAGIC {
+            return 0;
+        }
+        usize::from(u16::from_le_bytes([header[10], header[11]])) * SNAPSHOT_HINT_UNIT
     }
 
     /// Encodes (with `encode`) and stores a snapshot covering events up to `seq` on a thread
@@ -1457,6 +1483,7 @@ impl EventLog {
     pub fn write_snapshot_in_background(
         &self,
         seq: u64,
+        usage_bytes: usize,
         encode: Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>,
     ) {
         let shared = Arc::clone(&self.shared);
@@ -1485,7 +1512,7 @@ impl EventLog {
                     file.sync_data()
                         .map_err(|error| storage("fdatasync of the log", error))?;
                 }
-                store_snapshot(&snapshots_dir, seq, &bytes).map(|_| ())
+                store_snapshot(&snapshots_dir, seq, usage_bytes, &bytes).map(|_| ())
             });
         if let Ok(handle) = spawned {
             *self.snapshot_thread.lock() = Some(handle);
@@ -1663,13 +1690,22 @@ fn failed(seq: u64, problem: &str) -> Error {
 
 /// Stores a snapshot durably (temporary file, fsync, rename, directory fsync); keeps the one
 /// before it and deletes older ones.
-fn store_snapshot(snapshots_dir: &Path, seq: u64, bytes: &[u8]) -> Result<SnapshotPointer, Error> {
+fn store_snapshot(
+    snapshots_dir: &Path,
+    seq: u64,
+    usage_bytes: usize,
+    bytes: &[u8],
+) -> Result<SnapshotPointer, Error> {
     let name = format!("{seq:020}.snap");
     let path = snapshots_dir.join(&name);
     let temporary = snapshots_dir.join(format!("{name}.tmp"));
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     header[..8].copy_from_slice(SNAPSHOT_MAGIC);
     header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    let hint = usage_bytes
+        .div_ceil(SNAPSHOT_HINT_UNIT)
+        .min(usize::from(u16::MAX)) as u16;
+    header[10..12].copy_from_slice(&hint.to_le_bytes());
     header[12..20].copy_from_slice(&seq.to_le_bytes());
     header[20..28].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
     header[28..32].copy_from_slice(&crc32fast::hash(bytes).to_le_bytes());

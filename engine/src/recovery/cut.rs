@@ -250,6 +250,9 @@ pub(crate) struct RawCut {
     /// How many bytes this cut's buffers last encoded to: room reserved for the next encoding
     /// (kept by `clear`).
     encoded_bytes: usize,
+    /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
+    /// memory an open makes ready ahead (`EventLog::snapshot_usage_hint`).
+    pub(super) usage_bytes: usize,
 }
 
 impl RawCut {
@@ -299,8 +302,9 @@ impl RawCut {
             closed_reservations,
             next_reservation,
             encoded_bytes: _,
+            usage_bytes,
         } = self;
-        (*seq, *newest_at_ms, *next_reservation) = (0, 0, 0);
+        (*seq, *newest_at_ms, *next_reservation, *usage_bytes) = (0, 0, 0, 0);
         policies.clear();
         texts.0.clear();
         shards.clear();
@@ -361,6 +365,9 @@ impl RawCut {
 
     fn push_key(&mut self, key: &str, state: &KeyState) {
         let counters = state.usage.get().map(|usage| {
+            // The box, the counter list and a ring per rolling counter at most.
+            self.usage_bytes +=
+                crate::pages::usage_block_bytes(usage.memory_bytes(), 2 + usage.counters.len());
             let first = self.counters.len();
             for counter in &usage.counters {
                 let raw = match &counter.state {
