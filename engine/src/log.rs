@@ -140,6 +140,103 @@ pub struct SnapshotPointer {
     pub bytes: u64,
 }
 
+/// A snapshot file's bytes, which deref to its body (after the header). On Linux the file is
+/// mapped read-only rather than read: its pages are already in the page cache (just written,
+/// or read by the open), so mapping them costs neither a copy nor fresh memory the kernel must
+/// clear, which in a new process is most of a read's time (59 MiB at 100,000 keys: 40-70 ms
+/// read, measured). A snapshot file is never written after its rename into place, and the
+/// database's lock keeps other tally processes out, so the mapping's bytes do not change
+/// while it lives (from the read to the end of the decode). Elsewhere the file is read.
+pub struct SnapshotBytes {
+    file: FileBytes,
+}
+
+enum FileBytes {
+    #[cfg(target_os = "linux")]
+    Mapped {
+        start: std::ptr::NonNull<u8>,
+        len: usize,
+    },
+    Read(Vec<u8>),
+}
+
+// SAFETY: a read-only mapping owned by this value alone (unmapped in `drop`), like a `Vec`.
+unsafe impl Send for SnapshotBytes {}
+// SAFETY: only ever read.
+unsafe impl Sync for SnapshotBytes {}
+
+impl SnapshotBytes {
+    fn read(path: &Path) -> std::io::Result<SnapshotBytes> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let file = File::open(path)?;
+            let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
+            if len == 0 {
+                return Ok(SnapshotBytes {
+                    file: FileBytes::Read(Vec::new()),
+                });
+            }
+            // SAFETY: a fresh private read-only mapping of an open file, not aliased by any
+            // Rust reference until this returns; MAP_POPULATE maps the cached pages at once.
+            let start = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if start == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let start = std::ptr::NonNull::new(start.cast::<u8>())
+                .ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+            Ok(SnapshotBytes {
+                file: FileBytes::Mapped { start, len },
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Ok(SnapshotBytes {
+                file: FileBytes::Read(std::fs::read(path)?),
+            })
+        }
+    }
+
+    /// The whole file, header included.
+    fn file(&self) -> &[u8] {
+        match &self.file {
+            #[cfg(target_os = "linux")]
+            // SAFETY: `len` readable bytes mapped at `start` until `drop`.
+            FileBytes::Mapped { start, len } => unsafe {
+                std::slice::from_raw_parts(start.as_ptr(), *len)
+            },
+            FileBytes::Read(bytes) => bytes,
+        }
+    }
+}
+
+impl std::ops::Deref for SnapshotBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.file().get(SNAPSHOT_HEADER_BYTES..).unwrap_or(&[])
+    }
+}
+
+impl Drop for SnapshotBytes {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let FileBytes::Mapped { start, len } = self.file {
+            // SAFETY: mapped by `read` with this length; no slice of it outlives `self`.
+            unsafe { libc::munmap(start.as_ptr().cast(), len) };
+        }
+    }
+}
+
 /// A queued event: its body is `bytes[previous end..end]` of the queue's arena.
 #[derive(Debug, Clone, Copy)]
 struct Queued {
@@ -1529,33 +1626,34 @@ impl EventLog {
         }
     }
 
-    pub fn read_snapshot(&self, pointer: &SnapshotPointer) -> Result<Vec<u8>, Error> {
+    /// The body of the snapshot at `pointer`, its header and checksum checked.
+    pub fn read_snapshot(&self, pointer: &SnapshotPointer) -> Result<SnapshotBytes, Error> {
         let path = self.snapshots_dir.join(format!("{:020}.snap", pointer.seq));
-        let mut bytes = std::fs::read(&path)
+        let bytes = SnapshotBytes::read(&path)
             .map_err(|error| storage(format!("reading {}", path.display()), error))?;
         let bad = |why: String| storage(format!("snapshot {}", path.display()), why);
-        if bytes.len() < SNAPSHOT_HEADER_BYTES || &bytes[..8] != SNAPSHOT_MAGIC {
+        let file = bytes.file();
+        if file.len() < SNAPSHOT_HEADER_BYTES || &file[..8] != SNAPSHOT_MAGIC {
             return Err(bad("not a tally snapshot (bad header)".into()));
         }
-        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        let version = u16::from_le_bytes([file[8], file[9]]);
         if version != FORMAT_VERSION {
             return Err(bad(format!(
                 "format version {version}, but this build reads version {FORMAT_VERSION}"
             )));
         }
-        let seq = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or_default());
-        let len = u64::from_le_bytes(bytes[20..28].try_into().unwrap_or_default());
-        let crc = u32::from_le_bytes(bytes[28..32].try_into().unwrap_or_default());
-        if seq != pointer.seq || len != (bytes.len() - SNAPSHOT_HEADER_BYTES) as u64 {
+        let seq = u64::from_le_bytes(file[12..20].try_into().unwrap_or_default());
+        let len = u64::from_le_bytes(file[20..28].try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(file[28..32].try_into().unwrap_or_default());
+        if seq != pointer.seq || len != (file.len() - SNAPSHOT_HEADER_BYTES) as u64 {
             return Err(bad(format!(
                 "its header says event {seq} and {len} bytes; the file holds {}",
-                bytes.len() - SNAPSHOT_HEADER_BYTES
+                file.len() - SNAPSHOT_HEADER_BYTES
             )));
         }
-        if crc32fast::hash(&bytes[SNAPSHOT_HEADER_BYTES..]) != crc {
+        if crc32fast::hash(&file[SNAPSHOT_HEADER_BYTES..]) != crc {
             return Err(bad("damaged (crc mismatch)".into()));
         }
-        bytes.drain(..SNAPSHOT_HEADER_BYTES);
         Ok(bytes)
     }
 
