@@ -215,11 +215,21 @@ pub(crate) struct Warmer {
 }
 
 impl Warmer {
-    /// Warms up to `bytes` of chunks (rounded up to whole chunks). Nothing if `bytes` is 0 or
-    /// no thread can be started: it is only a head start.
+    /// Warms chunks until the slab holds `bytes` ready to hand out (in whole chunks), counting
+    /// what it already has: freed blocks (an engine closed earlier in the process leaves its
+    /// keys' blocks for the next one's), the rest of the chunk being cut, spare chunks.
+    /// Nothing if that is enough already or no thread can be started: it is a head start.
     pub(crate) fn start(bytes: usize) -> Warmer {
+        let ready = {
+            let slab = SLAB.lock();
+            slab.free_bytes + slab.left + slab.spare.len() * HUGE_PAGE_BYTES
+        };
+        Warmer::warming(chunks_to_warm(bytes, ready))
+    }
+
+    /// A thread warming `wanted` chunks (none if 0).
+    fn warming(wanted: usize) -> Warmer {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let wanted = bytes.div_ceil(HUGE_PAGE_BYTES);
         let thread = (wanted > 0)
             .then(|| {
                 let stop = std::sync::Arc::clone(&stop);
@@ -261,6 +271,11 @@ impl Drop for Warmer {
     fn drop(&mut self) {
         self.stop_and_release();
     }
+}
+
+/// The chunks to warm so that `bytes` are ready, with `ready` bytes ready already.
+fn chunks_to_warm(bytes: usize, ready: usize) -> usize {
+    bytes.saturating_sub(ready).div_ceil(HUGE_PAGE_BYTES)
 }
 
 /// The size class of a block for `layout`, if it is carved from a chunk: blocks of
@@ -462,16 +477,27 @@ mod tests {
 
     #[test]
     fn a_warmer_warms_what_it_was_asked_unless_stopped() {
-        let warmer = Warmer::start(2 * HUGE_PAGE_BYTES + 1);
+        let warmer = Warmer::warming(3);
         let thread = warmer.thread.as_ref().expect("a warming thread");
         while !thread.is_finished() {
             std::thread::yield_now();
         }
         assert_eq!(warmer.finish(), 3 * HUGE_PAGE_BYTES);
         // Stopped at once, it warms at most the chunk it was on.
-        let warmer = Warmer::start(64 * HUGE_PAGE_BYTES);
+        let warmer = Warmer::warming(64);
         assert!(warmer.finish() <= HUGE_PAGE_BYTES);
-        assert!(Warmer::start(0).thread.is_none());
+        assert!(Warmer::warming(0).thread.is_none());
+    }
+
+    #[test]
+    fn a_warmer_counts_what_the_slab_has_ready() {
+        let unit = HUGE_PAGE_BYTES;
+        assert_eq!(chunks_to_warm(2 * unit + 1, 0), 3);
+        // Freed blocks of a closed engine, the chunk being cut, spare chunks: all ready.
+        assert_eq!(chunks_to_warm(2 * unit + 1, unit), 2);
+        assert_eq!(chunks_to_warm(2 * unit + 1, 2 * unit + 1), 0);
+        assert_eq!(chunks_to_warm(unit, 5 * unit), 0);
+        assert_eq!(chunks_to_warm(0, 0), 0);
     }
 
     #[test]
