@@ -206,6 +206,14 @@ impl SnapshotBytes {
         }
     }
 
+    /// A snapshot file's bytes already in memory (tests).
+    #[cfg(test)]
+    pub(crate) fn from_file(bytes: Vec<u8>) -> SnapshotBytes {
+        SnapshotBytes {
+            file: FileBytes::Read(bytes),
+        }
+    }
+
     /// The whole file, header included.
     fn file(&self) -> &[u8] {
         match &self.file {

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::{
-    storage, CounterSnapshot, KeySnapshot, RequestSnapshot, ReservationSnapshot, Snapshot,
+    storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
     TeamSnapshot,
 };
 use crate::accounts::{KeyKind, KeyState, Registry, Shard, TeamRecord, UserRecord};
@@ -497,21 +497,21 @@ impl RawCut {
 
     /// The snapshot of the cut: strings and bucket lists built, everything put in its order.
     /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
-    fn to_snapshot(&self) -> Snapshot {
+    fn to_snapshot(&self) -> Snapshot<'static> {
         let texts = &self.texts;
         let policies = policy_documents(&self.policies);
         let mut teams: Vec<TeamSnapshot> = self
             .teams
             .iter()
             .map(|team| {
-                let mut members: Vec<(String, String)> = self.members[team.members.clone()]
+                let mut members: Vec<(Name, Name)> = self.members[team.members.clone()]
                     .iter()
-                    .map(|&(user, key)| (texts.get(user), texts.get(key)))
+                    .map(|&(user, key)| (texts.get(user).into(), texts.get(key).into()))
                     .collect();
                 members.sort();
                 TeamSnapshot {
-                    name: texts.get(team.name),
-                    owner: team.owner.map(|owner| texts.get(owner)),
+                    name: texts.get(team.name).into(),
+                    owner: team.owner.map(|owner| texts.get(owner).into()),
                     balance_micros: team.balance_micros,
                     charged_micros: team.charged_micros,
                     members,
@@ -519,15 +519,19 @@ impl RawCut {
             })
             .collect();
         teams.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut users: Vec<(String, String, Vec<String>)> = self
+        let mut users: Vec<(Name, Name, Vec<Name>)> = self
             .users
             .iter()
             .map(|user| {
                 let keys = self.payg_keys[user.payg_keys.clone()]
                     .iter()
-                    .map(|&key| texts.get(key))
+                    .map(|&key| texts.get(key).into())
                     .collect();
-                (texts.get(user.name), texts.get(user.default_team), keys)
+                (
+                    texts.get(user.name).into(),
+                    texts.get(user.default_team).into(),
+                    keys,
+                )
             })
             .collect();
         users.sort();
@@ -758,7 +762,7 @@ impl RawCut {
         Ok(bytes)
     }
 
-    fn key_snapshot(&self, policy: &Policy, key: &RawKey) -> KeySnapshot {
+    fn key_snapshot(&self, policy: &Policy, key: &RawKey) -> KeySnapshot<'static> {
         let counters = key.counters.clone().map(|counters| {
             self.counters[counters]
                 .iter()
@@ -784,10 +788,10 @@ impl RawCut {
                 .collect()
         });
         KeySnapshot {
-            key: self.texts.get(key.key),
+            key: self.texts.get(key.key).into(),
             payg: key.payg,
-            user: self.texts.get(key.user),
-            team: self.texts.get(key.team),
+            user: self.texts.get(key.user).into(),
+            team: self.texts.get(key.team).into(),
             seat: key.seat,
             open_reservations: key.open_reservations,
             payg_micros: key.payg_micros,
@@ -905,7 +909,7 @@ impl Engine {
     }
 
     /// Builds a snapshot with every lock taken in the engine's lock order (see `cut_raw`).
-    pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot {
+    pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot<'static> {
         let cut = self.cut_raw(seq);
         let snapshot = cut.to_snapshot();
         self.cuts.give_back(cut);
