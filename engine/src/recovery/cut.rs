@@ -46,6 +46,39 @@ impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
     }
 }
 
+/// `SeqOf` for items reached in an order unrelated to where they lie (the cut's keys, teams
+/// and users, encoded sorted by name), with a pipeline of prefetches: `far(index)` starts
+/// loading the item `ENCODE_AHEAD` places on; `near(index)`, at half the distance, what that
+/// item points to (by then in cache); `last(index)`, at a quarter, what those point to.
+/// Without them every item, then each of its strings, counters and buckets, was a cache miss
+/// in turn: most of the encode's time in `perf`.
+struct PrefetchedSeqOf<'p, F>(usize, F, [&'p dyn Fn(usize); 3]);
+
+/// How far ahead `PrefetchedSeqOf` prefetches an item (and half and a quarter as far, what it
+/// points to).
+const ENCODE_AHEAD: usize = 16;
+
+impl<T: Serialize, F: Fn(usize) -> T> Serialize for PrefetchedSeqOf<'_, F> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let PrefetchedSeqOf(len, item, stages) = self;
+        let distances = [ENCODE_AHEAD, ENCODE_AHEAD / 2, ENCODE_AHEAD / 4];
+        let mut seq = serializer.serialize_seq(Some(*len))?;
+        for (stage, distance) in stages.iter().zip(distances) {
+            (0..(*len).min(distance)).for_each(stage);
+        }
+        for index in 0..*len {
+            for (stage, distance) in stages.iter().zip(distances) {
+                if index + distance < *len {
+                    stage(index + distance);
+                }
+            }
+            seq.serialize_element(&item(index))?;
+        }
+        seq.end()
+    }
+}
+
 // `Snapshot` and its parts with borrowed fields, for `RawCut::encode`: the same fields in the
 // same order with the same serde shapes (`&str` for `String`, a sequence for a `Vec`), so the
 // same bytes.
@@ -146,6 +179,11 @@ impl Texts {
 
     fn str(&self, text: Text) -> &str {
         &self.0[text.start..text.end]
+    }
+
+    /// Starts loading `text`'s first bytes.
+    fn prefetch(&self, text: Text) {
+        prefetch(self.0.as_ptr().wrapping_add(text.start));
     }
 
     fn get(&self, text: Text) -> String {
@@ -679,57 +717,113 @@ impl RawCut {
             seq: self.seq,
             newest_at_ms: self.newest_at_ms,
             policies: &policies,
-            users: SeqOf(users.len(), |index: usize| {
-                let user = &self.users[users[index].1];
-                let payg_keys = &self.payg_keys[user.payg_keys.clone()];
-                (
-                    text(user.name),
-                    text(user.default_team),
-                    SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
-                )
-            }),
-            teams: SeqOf(teams.len(), |index: usize| {
-                let team = &self.teams[teams[index].1];
-                TeamRef {
-                    name: text(team.name),
-                    owner: team.owner.map(text),
-                    balance_micros: team.balance_micros,
-                    charged_micros: team.charged_micros,
-                    members: &members[team.members.clone()],
-                }
-            }),
-            keys: SeqOf(keys.len(), |index: usize| {
-                let key = &self.keys[keys[index].1];
-                KeyRef {
-                    key: text(key.key),
-                    payg: key.payg,
-                    user: text(key.user),
-                    team: text(key.team),
-                    seat: key.seat,
-                    open_reservations: key.open_reservations,
-                    payg_micros: key.payg_micros,
-                    time_floor_ms: key.time_floor_ms,
-                    counters: key.counters.clone().map(|counters| {
-                        let (buckets, ranges) = (&buckets, &ranges);
-                        SeqOf(counters.len(), move |offset: usize| {
-                            let index = counters.start + offset;
-                            match &self.counters[index] {
-                                RawCounter::Rolling { id, ring, .. } => (
-                                    *id,
-                                    CounterRef::Rolling {
-                                        head: ring.head,
-                                        wide: ring.wide,
-                                        buckets: &buckets[ranges[index].clone()],
-                                    },
-                                ),
-                                &RawCounter::Calendar { id, period, count } => {
-                                    (id, CounterRef::Calendar { period, count })
+            users: PrefetchedSeqOf(
+                users.len(),
+                |index: usize| {
+                    let user = &self.users[users[index].1];
+                    let payg_keys = &self.payg_keys[user.payg_keys.clone()];
+                    (
+                        text(user.name),
+                        text(user.default_team),
+                        SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
+                    )
+                },
+                [
+                    &|index: usize| prefetch(&self.users[users[index].1]),
+                    &|index: usize| {
+                        let user = &self.users[users[index].1];
+                        texts.prefetch(user.name);
+                        texts.prefetch(user.default_team);
+                    },
+                    &|_| {},
+                ],
+            ),
+            teams: PrefetchedSeqOf(
+                teams.len(),
+                |index: usize| {
+                    let team = &self.teams[teams[index].1];
+                    TeamRef {
+                        name: text(team.name),
+                        owner: team.owner.map(text),
+                        balance_micros: team.balance_micros,
+                        charged_micros: team.charged_micros,
+                        members: &members[team.members.clone()],
+                    }
+                },
+                [
+                    &|index: usize| prefetch(&self.teams[teams[index].1]),
+                    &|index: usize| {
+                        let team = &self.teams[teams[index].1];
+                        texts.prefetch(team.name);
+                        if let Some(owner) = team.owner {
+                            texts.prefetch(owner);
+                        }
+                        prefetch(members.as_ptr().wrapping_add(team.members.start));
+                    },
+                    &|index: usize| {
+                        let team = &self.teams[teams[index].1];
+                        if let Some((user, key)) = members.get(team.members.start) {
+                            prefetch(user.as_ptr());
+                            prefetch(key.as_ptr());
+                        }
+                    },
+                ],
+            ),
+            keys: PrefetchedSeqOf(
+                keys.len(),
+                |index: usize| {
+                    let key = &self.keys[keys[index].1];
+                    KeyRef {
+                        key: text(key.key),
+                        payg: key.payg,
+                        user: text(key.user),
+                        team: text(key.team),
+                        seat: key.seat,
+                        open_reservations: key.open_reservations,
+                        payg_micros: key.payg_micros,
+                        time_floor_ms: key.time_floor_ms,
+                        counters: key.counters.clone().map(|counters| {
+                            let (buckets, ranges) = (&buckets, &ranges);
+                            SeqOf(counters.len(), move |offset: usize| {
+                                let index = counters.start + offset;
+                                match &self.counters[index] {
+                                    RawCounter::Rolling { id, ring, .. } => (
+                                        *id,
+                                        CounterRef::Rolling {
+                                            head: ring.head,
+                                            wide: ring.wide,
+                                            buckets: &buckets[ranges[index].clone()],
+                                        },
+                                    ),
+                                    &RawCounter::Calendar { id, period, count } => {
+                                        (id, CounterRef::Calendar { period, count })
+                                    }
                                 }
-                            }
-                        })
-                    }),
-                }
-            }),
+                            })
+                        }),
+                    }
+                },
+                [
+                    &|index: usize| prefetch(&self.keys[keys[index].1]),
+                    &|index: usize| {
+                        let key = &self.keys[keys[index].1];
+                        texts.prefetch(key.key);
+                        texts.prefetch(key.user);
+                        texts.prefetch(key.team);
+                        if let Some(counters) = &key.counters {
+                            prefetch(self.counters.as_ptr().wrapping_add(counters.start));
+                            prefetch(ranges.as_ptr().wrapping_add(counters.start));
+                        }
+                    },
+                    &|index: usize| {
+                        let key = &self.keys[keys[index].1];
+                        let first = key.counters.as_ref().map(|counters| counters.start);
+                        if let Some(range) = first.and_then(|first| ranges.get(first)) {
+                            prefetch(buckets.as_ptr().wrapping_add(range.start));
+                        }
+                    },
+                ],
+            ),
             requests: SeqOf(requests.len(), |index: usize| {
                 let request = &self.requests[requests[index]];
                 RequestRef {
