@@ -1,6 +1,7 @@
 //! Profiling loop for the admission hot path (`perf record` friendly): tally's `consume` on a
 //! plan with three limits beside governor's keyed `check_key`, in alternating bursts so a noisy
-//! machine affects both alike. `cargo run --release --example hotloop -- KEYS` (default 1).
+//! machine affects both alike. `cargo run --release --example hotloop -- KEYS [THREADS]`
+//! (default 1 key; with THREADS, that many threads each on its own keys, tally only).
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +58,11 @@ fn main() {
         .nth(2)
         .map(|s| s.parse().expect("a thread count"))
         .unwrap_or(0);
+    if n_keys == 0 || threads > n_keys {
+        // Each thread takes its own keys: a thread without one would have nothing to admit.
+        eprintln!("hotloop KEYS [THREADS]: KEYS must be at least 1 and at least THREADS (got KEYS={n_keys}, THREADS={threads})");
+        std::process::exit(2);
+    }
     let keys: Vec<String> = (0..n_keys).map(|i| format!("key-{i:08}")).collect();
     let governor: DefaultKeyedRateLimiter<u64> = RateLimiter::keyed(Quota::per_second(
         NonZeroU32::new(1_000_000_000).expect("non-zero"),
