@@ -1930,8 +1930,21 @@ fn a_snapshot_carries_its_keys_usage_memory_and_an_open_warms_at_most_that() {
             .max()
             .expect("a snapshot")
     };
+    // What an open reads as the hint (the engine closed, so the log opens by itself).
+    let hint_read = || {
+        let log = tally_engine::log::EventLog::open_with(
+            dir.path(),
+            Durability::Sync,
+            None,
+            tally_engine::log::SEGMENT_BYTES,
+        )
+        .expect("the log");
+        let pointer = log.snapshot_pointer().expect("listed").expect("a snapshot");
+        log.snapshot_usage_hint(&pointer) as u64
+    };
     let mut bytes = std::fs::read(latest_snapshot()).expect("the snapshot");
     let hint = u64::from(u16::from_le_bytes([bytes[10], bytes[11]])) * UNIT;
+    assert_eq!(hint_read(), hint);
     // At least what the usage holds; over it by less than a unit plus a line per block
     // (a box, a counter list and at most one ring per counter: under 8 blocks a key here).
     assert!(
@@ -1963,8 +1976,32 @@ fn a_snapshot_carries_its_keys_usage_memory_and_an_open_warms_at_most_that() {
         &[0, 0],
         "the close's snapshot has a hint too"
     );
+
+    // A damaged hint (the largest there is: 128 GiB) warms no more than 64 bytes per byte of
+    // the file, and changes nothing else.
+    let sound = bytes.clone();
+    bytes[10..12].copy_from_slice(&[0xFF, 0xFF]);
+    std::fs::write(&snapshot, &bytes).expect("write the snapshot back");
+    assert_eq!(hint_read(), 64 * bytes.len() as u64);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let report = engine.open_report().expect("an open's report");
+    assert!(
+        report.usage_warmed_bytes <= 64 * bytes.len() as u64 + UNIT,
+        "{report}"
+    );
+    assert_same_state(
+        &state(&engine, &key_names, &[], at_ms),
+        &before,
+        "a damaged hint",
+    );
+    drop(engine);
+
+    // As an older build wrote it: no hint.
+    bytes = sound;
     bytes[10..12].copy_from_slice(&[0, 0]);
     std::fs::write(&snapshot, &bytes).expect("write the snapshot back");
+    assert_eq!(latest_snapshot(), snapshot, "no snapshot since");
+    assert_eq!(hint_read(), 0);
     let engine = open_token_plan(dir.path(), sync_options());
     let report = engine.open_report().expect("an open's report");
     assert_eq!(report.usage_warmed_bytes, 0, "{report}");
