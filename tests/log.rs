@@ -1921,15 +1921,7 @@ fn a_snapshot_carries_its_keys_usage_memory_and_an_open_warms_at_most_that() {
     let before = state(&engine, &key_names, &[], at_ms);
     engine.close().expect("close, with its checkpoint");
 
-    // Named by the event they cover, zero-padded: the greatest name is the latest.
-    let latest_snapshot = || {
-        std::fs::read_dir(dir.path().join("snapshots"))
-            .expect("the snapshots directory")
-            .map(|entry| entry.expect("an entry").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "snap"))
-            .max()
-            .expect("a snapshot")
-    };
+    let latest_snapshot = || latest_snapshot(dir.path());
     // What an open reads as the hint (the engine closed, so the log opens by itself).
     let hint_read = || {
         let log = tally_engine::log::EventLog::open_with(
@@ -1940,7 +1932,8 @@ fn a_snapshot_carries_its_keys_usage_memory_and_an_open_warms_at_most_that() {
         )
         .expect("the log");
         let pointer = log.snapshot_pointer().expect("listed").expect("a snapshot");
-        log.snapshot_usage_hint(&pointer) as u64
+        let bytes = log.read_snapshot(&pointer).expect("a sound snapshot");
+        bytes.usage_hint() as u64
     };
     let mut bytes = std::fs::read(latest_snapshot()).expect("the snapshot");
     let hint = u64::from(u16::from_le_bytes([bytes[10], bytes[11]])) * UNIT;
@@ -2022,15 +2015,7 @@ fn a_damaged_snapshot_is_refused_at_open_naming_it_and_left_as_it_was() {
     let engine = open_token_plan(dir.path(), sync_options());
     populate(&engine);
     engine.close().expect("close, with its checkpoint");
-    let latest = |root: &std::path::Path| {
-        std::fs::read_dir(root.join("snapshots"))
-            .expect("the snapshots directory")
-            .map(|entry| entry.expect("an entry").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "snap"))
-            .max()
-            .expect("a snapshot")
-    };
-    let sound = std::fs::read(latest(dir.path())).expect("the snapshot");
+    let sound = std::fs::read(latest_snapshot(dir.path())).expect("the snapshot");
     assert!(sound.len() > 64, "{} bytes", sound.len());
     type Damage<'a> = (&'a str, &'a dyn Fn(&mut Vec<u8>), &'a str);
     let damages: [Damage; 5] = [
@@ -2055,7 +2040,7 @@ fn a_damaged_snapshot_is_refused_at_open_naming_it_and_left_as_it_was() {
     for (label, damage, expected) in damages {
         let copy = dir.sibling(label);
         copy_dir(dir.path(), copy.path());
-        let path = latest(copy.path());
+        let path = latest_snapshot(copy.path());
         let mut bytes = sound.clone();
         damage(&mut bytes);
         std::fs::write(&path, &bytes).expect("write the damage");

@@ -70,12 +70,13 @@ const SEGMENT_MAGIC: &[u8; 8] = b"TALLYLOG";
 /// number it covers (8), the body's length (8) and the body's CRC-32 (4).
 const SNAPSHOT_HEADER_BYTES: usize = 32;
 const SNAPSHOT_MAGIC: &[u8; 8] = b"TALLYSNP";
-/// The usage hint counts usage chunks (see `EventLog::snapshot_usage_hint`).
+/// The usage hint counts usage chunks (see `SnapshotBytes::usage_hint`).
 const SNAPSHOT_HINT_UNIT: usize = crate::pages::HUGE_PAGE_BYTES;
-/// At most this many bytes of usage hinted per byte of snapshot file. A key's usage takes a
-/// few KiB at most and its entry in a snapshot some 50 bytes at least; the benchmark's keys
-/// take 3.5 bytes of usage per byte of snapshot. A hint past it is damage (the hint is outside
-/// the checksum) and is cut to it.
+/// At most this many bytes of usage hinted per byte of snapshot file. A key's entry in a
+/// snapshot takes at least 47 bytes (its fixed fields, names apart) and its usage usually a
+/// few KiB (the benchmark's keys: 3.5 bytes of usage per byte of snapshot), up to 16 KiB per
+/// ring. A hint past the bound is taken as damage (the hint is outside the checksum) and cut
+/// to it: at worst an open warms less than its keys then take.
 const SNAPSHOT_HINT_PER_BYTE: u64 = 64;
 const FRAME_BYTES: usize = 8;
 const EVENTS_DIR: &str = "events";
@@ -217,6 +218,23 @@ impl SnapshotBytes {
         SnapshotBytes {
             file: FileBytes::Read(bytes),
         }
+    }
+
+    /// How many bytes of usage the snapshot's keys took when it was cut, as its header says (0
+    /// in snapshots written before the hint existed). Only a hint: it is outside the checksum,
+    /// so it decides nothing but how much memory an open makes ready ahead (see
+    /// `pages::Warmer`), and a damaged one is bounded by `SNAPSHOT_HINT_PER_BYTE` times the
+    /// file's length.
+    pub fn usage_hint(&self) -> usize {
+        let file = self.file();
+        let Some(hint) = file.get(10..12) else {
+            return 0;
+        };
+        let hint = usize::from(u16::from_le_bytes([hint[0], hint[1]])) * SNAPSHOT_HINT_UNIT;
+        let bound = u64::try_from(file.len())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(SNAPSHOT_HINT_PER_BYTE);
+        hint.min(usize::try_from(bound).unwrap_or(usize::MAX))
     }
 
     /// The whole file, header included.
@@ -1563,7 +1581,7 @@ impl EventLog {
     /// Stores a snapshot covering events up to `seq` durably (temporary file, fsync, rename,
     /// directory fsync). Keeps the one before (for `verify`) and deletes older ones.
     /// `usage_bytes` is what the snapshot's keys' usage took in memory: kept in the header as
-    /// a hint for the open (see `snapshot_usage_hint`).
+    /// a hint for the open (see `SnapshotBytes::usage_hint`).
     pub fn write_snapshot(
         &self,
         seq: u64,
@@ -1571,27 +1589,6 @@ impl EventLog {
         bytes: &[u8],
     ) -> Result<SnapshotPointer, Error> {
         store_snapshot(&self.snapshots_dir, seq, usage_bytes, bytes)
-    }
-
-    /// How many bytes of usage the keys of the snapshot at `pointer` took when it was cut, as
-    /// its header says: 0 if it does not say (written before the hint existed) or cannot be
-    /// read (`read_snapshot` then says why). Only a hint: it is outside the checksum, so it
-    /// decides nothing but how much memory an open makes ready ahead (see `pages::Warmer`),
-    /// and a damaged one is bounded by `SNAPSHOT_HINT_PER_BYTE` times the file's length.
-    pub fn snapshot_usage_hint(&self, pointer: &SnapshotPointer) -> usize {
-        let path = self.snapshots_dir.join(format!("{:020}.snap", pointer.seq));
-        let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
-        let Ok(mut file) = File::open(&path) else {
-            return 0;
-        };
-        let length = file.metadata().map_or(0, |metadata| metadata.len());
-        if file.read_exact(&mut header).is_err() || &header[..8] != SNAPSHOT_MAGIC {
-            return 0;
-        }
-        let hint = usize::from(u16::from_le_bytes([header[10], header[11]])) * SNAPSHOT_HINT_UNIT;
-        let bound =
-            usize::try_from(length.saturating_mul(SNAPSHOT_HINT_PER_BYTE)).unwrap_or(usize::MAX);
-        hint.min(bound)
     }
 
     /// Encodes (with `encode`) and stores a snapshot covering events up to `seq` on a thread

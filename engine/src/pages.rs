@@ -94,7 +94,7 @@ const CLASSES: usize = MAX_BLOCK_BYTES / BLOCK_UNIT;
 /// so one mutex serves.
 ///
 /// A chunk may also be made ready ahead of need, its pages already faulted in, by a `Warmer`
-/// (an open warms what its snapshot's keys will take while the snapshot is read and decoded):
+/// (an open warms what its snapshot's keys will take while the snapshot is decoded):
 /// such chunks wait in `spare` and are cut before any new one; those no key took are handed
 /// back when the warmer finishes.
 struct Slab {
@@ -207,7 +207,7 @@ fn warm_chunk() -> Result<NonNull<u8>, AllocError> {
 
 /// A thread that makes usage chunks ready ahead of need, from `Warmer::start` until
 /// `Warmer::finish` (or a drop), which also hands back the chunks no key took. An open starts
-/// one, sized by its snapshot's hint, while the snapshot is read and decoded on one core and
+/// one, sized by its snapshot's hint, while the snapshot is decoded on one core and
 /// the other would idle, and finishes it once the keys are restored.
 pub(crate) struct Warmer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,

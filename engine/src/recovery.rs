@@ -435,7 +435,7 @@ pub struct OpenReport {
     /// Reading the latest snapshot's bytes, and decoding them.
     pub snapshot_read: Duration,
     pub snapshot_decode: Duration,
-    /// Bytes of usage memory made ready on another thread during the read and the decode,
+    /// Bytes of usage memory made ready on another thread during the decode,
     /// as the snapshot's hint asked (0 for a snapshot without one).
     pub usage_warmed_bytes: u64,
     /// Rebuilding users, teams, keys, request ids and reservations from the decoded snapshot,
@@ -537,12 +537,12 @@ impl Engine {
         let engine = Engine::new(policy, clock, options.engine);
         let mut replayed_from = 0;
         if let Some(pointer) = log.snapshot_pointer()? {
-            // The keys' usage memory is made ready on the other core while this one reads and
-            // decodes the snapshot (see `pages::Warmer`); finished once they are restored.
-            let warmer = crate::pages::Warmer::start(log.snapshot_usage_hint(&pointer));
             let step = Instant::now();
             let bytes = log.read_snapshot(&pointer)?;
             report.snapshot_read = step.elapsed();
+            // The keys' usage memory is made ready on the other core while this one decodes
+            // the snapshot (see `pages::Warmer`); finished once they are restored.
+            let warmer = crate::pages::Warmer::start(bytes.usage_hint());
             let step = Instant::now();
             let decoded = DecodedSnapshot::decode(bytes, pointer.seq)?;
             report.snapshot_decode = step.elapsed();

@@ -80,6 +80,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The latest snapshot file of the database in `dir`: snapshots are named by the event they
+/// cover, zero-padded, so the greatest name is the latest.
+pub fn latest_snapshot(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir.join("snapshots"))
+        .expect("the snapshots directory")
+        .map(|entry| entry.expect("an entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "snap"))
+        .max()
+        .expect("a snapshot")
+}
+
 pub fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(T0_MS))
 }

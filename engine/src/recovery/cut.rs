@@ -289,7 +289,7 @@ pub(crate) struct RawCut {
     /// (kept by `clear`).
     encoded_bytes: usize,
     /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
-    /// memory an open makes ready ahead (`EventLog::snapshot_usage_hint`).
+    /// memory an open makes ready ahead (`SnapshotBytes::usage_hint`).
     pub(super) usage_bytes: usize,
 }
 
@@ -473,8 +473,12 @@ impl RawCut {
         first.by_ref().take(PREFETCH_AHEAD).for_each(far);
         second.by_ref().take(PREFETCH_AHEAD / 2).for_each(near);
         for record in registry.teams.values() {
-            first.next().map(far);
-            second.next().map(near);
+            if let Some(ahead) = first.next() {
+                far(ahead);
+            }
+            if let Some(ahead) = second.next() {
+                near(ahead);
+            }
             self.push_team(record);
             teams.push(&*record.team);
         }
@@ -485,7 +489,9 @@ impl RawCut {
         let mut ahead = registry.users.values();
         ahead.by_ref().take(PREFETCH_AHEAD).for_each(user_pointees);
         for record in registry.users.values() {
-            ahead.next().map(user_pointees);
+            if let Some(later) = ahead.next() {
+                user_pointees(later);
+            }
             self.push_user(record);
         }
         teams
