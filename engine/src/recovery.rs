@@ -2216,6 +2216,41 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_copied_on_two_threads_makes_the_same_snapshot() {
+        let (engine, clock) = busy_engine();
+        let reference = engine.cut_reference(4_242);
+        let bytes = bincode::serialize(&reference).expect("encoding");
+        engine.cuts.copy_in_parallel_from(1);
+        for round in 0..3u64 {
+            // The helper copied about half of the keys, which the encoding moves in.
+            let mut cut = engine.cut_raw(|| 4_242 + round);
+            let keys = reference.keys.len();
+            let helped = cut.helper_keys();
+            assert!(
+                helped > keys / 4 && helped < keys * 3 / 4,
+                "{helped} of {keys}"
+            );
+            cut.seq = 4_242;
+            let written = cut.encode().expect("encoding");
+            assert!(written == bytes, "round {round}: other bytes");
+            assert_eq!(cut.helper_keys(), 0);
+            engine.cuts.give_back(cut);
+            assert_eq!(engine.cut(|| 4_242), reference);
+        }
+        // After more usage, the buffers of the cuts before reused: the state as it is now.
+        clock.advance_ms(3 * 60 * MINUTE);
+        for step in 0..300u64 {
+            let key = format!("tp-{}", (step * 7) % 300);
+            let _ = engine.consume(&m27(&key, 1 + step % 3, clock.now_ms()));
+        }
+        let later = engine.cut_reference(6_000);
+        assert_ne!(later.keys, reference.keys);
+        let written = engine.cut_raw(|| 6_000).encode().expect("encoding");
+        assert!(written == bincode::serialize(&later).expect("encoding"));
+        assert_eq!(engine.cut(|| 6_000), later);
+    }
+
+    #[test]
     fn a_decoded_snapshot_borrows_every_name_from_its_bytes() {
         let (engine, _clock) = busy_engine();
         let bytes = bincode::serialize(&engine.cut(|| 7)).expect("encoding");

@@ -4,8 +4,9 @@
 //! While the key shards are write-locked no admission runs, so the copy spends nothing there:
 //! strings go back to back into one buffer, counters as their words, each ring as its head and
 //! occupied slots (`RollingWindow::copy_raw`), into the previous cut's buffers, with every
-//! key's scattered allocations prefetched a few keys ahead. Turning slots into live buckets,
-//! sorting and encoding happen afterwards, for a periodic checkpoint on the snapshot thread.
+//! key's scattered allocations prefetched a few keys ahead; half of the shards by a helper
+//! thread from `PARALLEL_CUT_KEYS` keys on. Turning slots into live buckets, sorting and
+//! encoding happen afterwards, for a periodic checkpoint on the snapshot thread.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,12 +25,16 @@ use crate::error::Error;
 use crate::event::FORMAT_VERSION;
 use crate::idempotency::RequestRecord;
 use crate::ledger::{Team, WindowState};
+use crate::lock::WriteGuard;
 use crate::policy::{CounterId, Policy};
 use crate::reservation::{Closed, ReservationInner};
 use crate::window::{prefetch, RawRing};
 
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
+
+/// From this many keys on, a cut copies the key shards on two threads (`RawCut::copy_shards`).
+const PARALLEL_CUT_KEYS: usize = 4_096;
 
 /// A sequence of `len` elements made by a function of their index, serialized as a `Vec` of
 /// them would be (`RawCut::encode`).
@@ -291,6 +296,10 @@ pub(crate) struct RawCut {
     /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
     /// memory an open makes ready ahead (`SnapshotBytes::usage_hint`).
     pub(super) usage_bytes: usize,
+    /// The keys of the second half of the key shards, copied by a helper thread beside the
+    /// first half (`copy_shards`); moved into this cut before it is encoded
+    /// (`absorb_helper`), and kept, emptied, for its buffers.
+    helper: Option<Box<RawCut>>,
 }
 
 impl RawCut {
@@ -341,6 +350,7 @@ impl RawCut {
             next_reservation,
             encoded_bytes: _,
             usage_bytes,
+            helper,
         } = self;
         (*seq, *newest_at_ms, *next_reservation, *usage_bytes) = (0, 0, 0, 0);
         policies.clear();
@@ -356,6 +366,111 @@ impl RawCut {
         requests.clear();
         open_reservations.clear();
         closed_reservations.clear();
+        if let Some(helper) = helper {
+            helper.clear();
+        }
+    }
+
+    /// Copies every key shard's keys (all write-locked). From `parallel_from` keys on, the
+    /// second half of the shards is copied by a helper thread into `self.helper` at the same
+    /// time: admission waits for the copy, so the other core has nothing else to do, and the
+    /// copy is bound by cache misses, which two cores overlap twice as many of.
+    fn copy_shards(&mut self, shards: &[WriteGuard<'_, Shard>], keys: usize, parallel_from: usize) {
+        if keys < parallel_from || shards.len() < 2 {
+            for shard in shards {
+                self.copy_keys(shard);
+            }
+            return;
+        }
+        let (mine, theirs) = shards.split_at(shards.len() / 2);
+        let mut helper = self.helper.take().unwrap_or_default();
+        debug_assert!(helper.keys.is_empty() && helper.shards.is_empty());
+        std::thread::scope(|scope| {
+            let helper = &mut helper;
+            let spawned = std::thread::Builder::new()
+                .name("tally-cut".into())
+                .spawn_scoped(scope, move || {
+                    for shard in theirs {
+                        helper.copy_keys(shard);
+                    }
+                });
+            for shard in mine {
+                self.copy_keys(shard);
+            }
+            match spawned.map(std::thread::ScopedJoinHandle::join) {
+                Ok(Ok(())) => {}
+                // Copying only reads and pushes, so it does not panic; if it did, the cut
+                // must not go on without those keys.
+                Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                // No thread to be had: this one copies them too.
+                Err(_) => {
+                    for shard in theirs {
+                        self.copy_keys(shard);
+                    }
+                }
+            }
+        });
+        self.helper = Some(helper);
+    }
+
+    /// How many keys the helper copied that are not yet moved into this cut.
+    #[cfg(test)]
+    pub(super) fn helper_keys(&self) -> usize {
+        self.helper.as_ref().map_or(0, |helper| helper.keys.len())
+    }
+
+    /// Every key the helper copied is in this cut's own lists (`absorb_helper`).
+    fn debug_assert_absorbed(&self) {
+        debug_assert!(self
+            .helper
+            .as_ref()
+            .is_none_or(|helper| helper.keys.is_empty() && helper.shards.is_empty()));
+    }
+
+    /// Moves the keys the helper copied (`copy_shards`) after this cut's own, as if one
+    /// thread had copied every shard in order: their strings, counters and slots are appended
+    /// and every index into them shifted. Keeps the helper's emptied buffers.
+    fn absorb_helper(&mut self) {
+        let Some(mut helper) = self.helper.take() else {
+            return;
+        };
+        let (text_base, key_base) = (self.texts.0.len(), self.keys.len());
+        let (counter_base, slot_base) = (self.counters.len(), self.slots.len());
+        let shift = |text: Text| Text {
+            start: text.start + text_base,
+            end: text.end + text_base,
+        };
+        self.texts.0.push_str(&helper.texts.0);
+        self.keys.extend(helper.keys.drain(..).map(|key| {
+            RawKey {
+                key: shift(key.key),
+                user: shift(key.user),
+                team: shift(key.team),
+                counters: key
+                    .counters
+                    .map(|range| range.start + counter_base..range.end + counter_base),
+                ..key
+            }
+        }));
+        self.counters
+            .extend(helper.counters.drain(..).map(|counter| match counter {
+                RawCounter::Rolling { id, ring, slots } => RawCounter::Rolling {
+                    id,
+                    ring,
+                    slots: slots.start + slot_base..slots.end + slot_base,
+                },
+                calendar @ RawCounter::Calendar { .. } => calendar,
+            }));
+        self.slots.extend_from_slice(&helper.slots);
+        self.shards.extend(
+            helper
+                .shards
+                .drain(..)
+                .map(|(policy, end)| (policy, end + key_base)),
+        );
+        self.usage_bytes += helper.usage_bytes;
+        helper.clear();
+        self.helper = Some(helper);
     }
 
     /// Every key of a shard (write-locked), with the shard's policy.
@@ -573,6 +688,7 @@ impl RawCut {
     /// The snapshot of the cut: strings and bucket lists built, everything put in its order.
     /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
     fn to_snapshot(&self) -> Snapshot<'static> {
+        self.debug_assert_absorbed();
         let texts = &self.texts;
         let policies = policy_documents(&self.policies);
         let mut teams: Vec<TeamSnapshot> = self
@@ -670,6 +786,7 @@ impl RawCut {
     /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
     /// field for field, so serde writes the same bytes.
     pub(super) fn encode(&mut self) -> Result<Vec<u8>, Error> {
+        self.absorb_helper();
         // Room for the last encoding's size: one pass (`bincode::serialize` would first walk
         // everything once to measure it).
         let bytes = Vec::with_capacity(self.encoded_bytes + self.encoded_bytes / 8);
@@ -679,6 +796,7 @@ impl RawCut {
     }
 
     fn encode_into(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
+        self.debug_assert_absorbed();
         let texts = &self.texts;
         let text = |text: Text| texts.str(text);
         let policies = policy_documents(&self.policies);
@@ -998,9 +1116,25 @@ pub struct CutLockTime {
 pub(crate) struct Cuts {
     times: Mutex<std::collections::VecDeque<CutLockTime>>,
     pub(super) spare: Arc<Mutex<Option<RawCut>>>,
+    /// From how many keys on a cut copies the key shards on two threads: `PARALLEL_CUT_KEYS`
+    /// unless a test set another (0 is taken as unset).
+    parallel_from: std::sync::atomic::AtomicUsize,
 }
 
 impl Cuts {
+    fn parallel_from_keys(&self) -> usize {
+        match self.parallel_from.load(Ordering::Relaxed) {
+            0 => PARALLEL_CUT_KEYS,
+            keys => keys,
+        }
+    }
+
+    /// Makes cuts of `keys` keys or more copy the key shards on two threads.
+    #[cfg(test)]
+    pub(super) fn copy_in_parallel_from(&self, keys: usize) {
+        self.parallel_from.store(keys.max(1), Ordering::Relaxed);
+    }
+
     fn note(&self, time: CutLockTime) {
         let mut times = self.times.lock();
         if times.len() >= CUT_TIMES_KEPT {
@@ -1017,6 +1151,12 @@ impl Cuts {
             .take()
             .unwrap_or_else(|| RawCut::with_capacity(keys));
         cut.reserve(keys);
+        if keys >= self.parallel_from_keys() {
+            // The helper copies about half of the keys (`RawCut::copy_shards`).
+            cut.helper
+                .get_or_insert_with(Default::default)
+                .reserve(keys / 2);
+        }
         cut
     }
 
@@ -1041,7 +1181,8 @@ impl Engine {
 
     /// Builds a snapshot with every lock taken in the engine's lock order (see `cut_raw`).
     pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot<'static> {
-        let cut = self.cut_raw(seq);
+        let mut cut = self.cut_raw(seq);
+        cut.absorb_helper();
         let snapshot = cut.to_snapshot();
         self.cuts.give_back(cut);
         snapshot
@@ -1060,13 +1201,17 @@ impl Engine {
     /// a shard's read lock copied: team balances, keys, their counters. So admission waits
     /// only for the keys' copy.
     ///
+    /// The keys of half of the shards are copied by a helper thread at the same time
+    /// (`RawCut::copy_shards`): at 100,000 keys the shards are write-locked about half as long.
+    ///
     /// Only raw copies are made: strings into one buffer, counter words, each ring's occupied
     /// slots, into the previous cut's buffers (no allocation under the locks when the state
     /// has not grown). Putting them in order, converting and encoding happen after the locks
     /// are let go (`RawCut::encode`, for a periodic checkpoint on the snapshot thread; or
     /// `RawCut::to_snapshot`).
     pub(super) fn cut_raw(&self, seq: impl FnOnce() -> u64) -> RawCut {
-        let mut cut = self.cuts.take_spare(self.keys.len() as usize);
+        let keys = self.keys.len() as usize;
+        let mut cut = self.cuts.take_spare(keys);
         let locking = std::time::Instant::now();
         // First of all: no `consume_many` chunk is between applying and appending.
         let gate = self.append_gate.write();
@@ -1086,9 +1231,7 @@ impl Engine {
         cut.newest_at_ms = self.newest_event_ms();
         // Credits move under a key shard's read lock (admission) as well as the registry's.
         cut.copy_balances(&teams);
-        for shard in &shards {
-            cut.copy_keys(shard);
-        }
+        cut.copy_shards(&shards, keys, self.cuts.parallel_from_keys());
         // Everything is copied: the engine goes on while the copy is put in order.
         drop(shards);
         let key_shards = shards_locking.elapsed();
