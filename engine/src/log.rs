@@ -424,6 +424,11 @@ struct Shared {
     active_file: Mutex<Arc<File>>,
 }
 
+/// A snapshot's encoder for `EventLog::write_snapshot_in_background`: called on the snapshot
+/// thread with the store to hand the encoded bytes to; returns what the store returned.
+pub type EncodeSnapshot =
+    Box<dyn FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> + Send>;
+
 /// The open log. Dropping it stops the writer after a final flush.
 #[derive(Debug)]
 pub struct EventLog {
@@ -1591,46 +1596,60 @@ impl EventLog {
         store_snapshot(&self.snapshots_dir, seq, usage_bytes, bytes)
     }
 
-    /// Encodes (with `encode`) and stores a snapshot covering events up to `seq` on a thread
-    /// of its own, once the log is durable up to `seq`. One at a time: call
-    /// `finish_snapshot_in_background` before the next.
+    /// Encodes and stores a snapshot covering events up to `seq` on a thread of its own:
+    /// `encode` is called there with a `store` to hand its bytes to, which stores them once
+    /// the log is durable up to `seq` (so the encoder can keep its buffer for the next
+    /// snapshot). One at a time: call `finish_snapshot_in_background` before the next.
     pub fn write_snapshot_in_background(
         &self,
         seq: u64,
         usage_bytes: usize,
-        encode: Box<dyn FnOnce() -> Result<Vec<u8>, Error> + Send>,
+        encode: EncodeSnapshot,
     ) {
         let shared = Arc::clone(&self.shared);
         let snapshots_dir = self.snapshots_dir.clone();
         let spawned = std::thread::Builder::new()
             .name("tally-snapshot".into())
             .spawn(move || {
-                let bytes = encode()?;
-                if shared.durability == Durability::Sync {
-                    shared.demand(seq);
-                }
-                shared.nudge();
-                let mut progress = shared.progress.lock();
-                loop {
-                    if let Some((failed_seq, problem)) = &progress.failure {
-                        return Err(failed(*failed_seq, problem));
-                    }
-                    if progress.visible.seq >= seq {
-                        break;
-                    }
-                    shared.progress_changed.wait(&mut progress);
-                }
-                drop(progress);
-                if shared.durability != Durability::Sync {
-                    let file = Arc::clone(&shared.active_file.lock());
-                    file.sync_data()
-                        .map_err(|error| storage("fdatasync of the log", error))?;
-                }
-                store_snapshot(&snapshots_dir, seq, usage_bytes, &bytes).map(|_| ())
+                encode(&mut |bytes| {
+                    Self::store_when_durable(&shared, &snapshots_dir, seq, usage_bytes, bytes)
+                })
             });
         if let Ok(handle) = spawned {
             *self.snapshot_thread.lock() = Some(handle);
         }
+    }
+
+    /// Waits until the log is durable up to `seq` (asking for it with `Sync`, syncing it
+    /// otherwise), then stores the snapshot `bytes` of it.
+    fn store_when_durable(
+        shared: &Shared,
+        snapshots_dir: &Path,
+        seq: u64,
+        usage_bytes: usize,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        if shared.durability == Durability::Sync {
+            shared.demand(seq);
+        }
+        shared.nudge();
+        let mut progress = shared.progress.lock();
+        loop {
+            if let Some((failed_seq, problem)) = &progress.failure {
+                return Err(failed(*failed_seq, problem));
+            }
+            if progress.visible.seq >= seq {
+                break;
+            }
+            shared.progress_changed.wait(&mut progress);
+        }
+        drop(progress);
+        if shared.durability != Durability::Sync {
+            let file = Arc::clone(&shared.active_file.lock());
+            file.sync_data()
+                .map_err(|error| storage("fdatasync of the log", error))?;
+        }
+        store_snapshot(snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
     }
 
     /// Waits for a snapshot being written in the background; returns its error, if any.

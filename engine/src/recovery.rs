@@ -1128,11 +1128,13 @@ impl Engine {
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
         let mut cut = self.cut_rotating(journal);
-        let (seq, usage_bytes, bytes) = (cut.seq, cut.usage_bytes, cut.encode());
+        let (seq, usage_bytes) = (cut.seq, cut.usage_bytes);
+        let written = cut.encode().and_then(|bytes| {
+            journal.sync()?;
+            journal.write_snapshot(seq, usage_bytes, bytes)
+        });
         self.cuts.give_back(cut);
-        let bytes = bytes?;
-        journal.sync()?;
-        journal.write_snapshot(seq, usage_bytes, &bytes)?;
+        written?;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
         Ok(seq)
@@ -1165,10 +1167,10 @@ impl Engine {
         journal.write_snapshot_in_background(
             seq,
             cut.usage_bytes,
-            Box::new(move || {
-                let bytes = cut.encode();
+            Box::new(move |store| {
+                let stored = cut.encode().and_then(store);
                 Cuts::keep_spare(&spare, cut);
-                bytes
+                stored
             }),
         );
     }
@@ -2191,7 +2193,11 @@ mod tests {
             "the snapshot's bytes changed"
         );
         // What a checkpoint writes: the bytes straight from the cut.
-        let written = engine.cut_raw(|| 4_242).encode().expect("encoding");
+        let written = engine
+            .cut_raw(|| 4_242)
+            .encode()
+            .expect("encoding")
+            .to_vec();
         assert!(written == bytes, "RawCut::encode wrote other bytes");
 
         // And a restored engine cuts to the same snapshot again.
@@ -2211,7 +2217,11 @@ mod tests {
         let reference = engine.cut_reference(5_000);
         assert_ne!(reference.keys, snapshot.keys);
         assert_eq!(engine.cut(|| 5_000), reference);
-        let written = engine.cut_raw(|| 5_000).encode().expect("encoding");
+        let written = engine
+            .cut_raw(|| 5_000)
+            .encode()
+            .expect("encoding")
+            .to_vec();
         assert!(written == bincode::serialize(&reference).expect("encoding"));
     }
 
@@ -2245,7 +2255,11 @@ mod tests {
         }
         let later = engine.cut_reference(6_000);
         assert_ne!(later.keys, reference.keys);
-        let written = engine.cut_raw(|| 6_000).encode().expect("encoding");
+        let written = engine
+            .cut_raw(|| 6_000)
+            .encode()
+            .expect("encoding")
+            .to_vec();
         assert!(written == bincode::serialize(&later).expect("encoding"));
         assert_eq!(engine.cut(|| 6_000), later);
     }

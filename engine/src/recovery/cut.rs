@@ -290,9 +290,10 @@ pub(crate) struct RawCut {
     open_reservations: Vec<RawReservation>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
-    /// How many bytes this cut's buffers last encoded to: room reserved for the next encoding
-    /// (kept by `clear`).
-    encoded_bytes: usize,
+    /// The last encoding's bytes (`encode`), the buffer kept by `clear` for the next one: a
+    /// fresh buffer of a snapshot's size every checkpoint was page faults and zeroed pages
+    /// on the snapshot thread (and in this VM, memory the host had taken back).
+    encoded: Vec<u8>,
     /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
     /// memory an open makes ready ahead (`SnapshotBytes::usage_hint`).
     pub(super) usage_bytes: usize,
@@ -348,7 +349,7 @@ impl RawCut {
             open_reservations,
             closed_reservations,
             next_reservation,
-            encoded_bytes: _,
+            encoded: _,
             usage_bytes,
             helper,
         } = self;
@@ -785,14 +786,16 @@ impl RawCut {
     /// (a few strings and lists per key, allocated and freed again on the snapshot thread,
     /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
     /// field for field, so serde writes the same bytes.
-    pub(super) fn encode(&mut self) -> Result<Vec<u8>, Error> {
+    pub(super) fn encode(&mut self) -> Result<&[u8], Error> {
         self.absorb_helper();
-        // Room for the last encoding's size: one pass (`bincode::serialize` would first walk
-        // everything once to measure it).
-        let bytes = Vec::with_capacity(self.encoded_bytes + self.encoded_bytes / 8);
-        let bytes = self.encode_into(bytes)?;
-        self.encoded_bytes = bytes.len();
-        Ok(bytes)
+        // Into the last encoding's buffer, with room for its size and an eighth more: one
+        // pass (`bincode::serialize` would first walk everything once to measure it).
+        let mut bytes = std::mem::take(&mut self.encoded);
+        let last = bytes.len();
+        bytes.clear();
+        bytes.reserve(last + last / 8);
+        self.encoded = self.encode_into(bytes)?;
+        Ok(&self.encoded)
     }
 
     fn encode_into(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
@@ -1111,7 +1114,8 @@ pub struct CutLockTime {
 /// What the checkpoint cuts keep between them: how long each held the locks, and the previous
 /// cut's buffers, emptied, so the next cut copies into memory already allocated (and mapped)
 /// instead of growing buffers under the locks. The buffers hold about 150 bytes per key and
-/// per team, plus 16 per occupied ring slot, beside the strings' bytes.
+/// per team, plus 16 per occupied ring slot, beside the strings' bytes, and the last
+/// snapshot's bytes (`RawCut::encode`).
 #[derive(Debug, Default)]
 pub(crate) struct Cuts {
     times: Mutex<std::collections::VecDeque<CutLockTime>>,
