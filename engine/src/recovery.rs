@@ -2240,6 +2240,8 @@ mod tests {
                 helped > keys / 4 && helped < keys * 3 / 4,
                 "{helped} of {keys}"
             );
+            // And every user, while this thread copied the teams.
+            assert_eq!(cut.helper_users(), reference.users.len());
             cut.seq = 4_242;
             let written = cut.encode().expect("encoding");
             assert!(written == bytes, "round {round}: other bytes");

@@ -372,18 +372,19 @@ impl RawCut {
         }
     }
 
-    /// Copies every key shard's keys (all write-locked). From `parallel_from` keys on, the
-    /// second half of the shards is copied by a helper thread into `self.helper` at the same
+    /// Copies every key shard's keys (all write-locked). With `parallel`, the second half of
+    /// the shards is copied by a helper thread into `self.helper` at the same
     /// time: admission waits for the copy, so the other core has nothing else to do, and the
     /// copy is bound by cache misses, which two cores overlap twice as many of.
-    fn copy_shards(&mut self, shards: &[WriteGuard<'_, Shard>], keys: usize, parallel_from: usize) {
-        if keys < parallel_from || shards.len() < 2 {
+    fn copy_shards(&mut self, shards: &[WriteGuard<'_, Shard>], parallel: bool) {
+        if !parallel || shards.len() < 2 {
             for shard in shards {
                 self.copy_keys(shard);
             }
             return;
         }
         let (mine, theirs) = shards.split_at(shards.len() / 2);
+        // Holding the users `copy_registry` had it copy, if any.
         let mut helper = self.helper.take().unwrap_or_default();
         debug_assert!(helper.keys.is_empty() && helper.shards.is_empty());
         std::thread::scope(|scope| {
@@ -420,17 +421,23 @@ impl RawCut {
         self.helper.as_ref().map_or(0, |helper| helper.keys.len())
     }
 
-    /// Every key the helper copied is in this cut's own lists (`absorb_helper`).
-    fn debug_assert_absorbed(&self) {
-        debug_assert!(self
-            .helper
-            .as_ref()
-            .is_none_or(|helper| helper.keys.is_empty() && helper.shards.is_empty()));
+    /// How many users the helper copied that are not yet moved into this cut.
+    #[cfg(test)]
+    pub(super) fn helper_users(&self) -> usize {
+        self.helper.as_ref().map_or(0, |helper| helper.users.len())
     }
 
-    /// Moves the keys the helper copied (`copy_shards`) after this cut's own, as if one
-    /// thread had copied every shard in order: their strings, counters and slots are appended
-    /// and every index into them shifted. Keeps the helper's emptied buffers.
+    /// Every key the helper copied is in this cut's own lists (`absorb_helper`).
+    fn debug_assert_absorbed(&self) {
+        debug_assert!(self.helper.as_ref().is_none_or(|helper| {
+            helper.keys.is_empty() && helper.shards.is_empty() && helper.users.is_empty()
+        }));
+    }
+
+    /// Moves the users and keys the helper copied (`copy_registry`, `copy_shards`) after this
+    /// cut's own, as if one thread had copied them all: their strings, pay-as-you-go keys,
+    /// counters and slots are appended and every index into them shifted. Keeps the helper's
+    /// emptied buffers.
     fn absorb_helper(&mut self) {
         let Some(mut helper) = self.helper.take() else {
             return;
@@ -442,6 +449,14 @@ impl RawCut {
             end: text.end + text_base,
         };
         self.texts.0.push_str(&helper.texts.0);
+        let payg_base = self.payg_keys.len();
+        self.payg_keys.extend(helper.payg_keys.drain(..).map(shift));
+        self.users
+            .extend(helper.users.drain(..).map(|user| RawUser {
+                name: shift(user.name),
+                default_team: shift(user.default_team),
+                payg_keys: user.payg_keys.start + payg_base..user.payg_keys.end + payg_base,
+            }));
         self.keys.extend(helper.keys.drain(..).map(|key| {
             RawKey {
                 key: shift(key.key),
@@ -568,7 +583,37 @@ impl RawCut {
     /// Memory-bound as `copy_keys` is (a team's record, its `Team`, its name and its members'
     /// names are each somewhere else), so it prefetches the same way: the records' pointees
     /// `PREFETCH_AHEAD` teams or users ahead, what those point to half as far.
-    fn copy_registry<'r>(&mut self, registry: &'r Registry) -> Vec<&'r Team> {
+    ///
+    /// With `parallel`, a helper thread copies the users (into `self.helper`) while this one
+    /// copies the teams: a `consume_many` waits for the whole cut.
+    fn copy_registry<'r>(&mut self, registry: &'r Registry, parallel: bool) -> Vec<&'r Team> {
+        if !parallel {
+            let teams = self.copy_teams(registry);
+            self.copy_users(registry);
+            return teams;
+        }
+        let mut helper = self.helper.take().unwrap_or_default();
+        debug_assert!(helper.users.is_empty() && helper.keys.is_empty());
+        let teams = std::thread::scope(|scope| {
+            let helper = &mut helper;
+            let spawned = std::thread::Builder::new()
+                .name("tally-cut".into())
+                .spawn_scoped(scope, move || helper.copy_users(registry));
+            let teams = self.copy_teams(registry);
+            match spawned.map(std::thread::ScopedJoinHandle::join) {
+                Ok(Ok(())) => {}
+                // As in `copy_shards`: not without those users.
+                Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                Err(_) => self.copy_users(registry),
+            }
+            teams
+        });
+        self.helper = Some(helper);
+        teams
+    }
+
+    /// The registry's teams and members (see `copy_registry`).
+    fn copy_teams<'r>(&mut self, registry: &'r Registry) -> Vec<&'r Team> {
         const PREFETCH_AHEAD: usize = 16;
         let far = |record: &TeamRecord| {
             prefetch(Arc::as_ptr(&record.team));
@@ -598,6 +643,12 @@ impl RawCut {
             self.push_team(record);
             teams.push(&*record.team);
         }
+        teams
+    }
+
+    /// The registry's users and their pay-as-you-go keys (see `copy_registry`).
+    fn copy_users(&mut self, registry: &Registry) {
+        const PREFETCH_AHEAD: usize = 16;
         let user_pointees = |record: &UserRecord| {
             prefetch(record.name.as_ptr());
             prefetch(record.default_team.as_ptr());
@@ -610,7 +661,6 @@ impl RawCut {
             }
             self.push_user(record);
         }
-        teams
     }
 
     /// The balances of `teams` (as `copy_registry` returned them).
@@ -1226,7 +1276,8 @@ impl Engine {
             cut.push_request(arrived_ms, id, record);
         });
         let registry = self.registry.lock();
-        let teams = cut.copy_registry(&registry);
+        let parallel = keys >= self.cuts.parallel_from_keys();
+        let teams = cut.copy_registry(&registry, parallel);
         let policies_guard = self.policies.read();
         cut.policies.clone_from(&policies_guard);
         let shards_locking = std::time::Instant::now();
@@ -1235,7 +1286,7 @@ impl Engine {
         cut.newest_at_ms = self.newest_event_ms();
         // Credits move under a key shard's read lock (admission) as well as the registry's.
         cut.copy_balances(&teams);
-        cut.copy_shards(&shards, keys, self.cuts.parallel_from_keys());
+        cut.copy_shards(&shards, parallel);
         // Everything is copied: the engine goes on while the copy is put in order.
         drop(shards);
         let key_shards = shards_locking.elapsed();
