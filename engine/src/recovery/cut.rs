@@ -51,39 +51,6 @@ impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
     }
 }
 
-/// `SeqOf` for items reached in an order unrelated to where they lie (the cut's keys, teams
-/// and users, encoded sorted by name), with a pipeline of prefetches: `far(index)` starts
-/// loading the item `ENCODE_AHEAD` places on; `near(index)`, at half the distance, what that
-/// item points to (by then in cache); `last(index)`, at a quarter, what those point to.
-/// Without them every item, then each of its strings, counters and buckets, was a cache miss
-/// in turn: most of the encode's time in `perf`.
-struct PrefetchedSeqOf<'p, F>(usize, F, [&'p dyn Fn(usize); 3]);
-
-/// How far ahead `PrefetchedSeqOf` prefetches an item (and half and a quarter as far, what it
-/// points to).
-const ENCODE_AHEAD: usize = 16;
-
-impl<T: Serialize, F: Fn(usize) -> T> Serialize for PrefetchedSeqOf<'_, F> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let PrefetchedSeqOf(len, item, stages) = self;
-        let distances = [ENCODE_AHEAD, ENCODE_AHEAD / 2, ENCODE_AHEAD / 4];
-        let mut seq = serializer.serialize_seq(Some(*len))?;
-        for (stage, distance) in stages.iter().zip(distances) {
-            (0..(*len).min(distance)).for_each(stage);
-        }
-        for index in 0..*len {
-            for (stage, distance) in stages.iter().zip(distances) {
-                if index + distance < *len {
-                    stage(index + distance);
-                }
-            }
-            seq.serialize_element(&item(index))?;
-        }
-        seq.end()
-    }
-}
-
 // `Snapshot` and its parts with borrowed fields, for `RawCut::encode`: the same fields in the
 // same order with the same serde shapes (`&str` for `String`, a sequence for a `Vec`), so the
 // same bytes.
@@ -184,11 +151,6 @@ impl Texts {
 
     fn str(&self, text: Text) -> &str {
         &self.0[text.start..text.end]
-    }
-
-    /// Starts loading `text`'s first bytes.
-    fn prefetch(&self, text: Text) {
-        prefetch(self.0.as_ptr().wrapping_add(text.start));
     }
 
     fn get(&self, text: Text) -> String {
@@ -736,21 +698,21 @@ impl RawCut {
         self.next_reservation = table.next_id;
     }
 
-    /// The snapshot of the cut: strings and bucket lists built, everything put in its order.
-    /// The same `Snapshot` (and so the same bytes) as gathering it all under the locks.
-    fn to_snapshot(&self) -> Snapshot<'static> {
+    /// The snapshot of the cut: strings and bucket lists built; users, teams and keys in the
+    /// order they were copied, request ids and reservations put in theirs. In name order, the
+    /// same `Snapshot` as gathering it all under the locks (`Engine::cut_reference`).
+    pub(super) fn to_snapshot(&self) -> Snapshot<'static> {
         self.debug_assert_absorbed();
         let texts = &self.texts;
         let policies = policy_documents(&self.policies);
-        let mut teams: Vec<TeamSnapshot> = self
+        let teams: Vec<TeamSnapshot> = self
             .teams
             .iter()
             .map(|team| {
-                let mut members: Vec<(Name, Name)> = self.members[team.members.clone()]
+                let members: Vec<(Name, Name)> = self.members[team.members.clone()]
                     .iter()
                     .map(|&(user, key)| (texts.get(user).into(), texts.get(key).into()))
                     .collect();
-                members.sort();
                 TeamSnapshot {
                     name: texts.get(team.name).into(),
                     owner: team.owner.map(|owner| texts.get(owner).into()),
@@ -760,8 +722,7 @@ impl RawCut {
                 }
             })
             .collect();
-        teams.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut users: Vec<(Name, Name, Vec<Name>)> = self
+        let users: Vec<(Name, Name, Vec<Name>)> = self
             .users
             .iter()
             .map(|user| {
@@ -776,7 +737,6 @@ impl RawCut {
                 )
             })
             .collect();
-        users.sort();
         let mut keys = Vec::with_capacity(self.keys.len());
         let mut first = 0;
         for (policy, end) in &self.shards {
@@ -785,7 +745,6 @@ impl RawCut {
             }
             first = *end;
         }
-        keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let mut requests: Vec<RequestSnapshot> = self
             .requests
             .iter()
@@ -874,42 +833,13 @@ impl RawCut {
             }
             first = *end;
         }
-        // The orders `to_snapshot` sorts into, as lists of indexes. Names are compared by
-        // their first 16 bytes as one integer first (`name_prefix`): no pointer to follow.
-        let user_keys = |user: &RawUser| {
-            self.payg_keys[user.payg_keys.clone()]
-                .iter()
-                .map(|&key| text(key))
-        };
-        let mut users = by_name_prefix(&self.users, |user| text(user.name));
-        users.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
-            let (a, b) = (&self.users[a], &self.users[b]);
-            prefix_a.cmp(&prefix_b).then_with(|| {
-                (text(a.name), text(a.default_team))
-                    .cmp(&(text(b.name), text(b.default_team)))
-                    .then_with(|| user_keys(a).cmp(user_keys(b)))
-            })
-        });
-        let mut teams = by_name_prefix(&self.teams, |team| text(team.name));
-        teams.sort_by(|&(prefix_a, a), &(prefix_b, b)| {
-            prefix_a
-                .cmp(&prefix_b)
-                .then_with(|| text(self.teams[a].name).cmp(text(self.teams[b].name)))
-        });
-        let mut members: Vec<(&str, &str)> = self
+        // Users, teams and keys in the order they were copied (see `Snapshot`): each list read
+        // front to back, as are the strings, which were copied in the same order.
+        let members: Vec<(&str, &str)> = self
             .members
             .iter()
             .map(|&(user, key)| (text(user), text(key)))
             .collect();
-        for team in &self.teams {
-            members[team.members.clone()].sort();
-        }
-        let mut keys = by_name_prefix(&self.keys, |key| text(key.key));
-        keys.sort_unstable_by(|&(prefix_a, a), &(prefix_b, b)| {
-            prefix_a
-                .cmp(&prefix_b)
-                .then_with(|| text(self.keys[a].key).cmp(text(self.keys[b].key)))
-        });
         let mut requests: Vec<usize> = (0..self.requests.len()).collect();
         requests.sort_by(|&a, &b| {
             let (a, b) = (&self.requests[a], &self.requests[b]);
@@ -925,113 +855,57 @@ impl RawCut {
             seq: self.seq,
             newest_at_ms: self.newest_at_ms,
             policies: &policies,
-            users: PrefetchedSeqOf(
-                users.len(),
-                |index: usize| {
-                    let user = &self.users[users[index].1];
-                    let payg_keys = &self.payg_keys[user.payg_keys.clone()];
-                    (
-                        text(user.name),
-                        text(user.default_team),
-                        SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
-                    )
-                },
-                [
-                    &|index: usize| prefetch(&self.users[users[index].1]),
-                    &|index: usize| {
-                        let user = &self.users[users[index].1];
-                        texts.prefetch(user.name);
-                        texts.prefetch(user.default_team);
-                    },
-                    &|_| {},
-                ],
-            ),
-            teams: PrefetchedSeqOf(
-                teams.len(),
-                |index: usize| {
-                    let team = &self.teams[teams[index].1];
-                    TeamRef {
-                        name: text(team.name),
-                        owner: team.owner.map(text),
-                        balance_micros: team.balance_micros,
-                        charged_micros: team.charged_micros,
-                        members: &members[team.members.clone()],
-                    }
-                },
-                [
-                    &|index: usize| prefetch(&self.teams[teams[index].1]),
-                    &|index: usize| {
-                        let team = &self.teams[teams[index].1];
-                        texts.prefetch(team.name);
-                        if let Some(owner) = team.owner {
-                            texts.prefetch(owner);
-                        }
-                        prefetch(members.as_ptr().wrapping_add(team.members.start));
-                    },
-                    &|index: usize| {
-                        let team = &self.teams[teams[index].1];
-                        if let Some((user, key)) = members.get(team.members.start) {
-                            prefetch(user.as_ptr());
-                            prefetch(key.as_ptr());
-                        }
-                    },
-                ],
-            ),
-            keys: PrefetchedSeqOf(
-                keys.len(),
-                |index: usize| {
-                    let key = &self.keys[keys[index].1];
-                    KeyRef {
-                        key: text(key.key),
-                        payg: key.payg,
-                        user: text(key.user),
-                        team: text(key.team),
-                        seat: key.seat,
-                        open_reservations: key.open_reservations,
-                        payg_micros: key.payg_micros,
-                        time_floor_ms: key.time_floor_ms,
-                        counters: key.counters.clone().map(|counters| {
-                            let (buckets, ranges) = (&buckets, &ranges);
-                            SeqOf(counters.len(), move |offset: usize| {
-                                let index = counters.start + offset;
-                                match &self.counters[index] {
-                                    RawCounter::Rolling { id, ring, .. } => (
-                                        *id,
-                                        CounterRef::Rolling {
-                                            head: ring.head,
-                                            wide: ring.wide,
-                                            buckets: &buckets[ranges[index].clone()],
-                                        },
-                                    ),
-                                    &RawCounter::Calendar { id, period, count } => {
-                                        (id, CounterRef::Calendar { period, count })
-                                    }
+            users: SeqOf(self.users.len(), |index: usize| {
+                let user = &self.users[index];
+                let payg_keys = &self.payg_keys[user.payg_keys.clone()];
+                (
+                    text(user.name),
+                    text(user.default_team),
+                    SeqOf(payg_keys.len(), move |index: usize| text(payg_keys[index])),
+                )
+            }),
+            teams: SeqOf(self.teams.len(), |index: usize| {
+                let team = &self.teams[index];
+                TeamRef {
+                    name: text(team.name),
+                    owner: team.owner.map(text),
+                    balance_micros: team.balance_micros,
+                    charged_micros: team.charged_micros,
+                    members: &members[team.members.clone()],
+                }
+            }),
+            keys: SeqOf(self.keys.len(), |index: usize| {
+                let key = &self.keys[index];
+                KeyRef {
+                    key: text(key.key),
+                    payg: key.payg,
+                    user: text(key.user),
+                    team: text(key.team),
+                    seat: key.seat,
+                    open_reservations: key.open_reservations,
+                    payg_micros: key.payg_micros,
+                    time_floor_ms: key.time_floor_ms,
+                    counters: key.counters.clone().map(|counters| {
+                        let (buckets, ranges) = (&buckets, &ranges);
+                        SeqOf(counters.len(), move |offset: usize| {
+                            let index = counters.start + offset;
+                            match &self.counters[index] {
+                                RawCounter::Rolling { id, ring, .. } => (
+                                    *id,
+                                    CounterRef::Rolling {
+                                        head: ring.head,
+                                        wide: ring.wide,
+                                        buckets: &buckets[ranges[index].clone()],
+                                    },
+                                ),
+                                &RawCounter::Calendar { id, period, count } => {
+                                    (id, CounterRef::Calendar { period, count })
                                 }
-                            })
-                        }),
-                    }
-                },
-                [
-                    &|index: usize| prefetch(&self.keys[keys[index].1]),
-                    &|index: usize| {
-                        let key = &self.keys[keys[index].1];
-                        texts.prefetch(key.key);
-                        texts.prefetch(key.user);
-                        texts.prefetch(key.team);
-                        if let Some(counters) = &key.counters {
-                            prefetch(self.counters.as_ptr().wrapping_add(counters.start));
-                            prefetch(ranges.as_ptr().wrapping_add(counters.start));
-                        }
-                    },
-                    &|index: usize| {
-                        let key = &self.keys[keys[index].1];
-                        let first = key.counters.as_ref().map(|counters| counters.start);
-                        if let Some(range) = first.and_then(|first| ranges.get(first)) {
-                            prefetch(buckets.as_ptr().wrapping_add(range.start));
-                        }
-                    },
-                ],
-            ),
+                            }
+                        })
+                    }),
+                }
+            }),
             requests: SeqOf(requests.len(), |index: usize| {
                 let request = &self.requests[requests[index]];
                 RequestRef {
@@ -1101,25 +975,6 @@ impl RawCut {
             counters,
         }
     }
-}
-
-/// `items` as `(name_prefix(name), index)`, to be sorted by name.
-fn by_name_prefix<'a, T>(items: &[T], name: impl Fn(&T) -> &'a str) -> Vec<(u128, usize)> {
-    items
-        .iter()
-        .enumerate()
-        .map(|(index, item)| (name_prefix(name(item)), index))
-        .collect()
-}
-
-/// The first 16 bytes of `name`, zero-padded, as a big-endian integer: two names whose
-/// prefixes differ compare as their prefixes do (a name that is a prefix of another pads with
-/// zeros, which sort first); equal prefixes say nothing, and the names are compared.
-fn name_prefix(name: &str) -> u128 {
-    let mut bytes = [0u8; 16];
-    let length = name.len().min(16);
-    bytes[..length].copy_from_slice(&name.as_bytes()[..length]);
-    u128::from_be_bytes(bytes)
 }
 
 /// The first allocations a key's copy reads: its name, user, team and usage.
@@ -1237,7 +1092,7 @@ impl Engine {
     pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot<'static> {
         let mut cut = self.cut_raw(seq);
         cut.absorb_helper();
-        let snapshot = cut.to_snapshot();
+        let snapshot = cut.to_snapshot().in_name_order();
         self.cuts.give_back(cut);
         snapshot
     }
