@@ -2254,6 +2254,8 @@ mod tests {
     fn a_cut_copied_on_two_threads_makes_the_same_snapshot() {
         let (engine, clock) = busy_engine();
         let reference = engine.cut_reference(4_242);
+        let usage_bytes = engine.cut_raw(|| 4_242).usage_bytes;
+        assert!(usage_bytes > 0);
         engine.cuts.copy_in_parallel_from(1);
         for round in 0..3u64 {
             // The helper copied about half of the keys, which the encoding moves in.
@@ -2266,6 +2268,8 @@ mod tests {
             );
             // And every user, while this thread copied the teams.
             assert_eq!(cut.helper_users(), reference.users.len());
+            // The usage hint counts every key's, before they are moved in.
+            assert_eq!(cut.usage_bytes, usage_bytes);
             cut.seq = 4_242;
             let written = encoded_in_name_order(&mut cut);
             assert_eq!(written, reference, "round {round}");

@@ -374,6 +374,8 @@ impl RawCut {
                 }
             }
         });
+        // The snapshot's usage hint is read before the helper's keys are moved in.
+        self.usage_bytes += std::mem::take(&mut helper.usage_bytes);
         self.helper = Some(helper);
     }
 
