@@ -4,9 +4,10 @@
 //! While the key shards are write-locked no admission runs, so the copy spends nothing there:
 //! strings go back to back into one buffer, counters as their words, each ring as its head and
 //! occupied slots (`RollingWindow::copy_raw`), into the previous cut's buffers, with every
-//! key's scattered allocations prefetched a few keys ahead; half of the shards by a helper
-//! thread from `PARALLEL_CUT_KEYS` keys on. Turning slots into live buckets, sorting and
-//! encoding happen afterwards, for a periodic checkpoint on the snapshot thread.
+//! key's scattered allocations prefetched a few keys ahead; the registry's users and half of
+//! the shards by a helper thread from `PARALLEL_CUT_KEYS` keys on. Turning slots into live
+//! buckets and encoding (in the order things were copied) happen afterwards, for a periodic
+//! checkpoint on the snapshot thread.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
