@@ -1866,19 +1866,29 @@ fn in_halves<T: Sync, R: Send>(
         return (work(items), work(&[]));
     }
     let (mine, theirs) = items.split_at(items.len() / 2);
+    let (done, helped) = beside("tally-restore", || work(theirs), || work(mine));
+    // No second thread: this one does their half too.
+    (done, helped.unwrap_or_else(|| work(theirs)))
+}
+
+/// Runs `theirs` on a scoped thread named `name` while this thread runs `mine`; returns both
+/// results, `None` for `theirs` if no thread could be had (it did not run: the caller does its
+/// work some other way). A panic in `theirs` (a bug) goes on as if it had happened here.
+fn beside<A, B: Send>(
+    name: &str,
+    theirs: impl FnOnce() -> B + Send,
+    mine: impl FnOnce() -> A,
+) -> (A, Option<B>) {
     std::thread::scope(|scope| {
         let helper = std::thread::Builder::new()
-            .name("tally-restore".into())
-            .spawn_scoped(scope, || work(theirs));
-        let done = work(mine);
-        let helped = match helper {
-            // A panic (a bug) goes on as if it had happened here.
-            Ok(helper) => helper
+            .name(name.into())
+            .spawn_scoped(scope, theirs);
+        let done = mine();
+        let helped = helper.ok().map(|helper| {
+            helper
                 .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            // No second thread: this one does their half too.
-            Err(_) => work(theirs),
-        };
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
         (done, helped)
     })
 }

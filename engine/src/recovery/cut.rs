@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::{
-    storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
-    TeamSnapshot,
+    beside, storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot,
+    Snapshot, TeamSnapshot,
 };
 use crate::accounts::{KeyKind, KeyState, Registry, Shard, TeamRecord, UserRecord};
 use crate::admission::{Decision, Quantities, Receipt};
@@ -350,31 +350,22 @@ impl RawCut {
         // Holding the users `copy_registry` had it copy, if any.
         let mut helper = self.helper.take().unwrap_or_default();
         debug_assert!(helper.keys.is_empty() && helper.shards.is_empty());
-        std::thread::scope(|scope| {
-            let helper = &mut helper;
-            let spawned = std::thread::Builder::new()
-                .name("tally-cut".into())
-                .spawn_scoped(scope, move || {
-                    for shard in theirs {
-                        helper.copy_keys(shard);
-                    }
-                });
+        let helper_copies = || {
+            for shard in theirs {
+                helper.copy_keys(shard);
+            }
+        };
+        let ((), helped) = beside("tally-cut", helper_copies, || {
             for shard in mine {
                 self.copy_keys(shard);
             }
-            match spawned.map(std::thread::ScopedJoinHandle::join) {
-                Ok(Ok(())) => {}
-                // Copying only reads and pushes, so it does not panic; if it did, the cut
-                // must not go on without those keys.
-                Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                // No thread to be had: this one copies them too.
-                Err(_) => {
-                    for shard in theirs {
-                        self.copy_keys(shard);
-                    }
-                }
-            }
         });
+        if helped.is_none() {
+            // No thread to be had: this one copies them too.
+            for shard in theirs {
+                self.copy_keys(shard);
+            }
+        }
         // The snapshot's usage hint is read before the helper's keys are moved in.
         self.usage_bytes += std::mem::take(&mut helper.usage_bytes);
         self.helper = Some(helper);
@@ -559,20 +550,14 @@ impl RawCut {
         }
         let mut helper = self.helper.take().unwrap_or_default();
         debug_assert!(helper.users.is_empty() && helper.keys.is_empty());
-        let teams = std::thread::scope(|scope| {
-            let helper = &mut helper;
-            let spawned = std::thread::Builder::new()
-                .name("tally-cut".into())
-                .spawn_scoped(scope, move || helper.copy_users(registry));
-            let teams = self.copy_teams(registry);
-            match spawned.map(std::thread::ScopedJoinHandle::join) {
-                Ok(Ok(())) => {}
-                // As in `copy_shards`: not without those users.
-                Ok(Err(panic)) => std::panic::resume_unwind(panic),
-                Err(_) => self.copy_users(registry),
-            }
-            teams
-        });
+        let (teams, helped) = beside(
+            "tally-cut",
+            || helper.copy_users(registry),
+            || self.copy_teams(registry),
+        );
+        if helped.is_none() {
+            self.copy_users(registry);
+        }
         self.helper = Some(helper);
         teams
     }
