@@ -340,35 +340,45 @@ impl RawCut {
     /// time: admission waits for the copy, so the other core has nothing else to do, and the
     /// copy is bound by cache misses, which two cores overlap twice as many of.
     fn copy_shards(&mut self, shards: &[WriteGuard<'_, Shard>], parallel: bool) {
-        if !parallel || shards.len() < 2 {
-            for shard in shards {
-                self.copy_keys(shard);
-            }
-            return;
-        }
         let (mine, theirs) = shards.split_at(shards.len() / 2);
-        // Holding the users `copy_registry` had it copy, if any.
-        let mut helper = self.helper.take().unwrap_or_default();
-        debug_assert!(helper.keys.is_empty() && helper.shards.is_empty());
-        let helper_copies = || {
-            for shard in theirs {
-                helper.copy_keys(shard);
-            }
-        };
-        let ((), helped) = beside("tally-cut", helper_copies, || {
-            for shard in mine {
-                self.copy_keys(shard);
-            }
-        });
-        if helped.is_none() {
-            // No thread to be had: this one copies them too.
-            for shard in theirs {
-                self.copy_keys(shard);
-            }
-        }
+        // The helper may hold the users `copy_registry` had it copy.
+        debug_assert!(self
+            .helper
+            .as_ref()
+            .is_none_or(|helper| helper.keys.is_empty() && helper.shards.is_empty()));
+        self.with_helper(
+            parallel && shards.len() >= 2,
+            |cut| theirs.iter().for_each(|shard| cut.copy_keys(shard)),
+            |cut| mine.iter().for_each(|shard| cut.copy_keys(shard)),
+        );
         // The snapshot's usage hint is read before the helper's keys are moved in.
-        self.usage_bytes += std::mem::take(&mut helper.usage_bytes);
+        if let Some(helper) = &mut self.helper {
+            self.usage_bytes += std::mem::take(&mut helper.usage_bytes);
+        }
+    }
+
+    /// Runs `mine` on this cut while a scoped helper thread (`beside`) runs `theirs` on the
+    /// helper's cut (`self.helper`, moved in later by `absorb_helper`). Without `parallel`, or
+    /// when no thread can be had, this cut runs both, `mine` first: the same copy as one
+    /// thread doing all of it in order.
+    fn with_helper<R>(
+        &mut self,
+        parallel: bool,
+        theirs: impl Fn(&mut RawCut) + Sync,
+        mine: impl FnOnce(&mut RawCut) -> R,
+    ) -> R {
+        if !parallel {
+            let done = mine(self);
+            theirs(self);
+            return done;
+        }
+        let mut helper = self.helper.take().unwrap_or_default();
+        let (done, helped) = beside("tally-cut", || theirs(&mut helper), || mine(self));
+        if helped.is_none() {
+            theirs(self);
+        }
         self.helper = Some(helper);
+        done
     }
 
     /// How many keys the helper copied that are not yet moved into this cut.
@@ -543,23 +553,15 @@ impl RawCut {
     /// With `parallel`, a helper thread copies the users (into `self.helper`) while this one
     /// copies the teams: a `consume_many` waits for the whole cut.
     fn copy_registry<'r>(&mut self, registry: &'r Registry, parallel: bool) -> Vec<&'r Team> {
-        if !parallel {
-            let teams = self.copy_teams(registry);
-            self.copy_users(registry);
-            return teams;
-        }
-        let mut helper = self.helper.take().unwrap_or_default();
-        debug_assert!(helper.users.is_empty() && helper.keys.is_empty());
-        let (teams, helped) = beside(
-            "tally-cut",
-            || helper.copy_users(registry),
-            || self.copy_teams(registry),
-        );
-        if helped.is_none() {
-            self.copy_users(registry);
-        }
-        self.helper = Some(helper);
-        teams
+        debug_assert!(self
+            .helper
+            .as_ref()
+            .is_none_or(|helper| helper.users.is_empty() && helper.keys.is_empty()));
+        self.with_helper(
+            parallel,
+            |cut| cut.copy_users(registry),
+            |cut| cut.copy_teams(registry),
+        )
     }
 
     /// The registry's teams and members (see `copy_registry`).
