@@ -130,12 +130,12 @@ pub struct Shard {
 const HINTS_FROM_KEYS: usize = 1024;
 
 /// Where the first key found at this hint's index keeps what a lookup reads after its entry:
-/// the name's bytes, the usage, its counters' list and the rolling slot written last (0 for
-/// none). Relaxed loads and stores: addresses to prefetch, never dereferenced.
+/// the name's bytes, the usage's block and the rolling slot written last (0 for none). Relaxed
+/// loads and stores: addresses to prefetch, never dereferenced.
 #[derive(Debug, Default)]
 #[repr(align(32))]
 struct KeyHint {
-    addresses: [AtomicUsize; 4],
+    addresses: [AtomicUsize; 3],
 }
 
 impl Shard {
@@ -162,12 +162,12 @@ impl Shard {
         let Some(hint) = self.hint(hash) else {
             return;
         };
-        let [name, usage, counters, slot] =
+        let [name, usage, slot] =
             std::array::from_fn(|word| hint.addresses[word].load(Ordering::Relaxed));
         if name != 0 {
             prefetch(name as *const u8);
         }
-        crate::ledger::prefetch_usage([usage, counters, slot]);
+        crate::ledger::prefetch_usage([usage, slot]);
     }
 
     /// Makes the hint for `hash` point where `entry`'s lookup reads, if the hint is free or
@@ -192,9 +192,9 @@ impl Shard {
         if holder != name && holder != 0 {
             return;
         }
-        let [usage, counters, slot] = entry.state.usage.prefetch_addresses();
-        let now = [name, usage, counters, slot];
-        let differs = (0..4).fold(false, |differs, word| {
+        let [usage, slot] = entry.state.usage.prefetch_addresses();
+        let now = [name, usage, slot];
+        let differs = (0..3).fold(false, |differs, word| {
             differs | (words[word].load(Ordering::Relaxed) != now[word])
         });
         if differs {
@@ -206,7 +206,7 @@ impl Shard {
 
     /// The addresses the hint for `hash` holds now.
     #[cfg(test)]
-    fn hinted(&self, hash: u64) -> Option<[usize; 4]> {
+    fn hinted(&self, hash: u64) -> Option<[usize; 3]> {
         self.hint(hash)
             .map(|hint| std::array::from_fn(|word| hint.addresses[word].load(Ordering::Relaxed)))
     }
@@ -502,14 +502,14 @@ mod tests {
             if *owners.entry(index).or_insert(name) != name {
                 continue;
             }
-            let [usage, counters, slot] = state.usage.prefetch_addresses();
+            let [usage, slot] = state.usage.prefetch_addresses();
             let entry_name = shard
                 .keys
                 .find(hash, |entry| &*entry.name == name.as_str())
                 .map(|entry| entry.name.as_ptr() as usize);
             assert_eq!(
                 shard.hinted(hash),
-                Some([entry_name.expect("inserted"), usage, counters, slot]),
+                Some([entry_name.expect("inserted"), usage, slot]),
                 "{name}"
             );
             assert_eq!(

@@ -668,7 +668,7 @@ impl Engine {
             let usage = state
                 .usage
                 .take()
-                .map(|usage| usage.rearranged(policy, policy, seat));
+                .map(|usage| KeyUsage::rearranged(usage, policy, policy, seat));
             state.usage.set(usage);
             Ok(())
         })
@@ -794,7 +794,7 @@ impl Engine {
                 let usage = state
                     .usage
                     .take()
-                    .map(|usage| usage.rearranged(&old, &policy, state.seat));
+                    .map(|usage| KeyUsage::rearranged(usage, &old, &policy, state.seat));
                 state.usage.set(usage);
             }
             shard.policy = Arc::clone(&policy);
@@ -1528,7 +1528,7 @@ pub(crate) fn decide_for_key_into(
                 (Some(usage), _) => usage,
                 (None, Mode::Check) => {
                     scratch = KeyUsage::for_plan(policy, Some(plan_id));
-                    &scratch
+                    &*scratch
                 }
                 (None, Mode::Consume) => state
                     .usage

@@ -1,8 +1,10 @@
 //! The ledger: what each key has used (its window counters, one per distinct meter and window)
 //! and what each team holds (its credits balance in integer micro-credits).
 
+use std::alloc::Layout;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+use allocator_api2::alloc::Allocator;
 use allocator_api2::boxed::Box;
 
 use crate::pages::UsagePages;
@@ -174,30 +176,100 @@ pub struct Counter {
 
 /// Everything one key has used. The first `plan.limits.len()` counters are the key's plan's
 /// limits in order (so admission indexes them directly); any after those are dormant counters
-/// from an earlier plan, kept so a change back within the window still sees that usage. The
-/// box, the list and the rings live on the usage pages (see `pages::UsagePages`).
+/// from an earlier plan, kept so a change back within the window still sees that usage.
+///
+/// One block on the usage pages (see `pages::UsagePages`): the number of counters, then the
+/// counters themselves (a ring's slots are blocks of their own). A key's cell holds a thin
+/// pointer to the block. With the count in a box and the counters in a list of their own, a
+/// request waited on four lines for three counters (the box's and three of 48-byte counters);
+/// now it reads two (`tests::three_counters_and_their_count_fill_two_cache_lines`).
 #[derive(Debug)]
+#[repr(C)]
 pub struct KeyUsage {
-    pub counters: Counters,
+    /// `counters.len()`, kept in the block so that a thin pointer finds it.
+    len: usize,
+    pub counters: [Counter],
 }
 
-/// A key's counters, on the usage pages.
-pub type Counters = allocator_api2::vec::Vec<Counter, UsagePages>;
-
-/// An empty list of counters with room for `capacity`.
-pub fn counters_with_capacity(capacity: usize) -> Counters {
-    Counters::with_capacity_in(capacity, UsagePages)
-}
+/// A key's usage, owned.
+pub type UsageBox = Box<KeyUsage, UsagePages>;
 
 impl KeyUsage {
-    pub fn for_plan(policy: &Policy, plan: Option<PlanId>) -> KeyUsage {
+    /// The block of `len` counters, and where in it the counters start.
+    fn layout(len: usize) -> (Layout, usize) {
+        let counters =
+            Layout::array::<Counter>(len).expect("a key's counters are bounded by the policy");
+        let (block, offset) = Layout::new::<usize>()
+            .extend(counters)
+            .expect("a key's counters are bounded by the policy");
+        (block.pad_to_align(), offset)
+    }
+
+    /// `counters` moved into a block of their own.
+    pub fn from_counters(mut counters: Vec<Counter>) -> UsageBox {
+        let len = counters.len();
+        let (layout, offset) = KeyUsage::layout(len);
+        let block = UsagePages
+            .allocate(layout)
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(layout))
+            .cast::<u8>()
+            .as_ptr();
+        // SAFETY: the block is `layout`, which holds a `usize` at 0 and `len` counters at
+        // `offset`; the counters are moved (the list forgets them, keeping only its buffer to
+        // free), and the fat pointer made from the block says `len` counters, as written, in
+        // the layout `Box` will free it with (`size_of_val` is `layout.size()` for repr(C)).
+        unsafe {
+            block.cast::<usize>().write(len);
+            std::ptr::copy_nonoverlapping(
+                counters.as_ptr(),
+                block.add(offset).cast::<Counter>(),
+                len,
+            );
+            counters.set_len(0);
+            Box::from_raw_in(KeyUsage::in_block(block), UsagePages)
+        }
+    }
+
+    /// The usage in the block at `block` (from `KeyUsage::from_counters`).
+    ///
+    /// # Safety
+    /// `block` is a live block from `from_counters` (its first word is the count).
+    #[inline]
+    unsafe fn in_block(block: *mut u8) -> *mut KeyUsage {
+        // SAFETY: per the contract, the first word is initialized and holds the count.
+        let len = unsafe { block.cast::<usize>().read() };
+        std::ptr::slice_from_raw_parts_mut(block, len) as *mut KeyUsage
+    }
+
+    /// The counters, moved out of the block (which is freed).
+    pub fn into_counters(usage: UsageBox) -> Vec<Counter> {
+        let len = usage.counters.len();
+        let (raw, _) = Box::into_raw_with_allocator(usage);
+        let mut counters = Vec::with_capacity(len);
+        // SAFETY: `raw` is the live block of `len` counters, which are moved out once (the
+        // block is then freed without dropping them) into room for `len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping((*raw).counters.as_ptr(), counters.as_mut_ptr(), len);
+            counters.set_len(len);
+            UsagePages.deallocate(
+                std::ptr::NonNull::new_unchecked(raw.cast::<u8>()),
+                KeyUsage::layout(len).0,
+            );
+        }
+        counters
+    }
+
+    pub fn for_plan(policy: &Policy, plan: Option<PlanId>) -> UsageBox {
         let limits = plan.map_or(&[][..], |plan| &policy.plan(plan).limits[..]);
-        let mut counters = counters_with_capacity(limits.len());
-        counters.extend(limits.iter().map(|limit| Counter {
-            id: limit.counter,
-            state: WindowState::new(limit.window, limit.amount),
-        }));
-        KeyUsage { counters }
+        KeyUsage::from_counters(
+            limits
+                .iter()
+                .map(|limit| Counter {
+                    id: limit.counter,
+                    state: WindowState::new(limit.window, limit.amount),
+                })
+                .collect(),
+        )
     }
 
     pub fn counter(&self, id: CounterId) -> Option<&WindowState> {
@@ -211,13 +283,14 @@ impl KeyUsage {
     /// out under `old_policy`). Counters with the same meter and window carry over, even if the
     /// bucket width changed; the rest stay dormant.
     pub fn rearranged(
-        self,
+        usage: UsageBox,
         old_policy: &Policy,
         policy: &Policy,
         plan: Option<PlanId>,
-    ) -> KeyUsage {
-        let mut carried: Vec<Counter> = Vec::with_capacity(self.counters.len());
-        for counter in self.counters {
+    ) -> UsageBox {
+        let old = KeyUsage::into_counters(usage);
+        let mut carried: Vec<Counter> = Vec::with_capacity(old.len());
+        for counter in old {
             let Some(id) = old_policy.same_counter_in(counter.id, policy) else {
                 continue; // the meter or window is gone from the new policy: nothing can read it
             };
@@ -231,7 +304,7 @@ impl KeyUsage {
             };
             carried.push(Counter { id, state });
         }
-        let mut counters = counters_with_capacity(carried.len() + 4);
+        let mut counters = Vec::with_capacity(carried.len() + 4);
         if let Some(plan) = plan {
             for limit in &policy.plan(plan).limits {
                 // The same counter, or else the same meter over the same span with other
@@ -265,13 +338,12 @@ impl KeyUsage {
             }
         }
         counters.extend(carried);
-        KeyUsage { counters }
+        KeyUsage::from_counters(counters)
     }
 
-    /// Bytes this key's usage holds on the heap: the box, the counter list and the rings.
+    /// Bytes this key's usage holds on the heap: its block and the rings.
     pub fn memory_bytes(&self) -> usize {
-        std::mem::size_of::<KeyUsage>()
-            + self.counters.capacity() * std::mem::size_of::<Counter>()
+        std::mem::size_of_val(self)
             + self
                 .counters
                 .iter()
@@ -291,36 +363,35 @@ fn widened(state: WindowState, window: Window, amount: u64) -> WindowState {
 }
 
 /// A lazily allocated `KeyUsage`: a key with no usage holds only null pointers. Readers share
-/// the key through its shard's read lock; the first consumer installs the box by CAS (a loser
+/// the key through its shard's read lock; the first consumer installs the block by CAS (a loser
 /// frees its own). Replacing or freeing needs `&mut`, i.e. the shard's write lock, so no reader
 /// can hold a reference then.
 ///
 /// Over many keys, each hop from the key's table entry to its counters is a cache miss: the
-/// box, the counters' list, then the slot of a rolling ring. The cell keeps where the list and
-/// the last slot written are, so all three loads start together as soon as the entry is read
-/// (`prefetch`) instead of one after another. The hints are only ever prefetched, never
-/// dereferenced: a stale one costs a wasted prefetch, nothing else.
+/// usage's block, then the slot of a rolling ring. The cell keeps where the last slot written
+/// is, so both loads start together as soon as the entry is read (`prefetch`) instead of one
+/// after the other. The hint is only ever prefetched, never dereferenced: a stale one costs a
+/// wasted prefetch, nothing else.
 #[derive(Debug, Default)]
 pub struct UsageCell {
-    // Release on install / Acquire on load: the box's contents are visible to whoever sees it.
-    pointer: AtomicPtr<KeyUsage>,
-    // Relaxed: a prefetch hint (the counters' list), written when the box is installed.
-    counters_hint: AtomicPtr<u8>,
+    // Release on install / Acquire on load: the block's contents are visible to whoever sees
+    // it. A thin pointer to a `KeyUsage` block (its first word is the counters' count).
+    pointer: AtomicPtr<u8>,
     // Relaxed: a prefetch hint (the rolling slot written last), rewritten only when it moves.
     slot_hint: AtomicPtr<u8>,
 }
 
-/// Lines of the counters' list prefetched: three counters, a typical plan's limits on a meter.
-const COUNTER_LINES_PREFETCHED: usize = 3;
+/// Lines of a key's usage block prefetched: its count and three counters, a typical plan's
+/// limits on a meter.
+const USAGE_LINES_PREFETCHED: usize = 2;
 
-/// Starts loading a key's usage, the first lines of its counters' list and a rolling slot, as
-/// `UsageCell::prefetch_addresses` gives them; a no-op for a key without usage (null).
+/// Starts loading a key's usage block and a rolling slot, as `UsageCell::prefetch_addresses`
+/// gives them; a no-op for a key without usage (null).
 #[inline]
-pub(crate) fn prefetch_usage([usage, counters, slot]: [usize; 3]) {
+pub(crate) fn prefetch_usage([usage, slot]: [usize; 2]) {
     if usage != 0 {
-        prefetch(usage as *const u8);
-        for line in 0..COUNTER_LINES_PREFETCHED {
-            prefetch((counters as *const u8).wrapping_add(line * 64));
+        for line in 0..USAGE_LINES_PREFETCHED {
+            prefetch((usage as *const u8).wrapping_add(line * 64));
         }
         // The slot and the line after it: a sweep to a later epoch reads on from the slot (in
         // an open's replay, 80% of `RollingWindow::advance` waited there).
@@ -330,27 +401,30 @@ pub(crate) fn prefetch_usage([usage, counters, slot]: [usize; 3]) {
 }
 
 impl UsageCell {
+    #[inline]
     pub fn get(&self) -> Option<&KeyUsage> {
-        let pointer = self.pointer.load(Ordering::Acquire);
-        // SAFETY: a non-null pointer came from `Box::into_raw` and is only freed through `&mut self`
-        // (`take`, `Drop`), which cannot overlap with this shared borrow.
-        unsafe { pointer.as_ref() }
+        let block = self.pointer.load(Ordering::Acquire);
+        if block.is_null() {
+            return None;
+        }
+        // SAFETY: a non-null pointer is a block from `Box::into_raw` of a `UsageBox`, only
+        // freed through `&mut self` (`take`, `Drop`), which cannot overlap with this borrow.
+        Some(unsafe { &*KeyUsage::in_block(block) })
     }
 
-    /// Hints the CPU to start loading the usage, its counters and the rolling slot written
-    /// last, all at once; a no-op without usage or off x86-64.
+    /// Hints the CPU to start loading the usage and the rolling slot written last, both at
+    /// once; a no-op without usage or off x86-64.
     #[inline]
     pub fn prefetch(&self) {
         prefetch_usage(self.prefetch_addresses());
     }
 
-    /// What `prefetch` starts loading: the usage, its counters' list and the slot written
-    /// last (null without usage), for a hint kept where it can be read before the entry.
+    /// What `prefetch` starts loading: the usage's block and the slot written last (null
+    /// without usage), for a hint kept where it can be read before the entry.
     #[inline]
-    pub fn prefetch_addresses(&self) -> [usize; 3] {
+    pub fn prefetch_addresses(&self) -> [usize; 2] {
         [
             self.pointer.load(Ordering::Relaxed) as usize,
-            self.counters_hint.load(Ordering::Relaxed) as usize,
             self.slot_hint.load(Ordering::Relaxed) as usize,
         ]
     }
@@ -364,56 +438,41 @@ impl UsageCell {
         }
     }
 
-    fn note_counters(&self, usage: &KeyUsage) {
-        self.counters_hint.store(
-            usage.counters.as_ptr().cast::<u8>().cast_mut(),
-            Ordering::Relaxed,
-        );
-    }
-
-    pub fn get_or_init(&self, init: impl FnOnce() -> KeyUsage) -> &KeyUsage {
+    pub fn get_or_init(&self, init: impl FnOnce() -> UsageBox) -> &KeyUsage {
         if let Some(usage) = self.get() {
             return usage;
         }
-        let fresh = Box::into_raw(Box::new_in(init(), UsagePages));
+        let fresh = Box::into_raw(init());
         match self.pointer.compare_exchange(
             std::ptr::null_mut(),
-            fresh,
+            fresh.cast::<u8>(),
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
-            Ok(_) => {
-                // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
-                let usage = unsafe { &*fresh };
-                self.note_counters(usage);
-                usage
-            }
+            // SAFETY: we just installed `fresh`; it lives until `&mut self` frees it.
+            Ok(_) => unsafe { &*fresh },
             Err(installed) => {
                 // SAFETY: `fresh` was never shared; `installed` is live as in `get`.
                 unsafe {
                     drop(Box::from_raw_in(fresh, UsagePages));
-                    &*installed
+                    &*KeyUsage::in_block(installed)
                 }
             }
         }
     }
 
-    pub fn take(&mut self) -> Option<KeyUsage> {
-        let pointer = std::mem::replace(self.pointer.get_mut(), std::ptr::null_mut());
-        *self.counters_hint.get_mut() = std::ptr::null_mut();
+    pub fn take(&mut self) -> Option<UsageBox> {
+        let block = std::mem::replace(self.pointer.get_mut(), std::ptr::null_mut());
         *self.slot_hint.get_mut() = std::ptr::null_mut();
-        // SAFETY: exclusive access; the pointer came from `Box::into_raw`.
-        (!pointer.is_null())
-            .then(|| Box::into_inner(unsafe { Box::from_raw_in(pointer, UsagePages) }))
+        // SAFETY: exclusive access; a non-null block came from `Box::into_raw` of a `UsageBox`.
+        (!block.is_null())
+            .then(|| unsafe { Box::from_raw_in(KeyUsage::in_block(block), UsagePages) })
     }
 
-    pub fn set(&mut self, usage: Option<KeyUsage>) {
+    pub fn set(&mut self, usage: Option<UsageBox>) {
         drop(self.take());
         if let Some(usage) = usage {
-            let usage = Box::into_raw(Box::new_in(usage, UsagePages));
-            *self.pointer.get_mut() = usage;
-            // SAFETY: just made from a box, exclusively ours.
-            self.note_counters(unsafe { &*usage });
+            *self.pointer.get_mut() = Box::into_raw(usage).cast::<u8>();
         }
     }
 }
@@ -455,6 +514,55 @@ mod tests {
         team.credit(u64::MAX - 1).expect("room for a top-up");
         assert_eq!(team.credit(2), None);
         assert_eq!(team.balance_micros(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn three_counters_and_their_count_fill_two_cache_lines() {
+        assert_eq!(std::mem::size_of::<Counter>(), 40);
+        let rolling = Window::Rolling {
+            window_ms: 5 * 3_600_000,
+            bucket_ms: 60_000,
+        };
+        let counters = vec![
+            Counter {
+                id: CounterId(0),
+                state: WindowState::new(rolling, 1_500),
+            },
+            Counter {
+                id: CounterId(1),
+                state: WindowState::new(
+                    Window::Calendar(crate::calendar::CalendarPeriod::Daily),
+                    10_000,
+                ),
+            },
+            Counter {
+                id: CounterId(2),
+                state: WindowState::new(rolling, 1 << 40),
+            },
+        ];
+        let usage = KeyUsage::from_counters(counters);
+        let block = &*usage as *const KeyUsage as *const u8 as usize;
+        assert_eq!(std::mem::size_of_val(&*usage), 128);
+        assert_eq!(block % 64, 0, "a usage block starts a cache line");
+        assert_eq!(usage.counters.len(), 3);
+        let ids: Vec<u16> = usage.counters.iter().map(|counter| counter.id.0).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        // Rings keep their width through the move into the block and back out of it.
+        let widths = |counters: &[Counter]| -> Vec<Option<bool>> {
+            counters
+                .iter()
+                .map(|counter| match &counter.state {
+                    WindowState::Rolling(ring) => Some(ring.holds(1 << 20)),
+                    WindowState::Calendar(_) => None,
+                })
+                .collect()
+        };
+        assert_eq!(widths(&usage.counters), [Some(false), None, Some(true)]);
+        let mut cell = UsageCell::default();
+        let installed = cell.get_or_init(|| usage);
+        assert_eq!(installed as *const KeyUsage as *const u8 as usize, block);
+        let back = KeyUsage::into_counters(cell.take().expect("installed"));
+        assert_eq!(widths(&back), [Some(false), None, Some(true)]);
     }
 
     #[test]

@@ -1923,8 +1923,11 @@ fn user_name(registry: &Registry, user: &str) -> Arc<str> {
         .map_or_else(|| user.into(), |(name, _)| Arc::clone(name))
 }
 
-fn restore_usage(policy: &Policy, counters: &[(u16, CounterSnapshot)]) -> Result<KeyUsage, Error> {
-    let mut restored = crate::ledger::counters_with_capacity(counters.len());
+fn restore_usage(
+    policy: &Policy,
+    counters: &[(u16, CounterSnapshot)],
+) -> Result<crate::ledger::UsageBox, Error> {
+    let mut restored = Vec::with_capacity(counters.len());
     for (id, snapshot) in counters {
         let spec = policy.counters().get(usize::from(*id)).ok_or_else(|| {
             storage(format!(
@@ -1954,7 +1957,7 @@ fn restore_usage(policy: &Policy, counters: &[(u16, CounterSnapshot)]) -> Result
             state,
         });
     }
-    Ok(KeyUsage { counters: restored })
+    Ok(KeyUsage::from_counters(restored))
 }
 
 fn translate(then: &Policy, now: &Policy, counter: CounterId) -> Option<CounterId> {

@@ -17,6 +17,7 @@
 //! Invariant (checked in debug builds): `total >= sum of slot counts`, so `total` never
 //! under-counts and concurrent consumers never over-admit.
 
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use allocator_api2::boxed::Box;
@@ -40,74 +41,139 @@ struct Slot {
 /// compared for equality; which of two laps is older is decided by the ring's `head`. The
 /// head-driven sweep visits every slot each lap, so an old tag never survives to look current.
 /// The slots live on the usage pages (see `pages::UsagePages`).
-#[derive(Debug)]
-enum Slots {
-    Wide(Box<[AtomicU64], UsagePages>),
-    Narrow(Box<[AtomicU32], UsagePages>),
+///
+/// Held as one thin pointer, a length and the width (16 bytes, where two boxed slices behind an
+/// enum took 24), so a ring's fixed part is 32 bytes and a key's counter 40: three counters and
+/// their list's header fill two cache lines, not three.
+struct Slots {
+    /// The first of `len` slots: `AtomicU64`s if `wide`, else `AtomicU32`s. Owned: allocated
+    /// by `Slots::new` on the usage pages, freed by `Drop`.
+    start: NonNull<u8>,
+    /// At most `MAX_BUCKETS_PER_WINDOW + 1` (a policy's bound on a window's buckets).
+    len: u32,
+    wide: bool,
 }
 
-/// `count` fresh items on the usage pages.
-fn usage_slice<T>(count: u64, fresh: impl FnMut() -> T) -> Box<[T], UsagePages> {
-    boxed_slice_in(
-        usize::try_from(count).unwrap_or(usize::MAX),
-        UsagePages,
-        fresh,
-    )
+// SAFETY: `Slots` owns its array of atomics outright (like a `Box<[AtomicU64]>`, which is Send
+// and Sync); shared access only goes through the atomics.
+unsafe impl Send for Slots {}
+// SAFETY: as above.
+unsafe impl Sync for Slots {}
+
+/// The slots as the slice of their width.
+enum SlotsRef<'s> {
+    Wide(&'s [AtomicU64]),
+    Narrow(&'s [AtomicU32]),
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.view() {
+            SlotsRef::Wide(slots) => formatter.debug_tuple("Wide").field(&slots).finish(),
+            SlotsRef::Narrow(slots) => formatter.debug_tuple("Narrow").field(&slots).finish(),
+        }
+    }
+}
+
+/// `count` fresh items on the usage pages, as a thin pointer and their number.
+fn usage_slice<T>(count: u64, fresh: impl FnMut() -> T) -> (NonNull<u8>, u32) {
+    let len = u32::try_from(count).expect("a ring's slot count fits 32 bits (policy bound)");
+    let slice = boxed_slice_in(len as usize, UsagePages, fresh);
+    let (pointer, _) = Box::into_raw_with_allocator(slice);
+    // SAFETY: `Box::into_raw` never gives a null pointer (a dangling one for no items).
+    (unsafe { NonNull::new_unchecked(pointer.cast::<u8>()) }, len)
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let len = self.len as usize;
+        // SAFETY: `start` and `len` came from `usage_slice` of this width, and the array is
+        // freed only here, once.
+        unsafe {
+            if self.wide {
+                let slice = std::ptr::slice_from_raw_parts_mut(
+                    self.start.as_ptr().cast::<AtomicU64>(),
+                    len,
+                );
+                drop(Box::from_raw_in(slice, UsagePages));
+            } else {
+                let slice = std::ptr::slice_from_raw_parts_mut(
+                    self.start.as_ptr().cast::<AtomicU32>(),
+                    len,
+                );
+                drop(Box::from_raw_in(slice, UsagePages));
+            }
+        }
+    }
 }
 
 impl Slots {
     fn new(count: u64, wide: bool) -> Slots {
-        if wide {
-            Slots::Wide(usage_slice(count, || AtomicU64::new(0)))
+        let (start, len) = if wide {
+            usage_slice(count, || AtomicU64::new(0))
         } else {
-            Slots::Narrow(usage_slice(count, || AtomicU32::new(0)))
+            usage_slice(count, || AtomicU32::new(0))
+        };
+        Slots { start, len, wide }
+    }
+
+    #[inline]
+    fn view(&self) -> SlotsRef<'_> {
+        let len = self.len as usize;
+        // SAFETY: `start` holds `len` initialized slots of this width for as long as `self`.
+        unsafe {
+            if self.wide {
+                SlotsRef::Wide(std::slice::from_raw_parts(
+                    self.start.as_ptr().cast::<AtomicU64>(),
+                    len,
+                ))
+            } else {
+                SlotsRef::Narrow(std::slice::from_raw_parts(
+                    self.start.as_ptr().cast::<AtomicU32>(),
+                    len,
+                ))
+            }
         }
     }
 
     fn len(&self) -> usize {
-        match self {
-            Slots::Wide(slots) => slots.len(),
-            Slots::Narrow(slots) => slots.len(),
-        }
+        self.len as usize
     }
 
     fn is_wide(&self) -> bool {
-        matches!(self, Slots::Wide(_))
+        self.wide
     }
 
     /// Where slot `index` lives (only ever prefetched).
     fn address(&self, index: usize) -> *const u8 {
-        match self {
-            Slots::Wide(slots) => slots.as_ptr().wrapping_add(index).cast(),
-            Slots::Narrow(slots) => slots.as_ptr().wrapping_add(index).cast(),
-        }
+        let width = if self.wide { 8 } else { 4 };
+        self.start.as_ptr().wrapping_add(index * width)
     }
 
     fn heap_bytes(&self) -> usize {
-        match self {
-            Slots::Wide(slots) => slots.len() * std::mem::size_of::<AtomicU64>(),
-            Slots::Narrow(slots) => slots.len() * std::mem::size_of::<AtomicU32>(),
-        }
+        self.len() * if self.wide { 8 } else { 4 }
     }
 
     fn max_count(&self) -> u64 {
-        match self {
-            Slots::Wide(_) => u64::from(u32::MAX),
-            Slots::Narrow(_) => NARROW_MAX_AMOUNT,
+        if self.wide {
+            u64::from(u32::MAX)
+        } else {
+            NARROW_MAX_AMOUNT
         }
     }
 
     /// The tag of lap `lap` in this slot width.
     fn tag(&self, lap: u64) -> u32 {
-        match self {
-            Slots::Wide(_) => lap as u32,
-            Slots::Narrow(_) => (lap as u32) & 0xFFFF,
+        if self.wide {
+            lap as u32
+        } else {
+            (lap as u32) & 0xFFFF
         }
     }
 
     fn load(&self, index: usize) -> (u64, Slot) {
-        match self {
-            Slots::Wide(slots) => {
+        match self.view() {
+            SlotsRef::Wide(slots) => {
                 let raw = slots[index].load(Ordering::Acquire);
                 (
                     raw,
@@ -117,7 +183,7 @@ impl Slots {
                     },
                 )
             }
-            Slots::Narrow(slots) => {
+            SlotsRef::Narrow(slots) => {
                 let raw = slots[index].load(Ordering::Acquire);
                 (
                     u64::from(raw),
@@ -133,8 +199,8 @@ impl Slots {
     /// Replaces the slot's raw value `current` by `next`; on failure returns the value found.
     fn replace(&self, index: usize, current: u64, next: Slot) -> Result<(), (u64, Slot)> {
         debug_assert!(next.count <= self.max_count());
-        let outcome = match self {
-            Slots::Wide(slots) => slots[index]
+        let outcome = match self.view() {
+            SlotsRef::Wide(slots) => slots[index]
                 .compare_exchange_weak(
                     current,
                     (u64::from(next.tag) << 32) | next.count,
@@ -143,7 +209,7 @@ impl Slots {
                 )
                 .map(|_| ())
                 .map_err(|_| ()),
-            Slots::Narrow(slots) => slots[index]
+            SlotsRef::Narrow(slots) => slots[index]
                 .compare_exchange_weak(
                     current as u32,
                     (next.tag << 16) | next.count as u32,
@@ -569,10 +635,10 @@ impl RollingWindow {
     /// line-fill buffers a ring of 27 lines would take up (measured: a little faster than
     /// prefetching into L1, or only the first line). A no-op off x86-64.
     pub fn prefetch_slots(&self) {
-        let (start, bytes) = match &self.slots {
-            Slots::Wide(words) => (words.as_ptr().cast::<u8>(), std::mem::size_of_val(&**words)),
-            Slots::Narrow(words) => (words.as_ptr().cast::<u8>(), std::mem::size_of_val(&**words)),
-        };
+        let (start, bytes) = (
+            self.slots.start.as_ptr().cast_const(),
+            self.slots.heap_bytes(),
+        );
         for offset in (0..bytes).step_by(64) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a prefetch has no effect on memory and never faults, whatever the address.
@@ -594,8 +660,8 @@ impl RollingWindow {
     /// The ring must not change meanwhile (the cut holds its key's shard write-locked).
     pub fn copy_raw(&self, slots: &mut Vec<(u32, u64)>) -> RawRing {
         let head = self.head.load(Ordering::Acquire);
-        match &self.slots {
-            Slots::Wide(words) => {
+        match self.slots.view() {
+            SlotsRef::Wide(words) => {
                 for (index, word) in words.iter().enumerate() {
                     let raw = word.load(Ordering::Acquire);
                     if raw & 0xFFFF_FFFF != 0 {
@@ -603,7 +669,7 @@ impl RollingWindow {
                     }
                 }
             }
-            Slots::Narrow(words) => {
+            SlotsRef::Narrow(words) => {
                 for (index, word) in words.iter().enumerate() {
                     let raw = word.load(Ordering::Acquire);
                     if raw & 0xFFFF != 0 {

@@ -500,9 +500,9 @@ impl RawCut {
 
     fn push_key(&mut self, key: &str, state: &KeyState) {
         let counters = state.usage.get().map(|usage| {
-            // The box, the counter list and a ring per rolling counter at most.
+            // The block of counters and a ring per rolling counter at most.
             self.usage_bytes +=
-                crate::pages::usage_block_bytes(usage.memory_bytes(), 2 + usage.counters.len());
+                crate::pages::usage_block_bytes(usage.memory_bytes(), 1 + usage.counters.len());
             let first = self.counters.len();
             for counter in &usage.counters {
                 let raw = match &counter.state {
