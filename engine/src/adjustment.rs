@@ -257,7 +257,8 @@ impl Engine {
             stats.table_bytes += shard.table_bytes() as u64;
             for (name, state) in shard.iter() {
                 stats.keys += 1;
-                stats.table_bytes += name.len() as u64;
+                // The name's block on the usage pages.
+                stats.table_bytes += crate::pages::block_bytes(name.len()) as u64;
                 if let Some(usage) = state.usage.get() {
                     stats.keys_with_usage += 1;
                     stats.usage_bytes += usage.memory_bytes() as u64;

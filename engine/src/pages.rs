@@ -285,6 +285,11 @@ fn class_of(layout: Layout) -> Option<usize> {
         .then(|| layout.size().div_ceil(BLOCK_UNIT))
 }
 
+/// The bytes a block for `bytes` takes on the usage pages (whole cache lines).
+pub(crate) fn block_bytes(bytes: usize) -> usize {
+    bytes.div_ceil(BLOCK_UNIT) * BLOCK_UNIT
+}
+
 /// What a key usage of `bytes` in `allocations` blocks takes from the slab at most: each block
 /// rounded up to whole lines. For the warm-up hint a snapshot carries.
 pub(crate) fn usage_block_bytes(bytes: usize, allocations: usize) -> usize {
