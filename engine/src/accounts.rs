@@ -227,7 +227,7 @@ impl Shard {
     }
 
     /// The admission path's lookup. Over many keys each step of it is a cache miss; the
-    /// name's bytes and the key's usage live in two other allocations, so the usage is
+    /// name's bytes and the key's usage live in two other blocks, so the usage is
     /// prefetched before the name is compared and the two misses overlap instead of adding up.
     #[inline]
     pub fn find(&self, hash: u64, key: &str) -> Option<&KeyState> {

@@ -11,9 +11,10 @@
 //! - `TablePages`: a shard's table of at least half a huge page is aligned to one and rounded
 //!   up to whole huge pages. A key table's sizes are powers of two times 105 bytes, so the
 //!   rounding costs about 16% of the table (3.4 MiB -> 4 MiB per shard at 1,000,000 keys).
-//! - `UsagePages`: a key's usage box, counters and rings are blocks of whole cache lines carved
-//!   from huge-page chunks (`Slab`), freed blocks reused by later keys. The rounding to lines
-//!   costs about 9% (a Plus key: 1,120 bytes, 1,216 in blocks); chunks are never handed back.
+//! - `UsagePages`: a key's usage block (its counters), its rings and its name are blocks of
+//!   whole cache lines carved from huge-page chunks (`Slab`), freed blocks reused by later keys.
+//!   The rounding to lines costs about 8% (a Plus key's windows: 1,072 bytes, 1,153 in
+//!   blocks); chunks are never handed back.
 //!
 //! Measured side by side at 1,000,000 keys (`examples/hotloop.rs`, paired bursts, ratio to
 //! governor): 3.72-3.99x before, 3.38-4.08x with the tables on huge pages, 3.14-3.50x with
@@ -71,7 +72,7 @@ unsafe impl Allocator for TablePages {
     }
 }
 
-/// The allocator of keys' usage: the box, its list of counters and its rolling rings (a few
+/// The allocator of keys' usage and names: the usage's block of counters and its rolling rings (a few
 /// hundred bytes to a few KiB per key, allocated when a key is first used). Over a million
 /// keys these are a gigabyte of small blocks, and each admission touches a key's: with 4 KiB
 /// pages that is one more page walk per request. Blocks are carved out of huge-page chunks
