@@ -756,15 +756,22 @@ impl TwoThreads {
         }
     }
 
-    /// `admissions` tally consumes on `thread`'s first `key_count` keys; returns the denials.
-    fn tally_run(&self, thread: usize, key_count: usize, admissions: u64) -> u64 {
+    /// `admissions` tally consumes on `thread`'s first `key_count` keys (through `consume`, or
+    /// `consume_into` with one decision reused if `into`); returns the denials.
+    fn tally_run(&self, thread: usize, key_count: usize, admissions: u64, into: bool) -> u64 {
         let keys = &self.keys[thread][..key_count];
         let first = self.steps[thread].load(Ordering::Relaxed);
         let mut denied = 0;
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
         for step in first..first + admissions {
             let key = &keys[step as usize % key_count];
             let request = UsageRequest::new(key, BENCH_RESOURCE, ONE_REQUEST).at(at_ms(step));
-            denied += u64::from(!tally_admitted(self.engine.consume(&request)));
+            let admitted = if into {
+                self.engine.consume_into(&request, &mut decision).is_ok() && decision.is_admitted()
+            } else {
+                tally_admitted(self.engine.consume(&request))
+            };
+            denied += u64::from(!admitted);
         }
         self.steps[thread].store(first + admissions, Ordering::Relaxed);
         denied
@@ -812,22 +819,22 @@ fn bench_two_threads(criterion: &mut Criterion, sizes: Sizes) {
     group.throughput(Throughput::Elements(1));
     let fixture: OnceCell<TwoThreads> = OnceCell::new();
     let many = sizes.keys_per_thread;
-    group.bench_function("tally_consume_1_key_each", |bencher| {
-        let fixture = fixture.get_or_init(|| TwoThreads::build(many));
-        bencher.iter_custom(|iters| {
-            two_thread_wall_time(iters, |thread, admissions| {
-                fixture.tally_run(thread, 1, admissions)
-            })
-        })
-    });
-    group.bench_function(format!("tally_consume_{many}_keys_each"), |bencher| {
-        let fixture = fixture.get_or_init(|| TwoThreads::build(many));
-        bencher.iter_custom(|iters| {
-            two_thread_wall_time(iters, |thread, admissions| {
-                fixture.tally_run(thread, many, admissions)
-            })
-        })
-    });
+    for (call, into) in [("consume", false), ("consume_into", true)] {
+        for keys in [1, many] {
+            let name = match keys {
+                1 => format!("tally_{call}_1_key_each"),
+                _ => format!("tally_{call}_{keys}_keys_each"),
+            };
+            group.bench_function(name, |bencher| {
+                let fixture = fixture.get_or_init(|| TwoThreads::build(many));
+                bencher.iter_custom(|iters| {
+                    two_thread_wall_time(iters, |thread, admissions| {
+                        fixture.tally_run(thread, keys, admissions, into)
+                    })
+                })
+            });
+        }
+    }
     group.bench_function(format!("governor_check_key_{many}_keys_each"), |bencher| {
         let fixture = fixture.get_or_init(|| TwoThreads::build(many));
         bencher.iter_custom(|iters| {
@@ -967,6 +974,8 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
     for bench in [
         "tally_consume_1_key_each".to_string(),
         format!("tally_consume_{many}_keys_each"),
+        "tally_consume_into_1_key_each".to_string(),
+        format!("tally_consume_into_{many}_keys_each"),
         format!("governor_check_key_{many}_keys_each"),
     ] {
         if let Some(ns) = median("two_threads", &bench) {
