@@ -138,11 +138,13 @@ pub struct Shard {
     hints: allocator_api2::boxed::Box<[KeyHint], TablePages>,
 }
 
-/// A shard keeps prefetch hints once it holds this many keys (65,536 over all shards, some
-/// 100 MB of usage: past the caches). Below that the lookup's misses are rare and a hint
-/// costs more than it saves (measured with hints in every shard: two threads on 1,024 keys
-/// each went from 10.4-10.8 to 8.4-9.5 M admissions/s).
-const HINTS_FROM_KEYS: usize = 1024;
+/// A shard keeps prefetch hints once it holds this many keys (8,192 over all shards). With
+/// hints in every shard, two threads on 1,024 keys each (32 per shard) went from 10.4-10.8 to
+/// 8.4-9.5 M admissions/s. But from 128 per shard on, the lookup's misses already go to DRAM on
+/// these machines: at 16,384 keys (`hotloop`, 3 alternating pairs against a threshold of 1,024)
+/// one thread did 3.15/3.22/2.66 M admissions/s against 2.44/2.37/2.50, two threads
+/// 5.36/6.53/5.27 against 4.31/5.20/5.00.
+const HINTS_FROM_KEYS: usize = 128;
 
 /// Where the first key found at this hint's index keeps what a lookup reads after its entry:
 /// the name's bytes, the usage's block and the rolling slot written last (0 for none). Relaxed
