@@ -304,7 +304,8 @@ impl KeyUsage {
             };
             carried.push(Counter { id, state });
         }
-        let mut counters = Vec::with_capacity(carried.len() + 4);
+        let limits = plan.map_or(0, |plan| policy.plan(plan).limits.len());
+        let mut counters = Vec::with_capacity(limits + carried.len());
         if let Some(plan) = plan {
             for limit in &policy.plan(plan).limits {
                 // The same counter, or else the same meter over the same span with other

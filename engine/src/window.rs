@@ -44,7 +44,7 @@ struct Slot {
 ///
 /// Held as one thin pointer, a length and the width (16 bytes, where two boxed slices behind an
 /// enum took 24), so a ring's fixed part is 32 bytes and a key's counter 40: three counters and
-/// their list's header fill two cache lines, not three.
+/// their block's count fill two cache lines, not three.
 struct Slots {
     /// The first of `len` slots: `AtomicU64`s if `wide`, else `AtomicU32`s. Owned: allocated
     /// by `Slots::new` on the usage pages, freed by `Drop`.
@@ -86,22 +86,13 @@ fn usage_slice<T>(count: u64, fresh: impl FnMut() -> T) -> (NonNull<u8>, u32) {
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        let len = self.len as usize;
         // SAFETY: `start` and `len` came from `usage_slice` of this width, and the array is
         // freed only here, once.
         unsafe {
             if self.wide {
-                let slice = std::ptr::slice_from_raw_parts_mut(
-                    self.start.as_ptr().cast::<AtomicU64>(),
-                    len,
-                );
-                drop(Box::from_raw_in(slice, UsagePages));
+                drop(Box::from_raw_in(self.raw::<AtomicU64>(), UsagePages));
             } else {
-                let slice = std::ptr::slice_from_raw_parts_mut(
-                    self.start.as_ptr().cast::<AtomicU32>(),
-                    len,
-                );
-                drop(Box::from_raw_in(slice, UsagePages));
+                drop(Box::from_raw_in(self.raw::<AtomicU32>(), UsagePages));
             }
         }
     }
@@ -117,22 +108,30 @@ impl Slots {
         Slots { start, len, wide }
     }
 
+    /// The slots as a raw slice of `T` (the caller picks the type of this width).
+    #[inline]
+    fn raw<T>(&self) -> *mut [T] {
+        std::ptr::slice_from_raw_parts_mut(self.start.as_ptr().cast::<T>(), self.len as usize)
+    }
+
     #[inline]
     fn view(&self) -> SlotsRef<'_> {
-        let len = self.len as usize;
         // SAFETY: `start` holds `len` initialized slots of this width for as long as `self`.
         unsafe {
             if self.wide {
-                SlotsRef::Wide(std::slice::from_raw_parts(
-                    self.start.as_ptr().cast::<AtomicU64>(),
-                    len,
-                ))
+                SlotsRef::Wide(&*self.raw::<AtomicU64>())
             } else {
-                SlotsRef::Narrow(std::slice::from_raw_parts(
-                    self.start.as_ptr().cast::<AtomicU32>(),
-                    len,
-                ))
+                SlotsRef::Narrow(&*self.raw::<AtomicU32>())
             }
+        }
+    }
+
+    /// Bytes per slot.
+    fn width(&self) -> usize {
+        if self.wide {
+            8
+        } else {
+            4
         }
     }
 
@@ -146,12 +145,11 @@ impl Slots {
 
     /// Where slot `index` lives (only ever prefetched).
     fn address(&self, index: usize) -> *const u8 {
-        let width = if self.wide { 8 } else { 4 };
-        self.start.as_ptr().wrapping_add(index * width)
+        self.start.as_ptr().wrapping_add(index * self.width())
     }
 
     fn heap_bytes(&self) -> usize {
-        self.len() * if self.wide { 8 } else { 4 }
+        self.len() * self.width()
     }
 
     fn max_count(&self) -> u64 {
