@@ -248,6 +248,24 @@ impl LimitStatuses {
         self.len += 1;
     }
 
+    /// Writes the status at `position` without touching `len`; `set_len` then says how many
+    /// are written (the admission path writes one per limit taken, in order, and sets the
+    /// count once).
+    #[inline]
+    fn set(&mut self, position: usize, status: LimitStatus) {
+        if let Some(item) = self.items.get_mut(position) {
+            item.write(status);
+        }
+    }
+
+    /// # Safety
+    /// The first `len` items must have been written (`set` or `push`).
+    #[inline]
+    unsafe fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= MAX_LIMITS_PER_RESOURCE);
+        self.len = len as u8;
+    }
+
     #[inline]
     pub fn as_slice(&self) -> &[LimitStatus] {
         let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
@@ -436,6 +454,22 @@ impl Holds {
         self.len += 1;
     }
 
+    /// As `LimitStatuses::set`.
+    #[inline]
+    fn set(&mut self, position: usize, hold: Hold) {
+        if let Some(item) = self.items.get_mut(position) {
+            item.write(hold);
+        }
+    }
+
+    /// # Safety
+    /// As `LimitStatuses::set_len`.
+    #[inline]
+    unsafe fn set_len(&mut self, len: usize) {
+        debug_assert!(len <= MAX_LIMITS_PER_RESOURCE);
+        self.len = len as u8;
+    }
+
     #[inline]
     pub fn as_slice(&self) -> &[Hold] {
         let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
@@ -454,7 +488,8 @@ pub(crate) enum Mode {
 /// changes so an overflow is an error with no effect.
 pub(crate) struct Amounts {
     len: usize,
-    items: [(u8, u64); MAX_LIMITS_PER_RESOURCE],
+    /// Items past `len` are uninitialised (see `LimitStatuses`).
+    items: [MaybeUninit<(u8, u64)>; MAX_LIMITS_PER_RESOURCE],
 }
 
 impl Amounts {
@@ -469,7 +504,7 @@ impl Amounts {
     pub fn empty() -> Amounts {
         Amounts {
             len: 0,
-            items: [(0, 0); MAX_LIMITS_PER_RESOURCE],
+            items: [MaybeUninit::uninit(); MAX_LIMITS_PER_RESOURCE],
         }
     }
 
@@ -479,7 +514,7 @@ impl Amounts {
     /// as the hottest instruction of a hot-key consume).
     #[inline(always)]
     pub fn fill(&mut self, touches: &[Touch], quantities: &Quantities) -> bool {
-        self.len = 0;
+        let mut len = 0;
         for touch in touches.iter().take(MAX_LIMITS_PER_RESOURCE) {
             let amount = match touch.single {
                 Some((unit, weight)) => match quantities.0[usize::from(unit)].checked_mul(weight) {
@@ -492,15 +527,20 @@ impl Amounts {
                 },
             };
             if amount > 0 {
-                self.items[self.len] = (touch.limit, amount);
-                self.len += 1;
+                if let Some(item) = self.items.get_mut(len) {
+                    item.write((touch.limit, amount));
+                    len += 1;
+                }
             }
         }
+        self.len = len;
         true
     }
 
     pub fn as_slice(&self) -> &[(u8, u64)] {
-        &self.items[..self.len]
+        let len = self.len.min(MAX_LIMITS_PER_RESOURCE);
+        // SAFETY: `fill` wrote the first `len` items (the only way `len` grows).
+        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<(u8, u64)>(), len) }
     }
 }
 
@@ -594,13 +634,16 @@ pub(crate) fn try_quota(
         debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
         match take(policy, limit, state, amount, at_ms, mode) {
             Some((used, reset_at_ms, time)) => {
-                admission.limits.push(LimitStatus {
-                    limit: limit_index,
-                    used,
-                    amount: limit.amount,
-                    reset_at_ms: Some(reset_at_ms),
-                });
-                receipt.holds.push((limit.counter, amount, time));
+                admission.limits.set(
+                    position,
+                    LimitStatus {
+                        limit: limit_index,
+                        used,
+                        amount: limit.amount,
+                        reset_at_ms: Some(reset_at_ms),
+                    },
+                );
+                receipt.holds.set(position, (limit.counter, amount, time));
                 if let (WindowState::Rolling(ring), Some(shape)) = (state, limit.shape) {
                     admission.at_ms = admission.at_ms.max(time * shape.bucket_ms);
                     if let Some(slot) = taken_rings.get_mut(position) {
@@ -610,6 +653,8 @@ pub(crate) fn try_quota(
             }
             None => {
                 if mode == Mode::Consume {
+                    // SAFETY: a hold was set at every position before this one.
+                    unsafe { receipt.holds.set_len(position) };
                     rollback(usage, amounts, &receipt.holds, position);
                 }
                 // A request larger than a limit itself can never fit, and says so; only a
@@ -621,6 +666,12 @@ pub(crate) fn try_quota(
                 return false;
             }
         }
+    }
+    let taken = amounts.as_slice().len();
+    // SAFETY: every limit fitted, so a status and a hold were set at each of its positions.
+    unsafe {
+        admission.limits.set_len(taken);
+        receipt.holds.set_len(taken);
     }
     if mode == Mode::Consume {
         let mut noted = false;
@@ -994,5 +1045,70 @@ mod tests {
         let (more, less) = quantities.differences(&Quantities::new(&[(Unit::Songs, 1)]).unwrap());
         assert_eq!(more.unit_mask(), 1 << Unit::Seconds.index());
         assert_eq!(less.unit_mask(), 0);
+    }
+
+    /// The admission path writes one status and one hold per limit at its position and sets
+    /// their counts once: every limit taken is reported, in plan order, and a reused decision
+    /// keeps none of the statuses of the one before.
+    #[test]
+    fn an_admission_reports_each_limit_it_took_once_and_a_reused_decision_only_those() {
+        use crate::{Engine, EngineOptions, ManualClock, UsageRequest};
+        const AT: u64 = 1_790_000_000_000;
+        let policy = Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+[plans.P]
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "rolling:5h" },
+  { resource = "chat", unit = "requests", amount = 1000, window = "daily" },
+  { resource = "chat", unit = "requests", amount = 3, window = "weekly" },
+  { resource = "chat", unit = "tokens", amount = 50, window = "daily" },
+]
+"#,
+        )
+        .expect("valid policy");
+        let engine = Engine::new(
+            policy,
+            std::sync::Arc::new(ManualClock::new(AT)),
+            EngineOptions::default(),
+        );
+        engine.create_user("u", "key", Some(AT)).expect("user");
+        engine.assign_seat("@u", "u", "P", Some(AT)).expect("seat");
+        let statuses = |decision: &Decision| match decision {
+            Decision::Admitted(admission) => admission
+                .limits
+                .as_slice()
+                .iter()
+                .map(|status| (status.limit, status.used, status.remaining()))
+                .collect::<Vec<_>>(),
+            Decision::Denied(denial) => panic!("denied: {denial:?}"),
+        };
+        let both = [(Unit::Requests, 1), (Unit::Tokens, 5)];
+        let mut decision = engine
+            .consume(&UsageRequest::new("key", "chat", &both).at(AT))
+            .expect("valid request");
+        assert_eq!(
+            statuses(&decision),
+            [(0, 1, 99), (1, 1, 999), (2, 1, 2), (3, 5, 45)]
+        );
+        // The decision held four statuses; a request on three limits leaves three.
+        let requests = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("key", "chat", &requests).at(AT + 1);
+        engine
+            .consume_into(&request, &mut decision)
+            .expect("valid request");
+        assert_eq!(statuses(&decision), [(0, 2, 98), (1, 2, 998), (2, 2, 1)]);
+        // Two more requests do not fit the weekly limit of 3: refused whole, nothing counted.
+        let two = [(Unit::Requests, 2)];
+        let refused = engine
+            .consume(&UsageRequest::new("key", "chat", &two).at(AT + 2))
+            .expect("valid request");
+        assert!(!refused.is_admitted());
+        engine
+            .consume_into(&request.at(AT + 3), &mut decision)
+            .expect("valid request");
+        assert_eq!(statuses(&decision), [(0, 3, 97), (1, 3, 997), (2, 3, 0)]);
     }
 }
