@@ -1,7 +1,9 @@
 //! Profiling loop for the admission hot path (`perf record` friendly): tally's `consume` on a
 //! plan with three limits beside governor's keyed `check_key`, in alternating bursts so a noisy
 //! machine affects both alike. `cargo run --release --example hotloop -- KEYS [THREADS]`
-//! (default 1 key; with THREADS, that many threads each on its own keys, tally only).
+//! (default 1 key; with THREADS, that many threads each on its own keys, tally only; with
+//! `HOTLOOP_SEPARATE=1` as well, each thread on an engine of its own, which shows what two cores
+//! give a loop that shares nothing).
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,18 +40,21 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let t0 = 1_790_000_000_000u64;
-    let engine = Engine::new(
-        Policy::from_toml_str(&POLICY.replace(
-            "ROLLING_AMOUNT",
-            &std::env::var("HOTLOOP_ROLLING_AMOUNT").unwrap_or_else(|_| "4000000000".into()),
-        ))
-        .expect("valid policy"),
-        Arc::new(ManualClock::new(t0)),
-        EngineOptions {
-            max_keys: 4_000_000,
-            ..EngineOptions::default()
-        },
-    );
+    let new_engine = || {
+        Engine::new(
+            Policy::from_toml_str(&POLICY.replace(
+                "ROLLING_AMOUNT",
+                &std::env::var("HOTLOOP_ROLLING_AMOUNT").unwrap_or_else(|_| "4000000000".into()),
+            ))
+            .expect("valid policy"),
+            Arc::new(ManualClock::new(t0)),
+            EngineOptions {
+                max_keys: 4_000_000,
+                ..EngineOptions::default()
+            },
+        )
+    };
+    let engine = new_engine();
     let n_keys: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse().expect("a key count"))
@@ -68,7 +73,7 @@ fn main() {
         NonZeroU32::new(1_000_000_000).expect("non-zero"),
     ));
     let q = [(Unit::Requests, 1)];
-    for (i, k) in keys.iter().enumerate() {
+    let add_key = |engine: &Engine, i: usize, k: &str| {
         let u = format!("u{i}");
         engine.create_user(&u, k, None).expect("new user");
         engine
@@ -76,8 +81,26 @@ fn main() {
             .expect("seat");
         let first = UsageRequest::new(k, "chat", &q).at(t0);
         assert!(engine.consume(&first).expect("valid").is_admitted());
+    };
+    for (i, k) in keys.iter().enumerate() {
+        add_key(&engine, i, k);
         assert!(governor.check_key(&(i as u64)).is_ok());
     }
+    // With HOTLOOP_SEPARATE, thread t's keys (key i goes to thread i % threads) also live in
+    // an engine of their own.
+    let separate: Vec<Engine> = if threads > 0 && std::env::var_os("HOTLOOP_SEPARATE").is_some() {
+        (0..threads)
+            .map(|thread| {
+                let own = new_engine();
+                for (i, k) in keys.iter().enumerate().skip(thread).step_by(threads) {
+                    add_key(&own, i, k);
+                }
+                own
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     // Keys in request order in one string, read sequentially (as the bench does): the
     // random-access cost measured is the limiter's, not the key list's.
     let mut x = 88172645463325252u64;
@@ -101,7 +124,8 @@ fn main() {
             let started = Instant::now();
             std::thread::scope(|scope| {
                 for thread in 0..threads {
-                    let (engine, keys, barrier, q) = (&engine, &keys, &barrier, &q);
+                    let engine = separate.get(thread).unwrap_or(&engine);
+                    let (keys, barrier, q) = (&keys, &barrier, &q);
                     scope.spawn(move || {
                         let mine: Vec<&String> =
                             keys.iter().skip(thread).step_by(threads).collect();
@@ -120,7 +144,12 @@ fn main() {
             rates.push((threads * BURST) as f64 / started.elapsed().as_secs_f64() / 1e6);
         }
         println!(
-            "keys={n_keys} threads={threads}: {:.2} M admissions/s",
+            "keys={n_keys} threads={threads}{}: {:.2} M admissions/s",
+            if separate.is_empty() {
+                ""
+            } else {
+                " (an engine each)"
+            },
             median(rates)
         );
         return;
