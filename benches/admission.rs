@@ -849,9 +849,10 @@ fn bench_two_threads(criterion: &mut Criterion, sizes: Sizes) {
 // ---------------------------------------------------------------------------------------------
 // Summary
 
-/// Where criterion writes, found the way criterion finds it: `CRITERION_HOME`, else the cargo
-/// target directory's `criterion` (from `CARGO_TARGET_DIR`, else three levels above this
-/// executable, `target/release/deps/admission-…`).
+/// Where criterion writes, found the way criterion 0.5 finds it: `CRITERION_HOME`, else
+/// `CARGO_TARGET_DIR`'s `criterion`, else (under `cargo bench`, which sets `CARGO`) the target
+/// directory `cargo metadata` names, else `target/criterion` below the working directory (the
+/// executable run by hand).
 fn criterion_directory() -> PathBuf {
     if let Some(home) = std::env::var_os("CRITERION_HOME") {
         return PathBuf::from(home);
@@ -859,12 +860,14 @@ fn criterion_directory() -> PathBuf {
     if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
         return PathBuf::from(target).join("criterion");
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| {
-            exe.ancestors()
-                .nth(3)
-                .map(|target| target.join("criterion"))
+    std::env::var_os("CARGO")
+        .and_then(|cargo| {
+            let output = std::process::Command::new(cargo)
+                .args(["metadata", "--format-version", "1"])
+                .output()
+                .ok()?;
+            let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            Some(PathBuf::from(metadata.get("target_directory")?.as_str()?).join("criterion"))
         })
         .unwrap_or_else(|| PathBuf::from("target/criterion"))
 }
