@@ -305,9 +305,20 @@ impl RollingWindow {
     }
 
     /// Moves the window to `epoch` (or keeps it at a newer head) and returns the effective epoch.
+    /// Inline up to the usual case, a head already there; moving it is a call.
+    #[inline]
     pub fn advance(&self, shape: RollingShape, epoch: u64) -> u64 {
         debug_assert_eq!(self.slots.len() as u64, shape.slots());
-        let mut head = self.head.load(Ordering::Acquire);
+        let head = self.head.load(Ordering::Acquire);
+        if epoch <= head {
+            return head;
+        }
+        self.move_head(shape, epoch, head)
+    }
+
+    /// `advance` past `head`, as last read.
+    #[inline(never)]
+    fn move_head(&self, shape: RollingShape, epoch: u64, mut head: u64) -> u64 {
         loop {
             if epoch <= head {
                 return head;
