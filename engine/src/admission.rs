@@ -253,6 +253,8 @@ impl LimitStatuses {
     /// count once).
     #[inline]
     fn set(&mut self, position: usize, status: LimitStatus) {
+        // A request touches at most that many limits (`Amounts` holds no more).
+        debug_assert!(position < MAX_LIMITS_PER_RESOURCE);
         if let Some(item) = self.items.get_mut(position) {
             item.write(status);
         }
@@ -457,6 +459,7 @@ impl Holds {
     /// As `LimitStatuses::set`.
     #[inline]
     fn set(&mut self, position: usize, hold: Hold) {
+        debug_assert!(position < MAX_LIMITS_PER_RESOURCE);
         if let Some(item) = self.items.get_mut(position) {
             item.write(hold);
         }
