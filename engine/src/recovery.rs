@@ -1404,7 +1404,12 @@ impl Engine {
             };
             table.insert(id, entry);
         }
-        for &(id, at_ms, closed) in &snapshot.closed_reservations {
+        // A snapshot lists closed reservations by id; they are remembered in order of closing
+        // time (see `ReservationInner::close`), so each goes in at the back.
+        let mut closed_reservations: Vec<&(u64, u64, Closed)> =
+            snapshot.closed_reservations.iter().collect();
+        closed_reservations.sort_by_key(|&&(id, at_ms, _)| (at_ms, id));
+        for &&(id, at_ms, closed) in &closed_reservations {
             table.close(id, closed, at_ms);
         }
         self.note_event_time(snapshot.newest_at_ms);

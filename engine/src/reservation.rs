@@ -113,9 +113,17 @@ impl ReservationInner {
         Some(reservation)
     }
 
+    /// Remembers `id` as closed at `at_ms`. `closed_order` stays in order of closing time,
+    /// which `forget_closed` relies on: a close is nearly always the newest and goes at the back,
+    /// but a request with an older timestamp (racing threads) goes before the newer ones.
     pub fn close(&mut self, id: u64, closed: Closed, at_ms: u64) {
         self.closed.insert(id, closed);
-        self.closed_order.push_back((at_ms, id));
+        let position = self
+            .closed_order
+            .iter()
+            .rposition(|&(closed_ms, _)| closed_ms <= at_ms)
+            .map_or(0, |before| before + 1);
+        self.closed_order.insert(position, (at_ms, id));
     }
 
     /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
@@ -468,5 +476,34 @@ impl Engine {
     /// Open reservations right now.
     pub fn open_reservations(&self) -> usize {
         self.reservations.inner.lock().open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `forget_closed` forgets from the front while the front is older than the horizon, so
+    /// the closes must stay in time order whatever order they come in: a snapshot lists them
+    /// by id, and a racing request can close with an older timestamp than the one before.
+    #[test]
+    fn closed_reservations_are_forgotten_by_closing_time_whatever_order_they_were_closed_in() {
+        let mut table = ReservationInner::default();
+        // Closed in the order a restore by id would close them: 1 late, 2 early, 3 later.
+        table.close(1, Closed::Expired, 5_000);
+        table.close(2, Closed::Voided, 1_000);
+        table.close(3, Closed::Voided, 9_000);
+        table.close(4, Closed::Expired, 5_000);
+        assert_eq!(
+            Vec::from(table.closed_order.clone()),
+            [(1_000, 2), (5_000, 1), (5_000, 4), (9_000, 3)]
+        );
+        // A horizon of 4,000 at 6,000 keeps what closed at 2,000 or later.
+        table.forget_closed(6_000, 4_000);
+        assert!(!table.closed.contains_key(&2));
+        assert!(table.closed.contains_key(&1) && table.closed.contains_key(&4));
+        table.forget_closed(9_500, 4_000);
+        assert_eq!(table.closed.keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!(Vec::from(table.closed_order.clone()), [(9_000, 3)]);
     }
 }
