@@ -178,85 +178,101 @@ impl LimitStatus {
     }
 }
 
-/// The statuses of the limits a request touched, inline so the hot path allocates nothing.
-/// Slots past `len` are left uninitialised: a decision is built on every admission, and
-/// zeroing four unused statuses each time was a measurable part of it.
+/// One item per limit a request touched (its status in a decision, its hold in a receipt),
+/// inline so the hot path allocates nothing. Slots past `len` are left uninitialised: a
+/// decision is built on every admission, and zeroing four unused statuses each time was a
+/// measurable part of it. Encoded as a list of the used slots only (the log stores decisions
+/// and receipts).
 #[derive(Clone, Copy)]
-pub struct LimitStatuses {
+pub struct PerLimit<T: PerLimitItem> {
     len: u8,
-    items: [MaybeUninit<LimitStatus>; MAX_LIMITS_PER_RESOURCE],
+    items: [MaybeUninit<T>; MAX_LIMITS_PER_RESOURCE],
 }
 
-impl Default for LimitStatuses {
+/// What a `PerLimit` holds, and what a list too long to decode is called in the error.
+pub trait PerLimitItem: Copy {
+    const TOO_MANY: &'static str;
+}
+
+/// The statuses of the limits a request touched.
+pub type LimitStatuses = PerLimit<LimitStatus>;
+
+impl PerLimitItem for LimitStatus {
+    const TOO_MANY: &'static str = "at most 4 limit statuses";
+}
+
+impl<T: PerLimitItem> Default for PerLimit<T> {
     #[inline]
-    fn default() -> LimitStatuses {
-        LimitStatuses {
+    fn default() -> PerLimit<T> {
+        PerLimit {
             len: 0,
             items: [MaybeUninit::uninit(); MAX_LIMITS_PER_RESOURCE],
         }
     }
 }
 
-impl PartialEq for LimitStatuses {
-    fn eq(&self, other: &LimitStatuses) -> bool {
+impl<T: PerLimitItem + PartialEq> PartialEq for PerLimit<T> {
+    fn eq(&self, other: &PerLimit<T>) -> bool {
         self.as_slice() == other.as_slice()
     }
 }
 
-impl Eq for LimitStatuses {}
+impl<T: PerLimitItem + Eq> Eq for PerLimit<T> {}
 
-// Encoded as a list of the used slots only (the log stores decisions).
-impl serde::Serialize for LimitStatuses {
+impl<T: PerLimitItem + serde::Serialize> serde::Serialize for PerLimit<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.as_slice())
     }
 }
 
-impl<'de> serde::Deserialize<'de> for LimitStatuses {
+impl<'de, T: PerLimitItem + serde::Deserialize<'de>> serde::Deserialize<'de> for PerLimit<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let items: Vec<LimitStatus> = serde::Deserialize::deserialize(deserializer)?;
-        if items.len() > MAX_LIMITS_PER_RESOURCE {
-            return Err(serde::de::Error::invalid_length(
-                items.len(),
-                &"at most 4 limit statuses",
-            ));
-        }
-        let mut statuses = LimitStatuses::default();
-        for item in items {
-            statuses.push(item);
-        }
-        Ok(statuses)
+        let items: Vec<T> = serde::Deserialize::deserialize(deserializer)?;
+        PerLimit::from_slice(&items)
+            .ok_or_else(|| serde::de::Error::invalid_length(items.len(), &T::TOO_MANY))
     }
 }
 
-impl std::fmt::Debug for LimitStatuses {
+impl<T: PerLimitItem + std::fmt::Debug> std::fmt::Debug for PerLimit<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.as_slice()).finish()
     }
 }
 
-impl LimitStatuses {
+impl<T: PerLimitItem> PerLimit<T> {
+    /// The items of a list of at most `MAX_LIMITS_PER_RESOURCE`, or `None` if it is longer.
+    pub fn from_slice(items: &[T]) -> Option<PerLimit<T>> {
+        if items.len() > MAX_LIMITS_PER_RESOURCE {
+            return None;
+        }
+        let mut built = PerLimit::default();
+        for item in items {
+            built.push(*item);
+        }
+        Some(built)
+    }
+
     #[inline]
     fn clear(&mut self) {
         self.len = 0;
     }
 
     #[inline]
-    fn push(&mut self, status: LimitStatus) {
+    fn push(&mut self, item: T) {
         debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
-        self.items[usize::from(self.len)].write(status);
+        self.items[usize::from(self.len)].write(item);
         self.len += 1;
     }
 
-    /// Writes the status at `position` without touching `len`; `set_len` then says how many
+    /// Writes the item at `position` without touching `len`; `set_len` then says how many
     /// are written (the admission path writes one per limit taken, in order, and sets the
     /// count once).
     #[inline]
-    fn set(&mut self, position: usize, status: LimitStatus) {
+    fn set(&mut self, position: usize, item: T) {
         // A request touches at most that many limits (`Amounts` holds no more).
         debug_assert!(position < MAX_LIMITS_PER_RESOURCE);
-        if let Some(item) = self.items.get_mut(position) {
-            item.write(status);
+        if let Some(slot) = self.items.get_mut(position) {
+            slot.write(item);
         }
     }
 
@@ -269,10 +285,10 @@ impl LimitStatuses {
     }
 
     #[inline]
-    pub fn as_slice(&self) -> &[LimitStatus] {
+    pub fn as_slice(&self) -> &[T] {
         let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
-        // SAFETY: the first `len` items were written by `push` (the only way `len` grows).
-        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<LimitStatus>(), len) }
+        // SAFETY: the first `len` items were written by `push` or `set` (`set_len`'s contract).
+        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<T>(), len) }
     }
 }
 
@@ -381,104 +397,11 @@ pub struct Receipt {
 /// A hold: `(counter, amount, epoch or period)`.
 pub type Hold = (CounterId, u64, u64);
 
-/// Units held on counters, inline; slots past `len` are uninitialised (see `LimitStatuses`).
-#[derive(Clone, Copy)]
-pub struct Holds {
-    len: u8,
-    items: [MaybeUninit<Hold>; MAX_LIMITS_PER_RESOURCE],
-}
+/// Units held on counters, one per limit taken.
+pub type Holds = PerLimit<Hold>;
 
-impl Default for Holds {
-    #[inline]
-    fn default() -> Holds {
-        Holds {
-            len: 0,
-            items: [MaybeUninit::uninit(); MAX_LIMITS_PER_RESOURCE],
-        }
-    }
-}
-
-impl PartialEq for Holds {
-    fn eq(&self, other: &Holds) -> bool {
-        self.as_slice() == other.as_slice()
-    }
-}
-
-impl Eq for Holds {}
-
-impl std::fmt::Debug for Holds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.as_slice()).finish()
-    }
-}
-
-// Encoded as a list of the used slots only.
-impl serde::Serialize for Holds {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.as_slice())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Holds {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let items: Vec<(CounterId, u64, u64)> = serde::Deserialize::deserialize(deserializer)?;
-        if items.len() > MAX_LIMITS_PER_RESOURCE {
-            return Err(serde::de::Error::invalid_length(
-                items.len(),
-                &"at most 4 holds",
-            ));
-        }
-        let mut holds = Holds::default();
-        for item in items {
-            holds.push(item);
-        }
-        Ok(holds)
-    }
-}
-
-impl Holds {
-    /// Holds from a list of at most `MAX_LIMITS_PER_RESOURCE`, or `None` if it is longer.
-    pub fn from_slice(holds: &[Hold]) -> Option<Holds> {
-        if holds.len() > MAX_LIMITS_PER_RESOURCE {
-            return None;
-        }
-        let mut built = Holds::default();
-        for hold in holds {
-            built.push(*hold);
-        }
-        Some(built)
-    }
-
-    #[inline]
-    fn push(&mut self, hold: Hold) {
-        debug_assert!(usize::from(self.len) < MAX_LIMITS_PER_RESOURCE);
-        self.items[usize::from(self.len)].write(hold);
-        self.len += 1;
-    }
-
-    /// As `LimitStatuses::set`.
-    #[inline]
-    fn set(&mut self, position: usize, hold: Hold) {
-        debug_assert!(position < MAX_LIMITS_PER_RESOURCE);
-        if let Some(item) = self.items.get_mut(position) {
-            item.write(hold);
-        }
-    }
-
-    /// # Safety
-    /// As `LimitStatuses::set_len`.
-    #[inline]
-    unsafe fn set_len(&mut self, len: usize) {
-        debug_assert!(len <= MAX_LIMITS_PER_RESOURCE);
-        self.len = len as u8;
-    }
-
-    #[inline]
-    pub fn as_slice(&self) -> &[Hold] {
-        let len = usize::from(self.len).min(MAX_LIMITS_PER_RESOURCE);
-        // SAFETY: the first `len` items were written by `push` (the only way `len` grows).
-        unsafe { std::slice::from_raw_parts(self.items.as_ptr().cast::<Hold>(), len) }
-    }
+impl PerLimitItem for Hold {
+    const TOO_MANY: &'static str = "at most 4 holds";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

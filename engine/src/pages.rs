@@ -72,8 +72,9 @@ unsafe impl Allocator for TablePages {
     }
 }
 
-/// The allocator of keys' usage and names: the usage's block of counters and its rolling rings (a few
-/// hundred bytes to a few KiB per key, allocated when a key is first used). Over a million
+/// The allocator of keys' usage and names: a key's name (a line, from its creation) and its
+/// usage's block of counters and rolling rings (a few hundred bytes to a few KiB, allocated
+/// when the key is first used). Over a million
 /// keys these are a gigabyte of small blocks, and each admission touches a key's: with 4 KiB
 /// pages that is one more page walk per request. Blocks are carved out of huge-page chunks
 /// (see `Slab`); anything larger than `MAX_BLOCK_BYTES` or aligned beyond a cache line comes
