@@ -886,6 +886,52 @@ fn a_refund_after_the_usage_aged_out_gives_nothing_back_and_takes_nothing() {
     assert_eq!(m27_used(&engine, &key, later_ms), 5);
 }
 
+/// What a refund gives back is decided at the refund's own time, not by whether some request
+/// moved the window since: otherwise a refused request (which moves a rolling window and is
+/// never logged) would decide it, and a reopened engine would give back what the engine that
+/// never closed had let age out.
+#[test]
+fn a_refund_gives_nothing_back_from_windows_that_aged_out_or_reset_by_its_time() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    let ten = [(Unit::Requests, 10)];
+    let two_images = [(Unit::Images, 2)];
+    for (resource, quantities, id) in [("m2.7", &ten[..], "chat"), ("image-01", &two_images, "pic")]
+    {
+        let decision = engine
+            .consume(
+                &UsageRequest::new(&key, resource, quantities)
+                    .at(T0_MS)
+                    .id(id),
+            )
+            .expect("consume");
+        assert!(decision.is_admitted(), "{decision:?}");
+    }
+    // Within the window and the day, a refund gives everything back...
+    let within = engine
+        .refund("chat", Some(T0_MS + HOUR_MS))
+        .expect("refund");
+    assert_eq!(within.given_back.total(), 10);
+    let chat_again = engine
+        .consume(&request(&key, &ten, T0_MS + HOUR_MS).id("chat-2"))
+        .expect("consume");
+    assert!(chat_again.is_admitted());
+    // ... and past it, nothing, though no request has touched the key since.
+    let aged_ms = T0_MS + HOUR_MS + FIVE_HOURS_MS + 2 * BUCKET_MS;
+    let aged = engine.refund("chat-2", Some(aged_ms)).expect("refund");
+    assert_eq!(aged.given_back.counters, vec![]);
+    let next_day_ms = T0_MS + DAY_MS;
+    let reset = engine.refund("pic", Some(next_day_ms)).expect("refund");
+    assert_eq!(reset.given_back.counters, vec![]);
+    assert_eq!(m27_used(&engine, &key, aged_ms), 0);
+    assert_eq!(
+        used(&engine, &key, "image-01:images", daily(), next_day_ms),
+        0
+    );
+    // The windows count new usage from zero.
+    assert_eq!(m27_requests(&engine, &key, 4500, next_day_ms), 4500);
+}
+
 // ---- Usage corrections --------------------------------------------------------------------------
 
 #[test]

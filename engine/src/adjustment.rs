@@ -59,6 +59,7 @@ impl Engine {
                 &fingerprint.resource,
                 &receipt,
                 &fingerprint.quantities,
+                Some(at_ms),
             );
             let body = EventBody::Refunded {
                 request_id: request_id.into(),
@@ -78,12 +79,14 @@ impl Engine {
     }
 
     /// Gives back `quantities` (at most what the receipt moved), locking the key's shard.
+    /// `as_of_ms` as in `give_back_in`.
     pub(crate) fn give_back(
         &self,
         key: &str,
         resource: &str,
         receipt: &Receipt,
         quantities: &Quantities,
+        as_of_ms: Option<u64>,
     ) -> GivenBack {
         let then = self.policy_of_generation(receipt.generation);
         self.keys.read(key, |policy, state| match state {
@@ -94,6 +97,7 @@ impl Engine {
                 resource,
                 receipt,
                 quantities,
+                as_of_ms,
             ),
             _ => GivenBack {
                 generation: policy.generation,
@@ -270,6 +274,15 @@ impl Engine {
 }
 
 /// Gives back the part of `receipt` that `quantities` accounts for, under the caller's lock.
+///
+/// `as_of_ms` is the time of a give-back that is an operation of its own (a refund, a
+/// reservation settled, voided or expired): plan usage that has aged out of its rolling window
+/// or whose calendar period has reset by then no longer counts, so none of it is given back,
+/// as `adjust_usage` does. The rolling windows first move to that time, as an admission then
+/// would: what a refund gives back must not depend on whether a request that moved a window
+/// (and was refused, so never logged) happened before it, or a reopened engine would give back
+/// what the engine that never closed had already let age out. `None` undoes an effect made a
+/// moment ago (its event could not be logged): the counters are taken as they stand.
 pub(crate) fn give_back_in(
     then: Option<&Policy>,
     policy: &Policy,
@@ -277,6 +290,7 @@ pub(crate) fn give_back_in(
     resource: &str,
     receipt: &Receipt,
     quantities: &Quantities,
+    as_of_ms: Option<u64>,
 ) -> GivenBack {
     let mut given = GivenBack {
         generation: policy.generation,
@@ -297,7 +311,9 @@ pub(crate) fn give_back_in(
                 return given;
             };
             for &hold in receipt.holds.as_slice() {
-                if let Some(moved) = refund_hold(then, policy, usage, resource, quantities, hold) {
+                if let Some(moved) =
+                    refund_hold(then, policy, usage, resource, quantities, hold, as_of_ms)
+                {
                     given.counters.push(moved);
                 }
             }
@@ -410,7 +426,8 @@ fn undo_adjustment(
 }
 
 /// Gives back the part of one hold that `quantities` accounts for: `(counter, time, amount)`
-/// in the current policy's ids, or `None` if its counter is gone or nothing was live.
+/// in the current policy's ids, or `None` if its counter is gone or nothing was live (as of
+/// `as_of_ms`, see `give_back_in`).
 fn refund_hold(
     then: &Policy,
     now: &Policy,
@@ -418,6 +435,7 @@ fn refund_hold(
     resource: ResourceId,
     quantities: &Quantities,
     (counter, held, time): (CounterId, u64, u64),
+    as_of_ms: Option<u64>,
 ) -> Option<(CounterId, u64, u64)> {
     let current = if then.generation == now.generation {
         Some(counter)
@@ -436,9 +454,26 @@ fn refund_hold(
                 Some(old) if old != shape => shape.epoch(time * old.bucket_ms + old.bucket_ms - 1),
                 _ => time,
             };
+            if let Some(as_of_ms) = as_of_ms {
+                let head = window.advance(shape, shape.epoch(as_of_ms));
+                if epoch.saturating_add(shape.buckets) < head {
+                    return None; // aged out
+                }
+            }
             (epoch, window.refund(shape, epoch, amount))
         }
-        WindowState::Calendar(counter_state) => (time, counter_state.refund(time as u32, amount)),
+        WindowState::Calendar(counter_state) => {
+            let period = time as u32;
+            if let (Some(as_of_ms), Window::Calendar(kind)) =
+                (as_of_ms, now.counter(current).window)
+            {
+                let current_period = now.calendar().period_of(kind, as_of_ms).index;
+                if counter_state.used(current_period).period != period {
+                    return None; // that period has reset
+                }
+            }
+            (time, counter_state.refund(period, amount))
+        }
     };
     (given > 0).then_some((current, time, given))
 }

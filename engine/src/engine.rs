@@ -1091,6 +1091,7 @@ impl Engine {
                             resource,
                             &receipt,
                             quantities,
+                            None,
                         );
                         Err(error)
                     }
@@ -1111,7 +1112,7 @@ impl Engine {
             return Ok(());
         };
         if let Err(error) = journal.wait(seq) {
-            self.give_back(key, resource, receipt, quantities);
+            self.give_back(key, resource, receipt, quantities, None);
             return Err(error);
         }
         Ok(())
@@ -1272,7 +1273,7 @@ impl Engine {
             // The quantities were valid when the request was decided, so they still are.
             if let (Some(receipt), Ok(quantities)) = (receipt, Quantities::new(request.quantities))
             {
-                self.give_back(request.key, request.resource, &receipt, &quantities);
+                self.give_back(request.key, request.resource, &receipt, &quantities, None);
             }
             if let Some(request_id) = request.request_id {
                 self.requests.forget(request_id);

@@ -251,6 +251,7 @@ impl Engine {
                         request.resource,
                         &receipt,
                         &estimate,
+                        None,
                     );
                     state.close_reservation();
                     Err(error)
@@ -267,7 +268,7 @@ impl Engine {
         };
         if let (Some(journal), Some(seq)) = (journal, seq) {
             if let Err(error) = journal.wait(seq) {
-                self.give_back(request.key, request.resource, &receipt, &estimate);
+                self.give_back(request.key, request.resource, &receipt, &estimate, None);
                 self.release_slot(request.key);
                 return Err(error);
             }
@@ -329,6 +330,7 @@ impl Engine {
             &reservation.resource,
             &reservation.receipt,
             &released,
+            Some(at_ms),
         );
         let settlement = Settlement {
             reservation: id,
@@ -344,7 +346,13 @@ impl Engine {
         if let Err(error) = self.log_close(&reservation, id, end, &given_back, at_ms) {
             self.take_back(&reservation.key, &given_back);
             if let Some(receipt) = extra_receipt {
-                self.give_back(&reservation.key, &reservation.resource, &receipt, &extra);
+                self.give_back(
+                    &reservation.key,
+                    &reservation.resource,
+                    &receipt,
+                    &extra,
+                    None,
+                );
             }
             return Err(error);
         }
@@ -418,6 +426,7 @@ impl Engine {
             &reservation.resource,
             &reservation.receipt,
             &reservation.estimate,
+            Some(at_ms),
         );
         let end = if closed == Closed::Expired {
             ReservationEnd::Expired
