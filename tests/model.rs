@@ -1,9 +1,9 @@
 //! The engine against an exact reference model.
 //!
 //! Random sequences of consume, check, usage reports, time steps (some of them backwards),
-//! top-ups and seat changes run against both the engine and a model that keeps an exact log of
-//! every unit the engine admitted from plan quota, with its timestamp. The model knows nothing
-//! of buckets: a unit used at `t` counts in a rolling window of `W` at `now` iff
+//! top-ups, refunds and seat changes run against both the engine and a model that keeps an
+//! exact log of every unit the engine admitted from plan quota, with its timestamp. The model
+//! knows nothing of buckets: a unit used at `t` counts in a rolling window of `W` at `now` iff
 //! `t > now - W`, and in a daily window iff `t` falls on the same local date as `now`.
 //!
 //! The model follows the engine's decisions (it records what the engine admitted, not what it
@@ -15,6 +15,8 @@
 //! - credits: charged exactly the price, only when the balance covers it, and every team's
 //!   balance is its top-ups minus its charges;
 //! - `check` returns what the following `consume` returns and changes nothing;
+//! - a refund (at the current time) gives back every unit the exact model still counts and
+//!   none the one-bucket-late model no longer counts, exactly once; from credits, the charge;
 //! - retry and reset times lie between the exact model's and the one-bucket-late model's.
 //!
 //! Timestamps that go backwards: the engine counts such a request at the newest time the key
@@ -31,6 +33,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
+use tally_engine::policy::{CounterId, MeterId};
 use tally_engine::{
     ChargedTo, Decision, DenialReason, Engine, EngineOptions, ManualClock, PlanId, Policy,
     UsageReport, UsageRequest, Window,
@@ -132,8 +135,18 @@ impl Counter {
     /// The model counter an engine limit stands for, found from the compiled policy.
     fn of_limit(policy: &Policy, plan: PlanId, limit: usize) -> Counter {
         let limit = &policy.plan(plan).limits[limit];
-        let meter = &*policy.meter(limit.meter).name;
-        match (meter, limit.window) {
+        Counter::of_meter(policy, limit.meter, limit.window)
+    }
+
+    /// The model counter an engine counter stands for.
+    fn of_counter(policy: &Policy, counter: CounterId) -> Counter {
+        let spec = policy.counter(counter);
+        Counter::of_meter(policy, spec.meter, spec.window)
+    }
+
+    fn of_meter(policy: &Policy, meter: MeterId, window: Window) -> Counter {
+        let meter = &*policy.meter(meter).name;
+        match (meter, window) {
             ("chat:requests", Window::Rolling { .. }) => Counter::ChatRolling,
             ("chat:requests", Window::Calendar(_)) => Counter::ChatDaily,
             ("image:images", Window::Calendar(_)) => Counter::ImageDaily,
@@ -241,6 +254,8 @@ struct Usage {
     /// The key's horizon when it was admitted: `max(request_ms, newest time seen before)`.
     effective_ms: u64,
     amount: u64,
+    /// The admitted request (an index into `Harness::admitted`).
+    request: usize,
 }
 
 /// Which of a unit's times a count uses, and how long a rolling window lasts.
@@ -385,6 +400,10 @@ enum Op {
         key: usize,
         micros: u64,
     },
+    /// Refunds the `which`-th admitted request not refunded yet (by its request id).
+    Refund {
+        which: usize,
+    },
     Seat {
         key: usize,
         plan: Option<PlanName>,
@@ -453,6 +472,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(key, offset_ms)| Op::ToWindowEdge { key, offset_ms }),
         2 => (key(), back_ms()).prop_map(|(key, back_ms)| Op::Report { key, back_ms }),
         1 => (key(), 1..30_000u64).prop_map(|(key, micros)| Op::TopUp { key, micros }),
+        2 => any::<usize>().prop_map(|which| Op::Refund { which }),
         3 => (key(), plan()).prop_map(|(key, plan)| Op::Seat { key, plan }),
     ]
 }
@@ -479,13 +499,23 @@ struct Harness {
     now_ms: u64,
     /// Issue only the checks that cannot set off the check-rollback engine bug.
     avoid_check_rollback_bug: bool,
+    /// Every admitted request: `(id, key, resource, amount, where charged, refunded)`.
+    admitted: Vec<(String, usize, Resource, u64, ChargedTo, bool)>,
+    /// Requests consumed so far (each gets a fresh id).
+    consumed: usize,
 }
 
 impl Harness {
     fn new(start_ms: u64, avoid_check_rollback_bug: bool) -> Harness {
         let policy = Policy::from_toml_str(POLICY).expect("the test policy is valid");
         let clock = Arc::new(ManualClock::new(start_ms));
-        let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+        // Every request id is remembered for the whole case (at most 120 steps of at most 8
+        // hours), so any admitted request can be refunded.
+        let options = EngineOptions {
+            idempotency_horizon_ms: 60 * DAY_MS,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::new(policy, clock.clone(), options);
         let at = Some(start_ms);
         engine.create_user("u0", "k0", at).expect("new user");
         engine.create_user("u1", "k1", at).expect("new user");
@@ -504,6 +534,8 @@ impl Harness {
             model: Model::new(),
             now_ms: start_ms,
             avoid_check_rollback_bug,
+            admitted: Vec::new(),
+            consumed: 0,
         }
     }
 
@@ -558,6 +590,7 @@ impl Harness {
                 self.model.balances_micros[team] += micros;
                 prop_assert_eq!(balance, self.model.balances_micros[team]);
             }
+            Op::Refund { which } => self.refund(which)?,
             Op::Seat { key, plan } => {
                 let (_, user, team) = KEYS[key];
                 let at = Some(self.now_ms);
@@ -592,7 +625,10 @@ impl Harness {
         let checked = self
             .check_dodges_rollback_bug(key, resource, amount, at_ms)
             .then(|| self.engine.check(&request).expect("check"));
-        let decision = self.engine.consume(&request).expect("consume");
+        // Under an id of its own, so it can be refunded later.
+        let id = format!("q{}", self.consumed);
+        self.consumed += 1;
+        let decision = self.engine.consume(&request.id(&id)).expect("consume");
         if let Some(checked) = checked {
             prop_assert_eq!(
                 checked,
@@ -973,6 +1009,95 @@ fn without_resets_check_invented(before: &UsageReport, mut after: UsageReport) -
 
 impl Harness {
     /// Follows the engine: records what it admitted, where it charged it.
+    /// Refunds an admitted request now. From plan quota, the engine gives back each of its
+    /// units that still count as of now: everything the exact model still counts, nothing the
+    /// one-bucket-late model no longer counts (its own day for a daily limit), either in
+    /// between. The model then forgets what was given back. From credits, it gives the charge
+    /// back.
+    fn refund(&mut self, which: usize) -> Result<(), TestCaseError> {
+        let open: Vec<usize> = (0..self.admitted.len())
+            .filter(|&request| !self.admitted[request].5)
+            .collect();
+        if open.is_empty() {
+            return Ok(());
+        }
+        let request = open[which % open.len()];
+        let (ref id, key, resource, amount, charged_to, _) = self.admitted[request];
+        let id = id.clone();
+        let now_ms = self.now_ms;
+        let refund = self.engine.refund(&id, Some(now_ms)).expect("refund");
+        self.admitted[request].5 = true;
+        let context = format!(
+            "refund of request {request} (key {key} {resource:?} x{amount}) at {now_ms}: \
+             {refund:?}"
+        );
+        prop_assert_eq!(refund.charged_to, charged_to, "{}", &context);
+        let team = team_index(key);
+        let model = &mut self.model.keys[key];
+        // The refund moves the key's rolling windows to its time, as a request would.
+        model.horizon_ms = model.horizon_ms.max(now_ms);
+        match charged_to {
+            ChargedTo::PlanQuota { .. } => {
+                prop_assert_eq!(refund.given_back.credits_micros, 0, "{}", &context);
+                let given: Vec<(Counter, u64)> = refund
+                    .given_back
+                    .counters
+                    .iter()
+                    .map(|&(counter, _, units)| (Counter::of_counter(&self.policy, counter), units))
+                    .collect();
+                for &counter in resource.counters() {
+                    let log = &mut model.log[counter.index()];
+                    let Some(position) = log.iter().position(|usage| usage.request == request)
+                    else {
+                        continue;
+                    };
+                    let usage = log[position];
+                    let live =
+                        |reading: Reading| counts(counter, reading, reading.time(&usage), now_ms);
+                    let must = live(Reading::Exact)
+                        && live(Reading::OneBucketLate)
+                        && model
+                            .seat
+                            .is_some_and(|plan| plan.amount(counter).is_some());
+                    let may = live(Reading::OneBucketLate);
+                    match given.iter().find(|(given, _)| *given == counter) {
+                        Some(&(_, units)) => {
+                            prop_assert_eq!(units, amount, "{:?} {}", counter, &context);
+                            prop_assert!(
+                                may,
+                                "{:?}: gave back what no longer counts: {}",
+                                counter,
+                                &context
+                            );
+                            log.remove(position);
+                        }
+                        None => prop_assert!(
+                            !must,
+                            "{:?}: kept what still counts: {}",
+                            counter,
+                            &context
+                        ),
+                    }
+                }
+                prop_assert!(
+                    given
+                        .iter()
+                        .all(|(counter, _)| resource.counters().contains(counter)),
+                    "gave back only on the request's counters: {}",
+                    &context
+                );
+            }
+            ChargedTo::Credits { micros } => {
+                prop_assert!(refund.given_back.counters.is_empty(), "{}", &context);
+                prop_assert_eq!(refund.given_back.credits_micros, micros, "{}", &context);
+                self.model.balances_micros[team] += micros;
+                self.model.charged_micros[team] -= micros;
+            }
+            ChargedTo::PayAsYouGo { .. } => unreachable!("plan keys only"),
+        }
+        Ok(())
+    }
+
     fn record(
         &mut self,
         key: usize,
@@ -988,6 +1113,11 @@ impl Harness {
         let Decision::Admitted(admission) = decision else {
             return;
         };
+        let request = self.admitted.len();
+        // The id `consume` just gave it.
+        let id = format!("q{}", self.consumed - 1);
+        self.admitted
+            .push((id, key, resource, amount, admission.charged_to, false));
         match admission.charged_to {
             ChargedTo::PlanQuota { .. } => {
                 let plan = model.seat.expect("a quota admission has a seat");
@@ -996,6 +1126,7 @@ impl Harness {
                         request_ms: at_ms,
                         effective_ms,
                         amount,
+                        request,
                     });
                 }
             }
