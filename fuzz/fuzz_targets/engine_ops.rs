@@ -28,8 +28,9 @@ struct World {
     engine: Engine,
     at_ms: u64,
     credits: HashMap<String, i128>,
-    /// Open reservations, each with the team whose credits it holds.
-    reservations: Vec<(tally_engine::ReservationId, String)>,
+    /// Open reservations: each with the team whose credits it holds, the credits it holds and
+    /// when its lease ends.
+    reservations: Vec<(tally_engine::ReservationId, String, u64, u64)>,
     adjusted: bool,
     /// Request ids already answered: a repeat returns the first decision and charges nothing.
     answered: HashSet<String>,
@@ -84,15 +85,39 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
         }
         7 => {
             let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
-            if let Ok(outcome) = engine.reserve(&request, Some(u64::from(b) * 10_000 + 1)) {
+            let lease_ms = u64::from(b) * 10_000 + 1;
+            // A reserve first expires the leases that ended by the clock's now (which stays at
+            // T0 here), or by its own stamp if that is earlier.
+            expire(world, world.at_ms.min(T0_MS));
+            if let Ok(outcome) = world.engine.reserve(&request, Some(lease_ms)) {
+                let held = match &outcome.decision {
+                    Decision::Admitted(admission) => match admission.charged_to {
+                        ChargedTo::Credits { micros } => micros,
+                        _ => 0,
+                    },
+                    Decision::Denied(_) => 0,
+                };
                 account(world, &team, outcome.decision);
-                world.reservations.extend(outcome.reservation.map(|id| (id, team)));
+                let expires_at_ms = world.at_ms + lease_ms;
+                world.reservations.extend(outcome.reservation.map(|id| (id, team, held, expires_at_ms)));
             }
         }
         8 => {
             // The reservation's own team: the one whose credits a settle or void moves, which
             // need not be this step's user.
-            if let Some((id, team)) = world.reservations.pop() {
+            if let Some((id, team, held, expires_at_ms)) = world.reservations.pop() {
+                if b % 2 == 0 && expires_at_ms <= world.at_ms {
+                    // Settling a reservation whose lease has ended expires it, and every other
+                    // one whose lease ended by then.
+                    world.reservations.push((id, team, held, expires_at_ms));
+                    expire(world, world.at_ms);
+                    let settled = world.engine.settle(id, &quantities[..1], Some(world.at_ms));
+                    assert!(
+                        matches!(settled, Err(tally_engine::Error::ReservationClosed { state: "expired", .. })),
+                        "a settle after the lease: {settled:?}"
+                    );
+                    return;
+                }
                 let before = engine.credits_micros(&team).unwrap_or(0);
                 let settled = if b % 2 == 0 {
                     engine.settle(id, &quantities[..1], Some(world.at_ms)).map(|outcome| matches!(outcome, SettleOutcome::Settled(_)))
@@ -111,6 +136,17 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 world.adjusted |= direction == AdjustmentDirection::Add;
             }
         }
+    }
+}
+
+/// Gives back the credits of every reservation whose lease ended by `at_ms`, as the engine
+/// expires them.
+fn expire(world: &mut World, at_ms: u64) {
+    let (ended, open): (Vec<_>, Vec<_>) =
+        world.reservations.drain(..).partition(|&(_, _, _, expires_at_ms)| expires_at_ms <= at_ms);
+    world.reservations = open;
+    for (_, team, held, _) in ended {
+        *world.credits.entry(team).or_default() += i128::from(held);
     }
 }
 
