@@ -142,6 +142,86 @@ fn hammer_one_key(
     (admitted.into_inner(), refused.into_inner())
 }
 
+/// Four threads consume on one key under ids of their own and refund every other admission at
+/// once, racing each other's admissions on the same buckets (timestamps jittered across a
+/// bucket boundary). Every refund gives back exactly what its request took from each limit;
+/// the report counts the admitted units less the refunded ones; what is left of the rolling
+/// limit is then admitted to the unit and no more; and once all of it has aged out, the whole
+/// limit is free again, no more and no less: no refund lost or invented a unit in any bucket.
+#[test]
+fn refunds_racing_admissions_on_one_key_give_back_exactly_what_was_taken() {
+    const ROLLING: u64 = 100_000;
+    for round in 0..5 {
+        let limits = [
+            ("rolling:1h", ROLLING),
+            ("daily", 300_000),
+            ("weekly", 600_000),
+        ];
+        let engine = engine_with_users(policy(&limits), 1, WEDNESDAY_NOON_MS);
+        engine
+            .assign_seat("@u0", "u0", "Team", Some(WEDNESDAY_NOON_MS))
+            .expect("seat");
+        let admitted = AtomicU64::new(0);
+        let refunded = AtomicU64::new(0);
+        let start = Barrier::new(THREADS as usize);
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (engine, admitted, refunded, start) = (&engine, &admitted, &refunded, &start);
+                scope.spawn(move || {
+                    start.wait();
+                    for attempt in 0..3_000 {
+                        let requests = 1 + (attempt + thread) % 3;
+                        let at_ms = jittered_ms(WEDNESDAY_NOON_MS, thread, attempt);
+                        let id = format!("t{thread}-{attempt}");
+                        let quantities = [(Unit::Requests, requests)];
+                        let request = UsageRequest::new("k0", "chat", &quantities)
+                            .at(at_ms)
+                            .id(&id);
+                        let decision = engine.consume(&request).expect("a valid request");
+                        assert!(quota_admitted(&decision), "{id}: {decision:?}");
+                        admitted.fetch_add(requests, Ordering::Relaxed);
+                        if attempt % 2 == 0 {
+                            let refund = engine.refund(&id, Some(at_ms)).expect("refund");
+                            let given: Vec<u64> = refund
+                                .given_back
+                                .counters
+                                .iter()
+                                .map(|&(_, _, units)| units)
+                                .collect();
+                            assert_eq!(given, [requests; 3], "{id}: {refund:?}");
+                            refunded.fetch_add(requests, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let (admitted, refunded) = (admitted.into_inner(), refunded.into_inner());
+        let later_ms = WEDNESDAY_NOON_MS + 100 * SECOND_MS;
+        let report = engine.usage("k0", Some(later_ms)).expect("usage");
+        let counted = admitted - refunded;
+        assert_eq!(
+            used(&report),
+            [counted; 3],
+            "round {round}: {admitted} admitted, {refunded} refunded"
+        );
+        assert!(quota_admitted(&chat(
+            &engine,
+            "k0",
+            ROLLING - counted,
+            Some(later_ms)
+        )));
+        assert!(
+            !quota_admitted(&chat(&engine, "k0", 1, Some(later_ms))),
+            "round {round}: the rolling limit is full"
+        );
+        let aged_ms = later_ms + 2 * HOUR_MS;
+        assert!(quota_admitted(&chat(&engine, "k0", ROLLING, Some(aged_ms))));
+        assert!(!quota_admitted(&chat(&engine, "k0", 1, Some(aged_ms))));
+        let report = engine.usage("k0", Some(aged_ms)).expect("usage");
+        assert_eq!(used(&report), [ROLLING, 2 * ROLLING, 2 * ROLLING]);
+    }
+}
+
 #[test]
 fn four_threads_of_unit_requests_fill_the_tightest_of_several_limits_exactly() {
     let shapes: [[(&str, u64); 3]; 3] = [
