@@ -1,7 +1,8 @@
 //! Arbitrary sequences of engine operations on the shipped policy, against invariants a simple
 //! model can check: no panic; a team's credits equal top-ups minus charges plus refunds; no limit
-//! of any key is ever reported above its amount (usage added by corrections aside); a repeated
-//! request id never counts twice.
+//! of any key is ever reported above the largest amount it had on any plan the key held (usage
+//! counted stays counted when a seat is downgraded; usage added by corrections aside); a
+//! repeated request id never counts twice.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -34,11 +35,13 @@ struct World {
     adjusted: bool,
     /// Request ids already answered: a repeat returns the first decision and charges nothing.
     answered: HashSet<String>,
+    /// The plans each user's key has held.
+    held: [Vec<&'static str>; 3],
 }
 
 fuzz_target!(|data: &[u8]| {
     let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), EngineOptions::default());
-    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new() };
+    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default() };
     for user in 0..3 {
         let name = format!("u{user}");
         world.engine.create_user(&name, &format!("k{user}"), Some(T0_MS)).expect("a fresh user");
@@ -59,7 +62,10 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
     let engine = &world.engine;
     match op % 10 {
         0 => {
-            let _ = engine.assign_seat(&team, &format!("u{user}"), PLANS[usize::from(b) % PLANS.len()], Some(world.at_ms));
+            let plan = PLANS[usize::from(b) % PLANS.len()];
+            if engine.assign_seat(&team, &format!("u{user}"), plan, Some(world.at_ms)).is_ok() {
+                world.held[user].push(plan);
+            }
         }
         1 => {
             let micros = u64::from(b) * 10_000 + 1;
@@ -166,8 +172,18 @@ fn check_invariants(world: &World) {
         assert_eq!(i128::from(balance), expected, "{team}: credits differ from top-ups minus charges");
         let report = world.engine.usage(&format!("k{user}"), Some(world.at_ms)).expect("a known key");
         if !world.adjusted {
+            let policy = world.engine.policy();
             for limit in &report.limits {
-                assert!(limit.used <= limit.amount, "{} over its amount: {limit:?}", report.key);
+                // The largest amount this limit had on any plan the key held.
+                let largest = world.held[user]
+                    .iter()
+                    .filter_map(|plan| policy.plan_id(plan))
+                    .flat_map(|plan| policy.plan(plan).limits.iter())
+                    .filter(|held| *held.name == *limit.name)
+                    .map(|held| held.amount)
+                    .max()
+                    .unwrap_or(0);
+                assert!(limit.used <= largest.max(limit.amount), "{} over its amount: {limit:?}", report.key);
             }
         }
     }
