@@ -30,6 +30,9 @@ pub struct AdjustmentOutcome {
 
 impl Engine {
     /// Refunds a request admitted with `request_id`, in full. Refunding twice is an error.
+    /// Credits and pay-as-you-go spend come back whole; plan usage comes back only where it
+    /// still counts at `at_ms`: units aged out of a rolling window, or counted on a day (week,
+    /// month) that has since ended, no longer hold anything back and are not given back.
     pub fn refund(&self, request_id: &str, at_ms: Option<u64>) -> Result<Refund, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id(

@@ -472,8 +472,10 @@ tally_status tally_engine_expire_reservations(const struct tally_engine *engine,
                                               uint64_t *expired_out);
 
 // Refunds in full a request admitted under `request_id`: its quota, credits or pay-as-you-go
-// spend is given back. Refunding twice is an error (`TALLY_INVALID_ARGUMENT`); an id no
-// admitted request used is `TALLY_UNKNOWN_REQUEST`.
+// spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
+// a rolling window or was counted on a day, week or month since ended). Refunding twice is an
+// error (`TALLY_INVALID_ARGUMENT`); an id no admitted request used is
+// `TALLY_UNKNOWN_REQUEST`.
 tally_status tally_engine_refund(const struct tally_engine *engine,
                                  const char *request_id,
                                  size_t request_id_len,

@@ -268,8 +268,10 @@ pub extern "C" fn tally_engine_expire_reservations(
 }
 
 /// Refunds in full a request admitted under `request_id`: its quota, credits or pay-as-you-go
-/// spend is given back. Refunding twice is an error (`TALLY_INVALID_ARGUMENT`); an id no
-/// admitted request used is `TALLY_UNKNOWN_REQUEST`.
+/// spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
+/// a rolling window or was counted on a day, week or month since ended). Refunding twice is an
+/// error (`TALLY_INVALID_ARGUMENT`); an id no admitted request used is
+/// `TALLY_UNKNOWN_REQUEST`.
 #[no_mangle]
 pub extern "C" fn tally_engine_refund(
     engine: *const tally_engine,
