@@ -125,6 +125,7 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                     return;
                 }
                 let before = engine.credits_micros(&team).unwrap_or(0);
+                let open_before = engine.open_reservations();
                 let settled = if b % 2 == 0 {
                     engine.settle(id, &quantities[..1], Some(world.at_ms)).map(|outcome| matches!(outcome, SettleOutcome::Settled(_)))
                 } else {
@@ -132,8 +133,15 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 };
                 let _ = settled;
                 let after = engine.credits_micros(&team).unwrap_or(0);
+                // A settle refused (the extra did not fit, or the actual units are not the
+                // resource's) leaves the reservation open, still holding its credits.
+                let still_open = engine.open_reservations() == open_before;
                 // Give-backs and extra charges on settle move this team's credits.
-                *world.credits.entry(team).or_default() += i128::from(after) - i128::from(before);
+                *world.credits.entry(team.clone()).or_default() += i128::from(after) - i128::from(before);
+                if still_open {
+                    assert_eq!(after, before, "a refused settle moves no credits");
+                    world.reservations.push((id, team, held, expires_at_ms));
+                }
             }
         }
         _ => {
