@@ -9,7 +9,7 @@ use std::num::NonZeroU64;
 use common::*;
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
-    AdjustmentDirection, ChargedTo, DenialReason, Engine, Error, Policy, ReservationId,
+    AdjustmentDirection, ChargedTo, Decision, DenialReason, Engine, Error, Policy, ReservationId,
     SettleOutcome, Unit, UsageRequest,
 };
 
@@ -1233,6 +1233,41 @@ fn never_used_keys_hold_no_usage_memory() {
     let stats = engine.memory_stats();
     assert_eq!(stats.keys_with_usage, 1);
     assert!(stats.usage_bytes > 0);
+}
+
+/// Requests that can only be refused, and corrections that remove usage a key never had, keep
+/// no windows either: a key they touch holds no usage memory, as if they had not happened.
+#[test]
+fn refused_oversized_requests_and_empty_removals_hold_no_usage_memory() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    // Starter's 5-hour limit is 1,500 requests.
+    let oversized = [(Unit::Requests, 1_501)];
+    let decision = consume(&engine, &key, "m2.7", &oversized, T0_MS);
+    assert!(
+        matches!(
+            &decision,
+            Decision::Denied(denial) if matches!(denial.reason, DenialReason::ExceedsLimit { .. })
+        ),
+        "{decision:?}"
+    );
+    let removed = engine
+        .adjust_usage(
+            &key,
+            "m2.7",
+            &ONE_REQUEST,
+            T0_MS,
+            AdjustmentDirection::Remove,
+            Some(T0_MS),
+        )
+        .expect("remove");
+    assert_eq!(removed.limits[0].1, 0);
+    let stats = engine.memory_stats();
+    assert_eq!((stats.keys_with_usage, stats.usage_bytes), (0, 0));
+    assert_eq!(engine.reclaim_idle(Some(T0_MS + DAY_MS)), Ok(0));
+    // The key works as before: the whole limit, and a window once it is used.
+    assert_eq!(m27_requests(&engine, &key, 1_501, T0_MS), 1_500);
+    assert_eq!(engine.memory_stats().keys_with_usage, 1);
 }
 
 #[test]

@@ -161,9 +161,19 @@ impl Engine {
                     field: "quantities",
                 },
             )?;
-            let usage = state
-                .usage
-                .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id)));
+            // Removing usage from a key that counts none removes nothing, so it looks at empty
+            // windows without keeping them: a key with no usage holds no window memory.
+            let scratch;
+            let usage = match (state.usage.get(), direction) {
+                (Some(usage), _) => usage,
+                (None, AdjustmentDirection::Remove) => {
+                    scratch = KeyUsage::for_plan(policy, Some(plan_id));
+                    &*scratch
+                }
+                (None, AdjustmentDirection::Add) => state
+                    .usage
+                    .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
+            };
             let mut limits = Vec::new();
             let mut moved = Vec::new();
             for &(limit_index, amount) in amounts.as_slice() {

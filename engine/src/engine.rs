@@ -1523,17 +1523,19 @@ pub(crate) fn decide_for_key_into(
                 });
             }
             // A check on a key that never used anything looks at empty windows without keeping
-            // them: a key with no usage holds no window memory.
+            // them: a key with no usage holds no window memory. So does a consume larger than
+            // one of the limits, which empty windows can only refuse (whatever it takes from
+            // the scratch windows before that goes with them).
             let scratch;
             let usage = match (state.usage.get(), mode) {
                 (Some(usage), _) => usage,
-                (None, Mode::Check) => {
+                (None, Mode::Consume) if !exceeds_a_limit(policy, plan_id, &amounts) => state
+                    .usage
+                    .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
+                (None, _) => {
                     scratch = KeyUsage::for_plan(policy, Some(plan_id));
                     &*scratch
                 }
-                (None, Mode::Consume) => state
-                    .usage
-                    .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
             };
             if try_quota(
                 policy,
@@ -1582,6 +1584,15 @@ pub(crate) fn decide_for_key_into(
     *verdict.decision = decision;
     verdict.receipt = receipt;
     Ok(())
+}
+
+/// Whether some amount of the request is larger than its limit's whole amount.
+fn exceeds_a_limit(policy: &Policy, plan_id: crate::policy::PlanId, amounts: &Amounts) -> bool {
+    let plan = policy.plan(plan_id);
+    amounts
+        .as_slice()
+        .iter()
+        .any(|&(limit, amount)| amount > plan.limits[usize::from(limit)].amount)
 }
 
 fn pay_as_you_go(
