@@ -1723,7 +1723,16 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
     for closed in &mut out.closed_reservations {
         closed.1 = 0;
     }
+    // Idle windows are reclaimed without an event, setting the key's time floor to when they
+    // were empty: a replay still holds what had aged out by then. Count as of that time too.
+    let floor_of = |key: &str| -> u64 {
+        reference
+            .keys
+            .binary_search_by(|probe| (*probe.key).cmp(key))
+            .map_or(0, |found| reference.keys[found].time_floor_ms)
+    };
     for key in &mut out.keys {
+        let floor_ms = floor_of(&key.key);
         key.time_floor_ms = 0;
         let Some(counters) = key.counters.as_mut() else {
             continue;
@@ -1735,16 +1744,17 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
                     buckets,
                     wide,
                 } => {
-                    let reference_head = head_of(&key.key, *id).unwrap_or(*head).max(*head);
-                    let span = policy
-                        .as_ref()
-                        .and_then(|policy| {
-                            policy
-                                .counters()
-                                .get(usize::from(*id))
-                                .and_then(|spec| spec.window.shape())
-                        })
-                        .map_or(0, |shape| shape.buckets);
+                    let shape = policy.as_ref().and_then(|policy| {
+                        policy
+                            .counters()
+                            .get(usize::from(*id))
+                            .and_then(|spec| spec.window.shape())
+                    });
+                    let reference_head = head_of(&key.key, *id)
+                        .unwrap_or(*head)
+                        .max(*head)
+                        .max(shape.map_or(0, |shape| shape.epoch(floor_ms)));
+                    let span = shape.map_or(0, |shape| shape.buckets);
                     buckets.retain(|(epoch, count)| *count > 0 && epoch + span >= reference_head);
                     *head = 0;
                     *wide = false;
@@ -1755,7 +1765,7 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
                             Window::Calendar(kind) => Some(
                                 policy
                                     .calendar()
-                                    .period_of(kind, reference.newest_at_ms)
+                                    .period_of(kind, reference.newest_at_ms.max(floor_ms))
                                     .index,
                             ),
                             Window::Rolling { .. } => None,
