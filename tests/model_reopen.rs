@@ -31,8 +31,8 @@ use log_support::{
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tally_engine::{
-    Decision, Durability, Engine, EngineOptions, ManualClock, OpenOptions, Policy, ReservationId,
-    Unit, UsageRequest,
+    AdjustmentDirection, Decision, Durability, Engine, EngineOptions, ManualClock, OpenOptions,
+    Policy, ReservationId, Unit, UsageRequest,
 };
 
 /// 2026-09-22T00:00:00+08:00 minus 2 hours: cases cross a local midnight early on.
@@ -159,6 +159,15 @@ enum Op {
     Refund {
         which: usize,
     },
+    /// A correction of usage `back_ms` ago: added if `add`, else removed.
+    Adjust {
+        key: usize,
+        resource: usize,
+        amount: u64,
+        back_ms: u64,
+        add: bool,
+    },
+    ReclaimIdle,
     Checkpoint,
     Reopen {
         close: bool,
@@ -198,6 +207,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), 0..=7u64).prop_map(|(which, amount)| Op::Settle { which, amount }),
         1 => any::<usize>().prop_map(|which| Op::Void { which }),
         1 => any::<usize>().prop_map(|which| Op::Refund { which }),
+        1 => (0..KEYS.len(), 0..RESOURCES.len(), 1..=4u64, 0..=(3 * HOUR_MS), any::<bool>())
+            .prop_map(|(key, resource, amount, back_ms, add)| {
+                Op::Adjust { key, resource, amount, back_ms, add }
+            }),
+        1 => Just(Op::ReclaimIdle),
         1 => Just(Op::Checkpoint),
         2 => any::<bool>().prop_map(|close| Op::Reopen { close }),
         1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
@@ -405,6 +419,44 @@ impl Run {
                     let at = Some(self.now_ms);
                     let _compared = self.both("refund", |engine| engine.refund(&id, at));
                 }
+            }
+            Op::Adjust {
+                key,
+                resource,
+                amount,
+                back_ms,
+                add,
+            } => {
+                let at_ms = self.now_ms;
+                let usage_at_ms = at_ms.saturating_sub(*back_ms).max(START_MS);
+                let quantities = quantities(*resource, *amount);
+                let direction = if *add {
+                    AdjustmentDirection::Add
+                } else {
+                    AdjustmentDirection::Remove
+                };
+                let _compared = self.both("adjustment", |engine| {
+                    engine.adjust_usage(
+                        KEYS[*key],
+                        RESOURCES[*resource],
+                        &quantities,
+                        usage_at_ms,
+                        direction,
+                        Some(at_ms),
+                    )
+                });
+            }
+            Op::ReclaimIdle => {
+                // How many keys each frees is not compared: it counts window memory, which a
+                // replay allocates again for keys whose windows had been reclaimed (reclaiming
+                // is not an event). What they count must stay equal (compared after each step).
+                let at = Some(self.now_ms);
+                self.durable()
+                    .reclaim_idle(at)
+                    .expect("reclaim the durable engine's idle keys");
+                self.twin
+                    .reclaim_idle(at)
+                    .expect("reclaim the twin's idle keys");
             }
             Op::Checkpoint => {
                 self.durable().checkpoint().expect("checkpoint");
