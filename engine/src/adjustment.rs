@@ -468,8 +468,7 @@ fn refund_hold(
                 _ => time,
             };
             if let Some(as_of_ms) = as_of_ms {
-                let head = window.advance(shape, shape.epoch(as_of_ms));
-                if epoch.saturating_add(shape.buckets) < head {
+                if !window.still_counts_at(shape, epoch, shape.epoch(as_of_ms)) {
                     return None; // aged out
                 }
             }
@@ -481,7 +480,7 @@ fn refund_hold(
                 (as_of_ms, now.counter(current).window)
             {
                 let current_period = now.calendar().period_of(kind, as_of_ms).index;
-                if counter_state.used(current_period).period != period {
+                if !counter_state.still_counts_at(period, current_period) {
                     return None; // that period has reset
                 }
             }
@@ -504,9 +503,8 @@ fn adjust_counter(
     match (state, window) {
         (WindowState::Rolling(ring), Window::Rolling { .. }) => {
             let shape = window.shape().unwrap_or_else(|| unreachable!());
-            let head = ring.advance(shape, shape.epoch(at_ms));
             let epoch = shape.epoch(usage_at_ms);
-            if epoch.saturating_add(shape.buckets) < head {
+            if !ring.still_counts_at(shape, epoch, shape.epoch(at_ms)) {
                 return Ok((epoch, 0)); // aged out already
             }
             match direction {
@@ -522,11 +520,7 @@ fn adjust_counter(
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, usage_at_ms).index;
             let time = u64::from(period);
-            if counter
-                .used(policy.calendar().period_of(kind, at_ms).index)
-                .period
-                != period
-            {
+            if !counter.still_counts_at(period, policy.calendar().period_of(kind, at_ms).index) {
                 return Ok((time, 0)); // that period has reset
             }
             match direction {

@@ -11,8 +11,8 @@ use crate::calendar::CalendarPeriod;
 use crate::error::Error;
 use crate::ledger::{KeyUsage, Team, UsageCell, WindowState};
 use crate::policy::{
-    CounterId, Limit, PlanId, Policy, ResourceId, Touch, Unit, Window, MAX_LIMITS_PER_RESOURCE,
-    MAX_QUANTITY, UNIT_COUNT,
+    CounterId, Limit, Plan, PlanId, Policy, ResourceId, Touch, Unit, Window,
+    MAX_LIMITS_PER_RESOURCE, MAX_QUANTITY, UNIT_COUNT,
 };
 use crate::window::{period_end_ms, RollingShape, RollingWindow};
 
@@ -463,6 +463,15 @@ impl Amounts {
         true
     }
 
+    /// The first `(limit, amount)` larger than its limit's whole amount: a request no window
+    /// can ever take.
+    pub fn first_over_its_limit(&self, plan: &Plan) -> Option<(u8, u64)> {
+        self.as_slice()
+            .iter()
+            .copied()
+            .find(|&(limit, amount)| amount > plan.limits[usize::from(limit)].amount)
+    }
+
     pub fn as_slice(&self) -> &[(u8, u64)] {
         let len = self.len.min(MAX_LIMITS_PER_RESOURCE);
         // SAFETY: `fill` wrote the first `len` items (the only way `len` grows).
@@ -744,11 +753,7 @@ fn exceeded(
     at_ms: u64,
 ) -> Option<Denial> {
     let plan = policy.plan(plan_id);
-    let (limit_index, amount) = amounts
-        .as_slice()
-        .iter()
-        .copied()
-        .find(|&(limit_index, amount)| amount > plan.limits[usize::from(limit_index)].amount)?;
+    let (limit_index, amount) = amounts.first_over_its_limit(plan)?;
     let limit = &plan.limits[usize::from(limit_index)];
     let reason = DenialReason::ExceedsLimit {
         limit: limit_index,

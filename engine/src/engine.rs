@@ -1529,7 +1529,7 @@ pub(crate) fn decide_for_key_into(
             let scratch;
             let usage = match (state.usage.get(), mode) {
                 (Some(usage), _) => usage,
-                (None, Mode::Consume) if !exceeds_a_limit(policy, plan_id, &amounts) => state
+                (None, Mode::Consume) if amounts.first_over_its_limit(plan).is_none() => state
                     .usage
                     .get_or_init(|| KeyUsage::for_plan(policy, Some(plan_id))),
                 (None, _) => {
@@ -1584,15 +1584,6 @@ pub(crate) fn decide_for_key_into(
     *verdict.decision = decision;
     verdict.receipt = receipt;
     Ok(())
-}
-
-/// Whether some amount of the request is larger than its limit's whole amount.
-fn exceeds_a_limit(policy: &Policy, plan_id: crate::policy::PlanId, amounts: &Amounts) -> bool {
-    let plan = policy.plan(plan_id);
-    amounts
-        .as_slice()
-        .iter()
-        .any(|&(limit, amount)| amount > plan.limits[usize::from(limit)].amount)
 }
 
 fn pay_as_you_go(

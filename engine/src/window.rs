@@ -383,6 +383,13 @@ impl RollingWindow {
         }
     }
 
+    /// Moves the window to `at_epoch`, as a request then would, and says whether bucket `epoch`
+    /// still counts (a correction or a give-back at that time touches only such buckets).
+    pub fn still_counts_at(&self, shape: RollingShape, epoch: u64, at_epoch: u64) -> bool {
+        self.advance(shape, at_epoch);
+        !self.aged_out(shape, epoch)
+    }
+
     /// Whether bucket `epoch` is out of the window as of the newest epoch seen.
     fn aged_out(&self, shape: RollingShape, epoch: u64) -> bool {
         epoch.saturating_add(shape.buckets) < self.head.load(Ordering::Acquire)
@@ -801,6 +808,12 @@ fn unpack_period(word: u64) -> (u32, u64) {
 impl CalendarCounter {
     pub fn new() -> CalendarCounter {
         CalendarCounter::default()
+    }
+
+    /// Whether what was counted in `period` still counts as seen from `current` (the period
+    /// has not reset since).
+    pub fn still_counts_at(&self, period: u32, current: u32) -> bool {
+        self.used(current).period == period
     }
 
     /// The effective period and count as seen from `period`.
