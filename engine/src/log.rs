@@ -34,7 +34,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -111,6 +111,10 @@ pub struct Faults {
     // Relaxed: counters read and decremented by the writer thread only; tests set them.
     fail_inserts: AtomicU64,
     fail_flushes: AtomicU64,
+    // Relaxed: a test's switch, polled by the writer (see `hold_flushes`).
+    hold_flushes: AtomicBool,
+    // Relaxed: how many flushes the writer has held so far; a test polls it.
+    flushes_held: AtomicU64,
 }
 
 impl Faults {
@@ -126,6 +130,32 @@ impl Faults {
     /// The next `count` fdatasyncs of the log fail.
     pub fn fail_next_flushes(&self, count: u64) {
         self.fail_flushes.store(count, Ordering::Relaxed);
+    }
+
+    /// The writer's fdatasyncs wait (before they start, and before an injected failure) until
+    /// `release_flushes`: written events stay not yet durable for as long as a test needs.
+    pub fn hold_flushes(&self) {
+        self.hold_flushes.store(true, Ordering::Relaxed);
+    }
+
+    pub fn release_flushes(&self) {
+        self.hold_flushes.store(false, Ordering::Relaxed);
+    }
+
+    /// How many fdatasyncs have waited at the hold so far.
+    pub fn flushes_held(&self) -> u64 {
+        self.flushes_held.load(Ordering::Relaxed)
+    }
+
+    /// Waits while flushes are held (polling: a test's pause, not a hot path).
+    fn wait_while_held(&self) {
+        if !self.hold_flushes.load(Ordering::Relaxed) {
+            return;
+        }
+        self.flushes_held.fetch_add(1, Ordering::Relaxed);
+        while self.hold_flushes.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     fn take(counter: &AtomicU64) -> bool {
@@ -1289,6 +1319,16 @@ impl EventLog {
         Ok(())
     }
 
+    /// The log's failure, if it has failed (every later append and wait answers it).
+    pub fn failure(&self) -> Option<Error> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let progress = self.shared.progress.lock();
+        let (seq, problem) = progress.failure.as_ref()?;
+        Some(failed(*seq, problem))
+    }
+
     /// Waits until every event appended so far is written, then makes it durable, whatever
     /// the mode (a checkpoint, a close, `tally` commands).
     pub fn sync(&self) -> Result<(), Error> {
@@ -2160,6 +2200,9 @@ impl Writer {
     }
 
     fn flush(&self) -> Result<(), Error> {
+        if let Some(faults) = self.shared.faults.as_deref() {
+            faults.wait_while_held();
+        }
         if self
             .shared
             .faults
