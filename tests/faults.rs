@@ -519,3 +519,106 @@ fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_wa
         assert!(engine.consume(&request).unwrap().is_admitted());
     }
 }
+
+/// A retried request id is answered with the first decision, and that answer is an
+/// acknowledgement too: the retry answers only once the first decision's event is durable. If
+/// that event is never made durable (its flush fails), the retry gets the log's error, as the
+/// first call does, never the decision: a retry told "admitted" for usage the log then lost
+/// would be an acknowledged event lost. Every way of sending the first call and the retry
+/// (`consume`, `consume_many`), with the flush failing and succeeding.
+#[test]
+fn a_retried_request_id_answers_only_once_the_first_decision_is_durable() {
+    for first_many in [true, false] {
+        for retry_many in [true, false] {
+            for flush_fails in [true, false] {
+                retry_while_the_first_is_not_durable(first_many, retry_many, flush_fails);
+            }
+        }
+    }
+}
+
+fn retry_while_the_first_is_not_durable(first_many: bool, retry_many: bool, flush_fails: bool) {
+    let through = |many: bool| if many { "consume_many" } else { "consume" };
+    let context = format!(
+        "first through {}, retry through {}, the flush {}",
+        through(first_many),
+        through(retry_many),
+        if flush_fails { "failing" } else { "succeeding" }
+    );
+    let dir = TempDir::new("fault-retry");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    create_accounts(&engine);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one)
+        .at(T0_MS)
+        .id("retried");
+    let send = |many: bool| -> Result<(Decision, bool), Error> {
+        if many {
+            let (mut results, replays) =
+                engine.consume_many_noting_replay(std::slice::from_ref(&request));
+            results
+                .pop()
+                .expect("one result")
+                .map(|decision| (decision, replays[0]))
+        } else {
+            engine.consume_noting_replay(&request)
+        }
+    };
+    faults.hold_flushes();
+    if flush_fails {
+        faults.fail_next_flushes(1);
+    }
+    let (first, retry, answered_early) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| send(first_many));
+        // The first call's event is written and its flush is held.
+        while faults.flushes_held() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let retry = scope.spawn(|| send(retry_many));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answered_early = retry.is_finished();
+        faults.release_flushes();
+        (
+            first.join().expect("no panic"),
+            retry.join().expect("no panic"),
+            answered_early,
+        )
+    });
+    assert!(
+        !answered_early,
+        "{context}: the retry answered ({retry:?}) before the first decision was durable"
+    );
+    if flush_fails {
+        assert_storage_error(&first, &format!("{context}: the first call"));
+        assert_storage_error(&retry, &format!("{context}: the retry"));
+    } else {
+        let (first, first_replayed) = first.expect("the first call");
+        let (retry, retry_replayed) = retry.expect("the retry");
+        assert!(
+            first.is_admitted() && !first_replayed,
+            "{context}: {first:?}"
+        );
+        assert_eq!(
+            retry, first,
+            "{context}: the retry answers the first decision"
+        );
+        assert!(retry_replayed, "{context}: the retry is a replay");
+    }
+    drop(engine);
+    let engine = open_token_plan(dir.path(), OpenOptions::default());
+    let used = engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used;
+    assert_eq!(
+        used,
+        u64::from(!flush_fails),
+        "{context}: counted after a reopen"
+    );
+    let (again, replayed) = engine
+        .consume_noting_replay(&request)
+        .expect("after a reopen");
+    assert!(again.is_admitted(), "{context}: {again:?}");
+    assert_eq!(
+        replayed, !flush_fails,
+        "{context}: a replay after a reopen only if the first decision was kept"
+    );
+}

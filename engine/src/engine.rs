@@ -55,7 +55,9 @@ const STAGED_KEPT_BYTES: usize = 64 * 1024;
 const ENTRY_AHEAD: usize = 4;
 const POINTEES_AHEAD: usize = 2;
 const _: () = assert!(POINTEES_AHEAD < ENTRY_AHEAD);
-use crate::idempotency::{Fingerprint, RequestTable, MAX_REQUEST_ID_BYTES};
+use crate::idempotency::{
+    ChunkSeq, ChunkSeqGuard, Fingerprint, LoggedAs, RequestTable, MAX_REQUEST_ID_BYTES,
+};
 use crate::ledger::{KeyUsage, Team};
 use crate::lock::ShardLock;
 use crate::log::{EventLog, Staged};
@@ -918,29 +920,63 @@ impl Engine {
         };
         match mode {
             Mode::Consume => {
-                (*verdict.decision, verdict.replayed) = self.requests.once(
+                // Set if this call makes the first decision: how it was logged, and what to
+                // give back should the log fail.
+                let mut first = None;
+                let (decision, replay) = self.requests.once(
                     request_id,
                     fingerprint,
                     at_ms,
                     self.clock.now_ms(),
                     || {
                         let mut decision = Decision::denied(DenialReason::UnknownKey);
-                        let mut first = Verdict::new(&mut decision);
-                        self.decide(
+                        let mut verdict = Verdict::new(&mut decision);
+                        let logged = self.decide_logged(
                             request.key,
                             request.resource,
                             &quantities,
                             Some(request_id),
                             at_ms,
                             mode,
-                            &mut first,
+                            &mut verdict,
+                            None,
                         )?;
-                        let receipt = first.receipt;
-                        Ok((decision, receipt))
+                        let receipt = verdict.receipt;
+                        first = Some((logged, receipt));
+                        let logged_as = match logged {
+                            Logged::At(seq) => LoggedAs::Event(seq),
+                            Logged::Not | Logged::Staged => LoggedAs::Durable,
+                        };
+                        Ok((decision, receipt, logged_as))
                     },
                 )?;
+                *verdict.decision = decision;
                 verdict.receipt = None;
-                Ok(())
+                verdict.replayed = replay.is_some();
+                // The waits come after `once` has let go of the id's shard: calls with other
+                // ids in it do not wait for this one's flush. A repeat arriving meanwhile
+                // waits for the same event.
+                match (replay, first) {
+                    (Some(logged), _) => self.await_first_decision(&logged),
+                    (None, Some((Logged::At(seq), receipt))) => {
+                        let Some(journal) = self.journal() else {
+                            return Ok(());
+                        };
+                        journal.wait(seq).inspect_err(|_| {
+                            if let Some(receipt) = receipt {
+                                self.give_back(
+                                    request.key,
+                                    request.resource,
+                                    &receipt,
+                                    &quantities,
+                                    None,
+                                );
+                            }
+                            self.requests.forget(request_id);
+                        })
+                    }
+                    _ => Ok(()),
+                }
             }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => {
@@ -1099,6 +1135,29 @@ impl Engine {
             })
     }
 
+    /// Waits until the event that logged a request id's first decision is durable, before a
+    /// repeat answers that decision: the log's error if it never will be.
+    fn await_first_decision(&self, logged: &LoggedAs) -> Result<(), Error> {
+        let Some(journal) = self.journal() else {
+            return Ok(());
+        };
+        let seq = match logged {
+            LoggedAs::Durable => return Ok(()),
+            LoggedAs::Event(seq) => *seq,
+            LoggedAs::Chunk(chunk) => match chunk.wait() {
+                ChunkSeq::NEVER => {
+                    return Err(journal.failure().unwrap_or_else(|| Error::Storage {
+                        problem: "the first call with this request id stopped before its \
+                                  decision was logged"
+                            .into(),
+                    }))
+                }
+                seq => seq,
+            },
+        };
+        journal.wait(seq)
+    }
+
     /// Waits for `seq`; if the log failed, gives the receipt's effect back.
     fn await_durable(
         &self,
@@ -1174,6 +1233,8 @@ impl Engine {
         let mut results = Vec::with_capacity(requests.len());
         let journal = self.journal();
         let mut last_seq = None;
+        // Replays whose first decision's event may not be durable yet, waited for at the end.
+        let mut first_decisions = Vec::new();
         // Over many keys each request's lookup is a chain of cache misses (the table entry,
         // then the name and the usage it points to). A batch knows its keys in advance, so
         // the entry of the request `ENTRY_AHEAD` on and the pointees of the one
@@ -1189,6 +1250,7 @@ impl Engine {
                 let first_pending = pending.len();
                 // Empty unless a previous call unwound mid-chunk: its events must not be logged.
                 staged.clear(STAGED_KEPT_BYTES);
+                let mut chunk_seq = ChunkSeqGuard::default();
                 // The chunk's events are applied now and appended at its end: the gate keeps
                 // a checkpoint's cut out in between, so a cut never sees an effect unlogged.
                 let gate = journal.map(|_| self.append_gate.read());
@@ -1213,8 +1275,20 @@ impl Engine {
                     let Some(Ok(decision)) = results.last_mut() else {
                         unreachable!("a decision was just pushed");
                     };
-                    match self.admit_without_waiting(request, batch, decision, index, pending) {
-                        Ok(replay) => replayed = replay,
+                    match self.admit_without_waiting(
+                        request,
+                        batch,
+                        decision,
+                        index,
+                        pending,
+                        &mut chunk_seq,
+                    ) {
+                        Ok(None) => {}
+                        Ok(Some(LoggedAs::Durable)) => replayed = true,
+                        Ok(Some(logged)) => {
+                            replayed = true;
+                            first_decisions.push((index, logged));
+                        }
                         Err(error) => results[index] = Err(error),
                     }
                     if let Some(replays) = replays.as_deref_mut() {
@@ -1227,6 +1301,7 @@ impl Engine {
                 self.note_event_time(staged.newest_at_ms());
                 let appended = journal.append_staged(staged);
                 staged.clear(STAGED_KEPT_BYTES);
+                chunk_seq.set(*appended.as_ref().unwrap_or(&ChunkSeq::NEVER));
                 match appended {
                     Ok(seq) => last_seq = last_seq.max(Some(seq)),
                     Err(error) => {
@@ -1245,16 +1320,30 @@ impl Engine {
                 drop(gate);
             }
         });
-        let (Some(journal), Some(last_seq)) = (journal, last_seq) else {
-            return results;
-        };
-        // The chunks were queued without waking the writer (see `EventLog::append_staged`).
-        journal.nudge();
-        if let Err(error) = journal.wait(last_seq) {
-            self.undo_pending(requests, pending, &mut results, replays, &error);
-            return results;
+        if let (Some(journal), Some(last_seq)) = (journal, last_seq) {
+            // The chunks were queued without waking the writer (see `EventLog::append_staged`).
+            journal.nudge();
+            match journal.wait(last_seq) {
+                Ok(()) => self.maybe_checkpoint(),
+                Err(error) => self.undo_pending(
+                    requests,
+                    pending,
+                    &mut results,
+                    replays.as_deref_mut(),
+                    &error,
+                ),
+            }
         }
-        self.maybe_checkpoint();
+        // A replay answers once its first decision is durable (after this batch's own wait:
+        // a first decision staged in this batch is then appended).
+        for (index, logged) in first_decisions {
+            if let Err(error) = self.await_first_decision(&logged) {
+                results[index] = Err(error);
+                if let Some(replays) = replays.as_deref_mut() {
+                    replays[index] = false;
+                }
+            }
+        }
         results
     }
 
@@ -1285,9 +1374,10 @@ impl Engine {
         }
     }
 
-    /// One request of `consume_many` (the `index`th), decided into `decision`: whether it is a
-    /// replay. If its event was staged, what to give back should the batch's append or wait
-    /// fail goes onto `pending`.
+    /// One request of `consume_many` (the `index`th), decided into `decision`: if it is a
+    /// replay, where the first decision's event stands. If its event was staged, what to give
+    /// back should the batch's append or wait fail goes onto `pending`, and a first decision's
+    /// record points at `chunk`, the chunk's sequence number to be.
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
@@ -1295,7 +1385,8 @@ impl Engine {
         decision: &mut Decision,
         index: usize,
         pending: &mut Vec<(usize, Option<Receipt>)>,
-    ) -> Result<bool, Error> {
+        chunk: &mut ChunkSeqGuard,
+    ) -> Result<Option<LoggedAs>, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let mut quantities = Quantities::default();
         quantities.parse(request.quantities)?;
@@ -1315,7 +1406,7 @@ impl Engine {
             if let (true, Some(receipt)) = (logged != Logged::Not, verdict.receipt) {
                 pending.push((index, Some(receipt)));
             }
-            return Ok(false);
+            return Ok(None);
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
@@ -1323,8 +1414,8 @@ impl Engine {
             resource: request.resource.into(),
             quantities,
         };
-        let replayed;
-        (*decision, replayed) =
+        let replay;
+        (*decision, replay) =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut decision = Decision::denied(DenialReason::UnknownKey);
@@ -1341,12 +1432,17 @@ impl Engine {
                     )?;
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
                     let receipt = verdict.receipt;
+                    let logged = match outcome {
+                        Logged::Not => LoggedAs::Durable,
+                        Logged::Staged => LoggedAs::Chunk(chunk.get()),
+                        Logged::At(seq) => LoggedAs::Event(seq),
+                    };
                     if outcome != Logged::Not {
                         pending.push((index, receipt));
                     }
-                    Ok((decision, receipt))
+                    Ok((decision, receipt, logged))
                 })?;
-        Ok(replayed)
+        Ok(replay)
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.

@@ -33,6 +33,83 @@ pub(crate) struct RequestRecord {
     pub decision: Decision,
     pub receipt: Option<Receipt>,
     pub refunded: bool,
+    /// Where the event that logged the decision stands: a repeat answers only once it is
+    /// durable.
+    pub logged: LoggedAs,
+}
+
+/// Where the event that logged a first decision stands in the log. Answering a repeat of the
+/// request id is an acknowledgement too, so it waits until that event is durable, and answers
+/// the log's error if it never will be (the first call then gives the effect back and forgets
+/// the id).
+#[derive(Debug, Clone, Default)]
+pub(crate) enum LoggedAs {
+    /// Durable already (restored from the log), or never to be (no log, or nothing logged).
+    #[default]
+    Durable,
+    /// Appended as this event.
+    Event(u64),
+    /// Staged in a `consume_many` chunk, appended when the chunk ends.
+    Chunk(Arc<ChunkSeq>),
+}
+
+/// A `consume_many` chunk's last sequence number, set once the chunk is appended: 0 until
+/// then, `ChunkSeq::NEVER` if it never will be (its append failed, or its call unwound).
+#[derive(Debug, Default)]
+pub(crate) struct ChunkSeq(
+    // Release on the store, Acquire on the load: a repeat that sees the number sees the chunk
+    // appended.
+    std::sync::atomic::AtomicU64,
+);
+
+impl ChunkSeq {
+    pub const NEVER: u64 = u64::MAX;
+
+    /// Sets the chunk's last sequence number (`NEVER` if it will have none); once.
+    pub fn set(&self, seq: u64) {
+        debug_assert_ne!(seq, 0, "sequence numbers start at 1");
+        let previous = self.0.swap(seq, std::sync::atomic::Ordering::Release);
+        debug_assert_eq!(previous, 0, "a chunk is appended once");
+    }
+
+    /// The chunk's last sequence number, or `NEVER`, once its call has set it. The chunk's
+    /// call is running (it holds no lock the caller waits on), so this yields, not parks.
+    pub fn wait(&self) -> u64 {
+        loop {
+            let seq = self.0.load(std::sync::atomic::Ordering::Acquire);
+            if seq != 0 {
+                return seq;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Sets a chunk's `ChunkSeq` to `NEVER` if it is dropped unset: a call that unwinds mid-chunk
+/// leaves no repeat waiting forever.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkSeqGuard(Option<Arc<ChunkSeq>>);
+
+impl ChunkSeqGuard {
+    /// The chunk's `ChunkSeq`, made on first use: a chunk without request ids allocates none.
+    pub fn get(&mut self) -> Arc<ChunkSeq> {
+        Arc::clone(self.0.get_or_insert_with(Default::default))
+    }
+
+    /// The chunk was appended up to `seq` (`NEVER`: it failed).
+    pub fn set(mut self, seq: u64) {
+        if let Some(chunk) = self.0.take() {
+            chunk.set(seq);
+        }
+    }
+}
+
+impl Drop for ChunkSeqGuard {
+    fn drop(&mut self) {
+        if let Some(chunk) = self.0.take() {
+            chunk.set(ChunkSeq::NEVER);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -76,15 +153,16 @@ impl RequestTable {
         &self.shards[(hash >> 32) as usize % SHARDS]
     }
 
-    /// Runs `admit` once per request id: a repeat returns the first decision.
+    /// Runs `admit` once per request id: a repeat returns the first decision, with where its
+    /// event stands (`Some`: the caller waits until it is durable before answering).
     pub fn once(
         &self,
         request_id: &str,
         fingerprint: Fingerprint,
         at_ms: u64,
         now_ms: u64,
-        admit: impl FnOnce() -> Result<(Decision, Option<Receipt>), Error>,
-    ) -> Result<(Decision, bool), Error> {
+        admit: impl FnOnce() -> Result<(Decision, Option<Receipt>, LoggedAs), Error>,
+    ) -> Result<(Decision, Option<LoggedAs>), Error> {
         let mut shard = self.shard(request_id).lock();
         shard.expire(
             now_ms,
@@ -92,7 +170,7 @@ impl RequestTable {
         );
         if let Some(record) = shard.records.get(request_id) {
             return if record.fingerprint == fingerprint {
-                Ok((record.decision, true))
+                Ok((record.decision, Some(record.logged.clone())))
             } else {
                 Err(Error::RequestIdConflict {
                     request_id: request_id.into(),
@@ -105,7 +183,7 @@ impl RequestTable {
                 capacity: self.capacity() as u64,
             });
         }
-        let (decision, receipt) = admit()?;
+        let (decision, receipt, logged) = admit()?;
         let id: Arc<str> = request_id.into();
         shard.arrivals.push_back((at_ms, Arc::clone(&id)));
         shard.records.insert(
@@ -115,9 +193,10 @@ impl RequestTable {
                 decision,
                 receipt,
                 refunded: false,
+                logged,
             },
         );
-        Ok((decision, false))
+        Ok((decision, None))
     }
 
     /// The first decision for `request_id`, if it is still remembered and matches.

@@ -29,7 +29,7 @@ use crate::clock::Clock;
 use crate::engine::{AdjustmentDirection, Engine, EngineOptions};
 use crate::error::Error;
 use crate::event::{Event, EventBody, GivenBack, ReservationEnd, FORMAT_VERSION};
-use crate::idempotency::{Fingerprint, RequestRecord};
+use crate::idempotency::{Fingerprint, LoggedAs, RequestRecord};
 use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults, SnapshotBytes};
 use crate::policy::{CounterId, PlanId, Policy, Window};
@@ -1926,6 +1926,8 @@ fn request_record(
         decision: *decision,
         receipt,
         refunded: false,
+        // Restored from the database: durable.
+        logged: LoggedAs::Durable,
     }
 }
 
