@@ -29,7 +29,8 @@
 //! - `TALLY_BENCH_RUNS`: repetitions; medians are quoted (3 / 1).
 //! - `TALLY_BENCH_KEYS`: keys in every database (100,000 / 1,000).
 //! - `TALLY_BENCH_BATCHES`: `consume_many` batch sizes (100,1000,10000).
-//! - `TALLY_BENCH_THREADS`: thread counts calling `consume` (1,16,64,256).
+//! - `TALLY_BENCH_THREADS`: thread counts calling `consume`, without and with request ids
+//!   (1,16,64,256).
 //! - `TALLY_BENCH_HISTORY_EVENTS`: history of the open-time database (10,000,000 / 20,000).
 //! - `TALLY_BENCH_TAIL_EVENTS`: events after the last checkpoint (1,000,000 / 5,000).
 //! - `TALLY_BENCH_OPENS`: opens per open-time figure (3 / 3).
@@ -404,8 +405,9 @@ fn raw_append(dir: &Path, event: &[u8], batch: usize, settings: &Settings) -> (S
 enum Calls {
     /// `consume_many` with this many requests per call.
     Many(usize),
-    /// `consume`, one request per call.
-    One,
+    /// `consume`, one request per call; with `ids`, each under a request id of its own (the
+    /// id's record is kept, and a repeat must wait for the first decision's event).
+    One { ids: bool },
 }
 
 /// An engine under load and what the driving threads share.
@@ -496,7 +498,7 @@ fn drive_one_thread(
 ) -> (u64, Vec<u32>) {
     let per_call = match calls {
         Calls::Many(batch) => batch,
-        Calls::One => 1,
+        Calls::One { .. } => 1,
     };
     let started = Instant::now();
     let mut requests = Vec::with_capacity(per_call);
@@ -517,13 +519,20 @@ fn drive_one_thread(
                 .into_iter()
                 .filter(|result| result.as_ref().is_ok_and(|decision| decision.is_admitted()))
                 .count(),
-            Calls::One => usize::from(
-                target
-                    .engine
-                    .consume(&requests[0])
-                    .expect("consume")
-                    .is_admitted(),
-            ),
+            Calls::One { ids } => {
+                let id = ids.then(|| format!("bench-{first}"));
+                let request = match &id {
+                    Some(id) => requests[0].id(id),
+                    None => requests[0],
+                };
+                usize::from(
+                    target
+                        .engine
+                        .consume(&request)
+                        .expect("consume")
+                        .is_admitted(),
+                )
+            }
         };
         latencies_us.push(call.elapsed().as_micros() as u32);
         // A denial writes no event: the figures would be wrong, so stop loudly.
@@ -616,15 +625,21 @@ fn configs(settings: &Settings) -> Vec<Config> {
             });
         }
     }
-    for &threads in &settings.threads {
-        let label = format!("consume x {threads} thread(s)");
-        let row = Row::new(label, threads);
-        configs.push(Config {
-            calls: Calls::One,
-            threads,
-            sync: true,
-            row,
-        });
+    for ids in [false, true] {
+        for &threads in &settings.threads {
+            let label = if ids {
+                format!("consume with request ids x {threads} thread(s)")
+            } else {
+                format!("consume x {threads} thread(s)")
+            };
+            let row = Row::new(label, threads);
+            configs.push(Config {
+                calls: Calls::One { ids },
+                threads,
+                sync: true,
+                row,
+            });
+        }
     }
     configs
 }
