@@ -3,15 +3,18 @@
 //! It opens the database with `Durability::Sync`, sets up a few users, keys, seats and credits
 //! if they are missing (a kill may have stopped an earlier child halfway through), then
 //! consumes from several threads — some one request at a time, some in `consume_many` batches —
-//! with request ids unique to this run, and tops up teams that run low. It prints a line for
-//! every call only after the call returned, so every `ok` line is a request the engine
-//! acknowledged as durable:
+//! with request ids unique to this run, and tops up teams that run low. One more thread sends
+//! again the request most recently sent, as a client retrying would, usually while its first
+//! call still waits for its fsync. It prints a line for every call only after the call
+//! returned, so every `ok` line (and every `retry ok`) is a request the engine acknowledged as
+//! durable:
 //!
 //! ```text
 //! ready
 //! ok <request id> <key> <resource> <unit=n,...> quota <plan>
 //! ok <request id> <key> <resource> <unit=n,...> credits <micros>
 //! no <request id> <key> <resource> <unit=n,...> <denial reason>
+//! retry ok|no|err ...  (as above, for a request sent again)
 //! topup <team> <micros>
 //! err <what> <error>
 //! ```
@@ -22,7 +25,7 @@
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tally_engine::{ChargedTo, Decision, Engine, Error, Policy, SystemClock, Unit, UsageRequest};
@@ -41,6 +44,9 @@ const MAX_BATCH_REQUESTS: u64 = 8;
 /// overlap (a call takes about as long), and the log grows slowly enough that a debug build
 /// reopens it quickly after a hundred kills.
 const PAUSE_BETWEEN_CALLS: Duration = Duration::from_millis(2);
+/// The retrying thread's pause: shorter than a call's fsync, so most retries race their first
+/// call.
+const PAUSE_BETWEEN_RETRIES: Duration = Duration::from_micros(500);
 const MAX_QUANTITY: u64 = 3;
 /// A team below this balance is topped up by `TOP_UP_MICROS`, now and then (so credits also
 /// run out at times).
@@ -86,13 +92,14 @@ pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
     say("ready");
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_millis(MAX_RUN_MS);
+    let latest = Mutex::new(None);
     std::thread::scope(|scope| {
         for thread in 0..options.threads {
-            let engine = &engine;
-            let stop = &stop;
-            scope.spawn(move || consume_loop(engine, options.seed, thread, stop, deadline));
+            let (engine, stop, latest) = (&engine, &stop, &latest);
+            scope.spawn(move || consume_loop(engine, options.seed, thread, stop, deadline, latest));
         }
         scope.spawn(|| top_up_loop(&engine, options.seed, &stop, deadline));
+        retry_loop(&engine, &stop, deadline, &latest);
     });
     Ok(())
 }
@@ -148,6 +155,7 @@ fn set_up(engine: &Engine) -> Result<(), Error> {
 }
 
 /// One drawn request: key, resource and quantities.
+#[derive(Clone)]
 struct Drawn {
     key: &'static str,
     resource: String,
@@ -194,7 +202,14 @@ fn draw(rng: &mut Rng, keys: &[&'static str], policy: &Policy) -> Drawn {
     }
 }
 
-fn report(policy: &Policy, id: &str, drawn: &Drawn, outcome: &Result<Decision, Error>) {
+/// Prints the outcome of a call; `prefix` is `"retry "` for a request sent again.
+fn report(
+    policy: &Policy,
+    prefix: &str,
+    id: &str,
+    drawn: &Drawn,
+    outcome: &Result<Decision, Error>,
+) {
     let head = format!("{id} {} {} {}", drawn.key, drawn.resource, drawn.units());
     let line = match outcome {
         Ok(Decision::Admitted(admission)) => match admission.charged_to {
@@ -216,11 +231,21 @@ fn report(policy: &Policy, id: &str, drawn: &Drawn, outcome: &Result<Decision, E
         }
         Err(error) => format!("err {id} {error}"),
     };
-    say(&line);
+    say(&format!("{prefix}{line}"));
 }
 
+/// The request most recently sent, for `retry_loop` to send again.
+type Latest = Mutex<Option<(String, Drawn)>>;
+
 /// Even threads send one request per call, odd threads batches of 2 to 8.
-fn consume_loop(engine: &Engine, seed: u64, thread: u64, stop: &AtomicBool, deadline: Instant) {
+fn consume_loop(
+    engine: &Engine,
+    seed: u64,
+    thread: u64,
+    stop: &AtomicBool,
+    deadline: Instant,
+    latest: &Latest,
+) {
     let policy = engine.policy();
     let keys = keys();
     let mut rng = Rng::stream(seed, thread + 1);
@@ -246,13 +271,16 @@ fn consume_loop(engine: &Engine, seed: u64, thread: u64, stop: &AtomicBool, dead
                 UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities).id(id)
             })
             .collect();
+        if let (Ok(mut latest), Some(last)) = (latest.lock(), batch.last()) {
+            *latest = Some(last.clone());
+        }
         let outcomes = if size == 1 {
             vec![engine.consume(&requests[0])]
         } else {
             engine.consume_many(&requests)
         };
         for ((id, drawn), outcome) in batch.iter().zip(&outcomes) {
-            report(&policy, id, drawn, outcome);
+            report(&policy, "", id, drawn, outcome);
         }
         if outcomes
             .iter()
@@ -262,6 +290,33 @@ fn consume_loop(engine: &Engine, seed: u64, thread: u64, stop: &AtomicBool, dead
             stop.store(true, Ordering::Relaxed);
         }
         std::thread::sleep(PAUSE_BETWEEN_CALLS);
+    }
+}
+
+/// Sends the request most recently sent again, now with `consume`, now with `consume_many`:
+/// a client's retry, which the engine answers with the first decision only once that decision
+/// is durable (so a kill may leave it unanswered, never answered and lost).
+fn retry_loop(engine: &Engine, stop: &AtomicBool, deadline: Instant, latest: &Latest) {
+    let policy = engine.policy();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(PAUSE_BETWEEN_RETRIES);
+        let Some((id, drawn)) = latest.lock().ok().and_then(|latest| latest.clone()) else {
+            continue;
+        };
+        let request = UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities).id(&id);
+        sent += 1;
+        let outcome = if sent % 2 == 0 {
+            engine.consume(&request)
+        } else {
+            let mut outcomes = engine.consume_many(std::slice::from_ref(&request));
+            debug_assert_eq!(outcomes.len(), 1, "one result per request");
+            outcomes.swap_remove(0)
+        };
+        report(&policy, "retry ", &id, &drawn, &outcome);
+        if matches!(outcome, Err(Error::Storage { .. })) {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 }
 

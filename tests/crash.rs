@@ -18,7 +18,10 @@
 //! - no key's usage is over any of its limits;
 //! - every team's balance is its top-ups minus its credit charges, as the events say, and every
 //!   acknowledged top-up is in the log;
-//! - a retry of acknowledged request ids gets the first decision back and logs nothing.
+//! - a retry of acknowledged request ids gets the first decision back and logs nothing;
+//! - the child's own retries (a thread sending again the request most recently sent, usually
+//!   while its first call waits for its fsync) were answered as the first call was, and an
+//!   id acknowledged only through a retry is in the log like any other.
 //!
 //! At the end it prints `kills=N acked=N lost=0 duplicated=0`. `TALLY_CRASH_KILLS` sets the
 //! number of kills (default 100), `TALLY_CRASH_SEED` the generator's seed,
@@ -115,7 +118,7 @@ enum Charged {
     PayAsYouGo(u64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Ack {
     key: String,
     resource: String,
@@ -135,6 +138,8 @@ struct Ledger {
     errors: Vec<String>,
     /// Runs that got as far as `ready`.
     ready: u64,
+    /// `retry ok` and `retry no` lines: the child's requests sent again, answered.
+    retries_answered: u64,
 }
 
 fn parse_quantities(text: &str) -> Option<Vec<(Unit, u64)>> {
@@ -160,8 +165,14 @@ impl Ledger {
         }
     }
 
+    /// An id may be answered more than once (the child sends requests again, as a client
+    /// retrying would); every answer must then be the same.
     fn read_line(&mut self, line: &str) -> bool {
-        let words: Vec<&str> = line.split(' ').collect();
+        let mut words: Vec<&str> = line.split(' ').collect();
+        if let ["retry", "ok" | "no", ..] = words.as_slice() {
+            self.retries_answered += 1;
+            words.remove(0);
+        }
         match words.as_slice() {
             ["ready"] => {
                 self.ready += 1;
@@ -171,7 +182,10 @@ impl Ledger {
                 *self.top_ups.entry(team.to_string()).or_default() += 1;
                 true
             }
-            ["no", id, ..] => self.denied.insert(id.to_string()),
+            ["no", id, ..] => {
+                self.denied.insert(id.to_string());
+                !self.acked.contains_key(*id)
+            }
             ["ok", id, key, resource, units, kind, detail] => {
                 let charged = match (*kind, detail.parse::<u64>()) {
                     ("quota", _) => Charged::Quota(detail.to_string()),
@@ -188,8 +202,14 @@ impl Ledger {
                     quantities,
                     charged,
                 };
-                self.order.push(id.to_string());
-                self.acked.insert(id.to_string(), ack).is_none()
+                match self.acked.get(*id) {
+                    Some(earlier) => *earlier == ack,
+                    None => {
+                        self.order.push(id.to_string());
+                        self.acked.insert(id.to_string(), ack);
+                        !self.denied.contains(*id)
+                    }
+                }
             }
             _ => false,
         }
@@ -657,14 +677,15 @@ fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
     let _ = writeln!(
         std::io::stderr(),
         "crash test: seed {seed}; {} of {kills} kills after the child was ready; {} checks; \
-         {} events in the log; {} denied; {} top-ups; {} retries recognised; {:.1} s \
-         (children {:.1} s, checks {:.1} s)",
+         {} events in the log; {} denied; {} top-ups; {} retries recognised; {} of the \
+         children's own retries answered; {:.1} s (children {:.1} s, checks {:.1} s)",
         ledger.ready,
         figures.checks,
         figures.events,
         ledger.denied.len(),
         ledger.top_ups.values().sum::<u64>(),
         figures.retried,
+        ledger.retries_answered,
         started.elapsed().as_secs_f64(),
         figures.children_s,
         figures.checks_s
