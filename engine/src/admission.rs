@@ -519,8 +519,11 @@ pub(crate) struct Verdict<'d> {
     pub receipt: Option<Receipt>,
     /// The decision is the one remembered for the request's id: nothing was counted now.
     pub replayed: bool,
+    /// The caller waits for the decision's event itself (`Engine::submit`): `decide` only
+    /// notes its sequence number, as it does for a request id's first decision.
+    pub defer_wait: bool,
     /// The sequence number of the event that logged the decision, when its caller waits for
-    /// it (a request id's first decision); 0 otherwise.
+    /// it (a request id's first decision, `defer_wait`); 0 otherwise.
     pub logged_seq: u64,
 }
 
@@ -531,6 +534,7 @@ impl<'d> Verdict<'d> {
             decision,
             receipt: None,
             replayed: false,
+            defer_wait: false,
             logged_seq: 0,
         }
     }

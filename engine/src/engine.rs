@@ -232,9 +232,10 @@ pub enum AdjustmentDirection {
     Remove,
 }
 
-/// What a consume's answer under a request id waits for before it is an acknowledgement.
+/// What a consume's answer waits for before it is an acknowledgement (under a request id, or
+/// submitted).
 #[derive(Debug)]
-enum Awaits {
+pub(crate) enum Awaits {
     /// Nothing: no event was logged (no log), or the repeated id's first decision is durable
     /// already.
     Nothing,
@@ -242,16 +243,6 @@ enum Awaits {
     Event(u64),
     /// A repeat of a request id: the first decision's event.
     FirstDecision(LoggedAs),
-}
-
-impl Awaits {
-    /// What a decision logged as `logged` (not in a batch) waits for.
-    fn of(logged: Logged) -> Awaits {
-        match logged {
-            Logged::At(seq) => Awaits::Event(seq),
-            Logged::Not | Logged::Staged => Awaits::Nothing,
-        }
-    }
 }
 
 /// Whether a decision's event went to the log: appended with this sequence number, staged
@@ -943,50 +934,15 @@ impl Engine {
         };
         match mode {
             Mode::Consume => {
-                // What the first decision (if this call makes it) waits for, and its effect.
-                let mut first = (Awaits::Nothing, None);
-                let (decision, replay) = self.requests.once(
+                let awaits = self.consume_once(
+                    request,
                     request_id,
                     fingerprint,
+                    &quantities,
                     at_ms,
-                    self.clock.now_ms(),
-                    || {
-                        let mut decision = Decision::denied(DenialReason::UnknownKey);
-                        let mut verdict = Verdict::new(&mut decision);
-                        self.decide(
-                            request.key,
-                            request.resource,
-                            &quantities,
-                            Some(request_id),
-                            at_ms,
-                            mode,
-                            &mut verdict,
-                        )?;
-                        let logged = match verdict.logged_seq {
-                            0 => Logged::Not,
-                            seq => Logged::At(seq),
-                        };
-                        let receipt = verdict.receipt;
-                        first = (Awaits::of(logged), receipt);
-                        let logged_as = match logged {
-                            Logged::At(seq) => LoggedAs::Event(seq),
-                            Logged::Not | Logged::Staged => LoggedAs::Durable,
-                        };
-                        Ok((decision, receipt, logged_as))
-                    },
+                    verdict,
                 )?;
-                *verdict.decision = decision;
-                verdict.replayed = replay.is_some();
-                // The waits come after `once` has let go of the id's shard: calls with other
-                // ids in it do not wait for this one's flush. A repeat arriving meanwhile
-                // waits for the same event.
-                let pending;
-                (pending, verdict.receipt) = match replay {
-                    Some(LoggedAs::Durable) => (Awaits::Nothing, None),
-                    Some(logged) => (Awaits::FirstDecision(logged), None),
-                    None => first,
-                };
-                self.acknowledge(request, pending, verdict.receipt.as_ref())
+                self.acknowledge(request, awaits, verdict.receipt.as_ref())
             }
             Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
                 Some(decision) => {
@@ -1008,11 +964,61 @@ impl Engine {
         }
     }
 
+    /// A consume under a request id, decided once: the first call decides and logs it, a
+    /// repeat gets the first decision, into `verdict` either way (its `receipt` is the effect
+    /// this call made: none for a repeat). Returns what the answer waits for, which the caller
+    /// waits for after `once` has let go of the id's shard: calls with other ids in it do not
+    /// wait for this one's flush, and a repeat arriving meanwhile waits for the same event.
+    #[inline(never)]
+    pub(crate) fn consume_once(
+        &self,
+        request: &UsageRequest<'_>,
+        request_id: &str,
+        fingerprint: Fingerprint,
+        quantities: &Quantities,
+        at_ms: u64,
+        verdict: &mut Verdict<'_>,
+    ) -> Result<Awaits, Error> {
+        // What the first decision (if this call makes it) waits for, and its effect.
+        let mut first = (Awaits::Nothing, None);
+        let (decision, replay) =
+            self.requests
+                .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                    let mut decision = Decision::denied(DenialReason::UnknownKey);
+                    let mut verdict = Verdict::new(&mut decision);
+                    self.decide(
+                        request.key,
+                        request.resource,
+                        quantities,
+                        Some(request_id),
+                        at_ms,
+                        Mode::Consume,
+                        &mut verdict,
+                    )?;
+                    let (awaits, logged_as) = match verdict.logged_seq {
+                        0 => (Awaits::Nothing, LoggedAs::Durable),
+                        seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
+                    };
+                    let receipt = verdict.receipt;
+                    first = (awaits, receipt);
+                    Ok((decision, receipt, logged_as))
+                })?;
+        *verdict.decision = decision;
+        verdict.replayed = replay.is_some();
+        let awaits;
+        (awaits, verdict.receipt) = match replay {
+            Some(LoggedAs::Durable) => (Awaits::Nothing, None),
+            Some(logged) => (Awaits::FirstDecision(logged), None),
+            None => first,
+        };
+        Ok(awaits)
+    }
+
     /// Makes an admission's answer an acknowledgement: waits for what it `awaits` to be
     /// durable (as the durability mode says). If its own event never will be, its effect
     /// (`receipt`) is given back, the request id forgotten, and the log's error returned.
     #[inline(never)]
-    fn acknowledge(
+    pub(crate) fn acknowledge(
         &self,
         request: &UsageRequest<'_>,
         awaits: Awaits,
@@ -1042,15 +1048,16 @@ impl Engine {
 
     /// Decides one request (not a batch's) and, for a consume, logs the decision. Without a
     /// request id, an admitted consume then waits until its event is durable (as the mode
-    /// says), and if the log fails, the effect is given back and the error returned; with one,
-    /// the event's sequence number goes into the verdict's `logged_seq`, and the caller waits
-    /// after letting go of the id's shard. Not inlined: `decide_logged` is inlined into it
+    /// says), and if the log fails, the effect is given back and the error returned; with one
+    /// (or the verdict's `defer_wait`), the event's sequence number goes into the verdict's
+    /// `logged_seq`, and the caller waits (after letting go of the id's shard; `submit`'s
+    /// caller when it completes). Not inlined: `decide_logged` is inlined into it
     /// once, and `admit` (inlined into the hot path) stays small. (With a function of its own
     /// for each case, or this one inlined, a hot-key `consume_into` took 57 to 84 more
     /// instructions; returning how the event was logged, 24 more.)
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
-    fn decide(
+    pub(crate) fn decide(
         &self,
         key: &str,
         resource: &str,
@@ -1064,7 +1071,7 @@ impl Engine {
             key, resource, quantities, request_id, at_ms, mode, verdict, None,
         )?;
         if let Logged::At(seq) = logged {
-            if request_id.is_some() {
+            if request_id.is_some() || verdict.defer_wait {
                 verdict.logged_seq = seq;
             } else if let Some(receipt) = &verdict.receipt {
                 // Without an id only an admission is logged.

@@ -72,6 +72,14 @@ impl ChunkSeq {
         debug_assert_eq!(previous, 0, "a chunk is appended once");
     }
 
+    /// The chunk's last sequence number, or `NEVER`, if its call has set it.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            seq => Some(seq),
+        }
+    }
+
     /// The chunk's last sequence number, or `NEVER`, once its call has set it. The chunk's
     /// call is running (it holds no lock the caller waits on), so this yields, not parks.
     pub fn wait(&self) -> u64 {

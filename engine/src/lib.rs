@@ -20,8 +20,8 @@
 //! (the lock-free sliding buckets and calendar counters), `ledger` (per-key counters and team
 //! credits), `accounts` (users, teams, seats, keys), `lock` (the read-mostly lock of a key
 //! shard), `admission` (the decision), `idempotency` (request ids), `reservation` (reserve,
-//! settle, void), `adjustment` (refunds and corrections), `engine` (the handle tying them
-//! together).
+//! settle, void), `adjustment` (refunds and corrections), `submission` (consumes decided now
+//! and acknowledged once durable), `engine` (the handle tying them together).
 
 pub mod accounts;
 pub mod adjustment;
@@ -39,6 +39,7 @@ pub mod pages;
 pub mod policy;
 pub mod recovery;
 pub mod reservation;
+pub mod submission;
 pub mod window;
 
 pub use accounts::KeyKind;
@@ -58,6 +59,7 @@ pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
 pub use recovery::{CompactReport, OpenOptions, OpenReport, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
+pub use submission::Submitted;
 
 /// A policy's document as JSON: the form the event log stores.
 pub fn policy_json(policy: &Policy) -> String {

@@ -1319,6 +1319,22 @@ impl EventLog {
         Ok(())
     }
 
+    /// In `Sync` mode, asks the writer to make `seq` durable now, without waiting for it (a
+    /// later `wait` then finds it done, or nearer). In the other modes the writer needs no
+    /// asking.
+    pub fn hurry(&self, seq: u64) {
+        let shared = &*self.shared;
+        if shared.durability == Durability::Sync && !shared.settled(seq) {
+            shared.demand(seq);
+        }
+    }
+
+    /// Whether `wait(seq)` would return at once: `seq` is durable (in `Sync` mode; in the
+    /// others a wait never waits), or the log has failed.
+    pub fn is_settled(&self, seq: u64) -> bool {
+        self.shared.durability != Durability::Sync || self.shared.settled(seq)
+    }
+
     /// The log's failure, if it has failed (every later append and wait answers it).
     pub fn failure(&self) -> Option<Error> {
         if !self.shared.failed.load(Ordering::Acquire) {

@@ -1,0 +1,137 @@
+//! Submitted consumes: decided and logged at once, acknowledged once durable.
+//!
+//! `Engine::consume` returns when its event is durable, so in `Sync` mode a thread has one
+//! request in flight at a time, and group commit needs many threads (each a futex wake-up and
+//! a context switch per request). A gateway with an event loop submits each request as it
+//! arrives (`Engine::submit`: the decision is made and its event queued, and the writer is
+//! asked to flush it) and completes it when its answer is due (`Submitted::complete`: waits
+//! for the flush, usually long done). One thread keeps hundreds in flight, and one fdatasync
+//! makes them all durable: what `consume_many` does for a batch the caller has gathered, for
+//! requests that arrive one at a time.
+//!
+//! A submitted decision is not an acknowledgement: the effect is applied at once (the next
+//! request sees it), but if its event never becomes durable (the log fails), `complete` gives
+//! the effect back and returns the error, exactly as `consume` would have. A `Submitted` that is
+//! dropped without completing leaves its effect applied, its event on its way to the log: if
+//! the log then fails, nothing gives the effect back, and the engine counts in memory what the
+//! log lost until it is reopened (the log is failed by then, so nothing more is admitted).
+
+use crate::accounts::MAX_KEY_BYTES;
+use crate::admission::{Decision, DenialReason, Mode, Quantities, Receipt, Verdict};
+use crate::engine::{check_id, Awaits, Engine, UsageRequest};
+use crate::error::Error;
+use crate::idempotency::{ChunkSeq, Fingerprint, LoggedAs, MAX_REQUEST_ID_BYTES};
+
+/// A consume decided and logged, whose decision stands only once `complete` returns it.
+/// Borrows the engine and the request's strings (it keeps them to give the effect back should
+/// the log fail).
+#[must_use = "a submitted decision is acknowledged only by `complete`"]
+#[derive(Debug)]
+pub struct Submitted<'e, 'r> {
+    engine: &'e Engine,
+    request: UsageRequest<'r>,
+    decision: Decision,
+    replayed: bool,
+    /// The effect this call made (none for a replay): what a failed log gives back.
+    receipt: Option<Receipt>,
+    awaits: Awaits,
+}
+
+impl Engine {
+    /// Decides `request` as `consume` does and queues its event, without waiting for the event
+    /// to be durable; the writer is asked to flush it now. Bad input is an error here, with
+    /// nothing changed. The decision becomes an acknowledgement when `Submitted::complete`
+    /// returns it.
+    pub fn submit<'e, 'r>(
+        &'e self,
+        request: &UsageRequest<'r>,
+    ) -> Result<Submitted<'e, 'r>, Error> {
+        let at_ms = self.resolve_time(request.at_ms)?;
+        let quantities = Quantities::new(request.quantities)?;
+        if request.key.is_empty() || request.key.len() > MAX_KEY_BYTES {
+            check_id("key", request.key, MAX_KEY_BYTES)?;
+        }
+        let mut decision = Decision::denied(DenialReason::UnknownKey);
+        let mut verdict = Verdict::new(&mut decision);
+        let outcome = match request.request_id {
+            None => {
+                verdict.defer_wait = true;
+                self.decide(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    None,
+                    at_ms,
+                    Mode::Consume,
+                    &mut verdict,
+                )
+                .map(|()| match verdict.logged_seq {
+                    0 => Awaits::Nothing,
+                    seq => Awaits::Event(seq),
+                })
+            }
+            Some(request_id) => {
+                check_id("request_id", request_id, MAX_REQUEST_ID_BYTES).and_then(|()| {
+                    let fingerprint = Fingerprint {
+                        key: request.key.into(),
+                        resource: request.resource.into(),
+                        quantities,
+                    };
+                    self.consume_once(
+                        request,
+                        request_id,
+                        fingerprint,
+                        &quantities,
+                        at_ms,
+                        &mut verdict,
+                    )
+                })
+            }
+        };
+        let (receipt, replayed) = (verdict.receipt, verdict.replayed);
+        // Outside every lock (a checkpoint takes them all).
+        self.maybe_checkpoint();
+        let awaits = outcome?;
+        if let (Awaits::Event(seq), Some(journal)) = (&awaits, self.journal()) {
+            journal.hurry(*seq);
+        }
+        Ok(Submitted {
+            engine: self,
+            request: *request,
+            decision,
+            replayed,
+            receipt,
+            awaits,
+        })
+    }
+}
+
+impl Submitted<'_, '_> {
+    /// Whether `complete` would return at once (its event is durable, or the log has failed).
+    pub fn is_durable(&self) -> bool {
+        let Some(journal) = self.engine.journal() else {
+            return true;
+        };
+        match &self.awaits {
+            Awaits::Nothing => true,
+            Awaits::Event(seq) => journal.is_settled(*seq),
+            Awaits::FirstDecision(LoggedAs::Durable) => true,
+            Awaits::FirstDecision(LoggedAs::Event(seq)) => journal.is_settled(*seq),
+            Awaits::FirstDecision(LoggedAs::Chunk(chunk)) => match chunk.get() {
+                None => false,
+                Some(ChunkSeq::NEVER) => true,
+                Some(seq) => journal.is_settled(seq),
+            },
+        }
+    }
+
+    /// Waits until the decision's event is durable (as the durability mode says) and returns
+    /// the decision and whether it is a replay (the one remembered for the request's id). If
+    /// the event never will be durable, the effect is given back (and the request id
+    /// forgotten), and the log's error returned: the request was not admitted.
+    pub fn complete(self) -> Result<(Decision, bool), Error> {
+        self.engine
+            .acknowledge(&self.request, self.awaits, self.receipt.as_ref())?;
+        Ok((self.decision, self.replayed))
+    }
+}

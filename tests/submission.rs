@@ -1,0 +1,295 @@
+//! Submitted consumes (`Engine::submit`, `Submitted::complete`): the same decisions as
+//! `consume`, applied at once, acknowledged only once durable, given back if the log fails.
+
+mod log_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use log_support::*;
+use tally_engine::{Decision, Durability, Error, Faults, OpenOptions, Policy, Unit, UsageRequest};
+
+/// A mix of requests on the populated accounts: plan quota, credits, pay-as-you-go, a usage
+/// bar, denials (not covered, over a maximum, no seat), with and without request ids, and a
+/// repeated id.
+/// `(key, resource, quantities, request id)`.
+type Drawn = (&'static str, &'static str, Vec<(Unit, u64)>, Option<String>);
+
+fn requests() -> Vec<Drawn> {
+    let mut requests = Vec::new();
+    for step in 0..60u64 {
+        let (key, resource, quantities) = match step % 10 {
+            0 => ("key-ada", "m2.7", vec![(Unit::Requests, 1)]),
+            1 => ("key-bob", "m2.7-highspeed", vec![(Unit::Requests, 2)]),
+            2 => ("key-cy", "speech-2.8", vec![(Unit::Characters, 900)]),
+            3 => ("payg-dee", "m2.7", vec![(Unit::Requests, 1)]),
+            4 => ("key-eve", "image-01", vec![(Unit::Images, 3)]),
+            5 => (
+                "key-ada-acme",
+                "music-2.6",
+                vec![(Unit::Songs, 1), (Unit::Seconds, 280)],
+            ),
+            6 => (
+                "key-bob-acme",
+                "music-2.6",
+                vec![(Unit::Songs, 1), (Unit::Seconds, 400)],
+            ),
+            7 => ("key-dee", "m2.7", vec![(Unit::Requests, 1)]),
+            8 => ("key-ada", "image-01", vec![(Unit::Images, 1)]),
+            _ => ("key-eve", "m2.7", vec![(Unit::Requests, 500)]),
+        };
+        // Every third request carries an id; every ninth repeats the id before it.
+        let id = match step % 9 {
+            0 if step > 0 => Some(format!("id-{}", step - 3)),
+            _ if step % 3 == 0 => Some(format!("id-{step}")),
+            _ => None,
+        };
+        requests.push((key, resource, quantities, id));
+    }
+    requests
+}
+
+fn request_of<'r>(
+    (key, resource, quantities, id): &'r (
+        &'static str,
+        &'static str,
+        Vec<(Unit, u64)>,
+        Option<String>,
+    ),
+    step: usize,
+) -> UsageRequest<'r> {
+    let request =
+        UsageRequest::new(key, resource, quantities).at(T0_MS + 10 * MINUTE_MS + step as u64);
+    match id {
+        Some(id) => request.id(id),
+        None => request,
+    }
+}
+
+#[test]
+fn submitted_consumes_decide_as_consume_does_and_are_durable_once_completed() {
+    let requests = requests();
+    let dir = TempDir::new("submission-same");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let twin = twin(Policy::token_plan());
+    create_accounts(&engine);
+    create_accounts(&twin);
+    // Submitted all at once, completed afterwards, in order: every decision is made and
+    // applied at submission (the later requests see the earlier ones).
+    let submitted: Vec<_> = requests
+        .iter()
+        .enumerate()
+        .map(|(step, request)| engine.submit(&request_of(request, step)))
+        .collect();
+    let mut admitted = 0;
+    for (step, submitted) in submitted.into_iter().enumerate() {
+        let expected = twin.consume_noting_replay(&request_of(&requests[step], step));
+        let completed = submitted.and_then(|submitted| submitted.complete());
+        assert_eq!(
+            format!("{completed:?}"),
+            format!("{expected:?}"),
+            "request {step}: {:?}",
+            requests[step]
+        );
+        admitted += usize::from(matches!(completed, Ok((Decision::Admitted(_), false))));
+    }
+    assert!(admitted >= 20, "the mix admits most requests: {admitted}");
+    let at = T0_MS + 11 * MINUTE_MS;
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at),
+        &state(&twin, &KEYS, &TEAMS, at),
+        "after completing",
+    );
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_same_state(
+        &state(&reopened, &KEYS, &TEAMS, at),
+        &state(&twin, &KEYS, &TEAMS, at),
+        "after a reopen",
+    );
+}
+
+fn faulty(dir: &TempDir) -> (tally_engine::Engine, Arc<Faults>) {
+    let faults = Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Sync,
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    create_accounts(&engine);
+    (engine, faults)
+}
+
+fn used(engine: &tally_engine::Engine, key: &str) -> u64 {
+    engine.usage(key, Some(T0_MS)).expect("a known key").limits[0].used
+}
+
+#[test]
+fn a_submitted_consume_is_applied_at_once_and_acknowledged_only_once_durable() {
+    let dir = TempDir::new("submission-held");
+    let (engine, faults) = faulty(&dir);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    faults.hold_flushes();
+    // In a thread of its own: a submit that waited for its flush would wait for ever.
+    let submitted = std::thread::scope(|scope| {
+        let submitting = scope.spawn(|| engine.submit(&request));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !submitting.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !submitting.is_finished() {
+            faults.release_flushes();
+            panic!("submit waited for its flush");
+        }
+        submitting.join().expect("no panic")
+    });
+    let submitted = submitted.expect("valid");
+    assert_eq!(used(&engine, "key-bob"), 1, "applied at submission");
+    assert!(!submitted.is_durable(), "its flush is held");
+    let (completed, answered_early) = std::thread::scope(|scope| {
+        let completing = scope.spawn(|| submitted.complete());
+        std::thread::sleep(Duration::from_millis(100));
+        let answered_early = completing.is_finished();
+        faults.release_flushes();
+        (completing.join().expect("no panic"), answered_early)
+    });
+    assert!(
+        !answered_early,
+        "complete returned before the event was durable"
+    );
+    let (decision, replayed) = completed.expect("durable");
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    let again = engine.submit(&request).expect("valid");
+    while !again.is_durable() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(again.complete().expect("durable").0.is_admitted());
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(used(&reopened, "key-bob"), 2, "both durable");
+}
+
+#[test]
+fn a_submitted_consume_whose_flush_fails_is_given_back_and_its_id_forgotten() {
+    let dir = TempDir::new("submission-failed");
+    let (engine, faults) = faulty(&dir);
+    let one = [(Unit::Requests, 1)];
+    let plain = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    let with_id = plain.id("lost-1");
+    let credits = UsageRequest::new("payg-dee", "m2.7", &one).at(T0_MS);
+    let balance_before = engine.credits_micros("@dee").expect("a team");
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let submitted = [
+        engine.submit(&plain).expect("valid"),
+        engine.submit(&with_id).expect("valid"),
+        engine.submit(&credits).expect("valid"),
+    ];
+    // A repeat of the id while its first decision is not durable: it shares its fate.
+    let repeat = engine.submit(&with_id).expect("valid");
+    assert_eq!(used(&engine, "key-bob"), 2, "applied at submission");
+    faults.release_flushes();
+    for (index, submitted) in submitted.into_iter().enumerate() {
+        let outcome = submitted.complete();
+        assert!(
+            matches!(outcome, Err(Error::Storage { .. })),
+            "request {index}: {outcome:?}"
+        );
+    }
+    let outcome = repeat.complete();
+    assert!(
+        matches!(outcome, Err(Error::Storage { .. })),
+        "the repeat: {outcome:?}"
+    );
+    assert_eq!(used(&engine, "key-bob"), 0, "both given back");
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(used(&reopened, "key-bob"), 0, "nothing was logged");
+    assert_eq!(
+        reopened.credits_micros("@dee").expect("a team"),
+        balance_before,
+        "no pay-as-you-go spend was logged"
+    );
+    let (decision, replayed) = reopened.consume_noting_replay(&with_id).expect("valid");
+    assert!(decision.is_admitted() && !replayed, "the id was forgotten");
+}
+
+#[test]
+fn submitted_request_ids_are_answered_once_and_conflicts_refused() {
+    let engine = twin(Policy::token_plan());
+    create_accounts(&engine);
+    let one = [(Unit::Requests, 1)];
+    let two = [(Unit::Requests, 2)];
+    let first = UsageRequest::new("key-bob", "m2.7", &one)
+        .at(T0_MS)
+        .id("same");
+    let (decision, replayed) = engine.submit(&first).unwrap().complete().unwrap();
+    assert!(decision.is_admitted() && !replayed);
+    let (again, replayed) = engine.submit(&first).unwrap().complete().unwrap();
+    assert!(replayed, "a repeat is a replay");
+    assert_eq!(again, decision, "with the first decision");
+    assert_eq!(used(&engine, "key-bob"), 1, "counted once");
+    let conflicting = UsageRequest::new("key-bob", "m2.7", &two)
+        .at(T0_MS)
+        .id("same");
+    assert!(matches!(
+        engine.submit(&conflicting),
+        Err(Error::RequestIdConflict { .. })
+    ));
+    assert_eq!(used(&engine, "key-bob"), 1, "a conflict changes nothing");
+}
+
+#[test]
+fn bad_input_to_submit_is_refused_and_changes_nothing() {
+    let engine = twin(Policy::token_plan());
+    create_accounts(&engine);
+    let before = state(&engine, &KEYS, &TEAMS, T0_MS);
+    let zero = [(Unit::Requests, 0)];
+    let one = [(Unit::Requests, 1)];
+    let too_long = "k".repeat(200);
+    for (what, request) in [
+        (
+            "a zero quantity",
+            UsageRequest::new("key-bob", "m2.7", &zero).at(T0_MS),
+        ),
+        (
+            "an unknown resource",
+            UsageRequest::new("key-bob", "m9", &one).at(T0_MS),
+        ),
+        (
+            "an empty key",
+            UsageRequest::new("", "m2.7", &one).at(T0_MS),
+        ),
+        (
+            "a key too long",
+            UsageRequest::new(&too_long, "m2.7", &one).at(T0_MS),
+        ),
+        (
+            "a time past 2100",
+            UsageRequest::new("key-bob", "m2.7", &one).at(5_000_000_000_000),
+        ),
+        (
+            "an empty request id",
+            UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS).id(""),
+        ),
+    ] {
+        let outcome = engine.submit(&request);
+        assert!(outcome.is_err(), "{what}: {outcome:?}");
+        assert_eq!(
+            engine
+                .consume(&request)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string(),
+            outcome.unwrap_err().to_string(),
+            "{what}: the same error as consume"
+        );
+    }
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, T0_MS),
+        &before,
+        "after bad input",
+    );
+}
