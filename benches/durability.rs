@@ -31,6 +31,7 @@
 //! - `TALLY_BENCH_BATCHES`: `consume_many` batch sizes (100,1000,10000).
 //! - `TALLY_BENCH_THREADS`: thread counts calling `consume`, without and with request ids
 //!   (1,16,64,256).
+//! - `TALLY_BENCH_IN_FLIGHT`: requests each `submit`ting thread keeps in flight (256,1000).
 //! - `TALLY_BENCH_HISTORY_EVENTS`: history of the open-time database (10,000,000 / 20,000).
 //! - `TALLY_BENCH_TAIL_EVENTS`: events after the last checkpoint (1,000,000 / 5,000).
 //! - `TALLY_BENCH_OPENS`: opens per open-time figure (3 / 3).
@@ -82,6 +83,7 @@ struct Settings {
     keys: usize,
     batches: Vec<usize>,
     threads: Vec<usize>,
+    in_flight: Vec<usize>,
     history_events: u64,
     tail_events: u64,
     opens: usize,
@@ -134,6 +136,7 @@ impl Settings {
             keys: env_or("TALLY_BENCH_KEYS", pick(100_000, 1_000) as usize).max(1),
             batches: env_list("TALLY_BENCH_BATCHES", "100,1000,10000"),
             threads: env_list("TALLY_BENCH_THREADS", "1,16,64,256"),
+            in_flight: env_list("TALLY_BENCH_IN_FLIGHT", "256,1000"),
             history_events: env_or("TALLY_BENCH_HISTORY_EVENTS", pick(10_000_000, 20_000)),
             tail_events: env_or("TALLY_BENCH_TAIL_EVENTS", pick(1_000_000, 5_000)),
             opens: env_or("TALLY_BENCH_OPENS", 3usize).max(1),
@@ -408,6 +411,9 @@ enum Calls {
     /// `consume`, one request per call; with `ids`, each under a request id of its own (the
     /// id's record is kept, and a repeat must wait for the first decision's event).
     One { ids: bool },
+    /// `submit`, one request per call, each completed once `in_flight` more were submitted
+    /// after it (an event loop keeping that many requests in flight).
+    Submit { in_flight: usize },
 }
 
 /// An engine under load and what the driving threads share.
@@ -499,6 +505,9 @@ fn drive_one_thread(
     let per_call = match calls {
         Calls::Many(batch) => batch,
         Calls::One { .. } => 1,
+        Calls::Submit { in_flight } => {
+            return drive_submitting(target, in_flight, budget_events, budget_time);
+        }
     };
     let started = Instant::now();
     let mut requests = Vec::with_capacity(per_call);
@@ -519,6 +528,7 @@ fn drive_one_thread(
                 .into_iter()
                 .filter(|result| result.as_ref().is_ok_and(|decision| decision.is_admitted()))
                 .count(),
+            Calls::Submit { .. } => unreachable!("driven by drive_submitting"),
             Calls::One { ids } => {
                 let id = ids.then(|| format!("bench-{first}"));
                 let request = match &id {
@@ -542,6 +552,44 @@ fn drive_one_thread(
         );
         events += per_call as u64;
     }
+    (events, latencies_us)
+}
+
+/// One thread submitting requests one at a time and completing each once `in_flight` more
+/// were submitted; the latency is from submit to complete.
+fn drive_submitting(
+    target: &Target<'_>,
+    in_flight: usize,
+    budget_events: u64,
+    budget_time: Duration,
+) -> (u64, Vec<u32>) {
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::with_capacity(in_flight + 1);
+    let mut latencies_us = Vec::new();
+    let mut events = 0u64;
+    let mut complete = |(submitted, at): (tally_engine::Submitted<'_, '_>, Instant)| {
+        let (decision, _) = submitted.complete().expect("complete");
+        // A denial writes no event: the figures would be wrong, so stop loudly.
+        assert!(
+            decision.is_admitted(),
+            "every benchmark request must be admitted"
+        );
+        latencies_us.push(at.elapsed().as_micros() as u32);
+    };
+    while events < budget_events && started.elapsed() < budget_time {
+        let index = target.cursor.fetch_add(1, Ordering::Relaxed);
+        let request = UsageRequest::new(target.keys.key(index), RESOURCE, &QUANTITIES)
+            .at(target.timeline.at_ms(index));
+        pending.push_back((
+            target.engine.submit(&request).expect("submit"),
+            Instant::now(),
+        ));
+        if pending.len() > in_flight {
+            complete(pending.pop_front().expect("one is pending"));
+        }
+        events += 1;
+    }
+    pending.into_iter().for_each(&mut complete);
     (events, latencies_us)
 }
 
@@ -621,6 +669,18 @@ fn configs(settings: &Settings) -> Vec<Config> {
                 calls,
                 threads,
                 sync,
+                row,
+            });
+        }
+    }
+    for &in_flight in &settings.in_flight {
+        for threads in [1, 2] {
+            let label = format!("submit, {in_flight} in flight x {threads} thread(s)");
+            let row = Row::new(label, in_flight * threads);
+            configs.push(Config {
+                calls: Calls::Submit { in_flight },
+                threads,
+                sync: true,
                 row,
             });
         }
@@ -906,6 +966,7 @@ fn write_history(target: &Target<'_>, events: u64, settings: &Settings) -> Sampl
         measure_time: Duration::from_secs(3_600),
         batches: Vec::new(),
         threads: Vec::new(),
+        in_flight: Vec::new(),
         sections: String::new(),
         dir: settings.dir.clone(),
         ..*settings
