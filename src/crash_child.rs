@@ -3,7 +3,9 @@
 //! It opens the database with `Durability::Sync`, sets up a few users, keys, seats and credits
 //! if they are missing (a kill may have stopped an earlier child halfway through), then
 //! consumes from several threads — some one request at a time, some in `consume_many` batches —
-//! with request ids unique to this run, and tops up teams that run low. One more thread sends
+//! with request ids unique to this run, and tops up teams that run low. Another thread keeps
+//! up to `SUBMITTED_IN_FLIGHT` requests in flight with `submit`, printing each once `complete`
+//! returned it. One more thread sends
 //! again the request most recently sent, as a client retrying would, usually while its first
 //! call still waits for its fsync. It prints a line for every call only after the call
 //! returned, so every `ok` line (and every `retry ok`) is a request the engine acknowledged as
@@ -44,6 +46,11 @@ const MAX_BATCH_REQUESTS: u64 = 8;
 /// overlap (a call takes about as long), and the log grows slowly enough that a debug build
 /// reopens it quickly after a hundred kills.
 const PAUSE_BETWEEN_CALLS: Duration = Duration::from_millis(2);
+/// The submitting thread keeps this many requests in flight, over rounds of
+/// `SUBMITTED_PER_ROUND`, from its own stream of the generator.
+const SUBMITTED_IN_FLIGHT: usize = 8;
+const SUBMITTED_PER_ROUND: usize = 16;
+const SUBMIT_STREAM: u64 = 1_000;
 /// The retrying thread's pause: shorter than a call's fsync, so most retries race their first
 /// call.
 const PAUSE_BETWEEN_RETRIES: Duration = Duration::from_micros(500);
@@ -99,6 +106,7 @@ pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
             scope.spawn(move || consume_loop(engine, options.seed, thread, stop, deadline, latest));
         }
         scope.spawn(|| top_up_loop(&engine, options.seed, &stop, deadline));
+        scope.spawn(|| submit_loop(&engine, options.seed, &stop, deadline));
         retry_loop(&engine, &stop, deadline, &latest);
     });
     Ok(())
@@ -287,6 +295,55 @@ fn consume_loop(
             .any(|outcome| matches!(outcome, Err(Error::Storage { .. })))
         {
             // The log failed: nothing more can be acknowledged until it is reopened.
+            stop.store(true, Ordering::Relaxed);
+        }
+        std::thread::sleep(PAUSE_BETWEEN_CALLS);
+    }
+}
+
+/// Submits requests keeping up to `SUBMITTED_IN_FLIGHT` in flight, and prints each only once
+/// `complete` returned it: then it is acknowledged.
+fn submit_loop(engine: &Engine, seed: u64, stop: &AtomicBool, deadline: Instant) {
+    let policy = engine.policy();
+    let keys = keys();
+    let mut rng = Rng::stream(seed, SUBMIT_STREAM);
+    let mut next = 0u64;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        // A round's requests live until its last is completed (a `Submitted` borrows them).
+        // Each carries an id, which the parent looks for in the log.
+        let round: Vec<(String, Drawn)> = (0..SUBMITTED_PER_ROUND)
+            .map(|_| {
+                next += 1;
+                (format!("s{seed}-{next}"), draw(&mut rng, &keys, &policy))
+            })
+            .collect();
+        let requests: Vec<UsageRequest<'_>> = round
+            .iter()
+            .map(|(id, drawn)| {
+                UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities).id(id)
+            })
+            .collect();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut failed = false;
+        let mut finish = |(index, submitted): (usize, tally_engine::Submitted<'_, '_>)| {
+            let (id, drawn) = &round[index];
+            let outcome = submitted.complete().map(|(decision, _)| decision);
+            failed |= matches!(outcome, Err(Error::Storage { .. }));
+            report(&policy, "", id, drawn, &outcome);
+        };
+        for (index, request) in requests.iter().enumerate() {
+            match engine.submit(request) {
+                Ok(submitted) => in_flight.push_back((index, submitted)),
+                Err(error) => {
+                    report(&policy, "", &round[index].0, &round[index].1, &Err(error));
+                }
+            }
+            if in_flight.len() > SUBMITTED_IN_FLIGHT {
+                finish(in_flight.pop_front().expect("one is in flight"));
+            }
+        }
+        in_flight.into_iter().for_each(&mut finish);
+        if failed {
             stop.store(true, Ordering::Relaxed);
         }
         std::thread::sleep(PAUSE_BETWEEN_CALLS);
