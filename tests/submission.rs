@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log_support::*;
-use tally_engine::{Decision, Durability, Error, Faults, OpenOptions, Policy, Unit, UsageRequest};
+use tally_engine::{
+    Decision, Durability, Error, Faults, OpenOptions, Policy, Submission, Unit, UsageRequest,
+};
 
 /// A mix of requests on the populated accounts: plan quota, credits, pay-as-you-go, a usage
 /// bar, denials (not covered, over a maximum, no seat), with and without request ids, and a
@@ -171,38 +173,69 @@ fn a_submitted_consume_is_applied_at_once_and_acknowledged_only_once_durable() {
     assert_eq!(used(&reopened, "key-bob"), 2, "both durable");
 }
 
-#[test]
-fn a_submitted_consume_whose_flush_fails_is_given_back_and_its_id_forgotten() {
+/// Either way of completing: `Submitted::complete`, or `Engine::complete` of the detached
+/// `Submission` once the request's strings are gone.
+enum Pending<'e, 'r> {
+    Borrowing(tally_engine::Submitted<'e, 'r>),
+    Detached(Submission),
+}
+
+impl Pending<'_, '_> {
+    fn complete(self, engine: &tally_engine::Engine) -> Result<(Decision, bool), Error> {
+        match self {
+            Pending::Borrowing(submitted) => submitted.complete(),
+            Pending::Detached(submission) => engine.complete(submission),
+        }
+    }
+}
+
+fn a_failed_flush_gives_back_every_submission(detached: bool) {
     let dir = TempDir::new("submission-failed");
     let (engine, faults) = faulty(&dir);
+    let balance_before = engine.credits_micros("@dee").expect("a team");
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    // Detached: the strings the request borrowed are dropped before it completes.
+    let detach = |key: String, id: Option<String>| -> Pending<'_, 'static> {
+        let one = vec![(Unit::Requests, 1)];
+        let resource = String::from("m2.7");
+        let request = UsageRequest::new(&key, &resource, &one).at(T0_MS);
+        let request = match &id {
+            Some(id) => request.id(id),
+            None => request,
+        };
+        Pending::Detached(engine.submit(&request).expect("valid").detach())
+    };
     let one = [(Unit::Requests, 1)];
     let plain = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
     let with_id = plain.id("lost-1");
     let credits = UsageRequest::new("payg-dee", "m2.7", &one).at(T0_MS);
-    let balance_before = engine.credits_micros("@dee").expect("a team");
-    faults.hold_flushes();
-    faults.fail_next_flushes(1);
-    let submitted = [
-        engine.submit(&plain).expect("valid"),
-        engine.submit(&with_id).expect("valid"),
-        engine.submit(&credits).expect("valid"),
-    ];
-    // A repeat of the id while its first decision is not durable: it shares its fate.
-    let repeat = engine.submit(&with_id).expect("valid");
+    let submitted: Vec<Pending<'_, '_>> = if detached {
+        vec![
+            detach("key-bob".into(), None),
+            detach("key-bob".into(), Some("lost-1".into())),
+            detach("payg-dee".into(), None),
+            // A repeat of the id while its first decision is not durable: it shares its fate.
+            detach("key-bob".into(), Some("lost-1".into())),
+        ]
+    } else {
+        // The repeat of the id, last, shares its first decision's fate.
+        vec![
+            Pending::Borrowing(engine.submit(&plain).expect("valid")),
+            Pending::Borrowing(engine.submit(&with_id).expect("valid")),
+            Pending::Borrowing(engine.submit(&credits).expect("valid")),
+            Pending::Borrowing(engine.submit(&with_id).expect("valid")),
+        ]
+    };
     assert_eq!(used(&engine, "key-bob"), 2, "applied at submission");
     faults.release_flushes();
     for (index, submitted) in submitted.into_iter().enumerate() {
-        let outcome = submitted.complete();
+        let outcome = submitted.complete(&engine);
         assert!(
             matches!(outcome, Err(Error::Storage { .. })),
-            "request {index}: {outcome:?}"
+            "request {index} (the last is the repeat): {outcome:?}"
         );
     }
-    let outcome = repeat.complete();
-    assert!(
-        matches!(outcome, Err(Error::Storage { .. })),
-        "the repeat: {outcome:?}"
-    );
     assert_eq!(used(&engine, "key-bob"), 0, "both given back");
     drop(engine);
     let reopened = open_token_plan(dir.path(), OpenOptions::default());
@@ -214,6 +247,16 @@ fn a_submitted_consume_whose_flush_fails_is_given_back_and_its_id_forgotten() {
     );
     let (decision, replayed) = reopened.consume_noting_replay(&with_id).expect("valid");
     assert!(decision.is_admitted() && !replayed, "the id was forgotten");
+}
+
+#[test]
+fn a_submitted_consume_whose_flush_fails_is_given_back_and_its_id_forgotten() {
+    a_failed_flush_gives_back_every_submission(false);
+}
+
+#[test]
+fn a_detached_submission_whose_flush_fails_is_given_back_after_its_strings_are_gone() {
+    a_failed_flush_gives_back_every_submission(true);
 }
 
 #[test]
@@ -292,4 +335,115 @@ fn bad_input_to_submit_is_refused_and_changes_nothing() {
         &before,
         "after bad input",
     );
+}
+
+#[test]
+fn detached_submissions_decide_as_consume_does_once_their_strings_are_gone() {
+    let drawn = requests();
+    let dir = TempDir::new("submission-detached");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let twin = twin(Policy::token_plan());
+    create_accounts(&engine);
+    create_accounts(&twin);
+    let submissions: Vec<_> = drawn
+        .iter()
+        .enumerate()
+        .map(|(step, request)| {
+            // Copies the request's strings, so they are gone when the submission completes.
+            let (key, resource, quantities, id) = request.clone();
+            let (key, resource, id) = (key.to_owned(), resource.to_owned(), id);
+            let owned = UsageRequest::new(&key, &resource, &quantities)
+                .at(T0_MS + 10 * MINUTE_MS + step as u64);
+            let owned = match &id {
+                Some(id) => owned.id(id),
+                None => owned,
+            };
+            engine.submit(&owned).map(|submitted| submitted.detach())
+        })
+        .collect();
+    for (step, submission) in submissions.into_iter().enumerate() {
+        let expected = twin.consume_noting_replay(&request_of(&drawn[step], step));
+        if let Ok(submission) = &submission {
+            assert_eq!(
+                Ok(submission.decision()),
+                expected.as_ref().map(|(decision, _)| decision),
+                "request {step}: the decision is known at submission"
+            );
+        }
+        let completed = submission.and_then(|submission| engine.complete(submission));
+        assert_eq!(
+            format!("{completed:?}"),
+            format!("{expected:?}"),
+            "request {step}: {:?}",
+            drawn[step]
+        );
+    }
+    let at = T0_MS + 11 * MINUTE_MS;
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at),
+        &state(&twin, &KEYS, &TEAMS, at),
+        "after completing",
+    );
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_same_state(
+        &state(&reopened, &KEYS, &TEAMS, at),
+        &state(&twin, &KEYS, &TEAMS, at),
+        "after a reopen",
+    );
+}
+
+#[test]
+fn a_submission_completed_on_another_engine_is_refused_and_changes_nothing_there() {
+    let dir = TempDir::new("submission-other");
+    let (engine, faults) = faulty(&dir);
+    let other = twin(Policy::token_plan());
+    create_accounts(&other);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    faults.hold_flushes();
+    let submission = engine.submit(&request).expect("valid").detach();
+    let before = state(&other, &KEYS, &TEAMS, T0_MS);
+    let durable = other.is_durable(&submission);
+    // Refused: the other engine has no log, so it would answer at once as if durable.
+    let completed = other.complete(submission);
+    // Released before any assertion: a failing one must not leave the engine's drop waiting.
+    faults.release_flushes();
+    assert!(
+        matches!(
+            &durable,
+            Err(Error::InvalidArgument {
+                field: "submission",
+                ..
+            })
+        ),
+        "{durable:?}"
+    );
+    assert!(
+        matches!(
+            &completed,
+            Err(Error::InvalidArgument {
+                field: "submission",
+                ..
+            })
+        ),
+        "{completed:?}"
+    );
+    assert_same_state(
+        &state(&other, &KEYS, &TEAMS, T0_MS),
+        &before,
+        "the other engine",
+    );
+    assert_eq!(
+        used(&engine, "key-bob"),
+        1,
+        "its own engine keeps the effect"
+    );
+    let second = engine.submit(&request).expect("valid").detach();
+    while !engine.is_durable(&second).expect("its own engine") {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (decision, replayed) = engine.complete(second).expect("durable");
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    assert_eq!(used(&engine, "key-bob"), 2);
 }

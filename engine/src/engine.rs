@@ -287,7 +287,12 @@ pub struct Engine {
     pub(crate) cuts: crate::recovery::Cuts,
     /// Where the open that built this engine spent its time (absent for an in-memory engine).
     pub(crate) open_report: std::sync::OnceLock<crate::recovery::OpenReport>,
+    /// Unique in the process: a detached `Submission` names the engine that must complete it.
+    pub(crate) instance: u64,
 }
+
+/// The next engine's `instance`. Relaxed: only uniqueness matters, which `fetch_add` gives.
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -355,6 +360,7 @@ impl Engine {
             newest_event_ms: AtomicU64::new(0),
             append_gate: ShardLock::new(()),
             options,
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
         }
     }
 

@@ -59,7 +59,7 @@ pub use log::{Durability, Faults};
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
 pub use recovery::{CompactReport, OpenOptions, OpenReport, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
-pub use submission::Submitted;
+pub use submission::{Submission, Submitted};
 
 /// A policy's document as JSON: the form the event log stores.
 pub fn policy_json(policy: &Policy) -> String {

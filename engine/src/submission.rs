@@ -15,12 +15,18 @@
 //! dropped without completing leaves its effect applied, its event on its way to the log: if
 //! the log then fails, nothing gives the effect back, and the engine counts in memory what the
 //! log lost until it is reopened (the log is failed by then, so nothing more is admitted).
+//!
+//! `Submitted` borrows the engine and the request. A caller that can keep neither until it
+//! completes (the C ABI, whose callers free their strings when a call returns) detaches it
+//! into a `Submission`, which owns what a failed log needs to give the effect back, and
+//! completes that with `Engine::complete`.
 
 use crate::accounts::MAX_KEY_BYTES;
 use crate::admission::{Decision, DenialReason, Mode, Quantities, Receipt, Verdict};
 use crate::engine::{check_id, Awaits, Engine, UsageRequest};
 use crate::error::Error;
 use crate::idempotency::{ChunkSeq, Fingerprint, LoggedAs, MAX_REQUEST_ID_BYTES};
+use crate::policy::Unit;
 
 /// A consume decided and logged, whose decision stands only once `complete` returns it.
 /// Borrows the engine and the request's strings (it keeps them to give the effect back should
@@ -106,22 +112,62 @@ impl Engine {
     }
 }
 
+/// Whether waiting for `awaits` would return at once: the event is durable, or the log has
+/// failed (or will never log it).
+fn settled(engine: &Engine, awaits: &Awaits) -> bool {
+    let Some(journal) = engine.journal() else {
+        return true;
+    };
+    match awaits {
+        Awaits::Nothing => true,
+        Awaits::Event(seq) => journal.is_settled(*seq),
+        Awaits::FirstDecision(LoggedAs::Durable) => true,
+        Awaits::FirstDecision(LoggedAs::Event(seq)) => journal.is_settled(*seq),
+        Awaits::FirstDecision(LoggedAs::Chunk(chunk)) => match chunk.get() {
+            None => false,
+            Some(ChunkSeq::NEVER) => true,
+            Some(seq) => journal.is_settled(seq),
+        },
+    }
+}
+
 impl Submitted<'_, '_> {
     /// Whether `complete` would return at once (its event is durable, or the log has failed).
     pub fn is_durable(&self) -> bool {
-        let Some(journal) = self.engine.journal() else {
-            return true;
+        settled(self.engine, &self.awaits)
+    }
+
+    /// The decision `complete` will return if the event becomes durable. Not an
+    /// acknowledgement: should the log fail, `complete` returns the error instead.
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// Whether the decision is a replay (the one remembered for the request's id).
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+
+    /// This submission, owning what it borrowed: completed by `Engine::complete` on the same
+    /// engine. Copies the request's strings only when its own event is in flight (what a
+    /// failed log gives back needs them); a replay or an engine without a log copies nothing.
+    pub fn detach(self) -> Submission {
+        let give_back = match self.awaits {
+            Awaits::Event(_) => Some(Box::new(GiveBack {
+                key: self.request.key.into(),
+                resource: self.request.resource.into(),
+                quantities: self.request.quantities.into(),
+                request_id: self.request.request_id.map(Into::into),
+                receipt: self.receipt,
+            })),
+            Awaits::Nothing | Awaits::FirstDecision(_) => None,
         };
-        match &self.awaits {
-            Awaits::Nothing => true,
-            Awaits::Event(seq) => journal.is_settled(*seq),
-            Awaits::FirstDecision(LoggedAs::Durable) => true,
-            Awaits::FirstDecision(LoggedAs::Event(seq)) => journal.is_settled(*seq),
-            Awaits::FirstDecision(LoggedAs::Chunk(chunk)) => match chunk.get() {
-                None => false,
-                Some(ChunkSeq::NEVER) => true,
-                Some(seq) => journal.is_settled(seq),
-            },
+        Submission {
+            engine: self.engine.instance,
+            decision: self.decision,
+            replayed: self.replayed,
+            awaits: self.awaits,
+            give_back,
         }
     }
 
@@ -133,5 +179,96 @@ impl Submitted<'_, '_> {
         self.engine
             .acknowledge(&self.request, self.awaits, self.receipt.as_ref())?;
         Ok((self.decision, self.replayed))
+    }
+}
+
+/// A submitted consume that owns what it needs (see `Submitted::detach`); its decision stands
+/// once `Engine::complete` returns it. Dropping one without completing leaves its effect
+/// applied, as with `Submitted`.
+#[must_use = "a submitted decision is acknowledged only by `Engine::complete`"]
+#[derive(Debug)]
+pub struct Submission {
+    /// The `instance` of the engine that made it.
+    engine: u64,
+    decision: Decision,
+    replayed: bool,
+    awaits: Awaits,
+    /// What a failed log gives back; present exactly when `awaits` is the submission's own
+    /// event.
+    give_back: Option<Box<GiveBack>>,
+}
+
+/// The request and the effect of a submission whose own event is in flight.
+#[derive(Debug)]
+struct GiveBack {
+    key: Box<str>,
+    resource: Box<str>,
+    quantities: Box<[(Unit, u64)]>,
+    request_id: Option<Box<str>>,
+    receipt: Option<Receipt>,
+}
+
+impl Submission {
+    /// The decision `Engine::complete` will return if the event becomes durable (see
+    /// `Submitted::decision`).
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// Whether the decision is a replay.
+    pub fn replayed(&self) -> bool {
+        self.replayed
+    }
+}
+
+impl Engine {
+    fn check_owner(&self, submission: &Submission) -> Result<(), Error> {
+        if submission.engine != self.instance {
+            return Err(Error::invalid(
+                "submission",
+                "was submitted to another engine; complete it on the engine that made it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `Submitted::is_durable` for a detached submission. A submission of another engine is
+    /// an error.
+    pub fn is_durable(&self, submission: &Submission) -> Result<bool, Error> {
+        self.check_owner(submission)?;
+        Ok(settled(self, &submission.awaits))
+    }
+
+    /// `Submitted::complete` for a detached submission: waits until its event is durable and
+    /// returns the decision and whether it is a replay, or gives the effect back and returns
+    /// the log's error. A submission of another engine is an error, and is dropped (its
+    /// effect stays applied in the engine that made it).
+    pub fn complete(&self, submission: Submission) -> Result<(Decision, bool), Error> {
+        self.check_owner(&submission)?;
+        let Submission {
+            decision,
+            replayed,
+            awaits,
+            give_back,
+            ..
+        } = submission;
+        match (awaits, give_back) {
+            (Awaits::Event(seq), Some(give_back)) => {
+                let request = UsageRequest {
+                    key: &give_back.key,
+                    resource: &give_back.resource,
+                    quantities: &give_back.quantities,
+                    at_ms: None,
+                    request_id: give_back.request_id.as_deref(),
+                };
+                self.acknowledge(&request, Awaits::Event(seq), give_back.receipt.as_ref())?;
+            }
+            (awaits, give_back) => {
+                debug_assert!(give_back.is_none() && !matches!(awaits, Awaits::Event(_)));
+                let nothing = UsageRequest::new("", "", &[]);
+                self.acknowledge(&nothing, awaits, None)?;
+            }
+        }
+        Ok((decision, replayed))
     }
 }
