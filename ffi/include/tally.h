@@ -16,6 +16,8 @@
  *   and copies nothing. Call again with *needed bytes (loop: a report can grow in between).
  * - Strings the library returns as `const char *` (tally_version, tally_status_name) are
  *   static: never free them.
+ * - Handles the library returns (tally_engine, tally_submission) are the caller's: free each
+ *   once with its _free function (tally_engine_complete frees the submission it takes).
  *
  * Threads: a tally_engine handle is safe to use from many threads at once, and every
  * function may be called from any thread. tally_engine_close may race other calls on the
@@ -305,6 +307,11 @@ typedef uint32_t tally_policy_source;
 // by `tally_engine_close`, freed by `tally_engine_free`. Safe to use from many threads at
 // once, including a close racing other calls.
 typedef struct tally_engine tally_engine;
+
+// A consume submitted by `tally_engine_submit`, not yet acknowledged. Opaque. Owned by the
+// caller until passed to `tally_engine_complete` (which frees it) or `tally_submission_free`.
+// May be completed from any thread, once.
+typedef struct tally_submission tally_submission;
 
 // One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=2^40.
 typedef struct tally_quantity {
@@ -699,6 +706,47 @@ tally_status tally_verify(const char *path,
 // `"TALLY_UNKNOWN_STATUS"` for a value that is not a status. The string is static: never free
 // it. Takes a `uint32_t` so any value can be named safely. Never fails.
 const char *tally_status_name(uint32_t status);
+
+// Decides `*request` exactly as `tally_engine_consume` does, applies it at once (the next request
+// sees it) and queues its event, asking the log to flush it, without waiting; writes a new
+// submission to `*submission_out`. The decision is not an acknowledgement until
+// `tally_engine_complete` returns it: should the flush fail, that call gives the effect back and
+// returns the log's error (`TALLY_LOG_FAILED`). Bad input is its status here, with nothing changed
+// and nothing written. `request`'s strings are read during the call only.
+//
+// Ownership: the caller owns `*submission_out` and must pass it to `tally_engine_complete`
+// (or `tally_submission_free`) exactly once. A submission freed uncompleted keeps its
+// effect, unacknowledged. Allocates (the submission, and a copy of the request's strings
+// while its event is in flight).
+tally_status tally_engine_submit(const struct tally_engine *engine,
+                                 const struct tally_request *request,
+                                 struct tally_submission **submission_out);
+
+// Writes to `*durable_out` whether `tally_engine_complete` of `submission` would return at
+// once (its event is durable, or the log has failed and it would return the error). Does not
+// take `submission`. `TALLY_INVALID_ARGUMENT` if it was submitted to another engine.
+tally_status tally_engine_submission_durable(const struct tally_engine *engine,
+                                             const struct tally_submission *submission,
+                                             bool *durable_out);
+
+// Waits until `submission`'s event is durable (as the engine's durability mode says) and writes
+// its decision to `*decision_out` (`replayed` set for a repeated request id), or, if the event
+// never will be durable, gives the effect back, forgets the request id and returns the log's error
+// (`TALLY_LOG_FAILED`): then the request was not admitted. `TALLY_INVALID_ARGUMENT` if it was
+// submitted to another engine (which keeps its effect, unacknowledged). After
+// `tally_engine_close`, `TALLY_CLOSED`: the close flushed the event if it returned `TALLY_OK`.
+//
+// Ownership: takes `submission` and frees it, whatever the status (also when `engine` or
+// `decision_out` is NULL); do not use it again. NULL is `TALLY_NULL_POINTER`.
+tally_status tally_engine_complete(const struct tally_engine *engine,
+                                   struct tally_submission *submission,
+                                   struct tally_decision *decision_out);
+
+// Frees a submission without completing it: its effect stays applied and its event on its way
+// to the log, unacknowledged (should the flush fail, nothing gives the effect back; the log
+// is failed then, and the engine admits nothing more until reopened). NULL is a no-op. Never
+// fails.
+void tally_submission_free(struct tally_submission *submission);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -5,7 +5,8 @@
 //! Modules, one per C type family: `status` (`tally_status` and the status names),
 //! `last_error` (the per-thread message), `engine` (the handle's life and the admin calls),
 //! `decision` (requests, decisions and their enums), `admission` (consume, check,
-//! reservations, refunds), `report` (usage, policy, events and cursors, checkpoints, verify).
+//! reservations, refunds), `submission` (consumes submitted now and completed once durable),
+//! `report` (usage, policy, events and cursors, checkpoints, verify).
 //! Private plumbing: `handle` (opaque handles and the one trait that casts them), `panic`
 //! (the catch_unwind boundary), `checks` (pointers, strings and output buffers).
 //!
@@ -29,6 +30,7 @@ mod last_error;
 mod panic;
 mod report;
 mod status;
+mod submission;
 
 use std::ffi::c_char;
 
@@ -44,6 +46,7 @@ pub use handle::tally_engine;
 pub use last_error::tally_last_error;
 pub use report::*;
 pub use status::{tally_status, tally_status_name};
+pub use submission::*;
 
 /// For Rust tests of the boundary only (not part of the C ABI): wraps an engine the test opened
 /// itself (with injected storage faults, a manual clock, ...) in a C handle.

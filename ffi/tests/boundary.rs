@@ -606,3 +606,129 @@ fn opening_a_locked_foreign_damaged_or_newer_database_has_its_own_status() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+fn submit(handle: &Handle, request: &tally_request) -> Result<*mut tally_submission, tally_status> {
+    let mut submission = ptr::null_mut();
+    match tally_engine_submit(handle.0, request, &mut submission) {
+        tally_status::TALLY_OK => Ok(submission),
+        status => Err(status),
+    }
+}
+
+fn complete(
+    handle: &Handle,
+    submission: *mut tally_submission,
+) -> Result<tally_decision, tally_status> {
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    match tally_engine_complete(handle.0, submission, decision.as_mut_ptr()) {
+        // SAFETY: written on TALLY_OK.
+        tally_status::TALLY_OK => Ok(unsafe { decision.assume_init() }),
+        status => Err(status),
+    }
+}
+
+/// What remains of tp-ada's tightest limit now (a check answers what would remain after one
+/// more request).
+fn remaining(handle: &Handle) -> u64 {
+    let one = requests(1);
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    let probe = request(b"tp-ada", "m2.7", &one, T0, None);
+    assert_eq!(
+        tally_engine_check(handle.0, &probe, decision.as_mut_ptr()),
+        tally_status::TALLY_OK
+    );
+    // SAFETY: written on TALLY_OK.
+    unsafe { decision.assume_init() }.remaining + 1
+}
+
+fn open_with_faults(dir: &std::path::Path) -> (Handle, Arc<::tally_engine::Faults>) {
+    let faults = ::tally_engine::Faults::new();
+    let options = ::tally_engine::OpenOptions {
+        durability: ::tally_engine::Durability::Sync,
+        faults: Some(Arc::clone(&faults)),
+        ..::tally_engine::OpenOptions::default()
+    };
+    let engine = ::tally_engine::Engine::open(
+        dir,
+        ::tally_engine::Policy::token_plan(),
+        Arc::new(::tally_engine::ManualClock::new(T0)),
+        options,
+    )
+    .expect("opens");
+    (Handle(handle_from_engine(engine)), faults)
+}
+
+#[test]
+fn a_submission_whose_flush_fails_completes_with_log_failed_and_is_given_back() {
+    let dir = temp_dir("submission-fails");
+    let (handle, faults) = open_with_faults(&dir);
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let before = remaining(&handle);
+    let one = requests(1);
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let plain = submit(&handle, &request(b"tp-ada", "m2.7", &one, T0, None));
+    let with_id = submit(
+        &handle,
+        &request(b"tp-ada", "m2.7", &one, T0, Some(b"lost")),
+    );
+    let applied = remaining(&handle);
+    // Released before any assertion, so a failing one does not leave the close waiting.
+    faults.release_flushes();
+    assert_eq!(applied, before - 2, "applied at submission");
+    for submission in [plain, with_id] {
+        let status = complete(&handle, submission.expect("submitted")).err();
+        assert_eq!(
+            status,
+            Some(tally_status::TALLY_LOG_FAILED),
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(remaining(&handle), before, "both given back");
+    let _ = tally_engine_close(handle.0);
+    drop(handle);
+    let reopened = open(&dir).expect("reopens");
+    assert_eq!(remaining(&reopened), before, "nothing was logged");
+    let replay = consume(
+        &reopened,
+        &request(b"tp-ada", "m2.7", &one, T0, Some(b"lost")),
+    );
+    assert!(
+        replay.is_ok_and(|d| d.admitted && !d.replayed),
+        "the id was forgotten"
+    );
+    drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durable() {
+    let dir = temp_dir("submission-closed");
+    let (handle, faults) = open_with_faults(&dir);
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let before = remaining(&handle);
+    let one = requests(1);
+    faults.hold_flushes();
+    let submission = submit(
+        &handle,
+        &request(b"tp-ada", "m2.7", &one, T0, Some(b"kept")),
+    );
+    faults.release_flushes();
+    let submission = submission.expect("submitted");
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    assert_eq!(
+        complete(&handle, submission).err(),
+        Some(tally_status::TALLY_CLOSED)
+    );
+    drop(handle);
+    let reopened = open(&dir).expect("reopens");
+    assert_eq!(remaining(&reopened), before - 1, "the close flushed it");
+    let replay = consume(
+        &reopened,
+        &request(b"tp-ada", "m2.7", &one, T0, Some(b"kept")),
+    );
+    assert!(replay.is_ok_and(|d| d.admitted && d.replayed));
+    drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -306,6 +306,97 @@ static void test_admission(tally_engine *engine) {
   CHECK(strcmp(d.upgrade_plan, "") != 0);
 }
 
+/* Submitted consumes: many in flight from one thread, each completed once. The request's
+ * strings live on the heap and are freed right after submitting (Valgrind would see the
+ * library read them later). */
+static tally_submission *submit_copy(tally_engine *engine, const char *key, uint64_t amount,
+                                     const char *request_id, tally_status *status) {
+  char *key_copy = strdup(key);
+  char *resource = strdup("m2.7");
+  char *id_copy = request_id ? strdup(request_id) : NULL;
+  tally_quantity q[] = {{TALLY_UNIT_REQUESTS, amount}};
+  tally_request r = request(key_copy, resource, q, 1, T0, id_copy);
+  tally_submission *submission = NULL;
+  *status = tally_engine_submit(engine, &r, &submission);
+  free(key_copy);
+  free(resource);
+  free(id_copy);
+  return submission;
+}
+
+static void test_submissions(tally_engine *engine) {
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_decision d;
+  tally_request probe = request("tp-ada", "m2.7", one, 1, T0, NULL);
+  /* A check answers what would remain after the request: one less than remains now. */
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  uint64_t remaining_before = d.remaining + 1;
+  CHECK(remaining_before > 70);
+
+  enum { IN_FLIGHT = 64 };
+  tally_submission *in_flight[IN_FLIGHT];
+  tally_status status;
+  for (int i = 0; i < IN_FLIGHT; i++) {
+    char id[32];
+    snprintf(id, sizeof id, "sub-%d", i);
+    in_flight[i] = submit_copy(engine, "tp-ada", 1, i % 2 ? id : NULL, &status);
+    EXPECT(status, TALLY_OK);
+    CHECK(in_flight[i] != NULL);
+  }
+  /* Applied at submission: a check sees all of them before any completes. */
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  CHECK(d.remaining + 1 == remaining_before - IN_FLIGHT);
+  bool durable = false;
+  EXPECT(tally_engine_submission_durable(engine, in_flight[0], &durable), TALLY_OK);
+  EXPECT(tally_engine_submission_durable(engine, in_flight[0], NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_submission_durable(engine, NULL, &durable), TALLY_NULL_POINTER);
+  for (int i = 0; i < IN_FLIGHT; i++) {
+    memset(&d, 0, sizeof d);
+    EXPECT(tally_engine_complete(engine, in_flight[i], &d), TALLY_OK);
+    CHECK(d.admitted && !d.replayed && d.remaining == remaining_before - 1 - (uint64_t)i);
+    CHECK(strcmp(d.plan, "Starter") == 0);
+  }
+  /* Completed: durable, so a repeated id replays at once. */
+  tally_submission *again = submit_copy(engine, "tp-ada", 1, "sub-1", &status);
+  EXPECT(status, TALLY_OK);
+  EXPECT(tally_engine_submission_durable(engine, again, &durable), TALLY_OK);
+  CHECK(durable);
+  EXPECT(tally_engine_complete(engine, again, &d), TALLY_OK);
+  CHECK(d.admitted && d.replayed && d.remaining == remaining_before - 2);
+  /* Bad input: its status, nothing written, nothing counted. */
+  tally_submission *untouched = (tally_submission *)&status;
+  tally_request bad = request("tp-ada", "nope", one, 1, T0, NULL);
+  EXPECT(tally_engine_submit(engine, &bad, &untouched), TALLY_UNKNOWN_RESOURCE);
+  CHECK(untouched == (tally_submission *)&status);
+  EXPECT(tally_engine_submit(engine, &probe, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_submit(engine, NULL, &untouched), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_submit(NULL, &probe, &untouched), TALLY_NULL_POINTER);
+  tally_quantity two[] = {{TALLY_UNIT_REQUESTS, 2}};
+  tally_request conflict = request("tp-ada", "m2.7", two, 1, T0, "sub-1");
+  EXPECT(tally_engine_submit(engine, &conflict, &untouched), TALLY_REQUEST_ID_CONFLICT);
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  CHECK(d.remaining + 1 == remaining_before - IN_FLIGHT);
+  /* Complete takes the submission whatever it returns: NULL outputs and a foreign engine
+   * still free it (Valgrind checks that nothing leaks). */
+  EXPECT(tally_engine_complete(engine, NULL, &d), TALLY_NULL_POINTER);
+  tally_submission *s1 = submit_copy(engine, "tp-ada", 1, NULL, &status);
+  EXPECT(tally_engine_complete(engine, s1, NULL), TALLY_NULL_POINTER);
+  tally_submission *s2 = submit_copy(engine, "tp-ada", 1, NULL, &status);
+  EXPECT(tally_engine_complete(NULL, s2, &d), TALLY_NULL_POINTER);
+  tally_engine *other = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &other), TALLY_OK);
+  tally_submission *s3 = submit_copy(engine, "tp-ada", 1, NULL, &status);
+  EXPECT(tally_engine_submission_durable(other, s3, &durable), TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_complete(other, s3, &d), TALLY_INVALID_ARGUMENT);
+  tally_engine_free(other);
+  /* Freed uncompleted: the effect stays. */
+  tally_submission *s4 = submit_copy(engine, "tp-ada", 1, NULL, &status);
+  tally_submission_free(s4);
+  tally_submission_free(NULL);
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  CHECK(d.remaining + 1 == remaining_before - IN_FLIGHT - 4);
+}
+
 static void test_reservations(tally_engine *engine) {
   tally_quantity estimate[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_TOKENS, 1000}};
   tally_request r = request("tp-ada", "m2.7", estimate, 2, T0, NULL);
@@ -471,6 +562,7 @@ static void test_database(void) {
 
   test_admin(engine);
   test_admission(engine);
+  test_submissions(engine);
   test_reservations(engine);
   test_usage(engine);
   test_log(engine);
