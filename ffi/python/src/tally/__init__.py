@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from . import errors
 from ._native import LibraryNotFound
-from .engine import Engine, Policy, Request, verify, version
+from .engine import Engine, Policy, Request, Submission, verify, version
 from .enums import ChargedTo, Denial, Durability, PolicySource, Unit
 from .errors import *  # noqa: F401,F403  (one exception class per status)
 from .errors import ERRORS_BY_STATUS, TallyError, last_error, status_name
@@ -40,6 +40,7 @@ __all__ = [
     "PolicySource",
     "Request",
     "Reservation",
+    "Submission",
     "TallyError",
     "Unit",
     "Usage",

@@ -133,6 +133,8 @@ STRUCTS = {
 
 # `const tally_engine *`: an opaque pointer, kept as an int-like c_void_p.
 Engine = c_void_p
+# `tally_submission *`: opaque, owned by the wrapper until completed or freed.
+Submission = c_void_p
 _status = c_uint32
 _str = c_char_p  # (pointer, length) pairs: bytes objects passed with their length
 _size_p = POINTER(c_size_t)
@@ -150,6 +152,10 @@ SIGNATURES = {
         _status,
         [Engine, POINTER(Request), c_size_t, POINTER(c_uint32), POINTER(Decision)],
     ),
+    "tally_engine_submit": (_status, [Engine, POINTER(Request), POINTER(Submission)]),
+    "tally_engine_submission_durable": (_status, [Engine, Submission, POINTER(c_bool)]),
+    "tally_engine_complete": (_status, [Engine, Submission, POINTER(Decision)]),
+    "tally_submission_free": (None, [Submission]),
     "tally_engine_reserve": (
         _status,
         [Engine, POINTER(Request), c_uint64, POINTER(Decision), _u64_p],

@@ -247,6 +247,28 @@ class Engine:
         )
         return Decision.from_native(out)
 
+    def submit(
+        self,
+        key: Text,
+        resource: Text,
+        quantities: Quantities,
+        *,
+        at_ms: int | None = None,
+        request_id: Text | None = None,
+    ) -> Submission:
+        """Decides the request as ``consume`` does and applies it at once, without waiting for
+        its event to be durable: one thread keeps many requests in flight, and with
+        ``Durability.SYNC`` one fsync makes them all durable. The decision stands only once
+        ``Submission.complete()`` returns it. Bad input raises here, changing nothing."""
+        request = _request(key, resource, quantities, at_ms, request_id)
+        handle = ctypes.c_void_p()
+        errors.check(
+            _native.lib.tally_engine_submit(
+                self._handle, ctypes.byref(request), ctypes.byref(handle)
+            )
+        )
+        return Submission(self, handle)
+
     def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
         its decision, or the error (not raised) that kept that request from being decided."""
@@ -567,6 +589,64 @@ class Engine:
             )
         )
         return removed.value
+
+
+class Submission:
+    """A consume made by ``Engine.submit``: decided and applied, acknowledged by ``complete()``.
+
+    ``complete()`` waits (the GIL released) until the request's event is durable and returns
+    its ``Decision``; if the event never becomes durable, it raises the log's error and the
+    request's effect is given back. Complete each submission once, from any thread. One that
+    is collected uncompleted keeps its effect, unacknowledged (its memory is freed then).
+    Keeps its engine alive."""
+
+    def __init__(self, engine: Engine, handle: ctypes.c_void_p) -> None:
+        """Use ``Engine.submit``."""
+        if not isinstance(engine, Engine) or not isinstance(handle, ctypes.c_void_p):
+            raise TypeError("use Engine.submit to make a submission")
+        if not handle.value:
+            raise TypeError("use Engine.submit to make a submission")
+        self._engine = engine
+        self._handle = handle
+        self._finalizer = weakref.finalize(self, _native.lib.tally_submission_free, handle)
+
+    @property
+    def completed(self) -> bool:
+        """Whether ``complete()`` was called (whatever it returned)."""
+        return not self._finalizer.alive
+
+    @property
+    def durable(self) -> bool:
+        """Whether ``complete()`` would return at once (the event is durable, or the log
+        failed and it would raise)."""
+        if not self._finalizer.alive:
+            raise ValueError("the submission was completed already")
+        out = ctypes.c_bool()
+        errors.check(
+            _native.lib.tally_engine_submission_durable(
+                self._engine._handle, self._handle, ctypes.byref(out)
+            )
+        )
+        return bool(out.value)
+
+    def complete(self) -> Decision:
+        """Waits until the event is durable and returns the decision (``replayed`` for a
+        repeated request id). Raises the log's error (e.g. ``LogFailedError``) if it never
+        will be: then the request was not admitted. Once only: a second call raises
+        ``ValueError``."""
+        # `detach` is atomic under the GIL: of two threads completing at once, one gets it.
+        if self._finalizer.detach() is None:
+            raise ValueError("the submission was completed already")
+        out = _native.Decision()
+        # The library frees the submission whatever this returns.
+        errors.check(
+            _native.lib.tally_engine_complete(self._engine._handle, self._handle, ctypes.byref(out))
+        )
+        return Decision.from_native(out)
+
+    def __repr__(self) -> str:
+        state = "completed" if self.completed else "in flight"
+        return f"<tally.Submission {state}>"
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:

@@ -1,0 +1,161 @@
+"""Submitted consumes (``Engine.submit``, ``Submission.complete``): the decisions of
+``consume``, applied at once, acknowledged once durable, each completed once."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+
+import tally
+from conftest import T, seated
+from tally import Durability
+
+# (key, resource, quantities, request id): plan quota, a denial over a maximum, an unknown
+# key, a repeated id, credits once the Starter window is short.
+MIX = [
+    ("tp-ada-1", "m2.7", {"requests": 1}, None),
+    ("tp-ada-1", "m2.7", {"requests": 2}, "a"),
+    ("tp-ada-1", "music-2.6", {"songs": 1, "seconds": 400}, None),
+    ("tp-nobody", "m2.7", {"requests": 1}, None),
+    ("tp-ada-1", "m2.7", {"requests": 2}, "a"),
+    ("tp-ada-1", "m2.7", {"requests": 1_490}, "b"),
+    ("tp-ada-1", "m2.7", {"requests": 20}, None),
+]
+
+
+def accounts(engine: tally.Engine) -> str:
+    key = seated(engine, "ada", "tp-ada-1", "Starter")
+    engine.top_up("@ada", 10_000_000, at_ms=T)
+    return key
+
+
+def test_submissions_decide_as_consume_does_all_in_flight_at_once():
+    with tally.Engine.in_memory() as engine, tally.Engine.in_memory() as twin:
+        accounts(engine)
+        accounts(twin)
+        submissions = [
+            engine.submit(key, resource, quantities, at_ms=T, request_id=request_id)
+            for key, resource, quantities, request_id in MIX
+        ]
+        for drawn, submission in zip(MIX, submissions, strict=True):
+            key, resource, quantities, request_id = drawn
+            expected = twin.consume(key, resource, quantities, at_ms=T, request_id=request_id)
+            assert submission.complete() == expected, drawn
+            assert submission.completed
+        assert engine.usage("tp-ada-1", at_ms=T) == twin.usage("tp-ada-1", at_ms=T)
+        assert engine.credits("@ada") == twin.credits("@ada")
+        kinds = {
+            (d.admitted, d.replayed, d.charged_to)
+            for d in (twin.check(k, r, q, at_ms=T) for k, r, q, _ in MIX)
+        }
+        assert len(kinds) > 1, "the mix is not all one kind of decision"
+
+
+def test_a_submission_is_applied_at_once_and_durable_once_completed(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, durability=Durability.SYNC) as engine:
+        key = seated(engine, "ada", "tp-ada-1", "Plus")
+        submissions = [
+            engine.submit(key, "m2.7", {"requests": 1}, at_ms=T, request_id=f"s{i}")
+            for i in range(300)
+        ]
+        assert engine.usage(key, at_ms=T).limits[0].used == 300, "applied at submission"
+        decisions = [submission.complete() for submission in submissions]
+        assert all(d.admitted and not d.replayed for d in decisions)
+        assert [d.remaining for d in decisions] == sorted(
+            (d.remaining for d in decisions), reverse=True
+        )
+        assert submissions[0].completed and "completed" in repr(submissions[0])
+    with tally.Engine.open(path, durability=Durability.NONE) as engine:
+        assert engine.usage("tp-ada-1", at_ms=T).limits[0].used == 300
+        replay = engine.submit("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T, request_id="s7")
+        assert replay.durable, "a replay of a durable decision waits for nothing"
+        assert replay.complete().replayed
+        assert engine.usage("tp-ada-1", at_ms=T).limits[0].used == 300
+
+
+def test_a_submission_completes_once():
+    with tally.Engine.in_memory() as engine:
+        key = accounts(engine)
+        submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+        assert "in flight" in repr(submission)
+        assert submission.durable, "an in-memory engine has no log to wait for"
+        assert submission.complete().admitted
+        with pytest.raises(ValueError, match="completed already"):
+            submission.complete()
+        with pytest.raises(ValueError, match="completed already"):
+            _ = submission.durable
+        assert engine.usage(key, at_ms=T).limits[0].used == 1
+
+
+def test_two_threads_completing_one_submission_get_one_decision():
+    with tally.Engine.in_memory() as engine:
+        key = accounts(engine)
+        for _ in range(50):
+            submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+            outcomes: list[object] = []
+            barrier = threading.Barrier(2)
+
+            def complete(
+                submission: tally.Submission = submission,
+                outcomes: list[object] = outcomes,
+                barrier: threading.Barrier = barrier,
+            ) -> None:
+                barrier.wait()
+                try:
+                    outcomes.append(submission.complete())
+                except ValueError as error:
+                    outcomes.append(error)
+
+            threads = [threading.Thread(target=complete) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert sorted(type(outcome).__name__ for outcome in outcomes) == [
+                "Decision",
+                "ValueError",
+            ]
+
+
+def test_bad_input_to_submit_raises_and_changes_nothing():
+    with tally.Engine.in_memory() as engine:
+        key = accounts(engine)
+        engine.submit(key, "m2.7", {"requests": 1}, at_ms=T, request_id="x").complete()
+        before = engine.usage(key, at_ms=T)
+        with pytest.raises(tally.UnknownResourceError):
+            engine.submit(key, "m9", {"requests": 1}, at_ms=T)
+        with pytest.raises(tally.RequestIdConflictError):
+            engine.submit(key, "m2.7", {"requests": 2}, at_ms=T, request_id="x")
+        with pytest.raises(tally.BadQuantityError):
+            engine.submit(key, "m2.7", {"requests": 0}, at_ms=T)
+        with pytest.raises(TypeError):
+            engine.submit(key, "m2.7", [("requests", 1)], at_ms=T)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            tally.Submission(engine, None)  # type: ignore[arg-type]
+        assert engine.usage(key, at_ms=T) == before
+
+
+def test_an_uncompleted_submission_keeps_its_effect_and_is_freed_when_collected():
+    with tally.Engine.in_memory() as engine:
+        key = accounts(engine)
+        submission = engine.submit(key, "m2.7", {"requests": 3}, at_ms=T)
+        finalizer = submission._finalizer
+        del submission
+        gc.collect()
+        assert not finalizer.alive, "collected and freed"
+        assert engine.usage(key, at_ms=T).limits[0].used == 3
+
+
+def test_completing_after_close_raises_closed_and_the_close_kept_it(tmp_path):
+    path = tmp_path / "db"
+    engine = tally.Engine.open(path, durability=Durability.SYNC)
+    key = seated(engine, "ada", "tp-ada-1", "Plus")
+    submission = engine.submit(key, "m2.7", {"requests": 4}, at_ms=T, request_id="late")
+    engine.close()
+    with pytest.raises(tally.ClosedError):
+        submission.complete()
+    with tally.Engine.open(path, durability=Durability.NONE) as reopened:
+        assert reopened.usage(key, at_ms=T).limits[0].used == 4
