@@ -54,6 +54,24 @@ static inline uint32_t tally_go_decide(const tally_engine *engine, int kind,
   }
 }
 
+/* Submits one consume (tally_engine_submit) with the request assembled here. */
+static inline uint32_t tally_go_submit(const tally_engine *engine,
+                                       const char *key, size_t key_len,
+                                       const char *resource, size_t resource_len,
+                                       const tally_quantity *quantities, size_t quantities_len,
+                                       uint64_t at_ms,
+                                       const char *request_id, size_t request_id_len,
+                                       tally_submission **submission_out) {
+  tally_request request = {
+      .key = key, .key_len = key_len,
+      .resource = resource, .resource_len = resource_len,
+      .quantities = quantities, .quantities_len = quantities_len,
+      .at_ms = at_ms,
+      .request_id = request_id, .request_id_len = request_id_len,
+  };
+  return tally_engine_submit(engine, &request, submission_out);
+}
+
 /* Consumes a batch described by `requests` (offsets into `text` and `quantities`). An empty
  * request id (length 0) is passed as NULL: none. */
 static inline uint32_t tally_go_consume_many(const tally_engine *engine, const char *text,

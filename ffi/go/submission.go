@@ -1,0 +1,96 @@
+package tally
+
+/*
+#include "shim.h"
+*/
+import "C"
+
+import (
+	"runtime"
+	"sync"
+)
+
+// Submission is a consume made by Submit: decided and applied at once, acknowledged only when
+// Complete returns its decision. Complete it once, from any goroutine.
+type Submission struct {
+	engine *Engine
+	// mu guards handle: Durable reads it during its C call, Complete and the finalizer take
+	// it (nil afterwards), so the handle is never used after the library freed it.
+	mu     sync.Mutex
+	handle *C.tally_submission
+}
+
+// Submit decides the request as Consume does and applies it at once, without waiting for
+// its event to be durable: one goroutine keeps many requests in flight, and with
+// DurabilitySync one fdatasync makes them all durable (Consume holds an OS thread per
+// request until its own). The decision stands only once Complete returns it. Bad input is an
+// error here, with nothing changed.
+//
+// A Submission that is garbage-collected without Complete keeps its effect, unacknowledged.
+func (e *Engine) Submit(request Request) (*Submission, error) {
+	at, err := milliseconds("Submit", request.At)
+	if err != nil {
+		return nil, err
+	}
+	key, keyLen := text(request.Key)
+	resource, resourceLen := text(request.Resource)
+	requestID, requestIDLen := optionalText(request.RequestID)
+	quantities, quantitiesLen := quantitiesOf(request.Quantities)
+	var handle *C.tally_submission
+	err = e.call("Submit", func(engine *C.tally_engine) C.uint32_t {
+		return C.tally_go_submit(engine, key, keyLen, resource, resourceLen, quantities,
+			quantitiesLen, at, requestID, requestIDLen, &handle)
+	})
+	if err != nil {
+		return nil, err
+	}
+	submission := &Submission{engine: e, handle: handle}
+	runtime.SetFinalizer(submission, func(s *Submission) {
+		if s.handle != nil {
+			C.tally_submission_free(s.handle)
+		}
+	})
+	return submission, nil
+}
+
+// Durable reports whether Complete would return at once: the event is durable, or the log
+// failed and Complete would return the error.
+func (s *Submission) Durable() (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.handle == nil {
+		return false, completedAlready("Durable")
+	}
+	var durable C.bool
+	err := s.engine.call("Durable", func(engine *C.tally_engine) C.uint32_t {
+		return C.tally_engine_submission_durable(engine, s.handle, &durable)
+	})
+	return bool(durable), err
+}
+
+// Complete waits until the event is durable and returns the decision (Replayed for a
+// repeated request id). If it never will be durable, the effect is given back and the log's
+// error returned (ErrLogFailed): the request was not admitted. After Close, ErrClosed (the
+// close flushed the event if it returned nil). A second Complete is ErrInvalidArgument.
+func (s *Submission) Complete() (Decision, error) {
+	s.mu.Lock()
+	handle := s.handle
+	s.handle = nil
+	s.mu.Unlock()
+	if handle == nil {
+		return Decision{}, completedAlready("Complete")
+	}
+	// The library frees the submission whatever this returns.
+	var out C.tally_decision
+	err := s.engine.call("Complete", func(engine *C.tally_engine) C.uint32_t {
+		return C.tally_engine_complete(engine, handle, &out)
+	})
+	if err != nil {
+		return Decision{}, err
+	}
+	return decisionFrom(&out), nil
+}
+
+func completedAlready(op string) error {
+	return newError(op, C.TALLY_INVALID_ARGUMENT, "submission: was completed already")
+}
