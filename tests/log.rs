@@ -595,6 +595,87 @@ fn a_withdrawal_survives_a_reopen_in_the_balance() {
     }
 }
 
+/// Many keys of one team paying with its credits. A reopen replays a long run of usage events
+/// on two threads, each taking the keys of its own shards, so both change the one team's
+/// balance: every charge must land. (The replay read the balance and wrote it back, which
+/// lost charges when the two threads met: a reopened team held more credits than it had left,
+/// and `verify` now and then called a sound database unsound.)
+#[test]
+fn a_reopen_that_replays_many_credit_charges_of_one_team_keeps_every_charge() {
+    const MEMBERS: usize = 64;
+    const BATCHES: u64 = 100;
+    const PER_BATCH: u64 = 1_000;
+    let dir = TempDir::new("replay-shared-credits");
+    let options = OpenOptions {
+        durability: Durability::None,
+        // Nothing checkpointed: the reopen replays every charge.
+        checkpoint_every_events: u64::MAX,
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    engine.create_team("shared", Some(T0_MS)).unwrap();
+    engine.top_up("shared", 1 << 50, Some(T0_MS)).unwrap();
+    let keys: Vec<String> = (0..MEMBERS).map(|member| format!("key-{member}")).collect();
+    for (member, key) in keys.iter().enumerate() {
+        let user = format!("user-{member}");
+        engine
+            .create_user(&user, &format!("own-{member}"), Some(T0_MS))
+            .unwrap();
+        // No seat: the team's credits pay for everything.
+        engine
+            .add_member("shared", &user, key, Some(T0_MS))
+            .unwrap();
+    }
+    let one = [(Unit::Requests, 1)];
+    for batch in 0..BATCHES {
+        let requests: Vec<UsageRequest<'_>> = (0..PER_BATCH)
+            .map(|index| {
+                let step = batch * PER_BATCH + index;
+                UsageRequest::new(&keys[step as usize % MEMBERS], "m2.7", &one).at(T0_MS + step)
+            })
+            .collect();
+        for decision in engine.consume_many(&requests) {
+            assert!(
+                matches!(&decision, Ok(Decision::Admitted(admission))
+                    if matches!(admission.charged_to, tally_engine::ChargedTo::Credits { .. })),
+                "{decision:?}"
+            );
+        }
+    }
+    let at = T0_MS + BATCHES * PER_BATCH;
+    let balance = engine.credits_micros("shared").unwrap();
+    let charged = engine
+        .usage(&keys[0], Some(at))
+        .unwrap()
+        .credits_charged_micros;
+    assert!(balance < 1 << 50 && charged > 0);
+    engine.sync().unwrap();
+    drop(engine);
+    // Several reopens: the two threads meet at random.
+    for reopen in 0..4 {
+        let engine = open_token_plan(dir.path(), options.clone());
+        let report = engine.open_report().expect("a durable engine");
+        assert!(
+            report.events_replayed >= BATCHES * PER_BATCH,
+            "reopen {reopen}: {report:?}"
+        );
+        assert_eq!(
+            engine.credits_micros("shared").unwrap(),
+            balance,
+            "reopen {reopen}: the balance"
+        );
+        assert_eq!(
+            engine
+                .usage(&keys[0], Some(at))
+                .unwrap()
+                .credits_charged_micros,
+            charged,
+            "reopen {reopen}: the total charged"
+        );
+        drop(engine);
+    }
+}
+
 /// A withdrawal is a correction of the balance, not a charge for usage: the team's total
 /// charged stays as it was, live and after a reopen that replays it.
 #[test]

@@ -103,26 +103,25 @@ impl Team {
     /// Applies a logged credit during replay (a top-up, or a refund when `refund`). Replay
     /// follows log order, which may differ from the order charges and top-ups met in memory, so
     /// the balance may pass below zero on the way: wrapping arithmetic keeps the final sum exact.
+    ///
+    /// Read-modify-writes, not a load and a store: a replay's two appliers charge the same
+    /// team at once when its keys sit in both one's and the other's shards, and a load and a
+    /// store lost charges then (a reopened team held more credits than it had left). AcqRel
+    /// like `charge`; the atomics' `fetch_add` and `fetch_sub` wrap.
     pub fn replay_add(&self, micros: u64, refund: bool) {
-        let balance = self.credits_micros.load(Ordering::Acquire);
-        self.credits_micros
-            .store(balance.wrapping_add(micros), Ordering::Release);
+        self.credits_micros.fetch_add(micros, Ordering::AcqRel);
         if refund {
-            let charged = self.charged_micros.load(Ordering::Relaxed);
-            self.charged_micros
-                .store(charged.wrapping_sub(micros), Ordering::Relaxed);
+            // Relaxed: a statistic, read on its own.
+            self.charged_micros.fetch_sub(micros, Ordering::Relaxed);
         }
     }
 
     /// Applies a logged charge (`charge`) or withdrawal during replay; see `replay_add`.
     pub fn replay_take(&self, micros: u64, charge: bool) {
-        let balance = self.credits_micros.load(Ordering::Acquire);
-        self.credits_micros
-            .store(balance.wrapping_sub(micros), Ordering::Release);
+        self.credits_micros.fetch_sub(micros, Ordering::AcqRel);
         if charge {
-            let charged = self.charged_micros.load(Ordering::Relaxed);
-            self.charged_micros
-                .store(charged.wrapping_add(micros), Ordering::Relaxed);
+            // Relaxed: a statistic, read on its own.
+            self.charged_micros.fetch_add(micros, Ordering::Relaxed);
         }
     }
 
