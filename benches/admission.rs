@@ -140,8 +140,17 @@ limits = [
   { resource = "chat", unit = "requests", amount = 100000000000000, window = "daily" },
   { resource = "chat", unit = "requests", amount = 200000000000000, window = "weekly" },
 ]
+
+# The same limits with the rolling window used up at once (beyond_the_plan).
+[plans.Spent]
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "rolling:5h" },
+  { resource = "chat", unit = "requests", amount = 100000000000000, window = "daily" },
+  { resource = "chat", unit = "requests", amount = 200000000000000, window = "weekly" },
+]
 "#;
 const BENCH_PLAN: &str = "Bench";
+const SPENT_PLAN: &str = "Spent";
 const BENCH_RESOURCE: &str = "chat";
 const ONE_REQUEST: &[(Unit, u64)] = &[(Unit::Requests, 1)];
 
@@ -589,6 +598,94 @@ fn bench_hot_key(criterion: &mut Criterion, sizes: Sizes, report: &mut Report) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// beyond_the_plan
+
+/// Two keys whose 5-hour window their first 100 requests filled (in its newest bucket): one
+/// whose team's credits pay for every later request, one whose team has none, so every later
+/// request is refused with the time it would fit. Both report every limit's status.
+struct BeyondThePlan {
+    engine: Engine,
+    paying: String,
+    refused: String,
+    paying_stream: Stream,
+    refused_stream: Stream,
+    decision: RefCell<Decision>,
+}
+
+impl BeyondThePlan {
+    fn new() -> BeyondThePlan {
+        let engine = bench_engine(Some(START_MS));
+        let paying = add_seated_key(&engine, 0, SPENT_PLAN);
+        let refused = add_seated_key(&engine, 1, SPENT_PLAN);
+        if let Err(error) = engine.top_up("@u0", u64::MAX / 2, Some(START_MS)) {
+            panic!("cannot top up: {error}");
+        }
+        for key in [&paying, &refused] {
+            let request = UsageRequest::new(key, BENCH_RESOURCE, &[(Unit::Requests, 100)]);
+            assert!(
+                tally_admitted(engine.consume(&request.at(START_MS))),
+                "the first 100 fit the plan"
+            );
+        }
+        BeyondThePlan {
+            engine,
+            paying,
+            refused,
+            paying_stream: Stream::default(),
+            refused_stream: Stream::default(),
+            decision: RefCell::new(Decision::denied(DenialReason::UnknownKey)),
+        }
+    }
+
+    /// Admitted and charged to credits (counted as admitted).
+    fn credits(&self) -> bool {
+        let step = self.paying_stream.next();
+        let request = UsageRequest::new(black_box(&self.paying), BENCH_RESOURCE, ONE_REQUEST);
+        let decision = &mut *self.decision.borrow_mut();
+        let decided = self.engine.consume_into(&request.at(at_ms(step)), decision);
+        let charged = matches!(
+            decision,
+            Decision::Admitted(admission)
+                if matches!(admission.charged_to, tally_engine::ChargedTo::Credits { .. })
+        );
+        self.paying_stream.count(decided.is_ok() && charged)
+    }
+
+    /// Refused as quota exhausted (counted as "admitted" when it is that denial, so the
+    /// stream's never-denied check holds it to the path it measures).
+    fn refusal(&self) -> bool {
+        let step = self.refused_stream.next();
+        let request = UsageRequest::new(black_box(&self.refused), BENCH_RESOURCE, ONE_REQUEST);
+        let decision = &mut *self.decision.borrow_mut();
+        let decided = self.engine.consume_into(&request.at(at_ms(step)), decision);
+        let refused = matches!(
+            decision,
+            Decision::Denied(denial) if matches!(denial.reason, DenialReason::QuotaExhausted { .. })
+        );
+        self.refused_stream.count(decided.is_ok() && refused)
+    }
+}
+
+fn bench_beyond_the_plan(criterion: &mut Criterion) {
+    let beyond = BeyondThePlan::new();
+    let mut group = criterion.benchmark_group("beyond_the_plan");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("tally_consume_into_charged_to_credits", |bencher| {
+        bencher.iter(|| beyond.credits())
+    });
+    group.bench_function("tally_consume_into_refused", |bencher| {
+        bencher.iter(|| beyond.refusal())
+    });
+    group.finish();
+    beyond
+        .paying_stream
+        .assert_never_denied("beyond_the_plan/charged_to_credits");
+    beyond
+        .refused_stream
+        .assert_never_denied("beyond_the_plan/refused (a decision other than quota exhausted)");
+}
+
+// ---------------------------------------------------------------------------------------------
 // million_keys
 
 /// Both limiters with every key already holding state, and one random key order. tally's keys
@@ -1032,6 +1129,7 @@ fn main() {
         memory_report(&mut report, sizes.memory_keys);
     }
     bench_hot_key(&mut criterion, sizes, &mut report);
+    bench_beyond_the_plan(&mut criterion);
     bench_million_keys(&mut criterion, sizes, &mut report);
     bench_two_threads(&mut criterion, sizes);
     criterion.final_summary();

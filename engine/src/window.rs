@@ -560,14 +560,59 @@ impl RollingWindow {
     /// `epoch` (the effective epoch of the request). `None` if the recorded buckets do not hold
     /// that many (the rest is in flight): then the caller uses the whole window.
     pub fn release_time(&self, shape: RollingShape, epoch: u64, needed: u64) -> Option<u64> {
+        let first = epoch.saturating_sub(shape.buckets);
         let mut freed = 0u64;
-        for bucket in epoch.saturating_sub(shape.buckets)..=epoch {
-            freed = freed.saturating_add(self.live_count(shape, bucket));
-            if freed >= needed && freed > 0 {
-                return Some(shape.release_ms(bucket));
-            }
+        let offset = self.scan_live(shape, first, epoch - first + 1, |count| {
+            freed = freed.saturating_add(count);
+            freed >= needed && freed > 0
+        })?;
+        Some(shape.release_ms(first + offset))
+    }
+
+    /// Passes the live counts of the `count` buckets from `first` on, oldest first, to `visit`
+    /// until it answers true, and returns that bucket's offset from `first`. One division for
+    /// the first bucket's slot, then a step along the ring (a window's quota exhausted in its
+    /// newest bucket makes a refusal look at every bucket: with a division each, that scan was
+    /// most of a refusal's time).
+    fn scan_live(
+        &self,
+        shape: RollingShape,
+        first: u64,
+        count: u64,
+        visit: impl FnMut(u64) -> bool,
+    ) -> Option<u64> {
+        debug_assert_eq!(
+            self.slots.len() as u64,
+            shape.slots(),
+            "a ring has its shape's slots"
+        );
+        let (lap, slot) = shape.lap_and_slot(first);
+        match self.slots.view() {
+            SlotsRef::Wide(slots) => scan_ring(
+                slots,
+                lap,
+                slot,
+                count,
+                visit,
+                |lap| lap as u32,
+                |raw| {
+                    let raw = raw.load(Ordering::Acquire);
+                    ((raw >> 32) as u32, raw & 0xFFFF_FFFF)
+                },
+            ),
+            SlotsRef::Narrow(slots) => scan_ring(
+                slots,
+                lap,
+                slot,
+                count,
+                visit,
+                |lap| (lap as u32) & 0xFFFF,
+                |raw| {
+                    let raw = raw.load(Ordering::Acquire);
+                    (raw >> 16, u64::from(raw & 0xFFFF))
+                },
+            ),
         }
-        None
     }
 
     /// When everything counted now will have aged out: the release of the newest non-empty
@@ -912,6 +957,33 @@ pub fn period_end_ms(calendar: &Calendar, kind: CalendarPeriod, period: u32, at_
     } else {
         calendar.period_bounds(kind, period).end_ms
     }
+}
+
+/// `RollingWindow::scan_live` over one width of slots: `tag_of` is a lap's tag in this width,
+/// `load` a slot's `(tag, count)`.
+fn scan_ring<A>(
+    slots: &[A],
+    mut lap: u64,
+    mut slot: usize,
+    count: u64,
+    mut visit: impl FnMut(u64) -> bool,
+    tag_of: impl Fn(u64) -> u32,
+    load: impl Fn(&A) -> (u32, u64),
+) -> Option<u64> {
+    let mut tag = tag_of(lap);
+    for offset in 0..count {
+        let (found, units) = load(slots.get(slot)?);
+        if visit(if found == tag { units } else { 0 }) {
+            return Some(offset);
+        }
+        slot += 1;
+        if slot == slots.len() {
+            slot = 0;
+            lap += 1;
+            tag = tag_of(lap);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
