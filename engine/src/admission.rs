@@ -547,7 +547,8 @@ impl<'d> Verdict<'d> {
 }
 
 /// Tries to take `amounts` from the plan's limits for this key, writing the admission and its
-/// receipt (or the denial) into `verdict`; true if admitted. In `Check` mode nothing is taken or
+/// receipt into `verdict`; true if admitted. False leaves `verdict`'s decision half written, for
+/// the caller to overwrite (with `plan_refusal`, or a charge to credits). In `Check` mode nothing is taken or
 /// moved (not even a window's head). `at_ms` has been validated. A consume notes the slot it
 /// wrote in `cell` (the cell `usage` came from), so the key's next request prefetches it.
 #[inline]
@@ -602,11 +603,8 @@ pub(crate) fn try_quota(
                     unsafe { receipt.holds.set_len(position) };
                     rollback(usage, amounts, &receipt.holds, position);
                 }
-                // A request larger than a limit itself can never fit, and says so; only a
-                // request some limit refused can be one (a take checks `used + amount`).
-                let denial = exceeded(policy, plan_id, usage, amounts, at_ms)
-                    .unwrap_or_else(|| exhausted(policy, plan_id, usage, amounts, at_ms));
-                *verdict.decision = Decision::Denied(denial);
+                // The caller decides what the refusal says (`plan_refusal`), or whether credits
+                // pay instead (then the refusal's retry time is never worked out).
                 verdict.receipt = None;
                 return false;
             }
@@ -779,6 +777,39 @@ fn exceeded(
     ))
 }
 
+/// What a plan that could not take `amounts` says: a request larger than one of the limits
+/// itself can never fit, and says so (only a request some limit refused can be one: a take
+/// checks `used + amount`); otherwise which limit keeps it out longest and when it will fit.
+pub(crate) fn plan_refusal(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+) -> Denial {
+    exceeded(policy, plan_id, usage, amounts, at_ms)
+        .unwrap_or_else(|| exhausted(policy, plan_id, usage, amounts, at_ms))
+}
+
+/// The status of every limit `amounts` touches, as of `at_ms`: what an admission charged to
+/// credits reports for the plan that could not take it.
+pub(crate) fn plan_statuses(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    amounts: &Amounts,
+    at_ms: u64,
+) -> LimitStatuses {
+    let plan = policy.plan(plan_id);
+    let mut limits = LimitStatuses::default();
+    for &(limit_index, _) in amounts.as_slice() {
+        let limit = &plan.limits[usize::from(limit_index)];
+        let state = &usage.counters[usize::from(limit_index)].state;
+        limits.push(status_of(policy, limit, state, limit_index, at_ms));
+    }
+    limits
+}
+
 /// The denial of a request some limit could not take: the limit that keeps it out longest, when
 /// it will fit (the latest of every limit's fit time), and the remedies.
 fn exhausted(
@@ -844,17 +875,10 @@ fn quota_denial(
     reason: DenialReason,
     remedies: Remedies,
 ) -> Denial {
-    let plan = policy.plan(plan_id);
-    let mut limits = LimitStatuses::default();
-    for &(limit_index, _) in amounts.as_slice() {
-        let limit = &plan.limits[usize::from(limit_index)];
-        let state = &usage.counters[usize::from(limit_index)].state;
-        limits.push(status_of(policy, limit, state, limit_index, at_ms));
-    }
     Denial {
         reason,
         plan: Some(plan_id),
-        limits,
+        limits: plan_statuses(policy, plan_id, usage, amounts, at_ms),
         credits_balance_micros: None,
         remedies,
     }
@@ -909,18 +933,12 @@ pub(crate) fn try_credits(
         return Decision::Denied(denial.unwrap_or_else(|| bare_denial(fallback, plan)));
     };
     if balance > 0 {
-        let charged = match mode {
-            Mode::Consume => team.charge(price),
-            Mode::Check => balance.checked_sub(price).ok_or(balance),
-        };
-        if let Ok(after) = charged {
-            return Decision::Admitted(Admission {
-                charged_to: ChargedTo::Credits { micros: price },
-                at_ms,
-                plan,
-                limits: denial.map(|denial| denial.limits).unwrap_or_default(),
-                credits_balance_micros: Some(after),
-            });
+        let limits = denial
+            .as_ref()
+            .map(|denial| denial.limits)
+            .unwrap_or_default();
+        if let Some(admission) = credits_admission(team, price, at_ms, plan, limits, mode) {
+            return Decision::Admitted(admission);
         }
     }
     let mut denied = denial.unwrap_or_else(|| {
@@ -938,6 +956,30 @@ pub(crate) fn try_credits(
     denied.credits_balance_micros = Some(balance);
     denied.remedies.credits_needed_micros = Some(price.saturating_sub(balance).max(1));
     Decision::Denied(denied)
+}
+
+/// Charges `price` to the team's credits (in `Check` mode, sees whether it could) and returns
+/// the admission, reporting `limits` (the plan's, if it could not take the request); `None`
+/// if the balance is short.
+pub(crate) fn credits_admission(
+    team: &Team,
+    price: u64,
+    at_ms: u64,
+    plan: Option<PlanId>,
+    limits: LimitStatuses,
+    mode: Mode,
+) -> Option<Admission> {
+    let after = match mode {
+        Mode::Consume => team.charge(price).ok()?,
+        Mode::Check => team.balance_micros().checked_sub(price)?,
+    };
+    Some(Admission {
+        charged_to: ChargedTo::Credits { micros: price },
+        at_ms,
+        plan,
+        limits,
+        credits_balance_micros: Some(after),
+    })
 }
 
 fn bare_denial(reason: DenialReason, plan: Option<PlanId>) -> Denial {

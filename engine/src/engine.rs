@@ -16,8 +16,9 @@ use crate::accounts::{
     MAX_KEY_BYTES,
 };
 use crate::admission::{
-    over_maximum, price_micros, try_credits, try_quota, Admission, Amounts, ChargedTo, Decision,
-    DenialReason, Holds, LimitStatus, Mode, Quantities, Receipt, Verdict,
+    credits_admission, over_maximum, plan_refusal, plan_statuses, price_micros, try_credits,
+    try_quota, Admission, Amounts, ChargedTo, Decision, DenialReason, Holds, LimitStatus, Mode,
+    Quantities, Receipt, Verdict,
 };
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
@@ -1664,6 +1665,8 @@ pub(crate) fn decide_for_key_into(
         return Ok(());
     }
     let mut quota_denial = None;
+    // The price, once worked out (itself `None` for a resource without one).
+    let mut price = None;
     let mut fallback = DenialReason::NoResources;
     let mut cover_upgrade = None;
     if let Some(plan_id) = state.seat {
@@ -1708,16 +1711,35 @@ pub(crate) fn decide_for_key_into(
             ) {
                 return Ok(());
             }
-            if let Decision::Denied(denial) = *verdict.decision {
-                quota_denial = Some(denial);
+            // Credits that cover the price admit the request with the plan's limit statuses;
+            // when the plan would take it again (a scan of a rolling window's buckets) is
+            // worked out only for a refusal.
+            price = Some(price_micros(policy, resource, quantities)?);
+            if let Some(price) = price.flatten().filter(|_| state.team.balance_micros() > 0) {
+                let limits = plan_statuses(policy, plan_id, usage, &amounts, at_ms);
+                if let Some(admission) =
+                    credits_admission(&state.team, price, at_ms, state.seat, limits, mode)
+                {
+                    *verdict.decision = Decision::Admitted(admission);
+                    verdict.receipt = Some(Receipt {
+                        charged_to: admission.charged_to,
+                        generation: policy.generation,
+                        holds: Holds::default(),
+                    });
+                    return Ok(());
+                }
             }
+            quota_denial = Some(plan_refusal(policy, plan_id, usage, &amounts, at_ms));
         } else {
             fallback = DenialReason::ResourceNotCovered { resource };
             cover_upgrade = policy.cover_upgrade(resource);
         }
     }
     // Priced only now: a request the plan took never needs it.
-    let price = price_micros(policy, resource, quantities)?;
+    let price = match price {
+        Some(price) => price,
+        None => price_micros(policy, resource, quantities)?,
+    };
     let mut decision = try_credits(
         &state.team,
         price,
