@@ -6,16 +6,19 @@ package tally
 import "C"
 
 import (
-	"runtime"
 	"sync"
 )
 
 // Submission is a consume made by Submit: decided and applied at once, acknowledged only when
-// Complete returns its decision. Complete it once, from any goroutine.
+// Complete returns its decision. Complete it once, from any goroutine, or Discard it: the
+// library's side of a Submission (about 1 KiB) is freed by one of the two, not by the garbage
+// collector. (A finalizer per Submission cost 40% of a Submit and Complete with 1,000 in
+// flight: 1.96-2.11 against 1.21-1.27 µs.) `defer submission.Discard()` is safe: after
+// Complete it does nothing.
 type Submission struct {
 	engine *Engine
-	// mu guards handle: Durable reads it during its C call, Complete and the finalizer take
-	// it (nil afterwards), so the handle is never used after the library freed it.
+	// mu guards handle: Durable reads it during its C call, Complete and Discard take it (nil
+	// afterwards), so the handle is never used after the library freed it.
 	mu     sync.Mutex
 	handle *C.tally_submission
 }
@@ -26,7 +29,7 @@ type Submission struct {
 // request until its own). The decision stands only once Complete returns it. Bad input is an
 // error here, with nothing changed.
 //
-// A Submission that is garbage-collected without Complete keeps its effect, unacknowledged.
+// Complete or Discard every Submission (see Submission).
 func (e *Engine) Submit(request Request) (*Submission, error) {
 	at, err := milliseconds("Submit", request.At)
 	if err != nil {
@@ -44,13 +47,7 @@ func (e *Engine) Submit(request Request) (*Submission, error) {
 	if err != nil {
 		return nil, err
 	}
-	submission := &Submission{engine: e, handle: handle}
-	runtime.SetFinalizer(submission, func(s *Submission) {
-		if s.handle != nil {
-			C.tally_submission_free(s.handle)
-		}
-	})
-	return submission, nil
+	return &Submission{engine: e, handle: handle}, nil
 }
 
 // Durable reports whether Complete would return at once: the event is durable, or the log
@@ -89,6 +86,20 @@ func (s *Submission) Complete() (Decision, error) {
 		return Decision{}, err
 	}
 	return decisionFrom(&out), nil
+}
+
+// Discard frees a submission without completing it: its effect stays applied and its event
+// on its way to the log, unacknowledged (should the flush fail, nothing gives the effect back;
+// the log is failed then, and the engine admits nothing more until reopened). After Complete,
+// or a Discard before, it does nothing.
+func (s *Submission) Discard() {
+	s.mu.Lock()
+	handle := s.handle
+	s.handle = nil
+	s.mu.Unlock()
+	if handle != nil {
+		C.tally_submission_free(handle)
+	}
 }
 
 func completedAlready(op string) error {

@@ -126,7 +126,7 @@ func TestSubmitKeepsManyInFlightOnASyncDatabase(t *testing.T) {
 	}
 }
 
-func TestASubmissionCompletesOnceAndBadInputChangesNothing(t *testing.T) {
+func TestASubmissionCompletesOrIsDiscardedOnceAndBadInputChangesNothing(t *testing.T) {
 	engine := openMemory(t)
 	withCredits(t, engine)
 	request := tally.Request{Key: "tp-ada", Resource: "m2.7", Quantities: one(tally.Requests),
@@ -142,8 +142,20 @@ func TestASubmissionCompletesOnceAndBadInputChangesNothing(t *testing.T) {
 	if _, err := submission.Durable(); !errors.Is(err, tally.ErrInvalidArgument) {
 		t.Fatalf("Durable after Complete: %v", err)
 	}
+	submission.Discard() // after Complete: nothing
+	discarded, err := engine.Submit(tally.Request{Key: "tp-ada", Resource: "m2.7",
+		Quantities: one(tally.Requests), At: t0})
+	must(t, err)
+	discarded.Discard()
+	discarded.Discard()
+	if _, err := discarded.Complete(); !errors.Is(err, tally.ErrInvalidArgument) {
+		t.Fatalf("Complete after Discard: %v", err)
+	}
 	before, err := engine.Usage("tp-ada", t0)
 	must(t, err)
+	if before.Limits[0].Used != 2 {
+		t.Fatalf("the completed and the discarded submission both count: %+v", before.Limits[0])
+	}
 	conflicting := request
 	conflicting.Quantities = []tally.Quantity{{Unit: tally.Requests, Amount: 2}}
 	unknown := request
