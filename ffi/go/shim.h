@@ -26,6 +26,22 @@ typedef struct tally_go_request {
   uint64_t at_ms;
 } tally_go_request;
 
+/* The request the arguments describe (its strings and quantities borrowed for one call). */
+static inline tally_request tally_go_assemble(const char *key, size_t key_len,
+                                              const char *resource, size_t resource_len,
+                                              const tally_quantity *quantities,
+                                              size_t quantities_len, uint64_t at_ms,
+                                              const char *request_id, size_t request_id_len) {
+  tally_request request = {
+      .key = key, .key_len = key_len,
+      .resource = resource, .resource_len = resource_len,
+      .quantities = quantities, .quantities_len = quantities_len,
+      .at_ms = at_ms,
+      .request_id = request_id, .request_id_len = request_id_len,
+  };
+  return request;
+}
+
 /* Consumes, checks or reserves one request (`kind`); `lease_ms` and `reservation_out` are
  * read only for TALLY_GO_RESERVE. */
 static inline uint32_t tally_go_decide(const tally_engine *engine, int kind,
@@ -37,13 +53,8 @@ static inline uint32_t tally_go_decide(const tally_engine *engine, int kind,
                                        uint64_t lease_ms,
                                        tally_decision *decision_out,
                                        uint64_t *reservation_out) {
-  tally_request request = {
-      .key = key, .key_len = key_len,
-      .resource = resource, .resource_len = resource_len,
-      .quantities = quantities, .quantities_len = quantities_len,
-      .at_ms = at_ms,
-      .request_id = request_id, .request_id_len = request_id_len,
-  };
+  tally_request request = tally_go_assemble(key, key_len, resource, resource_len, quantities,
+                                            quantities_len, at_ms, request_id, request_id_len);
   switch (kind) {
     case TALLY_GO_CONSUME:
       return tally_engine_consume(engine, &request, decision_out);
@@ -62,13 +73,8 @@ static inline uint32_t tally_go_submit(const tally_engine *engine,
                                        uint64_t at_ms,
                                        const char *request_id, size_t request_id_len,
                                        tally_submission **submission_out) {
-  tally_request request = {
-      .key = key, .key_len = key_len,
-      .resource = resource, .resource_len = resource_len,
-      .quantities = quantities, .quantities_len = quantities_len,
-      .at_ms = at_ms,
-      .request_id = request_id, .request_id_len = request_id_len,
-  };
+  tally_request request = tally_go_assemble(key, key_len, resource, resource_len, quantities,
+                                            quantities_len, at_ms, request_id, request_id_len);
   return tally_engine_submit(engine, &request, submission_out);
 }
 
