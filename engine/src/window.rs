@@ -35,6 +35,38 @@ struct Slot {
     count: u64,
 }
 
+impl Slot {
+    /// A wide slot's value: the tag in the high 32 bits, the count in the low.
+    #[inline(always)]
+    fn of_wide(raw: u64) -> Slot {
+        Slot {
+            tag: (raw >> 32) as u32,
+            count: raw & 0xFFFF_FFFF,
+        }
+    }
+
+    /// A narrow slot's value: the tag in the high 16 bits, the count in the low.
+    #[inline(always)]
+    fn of_narrow(raw: u32) -> Slot {
+        Slot {
+            tag: raw >> 16,
+            count: u64::from(raw & 0xFFFF),
+        }
+    }
+
+    /// The tag of lap `lap` in a wide slot.
+    #[inline(always)]
+    fn wide_tag(lap: u64) -> u32 {
+        lap as u32
+    }
+
+    /// The tag of lap `lap` in a narrow slot.
+    #[inline(always)]
+    fn narrow_tag(lap: u64) -> u32 {
+        (lap as u32) & 0xFFFF
+    }
+}
+
 /// The ring's slots: wide ones pack a 32-bit lap tag with a 32-bit count in an `AtomicU64`;
 /// narrow ones (limits up to 65,535, e.g. every seed plan's request quota) pack 16 + 16 bits in
 /// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width, only ever
@@ -163,9 +195,9 @@ impl Slots {
     /// The tag of lap `lap` in this slot width.
     fn tag(&self, lap: u64) -> u32 {
         if self.wide {
-            lap as u32
+            Slot::wide_tag(lap)
         } else {
-            (lap as u32) & 0xFFFF
+            Slot::narrow_tag(lap)
         }
     }
 
@@ -173,23 +205,11 @@ impl Slots {
         match self.view() {
             SlotsRef::Wide(slots) => {
                 let raw = slots[index].load(Ordering::Acquire);
-                (
-                    raw,
-                    Slot {
-                        tag: (raw >> 32) as u32,
-                        count: raw & 0xFFFF_FFFF,
-                    },
-                )
+                (raw, Slot::of_wide(raw))
             }
             SlotsRef::Narrow(slots) => {
                 let raw = slots[index].load(Ordering::Acquire);
-                (
-                    u64::from(raw),
-                    Slot {
-                        tag: raw >> 16,
-                        count: u64::from(raw & 0xFFFF),
-                    },
-                )
+                (u64::from(raw), Slot::of_narrow(raw))
             }
         }
     }
@@ -588,30 +608,16 @@ impl RollingWindow {
         );
         let (lap, slot) = shape.lap_and_slot(first);
         match self.slots.view() {
-            SlotsRef::Wide(slots) => scan_ring(
-                slots,
-                lap,
-                slot,
-                count,
-                visit,
-                |lap| lap as u32,
-                |raw| {
-                    let raw = raw.load(Ordering::Acquire);
-                    ((raw >> 32) as u32, raw & 0xFFFF_FFFF)
-                },
-            ),
-            SlotsRef::Narrow(slots) => scan_ring(
-                slots,
-                lap,
-                slot,
-                count,
-                visit,
-                |lap| (lap as u32) & 0xFFFF,
-                |raw| {
-                    let raw = raw.load(Ordering::Acquire);
-                    (raw >> 16, u64::from(raw & 0xFFFF))
-                },
-            ),
+            SlotsRef::Wide(slots) => {
+                scan_ring(slots, lap, slot, count, visit, Slot::wide_tag, |raw| {
+                    Slot::of_wide(raw.load(Ordering::Acquire))
+                })
+            }
+            SlotsRef::Narrow(slots) => {
+                scan_ring(slots, lap, slot, count, visit, Slot::narrow_tag, |raw| {
+                    Slot::of_narrow(raw.load(Ordering::Acquire))
+                })
+            }
         }
     }
 
@@ -960,7 +966,7 @@ pub fn period_end_ms(calendar: &Calendar, kind: CalendarPeriod, period: u32, at_
 }
 
 /// `RollingWindow::scan_live` over one width of slots: `tag_of` is a lap's tag in this width,
-/// `load` a slot's `(tag, count)`.
+/// `load` a slot's value.
 fn scan_ring<A>(
     slots: &[A],
     mut lap: u64,
@@ -968,12 +974,12 @@ fn scan_ring<A>(
     count: u64,
     mut visit: impl FnMut(u64) -> bool,
     tag_of: impl Fn(u64) -> u32,
-    load: impl Fn(&A) -> (u32, u64),
+    load: impl Fn(&A) -> Slot,
 ) -> Option<u64> {
     let mut tag = tag_of(lap);
     for offset in 0..count {
-        let (found, units) = load(slots.get(slot)?);
-        if visit(if found == tag { units } else { 0 }) {
+        let found = load(slots.get(slot)?);
+        if visit(if found.tag == tag { found.count } else { 0 }) {
             return Some(offset);
         }
         slot += 1;
