@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
@@ -103,4 +104,35 @@ func benchDurability() tally.Durability {
 		return tally.DurabilityNone
 	}
 	return tally.DurabilitySync
+}
+
+// BenchmarkReserveSettleSync: a reservation and its settlement per request (what a gateway
+// billing by tokens does) from many goroutines. ns/op is per reserve-and-settle pair.
+func BenchmarkReserveSettleSync(b *testing.B) {
+	for _, goroutines := range []int{1, 16, 64} {
+		b.Run(fmt.Sprintf("goroutines=%d", goroutines), func(b *testing.B) {
+			engine := syncEngine(b)
+			var next atomic.Int64
+			var wait sync.WaitGroup
+			b.ResetTimer()
+			for g := 0; g < goroutines; g++ {
+				wait.Add(1)
+				go func() {
+					defer wait.Done()
+					for next.Add(1) <= int64(b.N) {
+						decision, reservation, err := engine.Reserve(benchRequest, 0)
+						if err != nil || !decision.Admitted {
+							b.Errorf("reserve: %+v %v", decision, err)
+							return
+						}
+						if _, err := engine.Settle(reservation, benchRequest.Quantities, time.Time{}); err != nil {
+							b.Errorf("settle: %v", err)
+							return
+						}
+					}
+				}()
+			}
+			wait.Wait()
+		})
+	}
 }
