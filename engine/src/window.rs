@@ -201,14 +201,18 @@ impl Slots {
         }
     }
 
+    // SeqCst, here and in `replace`: a sweep moves `head` then reads a slot, a record writes a
+    // slot then reads `head` (`RollingWindow::record_at`); with SeqCst at least one of the two
+    // sees the other's write. On x86 a SeqCst load is a plain load and every read-modify-write
+    // is locked whatever its ordering, so this costs nothing there.
     fn load(&self, index: usize) -> (u64, Slot) {
         match self.view() {
             SlotsRef::Wide(slots) => {
-                let raw = slots[index].load(Ordering::Acquire);
+                let raw = slots[index].load(Ordering::SeqCst);
                 (raw, Slot::of_wide(raw))
             }
             SlotsRef::Narrow(slots) => {
-                let raw = slots[index].load(Ordering::Acquire);
+                let raw = slots[index].load(Ordering::SeqCst);
                 (u64::from(raw), Slot::of_narrow(raw))
             }
         }
@@ -222,8 +226,8 @@ impl Slots {
                 .compare_exchange_weak(
                     current,
                     (u64::from(next.tag) << 32) | next.count,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
                 )
                 .map(|_| ())
                 .map_err(|_| ()),
@@ -231,8 +235,8 @@ impl Slots {
                 .compare_exchange_weak(
                     current as u32,
                     (next.tag << 16) | next.count as u32,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
                 )
                 .map(|_| ())
                 .map_err(|_| ()),
@@ -345,7 +349,8 @@ impl RollingWindow {
             }
             match self
                 .head
-                .compare_exchange_weak(head, epoch, Ordering::AcqRel, Ordering::Acquire)
+                // SeqCst: see `Slots::load`.
+                .compare_exchange_weak(head, epoch, Ordering::SeqCst, Ordering::Acquire)
             {
                 Ok(_) => {
                     let first = head
@@ -412,7 +417,8 @@ impl RollingWindow {
 
     /// Whether bucket `epoch` is out of the window as of the newest epoch seen.
     fn aged_out(&self, shape: RollingShape, epoch: u64) -> bool {
-        epoch.saturating_add(shape.buckets) < self.head.load(Ordering::Acquire)
+        // SeqCst: see `Slots::load`.
+        epoch.saturating_add(shape.buckets) < self.head.load(Ordering::SeqCst)
     }
 
     fn subtract_total(&self, count: u64) {
@@ -486,7 +492,9 @@ impl RollingWindow {
         self.slots.address(index)
     }
 
-    #[inline]
+    // Always inlined: with the aged-out check after the write, the compiler outlined it, and
+    // the call cost a hot-key admission 42 instructions.
+    #[inline(always)]
     fn record_at(&self, (lap, index): (u64, usize), epoch: u64, shape: RollingShape, amount: u64) {
         let tag = self.slots.tag(lap);
         let (mut raw, mut slot) = self.slots.load(index);
@@ -512,6 +520,43 @@ impl RollingWindow {
                     if stale > 0 {
                         self.subtract_total(stale);
                     }
+                    // A request that moved the head past `epoch` meanwhile may have swept this
+                    // slot before the write landed, found nothing to clear and gone on: then
+                    // nothing would take these units out of the total until the slot's next
+                    // lap, a whole window late. Take them out now (unless a sweep did).
+                    if self.aged_out(shape, epoch) {
+                        self.unrecord(index, tag, amount);
+                    }
+                    return;
+                }
+                Err(found) => (raw, slot) = found,
+            }
+        }
+    }
+
+    /// Takes back `amount` units this thread recorded in the slot at `index` under `tag`, whose
+    /// epoch has aged out, and out of the total; nothing if a sweep cleared the slot first (it
+    /// took them out of the total itself). Cold: only a record racing a head that jumps a whole
+    /// window gets here.
+    #[cold]
+    #[inline(never)]
+    fn unrecord(&self, index: usize, tag: u32, amount: u64) {
+        let (mut raw, mut slot) = self.slots.load(index);
+        loop {
+            if slot.tag != tag || slot.count == 0 {
+                return;
+            }
+            let taken = slot.count.min(amount);
+            match self.slots.replace(
+                index,
+                raw,
+                Slot {
+                    tag,
+                    count: slot.count - taken,
+                },
+            ) {
+                Ok(()) => {
+                    self.subtract_total(taken);
                     return;
                 }
                 Err(found) => (raw, slot) = found,
