@@ -42,21 +42,23 @@ func syncEngine(b *testing.B) *tally.Engine {
 var benchRequest = tally.Request{Key: "tp-ada", Resource: "m2.7",
 	Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}}}
 
-func BenchmarkConsumeSync(b *testing.B) {
-	for _, goroutines := range []int{1, 16, 256} {
-		b.Run(fmt.Sprintf("goroutines=%d", goroutines), func(b *testing.B) {
+// fromGoroutines runs a sub-benchmark for each count in `goroutines`: `request` b.N times in
+// all, shared among that many goroutines, on one fresh engine (syncEngine). An error stops its
+// goroutine and fails the benchmark.
+func fromGoroutines(b *testing.B, goroutines []int, request func(*tally.Engine) error) {
+	for _, count := range goroutines {
+		b.Run(fmt.Sprintf("goroutines=%d", count), func(b *testing.B) {
 			engine := syncEngine(b)
 			var next atomic.Int64
 			var wait sync.WaitGroup
 			b.ResetTimer()
-			for g := 0; g < goroutines; g++ {
+			for g := 0; g < count; g++ {
 				wait.Add(1)
 				go func() {
 					defer wait.Done()
 					for next.Add(1) <= int64(b.N) {
-						decision, err := engine.Consume(benchRequest)
-						if err != nil || !decision.Admitted {
-							b.Errorf("%+v %v", decision, err)
+						if err := request(engine); err != nil {
+							b.Error(err)
 							return
 						}
 					}
@@ -65,6 +67,16 @@ func BenchmarkConsumeSync(b *testing.B) {
 			wait.Wait()
 		})
 	}
+}
+
+func BenchmarkConsumeSync(b *testing.B) {
+	fromGoroutines(b, []int{1, 16, 256}, func(engine *tally.Engine) error {
+		decision, err := engine.Consume(benchRequest)
+		if err == nil && !decision.Admitted {
+			err = fmt.Errorf("consume: not admitted: %+v", decision)
+		}
+		return err
+	})
 }
 
 func BenchmarkSubmitSync(b *testing.B) {
@@ -109,30 +121,15 @@ func benchDurability() tally.Durability {
 // BenchmarkReserveSettleSync: a reservation and its settlement per request (what a gateway
 // billing by tokens does) from many goroutines. ns/op is per reserve-and-settle pair.
 func BenchmarkReserveSettleSync(b *testing.B) {
-	for _, goroutines := range []int{1, 16, 64} {
-		b.Run(fmt.Sprintf("goroutines=%d", goroutines), func(b *testing.B) {
-			engine := syncEngine(b)
-			var next atomic.Int64
-			var wait sync.WaitGroup
-			b.ResetTimer()
-			for g := 0; g < goroutines; g++ {
-				wait.Add(1)
-				go func() {
-					defer wait.Done()
-					for next.Add(1) <= int64(b.N) {
-						decision, reservation, err := engine.Reserve(benchRequest, 0)
-						if err != nil || !decision.Admitted {
-							b.Errorf("reserve: %+v %v", decision, err)
-							return
-						}
-						if _, err := engine.Settle(reservation, benchRequest.Quantities, time.Time{}); err != nil {
-							b.Errorf("settle: %v", err)
-							return
-						}
-					}
-				}()
-			}
-			wait.Wait()
-		})
-	}
+	fromGoroutines(b, []int{1, 16, 64}, func(engine *tally.Engine) error {
+		decision, reservation, err := engine.Reserve(benchRequest, 0)
+		if err == nil && !decision.Admitted {
+			err = fmt.Errorf("reserve: not admitted: %+v", decision)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = engine.Settle(reservation, benchRequest.Quantities, time.Time{})
+		return err
+	})
 }
