@@ -96,17 +96,26 @@ fn submitted_consumes_decide_as_consume_does_and_are_durable_once_completed() {
         admitted += usize::from(matches!(completed, Ok((Decision::Admitted(_), false))));
     }
     assert!(admitted >= 20, "the mix admits most requests: {admitted}");
+    same_as_twin_now_and_after_a_reopen(engine, &twin, &dir);
+}
+
+/// The engine's state equals the twin's, and again after the engine is dropped and reopened.
+fn same_as_twin_now_and_after_a_reopen(
+    engine: tally_engine::Engine,
+    twin: &tally_engine::Engine,
+    dir: &TempDir,
+) {
     let at = T0_MS + 11 * MINUTE_MS;
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, at),
-        &state(&twin, &KEYS, &TEAMS, at),
+        &state(twin, &KEYS, &TEAMS, at),
         "after completing",
     );
     drop(engine);
     let reopened = open_token_plan(dir.path(), OpenOptions::default());
     assert_same_state(
         &state(&reopened, &KEYS, &TEAMS, at),
-        &state(&twin, &KEYS, &TEAMS, at),
+        &state(twin, &KEYS, &TEAMS, at),
         "after a reopen",
     );
 }
@@ -378,19 +387,7 @@ fn detached_submissions_decide_as_consume_does_once_their_strings_are_gone() {
             drawn[step]
         );
     }
-    let at = T0_MS + 11 * MINUTE_MS;
-    assert_same_state(
-        &state(&engine, &KEYS, &TEAMS, at),
-        &state(&twin, &KEYS, &TEAMS, at),
-        "after completing",
-    );
-    drop(engine);
-    let reopened = open_token_plan(dir.path(), OpenOptions::default());
-    assert_same_state(
-        &state(&reopened, &KEYS, &TEAMS, at),
-        &state(&twin, &KEYS, &TEAMS, at),
-        "after a reopen",
-    );
+    same_as_twin_now_and_after_a_reopen(engine, &twin, &dir);
 }
 
 #[test]

@@ -252,23 +252,20 @@ impl Engine {
             give_back,
             ..
         } = submission;
-        match (awaits, give_back) {
-            (Awaits::Event(seq), Some(give_back)) => {
-                let request = UsageRequest {
-                    key: &give_back.key,
-                    resource: &give_back.resource,
-                    quantities: &give_back.quantities,
-                    at_ms: None,
-                    request_id: give_back.request_id.as_deref(),
-                };
-                self.acknowledge(&request, Awaits::Event(seq), give_back.receipt.as_ref())?;
-            }
-            (awaits, give_back) => {
-                debug_assert!(give_back.is_none() && !matches!(awaits, Awaits::Event(_)));
-                let nothing = UsageRequest::new("", "", &[]);
-                self.acknowledge(&nothing, awaits, None)?;
-            }
-        }
+        // Only a submission's own event needs the request (to give its effect back should the
+        // log fail): `give_back` is there exactly then.
+        debug_assert_eq!(give_back.is_some(), matches!(awaits, Awaits::Event(_)));
+        let request = give_back
+            .as_deref()
+            .map_or(UsageRequest::new("", "", &[]), |kept| UsageRequest {
+                key: &kept.key,
+                resource: &kept.resource,
+                quantities: &kept.quantities,
+                at_ms: None,
+                request_id: kept.request_id.as_deref(),
+            });
+        let receipt = give_back.as_deref().and_then(|kept| kept.receipt.as_ref());
+        self.acknowledge(&request, awaits, receipt)?;
         Ok((decision, replayed))
     }
 }

@@ -18,6 +18,8 @@ use crate::status::{tally_status, Failure};
 /// A C type that stands for a Rust value owned as a `Box`.
 pub(crate) trait Castable {
     type RustType;
+    /// The handle's name in error messages ("engine", "submission").
+    const NAME: &'static str;
 }
 
 /// Moves `value` to the heap and hands its address to C as `*mut C`.
@@ -30,7 +32,7 @@ pub(crate) fn try_ref<'a, C: Castable>(ptr: *const C) -> Result<&'a C::RustType,
     if ptr.is_null() {
         return Err(Failure::new(
             tally_status::TALLY_NULL_POINTER,
-            "engine: the handle is NULL",
+            format!("{}: the handle is NULL", C::NAME),
         ));
     }
     // SAFETY: non-NULL handles come from `to_boxed_ptr` of the same `C` and stay valid until
@@ -38,13 +40,16 @@ pub(crate) fn try_ref<'a, C: Castable>(ptr: *const C) -> Result<&'a C::RustType,
     Ok(unsafe { &*ptr.cast::<C::RustType>() })
 }
 
+/// Takes back ownership of a value from `to_boxed_ptr`; `None` for NULL.
+pub(crate) fn take_boxed<C: Castable>(ptr: *mut C) -> Option<Box<C::RustType>> {
+    // SAFETY: `ptr` came from `to_boxed_ptr` and, as the header says, is given up once and not
+    // used by any other thread from now on.
+    (!ptr.is_null()).then(|| unsafe { Box::from_raw(ptr.cast::<C::RustType>()) })
+}
+
 /// Takes back and drops a value from `to_boxed_ptr`; NULL is a no-op.
 pub(crate) fn free_boxed<C: Castable>(ptr: *mut C) {
-    if !ptr.is_null() {
-        // SAFETY: `ptr` came from `to_boxed_ptr` and, as the header says, is freed once and not
-        // used by any other thread from now on.
-        drop(unsafe { Box::from_raw(ptr.cast::<C::RustType>()) });
-    }
+    drop(take_boxed(ptr));
 }
 
 /// An engine. Opaque: created by `tally_engine_open` or `tally_engine_open_in_memory`, closed
@@ -57,6 +62,7 @@ pub struct tally_engine {
 
 impl Castable for tally_engine {
     type RustType = EngineHandle;
+    const NAME: &'static str = "engine";
 }
 
 /// What an open handle holds.

@@ -11,7 +11,7 @@ use ::tally_engine::{Decision, Submission};
 
 use crate::checks::Out;
 use crate::decision::{tally_decision, tally_request, Request};
-use crate::handle::{free_boxed, tally_engine, to_boxed_ptr, try_ref, Castable};
+use crate::handle::{free_boxed, take_boxed, tally_engine, to_boxed_ptr, try_ref, Castable};
 use crate::panic::boundary;
 use crate::status::{tally_status, Failure};
 
@@ -25,6 +25,7 @@ pub struct tally_submission {
 
 impl Castable for tally_submission {
     type RustType = SubmissionHandle;
+    const NAME: &'static str = "submission";
 }
 
 pub(crate) struct SubmissionHandle {
@@ -82,7 +83,7 @@ pub extern "C" fn tally_engine_submission_durable(
 ) -> tally_status {
     boundary(|| {
         let handle = try_ref(engine)?;
-        let submission = submission_ref(submission)?;
+        let submission = try_ref(submission)?;
         let out = Out::new("durable_out", durable_out)?;
         out.set(handle.with(|open| Ok(open.engine.is_durable(&submission.submission)?))?);
         Ok(())
@@ -105,10 +106,14 @@ pub extern "C" fn tally_engine_complete(
     decision_out: *mut tally_decision,
 ) -> tally_status {
     // Taken before anything can fail, so every path frees it.
-    let submission = take_submission(submission);
+    let submission = take_boxed(submission);
     boundary(move || {
-        let submission = submission
-            .ok_or_else(|| Failure::new(tally_status::TALLY_NULL_POINTER, "submission: is NULL"))?;
+        let submission = submission.ok_or_else(|| {
+            Failure::new(
+                tally_status::TALLY_NULL_POINTER,
+                "submission: the handle is NULL",
+            )
+        })?;
         let handle = try_ref(engine)?;
         let out = Out::new("decision_out", decision_out)?;
         let SubmissionHandle {
@@ -134,26 +139,4 @@ pub extern "C" fn tally_submission_free(submission: *mut tally_submission) {
         free_boxed(submission);
         Ok(())
     });
-}
-
-fn submission_ref<'a>(
-    submission: *const tally_submission,
-) -> Result<&'a SubmissionHandle, Failure> {
-    if submission.is_null() {
-        return Err(Failure::new(
-            tally_status::TALLY_NULL_POINTER,
-            "submission: is NULL",
-        ));
-    }
-    // SAFETY: non-NULL submissions come from `tally_engine_submit` and stay valid until
-    // completed or freed (the header makes using one after that the caller's error).
-    Ok(unsafe { &*submission.cast::<SubmissionHandle>() })
-}
-
-fn take_submission(submission: *mut tally_submission) -> Option<Box<SubmissionHandle>> {
-    if submission.is_null() {
-        return None;
-    }
-    // SAFETY: as `submission_ref`; the caller gives up the submission with this call.
-    Some(unsafe { Box::from_raw(submission.cast::<SubmissionHandle>()) })
 }
