@@ -52,12 +52,12 @@ struct Observed {
     new_teams: Vec<Result<u64, Error>>,
 }
 
-fn observe(engine: &Engine) -> Observed {
+fn observe(engine: &Engine, at_ms: u64) -> Observed {
     Observed {
-        state: state(engine, &KEYS, &TEAMS, AT_MS),
+        state: state(engine, &KEYS, &TEAMS, at_ms),
         new_keys: NEW_KEYS
             .iter()
-            .map(|key| engine.usage(key, Some(AT_MS)))
+            .map(|key| engine.usage(key, Some(at_ms)))
             .collect(),
         new_teams: NEW_TEAMS
             .iter()
@@ -84,17 +84,20 @@ fn assert_storage_error<T: std::fmt::Debug>(result: &Result<T, Error>, context: 
 /// A call under test: its outcome as text, or the error.
 type Call = dyn Fn(&Engine, &World) -> Result<String, Error>;
 
-fn fault_case(label: &str, fault: Fault, call: &Call) {
+/// One case of the module's comment, with the state observed at `observed_at`: a call stamped
+/// later than that moves rolling windows on to its time whether it succeeds or not, and what a
+/// window counted at an earlier time is not kept.
+fn fault_case(label: &str, fault: Fault, call: &Call, observed_at: u64) {
     let dir = TempDir::new(&format!("fault-{label}-{fault:?}"));
     let faults = Faults::new();
     let engine = open_token_plan(dir.path(), options(&faults));
     let twin = twin(Policy::token_plan());
     let world = populate(&engine);
     assert_eq!(world, populate(&twin));
-    let before = observe(&engine);
-    assert_same(&before, &observe(&twin), "before the call");
+    let before = observe(&engine, observed_at);
+    assert_same(&before, &observe(&twin, observed_at), "before the call");
     let expected = call(&twin, &world).expect("the call succeeds without a fault");
-    let expected_after = observe(&twin);
+    let expected_after = observe(&twin, observed_at);
     assert_ne!(expected_after, before, "the call changes something");
     let events = last_seq(&engine);
 
@@ -105,7 +108,7 @@ fn fault_case(label: &str, fault: Fault, call: &Call) {
     let failed = call(&engine, &world);
     assert_storage_error(&failed, "the failed call");
     assert_same(
-        &observe(&engine),
+        &observe(&engine, observed_at),
         &before,
         "in memory after the failed call",
     );
@@ -116,7 +119,11 @@ fn fault_case(label: &str, fault: Fault, call: &Call) {
     assert_storage_error(&later, "a later consume");
     assert_storage_error(&engine.top_up("@bob", 1, Some(AT_MS)), "a later top-up");
     assert_storage_error(&call(&engine, &world), "the same call again");
-    assert_same(&observe(&engine), &before, "after the refused calls");
+    assert_same(
+        &observe(&engine, observed_at),
+        &before,
+        "after the refused calls",
+    );
     drop(engine);
 
     let report = Engine::verify(dir.path(), options(&faults)).expect("verify");
@@ -127,7 +134,7 @@ fn fault_case(label: &str, fault: Fault, call: &Call) {
     );
 
     let engine = open_token_plan(dir.path(), options(&faults));
-    assert_same(&observe(&engine), &before, "on disk");
+    assert_same(&observe(&engine, observed_at), &before, "on disk");
     assert_eq!(last_seq(&engine), events);
     assert_eq!(
         call(&engine, &world),
@@ -135,7 +142,7 @@ fn fault_case(label: &str, fault: Fault, call: &Call) {
         "the call after reopening"
     );
     assert_same(
-        &observe(&engine),
+        &observe(&engine, observed_at),
         &expected_after,
         "after the call succeeded",
     );
@@ -143,8 +150,12 @@ fn fault_case(label: &str, fault: Fault, call: &Call) {
 }
 
 fn both_faults(label: &str, call: &Call) {
-    fault_case(label, Fault::Insert, call);
-    fault_case(label, Fault::Flush, call);
+    both_faults_observed_at(label, call, AT_MS);
+}
+
+fn both_faults_observed_at(label: &str, call: &Call, observed_at: u64) {
+    fault_case(label, Fault::Insert, call, observed_at);
+    fault_case(label, Fault::Flush, call, observed_at);
 }
 
 fn admitted(decision: Result<Decision, Error>, charged: &str) -> Result<String, Error> {
@@ -325,6 +336,19 @@ fn a_failed_void_frees_nothing_and_keeps_the_reservation_open() {
         let id = open_reservation(world, "key-bob");
         engine.void(id, Some(AT_MS)).map(|()| "voided".into())
     });
+}
+
+#[test]
+fn a_failed_expiry_frees_nothing_and_keeps_the_reservations_open() {
+    // `populate`'s open reservations were made at 5 hours with a lease of 2 hours.
+    const LEASES_ENDED_MS: u64 = T0_MS + 7 * HOUR_MS;
+    let call: &Call = &|engine, world| {
+        assert!(!world.open.is_empty());
+        let expired = engine.expire_reservations(Some(LEASES_ENDED_MS))?;
+        assert_eq!(expired, world.open.len());
+        Ok(format!("{expired} expired"))
+    };
+    both_faults_observed_at("expire", call, LEASES_ENDED_MS);
 }
 
 #[test]
@@ -620,5 +644,266 @@ fn retry_while_the_first_is_not_durable(first_many: bool, retry_many: bool, flus
     assert_eq!(
         replayed, !flush_fails,
         "{context}: a replay after a reopen only if the first decision was kept"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reservations share fdatasyncs: a reserve, settle or void waits for its event with the
+// reservation table's lock let go, and a call about a reservation whose latest event is not
+// durable yet waits for that event before it acts or answers.
+
+/// How long a test lets flushes stay held at most: a call that waits for its flush while
+/// holding the table's lock (so that `ready` below blocks on it) ends the test instead of
+/// hanging it.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs each call on a thread of its own with flushes held until `ready` (polled on the
+/// engine) is true, then lets them go. Returns the calls' results and whether `ready` was seen
+/// true while every call was still waiting.
+fn with_flushes_held<'a, T: Send>(
+    engine: &Engine,
+    faults: &Faults,
+    calls: Vec<Box<dyn FnOnce() -> T + Send + 'a>>,
+    ready: impl Fn(&Engine) -> bool,
+) -> (Vec<T>, bool) {
+    faults.hold_flushes();
+    let released = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let start = std::time::Instant::now();
+            while !released.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < HOLD_AT_MOST
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            faults.release_flushes();
+        });
+        let handles: Vec<_> = calls.into_iter().map(|call| scope.spawn(call)).collect();
+        let start = std::time::Instant::now();
+        let all_waiting = loop {
+            if ready(engine) {
+                break handles.iter().all(|handle| !handle.is_finished());
+            }
+            if start.elapsed() > HOLD_AT_MOST {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        faults.release_flushes();
+        released.store(true, std::sync::atomic::Ordering::Relaxed);
+        let results = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("no panic"))
+            .collect();
+        (results, all_waiting)
+    })
+}
+
+#[test]
+fn concurrent_reserves_settles_and_voids_wait_for_their_flush_together() {
+    const CALLS: usize = 8;
+    let dir = TempDir::new("fault-reservations-together");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    create_accounts(&engine);
+    let at = T0_MS + MINUTE_MS;
+    let estimate = [(Unit::Requests, 3)];
+    let request = UsageRequest::new("key-bob", "m2.7", &estimate).at(at);
+    let before = engine.usage("key-bob", Some(at)).expect("usage");
+
+    let reserves = (0..CALLS)
+        .map(|_| -> Box<dyn FnOnce() -> _ + Send> { Box::new(|| engine.reserve(&request, None)) })
+        .collect();
+    let (reserved, all_waiting) = with_flushes_held(&engine, &faults, reserves, |engine| {
+        engine.open_reservations() == CALLS
+    });
+    assert!(
+        all_waiting,
+        "all {CALLS} reserves were open together, none answered before its flush"
+    );
+    let mut ids: Vec<ReservationId> = reserved
+        .into_iter()
+        .map(|outcome| {
+            let outcome = outcome.expect("reserve");
+            assert!(outcome.decision.is_admitted(), "{outcome:?}");
+            outcome.reservation.expect("an id")
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), CALLS, "distinct ids");
+
+    // Half settled for one request each, half voided, all at once.
+    let closes = ids
+        .iter()
+        .enumerate()
+        .map(|(index, &id)| -> Box<dyn FnOnce() -> _ + Send> {
+            let engine = &engine;
+            Box::new(move || {
+                if index % 2 == 0 {
+                    engine
+                        .settle(id, &[(Unit::Requests, 1)], Some(at))
+                        .map(|outcome| format!("{outcome:?}"))
+                } else {
+                    engine.void(id, Some(at)).map(|()| "voided".to_string())
+                }
+            })
+        })
+        .collect();
+    let (closed, all_waiting) = with_flushes_held(&engine, &faults, closes, |engine| {
+        engine.open_reservations() == 0
+    });
+    assert!(
+        all_waiting,
+        "all {CALLS} closes were made together, none answered before its flush"
+    );
+    for (index, result) in closed.iter().enumerate() {
+        let text = result.as_ref().expect("settle or void");
+        assert!(
+            text.starts_with(if index % 2 == 0 { "Settled" } else { "voided" }),
+            "{text}"
+        );
+    }
+    let after = engine.usage("key-bob", Some(at)).expect("usage");
+    assert_eq!(
+        after.limits[0].used,
+        before.limits[0].used + CALLS as u64 / 2,
+        "one request counted per settle, nothing per void"
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    assert_eq!(engine.usage("key-bob", Some(at)).expect("usage"), after);
+    assert_eq!(engine.open_reservations(), 0);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ReservationCall {
+    Reserve,
+    Settle,
+    Void,
+}
+use ReservationCall::{Reserve, Settle, Void};
+
+/// For every pair of calls about one reservation where the second comes while the first's
+/// event is not yet durable: the second does not answer before the first's flush. If the flush
+/// succeeds, the second acts on or answers from the first's result; if it fails, both get the
+/// log's error and the reservation is as it was before the first, in memory and on disk.
+#[test]
+fn a_call_about_a_reservation_whose_last_event_is_not_durable_waits_for_it() {
+    for (first, second) in [
+        (Reserve, Settle),
+        (Reserve, Void),
+        (Settle, Settle),
+        (Settle, Void),
+        (Void, Void),
+        (Void, Settle),
+    ] {
+        for flush_fails in [false, true] {
+            second_call_while_the_first_is_not_durable(first, second, flush_fails);
+        }
+    }
+}
+
+fn second_call_while_the_first_is_not_durable(
+    first: ReservationCall,
+    second: ReservationCall,
+    flush_fails: bool,
+) {
+    let context = format!(
+        "{first:?} then {second:?}, the flush {}",
+        if flush_fails { "failing" } else { "succeeding" }
+    );
+    let dir = TempDir::new("fault-reservation-pending");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    create_accounts(&engine);
+    let at = T0_MS + MINUTE_MS;
+    let estimate = [(Unit::Requests, 3)];
+    let request = UsageRequest::new("key-bob", "m2.7", &estimate).at(at);
+    let actual = [(Unit::Requests, 2)];
+    if first != Reserve {
+        engine
+            .reserve(&request, None)
+            .expect("a durable reservation");
+    }
+    // The first reservation of this engine.
+    let id = ReservationId(std::num::NonZeroU64::new(1).unwrap());
+    let open_before = engine.open_reservations();
+    let usage_before = engine.usage("key-bob", Some(at)).expect("usage");
+    let call = |call: ReservationCall, engine: &Engine| -> Result<String, Error> {
+        match call {
+            Reserve => engine.reserve(&request, None).map(|outcome| {
+                assert_eq!(outcome.reservation, Some(id), "{context}");
+                "reserved".to_string()
+            }),
+            Settle => engine
+                .settle(id, &actual, Some(at))
+                .map(|outcome| format!("{outcome:?}")),
+            Void => engine.void(id, Some(at)).map(|()| "voided".to_string()),
+        }
+    };
+    if flush_fails {
+        faults.fail_next_flushes(1);
+    }
+    faults.hold_flushes();
+    let (first_result, second_result, answered_early) = std::thread::scope(|scope| {
+        let first_call = scope.spawn(|| call(first, &engine));
+        let start = std::time::Instant::now();
+        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let second_call = scope.spawn(|| call(second, &engine));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answered_early = second_call.is_finished();
+        faults.release_flushes();
+        (
+            first_call.join().expect("no panic"),
+            second_call.join().expect("no panic"),
+            answered_early,
+        )
+    });
+    assert!(
+        !answered_early,
+        "{context}: the second call answered ({second_result:?}) before the first's flush"
+    );
+    if flush_fails {
+        assert_storage_error(&first_result, &format!("{context}: the first call"));
+        assert_storage_error(&second_result, &format!("{context}: the second call"));
+        assert_eq!(engine.open_reservations(), open_before, "{context}");
+        assert_eq!(
+            engine.usage("key-bob", Some(at)).expect("usage"),
+            usage_before,
+            "{context}: in memory"
+        );
+    } else {
+        let first_result = first_result.expect("the first call");
+        let expected_second = match (first, second) {
+            (Settle, Settle) => Ok(first_result.clone()),
+            (_, Settle) if first != Reserve => Err(Error::ReservationClosed {
+                reservation: id.get(),
+                state: "voided",
+            }),
+            (Settle, Void) => Err(Error::ReservationClosed {
+                reservation: id.get(),
+                state: "settled",
+            }),
+            (_, Settle) => Ok(second_result.clone().expect("settled")),
+            (_, _) => Ok("voided".to_string()),
+        };
+        assert_eq!(second_result, expected_second, "{context}");
+        if first == Reserve && second == Settle {
+            assert!(second_result.unwrap().starts_with("Settled"), "{context}");
+        }
+        assert_eq!(engine.open_reservations(), 0, "{context}");
+    }
+    let open_after = engine.open_reservations();
+    let usage_after = engine.usage("key-bob", Some(at)).expect("usage");
+    drop(engine);
+    let engine = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(engine.open_reservations(), open_after, "{context}: on disk");
+    assert_eq!(
+        engine.usage("key-bob", Some(at)).expect("usage"),
+        usage_after,
+        "{context}: on disk"
     );
 }

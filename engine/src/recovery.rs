@@ -916,6 +916,7 @@ impl Engine {
                     estimate: *estimate,
                     receipt: *receipt,
                     expires_at_ms: *expires_at_ms,
+                    opened_seq: 0,
                 };
                 table.insert(id, entry);
                 Ok(())
@@ -939,7 +940,7 @@ impl Engine {
                 };
                 let mut table = self.reservations.inner.lock();
                 if let Some(entry) = table.remove_open(*reservation) {
-                    table.close(*reservation, closed, event.at_ms);
+                    table.close(*reservation, closed, event.at_ms, 0);
                     drop(table);
                     self.keys.read(&entry.key, |_, state| {
                         state.map(KeyState::close_reservation)
@@ -1300,7 +1301,12 @@ impl Engine {
         let closed_reservations: Vec<(u64, u64, Closed)> = table
             .closed_order
             .iter()
-            .filter_map(|(at_ms, id)| table.closed.get(id).map(|closed| (*id, *at_ms, *closed)))
+            .filter_map(|(at_ms, id)| {
+                table
+                    .closed
+                    .get(id)
+                    .map(|(closed, _)| (*id, *at_ms, *closed))
+            })
             .collect();
         let policies = policies_guard
             .iter()
@@ -1401,6 +1407,7 @@ impl Engine {
                 estimate: reservation.estimate,
                 receipt: reservation.receipt,
                 expires_at_ms: reservation.expires_at_ms,
+                opened_seq: 0,
             };
             table.insert(id, entry);
         }
@@ -1410,7 +1417,7 @@ impl Engine {
             snapshot.closed_reservations.iter().collect();
         closed_reservations.sort_by_key(|&&(id, at_ms, _)| (at_ms, id));
         for &&(id, at_ms, closed) in &closed_reservations {
-            table.close(id, closed, at_ms);
+            table.close(id, closed, at_ms, 0);
         }
         self.note_event_time(snapshot.newest_at_ms);
         Ok(())

@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU64;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use crate::admission::{ChargedTo, Quantities, Receipt};
@@ -38,6 +38,9 @@ pub(crate) struct Reservation {
     pub estimate: Quantities,
     pub receipt: Receipt,
     pub expires_at_ms: u64,
+    /// The sequence number of its `ReservationOpened` event while that may not be durable yet
+    /// (0 without a log or when restored): a settle or void waits for it before acting.
+    pub opened_seq: u64,
 }
 
 /// How a settlement ended.
@@ -74,7 +77,10 @@ impl Closed {
 pub(crate) struct ReservationInner {
     pub open: FxHashMap<u64, Reservation>,
     pub by_expiry: BTreeSet<(u64, u64)>,
-    pub closed: FxHashMap<u64, Closed>,
+    /// Each closed reservation with the sequence number of its closing event (0 without a log
+    /// or when restored): a repeated settle or void waits for that event to be durable before
+    /// it answers, as the first call does.
+    pub closed: FxHashMap<u64, (Closed, u64)>,
     pub closed_order: VecDeque<(u64, u64)>,
     pub next_id: u64,
 }
@@ -116,8 +122,8 @@ impl ReservationInner {
     /// Remembers `id` as closed at `at_ms`. `closed_order` stays in order of closing time,
     /// which `forget_closed` relies on: a close is nearly always the newest and goes at the back,
     /// but a request with an older timestamp (racing threads) goes before the newer ones.
-    pub fn close(&mut self, id: u64, closed: Closed, at_ms: u64) {
-        self.closed.insert(id, closed);
+    pub fn close(&mut self, id: u64, closed: Closed, at_ms: u64, seq: u64) {
+        self.closed.insert(id, (closed, seq));
         let position = self
             .closed_order
             .iter()
@@ -139,6 +145,31 @@ impl ReservationInner {
         }
     }
 
+    /// Takes back a close whose event never became durable: `id` is open again as it was.
+    fn reopen(&mut self, id: ReservationId, reservation: Reservation) {
+        if self.closed.remove(&id.get()).is_some() {
+            if let Some(position) = self
+                .closed_order
+                .iter()
+                .rposition(|&(_, closed)| closed == id.get())
+            {
+                self.closed_order.remove(position);
+            }
+        }
+        self.insert(id, reservation);
+    }
+
+    /// The sequence number of the latest event about `id` (its opening or its closing), if
+    /// it was logged by this engine (it may not be durable yet).
+    fn pending_seq(&self, id: u64) -> Option<u64> {
+        let seq = match (self.open.get(&id), self.closed.get(&id)) {
+            (Some(reservation), _) => reservation.opened_seq,
+            (None, Some(&(_, seq))) => seq,
+            (None, None) => 0,
+        };
+        (seq != 0).then_some(seq)
+    }
+
     /// Open reservations whose lease ended at or before `at_ms`.
     pub fn overdue(&self, at_ms: u64) -> Vec<u64> {
         self.by_expiry
@@ -152,7 +183,7 @@ impl ReservationInner {
             return Ok(reservation);
         }
         Err(match self.closed.get(&id) {
-            Some(closed) => Error::ReservationClosed {
+            Some((closed, _)) => Error::ReservationClosed {
                 reservation: id,
                 state: closed.state(),
             },
@@ -162,16 +193,38 @@ impl ReservationInner {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The engine's reservation calls. Lock order: the reservation table, then a key shard. The
-// table's lock is held through each call, including logging, so a checkpoint's cut (which takes
-// it too) never splits a reservation's change from its event.
+// The engine's reservation calls. Lock order: the reservation table, then a key shard.
+//
+// Group commit: a call changes the table, the counters and the log together under the table's
+// lock (a checkpoint's cut, which takes the lock too, never splits a change from its event),
+// and waits for its event to be durable after letting the lock go, so concurrent reserves,
+// settles and voids share fdatasyncs as consumes do. While it waits:
+// - its reservation carries the event's sequence number (`opened_seq`, or the closed entry's),
+//   and any other call about that reservation waits for the event before acting or answering
+//   (so nothing ever builds on an event that may still be lost, and a repeated settle is not
+//   answered before the first one is acknowledged);
+// - if the event never becomes durable (the log failed: every later event fails too), the
+//   call takes the lock again and undoes its change.
+// Expiry closes reservations and waits while holding the lock (it is rare, and runs inside
+// other calls that hold it).
 
 use crate::admission::{Decision, DenialReason, Mode};
 use crate::engine::{
     decide_for_key, resolve_resource, Engine, ReserveOutcome, SettleOutcome, UsageRequest,
 };
-use crate::event::{EventBody, GivenBack, ReservationEnd};
+use crate::event::{encode_body, EventBody, GivenBack, ReservationEnd};
 use crate::policy::Unit;
+
+/// A close applied and logged whose event may not be durable yet (`Engine::begin_close`).
+struct Closing {
+    id: ReservationId,
+    reservation: Reservation,
+    given_back: GivenBack,
+    /// What a settle charged beyond the estimate, and where.
+    extra: Option<(Receipt, Quantities)>,
+    /// The closing event's sequence number; 0 without a log.
+    seq: u64,
+}
 
 impl Engine {
     /// Holds an estimate against every limit (or the credits) until `settle`, `void` or the end
@@ -242,7 +295,7 @@ impl Engine {
                 decision,
                 receipt,
             };
-            match journal.map(|journal| journal.append(at_ms, crate::event::encode_body(&body))) {
+            match journal.map(|journal| journal.append(at_ms, encode_body(&body))) {
                 Some(Err(error)) => {
                     crate::adjustment::give_back_in(
                         Some(policy),
@@ -266,22 +319,35 @@ impl Engine {
                 reservation: None,
             });
         };
-        if let (Some(journal), Some(seq)) = (journal, seq) {
-            if let Err(error) = journal.wait(seq) {
-                self.give_back(request.key, request.resource, &receipt, &estimate, None);
-                self.release_slot(request.key);
-                return Err(error);
-            }
-        }
         let reservation = Reservation {
             key: request.key.into(),
             resource: request.resource.into(),
             estimate,
             receipt,
             expires_at_ms,
+            opened_seq: seq.unwrap_or(0),
         };
         table.next_id += 1;
         table.insert(id, reservation);
+        drop(table);
+        if let (Some(journal), Some(seq)) = (journal, seq) {
+            if let Err(error) = journal.wait(seq) {
+                let mut table = self.reservations.inner.lock();
+                // Nobody closed it: a settle or void waits for this event first, and expiry
+                // too. Every later reservation's event failed with this one, so none of their
+                // ids was handed out.
+                let removed = table.remove_open(id.get());
+                debug_assert!(
+                    removed.is_some(),
+                    "a reservation not yet durable was closed"
+                );
+                table.next_id = table.next_id.min(id.get() - 1);
+                drop(table);
+                self.give_back(request.key, request.resource, &receipt, &estimate, None);
+                self.release_slot(request.key);
+                return Err(error);
+            }
+        }
         Ok(ReserveOutcome {
             decision,
             reservation: Some(id),
@@ -299,9 +365,9 @@ impl Engine {
     ) -> Result<SettleOutcome, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let actual = Quantities::new_allowing_none(actual)?;
-        let mut table = self.reservations.inner.lock();
+        let mut table = self.lock_settled(id)?;
         table.forget_closed(self.now_ms(), self.reservations.horizon());
-        if let Some(Closed::Settled(settlement)) = table.closed.get(&id.get()) {
+        if let Some((Closed::Settled(settlement), _)) = table.closed.get(&id.get()) {
             if settlement.actual == actual {
                 return Ok(SettleOutcome::Settled(*settlement));
             }
@@ -325,13 +391,6 @@ impl Engine {
                 }
             }
         };
-        let given_back = self.give_back(
-            &reservation.key,
-            &reservation.resource,
-            &reservation.receipt,
-            &released,
-            Some(at_ms),
-        );
         let settlement = Settlement {
             reservation: id,
             held: reservation.receipt.charged_to,
@@ -343,26 +402,19 @@ impl Engine {
             settlement,
             extra: extra_receipt.map(Box::new),
         };
-        if let Err(error) = self.log_close(&reservation, id, end, &given_back, at_ms) {
-            self.take_back(&reservation.key, &given_back);
-            if let Some(receipt) = extra_receipt {
-                self.give_back(
-                    &reservation.key,
-                    &reservation.resource,
-                    &receipt,
-                    &extra,
-                    None,
-                );
-            }
-            return Err(error);
-        }
-        self.close_reservation(
+        let extra = extra_receipt.map(|receipt| (receipt, extra));
+        let closing = self.begin_close(
             &mut table,
-            id.get(),
-            &reservation,
+            id,
+            reservation,
+            &released,
+            extra,
+            end,
             Closed::Settled(settlement),
             at_ms,
-        );
+        )?;
+        drop(table);
+        self.finish_close(closing, None)?;
         Ok(SettleOutcome::Settled(settlement))
     }
 
@@ -381,64 +433,143 @@ impl Engine {
         })
     }
 
-    fn log_close(
-        &self,
-        reservation: &Reservation,
-        id: ReservationId,
-        end: ReservationEnd,
-        given_back: &GivenBack,
-        at_ms: u64,
-    ) -> Result<(), Error> {
-        let body = EventBody::ReservationClosed {
-            reservation: id.get(),
-            key: reservation.key.to_string(),
-            end,
-            given_back: given_back.clone(),
-        };
-        self.commit(at_ms, body)
-    }
-
     /// Frees everything a reservation holds. Voiding again is a no-op.
     pub fn void(&self, id: ReservationId, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
-        let mut table = self.reservations.inner.lock();
+        let mut table = self.lock_settled(id)?;
         table.forget_closed(self.now_ms(), self.reservations.horizon());
         if matches!(
             table.closed.get(&id.get()),
-            Some(Closed::Voided) | Some(Closed::Expired)
+            Some((Closed::Voided | Closed::Expired, _))
         ) {
             return Ok(());
         }
         let reservation = table.lookup(id.get())?.clone();
-        self.end_reservation(&mut table, id, &reservation, Closed::Voided, at_ms)
+        let estimate = reservation.estimate;
+        let closing = self.begin_close(
+            &mut table,
+            id,
+            reservation,
+            &estimate,
+            None,
+            ReservationEnd::Voided,
+            Closed::Voided,
+            at_ms,
+        )?;
+        drop(table);
+        self.finish_close(closing, None)
     }
 
-    fn end_reservation(
+    /// The table, locked once the latest event about `id` is durable (waiting for it with the
+    /// lock let go), or the log's error if it never will be.
+    fn lock_settled(&self, id: ReservationId) -> Result<MutexGuard<'_, ReservationInner>, Error> {
+        loop {
+            let table = self.reservations.inner.lock();
+            let pending = table.pending_seq(id.get());
+            match (self.journal(), pending) {
+                (Some(journal), Some(seq)) if !journal.is_settled(seq) => {
+                    drop(table);
+                    journal.wait(seq)?;
+                }
+                _ => return Ok(table),
+            }
+        }
+    }
+
+    /// Closes `reservation` under the table's lock: gives back `released` (a settle's unused
+    /// estimate, or all of it), appends the closing event and moves the reservation to the
+    /// closed ones. Its key's reservation slot stays taken until the event is durable
+    /// (`finish_close`). An append that fails is undone here.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_close(
         &self,
         table: &mut ReservationInner,
         id: ReservationId,
-        reservation: &Reservation,
+        reservation: Reservation,
+        released: &Quantities,
+        extra: Option<(Receipt, Quantities)>,
+        end: ReservationEnd,
         closed: Closed,
         at_ms: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<Closing, Error> {
         let given_back = self.give_back(
             &reservation.key,
             &reservation.resource,
             &reservation.receipt,
-            &reservation.estimate,
+            released,
             Some(at_ms),
         );
-        let end = if closed == Closed::Expired {
-            ReservationEnd::Expired
-        } else {
-            ReservationEnd::Voided
+        let mut closing = Closing {
+            id,
+            reservation,
+            given_back,
+            extra,
+            seq: 0,
         };
-        if let Err(error) = self.log_close(reservation, id, end, &given_back, at_ms) {
-            self.take_back(&reservation.key, &given_back);
+        if let Some(journal) = self.journal() {
+            let body = EventBody::ReservationClosed {
+                reservation: id.get(),
+                key: closing.reservation.key.to_string(),
+                end,
+                given_back: closing.given_back.clone(),
+            };
+            match journal.append(at_ms, encode_body(&body)) {
+                Ok(seq) => closing.seq = seq,
+                Err(error) => {
+                    self.undo_close(&closing);
+                    return Err(error);
+                }
+            }
+            self.note_event_time(at_ms);
+        }
+        table.remove_open(id.get());
+        table.close(id.get(), closed, at_ms, closing.seq);
+        Ok(closing)
+    }
+
+    /// Waits for a close's event; then its key's reservation slot is free. If the event never
+    /// becomes durable, the reservation is open again as before and the error returned. With
+    /// `table` (the lock still held) the undo uses it; otherwise it takes the lock.
+    fn finish_close(
+        &self,
+        closing: Closing,
+        table: Option<&mut ReservationInner>,
+    ) -> Result<(), Error> {
+        let waited = match self.journal() {
+            Some(journal) if closing.seq != 0 => journal.wait(closing.seq),
+            _ => Ok(()),
+        };
+        if let Err(error) = waited {
+            let mut reservation = closing.reservation.clone();
+            reservation.opened_seq = 0;
+            match table {
+                Some(table) => table.reopen(closing.id, reservation),
+                None => self
+                    .reservations
+                    .inner
+                    .lock()
+                    .reopen(closing.id, reservation),
+            }
+            self.undo_close(&closing);
             return Err(error);
         }
-        self.close_reservation(table, id.get(), reservation, closed, at_ms);
+        self.release_slot(&closing.reservation.key);
         Ok(())
+    }
+
+    /// Takes back what a close gave back and gives back what it charged beyond the estimate.
+    fn undo_close(&self, closing: &Closing) {
+        let reservation = &closing.reservation;
+        self.take_back(&reservation.key, &closing.given_back);
+        if let Some((receipt, extra)) = &closing.extra {
+            self.give_back(
+                &reservation.key,
+                &reservation.resource,
+                receipt,
+                extra,
+                None,
+            );
+        }
     }
 
     /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;
@@ -453,28 +584,31 @@ impl Engine {
         table.forget_closed(self.now_ms(), self.reservations.horizon());
         let overdue = table.overdue(at_ms);
         for id in &overdue {
-            if let Some(reservation) = table.open.get(id).cloned() {
-                let id = ReservationId(NonZeroU64::new(*id).unwrap_or(NonZeroU64::MIN));
-                self.end_reservation(table, id, &reservation, Closed::Expired, at_ms)?;
+            let Some(reservation) = table.open.get(id).cloned() else {
+                continue;
+            };
+            if let (Some(journal), seq @ 1..) = (self.journal(), reservation.opened_seq) {
+                // Its reserve still waits for this (a lease shorter than a flush).
+                journal.wait(seq)?;
             }
+            let id = ReservationId(NonZeroU64::new(*id).unwrap_or(NonZeroU64::MIN));
+            let estimate = reservation.estimate;
+            let closing = self.begin_close(
+                table,
+                id,
+                reservation,
+                &estimate,
+                None,
+                ReservationEnd::Expired,
+                Closed::Expired,
+                at_ms,
+            )?;
+            self.finish_close(closing, Some(&mut *table))?;
         }
         Ok(overdue.len())
     }
 
-    pub(crate) fn close_reservation(
-        &self,
-        table: &mut ReservationInner,
-        id: u64,
-        reservation: &Reservation,
-        closed: Closed,
-        at_ms: u64,
-    ) {
-        table.remove_open(id);
-        table.close(id, closed, at_ms);
-        self.release_slot(&reservation.key);
-    }
-
-    fn release_slot(&self, key: &str) {
+    pub(crate) fn release_slot(&self, key: &str) {
         self.keys.read(key, |_, state| {
             if let Some(state) = state {
                 state.close_reservation();
@@ -499,10 +633,10 @@ mod tests {
     fn closed_reservations_are_forgotten_by_closing_time_whatever_order_they_were_closed_in() {
         let mut table = ReservationInner::default();
         // Closed in the order a restore by id would close them: 1 late, 2 early, 3 later.
-        table.close(1, Closed::Expired, 5_000);
-        table.close(2, Closed::Voided, 1_000);
-        table.close(3, Closed::Voided, 9_000);
-        table.close(4, Closed::Expired, 5_000);
+        table.close(1, Closed::Expired, 5_000, 0);
+        table.close(2, Closed::Voided, 1_000, 0);
+        table.close(3, Closed::Voided, 9_000, 0);
+        table.close(4, Closed::Expired, 5_000, 0);
         assert_eq!(
             Vec::from(table.closed_order.clone()),
             [(1_000, 2), (5_000, 1), (5_000, 4), (9_000, 3)]

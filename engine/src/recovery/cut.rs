@@ -680,11 +680,13 @@ impl RawCut {
             };
             self.open_reservations.push(raw);
         }
-        self.closed_reservations.extend(
-            table.closed_order.iter().filter_map(|(at_ms, id)| {
-                table.closed.get(id).map(|closed| (*id, *at_ms, *closed))
-            }),
-        );
+        self.closed_reservations
+            .extend(table.closed_order.iter().filter_map(|(at_ms, id)| {
+                table
+                    .closed
+                    .get(id)
+                    .map(|(closed, _)| (*id, *at_ms, *closed))
+            }));
         self.next_reservation = table.next_id;
     }
 
