@@ -27,7 +27,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 use crate::ledger::{Team, UsageCell};
 use crate::lock::{ShardLock, WriteGuard};
 use crate::pages::{boxed_slice_in, TablePages, UsagePages};
-use crate::policy::{PlanId, Policy};
+use crate::policy::{same_name, PlanId, Policy};
 use crate::window::prefetch;
 
 pub const MAX_KEY_BYTES: usize = 128;
@@ -244,7 +244,7 @@ impl Shard {
                 entry.hash == hash && {
                     // Also here: the hint may have been another key's.
                     entry.state.usage.prefetch();
-                    &*entry.name == key
+                    same_name(&entry.name, key)
                 }
             })
             .map(|entry| {
