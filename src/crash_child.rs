@@ -5,7 +5,9 @@
 //! consumes from several threads — some one request at a time, some in `consume_many` batches —
 //! with request ids unique to this run, and tops up teams that run low. Another thread keeps
 //! up to `SUBMITTED_IN_FLIGHT` requests in flight with `submit`, printing each once `complete`
-//! returned it. One more thread sends
+//! returned it. Another reserves, and settles (for the estimate or less) or voids what it
+//! reserved a little later, while one more closes again the reservation most recently closed, as
+//! a client retrying would (so it races the first close's fsync). One more thread sends
 //! again the request most recently sent, as a client retrying would, usually while its first
 //! call still waits for its fsync. It prints a line for every call only after the call
 //! returned, so every `ok` line (and every `retry ok`) is a request the engine acknowledged as
@@ -17,6 +19,11 @@
 //! ok <request id> <key> <resource> <unit=n,...> credits <micros>
 //! no <request id> <key> <resource> <unit=n,...> <denial reason>
 //! retry ok|no|err ...  (as above, for a request sent again)
+//! reserved <reservation id> <key> <resource> <unit=n,...> quota|credits|payg <plan or micros>
+//! refused <key> <resource> <denial reason>   (a reserve denied)
+//! settled <reservation id> <unit=n,...>   (the actual amounts)
+//! voided <reservation id>
+//! retry settled|voided ...   (a close sent again)
 //! topup <team> <micros>
 //! err <what> <error>
 //! ```
@@ -30,7 +37,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tally_engine::{ChargedTo, Decision, Engine, Error, Policy, SystemClock, Unit, UsageRequest};
+use tally_engine::{
+    ChargedTo, Decision, Engine, Error, Policy, ReservationId, SettleOutcome, SystemClock, Unit,
+    UsageRequest,
+};
 
 use crate::cli::CrashChildOptions;
 use crate::outcome::{reason_index, DENIAL_REASONS};
@@ -51,6 +61,9 @@ const PAUSE_BETWEEN_CALLS: Duration = Duration::from_millis(2);
 const SUBMITTED_IN_FLIGHT: usize = 8;
 const SUBMITTED_PER_ROUND: usize = 16;
 const SUBMIT_STREAM: u64 = 1_000;
+/// The reserving thread closes a reservation once this many are open, from its own stream.
+const RESERVATIONS_OPEN: usize = 3;
+const RESERVE_STREAM: u64 = 2_000;
 /// The retrying thread's pause: shorter than a call's fsync, so most retries race their first
 /// call.
 const PAUSE_BETWEEN_RETRIES: Duration = Duration::from_micros(500);
@@ -100,6 +113,7 @@ pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
     let stop = AtomicBool::new(false);
     let deadline = Instant::now() + Duration::from_millis(MAX_RUN_MS);
     let latest = Mutex::new(None);
+    let latest_close = Mutex::new(None);
     std::thread::scope(|scope| {
         for thread in 0..options.threads {
             let (engine, stop, latest) = (&engine, &stop, &latest);
@@ -107,6 +121,8 @@ pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
         }
         scope.spawn(|| top_up_loop(&engine, options.seed, &stop, deadline));
         scope.spawn(|| submit_loop(&engine, options.seed, &stop, deadline));
+        scope.spawn(|| reserve_loop(&engine, options.seed, &stop, deadline, &latest_close));
+        scope.spawn(|| reclose_loop(&engine, &stop, deadline, &latest_close));
         retry_loop(&engine, &stop, deadline, &latest);
     });
     Ok(())
@@ -347,6 +363,131 @@ fn submit_loop(engine: &Engine, seed: u64, stop: &AtomicBool, deadline: Instant)
             stop.store(true, Ordering::Relaxed);
         }
         std::thread::sleep(PAUSE_BETWEEN_CALLS);
+    }
+}
+
+/// A close of a reservation: settled for these actual amounts, or voided (`None`).
+type Close = (ReservationId, Option<Vec<(Unit, u64)>>);
+
+/// The close most recently made, for `reclose_loop` to make again.
+type LatestClose = Mutex<Option<Close>>;
+
+fn units_text(quantities: &[(Unit, u64)]) -> String {
+    let parts: Vec<String> = quantities
+        .iter()
+        .map(|(unit, amount)| format!("{unit}={amount}"))
+        .collect();
+    parts.join(",")
+}
+
+/// Closes a reservation and prints it once the call returned; `false` if the log failed.
+fn close(engine: &Engine, prefix: &str, (id, actual): &Close) -> bool {
+    let outcome = match actual {
+        Some(actual) => engine
+            .settle(*id, actual, None)
+            .map(|outcome| match outcome {
+                SettleOutcome::Settled(_) => format!("settled {} {}", id.get(), units_text(actual)),
+                // Never for an actual amount within the estimate: the parent fails on it.
+                SettleOutcome::Denied(denial) => format!("err settle-{} {denial:?}", id.get()),
+            }),
+        None => engine
+            .void(*id, None)
+            .map(|()| format!("voided {}", id.get())),
+    };
+    match outcome {
+        Ok(line) => {
+            say(&format!("{prefix}{line}"));
+            true
+        }
+        Err(error) => {
+            say(&format!("err close-{} {error}", id.get()));
+            !matches!(error, Error::Storage { .. })
+        }
+    }
+}
+
+/// Reserves, and once `RESERVATIONS_OPEN` are open settles the oldest for its estimate or less
+/// (each unit drawn from 0 to its estimate; nothing at all is a settle too) or voids it, one in
+/// four. Prints each reserve and
+/// close once it returned.
+fn reserve_loop(
+    engine: &Engine,
+    seed: u64,
+    stop: &AtomicBool,
+    deadline: Instant,
+    latest_close: &LatestClose,
+) {
+    let policy = engine.policy();
+    let keys = keys();
+    let mut rng = Rng::stream(seed, RESERVE_STREAM);
+    let mut open = std::collections::VecDeque::new();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        let drawn = draw(&mut rng, &keys, &policy);
+        let request = UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities);
+        let head = format!("{} {} {}", drawn.key, drawn.resource, drawn.units());
+        match engine.reserve(&request, None) {
+            Ok(outcome) => match (outcome.decision, outcome.reservation) {
+                (Decision::Admitted(admission), Some(id)) => {
+                    let charged = match admission.charged_to {
+                        ChargedTo::PlanQuota { plan } => format!(
+                            "quota {}",
+                            policy
+                                .plans()
+                                .get(plan.index())
+                                .map_or("?", |plan| &*plan.name)
+                        ),
+                        ChargedTo::Credits { micros } => format!("credits {micros}"),
+                        ChargedTo::PayAsYouGo { micros } => format!("payg {micros}"),
+                    };
+                    say(&format!("reserved {} {head} {charged}", id.get()));
+                    open.push_back((id, drawn.quantities.clone()));
+                }
+                (Decision::Denied(denial), _) => say(&format!(
+                    "refused {head} {}",
+                    DENIAL_REASONS[reason_index(&denial.reason)].0
+                )),
+                (decision, None) => say(&format!("err reserve {decision:?} without an id")),
+            },
+            Err(error) => {
+                say(&format!("err reserve {error}"));
+                if matches!(error, Error::Storage { .. }) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        if open.len() >= RESERVATIONS_OPEN {
+            let (id, estimate) = open.pop_front().expect("reservations are open");
+            let actual = (!rng.chance(250_000)).then(|| {
+                // A unit not given is settled at 0.
+                estimate
+                    .iter()
+                    .map(|&(unit, amount)| (unit, rng.between(0, amount)))
+                    .filter(|&(_, amount)| amount > 0)
+                    .collect::<Vec<_>>()
+            });
+            let made = (id, actual);
+            if let Ok(mut latest) = latest_close.lock() {
+                *latest = Some(made.clone());
+            }
+            if !close(engine, "", &made) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::sleep(PAUSE_BETWEEN_CALLS);
+    }
+}
+
+/// Makes the close most recently made again: a settle answers the first settlement, a void is
+/// a no-op, each only once the first close is durable.
+fn reclose_loop(engine: &Engine, stop: &AtomicBool, deadline: Instant, latest: &LatestClose) {
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(PAUSE_BETWEEN_RETRIES);
+        let Some(made) = latest.lock().ok().and_then(|latest| latest.clone()) else {
+            continue;
+        };
+        if !close(engine, "retry ", &made) {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 }
 

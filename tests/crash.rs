@@ -18,6 +18,10 @@
 //! - no key's usage is over any of its limits;
 //! - every team's balance is its top-ups minus its credit charges, as the events say, and every
 //!   acknowledged top-up is in the log;
+//! - every acknowledged reservation is in the log exactly once, for its key and charged where
+//!   the child was told, and every acknowledged settle or void closed it exactly once, as told
+//!   (the child also closes each again, racing the first close's fsync); no reservation id was
+//!   handed out twice; the reopened engine holds open exactly those opened and not closed;
 //! - a retry of acknowledged request ids gets the first decision back and logs nothing;
 //! - the child's own retries (a thread sending again the request most recently sent, usually
 //!   while its first call waits for its fsync) were answered as the first call was, and an
@@ -35,6 +39,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tally_engine::event::ReservationEnd;
 use tally_engine::{
     ChargedTo, Decision, Engine, EventBody, OpenOptions, Policy, SystemClock, Unit, UsageRequest,
 };
@@ -140,6 +145,34 @@ struct Ledger {
     ready: u64,
     /// `retry ok` and `retry no` lines: the child's requests sent again, answered.
     retries_answered: u64,
+    /// Reservations acknowledged: id -> key and where the estimate was held.
+    reserved: HashMap<u64, (String, Charged)>,
+    /// Closes acknowledged: id -> the actual amounts of a settle (units with 0 left out), or
+    /// `None` for a void.
+    closed: HashMap<u64, Option<Vec<(Unit, u64)>>>,
+    /// Reserves denied.
+    refused: u64,
+    /// `retry settled` and `retry voided` lines: closes made again, answered.
+    closes_answered_again: u64,
+}
+
+fn parse_charged(kind: &str, detail: &str) -> Option<Charged> {
+    match (kind, detail.parse::<u64>()) {
+        ("quota", _) => Some(Charged::Quota(detail.to_string())),
+        ("credits", Ok(micros)) => Some(Charged::Credits(micros)),
+        ("payg", Ok(micros)) => Some(Charged::PayAsYouGo(micros)),
+        _ => None,
+    }
+}
+
+/// Amounts in unit order without the zeros: how a settlement's actual amounts compare.
+fn nonzero(quantities: impl IntoIterator<Item = (Unit, u64)>) -> Vec<(Unit, u64)> {
+    let mut kept: Vec<(Unit, u64)> = quantities
+        .into_iter()
+        .filter(|&(_, amount)| amount > 0)
+        .collect();
+    kept.sort_by_key(|&(unit, _)| unit.index());
+    kept
 }
 
 fn parse_quantities(text: &str) -> Option<Vec<(Unit, u64)>> {
@@ -173,6 +206,10 @@ impl Ledger {
             self.retries_answered += 1;
             words.remove(0);
         }
+        if let ["retry", "settled" | "voided", ..] = words.as_slice() {
+            self.closes_answered_again += 1;
+            words.remove(0);
+        }
         match words.as_slice() {
             ["ready"] => {
                 self.ready += 1;
@@ -186,12 +223,35 @@ impl Ledger {
                 self.denied.insert(id.to_string());
                 !self.acked.contains_key(*id)
             }
+            ["refused", ..] => {
+                self.refused += 1;
+                true
+            }
+            // A reservation id is never handed out twice, whatever crashed in between.
+            ["reserved", id, key, _resource, _units, kind, detail] => {
+                let (Ok(id), Some(charged)) = (id.parse::<u64>(), parse_charged(kind, detail))
+                else {
+                    return false;
+                };
+                self.reserved
+                    .insert(id, (key.to_string(), charged))
+                    .is_none()
+            }
+            ["settled", id, units] => {
+                // Settled for nothing: no units at all.
+                let actual = match *units {
+                    "" => Some(Vec::new()),
+                    units => parse_quantities(units),
+                };
+                let (Ok(id), Some(actual)) = (id.parse::<u64>(), actual) else {
+                    return false;
+                };
+                self.note_close(id, Some(nonzero(actual)))
+            }
+            ["voided", id] => id.parse().is_ok_and(|id| self.note_close(id, None)),
             ["ok", id, key, resource, units, kind, detail] => {
-                let charged = match (*kind, detail.parse::<u64>()) {
-                    ("quota", _) => Charged::Quota(detail.to_string()),
-                    ("credits", Ok(micros)) => Charged::Credits(micros),
-                    ("payg", Ok(micros)) => Charged::PayAsYouGo(micros),
-                    _ => return false,
+                let Some(charged) = parse_charged(kind, detail) else {
+                    return false;
                 };
                 let Some(quantities) = parse_quantities(units) else {
                     return false;
@@ -212,6 +272,19 @@ impl Ledger {
                 }
             }
             _ => false,
+        }
+    }
+}
+
+impl Ledger {
+    /// A close told, the same every time it is told (a close made again answers as the first).
+    fn note_close(&mut self, id: u64, actual: Option<Vec<(Unit, u64)>>) -> bool {
+        match self.closed.get(&id) {
+            Some(earlier) => *earlier == actual,
+            None => {
+                self.closed.insert(id, actual);
+                true
+            }
         }
     }
 }
@@ -342,7 +415,13 @@ struct LogSummary {
     topped_up_micros: HashMap<String, u64>,
     top_up_events: HashMap<String, u64>,
     credits_charged_micros: HashMap<String, u64>,
+    /// Credits a reservation's close gave back (its estimate held more than it charged).
+    credits_given_back_micros: HashMap<String, u64>,
     withdrawn_micros: HashMap<String, u64>,
+    /// Reservation id -> times opened, its key and where its estimate was held.
+    opened: HashMap<u64, (u64, String, ChargedTo)>,
+    /// Reservation id -> times closed, and how first.
+    closed: HashMap<u64, (u64, ReservationEnd)>,
     last_seq: u64,
     events: u64,
 }
@@ -421,6 +500,46 @@ fn summarise_event(summary: &mut LogSummary, body: EventBody, problems: &mut Vec
                 None => problems.push(format!("a usage of {key} without a request id")),
             }
         }
+        EventBody::ReservationOpened {
+            reservation,
+            key,
+            receipt,
+            ..
+        } => {
+            if let ChargedTo::Credits { micros } = receipt.charged_to {
+                let team = summary.key_team.get(&key).cloned().unwrap_or_default();
+                *summary.credits_charged_micros.entry(team).or_default() += micros;
+            }
+            let entry = summary
+                .opened
+                .entry(reservation)
+                .or_insert((0, key, receipt.charged_to));
+            entry.0 += 1;
+        }
+        EventBody::ReservationClosed {
+            reservation,
+            key,
+            end,
+            given_back,
+        } => {
+            let team = summary.key_team.get(&key).cloned().unwrap_or_default();
+            *summary
+                .credits_given_back_micros
+                .entry(team.clone())
+                .or_default() += given_back.credits_micros;
+            if let ReservationEnd::Settled {
+                extra: Some(extra), ..
+            } = &end
+            {
+                if let ChargedTo::Credits { micros } = extra.charged_to {
+                    *summary.credits_charged_micros.entry(team).or_default() += micros;
+                }
+            }
+            if !summary.opened.contains_key(&reservation) {
+                problems.push(format!("reservation {reservation} closed, never opened"));
+            }
+            summary.closed.entry(reservation).or_insert((0, end)).0 += 1;
+        }
         // A denial under a request id is logged so its retry gets the same answer; it moves
         // nothing, so it neither acknowledges nor charges anything here.
         EventBody::TeamCreated { .. }
@@ -491,14 +610,15 @@ fn check_limits_and_credits(
     let teams: HashSet<&String> = log.key_team.values().collect();
     for team in teams {
         let get = |map: &HashMap<String, u64>| map.get(team).copied().unwrap_or(0);
-        let expected = get(&log.topped_up_micros)
+        let expected = (get(&log.topped_up_micros) + get(&log.credits_given_back_micros))
             .checked_sub(get(&log.credits_charged_micros) + get(&log.withdrawn_micros));
         match engine.credits_micros(team) {
             Ok(balance) if Some(balance) == expected => {}
             Ok(balance) => findings.problems.push(format!(
                 "team {team}: balance {balance}, but the events say {expected:?} \
-                 (top-ups {} - charges {})",
+                 (top-ups {} + given back {} - charges {})",
                 get(&log.topped_up_micros),
+                get(&log.credits_given_back_micros),
                 get(&log.credits_charged_micros)
             )),
             Err(error) => findings
@@ -512,6 +632,75 @@ fn check_limits_and_credits(
                 get(&log.top_up_events)
             ));
         }
+    }
+}
+
+/// Every acknowledged reservation and close is in the log once, as told; the reopened engine
+/// holds open exactly the reservations opened and not closed.
+fn check_reservations(
+    engine: &Engine,
+    policy: &Policy,
+    ledger: &Ledger,
+    log: &LogSummary,
+    findings: &mut Findings,
+) {
+    for (id, (key, charged)) in &ledger.reserved {
+        match log.opened.get(id) {
+            None => findings.lost.push(format!("reservation {id}")),
+            Some((_, logged_key, logged)) => {
+                if logged_key != key || !same_charge(policy, *logged, charged) {
+                    findings.problems.push(format!(
+                        "reservation {id}: told {key} {charged:?}, logged {logged_key} {logged:?}"
+                    ));
+                }
+            }
+        }
+    }
+    for (id, actual) in &ledger.closed {
+        let logged = match log.closed.get(id).map(|(_, end)| end) {
+            None => {
+                findings.lost.push(format!("close of reservation {id}"));
+                continue;
+            }
+            Some(ReservationEnd::Settled { settlement, .. }) => {
+                Some(nonzero(settlement.actual.pairs()))
+            }
+            Some(ReservationEnd::Voided) => None,
+            Some(ReservationEnd::Expired) => {
+                findings
+                    .problems
+                    .push(format!("reservation {id}: told closed, logged expired"));
+                continue;
+            }
+        };
+        if logged != *actual {
+            findings.problems.push(format!(
+                "reservation {id}: told closed with {actual:?}, logged {logged:?}"
+            ));
+        }
+    }
+    for (id, (count, ..)) in &log.opened {
+        if *count > 1 {
+            findings
+                .duplicated
+                .push(format!("reservation {id} opened x{count}"));
+        }
+    }
+    for (id, (count, _)) in &log.closed {
+        if *count > 1 {
+            findings
+                .duplicated
+                .push(format!("reservation {id} closed x{count}"));
+        }
+    }
+    let open = log.opened.len() - log.closed.len().min(log.opened.len());
+    if engine.open_reservations() != open {
+        findings.problems.push(format!(
+            "{} reservations open after reopening; the log opened {} and closed {}",
+            engine.open_reservations(),
+            log.opened.len(),
+            log.closed.len()
+        ));
     }
 }
 
@@ -579,6 +768,7 @@ fn check(
     findings.events = log.events;
     check_requests(&policy, ledger, log, &mut findings);
     check_limits_and_credits(&engine, ledger, log, &mut findings);
+    check_reservations(&engine, &policy, ledger, log, &mut findings);
     check_retries(&engine, &policy, ledger, log, generator, &mut findings);
     drop(engine);
     if thorough {
@@ -678,7 +868,8 @@ fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
         std::io::stderr(),
         "crash test: seed {seed}; {} of {kills} kills after the child was ready; {} checks; \
          {} events in the log; {} denied; {} top-ups; {} retries recognised; {} of the \
-         children's own retries answered; {:.1} s (children {:.1} s, checks {:.1} s)",
+         children's own retries answered; {} reservations acknowledged ({} reserves refused), \
+         {} closes ({} made again and answered); {:.1} s (children {:.1} s, checks {:.1} s)",
         ledger.ready,
         figures.checks,
         figures.events,
@@ -686,6 +877,10 @@ fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
         ledger.top_ups.values().sum::<u64>(),
         figures.retried,
         ledger.retries_answered,
+        ledger.reserved.len(),
+        ledger.refused,
+        ledger.closed.len(),
+        ledger.closes_answered_again,
         started.elapsed().as_secs_f64(),
         figures.children_s,
         figures.checks_s
@@ -693,6 +888,12 @@ fn sigkill_never_loses_or_duplicates_an_acknowledged_request() {
     assert!(
         ledger.acked.len() as u64 >= kills,
         "the children acknowledged too little"
+    );
+    assert!(
+        ledger.reserved.len() as u64 >= kills / 2 && ledger.closed.len() as u64 >= kills / 4,
+        "the children made too few reservations ({}) or closes ({})",
+        ledger.reserved.len(),
+        ledger.closed.len()
     );
     if std::env::var_os("TALLY_CRASH_KEEP").is_none() {
         let _ = std::fs::remove_dir_all(&workspace.directory);
