@@ -1,5 +1,6 @@
 """SYNC durability from Python: ``consume`` from threads against ``submit`` with many requests
-in flight from one thread. Not a test; run it after ``bash scripts/test-python.sh`` built the
+in flight from one thread, and ``reserve`` then ``settle`` from threads (a chat call billed by
+tokens). Not a test; run it after ``bash scripts/test-python.sh`` built the
 library and the environment:
 
     target/python-venv/bin/python ffi/python/benches/sync_throughput.py [REQUESTS]
@@ -47,6 +48,26 @@ def consume_from_threads(engine: tally.Engine, requests: int, threads: int) -> N
         worker.join()
 
 
+def reserve_and_settle_from_threads(engine: tally.Engine, pairs: int, threads: int) -> None:
+    left = iter(range(pairs))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if next(left, None) is None:
+                    return
+            held = engine.reserve("tp-ada", "m2.7", {"requests": 1, "tokens": 2_000})
+            assert held.decision.admitted and held.id is not None
+            assert engine.settle(held.id, {"requests": 1, "tokens": 1_200}).admitted
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
 def submit_in_flight(engine: tally.Engine, requests: int, in_flight: int) -> None:
     window: deque[tally.Submission] = deque()
     for _ in range(requests):
@@ -76,6 +97,10 @@ def main() -> None:
     for in_flight in (16, 256, 1000):
         per_second = rate(lambda e, n, w=in_flight: submit_in_flight(e, n, w), requests)
         print(f"submit,  {in_flight:>4} in flight, 1 thread {per_second:>10,.0f} requests/s")
+    pairs = max(requests // 4, 1)
+    for threads in (1, 16, 64):
+        per_second = rate(lambda e, n, t=threads: reserve_and_settle_from_threads(e, n, t), pairs)
+        print(f"reserve + settle, {threads:>4} threads  {per_second:>10,.0f} pairs/s")
 
 
 if __name__ == "__main__":
