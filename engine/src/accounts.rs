@@ -10,11 +10,13 @@
 //! for, so a policy swap (all shards write-locked) and admission never see each other half-done.
 //!
 //! Over many keys a lookup waits for three cache misses one after another: the table's control
-//! bytes, the entry, then what the entry points to (the name, the usage, its counters and the
-//! rolling slot). Each shard also keeps a small table of prefetch hints indexed straight by the
-//! key's hash (`KeyHint`): read alongside the control bytes, it starts the third wave of loads
-//! together with the entry. A hint is only ever prefetched, never dereferenced, so one that is
-//! stale or belongs to another key costs a wasted prefetch, nothing else.
+//! bytes, the entry, then what the entry points to (a long name, the usage, its counters and the
+//! rolling slot). A name of up to `INLINE_NAME_BYTES` sits in the entry itself, so comparing it
+//! misses nothing more. Each shard also keeps a small table of prefetch hints indexed straight by
+//! the key's hash (`KeyHint`): read alongside the control bytes, it starts loading the entry (or
+//! a long name) and the usage while the control bytes are still on their way. A hint is only
+//! ever prefetched, never dereferenced, so one that is stale or belongs to another key costs a
+//! wasted prefetch, nothing else.
 
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -110,12 +112,58 @@ impl KeyState {
 #[derive(Debug)]
 struct KeyEntry {
     hash: u64,
-    /// On the usage pages, like the key's usage: every admission compares it, and over a
-    /// million keys the global allocator's 4 KiB pages made that a page walk per request
-    /// (hotloop at 1,000,000 keys with the allocator's heap on huge pages: `consume_into`
-    /// 2.13-2.18x governor against 2.32-2.53x).
-    name: allocator_api2::boxed::Box<str, UsagePages>,
+    name: KeyName,
     state: KeyState,
+}
+
+/// Names up to this many bytes are kept in the table entry (`KeyName::Inline`).
+const INLINE_NAME_BYTES: usize = 22;
+
+/// A key's name. Every admission compares it, so a short one sits in the entry the lookup
+/// reads anyway; a longer one is a block of its own on the usage pages, like the key's usage
+/// (over a million keys the global allocator's 4 KiB pages made a name there a page walk per
+/// request: hotloop at 1,000,000 keys with the allocator's heap on huge pages, `consume_into`
+/// 2.13-2.18x governor against 2.32-2.53x).
+#[derive(Debug)]
+enum KeyName {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_NAME_BYTES],
+    },
+    Paged(allocator_api2::boxed::Box<str, UsagePages>),
+}
+
+impl KeyName {
+    fn new(key: &str) -> KeyName {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_NAME_BYTES => {
+                let mut bytes = [0; INLINE_NAME_BYTES];
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                KeyName::Inline { len, bytes }
+            }
+            _ => KeyName::Paged(name_on_pages(key)),
+        }
+    }
+
+    #[inline]
+    fn as_str(&self) -> &str {
+        match self {
+            // SAFETY: the first `len` bytes were copied whole from a `str` (`KeyName::new`).
+            KeyName::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(bytes.get_unchecked(..usize::from(*len)))
+            },
+            KeyName::Paged(name) => name,
+        }
+    }
+
+    /// The name's own block, if it has one (what a lookup would miss on after the entry).
+    #[inline]
+    fn block(&self) -> Option<*const u8> {
+        match self {
+            KeyName::Inline { .. } => None,
+            KeyName::Paged(name) => Some(name.as_ptr()),
+        }
+    }
 }
 
 /// `key`'s bytes in a block of their own on the usage pages.
@@ -146,14 +194,20 @@ pub struct Shard {
 /// 5.36/6.53/5.27 against 4.31/5.20/5.00.
 const HINTS_FROM_KEYS: usize = 128;
 
-/// Where the first key found at this hint's index keeps what a lookup reads after its entry:
-/// the name's bytes, the usage's block and the rolling slot written last (0 for none). Relaxed
-/// loads and stores: addresses to prefetch, never dereferenced.
+/// Where the first key found at this hint's index keeps what a lookup reads: its hash (the
+/// hint's holder; 0 for none), where the lookup reads the name (the entry for a name kept
+/// inline, tagged in bit 0, or the name's block), the usage's block and the rolling slot written
+/// last (0 for none). Relaxed loads and stores: a holder to compare and addresses to prefetch,
+/// never dereferenced.
 #[derive(Debug, Default)]
 #[repr(align(32))]
 struct KeyHint {
-    addresses: [AtomicUsize; 3],
+    words: [AtomicUsize; 4],
 }
+
+/// Bit 0 of a hint's name word: the address is an entry's (its name is inline), which spans up
+/// to two lines; otherwise it is a name's block, one line.
+const HINT_ENTRY: usize = 1;
 
 impl Shard {
     fn new(policy: Arc<Policy>) -> Shard {
@@ -179,9 +233,13 @@ impl Shard {
         let Some(hint) = self.hint(hash) else {
             return;
         };
-        let [name, usage, slot] =
-            std::array::from_fn(|word| hint.addresses[word].load(Ordering::Relaxed));
-        if name != 0 {
+        let [_, name, usage, slot] =
+            std::array::from_fn(|word| hint.words[word].load(Ordering::Relaxed));
+        if name & HINT_ENTRY != 0 {
+            let entry = (name & !HINT_ENTRY) as *const u8;
+            prefetch(entry);
+            prefetch(entry.wrapping_add(std::mem::size_of::<KeyEntry>() - 1));
+        } else if name != 0 {
             prefetch(name as *const u8);
         }
         crate::ledger::prefetch_usage([usage, slot]);
@@ -203,15 +261,15 @@ impl Shard {
     /// `note_hint`'s work, out of line so the lookup stays small enough to inline.
     #[inline(never)]
     fn note_in(hint: &KeyHint, entry: &KeyEntry) {
-        let words = &hint.addresses;
-        let name = entry.name.as_ptr() as usize;
-        let holder = words[0].load(Ordering::Relaxed);
-        if holder != name && holder != 0 {
+        let words = &hint.words;
+        // The hash as the holder (on a 32-bit target its low half: a clash costs a prefetch).
+        let holder = entry.hash as usize;
+        let held_by = words[0].load(Ordering::Relaxed);
+        if held_by != holder && held_by != 0 {
             return;
         }
-        let [usage, slot] = entry.state.usage.prefetch_addresses();
-        let now = [name, usage, slot];
-        let differs = (0..3).fold(false, |differs, word| {
+        let now = Shard::hint_words(entry);
+        let differs = (0..4).fold(false, |differs, word| {
             differs | (words[word].load(Ordering::Relaxed) != now[word])
         });
         if differs {
@@ -221,16 +279,26 @@ impl Shard {
         }
     }
 
-    /// The addresses the hint for `hash` holds now.
-    #[cfg(test)]
-    fn hinted(&self, hash: u64) -> Option<[usize; 3]> {
-        self.hint(hash)
-            .map(|hint| std::array::from_fn(|word| hint.addresses[word].load(Ordering::Relaxed)))
+    /// What a hint held by `entry`'s key says (see `KeyHint`).
+    fn hint_words(entry: &KeyEntry) -> [usize; 4] {
+        let name = match entry.name.block() {
+            Some(block) => block as usize,
+            None => std::ptr::from_ref(entry) as usize | HINT_ENTRY,
+        };
+        let [usage, slot] = entry.state.usage.prefetch_addresses();
+        [entry.hash as usize, name, usage, slot]
     }
 
-    /// The admission path's lookup. Over many keys each step of it is a cache miss; the
-    /// name's bytes and the key's usage live in two other blocks, so the usage is
-    /// prefetched before the name is compared and the two misses overlap instead of adding up.
+    /// The words the hint for `hash` holds now.
+    #[cfg(test)]
+    fn hinted(&self, hash: u64) -> Option<[usize; 4]> {
+        self.hint(hash)
+            .map(|hint| std::array::from_fn(|word| hint.words[word].load(Ordering::Relaxed)))
+    }
+
+    /// The admission path's lookup. Over many keys each step of it is a cache miss; the key's
+    /// usage (and a long name) live in other blocks, so the usage is prefetched before the
+    /// name is compared and the misses overlap instead of adding up.
     #[inline]
     pub fn find(&self, hash: u64, key: &str) -> Option<&KeyState> {
         self.find_noting(hash, key, true)
@@ -244,7 +312,7 @@ impl Shard {
                 entry.hash == hash && {
                     // Also here: the hint may have been another key's.
                     entry.state.usage.prefetch();
-                    same_name(&entry.name, key)
+                    same_name(entry.name.as_str(), key)
                 }
             })
             .map(|entry| {
@@ -274,7 +342,9 @@ impl Shard {
     fn prefetch_pointees(&self, hash: u64) {
         let _ = self.keys.find(hash, |entry| {
             if entry.hash == hash {
-                prefetch(entry.name.as_ptr());
+                if let Some(block) = entry.name.block() {
+                    prefetch(block);
+                }
                 entry.state.usage.prefetch();
             }
             false
@@ -283,7 +353,7 @@ impl Shard {
 
     pub fn find_mut(&mut self, hash: u64, key: &str) -> Option<&mut KeyState> {
         self.keys
-            .find_mut(hash, |entry| &*entry.name == key)
+            .find_mut(hash, |entry| entry.name.as_str() == key)
             .map(|entry| &mut entry.state)
     }
 
@@ -298,7 +368,7 @@ impl Shard {
             hash,
             KeyEntry {
                 hash,
-                name: name_on_pages(key),
+                name: KeyName::new(key),
                 state,
             },
             |entry| entry.hash,
@@ -308,11 +378,13 @@ impl Shard {
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut KeyState)> {
         self.keys
             .iter_mut()
-            .map(|entry| (&*entry.name, &mut entry.state))
+            .map(|entry| (entry.name.as_str(), &mut entry.state))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &KeyState)> {
-        self.keys.iter().map(|entry| (&*entry.name, &entry.state))
+        self.keys
+            .iter()
+            .map(|entry| (entry.name.as_str(), &entry.state))
     }
 
     pub fn len(&self) -> usize {
@@ -484,6 +556,44 @@ mod tests {
         KeyState::new(KeyKind::Plan, "u".into(), Arc::new(Team::new("@u")))
     }
 
+    /// Names of every length up to 40 bytes, some of two-byte characters: up to
+    /// `INLINE_NAME_BYTES` they sit in the entry, longer in a block; each is found by its own
+    /// name, and a name of the same length that differs in its last character is not found
+    /// even with the first name's hash (the bytes are compared, not only the hash).
+    #[test]
+    fn names_up_to_the_inline_size_sit_in_the_entry_and_longer_ones_in_a_block() {
+        let mut shard = Shard::new(Arc::new(Policy::token_plan()));
+        let names: Vec<String> = (1..=40)
+            .map(|len| "é".repeat(len / 2) + &"k".repeat(len % 2))
+            .collect();
+        for name in &names {
+            shard.insert(KeyTable::hash(name), name, state());
+        }
+        for name in &names {
+            let hash = KeyTable::hash(name);
+            let entry = shard
+                .keys
+                .find(hash, |entry| entry.hash == hash)
+                .expect("inserted");
+            assert_eq!(entry.name.as_str(), name);
+            assert_eq!(
+                entry.name.block().is_none(),
+                name.len() <= INLINE_NAME_BYTES,
+                "{} bytes",
+                name.len()
+            );
+            assert!(shard.find(hash, name).is_some(), "{name}");
+            let other = match name.strip_suffix('k') {
+                Some(rest) => format!("{rest}q"),
+                None => format!("{}è", &name[..name.len() - 2]),
+            };
+            assert_eq!(other.len(), name.len());
+            assert!(shard.find(hash, &other).is_none(), "{other} is not {name}");
+        }
+        let listed: std::collections::BTreeSet<&str> = shard.iter().map(|(name, _)| name).collect();
+        assert_eq!(listed, names.iter().map(String::as_str).collect());
+    }
+
     #[test]
     fn a_lookup_leaves_a_hint_of_what_it_read_and_the_hints_grow_with_the_keys() {
         let policy = Arc::new(Policy::token_plan());
@@ -520,13 +630,16 @@ mod tests {
                 continue;
             }
             let [usage, slot] = state.usage.prefetch_addresses();
-            let entry_name = shard
+            let entry = shard
                 .keys
-                .find(hash, |entry| &*entry.name == name.as_str())
-                .map(|entry| entry.name.as_ptr() as usize);
+                .find(hash, |entry| entry.name.as_str() == name.as_str())
+                .expect("inserted");
+            // Every name here is short: the hint points at the entry itself.
+            assert!(entry.name.block().is_none(), "{name} is kept inline");
+            let entry_address = std::ptr::from_ref(entry) as usize | HINT_ENTRY;
             assert_eq!(
                 shard.hinted(hash),
-                Some([entry_name.expect("inserted"), usage, slot]),
+                Some([hash as usize, entry_address, usage, slot]),
                 "{name}"
             );
             assert_eq!(
