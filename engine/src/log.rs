@@ -56,8 +56,16 @@ pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
-/// `append_staged` wakes a sleeping writer once this many events are queued (see there).
+/// `append_staged` wakes a sleeping writer once this many events are queued (see there), and
+/// an append wakes a dozing one (see `WRITER_DOZE`).
 pub const WAKE_WRITER_AT_EVENTS: usize = 1024;
+/// In `None` and `Interval` modes the writer, finding the queue empty, first waits this long
+/// (at most the interval) for more events without asking to be woken, and only then sleeps
+/// until an append wakes it. Under a steady stream of single appends nobody pays a wake-up
+/// (a futex call and a context switch: in `examples/manyloop` with batches of one, about half
+/// the calling thread's time went to the kernel waking the writer); an event waits at most this
+/// long to be written.
+pub const WRITER_DOZE: Duration = Duration::from_millis(1);
 /// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
 /// (bounds the flush a caller waits for).
 const SYNC_AFTER_BYTES: u64 = 4 << 20;
@@ -95,13 +103,15 @@ pub enum Durability {
     /// one fdatasync (group commit), made when a caller waits for an event written since the
     /// last. A crash, even a power loss, loses nothing acknowledged.
     Sync,
-    /// A call returns once its event is queued; the writer writes it at once and fdatasyncs in
-    /// the background at most `ms` later. A process crash can lose the acknowledged events
-    /// still queued (at most `MAX_QUEUED_EVENTS`); a power loss also those of the last `ms`.
+    /// A call returns once its event is queued; the writer writes it within `WRITER_DOZE` (at
+    /// once if it was asleep) and fdatasyncs in the background at most `ms` later. A process
+    /// crash can lose the acknowledged events still queued (at most `MAX_QUEUED_EVENTS`, those
+    /// of the last `WRITER_DOZE`); a power loss also those of the last `ms`.
     Interval { ms: u64 },
     /// No fsync of events at all (only when a segment is sealed, on `sync()` and on close). For
     /// tests and benchmarks: a process crash can lose the queued events (at most
-    /// `MAX_QUEUED_EVENTS`), a power loss whatever the kernel had not written back.
+    /// `MAX_QUEUED_EVENTS`, those of the last `WRITER_DOZE`), a power loss whatever the kernel
+    /// had not written back.
     None,
 }
 
@@ -446,6 +456,9 @@ struct Shared {
     // (read there with Relaxed); SeqCst, paired with `demand_seq`, for `nudge`'s look without
     // the lock.
     writer_asleep: std::sync::atomic::AtomicBool,
+    // Relaxed, stored and read under the queue's lock: the writer dozes (`WRITER_DOZE`) and
+    // wants waking only once `WAKE_WRITER_AT_EVENTS` are queued.
+    writer_dozing: std::sync::atomic::AtomicBool,
     // Relaxed: fdatasyncs of the log's segments by the writer so far (a statistic).
     writer_flushes: AtomicU64,
     /// First sequence numbers of the segments, oldest first; the last is being written.
@@ -1113,6 +1126,7 @@ impl EventLog {
             visible_seq: AtomicU64::new(position.seq),
             demand_seq: AtomicU64::new(position.seq),
             writer_asleep: std::sync::atomic::AtomicBool::new(false),
+            writer_dozing: std::sync::atomic::AtomicBool::new(false),
             writer_flushes: AtomicU64::new(0),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
@@ -1219,9 +1233,11 @@ impl EventLog {
         queue.batch.bytes.extend_from_slice(body);
         let end = queue.batch.bytes.len();
         queue.batch.events.push(Queued { seq, at_ms, end });
-        let asleep = self.shared.writer_asleep.load(Ordering::Relaxed);
+        let wake = self.shared.writer_asleep.load(Ordering::Relaxed)
+            || (self.shared.writer_dozing.load(Ordering::Relaxed)
+                && queue.batch.events.len() == WAKE_WRITER_AT_EVENTS);
         drop(queue);
-        if asleep {
+        if wake {
             self.shared.queue_ready.notify_one();
         }
         Ok(seq)
@@ -1282,7 +1298,8 @@ impl EventLog {
         let last_seq = first_seq + count as u64 - 1;
         queue.next_seq = last_seq + 1;
         self.shared.last_appended.store(last_seq, Ordering::Relaxed);
-        let wake = self.shared.writer_asleep.load(Ordering::Relaxed)
+        let wake = (self.shared.writer_asleep.load(Ordering::Relaxed)
+            || self.shared.writer_dozing.load(Ordering::Relaxed))
             && queue.batch.events.len() >= WAKE_WRITER_AT_EVENTS;
         drop(queue);
         if wake {
@@ -1352,7 +1369,7 @@ impl EventLog {
         if self.shared.durability == Durability::Sync {
             self.shared.demand(last);
         }
-        self.shared.nudge();
+        self.shared.wake();
         let mut progress = self.shared.progress.lock();
         loop {
             if let Some((seq, problem)) = &progress.failure {
@@ -1422,6 +1439,25 @@ impl EventLog {
 
     fn visible(&self) -> Position {
         self.shared.progress.lock().visible
+    }
+
+    /// Waits until the writer has written every event up to `seq`, or the log failed or is
+    /// closing.
+    fn written_through(&self, seq: u64) {
+        if self.visible().seq >= seq {
+            return;
+        }
+        self.shared.wake();
+        let mut progress = self.shared.progress.lock();
+        while progress.visible.seq < seq && progress.failure.is_none() {
+            let waited = self
+                .shared
+                .progress_changed
+                .wait_for(&mut progress, Duration::from_millis(50));
+            if waited.timed_out() && self.shared.queue.lock().stop {
+                return;
+            }
+        }
     }
 
     /// Calls `visit` with every event after `after`, in order, read in place from the segments,
@@ -1515,11 +1551,16 @@ impl EventLog {
         Ok(stopped_at)
     }
 
-    /// Reads up to `limit` events with sequence numbers greater than `after`, in order.
+    /// Reads up to `limit` events with sequence numbers greater than `after`, in order. In
+    /// `None` and `Interval` modes that includes every event appended before the call (the
+    /// writer is asked to write them first); in `Sync` mode, every event durable by then.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
         let mut out = Vec::with_capacity(limit.min(4_096));
         if limit == 0 {
             return Ok(out);
+        }
+        if self.shared.durability != Durability::Sync && !self.read_only {
+            self.written_through(self.last_appended());
         }
         let hint = *self.resume.lock();
         let hint = hint.filter(|(seq, _, _)| *seq <= after.saturating_add(1));
@@ -1688,7 +1729,7 @@ impl EventLog {
         if shared.durability == Durability::Sync {
             shared.demand(seq);
         }
-        shared.nudge();
+        shared.wake();
         let mut progress = shared.progress.lock();
         loop {
             if let Some((failed_seq, problem)) = &progress.failure {
@@ -2175,22 +2216,43 @@ impl Writer {
     }
 
     /// Waits for events (or a rotation, the interval deadline, or stop) and takes them all.
+    /// In `None` and `Interval` modes it first dozes (`WRITER_DOZE`), then sleeps.
     fn next_batch(&mut self, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
+        let mut dozed = false;
         while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
+            let flush_at = match self.shared.durability {
+                Durability::Interval { ms } if self.unsynced_from.is_some() => {
+                    Some(last_flush + Duration::from_millis(ms))
+                }
+                _ => None,
+            };
+            if flush_at.is_some_and(|at| Instant::now() >= at) {
+                break;
+            }
+            if !dozed && self.shared.durability != Durability::Sync {
+                dozed = true;
+                let mut until = Instant::now() + WRITER_DOZE;
+                if let Durability::Interval { ms } = self.shared.durability {
+                    until = until.min(Instant::now() + Duration::from_millis(ms));
+                }
+                let until = flush_at.map_or(until, |at| at.min(until));
+                self.shared.writer_dozing.store(true, Ordering::Relaxed);
+                let _ = self.shared.queue_ready.wait_until(&mut queue, until);
+                self.shared.writer_dozing.store(false, Ordering::Relaxed);
+                continue;
+            }
             // Say so before looking at the demand: a caller that asks later sees the flag and
             // wakes this thread (`Shared::nudge`).
             self.shared.writer_asleep.store(true, Ordering::SeqCst);
-            match self.shared.durability {
-                Durability::Sync if self.sync_due(false) => break,
-                Durability::Interval { ms } if self.unsynced_from.is_some() => {
-                    let deadline = last_flush + Duration::from_millis(ms);
-                    if Instant::now() >= deadline
-                        || self
-                            .shared
-                            .queue_ready
-                            .wait_until(&mut queue, deadline)
-                            .timed_out()
+            match (self.shared.durability, flush_at) {
+                (Durability::Sync, _) if self.sync_due(false) => break,
+                (_, Some(at)) => {
+                    if self
+                        .shared
+                        .queue_ready
+                        .wait_until(&mut queue, at)
+                        .timed_out()
                     {
                         break;
                     }
@@ -2480,6 +2542,13 @@ impl Shared {
         self.nudge();
     }
 
+    /// Wakes the writer whether it sleeps or dozes: for a caller about to wait on what it
+    /// writes (`sync`, a snapshot, `events_after`), which should not wait out a doze.
+    fn wake(&self) {
+        let _queue = self.queue.lock();
+        self.queue_ready.notify_one();
+    }
+
     /// Wakes the writer if it is asleep: for events queued without waking it (see
     /// `append_staged`) or a demand. Under the queue's lock: the writer is either past its
     /// look at the queue and the demand (and asleep, so this wakes it) or not yet at it (and
@@ -2696,6 +2765,66 @@ mod tests {
 
     fn written_seq(log: &EventLog) -> u64 {
         log.shared.progress.lock().written.seq
+    }
+
+    /// The pauses between appends in the tests of the writer's doze: none (it is busy or
+    /// dozing), shorter than a doze, and longer (it has gone to sleep).
+    const PAUSES_US: [u64; 4] = [0, 300, 1_500, 5_000];
+
+    /// In `None` and `Interval` modes an append does not wake a dozing writer, so a reader
+    /// right after it would find the event not yet written; `events_after` asks for it.
+    #[test]
+    fn without_sync_events_after_sees_every_event_appended_before_it() {
+        for durability in [Durability::None, Durability::Interval { ms: 60_000 }] {
+            let dir = fresh_dir("read-own-appends");
+            let log = EventLog::open(&dir, durability, None).expect("open");
+            for round in 0..40u64 {
+                let seq = log
+                    .append(1_000, encode_body(&top_up(round + 1)))
+                    .expect("append");
+                let events = log.events_after(seq - 1, 10).expect("read");
+                assert_eq!(
+                    events.first().map(|event| event.seq),
+                    Some(seq),
+                    "{durability:?}, round {round}"
+                );
+                let pause = PAUSES_US[round as usize % PAUSES_US.len()];
+                std::thread::sleep(Duration::from_micros(pause));
+            }
+            log.close().expect("close");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    /// Whatever the writer was doing when an event came (writing, dozing, asleep), the event is
+    /// written without anyone asking, and in `Interval` mode flushed: no append is left
+    /// waiting for a wake-up that never comes.
+    #[test]
+    fn without_sync_every_append_is_written_whatever_the_writer_was_doing() {
+        for durability in [Durability::None, Durability::Interval { ms: 5 }] {
+            let dir = fresh_dir("doze");
+            let log = EventLog::open(&dir, durability, None).expect("open");
+            for round in 0..40u64 {
+                let flushes = log.writer_flushes();
+                let seq = log
+                    .append(1_000, encode_body(&top_up(round + 1)))
+                    .expect("append");
+                assert!(
+                    eventually(|| written_seq(&log) >= seq),
+                    "{durability:?}, round {round}: never written"
+                );
+                if durability != Durability::None {
+                    assert!(
+                        eventually(|| log.writer_flushes() > flushes),
+                        "{durability:?}, round {round}: never flushed"
+                    );
+                }
+                let pause = PAUSES_US[round as usize % PAUSES_US.len()];
+                std::thread::sleep(Duration::from_micros(pause));
+            }
+            log.close().expect("close");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]
