@@ -561,6 +561,33 @@ fn a_retried_request_id_answers_only_once_the_first_decision_is_durable() {
     }
 }
 
+/// Runs `first` with flushes held until its event is written and its flush waits, then
+/// `second`; lets the flush go 100 ms later. Returns both results and whether `second` had
+/// answered before the flush went.
+fn second_while_the_first_waits<A: Send, B: Send>(
+    faults: &Faults,
+    first: impl FnOnce() -> A + Send,
+    second: impl FnOnce() -> B + Send,
+) -> (A, B, bool) {
+    faults.hold_flushes();
+    std::thread::scope(|scope| {
+        let first = scope.spawn(first);
+        let start = std::time::Instant::now();
+        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let second = scope.spawn(second);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let answered_early = second.is_finished();
+        faults.release_flushes();
+        (
+            first.join().expect("no panic"),
+            second.join().expect("no panic"),
+            answered_early,
+        )
+    })
+}
+
 fn retry_while_the_first_is_not_durable(first_many: bool, retry_many: bool, flush_fails: bool) {
     let through = |many: bool| if many { "consume_many" } else { "consume" };
     let context = format!(
@@ -589,26 +616,11 @@ fn retry_while_the_first_is_not_durable(first_many: bool, retry_many: bool, flus
             engine.consume_noting_replay(&request)
         }
     };
-    faults.hold_flushes();
     if flush_fails {
         faults.fail_next_flushes(1);
     }
-    let (first, retry, answered_early) = std::thread::scope(|scope| {
-        let first = scope.spawn(|| send(first_many));
-        // The first call's event is written and its flush is held.
-        while faults.flushes_held() == 0 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let retry = scope.spawn(|| send(retry_many));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let answered_early = retry.is_finished();
-        faults.release_flushes();
-        (
-            first.join().expect("no panic"),
-            retry.join().expect("no panic"),
-            answered_early,
-        )
-    });
+    let (first, retry, answered_early) =
+        second_while_the_first_waits(&faults, || send(first_many), || send(retry_many));
     assert!(
         !answered_early,
         "{context}: the retry answered ({retry:?}) before the first decision was durable"
@@ -845,23 +857,8 @@ fn second_call_while_the_first_is_not_durable(
     if flush_fails {
         faults.fail_next_flushes(1);
     }
-    faults.hold_flushes();
-    let (first_result, second_result, answered_early) = std::thread::scope(|scope| {
-        let first_call = scope.spawn(|| call(first, &engine));
-        let start = std::time::Instant::now();
-        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let second_call = scope.spawn(|| call(second, &engine));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let answered_early = second_call.is_finished();
-        faults.release_flushes();
-        (
-            first_call.join().expect("no panic"),
-            second_call.join().expect("no panic"),
-            answered_early,
-        )
-    });
+    let (first_result, second_result, answered_early) =
+        second_while_the_first_waits(&faults, || call(first, &engine), || call(second, &engine));
     assert!(
         !answered_early,
         "{context}: the second call answered ({second_result:?}) before the first's flush"

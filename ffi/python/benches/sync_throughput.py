@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import tally
@@ -30,8 +31,9 @@ def engine_in(directory: Path) -> tally.Engine:
     return engine
 
 
-def consume_from_threads(engine: tally.Engine, requests: int, threads: int) -> None:
-    left = iter(range(requests))
+def from_threads(calls: int, threads: int, call: Callable[[], None]) -> None:
+    """Makes ``calls`` calls of ``call`` spread over ``threads`` threads."""
+    left = iter(range(calls))
     lock = threading.Lock()
 
     def work() -> None:
@@ -39,33 +41,29 @@ def consume_from_threads(engine: tally.Engine, requests: int, threads: int) -> N
             with lock:
                 if next(left, None) is None:
                     return
-            assert engine.consume("tp-ada", "m2.7", {"requests": 1}).admitted
+            call()
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
+
+
+def consume_from_threads(engine: tally.Engine, requests: int, threads: int) -> None:
+    def consume() -> None:
+        assert engine.consume("tp-ada", "m2.7", {"requests": 1}).admitted
+
+    from_threads(requests, threads, consume)
 
 
 def reserve_and_settle_from_threads(engine: tally.Engine, pairs: int, threads: int) -> None:
-    left = iter(range(pairs))
-    lock = threading.Lock()
+    def reserve_and_settle() -> None:
+        held = engine.reserve("tp-ada", "m2.7", {"requests": 1, "tokens": 2_000})
+        assert held.decision.admitted and held.id is not None
+        assert engine.settle(held.id, {"requests": 1, "tokens": 1_200}).admitted
 
-    def work() -> None:
-        while True:
-            with lock:
-                if next(left, None) is None:
-                    return
-            held = engine.reserve("tp-ada", "m2.7", {"requests": 1, "tokens": 2_000})
-            assert held.decision.admitted and held.id is not None
-            assert engine.settle(held.id, {"requests": 1, "tokens": 1_200}).admitted
-
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    from_threads(pairs, threads, reserve_and_settle)
 
 
 def submit_in_flight(engine: tally.Engine, requests: int, in_flight: int) -> None:
