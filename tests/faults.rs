@@ -158,6 +158,15 @@ fn both_faults_observed_at(label: &str, call: &Call, observed_at: u64) {
     fault_case(label, Fault::Flush, call, observed_at);
 }
 
+/// A `Sync` database with `faults` and `create_accounts`' users, keys, seats and credits.
+fn accounts_in_sync_database(label: &str) -> (TempDir, Arc<Faults>, Engine) {
+    let dir = TempDir::new(label);
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    create_accounts(&engine);
+    (dir, faults, engine)
+}
+
 fn admitted(decision: Result<Decision, Error>, charged: &str) -> Result<String, Error> {
     let decision = decision?;
     let text = format!("{decision:?}");
@@ -477,10 +486,7 @@ fn a_failed_policy_swap_keeps_the_old_policy() {
 fn after_a_failure_the_engine_reopens_with_the_same_faults_object_and_works() {
     // The failure lives in memory only: a reopen with injection still configured (nothing
     // pending) works, and each later failure is handled like the first.
-    let dir = TempDir::new("fault-again");
-    let faults = Faults::new();
-    let mut engine = open_token_plan(dir.path(), options(&faults));
-    create_accounts(&engine);
+    let (dir, faults, mut engine) = accounts_in_sync_database("fault-again");
     let one = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
     for round in 0..4u64 {
@@ -596,10 +602,7 @@ fn retry_while_the_first_is_not_durable(first_many: bool, retry_many: bool, flus
         through(retry_many),
         if flush_fails { "failing" } else { "succeeding" }
     );
-    let dir = TempDir::new("fault-retry");
-    let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
-    create_accounts(&engine);
+    let (dir, faults, engine) = accounts_in_sync_database("fault-retry");
     let one = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-bob", "m2.7", &one)
         .at(T0_MS)
@@ -714,10 +717,7 @@ fn with_flushes_held<'a, T: Send>(
 #[test]
 fn concurrent_reserves_settles_and_voids_wait_for_their_flush_together() {
     const CALLS: usize = 8;
-    let dir = TempDir::new("fault-reservations-together");
-    let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
-    create_accounts(&engine);
+    let (dir, faults, engine) = accounts_in_sync_database("fault-reservations-together");
     let at = T0_MS + MINUTE_MS;
     let estimate = [(Unit::Requests, 3)];
     let request = UsageRequest::new("key-bob", "m2.7", &estimate).at(at);
@@ -825,10 +825,7 @@ fn second_call_while_the_first_is_not_durable(
         "{first:?} then {second:?}, the flush {}",
         if flush_fails { "failing" } else { "succeeding" }
     );
-    let dir = TempDir::new("fault-reservation-pending");
-    let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
-    create_accounts(&engine);
+    let (dir, faults, engine) = accounts_in_sync_database("fault-reservation-pending");
     let at = T0_MS + MINUTE_MS;
     let estimate = [(Unit::Requests, 3)];
     let request = UsageRequest::new("key-bob", "m2.7", &estimate).at(at);

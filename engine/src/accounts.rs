@@ -135,13 +135,14 @@ enum KeyName {
 
 impl KeyName {
     fn new(key: &str) -> KeyName {
-        match u8::try_from(key.len()) {
-            Ok(len) if key.len() <= INLINE_NAME_BYTES => {
-                let mut bytes = [0; INLINE_NAME_BYTES];
-                bytes[..key.len()].copy_from_slice(key.as_bytes());
-                KeyName::Inline { len, bytes }
-            }
-            _ => KeyName::Paged(name_on_pages(key)),
+        if key.len() > INLINE_NAME_BYTES {
+            return KeyName::Paged(name_on_pages(key));
+        }
+        let mut bytes = [0; INLINE_NAME_BYTES];
+        bytes[..key.len()].copy_from_slice(key.as_bytes());
+        KeyName::Inline {
+            len: key.len() as u8,
+            bytes,
         }
     }
 
@@ -205,6 +206,13 @@ struct KeyHint {
     words: [AtomicUsize; 4],
 }
 
+/// Starts loading a table entry at `start`: both lines it may span.
+#[inline]
+fn prefetch_entry_at(start: *const u8) {
+    prefetch(start);
+    prefetch(start.wrapping_add(std::mem::size_of::<KeyEntry>() - 1));
+}
+
 /// Bit 0 of a hint's name word: the address is an entry's (its name is inline), which spans up
 /// to two lines; otherwise it is a name's block, one line.
 const HINT_ENTRY: usize = 1;
@@ -236,9 +244,7 @@ impl Shard {
         let [_, name, usage, slot] =
             std::array::from_fn(|word| hint.words[word].load(Ordering::Relaxed));
         if name & HINT_ENTRY != 0 {
-            let entry = (name & !HINT_ENTRY) as *const u8;
-            prefetch(entry);
-            prefetch(entry.wrapping_add(std::mem::size_of::<KeyEntry>() - 1));
+            prefetch_entry_at((name & !HINT_ENTRY) as *const u8);
         } else if name != 0 {
             prefetch(name as *const u8);
         }
@@ -329,9 +335,7 @@ impl Shard {
     #[inline]
     fn prefetch_entry(&self, hash: u64) {
         let _ = self.keys.find(hash, |entry| {
-            let start = std::ptr::from_ref(entry).cast::<u8>();
-            prefetch(start);
-            prefetch(start.wrapping_add(std::mem::size_of::<KeyEntry>() - 1));
+            prefetch_entry_at(std::ptr::from_ref(entry).cast());
             false
         });
     }

@@ -60,7 +60,7 @@ pub const MAX_QUEUED_EVENTS: usize = 16_384;
 /// an append wakes a dozing one (see `WRITER_DOZE`).
 pub const WAKE_WRITER_AT_EVENTS: usize = 1024;
 /// In `None` and `Interval` modes the writer, finding the queue empty, first waits this long
-/// (at most the interval) for more events without asking to be woken, and only then sleeps
+/// (an interval is at least as long) for more events without asking to be woken, and only then sleeps
 /// until an append wakes it. Under a steady stream of single appends nobody pays a wake-up
 /// (a futex call and a context switch: in `examples/manyloop` with batches of one, about half
 /// the calling thread's time went to the kernel waking the writer); an event waits at most this
@@ -2232,10 +2232,7 @@ impl Writer {
             }
             if !dozed && self.shared.durability != Durability::Sync {
                 dozed = true;
-                let mut until = Instant::now() + WRITER_DOZE;
-                if let Durability::Interval { ms } = self.shared.durability {
-                    until = until.min(Instant::now() + Duration::from_millis(ms));
-                }
+                let until = Instant::now() + WRITER_DOZE;
                 let until = flush_at.map_or(until, |at| at.min(until));
                 self.shared.writer_dozing.store(true, Ordering::Relaxed);
                 let _ = self.shared.queue_ready.wait_until(&mut queue, until);

@@ -928,16 +928,13 @@ impl Engine {
                 given_back,
             } => {
                 self.apply_given_back(key, given_back, debts);
-                let closed = match end {
-                    ReservationEnd::Settled { settlement, extra } => {
-                        if let Some(extra) = extra {
-                            self.apply_receipt(key, None, extra, debts);
-                        }
-                        Closed::Settled(*settlement)
-                    }
-                    ReservationEnd::Voided => Closed::Voided,
-                    ReservationEnd::Expired => Closed::Expired,
-                };
+                if let ReservationEnd::Settled {
+                    extra: Some(extra), ..
+                } = end
+                {
+                    self.apply_receipt(key, None, extra, debts);
+                }
+                let closed = Closed::from(end);
                 let mut table = self.reservations.inner.lock();
                 if let Some(entry) = table.remove_open(*reservation) {
                     table.close(*reservation, closed, event.at_ms, 0);

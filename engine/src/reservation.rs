@@ -38,8 +38,8 @@ pub(crate) struct Reservation {
     pub estimate: Quantities,
     pub receipt: Receipt,
     pub expires_at_ms: u64,
-    /// The sequence number of its `ReservationOpened` event while that may not be durable yet
-    /// (0 without a log or when restored): a settle or void waits for it before acting.
+    /// The sequence number of its `ReservationOpened` event if this engine logged it (0 without
+    /// a log or when restored): a settle or void waits for it to be durable before acting.
     pub opened_seq: u64,
 }
 
@@ -61,6 +61,16 @@ pub(crate) enum Closed {
     Settled(Settlement),
     Voided,
     Expired,
+}
+
+impl From<&ReservationEnd> for Closed {
+    fn from(end: &ReservationEnd) -> Closed {
+        match end {
+            ReservationEnd::Settled { settlement, .. } => Closed::Settled(*settlement),
+            ReservationEnd::Voided => Closed::Voided,
+            ReservationEnd::Expired => Closed::Expired,
+        }
+    }
 }
 
 impl Closed {
@@ -403,16 +413,8 @@ impl Engine {
             extra: extra_receipt.map(Box::new),
         };
         let extra = extra_receipt.map(|receipt| (receipt, extra));
-        let closing = self.begin_close(
-            &mut table,
-            id,
-            reservation,
-            &released,
-            extra,
-            end,
-            Closed::Settled(settlement),
-            at_ms,
-        )?;
+        let closing =
+            self.begin_close(&mut table, id, reservation, &released, extra, end, at_ms)?;
         drop(table);
         self.finish_close(closing, None)?;
         Ok(SettleOutcome::Settled(settlement))
@@ -453,7 +455,6 @@ impl Engine {
             &estimate,
             None,
             ReservationEnd::Voided,
-            Closed::Voided,
             at_ms,
         )?;
         drop(table);
@@ -489,9 +490,9 @@ impl Engine {
         released: &Quantities,
         extra: Option<(Receipt, Quantities)>,
         end: ReservationEnd,
-        closed: Closed,
         at_ms: u64,
     ) -> Result<Closing, Error> {
+        let closed = Closed::from(&end);
         let given_back = self.give_back(
             &reservation.key,
             &reservation.resource,
@@ -600,7 +601,6 @@ impl Engine {
                 &estimate,
                 None,
                 ReservationEnd::Expired,
-                Closed::Expired,
                 at_ms,
             )?;
             self.finish_close(closing, Some(&mut *table))?;
