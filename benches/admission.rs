@@ -8,6 +8,9 @@
 //!   (the decision written into the caller's) and `check` on a plan with three limits that
 //!   all apply to the request;
 //! - `million_keys`: keys drawn uniformly at random from 1,000,000, governor against tally;
+//!   then the memory each side's keys hold, and what one dependent cache miss costs over that
+//!   much memory (a pointer chase, not a criterion timing): the ratio a lookup that waits for
+//!   its misses one after another cannot get under;
 //! - `two_threads`: wall time per admission with two threads on disjoint keys;
 //! - a summary: criterion's medians read back from this run's `estimates.json`, and the ratios
 //!   against the targets of the admission issue.
@@ -292,6 +295,7 @@ struct Report {
     /// `consume_into` against governor, in bursts of its own alternating with governor's.
     hot_into_paired: Option<Paired>,
     million_paired: Option<Paired>,
+    memory_reach: Option<MemoryReach>,
 }
 
 /// Medians of alternating bursts: governor's and tally's time per admission, and their ratio.
@@ -700,12 +704,17 @@ struct MillionKeys {
     tally_sequence: String,
     governor_sequence: Vec<u64>,
     key_width: usize,
+    /// Resident bytes each limiter's keys added while it was built (the memory its admissions
+    /// reach into at random).
+    tally_resident: usize,
+    governor_resident: usize,
 }
 
 impl MillionKeys {
     fn build(sizes: Sizes) -> MillionKeys {
         let count = sizes.million_keys;
         let engine = bench_engine(Some(START_MS));
+        let resident_before_tally = resident_bytes();
         let started = Instant::now();
         for index in 0..count {
             add_seated_key(&engine, index, BENCH_PLAN);
@@ -720,12 +729,15 @@ impl MillionKeys {
             assert!(tally_admitted(engine.consume(&request)));
         }
         let first_touch = started.elapsed();
+        let resident_before_governor = resident_bytes();
+        let tally_resident = resident_before_governor.saturating_sub(resident_before_tally);
         let governor: DefaultKeyedRateLimiter<u64> = RateLimiter::keyed(governor_quota());
         let started = Instant::now();
         for index in 0..count as u64 {
             assert!(governor.check_key(&index).is_ok());
         }
         let governor_setup = started.elapsed();
+        let governor_resident = resident_bytes().saturating_sub(resident_before_governor);
         let setup_note = format!(
             "million_keys setup: {count} tally users with a seat in {:.2} s ({:.2} µs/key), first \
              admission on each in {:.2} s; governor first check on each in {:.2} s",
@@ -753,6 +765,8 @@ impl MillionKeys {
             tally_sequence,
             governor_sequence: order.iter().map(|&index| index as u64).collect(),
             key_width,
+            tally_resident,
+            governor_resident,
         }
     }
 
@@ -806,6 +820,9 @@ fn bench_million_keys(criterion: &mut Criterion, sizes: Sizes, report: &mut Repo
     }
     governor_stream.assert_never_denied("million_keys/governor_check_key");
     tally_stream.assert_never_denied("million_keys/tally_consume");
+    if let Some(fixture) = fixture.get() {
+        report.memory_reach = Some(memory_reach(fixture, sizes));
+    }
     if let Some(fixture) = fixture.into_inner() {
         report.lines.push(fixture.setup_note.clone());
         // Freeing a million keys' state takes a moment; say so rather than look stuck.
@@ -816,6 +833,118 @@ fn bench_million_keys(criterion: &mut Criterion, sizes: Sizes, report: &mut Repo
             started.elapsed().as_secs_f64()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What one cache miss costs at each limiter's footprint
+
+/// The memory each limiter's million keys hold, and what a load that depends on the one before
+/// costs over that much memory: at a million keys both limiters' admissions are a couple of
+/// such loads in a row (a table's slot, then what it holds), so the ratio of the two latencies
+/// is about what the ratio of the two limiters can come down to on this machine.
+#[derive(Clone, Copy)]
+struct MemoryReach {
+    keys: usize,
+    governor_bytes: usize,
+    tally_bytes: usize,
+    governor_load_ns: f64,
+    tally_load_ns: f64,
+}
+
+/// Dependent loads timed per region (median of three passes of this many).
+const PROBE_LOADS: usize = 2_000_000;
+
+fn memory_reach(fixture: &MillionKeys, sizes: Sizes) -> MemoryReach {
+    let loads = if sizes.million_keys < FULL.million_keys {
+        PROBE_LOADS / 100
+    } else {
+        PROBE_LOADS
+    };
+    let keys = sizes.million_keys;
+    // governor's tables come from malloc (4 KiB pages); tally's key tables and usage sit on
+    // 2 MiB pages (`tally_engine::pages`).
+    let reach = MemoryReach {
+        keys,
+        governor_bytes: fixture.governor_resident,
+        tally_bytes: fixture.tally_resident,
+        governor_load_ns: dependent_load_ns(fixture.governor_resident, false, loads),
+        tally_load_ns: dependent_load_ns(fixture.tally_resident, true, loads),
+    };
+    println!(
+        "million_keys memory reach: governor's keys {:.0} MiB resident, one dependent load over \
+         as much memory (4 KiB pages) {:.1} ns; tally's keys {:.0} MiB, a load over as much \
+         (2 MiB pages) {:.1} ns",
+        reach.governor_bytes as f64 / f64::from(1 << 20),
+        reach.governor_load_ns,
+        reach.tally_bytes as f64 / f64::from(1 << 20),
+        reach.tally_load_ns,
+    );
+    reach
+}
+
+/// One 64-byte cache line of the probe's region; its first word is the index of the next.
+#[repr(C, align(64))]
+struct ProbeLine([u32; 16]);
+
+/// Nanoseconds per load when each load's address comes from the one before: a chase through
+/// one random cycle over every cache line of `bytes` of fresh memory, on 2 MiB pages
+/// (`MADV_HUGEPAGE`) or 4 KiB ones (`MADV_NOHUGEPAGE`). The median of three passes of `loads`.
+fn dependent_load_ns(bytes: usize, huge_pages: bool, loads: usize) -> f64 {
+    const HUGE_PAGE: usize = 2 << 20;
+    let lines = (bytes / std::mem::size_of::<ProbeLine>()).clamp(2, u32::MAX as usize);
+    let length = lines * std::mem::size_of::<ProbeLine>();
+    // SAFETY: a fresh anonymous private mapping with no address hint; checked below.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            length + HUGE_PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(
+        mapped != libc::MAP_FAILED,
+        "probe: cannot map {length} bytes"
+    );
+    // Aligned to a huge page so the advice covers whole ones.
+    let start = (mapped as usize).next_multiple_of(HUGE_PAGE) as *mut ProbeLine;
+    let advice = if huge_pages {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    // SAFETY: `start..start + length` lies inside the mapping (at most `HUGE_PAGE` was
+    // skipped to align it). Advice only: a refusal changes the page size, not correctness.
+    let _ = unsafe { libc::madvise(start.cast(), length, advice) };
+    // SAFETY: `lines` lines from `start` are inside the mapping, zero-filled (a valid
+    // `ProbeLine`), aligned to 64 bytes, and reached only through this slice until the unmap.
+    let region = unsafe { std::slice::from_raw_parts_mut(start, lines) };
+    // Sattolo's shuffle: a permutation that is one cycle through every line.
+    let mut next: Vec<u32> = (0..lines as u32).collect();
+    let mut random = XorShift(0x2545_F491_4F6C_DD1D);
+    for at in (1..lines).rev() {
+        next.swap(at, (random.next() % at as u64) as usize);
+    }
+    for (line, &to) in region.iter_mut().zip(&next) {
+        line.0[0] = to;
+    }
+    drop(next);
+    let mut at = 0u32;
+    let mut passes = [0.0f64; 3];
+    for pass in &mut passes {
+        let started = Instant::now();
+        for _ in 0..loads {
+            at = region[at as usize].0[0];
+        }
+        *pass = started.elapsed().as_nanos() as f64 / loads as f64;
+    }
+    black_box(at);
+    // SAFETY: the mapping made above, whole; `region` is not used after this.
+    let _ = unsafe { libc::munmap(mapped, length + HUGE_PAGE) };
+    passes.sort_by(f64::total_cmp);
+    passes[1]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1070,6 +1199,20 @@ fn summary(report: &Report, sizes: Sizes, run_started: SystemTime) {
                 sizes.paired_rounds, paired.governor_ns, paired.tally_ns, paired.ratio,
             );
         }
+    }
+    if let Some(reach) = report.memory_reach {
+        let per_key = |bytes: usize| bytes as f64 / reach.keys.max(1) as f64;
+        println!(
+            "memory reach  ({} keys) governor's keys {:.0} B/key resident, a dependent load over \
+             them {:.1} ns | tally's {:.0} B/key, {:.1} ns: {:.2}x (each of the two misses in a \
+             row an admission waits for)",
+            reach.keys,
+            per_key(reach.governor_bytes),
+            reach.governor_load_ns,
+            per_key(reach.tally_bytes),
+            reach.tally_load_ns,
+            reach.tally_load_ns / reach.governor_load_ns,
+        );
     }
     for bench in [
         "tally_consume_1_key_each".to_string(),
