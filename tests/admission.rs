@@ -9,8 +9,8 @@ use std::num::NonZeroU64;
 use common::*;
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
-    AdjustmentDirection, ChargedTo, Decision, DenialReason, Engine, Error, Policy, ReservationId,
-    SettleOutcome, Unit, UsageRequest,
+    AdjustedLimit, AdjustmentDirection, ChargedTo, Decision, DenialReason, Engine, Error, Policy,
+    ReservationId, SettleOutcome, Unit, UsageRequest,
 };
 
 const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
@@ -952,7 +952,11 @@ fn adding_usage_counts_it_whatever_the_limit_and_removing_gives_it_back() {
         .expect("add");
     assert_eq!(
         added.limits,
-        vec![("m2.7:requests per rolling:5h".to_string(), 30)]
+        vec![AdjustedLimit {
+            index: 0,
+            name: "m2.7:requests per rolling:5h".to_string(),
+            moved: 30
+        }]
     );
     let report = limit(
         &engine,
@@ -973,7 +977,7 @@ fn adding_usage_counts_it_whatever_the_limit_and_removing_gives_it_back() {
             Some(at_ms + MINUTE_MS),
         )
         .expect("remove");
-    assert_eq!(removed.limits[0].1, 50);
+    assert_eq!(removed.limits[0].moved, 50);
     assert_eq!(m27_used(&engine, &key, at_ms + MINUTE_MS), 1470);
     assert_eq!(m27_requests(&engine, &key, 31, at_ms + MINUTE_MS), 30);
 }
@@ -1018,7 +1022,7 @@ fn corrections_of_usage_whose_window_has_passed_move_nothing() {
             Some(now_ms),
         )
         .expect("add");
-    assert_eq!(rolling.limits[0].1, 0);
+    assert_eq!(rolling.limits[0].moved, 0);
     let daily_quota = engine
         .adjust_usage(
             &key,
@@ -1029,7 +1033,7 @@ fn corrections_of_usage_whose_window_has_passed_move_nothing() {
             Some(now_ms),
         )
         .expect("add");
-    assert_eq!(daily_quota.limits[0].1, 0);
+    assert_eq!(daily_quota.limits[0].moved, 0);
     assert_eq!(m27_used(&engine, &key, now_ms), 0);
     assert_eq!(used(&engine, &key, "image-01:images", daily(), now_ms), 0);
     // The same day's daily usage does move.
@@ -1043,7 +1047,7 @@ fn corrections_of_usage_whose_window_has_passed_move_nothing() {
             Some(now_ms),
         )
         .expect("add");
-    assert_eq!(today.limits[0].1, 5);
+    assert_eq!(today.limits[0].moved, 5);
     assert_eq!(used(&engine, &key, "image-01:images", daily(), now_ms), 5);
 }
 
@@ -1261,7 +1265,7 @@ fn refused_oversized_requests_and_empty_removals_hold_no_usage_memory() {
             Some(T0_MS),
         )
         .expect("remove");
-    assert_eq!(removed.limits[0].1, 0);
+    assert_eq!(removed.limits[0].moved, 0);
     let stats = engine.memory_stats();
     assert_eq!((stats.keys_with_usage, stats.usage_bytes), (0, 0));
     assert_eq!(engine.reclaim_idle(Some(T0_MS + DAY_MS)), Ok(0));

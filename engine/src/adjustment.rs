@@ -22,10 +22,20 @@ pub struct Refund {
     pub given_back: GivenBack,
 }
 
-/// Per limit of the key's plan, how much an adjustment moved.
+/// Per limit of the key's plan the adjustment touched, how much it moved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdjustmentOutcome {
-    pub limits: Vec<(String, u64)>,
+    pub limits: Vec<AdjustedLimit>,
+}
+
+/// One limit an adjustment touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdjustedLimit {
+    /// Index into the plan's `limits`.
+    pub index: u8,
+    pub name: String,
+    /// Units added, or removed (at most what still counted).
+    pub moved: u64,
 }
 
 impl Engine {
@@ -190,7 +200,11 @@ impl Engine {
                 );
                 match step {
                     Ok((time, amount)) => {
-                        limits.push((limit.name.to_string(), amount));
+                        limits.push(AdjustedLimit {
+                            index: limit_index,
+                            name: limit.name.to_string(),
+                            moved: amount,
+                        });
                         moved.push((counter.id, time, amount));
                     }
                     Err(error) => {

@@ -43,7 +43,7 @@ pub mod submission;
 pub mod window;
 
 pub use accounts::KeyKind;
-pub use adjustment::{AdjustmentOutcome, Refund};
+pub use adjustment::{AdjustedLimit, AdjustmentOutcome, Refund};
 pub use admission::{
     Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities,
     Remedies,

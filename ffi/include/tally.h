@@ -303,6 +303,26 @@ typedef uint32_t tally_policy_source;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// Which way `tally_engine_adjust_usage` corrects. Passed as `uint32_t` and checked: any
+// other value is `TALLY_BAD_ENUM`.
+enum tally_adjustment_direction
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Usage that really happened but was not counted: counted now, whatever the limit.
+  TALLY_ADJUST_ADD = 1,
+  // Usage counted that should not have been: given back where its window still counts it.
+  TALLY_ADJUST_REMOVE = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tally_adjustment_direction tally_adjustment_direction;
+#else
+typedef uint32_t tally_adjustment_direction;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // An engine. Opaque: created by `tally_engine_open` or `tally_engine_open_in_memory`, closed
 // by `tally_engine_close`, freed by `tally_engine_free`. Safe to use from many threads at
 // once, including a close racing other calls.
@@ -405,6 +425,37 @@ typedef struct tally_decision {
   char upgrade_plan[TALLY_NAME_CAPACITY];
 } tally_decision;
 
+// One limit a usage correction touched.
+typedef struct tally_limit_adjusted {
+  // Index into the key's plan's limits (as `tally_limit_status.limit_index`).
+  uint32_t limit_index;
+  // Units added, or removed (at most what still counted: nothing for usage whose window has
+  // reset or aged out).
+  uint64_t moved;
+  // The limit's name ("m2.7:requests per rolling:5h"), NUL-terminated.
+  char name[TALLY_NAME_CAPACITY];
+} tally_limit_adjusted;
+
+// What `tally_engine_adjust_usage` moved: one entry per limit of the key's plan that counts
+// the resource, in the plan's order. Plain data: copy it freely.
+typedef struct tally_adjustment {
+  // How many entries of `limits` are set.
+  uint32_t limit_count;
+  struct tally_limit_adjusted limits[TALLY_MAX_DECISION_LIMITS];
+} tally_adjustment;
+
+// What the engine's keys hold in memory (`tally_engine_memory_stats`).
+typedef struct tally_memory_stats {
+  // Keys of every kind.
+  uint64_t keys;
+  // Keys holding window memory (they counted usage and were not reclaimed since).
+  uint64_t keys_with_usage;
+  // Bytes of those windows.
+  uint64_t usage_bytes;
+  // Bytes of the key table itself.
+  uint64_t table_bytes;
+} tally_memory_stats;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -487,6 +538,25 @@ tally_status tally_engine_refund(const struct tally_engine *engine,
                                  const char *request_id,
                                  size_t request_id_len,
                                  uint64_t at_ms);
+
+// Corrects the usage a key's plan counted at `usage_at_ms` (when it happened; not after
+// `at_ms`): `direction` adds usage that was not counted (whatever the limit) or removes
+// usage that should not have been (given back only where its window still counts it). Every
+// limit of the plan that counts the resource, or none; logged as its own event (never an
+// edit of the original). Writes what moved to `*adjustment_out`. A key without a seat
+// (including a pay-as-you-go key) is `TALLY_INVALID_ARGUMENT`; an unknown key
+// `TALLY_UNKNOWN_KEY`, an unknown resource `TALLY_UNKNOWN_RESOURCE`.
+tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
+                                       const char *key,
+                                       size_t key_len,
+                                       const char *resource,
+                                       size_t resource_len,
+                                       const struct tally_quantity *quantities_ptr,
+                                       size_t quantities_len,
+                                       uint64_t usage_at_ms,
+                                       uint32_t direction,
+                                       uint64_t at_ms,
+                                       struct tally_adjustment *adjustment_out);
 
 // Opens (or creates) the database in the directory `path` and writes a new handle to
 // `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
@@ -701,6 +771,19 @@ tally_status tally_verify(const char *path,
                           char *buf,
                           size_t buf_len,
                           size_t *needed);
+
+// Writes what the engine's keys hold in memory to `*stats_out`.
+tally_status tally_engine_memory_stats(const struct tally_engine *engine,
+                                       struct tally_memory_stats *stats_out);
+
+// Frees the window memory of every key with nothing counted in any window as of `at_ms` (or
+// now) and no open reservation, and writes how many keys it freed to `*reclaimed_out`. Their
+// next request starts from empty windows, exactly as if they had been kept. The engine never
+// does this on its own: call it from time to time (for example hourly) to keep memory to the
+// keys in use.
+tally_status tally_engine_reclaim_idle(const struct tally_engine *engine,
+                                       uint64_t at_ms,
+                                       uint64_t *reclaimed_out);
 
 // The name of a status as spelled in this header (`"TALLY_BUFFER_TOO_SMALL"`), or
 // `"TALLY_UNKNOWN_STATUS"` for a value that is not a status. The string is static: never free

@@ -1,12 +1,20 @@
-//! The hot path and its relatives: consume, check, batches, reservations and refunds.
+//! The hot path and its relatives: consume, check, batches, reservations, refunds and usage
+//! corrections.
 
 use std::ffi::c_char;
 use std::num::NonZeroU64;
 
-use ::tally_engine::{ChargedTo, Decision, DenialReason, ReservationId, SettleOutcome};
+use ::tally_engine::{
+    AdjustmentDirection, ChargedTo, Decision, DenialReason, ReservationId, SettleOutcome,
+};
 
-use crate::checks::{optional_slice, text, Out, OutSlice, TALLY_MAX_ID_BYTES};
-use crate::decision::{at, quantities, tally_decision, tally_quantity, tally_request, Request};
+use crate::checks::{
+    copy_name, optional_slice, text, Out, OutSlice, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES,
+};
+use crate::decision::{
+    at, quantities, tally_decision, tally_quantity, tally_request, Request,
+    TALLY_MAX_DECISION_LIMITS, TALLY_NAME_CAPACITY,
+};
 use crate::handle::{tally_engine, try_ref, Open};
 use crate::panic::boundary;
 use crate::status::{status_of, tally_status, Failure};
@@ -287,4 +295,123 @@ pub extern "C" fn tally_engine_refund(
             Ok(())
         })
     })
+}
+
+/// Which way `tally_engine_adjust_usage` corrects. Passed as `uint32_t` and checked: any
+/// other value is `TALLY_BAD_ENUM`.
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tally_adjustment_direction {
+    /// Usage that really happened but was not counted: counted now, whatever the limit.
+    TALLY_ADJUST_ADD = 1,
+    /// Usage counted that should not have been: given back where its window still counts it.
+    TALLY_ADJUST_REMOVE = 2,
+}
+
+/// One limit a usage correction touched.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct tally_limit_adjusted {
+    /// Index into the key's plan's limits (as `tally_limit_status.limit_index`).
+    pub limit_index: u32,
+    /// Units added, or removed (at most what still counted: nothing for usage whose window has
+    /// reset or aged out).
+    pub moved: u64,
+    /// The limit's name ("m2.7:requests per rolling:5h"), NUL-terminated.
+    pub name: [c_char; TALLY_NAME_CAPACITY],
+}
+
+/// What `tally_engine_adjust_usage` moved: one entry per limit of the key's plan that counts
+/// the resource, in the plan's order. Plain data: copy it freely.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct tally_adjustment {
+    /// How many entries of `limits` are set.
+    pub limit_count: u32,
+    pub limits: [tally_limit_adjusted; TALLY_MAX_DECISION_LIMITS],
+}
+
+/// Corrects the usage a key's plan counted at `usage_at_ms` (when it happened; not after
+/// `at_ms`): `direction` adds usage that was not counted (whatever the limit) or removes
+/// usage that should not have been (given back only where its window still counts it). Every
+/// limit of the plan that counts the resource, or none; logged as its own event (never an
+/// edit of the original). Writes what moved to `*adjustment_out`. A key without a seat
+/// (including a pay-as-you-go key) is `TALLY_INVALID_ARGUMENT`; an unknown key
+/// `TALLY_UNKNOWN_KEY`, an unknown resource `TALLY_UNKNOWN_RESOURCE`.
+#[no_mangle]
+pub extern "C" fn tally_engine_adjust_usage(
+    engine: *const tally_engine,
+    key: *const c_char,
+    key_len: usize,
+    resource: *const c_char,
+    resource_len: usize,
+    quantities_ptr: *const tally_quantity,
+    quantities_len: usize,
+    usage_at_ms: u64,
+    direction: u32,
+    at_ms: u64,
+    adjustment_out: *mut tally_adjustment,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("adjustment_out", adjustment_out)?;
+        let key = text("key", key, key_len, TALLY_MAX_ID_BYTES)?;
+        let resource = text("resource", resource, resource_len, TALLY_MAX_NAME_BYTES)?;
+        let quantities = quantities(quantities_ptr, quantities_len, false)?;
+        let direction = adjustment_direction(direction)?;
+        if usage_at_ms == crate::decision::TALLY_NOW {
+            return Err(Failure::new(
+                tally_status::TALLY_BAD_TIMESTAMP,
+                "usage_at_ms: when the usage happened, in milliseconds since the Unix epoch \
+                 (TALLY_NOW is not a time here)",
+            ));
+        }
+        let outcome = handle.with(|open| {
+            Ok(open.engine.adjust_usage(
+                key,
+                resource,
+                quantities.as_slice(),
+                usage_at_ms,
+                direction,
+                at(at_ms),
+            )?)
+        })?;
+        let mut adjustment = tally_adjustment {
+            limit_count: 0,
+            limits: [tally_limit_adjusted {
+                limit_index: 0,
+                moved: 0,
+                name: [0; TALLY_NAME_CAPACITY],
+            }; TALLY_MAX_DECISION_LIMITS],
+        };
+        for (slot, limit) in adjustment.limits.iter_mut().zip(&outcome.limits) {
+            slot.limit_index = u32::from(limit.index);
+            slot.moved = limit.moved;
+            copy_name(&limit.name, &mut slot.name);
+            adjustment.limit_count += 1;
+        }
+        out.set(adjustment);
+        Ok(())
+    })
+}
+
+fn adjustment_direction(direction: u32) -> Result<AdjustmentDirection, Failure> {
+    match direction {
+        value if value == tally_adjustment_direction::TALLY_ADJUST_ADD as u32 => {
+            Ok(AdjustmentDirection::Add)
+        }
+        value if value == tally_adjustment_direction::TALLY_ADJUST_REMOVE as u32 => {
+            Ok(AdjustmentDirection::Remove)
+        }
+        other => Err(Failure::new(
+            tally_status::TALLY_BAD_ENUM,
+            format!(
+                "direction: {other} is not a tally_adjustment_direction (TALLY_ADJUST_ADD = 1, \
+                 TALLY_ADJUST_REMOVE = 2)"
+            ),
+        )),
+    }
 }

@@ -1,5 +1,6 @@
 //! Reports and the event log: the usage report, the policy, billing export (events after a
-//! cursor, named cursors), checkpoints, sync, compaction and verify. Larger answers are JSON
+//! cursor, named cursors), checkpoints, sync, compaction and verify; memory: what the keys
+//! hold, and reclaiming the windows of idle ones. Larger answers are JSON
 //! in a caller-owned buffer with the size-query convention (see `tally_last_error`).
 
 use std::ffi::c_char;
@@ -249,6 +250,61 @@ pub extern "C" fn tally_verify(
         });
         write_text(&json.to_string(), out)?;
         sound.set(report.is_sound());
+        Ok(())
+    })
+}
+
+/// What the engine's keys hold in memory (`tally_engine_memory_stats`).
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct tally_memory_stats {
+    /// Keys of every kind.
+    pub keys: u64,
+    /// Keys holding window memory (they counted usage and were not reclaimed since).
+    pub keys_with_usage: u64,
+    /// Bytes of those windows.
+    pub usage_bytes: u64,
+    /// Bytes of the key table itself.
+    pub table_bytes: u64,
+}
+
+/// Writes what the engine's keys hold in memory to `*stats_out`.
+#[no_mangle]
+pub extern "C" fn tally_engine_memory_stats(
+    engine: *const tally_engine,
+    stats_out: *mut tally_memory_stats,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("stats_out", stats_out)?;
+        let stats = handle.with(|open| Ok(open.engine.memory_stats()))?;
+        out.set(tally_memory_stats {
+            keys: stats.keys,
+            keys_with_usage: stats.keys_with_usage,
+            usage_bytes: stats.usage_bytes,
+            table_bytes: stats.table_bytes,
+        });
+        Ok(())
+    })
+}
+
+/// Frees the window memory of every key with nothing counted in any window as of `at_ms` (or
+/// now) and no open reservation, and writes how many keys it freed to `*reclaimed_out`. Their
+/// next request starts from empty windows, exactly as if they had been kept. The engine never
+/// does this on its own: call it from time to time (for example hourly) to keep memory to the
+/// keys in use.
+#[no_mangle]
+pub extern "C" fn tally_engine_reclaim_idle(
+    engine: *const tally_engine,
+    at_ms: u64,
+    reclaimed_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("reclaimed_out", reclaimed_out)?;
+        let reclaimed = handle.with(|open| Ok(open.engine.reclaim_idle(at(at_ms))?))?;
+        out.set(reclaimed);
         Ok(())
     })
 }

@@ -384,6 +384,32 @@ fn out_of_range_enum_values_are_bad_enum() {
         consume(&handle, &request(b"k", "m2.7", &bad, T0, None)).err(),
         Some(tally_status::TALLY_BAD_ENUM)
     );
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let one = requests(1);
+    let ((k, kl), (r, rl)) = (s("tp-ada"), s("m2.7"));
+    // SAFETY (of the zeroed struct): plain integers and char arrays, all-zero is valid.
+    let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
+    for direction in [0, 3, u32::MAX] {
+        assert_eq!(
+            tally_engine_adjust_usage(
+                handle.0,
+                k,
+                kl,
+                r,
+                rl,
+                one.as_ptr(),
+                one.len(),
+                T0,
+                direction,
+                T0,
+                &mut adjustment
+            ),
+            tally_status::TALLY_BAD_ENUM,
+            "direction {direction}"
+        );
+        assert!(last_error().contains("direction"), "{}", last_error());
+    }
+    assert_eq!(adjustment.limit_count, 0, "nothing written on an error");
 }
 
 #[test]
@@ -446,6 +472,35 @@ fn double_close_and_use_after_close_are_closed() {
     let mut balance = 0;
     assert_eq!(
         tally_engine_credits(handle.0, t, tl, &mut balance),
+        tally_status::TALLY_CLOSED
+    );
+    let mut reclaimed = 0;
+    assert_eq!(
+        tally_engine_reclaim_idle(handle.0, T0, &mut reclaimed),
+        tally_status::TALLY_CLOSED
+    );
+    let mut stats = tally_memory_stats::default();
+    assert_eq!(
+        tally_engine_memory_stats(handle.0, &mut stats),
+        tally_status::TALLY_CLOSED
+    );
+    let ((k, kl), (r, rl)) = (s("tp-ada"), s("m2.7"));
+    // SAFETY (of the zeroed struct): plain integers and char arrays, all-zero is valid.
+    let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        tally_engine_adjust_usage(
+            handle.0,
+            k,
+            kl,
+            r,
+            rl,
+            one.as_ptr(),
+            one.len(),
+            T0,
+            tally_adjustment_direction::TALLY_ADJUST_ADD as u32,
+            T0,
+            &mut adjustment
+        ),
         tally_status::TALLY_CLOSED
     );
 }

@@ -446,6 +446,110 @@ static void test_usage(tally_engine *engine) {
   EXPECT(tally_engine_usage(engine, S("tp-ada"), T0, NULL, 0, NULL), TALLY_NULL_POINTER);
 }
 
+/* Usage corrections, and the memory of idle keys: on an engine of their own, since a reclaim
+ * moves every idle key's time forward. */
+static void test_corrections(void) {
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &engine), TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("cora"), S("tp-cora"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@cora"), S("cora"), S("Starter"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("dan"), S("tp-dan"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_payg_key(engine, S("cora"), S("payg-cora"), T0), TALLY_OK);
+  tally_quantity ten[] = {{TALLY_UNIT_REQUESTS, 10}};
+  tally_decision d;
+  tally_request r = request("tp-cora", "m2.7", ten, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &r, &d), TALLY_OK);
+  CHECK(d.admitted);
+
+  /* 30 requests that happened at T0 and were not counted: counted now, on the 5-hour limit. */
+  tally_quantity thirty[] = {{TALLY_UNIT_REQUESTS, 30}};
+  tally_adjustment a;
+  memset(&a, 0xAB, sizeof a);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0 + 60000, &a),
+         TALLY_OK);
+  CHECK(a.limit_count == 1);
+  CHECK(a.limits[0].limit_index == 0 && a.limits[0].moved == 30);
+  CHECK(strcmp(a.limits[0].name, "m2.7:requests per rolling:5h") == 0);
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request probe = request("tp-cora", "m2.7", one, 1, T0 + 60000, NULL);
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  /* A check's statuses count the request checked: 40 counted, plus 1. */
+  CHECK(d.limit_count == 1 && d.limits[0].used == 41);
+
+  /* Removing 50 gives back the 40 that count, no more. */
+  tally_quantity fifty[] = {{TALLY_UNIT_REQUESTS, 50}};
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), fifty, 1, T0,
+                                   TALLY_ADJUST_REMOVE, T0 + 60000, &a),
+         TALLY_OK);
+  CHECK(a.limit_count == 1 && a.limits[0].moved == 40);
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  CHECK(d.limits[0].used == 1);
+
+  /* Bad input changes nothing and leaves the output alone. */
+  memset(&a, 0xAB, sizeof a);
+  tally_adjustment untouched;
+  memcpy(&untouched, &a, sizeof a);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, T0, 0, T0, &a),
+         TALLY_BAD_ENUM);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, T0, 3, T0, &a),
+         TALLY_BAD_ENUM);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, TALLY_NOW,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_BAD_TIMESTAMP);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, T0 + 1,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-nobody"), S("m2.7"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_UNKNOWN_KEY);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m9"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_UNKNOWN_RESOURCE);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), NULL, 0, T0,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_BAD_QUANTITY);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-dan"), S("m2.7"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_adjust_usage(engine, S("payg-cora"), S("m2.7"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0, &a),
+         TALLY_INVALID_ARGUMENT);
+  EXPECT(tally_engine_adjust_usage(engine, NULL, 7, S("m2.7"), thirty, 1, T0, TALLY_ADJUST_ADD,
+                                   T0, &a),
+         TALLY_NULL_POINTER);
+  EXPECT(tally_engine_adjust_usage(engine, S("tp-cora"), S("m2.7"), thirty, 1, T0,
+                                   TALLY_ADJUST_ADD, T0, NULL),
+         TALLY_NULL_POINTER);
+  CHECK(memcmp(&a, &untouched, sizeof a) == 0);
+  EXPECT(tally_engine_check(engine, &probe, &d), TALLY_OK);
+  CHECK(d.limits[0].used == 1);
+
+  /* Memory: cora's windows stay while they count something (10 requests again), and are
+   * reclaimed once those have aged out of the 5-hour window. */
+  EXPECT(tally_engine_consume(engine, &r, &d), TALLY_OK);
+  tally_memory_stats before, after;
+  EXPECT(tally_engine_memory_stats(engine, &before), TALLY_OK);
+  CHECK(before.keys == 3 && before.keys_with_usage == 1 && before.usage_bytes > 0);
+  CHECK(before.table_bytes > 0);
+  uint64_t reclaimed = 99;
+  EXPECT(tally_engine_reclaim_idle(engine, T0 + 60000, &reclaimed), TALLY_OK);
+  CHECK(reclaimed == 0);
+  const uint64_t six_hours = 6ULL * 3600 * 1000;
+  EXPECT(tally_engine_reclaim_idle(engine, T0 + six_hours, &reclaimed), TALLY_OK);
+  CHECK(reclaimed == 1);
+  EXPECT(tally_engine_memory_stats(engine, &after), TALLY_OK);
+  CHECK(after.keys == 3 && after.keys_with_usage == 0 && after.usage_bytes == 0);
+  /* Its next request starts from empty windows. */
+  tally_request later = request("tp-cora", "m2.7", one, 1, T0 + six_hours, NULL);
+  EXPECT(tally_engine_consume(engine, &later, &d), TALLY_OK);
+  CHECK(d.admitted && d.limits[0].used == 1);
+  EXPECT(tally_engine_reclaim_idle(engine, T0, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_memory_stats(engine, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_memory_stats(NULL, &after), TALLY_NULL_POINTER);
+  tally_engine_free(engine);
+}
+
 static void test_log(tally_engine *engine) {
   size_t needed = 0;
   EXPECT(tally_engine_events_after(engine, 0, 1000, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
@@ -604,6 +708,7 @@ static void test_database(void) {
 int main(void) {
   test_library();
   test_policies();
+  test_corrections();
   test_database();
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
