@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use tally_engine::calendar::MAX_TIMESTAMP_MS;
 use tally_engine::policy::MAX_QUANTITY;
-use tally_engine::{Durability, Unit};
+use tally_engine::{AdjustmentDirection, Durability, Unit};
 
 use crate::format::grouped;
 pub use crate::help::HelpTopic;
@@ -138,6 +138,12 @@ pub enum Action {
         at_ms: Option<u64>,
     },
     Consume(ConsumeArgs),
+    Refund {
+        request_id: String,
+        at_ms: Option<u64>,
+        json: bool,
+    },
+    Adjust(AdjustArgs),
     Usage {
         key: String,
         at_ms: Option<u64>,
@@ -165,6 +171,17 @@ pub struct ConsumeArgs {
     pub resource: String,
     pub quantities: Vec<(Unit, u64)>,
     pub request_id: Option<String>,
+    pub at_ms: Option<u64>,
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdjustArgs {
+    pub key: String,
+    pub resource: String,
+    pub quantities: Vec<(Unit, u64)>,
+    pub usage_at_ms: u64,
+    pub direction: AdjustmentDirection,
     pub at_ms: Option<u64>,
     pub json: bool,
 }
@@ -251,7 +268,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             None => Err(UsageError::new(
                 other,
                 "unknown command; the commands are simulate, user, team, member, seat, topup, \
-                 consume, usage, events, verify and compact",
+                 consume, refund, adjust, usage, events, verify and compact",
                 HelpTopic::Main,
             )),
         },
@@ -682,6 +699,20 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
             Rest::OneOrMore("UNIT=N"),
             &[("--id", Takes::Value), AT, JSON],
         ),
+        T::Refund => operator_spec("refund", topic, &["REQUEST_ID"], Rest::Nothing, &[AT, JSON]),
+        T::Adjust => operator_spec(
+            "adjust",
+            topic,
+            &["KEY", "RESOURCE"],
+            Rest::OneOrMore("UNIT=N"),
+            &[
+                ("--usage-at", Takes::Value),
+                ("--add", Takes::Flag),
+                ("--remove", Takes::Flag),
+                AT,
+                JSON,
+            ],
+        ),
         T::Usage => operator_spec("usage", topic, &["KEY"], Rest::Nothing, &[AT, JSON]),
         T::Events => operator_spec(
             "events",
@@ -755,6 +786,12 @@ fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
             at_ms,
             json,
         }),
+        HelpTopic::Refund => Action::Refund {
+            request_id: parse_name("REQUEST_ID", &scanned.arguments[0], topic)?,
+            at_ms,
+            json,
+        },
+        HelpTopic::Adjust => parse_adjust(spec, scanned, at_ms, json)?,
         HelpTopic::Usage => Action::Usage {
             key: argument(0)?,
             at_ms,
@@ -766,6 +803,47 @@ fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
         HelpTopic::Main | HelpTopic::Simulate => unreachable!("not an operator command"),
     };
     Ok(action)
+}
+
+fn parse_adjust(
+    spec: &Spec,
+    scanned: &Scanned,
+    at_ms: Option<u64>,
+    json: bool,
+) -> Result<Action, UsageError> {
+    let topic = spec.topic;
+    let direction = match (scanned.flag("--add"), scanned.flag("--remove")) {
+        (true, false) => AdjustmentDirection::Add,
+        (false, true) => AdjustmentDirection::Remove,
+        (true, true) => {
+            return Err(spec.error("--remove", "given with --add; give one or the other"));
+        }
+        (false, false) => {
+            return Err(spec.error(
+                "--add",
+                "missing; give --add (count usage that was not counted) or --remove (give back \
+                 usage that should not have been)",
+            ));
+        }
+    };
+    let usage_at_ms = match scanned.value("--usage-at") {
+        Some(value) => parse_at("--usage-at", value, topic)?,
+        None => {
+            return Err(spec.error(
+                "--usage-at",
+                "missing; give when the usage happened, in ms since 1970 UTC",
+            ));
+        }
+    };
+    Ok(Action::Adjust(AdjustArgs {
+        key: parse_name("KEY", &scanned.arguments[0], topic)?,
+        resource: parse_name("RESOURCE", &scanned.arguments[1], topic)?,
+        quantities: parse_quantities(&scanned.arguments[2..], topic)?,
+        usage_at_ms,
+        direction,
+        at_ms,
+        json,
+    }))
 }
 
 fn parse_seat(spec: &Spec, scanned: &Scanned, at_ms: Option<u64>) -> Result<Action, UsageError> {
@@ -1117,6 +1195,51 @@ mod tests {
                 json: true,
             })
         );
+    }
+
+    #[test]
+    fn refund_and_adjust_read_their_arguments() {
+        assert_eq!(
+            action("refund req-1 --at 9 --json"),
+            Action::Refund {
+                request_id: "req-1".into(),
+                at_ms: Some(9),
+                json: true,
+            }
+        );
+        assert_eq!(
+            action("adjust tp-ada m2.7 requests=30 --usage-at 5 --remove --at 7"),
+            Action::Adjust(AdjustArgs {
+                key: "tp-ada".into(),
+                resource: "m2.7".into(),
+                quantities: vec![(Unit::Requests, 30)],
+                usage_at_ms: 5,
+                direction: AdjustmentDirection::Remove,
+                at_ms: Some(7),
+                json: false,
+            })
+        );
+        assert_eq!(
+            error_of("adjust tp-ada m2.7 requests=1 --add").option,
+            "--usage-at"
+        );
+        assert_eq!(
+            error_of("adjust tp-ada m2.7 requests=1 --usage-at 5").option,
+            "--add"
+        );
+        assert_eq!(
+            error_of("adjust tp-ada m2.7 requests=1 --usage-at 5 --add --remove").option,
+            "--remove"
+        );
+        assert_eq!(
+            error_of("adjust tp-ada m2.7 requests=1 --usage-at soon --add").option,
+            "--usage-at"
+        );
+        assert_eq!(
+            error_of("adjust tp-ada m2.7 --usage-at 5 --add").option,
+            "UNIT=N"
+        );
+        assert_eq!(error_of("refund").option, "REQUEST_ID");
     }
 
     #[test]

@@ -11,13 +11,15 @@ pub enum HelpTopic {
     Seat,
     TopUp,
     Consume,
+    Refund,
+    Adjust,
     Usage,
     Events,
     Verify,
     Compact,
 }
 
-const COMMANDS: [(&str, HelpTopic); 11] = [
+const COMMANDS: [(&str, HelpTopic); 13] = [
     ("simulate", HelpTopic::Simulate),
     ("user", HelpTopic::User),
     ("team", HelpTopic::Team),
@@ -25,6 +27,8 @@ const COMMANDS: [(&str, HelpTopic); 11] = [
     ("seat", HelpTopic::Seat),
     ("topup", HelpTopic::TopUp),
     ("consume", HelpTopic::Consume),
+    ("refund", HelpTopic::Refund),
+    ("adjust", HelpTopic::Adjust),
     ("usage", HelpTopic::Usage),
     ("events", HelpTopic::Events),
     ("verify", HelpTopic::Verify),
@@ -58,6 +62,8 @@ impl HelpTopic {
             HelpTopic::Seat => SEAT_HELP,
             HelpTopic::TopUp => TOPUP_HELP,
             HelpTopic::Consume => CONSUME_HELP,
+            HelpTopic::Refund => REFUND_HELP,
+            HelpTopic::Adjust => ADJUST_HELP,
             HelpTopic::Usage => USAGE_HELP,
             HelpTopic::Events => EVENTS_HELP,
             HelpTopic::Verify => VERIFY_HELP,
@@ -84,6 +90,9 @@ Operator commands, on the database at --db (default: ./tally-data):
   seat TEAM USER PLAN|--none     Give the user's key in the team a seat on a plan, or take it
   topup TEAM MICROS              Add credits to a team (1 credit = 1,000,000 micro-credits)
   consume KEY RESOURCE UNIT=N..  Admit or deny one request, and say where it was charged or why
+  refund REQUEST_ID              Give back in full what a request admitted with --id took
+  adjust KEY RESOURCE UNIT=N..   Correct a key's counted usage: --add what was not counted, or
+                                 --remove what should not have been
   usage KEY                      A key's usage bars, reset times and credits
   events                         The event log, one event per line, after a sequence number or
                                  a named export cursor
@@ -231,6 +240,35 @@ Options:
 
 Exit status: 0 admitted, 1 denied, 2 the request could not be decided (a bad command line, an
 unknown resource, a quantity the resource does not take, ...).
+";
+
+const REFUND_HELP: &str = "\
+Give back in full what a request admitted with an id (`tally consume ... --id REQUEST_ID`)
+took: its plan quota where that still counts (not what has aged out of a rolling window or was
+counted on a day, week or month since ended), its credits, or its pay-as-you-go spend. Logged
+as an event of its own; the original stays as it was. A request is refunded once.
+
+Usage: tally refund REQUEST_ID [OPTIONS]
+
+Options:
+  --at MS              The time of the refund, in ms since 1970 UTC [default: now]
+  --json               Print what was given back as JSON
+";
+
+const ADJUST_HELP: &str = "\
+Correct the usage a key's plan counted at a given time, on every limit of the plan that counts
+the resource: --add usage that happened but was not counted (counted whatever the limit), or
+--remove usage that should not have been counted (given back only where its window still counts
+it). Logged as an event of its own; the original events stay as they were.
+
+Usage: tally adjust KEY RESOURCE UNIT=N [UNIT=N ...] --usage-at MS (--add | --remove) [OPTIONS]
+
+Options:
+  --usage-at MS        When the usage happened, in ms since 1970 UTC (required; not after --at)
+  --add                Count the quantities
+  --remove             Give the quantities back
+  --at MS              The time of the correction, in ms since 1970 UTC [default: now]
+  --json               Print what moved on each limit as JSON
 ";
 
 const USAGE_HELP: &str = "\

@@ -1,7 +1,8 @@
 //! `tally`: the command-line program. Its main job is `tally simulate`, which runs days of
 //! simulated gateway traffic through the engine on a database in seconds and reports what
-//! happened; the operator commands (`user`, `seat`, `topup`, `consume`, `usage`, `events`,
-//! `verify`, `compact`, ...) work on a database one change or question at a time.
+//! happened; the operator commands (`user`, `seat`, `topup`, `consume`, `refund`, `adjust`,
+//! `usage`, `events`, `verify`, `compact`, ...) work on a database one change or question at a
+//! time.
 
 mod cli;
 mod crash_child;

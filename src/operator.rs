@@ -8,12 +8,18 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
+use serde_json::json;
 use serde_json::Value;
-use tally_engine::{Decision, Engine, Error, Policy, SystemClock, UsageRequest};
+use tally_engine::{
+    AdjustmentDirection, ChargedTo, Decision, Engine, Error, Policy, SystemClock, UsageRequest,
+};
 
-use crate::cli::{Action, ConsumeArgs, Database, EventsArgs, EventsStart, Operation, UsageError};
+use crate::cli::{
+    Action, AdjustArgs, ConsumeArgs, Database, EventsArgs, EventsStart, Operation, UsageError,
+};
 use crate::describe;
-use crate::format::{credits, grouped};
+use crate::format::{credits, grouped, utc_iso8601_ms};
+use crate::help::HelpTopic;
 use crate::store;
 
 /// What a command printed and its exit status.
@@ -63,7 +69,14 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         // The change failed: leave no database behind that the command made for it.
         let _ = std::fs::remove_dir_all(&database.path);
     }
-    result.map_err(|error| fail(culprit(&error)))
+    result.map_err(|error| {
+        let (mut argument, problem) = culprit(&error);
+        // `refund` takes the request id as its argument, not as `--id`.
+        if operation.topic == HelpTopic::Refund && argument == "--id" {
+            argument = "REQUEST_ID".into();
+        }
+        fail((argument, problem))
+    })
 }
 
 fn load_policy(database: &Database) -> Result<Policy, (String, String)> {
@@ -113,6 +126,12 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
             )
         }
         Action::Consume(args) => return consume(engine, args),
+        Action::Refund {
+            request_id,
+            at_ms,
+            json,
+        } => refund(engine, request_id, *at_ms, *json)?,
+        Action::Adjust(args) => adjust(engine, args)?,
         Action::Usage { key, at_ms, json } => {
             let report = engine.usage(key, *at_ms)?;
             if *json {
@@ -168,6 +187,91 @@ fn consume(engine: &Engine, args: &ConsumeArgs) -> Result<Outcome, Error> {
         Decision::Denied(_) => EXIT_NO,
     };
     Ok(Outcome { text, status })
+}
+
+fn refund(
+    engine: &Engine,
+    request_id: &str,
+    at_ms: Option<u64>,
+    json: bool,
+) -> Result<String, Error> {
+    let refund = engine.refund(request_id, at_ms)?;
+    let given = &refund.given_back;
+    let units = given.total();
+    if json {
+        let charged_to = match refund.charged_to {
+            ChargedTo::PlanQuota { .. } => "plan_quota",
+            ChargedTo::Credits { .. } => "credits",
+            ChargedTo::PayAsYouGo { .. } => "pay_as_you_go",
+        };
+        return Ok(json_text(&json!({
+            "request_id": request_id,
+            "charged_to": charged_to,
+            "units_given_back": units,
+            "credits_micros_given_back": given.credits_micros,
+            "pay_as_you_go_micros_given_back": given.payg_micros,
+        })));
+    }
+    let what = match refund.charged_to {
+        ChargedTo::PlanQuota { .. } if units == 0 => {
+            "nothing: its usage no longer counts in any window".to_string()
+        }
+        ChargedTo::PlanQuota { .. } => format!("{} units of plan quota", grouped(units)),
+        ChargedTo::Credits { .. } => format!(
+            "{} micro-credits ({} credits)",
+            grouped(given.credits_micros),
+            credits(given.credits_micros)
+        ),
+        ChargedTo::PayAsYouGo { .. } => {
+            format!("{} pay-as-you-go micro-credits", grouped(given.payg_micros))
+        }
+    };
+    Ok(format!("refunded {request_id}: gave back {what}\n"))
+}
+
+fn adjust(engine: &Engine, args: &AdjustArgs) -> Result<String, Error> {
+    let outcome = engine.adjust_usage(
+        &args.key,
+        &args.resource,
+        &args.quantities,
+        args.usage_at_ms,
+        args.direction,
+        args.at_ms,
+    )?;
+    if args.json {
+        let limits: Vec<Value> = outcome
+            .limits
+            .iter()
+            .map(|limit| json!({"limit": limit.name, "index": limit.index, "moved": limit.moved}))
+            .collect();
+        let direction = match args.direction {
+            AdjustmentDirection::Add => "add",
+            AdjustmentDirection::Remove => "remove",
+        };
+        return Ok(json_text(&json!({
+            "key": args.key,
+            "direction": direction,
+            "usage_at_ms": args.usage_at_ms,
+            "limits": limits,
+        })));
+    }
+    let verb = match args.direction {
+        AdjustmentDirection::Add => "added",
+        AdjustmentDirection::Remove => "removed",
+    };
+    let mut text = format!(
+        "{}: usage at {} corrected\n",
+        args.key,
+        utc_iso8601_ms(args.usage_at_ms)
+    );
+    for limit in &outcome.limits {
+        text.push_str(&format!(
+            "  {}: {verb} {}\n",
+            limit.name,
+            grouped(limit.moved)
+        ));
+    }
+    Ok(text)
 }
 
 /// Prints the events itself, before moving a cursor past them: a cursor only ever moves past
@@ -271,6 +375,10 @@ pub fn culprit(error: &Error) -> (String, String) {
         Error::AlreadyExists { what, id } => {
             (argument_of(what), format!("{what} {id:?} already exists"))
         }
+        Error::UnknownRequest { request_id } => (
+            "--id",
+            format!("no admitted request used the id {request_id:?} within the horizon"),
+        ),
         Error::RequestIdConflict { request_id } => (
             "--id",
             format!("{request_id:?} was already used for a different key, resource or quantities"),
@@ -300,6 +408,7 @@ fn argument_of(field: &str) -> &'static str {
         "micros" => "MICROS",
         "at_ms" => "--at",
         "request_id" => "--id",
+        "usage_at_ms" => "--usage-at",
         "cursor" => "--cursor",
         "seq" => "--after",
         "policy" => "--policy",

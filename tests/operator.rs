@@ -287,6 +287,146 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     );
 }
 
+/// What `usage --json` reports for ada: (requests used on Small's limit, credits charged).
+fn ada_usage(workspace: &Workspace, at_ms: u64) -> (u64, u64) {
+    let at = at_ms.to_string();
+    let report: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json", "--at", &at]))
+            .expect("JSON");
+    let used = report["limits"][0]["used"].as_u64().expect("used");
+    let charged = report["credits_charged_micros"].as_u64().expect("charged");
+    (used, charged)
+}
+
+#[test]
+fn a_refund_and_a_correction_from_the_command_line_move_the_usage_and_are_events_of_their_own() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    for id in ["q1", "q2", "q3", "q4"] {
+        let output = consume(&workspace, at_ms, &["--id", id]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    }
+    assert_eq!(
+        ada_usage(&workspace, at_ms),
+        (3, 1_000),
+        "q4 was paid by credits"
+    );
+    let before = event_count(&workspace);
+
+    let at = (at_ms + 1_000).to_string();
+    let refunded = workspace.ok(&["refund", "q4", "--at", &at]);
+    assert!(
+        refunded.contains("gave back 1,000 micro-credits"),
+        "{refunded}"
+    );
+    let refunded: Value =
+        serde_json::from_str(&workspace.ok(&["refund", "q1", "--at", &at, "--json"]))
+            .expect("JSON");
+    assert_eq!(refunded["charged_to"], "plan_quota");
+    assert_eq!(refunded["units_given_back"], 1);
+    assert_eq!(ada_usage(&workspace, at_ms + 1_000), (2, 0));
+
+    // 5 requests that happened at `at_ms` and were never counted: counted whatever the limit.
+    let usage_at = at_ms.to_string();
+    let added = workspace.ok(&[
+        "adjust",
+        "tp-ada",
+        "chat",
+        "requests=5",
+        "--usage-at",
+        &usage_at,
+        "--add",
+        "--at",
+        &at,
+    ]);
+    assert!(
+        added.contains("chat:requests per rolling:1h: added 5"),
+        "{added}"
+    );
+    assert_eq!(ada_usage(&workspace, at_ms + 1_000).0, 7);
+    // Removing 10 gives back the 7 that count, no more.
+    let removed: Value = serde_json::from_str(&workspace.ok(&[
+        "adjust",
+        "tp-ada",
+        "chat",
+        "requests=10",
+        "--usage-at",
+        &usage_at,
+        "--remove",
+        "--at",
+        &at,
+        "--json",
+    ]))
+    .expect("JSON");
+    assert_eq!(removed["limits"][0]["moved"], 7, "{removed}");
+    assert_eq!(ada_usage(&workspace, at_ms + 1_000).0, 0);
+
+    let events = workspace.events(&["--after", &before.to_string()]);
+    assert_eq!(
+        kinds(&events),
+        ["refunded", "refunded", "usage_adjusted", "usage_adjusted"]
+    );
+
+    // Each refused the same way as any other bad argument: exit 2, naming it, nothing changed.
+    let after = event_count(&workspace);
+    let cases: [(&[&str], &str); 6] = [
+        (&["refund", "q1"], "REQUEST_ID"),
+        (&["refund", "q-never"], "REQUEST_ID"),
+        (
+            &["adjust", "tp-ada", "chat", "requests=1", "--add"],
+            "--usage-at",
+        ),
+        (
+            &[
+                "adjust",
+                "tp-ada",
+                "chat",
+                "requests=1",
+                "--usage-at",
+                &usage_at,
+            ],
+            "--add",
+        ),
+        (
+            &[
+                "adjust",
+                "tp-ada",
+                "chat",
+                "requests=1",
+                "--usage-at",
+                &usage_at,
+                "--add",
+                "--remove",
+            ],
+            "--remove",
+        ),
+        (
+            &[
+                "adjust",
+                "tp-nobody",
+                "chat",
+                "requests=1",
+                "--usage-at",
+                &usage_at,
+                "--add",
+            ],
+            "KEY",
+        ),
+    ];
+    for (args, culprit) in cases {
+        let output = workspace.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains(&format!("tally: {culprit}: ")),
+            "{args:?}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    assert_eq!(event_count(&workspace), after);
+}
+
 /// The number of events in the database, read without changing it.
 fn event_count(workspace: &Workspace) -> usize {
     workspace.events(&[]).len()
