@@ -192,3 +192,37 @@ def test_the_last_error_is_per_thread_and_kept_after_a_failure(engine, key):
     with pytest.raises(tally.EmptyStringError):
         engine.consume("", "m2.7", {"requests": 1}, at_ms=T)
     assert "empty" in tally.last_error()
+
+
+def test_bad_usage_corrections_raise_and_change_nothing(engine, key):
+    engine.consume(key, "m2.7", {"requests": 10}, at_ms=T)
+
+    def adjust(key=key, resource="m2.7", usage_at_ms=T, direction="add", at_ms=T):
+        return engine.adjust_usage(
+            key,
+            resource,
+            {"requests": 1},
+            usage_at_ms=usage_at_ms,
+            direction=direction,
+            at_ms=at_ms,
+        )
+
+    with pytest.raises(tally.UnknownKeyError, match="no-such-key"):
+        adjust(key="no-such-key")
+    with pytest.raises(tally.UnknownResourceError):
+        adjust(resource="no-such-model")
+    with pytest.raises(ValueError, match="direction must be 'add' or 'remove'"):
+        adjust(direction="subtract")  # refused before the call
+    with pytest.raises(TypeError, match="direction"):
+        adjust(direction=1)  # a bare int is not a direction
+    with pytest.raises(tally.InvalidArgumentError, match="usage_at_ms"):
+        adjust(usage_at_ms=T + 1, at_ms=T)  # after the correction's own time
+    with pytest.raises(tally.BadTimestampError, match="usage_at_ms"):
+        adjust(usage_at_ms=0)  # TALLY_NOW is not when usage happened
+    with pytest.raises(ValueError, match="usage_at_ms"):
+        adjust(usage_at_ms=-1)
+    engine.create_user("bo", "tp-bo-1", at_ms=T)
+    with pytest.raises(tally.InvalidArgumentError, match="no seat"):
+        adjust(key="tp-bo-1")
+    assert engine.usage(key, at_ms=T).limits[0].used == 10
+    assert engine.memory_stats().keys_with_usage == 1

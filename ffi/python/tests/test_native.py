@@ -129,6 +129,13 @@ def test_the_constants_agree_with_the_header():
             for m in re.findall(rf"TALLY_(?:{enum_name.upper()}_)?(\w+) = (\d+)", block)
         }
         assert values == {member.name: member.value for member in enum}, enum_name
+    direction_block = re.search(
+        r"enum tally_adjustment_direction\b.*?\{(.*?)\};", text, re.S
+    ).group(1)
+    direction_values = dict(re.findall(r"TALLY_ADJUST_(\w+) = (\d+)", direction_block))
+    assert {k: int(v) for k, v in direction_values.items()} == {
+        member.name: member.value for member in tally.AdjustmentDirection
+    }
     policy_block = re.search(r"enum tally_policy_source\b.*?\{(.*?)\};", text, re.S).group(1)
     policy_values = dict(re.findall(r"TALLY_POLICY_(\w+) = (\d+)", policy_block))
     assert {k: int(v) for k, v in policy_values.items()} == {

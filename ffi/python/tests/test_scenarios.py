@@ -188,3 +188,52 @@ def test_the_policy_can_be_read_and_swapped_at_run_time(engine):
     engine.swap_policy(tally.Policy.json(policy), at_ms=T)
     engine.swap_policy(tally.Policy.default(), at_ms=T)
     assert engine.usage(key, at_ms=T).limits[0].amount == 1500
+
+
+def test_a_usage_correction_adds_and_removes_what_the_plan_counted(engine):
+    key = seated(engine, "na", "tp-na-1", "Starter")
+    engine.consume(key, "m2.7", {"requests": 10}, at_ms=T)
+    limit = "m2.7:requests per rolling:5h"
+
+    added = engine.adjust_usage(
+        key, "m2.7", {"requests": 30}, usage_at_ms=T, direction="add", at_ms=T + 1
+    )
+    assert added == tally.Adjustment((tally.AdjustedLimit(0, limit, 30),))
+    seen = engine.check(key, "m2.7", {"requests": 1}, at_ms=T + 1).limits[0]
+    assert seen.used == 10 + 30 + 1 and seen.remaining == 1500 - 41  # the check counts itself
+
+    # Only what still counts is given back: 40 of the 50.
+    removed = engine.adjust_usage(
+        key,
+        "m2.7",
+        {Unit.REQUESTS: 50},
+        usage_at_ms=T,
+        direction=tally.AdjustmentDirection.REMOVE,
+        at_ms=T + 2,
+    )
+    assert removed.limits == (tally.AdjustedLimit(limit_index=0, name=limit, moved=40),)
+    assert engine.usage(key, at_ms=T + 2).limits[0].used == 0
+    assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=T + 2).limits[0].used == 1
+
+
+def test_idle_keys_windows_are_reclaimed_and_their_next_request_starts_empty(engine):
+    key = seated(engine, "ob", "tp-ob-1", "Starter")
+    idle = engine.memory_stats()
+    assert idle.keys == 1 and idle.keys_with_usage == 0 and idle.usage_bytes == 0
+    assert idle.table_bytes > 0
+
+    engine.consume(key, "m2.7", {"requests": 10}, at_ms=T)
+    counting = engine.memory_stats()
+    assert counting.keys == 1 and counting.keys_with_usage == 1 and counting.usage_bytes > 0
+    assert engine.reclaim_idle(at_ms=T + HOUR_MS) == 0  # the 10 requests still count
+    assert engine.memory_stats() == counting
+
+    later = T + 6 * HOUR_MS  # the rolling 5 hours have passed
+    assert engine.reclaim_idle(at_ms=later) == 1
+    reclaimed = engine.memory_stats()
+    assert reclaimed.keys == 1 and reclaimed.keys_with_usage == 0 and reclaimed.usage_bytes == 0
+
+    decision = engine.consume(key, "m2.7", {"requests": 1}, at_ms=later)
+    assert decision.admitted and decision.limits[0].used == 1
+    assert decision.limits[0].remaining == 1499
+    assert engine.memory_stats().keys_with_usage == 1

@@ -15,10 +15,21 @@ from __future__ import annotations
 from . import errors
 from ._native import LibraryNotFound
 from .engine import Engine, Policy, Request, Submission, verify, version
-from .enums import ChargedTo, Denial, Durability, PolicySource, Unit
+from .enums import AdjustmentDirection, ChargedTo, Denial, Durability, PolicySource, Unit
 from .errors import *  # noqa: F401,F403  (one exception class per status)
 from .errors import ERRORS_BY_STATUS, TallyError, last_error, status_name
-from .results import Decision, Event, LimitStatus, Reservation, Usage, UsageLimit, VerifyReport
+from .results import (
+    AdjustedLimit,
+    Adjustment,
+    Decision,
+    Event,
+    LimitStatus,
+    MemoryStats,
+    Reservation,
+    Usage,
+    UsageLimit,
+    VerifyReport,
+)
 
 __version__ = "0.1.0"
 
@@ -26,6 +37,9 @@ __version__ = "0.1.0"
 MAX_BATCH = 4096
 
 __all__ = [
+    "AdjustedLimit",
+    "Adjustment",
+    "AdjustmentDirection",
     "ChargedTo",
     "Decision",
     "Denial",
@@ -36,6 +50,7 @@ __all__ = [
     "LibraryNotFound",
     "LimitStatus",
     "MAX_BATCH",
+    "MemoryStats",
     "Policy",
     "PolicySource",
     "Request",

@@ -11,7 +11,7 @@ import ctypes
 from collections.abc import Callable, Mapping
 
 from . import _native, errors
-from .enums import Unit
+from .enums import AdjustmentDirection, Unit
 
 Text = str | bytes
 #: ``{"requests": 1}``, ``{Unit.TOKENS: 900}`` or a mix (Mapping is invariant in its key).
@@ -43,6 +43,20 @@ def u32(name: str, value: object) -> int:
 def at_ms(value: int | None) -> int:
     """A timestamp argument: None is the engine's clock (TALLY_NOW)."""
     return _native.NOW if value is None else u64("at_ms", value)
+
+
+def direction(value: object) -> AdjustmentDirection:
+    """A ``tally.AdjustmentDirection`` or its name (``"add"``, ``"remove"``, any case)."""
+    if isinstance(value, AdjustmentDirection):
+        return value
+    if isinstance(value, str):
+        try:
+            return AdjustmentDirection[value.upper()]
+        except KeyError:
+            raise ValueError(f"direction must be 'add' or 'remove', not {value!r}") from None
+    raise TypeError(
+        f"direction must be a tally.AdjustmentDirection or its name, not {type(value).__name__}"
+    )
 
 
 def text(name: str, value: object) -> bytes:

@@ -123,12 +123,45 @@ class Decision(Structure):
     ]
 
 
+class LimitAdjusted(Structure):
+    """``tally_limit_adjusted``."""
+
+    _fields_ = [
+        ("limit_index", c_uint32),
+        ("moved", c_uint64),
+        ("name", c_char * NAME_CAPACITY),
+    ]
+
+
+class Adjustment(Structure):
+    """``tally_adjustment``."""
+
+    _fields_ = [
+        ("limit_count", c_uint32),
+        ("limits", LimitAdjusted * MAX_DECISION_LIMITS),
+    ]
+
+
+class MemoryStats(Structure):
+    """``tally_memory_stats``."""
+
+    _fields_ = [
+        ("keys", c_uint64),
+        ("keys_with_usage", c_uint64),
+        ("usage_bytes", c_uint64),
+        ("table_bytes", c_uint64),
+    ]
+
+
 # Every struct of the header, by its C name (the layout test compares each with gcc's).
 STRUCTS = {
     "tally_quantity": Quantity,
     "tally_request": Request,
     "tally_limit_status": LimitStatus,
     "tally_decision": Decision,
+    "tally_limit_adjusted": LimitAdjusted,
+    "tally_adjustment": Adjustment,
+    "tally_memory_stats": MemoryStats,
 }
 
 # `const tally_engine *`: an opaque pointer, kept as an int-like c_void_p.
@@ -167,6 +200,22 @@ SIGNATURES = {
     "tally_engine_void": (_status, [Engine, c_uint64, c_uint64]),
     "tally_engine_expire_reservations": (_status, [Engine, c_uint64, _u64_p]),
     "tally_engine_refund": (_status, [Engine, _str, c_size_t, c_uint64]),
+    "tally_engine_adjust_usage": (
+        _status,
+        [
+            Engine,
+            _str,
+            c_size_t,
+            _str,
+            c_size_t,
+            POINTER(Quantity),
+            c_size_t,
+            c_uint64,
+            c_uint32,
+            c_uint64,
+            POINTER(Adjustment),
+        ],
+    ),
     "tally_engine_open": (
         _status,
         [_str, c_size_t, c_uint32, _str, c_size_t, c_uint32, c_uint32, POINTER(Engine)],
@@ -207,6 +256,8 @@ SIGNATURES = {
     "tally_engine_checkpoint": (_status, [Engine, _u64_p]),
     "tally_engine_sync": (_status, [Engine]),
     "tally_engine_compact": (_status, [Engine, c_uint64, _u64_p]),
+    "tally_engine_memory_stats": (_status, [Engine, POINTER(MemoryStats)]),
+    "tally_engine_reclaim_idle": (_status, [Engine, c_uint64, _u64_p]),
     "tally_verify": (_status, [_str, c_size_t, POINTER(c_bool), *_text_out]),
 }
 

@@ -13,8 +13,8 @@ from typing import Any, Union
 
 from . import _convert, _native, errors
 from ._convert import Quantities, Text
-from .enums import Durability, PolicySource
-from .results import Decision, Event, Reservation, Usage, VerifyReport
+from .enums import AdjustmentDirection, Durability, PolicySource
+from .results import Adjustment, Decision, Event, MemoryStats, Reservation, Usage, VerifyReport
 
 _EMPTY_QUANTITIES = (_native.Quantity * 0)()
 
@@ -375,6 +375,43 @@ class Engine:
             )
         )
 
+    def adjust_usage(
+        self,
+        key: Text,
+        resource: Text,
+        quantities: Quantities,
+        *,
+        usage_at_ms: int,
+        direction: AdjustmentDirection | str,
+        at_ms: int | None = None,
+    ) -> Adjustment:
+        """Corrects the usage the key's plan counted at ``usage_at_ms`` (when it happened, not
+        after ``at_ms``): ``"add"`` counts usage that was missed (whatever the limit),
+        ``"remove"`` gives back usage counted by mistake where its window still counts it."""
+        key_bytes = _convert.text("key", key)
+        resource_bytes = _convert.text("resource", resource)
+        array = _convert.quantities("quantities", quantities)
+        pointer = ctypes.cast(array, ctypes.POINTER(_native.Quantity)) if len(array) else None
+        usage_at = _convert.u64("usage_at_ms", usage_at_ms)
+        way = _convert.direction(direction)
+        out = _native.Adjustment()
+        errors.check(
+            _native.lib.tally_engine_adjust_usage(
+                self._handle,
+                key_bytes,
+                len(key_bytes),
+                resource_bytes,
+                len(resource_bytes),
+                pointer,
+                len(array),
+                usage_at,
+                int(way),
+                _convert.at_ms(at_ms),
+                ctypes.byref(out),
+            )
+        )
+        return Adjustment.from_native(out)
+
     # ---- teams, keys, seats, credits -------------------------------------------------------
 
     def create_user(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
@@ -534,6 +571,31 @@ class Engine:
             )
         )
         return Usage.from_json(json.loads(document))
+
+    # ---- memory ----------------------------------------------------------------------------
+
+    def memory_stats(self) -> MemoryStats:
+        """What the engine's keys hold in memory."""
+        out = _native.MemoryStats()
+        errors.check(_native.lib.tally_engine_memory_stats(self._handle, ctypes.byref(out)))
+        return MemoryStats(
+            keys=out.keys,
+            keys_with_usage=out.keys_with_usage,
+            usage_bytes=out.usage_bytes,
+            table_bytes=out.table_bytes,
+        )
+
+    def reclaim_idle(self, *, at_ms: int | None = None) -> int:
+        """Frees the window memory of keys with nothing counted as of ``at_ms`` and no open
+        reservation; returns how many. Their next request starts from empty windows, as if
+        kept. The engine never does this on its own: call it from time to time."""
+        reclaimed = ctypes.c_uint64(0)
+        errors.check(
+            _native.lib.tally_engine_reclaim_idle(
+                self._handle, _convert.at_ms(at_ms), ctypes.byref(reclaimed)
+            )
+        )
+        return reclaimed.value
 
     # ---- the event log (durable engines) ---------------------------------------------------
 

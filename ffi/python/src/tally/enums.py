@@ -1,5 +1,6 @@
 """The header's enums (``tally_unit``, ``tally_charged_to``, ``tally_denial``,
-``tally_durability``, ``tally_policy_source``) with the same values."""
+``tally_durability``, ``tally_policy_source``, ``tally_adjustment_direction``) with the same
+values."""
 
 from __future__ import annotations
 
@@ -71,3 +72,12 @@ class PolicySource(enum.IntEnum):
     FILE = 1
     TOML = 2
     JSON = 3
+
+
+class AdjustmentDirection(enum.IntEnum):
+    """Which way ``Engine.adjust_usage`` corrects."""
+
+    #: Usage that happened but was not counted: counted now, whatever the limit.
+    ADD = 1
+    #: Usage counted that should not have been: given back where its window still counts it.
+    REMOVE = 2

@@ -1,4 +1,5 @@
-"""What calls answer: decisions (copied out of ``tally_decision``) and parsed JSON reports.
+"""What calls answer: decisions (copied out of ``tally_decision``), adjustments, memory stats
+and parsed JSON reports.
 
 All are frozen dataclasses: plain values, safe to keep and share between threads."""
 
@@ -123,6 +124,49 @@ class Reservation:
     @property
     def admitted(self) -> bool:
         return self.decision.admitted
+
+
+@dataclass(frozen=True)
+class AdjustedLimit:
+    """One limit a usage correction touched."""
+
+    limit_index: int
+    name: str
+    #: Units added, or removed (at most what still counted).
+    moved: int
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """The answer to adjust_usage: one entry per limit of the key's plan that counts the
+    resource, in the plan's order."""
+
+    limits: tuple[AdjustedLimit, ...]
+
+    @classmethod
+    def from_native(cls, raw: _native.Adjustment) -> Adjustment:
+        count = min(raw.limit_count, _native.MAX_DECISION_LIMITS)
+        return cls(
+            tuple(
+                AdjustedLimit(
+                    limit_index=limit.limit_index,
+                    name=limit.name.decode("utf-8", errors="replace"),
+                    moved=limit.moved,
+                )
+                for limit in raw.limits[:count]
+            )
+        )
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """What the engine's keys hold in memory (``Engine.memory_stats``)."""
+
+    keys: int
+    #: Keys holding window memory (they counted usage and were not reclaimed since).
+    keys_with_usage: int
+    usage_bytes: int
+    table_bytes: int
 
 
 @dataclass(frozen=True)
