@@ -128,6 +128,41 @@ func (e *Engine) Refund(requestID string, at time.Time) error {
 	})
 }
 
+// AdjustUsage corrects the usage key's plan counted at usageAt, when it happened (required;
+// not after at, whose zero is now): AdjustAdd counts usage that was not counted (whatever the
+// limit), AdjustRemove gives back usage that should not have been counted (only where its
+// window still counts it). Every limit of the plan that counts the resource moves, or none;
+// the correction is logged as its own event. A key without a seat (a pay-as-you-go key too)
+// is ErrInvalidArgument, an unknown key ErrUnknownKey.
+func (e *Engine) AdjustUsage(key, resource string, quantities []Quantity, usageAt time.Time,
+	direction AdjustmentDirection, at time.Time) (Adjustment, error) {
+	const op = "AdjustUsage"
+	if usageAt.IsZero() {
+		return Adjustment{}, newError(op, C.TALLY_BAD_TIMESTAMP,
+			"usageAt: required, when the usage happened (the zero time does not mean now here)")
+	}
+	usageMs, err := milliseconds(op, usageAt)
+	if err != nil {
+		return Adjustment{}, newError(op, C.TALLY_BAD_TIMESTAMP, "usageAt: "+err.(*Error).Message)
+	}
+	atMs, err := milliseconds(op, at)
+	if err != nil {
+		return Adjustment{}, err
+	}
+	keyText, keyLen := text(key)
+	resourceText, resourceLen := text(resource)
+	quantitiesPointer, quantitiesLen := quantitiesOf(quantities)
+	var out C.tally_adjustment
+	err = e.call(op, func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_adjust_usage(handle, keyText, keyLen, resourceText, resourceLen,
+			quantitiesPointer, quantitiesLen, usageMs, C.uint32_t(direction), atMs, &out)
+	})
+	if err != nil {
+		return Adjustment{}, err
+	}
+	return adjustmentFrom(&out), nil
+}
+
 // Result is one entry of ConsumeMany: its decision, or why it could not be decided.
 type Result struct {
 	Decision Decision

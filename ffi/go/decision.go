@@ -188,3 +188,53 @@ func duration(ms uint64) time.Duration {
 	}
 	return time.Duration(ms) * time.Millisecond
 }
+
+// AdjustmentDirection says which way AdjustUsage corrects.
+type AdjustmentDirection uint32
+
+const (
+	// AdjustAdd counts usage that really happened but was not counted, whatever the limit.
+	AdjustAdd AdjustmentDirection = C.TALLY_ADJUST_ADD
+	// AdjustRemove gives back usage counted that should not have been, where its window
+	// still counts it.
+	AdjustRemove AdjustmentDirection = C.TALLY_ADJUST_REMOVE
+)
+
+func (d AdjustmentDirection) String() string {
+	switch d {
+	case AdjustAdd:
+		return "add"
+	case AdjustRemove:
+		return "remove"
+	}
+	return fmt.Sprintf("AdjustmentDirection(%d)", uint32(d))
+}
+
+// Adjustment is what AdjustUsage moved: one entry per limit of the key's plan that counts
+// the resource, in the plan's order.
+type Adjustment struct {
+	Limits []AdjustedLimit
+}
+
+// AdjustedLimit is one limit a usage correction touched.
+type AdjustedLimit struct {
+	LimitIndex int    // index into the plan's limits (as LimitStatus.LimitIndex)
+	Name       string // "m2.7:requests per rolling:5h"
+	// Units added, or removed (at most what still counted: nothing for usage whose window
+	// has reset or aged out).
+	Moved uint64
+}
+
+func adjustmentFrom(a *C.tally_adjustment) Adjustment {
+	count := int(a.limit_count)
+	if count > len(a.limits) {
+		count = len(a.limits)
+	}
+	adjustment := Adjustment{Limits: make([]AdjustedLimit, count)}
+	for i := range adjustment.Limits {
+		limit := &a.limits[i]
+		adjustment.Limits[i] = AdjustedLimit{LimitIndex: index(limit.limit_index),
+			Name: C.GoString(&limit.name[0]), Moved: uint64(limit.moved)}
+	}
+	return adjustment
+}

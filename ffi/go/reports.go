@@ -177,6 +177,44 @@ func (e *Engine) Compact(at time.Time) (uint64, error) {
 	return uint64(removed), err
 }
 
+// MemoryStats is what the engine's keys hold in memory.
+type MemoryStats struct {
+	Keys          uint64 // keys of every kind
+	KeysWithUsage uint64 // keys holding window memory (they counted usage, not reclaimed since)
+	UsageBytes    uint64 // bytes of those windows
+	TableBytes    uint64 // bytes of the key table itself
+}
+
+// MemoryStats reports what the engine's keys hold in memory.
+func (e *Engine) MemoryStats() (MemoryStats, error) {
+	var out C.tally_memory_stats
+	err := e.call("MemoryStats", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_memory_stats(handle, &out)
+	})
+	if err != nil {
+		return MemoryStats{}, err
+	}
+	return MemoryStats{Keys: uint64(out.keys), KeysWithUsage: uint64(out.keys_with_usage),
+		UsageBytes: uint64(out.usage_bytes), TableBytes: uint64(out.table_bytes)}, nil
+}
+
+// ReclaimIdle frees the window memory of every key with nothing counted in any window as of
+// at (zero: now) and no open reservation, returning how many keys it freed. Their next
+// request starts from empty windows, exactly as if they had been kept. The engine never does
+// this on its own: call it from time to time (for example hourly) to keep memory to the keys
+// in use.
+func (e *Engine) ReclaimIdle(at time.Time) (uint64, error) {
+	atMs, err := milliseconds("ReclaimIdle", at)
+	if err != nil {
+		return 0, err
+	}
+	var reclaimed C.uint64_t
+	err = e.call("ReclaimIdle", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_reclaim_idle(handle, atMs, &reclaimed)
+	})
+	return uint64(reclaimed), err
+}
+
 // VerifyReport is what Verify found in a database.
 type VerifyReport struct {
 	Sound                 bool     `json:"sound"`

@@ -258,6 +258,93 @@ func TestARequestIDIsCountedOnceAndRefundedOnce(t *testing.T) {
 	}
 }
 
+func TestAdjustingUsageMovesItInEveryLimitAndReclaimingFreesIdleKeys(t *testing.T) {
+	engine := openMemory(t) // its own: a reclaim moves idle keys' time forward
+	seated(t, engine, "ju", "tp-ju", "Starter")
+	seated(t, engine, "ko", "tp-ko", "")
+	request := tally.Request{Key: "tp-ju", Resource: "m2.7", Quantities: one(tally.Requests)}
+	for i := int64(0); i < 10; i++ {
+		request.At = at(i)
+		consume(t, engine, request)
+	}
+	requests := func(n uint64) []tally.Quantity { return []tally.Quantity{{Unit: tally.Requests, Amount: n}} }
+	const name = "m2.7:requests per rolling:5h"
+
+	added, err := engine.AdjustUsage("tp-ju", "m2.7", requests(30), t0, tally.AdjustAdd, at(1000))
+	must(t, err)
+	if len(added.Limits) != 1 || added.Limits[0] != (tally.AdjustedLimit{LimitIndex: 0, Name: name, Moved: 30}) {
+		t.Fatalf("added: %+v", added)
+	}
+	request.At = at(2000)
+	checked, err := engine.Check(request)
+	must(t, err)
+	if checked.Limits[0].Used != 10+30+1 { // the checked request counts itself
+		t.Fatalf("check after adding 30: %+v", checked.Limits)
+	}
+	if reclaimed, err := engine.ReclaimIdle(at(2000)); err != nil || reclaimed != 0 {
+		t.Fatalf("reclaim while usage counts: %d, %v", reclaimed, err)
+	}
+	stats, err := engine.MemoryStats()
+	must(t, err)
+	if stats.Keys != 2 || stats.KeysWithUsage != 1 || stats.UsageBytes == 0 || stats.TableBytes == 0 {
+		t.Fatalf("stats with usage: %+v", stats)
+	}
+
+	removed, err := engine.AdjustUsage("tp-ju", "m2.7", requests(50), t0, tally.AdjustRemove, at(3000))
+	must(t, err)
+	if len(removed.Limits) != 1 || removed.Limits[0].Moved != 40 || removed.Limits[0].Name != name {
+		t.Fatalf("removing 50 of 40: %+v", removed)
+	}
+	usage, err := engine.Usage("tp-ju", at(3000))
+	must(t, err)
+	if usage.Limits[0].Used != 0 {
+		t.Fatalf("after removing: %+v", usage.Limits[0])
+	}
+
+	bad := []struct {
+		name      string
+		key       string
+		direction tally.AdjustmentDirection
+		usageAt   time.Time
+		want      error
+		mentions  string
+	}{
+		{"an unknown key", "tp-nobody", tally.AdjustAdd, t0, tally.ErrUnknownKey, "tp-nobody"},
+		{"an invalid direction", "tp-ju", 7, t0, tally.ErrBadEnum, "direction"},
+		{"usage after at", "tp-ju", tally.AdjustAdd, at(3001), tally.ErrInvalidArgument, "usage_at"},
+		{"a key without a seat", "tp-ko", tally.AdjustAdd, t0, tally.ErrInvalidArgument, "no seat"},
+		{"no usage time", "tp-ju", tally.AdjustAdd, time.Time{}, tally.ErrBadTimestamp, "usageAt"},
+		{"usage before 1970", "tp-ju", tally.AdjustAdd, time.Unix(-1, 0), tally.ErrBadTimestamp, "usageAt"},
+	}
+	for _, c := range bad {
+		_, err := engine.AdjustUsage(c.key, "m2.7", requests(5), c.usageAt, c.direction, at(3000))
+		var tallyError *tally.Error
+		if !errors.Is(err, c.want) || !errors.As(err, &tallyError) || !strings.Contains(tallyError.Message, c.mentions) {
+			t.Errorf("%s: got %v, want %v mentioning %q", c.name, err, c.want, c.mentions)
+		}
+	}
+
+	request.At = at(3000)
+	consume(t, engine, request)
+	if reclaimed, err := engine.ReclaimIdle(at(3000)); err != nil || reclaimed != 0 {
+		t.Fatalf("reclaim while a request counts: %d, %v", reclaimed, err)
+	}
+	later := t0.Add(6 * time.Hour)
+	if reclaimed, err := engine.ReclaimIdle(later); err != nil || reclaimed != 1 {
+		t.Fatalf("reclaim once the usage aged out: %d, %v", reclaimed, err)
+	}
+	stats, err = engine.MemoryStats()
+	must(t, err)
+	if stats.Keys != 2 || stats.KeysWithUsage != 0 || stats.UsageBytes != 0 {
+		t.Fatalf("stats after the reclaim: %+v", stats)
+	}
+	request.At = later
+	next := consume(t, engine, request)
+	if !next.Admitted || next.Limits[0].Used != 1 || next.Remaining != next.LimitAmount-1 {
+		t.Fatalf("the first request after the reclaim: %+v", next)
+	}
+}
+
 func TestCheckCountsNothing(t *testing.T) {
 	engine := openMemory(t)
 	seated(t, engine, "gu", "tp-gu", "Starter")
@@ -495,6 +582,12 @@ func TestCloseIsIdempotentAndLaterCallsAnswerErrClosed(t *testing.T) {
 	}
 	if _, err := engine.PolicyJSON(); !errors.Is(err, tally.ErrClosed) {
 		t.Fatalf("policy after close: %v", err)
+	}
+	if _, err := engine.MemoryStats(); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("memory stats after close: %v", err)
+	}
+	if _, err := engine.AdjustUsage("tp-no", "m2.7", one(tally.Requests), t0, tally.AdjustAdd, t0); !errors.Is(err, tally.ErrClosed) {
+		t.Fatalf("adjust after close: %v", err)
 	}
 }
 
