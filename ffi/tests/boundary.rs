@@ -90,6 +90,33 @@ fn consume(handle: &Handle, request: &tally_request) -> Result<tally_decision, t
     }
 }
 
+/// Adjusts one m2.7 request of `key`'s usage at T0 in `direction`: the status, and the
+/// adjustment as the call left it (all zero unless it succeeded).
+fn adjust_one_request(
+    handle: &Handle,
+    key: &str,
+    direction: u32,
+) -> (tally_status, tally_adjustment) {
+    let ((k, kl), (r, rl)) = (s(key), s("m2.7"));
+    let one = requests(1);
+    // SAFETY: plain integers and char arrays, for which all-zero is a valid value.
+    let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
+    let status = tally_engine_adjust_usage(
+        handle.0,
+        k,
+        kl,
+        r,
+        rl,
+        one.as_ptr(),
+        one.len(),
+        T0,
+        direction,
+        T0,
+        &mut adjustment,
+    );
+    (status, adjustment)
+}
+
 fn last_error() -> String {
     let mut needed = 0;
     let _ = tally_last_error(ptr::null_mut(), 0, &mut needed);
@@ -385,31 +412,16 @@ fn out_of_range_enum_values_are_bad_enum() {
         Some(tally_status::TALLY_BAD_ENUM)
     );
     user(&handle, "ada", "tp-ada", Some("Starter"));
-    let one = requests(1);
-    let ((k, kl), (r, rl)) = (s("tp-ada"), s("m2.7"));
-    // SAFETY (of the zeroed struct): plain integers and char arrays, all-zero is valid.
-    let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
     for direction in [0, 3, u32::MAX] {
+        let (status, adjustment) = adjust_one_request(&handle, "tp-ada", direction);
         assert_eq!(
-            tally_engine_adjust_usage(
-                handle.0,
-                k,
-                kl,
-                r,
-                rl,
-                one.as_ptr(),
-                one.len(),
-                T0,
-                direction,
-                T0,
-                &mut adjustment
-            ),
+            status,
             tally_status::TALLY_BAD_ENUM,
             "direction {direction}"
         );
         assert!(last_error().contains("direction"), "{}", last_error());
+        assert_eq!(adjustment.limit_count, 0, "nothing written on an error");
     }
-    assert_eq!(adjustment.limit_count, 0, "nothing written on an error");
 }
 
 #[test]
@@ -484,23 +496,9 @@ fn double_close_and_use_after_close_are_closed() {
         tally_engine_memory_stats(handle.0, &mut stats),
         tally_status::TALLY_CLOSED
     );
-    let ((k, kl), (r, rl)) = (s("tp-ada"), s("m2.7"));
-    // SAFETY (of the zeroed struct): plain integers and char arrays, all-zero is valid.
-    let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
+    let add = tally_adjustment_direction::TALLY_ADJUST_ADD as u32;
     assert_eq!(
-        tally_engine_adjust_usage(
-            handle.0,
-            k,
-            kl,
-            r,
-            rl,
-            one.as_ptr(),
-            one.len(),
-            T0,
-            tally_adjustment_direction::TALLY_ADJUST_ADD as u32,
-            T0,
-            &mut adjustment
-        ),
+        adjust_one_request(&handle, "tp-ada", add).0,
         tally_status::TALLY_CLOSED
     );
 }
