@@ -1583,6 +1583,53 @@ fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_quota_early() {
     }
 }
 
+#[test]
+fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_a_daily_quota_early() {
+    // A plan with a daily limit only: its keys have no rolling window that a reclaim moves to
+    // its time.
+    const DAILY_CHARACTERS: u64 = 4000;
+    let policy = || {
+        Policy::from_toml_str(
+            r#"
+time_zone = "Asia/Shanghai"
+[resources.speech]
+units = ["characters"]
+[plans.Daily]
+limits = [{ resource = "speech", unit = "characters", amount = 4000, window = "daily" }]
+"#,
+        )
+        .expect("a valid policy")
+    };
+    for reclaim in [false, true] {
+        let engine = engine_with(policy());
+        let key = seated(&engine, "ada", "Daily");
+        let all_of_it = [(Unit::Characters, DAILY_CHARACTERS)];
+        assert!(consume(&engine, &key, "speech", &all_of_it, T0_MS).is_admitted());
+        if reclaim {
+            assert_eq!(engine.reclaim_idle(Some(T0_MS + 2 * DAY_MS)), Ok(1));
+        }
+        // A delayed gateway reports the same amount again, stamped an hour after the first.
+        let late_ms = T0_MS + HOUR_MS;
+        match consume(&engine, &key, "speech", &all_of_it, late_ms) {
+            tally_engine::Decision::Admitted(admission) => {
+                assert!(reclaim, "admitted over the day's quota without a reclaim");
+                assert!(
+                    admission.at_ms >= T0_MS + DAY_MS,
+                    "counted at {} on the day already used up",
+                    admission.at_ms
+                );
+            }
+            tally_engine::Decision::Denied(denial) => {
+                assert!(
+                    !reclaim,
+                    "a reclaimed key counts late requests at the reclaim's time"
+                );
+                assert!(matches!(denial.reason, DenialReason::QuotaExhausted { .. }));
+            }
+        }
+    }
+}
+
 // ---- Refunds across a price change ---------------------------------------------------------------
 
 #[test]

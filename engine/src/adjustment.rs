@@ -249,7 +249,9 @@ impl Engine {
     }
 
     /// Frees the window memory of keys with nothing counted in any window as of `at_ms` and no
-    /// open reservation; returns how many keys were reclaimed.
+    /// open reservation; returns how many keys were reclaimed. A reclaimed key's later requests
+    /// are counted no earlier than `at_ms`, so one stamped before it (a delayed gateway) cannot
+    /// find an emptied window in a period whose quota was already used.
     pub fn reclaim_idle(&self, at_ms: Option<u64>) -> Result<u64, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let mut reclaimed = 0;
@@ -265,9 +267,15 @@ impl Engine {
                         .get()
                         .is_some_and(|usage| usage_is_idle(&policy, usage, at_ms));
                 if idle {
-                    // Keep the newest time the windows had seen, so a late request stamped
-                    // before it is still counted at it (never released early).
-                    state.time_floor_ms = state.time_floor_ms.max(newest_time_ms(&policy, state));
+                    // Later requests are counted no earlier than the reclaim's time (or the
+                    // newest the windows had seen, if later): a late stamp would otherwise find
+                    // empty windows in a period whose quota was used (never released early).
+                    // A calendar window does not move to `at_ms` when read, so its key needs
+                    // `at_ms` itself; a rolling one has just been moved there by `is_idle`.
+                    state.time_floor_ms = state
+                        .time_floor_ms
+                        .max(newest_time_ms(&policy, state))
+                        .max(at_ms);
                     state.usage.set(None);
                     reclaimed += 1;
                 }
