@@ -1583,25 +1583,56 @@ fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_quota_early() {
     }
 }
 
-#[test]
-fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_a_daily_quota_early() {
-    // A plan with a daily limit only: its keys have no rolling window that a reclaim moves to
-    // its time.
-    const DAILY_CHARACTERS: u64 = 4000;
-    let policy = || {
-        Policy::from_toml_str(
-            r#"
+/// A plan whose only limit is 4,000 speech characters a day (Asia/Shanghai).
+fn daily_only_policy() -> Policy {
+    Policy::from_toml_str(
+        r#"
 time_zone = "Asia/Shanghai"
 [resources.speech]
 units = ["characters"]
 [plans.Daily]
 limits = [{ resource = "speech", unit = "characters", amount = 4000, window = "daily" }]
 "#,
-        )
-        .expect("a valid policy")
+    )
+    .expect("a valid policy")
+}
+
+#[test]
+fn a_late_timestamp_counted_in_a_later_day_says_when_it_was_counted() {
+    let engine = engine_with(daily_only_policy());
+    let key = seated(&engine, "ada", "Daily");
+    let day_ms = T0_MS + DAY_MS;
+    let next_day = consume(&engine, &key, "speech", &[(Unit::Characters, 1000)], day_ms);
+    assert!(next_day.is_admitted());
+    // Stamped the millisecond before that day began: the counter has already counted on the
+    // later day, so the request counts there, and the admission says so.
+    let late = consume(
+        &engine,
+        &key,
+        "speech",
+        &[(Unit::Characters, 1000)],
+        day_ms - 1,
+    );
+    let tally_engine::Decision::Admitted(admission) = late else {
+        panic!("expected an admission, got {late:?}");
     };
+    assert_eq!(admission.at_ms, day_ms);
+    assert_eq!(admission.limits.as_slice()[0].used, 2000);
+    assert_eq!(
+        admission.limits.as_slice()[0].reset_at_ms,
+        Some(day_ms + DAY_MS)
+    );
+    let report = engine.usage(&key, Some(day_ms)).expect("usage");
+    assert_eq!(report.limits[0].used, 2000);
+}
+
+#[test]
+fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_a_daily_quota_early() {
+    // A plan with a daily limit only: its keys have no rolling window that a reclaim moves to
+    // its time.
+    const DAILY_CHARACTERS: u64 = 4000;
     for reclaim in [false, true] {
-        let engine = engine_with(policy());
+        let engine = engine_with(daily_only_policy());
         let key = seated(&engine, "ada", "Daily");
         let all_of_it = [(Unit::Characters, DAILY_CHARACTERS)];
         assert!(consume(&engine, &key, "speech", &all_of_it, T0_MS).is_admitted());

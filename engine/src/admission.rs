@@ -579,7 +579,7 @@ pub(crate) fn try_quota(
         let state = &usage.counters[usize::from(limit_index)].state;
         debug_assert_eq!(usage.counters[usize::from(limit_index)].id, limit.counter);
         match take(policy, limit, state, amount, at_ms, mode) {
-            Some((used, reset_at_ms, time)) => {
+            Some((used, reset_at_ms, time, counted_ms)) => {
                 admission.limits.set(
                     position,
                     LimitStatus {
@@ -590,8 +590,8 @@ pub(crate) fn try_quota(
                     },
                 );
                 receipt.holds.set(position, (limit.counter, amount, time));
+                admission.at_ms = admission.at_ms.max(counted_ms);
                 if let (WindowState::Rolling(ring), Some(shape)) = (state, limit.shape) {
-                    admission.at_ms = admission.at_ms.max(time * shape.bucket_ms);
                     if let Some(slot) = taken_rings.get_mut(position) {
                         *slot = Some((ring, shape, time, amount));
                     }
@@ -661,7 +661,9 @@ fn admitted_in_place(
 }
 
 /// Takes `amount` from one limit (in `Check` mode only looks): `Some((used, reset_at_ms, epoch
-/// or period))`, or `None` if it does not fit.
+/// or period, counted_ms))`, or `None` if it does not fit. `counted_ms` is the time the amount
+/// counts at: `at_ms`, or later if the window had already seen a later time (a rolling
+/// window's newest bucket; a calendar counter's later period, from its start).
 fn take(
     policy: &Policy,
     limit: &Limit,
@@ -669,7 +671,7 @@ fn take(
     amount: u64,
     at_ms: u64,
     mode: Mode,
-) -> Option<(u64, u64, u64)> {
+) -> Option<(u64, u64, u64, u64)> {
     match (state, limit.window) {
         (WindowState::Rolling(window), Window::Rolling { .. }) => {
             let shape = limit.shape.unwrap_or_else(|| unreachable!());
@@ -687,7 +689,12 @@ fn take(
                     )
                 }
             };
-            Some((used, shape.release_ms(epoch), epoch))
+            Some((
+                used,
+                shape.release_ms(epoch),
+                epoch,
+                at_ms.max(epoch * shape.bucket_ms),
+            ))
         }
         (WindowState::Calendar(counter), Window::Calendar(kind)) => {
             let period = policy.calendar().period_of(kind, at_ms);
@@ -705,12 +712,16 @@ fn take(
                     }
                 }
             };
-            let reset = if now.period == period.index {
-                period.end_ms
+            // A timestamp going backwards is counted in the newest period the counter has
+            // seen (`effective` in `window`), never an earlier one.
+            debug_assert!(now.period >= period.index);
+            let (reset, counted_ms) = if now.period == period.index {
+                (period.end_ms, at_ms)
             } else {
-                period_end_ms(policy.calendar(), kind, now.period, at_ms)
+                let counted = policy.calendar().period_bounds(kind, now.period);
+                (counted.end_ms, counted.start_ms)
             };
-            Some((now.used, reset, u64::from(now.period)))
+            Some((now.used, reset, u64::from(now.period), counted_ms))
         }
         _ => unreachable!("a key's counter always has its limit's kind of window"),
     }
