@@ -69,6 +69,13 @@ limits = [
   { resource = "chat", unit = "requests", amount = 60, window = "daily" },
   { resource = "image", unit = "images", amount = 4, window = "daily" },
 ]
+
+# Calendar windows only: nothing in a key's state moves with time until a request comes.
+[plans.Daily]
+limits = [
+  { resource = "chat", unit = "requests", amount = 20, window = "daily" },
+  { resource = "image", unit = "images", amount = 3, window = "daily" },
+]
 "#;
 
 // ---------------------------------------------------------------------------------------------
@@ -159,6 +166,7 @@ impl Counter {
 enum PlanName {
     Small,
     Big,
+    Daily,
 }
 
 impl PlanName {
@@ -166,6 +174,7 @@ impl PlanName {
         match self {
             PlanName::Small => "Small",
             PlanName::Big => "Big",
+            PlanName::Daily => "Daily",
         }
     }
 
@@ -177,6 +186,9 @@ impl PlanName {
             (PlanName::Big, Counter::ChatRolling) => Some(30),
             (PlanName::Big, Counter::ChatDaily) => Some(60),
             (PlanName::Big, Counter::ImageDaily) => Some(4),
+            (PlanName::Daily, Counter::ChatRolling) => None,
+            (PlanName::Daily, Counter::ChatDaily) => Some(20),
+            (PlanName::Daily, Counter::ImageDaily) => Some(3),
         }
     }
 
@@ -253,6 +265,12 @@ struct Usage {
     request_ms: u64,
     /// The key's horizon when it was admitted: `max(request_ms, newest time seen before)`.
     effective_ms: u64,
+    /// The time the engine says it counted the request at (`Admission::at_ms`): the newest
+    /// of the times its windows counted it at.
+    counted_ms: u64,
+    /// For a daily counter, the local day the unit is counted on: its own, or the newest day
+    /// the counter had counted on before (a late timestamp never counts in an earlier day).
+    counted_day: Option<i64>,
     amount: u64,
     /// The admitted request (an index into `Harness::admitted`).
     request: usize,
@@ -289,6 +307,14 @@ struct KeyModel {
     /// The newest timestamp any request or report on this key carried (0: none yet).
     horizon_ms: u64,
     log: [Vec<Usage>; 3],
+    /// Whether the engine holds windows for the key: from its first consume on a plan that
+    /// covers the resource (and could take the amount) until a reclaim frees them.
+    allocated: bool,
+    /// Requests are counted no earlier than this: the time of the reclaim that freed the
+    /// key's windows (0: never freed).
+    floor_ms: u64,
+    /// The newest local day each daily counter has counted on since its windows were made.
+    counted_day: [Option<i64>; 3],
 }
 
 #[derive(Debug)]
@@ -306,6 +332,9 @@ impl Model {
                     seat: None,
                     horizon_ms: 0,
                     log: Default::default(),
+                    allocated: false,
+                    floor_ms: 0,
+                    counted_day: [None; 3],
                 })
                 .collect(),
             balances_micros: [0; 3],
@@ -408,6 +437,8 @@ enum Op {
         key: usize,
         plan: Option<PlanName>,
     },
+    /// Frees the windows of keys with nothing counted in them now.
+    Reclaim,
 }
 
 fn advance_ms() -> impl Strategy<Value = u64> {
@@ -451,6 +482,7 @@ fn plan() -> impl Strategy<Value = Option<PlanName>> {
     prop_oneof![
         3 => Just(Some(PlanName::Small)),
         3 => Just(Some(PlanName::Big)),
+        2 => Just(Some(PlanName::Daily)),
         1 => Just(None),
     ]
 }
@@ -474,6 +506,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (key(), 1..30_000u64).prop_map(|(key, micros)| Op::TopUp { key, micros }),
         2 => any::<usize>().prop_map(|which| Op::Refund { which }),
         3 => (key(), plan()).prop_map(|(key, plan)| Op::Seat { key, plan }),
+        1 => Just(Op::Reclaim),
     ]
 }
 
@@ -598,6 +631,7 @@ impl Harness {
                 .expect("seat change");
                 self.model.keys[key].seat = plan;
             }
+            Op::Reclaim => self.reclaim()?,
         }
         for (team, name) in TEAMS.iter().enumerate() {
             prop_assert_eq!(
@@ -630,7 +664,114 @@ impl Harness {
             "check foretells the consume that follows it"
         );
         self.verify_decision(key, resource, amount, at_ms, &decision)?;
+        let model = &mut self.model.keys[key];
+        let limits = model.seat.and_then(|plan| plan.limits_for(resource));
+        if limits.is_some_and(|limits| limits.iter().all(|&(_, limit)| amount <= limit)) {
+            model.allocated = true;
+        }
         self.record(key, resource, amount, at_ms, &decision);
+        self.verify_days_hold_their_limits(key, resource, &decision)
+    }
+
+    /// Reclaims idle keys' windows now, when the model can tell which keys the engine finds
+    /// idle: those whose windows count nothing now both exactly and one bucket late (a key in between could go either way, and then nothing is reclaimed).
+    fn reclaim(&mut self) -> Result<(), TestCaseError> {
+        let now_ms = self.now_ms;
+        let mut idle = [false; KEYS.len()];
+        for (key, model) in self.model.keys.iter().enumerate() {
+            if !model.allocated {
+                continue;
+            }
+            // Every counter the key ever used: a seat change keeps the counters of the plan
+            // before it (usage counted stays counted, should the key go back to that plan).
+            let mut exact_idle = true;
+            let mut late_idle = true;
+            for counter in COUNTERS {
+                let log = &model.log[counter.index()];
+                if counter.is_rolling() {
+                    exact_idle &= model.used(counter, Reading::Exact, now_ms) == 0;
+                    late_idle &= log
+                        .iter()
+                        .all(|usage| usage.counted_ms + WINDOW_MS + BUCKET_MS <= now_ms);
+                } else {
+                    let today = local_day(now_ms);
+                    let held = log.iter().any(|usage| usage.counted_day >= Some(today));
+                    exact_idle &= !held;
+                    late_idle &= !held;
+                }
+            }
+            if exact_idle != late_idle {
+                return Ok(());
+            }
+            idle[key] = exact_idle;
+        }
+        let reclaimed = self.engine.reclaim_idle(Some(now_ms)).expect("reclaim");
+        prop_assert_eq!(
+            reclaimed,
+            idle.iter().filter(|idle| **idle).count() as u64,
+            "reclaimed the keys the model finds idle: {:?}",
+            idle
+        );
+        for (key, model) in self.model.keys.iter_mut().enumerate() {
+            // Every key's rolling windows were read at now.
+            model.horizon_ms = model.horizon_ms.max(now_ms);
+            if idle[key] {
+                model.allocated = false;
+                model.floor_ms = now_ms;
+                model.counted_day = [None; 3];
+            }
+        }
+        Ok(())
+    }
+
+    /// Whatever times requests carried, no day holds more than a daily limit: the units
+    /// counted on the day this request was counted on (its own day, or the newest one the
+    /// counter had counted on, or the day of the reclaim that freed the key's windows) fit the
+    /// plan's limit. (Rolling windows are held to the exact model by `verify_decision`; a
+    /// seat change can leave a key's rolling and daily windows at different times, so one
+    /// `Admission::at_ms` cannot say where each counted.)
+    fn verify_days_hold_their_limits(
+        &self,
+        key: usize,
+        resource: Resource,
+        decision: &Decision,
+    ) -> Result<(), TestCaseError> {
+        let Decision::Admitted(admission) = decision else {
+            return Ok(());
+        };
+        let ChargedTo::PlanQuota { .. } = admission.charged_to else {
+            return Ok(());
+        };
+        let model = &self.model.keys[key];
+        let plan = model.seat.expect("a quota admission has a seat");
+        let limits = plan.limits_for(resource).expect("covered");
+        for (counter, limit) in limits.into_iter().filter(|(c, _)| !c.is_rolling()) {
+            let log = &model.log[counter.index()];
+            let day = log.last().and_then(|usage| usage.counted_day);
+            let held: u64 = log
+                .iter()
+                .filter(|usage| usage.counted_day == day)
+                .map(|usage| usage.amount)
+                .sum();
+            prop_assert!(
+                held <= limit,
+                "key {} {:?} holds {} on a limit of {} on day {:?}: {:?}",
+                key,
+                counter,
+                held,
+                limit,
+                day,
+                log
+            );
+            // The engine's counted time is never before the day it counted on.
+            let counted_day = day.expect("a daily unit has its day");
+            prop_assert!(
+                local_day(admission.at_ms) >= counted_day,
+                "counted at {} before day {}",
+                admission.at_ms,
+                counted_day
+            );
+        }
         Ok(())
     }
 
@@ -1081,9 +1222,17 @@ impl Harness {
             ChargedTo::PlanQuota { .. } => {
                 let plan = model.seat.expect("a quota admission has a seat");
                 for &(counter, _) in &plan.limits_for(resource).expect("covered") {
+                    let counted_day = (!counter.is_rolling()).then(|| {
+                        let own = local_day(at_ms.max(model.floor_ms));
+                        let day = model.counted_day[counter.index()].map_or(own, |d| d.max(own));
+                        model.counted_day[counter.index()] = Some(day);
+                        day
+                    });
                     model.log[counter.index()].push(Usage {
                         request_ms: at_ms,
                         effective_ms,
+                        counted_ms: admission.at_ms,
+                        counted_day,
                         amount,
                         request,
                     });
