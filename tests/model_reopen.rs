@@ -64,6 +64,13 @@ limits = [
   { resource = "image", unit = "images", amount = 3, window = "daily" },
 ]
 
+# Calendar windows only: a reclaimed key has no rolling window to carry the reclaim's time.
+[plans.Daily]
+limits = [
+  { resource = "chat", unit = "requests", amount = 12, window = "daily" },
+  { resource = "image", unit = "images", amount = 2, window = "daily" },
+]
+
 [plans.Bar]
 covers = ["*"]
 max_open_reservations = 2
@@ -104,7 +111,7 @@ const MEMBERS: [(&str, &str); 6] = [
     ("crew", "u0"),
     ("crew", "u1"),
 ];
-const PLANS: [&str; 3] = ["Small", "Big", "Bar"];
+const PLANS: [&str; 4] = ["Small", "Big", "Daily", "Bar"];
 const RESOURCES: [&str; 2] = ["chat", "image"];
 
 #[derive(Clone, Debug)]
@@ -675,7 +682,7 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
                 Op::Refund { which: round },
                 Op::Seat {
                     member: round,
-                    plan: Some(round % 3),
+                    plan: Some(round % PLANS.len()),
                 },
                 Op::Check {
                     key: round % 7,
