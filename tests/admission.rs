@@ -1302,6 +1302,69 @@ fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
 }
 
 #[test]
+fn idle_keys_are_reclaimed_on_their_own_a_bounded_step_at_a_time() {
+    const KEYS: usize = 300;
+    for every_ms in [0, 10 * 60 * 1000] {
+        let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+        let options = tally_engine::EngineOptions {
+            reclaim_idle_every_ms: every_ms,
+            ..tally_engine::EngineOptions::default()
+        };
+        let engine = Engine::new(Policy::token_plan(), clock.clone(), options);
+        let keys: Vec<String> = (0..KEYS)
+            .map(|index| seated(&engine, &format!("user{index}"), "Plus"))
+            .collect();
+        for key in &keys {
+            assert!(consume(&engine, key, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+        }
+        let driver = seated(&engine, "driver", "Max");
+        // The next day at 01:00: the 5-hour window and the day's counters are empty. Ten
+        // keys are used again, and one has a reservation open: those keep their windows.
+        let mut now_ms = T0_MS + DAY_MS + HOUR_MS;
+        clock.set_ms(now_ms);
+        for key in &keys[..10] {
+            assert!(consume(&engine, key, "m2.7", &ONE_REQUEST, now_ms).is_admitted());
+        }
+        reserve(&engine, &keys[10], &ONE_REQUEST, now_ms, Some(DAY_MS));
+        assert_eq!(engine.memory_stats().keys_with_usage, KEYS as u64);
+        // Requests on this thread look at the schedule every 256 (admitted or not: the
+        // driver's 5-hour window fills); at most one step (one shard's keys, of 64) runs
+        // until the clock moves.
+        let drive = |now_ms: u64| {
+            for _ in 0..300 {
+                consume(&engine, &driver, "m2.7", &ONE_REQUEST, now_ms);
+            }
+        };
+        drive(now_ms);
+        let after_one_look = engine.memory_stats().keys_with_usage;
+        if every_ms == 0 {
+            assert_eq!(after_one_look, KEYS as u64 + 1);
+            assert_eq!(engine.automatic_reclaims(), (0, 0));
+            continue;
+        }
+        assert!(
+            after_one_look > KEYS as u64 - 64,
+            "one look freed {} keys",
+            KEYS as u64 + 1 - after_one_look
+        );
+        // The steps of a round are spread over the interval: 64 steps, 9.4 s apart.
+        for _ in 0..64 {
+            now_ms += 10_000;
+            clock.set_ms(now_ms);
+            drive(now_ms);
+        }
+        let stats = engine.memory_stats();
+        assert_eq!(
+            stats.keys_with_usage, 12,
+            "the ten used, the reserved and the driver"
+        );
+        assert_eq!(engine.automatic_reclaims(), (KEYS as u64 - 11, 1));
+        // A reclaimed key works as before, its whole limit from empty windows.
+        assert_eq!(m27_requests(&engine, &keys[20], 4501, now_ms), 4500);
+    }
+}
+
+#[test]
 fn a_request_that_can_never_fit_is_exceeds_limit_even_when_an_earlier_limit_is_full() {
     let engine = engine_with(two_limit_policy(true));
     let key = seated(&engine, "ada", "Two");

@@ -542,8 +542,11 @@ impl Harness {
         let clock = Arc::new(ManualClock::new(start_ms));
         // Every request id is remembered for the whole case (at most 120 steps of at most 8
         // hours), so any admitted request can be refunded.
+        // Keys' windows are reclaimed only when a case says (`Reclaim`): the model follows
+        // which keys were freed.
         let options = EngineOptions {
             idempotency_horizon_ms: 60 * DAY_MS,
+            reclaim_idle_every_ms: 0,
             ..EngineOptions::default()
         };
         let engine = Engine::new(policy, clock.clone(), options);

@@ -268,15 +268,22 @@ struct Run {
 impl Run {
     fn new(setup: &Setup) -> Run {
         let dir = TempDir::new("model-reopen");
+        // Reclaims happen when a case says (`ReclaimIdle`), on both engines alike: the
+        // automatic ones would come at different times to an engine reopened and its twin.
+        let engine_options = EngineOptions {
+            reclaim_idle_every_ms: 0,
+            ..EngineOptions::default()
+        };
         let options = OpenOptions {
             durability: setup.durability,
             checkpoint_every_events: setup.checkpoint_every_events,
+            engine: engine_options,
             ..OpenOptions::default()
         };
         let clock = Arc::new(ManualClock::new(START_MS));
         let durable = Engine::open(dir.path(), policy(), clock.clone(), options.clone())
             .expect("open a fresh database");
-        let twin = Engine::new(policy(), clock.clone(), EngineOptions::default());
+        let twin = Engine::new(policy(), clock.clone(), engine_options);
         let mut run = Run {
             dir,
             options,

@@ -505,6 +505,13 @@ impl KeyTable {
         self.shards.iter().map(|shard| shard.write()).collect()
     }
 
+    pub const SHARDS: usize = SHARDS;
+
+    /// Runs `f` on shard `index` (below `SHARDS`) write-locked.
+    pub fn with_shard<R>(&self, index: usize, f: impl FnOnce(&mut Shard) -> R) -> R {
+        f(&mut self.shards[index].write())
+    }
+
     /// Visits every shard write-locked, one at a time.
     pub fn for_each_shard(&self, mut f: impl FnMut(&mut Shard)) {
         for shard in self.shards.iter() {

@@ -82,6 +82,11 @@ pub struct EngineOptions {
     pub default_lease_ms: u64,
     /// Policies kept so receipts from before a swap can still be refunded exactly.
     pub max_policy_generations: usize,
+    /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
+    /// at most 1,024 keys at a time from the admission path, the steps spread over the
+    /// interval, each as of the clock's time. A key idle this long is freed within about
+    /// twice this. 0: never (`reclaim_idle` can still be called).
+    pub reclaim_idle_every_ms: u64,
 }
 
 impl Default for EngineOptions {
@@ -95,6 +100,7 @@ impl Default for EngineOptions {
             max_open_reservations: 1_000_000,
             default_lease_ms: DEFAULT_LEASE_MS,
             max_policy_generations: 1_024,
+            reclaim_idle_every_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -290,6 +296,21 @@ pub struct Engine {
     pub(crate) open_report: std::sync::OnceLock<crate::recovery::OpenReport>,
     /// Unique in the process: a detached `Submission` names the engine that must complete it.
     pub(crate) instance: u64,
+    /// When, on the engine's clock, the next step of the automatic reclaim is due (`u64::MAX`:
+    /// never). Relaxed: a schedule read when a thread looks (`maybe_reclaim`); the step itself
+    /// is serialised by `reclaim_hand`, and a step a little early or late is harmless.
+    pub(crate) reclaim_due_ms: crossbeam_utils::CachePadded<AtomicU64>,
+    /// Where the automatic reclaim's round has got to (see `adjustment`).
+    pub(crate) reclaim_hand: Mutex<crate::adjustment::ReclaimHand>,
+}
+
+/// Admissions a thread makes between two looks at whether a reclaim step is due (a look reads
+/// the clock).
+const RECLAIM_LOOK_EVERY: u32 = 256;
+
+thread_local! {
+    /// This thread's admissions left until its next look at the reclaim schedule.
+    static UNTIL_RECLAIM_LOOK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// The next engine's `instance`. Relaxed: only uniqueness matters, which `fetch_add` gives.
@@ -343,7 +364,13 @@ impl Engine {
             .idempotency_horizon_ms
             .max(policy.longest_window_ms());
         let policy = Arc::new(policy);
+        let reclaim_due_ms = match options.reclaim_idle_every_ms {
+            0 => u64::MAX,
+            every => clock.now_ms().saturating_add(every),
+        };
         Engine {
+            reclaim_due_ms: crossbeam_utils::CachePadded::new(AtomicU64::new(reclaim_due_ms)),
+            reclaim_hand: Mutex::new(crate::adjustment::ReclaimHand::default()),
             clock,
             keys: KeyTable::new(Arc::clone(&policy)),
             registry: Mutex::new(Registry::default()),
@@ -386,6 +413,37 @@ impl Engine {
 
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Counts an admission made on this thread; every `RECLAIM_LOOK_EVERY`th, reads the clock
+    /// and runs a step of the automatic reclaim if one is due. Call outside every lock.
+    #[inline]
+    pub(crate) fn maybe_reclaim(&self) {
+        let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get() {
+            0 => {
+                left.set(RECLAIM_LOOK_EVERY - 1);
+                true
+            }
+            n => {
+                left.set(n - 1);
+                false
+            }
+        });
+        if look {
+            self.look_at_reclaim_schedule();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn look_at_reclaim_schedule(&self) {
+        if self.reclaim_due_ms.load(Ordering::Relaxed) == u64::MAX {
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        if now_ms >= self.reclaim_due_ms.load(Ordering::Relaxed) {
+            self.reclaim_step(now_ms);
+        }
     }
 
     pub(crate) fn note_event_time(&self, at_ms: u64) {
@@ -874,8 +932,9 @@ impl Engine {
     ) -> Result<bool, Error> {
         let mut verdict = Verdict::new(decision);
         let outcome = self.admit(request, Mode::Consume, &mut verdict);
-        // Outside every lock (a checkpoint takes them all).
+        // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
         self.maybe_checkpoint();
+        self.maybe_reclaim();
         outcome.map(|()| verdict.replayed)
     }
 
@@ -1408,6 +1467,7 @@ impl Engine {
                 }
             }
         }
+        self.maybe_reclaim();
         results
     }
 

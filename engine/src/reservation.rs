@@ -358,6 +358,8 @@ impl Engine {
                 return Err(error);
             }
         }
+        // Outside every lock.
+        self.maybe_reclaim();
         Ok(ReserveOutcome {
             decision,
             reservation: Some(id),

@@ -200,9 +200,9 @@ func (e *Engine) MemoryStats() (MemoryStats, error) {
 
 // ReclaimIdle frees the window memory of every key with nothing counted in any window as of
 // at (zero: now) and no open reservation, returning how many keys it freed. Their next
-// request starts from empty windows, exactly as if they had been kept. The engine never does
-// this on its own: call it from time to time (for example hourly) to keep memory to the keys
-// in use.
+// request starts from empty windows, exactly as if they had been kept. The engine also does
+// this on its own, a bounded step at a time from the admission path, in a round every 10
+// minutes of its clock; call this to free memory at once (for example before measuring it).
 func (e *Engine) ReclaimIdle(at time.Time) (uint64, error) {
 	atMs, err := milliseconds("ReclaimIdle", at)
 	if err != nil {

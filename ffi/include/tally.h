@@ -779,9 +779,9 @@ tally_status tally_engine_memory_stats(const struct tally_engine *engine,
 // Frees the window memory of every key with nothing counted in any window as of `at_ms` (or
 // now) and no open reservation, and writes how many keys it freed to `*reclaimed_out`. Their
 // next request starts from empty windows, exactly as if they had been kept (one stamped before
-// `at_ms` is counted at `at_ms`, so an emptied period is never used twice). The engine never
-// does this on its own: call it from time to time (for example hourly) to keep memory to the
-// keys in use.
+// `at_ms` is counted at `at_ms`, so an emptied period is never used twice). The engine also
+// does this on its own, a bounded step at a time from the admission path, in a round every
+// 10 minutes of its clock; call this to free memory at once (for example before measuring it).
 tally_status tally_engine_reclaim_idle(const struct tally_engine *engine,
                                        uint64_t at_ms,
                                        uint64_t *reclaimed_out);

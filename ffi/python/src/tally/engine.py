@@ -588,7 +588,8 @@ class Engine:
     def reclaim_idle(self, *, at_ms: int | None = None) -> int:
         """Frees the window memory of keys with nothing counted as of ``at_ms`` and no open
         reservation; returns how many. Their next request starts from empty windows, as if
-        kept. The engine never does this on its own: call it from time to time."""
+        kept. The engine also does this on its own, a bounded step at a time, in a round every
+        10 minutes of its clock; call this to free memory at once."""
         reclaimed = ctypes.c_uint64(0)
         errors.check(
             _native.lib.tally_engine_reclaim_idle(
