@@ -83,8 +83,8 @@ pub struct EngineOptions {
     /// Policies kept so receipts from before a swap can still be refunded exactly.
     pub max_policy_generations: usize,
     /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
-    /// at most 1,024 keys at a time from the admission path, the steps spread over the
-    /// interval, each as of the clock's time. A key idle this long is freed within about
+    /// at most 512 keys of one shard at a time from the admission path, the steps spread over
+    /// the interval, each as of the clock's time. A key idle this long is freed within about
     /// twice this. 0: never (`reclaim_idle` can still be called).
     pub reclaim_idle_every_ms: u64,
 }
