@@ -798,6 +798,17 @@ impl RollingWindow {
 
     /// Whether nothing is counted as of `epoch` (the key's state may then be reclaimed).
     pub fn is_idle(&self, shape: RollingShape, epoch: u64) -> bool {
+        // Every count sits at `head` or before: once a whole lap has passed since, advancing
+        // would clear every slot, so there is no need to walk them (most keys a reclaim finds
+        // idle have been idle for hours).
+        if self
+            .head
+            .load(Ordering::Acquire)
+            .saturating_add(shape.slots())
+            <= epoch
+        {
+            return true;
+        }
         self.advance(shape, epoch);
         self.used() == 0
     }
@@ -1054,6 +1065,32 @@ mod tests {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn is_idle_without_walking_the_slots_agrees_with_advancing_them() {
+        // Usage at a few times (late ones counted at the newest epoch), then the question asked
+        // at every epoch from before the newest usage to well past a lap: the shortcut for a
+        // ring a whole lap behind must say what advancing and reading the total says.
+        let histories: [&[u64]; 4] = [&[500], &[500, 3_000, 9_999], &[20_000, 1_000], &[]];
+        for history in histories {
+            for query_epoch in 0..40 {
+                let (quick, walked) = (
+                    RollingWindow::new(SHAPE, 1_000),
+                    RollingWindow::new(SHAPE, 1_000),
+                );
+                for &at_ms in history {
+                    assert!(consume(&quick, at_ms, 1, 1_000));
+                    assert!(consume(&walked, at_ms, 1, 1_000));
+                }
+                walked.advance(SHAPE, query_epoch);
+                assert_eq!(
+                    quick.is_idle(SHAPE, query_epoch),
+                    walked.used() == 0,
+                    "usage at {history:?}, asked at epoch {query_epoch}"
+                );
+            }
         }
     }
 
