@@ -415,18 +415,18 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    /// Counts an admission made on this thread; every `RECLAIM_LOOK_EVERY`th, reads the clock
-    /// and runs a step of the automatic reclaim if one is due. Call outside every lock.
+    /// Counts `requests` decided on this thread; every `RECLAIM_LOOK_EVERY` of them, reads the
+    /// clock and runs a step of the automatic reclaim if one is due. Call outside every lock.
     #[inline]
-    pub(crate) fn maybe_reclaim(&self) {
-        let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get() {
-            0 => {
-                left.set(RECLAIM_LOOK_EVERY - 1);
-                true
-            }
-            n => {
-                left.set(n - 1);
+    pub(crate) fn maybe_reclaim(&self, requests: usize) {
+        let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get().checked_sub(requests as u32) {
+            Some(n) if requests < RECLAIM_LOOK_EVERY as usize => {
+                left.set(n);
                 false
+            }
+            _ => {
+                left.set(RECLAIM_LOOK_EVERY);
+                true
             }
         });
         if look {
@@ -934,7 +934,7 @@ impl Engine {
         let outcome = self.admit(request, Mode::Consume, &mut verdict);
         // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
         self.maybe_checkpoint();
-        self.maybe_reclaim();
+        self.maybe_reclaim(1);
         outcome.map(|()| verdict.replayed)
     }
 
@@ -1467,7 +1467,7 @@ impl Engine {
                 }
             }
         }
-        self.maybe_reclaim();
+        self.maybe_reclaim(requests.len());
         results
     }
 

@@ -359,7 +359,7 @@ impl Engine {
             }
         }
         // Outside every lock.
-        self.maybe_reclaim();
+        self.maybe_reclaim(1);
         Ok(ReserveOutcome {
             decision,
             reservation: Some(id),

@@ -97,7 +97,7 @@ impl Engine {
         let (receipt, replayed) = (verdict.receipt, verdict.replayed);
         // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
         self.maybe_checkpoint();
-        self.maybe_reclaim();
+        self.maybe_reclaim(1);
         let awaits = outcome?;
         if let (Awaits::Event(seq), Some(journal)) = (&awaits, self.journal()) {
             journal.hurry(*seq);
