@@ -128,6 +128,14 @@ fn requests(out: &mut String, summary: &Summary) {
         summary.daily_resets_seen,
         resets_note,
     );
+    let (reclaimed, rounds) = summary.reclaimed_on_its_own;
+    let reclaim_note = format!(
+        "on its own in {} rounds; {} keys hold {} B at the end",
+        grouped(rounds),
+        grouped(summary.memory.keys_with_usage),
+        grouped(summary.memory.usage_bytes),
+    );
+    note_line(out, "idle keys' windows freed", reclaimed, &reclaim_note);
     out.push('\n');
 }
 
@@ -432,6 +440,14 @@ pub fn json(summary: &Summary) -> Value {
         "replays": summary.replays,
         "replays_matching_first_decision": summary.replays_matching,
         "daily_resets_seen": summary.daily_resets_seen,
+        "memory": json!({
+            "keys": summary.memory.keys,
+            "keys_with_usage": summary.memory.keys_with_usage,
+            "usage_bytes": summary.memory.usage_bytes,
+            "table_bytes": summary.memory.table_bytes,
+            "idle_keys_reclaimed": summary.reclaimed_on_its_own.0,
+            "reclaim_rounds": summary.reclaimed_on_its_own.1,
+        }),
         "plans": summary.rows.iter().map(row_json).collect::<Vec<Value>>(),
         "teams": summary.teams.iter().map(team_json).collect::<Vec<Value>>(),
         "seat_changes": summary.seat_changes.iter().map(seat_change_json).collect::<Vec<Value>>(),

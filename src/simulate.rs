@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use tally_engine::calendar::CalendarPeriod;
 use tally_engine::{
-    ChargedTo, Decision, Engine, Error, LimitReport, ManualClock, PlanId, Policy, UsageRequest,
-    Window,
+    ChargedTo, Decision, Engine, Error, LimitReport, ManualClock, MemoryStats, PlanId, Policy,
+    UsageRequest, Window,
 };
 
 use crate::outcome::{error_kind, Counts};
@@ -135,6 +135,10 @@ pub struct Summary {
     /// Keys refused on a daily limit and later admitted on it after local midnight.
     pub daily_resets_seen: u64,
     pub errors: Vec<(&'static str, u64)>,
+    /// What the keys hold at the end of the run.
+    pub memory: MemoryStats,
+    /// Keys whose idle windows the engine freed on its own, and its finished rounds.
+    pub reclaimed_on_its_own: (u64, u64),
     pub wall: Duration,
 }
 
@@ -573,6 +577,8 @@ impl<'a> Simulation<'a> {
             replays_matching: self.replays_matching,
             daily_resets_seen: self.daily_resets_seen,
             errors: self.errors,
+            memory: self.engine.memory_stats(),
+            reclaimed_on_its_own: self.engine.automatic_reclaims(),
             wall,
         })
     }

@@ -227,6 +227,25 @@ fn the_same_seed_prints_the_same_json_and_another_seed_does_not() {
 }
 
 #[test]
+fn the_engine_frees_idle_keys_windows_on_its_own_during_a_run() {
+    let memory = &small_run()["memory"];
+    let number = |field: &str| {
+        memory[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("memory.{field} in {memory}"))
+    };
+    // A day of traffic: the engine's rounds (every 10 minutes of its clock) ran, and every
+    // key holding windows at the end is one of the run's keys.
+    assert!(number("reclaim_rounds") >= 1, "{memory}");
+    assert!(number("keys_with_usage") <= number("keys"), "{memory}");
+    assert!(number("keys_with_usage") > 0, "{memory}");
+    assert!(
+        number("usage_bytes") >= number("keys_with_usage") * 64,
+        "{memory}"
+    );
+}
+
+#[test]
 fn the_report_shows_every_plan_s_usage_bars_counts_and_timing() {
     let output = tally(SMALL_RUN);
     assert!(output.status.success(), "{}", stderr_of(&output));
