@@ -1302,6 +1302,41 @@ fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
 }
 
 #[test]
+fn a_lease_that_ended_is_expired_without_another_reserve() {
+    // A gateway reserved, then crashed; the others only consume. What it held comes back once
+    // the lease ends on the engine's clock, at a thread's next look (every 256 requests).
+    for on_its_own in [false, true] {
+        let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+        let options = tally_engine::EngineOptions {
+            expire_leases_on_its_own: on_its_own,
+            ..tally_engine::EngineOptions::default()
+        };
+        let engine = Engine::new(Policy::token_plan(), clock.clone(), options);
+        let crashed = seated(&engine, "ada", "Starter");
+        let other = seated(&engine, "bob", "Starter");
+        reserve(
+            &engine,
+            &crashed,
+            &[(Unit::Requests, 1000)],
+            T0_MS,
+            Some(MINUTE_MS),
+        );
+        for _ in 0..300 {
+            consume(&engine, &other, "m2.7", &ONE_REQUEST, T0_MS);
+        }
+        assert_eq!(engine.open_reservations(), 1, "the lease has not ended");
+        let later_ms = T0_MS + 2 * MINUTE_MS;
+        clock.set_ms(later_ms);
+        for _ in 0..300 {
+            consume(&engine, &other, "m2.7", &ONE_REQUEST, later_ms);
+        }
+        let (open, held) = if on_its_own { (0, 0) } else { (1, 1000) };
+        assert_eq!(engine.open_reservations(), open);
+        assert_eq!(m27_used(&engine, &crashed, later_ms), held);
+    }
+}
+
+#[test]
 fn idle_keys_are_reclaimed_on_their_own_a_bounded_step_at_a_time() {
     const KEYS: usize = 300;
     for every_ms in [0, 10 * 60 * 1000] {

@@ -268,10 +268,12 @@ struct Run {
 impl Run {
     fn new(setup: &Setup) -> Run {
         let dir = TempDir::new("model-reopen");
-        // Reclaims happen when a case says (`ReclaimIdle`), on both engines alike: the
-        // automatic ones would come at different times to an engine reopened and its twin.
+        // Reclaims happen when a case says (`ReclaimIdle`), leases expire on a `Reserve`, on
+        // both engines alike: the engine's own housekeeping would come at different times to
+        // an engine reopened and its twin.
         let engine_options = EngineOptions {
             reclaim_idle_every_ms: 0,
+            expire_leases_on_its_own: false,
             ..EngineOptions::default()
         };
         let options = OpenOptions {

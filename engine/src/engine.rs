@@ -87,6 +87,11 @@ pub struct EngineOptions {
     /// the interval, each as of the clock's time. A key idle this long is freed within about
     /// twice this. 0: never (`reclaim_idle` can still be called).
     pub reclaim_idle_every_ms: u64,
+    /// Whether reservations whose lease has ended on the engine's clock are expired from the
+    /// admission path (a thread's look every 256 requests, as for `reclaim_idle_every_ms`), so
+    /// what a crashed gateway held comes back even if nobody calls `reserve` again. False:
+    /// only `reserve`, a late `settle` and `expire_reservations` expire them.
+    pub expire_leases_on_its_own: bool,
 }
 
 impl Default for EngineOptions {
@@ -101,6 +106,7 @@ impl Default for EngineOptions {
             default_lease_ms: DEFAULT_LEASE_MS,
             max_policy_generations: 1_024,
             reclaim_idle_every_ms: 10 * 60 * 1000,
+            expire_leases_on_its_own: true,
         }
     }
 }
@@ -304,12 +310,12 @@ pub struct Engine {
     pub(crate) reclaim_hand: Mutex<crate::adjustment::ReclaimHand>,
 }
 
-/// Admissions a thread makes between two looks at whether a reclaim step is due (a look reads
-/// the clock).
+/// Requests a thread decides between two looks at the engine's housekeeping: whether a reclaim
+/// step is due, whether a reservation's lease has ended (a look reads the clock).
 const RECLAIM_LOOK_EVERY: u32 = 256;
 
 thread_local! {
-    /// This thread's admissions left until its next look at the reclaim schedule.
+    /// This thread's requests left until its next look at the engine's housekeeping.
     static UNTIL_RECLAIM_LOOK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
@@ -416,7 +422,8 @@ impl Engine {
     }
 
     /// Counts `requests` decided on this thread; every `RECLAIM_LOOK_EVERY` of them, reads the
-    /// clock and runs a step of the automatic reclaim if one is due. Call outside every lock.
+    /// clock and does the housekeeping that is due: a step of the automatic reclaim, the expiry
+    /// of reservations whose lease has ended. Call outside every lock.
     #[inline]
     pub(crate) fn maybe_reclaim(&self, requests: usize) {
         let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get().checked_sub(requests as u32) {
@@ -430,19 +437,26 @@ impl Engine {
             }
         });
         if look {
-            self.look_at_reclaim_schedule();
+            self.look_at_housekeeping();
         }
     }
 
     #[cold]
     #[inline(never)]
-    pub(crate) fn look_at_reclaim_schedule(&self) {
-        if self.reclaim_due_ms.load(Ordering::Relaxed) == u64::MAX {
+    fn look_at_housekeeping(&self) {
+        let reclaims = self.reclaim_due_ms.load(Ordering::Relaxed) != u64::MAX;
+        let leases = self.options.expire_leases_on_its_own;
+        if !reclaims && !leases {
             return;
         }
         let now_ms = self.clock.now_ms();
-        if now_ms >= self.reclaim_due_ms.load(Ordering::Relaxed) {
+        if reclaims && now_ms >= self.reclaim_due_ms.load(Ordering::Relaxed) {
             self.reclaim_step(now_ms);
+        }
+        if leases && self.reservations.lease_ended_by(now_ms) {
+            // A failure (the log refusing the expiry's event) leaves the reservations open
+            // for the next look, or for the `reserve` that expires them and reports it.
+            let _ = self.expire_reservations(Some(now_ms));
         }
     }
 

@@ -104,6 +104,17 @@ pub(crate) struct ReservationTable {
 }
 
 impl ReservationTable {
+    /// Whether an open reservation's lease ended at or before `at_ms` (false if the table is
+    /// busy: the caller looks again later).
+    pub fn lease_ended_by(&self, at_ms: u64) -> bool {
+        self.inner.try_lock().is_some_and(|table| {
+            table
+                .by_expiry
+                .first()
+                .is_some_and(|&(end, _)| end <= at_ms)
+        })
+    }
+
     pub fn horizon(&self) -> u64 {
         self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -576,7 +587,8 @@ impl Engine {
     }
 
     /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;
-    /// returns how many. Also runs on every `reserve`.
+    /// returns how many. Also runs on every `reserve`, and from the admission path once a lease
+    /// has ended on the engine's clock (`EngineOptions::expire_leases_on_its_own`).
     pub fn expire_reservations(&self, at_ms: Option<u64>) -> Result<usize, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let mut table = self.reservations.inner.lock();

@@ -524,7 +524,8 @@ tally_status tally_engine_void(const struct tally_engine *engine,
                                uint64_t at_ms);
 
 // Ends every reservation whose lease ended by `at_ms` (or now), giving back what they held;
-// writes how many to `*expired_out`. Reserve does this too as it goes.
+// writes how many to `*expired_out`. Reserve does this too as it goes, and so does the engine
+// from the admission path once a lease has ended on its clock.
 tally_status tally_engine_expire_reservations(const struct tally_engine *engine,
                                               uint64_t at_ms,
                                               uint64_t *expired_out);

@@ -259,7 +259,8 @@ pub extern "C" fn tally_engine_void(
 }
 
 /// Ends every reservation whose lease ended by `at_ms` (or now), giving back what they held;
-/// writes how many to `*expired_out`. Reserve does this too as it goes.
+/// writes how many to `*expired_out`. Reserve does this too as it goes, and so does the engine
+/// from the admission path once a lease has ended on its clock.
 #[no_mangle]
 pub extern "C" fn tally_engine_expire_reservations(
     engine: *const tally_engine,
