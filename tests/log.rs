@@ -1372,6 +1372,72 @@ fn verify_stays_sound_after_idle_windows_are_reclaimed() {
     assert_eq!(report.snapshot_matches_replay, Some(true));
 }
 
+/// The engine's own housekeeping on a durable engine: an ended lease expires (an event in the
+/// log) and idle keys' windows are freed from the admission path; a checkpoint after it
+/// verifies, and a reopen finds the reservation expired and what it held given back.
+#[test]
+fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
+    let dir = TempDir::new("housekeeping");
+    let clock = clock();
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    let users = ["ada", "bob", "cy", "dee"];
+    for user in users {
+        engine
+            .create_user(user, &format!("key-{user}"), Some(T0_MS))
+            .unwrap();
+        engine
+            .assign_seat(&format!("@{user}"), user, "Max", Some(T0_MS))
+            .unwrap();
+    }
+    let one = [(Unit::Requests, 1)];
+    for user in &users[1..] {
+        let key = format!("key-{user}");
+        let request = UsageRequest::new(&key, "m2.7", &one).at(T0_MS);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let estimate = [(Unit::Requests, 100)];
+    let held = UsageRequest::new("key-ada", "m2.7", &estimate).at(T0_MS);
+    let outcome = engine.reserve(&held, Some(HOUR_MS)).unwrap();
+    assert!(outcome.decision.is_admitted());
+    // A week and a day on, only dee keeps calling: a look every 256 requests, the clock
+    // moving ten seconds between them, so the reclaim's steps (64 of them) come due.
+    let mut now_ms = T0_MS + 8 * DAY_MS;
+    let dee = UsageRequest::new("key-dee", "m2.7", &one);
+    for _ in 0..70 {
+        now_ms += 10_000;
+        clock.set_ms(now_ms);
+        let batch = vec![dee.at(now_ms); 256];
+        for result in engine.consume_many(&batch) {
+            result.unwrap();
+        }
+    }
+    assert_eq!(engine.open_reservations(), 0, "the lease ended a week ago");
+    let stats = engine.memory_stats();
+    assert_eq!(
+        stats.keys_with_usage, 1,
+        "only dee's windows are live: {stats:?}"
+    );
+    let (reclaimed, rounds) = engine.automatic_reclaims();
+    assert!(
+        reclaimed >= 3 && rounds >= 1,
+        "{reclaimed} keys in {rounds} rounds"
+    );
+    engine.checkpoint().unwrap();
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    assert_eq!(report.snapshot_matches_replay, Some(true));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    assert_eq!(engine.open_reservations(), 0);
+    let usage = engine.usage("key-ada", Some(T0_MS)).unwrap();
+    assert_eq!(usage.open_reservations, 0);
+    assert!(
+        usage.limits.iter().all(|limit| limit.used == 0),
+        "{usage:?}"
+    );
+    engine.close().unwrap();
+}
+
 /// The same for request ids: an id older than the horizon is dropped from the live table
 /// when a later request lands in its shard; replay onto the snapshot before keeps it.
 #[test]
