@@ -63,6 +63,10 @@ const SUBMITTED_PER_ROUND: usize = 16;
 const SUBMIT_STREAM: u64 = 1_000;
 /// The reserving thread closes a reservation once this many are open, from its own stream.
 const RESERVATIONS_OPEN: usize = 3;
+/// One reservation in this many is left to its lease, as a crashed gateway would: the engine
+/// expires it on its own (an event) after `ABANDONED_LEASE_MS`.
+const ABANDONED_ONE_IN: u64 = 6;
+const ABANDONED_LEASE_MS: u64 = 20;
 const RESERVE_STREAM: u64 = 2_000;
 /// The retrying thread's pause: shorter than a call's fsync, so most retries race their first
 /// call.
@@ -408,8 +412,8 @@ fn close(engine: &Engine, prefix: &str, (id, actual): &Close) -> bool {
 
 /// Reserves, and once `RESERVATIONS_OPEN` are open settles the oldest for its estimate or less
 /// (each unit drawn from 0 to its estimate; nothing at all is a settle too) or voids it, one in
-/// four. Prints each reserve and
-/// close once it returned.
+/// four. One reservation in `ABANDONED_ONE_IN` gets a short lease and is never closed: the
+/// engine expires it. Prints each reserve and close once it returned.
 fn reserve_loop(
     engine: &Engine,
     seed: u64,
@@ -425,7 +429,9 @@ fn reserve_loop(
         let drawn = draw(&mut rng, &keys, &policy);
         let request = UsageRequest::new(drawn.key, &drawn.resource, &drawn.quantities);
         let head = format!("{} {} {}", drawn.key, drawn.resource, drawn.units());
-        match engine.reserve(&request, None) {
+        let abandoned = rng.between(1, ABANDONED_ONE_IN) == 1;
+        let lease_ms = abandoned.then_some(ABANDONED_LEASE_MS);
+        match engine.reserve(&request, lease_ms) {
             Ok(outcome) => match (outcome.decision, outcome.reservation) {
                 (Decision::Admitted(admission), Some(id)) => {
                     let charged = match admission.charged_to {
@@ -440,7 +446,9 @@ fn reserve_loop(
                         ChargedTo::PayAsYouGo { micros } => format!("payg {micros}"),
                     };
                     say(&format!("reserved {} {head} {charged}", id.get()));
-                    open.push_back((id, drawn.quantities.clone()));
+                    if !abandoned {
+                        open.push_back((id, drawn.quantities.clone()));
+                    }
                 }
                 (Decision::Denied(denial), _) => say(&format!(
                     "refused {head} {}",
