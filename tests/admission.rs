@@ -1696,6 +1696,37 @@ limits = [{ resource = "speech", unit = "characters", amount = 4000, window = "d
 }
 
 #[test]
+fn reclaiming_a_key_whose_counter_is_already_on_a_later_day_keeps_that_day_as_its_floor() {
+    // The counter moves to day D+1 and is emptied there (a reservation stamped just after
+    // midnight, voided); a reclaim stamped back on day D finds it idle. A later request
+    // stamped on D must still not find day D's quota again.
+    let engine = engine_with(daily_only_policy());
+    let key = seated(&engine, "ada", "Daily");
+    let all_of_it = [(Unit::Characters, 4000)];
+    assert!(consume(&engine, &key, "speech", &all_of_it, T0_MS + HOUR_MS).is_admitted());
+    let next_day_ms = T0_MS + DAY_MS;
+    let outcome = engine
+        .reserve(
+            &UsageRequest::new(&key, "speech", &[(Unit::Characters, 1000)]).at(next_day_ms + 1),
+            None,
+        )
+        .expect("reserve");
+    let id = outcome.reservation.expect("a reservation");
+    engine.void(id, Some(next_day_ms + 1)).expect("void");
+    assert_eq!(engine.reclaim_idle(Some(T0_MS + 2 * HOUR_MS)), Ok(1));
+    match consume(&engine, &key, "speech", &all_of_it, T0_MS + 3 * HOUR_MS) {
+        tally_engine::Decision::Admitted(admission) => assert!(
+            admission.at_ms >= next_day_ms,
+            "counted at {} on the day already used up",
+            admission.at_ms
+        ),
+        tally_engine::Decision::Denied(denial) => {
+            panic!("day D+1 had room: {denial:?}")
+        }
+    }
+}
+
+#[test]
 fn a_late_timestamp_counted_in_a_later_day_says_when_it_was_counted() {
     let engine = engine_with(daily_only_policy());
     let key = seated(&engine, "ada", "Daily");

@@ -600,7 +600,6 @@ fn adjust_counter(
     }
 }
 
-/// The newest time any of a key's rolling windows has seen (its head), in ms.
 /// Keys one step of the automatic reclaim visits under a shard's write lock. The admission
 /// bench's `reclaim_idle` round over 200,000 Plus keys, half of them with usage a week old,
 /// takes 65 us per 512 keys (239 us before `is_idle` skipped walking a ring a lap behind).
@@ -629,11 +628,12 @@ fn reclaim_if_idle(policy: &Policy, state: &mut KeyState, at_ms: u64) -> bool {
             .get()
             .is_some_and(|usage| usage_is_idle(policy, usage, at_ms));
     if idle {
-        // Later requests are counted no earlier than the reclaim's time (or the newest the
-        // windows had seen, if later): a late stamp would otherwise find empty windows in a
-        // period whose quota was used (never released early). A calendar window does not move
-        // to `at_ms` when read, so its key needs `at_ms` itself; a rolling one has just been
-        // moved there by `is_idle`.
+        // Later requests are counted no earlier than the reclaim's time, or the newest time
+        // the windows had seen if later (a rolling head; the start of a calendar counter's
+        // newest period, which may be past `at_ms` with nothing left in it): a late stamp
+        // would otherwise find empty windows in a period whose quota was used (never released
+        // early). A calendar window does not move to `at_ms` when read, so its key needs
+        // `at_ms` itself; a rolling one has just been moved there by `is_idle`.
         state.time_floor_ms = state
             .time_floor_ms
             .max(newest_time_ms(policy, state))
@@ -643,6 +643,8 @@ fn reclaim_if_idle(policy: &Policy, state: &mut KeyState, at_ms: u64) -> bool {
     idle
 }
 
+/// The newest time a key's windows have seen, in ms: a rolling window's head, the start of a
+/// calendar counter's newest period.
 fn newest_time_ms(policy: &Policy, state: &KeyState) -> u64 {
     let Some(usage) = state.usage.get() else {
         return 0;
@@ -654,6 +656,12 @@ fn newest_time_ms(policy: &Policy, state: &KeyState) -> u64 {
             |counter| match (&counter.state, policy.counter(counter.id).window) {
                 (WindowState::Rolling(ring), Window::Rolling { bucket_ms, .. }) => {
                     Some(ring.head().saturating_mul(bucket_ms))
+                }
+                (WindowState::Calendar(calendar), Window::Calendar(kind)) => {
+                    match calendar.period() {
+                        0 => None,
+                        period => Some(policy.calendar().period_bounds(kind, period).start_ms),
+                    }
                 }
                 _ => None,
             },

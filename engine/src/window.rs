@@ -917,6 +917,11 @@ impl CalendarCounter {
         CalendarCounter::default()
     }
 
+    /// The newest period the counter has counted in (0: none yet), whatever its count now.
+    pub fn period(&self) -> u32 {
+        unpack_period(self.word.load(Ordering::Acquire)).0
+    }
+
     /// Whether what was counted in `period` still counts as seen from `current` (the period
     /// has not reset since).
     pub fn still_counts_at(&self, period: u32, current: u32) -> bool {
