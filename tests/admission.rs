@@ -1337,6 +1337,29 @@ fn a_lease_that_ended_is_expired_without_another_reserve() {
 }
 
 #[test]
+fn a_gateway_whose_timestamps_lag_the_clock_keeps_its_leases_by_its_own_time() {
+    // The engine's clock is an hour ahead of the gateway's stamps. Its reservation (the
+    // default lease) and its requests are stamped on its own time; the housekeeping judges
+    // the lease as of that time, as `reserve` does, so the settle a minute later succeeds.
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS + HOUR_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        clock,
+        tally_engine::EngineOptions::default(),
+    );
+    let key = seated(&engine, "ada", "Starter");
+    let other = seated(&engine, "bob", "Starter");
+    let id = reserve(&engine, &key, &[(Unit::Requests, 10)], T0_MS, None);
+    for _ in 0..300 {
+        consume(&engine, &other, "m2.7", &ONE_REQUEST, T0_MS + MINUTE_MS);
+    }
+    assert_eq!(engine.open_reservations(), 1);
+    let settled = engine.settle(id, &[(Unit::Requests, 4)], Some(T0_MS + MINUTE_MS));
+    assert!(settled.is_ok(), "{settled:?}");
+    assert_eq!(m27_used(&engine, &key, T0_MS + MINUTE_MS), 4);
+}
+
+#[test]
 fn idle_keys_are_reclaimed_on_their_own_a_bounded_step_at_a_time() {
     const KEYS: usize = 300;
     for every_ms in [0, 10 * 60 * 1000] {

@@ -248,13 +248,15 @@ impl Engine {
         Ok(outcome)
     }
 
-    /// One step of the automatic reclaim (`EngineOptions::reclaim_idle_every_ms`), as of the
-    /// clock's `now_ms`: at most `RECLAIM_KEYS_PER_STEP` keys of one shard, under that shard's
-    /// write lock, then the next step is scheduled so that a round over every shard takes
-    /// about the interval. Another thread's step in progress makes this one a no-op.
+    /// One step of the automatic reclaim (`EngineOptions::reclaim_idle_every_ms`), due by the
+    /// clock's `now_ms`, freeing keys idle as of `as_of_ms` (at most `now_ms`): at most
+    /// `RECLAIM_KEYS_PER_STEP` keys of one shard, under that shard's write lock, then the next
+    /// step is scheduled so that a round over every shard takes about the interval. Another
+    /// thread's step in progress makes this one a no-op.
     #[cold]
     #[inline(never)]
-    pub(crate) fn reclaim_step(&self, now_ms: u64) {
+    pub(crate) fn reclaim_step(&self, now_ms: u64, as_of_ms: u64) {
+        debug_assert!(as_of_ms <= now_ms);
         let Some(mut hand) = self.reclaim_hand.try_lock() else {
             return;
         };
@@ -277,7 +279,7 @@ impl Engine {
             let mut reclaimed = 0;
             for (_, state) in shard.iter_mut().skip(skip).take(RECLAIM_KEYS_PER_STEP) {
                 visited += 1;
-                reclaimed += u64::from(reclaim_if_idle(&policy, state, now_ms));
+                reclaimed += u64::from(reclaim_if_idle(&policy, state, as_of_ms));
             }
             (visited, len, reclaimed)
         });

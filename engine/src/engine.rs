@@ -423,9 +423,12 @@ impl Engine {
 
     /// Counts `requests` decided on this thread; every `RECLAIM_LOOK_EVERY` of them, reads the
     /// clock and does the housekeeping that is due: a step of the automatic reclaim, the expiry
-    /// of reservations whose lease has ended. Call outside every lock.
+    /// of reservations whose lease has ended. Both are judged as of the clock's time, or the
+    /// requests' own (`stamped_ms`, the earliest) if that is earlier, as `reserve` judges
+    /// leases: a gateway whose timestamps lag the engine's clock does not see its leases end,
+    /// or its keys' windows freed, before its own time says so. Call outside every lock.
     #[inline]
-    pub(crate) fn maybe_reclaim(&self, requests: usize) {
+    pub(crate) fn maybe_reclaim(&self, requests: usize, stamped_ms: Option<u64>) {
         let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get().checked_sub(requests as u32) {
             Some(n) if requests < RECLAIM_LOOK_EVERY as usize => {
                 left.set(n);
@@ -437,26 +440,27 @@ impl Engine {
             }
         });
         if look {
-            self.look_at_housekeeping();
+            self.look_at_housekeeping(stamped_ms);
         }
     }
 
     #[cold]
     #[inline(never)]
-    fn look_at_housekeeping(&self) {
+    fn look_at_housekeeping(&self, stamped_ms: Option<u64>) {
         let reclaims = self.reclaim_due_ms.load(Ordering::Relaxed) != u64::MAX;
         let leases = self.options.expire_leases_on_its_own;
         if !reclaims && !leases {
             return;
         }
         let now_ms = self.clock.now_ms();
+        let as_of_ms = stamped_ms.map_or(now_ms, |stamped_ms| stamped_ms.min(now_ms));
         if reclaims && now_ms >= self.reclaim_due_ms.load(Ordering::Relaxed) {
-            self.reclaim_step(now_ms);
+            self.reclaim_step(now_ms, as_of_ms);
         }
-        if leases && self.reservations.lease_ended_by(now_ms) {
+        if leases && self.reservations.lease_ended_by(as_of_ms) {
             // A failure (the log refusing the expiry's event) leaves the reservations open
             // for the next look, or for the `reserve` that expires them and reports it.
-            let _ = self.expire_reservations(Some(now_ms));
+            let _ = self.expire_reservations(Some(as_of_ms));
         }
     }
 
@@ -948,7 +952,7 @@ impl Engine {
         let outcome = self.admit(request, Mode::Consume, &mut verdict);
         // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
         self.maybe_checkpoint();
-        self.maybe_reclaim(1);
+        self.maybe_reclaim(1, request.at_ms);
         outcome.map(|()| verdict.replayed)
     }
 
@@ -1481,7 +1485,12 @@ impl Engine {
                 }
             }
         }
-        self.maybe_reclaim(requests.len());
+        let earliest_ms = requests
+            .iter()
+            .map(|request| request.at_ms.unwrap_or(u64::MAX))
+            .min()
+            .filter(|earliest_ms| *earliest_ms != u64::MAX);
+        self.maybe_reclaim(requests.len(), earliest_ms);
         results
     }
 

@@ -370,7 +370,7 @@ impl Engine {
             }
         }
         // Outside every lock.
-        self.maybe_reclaim(1);
+        self.maybe_reclaim(1, Some(at_ms));
         Ok(ReserveOutcome {
             decision,
             reservation: Some(id),

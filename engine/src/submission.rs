@@ -95,13 +95,16 @@ impl Engine {
             }
         };
         let (receipt, replayed) = (verdict.receipt, verdict.replayed);
-        // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
+        // Outside every lock (a checkpoint takes them all).
         self.maybe_checkpoint();
-        self.maybe_reclaim(1);
-        let awaits = outcome?;
-        if let (Awaits::Event(seq), Some(journal)) = (&awaits, self.journal()) {
+        let awaits = outcome;
+        if let (Ok(Awaits::Event(seq)), Some(journal)) = (&awaits, self.journal()) {
             journal.hurry(*seq);
         }
+        // After the hurry, so housekeeping (a reclaim step, an expiry's fsync) does not delay
+        // this submission's own flush.
+        self.maybe_reclaim(1, request.at_ms);
+        let awaits = awaits?;
         Ok(Submitted {
             engine: self,
             request: *request,
