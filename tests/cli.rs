@@ -234,15 +234,11 @@ fn the_engine_frees_idle_keys_windows_on_its_own_during_a_run() {
             .as_u64()
             .unwrap_or_else(|| panic!("memory.{field} in {memory}"))
     };
-    // A day of traffic: the engine's rounds (every 10 minutes of its clock) ran, and every
-    // key holding windows at the end is one of the run's keys.
+    // A day of traffic: the engine's rounds (every 10 minutes of its clock) ran and freed the
+    // windows of keys that had gone quiet; the busy ones still hold theirs.
     assert!(number("reclaim_rounds") >= 1, "{memory}");
-    assert!(number("keys_with_usage") <= number("keys"), "{memory}");
+    assert!(number("idle_keys_reclaimed") >= 1, "{memory}");
     assert!(number("keys_with_usage") > 0, "{memory}");
-    assert!(
-        number("usage_bytes") >= number("keys_with_usage") * 64,
-        "{memory}"
-    );
 }
 
 #[test]

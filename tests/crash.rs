@@ -22,8 +22,8 @@
 //!   the child was told, and every acknowledged settle or void closed it exactly once, as told
 //!   (the child also closes each again, racing the first close's fsync); no reservation id was
 //!   handed out twice; the reopened engine holds open exactly those opened and not closed; some
-//!   reservations are left to a 20 ms lease, and the engine expires them on its own (an event
-//!   each, never for one told closed);
+//!   reservations are left to a 20 ms lease, and the engine expires them (at a later `reserve`
+//!   or in its housekeeping; an event each, never for one told closed);
 //! - a retry of acknowledged request ids gets the first decision back and logs nothing;
 //! - the child's own retries (a thread sending again the request most recently sent, usually
 //!   while its first call waits for its fsync) were answered as the first call was, and an

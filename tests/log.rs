@@ -1399,10 +1399,18 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
     let held = UsageRequest::new("key-ada", "m2.7", &estimate).at(T0_MS);
     let outcome = engine.reserve(&held, Some(HOUR_MS)).unwrap();
     assert!(outcome.decision.is_admitted());
+    // Two hours on, dee's requests (a look every 256) expire ada's reservation: its lease ended
+    // an hour ago, and what it held still counts, so the expiry gives it back.
+    let dee = UsageRequest::new("key-dee", "m2.7", &one);
+    clock.set_ms(T0_MS + 2 * HOUR_MS);
+    let batch = vec![dee.at(T0_MS + 2 * HOUR_MS); 256];
+    for result in engine.consume_many(&batch) {
+        result.unwrap();
+    }
+    assert_eq!(engine.open_reservations(), 0, "the lease ended an hour ago");
     // A week and a day on, only dee keeps calling: a look every 256 requests, the clock
     // moving ten seconds between them, so the reclaim's steps (64 of them) come due.
     let mut now_ms = T0_MS + 8 * DAY_MS;
-    let dee = UsageRequest::new("key-dee", "m2.7", &one);
     for _ in 0..70 {
         now_ms += 10_000;
         clock.set_ms(now_ms);
@@ -1411,7 +1419,6 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
             result.unwrap();
         }
     }
-    assert_eq!(engine.open_reservations(), 0, "the lease ended a week ago");
     let stats = engine.memory_stats();
     assert_eq!(
         stats.keys_with_usage, 1,
@@ -1429,11 +1436,32 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
     assert_eq!(report.snapshot_matches_replay, Some(true));
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     assert_eq!(engine.open_reservations(), 0);
-    let usage = engine.usage("key-ada", Some(T0_MS)).unwrap();
-    assert_eq!(usage.open_reservations, 0);
+    // The expiry is an event of its own, giving back the 100 requests held on each window.
+    let reservation = outcome.reservation.expect("a reservation").get();
+    let expiries: Vec<Vec<u64>> = engine
+        .events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event.body {
+            EventBody::ReservationClosed {
+                reservation: closed,
+                end: tally_engine::event::ReservationEnd::Expired,
+                given_back,
+                ..
+            } if closed == reservation => Some(
+                given_back
+                    .counters
+                    .iter()
+                    .map(|&(_, _, units)| units)
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expiries.len(), 1, "{expiries:?}");
     assert!(
-        usage.limits.iter().all(|limit| limit.used == 0),
-        "{usage:?}"
+        !expiries[0].is_empty() && expiries[0].iter().all(|units| *units == 100),
+        "{expiries:?}"
     );
     engine.close().unwrap();
 }
