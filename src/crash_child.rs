@@ -64,7 +64,7 @@ const SUBMIT_STREAM: u64 = 1_000;
 /// The reserving thread closes a reservation once this many are open, from its own stream.
 const RESERVATIONS_OPEN: usize = 3;
 /// One reservation in this many is left to its lease, as a crashed gateway would: the engine
-/// expires it on its own (an event) after `ABANDONED_LEASE_MS`.
+/// expires it (an event) once `ABANDONED_LEASE_MS` has passed.
 const ABANDONED_ONE_IN: u64 = 6;
 const ABANDONED_LEASE_MS: u64 = 20;
 const RESERVE_STREAM: u64 = 2_000;

@@ -84,10 +84,12 @@ pub struct EngineOptions {
     pub max_policy_generations: usize,
     /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
     /// at most 512 keys of one shard at a time from the admission path, the steps spread over
-    /// the interval, each as of the clock's time. A key idle this long is freed within about
-    /// twice this. 0: never (`reclaim_idle` can still be called).
+    /// the interval, each as of the clock's time (or the triggering requests' own, if earlier).
+    /// A key idle this long is freed within about twice this, given traffic enough for the
+    /// steps. 0: never (`reclaim_idle` can still be called).
     pub reclaim_idle_every_ms: u64,
-    /// Whether reservations whose lease has ended on the engine's clock are expired from the
+    /// Whether reservations whose lease has ended (by the engine's clock, or the triggering
+    /// requests' own timestamps if earlier, as `reserve` judges it) are expired from the
     /// admission path (a thread's look every 256 requests, as for `reclaim_idle_every_ms`), so
     /// what a crashed gateway held comes back even if nobody calls `reserve` again. False:
     /// only `reserve`, a late `settle` and `expire_reservations` expire them.
@@ -303,7 +305,7 @@ pub struct Engine {
     /// Unique in the process: a detached `Submission` names the engine that must complete it.
     pub(crate) instance: u64,
     /// When, on the engine's clock, the next step of the automatic reclaim is due (`u64::MAX`:
-    /// never). Relaxed: a schedule read when a thread looks (`maybe_reclaim`); the step itself
+    /// never). Relaxed: a schedule read when a thread looks (`maybe_housekeep`); the step itself
     /// is serialised by `reclaim_hand`, and a step a little early or late is harmless.
     pub(crate) reclaim_due_ms: crossbeam_utils::CachePadded<AtomicU64>,
     /// Where the automatic reclaim's round has got to (see `adjustment`).
@@ -312,11 +314,11 @@ pub struct Engine {
 
 /// Requests a thread decides between two looks at the engine's housekeeping: whether a reclaim
 /// step is due, whether a reservation's lease has ended (a look reads the clock).
-const RECLAIM_LOOK_EVERY: u32 = 256;
+const HOUSEKEEPING_LOOK_EVERY: u32 = 256;
 
 thread_local! {
     /// This thread's requests left until its next look at the engine's housekeeping.
-    static UNTIL_RECLAIM_LOOK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    static UNTIL_HOUSEKEEPING_LOOK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// The next engine's `instance`. Relaxed: only uniqueness matters, which `fetch_add` gives.
@@ -421,26 +423,31 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    /// Counts `requests` decided on this thread; every `RECLAIM_LOOK_EVERY` of them, reads the
+    /// Counts `requests` decided on this thread; every `HOUSEKEEPING_LOOK_EVERY` of them, reads the
     /// clock and does the housekeeping that is due: a step of the automatic reclaim, the expiry
     /// of reservations whose lease has ended. Both are judged as of the clock's time, or the
     /// requests' own (`stamped_ms`, the earliest) if that is earlier, as `reserve` judges
     /// leases: a gateway whose timestamps lag the engine's clock does not see its leases end,
     /// or its keys' windows freed, before its own time says so. Call outside every lock.
     #[inline]
-    pub(crate) fn maybe_reclaim(&self, requests: usize, stamped_ms: Option<u64>) {
-        let look = UNTIL_RECLAIM_LOOK.with(|left| match left.get().checked_sub(requests as u32) {
-            Some(n) if requests < RECLAIM_LOOK_EVERY as usize => {
-                left.set(n);
-                false
-            }
-            _ => {
-                left.set(RECLAIM_LOOK_EVERY);
-                true
-            }
-        });
+    pub(crate) fn maybe_housekeep(
+        &self,
+        requests: usize,
+        stamped_ms: impl FnOnce() -> Option<u64>,
+    ) {
+        let look =
+            UNTIL_HOUSEKEEPING_LOOK.with(|left| match left.get().checked_sub(requests as u32) {
+                Some(n) if requests < HOUSEKEEPING_LOOK_EVERY as usize => {
+                    left.set(n);
+                    false
+                }
+                _ => {
+                    left.set(HOUSEKEEPING_LOOK_EVERY);
+                    true
+                }
+            });
         if look {
-            self.look_at_housekeeping(stamped_ms);
+            self.look_at_housekeeping(stamped_ms());
         }
     }
 
@@ -952,7 +959,7 @@ impl Engine {
         let outcome = self.admit(request, Mode::Consume, &mut verdict);
         // Outside every lock (a checkpoint takes them all, a reclaim step one shard).
         self.maybe_checkpoint();
-        self.maybe_reclaim(1, request.at_ms);
+        self.maybe_housekeep(1, || request.at_ms);
         outcome.map(|()| verdict.replayed)
     }
 
@@ -1485,12 +1492,10 @@ impl Engine {
                 }
             }
         }
-        let earliest_ms = requests
-            .iter()
-            .map(|request| request.at_ms.unwrap_or(u64::MAX))
-            .min()
-            .filter(|earliest_ms| *earliest_ms != u64::MAX);
-        self.maybe_reclaim(requests.len(), earliest_ms);
+        // The batch's earliest stamp, worked out only when this thread looks.
+        self.maybe_housekeep(requests.len(), || {
+            requests.iter().filter_map(|request| request.at_ms).min()
+        });
         results
     }
 

@@ -370,7 +370,7 @@ impl Engine {
             }
         }
         // Outside every lock.
-        self.maybe_reclaim(1, Some(at_ms));
+        self.maybe_housekeep(1, || Some(at_ms));
         Ok(ReserveOutcome {
             decision,
             reservation: Some(id),
@@ -588,7 +588,7 @@ impl Engine {
 
     /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;
     /// returns how many. Also runs on every `reserve`, and from the admission path once a lease
-    /// has ended on the engine's clock (`EngineOptions::expire_leases_on_its_own`).
+    /// has ended (`EngineOptions::expire_leases_on_its_own`).
     pub fn expire_reservations(&self, at_ms: Option<u64>) -> Result<usize, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let mut table = self.reservations.inner.lock();

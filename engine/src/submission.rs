@@ -103,7 +103,7 @@ impl Engine {
         }
         // After the hurry, so housekeeping (a reclaim step, an expiry's fsync) does not delay
         // this submission's own flush.
-        self.maybe_reclaim(1, request.at_ms);
+        self.maybe_housekeep(1, || request.at_ms);
         let awaits = awaits?;
         Ok(Submitted {
             engine: self,
