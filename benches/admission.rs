@@ -185,8 +185,9 @@ fn bench_engine(clock_start_ms: Option<u64>) -> Engine {
         ..EngineOptions::default()
     };
     match clock_start_ms {
-        Some(start_ms) => Engine::new(policy, Arc::new(ManualClock::new(start_ms)), options),
-        None => Engine::new(policy, Arc::new(SystemClock), options),
+        Some(start_ms) => Engine::new(policy, Arc::new(ManualClock::new(start_ms)), options)
+            .expect("valid options"),
+        None => Engine::new(policy, Arc::new(SystemClock), options).expect("valid options"),
     }
 }
 
@@ -360,7 +361,8 @@ fn memory_report(report: &mut Report, count: usize) {
         Policy::token_plan(),
         Arc::new(ManualClock::new(START_MS)),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     let resident_empty = resident_bytes();
     let keys: Vec<String> = (0..2 * count).map(key_name).collect();
     let (heap_names, resident_names) = (live_bytes(), resident_bytes());

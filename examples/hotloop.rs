@@ -53,6 +53,7 @@ fn main() {
                 ..EngineOptions::default()
             },
         )
+        .expect("valid options")
     };
     let engine = new_engine();
     let n_keys: usize = std::env::args()

@@ -576,7 +576,8 @@ mod tests {
             slot_ms: 300_000,
         };
         let clock = Arc::new(tally_engine::ManualClock::new(shape.start_ms));
-        let engine = Engine::new(Policy::token_plan(), clock, Default::default());
+        let engine =
+            Engine::new(Policy::token_plan(), clock, Default::default()).expect("valid options");
         let scenario = build(&engine, &policy, &shape).expect("the scenario builds");
         for access in [
             Access::Individual,

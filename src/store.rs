@@ -18,7 +18,7 @@ pub const DEFAULT_SIMULATE_DB: &str = "tally-data-simulate";
 pub const CHECKPOINT_EVERY_EVENTS: u64 = 20_000;
 /// `Durability::Interval` bounds, as the engine checks them.
 pub const MIN_INTERVAL_MS: u64 = 1;
-pub const MAX_INTERVAL_MS: u64 = 60_000;
+pub const MAX_INTERVAL_MS: u64 = tally_engine::log::MAX_FLUSH_INTERVAL_MS;
 
 /// `sync`, `none` or `interval:MS`.
 pub fn parse_durability(value: &str) -> Result<Durability, String> {

@@ -1311,7 +1311,8 @@ fn a_lease_that_ended_is_expired_without_another_reserve() {
             expire_leases_on_its_own: on_its_own,
             ..tally_engine::EngineOptions::default()
         };
-        let engine = Engine::new(Policy::token_plan(), clock.clone(), options);
+        let engine =
+            Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid options");
         let crashed = seated(&engine, "ada", "Starter");
         let other = seated(&engine, "bob", "Starter");
         reserve(
@@ -1346,7 +1347,8 @@ fn a_gateway_whose_timestamps_lag_the_clock_keeps_its_leases_by_its_own_time() {
         Policy::token_plan(),
         clock,
         tally_engine::EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     let key = seated(&engine, "ada", "Starter");
     let other = seated(&engine, "bob", "Starter");
     let id = reserve(&engine, &key, &[(Unit::Requests, 10)], T0_MS, None);
@@ -1368,7 +1370,8 @@ fn idle_keys_are_reclaimed_on_their_own_a_bounded_step_at_a_time() {
             reclaim_idle_every_ms: every_ms,
             ..tally_engine::EngineOptions::default()
         };
-        let engine = Engine::new(Policy::token_plan(), clock.clone(), options);
+        let engine =
+            Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid options");
         let keys: Vec<String> = (0..KEYS)
             .map(|index| seated(&engine, &format!("user{index}"), "Plus"))
             .collect();
@@ -1554,7 +1557,7 @@ fn a_full_request_id_table_refuses_new_ids_and_counts_nothing() {
         ..tally_engine::EngineOptions::default()
     };
     let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(Policy::token_plan(), clock.clone(), options);
+    let engine = Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid options");
     let key = seated(&engine, "ada", "Starter");
     let mut remembered = 0;
     let mut refused = None;
@@ -1601,7 +1604,8 @@ fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
         Policy::token_plan(),
         std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
         options,
-    );
+    )
+    .expect("valid options");
     let key = seated(&engine, "ada", "Starter");
     reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
     reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
@@ -1630,7 +1634,8 @@ fn a_full_key_table_refuses_new_users_and_creates_nothing() {
         Policy::token_plan(),
         std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
         options,
-    );
+    )
+    .expect("valid options");
     user(&engine, "ada");
     user(&engine, "bob");
     let third = engine.create_user("cy", "tp-cy", Some(T0_MS));

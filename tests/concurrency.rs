@@ -75,7 +75,8 @@ fn engine_with_users(policy: Policy, users: usize, at_ms: u64) -> Engine {
         policy,
         Arc::new(ManualClock::new(at_ms)),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     for user in 0..users {
         engine
             .create_user(&format!("u{user}"), &format!("k{user}"), Some(at_ms))
@@ -405,7 +406,8 @@ fn race_around_midnight(stepped_clock: bool) -> (Engine, Vec<Counted>) {
         policy(&[("rolling:1h", ROLLING_AMOUNT), ("daily", DAILY_AMOUNT)]),
         clock.clone(),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     let at = Some(around_midnight_ms(0));
     engine.create_user("u0", "k0", at).expect("user");
     engine.assign_seat("@u0", "u0", "Team", at).expect("seat");

@@ -549,7 +549,7 @@ impl Harness {
             reclaim_idle_every_ms: 0,
             ..EngineOptions::default()
         };
-        let engine = Engine::new(policy, clock.clone(), options);
+        let engine = Engine::new(policy, clock.clone(), options).expect("valid options");
         let at = Some(start_ms);
         engine.create_user("u0", "k0", at).expect("new user");
         engine.create_user("u1", "k1", at).expect("new user");
@@ -1357,7 +1357,8 @@ fn new_york_engine(start_ms: u64) -> Engine {
         policy,
         Arc::new(ManualClock::new(start_ms)),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     engine
         .create_user("u0", "k0", Some(start_ms))
         .expect("new user");
@@ -1420,7 +1421,8 @@ fn solo_engine(policy: &str, at_ms: u64) -> Engine {
         policy,
         Arc::new(ManualClock::new(at_ms)),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     engine
         .create_user("u0", "k0", Some(at_ms))
         .expect("new user");
@@ -1518,7 +1520,8 @@ fn a_clock_stepped_back_counts_at_the_newest_time_and_releases_nothing_early() {
     let start_ms = midnight_ms - 2 * HOUR_MS;
     let clock = Arc::new(ManualClock::new(start_ms));
     let policy = Policy::from_toml_str(POLICY).expect("the test policy is valid");
-    let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+    let engine =
+        Engine::new(policy, clock.clone(), EngineOptions::default()).expect("valid options");
     engine.create_user("u0", "k0", None).expect("new user");
     engine
         .assign_seat("@u0", "u0", "Small", None)
@@ -1587,7 +1590,8 @@ fn the_shipped_five_hour_window_releases_within_one_bucket_of_its_edge() {
         Policy::token_plan(),
         Arc::new(ManualClock::new(start_ms)),
         EngineOptions::default(),
-    );
+    )
+    .expect("valid options");
     engine
         .create_user("ada", "tp-ada", Some(start_ms))
         .expect("user");

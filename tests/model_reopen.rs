@@ -285,7 +285,7 @@ impl Run {
         let clock = Arc::new(ManualClock::new(START_MS));
         let durable = Engine::open(dir.path(), policy(), clock.clone(), options.clone())
             .expect("open a fresh database");
-        let twin = Engine::new(policy(), clock.clone(), engine_options);
+        let twin = Engine::new(policy(), clock.clone(), engine_options).expect("valid options");
         let mut run = Run {
             dir,
             options,

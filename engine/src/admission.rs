@@ -1067,7 +1067,8 @@ limits = [
             policy,
             std::sync::Arc::new(ManualClock::new(AT)),
             EngineOptions::default(),
-        );
+        )
+        .expect("valid options");
         engine.create_user("u", "key", Some(AT)).expect("user");
         engine.assign_seat("@u", "u", "P", Some(AT)).expect("seat");
         let statuses = |decision: &Decision| match decision {

@@ -68,25 +68,37 @@ use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LE
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
 // events they become once the engine has a log).
 
-/// Bounds and horizons, chosen when the engine opens.
+/// Bounds and horizons, chosen when the engine opens. `Engine::new` and `Engine::open` check
+/// each against its range first (`EngineOptions::validate`; the constants are in `options`)
+/// and refuse a value out of it with `Error::InvalidArgument` naming the option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
+    /// Keys at most, 1 to `MAX_TABLE_ENTRIES` (2^32).
     pub max_keys: u64,
+    /// Teams at most (each user's Default Team counts), 1 to `MAX_TABLE_ENTRIES`.
     pub max_teams: u64,
+    /// Users at most, 1 to `MAX_TABLE_ENTRIES`.
     pub max_users: u64,
-    /// Request ids remembered at once (about 1.5 KB each with their first decision).
+    /// Request ids remembered at once (about 1.5 KB each with their first decision), 1 to
+    /// `MAX_TABLE_ENTRIES`. The table has 64 shards, each bounded alone: the capacity is
+    /// rounded up to a multiple of 64, and a shard can be full before the whole table is.
     pub idempotency_capacity: usize,
     /// How long a request id is remembered; never less than the policy's longest window.
+    /// 0 (the default): the policy's longest window; else 1 to `MAX_IDEMPOTENCY_HORIZON_MS`
+    /// (366 days).
     pub idempotency_horizon_ms: u64,
+    /// Reservations open at once, 1 to `MAX_TABLE_ENTRIES`.
     pub max_open_reservations: usize,
+    /// The lease of a reservation made without one, 1 to `MAX_LEASE_MS` (24 h).
     pub default_lease_ms: u64,
-    /// Policies kept so receipts from before a swap can still be refunded exactly.
+    /// Policies kept so receipts from before a swap can still be refunded exactly:
+    /// `MIN_POLICY_GENERATIONS` (2) to `MAX_POLICY_GENERATIONS` (65,536).
     pub max_policy_generations: usize,
     /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
     /// at most 512 keys of one shard at a time from the admission path, the steps spread over
     /// the interval, each as of the clock's time (or the triggering requests' own, if earlier).
     /// A key idle this long is freed within about twice this, given traffic enough for the
-    /// steps. 0: never (`reclaim_idle` can still be called).
+    /// steps. 0: never (`reclaim_idle` can still be called); else 1 to `MAX_PERIOD_MS`.
     pub reclaim_idle_every_ms: u64,
     /// Whether reservations whose lease has ended (by the engine's clock, or the triggering
     /// requests' own timestamps if earlier, as `reserve` judges it) are expired from the
@@ -367,7 +379,14 @@ pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Re
 }
 
 impl Engine {
-    pub fn new(policy: Policy, clock: Arc<dyn Clock>, options: EngineOptions) -> Engine {
+    /// An engine in memory on `policy`, asking `clock` for the time. Refuses options out of
+    /// range (`EngineOptions::validate`) with `Error::InvalidArgument` naming the option.
+    pub fn new(
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        options: EngineOptions,
+    ) -> Result<Engine, Error> {
+        options.validate()?;
         let horizon_ms = options
             .idempotency_horizon_ms
             .max(policy.longest_window_ms());
@@ -376,7 +395,7 @@ impl Engine {
             0 => u64::MAX,
             every => clock.now_ms().saturating_add(every),
         };
-        Engine {
+        Ok(Engine {
             reclaim_due_ms: crossbeam_utils::CachePadded::new(AtomicU64::new(reclaim_due_ms)),
             reclaim_hand: Mutex::new(crate::adjustment::ReclaimHand::default()),
             clock,
@@ -397,7 +416,7 @@ impl Engine {
             append_gate: ShardLock::new(()),
             options,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-        }
+        })
     }
 
     pub fn policy(&self) -> Arc<Policy> {

@@ -813,7 +813,8 @@ mod tests {
             Policy::token_plan(),
             std::sync::Arc::new(ManualClock::new(1_790_000_000_000)),
             EngineOptions::default(),
-        );
+        )
+        .expect("valid options");
         engine.create_user("ada", "tp-ada", None).expect("new user");
         engine
             .assign_seat("@ada", "ada", "Plus", None)

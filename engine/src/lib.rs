@@ -6,7 +6,7 @@
 //! use tally_engine::{Engine, EngineOptions, ManualClock, Policy, Unit, UsageRequest};
 //!
 //! let clock = Arc::new(ManualClock::new(1_790_000_000_000));
-//! let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+//! let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default()).unwrap();
 //! engine.create_user("ada", "tp-ada", None).unwrap();
 //! engine.assign_seat("@ada", "ada", "Starter", None).unwrap();
 //! let decision = engine
@@ -35,6 +35,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod lock;
 pub mod log;
+pub mod options;
 pub mod pages;
 pub mod policy;
 pub mod recovery;

@@ -71,6 +71,9 @@ pub const WRITER_DOZE: Duration = Duration::from_millis(1);
 const SYNC_AFTER_BYTES: u64 = 4 << 20;
 /// A segment is sealed and a new one started once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// The longest `Durability::Interval`: an acknowledged event waits at most this long to be
+/// flushed, so a power loss loses at most this much acknowledged work.
+pub const MAX_FLUSH_INTERVAL_MS: u64 = 60_000;
 const SEGMENT_HEADER_BYTES: usize = 32;
 const SEGMENT_MAGIC: &[u8; 8] = b"TALLYLOG";
 /// A snapshot's header: magic (8 bytes), format version (2), the usage hint in units of
@@ -1047,10 +1050,10 @@ impl EventLog {
         read_only: bool,
     ) -> Result<EventLog, Error> {
         if let Durability::Interval { ms } = durability {
-            if ms == 0 || ms > 60_000 {
+            if ms == 0 || ms > MAX_FLUSH_INTERVAL_MS {
                 return Err(Error::invalid(
                     "durability",
-                    "an interval is between 1 and 60,000 ms",
+                    format!("an interval is between 1 and {MAX_FLUSH_INTERVAL_MS} ms"),
                 ));
             }
         }

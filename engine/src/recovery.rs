@@ -267,21 +267,25 @@ fn decode_for_replay(
     Ok(())
 }
 
-/// How to open a database.
+/// How to open a database. `Engine::open` checks each option against its range first
+/// (`OpenOptions::validate`; the constants are in `options`).
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
+    /// An interval is 1 to `MAX_FLUSH_INTERVAL_MS` (60,000) ms.
     pub durability: Durability,
     pub engine: EngineOptions,
     /// A checkpoint is taken once this many events were logged since the last one, so opening
-    /// never replays more than about this many events.
+    /// never replays more than about this many events. At least 1 (each checkpoint also seals
+    /// a log segment, so a small interval means many small files); `u64::MAX` in effect leaves
+    /// checkpoints to `checkpoint` and `close`.
     pub checkpoint_every_events: u64,
     /// Usage events stay in the log this long beyond the longest window before `compact` may
-    /// drop them (their effect lives on in the snapshot).
+    /// drop them (their effect lives on in the snapshot). 0 to `MAX_PERIOD_MS`.
     pub retention_ms: u64,
     /// Faults to inject into the storage (tests).
     pub faults: Option<Arc<Faults>>,
     /// A log segment is sealed and a new one started past this many bytes (and at every
-    /// checkpoint); compaction deletes whole segments.
+    /// checkpoint); compaction deletes whole segments. At least `MIN_SEGMENT_BYTES` (256).
     pub segment_bytes: u64,
 }
 
@@ -536,12 +540,15 @@ impl Engine {
     /// Opens (or creates) the database in `dir`. `policy` is the policy to run with: on a new
     /// database it is the first event; on an existing one, if it differs from the stored policy
     /// it is swapped in (usage carries over), and refused if it drops a plan someone is seated on.
+    /// Options out of range (`OpenOptions::validate`) are refused before the directory is
+    /// touched: nothing is created or changed.
     pub fn open(
         dir: impl AsRef<Path>,
         policy: Policy,
         clock: Arc<dyn Clock>,
         options: OpenOptions,
     ) -> Result<Engine, Error> {
+        options.validate()?;
         let dir = dir.as_ref();
         let started = Instant::now();
         let mut report = OpenReport::default();
@@ -554,7 +561,7 @@ impl Engine {
         report.log_open = started.elapsed();
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
-        let engine = Engine::new(policy, clock, options.engine);
+        let engine = Engine::new(policy, clock, options.engine)?;
         let mut replayed_from = 0;
         if let Some(pointer) = log.snapshot_pointer()? {
             let step = Instant::now();
@@ -1522,6 +1529,7 @@ impl Engine {
     /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
     /// snapshot equals a replay of the log from the snapshot before it (or from the start).
     pub fn verify(dir: impl AsRef<Path>, options: OpenOptions) -> Result<VerifyReport, Error> {
+        options.validate()?;
         let log = EventLog::open_read_only(dir.as_ref())?;
         let mut report = VerifyReport::default();
         let mut bodies = Vec::new();
@@ -1610,7 +1618,7 @@ fn verify_snapshot(
         policy,
         Arc::new(crate::clock::ManualClock::new(0)),
         options.engine,
-    );
+    )?;
     let from = match &base {
         Some(snapshot) => {
             engine.restore(snapshot)?;
@@ -2054,7 +2062,8 @@ mod tests {
             Policy::token_plan(),
             Arc::new(ManualClock::new(T0 + 8 * DAY)),
             EngineOptions::default(),
-        );
+        )
+        .expect("valid options");
         restored
             .restore(&decode_snapshot(bytes, seq).expect("decoding"))
             .expect("restoring");
@@ -2071,7 +2080,8 @@ mod tests {
             Policy::token_plan(),
             clock.clone(),
             EngineOptions::default(),
-        );
+        )
+        .expect("valid options");
         let plans = ["Starter", "Plus", "Bar-Plus", "Max", ""];
         for index in 0..300u64 {
             let user = format!("user-{index}");
@@ -2526,7 +2536,8 @@ mod tests {
         // Replayed from the first event, past the checkpoint close() took.
         let reopened = {
             let clock = Arc::new(ManualClock::new(T0));
-            let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+            let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default())
+                .expect("valid options");
             let segment_bytes = OpenOptions::default().segment_bytes;
             let log =
                 EventLog::open_with(&dir, Durability::None, None, segment_bytes).expect("log");
@@ -2545,7 +2556,8 @@ mod tests {
     #[test]
     fn a_snapshot_of_many_keys_and_teams_restored_on_two_threads_cuts_to_itself() {
         let clock = Arc::new(ManualClock::new(T0));
-        let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+        let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default())
+            .expect("valid options");
         let users = PARALLEL_RESTORE_KEYS.max(PARALLEL_RESTORE_TEAMS) + 100;
         for index in 0..users {
             let user = format!("user-{index}");
@@ -2672,7 +2684,8 @@ mod tests {
         engine.close().expect("close");
         // Replayed from the first event, past the checkpoint close() took.
         let clock = Arc::new(ManualClock::new(T0));
-        let reopened = Engine::new(Policy::token_plan(), clock, EngineOptions::default());
+        let reopened = Engine::new(Policy::token_plan(), clock, EngineOptions::default())
+            .expect("valid options");
         let segment_bytes = OpenOptions::default().segment_bytes;
         let log = EventLog::open_with(&dir, Durability::None, None, segment_bytes).expect("log");
         reopened.replay_log(&log, 0, u64::MAX).expect("replay");

@@ -20,7 +20,7 @@ pub fn engine(dir: &Path, durability: Option<Durability>) -> Engine {
     let policy = Policy::from_toml_str(POLICY).expect("policy");
     let clock = Arc::new(ManualClock::new(BASE_MS));
     match durability {
-        None => Engine::new(policy, clock, EngineOptions::default()),
+        None => Engine::new(policy, clock, EngineOptions::default()).expect("valid options"),
         Some(durability) => {
             let options = OpenOptions {
                 durability,

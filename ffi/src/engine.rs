@@ -143,7 +143,7 @@ pub extern "C" fn tally_engine_open_in_memory(
     boundary(|| {
         let out = Out::new("engine_out", engine_out)?;
         let policy = load_policy(policy_source, policy, policy_len)?;
-        let engine = Engine::new(policy, Arc::new(SystemClock), EngineOptions::default());
+        let engine = Engine::new(policy, Arc::new(SystemClock), EngineOptions::default())?;
         out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
         Ok(())
     })

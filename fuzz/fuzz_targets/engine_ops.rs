@@ -40,7 +40,7 @@ struct World {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), EngineOptions::default());
+    let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), EngineOptions::default()).expect("valid options");
     let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default() };
     for user in 0..3 {
         let name = format!("u{user}");

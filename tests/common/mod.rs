@@ -64,7 +64,8 @@ pub fn engine_on_clock() -> (Engine, Arc<ManualClock>) {
 
 pub fn engine_on_clock_with(policy: Policy) -> (Engine, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(T0_MS));
-    let engine = Engine::new(policy, clock.clone(), EngineOptions::default());
+    let engine =
+        Engine::new(policy, clock.clone(), EngineOptions::default()).expect("valid options");
     (engine, clock)
 }
 

@@ -125,7 +125,7 @@ pub fn open_token_plan(dir: &Path, options: OpenOptions) -> Engine {
 /// An engine without a log, fed the same operations as a durable one: what "never closed"
 /// decides.
 pub fn twin(policy: Policy) -> Engine {
-    Engine::new(policy, clock(), EngineOptions::default())
+    Engine::new(policy, clock(), EngineOptions::default()).expect("valid options")
 }
 
 pub fn storage_problem(error: &Error) -> &str {

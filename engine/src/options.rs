@@ -1,0 +1,271 @@
+//! The options' ranges: what each of `EngineOptions` and `OpenOptions` may be, checked before
+//! anything is created (`Engine::new`, `Engine::open`, `Engine::verify`). A value out of range
+//! is an `Error::InvalidArgument` naming the option, the value and the range, never a panic, a
+//! silent substitute or an engine that can never admit.
+//!
+//! Each option is checked on its own; no option's range depends on another's, so a C caller
+//! can be told at once which setter was wrong (`tally_options_set_*`).
+
+use crate::calendar::MAX_TIMESTAMP_MS;
+use crate::engine::EngineOptions;
+use crate::error::Error;
+use crate::log::{Durability, MAX_FLUSH_INTERVAL_MS};
+use crate::policy::MAX_ROLLING_WINDOW_MS;
+use crate::recovery::OpenOptions;
+use crate::reservation::MAX_LEASE_MS;
+
+/// The largest bound a table may be given (`max_keys`, `max_teams`, `max_users`,
+/// `idempotency_capacity`, `max_open_reservations`). Every entry lives in memory, from a few
+/// hundred bytes (a key) to about 1.5 KB (a request id with its first decision), so 2^32 of
+/// them is more than a terabyte: a larger bound would bound nothing. It also keeps the
+/// request id table's rounding up to whole shards (`capacity.div_ceil(64) * 64`) far from
+/// overflowing.
+pub const MAX_TABLE_ENTRIES: u64 = 1 << 32;
+
+/// The longest `idempotency_horizon_ms`: the longest window a policy may have. The horizon is
+/// there to cover the policy's windows (0 takes the policy's longest); a longer one only keeps
+/// ids that no window needs, until the table is full and refuses every new id.
+pub const MAX_IDEMPOTENCY_HORIZON_MS: u64 = MAX_ROLLING_WINDOW_MS;
+
+/// The longest period an option may name (`reclaim_idle_every_ms`, `retention_ms`): the span of
+/// timestamps the engine accepts (1970 to 2100). A longer one could never elapse, and any
+/// timestamp plus this still fits a `u64` (asserted below), so the sums the engine makes with
+/// it cannot overflow.
+pub const MAX_PERIOD_MS: u64 = MAX_TIMESTAMP_MS;
+const _: () = assert!(MAX_TIMESTAMP_MS.checked_add(MAX_PERIOD_MS).is_some());
+
+/// The fewest policy generations kept: the current one and the one it replaced, so a request
+/// admitted just before a swap is still refunded exactly (the engine always kept two, whatever
+/// it was asked).
+pub const MIN_POLICY_GENERATIONS: usize = 2;
+/// The most policy generations kept. Each kept generation stays compiled in memory and is
+/// written, as its document, into every checkpoint's snapshot (the shipped policy's document
+/// is about 10 KB): 65,536 of them is most of a gigabyte per checkpoint.
+pub const MAX_POLICY_GENERATIONS: usize = 65_536;
+
+/// The smallest log segment: the log never sealed one at fewer bytes than this (it raised any
+/// smaller value to it). Above it no bound is needed: a segment is also sealed at every
+/// checkpoint, and it is read through a fixed window, never whole.
+pub const MIN_SEGMENT_BYTES: u64 = 256;
+
+const _: () = assert!(MIN_POLICY_GENERATIONS <= MAX_POLICY_GENERATIONS);
+
+/// One option's allowed values: `min..=max`, and 0 too when 0 has a meaning of its own.
+struct Range {
+    option: &'static str,
+    min: u64,
+    max: u64,
+    /// What 0 means, for an option where 0 is allowed below `min`.
+    zero_means: Option<&'static str>,
+    unit: &'static str,
+}
+
+impl Range {
+    fn check(&self, value: u64) -> Result<(), Error> {
+        if (self.min..=self.max).contains(&value) || (value == 0 && self.zero_means.is_some()) {
+            return Ok(());
+        }
+        let Range {
+            option,
+            min,
+            max,
+            unit,
+            ..
+        } = self;
+        let allowed = match self.zero_means {
+            Some(zero_means) => format!("0 ({zero_means}) or {min} to {max}{unit}"),
+            None => format!("{min} to {max}{unit}"),
+        };
+        Err(Error::invalid(
+            option,
+            format!("{value} is out of range: allowed are {allowed}"),
+        ))
+    }
+}
+
+/// A table's bound: at least one entry (with none, nothing could ever be created or admitted),
+/// at most `MAX_TABLE_ENTRIES`.
+fn table(option: &'static str) -> Range {
+    Range {
+        option,
+        min: 1,
+        max: MAX_TABLE_ENTRIES,
+        zero_means: None,
+        unit: "",
+    }
+}
+
+/// A `usize` option as a `u64` (saturating: a value past `u64` is out of every range anyway).
+fn wide(value: usize) -> u64 {
+    u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+impl EngineOptions {
+    /// Checks every option against its range (see the fields and the constants of this
+    /// module); the error names the first option out of range, its value and what is allowed.
+    pub fn validate(&self) -> Result<(), Error> {
+        table("max_keys").check(self.max_keys)?;
+        table("max_teams").check(self.max_teams)?;
+        table("max_users").check(self.max_users)?;
+        table("idempotency_capacity").check(wide(self.idempotency_capacity))?;
+        Range {
+            option: "idempotency_horizon_ms",
+            min: 1,
+            max: MAX_IDEMPOTENCY_HORIZON_MS,
+            zero_means: Some("the policy's longest window"),
+            unit: " ms",
+        }
+        .check(self.idempotency_horizon_ms)?;
+        table("max_open_reservations").check(wide(self.max_open_reservations))?;
+        Range {
+            option: "default_lease_ms",
+            min: 1,
+            max: MAX_LEASE_MS,
+            zero_means: None,
+            unit: " ms",
+        }
+        .check(self.default_lease_ms)?;
+        Range {
+            option: "max_policy_generations",
+            min: MIN_POLICY_GENERATIONS as u64,
+            max: MAX_POLICY_GENERATIONS as u64,
+            zero_means: None,
+            unit: "",
+        }
+        .check(wide(self.max_policy_generations))?;
+        Range {
+            option: "reclaim_idle_every_ms",
+            min: 1,
+            max: MAX_PERIOD_MS,
+            zero_means: Some("never"),
+            unit: " ms",
+        }
+        .check(self.reclaim_idle_every_ms)
+    }
+}
+
+impl OpenOptions {
+    /// Checks every option against its range, the engine's options too (see
+    /// `EngineOptions::validate`); the error names the first option out of range.
+    pub fn validate(&self) -> Result<(), Error> {
+        if let Durability::Interval { ms } = self.durability {
+            Range {
+                option: "durability",
+                min: 1,
+                max: MAX_FLUSH_INTERVAL_MS,
+                zero_means: None,
+                unit: " ms (the interval)",
+            }
+            .check(ms)?;
+        }
+        self.engine.validate()?;
+        Range {
+            option: "checkpoint_every_events",
+            min: 1,
+            max: u64::MAX,
+            zero_means: None,
+            unit: "",
+        }
+        .check(self.checkpoint_every_events)?;
+        Range {
+            option: "retention_ms",
+            min: 0,
+            max: MAX_PERIOD_MS,
+            zero_means: None,
+            unit: " ms",
+        }
+        .check(self.retention_ms)?;
+        Range {
+            option: "segment_bytes",
+            min: MIN_SEGMENT_BYTES,
+            max: u64::MAX,
+            zero_means: None,
+            unit: "",
+        }
+        .check(self.segment_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(result: Result<(), Error>) -> (&'static str, String) {
+        match result {
+            Err(Error::InvalidArgument { field, problem }) => (field, problem),
+            other => panic!("expected an invalid option, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_options_are_valid() {
+        assert_eq!(EngineOptions::default().validate(), Ok(()));
+        assert_eq!(OpenOptions::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_range_accepts_its_ends_and_refuses_one_past_them() {
+        let range = Range {
+            option: "x",
+            min: 3,
+            max: 7,
+            zero_means: None,
+            unit: " ms",
+        };
+        assert_eq!(range.check(3), Ok(()));
+        assert_eq!(range.check(7), Ok(()));
+        assert_eq!(
+            problem(range.check(2)),
+            ("x", "2 is out of range: allowed are 3 to 7 ms".to_string())
+        );
+        assert!(range.check(8).is_err());
+        assert!(range.check(0).is_err());
+    }
+
+    #[test]
+    fn a_range_with_a_meaning_for_zero_accepts_zero_and_says_what_it_means() {
+        let range = Range {
+            option: "x",
+            min: 3,
+            max: 7,
+            zero_means: Some("never"),
+            unit: "",
+        };
+        assert_eq!(range.check(0), Ok(()));
+        assert_eq!(
+            problem(range.check(1)),
+            (
+                "x",
+                "1 is out of range: allowed are 0 (never) or 3 to 7".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_usize_past_u64_is_out_of_every_range() {
+        assert_eq!(wide(5), 5);
+        assert!(table("x").check(wide(usize::MAX)).is_err());
+    }
+
+    #[test]
+    fn the_first_option_out_of_range_is_the_one_named() {
+        let options = EngineOptions {
+            max_teams: 0,
+            default_lease_ms: 0,
+            ..EngineOptions::default()
+        };
+        assert_eq!(problem(options.validate()).0, "max_teams");
+    }
+
+    #[test]
+    fn the_engine_options_inside_the_open_options_are_checked_too() {
+        let options = OpenOptions {
+            engine: EngineOptions {
+                max_users: 0,
+                ..EngineOptions::default()
+            },
+            ..OpenOptions::default()
+        };
+        assert_eq!(problem(options.validate()).0, "max_users");
+    }
+}
