@@ -1,0 +1,441 @@
+//! The engine's and the database's options: each is checked against its range before anything
+//! is created, and a value out of range is an error naming the option, the value and what is
+//! allowed. Both ends of every range are accepted and make an engine that works; one past either
+//! end is refused. `Engine::open` with bad options creates no directory and changes no database.
+
+mod log_support;
+
+use std::path::Path;
+
+use log_support::*;
+use tally_engine::options::{
+    MAX_IDEMPOTENCY_HORIZON_MS, MAX_PERIOD_MS, MAX_POLICY_GENERATIONS, MAX_TABLE_ENTRIES,
+    MIN_POLICY_GENERATIONS, MIN_SEGMENT_BYTES,
+};
+use tally_engine::reservation::MAX_LEASE_MS;
+use tally_engine::{
+    Durability, Engine, EngineOptions, Error, OpenOptions, Policy, Unit, UsageRequest,
+};
+
+const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
+
+fn new_engine(options: EngineOptions) -> Result<Engine, Error> {
+    Engine::new(Policy::token_plan(), clock(), options)
+}
+
+/// The option an error names and what it says, or a panic if it is not an invalid option.
+fn refusal(result: Result<Engine, Error>) -> (&'static str, String) {
+    match result {
+        Err(Error::InvalidArgument { field, problem }) => (field, problem),
+        Err(other) => panic!("expected an invalid option, got {other:?}"),
+        Ok(_) => panic!("expected an invalid option, the engine was created"),
+    }
+}
+
+fn assert_refused(result: Result<Engine, Error>, option: &str, value: impl std::fmt::Display) {
+    let (field, problem) = refusal(result);
+    assert_eq!(field, option, "{problem}");
+    assert!(
+        problem.starts_with(&format!("{value} is out of range: allowed are ")),
+        "{option}: {problem}"
+    );
+}
+
+/// A user with a seat and one admitted request: the engine works.
+fn admits(engine: &Engine) {
+    engine
+        .create_user("ada", "tp-ada", Some(T0_MS))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
+        .expect("seat");
+    let decision = engine
+        .consume(&UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS))
+        .expect("consume");
+    assert!(decision.is_admitted(), "{decision:?}");
+}
+
+/// The options of every bounded table, set to `value`.
+fn with_table_bound(option: &str, value: u64) -> EngineOptions {
+    let mut options = EngineOptions::default();
+    let as_usize = usize::try_from(value).expect("a 64-bit target");
+    match option {
+        "max_keys" => options.max_keys = value,
+        "max_teams" => options.max_teams = value,
+        "max_users" => options.max_users = value,
+        "idempotency_capacity" => options.idempotency_capacity = as_usize,
+        "max_open_reservations" => options.max_open_reservations = as_usize,
+        other => panic!("not a table: {other}"),
+    }
+    options
+}
+
+const TABLES: [&str; 5] = [
+    "max_keys",
+    "max_teams",
+    "max_users",
+    "idempotency_capacity",
+    "max_open_reservations",
+];
+
+#[test]
+fn the_default_options_make_an_engine_that_admits() {
+    admits(&new_engine(EngineOptions::default()).expect("valid"));
+}
+
+#[test]
+fn every_table_must_hold_at_least_one_entry() {
+    for option in TABLES {
+        assert_refused(new_engine(with_table_bound(option, 0)), option, 0);
+        admits(&new_engine(with_table_bound(option, 1)).expect(option));
+    }
+}
+
+#[test]
+fn a_table_of_one_key_team_and_user_still_admits_its_one_user() {
+    let options = EngineOptions {
+        max_keys: 1,
+        max_teams: 1,
+        max_users: 1,
+        ..EngineOptions::default()
+    };
+    let engine = new_engine(options).expect("valid");
+    admits(&engine);
+    assert!(matches!(
+        engine.create_user("bob", "tp-bob", Some(T0_MS)),
+        Err(Error::CapacityExceeded { .. })
+    ));
+}
+
+#[test]
+fn every_table_holds_at_most_two_to_the_thirty_two_entries() {
+    for option in TABLES {
+        new_engine(with_table_bound(option, MAX_TABLE_ENTRIES)).expect(option);
+        assert_refused(
+            new_engine(with_table_bound(option, MAX_TABLE_ENTRIES + 1)),
+            option,
+            MAX_TABLE_ENTRIES + 1,
+        );
+        assert_refused(
+            new_engine(with_table_bound(option, u64::MAX)),
+            option,
+            u64::MAX,
+        );
+    }
+}
+
+#[test]
+fn a_default_lease_must_be_positive_and_at_most_a_day() {
+    for bad in [0, MAX_LEASE_MS + 1, u64::MAX] {
+        let options = EngineOptions {
+            default_lease_ms: bad,
+            ..EngineOptions::default()
+        };
+        assert_refused(new_engine(options), "default_lease_ms", bad);
+    }
+    for good in [1, MAX_LEASE_MS] {
+        let options = EngineOptions {
+            default_lease_ms: good,
+            ..EngineOptions::default()
+        };
+        let engine = new_engine(options).expect("valid");
+        admits(&engine);
+        let reserved = engine
+            .reserve(
+                &UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS),
+                None,
+            )
+            .expect("a reservation with the default lease");
+        assert!(reserved.reservation.is_some(), "{reserved:?}");
+    }
+}
+
+#[test]
+fn an_idempotency_horizon_is_zero_or_at_most_the_longest_window_a_policy_may_have() {
+    for good in [0, 1, MAX_IDEMPOTENCY_HORIZON_MS] {
+        let options = EngineOptions {
+            idempotency_horizon_ms: good,
+            ..EngineOptions::default()
+        };
+        admits(&new_engine(options).expect("valid"));
+    }
+    for bad in [MAX_IDEMPOTENCY_HORIZON_MS + 1, u64::MAX] {
+        let options = EngineOptions {
+            idempotency_horizon_ms: bad,
+            ..EngineOptions::default()
+        };
+        assert_refused(new_engine(options), "idempotency_horizon_ms", bad);
+    }
+}
+
+#[test]
+fn a_reclaim_interval_is_zero_for_never_or_at_most_the_span_of_timestamps() {
+    for good in [0, 1, MAX_PERIOD_MS] {
+        let options = EngineOptions {
+            reclaim_idle_every_ms: good,
+            ..EngineOptions::default()
+        };
+        admits(&new_engine(options).expect("valid"));
+    }
+    for bad in [MAX_PERIOD_MS + 1, u64::MAX] {
+        let options = EngineOptions {
+            reclaim_idle_every_ms: bad,
+            ..EngineOptions::default()
+        };
+        assert_refused(new_engine(options), "reclaim_idle_every_ms", bad);
+    }
+}
+
+#[test]
+fn at_least_two_and_at_most_65536_policy_generations_are_kept() {
+    for bad in [0, 1, MAX_POLICY_GENERATIONS + 1, usize::MAX] {
+        let options = EngineOptions {
+            max_policy_generations: bad,
+            ..EngineOptions::default()
+        };
+        assert_refused(new_engine(options), "max_policy_generations", bad);
+    }
+    for good in [MIN_POLICY_GENERATIONS, MAX_POLICY_GENERATIONS] {
+        let options = EngineOptions {
+            max_policy_generations: good,
+            ..EngineOptions::default()
+        };
+        let engine = new_engine(options).expect("valid");
+        admits(&engine);
+        engine
+            .swap_policy(Policy::token_plan(), Some(T0_MS))
+            .expect("swap");
+    }
+}
+
+#[test]
+fn the_error_names_the_option_its_value_and_the_range_allowed() {
+    let options = EngineOptions {
+        reclaim_idle_every_ms: u64::MAX,
+        ..EngineOptions::default()
+    };
+    let error = new_engine(options).expect_err("refused");
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "reclaim_idle_every_ms: {} is out of range: allowed are 0 (never) or 1 to {MAX_PERIOD_MS} ms",
+            u64::MAX
+        )
+    );
+}
+
+// ---- Opening a database --------------------------------------------------------------------------
+
+fn open_with(dir: &Path, options: OpenOptions) -> Result<Engine, Error> {
+    Engine::open(dir, Policy::token_plan(), clock(), options)
+}
+
+fn none_durability() -> OpenOptions {
+    OpenOptions {
+        durability: Durability::None,
+        ..OpenOptions::default()
+    }
+}
+
+/// Every file under `dir` with its contents, in path order.
+fn files(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let bytes = std::fs::read(&path).expect("read file");
+                found.push((path, bytes));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// One bad value of each option `OpenOptions` holds beyond the engine's, and one of the engine's.
+fn bad_open_options() -> Vec<(&'static str, OpenOptions)> {
+    vec![
+        (
+            "checkpoint_every_events",
+            OpenOptions {
+                checkpoint_every_events: 0,
+                ..none_durability()
+            },
+        ),
+        (
+            "retention_ms",
+            OpenOptions {
+                retention_ms: MAX_PERIOD_MS + 1,
+                ..none_durability()
+            },
+        ),
+        (
+            "segment_bytes",
+            OpenOptions {
+                segment_bytes: MIN_SEGMENT_BYTES - 1,
+                ..none_durability()
+            },
+        ),
+        (
+            "durability",
+            OpenOptions {
+                durability: Durability::Interval { ms: 0 },
+                ..none_durability()
+            },
+        ),
+        (
+            "max_keys",
+            OpenOptions {
+                engine: EngineOptions {
+                    max_keys: 0,
+                    ..EngineOptions::default()
+                },
+                ..none_durability()
+            },
+        ),
+    ]
+}
+
+#[test]
+fn bad_options_on_open_create_no_database_directory() {
+    for (option, options) in bad_open_options() {
+        let dir = TempDir::new("options-none");
+        assert_eq!(refusal(open_with(dir.path(), options)).0, option);
+        assert!(!dir.path().exists(), "{option}: the directory was created");
+    }
+}
+
+#[test]
+fn bad_options_on_open_leave_an_existing_database_as_it_was() {
+    let dir = TempDir::new("options-existing");
+    let engine = open_with(dir.path(), none_durability()).expect("open");
+    admits(&engine);
+    let usage = engine.usage("tp-ada", Some(T0_MS)).expect("usage");
+    engine.close().expect("close");
+    let before = files(dir.path());
+    for (option, options) in bad_open_options() {
+        assert_eq!(refusal(open_with(dir.path(), options)).0, option);
+        assert_eq!(files(dir.path()), before, "{option} changed the database");
+    }
+    let reopened = open_with(dir.path(), none_durability()).expect("reopen");
+    assert_eq!(reopened.usage("tp-ada", Some(T0_MS)).expect("usage"), usage);
+}
+
+#[test]
+fn a_checkpoint_interval_must_be_at_least_one_event() {
+    let dir = TempDir::new("options-checkpoint");
+    assert_refused(
+        open_with(
+            dir.path(),
+            OpenOptions {
+                checkpoint_every_events: 0,
+                ..none_durability()
+            },
+        ),
+        "checkpoint_every_events",
+        0,
+    );
+    for good in [1, u64::MAX] {
+        let engine = open_with(
+            dir.path(),
+            OpenOptions {
+                checkpoint_every_events: good,
+                ..none_durability()
+            },
+        )
+        .expect("valid");
+        engine.close().expect("close");
+    }
+}
+
+#[test]
+fn a_retention_is_at_most_the_span_of_timestamps() {
+    let dir = TempDir::new("options-retention");
+    for bad in [MAX_PERIOD_MS + 1, u64::MAX] {
+        let options = OpenOptions {
+            retention_ms: bad,
+            ..none_durability()
+        };
+        assert_refused(open_with(dir.path(), options), "retention_ms", bad);
+    }
+    for good in [0, MAX_PERIOD_MS] {
+        let options = OpenOptions {
+            retention_ms: good,
+            ..none_durability()
+        };
+        let engine = open_with(dir.path(), options).expect("valid");
+        engine.compact(Some(T0_MS)).expect("compact");
+        engine.close().expect("close");
+    }
+}
+
+#[test]
+fn a_log_segment_is_at_least_256_bytes() {
+    let dir = TempDir::new("options-segment");
+    for bad in [0, 1, MIN_SEGMENT_BYTES - 1] {
+        let options = OpenOptions {
+            segment_bytes: bad,
+            ..none_durability()
+        };
+        assert_refused(open_with(dir.path(), options), "segment_bytes", bad);
+    }
+    for good in [MIN_SEGMENT_BYTES, u64::MAX] {
+        let options = OpenOptions {
+            segment_bytes: good,
+            ..none_durability()
+        };
+        let engine = open_with(dir.path(), options).expect("valid");
+        engine.close().expect("close");
+    }
+}
+
+#[test]
+fn a_flush_interval_is_one_millisecond_to_a_minute() {
+    let dir = TempDir::new("options-interval");
+    for bad in [0, 60_001, u64::MAX] {
+        let options = OpenOptions {
+            durability: Durability::Interval { ms: bad },
+            ..OpenOptions::default()
+        };
+        assert_refused(open_with(dir.path(), options), "durability", bad);
+    }
+    for good in [1, 60_000] {
+        let options = OpenOptions {
+            durability: Durability::Interval { ms: good },
+            ..OpenOptions::default()
+        };
+        let engine = open_with(dir.path(), options).expect("valid");
+        engine.close().expect("close");
+    }
+}
+
+#[test]
+fn verify_refuses_bad_options_before_reading_the_database() {
+    let dir = TempDir::new("options-verify");
+    let engine = open_with(dir.path(), none_durability()).expect("open");
+    engine.close().expect("close");
+    let options = OpenOptions {
+        engine: EngineOptions {
+            default_lease_ms: 0,
+            ..EngineOptions::default()
+        },
+        ..none_durability()
+    };
+    let error = Engine::verify(dir.path(), options).expect_err("refused");
+    assert!(
+        matches!(
+            error,
+            Error::InvalidArgument {
+                field: "default_lease_ms",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let report = Engine::verify(dir.path(), none_durability()).expect("verify");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
