@@ -137,7 +137,7 @@ func Open(path string, opts ...Option) (*Engine, error) {
 	var handle *C.tally_engine
 	err := withThread("Open", func() C.uint32_t {
 		return C.tally_engine_open(pathText, pathLen, C.uint32_t(o.policySource), policy, policyLen,
-			C.uint32_t(o.durability.mode), C.uint32_t(interval), &handle)
+			C.uint32_t(o.durability.mode), C.uint32_t(interval), nil, &handle)
 	})
 	if err != nil {
 		return nil, err
@@ -152,7 +152,7 @@ func OpenInMemory(opts ...Option) (*Engine, error) {
 	policy, policyLen := o.policyText()
 	var handle *C.tally_engine
 	err := withThread("OpenInMemory", func() C.uint32_t {
-		return C.tally_engine_open_in_memory(C.uint32_t(o.policySource), policy, policyLen, &handle)
+		return C.tally_engine_open_in_memory(C.uint32_t(o.policySource), policy, policyLen, nil, &handle)
 	})
 	if err != nil {
 		return nil, err

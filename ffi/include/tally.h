@@ -16,8 +16,9 @@
  *   and copies nothing. Call again with *needed bytes (loop: a report can grow in between).
  * - Strings the library returns as `const char *` (tally_version, tally_status_name) are
  *   static: never free them.
- * - Handles the library returns (tally_engine, tally_submission) are the caller's: free each
- *   once with its _free function (tally_engine_complete frees the submission it takes).
+ * - Handles the library returns (tally_engine, tally_submission, tally_options) are the
+ *   caller's: free each once with its _free function (tally_engine_complete frees the
+ *   submission it takes).
  *
  * Threads: a tally_engine handle is safe to use from many threads at once, and every
  * function may be called from any thread. tally_engine_close may race other calls on the
@@ -26,6 +27,8 @@
  * answers TALLY_CLOSED); every other call answers TALLY_CLOSED. tally_engine_free must be the
  * last use of a handle by any thread: calling anything on a freed handle, or freeing it twice,
  * is undefined behaviour, as with any C API. tally_engine_free(NULL) does nothing.
+ * A tally_options is like a plain C struct: not to be set from two threads at once (or read
+ * by an open while another thread sets it).
  *
  * No panic crosses this boundary: a bug inside answers TALLY_PANIC and poisons the handle
  * (TALLY_POISONED from then on; close and free still work).
@@ -83,6 +86,26 @@
 
 // `limit_index` and `plan_index` when there is none.
 #define TALLY_NO_INDEX UINT32_MAX
+
+// The largest bound of a table (`max_keys`, `max_teams`, `max_users`, `idempotency_capacity`,
+// `max_open_reservations`): 2^32 entries, more memory than any machine has.
+#define TALLY_MAX_TABLE_ENTRIES 4294967296
+
+// The longest `default_lease_ms`: a day.
+#define TALLY_MAX_LEASE_MS 86400000
+
+// The longest `idempotency_horizon_ms`: 366 days, the longest window a policy may have.
+#define TALLY_MAX_IDEMPOTENCY_HORIZON_MS 31622400000
+
+// The longest `reclaim_idle_every_ms` and `retention_ms`: the span of timestamps tally
+// accepts (up to 2100-01-01T00:00:00Z).
+#define TALLY_MAX_PERIOD_MS 4102444800000
+
+// The fewest policy generations kept (`max_policy_generations`).
+#define TALLY_MIN_POLICY_GENERATIONS 2
+
+// The most policy generations kept (`max_policy_generations`).
+#define TALLY_MAX_POLICY_GENERATIONS 65536
 
 // The most events one `tally_engine_events_after` returns.
 #define TALLY_MAX_EVENTS_PER_CALL 65536
@@ -328,6 +351,15 @@ typedef uint32_t tally_adjustment_direction;
 // once, including a close racing other calls.
 typedef struct tally_engine tally_engine;
 
+// Options for `tally_engine_open` and `tally_engine_open_in_memory`. Opaque. Created by
+// `tally_options_new` with every option at its default, changed by the `tally_options_set_*`
+// functions, freed by `tally_options_free`. The open functions only read it: free it (or
+// reuse it for another open) whenever they have returned.
+//
+// Threads: like a plain C struct, it must not be set from one thread while another sets or
+// reads it; once set, any number of threads may open with it at once.
+typedef struct tally_options tally_options;
+
 // A consume submitted by `tally_engine_submit`, not yet acknowledged. Opaque. Owned by the
 // caller until passed to `tally_engine_complete` (which frees it) or `tally_submission_free`.
 // May be completed from any thread, once.
@@ -563,13 +595,17 @@ tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
 // `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
 // text. On a new database the policy is the first event; on an existing one a different policy
 // is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
-// read only for `TALLY_DURABILITY_INTERVAL`. Without an explicit timestamp the engine uses
-// the system clock.
+// read only for `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's
+// options (`tally_options_new`), or NULL for the defaults; they are read during the call
+// only. Without an explicit timestamp the engine uses the system clock.
 //
-// Errors: `TALLY_DATABASE_LOCKED` (open elsewhere), `TALLY_DATABASE_DAMAGED`,
-// `TALLY_DATABASE_FOREIGN` (a directory of other files), `TALLY_DATABASE_NEWER_FORMAT`,
-// `TALLY_POLICY_INVALID`, `TALLY_STORAGE`. On error `*engine_out` is not written.
-// The handle must be closed with `tally_engine_close` and freed with `tally_engine_free`.
+// Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
+// range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
+// `TALLY_DATABASE_DAMAGED`, `TALLY_DATABASE_FOREIGN` (a directory of other files),
+// `TALLY_DATABASE_NEWER_FORMAT`, `TALLY_POLICY_INVALID`, `TALLY_STORAGE`. On error
+// `*engine_out` is not written, and bad arguments leave the directory as it was (not even
+// created). The handle must be closed with `tally_engine_close` and freed with
+// `tally_engine_free`.
 tally_status tally_engine_open(const char *path,
                                size_t path_len,
                                uint32_t policy_source,
@@ -577,14 +613,21 @@ tally_status tally_engine_open(const char *path,
                                size_t policy_len,
                                uint32_t durability_mode,
                                uint32_t interval_ms,
+                               const struct tally_options *options,
                                struct tally_engine **engine_out);
 
 // Creates an engine that keeps everything in memory (lost when closed): for tests and
 // simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
-// answer `TALLY_NOT_DURABLE`.
+// answer `TALLY_NOT_DURABLE`. `options` as for `tally_engine_open` (NULL: the defaults); the
+// database's options (`checkpoint_every_events`, `retention_ms`) are not used.
+//
+// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range), `TALLY_POLICY_INVALID`. On error
+// `*engine_out` is not written. The handle must be closed with `tally_engine_close` and freed
+// with `tally_engine_free`.
 tally_status tally_engine_open_in_memory(uint32_t policy_source,
                                          const char *policy,
                                          size_t policy_len,
+                                         const struct tally_options *options,
                                          struct tally_engine **engine_out);
 
 // Closes the engine: waits for calls other threads have inside it, takes a checkpoint and
@@ -700,6 +743,108 @@ tally_status tally_engine_swap_policy(const struct tally_engine *engine,
 tally_status tally_last_error(char *buf,
                               size_t buf_len,
                               size_t *needed);
+
+// Creates options with every value at its default and writes them to `*options_out`.
+//
+// Errors: `TALLY_NULL_POINTER` if `options_out` is NULL. Ownership: the caller owns the
+// options and frees them with `tally_options_free`.
+tally_status tally_options_new(struct tally_options **options_out);
+
+// Frees options from `tally_options_new`. NULL is a no-op. Engines opened with them are not
+// affected. Must be the last use of `options` by any thread. Never fails.
+void tally_options_free(struct tally_options *options);
+
+// Keys at most: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 16,000,000). A key past the bound
+// is refused with `TALLY_CAPACITY_EXCEEDED`.
+//
+// Errors: `TALLY_NULL_POINTER` (`options` is NULL), `TALLY_INVALID_ARGUMENT` (out of range;
+// the last error names the option and the range); either way the options are unchanged.
+tally_status tally_options_set_max_keys(struct tally_options *options,
+                                        uint64_t max_keys);
+
+// Teams at most (each user's Default Team counts): 1 to `TALLY_MAX_TABLE_ENTRIES` (default
+// 4,000,000).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_max_teams(struct tally_options *options,
+                                         uint64_t max_teams);
+
+// Users at most: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 8,000,000).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_max_users(struct tally_options *options,
+                                         uint64_t max_users);
+
+// Request ids remembered at once (about 1.5 KB each): 1 to `TALLY_MAX_TABLE_ENTRIES`
+// (default 1,000,000). The table has 64 shards bounded alone: the capacity is rounded up to
+// a multiple of 64, and a new id can be refused (`TALLY_CAPACITY_EXCEEDED`) when its shard
+// is full before the whole table is.
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_idempotency_capacity(struct tally_options *options,
+                                                    uint64_t idempotency_capacity);
+
+// How long a request id is remembered, never less than the policy's longest window: 0 (the
+// default) for the policy's longest window, else 1 to `TALLY_MAX_IDEMPOTENCY_HORIZON_MS`.
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_idempotency_horizon_ms(struct tally_options *options,
+                                                      uint64_t idempotency_horizon_ms);
+
+// Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_max_open_reservations(struct tally_options *options,
+                                                     uint64_t max_open_reservations);
+
+// The lease of a reservation made with a lease of 0: 1 to `TALLY_MAX_LEASE_MS` (default
+// 600,000, 10 minutes).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_default_lease_ms(struct tally_options *options,
+                                                uint64_t default_lease_ms);
+
+// Policies kept so requests admitted before a swap are still refunded exactly:
+// `TALLY_MIN_POLICY_GENERATIONS` to `TALLY_MAX_POLICY_GENERATIONS` (default 1,024).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_max_policy_generations(struct tally_options *options,
+                                                      uint64_t max_policy_generations);
+
+// How often, on the engine's clock, the engine frees idle keys' window memory on its own
+// (a key idle this long is freed within about twice this): 0 for never
+// (`tally_engine_reclaim_idle` still works), else 1 to `TALLY_MAX_PERIOD_MS` (default
+// 600,000, 10 minutes).
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_reclaim_idle_every_ms(struct tally_options *options,
+                                                     uint64_t reclaim_idle_every_ms);
+
+// Whether the engine expires reservations whose lease has ended on its own, from the
+// admission path (default true). False: only `tally_engine_reserve`, a late settle and
+// `tally_engine_expire_reservations` expire them.
+//
+// Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
+tally_status tally_options_set_expire_leases_on_its_own(struct tally_options *options,
+                                                        bool expire_leases_on_its_own);
+
+// A database checkpoints once this many events were logged since the last checkpoint, so an
+// open never replays more than about this many: 1 to 2^64 - 1 (default 1,000,000; each
+// checkpoint also starts a new log file, so a small value means many small files; 2^64 - 1
+// leaves checkpoints to `tally_engine_checkpoint` and close). Read by `tally_engine_open`
+// only.
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_checkpoint_every_events(struct tally_options *options,
+                                                       uint64_t checkpoint_every_events);
+
+// How long usage events stay in a database's log beyond the policy's longest window before
+// `tally_engine_compact` may drop them: 0 to `TALLY_MAX_PERIOD_MS` (default 604,800,000, 7
+// days). Read by `tally_engine_open` only.
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_retention_ms(struct tally_options *options,
+                                            uint64_t retention_ms);
 
 // Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 // "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",

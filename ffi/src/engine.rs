@@ -4,13 +4,14 @@
 use std::ffi::c_char;
 use std::sync::Arc;
 
-use ::tally_engine::{Durability, Engine, EngineOptions, OpenOptions, Policy, SystemClock};
+use ::tally_engine::{Durability, Engine, OpenOptions, Policy, SystemClock};
 
 use crate::checks::{
     text, Out, TALLY_MAX_DOCUMENT_BYTES, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES,
 };
 use crate::decision::at;
 use crate::handle::{free_boxed, tally_engine, to_boxed_ptr, try_ref, EngineHandle};
+use crate::options::{open_options, tally_options};
 use crate::panic::boundary;
 use crate::status::{tally_status, Failure};
 
@@ -97,13 +98,17 @@ fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
 /// `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
 /// text. On a new database the policy is the first event; on an existing one a different policy
 /// is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
-/// read only for `TALLY_DURABILITY_INTERVAL`. Without an explicit timestamp the engine uses
-/// the system clock.
+/// read only for `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's
+/// options (`tally_options_new`), or NULL for the defaults; they are read during the call
+/// only. Without an explicit timestamp the engine uses the system clock.
 ///
-/// Errors: `TALLY_DATABASE_LOCKED` (open elsewhere), `TALLY_DATABASE_DAMAGED`,
-/// `TALLY_DATABASE_FOREIGN` (a directory of other files), `TALLY_DATABASE_NEWER_FORMAT`,
-/// `TALLY_POLICY_INVALID`, `TALLY_STORAGE`. On error `*engine_out` is not written.
-/// The handle must be closed with `tally_engine_close` and freed with `tally_engine_free`.
+/// Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
+/// range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
+/// `TALLY_DATABASE_DAMAGED`, `TALLY_DATABASE_FOREIGN` (a directory of other files),
+/// `TALLY_DATABASE_NEWER_FORMAT`, `TALLY_POLICY_INVALID`, `TALLY_STORAGE`. On error
+/// `*engine_out` is not written, and bad arguments leave the directory as it was (not even
+/// created). The handle must be closed with `tally_engine_close` and freed with
+/// `tally_engine_free`.
 #[no_mangle]
 pub extern "C" fn tally_engine_open(
     path: *const c_char,
@@ -113,17 +118,18 @@ pub extern "C" fn tally_engine_open(
     policy_len: usize,
     durability_mode: u32,
     interval_ms: u32,
+    options: *const tally_options,
     engine_out: *mut *mut tally_engine,
 ) -> tally_status {
     boundary(|| {
         let out = Out::new("engine_out", engine_out)?;
         let path = text("path", path, path_len, TALLY_MAX_DOCUMENT_BYTES)?;
         let durability = durability(durability_mode, interval_ms)?;
-        let policy = load_policy(policy_source, policy, policy_len)?;
         let options = OpenOptions {
             durability,
-            ..OpenOptions::default()
+            ..open_options(options)?
         };
+        let policy = load_policy(policy_source, policy, policy_len)?;
         let engine = Engine::open(path, policy, Arc::new(SystemClock), options)?;
         out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
         Ok(())
@@ -132,18 +138,25 @@ pub extern "C" fn tally_engine_open(
 
 /// Creates an engine that keeps everything in memory (lost when closed): for tests and
 /// simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
-/// answer `TALLY_NOT_DURABLE`.
+/// answer `TALLY_NOT_DURABLE`. `options` as for `tally_engine_open` (NULL: the defaults); the
+/// database's options (`checkpoint_every_events`, `retention_ms`) are not used.
+///
+/// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range), `TALLY_POLICY_INVALID`. On error
+/// `*engine_out` is not written. The handle must be closed with `tally_engine_close` and freed
+/// with `tally_engine_free`.
 #[no_mangle]
 pub extern "C" fn tally_engine_open_in_memory(
     policy_source: u32,
     policy: *const c_char,
     policy_len: usize,
+    options: *const tally_options,
     engine_out: *mut *mut tally_engine,
 ) -> tally_status {
     boundary(|| {
         let out = Out::new("engine_out", engine_out)?;
+        let options = open_options(options)?;
         let policy = load_policy(policy_source, policy, policy_len)?;
-        let engine = Engine::new(policy, Arc::new(SystemClock), EngineOptions::default())?;
+        let engine = Engine::new(policy, Arc::new(SystemClock), options.engine)?;
         out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
         Ok(())
     })

@@ -40,6 +40,20 @@ pub(crate) fn try_ref<'a, C: Castable>(ptr: *const C) -> Result<&'a C::RustType,
     Ok(unsafe { &*ptr.cast::<C::RustType>() })
 }
 
+/// Borrows the Rust value behind a handle to change it; NULL is `TALLY_NULL_POINTER`.
+pub(crate) fn try_mut<'a, C: Castable>(ptr: *mut C) -> Result<&'a mut C::RustType, Failure> {
+    if ptr.is_null() {
+        return Err(Failure::new(
+            tally_status::TALLY_NULL_POINTER,
+            format!("{}: the handle is NULL", C::NAME),
+        ));
+    }
+    // SAFETY: as for `try_ref`; in addition, the header forbids using a handle that is changed
+    // (a `tally_options` being set) from another thread at the same time, so this borrow is
+    // the only one for the duration of the call.
+    Ok(unsafe { &mut *ptr.cast::<C::RustType>() })
+}
+
 /// Takes back ownership of a value from `to_boxed_ptr`; `None` for NULL.
 pub(crate) fn take_boxed<C: Castable>(ptr: *mut C) -> Option<Box<C::RustType>> {
     // SAFETY: `ptr` came from `to_boxed_ptr` and, as the header says, is given up once and not

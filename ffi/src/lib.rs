@@ -3,7 +3,8 @@
 //! (`scripts/check-header.sh`).
 //!
 //! Modules, one per C type family: `status` (`tally_status` and the status names),
-//! `last_error` (the per-thread message), `engine` (the handle's life and the admin calls),
+//! `last_error` (the per-thread message), `options` (the options of an open, set one at a
+//! time), `engine` (the handle's life and the admin calls),
 //! `decision` (requests, decisions and their enums), `admission` (consume, check,
 //! reservations, refunds), `submission` (consumes submitted now and completed once durable),
 //! `report` (usage, policy, events and cursors, checkpoints, verify).
@@ -27,6 +28,7 @@ mod decision;
 mod engine;
 mod handle;
 mod last_error;
+mod options;
 mod panic;
 mod report;
 mod status;
@@ -44,6 +46,7 @@ pub use decision::{
 pub use engine::*;
 pub use handle::tally_engine;
 pub use last_error::tally_last_error;
+pub use options::*;
 pub use report::*;
 pub use status::{tally_status, tally_status_name};
 pub use submission::*;

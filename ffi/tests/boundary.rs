@@ -30,7 +30,7 @@ fn s(text: &str) -> (*const c_char, usize) {
 fn in_memory() -> Handle {
     let mut engine = ptr::null_mut();
     assert_eq!(
-        tally_engine_open_in_memory(0, ptr::null(), 0, &mut engine),
+        tally_engine_open_in_memory(0, ptr::null(), 0, ptr::null(), &mut engine),
         tally_status::TALLY_OK
     );
     Handle(engine)
@@ -390,15 +390,15 @@ fn out_of_range_enum_values_are_bad_enum() {
     let dir = temp_dir("enums");
     let (p, pl) = s(dir.to_str().unwrap_or_default());
     assert_eq!(
-        tally_engine_open(p, pl, 0, ptr::null(), 0, 3, 0, &mut engine),
+        tally_engine_open(p, pl, 0, ptr::null(), 0, 3, 0, ptr::null(), &mut engine),
         tally_status::TALLY_BAD_ENUM
     );
     assert_eq!(
-        tally_engine_open(p, pl, 4, ptr::null(), 0, 0, 0, &mut engine),
+        tally_engine_open(p, pl, 4, ptr::null(), 0, 0, 0, ptr::null(), &mut engine),
         tally_status::TALLY_BAD_ENUM
     );
     assert_eq!(
-        tally_engine_open_in_memory(u32::MAX, ptr::null(), 0, &mut engine),
+        tally_engine_open_in_memory(u32::MAX, ptr::null(), 0, ptr::null(), &mut engine),
         tally_status::TALLY_BAD_ENUM
     );
     assert!(engine.is_null());
@@ -553,7 +553,7 @@ fn open(dir: &std::path::Path) -> Result<Handle, tally_status> {
     let path = dir.to_str().unwrap_or_default();
     let (p, pl) = s(path);
     let mut engine = ptr::null_mut();
-    match tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, &mut engine) {
+    match tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, ptr::null(), &mut engine) {
         tally_status::TALLY_OK => Ok(Handle(engine)),
         status => Err(status),
     }

@@ -418,6 +418,9 @@ enum Op {
     Verify(Buf),
     /// A reservation id the run made up.
     ForgeReservation(u64),
+    /// Options set one at a time (`which` picks the setter), then an in-memory engine opened
+    /// with them.
+    Options(Vec<(u8, u64)>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -543,6 +546,7 @@ impl World {
             json.len(),
             2,
             0,
+            ptr::null(),
             engine_out,
         )
     }
@@ -554,7 +558,7 @@ impl World {
             None => {
                 self.policy = None;
                 let json = default_policy_json();
-                tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), &mut engine)
+                tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), ptr::null(), &mut engine)
             }
         };
         assert_eq!(
@@ -1129,6 +1133,7 @@ impl World {
                 assert_eq!(version.to_bytes(), b"0.1.0");
             }
             Op::Null(call) => self.null_call(*call),
+            Op::Options(settings) => options_then_open(settings),
             Op::Close => {
                 let status = tally_engine_close(engine);
                 let status = known(status, "close");
@@ -1422,7 +1427,9 @@ impl World {
             NullCall::CursorOut => tally_engine_cursor(engine, team_ptr, team_len, ptr::null_mut()),
             NullCall::CheckpointOut => tally_engine_checkpoint(engine, ptr::null_mut()),
             NullCall::CompactOut => tally_engine_compact(engine, 0, ptr::null_mut()),
-            NullCall::OpenOut => tally_engine_open_in_memory(0, ptr::null(), 0, ptr::null_mut()),
+            NullCall::OpenOut => {
+                tally_engine_open_in_memory(0, ptr::null(), 0, ptr::null(), ptr::null_mut())
+            }
             NullCall::VerifyOut => {
                 let mut needed = 0;
                 let mut buf = [0 as c_char; 8];
@@ -1507,13 +1514,58 @@ impl World {
     }
 }
 
+/// Sets options one at a time: each value is taken or refused with `TALLY_INVALID_ARGUMENT`
+/// (leaving the options as they were), so an in-memory engine then opens with them, whatever
+/// was refused.
+fn options_then_open(settings: &[(u8, u64)]) {
+    let mut options = ptr::null_mut();
+    assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+    for &(which, value) in settings.iter().take(16) {
+        let status = match which % 12 {
+            0 => tally_options_set_max_keys(options, value),
+            1 => tally_options_set_max_teams(options, value),
+            2 => tally_options_set_max_users(options, value),
+            3 => tally_options_set_idempotency_capacity(options, value),
+            4 => tally_options_set_idempotency_horizon_ms(options, value),
+            5 => tally_options_set_max_open_reservations(options, value),
+            6 => tally_options_set_default_lease_ms(options, value),
+            7 => tally_options_set_max_policy_generations(options, value),
+            8 => tally_options_set_reclaim_idle_every_ms(options, value),
+            9 => tally_options_set_expire_leases_on_its_own(options, value % 2 == 1),
+            10 => tally_options_set_checkpoint_every_events(options, value),
+            _ => tally_options_set_retention_ms(options, value),
+        };
+        let status = known(status, "set an option");
+        assert!(
+            matches!(
+                status,
+                tally_status::TALLY_OK | tally_status::TALLY_INVALID_ARGUMENT
+            ),
+            "setter {which} with {value}: {status:?} {}",
+            last_error()
+        );
+    }
+    let json = default_policy_json();
+    let mut engine = ptr::null_mut();
+    let status =
+        tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), options, &mut engine);
+    assert_eq!(
+        known(status, "open with options"),
+        tally_status::TALLY_OK,
+        "open with options: {}",
+        last_error()
+    );
+    tally_engine_free(engine);
+    tally_options_free(options);
+}
+
 /// The shipped policy's JSON, from an engine opened on it once per process.
 fn default_policy_json() -> &'static [u8] {
     static JSON: OnceLock<Vec<u8>> = OnceLock::new();
     JSON.get_or_init(|| {
         let mut engine = ptr::null_mut();
         assert_eq!(
-            tally_engine_open_in_memory(0, ptr::null(), 0, &mut engine),
+            tally_engine_open_in_memory(0, ptr::null(), 0, ptr::null(), &mut engine),
             tally_status::TALLY_OK
         );
         let world = World {

@@ -89,19 +89,23 @@ static void test_library(void) {
 
 static void test_policies(void) {
   tally_engine *engine = NULL;
-  EXPECT(tally_engine_open_in_memory(99, NULL, 0, &engine), TALLY_BAD_ENUM);
+  EXPECT(tally_engine_open_in_memory(99, NULL, 0, NULL, &engine), TALLY_BAD_ENUM);
   CHECK(engine == NULL);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL), TALLY_NULL_POINTER);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, S("x"), &engine),
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, NULL),
+         TALLY_NULL_POINTER);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, S("x"), NULL, &engine),
          TALLY_INVALID_ARGUMENT);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, S("time_zone = 3"), &engine),
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, S("time_zone = 3"), NULL, &engine),
          TALLY_POLICY_INVALID);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, S("{"), &engine), TALLY_POLICY_INVALID);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, NULL, 5, &engine), TALLY_NULL_POINTER);
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, S("/nonexistent/policy.toml"), &engine),
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, S("{"), NULL, &engine),
+         TALLY_POLICY_INVALID);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_TOML, NULL, 5, NULL, &engine),
+         TALLY_NULL_POINTER);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, S("/nonexistent/policy.toml"), NULL,
+                                     &engine),
          TALLY_POLICY_INVALID);
 
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &engine), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &engine), TALLY_OK);
   size_t needed = 0;
   EXPECT(tally_engine_policy_json(engine, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
   char *json = malloc(needed);
@@ -110,7 +114,8 @@ static void test_policies(void) {
 
   /* The same document as JSON text and as a .json file. */
   tally_engine *from_json = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, json, strlen(json), &from_json), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, json, strlen(json), NULL, &from_json),
+         TALLY_OK);
   char dir[] = "/tmp/tally-c-policy-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
   char path[64];
@@ -120,7 +125,8 @@ static void test_policies(void) {
   CHECK(write(fd, json, strlen(json)) == (ssize_t)strlen(json));
   close(fd);
   tally_engine *from_file = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, path, strlen(path), &from_file), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, path, strlen(path), NULL, &from_file),
+         TALLY_OK);
   unlink(path);
   rmdir(dir);
 
@@ -384,7 +390,7 @@ static void test_submissions(tally_engine *engine) {
   tally_submission *s2 = submit_copy(engine, "tp-ada", 1, NULL, &status);
   EXPECT(tally_engine_complete(NULL, s2, &d), TALLY_NULL_POINTER);
   tally_engine *other = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &other), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &other), TALLY_OK);
   tally_submission *s3 = submit_copy(engine, "tp-ada", 1, NULL, &status);
   EXPECT(tally_engine_submission_durable(other, s3, &durable), TALLY_INVALID_ARGUMENT);
   EXPECT(tally_engine_complete(other, s3, &d), TALLY_INVALID_ARGUMENT);
@@ -450,7 +456,7 @@ static void test_usage(tally_engine *engine) {
  * moves every idle key's time forward. */
 static void test_corrections(void) {
   tally_engine *engine = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, &engine), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &engine), TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("cora"), S("tp-cora"), T0), TALLY_OK);
   EXPECT(tally_engine_assign_seat(engine, S("@cora"), S("cora"), S("Starter"), T0), TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("dan"), S("tp-dan"), T0), TALLY_OK);
@@ -639,6 +645,122 @@ static int make_foreign(const char *dir) {
   return 1;
 }
 
+/* Whether the calling thread's last error mentions `text`. */
+static int last_error_mentions(const char *text) {
+  char message[512];
+  size_t needed = 0;
+  return tally_last_error(message, sizeof message, &needed) == TALLY_OK &&
+         strstr(message, text) != NULL;
+}
+
+/* A setter of a uint64_t option, for the table of cases below. */
+typedef tally_status (*u64_setter)(tally_options *, uint64_t);
+
+static void test_options(void) {
+  EXPECT(tally_options_new(NULL), TALLY_NULL_POINTER);
+  tally_options_free(NULL);
+  passed++;
+
+  tally_options *options = NULL;
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  CHECK(options != NULL);
+
+  /* Every setter: one value past each end is refused, naming the option; the ends are taken. */
+  struct {
+    const char *name;
+    u64_setter set;
+    uint64_t low, high; /* the allowed ends */
+    int zero_allowed;
+  } cases[] = {
+      {"max_keys", tally_options_set_max_keys, 1, TALLY_MAX_TABLE_ENTRIES, 0},
+      {"max_teams", tally_options_set_max_teams, 1, TALLY_MAX_TABLE_ENTRIES, 0},
+      {"max_users", tally_options_set_max_users, 1, TALLY_MAX_TABLE_ENTRIES, 0},
+      {"idempotency_capacity", tally_options_set_idempotency_capacity, 1,
+       TALLY_MAX_TABLE_ENTRIES, 0},
+      {"idempotency_horizon_ms", tally_options_set_idempotency_horizon_ms, 1,
+       TALLY_MAX_IDEMPOTENCY_HORIZON_MS, 1},
+      {"max_open_reservations", tally_options_set_max_open_reservations, 1,
+       TALLY_MAX_TABLE_ENTRIES, 0},
+      {"default_lease_ms", tally_options_set_default_lease_ms, 1, TALLY_MAX_LEASE_MS, 0},
+      {"max_policy_generations", tally_options_set_max_policy_generations,
+       TALLY_MIN_POLICY_GENERATIONS, TALLY_MAX_POLICY_GENERATIONS, 0},
+      {"reclaim_idle_every_ms", tally_options_set_reclaim_idle_every_ms, 1, TALLY_MAX_PERIOD_MS,
+       1},
+      {"checkpoint_every_events", tally_options_set_checkpoint_every_events, 1, UINT64_MAX, 0},
+      {"retention_ms", tally_options_set_retention_ms, 0, TALLY_MAX_PERIOD_MS, 1},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    EXPECT(cases[i].set(NULL, cases[i].low), TALLY_NULL_POINTER);
+    EXPECT(cases[i].set(options, cases[i].low), TALLY_OK);
+    EXPECT(cases[i].set(options, cases[i].high), TALLY_OK);
+    if (cases[i].high < UINT64_MAX) {
+      EXPECT(cases[i].set(options, cases[i].high + 1), TALLY_INVALID_ARGUMENT);
+      CHECK(last_error_mentions(cases[i].name));
+      CHECK(last_error_mentions("out of range"));
+      EXPECT(cases[i].set(options, UINT64_MAX), TALLY_INVALID_ARGUMENT);
+    }
+    if (cases[i].low > 0) {
+      EXPECT(cases[i].set(options, cases[i].low - 1),
+             cases[i].low - 1 == 0 && cases[i].zero_allowed ? TALLY_OK : TALLY_INVALID_ARGUMENT);
+    }
+  }
+  EXPECT(tally_options_set_expire_leases_on_its_own(NULL, true), TALLY_NULL_POINTER);
+  EXPECT(tally_options_set_expire_leases_on_its_own(options, false), TALLY_OK);
+  tally_options_free(options);
+
+  /* The options reach the engine; a refused value leaves the one set before. */
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_max_keys(options, 1), TALLY_OK);
+  EXPECT(tally_options_set_max_keys(options, 0), TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("max_keys: 0 is out of range"));
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, options, &engine), TALLY_OK);
+  /* The engine keeps no pointer to the options. */
+  tally_options_free(options);
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_CAPACITY_EXCEEDED);
+  CHECK(last_error_mentions("keys"));
+  tally_engine_free(engine);
+
+  /* A durable engine takes them too; one options value opens several engines. */
+  char dir[] = "/tmp/tally-c-options-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char db[256];
+  snprintf(db, sizeof db, "%s/db", dir);
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_max_users(options, 1), TALLY_OK);
+  EXPECT(tally_options_set_checkpoint_every_events(options, 2), TALLY_OK);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, options,
+                           &engine),
+         TALLY_OK);
+  tally_engine *in_memory = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, options, &in_memory),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_CAPACITY_EXCEEDED);
+  CHECK(last_error_mentions("users"));
+  EXPECT(tally_engine_create_user(in_memory, S("ada"), S("tp-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_create_user(in_memory, S("bob"), S("tp-bob"), T0),
+         TALLY_CAPACITY_EXCEEDED);
+  tally_engine_free(in_memory);
+  tally_engine_free(engine);
+
+  /* Bad arguments to open create nothing: no directory for a bad interval. */
+  char never[256];
+  snprintf(never, sizeof never, "%s/never", dir);
+  EXPECT(tally_engine_open(S(never), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL,
+                           0, options, &engine),
+         TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("durability"));
+  struct stat info;
+  CHECK(stat(never, &info) != 0);
+  tally_options_free(options);
+
+  char command[600];
+  snprintf(command, sizeof command, "rm -rf '%s'", dir);
+  CHECK(system(command) == 0);
+}
+
 static void test_database(void) {
   char dir[] = "/tmp/tally-c-test-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
@@ -646,21 +768,22 @@ static void test_database(void) {
   snprintf(db, sizeof db, "%s/db", dir);
 
   tally_engine *engine = NULL;
-  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, 9, 0, &engine), TALLY_BAD_ENUM);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, 9, 0, NULL, &engine),
+         TALLY_BAD_ENUM);
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL, 0,
-                           &engine),
+                           NULL, &engine),
          TALLY_INVALID_ARGUMENT);
   EXPECT(tally_engine_open(NULL, 0, TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
-                           &engine),
+                           NULL, &engine),
          TALLY_NULL_POINTER);
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_SYNC, 0,
-                           &engine),
+                           NULL, &engine),
          TALLY_OK);
 
   /* The same directory again: locked. */
   tally_engine *second = NULL;
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
-                           &second),
+                           NULL, &second),
          TALLY_DATABASE_LOCKED);
   CHECK(second == NULL);
 
@@ -684,7 +807,7 @@ static void test_database(void) {
   EXPECT(tally_verify(S("/nonexistent/tally"), &sound, NULL, 0, &needed), TALLY_STORAGE);
 
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL, 100,
-                           &engine),
+                           NULL, &engine),
          TALLY_OK);
   uint64_t balance = 0;
   EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_OK);
@@ -697,7 +820,7 @@ static void test_database(void) {
   snprintf(foreign, sizeof foreign, "%s/foreign", dir);
   CHECK(make_foreign(foreign));
   EXPECT(tally_engine_open(S(foreign), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
-                           &engine),
+                           NULL, &engine),
          TALLY_DATABASE_FOREIGN);
 
   char command[600];
@@ -709,6 +832,7 @@ int main(void) {
   test_library();
   test_policies();
   test_corrections();
+  test_options();
   test_database();
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

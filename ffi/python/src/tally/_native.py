@@ -168,6 +168,8 @@ STRUCTS = {
 Engine = c_void_p
 # `tally_submission *`: opaque, owned by the wrapper until completed or freed.
 Submission = c_void_p
+# `tally_options *`: opaque, made and freed around each open.
+Options = c_void_p
 _status = c_uint32
 _str = c_char_p  # (pointer, length) pairs: bytes objects passed with their length
 _size_p = POINTER(c_size_t)
@@ -218,9 +220,26 @@ SIGNATURES = {
     ),
     "tally_engine_open": (
         _status,
-        [_str, c_size_t, c_uint32, _str, c_size_t, c_uint32, c_uint32, POINTER(Engine)],
+        [_str, c_size_t, c_uint32, _str, c_size_t, c_uint32, c_uint32, Options, POINTER(Engine)],
     ),
-    "tally_engine_open_in_memory": (_status, [c_uint32, _str, c_size_t, POINTER(Engine)]),
+    "tally_engine_open_in_memory": (
+        _status,
+        [c_uint32, _str, c_size_t, Options, POINTER(Engine)],
+    ),
+    "tally_options_new": (_status, [POINTER(Options)]),
+    "tally_options_free": (None, [Options]),
+    "tally_options_set_max_keys": (_status, [Options, c_uint64]),
+    "tally_options_set_max_teams": (_status, [Options, c_uint64]),
+    "tally_options_set_max_users": (_status, [Options, c_uint64]),
+    "tally_options_set_idempotency_capacity": (_status, [Options, c_uint64]),
+    "tally_options_set_idempotency_horizon_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_max_open_reservations": (_status, [Options, c_uint64]),
+    "tally_options_set_default_lease_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_max_policy_generations": (_status, [Options, c_uint64]),
+    "tally_options_set_reclaim_idle_every_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_expire_leases_on_its_own": (_status, [Options, c_bool]),
+    "tally_options_set_checkpoint_every_events": (_status, [Options, c_uint64]),
+    "tally_options_set_retention_ms": (_status, [Options, c_uint64]),
     "tally_engine_close": (_status, [Engine]),
     "tally_engine_free": (None, [Engine]),
     "tally_engine_create_user": (_status, [Engine, _str, c_size_t, _str, c_size_t, c_uint64]),

@@ -170,6 +170,7 @@ class Engine:
                 document_len,
                 int(mode),
                 interval,
+                None,
                 ctypes.byref(handle),
             )
         )
@@ -182,7 +183,7 @@ class Engine:
         handle = ctypes.c_void_p()
         errors.check(
             _native.lib.tally_engine_open_in_memory(
-                source, document, document_len, ctypes.byref(handle)
+                source, document, document_len, None, ctypes.byref(handle)
             )
         )
         return cls(handle)

@@ -1,0 +1,367 @@
+//! `tally_options`: the engine's and the database's options, set one at a time before an open.
+//! Each setter checks its value against the option's range at once (the engine's own check,
+//! `OpenOptions::validate`), so the call that was wrong is the one that fails; the open
+//! functions check them all again.
+
+use ::tally_engine::OpenOptions;
+
+use crate::checks::Out;
+use crate::handle::{free_boxed, to_boxed_ptr, try_mut, try_ref, Castable};
+use crate::panic::boundary;
+use crate::status::{tally_status, Failure};
+
+/// The largest bound of a table (`max_keys`, `max_teams`, `max_users`, `idempotency_capacity`,
+/// `max_open_reservations`): 2^32 entries, more memory than any machine has.
+pub const TALLY_MAX_TABLE_ENTRIES: u64 = 4_294_967_296;
+/// The longest `default_lease_ms`: a day.
+pub const TALLY_MAX_LEASE_MS: u64 = 86_400_000;
+/// The longest `idempotency_horizon_ms`: 366 days, the longest window a policy may have.
+pub const TALLY_MAX_IDEMPOTENCY_HORIZON_MS: u64 = 31_622_400_000;
+/// The longest `reclaim_idle_every_ms` and `retention_ms`: the span of timestamps tally
+/// accepts (up to 2100-01-01T00:00:00Z).
+pub const TALLY_MAX_PERIOD_MS: u64 = 4_102_444_800_000;
+/// The fewest policy generations kept (`max_policy_generations`).
+pub const TALLY_MIN_POLICY_GENERATIONS: u64 = 2;
+/// The most policy generations kept (`max_policy_generations`).
+pub const TALLY_MAX_POLICY_GENERATIONS: u64 = 65_536;
+
+const _: () = assert!(TALLY_MAX_TABLE_ENTRIES == ::tally_engine::options::MAX_TABLE_ENTRIES);
+const _: () = assert!(TALLY_MAX_LEASE_MS == ::tally_engine::reservation::MAX_LEASE_MS);
+const _: () = assert!(
+    TALLY_MAX_IDEMPOTENCY_HORIZON_MS == ::tally_engine::options::MAX_IDEMPOTENCY_HORIZON_MS
+);
+const _: () = assert!(TALLY_MAX_PERIOD_MS == ::tally_engine::options::MAX_PERIOD_MS);
+const _: () =
+    assert!(TALLY_MIN_POLICY_GENERATIONS == ::tally_engine::options::MIN_POLICY_GENERATIONS as u64);
+const _: () =
+    assert!(TALLY_MAX_POLICY_GENERATIONS == ::tally_engine::options::MAX_POLICY_GENERATIONS as u64);
+
+/// Options for `tally_engine_open` and `tally_engine_open_in_memory`. Opaque. Created by
+/// `tally_options_new` with every option at its default, changed by the `tally_options_set_*`
+/// functions, freed by `tally_options_free`. The open functions only read it: free it (or
+/// reuse it for another open) whenever they have returned.
+///
+/// Threads: like a plain C struct, it must not be set from one thread while another sets or
+/// reads it; once set, any number of threads may open with it at once.
+#[allow(non_camel_case_types)]
+pub struct tally_options {
+    _private: [u8; 0],
+}
+
+impl Castable for tally_options {
+    type RustType = OpenOptions;
+    const NAME: &'static str = "options";
+}
+
+/// The options of an open: `options`' values, or the defaults for NULL.
+pub(crate) fn open_options(options: *const tally_options) -> Result<OpenOptions, Failure> {
+    if options.is_null() {
+        return Ok(OpenOptions::default());
+    }
+    Ok(try_ref(options)?.clone())
+}
+
+/// Changes one option, checked at once: a value out of range leaves the options as they were.
+/// Every option's range is its own (none depends on another's), so the full check that the
+/// engine makes fails only on the value just changed, and names it.
+fn set(options: *mut tally_options, change: impl FnOnce(&mut OpenOptions)) -> tally_status {
+    boundary(|| {
+        let options = try_mut(options)?;
+        let mut changed = options.clone();
+        change(&mut changed);
+        changed.validate()?;
+        *options = changed;
+        Ok(())
+    })
+}
+
+/// A `uint64_t` for a `size_t` option; a value past `size_t` (32-bit targets) is refused by
+/// the option's range, as `SIZE_MAX` is.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+/// Creates options with every value at its default and writes them to `*options_out`.
+///
+/// Errors: `TALLY_NULL_POINTER` if `options_out` is NULL. Ownership: the caller owns the
+/// options and frees them with `tally_options_free`.
+#[no_mangle]
+pub extern "C" fn tally_options_new(options_out: *mut *mut tally_options) -> tally_status {
+    boundary(|| {
+        let out = Out::new("options_out", options_out)?;
+        out.set(to_boxed_ptr::<tally_options>(OpenOptions::default()));
+        Ok(())
+    })
+}
+
+/// Frees options from `tally_options_new`. NULL is a no-op. Engines opened with them are not
+/// affected. Must be the last use of `options` by any thread. Never fails.
+#[no_mangle]
+pub extern "C" fn tally_options_free(options: *mut tally_options) {
+    let _ = boundary(|| {
+        free_boxed(options);
+        Ok(())
+    });
+}
+
+/// Keys at most: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 16,000,000). A key past the bound
+/// is refused with `TALLY_CAPACITY_EXCEEDED`.
+///
+/// Errors: `TALLY_NULL_POINTER` (`options` is NULL), `TALLY_INVALID_ARGUMENT` (out of range;
+/// the last error names the option and the range); either way the options are unchanged.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_keys(
+    options: *mut tally_options,
+    max_keys: u64,
+) -> tally_status {
+    set(options, |options| options.engine.max_keys = max_keys)
+}
+
+/// Teams at most (each user's Default Team counts): 1 to `TALLY_MAX_TABLE_ENTRIES` (default
+/// 4,000,000).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_teams(
+    options: *mut tally_options,
+    max_teams: u64,
+) -> tally_status {
+    set(options, |options| options.engine.max_teams = max_teams)
+}
+
+/// Users at most: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 8,000,000).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_users(
+    options: *mut tally_options,
+    max_users: u64,
+) -> tally_status {
+    set(options, |options| options.engine.max_users = max_users)
+}
+
+/// Request ids remembered at once (about 1.5 KB each): 1 to `TALLY_MAX_TABLE_ENTRIES`
+/// (default 1,000,000). The table has 64 shards bounded alone: the capacity is rounded up to
+/// a multiple of 64, and a new id can be refused (`TALLY_CAPACITY_EXCEEDED`) when its shard
+/// is full before the whole table is.
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_idempotency_capacity(
+    options: *mut tally_options,
+    idempotency_capacity: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.idempotency_capacity = to_usize(idempotency_capacity);
+    })
+}
+
+/// How long a request id is remembered, never less than the policy's longest window: 0 (the
+/// default) for the policy's longest window, else 1 to `TALLY_MAX_IDEMPOTENCY_HORIZON_MS`.
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_idempotency_horizon_ms(
+    options: *mut tally_options,
+    idempotency_horizon_ms: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.idempotency_horizon_ms = idempotency_horizon_ms;
+    })
+}
+
+/// Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_open_reservations(
+    options: *mut tally_options,
+    max_open_reservations: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.max_open_reservations = to_usize(max_open_reservations);
+    })
+}
+
+/// The lease of a reservation made with a lease of 0: 1 to `TALLY_MAX_LEASE_MS` (default
+/// 600,000, 10 minutes).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_default_lease_ms(
+    options: *mut tally_options,
+    default_lease_ms: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.default_lease_ms = default_lease_ms;
+    })
+}
+
+/// Policies kept so requests admitted before a swap are still refunded exactly:
+/// `TALLY_MIN_POLICY_GENERATIONS` to `TALLY_MAX_POLICY_GENERATIONS` (default 1,024).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_policy_generations(
+    options: *mut tally_options,
+    max_policy_generations: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.max_policy_generations = to_usize(max_policy_generations);
+    })
+}
+
+/// How often, on the engine's clock, the engine frees idle keys' window memory on its own
+/// (a key idle this long is freed within about twice this): 0 for never
+/// (`tally_engine_reclaim_idle` still works), else 1 to `TALLY_MAX_PERIOD_MS` (default
+/// 600,000, 10 minutes).
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_reclaim_idle_every_ms(
+    options: *mut tally_options,
+    reclaim_idle_every_ms: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.reclaim_idle_every_ms = reclaim_idle_every_ms;
+    })
+}
+
+/// Whether the engine expires reservations whose lease has ended on its own, from the
+/// admission path (default true). False: only `tally_engine_reserve`, a late settle and
+/// `tally_engine_expire_reservations` expire them.
+///
+/// Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
+#[no_mangle]
+pub extern "C" fn tally_options_set_expire_leases_on_its_own(
+    options: *mut tally_options,
+    expire_leases_on_its_own: bool,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.expire_leases_on_its_own = expire_leases_on_its_own;
+    })
+}
+
+/// A database checkpoints once this many events were logged since the last checkpoint, so an
+/// open never replays more than about this many: 1 to 2^64 - 1 (default 1,000,000; each
+/// checkpoint also starts a new log file, so a small value means many small files; 2^64 - 1
+/// leaves checkpoints to `tally_engine_checkpoint` and close). Read by `tally_engine_open`
+/// only.
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_checkpoint_every_events(
+    options: *mut tally_options,
+    checkpoint_every_events: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.checkpoint_every_events = checkpoint_every_events;
+    })
+}
+
+/// How long usage events stay in a database's log beyond the policy's longest window before
+/// `tally_engine_compact` may drop them: 0 to `TALLY_MAX_PERIOD_MS` (default 604,800,000, 7
+/// days). Read by `tally_engine_open` only.
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_retention_ms(
+    options: *mut tally_options,
+    retention_ms: u64,
+) -> tally_status {
+    set(options, |options| options.retention_ms = retention_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handle::take_boxed;
+
+    fn new_options() -> *mut tally_options {
+        let mut options = std::ptr::null_mut();
+        assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+        options
+    }
+
+    fn last_error() -> String {
+        let mut buf = [0 as std::ffi::c_char; 512];
+        let mut needed = 0;
+        assert_eq!(
+            crate::tally_last_error(buf.as_mut_ptr(), buf.len(), &mut needed),
+            tally_status::TALLY_OK
+        );
+        // SAFETY: tally_last_error wrote a NUL-terminated string into `buf`.
+        let text = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+        text.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn a_refused_value_leaves_the_options_as_they_were() {
+        let options = new_options();
+        assert_eq!(
+            tally_options_set_default_lease_ms(options, 5_000),
+            tally_status::TALLY_OK
+        );
+        assert_eq!(
+            tally_options_set_default_lease_ms(options, 0),
+            tally_status::TALLY_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().starts_with("default_lease_ms: 0 is out of range: allowed are 1 to "),
+            "{}",
+            last_error()
+        );
+        let options = take_boxed(options).expect("not NULL");
+        assert_eq!(options.engine.default_lease_ms, 5_000);
+    }
+
+    #[test]
+    fn every_setter_of_a_number_names_its_option_when_it_refuses() {
+        type Setter = extern "C" fn(*mut tally_options, u64) -> tally_status;
+        let setters: [(&str, Setter); 10] = [
+            ("max_keys", tally_options_set_max_keys),
+            ("max_teams", tally_options_set_max_teams),
+            ("max_users", tally_options_set_max_users),
+            (
+                "idempotency_capacity",
+                tally_options_set_idempotency_capacity,
+            ),
+            (
+                "idempotency_horizon_ms",
+                tally_options_set_idempotency_horizon_ms,
+            ),
+            (
+                "max_open_reservations",
+                tally_options_set_max_open_reservations,
+            ),
+            ("default_lease_ms", tally_options_set_default_lease_ms),
+            (
+                "max_policy_generations",
+                tally_options_set_max_policy_generations,
+            ),
+            (
+                "reclaim_idle_every_ms",
+                tally_options_set_reclaim_idle_every_ms,
+            ),
+            ("retention_ms", tally_options_set_retention_ms),
+        ];
+        let options = new_options();
+        for (name, set) in setters {
+            assert_eq!(
+                set(options, u64::MAX),
+                tally_status::TALLY_INVALID_ARGUMENT,
+                "{name}"
+            );
+            assert!(last_error().starts_with(&format!("{name}: ")), "{name}");
+            assert_eq!(
+                set(std::ptr::null_mut(), 1),
+                tally_status::TALLY_NULL_POINTER,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            take_boxed(options).map(|options| options.engine),
+            Some(::tally_engine::EngineOptions::default())
+        );
+    }
+}
