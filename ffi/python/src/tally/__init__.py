@@ -18,6 +18,7 @@ from .engine import Engine, Policy, Request, Submission, verify, version
 from .enums import AdjustmentDirection, ChargedTo, Denial, Durability, PolicySource, Unit
 from .errors import *  # noqa: F401,F403  (one exception class per status)
 from .errors import ERRORS_BY_STATUS, TallyError, last_error, status_name
+from .options import Options
 from .results import (
     AdjustedLimit,
     Adjustment,
@@ -51,6 +52,7 @@ __all__ = [
     "LimitStatus",
     "MAX_BATCH",
     "MemoryStats",
+    "Options",
     "Policy",
     "PolicySource",
     "Request",

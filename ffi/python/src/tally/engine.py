@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from . import _convert, _native, errors
+from . import options as _options
 from ._convert import Quantities, Text
 from .enums import AdjustmentDirection, Durability, PolicySource
+from .options import Options
 from .results import Adjustment, Decision, Event, MemoryStats, Reservation, Usage, VerifyReport
 
 _EMPTY_QUANTITIES = (_native.Quantity * 0)()
@@ -151,9 +153,12 @@ class Engine:
         *,
         durability: Durability | str = Durability.SYNC,
         interval_ms: int = 100,
+        options: Options | None = None,
     ) -> Engine:
         """Opens (or creates) the database in directory ``path``. ``interval_ms`` (1..=60,000)
-        is read only for ``Durability.INTERVAL``."""
+        is read only for ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the
+        defaults) are the engine's and the database's; a value out of range raises
+        ``InvalidArgumentError`` naming it, and nothing is created or changed."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or a path, not {type(path).__name__}")
         path_bytes = os.fsencode(path)
@@ -161,31 +166,34 @@ class Engine:
         mode = _durability(durability)
         interval = _convert.u32("interval_ms", interval_ms)
         handle = ctypes.c_void_p()
-        errors.check(
-            _native.lib.tally_engine_open(
-                path_bytes,
-                len(path_bytes),
-                source,
-                document,
-                document_len,
-                int(mode),
-                interval,
-                None,
-                ctypes.byref(handle),
+        with _options.native(options) as native_options:
+            errors.check(
+                _native.lib.tally_engine_open(
+                    path_bytes,
+                    len(path_bytes),
+                    source,
+                    document,
+                    document_len,
+                    int(mode),
+                    interval,
+                    native_options,
+                    ctypes.byref(handle),
+                )
             )
-        )
         return cls(handle)
 
     @classmethod
-    def in_memory(cls, policy: PolicyLike = None) -> Engine:
-        """An engine that keeps everything in memory (tests, simulations)."""
+    def in_memory(cls, policy: PolicyLike = None, *, options: Options | None = None) -> Engine:
+        """An engine that keeps everything in memory (tests, simulations). ``options`` as for
+        ``open`` (``checkpoint_every_events`` and ``retention_ms`` are not used)."""
         source, document, document_len = _policy(policy)
         handle = ctypes.c_void_p()
-        errors.check(
-            _native.lib.tally_engine_open_in_memory(
-                source, document, document_len, None, ctypes.byref(handle)
+        with _options.native(options) as native_options:
+            errors.check(
+                _native.lib.tally_engine_open_in_memory(
+                    source, document, document_len, native_options, ctypes.byref(handle)
+                )
             )
-        )
         return cls(handle)
 
     def close(self) -> None:

@@ -1,0 +1,100 @@
+"""The engine's and the database's options (``tally_options``), for ``Engine.open`` and
+``Engine.in_memory``."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import _convert, _native, errors
+
+
+@dataclass(frozen=True)
+class Options:
+    """Options for ``Engine.open`` and ``Engine.in_memory``; ``None`` (every field's default)
+    keeps the library's default. Each value is checked by the library against its range before
+    anything is opened: one out of range raises ``InvalidArgumentError`` naming the option and
+    the range, and the open does not happen (no directory is created)::
+
+        tally.Engine.open("tally-data", options=tally.Options(max_keys=100_000))
+
+    Ranges (the header's ``TALLY_MAX_*`` constants): the tables (``max_keys``, ``max_teams``,
+    ``max_users``, ``idempotency_capacity``, ``max_open_reservations``) hold 1 to 2^32;
+    ``default_lease_ms`` is 1 to 86,400,000 (a day); ``max_policy_generations`` 2 to 65,536;
+    ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
+    ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
+    ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps.
+    ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only."""
+
+    #: Keys at most (default 16,000,000).
+    max_keys: int | None = None
+    #: Teams at most, each user's Default Team included (default 4,000,000).
+    max_teams: int | None = None
+    #: Users at most (default 8,000,000).
+    max_users: int | None = None
+    #: Request ids remembered at once (default 1,000,000; rounded up to a multiple of 64).
+    idempotency_capacity: int | None = None
+    #: How long a request id is remembered; 0 (the default): the policy's longest window.
+    idempotency_horizon_ms: int | None = None
+    #: Reservations open at once (default 1,000,000).
+    max_open_reservations: int | None = None
+    #: The lease of a reservation made without one (default 600,000: 10 minutes).
+    default_lease_ms: int | None = None
+    #: Policies kept so requests from before a swap are refunded exactly (default 1,024).
+    max_policy_generations: int | None = None
+    #: How often idle keys' window memory is freed on its own; 0: never (default 10 minutes).
+    reclaim_idle_every_ms: int | None = None
+    #: Whether ended leases are expired from the admission path (default True).
+    expire_leases_on_its_own: bool | None = None
+    #: A checkpoint every this many events (default 1,000,000). ``Engine.open`` only.
+    checkpoint_every_events: int | None = None
+    #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
+    retention_ms: int | None = None
+
+
+# The setter of each integer option, by field name.
+_SETTERS = {
+    "max_keys": "tally_options_set_max_keys",
+    "max_teams": "tally_options_set_max_teams",
+    "max_users": "tally_options_set_max_users",
+    "idempotency_capacity": "tally_options_set_idempotency_capacity",
+    "idempotency_horizon_ms": "tally_options_set_idempotency_horizon_ms",
+    "max_open_reservations": "tally_options_set_max_open_reservations",
+    "default_lease_ms": "tally_options_set_default_lease_ms",
+    "max_policy_generations": "tally_options_set_max_policy_generations",
+    "reclaim_idle_every_ms": "tally_options_set_reclaim_idle_every_ms",
+    "checkpoint_every_events": "tally_options_set_checkpoint_every_events",
+    "retention_ms": "tally_options_set_retention_ms",
+}
+
+
+@contextmanager
+def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
+    """A ``tally_options`` handle with ``options`` set, for the duration of one open (``None``
+    for no options: the library's defaults). Raises before any open if a value is refused."""
+    if options is None:
+        yield None
+        return
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be a tally.Options, not {type(options).__name__}")
+    handle = ctypes.c_void_p()
+    errors.check(_native.lib.tally_options_new(ctypes.byref(handle)))
+    try:
+        for field in dataclasses.fields(options):
+            value = getattr(options, field.name)
+            if value is None:
+                continue
+            if field.name == "expire_leases_on_its_own":
+                if not isinstance(value, bool):
+                    raise TypeError(f"{field.name} must be a bool, not {type(value).__name__}")
+                status = _native.lib.tally_options_set_expire_leases_on_its_own(handle, value)
+            else:
+                setter = getattr(_native.lib, _SETTERS[field.name])
+                status = setter(handle, _convert.u64(field.name, value))
+            errors.check(status)
+        yield handle
+    finally:
+        _native.lib.tally_options_free(handle)

@@ -1,0 +1,102 @@
+"""tally.Options: each option reaches the engine, a value out of range raises
+InvalidArgumentError naming it before anything is opened, and None keeps the default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import tally
+from conftest import T, seated
+
+# One value past the allowed range of every integer option.
+TOO_LARGE = {
+    "max_keys": 2**32 + 1,
+    "max_teams": 2**32 + 1,
+    "max_users": 2**32 + 1,
+    "idempotency_capacity": 2**32 + 1,
+    "idempotency_horizon_ms": 366 * 86_400_000 + 1,
+    "max_open_reservations": 2**32 + 1,
+    "default_lease_ms": 86_400_000 + 1,
+    "max_policy_generations": 65_537,
+    "reclaim_idle_every_ms": 4_102_444_800_001,
+    "retention_ms": 4_102_444_800_001,
+}
+
+
+def test_options_of_none_are_the_defaults():
+    with tally.Engine.in_memory(options=tally.Options()) as engine:
+        seated(engine, "ada", "tp-ada-1", "Plus")
+        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T).admitted
+
+
+def test_a_bound_set_in_options_reaches_the_engine():
+    with tally.Engine.in_memory(options=tally.Options(max_keys=1)) as engine:
+        engine.create_user("ada", "tp-ada-1", at_ms=T)
+        with pytest.raises(tally.CapacityExceededError, match="keys"):
+            engine.create_user("bo", "tp-bo-1", at_ms=T)
+
+
+def test_a_default_lease_set_in_options_is_the_lease_of_a_reservation_without_one():
+    options = tally.Options(default_lease_ms=1_000, expire_leases_on_its_own=False)
+    with tally.Engine.in_memory(options=options) as engine:
+        key = seated(engine, "ada", "tp-ada-1", "Plus")
+        reservation = engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T)
+        assert reservation.id is not None
+        assert engine.expire_reservations(at_ms=T + 999) == 0
+        assert engine.expire_reservations(at_ms=T + 1_000) == 1
+
+
+@pytest.mark.parametrize("option", sorted(TOO_LARGE))
+def test_a_value_out_of_range_raises_invalid_argument_naming_the_option(option):
+    options = tally.Options(**{option: TOO_LARGE[option]})
+    with pytest.raises(tally.InvalidArgumentError, match=rf"\): {option}: \d+ is out of range"):
+        tally.Engine.in_memory(options=options)
+
+
+@pytest.mark.parametrize("option", ["max_keys", "default_lease_ms", "checkpoint_every_events"])
+def test_a_zero_where_zero_means_nothing_is_refused(option):
+    with pytest.raises(tally.InvalidArgumentError, match=rf"\): {option}: 0 is out of range"):
+        tally.Engine.in_memory(options=tally.Options(**{option: 0}))
+
+
+def test_zero_is_taken_where_it_has_a_meaning():
+    options = tally.Options(idempotency_horizon_ms=0, reclaim_idle_every_ms=0, retention_ms=0)
+    with tally.Engine.in_memory(options=options) as engine:
+        seated(engine, "ada", "tp-ada-1", "Plus")
+
+
+def test_bad_options_on_open_create_no_directory(tmp_path):
+    path = tmp_path / "db"
+    with pytest.raises(tally.InvalidArgumentError, match="max_policy_generations"):
+        tally.Engine.open(path, options=tally.Options(max_policy_generations=1))
+    assert not path.exists()
+
+
+def test_the_database_options_are_taken_by_open(tmp_path):
+    options = tally.Options(checkpoint_every_events=1, retention_ms=0, max_users=1)
+    with tally.Engine.open(tmp_path / "db", durability="none", options=options) as engine:
+        engine.create_user("ada", "tp-ada-1", at_ms=T)
+        with pytest.raises(tally.CapacityExceededError, match="users"):
+            engine.create_user("bo", "tp-bo-1", at_ms=T)
+
+
+def test_values_python_cannot_pass_are_refused_before_the_library():
+    with pytest.raises(ValueError, match="max_keys must not be negative"):
+        tally.Engine.in_memory(options=tally.Options(max_keys=-1))
+    with pytest.raises(ValueError, match="must be at most"):
+        tally.Engine.in_memory(options=tally.Options(max_keys=2**64))
+    with pytest.raises(TypeError, match="max_keys must be an int"):
+        tally.Engine.in_memory(options=tally.Options(max_keys=1.5))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expire_leases_on_its_own must be a bool"):
+        tally.Engine.in_memory(
+            options=tally.Options(expire_leases_on_its_own=1)  # type: ignore[arg-type]
+        )
+    with pytest.raises(TypeError, match="tally.Options"):
+        tally.Engine.in_memory(options={"max_keys": 1})  # type: ignore[arg-type]
+
+
+def test_every_option_of_the_header_has_a_field():
+    fields = {field.name for field in dataclasses.fields(tally.Options)}
+    assert fields == set(TOO_LARGE) | {"expire_leases_on_its_own", "checkpoint_every_events"}
