@@ -1,9 +1,11 @@
 package tally_test
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
@@ -32,4 +34,26 @@ func Example() {
 		fmt.Printf("%s: %d of %d left\n", decision.ChargedTo, decision.Remaining, decision.LimitAmount)
 	}
 	// Output: plan_quota: 4499 of 4500 left
+}
+
+// Options: only what differs from the defaults; a value out of range is ErrInvalidArgument.
+func ExampleWithOptions() {
+	engine, err := tally.OpenInMemory(tally.WithOptions(tally.Options{
+		MaxKeys:          1,
+		DefaultLease:     30 * time.Second,
+		ReclaimIdleEvery: -1, // never on its own (the engine's 0)
+	}))
+	if err != nil {
+		panic(err)
+	}
+	defer engine.Close()
+	_ = engine.CreateUser("ada", "tp-ada-1", t0)
+	err = engine.CreateUser("bo", "tp-bo-1", t0)
+	fmt.Println(errors.Is(err, tally.ErrCapacityExceeded))
+
+	_, err = tally.OpenInMemory(tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))
+	fmt.Println(errors.Is(err, tally.ErrInvalidArgument))
+	// Output:
+	// true
+	// true
 }

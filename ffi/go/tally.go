@@ -79,6 +79,7 @@ type options struct {
 	policySource uint32
 	policy       string
 	durability   Durability
+	settings     *Options // nil: the library's defaults
 }
 
 // WithPolicyFile loads the policy from a .toml or .json file (default: the shipped Token Plan).
@@ -109,6 +110,14 @@ func collect(opts []Option) options {
 	return o
 }
 
+// setters lists the option setter calls, none without WithOptions.
+func (o *options) setters(op string) ([]setter, error) {
+	if o.settings == nil {
+		return nil, nil
+	}
+	return o.settings.setters(op)
+}
+
 // policyText is the policy argument: NULL for the default, else the path or document.
 func (o *options) policyText() (*C.char, C.size_t) {
 	if o.policySource == C.TALLY_POLICY_DEFAULT {
@@ -125,9 +134,14 @@ type Engine struct {
 }
 
 // Open opens (or creates) the database in the directory path. On an existing database a
-// different policy is swapped in; usage carries over.
+// different policy is swapped in; usage carries over. Bad options (WithOptions) fail with
+// ErrInvalidArgument and create nothing.
 func Open(path string, opts ...Option) (*Engine, error) {
 	o := collect(opts)
+	settings, err := o.setters("Open")
+	if err != nil {
+		return nil, err
+	}
 	pathText, pathLen := text(path)
 	policy, policyLen := o.policyText()
 	interval := uint32(0)
@@ -135,9 +149,14 @@ func Open(path string, opts ...Option) (*Engine, error) {
 		interval = clampMilliseconds(o.durability.interval)
 	}
 	var handle *C.tally_engine
-	err := withThread("Open", func() C.uint32_t {
+	err = withThread("Open", func() C.uint32_t {
+		native, status := nativeOptions(settings)
+		if status != C.TALLY_OK {
+			return status
+		}
+		defer C.tally_options_free(native)
 		return C.tally_engine_open(pathText, pathLen, C.uint32_t(o.policySource), policy, policyLen,
-			C.uint32_t(o.durability.mode), C.uint32_t(interval), nil, &handle)
+			C.uint32_t(o.durability.mode), C.uint32_t(interval), native, &handle)
 	})
 	if err != nil {
 		return nil, err
@@ -146,13 +165,24 @@ func Open(path string, opts ...Option) (*Engine, error) {
 }
 
 // OpenInMemory creates an engine that keeps everything in memory (for tests and
-// simulations). Calls that need the event log answer ErrNotDurable.
+// simulations). Calls that need the event log answer ErrNotDurable. The database's options
+// (CheckpointEveryEvents, Retention) are not used.
 func OpenInMemory(opts ...Option) (*Engine, error) {
 	o := collect(opts)
+	settings, err := o.setters("OpenInMemory")
+	if err != nil {
+		return nil, err
+	}
 	policy, policyLen := o.policyText()
 	var handle *C.tally_engine
-	err := withThread("OpenInMemory", func() C.uint32_t {
-		return C.tally_engine_open_in_memory(C.uint32_t(o.policySource), policy, policyLen, nil, &handle)
+	err = withThread("OpenInMemory", func() C.uint32_t {
+		native, status := nativeOptions(settings)
+		if status != C.TALLY_OK {
+			return status
+		}
+		defer C.tally_options_free(native)
+		return C.tally_engine_open_in_memory(C.uint32_t(o.policySource), policy, policyLen, native,
+			&handle)
 	})
 	if err != nil {
 		return nil, err

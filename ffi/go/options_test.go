@@ -1,0 +1,135 @@
+package tally_test
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+func openMemoryWith(t *testing.T, options tally.Options) *tally.Engine {
+	t.Helper()
+	engine, err := tally.OpenInMemory(tally.WithOptions(options))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { must(t, engine.Close()) })
+	return engine
+}
+
+func TestTheZeroOptionsAreTheDefaults(t *testing.T) {
+	engine := openMemoryWith(t, tally.Options{})
+	seated(t, engine, "ada", "tp-ada-1", "Plus")
+	request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	if decision := consume(t, engine, request); !decision.Admitted {
+		t.Fatalf("denied with the default options: %+v", decision)
+	}
+}
+
+func TestABoundSetInOptionsReachesTheEngine(t *testing.T) {
+	engine := openMemoryWith(t, tally.Options{MaxKeys: 1})
+	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
+	err := engine.CreateUser("bo", "tp-bo-1", t0)
+	if !errors.Is(err, tally.ErrCapacityExceeded) {
+		t.Fatalf("a second key with MaxKeys 1: %v", err)
+	}
+}
+
+func TestADefaultLeaseSetInOptionsIsTheLeaseOfAReservationWithoutOne(t *testing.T) {
+	engine := openMemoryWith(t, tally.Options{DefaultLease: time.Second, DisableLeaseExpiry: true})
+	seated(t, engine, "ada", "tp-ada-1", "Plus")
+	request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	decision, _, err := engine.Reserve(request, 0)
+	must(t, err)
+	if !decision.Admitted {
+		t.Fatalf("reserve denied: %+v", decision)
+	}
+	expired, err := engine.ExpireReservations(at(999))
+	must(t, err)
+	if expired != 0 {
+		t.Fatalf("expired %d before the lease of a second ended", expired)
+	}
+	expired, err = engine.ExpireReservations(at(1_000))
+	must(t, err)
+	if expired != 1 {
+		t.Fatalf("expired %d when the lease of a second ended", expired)
+	}
+}
+
+func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
+	const day = 24 * time.Hour
+	cases := []struct {
+		option  string
+		options tally.Options
+	}{
+		{"max_keys", tally.Options{MaxKeys: 1<<32 + 1}},
+		{"max_teams", tally.Options{MaxTeams: 1<<32 + 1}},
+		{"max_users", tally.Options{MaxUsers: 1<<32 + 1}},
+		{"idempotency_capacity", tally.Options{IdempotencyCapacity: 1<<32 + 1}},
+		{"idempotency_horizon_ms", tally.Options{IdempotencyHorizon: 367 * day}},
+		{"max_open_reservations", tally.Options{MaxOpenReservations: 1<<32 + 1}},
+		{"default_lease_ms", tally.Options{DefaultLease: day + time.Millisecond}},
+		{"max_policy_generations", tally.Options{MaxPolicyGenerations: 1}},
+		{"max_policy_generations", tally.Options{MaxPolicyGenerations: 65_537}},
+		{"reclaim_idle_every_ms", tally.Options{ReclaimIdleEvery: 200 * 366 * day}},
+		{"retention_ms", tally.Options{Retention: 200 * 366 * day}},
+	}
+	for _, c := range cases {
+		engine, err := tally.OpenInMemory(tally.WithOptions(c.options))
+		if engine != nil {
+			engine.Close()
+		}
+		if !errors.Is(err, tally.ErrInvalidArgument) {
+			t.Errorf("%s: %v", c.option, err)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.option+": ") || !strings.Contains(err.Error(), "out of range") {
+			t.Errorf("%s: the message does not name the option and its range: %v", c.option, err)
+		}
+	}
+}
+
+func TestANegativeDurationIsTheLibrarysZeroWhereZeroHasAMeaning(t *testing.T) {
+	openMemoryWith(t, tally.Options{ReclaimIdleEvery: -1, Retention: -1})
+	for _, options := range []tally.Options{{DefaultLease: -time.Second}, {IdempotencyHorizon: -time.Second}} {
+		_, err := tally.OpenInMemory(tally.WithOptions(options))
+		if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "negative") {
+			t.Errorf("%+v: %v", options, err)
+		}
+	}
+}
+
+func TestADurationOptionIsWholeMilliseconds(t *testing.T) {
+	_, err := tally.OpenInMemory(tally.WithOptions(tally.Options{DefaultLease: 1500 * time.Microsecond}))
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "DefaultLease") {
+		t.Fatalf("a lease of 1.5 ms: %v", err)
+	}
+}
+
+func TestOpenWithBadOptionsCreatesNoDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	_, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone),
+		tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "max_policy_generations") {
+		t.Fatalf("open with one policy generation: %v", err)
+	}
+	if _, statErr := os.Stat(dir); !os.IsNotExist(statErr) {
+		t.Fatalf("the directory exists after a refused open: %v", statErr)
+	}
+}
+
+func TestOpenTakesTheDatabaseOptions(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	options := tally.Options{CheckpointEveryEvents: 1, Retention: time.Hour, MaxUsers: 1}
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), tally.WithOptions(options))
+	must(t, err)
+	defer engine.Close()
+	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
+	if err := engine.CreateUser("bo", "tp-bo-1", t0); !errors.Is(err, tally.ErrCapacityExceeded) {
+		t.Fatalf("a second user with MaxUsers 1: %v", err)
+	}
+}
