@@ -15,7 +15,8 @@ func Example() {
 	dir, _ := os.MkdirTemp("", "tally-example")
 	defer os.RemoveAll(dir)
 
-	engine, err := tally.Open(filepath.Join(dir, "tally-data")) // shipped policy, fsync before acknowledging
+	engine, err := tally.Open(filepath.Join(dir, "tally-data"), // shipped policy, fsync before acknowledging
+		tally.WithOptions(tally.Options{MaxKeys: 100_000})) // zero fields keep their defaults
 	if err != nil {
 		panic(err)
 	}
