@@ -1337,6 +1337,161 @@ fn a_lease_that_ended_is_expired_without_another_reserve() {
     }
 }
 
+/// An engine on a manual clock at `T0_MS`, with or without expiring leases on its own.
+fn engine_expiring_leases(on_its_own: bool) -> (Engine, std::sync::Arc<tally_engine::ManualClock>) {
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let options = tally_engine::EngineOptions {
+        expire_leases_on_its_own: on_its_own,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid options");
+    (engine, clock)
+}
+
+#[test]
+fn a_request_after_a_lease_ended_is_not_denied_by_what_the_lease_held() {
+    // A gateway holds the whole 5-hour quota of a Starter key (1,500 requests) for a minute,
+    // then crashes. The next request, two minutes in, is the key's first since: no thread has
+    // looked at the housekeeping, yet the hold no longer denies it.
+    for on_its_own in [false, true] {
+        let (engine, clock) = engine_expiring_leases(on_its_own);
+        let key = seated(&engine, "ada", "Starter");
+        reserve(
+            &engine,
+            &key,
+            &[(Unit::Requests, 1500)],
+            T0_MS,
+            Some(MINUTE_MS),
+        );
+        // Before the lease ends, by the request's time, the hold denies.
+        let during_ms = T0_MS + 30 * SECOND_MS;
+        clock.set_ms(T0_MS + 2 * MINUTE_MS);
+        let decision = consume(&engine, &key, "m2.7", &ONE_REQUEST, during_ms);
+        assert!(
+            matches!(reason(decision), DenialReason::QuotaExhausted { .. }),
+            "{decision:?}"
+        );
+        assert_eq!(engine.open_reservations(), 1);
+        let after_ms = T0_MS + 2 * MINUTE_MS;
+        let decision = consume(&engine, &key, "m2.7", &ONE_REQUEST, after_ms);
+        if on_its_own {
+            assert!(decision.is_admitted(), "{decision:?}");
+            assert_eq!(engine.open_reservations(), 0);
+            assert_eq!(m27_used(&engine, &key, after_ms), 1);
+        } else {
+            assert!(!decision.is_admitted(), "{decision:?}");
+            assert_eq!(engine.open_reservations(), 1);
+            assert_eq!(m27_used(&engine, &key, after_ms), 1500);
+        }
+    }
+}
+
+#[test]
+fn a_lease_ended_by_the_request_but_not_by_the_clock_still_holds() {
+    // A request stamped after the lease's end, on an engine whose clock says the lease has
+    // not ended: as `reserve` judges it, one stamp ahead does not expire anyone's reservation.
+    let (engine, clock) = engine_expiring_leases(true);
+    let key = seated(&engine, "ada", "Starter");
+    reserve(
+        &engine,
+        &key,
+        &[(Unit::Requests, 1500)],
+        T0_MS,
+        Some(MINUTE_MS),
+    );
+    clock.set_ms(T0_MS + 30 * SECOND_MS);
+    let ahead_ms = T0_MS + 2 * MINUTE_MS;
+    let decision = consume(&engine, &key, "m2.7", &ONE_REQUEST, ahead_ms);
+    assert!(!decision.is_admitted(), "{decision:?}");
+    let report = engine.usage(&key, Some(ahead_ms)).expect("report");
+    assert_eq!(report.open_reservations, 1);
+    assert_eq!(engine.open_reservations(), 1);
+}
+
+#[test]
+fn every_way_of_asking_sees_an_ended_lease_expired() {
+    let after_ms = T0_MS + 2 * MINUTE_MS;
+    type Ask = fn(&Engine, &str) -> Decision;
+    let ask: [(&str, Ask); 5] = [
+        ("check", |engine, key| {
+            engine
+                .check(&request(key, &ONE_REQUEST, T0_MS + 2 * MINUTE_MS))
+                .expect("check")
+        }),
+        ("consume with a request id", |engine, key| {
+            let request = request(key, &ONE_REQUEST, T0_MS + 2 * MINUTE_MS).id("retry-1");
+            let first = engine.consume(&request).expect("consume");
+            let again = engine.consume_noting_replay(&request).expect("again");
+            assert_eq!(again, (first, true), "the repeat replays the admission");
+            first
+        }),
+        ("consume_many", |engine, key| {
+            let requests = [request(key, &ONE_REQUEST, T0_MS + 2 * MINUTE_MS)];
+            let mut results = engine.consume_many(&requests);
+            results.pop().expect("one result").expect("consume_many")
+        }),
+        ("submit", |engine, key| {
+            let request = request(key, &ONE_REQUEST, T0_MS + 2 * MINUTE_MS);
+            let submitted = engine.submit(&request).expect("submit");
+            submitted.complete().expect("complete").0
+        }),
+        ("consume with credits", |engine, key| {
+            let quantities = [(Unit::Requests, 1)];
+            let request =
+                UsageRequest::new(key, "m2.7-highspeed", &quantities).at(T0_MS + 2 * MINUTE_MS);
+            engine.consume(&request).expect("consume")
+        }),
+    ];
+    for (way, ask) in ask {
+        let (engine, clock) = engine_expiring_leases(true);
+        let key = seated(&engine, "ada", "Starter");
+        reserve(
+            &engine,
+            &key,
+            &[(Unit::Requests, 1500)],
+            T0_MS,
+            Some(MINUTE_MS),
+        );
+        // Credits a reservation on a resource the plan does not cover holds entirely.
+        let highspeed = [(Unit::Requests, 4)];
+        let price = price_micros(&engine, "m2.7-highspeed", &highspeed);
+        engine.top_up("@ada", price, Some(T0_MS)).expect("top up");
+        let held = engine
+            .reserve(
+                &UsageRequest::new(&key, "m2.7-highspeed", &highspeed).at(T0_MS),
+                Some(MINUTE_MS),
+            )
+            .expect("reserve in credits");
+        assert!(held.decision.is_admitted(), "{:?}", held.decision);
+        assert_eq!(engine.credits_micros("@ada"), Ok(0));
+        clock.set_ms(after_ms);
+        let decision = ask(&engine, &key);
+        assert!(decision.is_admitted(), "{way}: {decision:?}");
+        assert_eq!(engine.open_reservations(), 0, "{way}");
+    }
+}
+
+#[test]
+fn the_usage_report_after_a_lease_ended_shows_nothing_held() {
+    for on_its_own in [false, true] {
+        let (engine, clock) = engine_expiring_leases(on_its_own);
+        let key = seated(&engine, "ada", "Starter");
+        reserve(
+            &engine,
+            &key,
+            &[(Unit::Requests, 700)],
+            T0_MS,
+            Some(MINUTE_MS),
+        );
+        let after_ms = T0_MS + 2 * MINUTE_MS;
+        clock.set_ms(after_ms);
+        let report = engine.usage(&key, Some(after_ms)).expect("report");
+        let (open, held) = if on_its_own { (0, 0) } else { (1, 700) };
+        assert_eq!(report.open_reservations, open);
+        assert_eq!(m27_used(&engine, &key, after_ms), held);
+    }
+}
+
 #[test]
 fn a_gateway_whose_timestamps_lag_the_clock_keeps_its_leases_by_its_own_time() {
     // The engine's clock is an hour ahead of the gateway's stamps. Its reservation (the

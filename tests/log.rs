@@ -1376,6 +1376,53 @@ fn verify_stays_sound_after_idle_windows_are_reclaimed() {
 /// log) and idle keys' windows are freed from the admission path; a checkpoint after it
 /// verifies, and a reopen finds the reservation expired and what it held given back.
 #[test]
+fn a_denial_left_for_an_ended_lease_is_not_logged_and_the_retry_survives_a_reopen() {
+    // A gateway holds ada's whole 5-hour quota (Starter: 1,500 requests) for a minute and
+    // crashes. Her next request, under an id, would have been denied by the hold: the engine
+    // expires the lease, decides again and logs only the expiry and the admission.
+    let dir = TempDir::new("lease-retry");
+    let clock = clock();
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(T0_MS))
+        .unwrap();
+    let estimate = [(Unit::Requests, 1500)];
+    let held = UsageRequest::new("key-ada", "m2.7", &estimate).at(T0_MS);
+    let outcome = engine.reserve(&held, Some(60_000)).unwrap();
+    assert!(outcome.decision.is_admitted());
+    let after_ms = T0_MS + 120_000;
+    clock.set_ms(after_ms);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &one)
+        .at(after_ms)
+        .id("after-the-crash");
+    let (decision, replayed) = engine.consume_noting_replay(&request).unwrap();
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    let kinds: Vec<&'static str> = engine
+        .events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter_map(|event| match event.body {
+            EventBody::ReservationClosed { .. } => Some("closed"),
+            EventBody::UsageAdmitted { .. } => Some("admitted"),
+            EventBody::RequestDenied { .. } => Some("denied"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["closed", "admitted"]);
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    assert_eq!(engine.open_reservations(), 0);
+    let (again, replayed) = engine.consume_noting_replay(&request).unwrap();
+    assert_eq!((again, replayed), (decision, true));
+    let used = engine.usage("key-ada", Some(after_ms)).unwrap().limits[0].used;
+    assert_eq!(used, 1);
+}
+
+#[test]
 fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
     let dir = TempDir::new("housekeeping");
     let clock = clock();
@@ -1399,8 +1446,8 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
     let held = UsageRequest::new("key-ada", "m2.7", &estimate).at(T0_MS);
     let outcome = engine.reserve(&held, Some(HOUR_MS)).unwrap();
     assert!(outcome.decision.is_admitted());
-    // Two hours on, dee's requests (a look every 256) expire ada's reservation: its lease ended
-    // an hour ago, and what it held still counts, so the expiry gives it back.
+    // Two hours on, dee's batch expires ada's reservation before it starts: its lease ended an
+    // hour ago, and what it held still counts, so the expiry gives it back.
     let dee = UsageRequest::new("key-dee", "m2.7", &one);
     clock.set_ms(T0_MS + 2 * HOUR_MS);
     let batch = vec![dee.at(T0_MS + 2 * HOUR_MS); 256];

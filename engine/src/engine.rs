@@ -102,9 +102,11 @@ pub struct EngineOptions {
     pub reclaim_idle_every_ms: u64,
     /// Whether reservations whose lease has ended (by the engine's clock, or the triggering
     /// requests' own timestamps if earlier, as `reserve` judges it) are expired from the
-    /// admission path (a thread's look every 256 requests, as for `reclaim_idle_every_ms`), so
-    /// what a crashed gateway held comes back even if nobody calls `reserve` again. False:
-    /// only `reserve`, a late `settle` and `expire_reservations` expire them.
+    /// admission path, so what a crashed gateway held comes back even if nobody calls `reserve`
+    /// again: before a denial a hold may explain is answered (the request is then decided
+    /// again), before a batch or a usage report, and at a thread's look every 256 requests (as
+    /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle` and
+    /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,
 }
 
@@ -1012,8 +1014,96 @@ impl Engine {
 
     /// Decides `request` into `verdict` (its `receipt` is the effect this call made: none for a
     /// replay) and makes the answer an acknowledgement, waiting as the durability mode says.
+    /// A denial that a reservation's ended lease may explain is decided again once the ended
+    /// leases are expired (`EngineOptions::expire_leases_on_its_own`), so what a crashed
+    /// gateway held never denies a request stamped after its lease ended.
     #[inline]
     fn admit(
+        &self,
+        request: &UsageRequest<'_>,
+        mode: Mode,
+        verdict: &mut Verdict<'_>,
+    ) -> Result<(), Error> {
+        verdict.may_expire_leases = true;
+        self.admit_deciding(request, mode, verdict)?;
+        if verdict.lease_ended_ms != 0 {
+            return self.admit_after_expiring_leases(request, mode, verdict);
+        }
+        Ok(())
+    }
+
+    /// `admit`'s second decision, after the leases that had ended by the request's time (and
+    /// the clock's) are expired. Holds no lock (expiry takes the table's, then key shards').
+    #[cold]
+    #[inline(never)]
+    fn admit_after_expiring_leases(
+        &self,
+        request: &UsageRequest<'_>,
+        mode: Mode,
+        verdict: &mut Verdict<'_>,
+    ) -> Result<(), Error> {
+        self.expire_ended_leases(verdict.lease_ended_ms);
+        verdict.may_expire_leases = false;
+        verdict.lease_ended_ms = 0;
+        self.admit_deciding(request, mode, verdict)
+    }
+
+    /// Expires the reservations whose lease ended by `as_of_ms`. A failure (the log refusing
+    /// an expiry's event) leaves them open, for the next look or the `reserve` that expires
+    /// them and reports it.
+    pub(crate) fn expire_ended_leases(&self, as_of_ms: u64) {
+        let _ = self.expire_reservations(Some(as_of_ms));
+    }
+
+    /// When `decision` is a denial an ended lease may explain (a limit or the credits, which a
+    /// reservation holds) and a lease ended by the request's time `at_ms` and the clock's:
+    /// the earlier of the two, for `admit` to expire by and decide again.
+    #[cold]
+    #[inline(never)]
+    fn lease_ended_before(&self, decision: &Decision, at_ms: u64) -> Option<u64> {
+        let Decision::Denied(denial) = decision else {
+            return None;
+        };
+        let held = matches!(
+            denial.reason,
+            DenialReason::QuotaExhausted { .. }
+                | DenialReason::InsufficientCredits { .. }
+                | DenialReason::ResourceNotCovered { .. }
+                | DenialReason::NoResources
+        );
+        if !held || !self.options.expire_leases_on_its_own {
+            return None;
+        }
+        if !self.reservations.lease_ended_by(at_ms) {
+            return None;
+        }
+        let as_of_ms = at_ms.min(self.clock.now_ms());
+        // A lease ends at its reserve's time plus at least 1 ms, so `as_of_ms` is not 0 here.
+        (as_of_ms != 0 && self.reservations.lease_ended_by(as_of_ms)).then_some(as_of_ms)
+    }
+
+    /// A batch cannot stop to expire leases and decide a request again (it holds the append
+    /// gate from chunk to chunk), so it expires first the leases that ended by its earliest
+    /// request's time and the clock's: what they held counts for none of its requests.
+    fn expire_leases_before_batch(&self, requests: &[UsageRequest<'_>]) {
+        if !self.options.expire_leases_on_its_own || requests.is_empty() {
+            return;
+        }
+        let earliest_stamp_ms = requests.iter().filter_map(|request| request.at_ms).min();
+        if earliest_stamp_ms.is_some_and(|stamp_ms| !self.reservations.lease_ended_by(stamp_ms)) {
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        let as_of_ms = earliest_stamp_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
+        if self.reservations.lease_ended_by(as_of_ms) {
+            self.expire_ended_leases(as_of_ms);
+        }
+    }
+
+    /// `admit`, one decision. Always inlined: a call of its own on the hot path cost about 20
+    /// instructions per consume (callgrind), the cold second decision's copy costs only size.
+    #[inline(always)]
+    fn admit_deciding(
         &self,
         request: &UsageRequest<'_>,
         mode: Mode,
@@ -1091,11 +1181,15 @@ impl Engine {
     ) -> Result<Awaits, Error> {
         // What the first decision (if this call makes it) waits for, and its effect.
         let mut first = (Awaits::Nothing, None);
-        let (decision, replay) =
+        let may_expire_leases = verdict.may_expire_leases;
+        let mut lease_ended_ms = 0;
+        let mut left = Decision::denied(DenialReason::UnknownKey);
+        let kept =
             self.requests
                 .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut decision = Decision::denied(DenialReason::UnknownKey);
                     let mut verdict = Verdict::new(&mut decision);
+                    verdict.may_expire_leases = may_expire_leases;
                     self.decide(
                         request.key,
                         request.resource,
@@ -1105,14 +1199,26 @@ impl Engine {
                         Mode::Consume,
                         &mut verdict,
                     )?;
+                    if verdict.lease_ended_ms != 0 {
+                        // Left for the caller to decide again, after expiring: not remembered.
+                        lease_ended_ms = verdict.lease_ended_ms;
+                        left = decision;
+                        return Ok(None);
+                    }
                     let (awaits, logged_as) = match verdict.logged_seq {
                         0 => (Awaits::Nothing, LoggedAs::Durable),
                         seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
                     };
                     let receipt = verdict.receipt;
                     first = (awaits, receipt);
-                    Ok((decision, receipt, logged_as))
+                    Ok(Some((decision, receipt, logged_as)))
                 })?;
+        let Some((decision, replay)) = kept else {
+            *verdict.decision = left;
+            verdict.lease_ended_ms = lease_ended_ms;
+            verdict.receipt = None;
+            return Ok(Awaits::Nothing);
+        };
         *verdict.decision = decision;
         verdict.replayed = replay.is_some();
         let awaits;
@@ -1232,6 +1338,16 @@ impl Engine {
                         // A key that is not there may be one that can never be: say what is wrong.
                         check_id("key", key, MAX_KEY_BYTES)?;
                         verdict.deny(DenialReason::UnknownKey);
+                    }
+                }
+                if verdict.may_expire_leases
+                    && verdict.receipt.is_none()
+                    && !verdict.decision.is_admitted()
+                {
+                    if let Some(as_of_ms) = self.lease_ended_before(verdict.decision, at_ms) {
+                        // Neither answered nor logged: the caller expires and decides again.
+                        verdict.lease_ended_ms = as_of_ms;
+                        return Ok(Logged::Not);
                     }
                 }
                 let Some(journal) = journal else {
@@ -1371,6 +1487,7 @@ impl Engine {
         requests: &[UsageRequest<'_>],
         replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
+        self.expire_leases_before_batch(requests);
         // What to give back should the append or wait fail, kept in a per-thread list reused
         // from call to call: built afresh it grew by doubling on every batch, a copy and a
         // large free (a consolidation of malloc's free lists) per call.
@@ -1586,33 +1703,35 @@ impl Engine {
             quantities,
         };
         let replay;
-        (*decision, replay) =
-            self.requests
-                .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
-                    let mut decision = Decision::denied(DenialReason::UnknownKey);
-                    let mut verdict = Verdict::new(&mut decision);
-                    let outcome = self.decide_logged(
-                        request.key,
-                        request.resource,
-                        &quantities,
-                        Some(request_id),
-                        at_ms,
-                        Mode::Consume,
-                        &mut verdict,
-                        Some(batch),
-                    )?;
-                    // Logged, admitted or denied: the batch's wait decides whether it stands.
-                    let receipt = verdict.receipt;
-                    let logged = match outcome {
-                        Logged::Not => LoggedAs::Durable,
-                        Logged::Staged => LoggedAs::Chunk(chunk.get()),
-                        Logged::At(seq) => LoggedAs::Event(seq),
-                    };
-                    if outcome != Logged::Not {
-                        pending.push((index, receipt));
-                    }
-                    Ok((decision, receipt, logged))
-                })?;
+        (*decision, replay) = self
+            .requests
+            .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                let mut decision = Decision::denied(DenialReason::UnknownKey);
+                let mut verdict = Verdict::new(&mut decision);
+                let outcome = self.decide_logged(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    Some(request_id),
+                    at_ms,
+                    Mode::Consume,
+                    &mut verdict,
+                    Some(batch),
+                )?;
+                // Logged, admitted or denied: the batch's wait decides whether it stands.
+                let receipt = verdict.receipt;
+                let logged = match outcome {
+                    Logged::Not => LoggedAs::Durable,
+                    Logged::Staged => LoggedAs::Chunk(chunk.get()),
+                    Logged::At(seq) => LoggedAs::Event(seq),
+                };
+                if outcome != Logged::Not {
+                    pending.push((index, receipt));
+                }
+                Ok(Some((decision, receipt, logged)))
+            })?
+            // A batch's verdict never leaves a denial to decide again.
+            .unwrap_or_else(|| unreachable!("a batch's decision is always kept"));
         Ok(replay)
     }
 
@@ -1620,6 +1739,13 @@ impl Engine {
     pub fn usage(&self, key: &str, at_ms: Option<u64>) -> Result<UsageReport, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
+        if self.options.expire_leases_on_its_own && self.reservations.lease_ended_by(at_ms) {
+            // What an ended lease held is not reported as used (as `consume` would not count it).
+            let as_of_ms = at_ms.min(self.clock.now_ms());
+            if self.reservations.lease_ended_by(as_of_ms) {
+                self.expire_ended_leases(as_of_ms);
+            }
+        }
         self.keys.read(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let mut limits = Vec::new();

@@ -162,15 +162,17 @@ impl RequestTable {
     }
 
     /// Runs `admit` once per request id: a repeat returns the first decision, with where its
-    /// event stands (`Some`: the caller waits until it is durable before answering).
+    /// event stands (`Some`: the caller waits until it is durable before answering). `admit`
+    /// returning `None` decided nothing to keep (it left a denial for its caller to decide
+    /// again, see `Verdict::lease_ended_ms`): nothing is remembered, and `once` returns `None`.
     pub fn once(
         &self,
         request_id: &str,
         fingerprint: Fingerprint,
         at_ms: u64,
         now_ms: u64,
-        admit: impl FnOnce() -> Result<(Decision, Option<Receipt>, LoggedAs), Error>,
-    ) -> Result<(Decision, Option<LoggedAs>), Error> {
+        admit: impl FnOnce() -> Result<Option<(Decision, Option<Receipt>, LoggedAs)>, Error>,
+    ) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
         let mut shard = self.shard(request_id).lock();
         shard.expire(
             now_ms,
@@ -178,7 +180,7 @@ impl RequestTable {
         );
         if let Some(record) = shard.records.get(request_id) {
             return if record.fingerprint == fingerprint {
-                Ok((record.decision, Some(record.logged.clone())))
+                Ok(Some((record.decision, Some(record.logged.clone()))))
             } else {
                 Err(Error::RequestIdConflict {
                     request_id: request_id.into(),
@@ -191,7 +193,9 @@ impl RequestTable {
                 capacity: self.capacity() as u64,
             });
         }
-        let (decision, receipt, logged) = admit()?;
+        let Some((decision, receipt, logged)) = admit()? else {
+            return Ok(None);
+        };
         let id: Arc<str> = request_id.into();
         shard.arrivals.push_back((at_ms, Arc::clone(&id)));
         shard.records.insert(
@@ -204,7 +208,7 @@ impl RequestTable {
                 logged,
             },
         );
-        Ok((decision, None))
+        Ok(Some((decision, None)))
     }
 
     /// The first decision for `request_id`, if it is still remembered and matches.

@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
@@ -83,10 +85,15 @@ impl Closed {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ReservationInner {
     pub open: FxHashMap<u64, Reservation>,
-    pub by_expiry: BTreeSet<(u64, u64)>,
+    /// Only `insert` and `remove_open` change it, and they keep `earliest_lease_end_ms` its first.
+    by_expiry: BTreeSet<(u64, u64)>,
+    /// The earliest end of an open reservation's lease (`u64::MAX`: none open), shared with
+    /// `ReservationTable` so the admission path can ask whether a lease has ended without the
+    /// table's lock. Relaxed: a hint; whoever acts on it reads `by_expiry` under the lock.
+    earliest_lease_end_ms: Arc<AtomicU64>,
     /// Each closed reservation with the sequence number of its closing event (0 without a log
     /// or when restored): a repeated settle or void waits for that event to be durable before
     /// it answers, as the first call does.
@@ -95,24 +102,36 @@ pub(crate) struct ReservationInner {
     pub next_id: u64,
 }
 
+impl Default for ReservationInner {
+    fn default() -> ReservationInner {
+        ReservationInner {
+            open: FxHashMap::default(),
+            by_expiry: BTreeSet::new(),
+            earliest_lease_end_ms: Arc::new(AtomicU64::new(u64::MAX)),
+            closed: FxHashMap::default(),
+            closed_order: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct ReservationTable {
     pub inner: Mutex<ReservationInner>,
+    /// `ReservationInner::earliest_lease_end_ms`, read without the lock.
+    earliest_lease_end_ms: Arc<AtomicU64>,
     pub capacity: usize,
     // Relaxed: a setting, changed by a policy swap.
     pub horizon_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ReservationTable {
-    /// Whether an open reservation's lease ended at or before `at_ms` (false if the table is
-    /// busy: the caller looks again later).
+    /// Whether an open reservation's lease ended at or before `at_ms`, without the table's
+    /// lock: one load of a value that changes only when a reservation opens or closes.
+    #[inline]
     pub fn lease_ended_by(&self, at_ms: u64) -> bool {
-        self.inner.try_lock().is_some_and(|table| {
-            table
-                .by_expiry
-                .first()
-                .is_some_and(|&(end, _)| end <= at_ms)
-        })
+        // Relaxed: a hint (see `ReservationInner::earliest_lease_end_ms`).
+        self.earliest_lease_end_ms.load(Ordering::Relaxed) <= at_ms
     }
 
     pub fn horizon(&self) -> u64 {
@@ -120,8 +139,10 @@ impl ReservationTable {
     }
 
     pub fn new(capacity: usize, horizon_ms: u64) -> ReservationTable {
+        let inner = ReservationInner::default();
         ReservationTable {
-            inner: Mutex::new(ReservationInner::default()),
+            earliest_lease_end_ms: Arc::clone(&inner.earliest_lease_end_ms),
+            inner: Mutex::new(inner),
             capacity: capacity.max(1),
             horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
@@ -132,12 +153,24 @@ impl ReservationInner {
     pub fn insert(&mut self, id: ReservationId, reservation: Reservation) {
         self.by_expiry.insert((reservation.expires_at_ms, id.get()));
         self.open.insert(id.get(), reservation);
+        self.publish_earliest_lease_end();
     }
 
     pub fn remove_open(&mut self, id: u64) -> Option<Reservation> {
         let reservation = self.open.remove(&id)?;
         self.by_expiry.remove(&(reservation.expires_at_ms, id));
+        self.publish_earliest_lease_end();
         Some(reservation)
+    }
+
+    fn publish_earliest_lease_end(&self) {
+        let earliest = self
+            .by_expiry
+            .first()
+            .map_or(u64::MAX, |&(end_ms, _)| end_ms);
+        // Relaxed: a hint, written under the table's lock.
+        self.earliest_lease_end_ms
+            .store(earliest, Ordering::Relaxed);
     }
 
     /// Remembers `id` as closed at `at_ms`. `closed_order` stays in order of closing time,

@@ -59,41 +59,15 @@ impl Engine {
         }
         let mut decision = Decision::denied(DenialReason::UnknownKey);
         let mut verdict = Verdict::new(&mut decision);
-        let outcome = match request.request_id {
-            None => {
-                verdict.defer_wait = true;
-                self.decide(
-                    request.key,
-                    request.resource,
-                    &quantities,
-                    None,
-                    at_ms,
-                    Mode::Consume,
-                    &mut verdict,
-                )
-                .map(|()| match verdict.logged_seq {
-                    0 => Awaits::Nothing,
-                    seq => Awaits::Event(seq),
-                })
-            }
-            Some(request_id) => {
-                check_id("request_id", request_id, MAX_REQUEST_ID_BYTES).and_then(|()| {
-                    let fingerprint = Fingerprint {
-                        key: request.key.into(),
-                        resource: request.resource.into(),
-                        quantities,
-                    };
-                    self.consume_once(
-                        request,
-                        request_id,
-                        fingerprint,
-                        &quantities,
-                        at_ms,
-                        &mut verdict,
-                    )
-                })
-            }
-        };
+        verdict.may_expire_leases = true;
+        let mut outcome = self.submit_deciding(request, &quantities, at_ms, &mut verdict);
+        if verdict.lease_ended_ms != 0 {
+            // A denial an ended lease may explain: decided again once it is expired (as `admit`).
+            self.expire_ended_leases(verdict.lease_ended_ms);
+            verdict.may_expire_leases = false;
+            verdict.lease_ended_ms = 0;
+            outcome = self.submit_deciding(request, &quantities, at_ms, &mut verdict);
+        }
         let (receipt, replayed) = (verdict.receipt, verdict.replayed);
         // Outside every lock (a checkpoint takes them all).
         self.maybe_checkpoint();
@@ -113,6 +87,44 @@ impl Engine {
             receipt,
             awaits,
         })
+    }
+
+    /// `submit`'s decision, one pass.
+    fn submit_deciding(
+        &self,
+        request: &UsageRequest<'_>,
+        quantities: &Quantities,
+        at_ms: u64,
+        verdict: &mut Verdict<'_>,
+    ) -> Result<Awaits, Error> {
+        match request.request_id {
+            None => {
+                verdict.defer_wait = true;
+                self.decide(
+                    request.key,
+                    request.resource,
+                    quantities,
+                    None,
+                    at_ms,
+                    Mode::Consume,
+                    verdict,
+                )
+                .map(|()| match verdict.logged_seq {
+                    0 => Awaits::Nothing,
+                    seq => Awaits::Event(seq),
+                })
+            }
+            Some(request_id) => {
+                check_id("request_id", request_id, MAX_REQUEST_ID_BYTES).and_then(|()| {
+                    let fingerprint = Fingerprint {
+                        key: request.key.into(),
+                        resource: request.resource.into(),
+                        quantities: *quantities,
+                    };
+                    self.consume_once(request, request_id, fingerprint, quantities, at_ms, verdict)
+                })
+            }
+        }
     }
 }
 
