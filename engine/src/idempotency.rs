@@ -3,11 +3,12 @@
 //!
 //! The table is sharded by the id's hash, each shard a mutex over a map and a queue in arrival
 //! order; entries older than the horizon (at least the policy's longest window) are dropped as
-//! new ones arrive. The table is bounded: when a shard is full of entries still inside the
-//! horizon, a new id is refused with `CapacityExceeded` rather than forgotten early.
+//! new ones arrive. The table is bounded as a whole: when it holds its capacity of entries still
+//! inside the horizon, a new id is refused with `CapacityExceeded` rather than forgotten early.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -129,7 +130,13 @@ pub(crate) struct Shard {
 #[derive(Debug)]
 pub(crate) struct RequestTable {
     shards: Box<[CachePadded<Mutex<Shard>>]>,
-    capacity_per_shard: usize,
+    /// Records held, over every shard: taken (`take_place`) before a new id is decided, given
+    /// back when a record is dropped. Bounded by `capacity` as a whole: bounded shard by shard,
+    /// a capacity of 64 refused the 21st id (its shard already held one).
+    /// Relaxed: a count; a place is taken with one atomic add, so two shards can never both
+    /// take the last one.
+    held: CachePadded<AtomicUsize>,
+    capacity: usize,
     // Relaxed: a setting, changed by a policy swap to cover its longest window.
     horizon_ms: std::sync::atomic::AtomicU64,
 }
@@ -142,7 +149,8 @@ impl RequestTable {
             shards: (0..SHARDS)
                 .map(|_| CachePadded::new(Mutex::new(Shard::default())))
                 .collect(),
-            capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+            held: CachePadded::new(AtomicUsize::new(0)),
+            capacity: capacity.max(1),
             horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
     }
@@ -153,7 +161,30 @@ impl RequestTable {
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity_per_shard * SHARDS
+        self.capacity
+    }
+
+    /// Records held now, over every shard.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Takes a place for a new record; false (and nothing taken) if the table is full.
+    fn take_place(&self) -> bool {
+        if self.held.fetch_add(1, Ordering::Relaxed) < self.capacity {
+            return true;
+        }
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Gives back the places of `records` dropped records.
+    fn give_back_places(&self, records: usize) {
+        if records > 0 {
+            let before = self.held.fetch_sub(records, Ordering::Relaxed);
+            debug_assert!(before >= records, "gave back more places than were taken");
+        }
     }
 
     fn shard(&self, request_id: &str) -> &Mutex<Shard> {
@@ -173,28 +204,36 @@ impl RequestTable {
         now_ms: u64,
         admit: impl FnOnce() -> Result<Option<(Decision, Option<Receipt>, LoggedAs)>, Error>,
     ) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
+        let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
         let mut shard = self.shard(request_id).lock();
-        shard.expire(
-            now_ms,
-            self.horizon_ms.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        if let Some(record) = shard.records.get(request_id) {
-            return if record.fingerprint == fingerprint {
-                Ok(Some((record.decision, Some(record.logged.clone()))))
-            } else {
-                Err(Error::RequestIdConflict {
-                    request_id: request_id.into(),
-                })
-            };
+        let dropped = shard.expire(now_ms, horizon_ms);
+        self.give_back_places(dropped);
+        if let Some(repeat) = Self::repeat(&shard, request_id, &fingerprint) {
+            return repeat.map(Some);
         }
-        if shard.records.len() >= self.capacity_per_shard {
-            return Err(Error::CapacityExceeded {
-                what: "request_id (idempotency table)",
-                capacity: self.capacity() as u64,
-            });
+        if !self.take_place() {
+            // Full: the places of ids past the horizon in other shards come back only when
+            // those shards are used, so drop them all now, one shard at a time (holding one
+            // shard while locking another could deadlock with a cut's `lock_all`).
+            drop(shard);
+            self.expire_every_shard(now_ms, horizon_ms);
+            shard = self.shard(request_id).lock();
+            if let Some(repeat) = Self::repeat(&shard, request_id, &fingerprint) {
+                return repeat.map(Some);
+            }
+            if !self.take_place() {
+                return Err(Error::CapacityExceeded {
+                    what: "request_id (idempotency table)",
+                    capacity: self.capacity() as u64,
+                });
+            }
         }
-        let Some((decision, receipt, logged)) = admit()? else {
-            return Ok(None);
+        let (decision, receipt, logged) = match admit() {
+            Ok(Some(first)) => first,
+            kept_nothing => {
+                self.give_back_places(1);
+                return kept_nothing.map(|_| None);
+            }
         };
         let id: Arc<str> = request_id.into();
         shard.arrivals.push_back((at_ms, Arc::clone(&id)));
@@ -209,6 +248,30 @@ impl RequestTable {
             },
         );
         Ok(Some((decision, None)))
+    }
+
+    /// A repeat of `request_id`: its first decision and where its event stands, or a conflict.
+    fn repeat(
+        shard: &Shard,
+        request_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Option<Result<(Decision, Option<LoggedAs>), Error>> {
+        let record = shard.records.get(request_id)?;
+        Some(if record.fingerprint == *fingerprint {
+            Ok((record.decision, Some(record.logged.clone())))
+        } else {
+            Err(Error::RequestIdConflict {
+                request_id: request_id.into(),
+            })
+        })
+    }
+
+    /// Drops the ids past the horizon in every shard, one shard's lock at a time.
+    fn expire_every_shard(&self, now_ms: u64, horizon_ms: u64) {
+        for shard in self.shards.iter() {
+            let dropped = shard.lock().expire(now_ms, horizon_ms);
+            self.give_back_places(dropped);
+        }
     }
 
     /// The first decision for `request_id`, if it is still remembered and matches.
@@ -230,7 +293,9 @@ impl RequestTable {
     /// Forgets `request_id` (its admission was given back because the log failed).
     pub fn forget(&self, request_id: &str) {
         let mut shard = self.shard(request_id).lock();
-        shard.records.remove(request_id);
+        if shard.records.remove(request_id).is_some() {
+            self.give_back_places(1);
+        }
     }
 
     /// Locks every shard, in order: for a checkpoint's cut.
@@ -283,9 +348,13 @@ impl RequestTable {
     /// Inserts a record from a snapshot or the log, unless its id is already known.
     /// A later record of the same id replaces the earlier one (live, the earlier one had aged
     /// out of the horizon before the id was admitted anew).
+    /// Restored records take places even past the capacity (they were acknowledged, under an
+    /// earlier and larger one): new ids are refused until enough age out.
     pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
         let mut shard = self.shard(request_id).lock();
-        shard.records.remove(request_id);
+        if shard.records.remove(request_id).is_none() {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
         let id: Arc<str> = request_id.into();
         shard.arrivals.push_back((arrived_ms, Arc::clone(&id)));
         shard.records.insert(id, record);
@@ -305,8 +374,10 @@ impl RequestTable {
 impl Shard {
     /// Drops ids that arrived more than the horizon before `now_ms` (the engine's clock, not a
     /// request's timestamp: one request stamped far ahead must not make everyone forgotten).
-    fn expire(&mut self, now_ms: u64, horizon_ms: u64) {
+    /// Returns how many records it dropped.
+    fn expire(&mut self, now_ms: u64, horizon_ms: u64) -> usize {
         let oldest_kept = now_ms.saturating_sub(horizon_ms);
+        let mut dropped = 0;
         while let Some((arrived_ms, _)) = self.arrivals.front() {
             if *arrived_ms >= oldest_kept {
                 break;
@@ -319,8 +390,92 @@ impl Shard {
                     .is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
                 if same {
                     self.records.remove(&id);
+                    dropped += 1;
                 }
             }
         }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::DenialReason;
+
+    const HORIZON_MS: u64 = 1_000;
+
+    fn fingerprint() -> Fingerprint {
+        Fingerprint {
+            key: "key".into(),
+            resource: "chat".into(),
+            quantities: Quantities::default(),
+        }
+    }
+
+    /// `once` for a new id at `at_ms` (the clock at the same time): `Ok(true)` if decided now.
+    fn first(table: &RequestTable, id: &str, at_ms: u64) -> Result<bool, Error> {
+        table
+            .once(id, fingerprint(), at_ms, at_ms, || {
+                let decision = Decision::denied(DenialReason::UnknownKey);
+                Ok(Some((decision, None, LoggedAs::Durable)))
+            })
+            .map(|kept| matches!(kept, Some((_, None))))
+    }
+
+    #[test]
+    fn the_capacity_bounds_the_whole_table_not_each_shard() {
+        // Bounded shard by shard, a capacity of 64 (one per shard) refused the 21st id.
+        let table = RequestTable::new(64, HORIZON_MS);
+        for n in 0..64 {
+            assert_eq!(first(&table, &format!("id-{n}"), 0), Ok(true), "id-{n}");
+        }
+        assert_eq!(table.len(), 64);
+        assert_eq!(
+            first(&table, "one-more", 0),
+            Err(Error::CapacityExceeded {
+                what: "request_id (idempotency table)",
+                capacity: 64,
+            })
+        );
+        // A repeat is still answered, and a forgotten id gives its place back.
+        assert_eq!(first(&table, "id-7", 0), Ok(false));
+        table.forget("id-7");
+        assert_eq!(table.len(), 63);
+        assert_eq!(first(&table, "one-more", 0), Ok(true));
+        assert_eq!(table.len(), 64);
+    }
+
+    #[test]
+    fn a_full_table_drops_the_ids_past_the_horizon_in_every_shard() {
+        let table = RequestTable::new(100, HORIZON_MS);
+        for n in 0..100 {
+            assert_eq!(first(&table, &format!("old-{n}"), 0), Ok(true));
+        }
+        // Past the horizon, every new id finds room, though most old ids sit in other shards.
+        let later_ms = HORIZON_MS + 1;
+        for n in 0..100 {
+            assert_eq!(
+                first(&table, &format!("new-{n}"), later_ms),
+                Ok(true),
+                "new-{n}"
+            );
+        }
+        assert_eq!(table.len(), 100);
+        assert!(first(&table, "one-more", later_ms).is_err());
+    }
+
+    #[test]
+    fn a_decision_not_kept_or_failed_gives_its_place_back() {
+        let table = RequestTable::new(1, HORIZON_MS);
+        let left = table.once("left", fingerprint(), 0, 0, || Ok(None));
+        assert!(matches!(left, Ok(None)));
+        let failed = table.once("failed", fingerprint(), 0, 0, || {
+            Err(Error::invalid("quantities", "test"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(table.len(), 0);
+        assert_eq!(first(&table, "kept", 0), Ok(true));
+        assert_eq!(table.len(), 1);
     }
 }

@@ -29,7 +29,7 @@ type Options struct {
 	MaxKeys  uint64 // keys at most (default 16,000,000)
 	MaxTeams uint64 // teams at most, each user's Default Team included (default 4,000,000)
 	MaxUsers uint64 // users at most (default 8,000,000)
-	// Request ids remembered at once (default 1,000,000; rounded up to a multiple of 64).
+	// Request ids remembered at once (default 1,000,000).
 	IdempotencyCapacity uint64
 	// How long a request id is remembered; zero: the policy's longest window.
 	IdempotencyHorizon  time.Duration

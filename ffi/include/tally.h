@@ -776,9 +776,8 @@ tally_status tally_options_set_max_users(struct tally_options *options,
                                          uint64_t max_users);
 
 // Request ids remembered at once (about 1.5 KB each): 1 to `TALLY_MAX_TABLE_ENTRIES`
-// (default 1,000,000). The table has 64 shards bounded alone: the capacity is rounded up to
-// a multiple of 64, and a new id can be refused (`TALLY_CAPACITY_EXCEEDED`) when its shard
-// is full before the whole table is.
+// (default 1,000,000). A new id is refused (`TALLY_CAPACITY_EXCEEDED`) only when the table
+// holds that many ids still inside the horizon.
 //
 // Errors: as `tally_options_set_max_keys`.
 tally_status tally_options_set_idempotency_capacity(struct tally_options *options,

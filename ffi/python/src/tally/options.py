@@ -35,7 +35,7 @@ class Options:
     max_teams: int | None = None
     #: Users at most (default 8,000,000).
     max_users: int | None = None
-    #: Request ids remembered at once (default 1,000,000; rounded up to a multiple of 64).
+    #: Request ids remembered at once (default 1,000,000).
     idempotency_capacity: int | None = None
     #: How long a request id is remembered; 0 (the default): the policy's longest window.
     idempotency_horizon_ms: int | None = None
