@@ -80,8 +80,8 @@ pub struct EngineOptions {
     /// Users at most, 1 to `MAX_TABLE_ENTRIES`.
     pub max_users: u64,
     /// Request ids remembered at once (about 1.5 KB each with their first decision), 1 to
-    /// `MAX_TABLE_ENTRIES`. The table has 64 shards, each bounded alone: the capacity is
-    /// rounded up to a multiple of 64, and a shard can be full before the whole table is.
+    /// `MAX_TABLE_ENTRIES`, exactly: a full table first drops the ids past the horizon in
+    /// every shard, then refuses a new id (`CapacityExceeded`).
     pub idempotency_capacity: usize,
     /// How long a request id is remembered; never less than the policy's longest window.
     /// 0 (the default): the policy's longest window; else 1 to `MAX_IDEMPOTENCY_HORIZON_MS`
@@ -984,7 +984,9 @@ impl Engine {
         outcome.map(|()| verdict.replayed)
     }
 
-    /// The decision `consume` would make now, changing nothing.
+    /// The decision `consume` would make now, counting nothing. Like every call, it may first
+    /// expire reservations whose lease has ended (see `EngineOptions::expire_leases_on_its_own`),
+    /// so it answers what a consume would.
     pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
         let mut decision = Decision::denied(DenialReason::UnknownKey);
         self.check_into(request, &mut decision)?;
@@ -1042,25 +1044,34 @@ impl Engine {
         mode: Mode,
         verdict: &mut Verdict<'_>,
     ) -> Result<(), Error> {
-        self.expire_ended_leases(verdict.lease_ended_ms);
+        // The denial left was the stale hold's: if the hold cannot be released (the log refuses
+        // the expiry's event), that is the answer, not the denial.
+        self.expire_reservations(Some(verdict.lease_ended_ms))?;
         verdict.may_expire_leases = false;
         verdict.lease_ended_ms = 0;
         self.admit_deciding(request, mode, verdict)
     }
 
-    /// Expires the reservations whose lease ended by `as_of_ms`. A failure (the log refusing
-    /// an expiry's event) leaves them open, for the next look or the `reserve` that expires
-    /// them and reports it.
+    /// Expires the reservations whose lease ended by `as_of_ms`, for a caller that answers
+    /// something else either way (a batch, a usage report). A failure (the log refusing an
+    /// expiry's event) leaves them open, for the next look or the call that reports it.
     pub(crate) fn expire_ended_leases(&self, as_of_ms: u64) {
         let _ = self.expire_reservations(Some(as_of_ms));
     }
 
     /// When `decision` is a denial an ended lease may explain (a limit or the credits, which a
     /// reservation holds) and a lease ended by the request's time `at_ms` and the clock's:
-    /// the earlier of the two, for `admit` to expire by and decide again.
+    /// the earlier of the two, for `admit` to expire by and decide again. `earliest_before` is
+    /// the earliest lease end read before deciding: a lease another thread expired meanwhile
+    /// (its release perhaps after the decision read the counters) counts as ended too.
     #[cold]
     #[inline(never)]
-    fn lease_ended_before(&self, decision: &Decision, at_ms: u64) -> Option<u64> {
+    fn lease_ended_before(
+        &self,
+        decision: &Decision,
+        at_ms: u64,
+        earliest_before: u64,
+    ) -> Option<u64> {
         let Decision::Denied(denial) = decision else {
             return None;
         };
@@ -1074,27 +1085,37 @@ impl Engine {
         if !held || !self.options.expire_leases_on_its_own {
             return None;
         }
-        if !self.reservations.lease_ended_by(at_ms) {
+        let ended_by = |ms: u64| earliest_before <= ms || self.reservations.lease_ended_by(ms);
+        if !ended_by(at_ms) {
             return None;
         }
         let as_of_ms = at_ms.min(self.clock.now_ms());
         // A lease ends at its reserve's time plus at least 1 ms, so `as_of_ms` is not 0 here.
-        (as_of_ms != 0 && self.reservations.lease_ended_by(as_of_ms)).then_some(as_of_ms)
+        (as_of_ms != 0 && ended_by(as_of_ms)).then_some(as_of_ms)
     }
 
-    /// A batch cannot stop to expire leases and decide a request again (it holds the append
-    /// gate from chunk to chunk), so it expires first the leases that ended by its earliest
-    /// request's time and the clock's: what they held counts for none of its requests.
+    /// A batch does not stop mid-way to expire leases and decide a request again (its
+    /// requests are decided in order, their events staged chunk by chunk), so it expires first
+    /// the leases that ended by its latest request's time and the clock's, as if that request
+    /// came first: what they held counts for none of its requests (one stamped before a lease's
+    /// end included, as it would be had another request expired the lease just before it).
     fn expire_leases_before_batch(&self, requests: &[UsageRequest<'_>]) {
         if !self.options.expire_leases_on_its_own || requests.is_empty() {
             return;
         }
-        let earliest_stamp_ms = requests.iter().filter_map(|request| request.at_ms).min();
-        if earliest_stamp_ms.is_some_and(|stamp_ms| !self.reservations.lease_ended_by(stamp_ms)) {
+        if self.reservations.earliest_lease_end() == u64::MAX {
+            return;
+        }
+        // Any request without a stamp is at the clock's time, which bounds the rest anyway.
+        let latest_stamp_ms = match requests.iter().any(|request| request.at_ms.is_none()) {
+            true => None,
+            false => requests.iter().filter_map(|request| request.at_ms).max(),
+        };
+        if latest_stamp_ms.is_some_and(|stamp_ms| !self.reservations.lease_ended_by(stamp_ms)) {
             return;
         }
         let now_ms = self.clock.now_ms();
-        let as_of_ms = earliest_stamp_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
+        let as_of_ms = latest_stamp_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
         if self.reservations.lease_ended_by(as_of_ms) {
             self.expire_ended_leases(as_of_ms);
         }
@@ -1321,6 +1342,12 @@ impl Engine {
             Some((hash, staged)) => (hash, true, staged),
             None => (KeyTable::hash(key), false, None),
         };
+        // Read before deciding (see `lease_ended_before`); a line that changes only when the
+        // earliest lease does.
+        let earliest_lease_end_ms = match verdict.may_expire_leases {
+            true => self.reservations.earliest_lease_end(),
+            false => u64::MAX,
+        };
         self.keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
                 let resource_id = resolve_resource(policy, resource, quantities)?;
@@ -1344,7 +1371,9 @@ impl Engine {
                     && verdict.receipt.is_none()
                     && !verdict.decision.is_admitted()
                 {
-                    if let Some(as_of_ms) = self.lease_ended_before(verdict.decision, at_ms) {
+                    if let Some(as_of_ms) =
+                        self.lease_ended_before(verdict.decision, at_ms, earliest_lease_end_ms)
+                    {
                         // Neither answered nor logged: the caller expires and decides again.
                         verdict.lease_ended_ms = as_of_ms;
                         return Ok(Logged::Not);

@@ -62,11 +62,15 @@ impl Engine {
         verdict.may_expire_leases = true;
         let mut outcome = self.submit_deciding(request, &quantities, at_ms, &mut verdict);
         if verdict.lease_ended_ms != 0 {
-            // A denial an ended lease may explain: decided again once it is expired (as `admit`).
-            self.expire_ended_leases(verdict.lease_ended_ms);
-            verdict.may_expire_leases = false;
-            verdict.lease_ended_ms = 0;
-            outcome = self.submit_deciding(request, &quantities, at_ms, &mut verdict);
+            // A denial an ended lease may explain: decided again once it is expired, or the
+            // expiry's error answered (as `admit`).
+            outcome = self
+                .expire_reservations(Some(verdict.lease_ended_ms))
+                .and_then(|_| {
+                    verdict.may_expire_leases = false;
+                    verdict.lease_ended_ms = 0;
+                    self.submit_deciding(request, &quantities, at_ms, &mut verdict)
+                });
         }
         let (receipt, replayed) = (verdict.receipt, verdict.replayed);
         // Outside every lock (a checkpoint takes them all).
