@@ -1367,8 +1367,9 @@ impl Engine {
                         verdict.deny(DenialReason::UnknownKey);
                     }
                 }
-                if verdict.may_expire_leases
-                    && verdict.receipt.is_none()
+                // An admitted consume has its receipt: one test on the hot path.
+                if verdict.receipt.is_none()
+                    && verdict.may_expire_leases
                     && !verdict.decision.is_admitted()
                 {
                     if let Some(as_of_ms) =
