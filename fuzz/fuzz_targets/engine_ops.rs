@@ -51,6 +51,10 @@ fuzz_target!(|data: &[u8]| {
         let [op, a, b] = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         step(&mut world, op, a, b);
     }
+    // The usage reports the check reads expire the leases ended by then: the model first.
+    let as_of_ms = world.at_ms.min(T0_MS);
+    expire(&mut world, as_of_ms);
+    world.engine.expire_reservations(Some(as_of_ms)).expect("no log to fail");
     check_invariants(&world);
 });
 
@@ -80,14 +84,18 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
             let with_id = op % 2 == 0;
             let request = if with_id { request.id(&id) } else { request };
+            let open = engine.open_reservations();
             if let Ok(decision) = engine.consume(&request) {
                 if !with_id || world.answered.insert(id) {
                     account(world, &team, decision);
                 }
             }
+            follow_expiry(world, open);
         }
         6 => {
+            let open = engine.open_reservations();
             let _ = engine.check(&UsageRequest::new(&key, resource, quantities).at(world.at_ms));
+            follow_expiry(world, open);
         }
         7 => {
             let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
@@ -151,6 +159,16 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             }
         }
     }
+}
+
+/// A consume or check that a hold denied expires first the leases that ended by its time and
+/// the clock's (which stays at T0 here), all of them: when the engine's open reservations fell
+/// from `open_before`, the model expires the same.
+fn follow_expiry(world: &mut World, open_before: usize) {
+    if world.engine.open_reservations() < open_before {
+        expire(world, world.at_ms.min(T0_MS));
+    }
+    assert_eq!(world.engine.open_reservations(), world.reservations.len(), "open reservations");
 }
 
 /// Gives back the credits of every reservation whose lease ended by `at_ms`, as the engine
