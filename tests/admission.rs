@@ -1348,6 +1348,17 @@ fn engine_expiring_leases(on_its_own: bool) -> (Engine, std::sync::Arc<tally_eng
     (engine, clock)
 }
 
+/// A gateway reserves `requests` of `key`'s 5-hour window at `T0_MS` for a minute, then crashes.
+fn hold_for_a_minute(engine: &Engine, key: &str, requests: u64) {
+    reserve(
+        engine,
+        key,
+        &[(Unit::Requests, requests)],
+        T0_MS,
+        Some(MINUTE_MS),
+    );
+}
+
 #[test]
 fn a_request_after_a_lease_ended_is_not_denied_by_what_the_lease_held() {
     // A gateway holds the whole 5-hour quota of a Starter key (1,500 requests) for a minute,
@@ -1356,13 +1367,7 @@ fn a_request_after_a_lease_ended_is_not_denied_by_what_the_lease_held() {
     for on_its_own in [false, true] {
         let (engine, clock) = engine_expiring_leases(on_its_own);
         let key = seated(&engine, "ada", "Starter");
-        reserve(
-            &engine,
-            &key,
-            &[(Unit::Requests, 1500)],
-            T0_MS,
-            Some(MINUTE_MS),
-        );
+        hold_for_a_minute(&engine, &key, 1500);
         // Before the lease ends, by the request's time, the hold denies.
         let during_ms = T0_MS + 30 * SECOND_MS;
         clock.set_ms(T0_MS + 2 * MINUTE_MS);
@@ -1392,13 +1397,7 @@ fn a_lease_ended_by_the_request_but_not_by_the_clock_still_holds() {
     // not ended: as `reserve` judges it, one stamp ahead does not expire anyone's reservation.
     let (engine, clock) = engine_expiring_leases(true);
     let key = seated(&engine, "ada", "Starter");
-    reserve(
-        &engine,
-        &key,
-        &[(Unit::Requests, 1500)],
-        T0_MS,
-        Some(MINUTE_MS),
-    );
+    hold_for_a_minute(&engine, &key, 1500);
     clock.set_ms(T0_MS + 30 * SECOND_MS);
     let ahead_ms = T0_MS + 2 * MINUTE_MS;
     let decision = consume(&engine, &key, "m2.7", &ONE_REQUEST, ahead_ms);
@@ -1445,13 +1444,7 @@ fn every_way_of_asking_sees_an_ended_lease_expired() {
     for (way, ask) in ask {
         let (engine, clock) = engine_expiring_leases(true);
         let key = seated(&engine, "ada", "Starter");
-        reserve(
-            &engine,
-            &key,
-            &[(Unit::Requests, 1500)],
-            T0_MS,
-            Some(MINUTE_MS),
-        );
+        hold_for_a_minute(&engine, &key, 1500);
         // Credits a reservation on a resource the plan does not cover holds entirely.
         let highspeed = [(Unit::Requests, 4)];
         let price = price_micros(&engine, "m2.7-highspeed", &highspeed);
@@ -1476,13 +1469,7 @@ fn the_usage_report_after_a_lease_ended_shows_nothing_held() {
     for on_its_own in [false, true] {
         let (engine, clock) = engine_expiring_leases(on_its_own);
         let key = seated(&engine, "ada", "Starter");
-        reserve(
-            &engine,
-            &key,
-            &[(Unit::Requests, 700)],
-            T0_MS,
-            Some(MINUTE_MS),
-        );
+        hold_for_a_minute(&engine, &key, 700);
         let after_ms = T0_MS + 2 * MINUTE_MS;
         clock.set_ms(after_ms);
         let report = engine.usage(&key, Some(after_ms)).expect("report");
