@@ -30,6 +30,9 @@ pub(crate) struct Fingerprint {
 
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
+    /// The request's own timestamp, which snapshots carry (`Shard::arrivals` queues the id by
+    /// the engine's clock if that is earlier).
+    pub arrived_ms: u64,
     pub fingerprint: Fingerprint,
     pub decision: Decision,
     pub receipt: Option<Receipt>,
@@ -124,6 +127,11 @@ impl Drop for ChunkSeqGuard {
 #[derive(Debug, Default)]
 pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
+    /// Ids in arrival order, each with the time it is forgotten after (plus the horizon): its
+    /// request's timestamp, or the engine's clock when the id arrived if that is earlier. By
+    /// the timestamp alone, one id stamped far ahead (a gateway's clock, a typo) stayed at the
+    /// front and kept every id behind it from being forgotten, until its shard, then (with the
+    /// table bounded as a whole) the table, refused every new id.
     arrivals: VecDeque<(u64, Arc<str>)>,
 }
 
@@ -236,10 +244,13 @@ impl RequestTable {
             }
         };
         let id: Arc<str> = request_id.into();
-        shard.arrivals.push_back((at_ms, Arc::clone(&id)));
+        shard
+            .arrivals
+            .push_back((at_ms.min(now_ms), Arc::clone(&id)));
         shard.records.insert(
             id,
             RequestRecord {
+                arrived_ms: at_ms,
                 fingerprint,
                 decision,
                 receipt,
@@ -310,11 +321,11 @@ impl RequestTable {
         mut visit: impl FnMut(u64, &'a str, &'a RequestRecord),
     ) {
         for shard in guards {
-            for (arrived_ms, id) in &shard.arrivals {
+            for (_, id) in &shard.arrivals {
                 // Only the arrival that created the record (an id may have come back since).
                 match shard.records.get_key_value(id) {
                     Some((stored, record)) if Arc::ptr_eq(stored, id) => {
-                        visit(*arrived_ms, stored, record);
+                        visit(record.arrived_ms, stored, record);
                     }
                     _ => {}
                 }
@@ -331,11 +342,11 @@ impl RequestTable {
     ) -> Vec<(u64, String, &'a RequestRecord)> {
         let mut out = Vec::new();
         for shard in guards {
-            for (arrived_ms, id) in &shard.arrivals {
+            for (_, id) in &shard.arrivals {
                 // Only the arrival that created the record (an id may have come back since).
                 match shard.records.get_key_value(id) {
                     Some((stored, record)) if Arc::ptr_eq(stored, id) => {
-                        out.push((*arrived_ms, id.to_string(), record));
+                        out.push((record.arrived_ms, id.to_string(), record));
                     }
                     _ => {}
                 }
@@ -350,13 +361,23 @@ impl RequestTable {
     /// out of the horizon before the id was admitted anew).
     /// Restored records take places even past the capacity (they were acknowledged, under an
     /// earlier and larger one): new ids are refused until enough age out.
-    pub fn restore(&self, request_id: &str, arrived_ms: u64, record: RequestRecord) {
+    /// `arrived_ms` is the request's timestamp; `now_ms` the engine's clock (see `arrivals`).
+    pub fn restore(
+        &self,
+        request_id: &str,
+        arrived_ms: u64,
+        now_ms: u64,
+        mut record: RequestRecord,
+    ) {
+        record.arrived_ms = arrived_ms;
         let mut shard = self.shard(request_id).lock();
         if shard.records.remove(request_id).is_none() {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
         let id: Arc<str> = request_id.into();
-        shard.arrivals.push_back((arrived_ms, Arc::clone(&id)));
+        shard
+            .arrivals
+            .push_back((arrived_ms.min(now_ms), Arc::clone(&id)));
         shard.records.insert(id, record);
     }
 
@@ -463,6 +484,31 @@ mod tests {
         }
         assert_eq!(table.len(), 100);
         assert!(first(&table, "one-more", later_ms).is_err());
+    }
+
+    #[test]
+    fn an_id_stamped_far_ahead_does_not_keep_the_others_from_being_forgotten() {
+        // Queued by its own timestamp, an id stamped in 2096 stayed at its shard's front, every
+        // id behind it was never forgotten, and the table filled with ids past the horizon.
+        let table = RequestTable::new(100, HORIZON_MS);
+        let stamped_ahead = table.once("ahead", fingerprint(), 4_000_000_000_000, 0, || {
+            Ok(Some((
+                Decision::denied(DenialReason::UnknownKey),
+                None,
+                LoggedAs::Durable,
+            )))
+        });
+        assert!(matches!(stamped_ahead, Ok(Some((_, None)))));
+        // Ten new ids a round, each round past the horizon of the last: never more than ten
+        // (and the one ahead) live at once, so none is ever refused. The shard behind the id
+        // ahead gains about 10/64 of an id a round; in 1,000 rounds it would fill the table.
+        for round in 1..=1_000u64 {
+            let now_ms = round * 2 * HORIZON_MS;
+            for n in 0..10 {
+                let id = format!("round-{round}-{n}");
+                assert_eq!(first(&table, &id, now_ms), Ok(true), "{id}");
+            }
+        }
     }
 
     #[test]

@@ -17,9 +17,7 @@ use crate::reservation::MAX_LEASE_MS;
 /// The largest bound a table may be given (`max_keys`, `max_teams`, `max_users`,
 /// `idempotency_capacity`, `max_open_reservations`). Every entry lives in memory, from a few
 /// hundred bytes (a key) to about 1.5 KB (a request id with its first decision), so 2^32 of
-/// them is more than a terabyte: a larger bound would bound nothing. It also keeps the
-/// request id table's rounding up to whole shards (`capacity.div_ceil(64) * 64`) far from
-/// overflowing.
+/// them is more than a terabyte: a larger bound would bound nothing.
 pub const MAX_TABLE_ENTRIES: u64 = 1 << 32;
 
 /// The longest `idempotency_horizon_ms`: the longest window a policy may have. The horizon is

@@ -832,7 +832,8 @@ impl Engine {
             return;
         };
         let record = request_record(key, resource, quantities, decision, Some(*receipt));
-        self.requests.restore(id, event.at_ms, record);
+        self.requests
+            .restore(id, event.at_ms, self.now_ms(), record);
     }
 
     fn finish_replay(&self, count: u64) -> Result<u64, Error> {
@@ -895,7 +896,8 @@ impl Engine {
                 decision,
             } => {
                 let record = request_record(key, resource, quantities, decision, None);
-                self.requests.restore(request_id, event.at_ms, record);
+                self.requests
+                    .restore(request_id, event.at_ms, self.now_ms(), record);
                 Ok(())
             }
             EventBody::ReservationOpened {
@@ -1396,7 +1398,7 @@ impl Engine {
                 )
             };
             self.requests
-                .restore(&request.id, request.arrived_ms, record);
+                .restore(&request.id, request.arrived_ms, self.now_ms(), record);
         }
         let mut table = self.reservations.inner.lock();
         table.next_id = snapshot.next_reservation;
@@ -1930,6 +1932,8 @@ fn request_record(
     receipt: Option<Receipt>,
 ) -> RequestRecord {
     RequestRecord {
+        // Set by `RequestTable::restore`.
+        arrived_ms: 0,
         fingerprint: Fingerprint {
             key: key.into(),
             resource: resource.into(),
