@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_utils::CachePadded;
@@ -145,6 +145,10 @@ pub(crate) struct RequestTable {
     /// take the last one.
     held: CachePadded<AtomicUsize>,
     capacity: usize,
+    /// The clock's millisecond of the last sweep of every shard (a full table's): at most one
+    /// a millisecond, so a table full of live ids does not lock all 64 shards for every id it
+    /// refuses. Relaxed: a schedule; `swap` lets one thread of those arriving together sweep.
+    swept_at_ms: AtomicU64,
     // Relaxed: a setting, changed by a policy swap to cover its longest window.
     horizon_ms: std::sync::atomic::AtomicU64,
 }
@@ -159,6 +163,7 @@ impl RequestTable {
                 .collect(),
             held: CachePadded::new(AtomicUsize::new(0)),
             capacity: capacity.max(1),
+            swept_at_ms: AtomicU64::new(u64::MAX),
             horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
         }
     }
@@ -277,8 +282,13 @@ impl RequestTable {
         })
     }
 
-    /// Drops the ids past the horizon in every shard, one shard's lock at a time.
+    /// Drops the ids past the horizon in every shard, one shard's lock at a time; at most once
+    /// in each millisecond of the clock (ids are forgotten by it, so a second sweep in the same
+    /// millisecond would find none).
     fn expire_every_shard(&self, now_ms: u64, horizon_ms: u64) {
+        if self.swept_at_ms.swap(now_ms, Ordering::Relaxed) == now_ms {
+            return;
+        }
         for shard in self.shards.iter() {
             let dropped = shard.lock().expire(now_ms, horizon_ms);
             self.give_back_places(dropped);
