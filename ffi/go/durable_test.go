@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -95,5 +96,35 @@ func TestAnEngineDroppedWithoutCloseIsFreedByItsFinalizer(t *testing.T) {
 			t.Fatalf("reopen: %v", err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	options := tally.WithOptions(tally.Options{MaxPolicyGenerations: 2})
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), options)
+	must(t, err)
+	for swap := int64(0); swap < 4; swap++ {
+		must(t, engine.SwapPolicy(nil, at(swap)))
+	}
+	if _, err := engine.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	must(t, engine.Close())
+
+	report, err := tally.Verify(dir, options)
+	if err != nil || !report.Sound || len(report.Problems) != 0 ||
+		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
+		t.Fatalf("verify with the options it was opened with: %+v %v", report, err)
+	}
+	// With the defaults (1,024 generations) the replay keeps the generations the snapshot
+	// dropped, so a sound database is reported unsound: why Verify takes the options.
+	report, err = tally.Verify(dir)
+	if err != nil || report.Sound || report.SnapshotMatchesReplay == nil || *report.SnapshotMatchesReplay {
+		t.Fatalf("verify with the defaults: %+v %v", report, err)
+	}
+	_, err = tally.Verify(dir, tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "max_policy_generations") {
+		t.Fatalf("verify with a bad option: %v", err)
 	}
 }

@@ -7,9 +7,10 @@ import "C"
 
 import "time"
 
-// Options are the engine's and the database's options, given to Open or OpenInMemory with
-// WithOptions. The zero value is the library's defaults: a field left at its zero value keeps
-// its default, so only what differs needs saying:
+// Options are the engine's and the database's options, given to Open, OpenInMemory or
+// Verify (which needs those the database was opened with) with WithOptions. The zero value
+// is the library's defaults: a field left at its zero value keeps its default, so only what
+// differs needs saying:
 //
 //	tally.Open("tally-data", tally.WithOptions(tally.Options{MaxKeys: 100_000}))
 //

@@ -230,11 +230,29 @@ type VerifyReport struct {
 // Verify checks the database in the directory path, which must not be open
 // (ErrDatabaseLocked): every record decodes, sequence numbers have no gaps, the latest
 // snapshot equals a replay.
-func Verify(path string) (VerifyReport, error) {
+//
+// The replay runs with the options given WithOptions (none: the defaults): pass those the
+// database was opened with. The snapshot holds what they keep (e.g. MaxPolicyGenerations
+// policy generations), so a replay with other options may not match it and a sound database
+// is reported unsound. Bad options fail with ErrInvalidArgument, as for Open. The other
+// options (policy, durability) are not used.
+func Verify(path string, opts ...Option) (VerifyReport, error) {
+	o := collect(opts)
+	settings, err := o.setters("Verify")
+	if err != nil {
+		return VerifyReport{}, err
+	}
 	pathText, pathLen := text(path)
 	var sound C.bool
+	// Each attempt runs on one locked OS thread (readText's withThread) and makes and frees
+	// its own tally_options, so a refused value's message is the attempt's error.
 	document, err := readText("Verify", func(buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
-		return C.tally_verify(pathText, pathLen, &sound, buf, bufLen, needed)
+		native, status := nativeOptions(settings)
+		if status != C.TALLY_OK {
+			return status
+		}
+		defer C.tally_options_free(native)
+		return C.tally_verify(pathText, pathLen, native, &sound, buf, bufLen, needed)
 	})
 	if err != nil {
 		return VerifyReport{}, err

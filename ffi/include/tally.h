@@ -351,10 +351,10 @@ typedef uint32_t tally_adjustment_direction;
 // once, including a close racing other calls.
 typedef struct tally_engine tally_engine;
 
-// Options for `tally_engine_open` and `tally_engine_open_in_memory`. Opaque. Created by
-// `tally_options_new` with every option at its default, changed by the `tally_options_set_*`
-// functions, freed by `tally_options_free`. The open functions only read it: free it (or
-// reuse it for another open) whenever they have returned.
+// Options for `tally_engine_open`, `tally_engine_open_in_memory` and `tally_verify`. Opaque.
+// Created by `tally_options_new` with every option at its default, changed by the
+// `tally_options_set_*` functions, freed by `tally_options_free`. The open functions and
+// `tally_verify` only read it: free it (or reuse it) whenever they have returned.
 //
 // Threads: like a plain C struct, it must not be set from one thread while another sets or
 // reads it; once set, any number of threads may open with it at once.
@@ -910,8 +910,18 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // a replay. Writes `*sound_out` and a JSON report into `buf`: `{"sound", "records", "events",
 // "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
 // Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
+//
+// `options` (`tally_options_new`, or NULL for the defaults) are the options the replay runs
+// with: pass the ones the database was opened with. The snapshot holds what those options
+// keep (e.g. `max_policy_generations` policy generations), so a replay with other options
+// may not equal it and a sound database is reported unsound. They are read during the call
+// only.
+//
+// An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
+// `tally_engine_open`.
 tally_status tally_verify(const char *path,
                           size_t path_len,
+                          const struct tally_options *options,
                           bool *sound_out,
                           char *buf,
                           size_t buf_len,

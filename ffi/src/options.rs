@@ -36,10 +36,10 @@ const _: () =
 const _: () =
     assert!(TALLY_MAX_POLICY_GENERATIONS == ::tally_engine::options::MAX_POLICY_GENERATIONS as u64);
 
-/// Options for `tally_engine_open` and `tally_engine_open_in_memory`. Opaque. Created by
-/// `tally_options_new` with every option at its default, changed by the `tally_options_set_*`
-/// functions, freed by `tally_options_free`. The open functions only read it: free it (or
-/// reuse it for another open) whenever they have returned.
+/// Options for `tally_engine_open`, `tally_engine_open_in_memory` and `tally_verify`. Opaque.
+/// Created by `tally_options_new` with every option at its default, changed by the
+/// `tally_options_set_*` functions, freed by `tally_options_free`. The open functions and
+/// `tally_verify` only read it: free it (or reuse it) whenever they have returned.
 ///
 /// Threads: like a plain C struct, it must not be set from one thread while another sets or
 /// reads it; once set, any number of threads may open with it at once.

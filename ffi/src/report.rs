@@ -5,7 +5,7 @@
 
 use std::ffi::c_char;
 
-use ::tally_engine::{Engine, Event, OpenOptions};
+use ::tally_engine::{Engine, Event};
 use serde_json::{json, Map, Value};
 
 use crate::checks::{
@@ -13,6 +13,7 @@ use crate::checks::{
 };
 use crate::decision::at;
 use crate::handle::{tally_engine, try_ref};
+use crate::options::{open_options, tally_options};
 use crate::panic::boundary;
 use crate::status::{tally_status, Failure};
 
@@ -218,10 +219,20 @@ pub extern "C" fn tally_engine_compact(
 /// a replay. Writes `*sound_out` and a JSON report into `buf`: `{"sound", "records", "events",
 /// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
 /// Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
+///
+/// `options` (`tally_options_new`, or NULL for the defaults) are the options the replay runs
+/// with: pass the ones the database was opened with. The snapshot holds what those options
+/// keep (e.g. `max_policy_generations` policy generations), so a replay with other options
+/// may not equal it and a sound database is reported unsound. They are read during the call
+/// only.
+///
+/// An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
+/// `tally_engine_open`.
 #[no_mangle]
 pub extern "C" fn tally_verify(
     path: *const c_char,
     path_len: usize,
+    options: *const tally_options,
     sound_out: *mut bool,
     buf: *mut c_char,
     buf_len: usize,
@@ -237,7 +248,8 @@ pub extern "C" fn tally_verify(
                 format!("path: {path} is not a directory"),
             ));
         }
-        let report = Engine::verify(path, OpenOptions::default())?;
+        // The durability is the defaults' (no setter changes it): nothing is written.
+        let report = Engine::verify(path, open_options(options)?)?;
         let json = json!({
             "sound": report.is_sound(),
             "records": report.records,

@@ -1211,8 +1211,16 @@ impl World {
                 let mut sound = None;
                 self.text_call(*buf, true, "verify", |buf, len, needed| {
                     let mut out = false;
-                    let status =
-                        tally_verify(path.as_ptr().cast(), path.len(), &mut out, buf, len, needed);
+                    // NULL options: the database is opened with the defaults too.
+                    let status = tally_verify(
+                        path.as_ptr().cast(),
+                        path.len(),
+                        ptr::null(),
+                        &mut out,
+                        buf,
+                        len,
+                        needed,
+                    );
                     if status == tally_status::TALLY_OK {
                         sound = Some(out);
                     }
@@ -1437,6 +1445,7 @@ impl World {
                 tally_verify(
                     path.as_ptr().cast(),
                     path.len(),
+                    ptr::null(),
                     ptr::null_mut(),
                     buf.as_mut_ptr(),
                     buf.len(),
@@ -1495,6 +1504,7 @@ impl World {
         let status = tally_verify(
             path.as_ptr().cast(),
             path.len(),
+            ptr::null(), // the options it was opened with: the defaults
             &mut sound,
             buf.as_mut_ptr().cast(),
             buf.len(),

@@ -168,7 +168,7 @@ STRUCTS = {
 Engine = c_void_p
 # `tally_submission *`: opaque, owned by the wrapper until completed or freed.
 Submission = c_void_p
-# `tally_options *`: opaque, made and freed around each open.
+# `tally_options *`: opaque, made and freed around each open or verify.
 Options = c_void_p
 _status = c_uint32
 _str = c_char_p  # (pointer, length) pairs: bytes objects passed with their length
@@ -277,7 +277,7 @@ SIGNATURES = {
     "tally_engine_compact": (_status, [Engine, c_uint64, _u64_p]),
     "tally_engine_memory_stats": (_status, [Engine, POINTER(MemoryStats)]),
     "tally_engine_reclaim_idle": (_status, [Engine, c_uint64, _u64_p]),
-    "tally_verify": (_status, [_str, c_size_t, POINTER(c_bool), *_text_out]),
+    "tally_verify": (_status, [_str, c_size_t, Options, POINTER(c_bool), *_text_out]),
 }
 
 

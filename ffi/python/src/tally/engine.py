@@ -721,15 +721,19 @@ class Submission:
         return f"<tally.Submission {state}>"
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Checks a database directory that no engine has open."""
+def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> VerifyReport:
+    """Checks a database directory that no engine has open. ``options`` (``tally.Options``;
+    ``None``: the defaults) are those the log is replayed with: pass the ones the database was
+    opened with, as the snapshot holds what they keep (e.g. ``max_policy_generations``), and a
+    replay with others may not match it."""
     path_bytes = os.fsencode(path)
     sound = ctypes.c_bool(False)
-    document = _convert.read_text(
-        lambda buf, size, needed: _native.lib.tally_verify(
-            path_bytes, len(path_bytes), ctypes.byref(sound), buf, size, needed
+    with _options.native(options) as native_options:
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_verify(
+                path_bytes, len(path_bytes), native_options, ctypes.byref(sound), buf, size, needed
+            )
         )
-    )
     return VerifyReport.from_json(bool(sound.value), json.loads(document))
 
 

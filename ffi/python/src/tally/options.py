@@ -1,5 +1,5 @@
-"""The engine's and the database's options (``tally_options``), for ``Engine.open`` and
-``Engine.in_memory``."""
+"""The engine's and the database's options (``tally_options``), for ``Engine.open``,
+``Engine.in_memory`` and ``tally.verify``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from . import _convert, _native, errors
 
 @dataclass(frozen=True)
 class Options:
-    """Options for ``Engine.open`` and ``Engine.in_memory``; ``None`` (every field's default)
-    keeps the library's default. Each value is checked by the library against its range before
-    anything is opened: one out of range raises ``InvalidArgumentError`` naming the option and
-    the range, and the open does not happen (no directory is created)::
+    """Options for ``Engine.open``, ``Engine.in_memory`` and ``tally.verify`` (which needs
+    those the database was opened with); ``None`` (every field's default) keeps the library's
+    default. Each value is checked by the library against its range before anything is
+    opened: one out of range raises ``InvalidArgumentError`` naming the option and the range,
+    and the open does not happen (no directory is created)::
 
         tally.Engine.open("tally-data", options=tally.Options(max_keys=100_000))
 
@@ -73,8 +74,9 @@ _SETTERS = {
 
 @contextmanager
 def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
-    """A ``tally_options`` handle with ``options`` set, for the duration of one open (``None``
-    for no options: the library's defaults). Raises before any open if a value is refused."""
+    """A ``tally_options`` handle with ``options`` set, for the duration of one open or verify
+    (``None`` for no options: the library's defaults). Raises before any open if a value is
+    refused."""
     if options is None:
         yield None
         return
