@@ -9,21 +9,27 @@ use std::sync::{Arc, Barrier};
 use log_support::*;
 use tally_engine::event::ReservationEnd;
 use tally_engine::{
-    Durability, Engine, EngineOptions, Error, EventBody, ManualClock, OpenOptions, Policy, Unit,
-    UsageRequest,
+    Durability, Engine, EngineOptions, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
 };
 
 const ONE: [(Unit, u64); 1] = [(Unit::Requests, 1)];
 /// After the minute-long lease of `hold_the_whole_window` has ended.
 const AFTER_MS: u64 = T0_MS + 2 * MINUTE_MS;
 
-fn in_memory(clock: &Arc<ManualClock>) -> Arc<Engine> {
+/// An engine in memory, its clock at `AFTER_MS`, after a gateway held ada's whole window for a
+/// minute from `T0_MS` and crashed (`hold_the_whole_window`).
+fn after_a_crashed_gateway() -> Arc<Engine> {
+    let clock = clock();
     let engine = Engine::new(
         Policy::token_plan(),
         clock.clone(),
         EngineOptions::default(),
-    );
-    Arc::new(engine.expect("default options"))
+    )
+    .expect("default options");
+    seat_ada(&engine);
+    hold_the_whole_window(&engine);
+    clock.set_ms(AFTER_MS);
+    Arc::new(engine)
 }
 
 /// Ada has a Starter seat (1,500 requests per 5 hours on `m2.7`).
@@ -52,11 +58,7 @@ fn requests_racing_one_another_into_the_expiry_are_all_admitted() {
     // the lease; the other may have read the counters before that release and decided after
     // it: it must not answer (or remember) a denial by a hold that is gone.
     for round in 0..300 {
-        let clock = clock();
-        let engine = in_memory(&clock);
-        seat_ada(&engine);
-        hold_the_whole_window(&engine);
-        clock.set_ms(AFTER_MS);
+        let engine = after_a_crashed_gateway();
         let barrier = Arc::new(Barrier::new(2));
         let threads: Vec<_> = (0..2)
             .map(|thread| {
@@ -84,11 +86,7 @@ fn requests_racing_one_another_into_the_expiry_are_all_admitted() {
 #[test]
 fn threads_racing_on_one_request_id_across_the_expiry_decide_it_once() {
     for round in 0..100 {
-        let clock = clock();
-        let engine = in_memory(&clock);
-        seat_ada(&engine);
-        hold_the_whole_window(&engine);
-        clock.set_ms(AFTER_MS);
+        let engine = after_a_crashed_gateway();
         let barrier = Arc::new(Barrier::new(4));
         let threads: Vec<_> = (0..4)
             .map(|_| {
@@ -113,11 +111,7 @@ fn threads_racing_on_one_request_id_across_the_expiry_decide_it_once() {
 #[test]
 fn a_batch_with_a_request_stamped_before_the_lease_ended_admits_the_rest() {
     // The batch expires, before it starts, the leases that ended by its latest request's time.
-    let clock = clock();
-    let engine = in_memory(&clock);
-    seat_ada(&engine);
-    hold_the_whole_window(&engine);
-    clock.set_ms(AFTER_MS);
+    let engine = after_a_crashed_gateway();
     let straggler = UsageRequest::new("key-ada", "m2.7", &ONE).at(T0_MS + 30 * SECOND_MS);
     let late = UsageRequest::new("key-ada", "m2.7", &ONE).at(AFTER_MS);
     let results = engine.consume_many(&[straggler, late, late]);
@@ -126,11 +120,7 @@ fn a_batch_with_a_request_stamped_before_the_lease_ended_admits_the_rest() {
     }
     assert_eq!(engine.open_reservations(), 0);
     // A batch stamped before the lease's end, by a gateway lagging the clock, keeps it.
-    let clock = log_support::clock();
-    let engine = in_memory(&clock);
-    seat_ada(&engine);
-    hold_the_whole_window(&engine);
-    clock.set_ms(AFTER_MS);
+    let engine = after_a_crashed_gateway();
     let results = engine.consume_many(&[straggler, straggler]);
     assert!(results
         .iter()

@@ -1044,19 +1044,43 @@ impl Engine {
         mode: Mode,
         verdict: &mut Verdict<'_>,
     ) -> Result<(), Error> {
-        // The denial left was the stale hold's: if the hold cannot be released (the log refuses
-        // the expiry's event), that is the answer, not the denial.
-        self.expire_reservations(Some(verdict.lease_ended_ms))?;
-        verdict.may_expire_leases = false;
-        verdict.lease_ended_ms = 0;
+        self.expire_before_deciding_again(verdict)?;
         self.admit_deciding(request, mode, verdict)
     }
 
-    /// Expires the reservations whose lease ended by `as_of_ms`, for a caller that answers
-    /// something else either way (a batch, a usage report). A failure (the log refusing an
-    /// expiry's event) leaves them open, for the next look or the call that reports it.
-    pub(crate) fn expire_ended_leases(&self, as_of_ms: u64) {
-        let _ = self.expire_reservations(Some(as_of_ms));
+    /// Expires the leases a verdict's left denial was found to be waiting on (`lease_ended_ms`),
+    /// and makes the verdict ready for the second, final decision (`admit`, `submit`). The
+    /// denial left was the stale hold's: if the hold cannot be released (the log refuses the
+    /// expiry's event), that error is the answer, not the denial.
+    #[cold]
+    pub(crate) fn expire_before_deciding_again(
+        &self,
+        verdict: &mut Verdict<'_>,
+    ) -> Result<(), Error> {
+        self.expire_reservations(Some(verdict.lease_ended_ms))?;
+        verdict.may_expire_leases = false;
+        verdict.lease_ended_ms = 0;
+        Ok(())
+    }
+
+    /// Expires the reservations whose lease ended by `stamped_ms` (a request's time; `None`:
+    /// the clock's) and by the clock's time, as `reserve` judges leases, for a caller that
+    /// answers something else either way (a batch, a usage report). Reads the clock only when
+    /// a lease has ended by the stamp. A failure (the log refusing an expiry's event) leaves
+    /// them open, for the next look or the call that reports it.
+    fn expire_leases_ended_by(&self, stamped_ms: Option<u64>) {
+        let ended_by_stamp = match stamped_ms {
+            Some(stamp_ms) => self.reservations.lease_ended_by(stamp_ms),
+            None => self.reservations.earliest_lease_end() != u64::MAX,
+        };
+        if !self.options.expire_leases_on_its_own || !ended_by_stamp {
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        let as_of_ms = stamped_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
+        if self.reservations.lease_ended_by(as_of_ms) {
+            let _ = self.expire_reservations(Some(as_of_ms));
+        }
     }
 
     /// When `decision` is a denial an ended lease may explain (a limit or the credits, which a
@@ -1100,10 +1124,7 @@ impl Engine {
     /// came first: what they held counts for none of its requests (one stamped before a lease's
     /// end included, as it would be had another request expired the lease just before it).
     fn expire_leases_before_batch(&self, requests: &[UsageRequest<'_>]) {
-        if !self.options.expire_leases_on_its_own || requests.is_empty() {
-            return;
-        }
-        if self.reservations.earliest_lease_end() == u64::MAX {
+        if requests.is_empty() || self.reservations.earliest_lease_end() == u64::MAX {
             return;
         }
         // Any request without a stamp is at the clock's time, which bounds the rest anyway.
@@ -1111,14 +1132,7 @@ impl Engine {
             true => None,
             false => requests.iter().filter_map(|request| request.at_ms).max(),
         };
-        if latest_stamp_ms.is_some_and(|stamp_ms| !self.reservations.lease_ended_by(stamp_ms)) {
-            return;
-        }
-        let now_ms = self.clock.now_ms();
-        let as_of_ms = latest_stamp_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
-        if self.reservations.lease_ended_by(as_of_ms) {
-            self.expire_ended_leases(as_of_ms);
-        }
+        self.expire_leases_ended_by(latest_stamp_ms);
     }
 
     /// `admit`, one decision. Always inlined: a call of its own on the hot path cost about 20
@@ -1769,13 +1783,8 @@ impl Engine {
     pub fn usage(&self, key: &str, at_ms: Option<u64>) -> Result<UsageReport, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
-        if self.options.expire_leases_on_its_own && self.reservations.lease_ended_by(at_ms) {
-            // What an ended lease held is not reported as used (as `consume` would not count it).
-            let as_of_ms = at_ms.min(self.clock.now_ms());
-            if self.reservations.lease_ended_by(as_of_ms) {
-                self.expire_ended_leases(as_of_ms);
-            }
-        }
+        // What an ended lease held is not reported as used (as `consume` would not count it).
+        self.expire_leases_ended_by(Some(at_ms));
         self.keys.read(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let mut limits = Vec::new();

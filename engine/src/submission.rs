@@ -65,12 +65,8 @@ impl Engine {
             // A denial an ended lease may explain: decided again once it is expired, or the
             // expiry's error answered (as `admit`).
             outcome = self
-                .expire_reservations(Some(verdict.lease_ended_ms))
-                .and_then(|_| {
-                    verdict.may_expire_leases = false;
-                    verdict.lease_ended_ms = 0;
-                    self.submit_deciding(request, &quantities, at_ms, &mut verdict)
-                });
+                .expire_before_deciding_again(&mut verdict)
+                .and_then(|()| self.submit_deciding(request, &quantities, at_ms, &mut verdict));
         }
         let (receipt, replayed) = (verdict.receipt, verdict.replayed);
         // Outside every lock (a checkpoint takes them all).
