@@ -1386,6 +1386,9 @@ impl Engine {
         });
         restored.and(helped)?;
         drop(registry);
+        // One clock read for them all (each id is queued for forgetting by it if its stamp is
+        // ahead: `RequestTable::restore`), not one per id.
+        let now_ms = self.now_ms();
         for request in &snapshot.requests {
             let record = RequestRecord {
                 refunded: request.refunded,
@@ -1398,7 +1401,7 @@ impl Engine {
                 )
             };
             self.requests
-                .restore(&request.id, request.arrived_ms, self.now_ms(), record);
+                .restore(&request.id, request.arrived_ms, now_ms, record);
         }
         let mut table = self.reservations.inner.lock();
         table.next_id = snapshot.next_reservation;
