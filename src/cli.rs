@@ -85,7 +85,8 @@ impl Default for SimulateOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Database {
     pub path: PathBuf,
-    /// `None`: the policy shipped with the engine.
+    /// `None`: the policy the database last ran with (the one shipped with the engine for a
+    /// new database).
     pub policy: Option<PathBuf>,
     pub durability: Durability,
 }
@@ -1070,7 +1071,7 @@ mod tests {
     }
 
     #[test]
-    fn operator_commands_default_to_the_local_store_the_shipped_policy_and_sync() {
+    fn operator_commands_default_to_the_local_store_the_stored_policy_and_sync() {
         let operation = operation("usage tp-ada");
         assert_eq!(operation.database, Database::default());
         assert_eq!(operation.database.path, PathBuf::from("tally-data"));

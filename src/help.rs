@@ -155,10 +155,11 @@ the setup.
 const DATABASE_OPTIONS_HELP: &str = "
 Database options:
   --db PATH            The database [default: ./tally-data]
-  --policy PATH        The policy to run with (.toml or .json) [default: the shipped Token Plan
-                       policy]. A database always runs with the policy given: one that differs
-                       from the one it last ran with is swapped in (logged; usage carries over)
-                       and refused if it drops a plan someone holds a seat on.
+  --policy PATH        The policy to run with (.toml or .json) [default: the policy the database
+                       last ran with; the shipped Token Plan policy for a new database]. A
+                       policy given that differs from the one the database last ran with is
+                       swapped in (logged; usage carries over) and refused if it drops a plan
+                       someone holds a seat on. Without --policy nothing is swapped.
   --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
                        only once its change is fsynced (see `tally simulate --help`)
   -h, --help           Print this help

@@ -48,13 +48,25 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     let policy = load_policy(database).map_err(fail)?;
     let created = store::check_openable(&database.path, operation.action.creates_database())
         .map_err(|problem| fail(("--db".into(), problem)))?;
-    let engine = match store::open(
-        &database.path,
-        policy,
-        Arc::new(SystemClock),
-        database.durability,
-        store::CHECKPOINT_EVERY_EVENTS,
-    ) {
+    // Without --policy the database keeps the policy it last ran with (a gateway's, say):
+    // looking at a key must not swap the shipped policy in.
+    let opened = match database.policy {
+        Some(_) => store::open(
+            &database.path,
+            policy,
+            Arc::new(SystemClock),
+            database.durability,
+            store::CHECKPOINT_EVERY_EVENTS,
+        ),
+        None => store::open_with_stored_policy(
+            &database.path,
+            policy,
+            Arc::new(SystemClock),
+            database.durability,
+            store::CHECKPOINT_EVERY_EVENTS,
+        ),
+    };
+    let engine = match opened {
         Ok(engine) => engine,
         Err(error) => {
             if created {
@@ -79,6 +91,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     })
 }
 
+/// The policy given with --policy, else the shipped one (which only a new database starts with).
 fn load_policy(database: &Database) -> Result<Policy, (String, String)> {
     match &database.policy {
         None => Ok(Policy::token_plan()),

@@ -121,6 +121,24 @@ pub fn open(
     Engine::open(path, policy, clock, options)
 }
 
+/// Opens the database with the policy it last ran with (see
+/// `Engine::open_with_stored_policy`); a new one is created with `new_database_policy`.
+pub fn open_with_stored_policy(
+    path: &Path,
+    new_database_policy: Policy,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    checkpoint_every_events: u64,
+) -> Result<Engine, Error> {
+    let options = OpenOptions {
+        durability,
+        engine: EngineOptions::default(),
+        checkpoint_every_events,
+        ..OpenOptions::default()
+    };
+    Engine::open_with_stored_policy(path, new_database_policy, clock, options)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

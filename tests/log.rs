@@ -855,6 +855,71 @@ fn a_swapped_policy_is_persisted_and_reopening_with_it_keeps_the_state() {
     );
 }
 
+/// The token plan with Starter's 5-hour window stretched to 20 days: the longest window, and
+/// so the request-id horizon, is longer than the shipped policy's.
+fn twenty_day_starter() -> Policy {
+    let text = TOKEN_PLAN_TOML.replacen("window = \"rolling:5h\"", "window = \"rolling:20d\"", 1);
+    assert_ne!(text, TOKEN_PLAN_TOML);
+    Policy::from_toml_str(&text).expect("a valid policy")
+}
+
+#[test]
+fn opening_with_the_stored_policy_keeps_it_its_horizon_and_logs_nothing() {
+    let dir = TempDir::new("stored-policy");
+    let clock = clock();
+    let engine = Engine::open(
+        dir.path(),
+        twenty_day_starter(),
+        clock.clone(),
+        sync_options(),
+    )
+    .expect("open");
+    create_accounts(&engine);
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)])
+        .at(T0_MS)
+        .id("twenty-day-retry");
+    let (first, replayed) = engine.consume_noting_replay(&request).expect("consume");
+    assert!(first.is_admitted() && !replayed);
+    let events = last_seq(&engine);
+    let used = engine.usage("key-ada", Some(T0_MS)).expect("usage").limits[0].used;
+    engine.close().expect("close");
+
+    // Ten days on: past the shipped policy's longest window, within the stored one's.
+    clock.set_ms(T0_MS + 10 * DAY_MS);
+    let engine = Engine::open_with_stored_policy(
+        dir.path(),
+        Policy::token_plan(),
+        clock.clone(),
+        sync_options(),
+    )
+    .expect("open with the stored policy");
+    assert_eq!(
+        engine.policy().document(),
+        twenty_day_starter().document(),
+        "the stored policy, not the one for a new database"
+    );
+    assert_eq!(last_seq(&engine), events, "nothing swapped, nothing logged");
+    let retried = request.at(T0_MS + 10 * DAY_MS);
+    let (again, replayed) = engine.consume_noting_replay(&retried).expect("retry");
+    assert!(
+        replayed,
+        "the id is within the stored policy's 20-day horizon"
+    );
+    assert_eq!(again, first);
+    let report = engine
+        .usage("key-ada", Some(T0_MS + 10 * DAY_MS))
+        .expect("usage");
+    assert_eq!(report.limits[0].used, used, "the retry counted nothing");
+    engine.close().expect("close");
+
+    // A new database starts with the policy given for one.
+    let fresh = TempDir::new("stored-policy-new");
+    let engine =
+        Engine::open_with_stored_policy(fresh.path(), bigger_starter(), clock, sync_options())
+            .expect("open a new database");
+    assert_eq!(engine.policy().document(), bigger_starter().document());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Export.
 

@@ -463,13 +463,90 @@ fn a_policy_that_drops_a_seated_plan_is_refused_and_nothing_changes() {
     let workspace = Workspace::new();
     set_up_ada(&workspace);
     let before = event_count(&workspace);
-    // No --policy: the shipped policy, which has no plan "Small".
-    let output = workspace.bare(&["usage", "tp-ada"]);
+    // The shipped policy, given explicitly: it has no plan "Small".
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/engine/policy/token-plan.toml");
+    let output = workspace.bare(&["usage", "tp-ada", "--policy", shipped]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = stderr_of(&output);
     assert!(stderr.contains("tally: --policy: "), "{stderr}");
     assert!(stderr.contains("Small"), "{stderr}");
     assert_eq!(event_count(&workspace), before);
+}
+
+/// The generations of the policy events in the log (read without --policy).
+fn policy_swaps(workspace: &Workspace) -> Vec<u64> {
+    let output = workspace.bare(&["events", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    stdout_of(&output)
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("one JSON object per line"))
+        .filter(|event| event["kind"] == "policy_swapped")
+        .map(|event| event["generation"].as_u64().expect("a generation"))
+        .collect()
+}
+
+#[test]
+fn without_policy_a_command_keeps_the_policy_the_database_runs_with() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at = now_ms().to_string();
+    assert_eq!(policy_swaps(&workspace), [0]);
+    // A gateway's database looked at and used without --policy: the shipped policy (which has
+    // no plan Small) is neither swapped in nor refused, and Small's 3 an hour still holds.
+    for args in [
+        &["usage", "tp-ada", "--at", &at][..],
+        &["consume", "tp-ada", "chat", "requests=3", "--at", &at],
+        &["topup", "@ada", "1"],
+    ] {
+        let output = workspace.bare(args);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            stderr_of(&output)
+        );
+    }
+    let usage = stdout_of(&workspace.bare(&["usage", "tp-ada", "--at", &at]));
+    assert!(usage.contains("seat on Small"), "{usage}");
+    assert!(usage.contains("3/3"), "{usage}");
+    let denied = workspace.bare(&["consume", "tp-ada", "chat", "requests=1", "--at", &at]);
+    assert_eq!(
+        denied.status.code(),
+        Some(0),
+        "credits pay: {}",
+        stderr_of(&denied)
+    );
+    assert!(
+        stdout_of(&denied).contains("credits"),
+        "{}",
+        stdout_of(&denied)
+    );
+    assert_eq!(policy_swaps(&workspace), [0], "nothing was swapped");
+
+    // A policy given that differs is swapped in, logged, and kept by later commands.
+    let larger = workspace.directory.join("larger.toml");
+    std::fs::write(&larger, POLICY.replace("amount = 3,", "amount = 5,")).expect("written");
+    let larger = larger.to_str().expect("a UTF-8 path");
+    let output = workspace.bare(&["usage", "tp-ada", "--at", &at, "--policy", larger]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    assert!(stdout_of(&output).contains("3/5"), "{}", stdout_of(&output));
+    assert_eq!(policy_swaps(&workspace), [0, 1]);
+    let usage = stdout_of(&workspace.bare(&["usage", "tp-ada", "--at", &at]));
+    assert!(usage.contains("3/5"), "the swapped policy stays: {usage}");
+    assert_eq!(policy_swaps(&workspace), [0, 1]);
+}
+
+#[test]
+fn a_new_database_without_policy_starts_with_the_shipped_one() {
+    let workspace = Workspace::new();
+    workspace.bare(&["user", "bo", "tp-bo"]);
+    let output = workspace.bare(&["seat", "@bo", "bo", "Starter"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    let usage = stdout_of(&workspace.bare(&["usage", "tp-bo"]));
+    assert!(
+        usage.contains("0/1,500"),
+        "Starter's 5-hour requests: {usage}"
+    );
 }
 
 #[test]

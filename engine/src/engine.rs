@@ -874,6 +874,19 @@ impl Engine {
         self.registry.lock().team(team)
     }
 
+    /// Sets how long request ids and ended reservations are remembered for `policy`: the
+    /// `idempotency_horizon_ms` option, and never less than the policy's longest window.
+    pub(crate) fn set_horizons_for(&self, policy: &Policy) {
+        let horizon_ms = self
+            .options
+            .idempotency_horizon_ms
+            .max(policy.longest_window_ms());
+        self.requests.set_horizon_ms(horizon_ms);
+        self.reservations
+            .horizon_ms
+            .store(horizon_ms, Ordering::Relaxed);
+    }
+
     /// Replaces the policy at run time. Usage carries over for every counter whose meter (by
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
     /// drop a plan someone is seated on is refused, changing nothing.
@@ -926,14 +939,7 @@ impl Engine {
             shard.policy = Arc::clone(&policy);
         }
         drop(shards);
-        let horizon_ms = self
-            .options
-            .idempotency_horizon_ms
-            .max(policy.longest_window_ms());
-        self.requests.set_horizon_ms(horizon_ms);
-        self.reservations
-            .horizon_ms
-            .store(horizon_ms, Ordering::Relaxed);
+        self.set_horizons_for(&policy);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);
         let excess = policies.len().saturating_sub(kept);

@@ -512,6 +512,15 @@ impl VerifyReport {
     }
 }
 
+/// Which policy `Engine::open_choosing` runs an existing database with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PolicyChoice {
+    /// The caller's, swapped in if it differs from the stored one.
+    Given,
+    /// The stored one; the caller's only for a new database.
+    Stored,
+}
+
 /// What `compact` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactReport {
@@ -548,8 +557,37 @@ impl Engine {
         clock: Arc<dyn Clock>,
         options: OpenOptions,
     ) -> Result<Engine, Error> {
+        Engine::open_choosing(dir.as_ref(), policy, PolicyChoice::Given, clock, options)
+    }
+
+    /// Opens (or creates) the database in `dir` with the policy it last ran with: an existing
+    /// database keeps its stored policy whatever `new_database_policy` says, and nothing is
+    /// swapped or logged for it; a new database starts with `new_database_policy`. For tools
+    /// that look at or correct a database a gateway runs (the `tally` operator commands): opening
+    /// it must not change the gateway's policy.
+    pub fn open_with_stored_policy(
+        dir: impl AsRef<Path>,
+        new_database_policy: Policy,
+        clock: Arc<dyn Clock>,
+        options: OpenOptions,
+    ) -> Result<Engine, Error> {
+        Engine::open_choosing(
+            dir.as_ref(),
+            new_database_policy,
+            PolicyChoice::Stored,
+            clock,
+            options,
+        )
+    }
+
+    fn open_choosing(
+        dir: &Path,
+        policy: Policy,
+        choice: PolicyChoice,
+        clock: Arc<dyn Clock>,
+        options: OpenOptions,
+    ) -> Result<Engine, Error> {
         options.validate()?;
-        let dir = dir.as_ref();
         let started = Instant::now();
         let mut report = OpenReport::default();
         let log = EventLog::open_with(
@@ -610,10 +648,11 @@ impl Engine {
                     document: wanted,
                 },
             )?;
-        } else if serde_json::to_string(engine.policy().document())
-            .ok()
-            .as_deref()
-            != Some(wanted.as_str())
+        } else if choice == PolicyChoice::Given
+            && serde_json::to_string(engine.policy().document())
+                .ok()
+                .as_deref()
+                != Some(wanted.as_str())
         {
             engine.swap_policy(Policy::from_json_str(&wanted)?, Some(at_ms))?;
         }
@@ -1020,6 +1059,9 @@ impl Engine {
         for mut shard in self.keys.lock_all() {
             shard.policy = Arc::clone(&current);
         }
+        // The horizons follow the policy's longest window, as after a swap: the engine was
+        // built with the caller's policy, which need not be the one restored.
+        self.set_horizons_for(&current);
     }
 
     /// Applies what a logged admitted usage moved (`looked_ahead`: see `replay`).
