@@ -331,8 +331,12 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
 
 fn verify(database: &Database, json: bool) -> Result<Outcome, (String, String)> {
     store::check_openable(&database.path, false).map_err(|problem| ("--db".into(), problem))?;
-    let report = Engine::verify(&database.path, tally_engine::OpenOptions::default())
-        .map_err(|error| opening_culprit(&error))?;
+    let options = tally_engine::OpenOptions {
+        use_recorded: true,
+        ..tally_engine::OpenOptions::default()
+    };
+    let report =
+        Engine::verify(&database.path, options).map_err(|error| opening_culprit(&error))?;
     let text = if json {
         json_text(&describe::verify_json(&report))
     } else {

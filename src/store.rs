@@ -104,7 +104,9 @@ pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
     }
 }
 
-/// Opens (or creates) the database. `checkpoint_every_events`: see `CHECKPOINT_EVERY_EVENTS`.
+/// Opens (or creates) the database with `policy` (swapped in if it differs from the stored
+/// one) and the options the database recorded (see `options`). `checkpoint_every_events`: see
+/// `CHECKPOINT_EVERY_EVENTS`; it applies to a database that recorded no options.
 pub fn open(
     path: &Path,
     policy: Policy,
@@ -112,13 +114,24 @@ pub fn open(
     durability: Durability,
     checkpoint_every_events: u64,
 ) -> Result<Engine, Error> {
-    let options = OpenOptions {
+    Engine::open(
+        path,
+        policy,
+        clock,
+        options(durability, checkpoint_every_events),
+    )
+}
+
+/// The commands' options: an existing database's recorded ones (a gateway's request-id horizon,
+/// retention and bounds), else the defaults with `checkpoint_every_events`.
+fn options(durability: Durability, checkpoint_every_events: u64) -> OpenOptions {
+    OpenOptions {
         durability,
         engine: EngineOptions::default(),
         checkpoint_every_events,
+        use_recorded: true,
         ..OpenOptions::default()
-    };
-    Engine::open(path, policy, clock, options)
+    }
 }
 
 /// Opens the database with the policy it last ran with (see
@@ -130,13 +143,12 @@ pub fn open_with_stored_policy(
     durability: Durability,
     checkpoint_every_events: u64,
 ) -> Result<Engine, Error> {
-    let options = OpenOptions {
-        durability,
-        engine: EngineOptions::default(),
-        checkpoint_every_events,
-        ..OpenOptions::default()
-    };
-    Engine::open_with_stored_policy(path, new_database_policy, clock, options)
+    Engine::open_with_stored_policy(
+        path,
+        new_database_policy,
+        clock,
+        options(durability, checkpoint_every_events),
+    )
 }
 
 #[cfg(test)]

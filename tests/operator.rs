@@ -6,9 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use tally_engine::{Engine, EngineOptions, OpenOptions, Policy, SystemClock};
 
 const HOUR_MS: u64 = 60 * 60 * 1_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
@@ -600,4 +602,47 @@ fn a_cursor_does_not_move_past_events_that_could_not_be_written_out() {
     );
     let events = workspace.events(&["--cursor", "billing"]);
     assert_eq!(events.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4]);
+}
+
+#[test]
+fn commands_run_a_database_with_the_options_its_gateway_recorded() {
+    let workspace = Workspace::new();
+    // A gateway's database: room for two users, and usage events kept 60 days past the
+    // longest window for its billing export.
+    let gateway = OpenOptions {
+        engine: EngineOptions {
+            max_users: 2,
+            ..EngineOptions::default()
+        },
+        retention_ms: 60 * DAY_MS,
+        ..OpenOptions::default()
+    };
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+    let engine = Engine::open(workspace.database(), policy, Arc::new(SystemClock), gateway)
+        .expect("the gateway opens its database");
+    engine.create_user("ada", "tp-ada", None).expect("a user");
+    engine.close().expect("close");
+
+    workspace.ok(&["user", "bo", "tp-bo"]);
+    let refused = workspace.run(&["user", "cy", "tp-cy"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stdout_of(&refused));
+    assert!(
+        stderr_of(&refused).contains("the bound of 2 is reached"),
+        "the gateway's bound of 2 users: {}",
+        stderr_of(&refused)
+    );
+
+    workspace.ok(&["seat", "@ada", "ada", "Small"]);
+    consume(&workspace, now_ms(), &[]);
+    // 30 days on is within the gateway's retention: with the defaults (7 days) every event
+    // up to the checkpoint would go.
+    let later = (now_ms() + 30 * DAY_MS).to_string();
+    let compacted = workspace.ok(&["compact", "--at", &later]);
+    assert!(compacted.contains("removed:    0 events"), "{compacted}");
+    assert!(workspace.ok(&["verify"]).contains("sound:    yes"));
+    let recorded = Engine::recorded_options(workspace.database())
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(recorded.max_users, 2);
+    assert_eq!(recorded.retention_ms, 60 * DAY_MS);
 }

@@ -14,7 +14,8 @@ use tally_engine::options::{
 };
 use tally_engine::reservation::MAX_LEASE_MS;
 use tally_engine::{
-    Durability, Engine, EngineOptions, Error, OpenOptions, Policy, Unit, UsageRequest,
+    Durability, Engine, EngineOptions, Error, OpenOptions, Policy, RecordedOptions, Unit,
+    UsageRequest,
 };
 
 const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
@@ -438,4 +439,211 @@ fn verify_refuses_bad_options_before_reading_the_database() {
     );
     let report = Engine::verify(dir.path(), none_durability()).expect("verify");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options recorded in the database.
+
+/// Options unlike the defaults in every recorded field.
+fn gateway_options() -> OpenOptions {
+    OpenOptions {
+        durability: Durability::None,
+        engine: EngineOptions {
+            max_keys: 3,
+            max_teams: 11,
+            max_users: 12,
+            idempotency_capacity: 13,
+            idempotency_horizon_ms: 20 * DAY_MS,
+            max_open_reservations: 14,
+            default_lease_ms: 15 * MINUTE_MS,
+            max_policy_generations: 2,
+            reclaim_idle_every_ms: 0,
+            expire_leases_on_its_own: false,
+        },
+        checkpoint_every_events: 77,
+        retention_ms: 30 * DAY_MS,
+        ..OpenOptions::default()
+    }
+}
+
+fn recorded(dir: &Path) -> Option<RecordedOptions> {
+    Engine::recorded_options(dir).expect("read the recorded options")
+}
+
+fn use_recorded() -> OpenOptions {
+    OpenOptions {
+        use_recorded: true,
+        ..none_durability()
+    }
+}
+
+#[test]
+fn a_database_records_its_options_and_a_tool_runs_it_with_them() {
+    let dir = TempDir::new("options-recorded");
+    let gateway = gateway_options();
+    open_with(dir.path(), gateway.clone())
+        .expect("open")
+        .close()
+        .expect("close");
+    assert_eq!(recorded(dir.path()), Some(RecordedOptions::of(&gateway)));
+    assert_ne!(RecordedOptions::of(&gateway), RecordedOptions::default());
+
+    // A tool asking for the recorded options gets the gateway's, not its own defaults...
+    let engine = open_with(dir.path(), use_recorded()).expect("open as recorded");
+    assert_eq!(*engine.options(), gateway.engine);
+    // ... and they hold: a fourth key is refused by the gateway's bound of 3.
+    for user in ["u1", "u2", "u3"] {
+        engine
+            .create_user(user, &format!("key-{user}"), Some(T0_MS))
+            .expect("within the bound");
+    }
+    let refused = engine.create_user("u4", "key-u4", Some(T0_MS));
+    assert!(
+        matches!(refused, Err(Error::CapacityExceeded { .. })),
+        "{refused:?}"
+    );
+    engine.close().expect("close");
+    assert_eq!(
+        recorded(dir.path()),
+        Some(RecordedOptions::of(&gateway)),
+        "the tool recorded what it ran with: the same"
+    );
+
+    // A gateway opening with options of its own (not as recorded) runs and records them.
+    let changed = OpenOptions {
+        retention_ms: DAY_MS,
+        ..gateway_options()
+    };
+    let engine = open_with(dir.path(), changed.clone()).expect("open");
+    assert_eq!(*engine.options(), changed.engine);
+    engine.close().expect("close");
+    assert_eq!(recorded(dir.path()), Some(RecordedOptions::of(&changed)));
+}
+
+#[test]
+fn a_new_database_asked_for_recorded_options_runs_and_records_the_ones_given() {
+    let dir = TempDir::new("options-recorded-new");
+    assert!(
+        Engine::recorded_options(dir.path().join("missing")).is_err(),
+        "no database there"
+    );
+    assert!(
+        !dir.path().join("missing").exists(),
+        "reading created nothing"
+    );
+    let options = OpenOptions {
+        use_recorded: true,
+        ..gateway_options()
+    };
+    let engine = open_with(dir.path(), options.clone()).expect("open");
+    assert_eq!(*engine.options(), options.engine);
+    engine.close().expect("close");
+    assert_eq!(recorded(dir.path()), Some(RecordedOptions::of(&options)));
+}
+
+#[test]
+fn a_refused_open_records_nothing() {
+    let dir = TempDir::new("options-recorded-refused");
+    let engine = open_with(dir.path(), none_durability()).expect("open");
+    engine
+        .create_user("ada", "tp-ada", Some(T0_MS))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(T0_MS))
+        .expect("seat");
+    engine.close().expect("close");
+    let before = recorded(dir.path());
+    assert_eq!(before, Some(RecordedOptions::of(&none_durability())));
+
+    // A policy without Starter, where a seat is on Starter: the open is refused.
+    let mut document = Policy::token_plan().document().clone();
+    assert!(document.plans.remove("Starter").is_some());
+    let without_starter = Policy::compile(document).expect("a valid policy");
+    let refused = Engine::open(dir.path(), without_starter, clock(), gateway_options());
+    assert!(refused.is_err(), "the swap drops a seated plan");
+    assert_eq!(
+        recorded(dir.path()),
+        before,
+        "the refused open recorded nothing"
+    );
+}
+
+#[test]
+fn verify_as_recorded_replays_with_the_options_the_database_ran_with() {
+    let dir = TempDir::new("options-recorded-verify");
+    let options = OpenOptions {
+        engine: EngineOptions {
+            max_policy_generations: 2,
+            ..EngineOptions::default()
+        },
+        ..none_durability()
+    };
+    let engine = open_with(dir.path(), options).expect("open");
+    for swap in 0..4 {
+        engine
+            .swap_policy(Policy::token_plan(), Some(T0_MS + swap))
+            .expect("swap");
+    }
+    engine.checkpoint().expect("checkpoint");
+    engine.close().expect("close");
+
+    // The defaults keep 1,024 generations: their replay does not match the snapshot.
+    let defaults = Engine::verify(dir.path(), none_durability()).expect("verify");
+    assert_eq!(defaults.snapshot_matches_replay, Some(false));
+    let as_recorded = Engine::verify(dir.path(), use_recorded()).expect("verify");
+    assert_eq!(as_recorded.snapshot_matches_replay, Some(true));
+    assert!(as_recorded.is_sound(), "{:?}", as_recorded.problems);
+}
+
+#[test]
+fn recorded_options_that_do_not_decode_or_are_out_of_range_are_a_damaged_database() {
+    for (label, bytes) in [
+        ("garbage", b"{not json".to_vec()),
+        (
+            "out-of-range",
+            serde_json::to_vec(&RecordedOptions {
+                max_keys: 0,
+                ..RecordedOptions::default()
+            })
+            .expect("encode"),
+        ),
+    ] {
+        let dir = TempDir::new(&format!("options-recorded-{label}"));
+        open_with(dir.path(), none_durability())
+            .expect("open")
+            .close()
+            .expect("close");
+        let log = tally_engine::log::EventLog::open_with(
+            dir.path(),
+            Durability::None,
+            None,
+            tally_engine::log::SEGMENT_BYTES,
+        )
+        .expect("the log opens");
+        log.record_options(&bytes).expect("recorded");
+        log.close().expect("close");
+        drop(log);
+
+        for result in [
+            open_with(dir.path(), use_recorded()).map(|_| ()),
+            Engine::recorded_options(dir.path()).map(|_| ()),
+            Engine::verify(dir.path(), use_recorded()).map(|_| ()),
+        ] {
+            match result {
+                Err(Error::Storage { problem }) => {
+                    assert!(problem.contains("recorded options"), "{label}: {problem}")
+                }
+                other => panic!("{label}: expected a storage error, got {other:?}"),
+            }
+        }
+        // Options given explicitly still open it (and record themselves over the damage).
+        open_with(dir.path(), none_durability())
+            .expect("open with options given")
+            .close()
+            .expect("close");
+        assert_eq!(
+            recorded(dir.path()),
+            Some(RecordedOptions::of(&none_durability()))
+        );
+    }
 }

@@ -57,6 +57,7 @@ pub use engine::{
 pub use error::Error;
 pub use event::{Event, EventBody};
 pub use log::{Durability, Faults};
+pub use options::RecordedOptions;
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
 pub use recovery::{CompactReport, OpenOptions, OpenReport, VerifyReport};
 pub use reservation::{ReservationId, Settlement};

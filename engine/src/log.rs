@@ -17,7 +17,8 @@
 //!   (so segments end at snapshots and compaction can drop whole files).
 //! - `snapshots/<seq, 20 digits>.snap`: checkpoints, written to a temporary file, fsynced and
 //!   renamed (then the directory fsynced); the latest two are kept.
-//! - sled, for what is small and keyed: `meta` (the format version) and `cursors` (named export
+//! - sled, for what is small and keyed: `meta` (the format version, and the options the
+//!   database was last opened with: `options::RecordedOptions`) and `cursors` (named export
 //!   cursors). sled's file lock also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment: a record whose length or crc is wrong with nothing valid after
@@ -98,6 +99,8 @@ const LOCK_RETRIES: u32 = 50;
 const LOCK_RETRY_DELAY: Duration = Duration::from_millis(20);
 
 const META_FORMAT: &[u8] = b"format_version";
+/// The options the database was last opened with (`options::RecordedOptions`, as JSON).
+const META_OPTIONS: &[u8] = b"options";
 
 /// When an acknowledged event is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,6 +483,7 @@ pub type EncodeSnapshot =
 pub struct EventLog {
     dir: PathBuf,
     db: sled::Db,
+    meta: sled::Tree,
     cursors: sled::Tree,
     snapshots_dir: PathBuf,
     syncer: FileSyncer,
@@ -1028,7 +1032,14 @@ impl EventLog {
 
     /// Opens the log to read it only (`verify`, tools): no writer thread, no torn tail cut off,
     /// and damage at the end of the log reported by `walk` instead of refusing to open.
+    /// A directory that does not exist is an error: reading never creates a database.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
+        if !dir.is_dir() {
+            return Err(storage(
+                dir.display(),
+                "is not a directory holding a database",
+            ));
+        }
         EventLog::open_inner(dir, Durability::None, None, SEGMENT_BYTES, true)
     }
 
@@ -1138,6 +1149,7 @@ impl EventLog {
         let log = EventLog {
             dir: dir.to_path_buf(),
             db,
+            meta,
             cursors,
             snapshots_dir,
             syncer,
@@ -1811,6 +1823,33 @@ impl EventLog {
                 Ok(u64::from_be_bytes(bytes))
             }
         }
+    }
+
+    /// The options recorded by the last open that recorded any (`record_options`), as stored;
+    /// `None` for a database that has none (new, or written by a build before they were).
+    pub fn recorded_options(&self) -> Result<Option<Vec<u8>>, Error> {
+        self.meta
+            .get(META_OPTIONS)
+            .map(|value| value.map(|bytes| bytes.to_vec()))
+            .map_err(|error| storage("reading the recorded options", error))
+    }
+
+    /// Records the options durably (`options::RecordedOptions`), unless the same bytes are
+    /// recorded already. Refused on a read-only log.
+    pub fn record_options(&self, bytes: &[u8]) -> Result<(), Error> {
+        if self.read_only {
+            return Err(storage(
+                self.dir.display(),
+                "opened read-only: nothing is recorded",
+            ));
+        }
+        if self.recorded_options()?.as_deref() == Some(bytes) {
+            return Ok(());
+        }
+        self.meta
+            .insert(META_OPTIONS, bytes)
+            .map_err(|error| storage("recording the options", error))?;
+        self.syncer.flush(&self.db)
     }
 
     /// Saves a named cursor durably (it survives restarts).

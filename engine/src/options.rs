@@ -13,6 +13,7 @@ use crate::log::{Durability, MAX_FLUSH_INTERVAL_MS};
 use crate::policy::MAX_ROLLING_WINDOW_MS;
 use crate::recovery::OpenOptions;
 use crate::reservation::MAX_LEASE_MS;
+use serde::{Deserialize, Serialize};
 
 /// The largest bound a table may be given (`max_keys`, `max_teams`, `max_users`,
 /// `idempotency_capacity`, `max_open_reservations`). Every entry lives in memory, from a few
@@ -184,6 +185,103 @@ impl OpenOptions {
     }
 }
 
+/// What a database records of the options it was opened with (`Engine::open` writes them to
+/// the log's metadata after a successful open; `OpenOptions::use_recorded` reads them back):
+/// every option that shapes what the database keeps and how, so a tool opening or verifying it
+/// later (the `tally` commands, `verify`) runs it as its gateway does. Not recorded: the
+/// durability (each process chooses its own), injected faults, and `segment_bytes` (it only
+/// decides where the log's next file starts). Stored as JSON, so an option added later is
+/// read as its default from a database that predates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecordedOptions {
+    pub max_keys: u64,
+    pub max_teams: u64,
+    pub max_users: u64,
+    pub idempotency_capacity: u64,
+    pub idempotency_horizon_ms: u64,
+    pub max_open_reservations: u64,
+    pub default_lease_ms: u64,
+    pub max_policy_generations: u64,
+    pub reclaim_idle_every_ms: u64,
+    pub expire_leases_on_its_own: bool,
+    pub checkpoint_every_events: u64,
+    pub retention_ms: u64,
+}
+
+impl Default for RecordedOptions {
+    fn default() -> RecordedOptions {
+        RecordedOptions::of(&OpenOptions::default())
+    }
+}
+
+impl RecordedOptions {
+    /// What `options` records.
+    pub fn of(options: &OpenOptions) -> RecordedOptions {
+        let engine = &options.engine;
+        RecordedOptions {
+            max_keys: engine.max_keys,
+            max_teams: engine.max_teams,
+            max_users: engine.max_users,
+            idempotency_capacity: wide(engine.idempotency_capacity),
+            idempotency_horizon_ms: engine.idempotency_horizon_ms,
+            max_open_reservations: wide(engine.max_open_reservations),
+            default_lease_ms: engine.default_lease_ms,
+            max_policy_generations: wide(engine.max_policy_generations),
+            reclaim_idle_every_ms: engine.reclaim_idle_every_ms,
+            expire_leases_on_its_own: engine.expire_leases_on_its_own,
+            checkpoint_every_events: options.checkpoint_every_events,
+            retention_ms: options.retention_ms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self)
+            .unwrap_or_else(|error| unreachable!("plain numbers always encode: {error}"))
+    }
+
+    /// Reads recorded options; bytes that do not decode, or options out of range, are a
+    /// damaged database: `Error::Storage` saying what was wrong.
+    pub fn decode(bytes: &[u8]) -> Result<RecordedOptions, Error> {
+        let recorded: RecordedOptions =
+            serde_json::from_slice(bytes).map_err(|error| Error::Storage {
+                problem: format!("the database's recorded options do not decode: {error}"),
+            })?;
+        let mut options = OpenOptions::default();
+        recorded
+            .apply_to(&mut options)
+            .and_then(|()| options.validate())
+            .map_err(|error| Error::Storage {
+                problem: format!("the database's recorded options are out of range: {error}"),
+            })?;
+        Ok(recorded)
+    }
+
+    /// Puts the recorded options into `options` (its durability, faults and segment size stay).
+    pub fn apply_to(&self, options: &mut OpenOptions) -> Result<(), Error> {
+        let narrow = |option: &'static str, value: u64| {
+            usize::try_from(value).map_err(|_| {
+                Error::invalid(option, format!("{value} does not fit this machine's usize"))
+            })
+        };
+        options.engine = EngineOptions {
+            max_keys: self.max_keys,
+            max_teams: self.max_teams,
+            max_users: self.max_users,
+            idempotency_capacity: narrow("idempotency_capacity", self.idempotency_capacity)?,
+            idempotency_horizon_ms: self.idempotency_horizon_ms,
+            max_open_reservations: narrow("max_open_reservations", self.max_open_reservations)?,
+            default_lease_ms: self.default_lease_ms,
+            max_policy_generations: narrow("max_policy_generations", self.max_policy_generations)?,
+            reclaim_idle_every_ms: self.reclaim_idle_every_ms,
+            expire_leases_on_its_own: self.expire_leases_on_its_own,
+        };
+        options.checkpoint_every_events = self.checkpoint_every_events;
+        options.retention_ms = self.retention_ms;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +291,52 @@ mod tests {
             Err(Error::InvalidArgument { field, problem }) => (field, problem),
             other => panic!("expected an invalid option, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn recorded_options_read_back_as_written_and_tolerate_other_builds() {
+        let options = OpenOptions {
+            engine: EngineOptions {
+                max_keys: 5,
+                idempotency_horizon_ms: 9,
+                expire_leases_on_its_own: false,
+                ..EngineOptions::default()
+            },
+            retention_ms: 7,
+            ..OpenOptions::default()
+        };
+        let recorded = RecordedOptions::of(&options);
+        let decoded = RecordedOptions::decode(&recorded.encode()).expect("decodes");
+        assert_eq!(decoded, recorded);
+        let mut applied = OpenOptions {
+            durability: Durability::None,
+            segment_bytes: 4096,
+            ..OpenOptions::default()
+        };
+        decoded.apply_to(&mut applied).expect("fits");
+        assert_eq!(applied.engine, options.engine);
+        assert_eq!(applied.retention_ms, 7);
+        assert_eq!(
+            applied.checkpoint_every_events,
+            options.checkpoint_every_events
+        );
+        assert_eq!(
+            (applied.durability, applied.segment_bytes),
+            (Durability::None, 4096),
+            "not recorded: the caller's own"
+        );
+        // An older build's record lacks a field (its default is read); a newer one's has a
+        // field this build does not know (ignored).
+        let older = RecordedOptions::decode(br#"{"max_keys": 5}"#).expect("decodes");
+        assert_eq!(
+            older,
+            RecordedOptions {
+                max_keys: 5,
+                ..RecordedOptions::default()
+            }
+        );
+        let newer = RecordedOptions::decode(br#"{"max_keys": 5, "from_the_future": 1}"#);
+        assert_eq!(newer.expect("decodes"), older);
     }
 
     #[test]

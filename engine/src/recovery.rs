@@ -32,6 +32,7 @@ use crate::event::{Event, EventBody, GivenBack, ReservationEnd, FORMAT_VERSION};
 use crate::idempotency::{Fingerprint, LoggedAs, RequestRecord};
 use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults, SnapshotBytes};
+use crate::options::RecordedOptions;
 use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
@@ -287,6 +288,14 @@ pub struct OpenOptions {
     /// A log segment is sealed and a new one started past this many bytes (and at every
     /// checkpoint); compaction deletes whole segments. At least `MIN_SEGMENT_BYTES` (256).
     pub segment_bytes: u64,
+    /// Run an existing database with the options it recorded when it was last opened (see
+    /// `options::RecordedOptions`: the engine's options, `checkpoint_every_events` and
+    /// `retention_ms`) instead of the ones here, which then apply only to a database that
+    /// recorded none (a new one, or one written before options were recorded). For tools that
+    /// open or verify a gateway's database: with the defaults, a tool would keep request ids
+    /// for a shorter horizon or compact events a longer retention keeps. The durability,
+    /// faults and `segment_bytes` are always this call's own. False by default.
+    pub use_recorded: bool,
 }
 
 impl Default for OpenOptions {
@@ -298,6 +307,7 @@ impl Default for OpenOptions {
             retention_ms: 7 * 24 * 60 * 60 * 1_000,
             faults: None,
             segment_bytes: crate::log::SEGMENT_BYTES,
+            use_recorded: false,
         }
     }
 }
@@ -585,7 +595,7 @@ impl Engine {
         policy: Policy,
         choice: PolicyChoice,
         clock: Arc<dyn Clock>,
-        options: OpenOptions,
+        mut options: OpenOptions,
     ) -> Result<Engine, Error> {
         options.validate()?;
         let started = Instant::now();
@@ -596,6 +606,10 @@ impl Engine {
             options.faults.clone(),
             options.segment_bytes,
         )?;
+        let recorded = log.recorded_options()?;
+        if let (true, Some(bytes)) = (options.use_recorded, &recorded) {
+            RecordedOptions::decode(bytes)?.apply_to(&mut options)?;
+        }
         report.log_open = started.elapsed();
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
@@ -671,6 +685,10 @@ impl Engine {
         engine
             .retention_ms
             .store(options.retention_ms, Ordering::Relaxed);
+        // Last, once nothing can refuse the open: a refused open records nothing.
+        engine
+            .require_journal()?
+            .record_options(&RecordedOptions::of(&options).encode())?;
         report.total = started.elapsed();
         let _ = engine.open_report.set(report);
         Ok(engine)
@@ -1573,11 +1591,30 @@ impl Engine {
         })
     }
 
+    /// The options the database in `dir` recorded when it was last opened (`None` if it
+    /// recorded none), read without changing anything; the database must not be open.
+    pub fn recorded_options(dir: impl AsRef<Path>) -> Result<Option<RecordedOptions>, Error> {
+        let log = EventLog::open_read_only(dir.as_ref())?;
+        let recorded = log.recorded_options()?;
+        log.close()?;
+        recorded
+            .map(|bytes| RecordedOptions::decode(&bytes))
+            .transpose()
+    }
+
     /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
     /// snapshot equals a replay of the log from the snapshot before it (or from the start).
-    pub fn verify(dir: impl AsRef<Path>, options: OpenOptions) -> Result<VerifyReport, Error> {
+    /// The replay runs with `options`: they must be the ones the database was opened with (the
+    /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
+    /// `use_recorded` reads from the database itself. Nothing is written.
+    pub fn verify(dir: impl AsRef<Path>, mut options: OpenOptions) -> Result<VerifyReport, Error> {
         options.validate()?;
         let log = EventLog::open_read_only(dir.as_ref())?;
+        if options.use_recorded {
+            if let Some(bytes) = log.recorded_options()? {
+                RecordedOptions::decode(&bytes)?.apply_to(&mut options)?;
+            }
+        }
         let mut report = VerifyReport::default();
         let mut bodies = Vec::new();
         let problems = log.walk(|record| {
