@@ -49,23 +49,14 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     let created = store::check_openable(&database.path, operation.action.creates_database())
         .map_err(|problem| fail(("--db".into(), problem)))?;
     // Without --policy the database keeps the policy it last ran with (a gateway's, say):
-    // looking at a key must not swap the shipped policy in.
-    let opened = match database.policy {
-        Some(_) => store::open(
-            &database.path,
-            policy,
-            Arc::new(SystemClock),
-            database.durability,
-            store::CHECKPOINT_EVERY_EVENTS,
-        ),
-        None => store::open_with_stored_policy(
-            &database.path,
-            policy,
-            Arc::new(SystemClock),
-            database.durability,
-            store::CHECKPOINT_EVERY_EVENTS,
-        ),
-    };
+    // looking at a key must not swap the shipped policy in. The options are the ones the
+    // database recorded, and the command records none of its own.
+    let opened = store::open_as_recorded(
+        &database.path,
+        policy,
+        Arc::new(SystemClock),
+        database.durability,
+    );
     let engine = match opened {
         Ok(engine) => engine,
         Err(error) => {
@@ -91,12 +82,13 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     })
 }
 
-/// The policy given with --policy, else the shipped one (which only a new database starts with).
-fn load_policy(database: &Database) -> Result<Policy, (String, String)> {
-    match &database.policy {
-        None => Ok(Policy::token_plan()),
-        Some(path) => Policy::load(path).map_err(|error| ("--policy".into(), error.to_string())),
-    }
+/// The policy given with --policy; `None` without one (the database's stored policy).
+fn load_policy(database: &Database) -> Result<Option<Policy>, (String, String)> {
+    database
+        .policy
+        .as_ref()
+        .map(|path| Policy::load(path).map_err(|error| ("--policy".into(), error.to_string())))
+        .transpose()
 }
 
 fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {

@@ -104,9 +104,9 @@ pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
     }
 }
 
-/// Opens (or creates) the database with `policy` (swapped in if it differs from the stored
-/// one) and the options the database recorded (see `options`). `checkpoint_every_events`: see
-/// `CHECKPOINT_EVERY_EVENTS`; it applies to a database that recorded no options.
+/// Opens (or creates) a database the program owns (`simulate`'s, the crash test's child's):
+/// `policy` is swapped in if it differs from the stored one, and the defaults with
+/// `checkpoint_every_events` are what it runs with and records.
 pub fn open(
     path: &Path,
     policy: Policy,
@@ -114,41 +114,37 @@ pub fn open(
     durability: Durability,
     checkpoint_every_events: u64,
 ) -> Result<Engine, Error> {
-    Engine::open(
-        path,
-        policy,
-        clock,
-        options(durability, checkpoint_every_events),
-    )
-}
-
-/// The commands' options: an existing database's recorded ones (a gateway's request-id horizon,
-/// retention and bounds), else the defaults with `checkpoint_every_events`.
-fn options(durability: Durability, checkpoint_every_events: u64) -> OpenOptions {
-    OpenOptions {
+    let options = OpenOptions {
         durability,
         engine: EngineOptions::default(),
         checkpoint_every_events,
-        use_recorded: true,
         ..OpenOptions::default()
-    }
+    };
+    Engine::open(path, policy, clock, options)
 }
 
-/// Opens the database with the policy it last ran with (see
-/// `Engine::open_with_stored_policy`); a new one is created with `new_database_policy`.
-pub fn open_with_stored_policy(
+/// Opens (or creates) the database as a tool, for the operator commands: with the options it
+/// recorded (a gateway's request-id horizon, retention and bounds; for a database that recorded
+/// none, the defaults with `CHECKPOINT_EVERY_EVENTS`), recording nothing. `policy`: swapped in
+/// if it differs from the stored one; `None` keeps the stored one (a new database starts with
+/// the shipped one).
+pub fn open_as_recorded(
     path: &Path,
-    new_database_policy: Policy,
+    policy: Option<Policy>,
     clock: Arc<dyn Clock>,
     durability: Durability,
-    checkpoint_every_events: u64,
 ) -> Result<Engine, Error> {
-    Engine::open_with_stored_policy(
-        path,
-        new_database_policy,
-        clock,
-        options(durability, checkpoint_every_events),
-    )
+    let options = OpenOptions {
+        durability,
+        engine: EngineOptions::default(),
+        checkpoint_every_events: CHECKPOINT_EVERY_EVENTS,
+        use_recorded: true,
+        ..OpenOptions::default()
+    };
+    match policy {
+        Some(policy) => Engine::open(path, policy, clock, options),
+        None => Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options),
+    }
 }
 
 #[cfg(test)]

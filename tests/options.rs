@@ -506,7 +506,7 @@ fn a_database_records_its_options_and_a_tool_runs_it_with_them() {
     assert_eq!(
         recorded(dir.path()),
         Some(RecordedOptions::of(&gateway)),
-        "the tool recorded what it ran with: the same"
+        "the gateway's record stays"
     );
 
     // A gateway opening with options of its own (not as recorded) runs and records them.
@@ -521,16 +521,10 @@ fn a_database_records_its_options_and_a_tool_runs_it_with_them() {
 }
 
 #[test]
-fn a_new_database_asked_for_recorded_options_runs_and_records_the_ones_given() {
+fn a_tool_opening_as_recorded_records_nothing() {
+    // A database with no record (new, or from a build before records): the tool runs with the
+    // options it gave, and leaves the record to the database's owner.
     let dir = TempDir::new("options-recorded-new");
-    assert!(
-        Engine::recorded_options(dir.path().join("missing")).is_err(),
-        "no database there"
-    );
-    assert!(
-        !dir.path().join("missing").exists(),
-        "reading created nothing"
-    );
     let options = OpenOptions {
         use_recorded: true,
         ..gateway_options()
@@ -538,7 +532,52 @@ fn a_new_database_asked_for_recorded_options_runs_and_records_the_ones_given() {
     let engine = open_with(dir.path(), options.clone()).expect("open");
     assert_eq!(*engine.options(), options.engine);
     engine.close().expect("close");
-    assert_eq!(recorded(dir.path()), Some(RecordedOptions::of(&options)));
+    assert_eq!(recorded(dir.path()), None);
+
+    // A record from a newer build, with an option this one does not know: a tool runs with what
+    // it knows of it and leaves the record byte for byte as it was.
+    let newer = br#"{"max_keys": 3, "an_option_from_a_newer_build": 42}"#;
+    let log = tally_engine::log::EventLog::open_with(
+        dir.path(),
+        Durability::None,
+        None,
+        tally_engine::log::SEGMENT_BYTES,
+    )
+    .expect("the log opens");
+    log.record_options(newer).expect("recorded");
+    log.close().expect("close");
+    drop(log);
+    let engine = open_with(dir.path(), use_recorded()).expect("open as recorded");
+    assert_eq!(engine.options().max_keys, 3);
+    engine.close().expect("close");
+    let log = tally_engine::log::EventLog::open_read_only(dir.path()).expect("read");
+    assert_eq!(
+        log.recorded_options().expect("read").as_deref(),
+        Some(&newer[..])
+    );
+}
+
+#[test]
+fn reading_options_or_verifying_where_there_is_no_database_creates_none() {
+    let dir = TempDir::new("options-recorded-nothing");
+    let missing = dir.path().join("missing");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("an empty directory");
+    for path in [&missing, &empty] {
+        let read = Engine::recorded_options(path);
+        assert!(
+            matches!(&read, Err(Error::Storage { problem }) if problem.contains("holds no tally database")),
+            "{read:?}"
+        );
+        let verified = Engine::verify(path, use_recorded());
+        assert!(verified.is_err(), "{path:?}: {verified:?}");
+    }
+    assert!(!missing.exists(), "nothing was created");
+    assert_eq!(
+        std::fs::read_dir(&empty).expect("listed").count(),
+        0,
+        "the empty directory stays empty"
+    );
 }
 
 #[test]
@@ -599,14 +638,11 @@ fn verify_as_recorded_replays_with_the_options_the_database_ran_with() {
 fn recorded_options_that_do_not_decode_or_are_out_of_range_are_a_damaged_database() {
     for (label, bytes) in [
         ("garbage", b"{not json".to_vec()),
-        (
-            "out-of-range",
-            serde_json::to_vec(&RecordedOptions {
-                max_keys: 0,
-                ..RecordedOptions::default()
-            })
-            .expect("encode"),
-        ),
+        ("out-of-range", {
+            let mut out_of_range = RecordedOptions::default();
+            out_of_range.max_keys = 0;
+            out_of_range.encode()
+        }),
     ] {
         let dir = TempDir::new(&format!("options-recorded-{label}"));
         open_with(dir.path(), none_durability())
@@ -627,7 +663,6 @@ fn recorded_options_that_do_not_decode_or_are_out_of_range_are_a_damaged_databas
         for result in [
             open_with(dir.path(), use_recorded()).map(|_| ()),
             Engine::recorded_options(dir.path()).map(|_| ()),
-            Engine::verify(dir.path(), use_recorded()).map(|_| ()),
         ] {
             match result {
                 Err(Error::Storage { problem }) => {
@@ -636,6 +671,18 @@ fn recorded_options_that_do_not_decode_or_are_out_of_range_are_a_damaged_databas
                 other => panic!("{label}: expected a storage error, got {other:?}"),
             }
         }
+        // verify reports it among the problems (and replays with the options given).
+        let report = Engine::verify(dir.path(), use_recorded()).expect("verify runs");
+        assert!(!report.is_sound(), "{label}");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|problem| problem.contains("recorded options")),
+            "{label}: {:?}",
+            report.problems
+        );
+        assert_eq!(report.snapshot_matches_replay, Some(true), "{label}");
         // Options given explicitly still open it (and record themselves over the damage).
         open_with(dir.path(), none_durability())
             .expect("open with options given")

@@ -1032,13 +1032,11 @@ impl EventLog {
 
     /// Opens the log to read it only (`verify`, tools): no writer thread, no torn tail cut off,
     /// and damage at the end of the log reported by `walk` instead of refusing to open.
-    /// A directory that does not exist is an error: reading never creates a database.
+    /// A directory that holds no database (missing, empty, or without sled's files) is an
+    /// error: reading never creates one.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
-        if !dir.is_dir() {
-            return Err(storage(
-                dir.display(),
-                "is not a directory holding a database",
-            ));
+        if !(dir.join("db").is_file() || dir.join("conf").is_file()) {
+            return Err(storage(dir.display(), "holds no tally database"));
         }
         EventLog::open_inner(dir, Durability::None, None, SEGMENT_BYTES, true)
     }
@@ -1834,8 +1832,9 @@ impl EventLog {
             .map_err(|error| storage("reading the recorded options", error))
     }
 
-    /// Records the options durably (`options::RecordedOptions`), unless the same bytes are
-    /// recorded already. Refused on a read-only log.
+    /// Records the options durably, unless the same bytes are recorded already. The bytes are
+    /// `options::RecordedOptions::encode`'s (anything else is read back as a damaged record).
+    /// Refused on a read-only log.
     pub fn record_options(&self, bytes: &[u8]) -> Result<(), Error> {
         if self.read_only {
             return Err(storage(

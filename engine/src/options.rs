@@ -185,8 +185,9 @@ impl OpenOptions {
     }
 }
 
-/// What a database records of the options it was opened with (`Engine::open` writes them to
-/// the log's metadata after a successful open; `OpenOptions::use_recorded` reads them back):
+/// What a database records of the options it was opened with (an open with options of its own
+/// writes them to the log's metadata once it succeeded; `OpenOptions::use_recorded` reads them
+/// back and writes nothing):
 /// every option that shapes what the database keeps and how, so a tool opening or verifying it
 /// later (the `tally` commands, `verify`) runs it as its gateway does. Not recorded: the
 /// durability (each process chooses its own), injected faults, and `segment_bytes` (it only
@@ -194,6 +195,7 @@ impl OpenOptions {
 /// read as its default from a database that predates it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct RecordedOptions {
     pub max_keys: u64,
     pub max_teams: u64,

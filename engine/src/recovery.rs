@@ -288,13 +288,15 @@ pub struct OpenOptions {
     /// A log segment is sealed and a new one started past this many bytes (and at every
     /// checkpoint); compaction deletes whole segments. At least `MIN_SEGMENT_BYTES` (256).
     pub segment_bytes: u64,
-    /// Run an existing database with the options it recorded when it was last opened (see
+    /// Open as a tool: run an existing database with the options it recorded (see
     /// `options::RecordedOptions`: the engine's options, `checkpoint_every_events` and
     /// `retention_ms`) instead of the ones here, which then apply only to a database that
-    /// recorded none (a new one, or one written before options were recorded). For tools that
-    /// open or verify a gateway's database: with the defaults, a tool would keep request ids
-    /// for a shorter horizon or compact events a longer retention keeps. The durability,
-    /// faults and `segment_bytes` are always this call's own. False by default.
+    /// recorded none (a new one, or one written before options were recorded), and record
+    /// nothing. False (the default): open as the database's owner, with the options here,
+    /// and record them when the open succeeds. For tools that open or verify a gateway's
+    /// database: with the defaults, a tool would keep request ids for a shorter horizon or
+    /// compact events a longer retention keeps. The durability, faults and `segment_bytes`
+    /// are always this call's own.
     pub use_recorded: bool,
 }
 
@@ -606,9 +608,10 @@ impl Engine {
             options.faults.clone(),
             options.segment_bytes,
         )?;
-        let recorded = log.recorded_options()?;
-        if let (true, Some(bytes)) = (options.use_recorded, &recorded) {
-            RecordedOptions::decode(bytes)?.apply_to(&mut options)?;
+        if options.use_recorded {
+            if let Some(bytes) = log.recorded_options()? {
+                RecordedOptions::decode(&bytes)?.apply_to(&mut options)?;
+            }
         }
         report.log_open = started.elapsed();
         let wanted =
@@ -685,10 +688,15 @@ impl Engine {
         engine
             .retention_ms
             .store(options.retention_ms, Ordering::Relaxed);
-        // Last, once nothing can refuse the open: a refused open records nothing.
-        engine
-            .require_journal()?
-            .record_options(&RecordedOptions::of(&options).encode())?;
+        // An open that ran with options of its own records them, last, once nothing can refuse
+        // it (a refused open records nothing). One that ran as recorded records nothing: it is
+        // a tool looking at the database, and leaves the record to the database's owner (even
+        // where there is none yet, or one a newer build wrote with options this one ignores).
+        if !options.use_recorded {
+            engine
+                .require_journal()?
+                .record_options(&RecordedOptions::of(&options).encode())?;
+        }
         report.total = started.elapsed();
         let _ = engine.open_report.set(report);
         Ok(engine)
@@ -1591,8 +1599,9 @@ impl Engine {
         })
     }
 
-    /// The options the database in `dir` recorded when it was last opened (`None` if it
-    /// recorded none), read without changing anything; the database must not be open.
+    /// The options the database in `dir` recorded when it was last opened with options of its
+    /// own (`None` if it recorded none), read without changing anything; the database must not
+    /// be open.
     pub fn recorded_options(dir: impl AsRef<Path>) -> Result<Option<RecordedOptions>, Error> {
         let log = EventLog::open_read_only(dir.as_ref())?;
         let recorded = log.recorded_options()?;
@@ -1606,16 +1615,22 @@ impl Engine {
     /// snapshot equals a replay of the log from the snapshot before it (or from the start).
     /// The replay runs with `options`: they must be the ones the database was opened with (the
     /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
-    /// `use_recorded` reads from the database itself. Nothing is written.
+    /// `use_recorded` reads from the database itself (recorded options that do not decode are
+    /// one of the problems reported, and the replay runs with `options` as given). Nothing is
+    /// written.
     pub fn verify(dir: impl AsRef<Path>, mut options: OpenOptions) -> Result<VerifyReport, Error> {
         options.validate()?;
         let log = EventLog::open_read_only(dir.as_ref())?;
+        let mut report = VerifyReport::default();
         if options.use_recorded {
             if let Some(bytes) = log.recorded_options()? {
-                RecordedOptions::decode(&bytes)?.apply_to(&mut options)?;
+                if let Err(error) = RecordedOptions::decode(&bytes)
+                    .and_then(|recorded| recorded.apply_to(&mut options))
+                {
+                    report.problems.push(error.to_string());
+                }
             }
         }
-        let mut report = VerifyReport::default();
         let mut bodies = Vec::new();
         let problems = log.walk(|record| {
             report.records += 1;
