@@ -49,6 +49,10 @@ type Options struct {
 	// How long usage events stay in the log beyond the longest window before Compact may
 	// drop them (default 7 days); negative: none. Open only.
 	Retention time.Duration
+	// An existing database runs with the options it recorded when it was last opened instead
+	// of these, which then apply only to a database that recorded none (a new one). For tools
+	// on a gateway's database. Open and Verify only.
+	UseRecorded bool
 }
 
 // WithOptions sets the engine's and the database's options (see Options).
@@ -135,6 +139,11 @@ func (s *Options) setters(op string) ([]setter, error) {
 	if s.DisableLeaseExpiry {
 		calls = append(calls, func(o *C.tally_options) C.uint32_t {
 			return C.tally_options_set_expire_leases_on_its_own(o, C.bool(false))
+		})
+	}
+	if s.UseRecorded {
+		calls = append(calls, func(o *C.tally_options) C.uint32_t {
+			return C.tally_options_set_use_recorded(o, C.bool(true))
 		})
 	}
 	return calls, nil

@@ -845,6 +845,19 @@ tally_status tally_options_set_checkpoint_every_events(struct tally_options *opt
 tally_status tally_options_set_retention_ms(struct tally_options *options,
                                             uint64_t retention_ms);
 
+// Whether an existing database runs with the options it recorded when it was last opened
+// (default false). A database records the engine's options, `checkpoint_every_events` and
+// `retention_ms` at every open; true makes `tally_engine_open` and `tally_verify` use those
+// instead of the ones set here, which then apply only to a database that recorded none (a
+// new one, or one written before options were recorded). For tools that open or verify a
+// gateway's database: with other options a tool would forget request ids sooner, compact
+// events the gateway's retention keeps, or see a sound database as unsound. The durability
+// is always the call's own. `tally_engine_open_in_memory` has no database and ignores it.
+//
+// Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
+tally_status tally_options_set_use_recorded(struct tally_options *options,
+                                            bool use_recorded);
+
 // Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 // "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
 // "meter", "window", "used", "amount", "remaining", "reset_at_ms": ms or null}],

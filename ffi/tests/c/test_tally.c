@@ -745,6 +745,27 @@ static void test_options(void) {
   tally_engine_free(in_memory);
   tally_engine_free(engine);
 
+  /* The database recorded its options: use_recorded reopens it with them (max_users 1), not
+   * with the ones set beside it (max_users 5); without it the options given apply (NULL: the
+   * defaults). */
+  tally_options *recorded = NULL;
+  EXPECT(tally_options_new(&recorded), TALLY_OK);
+  EXPECT(tally_options_set_use_recorded(NULL, true), TALLY_NULL_POINTER);
+  EXPECT(tally_options_set_use_recorded(recorded, true), TALLY_OK);
+  EXPECT(tally_options_set_max_users(recorded, 5), TALLY_OK);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           recorded, &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_CAPACITY_EXCEEDED);
+  CHECK(last_error_mentions("users"));
+  tally_engine_free(engine);
+  tally_options_free(recorded);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+                           &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_OK);
+  tally_engine_free(engine);
+
   /* Bad arguments to open create nothing: no directory for a bad interval. */
   char never[256];
   snprintf(never, sizeof never, "%s/never", dir);
