@@ -117,9 +117,16 @@ func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the options it was opened with: %+v %v", report, err)
 	}
-	// With the defaults (1,024 generations) the replay keeps the generations the snapshot
-	// dropped, so a sound database is reported unsound: why Verify takes the options.
+	// Without options: those the database recorded when it was opened (2 generations).
 	report, err = tally.Verify(dir)
+	if err != nil || !report.Sound || len(report.Problems) != 0 ||
+		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
+		t.Fatalf("verify with the recorded options: %+v %v", report, err)
+	}
+	// The zero Options given are the defaults (1,024 generations): the replay keeps the
+	// generations the snapshot dropped, so a sound database is reported unsound: why Verify
+	// without options reads the recorded ones.
+	report, err = tally.Verify(dir, tally.WithOptions(tally.Options{}))
 	if err != nil || report.Sound || report.SnapshotMatchesReplay == nil || *report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the defaults: %+v %v", report, err)
 	}

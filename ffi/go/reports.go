@@ -231,11 +231,14 @@ type VerifyReport struct {
 // (ErrDatabaseLocked): every record decodes, sequence numbers have no gaps, the latest
 // snapshot equals a replay.
 //
-// The replay runs with the options given WithOptions (none: the defaults): pass those the
-// database was opened with. The snapshot holds what they keep (e.g. MaxPolicyGenerations
-// policy generations), so a replay with other options may not match it and a sound database
-// is reported unsound. Bad options fail with ErrInvalidArgument, as for Open. The other
-// options (policy, durability) are not used.
+// The replay must run with the options the database was opened with: the snapshot holds
+// what they keep (e.g. MaxPolicyGenerations policy generations), so a replay with other
+// options may not match it and a sound database is reported unsound. Without WithOptions
+// (the usual choice) it runs with those the database recorded when it was last opened (the
+// defaults if it recorded none); options given WithOptions are used as given (the zero
+// Options: the defaults; UseRecorded: the recorded ones where there are any). Bad options
+// fail with ErrInvalidArgument, as for Open. The other options (policy, durability) are not
+// used.
 func Verify(path string, opts ...Option) (VerifyReport, error) {
 	o := collect(opts)
 	settings, err := o.setters("Verify")

@@ -110,8 +110,8 @@ func collect(opts []Option) options {
 	return o
 }
 
-// setters lists the option setter calls, none without WithOptions.
-func (o *options) setters(op string) ([]setter, error) {
+// setters lists the option setter calls; nil (NULL options) without WithOptions.
+func (o *options) setters(op string) (*optionCalls, error) {
 	if o.settings == nil {
 		return nil, nil
 	}

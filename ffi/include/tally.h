@@ -924,14 +924,17 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
 // Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 //
-// `options` (`tally_options_new`, or NULL for the defaults) are the options the replay runs
-// with: pass the ones the database was opened with. The snapshot holds what those options
-// keep (e.g. `max_policy_generations` policy generations), so a replay with other options
-// may not equal it and a sound database is reported unsound. They are read during the call
-// only.
+// The replay must run with the options the database was opened with: the snapshot holds what
+// they keep (e.g. `max_policy_generations` policy generations), so a replay with other
+// options may not equal it and a sound database is reported unsound. `options` NULL (the
+// usual choice) replays with the options the database recorded when it was last opened, or
+// the defaults if it recorded none (a database written before options were recorded).
+// Non-NULL `options` (`tally_options_new`) are used as given, recorded options only if
+// `tally_options_set_use_recorded` says so; they are read during the call only.
 //
 // An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-// `tally_engine_open`.
+// `tally_engine_open`; recorded options that do not decode or are out of range are
+// `TALLY_STORAGE` (the last error says which).
 tally_status tally_verify(const char *path,
                           size_t path_len,
                           const struct tally_options *options,

@@ -61,6 +61,19 @@ pub(crate) fn open_options(options: *const tally_options) -> Result<OpenOptions,
     Ok(try_ref(options)?.clone())
 }
 
+/// The options of a verify: `options`' values, or for NULL the database's recorded options
+/// (the defaults where it recorded none). Verify must replay with the options the database
+/// was opened with, and the database knows them better than a caller who passes nothing.
+pub(crate) fn verify_options(options: *const tally_options) -> Result<OpenOptions, Failure> {
+    if options.is_null() {
+        return Ok(OpenOptions {
+            use_recorded: true,
+            ..OpenOptions::default()
+        });
+    }
+    Ok(try_ref(options)?.clone())
+}
+
 /// Changes one option, checked at once: a value out of range leaves the options as they were.
 /// Every option's range is its own (none depends on another's), so the full check that the
 /// engine makes fails only on the value just changed, and names it.

@@ -785,3 +785,44 @@ fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durab
     drop(reopened);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tally_verify` of a closed database: its status, and whether it was sound.
+fn verify(dir: &std::path::Path, options: *const tally_options) -> Result<bool, tally_status> {
+    let (p, pl) = s(dir.to_str().unwrap_or_default());
+    let mut sound = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut needed = 0;
+    let buf_ptr = buf.as_mut_ptr().cast();
+    match tally_verify(p, pl, options, &mut sound, buf_ptr, buf.len(), &mut needed) {
+        tally_status::TALLY_OK => Ok(sound),
+        status => Err(status),
+    }
+}
+
+#[test]
+fn verify_without_options_reads_the_recorded_ones_and_says_when_they_do_not_decode() {
+    let dir = temp_dir("recorded");
+    let handle = open(&dir).expect("opens");
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    drop(handle);
+    assert_eq!(verify(&dir, ptr::null()), Ok(true));
+    {
+        let db = sled::open(&dir).expect("sled opens");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert("options", "not JSON").expect("insert");
+        db.flush().expect("flush");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(verify(&dir, ptr::null()), Err(tally_status::TALLY_STORAGE));
+    assert!(
+        last_error().contains("recorded options"),
+        "{}",
+        last_error()
+    );
+    // Options given explicitly do not read the record.
+    let mut options = ptr::null_mut();
+    assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+    assert_eq!(verify(&dir, options), Ok(true));
+    tally_options_free(options);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1211,7 +1211,8 @@ impl World {
                 let mut sound = None;
                 self.text_call(*buf, true, "verify", |buf, len, needed| {
                     let mut out = false;
-                    // NULL options: the database is opened with the defaults too.
+                    // NULL options: the ones the database recorded (the defaults it is
+                    // opened with).
                     let status = tally_verify(
                         path.as_ptr().cast(),
                         path.len(),
@@ -1504,7 +1505,7 @@ impl World {
         let status = tally_verify(
             path.as_ptr().cast(),
             path.len(),
-            ptr::null(), // the options it was opened with: the defaults
+            ptr::null(), // the options it recorded: the defaults it was opened with
             &mut sound,
             buf.as_mut_ptr().cast(),
             buf.len(),

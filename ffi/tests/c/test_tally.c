@@ -849,8 +849,9 @@ static void test_database(void) {
   CHECK(system(command) == 0);
 }
 
-/* Verify replays the log with the options it is given, which must be the ones the database was
- * opened with: the snapshot keeps only `max_policy_generations` policy generations. */
+/* Verify replays the log with the options the database was opened with (the snapshot keeps only
+ * `max_policy_generations` policy generations): NULL reads the ones it recorded; options given
+ * are used as given. */
 static void test_verify_options(void) {
   char dir[] = "/tmp/tally-c-verify-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
@@ -882,13 +883,24 @@ static void test_verify_options(void) {
   CHECK(sound && strstr(report, "\"snapshot_matches_replay\":true") != NULL);
   free(report);
 
-  /* NULL (the defaults, 1,024 generations) is not what it was opened with: the replay keeps the
-   * generations the snapshot dropped, so it does not match the snapshot and a sound database is
-   * reported unsound. This is why verify takes the options. */
-  sound = true;
+  /* NULL: the options the database recorded when it was opened (2 generations): sound. */
+  sound = false;
   EXPECT(tally_verify(S(db), NULL, &sound, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
   report = malloc(needed);
   EXPECT(tally_verify(S(db), NULL, &sound, report, needed, &needed), TALLY_OK);
+  CHECK(sound && strstr(report, "\"snapshot_matches_replay\":true") != NULL);
+  free(report);
+  tally_options_free(options);
+
+  /* Options given with nothing set are the defaults (1,024 generations), not what it was opened
+   * with: the replay keeps the generations the snapshot dropped, so it does not match the
+   * snapshot and a sound database is reported unsound. This is why NULL reads the recorded
+   * options. */
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  sound = true;
+  EXPECT(tally_verify(S(db), options, &sound, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  report = malloc(needed);
+  EXPECT(tally_verify(S(db), options, &sound, report, needed, &needed), TALLY_OK);
   CHECK(!sound && strstr(report, "\"snapshot_matches_replay\":false") != NULL);
   free(report);
   tally_options_free(options);

@@ -14,9 +14,9 @@ from . import _convert, _native, errors
 
 @dataclass(frozen=True)
 class Options:
-    """Options for ``Engine.open``, ``Engine.in_memory`` and ``tally.verify`` (which needs
-    those the database was opened with); ``None`` (every field's default) keeps the library's
-    default. Each value is checked by the library against its range before anything is
+    """Options for ``Engine.open``, ``Engine.in_memory`` and ``tally.verify`` (which without
+    options reads those the database recorded); ``None`` (every field's default) keeps the
+    library's default. Each value is checked by the library against its range before anything is
     opened: one out of range raises ``InvalidArgumentError`` naming the option and the range,
     and the open does not happen (no directory is created)::
 
@@ -86,7 +86,8 @@ _SETTERS = {
 @contextmanager
 def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
     """A ``tally_options`` handle with ``options`` set, for the duration of one open or verify
-    (``None`` for no options: the library's defaults). Raises before any open if a value is
+    (``None`` for no options, NULL: the defaults of an open, the recorded options of a verify;
+    ``Options()`` is a handle with nothing set). Raises before any open if a value is
     refused."""
     if options is None:
         yield None
