@@ -317,6 +317,12 @@ enum tally_policy_source
   TALLY_POLICY_TOML = 2,
   // `policy` is a JSON document.
   TALLY_POLICY_JSON = 3,
+  // `tally_engine_open` only: the policy the database last ran with, nothing swapped in or
+  // logged; a new database starts with the shipped Token Plan. For tools that look at or
+  // correct a gateway's database without changing its policy. `policy` must be NULL with
+  // length 0. `tally_engine_open_in_memory` and `tally_engine_swap_policy` have no stored
+  // policy and refuse it (`TALLY_INVALID_ARGUMENT`).
+  TALLY_POLICY_STORED = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -594,10 +600,13 @@ tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
 // Opens (or creates) the database in the directory `path` and writes a new handle to
 // `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
 // text. On a new database the policy is the first event; on an existing one a different policy
-// is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
-// read only for `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's
-// options (`tally_options_new`), or NULL for the defaults; they are read during the call
-// only. Without an explicit timestamp the engine uses the system clock.
+// is swapped in (usage carries over), except with `TALLY_POLICY_STORED`, which keeps the
+// database's own policy and logs nothing (a new database starts with the shipped Token Plan).
+// `durability` is a `tally_durability`; `interval_ms` is read only for
+// `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
+// (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
+// recorded ones), or NULL for the defaults; they are read during the call only. Without an
+// explicit timestamp the engine uses the system clock.
 //
 // Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
 // range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
@@ -619,11 +628,12 @@ tally_status tally_engine_open(const char *path,
 // Creates an engine that keeps everything in memory (lost when closed): for tests and
 // simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
 // answer `TALLY_NOT_DURABLE`. `options` as for `tally_engine_open` (NULL: the defaults); the
-// database's options (`checkpoint_every_events`, `retention_ms`) are not used.
+// database's options (`checkpoint_every_events`, `retention_ms`, `use_recorded`) are not used.
 //
-// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range), `TALLY_POLICY_INVALID`. On error
-// `*engine_out` is not written. The handle must be closed with `tally_engine_close` and freed
-// with `tally_engine_free`.
+// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range, or `TALLY_POLICY_STORED`: there is
+// no database to keep a policy), `TALLY_POLICY_INVALID`. On error `*engine_out` is not
+// written. The handle must be closed with `tally_engine_close` and freed with
+// `tally_engine_free`.
 tally_status tally_engine_open_in_memory(uint32_t policy_source,
                                          const char *policy,
                                          size_t policy_len,
@@ -722,10 +732,12 @@ tally_status tally_engine_credits(const struct tally_engine *engine,
                                   size_t team_len,
                                   uint64_t *balance_out);
 
-// Replaces the policy at run time (`policy_source` and `policy` as for open). Usage carries
-// over for every counter whose meter and window stay; seats move to the plan of the same name.
-// A swap that would drop a plan someone is seated on is refused (`TALLY_POLICY_INVALID` or
-// `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls inside the handle.
+// Replaces the policy at run time (`policy_source` and `policy` as for open, but
+// `TALLY_POLICY_STORED`, which names no new policy, is `TALLY_INVALID_ARGUMENT`). Usage
+// carries over for every counter whose meter and window stay; seats move to the plan of the
+// same name. A swap that would drop a plan someone is seated on is refused
+// (`TALLY_POLICY_INVALID` or `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls
+// inside the handle.
 tally_status tally_engine_swap_policy(const struct tally_engine *engine,
                                       uint32_t policy_source,
                                       const char *policy,

@@ -23,7 +23,8 @@ _EMPTY_QUANTITIES = (_native.Quantity * 0)()
 
 @dataclass(frozen=True)
 class Policy:
-    """Where a policy comes from: the shipped Token Plan, a file, or a TOML/JSON document.
+    """Where a policy comes from: the shipped Token Plan, a file, a TOML/JSON document, or
+    (``Engine.open`` only) the policy the database last ran with.
 
     ``Engine.open`` and ``swap_policy`` also take a path (``os.PathLike``) for a file and a
     dict for a JSON document; a bare ``str`` is refused as ambiguous."""
@@ -48,6 +49,15 @@ class Policy:
         if isinstance(document, Mapping):
             document = json.dumps(document)
         return cls(PolicySource.JSON, _convert.text("policy", document))
+
+    @classmethod
+    def stored(cls) -> Policy:
+        """For ``Engine.open`` only: an existing database keeps the policy it last ran with
+        (nothing is swapped in or logged); a new one starts with the shipped Token Plan. For
+        tools that look at or correct a gateway's database without changing its policy.
+        ``Engine.in_memory`` and ``swap_policy`` have no stored policy and raise
+        ``InvalidArgumentError``."""
+        return cls(PolicySource.STORED)
 
 
 PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
@@ -155,10 +165,12 @@ class Engine:
         interval_ms: int = 100,
         options: Options | None = None,
     ) -> Engine:
-        """Opens (or creates) the database in directory ``path``. ``interval_ms`` (1..=60,000)
-        is read only for ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the
-        defaults) are the engine's and the database's; a value out of range raises
-        ``InvalidArgumentError`` naming it, and nothing is created or changed."""
+        """Opens (or creates) the database in directory ``path``. ``policy`` (``None``: the
+        shipped Token Plan) is swapped in if an existing database has another, unless it is
+        ``Policy.stored()``. ``interval_ms`` (1..=60,000) is read only for
+        ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the defaults) are the
+        engine's and the database's; a value out of range raises ``InvalidArgumentError`` naming
+        it, and nothing is created or changed."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or a path, not {type(path).__name__}")
         path_bytes = os.fsencode(path)
