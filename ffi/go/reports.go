@@ -163,8 +163,8 @@ func (e *Engine) Sync() error {
 	})
 }
 
-// Compact checkpoints, then drops usage events older than the longest window plus 7 days as
-// of at, returning how many it removed.
+// Compact checkpoints, then drops usage events older than the policy's longest window plus
+// the Retention option (7 days by default) as of at, returning how many it removed.
 func (e *Engine) Compact(at time.Time) (uint64, error) {
 	atMs, err := milliseconds("Compact", at)
 	if err != nil {

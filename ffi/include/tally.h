@@ -924,8 +924,9 @@ tally_status tally_engine_checkpoint(const struct tally_engine *engine,
 // Makes everything logged so far durable, whatever the durability mode.
 tally_status tally_engine_sync(const struct tally_engine *engine);
 
-// Checkpoints, then drops usage events older than the longest window plus the retention
-// (7 days) as of `at_ms`; writes how many events were removed to `*removed_out`.
+// Checkpoints, then drops usage events older than the policy's longest window plus the
+// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
+// how many events were removed to `*removed_out`.
 tally_status tally_engine_compact(const struct tally_engine *engine,
                                   uint64_t at_ms,
                                   uint64_t *removed_out);

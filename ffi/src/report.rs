@@ -197,8 +197,9 @@ pub extern "C" fn tally_engine_sync(engine: *const tally_engine) -> tally_status
     })
 }
 
-/// Checkpoints, then drops usage events older than the longest window plus the retention
-/// (7 days) as of `at_ms`; writes how many events were removed to `*removed_out`.
+/// Checkpoints, then drops usage events older than the policy's longest window plus the
+/// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
+/// how many events were removed to `*removed_out`.
 #[no_mangle]
 pub extern "C" fn tally_engine_compact(
     engine: *const tally_engine,

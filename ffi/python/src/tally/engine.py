@@ -665,7 +665,9 @@ class Engine:
         errors.check(_native.lib.tally_engine_sync(self._handle))
 
     def compact(self, *, at_ms: int | None = None) -> int:
-        """Checkpoints and drops old usage events; returns how many were removed."""
+        """Checkpoints and drops usage events older than the policy's longest window plus the
+        ``retention_ms`` option (7 days by default) as of ``at_ms``; returns how many were
+        removed."""
         removed = ctypes.c_uint64(0)
         errors.check(
             _native.lib.tally_engine_compact(
