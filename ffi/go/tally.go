@@ -99,7 +99,8 @@ func WithPolicyJSON(document string) Option {
 
 // WithStoredPolicy (Open only) keeps the policy an existing database last ran with: nothing
 // is swapped in or logged. A new database starts with the shipped Token Plan. For tools that
-// look at or correct a gateway's database without changing its policy. OpenInMemory and
+// look at or correct a gateway's database without changing its policy (with
+// Options{UseRecorded: true} to keep the database's options too). OpenInMemory and
 // SwapPolicy have no stored policy and refuse it with ErrInvalidArgument.
 func WithStoredPolicy() Option {
 	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_STORED, "" }

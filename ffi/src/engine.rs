@@ -45,9 +45,10 @@ pub enum tally_policy_source {
     TALLY_POLICY_JSON = 3,
     /// `tally_engine_open` only: the policy the database last ran with, nothing swapped in or
     /// logged; a new database starts with the shipped Token Plan. For tools that look at or
-    /// correct a gateway's database without changing its policy. `policy` must be NULL with
-    /// length 0. `tally_engine_open_in_memory` and `tally_engine_swap_policy` have no stored
-    /// policy and refuse it (`TALLY_INVALID_ARGUMENT`).
+    /// correct a gateway's database without changing its policy (pair it with
+    /// `tally_options_set_use_recorded` to keep the database's options too). `policy` must be
+    /// NULL with length 0. `tally_engine_open_in_memory` and `tally_engine_swap_policy` have no
+    /// stored policy and refuse it (`TALLY_INVALID_ARGUMENT`).
     TALLY_POLICY_STORED = 4,
 }
 

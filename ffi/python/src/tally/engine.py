@@ -54,7 +54,8 @@ class Policy:
     def stored(cls) -> Policy:
         """For ``Engine.open`` only: an existing database keeps the policy it last ran with
         (nothing is swapped in or logged); a new one starts with the shipped Token Plan. For
-        tools that look at or correct a gateway's database without changing its policy.
+        tools that look at or correct a gateway's database without changing its policy (with
+        ``Options(use_recorded=True)`` to keep the database's options too).
         ``Engine.in_memory`` and ``swap_policy`` have no stored policy and raise
         ``InvalidArgumentError``."""
         return cls(PolicySource.STORED)
