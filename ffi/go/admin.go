@@ -129,8 +129,9 @@ func (e *Engine) Credits(team string) (uint64, error) {
 }
 
 // SwapPolicy replaces the policy at run time (one of WithPolicyFile, WithPolicyTOML,
-// WithPolicyJSON, or none for the shipped default). Usage carries over; a swap that would
-// drop a plan someone is seated on is refused.
+// WithPolicyJSON, or none for the shipped default; WithStoredPolicy names no policy and is
+// ErrInvalidArgument). Usage carries over; a swap that would drop a plan someone is seated
+// on is refused.
 func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
 	atMs, err := milliseconds("SwapPolicy", at)
 	if err != nil {

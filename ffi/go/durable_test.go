@@ -117,14 +117,104 @@ func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the options it was opened with: %+v %v", report, err)
 	}
-	// With the defaults (1,024 generations) the replay keeps the generations the snapshot
-	// dropped, so a sound database is reported unsound: why Verify takes the options.
+	// Without options: those the database recorded when it was opened (2 generations).
 	report, err = tally.Verify(dir)
+	if err != nil || !report.Sound || len(report.Problems) != 0 ||
+		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
+		t.Fatalf("verify with the recorded options: %+v %v", report, err)
+	}
+	// The zero Options given are the defaults (1,024 generations): the replay keeps the
+	// generations the snapshot dropped, so a sound database is reported unsound: why Verify
+	// without options reads the recorded ones.
+	report, err = tally.Verify(dir, tally.WithOptions(tally.Options{}))
 	if err != nil || report.Sound || report.SnapshotMatchesReplay == nil || *report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the defaults: %+v %v", report, err)
 	}
 	_, err = tally.Verify(dir, tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))
 	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "max_policy_generations") {
 		t.Fatalf("verify with a bad option: %v", err)
+	}
+}
+
+// customPolicy gives Starter 7 m2.7 requests per 5 hours (the shipped Token Plan: 1,500).
+const customPolicy = `
+time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests"]
+required = ["requests"]
+price_micros = { requests = 1 }
+[plans.Starter]
+limits = [{ resource = "m2.7", unit = "requests", amount = 7, window = "rolling:5h" }]
+`
+
+func limitAmounts(t *testing.T, engine *tally.Engine, key string) []uint64 {
+	t.Helper()
+	usage, err := engine.Usage(key, t0)
+	must(t, err)
+	amounts := make([]uint64, len(usage.Limits))
+	for i, limit := range usage.Limits {
+		amounts[i] = limit.Amount
+	}
+	return amounts
+}
+
+func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	none := tally.WithDurability(tally.DurabilityNone)
+	engine, err := tally.Open(dir, none, tally.WithPolicyTOML(customPolicy))
+	must(t, err)
+	if err := engine.SwapPolicy(tally.WithStoredPolicy(), t0); !errors.Is(err, tally.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "policy_source") {
+		t.Fatalf("a swap to the stored policy: %v", err)
+	}
+	seated(t, engine, "ada", "tp-ada-1", "Starter")
+	last, err := engine.Checkpoint()
+	must(t, err)
+	must(t, engine.Close())
+
+	engine, err = tally.Open(dir, none, tally.WithStoredPolicy())
+	must(t, err)
+	if amounts := limitAmounts(t, engine, "tp-ada-1"); len(amounts) != 1 || amounts[0] != 7 {
+		t.Fatalf("reopened with the stored policy: limits %v", amounts)
+	}
+	events, err := engine.EventsAfter(last, 100)
+	must(t, err)
+	if len(events) != 0 {
+		t.Fatalf("reopened with the stored policy: logged %+v", events)
+	}
+	must(t, engine.Close())
+
+	// The shipped policy given instead is swapped in, and the swap logged.
+	engine, err = tally.Open(dir, none)
+	must(t, err)
+	defer func() { must(t, engine.Close()) }()
+	if amounts := limitAmounts(t, engine, "tp-ada-1"); len(amounts) == 0 || amounts[0] != 1500 {
+		t.Fatalf("reopened with the shipped policy: limits %v", amounts)
+	}
+	events, err = engine.EventsAfter(last, 100)
+	must(t, err)
+	if len(events) == 0 || events[0].Kind != "policy_swapped" {
+		t.Fatalf("reopened with the shipped policy: events %+v", events)
+	}
+}
+
+func TestANewDatabaseOpenedWithTheStoredPolicyRunsTheTokenPlan(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), tally.WithStoredPolicy())
+	must(t, err)
+	defer func() { must(t, engine.Close()) }()
+	seated(t, engine, "bo", "tp-bo-1", "Starter")
+	if amounts := limitAmounts(t, engine, "tp-bo-1"); len(amounts) == 0 || amounts[0] != 1500 {
+		t.Fatalf("a new database: limits %v", amounts)
+	}
+}
+
+func TestAnInMemoryEngineHasNoStoredPolicy(t *testing.T) {
+	engine, err := tally.OpenInMemory(tally.WithStoredPolicy())
+	if engine != nil {
+		engine.Close()
+	}
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "policy_source") {
+		t.Fatalf("in memory with the stored policy: %v", err)
 	}
 }

@@ -8,9 +8,9 @@ import "C"
 import "time"
 
 // Options are the engine's and the database's options, given to Open, OpenInMemory or
-// Verify (which needs those the database was opened with) with WithOptions. The zero value
-// is the library's defaults: a field left at its zero value keeps its default, so only what
-// differs needs saying:
+// Verify (which without them reads those the database recorded) with WithOptions. The zero
+// value is the library's defaults: a field left at its zero value keeps its default, so only
+// what differs needs saying:
 //
 //	tally.Open("tally-data", tally.WithOptions(tally.Options{MaxKeys: 100_000}))
 //
@@ -49,9 +49,14 @@ type Options struct {
 	// How long usage events stay in the log beyond the longest window before Compact may
 	// drop them (default 7 days); negative: none. Open only.
 	Retention time.Duration
+	// An existing database runs with the options it recorded when it was last opened instead
+	// of these, which then apply only to a database that recorded none (a new one). For tools
+	// on a gateway's database. Open and Verify only.
+	UseRecorded bool
 }
 
-// WithOptions sets the engine's and the database's options (see Options).
+// WithOptions sets the engine's and the database's options (see Options). Even the zero
+// Options are given: Verify then replays with the defaults, not the recorded options.
 func WithOptions(settings Options) Option {
 	return func(o *options) { o.settings = &settings }
 }
@@ -59,9 +64,14 @@ func WithOptions(settings Options) Option {
 // setter is one tally_options_set_* call with its value.
 type setter func(*C.tally_options) C.uint32_t
 
+// optionCalls are the setter calls of the Options given WithOptions (none for the zero
+// Options). A nil *optionCalls, without WithOptions, passes NULL: Open's defaults, Verify's
+// recorded options.
+type optionCalls struct{ calls []setter }
+
 // setters lists the calls that set the fields not at their zero value, or an error for a value
 // Go cannot pass (a negative duration where none is meant, a fraction of a millisecond).
-func (s *Options) setters(op string) ([]setter, error) {
+func (s *Options) setters(op string) (*optionCalls, error) {
 	var calls []setter
 	count := func(value uint64, set func(*C.tally_options, C.uint64_t) C.uint32_t) {
 		if value != 0 {
@@ -137,21 +147,26 @@ func (s *Options) setters(op string) ([]setter, error) {
 			return C.tally_options_set_expire_leases_on_its_own(o, C.bool(false))
 		})
 	}
-	return calls, nil
+	if s.UseRecorded {
+		calls = append(calls, func(o *C.tally_options) C.uint32_t {
+			return C.tally_options_set_use_recorded(o, C.bool(true))
+		})
+	}
+	return &optionCalls{calls: calls}, nil
 }
 
-// nativeOptions makes a tally_options with calls applied: nil (the defaults) for no calls.
-// The caller holds the OS thread, so a refused value's message is the thread's last error,
-// and frees what is returned (tally_options_free(NULL) does nothing).
-func nativeOptions(calls []setter) (*C.tally_options, C.uint32_t) {
-	if len(calls) == 0 {
+// nativeOptions makes a tally_options with the calls applied, or returns nil (NULL) for nil
+// calls (no WithOptions). The caller holds the OS thread, so a refused value's message is the
+// thread's last error, and frees what is returned (tally_options_free(NULL) does nothing).
+func nativeOptions(calls *optionCalls) (*C.tally_options, C.uint32_t) {
+	if calls == nil {
 		return nil, C.TALLY_OK
 	}
 	var native *C.tally_options
 	if status := C.tally_options_new(&native); status != C.TALLY_OK {
 		return nil, status
 	}
-	for _, call := range calls {
+	for _, call := range calls.calls {
 		if status := call(native); status != C.TALLY_OK {
 			C.tally_options_free(native)
 			return nil, status

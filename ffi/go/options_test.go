@@ -133,3 +133,26 @@ func TestOpenTakesTheDatabaseOptions(t *testing.T) {
 		t.Fatalf("a second user with MaxUsers 1: %v", err)
 	}
 }
+
+func TestUseRecordedReopensADatabaseWithTheOptionsItRecorded(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	none := tally.WithDurability(tally.DurabilityNone)
+	engine, err := tally.Open(dir, none, tally.WithOptions(tally.Options{MaxUsers: 1}))
+	must(t, err)
+	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
+	must(t, engine.Close())
+
+	// The recorded MaxUsers of 1 wins over the 5 given beside UseRecorded.
+	engine, err = tally.Open(dir, none, tally.WithOptions(tally.Options{UseRecorded: true, MaxUsers: 5}))
+	must(t, err)
+	if err := engine.CreateUser("bo", "tp-bo-1", t0); !errors.Is(err, tally.ErrCapacityExceeded) {
+		t.Fatalf("a second user with the recorded MaxUsers 1: %v", err)
+	}
+	must(t, engine.Close())
+
+	// Without it, the options given apply (none: the defaults).
+	engine, err = tally.Open(dir, none)
+	must(t, err)
+	defer func() { must(t, engine.Close()) }()
+	must(t, engine.CreateUser("bo", "tp-bo-1", t0))
+}

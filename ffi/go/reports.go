@@ -163,8 +163,8 @@ func (e *Engine) Sync() error {
 	})
 }
 
-// Compact checkpoints, then drops usage events older than the longest window plus 7 days as
-// of at, returning how many it removed.
+// Compact checkpoints, then drops usage events older than the policy's longest window plus
+// the Retention option (7 days by default) as of at, returning how many it removed.
 func (e *Engine) Compact(at time.Time) (uint64, error) {
 	atMs, err := milliseconds("Compact", at)
 	if err != nil {
@@ -231,11 +231,14 @@ type VerifyReport struct {
 // (ErrDatabaseLocked): every record decodes, sequence numbers have no gaps, the latest
 // snapshot equals a replay.
 //
-// The replay runs with the options given WithOptions (none: the defaults): pass those the
-// database was opened with. The snapshot holds what they keep (e.g. MaxPolicyGenerations
-// policy generations), so a replay with other options may not match it and a sound database
-// is reported unsound. Bad options fail with ErrInvalidArgument, as for Open. The other
-// options (policy, durability) are not used.
+// The replay must run with the options the database was opened with: the snapshot holds
+// what they keep (e.g. MaxPolicyGenerations policy generations), so a replay with other
+// options may not match it and a sound database is reported unsound. Without WithOptions
+// (the usual choice) it runs with those the database recorded when it was last opened (the
+// defaults if it recorded none); options given WithOptions are used as given (the zero
+// Options: the defaults; UseRecorded: the recorded ones where there are any). Bad options
+// fail with ErrInvalidArgument, as for Open. The other options (policy, durability) are not
+// used.
 func Verify(path string, opts ...Option) (VerifyReport, error) {
 	o := collect(opts)
 	settings, err := o.setters("Verify")

@@ -97,6 +97,15 @@ func WithPolicyJSON(document string) Option {
 	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_JSON, document }
 }
 
+// WithStoredPolicy (Open only) keeps the policy an existing database last ran with: nothing
+// is swapped in or logged. A new database starts with the shipped Token Plan. For tools that
+// look at or correct a gateway's database without changing its policy (with
+// Options{UseRecorded: true} to keep the database's options too). OpenInMemory and
+// SwapPolicy have no stored policy and refuse it with ErrInvalidArgument.
+func WithStoredPolicy() Option {
+	return func(o *options) { o.policySource, o.policy = C.TALLY_POLICY_STORED, "" }
+}
+
 // WithDurability sets the durability mode of Open (ignored by OpenInMemory).
 func WithDurability(d Durability) Option {
 	return func(o *options) { o.durability = d }
@@ -110,17 +119,18 @@ func collect(opts []Option) options {
 	return o
 }
 
-// setters lists the option setter calls, none without WithOptions.
-func (o *options) setters(op string) ([]setter, error) {
+// setters lists the option setter calls; nil (NULL options) without WithOptions.
+func (o *options) setters(op string) (*optionCalls, error) {
 	if o.settings == nil {
 		return nil, nil
 	}
 	return o.settings.setters(op)
 }
 
-// policyText is the policy argument: NULL for the default, else the path or document.
+// policyText is the policy argument: NULL for the default and the stored policy, else the
+// path or document.
 func (o *options) policyText() (*C.char, C.size_t) {
-	if o.policySource == C.TALLY_POLICY_DEFAULT {
+	if o.policySource == C.TALLY_POLICY_DEFAULT || o.policySource == C.TALLY_POLICY_STORED {
 		return nil, 0
 	}
 	return text(o.policy)
@@ -134,8 +144,8 @@ type Engine struct {
 }
 
 // Open opens (or creates) the database in the directory path. On an existing database a
-// different policy is swapped in; usage carries over. Bad options (WithOptions) fail with
-// ErrInvalidArgument and create nothing.
+// different policy is swapped in (usage carries over), unless WithStoredPolicy keeps its own.
+// Bad options (WithOptions) fail with ErrInvalidArgument and create nothing.
 func Open(path string, opts ...Option) (*Engine, error) {
 	o := collect(opts)
 	settings, err := o.setters("Open")
@@ -166,7 +176,8 @@ func Open(path string, opts ...Option) (*Engine, error) {
 
 // OpenInMemory creates an engine that keeps everything in memory (for tests and
 // simulations). Calls that need the event log answer ErrNotDurable. The database's options
-// (CheckpointEveryEvents, Retention) are not used.
+// (CheckpointEveryEvents, Retention, UseRecorded) are not used; WithStoredPolicy is
+// ErrInvalidArgument.
 func OpenInMemory(opts ...Option) (*Engine, error) {
 	o := collect(opts)
 	settings, err := o.setters("OpenInMemory")

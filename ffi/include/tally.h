@@ -317,6 +317,13 @@ enum tally_policy_source
   TALLY_POLICY_TOML = 2,
   // `policy` is a JSON document.
   TALLY_POLICY_JSON = 3,
+  // `tally_engine_open` only: the policy the database last ran with, nothing swapped in or
+  // logged; a new database starts with the shipped Token Plan. For tools that look at or
+  // correct a gateway's database without changing its policy (pair it with
+  // `tally_options_set_use_recorded` to keep the database's options too). `policy` must be
+  // NULL with length 0. `tally_engine_open_in_memory` and `tally_engine_swap_policy` have no
+  // stored policy and refuse it (`TALLY_INVALID_ARGUMENT`).
+  TALLY_POLICY_STORED = 4,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -594,10 +601,13 @@ tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
 // Opens (or creates) the database in the directory `path` and writes a new handle to
 // `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
 // text. On a new database the policy is the first event; on an existing one a different policy
-// is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
-// read only for `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's
-// options (`tally_options_new`), or NULL for the defaults; they are read during the call
-// only. Without an explicit timestamp the engine uses the system clock.
+// is swapped in (usage carries over), except with `TALLY_POLICY_STORED`, which keeps the
+// database's own policy and logs nothing (a new database starts with the shipped Token Plan).
+// `durability` is a `tally_durability`; `interval_ms` is read only for
+// `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
+// (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
+// recorded ones), or NULL for the defaults; they are read during the call only. Without an
+// explicit timestamp the engine uses the system clock.
 //
 // Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
 // range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
@@ -619,11 +629,12 @@ tally_status tally_engine_open(const char *path,
 // Creates an engine that keeps everything in memory (lost when closed): for tests and
 // simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
 // answer `TALLY_NOT_DURABLE`. `options` as for `tally_engine_open` (NULL: the defaults); the
-// database's options (`checkpoint_every_events`, `retention_ms`) are not used.
+// database's options (`checkpoint_every_events`, `retention_ms`, `use_recorded`) are not used.
 //
-// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range), `TALLY_POLICY_INVALID`. On error
-// `*engine_out` is not written. The handle must be closed with `tally_engine_close` and freed
-// with `tally_engine_free`.
+// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range, or `TALLY_POLICY_STORED`: there is
+// no database to keep a policy), `TALLY_POLICY_INVALID`. On error `*engine_out` is not
+// written. The handle must be closed with `tally_engine_close` and freed with
+// `tally_engine_free`.
 tally_status tally_engine_open_in_memory(uint32_t policy_source,
                                          const char *policy,
                                          size_t policy_len,
@@ -722,10 +733,12 @@ tally_status tally_engine_credits(const struct tally_engine *engine,
                                   size_t team_len,
                                   uint64_t *balance_out);
 
-// Replaces the policy at run time (`policy_source` and `policy` as for open). Usage carries
-// over for every counter whose meter and window stay; seats move to the plan of the same name.
-// A swap that would drop a plan someone is seated on is refused (`TALLY_POLICY_INVALID` or
-// `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls inside the handle.
+// Replaces the policy at run time (`policy_source` and `policy` as for open, but
+// `TALLY_POLICY_STORED`, which names no new policy, is `TALLY_INVALID_ARGUMENT`). Usage
+// carries over for every counter whose meter and window stay; seats move to the plan of the
+// same name. A swap that would drop a plan someone is seated on is refused
+// (`TALLY_POLICY_INVALID` or `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls
+// inside the handle.
 tally_status tally_engine_swap_policy(const struct tally_engine *engine,
                                       uint32_t policy_source,
                                       const char *policy,
@@ -845,6 +858,19 @@ tally_status tally_options_set_checkpoint_every_events(struct tally_options *opt
 tally_status tally_options_set_retention_ms(struct tally_options *options,
                                             uint64_t retention_ms);
 
+// Whether an existing database runs with the options it recorded when it was last opened
+// (default false). A database records the engine's options, `checkpoint_every_events` and
+// `retention_ms` at every open; true makes `tally_engine_open` and `tally_verify` use those
+// instead of the ones set here, which then apply only to a database that recorded none (a
+// new one, or one written before options were recorded). For tools that open or verify a
+// gateway's database: with other options a tool would forget request ids sooner, compact
+// events the gateway's retention keeps, or see a sound database as unsound. The durability
+// is always the call's own. `tally_engine_open_in_memory` has no database and ignores it.
+//
+// Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
+tally_status tally_options_set_use_recorded(struct tally_options *options,
+                                            bool use_recorded);
+
 // Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 // "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
 // "meter", "window", "used", "amount", "remaining", "reset_at_ms": ms or null}],
@@ -899,8 +925,9 @@ tally_status tally_engine_checkpoint(const struct tally_engine *engine,
 // Makes everything logged so far durable, whatever the durability mode.
 tally_status tally_engine_sync(const struct tally_engine *engine);
 
-// Checkpoints, then drops usage events older than the longest window plus the retention
-// (7 days) as of `at_ms`; writes how many events were removed to `*removed_out`.
+// Checkpoints, then drops usage events older than the policy's longest window plus the
+// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
+// how many events were removed to `*removed_out`.
 tally_status tally_engine_compact(const struct tally_engine *engine,
                                   uint64_t at_ms,
                                   uint64_t *removed_out);
@@ -911,14 +938,17 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
 // Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 //
-// `options` (`tally_options_new`, or NULL for the defaults) are the options the replay runs
-// with: pass the ones the database was opened with. The snapshot holds what those options
-// keep (e.g. `max_policy_generations` policy generations), so a replay with other options
-// may not equal it and a sound database is reported unsound. They are read during the call
-// only.
+// The replay must run with the options the database was opened with: the snapshot holds what
+// they keep (e.g. `max_policy_generations` policy generations), so a replay with other
+// options may not equal it and a sound database is reported unsound. `options` NULL (the
+// usual choice) replays with the options the database recorded when it was last opened, or
+// the defaults if it recorded none (a database written before options were recorded).
+// Non-NULL `options` (`tally_options_new`) are used as given, recorded options only if
+// `tally_options_set_use_recorded` says so; they are read during the call only.
 //
 // An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-// `tally_engine_open`.
+// `tally_engine_open`; recorded options that do not decode or are out of range are
+// `TALLY_STORAGE` (the last error says which).
 tally_status tally_verify(const char *path,
                           size_t path_len,
                           const struct tally_options *options,

@@ -43,6 +43,13 @@ pub enum tally_policy_source {
     TALLY_POLICY_TOML = 2,
     /// `policy` is a JSON document.
     TALLY_POLICY_JSON = 3,
+    /// `tally_engine_open` only: the policy the database last ran with, nothing swapped in or
+    /// logged; a new database starts with the shipped Token Plan. For tools that look at or
+    /// correct a gateway's database without changing its policy (pair it with
+    /// `tally_options_set_use_recorded` to keep the database's options too). `policy` must be
+    /// NULL with length 0. `tally_engine_open_in_memory` and `tally_engine_swap_policy` have no
+    /// stored policy and refuse it (`TALLY_INVALID_ARGUMENT`).
+    TALLY_POLICY_STORED = 4,
 }
 
 fn bad_enum(field: &str, value: u32) -> Failure {
@@ -59,7 +66,19 @@ fn policy_failure(error: ::tally_engine::PolicyError) -> Failure {
     )
 }
 
-/// Loads a policy as `source` says.
+/// `policy`/`policy_len` of a source that takes no text (`name`): NULL with length 0.
+fn no_policy_text(name: &str, policy: *const c_char, policy_len: usize) -> Result<(), Failure> {
+    if !policy.is_null() || policy_len != 0 {
+        return Err(Failure::new(
+            tally_status::TALLY_INVALID_ARGUMENT,
+            format!("policy: must be NULL with length 0 for {name}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads a policy as `source` says. `TALLY_POLICY_STORED` is refused: it names no policy, and
+/// only `tally_engine_open` (which checks for it first) gives it a meaning.
 pub(crate) fn load_policy(
     source: u32,
     policy: *const c_char,
@@ -68,17 +87,17 @@ pub(crate) fn load_policy(
     let document = |field| text(field, policy, policy_len, TALLY_MAX_DOCUMENT_BYTES);
     match source {
         0 => {
-            if !policy.is_null() || policy_len != 0 {
-                return Err(Failure::new(
-                    tally_status::TALLY_INVALID_ARGUMENT,
-                    "policy: must be NULL with length 0 for TALLY_POLICY_DEFAULT",
-                ));
-            }
+            no_policy_text("TALLY_POLICY_DEFAULT", policy, policy_len)?;
             Ok(Policy::token_plan())
         }
         1 => Policy::load(std::path::Path::new(document("policy (path)")?)).map_err(policy_failure),
         2 => Policy::from_toml_str(document("policy (TOML)")?).map_err(policy_failure),
         3 => Policy::from_json_str(document("policy (JSON)")?).map_err(policy_failure),
+        4 => Err(Failure::new(
+            tally_status::TALLY_INVALID_ARGUMENT,
+            "policy_source: TALLY_POLICY_STORED is for tally_engine_open only (an in-memory \
+             engine or a swap has no stored policy to keep)",
+        )),
         other => Err(bad_enum("policy_source", other)),
     }
 }
@@ -97,10 +116,13 @@ fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
 /// Opens (or creates) the database in the directory `path` and writes a new handle to
 /// `*engine_out`. `policy_source` is a `tally_policy_source`; `policy`/`policy_len` its path or
 /// text. On a new database the policy is the first event; on an existing one a different policy
-/// is swapped in (usage carries over). `durability` is a `tally_durability`; `interval_ms` is
-/// read only for `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's
-/// options (`tally_options_new`), or NULL for the defaults; they are read during the call
-/// only. Without an explicit timestamp the engine uses the system clock.
+/// is swapped in (usage carries over), except with `TALLY_POLICY_STORED`, which keeps the
+/// database's own policy and logs nothing (a new database starts with the shipped Token Plan).
+/// `durability` is a `tally_durability`; `interval_ms` is read only for
+/// `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
+/// (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
+/// recorded ones), or NULL for the defaults; they are read during the call only. Without an
+/// explicit timestamp the engine uses the system clock.
 ///
 /// Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
 /// range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
@@ -129,8 +151,14 @@ pub extern "C" fn tally_engine_open(
             durability,
             ..open_options(options)?
         };
-        let policy = load_policy(policy_source, policy, policy_len)?;
-        let engine = Engine::open(path, policy, Arc::new(SystemClock), options)?;
+        let clock = Arc::new(SystemClock);
+        let engine = if policy_source == tally_policy_source::TALLY_POLICY_STORED as u32 {
+            no_policy_text("TALLY_POLICY_STORED", policy, policy_len)?;
+            Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options)?
+        } else {
+            let policy = load_policy(policy_source, policy, policy_len)?;
+            Engine::open(path, policy, clock, options)?
+        };
         out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
         Ok(())
     })
@@ -139,11 +167,12 @@ pub extern "C" fn tally_engine_open(
 /// Creates an engine that keeps everything in memory (lost when closed): for tests and
 /// simulations. Calls that need the event log (events, cursors, checkpoint, sync, compact)
 /// answer `TALLY_NOT_DURABLE`. `options` as for `tally_engine_open` (NULL: the defaults); the
-/// database's options (`checkpoint_every_events`, `retention_ms`) are not used.
+/// database's options (`checkpoint_every_events`, `retention_ms`, `use_recorded`) are not used.
 ///
-/// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range), `TALLY_POLICY_INVALID`. On error
-/// `*engine_out` is not written. The handle must be closed with `tally_engine_close` and freed
-/// with `tally_engine_free`.
+/// Errors: `TALLY_INVALID_ARGUMENT` (an option out of range, or `TALLY_POLICY_STORED`: there is
+/// no database to keep a policy), `TALLY_POLICY_INVALID`. On error `*engine_out` is not
+/// written. The handle must be closed with `tally_engine_close` and freed with
+/// `tally_engine_free`.
 #[no_mangle]
 pub extern "C" fn tally_engine_open_in_memory(
     policy_source: u32,
@@ -364,10 +393,12 @@ pub extern "C" fn tally_engine_credits(
     })
 }
 
-/// Replaces the policy at run time (`policy_source` and `policy` as for open). Usage carries
-/// over for every counter whose meter and window stay; seats move to the plan of the same name.
-/// A swap that would drop a plan someone is seated on is refused (`TALLY_POLICY_INVALID` or
-/// `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls inside the handle.
+/// Replaces the policy at run time (`policy_source` and `policy` as for open, but
+/// `TALLY_POLICY_STORED`, which names no new policy, is `TALLY_INVALID_ARGUMENT`). Usage
+/// carries over for every counter whose meter and window stay; seats move to the plan of the
+/// same name. A swap that would drop a plan someone is seated on is refused
+/// (`TALLY_POLICY_INVALID` or `TALLY_INVALID_ARGUMENT`), changing nothing. Waits for the calls
+/// inside the handle.
 #[no_mangle]
 pub extern "C" fn tally_engine_swap_policy(
     engine: *const tally_engine,

@@ -61,6 +61,19 @@ pub(crate) fn open_options(options: *const tally_options) -> Result<OpenOptions,
     Ok(try_ref(options)?.clone())
 }
 
+/// The options of a verify: `options`' values, or for NULL the database's recorded options
+/// (the defaults where it recorded none). Verify must replay with the options the database
+/// was opened with, and the database knows them better than a caller who passes nothing.
+pub(crate) fn verify_options(options: *const tally_options) -> Result<OpenOptions, Failure> {
+    if options.is_null() {
+        return Ok(OpenOptions {
+            use_recorded: true,
+            ..OpenOptions::default()
+        });
+    }
+    Ok(try_ref(options)?.clone())
+}
+
 /// Changes one option, checked at once: a value out of range leaves the options as they were.
 /// Every option's range is its own (none depends on another's), so the full check that the
 /// engine makes fails only on the value just changed, and names it.
@@ -271,6 +284,24 @@ pub extern "C" fn tally_options_set_retention_ms(
     set(options, |options| options.retention_ms = retention_ms)
 }
 
+/// Whether an existing database runs with the options it recorded when it was last opened
+/// (default false). A database records the engine's options, `checkpoint_every_events` and
+/// `retention_ms` at every open; true makes `tally_engine_open` and `tally_verify` use those
+/// instead of the ones set here, which then apply only to a database that recorded none (a
+/// new one, or one written before options were recorded). For tools that open or verify a
+/// gateway's database: with other options a tool would forget request ids sooner, compact
+/// events the gateway's retention keeps, or see a sound database as unsound. The durability
+/// is always the call's own. `tally_engine_open_in_memory` has no database and ignores it.
+///
+/// Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
+#[no_mangle]
+pub extern "C" fn tally_options_set_use_recorded(
+    options: *mut tally_options,
+    use_recorded: bool,
+) -> tally_status {
+    set(options, |options| options.use_recorded = use_recorded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +343,27 @@ mod tests {
         );
         let options = take_boxed(options).expect("not NULL");
         assert_eq!(options.engine.default_lease_ms, 5_000);
+    }
+
+    #[test]
+    fn use_recorded_is_off_by_default_and_set_by_its_setter() {
+        let options = new_options();
+        assert_eq!(
+            tally_options_set_use_recorded(std::ptr::null_mut(), true),
+            tally_status::TALLY_NULL_POINTER
+        );
+        assert_eq!(
+            take_boxed(new_options()).map(|options| options.use_recorded),
+            Some(false)
+        );
+        assert_eq!(
+            tally_options_set_use_recorded(options, true),
+            tally_status::TALLY_OK
+        );
+        assert_eq!(
+            take_boxed(options).map(|options| options.use_recorded),
+            Some(true)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::checks::{
 };
 use crate::decision::at;
 use crate::handle::{tally_engine, try_ref};
-use crate::options::{open_options, tally_options};
+use crate::options::{tally_options, verify_options};
 use crate::panic::boundary;
 use crate::status::{tally_status, Failure};
 
@@ -197,8 +197,9 @@ pub extern "C" fn tally_engine_sync(engine: *const tally_engine) -> tally_status
     })
 }
 
-/// Checkpoints, then drops usage events older than the longest window plus the retention
-/// (7 days) as of `at_ms`; writes how many events were removed to `*removed_out`.
+/// Checkpoints, then drops usage events older than the policy's longest window plus the
+/// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
+/// how many events were removed to `*removed_out`.
 #[no_mangle]
 pub extern "C" fn tally_engine_compact(
     engine: *const tally_engine,
@@ -220,14 +221,17 @@ pub extern "C" fn tally_engine_compact(
 /// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
 /// Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 ///
-/// `options` (`tally_options_new`, or NULL for the defaults) are the options the replay runs
-/// with: pass the ones the database was opened with. The snapshot holds what those options
-/// keep (e.g. `max_policy_generations` policy generations), so a replay with other options
-/// may not equal it and a sound database is reported unsound. They are read during the call
-/// only.
+/// The replay must run with the options the database was opened with: the snapshot holds what
+/// they keep (e.g. `max_policy_generations` policy generations), so a replay with other
+/// options may not equal it and a sound database is reported unsound. `options` NULL (the
+/// usual choice) replays with the options the database recorded when it was last opened, or
+/// the defaults if it recorded none (a database written before options were recorded).
+/// Non-NULL `options` (`tally_options_new`) are used as given, recorded options only if
+/// `tally_options_set_use_recorded` says so; they are read during the call only.
 ///
 /// An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-/// `tally_engine_open`.
+/// `tally_engine_open`; recorded options that do not decode or are out of range are
+/// `TALLY_STORAGE` (the last error says which).
 #[no_mangle]
 pub extern "C" fn tally_verify(
     path: *const c_char,
@@ -249,7 +253,7 @@ pub extern "C" fn tally_verify(
             ));
         }
         // The durability is the defaults' (no setter changes it): nothing is written.
-        let report = Engine::verify(path, open_options(options)?)?;
+        let report = Engine::verify(path, verify_options(options)?)?;
         let json = json!({
             "sound": report.is_sound(),
             "records": report.records,

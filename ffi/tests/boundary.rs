@@ -394,7 +394,7 @@ fn out_of_range_enum_values_are_bad_enum() {
         tally_status::TALLY_BAD_ENUM
     );
     assert_eq!(
-        tally_engine_open(p, pl, 4, ptr::null(), 0, 0, 0, ptr::null(), &mut engine),
+        tally_engine_open(p, pl, 5, ptr::null(), 0, 0, 0, ptr::null(), &mut engine),
         tally_status::TALLY_BAD_ENUM
     );
     assert_eq!(
@@ -783,5 +783,87 @@ fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durab
     );
     assert!(replay.is_ok_and(|d| d.admitted && d.replayed));
     drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_stored_policy_source_is_for_open_only_and_takes_no_text() {
+    let stored = tally_policy_source::TALLY_POLICY_STORED as u32;
+    let mut engine = ptr::null_mut();
+    assert_eq!(
+        tally_engine_open_in_memory(stored, ptr::null(), 0, ptr::null(), &mut engine),
+        tally_status::TALLY_INVALID_ARGUMENT
+    );
+    assert!(
+        last_error().starts_with("policy_source: "),
+        "{}",
+        last_error()
+    );
+    assert!(engine.is_null());
+    let handle = in_memory();
+    assert_eq!(
+        tally_engine_swap_policy(handle.0, stored, ptr::null(), 0, T0),
+        tally_status::TALLY_INVALID_ARGUMENT
+    );
+    assert!(
+        last_error().starts_with("policy_source: "),
+        "{}",
+        last_error()
+    );
+
+    let dir = temp_dir("stored-text");
+    let (p, pl) = s(dir.to_str().unwrap_or_default());
+    let (t, tl) = s("time_zone = \"UTC\"");
+    assert_eq!(
+        tally_engine_open(p, pl, stored, t, tl, 2, 0, ptr::null(), &mut engine),
+        tally_status::TALLY_INVALID_ARGUMENT
+    );
+    assert!(
+        last_error().contains("TALLY_POLICY_STORED"),
+        "{}",
+        last_error()
+    );
+    assert!(engine.is_null());
+    assert!(!dir.exists(), "a refused open created the directory");
+}
+
+/// `tally_verify` of a closed database: its status, and whether it was sound.
+fn verify(dir: &std::path::Path, options: *const tally_options) -> Result<bool, tally_status> {
+    let (p, pl) = s(dir.to_str().unwrap_or_default());
+    let mut sound = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut needed = 0;
+    let buf_ptr = buf.as_mut_ptr().cast();
+    match tally_verify(p, pl, options, &mut sound, buf_ptr, buf.len(), &mut needed) {
+        tally_status::TALLY_OK => Ok(sound),
+        status => Err(status),
+    }
+}
+
+#[test]
+fn verify_without_options_reads_the_recorded_ones_and_says_when_they_do_not_decode() {
+    let dir = temp_dir("recorded");
+    let handle = open(&dir).expect("opens");
+    assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    drop(handle);
+    assert_eq!(verify(&dir, ptr::null()), Ok(true));
+    {
+        let db = sled::open(&dir).expect("sled opens");
+        let meta = db.open_tree("meta").expect("meta");
+        meta.insert("options", "not JSON").expect("insert");
+        db.flush().expect("flush");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(verify(&dir, ptr::null()), Err(tally_status::TALLY_STORAGE));
+    assert!(
+        last_error().contains("recorded options"),
+        "{}",
+        last_error()
+    );
+    // Options given explicitly do not read the record.
+    let mut options = ptr::null_mut();
+    assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+    assert_eq!(verify(&dir, options), Ok(true));
+    tally_options_free(options);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1211,7 +1211,8 @@ impl World {
                 let mut sound = None;
                 self.text_call(*buf, true, "verify", |buf, len, needed| {
                     let mut out = false;
-                    // NULL options: the database is opened with the defaults too.
+                    // NULL options: the ones the database recorded (the defaults it is
+                    // opened with).
                     let status = tally_verify(
                         path.as_ptr().cast(),
                         path.len(),
@@ -1504,7 +1505,7 @@ impl World {
         let status = tally_verify(
             path.as_ptr().cast(),
             path.len(),
-            ptr::null(), // the options it was opened with: the defaults
+            ptr::null(), // the options it recorded: the defaults it was opened with
             &mut sound,
             buf.as_mut_ptr().cast(),
             buf.len(),
@@ -1531,7 +1532,7 @@ fn options_then_open(settings: &[(u8, u64)]) {
     let mut options = ptr::null_mut();
     assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
     for &(which, value) in settings.iter().take(16) {
-        let status = match which % 12 {
+        let status = match which % 13 {
             0 => tally_options_set_max_keys(options, value),
             1 => tally_options_set_max_teams(options, value),
             2 => tally_options_set_max_users(options, value),
@@ -1543,7 +1544,8 @@ fn options_then_open(settings: &[(u8, u64)]) {
             8 => tally_options_set_reclaim_idle_every_ms(options, value),
             9 => tally_options_set_expire_leases_on_its_own(options, value % 2 == 1),
             10 => tally_options_set_checkpoint_every_events(options, value),
-            _ => tally_options_set_retention_ms(options, value),
+            11 => tally_options_set_retention_ms(options, value),
+            _ => tally_options_set_use_recorded(options, value % 2 == 1),
         };
         let status = known(status, "set an option");
         assert!(

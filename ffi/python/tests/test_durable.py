@@ -99,9 +99,52 @@ def test_verify_replays_with_the_options_the_database_was_opened_with(tmp_path):
         engine.checkpoint()
     report = tally.verify(path, options=options)
     assert report.sound and report.snapshot_matches_replay and not report.problems
-    # With the defaults (1,024 generations) the replay keeps the generations the snapshot
-    # dropped, so a sound database is reported unsound: why verify takes the options.
+    # No options: those the database recorded when it was opened (2 generations).
     report = tally.verify(path)
+    assert report.sound and report.snapshot_matches_replay and not report.problems
+    # Options() are the defaults (1,024 generations): the replay keeps the generations the
+    # snapshot dropped, so a sound database is reported unsound: why verify without options
+    # reads the recorded ones.
+    report = tally.verify(path, options=tally.Options())
     assert not report.sound and report.snapshot_matches_replay is False
     with pytest.raises(tally.InvalidArgumentError, match="max_policy_generations"):
         tally.verify(path, options=tally.Options(max_policy_generations=1))
+
+
+# Starter with 7 m2.7 requests per 5 hours (the shipped Token Plan's Starter has 1,500).
+CUSTOM_POLICY = """
+time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests"]
+required = ["requests"]
+price_micros = { requests = 1 }
+[plans.Starter]
+limits = [{ resource = "m2.7", unit = "requests", amount = 7, window = "rolling:5h" }]
+"""
+
+
+def test_the_stored_policy_keeps_a_database_s_own_policy_and_logs_nothing(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, tally.Policy.toml(CUSTOM_POLICY), durability="none") as engine:
+        with pytest.raises(tally.InvalidArgumentError, match="policy_source"):
+            engine.swap_policy(tally.Policy.stored(), at_ms=T)
+        seated(engine, "ada", "tp-ada-1", "Starter")
+        last = engine.checkpoint()
+    with tally.Engine.open(path, tally.Policy.stored(), durability="none") as engine:
+        assert [limit.amount for limit in engine.usage("tp-ada-1", at_ms=T).limits] == [7]
+        assert engine.events_after(last) == []
+    # The shipped policy given instead is swapped in, and the swap logged.
+    with tally.Engine.open(path, durability="none") as engine:
+        assert engine.usage("tp-ada-1", at_ms=T).limits[0].amount == 1500
+        assert "policy_swapped" in [event.kind for event in engine.events_after(last)]
+
+
+def test_a_new_database_opened_with_the_stored_policy_runs_the_token_plan(tmp_path):
+    with tally.Engine.open(tmp_path / "db", tally.Policy.stored(), durability="none") as engine:
+        seated(engine, "bo", "tp-bo-1", "Starter")
+        assert engine.usage("tp-bo-1", at_ms=T).limits[0].amount == 1500
+
+
+def test_an_in_memory_engine_has_no_stored_policy():
+    with pytest.raises(tally.InvalidArgumentError, match="policy_source"):
+        tally.Engine.in_memory(tally.Policy.stored())

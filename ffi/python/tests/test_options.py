@@ -82,6 +82,20 @@ def test_the_database_options_are_taken_by_open(tmp_path):
             engine.create_user("bo", "tp-bo-1", at_ms=T)
 
 
+def test_use_recorded_reopens_a_database_with_the_options_it_recorded(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, durability="none", options=tally.Options(max_users=1)) as engine:
+        engine.create_user("ada", "tp-ada-1", at_ms=T)
+    # The recorded max_users of 1 wins over the 5 given beside use_recorded.
+    options = tally.Options(use_recorded=True, max_users=5)
+    with tally.Engine.open(path, durability="none", options=options) as engine:
+        with pytest.raises(tally.CapacityExceededError, match="users"):
+            engine.create_user("bo", "tp-bo-1", at_ms=T)
+    # Without it, the options given apply (None: the defaults).
+    with tally.Engine.open(path, durability="none") as engine:
+        engine.create_user("bo", "tp-bo-1", at_ms=T)
+
+
 def test_values_python_cannot_pass_are_refused_before_the_library():
     with pytest.raises(ValueError, match="max_keys must not be negative"):
         tally.Engine.in_memory(options=tally.Options(max_keys=-1))
@@ -93,10 +107,16 @@ def test_values_python_cannot_pass_are_refused_before_the_library():
         tally.Engine.in_memory(
             options=tally.Options(expire_leases_on_its_own=1)  # type: ignore[arg-type]
         )
+    with pytest.raises(TypeError, match="use_recorded must be a bool"):
+        tally.verify("unused", options=tally.Options(use_recorded=1))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="tally.Options"):
         tally.Engine.in_memory(options={"max_keys": 1})  # type: ignore[arg-type]
 
 
 def test_every_option_of_the_header_has_a_field():
     fields = {field.name for field in dataclasses.fields(tally.Options)}
-    assert fields == set(TOO_LARGE) | {"expire_leases_on_its_own", "checkpoint_every_events"}
+    assert fields == set(TOO_LARGE) | {
+        "expire_leases_on_its_own",
+        "checkpoint_every_events",
+        "use_recorded",
+    }

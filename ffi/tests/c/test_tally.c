@@ -745,6 +745,27 @@ static void test_options(void) {
   tally_engine_free(in_memory);
   tally_engine_free(engine);
 
+  /* The database recorded its options: use_recorded reopens it with them (max_users 1), not
+   * with the ones set beside it (max_users 5); without it the options given apply (NULL: the
+   * defaults). */
+  tally_options *recorded = NULL;
+  EXPECT(tally_options_new(&recorded), TALLY_OK);
+  EXPECT(tally_options_set_use_recorded(NULL, true), TALLY_NULL_POINTER);
+  EXPECT(tally_options_set_use_recorded(recorded, true), TALLY_OK);
+  EXPECT(tally_options_set_max_users(recorded, 5), TALLY_OK);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           recorded, &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_CAPACITY_EXCEEDED);
+  CHECK(last_error_mentions("users"));
+  tally_engine_free(engine);
+  tally_options_free(recorded);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+                           &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_OK);
+  tally_engine_free(engine);
+
   /* Bad arguments to open create nothing: no directory for a bad interval. */
   char never[256];
   snprintf(never, sizeof never, "%s/never", dir);
@@ -828,8 +849,9 @@ static void test_database(void) {
   CHECK(system(command) == 0);
 }
 
-/* Verify replays the log with the options it is given, which must be the ones the database was
- * opened with: the snapshot keeps only `max_policy_generations` policy generations. */
+/* Verify replays the log with the options the database was opened with (the snapshot keeps only
+ * `max_policy_generations` policy generations): NULL reads the ones it recorded; options given
+ * are used as given. */
 static void test_verify_options(void) {
   char dir[] = "/tmp/tally-c-verify-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
@@ -861,16 +883,145 @@ static void test_verify_options(void) {
   CHECK(sound && strstr(report, "\"snapshot_matches_replay\":true") != NULL);
   free(report);
 
-  /* NULL (the defaults, 1,024 generations) is not what it was opened with: the replay keeps the
-   * generations the snapshot dropped, so it does not match the snapshot and a sound database is
-   * reported unsound. This is why verify takes the options. */
-  sound = true;
+  /* NULL: the options the database recorded when it was opened (2 generations): sound. */
+  sound = false;
   EXPECT(tally_verify(S(db), NULL, &sound, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
   report = malloc(needed);
   EXPECT(tally_verify(S(db), NULL, &sound, report, needed, &needed), TALLY_OK);
+  CHECK(sound && strstr(report, "\"snapshot_matches_replay\":true") != NULL);
+  free(report);
+  tally_options_free(options);
+
+  /* Options given with nothing set are the defaults (1,024 generations), not what it was opened
+   * with: the replay keeps the generations the snapshot dropped, so it does not match the
+   * snapshot and a sound database is reported unsound. This is why NULL reads the recorded
+   * options. */
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  sound = true;
+  EXPECT(tally_verify(S(db), options, &sound, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  report = malloc(needed);
+  EXPECT(tally_verify(S(db), options, &sound, report, needed, &needed), TALLY_OK);
   CHECK(!sound && strstr(report, "\"snapshot_matches_replay\":false") != NULL);
   free(report);
   tally_options_free(options);
+
+  char command[600];
+  snprintf(command, sizeof command, "rm -rf '%s'", dir);
+  CHECK(system(command) == 0);
+}
+
+/* A policy of its own: Starter with 7 m2.7 requests per 5 hours (the shipped one has 1,500). */
+static const char CUSTOM_POLICY[] =
+    "time_zone = \"UTC\"\n"
+    "[resources.\"m2.7\"]\n"
+    "units = [\"requests\"]\n"
+    "required = [\"requests\"]\n"
+    "price_micros = { requests = 1 }\n"
+    "[plans.Starter]\n"
+    "limits = [{ resource = \"m2.7\", unit = \"requests\", amount = 7, window = \"rolling:5h\" }]\n";
+
+/* The key's usage report at T0 (malloc'ed), or NULL if it failed. */
+static char *usage_of(tally_engine *engine, const char *key) {
+  size_t needed = 0;
+  if (tally_engine_usage(engine, S(key), T0, NULL, 0, &needed) != TALLY_BUFFER_TOO_SMALL) {
+    return NULL;
+  }
+  char *json = malloc(needed);
+  if (tally_engine_usage(engine, S(key), T0, json, needed, &needed) != TALLY_OK) {
+    free(json);
+    return NULL;
+  }
+  return json;
+}
+
+/* The events after `after_seq` as JSON (malloc'ed), or NULL if it failed. */
+static char *events_after(tally_engine *engine, uint64_t after_seq) {
+  size_t needed = 0;
+  if (tally_engine_events_after(engine, after_seq, 1000, NULL, 0, &needed) !=
+      TALLY_BUFFER_TOO_SMALL) {
+    return NULL;
+  }
+  char *json = malloc(needed);
+  if (tally_engine_events_after(engine, after_seq, 1000, json, needed, &needed) != TALLY_OK) {
+    free(json);
+    return NULL;
+  }
+  return json;
+}
+
+/* TALLY_POLICY_STORED opens a database with the policy it last ran with, swapping nothing in and
+ * logging nothing; a new database starts with the shipped Token Plan. Nothing else takes it. */
+static void test_stored_policy(void) {
+  char dir[] = "/tmp/tally-c-stored-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char db[256];
+  snprintf(db, sizeof db, "%s/db", dir);
+  tally_engine *engine = NULL;
+
+  /* An in-memory engine has no stored policy; a policy text with it is refused and creates
+   * nothing. */
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_STORED, NULL, 0, NULL, &engine),
+         TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("policy_source"));
+  CHECK(engine == NULL);
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_STORED, S(CUSTOM_POLICY), TALLY_DURABILITY_NONE, 0,
+                           NULL, &engine),
+         TALLY_INVALID_ARGUMENT);
+  struct stat info;
+  CHECK(stat(db, &info) != 0);
+
+  /* A database with a policy of its own; a swap has no stored policy either. */
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_TOML, S(CUSTOM_POLICY), TALLY_DURABILITY_NONE, 0,
+                           NULL, &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_swap_policy(engine, TALLY_POLICY_STORED, NULL, 0, T0),
+         TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("policy_source"));
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@ada"), S("ada"), S("Starter"), T0), TALLY_OK);
+  uint64_t last = 0;
+  EXPECT(tally_engine_checkpoint(engine, &last), TALLY_OK);
+  EXPECT(tally_engine_close(engine), TALLY_OK);
+  tally_engine_free(engine);
+
+  /* Reopened with STORED: its own Starter (7 requests), and no event after the last one. */
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+                           &engine),
+         TALLY_OK);
+  char *json = usage_of(engine, "tp-ada");
+  CHECK(json != NULL && strstr(json, "\"amount\":7") != NULL &&
+        strstr(json, "\"amount\":1500") == NULL);
+  free(json);
+  json = events_after(engine, last);
+  CHECK(json != NULL && strcmp(json, "[]") == 0);
+  free(json);
+  EXPECT(tally_engine_close(engine), TALLY_OK);
+  tally_engine_free(engine);
+
+  /* Reopened with DEFAULT instead: the shipped policy is swapped in (1,500) and logged. */
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+                           &engine),
+         TALLY_OK);
+  json = usage_of(engine, "tp-ada");
+  CHECK(json != NULL && strstr(json, "\"amount\":1500") != NULL);
+  free(json);
+  json = events_after(engine, last);
+  CHECK(json != NULL && strstr(json, "\"policy_swapped\"") != NULL);
+  free(json);
+  tally_engine_free(engine);
+
+  /* A new database opened with STORED runs the shipped Token Plan. */
+  char fresh[256];
+  snprintf(fresh, sizeof fresh, "%s/fresh", dir);
+  EXPECT(tally_engine_open(S(fresh), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+                           &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("bo"), S("tp-bo"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@bo"), S("bo"), S("Starter"), T0), TALLY_OK);
+  json = usage_of(engine, "tp-bo");
+  CHECK(json != NULL && strstr(json, "\"amount\":1500") != NULL);
+  free(json);
+  tally_engine_free(engine);
 
   char command[600];
   snprintf(command, sizeof command, "rm -rf '%s'", dir);
@@ -884,6 +1035,7 @@ int main(void) {
   test_options();
   test_database();
   test_verify_options();
+  test_stored_policy();
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

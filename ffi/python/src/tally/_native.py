@@ -240,6 +240,7 @@ SIGNATURES = {
     "tally_options_set_expire_leases_on_its_own": (_status, [Options, c_bool]),
     "tally_options_set_checkpoint_every_events": (_status, [Options, c_uint64]),
     "tally_options_set_retention_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_use_recorded": (_status, [Options, c_bool]),
     "tally_engine_close": (_status, [Engine]),
     "tally_engine_free": (None, [Engine]),
     "tally_engine_create_user": (_status, [Engine, _str, c_size_t, _str, c_size_t, c_uint64]),

@@ -23,7 +23,8 @@ _EMPTY_QUANTITIES = (_native.Quantity * 0)()
 
 @dataclass(frozen=True)
 class Policy:
-    """Where a policy comes from: the shipped Token Plan, a file, or a TOML/JSON document.
+    """Where a policy comes from: the shipped Token Plan, a file, a TOML/JSON document, or
+    (``Engine.open`` only) the policy the database last ran with.
 
     ``Engine.open`` and ``swap_policy`` also take a path (``os.PathLike``) for a file and a
     dict for a JSON document; a bare ``str`` is refused as ambiguous."""
@@ -48,6 +49,16 @@ class Policy:
         if isinstance(document, Mapping):
             document = json.dumps(document)
         return cls(PolicySource.JSON, _convert.text("policy", document))
+
+    @classmethod
+    def stored(cls) -> Policy:
+        """For ``Engine.open`` only: an existing database keeps the policy it last ran with
+        (nothing is swapped in or logged); a new one starts with the shipped Token Plan. For
+        tools that look at or correct a gateway's database without changing its policy (with
+        ``Options(use_recorded=True)`` to keep the database's options too).
+        ``Engine.in_memory`` and ``swap_policy`` have no stored policy and raise
+        ``InvalidArgumentError``."""
+        return cls(PolicySource.STORED)
 
 
 PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
@@ -155,10 +166,12 @@ class Engine:
         interval_ms: int = 100,
         options: Options | None = None,
     ) -> Engine:
-        """Opens (or creates) the database in directory ``path``. ``interval_ms`` (1..=60,000)
-        is read only for ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the
-        defaults) are the engine's and the database's; a value out of range raises
-        ``InvalidArgumentError`` naming it, and nothing is created or changed."""
+        """Opens (or creates) the database in directory ``path``. ``policy`` (``None``: the
+        shipped Token Plan) is swapped in if an existing database has another, unless it is
+        ``Policy.stored()``. ``interval_ms`` (1..=60,000) is read only for
+        ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the defaults) are the
+        engine's and the database's; a value out of range raises ``InvalidArgumentError`` naming
+        it, and nothing is created or changed."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or a path, not {type(path).__name__}")
         path_bytes = os.fsencode(path)
@@ -653,7 +666,9 @@ class Engine:
         errors.check(_native.lib.tally_engine_sync(self._handle))
 
     def compact(self, *, at_ms: int | None = None) -> int:
-        """Checkpoints and drops old usage events; returns how many were removed."""
+        """Checkpoints and drops usage events older than the policy's longest window plus the
+        ``retention_ms`` option (7 days by default) as of ``at_ms``; returns how many were
+        removed."""
         removed = ctypes.c_uint64(0)
         errors.check(
             _native.lib.tally_engine_compact(
@@ -722,10 +737,12 @@ class Submission:
 
 
 def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> VerifyReport:
-    """Checks a database directory that no engine has open. ``options`` (``tally.Options``;
-    ``None``: the defaults) are those the log is replayed with: pass the ones the database was
-    opened with, as the snapshot holds what they keep (e.g. ``max_policy_generations``), and a
-    replay with others may not match it."""
+    """Checks a database directory that no engine has open. The log is replayed with the
+    options the database was opened with, as the snapshot holds what they keep (e.g.
+    ``max_policy_generations``) and a replay with others may not match it: ``None`` (the
+    usual choice) reads those the database recorded when it was last opened (the defaults if it
+    recorded none); a ``tally.Options`` is used as given (``Options()``: the defaults;
+    ``use_recorded=True``: the recorded ones where there are any)."""
     path_bytes = os.fsencode(path)
     sound = ctypes.c_bool(False)
     with _options.native(options) as native_options:

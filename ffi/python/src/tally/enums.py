@@ -72,6 +72,8 @@ class PolicySource(enum.IntEnum):
     FILE = 1
     TOML = 2
     JSON = 3
+    #: ``Engine.open`` only: the policy the database last ran with (``Policy.stored()``).
+    STORED = 4
 
 
 class AdjustmentDirection(enum.IntEnum):

@@ -14,9 +14,9 @@ from . import _convert, _native, errors
 
 @dataclass(frozen=True)
 class Options:
-    """Options for ``Engine.open``, ``Engine.in_memory`` and ``tally.verify`` (which needs
-    those the database was opened with); ``None`` (every field's default) keeps the library's
-    default. Each value is checked by the library against its range before anything is
+    """Options for ``Engine.open``, ``Engine.in_memory`` and ``tally.verify`` (which without
+    options reads those the database recorded); ``None`` (every field's default) keeps the
+    library's default. Each value is checked by the library against its range before anything is
     opened: one out of range raises ``InvalidArgumentError`` naming the option and the range,
     and the open does not happen (no directory is created)::
 
@@ -28,7 +28,8 @@ class Options:
     ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
     ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
     ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps.
-    ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only."""
+    ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only, and
+    ``use_recorded`` by ``Engine.open`` and ``tally.verify``."""
 
     #: Keys at most (default 16,000,000).
     max_keys: int | None = None
@@ -54,7 +55,17 @@ class Options:
     checkpoint_every_events: int | None = None
     #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
     retention_ms: int | None = None
+    #: An existing database runs with the options it recorded when it was last opened instead
+    #: of these, which then apply only to a database that recorded none (default False). For
+    #: tools on a gateway's database. ``Engine.open`` and ``tally.verify``.
+    use_recorded: bool | None = None
 
+
+# The setter of each yes-or-no option, by field name.
+_BOOL_SETTERS = {
+    "expire_leases_on_its_own": "tally_options_set_expire_leases_on_its_own",
+    "use_recorded": "tally_options_set_use_recorded",
+}
 
 # The setter of each integer option, by field name.
 _SETTERS = {
@@ -75,7 +86,8 @@ _SETTERS = {
 @contextmanager
 def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
     """A ``tally_options`` handle with ``options`` set, for the duration of one open or verify
-    (``None`` for no options: the library's defaults). Raises before any open if a value is
+    (``None`` for no options, NULL: the defaults of an open, the recorded options of a verify;
+    ``Options()`` is a handle with nothing set). Raises before any open if a value is
     refused."""
     if options is None:
         yield None
@@ -89,10 +101,10 @@ def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
             value = getattr(options, field.name)
             if value is None:
                 continue
-            if field.name == "expire_leases_on_its_own":
+            if field.name in _BOOL_SETTERS:
                 if not isinstance(value, bool):
                     raise TypeError(f"{field.name} must be a bool, not {type(value).__name__}")
-                status = _native.lib.tally_options_set_expire_leases_on_its_own(handle, value)
+                status = getattr(_native.lib, _BOOL_SETTERS[field.name])(handle, value)
             else:
                 setter = getattr(_native.lib, _SETTERS[field.name])
                 status = setter(handle, _convert.u64(field.name, value))
