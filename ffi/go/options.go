@@ -49,9 +49,10 @@ type Options struct {
 	// How long usage events stay in the log beyond the longest window before Compact may
 	// drop them (default 7 days); negative: none. Open only.
 	Retention time.Duration
-	// An existing database runs with the options it recorded when it was last opened instead
-	// of these, which then apply only to a database that recorded none (a new one). For tools
-	// on a gateway's database. Open and Verify only.
+	// Open as a tool: an existing database runs with the options its owner recorded (an open
+	// without UseRecorded records its own) instead of these, which then apply only to a
+	// database that recorded none (a new one), and nothing is recorded. For tools on a
+	// gateway's database. Open and Verify only.
 	UseRecorded bool
 }
 

@@ -234,8 +234,8 @@ type VerifyReport struct {
 // The replay must run with the options the database was opened with: the snapshot holds
 // what they keep (e.g. MaxPolicyGenerations policy generations), so a replay with other
 // options may not match it and a sound database is reported unsound. Without WithOptions
-// (the usual choice) it runs with those the database recorded when it was last opened (the
-// defaults if it recorded none); options given WithOptions are used as given (the zero
+// (the usual choice) it runs with those the database recorded when its owner last opened
+// it (the defaults if it recorded none); options given WithOptions are used as given (the zero
 // Options: the defaults; UseRecorded: the recorded ones where there are any). Bad options
 // fail with ErrInvalidArgument, as for Open. The other options (policy, durability) are not
 // used.

@@ -858,11 +858,12 @@ tally_status tally_options_set_checkpoint_every_events(struct tally_options *opt
 tally_status tally_options_set_retention_ms(struct tally_options *options,
                                             uint64_t retention_ms);
 
-// Whether an existing database runs with the options it recorded when it was last opened
-// (default false). A database records the engine's options, `checkpoint_every_events` and
-// `retention_ms` at every open; true makes `tally_engine_open` and `tally_verify` use those
-// instead of the ones set here, which then apply only to a database that recorded none (a
-// new one, or one written before options were recorded). For tools that open or verify a
+// Whether to open as a tool (default false: as the database's owner). An owner's open runs
+// with the options set here and, once it succeeds, records them in the database (the engine's
+// options, `checkpoint_every_events` and `retention_ms`). True makes `tally_engine_open` and
+// `tally_verify` run an existing database with its recorded options instead, and record
+// nothing; the options set here then apply only to a database that recorded none (a new one,
+// or one written before options were recorded). For tools that open or verify a
 // gateway's database: with other options a tool would forget request ids sooner, compact
 // events the gateway's retention keeps, or see a sound database as unsound. The durability
 // is always the call's own. `tally_engine_open_in_memory` has no database and ignores it.
@@ -941,14 +942,15 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // The replay must run with the options the database was opened with: the snapshot holds what
 // they keep (e.g. `max_policy_generations` policy generations), so a replay with other
 // options may not equal it and a sound database is reported unsound. `options` NULL (the
-// usual choice) replays with the options the database recorded when it was last opened, or
-// the defaults if it recorded none (a database written before options were recorded).
+// usual choice) replays with the options the database recorded when its owner last opened
+// it, or the defaults if it recorded none (a database written before options were recorded).
+// Recorded options that do not decode or are out of range are one of the report's problems
+// (the database is unsound), and the replay then runs with the defaults.
 // Non-NULL `options` (`tally_options_new`) are used as given, recorded options only if
 // `tally_options_set_use_recorded` says so; they are read during the call only.
 //
 // An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-// `tally_engine_open`; recorded options that do not decode or are out of range are
-// `TALLY_STORAGE` (the last error says which).
+// `tally_engine_open`.
 tally_status tally_verify(const char *path,
                           size_t path_len,
                           const struct tally_options *options,

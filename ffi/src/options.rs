@@ -284,11 +284,12 @@ pub extern "C" fn tally_options_set_retention_ms(
     set(options, |options| options.retention_ms = retention_ms)
 }
 
-/// Whether an existing database runs with the options it recorded when it was last opened
-/// (default false). A database records the engine's options, `checkpoint_every_events` and
-/// `retention_ms` at every open; true makes `tally_engine_open` and `tally_verify` use those
-/// instead of the ones set here, which then apply only to a database that recorded none (a
-/// new one, or one written before options were recorded). For tools that open or verify a
+/// Whether to open as a tool (default false: as the database's owner). An owner's open runs
+/// with the options set here and, once it succeeds, records them in the database (the engine's
+/// options, `checkpoint_every_events` and `retention_ms`). True makes `tally_engine_open` and
+/// `tally_verify` run an existing database with its recorded options instead, and record
+/// nothing; the options set here then apply only to a database that recorded none (a new one,
+/// or one written before options were recorded). For tools that open or verify a
 /// gateway's database: with other options a tool would forget request ids sooner, compact
 /// events the gateway's retention keeps, or see a sound database as unsound. The durability
 /// is always the call's own. `tally_engine_open_in_memory` has no database and ignores it.

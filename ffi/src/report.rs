@@ -224,14 +224,15 @@ pub extern "C" fn tally_engine_compact(
 /// The replay must run with the options the database was opened with: the snapshot holds what
 /// they keep (e.g. `max_policy_generations` policy generations), so a replay with other
 /// options may not equal it and a sound database is reported unsound. `options` NULL (the
-/// usual choice) replays with the options the database recorded when it was last opened, or
-/// the defaults if it recorded none (a database written before options were recorded).
+/// usual choice) replays with the options the database recorded when its owner last opened
+/// it, or the defaults if it recorded none (a database written before options were recorded).
+/// Recorded options that do not decode or are out of range are one of the report's problems
+/// (the database is unsound), and the replay then runs with the defaults.
 /// Non-NULL `options` (`tally_options_new`) are used as given, recorded options only if
 /// `tally_options_set_use_recorded` says so; they are read during the call only.
 ///
 /// An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-/// `tally_engine_open`; recorded options that do not decode or are out of range are
-/// `TALLY_STORAGE` (the last error says which).
+/// `tally_engine_open`.
 #[no_mangle]
 pub extern "C" fn tally_verify(
     path: *const c_char,

@@ -740,9 +740,9 @@ def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> V
     """Checks a database directory that no engine has open. The log is replayed with the
     options the database was opened with, as the snapshot holds what they keep (e.g.
     ``max_policy_generations``) and a replay with others may not match it: ``None`` (the
-    usual choice) reads those the database recorded when it was last opened (the defaults if it
-    recorded none); a ``tally.Options`` is used as given (``Options()``: the defaults;
-    ``use_recorded=True``: the recorded ones where there are any)."""
+    usual choice) reads those the database recorded when its owner last opened it (the
+    defaults if it recorded none); a ``tally.Options`` is used as given (``Options()``: the
+    defaults; ``use_recorded=True``: the recorded ones where there are any)."""
     path_bytes = os.fsencode(path)
     sound = ctypes.c_bool(False)
     with _options.native(options) as native_options:

@@ -55,9 +55,10 @@ class Options:
     checkpoint_every_events: int | None = None
     #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
     retention_ms: int | None = None
-    #: An existing database runs with the options it recorded when it was last opened instead
-    #: of these, which then apply only to a database that recorded none (default False). For
-    #: tools on a gateway's database. ``Engine.open`` and ``tally.verify``.
+    #: Open as a tool: an existing database runs with the options its owner recorded (an open
+    #: without it records its own) instead of these, which then apply only to a database that
+    #: recorded none, and nothing is recorded (default False). For tools on a gateway's
+    #: database. ``Engine.open`` and ``tally.verify``.
     use_recorded: bool | None = None
 
 
