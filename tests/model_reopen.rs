@@ -178,6 +178,10 @@ enum Op {
     Checkpoint,
     Reopen {
         close: bool,
+        /// Reopened as a tool would: the shipped policy and the default options given, the
+        /// stored policy and the recorded options asked for. It must run exactly as the owner's
+        /// open does (the run goes on with it).
+        as_tool: bool,
     },
     SwapPolicy {
         version: usize,
@@ -220,7 +224,7 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         1 => Just(Op::ReclaimIdle),
         1 => Just(Op::Checkpoint),
-        2 => any::<bool>().prop_map(|close| Op::Reopen { close }),
+        2 => (any::<bool>(), any::<bool>()).prop_map(|(close, as_tool)| Op::Reopen { close, as_tool }),
         1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
     ]
 }
@@ -477,7 +481,7 @@ impl Run {
             Op::Checkpoint => {
                 self.durable().checkpoint().expect("checkpoint");
             }
-            Op::Reopen { close } => self.reopen(*close),
+            Op::Reopen { close, as_tool } => self.reopen(*close, *as_tool),
             Op::SwapPolicy { version } => {
                 let at = Some(self.now_ms);
                 self.both("swap", |engine| {
@@ -537,7 +541,7 @@ impl Run {
         assert_eq!(report.snapshot_matches_replay, Some(true));
     }
 
-    fn reopen(&mut self, close: bool) {
+    fn reopen(&mut self, close: bool, as_tool: bool) {
         let before = observed(self.durable(), self.now_ms);
         let engine = self.durable.take().expect("open");
         if close {
@@ -545,13 +549,34 @@ impl Run {
         } else {
             drop(engine);
         }
-        let engine = Engine::open(
-            self.dir.path(),
-            policy_version(self.policy_version),
-            self.clock.clone(),
-            self.options.clone(),
-        )
-        .unwrap_or_else(|error| panic!("reopening: {error}"));
+        let engine = if as_tool {
+            let tool = OpenOptions {
+                durability: self.options.durability,
+                use_recorded: true,
+                ..OpenOptions::default()
+            };
+            let engine = Engine::open_with_stored_policy(
+                self.dir.path(),
+                Policy::token_plan(),
+                self.clock.clone(),
+                tool,
+            )
+            .unwrap_or_else(|error| panic!("reopening as a tool: {error}"));
+            assert_eq!(
+                *engine.options(),
+                self.options.engine,
+                "the recorded options"
+            );
+            engine
+        } else {
+            Engine::open(
+                self.dir.path(),
+                policy_version(self.policy_version),
+                self.clock.clone(),
+                self.options.clone(),
+            )
+            .unwrap_or_else(|error| panic!("reopening: {error}"))
+        };
         self.durable = Some(engine);
         self.reopens += 1;
         assert_same_state(
@@ -612,9 +637,11 @@ proptest! {
             run.compare_states(&format!("after step {step}: {op:?}"));
         }
         // A last reopen of each kind, so every case ends by recovering.
-        run.reopen(false);
+        run.reopen(false, false);
         run.compare_states("after the final drop");
-        run.reopen(true);
+        run.reopen(true, true);
+        run.compare_states("after the final close, reopened as a tool");
+        run.reopen(true, false);
         run.compare_states("after the final close");
         run.verify();
     }
@@ -677,6 +704,7 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
                 },
                 Op::Reopen {
                     close: round % 2 == 0,
+                    as_tool: round % 3 == 0,
                 },
                 Op::Consume {
                     key: 0,
@@ -703,11 +731,15 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
                 Op::Advance { ms: 20 * MINUTE_MS },
                 Op::Reopen {
                     close: round % 2 == 1,
+                    as_tool: round % 3 == 1,
                 },
             ]);
         }
         ops.push(Op::Advance { ms: DAY_MS });
-        ops.push(Op::Reopen { close: false });
+        ops.push(Op::Reopen {
+            close: false,
+            as_tool: false,
+        });
         for (step, op) in ops.iter().enumerate() {
             run.apply(op);
             run.compare_states(&format!("{durability:?} step {step}: {op:?}"));
