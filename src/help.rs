@@ -129,7 +129,9 @@ Options:
                        (the wall time and the database then go to stderr, so the JSON
                        depends only on the seed)
   --db PATH            The database the run writes [default: ./tally-data-simulate]; a database
-                       already there is wiped first (anything else there is refused)
+                       an earlier run made there is wiped first (it holds a
+                       made-by-tally-simulate file); any other database or folder there is
+                       refused, never wiped or added to
   --keep               Do not wipe the database first (the run is refused if it already holds
                        the scenario's accounts; use a new --db)
   --durability MODE    When acknowledged decisions are durable [default: interval:100]:

@@ -67,7 +67,7 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         Err(error) => return usage_error(&error),
     };
     let prepared = if options.keep {
-        store::check_openable(&options.db, true).map(|_| ())
+        store::check_simulate_may_use(&options.db)
     } else {
         store::wipe(&options.db)
     };
@@ -95,6 +95,9 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
             return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));
         }
     };
+    if let Err(problem) = store::mark_simulated(&options.db) {
+        return usage_error(&UsageError::new("--db", problem, HelpTopic::Simulate));
+    }
     let summary = match simulate::run(shape, &engine, &clock, &policy_name) {
         Ok(summary) => summary,
         Err(error) => return simulate_failure(&error, options),

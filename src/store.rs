@@ -66,9 +66,23 @@ fn is_vacant(path: &Path) -> bool {
     }
 }
 
-/// Removes the database at `path` so a run starts from nothing. Refuses anything that is not a
-/// tally database (a typo must not delete a folder of someone's files).
-pub fn wipe(path: &Path) -> Result<(), String> {
+/// The file `tally simulate` leaves in a database it made. Only such a database is wiped or
+/// added to by a later run: `--db` pointing at a gateway's database (or the operator commands'
+/// `tally-data`) must neither delete it nor fill it with simulated users.
+pub const SIMULATE_MARK: &str = "made-by-tally-simulate";
+
+/// Marks the database at `path` (just opened by `simulate`) as one `simulate` made.
+pub fn mark_simulated(path: &Path) -> Result<(), String> {
+    std::fs::write(
+        path.join(SIMULATE_MARK),
+        "This tally database was made by `tally simulate`: a later run may wipe it.\n",
+    )
+    .map_err(|error| format!("cannot mark {} as simulate's: {error}", path.display()))
+}
+
+/// Whether `path` is missing, empty, or a database `simulate` made: what a run may wipe or
+/// (with `--keep`) add to. Otherwise says why not.
+pub fn check_simulate_may_use(path: &Path) -> Result<(), String> {
     if is_vacant(path) {
         return Ok(());
     }
@@ -77,6 +91,25 @@ pub fn wipe(path: &Path) -> Result<(), String> {
             "{} exists and is not a tally database; choose another path",
             path.display()
         ));
+    }
+    if !path.join(SIMULATE_MARK).is_file() {
+        return Err(format!(
+            "{} is a tally database that `tally simulate` did not make (no {SIMULATE_MARK} file \
+             in it): it is neither wiped nor added to; choose another path (the default is \
+             {DEFAULT_SIMULATE_DB}), or remove it yourself if it is only an old simulation",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Removes the database at `path` so a run starts from nothing. Refuses anything that is not a
+/// database `simulate` made (a typo must not delete a folder of someone's files, nor a
+/// gateway's database).
+pub fn wipe(path: &Path) -> Result<(), String> {
+    check_simulate_may_use(path)?;
+    if is_vacant(path) {
+        return Ok(());
     }
     std::fs::remove_dir_all(path)
         .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
@@ -204,7 +237,11 @@ mod tests {
         std::fs::create_dir_all(&database).expect("created");
         std::fs::write(database.join("conf"), "").expect("written");
         assert_eq!(check_openable(&database, false), Ok(false));
-        wipe(&database).expect("a database is wiped");
+        let problem = wipe(&database).expect_err("not simulate's");
+        assert!(problem.contains("did not make"), "{problem}");
+        assert!(database.join("conf").exists(), "left as it was");
+        mark_simulated(&database).expect("marked");
+        wipe(&database).expect("a database simulate made is wiped");
         assert!(!database.exists());
         assert!(wipe(&database).is_ok(), "nothing to wipe is fine");
     }

@@ -470,3 +470,54 @@ fn simulate_never_wipes_a_folder_that_is_not_a_database() {
     );
     assert!(folder.join("notes.txt").exists());
 }
+
+#[test]
+fn simulate_neither_wipes_nor_adds_to_a_database_it_did_not_make() {
+    let directory = Scratch::new();
+    // A database the operator commands made, at simulate's default path.
+    let created = tally_in(
+        &directory,
+        &["user", "ada", "tp-ada", "--db", "tally-data-simulate"],
+    );
+    assert!(created.status.success(), "{}", stderr_of(&created));
+    let mut keep = SMALL_RUN.to_vec();
+    keep.push("--keep");
+    for args in [SMALL_RUN, &keep] {
+        let output = tally_in(&directory, args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains("--db") && stderr.contains("did not make"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let usage = tally_in(
+        &directory,
+        &["usage", "tp-ada", "--db", "tally-data-simulate"],
+    );
+    assert!(
+        usage.status.success(),
+        "ada is still there: {}",
+        stderr_of(&usage)
+    );
+    let events = tally_in(&directory, &["events", "--db", "tally-data-simulate"]);
+    assert_eq!(
+        stdout_of(&events).lines().count(),
+        2,
+        "the policy and ada, nothing simulated: {}",
+        stdout_of(&events)
+    );
+
+    // What simulate made, it marks, and a later run wipes.
+    let other = directory.0.join("other");
+    let other = other.to_str().expect("a UTF-8 path");
+    let mut first = SMALL_RUN.to_vec();
+    first.extend(["--db", other]);
+    let made = tally_in(&directory, &first);
+    assert!(made.status.success(), "{}", stderr_of(&made));
+    assert!(std::path::Path::new(other)
+        .join("made-by-tally-simulate")
+        .is_file());
+    let again = tally_in(&directory, &first);
+    assert!(again.status.success(), "{}", stderr_of(&again));
+}
