@@ -603,6 +603,11 @@ pub fn verify_text(database: &str, report: &VerifyReport) -> String {
         (Some(seq), None) => format!("at event {}; could not be compared", grouped(seq)),
     };
     let _ = writeln!(out, "snapshot: {snapshot}");
+    let options = match report.replayed_with_recorded_options {
+        true => "replayed with the ones the database's owner recorded",
+        false => "replayed with the defaults (the database recorded none it could use)",
+    };
+    let _ = writeln!(out, "options:  {options}");
     if report.problems.is_empty() {
         let _ = writeln!(out, "problems: none");
     } else {
@@ -626,6 +631,7 @@ pub fn verify_json(report: &VerifyReport) -> Value {
         "snapshot_seq": report.snapshot_seq,
         "snapshot_matches_replay": report.snapshot_matches_replay,
         "problems": report.problems,
+        "replayed_with_recorded_options": report.replayed_with_recorded_options,
     })
 }
 
@@ -697,11 +703,16 @@ mod tests {
             snapshot_seq: Some(4),
             snapshot_matches_replay: Some(false),
             problems: vec!["event 5 follows event 3: a gap".into()],
+            replayed_with_recorded_options: false,
         };
         let text = verify_text("db", &report);
         assert!(text.contains("DOES NOT match"), "{text}");
         assert!(text.contains("  event 5 follows event 3: a gap"), "{text}");
         assert!(text.ends_with("sound:    NO\n"), "{text}");
+        assert!(
+            text.contains("options:  replayed with the defaults"),
+            "{text}"
+        );
         assert_eq!(verify_json(&report)["sound"], json!(false));
     }
 }

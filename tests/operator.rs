@@ -639,7 +639,12 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
     let later = (now_ms() + 30 * DAY_MS).to_string();
     let compacted = workspace.ok(&["compact", "--at", &later]);
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
-    assert!(workspace.ok(&["verify"]).contains("sound:    yes"));
+    let verified = workspace.ok(&["verify"]);
+    assert!(verified.contains("sound:    yes"), "{verified}");
+    assert!(
+        verified.contains("options:  replayed with the ones the database's owner recorded"),
+        "{verified}"
+    );
     let recorded = Engine::recorded_options(workspace.database())
         .expect("read")
         .expect("recorded");

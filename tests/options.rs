@@ -629,8 +629,10 @@ fn verify_as_recorded_replays_with_the_options_the_database_ran_with() {
     // The defaults keep 1,024 generations: their replay does not match the snapshot.
     let defaults = Engine::verify(dir.path(), none_durability()).expect("verify");
     assert_eq!(defaults.snapshot_matches_replay, Some(false));
+    assert!(!defaults.replayed_with_recorded_options);
     let as_recorded = Engine::verify(dir.path(), use_recorded()).expect("verify");
     assert_eq!(as_recorded.snapshot_matches_replay, Some(true));
+    assert!(as_recorded.replayed_with_recorded_options);
     assert!(as_recorded.is_sound(), "{:?}", as_recorded.problems);
 }
 
@@ -683,6 +685,7 @@ fn recorded_options_that_do_not_decode_or_are_out_of_range_are_a_damaged_databas
             report.problems
         );
         assert_eq!(report.snapshot_matches_replay, Some(true), "{label}");
+        assert!(!report.replayed_with_recorded_options, "{label}");
         // Options given explicitly still open it (and record themselves over the damage).
         open_with(dir.path(), none_durability())
             .expect("open with options given")

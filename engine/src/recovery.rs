@@ -516,6 +516,9 @@ pub struct VerifyReport {
     pub snapshot_matches_replay: Option<bool>,
     /// Everything wrong, one line each; empty when the database is sound.
     pub problems: Vec<String>,
+    /// Whether the replay ran with the options the database recorded (asked for with
+    /// `use_recorded`, and a record was there and decoded), not the ones given.
+    pub replayed_with_recorded_options: bool,
 }
 
 impl VerifyReport {
@@ -1624,10 +1627,11 @@ impl Engine {
         let mut report = VerifyReport::default();
         if options.use_recorded {
             if let Some(bytes) = log.recorded_options()? {
-                if let Err(error) = RecordedOptions::decode(&bytes)
+                match RecordedOptions::decode(&bytes)
                     .and_then(|recorded| recorded.apply_to(&mut options))
                 {
-                    report.problems.push(error.to_string());
+                    Ok(()) => report.replayed_with_recorded_options = true,
+                    Err(error) => report.problems.push(error.to_string()),
                 }
             }
         }

@@ -119,7 +119,7 @@ func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 	}
 	// Without options: those the database recorded when it was opened (2 generations).
 	report, err = tally.Verify(dir)
-	if err != nil || !report.Sound || len(report.Problems) != 0 ||
+	if err != nil || !report.Sound || len(report.Problems) != 0 || !report.ReplayedWithRecordedOptions ||
 		report.SnapshotMatchesReplay == nil || !*report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the recorded options: %+v %v", report, err)
 	}
@@ -127,7 +127,8 @@ func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 	// generations the snapshot dropped, so a sound database is reported unsound: why Verify
 	// without options reads the recorded ones.
 	report, err = tally.Verify(dir, tally.WithOptions(tally.Options{}))
-	if err != nil || report.Sound || report.SnapshotMatchesReplay == nil || *report.SnapshotMatchesReplay {
+	if err != nil || report.Sound || report.ReplayedWithRecordedOptions ||
+		report.SnapshotMatchesReplay == nil || *report.SnapshotMatchesReplay {
 		t.Fatalf("verify with the defaults: %+v %v", report, err)
 	}
 	_, err = tally.Verify(dir, tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))

@@ -225,6 +225,8 @@ type VerifyReport struct {
 	SnapshotSeq           *uint64  `json:"snapshot_seq"`
 	SnapshotMatchesReplay *bool    `json:"snapshot_matches_replay"`
 	Problems              []string `json:"problems"`
+	// Whether the replay ran with the options the database's owner recorded.
+	ReplayedWithRecordedOptions bool `json:"replayed_with_recorded_options"`
 }
 
 // Verify checks the database in the directory path, which must not be open

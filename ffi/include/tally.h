@@ -936,7 +936,8 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // Checks the database in the directory `path`, which must not be open (`TALLY_DATABASE_LOCKED`
 // otherwise): every record decodes, sequence numbers have no gaps, the latest snapshot equals
 // a replay. Writes `*sound_out` and a JSON report into `buf`: `{"sound", "records", "events",
-// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text]}`.
+// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text],
+// "replayed_with_recorded_options"}`.
 // Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 //
 // The replay must run with the options the database was opened with: the snapshot holds what

@@ -889,6 +889,7 @@ static void test_verify_options(void) {
   report = malloc(needed);
   EXPECT(tally_verify(S(db), NULL, &sound, report, needed, &needed), TALLY_OK);
   CHECK(sound && strstr(report, "\"snapshot_matches_replay\":true") != NULL);
+  CHECK(strstr(report, "\"replayed_with_recorded_options\":true") != NULL);
   free(report);
   tally_options_free(options);
 

@@ -251,6 +251,8 @@ class VerifyReport:
     snapshot_seq: int | None
     snapshot_matches_replay: bool | None
     problems: tuple[str, ...]
+    #: Whether the replay ran with the options the database's owner recorded.
+    replayed_with_recorded_options: bool = False
 
     @classmethod
     def from_json(cls, sound: bool, document: dict[str, Any]) -> VerifyReport:
@@ -263,4 +265,5 @@ class VerifyReport:
             snapshot_seq=document.get("snapshot_seq"),
             snapshot_matches_replay=document.get("snapshot_matches_replay"),
             problems=tuple(document.get("problems", [])),
+            replayed_with_recorded_options=document.get("replayed_with_recorded_options", False),
         )
