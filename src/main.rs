@@ -74,6 +74,9 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
     if let Err(problem) = prepared {
         return usage_error(&UsageError::new("--db", problem, HelpTopic::Simulate));
     }
+    // Whether this run makes the database (the path is vacant, or was wiped): if its open
+    // fails, nothing is left behind, so no unmarked database blocks the next run.
+    let vacant = !store::is_database(&options.db);
     let shape = scenario::Shape {
         keys: options.keys,
         days: options.days,
@@ -91,6 +94,9 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
     ) {
         Ok(engine) => engine,
         Err(error) => {
+            if vacant {
+                let _ = std::fs::remove_dir_all(&options.db);
+            }
             let (culprit, problem) = operator::culprit(&error);
             return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));
         }

@@ -12,9 +12,11 @@ use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions,
 pub const DEFAULT_DB: &str = "tally-data";
 /// `tally simulate`'s own database, wiped at the start of each run (unless `--keep`).
 pub const DEFAULT_SIMULATE_DB: &str = "tally-data-simulate";
-/// The engine takes a checkpoint once this many events were logged since the last one, and on
-/// opening when more than half of this is left to replay: a command never replays more than
-/// about this many events before it can answer.
+/// For a database that recorded no options (one the operator commands made): the engine takes
+/// a checkpoint once this many events were logged since the last one, and on opening when more
+/// than half of this is left to replay, so a command never replays more than about this many
+/// events before it can answer. A database that recorded options runs with its owner's
+/// interval (a gateway's default is 1,000,000 events, about a quarter of a second to replay).
 pub const CHECKPOINT_EVERY_EVENTS: u64 = 20_000;
 /// `Durability::Interval` bounds, as the engine checks them.
 pub const MIN_INTERVAL_MS: u64 = 1;
@@ -71,13 +73,22 @@ fn is_vacant(path: &Path) -> bool {
 /// `tally-data`) must neither delete it nor fill it with simulated users.
 pub const SIMULATE_MARK: &str = "made-by-tally-simulate";
 
-/// Marks the database at `path` (just opened by `simulate`) as one `simulate` made.
+/// Marks the database at `path` (just opened by `simulate`) as one `simulate` made, durably
+/// (the file and the directory entry are fsynced: a finished run's database stays wipeable
+/// after a power loss).
 pub fn mark_simulated(path: &Path) -> Result<(), String> {
-    std::fs::write(
-        path.join(SIMULATE_MARK),
-        "This tally database was made by `tally simulate`: a later run may wipe it.\n",
+    let fail =
+        |error: std::io::Error| format!("cannot mark {} as simulate's: {error}", path.display());
+    let mut mark = std::fs::File::create(path.join(SIMULATE_MARK)).map_err(fail)?;
+    std::io::Write::write_all(
+        &mut mark,
+        b"This tally database was made by `tally simulate`: a later run may wipe it.\n",
     )
-    .map_err(|error| format!("cannot mark {} as simulate's: {error}", path.display()))
+    .map_err(fail)?;
+    mark.sync_all().map_err(fail)?;
+    std::fs::File::open(path)
+        .and_then(|directory| directory.sync_all())
+        .map_err(fail)
 }
 
 /// Whether `path` is missing, empty, or a database `simulate` made: what a run may wipe or
@@ -95,8 +106,9 @@ pub fn check_simulate_may_use(path: &Path) -> Result<(), String> {
     if !path.join(SIMULATE_MARK).is_file() {
         return Err(format!(
             "{} is a tally database that `tally simulate` did not make (no {SIMULATE_MARK} file \
-             in it): it is neither wiped nor added to; choose another path (the default is \
-             {DEFAULT_SIMULATE_DB}), or remove it yourself if it is only an old simulation",
+             in it): it is neither wiped nor added to. Give --db another path, or, if it is \
+             only an old simulation (made by a build before the mark, or a run killed while \
+             it opened), remove it yourself",
             path.display()
         ));
     }
@@ -106,10 +118,23 @@ pub fn check_simulate_may_use(path: &Path) -> Result<(), String> {
 /// Removes the database at `path` so a run starts from nothing. Refuses anything that is not a
 /// database `simulate` made (a typo must not delete a folder of someone's files, nor a
 /// gateway's database).
+/// A database open in another process (a run still going) is refused too: removing its files
+/// under it would leave that run writing into a directory that is gone, or into the next
+/// run's.
 pub fn wipe(path: &Path) -> Result<(), String> {
     check_simulate_may_use(path)?;
     if is_vacant(path) {
         return Ok(());
+    }
+    // Reading the recorded options takes the database's lock for a moment: the check.
+    if let Err(Error::Storage { problem }) = Engine::recorded_options(path) {
+        if problem.contains("is locked") {
+            return Err(format!(
+                "{} is open in another process (a run still going?): not wiped; wait for it, \
+                 or give --db another path",
+                path.display()
+            ));
+        }
     }
     std::fs::remove_dir_all(path)
         .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
@@ -244,6 +269,26 @@ mod tests {
         wipe(&database).expect("a database simulate made is wiped");
         assert!(!database.exists());
         assert!(wipe(&database).is_ok(), "nothing to wipe is fine");
+    }
+
+    #[test]
+    fn a_database_simulate_made_is_not_wiped_while_it_is_open() {
+        let path = scratch("open");
+        let engine = open(
+            &path,
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(1_790_000_000_000)),
+            Durability::None,
+            CHECKPOINT_EVERY_EVENTS,
+        )
+        .expect("opened");
+        mark_simulated(&path).expect("marked");
+        let problem = wipe(&path).expect_err("open elsewhere");
+        assert!(problem.contains("is open in another process"), "{problem}");
+        assert!(path.join("db").exists() && path.join(SIMULATE_MARK).exists());
+        engine.close().expect("closed");
+        wipe(&path).expect("closed: wiped");
+        assert!(!path.exists());
     }
 
     #[test]
