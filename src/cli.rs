@@ -157,6 +157,11 @@ pub enum Action {
     Compact {
         at_ms: Option<u64>,
     },
+    /// Swaps the database's policy for the one at `path`.
+    Policy {
+        path: PathBuf,
+        at_ms: Option<u64>,
+    },
 }
 
 impl Action {
@@ -729,6 +734,7 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
         ),
         T::Verify => operator_spec("verify", topic, &[], Rest::Nothing, &[JSON]),
         T::Compact => operator_spec("compact", topic, &[], Rest::Nothing, &[AT]),
+        T::Policy => operator_spec("policy", topic, &["PATH"], Rest::Nothing, &[AT]),
         T::Main | T::Simulate => unreachable!("not an operator command"),
     }
 }
@@ -801,6 +807,10 @@ fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
         HelpTopic::Events => Action::Events(parse_events(spec, scanned)?),
         HelpTopic::Verify => Action::Verify { json },
         HelpTopic::Compact => Action::Compact { at_ms },
+        HelpTopic::Policy => Action::Policy {
+            path: parse_path("PATH", &scanned.arguments[0], topic)?,
+            at_ms,
+        },
         HelpTopic::Main | HelpTopic::Simulate => unreachable!("not an operator command"),
     };
     Ok(action)

@@ -17,9 +17,10 @@ pub enum HelpTopic {
     Events,
     Verify,
     Compact,
+    Policy,
 }
 
-const COMMANDS: [(&str, HelpTopic); 13] = [
+const COMMANDS: [(&str, HelpTopic); 14] = [
     ("simulate", HelpTopic::Simulate),
     ("user", HelpTopic::User),
     ("team", HelpTopic::Team),
@@ -33,6 +34,7 @@ const COMMANDS: [(&str, HelpTopic); 13] = [
     ("events", HelpTopic::Events),
     ("verify", HelpTopic::Verify),
     ("compact", HelpTopic::Compact),
+    ("policy", HelpTopic::Policy),
 ];
 
 impl HelpTopic {
@@ -68,6 +70,7 @@ impl HelpTopic {
             HelpTopic::Events => EVENTS_HELP,
             HelpTopic::Verify => VERIFY_HELP,
             HelpTopic::Compact => COMPACT_HELP,
+            HelpTopic::Policy => POLICY_HELP,
         };
         format!("{body}{DATABASE_OPTIONS_HELP}")
     }
@@ -98,6 +101,8 @@ Operator commands, on the database at --db (default: ./tally-data):
                                  a named export cursor
   verify                         Check the database; exit status 1 if it is not sound
   compact                        Checkpoint, then drop usage events past the retention
+  policy PATH                    Swap the database's policy for the one in PATH (usage carries
+                                 over; refused if it drops a plan someone holds a seat on)
   help [COMMAND]                 Print this help, or a command's
 
 Options:
@@ -157,11 +162,10 @@ the setup.
 const DATABASE_OPTIONS_HELP: &str = "
 Database options:
   --db PATH            The database [default: ./tally-data]
-  --policy PATH        The policy to run with (.toml or .json) [default: the policy the database
-                       last ran with; the shipped Token Plan policy for a new database]. A
-                       policy given that differs from the one the database last ran with is
-                       swapped in (logged; usage carries over) and refused if it drops a plan
-                       someone holds a seat on. Without --policy nothing is swapped.
+  --policy PATH        The policy a new database starts with (.toml or .json) [default: the
+                       shipped Token Plan policy]. An existing database runs with its own: a
+                       --policy that differs from it is refused, changing nothing (swap it
+                       with `tally policy PATH`).
   --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
                        only once its change is fsynced (see `tally simulate --help`)
   -h, --help           Print this help
@@ -317,13 +321,27 @@ Exit status: 0 sound, 1 unsound, 2 the database cannot be opened.
 
 const COMPACT_HELP: &str = "\
 Take a checkpoint (a snapshot of the whole state), then drop usage events older than the
-longest window plus the retention (7 days); their effect lives on in the snapshot. Events after
-the snapshot before the latest are kept, so `verify` can still replay between the two.
+longest window plus the retention (the database owner's `retention_ms`, 7 days by default);
+their effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
+`verify` can still replay between the two.
 
 Usage: tally compact [OPTIONS]
 
 Options:
   --at MS              Compact as of this time, in ms since 1970 UTC [default: now]
+";
+
+const POLICY_HELP: &str = "\
+Swap the database's policy for the one in PATH (.toml or .json), as a logged event: usage
+carries over for every limit whose meter and window stay, and seats move to the plan of the
+same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on.
+A policy equal to the one the database runs changes nothing. This is the one command that
+changes a database's policy: any other command given a --policy that differs is refused.
+
+Usage: tally policy PATH [OPTIONS]
+
+Options:
+  --at MS              The swap's time, in ms since 1970 UTC [default: now]
 ";
 
 #[cfg(test)]

@@ -46,11 +46,17 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         return verify(database, json).map_err(fail);
     }
     let policy = load_policy(database).map_err(fail)?;
+    if policy.is_some() && matches!(operation.action, Action::Policy { .. }) {
+        return Err(fail((
+            "--policy".into(),
+            "`tally policy` takes the new policy as its PATH; drop --policy".into(),
+        )));
+    }
     let created = store::check_openable(&database.path, operation.action.creates_database())
         .map_err(|problem| fail(("--db".into(), problem)))?;
-    // Without --policy the database keeps the policy it last ran with (a gateway's, say):
-    // looking at a key must not swap the shipped policy in. The options are the ones the
-    // database recorded, and the command records none of its own.
+    // An existing database runs with the policy it last ran with (a gateway's, say), and the
+    // options it recorded; the command records none of its own. Only `tally policy` swaps.
+    let given = policy.as_ref().map(policy_text);
     let opened = store::open_as_recorded(
         &database.path,
         policy,
@@ -66,6 +72,21 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
             return Err(fail(opening_culprit(&error)));
         }
     };
+    if let (false, Some(given)) = (created, given) {
+        // A --policy that differs is refused before the command does anything: swapping it in
+        // first would change the database even when the command is then refused.
+        let runs = engine.policy();
+        if policy_text(&runs) != given {
+            return Err(fail((
+                "--policy".into(),
+                format!(
+                    "the database runs another policy (generation {}); swap this one in with \
+                     `tally policy PATH` first, or drop --policy",
+                    runs.generation()
+                ),
+            )));
+        }
+    }
     let result = act(&engine, &operation.action);
     drop(engine);
     if result.is_err() && created {
@@ -74,12 +95,21 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     }
     result.map_err(|error| {
         let (mut argument, problem) = culprit(&error);
-        // `refund` takes the request id as its argument, not as `--id`.
+        // `refund` takes the request id as its argument, not as `--id`; `policy` its policy.
         if operation.topic == HelpTopic::Refund && argument == "--id" {
             argument = "REQUEST_ID".into();
         }
+        if operation.topic == HelpTopic::Policy && argument == "--policy" {
+            argument = "PATH".into();
+        }
         fail((argument, problem))
     })
+}
+
+/// A policy's document as the engine compares documents (`Engine::open`).
+fn policy_text(policy: &Policy) -> String {
+    serde_json::to_string(policy.document())
+        .unwrap_or_else(|error| unreachable!("a policy document always serialises: {error}"))
 }
 
 /// The policy given with --policy; `None` without one (the database's stored policy).
@@ -147,6 +177,23 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
         }
         Action::Events(args) => return events(engine, args),
         Action::Compact { at_ms } => describe::compact_text(&engine.compact(*at_ms)?),
+        Action::Policy { path, at_ms } => {
+            let policy = Policy::load(path).map_err(Error::Policy)?;
+            let runs = engine.policy();
+            if policy_text(&runs) == policy_text(&policy) {
+                format!(
+                    "the database already runs this policy (generation {}); nothing changed\n",
+                    runs.generation()
+                )
+            } else {
+                engine.swap_policy(policy, *at_ms)?;
+                format!(
+                    "swapped in {} as policy generation {} (usage carried over)\n",
+                    path.display(),
+                    engine.policy().generation()
+                )
+            }
+        }
         Action::Verify { .. } => unreachable!("verify reads the database without an engine"),
     };
     Ok(Outcome::success(text))

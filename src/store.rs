@@ -183,9 +183,8 @@ pub fn open(
 
 /// Opens (or creates) the database as a tool, for the operator commands: with the options it
 /// recorded (a gateway's request-id horizon, retention and bounds; for a database that recorded
-/// none, the defaults with `CHECKPOINT_EVERY_EVENTS`), recording nothing. `policy`: swapped in
-/// if it differs from the stored one; `None` keeps the stored one (a new database starts with
-/// the shipped one).
+/// none, the defaults with `CHECKPOINT_EVERY_EVENTS`), recording nothing, and with the policy it
+/// runs; a new database starts with `policy` (`None`: the shipped one).
 pub fn open_as_recorded(
     path: &Path,
     policy: Option<Policy>,
@@ -199,10 +198,8 @@ pub fn open_as_recorded(
         use_recorded: true,
         ..OpenOptions::default()
     };
-    match policy {
-        Some(policy) => Engine::open(path, policy, clock, options),
-        None => Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options),
-    }
+    let new_database_policy = policy.unwrap_or_else(Policy::token_plan);
+    Engine::open_with_stored_policy(path, new_database_policy, clock, options)
 }
 
 #[cfg(test)]

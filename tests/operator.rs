@@ -465,14 +465,48 @@ fn a_policy_that_drops_a_seated_plan_is_refused_and_nothing_changes() {
     let workspace = Workspace::new();
     set_up_ada(&workspace);
     let before = event_count(&workspace);
-    // The shipped policy, given explicitly: it has no plan "Small".
+    // The shipped policy: it has no plan "Small".
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/engine/policy/token-plan.toml");
-    let output = workspace.bare(&["usage", "tp-ada", "--policy", shipped]);
+    let output = workspace.bare(&["policy", shipped]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = stderr_of(&output);
-    assert!(stderr.contains("tally: --policy: "), "{stderr}");
+    assert!(stderr.contains("tally: PATH: "), "{stderr}");
     assert!(stderr.contains("Small"), "{stderr}");
     assert_eq!(event_count(&workspace), before);
+}
+
+#[test]
+fn a_command_given_another_policy_is_refused_before_it_changes_anything() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = event_count(&workspace);
+    let larger = workspace.directory.join("larger.toml");
+    std::fs::write(&larger, POLICY.replace("amount = 3,", "amount = 5,")).expect("written");
+    let larger = larger.to_str().expect("a UTF-8 path");
+    // Both a command that would fail anyway and one that would succeed: neither swaps, neither
+    // does its work.
+    for args in [
+        &["usage", "tp-nobody", "--policy", larger][..],
+        &["topup", "@ada", "5", "--policy", larger],
+    ] {
+        let output = workspace.bare(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains("tally: --policy: the database runs another policy (generation 0)")
+                && stderr.contains("tally policy PATH"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(event_count(&workspace), before, "nothing changed");
+    let both = workspace.bare(&["policy", larger, "--policy", larger]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(
+        stderr_of(&both).contains("drop --policy"),
+        "{}",
+        stderr_of(&both)
+    );
+    assert_eq!(event_count(&workspace), before, "nothing changed");
 }
 
 /// The generations of the policy events in the log (read without --policy).
@@ -525,16 +559,25 @@ fn without_policy_a_command_keeps_the_policy_the_database_runs_with() {
     );
     assert_eq!(policy_swaps(&workspace), [0], "nothing was swapped");
 
-    // A policy given that differs is swapped in, logged, and kept by later commands.
+    // `tally policy` swaps, logged; later commands keep the new one, and the same one again
+    // changes nothing.
     let larger = workspace.directory.join("larger.toml");
     std::fs::write(&larger, POLICY.replace("amount = 3,", "amount = 5,")).expect("written");
     let larger = larger.to_str().expect("a UTF-8 path");
-    let output = workspace.bare(&["usage", "tp-ada", "--at", &at, "--policy", larger]);
+    let output = workspace.bare(&["policy", larger]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
-    assert!(stdout_of(&output).contains("3/5"), "{}", stdout_of(&output));
+    assert!(
+        stdout_of(&output).contains("as policy generation 1"),
+        "{}",
+        stdout_of(&output)
+    );
     assert_eq!(policy_swaps(&workspace), [0, 1]);
     let usage = stdout_of(&workspace.bare(&["usage", "tp-ada", "--at", &at]));
     assert!(usage.contains("3/5"), "the swapped policy stays: {usage}");
+    let same = workspace.bare(&["usage", "tp-ada", "--at", &at, "--policy", larger]);
+    assert_eq!(same.status.code(), Some(0), "{}", stderr_of(&same));
+    let again = stdout_of(&workspace.bare(&["policy", larger]));
+    assert!(again.contains("nothing changed"), "{again}");
     assert_eq!(policy_swaps(&workspace), [0, 1]);
 }
 

@@ -580,6 +580,12 @@ impl Policy {
         self.cover_upgrade[resource.index()]
     }
 
+    /// Which of the engine's policies this is: 0 for the first a database ran with, one more
+    /// for each swap (and 0 for a policy no engine has installed).
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
     /// The longest time any window keeps a unit counted: the idempotency horizon's floor.
     pub fn longest_window_ms(&self) -> u64 {
         self.longest_window_ms
