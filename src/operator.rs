@@ -56,7 +56,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         .map_err(|problem| fail(("--db".into(), problem)))?;
     // An existing database runs with the policy it last ran with (a gateway's, say), and the
     // options it recorded; the command records none of its own. Only `tally policy` swaps.
-    let given = policy.as_ref().map(policy_text);
+    let given = policy.as_ref().map(|policy| policy.document().clone());
     let opened = store::open_as_recorded(
         &database.path,
         policy,
@@ -76,7 +76,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         // A --policy that differs is refused before the command does anything: swapping it in
         // first would change the database even when the command is then refused.
         let runs = engine.policy();
-        if policy_text(&runs) != given {
+        if *runs.document() != given {
             return Err(fail((
                 "--policy".into(),
                 format!(
@@ -104,12 +104,6 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         }
         fail((argument, problem))
     })
-}
-
-/// A policy's document as the engine compares documents (`Engine::open`).
-fn policy_text(policy: &Policy) -> String {
-    serde_json::to_string(policy.document())
-        .unwrap_or_else(|error| unreachable!("a policy document always serialises: {error}"))
 }
 
 /// The policy given with --policy; `None` without one (the database's stored policy).
@@ -180,7 +174,7 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
         Action::Policy { path, at_ms } => {
             let policy = Policy::load(path).map_err(Error::Policy)?;
             let runs = engine.policy();
-            if policy_text(&runs) == policy_text(&policy) {
+            if runs.document() == policy.document() {
                 format!(
                     "the database already runs this policy (generation {}); nothing changed\n",
                     runs.generation()

@@ -470,6 +470,14 @@ fn recorded(dir: &Path) -> Option<RecordedOptions> {
     Engine::recorded_options(dir).expect("read the recorded options")
 }
 
+/// The engine options an open with `options` runs with (the database is closed again).
+fn runs_with(dir: &Path, options: OpenOptions) -> EngineOptions {
+    let engine = open_with(dir, options).expect("open");
+    let runs = *engine.options();
+    engine.close().expect("close");
+    runs
+}
+
 fn use_recorded() -> OpenOptions {
     OpenOptions {
         use_recorded: true,
@@ -514,9 +522,7 @@ fn a_database_records_its_options_and_a_tool_runs_it_with_them() {
         retention_ms: DAY_MS,
         ..gateway_options()
     };
-    let engine = open_with(dir.path(), changed.clone()).expect("open");
-    assert_eq!(*engine.options(), changed.engine);
-    engine.close().expect("close");
+    assert_eq!(runs_with(dir.path(), changed.clone()), changed.engine);
     assert_eq!(recorded(dir.path()), Some(RecordedOptions::of(&changed)));
 }
 
@@ -529,9 +535,7 @@ fn a_tool_opening_as_recorded_records_nothing() {
         use_recorded: true,
         ..gateway_options()
     };
-    let engine = open_with(dir.path(), options.clone()).expect("open");
-    assert_eq!(*engine.options(), options.engine);
-    engine.close().expect("close");
+    assert_eq!(runs_with(dir.path(), options.clone()), options.engine);
     assert_eq!(recorded(dir.path()), None);
 
     // A record from a newer build, with an option this one does not know: a tool runs with what
@@ -547,9 +551,7 @@ fn a_tool_opening_as_recorded_records_nothing() {
     log.record_options(newer).expect("recorded");
     log.close().expect("close");
     drop(log);
-    let engine = open_with(dir.path(), use_recorded()).expect("open as recorded");
-    assert_eq!(engine.options().max_keys, 3);
-    engine.close().expect("close");
+    assert_eq!(runs_with(dir.path(), use_recorded()).max_keys, 3);
     let log = tally_engine::log::EventLog::open_read_only(dir.path()).expect("read");
     assert_eq!(
         log.recorded_options().expect("read").as_deref(),
