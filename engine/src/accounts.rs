@@ -407,7 +407,9 @@ impl Shard {
 
 #[derive(Debug)]
 pub struct KeyTable {
-    shards: Box<[CachePadded<ShardLock<Shard>>]>,
+    /// Shared with a checkpoint's snapshot thread, which settles the copies a cut left on the
+    /// shards (`ShardLock::settle`).
+    shards: Arc<[CachePadded<ShardLock<Shard>>]>,
     // Relaxed: a bound check only; the authoritative insert happens under a shard's write lock
     // and the registry mutex, which serialise key creation.
     count: AtomicU64,
@@ -507,6 +509,12 @@ impl KeyTable {
 
     pub const SHARDS: usize = SHARDS;
 
+    /// The shard locks themselves, for a thread that outlives a borrow of the table (a
+    /// checkpoint's snapshot thread settling a cut's copies).
+    pub(crate) fn shard_locks(&self) -> ShardLocks {
+        Arc::clone(&self.shards)
+    }
+
     /// Runs `f` on shard `index` (below `SHARDS`) write-locked.
     pub fn with_shard<R>(&self, index: usize, f: impl FnOnce(&mut Shard) -> R) -> R {
         f(&mut self.shards[index].write())
@@ -519,6 +527,9 @@ impl KeyTable {
         }
     }
 }
+
+/// Every key shard's lock, in shard order (`KeyTable::shard_locks`).
+pub(crate) type ShardLocks = Arc<[CachePadded<ShardLock<Shard>>]>;
 
 /// A team as the admin side sees it: who is in it and with which key.
 #[derive(Debug)]

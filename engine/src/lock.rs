@@ -1,6 +1,11 @@
 //! The read-mostly lock around each key shard: read on every admission, written only by admin
 //! calls (keys created, seats changed, a policy swapped, a checkpoint cut).
 //!
+//! A writer may also leave work behind (`WriteGuard::leave`) that must run before anyone uses
+//! the value again: a checkpoint's cut write-locks every shard at one instant, then leaves each
+//! shard's copy to whoever takes that shard next (the cut's own thread, or the first reader or
+//! writer to come), so admission waits for one shard's copy, not all of them.
+//!
 //! A `RwLock` keeps one reader count, so every read lock writes the same cache line: two threads
 //! admitting on different keys of one shard bounce that line between their cores on every call
 //! (measured on these machines: a shared `RwLock<HashMap>` read path costs 8x an unshared one).
@@ -26,12 +31,18 @@ const WRITER_SPINS: u32 = 64;
 
 const _: () = assert!(READER_SLOTS.is_power_of_two());
 
+/// Work a writer left on the value (`WriteGuard::leave`), run by the next thread to take the
+/// writer mutex, with the value as the writer left it.
+pub type Pending<T> = Box<dyn FnOnce(&T) + Send + Sync>;
+
 pub struct ShardLock<T> {
     // SeqCst, paired with the readers' SeqCst increment: a Dekker handshake, so either the
     // reader sees `writing` and backs off, or the writer sees the reader's count and waits.
-    // Cleared with Release so a reader that sees it clear also sees the writer's changes.
+    // Cleared with Release so a reader that sees it clear also sees the writer's changes (and
+    // the end of the work a writer left). Stays raised while left work waits.
     writing: AtomicBool,
-    writer: Mutex<()>,
+    /// Held by the writer; holds the work a writer left, if any.
+    writer: Mutex<Option<Pending<T>>>,
     // SeqCst increment (see `writing`); Release decrement, so a writer that sees the count
     // drop to zero (SeqCst load) also sees the reader finished reading.
     readers: [CachePadded<AtomicUsize>; READER_SLOTS],
@@ -48,7 +59,7 @@ impl<T> ShardLock<T> {
     pub fn new(value: T) -> ShardLock<T> {
         ShardLock {
             writing: AtomicBool::new(false),
-            writer: Mutex::new(()),
+            writer: Mutex::new(None),
             readers: std::array::from_fn(|_| CachePadded::new(AtomicUsize::new(0))),
             value: UnsafeCell::new(value),
         }
@@ -63,13 +74,18 @@ impl<T> ShardLock<T> {
                 return ReadGuard { lock: self, slot };
             }
             slot.fetch_sub(1, Ordering::Release);
-            // A writer is in (or about to be): wait until it lets go of the writer mutex.
+            // A writer is in (or about to be): wait until it lets go of the writer mutex. If
+            // readers are still kept out, it may have left work: do it if no one did yet.
             drop(self.writer.lock());
+            if self.writing.load(Ordering::Relaxed) {
+                self.settle();
+            }
         }
     }
 
     pub fn write(&self) -> WriteGuard<'_, T> {
-        let mutex = self.writer.lock();
+        let mut mutex = self.writer.lock();
+        self.run_pending(&mut mutex);
         self.writing.store(true, Ordering::SeqCst);
         for slot in &self.readers {
             let mut spins = 0u32;
@@ -84,8 +100,43 @@ impl<T> ShardLock<T> {
         }
         WriteGuard {
             lock: self,
+            leaving: false,
             _mutex: mutex,
         }
+    }
+
+    /// Runs the work a writer left, if it is still there; returns at once otherwise. After
+    /// this, nothing left on the lock before the call is still waiting.
+    #[cold]
+    #[inline(never)]
+    pub fn settle(&self) {
+        self.run_pending(&mut self.writer.lock());
+    }
+
+    /// Whether a writer left work that has not run yet.
+    pub fn is_pending(&self) -> bool {
+        self.writer.lock().is_some()
+    }
+
+    /// Runs the left work, if any (the writer mutex is held: `mutex` is its guard), then lets
+    /// readers in.
+    fn run_pending(&self, mutex: &mut MutexGuard<'_, Option<Pending<T>>>) {
+        let Some(work) = mutex.take() else {
+            return;
+        };
+        // Readers are let in however the work ends: a panic in it must not leave every later
+        // reader spinning on `writing`.
+        struct LetReadersIn<'a>(&'a AtomicBool);
+        impl Drop for LetReadersIn<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _let_in = LetReadersIn(&self.writing);
+        // SAFETY: `writing` stayed raised from the moment the writer that left the work had
+        // waited out every reader, and the writer mutex is held: no reader is in and no
+        // `&mut T` exists until `writing` drops.
+        work(unsafe { &*self.value.get() });
     }
 }
 
@@ -138,7 +189,20 @@ impl<T> Drop for ReadGuard<'_, T> {
 
 pub struct WriteGuard<'a, T> {
     lock: &'a ShardLock<T>,
-    _mutex: MutexGuard<'a, ()>,
+    /// Set by `leave`: readers stay out until the left work has run.
+    leaving: bool,
+    _mutex: MutexGuard<'a, Option<Pending<T>>>,
+}
+
+impl<T> WriteGuard<'_, T> {
+    /// Lets go of the lock, leaving `work` to run on the value as it is now before anyone
+    /// reads or writes it again: the next reader or writer runs it (waiting readers included),
+    /// or `ShardLock::settle` does. The value cannot change until it has run.
+    pub fn leave(mut self, work: Pending<T>) {
+        debug_assert!(self._mutex.is_none(), "work was already left");
+        *self._mutex = Some(work);
+        self.leaving = true;
+    }
 }
 
 impl<T> Deref for WriteGuard<'_, T> {
@@ -160,8 +224,10 @@ impl<T> DerefMut for WriteGuard<'_, T> {
 impl<T> Drop for WriteGuard<'_, T> {
     fn drop(&mut self) {
         // Before the mutex (a field, dropped after this) lets the next writer or the waiting
-        // readers in.
-        self.lock.writing.store(false, Ordering::Release);
+        // readers in. Left work keeps readers out until it has run.
+        if !self.leaving {
+            self.lock.writing.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -198,6 +264,53 @@ mod tests {
         });
         assert_eq!(torn.load(Ordering::Relaxed), 0);
         assert_eq!(*lock.read(), (2_000, 2_000));
+    }
+
+    #[test]
+    fn left_work_runs_once_on_the_value_as_the_writer_left_it_before_anyone_changes_it() {
+        let lock = Arc::new(ShardLock::new(vec![1u32]));
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let mut guard = lock.write();
+        guard.push(2);
+        let record = Arc::clone(&seen);
+        guard.leave(Box::new(move |value: &Vec<u32>| {
+            record.lock().push(value.clone());
+        }));
+        assert!(lock.is_pending());
+        // Readers and a writer race to be first; whoever is, runs the work first.
+        std::thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| assert!(lock.read().len() >= 2));
+            }
+            scope.spawn(|| lock.write().push(3));
+        });
+        assert!(!lock.is_pending());
+        lock.settle();
+        assert_eq!(
+            *seen.lock(),
+            vec![vec![1, 2]],
+            "run once, before the push of 3"
+        );
+        assert_eq!(*lock.read(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn settle_runs_left_work_nobody_came_for_and_lets_readers_in_after_a_panic_in_it() {
+        let lock = ShardLock::new(7u32);
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&ran);
+        lock.write().leave(Box::new(move |value: &u32| {
+            counted.fetch_add(*value as usize, Ordering::Relaxed);
+        }));
+        lock.settle();
+        lock.settle();
+        assert_eq!(ran.load(Ordering::Relaxed), 7, "run once, on the value");
+        let guard = lock.write();
+        guard.leave(Box::new(|_: &u32| panic!("a copy that fails")));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lock.settle()));
+        assert!(unwound.is_err());
+        assert!(!lock.is_pending());
+        assert_eq!(*lock.read(), 7, "readers get in after the failed work");
     }
 
     #[test]

@@ -474,9 +474,10 @@ struct Shared {
 }
 
 /// A snapshot's encoder for `EventLog::write_snapshot_in_background`: called on the snapshot
-/// thread with the store to hand the encoded bytes to; returns what the store returned.
+/// thread with the store to hand the encoded bytes to, with what the snapshot's keys' usage
+/// took in memory (see `EventLog::write_snapshot`); returns what the store returned.
 pub type EncodeSnapshot =
-    Box<dyn FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), Error>) -> Result<(), Error> + Send>;
+    Box<dyn FnOnce(&mut dyn FnMut(&[u8], usize) -> Result<(), Error>) -> Result<(), Error> + Send>;
 
 /// The open log. Dropping it stops the writer after a final flush.
 #[derive(Debug)]
@@ -1710,18 +1711,13 @@ impl EventLog {
     /// `encode` is called there with a `store` to hand its bytes to, which stores them once
     /// the log is durable up to `seq` (so the encoder can keep its buffer for the next
     /// snapshot). One at a time: call `finish_snapshot_in_background` before the next.
-    pub fn write_snapshot_in_background(
-        &self,
-        seq: u64,
-        usage_bytes: usize,
-        encode: EncodeSnapshot,
-    ) {
+    pub fn write_snapshot_in_background(&self, seq: u64, encode: EncodeSnapshot) {
         let shared = Arc::clone(&self.shared);
         let snapshots_dir = self.snapshots_dir.clone();
         let spawned = std::thread::Builder::new()
             .name("tally-snapshot".into())
             .spawn(move || {
-                encode(&mut |bytes| {
+                encode(&mut |bytes, usage_bytes| {
                     Self::store_when_durable(&shared, &snapshots_dir, seq, usage_bytes, bytes)
                 })
             });

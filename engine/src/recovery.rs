@@ -1226,8 +1226,10 @@ impl Engine {
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
         let mut cut = self.cut_rotating(journal);
-        let (seq, usage_bytes) = (cut.seq, cut.usage_bytes);
-        let written = cut.encode().and_then(|bytes| {
+        let seq = cut.seq;
+        let written = cut.finish_keys().and_then(|()| {
+            let usage_bytes = cut.usage_bytes;
+            let bytes = cut.encode()?;
             journal.sync()?;
             journal.write_snapshot(seq, usage_bytes, bytes)
         });
@@ -1264,9 +1266,12 @@ impl Engine {
         let spare = Arc::clone(&self.cuts.spare);
         journal.write_snapshot_in_background(
             seq,
-            cut.usage_bytes,
             Box::new(move |store| {
-                let stored = cut.encode().and_then(store);
+                // The shard copies no admission ran yet run here, off the caller's thread.
+                let stored = cut.finish_keys().and_then(|()| {
+                    let usage_bytes = cut.usage_bytes;
+                    store(cut.encode()?, usage_bytes)
+                });
                 Cuts::keep_spare(&spare, cut);
                 stored
             }),
@@ -1730,7 +1735,7 @@ fn verify_snapshot(
         None => 0,
     };
     engine.replay_log(log, from, latest.seq)?;
-    let replayed = engine.cut(|| latest.seq);
+    let replayed = engine.cut(|| latest.seq)?;
     Ok(normalized(&replayed, &stored) == normalized(&stored, &stored))
 }
 
@@ -2309,7 +2314,7 @@ mod tests {
     fn the_raw_cut_makes_the_snapshot_the_locked_gathering_made() {
         let (engine, _clock) = busy_engine();
         let reference = engine.cut_reference(4_242);
-        let snapshot = engine.cut(|| 4_242);
+        let snapshot = engine.cut(|| 4_242).expect("cut");
         // Every kind of state is there, so the comparison covers it.
         let counters: Vec<&CounterSnapshot> = reference
             .keys
@@ -2365,7 +2370,7 @@ mod tests {
 
         // And a restored engine cuts to the same snapshot again.
         let restored = restored_from(&bytes, 4_242);
-        assert_eq!(restored.cut(|| 4_242), reference);
+        assert_eq!(restored.cut(|| 4_242).expect("cut"), reference);
         assert_eq!(restored.cut_reference(4_242), reference);
 
         // A later cut reuses the buffers of the one before (emptied): still the same.
@@ -2379,7 +2384,7 @@ mod tests {
             .expect("user");
         let reference = engine.cut_reference(5_000);
         assert_ne!(reference.keys, snapshot.keys);
-        assert_eq!(engine.cut(|| 5_000), reference);
+        assert_eq!(engine.cut(|| 5_000).expect("cut"), reference);
         let written = encoded_in_name_order(&mut engine.cut_raw(|| 5_000));
         assert_eq!(written, reference);
     }
@@ -2400,49 +2405,69 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_copied_on_two_threads_makes_the_same_snapshot() {
+    fn a_cut_is_the_state_at_its_instant_whoever_copies_its_shards_and_whatever_changes_after() {
         let (engine, clock) = busy_engine();
-        let reference = engine.cut_reference(4_242);
-        let usage_bytes = engine.cut_raw(|| 4_242).usage_bytes;
-        assert!(usage_bytes > 0);
         engine.cuts.copy_in_parallel_from(1);
         for round in 0..3u64 {
-            // The helper copied about half of the keys, which the encoding moves in.
+            let reference = engine.cut_reference(4_242);
+            let mut full = engine.cut_raw(|| 4_242);
+            full.finish_keys().expect("every shard copied");
+            let usage_bytes = full.usage_bytes;
+            assert!(usage_bytes > 0);
+            engine.cuts.give_back(full);
             let mut cut = engine.cut_raw(|| 4_242 + round);
-            let keys = reference.keys.len();
-            let helped = cut.helper_keys();
-            assert!(
-                helped > keys / 4 && helped < keys * 3 / 4,
-                "{helped} of {keys}"
-            );
-            // And every user, while this thread copied the teams.
+            // No shard copied yet, and every user by the helper while this thread copied the
+            // teams.
+            assert_eq!(cut.shards_left(), KeyTable::SHARDS);
             assert_eq!(cut.helper_users(), reference.users.len());
-            // The usage hint counts every key's, before they are moved in.
-            assert_eq!(cut.usage_bytes, usage_bytes);
+            // Then, before the cut is finished: usage on most keys, a new user and key, a
+            // seat changed, credits topped up, from this thread and another. Each shard they
+            // touch is copied first, as the cut left it.
+            let at_ms = clock.now_ms();
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    for index in (0..300u64).step_by(2) {
+                        let _ = engine.consume(&m27(&format!("tp-{index}"), 1, at_ms));
+                    }
+                });
+                for index in (1..300u64).step_by(2) {
+                    let _ = engine.consume(&m27(&format!("tp-{index}"), 2, at_ms));
+                }
+            });
+            let user = format!("late-user-{round}");
+            engine
+                .create_user(&user, &format!("late-key-{round}"), Some(at_ms))
+                .expect("user");
+            engine
+                .assign_seat(&format!("@{user}"), &user, "Max", Some(at_ms))
+                .expect("seat");
+            engine
+                .assign_seat("@user-4", "user-4", "Max", Some(at_ms))
+                .expect("seat");
+            engine
+                .top_up("@user-7", 5_000_000, Some(at_ms))
+                .expect("top-up");
+            let left = cut.shards_left();
+            assert!(left < KeyTable::SHARDS / 2, "{left} shards left");
             cut.seq = 4_242;
             let written = encoded_in_name_order(&mut cut);
             assert_eq!(written, reference, "round {round}");
-            assert_eq!(cut.helper_keys(), 0);
+            assert_eq!(
+                cut.usage_bytes, usage_bytes,
+                "the usage hint counts every key's"
+            );
             engine.cuts.give_back(cut);
-            assert_eq!(engine.cut(|| 4_242), reference);
+            let now = engine.cut_reference(6_000 + round);
+            assert_ne!(now.keys, reference.keys);
+            assert_ne!(now.teams, reference.teams);
+            assert_eq!(engine.cut(|| 6_000 + round).expect("cut"), now);
         }
-        // After more usage, the buffers of the cuts before reused: the state as it is now.
-        clock.advance_ms(3 * 60 * MINUTE);
-        for step in 0..300u64 {
-            let key = format!("tp-{}", (step * 7) % 300);
-            let _ = engine.consume(&m27(&key, 1 + step % 3, clock.now_ms()));
-        }
-        let later = engine.cut_reference(6_000);
-        assert_ne!(later.keys, reference.keys);
-        let written = encoded_in_name_order(&mut engine.cut_raw(|| 6_000));
-        assert_eq!(written, later);
-        assert_eq!(engine.cut(|| 6_000), later);
     }
 
     #[test]
     fn a_decoded_snapshot_borrows_every_name_from_its_bytes() {
         let (engine, _clock) = busy_engine();
-        let bytes = bincode::serialize(&engine.cut(|| 7)).expect("encoding");
+        let bytes = bincode::serialize(&engine.cut(|| 7).expect("cut")).expect("encoding");
         let decoded = decode_snapshot(&bytes, 7).expect("decoding");
         let borrowed = |name: &Name<'_>| matches!(name.0, Cow::Borrowed(_));
         assert!(!decoded.keys.is_empty() && !decoded.teams.is_empty());
@@ -2471,7 +2496,7 @@ mod tests {
     #[test]
     fn a_decoded_snapshot_travels_with_its_bytes_and_a_failed_decode_frees_them() {
         let (engine, _clock) = busy_engine();
-        let reference = engine.cut(|| 7);
+        let reference = engine.cut(|| 7).expect("cut");
         // A file: a header (not read by the decode), then the body.
         let mut file = vec![0u8; 32];
         file.extend(bincode::serialize(&reference).expect("encoding"));
@@ -2495,7 +2520,7 @@ mod tests {
     #[test]
     fn a_restored_engine_keeps_one_copy_of_each_user_name() {
         let (engine, _clock) = busy_engine();
-        let bytes = bincode::serialize(&engine.cut(|| 7)).expect("encoding");
+        let bytes = bincode::serialize(&engine.cut(|| 7).expect("cut")).expect("encoding");
         let restored = restored_from(&bytes, 7);
         let registry = restored.registry.lock();
         let mut keys_seen = 0;
@@ -2528,8 +2553,8 @@ mod tests {
     fn every_cut_is_timed() {
         let (engine, _clock) = busy_engine();
         assert!(engine.cut_lock_times().is_empty());
-        engine.cut(|| 1);
-        engine.cut(|| 2);
+        engine.cut(|| 1).expect("cut");
+        engine.cut(|| 2).expect("cut");
         assert_eq!(engine.cut_lock_times().len(), 2);
     }
 

@@ -1,13 +1,17 @@
 //! A checkpoint's cut: the state copied raw under the locks (`RawCut`), and made into the
 //! snapshot's bytes (or a `Snapshot`) after they are let go.
 //!
-//! While the key shards are write-locked no admission runs, so the copy spends nothing there:
-//! strings go back to back into one buffer, counters as their words, each ring as its head and
-//! occupied slots (`RollingWindow::copy_raw`), into the previous cut's buffers, with every
-//! key's scattered allocations prefetched a few keys ahead; the registry's users and half of
-//! the shards by a helper thread from `PARALLEL_CUT_KEYS` keys on. Turning slots into live
-//! buckets and encoding (in the order things were copied) happen afterwards, for a periodic
-//! checkpoint on the snapshot thread.
+//! The copy spends nothing it can leave for later: strings go back to back into one buffer,
+//! counters as their words, each ring as its head and occupied slots (`RollingWindow::copy_raw`),
+//! into the previous cut's buffers, with every key's scattered allocations prefetched a few keys
+//! ahead; the registry's users by a helper thread from `PARALLEL_CUT_KEYS` keys on.
+//!
+//! The key shards are write-locked all at once only for an instant: each shard's copy is left
+//! on its lock (`WriteGuard::leave`) and runs when the shard is next taken, by the first
+//! admission to come to it or by the thread finishing the cut (`RawCut::finish_keys`, for a
+//! periodic checkpoint the snapshot thread), so admission waits for one shard's copy at most,
+//! not for every key's. Turning slots into live buckets and encoding (in the order things were
+//! copied) happen afterwards.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +23,9 @@ use super::{
     beside, storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot,
     Snapshot, TeamSnapshot,
 };
-use crate::accounts::{KeyKind, KeyState, Registry, Shard, TeamRecord, UserRecord};
+use crate::accounts::{
+    KeyKind, KeyState, KeyTable, Registry, Shard, ShardLocks, TeamRecord, UserRecord,
+};
 use crate::admission::{Decision, Quantities, Receipt};
 use crate::engine::Engine;
 use crate::error::Error;
@@ -34,8 +40,14 @@ use crate::window::{prefetch, RawRing};
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
 
-/// From this many keys on, a cut copies the key shards on two threads (`RawCut::copy_shards`).
+/// From this many keys on, a cut copies the registry's users on a helper thread while it copies
+/// the teams (`RawCut::copy_registry`).
 const PARALLEL_CUT_KEYS: usize = 4_096;
+
+/// Grows `buffer` to hold `wanted` elements without reallocating.
+fn room<T>(buffer: &mut Vec<T>, wanted: usize) {
+    buffer.reserve(wanted.saturating_sub(buffer.len()));
+}
 
 /// A sequence of `len` elements made by a function of their index, serialized as a `Vec` of
 /// them would be (`RawCut::encode`).
@@ -260,10 +272,24 @@ pub(crate) struct RawCut {
     /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
     /// memory an open makes ready ahead (`SnapshotBytes::usage_hint`).
     pub(super) usage_bytes: usize,
-    /// The keys of the second half of the key shards, copied by a helper thread beside the
-    /// first half (`copy_shards`); moved into this cut before it is encoded
-    /// (`absorb_helper`), and kept, emptied, for its buffers.
+    /// The registry's users, copied by a helper thread beside the teams (`copy_registry`);
+    /// moved into this cut before it is encoded (`absorb_helper`), and kept, emptied, for its
+    /// buffers.
     helper: Option<Box<RawCut>>,
+    /// The key shards whose copies the cut left on their locks (`leave_shards`), until
+    /// `finish_keys` moves them in.
+    lazy: Option<LazyKeys>,
+    /// A buffer for each shard's copy, kept between cuts (emptied) as the others are.
+    spare_fragments: Vec<RawCut>,
+}
+
+/// What a cut left on the key shards' locks: every shard's copy goes into its own fragment,
+/// whichever thread runs it.
+#[derive(Debug)]
+struct LazyKeys {
+    shards: ShardLocks,
+    /// Shard `i`'s keys once its copy has run (`None` before, or if the copy failed).
+    fragments: Arc<[Mutex<Option<RawCut>>]>,
 }
 
 impl RawCut {
@@ -275,12 +301,25 @@ impl RawCut {
     }
 
     /// Makes room for about `keys` keys (and as many users and teams), so that copying them
-    /// under the locks does not allocate.
+    /// under the locks does not allocate; and in each shard's fragment for its share of them.
     fn reserve(&mut self, keys: usize) {
-        let keys = keys + keys / 16 + 64;
-        fn room<T>(buffer: &mut Vec<T>, wanted: usize) {
-            buffer.reserve(wanted.saturating_sub(buffer.len()));
+        self.spare_fragments.resize_with(
+            KeyTable::SHARDS.max(self.spare_fragments.len()),
+            RawCut::default,
+        );
+        for fragment in &mut self.spare_fragments {
+            fragment.reserve_keys(keys / KeyTable::SHARDS);
         }
+        self.reserve_keys(keys);
+        let keys = keys + keys / 16 + 64;
+        room(&mut self.teams, keys);
+        room(&mut self.members, keys);
+        room(&mut self.users, keys);
+    }
+
+    /// Room for about `keys` keys' names, counters and slots.
+    fn reserve_keys(&mut self, keys: usize) {
+        let keys = keys + keys / 16 + 64;
         self.texts
             .0
             .reserve((keys * 112).saturating_sub(self.texts.0.len()));
@@ -288,9 +327,6 @@ impl RawCut {
         room(&mut self.keys, keys);
         room(&mut self.counters, keys * 2);
         room(&mut self.slots, keys * 2);
-        room(&mut self.teams, keys);
-        room(&mut self.members, keys);
-        room(&mut self.users, keys);
     }
 
     /// Empties the cut, keeping its buffers' memory for the next one.
@@ -315,6 +351,8 @@ impl RawCut {
             encoded: _,
             usage_bytes,
             helper,
+            lazy,
+            spare_fragments,
         } = self;
         (*seq, *newest_at_ms, *next_reservation, *usage_bytes) = (0, 0, 0, 0);
         policies.clear();
@@ -333,27 +371,65 @@ impl RawCut {
         if let Some(helper) = helper {
             helper.clear();
         }
+        // A cut given back unfinished: copies still to run put their keys where nothing reads
+        // them.
+        *lazy = None;
+        for fragment in spare_fragments {
+            fragment.clear();
+        }
     }
 
-    /// Copies every key shard's keys (all write-locked). With `parallel`, the second half of
-    /// the shards is copied by a helper thread into `self.helper` at the same
-    /// time: admission waits for the copy, so the other core has nothing else to do, and the
-    /// copy is bound by cache misses, which two cores overlap twice as many of.
-    fn copy_shards(&mut self, shards: &[WriteGuard<'_, Shard>], parallel: bool) {
-        let (mine, theirs) = shards.split_at(shards.len() / 2);
-        // The helper may hold the users `copy_registry` had it copy.
-        debug_assert!(self
-            .helper
-            .as_ref()
-            .is_none_or(|helper| helper.keys.is_empty() && helper.shards.is_empty()));
-        self.with_helper(
-            parallel && shards.len() >= 2,
-            |cut| theirs.iter().for_each(|shard| cut.copy_keys(shard)),
-            |cut| mine.iter().for_each(|shard| cut.copy_keys(shard)),
-        );
-        // The snapshot's usage hint is read before the helper's keys are moved in.
-        if let Some(helper) = &mut self.helper {
-            self.usage_bytes += std::mem::take(&mut helper.usage_bytes);
+    /// Leaves each key shard's copy on its lock (every shard write-locked, in shard order) and
+    /// lets go of them: the copy runs when the shard is next taken, before anything in it can
+    /// change, so it is the shard as it is now (see the module's comment).
+    fn leave_shards(&mut self, shards: Vec<WriteGuard<'_, Shard>>, locks: ShardLocks) {
+        debug_assert!(self.lazy.is_none());
+        let fragments: Arc<[Mutex<Option<RawCut>>]> =
+            shards.iter().map(|_| Mutex::new(None)).collect();
+        for (index, shard) in shards.into_iter().enumerate() {
+            let mut fragment = self.spare_fragments.pop().unwrap_or_default();
+            let copied = Arc::clone(&fragments);
+            shard.leave(Box::new(move |shard: &Shard| {
+                fragment.copy_keys(shard);
+                *copied[index].lock() = Some(fragment);
+            }));
+        }
+        self.lazy = Some(LazyKeys {
+            shards: locks,
+            fragments,
+        });
+    }
+
+    /// Runs the shard copies the cut left that have not run yet, then moves the users the
+    /// helper copied and every shard's keys in (shards in order): the same cut as copying every
+    /// shard in turn under the locks. An error if a shard's copy failed (it panicked, in
+    /// whichever thread ran it).
+    pub(super) fn finish_keys(&mut self) -> Result<(), Error> {
+        let lazy = self.lazy.take();
+        if let Some(lazy) = &lazy {
+            for shard in lazy.shards.iter() {
+                shard.settle();
+            }
+        }
+        self.absorb_helper();
+        let Some(lazy) = lazy else {
+            return Ok(());
+        };
+        let mut failed = None;
+        for (index, fragment) in lazy.fragments.iter().enumerate() {
+            match fragment.lock().take() {
+                Some(mut fragment) => {
+                    self.absorb(&mut fragment);
+                    self.spare_fragments.push(fragment);
+                }
+                None => failed = failed.or(Some(index)),
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(index) => Err(storage(format!(
+                "a checkpoint's copy of key shard {index} failed; the checkpoint is not taken"
+            ))),
         }
     }
 
@@ -381,10 +457,15 @@ impl RawCut {
         done
     }
 
-    /// How many keys the helper copied that are not yet moved into this cut.
+    /// How many key shards' copies the cut left that have not run yet.
     #[cfg(test)]
-    pub(super) fn helper_keys(&self) -> usize {
-        self.helper.as_ref().map_or(0, |helper| helper.keys.len())
+    pub(super) fn shards_left(&self) -> usize {
+        self.lazy.as_ref().map_or(0, |lazy| {
+            lazy.fragments
+                .iter()
+                .filter(|fragment| fragment.lock().is_none())
+                .count()
+        })
     }
 
     /// How many users the helper copied that are not yet moved into this cut.
@@ -393,21 +474,27 @@ impl RawCut {
         self.helper.as_ref().map_or(0, |helper| helper.users.len())
     }
 
-    /// Every key the helper copied is in this cut's own lists (`absorb_helper`).
+    /// Every user and key copied is in this cut's own lists (`finish_keys`).
     fn debug_assert_absorbed(&self) {
+        debug_assert!(self.lazy.is_none());
         debug_assert!(self.helper.as_ref().is_none_or(|helper| {
             helper.keys.is_empty() && helper.shards.is_empty() && helper.users.is_empty()
         }));
     }
 
-    /// Moves the users and keys the helper copied (`copy_registry`, `copy_shards`) after this
-    /// cut's own, as if one thread had copied them all: their strings, pay-as-you-go keys,
-    /// counters and slots are appended and every index into them shifted. Keeps the helper's
-    /// emptied buffers.
+    /// Moves the users the helper copied (`copy_registry`) after this cut's own, keeping the
+    /// helper's emptied buffers.
     fn absorb_helper(&mut self) {
-        let Some(mut helper) = self.helper.take() else {
-            return;
-        };
+        if let Some(mut helper) = self.helper.take() {
+            self.absorb(&mut helper);
+            self.helper = Some(helper);
+        }
+    }
+
+    /// Moves what `helper` copied (users, or a shard's keys) after this cut's own, as if one
+    /// thread had copied them all: their strings, pay-as-you-go keys, counters and slots are
+    /// appended and every index into them shifted. Leaves `helper` empty, its buffers kept.
+    fn absorb(&mut self, helper: &mut RawCut) {
         let (text_base, key_base) = (self.texts.0.len(), self.keys.len());
         let (counter_base, slot_base) = (self.counters.len(), self.slots.len());
         let shift = |text: Text| Text {
@@ -452,10 +539,10 @@ impl RawCut {
         );
         self.usage_bytes += helper.usage_bytes;
         helper.clear();
-        self.helper = Some(helper);
     }
 
-    /// Every key of a shard (write-locked), with the shard's policy.
+    /// Every key of a shard (as a cut left it: nothing in it can change), with the shard's
+    /// policy.
     ///
     /// Memory-bound: a key's name, user, team, usage, counter list and rings are separate
     /// allocations scattered over the heap, each a cache miss, and each found only through the
@@ -788,7 +875,7 @@ impl RawCut {
     /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
     /// field for field, so serde writes the same bytes.
     pub(super) fn encode(&mut self) -> Result<&[u8], Error> {
-        self.absorb_helper();
+        self.finish_keys()?;
         // Into the last encoding's buffer, with room for its size and an eighth more: one
         // pass (`bincode::serialize` would first walk everything once to measure it).
         let mut bytes = std::mem::take(&mut self.encoded);
@@ -1004,7 +1091,9 @@ pub struct CutLockTime {
     /// From taking the first lock (the reservation table) to letting go of the last: admin
     /// calls, reservations and requests with an id wait this long.
     pub every_lock: std::time::Duration,
-    /// While every key shard was write-locked: no admission at all.
+    /// While every key shard was write-locked: no admission at all. (Each shard's copy runs
+    /// later, when the shard is next taken; an admission that comes to a shard before the cut
+    /// finished copying it waits for that shard's copy.)
     pub key_shards: std::time::Duration,
 }
 
@@ -1053,10 +1142,13 @@ impl Cuts {
             .unwrap_or_else(|| RawCut::with_capacity(keys));
         cut.reserve(keys);
         if keys >= self.parallel_from_keys() {
-            // The helper copies about half of the keys (`RawCut::copy_shards`).
-            cut.helper
-                .get_or_insert_with(Default::default)
-                .reserve(keys / 2);
+            // The helper copies the users (`RawCut::copy_registry`), about one per key.
+            let helper = cut.helper.get_or_insert_with(Default::default);
+            room(&mut helper.users, keys + keys / 16);
+            helper
+                .texts
+                .0
+                .reserve((keys * 24).saturating_sub(helper.texts.0.len()));
         }
         cut
     }
@@ -1081,29 +1173,29 @@ impl Engine {
     }
 
     /// Builds a snapshot with every lock taken in the engine's lock order (see `cut_raw`).
-    pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Snapshot<'static> {
+    pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Result<Snapshot<'static>, Error> {
         let mut cut = self.cut_raw(seq);
-        cut.absorb_helper();
-        let snapshot = cut.to_snapshot().in_name_order();
+        let snapshot = cut
+            .finish_keys()
+            .map(|()| cut.to_snapshot().in_name_order());
         self.cuts.give_back(cut);
         snapshot
     }
 
     /// Copies the state at one sequence number (the one `seq` returns, called with every lock
     /// held): every event appended up to it has been applied and no applied change is
-    /// unlogged.
+    /// unlogged. The keys' copies are left on the shards' locks: `RawCut::finish_keys` (which
+    /// `encode` calls) completes the cut.
     ///
     /// The locks are taken in the engine's lock order, and each part of the state is copied
     /// as soon as the lock that guards it is held: the append gate (no `consume_many` chunk
     /// is between applying its effects and appending their events), the reservation table,
     /// then the request ids, then the registry's users, teams and members. None of them can
     /// change after its copy, for its lock stays held until the end. Only then are the key
-    /// shards write-locked (admission waits from here on), `seq` read, and what changes under
-    /// a shard's read lock copied: team balances, keys, their counters. So admission waits
-    /// only for the keys' copy.
-    ///
-    /// The keys of half of the shards are copied by a helper thread at the same time
-    /// (`RawCut::copy_shards`): at 100,000 keys the shards are write-locked about half as long.
+    /// shards write-locked (admission waits from here on), `seq` read, and the team balances
+    /// copied (credits move under a key shard's read lock); each shard's keys are left to copy
+    /// when the shard is next taken (`RawCut::leave_shards`), so admission waits only for the
+    /// balances' copy, and then, on a shard no one copied yet, for that shard's.
     ///
     /// Only raw copies are made: strings into one buffer, counter words, each ring's occupied
     /// slots, into the previous cut's buffers (no allocation under the locks when the state
@@ -1133,9 +1225,8 @@ impl Engine {
         cut.newest_at_ms = self.newest_event_ms();
         // Credits move under a key shard's read lock (admission) as well as the registry's.
         cut.copy_balances(&teams);
-        cut.copy_shards(&shards, parallel);
-        // Everything is copied: the engine goes on while the copy is put in order.
-        drop(shards);
+        // Each shard's copy runs when the shard is next taken: admission goes on from here.
+        cut.leave_shards(shards, self.keys.shard_locks());
         let key_shards = shards_locking.elapsed();
         drop(teams);
         drop((policies_guard, registry, requests_guard, table, gate));
