@@ -77,6 +77,7 @@ impl<T> ShardLock<T> {
             // A writer is in (or about to be): wait until it lets go of the writer mutex. If
             // readers are still kept out, it may have left work: do it if no one did yet.
             drop(self.writer.lock());
+            // Relaxed: only a hint; `settle` looks for left work under the writer mutex.
             if self.writing.load(Ordering::Relaxed) {
                 self.settle();
             }
