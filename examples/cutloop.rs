@@ -1,7 +1,8 @@
 //! Profiling loop for a checkpoint's cut (`perf record` friendly): a database of KEYS keys
 //! seated on the durability benchmark's plan, each with usage in its windows, checkpointed
 //! ROUNDS times; prints how long each checkpoint took and each cut held the engine's locks.
-//! `cargo run --release --example cutloop -- KEYS ROUNDS` (defaults 100000, 15).
+//! `cargo run --release --example cutloop -- KEYS ROUNDS` (defaults 100000, 15); with
+//! `CUTLOOP_IDS=1` every request carries a request id (ten per key), which the cut copies too.
 use std::time::Instant;
 
 use tally_engine::*;
@@ -22,13 +23,22 @@ fn main() {
     let quantities = QUANTITIES;
     // Ten events per key over ten seconds, as the benchmark's timeline spreads them.
     let events = keys * 10;
+    // With `CUTLOOP_IDS=1`, each request carries an id of its own, which the cut copies too.
+    let with_ids = std::env::var_os("CUTLOOP_IDS").is_some();
+    let ids: Vec<String> = (0..if with_ids { events } else { 0 })
+        .map(|index| format!("request-{index:09}"))
+        .collect();
     let started = Instant::now();
     for chunk in (0..events).collect::<Vec<_>>().chunks(1_000) {
         let requests: Vec<UsageRequest<'_>> = chunk
             .iter()
             .map(|&index| {
-                UsageRequest::new(&names[index % keys], "m2.7", &quantities)
-                    .at(BASE_MS + (index as u64) * 10_000 / events as u64)
+                let request = UsageRequest::new(&names[index % keys], "m2.7", &quantities)
+                    .at(BASE_MS + (index as u64) * 10_000 / events as u64);
+                match ids.get(index) {
+                    Some(id) => request.id(id),
+                    None => request,
+                }
             })
             .collect();
         for result in engine.consume_many(&requests) {

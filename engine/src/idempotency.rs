@@ -11,14 +11,14 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::lock::{LeavableGuard, LeavableMutex};
 use crossbeam_utils::CachePadded;
-use parking_lot::Mutex;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::admission::{Decision, Quantities, Receipt};
 use crate::error::Error;
 
-const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// What a request id was first used for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,9 +135,14 @@ pub(crate) struct Shard {
     arrivals: VecDeque<(u64, Arc<str>)>,
 }
 
+/// Every request-id shard's lock, in shard order (`RequestTable::shard_locks`).
+pub(crate) type RequestShards = Arc<[CachePadded<LeavableMutex<Shard>>]>;
+
 #[derive(Debug)]
 pub(crate) struct RequestTable {
-    shards: Box<[CachePadded<Mutex<Shard>>]>,
+    /// Shared with a checkpoint's snapshot thread, which settles the copies a cut left on the
+    /// shards (`LeavableMutex::settle`).
+    shards: RequestShards,
     /// Records held, over every shard: taken (`take_place`) before a new id is decided, given
     /// back when a record is dropped. Bounded by `capacity` as a whole: bounded shard by shard,
     /// a capacity of 64 refused the 21st id (its shard already held one).
@@ -159,7 +164,7 @@ impl RequestTable {
     pub fn new(capacity: usize, horizon_ms: u64) -> RequestTable {
         RequestTable {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(Shard::default())))
+                .map(|_| CachePadded::new(LeavableMutex::new(Shard::default())))
                 .collect(),
             held: CachePadded::new(AtomicUsize::new(0)),
             capacity: capacity.max(1),
@@ -200,7 +205,7 @@ impl RequestTable {
         }
     }
 
-    fn shard(&self, request_id: &str) -> &Mutex<Shard> {
+    fn shard(&self, request_id: &str) -> &LeavableMutex<Shard> {
         let hash = FxBuildHasher.hash_one(request_id);
         &self.shards[(hash >> 32) as usize % SHARDS]
     }
@@ -320,25 +325,26 @@ impl RequestTable {
     }
 
     /// Locks every shard, in order: for a checkpoint's cut.
-    pub fn lock_all(&self) -> Vec<parking_lot::MutexGuard<'_, Shard>> {
+    pub fn lock_all(&self) -> Vec<LeavableGuard<'_, Shard>> {
         self.shards.iter().map(|shard| shard.lock()).collect()
     }
 
-    /// Visits the remembered records as `(arrival ms, id, record)`, in no particular order:
-    /// for a checkpoint's cut, which puts them in order after letting go of the locks.
-    pub fn visit<'a>(
-        guards: &'a [parking_lot::MutexGuard<'_, Shard>],
-        mut visit: impl FnMut(u64, &'a str, &'a RequestRecord),
-    ) {
-        for shard in guards {
-            for (_, id) in &shard.arrivals {
-                // Only the arrival that created the record (an id may have come back since).
-                match shard.records.get_key_value(id) {
-                    Some((stored, record)) if Arc::ptr_eq(stored, id) => {
-                        visit(record.arrived_ms, stored, record);
-                    }
-                    _ => {}
+    /// The shard locks themselves, for a thread that outlives a borrow of the table (a
+    /// checkpoint's snapshot thread settling a cut's copies).
+    pub fn shard_locks(&self) -> RequestShards {
+        Arc::clone(&self.shards)
+    }
+
+    /// Visits one shard's remembered records as `(arrival ms, id, record)`, in no particular
+    /// order: for a checkpoint's cut, which puts them in order later.
+    pub fn visit<'a>(shard: &'a Shard, mut visit: impl FnMut(u64, &'a str, &'a RequestRecord)) {
+        for (_, id) in &shard.arrivals {
+            // Only the arrival that created the record (an id may have come back since).
+            match shard.records.get_key_value(id) {
+                Some((stored, record)) if Arc::ptr_eq(stored, id) => {
+                    visit(record.arrived_ms, stored, record);
                 }
+                _ => {}
             }
         }
     }
@@ -348,7 +354,7 @@ impl RequestTable {
     /// test compares with).
     #[cfg(test)]
     pub fn export<'a>(
-        guards: &'a [parking_lot::MutexGuard<'_, Shard>],
+        guards: &'a [LeavableGuard<'_, Shard>],
     ) -> Vec<(u64, String, &'a RequestRecord)> {
         let mut out = Vec::new();
         for shard in guards {

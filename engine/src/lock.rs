@@ -232,6 +232,80 @@ impl<T> Drop for WriteGuard<'_, T> {
     }
 }
 
+/// A mutex a holder can leave work on (`LeavableGuard::leave`), run on the value by the next
+/// thread to lock it (or by `settle`) before that thread sees it: the request-id shards, which a
+/// checkpoint's cut locks all at once and copies one at a time afterwards, as the key shards.
+pub struct LeavableMutex<T> {
+    inner: Mutex<Leavable<T>>,
+}
+
+struct Leavable<T> {
+    value: T,
+    left: Option<Pending<T>>,
+}
+
+impl<T> LeavableMutex<T> {
+    pub fn new(value: T) -> LeavableMutex<T> {
+        LeavableMutex {
+            inner: Mutex::new(Leavable { value, left: None }),
+        }
+    }
+
+    /// Locks, running the work left on the value first if there is any.
+    #[inline]
+    pub fn lock(&self) -> LeavableGuard<'_, T> {
+        let mut inner = self.inner.lock();
+        if inner.left.is_some() {
+            run_left(&mut inner);
+        }
+        LeavableGuard(inner)
+    }
+
+    /// Runs the work left on the value, if it is still there.
+    pub fn settle(&self) {
+        drop(self.lock());
+    }
+}
+
+/// The work left on a `LeavableMutex`'s value, run by whoever locked it first.
+#[cold]
+#[inline(never)]
+fn run_left<T>(inner: &mut Leavable<T>) {
+    if let Some(work) = inner.left.take() {
+        work(&inner.value);
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for LeavableMutex<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeavableMutex").finish_non_exhaustive()
+    }
+}
+
+pub struct LeavableGuard<'a, T>(MutexGuard<'a, Leavable<T>>);
+
+impl<T> LeavableGuard<'_, T> {
+    /// Unlocks, leaving `work` to run on the value as it is now before anyone sees it again.
+    pub fn leave(mut self, work: Pending<T>) {
+        debug_assert!(self.0.left.is_none(), "work was already left");
+        self.0.left = Some(work);
+    }
+}
+
+impl<T> Deref for LeavableGuard<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0.value
+    }
+}
+
+impl<T> DerefMut for LeavableGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0.value
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +386,27 @@ mod tests {
         assert!(unwound.is_err());
         assert!(!lock.is_pending());
         assert_eq!(*lock.read(), 7, "readers get in after the failed work");
+    }
+
+    #[test]
+    fn a_leavable_mutex_runs_left_work_once_on_the_value_as_left_before_the_next_holder() {
+        let mutex = LeavableMutex::new(vec![1u32]);
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        let mut guard = mutex.lock();
+        guard.push(2);
+        guard.leave(Box::new(move |value: &Vec<u32>| {
+            record.lock().push(value.clone())
+        }));
+        std::thread::scope(|scope| {
+            for extra in 3..6u32 {
+                let mutex = &mutex;
+                scope.spawn(move || mutex.lock().push(extra));
+            }
+        });
+        mutex.settle();
+        assert_eq!(*seen.lock(), vec![vec![1, 2]]);
+        assert_eq!(mutex.lock().len(), 5);
     }
 
     #[test]

@@ -2429,6 +2429,12 @@ mod tests {
                     for index in (0..300u64).step_by(2) {
                         let _ = engine.consume(&m27(&format!("tp-{index}"), 1, at_ms));
                     }
+                    // New request ids, in most of the request-id shards.
+                    for index in 0..200u64 {
+                        let id = format!("after-the-cut-{round}-{index}");
+                        let key = format!("tp-{}", index % 300);
+                        let _ = engine.consume(&m27(&key, 1, at_ms).id(&id));
+                    }
                 });
                 for index in (1..300u64).step_by(2) {
                     let _ = engine.consume(&m27(&format!("tp-{index}"), 2, at_ms));
@@ -2449,6 +2455,10 @@ mod tests {
                 .expect("top-up");
             let left = cut.shards_left();
             assert!(left < KeyTable::SHARDS / 2, "{left} shards left");
+            assert!(
+                !reference.requests.is_empty(),
+                "ids from before the cut are in it"
+            );
             cut.seq = 4_242;
             let written = encoded_in_name_order(&mut cut);
             assert_eq!(written, reference, "round {round}");

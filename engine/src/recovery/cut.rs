@@ -30,9 +30,9 @@ use crate::admission::{Decision, Quantities, Receipt};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::event::FORMAT_VERSION;
-use crate::idempotency::RequestRecord;
+use crate::idempotency::{RequestRecord, RequestShards, RequestTable, Shard as RequestShard};
 use crate::ledger::{Team, WindowState};
-use crate::lock::WriteGuard;
+use crate::lock::{LeavableGuard, WriteGuard};
 use crate::policy::{CounterId, Policy};
 use crate::reservation::{Closed, ReservationInner};
 use crate::window::{prefetch, RawRing};
@@ -279,17 +279,22 @@ pub(crate) struct RawCut {
     /// The key shards whose copies the cut left on their locks (`leave_shards`), until
     /// `finish_keys` moves them in.
     lazy: Option<LazyKeys>,
-    /// A buffer for each shard's copy, kept between cuts (emptied) as the others are.
+    /// A buffer for each key shard's copy, kept between cuts (emptied) as the others are.
     spare_fragments: Vec<RawCut>,
+    /// And for each request-id shard's.
+    spare_request_fragments: Vec<RawCut>,
 }
 
-/// What a cut left on the key shards' locks: every shard's copy goes into its own fragment,
-/// whichever thread runs it.
+/// What a cut left on the key shards' and the request-id shards' locks: every shard's copy
+/// goes into its own fragment, whichever thread runs it.
 #[derive(Debug)]
 struct LazyKeys {
     shards: ShardLocks,
     /// Shard `i`'s keys once its copy has run (`None` before, or if the copy failed).
     fragments: Arc<[Mutex<Option<RawCut>>]>,
+    request_shards: RequestShards,
+    /// Request-id shard `i`'s records once its copy has run.
+    request_fragments: Arc<[Mutex<Option<RawCut>>]>,
 }
 
 impl RawCut {
@@ -310,6 +315,12 @@ impl RawCut {
         for fragment in &mut self.spare_fragments {
             fragment.reserve_keys(keys / KeyTable::SHARDS);
         }
+        // Their records are copied off the locks: these grow as they need to.
+        let request_shards = crate::idempotency::SHARDS;
+        self.spare_request_fragments.resize_with(
+            request_shards.max(self.spare_request_fragments.len()),
+            RawCut::default,
+        );
         self.reserve_keys(keys);
         let keys = keys + keys / 16 + 64;
         room(&mut self.teams, keys);
@@ -353,6 +364,7 @@ impl RawCut {
             helper,
             lazy,
             spare_fragments,
+            spare_request_fragments,
         } = self;
         (*seq, *newest_at_ms, *next_reservation, *usage_bytes) = (0, 0, 0, 0);
         policies.clear();
@@ -374,15 +386,22 @@ impl RawCut {
         // A cut given back unfinished: copies still to run put their keys where nothing reads
         // them.
         *lazy = None;
-        for fragment in spare_fragments {
+        for fragment in spare_fragments.iter_mut().chain(spare_request_fragments) {
             fragment.clear();
         }
     }
 
-    /// Leaves each key shard's copy on its lock (every shard write-locked, in shard order) and
-    /// lets go of them: the copy runs when the shard is next taken, before anything in it can
-    /// change, so it is the shard as it is now (see the module's comment).
-    fn leave_shards(&mut self, shards: Vec<WriteGuard<'_, Shard>>, locks: ShardLocks) {
+    /// Leaves each key shard's copy on its lock (every shard write-locked, in shard order), and
+    /// each request-id shard's on its own (every one locked), and lets go of them: a copy runs
+    /// when its shard is next taken, before anything in it can change, so it is the shard as
+    /// it is now (see the module's comment).
+    fn leave_shards(
+        &mut self,
+        shards: Vec<WriteGuard<'_, Shard>>,
+        locks: ShardLocks,
+        request_shards: Vec<LeavableGuard<'_, RequestShard>>,
+        request_locks: RequestShards,
+    ) {
         debug_assert!(self.lazy.is_none());
         let fragments: Arc<[Mutex<Option<RawCut>>]> =
             shards.iter().map(|_| Mutex::new(None)).collect();
@@ -394,9 +413,23 @@ impl RawCut {
                 *copied[index].lock() = Some(fragment);
             }));
         }
+        let request_fragments: Arc<[Mutex<Option<RawCut>>]> =
+            request_shards.iter().map(|_| Mutex::new(None)).collect();
+        for (index, shard) in request_shards.into_iter().enumerate() {
+            let mut fragment = self.spare_request_fragments.pop().unwrap_or_default();
+            let copied = Arc::clone(&request_fragments);
+            shard.leave(Box::new(move |shard: &RequestShard| {
+                RequestTable::visit(shard, |arrived_ms, id, record| {
+                    fragment.push_request(arrived_ms, id, record);
+                });
+                *copied[index].lock() = Some(fragment);
+            }));
+        }
         self.lazy = Some(LazyKeys {
             shards: locks,
             fragments,
+            request_shards: request_locks,
+            request_fragments,
         });
     }
 
@@ -408,6 +441,9 @@ impl RawCut {
         let lazy = self.lazy.take();
         if let Some(lazy) = &lazy {
             for shard in lazy.shards.iter() {
+                shard.settle();
+            }
+            for shard in lazy.request_shards.iter() {
                 shard.settle();
             }
         }
@@ -422,13 +458,23 @@ impl RawCut {
                     self.absorb(&mut fragment);
                     self.spare_fragments.push(fragment);
                 }
-                None => failed = failed.or(Some(index)),
+                None => failed = failed.or(Some(("key", index))),
+            }
+        }
+        // Request ids are put in their order when encoded: any order of shards will do.
+        for (index, fragment) in lazy.request_fragments.iter().enumerate() {
+            match fragment.lock().take() {
+                Some(mut fragment) => {
+                    self.absorb(&mut fragment);
+                    self.spare_request_fragments.push(fragment);
+                }
+                None => failed = failed.or(Some(("request-id", index))),
             }
         }
         match failed {
             None => Ok(()),
-            Some(index) => Err(storage(format!(
-                "a checkpoint's copy of key shard {index} failed; the checkpoint is not taken"
+            Some((what, index)) => Err(storage(format!(
+                "a checkpoint's copy of {what} shard {index} failed; the checkpoint is not taken"
             ))),
         }
     }
@@ -531,6 +577,13 @@ impl RawCut {
                 calendar @ RawCounter::Calendar { .. } => calendar,
             }));
         self.slots.extend_from_slice(&helper.slots);
+        self.requests
+            .extend(helper.requests.drain(..).map(|request| RawRequest {
+                id: shift(request.id),
+                key: shift(request.key),
+                resource: shift(request.resource),
+                ..request
+            }));
         self.shards.extend(
             helper
                 .shards
@@ -1210,10 +1263,8 @@ impl Engine {
         let gate = self.append_gate.write();
         let table = self.reservations.inner.lock();
         cut.copy_reservations(&table);
+        // Their records are copied later, each shard's when it is next locked.
         let requests_guard = self.requests.lock_all();
-        crate::idempotency::RequestTable::visit(&requests_guard, |arrived_ms, id, record| {
-            cut.push_request(arrived_ms, id, record);
-        });
         let registry = self.registry.lock();
         let parallel = keys >= self.cuts.parallel_from_keys();
         let teams = cut.copy_registry(&registry, parallel);
@@ -1226,10 +1277,15 @@ impl Engine {
         // Credits move under a key shard's read lock (admission) as well as the registry's.
         cut.copy_balances(&teams);
         // Each shard's copy runs when the shard is next taken: admission goes on from here.
-        cut.leave_shards(shards, self.keys.shard_locks());
+        cut.leave_shards(
+            shards,
+            self.keys.shard_locks(),
+            requests_guard,
+            self.requests.shard_locks(),
+        );
         let key_shards = shards_locking.elapsed();
         drop(teams);
-        drop((policies_guard, registry, requests_guard, table, gate));
+        drop((policies_guard, registry, table, gate));
         self.cuts.note(CutLockTime {
             every_lock: locking.elapsed(),
             key_shards,
