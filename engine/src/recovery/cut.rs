@@ -451,32 +451,39 @@ impl RawCut {
         let Some(lazy) = lazy else {
             return Ok(());
         };
-        let mut failed = None;
-        for (index, fragment) in lazy.fragments.iter().enumerate() {
-            match fragment.lock().take() {
-                Some(mut fragment) => {
-                    self.absorb(&mut fragment);
-                    self.spare_fragments.push(fragment);
-                }
-                None => failed = failed.or(Some(("key", index))),
-            }
-        }
-        // Request ids are put in their order when encoded: any order of shards will do.
-        for (index, fragment) in lazy.request_fragments.iter().enumerate() {
-            match fragment.lock().take() {
-                Some(mut fragment) => {
-                    self.absorb(&mut fragment);
-                    self.spare_request_fragments.push(fragment);
-                }
-                None => failed = failed.or(Some(("request-id", index))),
-            }
-        }
-        match failed {
+        let missing_keys = self.absorb_fragments(&lazy.fragments, |cut| &mut cut.spare_fragments);
+        // Request ids are put in their order when encoded: any order of shards would do.
+        let missing_requests = self.absorb_fragments(&lazy.request_fragments, |cut| {
+            &mut cut.spare_request_fragments
+        });
+        let missing = (missing_keys.map(|index| ("key", index)))
+            .or(missing_requests.map(|index| ("request-id", index)));
+        match missing {
             None => Ok(()),
             Some((what, index)) => Err(storage(format!(
                 "a checkpoint's copy of {what} shard {index} failed; the checkpoint is not taken"
             ))),
         }
+    }
+
+    /// Moves the shards' copies in, in shard order, keeping their buffers in the pool `spare`
+    /// gives; the first shard whose copy is missing (it failed), if any.
+    fn absorb_fragments(
+        &mut self,
+        fragments: &[Mutex<Option<RawCut>>],
+        spare: fn(&mut RawCut) -> &mut Vec<RawCut>,
+    ) -> Option<usize> {
+        let mut missing = None;
+        for (index, fragment) in fragments.iter().enumerate() {
+            match fragment.lock().take() {
+                Some(mut fragment) => {
+                    self.absorb(&mut fragment);
+                    spare(self).push(fragment);
+                }
+                None => missing = missing.or(Some(index)),
+            }
+        }
+        missing
     }
 
     /// Runs `mine` on this cut while a scoped helper thread (`beside`) runs `theirs` on the
