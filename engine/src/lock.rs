@@ -115,6 +115,7 @@ impl<T> ShardLock<T> {
     }
 
     /// Whether a writer left work that has not run yet.
+    #[cfg(test)]
     pub fn is_pending(&self) -> bool {
         self.writer.lock().is_some()
     }

@@ -1227,7 +1227,7 @@ impl Engine {
         journal.finish_snapshot_in_background()?;
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
-        let written = cut.finish_keys().and_then(|()| {
+        let written = cut.finish_copies().and_then(|()| {
             let usage_bytes = cut.usage_bytes;
             let bytes = cut.encode()?;
             journal.sync()?;
@@ -1268,7 +1268,7 @@ impl Engine {
             seq,
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
-                let stored = cut.finish_keys().and_then(|()| {
+                let stored = cut.finish_copies().and_then(|()| {
                     let usage_bytes = cut.usage_bytes;
                     store(cut.encode()?, usage_bytes)
                 });
@@ -2411,7 +2411,7 @@ mod tests {
         for round in 0..3u64 {
             let reference = engine.cut_reference(4_242);
             let mut full = engine.cut_raw(|| 4_242);
-            full.finish_keys().expect("every shard copied");
+            full.finish_copies().expect("every shard copied");
             let usage_bytes = full.usage_bytes;
             assert!(usage_bytes > 0);
             engine.cuts.give_back(full);

@@ -8,7 +8,7 @@
 //!
 //! The key shards are write-locked all at once only for an instant: each shard's copy is left
 //! on its lock (`WriteGuard::leave`) and runs when the shard is next taken, by the first
-//! admission to come to it or by the thread finishing the cut (`RawCut::finish_keys`, for a
+//! admission to come to it or by the thread finishing the cut (`RawCut::finish_copies`, for a
 //! periodic checkpoint the snapshot thread), so admission waits for one shard's copy at most,
 //! not for every key's. Turning slots into live buckets and encoding (in the order things were
 //! copied) happen afterwards.
@@ -277,8 +277,8 @@ pub(crate) struct RawCut {
     /// buffers.
     helper: Option<Box<RawCut>>,
     /// The key shards whose copies the cut left on their locks (`leave_shards`), until
-    /// `finish_keys` moves them in.
-    lazy: Option<LazyKeys>,
+    /// `finish_copies` moves them in.
+    lazy: Option<LeftCopies>,
     /// A buffer for each key shard's copy, kept between cuts (emptied) as the others are.
     spare_fragments: Vec<RawCut>,
     /// And for each request-id shard's.
@@ -288,7 +288,7 @@ pub(crate) struct RawCut {
 /// What a cut left on the key shards' and the request-id shards' locks: every shard's copy
 /// goes into its own fragment, whichever thread runs it.
 #[derive(Debug)]
-struct LazyKeys {
+struct LeftCopies {
     shards: ShardLocks,
     /// Shard `i`'s keys once its copy has run (`None` before, or if the copy failed).
     fragments: Arc<[Mutex<Option<RawCut>>]>,
@@ -425,7 +425,7 @@ impl RawCut {
                 *copied[index].lock() = Some(fragment);
             }));
         }
-        self.lazy = Some(LazyKeys {
+        self.lazy = Some(LeftCopies {
             shards: locks,
             fragments,
             request_shards: request_locks,
@@ -433,11 +433,11 @@ impl RawCut {
         });
     }
 
-    /// Runs the shard copies the cut left that have not run yet, then moves the users the
-    /// helper copied and every shard's keys in (shards in order): the same cut as copying every
-    /// shard in turn under the locks. An error if a shard's copy failed (it panicked, in
-    /// whichever thread ran it).
-    pub(super) fn finish_keys(&mut self) -> Result<(), Error> {
+    /// Runs the key and request-id shard copies the cut left that have not run yet, then moves
+    /// the users the helper copied, every shard's keys (shards in order) and the request ids in:
+    /// the same cut as copying every shard in turn under the locks. An error if a shard's copy
+    /// failed (it panicked, in whichever thread ran it).
+    pub(super) fn finish_copies(&mut self) -> Result<(), Error> {
         let lazy = self.lazy.take();
         if let Some(lazy) = &lazy {
             for shard in lazy.shards.iter() {
@@ -527,7 +527,7 @@ impl RawCut {
         self.helper.as_ref().map_or(0, |helper| helper.users.len())
     }
 
-    /// Every user and key copied is in this cut's own lists (`finish_keys`).
+    /// Every user and key copied is in this cut's own lists (`finish_copies`).
     fn debug_assert_absorbed(&self) {
         debug_assert!(self.lazy.is_none());
         debug_assert!(self.helper.as_ref().is_none_or(|helper| {
@@ -935,7 +935,7 @@ impl RawCut {
     /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
     /// field for field, so serde writes the same bytes.
     pub(super) fn encode(&mut self) -> Result<&[u8], Error> {
-        self.finish_keys()?;
+        self.finish_copies()?;
         // Into the last encoding's buffer, with room for its size and an eighth more: one
         // pass (`bincode::serialize` would first walk everything once to measure it).
         let mut bytes = std::mem::take(&mut self.encoded);
@@ -1236,7 +1236,7 @@ impl Engine {
     pub(super) fn cut(&self, seq: impl FnOnce() -> u64) -> Result<Snapshot<'static>, Error> {
         let mut cut = self.cut_raw(seq);
         let snapshot = cut
-            .finish_keys()
+            .finish_copies()
             .map(|()| cut.to_snapshot().in_name_order());
         self.cuts.give_back(cut);
         snapshot
@@ -1244,7 +1244,7 @@ impl Engine {
 
     /// Copies the state at one sequence number (the one `seq` returns, called with every lock
     /// held): every event appended up to it has been applied and no applied change is
-    /// unlogged. The keys' copies are left on the shards' locks: `RawCut::finish_keys` (which
+    /// unlogged. The keys' copies are left on the shards' locks: `RawCut::finish_copies` (which
     /// `encode` calls) completes the cut.
     ///
     /// The locks are taken in the engine's lock order, and each part of the state is copied
