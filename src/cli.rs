@@ -327,15 +327,18 @@ struct Spec {
     arguments: &'static [&'static str],
     rest: Rest,
     options: &'static [(&'static str, Takes)],
-    /// Whether `--db`, `--policy` and `--durability` apply.
-    database: bool,
+    /// Which of `--db`, `--policy` and `--durability` apply.
+    database: &'static [(&'static str, Takes)],
 }
 
-const DATABASE_OPTIONS: [(&str, Takes); 3] = [
+const DATABASE_OPTIONS: &[(&str, Takes)] = &[
     ("--db", Takes::Value),
     ("--policy", Takes::Value),
     ("--durability", Takes::Value),
 ];
+
+/// `verify` writes nothing and replays the policies the database recorded: only `--db`.
+const READ_ONLY_DATABASE_OPTIONS: &[(&str, Takes)] = &[("--db", Takes::Value)];
 
 /// A scanned command line: arguments in order, options as given.
 #[derive(Debug, Default)]
@@ -363,14 +366,9 @@ impl Spec {
     }
 
     fn option(&self, name: &str) -> Option<(&'static str, Takes)> {
-        let database: &[(&'static str, Takes)] = if self.database {
-            &DATABASE_OPTIONS
-        } else {
-            &[]
-        };
         self.options
             .iter()
-            .chain(database)
+            .chain(self.database)
             .find(|(option, _)| *option == name)
             .copied()
     }
@@ -410,9 +408,23 @@ impl Spec {
             if name == "-h" || name == "--help" {
                 return Ok(None);
             }
-            let (option, takes) = self
-                .option(name)
-                .ok_or_else(|| self.error(name, "unknown option"))?;
+            let (option, takes) = self.option(name).ok_or_else(|| {
+                if !self.database.is_empty()
+                    && self.database.len() < DATABASE_OPTIONS.len()
+                    && DATABASE_OPTIONS.iter().any(|(option, _)| *option == name)
+                {
+                    self.error(
+                        name,
+                        format!(
+                            "does not apply to `tally {}`: it only reads the database, with the \
+                             policies recorded in it",
+                            self.name
+                        ),
+                    )
+                } else {
+                    self.error(name, "unknown option")
+                }
+            })?;
             if scanned.options.iter().any(|(seen, _)| *seen == option) {
                 return Err(self.error(option, "given twice"));
             }
@@ -578,7 +590,7 @@ const SIMULATE: Spec = Spec {
         ("--durability", Takes::Value),
         ("--keep", Takes::Flag),
     ],
-    database: false,
+    database: &[],
 };
 
 fn parse_simulate(args: &[String]) -> Result<Command, UsageError> {
@@ -626,7 +638,7 @@ const CRASH_CHILD: Spec = Spec {
         ("--policy", Takes::Value),
         ("--threads", Takes::Value),
     ],
-    database: false,
+    database: &[],
 };
 
 fn parse_crash_child(args: &[String]) -> Result<Command, UsageError> {
@@ -674,7 +686,7 @@ const fn operator_spec(
         arguments,
         rest,
         options,
-        database: true,
+        database: DATABASE_OPTIONS,
     }
 }
 
@@ -732,7 +744,10 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
                 JSON,
             ],
         ),
-        T::Verify => operator_spec("verify", topic, &[], Rest::Nothing, &[JSON]),
+        T::Verify => Spec {
+            database: READ_ONLY_DATABASE_OPTIONS,
+            ..operator_spec("verify", topic, &[], Rest::Nothing, &[JSON])
+        },
         T::Compact => operator_spec("compact", topic, &[], Rest::Nothing, &[AT]),
         T::Policy => operator_spec("policy", topic, &["PATH"], Rest::Nothing, &[AT]),
         T::Main | T::Simulate => unreachable!("not an operator command"),

@@ -68,7 +68,7 @@ impl HelpTopic {
             HelpTopic::Adjust => ADJUST_HELP,
             HelpTopic::Usage => USAGE_HELP,
             HelpTopic::Events => EVENTS_HELP,
-            HelpTopic::Verify => VERIFY_HELP,
+            HelpTopic::Verify => return format!("{VERIFY_HELP}{READ_ONLY_DATABASE_OPTIONS_HELP}"),
             HelpTopic::Compact => COMPACT_HELP,
             HelpTopic::Policy => POLICY_HELP,
         };
@@ -171,6 +171,13 @@ Database options:
   -h, --help           Print this help
 
 Exit status: 0 on success; 2 if the command could not run (it then changed nothing).
+";
+
+const READ_ONLY_DATABASE_OPTIONS_HELP: &str = "
+Database options:
+  --db PATH            The database [default: ./tally-data]. It is only read: the replay runs
+                       the policies recorded in it, so --policy and --durability do not apply.
+  -h, --help           Print this help
 ";
 
 const USER_HELP: &str = "\

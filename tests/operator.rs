@@ -73,6 +73,21 @@ impl Workspace {
         self.bare(&args)
     }
 
+    /// Runs `tally verify ARGS` here (it takes no `--policy`); it must find the database sound.
+    fn verify(&self, args: &[&str]) -> String {
+        let mut all = vec!["verify"];
+        all.extend_from_slice(args);
+        let output = self.bare(&all);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{all:?}: {}{}",
+            stdout_of(&output),
+            stderr_of(&output)
+        );
+        stdout_of(&output)
+    }
+
     /// Runs a command that must succeed; returns its stdout.
     fn ok(&self, args: &[&str]) -> String {
         let output = self.run(args);
@@ -257,7 +272,7 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     set_up_ada(&workspace);
     let at_ms = now_ms();
     consume(&workspace, at_ms, &[]);
-    let verified = workspace.ok(&["verify"]);
+    let verified = workspace.verify(&[]);
     assert!(
         verified.contains("events:   5 (sequence numbers 1 to 5)"),
         "{verified}"
@@ -276,7 +291,7 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     assert!(compacted.contains("removed:    5 events"), "{compacted}");
     assert!(compacted.contains("starts at event 6"), "{compacted}");
 
-    let report: Value = serde_json::from_str(&workspace.ok(&["verify", "--json"])).expect("JSON");
+    let report: Value = serde_json::from_str(&workspace.verify(&["--json"])).expect("JSON");
     assert_eq!(report["sound"], true, "{report}");
     assert_eq!(report["first_seq"], 6);
     assert_eq!(report["snapshot_matches_replay"], true);
@@ -595,6 +610,39 @@ fn a_new_database_without_policy_starts_with_the_shipped_one() {
 }
 
 #[test]
+fn verify_refuses_the_options_it_would_ignore_and_leaves_the_database_as_it_was() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = workspace.events(&[]);
+    for (args, option) in [
+        (
+            &["verify", "--policy", workspace.policy.as_str()][..],
+            "--policy",
+        ),
+        (&["verify", "--durability", "none"], "--durability"),
+        (&["verify", "--json", "--policy=p.toml"], "--policy"),
+    ] {
+        let output = workspace.bare(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.contains(&format!(
+                "tally: {option}: does not apply to `tally verify`: it only reads the database"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(stdout_of(&output).is_empty(), "{args:?}");
+    }
+    let help = stdout_of(&workspace.bare(&["verify", "--help"]));
+    assert!(help.contains("--db PATH"), "{help}");
+    assert!(!help.contains("--policy PATH"), "{help}");
+    assert!(!help.contains("--durability MODE"), "{help}");
+    // What the database holds is what it held before.
+    assert_eq!(workspace.events(&[]), before);
+    assert!(workspace.verify(&[]).contains("sound:    yes"));
+}
+
+#[test]
 fn a_command_on_a_missing_database_creates_none() {
     let workspace = Workspace::new();
     for args in [
@@ -604,7 +652,12 @@ fn a_command_on_a_missing_database_creates_none() {
         &["events"],
         &["team", "@bad"],
     ] {
-        let output = workspace.run(args);
+        // `verify` takes no --policy.
+        let output = if args[0] == "verify" {
+            workspace.bare(args)
+        } else {
+            workspace.run(args)
+        };
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert!(!workspace.database().exists(), "{args:?} left a database");
     }
@@ -682,7 +735,7 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
     let later = (now_ms() + 30 * DAY_MS).to_string();
     let compacted = workspace.ok(&["compact", "--at", &later]);
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
-    let verified = workspace.ok(&["verify"]);
+    let verified = workspace.verify(&[]);
     assert!(verified.contains("sound:    yes"), "{verified}");
     assert!(
         verified.contains("options:  replayed with the ones the database's owner recorded"),
