@@ -522,12 +522,28 @@ fn drive_one_thread(
         }));
         let call = Instant::now();
         let admitted = match calls {
-            Calls::Many(_) => target
-                .engine
-                .consume_many(&requests)
-                .into_iter()
-                .filter(|result| result.as_ref().is_ok_and(|decision| decision.is_admitted()))
-                .count(),
+            Calls::Many(_) => {
+                let results = target.engine.consume_many(&requests);
+                let admitted = results
+                    .iter()
+                    .filter(|result| result.as_ref().is_ok_and(|decision| decision.is_admitted()))
+                    .count();
+                if admitted != per_call {
+                    // Say which request and what it got, so a failed run can be followed up.
+                    let (index, result) = results
+                        .iter()
+                        .enumerate()
+                        .find(|(_, result)| {
+                            !result.as_ref().is_ok_and(|decision| decision.is_admitted())
+                        })
+                        .expect("one was not admitted");
+                    panic!(
+                        "{admitted} of {per_call} admitted; request {index} ({:?}) got {result:?}",
+                        requests[index]
+                    );
+                }
+                admitted
+            }
             Calls::Submit { .. } => unreachable!("driven by drive_submitting"),
             Calls::One { ids } => {
                 let id = ids.then(|| format!("bench-{first}"));
