@@ -60,7 +60,7 @@ use crate::idempotency::{
     ChunkSeq, ChunkSeqGuard, Fingerprint, LoggedAs, RequestTable, MAX_REQUEST_ID_BYTES,
 };
 use crate::ledger::{KeyUsage, Team};
-use crate::lock::ShardLock;
+use crate::lock::{LeavableMutex, ShardLock};
 use crate::log::{EventLog, Staged};
 use crate::policy::{Policy, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
@@ -287,7 +287,9 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
     pub(crate) keys: KeyTable,
-    pub(crate) registry: Mutex<Registry>,
+    /// Users and teams. A checkpoint's cut leaves its copy on the lock (`LeavableMutex`): the
+    /// next to lock it, or the snapshot thread, copies it first.
+    pub(crate) registry: Arc<LeavableMutex<Registry>>,
     /// Every installed policy by generation; the last is current. Also serialises swaps.
     pub(crate) policies: RwLock<Vec<Option<Arc<Policy>>>>,
     pub(crate) requests: RequestTable,
@@ -402,7 +404,7 @@ impl Engine {
             reclaim_hand: Mutex::new(crate::adjustment::ReclaimHand::default()),
             clock,
             keys: KeyTable::new(Arc::clone(&policy)),
-            registry: Mutex::new(Registry::default()),
+            registry: Arc::new(LeavableMutex::new(Registry::default())),
             policies: RwLock::new(vec![Some(policy)]),
             requests: RequestTable::new(options.idempotency_capacity, horizon_ms),
             reservations: ReservationTable::new(options.max_open_reservations, horizon_ms),

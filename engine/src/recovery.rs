@@ -2407,7 +2407,6 @@ mod tests {
     #[test]
     fn a_cut_is_the_state_at_its_instant_whoever_copies_its_shards_and_whatever_changes_after() {
         let (engine, clock) = busy_engine();
-        engine.cuts.copy_in_parallel_from(1);
         for round in 0..3u64 {
             let reference = engine.cut_reference(4_242);
             let mut full = engine.cut_raw(|| 4_242);
@@ -2416,10 +2415,9 @@ mod tests {
             assert!(usage_bytes > 0);
             engine.cuts.give_back(full);
             let mut cut = engine.cut_raw(|| 4_242 + round);
-            // No shard copied yet, and every user by the helper while this thread copied the
-            // teams.
+            // No shard copied yet, nor the registry.
             assert_eq!(cut.shards_left(), KeyTable::SHARDS);
-            assert_eq!(cut.helper_users(), reference.users.len());
+            assert!(cut.registry_left());
             // Then, before the cut is finished: usage on most keys, a new user and key, a
             // seat changed, credits topped up, from this thread and another. Each shard they
             // touch is copied first, as the cut left it.
@@ -2455,6 +2453,8 @@ mod tests {
                 .expect("top-up");
             let left = cut.shards_left();
             assert!(left < KeyTable::SHARDS / 2, "{left} shards left");
+            // The new user's creation copied the registry first, as the cut left it.
+            assert!(!cut.registry_left());
             assert!(
                 !reference.requests.is_empty(),
                 "ids from before the cut are in it"
@@ -2472,6 +2472,35 @@ mod tests {
             assert_ne!(now.teams, reference.teams);
             assert_eq!(engine.cut(|| 6_000 + round).expect("cut"), now);
         }
+    }
+
+    #[test]
+    fn a_cut_taken_before_the_last_one_was_finished_finishes_it_first_and_each_is_its_instant() {
+        let (engine, clock) = busy_engine();
+        let at_ms = clock.now_ms();
+        let first_reference = engine.cut_reference(10);
+        let mut first = engine.cut_raw(|| 10);
+        assert!(first.registry_left());
+        // Credits and a new team between the two cuts: only the second has them.
+        engine
+            .top_up("@user-3", 7_000_000, Some(at_ms))
+            .expect("top-up");
+        engine.create_team("between", Some(at_ms)).expect("team");
+        let _ = engine.consume(&m27("tp-3", 1, at_ms));
+        assert!(
+            !first.registry_left(),
+            "the top-up copied the registry first"
+        );
+        let second_reference = engine.cut_reference(11);
+        assert_ne!(second_reference.teams, first_reference.teams);
+        // The second cut's locks run whatever copies of the first were still left.
+        let mut second = engine.cut_raw(|| 11);
+        assert_eq!(first.shards_left(), 0);
+        assert!(second.registry_left());
+        assert_eq!(encoded_in_name_order(&mut second), second_reference);
+        assert_eq!(encoded_in_name_order(&mut first), first_reference);
+        engine.cuts.give_back(first);
+        engine.cuts.give_back(second);
     }
 
     #[test]

@@ -4,14 +4,15 @@
 //! The copy spends nothing it can leave for later: strings go back to back into one buffer,
 //! counters as their words, each ring as its head and occupied slots (`RollingWindow::copy_raw`),
 //! into the previous cut's buffers, with every key's scattered allocations prefetched a few keys
-//! ahead; the registry's users by a helper thread from `PARALLEL_CUT_KEYS` keys on.
+//! ahead.
 //!
 //! The key shards are write-locked all at once only for an instant: each shard's copy is left
 //! on its lock (`WriteGuard::leave`) and runs when the shard is next taken, by the first
 //! admission to come to it or by the thread finishing the cut (`RawCut::finish_copies`, for a
 //! periodic checkpoint the snapshot thread), so admission waits for one shard's copy at most,
-//! not for every key's. Turning slots into live buckets and encoding (in the order things were
-//! copied) happen afterwards.
+//! not for every key's. The registry (users, teams, members) is left on its lock the same way,
+//! once the teams' balances are read: they move under the key shards' locks too. Turning slots
+//! into live buckets and encoding (in the order things were copied) happen afterwards.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,8 +21,8 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::{
-    beside, storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot,
-    Snapshot, TeamSnapshot,
+    storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
+    TeamSnapshot,
 };
 use crate::accounts::{
     KeyKind, KeyState, KeyTable, Registry, Shard, ShardLocks, TeamRecord, UserRecord,
@@ -32,6 +33,7 @@ use crate::error::Error;
 use crate::event::FORMAT_VERSION;
 use crate::idempotency::{RequestRecord, RequestShards, RequestTable, Shard as RequestShard};
 use crate::ledger::{Team, WindowState};
+use crate::lock::LeavableMutex;
 use crate::lock::{LeavableGuard, WriteGuard};
 use crate::policy::{CounterId, Policy};
 use crate::reservation::{Closed, ReservationInner};
@@ -39,10 +41,6 @@ use crate::window::{prefetch, RawRing};
 
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
-
-/// From this many keys on, a cut copies the registry's users on a helper thread while it copies
-/// the teams (`RawCut::copy_registry`).
-const PARALLEL_CUT_KEYS: usize = 4_096;
 
 /// Grows `buffer` to hold `wanted` elements without reallocating.
 fn room<T>(buffer: &mut Vec<T>, wanted: usize) {
@@ -272,21 +270,22 @@ pub(crate) struct RawCut {
     /// What the keys' usage takes in memory, in usage blocks: the snapshot's hint for how much
     /// memory an open makes ready ahead (`SnapshotBytes::usage_hint`).
     pub(super) usage_bytes: usize,
-    /// The registry's users, copied by a helper thread beside the teams (`copy_registry`);
-    /// moved into this cut before it is encoded (`absorb_helper`), and kept, emptied, for its
-    /// buffers.
-    helper: Option<Box<RawCut>>,
-    /// The key shards whose copies the cut left on their locks (`leave_shards`), until
-    /// `finish_copies` moves them in.
+    /// The teams' `(balance, charged)` micros in the registry's order, read under every lock
+    /// (`read_balances`): in the cut's registry fragment, whose copy of the teams takes them.
+    balances: Vec<(u64, u64)>,
+    /// The copies the cut left on the key shards', the request-id shards' and the registry's
+    /// locks (`leave_copies`), until `finish_copies` moves them in.
     lazy: Option<LeftCopies>,
+    /// A buffer for the registry's copy, kept between cuts (emptied) as the others are.
+    spare_registry: Option<Box<RawCut>>,
     /// A buffer for each key shard's copy, kept between cuts (emptied) as the others are.
     spare_fragments: Vec<RawCut>,
     /// And for each request-id shard's.
     spare_request_fragments: Vec<RawCut>,
 }
 
-/// What a cut left on the key shards' and the request-id shards' locks: every shard's copy
-/// goes into its own fragment, whichever thread runs it.
+/// What a cut left on the key shards', the request-id shards' and the registry's locks: every
+/// copy goes into its own fragment, whichever thread runs it.
 #[derive(Debug)]
 struct LeftCopies {
     shards: ShardLocks,
@@ -295,6 +294,9 @@ struct LeftCopies {
     request_shards: RequestShards,
     /// Request-id shard `i`'s records once its copy has run.
     request_fragments: Arc<[Mutex<Option<RawCut>>]>,
+    registry: Arc<LeavableMutex<Registry>>,
+    /// The users, teams (with their balances) and members once the registry's copy has run.
+    registry_fragment: Arc<Mutex<Option<RawCut>>>,
 }
 
 impl RawCut {
@@ -322,10 +324,17 @@ impl RawCut {
             RawCut::default,
         );
         self.reserve_keys(keys);
+        // About a user, a Default Team and a member per key.
         let keys = keys + keys / 16 + 64;
-        room(&mut self.teams, keys);
-        room(&mut self.members, keys);
-        room(&mut self.users, keys);
+        room(&mut self.balances, keys);
+        let registry = self.spare_registry.get_or_insert_with(Default::default);
+        room(&mut registry.teams, keys);
+        room(&mut registry.members, keys);
+        room(&mut registry.users, keys);
+        registry
+            .texts
+            .0
+            .reserve((keys * 48).saturating_sub(registry.texts.0.len()));
     }
 
     /// Room for about `keys` keys' names, counters and slots.
@@ -361,8 +370,9 @@ impl RawCut {
             next_reservation,
             encoded: _,
             usage_bytes,
-            helper,
+            balances,
             lazy,
+            spare_registry,
             spare_fragments,
             spare_request_fragments,
         } = self;
@@ -380,27 +390,31 @@ impl RawCut {
         requests.clear();
         open_reservations.clear();
         closed_reservations.clear();
-        if let Some(helper) = helper {
-            helper.clear();
-        }
+        balances.clear();
         // A cut given back unfinished: copies still to run put their keys where nothing reads
         // them.
         *lazy = None;
-        for fragment in spare_fragments.iter_mut().chain(spare_request_fragments) {
+        for fragment in spare_fragments
+            .iter_mut()
+            .chain(spare_request_fragments)
+            .chain(spare_registry.as_deref_mut())
+        {
             fragment.clear();
         }
     }
 
-    /// Leaves each key shard's copy on its lock (every shard write-locked, in shard order), and
-    /// each request-id shard's on its own (every one locked), and lets go of them: a copy runs
-    /// when its shard is next taken, before anything in it can change, so it is the shard as
-    /// it is now (see the module's comment).
-    fn leave_shards(
+    /// Leaves each key shard's copy on its lock (every shard write-locked, in shard order),
+    /// each request-id shard's on its own (every one locked) and the registry's on its lock
+    /// (its balances already read, `read_balances`), and lets go of them: a copy runs when its
+    /// lock is next taken, before anything under it can change, so it is the state as it is
+    /// now (see the module's comment).
+    fn leave_copies(
         &mut self,
         shards: Vec<WriteGuard<'_, Shard>>,
         locks: ShardLocks,
         request_shards: Vec<LeavableGuard<'_, RequestShard>>,
         request_locks: RequestShards,
+        (registry, registry_lock): (LeavableGuard<'_, Registry>, Arc<LeavableMutex<Registry>>),
     ) {
         debug_assert!(self.lazy.is_none());
         let fragments: Arc<[Mutex<Option<RawCut>>]> =
@@ -425,11 +439,22 @@ impl RawCut {
                 *copied[index].lock() = Some(fragment);
             }));
         }
+        let registry_fragment = Arc::new(Mutex::new(None));
+        let mut fragment = self.spare_registry.take().unwrap_or_default();
+        std::mem::swap(&mut fragment.balances, &mut self.balances);
+        let copied = Arc::clone(&registry_fragment);
+        registry.leave(Box::new(move |registry: &Registry| {
+            if fragment.copy_registry(registry) {
+                *copied.lock() = Some(*fragment);
+            }
+        }));
         self.lazy = Some(LeftCopies {
             shards: locks,
             fragments,
             request_shards: request_locks,
             request_fragments,
+            registry: registry_lock,
+            registry_fragment,
         });
     }
 
@@ -438,30 +463,38 @@ impl RawCut {
     /// the same cut as copying every shard in turn under the locks. An error if a shard's copy
     /// failed (it panicked, in whichever thread ran it).
     pub(super) fn finish_copies(&mut self) -> Result<(), Error> {
-        let lazy = self.lazy.take();
-        if let Some(lazy) = &lazy {
-            for shard in lazy.shards.iter() {
-                shard.settle();
-            }
-            for shard in lazy.request_shards.iter() {
-                shard.settle();
-            }
-        }
-        self.absorb_helper();
-        let Some(lazy) = lazy else {
+        let Some(lazy) = self.lazy.take() else {
             return Ok(());
+        };
+        for shard in lazy.shards.iter() {
+            shard.settle();
+        }
+        for shard in lazy.request_shards.iter() {
+            shard.settle();
+        }
+        lazy.registry.settle();
+        let registry = lazy.registry_fragment.lock().take();
+        let registry_missing = match registry {
+            Some(mut fragment) => {
+                self.absorb(&mut fragment);
+                std::mem::swap(&mut fragment.balances, &mut self.balances);
+                self.spare_registry = Some(Box::new(fragment));
+                false
+            }
+            None => true,
         };
         let missing_keys = self.absorb_fragments(&lazy.fragments, |cut| &mut cut.spare_fragments);
         // Request ids are put in their order when encoded: any order of shards would do.
         let missing_requests = self.absorb_fragments(&lazy.request_fragments, |cut| {
             &mut cut.spare_request_fragments
         });
-        let missing = (missing_keys.map(|index| ("key", index)))
-            .or(missing_requests.map(|index| ("request-id", index)));
+        let missing = (missing_keys.map(|index| format!("key shard {index}")))
+            .or(missing_requests.map(|index| format!("request-id shard {index}")))
+            .or(registry_missing.then(|| "the registry".to_string()));
         match missing {
             None => Ok(()),
-            Some((what, index)) => Err(storage(format!(
-                "a checkpoint's copy of {what} shard {index} failed; the checkpoint is not taken"
+            Some(what) => Err(storage(format!(
+                "a checkpoint's copy of {what} failed; the checkpoint is not taken"
             ))),
         }
     }
@@ -486,30 +519,6 @@ impl RawCut {
         missing
     }
 
-    /// Runs `mine` on this cut while a scoped helper thread (`beside`) runs `theirs` on the
-    /// helper's cut (`self.helper`, moved in later by `absorb_helper`). Without `parallel`, or
-    /// when no thread can be had, this cut runs both, `mine` first: the same copy as one
-    /// thread doing all of it in order.
-    fn with_helper<R>(
-        &mut self,
-        parallel: bool,
-        theirs: impl Fn(&mut RawCut) + Sync,
-        mine: impl FnOnce(&mut RawCut) -> R,
-    ) -> R {
-        if !parallel {
-            let done = mine(self);
-            theirs(self);
-            return done;
-        }
-        let mut helper = self.helper.take().unwrap_or_default();
-        let (done, helped) = beside("tally-cut", || theirs(&mut helper), || mine(self));
-        if helped.is_none() {
-            theirs(self);
-        }
-        self.helper = Some(helper);
-        done
-    }
-
     /// How many key shards' copies the cut left that have not run yet.
     #[cfg(test)]
     pub(super) fn shards_left(&self) -> usize {
@@ -521,32 +530,23 @@ impl RawCut {
         })
     }
 
-    /// How many users the helper copied that are not yet moved into this cut.
+    /// Whether the registry's copy the cut left has not run yet.
     #[cfg(test)]
-    pub(super) fn helper_users(&self) -> usize {
-        self.helper.as_ref().map_or(0, |helper| helper.users.len())
+    pub(super) fn registry_left(&self) -> bool {
+        self.lazy
+            .as_ref()
+            .is_some_and(|lazy| lazy.registry_fragment.lock().is_none())
     }
 
-    /// Every user and key copied is in this cut's own lists (`finish_copies`).
+    /// Every user, team and key copied is in this cut's own lists (`finish_copies`).
     fn debug_assert_absorbed(&self) {
         debug_assert!(self.lazy.is_none());
-        debug_assert!(self.helper.as_ref().is_none_or(|helper| {
-            helper.keys.is_empty() && helper.shards.is_empty() && helper.users.is_empty()
-        }));
     }
 
-    /// Moves the users the helper copied (`copy_registry`) after this cut's own, keeping the
-    /// helper's emptied buffers.
-    fn absorb_helper(&mut self) {
-        if let Some(mut helper) = self.helper.take() {
-            self.absorb(&mut helper);
-            self.helper = Some(helper);
-        }
-    }
-
-    /// Moves what `helper` copied (users, or a shard's keys) after this cut's own, as if one
-    /// thread had copied them all: their strings, pay-as-you-go keys, counters and slots are
-    /// appended and every index into them shifted. Leaves `helper` empty, its buffers kept.
+    /// Moves what `helper` copied (the registry, a shard's keys or request ids) after this
+    /// cut's own, as if one thread had copied them all: their strings, pay-as-you-go keys,
+    /// members, counters and slots are appended and every index into them shifted. Leaves
+    /// `helper` empty, its buffers kept.
     fn absorb(&mut self, helper: &mut RawCut) {
         let (text_base, key_base) = (self.texts.0.len(), self.keys.len());
         let (counter_base, slot_base) = (self.counters.len(), self.slots.len());
@@ -562,6 +562,20 @@ impl RawCut {
                 name: shift(user.name),
                 default_team: shift(user.default_team),
                 payg_keys: user.payg_keys.start + payg_base..user.payg_keys.end + payg_base,
+            }));
+        let member_base = self.members.len();
+        self.members.extend(
+            helper
+                .members
+                .drain(..)
+                .map(|(user, key)| (shift(user), shift(key))),
+        );
+        self.teams
+            .extend(helper.teams.drain(..).map(|team| RawTeam {
+                name: shift(team.name),
+                owner: team.owner.map(shift),
+                members: team.members.start + member_base..team.members.end + member_base,
+                ..team
             }));
         self.keys.extend(helper.keys.drain(..).map(|key| {
             RawKey {
@@ -689,30 +703,56 @@ impl RawCut {
         self.keys.push(raw);
     }
 
-    /// The registry's users, teams and members (it is locked); the teams' balances are left
-    /// for `copy_balances`, once the key shards are locked too. Returns the teams in the order
-    /// of `self.teams`.
+    /// Every team in the registry's order (it is locked), for `read_balances`: the only part
+    /// of the registry read under every lock, a pass over the teams' records that follows no
+    /// pointer.
+    fn team_list(registry: &Registry) -> Vec<&Team> {
+        registry
+            .teams
+            .values()
+            .map(|record| {
+                // Into the cache before the key shards are locked, if it holds them all.
+                prefetch(Arc::as_ptr(&record.team));
+                &*record.team
+            })
+            .collect()
+    }
+
+    /// The balances of `teams` (as `team_list` listed them, with the key shards write-locked
+    /// too: credits move under a shard's read lock), for the registry's copy to take.
+    fn read_balances(&mut self, teams: &[&Team]) {
+        const PREFETCH_AHEAD: usize = 16;
+        self.balances.clear();
+        for (index, team) in teams.iter().enumerate() {
+            if let Some(ahead) = teams.get(index + PREFETCH_AHEAD) {
+                prefetch(*ahead as *const Team);
+            }
+            self.balances
+                .push((team.balance_micros(), team.charged_micros()));
+        }
+    }
+
+    /// The registry's users, teams (with `self.balances`, read at the cut's instant) and
+    /// members, as the cut left the registry: nothing in it changed since its balances were
+    /// read. A team count that differs from the balances' would mean it did: then nothing is
+    /// copied and `false` returned (the checkpoint fails rather than mix two instants).
     ///
     /// Memory-bound as `copy_keys` is (a team's record, its `Team`, its name and its members'
     /// names are each somewhere else), so it prefetches the same way: the records' pointees
     /// `PREFETCH_AHEAD` teams or users ahead, what those point to half as far.
-    ///
-    /// With `parallel`, a helper thread copies the users (into `self.helper`) while this one
-    /// copies the teams: a `consume_many` waits for the whole cut.
-    fn copy_registry<'r>(&mut self, registry: &'r Registry, parallel: bool) -> Vec<&'r Team> {
-        debug_assert!(self
-            .helper
-            .as_ref()
-            .is_none_or(|helper| helper.users.is_empty() && helper.keys.is_empty()));
-        self.with_helper(
-            parallel,
-            |cut| cut.copy_users(registry),
-            |cut| cut.copy_teams(registry),
-        )
+    fn copy_registry(&mut self, registry: &Registry) -> bool {
+        debug_assert!(self.users.is_empty() && self.teams.is_empty());
+        if registry.teams.len() != self.balances.len() {
+            debug_assert!(false, "the registry changed after its balances were read");
+            return false;
+        }
+        self.copy_users(registry);
+        self.copy_teams(registry);
+        true
     }
 
     /// The registry's teams and members (see `copy_registry`).
-    fn copy_teams<'r>(&mut self, registry: &'r Registry) -> Vec<&'r Team> {
+    fn copy_teams(&mut self, registry: &Registry) {
         const PREFETCH_AHEAD: usize = 16;
         let far = |record: &TeamRecord| {
             prefetch(Arc::as_ptr(&record.team));
@@ -727,22 +767,20 @@ impl RawCut {
                 prefetch(key.as_ptr());
             }
         };
-        let mut teams = Vec::with_capacity(registry.teams.len());
         let mut first = registry.teams.values();
         let mut second = registry.teams.values();
         first.by_ref().take(PREFETCH_AHEAD).for_each(far);
         second.by_ref().take(PREFETCH_AHEAD / 2).for_each(near);
-        for record in registry.teams.values() {
+        for (index, record) in registry.teams.values().enumerate() {
             if let Some(ahead) = first.next() {
                 far(ahead);
             }
             if let Some(ahead) = second.next() {
                 near(ahead);
             }
-            self.push_team(record);
-            teams.push(&*record.team);
+            let (balance, charged) = self.balances[index];
+            self.push_team(record, balance, charged);
         }
-        teams
     }
 
     /// The registry's users and their pay-as-you-go keys (see `copy_registry`).
@@ -762,15 +800,7 @@ impl RawCut {
         }
     }
 
-    /// The balances of `teams` (as `copy_registry` returned them).
-    fn copy_balances(&mut self, teams: &[&Team]) {
-        for (raw, team) in self.teams.iter_mut().zip(teams) {
-            raw.balance_micros = team.balance_micros();
-            raw.charged_micros = team.charged_micros();
-        }
-    }
-
-    fn push_team(&mut self, record: &TeamRecord) {
+    fn push_team(&mut self, record: &TeamRecord, balance_micros: u64, charged_micros: u64) {
         let first = self.members.len();
         for (user, key) in &record.members {
             let pair = (self.texts.push(user), self.texts.push(key));
@@ -779,8 +809,8 @@ impl RawCut {
         let raw = RawTeam {
             name: self.texts.push(&record.team.name),
             owner: record.owner.as_deref().map(|owner| self.texts.push(owner)),
-            balance_micros: 0,
-            charged_micros: 0,
+            balance_micros,
+            charged_micros,
             members: first..self.members.len(),
         };
         self.teams.push(raw);
@@ -1166,25 +1196,9 @@ pub struct CutLockTime {
 pub(crate) struct Cuts {
     times: Mutex<std::collections::VecDeque<CutLockTime>>,
     pub(super) spare: Arc<Mutex<Option<RawCut>>>,
-    /// From how many keys on a cut copies the key shards on two threads: `PARALLEL_CUT_KEYS`
-    /// unless a test set another (0 is taken as unset).
-    parallel_from: std::sync::atomic::AtomicUsize,
 }
 
 impl Cuts {
-    fn parallel_from_keys(&self) -> usize {
-        match self.parallel_from.load(Ordering::Relaxed) {
-            0 => PARALLEL_CUT_KEYS,
-            keys => keys,
-        }
-    }
-
-    /// Makes cuts of `keys` keys or more copy the key shards on two threads.
-    #[cfg(test)]
-    pub(super) fn copy_in_parallel_from(&self, keys: usize) {
-        self.parallel_from.store(keys.max(1), Ordering::Relaxed);
-    }
-
     fn note(&self, time: CutLockTime) {
         let mut times = self.times.lock();
         if times.len() >= CUT_TIMES_KEPT {
@@ -1201,15 +1215,6 @@ impl Cuts {
             .take()
             .unwrap_or_else(|| RawCut::with_capacity(keys));
         cut.reserve(keys);
-        if keys >= self.parallel_from_keys() {
-            // The helper copies the users (`RawCut::copy_registry`), about one per key.
-            let helper = cut.helper.get_or_insert_with(Default::default);
-            room(&mut helper.users, keys + keys / 16);
-            helper
-                .texts
-                .0
-                .reserve((keys * 24).saturating_sub(helper.texts.0.len()));
-        }
         cut
     }
 
@@ -1247,15 +1252,15 @@ impl Engine {
     /// unlogged. The keys' copies are left on the shards' locks: `RawCut::finish_copies` (which
     /// `encode` calls) completes the cut.
     ///
-    /// The locks are taken in the engine's lock order, and each part of the state is copied
-    /// as soon as the lock that guards it is held: the append gate (no `consume_many` chunk
-    /// is between applying its effects and appending their events), the reservation table,
-    /// then the request ids, then the registry's users, teams and members. None of them can
-    /// change after its copy, for its lock stays held until the end. Only then are the key
-    /// shards write-locked (admission waits from here on), `seq` read, and the team balances
-    /// copied (credits move under a key shard's read lock); each shard's keys are left to copy
-    /// when the shard is next taken (`RawCut::leave_shards`), so admission waits only for the
-    /// balances' copy, and then, on a shard no one copied yet, for that shard's.
+    /// The locks are taken in the engine's lock order: the append gate (no `consume_many`
+    /// chunk is between applying its effects and appending their events), the reservation
+    /// table (copied at once), every request-id shard, the registry (its teams listed), the
+    /// policies (copied). None of them can change after, for its lock stays held until the end.
+    /// Only then are the key shards write-locked (admission waits from here on), `seq` read,
+    /// and the team balances read (credits move under a key shard's read lock). The request-id
+    /// shards', the registry's and each key shard's copies are left on their locks
+    /// (`RawCut::leave_copies`) to run when the lock is next taken, so admission waits only for
+    /// the balances, and then, on a shard no one copied yet, for that shard's copy.
     ///
     /// Only raw copies are made: strings into one buffer, counter words, each ring's occupied
     /// slots, into the previous cut's buffers (no allocation under the locks when the state
@@ -1272,9 +1277,9 @@ impl Engine {
         cut.copy_reservations(&table);
         // Their records are copied later, each shard's when it is next locked.
         let requests_guard = self.requests.lock_all();
+        // The registry is copied later too; only its teams are listed now, for their balances.
         let registry = self.registry.lock();
-        let parallel = keys >= self.cuts.parallel_from_keys();
-        let teams = cut.copy_registry(&registry, parallel);
+        let teams = RawCut::team_list(&registry);
         let policies_guard = self.policies.read();
         cut.policies.clone_from(&policies_guard);
         let shards_locking = std::time::Instant::now();
@@ -1282,17 +1287,18 @@ impl Engine {
         cut.seq = seq();
         cut.newest_at_ms = self.newest_event_ms();
         // Credits move under a key shard's read lock (admission) as well as the registry's.
-        cut.copy_balances(&teams);
-        // Each shard's copy runs when the shard is next taken: admission goes on from here.
-        cut.leave_shards(
+        cut.read_balances(&teams);
+        drop(teams);
+        // Each copy runs when its lock is next taken: admission goes on from here.
+        cut.leave_copies(
             shards,
             self.keys.shard_locks(),
             requests_guard,
             self.requests.shard_locks(),
+            (registry, Arc::clone(&self.registry)),
         );
         let key_shards = shards_locking.elapsed();
-        drop(teams);
-        drop((policies_guard, registry, table, gate));
+        drop((policies_guard, table, gate));
         self.cuts.note(CutLockTime {
             every_lock: locking.elapsed(),
             key_shards,
