@@ -411,6 +411,20 @@ mod tests {
     }
 
     #[test]
+    fn a_leavable_mutex_whose_left_work_panics_is_still_usable_and_the_work_gone() {
+        let mutex = LeavableMutex::new(7u32);
+        mutex
+            .lock()
+            .leave(Box::new(|_: &u32| panic!("a copy that fails")));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mutex.settle()));
+        assert!(unwound.is_err());
+        // Not run again, not poisoned, the value as it was.
+        *mutex.lock() += 1;
+        mutex.settle();
+        assert_eq!(*mutex.lock(), 8);
+    }
+
+    #[test]
     fn a_writer_waits_for_a_reader_and_sees_the_world_after_it() {
         let lock = ShardLock::new(Vec::<u32>::new());
         let reading = lock.read();

@@ -2504,6 +2504,32 @@ mod tests {
     }
 
     #[test]
+    fn credits_charged_until_the_key_shards_are_locked_are_in_the_cut_keys_and_balances_alike() {
+        let (engine, clock) = busy_engine();
+        let at_ms = clock.now_ms();
+        // A key with no seat: every request is charged to its team's credits.
+        engine
+            .create_user("payer", "tp-payer", Some(at_ms))
+            .expect("user");
+        engine
+            .top_up("@payer", 50_000_000, Some(at_ms))
+            .expect("top-up");
+        let charge = || {
+            let decision = engine.consume(&m27("tp-payer", 3, at_ms)).expect("consume");
+            assert!(decision.is_admitted(), "{decision:?}");
+        };
+        charge();
+        let balance = || engine.credits_micros("@payer").expect("the team's balance");
+        let before = balance();
+        // Charged while every lock but the key shards' is held: the cut's instant is after it.
+        let mut cut = engine.cut_raw_between(|| 20, charge);
+        let reference = engine.cut_reference(20);
+        assert!(balance() < before, "the charge moved the balance");
+        assert_eq!(encoded_in_name_order(&mut cut), reference);
+        engine.cuts.give_back(cut);
+    }
+
+    #[test]
     fn a_decoded_snapshot_borrows_every_name_from_its_bytes() {
         let (engine, _clock) = busy_engine();
         let bytes = bincode::serialize(&engine.cut(|| 7).expect("cut")).expect("encoding");

@@ -42,6 +42,16 @@ use crate::window::{prefetch, RawRing};
 /// How many cut durations `Engine::cut_lock_times` keeps.
 const CUT_TIMES_KEPT: usize = 4_096;
 
+/// `references` emptied, as references of another lifetime in the same memory (a collect from
+/// an iterator over the vector's own items reuses its allocation; with none, nothing is made).
+fn emptied<'b, T: ?Sized>(mut references: Vec<&T>) -> Vec<&'b T> {
+    references.clear();
+    references
+        .into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
 /// Grows `buffer` to hold `wanted` elements without reallocating.
 fn room<T>(buffer: &mut Vec<T>, wanted: usize) {
     buffer.reserve(wanted.saturating_sub(buffer.len()));
@@ -273,6 +283,8 @@ pub(crate) struct RawCut {
     /// The teams' `(balance, charged)` micros in the registry's order, read under every lock
     /// (`read_balances`): in the cut's registry fragment, whose copy of the teams takes them.
     balances: Vec<(u64, u64)>,
+    /// The memory of the list of teams a cut reads the balances of (`team_list`), kept empty.
+    team_list: Vec<&'static Team>,
     /// The copies the cut left on the key shards', the request-id shards' and the registry's
     /// locks (`leave_copies`), until `finish_copies` moves them in.
     lazy: Option<LeftCopies>,
@@ -327,6 +339,7 @@ impl RawCut {
         // About a user, a Default Team and a member per key.
         let keys = keys + keys / 16 + 64;
         room(&mut self.balances, keys);
+        room(&mut self.team_list, keys);
         let registry = self.spare_registry.get_or_insert_with(Default::default);
         room(&mut registry.teams, keys);
         room(&mut registry.members, keys);
@@ -371,6 +384,7 @@ impl RawCut {
             encoded: _,
             usage_bytes,
             balances,
+            team_list: _,
             lazy,
             spare_registry,
             spare_fragments,
@@ -466,13 +480,18 @@ impl RawCut {
         let Some(lazy) = self.lazy.take() else {
             return Ok(());
         };
+        // A copy that panics here leaves its fragment missing: reported below, as one that
+        // panicked in another thread is.
+        let settle = |lock: &dyn Fn()| {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(lock));
+        };
         for shard in lazy.shards.iter() {
-            shard.settle();
+            settle(&|| shard.settle());
         }
         for shard in lazy.request_shards.iter() {
-            shard.settle();
+            settle(&|| shard.settle());
         }
-        lazy.registry.settle();
+        settle(&|| lazy.registry.settle());
         let registry = lazy.registry_fragment.lock().take();
         let registry_missing = match registry {
             Some(mut fragment) => {
@@ -530,7 +549,7 @@ impl RawCut {
         })
     }
 
-    /// Whether the registry's copy the cut left has not run yet.
+    /// Whether the registry's copy the cut left has not run yet (or ran and failed).
     #[cfg(test)]
     pub(super) fn registry_left(&self) -> bool {
         self.lazy
@@ -706,16 +725,20 @@ impl RawCut {
     /// Every team in the registry's order (it is locked), for `read_balances`: the only part
     /// of the registry read under every lock, a pass over the teams' records that follows no
     /// pointer.
-    fn team_list(registry: &Registry) -> Vec<&Team> {
-        registry
-            .teams
-            .values()
-            .map(|record| {
-                // Into the cache before the key shards are locked, if it holds them all.
-                prefetch(Arc::as_ptr(&record.team));
-                &*record.team
-            })
-            .collect()
+    /// Into the previous cut's list (`give_back_team_list`): no allocation under the locks.
+    fn team_list<'r>(&mut self, registry: &'r Registry) -> Vec<&'r Team> {
+        let mut teams = emptied(std::mem::take(&mut self.team_list));
+        teams.extend(registry.teams.values().map(|record| {
+            // Into the cache before the key shards are locked, if it holds them all.
+            prefetch(Arc::as_ptr(&record.team));
+            &*record.team
+        }));
+        teams
+    }
+
+    /// Keeps the memory of `teams` (`team_list`) for the next cut.
+    fn give_back_team_list(&mut self, teams: Vec<&Team>) {
+        self.team_list = emptied(teams);
     }
 
     /// The balances of `teams` (as `team_list` listed them, with the key shards write-locked
@@ -1268,6 +1291,17 @@ impl Engine {
     /// are let go (`RawCut::encode`, for a periodic checkpoint on the snapshot thread; or
     /// `RawCut::to_snapshot`).
     pub(super) fn cut_raw(&self, seq: impl FnOnce() -> u64) -> RawCut {
+        self.cut_raw_between(seq, || {})
+    }
+
+    /// `cut_raw`, running `between` once every lock but the key shards' is held (for tests:
+    /// what may still change there, credits charged under a key shard's read lock, must be in
+    /// the cut).
+    pub(super) fn cut_raw_between(
+        &self,
+        seq: impl FnOnce() -> u64,
+        between: impl FnOnce(),
+    ) -> RawCut {
         let keys = self.keys.len() as usize;
         let mut cut = self.cuts.take_spare(keys);
         let locking = std::time::Instant::now();
@@ -1279,16 +1313,17 @@ impl Engine {
         let requests_guard = self.requests.lock_all();
         // The registry is copied later too; only its teams are listed now, for their balances.
         let registry = self.registry.lock();
-        let teams = RawCut::team_list(&registry);
+        let teams = cut.team_list(&registry);
         let policies_guard = self.policies.read();
         cut.policies.clone_from(&policies_guard);
+        between();
         let shards_locking = std::time::Instant::now();
         let shards = self.keys.lock_all();
         cut.seq = seq();
         cut.newest_at_ms = self.newest_event_ms();
         // Credits move under a key shard's read lock (admission) as well as the registry's.
         cut.read_balances(&teams);
-        drop(teams);
+        cut.give_back_team_list(teams);
         // Each copy runs when its lock is next taken: admission goes on from here.
         cut.leave_copies(
             shards,
@@ -1317,4 +1352,21 @@ fn policy_documents(policies: &[Option<Arc<Policy>>]) -> Vec<Option<String>> {
                 .and_then(|policy| serde_json::to_string(policy.document()).ok())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emptied_list_keeps_its_memory_for_the_next_cut() {
+        let values = [1u32, 2, 3];
+        let mut list: Vec<&u32> = Vec::with_capacity(1_000);
+        list.extend(values.iter());
+        let memory = list.as_ptr() as usize;
+        let kept: Vec<&'static u32> = emptied(list);
+        assert!(kept.is_empty());
+        assert!(kept.capacity() >= 1_000);
+        assert_eq!(kept.as_ptr() as usize, memory, "the same allocation");
+    }
 }
