@@ -27,7 +27,11 @@ pub(crate) fn set(mut message: String) {
     // A NUL would cut the C string short; none of ours contain one, but a key echoed in a
     // message could.
     let message = message.replace('\0', "\\0");
-    LAST_ERROR.with(|last| *last.borrow_mut() = message);
+    // `try_with`: a call from a thread-exit destructor (a `pthread_key` one, a C++
+    // `thread_local`'s) may come after this thread's storage is gone; `with` would panic
+    // there, outside any `catch_unwind`, and abort the process. The message is then lost,
+    // the status still returned.
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = message);
 }
 
 /// Copies the calling thread's last error message into `buf` as a NUL-terminated UTF-8
@@ -44,11 +48,13 @@ pub extern "C" fn tally_last_error(
     buf_len: usize,
     needed: *mut usize,
 ) -> tally_status {
-    let saved = LAST_ERROR.with(|last| last.borrow().clone());
+    let saved = LAST_ERROR
+        .try_with(|last| last.borrow().clone())
+        .unwrap_or_default();
     let status = boundary(|| {
         let out = OutBuffer::new(buf, buf_len, needed)?;
         write_text(&saved, out)
     });
-    LAST_ERROR.with(|last| *last.borrow_mut() = saved);
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = saved);
     status
 }

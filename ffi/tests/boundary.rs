@@ -881,3 +881,45 @@ fn verify_without_options_reads_the_recorded_ones_and_says_when_they_do_not_deco
     tally_options_free(options);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A call that fails from a thread-exit destructor, after the thread's last-error storage is
+/// gone (a C++ `thread_local` closing an engine, a `pthread_key` destructor): it returns its
+/// status; it must not panic outside the boundary (which aborts the whole process).
+#[test]
+fn a_call_failing_from_a_thread_exit_destructor_returns_its_status() {
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    struct FailsOnExit(Arc<AtomicI64>);
+    impl Drop for FailsOnExit {
+        fn drop(&mut self) {
+            let mut engine = ptr::null_mut();
+            // Durability 99 is no mode: an error, whose message has nowhere to go.
+            let status = tally_engine_open_in_memory(99, ptr::null(), 0, ptr::null(), &mut engine);
+            self.0.store(status as i64, Ordering::SeqCst);
+        }
+    }
+    thread_local! {
+        static ON_EXIT: RefCell<Option<FailsOnExit>> = const { RefCell::new(None) };
+    }
+    let seen = Arc::new(AtomicI64::new(-1));
+    let recorded = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        // Registered before the last-error storage, so destroyed after it.
+        ON_EXIT.with(|on_exit| *on_exit.borrow_mut() = Some(FailsOnExit(recorded)));
+        let mut engine = ptr::null_mut();
+        let status = tally_engine_open_in_memory(99, ptr::null(), 0, ptr::null(), &mut engine);
+        assert_ne!(status, tally_status::TALLY_OK);
+        let mut needed = 0usize;
+        assert_eq!(
+            tally_last_error(ptr::null_mut(), 0, &mut needed),
+            tally_status::TALLY_BUFFER_TOO_SMALL
+        );
+        assert!(needed > 1, "the message is kept while the thread lives");
+    })
+    .join()
+    .expect("the thread ends");
+    let status = seen.load(Ordering::SeqCst);
+    assert_ne!(status, -1, "the destructor ran");
+    assert_ne!(status, tally_status::TALLY_OK as i64);
+}
