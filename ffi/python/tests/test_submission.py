@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 
@@ -159,3 +160,54 @@ def test_completing_after_close_raises_closed_and_the_close_kept_it(tmp_path):
         submission.complete()
     with tally.Engine.open(path, durability=Durability.NONE) as reopened:
         assert reopened.usage(key, at_ms=T).limits[0].used == 4
+
+
+def test_complete_waits_for_a_durable_inside_the_library_before_freeing_the_submission(
+    monkeypatch,
+):
+    # `complete` frees the submission in the library; `durable` from another thread must never
+    # be inside the library then: it is waited for, or sees the submission completed.
+    from tally import _native
+
+    inside = threading.Event()
+    overlaps: list[str] = []
+    durable = _native.lib.tally_engine_submission_durable
+    complete = _native.lib.tally_engine_complete
+
+    def slow_durable(*args: object) -> int:
+        inside.set()
+        time.sleep(0.002)  # a call that takes a while, so a racing complete would overlap it
+        status = durable(*args)
+        inside.clear()
+        return int(status)
+
+    def checked_complete(*args: object) -> int:
+        if inside.is_set():
+            overlaps.append("complete freed the submission while durable was inside")
+        return int(complete(*args))
+
+    monkeypatch.setattr(_native.lib, "tally_engine_submission_durable", slow_durable)
+    monkeypatch.setattr(_native.lib, "tally_engine_complete", checked_complete)
+    with tally.Engine.in_memory() as engine:
+        key = seated(engine, "ada", "tp-ada-1", "Max")
+        for _ in range(40):
+            submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+            answers: list[object] = []
+
+            def ask(submission: tally.Submission = submission, answers: list = answers) -> None:
+                while True:
+                    try:
+                        answers.append(submission.durable)
+                    except ValueError:
+                        answers.append("completed")
+                        return
+
+            asker = threading.Thread(target=ask)
+            asker.start()
+            while not inside.is_set() and asker.is_alive():
+                time.sleep(0)
+            assert submission.complete().admitted
+            asker.join()
+            assert answers[-1] == "completed"
+            assert all(answer is True for answer in answers[:-1]), answers
+    assert overlaps == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,3 +60,52 @@ def test_threads_racing_a_close_either_finish_or_see_closed():
         thread.join()
     assert outcomes["closed"] + outcomes["admitted"] > 0
     assert engine.closed
+
+
+def test_daemon_threads_still_calling_at_interpreter_exit_get_closed_errors_not_freed_memory(
+    tmp_path,
+):
+    # At exit the engine is closed, not freed: a daemon thread's next call (and a call from an
+    # atexit handler that runs after tally's) gets ClosedError, and the handle is never freed
+    # under them (the process's exit takes the memory back).
+    code = f"""
+import atexit, os, sys, threading, time
+
+def after_tally():  # registered before tally's own handler: runs after it
+    try:
+        engine.check("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T})
+        os.write(1, b"open\\n")
+    except tally.ClosedError:
+        os.write(1, b"closed\\n")
+
+atexit.register(after_tally)
+import tally, tally._native as native
+real_free = native.lib.tally_engine_free
+def recording_free(handle):
+    os.write(1, b"freed\\n")
+    real_free(handle)
+native.lib.tally_engine_free = recording_free
+engine = tally.Engine.open(sys.argv[1], durability=tally.Durability.NONE)
+engine.create_user("ada", "tp-ada", at_ms={T})
+engine.assign_seat("@ada", "ada", "Max", at_ms={T})
+calling = threading.Event()
+def hammer():
+    while True:
+        try:
+            engine.check("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T})
+        except tally.ClosedError:
+            time.sleep(0.001)
+        calling.set()
+threading.Thread(target=hammer, daemon=True).start()
+calling.wait()
+print("exiting", flush=True)
+"""
+    for run in range(3):
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"db-{run}")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+        assert result.stdout.split() == ["exiting", "closed"], result.stdout

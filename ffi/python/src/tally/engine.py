@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -138,6 +140,18 @@ def _reservation_id(reservation: int | Reservation) -> int:
     return _convert.u64("reservation", reservation)
 
 
+# Engines still open, closed (not freed) at interpreter exit: daemon threads may still be
+# calling them then, and a closed handle answers ``ClosedError`` where a freed one would be
+# freed memory. The process's exit takes the memory back.
+_open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_engines() -> None:
+    for engine in list(_open_engines):
+        _native.lib.tally_engine_close(engine._handle)
+
+
 class Engine:
     """A tally engine: in memory (``Engine.in_memory``) or on a database directory
     (``Engine.open``). Safe to share between threads; calls release the GIL.
@@ -153,6 +167,9 @@ class Engine:
         self._handle = handle
         self._closed = False
         self._finalizer = weakref.finalize(self, _native.lib.tally_engine_free, handle)
+        # Freed when collected, never at interpreter exit (`_close_open_engines` closes it).
+        self._finalizer.atexit = False
+        _open_engines.add(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -695,7 +712,12 @@ class Submission:
             raise TypeError("use Engine.submit to make a submission")
         self._engine = engine
         self._handle = handle
+        # `durable` and `complete` from two threads: the library frees the submission in
+        # `complete`, so `durable` must not be inside the library then.
+        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _native.lib.tally_submission_free, handle)
+        # Not at interpreter exit, where a daemon thread may still be completing it.
+        self._finalizer.atexit = False
 
     @property
     def completed(self) -> bool:
@@ -706,14 +728,14 @@ class Submission:
     def durable(self) -> bool:
         """Whether ``complete()`` would return at once (the event is durable, or the log
         failed and it would raise)."""
-        if not self._finalizer.alive:
-            raise ValueError("the submission was completed already")
         out = ctypes.c_bool()
-        errors.check(
-            _native.lib.tally_engine_submission_durable(
+        with self._lock:
+            if not self._finalizer.alive:
+                raise ValueError("the submission was completed already")
+            status = _native.lib.tally_engine_submission_durable(
                 self._engine._handle, self._handle, ctypes.byref(out)
             )
-        )
+        errors.check(status)
         return bool(out.value)
 
     def complete(self) -> Decision:
@@ -721,8 +743,11 @@ class Submission:
         repeated request id). Raises the log's error (e.g. ``LogFailedError``) if it never
         will be: then the request was not admitted. Once only: a second call raises
         ``ValueError``."""
-        # `detach` is atomic under the GIL: of two threads completing at once, one gets it.
-        if self._finalizer.detach() is None:
+        # Of two threads completing at once, one gets it; a `durable` inside the library is
+        # waited for.
+        with self._lock:
+            detached = self._finalizer.detach()
+        if detached is None:
             raise ValueError("the submission was completed already")
         out = _native.Decision()
         # The library frees the submission whatever this returns.
