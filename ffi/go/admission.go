@@ -29,10 +29,15 @@ func (e *Engine) Check(request Request) (Decision, error) {
 
 // Reserve holds an estimate (a request without a request id) against every limit or the
 // credits until Settle, Void or the end of the lease (0: the default, 10 minutes; at most
-// 24 h). When admitted it returns the reservation; when denied, 0.
+// 24 h; whole milliseconds). When admitted it returns the reservation; when denied, 0.
 func (e *Engine) Reserve(request Request, lease time.Duration) (Decision, ReservationID, error) {
 	if lease < 0 {
 		return Decision{}, 0, newError("Reserve", C.TALLY_INVALID_ARGUMENT, "lease: must not be negative")
+	}
+	// Truncated, 0.5 ms would be 0: the default lease of 10 minutes, not what was asked.
+	if lease%time.Millisecond != 0 {
+		return Decision{}, 0, newError("Reserve", C.TALLY_INVALID_ARGUMENT,
+			"lease: "+lease.String()+" is not a whole number of milliseconds")
 	}
 	return e.decide("Reserve", C.TALLY_GO_RESERVE, request, uint64(lease.Milliseconds()))
 }

@@ -406,6 +406,13 @@ func TestBadInputIsAnErrorWithItsOwnSentinelAndTheLibrarysMessage(t *testing.T) 
 	if _, _, err := engine.Reserve(good, -time.Second); !errors.Is(err, tally.ErrInvalidArgument) {
 		t.Fatalf("negative lease: %v", err)
 	}
+	// Half a millisecond must not become 0, the default 10-minute lease; nothing is held.
+	for _, lease := range []time.Duration{500 * time.Microsecond, time.Second + time.Nanosecond} {
+		decision, reservation, err := engine.Reserve(good, lease)
+		if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "lease") {
+			t.Fatalf("lease %v: %v, %v, %v", lease, decision, reservation, err)
+		}
+	}
 }
 
 func TestAdminCallsReportWhatIsWrong(t *testing.T) {
