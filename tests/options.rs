@@ -580,6 +580,18 @@ fn reading_options_or_verifying_where_there_is_no_database_creates_none() {
         0,
         "the empty directory stays empty"
     );
+    // A directory of other files is said to be one, and left as it was.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).expect("a directory");
+    std::fs::write(other.join("notes.txt"), "keep me").expect("a file");
+    let read = Engine::recorded_options(&other);
+    assert!(
+        matches!(&read, Err(Error::Storage { problem })
+            if problem.contains("holds files that are not a tally database")),
+        "{read:?}"
+    );
+    assert!(Engine::verify(&other, use_recorded()).is_err());
+    assert_eq!(std::fs::read_dir(&other).expect("listed").count(), 1);
 }
 
 #[test]

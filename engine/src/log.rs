@@ -1033,11 +1033,20 @@ impl EventLog {
 
     /// Opens the log to read it only (`verify`, tools): no writer thread, no torn tail cut off,
     /// and damage at the end of the log reported by `walk` instead of refusing to open.
-    /// A directory that holds no database (missing, empty, or without sled's files) is an
-    /// error: reading never creates one.
+    /// A directory that holds no database (missing, empty, or other files: said apart in the
+    /// error) is an error: reading never creates one.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
         if !(dir.join("db").is_file() || dir.join("conf").is_file()) {
-            return Err(storage(dir.display(), "holds no tally database"));
+            let holds_files =
+                std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+            return Err(storage(
+                dir.display(),
+                if holds_files {
+                    "holds files that are not a tally database"
+                } else {
+                    "holds no tally database"
+                },
+            ));
         }
         EventLog::open_inner(dir, Durability::None, None, SEGMENT_BYTES, true)
     }

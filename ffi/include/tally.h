@@ -951,7 +951,8 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // `tally_options_set_use_recorded` says so; they are read during the call only.
 //
 // An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-// `tally_engine_open`.
+// `tally_engine_open`. A `path` that is a file, or a directory of other files, is
+// `TALLY_DATABASE_FOREIGN`; one where nothing is, `TALLY_STORAGE`.
 tally_status tally_verify(const char *path,
                           size_t path_len,
                           const struct tally_options *options,

@@ -233,7 +233,8 @@ pub extern "C" fn tally_engine_compact(
 /// `tally_options_set_use_recorded` says so; they are read during the call only.
 ///
 /// An option out of range is `TALLY_INVALID_ARGUMENT` (the last error names it), as for
-/// `tally_engine_open`.
+/// `tally_engine_open`. A `path` that is a file, or a directory of other files, is
+/// `TALLY_DATABASE_FOREIGN`; one where nothing is, `TALLY_STORAGE`.
 #[no_mangle]
 pub extern "C" fn tally_verify(
     path: *const c_char,
@@ -248,11 +249,20 @@ pub extern "C" fn tally_verify(
         let sound = Out::new("sound_out", sound_out)?;
         let out = OutBuffer::new(buf, buf_len, needed)?;
         let path = text("path", path, path_len, TALLY_MAX_DOCUMENT_BYTES)?;
-        if !std::path::Path::new(path).is_dir() {
-            return Err(Failure::new(
-                tally_status::TALLY_STORAGE,
-                format!("path: {path} is not a directory"),
-            ));
+        let directory = std::path::Path::new(path);
+        if !directory.is_dir() {
+            // A file is no database, as `tally_engine_open` answers; nothing there, storage.
+            return Err(if directory.exists() {
+                Failure::new(
+                    tally_status::TALLY_DATABASE_FOREIGN,
+                    format!("path: {path} is not a directory"),
+                )
+            } else {
+                Failure::new(
+                    tally_status::TALLY_STORAGE,
+                    format!("path: no database at {path}: nothing is there"),
+                )
+            });
         }
         // The durability is the defaults' (no setter changes it): nothing is written.
         let report = Engine::verify(path, verify_options(options)?)?;

@@ -97,6 +97,17 @@ fn adjust_one_request(
     key: &str,
     direction: u32,
 ) -> (tally_status, tally_adjustment) {
+    adjust_one_request_at(handle, key, direction, T0, T0)
+}
+
+/// `adjust_one_request` for usage at `usage_at_ms`, the adjustment made at `at_ms`.
+fn adjust_one_request_at(
+    handle: &Handle,
+    key: &str,
+    direction: u32,
+    usage_at_ms: u64,
+    at_ms: u64,
+) -> (tally_status, tally_adjustment) {
     let ((k, kl), (r, rl)) = (s(key), s("m2.7"));
     let one = requests(1);
     // SAFETY: plain integers and char arrays, for which all-zero is a valid value.
@@ -109,9 +120,9 @@ fn adjust_one_request(
         rl,
         one.as_ptr(),
         one.len(),
-        T0,
+        usage_at_ms,
         direction,
-        T0,
+        at_ms,
         &mut adjustment,
     );
     (status, adjustment)
@@ -922,4 +933,34 @@ fn a_call_failing_from_a_thread_exit_destructor_returns_its_status() {
     let status = seen.load(Ordering::SeqCst);
     assert_ne!(status, -1, "the destructor ran");
     assert_ne!(status, tally_status::TALLY_OK as i64);
+}
+
+/// A usage time past the end of tally's time range is a bad timestamp, as a request's `at_ms`
+/// there is; usage after the adjustment's own time is a plain invalid argument.
+#[test]
+fn an_adjustment_of_usage_past_the_time_range_is_a_bad_timestamp() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Max"));
+    let year_2100 = 4_102_444_800_000;
+    let add = tally_adjustment_direction::TALLY_ADJUST_ADD as u32;
+    let (status, _) = adjust_one_request_at(&handle, "tp-ada", add, year_2100, T0);
+    assert_eq!(
+        status,
+        tally_status::TALLY_BAD_TIMESTAMP,
+        "{}",
+        last_error()
+    );
+    assert!(last_error().contains("usage_at_ms"), "{}", last_error());
+    let (status, _) = adjust_one_request_at(&handle, "tp-ada", add, T0 + HOUR_MS, T0);
+    assert_eq!(
+        status,
+        tally_status::TALLY_INVALID_ARGUMENT,
+        "{}",
+        last_error()
+    );
+    assert!(
+        last_error().contains("before it happens"),
+        "{}",
+        last_error()
+    );
 }

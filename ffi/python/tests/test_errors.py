@@ -219,6 +219,8 @@ def test_bad_usage_corrections_raise_and_change_nothing(engine, key):
         adjust(usage_at_ms=T + 1, at_ms=T)  # after the correction's own time
     with pytest.raises(tally.BadTimestampError, match="usage_at_ms"):
         adjust(usage_at_ms=0)  # TALLY_NOW is not when usage happened
+    with pytest.raises(tally.BadTimestampError, match="usage_at_ms"):
+        adjust(usage_at_ms=4_102_444_800_000)  # 2100, past tally's time range
     with pytest.raises(ValueError, match="usage_at_ms"):
         adjust(usage_at_ms=-1)
     engine.create_user("bo", "tp-bo-1", at_ms=T)

@@ -843,6 +843,11 @@ static void test_database(void) {
   EXPECT(tally_engine_open(S(foreign), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
                            NULL, &engine),
          TALLY_DATABASE_FOREIGN);
+  /* Verify answers as open does: a directory of other files, or a file, is foreign. */
+  EXPECT(tally_verify(S(foreign), NULL, &sound, NULL, 0, &needed), TALLY_DATABASE_FOREIGN);
+  char notes[300];
+  snprintf(notes, sizeof notes, "%s/notes.txt", foreign);
+  EXPECT(tally_verify(S(notes), NULL, &sound, NULL, 0, &needed), TALLY_DATABASE_FOREIGN);
 
   char command[600];
   snprintf(command, sizeof command, "rm -rf '%s'", dir);
