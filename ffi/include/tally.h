@@ -84,7 +84,7 @@
 // The most quantities one request carries: one per unit.
 #define TALLY_MAX_QUANTITIES 7
 
-// `limit_index` and `plan_index` when there is none.
+// `limit_index` when there is none.
 #define TALLY_NO_INDEX UINT32_MAX
 
 // The largest bound of a table (`max_keys`, `max_teams`, `max_users`, `idempotency_capacity`,
@@ -148,7 +148,9 @@ enum tally_status
   TALLY_CLOSED = 12,
   // An earlier call on this handle panicked; only close and free are allowed now.
   TALLY_POISONED = 13,
-  // This call panicked inside the library (a bug); the handle is now poisoned.
+  // This call panicked inside the library (a bug). If it panicked inside an engine's call,
+  // that handle is now poisoned (`TALLY_POISONED`); a panic elsewhere (checking arguments,
+  // options) leaves it as it was.
   TALLY_PANIC = 14,
   // An admin call named a key that does not exist (consume and check answer an unknown key
   // with a denial, `TALLY_DENIAL_UNKNOWN_KEY`, not with this status).

@@ -21,7 +21,7 @@ pub const TALLY_NAME_CAPACITY: usize = 128;
 pub const TALLY_MAX_DECISION_LIMITS: usize = 4;
 /// The most quantities one request carries: one per unit.
 pub const TALLY_MAX_QUANTITIES: usize = 7;
-/// `limit_index` and `plan_index` when there is none.
+/// `limit_index` when there is none.
 pub const TALLY_NO_INDEX: u32 = u32::MAX;
 
 const _: () = assert!(TALLY_MAX_DECISION_LIMITS == ::tally_engine::policy::MAX_LIMITS_PER_RESOURCE);
