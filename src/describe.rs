@@ -15,11 +15,20 @@ use crate::format::{credits, grouped, short_duration, utc_iso8601_ms};
 use crate::outcome::{reason_index, DENIAL_REASONS};
 use crate::report::{limit_label, limit_line};
 
+/// A plan's name; a remembered decision's plan the policy no longer has (after a swap) says so.
 fn plan_name(policy: &Policy, plan: PlanId) -> String {
-    policy
-        .plans()
-        .get(plan.index())
-        .map_or_else(|| format!("plan #{}", plan.0), |plan| plan.name.to_string())
+    policy.plans().get(plan.index()).map_or_else(
+        || "a plan the policy no longer has".to_string(),
+        |plan| plan.name.to_string(),
+    )
+}
+
+/// A resource's name, as `plan_name` is.
+fn resource_name(policy: &Policy, resource: tally_engine::ResourceId) -> String {
+    policy.resources().get(resource.index()).map_or_else(
+        || "a resource the policy no longer has".to_string(),
+        |resource| resource.name.to_string(),
+    )
 }
 
 fn micro_credits(micros: u64) -> String {
@@ -173,7 +182,7 @@ fn denied_limit(policy: &Policy, denial: &Denial, limit: u8) -> String {
         .collect();
     limit_reports(policy, denial.plan, &statuses)
         .first()
-        .map_or_else(|| format!("limit #{limit}"), limit_label)
+        .map_or_else(|| "a limit the plan no longer has".to_string(), limit_label)
 }
 
 fn reason_words(policy: &Policy, denial: &Denial) -> String {
@@ -182,7 +191,7 @@ fn reason_words(policy: &Policy, denial: &Denial) -> String {
         DenialReason::NoResources => "the key has no seat and its team no credits".into(),
         DenialReason::ResourceNotCovered { resource } => format!(
             "{} is not covered by the key's plan, and its team's credits cannot pay for it",
-            policy.resource(resource).name
+            resource_name(policy, resource)
         ),
         DenialReason::OverRequestMaximum {
             unit,
@@ -293,7 +302,7 @@ fn reason_json(policy: &Policy, denial: &Denial) -> Value {
     let kind = DENIAL_REASONS[reason_index(&denial.reason)].0;
     let mut fields = match denial.reason {
         DenialReason::ResourceNotCovered { resource } => {
-            json!({"resource": &*policy.resource(resource).name})
+            json!({"resource": resource_name(policy, resource)})
         }
         DenialReason::OverRequestMaximum {
             unit,

@@ -1128,6 +1128,125 @@ fn a_refund_after_a_policy_swap_gives_back_to_the_carried_window() {
     assert_eq!(m27_used(&engine, &key, T0_MS), 0);
 }
 
+/// What a decision names, by name under `policy`: its plan, the plan of a plan-quota charge, its
+/// limits' names, the limit a denial names, the upgrade it suggests (`?` for a number the
+/// policy has no such thing at).
+fn named(policy: &Policy, decision: &Decision) -> Vec<String> {
+    let plan_name = |plan: tally_engine::PlanId| {
+        policy
+            .plans()
+            .get(plan.index())
+            .map_or("?".to_string(), |plan| plan.name.to_string())
+    };
+    let limit_name = |plan: Option<tally_engine::PlanId>, limit: u8| {
+        plan.and_then(|plan| policy.plans().get(plan.index()))
+            .and_then(|plan| plan.limits.get(usize::from(limit)))
+            .map_or("?".to_string(), |limit| limit.name.to_string())
+    };
+    let (plan, statuses, mut names) = match decision {
+        Decision::Admitted(admission) => {
+            let charged = match admission.charged_to {
+                ChargedTo::PlanQuota { plan } => format!("charged to {}", plan_name(plan)),
+                other => format!("{other:?}"),
+            };
+            (admission.plan, admission.limits, vec![charged])
+        }
+        Decision::Denied(denial) => {
+            let reason = match denial.reason {
+                DenialReason::QuotaExhausted { limit, .. }
+                | DenialReason::ExceedsLimit { limit, .. } => {
+                    format!("denied on {}", limit_name(denial.plan, limit))
+                }
+                other => format!("{other:?}"),
+            };
+            let upgrade = denial.remedies.upgrade_to.map(plan_name);
+            (
+                denial.plan,
+                denial.limits,
+                vec![reason, format!("upgrade {upgrade:?}")],
+            )
+        }
+    };
+    names.push(format!("plan {:?}", plan.map(plan_name)));
+    for status in statuses.as_slice() {
+        names.push(format!(
+            "{} {}/{}",
+            limit_name(plan, status.limit),
+            status.used,
+            status.amount
+        ));
+    }
+    names
+}
+
+#[test]
+fn a_request_ids_repeat_after_a_policy_swap_names_what_the_first_decision_named() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter");
+    let first = |id: &str| {
+        engine
+            .consume(&request(&key, &ONE_REQUEST, T0_MS).id(id))
+            .expect("consume")
+    };
+    let admitted = first("admitted");
+    assert!(admitted.is_admitted());
+    assert_eq!(m27_requests(&engine, &key, 1_500, T0_MS), 1_499);
+    let denied = first("denied");
+    assert!(matches!(
+        denied,
+        Decision::Denied(denial) if matches!(denial.reason, DenialReason::QuotaExhausted { .. })
+    ));
+    let before = engine.policy();
+    let named_before = [named(&before, &admitted), named(&before, &denied)];
+    assert!(
+        named_before[1].iter().any(|name| name.contains("Plus")),
+        "{named_before:?}"
+    );
+
+    // A plan named before every other: every plan's number moves by one.
+    let mut document = before.document().clone();
+    let starter = document.plans["Starter"].clone();
+    document.plans.insert("Aardvark".into(), starter);
+    let renumbered = Policy::compile(document).expect("a valid policy");
+    assert_ne!(renumbered.plan_id("Starter"), before.plan_id("Starter"));
+    engine.swap_policy(renumbered, Some(T0_MS)).expect("swap");
+    let now = engine.policy();
+    for (decision, named_first) in [first("admitted"), first("denied")]
+        .iter()
+        .zip(&named_before)
+    {
+        assert_eq!(&named(&now, decision), named_first);
+    }
+
+    // A policy without the key's plan (its seat given up first): what it no longer has is
+    // left out, never named as something else.
+    engine
+        .unassign_seat(&team_of("ada"), "ada", Some(T0_MS))
+        .expect("unassign");
+    let mut document = now.document().clone();
+    assert!(document.plans.remove("Starter").is_some());
+    engine
+        .swap_policy(
+            Policy::compile(document).expect("a valid policy"),
+            Some(T0_MS),
+        )
+        .expect("swap");
+    let without = engine.policy();
+    let admitted_again = first("admitted");
+    assert_eq!(
+        named(&without, &admitted_again),
+        vec!["charged to ?".to_string(), "plan None".to_string()]
+    );
+    assert!(matches!(
+        admitted_again,
+        Decision::Admitted(admission)
+            if admission.charged_to == ChargedTo::PlanQuota { plan: tally_engine::GONE_PLAN }
+    ));
+    let denied_again = first("denied");
+    assert_eq!(named(&without, &denied_again)[0], "denied on ?");
+    assert_eq!(named(&without, &denied_again)[2], "plan None");
+}
+
 #[test]
 fn a_policy_swap_that_drops_a_seated_plan_is_refused_and_changes_nothing() {
     let engine = engine();

@@ -806,6 +806,50 @@ fn without_starter() -> Policy {
 }
 
 #[test]
+fn a_request_ids_first_decision_keeps_its_names_across_a_swap_a_checkpoint_and_a_reopen() {
+    let dir = TempDir::new("swap-renames");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine
+        .create_user("ada", "key-ada", Some(POPULATED_MS))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(POPULATED_MS))
+        .expect("seat");
+    let one = [(Unit::Requests, 1)];
+    let before_swap = UsageRequest::new("key-ada", "m2.7", &one)
+        .at(POPULATED_MS)
+        .id("before-swap");
+    assert!(engine.consume(&before_swap).expect("consume").is_admitted());
+    // Every plan renumbered: one named before all the others.
+    let renumbered = || {
+        let mut document = Policy::token_plan().document().clone();
+        let starter = document.plans["Starter"].clone();
+        document.plans.insert("Aardvark".into(), starter);
+        Policy::compile(document).expect("a valid policy")
+    };
+    let starter = renumbered().plan_id("Starter").expect("kept");
+    assert_ne!(Some(starter), Policy::token_plan().plan_id("Starter"));
+    engine
+        .swap_policy(renumbered(), Some(POPULATED_MS))
+        .expect("swap");
+    let repeated = engine.consume(&before_swap).expect("repeat");
+    assert!(matches!(repeated, Decision::Admitted(admission) if admission.plan == Some(starter)));
+    // Dropped without the closing checkpoint: the reopen replays the swap from the log over
+    // the id it remembered before it.
+    drop(engine);
+    for checkpoint in [false, true] {
+        let engine = open(dir.path(), renumbered(), sync_options());
+        assert_eq!(engine.consume(&before_swap).expect("repeat"), repeated);
+        if checkpoint {
+            // Then once from a snapshot taken after the swap.
+            engine.close().expect("close");
+        }
+    }
+    let engine = open(dir.path(), renumbered(), sync_options());
+    assert_eq!(engine.consume(&before_swap).expect("repeat"), repeated);
+}
+
+#[test]
 fn a_swapped_policy_is_persisted_and_reopening_with_it_keeps_the_state() {
     let dir = TempDir::new("swap");
     let engine = open_token_plan(dir.path(), sync_options());

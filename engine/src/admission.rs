@@ -391,6 +391,108 @@ impl Decision {
     }
 }
 
+/// A plan a remembered decision named that the current policy no longer has
+/// (`Decision::in_policy`): in a plan-quota charge, which needs one.
+pub const GONE_PLAN: PlanId = PlanId(u16::MAX);
+/// A resource a remembered denial named that the current policy no longer has.
+pub const GONE_RESOURCE: ResourceId = ResourceId(u16::MAX);
+/// A limit a remembered denial named that the plan no longer has.
+pub const GONE_LIMIT: u8 = u8::MAX;
+
+const _: () = assert!(crate::policy::MAX_PLANS < GONE_PLAN.0 as usize);
+const _: () = assert!(crate::policy::MAX_RESOURCES < GONE_RESOURCE.0 as usize);
+const _: () = assert!(crate::policy::MAX_LIMITS_PER_PLAN < GONE_LIMIT as usize);
+
+impl Decision {
+    /// This decision, made under `from`, with the plan, limits and resource it names as `to`
+    /// numbers them: a policy swap may add, remove or reorder plans, limits and resources, and
+    /// a request id's repeat answers the first decision with the names it had. Found by name;
+    /// what `to` no longer has is left out: no plan (a plan-quota charge's `GONE_PLAN`), a
+    /// limit's status dropped, a denial's limit `GONE_LIMIT`, its resource `GONE_RESOURCE`, no
+    /// upgrade. The numbers (used, amounts, times, credits) are the first decision's.
+    pub fn in_policy(&self, from: &Policy, to: &Policy) -> Decision {
+        let plan_of = |plan: PlanId| {
+            from.plans()
+                .get(plan.index())
+                .and_then(|plan| to.plan_id(&plan.name))
+        };
+        // A limit of `plan` (under `from`) by its index in the same plan under `to`.
+        let limit_of = |plan: Option<PlanId>, limit: u8| -> Option<u8> {
+            let old = from.plans().get(plan?.index())?;
+            let name = &old.limits.get(usize::from(limit))?.name;
+            let new = to.plan(plan_of(plan?)?);
+            let index = new.limits.iter().position(|limit| limit.name == *name)?;
+            u8::try_from(index).ok()
+        };
+        let statuses = |plan: Option<PlanId>, statuses: &LimitStatuses| {
+            let mut kept = LimitStatuses::default();
+            for status in statuses.as_slice() {
+                if let Some(limit) = limit_of(plan, status.limit) {
+                    kept.push(LimitStatus { limit, ..*status });
+                }
+            }
+            kept
+        };
+        match *self {
+            Decision::Admitted(admission) => Decision::Admitted(Admission {
+                charged_to: match admission.charged_to {
+                    ChargedTo::PlanQuota { plan } => ChargedTo::PlanQuota {
+                        plan: plan_of(plan).unwrap_or(GONE_PLAN),
+                    },
+                    other => other,
+                },
+                plan: admission.plan.and_then(plan_of),
+                limits: statuses(admission.plan, &admission.limits),
+                ..admission
+            }),
+            Decision::Denied(denial) => {
+                let reason = match denial.reason {
+                    DenialReason::ResourceNotCovered { resource } => {
+                        DenialReason::ResourceNotCovered {
+                            resource: from
+                                .resources()
+                                .get(resource.index())
+                                .and_then(|resource| to.resource_id(&resource.name))
+                                .unwrap_or(GONE_RESOURCE),
+                        }
+                    }
+                    DenialReason::QuotaExhausted {
+                        limit,
+                        retry_at_ms,
+                        retry_after_ms,
+                        reset_at_ms,
+                    } => DenialReason::QuotaExhausted {
+                        limit: limit_of(denial.plan, limit).unwrap_or(GONE_LIMIT),
+                        retry_at_ms,
+                        retry_after_ms,
+                        reset_at_ms,
+                    },
+                    DenialReason::ExceedsLimit {
+                        limit,
+                        amount,
+                        requested,
+                    } => DenialReason::ExceedsLimit {
+                        limit: limit_of(denial.plan, limit).unwrap_or(GONE_LIMIT),
+                        amount,
+                        requested,
+                    },
+                    other => other,
+                };
+                Decision::Denied(Denial {
+                    reason,
+                    plan: denial.plan.and_then(plan_of),
+                    limits: statuses(denial.plan, &denial.limits),
+                    remedies: Remedies {
+                        upgrade_to: denial.remedies.upgrade_to.and_then(plan_of),
+                        ..denial.remedies
+                    },
+                    ..denial
+                })
+            }
+        }
+    }
+}
+
 /// What an admitted request moved, so it can be refunded, settled or voided exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Receipt {

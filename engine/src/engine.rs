@@ -891,9 +891,15 @@ impl Engine {
 
     /// Replaces the policy at run time. Usage carries over for every counter whose meter (by
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
-    /// drop a plan someone is seated on is refused, changing nothing.
+    /// drop a plan someone is seated on is refused, changing nothing. Remembered decisions (a
+    /// request id's repeat answers its first) are renumbered to name the same plans, limits
+    /// and resources in the new policy; what it no longer has they no longer name
+    /// (`Decision::in_policy`).
     pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
+        // The remembered decisions are renamed for the new policy with the rest (lock order:
+        // request-id shards before the policy list).
+        let mut requests = self.requests.lock_all();
         let mut policies = self.policies.write();
         let old = policies
             .last()
@@ -941,6 +947,12 @@ impl Engine {
             shard.policy = Arc::clone(&policy);
         }
         drop(shards);
+        // A repeat of a request id answers its first decision, named as it was: plans, limits
+        // and resources are renumbered by a swap.
+        for shard in requests.iter_mut() {
+            RequestTable::rename_decisions(shard, |decision| decision.in_policy(&old, &policy));
+        }
+        drop(requests);
         self.set_horizons_for(&policy);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);

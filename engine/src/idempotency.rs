@@ -335,6 +335,14 @@ impl RequestTable {
         Arc::clone(&self.shards)
     }
 
+    /// Rewrites every remembered decision of one shard with `rename` (a policy swap renumbers
+    /// the plans, limits and resources decisions name: `Decision::in_policy`).
+    pub fn rename_decisions(shard: &mut Shard, rename: impl Fn(&Decision) -> Decision) {
+        for record in shard.records.values_mut() {
+            record.decision = rename(&record.decision);
+        }
+    }
+
     /// Visits one shard's remembered records as `(arrival ms, id, record)`, in no particular
     /// order: for a checkpoint's cut, which puts them in order later.
     pub fn visit<'a>(shard: &'a Shard, mut visit: impl FnMut(u64, &'a str, &'a RequestRecord)) {

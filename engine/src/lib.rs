@@ -47,7 +47,7 @@ pub use accounts::KeyKind;
 pub use adjustment::{AdjustedLimit, AdjustmentOutcome, Refund};
 pub use admission::{
     Admission, ChargedTo, Decision, Denial, DenialReason, LimitStatus, LimitStatuses, Quantities,
-    Remedies,
+    Remedies, GONE_LIMIT, GONE_PLAN, GONE_RESOURCE,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{

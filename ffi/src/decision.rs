@@ -5,7 +5,7 @@
 
 use std::ffi::c_char;
 
-use ::tally_engine::{ChargedTo, Decision, DenialReason, LimitStatus, Policy, Unit};
+use ::tally_engine::{ChargedTo, Decision, DenialReason, LimitStatus, Policy, Unit, GONE_LIMIT};
 
 use crate::checks::{copy_name, optional_slice, optional_text, text, TALLY_MAX_ID_BYTES};
 use crate::status::{tally_status, Failure};
@@ -290,7 +290,7 @@ impl tally_decision {
                 retry_after_ms,
                 reset_at_ms,
             } => {
-                self.limit_index = u32::from(limit);
+                self.limit_index = limit_index(limit);
                 (self.retry_at_ms, self.retry_after_ms) = (retry_at_ms, retry_after_ms);
                 self.reset_at_ms = reset_at_ms;
                 TALLY_DENIAL_QUOTA_EXHAUSTED
@@ -300,7 +300,7 @@ impl tally_decision {
                 amount,
                 requested,
             } => {
-                self.limit_index = u32::from(limit);
+                self.limit_index = limit_index(limit);
                 (self.requested, self.maximum) = (requested, amount);
                 TALLY_DENIAL_EXCEEDS_LIMIT
             }
@@ -356,6 +356,16 @@ impl tally_decision {
         if let Some(limit) = limit {
             copy_name(&limit.name, &mut self.limit_name);
         }
+    }
+}
+
+/// A denial's limit as `limit_index`: `TALLY_NO_INDEX` for one a policy swap removed (a
+/// remembered decision's, `Decision::in_policy`).
+fn limit_index(limit: u8) -> u32 {
+    if limit == GONE_LIMIT {
+        TALLY_NO_INDEX
+    } else {
+        u32::from(limit)
     }
 }
 
@@ -468,5 +478,40 @@ impl<'a> Request<'a> {
             at_ms: self.at_ms,
             request_id: self.request_id,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::tally_engine::{Denial, LimitStatuses, Remedies};
+
+    /// A remembered denial whose limit a policy swap removed: no index and no name, never the
+    /// limit that now has its old number.
+    #[test]
+    fn a_denials_limit_a_swap_removed_has_no_index_and_no_name() {
+        let policy = Policy::token_plan();
+        let starter = policy.plan_id("Starter").expect("shipped");
+        let denial = |limit: u8| {
+            Decision::Denied(Denial {
+                reason: DenialReason::QuotaExhausted {
+                    limit,
+                    retry_at_ms: 2,
+                    retry_after_ms: 1,
+                    reset_at_ms: 3,
+                },
+                plan: Some(starter),
+                limits: LimitStatuses::default(),
+                credits_balance_micros: None,
+                remedies: Remedies::default(),
+            })
+        };
+        let named = tally_decision::from_engine(&denial(0), &policy, true);
+        assert_eq!(named.limit_index, 0);
+        assert_ne!(named.limit_name[0], 0, "limit 0 is named");
+        let gone = tally_decision::from_engine(&denial(::tally_engine::GONE_LIMIT), &policy, true);
+        assert_eq!(gone.limit_index, TALLY_NO_INDEX);
+        assert_eq!(gone.limit_name[0], 0, "no name");
+        assert_eq!(gone.retry_at_ms, 2, "the rest as it was");
     }
 }
