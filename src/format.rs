@@ -22,8 +22,9 @@ pub fn grouped(value: u64) -> String {
 
 /// Micro-credits as credits with two decimals, e.g. `1,234.57`.
 pub fn credits(micros: u64) -> String {
-    // Round half up to the cent without going through floating point.
-    let cents = (micros + MICROS_PER_CREDIT / 200) / (MICROS_PER_CREDIT / 100);
+    // Round half up to the cent without going through floating point (or past u64::MAX).
+    let cents = ((u128::from(micros) + u128::from(MICROS_PER_CREDIT / 200))
+        / u128::from(MICROS_PER_CREDIT / 100)) as u64;
     format!("{}.{:02}", grouped(cents / 100), cents % 100)
 }
 
@@ -133,6 +134,8 @@ mod tests {
         assert_eq!(credits(4_999), "0.00");
         assert_eq!(credits(5_000), "0.01");
         assert_eq!(credits(1_234_567_890), "1,234.57");
+        // The largest amount rounds up past u64::MAX micro-credits without overflowing.
+        assert_eq!(credits(u64::MAX), "18,446,744,073,709.55");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use tally_engine::{Engine, Error, Policy, PolicyError, Unit, UsageReport, UsageRequest};
+use tally_engine::{
+    Engine, Error, Policy, PolicyError, Unit, UsageReport, UsageRequest, MAX_CREDITS_MICROS,
+};
 
 /// 2^40, the largest quantity of one unit in one request.
 const MAX_QUANTITY: u64 = 1 << 40;
@@ -412,15 +414,31 @@ fn a_zero_top_up_or_withdrawal_is_an_error_naming_micros_and_changes_nothing() {
 }
 
 #[test]
-fn a_top_up_that_would_overflow_is_an_error_and_changes_nothing() {
+fn a_top_up_past_the_credits_bound_is_an_error_and_changes_nothing() {
+    // The bound is on the balance and everything charged (what refunds could give back):
+    // replay reads a balance past i64::MAX as one that went below zero, so such a top-up was
+    // logged and then refused every open of the database.
     let world = world();
-    let balance = world.engine.credits_micros("@ada").expect("balance");
-    let error = world.refuses(|engine| engine.top_up("@ada", u64::MAX - balance + 1, Some(T0_MS)));
+    // Charged once to credits: past the 5-hour limit of the key's plan.
+    let key = &world.key;
+    while m27_requests(&world.engine, key, 1, T0_MS) == 1 {
+        let report = world.engine.usage(key, Some(T0_MS)).expect("report");
+        if report.credits_charged_micros > 0 {
+            break;
+        }
+    }
+    let report = world.engine.usage(key, Some(T0_MS)).expect("report");
+    let (balance, charged) = (report.credits_balance_micros, report.credits_charged_micros);
+    assert!(charged > 0, "credits were charged");
+    let room = MAX_CREDITS_MICROS - balance - charged;
+    let error = world.refuses(|engine| engine.top_up("@ada", room + 1, Some(T0_MS)));
     assert_eq!(error, Error::Overflow { field: "micros" });
     assert!(error.to_string().starts_with("micros:"));
+    let error = world.refuses(|engine| engine.top_up("@ada", u64::MAX, Some(T0_MS)));
+    assert_eq!(error, Error::Overflow { field: "micros" });
     assert_eq!(
-        world.engine.top_up("@ada", u64::MAX - balance, Some(T0_MS)),
-        Ok(u64::MAX)
+        world.engine.top_up("@ada", room, Some(T0_MS)),
+        Ok(balance + room)
     );
 }
 

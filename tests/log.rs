@@ -15,6 +15,7 @@ use tally_engine::event::{encode_record_into, RecordView};
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
     Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
+    MAX_CREDITS_MICROS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -847,6 +848,29 @@ fn a_request_ids_first_decision_keeps_its_names_across_a_swap_a_checkpoint_and_a
     }
     let engine = open(dir.path(), renumbered(), sync_options());
     assert_eq!(engine.consume(&before_swap).expect("repeat"), repeated);
+}
+
+#[test]
+fn the_largest_top_up_allowed_reopens_and_a_larger_one_is_never_logged() {
+    let dir = TempDir::new("largest-top-up");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine
+        .create_team("acme", Some(POPULATED_MS))
+        .expect("team");
+    let events = last_seq(&engine);
+    // Before the bound, a top-up past i64::MAX was logged, then refused every open.
+    assert_eq!(
+        engine.top_up("acme", MAX_CREDITS_MICROS + 1, Some(POPULATED_MS)),
+        Err(Error::Overflow { field: "micros" })
+    );
+    assert_eq!(last_seq(&engine), events, "nothing logged");
+    assert_eq!(
+        engine.top_up("acme", MAX_CREDITS_MICROS, Some(POPULATED_MS)),
+        Ok(MAX_CREDITS_MICROS)
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.credits_micros("acme"), Ok(MAX_CREDITS_MICROS));
 }
 
 #[test]

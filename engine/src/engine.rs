@@ -283,6 +283,10 @@ enum Logged {
     Staged,
 }
 
+/// The most a team's credits balance and everything charged to it may add up to, in
+/// micro-credits (9.2 trillion credits): `Engine::top_up` refuses more.
+pub const MAX_CREDITS_MICROS: u64 = i64::MAX as u64;
+
 pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
@@ -802,7 +806,9 @@ impl Engine {
         })
     }
 
-    /// Adds credits to a team; returns the new balance.
+    /// Adds credits to a team; returns the new balance. A team's balance and everything charged
+    /// to it (what a refund could give back) add up to at most `MAX_CREDITS_MICROS`: a top-up
+    /// past that is `Error::Overflow` and changes nothing.
     pub fn top_up(&self, team: &str, micros: u64, at_ms: Option<u64>) -> Result<u64, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         if micros == 0 {
@@ -813,7 +819,13 @@ impl Engine {
         }
         let registry = self.registry.lock();
         let team_record = registry.team(team)?;
-        if team_record.balance_micros().checked_add(micros).is_none() {
+        // Replay sums credits with wrapping arithmetic and reads a balance past `i64::MAX` as
+        // one that went below zero: a larger one would be logged, then refuse every open.
+        let total = team_record
+            .balance_micros()
+            .checked_add(team_record.charged_micros())
+            .and_then(|total| total.checked_add(micros));
+        if total.is_none_or(|total| total > MAX_CREDITS_MICROS) {
             return Err(Error::Overflow { field: "micros" });
         }
         self.commit(

@@ -52,7 +52,7 @@ pub use admission::{
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use engine::{
     AdjustmentDirection, Engine, EngineOptions, LimitReport, MemoryStats, ReserveOutcome,
-    SettleOutcome, UsageReport, UsageRequest,
+    SettleOutcome, UsageReport, UsageRequest, MAX_CREDITS_MICROS,
 };
 pub use error::Error;
 pub use event::{Event, EventBody};

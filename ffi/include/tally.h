@@ -712,7 +712,8 @@ tally_status tally_engine_unassign_seat(const struct tally_engine *engine,
                                         uint64_t at_ms);
 
 // Adds `micros` micro-credits to the team's balance and writes the new balance to
-// `*balance_out`. `TALLY_OVERFLOW` if the balance would pass 2^64 - 1.
+// `*balance_out`. `TALLY_OVERFLOW` (nothing changed) if the balance and everything charged to
+// the team would together pass 2^63 - 1 micro-credits.
 tally_status tally_engine_top_up(const struct tally_engine *engine,
                                  const char *team,
                                  size_t team_len,

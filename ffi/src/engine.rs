@@ -334,7 +334,8 @@ pub extern "C" fn tally_engine_unassign_seat(
 }
 
 /// Adds `micros` micro-credits to the team's balance and writes the new balance to
-/// `*balance_out`. `TALLY_OVERFLOW` if the balance would pass 2^64 - 1.
+/// `*balance_out`. `TALLY_OVERFLOW` (nothing changed) if the balance and everything charged to
+/// the team would together pass 2^63 - 1 micro-credits.
 #[no_mangle]
 pub extern "C" fn tally_engine_top_up(
     engine: *const tally_engine,

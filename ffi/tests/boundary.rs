@@ -275,18 +275,20 @@ fn bad_quantities_are_bad_quantity_and_overflowing_sums_overflow() {
     let largest = [unit(TALLY_UNIT_REQUESTS, 1 << 40)];
     let decision = consume(&handle, &request(b"tp-ada", "m2.7", &largest, T0, None));
     assert!(decision.is_ok_and(|decision| !decision.admitted));
-    // Balances: a top-up past 2^64 - 1 overflows and changes nothing.
+    // Balances: a top-up past the credits bound (2^63 - 1 with everything charged) overflows
+    // and changes nothing.
     let (team, team_len) = s("@ada");
     let mut balance = 0;
+    let bound = i64::MAX as u64;
     assert_eq!(
-        tally_engine_top_up(handle.0, team, team_len, u64::MAX - 5, T0, &mut balance),
+        tally_engine_top_up(handle.0, team, team_len, bound - 5, T0, &mut balance),
         tally_status::TALLY_OK
     );
     assert_eq!(
         tally_engine_top_up(handle.0, team, team_len, 10, T0, &mut balance),
         tally_status::TALLY_OVERFLOW
     );
-    assert_eq!(balance, u64::MAX - 5);
+    assert_eq!(balance, bound - 5);
 }
 
 #[test]
