@@ -575,6 +575,81 @@ fn settling_twice_with_the_same_amount_returns_the_first_settlement() {
 }
 
 #[test]
+fn a_settle_stamped_past_its_lease_expires_its_own_reservation_and_no_one_elses() {
+    // The engine's clock stays at T0; one settle is stamped a day on.
+    let engine = engine();
+    let ann = seated(&engine, "ann", "Starter");
+    let ben = seated(&engine, "ben", "Starter");
+    let hundred = [(Unit::Requests, 100)];
+    let anns = reserve(&engine, &ann, &hundred, T0_MS, None);
+    let bens = reserve(&engine, &ben, &hundred, T0_MS, None);
+    assert_eq!(
+        engine.settle(anns, &hundred, Some(T0_MS + DAY_MS)),
+        Err(Error::ReservationClosed {
+            reservation: anns.get(),
+            state: "expired"
+        })
+    );
+    assert_eq!(m27_used(&engine, &ann, T0_MS), 0, "ann's hold was freed");
+    // Before, the late stamp expired every lease by it: ben's too, and his work went uncharged.
+    assert!(matches!(
+        engine.settle(bens, &hundred, Some(T0_MS + MINUTE_MS)),
+        Ok(SettleOutcome::Settled(_))
+    ));
+    assert_eq!(m27_used(&engine, &ben, T0_MS + MINUTE_MS), 100);
+    assert_eq!(engine.open_reservations(), 0);
+}
+
+#[test]
+fn a_settle_for_more_tokens_alone_charges_the_overrun_and_a_maximum_bounds_the_total() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Max");
+    // A chat call billed by tokens: the overrun has tokens and no request of its own.
+    let estimate = [(Unit::Requests, 1), (Unit::Tokens, 1_000)];
+    let actual = [(Unit::Requests, 1), (Unit::Tokens, 2_000)];
+    let id = reserve(&engine, &key, &estimate, T0_MS, None);
+    let Ok(SettleOutcome::Settled(settlement)) = engine.settle(id, &actual, Some(T0_MS)) else {
+        panic!("a settle for more tokens is charged, not refused");
+    };
+    assert!(settlement.extra.is_some(), "the overrun was charged");
+    assert_eq!(settlement.actual.get(Unit::Tokens), 2_000);
+    // A song's seconds are bounded in total (at most 300), not overrun by overrun.
+    let song = [(Unit::Songs, 1), (Unit::Seconds, 200)];
+    let id = reserve_music(&engine, &key, &song);
+    let longer = [(Unit::Songs, 1), (Unit::Seconds, 400)];
+    match engine.settle(id, &longer, Some(T0_MS)) {
+        Ok(SettleOutcome::Denied(denial)) => assert!(
+            matches!(
+                denial.reason,
+                DenialReason::OverRequestMaximum {
+                    unit: Unit::Seconds,
+                    maximum: 300,
+                    requested: 400
+                }
+            ),
+            "{denial:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Nothing changed: it still settles within the maximum.
+    assert!(matches!(
+        engine.settle(id, &[(Unit::Songs, 1), (Unit::Seconds, 300)], Some(T0_MS)),
+        Ok(SettleOutcome::Settled(_))
+    ));
+}
+
+fn reserve_music(engine: &Engine, key: &str, quantities: &[(Unit, u64)]) -> ReservationId {
+    let outcome = engine
+        .reserve(
+            &UsageRequest::new(key, "music-2.6", quantities).at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    assert!(outcome.decision.is_admitted(), "{:?}", outcome.decision);
+    outcome.reservation.expect("an id")
+}
+
+#[test]
 fn an_unknown_reservation_is_an_error() {
     let engine = engine();
     let id = ReservationId(NonZeroU64::new(42).expect("non-zero"));

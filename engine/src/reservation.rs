@@ -273,7 +273,7 @@ impl ReservationInner {
 // Expiry closes reservations and waits while holding the lock (it runs inside other calls that
 // hold it): it appends every overdue close first, so they share one flush.
 
-use crate::admission::{Decision, DenialReason, Mode};
+use crate::admission::{over_maximum, Decision, DenialReason, Mode};
 use crate::engine::{
     decide_for_key, resolve_resource, Engine, ReserveOutcome, SettleOutcome, UsageRequest,
 };
@@ -441,7 +441,9 @@ impl Engine {
         }
         let reservation = table.lookup(id.get())?.clone();
         if reservation.expires_at_ms <= at_ms {
-            self.expire_locked(&mut table, at_ms)?;
+            // This one's lease ended by the settle's stamp; the others' by the clock's now (as
+            // `reserve` does: a settle stamped far ahead must not expire everyone's).
+            self.expire_locked_with(&mut table, at_ms.min(self.now_ms()), Some(id.get()))?;
             return Err(Error::ReservationClosed {
                 reservation: id.get(),
                 state: "expired",
@@ -451,7 +453,7 @@ impl Engine {
         let extra_receipt = if extra.is_empty() {
             None
         } else {
-            match self.charge_extra(&reservation, &extra, at_ms)? {
+            match self.charge_extra(&reservation, &actual, &extra, at_ms)? {
                 (Decision::Admitted(_), receipt) => receipt,
                 (Decision::Denied(denial), _) => {
                     return Ok(SettleOutcome::Denied(Box::new(denial)))
@@ -477,17 +479,31 @@ impl Engine {
         Ok(SettleOutcome::Settled(settlement))
     }
 
+    /// Charges what `actual` takes beyond the estimate (`extra`) like a consume. The units
+    /// and the per-request maximums are checked on the whole `actual` amount: an overrun is
+    /// often of one unit alone (a chat call's tokens, without its one request), which no
+    /// request of its own could carry, and a song's seconds are bounded in total.
     fn charge_extra(
         &self,
         reservation: &Reservation,
+        actual: &Quantities,
         extra: &Quantities,
         at_ms: u64,
     ) -> Result<(Decision, Option<Receipt>), Error> {
         self.keys.read(&reservation.key, |policy, state| {
-            let resource = resolve_resource(policy, &reservation.resource, extra)?;
+            let resource = resolve_resource(policy, &reservation.resource, actual)?;
             let state = state.ok_or_else(|| Error::UnknownKey {
                 key: reservation.key.to_string(),
             })?;
+            let spec = policy.resource(resource);
+            let plan_maximums = state
+                .seat
+                .map(|plan| &policy.plan(plan).maximums[resource.index()]);
+            let over = over_maximum(&spec.max_per_request, actual)
+                .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)));
+            if let Some(reason) = over {
+                return Ok((Decision::denied(reason), None));
+            }
             decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
         })
     }
@@ -644,8 +660,24 @@ impl Engine {
     /// its own, under the table's lock: a thousand reservations of a crashed gateway held every
     /// reserve, settle and void for a thousand flushes).
     fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> Result<usize, Error> {
+        self.expire_locked_with(table, at_ms, None)
+    }
+
+    /// `expire_locked`, also expiring reservation `also` (one whose lease a call's own stamp
+    /// says has ended) if it is still open.
+    fn expire_locked_with(
+        &self,
+        table: &mut ReservationInner,
+        at_ms: u64,
+        also: Option<u64>,
+    ) -> Result<usize, Error> {
         table.forget_closed(self.now_ms(), self.reservations.horizon());
-        let overdue = table.overdue(at_ms);
+        let mut overdue = table.overdue(at_ms);
+        if let Some(also) = also {
+            if table.open.contains_key(&also) && !overdue.contains(&also) {
+                overdue.push(also);
+            }
+        }
         if let Some(journal) = self.journal() {
             // Their reserves may still wait for their own events (a lease shorter than a flush).
             let opened = overdue
