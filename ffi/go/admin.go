@@ -91,7 +91,8 @@ func (e *Engine) UnassignSeat(team, user string, at time.Time) error {
 	})
 }
 
-// TopUp adds micro-credits to the team's balance and returns the new balance.
+// TopUp adds micro-credits to the team's balance and returns the new balance. A team's
+// balance and everything charged to it add up to at most 2^63 - 1 (ErrOverflow past it).
 func (e *Engine) TopUp(team string, micros uint64, at time.Time) (uint64, error) {
 	return e.moveCredits("TopUp", team, micros, at)
 }

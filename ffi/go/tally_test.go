@@ -442,10 +442,14 @@ func TestAdminCallsReportWhatIsWrong(t *testing.T) {
 	if _, err := engine.Credits("nowhere"); !errors.Is(err, tally.ErrUnknownTeam) {
 		t.Errorf("credits of an unknown team: %v", err)
 	}
-	_, err := engine.TopUp("acme", ^uint64(0), t0)
+	// A balance and everything charged add up to at most 2^63 - 1 micro-credits.
+	if _, err := engine.TopUp("acme", ^uint64(0), t0); !errors.Is(err, tally.ErrOverflow) {
+		t.Errorf("a top-up of 2^64 - 1: %v", err)
+	}
+	_, err := engine.TopUp("acme", 1<<63-1, t0)
 	must(t, err)
 	if _, err := engine.TopUp("acme", 1, t0); !errors.Is(err, tally.ErrOverflow) {
-		t.Errorf("a top-up past 2^64: %v", err)
+		t.Errorf("a top-up past 2^63 - 1: %v", err)
 	}
 	if _, err := engine.Usage("tp-nobody", t0); !errors.Is(err, tally.ErrUnknownKey) {
 		t.Errorf("usage of an unknown key: %v", err)

@@ -13,6 +13,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -41,12 +42,17 @@ func main() {
 	var keys demoKeys
 	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
 	flag.Parse()
-	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, keys); err != nil {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, keys, stop, nil); err != nil {
 		log.Fatalf("tally-gateway: %v", err)
 	}
 }
 
-func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys demoKeys) error {
+// run serves until stop delivers a signal, then drains the calls in flight (up to 30 s) and
+// closes the engine; ready, if not nil, is told the address it listens on.
+func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys demoKeys,
+	stop <-chan os.Signal, ready func(addr string)) error {
 	upstreamURL, err := url.Parse(upstream)
 	if err != nil || upstreamURL.Scheme == "" || upstreamURL.Host == "" {
 		return fmt.Errorf("-upstream: want an absolute URL, got %q", upstream)
@@ -80,18 +86,31 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys
 		return err
 	}
 	server := &http.Server{Addr: listen, Handler: handler, ReadHeaderTimeout: 30 * time.Second}
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
+	listener, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	if ready != nil {
+		ready(listener.Addr().String())
+	}
+	// Closed once Shutdown has drained the calls in flight (their reservations settled or
+	// voided): Serve returns as soon as Shutdown starts, and the engine must not be closed
+	// under calls still settling.
+	drained := make(chan struct{})
 	go func() {
+		defer close(drained)
 		<-stop
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		_ = server.Shutdown(ctx)
+		if err := server.Shutdown(ctx); err != nil {
+			log.Printf("tally-gateway: shutdown: %v", err)
+		}
 	}()
-	log.Printf("tally-gateway: listening on %s, proxying to %s (library %s)", listen, upstreamURL, tally.LibraryVersion())
-	if err := server.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+	log.Printf("tally-gateway: listening on %s, proxying to %s (library %s)", listener.Addr(), upstreamURL, tally.LibraryVersion())
+	if err := server.Serve(listener); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
+	<-drained
 	return nil
 }
 

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// A SIGTERM while a call is in flight waits for it: the caller gets the upstream's answer and
+// its reservation is settled before the engine closes. (Before, the process closed the
+// engine and exited at once: an empty reply, and a reservation left open to its lease's end.)
+func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(700 * time.Millisecond)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}`)
+	}))
+	defer upstream.Close()
+	db := filepath.Join(t.TempDir(), "db")
+	stop := make(chan os.Signal, 1)
+	addresses := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, demoKeys{"tp-demo:Starter"}, stop,
+			func(addr string) { addresses <- addr })
+	}()
+	address := <-addresses
+	answered := make(chan *http.Response, 1)
+	go func() {
+		body := `{"model":"MiniMax-M2.7","max_tokens":256,"messages":[{"role":"user","content":"hello"}]}`
+		request, _ := http.NewRequest(http.MethodPost, "http://"+address+"/v1/chat/completions", strings.NewReader(body))
+		request.Header.Set("Authorization", "Bearer tp-demo")
+		request.Header.Set("Content-Type", "application/json")
+		response, err := http.DefaultClient.Do(request)
+		if err != nil {
+			t.Errorf("the call in flight: %v", err)
+			answered <- nil
+			return
+		}
+		answered <- response
+	}()
+	time.Sleep(200 * time.Millisecond) // the call is at the upstream now
+	stop <- syscall.SIGTERM
+	response := <-answered
+	if response == nil {
+		t.FailNow()
+	}
+	payload, _ := io.ReadAll(response.Body)
+	response.Body.Close()
+	if response.StatusCode != http.StatusOK || !strings.Contains(string(payload), "chat.completion") {
+		t.Fatalf("the call in flight got %d %q", response.StatusCode, payload)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	engine, err := tally.Open(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	usage, err := engine.Usage("tp-demo", time.Time{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if usage.OpenReservations != 0 {
+		t.Fatalf("%d reservations left open", usage.OpenReservations)
+	}
+	if len(usage.Limits) == 0 || usage.Limits[0].Used != 1 {
+		t.Fatalf("the call was not charged: %+v", usage.Limits)
+	}
+}
