@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 
 from conftest import HOUR_MS, T, seated
-from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader
+from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader, rate_limit_headers
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -388,3 +389,17 @@ def test_the_usage_reader_finds_tokens_in_json_and_events():
     reader = UsageReader("text/event-stream; charset=utf-8")
     reader.feed(b'data: {"usage": {"total_tokens": 9}}')  # no final newline
     assert reader.tokens() == 9
+
+
+def test_without_a_clock_a_denials_reset_is_hours_away_not_decades(engine):
+    # The default middleware has no clock: the engine's is the wall clock. A denial carries no
+    # time of its own (at_ms 0), and the reset was counted from 1970.
+    now = int(time.time() * 1000)
+    key = seated(engine, "di", "tp-di-1", "Starter")
+    engine.consume(key, "m2.7", {"requests": 1500}, at_ms=now)
+    denied = engine.consume(key, "m2.7", {"requests": 1}, at_ms=now)
+    assert not denied.admitted and denied.at_ms == 0
+    headers = dict(rate_limit_headers(Api.OPENAI, denied, None))
+    reset = headers[b"x-ratelimit-reset-requests"].decode()
+    hours = int(reset.split("h")[0]) if "h" in reset else 0
+    assert reset.endswith("s") and hours <= 5, reset  # the 5-hour window, give or take

@@ -26,6 +26,7 @@ import enum
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -241,7 +242,9 @@ def rate_limit_headers(api: Api, decision: Decision, now_ms: int | None) -> Head
     if decision.limit_index is None or decision.limit_name is None:
         return headers
     unit = _limit_unit(decision.limit_name)
-    now = now_ms if now_ms is not None else decision.at_ms
+    # Without a clock of the middleware's, the engine's is the wall clock. (A denial's
+    # ``at_ms`` is 0: taken as now, it made a reset 57 years away.)
+    now = now_ms if now_ms is not None else (decision.at_ms or int(time.time() * 1000))
     reset_in = max(0, (decision.reset_at_ms or now) - now)
     headers += [
         (b"x-tally-limit", decision.limit_name.encode()),
