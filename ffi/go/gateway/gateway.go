@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"path"
 	"strings"
 	"sync"
 	"time"
@@ -122,6 +123,13 @@ type callKey struct{}
 
 // ServeHTTP meters the metered routes and proxies everything for known keys.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// "/v1/chat/completions/" and "//v1/chat/completions" are the metered route too (an
+	// upstream may serve them): metered, and passed on, as the route they clean to.
+	if cleaned := routePath(r.URL.Path); cleaned != r.URL.Path {
+		if _, metered := meteredRoutes[cleaned]; metered {
+			r.URL.Path, r.URL.RawPath = cleaned, ""
+		}
+	}
 	api := apiOf(r.URL.Path)
 	key := keyOf(r)
 	if key == "" {
@@ -144,11 +152,13 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c.decision, c.reservation = decision, reservation
-	setRateLimitHeaders(w.Header(), api, decision, g.wallNow())
 	if !decision.Admitted {
+		setRateLimitHeaders(w.Header(), api, decision, g.wallNow())
 		denied(w, api, request.Resource, decision)
 		return
 	}
+	// An admitted call's headers go on the upstream's response (modifyResponse): set here as
+	// well, the proxy added the response's to them and every header came twice.
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	g.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
@@ -297,14 +307,41 @@ func setRateLimitHeaders(h http.Header, api API, d tally.Decision, now time.Time
 	if d.Denial == tally.DenialQuotaExhausted {
 		reset = time.Duration(ceilSeconds(d.RetryAfter)) * time.Second
 	}
-	h.Set("x-ratelimit-limit-requests", fmt.Sprint(d.LimitAmount))
-	h.Set("x-ratelimit-remaining-requests", fmt.Sprint(d.Remaining))
-	h.Set("x-ratelimit-reset-requests", reset.String())
+	unit := limitUnit(d.LimitName)
+	h.Set("x-ratelimit-limit-"+unit, fmt.Sprint(d.LimitAmount))
+	h.Set("x-ratelimit-remaining-"+unit, fmt.Sprint(d.Remaining))
+	h.Set("x-ratelimit-reset-"+unit, reset.String())
 	if api == Anthropic {
-		h.Set("anthropic-ratelimit-requests-limit", fmt.Sprint(d.LimitAmount))
-		h.Set("anthropic-ratelimit-requests-remaining", fmt.Sprint(d.Remaining))
-		h.Set("anthropic-ratelimit-requests-reset", now.Add(reset).UTC().Format(time.RFC3339))
+		h.Set("anthropic-ratelimit-"+unit+"-limit", fmt.Sprint(d.LimitAmount))
+		h.Set("anthropic-ratelimit-"+unit+"-remaining", fmt.Sprint(d.Remaining))
+		h.Set("anthropic-ratelimit-"+unit+"-reset", now.Add(reset).UTC().Format(time.RFC3339))
 	}
+}
+
+// limitUnit is what a limit counts, for its headers' names, as the Python middleware names
+// them: "m2.7:requests per rolling:5h" -> "requests"; a shared usage bar (micro-credits at
+// each endpoint's price) -> "usage", never "requests".
+func limitUnit(limitName string) string {
+	meter, _, _ := strings.Cut(limitName, " per ")
+	unit := "usage"
+	if i := strings.LastIndex(meter, ":"); i >= 0 {
+		unit = meter[i+1:]
+	}
+	unit = strings.Map(func(c rune) rune {
+		if c == '-' || ('a' <= c && c <= 'z') || ('A' <= c && c <= 'Z') || ('0' <= c && c <= '9') {
+			return c
+		}
+		return '-'
+	}, unit)
+	if unit == "" {
+		return "usage"
+	}
+	return unit
+}
+
+// routePath is path cleaned as a route: no doubled or trailing slashes, no dot segments.
+func routePath(p string) string {
+	return path.Clean("/" + p)
 }
 
 // ceilSeconds rounds a wait up to whole seconds (at least 1), as Retry-After needs.

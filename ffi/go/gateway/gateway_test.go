@@ -297,7 +297,7 @@ func TestTokensTheUpstreamReportsAreSettled(t *testing.T) {
 	for _, anthropic := range []bool{false, true} {
 		for _, stream := range []bool{false, true} {
 			a := h.call(t, anthropic, "tp-bo", "MiniMax-M2.7", stream)
-			if a.status != http.StatusOK || a.header.Get("x-ratelimit-limit-requests") == "" {
+			if a.status != http.StatusOK || a.header.Get("x-ratelimit-limit-usage") == "" {
 				t.Fatalf("anthropic %t stream %t: %d %s %v", anthropic, stream, a.status, a.raw, a.header)
 			}
 		}
@@ -417,6 +417,70 @@ func TestUnmeteredRoutesAreProxiedForKnownKeys(t *testing.T) {
 		response.Body.Close()
 		if response.StatusCode != want {
 			t.Fatalf("%s: %d", key, response.StatusCode)
+		}
+	}
+}
+
+// Each rate-limit header comes once on an admitted call: set before proxying and again on the
+// upstream's response, the proxy sent both (and clients that join repeats read "1499, 1499").
+func TestAnAdmittedCallsRateLimitHeadersComeOnce(t *testing.T) {
+	h := start(t)
+	h.user(t, "ho", "tp-ho", "Starter")
+	for _, anthropic := range []bool{false, true} {
+		for _, stream := range []bool{false, true} {
+			a := h.call(t, anthropic, "tp-ho", "MiniMax-M2.7", stream)
+			if a.status != http.StatusOK {
+				t.Fatalf("anthropic %v stream %v: %d %s", anthropic, stream, a.status, a.raw)
+			}
+			names := []string{"x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"}
+			if anthropic {
+				names = append(names, "anthropic-ratelimit-requests-remaining")
+			}
+			for _, name := range names {
+				if values := a.header.Values(name); len(values) != 1 {
+					t.Errorf("anthropic %v stream %v: %s = %q", anthropic, stream, name, values)
+				}
+			}
+		}
+	}
+}
+
+// A shared usage bar counts micro-credits at each endpoint's price, not requests: its headers
+// say "usage".
+func TestAUsageBarsHeadersAreNamedForWhatItCounts(t *testing.T) {
+	h := start(t)
+	h.user(t, "ub", "tp-ub", "Bar-Plus")
+	a := h.call(t, false, "tp-ub", "MiniMax-M2.7", false)
+	if a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	if a.header.Get("x-ratelimit-limit-usage") == "" || a.header.Get("x-ratelimit-limit-requests") != "" {
+		t.Fatalf("usage-bar headers: %v", a.header)
+	}
+}
+
+// A metered route's path with a trailing or doubled slash is metered (and passed on cleaned),
+// not proxied free of charge.
+func TestAMeteredRoutesPathSpelledOtherwiseIsStillMetered(t *testing.T) {
+	h := start(t)
+	h.user(t, "pa", "tp-pa", "Starter")
+	for i, route := range []string{"/v1/chat/completions/", "//v1/chat/completions", "/v1/./chat/completions"} {
+		body := `{"model":"MiniMax-M2.7","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}`
+		request, _ := http.NewRequest(http.MethodPost, h.gateway.URL+route, strings.NewReader(body))
+		request.Header.Set("Authorization", "Bearer tp-pa")
+		request.Header.Set("Content-Type", "application/json")
+		response, err := http.DefaultClient.Do(request)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, response.Body)
+		response.Body.Close()
+		if response.StatusCode != http.StatusOK {
+			t.Fatalf("%s: %d", route, response.StatusCode)
+		}
+		usage, err := h.engine.Usage("tp-pa", t0.Add(time.Minute))
+		if err != nil || usage.Limits[0].Used != uint64(i+1) {
+			t.Fatalf("%s: not metered: %+v %v", route, usage.Limits, err)
 		}
 	}
 }
