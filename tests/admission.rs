@@ -2216,6 +2216,47 @@ fn a_refund_after_a_price_cut_gives_the_whole_usage_bar_hold_back() {
 // ---- How long request ids are remembered -----------------------------------------------------------
 
 #[test]
+fn a_request_id_stamped_before_the_horizon_is_refused_not_charged_on_every_retry() {
+    // Before, the id was queued by its stamp and forgotten at once: each retry was decided and
+    // charged again (two charges to credits, one refund).
+    let (engine, clock) = engine_on_clock();
+    let key = user(&engine, "dee");
+    engine
+        .top_up(&team_of("dee"), 1_000_000, Some(T0_MS))
+        .expect("top up");
+    let horizon_ms = Policy::token_plan().longest_window_ms();
+    let old = UsageRequest::new(&key, "m2.7", &ONE_REQUEST)
+        .at(T0_MS - horizon_ms - 2 * HOUR_MS)
+        .id("req-1");
+    for now_ms in [T0_MS, T0_MS + 1_000] {
+        clock.set_ms(now_ms);
+        match engine.consume(&old) {
+            Err(Error::InvalidArgument {
+                field: "at_ms",
+                problem,
+            }) => {
+                assert!(problem.contains("request id"), "{problem}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(engine.credits_micros(&team_of("dee")), Ok(1_000_000));
+    // Within the horizon it is remembered, and a retry counts nothing.
+    let recent = UsageRequest::new(&key, "m2.7", &ONE_REQUEST)
+        .at(T0_MS - horizon_ms + HOUR_MS)
+        .id("req-2");
+    let first = engine.consume(&recent).expect("consume");
+    assert!(first.is_admitted());
+    clock.set_ms(T0_MS + 2_000);
+    assert_eq!(engine.consume(&recent).expect("repeat"), first);
+    assert_eq!(
+        engine.credits_micros(&team_of("dee")),
+        Ok(1_000_000 - 2_000),
+        "one request at 2,000 micro-credits, charged once"
+    );
+}
+
+#[test]
 fn request_ids_are_remembered_for_the_longest_window_of_a_swapped_in_policy() {
     // Ids are forgotten by the engine's clock, so the clock follows the requests.
     let (engine, clock) = engine_on_clock();

@@ -229,6 +229,21 @@ impl RequestTable {
         if let Some(repeat) = Self::repeat(&shard, request_id, &fingerprint) {
             return repeat.map(Some);
         }
+        // An id is forgotten the horizon after its request's timestamp (or the clock's now, if
+        // that is earlier): one stamped longer ago than that would be forgotten at once, and a
+        // retry decided and charged again.
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
+        if at_ms < oldest_kept {
+            return Err(Error::invalid(
+                "at_ms",
+                format!(
+                    "{at_ms} is {} ms before the engine's clock, more than the {horizon_ms} ms a \
+                     request id is remembered: a retry could not be recognised. Send it with a \
+                     later timestamp, or without a request id",
+                    now_ms - at_ms
+                ),
+            ));
+        }
         if !self.take_place() {
             // Full: the places of ids past the horizon in other shards come back only when
             // those shards are used, so drop them all now, one shard at a time (holding one

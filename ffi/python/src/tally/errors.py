@@ -81,7 +81,8 @@ class AmountOverflowError(TallyError, ValueError):
 
 
 class BadTimestampError(TallyError, ValueError):
-    """TALLY_BAD_TIMESTAMP: a timestamp at or after 2100-01-01."""
+    """TALLY_BAD_TIMESTAMP: a timestamp at or after 2100-01-01, or a request id's request
+    stamped longer ago than the idempotency horizon."""
 
     status_code = 10
 
