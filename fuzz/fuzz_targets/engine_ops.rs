@@ -121,10 +121,11 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             // need not be this step's user.
             if let Some((id, team, held, expires_at_ms)) = world.reservations.pop() {
                 if b % 2 == 0 && expires_at_ms <= world.at_ms {
-                    // Settling a reservation whose lease has ended expires it, and every other
-                    // one whose lease ended by then.
-                    world.reservations.push((id, team, held, expires_at_ms));
-                    expire(world, world.at_ms);
+                    // Settling a reservation whose lease has ended expires it, and the others
+                    // whose lease ended by the clock's now (T0 here), or by the settle's stamp
+                    // if that is earlier: a late stamp does not expire everyone's.
+                    *world.credits.entry(team.clone()).or_default() += i128::from(held);
+                    expire(world, world.at_ms.min(T0_MS));
                     let settled = world.engine.settle(id, &quantities[..1], Some(world.at_ms));
                     assert!(
                         matches!(settled, Err(tally_engine::Error::ReservationClosed { state: "expired", .. })),
