@@ -650,6 +650,50 @@ fn reserve_music(engine: &Engine, key: &str, quantities: &[(Unit, u64)]) -> Rese
 }
 
 #[test]
+fn a_refund_and_a_void_after_a_seat_change_to_other_buckets_give_back_where_the_usage_went() {
+    // Two plans whose 5-hour limits differ in bucket width: the seat change moves the usage to
+    // the other plan's counter, re-bucketed. Before, a refund or void looked for the receipt's
+    // counter, found none, and gave back nothing (the refund marked done, the hold kept).
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "10m" }]
+[plans.B]
+limits = [{ resource = "chat", unit = "requests", amount = 200, window = "rolling:5h", bucket = "12m" }]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "A");
+    let at_ms = T0_MS + 37 * MINUTE_MS;
+    let sixty = [(Unit::Requests, 60)];
+    let first = engine
+        .consume(&UsageRequest::new(&key, "chat", &sixty).at(at_ms).id("r1"))
+        .expect("consume");
+    assert!(first.is_admitted());
+    let held = engine
+        .reserve(
+            &UsageRequest::new(&key, "chat", &[(Unit::Requests, 30)]).at(at_ms),
+            None,
+        )
+        .expect("reserve")
+        .reservation
+        .expect("admitted");
+    engine
+        .assign_seat(&team_of("ada"), "ada", "B", Some(at_ms))
+        .expect("seat");
+    let used = |at_ms| engine.usage(&key, Some(at_ms)).expect("report").limits[0].used;
+    assert_eq!(used(at_ms), 90, "usage carried to B");
+    let refund = engine.refund("r1", Some(at_ms)).expect("refund");
+    assert_eq!(refund.given_back.total(), 60);
+    engine.void(held, Some(at_ms)).expect("void");
+    assert_eq!(used(at_ms), 0);
+}
+
+#[test]
 fn an_unknown_reservation_is_an_error() {
     let engine = engine();
     let id = ReservationId(NonZeroU64::new(42).expect("non-zero"));

@@ -520,6 +520,22 @@ fn refund_hold(
     } else {
         then.same_counter_in(counter, now)
     }?;
+    // A seat change between plans whose limits on this meter differ only in their buckets
+    // moved the usage to the other plan's counter, re-bucketed (`KeyUsage::rearranged`):
+    // give back there, the time mapped to its buckets below.
+    let current = if usage.counter(current).is_some() {
+        current
+    } else {
+        let spec = now.counter(current);
+        usage
+            .counters
+            .iter()
+            .map(|counter| counter.id)
+            .find(|&id| {
+                let other = now.counter(id);
+                other.meter == spec.meter && other.window.span_equals(spec.window)
+            })?
+    };
     let amount = quantities
         .weighted(&then.counter_weights(counter, resource))
         .unwrap_or(held)
