@@ -446,38 +446,21 @@ impl Decision {
                 ..admission
             }),
             Decision::Denied(denial) => {
-                let reason = match denial.reason {
+                let mut reason = denial.reason;
+                match &mut reason {
                     DenialReason::ResourceNotCovered { resource } => {
-                        DenialReason::ResourceNotCovered {
-                            resource: from
-                                .resources()
-                                .get(resource.index())
-                                .and_then(|resource| to.resource_id(&resource.name))
-                                .unwrap_or(GONE_RESOURCE),
-                        }
+                        *resource = from
+                            .resources()
+                            .get(resource.index())
+                            .and_then(|resource| to.resource_id(&resource.name))
+                            .unwrap_or(GONE_RESOURCE);
                     }
-                    DenialReason::QuotaExhausted {
-                        limit,
-                        retry_at_ms,
-                        retry_after_ms,
-                        reset_at_ms,
-                    } => DenialReason::QuotaExhausted {
-                        limit: limit_of(denial.plan, limit).unwrap_or(GONE_LIMIT),
-                        retry_at_ms,
-                        retry_after_ms,
-                        reset_at_ms,
-                    },
-                    DenialReason::ExceedsLimit {
-                        limit,
-                        amount,
-                        requested,
-                    } => DenialReason::ExceedsLimit {
-                        limit: limit_of(denial.plan, limit).unwrap_or(GONE_LIMIT),
-                        amount,
-                        requested,
-                    },
-                    other => other,
-                };
+                    DenialReason::QuotaExhausted { limit, .. }
+                    | DenialReason::ExceedsLimit { limit, .. } => {
+                        *limit = limit_of(denial.plan, *limit).unwrap_or(GONE_LIMIT);
+                    }
+                    _ => {}
+                }
                 Decision::Denied(Denial {
                     reason,
                     plan: denial.plan.and_then(plan_of),
