@@ -234,8 +234,9 @@ impl<T> Drop for WriteGuard<'_, T> {
 }
 
 /// A mutex a holder can leave work on (`LeavableGuard::leave`), run on the value by the next
-/// thread to lock it (or by `settle`) before that thread sees it: the request-id shards, which a
-/// checkpoint's cut locks all at once and copies one at a time afterwards, as the key shards.
+/// thread to lock it (or by `settle`) before that thread sees it: the request-id shards and the
+/// registry, which a checkpoint's cut locks at one instant and copies afterwards, as it does
+/// the key shards.
 pub struct LeavableMutex<T> {
     inner: Mutex<Leavable<T>>,
 }
