@@ -694,6 +694,60 @@ limits = [{ resource = "chat", unit = "requests", amount = 200, window = "rollin
 }
 
 #[test]
+fn a_refund_and_a_void_after_two_swaps_of_the_bucket_width_give_back_where_the_usage_went() {
+    // Each swap re-buckets the usage to the bucket holding its old bucket's last instant: a
+    // 10-minute bucket [40, 50) goes to the 12-minute [48, 60), then to the 10-minute [50, 60).
+    // Before, a give-back mapped the receipt's bucket straight to the current width ([40, 50)),
+    // found nothing there and gave back nothing.
+    let policy_with = |bucket: &str| {
+        Policy::from_toml_str(&format!(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "{bucket}" }}]
+"#
+        ))
+        .expect("a valid policy")
+    };
+    let engine = engine_with(policy_with("10m"));
+    let key = seated(&engine, "ada", "A");
+    assert_eq!(T0_MS % HOUR_MS, 0, "the buckets below start on the hour");
+    let at_ms = T0_MS + 40 * MINUTE_MS;
+    let sixty = [(Unit::Requests, 60)];
+    let first = engine
+        .consume(&UsageRequest::new(&key, "chat", &sixty).at(at_ms).id("r1"))
+        .expect("consume");
+    assert!(first.is_admitted());
+    let held = engine
+        .reserve(
+            &UsageRequest::new(&key, "chat", &[(Unit::Requests, 30)]).at(at_ms),
+            None,
+        )
+        .expect("reserve")
+        .reservation
+        .expect("admitted");
+    for (bucket, minutes) in [("12m", 41), ("10m", 42)] {
+        engine
+            .swap_policy(policy_with(bucket), Some(T0_MS + minutes * MINUTE_MS))
+            .expect("swap");
+    }
+    let now_ms = T0_MS + 43 * MINUTE_MS;
+    let used = |at_ms| engine.usage(&key, Some(at_ms)).expect("report").limits[0].used;
+    assert_eq!(used(now_ms), 90, "usage carried through both swaps");
+    let refund = engine.refund("r1", Some(now_ms)).expect("refund");
+    assert_eq!(refund.given_back.total(), 60);
+    engine.void(held, Some(now_ms)).expect("void");
+    assert_eq!(used(now_ms), 0);
+    assert_eq!(
+        used(at_ms + FIVE_HOURS_MS + 20 * MINUTE_MS),
+        0,
+        "nothing taken back later either"
+    );
+}
+
+#[test]
 fn an_unknown_reservation_is_an_error() {
     let engine = engine();
     let id = ReservationId(NonZeroU64::new(42).expect("non-zero"));

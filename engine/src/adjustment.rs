@@ -6,13 +6,15 @@
 //! happened. The same machinery frees what a reservation held. Every give-back returns exactly
 //! what it moved (`GivenBack`), which is what the log records and what an undo reverses.
 
+use std::sync::Arc;
+
 use crate::accounts::{KeyState, KeyTable};
 use crate::admission::{price_micros, Amounts, ChargedTo, Quantities, Receipt};
 use crate::engine::{check_id, resolve_resource, AdjustmentDirection, Engine, MemoryStats};
 use crate::error::Error;
 use crate::event::{EventBody, GivenBack};
 use crate::ledger::{KeyUsage, WindowState};
-use crate::policy::{CounterId, Policy, ResourceId, Unit, Window};
+use crate::policy::{carry_through, CounterId, Policy, ResourceId, Unit, Window};
 
 /// What a refund gave back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,10 +103,10 @@ impl Engine {
         quantities: &Quantities,
         as_of_ms: Option<u64>,
     ) -> GivenBack {
-        let then = self.policy_of_generation(receipt.generation);
+        let (then, later) = self.policy_lineage(receipt.generation);
         self.keys.read(key, |policy, state| match state {
             Some(state) => give_back_in(
-                then.as_deref(),
+                then.as_deref().map(|then| (then, &later[..])),
                 policy,
                 state,
                 resource,
@@ -121,10 +123,10 @@ impl Engine {
 
     /// Reverses a give-back whose event could not be logged.
     pub(crate) fn take_back(&self, key: &str, given: &GivenBack) {
-        let then = self.policy_of_generation(given.generation);
+        let (then, later) = self.policy_lineage(given.generation);
         self.keys.read(key, |policy, state| {
             if let (Some(state), Some(then)) = (state, then.as_deref()) {
-                retake_in(then, policy, state, given);
+                retake_in(then, &later, policy, state, given);
             }
         });
     }
@@ -273,7 +275,7 @@ impl Engine {
         }
         let skip = hand.skip;
         let (visited, len, reclaimed) = self.keys.with_shard(hand.shard, |shard| {
-            let policy = std::sync::Arc::clone(&shard.policy);
+            let policy = Arc::clone(&shard.policy);
             let len = shard.len();
             let mut visited = 0;
             let mut reclaimed = 0;
@@ -319,7 +321,7 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         let mut reclaimed = 0;
         self.keys.for_each_shard(|shard| {
-            let policy = std::sync::Arc::clone(&shard.policy);
+            let policy = Arc::clone(&shard.policy);
             for (_, state) in shard.iter_mut() {
                 reclaimed += u64::from(reclaim_if_idle(&policy, state, at_ms));
             }
@@ -361,8 +363,11 @@ impl Engine {
 /// (and was refused, so never logged) happened before it, or a reopened engine would give back
 /// what the engine that never closed had already let age out. `None` undoes an effect made a
 /// moment ago (its event could not be logged): the counters are taken as they stand.
+///
+/// `then` is the receipt's policy generation and the kept ones after it
+/// (`Engine::policy_lineage`); `None` if it is no longer kept (nothing is given back).
 pub(crate) fn give_back_in(
-    then: Option<&Policy>,
+    then: Option<(&Policy, &[Arc<Policy>])>,
     policy: &Policy,
     state: &KeyState,
     resource: &str,
@@ -376,7 +381,9 @@ pub(crate) fn give_back_in(
     };
     // What was charged is priced and weighted by the policy in force then, not now: a price
     // cut since must not shrink a refund.
-    let Some(then) = then else { return given };
+    let Some((then, later)) = then else {
+        return given;
+    };
     let Some(resource) = then.resource_id(resource) else {
         return given;
     };
@@ -389,9 +396,15 @@ pub(crate) fn give_back_in(
                 return given;
             };
             for &hold in receipt.holds.as_slice() {
-                if let Some(moved) =
-                    refund_hold(then, policy, usage, resource, quantities, hold, as_of_ms)
-                {
+                if let Some(moved) = refund_hold(
+                    (then, later),
+                    policy,
+                    usage,
+                    resource,
+                    quantities,
+                    hold,
+                    as_of_ms,
+                ) {
                     given.counters.push(moved);
                 }
             }
@@ -413,8 +426,15 @@ pub(crate) fn give_back_in(
     given
 }
 
-/// Takes again what `given` gave back (the give-back's event could not be logged).
-pub(crate) fn retake_in(then: &Policy, policy: &Policy, state: &KeyState, given: &GivenBack) {
+/// Takes again what `given` gave back (the give-back's event could not be logged). `then` is
+/// `given`'s generation and `later` the kept ones after it (`Engine::policy_lineage`).
+pub(crate) fn retake_in(
+    then: &Policy,
+    later: &[Arc<Policy>],
+    policy: &Policy,
+    state: &KeyState,
+    given: &GivenBack,
+) {
     if given.credits_micros > 0 {
         state.team.force_charge(given.credits_micros);
     }
@@ -423,12 +443,7 @@ pub(crate) fn retake_in(then: &Policy, policy: &Policy, state: &KeyState, given:
     }
     if let Some(usage) = state.usage.get() {
         for &(counter, time, amount) in &given.counters {
-            let current = if then.generation == policy.generation {
-                Some(counter)
-            } else {
-                then.same_counter_in(counter, policy)
-            };
-            if let Some(current) = current {
+            if let Some((current, time)) = carry_through(then, later, policy, counter, time) {
                 let _ = force_counter(policy, usage, current, time, amount);
             }
         }
@@ -505,9 +520,10 @@ fn undo_adjustment(
 
 /// Gives back the part of one hold that `quantities` accounts for: `(counter, time, amount)`
 /// in the current policy's ids, or `None` if its counter is gone or nothing was live (as of
-/// `as_of_ms`, see `give_back_in`).
+/// `as_of_ms`, see `give_back_in`). `then` is the receipt's generation and the kept ones after
+/// it, which carried the hold's units to where they are now.
 fn refund_hold(
-    then: &Policy,
+    (then, later): (&Policy, &[Arc<Policy>]),
     now: &Policy,
     usage: &KeyUsage,
     resource: ResourceId,
@@ -515,26 +531,26 @@ fn refund_hold(
     (counter, held, time): (CounterId, u64, u64),
     as_of_ms: Option<u64>,
 ) -> Option<(CounterId, u64, u64)> {
-    let current = if then.generation == now.generation {
-        Some(counter)
-    } else {
-        then.same_counter_in(counter, now)
-    }?;
+    let (carried, time) = carry_through(then, later, now, counter, time)?;
     // A seat change between plans whose limits on this meter differ only in their buckets
     // moved the usage to the other plan's counter, re-bucketed (`KeyUsage::rearranged`):
-    // give back there, the time mapped to its buckets below.
-    let current = if usage.counter(current).is_some() {
-        current
+    // give back there, the time mapped to its buckets as the rearrangement did.
+    let (current, time) = if usage.counter(carried).is_some() {
+        (carried, time)
     } else {
-        let spec = now.counter(current);
-        usage
+        let spec = now.counter(carried);
+        let current = usage
             .counters
             .iter()
             .map(|counter| counter.id)
             .find(|&id| {
                 let other = now.counter(id);
                 other.meter == spec.meter && other.window.span_equals(spec.window)
-            })?
+            })?;
+        match (spec.window.shape(), now.counter(current).window.shape()) {
+            (Some(from), Some(to)) if from != to => (current, from.carried_epoch(to, time)),
+            _ => (current, time),
+        }
     };
     let amount = quantities
         .weighted(&then.counter_weights(counter, resource))
@@ -544,10 +560,7 @@ fn refund_hold(
     let (time, given) = match state {
         WindowState::Rolling(window) => {
             let shape = now.counter(current).window.shape()?;
-            let epoch = match then.counter(counter).window.shape() {
-                Some(old) if old != shape => shape.epoch(time * old.bucket_ms + old.bucket_ms - 1),
-                _ => time,
-            };
+            let epoch = time;
             if let Some(as_of_ms) = as_of_ms {
                 if !window.still_counts_at(shape, epoch, shape.epoch(as_of_ms)) {
                     return None; // aged out

@@ -435,11 +435,21 @@ impl Engine {
             .unwrap_or_else(|| unreachable!("the current policy is always kept"))
     }
 
-    pub(crate) fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
-        self.policies
-            .read()
-            .get(generation as usize)
-            .and_then(Clone::clone)
+    /// The policy of `generation` and the kept generations after it, oldest first: what
+    /// `policy::carry_through` follows to find where a swap put that generation's usage.
+    /// `later` is empty, and allocates nothing, for the current generation.
+    pub(crate) fn policy_lineage(
+        &self,
+        generation: u32,
+    ) -> (Option<Arc<Policy>>, Vec<Arc<Policy>>) {
+        let policies = self.policies.read();
+        let index = generation as usize;
+        let then = policies.get(index).and_then(Clone::clone);
+        let later = match policies.get(index + 1..) {
+            Some(later) if then.is_some() => later.iter().flatten().cloned().collect(),
+            _ => Vec::new(),
+        };
+        (then, later)
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -1480,7 +1490,7 @@ impl Engine {
                     }
                     Err(error) => {
                         crate::adjustment::give_back_in(
-                            Some(policy),
+                            Some((policy, &[])),
                             policy,
                             state,
                             resource,

@@ -620,6 +620,50 @@ impl Policy {
             })
             .map(|index| CounterId(index as u16))
     }
+
+    /// Where a swap to `other` put the units this policy's `counter` held at `time` (an epoch
+    /// or a calendar period): the same counter in `other` and, if the bucket width changed, the
+    /// bucket they were re-bucketed to (`RollingWindow::reshaped`). `None` if `other` has no
+    /// such counter (the usage was dropped with it).
+    pub fn carry(&self, counter: CounterId, time: u64, other: &Policy) -> Option<(CounterId, u64)> {
+        if self.generation == other.generation {
+            return Some((counter, time));
+        }
+        let carried = self.same_counter_in(counter, other)?;
+        let time = match (
+            self.counter(counter).window.shape(),
+            other.counter(carried).window.shape(),
+        ) {
+            (Some(from), Some(to)) if from != to => from.carried_epoch(to, time),
+            _ => time,
+        };
+        Some((carried, time))
+    }
+}
+
+/// Where the units `then`'s `counter` held at `time` are under `now`, having been carried by
+/// every swap in between: `later` lists the kept generations after `then`, oldest first (it may
+/// end before or at `now`). Each swap re-buckets on its own, so two that change the width
+/// back and forth can leave units a bucket later than one step straight from `then` would put
+/// them. A generation no longer kept is stepped over, as one swap.
+pub(crate) fn carry_through(
+    then: &Policy,
+    later: &[std::sync::Arc<Policy>],
+    now: &Policy,
+    counter: CounterId,
+    time: u64,
+) -> Option<(CounterId, u64)> {
+    let mut from = then;
+    let mut carried = (counter, time);
+    for next in later.iter().map(|policy| &**policy).chain([now]) {
+        if next.generation <= from.generation || next.generation > now.generation {
+            continue;
+        }
+        carried = from.carry(carried.0, carried.1, next)?;
+        from = next;
+    }
+    debug_assert_eq!(from.generation, now.generation);
+    Some(carried)
 }
 
 /// A document that does not fit the schema: the error names the path of the field (`.` for the

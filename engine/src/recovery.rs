@@ -33,7 +33,7 @@ use crate::idempotency::{Fingerprint, LoggedAs, RequestRecord};
 use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults, SnapshotBytes};
 use crate::options::RecordedOptions;
-use crate::policy::{CounterId, PlanId, Policy, Window};
+use crate::policy::{carry_through, CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
 
@@ -1137,12 +1137,16 @@ impl Engine {
         moves: impl IntoIterator<Item = (CounterId, u64, u64)> + Clone,
         debts: &mut Debts,
     ) {
-        let apply = |then: &Policy, policy: &Policy, state: &KeyState, debts: &mut Debts| {
+        let apply = |(then, later): (&Policy, &[Arc<Policy>]),
+                     policy: &Policy,
+                     state: &KeyState,
+                     debts: &mut Debts| {
             let usage = state
                 .usage
                 .get_or_init(|| KeyUsage::for_plan(policy, state.seat));
             for (counter, time, amount) in moves.clone() {
-                let Some(current) = translate(then, policy, counter) else {
+                let Some((current, time)) = carry_through(then, later, policy, counter, time)
+                else {
                     continue;
                 };
                 let owed = debts.take(key, current, time, amount);
@@ -1166,22 +1170,24 @@ impl Engine {
                     return false;
                 }
                 if let Some(state) = state {
-                    apply(policy, policy, state, debts);
+                    apply((policy, &[]), policy, state, debts);
                 }
                 true
             });
         if current {
             return;
         }
-        // An older generation's move: its policy is looked up outside the key's shard lock
-        // (the policy list is locked before the shards, never after).
-        let Some(then) = self.policy_of_generation(generation) else {
+        // An older generation's move (a `consume_many` chunk decided before a swap and
+        // appended after it): its policy and the later ones, which carried its usage, are
+        // looked up outside the key's shard lock (the policy list is locked before the shards,
+        // never after).
+        let (Some(then), later) = self.policy_lineage(generation) else {
             return;
         };
         self.keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
                 if let Some(state) = state {
-                    apply(&then, policy, state, debts);
+                    apply((&then, &later), policy, state, debts);
                 }
             });
     }
@@ -1189,7 +1195,7 @@ impl Engine {
     /// Takes back logged give-back amounts exactly; what the counter does not hold yet (its add
     /// comes later in the log) is kept as a debt.
     fn apply_given_back(&self, key: &str, given: &GivenBack, debts: &mut Debts) {
-        let then = self.policy_of_generation(given.generation);
+        let (then, later) = self.policy_lineage(given.generation);
         self.keys.read(key, |policy, state| {
             let Some(state) = state else { return };
             if given.credits_micros > 0 {
@@ -1202,7 +1208,8 @@ impl Engine {
                 return;
             };
             for &(counter, time, amount) in &given.counters {
-                let Some(current) = translate(then, policy, counter) else {
+                let Some((current, time)) = carry_through(then, &later, policy, counter, time)
+                else {
                     continue;
                 };
                 let short = unforce_counter(policy, usage, current, time, amount);
@@ -2099,14 +2106,6 @@ fn restore_usage(
     Ok(KeyUsage::from_counters(restored))
 }
 
-fn translate(then: &Policy, now: &Policy, counter: CounterId) -> Option<CounterId> {
-    if then.generation == now.generation {
-        Some(counter)
-    } else {
-        then.same_counter_in(counter, now)
-    }
-}
-
 /// Amounts removed before the log's matching add (replay order differs from memory order only
 /// for commuting counter changes): paid off by the next add to the same counter and time.
 #[derive(Debug, Default)]
@@ -2675,6 +2674,64 @@ mod tests {
             used(&engine),
             once.iter().map(|used| 3 * used).collect::<Vec<_>>()
         );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same after swaps that change the bucket width: the older generation's units go
+    /// where the swaps put the usage counted before them (each swap re-buckets on its own), not
+    /// to the bucket of the same number in the new width. Before, a 10-minute bucket's number
+    /// was used as a 12-minute one's: an hour and a half too late on this clock.
+    #[test]
+    fn a_replayed_receipt_of_an_older_generation_lands_where_the_swaps_put_its_usage() {
+        let dir = fresh_dir("older-width");
+        let policy_with = |bucket: &str| {
+            Policy::from_toml_str(&format!(
+                r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "{bucket}" }}]
+"#
+            ))
+            .expect("a valid policy")
+        };
+        let hour = 60 * MINUTE;
+        // A 10-minute bucket [40, 50) goes to the 12-minute [48, 60), then to the 10-minute
+        // [50, 60): one step straight from the first width would say [40, 50).
+        let base = T0.next_multiple_of(hour);
+        let at_ms = base + 40 * MINUTE;
+        let clock = Arc::new(ManualClock::new(at_ms));
+        let engine =
+            Engine::open(&dir, policy_with("10m"), clock, OpenOptions::default()).expect("open");
+        engine.create_user("u", "k", Some(at_ms)).expect("user");
+        engine
+            .assign_seat("@u", "u", "A", Some(at_ms))
+            .expect("seat");
+        let sixty = [(Unit::Requests, 60)];
+        let request = UsageRequest::new("k", "chat", &sixty).at(at_ms);
+        assert!(engine.consume(&request).expect("valid").is_admitted());
+        let receipt = engine
+            .events_after(0, usize::MAX)
+            .expect("events")
+            .into_iter()
+            .find_map(|event| match event.body {
+                EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
+                _ => None,
+            })
+            .expect("the usage event");
+        for (bucket, minutes) in [("12m", 41), ("10m", 42)] {
+            engine
+                .swap_policy(policy_with(bucket), Some(base + minutes * MINUTE))
+                .expect("swap");
+        }
+        engine.apply_receipt("k", None, &receipt, &mut Debts::default());
+        let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
+        assert_eq!(used(base + 43 * MINUTE), 120);
+        // Both sixties leave together, when the [50, 60) bucket does.
+        assert_eq!(used(base + 5 * hour + 55 * MINUTE), 120);
+        assert_eq!(used(base + 6 * hour), 0);
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -363,7 +363,7 @@ impl Engine {
             match journal.map(|journal| journal.append(at_ms, encode_body(&body))) {
                 Some(Err(error)) => {
                     crate::adjustment::give_back_in(
-                        Some(policy),
+                        Some((policy, &[])),
                         policy,
                         state,
                         request.resource,

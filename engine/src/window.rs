@@ -289,6 +289,17 @@ impl RollingShape {
         (lap, (epoch - lap * slots) as usize)
     }
 
+    /// The bucket of shape `to` that units in this shape's bucket `epoch` move to when a
+    /// window changes width: the one holding the old bucket's last instant, so nothing is
+    /// released earlier than it would have been.
+    pub fn carried_epoch(&self, to: RollingShape, epoch: u64) -> u64 {
+        to.epoch(
+            epoch
+                .saturating_mul(self.bucket_ms)
+                .saturating_add(self.bucket_ms - 1),
+        )
+    }
+
     /// When the units recorded in bucket `epoch` stop counting.
     pub fn release_ms(&self, epoch: u64) -> u64 {
         epoch
@@ -702,10 +713,9 @@ impl RollingWindow {
             }),
         );
         let head = self.head.load(Ordering::Acquire);
-        let head_ms = head.saturating_mul(from.bucket_ms);
-        let new_head = window.advance(to, to.epoch(head_ms.saturating_add(from.bucket_ms - 1)));
+        let new_head = window.advance(to, from.carried_epoch(to, head));
         for (start_ms, count) in self.buckets(from, head) {
-            let epoch = to.epoch(start_ms + from.bucket_ms - 1);
+            let epoch = from.carried_epoch(to, start_ms / from.bucket_ms);
             if epoch.saturating_add(to.buckets) < new_head {
                 continue; // already out of the (shorter) new window
             }
