@@ -176,7 +176,8 @@ fn admitted(decision: Result<Decision, Error>, charged: &str) -> Result<String, 
 }
 
 /// A `consume_many`'s outcome: all or nothing, every request of a failed batch answers the
-/// error; otherwise every request is admitted.
+/// error; otherwise every request is admitted. (These batches fit in one log file: none of
+/// their events is made durable before the flush that fails.)
 fn all_admitted_or_all_failed(
     results: &[Result<Decision, Error>],
     requests: usize,

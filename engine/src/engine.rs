@@ -38,10 +38,25 @@ const EVENT_BUFFER_KEPT_BYTES: usize = 4096;
 thread_local! {
     /// `consume_many`'s chunk of events encoded but not yet appended (see there).
     static STAGED: std::cell::RefCell<Staged> = std::cell::RefCell::new(Staged::default());
-    /// `consume_many`'s list of admitted requests and their receipts (see there).
-    #[allow(clippy::type_complexity)]
-    static PENDING: std::cell::RefCell<Vec<(usize, Option<Receipt>)>> =
+    /// `consume_many`'s list of requests whose events are logged but not yet durable (see there).
+    static PENDING: std::cell::RefCell<Vec<PendingEvent>> =
         const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A request of a `consume_many` batch whose event is logged, to give back should the event
+/// not become durable.
+#[derive(Clone, Copy)]
+struct PendingEvent {
+    /// The request's place in the batch.
+    index: usize,
+    /// What it moved; `None` for a logged denial (a request id's).
+    receipt: Option<Receipt>,
+    /// The event's sequence number; `UNSEQUENCED` while its chunk is staged, not appended.
+    seq: u64,
+}
+
+impl PendingEvent {
+    const UNSEQUENCED: u64 = u64::MAX;
 }
 /// Entries of `PENDING` kept between calls (a batch of up to this many allocates nothing).
 const PENDING_KEPT: usize = 4_096;
@@ -281,6 +296,16 @@ enum Logged {
     Not,
     At(u64),
     Staged,
+}
+
+impl Logged {
+    /// The event's sequence number, if it has one yet (`PendingEvent::UNSEQUENCED`).
+    fn seq(self) -> u64 {
+        match self {
+            Logged::At(seq) => seq,
+            Logged::Not | Logged::Staged => PendingEvent::UNSEQUENCED,
+        }
+    }
 }
 
 /// The most a team's credits balance and everything charged to it may add up to, in
@@ -1548,8 +1573,10 @@ impl Engine {
 
     /// Consumes many requests with one wait for durability: each is decided on its own (all of
     /// it or none), then the call waits once for the last event, so a gateway batching its
-    /// requests gets group commit from a single thread. If the log fails, every request of the
-    /// batch that was admitted is given back and answers the error.
+    /// requests gets group commit from a single thread. If the log fails, every request whose
+    /// event it did not keep is given back and answers the error; those whose events it kept
+    /// (made durable before the failure, as a full log file is sealed) stand, as they will
+    /// after a reopen.
     ///
     /// The events are appended 64 at a time (one hold of the log queue's lock per chunk), while
     /// the batch's keys are looked up a few requests ahead so their cache misses overlap.
@@ -1597,7 +1624,7 @@ impl Engine {
     fn consume_many_with(
         &self,
         requests: &[UsageRequest<'_>],
-        pending: &mut Vec<(usize, Option<Receipt>)>,
+        pending: &mut Vec<PendingEvent>,
         mut replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
@@ -1670,10 +1697,23 @@ impl Engine {
                 };
                 self.note_event_time(staged.newest_at_ms());
                 let appended = journal.append_staged(staged);
+                let staged_events = staged.len() as u64;
                 staged.clear(STAGED_KEPT_BYTES);
                 chunk_seq.set(*appended.as_ref().unwrap_or(&ChunkSeq::NEVER));
                 match appended {
-                    Ok(seq) => last_seq = last_seq.max(Some(seq)),
+                    Ok(seq) => {
+                        last_seq = last_seq.max(Some(seq));
+                        // The chunk's events got consecutive numbers ending at `seq`, in the
+                        // order their requests were staged.
+                        let mut next = seq + 1 - staged_events;
+                        for entry in &mut pending[first_pending..] {
+                            if entry.seq == PendingEvent::UNSEQUENCED {
+                                entry.seq = next;
+                                next += 1;
+                            }
+                        }
+                        debug_assert_eq!(next, seq + 1, "one pending entry per staged event");
+                    }
                     Err(error) => {
                         // Still behind the gate: no cut sees the effects of events that will
                         // never be in the log.
@@ -1695,13 +1735,19 @@ impl Engine {
             journal.nudge();
             match journal.wait(last_seq) {
                 Ok(()) => self.maybe_checkpoint(),
-                Err(error) => self.undo_pending(
-                    requests,
-                    pending,
-                    &mut results,
-                    replays.as_deref_mut(),
-                    &error,
-                ),
+                Err(error) => {
+                    // The events before the failure stay in the log (a sealed segment is
+                    // fdatasynced on its own): their requests stand. The rest never will be.
+                    let failed_from = journal.failed_from().unwrap_or(0);
+                    pending.retain(|entry| entry.seq >= failed_from);
+                    self.undo_pending(
+                        requests,
+                        pending,
+                        &mut results,
+                        replays.as_deref_mut(),
+                        &error,
+                    );
+                }
             }
         }
         // A replay answers once its first decision is durable (after this batch's own wait:
@@ -1726,12 +1772,12 @@ impl Engine {
     fn undo_pending(
         &self,
         requests: &[UsageRequest<'_>],
-        pending: &[(usize, Option<Receipt>)],
+        pending: &[PendingEvent],
         results: &mut [Result<Decision, Error>],
         mut replays: Option<&mut Vec<bool>>,
         error: &Error,
     ) {
-        for &(index, receipt) in pending {
+        for &PendingEvent { index, receipt, .. } in pending {
             let request = &requests[index];
             // The quantities were valid when the request was decided, so they still are.
             if let (Some(receipt), Ok(quantities)) = (receipt, Quantities::new(request.quantities))
@@ -1758,7 +1804,7 @@ impl Engine {
         batch: (u64, Option<&mut Staged>),
         decision: &mut Decision,
         index: usize,
-        pending: &mut Vec<(usize, Option<Receipt>)>,
+        pending: &mut Vec<PendingEvent>,
         chunk: &mut ChunkSeqGuard,
     ) -> Result<Option<LoggedAs>, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
@@ -1778,7 +1824,11 @@ impl Engine {
                 Some(batch),
             )?;
             if let (true, Some(receipt)) = (logged != Logged::Not, verdict.receipt) {
-                pending.push((index, Some(receipt)));
+                pending.push(PendingEvent {
+                    index,
+                    receipt: Some(receipt),
+                    seq: logged.seq(),
+                });
             }
             return Ok(None);
         };
@@ -1812,7 +1862,11 @@ impl Engine {
                     Logged::At(seq) => LoggedAs::Event(seq),
                 };
                 if outcome != Logged::Not {
-                    pending.push((index, receipt));
+                    pending.push(PendingEvent {
+                        index,
+                        receipt,
+                        seq: outcome.seq(),
+                    });
                 }
                 Ok(Some((decision, receipt, logged)))
             })?

@@ -1385,6 +1385,15 @@ impl EventLog {
         Some(failed(*seq, problem))
     }
 
+    /// The first sequence number the log's failure covers, if it has failed: every event
+    /// before it stays in the log (durable, in `Sync` mode), none from it on does.
+    pub fn failed_from(&self) -> Option<u64> {
+        if !self.shared.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(self.shared.progress.lock().failure.as_ref()?.0)
+    }
+
     /// Waits until every event appended so far is written, then makes it durable, whatever
     /// the mode (a checkpoint, a close, `tally` commands).
     pub fn sync(&self) -> Result<(), Error> {
