@@ -1586,7 +1586,26 @@ impl EventLog {
     /// Reads up to `limit` events with sequence numbers greater than `after`, in order. In
     /// `None` and `Interval` modes that includes every event appended before the call (the
     /// writer is asked to write them first); in `Sync` mode, every event durable by then.
+    ///
+    /// `after` 0 reads from the oldest event still kept (after compaction, not event 1). Any
+    /// other `after` older than that is an error naming what was compacted away, never a
+    /// silent jump over the gap: a billing reader whose cursor fell behind the retention must
+    /// hear that it lost events.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
+        let start = self.log_start()?;
+        if after > 0 && after.saturating_add(1) < start {
+            return Err(Error::invalid(
+                "after",
+                format!(
+                    "events {} to {} were compacted away (older than the log's retention) \
+                     before being read after {after}: the log now starts at event {start}; read \
+                     after {} to go on without them, or after 0 from the oldest event kept",
+                    after + 1,
+                    start - 1,
+                    start - 1
+                ),
+            ));
+        }
         let mut out = Vec::with_capacity(limit.min(4_096));
         if limit == 0 {
             return Ok(out);

@@ -1557,7 +1557,9 @@ impl Engine {
     // -----------------------------------------------------------------------------------------
     // Export, retention, verify, close.
 
-    /// Up to `limit` events after sequence number `after`, in order: for billing export.
+    /// Up to `limit` events after sequence number `after`, in order: for billing export. After
+    /// compaction, 0 reads from the oldest event kept and an older `after` is an error naming
+    /// the events compacted away (`EventLog::events_after`).
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
         self.require_journal()?.events_after(after, limit)
     }

@@ -903,6 +903,9 @@ tally_status tally_engine_policy_json(const struct tally_engine *engine,
 // {"unit": amount}}}]`; `[]` when there are none. Sequence numbers start at 1 and have no
 // gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
 // with the last `seq`. Size query as for usage (the events are read again on the second call).
+// After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and
+// any other `after_seq` older than that is `TALLY_INVALID_ARGUMENT` naming the events compacted
+// away (a cursor that fell behind the retention is told, never moved past them silently).
 tally_status tally_engine_events_after(const struct tally_engine *engine,
                                        uint64_t after_seq,
                                        uint32_t limit,

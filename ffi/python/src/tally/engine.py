@@ -640,7 +640,12 @@ class Engine:
     # ---- the event log (durable engines) ---------------------------------------------------
 
     def events_after(self, after_seq: int = 0, limit: int = 1000) -> list[Event]:
-        """Up to ``limit`` events after sequence number ``after_seq``, oldest first."""
+        """Up to ``limit`` events after sequence number ``after_seq``, oldest first.
+
+        After compaction, 0 reads from the oldest event kept; an older ``after_seq`` raises
+        ``InvalidArgumentError`` naming the events compacted away (a cursor that fell behind the
+        retention is told, never moved past them silently).
+        """
         after = _convert.u64("after_seq", after_seq)
         count = _convert.u32("limit", limit)
         document = _convert.read_text(
