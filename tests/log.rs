@@ -1897,6 +1897,111 @@ fn a_segment_of_a_newer_format_version_is_refused_by_name() {
     );
 }
 
+/// A sound record (its crc matches) numbering its events past 2^64, or from 0: damage named
+/// by segment and offset. Before, working out its last event's number overflowed, a panic in
+/// `open` and `verify` (debug builds) and a garbled message (release).
+#[test]
+fn a_record_numbering_its_events_past_the_last_sequence_number_is_damage_not_a_panic() {
+    for (label, first) in [
+        ("seq-max", u64::MAX),
+        ("seq-near-max", u64::MAX - 1),
+        ("seq-0", 0),
+    ] {
+        let (dir, _, frames) = closed_database(label);
+        let last = frames.last().unwrap().clone();
+        let events = record_events(&last);
+        rewrite_last_record(
+            &Frame {
+                first,
+                ..last.clone()
+            },
+            &events,
+        );
+        let path = dir.path().to_path_buf();
+        let verified = std::panic::catch_unwind(move || Engine::verify(&path, sync_options()))
+            .unwrap_or_else(|_| panic!("{label}: verify panicked"));
+        match verified {
+            Ok(report) => assert!(!report.is_sound(), "{label}: {report:?}"),
+            Err(error) => assert_names_where(storage_problem(&error), &last),
+        }
+        let path = dir.path().to_path_buf();
+        let opened = std::panic::catch_unwind(move || {
+            Engine::open(&path, Policy::token_plan(), clock(), sync_options()).map(drop)
+        })
+        .unwrap_or_else(|_| panic!("{label}: open panicked"));
+        let error = opened.expect_err("a damaged record");
+        let problem = storage_problem(&error);
+        assert_names_where(problem, &last);
+        assert!(problem.contains("damaged"), "{label}: {problem}");
+    }
+}
+
+/// Events missing at the log's start (its first file removed) are a problem `verify` reports,
+/// as `open` refuses the database for them: with no snapshot, and with one whose next event
+/// is gone. Before, `verify` called both databases sound.
+#[test]
+fn verify_reports_events_missing_before_the_log_starts_as_open_refuses_them() {
+    let options = OpenOptions {
+        segment_bytes: 256,
+        ..sync_options()
+    };
+    let no_snapshot = TempDir::new("verify-start-none");
+    let engine = open_token_plan(no_snapshot.path(), options.clone());
+    populate(&engine);
+    drop(engine);
+    let after_snapshot = TempDir::new("verify-start-after");
+    let engine = open_token_plan(after_snapshot.path(), options.clone());
+    create_accounts(&engine);
+    let snapshot = engine.checkpoint().expect("checkpoint");
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..20 {
+        let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS + offset);
+        engine.consume(&request).expect("consume");
+    }
+    drop(engine);
+    // The files up to event 1's, and up to the one the checkpoint started at the event after
+    // its snapshot: the log then starts later.
+    for (dir, first, missing) in [
+        (&no_snapshot, 1, "events 1 to".to_string()),
+        (
+            &after_snapshot,
+            snapshot + 1,
+            format!("events {} to", snapshot + 1),
+        ),
+    ] {
+        let segments = segment_paths(dir.path());
+        let first_of = |path: &std::path::PathBuf| {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            stem.parse::<u64>().unwrap()
+        };
+        assert!(
+            segments.iter().any(|path| first_of(path) == first),
+            "{segments:?}"
+        );
+        let removed: Vec<_> = segments
+            .iter()
+            .filter(|path| first_of(path) <= first)
+            .collect();
+        assert!(segments.len() > removed.len(), "a later file: {segments:?}");
+        for path in removed {
+            std::fs::remove_file(path).unwrap();
+        }
+        assert!(
+            Engine::open(dir.path(), Policy::token_plan(), clock(), options.clone()).is_err(),
+            "open refuses {missing}"
+        );
+        let report = Engine::verify(dir.path(), options.clone()).expect("verify runs");
+        assert!(!report.is_sound(), "{missing}: {report:?}");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|problem| problem.contains(&missing) && problem.contains("missing")),
+            "{missing}: {report:?}"
+        );
+    }
+}
+
 fn damage_last_event_body(label: &str) -> (TempDir, Frame) {
     let (dir, _, frames) = closed_database(label);
     let frame = frames.last().unwrap().clone();

@@ -685,22 +685,32 @@ pub struct RecordView<'a> {
 }
 
 impl<'a> RecordView<'a> {
-    /// Reads a payload's header; `None` if it is too short to hold one.
+    /// Reads a payload's header; `None` if it is too short to hold one, or numbers its events
+    /// from 0 or past `u64::MAX` (damage: sequence numbers start at 1, and `last_seq() + 1`
+    /// must fit).
     pub fn parse(payload: &'a [u8]) -> Option<RecordView<'a>> {
         let header = payload.get(..RECORD_HEADER_BYTES)?;
         let u64_at =
             |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+        let first_seq = u64_at(0);
+        let count = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        if first_seq == 0 {
+            return None;
+        }
+        first_seq.checked_add(u64::from(count))?;
         Some(RecordView {
-            first_seq: u64_at(0),
-            count: u32::from_le_bytes(header[8..12].try_into().unwrap_or_default()),
+            first_seq,
+            count,
             newest_at_ms: u64_at(12),
             base_at_ms: u64_at(20),
             events: &payload[RECORD_HEADER_BYTES..],
         })
     }
 
-    /// The last sequence number in the record (`first_seq - 1` for an empty one).
+    /// The last sequence number in the record (`first_seq - 1` for an empty one). `parse`
+    /// made sure `last_seq() + 1` fits.
     pub fn last_seq(&self) -> u64 {
+        debug_assert!(self.first_seq.checked_add(u64::from(self.count)).is_some());
         (self.first_seq + u64::from(self.count)).saturating_sub(1)
     }
 

@@ -53,6 +53,9 @@ use crate::event::{
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
+/// What a record is when `RecordView::parse` refuses its header.
+const NO_SOUND_HEADER: &str =
+    "a record without a sound header (too short, or numbering its events from 0 or past 2^64)";
 /// Events queued but not yet written, at most: an append waits for room beyond this, so in the
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
@@ -793,7 +796,7 @@ fn recover_segments(
                 Frame::End => break,
                 Frame::Sound { payload, next } => {
                     let view = RecordView::parse(payload)
-                        .ok_or_else(|| damage(&path, at, expected, "a record without a header"))?;
+                        .ok_or_else(|| damage(&path, at, expected, NO_SOUND_HEADER))?;
                     if view.first_seq != expected || view.count == 0 {
                         return Err(damage(
                             &path,
@@ -1547,7 +1550,7 @@ impl EventLog {
             let mut reader = FrameReader::open(path.clone(), first, offset, limit)?;
             while let Some((at, payload)) = reader.next(next)? {
                 let view = RecordView::parse(payload)
-                    .ok_or_else(|| damage(&path, at as usize, next, "a record without a header"))?;
+                    .ok_or_else(|| damage(&path, at as usize, next, NO_SOUND_HEADER))?;
                 if view.first_seq != next || view.count == 0 {
                     return Err(damage(
                         &path,
@@ -1665,8 +1668,7 @@ impl EventLog {
                     Ok(Some((at, payload))) => {
                         let Some(view) = RecordView::parse(payload) else {
                             problems.push(
-                                damage(&path, at as usize, next, "a record without a header")
-                                    .to_string(),
+                                damage(&path, at as usize, next, NO_SOUND_HEADER).to_string(),
                             );
                             break;
                         };
@@ -1909,9 +1911,8 @@ impl EventLog {
             let mut reader = FrameReader::open(path.clone(), first, 0, None)?;
             let mut expected = first;
             while let Some((at, payload)) = reader.next(expected)? {
-                let view = RecordView::parse(payload).ok_or_else(|| {
-                    damage(&path, at as usize, expected, "a record without a header")
-                })?;
+                let view = RecordView::parse(payload)
+                    .ok_or_else(|| damage(&path, at as usize, expected, NO_SOUND_HEADER))?;
                 newest_at_ms = newest_at_ms.max(view.newest_at_ms);
                 expected = view.last_seq() + 1;
             }

@@ -1685,6 +1685,22 @@ impl Engine {
                 Err(error) => report.problems.push(error.to_string()),
             }
         }
+        // What open needs first: the event after the snapshot, or event 1 without one.
+        let start = log.log_start()?;
+        match report.snapshot_seq {
+            None if start > 1 => report.problems.push(format!(
+                "the log starts at event {start} but there is no snapshot: events 1 to {} are \
+                 missing",
+                start - 1
+            )),
+            Some(seq) if start > seq.saturating_add(1) => report.problems.push(format!(
+                "the log starts at event {start} but the snapshot covers events up to {seq}: \
+                 events {} to {} are missing",
+                seq + 1,
+                start - 1
+            )),
+            _ => {}
+        }
         log.close()?;
         Ok(report)
     }
