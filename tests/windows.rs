@@ -830,3 +830,39 @@ limits = [{ resource = "widget", unit = "requests", amount = 5, window = "monthl
         5
     );
 }
+
+/// A one-minute window (1 s buckets, a 61-slot ring of 16-bit lap tags) used again 2^16 laps
+/// after its last use, about 46 days, while another limit kept the key from being reclaimed:
+/// its old usage is long gone. Before, the ring's stale slots carried the very tags the new
+/// lap gave them and counted again: the key was denied with 5 of 5 used.
+#[test]
+fn a_window_used_again_after_a_whole_tag_period_of_laps_starts_empty() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.a]
+units = ["requests"]
+[resources.b]
+units = ["requests"]
+[plans.P]
+limits = [
+  { resource = "a", unit = "requests", amount = 5, window = "rolling:1m", bucket = "1s" },
+  { resource = "b", unit = "requests", amount = 1000, window = "monthly" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "u", "P");
+    let one = [(Unit::Requests, 1)];
+    for _ in 0..5 {
+        assert!(consume(&engine, &key, "a", &one, T0_MS).is_admitted());
+    }
+    assert!(!consume(&engine, &key, "a", &one, T0_MS).is_admitted());
+    let later = T0_MS + 65_536 * 61_000;
+    assert!(consume(&engine, &key, "b", &one, later - 1_000).is_admitted());
+    let decision = consume(&engine, &key, "a", &one, later);
+    assert!(decision.is_admitted(), "{decision:?}");
+    let report = engine.usage(&key, Some(later)).expect("report");
+    assert_eq!(report.limits[0].used, 1);
+}

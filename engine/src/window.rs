@@ -71,7 +71,8 @@ impl Slot {
 /// narrow ones (limits up to 65,535, e.g. every seed plan's request quota) pack 16 + 16 bits in
 /// an `AtomicU32`, halving a key's memory. A tag is the lap number modulo its width, only ever
 /// compared for equality; which of two laps is older is decided by the ring's `head`. The
-/// head-driven sweep visits every slot each lap, so an old tag never survives to look current.
+/// head-driven sweep visits every slot the head passes, so an old tag never survives to look
+/// current; a jump long enough for tags to repeat is swept twice (`RollingWindow::move_head`).
 /// The slots live on the usage pages (see `pages::UsagePages`).
 ///
 /// Held as one thin pointer, a length and the width (16 bytes, where two boxed slices behind an
@@ -189,6 +190,15 @@ impl Slots {
             u64::from(u32::MAX)
         } else {
             NARROW_MAX_AMOUNT
+        }
+    }
+
+    /// Laps after which a tag repeats: 2^16 narrow, 2^32 wide.
+    fn tag_period(&self) -> u64 {
+        if self.wide {
+            1 << 32
+        } else {
+            1 << 16
         }
     }
 
@@ -352,8 +362,26 @@ impl RollingWindow {
     }
 
     /// `advance` past `head`, as last read.
+    ///
+    /// A jump of nearly a whole tag period of laps or more (a key idle for 2^16 laps of a
+    /// narrow ring: 46 days of a one-minute window) would let a stale slot carry the very tag
+    /// the new lap gives its index and look live: the sweep skips a slot whose tag matches.
+    /// Such a jump first moves one lap short of `epoch`, then to it: each index then gets two
+    /// different tags from the two sweeps, so every stale slot is cleared by one of them.
     #[inline(never)]
-    fn move_head(&self, shape: RollingShape, epoch: u64, mut head: u64) -> u64 {
+    fn move_head(&self, shape: RollingShape, epoch: u64, head: u64) -> u64 {
+        let laps = shape.lap(epoch).saturating_sub(shape.lap(head));
+        let head = if laps >= self.slots.tag_period() - 2 {
+            self.move_head_once(shape, epoch - shape.slots(), head)
+        } else {
+            head
+        };
+        self.move_head_once(shape, epoch, head)
+    }
+
+    /// Moves `head` to `epoch` (unless it is already there or past it) and sweeps the slots
+    /// the move passes.
+    fn move_head_once(&self, shape: RollingShape, epoch: u64, mut head: u64) -> u64 {
         loop {
             if epoch <= head {
                 return head;
@@ -1225,6 +1253,49 @@ mod tests {
             SHAPE.lap(SHAPE.epoch(at)) > 1 << 16,
             "the narrow tags wrapped"
         );
+    }
+
+    /// A ring left idle for exactly a tag period of laps (2^16 narrow, 2^32 wide), or a lap or
+    /// a few buckets either side of it: its old counts are gone when it next moves. Before, a
+    /// narrow ring 2^16 laps on kept every stale slot whose tag the new lap repeated, counted
+    /// as live for another window (a one-minute window denied 46 days after its last use).
+    #[test]
+    fn a_ring_idle_for_a_whole_tag_period_of_laps_forgets_its_old_counts() {
+        let slots = SHAPE.slots();
+        for (amount, period) in [(1_000u64, 1u64 << 16), (100_000, 1 << 32)] {
+            for offset in [
+                -(slots as i64) - 1,
+                -(slots as i64),
+                -3,
+                -1,
+                0,
+                1,
+                3,
+                slots as i64,
+                slots as i64 + 1,
+            ] {
+                let ring = RollingWindow::new(SHAPE, amount);
+                assert_eq!(ring.slots.tag_period(), period);
+                // Counts in every slot of the live window, over two laps' tags.
+                let start = 5 * slots + 4;
+                for epoch in start..=start + SHAPE.buckets {
+                    assert!(consume(&ring, epoch * SHAPE.bucket_ms, 2, amount));
+                }
+                assert_eq!(ring.used(), 2 * slots);
+                let later = (start + SHAPE.buckets + period * slots).saturating_add_signed(offset);
+                let (epoch, used) = ring.used_at(SHAPE, later);
+                assert_eq!(
+                    (epoch, used),
+                    (later, 0),
+                    "looking ahead, {period} {offset}"
+                );
+                assert_eq!(ring.advance(SHAPE, later), later);
+                assert_eq!(ring.used(), 0, "tag period {period}, offset {offset}");
+                assert_eq!(ring.slot_sum(), 0, "tag period {period}, offset {offset}");
+                assert!(consume(&ring, later * SHAPE.bucket_ms, amount, amount));
+                assert_eq!(ring.slot_sum(), amount);
+            }
+        }
     }
 
     #[test]
