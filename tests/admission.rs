@@ -1155,6 +1155,54 @@ fn adding_usage_counts_it_whatever_the_limit_and_removing_gives_it_back() {
     assert_eq!(m27_requests(&engine, &key, 31, at_ms + MINUTE_MS), 30);
 }
 
+/// Usage added past the limit, in minute buckets of up to 60,000, then a swap to 10-minute
+/// buckets: each new bucket holds the sum of ten old ones, more than a 16-bit slot can. The
+/// swap makes the ring wide rather than clamp, so it all counts and all of it ages out. Before,
+/// each merged bucket was clamped at 65,535 while the window's total kept the full sum: the
+/// difference never aged out, and the key stayed denied for good (a debug build panicked).
+#[test]
+fn a_swap_to_wider_buckets_keeps_merged_buckets_past_sixteen_bits_whole() {
+    let policy_with = |bucket: &str| {
+        Policy::from_toml_str(&format!(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{{ resource = "chat", unit = "requests", amount = 60000, window = "rolling:5h", bucket = "{bucket}" }}]
+"#
+        ))
+        .expect("a valid policy")
+    };
+    let engine = engine_with(policy_with("1m"));
+    let key = seated(&engine, "ada", "A");
+    let at_ms = T0_MS + HOUR_MS;
+    for minute in 0..10 {
+        engine
+            .adjust_usage(
+                &key,
+                "chat",
+                &[(Unit::Requests, 50_000)],
+                at_ms + minute * MINUTE_MS,
+                AdjustmentDirection::Add,
+                Some(at_ms + 10 * MINUTE_MS),
+            )
+            .expect("add");
+    }
+    let used = |at_ms| engine.usage(&key, Some(at_ms)).expect("report").limits[0].used;
+    assert_eq!(used(at_ms + 10 * MINUTE_MS), 500_000);
+    engine
+        .swap_policy(policy_with("10m"), Some(at_ms + 11 * MINUTE_MS))
+        .expect("swap");
+    assert_eq!(used(at_ms + 11 * MINUTE_MS), 500_000);
+    // The units of [1:00, 1:10) leave when that bucket does, five hours on: all of them.
+    let gone_ms = at_ms + FIVE_HOURS_MS + 10 * MINUTE_MS;
+    assert_eq!(used(gone_ms - 1), 500_000);
+    assert_eq!(used(gone_ms), 0);
+    let request = UsageRequest::new(&key, "chat", &[(Unit::Requests, 60_000)]).at(gone_ms);
+    assert!(engine.consume(&request).expect("consume").is_admitted());
+}
+
 #[test]
 fn added_usage_ages_out_five_hours_after_it_happened() {
     let engine = engine();

@@ -732,17 +732,25 @@ impl RollingWindow {
     /// bucket holding the old bucket's last instant, so nothing is released earlier than it
     /// would have been.
     pub fn reshaped(&self, from: RollingShape, to: RollingShape, amount: u64) -> RollingWindow {
-        let window = RollingWindow::new(
-            to,
-            amount.max(if self.slots.is_wide() {
-                NARROW_MAX_AMOUNT + 1
-            } else {
-                0
-            }),
-        );
         let head = self.head.load(Ordering::Acquire);
+        let buckets = self.buckets(from, head);
+        // Wide slots if the limit needs them, or if old buckets merged into one new bucket hold
+        // more than a narrow slot can (usage added past the limit, then wider buckets).
+        let mut merged = (0u64, 0u64);
+        let mut widest = 0u64;
+        for &(start_ms, count) in &buckets {
+            let epoch = from.carried_epoch(to, start_ms / from.bucket_ms);
+            merged = match merged {
+                (at, sum) if at == epoch => (at, sum.saturating_add(count)),
+                _ => (epoch, count),
+            };
+            widest = widest.max(merged.1);
+        }
+        let wide = self.slots.is_wide() || widest > NARROW_MAX_AMOUNT;
+        let window =
+            RollingWindow::new(to, amount.max(if wide { NARROW_MAX_AMOUNT + 1 } else { 0 }));
         let new_head = window.advance(to, from.carried_epoch(to, head));
-        for (start_ms, count) in self.buckets(from, head) {
+        for (start_ms, count) in buckets {
             let epoch = from.carried_epoch(to, start_ms / from.bucket_ms);
             if epoch.saturating_add(to.buckets) < new_head {
                 continue; // already out of the (shorter) new window
