@@ -410,6 +410,53 @@ fn a_consume_with_a_request_id_that_triggers_the_automatic_checkpoint_returns() 
     assert_eq!(admitted, vec![Ok(true); 10]);
 }
 
+/// In the modes that do not wait for durability, a background checkpoint fdatasyncs the log
+/// itself before storing its snapshot. When that fails, the log fails as after any failed
+/// flush (the kernel may have dropped the pages it could not write, and a later fdatasync
+/// could succeed without them): later calls are refused and no snapshot claims those events.
+/// Before, the error only stopped the snapshot, and the engine went on acknowledging.
+#[test]
+fn a_failed_fdatasync_before_a_background_snapshot_fails_the_log() {
+    let dir = TempDir::new("snapshot-sync-fails");
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        durability: Durability::None,
+        checkpoint_every_events: 20,
+        faults: Some(std::sync::Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ada", "payg-ada", Some(T0_MS))
+        .unwrap();
+    // Nothing else in this mode fdatasyncs through the fault hook until a segment is sealed.
+    faults.fail_next_flushes(1);
+    let one = [(Unit::Requests, 1)];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut admitted = 0u64;
+    let refused = loop {
+        let request = UsageRequest::new("payg-ada", "m2.7", &one).at(T0_MS + admitted);
+        match engine.consume(&request) {
+            Ok(_) => admitted += 1,
+            Err(error) => break error,
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still acknowledging after {admitted} requests and a failed fdatasync"
+        );
+        if admitted % 20 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    assert!(admitted >= 18, "a checkpoint was due first: {admitted}");
+    assert!(refused.to_string().contains("injected fault"), "{refused}");
+    assert!(
+        engine.checkpoint().is_err(),
+        "the failed log takes no checkpoint"
+    );
+}
+
 #[test]
 fn recovery_is_exact_with_interval_and_no_explicit_durability_too() {
     for (label, durability) in [

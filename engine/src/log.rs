@@ -1432,15 +1432,7 @@ impl EventLog {
                 .map_err(|error| storage("fdatasync of the log", error))
         };
         if let Err(error) = &result {
-            // The kernel may have dropped the pages it could not write: nothing after the last
-            // good flush can be trusted any more.
-            let mut progress = self.shared.progress.lock();
-            let next = progress.visible.seq + 1;
-            progress.failure.get_or_insert((next, error.to_string()));
-            self.shared.failed.store(true, Ordering::Release);
-            drop(progress);
-            self.shared.progress_changed.notify_all();
-            self.shared.wake_durable(0);
+            self.shared.fail_after_flush(error);
         }
         result
     }
@@ -1791,8 +1783,20 @@ impl EventLog {
         drop(progress);
         if shared.durability != Durability::Sync {
             let file = Arc::clone(&shared.active_file.lock());
-            file.sync_data()
-                .map_err(|error| storage("fdatasync of the log", error))?;
+            let synced = if shared
+                .faults
+                .as_deref()
+                .is_some_and(|faults| Faults::take(&faults.fail_flushes))
+            {
+                Err(storage("fdatasync of the log", "injected fault"))
+            } else {
+                file.sync_data()
+                    .map_err(|error| storage("fdatasync of the log", error))
+            };
+            if let Err(error) = synced {
+                shared.fail_after_flush(&error);
+                return Err(error);
+            }
         }
         store_snapshot(snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
     }
@@ -2585,6 +2589,16 @@ impl Writer {
 impl Shared {
     /// Marks the log failed from the first event not yet durable (in `Sync` mode, events
     /// written but not flushed fail too); a failure already recorded stays the one reported.
+    /// An fdatasync of the log outside the writer failed. The kernel may have dropped the
+    /// pages it could not write, and a later fdatasync can then succeed without them: nothing
+    /// after the last good flush can be trusted any more, so the log fails as the writer's own
+    /// failed flush makes it.
+    fn fail_after_flush(&self, error: &Error) {
+        let mut progress = self.progress.lock();
+        self.mark_failed(&mut progress, error);
+        self.announce(progress);
+    }
+
     fn mark_failed(&self, progress: &mut Progress, error: &Error) {
         let next = progress.visible.seq + 1;
         progress.failure.get_or_insert((next, error.to_string()));
