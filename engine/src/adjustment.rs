@@ -238,11 +238,21 @@ impl Engine {
         })?;
         if let (Some(journal), Some(seq)) = (journal, seq) {
             if let Err(error) = journal.wait(seq) {
+                // Undone where the counters are now, should a swap have moved them since.
+                let (then, later) = self.policy_lineage(generation);
                 self.keys.read(key, |policy, state| {
                     let usage = state.and_then(|state| state.usage.get());
-                    if let Some(usage) = usage.filter(|_| policy.generation == generation) {
-                        undo_adjustment(policy, usage, &moved, direction);
-                    }
+                    let (Some(usage), Some(then)) = (usage, then.as_deref()) else {
+                        return;
+                    };
+                    let carried: Vec<_> = moved
+                        .iter()
+                        .filter_map(|&(counter, time, amount)| {
+                            carry_through(then, &later, policy, counter, time)
+                                .map(|(counter, time)| (counter, time, amount))
+                        })
+                        .collect();
+                    undo_adjustment(policy, usage, &carried, direction);
                 });
                 return Err(error);
             }
