@@ -344,11 +344,19 @@ impl Batch {
         &self.bytes[start..self.events[index].end]
     }
 
+    /// Empties the batch for reuse, keeping at most `QUEUE_KEPT_BYTES` of event bytes: a
+    /// burst of large events (policy swaps of up to `MAX_EVENT_BYTES` each, up to
+    /// `MAX_QUEUED_EVENTS` of them) would otherwise hold its hundreds of MiB for good.
     fn clear(&mut self) {
         self.events.clear();
         self.bytes.clear();
+        self.bytes.shrink_to(QUEUE_KEPT_BYTES);
     }
 }
+
+/// Event bytes a queue buffer keeps between batches (see `Batch::clear`): 16,384 usage events
+/// of about 50 bytes, a full queue of them, fit many times over.
+const QUEUE_KEPT_BYTES: usize = 4 << 20;
 
 /// Events one thread has encoded but not yet appended: a `consume_many` chunk, handed to
 /// `append_staged` at once so the queue's lock is taken (and its line moved between cores) once
@@ -2722,6 +2730,30 @@ mod tests {
             team: "acme".into(),
             micros,
         }
+    }
+
+    /// A burst of large events does not leave the queue's buffers holding it for good.
+    #[test]
+    fn a_queue_buffer_keeps_a_bounded_capacity_once_written() {
+        let mut batch = Batch::default();
+        batch.bytes.resize(64 << 20, 7);
+        batch.events.push(Queued {
+            seq: 1,
+            at_ms: 0,
+            end: 64 << 20,
+        });
+        batch.clear();
+        assert!(batch.events.is_empty() && batch.bytes.is_empty());
+        assert!(
+            batch.bytes.capacity() <= QUEUE_KEPT_BYTES,
+            "{}",
+            batch.bytes.capacity()
+        );
+        // A small batch keeps its room: nothing is reallocated from batch to batch.
+        batch.bytes.resize(1 << 20, 7);
+        let room = batch.bytes.capacity();
+        batch.clear();
+        assert_eq!(batch.bytes.capacity(), room);
     }
 
     #[test]
