@@ -1367,6 +1367,54 @@ fn reading_after_a_cursor_that_compaction_passed_names_the_events_lost() {
     ));
 }
 
+/// An export reading while compaction removes log files: the files it listed stay until it
+/// is done (compaction waits for it), so it reads on exactly after its cursor. Before, a file
+/// of its list could be removed under it: "No such file" for the billing reader.
+#[test]
+fn reading_events_while_compaction_removes_files_reads_them_all() {
+    let dir = TempDir::new("compact-while-reading");
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        segment_bytes: 256,
+        faults: Some(std::sync::Arc::clone(&faults)),
+        ..small_retention()
+    };
+    let engine = open(dir.path(), ten_seconds(), options);
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..30 {
+        let request = UsageRequest::new("payg-ann", "chat", &one).at(T0_MS + offset);
+        engine.consume(&request).unwrap();
+    }
+    let snapshot = engine.checkpoint().unwrap();
+    let later = T0_MS + 10 * MINUTE_MS;
+    let request = UsageRequest::new("payg-ann", "chat", &one).at(later);
+    engine.consume(&request).unwrap();
+    let last = last_seq(&engine);
+    faults.hold_scans();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| engine.events_after(0, 1_000));
+        while faults.scans_held() == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The reader has listed the files; compaction runs now, and removes what it can.
+        let compactor = scope.spawn(|| engine.compact(Some(later)));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        faults.release_scans();
+        let events = reader.join().unwrap().expect("read while compacting");
+        let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        let report = compactor.join().unwrap().expect("compact");
+        assert_eq!(report.first_seq_kept, snapshot + 1, "{report:?}");
+    });
+    // Afterwards the log starts past the snapshot, and reading from 0 starts there.
+    let kept = engine.events_after(0, 1_000).unwrap();
+    assert_eq!(kept.first().map(|event| event.seq), Some(snapshot + 1));
+}
+
 #[test]
 fn compaction_removes_old_events_keeps_the_state_exactly_and_verify_stays_sound() {
     let dir = TempDir::new("compact");

@@ -134,6 +134,10 @@ pub struct Faults {
     hold_flushes: AtomicBool,
     // Relaxed: how many flushes the writer has held so far; a test polls it.
     flushes_held: AtomicU64,
+    // Relaxed: a test's switch, polled by a reader of the log files (see `hold_scans`).
+    hold_scans: AtomicBool,
+    // Relaxed: how many scans have waited at the hold so far; a test polls it.
+    scans_held: AtomicU64,
 }
 
 impl Faults {
@@ -164,6 +168,31 @@ impl Faults {
     /// How many fdatasyncs have waited at the hold so far.
     pub fn flushes_held(&self) -> u64 {
         self.flushes_held.load(Ordering::Relaxed)
+    }
+
+    /// A read of the log files (`events_after`, replay) waits, once it has listed them, until
+    /// `release_scans`: a test's window for compaction to run meanwhile.
+    pub fn hold_scans(&self) {
+        self.hold_scans.store(true, Ordering::Relaxed);
+    }
+
+    pub fn release_scans(&self) {
+        self.hold_scans.store(false, Ordering::Relaxed);
+    }
+
+    /// How many reads of the log files have waited at the hold so far.
+    pub fn scans_held(&self) -> u64 {
+        self.scans_held.load(Ordering::Relaxed)
+    }
+
+    fn wait_while_scans_held(&self) {
+        if !self.hold_scans.load(Ordering::Relaxed) {
+            return;
+        }
+        self.scans_held.fetch_add(1, Ordering::Relaxed);
+        while self.hold_scans.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits while flushes are held (polling: a test's pause, not a hot path).
@@ -506,6 +535,10 @@ pub struct EventLog {
     resume: Mutex<Option<(u64, u64, u64)>>,
     /// A snapshot being encoded and written by its own thread (`write_snapshot_in_background`).
     snapshot_thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
+    /// Held shared while the segment files are read (`scan`, `events_after`), exclusively
+    /// while compaction removes one: a reader never finds a file of its list gone, nor reads on
+    /// past events removed after it checked where the log starts.
+    files: parking_lot::RwLock<()>,
     /// Opened by `open_read_only`: no writer, nothing repaired.
     read_only: bool,
     /// What a read-only open found wrong at the end of the log.
@@ -1176,6 +1209,7 @@ impl EventLog {
             writer: Mutex::new(None),
             resume: Mutex::new(None),
             snapshot_thread: Mutex::new(None),
+            files: parking_lot::RwLock::new(()),
             read_only,
             open_problem: recovered.problem,
         };
@@ -1502,6 +1536,7 @@ impl EventLog {
         after: u64,
         mut visit: impl FnMut(RawEvent<'_>) -> Result<bool, Error>,
     ) -> Result<(), Error> {
+        let _files = self.files.read();
         self.scan_from(after, None, &mut visit).map(|_| ())
     }
 
@@ -1515,6 +1550,9 @@ impl EventLog {
     ) -> Result<Option<(u64, u64, u64)>, Error> {
         let visible = self.visible();
         let segments = self.shared.segments.lock().clone();
+        if let Some(faults) = self.shared.faults.as_deref() {
+            faults.wait_while_scans_held();
+        }
         let wanted = after.saturating_add(1);
         let index = segments
             .partition_point(|first| *first <= wanted)
@@ -1595,6 +1633,10 @@ impl EventLog {
     /// silent jump over the gap: a billing reader whose cursor fell behind the retention must
     /// hear that it lost events.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
+        if limit > 0 && self.shared.durability != Durability::Sync && !self.read_only {
+            self.written_through(self.last_appended());
+        }
+        let _files = self.files.read();
         let start = self.log_start()?;
         if after > 0 && after.saturating_add(1) < start {
             return Err(Error::invalid(
@@ -1612,9 +1654,6 @@ impl EventLog {
         let mut out = Vec::with_capacity(limit.min(4_096));
         if limit == 0 {
             return Ok(out);
-        }
-        if self.shared.durability != Durability::Sync && !self.read_only {
-            self.written_through(self.last_appended());
         }
         let hint = *self.resume.lock();
         let hint = hint.filter(|(seq, _, _)| *seq <= after.saturating_add(1));
@@ -1931,6 +1970,7 @@ impl EventLog {
             if newest_at_ms >= before_ms {
                 break;
             }
+            let files = self.files.write();
             {
                 let mut list = self.shared.segments.lock();
                 list.retain(|segment| *segment != first);
@@ -1938,6 +1978,7 @@ impl EventLog {
             *self.resume.lock() = None;
             std::fs::remove_file(&path)
                 .map_err(|error| storage(format!("removing {}", path.display()), error))?;
+            drop(files);
             removed += last + 1 - first;
             deleted = true;
         }
