@@ -831,10 +831,11 @@ limits = [{ resource = "widget", unit = "requests", amount = 5, window = "monthl
     );
 }
 
-/// A one-minute window (1 s buckets, a 61-slot ring of 16-bit lap tags) used again 2^16 laps
-/// after its last use, about 46 days, while another limit kept the key from being reclaimed:
-/// its old usage is long gone. Before, the ring's stale slots carried the very tags the new
-/// lap gave them and counted again: the key was denied with 5 of 5 used.
+/// A one-minute window (1 s buckets, a 61-slot ring) used again 2^16 laps after its last use,
+/// about 46 days, while another limit kept the key from being reclaimed: its old usage is long
+/// gone. Before, the ring had 16-bit lap tags, its stale slots carried the very tags the new
+/// lap gave them and counted again: the key was denied with 5 of 5 used. (Rings with laps
+/// this short now get 32-bit tags.)
 #[test]
 fn a_window_used_again_after_a_whole_tag_period_of_laps_starts_empty() {
     let policy = Policy::from_toml_str(

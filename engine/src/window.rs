@@ -28,6 +28,13 @@ use crate::pages::{boxed_slice_in, UsagePages};
 /// The largest limit a narrow ring (16-bit counts) can hold; larger limits get wide slots.
 pub const NARROW_MAX_AMOUNT: u64 = u16::MAX as u64;
 
+/// The shortest time after which a narrow ring's 16-bit lap tags may repeat (2^16 laps): 30
+/// years. A ring whose laps are shorter (under about 4 hours: a one-minute window repeats
+/// after 46 days) gets wide slots, whose 32-bit tags repeat only after 400 years even at the
+/// smallest lap. The seed plans' 5-hour rings (37.6 years) stay narrow. See `move_head` for
+/// why a repeat matters.
+pub const NARROW_TAG_PERIOD_MIN_MS: u64 = 30 * 365 * 24 * 3_600 * 1_000;
+
 /// A slot's content: the lap tag (truncated to the slot's tag bits) and the count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
@@ -310,6 +317,15 @@ impl RollingShape {
         )
     }
 
+    /// Whether a narrow ring of this shape may be used: its tags repeat only after
+    /// `NARROW_TAG_PERIOD_MIN_MS`.
+    pub fn narrow_tags_last(&self) -> bool {
+        self.slots()
+            .saturating_mul(self.bucket_ms)
+            .saturating_mul(1 << 16)
+            >= NARROW_TAG_PERIOD_MIN_MS
+    }
+
     /// When the units recorded in bucket `epoch` stop counting.
     pub fn release_ms(&self, epoch: u64) -> u64 {
         epoch
@@ -330,12 +346,26 @@ pub struct RollingWindow {
 }
 
 impl RollingWindow {
-    /// A ring for a limit of `amount`: narrow slots when it fits 16 bits.
+    /// A ring for a limit of `amount`: narrow slots when it fits 16 bits and the shape's laps
+    /// are long enough for 16-bit tags (`RollingShape::narrow_tags_last`).
     pub fn new(shape: RollingShape, amount: u64) -> RollingWindow {
         RollingWindow {
             total: AtomicU64::new(0),
             head: AtomicU64::new(0),
-            slots: Slots::new(shape.slots(), amount > NARROW_MAX_AMOUNT),
+            slots: Slots::new(
+                shape.slots(),
+                amount > NARROW_MAX_AMOUNT || !shape.narrow_tags_last(),
+            ),
+        }
+    }
+
+    /// A ring of the given slot width whatever the shape (tests of narrow tags on short laps).
+    #[cfg(test)]
+    fn with_width(shape: RollingShape, wide: bool) -> RollingWindow {
+        RollingWindow {
+            total: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            slots: Slots::new(shape.slots(), wide),
         }
     }
 
@@ -368,10 +398,20 @@ impl RollingWindow {
     /// the new lap gives its index and look live: the sweep skips a slot whose tag matches.
     /// Such a jump first moves one lap short of `epoch`, then to it: each index then gets two
     /// different tags from the two sweeps, so every stale slot is cleared by one of them.
+    ///
+    /// Left: another thread's move between the two steps can pass the first sweep before it
+    /// is done, and a stale slot whose tag the second step repeats then stays (counted for
+    /// one more window: a denial, never an admission). Narrow rings are only used where tags
+    /// repeat after 30 years or more (`NARROW_TAG_PERIOD_MIN_MS`), and wide tags repeat after
+    /// more than tally's whole range of timestamps, so that takes a key idle for 30 years and
+    /// revived by two requests at once.
     #[inline(never)]
     fn move_head(&self, shape: RollingShape, epoch: u64, head: u64) -> u64 {
-        let laps = shape.lap(epoch).saturating_sub(shape.lap(head));
-        let head = if laps >= self.slots.tag_period() - 2 {
+        // `laps(head, epoch) >= tag_period - 2` without a division on every move: implied by
+        // this distance, and implying it within a lap (a second step taken needlessly is only
+        // a sweep more).
+        let far = (self.slots.tag_period() - 3).saturating_mul(shape.slots());
+        let head = if epoch - head >= far {
             self.move_head_once(shape, epoch - shape.slots(), head)
         } else {
             head
@@ -1239,7 +1279,8 @@ mod tests {
 
     #[test]
     fn a_narrow_ring_counts_exactly_like_a_wide_one() {
-        let narrow = RollingWindow::new(SHAPE, 1_000);
+        // Narrow on a lap this short only here: its tags repeat within minutes of test time.
+        let narrow = RollingWindow::with_width(SHAPE, false);
         let wide = RollingWindow::new(SHAPE, 100_000);
         assert!(!narrow.slots.is_wide() && wide.slots.is_wide());
         let mut at = 0u64;
@@ -1270,7 +1311,7 @@ mod tests {
     #[test]
     fn a_ring_idle_for_a_whole_tag_period_of_laps_forgets_its_old_counts() {
         let slots = SHAPE.slots();
-        for (amount, period) in [(1_000u64, 1u64 << 16), (100_000, 1 << 32)] {
+        for (wide, amount, period) in [(false, 1_000u64, 1u64 << 16), (true, 100_000, 1 << 32)] {
             for offset in [
                 -(slots as i64) - 1,
                 -(slots as i64),
@@ -1282,7 +1323,7 @@ mod tests {
                 slots as i64,
                 slots as i64 + 1,
             ] {
-                let ring = RollingWindow::new(SHAPE, amount);
+                let ring = RollingWindow::with_width(SHAPE, wide);
                 assert_eq!(ring.slots.tag_period(), period);
                 // Counts in every slot of the live window, over two laps' tags.
                 let start = 5 * slots + 4;
@@ -1303,6 +1344,29 @@ mod tests {
                 assert!(consume(&ring, later * SHAPE.bucket_ms, amount, amount));
                 assert_eq!(ring.slot_sum(), amount);
             }
+        }
+    }
+
+    /// Narrow slots only where their 16-bit lap tags cannot repeat within 30 years: a
+    /// one-minute window (61-second laps, tags repeating after 46 days) gets wide ones, the
+    /// seed plans' 5-hour window (80 s buckets) keeps narrow ones.
+    #[test]
+    fn short_laps_get_wide_slots_and_the_five_hour_window_stays_narrow() {
+        let minute = RollingShape::new(60_000, 1_000);
+        assert!(!minute.narrow_tags_last());
+        assert!(RollingWindow::new(minute, 5).slots.is_wide());
+        let five_hours = RollingShape::new(5 * 3_600_000, 80_000);
+        assert!(five_hours.narrow_tags_last());
+        assert!(!RollingWindow::new(five_hours, 4_500).slots.is_wide());
+        assert_eq!(RollingWindow::new(five_hours, 4_500).heap_bytes(), 226 * 4);
+        // The boundary: laps of at least 30 years / 2^16.
+        let lap_ms = NARROW_TAG_PERIOD_MIN_MS.div_ceil(1 << 16);
+        for (bucket_ms, narrow) in [(lap_ms.div_ceil(3), true), (lap_ms / 3 - 1_000, false)] {
+            let shape = RollingShape {
+                bucket_ms,
+                buckets: 2,
+            };
+            assert_eq!(shape.narrow_tags_last(), narrow, "bucket {bucket_ms} ms");
         }
     }
 
