@@ -249,6 +249,7 @@ impl Engine {
                         .iter()
                         .filter_map(|&(counter, time, amount)| {
                             carry_through(then, &later, policy, counter, time)
+                                .and_then(|(counter, time)| usage.locate(policy, counter, time))
                                 .map(|(counter, time)| (counter, time, amount))
                         })
                         .collect();
@@ -453,7 +454,9 @@ pub(crate) fn retake_in(
     }
     if let Some(usage) = state.usage.get() {
         for &(counter, time, amount) in &given.counters {
-            if let Some((current, time)) = carry_through(then, later, policy, counter, time) {
+            let located = carry_through(then, later, policy, counter, time)
+                .and_then(|(counter, time)| usage.locate(policy, counter, time));
+            if let Some((current, time)) = located {
                 let _ = force_counter(policy, usage, current, time, amount);
             }
         }
@@ -543,25 +546,8 @@ fn refund_hold(
 ) -> Option<(CounterId, u64, u64)> {
     let (carried, time) = carry_through(then, later, now, counter, time)?;
     // A seat change between plans whose limits on this meter differ only in their buckets
-    // moved the usage to the other plan's counter, re-bucketed (`KeyUsage::rearranged`):
-    // give back there, the time mapped to its buckets as the rearrangement did.
-    let (current, time) = if usage.counter(carried).is_some() {
-        (carried, time)
-    } else {
-        let spec = now.counter(carried);
-        let current = usage
-            .counters
-            .iter()
-            .map(|counter| counter.id)
-            .find(|&id| {
-                let other = now.counter(id);
-                other.meter == spec.meter && other.window.span_equals(spec.window)
-            })?;
-        match (spec.window.shape(), now.counter(current).window.shape()) {
-            (Some(from), Some(to)) if from != to => (current, from.carried_epoch(to, time)),
-            _ => (current, time),
-        }
-    };
+    // moved the usage to the other plan's counter, re-bucketed: give back there.
+    let (current, time) = usage.locate(now, carried, time)?;
     let amount = quantities
         .weighted(&then.counter_weights(counter, resource))
         .unwrap_or(held)

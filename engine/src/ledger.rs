@@ -278,6 +278,30 @@ impl KeyUsage {
             .map(|counter| &counter.state)
     }
 
+    /// Where units of `policy`'s `counter` at `time` (an epoch or a period) are in this usage:
+    /// that counter, or, when a seat change or a swap moved the plan's usage to the counter of
+    /// the same meter over the same span with other buckets (`rearranged`), that one, with the
+    /// time mapped to its buckets as the move did. `None` if neither is here.
+    pub fn locate(
+        &self,
+        policy: &Policy,
+        counter: CounterId,
+        time: u64,
+    ) -> Option<(CounterId, u64)> {
+        if self.counter(counter).is_some() {
+            return Some((counter, time));
+        }
+        let spec = policy.counter(counter);
+        let found = self.counters.iter().map(|counter| counter.id).find(|&id| {
+            let other = policy.counter(id);
+            other.meter == spec.meter && other.window.span_equals(spec.window)
+        })?;
+        match (spec.window.shape(), policy.counter(found).window.shape()) {
+            (Some(from), Some(to)) if from != to => Some((found, from.carried_epoch(to, time))),
+            _ => Some((found, time)),
+        }
+    }
+
     /// The same usage laid out for `plan` under `policy`, taking counters from `self` (laid
     /// out under `old_policy`). Counters with the same meter and window carry over, even if the
     /// bucket width changed; the rest stay dormant.

@@ -2636,8 +2636,6 @@ impl Writer {
 }
 
 impl Shared {
-    /// Marks the log failed from the first event not yet durable (in `Sync` mode, events
-    /// written but not flushed fail too); a failure already recorded stays the one reported.
     /// An fdatasync of the log outside the writer failed. The kernel may have dropped the
     /// pages it could not write, and a later fdatasync can then succeed without them: nothing
     /// after the last good flush can be trusted any more, so the log fails as the writer's own
@@ -2648,6 +2646,8 @@ impl Shared {
         self.announce(progress);
     }
 
+    /// Marks the log failed from the first event not yet durable (in `Sync` mode, events
+    /// written but not flushed fail too); a failure already recorded stays the one reported.
     fn mark_failed(&self, progress: &mut Progress, error: &Error) {
         let next = progress.visible.seq + 1;
         progress.failure.get_or_insert((next, error.to_string()));

@@ -1145,8 +1145,11 @@ impl Engine {
                 .usage
                 .get_or_init(|| KeyUsage::for_plan(policy, state.seat));
             for (counter, time, amount) in moves.clone() {
-                let Some((current, time)) = carry_through(then, later, policy, counter, time)
-                else {
+                // Where the swaps since, and a seat change to a plan counting the same meter
+                // over the same span with other buckets, put the usage counted before it.
+                let located = carry_through(then, later, policy, counter, time)
+                    .and_then(|(counter, time)| usage.locate(policy, counter, time));
+                let Some((current, time)) = located else {
                     continue;
                 };
                 let owed = debts.take(key, current, time, amount);
@@ -1208,8 +1211,9 @@ impl Engine {
                 return;
             };
             for &(counter, time, amount) in &given.counters {
-                let Some((current, time)) = carry_through(then, &later, policy, counter, time)
-                else {
+                let located = carry_through(then, &later, policy, counter, time)
+                    .and_then(|(counter, time)| usage.locate(policy, counter, time));
+                let Some((current, time)) = located else {
                     continue;
                 };
                 let short = unforce_counter(policy, usage, current, time, amount);
@@ -2749,6 +2753,64 @@ limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "roll
         assert_eq!(used(base + 43 * MINUTE), 120);
         // Both sixties leave together, when the [50, 60) bucket does.
         assert_eq!(used(base + 5 * hour + 55 * MINUTE), 120);
+        assert_eq!(used(base + 6 * hour), 0);
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same when the swap also moved the key's usage to its plan's counter of the same
+    /// meter and span (`KeyUsage::rearranged`): plan A counts 5 h in 1-hour buckets, plan B in
+    /// 10-minute ones and then 12-minute ones. The swap carries B's 10-minute counter to A's
+    /// hourly one (the first of the same span), then B's limit takes it over, re-bucketed
+    /// again. Before, the replayed move went to A's counter, which the key does not have, and
+    /// was dropped (60 counted where the engine that never closed counts 120).
+    #[test]
+    fn a_replayed_receipt_of_an_older_generation_follows_a_swap_to_a_counter_of_the_same_span() {
+        let dir = fresh_dir("older-span");
+        let policy_with = |bucket: &str| {
+            Policy::from_toml_str(&format!(
+                r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "1h" }}]
+[plans.B]
+limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "{bucket}" }}]
+"#
+            ))
+            .expect("a valid policy")
+        };
+        let hour = 60 * MINUTE;
+        let base = T0.next_multiple_of(hour);
+        let at_ms = base + 40 * MINUTE;
+        let clock = Arc::new(ManualClock::new(at_ms));
+        let engine =
+            Engine::open(&dir, policy_with("10m"), clock, OpenOptions::default()).expect("open");
+        engine.create_user("u", "k", Some(at_ms)).expect("user");
+        engine
+            .assign_seat("@u", "u", "B", Some(at_ms))
+            .expect("seat");
+        let sixty = [(Unit::Requests, 60)];
+        let request = UsageRequest::new("k", "chat", &sixty).at(at_ms);
+        assert!(engine.consume(&request).expect("valid").is_admitted());
+        let receipt = engine
+            .events_after(0, usize::MAX)
+            .expect("events")
+            .into_iter()
+            .find_map(|event| match event.body {
+                EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
+                _ => None,
+            })
+            .expect("the usage event");
+        engine
+            .swap_policy(policy_with("12m"), Some(base + 41 * MINUTE))
+            .expect("swap");
+        engine.apply_receipt("k", None, &receipt, &mut Debts::default());
+        let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
+        assert_eq!(used(base + 43 * MINUTE), 120);
+        // Both sixties leave together: [40, 50) went to the hour [0, 60), then to [48, 60).
+        assert_eq!(used(base + 5 * hour + 59 * MINUTE), 120);
         assert_eq!(used(base + 6 * hour), 0);
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
