@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import tally
-from conftest import T, seated
+from conftest import HOUR_MS, T, seated
 from tally import Durability
 
 
@@ -49,6 +49,26 @@ def test_the_event_log_and_a_billing_cursor(tmp_path):
     report = tally.verify(tmp_path / "db")
     assert report.sound and not report.problems
     assert report.last_seq is not None and report.last_seq >= len(events)
+
+
+def test_reading_after_a_cursor_that_compaction_passed_names_the_events_lost(tmp_path):
+    # The retention is how long a billing reader has; once compaction has passed its cursor,
+    # reading after it says which events are gone instead of skipping them silently.
+    options = tally.Options(retention_ms=1_000)
+    with tally.Engine.open(tmp_path / "db", durability="sync", options=options) as engine:
+        key = seated(engine, "di", "tp-di-1", "Plus")
+        for i in range(3):
+            engine.consume(key, "m2.7", {"requests": 1}, at_ms=T + i)
+        engine.save_cursor("billing", 2)
+        snapshot = engine.checkpoint()
+        later = T + 40 * 24 * HOUR_MS
+        engine.consume(key, "m2.7", {"requests": 1}, at_ms=later)
+        assert engine.compact(at_ms=later) > 0
+        with pytest.raises(tally.InvalidArgumentError, match="compacted away"):
+            engine.events_after(engine.cursor("billing"))
+        kept = engine.events_after(snapshot)
+        assert kept and kept[0].seq == snapshot + 1
+        assert engine.events_after(0) == kept
 
 
 def test_a_database_open_in_one_engine_is_locked_for_another(tmp_path):
