@@ -130,14 +130,40 @@ pub struct Faults {
     // Relaxed: counters read and decremented by the writer thread only; tests set them.
     fail_inserts: AtomicU64,
     fail_flushes: AtomicU64,
-    // Relaxed: a test's switch, polled by the writer (see `hold_flushes`).
-    hold_flushes: AtomicBool,
-    // Relaxed: how many flushes the writer has held so far; a test polls it.
-    flushes_held: AtomicU64,
-    // Relaxed: a test's switch, polled by a reader of the log files (see `hold_scans`).
-    hold_scans: AtomicBool,
-    // Relaxed: how many scans have waited at the hold so far; a test polls it.
-    scans_held: AtomicU64,
+    /// The writer's fdatasyncs (see `hold_flushes`).
+    flushes: Hold,
+    /// Reads of the log files (see `hold_scans`).
+    scans: Hold,
+}
+
+/// A test's pause of one kind of step: while on, each step that reaches it waits (polling: a
+/// test's pause, not a hot path) and is counted.
+#[derive(Debug, Default)]
+struct Hold {
+    // Relaxed: a test's switch, polled by the step.
+    on: AtomicBool,
+    // Relaxed: how many steps have waited so far; a test polls it.
+    held: AtomicU64,
+}
+
+impl Hold {
+    fn set(&self, on: bool) {
+        self.on.store(on, Ordering::Relaxed);
+    }
+
+    fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn wait(&self) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        while self.on.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 impl Faults {
@@ -158,52 +184,31 @@ impl Faults {
     /// The writer's fdatasyncs wait (before they start, and before an injected failure) until
     /// `release_flushes`: written events stay not yet durable for as long as a test needs.
     pub fn hold_flushes(&self) {
-        self.hold_flushes.store(true, Ordering::Relaxed);
+        self.flushes.set(true);
     }
 
     pub fn release_flushes(&self) {
-        self.hold_flushes.store(false, Ordering::Relaxed);
+        self.flushes.set(false);
     }
 
     /// How many fdatasyncs have waited at the hold so far.
     pub fn flushes_held(&self) -> u64 {
-        self.flushes_held.load(Ordering::Relaxed)
+        self.flushes.held()
     }
 
     /// A read of the log files (`events_after`, replay) waits, once it has listed them, until
     /// `release_scans`: a test's window for compaction to run meanwhile.
     pub fn hold_scans(&self) {
-        self.hold_scans.store(true, Ordering::Relaxed);
+        self.scans.set(true);
     }
 
     pub fn release_scans(&self) {
-        self.hold_scans.store(false, Ordering::Relaxed);
+        self.scans.set(false);
     }
 
     /// How many reads of the log files have waited at the hold so far.
     pub fn scans_held(&self) -> u64 {
-        self.scans_held.load(Ordering::Relaxed)
-    }
-
-    fn wait_while_scans_held(&self) {
-        if !self.hold_scans.load(Ordering::Relaxed) {
-            return;
-        }
-        self.scans_held.fetch_add(1, Ordering::Relaxed);
-        while self.hold_scans.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Waits while flushes are held (polling: a test's pause, not a hot path).
-    fn wait_while_held(&self) {
-        if !self.hold_flushes.load(Ordering::Relaxed) {
-            return;
-        }
-        self.flushes_held.fetch_add(1, Ordering::Relaxed);
-        while self.hold_flushes.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.scans.held()
     }
 
     fn take(counter: &AtomicU64) -> bool {
@@ -1551,7 +1556,7 @@ impl EventLog {
         let visible = self.visible();
         let segments = self.shared.segments.lock().clone();
         if let Some(faults) = self.shared.faults.as_deref() {
-            faults.wait_while_scans_held();
+            faults.scans.wait();
         }
         let wanted = after.saturating_add(1);
         let index = segments
@@ -2404,7 +2409,7 @@ impl Writer {
 
     fn flush(&self) -> Result<(), Error> {
         if let Some(faults) = self.shared.faults.as_deref() {
-            faults.wait_while_held();
+            faults.flushes.wait();
         }
         if self
             .shared
