@@ -693,24 +693,28 @@ limits = [{ resource = "chat", unit = "requests", amount = 200, window = "rollin
     assert_eq!(used(at_ms), 0);
 }
 
+/// A policy of one resource and one plan, A, with one 5-hour limit of `amount` requests in
+/// buckets of `bucket`.
+fn five_hour_chat_plan(amount: u64, bucket: &str) -> Policy {
+    Policy::from_toml_str(&format!(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.A]
+limits = [{{ resource = "chat", unit = "requests", amount = {amount}, window = "rolling:5h", bucket = "{bucket}" }}]
+"#
+    ))
+    .expect("a valid policy")
+}
+
 #[test]
 fn a_refund_and_a_void_after_two_swaps_of_the_bucket_width_give_back_where_the_usage_went() {
     // Each swap re-buckets the usage to the bucket holding its old bucket's last instant: a
     // 10-minute bucket [40, 50) goes to the 12-minute [48, 60), then to the 10-minute [50, 60).
     // Before, a give-back mapped the receipt's bucket straight to the current width ([40, 50)),
     // found nothing there and gave back nothing.
-    let policy_with = |bucket: &str| {
-        Policy::from_toml_str(&format!(
-            r#"
-time_zone = "UTC"
-[resources.chat]
-units = ["requests"]
-[plans.A]
-limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "{bucket}" }}]
-"#
-        ))
-        .expect("a valid policy")
-    };
+    let policy_with = |bucket: &str| five_hour_chat_plan(100, bucket);
     let engine = engine_with(policy_with("10m"));
     let key = seated(&engine, "ada", "A");
     assert_eq!(T0_MS % HOUR_MS, 0, "the buckets below start on the hour");
@@ -1162,18 +1166,7 @@ fn adding_usage_counts_it_whatever_the_limit_and_removing_gives_it_back() {
 /// difference never aged out, and the key stayed denied for good (a debug build panicked).
 #[test]
 fn a_swap_to_wider_buckets_keeps_merged_buckets_past_sixteen_bits_whole() {
-    let policy_with = |bucket: &str| {
-        Policy::from_toml_str(&format!(
-            r#"
-time_zone = "UTC"
-[resources.chat]
-units = ["requests"]
-[plans.A]
-limits = [{{ resource = "chat", unit = "requests", amount = 60000, window = "rolling:5h", bucket = "{bucket}" }}]
-"#
-        ))
-        .expect("a valid policy")
-    };
+    let policy_with = |bucket: &str| five_hour_chat_plan(60_000, bucket);
     let engine = engine_with(policy_with("1m"));
     let key = seated(&engine, "ada", "A");
     let at_ms = T0_MS + HOUR_MS;

@@ -449,7 +449,9 @@ fn a_failed_fdatasync_before_a_background_snapshot_fails_the_log() {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
     };
-    assert!(admitted >= 18, "a checkpoint was due first: {admitted}");
+    // The log's first three events (the policy, the user, the key) and 17 requests make the
+    // 20 after which a checkpoint is due; the refusal comes after it, never before.
+    assert!(admitted >= 17, "a checkpoint was due first: {admitted}");
     assert!(refused.to_string().contains("injected fault"), "{refused}");
     assert!(
         engine.checkpoint().is_err(),
@@ -614,7 +616,7 @@ fn a_failed_flush_at_the_end_of_a_batch_gives_back_only_what_is_not_durable() {
         })
         .collect();
     let mut partial = 0;
-    for attempt in 0..20 {
+    for attempt in 0..50 {
         let dir = TempDir::new(&format!("many-partial-{attempt}"));
         let faults = tally_engine::Faults::new();
         let options = OpenOptions {
@@ -681,9 +683,7 @@ fn a_failed_flush_at_the_end_of_a_batch_gives_back_only_what_is_not_durable() {
         }
         if !acknowledged.is_empty() && acknowledged.len() < requests.len() {
             partial += 1;
-            if partial == 3 {
-                break;
-            }
+            break;
         }
     }
     assert!(partial > 0, "no attempt failed part of a batch");

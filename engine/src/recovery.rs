@@ -2661,15 +2661,7 @@ mod tests {
             .consume(&m27("tp-u", 2, T0))
             .expect("valid")
             .is_admitted());
-        let receipt = engine
-            .events_after(0, usize::MAX)
-            .expect("events")
-            .into_iter()
-            .find_map(|event| match event.body {
-                EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
-                _ => None,
-            })
-            .expect("the usage event");
+        let receipt = first_usage_receipt(&engine);
         let used = |engine: &Engine| -> Vec<u64> {
             let report = engine.usage("tp-u", Some(T0)).expect("usage");
             report.limits.iter().map(|limit| limit.used).collect()
@@ -2700,41 +2692,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// The same after swaps that change the bucket width: the older generation's units go
-    /// where the swaps put the usage counted before them (each swap re-buckets on its own), not
-    /// to the bucket of the same number in the new width. Before, a 10-minute bucket's number
-    /// was used as a 12-minute one's: an hour and a half too late on this clock.
-    #[test]
-    fn a_replayed_receipt_of_an_older_generation_lands_where_the_swaps_put_its_usage() {
-        let dir = fresh_dir("older-width");
-        let policy_with = |bucket: &str| {
-            Policy::from_toml_str(&format!(
-                r#"
-time_zone = "UTC"
-[resources.chat]
-units = ["requests"]
-[plans.A]
-limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "{bucket}" }}]
-"#
-            ))
-            .expect("a valid policy")
-        };
-        let hour = 60 * MINUTE;
-        // A 10-minute bucket [40, 50) goes to the 12-minute [48, 60), then to the 10-minute
-        // [50, 60): one step straight from the first width would say [40, 50).
-        let base = T0.next_multiple_of(hour);
-        let at_ms = base + 40 * MINUTE;
-        let clock = Arc::new(ManualClock::new(at_ms));
-        let engine =
-            Engine::open(&dir, policy_with("10m"), clock, OpenOptions::default()).expect("open");
-        engine.create_user("u", "k", Some(at_ms)).expect("user");
+    /// The receipt of the first usage event in the log.
+    fn first_usage_receipt(engine: &Engine) -> Receipt {
         engine
-            .assign_seat("@u", "u", "A", Some(at_ms))
-            .expect("seat");
-        let sixty = [(Unit::Requests, 60)];
-        let request = UsageRequest::new("k", "chat", &sixty).at(at_ms);
-        assert!(engine.consume(&request).expect("valid").is_admitted());
-        let receipt = engine
             .events_after(0, usize::MAX)
             .expect("events")
             .into_iter()
@@ -2742,78 +2702,78 @@ limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "roll
                 EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
                 _ => None,
             })
-            .expect("the usage event");
-        for (bucket, minutes) in [("12m", 41), ("10m", 42)] {
-            engine
-                .swap_policy(policy_with(bucket), Some(base + minutes * MINUTE))
-                .expect("swap");
-        }
-        engine.apply_receipt("k", None, &receipt, &mut Debts::default());
-        let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
-        assert_eq!(used(base + 43 * MINUTE), 120);
-        // Both sixties leave together, when the [50, 60) bucket does.
-        assert_eq!(used(base + 5 * hour + 55 * MINUTE), 120);
-        assert_eq!(used(base + 6 * hour), 0);
-        drop(engine);
-        let _ = std::fs::remove_dir_all(&dir);
+            .expect("the usage event")
     }
 
-    /// The same when the swap also moved the key's usage to its plan's counter of the same
-    /// meter and span (`KeyUsage::rearranged`): plan A counts 5 h in 1-hour buckets, plan B in
-    /// 10-minute ones and then 12-minute ones. The swap carries B's 10-minute counter to A's
-    /// hourly one (the first of the same span), then B's limit takes it over, re-bucketed
-    /// again. Before, the replayed move went to A's counter, which the key does not have, and
-    /// was dropped (60 counted where the engine that never closed counts 120).
+    /// A policy of one resource and plans of one 5-hour limit each, `(plan, bucket)`.
+    fn five_hour_plans(plans: &[(&str, &str)]) -> Policy {
+        let mut document =
+            "time_zone = \"UTC\"\n[resources.chat]\nunits = [\"requests\"]\n".to_string();
+        for (plan, bucket) in plans {
+            document.push_str(&format!(
+                "[plans.{plan}]\nlimits = [{{ resource = \"chat\", unit = \"requests\", amount = \
+                 1000, window = \"rolling:5h\", bucket = \"{bucket}\" }}]\n"
+            ));
+        }
+        Policy::from_toml_str(&document).expect("a valid policy")
+    }
+
+    /// The same after swaps that change the bucket width: the older generation's units go
+    /// where the swaps put the usage counted before them, not to the bucket of the same number
+    /// in the new width. Each case uses 60 requests at 0:40 past an hour, seated on B.
+    /// - Two swaps, 10 m -> 12 m -> 10 m: [40, 50) goes to [48, 60), then to [50, 60). Before,
+    ///   a 10-minute bucket's number was used as a 12-minute one's (an hour and a half late).
+    /// - One swap where B's 10-minute buckets become 12-minute ones beside A's hourly ones:
+    ///   the swap carries B's counter to A's (the first of the same span), then B's limit takes
+    ///   it over (`KeyUsage::rearranged`): [40, 50) goes to [0, 60), then to [48, 60). Before,
+    ///   the move went to A's counter, which the key does not have, and was dropped.
+    ///
+    /// Either way, both sixties leave together, when the last bucket does (at 6:00).
     #[test]
-    fn a_replayed_receipt_of_an_older_generation_follows_a_swap_to_a_counter_of_the_same_span() {
-        let dir = fresh_dir("older-span");
-        let policy_with = |bucket: &str| {
-            Policy::from_toml_str(&format!(
-                r#"
-time_zone = "UTC"
-[resources.chat]
-units = ["requests"]
-[plans.A]
-limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "1h" }}]
-[plans.B]
-limits = [{{ resource = "chat", unit = "requests", amount = 1000, window = "rolling:5h", bucket = "{bucket}" }}]
-"#
-            ))
-            .expect("a valid policy")
-        };
+    fn a_replayed_receipt_of_an_older_generation_lands_where_the_swaps_put_its_usage() {
+        // (label, the first policy's plans, each swap's plans): plans as `(name, bucket)`.
+        type Plans<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(&str, Plans<'_>, &[Plans<'_>]); 2] = [
+            (
+                "older-width",
+                &[("B", "10m")],
+                &[&[("B", "12m")], &[("B", "10m")]],
+            ),
+            (
+                "older-span",
+                &[("A", "1h"), ("B", "10m")],
+                &[&[("A", "1h"), ("B", "12m")]],
+            ),
+        ];
         let hour = 60 * MINUTE;
         let base = T0.next_multiple_of(hour);
         let at_ms = base + 40 * MINUTE;
-        let clock = Arc::new(ManualClock::new(at_ms));
-        let engine =
-            Engine::open(&dir, policy_with("10m"), clock, OpenOptions::default()).expect("open");
-        engine.create_user("u", "k", Some(at_ms)).expect("user");
-        engine
-            .assign_seat("@u", "u", "B", Some(at_ms))
-            .expect("seat");
-        let sixty = [(Unit::Requests, 60)];
-        let request = UsageRequest::new("k", "chat", &sixty).at(at_ms);
-        assert!(engine.consume(&request).expect("valid").is_admitted());
-        let receipt = engine
-            .events_after(0, usize::MAX)
-            .expect("events")
-            .into_iter()
-            .find_map(|event| match event.body {
-                EventBody::UsageAdmitted { receipt, .. } => Some(receipt),
-                _ => None,
-            })
-            .expect("the usage event");
-        engine
-            .swap_policy(policy_with("12m"), Some(base + 41 * MINUTE))
-            .expect("swap");
-        engine.apply_receipt("k", None, &receipt, &mut Debts::default());
-        let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
-        assert_eq!(used(base + 43 * MINUTE), 120);
-        // Both sixties leave together: [40, 50) went to the hour [0, 60), then to [48, 60).
-        assert_eq!(used(base + 5 * hour + 59 * MINUTE), 120);
-        assert_eq!(used(base + 6 * hour), 0);
-        drop(engine);
-        let _ = std::fs::remove_dir_all(&dir);
+        for (label, first, swaps) in cases {
+            let dir = fresh_dir(label);
+            let clock = Arc::new(ManualClock::new(at_ms));
+            let policy = five_hour_plans(first);
+            let engine = Engine::open(&dir, policy, clock, OpenOptions::default()).expect("open");
+            engine.create_user("u", "k", Some(at_ms)).expect("user");
+            engine
+                .assign_seat("@u", "u", "B", Some(at_ms))
+                .expect("seat");
+            let sixty = [(Unit::Requests, 60)];
+            let request = UsageRequest::new("k", "chat", &sixty).at(at_ms);
+            assert!(engine.consume(&request).expect("valid").is_admitted());
+            let receipt = first_usage_receipt(&engine);
+            for (minutes, plans) in (41..).zip(swaps.iter()) {
+                engine
+                    .swap_policy(five_hour_plans(plans), Some(base + minutes * MINUTE))
+                    .expect("swap");
+            }
+            engine.apply_receipt("k", None, &receipt, &mut Debts::default());
+            let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
+            assert_eq!(used(base + 43 * MINUTE), 120, "{label}");
+            assert_eq!(used(base + 5 * hour + 59 * MINUTE), 120, "{label}");
+            assert_eq!(used(base + 6 * hour), 0, "{label}");
+            drop(engine);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     /// Replay hands events over in batches of `REPLAY_BATCH` and applies each `REPLAY_AHEAD`
