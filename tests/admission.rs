@@ -649,6 +649,24 @@ fn reserve_music(engine: &Engine, key: &str, quantities: &[(Unit, u64)]) -> Rese
     outcome.reservation.expect("an id")
 }
 
+/// Spends 60 `chat` requests under request id "r1" and holds 30 more in a reservation, at
+/// `at_ms`: what the give-back tests below refund and void.
+fn spend_sixty_and_hold_thirty(engine: &Engine, key: &str, at_ms: u64) -> ReservationId {
+    let sixty = [(Unit::Requests, 60)];
+    let first = engine
+        .consume(&UsageRequest::new(key, "chat", &sixty).at(at_ms).id("r1"))
+        .expect("consume");
+    assert!(first.is_admitted());
+    engine
+        .reserve(
+            &UsageRequest::new(key, "chat", &[(Unit::Requests, 30)]).at(at_ms),
+            None,
+        )
+        .expect("reserve")
+        .reservation
+        .expect("admitted")
+}
+
 #[test]
 fn a_refund_and_a_void_after_a_seat_change_to_other_buckets_give_back_where_the_usage_went() {
     // Two plans whose 5-hour limits differ in bucket width: the seat change moves the usage to
@@ -669,19 +687,7 @@ limits = [{ resource = "chat", unit = "requests", amount = 200, window = "rollin
     let engine = engine_with(policy);
     let key = seated(&engine, "ada", "A");
     let at_ms = T0_MS + 37 * MINUTE_MS;
-    let sixty = [(Unit::Requests, 60)];
-    let first = engine
-        .consume(&UsageRequest::new(&key, "chat", &sixty).at(at_ms).id("r1"))
-        .expect("consume");
-    assert!(first.is_admitted());
-    let held = engine
-        .reserve(
-            &UsageRequest::new(&key, "chat", &[(Unit::Requests, 30)]).at(at_ms),
-            None,
-        )
-        .expect("reserve")
-        .reservation
-        .expect("admitted");
+    let held = spend_sixty_and_hold_thirty(&engine, &key, at_ms);
     engine
         .assign_seat(&team_of("ada"), "ada", "B", Some(at_ms))
         .expect("seat");
@@ -719,19 +725,7 @@ fn a_refund_and_a_void_after_two_swaps_of_the_bucket_width_give_back_where_the_u
     let key = seated(&engine, "ada", "A");
     assert_eq!(T0_MS % HOUR_MS, 0, "the buckets below start on the hour");
     let at_ms = T0_MS + 40 * MINUTE_MS;
-    let sixty = [(Unit::Requests, 60)];
-    let first = engine
-        .consume(&UsageRequest::new(&key, "chat", &sixty).at(at_ms).id("r1"))
-        .expect("consume");
-    assert!(first.is_admitted());
-    let held = engine
-        .reserve(
-            &UsageRequest::new(&key, "chat", &[(Unit::Requests, 30)]).at(at_ms),
-            None,
-        )
-        .expect("reserve")
-        .reservation
-        .expect("admitted");
+    let held = spend_sixty_and_hold_thirty(&engine, &key, at_ms);
     for (bucket, minutes) in [("12m", 41), ("10m", 42)] {
         engine
             .swap_policy(policy_with(bucket), Some(T0_MS + minutes * MINUTE_MS))

@@ -14,7 +14,7 @@ use crate::engine::{check_id, resolve_resource, AdjustmentDirection, Engine, Mem
 use crate::error::Error;
 use crate::event::{EventBody, GivenBack};
 use crate::ledger::{KeyUsage, WindowState};
-use crate::policy::{carry_through, CounterId, Policy, ResourceId, Unit, Window};
+use crate::policy::{CounterId, Policy, ResourceId, Unit, Window};
 
 /// What a refund gave back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,9 +248,9 @@ impl Engine {
                     let carried: Vec<_> = moved
                         .iter()
                         .filter_map(|&(counter, time, amount)| {
-                            carry_through(then, &later, policy, counter, time)
-                                .and_then(|(counter, time)| usage.locate(policy, counter, time))
-                                .map(|(counter, time)| (counter, time, amount))
+                            usage
+                                .find_carried((then, &later), policy, counter, time)
+                                .map(|(counter, time, _)| (counter, time, amount))
                         })
                         .collect();
                     undo_adjustment(policy, usage, &carried, direction);
@@ -454,10 +454,9 @@ pub(crate) fn retake_in(
     }
     if let Some(usage) = state.usage.get() {
         for &(counter, time, amount) in &given.counters {
-            let located = carry_through(then, later, policy, counter, time)
-                .and_then(|(counter, time)| usage.locate(policy, counter, time));
-            if let Some((current, time)) = located {
-                let _ = force_counter(policy, usage, current, time, amount);
+            let located = usage.find_carried((then, later), policy, counter, time);
+            if let Some((current, time, state)) = located {
+                let _ = force_state(policy, state, current, time, amount);
             }
         }
     }
@@ -473,7 +472,17 @@ pub(crate) fn force_counter(
     time: u64,
     amount: u64,
 ) -> Option<*const u8> {
-    let state = usage.counter(counter)?;
+    force_state(policy, usage.counter(counter)?, counter, time, amount)
+}
+
+/// `force_counter` on the counter's state, already looked up.
+pub(crate) fn force_state(
+    policy: &Policy,
+    state: &WindowState,
+    counter: CounterId,
+    time: u64,
+    amount: u64,
+) -> Option<*const u8> {
     match (state, policy.counter(counter).window) {
         (WindowState::Rolling(ring), window @ Window::Rolling { .. }) => {
             let shape = window.shape()?;
@@ -544,15 +553,13 @@ fn refund_hold(
     (counter, held, time): (CounterId, u64, u64),
     as_of_ms: Option<u64>,
 ) -> Option<(CounterId, u64, u64)> {
-    let (carried, time) = carry_through(then, later, now, counter, time)?;
-    // A seat change between plans whose limits on this meter differ only in their buckets
-    // moved the usage to the other plan's counter, re-bucketed: give back there.
-    let (current, time) = usage.locate(now, carried, time)?;
+    // Where the swaps since, and a seat change between plans whose limits on this meter differ
+    // only in their buckets, put the usage: give back there.
+    let (current, time, state) = usage.find_carried((then, later), now, counter, time)?;
     let amount = quantities
         .weighted(&then.counter_weights(counter, resource))
         .unwrap_or(held)
         .min(held);
-    let state = usage.counter(current)?;
     let (time, given) = match state {
         WindowState::Rolling(window) => {
             let shape = now.counter(current).window.shape()?;

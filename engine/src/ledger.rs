@@ -3,12 +3,13 @@
 
 use std::alloc::Layout;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use allocator_api2::alloc::Allocator;
 use allocator_api2::boxed::Box;
 
 use crate::pages::UsagePages;
-use crate::policy::{CounterId, PlanId, Policy, Window};
+use crate::policy::{carry_through, CounterId, PlanId, Policy, Window};
 use crate::window::{prefetch, CalendarCounter, RollingWindow};
 
 /// A team's prepaid credits. A Default Team's credits are its user's own.
@@ -281,25 +282,42 @@ impl KeyUsage {
     /// Where units of `policy`'s `counter` at `time` (an epoch or a period) are in this usage:
     /// that counter, or, when a seat change or a swap moved the plan's usage to the counter of
     /// the same meter over the same span with other buckets (`rearranged`), that one, with the
-    /// time mapped to its buckets as the move did. `None` if neither is here.
+    /// time mapped to its buckets as the move did, and its state. `None` if neither is here.
     pub fn locate(
         &self,
         policy: &Policy,
         counter: CounterId,
         time: u64,
-    ) -> Option<(CounterId, u64)> {
-        if self.counter(counter).is_some() {
-            return Some((counter, time));
+    ) -> Option<(CounterId, u64, &WindowState)> {
+        if let Some(state) = self.counter(counter) {
+            return Some((counter, time, state));
         }
         let spec = policy.counter(counter);
         let found = self.counters.iter().map(|counter| counter.id).find(|&id| {
             let other = policy.counter(id);
             other.meter == spec.meter && other.window.span_equals(spec.window)
         })?;
+        let state = self.counter(found)?;
         match (spec.window.shape(), policy.counter(found).window.shape()) {
-            (Some(from), Some(to)) if from != to => Some((found, from.carried_epoch(to, time))),
-            _ => Some((found, time)),
+            (Some(from), Some(to)) if from != to => {
+                Some((found, from.carried_epoch(to, time), state))
+            }
+            _ => Some((found, time, state)),
         }
+    }
+
+    /// Where units that `then`'s `counter` held at `time` are in this usage under `now`: carried
+    /// through every swap since (`policy::carry_through`; `later` lists the kept generations
+    /// after `then`), then `locate`d. What give-backs, their undo and replay all ask.
+    pub fn find_carried(
+        &self,
+        (then, later): (&Policy, &[Arc<Policy>]),
+        now: &Policy,
+        counter: CounterId,
+        time: u64,
+    ) -> Option<(CounterId, u64, &WindowState)> {
+        let (counter, time) = carry_through(then, later, now, counter, time)?;
+        self.locate(now, counter, time)
     }
 
     /// The same usage laid out for `plan` under `policy`, taking counters from `self` (laid

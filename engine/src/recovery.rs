@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord};
-use crate::adjustment::{force_counter, unforce_counter};
+use crate::adjustment::{force_state, unforce_counter};
 use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
 use crate::clock::Clock;
 use crate::engine::{AdjustmentDirection, Engine, EngineOptions};
@@ -33,7 +33,7 @@ use crate::idempotency::{Fingerprint, LoggedAs, RequestRecord};
 use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults, SnapshotBytes};
 use crate::options::RecordedOptions;
-use crate::policy::{carry_through, CounterId, PlanId, Policy, Window};
+use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
 
@@ -1147,14 +1147,14 @@ impl Engine {
             for (counter, time, amount) in moves.clone() {
                 // Where the swaps since, and a seat change to a plan counting the same meter
                 // over the same span with other buckets, put the usage counted before it.
-                let located = carry_through(then, later, policy, counter, time)
-                    .and_then(|(counter, time)| usage.locate(policy, counter, time));
-                let Some((current, time)) = located else {
+                let located = usage.find_carried((then, later), policy, counter, time);
+                let Some((current, time, counter_state)) = located else {
                     continue;
                 };
                 let owed = debts.take(key, current, time, amount);
                 if amount > owed {
-                    if let Some(slot) = force_counter(policy, usage, current, time, amount - owed) {
+                    let forced = force_state(policy, counter_state, current, time, amount - owed);
+                    if let Some(slot) = forced {
                         // So the key's next event prefetches the slots its sweep reads, as a
                         // live admission does: after a restore the hint points nowhere.
                         state.usage.note_slot(slot);
@@ -1211,9 +1211,8 @@ impl Engine {
                 return;
             };
             for &(counter, time, amount) in &given.counters {
-                let located = carry_through(then, &later, policy, counter, time)
-                    .and_then(|(counter, time)| usage.locate(policy, counter, time));
-                let Some((current, time)) = located else {
+                let located = usage.find_carried((then, &later), policy, counter, time);
+                let Some((current, time, _)) = located else {
                     continue;
                 };
                 let short = unforce_counter(policy, usage, current, time, amount);
