@@ -1566,6 +1566,8 @@ struct Frame {
     len: usize,
     first: u64,
     count: u64,
+    /// The writer's durable point as the record was written (`None`: a format-2 record).
+    durable_before: Option<u64>,
 }
 
 const SEGMENT_HEADER: usize = 32;
@@ -1594,6 +1596,7 @@ fn frames_of(dir: &std::path::Path) -> Vec<Frame> {
                 len,
                 first: view.first_seq,
                 count: u64::from(view.count),
+                durable_before: view.durable_before,
             });
             at += 8 + len;
         }
@@ -1624,6 +1627,9 @@ fn rewrite_last_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
     encode_record_into(
         &mut payload,
         frame.first,
+        frame
+            .durable_before
+            .map_or(frame.first, |mark| mark.min(frame.first)),
         events.iter().map(|(at, body)| (*at, body.as_slice())),
     );
     bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -2216,6 +2222,239 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         let report = Engine::verify(dir.path(), sync_options()).unwrap();
         assert!(report.is_sound(), "{cut}: {:?}", report.problems);
     }
+}
+
+/// A power loss can keep the end of the last write and tear an earlier part of it: the drive
+/// need not write the pages of an unsynced stretch in order. Every record of that stretch says
+/// (by its durable point) that the bad record's events were not yet durable, so it is a torn
+/// write: cut off with everything after it, never acknowledged. Before records carried their
+/// durable point, a sound record after a bad one was always damage, and the database refused
+/// to open after such a power loss.
+#[test]
+fn a_torn_record_with_sound_ones_of_the_same_unsynced_write_after_it_is_cut_off() {
+    let (dir, before, _) = closed_database("torn-mid-write");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let populated = last_seq(&engine);
+    // More than a record holds (1 MiB), in one batch: one unsynced stretch of several records.
+    let requests: Vec<_> = (0..30_000)
+        .map(|index| {
+            UsageRequest::new(
+                "payg-dee",
+                "m2.7",
+                &[(Unit::Requests, 1), (Unit::Tokens, 1_000)],
+            )
+            .at(POPULATED_MS + index)
+        })
+        .collect();
+    for result in engine.consume_many(&requests) {
+        assert!(result.unwrap().is_admitted());
+    }
+    drop(engine);
+    let frames = frames_of(dir.path());
+    let batch: Vec<_> = frames
+        .iter()
+        .filter(|frame| frame.first > populated)
+        .cloned()
+        .collect();
+    assert!(batch.iter().all(|frame| frame.durable_before.is_some()));
+    // A record followed, in the same segment, by one written before its events were durable.
+    let torn = batch
+        .iter()
+        .find(|frame| {
+            batch.iter().any(|later| {
+                later.path == frame.path
+                    && later.offset > frame.offset
+                    && later.durable_before.unwrap() <= frame.first
+            })
+        })
+        .expect("two records of one unsynced stretch")
+        .clone();
+    flip_a_byte(&torn);
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "a torn tail: {:?}", report.problems);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(
+        last_seq(&engine),
+        torn.first - 1,
+        "cut off from the torn record"
+    );
+    assert_eq!(
+        std::fs::metadata(&torn.path).unwrap().len(),
+        torn.offset as u64
+    );
+    if torn.first == populated + 1 {
+        assert_same_state(
+            &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+            &before,
+            "state",
+        );
+    }
+    // It goes on, and what it writes next survives a reopen.
+    engine.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();
+    let credits = engine.credits_micros("@ada").unwrap();
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.credits_micros("@ada").unwrap(), credits);
+    assert_eq!(last_seq(&engine), torn.first);
+}
+
+/// Events a snapshot covers were durable before it was stored. A bad record among them is
+/// damage even at the very end of the log, where it would otherwise pass for a torn write, and
+/// opening refuses without cutting anything off. (Before, the open cut the record off and
+/// only then found the log ending before the snapshot.) The end of the log is there when a
+/// crash comes while the segment after a checkpoint is being created.
+#[test]
+fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
+    let dir = TempDir::new("snapshot-covers");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let snapshot = engine.checkpoint().unwrap();
+    drop(engine);
+    let frames = frames_of(dir.path());
+    assert!(
+        frames
+            .iter()
+            .all(|frame| frame.durable_before == Some(frame.first)),
+        "each call was durable before the next was written, and its record says so"
+    );
+    let last = frames.last().unwrap().clone();
+    assert_eq!(
+        last.first + last.count - 1,
+        snapshot,
+        "the snapshot covers the last record"
+    );
+    let newest = segment_paths(dir.path()).pop().unwrap();
+    assert_ne!(newest, last.path, "a segment after the snapshot");
+    // A crash while creating it: its header is not whole. Opening removes it.
+    let header = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &header[..10]).unwrap();
+    flip_a_byte(&last);
+    let damaged = std::fs::read(&last.path).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("damage");
+    let problem = storage_problem(&error);
+    assert_names_where(problem, &last);
+    assert!(
+        problem.contains(&format!(
+            "the snapshot at event {snapshot} shows it was durable"
+        )),
+        "{problem}"
+    );
+    assert_eq!(
+        std::fs::read(&last.path).unwrap(),
+        damaged,
+        "nothing cut off"
+    );
+    let error = Engine::verify(dir.path(), sync_options()).expect_err("damage");
+    assert!(
+        storage_problem(&error).contains("shows it was durable"),
+        "{error}"
+    );
+}
+
+/// Rewrites a database's log in format 2 (records without a durable point, segments and the
+/// database's metadata saying version 2), as the builds before format 3 wrote it.
+fn rewrite_in_format_2(dir: &std::path::Path) {
+    for path in segment_paths(dir) {
+        let bytes = std::fs::read(&path).unwrap();
+        let mut out = bytes[..SEGMENT_HEADER].to_vec();
+        out[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32fast::hash(&out[..20]);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+        let mut at = SEGMENT_HEADER;
+        while at < bytes.len() {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            let payload = &bytes[at + 8..at + 8 + len];
+            let count = u32::from_le_bytes(payload[8..12].try_into().unwrap());
+            assert!(count & (1 << 31) != 0, "a format-3 record");
+            let mut old = payload[..28].to_vec();
+            old[8..12].copy_from_slice(&(count & !(1 << 31)).to_le_bytes());
+            old.extend_from_slice(&payload[36..]);
+            out.extend_from_slice(&(old.len() as u32).to_le_bytes());
+            out.extend_from_slice(&frame_crc(&old).to_le_bytes());
+            out.extend_from_slice(&old);
+            at += 8 + len;
+        }
+        std::fs::write(&path, out).unwrap();
+    }
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert("format_version", &2u16.to_le_bytes()).unwrap();
+    db.flush().unwrap();
+}
+
+fn format_version(dir: &std::path::Path) -> u16 {
+    let db = open_sled_retrying(dir);
+    let value = db
+        .open_tree("meta")
+        .unwrap()
+        .get("format_version")
+        .unwrap()
+        .unwrap();
+    u16::from_le_bytes([value[0], value[1]])
+}
+
+/// A database written by a build of format 2 opens to the same state. From then on it is
+/// written in format 3 (its metadata says so first, so a format-2 build refuses it by its
+/// version), and its format-2 records are still read: on a reopen, by `events_after` and by
+/// `verify`. A format-2 record does not say what was durable, so a bad one with a sound one
+/// after it stays damage.
+#[test]
+fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
+    let (dir, before, frames) = closed_database("format-2");
+    assert!(
+        std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no snapshot (its format did not change)"
+    );
+    let damaged = dir.sibling("format-2-damaged");
+    rewrite_in_format_2(dir.path());
+    copy_dir(dir.path(), damaged.path());
+    assert!(frames_of(dir.path())
+        .iter()
+        .all(|frame| frame.durable_before.is_none()));
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+    let events = engine.events_after(0, 10_000).unwrap();
+    assert_eq!(events.len() as u64, last_seq(&engine));
+    engine.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();
+    let credits = engine.credits_micros("@ada").unwrap();
+    drop(engine);
+    assert_eq!(format_version(dir.path()), 3);
+    let after = frames_of(dir.path());
+    let newest = after.last().unwrap();
+    assert_eq!(
+        newest.first,
+        frames.last().unwrap().first + frames.last().unwrap().count
+    );
+    assert!(newest.durable_before.is_some(), "written in format 3");
+    assert!(after[..after.len() - 1]
+        .iter()
+        .all(|frame| frame.durable_before.is_none()));
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.credits_micros("@ada").unwrap(), credits);
+    drop(engine);
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+
+    let frames = frames_of(damaged.path());
+    flip_a_byte(&frames[1]);
+    let error = Engine::open(
+        damaged.path(),
+        Policy::token_plan(),
+        clock(),
+        sync_options(),
+    )
+    .expect_err("damage");
+    assert_names_where(storage_problem(&error), &frames[1]);
 }
 
 /// Only the end of the last segment can be torn: a sealed segment was fdatasynced before the

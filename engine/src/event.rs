@@ -19,8 +19,13 @@ use crate::policy::CounterId;
 use crate::reservation::Settlement;
 
 /// The version of the event and record encoding written by this build.
+/// Version 3: records carry the writer's durable point (`RecordView::durable_before`).
 /// Version 2: the event log in segment files (see `log`); version 1 kept it in sled.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
+
+/// The oldest version this build reads: a version-2 database is read as it is (its records
+/// tell their format apart) and written in version 3 from its next open on.
+pub const OLDEST_FORMAT_VERSION: u16 = 2;
 
 /// Exactly what a give-back moved: per hold, the amount given back (used when a reservation is
 /// settled or voided, a request refunded, a usage corrected).
@@ -593,15 +598,28 @@ pub fn encode_body(body: &EventBody) -> Vec<u8> {
 // The record payload (inside a log frame; see `log` for the frame and the segment files).
 //
 // ```text
-// first_seq u64 LE | count u32 LE | newest_at_ms u64 LE | base_at_ms u64 LE     (28 bytes)
+// first_seq u64 LE | count u32 LE | newest_at_ms u64 LE | base_at_ms u64 LE
+//     | durable_before u64 LE                                                    (36 bytes)
 // count x [ at_ms - previous at_ms: zigzag varint | body length: varint | body ]
 // ```
 //
 // Sequence numbers are implicit (first_seq + index: a record is gap-free by construction);
 // the first event's "previous at_ms" is `base_at_ms`. An event costs its body plus 2-3 bytes.
+//
+// `durable_before` (format 3 on; bit 31 of `count` says it is there) is the writer's durable
+// point when it wrote the record: every event before it had been fdatasynced. Opening tells a
+// torn tail from damage with it: a bad record is a write that never reached the disk whole
+// when no sound record after it says its events were durable (see `log::recover_segments`).
+// Format 2 records have neither the bit nor the field (28 bytes of header).
 
-/// Bytes of a record payload's fixed header.
-pub const RECORD_HEADER_BYTES: usize = 28;
+/// Bytes of a record payload's fixed header, as written.
+pub const RECORD_HEADER_BYTES: usize = 36;
+
+/// Bytes of the shortest header a record can have (format 2: no durable point).
+pub const RECORD_HEADER_BYTES_MIN: usize = 28;
+
+/// Bit of a record's `count` saying a durable point follows the format-2 header.
+const DURABLE_POINT_FLAG: u32 = 1 << 31;
 
 /// One event read in place from a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,8 +629,9 @@ pub struct RawEvent<'a> {
     pub body: &'a [u8],
 }
 
-/// Appends the payload of a record holding `events` (consecutive sequence numbers) to `out`.
-pub fn encode_record_into<'a, I>(out: &mut Vec<u8>, first_seq: u64, events: I)
+/// Appends the payload of a record holding `events` (consecutive sequence numbers) to `out`;
+/// every event before `durable_before` (at most `first_seq`) is durable as it is written.
+pub fn encode_record_into<'a, I>(out: &mut Vec<u8>, first_seq: u64, durable_before: u64, events: I)
 where
     I: IntoIterator<Item = (u64, &'a [u8])> + Clone,
 {
@@ -626,10 +645,12 @@ where
         base.get_or_insert(at_ms);
     }
     let base = base.unwrap_or(0);
+    debug_assert!(count < DURABLE_POINT_FLAG && durable_before <= first_seq);
     out.extend_from_slice(&first_seq.to_le_bytes());
-    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&(count | DURABLE_POINT_FLAG).to_le_bytes());
     out.extend_from_slice(&newest.to_le_bytes());
     out.extend_from_slice(&base.to_le_bytes());
+    out.extend_from_slice(&durable_before.to_le_bytes());
     debug_assert_eq!(out.len() - header_at, RECORD_HEADER_BYTES);
     let mut previous = base;
     for (at_ms, body) in events {
@@ -680,30 +701,45 @@ pub struct RecordView<'a> {
     pub first_seq: u64,
     pub count: u32,
     pub newest_at_ms: u64,
+    /// Every event before this one was durable when the record was written; `None` for a
+    /// format-2 record, which does not say.
+    pub durable_before: Option<u64>,
     base_at_ms: u64,
     events: &'a [u8],
 }
 
 impl<'a> RecordView<'a> {
-    /// Reads a payload's header; `None` if it is too short to hold one, or numbers its events
+    /// Reads a payload's header; `None` if it is too short to hold one, numbers its events
     /// from 0 or past `u64::MAX` (damage: sequence numbers start at 1, and `last_seq() + 1`
-    /// must fit).
+    /// must fit), or puts its durable point after its own first event.
     pub fn parse(payload: &'a [u8]) -> Option<RecordView<'a>> {
-        let header = payload.get(..RECORD_HEADER_BYTES)?;
+        let header = payload.get(..RECORD_HEADER_BYTES_MIN)?;
         let u64_at =
             |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
         let first_seq = u64_at(0);
-        let count = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        let flagged = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default());
+        let count = flagged & !DURABLE_POINT_FLAG;
         if first_seq == 0 {
             return None;
         }
         first_seq.checked_add(u64::from(count))?;
+        let (durable_before, events_at) = if flagged & DURABLE_POINT_FLAG != 0 {
+            let mark = payload.get(RECORD_HEADER_BYTES_MIN..RECORD_HEADER_BYTES)?;
+            let mark = u64::from_le_bytes(mark.try_into().unwrap_or_default());
+            if mark > first_seq {
+                return None;
+            }
+            (Some(mark), RECORD_HEADER_BYTES)
+        } else {
+            (None, RECORD_HEADER_BYTES_MIN)
+        };
         Some(RecordView {
             first_seq,
             count,
             newest_at_ms: u64_at(12),
+            durable_before,
             base_at_ms: u64_at(20),
-            events: &payload[RECORD_HEADER_BYTES..],
+            events: &payload[events_at..],
         })
     }
 
@@ -1103,6 +1139,7 @@ mod tests {
         encode_record_into(
             &mut out,
             first,
+            first - 1,
             events.iter().map(|(at, body)| (*at, body.as_slice())),
         );
         out
@@ -1129,6 +1166,31 @@ mod tests {
             bytes.len()
                 <= RECORD_HEADER_BYTES + 3 * 4 + bodies().iter().map(|b| b.1.len()).sum::<usize>()
         );
+    }
+
+    #[test]
+    fn a_record_says_its_durable_point_and_a_format_2_record_is_read_without_one() {
+        let bytes = encoded(5);
+        let view = RecordView::parse(&bytes).expect("a header");
+        assert_eq!(view.durable_before, Some(4));
+        // Format 2: no flag in the count, no durable point, 8 bytes shorter.
+        let mut old = bytes[..RECORD_HEADER_BYTES_MIN].to_vec();
+        old[8..12].copy_from_slice(&3u32.to_le_bytes());
+        old.extend_from_slice(&bytes[RECORD_HEADER_BYTES..]);
+        let view = RecordView::parse(&old).expect("a format-2 header");
+        assert_eq!(
+            (view.first_seq, view.count, view.durable_before),
+            (5, 3, None)
+        );
+        let old_record = view.to_record().expect("decodes");
+        let new_record = RecordView::parse(&bytes).unwrap().to_record().unwrap();
+        assert_eq!(old_record.events, new_record.events);
+        // A durable point after the record's own first event cannot have been written.
+        let mut later = bytes.clone();
+        later[28..36].copy_from_slice(&6u64.to_le_bytes());
+        assert!(RecordView::parse(&later).is_none());
+        // A flagged header cut short of its durable point.
+        assert!(RecordView::parse(&bytes[..RECORD_HEADER_BYTES - 1]).is_none());
     }
 
     #[test]

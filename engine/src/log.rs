@@ -21,10 +21,15 @@
 //!   database was last opened with: `options::RecordedOptions`) and `cursors` (named export
 //!   cursors). sled's file lock also keeps a second process out of the directory.
 //!
-//! Opening scans the last segment: a record whose length or crc is wrong with nothing valid after
-//! it is a torn write from a crash (never acknowledged: acknowledgement follows the
-//! `fdatasync`) and is truncated away; a bad record with a valid one after it, or anywhere in
-//! an earlier segment, is damage and an error naming the file, offset and sequence number.
+//! Opening scans the last segment. A record whose length or crc is wrong is a torn write from a
+//! crash, never acknowledged (acknowledgement follows the `fdatasync`), and is truncated away
+//! with everything after it, when nothing says its events were durable. Each record carries the
+//! writer's durable point as it was written (`event::RecordView::durable_before`), so a sound
+//! record after it that was written once its events were durable says so, and so does a
+//! snapshot at or after its events (snapshots are stored once the log is durable up to them).
+//! Then, and anywhere in an earlier segment, a bad record is damage and an error naming the
+//! file, offset and sequence number. (A power loss can leave a later write on disk and an
+//! earlier one of the same unsynced stretch torn: the drive need not keep their order.)
 //!
 //! After a write or flush error the log is failed: the group's bytes are truncated away again,
 //! its callers get the error and undo their in-memory effect, and every later append is refused
@@ -45,7 +50,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::Error;
 use crate::event::{
     decode_raw, encode_record_into, event_bytes_at_most, Event, RawEvent, Record, RecordError,
-    RecordView, FORMAT_VERSION, RECORD_HEADER_BYTES,
+    RecordView, FORMAT_VERSION, OLDEST_FORMAT_VERSION, RECORD_HEADER_BYTES,
+    RECORD_HEADER_BYTES_MIN,
 };
 
 /// A record's payload is at most this long (a group commit larger than this is several records
@@ -54,8 +60,8 @@ pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// What a record is when `RecordView::parse` refuses its header.
-const NO_SOUND_HEADER: &str =
-    "a record without a sound header (too short, or numbering its events from 0 or past 2^64)";
+const NO_SOUND_HEADER: &str = "a record without a sound header (too short, numbering its events \
+     from 0 or past 2^64, or saying events after its own first were durable)";
 /// Events queued but not yet written, at most: an append waits for room beyond this, so in the
 /// modes that do not wait for durability a process crash loses at most this many events (plus
 /// those written but not yet flushed).
@@ -612,9 +618,9 @@ fn check_segment_header(header: &[u8], first: u64, path: &Path) -> Result<(), Er
         return Err(bad("its header is damaged (crc mismatch)".into()));
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(bad(format!(
-            "format version {version}, but this build reads version {FORMAT_VERSION}{}",
+            "format version {version}, but this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}{}",
             if version > FORMAT_VERSION {
                 ": upgrade tally"
             } else {
@@ -657,7 +663,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
     };
     let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
     let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
-    if (len as usize) < RECORD_HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
+    if (len as usize) < RECORD_HEADER_BYTES_MIN || len as usize > MAX_RECORD_BYTES {
         return Frame::Bad(format!("a record length of {len} bytes is impossible"));
     }
     let end = at + FRAME_BYTES + len as usize;
@@ -672,15 +678,16 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
     Frame::Sound { payload, next: end }
 }
 
-/// Whether a sound record holding events from `expected` on starts anywhere after `from`: if
-/// not, a bad record at `from - 1` is a torn tail; if so, it is damage.
-fn sound_record_after(bytes: &[u8], from: usize, expected: u64) -> bool {
+/// Whether a sound record after `from`, holding events from `expected` on, was written when
+/// event `expected` was durable (or is a format-2 record, which does not say): if not, a bad
+/// record at `from - 1` holding `expected` is a torn write; if so, it is damage.
+fn durable_record_after(bytes: &[u8], from: usize, expected: u64) -> bool {
     let last_start = bytes
         .len()
-        .saturating_sub(FRAME_BYTES + RECORD_HEADER_BYTES);
+        .saturating_sub(FRAME_BYTES + RECORD_HEADER_BYTES_MIN);
     (from..=last_start).any(|at| {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
-        if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len)
+        if !(RECORD_HEADER_BYTES_MIN..=MAX_RECORD_BYTES).contains(&len)
             || at + FRAME_BYTES + len > bytes.len()
         {
             return false;
@@ -693,7 +700,11 @@ fn sound_record_after(bytes: &[u8], from: usize, expected: u64) -> bool {
         if first < expected || first - expected > u64::from(u32::MAX) {
             return false;
         }
-        matches!(frame_at(bytes, at), Frame::Sound { .. })
+        let Frame::Sound { payload, .. } = frame_at(bytes, at) else {
+            return false;
+        };
+        RecordView::parse(payload)
+            .is_some_and(|view| view.durable_before.is_none_or(|mark| mark > expected))
     })
 }
 
@@ -798,12 +809,15 @@ struct Recovered {
     problem: Option<String>,
 }
 
-/// Scans the last segment, truncating a torn tail; creates the first segment of a new log.
-/// `read_only` (verify) changes nothing: damage is reported in `problem` and the log read up
-/// to it; a torn tail is reported and left.
+/// Scans the last segment, truncating a torn tail, and makes what it keeps durable (so the
+/// durable points written after it are true); creates the first segment of a new log. Events
+/// up to `durable_through` (the latest snapshot's) were durable: a bad record among them is
+/// damage. `read_only` (verify) changes nothing: damage is reported in `problem` and the log
+/// read up to it; a torn tail is reported and left.
 fn recover_segments(
     events_dir: &Path,
     start_if_empty: u64,
+    durable_through: u64,
     read_only: bool,
 ) -> Result<Recovered, Error> {
     let mut segments = list_segments(events_dir)?;
@@ -868,7 +882,19 @@ fn recover_segments(
                 }
                 Frame::Bad(why) => {
                     let rest = window.rest(at as u64).map_err(reading)?;
-                    let torn = !sound_record_after(&rest, 1, expected);
+                    // What shows its events were durable (then it is damage, not a torn write).
+                    let proof = if expected <= durable_through {
+                        Some(format!("the snapshot at event {durable_through}"))
+                    } else if durable_record_after(&rest, 1, expected) {
+                        Some("a sound record after it".to_string())
+                    } else {
+                        None
+                    };
+                    let torn = proof.is_none();
+                    let why = match proof {
+                        Some(proof) => format!("{why}; {proof} shows it was durable"),
+                        None => why,
+                    };
                     if read_only {
                         problem = (!torn).then(|| damage(&path, at, expected, why).to_string());
                         break;
@@ -898,6 +924,12 @@ fn recover_segments(
             .write(!read_only)
             .open(&path)
             .map_err(|error| storage(format!("opening {}", path.display()), error))?;
+        if !read_only {
+            // A crash in a mode that does not wait for durability can leave events in the page
+            // cache only: durable before anything is written after them with a durable point.
+            file.sync_data()
+                .map_err(|error| storage(format!("fdatasync of {}", path.display()), error))?;
+        }
         file.seek(SeekFrom::Start(at as u64))
             .map_err(|error| storage(format!("seeking in {}", path.display()), error))?;
         return Ok(Recovered {
@@ -1134,7 +1166,7 @@ impl EventLog {
         let (meta, cursors) = (tree("meta")?, tree("cursors")?);
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
-        check_format(dir, &db, &meta, &events_dir)?;
+        check_format(dir, &db, &meta, &events_dir, read_only)?;
         for sub in [&events_dir, &snapshots_dir] {
             if !sub.exists() {
                 std::fs::create_dir(sub)
@@ -1159,14 +1191,20 @@ impl EventLog {
                 pointer.seq + 1
             }
         };
-        let recovered = recover_segments(&events_dir, start_if_empty, read_only)?;
+        let durable_through = snapshot.map_or(0, |pointer| pointer.seq);
+        let recovered = recover_segments(&events_dir, start_if_empty, durable_through, read_only)?;
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
             return Err(storage(
                 dir.display(),
                 format!(
-                    "the log ends at event {last_seq}, before the snapshot at event {}: events are missing",
-                    pointer.seq
+                    "the log ends at event {last_seq}, before the snapshot at event {}: events are missing{}",
+                    pointer.seq,
+                    // `verify` reads up to damage: name it.
+                    recovered
+                        .problem
+                        .as_ref()
+                        .map_or(String::new(), |problem| format!(" ({problem})"))
                 ),
             ));
         }
@@ -1874,9 +1912,9 @@ impl EventLog {
             return Err(bad("not a tally snapshot (bad header)".into()));
         }
         let version = u16::from_le_bytes([file[8], file[9]]);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(bad(format!(
-                "format version {version}, but this build reads version {FORMAT_VERSION}"
+                "format version {version}, but this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
             )));
         }
         let seq = u64::from_le_bytes(file[12..20].try_into().unwrap_or_default());
@@ -2209,11 +2247,13 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
+/// Checks the database's format version; upgrades an older one it reads (unless `read_only`).
 fn check_format(
     dir: &Path,
     meta_db: &sled::Db,
     meta: &sled::Tree,
     events_dir: &Path,
+    read_only: bool,
 ) -> Result<(), Error> {
     match meta
         .get(META_FORMAT)
@@ -2228,11 +2268,18 @@ fn check_format(
                     format!("was written in format version {version}; this build reads up to {FORMAT_VERSION}: upgrade tally"),
                 ));
             }
-            if version < FORMAT_VERSION {
+            if version < OLDEST_FORMAT_VERSION {
                 return Err(storage(
                     dir.display(),
-                    format!("was written in format version {version} (the event log inside sled, by a development build); this build reads version {FORMAT_VERSION}: export its events with that build and start a new database"),
+                    format!("was written in format version {version} (the event log inside sled, by a development build); this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}: export its events with that build and start a new database"),
                 ));
+            }
+            if version < FORMAT_VERSION && !read_only {
+                // Before anything is written in the new format: a build that reads only the
+                // old one then refuses the database by its version, not as damaged.
+                meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
+                    .map_err(|error| storage("writing metadata", error))?;
+                FileSyncer::new(dir)?.flush(meta_db)?;
             }
             Ok(())
         }
@@ -2487,6 +2534,9 @@ impl Writer {
             return Err(failed(*seq, problem));
         }
         self.rotate_if_due(Some(batch.events[group.start].seq))?;
+        // Every event before this one is fdatasynced: each record says so (it tells a torn
+        // write from damage when the log opens after a crash).
+        let durable_before = self.unsynced_from.unwrap_or(batch.events[group.start].seq);
         self.buffer.clear();
         let mut start = group.start;
         while start < group.end {
@@ -2505,6 +2555,7 @@ impl Writer {
             encode_record_into(
                 &mut self.buffer,
                 batch.events[start].seq,
+                durable_before,
                 (start..end).map(|index| (batch.events[index].at_ms, batch.body(index))),
             );
             let len = (self.buffer.len() - frame_at - FRAME_BYTES) as u32;

@@ -28,7 +28,9 @@ use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
 use crate::clock::Clock;
 use crate::engine::{AdjustmentDirection, Engine, EngineOptions};
 use crate::error::Error;
-use crate::event::{Event, EventBody, GivenBack, ReservationEnd, FORMAT_VERSION};
+use crate::event::{
+    Event, EventBody, GivenBack, ReservationEnd, FORMAT_VERSION, OLDEST_FORMAT_VERSION,
+};
 use crate::idempotency::{Fingerprint, LoggedAs, RequestRecord};
 use crate::ledger::{Counter, KeyUsage, Team, WindowState};
 use crate::log::{Durability, EventLog, Faults, SnapshotBytes};
@@ -1820,9 +1822,9 @@ impl Drop for DecodedSnapshot {
 fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
     let version: u16 = bincode::deserialize(bytes.get(..2).unwrap_or(&[]))
         .map_err(|error| storage(format!("snapshot {seq}: cannot read its version: {error}")))?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(storage(format!(
-            "snapshot {seq}: format version {version}; this build reads {FORMAT_VERSION}"
+            "snapshot {seq}: format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
         )));
     }
     bincode::deserialize(bytes)
