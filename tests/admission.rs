@@ -1485,6 +1485,84 @@ fn a_policy_swap_that_drops_a_seated_plan_is_refused_and_changes_nothing() {
     assert_eq!(m27_requests(&engine, &key, 501, T0_MS), 500);
 }
 
+/// A swap whose usage could not carry over as it means is refused, naming the field of the
+/// new policy, and changes nothing: a time zone changed under daily windows (the current
+/// day's count would be read as another day's: from Shanghai to Los Angeles, 50 images used
+/// on one day were admitted again the same day), and a meter kept by name that counts
+/// another unit (10 requests read as 10 tokens).
+#[test]
+fn a_policy_swap_that_cannot_carry_usage_as_it_means_is_refused_and_changes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    let images =
+        |count: u64, at_ms: u64| admit_count(&engine, &key, "image-01", Unit::Images, count, at_ms);
+    assert_eq!(images(50, T0_MS), 50, "Plus: 50 images a day");
+    let mut document = Policy::token_plan().document().clone();
+    document.time_zone = "America/Los_Angeles".into();
+    let elsewhere = Policy::compile(document).expect("a valid policy");
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
+    let refused = engine
+        .swap_policy(elsewhere, Some(T0_MS + MINUTE_MS))
+        .expect_err("refused");
+    match &refused {
+        Error::Policy(error) => {
+            assert_eq!(error.field, "time_zone");
+            assert!(error.problem.contains("America/Los_Angeles"), "{refused}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(engine.policy().calendar().time_zone(), "Asia/Shanghai");
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+    assert_eq!(images(1, T0_MS + 2 * MINUTE_MS), 0, "still used up");
+
+    let quota = |unit: &str| {
+        Policy::from_toml_str(&format!(
+            r#"
+            time_zone = "UTC"
+            [resources.chat]
+            units = ["requests", "tokens"]
+            [meters.quota]
+            resource = "chat"
+            unit = "{unit}"
+            [plans.P]
+            limits = [{{ meter = "quota", amount = 10, window = "daily" }}]
+            "#
+        ))
+        .expect("a valid policy")
+    };
+    let engine = engine_with(quota("requests"));
+    let key = seated(&engine, "bob", "P");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 10, T0_MS),
+        10
+    );
+    let refused = engine
+        .swap_policy(quota("tokens"), Some(T0_MS))
+        .expect_err("refused");
+    match &refused {
+        Error::Policy(error) => {
+            assert_eq!(error.field, "meters.\"quota\"");
+            assert!(error.problem.contains("\"chat\" tokens"), "{refused}");
+            assert!(error.problem.contains("\"chat\" requests"), "{refused}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 1, T0_MS),
+        0
+    );
+    // The same meter, the same unit, another amount: carried.
+    let mut bigger = quota("requests").document().clone();
+    bigger.plans.get_mut("P").unwrap().limits[0].amount = 15;
+    engine
+        .swap_policy(Policy::compile(bigger).unwrap(), Some(T0_MS))
+        .expect("swap");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 10, T0_MS),
+        5
+    );
+}
+
 #[test]
 fn a_policy_swap_that_changes_the_bucket_width_keeps_usage() {
     let engine = engine();

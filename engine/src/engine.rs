@@ -938,11 +938,25 @@ impl Engine {
 
     /// Replaces the policy at run time. Usage carries over for every counter whose meter (by
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
-    /// drop a plan someone is seated on is refused, changing nothing. Remembered decisions (a
+    /// drop a plan someone is seated on is refused, changing nothing. So is one whose usage
+    /// could not carry over as it means (`Policy::check_swap_to`: a meter kept by name that
+    /// counts something else, a time zone changed under calendar windows; a `Error::Policy`
+    /// naming the new document's field). Remembered decisions (a
     /// request id's repeat answers its first) are renumbered to name the same plans, limits
     /// and resources in the new policy; what it no longer has they no longer name
     /// (`Decision::in_policy`).
     pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
+        self.swap_policy_checked(policy, at_ms, true)
+    }
+
+    /// `swap_policy`; `check_carry` is false when replaying a swap already logged (an older
+    /// build may have logged one this build's `Policy::check_swap_to` refuses).
+    pub(crate) fn swap_policy_checked(
+        &self,
+        policy: Policy,
+        at_ms: Option<u64>,
+        check_carry: bool,
+    ) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
         // The remembered decisions are renamed for the new policy with the rest (lock order:
         // request-id shards before the policy list).
@@ -956,6 +970,9 @@ impl Engine {
         policy.generation = u32::try_from(policies.len()).map_err(|_| Error::Overflow {
             field: "policy generation",
         })?;
+        if check_carry {
+            old.check_swap_to(&policy)?;
+        }
         let policy = Arc::new(policy);
         let mut shards = self.keys.lock_all();
         for shard in shards.iter() {

@@ -641,6 +641,76 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// Whether a swap from this policy to `new` can carry every count over. Refused, naming the
+    /// field of `new`: a meter that keeps its name but counts something else (its count so far
+    /// would be read in another unit), and a time zone changed under a calendar window that
+    /// carries over (the current day's, week's or month's count would be read as another
+    /// one's; a calendar window new in `new` starts from 0 and may be in any zone). A weighted
+    /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
+    /// already charged at the old prices.
+    pub fn check_swap_to(&self, new: &Policy) -> Result<(), PolicyError> {
+        let calendar_carried = (0..self.counters.len()).any(|index| {
+            let counter = CounterId(index as u16);
+            matches!(self.counter(counter).window, Window::Calendar(_))
+                && self.same_counter_in(counter, new).is_some()
+        });
+        let (from, to) = (self.calendar.time_zone(), new.calendar.time_zone());
+        if from != to && calendar_carried {
+            return Err(PolicyError::new(
+                "time_zone",
+                format!(
+                    "{to:?} where the current policy has {from:?}: a swap cannot move daily, \
+                     weekly or monthly windows to another time zone (the current period's count \
+                     would be read as another period's)"
+                ),
+            ));
+        }
+        for meter in &self.meters {
+            let Some(other) = new.meters.iter().find(|other| other.name == meter.name) else {
+                continue;
+            };
+            let (was, is) = (self.meter_counts(meter), new.meter_counts(other));
+            if was != is {
+                return Err(PolicyError::new(
+                    format!("meters.{:?}", &*meter.name),
+                    format!(
+                        "counts {is} where the current policy's counts {was}: its count so far \
+                         cannot carry over; give the new meter another name (it then starts \
+                         from 0)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn meter_counts(&self, meter: &Meter) -> MeterCounts<'_> {
+        match meter.terms.as_slice() {
+            [(resource, unit, 1)] => MeterCounts::Plain(&self.resource(*resource).name, *unit),
+            _ => MeterCounts::Weighted,
+        }
+    }
+}
+
+/// What a meter's count is in, to tell whether a swap can carry it.
+#[derive(PartialEq, Eq)]
+enum MeterCounts<'a> {
+    /// One resource's unit.
+    Plain(&'a str, Unit),
+    /// A weighted sum (a usage bar at prices).
+    Weighted,
+}
+
+impl fmt::Display for MeterCounts<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MeterCounts::Plain(resource, unit) => write!(f, "{resource:?} {}", unit.name()),
+            MeterCounts::Weighted => f.write_str("a weighted sum of several units"),
+        }
+    }
+}
+
 /// Where the units `then`'s `counter` held at `time` are under `now`, having been carried by
 /// every swap in between: `later` lists the kept generations after `then`, oldest first (it may
 /// end before or at `now`). Each swap re-buckets on its own, so two that change the width

@@ -565,7 +565,8 @@ fn policy_from_json(document: &str, generation: u32) -> Result<Policy, Error> {
 impl Engine {
     /// Opens (or creates) the database in `dir`. `policy` is the policy to run with: on a new
     /// database it is the first event; on an existing one, if it differs from the stored policy
-    /// it is swapped in (usage carries over), and refused if it drops a plan someone is seated on.
+    /// it is swapped in (usage carries over), and refused as `swap_policy` refuses it (it drops
+    /// a plan someone is seated on, or its usage could not carry over as it means).
     /// Options out of range (`OpenOptions::validate`) are refused before the directory is
     /// touched: nothing is created or changed.
     pub fn open(
@@ -1076,7 +1077,7 @@ impl Engine {
                 expected - 1
             )));
         }
-        self.swap_policy(policy, Some(at_ms))
+        self.swap_policy_checked(policy, Some(at_ms), false)
     }
 
     /// Replaces the policy list (a new engine being restored) and points every shard at the last.

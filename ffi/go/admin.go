@@ -132,7 +132,9 @@ func (e *Engine) Credits(team string) (uint64, error) {
 // SwapPolicy replaces the policy at run time (one of WithPolicyFile, WithPolicyTOML,
 // WithPolicyJSON, or none for the shipped default; WithStoredPolicy names no policy and is
 // ErrInvalidArgument). Usage carries over; a swap that would drop a plan someone is seated
-// on is refused.
+// on is refused (ErrInvalidArgument), and so is one whose usage could not carry over as it
+// means: a meter kept by name that counts another unit, or a time zone changed under a
+// calendar window that carries over (ErrPolicyInvalid, naming the field).
 func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
 	atMs, err := milliseconds("SwapPolicy", at)
 	if err != nil {

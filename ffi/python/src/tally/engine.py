@@ -582,7 +582,13 @@ class Engine:
     # ---- policy and reports ----------------------------------------------------------------
 
     def swap_policy(self, policy: PolicyLike, *, at_ms: int | None = None) -> None:
-        """Replaces the policy at run time; usage carries over."""
+        """Replaces the policy at run time; usage carries over.
+
+        Refused, changing nothing: a swap that drops a plan someone is seated on
+        (``InvalidArgumentError``), and one whose usage could not carry over as it means
+        (``PolicyInvalidError`` naming the field): a meter kept by name that counts another
+        unit, or a time zone changed under a calendar window that carries over.
+        """
         source, document, document_len = _policy(policy)
         errors.check(
             _native.lib.tally_engine_swap_policy(
