@@ -188,6 +188,113 @@ fn a_reclaim_interval_is_zero_for_never_or_at_most_the_span_of_timestamps() {
 }
 
 #[test]
+fn a_bound_on_timestamps_ahead_of_the_clock_is_zero_for_none_or_at_most_the_span_of_timestamps() {
+    for good in [0, 1, MAX_PERIOD_MS] {
+        let options = EngineOptions {
+            max_ahead_of_clock_ms: good,
+            ..EngineOptions::default()
+        };
+        admits(&new_engine(options).expect("valid"));
+    }
+    for bad in [MAX_PERIOD_MS + 1, u64::MAX] {
+        let options = EngineOptions {
+            max_ahead_of_clock_ms: bad,
+            ..EngineOptions::default()
+        };
+        assert_refused(new_engine(options), "max_ahead_of_clock_ms", bad);
+    }
+}
+
+/// One request stamped years ahead of the clock moved its key's windows there: for requests
+/// stamped now its usage never aged out (a review saw a Starter key admit 1,499 of 1,500, then
+/// nothing a day and a month later), and a reservation's lease never ended. With
+/// `max_ahead_of_clock_ms` such a timestamp is refused naming `at_ms`, and changes nothing;
+/// one within the bound is taken, and the bound follows the clock.
+#[test]
+fn a_timestamp_too_far_ahead_of_the_clock_is_refused_and_changes_nothing() {
+    let clock = clock();
+    let options = EngineOptions {
+        max_ahead_of_clock_ms: DAY_MS,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid");
+    admits(&engine);
+    let years_ahead = T0_MS + 50 * 365 * DAY_MS;
+    let ahead =
+        |at_ms: u64| engine.consume(&UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(at_ms));
+    for refused in [
+        ahead(years_ahead),
+        ahead(T0_MS + DAY_MS + 1),
+        engine
+            .reserve(
+                &UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(years_ahead),
+                Some(60_000),
+            )
+            .map(|outcome| outcome.decision),
+    ] {
+        match refused {
+            Err(Error::InvalidArgument { field, problem }) => {
+                assert_eq!(field, "at_ms");
+                assert!(problem.contains("ahead of the engine's clock"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let usage = engine.usage("tp-ada", Some(T0_MS)).expect("report");
+    assert_eq!(usage.limits[0].used, 1, "only the request of `admits`");
+    assert!(ahead(T0_MS + DAY_MS)
+        .expect("within the bound")
+        .is_admitted());
+    // The window is a day on, not 50 years: the request of `admits` has aged out of the
+    // 5-hour window, and 4,499 more fit beside the one just taken (Plus: 4,500).
+    clock.set_ms(T0_MS + DAY_MS);
+    let admitted = (0..4_500)
+        .filter(|_| ahead(T0_MS + DAY_MS).expect("decided").is_admitted())
+        .count();
+    assert_eq!(admitted, 4_499);
+    // The clock moved on a day: so did the bound.
+    assert!(ahead(T0_MS + 2 * DAY_MS)
+        .expect("within the bound")
+        .is_admitted());
+    assert!(ahead(T0_MS + 2 * DAY_MS + 1).is_err());
+}
+
+/// The log's own timestamps are taken as they were logged when it is replayed, however far
+/// ahead of the clock they are now (a clock set back, an engine that ran without a bound):
+/// an acknowledged event is never refused at open. Later calls are held to the bound.
+#[test]
+fn events_logged_ahead_of_the_clock_replay_at_an_open_with_a_bound() {
+    let dir = TempDir::new("ahead-replay");
+    let options = none_durability();
+    let engine =
+        Engine::open(dir.path(), Policy::token_plan(), clock(), options.clone()).expect("open");
+    let later = T0_MS + 30 * DAY_MS;
+    engine
+        .create_user("ada", "tp-ada", Some(later))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(later))
+        .expect("seat");
+    let request = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(later);
+    assert!(engine.consume(&request).expect("decided").is_admitted());
+    drop(engine);
+    let bounded = OpenOptions {
+        engine: EngineOptions {
+            max_ahead_of_clock_ms: DAY_MS,
+            ..EngineOptions::default()
+        },
+        ..options
+    };
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), bounded).expect("open");
+    let usage = engine.usage("tp-ada", Some(T0_MS)).expect("report");
+    assert_eq!(usage.limits[0].used, 1);
+    assert!(matches!(
+        engine.consume(&request),
+        Err(Error::InvalidArgument { field: "at_ms", .. })
+    ));
+}
+
+#[test]
 fn at_least_two_and_at_most_65536_policy_generations_are_kept() {
     for bad in [0, 1, MAX_POLICY_GENERATIONS + 1, usize::MAX] {
         let options = EngineOptions {
@@ -459,6 +566,7 @@ fn gateway_options() -> OpenOptions {
             max_policy_generations: 2,
             reclaim_idle_every_ms: 0,
             expire_leases_on_its_own: false,
+            max_ahead_of_clock_ms: 400 * DAY_MS,
         },
         checkpoint_every_events: 77,
         retention_ms: 30 * DAY_MS,

@@ -123,6 +123,15 @@ pub struct EngineOptions {
     /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle` and
     /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,
+    /// How far ahead of the engine's clock an operation's explicit timestamp may be: one
+    /// stamped further ahead is refused (`InvalidArgument` on `at_ms`). Without a bound, one
+    /// request stamped years ahead moves its key's windows there, and for requests stamped now
+    /// its usage never ages out (nor does a reservation's lease end). 0 (the default): no
+    /// bound, explicit timestamps are taken as given (tests and replays that run ahead of the
+    /// clock); else 1 to `MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself
+    /// should set one, e.g. a day: far more than any clock skew. The log's own timestamps are
+    /// never refused when it is replayed at open.
+    pub max_ahead_of_clock_ms: u64,
 }
 
 impl Default for EngineOptions {
@@ -138,6 +147,7 @@ impl Default for EngineOptions {
             max_policy_generations: 1_024,
             reclaim_idle_every_ms: 10 * 60 * 1000,
             expire_leases_on_its_own: true,
+            max_ahead_of_clock_ms: 0,
         }
     }
 }
@@ -312,6 +322,16 @@ impl Logged {
 /// micro-credits (9.2 trillion credits): `Engine::top_up` refuses more.
 pub const MAX_CREDITS_MICROS: u64 = i64::MAX as u64;
 
+/// The cached bound `resolve_time` starts from: every timestamp passes without a bound; with
+/// one, none does until the clock is read.
+fn unbounded_ahead(options: &EngineOptions) -> u64 {
+    if options.max_ahead_of_clock_ms == 0 {
+        u64::MAX
+    } else {
+        0
+    }
+}
+
 pub struct Engine {
     clock: Arc<dyn Clock>,
     options: EngineOptions,
@@ -343,6 +363,10 @@ pub struct Engine {
     pub(crate) retention_ms: AtomicU64,
     // Relaxed fetch_max: the newest event time logged, stamped on snapshots.
     newest_event_ms: AtomicU64,
+    // Relaxed: a timestamp at or below this is not too far ahead of the clock (the clock's
+    // time plus `max_ahead_of_clock_ms` when last read; only ever stricter than the truth as
+    // the clock moves on). `u64::MAX` without a bound and while the log is replayed.
+    ahead_bound_ms: AtomicU64,
     /// How long each checkpoint cut held the locks, and the last cut's buffers (`recovery`).
     pub(crate) cuts: crate::recovery::Cuts,
     /// Where the open that built this engine spent its time (absent for an in-memory engine).
@@ -446,6 +470,7 @@ impl Engine {
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),
+            ahead_bound_ms: AtomicU64::new(unbounded_ahead(&options)),
             append_gate: ShardLock::new(()),
             options,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -568,7 +593,44 @@ impl Engine {
                 ),
             ));
         }
+        if at_ms > self.ahead_bound_ms.load(Ordering::Relaxed) {
+            self.check_ahead_of_clock(at_ms)?;
+        }
         Ok(at_ms)
+    }
+
+    /// Refuses a timestamp more than `max_ahead_of_clock_ms` ahead of the engine's clock
+    /// (see the option). Reads the clock only when `at_ms` passes the bound cached at the last
+    /// read.
+    #[cold]
+    fn check_ahead_of_clock(&self, at_ms: u64) -> Result<(), Error> {
+        let ahead = self.options.max_ahead_of_clock_ms;
+        debug_assert!(ahead > 0, "no bound is cached as u64::MAX");
+        let now_ms = self.clock.now_ms();
+        let bound = now_ms.saturating_add(ahead);
+        if at_ms > bound {
+            return Err(Error::invalid(
+                "at_ms",
+                format!(
+                    "{at_ms} is {} ms ahead of the engine's clock ({now_ms}); at most {ahead} ms \
+                     ahead is accepted (max_ahead_of_clock_ms)",
+                    at_ms - now_ms
+                ),
+            ));
+        }
+        self.ahead_bound_ms.fetch_max(bound, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// While the log is replayed, its timestamps are taken as they were logged, however far
+    /// ahead of the clock they are now (`replaying` true); afterwards the bound is read anew.
+    pub(crate) fn set_replaying(&self, replaying: bool) {
+        let bound = if replaying {
+            u64::MAX
+        } else {
+            unbounded_ahead(&self.options)
+        };
+        self.ahead_bound_ms.store(bound, Ordering::Relaxed);
     }
 
     // -----------------------------------------------------------------------------------------

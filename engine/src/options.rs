@@ -139,7 +139,15 @@ impl EngineOptions {
             zero_means: Some("never"),
             unit: " ms",
         }
-        .check(self.reclaim_idle_every_ms)
+        .check(self.reclaim_idle_every_ms)?;
+        Range {
+            option: "max_ahead_of_clock_ms",
+            min: 1,
+            max: MAX_PERIOD_MS,
+            zero_means: Some("no bound"),
+            unit: " ms",
+        }
+        .check(self.max_ahead_of_clock_ms)
     }
 }
 
@@ -207,6 +215,7 @@ pub struct RecordedOptions {
     pub max_policy_generations: u64,
     pub reclaim_idle_every_ms: u64,
     pub expire_leases_on_its_own: bool,
+    pub max_ahead_of_clock_ms: u64,
     pub checkpoint_every_events: u64,
     pub retention_ms: u64,
 }
@@ -232,6 +241,7 @@ impl RecordedOptions {
             max_policy_generations: wide(engine.max_policy_generations),
             reclaim_idle_every_ms: engine.reclaim_idle_every_ms,
             expire_leases_on_its_own: engine.expire_leases_on_its_own,
+            max_ahead_of_clock_ms: engine.max_ahead_of_clock_ms,
             checkpoint_every_events: options.checkpoint_every_events,
             retention_ms: options.retention_ms,
         }
@@ -277,6 +287,7 @@ impl RecordedOptions {
             max_policy_generations: narrow("max_policy_generations", self.max_policy_generations)?,
             reclaim_idle_every_ms: self.reclaim_idle_every_ms,
             expire_leases_on_its_own: self.expire_leases_on_its_own,
+            max_ahead_of_clock_ms: self.max_ahead_of_clock_ms,
         };
         options.checkpoint_every_events = self.checkpoint_every_events;
         options.retention_ms = self.retention_ms;

@@ -719,6 +719,13 @@ impl Engine {
     /// while this thread applies them: on two cores the two overlap (decoding was about a
     /// third of an open's replay).
     fn replay_log(&self, log: &EventLog, after: u64, up_to: u64) -> Result<u64, Error> {
+        self.set_replaying(true);
+        let replayed = self.replay_log_inner(log, after, up_to);
+        self.set_replaying(false);
+        replayed
+    }
+
+    fn replay_log_inner(&self, log: &EventLog, after: u64, up_to: u64) -> Result<u64, Error> {
         let (batches, received) = std::sync::mpsc::sync_channel(REPLAY_BATCHES_QUEUED);
         // Applied batches go back to the decoder, which drops their events: freed on the
         // thread that allocated them, they cost a third of what they did here.

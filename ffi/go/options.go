@@ -25,7 +25,7 @@ import "time"
 // range, and nothing is created. A duration must be whole milliseconds (ErrInvalidArgument).
 // The ranges are the header's: tables 1 to 2^32, DefaultLease up to 24 h, IdempotencyHorizon
 // up to 366 days, MaxPolicyGenerations 2 to 65,536, ReclaimIdleEvery and Retention up to the
-// span of timestamps (to 2100).
+// span of timestamps (to 2100), MaxAheadOfClock too.
 type Options struct {
 	MaxKeys  uint64 // keys at most (default 16,000,000)
 	MaxTeams uint64 // teams at most, each user's Default Team included (default 4,000,000)
@@ -44,6 +44,11 @@ type Options struct {
 	// The engine does not expire reservations whose lease ended on its own; only Reserve, a
 	// late Settle and ExpireReservations do.
 	DisableLeaseExpiry bool
+	// How far ahead of the engine's clock an operation's time may be; one further ahead is
+	// refused (ErrBadTimestamp). Without a bound (zero, the default) one request stamped
+	// years ahead moves its key's windows there for good. A gateway passing times it did not
+	// make itself should set one, e.g. 24 h. The log's own times are never refused at Open.
+	MaxAheadOfClock time.Duration
 	// A checkpoint every this many events (default 1,000,000). Open only.
 	CheckpointEveryEvents uint64
 	// How long usage events stay in the log beyond the longest window before Compact may
@@ -137,6 +142,9 @@ func (s *Options) setters(op string) (*optionCalls, error) {
 		}},
 		{"Retention", s.Retention, true, func(o *C.tally_options, v C.uint64_t) C.uint32_t {
 			return C.tally_options_set_retention_ms(o, v)
+		}},
+		{"MaxAheadOfClock", s.MaxAheadOfClock, false, func(o *C.tally_options, v C.uint64_t) C.uint32_t {
+			return C.tally_options_set_max_ahead_of_clock_ms(o, v)
 		}},
 	} {
 		if err := duration(d.name, d.value, d.negativeIsZero, d.set); err != nil {

@@ -77,6 +77,7 @@ func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
 		{"max_policy_generations", tally.Options{MaxPolicyGenerations: 65_537}},
 		{"reclaim_idle_every_ms", tally.Options{ReclaimIdleEvery: 200 * 366 * day}},
 		{"retention_ms", tally.Options{Retention: 200 * 366 * day}},
+		{"max_ahead_of_clock_ms", tally.Options{MaxAheadOfClock: 200 * 366 * day}},
 	}
 	for _, c := range cases {
 		engine, err := tally.OpenInMemory(tally.WithOptions(c.options))
@@ -91,6 +92,19 @@ func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
 			t.Errorf("%s: the message does not name the option and its range: %v", c.option, err)
 		}
 	}
+}
+
+func TestABoundAheadOfTheClockRefusesALaterTimeAndTakesOneWithinIt(t *testing.T) {
+	// t0 is in 2030, years ahead of the engine's (system) clock: refused with a bound of a day.
+	engine := openMemoryWith(t, tally.Options{MaxAheadOfClock: 24 * time.Hour})
+	err := engine.CreateUser("ada", "tp-ada-1", t0)
+	if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "ahead of the engine's clock") {
+		t.Fatalf("a time years ahead: %v", err)
+	}
+	now := time.Now()
+	must(t, engine.CreateUser("ada", "tp-ada-1", now.Add(time.Hour)))
+	// No bound by default: t0 is taken.
+	seated(t, openMemory(t), "ada", "tp-ada-1", "Plus")
 }
 
 func TestANegativeDurationIsTheLibrarysZeroWhereZeroHasAMeaning(t *testing.T) {

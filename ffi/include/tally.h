@@ -846,6 +846,17 @@ tally_status tally_options_set_reclaim_idle_every_ms(struct tally_options *optio
 tally_status tally_options_set_expire_leases_on_its_own(struct tally_options *options,
                                                         bool expire_leases_on_its_own);
 
+// How far ahead of the engine's clock an operation's explicit `at_ms` may be: one stamped
+// further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`). Without a bound, one
+// request stamped years ahead moves its key's windows there, and for requests stamped now its
+// usage never ages out. 0 (the default): no bound, timestamps are taken as given; else 1 to
+// `TALLY_MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself should set one,
+// e.g. a day. The log's own timestamps are never refused when an open replays it.
+//
+// Errors: as `tally_options_set_max_keys`.
+tally_status tally_options_set_max_ahead_of_clock_ms(struct tally_options *options,
+                                                     uint64_t max_ahead_of_clock_ms);
+
 // A database checkpoints once this many events were logged since the last checkpoint, so an
 // open never replays more than about this many: 1 to 2^64 - 1 (default 1,000,000; each
 // checkpoint also starts a new log file, so a small value means many small files; 2^64 - 1

@@ -254,6 +254,24 @@ pub extern "C" fn tally_options_set_expire_leases_on_its_own(
     })
 }
 
+/// How far ahead of the engine's clock an operation's explicit `at_ms` may be: one stamped
+/// further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`). Without a bound, one
+/// request stamped years ahead moves its key's windows there, and for requests stamped now its
+/// usage never ages out. 0 (the default): no bound, timestamps are taken as given; else 1 to
+/// `TALLY_MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself should set one,
+/// e.g. a day. The log's own timestamps are never refused when an open replays it.
+///
+/// Errors: as `tally_options_set_max_keys`.
+#[no_mangle]
+pub extern "C" fn tally_options_set_max_ahead_of_clock_ms(
+    options: *mut tally_options,
+    max_ahead_of_clock_ms: u64,
+) -> tally_status {
+    set(options, |options| {
+        options.engine.max_ahead_of_clock_ms = max_ahead_of_clock_ms;
+    })
+}
+
 /// A database checkpoints once this many events were logged since the last checkpoint, so an
 /// open never replays more than about this many: 1 to 2^64 - 1 (default 1,000,000; each
 /// checkpoint also starts a new log file, so a small value means many small files; 2^64 - 1
@@ -370,7 +388,7 @@ mod tests {
     #[test]
     fn every_setter_of_a_number_names_its_option_when_it_refuses() {
         type Setter = extern "C" fn(*mut tally_options, u64) -> tally_status;
-        let setters: [(&str, Setter); 10] = [
+        let setters: [(&str, Setter); 11] = [
             ("max_keys", tally_options_set_max_keys),
             ("max_teams", tally_options_set_max_teams),
             ("max_users", tally_options_set_max_users),
@@ -396,6 +414,10 @@ mod tests {
                 tally_options_set_reclaim_idle_every_ms,
             ),
             ("retention_ms", tally_options_set_retention_ms),
+            (
+                "max_ahead_of_clock_ms",
+                tally_options_set_max_ahead_of_clock_ms,
+            ),
         ];
         let options = new_options();
         for (name, set) in setters {

@@ -4,6 +4,7 @@ InvalidArgumentError naming it before anything is opened, and None keeps the def
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ TOO_LARGE = {
     "max_policy_generations": 65_537,
     "reclaim_idle_every_ms": 4_102_444_800_001,
     "retention_ms": 4_102_444_800_001,
+    "max_ahead_of_clock_ms": 4_102_444_800_001,
 }
 
 
@@ -36,6 +38,20 @@ def test_a_bound_set_in_options_reaches_the_engine():
         engine.create_user("ada", "tp-ada-1", at_ms=T)
         with pytest.raises(tally.CapacityExceededError, match="keys"):
             engine.create_user("bo", "tp-bo-1", at_ms=T)
+
+
+def test_a_bound_ahead_of_the_clock_refuses_a_later_time_and_takes_one_within_it():
+    # T is in 2030, years ahead of the engine's (system) clock: refused with a bound of a day.
+    now = int(time.time() * 1000)
+    options = tally.Options(max_ahead_of_clock_ms=86_400_000)
+    with tally.Engine.in_memory(options=options) as engine:
+        with pytest.raises(tally.BadTimestampError, match="at_ms: .* ahead of the engine's clock"):
+            engine.create_user("ada", "tp-ada-1", at_ms=T)
+        engine.create_user("ada", "tp-ada-1", at_ms=now + 3_600_000)
+        engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
+        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
+    with tally.Engine.in_memory() as engine:
+        seated(engine, "ada", "tp-ada-1", "Plus")  # no bound by default: T is taken
 
 
 def test_a_default_lease_set_in_options_is_the_lease_of_a_reservation_without_one():

@@ -237,6 +237,7 @@ SIGNATURES = {
     "tally_options_set_default_lease_ms": (_status, [Options, c_uint64]),
     "tally_options_set_max_policy_generations": (_status, [Options, c_uint64]),
     "tally_options_set_reclaim_idle_every_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_max_ahead_of_clock_ms": (_status, [Options, c_uint64]),
     "tally_options_set_expire_leases_on_its_own": (_status, [Options, c_bool]),
     "tally_options_set_checkpoint_every_events": (_status, [Options, c_uint64]),
     "tally_options_set_retention_ms": (_status, [Options, c_uint64]),

@@ -27,7 +27,8 @@ class Options:
     ``default_lease_ms`` is 1 to 86,400,000 (a day); ``max_policy_generations`` 2 to 65,536;
     ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
     ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
-    ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps.
+    ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps;
+    ``max_ahead_of_clock_ms`` 0 (no bound) or up to the span of timestamps.
     ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only, and
     ``use_recorded`` by ``Engine.open`` and ``tally.verify``."""
 
@@ -51,6 +52,11 @@ class Options:
     reclaim_idle_every_ms: int | None = None
     #: Whether ended leases are expired from the admission path (default True).
     expire_leases_on_its_own: bool | None = None
+    #: How far ahead of the engine's clock a call's ``at_ms`` may be; one further ahead raises
+    #: ``BadTimestampError``. 0 (the default): no bound, and one request stamped years ahead
+    #: moves its key's windows there for good. A gateway passing times it did not make itself
+    #: should set one, e.g. 86,400,000 (a day). The log's own times are never refused at open.
+    max_ahead_of_clock_ms: int | None = None
     #: A checkpoint every this many events (default 1,000,000). ``Engine.open`` only.
     checkpoint_every_events: int | None = None
     #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
@@ -81,6 +87,7 @@ _SETTERS = {
     "reclaim_idle_every_ms": "tally_options_set_reclaim_idle_every_ms",
     "checkpoint_every_events": "tally_options_set_checkpoint_every_events",
     "retention_ms": "tally_options_set_retention_ms",
+    "max_ahead_of_clock_ms": "tally_options_set_max_ahead_of_clock_ms",
 }
 
 
