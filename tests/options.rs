@@ -294,6 +294,58 @@ fn events_logged_ahead_of_the_clock_replay_at_an_open_with_a_bound() {
     ));
 }
 
+/// What was logged was acknowledged: an open with table bounds lower than the ones the
+/// events were logged under replays them all, as restoring a snapshot of them does, and holds
+/// later creations to the new bounds. Before, the same database opened or was refused
+/// depending on whether a checkpoint had been taken ("replaying event 3 (user_created):
+/// users: the bound of 1 is reached").
+#[test]
+fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_checkpoint() {
+    let small = OpenOptions {
+        engine: EngineOptions {
+            max_users: 1,
+            max_keys: 1,
+            max_teams: 1,
+            ..EngineOptions::default()
+        },
+        ..none_durability()
+    };
+    for checkpoint in [false, true] {
+        let dir = TempDir::new(&format!("lower-bounds-{checkpoint}"));
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability())
+            .expect("open");
+        for name in ["ada", "bob", "cy"] {
+            engine
+                .create_user(name, &format!("tp-{name}"), Some(T0_MS))
+                .expect("user");
+        }
+        engine.create_team("lab", Some(T0_MS)).expect("team");
+        engine
+            .add_member("lab", "bob", "tp-bob-lab", Some(T0_MS))
+            .expect("member");
+        if checkpoint {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        assert_eq!(engine.memory_stats().keys, 4, "checkpoint {checkpoint}");
+        assert!(matches!(
+            engine.create_user("dee", "tp-dee", Some(T0_MS)),
+            Err(Error::CapacityExceeded { what: "users", .. })
+        ));
+        assert!(matches!(
+            engine.create_team("lab-2", Some(T0_MS)),
+            Err(Error::CapacityExceeded { what: "teams", .. })
+        ));
+        assert!(matches!(
+            engine.add_member("lab", "cy", "tp-cy-lab", Some(T0_MS)),
+            Err(Error::CapacityExceeded { what: "keys", .. })
+        ));
+    }
+}
+
 #[test]
 fn at_least_two_and_at_most_65536_policy_generations_are_kept() {
     for bad in [0, 1, MAX_POLICY_GENERATIONS + 1, usize::MAX] {

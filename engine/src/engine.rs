@@ -367,6 +367,11 @@ pub struct Engine {
     // time plus `max_ahead_of_clock_ms` when last read; only ever stricter than the truth as
     // the clock moves on). `u64::MAX` without a bound and while the log is replayed.
     ahead_bound_ms: AtomicU64,
+    // Relaxed: set while the log is replayed at open (before anyone else has the engine).
+    // What was logged was acknowledged: the table bounds of the options opened with, which
+    // may be lower than the ones it was logged under, do not refuse it (as restoring a
+    // snapshot does not); later creations are held to them.
+    replaying: AtomicBool,
     /// How long each checkpoint cut held the locks, and the last cut's buffers (`recovery`).
     pub(crate) cuts: crate::recovery::Cuts,
     /// Where the open that built this engine spent its time (absent for an in-memory engine).
@@ -471,6 +476,7 @@ impl Engine {
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),
             ahead_bound_ms: AtomicU64::new(unbounded_ahead(&options)),
+            replaying: AtomicBool::new(false),
             append_gate: ShardLock::new(()),
             options,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
@@ -623,7 +629,8 @@ impl Engine {
     }
 
     /// While the log is replayed, its timestamps are taken as they were logged, however far
-    /// ahead of the clock they are now (`replaying` true); afterwards the bound is read anew.
+    /// ahead of the clock they are now, and its creations whatever the table bounds
+    /// (`replaying` true); afterwards the bound is read anew and the tables are held to theirs.
     pub(crate) fn set_replaying(&self, replaying: bool) {
         let bound = if replaying {
             u64::MAX
@@ -631,6 +638,7 @@ impl Engine {
             unbounded_ahead(&self.options)
         };
         self.ahead_bound_ms.store(bound, Ordering::Relaxed);
+        self.replaying.store(replaying, Ordering::Relaxed);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -692,6 +700,9 @@ impl Engine {
     }
 
     fn check_room(&self, registry: &Registry, new_teams: u64) -> Result<(), Error> {
+        if self.replaying.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         if registry.users.len() as u64 >= self.options.max_users {
             return Err(Error::CapacityExceeded {
                 what: "users",
@@ -708,7 +719,7 @@ impl Engine {
     }
 
     fn check_new_key(&self, key: &str) -> Result<(), Error> {
-        if self.keys.len() >= self.options.max_keys {
+        if self.keys.len() >= self.options.max_keys && !self.replaying.load(Ordering::Relaxed) {
             return Err(Error::CapacityExceeded {
                 what: "keys",
                 capacity: self.options.max_keys,
@@ -739,7 +750,9 @@ impl Engine {
                 id: team.into(),
             });
         }
-        if registry.teams.len() as u64 >= self.options.max_teams {
+        if registry.teams.len() as u64 >= self.options.max_teams
+            && !self.replaying.load(Ordering::Relaxed)
+        {
             return Err(Error::CapacityExceeded {
                 what: "teams",
                 capacity: self.options.max_teams,
