@@ -2171,6 +2171,67 @@ fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
     );
 }
 
+/// Closed reservations are remembered so a repeated settle or void is idempotent, but no more
+/// of them than `max_open_reservations`: with room for two, cycles of reserve and settle or void
+/// keep the two closed last. A repeat of a forgotten one is an error and charges nothing again.
+#[test]
+fn closed_reservations_beyond_the_tables_capacity_are_forgotten_oldest_first() {
+    let options = tally_engine::EngineOptions {
+        max_open_reservations: 2,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(
+        Policy::token_plan(),
+        std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
+        options,
+    )
+    .expect("valid options");
+    let key = seated(&engine, "ada", "Starter");
+    let settled = reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
+    let settlement = engine
+        .settle(settled, &ONE_REQUEST, Some(T0_MS))
+        .expect("settle");
+    let mut voided = Vec::new();
+    for _ in 0..100 {
+        let id = reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
+        engine.void(id, Some(T0_MS)).expect("void");
+        voided.push(id);
+    }
+    assert_eq!(
+        m27_used(&engine, &key, T0_MS),
+        1,
+        "only the settled one counts"
+    );
+    // The first settled and the first 98 voided are forgotten, oldest first.
+    for id in std::iter::once(settled).chain(voided[..98].iter().copied()) {
+        assert_eq!(
+            engine.void(id, Some(T0_MS)),
+            Err(Error::UnknownReservation {
+                reservation: id.get()
+            })
+        );
+    }
+    assert_eq!(
+        engine.settle(settled, &ONE_REQUEST, Some(T0_MS)),
+        Err(Error::UnknownReservation {
+            reservation: settled.get()
+        }),
+        "was {settlement:?}"
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1, "nothing charged twice");
+    // The two closed last are still remembered.
+    for &id in &voided[98..] {
+        assert_eq!(engine.void(id, Some(T0_MS)), Ok(()));
+        assert!(matches!(
+            engine.settle(id, &ONE_REQUEST, Some(T0_MS)),
+            Err(Error::ReservationClosed {
+                state: "voided",
+                ..
+            })
+        ));
+    }
+}
+
 #[test]
 fn a_full_key_table_refuses_new_users_and_creates_nothing() {
     let options = tally_engine::EngineOptions {

@@ -1724,6 +1724,62 @@ fn verify_stays_sound_after_a_closed_reservation_ages_out() {
     assert!(report.is_sound(), "{:?}", report.problems);
 }
 
+/// Closed reservations are bounded by `max_open_reservations`, the oldest forgotten first, and
+/// which ones are kept does not depend on how the engine came back: replaying the log, or a
+/// snapshot (which lists them by id) and the log after it, keeps the same ones as the engine
+/// that never closed, also when several closed at the same time in another order than their
+/// ids.
+#[test]
+fn the_closed_reservations_kept_are_the_same_after_a_reopen_with_or_without_a_checkpoint() {
+    for checkpoint in [false, true] {
+        let dir = TempDir::new("closed-reservation-bound");
+        let options = OpenOptions {
+            engine: tally_engine::EngineOptions {
+                max_open_reservations: 2,
+                ..tally_engine::EngineOptions::default()
+            },
+            ..sync_options()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+        engine
+            .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+            .unwrap();
+        let quantities = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS);
+        let reserve = || engine.reserve(&request, None).unwrap().reservation.unwrap();
+        let (first, second) = (reserve(), reserve());
+        // Closed at the same time, the later id first.
+        engine.void(second, Some(T0_MS)).unwrap();
+        engine.void(first, Some(T0_MS)).unwrap();
+        if checkpoint {
+            engine.checkpoint().unwrap();
+        }
+        let third = reserve();
+        engine.void(third, Some(T0_MS)).unwrap();
+        let answers =
+            |engine: &Engine| [first, second, third].map(|id| engine.void(id, Some(T0_MS)));
+        let live = answers(&engine);
+        assert_eq!(
+            live,
+            [
+                Err(Error::UnknownReservation {
+                    reservation: first.get()
+                }),
+                Ok(()),
+                Ok(())
+            ],
+            "the oldest by (closing time, id) is forgotten"
+        );
+        drop(engine);
+        let reopened = open_token_plan(dir.path(), options.clone());
+        assert_eq!(answers(&reopened), live, "checkpoint {checkpoint}");
+        reopened.close().unwrap();
+        let report = Engine::verify(dir.path(), options).unwrap();
+        assert!(report.is_sound(), "{:?}", report.problems);
+    }
+}
+
 /// Reclaiming idle windows is not an event, so a replay still holds windows the live engine had
 /// freed. What they hold had aged out by the reclaim (the key's time floor in the snapshot):
 /// `verify` must count them as of then, and find the snapshot equal to the replay.

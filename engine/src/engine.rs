@@ -102,7 +102,8 @@ pub struct EngineOptions {
     /// 0 (the default): the policy's longest window; else 1 to `MAX_IDEMPOTENCY_HORIZON_MS`
     /// (366 days).
     pub idempotency_horizon_ms: u64,
-    /// Reservations open at once, 1 to `MAX_TABLE_ENTRIES`.
+    /// Reservations open at once, 1 to `MAX_TABLE_ENTRIES`; also how many closed ones are
+    /// remembered (the most recently closed) so a repeated settle or void is idempotent.
     pub max_open_reservations: usize,
     /// The lease of a reservation made without one, 1 to `MAX_LEASE_MS` (24 h).
     pub default_lease_ms: u64,

@@ -96,7 +96,7 @@ impl fmt::Display for Error {
             Error::UnknownUser { user } => write!(f, "user: unknown user {user:?}"),
             Error::UnknownKey { key } => write!(f, "key: unknown key {key:?}"),
             Error::UnknownReservation { reservation } => {
-                write!(f, "reservation: unknown reservation {reservation}")
+                write!(f, "reservation: unknown reservation {reservation} (never opened, or closed and since forgotten)")
             }
             Error::UnknownRequest { request_id } => {
                 write!(f, "request_id: no admitted request {request_id:?} within the idempotency horizon")

@@ -5,7 +5,8 @@
 //! and remembers what it moved; `settle` charges the actual amount, `void` gives it all back, and
 //! a reservation not closed by the end of its lease expires as if voided, so a crashed gateway
 //! leaks nothing. Closed reservations are remembered for the idempotency horizon, so settle and
-//! void are idempotent. The table is bounded.
+//! void are idempotent. The table is bounded: `max_open_reservations` open ones, and as many
+//! closed ones (the most recently closed; see `ReservationInner::close`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::num::NonZeroU64;
@@ -98,18 +99,23 @@ pub(crate) struct ReservationInner {
     /// or when restored): a repeated settle or void waits for that event to be durable before
     /// it answers, as the first call does.
     pub closed: FxHashMap<u64, (Closed, u64)>,
+    /// `(closed at, id)` of every entry of `closed`, in that order (oldest first).
     pub closed_order: VecDeque<(u64, u64)>,
+    /// The most closed reservations remembered (the table's capacity): past it, `close` forgets
+    /// the oldest, so reserve-and-void cycles cannot grow the table for a whole horizon.
+    closed_capacity: usize,
     pub next_id: u64,
 }
 
-impl Default for ReservationInner {
-    fn default() -> ReservationInner {
+impl ReservationInner {
+    fn new(closed_capacity: usize) -> ReservationInner {
         ReservationInner {
             open: FxHashMap::default(),
             by_expiry: BTreeSet::new(),
             earliest_lease_end_ms: Arc::new(AtomicU64::new(u64::MAX)),
             closed: FxHashMap::default(),
             closed_order: VecDeque::new(),
+            closed_capacity: closed_capacity.max(1),
             next_id: 0,
         }
     }
@@ -145,7 +151,7 @@ impl ReservationTable {
     }
 
     pub fn new(capacity: usize, horizon_ms: u64) -> ReservationTable {
-        let inner = ReservationInner::default();
+        let inner = ReservationInner::new(capacity);
         ReservationTable {
             earliest_lease_end_ms: Arc::clone(&inner.earliest_lease_end_ms),
             inner: Mutex::new(inner),
@@ -184,17 +190,27 @@ impl ReservationInner {
         }
     }
 
-    /// Remembers `id` as closed at `at_ms`. `closed_order` stays in order of closing time,
-    /// which `forget_closed` relies on: a close is nearly always the newest and goes at the back,
-    /// but a request with an older timestamp (racing threads) goes before the newer ones.
+    /// Remembers `id` as closed at `at_ms`, then forgets the oldest closed reservations past
+    /// `closed_capacity` (a repeated settle or void of one forgotten is `UnknownReservation`,
+    /// never a second charge). `closed_order` stays in order of `(closing time, id)`, which
+    /// `forget_closed` relies on: a close is nearly always the newest and goes at the back, but
+    /// a request with an older timestamp (racing threads) goes before the newer ones. The id
+    /// breaks ties, so the order, and with it which ones the bound forgets, is the same
+    /// whether the closes came live, from a replay of the log (the same closes in the same
+    /// order) or from a snapshot (listed by id).
     pub fn close(&mut self, id: u64, closed: Closed, at_ms: u64, seq: u64) {
         self.closed.insert(id, (closed, seq));
         let position = self
             .closed_order
             .iter()
-            .rposition(|&(closed_ms, _)| closed_ms <= at_ms)
+            .rposition(|&closed_at| closed_at <= (at_ms, id))
             .map_or(0, |before| before + 1);
         self.closed_order.insert(position, (at_ms, id));
+        while self.closed_order.len() > self.closed_capacity {
+            if let Some((_, oldest)) = self.closed_order.pop_front() {
+                self.closed.remove(&oldest);
+            }
+        }
     }
 
     /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
@@ -749,7 +765,7 @@ mod tests {
     /// by id, and a racing request can close with an older timestamp than the one before.
     #[test]
     fn closed_reservations_are_forgotten_by_closing_time_whatever_order_they_were_closed_in() {
-        let mut table = ReservationInner::default();
+        let mut table = ReservationInner::new(10);
         // Closed in the order a restore by id would close them: 1 late, 2 early, 3 later.
         table.close(1, Closed::Expired, 5_000, 0);
         table.close(2, Closed::Voided, 1_000, 0);

@@ -33,8 +33,10 @@ type Options struct {
 	// Request ids remembered at once (default 1,000,000).
 	IdempotencyCapacity uint64
 	// How long a request id is remembered; zero: the policy's longest window.
-	IdempotencyHorizon  time.Duration
-	MaxOpenReservations uint64        // reservations open at once (default 1,000,000)
+	IdempotencyHorizon time.Duration
+	// Reservations open at once (default 1,000,000); also how many closed ones are remembered
+	// (the most recently closed) so a repeated settle or void is idempotent.
+	MaxOpenReservations uint64
 	DefaultLease        time.Duration // lease of a reservation made without one (default 10 min)
 	// Policies kept so requests from before a swap are refunded exactly (default 1,024).
 	MaxPolicyGenerations uint64

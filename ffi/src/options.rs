@@ -182,7 +182,9 @@ pub extern "C" fn tally_options_set_idempotency_horizon_ms(
     })
 }
 
-/// Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000).
+/// Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000); also how many
+/// closed ones are remembered (the most recently closed) so a repeated settle or void is
+/// idempotent.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]

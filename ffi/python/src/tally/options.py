@@ -42,7 +42,8 @@ class Options:
     idempotency_capacity: int | None = None
     #: How long a request id is remembered; 0 (the default): the policy's longest window.
     idempotency_horizon_ms: int | None = None
-    #: Reservations open at once (default 1,000,000).
+    #: Reservations open at once (default 1,000,000); also how many closed ones are remembered
+    #: (the most recently closed) so a repeated settle or void is idempotent.
     max_open_reservations: int | None = None
     #: The lease of a reservation made without one (default 600,000: 10 minutes).
     default_lease_ms: int | None = None
