@@ -1282,6 +1282,47 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
     assert_eq!(engine.cursor("billing").unwrap(), all.len() as u64 + 1);
 }
 
+/// Export cursors are bounded by count as well as by name length: a new name past
+/// `MAX_CURSORS` is refused and saves nothing, while a name already saved still moves, also
+/// after a reopen.
+#[test]
+fn a_new_cursor_past_the_bound_is_refused_and_a_saved_one_still_moves() {
+    let dir = TempDir::new("cursor-bound");
+    let options = OpenOptions {
+        durability: Durability::None,
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    let bound = tally_engine::log::MAX_CURSORS;
+    let name = |n: u64| format!("reader-{n}");
+    for n in 0..bound {
+        engine.save_cursor(&name(n), 1).expect("room for it");
+    }
+    let refused = engine.save_cursor(&name(bound), 1);
+    assert_eq!(
+        refused,
+        Err(Error::CapacityExceeded {
+            what: "cursors",
+            capacity: bound
+        })
+    );
+    assert_eq!(engine.cursor(&name(bound)).unwrap(), 0, "nothing saved");
+    engine
+        .save_cursor(&name(0), 2)
+        .expect("a saved cursor moves");
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options);
+    assert_eq!(engine.cursor(&name(0)).unwrap(), 2);
+    engine
+        .save_cursor(&name(bound - 1), 2)
+        .expect("still moves");
+    assert!(matches!(
+        engine.save_cursor(&name(bound + 1), 1),
+        Err(Error::CapacityExceeded { .. })
+    ));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Retention and compaction.
 

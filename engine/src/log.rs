@@ -19,7 +19,7 @@
 //!   renamed (then the directory fsynced); the latest two are kept.
 //! - sled, for what is small and keyed: `meta` (the format version, and the options the
 //!   database was last opened with: `options::RecordedOptions`) and `cursors` (named export
-//!   cursors). sled's file lock also keeps a second process out of the directory.
+//!   cursors, at most `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. A record whose length or crc is wrong is a torn write from a
 //! crash, never acknowledged (acknowledgement follows the `fdatasync`), and is truncated away
@@ -84,6 +84,11 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// The longest `Durability::Interval`: an acknowledged event waits at most this long to be
 /// flushed, so a power loss loses at most this much acknowledged work.
 pub const MAX_FLUSH_INTERVAL_MS: u64 = 60_000;
+/// The most export cursors a database keeps. A cursor is a billing reader's place in the log:
+/// a handful are expected, and each name is up to 128 bytes in sled, so any count past this is
+/// a caller minting names (one per run, per request) rather than saving its place. Saving a
+/// cursor already saved always works, whatever the count.
+pub const MAX_CURSORS: u64 = 1_024;
 const SEGMENT_HEADER_BYTES: usize = 32;
 const SEGMENT_MAGIC: &[u8; 8] = b"TALLYLOG";
 /// A snapshot's header: magic (8 bytes), format version (2), the usage hint in units of
@@ -537,6 +542,9 @@ pub struct EventLog {
     db: sled::Db,
     meta: sled::Tree,
     cursors: sled::Tree,
+    /// Held while a cursor is saved: counting the cursors and adding one are a single step,
+    /// so racing saves of new names cannot pass `MAX_CURSORS` together.
+    cursor_saves: Mutex<()>,
     snapshots_dir: PathBuf,
     syncer: FileSyncer,
     shared: Arc<Shared>,
@@ -1246,6 +1254,7 @@ impl EventLog {
             db,
             meta,
             cursors,
+            cursor_saves: Mutex::new(()),
             snapshots_dir,
             syncer,
             shared,
@@ -1980,11 +1989,27 @@ impl EventLog {
         self.syncer.flush(&self.db)
     }
 
-    /// Saves a named cursor durably (it survives restarts).
+    /// Saves a named cursor durably (it survives restarts). A new name is refused once
+    /// `MAX_CURSORS` are saved (`CapacityExceeded`, nothing written); an existing one is
+    /// always saved.
     pub fn save_cursor(&self, name: &str, seq: u64) -> Result<(), Error> {
+        let saving = self.cursor_saves.lock();
+        let known = self
+            .cursors
+            .contains_key(name.as_bytes())
+            .map_err(|error| storage("reading a cursor", error))?;
+        // `len` walks the tree: at most `MAX_CURSORS` entries (more only in a database saved
+        // before the bound), and only for a name not saved yet.
+        if !known && self.cursors.len() as u64 >= MAX_CURSORS {
+            return Err(Error::CapacityExceeded {
+                what: "cursors",
+                capacity: MAX_CURSORS,
+            });
+        }
         self.cursors
             .insert(name.as_bytes(), &seq.to_be_bytes())
             .map_err(|error| storage("saving a cursor", error))?;
+        drop(saving);
         self.syncer.flush(&self.db)
     }
 

@@ -1583,6 +1583,9 @@ impl Engine {
         self.require_journal()?.cursor(name)
     }
 
+    /// Saves a named export cursor at `seq` (at most the last event's); it survives restarts.
+    /// A new name is refused once `log::MAX_CURSORS` (1,024) are saved
+    /// (`CapacityExceeded { what: "cursors" }`); an existing one is always saved.
     pub fn save_cursor(&self, name: &str, seq: u64) -> Result<(), Error> {
         crate::engine::check_id("cursor", name, 128)?;
         let journal = self.require_journal()?;

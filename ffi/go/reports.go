@@ -142,7 +142,8 @@ func (e *Engine) Cursor(name string) (uint64, error) {
 	return uint64(seq), err
 }
 
-// SaveCursor saves a named export cursor at seq (at most the last event's).
+// SaveCursor saves a named export cursor at seq (at most the last event's). A name not saved
+// yet is refused with ErrCapacityExceeded once MaxCursors are; an existing one always saves.
 func (e *Engine) SaveCursor(name string, seq uint64) error {
 	nameText, nameLen := text(name)
 	return e.call("SaveCursor", func(handle *C.tally_engine) C.uint32_t {

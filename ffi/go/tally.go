@@ -47,6 +47,7 @@ const (
 	MaxDocumentBytes = C.TALLY_MAX_DOCUMENT_BYTES  // path or inline policy
 	MaxQuantities    = C.TALLY_MAX_QUANTITIES      // quantities per request (one per unit)
 	MaxEventsPerCall = C.TALLY_MAX_EVENTS_PER_CALL // events per EventsAfter
+	MaxCursors       = C.TALLY_MAX_CURSORS         // export cursors a database keeps
 )
 
 // LibraryVersion is the version of the linked library (compare with Version).

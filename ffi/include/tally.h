@@ -110,6 +110,9 @@
 // The most events one `tally_engine_events_after` returns.
 #define TALLY_MAX_EVENTS_PER_CALL 65536
 
+// The most export cursors a database keeps (`tally_engine_save_cursor`).
+#define TALLY_MAX_CURSORS 1024
+
 // What a call did. `TALLY_OK` (0) is success; every other value says why the call failed and
 // changed nothing (except where a function's documentation says otherwise), and
 // `tally_last_error` gives the detail for the calling thread.
@@ -935,6 +938,9 @@ tally_status tally_engine_cursor(const struct tally_engine *engine,
                                  uint64_t *seq_out);
 
 // Saves a named export cursor at `seq` (at most the last event's); it survives restarts.
+//
+// Errors: `TALLY_CAPACITY_EXCEEDED` for a name not saved yet once `TALLY_MAX_CURSORS` are
+// (nothing is saved); an existing name is always saved.
 tally_status tally_engine_save_cursor(const struct tally_engine *engine,
                                       const char *name,
                                       size_t name_len,

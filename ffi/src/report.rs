@@ -19,6 +19,10 @@ use crate::status::{tally_status, Failure};
 
 /// The most events one `tally_engine_events_after` returns.
 pub const TALLY_MAX_EVENTS_PER_CALL: u32 = 65_536;
+/// The most export cursors a database keeps (`tally_engine_save_cursor`).
+pub const TALLY_MAX_CURSORS: u64 = 1_024;
+
+const _: () = assert!(TALLY_MAX_CURSORS == ::tally_engine::log::MAX_CURSORS);
 
 /// Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 /// "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
@@ -162,6 +166,9 @@ pub extern "C" fn tally_engine_cursor(
 }
 
 /// Saves a named export cursor at `seq` (at most the last event's); it survives restarts.
+///
+/// Errors: `TALLY_CAPACITY_EXCEEDED` for a name not saved yet once `TALLY_MAX_CURSORS` are
+/// (nothing is saved); an existing name is always saved.
 #[no_mangle]
 pub extern "C" fn tally_engine_save_cursor(
     engine: *const tally_engine,

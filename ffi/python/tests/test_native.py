@@ -113,6 +113,7 @@ def test_the_constants_agree_with_the_header():
         "MAX_DECISION_LIMITS",
         "MAX_QUANTITIES",
         "MAX_EVENTS_PER_CALL",
+        "MAX_CURSORS",
         "NOW",
     ]:
         assert int(defines[name]) == getattr(_native, name), name

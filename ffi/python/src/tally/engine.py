@@ -676,6 +676,9 @@ class Engine:
         return seq.value
 
     def save_cursor(self, name: Text, seq: int) -> None:
+        """Saves the named export cursor at ``seq`` (at most the last event's). A name not
+        saved yet raises ``CapacityExceededError`` once 1,024 are (``TALLY_MAX_CURSORS``); an
+        existing one always saves."""
         name_bytes = _convert.text("name", name)
         errors.check(
             _native.lib.tally_engine_save_cursor(
