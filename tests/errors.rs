@@ -392,6 +392,55 @@ fn a_bad_usage_correction_is_an_error_and_changes_nothing() {
     assert!(matches!(error, Error::UnknownKey { .. }), "{error:?}");
 }
 
+/// A correction that no limit of the key's plan counts could move nothing: refused, naming the
+/// resource the plan does not limit, or the quantities its limits do not count, and no window
+/// memory is set up for it.
+#[test]
+fn a_usage_correction_no_limit_counts_is_an_error_and_changes_nothing() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Starter"); // limits m2.7 and music-2.6 only
+    let add = tally_engine::AdjustmentDirection::Add;
+    let images = [(Unit::Images, 5)];
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
+    for direction in [add, tally_engine::AdjustmentDirection::Remove] {
+        let error = engine
+            .adjust_usage(&key, "image-01", &images, T0_MS, direction, Some(T0_MS))
+            .expect_err("a correction of a resource the plan does not limit");
+        assert_eq!(field(&error), "resource", "{error}");
+    }
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+    assert_eq!(
+        engine.memory_stats().keys_with_usage,
+        0,
+        "no window memory set up"
+    );
+    // A plan that limits chat by tokens only: a correction of requests alone counts nowhere.
+    let engine = engine_with(
+        Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 1 }
+[plans.Tokens]
+limits = [{ resource = "chat", unit = "tokens", amount = 1000, window = "daily" }]
+"#,
+        )
+        .expect("a valid policy"),
+    );
+    let key = seated(&engine, "ada", "Tokens");
+    let requests = [(Unit::Requests, 5)];
+    let error = engine
+        .adjust_usage(&key, "chat", &requests, T0_MS, add, Some(T0_MS))
+        .expect_err("a correction of units no limit counts");
+    assert_eq!(field(&error), "quantities", "{error}");
+    let tokens = [(Unit::Tokens, 5)];
+    let moved = engine
+        .adjust_usage(&key, "chat", &tokens, T0_MS, add, Some(T0_MS))
+        .expect("tokens are counted");
+    assert_eq!(moved.limits[0].moved, 5);
+}
+
 #[test]
 fn a_usage_correction_dated_after_2100_names_usage_at_ms() {
     let world = world();

@@ -1282,6 +1282,39 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
     assert_eq!(engine.cursor("billing").unwrap(), all.len() as u64 + 1);
 }
 
+/// A usage correction no limit of the key's plan counts is refused before it is logged: the
+/// log would otherwise keep (and every open replay) an event that moved nothing.
+#[test]
+fn a_usage_correction_no_limit_counts_appends_no_event() {
+    let dir = TempDir::new("adjust-uncounted");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Starter", Some(T0_MS))
+        .unwrap();
+    let events = last_seq(&engine);
+    let images = [(Unit::Images, 5)];
+    let refused = engine.adjust_usage(
+        "key-ada",
+        "image-01",
+        &images,
+        T0_MS,
+        tally_engine::AdjustmentDirection::Add,
+        Some(T0_MS),
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(Error::InvalidArgument {
+                field: "resource",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(last_seq(&engine), events, "nothing appended");
+}
+
 /// Export cursors are bounded by count as well as by name length: a new name past
 /// `MAX_CURSORS` is refused and saves nothing, while a name already saved still moves, also
 /// after a reopen.

@@ -16,6 +16,24 @@ use crate::event::{EventBody, GivenBack};
 use crate::ledger::{KeyUsage, WindowState};
 use crate::policy::{CounterId, Policy, ResourceId, Unit, Window};
 
+/// The error for a correction that no limit of the key's plan counts: the plan does not limit
+/// `resource` at all (`uncounted_resource`), or its limits on it count none of the units given.
+fn nothing_to_correct(plan: &str, resource: &str, uncounted_resource: bool) -> Error {
+    if uncounted_resource {
+        Error::invalid(
+            "resource",
+            format!("plan {plan:?} does not limit {resource:?}: a correction would move nothing"),
+        )
+    } else {
+        Error::invalid(
+            "quantities",
+            format!(
+                "plan {plan:?} limits {resource:?} by none of these units: a correction would move nothing"
+            ),
+        )
+    }
+}
+
 /// What a refund gave back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refund {
@@ -132,7 +150,9 @@ impl Engine {
     }
 
     /// Corrects recorded usage of a key's plan limits at the time it happened (`usage_at_ms`).
-    /// Usage whose window has already reset or aged out is left alone. All limits or none.
+    /// Usage whose window has already reset or aged out is left alone. All limits or none. A
+    /// correction no limit of the plan counts is refused (`InvalidArgument` naming `resource`
+    /// if the plan does not limit it, else `quantities`) and logs nothing.
     pub fn adjust_usage(
         &self,
         key: &str,
@@ -168,11 +188,15 @@ impl Engine {
                 )
             })?;
             let plan = policy.plan(plan_id);
-            let amounts = Amounts::of(&plan.touches[resource_id.index()], &quantities).ok_or(
-                Error::Overflow {
-                    field: "quantities",
-                },
-            )?;
+            let touches = &plan.touches[resource_id.index()];
+            let amounts = Amounts::of(touches, &quantities).ok_or(Error::Overflow {
+                field: "quantities",
+            })?;
+            // A correction no limit counts could move nothing: refused before anything is
+            // touched or logged (an event of it would only grow the log).
+            if amounts.as_slice().is_empty() {
+                return Err(nothing_to_correct(&plan.name, resource, touches.is_empty()));
+            }
             // Removing usage from a key that counts none removes nothing, so it looks at empty
             // windows without keeping them: a key with no usage holds no window memory.
             let scratch;
