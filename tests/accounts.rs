@@ -408,6 +408,43 @@ fn a_pay_as_you_go_key_still_works_when_the_plan_quota_is_exhausted() {
     assert_eq!(m27_used(&engine, &key, T0_MS), 1500);
 }
 
+/// A pay-as-you-go key's spend is a total that never resets, bounded by `u64`: a request whose
+/// price would take it past is refused by `check` as by `consume` (a check that answered
+/// "admitted" promised what the consume then refused), with an error saying it is the key's
+/// spend that would overflow; a smaller request that still fits is admitted by both.
+#[test]
+fn pay_as_you_go_spend_at_its_bound_is_refused_by_check_as_by_consume() {
+    let engine = engine();
+    user(&engine, "ada");
+    engine
+        .create_payg_key("ada", "payg-ada", Some(T0_MS))
+        .expect("payg key");
+    let big = [(Unit::Requests, 1 << 40), (Unit::Tokens, 1 << 40)];
+    let request = tally_engine::UsageRequest::new("payg-ada", "m2.7-highspeed", &big).at(T0_MS);
+    let price = price_micros(&engine, "m2.7-highspeed", &big);
+    let fits = u64::MAX / price;
+    for _ in 0..fits {
+        assert!(engine.consume(&request).expect("fits").is_admitted());
+    }
+    let spent = fits * price;
+    let report = || engine.usage("payg-ada", Some(T0_MS)).expect("report");
+    assert_eq!(report().payg_micros, spent);
+    let consumed = engine.consume(&request).expect_err("past the bound");
+    let checked = engine.check(&request).expect_err("past the bound");
+    assert_eq!(checked, consumed);
+    assert!(
+        matches!(consumed, Error::Overflow { field } if field.contains("pay-as-you-go spend")),
+        "{consumed:?}"
+    );
+    assert!(consumed.to_string().starts_with("key ("), "{consumed}");
+    assert_eq!(report().payg_micros, spent, "nothing recorded");
+    // What is left below the bound still takes a small request.
+    let small = tally_engine::UsageRequest::new("payg-ada", "m2.7", &ONE_REQUEST).at(T0_MS);
+    assert!(u64::MAX - spent >= price_micros(&engine, "m2.7", &ONE_REQUEST));
+    assert!(engine.check(&small).expect("fits").is_admitted());
+    assert!(engine.consume(&small).expect("fits").is_admitted());
+}
+
 #[test]
 fn a_pay_as_you_go_key_has_no_plan_usage_to_adjust() {
     let engine = engine();

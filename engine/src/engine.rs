@@ -2243,11 +2243,15 @@ fn pay_as_you_go(
             None,
         ));
     };
-    if mode == Mode::Consume {
-        state.add_payg(price).ok_or(Error::Overflow {
-            field: "pay-as-you-go micros",
-        })?;
-    }
+    // The key's spend is a total that never resets: once this price would take it past `u64`,
+    // a check answers what a consume would, the same error naming what overflowed.
+    let fits = match mode {
+        Mode::Consume => state.add_payg(price),
+        Mode::Check => state.payg_micros.load(Ordering::Acquire).checked_add(price),
+    };
+    fits.ok_or(Error::Overflow {
+        field: "key (pay_as_you_go_micros, its total pay-as-you-go spend)",
+    })?;
     let charged_to = ChargedTo::PayAsYouGo { micros: price };
     let admission = Admission {
         charged_to,
