@@ -2354,6 +2354,36 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
     }
 }
 
+/// A seat change that changes nothing (the plan the key already has, or no seat to take
+/// away) succeeds and logs nothing. Before, each logged an event.
+#[test]
+fn a_seat_change_that_changes_nothing_logs_nothing() {
+    let (dir, before, _) = closed_database("seat-no-op");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let events = last_seq(&engine);
+    let usage = engine.usage("key-ada", Some(POPULATED_MS)).unwrap();
+    let plan = usage.plan.clone().expect("ada has a seat");
+    engine
+        .assign_seat("@ada", "ada", &plan, Some(POPULATED_MS))
+        .expect("the same plan again");
+    engine
+        .create_user("fay", "key-fay", Some(POPULATED_MS))
+        .unwrap();
+    let events = events + 1;
+    engine
+        .unassign_seat("@fay", "fay", Some(POPULATED_MS))
+        .expect("no seat to take away");
+    assert_eq!(last_seq(&engine), events, "nothing logged");
+    assert_eq!(engine.usage("key-ada", Some(POPULATED_MS)).unwrap(), usage);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+}
+
 /// A power loss can keep the end of the last write and tear an earlier part of it: the drive
 /// need not write the pages of an unsynced stretch in order. Every record of that stretch says
 /// (by its durable point) that the bad record's events were not yet durable, so it is a torn

@@ -900,6 +900,10 @@ impl Engine {
                 ),
                 None => None,
             };
+            if state.seat == seat {
+                // Already so (the same plan again, or no seat to take away): nothing to log.
+                return Ok(());
+            }
             let body = EventBody::SeatChanged {
                 team: team.into(),
                 user: user.into(),
