@@ -753,7 +753,11 @@ struct Compiler {
     resources: Vec<Resource>,
     resource_ids: FxHashMap<Box<str>, ResourceId>,
     meters: Vec<Meter>,
+    /// Named meters (`meters."…"`) and implicit ones (`resource:unit`), all by name: the names
+    /// cannot collide, a named meter's has no `:`.
     meter_ids: FxHashMap<Box<str>, MeterId>,
+    /// The named meters come first in `meters`: ids below this are theirs.
+    named_meters: usize,
     counters: Vec<CounterSpec>,
 }
 
@@ -969,9 +973,21 @@ impl Compiler {
         for (name, meter) in &document.meters {
             let field = format!("meters.{name:?}");
             check_name(&field, name)?;
+            // A limit on a resource and unit counts on the implicit meter `resource:unit`,
+            // looked up by that name: a named meter called so would take over every such
+            // limit, whatever it counts.
+            if name.contains(':') {
+                return Err(PolicyError::new(
+                    field,
+                    format!(
+                        "{name:?} contains \":\", which only implicit meters (resource:unit) have"
+                    ),
+                ));
+            }
             let terms = self.meter_terms(&field, meter)?;
             self.add_meter(name, terms);
         }
+        self.named_meters = self.meters.len();
         Ok(())
     }
 
@@ -1059,9 +1075,22 @@ impl Compiler {
     fn limit_meter(&mut self, field: &str, limit: &LimitDocument) -> Result<MeterId, PolicyError> {
         match (&limit.meter, &limit.resource, limit.unit) {
             (Some(meter), None, None) => {
-                self.meter_ids.get(meter.as_str()).copied().ok_or_else(|| {
-                    PolicyError::new(format!("{field}.meter"), format!("unknown meter {meter:?}"))
-                })
+                // Only named meters: an implicit one exists once an earlier plan's limit made
+                // it, so finding it here would make a policy valid or not by its plans' order.
+                let named = self.meter_ids.get(meter.as_str()).copied();
+                named
+                    .filter(|id| id.index() < self.named_meters)
+                    .ok_or_else(|| {
+                        let hint = if meter.contains(':') {
+                            ": for an implicit meter write resource = \"…\", unit = \"…\""
+                        } else {
+                            ""
+                        };
+                        PolicyError::new(
+                            format!("{field}.meter"),
+                            format!("unknown meter {meter:?}{hint}"),
+                        )
+                    })
             }
             (None, Some(resource_name), Some(unit)) => {
                 let resource = self.resource(&format!("{field}.resource"), resource_name)?;
@@ -1601,6 +1630,62 @@ mod tests {
         let error = Policy::from_toml_str(&text).expect_err("refused");
         assert!(error.field.contains("Starter"), "{error}");
         assert!(error.problem.contains("colour"), "{error}");
+    }
+
+    fn refused(text: &str) -> PolicyError {
+        match Policy::from_toml_str(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(error) => error,
+        }
+    }
+
+    /// A chat resource and an image resource, in UTC, for the policies below; plans follow.
+    const CHAT_AND_IMAGE: &str = r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[resources.image]
+units = ["images"]
+"#;
+
+    /// Before, the meter below counted images and took over the plan's limit on chat requests:
+    /// a chat request moved nothing, the limit filled with images.
+    #[test]
+    fn a_named_meter_called_like_an_implicit_meter_is_refused() {
+        let text = format!(
+            r#"{CHAT_AND_IMAGE}
+[meters."chat:requests"]
+resource = "image"
+unit = "images"
+[plans.P]
+limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "daily" }}]
+"#
+        );
+        let error = refused(&text);
+        assert_eq!(error.field, r#"meters."chat:requests""#, "{error}");
+        assert!(error.problem.contains("implicit"), "{error}");
+    }
+
+    /// `meter = "chat:requests"` found the implicit meter only when a plan earlier in name
+    /// order had a limit on chat requests: plan "B" was valid beside "A", not beside "C".
+    #[test]
+    fn a_limit_naming_an_implicit_meter_as_a_meter_is_refused_whatever_the_plans_order() {
+        for other in ["A", "C"] {
+            let text = format!(
+                r#"{CHAT_AND_IMAGE}
+[plans.{other}]
+limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "daily" }}]
+[plans.B]
+limits = [{{ meter = "chat:requests", amount = 10, window = "daily" }}]
+"#
+            );
+            let error = refused(&text);
+            assert_eq!(
+                error.field, r#"plans."B".limits[0].meter"#,
+                "{other}: {error}"
+            );
+            assert!(error.problem.contains("resource ="), "{error}");
+        }
     }
 
     #[test]
