@@ -670,9 +670,9 @@ fn an_unknown_field_is_refused_naming_it() {
 #[test]
 fn an_unknown_field_is_refused_with_its_path_in_the_field() {
     let error = policy_error(&BASE.replace("[plans.Basic]", "[plans.Basic]\ncolour = \"red\""));
-    assert_eq!(error.field, "plans.Basic.colour");
+    assert_eq!(error.field, r#"plans."Basic".colour"#);
     let error = policy_error(&BASE.replace("amount = 100, ", "amount = 100, colour = 1, "));
-    assert_eq!(error.field, "plans.Basic.limits[0].colour");
+    assert_eq!(error.field, r#"plans."Basic".limits[0].colour"#);
     assert!(error.problem.contains("colour"), "{error}");
     let error = policy_error(&format!("colour = 1\n{BASE}"));
     assert_eq!(error.field, "colour");
@@ -681,7 +681,7 @@ fn an_unknown_field_is_refused_with_its_path_in_the_field() {
 #[test]
 fn a_missing_field_is_refused_with_the_path_of_its_table() {
     let error = policy_error(&BASE.replace("amount = 100, ", ""));
-    assert_eq!(error.field, "plans.Basic.limits[0]");
+    assert_eq!(error.field, r#"plans."Basic".limits[0]"#);
     assert!(error.problem.contains("amount"), "{error}");
     // A table missing from the document root: the root is ".".
     let without_plans = BASE.split("[plans.Basic]").next().expect("text");

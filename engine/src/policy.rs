@@ -739,13 +739,37 @@ pub(crate) fn carry_through(
 /// A document that does not fit the schema: the error names the path of the field (`.` for the
 /// whole document, e.g. when a required table is missing).
 fn path_error<E: std::fmt::Display>(error: serde_path_to_error::Error<E>) -> PolicyError {
-    let path = error.path().to_string();
-    let field = if path.is_empty() || path == "." {
-        ".".to_string()
-    } else {
-        path
-    };
-    PolicyError::new(field, error.inner().to_string().trim_end())
+    PolicyError::new(
+        field_path(error.path()),
+        error.inner().to_string().trim_end(),
+    )
+}
+
+/// A field's path written as the compiler's checks write it: names a person chose (of a
+/// resource, meter or plan) quoted, `plans."Max".limits[0].unit`, the schema's own keys bare.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut text = String::new();
+    let mut table = None;
+    for (depth, segment) in path.iter().enumerate() {
+        if !matches!(segment, Segment::Seq { .. }) && depth > 0 {
+            text.push('.');
+        }
+        match (depth, segment, table) {
+            (0, Segment::Map { key }, _) => {
+                table = Some(key.as_str());
+                text.push_str(key);
+            }
+            (1, Segment::Map { key }, Some("resources" | "meters" | "plans")) => {
+                text.push_str(&format!("{key:?}"));
+            }
+            (_, segment, _) => text.push_str(&segment.to_string()),
+        }
+    }
+    if text.is_empty() {
+        text.push('.');
+    }
+    text
 }
 
 #[derive(Default)]
@@ -1686,6 +1710,32 @@ limits = [{{ meter = "chat:requests", amount = 10, window = "daily" }}]
             );
             assert!(error.problem.contains("resource ="), "{error}");
         }
+    }
+
+    /// A field is written one way whether the schema or a check refuses it: before, an
+    /// unknown unit was at `plans.P.limits[0].unit` and a unit the resource lacks at
+    /// `plans."P".limits[0].unit`.
+    #[test]
+    fn schema_errors_and_checks_write_a_field_the_same_way() {
+        let with_unit = |unit: &str| {
+            format!(
+                r#"{CHAT_AND_IMAGE}
+[plans.P]
+limits = [{{ resource = "chat", unit = "{unit}", amount = 10, window = "daily" }}]
+"#
+            )
+        };
+        let unknown = refused(&with_unit("bananas"));
+        let not_metered = refused(&with_unit("images"));
+        assert!(unknown.problem.contains("bananas"), "{unknown}");
+        assert!(
+            not_metered.problem.contains("does not meter"),
+            "{not_metered}"
+        );
+        assert_eq!(unknown.field, r#"plans."P".limits[0].unit"#);
+        assert_eq!(not_metered.field, unknown.field);
+        let error = refused(&format!("{CHAT_AND_IMAGE}[plans.P]\ncolour = 1\n"));
+        assert_eq!(error.field, r#"plans."P".colour"#);
     }
 
     #[test]
