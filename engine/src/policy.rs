@@ -115,9 +115,11 @@ const _: () = assert!(MAX_QUANTITY <= MAX_CALENDAR_AMOUNT);
 pub struct PolicyDocument {
     /// The IANA time zone in which daily, weekly and monthly windows reset.
     pub time_zone: String,
+    #[serde(deserialize_with = "unique_keys")]
     pub resources: BTreeMap<String, ResourceDocument>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub meters: BTreeMap<String, MeterDocument>,
+    #[serde(deserialize_with = "unique_keys")]
     pub plans: BTreeMap<String, PlanDocument>,
 }
 
@@ -130,10 +132,18 @@ pub struct ResourceDocument {
     pub units: Vec<Unit>,
     /// The price per unit in micro-credits, for credits and pay-as-you-go. A resource with no
     /// price cannot be paid for with credits.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys"
+    )]
     pub price_micros: BTreeMap<Unit, u64>,
     /// Per-request maximums that hold for every key, whatever its plan.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys"
+    )]
     pub max_per_request: BTreeMap<Unit, u64>,
     /// Units every request for this resource must carry (a speech call without characters
     /// would otherwise pass a characters quota for free).
@@ -207,6 +217,67 @@ pub struct MaximumDocument {
     pub resource: String,
     pub unit: Unit,
     pub amount: u64,
+}
+
+/// Deserializes a map refusing a key given twice. JSON allows a repeated key and serde keeps
+/// the last, so a second plan (or resource, or meter) of the same name would silently replace
+/// the first; TOML refuses repeats itself, so this costs it nothing.
+fn unique_keys<'de, D, K, V>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    use serde::de::{DeserializeSeed, Error, IntoDeserializer, MapAccess, Visitor};
+
+    struct UniqueKeys<K, V>(std::marker::PhantomData<(K, V)>);
+
+    /// Stands in for a key's value and refuses it: failing there rather than in the map puts
+    /// the key in the error's path (`plans."P"`, not `plans`).
+    struct Refuse(String);
+
+    impl<'de> DeserializeSeed<'de> for Refuse {
+        type Value = std::convert::Infallible;
+
+        fn deserialize<D: serde::Deserializer<'de>>(self, _: D) -> Result<Self::Value, D::Error> {
+            Err(D::Error::custom(self.0))
+        }
+    }
+
+    impl<'de, K, V> Visitor<'de> for UniqueKeys<K, V>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+    {
+        type Value = BTreeMap<K, V>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table whose keys differ")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = BTreeMap::new();
+            // The key is read as text first, so the error's path shows it even where it is a
+            // unit (serde_path_to_error records only keys read as text or numbers).
+            while let Some(name) = map.next_key::<String>()? {
+                let key = match K::deserialize(name.as_str().into_deserializer()) {
+                    Ok(key) => key,
+                    Err(error) => {
+                        let error: serde::de::value::Error = error;
+                        match map.next_value_seed(Refuse(error.to_string()))? {}
+                    }
+                };
+                if entries.contains_key(&key) {
+                    match map.next_value_seed(Refuse(format!("{name:?} appears twice")))? {}
+                }
+                let value = map.next_value()?;
+                entries.insert(key, value);
+            }
+            Ok(entries)
+        }
+    }
+
+    deserializer.deserialize_map(UniqueKeys(std::marker::PhantomData))
 }
 
 /// A policy that failed to load: `field` is the path of the offending field.
@@ -1736,6 +1807,74 @@ limits = [{{ resource = "chat", unit = "{unit}", amount = 10, window = "daily" }
         assert_eq!(not_metered.field, unknown.field);
         let error = refused(&format!("{CHAT_AND_IMAGE}[plans.P]\ncolour = 1\n"));
         assert_eq!(error.field, r#"plans."P".colour"#);
+    }
+
+    /// JSON allows a repeated key and serde kept the last: a second plan "P" replaced the
+    /// first (amount 99999 instead of 10), a second resource its price. TOML refuses repeats.
+    #[test]
+    fn a_json_policy_repeating_a_name_is_refused_naming_it() {
+        let chat = r#""chat":{"units":["requests"],"price_micros":{"requests":1000}}"#;
+        let limit = |amount: u64| {
+            format!(
+                r#"{{"limits":[{{"resource":"chat","unit":"requests","amount":{amount},"window":"daily"}}]}}"#
+            )
+        };
+        let json = |resources: &str, meters: &str, plans: &str| {
+            format!(
+                r#"{{"time_zone":"UTC","resources":{{{resources}}},"meters":{{{meters}}},"plans":{{{plans}}}}}"#
+            )
+        };
+        let bar = r#""bar":{"priced":true}"#;
+        let one_plan = format!(r#""P":{}"#, limit(10));
+        let cases = [
+            (
+                json(chat, bar, &format!(r#"{one_plan},"P":{}"#, limit(99999))),
+                r#"plans."P""#,
+                r#""P""#,
+            ),
+            (
+                json(&format!("{chat},{chat}"), bar, &one_plan),
+                r#"resources."chat""#,
+                r#""chat""#,
+            ),
+            (
+                json(chat, &format!("{bar},{bar}"), &one_plan),
+                r#"meters."bar""#,
+                r#""bar""#,
+            ),
+            (
+                json(
+                    &chat.replace("1000", r#"1000,"requests":0"#),
+                    bar,
+                    &one_plan,
+                ),
+                r#"resources."chat".price_micros.requests"#,
+                r#""requests""#,
+            ),
+        ];
+        for (text, field, name) in cases {
+            let error = match Policy::from_json_str(&text) {
+                Ok(_) => panic!("accepted: {text}"),
+                Err(error) => error,
+            };
+            assert!(error.field.starts_with(field), "{error}");
+            assert!(
+                error.problem.contains(&format!("{name} appears twice")),
+                "{error}"
+            );
+        }
+        // The same policy without the repeats loads.
+        Policy::from_json_str(&json(chat, bar, &one_plan)).expect("valid");
+    }
+
+    /// TOML refused a repeated name before; it still does, and says so.
+    #[test]
+    fn a_toml_policy_repeating_a_name_is_refused() {
+        let text = format!(
+            "{CHAT_AND_IMAGE}[plans.P]\ncovers = [\"chat\"]\n[plans.P]\ncovers = [\"image\"]\n"
+        );
+        let error = refused(&text);
+        assert!(error.problem.contains("duplicate"), "{error}");
     }
 
     #[test]
