@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use tally_engine::{Engine, Policy, Unit};
+use tally_engine::{Engine, EngineOptions, ManualClock, Policy, Unit, UsageRequest};
 
 /// Offsets of the instant of use inside a bucket of the default `rolling:5h` window (80 s):
 /// its first instant, just after it, around its first quarter, the middle, and its last instant.
@@ -528,6 +528,58 @@ fn a_weekly_window_across_the_spring_change_resets_monday_at_local_midnight() {
         admit_count(&engine, &key, "gadget", Unit::Requests, 3, monday_ms),
         2
     );
+}
+
+/// Request ids are remembered for the longest window, so a retry while its unit still counts
+/// is known as a repeat. Antarctica/Troll goes from +02 to +00 on the last Sunday of October:
+/// 2026-10-25 lasts 26 h. Before, every day was taken to last at most 25 h and the id was
+/// forgotten an hour before the day ended: a retry 25.5 h in was counted a second time.
+#[test]
+fn a_retry_late_in_a_26_hour_day_of_antarctica_troll_is_a_repeat() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "Antarctica/Troll"
+[resources.chat]
+units = ["requests"]
+[plans.P]
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    // Local 2026-10-25 00:00 (+02) is 2026-10-24 22:00 UTC; the day ends 2026-10-26 00:00 UTC.
+    let day_start_ms = utc_ms(2026, 10, 24, 22, 0, 0);
+    let day_end_ms = utc_ms(2026, 10, 26, 0, 0, 0);
+    assert_eq!(day_end_ms - day_start_ms, 26 * HOUR_MS);
+    let clock = std::sync::Arc::new(ManualClock::new(day_start_ms));
+    let engine =
+        Engine::new(policy, clock.clone(), EngineOptions::default()).expect("valid options");
+    engine
+        .create_user("ada", "k", Some(day_start_ms))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "P", Some(day_start_ms))
+        .expect("seat");
+    let one = [(Unit::Requests, 1)];
+    let request = |at_ms: u64| UsageRequest::new("k", "chat", &one).at(at_ms).id("r1");
+    assert!(engine
+        .consume(&request(day_start_ms))
+        .expect("consume")
+        .is_admitted());
+
+    let retry_ms = day_start_ms + 25 * HOUR_MS + 30 * MINUTE_MS;
+    clock.set_ms(retry_ms);
+    // Other requests with ids, so the engine has had every chance to forget old ones.
+    for index in 0..100 {
+        let id = format!("other-{index}");
+        let other = UsageRequest::new("k", "chat", &one).at(retry_ms).id(&id);
+        engine.check(&other).expect("check");
+    }
+    let (again, replayed) = engine
+        .consume_noting_replay(&request(retry_ms))
+        .expect("consume");
+    assert!(again.is_admitted());
+    assert!(replayed, "the retry was counted as a new request");
+    assert_eq!(used(&engine, "k", "chat:requests", daily(), retry_ms), 1);
 }
 
 // ---- Timestamps that go backwards --------------------------------------------------------------

@@ -247,6 +247,36 @@ impl Calendar {
         }
     }
 
+    /// The longest `period` of this zone that starts before 2100. A local day, week or month
+    /// lasts longer than its nominal 24 h, 7 or 31 days when clocks go back inside it, by as
+    /// much as they go back: a day of Antarctica/Troll (2 h) lasts 26 h, one of
+    /// Antarctica/Vostok in 1994 (7 h) 31 h. A period's length differs from its nominal one
+    /// only if the offset changes inside it, so only the periods around each transition are
+    /// measured (a few hundred lookups for a zone with daylight saving time, none for UTC).
+    pub fn longest_period_ms(&self, period: CalendarPeriod) -> u64 {
+        let day_ms = MS_PER_DAY.unsigned_abs();
+        let mut longest_ms = match period {
+            CalendarPeriod::Daily => day_ms,
+            CalendarPeriod::Weekly => 7 * day_ms,
+            CalendarPeriod::Monthly => 31 * day_ms,
+        };
+        for transition in self.tz.following(Timestamp::UNIX_EPOCH) {
+            let Ok(at_ms) = u64::try_from(transition.timestamp().as_millisecond()) else {
+                continue;
+            };
+            if at_ms >= MAX_TIMESTAMP_MS {
+                break;
+            }
+            // The period the change falls in, and the one before it if the change is its first
+            // instant (a repeated midnight ends the earlier period at the later midnight).
+            for at_ms in [at_ms.saturating_sub(1), at_ms] {
+                let found = self.compute(period, at_ms);
+                longest_ms = longest_ms.max(found.end_ms.saturating_sub(found.start_ms));
+            }
+        }
+        longest_ms
+    }
+
     /// The slow path: find the period containing `at_ms` with the tz database.
     #[cold]
     #[inline(never)]
@@ -744,6 +774,42 @@ mod tests {
     fn calendar_is_shareable_between_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Calendar>();
+    }
+
+    #[test]
+    fn the_longest_period_is_nominal_in_utc_and_longer_by_the_largest_fall_back() {
+        const HOUR_MS: u64 = 3_600_000;
+        let utc_calendar = cal("UTC");
+        assert_eq!(
+            utc_calendar.longest_period_ms(CalendarPeriod::Daily),
+            24 * HOUR_MS
+        );
+        assert_eq!(
+            utc_calendar.longest_period_ms(CalendarPeriod::Weekly),
+            7 * 24 * HOUR_MS
+        );
+        assert_eq!(
+            utc_calendar.longest_period_ms(CalendarPeriod::Monthly),
+            31 * 24 * HOUR_MS
+        );
+        assert_eq!(
+            cal("America/New_York").longest_period_ms(CalendarPeriod::Daily),
+            25 * HOUR_MS
+        );
+        // Troll goes from +02 to +00 on the last Sunday of October: that day lasts 26 h.
+        let troll = cal("Antarctica/Troll");
+        assert_eq!(troll.longest_period_ms(CalendarPeriod::Daily), 26 * HOUR_MS);
+        assert_eq!(
+            troll.longest_period_ms(CalendarPeriod::Weekly),
+            (7 * 24 + 2) * HOUR_MS
+        );
+        let day = troll.period_of(CalendarPeriod::Daily, utc("2026-10-25T12:00:00Z"));
+        assert_eq!(day.end_ms - day.start_ms, 26 * HOUR_MS);
+        // March (31 days) loses its hour to the spring change, October (31 days) gains two.
+        assert_eq!(
+            troll.longest_period_ms(CalendarPeriod::Monthly),
+            (31 * 24 + 2) * HOUR_MS
+        );
     }
 
     #[test]

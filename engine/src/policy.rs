@@ -95,8 +95,8 @@ const MINUTE_MS: u64 = 60 * SECOND_MS;
 const HOUR_MS: u64 = 60 * MINUTE_MS;
 const DAY_MS: u64 = 24 * HOUR_MS;
 const WEEK_MS: u64 = 7 * DAY_MS;
-/// The longest calendar month, for the idempotency horizon.
-const MONTH_MS: u64 = 31 * DAY_MS + HOUR_MS;
+/// The longest calendar month, when clocks do not change in it.
+const MONTH_MS: u64 = 31 * DAY_MS;
 
 const _: () = assert!(
     DEFAULT_BUCKETS_PER_WINDOW * 5 > 1_000,
@@ -348,8 +348,12 @@ impl Window {
         }
     }
 
-    /// The longest time a unit stays counted in this window.
-    pub fn span_ms(&self) -> u64 {
+    /// The longest time a unit stays counted in this window. A calendar period lasts longer
+    /// than its nominal length when clocks go back inside it, by as much as they go back (two
+    /// hours in Antarctica/Troll, seven once in Antarctica/Vostok), so its span is the
+    /// longest period of `calendar`'s zone, and never less than nominal plus an hour (the
+    /// figure before spans were read from the zone, so no zone's horizon shrank).
+    pub fn span_ms(&self, calendar: &Calendar) -> u64 {
         match *self {
             Window::Rolling {
                 window_ms,
@@ -358,9 +362,14 @@ impl Window {
                 .div_ceil(bucket_ms)
                 .saturating_add(1)
                 .saturating_mul(bucket_ms),
-            Window::Calendar(CalendarPeriod::Daily) => DAY_MS + HOUR_MS,
-            Window::Calendar(CalendarPeriod::Weekly) => WEEK_MS + HOUR_MS,
-            Window::Calendar(CalendarPeriod::Monthly) => MONTH_MS,
+            Window::Calendar(period) => {
+                let floor_ms = match period {
+                    CalendarPeriod::Daily => DAY_MS + HOUR_MS,
+                    CalendarPeriod::Weekly => WEEK_MS + HOUR_MS,
+                    CalendarPeriod::Monthly => MONTH_MS + HOUR_MS,
+                };
+                calendar.longest_period_ms(period).max(floor_ms)
+            }
         }
     }
 }
@@ -906,10 +915,16 @@ impl Compiler {
         let cover_upgrade = (0..self.resources.len())
             .map(|resource| cheapest_plan(&plans, |plan| plan.covers[resource]))
             .collect();
-        let longest_window_ms = self
-            .counters
+        // Each window once: a calendar span looks at every offset change of the zone.
+        let mut windows: Vec<Window> = Vec::new();
+        for counter in &self.counters {
+            if !windows.contains(&counter.window) {
+                windows.push(counter.window);
+            }
+        }
+        let longest_window_ms = windows
             .iter()
-            .map(|counter| counter.window.span_ms())
+            .map(|window| window.span_ms(&calendar))
             .max()
             .unwrap_or(0);
         Ok(Policy {
@@ -1875,6 +1890,40 @@ limits = [{{ resource = "chat", unit = "{unit}", amount = 10, window = "daily" }
         );
         let error = refused(&text);
         assert!(error.problem.contains("duplicate"), "{error}");
+    }
+
+    /// A unit stays counted until its period ends, so the longest window is the longest
+    /// period of the zone: 26 h for a day of Antarctica/Troll, whose clocks go back 2 h on the
+    /// last Sunday of October (before, every zone's day was taken to last at most 25 h).
+    #[test]
+    fn the_longest_window_is_the_longest_period_of_the_policys_zone() {
+        let daily_in = |zone: &str, window: &str| {
+            let text = format!(
+                r#"time_zone = "{zone}"
+[resources.chat]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{window}" }}]
+"#
+            );
+            Policy::from_toml_str(&text)
+                .expect("valid")
+                .longest_window_ms()
+        };
+        assert_eq!(daily_in("Antarctica/Troll", "daily"), 26 * HOUR_MS);
+        assert_eq!(
+            daily_in("Antarctica/Troll", "weekly"),
+            WEEK_MS + 2 * HOUR_MS
+        );
+        assert_eq!(
+            daily_in("Antarctica/Troll", "monthly"),
+            31 * DAY_MS + 2 * HOUR_MS
+        );
+        // Zones whose clocks go back at most an hour keep the figures they had.
+        assert_eq!(daily_in("UTC", "daily"), DAY_MS + HOUR_MS);
+        assert_eq!(daily_in("America/New_York", "weekly"), WEEK_MS + HOUR_MS);
+        assert_eq!(daily_in("Asia/Shanghai", "monthly"), 31 * DAY_MS + HOUR_MS);
+        assert_eq!(Policy::token_plan().longest_window_ms(), WEEK_MS + HOUR_MS);
     }
 
     #[test]
