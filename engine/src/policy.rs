@@ -1377,9 +1377,27 @@ impl Compiler {
         plan: &PlanDocument,
         touches: &[Vec<Touch>],
     ) -> Result<Vec<bool>, PolicyError> {
-        let Some(names) = &plan.covers else {
-            return Ok(touches.iter().map(|list| !list.is_empty()).collect());
+        let covers = match &plan.covers {
+            None => touches.iter().map(|list| !list.is_empty()).collect(),
+            Some(names) => self.listed_covers(field, names, touches)?,
         };
+        if !covers.contains(&true) {
+            return Err(PolicyError::new(
+                field,
+                "the plan has no limits and covers no resource, so it admits nothing: give it limits or covers",
+            ));
+        }
+        Ok(covers)
+    }
+
+    /// The resources `covers = [...]` names: `["*"]` all of them, and every resource a limit
+    /// meters among them.
+    fn listed_covers(
+        &self,
+        field: &str,
+        names: &[String],
+        touches: &[Vec<Touch>],
+    ) -> Result<Vec<bool>, PolicyError> {
         if names.iter().any(|name| name == "*") {
             if names.len() != 1 {
                 return Err(PolicyError::new(
@@ -1924,6 +1942,24 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         assert_eq!(daily_in("America/New_York", "weekly"), WEEK_MS + HOUR_MS);
         assert_eq!(daily_in("Asia/Shanghai", "monthly"), 31 * DAY_MS + HOUR_MS);
         assert_eq!(Policy::token_plan().longest_window_ms(), WEEK_MS + HOUR_MS);
+    }
+
+    /// A plan with no limits and no covers (or empty covers) admitted nothing and was
+    /// accepted; a seat on it looked like a plan and was none.
+    #[test]
+    fn a_plan_with_nothing_in_it_is_refused_naming_it() {
+        for body in ["", "covers = []\n", "max_open_reservations = 3\n"] {
+            let error = refused(&format!("{CHAT_AND_IMAGE}[plans.Empty]\n{body}"));
+            assert_eq!(error.field, r#"plans."Empty""#, "{body:?}: {error}");
+            assert!(error.problem.contains("admits nothing"), "{error}");
+        }
+        // Covering a resource without limiting it is a plan: the resource is unlimited.
+        let policy = Policy::from_toml_str(&format!(
+            "{CHAT_AND_IMAGE}[plans.Open]\ncovers = [\"chat\"]\n"
+        ))
+        .expect("valid");
+        let plan = policy.plan(policy.plan_id("Open").expect("plan"));
+        assert_eq!(plan.covers, vec![true, false]);
     }
 
     #[test]
