@@ -1259,19 +1259,7 @@ impl Compiler {
         }
         let touches = self.plan_touches(&field, &limits)?;
         let covers = self.plan_covers(&field, plan, &touches)?;
-        let mut maximums = vec![[0; UNIT_COUNT]; self.resources.len()];
-        for (index, maximum) in plan.maximums.iter().enumerate() {
-            let max_field = format!("{field}.maximums[{index}]");
-            let resource = self.resource(&format!("{max_field}.resource"), &maximum.resource)?;
-            self.unit_of(&format!("{max_field}.unit"), resource, maximum.unit)?;
-            if maximum.amount == 0 || maximum.amount > MAX_QUANTITY {
-                return Err(PolicyError::new(
-                    format!("{max_field}.amount"),
-                    format!("must be between 1 and {MAX_QUANTITY}"),
-                ));
-            }
-            maximums[resource.index()][maximum.unit.index()] = maximum.amount;
-        }
+        let maximums = self.plan_maximums(&field, plan, &covers)?;
         if let Some(open) = plan.max_open_reservations {
             if open == 0 || open > MAX_RESERVATIONS_PER_KEY {
                 return Err(PolicyError::new(
@@ -1294,6 +1282,50 @@ impl Compiler {
             max_open_reservations: plan.max_open_reservations,
             price_micros_per_month: plan.price_micros_per_month,
         })
+    }
+
+    /// Per-request maximums, indexed by `ResourceId`, 0 where none. One per resource and unit
+    /// (a second would silently replace the first), and only on resources the plan covers
+    /// (elsewhere the plan never admits anything for it to bound).
+    fn plan_maximums(
+        &self,
+        field: &str,
+        plan: &PlanDocument,
+        covers: &[bool],
+    ) -> Result<Vec<[u64; UNIT_COUNT]>, PolicyError> {
+        let mut maximums = vec![[0; UNIT_COUNT]; self.resources.len()];
+        for (index, maximum) in plan.maximums.iter().enumerate() {
+            let max_field = format!("{field}.maximums[{index}]");
+            let resource = self.resource(&format!("{max_field}.resource"), &maximum.resource)?;
+            self.unit_of(&format!("{max_field}.unit"), resource, maximum.unit)?;
+            if !covers[resource.index()] {
+                return Err(PolicyError::new(
+                    format!("{max_field}.resource"),
+                    format!(
+                        "the plan does not cover {:?}, so a maximum on it bounds nothing",
+                        maximum.resource
+                    ),
+                ));
+            }
+            if maximum.amount == 0 || maximum.amount > MAX_QUANTITY {
+                return Err(PolicyError::new(
+                    format!("{max_field}.amount"),
+                    format!("must be between 1 and {MAX_QUANTITY}"),
+                ));
+            }
+            let slot = &mut maximums[resource.index()][maximum.unit.index()];
+            if *slot != 0 {
+                return Err(PolicyError::new(
+                    max_field,
+                    format!(
+                        "a second maximum on {:?} {}",
+                        maximum.resource, maximum.unit
+                    ),
+                ));
+            }
+            *slot = maximum.amount;
+        }
+        Ok(maximums)
     }
 
     fn compile_limit(&mut self, field: &str, limit: &LimitDocument) -> Result<Limit, PolicyError> {
@@ -1390,8 +1422,8 @@ impl Compiler {
         Ok(covers)
     }
 
-    /// The resources `covers = [...]` names: `["*"]` all of them, and every resource a limit
-    /// meters among them.
+    /// The resources `covers = [...]` names: `["*"]` all of them, each at most once, and every
+    /// resource a limit meters among them.
     fn listed_covers(
         &self,
         field: &str,
@@ -1409,7 +1441,14 @@ impl Compiler {
         }
         let mut covers = vec![false; self.resources.len()];
         for (index, name) in names.iter().enumerate() {
-            let resource = self.resource(&format!("{field}.covers[{index}]"), name)?;
+            let covers_field = format!("{field}.covers[{index}]");
+            let resource = self.resource(&covers_field, name)?;
+            if covers[resource.index()] {
+                return Err(PolicyError::new(
+                    covers_field,
+                    format!("{name:?} is listed twice"),
+                ));
+            }
             covers[resource.index()] = true;
         }
         for (resource, list) in touches.iter().enumerate() {
@@ -1960,6 +1999,39 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         .expect("valid");
         let plan = policy.plan(policy.plan_id("Open").expect("plan"));
         assert_eq!(plan.covers, vec![true, false]);
+    }
+
+    /// Two maximums on the same resource and unit were accepted and the last kept; a maximum
+    /// on a resource the plan does not cover, and a resource covered twice, were accepted too.
+    #[test]
+    fn repeated_or_pointless_maximums_and_covers_are_refused_naming_them() {
+        let limit =
+            r#"limits = [{ resource = "chat", unit = "requests", amount = 10, window = "daily" }]"#;
+        let plan = |rest: &str| format!("{CHAT_AND_IMAGE}[plans.P]\n{limit}\n{rest}");
+        let error = refused(&plan(
+            r#"maximums = [
+  { resource = "chat", unit = "requests", amount = 1 },
+  { resource = "chat", unit = "requests", amount = 5 },
+]
+"#,
+        ));
+        assert_eq!(error.field, r#"plans."P".maximums[1]"#, "{error}");
+        assert!(error.problem.contains("second maximum"), "{error}");
+        let error = refused(&plan(
+            "maximums = [{ resource = \"image\", unit = \"images\", amount = 1 }]\n",
+        ));
+        assert_eq!(error.field, r#"plans."P".maximums[0].resource"#, "{error}");
+        assert!(error.problem.contains("does not cover"), "{error}");
+        let error = refused(&plan("covers = [\"chat\", \"image\", \"chat\"]\n"));
+        assert_eq!(error.field, r#"plans."P".covers[2]"#, "{error}");
+        assert!(error.problem.contains("twice"), "{error}");
+        // One maximum per unit, on a covered resource, is fine.
+        let policy = Policy::from_toml_str(&plan(
+            "covers = [\"chat\", \"image\"]\nmaximums = [{ resource = \"image\", unit = \"images\", amount = 2 }]\n",
+        ))
+        .expect("valid");
+        let plan = policy.plan(policy.plan_id("P").expect("plan"));
+        assert_eq!(plan.maximums[1][Unit::Images.index()], 2);
     }
 
     #[test]
