@@ -958,6 +958,12 @@ impl Compiler {
         for (name, resource) in &document.resources {
             let field = format!("resources.{name:?}");
             check_name(&field, name)?;
+            if name == "*" {
+                return Err(PolicyError::new(
+                    field,
+                    "\"*\" cannot name a resource: covers = [\"*\"] means every resource",
+                ));
+            }
             if resource.units.is_empty() {
                 return Err(PolicyError::new(
                     format!("{field}.units"),
@@ -2032,6 +2038,18 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         .expect("valid");
         let plan = policy.plan(policy.plan_id("P").expect("plan"));
         assert_eq!(plan.maximums[1][Unit::Images.index()], 2);
+    }
+
+    /// `covers = ["*"]` means every resource, so a resource called "*" could not be covered
+    /// alone; it was accepted.
+    #[test]
+    fn a_resource_named_star_is_refused() {
+        let text = format!(
+            "{CHAT_AND_IMAGE}[resources.\"*\"]\nunits = [\"requests\"]\n[plans.P]\ncovers = [\"*\"]\n"
+        );
+        let error = refused(&text);
+        assert_eq!(error.field, r#"resources."*""#, "{error}");
+        assert!(error.problem.contains("every resource"), "{error}");
     }
 
     #[test]
