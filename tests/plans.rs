@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use tally_engine::{ChargedTo, DenialReason, Engine, Unit};
+use tally_engine::{ChargedTo, DenialReason, Engine, Error, Policy, Unit, UsageRequest, Window};
 
 /// How one unit of a cell is asked for: songs carry their length (at most 5 minutes each).
 fn one_unit(unit: Unit) -> Vec<(Unit, u64)> {
@@ -477,6 +477,215 @@ seed_quota!(
     daily
 );
 
+// ---- Each plan whole: the seed's limits and no others --------------------------------------------
+// The tests above try each cell; these check that a plan has nothing besides them (an extra cap,
+// a limit on another unit or window) and that each limit counts what the seed says.
+
+/// What a limit counts: one unit of one resource, or the older seed's shared usage bar (every
+/// priced unit of every resource, at its pay-as-you-go price).
+#[derive(Clone, Copy)]
+enum Counts {
+    Unit(&'static str, Unit),
+    UsageBar,
+}
+
+type SeedPlan = (&'static str, Vec<(Counts, Window, u64)>);
+
+/// Every plan of both seeds, its limits copied from the seed tables. The usage bar's sizes are
+/// the policy's ASSUMED figures (the seed shows the bar, not its size): 1/10 of the monthly
+/// price per 5 hours and 1/2 per week, in micro-credits.
+fn seed_plans() -> Vec<SeedPlan> {
+    use Counts::{Unit as One, UsageBar};
+    let m27 = |amount| (One("m2.7", Unit::Requests), five_hours(), amount);
+    let m27_highspeed = |amount| (One("m2.7-highspeed", Unit::Requests), five_hours(), amount);
+    let speech = |amount| (One("speech-2.8", Unit::Characters), daily(), amount);
+    let image = |amount| (One("image-01", Unit::Images), daily(), amount);
+    let fast = |amount| {
+        (
+            One("hailuo-2.3-fast-768p-6s", Unit::Videos),
+            daily(),
+            amount,
+        )
+    };
+    let hailuo = |amount| (One("hailuo-2.3-768p-6s", Unit::Videos), daily(), amount);
+    let music = (One("music-2.6", Unit::Songs), daily(), 100);
+    let bar = |price_micros: u64| {
+        vec![
+            (UsageBar, five_hours(), price_micros / 10),
+            (UsageBar, weekly(), price_micros / 2),
+        ]
+    };
+    vec![
+        ("Starter", vec![m27(1_500), music]),
+        ("Plus", vec![m27(4_500), speech(4_000), image(50), music]),
+        (
+            "Max",
+            vec![
+                m27(15_000),
+                speech(11_000),
+                image(120),
+                fast(2),
+                hailuo(2),
+                music,
+            ],
+        ),
+        (
+            "Plus-Highspeed",
+            vec![m27_highspeed(4_500), speech(9_000), image(100), music],
+        ),
+        (
+            "Max-Highspeed",
+            vec![
+                m27_highspeed(15_000),
+                speech(19_000),
+                image(200),
+                fast(3),
+                hailuo(3),
+                music,
+            ],
+        ),
+        (
+            "Ultra-Highspeed",
+            vec![
+                m27_highspeed(30_000),
+                speech(50_000),
+                image(800),
+                fast(5),
+                hailuo(5),
+                music,
+            ],
+        ),
+        ("Bar-Plus", bar(20_000_000)),
+        ("Bar-Max", bar(50_000_000)),
+        ("Bar-Ultra", bar(120_000_000)),
+    ]
+}
+
+/// A limit as text, `name [resource unit xweight, ...] per window: amount`, with the meter's
+/// terms sorted, so two lists of limits compare as sorted lists of text.
+fn limit_text(
+    name: &str,
+    mut terms: Vec<(String, Unit, u64)>,
+    window: Window,
+    amount: u64,
+) -> String {
+    terms.sort();
+    let terms: Vec<String> = terms
+        .iter()
+        .map(|(resource, unit, weight)| format!("{resource} {unit} x{weight}"))
+        .collect();
+    format!("{name} [{}] per {window:?}: {amount}", terms.join(", "))
+}
+
+/// The seed's limits of a plan, as `limit_text`.
+fn expected_limits(policy: &Policy, limits: &[(Counts, Window, u64)]) -> Vec<String> {
+    let mut texts: Vec<String> = limits
+        .iter()
+        .map(|(counts, window, amount)| match *counts {
+            Counts::Unit(resource, unit) => limit_text(
+                &format!("{resource}:{unit}"),
+                vec![(resource.to_string(), unit, 1)],
+                *window,
+                *amount,
+            ),
+            Counts::UsageBar => {
+                let priced = policy.resources().iter().flat_map(|resource| {
+                    Unit::ALL.into_iter().filter_map(|unit| {
+                        let price = resource.price_micros[unit.index()]?;
+                        (price > 0).then(|| (resource.name.to_string(), unit, price))
+                    })
+                });
+                limit_text("usage-bar", priced.collect(), *window, *amount)
+            }
+        })
+        .collect();
+    texts.sort();
+    texts
+}
+
+/// The shipped policy's limits of a plan, as `limit_text`.
+fn shipped_limits(policy: &Policy, plan: &str) -> Vec<String> {
+    let plan = policy.plan(policy.plan_id(plan).expect("a seed plan"));
+    let mut texts: Vec<String> = plan
+        .limits
+        .iter()
+        .map(|limit| {
+            let meter = policy.meter(limit.meter);
+            let terms = meter
+                .terms
+                .iter()
+                .map(|(resource, unit, weight)| {
+                    (policy.resource(*resource).name.to_string(), *unit, *weight)
+                })
+                .collect();
+            limit_text(&meter.name, terms, limit.window, limit.amount)
+        })
+        .collect();
+    texts.sort();
+    texts
+}
+
+#[test]
+fn every_plan_has_exactly_the_seeds_limits_each_counting_what_the_seed_says() {
+    let policy = Policy::token_plan();
+    let seeds = seed_plans();
+    let mut names: Vec<&str> = policy.plans().iter().map(|plan| &*plan.name).collect();
+    let mut seed_names: Vec<&str> = seeds.iter().map(|(name, _)| *name).collect();
+    names.sort_unstable();
+    seed_names.sort_unstable();
+    assert_eq!(
+        names, seed_names,
+        "the policy has the seeds' plans, no others"
+    );
+    for (plan, limits) in &seeds {
+        assert_eq!(
+            shipped_limits(&policy, plan),
+            expected_limits(&policy, limits),
+            "{plan}"
+        );
+    }
+}
+
+/// A standard plan covers the resources of its cells (an empty cell: not covered, see the
+/// tests above); the usage bar plans cover "All models on the API Platform". No plan sets a
+/// per-request maximum of its own (a song's 5 minutes hold for every key: the resource's).
+#[test]
+fn every_plan_covers_exactly_the_seeds_resources_and_sets_no_maximum_of_its_own() {
+    let policy = Policy::token_plan();
+    for (name, limits) in seed_plans() {
+        let plan = policy.plan(policy.plan_id(name).expect("a seed plan"));
+        let mut covered: Vec<&str> = policy
+            .resources()
+            .iter()
+            .zip(&plan.covers)
+            .filter(|(_, covers)| **covers)
+            .map(|(resource, _)| &*resource.name)
+            .collect();
+        let mut expected: Vec<&str> = if name.starts_with("Bar-") {
+            policy
+                .resources()
+                .iter()
+                .map(|resource| &*resource.name)
+                .collect()
+        } else {
+            limits
+                .iter()
+                .map(|(counts, _, _)| match counts {
+                    Counts::Unit(resource, _) => *resource,
+                    Counts::UsageBar => unreachable!("a standard plan has no usage bar"),
+                })
+                .collect()
+        };
+        covered.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(covered, expected, "{name}");
+        assert!(
+            plan.maximums.iter().flatten().all(|maximum| *maximum == 0),
+            "{name}"
+        );
+    }
+}
+
 // ---- M2.7 versus M2.7-highspeed ---------------------------------------------------------------
 
 not_covered!(
@@ -594,6 +803,38 @@ fn a_song_of_301_seconds_is_over_the_request_maximum_on_every_plan_and_counts_no
             engine.credits_micros("@ada").expect("balance"),
             10_000_000,
             "{plan}: credits do not pay for an over-long song either"
+        );
+    }
+}
+
+/// A song carries its length: without `seconds` the 5-minute maximum could not be checked, so
+/// the request is refused (not admitted, not denied) on every plan, and counts nothing.
+#[test]
+fn a_song_without_its_length_is_refused_on_every_plan_and_counts_nothing() {
+    for plan in [
+        "Starter",
+        "Plus",
+        "Max",
+        "Plus-Highspeed",
+        "Max-Highspeed",
+        "Ultra-Highspeed",
+        "Bar-Plus",
+    ] {
+        let engine = engine();
+        let key = seated(&engine, "ada", plan);
+        let song = [(Unit::Songs, 1)];
+        let request = UsageRequest::new(&key, "music-2.6", &song).at(T0_MS);
+        match engine.consume(&request) {
+            Err(Error::InvalidArgument { field, problem }) => {
+                assert_eq!(field, "quantities", "{plan}");
+                assert!(problem.contains("seconds"), "{plan}: {problem}");
+            }
+            other => panic!("{plan}: a song without seconds gave {other:?}"),
+        }
+        let report = engine.usage(&key, Some(T0_MS)).expect("report");
+        assert!(
+            report.limits.iter().all(|limit| limit.used == 0),
+            "{plan}: nothing counted"
         );
     }
 }
