@@ -74,6 +74,11 @@ pub const MAX_RESOURCES: usize = 256;
 pub const MAX_METERS: usize = 256;
 pub const MAX_PLANS: usize = 64;
 pub const MAX_LIMITS_PER_PLAN: usize = 16;
+/// The largest policy document, as compact JSON: a swap logs the whole document as one event
+/// (`log::MAX_EVENT_BYTES`, 48 KiB), and every kept generation stays in memory. The shipped
+/// Token Plan is under 6 KiB.
+pub const MAX_POLICY_DOCUMENT_BYTES: usize = 40 * 1024;
+const _: () = assert!(MAX_POLICY_DOCUMENT_BYTES + 1024 <= crate::log::MAX_EVENT_BYTES);
 /// How many limits of one plan may apply to one resource: the admission path keeps them inline.
 pub const MAX_LIMITS_PER_RESOURCE: usize = 4;
 /// A rolling bucket counts up to `u32::MAX` (its slot packs a 32-bit lap tag and count).
@@ -927,6 +932,17 @@ impl Compiler {
             .map(|window| window.span_ms(&calendar))
             .max()
             .unwrap_or(0);
+        // Last: every field's own error first. (A document always encodes: plain data.)
+        let bytes = serde_json::to_vec(&document).map_or(usize::MAX, |json| json.len());
+        if bytes > MAX_POLICY_DOCUMENT_BYTES {
+            return Err(PolicyError::new(
+                ".",
+                format!(
+                    "the policy is {bytes} bytes as JSON; at most {MAX_POLICY_DOCUMENT_BYTES} \
+                     (a swap logs it as one event): shorten its descriptions"
+                ),
+            ));
+        }
         Ok(Policy {
             document,
             calendar,
@@ -2050,6 +2066,32 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         let error = refused(&text);
         assert_eq!(error.field, r#"resources."*""#, "{error}");
         assert!(error.problem.contains("every resource"), "{error}");
+    }
+
+    /// A swap logs the whole document as one event: a policy larger than an event could hold
+    /// was valid, swapped in memory, and refused only when logged, naming `event` rather than
+    /// the policy (and `Engine::open` on a new directory left files behind).
+    #[test]
+    fn a_policy_larger_than_its_bound_is_refused_naming_its_size() {
+        let shipped = serde_json::to_vec(Policy::token_plan().document()).expect("encodes");
+        assert!(shipped.len() < 6 * 1024, "{} bytes", shipped.len());
+        let long = |bytes: usize| {
+            TOKEN_PLAN_TOML.replacen(
+                "description = \"Standard plan: M2.7 and Music\"",
+                &format!("description = \"{}\"", "x".repeat(bytes)),
+                1,
+            )
+        };
+        let fits = MAX_POLICY_DOCUMENT_BYTES - shipped.len() - 64;
+        Policy::from_toml_str(&long(fits)).expect("at the bound");
+        let error = refused(&long(MAX_POLICY_DOCUMENT_BYTES));
+        assert_eq!(error.field, ".", "{error}");
+        assert!(
+            error
+                .problem
+                .contains(&format!("at most {MAX_POLICY_DOCUMENT_BYTES}")),
+            "{error}"
+        );
     }
 
     #[test]
