@@ -605,8 +605,10 @@ impl Policy {
         &self.document
     }
 
-    pub fn to_toml_string(&self) -> String {
-        toml::to_string(&self.document).unwrap_or_default()
+    /// The document as TOML. Every number a valid policy holds fits TOML's integers; an error
+    /// (which a valid policy cannot give) is returned, never an empty string.
+    pub fn to_toml_string(&self) -> Result<String, PolicyError> {
+        toml::to_string(&self.document).map_err(|error| PolicyError::new(".", error.to_string()))
     }
 
     pub fn calendar(&self) -> &Calendar {
@@ -1261,6 +1263,20 @@ impl Compiler {
     fn compile_plan(&mut self, name: &str, plan: &PlanDocument) -> Result<Plan, PolicyError> {
         let field = format!("plans.{name:?}");
         check_name(&field, name)?;
+        // At most what credits can hold: it names what a plan costs, and stays a number TOML
+        // can write (a signed 64-bit integer).
+        if plan
+            .price_micros_per_month
+            .is_some_and(|price| price > crate::engine::MAX_CREDITS_MICROS)
+        {
+            return Err(PolicyError::new(
+                format!("{field}.price_micros_per_month"),
+                format!(
+                    "must be at most {} (what credits can hold)",
+                    crate::engine::MAX_CREDITS_MICROS
+                ),
+            ));
+        }
         if plan.limits.len() > MAX_LIMITS_PER_PLAN {
             return Err(PolicyError::new(
                 format!("{field}.limits"),
@@ -1647,6 +1663,8 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     if rest.is_empty() {
         return Err("a duration must not be empty".into());
     }
+    // Each unit at most once, the largest first ("1h30m"): "5h5h" or "30m1h" is a slip.
+    let mut previous_scale = u64::MAX;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
@@ -1672,6 +1690,12 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
                 ))
             }
         };
+        if scale >= previous_scale {
+            return Err(format!(
+                "{text:?}: each unit at most once, the largest first (like 1h30m)"
+            ));
+        }
+        previous_scale = scale;
         rest = &rest[letters..];
         total = number
             .checked_mul(scale)
@@ -1796,6 +1820,12 @@ mod tests {
         assert!(parse_duration_ms("").is_err());
         assert!(parse_duration_ms("5 hours").is_err());
         assert!(parse_duration_ms("99999999999999999999d").is_err());
+        // Each unit once, the largest first: "5h5h" was read as 10 hours.
+        assert_eq!(parse_duration_ms("1w2d"), Ok(9 * DAY_MS));
+        for slip in ["5h5h", "30m1h", "1s1s", "10ms1s"] {
+            let problem = parse_duration_ms(slip).expect_err(slip);
+            assert!(problem.contains("the largest first"), "{slip}: {problem}");
+        }
         assert_eq!(format_duration(90 * MINUTE_MS + 1), "1h30m1ms");
     }
 
@@ -2092,6 +2122,28 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
                 .contains(&format!("at most {MAX_POLICY_DOCUMENT_BYTES}")),
             "{error}"
         );
+    }
+
+    /// A plan's monthly price had no bound: a JSON policy with one past 2^63 was valid, and
+    /// `to_toml_string` gave "" for it (TOML integers are signed 64-bit).
+    #[test]
+    fn a_plan_price_past_what_credits_hold_is_refused_and_every_valid_policy_writes_as_toml() {
+        let json = |price: u64| {
+            format!(
+                r#"{{"time_zone":"UTC","resources":{{"chat":{{"units":["requests"]}}}},
+                "plans":{{"P":{{"price_micros_per_month":{price},
+                "limits":[{{"resource":"chat","unit":"requests","amount":5,"window":"daily"}}]}}}}}}"#
+            )
+        };
+        let error = Policy::from_json_str(&json(u64::MAX)).expect_err("refused");
+        assert_eq!(
+            error.field, r#"plans."P".price_micros_per_month"#,
+            "{error}"
+        );
+        let at_bound = Policy::from_json_str(&json(i64::MAX as u64)).expect("valid");
+        let toml = at_bound.to_toml_string().expect("writes");
+        let again = Policy::from_toml_str(&toml).expect("reads back");
+        assert_eq!(again.document(), at_bound.document());
     }
 
     #[test]
