@@ -1354,6 +1354,35 @@ fn a_new_cursor_past_the_bound_is_refused_and_a_saved_one_still_moves() {
         engine.save_cursor(&name(bound + 1), 1),
         Err(Error::CapacityExceeded { .. })
     ));
+    // A reader gone for good gives its place back, durably.
+    assert_eq!(engine.delete_cursor(&name(0)), Ok(true));
+    assert_eq!(engine.delete_cursor(&name(0)), Ok(false), "deleted already");
+    assert_eq!(engine.delete_cursor("never-saved"), Ok(false));
+    assert_eq!(engine.cursor(&name(0)).unwrap(), 0, "as if never saved");
+    engine
+        .save_cursor(&name(bound + 1), 1)
+        .expect("the place given back");
+    assert!(matches!(
+        engine.save_cursor(&name(bound + 2), 1),
+        Err(Error::CapacityExceeded { .. })
+    ));
+    assert!(matches!(
+        engine.delete_cursor(""),
+        Err(Error::InvalidArgument {
+            field: "cursor",
+            ..
+        })
+    ));
+    drop(engine);
+    let engine = open_token_plan(
+        dir.path(),
+        OpenOptions {
+            durability: Durability::None,
+            ..OpenOptions::default()
+        },
+    );
+    assert_eq!(engine.cursor(&name(0)).unwrap(), 0, "still deleted");
+    assert_eq!(engine.cursor(&name(bound + 1)).unwrap(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2013,6 +2013,28 @@ impl EventLog {
         self.syncer.flush(&self.db)
     }
 
+    /// Deletes a named cursor durably, freeing its place under `MAX_CURSORS`; whether it was
+    /// saved. Refused on a read-only log.
+    pub fn delete_cursor(&self, name: &str) -> Result<bool, Error> {
+        if self.read_only {
+            return Err(storage(
+                self.dir.display(),
+                "opened read-only: nothing is deleted",
+            ));
+        }
+        let saving = self.cursor_saves.lock();
+        let removed = self
+            .cursors
+            .remove(name.as_bytes())
+            .map_err(|error| storage("deleting a cursor", error))?;
+        drop(saving);
+        if removed.is_none() {
+            return Ok(false);
+        }
+        self.syncer.flush(&self.db)?;
+        Ok(true)
+    }
+
     /// Deletes whole sealed segments whose every event is at or before `up_to_seq` and older
     /// than `before_ms`, oldest first; returns how many events they held.
     pub fn compact(&self, up_to_seq: u64, before_ms: u64) -> Result<u64, Error> {

@@ -1598,6 +1598,14 @@ impl Engine {
         journal.save_cursor(name, seq)
     }
 
+    /// Deletes a named export cursor durably (a reader that is gone for good), freeing its
+    /// place under `log::MAX_CURSORS`; returns whether it was saved. Reading it afterwards
+    /// gives 0, as for a name never saved.
+    pub fn delete_cursor(&self, name: &str) -> Result<bool, Error> {
+        crate::engine::check_id("cursor", name, 128)?;
+        self.require_journal()?.delete_cursor(name)
+    }
+
     /// How many fdatasyncs of the event log its writer has made since the engine opened (0
     /// without a log): in `Sync` mode, events per flush is the group commit's batch.
     pub fn log_writer_flushes(&self) -> u64 {

@@ -34,6 +34,15 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 	}
 	last := events[len(events)-1].Seq
 	must(t, engine.SaveCursor("billing", last))
+	must(t, engine.SaveCursor("gone", 1))
+	for _, want := range []bool{true, false} {
+		if existed, err := engine.DeleteCursor("gone"); err != nil || existed != want {
+			t.Fatalf("DeleteCursor: %v %v (want %v)", existed, err, want)
+		}
+	}
+	if seq, err := engine.Cursor("gone"); err != nil || seq != 0 {
+		t.Fatalf("a deleted cursor: %d %v", seq, err)
+	}
 	seq, err := engine.Checkpoint()
 	if err != nil || seq != last {
 		t.Fatalf("checkpoint at %d: %v", seq, err)

@@ -151,6 +151,17 @@ func (e *Engine) SaveCursor(name string, seq uint64) error {
 	})
 }
 
+// DeleteCursor deletes a named export cursor (a reader that is gone for good), freeing its
+// place under MaxCursors, and says whether it was saved. Reading it afterwards gives 0.
+func (e *Engine) DeleteCursor(name string) (bool, error) {
+	nameText, nameLen := text(name)
+	var existed C.bool
+	err := e.call("DeleteCursor", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_delete_cursor(handle, nameText, nameLen, &existed)
+	})
+	return bool(existed), err
+}
+
 // Checkpoint snapshots the whole state and returns the sequence number it covers.
 func (e *Engine) Checkpoint() (uint64, error) {
 	var seq C.uint64_t

@@ -947,6 +947,14 @@ tally_status tally_engine_save_cursor(const struct tally_engine *engine,
                                       size_t name_len,
                                       uint64_t seq);
 
+// Deletes a named export cursor durably (a reader that is gone for good), freeing its place
+// under `TALLY_MAX_CURSORS`; writes whether it was saved to `*existed_out`. Reading it
+// afterwards gives 0, as for a name never saved.
+tally_status tally_engine_delete_cursor(const struct tally_engine *engine,
+                                        const char *name,
+                                        size_t name_len,
+                                        bool *existed_out);
+
 // Takes a checkpoint (a snapshot of the whole state, so opening replays only what follows);
 // writes the sequence number it covers to `*seq_out`.
 tally_status tally_engine_checkpoint(const struct tally_engine *engine,

@@ -183,6 +183,25 @@ pub extern "C" fn tally_engine_save_cursor(
     })
 }
 
+/// Deletes a named export cursor durably (a reader that is gone for good), freeing its place
+/// under `TALLY_MAX_CURSORS`; writes whether it was saved to `*existed_out`. Reading it
+/// afterwards gives 0, as for a name never saved.
+#[no_mangle]
+pub extern "C" fn tally_engine_delete_cursor(
+    engine: *const tally_engine,
+    name: *const c_char,
+    name_len: usize,
+    existed_out: *mut bool,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("existed_out", existed_out)?;
+        let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
+        out.set(handle.with(|open| Ok(open.engine.delete_cursor(name)?))?);
+        Ok(())
+    })
+}
+
 /// Takes a checkpoint (a snapshot of the whole state, so opening replays only what follows);
 /// writes the sequence number it covers to `*seq_out`.
 #[no_mangle]

@@ -43,6 +43,10 @@ def test_the_event_log_and_a_billing_cursor(tmp_path):
         assert engine.cursor("billing") == 0
         engine.save_cursor("billing", events[-1].seq)
         assert engine.cursor("billing") == events[-1].seq
+        engine.save_cursor("gone", 1)
+        assert engine.delete_cursor("gone") is True
+        assert engine.delete_cursor("gone") is False
+        assert engine.cursor("gone") == 0
         assert engine.events_after(events[-1].seq) == []
         assert engine.checkpoint() == events[-1].seq
         assert engine.compact(at_ms=T) >= 0

@@ -574,6 +574,16 @@ static void test_log(tally_engine *engine) {
   CHECK(seq == 3);
   EXPECT(tally_engine_save_cursor(engine, S("billing"), UINT64_MAX - 1), TALLY_INVALID_ARGUMENT);
   EXPECT(tally_engine_cursor(engine, S(""), &seq), TALLY_EMPTY_STRING);
+  bool existed = false;
+  EXPECT(tally_engine_delete_cursor(engine, S("billing"), &existed), TALLY_OK);
+  CHECK(existed);
+  EXPECT(tally_engine_delete_cursor(engine, S("billing"), &existed), TALLY_OK);
+  CHECK(!existed);
+  EXPECT(tally_engine_cursor(engine, S("billing"), &seq), TALLY_OK);
+  CHECK(seq == 0);
+  EXPECT(tally_engine_delete_cursor(engine, S("billing"), NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_delete_cursor(engine, S(""), &existed), TALLY_EMPTY_STRING);
+  EXPECT(tally_engine_save_cursor(engine, S("billing"), 3), TALLY_OK);
 
   EXPECT(tally_engine_sync(engine), TALLY_OK);
   EXPECT(tally_engine_checkpoint(engine, &seq), TALLY_OK);

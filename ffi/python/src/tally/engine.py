@@ -687,6 +687,19 @@ class Engine:
             )
         )
 
+    def delete_cursor(self, name: Text) -> bool:
+        """Deletes the named export cursor (a reader that is gone for good), freeing its place
+        under ``TALLY_MAX_CURSORS``; returns whether it was saved. Reading it afterwards
+        gives 0."""
+        name_bytes = _convert.text("name", name)
+        existed = ctypes.c_bool(False)
+        errors.check(
+            _native.lib.tally_engine_delete_cursor(
+                self._handle, name_bytes, len(name_bytes), ctypes.byref(existed)
+            )
+        )
+        return existed.value
+
     def checkpoint(self) -> int:
         """Takes a checkpoint; returns the sequence number it covers."""
         seq = ctypes.c_uint64(0)
