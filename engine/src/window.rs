@@ -574,12 +574,29 @@ impl RollingWindow {
     // Always inlined: with the aged-out check after the write, the compiler outlined it, and
     // the call cost a hot-key admission 42 instructions.
     #[inline(always)]
-    fn record_at(&self, (lap, index): (u64, usize), epoch: u64, shape: RollingShape, amount: u64) {
+    fn record_at(&self, at: (u64, usize), epoch: u64, shape: RollingShape, amount: u64) {
+        let recorded = self.record_at_within::<false>(at, epoch, shape, amount);
+        debug_assert!(recorded);
+    }
+
+    /// `record_at`; with `BOUNDED`, records nothing and returns false if the bucket has no room
+    /// for `amount` (admission never needs the check: a limit fits its buckets).
+    #[inline(always)]
+    fn record_at_within<const BOUNDED: bool>(
+        &self,
+        (lap, index): (u64, usize),
+        epoch: u64,
+        shape: RollingShape,
+        amount: u64,
+    ) -> bool {
         let tag = self.slots.tag(lap);
         let (mut raw, mut slot) = self.slots.load(index);
         loop {
             let (next, stale) = if slot.tag == tag {
                 let count = slot.count + amount;
+                if BOUNDED && count > self.slots.max_count() {
+                    return false;
+                }
                 debug_assert!(count <= self.slots.max_count(), "bucket count overflow");
                 (
                     Slot {
@@ -590,7 +607,7 @@ impl RollingWindow {
                 )
             } else if self.aged_out(shape, epoch) {
                 self.subtract_total(amount);
-                return;
+                return true;
             } else {
                 (Slot { tag, count: amount }, slot.count)
             };
@@ -606,7 +623,7 @@ impl RollingWindow {
                     if self.aged_out(shape, epoch) {
                         self.unrecord(index, tag, amount);
                     }
-                    return;
+                    return true;
                 }
                 Err(found) => (raw, slot) = found,
             }
@@ -649,16 +666,18 @@ impl RollingWindow {
     /// `None`, changing nothing, if the bucket's count would overflow its slot.
     pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> Option<*const u8> {
         let (lap, index) = shape.lap_and_slot(epoch);
-        let (_, slot) = self.slots.load(index);
-        if slot
-            .count
-            .checked_add(amount)
-            .is_none_or(|sum| sum > self.slots.max_count())
-        {
+        if amount > self.slots.max_count() {
             return None;
         }
+        // Counted in the total first, as `record_at` expects (an aged-out bucket takes it back
+        // out); taken back out if the bucket has no room. The room is checked in the same
+        // compare-and-swap that writes the bucket: two adjustments racing on one bucket
+        // cannot both pass a check made before either wrote.
         self.total.fetch_add(amount, Ordering::AcqRel);
-        self.record_at((lap, index), epoch, shape, amount);
+        if !self.record_at_within::<true>((lap, index), epoch, shape, amount) {
+            self.subtract_total(amount);
+            return None;
+        }
         Some(self.slots.address(index))
     }
 
@@ -1156,6 +1175,35 @@ mod tests {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Two adjustments forcing units into one bucket at once, each fitting alone and not
+    /// together: one is refused, and the bucket and the total hold exactly what was forced.
+    /// Before, each checked the room with a load before either wrote, so both could pass and
+    /// the bucket clamp (a debug assertion here), losing units.
+    #[test]
+    fn forces_racing_on_one_bucket_never_overfill_it() {
+        let max = RollingWindow::with_width(SHAPE, false).slots.max_count();
+        let amount = max / 2 + 1;
+        for _ in 0..2_000 {
+            let window = RollingWindow::with_width(SHAPE, false);
+            window.advance(SHAPE, 5);
+            let start = std::sync::Barrier::new(2);
+            let forced: u64 = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..2)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            window.force(SHAPE, 5, amount).map_or(0, |_| amount)
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|racer| racer.join().unwrap()).sum()
+            });
+            assert_eq!(forced, amount, "exactly one fits");
+            assert_eq!(window.used(), amount);
+            assert_eq!(window.slots.load(SHAPE.slot(5)).1.count, amount);
         }
     }
 
