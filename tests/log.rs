@@ -2541,9 +2541,19 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
     );
 }
 
-/// Rewrites a database's log in format 2 (records without a durable point, segments and the
-/// database's metadata saying version 2), as the builds before format 3 wrote it.
+/// Rewrites a database's log in format 2 (records without a durable point, segments, snapshots
+/// and the database's metadata saying version 2), as the builds before format 3 wrote it.
 fn rewrite_in_format_2(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir.join("snapshots")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The file header's version, the body's own (its first field), and the body's crc.
+        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+        bytes[32..34].copy_from_slice(&2u16.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[32..]);
+        bytes[28..32].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+    }
     for path in segment_paths(dir) {
         let bytes = std::fs::read(&path).unwrap();
         let mut out = bytes[..SEGMENT_HEADER].to_vec();
@@ -2644,6 +2654,34 @@ fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
     )
     .expect_err("damage");
     assert_names_where(storage_problem(&error), &frames[1]);
+}
+
+/// A checkpointed format-2 database opens from its snapshot (whose format did not change but
+/// for its version) and the format-2 events after it, to the same state.
+#[test]
+fn a_checkpointed_format_2_database_opens_from_its_snapshot() {
+    let dir = TempDir::new("format-2-snapshot");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    engine.top_up("@ada", 11, Some(POPULATED_MS)).unwrap();
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    drop(engine);
+    let snapshot = latest_snapshot(dir.path());
+    assert_eq!(std::fs::read(&snapshot).unwrap()[8..10], 3u16.to_le_bytes());
+    rewrite_in_format_2(dir.path());
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(
+        engine.open_report().unwrap().events_replayed >= 1,
+        "the snapshot, then the events after it"
+    );
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
 }
 
 /// Only the end of the last segment can be torn: a sealed segment was fdatasynced before the

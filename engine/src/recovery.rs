@@ -1875,6 +1875,9 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
             })
     };
     out.newest_at_ms = 0;
+    // A snapshot an older build wrote says its own format version (one this build reads):
+    // the state is what is compared.
+    out.version = FORMAT_VERSION;
     // Request ids and closed reservations age out of memory without an event (by the clock),
     // so a replay may still hold some the live engine had forgotten: compare only the ones the
     // reference kept.
