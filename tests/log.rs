@@ -11,7 +11,7 @@
 mod log_support;
 
 use log_support::*;
-use tally_engine::event::{encode_record_into, RecordView};
+use tally_engine::event::{decode_body, encode_body, encode_record_into, RecordView};
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
     Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
@@ -1741,6 +1741,27 @@ fn rewrite_last_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
     std::fs::write(&frame.path, bytes).unwrap();
 }
 
+/// Replaces a record, anywhere in its segment, with `events` (re-framed, with a correct crc;
+/// the records after it move).
+fn rewrite_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
+    let bytes = std::fs::read(&frame.path).unwrap();
+    let mut payload = Vec::new();
+    encode_record_into(
+        &mut payload,
+        frame.first,
+        frame
+            .durable_before
+            .map_or(frame.first, |mark| mark.min(frame.first)),
+        events.iter().map(|(at, body)| (*at, body.as_slice())),
+    );
+    let mut out = bytes[..frame.offset].to_vec();
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame_crc(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&bytes[frame.offset + 8 + frame.len..]);
+    std::fs::write(&frame.path, out).unwrap();
+}
+
 /// The events of a record, as `(at_ms, body)`.
 fn record_events(frame: &Frame) -> Vec<(u64, Vec<u8>)> {
     let bytes = std::fs::read(&frame.path).unwrap();
@@ -2616,6 +2637,20 @@ fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
         .all(|frame| frame.durable_before.is_none()));
     let report = Engine::verify(dir.path(), sync_options()).unwrap();
     assert!(report.is_sound(), "{:?}", report.problems);
+    // An open that reads it and fails, or writes nothing, leaves it in format 2: a build of
+    // format 2 still opens it.
+    let mut without_starter = Policy::token_plan().document().clone();
+    without_starter.plans.remove("Starter");
+    let refused = Engine::open(
+        dir.path(),
+        Policy::compile(without_starter).unwrap(),
+        clock(),
+        sync_options(),
+    );
+    assert!(refused.is_err(), "a seated plan dropped");
+    drop(refused);
+    drop(open_token_plan(dir.path(), sync_options()));
+    assert_eq!(format_version(dir.path()), 2, "nothing written");
     let engine = open_token_plan(dir.path(), sync_options());
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
@@ -2677,6 +2712,64 @@ fn a_checkpointed_format_2_database_opens_from_its_snapshot() {
         engine.open_report().unwrap().events_replayed >= 1,
         "the snapshot, then the events after it"
     );
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+}
+
+/// A policy an earlier build logged was valid under its rules, and the database depends on it:
+/// the rules added since for policies being loaded (an empty plan, a duration repeating a
+/// unit, a maximum on what a plan does not cover...) do not refuse it when the log is
+/// replayed or a snapshot restored. Before, such a database no longer opened, in either build
+/// (the newer one had marked it format 3 first).
+#[test]
+fn a_logged_policy_an_earlier_build_accepted_still_opens() {
+    let (dir, before, frames) = closed_database("logged-policy");
+    let first = frames[0].clone();
+    let events = record_events(&first);
+    let body = decode_body(1, &events[0].1).unwrap();
+    let EventBody::PolicySwapped {
+        generation: 0,
+        document,
+    } = body
+    else {
+        panic!("the first event is the policy: {body:?}");
+    };
+    let mut document: serde_json::Value = serde_json::from_str(&document).unwrap();
+    document["plans"]["Suspended"] = serde_json::json!({ "covers": [] });
+    let starter = &mut document["plans"]["Starter"];
+    starter["limits"][0]["window"] = "rolling:4h30m30m".into();
+    starter["maximums"] = serde_json::json!([
+        { "resource": "image-01", "unit": "images", "amount": 1 }
+    ]);
+    let old = document.to_string();
+    assert!(
+        Policy::from_json_str(&old).is_err(),
+        "refused as a new policy"
+    );
+    let mut rewritten = events.clone();
+    rewritten[0].1 = encode_body(&EventBody::PolicySwapped {
+        generation: 0,
+        document: old,
+    });
+    rewrite_record(&first, &rewritten);
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine =
+        Engine::open_with_stored_policy(dir.path(), Policy::token_plan(), clock(), sync_options())
+            .expect("opens with the policy it logged");
+    assert!(engine.policy().plan_id("Suspended").is_some());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+    drop(engine);
+    // With the shipped policy given, it is swapped in over the logged one.
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(engine.policy().plan_id("Suspended").is_none());
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
         &before,

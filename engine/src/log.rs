@@ -560,6 +560,9 @@ pub struct EventLog {
     files: parking_lot::RwLock<()>,
     /// Opened by `open_read_only`: no writer, nothing repaired.
     read_only: bool,
+    /// The database is of an older format this build reads: `record_format` records this
+    /// build's in `meta` before anything is written in it.
+    format_upgrade_pending: AtomicBool,
     /// What a read-only open found wrong at the end of the log.
     open_problem: Option<String>,
 }
@@ -1174,7 +1177,7 @@ impl EventLog {
         let (meta, cursors) = (tree("meta")?, tree("cursors")?);
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
-        check_format(dir, &db, &meta, &events_dir, read_only)?;
+        let format_upgrade_pending = check_format(dir, &db, &meta, &events_dir, read_only)?;
         for sub in [&events_dir, &snapshots_dir] {
             if !sub.exists() {
                 std::fs::create_dir(sub)
@@ -1263,6 +1266,7 @@ impl EventLog {
             snapshot_thread: Mutex::new(None),
             files: parking_lot::RwLock::new(()),
             read_only,
+            format_upgrade_pending: AtomicBool::new(format_upgrade_pending),
             open_problem: recovered.problem,
         };
         if read_only {
@@ -1324,7 +1328,33 @@ impl EventLog {
 
     /// Queues an encoded event body; returns its sequence number. Fails at once if the log has
     /// failed before.
+    /// Records this build's format in `meta`, durably, if the database is of an older one
+    /// (`OLDEST_FORMAT_VERSION` on), before the first event is appended: an open that reads
+    /// the database and fails, or a tool that only reads it, leaves it as it was, and a build
+    /// that reads only the older format refuses it by its version once something is written
+    /// in this one (not as damage). The queue's lock makes concurrent first appends wait for
+    /// it.
+    #[cold]
+    #[inline(never)]
+    pub fn record_format(&self) -> Result<(), Error> {
+        let _queue = self.shared.queue.lock();
+        if !self.format_upgrade_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.meta
+            .insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
+            .map_err(|error| storage("writing metadata", error))?;
+        self.syncer.flush(&self.db)?;
+        self.format_upgrade_pending.store(false, Ordering::Release);
+        Ok(())
+    }
+
     pub fn append(&self, at_ms: u64, body: impl AsRef<[u8]>) -> Result<u64, Error> {
+        // Relaxed: set before the log was shared and only ever cleared; a stale true is
+        // checked again under the queue's lock.
+        if self.format_upgrade_pending.load(Ordering::Relaxed) {
+            self.record_format()?;
+        }
         let body = body.as_ref();
         if body.len() > MAX_EVENT_BYTES {
             return Err(Error::invalid(
@@ -1372,6 +1402,9 @@ impl EventLog {
     /// every chunk of 64, the writer cost each a futex wake-up, a context switch and a write:
     /// about a tenth of a batch's time, measured in `examples/manyloop`.)
     pub fn append_staged(&self, staged: &Staged) -> Result<u64, Error> {
+        if self.format_upgrade_pending.load(Ordering::Relaxed) {
+            self.record_format()?;
+        }
         let count = staged.events.len();
         if count == 0 {
             return Err(Error::invalid(
@@ -2294,14 +2327,15 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
-/// Checks the database's format version; upgrades an older one it reads (unless `read_only`).
+/// Checks the database's format version; true if it is an older one this build reads and
+/// will write in its own (`EventLog::record_format`; never when `read_only`).
 fn check_format(
     dir: &Path,
     meta_db: &sled::Db,
     meta: &sled::Tree,
     events_dir: &Path,
     read_only: bool,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     match meta
         .get(META_FORMAT)
         .map_err(|error| storage("reading metadata", error))?
@@ -2321,14 +2355,8 @@ fn check_format(
                     format!("was written in format version {version} (the event log inside sled, by a development build); this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}: export its events with that build and start a new database"),
                 ));
             }
-            if version < FORMAT_VERSION && !read_only {
-                // Before anything is written in the new format: a build that reads only the
-                // old one then refuses the database by its version, not as damaged.
-                meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
-                    .map_err(|error| storage("writing metadata", error))?;
-                FileSyncer::new(dir)?.flush(meta_db)?;
-            }
-            Ok(())
+            // Recorded by `EventLog::record_format`, once the open has read the database.
+            Ok(version < FORMAT_VERSION && !read_only)
         }
         None => {
             if events_dir.exists() && !list_segments(events_dir)?.is_empty() {
@@ -2342,7 +2370,7 @@ fn check_format(
             // Durable before the first segment exists: events without a format version would
             // be refused as not a tally database.
             FileSyncer::new(dir)?.flush(meta_db)?;
-            Ok(())
+            Ok(false)
         }
     }
 }

@@ -601,6 +601,21 @@ impl Policy {
         Compiler::default().compile(document)
     }
 
+    /// A policy read back from a database's log or snapshot (its JSON). It was valid when it
+    /// was logged, under the rules of the build that logged it, and the database depends on
+    /// it: the rules added since for policies being loaded (`Compiler::logged`) are not
+    /// applied again, so a database an earlier build wrote still opens.
+    pub fn from_logged_json(text: &str) -> Result<Policy, PolicyError> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let document: PolicyDocument =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
+        Compiler {
+            logged: true,
+            ..Compiler::default()
+        }
+        .compile(document)
+    }
+
     pub fn document(&self) -> &PolicyDocument {
         &self.document
     }
@@ -869,6 +884,13 @@ struct Compiler {
     meter_ids: FxHashMap<Box<str>, MeterId>,
     /// The named meters come first in `meters`: ids below this are theirs.
     named_meters: usize,
+    /// Compiling a document read back from a log or snapshot (`Policy::from_logged_json`):
+    /// the checks added in format 3 for policies being loaded are skipped (a resource named
+    /// "*", a meter name with ':' or a limit naming an implicit meter, a plan price past
+    /// credits, an empty plan, repeated covers and maximums and maximums on what a plan does
+    /// not cover, durations repeating a unit, the document's size), and what they refuse
+    /// compiles as earlier builds compiled it.
+    logged: bool,
     counters: Vec<CounterSpec>,
 }
 
@@ -936,7 +958,7 @@ impl Compiler {
             .unwrap_or(0);
         // Last: every field's own error first. (A document always encodes: plain data.)
         let bytes = serde_json::to_vec(&document).map_or(usize::MAX, |json| json.len());
-        if bytes > MAX_POLICY_DOCUMENT_BYTES {
+        if bytes > MAX_POLICY_DOCUMENT_BYTES && !self.logged {
             return Err(PolicyError::new(
                 ".",
                 format!(
@@ -976,7 +998,7 @@ impl Compiler {
         for (name, resource) in &document.resources {
             let field = format!("resources.{name:?}");
             check_name(&field, name)?;
-            if name == "*" {
+            if name == "*" && !self.logged {
                 return Err(PolicyError::new(
                     field,
                     "\"*\" cannot name a resource: covers = [\"*\"] means every resource",
@@ -1110,7 +1132,7 @@ impl Compiler {
             // A limit on a resource and unit counts on the implicit meter `resource:unit`,
             // looked up by that name: a named meter called so would take over every such
             // limit, whatever it counts.
-            if name.contains(':') {
+            if name.contains(':') && !self.logged {
                 return Err(PolicyError::new(
                     field,
                     format!(
@@ -1212,8 +1234,9 @@ impl Compiler {
                 // Only named meters: an implicit one exists once an earlier plan's limit made
                 // it, so finding it here would make a policy valid or not by its plans' order.
                 let named = self.meter_ids.get(meter.as_str()).copied();
+                let logged = self.logged;
                 named
-                    .filter(|id| id.index() < self.named_meters)
+                    .filter(|id| logged || id.index() < self.named_meters)
                     .ok_or_else(|| {
                         let hint = if meter.contains(':') {
                             ": for an implicit meter write resource = \"…\", unit = \"…\""
@@ -1265,9 +1288,10 @@ impl Compiler {
         check_name(&field, name)?;
         // At most what credits can hold: it names what a plan costs, and stays a number TOML
         // can write (a signed 64-bit integer).
-        if plan
-            .price_micros_per_month
-            .is_some_and(|price| price > crate::engine::MAX_CREDITS_MICROS)
+        if !self.logged
+            && plan
+                .price_micros_per_month
+                .is_some_and(|price| price > crate::engine::MAX_CREDITS_MICROS)
         {
             return Err(PolicyError::new(
                 format!("{field}.price_micros_per_month"),
@@ -1336,7 +1360,7 @@ impl Compiler {
             let max_field = format!("{field}.maximums[{index}]");
             let resource = self.resource(&format!("{max_field}.resource"), &maximum.resource)?;
             self.unit_of(&format!("{max_field}.unit"), resource, maximum.unit)?;
-            if !covers[resource.index()] {
+            if !covers[resource.index()] && !self.logged {
                 return Err(PolicyError::new(
                     format!("{max_field}.resource"),
                     format!(
@@ -1352,7 +1376,7 @@ impl Compiler {
                 ));
             }
             let slot = &mut maximums[resource.index()][maximum.unit.index()];
-            if *slot != 0 {
+            if *slot != 0 && !self.logged {
                 return Err(PolicyError::new(
                     max_field,
                     format!(
@@ -1368,7 +1392,7 @@ impl Compiler {
 
     fn compile_limit(&mut self, field: &str, limit: &LimitDocument) -> Result<Limit, PolicyError> {
         let meter = self.limit_meter(field, limit)?;
-        let window = parse_window(field, &limit.window, limit.bucket.as_deref())?;
+        let window = parse_window(field, &limit.window, limit.bucket.as_deref(), self.logged)?;
         let max_amount = match window {
             Window::Rolling { .. } => MAX_ROLLING_AMOUNT,
             Window::Calendar(_) => MAX_CALENDAR_AMOUNT,
@@ -1451,7 +1475,7 @@ impl Compiler {
             None => touches.iter().map(|list| !list.is_empty()).collect(),
             Some(names) => self.listed_covers(field, names, touches)?,
         };
-        if !covers.contains(&true) {
+        if !covers.contains(&true) && !self.logged {
             return Err(PolicyError::new(
                 field,
                 "the plan has no limits and covers no resource, so it admits nothing: give it limits or covers",
@@ -1481,7 +1505,7 @@ impl Compiler {
         for (index, name) in names.iter().enumerate() {
             let covers_field = format!("{field}.covers[{index}]");
             let resource = self.resource(&covers_field, name)?;
-            if covers[resource.index()] {
+            if covers[resource.index()] && !self.logged {
                 return Err(PolicyError::new(
                     covers_field,
                     format!("{name:?} is listed twice"),
@@ -1552,7 +1576,13 @@ fn link_upgrades(plans: &mut [Plan]) {
     }
 }
 
-fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Window, PolicyError> {
+/// `logged`: durations as earlier builds read them (a unit may repeat).
+fn parse_window(
+    field: &str,
+    window: &str,
+    bucket: Option<&str>,
+    logged: bool,
+) -> Result<Window, PolicyError> {
     let window_field = format!("{field}.window");
     let calendar = match window {
         "daily" => Some(CalendarPeriod::Daily),
@@ -1575,8 +1605,8 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
             format!("{window:?} is not a window: write rolling:DURATION (e.g. rolling:5h), daily, weekly or monthly"),
         ));
     };
-    let window_ms =
-        parse_duration_ms(duration).map_err(|problem| PolicyError::new(&window_field, problem))?;
+    let window_ms = parse_duration(duration, !logged)
+        .map_err(|problem| PolicyError::new(&window_field, problem))?;
     if !(2 * MIN_BUCKET_MS..=MAX_ROLLING_WINDOW_MS).contains(&window_ms) {
         return Err(PolicyError::new(
             window_field,
@@ -1589,7 +1619,7 @@ fn parse_window(field: &str, window: &str, bucket: Option<&str>) -> Result<Windo
     let bucket_field = format!("{field}.bucket");
     let bucket_ms = match bucket {
         Some(text) => {
-            parse_duration_ms(text).map_err(|problem| PolicyError::new(&bucket_field, problem))?
+            parse_duration(text, !logged).map_err(|problem| PolicyError::new(&bucket_field, problem))?
         }
         None => default_bucket_ms(window_ms).ok_or_else(|| {
             PolicyError::new(
@@ -1658,6 +1688,12 @@ fn default_bucket_ms(window_ms: u64) -> Option<u64> {
 
 /// Parses `5h`, `90s`, `1h30m`, `1500ms`, `7d`, `2w`.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    parse_duration(text, true)
+}
+
+/// `parse_duration_ms`; without `one_unit_each`, a unit may repeat or follow a smaller one (as
+/// builds before format 3 read durations: "5h5h" is 10 hours).
+fn parse_duration(text: &str, one_unit_each: bool) -> Result<u64, String> {
     let mut total: u64 = 0;
     let mut rest = text;
     if rest.is_empty() {
@@ -1690,7 +1726,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
                 ))
             }
         };
-        if scale >= previous_scale {
+        if one_unit_each && scale >= previous_scale {
             return Err(format!(
                 "{text:?}: each unit at most once, the largest first (like 1h30m)"
             ));
@@ -1831,15 +1867,15 @@ mod tests {
 
     #[test]
     fn a_bucket_that_does_not_divide_the_window_is_refused() {
-        let error =
-            parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s")).expect_err("refused");
+        let error = parse_window("plans.\"P\".limits[0]", "rolling:5h", Some("85s"), false)
+            .expect_err("refused");
         assert_eq!(error.field, "plans.\"P\".limits[0].bucket");
         assert!(
             error.problem.contains("does not divide"),
             "{}",
             error.problem
         );
-        assert!(parse_window("f", "rolling:5h", Some("90s")).is_ok());
+        assert!(parse_window("f", "rolling:5h", Some("90s"), false).is_ok());
     }
 
     #[test]

@@ -553,7 +553,7 @@ fn storage(problem: impl Into<String>) -> Error {
 }
 
 fn policy_from_json(document: &str, generation: u32) -> Result<Policy, Error> {
-    let mut policy = Policy::from_json_str(document).map_err(|error| {
+    let mut policy = Policy::from_logged_json(document).map_err(|error| {
         storage(format!(
             "policy generation {generation} in the log: {error}"
         ))
@@ -1245,6 +1245,8 @@ impl Engine {
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
         journal.finish_snapshot_in_background()?;
+        // A new segment and a snapshot are written in this build's format: recorded first.
+        journal.record_format()?;
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
         let written = cut.finish_copies().and_then(|()| {
@@ -1276,7 +1278,8 @@ impl Engine {
     /// back to work at once.
     fn checkpoint_in_background(&self, journal: &EventLog) {
         let _one_at_a_time = self.checkpointing.lock();
-        if journal.finish_snapshot_in_background().is_err() {
+        // (An append crossed the threshold: this build's format is recorded already.)
+        if journal.finish_snapshot_in_background().is_err() || journal.record_format().is_err() {
             return;
         }
         let mut cut = self.cut_rotating(journal);
@@ -1859,7 +1862,7 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
         .policies
         .last()
         .and_then(|document| document.as_deref())
-        .and_then(|document| Policy::from_json_str(document).ok());
+        .and_then(|document| Policy::from_logged_json(document).ok());
     let head_of = |key: &str, counter: u16| -> Option<u64> {
         let found = reference
             .keys
