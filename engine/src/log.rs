@@ -21,12 +21,16 @@
 //!   database was last opened with: `options::RecordedOptions`) and `cursors` (named export
 //!   cursors, at most `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
 //!
-//! Opening scans the last segment. A record whose length or crc is wrong is a torn write from a
-//! crash, never acknowledged (acknowledgement follows the `fdatasync`), and is truncated away
-//! with everything after it, when nothing says its events were durable. Each record carries the
+//! Opening scans the last segment. A record whose length or crc is wrong is taken for a torn
+//! write from a crash (its `fdatasync` never finished, so it was never acknowledged) and is
+//! truncated away with everything after it, when nothing says its events were durable. Each record carries the
 //! writer's durable point as it was written (`event::RecordView::durable_before`), so a sound
 //! record after it that was written once its events were durable says so, and so does a
-//! snapshot at or after its events (snapshots are stored once the log is durable up to them).
+//! snapshot at or after its events (snapshots are stored once the log is durable up to them),
+//! and so does a clean close that found the log durable through them (`durable_through` in
+//! `meta`: the records of the last write before it do not show each other durable). What is
+//! left is a bad record in the last write before a crash, whose fdatasync may or may not have
+//! finished: it is taken for a torn write.
 //! Then, and anywhere in an earlier segment, a bad record is damage and an error naming the
 //! file, offset and sequence number. (A power loss can leave a later write on disk and an
 //! earlier one of the same unsynced stretch torn: the drive need not keep their order.)
@@ -115,6 +119,10 @@ const LOCK_RETRY_DELAY: Duration = Duration::from_millis(20);
 const META_FORMAT: &[u8] = b"format_version";
 /// The options the database was last opened with (`options::RecordedOptions`, as JSON).
 const META_OPTIONS: &[u8] = b"options";
+/// The last event a clean close found durable (u64 LE): opening treats a bad record up to it as
+/// damage, not a torn write (the records of one write need not say it: nothing was written
+/// after its fdatasync).
+const META_DURABLE_THROUGH: &[u8] = b"durable_through";
 
 /// When an acknowledged event is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -895,15 +903,21 @@ fn recover_segments(
                     let rest = window.rest(at as u64).map_err(reading)?;
                     // What shows its events were durable (then it is damage, not a torn write).
                     let proof = if expected <= durable_through {
-                        Some(format!("the snapshot at event {durable_through}"))
+                        Some(format!(
+                            "it was durable: a snapshot or a clean close found the log durable \
+                             through event {durable_through}"
+                        ))
                     } else if durable_record_after(&rest, 1, expected) {
-                        Some("a sound record after it".to_string())
+                        Some(
+                            "it was durable: a sound record after it was written once it was"
+                                .to_string(),
+                        )
                     } else {
                         None
                     };
                     let torn = proof.is_none();
                     let why = match proof {
-                        Some(proof) => format!("{why}; {proof} shows it was durable"),
+                        Some(proof) => format!("{why}; {proof}"),
                         None => why,
                     };
                     if read_only {
@@ -1202,7 +1216,10 @@ impl EventLog {
                 pointer.seq + 1
             }
         };
-        let durable_through = snapshot.map_or(0, |pointer| pointer.seq);
+        let closed_through = durable_through(&meta)?;
+        let durable_through = snapshot
+            .map_or(0, |pointer| pointer.seq)
+            .max(closed_through);
         let recovered = recover_segments(&events_dir, start_if_empty, durable_through, read_only)?;
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
@@ -1216,6 +1233,15 @@ impl EventLog {
                         .problem
                         .as_ref()
                         .map_or(String::new(), |problem| format!(" ({problem})"))
+                ),
+            ));
+        }
+        // (`verify` reads up to damage and reports it: then the log ends early for that.)
+        if closed_through > last_seq && recovered.problem.is_none() {
+            return Err(storage(
+                dir.display(),
+                format!(
+                    "the log ends at event {last_seq}, before event {closed_through}, which a clean close found durable: events are missing"
                 ),
             ));
         }
@@ -2153,6 +2179,14 @@ impl EventLog {
         let file = Arc::clone(&self.shared.active_file.lock());
         file.sync_data()
             .map_err(|error| storage("fdatasync of the log", error))?;
+        // Everything written is durable now: say so for the next open (made durable by the
+        // flush below, with the rest of sled's writes).
+        let written = self.shared.progress.lock().written.seq;
+        if written > 0 && durable_through(&self.meta)? < written {
+            self.meta
+                .insert(META_DURABLE_THROUGH, &written.to_le_bytes())
+                .map_err(|error| storage("writing metadata", error))?;
+        }
         self.syncer.flush(&self.db)?;
         snapshot
     }
@@ -2162,6 +2196,16 @@ impl Drop for EventLog {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+/// The last event a clean close found durable (`META_DURABLE_THROUGH`), 0 if none did.
+fn durable_through(meta: &sled::Tree) -> Result<u64, Error> {
+    let value = meta
+        .get(META_DURABLE_THROUGH)
+        .map_err(|error| storage("reading metadata", error))?;
+    Ok(value
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map_or(0, u64::from_le_bytes))
 }
 
 fn failed(seq: u64, problem: &str) -> Error {
