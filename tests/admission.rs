@@ -1514,6 +1514,16 @@ fn a_policy_swap_that_cannot_carry_usage_as_it_means_is_refused_and_changes_noth
     assert_eq!(engine.policy().calendar().time_zone(), "Asia/Shanghai");
     assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
     assert_eq!(images(1, T0_MS + 2 * MINUTE_MS), 0, "still used up");
+    // Another name for the same zone is no change: the swap carries the day's count.
+    let mut document = Policy::token_plan().document().clone();
+    document.time_zone = "PRC".into();
+    engine
+        .swap_policy(
+            Policy::compile(document).expect("valid"),
+            Some(T0_MS + 3 * MINUTE_MS),
+        )
+        .expect("an alias of Asia/Shanghai");
+    assert_eq!(images(1, T0_MS + 4 * MINUTE_MS), 0, "still used up");
 
     let quota = |unit: &str| {
         Policy::from_toml_str(&format!(

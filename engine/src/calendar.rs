@@ -277,6 +277,29 @@ impl Calendar {
         longest_ms
     }
 
+    /// Whether `other` has the same UTC offset as this zone at every instant tally accepts
+    /// (1970 to 2100): then every day, week and month starts and ends at the same instants in
+    /// both, whatever their names (`Europe/Kiev` and `Europe/Kyiv`, `UTC` and `Etc/UTC`).
+    pub fn same_offsets_as(&self, other: &Calendar) -> bool {
+        let changes = |calendar: &Calendar| -> Vec<(i64, i32)> {
+            let mut offset = calendar.tz.to_offset(Timestamp::UNIX_EPOCH).seconds();
+            let mut changes = vec![(0, offset)];
+            for transition in calendar.tz.following(Timestamp::UNIX_EPOCH) {
+                let at_ms = transition.timestamp().as_millisecond();
+                if at_ms >= MAX_TIMESTAMP_MS as i64 {
+                    break;
+                }
+                let next = transition.offset().seconds();
+                if next != offset {
+                    changes.push((at_ms, next));
+                    offset = next;
+                }
+            }
+            changes
+        };
+        self.time_zone() == other.time_zone() || changes(self) == changes(other)
+    }
+
     /// The slow path: find the period containing `at_ms` with the tz database.
     #[cold]
     #[inline(never)]
@@ -919,5 +942,17 @@ mod tests {
                 prop_assert_eq!(cal(zone).period_of(kind, at), p);
             }
         }
+    }
+
+    #[test]
+    fn zones_with_the_same_offsets_are_the_same_whatever_their_names() {
+        let zone = |name: &str| Calendar::new(name).expect("a zone");
+        assert!(zone("UTC").same_offsets_as(&zone("Etc/UTC")));
+        assert!(zone("Asia/Shanghai").same_offsets_as(&zone("PRC")));
+        assert!(zone("Europe/Kiev").same_offsets_as(&zone("Europe/Kyiv")));
+        assert!(!zone("UTC").same_offsets_as(&zone("Europe/London")));
+        // Alike now, not since 1970: Europe/Berlin and Europe/Paris differ in the 1970s.
+        assert!(!zone("Europe/Berlin").same_offsets_as(&zone("Europe/Paris")));
+        assert!(!zone("Asia/Shanghai").same_offsets_as(&zone("Asia/Singapore")));
     }
 }

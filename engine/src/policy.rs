@@ -748,7 +748,8 @@ impl Policy {
     /// field of `new`: a meter that keeps its name but counts something else (its count so far
     /// would be read in another unit), and a time zone changed under a calendar window that
     /// carries over (the current day's, week's or month's count would be read as another
-    /// one's; a calendar window new in `new` starts from 0 and may be in any zone). A weighted
+    /// one's; a calendar window new in `new` starts from 0 and may be in any zone; another
+    /// name for the same offsets, such as an alias, is no change). A weighted
     /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
     /// already charged at the old prices.
     pub fn check_swap_to(&self, new: &Policy) -> Result<(), PolicyError> {
@@ -758,13 +759,14 @@ impl Policy {
                 && self.same_counter_in(counter, new).is_some()
         });
         let (from, to) = (self.calendar.time_zone(), new.calendar.time_zone());
-        if from != to && calendar_carried {
+        if calendar_carried && !self.calendar.same_offsets_as(&new.calendar) {
             return Err(PolicyError::new(
                 "time_zone",
                 format!(
                     "{to:?} where the current policy has {from:?}: a swap cannot move daily, \
                      weekly or monthly windows to another time zone (the current period's count \
-                     would be read as another period's)"
+                     would be read as another period's). To move them, swap first to a policy \
+                     without them (their counts are dropped), then to this one"
                 ),
             ));
         }
