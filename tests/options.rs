@@ -259,6 +259,35 @@ fn a_timestamp_too_far_ahead_of_the_clock_is_refused_and_changes_nothing() {
     assert!(ahead(T0_MS + 2 * DAY_MS + 1).is_err());
 }
 
+/// The bound is read from the clock when a timestamp passes it, and at every housekeeping
+/// look (every 256 requests of a thread): a clock stepped back lowers it there. Before, the
+/// bound only ever rose, and a step back let timestamps through by as much as the step.
+#[test]
+fn a_clock_stepped_back_lowers_the_bound_ahead_of_it() {
+    let clock = clock();
+    clock.set_ms(T0_MS + 10 * DAY_MS);
+    let options = EngineOptions {
+        max_ahead_of_clock_ms: DAY_MS,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid");
+    engine
+        .create_user("ada", "tp-ada", Some(T0_MS + 11 * DAY_MS))
+        .expect("a day ahead");
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS + 10 * DAY_MS))
+        .expect("seat");
+    clock.set_ms(T0_MS);
+    for _ in 0..300 {
+        let _ = engine.consume(&UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS));
+    }
+    let stepped_over = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS + 11 * DAY_MS);
+    assert!(matches!(
+        engine.consume(&stepped_over),
+        Err(Error::InvalidArgument { field: "at_ms", .. })
+    ));
+}
+
 /// The log's own timestamps are taken as they were logged when it is replayed, however far
 /// ahead of the clock they are now (a clock set back, an engine that ran without a bound):
 /// an acknowledged event is never refused at open. Later calls are held to the bound.

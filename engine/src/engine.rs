@@ -365,8 +365,9 @@ pub struct Engine {
     // Relaxed fetch_max: the newest event time logged, stamped on snapshots.
     newest_event_ms: AtomicU64,
     // Relaxed: a timestamp at or below this is not too far ahead of the clock (the clock's
-    // time plus `max_ahead_of_clock_ms` when last read; only ever stricter than the truth as
-    // the clock moves on). `u64::MAX` without a bound and while the log is replayed.
+    // time plus `max_ahead_of_clock_ms` when last read: stricter than the truth as the clock
+    // moves on; a clock stepped back lowers it at a thread's next housekeeping look, every
+    // 256 requests). `u64::MAX` without a bound and while the log is replayed.
     ahead_bound_ms: AtomicU64,
     // Relaxed: set while the log is replayed at open (before anyone else has the engine).
     // What was logged was acknowledged: the table bounds of the options opened with, which
@@ -550,10 +551,20 @@ impl Engine {
     fn look_at_housekeeping(&self, stamped_ms: Option<u64>) {
         let reclaims = self.reclaim_due_ms.load(Ordering::Relaxed) != u64::MAX;
         let leases = self.options.expire_leases_on_its_own;
-        if !reclaims && !leases {
+        let ahead = self.options.max_ahead_of_clock_ms;
+        let bounded = ahead > 0 && !self.replaying.load(Ordering::Relaxed);
+        if !reclaims && !leases && !bounded {
             return;
         }
         let now_ms = self.clock.now_ms();
+        if bounded {
+            // Between looks the cached bound only rises: a clock stepped back lowers it here.
+            self.ahead_bound_ms
+                .store(now_ms.saturating_add(ahead), Ordering::Relaxed);
+        }
+        if !reclaims && !leases {
+            return;
+        }
         let as_of_ms = stamped_ms.map_or(now_ms, |stamped_ms| stamped_ms.min(now_ms));
         if reclaims && now_ms >= self.reclaim_due_ms.load(Ordering::Relaxed) {
             self.reclaim_step(now_ms, as_of_ms);
