@@ -811,15 +811,15 @@ fn a_song_of_301_seconds_is_over_the_request_maximum_on_every_plan_and_counts_no
 /// the request is refused (not admitted, not denied) on every plan, and counts nothing.
 #[test]
 fn a_song_without_its_length_is_refused_on_every_plan_and_counts_nothing() {
-    for plan in [
-        "Starter",
-        "Plus",
-        "Max",
-        "Plus-Highspeed",
-        "Max-Highspeed",
-        "Ultra-Highspeed",
-        "Bar-Plus",
-    ] {
+    let plans: Vec<String> = Policy::token_plan()
+        .document()
+        .plans
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(plans.len(), 9, "{plans:?}");
+    for plan in &plans {
+        let plan = plan.as_str();
         let engine = engine();
         let key = seated(&engine, "ada", plan);
         let song = [(Unit::Songs, 1)];

@@ -177,8 +177,9 @@ enum tally_status
   TALLY_RESERVATION_CLOSED = 26,
   // A credits withdrawal asked for more than the team holds.
   TALLY_INSUFFICIENT_CREDITS = 27,
-  // The policy document is invalid (the last error names the field), or a swap would drop a
-  // plan someone is seated on.
+  // The policy document is invalid, or a swap could not carry its usage over as it means
+  // (the last error names the field). A swap that would drop a plan someone is seated on is
+  // `TALLY_INVALID_ARGUMENT`.
   TALLY_POLICY_INVALID = 28,
   // The database could not be read or written.
   TALLY_STORAGE = 29,
