@@ -2719,8 +2719,20 @@ fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
     );
     assert!(refused.is_err(), "a seated plan dropped");
     drop(refused);
+    let segments = segment_paths(dir.path());
     drop(open_token_plan(dir.path(), sync_options()));
+    // Not even a new segment for a full one: it is rotated before the first write.
+    let small_segments = OpenOptions {
+        segment_bytes: 256,
+        ..sync_options()
+    };
+    drop(open_token_plan(dir.path(), small_segments));
     assert_eq!(format_version(dir.path()), 2, "nothing written");
+    assert_eq!(
+        segment_paths(dir.path()),
+        segments,
+        "no segment in format 3"
+    );
     let engine = open_token_plan(dir.path(), sync_options());
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, POPULATED_MS),

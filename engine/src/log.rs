@@ -17,8 +17,9 @@
 //!   (so segments end at snapshots and compaction can drop whole files).
 //! - `snapshots/<seq, 20 digits>.snap`: checkpoints, written to a temporary file, fsynced and
 //!   renamed (then the directory fsynced); the latest two are kept.
-//! - sled, for what is small and keyed: `meta` (the format version, and the options the
-//!   database was last opened with: `options::RecordedOptions`) and `cursors` (named export
+//! - sled, for what is small and keyed: `meta` (the format version, the options the database
+//!   was last opened with: `options::RecordedOptions`, and the last event a clean close found
+//!   durable) and `cursors` (named export
 //!   cursors, at most `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. A record whose length or crc is wrong is taken for a torn
@@ -830,7 +831,8 @@ struct Recovered {
 
 /// Scans the last segment, truncating a torn tail, and makes what it keeps durable (so the
 /// durable points written after it are true); creates the first segment of a new log. Events
-/// up to `durable_through` (the latest snapshot's) were durable: a bad record among them is
+/// up to `durable_through` (the latest snapshot's, or the last clean close's) were durable: a
+/// bad record among them is
 /// damage. `read_only` (verify) changes nothing: damage is reported in `problem` and the log
 /// read up to it; a torn tail is reported and left.
 fn recover_segments(
@@ -1322,6 +1324,7 @@ impl EventLog {
             rotate_at: None,
             unsynced_from: None,
             durable_len: active_len,
+            wrote: false,
         };
         let handle = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -2177,8 +2180,24 @@ impl EventLog {
             return Ok(());
         }
         let file = Arc::clone(&self.shared.active_file.lock());
-        file.sync_data()
-            .map_err(|error| storage("fdatasync of the log", error))?;
+        let synced = if self
+            .shared
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
+        {
+            Err(storage("fdatasync of the log", "injected fault"))
+        } else {
+            file.sync_data()
+                .map_err(|error| storage("fdatasync of the log", error))
+        };
+        if let Err(error) = synced {
+            // Failed: a later close (the drop after this one) must not find it clean. (A
+            // second fdatasync can succeed after the kernel dropped the pages it could not
+            // write.)
+            self.shared.fail_after_flush(&error);
+            return Err(error);
+        }
         // Everything written is durable now: say so for the next open (made durable by the
         // flush below, with the rest of sled's writes).
         let written = self.shared.progress.lock().written.seq;
@@ -2462,6 +2481,10 @@ struct Writer {
     /// `Sync`: the active segment's length at its last fdatasync; a failed write or flush cuts
     /// the file back to it.
     durable_len: u64,
+    /// Whether this writer has written anything: a segment found full at open is rotated
+    /// before the first write, not while idle (an open that only reads a database writes
+    /// nothing, not even a new segment's header in this build's format).
+    wrote: bool,
 }
 
 impl Writer {
@@ -2595,6 +2618,7 @@ impl Writer {
     /// Starts a new segment if one is due: the active one is full, or a checkpoint asked for
     /// one at `next` (the next event to write; `None` when idle: the next sequence number).
     fn rotate_if_due(&mut self, next: Option<u64>) -> Result<(), Error> {
+        let about_to_write = next.is_some();
         let written = self.shared.progress.lock().written.seq;
         let next = next.unwrap_or(written + 1);
         let holds_events = written >= self.active.first;
@@ -2602,7 +2626,7 @@ impl Writer {
         if asked && !holds_events {
             self.rotate_at = None;
         }
-        let full = self.active.len >= self.shared.segment_bytes;
+        let full = self.active.len >= self.shared.segment_bytes && (self.wrote || about_to_write);
         if !holds_events || !(asked || full) || next != written + 1 {
             return Ok(());
         }
@@ -2687,6 +2711,7 @@ impl Writer {
         match self.write_buffer() {
             Ok(()) => {
                 self.active.len = before + self.buffer.len() as u64;
+                self.wrote = true;
                 Ok(())
             }
             Err(error) => {
@@ -2970,6 +2995,36 @@ mod tests {
         let room = batch.bytes.capacity();
         batch.clear();
         assert_eq!(batch.bytes.capacity(), room);
+    }
+
+    /// A close whose final fdatasync fails records nothing as durable, and neither does the
+    /// close after it (the drop): a second fdatasync can succeed after the kernel dropped the
+    /// pages the first could not write. Before, the drop's close recorded the log durable
+    /// through its last event, and an open then refused the lost tail as damage (the review
+    /// of this session's mends).
+    #[test]
+    fn a_close_whose_fdatasync_fails_records_nothing_durable() {
+        let dir = fresh_dir("close-fails");
+        let faults = Faults::new();
+        let log = EventLog::open_with(&dir, Durability::None, Some(Arc::clone(&faults)), 1 << 20)
+            .expect("open");
+        for micros in 1..=3 {
+            log.append(1_000, encode_body(&top_up(micros)))
+                .expect("append");
+        }
+        faults.fail_next_flushes(1);
+        assert!(log.close().is_err(), "the injected fault");
+        let meta = log.meta.clone();
+        drop(log);
+        assert_eq!(durable_through(&meta).expect("read"), 0, "nothing recorded");
+        drop(meta);
+        // A close that syncs records every event durable.
+        let log = EventLog::open(&dir, Durability::None, None).expect("reopen");
+        log.append(1_000, encode_body(&top_up(4))).expect("append");
+        log.close().expect("close");
+        assert_eq!(durable_through(&log.meta).expect("read"), 4);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
