@@ -367,8 +367,10 @@ pub struct Engine {
     // Relaxed: a timestamp at or below this is not too far ahead of the clock (the clock's
     // time plus `max_ahead_of_clock_ms` when last read: stricter than the truth as the clock
     // moves on; a clock stepped back lowers it at a thread's next housekeeping look, every
-    // 256 requests). `u64::MAX` without a bound and while the log is replayed.
-    ahead_bound_ms: AtomicU64,
+    // 256 requests). `u64::MAX` without a bound and while the log is replayed. Read by every
+    // request: padded off the lines other threads write on every event (`newest_event_ms`'s
+    // fetch_max).
+    ahead_bound_ms: crossbeam_utils::CachePadded<AtomicU64>,
     // Relaxed: set while the log is replayed at open (before anyone else has the engine).
     // What was logged was acknowledged: the table bounds of the options opened with, which
     // may be lower than the ones it was logged under, do not refuse it (as restoring a
@@ -477,7 +479,9 @@ impl Engine {
             checkpoint_every: AtomicU64::new(u64::MAX),
             retention_ms: AtomicU64::new(0),
             newest_event_ms: AtomicU64::new(0),
-            ahead_bound_ms: AtomicU64::new(unbounded_ahead(&options)),
+            ahead_bound_ms: crossbeam_utils::CachePadded::new(AtomicU64::new(unbounded_ahead(
+                &options,
+            ))),
             replaying: AtomicBool::new(false),
             append_gate: ShardLock::new(()),
             options,
