@@ -2447,6 +2447,42 @@ fn a_seat_change_that_changes_nothing_logs_nothing() {
     );
 }
 
+/// Adds batches of pay-as-you-go usage, each more than a record holds (1 MiB), all admitted,
+/// until the log's last write spans two records or more; returns that write's records in
+/// order. A loaded machine can split a batch over several writes (each fdatasynced before the
+/// next): up to 20 batches are tried.
+fn add_until_the_last_write_has_several_records(
+    dir: &std::path::Path,
+    engine: &Engine,
+) -> Vec<Frame> {
+    let requests: Vec<_> = (0..30_000)
+        .map(|index| {
+            UsageRequest::new(
+                "payg-dee",
+                "m2.7",
+                &[(Unit::Requests, 1), (Unit::Tokens, 1_000)],
+            )
+            .at(POPULATED_MS + index)
+        })
+        .collect();
+    for _ in 0..20 {
+        for result in engine.consume_many(&requests) {
+            assert!(result.unwrap().is_admitted(), "acknowledged");
+        }
+        let frames = frames_of(dir);
+        let last = frames.last().unwrap().clone();
+        assert!(last.durable_before.is_some(), "format 3");
+        let last_write: Vec<_> = frames
+            .into_iter()
+            .filter(|frame| frame.path == last.path && frame.durable_before == last.durable_before)
+            .collect();
+        if last_write.len() > 1 {
+            return last_write;
+        }
+    }
+    panic!("no write of several records in 20 batches");
+}
+
 /// A power loss can keep the end of the last write and tear an earlier part of it: the drive
 /// need not write the pages of an unsynced stretch in order. Every record of that stretch says
 /// (by its durable point) that the bad record's events were not yet durable, so it is a torn
@@ -2458,40 +2494,11 @@ fn a_torn_record_with_sound_ones_of_the_same_unsynced_write_after_it_is_cut_off(
     let (dir, before, _) = closed_database("torn-mid-write");
     let engine = open_token_plan(dir.path(), sync_options());
     let populated = last_seq(&engine);
-    // More than a record holds (1 MiB), in one batch: one unsynced stretch of several records.
-    let requests: Vec<_> = (0..30_000)
-        .map(|index| {
-            UsageRequest::new(
-                "payg-dee",
-                "m2.7",
-                &[(Unit::Requests, 1), (Unit::Tokens, 1_000)],
-            )
-            .at(POPULATED_MS + index)
-        })
-        .collect();
-    for result in engine.consume_many(&requests) {
-        assert!(result.unwrap().is_admitted());
-    }
+    let last_write = add_until_the_last_write_has_several_records(dir.path(), &engine);
     drop(engine);
-    let frames = frames_of(dir.path());
-    let batch: Vec<_> = frames
-        .iter()
-        .filter(|frame| frame.first > populated)
-        .cloned()
-        .collect();
-    assert!(batch.iter().all(|frame| frame.durable_before.is_some()));
-    // A record followed, in the same segment, by one written before its events were durable.
-    let torn = batch
-        .iter()
-        .find(|frame| {
-            batch.iter().any(|later| {
-                later.path == frame.path
-                    && later.offset > frame.offset
-                    && later.durable_before.unwrap() <= frame.first
-            })
-        })
-        .expect("two records of one unsynced stretch")
-        .clone();
+    // The first record of the last write: sound records of the same write follow it, written
+    // before its events were durable, and nothing was written after the write's fdatasync.
+    let torn = last_write[0].clone();
     flip_a_byte(&torn);
     // A clean close would show the whole write durable (next test): a crash before its
     // fdatasync shows nothing.
@@ -2533,28 +2540,9 @@ fn a_bad_record_of_the_last_write_before_a_clean_close_is_damage() {
     let (dir, _, _) = closed_database("clean-close");
     let engine = open_token_plan(dir.path(), sync_options());
     let populated = last_seq(&engine);
-    let requests: Vec<_> = (0..30_000)
-        .map(|index| {
-            UsageRequest::new(
-                "payg-dee",
-                "m2.7",
-                &[(Unit::Requests, 1), (Unit::Tokens, 1_000)],
-            )
-            .at(POPULATED_MS + index)
-        })
-        .collect();
-    for result in engine.consume_many(&requests) {
-        assert!(result.unwrap().is_admitted(), "acknowledged");
-    }
+    let last_write = add_until_the_last_write_has_several_records(dir.path(), &engine);
     let acknowledged = last_seq(&engine);
     drop(engine);
-    let frames = frames_of(dir.path());
-    let last_write: Vec<_> = frames
-        .iter()
-        .filter(|frame| frame.durable_before == frames.last().unwrap().durable_before)
-        .cloned()
-        .collect();
-    assert!(last_write.len() > 1, "one write of several records");
     assert!(last_write[0].first > populated);
     let bad = last_write[0].clone();
     flip_a_byte(&bad);
