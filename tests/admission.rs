@@ -2151,18 +2151,23 @@ fn a_full_request_id_table_refuses_new_ids_and_counts_nothing() {
         .is_admitted());
 }
 
-#[test]
-fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
+/// The shipped policy, with room for two open reservations in all.
+fn engine_with_room_for_two_reservations() -> Engine {
     let options = tally_engine::EngineOptions {
         max_open_reservations: 2,
         ..tally_engine::EngineOptions::default()
     };
-    let engine = Engine::new(
+    Engine::new(
         Policy::token_plan(),
         std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
         options,
     )
-    .expect("valid options");
+    .expect("valid options")
+}
+
+#[test]
+fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
+    let engine = engine_with_room_for_two_reservations();
     let key = seated(&engine, "ada", "Starter");
     reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
     reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
@@ -2186,16 +2191,7 @@ fn a_full_reservation_table_refuses_new_reservations_and_holds_nothing() {
 /// keep the two closed last. A repeat of a forgotten one is an error and charges nothing again.
 #[test]
 fn closed_reservations_beyond_the_tables_capacity_are_forgotten_oldest_first() {
-    let options = tally_engine::EngineOptions {
-        max_open_reservations: 2,
-        ..tally_engine::EngineOptions::default()
-    };
-    let engine = Engine::new(
-        Policy::token_plan(),
-        std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS)),
-        options,
-    )
-    .expect("valid options");
+    let engine = engine_with_room_for_two_reservations();
     let key = seated(&engine, "ada", "Starter");
     let settled = reserve(&engine, &key, &ONE_REQUEST, T0_MS, None);
     let settlement = engine

@@ -1714,6 +1714,23 @@ fn frame_crc(payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
+/// Flips a byte of `frame`'s record and checks that opening refuses the database as damage,
+/// naming where and saying `proof` of why it is not a torn write, and cuts nothing off.
+fn damage_and_expect_refusal(dir: &std::path::Path, frame: &Frame, proof: &str) {
+    flip_a_byte(frame);
+    let damaged = std::fs::read(&frame.path).unwrap();
+    let error = Engine::open(dir, Policy::token_plan(), clock(), sync_options())
+        .expect_err("damage, not a torn write");
+    let problem = storage_problem(&error);
+    assert_names_where(problem, frame);
+    assert!(problem.contains(proof), "{problem}");
+    assert_eq!(
+        std::fs::read(&frame.path).unwrap(),
+        damaged,
+        "nothing cut off"
+    );
+}
+
 /// Makes a closed database look as if its process had crashed instead: a clean close records
 /// that the log was durable through its last event, and a crash records nothing.
 fn as_if_it_crashed(dir: &std::path::Path) {
@@ -2544,23 +2561,10 @@ fn a_bad_record_of_the_last_write_before_a_clean_close_is_damage() {
     let acknowledged = last_seq(&engine);
     drop(engine);
     assert!(last_write[0].first > populated);
-    let bad = last_write[0].clone();
-    flip_a_byte(&bad);
-    let damaged = std::fs::read(&bad.path).unwrap();
-    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
-        .expect_err("damage, not a torn write");
-    let problem = storage_problem(&error);
-    assert_names_where(problem, &bad);
-    assert!(
-        problem.contains(&format!(
-            "a clean close found the log durable through event {acknowledged}"
-        )),
-        "{problem}"
-    );
-    assert_eq!(
-        std::fs::read(&bad.path).unwrap(),
-        damaged,
-        "nothing cut off"
+    damage_and_expect_refusal(
+        dir.path(),
+        &last_write[0],
+        &format!("a clean close found the log durable through event {acknowledged}"),
     );
     let report = Engine::verify(dir.path(), sync_options()).unwrap();
     assert!(!report.is_sound(), "verify reports it");
@@ -2596,22 +2600,12 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
     // A crash while creating it: its header is not whole. Opening removes it.
     let header = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &header[..10]).unwrap();
-    flip_a_byte(&last);
-    let damaged = std::fs::read(&last.path).unwrap();
-    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
-        .expect_err("damage");
-    let problem = storage_problem(&error);
-    assert_names_where(problem, &last);
-    assert!(
-        problem.contains(&format!(
+    damage_and_expect_refusal(
+        dir.path(),
+        &last,
+        &format!(
             "it was durable: a snapshot or a clean close found the log durable through event {snapshot}"
-        )),
-        "{problem}"
-    );
-    assert_eq!(
-        std::fs::read(&last.path).unwrap(),
-        damaged,
-        "nothing cut off"
+        ),
     );
     let error = Engine::verify(dir.path(), sync_options()).expect_err("damage");
     assert!(

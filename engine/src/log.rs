@@ -1575,22 +1575,7 @@ impl EventLog {
         if self.shared.durability == Durability::Sync {
             return Ok(());
         }
-        let file = Arc::clone(&self.shared.active_file.lock());
-        let result = if self
-            .shared
-            .faults
-            .as_deref()
-            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
-        {
-            Err(storage("fdatasync of the log", "injected fault"))
-        } else {
-            file.sync_data()
-                .map_err(|error| storage("fdatasync of the log", error))
-        };
-        if let Err(error) = &result {
-            self.shared.fail_after_flush(error);
-        }
-        result
+        self.shared.sync_active_file()
     }
 
     /// Asks for a new segment to start at `seq` (a checkpoint's first uncovered event), so the
@@ -1943,21 +1928,7 @@ impl EventLog {
         }
         drop(progress);
         if shared.durability != Durability::Sync {
-            let file = Arc::clone(&shared.active_file.lock());
-            let synced = if shared
-                .faults
-                .as_deref()
-                .is_some_and(|faults| Faults::take(&faults.fail_flushes))
-            {
-                Err(storage("fdatasync of the log", "injected fault"))
-            } else {
-                file.sync_data()
-                    .map_err(|error| storage("fdatasync of the log", error))
-            };
-            if let Err(error) = synced {
-                shared.fail_after_flush(&error);
-                return Err(error);
-            }
+            shared.sync_active_file()?;
         }
         store_snapshot(snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
     }
@@ -2179,25 +2150,9 @@ impl EventLog {
         if self.read_only {
             return Ok(());
         }
-        let file = Arc::clone(&self.shared.active_file.lock());
-        let synced = if self
-            .shared
-            .faults
-            .as_deref()
-            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
-        {
-            Err(storage("fdatasync of the log", "injected fault"))
-        } else {
-            file.sync_data()
-                .map_err(|error| storage("fdatasync of the log", error))
-        };
-        if let Err(error) = synced {
-            // Failed: a later close (the drop after this one) must not find it clean. (A
-            // second fdatasync can succeed after the kernel dropped the pages it could not
-            // write.)
-            self.shared.fail_after_flush(&error);
-            return Err(error);
-        }
+        // Failed, it fails the log: a later close (the drop after this one) must not find it
+        // clean.
+        self.shared.sync_active_file()?;
         // Everything written is durable now: say so for the next open (made durable by the
         // flush below, with the rest of sled's writes).
         let written = self.shared.progress.lock().written.seq;
@@ -2840,6 +2795,28 @@ impl Shared {
     /// pages it could not write, and a later fdatasync can then succeed without them: nothing
     /// after the last good flush can be trusted any more, so the log fails as the writer's own
     /// failed flush makes it.
+    /// fdatasyncs the active segment from outside the writer (`sync` in the modes that do not
+    /// wait for durability, the snapshot thread, `close`), the fault hook first. A failure
+    /// fails the log, as the writer's own does: a later fdatasync can succeed after the kernel
+    /// dropped the pages this one could not write.
+    fn sync_active_file(&self) -> Result<(), Error> {
+        let file = Arc::clone(&self.active_file.lock());
+        let synced = if self
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.fail_flushes))
+        {
+            Err(storage("fdatasync of the log", "injected fault"))
+        } else {
+            file.sync_data()
+                .map_err(|error| storage("fdatasync of the log", error))
+        };
+        if let Err(error) = &synced {
+            self.fail_after_flush(error);
+        }
+        synced
+    }
+
     fn fail_after_flush(&self, error: &Error) {
         let mut progress = self.progress.lock();
         self.mark_failed(&mut progress, error);
