@@ -19,22 +19,22 @@
 //!   renamed (then the directory fsynced); the latest two are kept.
 //! - sled, for what is small and keyed: `meta` (the format version, the options the database
 //!   was last opened with: `options::RecordedOptions`, and the last event a clean close found
-//!   durable) and `cursors` (named export
-//!   cursors, at most `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
+//!   durable) and `cursors` (named export cursors, at most `MAX_CURSORS`). sled's file lock
+//!   also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. A record whose length or crc is wrong is taken for a torn
 //! write from a crash (its `fdatasync` never finished, so it was never acknowledged) and is
-//! truncated away with everything after it, when nothing says its events were durable. Each record carries the
-//! writer's durable point as it was written (`event::RecordView::durable_before`), so a sound
-//! record after it that was written once its events were durable says so, and so does a
-//! snapshot at or after its events (snapshots are stored once the log is durable up to them),
-//! and so does a clean close that found the log durable through them (`durable_through` in
-//! `meta`: the records of the last write before it do not show each other durable). What is
-//! left is a bad record in the last write before a crash, whose fdatasync may or may not have
-//! finished: it is taken for a torn write.
-//! Then, and anywhere in an earlier segment, a bad record is damage and an error naming the
-//! file, offset and sequence number. (A power loss can leave a later write on disk and an
-//! earlier one of the same unsynced stretch torn: the drive need not keep their order.)
+//! truncated away with everything after it, when nothing says its events were durable. Each
+//! record carries the writer's durable point as it was written
+//! (`event::RecordView::durable_before`), so a sound record after it that was written once its
+//! events were durable says so; so does a snapshot at or after its events (snapshots are
+//! stored once the log is durable up to them), and a clean close that found the log durable
+//! through them (`durable_through` in `meta`: the records of the last write before it do not
+//! show each other durable). What is left, a bad record in the last write before a crash, is
+//! taken for a torn write. (A power loss can leave a later write on disk and an earlier one of
+//! the same unsynced stretch torn: the drive need not keep their order.) A bad record shown
+//! durable, or anywhere in an earlier segment, is damage and an error naming the file, offset
+//! and sequence number.
 //!
 //! After a write or flush error the log is failed: the group's bytes are truncated away again,
 //! its callers get the error and undo their in-memory effect, and every later append is refused
@@ -832,9 +832,8 @@ struct Recovered {
 /// Scans the last segment, truncating a torn tail, and makes what it keeps durable (so the
 /// durable points written after it are true); creates the first segment of a new log. Events
 /// up to `durable_through` (the latest snapshot's, or the last clean close's) were durable: a
-/// bad record among them is
-/// damage. `read_only` (verify) changes nothing: damage is reported in `problem` and the log
-/// read up to it; a torn tail is reported and left.
+/// bad record among them is damage. `read_only` (verify) changes nothing: damage is reported
+/// in `problem` and the log read up to it; a torn tail is reported and left.
 fn recover_segments(
     events_dir: &Path,
     start_if_empty: u64,
@@ -1218,7 +1217,7 @@ impl EventLog {
                 pointer.seq + 1
             }
         };
-        let closed_through = durable_through(&meta)?;
+        let closed_through = clean_close_point(&meta)?;
         let durable_through = snapshot
             .map_or(0, |pointer| pointer.seq)
             .max(closed_through);
@@ -1355,8 +1354,6 @@ impl EventLog {
         self.shared.progress.lock().visible.seq
     }
 
-    /// Queues an encoded event body; returns its sequence number. Fails at once if the log has
-    /// failed before.
     /// Records this build's format in `meta`, durably, if the database is of an older one
     /// (`OLDEST_FORMAT_VERSION` on), before the first event is appended: an open that reads
     /// the database and fails, or a tool that only reads it, leaves it as it was, and a build
@@ -1378,6 +1375,8 @@ impl EventLog {
         Ok(())
     }
 
+    /// Queues an encoded event body; returns its sequence number. Fails at once if the log has
+    /// failed before.
     pub fn append(&self, at_ms: u64, body: impl AsRef<[u8]>) -> Result<u64, Error> {
         // Relaxed: set before the log was shared and only ever cleared; a stale true is
         // checked again under the queue's lock.
@@ -2156,7 +2155,7 @@ impl EventLog {
         // Everything written is durable now: say so for the next open (made durable by the
         // flush below, with the rest of sled's writes).
         let written = self.shared.progress.lock().written.seq;
-        if written > 0 && durable_through(&self.meta)? < written {
+        if written > 0 && clean_close_point(&self.meta)? < written {
             self.meta
                 .insert(META_DURABLE_THROUGH, &written.to_le_bytes())
                 .map_err(|error| storage("writing metadata", error))?;
@@ -2173,7 +2172,7 @@ impl Drop for EventLog {
 }
 
 /// The last event a clean close found durable (`META_DURABLE_THROUGH`), 0 if none did.
-fn durable_through(meta: &sled::Tree) -> Result<u64, Error> {
+fn clean_close_point(meta: &sled::Tree) -> Result<u64, Error> {
     let value = meta
         .get(META_DURABLE_THROUGH)
         .map_err(|error| storage("reading metadata", error))?;
@@ -2791,10 +2790,6 @@ impl Writer {
 }
 
 impl Shared {
-    /// An fdatasync of the log outside the writer failed. The kernel may have dropped the
-    /// pages it could not write, and a later fdatasync can then succeed without them: nothing
-    /// after the last good flush can be trusted any more, so the log fails as the writer's own
-    /// failed flush makes it.
     /// fdatasyncs the active segment from outside the writer (`sync` in the modes that do not
     /// wait for durability, the snapshot thread, `close`), the fault hook first. A failure
     /// fails the log, as the writer's own does: a later fdatasync can succeed after the kernel
@@ -2817,6 +2812,10 @@ impl Shared {
         synced
     }
 
+    /// An fdatasync of the log outside the writer failed. The kernel may have dropped the
+    /// pages it could not write, and a later fdatasync can then succeed without them: nothing
+    /// after the last good flush can be trusted any more, so the log fails as the writer's own
+    /// failed flush makes it.
     fn fail_after_flush(&self, error: &Error) {
         let mut progress = self.progress.lock();
         self.mark_failed(&mut progress, error);
@@ -2993,13 +2992,17 @@ mod tests {
         assert!(log.close().is_err(), "the injected fault");
         let meta = log.meta.clone();
         drop(log);
-        assert_eq!(durable_through(&meta).expect("read"), 0, "nothing recorded");
+        assert_eq!(
+            clean_close_point(&meta).expect("read"),
+            0,
+            "nothing recorded"
+        );
         drop(meta);
         // A close that syncs records every event durable.
         let log = EventLog::open(&dir, Durability::None, None).expect("reopen");
         log.append(1_000, encode_body(&top_up(4))).expect("append");
         log.close().expect("close");
-        assert_eq!(durable_through(&log.meta).expect("read"), 4);
+        assert_eq!(clean_close_point(&log.meta).expect("read"), 4);
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -576,10 +576,7 @@ impl Policy {
     }
 
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        let document: PolicyDocument =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
-        Policy::compile(document)
+        Compiler::default().compile(json_document(text)?)
     }
 
     /// Loads a `.toml` or `.json` policy file.
@@ -606,14 +603,11 @@ impl Policy {
     /// it: the rules added since for policies being loaded (`Compiler::logged`) are not
     /// applied again, so a database an earlier build wrote still opens.
     pub fn from_logged_json(text: &str) -> Result<Policy, PolicyError> {
-        let mut deserializer = serde_json::Deserializer::from_str(text);
-        let document: PolicyDocument =
-            serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
         Compiler {
             logged: true,
             ..Compiler::default()
         }
-        .compile(document)
+        .compile(json_document(text)?)
     }
 
     pub fn document(&self) -> &PolicyDocument {
@@ -838,6 +832,12 @@ pub(crate) fn carry_through(
     }
     debug_assert_eq!(from.generation, now.generation);
     Some(carried)
+}
+
+/// A JSON policy document, read (not yet checked); an error names the field's path.
+fn json_document(text: &str) -> Result<PolicyDocument, PolicyError> {
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)
 }
 
 /// A document that does not fit the schema: the error names the path of the field (`.` for the
