@@ -504,7 +504,7 @@ impl KeyTable {
 
     /// Write-locks every shard in order: for a policy swap and full sweeps.
     pub fn lock_all(&self) -> Vec<WriteGuard<'_, Shard>> {
-        self.shards.iter().map(|shard| shard.write()).collect()
+        ShardLock::write_all(self.shards.iter().map(|shard| &**shard))
     }
 
     pub const SHARDS: usize = SHARDS;
