@@ -1053,8 +1053,12 @@ impl Engine {
         check_carry: bool,
     ) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
+        // No `consume_many` chunk is between deciding and appending: its decisions (and their
+        // request ids' records, renamed below) are made under the old policy, so its events
+        // must come before the swap's in the log, or a replay restores them unrenamed.
+        let _gate = self.append_gate.write();
         // The remembered decisions are renamed for the new policy with the rest (lock order:
-        // request-id shards before the policy list).
+        // append gate, then request-id shards before the policy list).
         let mut requests = self.requests.lock_all();
         let mut policies = self.policies.write();
         let old = policies

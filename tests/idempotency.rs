@@ -1,0 +1,163 @@
+//! Request ids across the log: what a repeat answers after a reopen when another call fell
+//! between a `consume_many` chunk's decisions and its append.
+
+mod log_support;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log_support::*;
+use tally_engine::{Clock, Decision, Engine, Policy, Unit, UsageRequest};
+
+/// A clock that runs a hook once, on its `trigger`th read after being armed: a way to make
+/// another thread act at a chosen point inside an engine call (the clock is read just before
+/// a `consume_many` request with an id takes its id's shard).
+#[derive(Debug, Default)]
+struct HookClock {
+    now_ms: AtomicU64,
+    reads: AtomicUsize,
+    trigger: AtomicUsize,
+    hook: Mutex<Option<Hook>>,
+}
+
+struct Hook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
+impl HookClock {
+    fn new(now_ms: u64) -> HookClock {
+        HookClock {
+            now_ms: AtomicU64::new(now_ms),
+            trigger: AtomicUsize::new(usize::MAX),
+            ..HookClock::default()
+        }
+    }
+
+    /// Runs `hook` on the `nth` read from now (1: the next one).
+    fn arm(&self, nth: usize, hook: impl FnOnce() + Send + 'static) {
+        *self.hook.lock().unwrap() = Some(Hook(Box::new(hook)));
+        let reads = self.reads.load(Ordering::SeqCst);
+        self.trigger.store(reads + nth, Ordering::SeqCst);
+    }
+}
+
+impl Clock for HookClock {
+    fn now_ms(&self) -> u64 {
+        let read = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
+        if read == self.trigger.load(Ordering::SeqCst) {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(Hook(hook)) = hook {
+                hook();
+            }
+        }
+        self.now_ms.load(Ordering::SeqCst)
+    }
+}
+
+/// A hook that runs `call` on a thread of its own and waits for it at most 300 ms (it may be
+/// waiting for the very call the hook interrupted); the thread goes into `joins`.
+fn on_a_thread(
+    engine: &Arc<Engine>,
+    joins: &Arc<Mutex<Vec<JoinHandle<()>>>>,
+    call: impl FnOnce(&Engine) + Send + 'static,
+) -> impl FnOnce() + Send + 'static {
+    let engine = Arc::clone(engine);
+    let joins = Arc::clone(joins);
+    move || {
+        let (done, finished) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            call(&engine);
+            let _ = done.send(());
+        });
+        let _ = finished.recv_timeout(Duration::from_millis(300));
+        joins.lock().unwrap().push(thread);
+    }
+}
+
+fn open_hooked(dir: &std::path::Path, clock: &Arc<HookClock>, policy: Policy) -> Arc<Engine> {
+    let clock: Arc<dyn Clock> = Arc::clone(clock) as Arc<dyn Clock>;
+    Arc::new(Engine::open(dir, policy, clock, sync_options()).expect("open"))
+}
+
+fn join_all(joins: &Arc<Mutex<Vec<JoinHandle<()>>>>) {
+    for thread in joins.lock().unwrap().drain(..) {
+        thread.join().expect("the hook's thread");
+    }
+}
+
+const ONE: [(Unit, u64); 1] = [(Unit::Requests, 1)];
+
+/// The token plan with one more plan, named to sort first: every plan's id moves up by one.
+fn token_plan_with_a_plan_in_front() -> Policy {
+    let mut document = Policy::token_plan().document().clone();
+    let starter = document.plans["Starter"].clone();
+    document.plans.insert("Aaa".into(), starter);
+    Policy::compile(document).expect("a valid policy")
+}
+
+#[test]
+fn a_swap_between_a_batch_chunks_decisions_and_its_append_renames_the_ids_after_a_reopen_too() {
+    let dir = TempDir::new("idem-swap-chunk");
+    let at_ms = T0_MS + 10 * MINUTE_MS;
+    let clock = Arc::new(HookClock::new(at_ms));
+    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
+    create_accounts(&engine);
+    let joins = Arc::new(Mutex::new(Vec::new()));
+    // On the clock read of the batch's second request (its first request decided and staged,
+    // not yet appended), another thread swaps in a policy that renumbers every plan.
+    clock.arm(
+        2,
+        on_a_thread(&engine, &joins, move |engine| {
+            engine
+                .swap_policy(token_plan_with_a_plan_in_front(), Some(at_ms))
+                .expect("the swap");
+        }),
+    );
+    let batch = [
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first"),
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("second"),
+    ];
+    for result in engine.consume_many(&batch) {
+        assert!(result.expect("admitted").is_admitted());
+    }
+    join_all(&joins);
+    assert_eq!(engine.policy().generation(), 1, "the swap ran");
+    let repeat = |engine: &Engine| -> Decision { engine.consume(&batch[0]).expect("a repeat") };
+    let live = repeat(&engine);
+    let Decision::Admitted(admission) = live else {
+        panic!("admitted: {live:?}");
+    };
+    let plan = admission.plan.expect("on a plan");
+    assert_eq!(&*engine.policy().plan(plan).name, "Plus");
+    // Dropped, not closed: no checkpoint, the reopen replays the log.
+    drop(Arc::try_unwrap(engine).expect("the only handle"));
+    let reopened = open(
+        dir.path(),
+        token_plan_with_a_plan_in_front(),
+        sync_options(),
+    );
+    let after = repeat(&reopened);
+    let named = |decision: &Decision| match decision {
+        Decision::Admitted(admission) => admission
+            .plan
+            .map(|plan| reopened.policy().plan(plan).name.to_string()),
+        Decision::Denied(_) => None,
+    };
+    assert_eq!(
+        named(&after),
+        Some("Plus".to_string()),
+        "the repeat after the reopen names another plan: {after:?}"
+    );
+    assert_eq!(after, live);
+}
