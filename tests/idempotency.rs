@@ -161,3 +161,53 @@ fn a_swap_between_a_batch_chunks_decisions_and_its_append_renames_the_ids_after_
     );
     assert_eq!(after, live);
 }
+
+#[test]
+fn a_refund_of_an_id_whose_batch_chunk_is_not_yet_appended_stays_refunded_after_a_reopen() {
+    let dir = TempDir::new("idem-refund-chunk");
+    let at_ms = T0_MS + 10 * MINUTE_MS;
+    let clock = Arc::new(HookClock::new(at_ms));
+    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
+    create_accounts(&engine);
+    let joins = Arc::new(Mutex::new(Vec::new()));
+    // On the clock read of the batch's second request (the first decided, its record kept,
+    // its event staged but not appended), another thread refunds the first.
+    let refunded = Arc::new(Mutex::new(None));
+    let outcome = Arc::clone(&refunded);
+    clock.arm(
+        2,
+        on_a_thread(&engine, &joins, move |engine| {
+            *outcome.lock().unwrap() = Some(engine.refund("first", Some(at_ms)).is_ok());
+        }),
+    );
+    let batch = [
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first"),
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("second"),
+    ];
+    for result in engine.consume_many(&batch) {
+        assert!(result.expect("admitted").is_admitted());
+    }
+    join_all(&joins);
+    assert_eq!(*refunded.lock().unwrap(), Some(true), "the refund ran");
+    let used = |engine: &Engine| engine.usage("key-eve", Some(at_ms)).unwrap().limits[0].used;
+    assert_eq!(used(&engine), 1, "two admitted, one refunded");
+    assert!(
+        engine.refund("first", Some(at_ms)).is_err(),
+        "refunded once"
+    );
+    // Dropped, not closed: no checkpoint, the reopen replays the log.
+    drop(Arc::try_unwrap(engine).expect("the only handle"));
+    let reopened = open(dir.path(), Policy::token_plan(), sync_options());
+    let used_after_reopen = used(&reopened);
+    let again = reopened.refund("first", Some(at_ms));
+    assert_eq!(
+        (used_after_reopen, again.is_err()),
+        (1, true),
+        "after the reopen: used {used_after_reopen}, a second refund {again:?}, used then {}",
+        used(&reopened)
+    );
+}

@@ -70,6 +70,16 @@ impl Engine {
             request_id,
             crate::idempotency::MAX_REQUEST_ID_BYTES,
         )?;
+        // The first decision's event is waited for first (after letting go of the id's shard,
+        // as a repeat does): one staged in a `consume_many` chunk not yet appended would come
+        // after the refund's in the log, and a replay would apply the refund before the usage
+        // it gives back and restore the id unrefunded.
+        let logged = self.requests.with_record(request_id, |record| {
+            Ok(record.map(|record| record.logged.clone()))
+        })?;
+        if let Some(logged) = logged {
+            self.await_first_decision(&logged)?;
+        }
         self.requests.with_record(request_id, |record| {
             let record = record.ok_or_else(|| Error::UnknownRequest {
                 request_id: request_id.into(),

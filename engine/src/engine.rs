@@ -1647,7 +1647,7 @@ impl Engine {
 
     /// Waits until the event that logged a request id's first decision is durable, before a
     /// repeat answers that decision: the log's error if it never will be.
-    fn await_first_decision(&self, logged: &LoggedAs) -> Result<(), Error> {
+    pub(crate) fn await_first_decision(&self, logged: &LoggedAs) -> Result<(), Error> {
         let Some(journal) = self.journal() else {
             return Ok(());
         };
