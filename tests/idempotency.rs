@@ -211,3 +211,33 @@ fn a_refund_of_an_id_whose_batch_chunk_is_not_yet_appended_stays_refunded_after_
         used(&reopened)
     );
 }
+
+#[test]
+fn a_request_stamped_ahead_of_the_clock_is_remembered_for_the_horizon_after_its_stamp() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    // A gateway whose clock is an hour ahead of the engine's.
+    let at_ms = T0_MS + HOUR_MS;
+    let request = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(at_ms)
+        .id("ahead");
+    let (_, replayed) = engine.consume_noting_replay(&request).expect("the first");
+    assert!(!replayed);
+    // Its retry, within the horizon after the request's timestamp (not after the clock's
+    // time when it arrived).
+    clock.set_ms(at_ms + horizon_ms - MINUTE_MS);
+    let (_, replayed) = engine.consume_noting_replay(&request).expect("the retry");
+    let used = engine.usage("key-eve", Some(at_ms)).unwrap().limits[0].used;
+    assert_eq!(
+        (replayed, used),
+        (true, 1),
+        "the retry was decided and counted again"
+    );
+}

@@ -6,7 +6,7 @@
 //! new ones arrive. The table is bounded as a whole: when it holds its capacity of entries still
 //! inside the horizon, a new id is refused with `CapacityExceeded` rather than forgotten early.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,8 +30,8 @@ pub(crate) struct Fingerprint {
 
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
-    /// The request's own timestamp, which snapshots carry (`Shard::arrivals` queues the id by
-    /// the engine's clock if that is earlier).
+    /// The request's own timestamp, which snapshots carry (the id is forgotten the horizon
+    /// after it: `Shard::remember`).
     pub arrived_ms: u64,
     pub fingerprint: Fingerprint,
     pub decision: Decision,
@@ -128,12 +128,26 @@ impl Drop for ChunkSeqGuard {
 pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
     /// Ids in arrival order, each with the time it is forgotten after (plus the horizon): its
-    /// request's timestamp, or the engine's clock when the id arrived if that is earlier. By
-    /// the timestamp alone, one id stamped far ahead (a gateway's clock, a typo) stayed at the
-    /// front and kept every id behind it from being forgotten, until its shard, then (with the
-    /// table bounded as a whole) the table, refused every new id.
+    /// request's timestamp, at most `IN_ORDER_AHEAD_MS` ahead of the engine's clock when the
+    /// id arrived (so the queue is nearly in order: an id at its front keeps those behind it
+    /// from being forgotten a little late at most).
     arrivals: VecDeque<(u64, Arc<str>)>,
+    /// The ids stamped further ahead, by their timestamp (and an arrival number, as an id may
+    /// come back): in the queue, one id stamped far ahead (a gateway's clock, a typo) stayed
+    /// at its front and kept every id behind it from being forgotten, until its shard, then
+    /// (with the table bounded as a whole) the table, refused every new id. Queued by the
+    /// clock's time instead, such an id was forgotten the horizon after that, and its retry
+    /// (within the horizon after its timestamp, so not refused as too old) decided and
+    /// counted again.
+    ahead: BTreeMap<(u64, u64), Arc<str>>,
+    /// The arrival number of the next id put in `ahead`.
+    next_ahead: u64,
 }
+
+/// How far ahead of the engine's clock a request may be stamped for its id to be queued in
+/// `Shard::arrivals` (a gateway's clock a little ahead of the engine's); further ahead, it goes
+/// into `Shard::ahead`.
+const IN_ORDER_AHEAD_MS: u64 = 1_000;
 
 /// Every request-id shard's lock, in shard order (`RequestTable::shard_locks`).
 pub(crate) type RequestShards = Arc<[CachePadded<LeavableMutex<Shard>>]>;
@@ -269,9 +283,7 @@ impl RequestTable {
             }
         };
         let id: Arc<str> = request_id.into();
-        shard
-            .arrivals
-            .push_back((at_ms.min(now_ms), Arc::clone(&id)));
+        shard.remember(at_ms, now_ms, Arc::clone(&id));
         shard.records.insert(
             id,
             RequestRecord {
@@ -361,7 +373,7 @@ impl RequestTable {
     /// Visits one shard's remembered records as `(arrival ms, id, record)`, in no particular
     /// order: for a checkpoint's cut, which puts them in order later.
     pub fn visit<'a>(shard: &'a Shard, mut visit: impl FnMut(u64, &'a str, &'a RequestRecord)) {
-        for (_, id) in &shard.arrivals {
+        for id in shard.ids() {
             // Only the arrival that created the record (an id may have come back since).
             match shard.records.get_key_value(id) {
                 Some((stored, record)) if Arc::ptr_eq(stored, id) => {
@@ -381,7 +393,7 @@ impl RequestTable {
     ) -> Vec<(u64, String, &'a RequestRecord)> {
         let mut out = Vec::new();
         for shard in guards {
-            for (_, id) in &shard.arrivals {
+            for id in shard.ids() {
                 // Only the arrival that created the record (an id may have come back since).
                 match shard.records.get_key_value(id) {
                     Some((stored, record)) if Arc::ptr_eq(stored, id) => {
@@ -400,7 +412,8 @@ impl RequestTable {
     /// out of the horizon before the id was admitted anew).
     /// Restored records take places even past the capacity (they were acknowledged, under an
     /// earlier and larger one): new ids are refused until enough age out.
-    /// `arrived_ms` is the request's timestamp; `now_ms` the engine's clock (see `arrivals`).
+    /// `arrived_ms` is the request's timestamp; `now_ms` the engine's clock (see
+    /// `Shard::remember`).
     pub fn restore(
         &self,
         request_id: &str,
@@ -414,9 +427,7 @@ impl RequestTable {
             self.held.fetch_add(1, Ordering::Relaxed);
         }
         let id: Arc<str> = request_id.into();
-        shard
-            .arrivals
-            .push_back((arrived_ms.min(now_ms), Arc::clone(&id)));
+        shard.remember(arrived_ms, now_ms, Arc::clone(&id));
         shard.records.insert(id, record);
     }
 
@@ -432,8 +443,26 @@ impl RequestTable {
 }
 
 impl Shard {
-    /// Drops ids that arrived more than the horizon before `now_ms` (the engine's clock, not a
-    /// request's timestamp: one request stamped far ahead must not make everyone forgotten).
+    /// Queues `id`, of a request stamped `at_ms`, to be forgotten the horizon after that
+    /// (`now_ms`: the engine's clock).
+    fn remember(&mut self, at_ms: u64, now_ms: u64, id: Arc<str>) {
+        if at_ms <= now_ms.saturating_add(IN_ORDER_AHEAD_MS) {
+            self.arrivals.push_back((at_ms, id));
+        } else {
+            self.next_ahead += 1;
+            self.ahead.insert((at_ms, self.next_ahead), id);
+        }
+    }
+
+    /// Every queued id (some perhaps forgotten, or come back since), in no particular order.
+    fn ids(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.arrivals
+            .iter()
+            .map(|(_, id)| id)
+            .chain(self.ahead.values())
+    }
+
+    /// Drops ids stamped more than the horizon before `now_ms` (the engine's clock).
     /// Returns how many records it dropped.
     fn expire(&mut self, now_ms: u64, horizon_ms: u64) -> usize {
         let oldest_kept = now_ms.saturating_sub(horizon_ms);
@@ -443,18 +472,30 @@ impl Shard {
                 break;
             }
             if let Some((_, id)) = self.arrivals.pop_front() {
-                // Only the entry this arrival created: a forgotten id may have come back since.
-                let same = self
-                    .records
-                    .get_key_value(&id)
-                    .is_some_and(|(stored, _)| Arc::ptr_eq(stored, &id));
-                if same {
-                    self.records.remove(&id);
-                    dropped += 1;
-                }
+                dropped += self.drop_record_of(&id);
             }
         }
+        while let Some(entry) = self.ahead.first_entry() {
+            if entry.key().0 >= oldest_kept {
+                break;
+            }
+            let id = entry.remove();
+            dropped += self.drop_record_of(&id);
+        }
         dropped
+    }
+
+    /// Drops the record `id`'s arrival created, if it is still there (a forgotten id may have
+    /// come back since): 1 if it was.
+    fn drop_record_of(&mut self, id: &Arc<str>) -> usize {
+        let same = self
+            .records
+            .get_key_value(id)
+            .is_some_and(|(stored, _)| Arc::ptr_eq(stored, id));
+        if same {
+            self.records.remove(id);
+        }
+        usize::from(same)
     }
 }
 
@@ -548,6 +589,40 @@ mod tests {
                 assert_eq!(first(&table, &id, now_ms), Ok(true), "{id}");
             }
         }
+    }
+
+    #[test]
+    fn an_id_stamped_ahead_is_remembered_for_the_horizon_after_its_stamp_restored_too() {
+        // Queued by the clock's time when it arrived, it was forgotten the horizon after that,
+        // and its retry (not too old to be refused) decided anew.
+        let table = RequestTable::new(100, HORIZON_MS);
+        // `Ok(true)`: a repeat.
+        let decide = |id: &str, at_ms: u64, now_ms: u64| {
+            table
+                .once(id, fingerprint(), at_ms, now_ms, || {
+                    let decision = Decision::denied(DenialReason::UnknownKey);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                })
+                .map(|kept| matches!(kept, Some((_, Some(_)))))
+        };
+        let ahead_ms = 10 * HORIZON_MS;
+        assert_eq!(decide("live", ahead_ms, 0), Ok(false));
+        let record = RequestRecord {
+            arrived_ms: 0,
+            fingerprint: fingerprint(),
+            decision: Decision::denied(DenialReason::UnknownKey),
+            receipt: None,
+            refunded: false,
+            logged: LoggedAs::Durable,
+        };
+        table.restore("restored", ahead_ms, 0, record);
+        let last_ms = ahead_ms + HORIZON_MS;
+        assert_eq!(decide("live", ahead_ms, last_ms), Ok(true));
+        assert_eq!(decide("restored", ahead_ms, last_ms), Ok(true));
+        // Past it, both forgotten, and a retry too old to be remembered.
+        assert!(decide("live", ahead_ms, last_ms + 1).is_err());
+        assert!(decide("restored", ahead_ms, last_ms + 1).is_err());
+        assert_eq!(table.len(), 0);
     }
 
     #[test]
