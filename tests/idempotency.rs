@@ -241,3 +241,33 @@ fn a_request_stamped_ahead_of_the_clock_is_remembered_for_the_horizon_after_its_
         "the retry was decided and counted again"
     );
 }
+
+#[test]
+fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    let first = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("old");
+    engine.consume(&first).expect("the first");
+    // Past the horizon (its shard not used since, so the id is still in the table), the id
+    // sent again at the clock's time: a new request for a consume.
+    let now_ms = T0_MS + horizon_ms + MINUTE_MS;
+    clock.set_ms(now_ms);
+    let again = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(now_ms)
+        .id("old");
+    let (_, check_replayed) = engine.check_noting_replay(&again).expect("the check");
+    let (_, consume_replayed) = engine.consume_noting_replay(&again).expect("the consume");
+    assert_eq!(
+        check_replayed, consume_replayed,
+        "check said replayed {check_replayed}, the consume {consume_replayed}"
+    );
+}

@@ -1362,23 +1362,28 @@ impl Engine {
                 )?;
                 self.acknowledge(request, awaits, verdict.receipt.as_ref())
             }
-            Mode::Check => match self.requests.peek(request_id, &fingerprint)? {
-                Some(decision) => {
-                    *verdict.decision = decision;
-                    verdict.receipt = None;
-                    verdict.replayed = true;
-                    Ok(())
+            Mode::Check => {
+                match self
+                    .requests
+                    .peek(request_id, &fingerprint, self.clock.now_ms())?
+                {
+                    Some(decision) => {
+                        *verdict.decision = decision;
+                        verdict.receipt = None;
+                        verdict.replayed = true;
+                        Ok(())
+                    }
+                    None => self.decide(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        mode,
+                        verdict,
+                    ),
                 }
-                None => self.decide(
-                    request.key,
-                    request.resource,
-                    &quantities,
-                    Some(request_id),
-                    at_ms,
-                    mode,
-                    verdict,
-                ),
-            },
+            }
         }
     }
 

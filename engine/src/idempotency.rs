@@ -327,13 +327,19 @@ impl RequestTable {
         }
     }
 
-    /// The first decision for `request_id`, if it is still remembered and matches.
+    /// The first decision for `request_id`, if it is still remembered and matches. Ids past
+    /// the horizon by `now_ms` (the engine's clock) are dropped first, as `once` drops them:
+    /// one left in the table answered a check as a replay that a consume decided anew.
     pub fn peek(
         &self,
         request_id: &str,
         fingerprint: &Fingerprint,
+        now_ms: u64,
     ) -> Result<Option<Decision>, Error> {
-        let shard = self.shard(request_id).lock();
+        let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
+        let mut shard = self.shard(request_id).lock();
+        let dropped = shard.expire(now_ms, horizon_ms);
+        self.give_back_places(dropped);
         match shard.records.get(request_id) {
             None => Ok(None),
             Some(record) if record.fingerprint == *fingerprint => Ok(Some(record.decision)),
