@@ -1,5 +1,6 @@
-//! Request ids across the log: what a repeat answers after a reopen when another call fell
-//! between a `consume_many` chunk's decisions and its append.
+//! Request ids: how long one is remembered, what a check and a repeat answer, and what a
+//! reopen keeps when another call fell between a `consume_many` chunk's decisions and its
+//! append.
 
 mod log_support;
 
@@ -270,4 +271,46 @@ fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
         check_replayed, consume_replayed,
         "check said replayed {check_replayed}, the consume {consume_replayed}"
     );
+}
+
+#[test]
+fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage_after_a_reopen() {
+    let dir = TempDir::new("idem-seat-chunk");
+    let at_ms = T0_MS + 10 * MINUTE_MS;
+    let clock = Arc::new(HookClock::new(at_ms));
+    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
+    create_accounts(&engine);
+    let joins = Arc::new(Mutex::new(Vec::new()));
+    // On the clock read of the batch's second request (the first admitted on Plus, its event
+    // staged), another thread moves the key to a plan that does not count m2.7.
+    clock.arm(
+        2,
+        on_a_thread(&engine, &joins, move |engine| {
+            engine
+                .assign_seat("@eve", "eve", "Plus-Highspeed", Some(at_ms))
+                .expect("the seat change");
+        }),
+    );
+    let batch = [
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first"),
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("second"),
+    ];
+    let admitted = engine.consume_many(&batch);
+    assert!(admitted[0].as_ref().expect("decided").is_admitted());
+    join_all(&joins);
+    // Back on Plus within the window: the usage counted on it counts again.
+    engine
+        .assign_seat("@eve", "eve", "Plus", Some(at_ms + 1))
+        .expect("back on Plus");
+    let used = |engine: &Engine| engine.usage("key-eve", Some(at_ms + 2)).unwrap().limits[0].used;
+    let live = used(&engine);
+    // 1 with the seat changed between the two requests, 2 with it changed after the batch.
+    assert!(live >= 1, "used {live}");
+    drop(Arc::try_unwrap(engine).expect("the only handle"));
+    let reopened = open(dir.path(), Policy::token_plan(), sync_options());
+    assert_eq!(used(&reopened), live, "the admitted unit after the reopen");
 }

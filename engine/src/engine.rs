@@ -905,6 +905,10 @@ impl Engine {
         plan: Option<&str>,
         at_ms: u64,
     ) -> Result<(), Error> {
+        // No `consume_many` chunk is between deciding and appending: its receipts name the
+        // counters of the seat it was decided on, so its events must come before the seat
+        // change's in the log, or a replay finds no counter for them and drops their usage.
+        let _gate = self.append_gate.write();
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
