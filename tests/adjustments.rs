@@ -1,0 +1,151 @@
+//! Refunds, usage corrections and the idle reclaim on a durable engine, against the log they
+//! leave: what a reopen rebuilds from it must be what the engine that never closed held.
+
+mod log_support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use log_support::*;
+use tally_engine::{Clock, Engine, EventBody, Policy, Unit, UsageRequest};
+
+/// A clock that holds the thread named `batch` inside its `pause_at`th read, until released:
+/// a `consume_many` reads the clock once per request with an id, after the request before it
+/// was decided and remembered, but before the chunk's events are appended.
+#[derive(Debug)]
+struct PausingClock {
+    now_ms: u64,
+    calls: AtomicU64,
+    pause_at: u64,
+    paused: Mutex<bool>,
+    changed: Condvar,
+    released: AtomicBool,
+}
+
+impl PausingClock {
+    fn new(now_ms: u64, pause_at: u64) -> PausingClock {
+        PausingClock {
+            now_ms,
+            calls: AtomicU64::new(0),
+            pause_at,
+            paused: Mutex::new(false),
+            changed: Condvar::new(),
+            released: AtomicBool::new(false),
+        }
+    }
+
+    fn wait_until_paused(&self) {
+        let mut paused = self.paused.lock().unwrap();
+        while !*paused {
+            let (next, timeout) = self
+                .changed
+                .wait_timeout(paused, Duration::from_secs(10))
+                .unwrap();
+            assert!(!timeout.timed_out(), "the batch never read the clock");
+            paused = next;
+        }
+    }
+
+    fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
+        let _paused = self.paused.lock().unwrap();
+        self.changed.notify_all();
+    }
+}
+
+impl Clock for PausingClock {
+    fn now_ms(&self) -> u64 {
+        if std::thread::current().name() == Some("batch")
+            && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.pause_at
+        {
+            let mut paused = self.paused.lock().unwrap();
+            *paused = true;
+            self.changed.notify_all();
+            while !self.released.load(Ordering::SeqCst) {
+                paused = self.changed.wait(paused).unwrap();
+            }
+        }
+        self.now_ms
+    }
+}
+
+/// A refund of a request a `consume_many` decided but has not appended yet (its chunk is still
+/// being decided) must not be logged before the admission it gives back: replayed first, it
+/// found no request to mark refunded, so after a reopen the same request was refunded again
+/// (credits given back twice), and a crash before the chunk was appended kept the refund of a
+/// charge that never was.
+#[test]
+fn a_refund_of_a_request_still_in_a_batch_is_logged_after_it() {
+    let dir = TempDir::new("refund-staged");
+    let clock = Arc::new(PausingClock::new(T0_MS, 2));
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        clock.clone(),
+        sync_options(),
+    )
+    .unwrap();
+    // No seat: every request is charged to the team's credits.
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 10_000_000, Some(T0_MS)).unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let batch = [
+        UsageRequest::new("key-ada", "m2.7", &quantities)
+            .at(T0_MS + 1)
+            .id("r1"),
+        UsageRequest::new("key-ada", "m2.7", &quantities)
+            .at(T0_MS + 1)
+            .id("r2"),
+    ];
+    let (refund, results) = std::thread::scope(|scope| {
+        let batching = std::thread::Builder::new()
+            .name("batch".into())
+            .spawn_scoped(scope, || engine.consume_many(&batch))
+            .unwrap();
+        // r1 is decided and remembered; the batch waits in r2's read of the clock.
+        clock.wait_until_paused();
+        let refunding = scope.spawn(|| engine.refund("r1", Some(T0_MS + 2)));
+        // A refund that waits for r1's event waits for the batch: let it go on after a while.
+        std::thread::sleep(Duration::from_millis(300));
+        clock.release();
+        (refunding.join().unwrap(), batching.join().unwrap())
+    });
+    let refund = refund.expect("r1 was admitted: it can be refunded");
+    assert!(results
+        .iter()
+        .all(|result| result.as_ref().unwrap().is_admitted()));
+    let price = refund.given_back.credits_micros;
+    assert!(price > 0, "{refund:?}");
+    let balance = engine.credits_micros("@ada").unwrap();
+    assert_eq!(balance, 10_000_000 - price, "r2 charged, r1 refunded");
+
+    // The log says so in order: r1's admission, then its refund.
+    let kinds: Vec<String> = engine
+        .events_after(0, 100)
+        .unwrap()
+        .iter()
+        .filter_map(|event| match &event.body {
+            EventBody::UsageAdmitted {
+                request_id: Some(id),
+                ..
+            } => Some(format!("admitted {id}")),
+            EventBody::Refunded { request_id, .. } => Some(format!("refunded {request_id}")),
+            _ => None,
+        })
+        .collect();
+    let admitted = kinds.iter().position(|kind| kind == "admitted r1");
+    let refunded = kinds.iter().position(|kind| kind == "refunded r1");
+    assert!(
+        admitted.is_some() && refunded > admitted,
+        "the refund is logged before the admission it gives back: {kinds:?}"
+    );
+
+    // A reopen (no checkpoint: the log is replayed) knows r1 was refunded.
+    drop(engine);
+    let engine = open(dir.path(), Policy::token_plan(), sync_options());
+    assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
+    let again = engine.refund("r1", Some(T0_MS + 3));
+    assert!(again.is_err(), "r1 refunded a second time: {again:?}");
+    assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
+}
