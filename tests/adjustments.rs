@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use log_support::*;
-use tally_engine::{Clock, Engine, EventBody, Policy, Unit, UsageRequest};
+use tally_engine::{Clock, Engine, EngineOptions, EventBody, Policy, Unit, UsageRequest};
 
 /// A clock that holds the thread named `batch` inside its `pause_at`th read, until released:
 /// a `consume_many` reads the clock once per request with an id, after the request before it
@@ -148,4 +148,112 @@ fn a_refund_of_a_request_still_in_a_batch_is_logged_after_it() {
     let again = engine.refund("r1", Some(T0_MS + 3));
     assert!(again.is_err(), "r1 refunded a second time: {again:?}");
     assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
+}
+
+/// The shipped policy with the Plus 5-hour amount changed: a swap that keeps every price.
+fn plus_amount(amount: u64) -> Policy {
+    Policy::from_toml_str(
+        &tally_engine::policy::TOKEN_PLAN_TOML
+            .replace("amount = 1500,", &format!("amount = {amount},")),
+    )
+    .expect("a valid policy")
+}
+
+/// Credits charged for a request come back whole on its refund, however many policy swaps
+/// came since: the charge is in the receipt. Once the request's generation was no longer
+/// kept (`max_policy_generations`), the refund gave back nothing and still marked the request
+/// refunded: the credits were lost for good.
+#[test]
+fn a_refund_gives_credits_back_whole_after_its_policy_generation_is_dropped() {
+    let options = EngineOptions {
+        max_policy_generations: 2,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock(), options).unwrap();
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 10_000_000, Some(T0_MS)).unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 3)])
+        .at(T0_MS + 1)
+        .id("r1");
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let charged = 10_000_000 - engine.credits_micros("@ada").unwrap();
+    assert!(charged > 0);
+    engine
+        .swap_policy(plus_amount(2_000), Some(T0_MS + 2))
+        .unwrap();
+    engine
+        .swap_policy(plus_amount(2_500), Some(T0_MS + 3))
+        .unwrap();
+    let refund = engine.refund("r1", Some(T0_MS + 4)).unwrap();
+    assert_eq!(refund.given_back.credits_micros, charged, "{refund:?}");
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
+    assert!(
+        engine.refund("r1", Some(T0_MS + 5)).is_err(),
+        "refunded once"
+    );
+
+    // So do the credits a reservation held, when it is voided.
+    let held = engine
+        .reserve(
+            &UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 3)]).at(T0_MS + 6),
+            None,
+        )
+        .unwrap();
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000 - charged);
+    engine
+        .swap_policy(plus_amount(3_000), Some(T0_MS + 7))
+        .unwrap();
+    engine
+        .swap_policy(plus_amount(3_500), Some(T0_MS + 8))
+        .unwrap();
+    engine
+        .void(held.reservation.unwrap(), Some(T0_MS + 9))
+        .unwrap();
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
+}
+
+/// A refund whose event cannot be logged gives nothing back, also when it gave back the
+/// receipt's whole charge because the receipt's policy generation is no longer kept: the
+/// undo takes the credits again without that generation.
+#[test]
+fn a_failed_refund_after_its_policy_generation_is_dropped_gives_no_credits_back() {
+    let dir = TempDir::new("refund-dropped-generation-fails");
+    let faults = tally_engine::Faults::new();
+    let options = tally_engine::OpenOptions {
+        engine: EngineOptions {
+            max_policy_generations: 2,
+            ..EngineOptions::default()
+        },
+        faults: Some(Arc::clone(&faults)),
+        ..sync_options()
+    };
+    let engine = open(dir.path(), Policy::token_plan(), options);
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 10_000_000, Some(T0_MS)).unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 3)])
+        .at(T0_MS + 1)
+        .id("r1");
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let balance = engine.credits_micros("@ada").unwrap();
+    assert!(balance < 10_000_000);
+    engine
+        .swap_policy(plus_amount(2_000), Some(T0_MS + 2))
+        .unwrap();
+    engine
+        .swap_policy(plus_amount(2_500), Some(T0_MS + 3))
+        .unwrap();
+    faults.fail_next_inserts(1);
+    let refused = engine.refund("r1", Some(T0_MS + 4));
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        engine.credits_micros("@ada").unwrap(),
+        balance,
+        "a refund that failed gave credits back"
+    );
+    // The reopened engine holds the same, and the request can still be refunded whole.
+    drop(engine);
+    let engine = open(dir.path(), Policy::token_plan(), sync_options());
+    assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
+    engine.refund("r1", Some(T0_MS + 5)).unwrap();
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
 }

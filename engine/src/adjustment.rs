@@ -102,6 +102,7 @@ impl Engine {
                 &fingerprint.resource,
                 &receipt,
                 &fingerprint.quantities,
+                true,
                 Some(at_ms),
             );
             let body = EventBody::Refunded {
@@ -122,13 +123,14 @@ impl Engine {
     }
 
     /// Gives back `quantities` (at most what the receipt moved), locking the key's shard.
-    /// `as_of_ms` as in `give_back_in`.
+    /// `whole` and `as_of_ms` as in `give_back_in`.
     pub(crate) fn give_back(
         &self,
         key: &str,
         resource: &str,
         receipt: &Receipt,
         quantities: &Quantities,
+        whole: bool,
         as_of_ms: Option<u64>,
     ) -> GivenBack {
         let (then, later) = self.policy_lineage(receipt.generation);
@@ -140,6 +142,7 @@ impl Engine {
                 resource,
                 receipt,
                 quantities,
+                whole,
                 as_of_ms,
             ),
             _ => GivenBack {
@@ -410,7 +413,11 @@ impl Engine {
 /// moment ago (its event could not be logged): the counters are taken as they stand.
 ///
 /// `then` is the receipt's policy generation and the kept ones after it
-/// (`Engine::policy_lineage`); `None` if it is no longer kept (nothing is given back).
+/// (`Engine::policy_lineage`); `None` if it is no longer kept: then no plan usage is given
+/// back (its counters cannot be found), and credits or pay-as-you-go spend only when `whole`
+/// says `quantities` are everything the receipt moved (a refund, a void, an undo), as the
+/// receipt's charge, since no part of it can be priced.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn give_back_in(
     then: Option<(&Policy, &[Arc<Policy>])>,
     policy: &Policy,
@@ -418,6 +425,7 @@ pub(crate) fn give_back_in(
     resource: &str,
     receipt: &Receipt,
     quantities: &Quantities,
+    whole: bool,
     as_of_ms: Option<u64>,
 ) -> GivenBack {
     let mut given = GivenBack {
@@ -427,6 +435,9 @@ pub(crate) fn give_back_in(
     // What was charged is priced and weighted by the policy in force then, not now: a price
     // cut since must not shrink a refund.
     let Some((then, later)) = then else {
+        if whole && !quantities.is_empty() {
+            give_back_charge(state, receipt, None, &mut given);
+        }
         return given;
     };
     let Some(resource) = then.resource_id(resource) else {
@@ -454,21 +465,36 @@ pub(crate) fn give_back_in(
                 }
             }
         }
-        ChargedTo::Credits { micros } => {
+        ChargedTo::Credits { .. } | ChargedTo::PayAsYouGo { .. } => {
             let price = price_micros(then, resource, quantities).ok().flatten();
+            give_back_charge(state, receipt, price, &mut given);
+        }
+    }
+    given
+}
+
+/// Gives back `price` (the part given back, priced when it was charged; `None`: all of it) of
+/// the credits or pay-as-you-go spend `receipt` charged, at most the charge.
+fn give_back_charge(
+    state: &KeyState,
+    receipt: &Receipt,
+    price: Option<u64>,
+    given: &mut GivenBack,
+) {
+    match receipt.charged_to {
+        ChargedTo::PlanQuota { .. } => {}
+        ChargedTo::Credits { micros } => {
             let back = price.unwrap_or(micros).min(micros);
             if state.team.refund(back).is_some() {
                 given.credits_micros = back;
             }
         }
         ChargedTo::PayAsYouGo { micros } => {
-            let price = price_micros(then, resource, quantities).ok().flatten();
             let back = price.unwrap_or(micros).min(micros);
             state.subtract_payg(back);
             given.payg_micros = back;
         }
     }
-    given
 }
 
 /// Takes again what `given` gave back (the give-back's event could not be logged). `then` is

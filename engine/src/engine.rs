@@ -1479,7 +1479,14 @@ impl Engine {
                     if let (Some(receipt), Ok(quantities)) =
                         (receipt, Quantities::new(request.quantities))
                     {
-                        self.give_back(request.key, request.resource, receipt, &quantities, None);
+                        self.give_back(
+                            request.key,
+                            request.resource,
+                            receipt,
+                            &quantities,
+                            true,
+                            None,
+                        );
                     }
                     if let Some(request_id) = request.request_id {
                         self.requests.forget(request_id);
@@ -1646,6 +1653,7 @@ impl Engine {
                             resource,
                             &receipt,
                             quantities,
+                            true,
                             None,
                         );
                         Err(error)
@@ -1690,7 +1698,7 @@ impl Engine {
             return Ok(());
         };
         if let Err(error) = journal.wait(seq) {
-            self.give_back(key, resource, receipt, quantities, None);
+            self.give_back(key, resource, receipt, quantities, true, None);
             return Err(error);
         }
         Ok(())
@@ -1907,7 +1915,14 @@ impl Engine {
             // The quantities were valid when the request was decided, so they still are.
             if let (Some(receipt), Ok(quantities)) = (receipt, Quantities::new(request.quantities))
             {
-                self.give_back(request.key, request.resource, &receipt, &quantities, None);
+                self.give_back(
+                    request.key,
+                    request.resource,
+                    &receipt,
+                    &quantities,
+                    true,
+                    None,
+                );
             }
             if let Some(request_id) = request.request_id {
                 self.requests.forget(request_id);

@@ -385,6 +385,7 @@ impl Engine {
                         request.resource,
                         &receipt,
                         &estimate,
+                        true,
                         None,
                     );
                     state.close_reservation();
@@ -424,7 +425,14 @@ impl Engine {
                 );
                 table.next_id = table.next_id.min(id.get() - 1);
                 drop(table);
-                self.give_back(request.key, request.resource, &receipt, &estimate, None);
+                self.give_back(
+                    request.key,
+                    request.resource,
+                    &receipt,
+                    &estimate,
+                    true,
+                    None,
+                );
                 self.release_slot(request.key);
                 return Err(error);
             }
@@ -587,6 +595,7 @@ impl Engine {
             &reservation.resource,
             &reservation.receipt,
             released,
+            *released == reservation.estimate,
             Some(at_ms),
         );
         let mut closing = Closing {
@@ -657,6 +666,7 @@ impl Engine {
                 &reservation.resource,
                 receipt,
                 extra,
+                true,
                 None,
             );
         }
