@@ -1385,6 +1385,88 @@ fn a_new_cursor_past_the_bound_is_refused_and_a_saved_one_still_moves() {
     assert_eq!(engine.cursor(&name(bound + 1)).unwrap(), 1);
 }
 
+/// The segment file being written: the one with the greatest first event.
+fn active_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir.join("events"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        .max()
+        .expect("a segment")
+}
+
+/// A cursor is durable only once the events it has passed are: in `Interval` (and `None`)
+/// mode `events_after` hands out events written but not yet flushed, and a cursor saved past
+/// them, then a power loss, left the cursor past the end of the log. The events appended
+/// after the reopen took those sequence numbers again, and a reader going on from its
+/// cursor skipped them without a word. Saving the cursor now makes the log durable through
+/// it first (here the flush fails, so the cursor is not saved).
+#[test]
+fn a_cursor_is_never_saved_past_events_that_are_not_durable() {
+    let dir = TempDir::new("cursor-durable");
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Interval { ms: 60_000 },
+        faults: Some(std::sync::Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.sync().unwrap();
+    let durable_seq = last_seq(&engine);
+    let segment = active_segment(dir.path());
+    let durable_bytes = std::fs::metadata(&segment).unwrap().len();
+    for minute in 1..=3 {
+        engine
+            .top_up("@ada", 1_000, Some(T0_MS + minute * MINUTE_MS))
+            .unwrap();
+    }
+    let read = engine.events_after(durable_seq, 100).unwrap();
+    assert_eq!(read.len(), 3, "written, not yet flushed, already readable");
+    let passed = read.last().unwrap().seq;
+    // The flush that would make them durable fails.
+    faults.fail_next_flushes(1);
+    let saved = engine.save_cursor("billing", passed);
+    assert!(saved.is_err(), "saved past events not durable: {saved:?}");
+    assert_eq!(engine.cursor("billing").unwrap(), 0, "the cursor stays");
+
+    // A power loss now keeps what was fdatasynced, and the cursor as sled holds it.
+    let copy = dir.sibling("power-loss");
+    copy_dir(dir.path(), copy.path());
+    let copied_segment = copy
+        .path()
+        .join("events")
+        .join(segment.file_name().unwrap());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copied_segment)
+        .unwrap()
+        .set_len(durable_bytes)
+        .unwrap();
+    drop(engine);
+    let engine = open_token_plan(copy.path(), sync_options());
+    assert_eq!(last_seq(&engine), durable_seq);
+    let cursor = engine.cursor("billing").unwrap();
+    assert!(
+        cursor <= durable_seq,
+        "the cursor {cursor} is past the end of the log, event {durable_seq}"
+    );
+    // New events after the loss are all read from the cursor.
+    for minute in 4..=6 {
+        engine
+            .top_up("@ada", 1_000, Some(T0_MS + minute * MINUTE_MS))
+            .unwrap();
+    }
+    let unread = engine.events_after(cursor, 100).unwrap();
+    assert_eq!(
+        unread
+            .iter()
+            .filter(|event| event.body.kind() == "credits_topped_up")
+            .count(),
+        3
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Retention and compaction.
 

@@ -1598,6 +1598,15 @@ impl Engine {
                 format!("{seq} is beyond the last event, {}", journal.next_seq() - 1),
             ));
         }
+        // A reader may have been handed events written but not yet flushed (`Interval` and
+        // `None` modes): a cursor made durable past them, then a power loss, would point past
+        // the log's end, over the events that take those numbers after the reopen.
+        if seq > 0 {
+            match journal.durability() {
+                Durability::Sync => journal.wait(seq)?,
+                _ => journal.sync()?,
+            }
+        }
         journal.save_cursor(name, seq)
     }
 
