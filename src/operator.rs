@@ -328,7 +328,23 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
         EventsStart::Cursor(name) => engine.cursor(name)?,
     };
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
-    let events = engine.events_after(after, limit)?;
+    let events = engine
+        .events_after(after, limit)
+        .map_err(|error| match (&args.start, error) {
+            // Events compacted away before a saved cursor's reader read them: the cursor is
+            // what points there, not a `--after` the command line was not given.
+            (
+                EventsStart::Cursor(name),
+                Error::InvalidArgument {
+                    field: "after",
+                    problem,
+                },
+            ) => Error::InvalidArgument {
+                field: "cursor",
+                problem: format!("{name:?} is at event {after}: {problem}"),
+            },
+            (_, error) => error,
+        })?;
     let Some(last) = events.last() else {
         // Nothing new: say so where a script reading stdout will not trip on it.
         eprintln!("tally: no events after {after}");
@@ -461,6 +477,7 @@ fn argument_of(field: &str) -> &'static str {
         "usage_at_ms" => "--usage-at",
         "cursor" => "--cursor",
         "seq" => "--after",
+        "after" => "--after",
         "policy" => "--policy",
         "durability" => "--durability",
         _ => "--db",

@@ -304,6 +304,40 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     );
 }
 
+/// Reading after events that compaction removed is refused naming the option that pointed
+/// there: `--after`, or `--cursor` for a saved cursor (it named `--db`, as if the database
+/// were at fault).
+#[test]
+fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    consume(&workspace, at_ms, &[]);
+    let read = workspace.events(&["--cursor", "billing", "--limit", "2"]);
+    assert_eq!(read.iter().map(seq).collect::<Vec<u64>>(), [1, 2]);
+    workspace.ok(&["compact"]);
+    consume(&workspace, at_ms, &[]);
+    let later = (at_ms + 30 * DAY_MS).to_string();
+    let compacted = workspace.ok(&["compact", "--at", &later]);
+    assert!(compacted.contains("starts at event 6"), "{compacted}");
+    for (args, option) in [
+        (&["events", "--after", "2"][..], "--after"),
+        (&["events", "--cursor", "billing"][..], "--cursor"),
+    ] {
+        let output = workspace.run(args);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("compacted away"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(option) && !stderr.contains("--db"),
+            "{args:?} should name {option}: {stderr}"
+        );
+    }
+    // Nothing moved: the cursor is where it was.
+    let output = workspace.run(&["events", "--cursor", "billing"]);
+    assert_eq!(output.status.code(), Some(2));
+}
+
 /// What `usage --json` reports for ada: (requests used on Small's limit, credits charged).
 fn ada_usage(workspace: &Workspace, at_ms: u64) -> (u64, u64) {
     let at = at_ms.to_string();
