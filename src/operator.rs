@@ -452,6 +452,9 @@ pub fn culprit(error: &Error) -> (String, String) {
         Error::CapacityExceeded { what, .. } if what.starts_with("request_id") => {
             ("--id", error.to_string())
         }
+        Error::CapacityExceeded {
+            what: "cursors", ..
+        } => ("--cursor", error.to_string()),
         Error::Overflow { field: "micros" } => ("MICROS", "the balance would overflow".into()),
         Error::Overflow { .. } => ("UNIT=N", error.to_string()),
         Error::Policy(error) => ("--policy", error.to_string()),

@@ -338,6 +338,38 @@ fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// A new cursor past the bound of saved cursors is refused naming `--cursor` (it named `--db`).
+#[test]
+fn a_new_cursor_past_the_bound_is_refused_naming_the_cursor() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+    let options = OpenOptions {
+        use_recorded: true,
+        ..OpenOptions::default()
+    };
+    let engine = Engine::open_with_stored_policy(
+        workspace.database(),
+        policy,
+        Arc::new(SystemClock),
+        options,
+    )
+    .expect("open");
+    for reader in 0..tally_engine::log::MAX_CURSORS {
+        engine
+            .save_cursor(&format!("reader-{reader}"), 0)
+            .expect("room for it");
+    }
+    drop(engine);
+    let output = workspace.run(&["events", "--cursor", "one-too-many"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--cursor") && !stderr.contains("--db"),
+        "should name --cursor: {stderr}"
+    );
+}
+
 /// What `usage --json` reports for ada: (requests used on Small's limit, credits charged).
 fn ada_usage(workspace: &Workspace, at_ms: u64) -> (u64, u64) {
     let at = at_ms.to_string();
