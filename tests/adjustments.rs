@@ -257,3 +257,49 @@ fn a_failed_refund_after_its_policy_generation_is_dropped_gives_no_credits_back(
     engine.refund("r1", Some(T0_MS + 5)).unwrap();
     assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
 }
+
+/// A refund of plan quota charged under a policy generation no longer kept cannot find the
+/// counters its receipt names (the units still count: the swaps carried them). It was marked
+/// refunded with nothing given back, and `tally refund` said the usage no longer counted in
+/// any window. It is refused, naming the request id, and changes nothing.
+#[test]
+fn a_plan_quota_refund_after_its_policy_generation_is_dropped_is_refused_and_changes_nothing() {
+    let options = EngineOptions {
+        max_policy_generations: 2,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock(), options).unwrap();
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
+        .unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 3)])
+        .at(T0_MS + 1)
+        .id("r1");
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let used = |at_ms| -> Vec<u64> {
+        let report = engine.usage("key-ada", Some(at_ms)).unwrap();
+        report.limits.iter().map(|limit| limit.used).collect()
+    };
+    assert_eq!(used(T0_MS + 1)[0], 3);
+    engine
+        .swap_policy(plus_amount(2_000), Some(T0_MS + 2))
+        .unwrap();
+    engine
+        .swap_policy(plus_amount(2_500), Some(T0_MS + 3))
+        .unwrap();
+    let before = used(T0_MS + 4);
+    assert_eq!(before[0], 3, "the swaps carried the usage");
+    let refused = engine.refund("r1", Some(T0_MS + 4));
+    match &refused {
+        Err(tally_engine::Error::InvalidArgument { field, problem }) => {
+            assert_eq!(&**field, "request_id");
+            assert!(problem.contains("no longer kept"), "{problem}");
+        }
+        other => panic!("expected a refusal naming request_id, got {other:?}"),
+    }
+    assert_eq!(used(T0_MS + 4), before, "nothing given back");
+    // Still not refunded: the same answer again, not "already refunded".
+    let again = format!("{:?}", engine.refund("r1", Some(T0_MS + 5)));
+    assert!(again.contains("no longer kept"), "{again}");
+}

@@ -63,6 +63,9 @@ impl Engine {
     /// Credits and pay-as-you-go spend come back whole; plan usage comes back only where it
     /// still counts at `at_ms`: units aged out of a rolling window, or counted on a day (week,
     /// month) that has since ended, no longer hold anything back and are not given back.
+    /// Plan usage charged under a policy generation no longer kept (`max_policy_generations`
+    /// swaps since) cannot be found: that refund is refused (`InvalidArgument` naming
+    /// `request_id`) and changes nothing.
     pub fn refund(&self, request_id: &str, at_ms: Option<u64>) -> Result<Refund, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id(
@@ -96,6 +99,22 @@ impl Engine {
                     format!("{request_id:?} was denied: nothing to refund"),
                 )
             })?;
+            if matches!(receipt.charged_to, ChargedTo::PlanQuota { .. })
+                && self.policy_lineage(receipt.generation).0.is_none()
+            {
+                // Its counters are named by a generation no longer kept: the units it took
+                // still count (swaps carried them) but cannot be found. Refused, not marked
+                // refunded with nothing given back.
+                return Err(Error::invalid(
+                    "request_id",
+                    format!(
+                        "{request_id:?} was charged to plan quota under policy generation {}, \
+                         no longer kept (more than max_policy_generations swaps since): its \
+                         usage cannot be found to give back; correct it with adjust_usage",
+                        receipt.generation
+                    ),
+                ));
+            }
             let fingerprint = record.fingerprint.clone();
             let given_back = self.give_back(
                 &fingerprint.key,
