@@ -1190,6 +1190,46 @@ fn a_swap_to_wider_buckets_keeps_merged_buckets_past_sixteen_bits_whole() {
     assert!(engine.consume(&request).expect("consume").is_admitted());
 }
 
+/// The same past 32 bits: two minute buckets each holding a wide slot's most (`u32::MAX`,
+/// usage added past a limit of 4,000,000,000), merged by a swap into one 10-minute bucket. A
+/// slot counts no more than that, so the merged bucket keeps `u32::MAX`, the window stays full
+/// until it ages out and nothing is left after. Before, the slot was clamped while the total
+/// kept the whole sum: `u32::MAX` never aged out and the key was denied for good (a debug
+/// build panicked in the swap).
+#[test]
+fn a_swap_merging_full_wide_buckets_leaves_nothing_counted_once_they_age_out() {
+    let most = u64::from(u32::MAX);
+    let policy_with = |bucket: &str| five_hour_chat_plan(4_000_000_000, bucket);
+    let engine = engine_with(policy_with("1m"));
+    let key = seated(&engine, "ada", "A");
+    let at_ms = T0_MS + HOUR_MS;
+    for minute in 0..2 {
+        engine
+            .adjust_usage(
+                &key,
+                "chat",
+                &[(Unit::Requests, most)],
+                at_ms + minute * MINUTE_MS,
+                AdjustmentDirection::Add,
+                Some(at_ms + 2 * MINUTE_MS),
+            )
+            .expect("add");
+    }
+    let used = |at_ms| engine.usage(&key, Some(at_ms)).expect("report").limits[0].used;
+    assert_eq!(used(at_ms + 2 * MINUTE_MS), 2 * most);
+    engine
+        .swap_policy(policy_with("10m"), Some(at_ms + 3 * MINUTE_MS))
+        .expect("swap");
+    let gone_ms = at_ms + FIVE_HOURS_MS + 10 * MINUTE_MS;
+    assert!(
+        used(gone_ms - 1) >= 4_000_000_000,
+        "full until the bucket ages out"
+    );
+    assert_eq!(used(gone_ms), 0);
+    let request = UsageRequest::new(&key, "chat", &[(Unit::Requests, 1)]).at(gone_ms);
+    assert!(engine.consume(&request).expect("consume").is_admitted());
+}
+
 #[test]
 fn added_usage_ages_out_five_hours_after_it_happened() {
     let engine = engine();

@@ -814,6 +814,15 @@ impl RollingWindow {
             if epoch.saturating_add(to.buckets) < new_head {
                 continue; // already out of the (shorter) new window
             }
+            // Buckets merged past what a slot counts (usage added past the limit, then wider
+            // buckets) stop at it, and so does the total: a total above its slots would keep
+            // the excess once the bucket ages out. A slot's most is at least any limit the
+            // ring serves, so the window stays full until then, as it would have.
+            let room = window.slots.max_count() - window.live_count(to, epoch);
+            let count = count.min(room);
+            if count == 0 {
+                continue;
+            }
             window.total.fetch_add(count, Ordering::AcqRel);
             window.record(to, epoch, count);
         }
@@ -1433,6 +1442,36 @@ mod tests {
         }
         assert_eq!(ring.used(), 3);
         assert_eq!(ring.slot_sum(), 3);
+    }
+
+    /// Two wide buckets each holding a slot's most (usage added past the limit by
+    /// adjustments), merged into one bucket by wider buckets: the new slot cannot count past
+    /// `u32::MAX`, so the total must not either, or it keeps the excess once the bucket has
+    /// aged out and the key is refused for good. Before, the merged count was clamped in its
+    /// slot (a debug assertion) while the total kept all of it.
+    #[test]
+    fn reshaping_merged_full_wide_buckets_keeps_the_total_to_the_slots() {
+        let window = RollingWindow::new(SHAPE, 100_000);
+        let max = window.slots.max_count();
+        assert!(window.slots.is_wide());
+        window.advance(SHAPE, 3);
+        assert!(window.force(SHAPE, 2, max).is_some());
+        assert!(window.force(SHAPE, 3, max).is_some());
+        let wider = RollingShape::new(10_000, 2_000);
+        assert_eq!(SHAPE.carried_epoch(wider, 2), SHAPE.carried_epoch(wider, 3));
+        let reshaped = window.reshaped(SHAPE, wider, 100_000);
+        assert_eq!(reshaped.used(), reshaped.slot_sum());
+        // Full until the merged bucket ages out, never earlier; empty after it.
+        let epoch = reshaped.advance(wider, wider.epoch(13_999));
+        assert!(reshaped.try_reserve(1, 100_000).is_err());
+        assert_eq!(reshaped.release_time(wider, epoch, 1), Some(14_000));
+        reshaped.advance(wider, wider.epoch(14_000));
+        assert_eq!(
+            reshaped.used(),
+            0,
+            "nothing counted once the bucket aged out"
+        );
+        assert_eq!(reshaped.try_reserve(1, 100_000), Ok(1));
     }
 
     #[test]
