@@ -48,6 +48,61 @@ limits = [
     Policy::from_toml_str(&text).expect("a valid policy")
 }
 
+/// A daily limit taken first, then a 5-hour one that refuses: the request's tokens are held
+/// on the daily counter for a moment and given back. Meanwhile a correction removing tokens
+/// must find nothing to remove (none were ever recorded) and leave the request's give-back
+/// whole. Before, the correction ran under the key's read lock and took the held tokens as
+/// recorded usage: it reported and logged a removal of tokens never used, and the admission
+/// gave back fewer than it took (a debug build panicked in the consume).
+#[test]
+fn a_correction_never_removes_units_a_refused_request_holds_for_a_moment() {
+    let engine = engine_with(two_limit_policy(false));
+    let key = seated(&engine, "ada", "Two");
+    for _ in 0..10 {
+        assert!(consume(&engine, &key, "chat", &[(Unit::Requests, 1)], T0_MS).is_admitted());
+    }
+    let refused = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the correcting thread however the refused one ends.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let removed = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let _done = Done(&refused);
+            let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
+            for _ in 0..20_000 {
+                assert!(!consume(&engine, &key, "chat", &quantities, T0_MS).is_admitted());
+            }
+        });
+        let correcting = scope.spawn(|| {
+            let mut removed = 0;
+            while !refused.load(std::sync::atomic::Ordering::Relaxed) {
+                let outcome = engine
+                    .adjust_usage(
+                        &key,
+                        "chat",
+                        &[(Unit::Tokens, 1)],
+                        T0_MS,
+                        AdjustmentDirection::Remove,
+                        Some(T0_MS),
+                    )
+                    .expect("a correction");
+                removed += outcome.limits.iter().map(|limit| limit.moved).sum::<u64>();
+            }
+            removed
+        });
+        correcting.join().expect("the correcting thread")
+    });
+    assert_eq!(removed, 0, "no token was ever recorded");
+    assert_eq!(
+        engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+        0
+    );
+}
+
 #[test]
 fn a_request_that_fits_one_limit_but_not_another_changes_neither() {
     for requests_first in [true, false] {

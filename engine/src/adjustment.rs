@@ -210,7 +210,13 @@ impl Engine {
         let quantities = Quantities::new(quantities)?;
         check_id("key", key, crate::accounts::MAX_KEY_BYTES)?;
         let journal = self.journal();
-        let (outcome, seq, moved, generation) = self.keys.read(key, |policy, state| {
+        // Write-locked, as admin calls are: a calendar counter holds an admission's units in
+        // flight (taken, to be rolled back if a later limit refuses) in the same word as those
+        // recorded, and a removal under the read lock took them as recorded usage: it reported
+        // and logged units that were never used, and the admission gave back fewer than it
+        // took (a debug build panicked). No admission is in flight on the key meanwhile.
+        let (outcome, seq, moved, generation) = self.keys.write(key, |policy, state| {
+            let state = state.map(|state| &*state);
             let resource_id = resolve_resource(policy, resource, &quantities)?;
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let plan_id = state.seat.ok_or_else(|| {
@@ -294,9 +300,11 @@ impl Engine {
         })?;
         if let (Some(journal), Some(seq)) = (journal, seq) {
             if let Err(error) = journal.wait(seq) {
-                // Undone where the counters are now, should a swap have moved them since.
+                // Undone where the counters are now, should a swap have moved them since;
+                // write-locked as above (undoing an addition removes).
                 let (then, later) = self.policy_lineage(generation);
-                self.keys.read(key, |policy, state| {
+                self.keys.write(key, |policy, state| {
+                    let state = state.map(|state| &*state);
                     let usage = state.and_then(|state| state.usage.get());
                     let (Some(usage), Some(then)) = (usage, then.as_deref()) else {
                         return;
