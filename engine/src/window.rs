@@ -339,9 +339,10 @@ pub struct RollingWindow {
     // AcqRel on every read-modify-write: a count is subtracted only by a thread that saw the
     // slot write which followed the matching add, so subtractions never precede their adds.
     total: AtomicU64,
-    // AcqRel CAS: publishes the newest epoch; its winner sweeps the slots it passed over.
+    // SeqCst CAS and `aged_out` load, pairing with the slots' SeqCst (`Slots::load`); Acquire
+    // elsewhere. The CAS publishes the newest epoch; its winner sweeps the slots it passed.
     head: AtomicU64,
-    // AcqRel CAS on each slot; see `total`.
+    // SeqCst CAS and loads (Acquire in read-only scans), pairing with `head`'s; see `total`.
     slots: Slots,
 }
 
