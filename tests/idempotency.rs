@@ -314,3 +314,53 @@ fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage
     let reopened = open(dir.path(), Policy::token_plan(), sync_options());
     assert_eq!(used(&reopened), live, "the admitted unit after the reopen");
 }
+
+#[test]
+fn a_correction_between_a_batch_chunks_decisions_and_its_append_is_replayed_as_it_was_applied() {
+    let dir = TempDir::new("idem-correction-chunk");
+    let at_ms = T0_MS + 10 * MINUTE_MS;
+    let clock = Arc::new(HookClock::new(at_ms));
+    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
+    create_accounts(&engine);
+    let joins = Arc::new(Mutex::new(Vec::new()));
+    // On the clock read of the batch's second request (the first admitted, its event staged),
+    // another thread removes the unit the first counted.
+    clock.arm(
+        2,
+        on_a_thread(&engine, &joins, move |engine| {
+            engine
+                .adjust_usage(
+                    "key-eve",
+                    "m2.7",
+                    &ONE,
+                    at_ms,
+                    tally_engine::AdjustmentDirection::Remove,
+                    Some(at_ms),
+                )
+                .expect("the correction");
+        }),
+    );
+    let batch = [
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first"),
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("second"),
+    ];
+    for decided in engine.consume_many(&batch) {
+        assert!(decided.expect("decided").is_admitted());
+    }
+    join_all(&joins);
+    let used = |engine: &Engine| engine.usage("key-eve", Some(at_ms + 1)).unwrap().limits[0].used;
+    let live = used(&engine);
+    // 1 with the correction between the two requests or after the batch.
+    assert_eq!(live, 1);
+    drop(Arc::try_unwrap(engine).expect("the only handle"));
+    let reopened = open(dir.path(), Policy::token_plan(), sync_options());
+    assert_eq!(
+        used(&reopened),
+        live,
+        "the correction replayed as it was applied"
+    );
+}

@@ -210,6 +210,11 @@ impl Engine {
         let quantities = Quantities::new(quantities)?;
         check_id("key", key, crate::accounts::MAX_KEY_BYTES)?;
         let journal = self.journal();
+        // No `consume_many` chunk is between deciding and appending (the gate's write side,
+        // as a seat change takes it): a removal of units such a chunk counted would be logged
+        // before them, and a replay would remove nothing and then count them. Let go before
+        // the wait for durability.
+        let gate = self.append_gate.write();
         // Write-locked, as admin calls are: a calendar counter holds an admission's units in
         // flight (taken, to be rolled back if a later limit refuses) in the same word as those
         // recorded, and a removal under the read lock took them as recorded usage: it reported
@@ -298,6 +303,7 @@ impl Engine {
             };
             Ok((AdjustmentOutcome { limits }, seq, moved, policy.generation))
         })?;
+        drop(gate);
         if let (Some(journal), Some(seq)) = (journal, seq) {
             if let Err(error) = journal.wait(seq) {
                 // Undone where the counters are now, should a swap have moved them since;
