@@ -151,6 +151,10 @@ pub enum Action {
         json: bool,
     },
     Events(EventsArgs),
+    /// `tally events --delete-cursor NAME`.
+    DeleteCursor {
+        name: String,
+    },
     Verify {
         json: bool,
     },
@@ -741,6 +745,7 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
                 ("--after", Takes::Value),
                 ("--cursor", Takes::Value),
                 ("--limit", Takes::Value),
+                ("--delete-cursor", Takes::Value),
                 JSON,
             ],
         ),
@@ -819,7 +824,7 @@ fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
             at_ms,
             json,
         },
-        HelpTopic::Events => Action::Events(parse_events(spec, scanned)?),
+        HelpTopic::Events => parse_events(spec, scanned)?,
         HelpTopic::Verify => Action::Verify { json },
         HelpTopic::Compact => Action::Compact { at_ms },
         HelpTopic::Policy => Action::Policy {
@@ -894,8 +899,25 @@ fn parse_seat(spec: &Spec, scanned: &Scanned, at_ms: Option<u64>) -> Result<Acti
     })
 }
 
-fn parse_events(spec: &Spec, scanned: &Scanned) -> Result<EventsArgs, UsageError> {
+fn parse_events(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
     let topic = spec.topic;
+    if let Some(name) = scanned.value("--delete-cursor") {
+        if let Some(other) = ["--after", "--cursor", "--limit"]
+            .into_iter()
+            .find(|option| scanned.value(option).is_some())
+        {
+            return Err(spec.error(other, "given with --delete-cursor, which prints no events"));
+        }
+        if scanned.flag("--json") {
+            return Err(spec.error(
+                "--json",
+                "given with --delete-cursor, which prints no events",
+            ));
+        }
+        return Ok(Action::DeleteCursor {
+            name: parse_name("--delete-cursor", name, topic)?,
+        });
+    }
     let start = match (scanned.value("--after"), scanned.value("--cursor")) {
         (Some(_), Some(_)) => {
             return Err(spec.error("--cursor", "give --after or --cursor, not both"));
@@ -911,11 +933,11 @@ fn parse_events(spec: &Spec, scanned: &Scanned) -> Result<EventsArgs, UsageError
         .map_or(Ok(DEFAULT_EVENTS_LIMIT), |value| {
             parse_count("--limit", value, 1, MAX_EVENTS_LIMIT, topic)
         })?;
-    Ok(EventsArgs {
+    Ok(Action::Events(EventsArgs {
         start,
         limit,
         json: scanned.flag("--json"),
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -1329,6 +1351,21 @@ mod tests {
             })
         );
         assert_eq!(error_of("events --after 1 --cursor b").option, "--cursor");
+        assert_eq!(
+            action("events --delete-cursor billing"),
+            Action::DeleteCursor {
+                name: "billing".into()
+            }
+        );
+        assert_eq!(
+            error_of("events --delete-cursor b --cursor b").option,
+            "--cursor"
+        );
+        assert_eq!(error_of("events --delete-cursor b --json").option, "--json");
+        assert_eq!(
+            error_of("events --delete-cursor=").option,
+            "--delete-cursor"
+        );
         assert_eq!(error_of("events --limit 0").option, "--limit");
         assert_eq!(error_of("events --limit 100001").option, "--limit");
         assert_eq!(error_of("events --after=").option, "--after");

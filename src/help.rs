@@ -308,9 +308,11 @@ Options:
                        printed: run again to get only what is new. It survives restarts.
   --limit N            At most this many events, 1 to 100,000 [default: 1,000]
   --json               One JSON object per line
+  --delete-cursor NAME Forget the named cursor (a reader that is done), printing no events:
+                       a database keeps at most 1,024 cursors
 
-Exit status: 0 when the events were written out (or there were none); 1 when they could not
-be (a closed pipe: the cursor does not move).
+Exit status: 0 when the events were written out (or there were none) or the cursor deleted (or
+there was none); 1 when they could not be written (a closed pipe: the cursor does not move).
 ";
 
 const VERIFY_HELP: &str = "\

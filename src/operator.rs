@@ -170,6 +170,14 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
             }
         }
         Action::Events(args) => return events(engine, args),
+        Action::DeleteCursor { name } => {
+            let at = engine.cursor(name)?;
+            if engine.delete_cursor(name)? {
+                format!("deleted cursor {name:?} (it was after event {at})\n")
+            } else {
+                format!("no cursor {name:?}; nothing changed\n")
+            }
+        }
         Action::Compact { at_ms } => describe::compact_text(&engine.compact(*at_ms)?),
         Action::Policy { path, at_ms } => {
             let policy = Policy::load(path).map_err(Error::Policy)?;

@@ -238,6 +238,20 @@ fn events_come_in_order_and_a_named_cursor_survives_between_invocations() {
     let third = workspace.events(&["--cursor", "billing"]);
     assert_eq!(third.iter().map(seq).collect::<Vec<u64>>(), [9]);
 
+    // A reader that is done deletes its cursor; read again, it starts from the beginning.
+    let deleted = workspace.ok(&["events", "--delete-cursor", "billing"]);
+    assert!(
+        deleted.contains("deleted cursor \"billing\" (it was after event 9)"),
+        "{deleted}"
+    );
+    let none = workspace.ok(&["events", "--delete-cursor", "billing"]);
+    assert!(
+        none.contains("no cursor \"billing\"; nothing changed"),
+        "{none}"
+    );
+    let anew = workspace.events(&["--cursor", "billing", "--limit", "2"]);
+    assert_eq!(anew.iter().map(seq).collect::<Vec<u64>>(), [1, 2]);
+
     let text = workspace.ok(&["events", "--after", "8"]);
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains("usage_admitted"), "{text}");
