@@ -177,13 +177,13 @@ impl<T> ShardLock<T> {
         let raised: Vec<Raised<'a, T>> = locks.into_iter().map(ShardLock::raise).collect();
         if raised
             .iter()
-            .any(|raised| raised.lock.asymmetric && raised.lock.others_read_light())
+            .any(|raised| raised.guard.lock.asymmetric && raised.guard.lock.others_read_light())
         {
             heavy_barrier::run();
         }
         raised
             .into_iter()
-            .map(|raised| raised.lock.wait_for_readers(raised))
+            .map(|raised| raised.guard.lock.wait_for_readers(raised))
             .collect()
     }
 
@@ -194,7 +194,13 @@ impl<T> ShardLock<T> {
         let mut mutex = self.writer.lock();
         self.run_pending(&mut mutex);
         self.writing.store(true, Ordering::SeqCst);
-        Raised { lock: self, mutex }
+        Raised {
+            guard: WriteGuard {
+                lock: self,
+                leaving: false,
+                _mutex: mutex,
+            },
+        }
     }
 
     /// Between raising `writing` and looking at the slots: the heavy barrier, if readers on
@@ -214,7 +220,7 @@ impl<T> ShardLock<T> {
     }
 
     fn wait_for_readers<'a>(&'a self, raised: Raised<'a, T>) -> WriteGuard<'a, T> {
-        debug_assert!(std::ptr::eq(raised.lock, self));
+        debug_assert!(std::ptr::eq(raised.guard.lock, self));
         for slot in &self.readers {
             let mut spins = 0u32;
             while slot.load(Ordering::SeqCst) != 0 {
@@ -226,11 +232,7 @@ impl<T> ShardLock<T> {
                 }
             }
         }
-        WriteGuard {
-            lock: self,
-            leaving: false,
-            _mutex: raised.mutex,
-        }
+        raised.guard
     }
 
     /// Runs the work a writer left, if it is still there; returns at once otherwise. After
@@ -276,9 +278,10 @@ impl<T: std::fmt::Debug> std::fmt::Debug for ShardLock<T> {
 }
 
 /// A write lock half taken (`ShardLock::raise`): `writing` raised, readers not yet waited for.
+/// Dropped as it is (a panic in `write_all` before every lock was raised), its guard lowers
+/// `writing` again, so readers are not kept out by a writer that is gone.
 struct Raised<'a, T> {
-    lock: &'a ShardLock<T>,
-    mutex: MutexGuard<'a, Option<Pending<T>>>,
+    guard: WriteGuard<'a, T>,
 }
 
 /// Which exclusive slots a thread holds: bit `i` for slot `i`. Claimed with AcqRel, given back
@@ -790,6 +793,34 @@ mod tests {
         for lock in &locks {
             assert_eq!(*lock.read(), vec![1]);
         }
+    }
+
+    /// `write_all` raises every lock before it waits for any reader; work a cut left on a
+    /// later lock runs while the earlier ones are raised. Were that work to panic, the locks
+    /// already raised kept `writing` up with no writer and no left work: every reader of them
+    /// waited on the free writer mutex, found nothing to run and tried again, for ever.
+    #[test]
+    fn write_all_lets_readers_of_every_lock_back_in_when_left_work_on_one_panics() {
+        let locks: Vec<ShardLock<u32>> = (0..3).map(|_| ShardLock::new(7)).collect();
+        locks[1]
+            .write()
+            .leave(Box::new(|_: &u32| panic!("a copy that fails")));
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(ShardLock::write_all(&locks));
+        }));
+        assert!(unwound.is_err());
+        for (index, lock) in locks.iter().enumerate() {
+            assert!(
+                !lock.writing.load(Ordering::SeqCst),
+                "lock {index} keeps readers out with no writer in"
+            );
+            assert_eq!(*lock.read(), 7);
+        }
+        // And they can all be written again.
+        for mut guard in ShardLock::write_all(&locks) {
+            *guard += 1;
+        }
+        assert!(locks.iter().all(|lock| *lock.read() == 8));
     }
 
     #[test]
