@@ -28,6 +28,7 @@
 //! writer may be waiting: the writer waits for the first read, the second waits for the writer.
 
 use std::cell::{Cell, UnsafeCell};
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
 
@@ -113,6 +114,7 @@ impl<T> ShardLock<T> {
                     lock: self,
                     slot,
                     light,
+                    _this_thread: PhantomData,
                 };
             }
             // A writer is in (or about to be): wait until it lets go of the writer mutex. If
@@ -441,7 +443,14 @@ pub struct ReadGuard<'a, T> {
     slot: &'a AtomicUsize,
     /// Raised with a plain store on a slot this thread holds alone; lowered the same way.
     light: bool,
+    /// Not `Send`: a light guard's drop is a plain load and store on a slot only this thread
+    /// writes, so it must run on this thread.
+    _this_thread: PhantomData<*const ()>,
 }
+
+// SAFETY: a shared guard only hands out `&T` (`Deref`), which `T: Sync` lets other threads
+// hold; the count is lowered only by the guard's drop, on the thread that raised it.
+unsafe impl<T: Send + Sync> Sync for ReadGuard<'_, T> {}
 
 impl<T> Deref for ReadGuard<'_, T> {
     type Target = T;
@@ -679,6 +688,7 @@ mod tests {
                             lock: &lock,
                             slot,
                             light,
+                            _this_thread: PhantomData,
                         });
                     }
                     left.store(round, Ordering::SeqCst);
@@ -758,6 +768,39 @@ mod tests {
         for slot in &lock.readers {
             assert_eq!(slot.load(Ordering::SeqCst), 0, "no count left behind");
         }
+    }
+
+    /// Whether `T` is `Send`, on stable Rust: the inherent constant applies only when the
+    /// bound holds; otherwise the blanket trait's default answers.
+    struct SendProbe<T: ?Sized>(std::marker::PhantomData<T>);
+    #[allow(dead_code)] // one of the two constants answers, whichever it is
+    trait NotSend {
+        const SEND: bool = false;
+    }
+    impl<T: ?Sized> NotSend for SendProbe<T> {}
+    #[allow(dead_code)]
+    impl<T: ?Sized + Send> SendProbe<T> {
+        const SEND: bool = true;
+    }
+
+    /// A read guard on an exclusive slot lowers the count with a plain load and store, which
+    /// is right only on the thread that holds the slot. Were the guard `Send`, safe code (this
+    /// module is public) could drop it on another thread while the holder raises the same
+    /// slot: an update lost, and the count either stuck above zero (every writer waits for
+    /// ever) or at zero with a reader inside (a writer changes what it reads). A shared
+    /// reference to a guard only reads the value, so `Sync` stays.
+    #[test]
+    fn a_read_guard_cannot_leave_its_thread_but_can_be_shared() {
+        let send = std::hint::black_box(SendProbe::<ReadGuard<'static, u64>>::SEND);
+        assert!(
+            !send,
+            "a read guard can be sent to another thread and dropped there"
+        );
+        let lock = ShardLock::new(1u64);
+        let guard = lock.read();
+        std::thread::scope(|scope| {
+            scope.spawn(|| assert_eq!(*guard, 1));
+        });
     }
 
     #[test]
