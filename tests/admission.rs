@@ -103,6 +103,85 @@ fn a_correction_never_removes_units_a_refused_request_holds_for_a_moment() {
     );
 }
 
+/// The same for a refund: tokens a correction removed after the request was counted are no
+/// longer recorded, so its refund has none of them to give back. Meanwhile a refused request
+/// holds tokens on the daily counter for a moment, and the refund, under the key's read lock,
+/// took those as its own: it reported and logged tokens given back that were never recorded,
+/// and the refused request gave back fewer than it took (a debug build panicked in the
+/// consume).
+#[test]
+fn a_refund_never_gives_back_units_a_refused_request_holds_for_a_moment() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 10 }
+[plans.Two]
+limits = [
+  { resource = "chat", unit = "tokens", amount = 1000000, window = "daily" },
+  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Two");
+    const REFUNDS: usize = 4_000;
+    let ids: Vec<String> = (0..REFUNDS).map(|index| format!("r{index}")).collect();
+    for id in &ids {
+        let request = UsageRequest::new(&key, "chat", &[(Unit::Tokens, 1)])
+            .at(T0_MS)
+            .id(id);
+        assert!(engine.consume(&request).expect("consume").is_admitted());
+    }
+    for _ in 0..10 {
+        assert!(consume(&engine, &key, "chat", &[(Unit::Requests, 1)], T0_MS).is_admitted());
+    }
+    // Every token counted is corrected away: none is recorded any more.
+    engine
+        .adjust_usage(
+            &key,
+            "chat",
+            &[(Unit::Tokens, REFUNDS as u64)],
+            T0_MS,
+            AdjustmentDirection::Remove,
+            Some(T0_MS),
+        )
+        .expect("a correction");
+    let refunded = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the refused thread however the refunding one ends.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let given_back = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
+            while !refunded.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(!consume(&engine, &key, "chat", &quantities, T0_MS).is_admitted());
+            }
+        });
+        let refunding = scope.spawn(|| {
+            let _done = Done(&refunded);
+            ids.iter()
+                .map(|id| {
+                    let refund = engine.refund(id, Some(T0_MS)).expect("a refund");
+                    refund.given_back.counters.iter().map(|c| c.2).sum::<u64>()
+                })
+                .sum::<u64>()
+        });
+        refunding.join().expect("the refunding thread")
+    });
+    assert_eq!(given_back, 0, "no token was recorded any more");
+    assert_eq!(
+        engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+        0
+    );
+}
+
 #[test]
 fn a_request_that_fits_one_limit_but_not_another_changes_neither() {
     for requests_first in [true, false] {

@@ -116,7 +116,12 @@ impl Engine {
                 ));
             }
             let fingerprint = record.fingerprint.clone();
-            let given_back = self.give_back(
+            // Write-locked, as a usage correction is: a calendar counter holds an admission's
+            // units in flight in the same word as those recorded, and a refund that finds
+            // fewer recorded than its receipt took (a correction removed some) took the
+            // in-flight ones as its own under the read lock.
+            let given_back = self.give_back_locked(
+                true,
                 &fingerprint.key,
                 &fingerprint.resource,
                 &receipt,
@@ -152,8 +157,24 @@ impl Engine {
         whole: bool,
         as_of_ms: Option<u64>,
     ) -> GivenBack {
+        self.give_back_locked(false, key, resource, receipt, quantities, whole, as_of_ms)
+    }
+
+    /// `give_back`, with the key's shard write-locked if `exclusive` (no admission in flight
+    /// on the key meanwhile).
+    #[allow(clippy::too_many_arguments)]
+    fn give_back_locked(
+        &self,
+        exclusive: bool,
+        key: &str,
+        resource: &str,
+        receipt: &Receipt,
+        quantities: &Quantities,
+        whole: bool,
+        as_of_ms: Option<u64>,
+    ) -> GivenBack {
         let (then, later) = self.policy_lineage(receipt.generation);
-        self.keys.read(key, |policy, state| match state {
+        let give = |policy: &Policy, state: Option<&KeyState>| match state {
             Some(state) => give_back_in(
                 then.as_deref().map(|then| (then, &later[..])),
                 policy,
@@ -168,7 +189,14 @@ impl Engine {
                 generation: policy.generation,
                 ..GivenBack::default()
             },
-        })
+        };
+        if exclusive {
+            self.keys.write(key, |policy, state| {
+                give(policy, state.map(|state| &*state))
+            })
+        } else {
+            self.keys.read(key, give)
+        }
     }
 
     /// Reverses a give-back whose event could not be logged.
