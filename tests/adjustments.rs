@@ -303,3 +303,152 @@ fn a_plan_quota_refund_after_its_policy_generation_is_dropped_is_refused_and_cha
     let again = format!("{:?}", engine.refund("r1", Some(T0_MS + 5)));
     assert!(again.contains("no longer kept"), "{again}");
 }
+
+/// A clock that holds each thread named `batch` in its second read until released: a
+/// `consume_many` reads it once per request with an id, so the second request's read comes
+/// after the first was decided and remembered, before the chunk's events are appended.
+#[derive(Debug)]
+struct SecondReadHold {
+    now_ms: u64,
+    /// (a batch is held, the batch may go on)
+    state: Mutex<(bool, bool)>,
+    changed: Condvar,
+}
+
+impl SecondReadHold {
+    fn arm(&self) {
+        *self.state.lock().unwrap() = (false, false);
+    }
+
+    fn wait_until_held(&self) {
+        let mut state = self.state.lock().unwrap();
+        while !state.0 {
+            let (next, timeout) = self
+                .changed
+                .wait_timeout(state, Duration::from_secs(10))
+                .unwrap();
+            assert!(!timeout.timed_out(), "the batch never read the clock");
+            state = next;
+        }
+    }
+
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Clock for SecondReadHold {
+    fn now_ms(&self) -> u64 {
+        thread_local! {
+            static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let reads = READS.with(|reads| {
+            reads.set(reads.get() + 1);
+            reads.get()
+        });
+        if std::thread::current().name() == Some("batch") && reads == 2 {
+            let mut state = self.state.lock().unwrap();
+            state.0 = true;
+            self.changed.notify_all();
+            while !state.1 {
+                state = self.changed.wait(state).unwrap();
+            }
+        }
+        self.now_ms
+    }
+}
+
+/// A refund that finds no record for its id at its first look, and the record a `consume_many`
+/// chunk has just staged at its second, gave back and logged at once: the refund came before
+/// the admission in the log, so a replay applied it to nothing, and after a reopen the request
+/// could be refunded again (credits given back twice).
+#[test]
+fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() {
+    let dir = TempDir::new("refund-races-staged");
+    let clock = Arc::new(SecondReadHold {
+        now_ms: T0_MS,
+        state: Mutex::new((false, false)),
+        changed: Condvar::new(),
+    });
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        clock.clone(),
+        sync_options(),
+    )
+    .unwrap();
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 100_000_000, Some(T0_MS)).unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    for trial in 0..40 {
+        let (first, second) = (format!("first-{trial}"), format!("second-{trial}"));
+        let batch = [
+            UsageRequest::new("key-ada", "m2.7", &quantities)
+                .at(T0_MS + 1)
+                .id(&first),
+            UsageRequest::new("key-ada", "m2.7", &quantities)
+                .at(T0_MS + 1)
+                .id(&second),
+        ];
+        clock.arm();
+        let refunded = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let batching = std::thread::Builder::new()
+                .name("batch".into())
+                .spawn_scoped(scope, || engine.consume_many(&batch))
+                .unwrap();
+            let refunding = scope.spawn(|| loop {
+                match engine.refund(&first, Some(T0_MS + 2)) {
+                    Err(tally_engine::Error::UnknownRequest { .. }) => continue,
+                    outcome => {
+                        refunded.store(true, Ordering::SeqCst);
+                        return outcome;
+                    }
+                }
+            });
+            clock.wait_until_held();
+            // A refund that waits for the first decision's event waits for the batch.
+            for _ in 0..50 {
+                if refunded.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            clock.release();
+            refunding
+                .join()
+                .unwrap()
+                .expect("admitted: it can be refunded");
+            assert!(batching
+                .join()
+                .unwrap()
+                .iter()
+                .all(|result| result.as_ref().unwrap().is_admitted()));
+        });
+        let kinds: Vec<String> = engine
+            .events_after(0, 1_000)
+            .unwrap()
+            .iter()
+            .filter_map(|event| match &event.body {
+                EventBody::UsageAdmitted {
+                    request_id: Some(id),
+                    ..
+                } if &**id == first.as_str() => Some("admitted".to_string()),
+                EventBody::Refunded { request_id, .. } if &**request_id == first.as_str() => {
+                    Some("refunded".to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["admitted", "refunded"],
+            "trial {trial}: the refund is logged before the admission it gives back"
+        );
+    }
+    let balance = engine.credits_micros("@ada").unwrap();
+    drop(engine);
+    let engine = open(dir.path(), Policy::token_plan(), sync_options());
+    assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
+}

@@ -13,6 +13,7 @@ use crate::admission::{price_micros, Amounts, ChargedTo, Quantities, Receipt};
 use crate::engine::{check_id, resolve_resource, AdjustmentDirection, Engine, MemoryStats};
 use crate::error::Error;
 use crate::event::{EventBody, GivenBack};
+use crate::idempotency::LoggedAs;
 use crate::ledger::{KeyUsage, WindowState};
 use crate::policy::{CounterId, Policy, ResourceId, Unit, Window};
 
@@ -76,17 +77,31 @@ impl Engine {
         // The first decision's event is waited for first (after letting go of the id's shard,
         // as a repeat does): one staged in a `consume_many` chunk not yet appended would come
         // after the refund's in the log, and a replay would apply the refund before the usage
-        // it gives back and restore the id unrefunded.
-        let logged = self.requests.with_record(request_id, |record| {
-            Ok(record.map(|record| record.logged.clone()))
-        })?;
-        if let Some(logged) = logged {
-            self.await_first_decision(&logged)?;
+        // it gives back and restore the id unrefunded. A record staged after that first look
+        // (the id's first decision made meanwhile) is waited for in turn.
+        loop {
+            let logged = self.requests.with_record(request_id, |record| {
+                Ok(record.map(|record| record.logged.clone()))
+            })?;
+            if let Some(logged) = logged {
+                self.await_first_decision(&logged)?;
+            }
+            if let Some(refund) = self.refund_logged(request_id, at_ms)? {
+                return Ok(refund);
+            }
         }
+    }
+
+    /// `refund` once the first decision's event is appended; `None` (nothing done) if the
+    /// record is staged in a `consume_many` chunk not yet appended.
+    fn refund_logged(&self, request_id: &str, at_ms: u64) -> Result<Option<Refund>, Error> {
         self.requests.with_record(request_id, |record| {
             let record = record.ok_or_else(|| Error::UnknownRequest {
                 request_id: request_id.into(),
             })?;
+            if matches!(&record.logged, LoggedAs::Chunk(chunk) if chunk.get().is_none()) {
+                return Ok(None);
+            }
             if record.refunded {
                 return Err(Error::invalid(
                     "request_id",
@@ -139,10 +154,10 @@ impl Engine {
                 return Err(error);
             }
             record.refunded = true;
-            Ok(Refund {
+            Ok(Some(Refund {
                 charged_to: receipt.charged_to,
                 given_back,
-            })
+            }))
         })
     }
 
