@@ -149,6 +149,7 @@ impl<T> ShardLock<T> {
             // and reading the slots).
             compiler_fence(Ordering::SeqCst);
             if !self.writing.load(Ordering::Acquire) {
+                LIGHT_GUARDS.with(|guards| guards.set(guards.get() + 1));
                 return true;
             }
             slot.store(count, Ordering::Release);
@@ -297,6 +298,10 @@ thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(NO_SLOT) };
     /// Gives the exclusive slot back when the thread ends.
     static HELD: HeldSlot = const { HeldSlot(Cell::new(NO_SLOT)) };
+    /// This thread's read guards on its exclusive slot not yet dropped. A guard kept in a
+    /// thread-local can outlive `HELD` (destructors run in no order we choose): while one is
+    /// out, the slot is not given back, since its drop lowers the count with a plain store.
+    static LIGHT_GUARDS: Cell<usize> = const { Cell::new(0) };
 }
 
 const NO_SLOT: usize = usize::MAX;
@@ -313,8 +318,13 @@ impl Drop for HeldSlot {
         // Anything this thread reads from now on (another thread-local's destructor) goes
         // through a shared slot: the exclusive one may have a new holder.
         SLOT.with(|slot| slot.set(shared_slot(index)));
+        if LIGHT_GUARDS.with(Cell::get) > 0 {
+            // A guard still to be dropped (kept in another thread-local) lowers the slot with
+            // a plain store: it stays this thread's for good, never shared with a new holder.
+            return;
+        }
         // Release: the next holder sees this thread's last store to the slot (zero: no read
-        // guard outlives its thread).
+        // guard on it is left).
         CLAIMED_SLOTS.fetch_and(!(1 << index), Ordering::Release);
     }
 }
@@ -471,6 +481,7 @@ impl<T> Drop for ReadGuard<'_, T> {
             let count = self.slot.load(Ordering::Relaxed);
             debug_assert!(count > 0);
             self.slot.store(count - 1, Ordering::Release);
+            LIGHT_GUARDS.with(|guards| guards.set(guards.get() - 1));
         } else {
             self.slot.fetch_sub(1, Ordering::Release);
         }
@@ -801,6 +812,52 @@ mod tests {
         std::thread::scope(|scope| {
             scope.spawn(|| assert_eq!(*guard, 1));
         });
+    }
+
+    /// A read guard kept in a thread-local (safe code, on a lock that lives for ever) is
+    /// dropped by that thread-local's destructor, which may run after the one that gives the
+    /// thread's exclusive slot back: the guard then lowered, with a plain store, a slot another
+    /// thread may already hold and raise with plain stores of its own.
+    #[test]
+    fn a_slot_is_not_given_back_while_a_guard_on_it_is_still_to_be_dropped() {
+        static LOCK: std::sync::LazyLock<ShardLock<u64>> =
+            std::sync::LazyLock::new(|| ShardLock::new(0));
+        /// Whether the guard's slot was still this thread's when the guard was dropped.
+        static HELD_AT_DROP: parking_lot::Mutex<Vec<bool>> = parking_lot::Mutex::new(Vec::new());
+        struct Keeper(Option<ReadGuard<'static, u64>>);
+        impl Drop for Keeper {
+            fn drop(&mut self) {
+                if let Some(guard) = self.0.take() {
+                    let index = (0..READER_SLOTS)
+                        .find(|&slot| std::ptr::eq(&*LOCK.readers[slot], guard.slot))
+                        .expect("a slot of the lock");
+                    let held = CLAIMED_SLOTS.load(Ordering::SeqCst) & (1 << index) != 0;
+                    HELD_AT_DROP.lock().push(!guard.light || held);
+                }
+            }
+        }
+        thread_local! {
+            static KEPT: std::cell::RefCell<Keeper> = const { std::cell::RefCell::new(Keeper(None)) };
+        }
+        let _alone = MANY_THREADS.lock();
+        // Two threads: each leaves its slot claimed for good once this is fixed.
+        for _ in 0..2 {
+            std::thread::spawn(|| {
+                // The keeper's destructor is registered first, the slot's on the first read.
+                KEPT.with(|kept| kept.borrow().0.is_none());
+                let guard = LOCK.read();
+                KEPT.with(|kept| kept.borrow_mut().0 = Some(guard));
+            })
+            .join()
+            .expect("the thread ends");
+        }
+        let held = HELD_AT_DROP.lock().clone();
+        assert_eq!(held.len(), 2);
+        assert!(
+            held.iter().all(|&held| held),
+            "a guard was dropped after its exclusive slot was given back: {held:?}"
+        );
+        assert_eq!(*LOCK.write(), 0, "every count came back down");
     }
 
     #[test]
