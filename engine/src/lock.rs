@@ -30,7 +30,7 @@
 use std::cell::{Cell, UnsafeCell};
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{compiler_fence, fence, AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, MutexGuard};
@@ -135,9 +135,15 @@ impl<T> ShardLock<T> {
         let slot = &self.readers[index];
         if light {
             let bit = 1 << index;
-            // Relaxed: only this thread sets its bit, so it sees its own `fetch_or`.
+            // Relaxed: only this slot's holders set its bit, and a holder sees its own
+            // `fetch_or` and (through the claim's Acquire) its predecessors'.
             if self.light_readers.load(Ordering::Relaxed) & bit == 0 {
                 self.light_readers.fetch_or(bit, Ordering::SeqCst);
+                // A writer whose SeqCst load of `light_readers` missed the bit precedes the
+                // `fetch_or`, so its SeqCst store of `writing` precedes this fence in the
+                // SeqCst order, and the load of `writing` below sees it (the fence is what
+                // makes that so in the language's model, not only on x86).
+                fence(Ordering::SeqCst);
             }
             // Only this thread writes this slot (it holds it alone), so a load and a store
             // raise the count: a `mov`, not a locked instruction.
@@ -373,6 +379,11 @@ fn first_reader_slot() -> (usize, bool) {
         // Held until the thread ends; if its thread-locals are already being torn down there
         // is no end to wait for: give the slot back at once and share.
         if HELD.try_with(|held| held.0.set(index)).is_ok() {
+            // The slot's bit in a lock's `light_readers` may have been set by an earlier
+            // holder: that `fetch_or` happens before this claim, so it precedes this fence in
+            // the SeqCst order, and so does a writer's store of `writing` whose load missed the
+            // bit; this thread's loads of `writing` come after the fence and see it.
+            fence(Ordering::SeqCst);
             SLOT.with(|slot| slot.set(index | EXCLUSIVE_FLAG));
             return (index, true);
         }
