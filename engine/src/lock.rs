@@ -223,8 +223,14 @@ impl<T> ShardLock<T> {
     /// Whether a thread other than this one may be reading with a plain-store announcement
     /// (see `light_readers`). Called with `writing` raised.
     fn others_read_light(&self) -> bool {
-        let (index, exclusive) = reader_slot();
-        let mine = if exclusive { 1 << index } else { 0 };
+        // A thread that has not read yet holds no slot, and is not given one for writing: a
+        // thread that only writes (an admin thread) leaves the fast slots to readers.
+        let slot = SLOT.with(Cell::get);
+        let mine = if slot != NO_SLOT && slot & EXCLUSIVE_FLAG != 0 {
+            1 << (slot & !EXCLUSIVE_FLAG)
+        } else {
+            0
+        };
         self.light_readers.load(Ordering::SeqCst) & !mine != 0
     }
 
@@ -869,6 +875,18 @@ mod tests {
             "a guard was dropped after its exclusive slot was given back: {held:?}"
         );
         assert_eq!(*LOCK.write(), 0, "every count came back down");
+    }
+
+    #[test]
+    fn a_thread_that_only_writes_claims_no_reader_slot() {
+        let lock = ShardLock::new(0u32);
+        let slot = std::thread::spawn(move || {
+            *lock.write() += 1;
+            SLOT.with(Cell::get)
+        })
+        .join()
+        .expect("the writer ends");
+        assert_eq!(slot, NO_SLOT);
     }
 
     #[test]
