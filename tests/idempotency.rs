@@ -95,6 +95,33 @@ fn join_all(joins: &Arc<Mutex<Vec<JoinHandle<()>>>>) {
 
 const ONE: [(Unit, u64); 1] = [(Unit::Requests, 1)];
 
+/// Sends two requests on `key-eve` at `at_ms` (ids "first" and "second") with `call` run on another thread on the clock read of the
+/// second request (the first decided, its record kept, its event staged but not appended);
+/// returns the batch and its results once `call` has ended.
+fn batch_with_a_call_in_its_gap(
+    engine: &Arc<Engine>,
+    clock: &HookClock,
+    at_ms: u64,
+    call: impl FnOnce(&Engine) + Send + 'static,
+) -> (
+    [UsageRequest<'static>; 2],
+    Vec<Result<Decision, tally_engine::Error>>,
+) {
+    let joins = Arc::new(Mutex::new(Vec::new()));
+    clock.arm(2, on_a_thread(engine, &joins, call));
+    let batch = [
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first"),
+        UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("second"),
+    ];
+    let results = engine.consume_many(&batch);
+    join_all(&joins);
+    (batch, results)
+}
+
 /// The token plan with one more plan, named to sort first: every plan's id moves up by one.
 fn token_plan_with_a_plan_in_front() -> Policy {
     let mut document = Policy::token_plan().document().clone();
@@ -110,29 +137,16 @@ fn a_swap_between_a_batch_chunks_decisions_and_its_append_renames_the_ids_after_
     let clock = Arc::new(HookClock::new(at_ms));
     let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
     create_accounts(&engine);
-    let joins = Arc::new(Mutex::new(Vec::new()));
-    // On the clock read of the batch's second request (its first request decided and staged,
-    // not yet appended), another thread swaps in a policy that renumbers every plan.
-    clock.arm(
-        2,
-        on_a_thread(&engine, &joins, move |engine| {
-            engine
-                .swap_policy(token_plan_with_a_plan_in_front(), Some(at_ms))
-                .expect("the swap");
-        }),
-    );
-    let batch = [
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("first"),
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("second"),
-    ];
-    for result in engine.consume_many(&batch) {
+    // Between the batch's two requests, another thread swaps in a policy that renumbers every
+    // plan.
+    let (batch, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        engine
+            .swap_policy(token_plan_with_a_plan_in_front(), Some(at_ms))
+            .expect("the swap");
+    });
+    for result in results {
         assert!(result.expect("admitted").is_admitted());
     }
-    join_all(&joins);
     assert_eq!(engine.policy().generation(), 1, "the swap ran");
     let repeat = |engine: &Engine| -> Decision { engine.consume(&batch[0]).expect("a repeat") };
     let live = repeat(&engine);
@@ -170,29 +184,15 @@ fn a_refund_of_an_id_whose_batch_chunk_is_not_yet_appended_stays_refunded_after_
     let clock = Arc::new(HookClock::new(at_ms));
     let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
     create_accounts(&engine);
-    let joins = Arc::new(Mutex::new(Vec::new()));
-    // On the clock read of the batch's second request (the first decided, its record kept,
-    // its event staged but not appended), another thread refunds the first.
+    // Between the batch's two requests, another thread refunds the first.
     let refunded = Arc::new(Mutex::new(None));
     let outcome = Arc::clone(&refunded);
-    clock.arm(
-        2,
-        on_a_thread(&engine, &joins, move |engine| {
-            *outcome.lock().unwrap() = Some(engine.refund("first", Some(at_ms)).is_ok());
-        }),
-    );
-    let batch = [
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("first"),
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("second"),
-    ];
-    for result in engine.consume_many(&batch) {
+    let (_, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        *outcome.lock().unwrap() = Some(engine.refund("first", Some(at_ms)).is_ok());
+    });
+    for result in results {
         assert!(result.expect("admitted").is_admitted());
     }
-    join_all(&joins);
     assert_eq!(*refunded.lock().unwrap(), Some(true), "the refund ran");
     let used = |engine: &Engine| engine.usage("key-eve", Some(at_ms)).unwrap().limits[0].used;
     assert_eq!(used(&engine), 1, "two admitted, one refunded");
@@ -280,28 +280,14 @@ fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage
     let clock = Arc::new(HookClock::new(at_ms));
     let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
     create_accounts(&engine);
-    let joins = Arc::new(Mutex::new(Vec::new()));
-    // On the clock read of the batch's second request (the first admitted on Plus, its event
-    // staged), another thread moves the key to a plan that does not count m2.7.
-    clock.arm(
-        2,
-        on_a_thread(&engine, &joins, move |engine| {
-            engine
-                .assign_seat("@eve", "eve", "Plus-Highspeed", Some(at_ms))
-                .expect("the seat change");
-        }),
-    );
-    let batch = [
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("first"),
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("second"),
-    ];
-    let admitted = engine.consume_many(&batch);
+    // Between the batch's two requests (the first admitted on Plus), another thread moves the
+    // key to a plan that does not count m2.7.
+    let (_, admitted) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        engine
+            .assign_seat("@eve", "eve", "Plus-Highspeed", Some(at_ms))
+            .expect("the seat change");
+    });
     assert!(admitted[0].as_ref().expect("decided").is_admitted());
-    join_all(&joins);
     // Back on Plus within the window: the usage counted on it counts again.
     engine
         .assign_seat("@eve", "eve", "Plus", Some(at_ms + 1))
@@ -322,36 +308,22 @@ fn a_correction_between_a_batch_chunks_decisions_and_its_append_is_replayed_as_i
     let clock = Arc::new(HookClock::new(at_ms));
     let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
     create_accounts(&engine);
-    let joins = Arc::new(Mutex::new(Vec::new()));
-    // On the clock read of the batch's second request (the first admitted, its event staged),
-    // another thread removes the unit the first counted.
-    clock.arm(
-        2,
-        on_a_thread(&engine, &joins, move |engine| {
-            engine
-                .adjust_usage(
-                    "key-eve",
-                    "m2.7",
-                    &ONE,
-                    at_ms,
-                    tally_engine::AdjustmentDirection::Remove,
-                    Some(at_ms),
-                )
-                .expect("the correction");
-        }),
-    );
-    let batch = [
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("first"),
-        UsageRequest::new("key-eve", "m2.7", &ONE)
-            .at(at_ms)
-            .id("second"),
-    ];
-    for decided in engine.consume_many(&batch) {
+    // Between the batch's two requests, another thread removes the unit the first counted.
+    let (_, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        engine
+            .adjust_usage(
+                "key-eve",
+                "m2.7",
+                &ONE,
+                at_ms,
+                tally_engine::AdjustmentDirection::Remove,
+                Some(at_ms),
+            )
+            .expect("the correction");
+    });
+    for decided in results {
         assert!(decided.expect("decided").is_admitted());
     }
-    join_all(&joins);
     let used = |engine: &Engine| engine.usage("key-eve", Some(at_ms + 1)).unwrap().limits[0].used;
     let live = used(&engine);
     // 1 with the correction between the two requests or after the batch.
