@@ -79,13 +79,7 @@ impl Clock for PausingClock {
 fn a_refund_of_a_request_still_in_a_batch_is_logged_after_it() {
     let dir = TempDir::new("refund-staged");
     let clock = Arc::new(PausingClock::new(T0_MS, 2));
-    let engine = Engine::open(
-        dir.path(),
-        Policy::token_plan(),
-        clock.clone(),
-        sync_options(),
-    )
-    .unwrap();
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     // No seat: every request is charged to the team's credits.
     engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
     engine.top_up("@ada", 10_000_000, Some(T0_MS)).unwrap();
@@ -371,13 +365,7 @@ fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() 
         state: Mutex::new((false, false)),
         changed: Condvar::new(),
     });
-    let engine = Engine::open(
-        dir.path(),
-        Policy::token_plan(),
-        clock.clone(),
-        sync_options(),
-    )
-    .unwrap();
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
     engine.top_up("@ada", 100_000_000, Some(T0_MS)).unwrap();
     let quantities = [(Unit::Requests, 1)];

@@ -82,9 +82,15 @@ fn on_a_thread(
     }
 }
 
-fn open_hooked(dir: &std::path::Path, clock: &Arc<HookClock>, policy: Policy) -> Arc<Engine> {
-    let clock: Arc<dyn Clock> = Arc::clone(clock) as Arc<dyn Clock>;
-    Arc::new(Engine::open(dir, policy, clock, sync_options()).expect("open"))
+/// A durable engine on a `HookClock` at ten minutes past `T0_MS` (returned), in a new
+/// directory named after `name`, with `create_accounts`'s accounts.
+fn hooked_engine(name: &str) -> (TempDir, u64, Arc<HookClock>, Arc<Engine>) {
+    let dir = TempDir::new(name);
+    let at_ms = T0_MS + 10 * MINUTE_MS;
+    let clock = Arc::new(HookClock::new(at_ms));
+    let engine = Arc::new(open_on_clock(dir.path(), clock.clone(), sync_options()));
+    create_accounts(&engine);
+    (dir, at_ms, clock, engine)
 }
 
 fn join_all(joins: &Arc<Mutex<Vec<JoinHandle<()>>>>) {
@@ -132,11 +138,7 @@ fn token_plan_with_a_plan_in_front() -> Policy {
 
 #[test]
 fn a_swap_between_a_batch_chunks_decisions_and_its_append_renames_the_ids_after_a_reopen_too() {
-    let dir = TempDir::new("idem-swap-chunk");
-    let at_ms = T0_MS + 10 * MINUTE_MS;
-    let clock = Arc::new(HookClock::new(at_ms));
-    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
-    create_accounts(&engine);
+    let (dir, at_ms, clock, engine) = hooked_engine("idem-swap-chunk");
     // Between the batch's two requests, another thread swaps in a policy that renumbers every
     // plan.
     let (batch, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
@@ -179,11 +181,7 @@ fn a_swap_between_a_batch_chunks_decisions_and_its_append_renames_the_ids_after_
 
 #[test]
 fn a_refund_of_an_id_whose_batch_chunk_is_not_yet_appended_stays_refunded_after_a_reopen() {
-    let dir = TempDir::new("idem-refund-chunk");
-    let at_ms = T0_MS + 10 * MINUTE_MS;
-    let clock = Arc::new(HookClock::new(at_ms));
-    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
-    create_accounts(&engine);
+    let (dir, at_ms, clock, engine) = hooked_engine("idem-refund-chunk");
     // Between the batch's two requests, another thread refunds the first.
     let refunded = Arc::new(Mutex::new(None));
     let outcome = Arc::clone(&refunded);
@@ -275,11 +273,7 @@ fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
 
 #[test]
 fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage_after_a_reopen() {
-    let dir = TempDir::new("idem-seat-chunk");
-    let at_ms = T0_MS + 10 * MINUTE_MS;
-    let clock = Arc::new(HookClock::new(at_ms));
-    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
-    create_accounts(&engine);
+    let (dir, at_ms, clock, engine) = hooked_engine("idem-seat-chunk");
     // Between the batch's two requests (the first admitted on Plus), another thread moves the
     // key to a plan that does not count m2.7.
     let (_, admitted) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
@@ -303,11 +297,7 @@ fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage
 
 #[test]
 fn a_correction_between_a_batch_chunks_decisions_and_its_append_is_replayed_as_it_was_applied() {
-    let dir = TempDir::new("idem-correction-chunk");
-    let at_ms = T0_MS + 10 * MINUTE_MS;
-    let clock = Arc::new(HookClock::new(at_ms));
-    let engine = open_hooked(dir.path(), &clock, Policy::token_plan());
-    create_accounts(&engine);
+    let (dir, at_ms, clock, engine) = hooked_engine("idem-correction-chunk");
     // Between the batch's two requests, another thread removes the unit the first counted.
     let (_, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
         engine

@@ -1834,22 +1834,9 @@ fn flip_a_byte(frame: &Frame) {
 
 /// Replaces the last record of its segment with `events` (re-framed, with a correct crc).
 fn rewrite_last_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
-    let mut bytes = std::fs::read(&frame.path).unwrap();
-    assert_eq!(bytes.len(), frame.offset + 8 + frame.len, "the last record");
-    bytes.truncate(frame.offset);
-    let mut payload = Vec::new();
-    encode_record_into(
-        &mut payload,
-        frame.first,
-        frame
-            .durable_before
-            .map_or(frame.first, |mark| mark.min(frame.first)),
-        events.iter().map(|(at, body)| (*at, body.as_slice())),
-    );
-    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&frame_crc(&payload).to_le_bytes());
-    bytes.extend_from_slice(&payload);
-    std::fs::write(&frame.path, bytes).unwrap();
+    let len = std::fs::metadata(&frame.path).unwrap().len() as usize;
+    assert_eq!(len, frame.offset + 8 + frame.len, "the last record");
+    rewrite_record(frame, events);
 }
 
 /// Replaces a record, anywhere in its segment, with `events` (re-framed, with a correct crc;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_engine::{
-    AdjustmentDirection, Durability, Engine, EngineOptions, Error, ManualClock, OpenOptions,
+    AdjustmentDirection, Clock, Durability, Engine, EngineOptions, Error, ManualClock, OpenOptions,
     Policy, ReservationId, SettleOutcome, Unit, UsageReport, UsageRequest,
 };
 
@@ -111,7 +111,7 @@ pub fn open(dir: &Path, policy: Policy, options: OpenOptions) -> Engine {
 }
 
 /// Opens with a clock the test moves (request-id and reservation horizons run on the clock).
-pub fn open_on_clock(dir: &Path, clock: Arc<ManualClock>, options: OpenOptions) -> Engine {
+pub fn open_on_clock(dir: &Path, clock: Arc<dyn Clock>, options: OpenOptions) -> Engine {
     match Engine::open(dir, Policy::token_plan(), clock, options) {
         Ok(engine) => engine,
         Err(error) => panic!("opening {}: {error}", dir.display()),
