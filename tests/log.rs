@@ -11,7 +11,9 @@
 mod log_support;
 
 use log_support::*;
-use tally_engine::event::{decode_body, encode_body, encode_record_into, RecordView};
+use tally_engine::event::{
+    decode_body, encode_body, encode_record_into, RecordView, FORMAT_VERSION,
+};
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
     Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
@@ -2683,19 +2685,34 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
     );
 }
 
+/// Rewrites a database's snapshots as a build of format `version` (2 or 3) wrote them (rolling
+/// buckets plain, not packed as format 4 packs them) and its metadata to say `version`; its
+/// log's records are left as they are (format 3's are format 4's).
+fn rewrite_snapshots_in_format(dir: &std::path::Path, version: u16) {
+    for entry in std::fs::read_dir(dir.join("snapshots")).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut body = tally_engine::recovery::snapshot_body_in_format_3(&bytes[32..]).unwrap();
+        // The body's own version (its first field); the file header's version, length and crc.
+        body[..2].copy_from_slice(&version.to_le_bytes());
+        let mut file = bytes[..32].to_vec();
+        file[8..10].copy_from_slice(&version.to_le_bytes());
+        file[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        file.extend(body);
+        std::fs::write(&path, file).unwrap();
+    }
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert("format_version", &version.to_le_bytes())
+        .unwrap();
+    db.flush().unwrap();
+}
+
 /// Rewrites a database's log in format 2 (records without a durable point, segments, snapshots
 /// and the database's metadata saying version 2), as the builds before format 3 wrote it.
 fn rewrite_in_format_2(dir: &std::path::Path) {
-    for entry in std::fs::read_dir(dir.join("snapshots")).unwrap() {
-        let path = entry.unwrap().path();
-        let mut bytes = std::fs::read(&path).unwrap();
-        // The file header's version, the body's own (its first field), and the body's crc.
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
-        bytes[32..34].copy_from_slice(&2u16.to_le_bytes());
-        let crc = crc32fast::hash(&bytes[32..]);
-        bytes[28..32].copy_from_slice(&crc.to_le_bytes());
-        std::fs::write(&path, bytes).unwrap();
-    }
+    rewrite_snapshots_in_format(dir, 2);
     for path in segment_paths(dir) {
         let bytes = std::fs::read(&path).unwrap();
         let mut out = bytes[..SEGMENT_HEADER].to_vec();
@@ -2718,10 +2735,6 @@ fn rewrite_in_format_2(dir: &std::path::Path) {
         }
         std::fs::write(&path, out).unwrap();
     }
-    let db = open_sled_retrying(dir);
-    let meta = db.open_tree("meta").unwrap();
-    meta.insert("format_version", &2u16.to_le_bytes()).unwrap();
-    db.flush().unwrap();
 }
 
 fn format_version(dir: &std::path::Path) -> u16 {
@@ -2741,7 +2754,7 @@ fn format_version(dir: &std::path::Path) -> u16 {
 /// `verify`. A format-2 record does not say what was durable, so a bad one with a sound one
 /// after it stays damage.
 #[test]
-fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
+fn a_format_2_database_opens_as_it_was_and_goes_on_in_the_current_format() {
     let (dir, before, frames) = closed_database("format-2");
     assert!(
         std::fs::read_dir(dir.path().join("snapshots"))
@@ -2795,7 +2808,7 @@ fn a_format_2_database_opens_as_it_was_and_goes_on_in_format_3() {
     engine.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();
     let credits = engine.credits_micros("@ada").unwrap();
     drop(engine);
-    assert_eq!(format_version(dir.path()), 3);
+    assert_eq!(format_version(dir.path()), FORMAT_VERSION);
     let after = frames_of(dir.path());
     let newest = after.last().unwrap();
     assert_eq!(
@@ -2836,7 +2849,10 @@ fn a_checkpointed_format_2_database_opens_from_its_snapshot() {
     let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
     drop(engine);
     let snapshot = latest_snapshot(dir.path());
-    assert_eq!(std::fs::read(&snapshot).unwrap()[8..10], 3u16.to_le_bytes());
+    assert_eq!(
+        std::fs::read(&snapshot).unwrap()[8..10],
+        FORMAT_VERSION.to_le_bytes()
+    );
     rewrite_in_format_2(dir.path());
     let report = Engine::verify(dir.path(), sync_options()).unwrap();
     assert!(report.is_sound(), "{:?}", report.problems);
@@ -2849,6 +2865,58 @@ fn a_checkpointed_format_2_database_opens_from_its_snapshot() {
         &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
         &before,
         "state",
+    );
+}
+
+/// A checkpointed format-3 database (its snapshot's rolling buckets plain, two fixed integers
+/// each) opens from its snapshot to the same state, and its next snapshot packs them.
+#[test]
+fn a_checkpointed_format_3_database_opens_from_its_plain_snapshot_and_packs_the_next() {
+    let dir = TempDir::new("format-3-snapshot");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    engine.top_up("@ada", 13, Some(POPULATED_MS)).unwrap();
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    drop(engine);
+    let packed = std::fs::read(latest_snapshot(dir.path())).unwrap().len();
+    rewrite_snapshots_in_format(dir.path(), 3);
+    let plain = std::fs::read(latest_snapshot(dir.path())).unwrap();
+    assert_eq!(plain[8..10], 3u16.to_le_bytes());
+    assert!(
+        plain.len() > packed,
+        "rolling buckets to write plain: {} bytes against {packed} packed",
+        plain.len()
+    );
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine = open_token_plan(dir.path(), sync_options());
+    let opened = engine.open_report().unwrap();
+    assert!(
+        opened.events_replayed >= 1 && opened.events_replayed < last_seq(&engine),
+        "the snapshot, then the events after it: {opened:?}"
+    );
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state",
+    );
+    engine.checkpoint().unwrap();
+    drop(engine);
+    assert_eq!(format_version(dir.path()), FORMAT_VERSION);
+    let next = std::fs::read(latest_snapshot(dir.path())).unwrap();
+    assert_eq!(next[8..10], FORMAT_VERSION.to_le_bytes());
+    assert!(
+        next.len() < plain.len(),
+        "{} against {}",
+        next.len(),
+        plain.len()
+    );
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "state after the packed snapshot",
     );
 }
 

@@ -18,13 +18,16 @@ use crate::error::Error;
 use crate::policy::CounterId;
 use crate::reservation::Settlement;
 
-/// The version of the event and record encoding written by this build.
+/// The version of the event, record and snapshot encoding written by this build.
+/// Version 4: snapshots pack a rolling window's buckets (`recovery::buckets`); events and
+/// records are as in version 3.
 /// Version 3: records carry the writer's durable point (`RecordView::durable_before`).
 /// Version 2: the event log in segment files (see `log`); version 1 kept it in sled.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 
-/// The oldest version this build reads: a version-2 database is read as it is (its records
-/// tell their format apart) and written in version 3 from its next open on.
+/// The oldest version this build reads: a version-2 or -3 database is read as it is (its
+/// records and snapshots tell their format apart) and written in version 4 from its next open
+/// on.
 pub const OLDEST_FORMAT_VERSION: u16 = 2;
 
 /// Exactly what a give-back moved: per hold, the amount given back (used when a reservation is

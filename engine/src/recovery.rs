@@ -39,6 +39,7 @@ use crate::policy::{CounterId, PlanId, Policy, Window};
 use crate::reservation::{Closed, Reservation, ReservationId};
 use crate::window::{CalendarCounter, RollingWindow};
 
+mod buckets;
 mod cut;
 
 pub use cut::CutLockTime;
@@ -316,7 +317,10 @@ impl Default for OpenOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A key's counter in a snapshot. Its bytes are `buckets`' (`CounterRef`, `CounterWire`): a
+/// rolling window's buckets packed from format 4 on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "buckets::CounterWire")]
 enum CounterSnapshot {
     Rolling {
         head: u64,
@@ -1848,6 +1852,17 @@ impl Drop for DecodedSnapshot {
             drop(Box::from_raw(self.bytes.as_ptr()));
         }
     }
+}
+
+/// A snapshot's body as a build of format 3 wrote it: the same state, every rolling window's
+/// buckets as plain integer pairs and the body's version 3. For tests of databases older builds
+/// wrote; the caller fixes the file's header.
+#[doc(hidden)]
+pub fn snapshot_body_in_format_3(body: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut snapshot = decode_snapshot(body, 0)?;
+    snapshot.version = 3;
+    buckets::in_format_3(|| bincode::serialize(&snapshot))
+        .map_err(|error| storage(format!("encoding a snapshot: {error}")))
 }
 
 fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::buckets::CounterRef;
 use super::{
     storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
     TeamSnapshot,
@@ -89,19 +90,6 @@ struct SnapshotRef<'a, U, T, K, R, O> {
     open_reservations: O,
     closed_reservations: &'a [(u64, u64, Closed)],
     next_reservation: u64,
-}
-
-#[derive(Serialize)]
-enum CounterRef<'a> {
-    Rolling {
-        head: u64,
-        wide: bool,
-        buckets: &'a [(u64, u64)],
-    },
-    Calendar {
-        period: u32,
-        count: u64,
-    },
 }
 
 #[derive(Serialize)]
