@@ -7,8 +7,10 @@
 //! iff `e - N <= b <= e`, so a unit used at `t` in bucket `b` is released at `(b + N + 1) * bucket`
 //! `>= t + window`: never early, at most one bucket late.
 //!
-//! Each slot is one `AtomicU64` packing a 32-bit lap tag (`b / S`) and a 32-bit count, so whoever
-//! replaces a stale slot (by CAS) is the only one to subtract its count from `total`. `total` is
+//! Each slot is one atomic word packing a lap tag (`b / S`) and a count: 32 + 32 bits, or 16 + 16
+//! for limits up to `NARROW_MAX_AMOUNT` on rings whose tags take `NARROW_TAG_PERIOD_MIN_MS` or
+//! more to repeat (see `Slots`). Whoever replaces a stale slot (by CAS) is the only one to
+//! subtract its count from `total`. `total` is
 //! the sum of live counts plus units reserved but not yet recorded: admission is a CAS on `total`
 //! (`total + n <= limit`), then the units are recorded in the slot of their bucket. `head` is the
 //! newest epoch any caller has reached; it never moves back, so a timestamp that goes backwards is
