@@ -6,7 +6,7 @@
 //! reservation table, the idempotency shards, the registry, the policy list and every key shard
 //! for writing), so every event appended so far has been applied in memory and no applied change
 //! is missing from the log. The cut is serialised, the log synced up to it, and the snapshot
-//! stored in chunks; opening then replays only the events after it.
+//! stored as one file; opening then replays only the events after it.
 //!
 //! Replay applies each event's exact effect (the counters, epochs and amounts a usage moved), so
 //! the order in which concurrent requests met in memory does not matter: counter and credit
