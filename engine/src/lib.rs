@@ -21,7 +21,10 @@
 //! credits), `accounts` (users, teams, seats, keys), `lock` (the read-mostly lock of a key
 //! shard), `admission` (the decision), `idempotency` (request ids), `reservation` (reserve,
 //! settle, void), `adjustment` (refunds and corrections), `submission` (consumes decided now
-//! and acknowledged once durable), `engine` (the handle tying them together).
+//! and acknowledged once durable), `pages` (huge-page memory for key tables and usage),
+//! `error` (what a call can fail with), `options` (the options' ranges), `event` (the event
+//! format), `log` (the event log's segment files), `recovery` (opening a database, checkpoints,
+//! verify), `engine` (the handle tying them together).
 
 pub mod accounts;
 pub mod adjustment;
