@@ -465,7 +465,7 @@ typedef struct tally_decision {
   struct tally_limit_status limits[TALLY_MAX_DECISION_LIMITS];
   // The key's plan ("" if none), NUL-terminated.
   char plan[TALLY_NAME_CAPACITY];
-  // `limit_index`'s limit's name ("m2.7 requests per rolling:5h"; "" if none).
+  // `limit_index`'s limit's name ("m2.7:requests per rolling:5h"; "" if none).
   char limit_name[TALLY_NAME_CAPACITY];
   // Denied: a plan with room for this request or that covers the resource ("" if none).
   char upgrade_plan[TALLY_NAME_CAPACITY];

@@ -186,7 +186,7 @@ pub struct tally_decision {
     pub limits: [tally_limit_status; TALLY_MAX_DECISION_LIMITS],
     /// The key's plan ("" if none), NUL-terminated.
     pub plan: [c_char; TALLY_NAME_CAPACITY],
-    /// `limit_index`'s limit's name ("m2.7 requests per rolling:5h"; "" if none).
+    /// `limit_index`'s limit's name ("m2.7:requests per rolling:5h"; "" if none).
     pub limit_name: [c_char; TALLY_NAME_CAPACITY],
     /// Denied: a plan with room for this request or that covers the resource ("" if none).
     pub upgrade_plan: [c_char; TALLY_NAME_CAPACITY],
