@@ -540,10 +540,10 @@ tally_status tally_engine_consume_many(const struct tally_engine *engine,
                                        struct tally_decision *decisions_out);
 
 // Holds an estimate (`*request`, without a request id) against every limit or the credits
-// until settled, voided or the lease ends (`lease_ms`; 0 = the default, 10 minutes; at most
-// 24 h). Writes the decision; when admitted, the reservation's id (never 0) to
-// `*reservation_out`, when denied 0. Gateways that learn the real cost at the end (tokens)
-// reserve an estimate, then settle the actual amount.
+// until settled, voided or the lease ends (`lease_ms`; 0 = the `default_lease_ms` option,
+// 10 minutes unless set; at most 24 h). Writes the decision; when admitted, the reservation's
+// id (never 0) to `*reservation_out`, when denied 0. Gateways that learn the real cost at the
+// end (tokens) reserve an estimate, then settle the actual amount.
 tally_status tally_engine_reserve(const struct tally_engine *engine,
                                   const struct tally_request *request,
                                   uint64_t lease_ms,

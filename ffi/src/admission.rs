@@ -150,10 +150,10 @@ fn consume_checked(
 }
 
 /// Holds an estimate (`*request`, without a request id) against every limit or the credits
-/// until settled, voided or the lease ends (`lease_ms`; 0 = the default, 10 minutes; at most
-/// 24 h). Writes the decision; when admitted, the reservation's id (never 0) to
-/// `*reservation_out`, when denied 0. Gateways that learn the real cost at the end (tokens)
-/// reserve an estimate, then settle the actual amount.
+/// until settled, voided or the lease ends (`lease_ms`; 0 = the `default_lease_ms` option,
+/// 10 minutes unless set; at most 24 h). Writes the decision; when admitted, the reservation's
+/// id (never 0) to `*reservation_out`, when denied 0. Gateways that learn the real cost at the
+/// end (tokens) reserve an estimate, then settle the actual amount.
 #[no_mangle]
 pub extern "C" fn tally_engine_reserve(
     engine: *const tally_engine,
