@@ -28,8 +28,9 @@ func (e *Engine) Check(request Request) (Decision, error) {
 }
 
 // Reserve holds an estimate (a request without a request id) against every limit or the
-// credits until Settle, Void or the end of the lease (0: the default, 10 minutes; at most
-// 24 h; whole milliseconds). When admitted it returns the reservation; when denied, 0.
+// credits until Settle, Void or the end of the lease (0: Options.DefaultLease, 10 minutes
+// unless set; at most 24 h; whole milliseconds). When admitted it returns the reservation;
+// when denied, 0.
 func (e *Engine) Reserve(request Request, lease time.Duration) (Decision, ReservationID, error) {
 	if lease < 0 {
 		return Decision{}, 0, newError("Reserve", C.TALLY_INVALID_ARGUMENT, "lease: must not be negative")

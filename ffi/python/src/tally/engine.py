@@ -347,7 +347,8 @@ class Engine:
         at_ms: int | None = None,
         lease_ms: int | None = None,
     ) -> Reservation:
-        """Holds an estimate until settled, voided or the lease ends (default 10 minutes)."""
+        """Holds an estimate until settled, voided or the lease ends (default: the
+        ``default_lease_ms`` option, 10 minutes unless set)."""
         request = _request(key, resource, estimate, at_ms, None)
         lease = 0 if lease_ms is None else _convert.u64("lease_ms", lease_ms)
         out = _native.Decision()
