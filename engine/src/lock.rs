@@ -1,5 +1,6 @@
 //! The read-mostly lock around each key shard: read on every admission, written only by admin
-//! calls (keys created, seats changed, a policy swapped, a checkpoint cut).
+//! calls (keys created, seats changed, usage corrected, a policy swapped), a checkpoint's cut and
+//! a step of the idle keys' reclaim.
 //!
 //! A writer may also leave work behind (`WriteGuard::leave`) that must run before anyone uses
 //! the value again: a checkpoint's cut write-locks every shard at one instant, then leaves each
