@@ -21,7 +21,8 @@
 //! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full barrier on every core
 //! running one of the process's threads; a reader that holds one of the `EXCLUSIVE_SLOTS` (one
 //! thread each at a time) then announces itself with plain stores and a compiler fence, with no
-//! locked instruction (about 10 ns of a 57 ns admission on these machines). Other readers (more
+//! locked instruction (it saved 3-7 ns of a 55-59 ns hot-key admission on the AMD machine; both
+//! of the lock's locked instructions made plain, unsound, had saved 10 ns). Other readers (more
 //! threads than exclusive slots, or a kernel without `membarrier`) use a locked increment, as
 //! all did before; the two kinds mix on one lock.
 //!
