@@ -110,7 +110,7 @@ type Decision struct {
 	Denial    Denial
 	// The limit that denied or, when admitted from quota, the tightest one; -1 if none.
 	LimitIndex  int
-	LimitName   string // "m2.7 requests per rolling:5h"; "" if none
+	LimitName   string // "m2.7:requests per rolling:5h"; "" if none
 	LimitAmount uint64
 	LimitUsed   uint64
 	Remaining   uint64

@@ -29,7 +29,7 @@ type Usage struct {
 
 // UsageLimit is one limit of the key's plan.
 type UsageLimit struct {
-	Name      string // "m2.7 requests per rolling:5h"
+	Name      string // "m2.7:requests per rolling:5h"
 	Meter     string
 	Window    string // "rolling:5h", "daily", ...
 	Used      uint64
