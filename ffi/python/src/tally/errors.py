@@ -81,8 +81,9 @@ class AmountOverflowError(TallyError, ValueError):
 
 
 class BadTimestampError(TallyError, ValueError):
-    """TALLY_BAD_TIMESTAMP: a timestamp at or after 2100-01-01, or a request id's request
-    stamped longer ago than the idempotency horizon."""
+    """TALLY_BAD_TIMESTAMP: a timestamp at or after 2100-01-01 or further ahead of the engine's
+    clock than ``max_ahead_of_clock_ms`` allows, or a request id's request stamped longer ago
+    than the idempotency horizon."""
 
     status_code = 10
 
