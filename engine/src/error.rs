@@ -1,8 +1,10 @@
-//! Errors: bad input and operations that can never succeed.
+//! Errors: bad input, operations that can never succeed, and a database that could not be read
+//! or written.
 //!
 //! Following governor's two result layers, an expected outcome such as a denial with its retry
 //! time is a `Decision`, not an error. An `Error` means the call itself was wrong (unknown
-//! resource, zero quantity, a request id reused for something else, ...) and changed nothing.
+//! resource, zero quantity, a request id reused for something else, ...) or the event log failed
+//! (`Storage`), and changed nothing.
 
 use std::fmt;
 
