@@ -172,7 +172,7 @@ enum tally_status
   TALLY_NOT_A_MEMBER = 23,
   // The request id was used before with a different key, resource or quantities.
   TALLY_REQUEST_ID_CONFLICT = 24,
-  // A bounded table (keys, users, teams, request ids, reservations) is full.
+  // A bounded table (keys, users, teams, request ids, reservations, export cursors) is full.
   TALLY_CAPACITY_EXCEEDED = 25,
   // The reservation is already settled, voided or expired.
   TALLY_RESERVATION_CLOSED = 26,
