@@ -160,8 +160,8 @@ const ONE_REQUEST: &[(Unit, u64)] = &[(Unit::Requests, 1)];
 /// 2026-09-21T13:33:20Z: any fixed time well inside tally's range (it ends in 2100).
 const START_MS: u64 = 1_790_000_000_000;
 /// Simulated time moves 1 ms every 64 admissions: a hot key at 64,000 requests per second. A
-/// 5-hour window of 210 buckets then crosses a bucket boundary every 5.4 million admissions of
-/// one key, so the timed loops include windows rolling over (rarely, as in production) and the
+/// 5-hour window of 225 buckets (80 s each) then crosses a bucket boundary every 5.12 million
+/// admissions of one key, so the timed loops include windows rolling over (rarely, as in production) and the
 /// timestamps never go backwards.
 const ADMISSIONS_PER_MS: u64 = 64;
 

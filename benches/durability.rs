@@ -37,6 +37,10 @@
 //! - `TALLY_BENCH_OPENS`: opens per open-time figure (3 / 3).
 //! - `TALLY_BENCH_CHECKPOINT_EVERY`: checkpoint interval while measuring throughput (the
 //!   engine's default, 1,000,000); `0` turns periodic checkpoints off to isolate the log.
+//! - `TALLY_BENCH_RING_BUCKETS`: buckets of every key's 5-hour window holding usage when the
+//!   throughput measurements start (1; at most 225, a full ring): the warm-up admits every key
+//!   that many times, spread over the window, so checkpoints copy and write rings as full as a
+//!   key busy all day has them.
 //! - `TALLY_BENCH_SECTIONS`: any of `throughput,open` (both).
 //! - `TALLY_BENCH_DIR`: where the temporary databases go (the system temp dir).
 
@@ -51,7 +55,7 @@ use tally_engine::event::encode_body;
 use tally_engine::log::EventLog;
 use tally_engine::{
     Durability, Engine, EngineOptions, EventBody, ManualClock, OpenOptions, OpenReport, Policy,
-    Unit, UsageRequest,
+    Unit, UsageRequest, Window,
 };
 
 /// Every limit is far above what the benchmark consumes, so every request is admitted and
@@ -65,10 +69,13 @@ const QUANTITIES: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 1_500)
 /// 2026-09-21 (UTC): an ordinary present-day timestamp.
 const BASE_MS: u64 = 1_790_000_000_000;
 /// A stored event is its body behind two varints (time delta, body length): 2 bytes for these
-/// events; a record adds 36 bytes (frame and header) for all of its events together.
+/// events; a record adds 44 bytes (an 8-byte frame and a 36-byte header) for all of its events
+/// together.
 const EVENT_FRAME_BYTES: usize = 2;
 /// The throughput runs' timestamps advance as fast as a 1 M events/s gateway's clock would.
 const THROUGHPUT_MS_PER_MILLION: u64 = 1_000;
+/// The benchmark plan's rolling window.
+const WINDOW_MS: u64 = 5 * 3_600_000;
 /// The open-time history is spread over a day, so a 5-hour window holds a realistic part of it.
 const HISTORY_MS_PER_MILLION_AT_10M: u64 = 24 * 3_600 * 1_000 / 10;
 
@@ -88,6 +95,7 @@ struct Settings {
     tail_events: u64,
     opens: usize,
     checkpoint_every: u64,
+    ring_buckets: u64,
     sections: String,
     dir: PathBuf,
 }
@@ -141,6 +149,7 @@ impl Settings {
             tail_events: env_or("TALLY_BENCH_TAIL_EVENTS", pick(1_000_000, 5_000)),
             opens: env_or("TALLY_BENCH_OPENS", 3usize).max(1),
             checkpoint_every,
+            ring_buckets: env_or("TALLY_BENCH_RING_BUCKETS", 1u64).clamp(1, ring_buckets()),
             sections: std::env::var("TALLY_BENCH_SECTIONS")
                 .unwrap_or_else(|_| "throughput,open".into()),
             dir: std::env::var_os("TALLY_BENCH_DIR")
@@ -257,13 +266,15 @@ impl Keys {
 /// history the windows see does not depend on how fast this machine is.
 #[derive(Clone, Copy)]
 struct Timeline {
+    /// When event 0 happens.
+    base_ms: u64,
     ms_per_million_events: u64,
 }
 
 impl Timeline {
     fn at_ms(self, index: u64) -> u64 {
         let offset = u128::from(index) * u128::from(self.ms_per_million_events) / 1_000_000;
-        BASE_MS + offset as u64
+        self.base_ms + offset as u64
     }
 }
 
@@ -272,6 +283,22 @@ impl Timeline {
 
 fn policy() -> Policy {
     Policy::from_toml_str(POLICY_TOML).expect("the benchmark policy is valid")
+}
+
+/// The buckets of the benchmark plan's rolling window (its default width).
+fn ring_buckets() -> u64 {
+    let policy = policy();
+    let rolling = policy
+        .counters()
+        .iter()
+        .find_map(|counter| match counter.window {
+            Window::Rolling {
+                window_ms,
+                bucket_ms,
+            } => Some(window_ms / bucket_ms),
+            Window::Calendar(_) => None,
+        });
+    rolling.expect("the benchmark plan has a rolling window")
 }
 
 fn open_engine(dir: &Path, durability: Durability, checkpoint_every: u64) -> Engine {
@@ -434,8 +461,8 @@ struct Target<'a> {
     sync_at_end: bool,
 }
 
-/// Admits one request on every key, in batches of 1,000 (untimed).
-fn warm_up(target: &Target<'_>, keys: usize) {
+/// Admits one request on every key at `at_ms`, in batches of 1,000 (untimed).
+fn warm_up(target: &Target<'_>, keys: usize, at_ms: u64) {
     let mut requests = Vec::with_capacity(1_000);
     let mut done = 0;
     while done < keys {
@@ -443,8 +470,7 @@ fn warm_up(target: &Target<'_>, keys: usize) {
         let first = target.cursor.fetch_add(count as u64, Ordering::Relaxed);
         requests.clear();
         requests.extend((first..first + count as u64).map(|index| {
-            UsageRequest::new(target.keys.key(index), RESOURCE, &QUANTITIES)
-                .at(target.timeline.at_ms(index))
+            UsageRequest::new(target.keys.key(index), RESOURCE, &QUANTITIES).at(at_ms)
         }));
         let admitted = target
             .engine
@@ -737,7 +763,11 @@ fn throughput(settings: &Settings, body: &[u8]) {
     create_database(&none_database, &keys);
     let sync_engine = open_engine(&sync_database, Durability::Sync, settings.checkpoint_every);
     let none_engine = open_engine(&none_database, Durability::None, settings.checkpoint_every);
+    // The warm-up's rounds are `spacing_ms` apart from BASE_MS on (each in a bucket of its
+    // own); the measured events follow the last round, so every round is still in the window.
+    let spacing_ms = WINDOW_MS / settings.ring_buckets;
     let timeline = Timeline {
+        base_ms: BASE_MS + (settings.ring_buckets - 1) * spacing_ms,
         ms_per_million_events: THROUGHPUT_MS_PER_MILLION,
     };
     let (sync_cursor, none_cursor) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -758,7 +788,9 @@ fn throughput(settings: &Settings, body: &[u8]) {
     // the kernel zeroes): a cost a running gateway pays once per key, not per event. Untimed,
     // so the first row measured on each database is not the only one that pays it.
     for target in [&sync_target, &none_target] {
-        warm_up(target, settings.keys);
+        for round in 0..settings.ring_buckets {
+            warm_up(target, settings.keys, BASE_MS + round * spacing_ms);
+        }
     }
     let mut configs = configs(settings);
     let mut raw_batches: Vec<usize> = configs.iter().map(|config| config.row.raw_batch).collect();
@@ -852,11 +884,13 @@ fn cut_summary(engine: &Engine, keys: usize) -> String {
 fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {
     println!();
     println!(
-        "## Throughput: medians of {} run(s), each at most {} events or {:.2} s; {} keys; checkpoint every {}",
+        "## Throughput: medians of {} run(s), each at most {} events or {:.2} s; {} keys, {} of {} buckets of each one's 5-hour window used; checkpoint every {}",
         settings.runs,
         settings.events_per_measure,
         settings.measure_time.as_secs_f64(),
         settings.keys,
+        settings.ring_buckets,
+        ring_buckets(),
         if settings.checkpoint_every == u64::MAX {
             "never".to_string()
         } else {
@@ -1114,6 +1148,7 @@ fn open_times(settings: &Settings) {
     create_database(&database, &keys);
     // The history spans a day whatever its length, so the 5-hour windows hold a realistic part.
     let timeline = Timeline {
+        base_ms: BASE_MS,
         ms_per_million_events: HISTORY_MS_PER_MILLION_AT_10M * 10_000_000
             / settings.history_events.max(1),
     };

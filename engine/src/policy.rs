@@ -211,7 +211,9 @@ pub struct LimitDocument {
     pub amount: u64,
     /// `rolling:5h`, `daily`, `weekly` or `monthly`.
     pub window: String,
-    /// Bucket width of a rolling window, e.g. `90s`; default: window / 210.
+    /// Bucket width of a rolling window, e.g. `90s`; it must divide the window evenly.
+    /// Default: the widest that splits the window into at least 210 equal buckets (80 s, 225
+    /// buckets, for 5 hours).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bucket: Option<String>,
 }
