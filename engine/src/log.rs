@@ -134,13 +134,15 @@ pub enum Durability {
     Sync,
     /// A call returns once its event is queued; the writer writes it within `WRITER_DOZE` (at
     /// once if it was asleep) and fdatasyncs in the background at most `ms` later. A process
-    /// crash can lose the acknowledged events still queued (at most `MAX_QUEUED_EVENTS`, those
-    /// of the last `WRITER_DOZE`); a power loss also those of the last `ms`.
+    /// crash can lose the acknowledged events still queued: at most `MAX_QUEUED_EVENTS`, those
+    /// of the last `WRITER_DOZE` while the writer is idle, but all that came while it wrote or
+    /// fdatasynced (it runs this mode's fdatasync itself). A power loss also loses those
+    /// written in the last `ms`.
     Interval { ms: u64 },
     /// No fsync of events at all (only when a segment is sealed, on `sync()` and on close). For
     /// tests and benchmarks: a process crash can lose the queued events (at most
-    /// `MAX_QUEUED_EVENTS`, those of the last `WRITER_DOZE`), a power loss whatever the kernel
-    /// had not written back.
+    /// `MAX_QUEUED_EVENTS`: those of the last `WRITER_DOZE`, or more while the writer is busy
+    /// writing or sealing a segment), a power loss whatever the kernel had not written back.
     None,
 }
 
