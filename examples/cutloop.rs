@@ -3,6 +3,9 @@
 //! ROUNDS times; prints how long each checkpoint took and each cut held the engine's locks.
 //! `cargo run --release --example cutloop -- KEYS ROUNDS` (defaults 100000, 15); with
 //! `CUTLOOP_IDS=1` every request carries a request id (ten per key), which the cut copies too.
+//! `CUTLOOP_EVENTS_PER_KEY` (10) and `CUTLOOP_SPREAD_MS` (10,000) set how many events each key
+//! gets and over how long: `225` and `18000000` fill every key's 5-hour ring (225 buckets of
+//! 80 s), as a key busy all day has it.
 use std::time::Instant;
 
 use tally_engine::*;
@@ -21,8 +24,12 @@ fn main() {
     let engine = support::engine(&dir, Some(Durability::None));
     let names = support::seated_keys(&engine, keys);
     let quantities = QUANTITIES;
-    // Ten events per key over ten seconds, as the benchmark's timeline spreads them.
-    let events = keys * 10;
+    // Ten events per key over ten seconds by default, as the benchmark's timeline spreads them.
+    let per_key: usize = std::env::var("CUTLOOP_EVENTS_PER_KEY")
+        .map_or(10, |text| text.parse().expect("CUTLOOP_EVENTS_PER_KEY"));
+    let spread_ms: u64 = std::env::var("CUTLOOP_SPREAD_MS")
+        .map_or(10_000, |text| text.parse().expect("CUTLOOP_SPREAD_MS"));
+    let events = keys * per_key;
     // With `CUTLOOP_IDS=1`, each request carries an id of its own, which the cut copies too.
     let with_ids = std::env::var_os("CUTLOOP_IDS").is_some();
     let ids: Vec<String> = (0..if with_ids { events } else { 0 })
@@ -34,7 +41,7 @@ fn main() {
             .iter()
             .map(|&index| {
                 let request = UsageRequest::new(&names[index % keys], "m2.7", &quantities)
-                    .at(BASE_MS + (index as u64) * 10_000 / events as u64);
+                    .at(BASE_MS + (index as u64) * spread_ms / events as u64);
                 match ids.get(index) {
                     Some(id) => request.id(id),
                     None => request,

@@ -976,10 +976,24 @@ impl RawRing {
         slots: &[(u32, u64)],
         out: &mut Vec<(u64, u64)>,
     ) {
+        self.for_each_live_bucket(shape, slots, |epoch, count| out.push((epoch, count)));
+    }
+
+    /// Calls `each(epoch, count)` for every live bucket of the copied ring, oldest first.
+    /// `slots` is in slot order (as `copy_raw` appends them), so no sort is needed: the slots
+    /// after the head's hold the older lap's buckets, in order, then the slots up to the head's
+    /// hold the current lap's.
+    pub fn for_each_live_bucket(
+        self,
+        shape: RollingShape,
+        slots: &[(u32, u64)],
+        mut each: impl FnMut(u64, u64),
+    ) {
         let laps = shape.slots();
         let head_slot = self.head % laps;
-        let first = out.len();
-        out.extend(slots.iter().filter_map(|&(index, raw)| {
+        let newer = slots.partition_point(|&(index, _)| u64::from(index) <= head_slot);
+        let mut last = None;
+        for &(index, raw) in slots[newer..].iter().chain(&slots[..newer]) {
             let (tag, count) = if self.wide {
                 ((raw >> 32) as u32, raw & 0xFFFF_FFFF)
             } else {
@@ -988,12 +1002,20 @@ impl RawRing {
             // The one bucket of the live range `head - N ..= head` this slot can hold (none
             // below epoch 0 while the head is younger than a window).
             let behind = (head_slot + laps - u64::from(index)) % laps;
-            let bucket = self.head.checked_sub(behind)?;
+            let Some(bucket) = self.head.checked_sub(behind) else {
+                continue;
+            };
             let lap = shape.lap(bucket) as u32;
             let current = if self.wide { lap } else { lap & 0xFFFF };
-            (count > 0 && tag == current).then_some((bucket, count))
-        }));
-        out[first..].sort_unstable_by_key(|&(bucket, _)| bucket);
+            if count > 0 && tag == current {
+                debug_assert!(
+                    last < Some(bucket),
+                    "slots in slot order give buckets in order"
+                );
+                last = Some(bucket);
+                each(bucket, count);
+            }
+        }
     }
 }
 

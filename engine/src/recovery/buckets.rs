@@ -16,6 +16,7 @@ use serde::ser::{self, SerializeStructVariant, Serializer};
 use serde::{Deserialize, Serialize};
 
 use super::CounterSnapshot;
+use crate::window::{RawRing, RollingShape};
 
 /// The serde name of a snapshot's counter and its variants' indices (what bincode writes).
 /// Index 0 is format 3's `Rolling`, read only.
@@ -32,13 +33,40 @@ pub(super) enum CounterRef<'a> {
     Rolling {
         head: u64,
         wide: bool,
-        /// Live buckets `(epoch, count)`, epochs ascending and at most `head`.
-        buckets: &'a [(u64, u64)],
+        buckets: Buckets<'a>,
     },
     Calendar {
         period: u32,
         count: u64,
     },
+}
+
+/// A rolling window's live buckets, as a snapshot is written from them.
+#[derive(Clone, Copy)]
+pub(super) enum Buckets<'a> {
+    /// `(epoch, count)`, epochs ascending and at most the head.
+    Listed(&'a [(u64, u64)]),
+    /// A ring as a checkpoint's cut copied it, its occupied slots in slot order: packed
+    /// straight from them, with no list of every ring's buckets built first (a snapshot of
+    /// 100,000 full rings has 22 million).
+    Copied {
+        ring: RawRing,
+        shape: RollingShape,
+        slots: &'a [(u32, u64)],
+    },
+}
+
+impl Buckets<'_> {
+    fn for_each(self, mut each: impl FnMut(u64, u64)) {
+        match self {
+            Buckets::Listed(buckets) => {
+                for &(epoch, count) in buckets {
+                    each(epoch, count);
+                }
+            }
+            Buckets::Copied { ring, shape, slots } => ring.for_each_live_bucket(shape, slots, each),
+        }
+    }
 }
 
 impl<'a> From<&'a CounterSnapshot> for CounterRef<'a> {
@@ -51,7 +79,7 @@ impl<'a> From<&'a CounterSnapshot> for CounterRef<'a> {
             } => CounterRef::Rolling {
                 head: *head,
                 wide: *wide,
-                buckets,
+                buckets: Buckets::Listed(buckets),
             },
             &CounterSnapshot::Calendar { period, count } => CounterRef::Calendar { period, count },
         }
@@ -91,10 +119,12 @@ impl Serialize for CounterRef<'_> {
                 wide,
                 buckets,
             } if PLAIN.with(Cell::get) => {
+                let mut listed = Vec::new();
+                buckets.for_each(|epoch, count| listed.push((epoch, count)));
                 let mut variant = serializer.serialize_struct_variant(COUNTER, 0, "Rolling", 3)?;
                 variant.serialize_field("head", &head)?;
                 variant.serialize_field("wide", &wide)?;
-                variant.serialize_field("buckets", buckets)?;
+                variant.serialize_field("buckets", &listed)?;
                 variant.end()
             }
             CounterRef::Rolling {
@@ -127,7 +157,7 @@ impl Serialize for CounterRef<'_> {
 /// A ring's live buckets written as one byte string of varint pairs (see the module comment).
 struct Packed<'a> {
     head: u64,
-    buckets: &'a [(u64, u64)],
+    buckets: Buckets<'a>,
 }
 
 thread_local! {
@@ -148,23 +178,31 @@ impl Serialize for Packed<'_> {
 }
 
 /// Appends `buckets` packed against `head` to `out`; an error names the bucket out of order.
-fn pack(head: u64, buckets: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), String> {
+fn pack(head: u64, buckets: Buckets<'_>, out: &mut Vec<u8>) -> Result<(), String> {
     let mut previous: Option<u64> = None;
-    for &(epoch, count) in buckets {
+    let mut misplaced = None;
+    buckets.for_each(|epoch, count| {
         let gap = match previous {
             None => head.checked_sub(epoch),
             Some(previous) => epoch.checked_sub(previous).filter(|&gap| gap > 0),
         };
-        let gap = gap.filter(|_| epoch <= head).ok_or_else(|| {
-            format!(
-                "a rolling window's bucket {epoch} is not after {previous:?} and at most its head {head}"
-            )
-        })?;
-        write_varint(out, gap);
-        write_varint(out, count);
+        match gap.filter(|_| epoch <= head) {
+            Some(gap) => {
+                write_varint(out, gap);
+                write_varint(out, count);
+            }
+            None => {
+                misplaced.get_or_insert((epoch, previous));
+            }
+        }
         previous = Some(epoch);
+    });
+    match misplaced {
+        None => Ok(()),
+        Some((epoch, previous)) => Err(format!(
+            "a rolling window's bucket {epoch} is not after {previous:?} and at most its head {head}"
+        )),
     }
-    Ok(())
 }
 
 fn write_varint(out: &mut Vec<u8>, mut value: u64) {

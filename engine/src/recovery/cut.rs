@@ -20,7 +20,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::buckets::CounterRef;
+use super::buckets::{Buckets, CounterRef};
 use super::{
     storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
     TeamSnapshot,
@@ -992,27 +992,6 @@ impl RawCut {
         let texts = &self.texts;
         let text = |text: Text| texts.str(text);
         let policies = policy_documents(&self.policies);
-        // Every ring's live buckets in one list, each counter's range of it beside it.
-        let mut buckets = Vec::new();
-        let mut ranges = vec![0..0; self.counters.len()];
-        let mut first = 0;
-        for (policy, end) in &self.shards {
-            for key in &self.keys[first..*end] {
-                for index in key.counters.clone().unwrap_or(0..0) {
-                    if let RawCounter::Rolling { id, ring, slots } = &self.counters[index] {
-                        let shape = policy
-                            .counter(CounterId(*id))
-                            .window
-                            .shape()
-                            .unwrap_or_else(|| unreachable!("a ring is on a rolling window"));
-                        let from = buckets.len();
-                        ring.append_live_buckets(shape, &self.slots[slots.clone()], &mut buckets);
-                        ranges[index] = from..buckets.len();
-                    }
-                }
-            }
-            first = *end;
-        }
         // Users, teams and keys in the order they were copied (see `Snapshot`): each list read
         // front to back, as are the strings, which were copied in the same order.
         let members: Vec<(&str, &str)> = self
@@ -1066,16 +1045,28 @@ impl RawCut {
                     payg_micros: key.payg_micros,
                     time_floor_ms: key.time_floor_ms,
                     counters: key.counters.clone().map(|counters| {
-                        let (buckets, ranges) = (&buckets, &ranges);
+                        // The policy of the key's shard, whose counter ids the key's use.
+                        let shard = self.shards.partition_point(|(_, end)| *end <= index);
+                        let policy = &self.shards[shard].0;
                         SeqOf(counters.len(), move |offset: usize| {
                             let index = counters.start + offset;
                             match &self.counters[index] {
-                                RawCounter::Rolling { id, ring, .. } => (
+                                RawCounter::Rolling { id, ring, slots } => (
                                     *id,
                                     CounterRef::Rolling {
                                         head: ring.head,
                                         wide: ring.wide,
-                                        buckets: &buckets[ranges[index].clone()],
+                                        buckets: Buckets::Copied {
+                                            ring: *ring,
+                                            shape: policy
+                                                .counter(CounterId(*id))
+                                                .window
+                                                .shape()
+                                                .unwrap_or_else(|| {
+                                                    unreachable!("a ring is on a rolling window")
+                                                }),
+                                            slots: &self.slots[slots.clone()],
+                                        },
                                     },
                                 ),
                                 &RawCounter::Calendar { id, period, count } => {
