@@ -3,6 +3,7 @@
 //! swaps and idle-memory reclaim.
 
 mod common;
+mod log_support;
 
 use std::num::NonZeroU64;
 
@@ -180,6 +181,241 @@ limits = [
         engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
         0
     );
+}
+
+/// How a reservation is closed while refused requests hold tokens for a moment
+/// (`close_racing_refused_requests`).
+#[derive(Clone, Copy, Debug)]
+enum Close {
+    /// Voided: its whole estimate of one token is given back.
+    Void,
+    /// Settled at one token of its estimate of two: one token is given back.
+    Settle,
+    /// Its lease (`CLOSE_LEASE_MS`) ends: its whole estimate of one token is given back.
+    Expire,
+}
+
+const CLOSE_LEASE_MS: u64 = MINUTE_MS;
+
+impl Close {
+    /// What each reservation holds.
+    fn estimate(self) -> [(Unit, u64); 1] {
+        match self {
+            Close::Settle => [(Unit::Tokens, 2)],
+            Close::Void | Close::Expire => [(Unit::Tokens, 1)],
+        }
+    }
+}
+
+/// A logged engine (what each close gave back is read from its log) on a plan that takes a
+/// daily token limit first, then a 5-hour request limit, and ada's key on it with those ten
+/// requests used: a request for one more and two tokens holds the tokens on the daily counter
+/// for a moment and is refused.
+fn engine_for_closes(dir: &log_support::TempDir) -> (Engine, String) {
+    let engine = open_for_closes(dir);
+    let key = seated(&engine, "ada", "Two");
+    for _ in 0..10 {
+        assert!(consume(&engine, &key, "chat", &[(Unit::Requests, 1)], T0_MS).is_admitted());
+    }
+    (engine, key)
+}
+
+/// Opens the database of `engine_for_closes` (new or not) with its policy.
+fn open_for_closes(dir: &log_support::TempDir) -> Engine {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "Asia/Shanghai"
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 10 }
+[plans.Two]
+limits = [
+  { resource = "chat", unit = "tokens", amount = 1000000, window = "daily" },
+  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let options = tally_engine::OpenOptions {
+        durability: tally_engine::Durability::None,
+        ..tally_engine::OpenOptions::default()
+    };
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    Engine::open(dir.path(), policy, clock, options).expect("open")
+}
+
+/// `count` reservations of `close`'s estimate on `key` at `T0_MS`.
+fn reserve_tokens(engine: &Engine, key: &str, close: Close, count: usize) -> Vec<ReservationId> {
+    let estimate = close.estimate();
+    (0..count)
+        .map(|_| {
+            let held = UsageRequest::new(key, "chat", &estimate).at(T0_MS);
+            let outcome = engine
+                .reserve(&held, Some(CLOSE_LEASE_MS))
+                .expect("reserve");
+            assert!(outcome.decision.is_admitted(), "{:?}", outcome.decision);
+            outcome.reservation.expect("a reservation")
+        })
+        .collect()
+}
+
+/// Closes `ids` (all of the key's open reservations) one thread while another sends requests
+/// the 5-hour limit refuses, each holding two tokens on the daily counter for a moment; returns
+/// the units the closes logged as given back.
+fn close_racing_refused_requests(
+    engine: &Engine,
+    key: &str,
+    ids: &[ReservationId],
+    close: Close,
+) -> u64 {
+    let before = engine.events_after(0, usize::MAX).expect("the log").len() as u64;
+    let closed = std::sync::atomic::AtomicBool::new(false);
+    /// Stops the refused thread however the closing one ends.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
+            while !closed.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(!consume(engine, key, "chat", &quantities, T0_MS).is_admitted());
+            }
+        });
+        let closing = scope.spawn(|| {
+            let _done = Done(&closed);
+            match close {
+                Close::Void => {
+                    for &id in ids {
+                        engine.void(id, Some(T0_MS)).expect("a void");
+                    }
+                }
+                Close::Settle => {
+                    for &id in ids {
+                        let settled = engine
+                            .settle(id, &[(Unit::Tokens, 1)], Some(T0_MS))
+                            .expect("a settle");
+                        assert!(matches!(settled, SettleOutcome::Settled(_)), "{settled:?}");
+                    }
+                }
+                Close::Expire => {
+                    let expired = engine
+                        .expire_reservations(Some(T0_MS + CLOSE_LEASE_MS))
+                        .expect("an expiry");
+                    assert_eq!(expired, ids.len());
+                }
+            }
+        });
+        closing.join().expect("the closing thread");
+    });
+    let logged = engine.events_after(before, usize::MAX).expect("the log");
+    let (closes, given_back) = logged
+        .iter()
+        .filter_map(|event| match &event.body {
+            tally_engine::EventBody::ReservationClosed { given_back, .. } => {
+                Some(given_back.total())
+            }
+            _ => None,
+        })
+        .fold((0, 0), |(closes, total), given| (closes + 1, total + given));
+    assert_eq!(closes, ids.len(), "{close:?}: every close is logged");
+    given_back
+}
+
+/// The same for a reservation's close (settle, void, lease expiry): tokens a correction removed
+/// after the reservation was made are no longer recorded, so its close has none of them to give
+/// back. Meanwhile a refused request holds two tokens on the daily counter for a moment, and a
+/// close under the key's read lock took one of them as its own: it logged a token given back
+/// that was never recorded, and the refused request gave back one of its two (a debug build
+/// panicked in the consume: 'a calendar hold is given back whole, or its period has reset').
+#[test]
+fn a_reservation_close_never_gives_back_units_a_refused_request_holds_for_a_moment() {
+    const RESERVATIONS: usize = 4_000;
+    for close in [Close::Void, Close::Settle, Close::Expire] {
+        let dir = log_support::TempDir::new("close-after-correction");
+        let (engine, key) = engine_for_closes(&dir);
+        let ids = reserve_tokens(&engine, &key, close, RESERVATIONS);
+        // Every token the reservations hold is corrected away: none is recorded any more.
+        engine
+            .adjust_usage(
+                &key,
+                "chat",
+                &[(Unit::Tokens, RESERVATIONS as u64 * close.estimate()[0].1)],
+                T0_MS,
+                AdjustmentDirection::Remove,
+                Some(T0_MS),
+            )
+            .expect("a correction");
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0
+        );
+        let given_back = close_racing_refused_requests(&engine, &key, &ids, close);
+        assert_eq!(given_back, 0, "{close:?}: no token was recorded any more");
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0,
+            "{close:?}"
+        );
+    }
+}
+
+/// A correction's shortfall is the period's, not the receipts' it took from: requests counted
+/// before a correction removed their tokens, then reservations made after it, then the
+/// requests refunded (which gives back min(receipt, counter): the reservations' tokens). The
+/// reservations' tokens are no longer recorded although no correction came after them, and
+/// their closes must still not take a refused request's held tokens (a close that went to the
+/// write lock only for reservations older than the correction would).
+#[test]
+fn a_close_of_a_reservation_made_after_a_correction_never_gives_back_units_a_refused_request_holds()
+{
+    const RESERVATIONS: usize = 4_000;
+    for close in [Close::Void, Close::Expire] {
+        let dir = log_support::TempDir::new("close-after-refunds");
+        let (engine, key) = engine_for_closes(&dir);
+        let ids: Vec<String> = (0..RESERVATIONS).map(|index| format!("r{index}")).collect();
+        for id in &ids {
+            let request = UsageRequest::new(&key, "chat", &[(Unit::Tokens, 1)])
+                .at(T0_MS)
+                .id(id);
+            assert!(engine.consume(&request).expect("consume").is_admitted());
+        }
+        engine
+            .adjust_usage(
+                &key,
+                "chat",
+                &[(Unit::Tokens, RESERVATIONS as u64)],
+                T0_MS,
+                AdjustmentDirection::Remove,
+                Some(T0_MS),
+            )
+            .expect("a correction");
+        let reservations = reserve_tokens(&engine, &key, close, RESERVATIONS);
+        let refunded: u64 = ids
+            .iter()
+            .map(|id| {
+                let refund = engine.refund(id, Some(T0_MS)).expect("a refund");
+                refund.given_back.total()
+            })
+            .sum();
+        assert_eq!(
+            refunded, RESERVATIONS as u64,
+            "the refunds took the reservations' tokens"
+        );
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0
+        );
+        let given_back = close_racing_refused_requests(&engine, &key, &reservations, close);
+        assert_eq!(given_back, 0, "{close:?}: no token was recorded any more");
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0,
+            "{close:?}"
+        );
+    }
 }
 
 #[test]

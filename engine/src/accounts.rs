@@ -60,6 +60,14 @@ pub struct KeyState {
     /// Requests are counted no earlier than this (set when idle windows are reclaimed; written
     /// under the shard's write lock only).
     pub time_floor_ms: u64,
+    /// The end (UTC ms, exclusive) of the latest calendar period a usage correction removed
+    /// units from on this key (0: none). A calendar period that starts before it may record
+    /// fewer units than the receipts naming it hold, and its counter keeps an admission's
+    /// units in flight in the same word as the recorded ones: a give-back of a hold there
+    /// runs under the shard's write lock (`Engine::give_back`). Only grows; written under the
+    /// shard's write lock only, so a reader holding the read lock sees it fixed. In memory
+    /// only (neither logged nor in a snapshot): a reopened engine starts it at 0.
+    pub short_until_ms: u64,
 }
 
 impl KeyState {
@@ -73,6 +81,7 @@ impl KeyState {
             open_reservations: AtomicU32::new(0),
             payg_micros: AtomicU64::new(0),
             time_floor_ms: 0,
+            short_until_ms: 0,
         }
     }
 

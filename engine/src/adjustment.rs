@@ -175,8 +175,9 @@ impl Engine {
         self.give_back_locked(false, key, resource, receipt, quantities, whole, as_of_ms)
     }
 
-    /// `give_back`, with the key's shard write-locked if `exclusive` (no admission in flight
-    /// on the key meanwhile).
+    /// `give_back`, with the key's shard write-locked if `exclusive` or if the receipt holds
+    /// units in a calendar period a correction left short (no admission in flight on the key
+    /// meanwhile), else read-locked.
     #[allow(clippy::too_many_arguments)]
     fn give_back_locked(
         &self,
@@ -205,13 +206,32 @@ impl Engine {
                 ..GivenBack::default()
             },
         };
-        if exclusive {
-            self.keys.write(key, |policy, state| {
-                give(policy, state.map(|state| &*state))
-            })
-        } else {
-            self.keys.read(key, give)
+        if !exclusive {
+            // The read lock, unless a hold is in a calendar period a correction left short
+            // (`KeyState::short_until_ms`): there the counter may record fewer units than
+            // the hold, and what makes up the difference in its word are units a concurrent
+            // admission holds in flight (taken on an earlier limit, rolled back if a later
+            // one refuses), which a give-back under the read lock would take as its own.
+            // The mark is only written under the write lock, so it stands while this read
+            // lock is held: a hold found clear of it is given back under the same hold of the
+            // lock. A hold found in a short period goes to the write lock below, nothing
+            // moved yet. Keys no correction removed from (nearly all) read one field.
+            let given = self.keys.read(key, |policy, state| match state {
+                Some(state)
+                    if state.short_until_ms > 0
+                        && holds_in_short_period(then.as_deref(), receipt, state) =>
+                {
+                    None
+                }
+                _ => Some(give(policy, state)),
+            });
+            if let Some(given) = given {
+                return given;
+            }
         }
+        self.keys.write(key, |policy, state| {
+            give(policy, state.map(|state| &*state))
+        })
     }
 
     /// Reverses a give-back whose event could not be logged.
@@ -264,7 +284,6 @@ impl Engine {
         // and logged units that were never used, and the admission gave back fewer than it
         // took (a debug build panicked). No admission is in flight on the key meanwhile.
         let (outcome, seq, moved, generation) = self.keys.write(key, |policy, state| {
-            let state = state.map(|state| &*state);
             let resource_id = resolve_resource(policy, resource, &quantities)?;
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let plan_id = state.seat.ok_or_else(|| {
@@ -283,6 +302,28 @@ impl Engine {
             if amounts.as_slice().is_empty() {
                 return Err(nothing_to_correct(&plan.name, resource, touches.is_empty()));
             }
+            // A removal leaves the calendar periods it takes from recording fewer units than
+            // the receipts naming them may hold (the units it takes were theirs): from now on
+            // a give-back of a hold in one of them runs under this write lock too
+            // (`KeyState::short_until_ms`). Marked before any counter moves, whether or not
+            // the removal then finds units or stands (an undone one leaves it only cautious).
+            if direction == AdjustmentDirection::Remove {
+                let periods_end_ms = amounts
+                    .as_slice()
+                    .iter()
+                    .filter_map(|&(limit_index, _)| {
+                        match plan.limits[usize::from(limit_index)].window {
+                            Window::Calendar(kind) => {
+                                Some(policy.calendar().period_of(kind, usage_at_ms).end_ms)
+                            }
+                            Window::Rolling { .. } => None,
+                        }
+                    })
+                    .max()
+                    .unwrap_or(0);
+                state.short_until_ms = state.short_until_ms.max(periods_end_ms);
+            }
+            let state = &*state;
             // Removing usage from a key that counts none removes nothing, so it looks at empty
             // windows without keeping them: a key with no usage holds no window memory.
             let scratch;
@@ -475,6 +516,27 @@ impl Engine {
         });
         stats
     }
+}
+
+/// Whether `receipt` holds units in a calendar period that starts before the key's
+/// `short_until_ms`, where a correction may have left the counter recording fewer units than
+/// the receipts naming the period hold. `then` is the receipt's policy generation (`None`: no
+/// longer kept, so none of its plan usage is given back). A period starting at or after the
+/// mark comes after every period a correction took from, in every calendar window kind.
+fn holds_in_short_period(then: Option<&Policy>, receipt: &Receipt, state: &KeyState) -> bool {
+    let (ChargedTo::PlanQuota { .. }, Some(then)) = (receipt.charged_to, then) else {
+        return false;
+    };
+    receipt
+        .holds
+        .as_slice()
+        .iter()
+        .any(|&(counter, _, time)| match then.counter(counter).window {
+            Window::Calendar(kind) => {
+                then.calendar().period_bounds(kind, time as u32).start_ms < state.short_until_ms
+            }
+            Window::Rolling { .. } => false,
+        })
 }
 
 /// Gives back the part of `receipt` that `quantities` accounts for, under the caller's lock.
@@ -856,4 +918,55 @@ fn usage_is_idle(policy: &Policy, usage: &KeyUsage, at_ms: u64) -> bool {
             crate::policy::Window::Rolling { .. } => false,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounts::KeyKind;
+    use crate::admission::Holds;
+    use crate::ledger::Team;
+    use crate::policy::PlanId;
+
+    /// A give-back goes to the write lock only for a calendar hold in a period that starts
+    /// before the key's mark: not for a later period, a rolling window or a charge to credits,
+    /// and never on a key no correction marked (the hot path).
+    #[test]
+    fn only_a_hold_in_a_period_a_correction_left_short_goes_to_the_write_lock() {
+        let policy = Policy::token_plan();
+        let find = |calendar: bool| {
+            let index = policy
+                .counters()
+                .iter()
+                .position(|spec| matches!(spec.window, Window::Calendar(_)) == calendar)
+                .expect("the token plan has rolling and calendar windows");
+            CounterId(index as u16)
+        };
+        let (daily, rolling) = (find(true), find(false));
+        let Window::Calendar(kind) = policy.counter(daily).window else {
+            unreachable!("found as a calendar window");
+        };
+        let day = policy.calendar().period_of(kind, 1_790_000_000_000);
+        let receipt = |charged_to, holds: &[(CounterId, u64, u64)]| Receipt {
+            charged_to,
+            generation: policy.generation,
+            holds: Holds::from_slice(holds).expect("a few holds"),
+        };
+        let quota = ChargedTo::PlanQuota { plan: PlanId(0) };
+        let on_the_day = receipt(quota, &[(daily, 3, u64::from(day.index))]);
+        let the_day_after = receipt(quota, &[(daily, 3, u64::from(day.index) + 1)]);
+        let on_a_ring = receipt(quota, &[(rolling, 3, 7)]);
+        let to_credits = receipt(ChargedTo::Credits { micros: 5 }, &[]);
+        let mut state = KeyState::new(KeyKind::Plan, "u".into(), Arc::new(Team::new("@u")));
+        for receipt in [&on_the_day, &the_day_after, &on_a_ring, &to_credits] {
+            assert!(!holds_in_short_period(Some(&policy), receipt, &state));
+        }
+        // A correction removed from that day.
+        state.short_until_ms = day.end_ms;
+        assert!(holds_in_short_period(Some(&policy), &on_the_day, &state));
+        assert!(!holds_in_short_period(None, &on_the_day, &state));
+        for receipt in [&the_day_after, &on_a_ring, &to_credits] {
+            assert!(!holds_in_short_period(Some(&policy), receipt, &state));
+        }
+    }
 }
