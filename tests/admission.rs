@@ -418,6 +418,52 @@ fn a_close_of_a_reservation_made_after_a_correction_never_gives_back_units_a_ref
     }
 }
 
+/// The same after a reopen: that a correction left the period short is not in the log's
+/// events or the snapshot as such, and the reopened engine must still not let a close take a
+/// refused request's held tokens, whether the correction is in the snapshot (closed, so
+/// checkpointed) or replayed from the log (dropped without a checkpoint).
+#[test]
+fn a_close_after_a_reopen_never_gives_back_units_a_refused_request_holds_for_a_moment() {
+    const RESERVATIONS: usize = 4_000;
+    for checkpointed in [true, false] {
+        let close = Close::Void;
+        let dir = log_support::TempDir::new("close-after-reopen");
+        let (engine, key) = engine_for_closes(&dir);
+        let ids = reserve_tokens(&engine, &key, close, RESERVATIONS);
+        engine
+            .adjust_usage(
+                &key,
+                "chat",
+                &[(Unit::Tokens, RESERVATIONS as u64)],
+                T0_MS,
+                AdjustmentDirection::Remove,
+                Some(T0_MS),
+            )
+            .expect("a correction");
+        if checkpointed {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        let engine = open_for_closes(&dir);
+        assert_eq!(engine.open_reservations(), RESERVATIONS);
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0
+        );
+        let given_back = close_racing_refused_requests(&engine, &key, &ids, close);
+        assert_eq!(
+            given_back, 0,
+            "checkpointed {checkpointed}: no token was recorded any more"
+        );
+        assert_eq!(
+            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
+            0,
+            "checkpointed {checkpointed}"
+        );
+    }
+}
+
 #[test]
 fn a_request_that_fits_one_limit_but_not_another_changes_neither() {
     for requests_first in [true, false] {

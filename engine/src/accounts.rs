@@ -66,7 +66,8 @@ pub struct KeyState {
     /// units in flight in the same word as the recorded ones: a give-back of a hold there
     /// runs under the shard's write lock (`Engine::give_back`). Only grows; written under the
     /// shard's write lock only, so a reader holding the read lock sees it fixed. In memory
-    /// only (neither logged nor in a snapshot): a reopened engine starts it at 0.
+    /// only (neither logged nor in a snapshot): an open works it out again from the counters
+    /// and the outstanding receipts (`Engine::mark_short_periods`).
     pub short_until_ms: u64,
 }
 

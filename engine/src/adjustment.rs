@@ -234,6 +234,130 @@ impl Engine {
         })
     }
 
+    /// Marks, once an open has restored and replayed everything, each key with a calendar
+    /// period that records fewer units than the outstanding receipts naming it hold (open
+    /// reservations, request ids not refunded): a correction took some of theirs before the
+    /// engine closed, and `KeyState::short_until_ms`, which says so, is kept in memory only.
+    /// A period found whole stays whole until a correction removes from it (which marks it
+    /// then): every other change adds to a counter what it adds to a receipt, gives back at
+    /// most what it takes off a receipt, or adds alone. Called before the engine is shared.
+    pub(crate) fn mark_short_periods(&self) {
+        let policies = self.policies.read().clone();
+        // The receipt's generation, if kept, and whether it holds units on a calendar counter:
+        // only those can be short.
+        let calendar_holds = |receipt: &Receipt| {
+            matches!(receipt.charged_to, ChargedTo::PlanQuota { .. })
+                && policies
+                    .get(receipt.generation as usize)
+                    .and_then(Option::as_deref)
+                    .is_some_and(|then| {
+                        receipt.holds.as_slice().iter().any(|&(counter, _, _)| {
+                            matches!(then.counter(counter).window, Window::Calendar(_))
+                        })
+                    })
+        };
+        // Lock order: the reservation table, the request-id shards, then key shards.
+        let table = self.reservations.inner.lock();
+        let requests = self.requests.lock_all();
+        // (the key's hash, the key, a receipt), grouped by key below.
+        let mut outstanding: Vec<(u64, &str, Receipt)> = Vec::new();
+        for reservation in table.open.values() {
+            if calendar_holds(&reservation.receipt) {
+                let key = &*reservation.key;
+                outstanding.push((KeyTable::hash(key), key, reservation.receipt));
+            }
+        }
+        for shard in &requests {
+            crate::idempotency::RequestTable::outstanding_receipts(shard, |key, receipt| {
+                if calendar_holds(receipt) {
+                    outstanding.push((KeyTable::hash(key), key, *receipt));
+                }
+            });
+        }
+        outstanding.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        // Each generation's lineage once (nearly every receipt shares one or two).
+        let mut generations: Vec<u32> = outstanding.iter().map(|r| r.2.generation).collect();
+        generations.sort_unstable();
+        generations.dedup();
+        let lineages: Vec<_> = generations
+            .iter()
+            .map(|&generation| self.policy_lineage(generation))
+            .collect();
+        let mut periods: Vec<PeriodHolds> = Vec::new();
+        for receipts in outstanding.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (hash, key, _) = receipts[0];
+            let short_until_ms = self.keys.read_hashed(hash, key, true, |policy, state| {
+                let usage = state.and_then(|state| state.usage.get());
+                periods.clear();
+                let mut short_until_ms = 0;
+                for (_, _, receipt) in receipts {
+                    let Ok(index) = generations.binary_search(&receipt.generation) else {
+                        continue;
+                    };
+                    let (Some(then), later) = &lineages[index] else {
+                        continue;
+                    };
+                    for &(counter, held, time) in receipt.holds.as_slice() {
+                        let Window::Calendar(kind) = then.counter(counter).window else {
+                            continue;
+                        };
+                        let period = time as u32;
+                        let located = usage
+                            .map(|usage| usage.find_carried((then, later), policy, counter, time));
+                        let (current, recorded) = match located {
+                            Some(Some((current, _, WindowState::Calendar(counter)))) => {
+                                match counter.raw() {
+                                    // That period has reset: nothing is given back there.
+                                    (stored, _) if stored > period => continue,
+                                    (stored, count) if stored == period => (current, count),
+                                    _ => (current, 0),
+                                }
+                            }
+                            // Not in the key's windows (reclaimed, or laid out for a plan
+                            // without it): a counter laid out anew later may come back to
+                            // this period with other units. Short, to be safe (a period
+                            // already over stays harmless: later ones start after it).
+                            _ => {
+                                let end_ms = then.calendar().period_bounds(kind, period).end_ms;
+                                short_until_ms = short_until_ms.max(end_ms);
+                                continue;
+                            }
+                        };
+                        let at = (current, period);
+                        match periods.iter_mut().find(|holds| holds.at == at) {
+                            Some(holds) => holds.held = holds.held.saturating_add(held),
+                            None => periods.push(PeriodHolds {
+                                at,
+                                kind,
+                                held,
+                                recorded,
+                            }),
+                        }
+                    }
+                }
+                // A carried calendar counter keeps its zone's offsets (`check_swap_to`), so
+                // the current calendar bounds its periods as the receipt's did.
+                periods
+                    .iter()
+                    .filter(|holds| holds.held > holds.recorded)
+                    .map(|holds| {
+                        policy
+                            .calendar()
+                            .period_bounds(holds.kind, holds.at.1)
+                            .end_ms
+                    })
+                    .fold(short_until_ms, u64::max)
+            });
+            if short_until_ms > 0 {
+                self.keys.write(key, |_, state| {
+                    if let Some(state) = state {
+                        state.short_until_ms = state.short_until_ms.max(short_until_ms);
+                    }
+                });
+            }
+        }
+    }
+
     /// Reverses a give-back whose event could not be logged.
     pub(crate) fn take_back(&self, key: &str, given: &GivenBack) {
         let (then, later) = self.policy_lineage(given.generation);
@@ -516,6 +640,19 @@ impl Engine {
         });
         stats
     }
+}
+
+/// What a key's outstanding receipts hold in one calendar period of one counter, against
+/// what the counter records there (`Engine::mark_short_periods`).
+struct PeriodHolds {
+    /// The counter (in the current policy) and the period.
+    at: (CounterId, u32),
+    /// The counter's kind of period.
+    kind: crate::calendar::CalendarPeriod,
+    /// Units the receipts hold there.
+    held: u64,
+    /// Units the counter records there.
+    recorded: u64,
 }
 
 /// Whether `receipt` holds units in a calendar period that starts before the key's

@@ -390,6 +390,16 @@ impl RequestTable {
         }
     }
 
+    /// Visits one shard's receipts not refunded, as `(key, receipt)`, in no particular order:
+    /// what an open checks its counters against (`Engine::mark_short_periods`).
+    pub fn outstanding_receipts<'a>(shard: &'a Shard, mut visit: impl FnMut(&'a str, &'a Receipt)) {
+        for record in shard.records.values() {
+            if let (false, Some(receipt)) = (record.refunded, &record.receipt) {
+                visit(&record.fingerprint.key, receipt);
+            }
+        }
+    }
+
     /// The remembered records, oldest first, as `(arrival ms, id, record)`: the snapshot's
     /// order, as the cut gathered it before it let go of the locks first (the reference its
     /// test compares with).

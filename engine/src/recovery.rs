@@ -660,6 +660,8 @@ impl Engine {
         report.replay = step.elapsed();
         report.events_replayed = replayed;
         let fresh = replayed_from == 0 && replayed == 0;
+        // Before anything can race a close: which keys a correction left short.
+        engine.mark_short_periods();
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
