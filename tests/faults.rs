@@ -715,6 +715,123 @@ fn with_flushes_held<'a, T: Send>(
     })
 }
 
+/// A seat change appends its event with the append gate write-held (no `consume_many` chunk
+/// between deciding and appending), then waits for it to be durable: with the gate let go, so
+/// a batch on a key of another shard decides, counts and appends meanwhile. Before, the gate
+/// was held through the fdatasync and every batch waited for it. The batch on the seat's own
+/// key still comes after the seat change (the shard's lock, held until the seat changes): the
+/// chunk-gap test in tests/idempotency.rs checks that order survives a reopen.
+#[test]
+fn a_batch_on_another_key_goes_on_while_a_seat_change_waits_for_its_flush() {
+    use tally_engine::accounts::KeyTable;
+    let (dir, faults, engine) = accounts_in_sync_database("fault-seat-gate");
+    let shard = |key: &str| KeyTable::shard_index(KeyTable::hash(key));
+    // Eve's seat changes; the batch is on a key of another shard.
+    let other = ["key-bob", "key-ada"]
+        .into_iter()
+        .find(|key| shard(key) != shard("key-eve"))
+        .expect("a key in another shard than key-eve's");
+    let one = [(Unit::Requests, 1)];
+    let batch = [UsageRequest::new(other, "m2.7", &one).at(T0_MS)];
+    let used = |engine: &Engine| engine.usage(other, Some(T0_MS)).unwrap().limits[0].used;
+    assert_eq!(used(&engine), 0);
+    faults.hold_flushes();
+    let (seat, batched, counted_meanwhile) = std::thread::scope(|scope| {
+        let seat = scope.spawn(|| engine.assign_seat("@eve", "eve", "Max", Some(T0_MS)));
+        // The seat change's event is written and its flush waits at the hold.
+        let start = std::time::Instant::now();
+        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let batched = scope.spawn(|| engine.consume_many(&batch));
+        // The batch decides and counts before it appends its event; it then waits for its
+        // own flush, held too.
+        let start = std::time::Instant::now();
+        while used(&engine) == 0 && start.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let counted_meanwhile = used(&engine) == 1 && !seat.is_finished();
+        faults.release_flushes();
+        (
+            seat.join().expect("no panic"),
+            batched.join().expect("no panic"),
+            counted_meanwhile,
+        )
+    });
+    seat.expect("the seat change");
+    for result in batched {
+        assert!(result.expect("decided").is_admitted());
+    }
+    assert!(
+        counted_meanwhile,
+        "the batch on {other} waited for the seat change's flush"
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(used(&engine), 1, "the batch's unit after a reopen");
+    let eve = engine.usage("key-eve", Some(T0_MS)).unwrap();
+    assert_eq!(
+        eve.plan.as_deref(),
+        Some("Max"),
+        "the seat change after a reopen"
+    );
+}
+
+/// The other side of the seat change's early let-go of the append gate: a batch on the very
+/// key whose seat changes, sent while the change waits for its flush, waits for the key's
+/// shard (write-locked until the seat changes), so it decides on the new seat and its event
+/// comes after the seat change's in the log; a reopen replays the same usage.
+#[test]
+fn a_batch_on_the_key_whose_seat_changes_decides_after_it_and_is_logged_after_it() {
+    let (dir, faults, engine) = accounts_in_sync_database("fault-seat-same-key");
+    let one = [(Unit::Requests, 1)];
+    let batch = [UsageRequest::new("key-eve", "m2.7", &one).at(T0_MS)];
+    let before = last_seq(&engine);
+    faults.hold_flushes();
+    let (seat, batched) = std::thread::scope(|scope| {
+        let seat = scope.spawn(|| engine.assign_seat("@eve", "eve", "Max", Some(T0_MS)));
+        let start = std::time::Instant::now();
+        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let batched = scope.spawn(|| engine.consume_many(&batch));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        faults.release_flushes();
+        (
+            seat.join().expect("no panic"),
+            batched.join().expect("no panic"),
+        )
+    });
+    seat.expect("the seat change");
+    let decided = batched
+        .into_iter()
+        .next()
+        .expect("one result")
+        .expect("decided");
+    let Decision::Admitted(admission) = &decided else {
+        panic!("admitted: {decided:?}");
+    };
+    let plan = admission.plan.expect("on a plan");
+    assert_eq!(
+        &*engine.policy().plan(plan).name,
+        "Max",
+        "decided on the new seat"
+    );
+    let logged: Vec<&str> = engine
+        .events_after(before, 100)
+        .expect("the log")
+        .iter()
+        .map(|event| event.body.kind())
+        .collect();
+    assert_eq!(logged, ["seat_changed", "usage_admitted"]);
+    let used = |engine: &Engine| engine.usage("key-eve", Some(T0_MS)).unwrap().limits[0].used;
+    let live = used(&engine);
+    assert_eq!(live, 1);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(used(&engine), live, "the batch's unit after a reopen");
+}
+
 #[test]
 fn concurrent_reserves_settles_and_voids_wait_for_their_flush_together() {
     const CALLS: usize = 8;

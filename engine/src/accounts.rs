@@ -444,8 +444,9 @@ impl KeyTable {
         &self.shards[KeyTable::shard_index(hash)]
     }
 
-    /// The shard a key of this hash lives in.
-    pub(crate) fn shard_index(hash: u64) -> usize {
+    /// The shard a key of this hash lives in (public for tests that need two keys in
+    /// different shards).
+    pub fn shard_index(hash: u64) -> usize {
         ((hash >> 32) as usize) & (SHARDS - 1)
     }
 

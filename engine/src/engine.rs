@@ -595,13 +595,27 @@ impl Engine {
     /// Logs a state change and, as the durability mode says, waits for it to be durable:
     /// write-ahead for admin calls (applied only if this succeeds).
     pub(crate) fn commit(&self, at_ms: u64, body: EventBody) -> Result<(), Error> {
+        let seq = self.append_event(at_ms, body)?;
+        self.wait_event(seq)
+    }
+
+    /// `commit`'s first half: appends the event; its sequence number (`None` without a log).
+    pub(crate) fn append_event(&self, at_ms: u64, body: EventBody) -> Result<Option<u64>, Error> {
         match self.journal() {
-            None => Ok(()),
+            None => Ok(None),
             Some(journal) => {
                 let seq = journal.append(at_ms, encode_body(&body))?;
                 self.note_event_time(at_ms);
-                journal.wait(seq)
+                Ok(Some(seq))
             }
+        }
+    }
+
+    /// `commit`'s second half: waits for the event `append_event` appended to be durable.
+    pub(crate) fn wait_event(&self, seq: Option<u64>) -> Result<(), Error> {
+        match (self.journal(), seq) {
+            (Some(journal), Some(seq)) => journal.wait(seq),
+            _ => Ok(()),
         }
     }
 
@@ -908,7 +922,8 @@ impl Engine {
         // No `consume_many` chunk is between deciding and appending: its receipts name the
         // counters of the seat it was decided on, so its events must come before the seat
         // change's in the log, or a replay finds no counter for them and drops their usage.
-        let _gate = self.append_gate.write();
+        // Held until the event is appended, not through the wait for it to be durable (below).
+        let gate = self.append_gate.write();
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
@@ -929,7 +944,16 @@ impl Engine {
                 key: key.into(),
                 plan: plan.map(Into::into),
             };
-            self.commit(at_ms, body)?;
+            // Appended under the gate, then the gate is let go for the wait (an fdatasync in
+            // `Sync` mode: held through it, the gate stalled every `consume_many` chunk on
+            // every key for 100-200 us). The order still holds: a chunk deciding after this
+            // on the key waits for its shard's lock, held (write) until the seat is changed,
+            // so it decides on the new seat and appends after this event; a chunk on another
+            // key has nothing to do with this seat. Still written ahead: the seat changes
+            // only once the event is durable.
+            let seq = self.append_event(at_ms, body)?;
+            drop(gate);
+            self.wait_event(seq)?;
             state.seat = seat;
             let usage = state
                 .usage
@@ -1059,7 +1083,11 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         // No `consume_many` chunk is between deciding and appending: its decisions (and their
         // request ids' records, renamed below) are made under the old policy, so its events
-        // must come before the swap's in the log, or a replay restores them unrenamed.
+        // must come before the swap's in the log, or a replay restores them unrenamed. Held
+        // through the wait for the event to be durable too, unlike a seat change's: a chunk's
+        // next step after the gate is a request-id shard or a key shard, all write-locked
+        // here until the new policy is installed (written ahead), so letting the gate go
+        // after the append would let no chunk on.
         let _gate = self.append_gate.write();
         // The remembered decisions are renamed for the new policy with the rest (lock order:
         // append gate, then request-id shards before the policy list).
