@@ -1883,17 +1883,6 @@ fn segment_name(frame: &Frame) -> String {
         .into_owned()
 }
 
-/// sled's file lock can outlive a dropped handle for a moment (upstream issue 1234).
-fn open_sled_retrying(dir: &std::path::Path) -> sled::Db {
-    for _ in 0..100 {
-        match sled::open(dir) {
-            Ok(db) => return db,
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-        }
-    }
-    sled::open(dir).expect("sled opens the database")
-}
-
 #[test]
 fn verify_reports_a_sound_database_as_sound_with_a_matching_snapshot() {
     let dir = TempDir::new("verify-sound");
@@ -2683,30 +2672,6 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
         storage_problem(&error).contains("it was durable"),
         "{error}"
     );
-}
-
-/// Rewrites a database's snapshots as a build of format `version` (2 or 3) wrote them (rolling
-/// buckets plain, not packed as format 4 packs them) and its metadata to say `version`; its
-/// log's records are left as they are (format 3's are format 4's).
-fn rewrite_snapshots_in_format(dir: &std::path::Path, version: u16) {
-    for entry in std::fs::read_dir(dir.join("snapshots")).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        let mut body = tally_engine::recovery::snapshot_body_in_format_3(&bytes[32..]).unwrap();
-        // The body's own version (its first field); the file header's version, length and crc.
-        body[..2].copy_from_slice(&version.to_le_bytes());
-        let mut file = bytes[..32].to_vec();
-        file[8..10].copy_from_slice(&version.to_le_bytes());
-        file[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        file[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        file.extend(body);
-        std::fs::write(&path, file).unwrap();
-    }
-    let db = open_sled_retrying(dir);
-    let meta = db.open_tree("meta").unwrap();
-    meta.insert("format_version", &version.to_le_bytes())
-        .unwrap();
-    db.flush().unwrap();
 }
 
 /// Rewrites a database's log in format 2 (records without a durable point, segments, snapshots

@@ -65,9 +65,10 @@ pub struct KeyState {
     /// fewer units than the receipts naming it hold, and its counter keeps an admission's
     /// units in flight in the same word as the recorded ones: a give-back of a hold there
     /// runs under the shard's write lock (`Engine::give_back`). Only grows; written under the
-    /// shard's write lock only, so a reader holding the read lock sees it fixed. In memory
-    /// only (neither logged nor in a snapshot): an open works it out again from the counters
-    /// and the outstanding receipts (`Engine::mark_short_periods`).
+    /// shard's write lock only, so a reader holding the read lock sees it fixed. Kept in a
+    /// snapshot (format 4 on: `short_keys`), set again by a replayed removal as the live one
+    /// set it (`Engine::mark_replayed_removal`); an open from an older snapshot works it out
+    /// from the counters and the outstanding receipts (`Engine::mark_short_periods`).
     pub short_until_ms: u64,
 }
 

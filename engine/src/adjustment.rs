@@ -237,7 +237,8 @@ impl Engine {
     /// Marks, once an open has restored and replayed everything, each key with a calendar
     /// period that records fewer units than the outstanding receipts naming it hold (open
     /// reservations, request ids not refunded): a correction took some of theirs before the
-    /// engine closed, and `KeyState::short_until_ms`, which says so, is kept in memory only.
+    /// engine closed, and the snapshot the open restored was of a format (2 or 3) that does
+    /// not keep `KeyState::short_until_ms`.
     /// A period found whole stays whole until a correction removes from it (which marks it
     /// then): every other change adds to a counter what it adds to a receipt, gives back at
     /// most what it takes off a receipt, or adds alone. Called before the engine is shared.
@@ -431,20 +432,9 @@ impl Engine {
             // a give-back of a hold in one of them runs under this write lock too
             // (`KeyState::short_until_ms`). Marked before any counter moves, whether or not
             // the removal then finds units or stands (an undone one leaves it only cautious).
+            // A replay marks it the same way (`mark_replayed_removal`).
             if direction == AdjustmentDirection::Remove {
-                let periods_end_ms = amounts
-                    .as_slice()
-                    .iter()
-                    .filter_map(|&(limit_index, _)| {
-                        match plan.limits[usize::from(limit_index)].window {
-                            Window::Calendar(kind) => {
-                                Some(policy.calendar().period_of(kind, usage_at_ms).end_ms)
-                            }
-                            Window::Rolling { .. } => None,
-                        }
-                    })
-                    .max()
-                    .unwrap_or(0);
+                let periods_end_ms = removal_short_until(policy, plan, &amounts, usage_at_ms);
                 state.short_until_ms = state.short_until_ms.max(periods_end_ms);
             }
             let state = &*state;
@@ -639,6 +629,58 @@ impl Engine {
             }
         });
         stats
+    }
+}
+
+/// The end of the last calendar period a removal of `amounts` on `plan` at `usage_at_ms`
+/// takes from (0 if it takes from none): until then the key is short
+/// (`KeyState::short_until_ms`).
+fn removal_short_until(
+    policy: &Policy,
+    plan: &crate::policy::Plan,
+    amounts: &Amounts,
+    usage_at_ms: u64,
+) -> u64 {
+    amounts
+        .as_slice()
+        .iter()
+        .filter_map(
+            |&(limit_index, _)| match plan.limits[usize::from(limit_index)].window {
+                Window::Calendar(kind) => {
+                    Some(policy.calendar().period_of(kind, usage_at_ms).end_ms)
+                }
+                Window::Rolling { .. } => None,
+            },
+        )
+        .max()
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Marks `key` short as the logged removal of `quantities` of `resource` at
+    /// `usage_at_ms` marked it when it was applied live: a replay reaches this event with the
+    /// key's seat and the policy as they were then (both are logged in order with it). What
+    /// the live call would have refused is not in the log.
+    pub(crate) fn mark_replayed_removal(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+        usage_at_ms: u64,
+    ) {
+        self.keys.write(key, |policy, state| {
+            let Some(state) = state else { return };
+            let (Some(plan_id), Ok(resource_id)) =
+                (state.seat, resolve_resource(policy, resource, quantities))
+            else {
+                return;
+            };
+            let plan = policy.plan(plan_id);
+            if let Some(amounts) = Amounts::of(&plan.touches[resource_id.index()], quantities) {
+                let until = removal_short_until(policy, plan, &amounts, usage_at_ms);
+                state.short_until_ms = state.short_until_ms.max(until);
+            }
+        });
     }
 }
 

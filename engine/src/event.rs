@@ -19,8 +19,9 @@ use crate::policy::CounterId;
 use crate::reservation::Settlement;
 
 /// The version of the event, record and snapshot encoding written by this build.
-/// Version 4: snapshots pack a rolling window's buckets (`recovery::buckets`); events and
-/// records are as in version 3.
+/// Version 4: snapshots in varint integers, listing the keys a correction left short, their
+/// rolling windows' buckets packed (`recovery::buckets`); events and records are as in
+/// version 3.
 /// Version 3: records carry the writer's durable point (`RecordView::durable_before`).
 /// Version 2: the event log in segment files (see `log`); version 1 kept it in sled.
 pub const FORMAT_VERSION: u16 = 4;

@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord};
@@ -452,6 +453,54 @@ struct Snapshot<'a> {
     open_reservations: Vec<ReservationSnapshot>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
+    /// The keys a usage correction left short, each with its `KeyState::short_until_ms`
+    /// (format 4 on; an open of an older snapshot works them out: `mark_short_periods`).
+    short_keys: Vec<(Name<'a>, u64)>,
+}
+
+/// A snapshot of formats 2 and 3: `Snapshot` without `short_keys`, in bincode's fixed-width
+/// integers.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "'de: 'a"))]
+struct SnapshotFormat3<'a> {
+    version: u16,
+    seq: u64,
+    newest_at_ms: u64,
+    policies: Vec<Option<String>>,
+    users: Vec<(Name<'a>, Name<'a>, Vec<Name<'a>>)>,
+    teams: Vec<TeamSnapshot<'a>>,
+    keys: Vec<KeySnapshot<'a>>,
+    requests: Vec<RequestSnapshot>,
+    open_reservations: Vec<ReservationSnapshot>,
+    closed_reservations: Vec<(u64, u64, Closed)>,
+    next_reservation: u64,
+}
+
+impl<'a> From<SnapshotFormat3<'a>> for Snapshot<'a> {
+    fn from(old: SnapshotFormat3<'a>) -> Snapshot<'a> {
+        Snapshot {
+            version: old.version,
+            seq: old.seq,
+            newest_at_ms: old.newest_at_ms,
+            policies: old.policies,
+            users: old.users,
+            teams: old.teams,
+            keys: old.keys,
+            requests: old.requests,
+            open_reservations: old.open_reservations,
+            closed_reservations: old.closed_reservations,
+            next_reservation: old.next_reservation,
+            short_keys: Vec::new(),
+        }
+    }
+}
+
+/// How a snapshot's body is encoded from format 4 on: bincode with varint integers, as event
+/// bodies are (formats 2 and 3 used bincode's fixed-width legacy encoding, 8 bytes for every
+/// `u64` and string length). The body's first field is its version: one varint byte, where
+/// formats 2 and 3 wrote two (`[2 or 3, 0]`), so the first byte tells them apart.
+pub(crate) fn snapshot_encoding() -> impl bincode::Options + Copy {
+    bincode::DefaultOptions::new().with_varint_encoding()
 }
 
 impl Snapshot<'_> {
@@ -464,6 +513,7 @@ impl Snapshot<'_> {
         self.teams.sort_by(|a, b| a.name.cmp(&b.name));
         self.users.sort();
         self.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        self.short_keys.sort();
         self
     }
 }
@@ -628,6 +678,10 @@ impl Engine {
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine)?;
         let mut replayed_from = 0;
+        // Whether the snapshot (an older format's) does not say which keys a correction left
+        // short; a log replayed from its start, or after a newer snapshot, marks them as the
+        // live corrections did.
+        let mut marks_unknown = false;
         if let Some(pointer) = log.snapshot_pointer()? {
             let step = Instant::now();
             let bytes = log.read_snapshot(&pointer)?;
@@ -639,6 +693,7 @@ impl Engine {
             let decoded = DecodedSnapshot::decode(bytes, pointer.seq)?;
             report.snapshot_decode = step.elapsed();
             let step = Instant::now();
+            marks_unknown = decoded.snapshot().version < 4;
             engine.restore(decoded.snapshot())?;
             report.usage_warmed_bytes = warmer.finish() as u64;
             // Freeing the decoded snapshot and unmapping its bytes (19-27 ms at 100,000 keys,
@@ -661,7 +716,9 @@ impl Engine {
         report.events_replayed = replayed;
         let fresh = replayed_from == 0 && replayed == 0;
         // Before anything can race a close: which keys a correction left short.
-        engine.mark_short_periods();
+        if marks_unknown {
+            engine.mark_short_periods();
+        }
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
@@ -1053,10 +1110,12 @@ impl Engine {
             }
             EventBody::UsageAdjusted {
                 key,
+                resource,
+                quantities,
+                usage_at_ms,
                 direction,
                 generation,
                 moved,
-                ..
             } => {
                 let counters: Vec<_> = moved.clone();
                 match direction {
@@ -1064,6 +1123,8 @@ impl Engine {
                         self.apply_counters(key, None, *generation, counters, debts);
                     }
                     AdjustmentDirection::Remove => {
+                        // Marked first, as the live removal was.
+                        self.mark_replayed_removal(key, resource, quantities, *usage_at_ms);
                         let given = GivenBack {
                             generation: *generation,
                             counters,
@@ -1379,9 +1440,13 @@ impl Engine {
             })
             .collect();
         let mut keys = Vec::new();
+        let mut short_keys = Vec::new();
         for shard in &shards {
             for (key, state) in shard.iter() {
                 keys.push(key_snapshot(&shard.policy, key, state));
+                if state.short_until_ms > 0 {
+                    short_keys.push((key.to_string().into(), state.short_until_ms));
+                }
             }
         }
         let requests = crate::idempotency::RequestTable::export(&requests_guard)
@@ -1439,6 +1504,7 @@ impl Engine {
             open_reservations,
             closed_reservations,
             next_reservation: table.next_id,
+            short_keys,
         };
         // Everything is copied: the engine goes on while the copy is put in order.
         drop((shards, policies_guard, registry, requests_guard, table));
@@ -1491,6 +1557,17 @@ impl Engine {
         });
         restored.and(helped)?;
         drop(registry);
+        for (key, short_until_ms) in &snapshot.short_keys {
+            let found = self.keys.write(key, |_, state| {
+                state.map(|state| state.short_until_ms = *short_until_ms)
+            });
+            if found.is_none() {
+                return Err(storage(format!(
+                    "snapshot {}: a correction left unknown key {:?} short",
+                    snapshot.seq, &**key
+                )));
+            }
+        }
         // One clock read for them all (each id is queued for forgetting by it if its stamp is
         // ahead: `RequestTable::restore`), not one per id.
         let now_ms = self.now_ms();
@@ -1856,27 +1933,58 @@ impl Drop for DecodedSnapshot {
     }
 }
 
-/// A snapshot's body as a build of format 3 wrote it: the same state, every rolling window's
-/// buckets as plain integer pairs and the body's version 3. For tests of databases older builds
-/// wrote; the caller fixes the file's header.
+/// A snapshot's body as a build of format 3 wrote it: the same state without the keys a
+/// correction left short, every rolling window's buckets as plain integer pairs, fixed-width
+/// integers and the body's version 3. For tests of databases older builds wrote; the caller
+/// fixes the file's header.
 #[doc(hidden)]
 pub fn snapshot_body_in_format_3(body: &[u8]) -> Result<Vec<u8>, Error> {
-    let mut snapshot = decode_snapshot(body, 0)?;
-    snapshot.version = 3;
-    buckets::in_format_3(|| bincode::serialize(&snapshot))
-        .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+    let snapshot = decode_snapshot(body, 0)?;
+    buckets::in_format_3(|| {
+        bincode::serialize(&(
+            3u16,
+            snapshot.seq,
+            snapshot.newest_at_ms,
+            &snapshot.policies,
+            &snapshot.users,
+            &snapshot.teams,
+            &snapshot.keys,
+            &snapshot.requests,
+            &snapshot.open_reservations,
+            &snapshot.closed_reservations,
+            snapshot.next_reservation,
+        ))
+    })
+    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
 }
 
-fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
-    let version: u16 = bincode::deserialize(bytes.get(..2).unwrap_or(&[]))
-        .map_err(|error| storage(format!("snapshot {seq}: cannot read its version: {error}")))?;
+/// The format version a snapshot's body says it is in (see `snapshot_encoding`).
+fn snapshot_version(bytes: &[u8], seq: u64) -> Result<u16, Error> {
+    let version = match bytes {
+        [old @ (2 | 3), 0, ..] => u16::from(*old),
+        _ => snapshot_encoding()
+            .allow_trailing_bytes()
+            .deserialize(bytes)
+            .map_err(|error| {
+                storage(format!("snapshot {seq}: cannot read its version: {error}"))
+            })?,
+    };
     if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(storage(format!(
             "snapshot {seq}: format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
         )));
     }
-    bincode::deserialize(bytes)
-        .map_err(|error| storage(format!("snapshot {seq} is damaged: {error}")))
+    Ok(version)
+}
+
+fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
+    let damaged = |error: bincode::Error| storage(format!("snapshot {seq} is damaged: {error}"));
+    if snapshot_version(bytes, seq)? < 4 {
+        return bincode::deserialize::<SnapshotFormat3>(bytes)
+            .map(Snapshot::from)
+            .map_err(damaged);
+    }
+    snapshot_encoding().deserialize(bytes).map_err(damaged)
 }
 
 /// A snapshot with what does not change what the engine would decide taken out: ring heads
@@ -1907,6 +2015,10 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
     // A snapshot an older build wrote says its own format version (one this build reads):
     // the state is what is compared.
     out.version = FORMAT_VERSION;
+    // Which keys a correction left short only sends their closes to the write lock (a key
+    // marked needlessly is slower, never wrong), and the open of an older snapshot marks them
+    // from the counters, cautiously, where no event says so: not compared.
+    out.short_keys.clear();
     // Request ids and closed reservations age out of memory without an event (by the clock),
     // so a replay may still hold some the live engine had forgotten: compare only the ones the
     // reference kept.
@@ -2380,7 +2492,49 @@ mod tests {
         engine
             .void(reserved[1], Some(t1 + 96 * MINUTE))
             .expect("void");
+        // A removal of usage a key's daily counter recorded: the key is left short.
+        engine
+            .adjust_usage(
+                "acme-3",
+                "hailuo-2.3-768p-6s",
+                &[(Unit::Videos, 1)],
+                t1 + 60 * MINUTE,
+                AdjustmentDirection::Remove,
+                Some(t1 + 97 * MINUTE),
+            )
+            .expect("a correction");
         (engine, clock)
+    }
+
+    /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on;
+    /// a version this build does not read is refused by number.
+    #[test]
+    fn a_snapshot_body_says_its_format_in_its_first_bytes() {
+        assert_eq!(snapshot_version(&[2, 0, 9, 9], 1).unwrap(), 2);
+        assert_eq!(snapshot_version(&[3, 0], 1).unwrap(), 3);
+        assert_eq!(snapshot_version(&[4, 0, 0], 1).unwrap(), 4);
+        for (bytes, said) in [
+            (&[5u8, 1][..], "format version 5"),
+            (&[1, 0], "format version 1"),
+        ] {
+            let error = snapshot_version(bytes, 7).unwrap_err().to_string();
+            assert!(
+                error.contains("snapshot 7") && error.contains(said),
+                "{error}"
+            );
+        }
+        let error = snapshot_version(&[], 7).unwrap_err().to_string();
+        assert!(error.contains("cannot read its version"), "{error}");
+        // A format-4 body cut short is damage, named by its snapshot.
+        let (engine, _clock) = busy_engine();
+        let bytes = snapshot_encoding()
+            .serialize(&engine.cut(|| 9).expect("cut"))
+            .expect("encoding");
+        let error = decode_snapshot(&bytes[..bytes.len() / 2], 9).unwrap_err();
+        assert!(
+            error.to_string().contains("snapshot 9 is damaged"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -2429,11 +2583,15 @@ mod tests {
         assert!(reference.open_reservations.len() >= 2);
         assert_eq!(reference.closed_reservations.len(), 2);
         assert!(reference.users.iter().any(|user| !user.2.is_empty()));
+        assert!(reference
+            .short_keys
+            .iter()
+            .any(|(key, until)| &**key == "acme-3" && *until > 0));
 
         assert_eq!(snapshot, reference);
-        let bytes = bincode::serialize(&reference).expect("encoding");
+        let bytes = snapshot_encoding().serialize(&reference).expect("encoding");
         assert_eq!(
-            bincode::serialize(&snapshot).expect("encoding"),
+            snapshot_encoding().serialize(&snapshot).expect("encoding"),
             bytes,
             "the snapshot's bytes changed"
         );
@@ -2469,7 +2627,7 @@ mod tests {
         let written = cut.encode().expect("encoding").to_vec();
         let snapshot = cut.to_snapshot();
         assert!(
-            written == bincode::serialize(&snapshot).expect("encoding"),
+            written == snapshot_encoding().serialize(&snapshot).expect("encoding"),
             "RawCut::encode wrote other bytes than its snapshot's"
         );
         let decoded = decode_snapshot(&written, snapshot.seq).expect("decoding");
@@ -2605,7 +2763,9 @@ mod tests {
     #[test]
     fn a_decoded_snapshot_borrows_every_name_from_its_bytes() {
         let (engine, _clock) = busy_engine();
-        let bytes = bincode::serialize(&engine.cut(|| 7).expect("cut")).expect("encoding");
+        let bytes = snapshot_encoding()
+            .serialize(&engine.cut(|| 7).expect("cut"))
+            .expect("encoding");
         let decoded = decode_snapshot(&bytes, 7).expect("decoding");
         let borrowed = |name: &Name<'_>| matches!(name.0, Cow::Borrowed(_));
         assert!(!decoded.keys.is_empty() && !decoded.teams.is_empty());
@@ -2637,7 +2797,7 @@ mod tests {
         let reference = engine.cut(|| 7).expect("cut");
         // A file: a header (not read by the decode), then the body.
         let mut file = vec![0u8; 32];
-        file.extend(bincode::serialize(&reference).expect("encoding"));
+        file.extend(snapshot_encoding().serialize(&reference).expect("encoding"));
         let decoded =
             DecodedSnapshot::decode(SnapshotBytes::from_file(file.clone()), 7).expect("decoding");
         let elsewhere = std::thread::spawn(move || {
@@ -2658,7 +2818,9 @@ mod tests {
     #[test]
     fn a_restored_engine_keeps_one_copy_of_each_user_name() {
         let (engine, _clock) = busy_engine();
-        let bytes = bincode::serialize(&engine.cut(|| 7).expect("cut")).expect("encoding");
+        let bytes = snapshot_encoding()
+            .serialize(&engine.cut(|| 7).expect("cut"))
+            .expect("encoding");
         let restored = restored_from(&bytes, 7);
         let registry = restored.registry.lock();
         let mut keys_seen = 0;
@@ -2933,7 +3095,7 @@ mod tests {
         let reference = engine.cut_reference(9);
         assert!(reference.keys.len() >= PARALLEL_RESTORE_KEYS);
         assert!(reference.teams.len() >= PARALLEL_RESTORE_TEAMS);
-        let bytes = bincode::serialize(&reference).expect("encoding");
+        let bytes = snapshot_encoding().serialize(&reference).expect("encoding");
         let restored = restored_from(&bytes, 9);
         assert_eq!(restored.cut_reference(9), reference);
         // The last key of the second half is there, and so is its usage.

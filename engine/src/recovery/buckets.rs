@@ -351,8 +351,12 @@ impl TryFrom<CounterWire> for CounterSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recovery::snapshot_encoding;
+    use bincode::Options;
     use proptest::prelude::*;
 
+    /// In bincode's fixed-width integers, which make the byte layout easy to write by hand
+    /// below; `snapshot_encoding` (varints, what format 4 writes) is checked beside it.
     fn encoded(counter: &CounterSnapshot) -> Vec<u8> {
         bincode::serialize(counter).expect("encoding")
     }
@@ -382,6 +386,8 @@ mod tests {
                 .prop_flat_map(|(head, wide)| (Just(head), ring(head, 400, if wide { u64::MAX } else { 0xFFFF }), Just(wide)))
         ) {
             let counter = CounterSnapshot::Rolling { head, wide, buckets };
+            let varints = snapshot_encoding().serialize(&counter).expect("encoding");
+            prop_assert_eq!(snapshot_encoding().deserialize(&varints).ok(), Some(counter.clone()));
             prop_assert_eq!(decoded(&encoded(&counter)), Ok(counter));
         }
 
@@ -429,6 +435,9 @@ mod tests {
         // and one more for the first's distance below the head (199: two varint bytes).
         assert_eq!(packed.len(), 21 + 1 + 200 * 2);
         assert_eq!(plain.len(), 21 + 200 * 16);
+        // As format 4 writes it, in varints: variant 1 byte, head 5, wide 1, length 3.
+        let varints = snapshot_encoding().serialize(&counter).unwrap();
+        assert_eq!(varints.len(), 10 + 1 + 200 * 2);
     }
 
     /// Format 3's counters, as its builds wrote them (serde's derive, in this variant order).

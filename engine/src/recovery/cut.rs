@@ -20,10 +20,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use bincode::Options;
+
 use super::buckets::{Buckets, CounterRef};
 use super::{
-    storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot, ReservationSnapshot, Snapshot,
-    TeamSnapshot,
+    snapshot_encoding, storage, CounterSnapshot, KeySnapshot, Name, RequestSnapshot,
+    ReservationSnapshot, Snapshot, TeamSnapshot,
 };
 use crate::accounts::{
     KeyKind, KeyState, KeyTable, Registry, Shard, ShardLocks, TeamRecord, UserRecord,
@@ -78,7 +80,7 @@ impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
 // same bytes.
 
 #[derive(Serialize)]
-struct SnapshotRef<'a, U, T, K, R, O> {
+struct SnapshotRef<'a, U, T, K, R, O, S> {
     version: u16,
     seq: u64,
     newest_at_ms: u64,
@@ -90,6 +92,7 @@ struct SnapshotRef<'a, U, T, K, R, O> {
     open_reservations: O,
     closed_reservations: &'a [(u64, u64, Closed)],
     next_reservation: u64,
+    short_keys: S,
 }
 
 #[derive(Serialize)]
@@ -193,6 +196,7 @@ struct RawKey {
     open_reservations: u32,
     payg_micros: u64,
     time_floor_ms: u64,
+    short_until_ms: u64,
     /// Its counters in `RawCut::counters`; `None` when the key holds no usage.
     counters: Option<std::ops::Range<usize>>,
 }
@@ -705,6 +709,7 @@ impl RawCut {
             open_reservations: state.open_reservations.load(Ordering::Acquire),
             payg_micros: state.payg_micros.load(Ordering::Acquire),
             time_floor_ms: state.time_floor_ms,
+            short_until_ms: state.short_until_ms,
             counters,
         };
         self.keys.push(raw);
@@ -967,11 +972,17 @@ impl RawCut {
             open_reservations,
             closed_reservations,
             next_reservation: self.next_reservation,
+            short_keys: self
+                .keys
+                .iter()
+                .filter(|key| key.short_until_ms > 0)
+                .map(|key| (texts.get(key.key).into(), key.short_until_ms))
+                .collect(),
         }
     }
 
     /// The snapshot's bincode bytes written straight from the cut: the very bytes of
-    /// `bincode::serialize(&self.to_snapshot())` (tested), without building the `Snapshot`
+    /// `snapshot_encoding().serialize(&self.to_snapshot())` (tested), without building the `Snapshot`
     /// (a few strings and lists per key, allocated and freed again on the snapshot thread,
     /// which shares the cores with admission). The borrowed types below mirror `Snapshot`'s
     /// field for field, so serde writes the same bytes.
@@ -1008,6 +1019,9 @@ impl RawCut {
         open.sort_by_key(|&index| self.open_reservations[index].id);
         let mut closed = self.closed_reservations.clone();
         closed.sort_by_key(|closed| closed.0);
+        let short_keys: Vec<usize> = (0..self.keys.len())
+            .filter(|&index| self.keys[index].short_until_ms > 0)
+            .collect();
 
         let snapshot = SnapshotRef {
             version: FORMAT_VERSION,
@@ -1103,8 +1117,13 @@ impl RawCut {
             }),
             closed_reservations: &closed,
             next_reservation: self.next_reservation,
+            short_keys: SeqOf(short_keys.len(), |index: usize| {
+                let key = &self.keys[short_keys[index]];
+                (text(key.key), key.short_until_ms)
+            }),
         };
-        bincode::serialize_into(&mut bytes, &snapshot)
+        snapshot_encoding()
+            .serialize_into(&mut bytes, &snapshot)
             .map_err(|error| storage(format!("encoding a snapshot: {error}")))?;
         Ok(bytes)
     }
