@@ -1646,7 +1646,9 @@ impl Engine {
             state.payg_micros.store(key.payg_micros, Ordering::Release);
             state.time_floor_ms = key.time_floor_ms;
             if let Some(counters) = &key.counters {
-                state.usage.set(Some(restore_usage(policy, counters)?));
+                state
+                    .usage
+                    .set(Some(restore_usage(policy, counters, seq, &key.key)?));
             }
             self.keys.insert(&key.key, state);
         }
@@ -2258,6 +2260,8 @@ fn user_name(registry: &Registry, user: &str) -> Arc<str> {
 fn restore_usage(
     policy: &Policy,
     counters: &[(u16, CounterSnapshot)],
+    seq: u64,
+    key: &str,
 ) -> Result<crate::ledger::UsageBox, Error> {
     let mut restored = Vec::with_capacity(counters.len());
     for (id, snapshot) in counters {
@@ -2274,7 +2278,11 @@ fn restore_usage(
                     buckets,
                 },
                 Some(shape),
-            ) => WindowState::Rolling(RollingWindow::restored(shape, *wide, *head, buckets)),
+            ) => WindowState::Rolling(
+                RollingWindow::restored(shape, *wide, *head, buckets).map_err(|why| {
+                    storage(format!("snapshot {seq}: key {key:?}'s counter {id}: {why}"))
+                })?,
+            ),
             (CounterSnapshot::Calendar { period, count }, None) => {
                 WindowState::Calendar(CalendarCounter::restored(*period, *count))
             }
@@ -2504,6 +2512,88 @@ mod tests {
             )
             .expect("a correction");
         (engine, clock)
+    }
+
+    /// A rolling bucket's count is restored into one slot of its ring: a count that slot
+    /// cannot hold (more than 16 bits in a narrow ring, 32 in a wide one, alone or with a
+    /// bucket listed twice) is damage, refused by the restore and named, not a debug
+    /// assertion's panic (in a release build, the count's high bits spilled into the slot's
+    /// lap tag, or the count was clamped while the ring's total kept all of it).
+    #[test]
+    fn a_bucket_count_its_slot_cannot_hold_is_refused_not_restored() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        // A count too large alone, narrow and wide; then a bucket twice, each fitting but
+        // not both (format 4 refuses it as it decodes; format 3 does not look).
+        for (wide, count, twice) in [
+            (false, 0x1_0000u64, false),
+            (true, 1 << 32, false),
+            (false, 0x8000, true),
+        ] {
+            let mut snapshot = reference.clone();
+            let (key, id) = snapshot
+                .keys
+                .iter_mut()
+                .find_map(|key| {
+                    let name = key.key.to_string();
+                    key.counters.as_mut()?.iter_mut().find_map(|(id, counter)| {
+                        let id = *id;
+                        match counter {
+                            CounterSnapshot::Rolling {
+                                head,
+                                wide: is_wide,
+                                buckets,
+                            } if *is_wide == wide && !buckets.is_empty() => {
+                                *buckets = vec![(*head, count); 1 + usize::from(twice)];
+                                Some((name.clone(), id))
+                            }
+                            _ => None,
+                        }
+                    })
+                })
+                .expect("a ring of that width with usage");
+            let plain = crate::recovery::buckets::in_format_3(|| {
+                bincode::serialize(&(
+                    3u16,
+                    snapshot.seq,
+                    snapshot.newest_at_ms,
+                    &snapshot.policies,
+                    &snapshot.users,
+                    &snapshot.teams,
+                    &snapshot.keys,
+                    &snapshot.requests,
+                    &snapshot.open_reservations,
+                    &snapshot.closed_reservations,
+                    snapshot.next_reservation,
+                ))
+                .expect("format 3")
+            });
+            let packed = snapshot_encoding().serialize(&snapshot);
+            assert_eq!(
+                packed.is_err(),
+                twice,
+                "a bucket twice is refused as it is packed"
+            );
+            for bytes in packed.into_iter().chain([plain]) {
+                let restored = Engine::new(
+                    Policy::token_plan(),
+                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
+                    EngineOptions::default(),
+                )
+                .expect("valid options");
+                let result = decode_snapshot(&bytes, 9).and_then(|decoded| {
+                    restored.restore(&decoded)?;
+                    Ok(decoded.version)
+                });
+                let error = result
+                    .expect_err("a count its slot cannot hold")
+                    .to_string();
+                assert!(
+                    error.contains("snapshot 9") && error.contains(&count.to_string()),
+                    "{key} counter {id}, wide {wide}: {error}"
+                );
+            }
+        }
     }
 
     /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on;

@@ -842,21 +842,45 @@ impl RollingWindow {
     }
 
     /// Rebuilds a ring from a snapshot: its head, width and live `(epoch, count)` buckets.
+    ///
+    /// A bucket past the head, or one whose count its slot cannot hold (more than 16 bits in a
+    /// narrow ring, 32 in a wide one, alone or added to a bucket listed before in the same
+    /// slot), is refused with what is wrong: only damaged or hostile bytes have them, and
+    /// recorded they tripped a debug assertion or, in a release build, spilled the count's
+    /// high bits into the slot's lap tag.
     pub fn restored(
         shape: RollingShape,
         wide: bool,
         head: u64,
         buckets: &[(u64, u64)],
-    ) -> RollingWindow {
+    ) -> Result<RollingWindow, String> {
         let window = RollingWindow::new(shape, if wide { NARROW_MAX_AMOUNT + 1 } else { 0 });
         // Not shared yet and every slot empty: nothing for `advance`'s sweep to clear (it
         // walked the whole ring for every key restored).
         window.head.store(head, Ordering::Relaxed);
+        let max_count = window.slots.max_count();
         for &(epoch, count) in buckets {
+            if epoch > head {
+                return Err(format!(
+                    "rolling bucket {epoch} is past its ring's head {head}"
+                ));
+            }
             window.total.fetch_add(count, Ordering::AcqRel);
-            window.record(shape, epoch, count);
+            if count > max_count
+                || !window.record_at_within::<true>(shape.lap_and_slot(epoch), epoch, shape, count)
+            {
+                return Err(format!(
+                    "rolling bucket {epoch} counts {count}, more than its slot holds \
+                     ({max_count} in all, {} slots)",
+                    if window.slots.is_wide() {
+                        "wide"
+                    } else {
+                        "narrow"
+                    }
+                ));
+            }
         }
-        window
+        Ok(window)
     }
 
     /// Starts loading the whole slot array into the outer caches (a checkpoint's cut reads it
