@@ -1971,6 +1971,16 @@ fn snapshot_version(bytes: &[u8], seq: u64) -> Result<u16, Error> {
                 storage(format!("snapshot {seq}: cannot read its version: {error}"))
             })?,
     };
+    // Formats 2 and 3 wrote `[version, 0]`, and format 4 on never writes a varint below 4:
+    // `[3, 1]` is neither (read as format 3 it said version 259, and its keys a correction
+    // left short were taken as listed).
+    if matches!(version, 2 | 3) && bytes.get(1) != Some(&0) {
+        return Err(storage(format!(
+            "snapshot {seq}: cannot read its version: its first bytes {:?} are neither a \
+             format-2 or -3 version ([2 or 3, 0]) nor a varint of 4 or more",
+            &bytes[..bytes.len().min(2)]
+        )));
+    }
     if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(storage(format!(
             "snapshot {seq}: format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
@@ -2512,6 +2522,31 @@ mod tests {
             )
             .expect("a correction");
         (engine, clock)
+    }
+
+    /// A body whose first byte says format 2 or 3 must go on with the `0` of that format's
+    /// fixed-width version: `[3, 1, ...]` is neither a format-3 body nor a format-4 one (whose
+    /// varint version is 4 or more), and read as format 3 it said version 259, so the open
+    /// skipped working out the keys a correction left short.
+    #[test]
+    fn a_body_whose_version_is_neither_fixed_nor_a_varint_of_4_or_more_is_refused() {
+        let (engine, _clock) = busy_engine();
+        let bytes = snapshot_encoding()
+            .serialize(&engine.cut(|| 9).expect("cut"))
+            .expect("encoding");
+        let mut old = snapshot_body_in_format_3(&bytes).expect("format 3");
+        assert_eq!(decode_snapshot(&old, 9).expect("format 3 reads").version, 3);
+        for second in [1u8, 0x80] {
+            old[1] = second;
+            let error = match decode_snapshot(&old, 9) {
+                Ok(snapshot) => panic!("[3, {second}] read as version {}", snapshot.version),
+                Err(error) => error.to_string(),
+            };
+            assert!(
+                error.contains("snapshot 9") && error.contains("version"),
+                "{error}"
+            );
+        }
     }
 
     /// A rolling bucket's count is restored into one slot of its ring: a count that slot
