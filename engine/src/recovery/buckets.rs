@@ -235,8 +235,11 @@ fn read_varint(bytes: &[u8], at: &mut usize) -> Result<u64, &'static str> {
 /// Reads the varint pairs `pack` wrote: `(gap, count)` each, the gaps made epochs by
 /// `to_epochs`.
 fn read_pairs(bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
-    // Two bytes a bucket is the common size: room for that many, grown if counts are larger.
-    let mut pairs = Vec::with_capacity(bytes.len() / 2);
+    // Room for exactly the pairs there are: each varint ends in the one byte of it below
+    // 0x80. (Sized at two bytes a bucket, a ring of token counts, four or five bytes a
+    // bucket, held twice the memory it needed until the restore freed it.)
+    let varints = bytes.iter().filter(|&&byte| byte < 0x80).count();
+    let mut pairs = Vec::with_capacity(varints / 2);
     let mut at = 0;
     while at < bytes.len() {
         let read = |at: &mut usize| {
@@ -410,6 +413,28 @@ mod tests {
         fn any_bytes_decode_or_fail_cleanly(mut bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             bytes.splice(0..0, ROLLING_PACKED.to_le_bytes());
             let _ = decoded(&bytes);
+        }
+    }
+
+    /// The decoded buckets take the memory they need, whatever their counts' size: the
+    /// decoded snapshot holds them until every key is restored.
+    #[test]
+    fn packed_buckets_decode_into_a_list_of_their_own_length() {
+        let head = 19_600_000;
+        for count in [1, 300, 70_000, 1 << 31] {
+            let counter = CounterSnapshot::Rolling {
+                head,
+                wide: true,
+                buckets: (head - 199..=head).map(|epoch| (epoch, count)).collect(),
+            };
+            let bytes = snapshot_encoding().serialize(&counter).expect("encoding");
+            let decoded: CounterSnapshot =
+                snapshot_encoding().deserialize(&bytes).expect("decoding");
+            let CounterSnapshot::Rolling { buckets, .. } = &decoded else {
+                unreachable!("a rolling counter");
+            };
+            assert_eq!(decoded, counter);
+            assert_eq!(buckets.capacity(), buckets.len(), "counts of {count}");
         }
     }
 
