@@ -1531,6 +1531,33 @@ impl Engine {
                 snapshot.seq
             )));
         }
+        // Why a restored receipt could not be read under these policies (`None`: it can): a
+        // generation after the current one, or a hold on a counter its generation does not
+        // have. Only damaged or hostile bytes have one; read, it panicked the open of an
+        // older snapshot (`mark_short_periods`) or a later close or refund.
+        let generations = policies.clone();
+        let unreadable = |receipt: &Receipt| -> Option<String> {
+            let Some(then) = generations.get(receipt.generation as usize) else {
+                return Some(format!(
+                    "its policy generation {} is after the current one, {}",
+                    receipt.generation,
+                    generations.len() - 1
+                ));
+            };
+            let then = then.as_deref()?;
+            receipt
+                .holds
+                .as_slice()
+                .iter()
+                .find(|(counter, _, _)| counter.index() >= then.counters().len())
+                .map(|(counter, _, _)| {
+                    format!(
+                        "it holds units on counter {}, which policy generation {} does not have",
+                        counter.index(),
+                        receipt.generation
+                    )
+                })
+        };
         self.install_policies(policies);
         let policy = self.policy();
         let mut registry = self.registry.lock();
@@ -1572,6 +1599,12 @@ impl Engine {
         // ahead: `RequestTable::restore`), not one per id.
         let now_ms = self.now_ms();
         for request in &snapshot.requests {
+            if let Some(why) = request.receipt.as_ref().and_then(unreadable) {
+                return Err(storage(format!(
+                    "snapshot {}: request id {:?}: {why}",
+                    snapshot.seq, request.id
+                )));
+            }
             let record = RequestRecord {
                 refunded: request.refunded,
                 ..request_record(
@@ -1588,6 +1621,12 @@ impl Engine {
         let mut table = self.reservations.inner.lock();
         table.next_id = snapshot.next_reservation;
         for reservation in &snapshot.open_reservations {
+            if let Some(why) = unreadable(&reservation.receipt) {
+                return Err(storage(format!(
+                    "snapshot {}: reservation {}: {why}",
+                    snapshot.seq, reservation.id
+                )));
+            }
             let id = ReservationId(
                 std::num::NonZeroU64::new(reservation.id)
                     .ok_or_else(|| storage("reservation 0"))?,
@@ -2575,6 +2614,93 @@ mod tests {
         }
     }
 
+    /// `snapshot`'s body as a build of format 3 wrote it, whatever it holds (unlike
+    /// `snapshot_body_in_format_3`, which reads it from format-4 bytes first).
+    fn in_format_3(snapshot: &Snapshot<'_>) -> Vec<u8> {
+        buckets::in_format_3(|| {
+            bincode::serialize(&(
+                3u16,
+                snapshot.seq,
+                snapshot.newest_at_ms,
+                &snapshot.policies,
+                &snapshot.users,
+                &snapshot.teams,
+                &snapshot.keys,
+                &snapshot.requests,
+                &snapshot.open_reservations,
+                &snapshot.closed_reservations,
+                snapshot.next_reservation,
+            ))
+            .expect("format 3")
+        })
+    }
+
+    /// A receipt restored from a snapshot names counters of its policy generation, which the
+    /// open of an older snapshot reads at once (`mark_short_periods`) and a close or refund
+    /// later: one naming a counter its generation does not have, or a generation after the
+    /// current one, is damage, refused by the restore and named by its request id or
+    /// reservation, not an index out of bounds panicking the open.
+    #[test]
+    fn a_receipt_naming_a_counter_its_policy_lacks_is_refused_at_restore() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        let current = u32::try_from(reference.policies.len() - 1).expect("a few generations");
+        let bad = |receipt: &mut Receipt, counter: u16, generation: u32| {
+            receipt.generation = generation;
+            receipt.holds = crate::admission::Holds::from_slice(&[(CounterId(counter), 1, 0)])
+                .expect("one hold");
+        };
+        let plan_quota =
+            |receipt: &Receipt| matches!(receipt.charged_to, ChargedTo::PlanQuota { .. });
+        for (counter, generation) in [(200, current), (0, current + 1)] {
+            let mut on_a_request = reference.clone();
+            let request = on_a_request
+                .requests
+                .iter_mut()
+                .find(|request| request.receipt.as_ref().is_some_and(plan_quota))
+                .expect("a request charged to plan quota");
+            bad(
+                request.receipt.as_mut().expect("found with one"),
+                counter,
+                generation,
+            );
+            let id = request.id.clone();
+            let mut on_a_reservation = reference.clone();
+            let reservation = on_a_reservation
+                .open_reservations
+                .iter_mut()
+                .find(|reservation| plan_quota(&reservation.receipt))
+                .expect("an open reservation charged to plan quota");
+            bad(&mut reservation.receipt, counter, generation);
+            let reservation_id = reservation.id;
+            for (snapshot, named) in [
+                (on_a_request, format!("{id:?}")),
+                (on_a_reservation, format!("reservation {reservation_id}")),
+            ] {
+                let bytes = in_format_3(&snapshot);
+                let restored = Engine::new(
+                    Policy::token_plan(),
+                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
+                    EngineOptions::default(),
+                )
+                .expect("valid options");
+                let decoded = decode_snapshot(&bytes, 9).expect("decoding");
+                let result = restored.restore(&decoded);
+                if result.is_ok() {
+                    // What an open of this format-3 snapshot does next.
+                    restored.mark_short_periods();
+                }
+                let error = result
+                    .expect_err("a receipt its policy cannot read")
+                    .to_string();
+                assert!(
+                    error.contains("snapshot 9") && error.contains(&named),
+                    "counter {counter}, generation {generation}: {error}"
+                );
+            }
+        }
+    }
+
     /// A rolling bucket's count is restored into one slot of its ring: a count that slot
     /// cannot hold (more than 16 bits in a narrow ring, 32 in a wide one, alone or with a
     /// bucket listed twice) is damage, refused by the restore and named, not a debug
@@ -2613,22 +2739,7 @@ mod tests {
                     })
                 })
                 .expect("a ring of that width with usage");
-            let plain = crate::recovery::buckets::in_format_3(|| {
-                bincode::serialize(&(
-                    3u16,
-                    snapshot.seq,
-                    snapshot.newest_at_ms,
-                    &snapshot.policies,
-                    &snapshot.users,
-                    &snapshot.teams,
-                    &snapshot.keys,
-                    &snapshot.requests,
-                    &snapshot.open_reservations,
-                    &snapshot.closed_reservations,
-                    snapshot.next_reservation,
-                ))
-                .expect("format 3")
-            });
+            let plain = in_format_3(&snapshot);
             let packed = snapshot_encoding().serialize(&snapshot);
             assert_eq!(
                 packed.is_err(),
