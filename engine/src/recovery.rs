@@ -1789,7 +1789,9 @@ impl Engine {
     }
 
     /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
-    /// snapshot equals a replay of the log from the snapshot before it (or from the start).
+    /// snapshot equals a replay of the log from the snapshot before it (or from the start);
+    /// of the keys a correction left short, a snapshot of format 4 on must mark at least those
+    /// the replay marks (the live engine may have marked more).
     /// The replay runs with `options`: they must be the ones the database was opened with (the
     /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
     /// `use_recorded` reads from the database itself (recorded options that do not decode are
