@@ -2058,12 +2058,26 @@ fn snapshot_version(bytes: &[u8], seq: u64) -> Result<u16, Error> {
 
 fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
     let damaged = |error: bincode::Error| storage(format!("snapshot {seq} is damaged: {error}"));
-    if snapshot_version(bytes, seq)? < 4 {
+    if snapshot_version(bytes, seq)? < 4 || in_fixed_width_format_4(bytes, seq) {
         return bincode::deserialize::<SnapshotFormat3>(bytes)
-            .map(Snapshot::from)
+            .map(|old| Snapshot {
+                // A fixed-width format-4 body lists no short keys either: read as format 3,
+                // so an open works them out (`mark_short_periods`).
+                version: old.version.min(3),
+                ..Snapshot::from(old)
+            })
             .map_err(damaged);
     }
     snapshot_encoding().deserialize(bytes).map_err(damaged)
+}
+
+/// Whether `bytes`, a body of snapshot `seq`, is one main's builds wrote between packing
+/// rolling buckets (f95a593) and the varint body with `short_keys` (82b60da), which kept the
+/// version 4: format 3's layout in fixed-width integers, buckets packed (`CounterWire` reads
+/// both), version `[4, 0]`, then `seq` in 8 bytes. A varint body goes on after its version
+/// with `seq` as a varint, whose first byte is 0 only for snapshot 0.
+fn in_fixed_width_format_4(bytes: &[u8], seq: u64) -> bool {
+    seq != 0 && bytes.get(..2) == Some(&[4, 0]) && bytes.get(2..10) == Some(&seq.to_le_bytes())
 }
 
 /// A snapshot with what does not change what the engine would decide taken out: ring heads
@@ -2701,6 +2715,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Main's builds from f95a593 to bf4d010 already said format 4 (in the database's
+    /// metadata and every snapshot) and packed rolling buckets, but wrote the body in bincode's
+    /// fixed-width integers without `short_keys`: 82b60da changed both without a new version.
+    /// Such a snapshot reads as what it is, a body with no marks (the open works them out as
+    /// for format 3), not as a varint body that is damaged.
+    #[test]
+    fn a_snapshot_of_the_fixed_width_builds_of_format_4_still_reads() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        let interim = bincode::serialize(&(
+            4u16,
+            reference.seq,
+            reference.newest_at_ms,
+            &reference.policies,
+            &reference.users,
+            &reference.teams,
+            &reference.keys,
+            &reference.requests,
+            &reference.open_reservations,
+            &reference.closed_reservations,
+            reference.next_reservation,
+        ))
+        .expect("encoding");
+        assert_eq!(interim[..2], [4, 0]);
+        let decoded = match decode_snapshot(&interim, 9) {
+            Ok(decoded) => decoded,
+            Err(error) => panic!("the fixed-width format-4 body: {error}"),
+        };
+        assert!(
+            decoded.version < 4,
+            "its marks are to be worked out at open"
+        );
+        let mut expected = reference.clone();
+        expected.short_keys.clear();
+        expected.version = decoded.version;
+        assert_eq!(decoded, expected);
+        // A varint body says its seq right after the version: `[4, 0]` only for snapshot 0.
+        let varint = snapshot_encoding().serialize(&reference).expect("encoding");
+        assert_eq!(varint[..2], [4, 9]);
+        assert_eq!(decode_snapshot(&varint, 9).expect("decoding"), reference);
     }
 
     /// A rolling bucket's count is restored into one slot of its ring: a count that slot
