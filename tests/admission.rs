@@ -259,6 +259,22 @@ fn reserve_tokens(engine: &Engine, key: &str, close: Close, count: usize) -> Vec
         .collect()
 }
 
+/// With no token of the key recorded before and after, closes `ids` racing refused requests
+/// (`close_racing_refused_requests`) and checks that the closes gave back nothing.
+fn assert_closes_give_back_nothing(
+    engine: &Engine,
+    key: &str,
+    ids: &[ReservationId],
+    close: Close,
+    case: &str,
+) {
+    let used = |engine: &Engine| engine.usage(key, Some(T0_MS)).expect("report").limits[0].used;
+    assert_eq!(used(engine), 0, "{case}: before");
+    let given_back = close_racing_refused_requests(engine, key, ids, close);
+    assert_eq!(given_back, 0, "{case}: no token was recorded any more");
+    assert_eq!(used(engine), 0, "{case}: after");
+}
+
 /// Closes `ids` (all of the key's open reservations) one thread while another sends requests
 /// the 5-hour limit refuses, each holding two tokens on the daily counter for a moment; returns
 /// the units the closes logged as given back.
@@ -348,17 +364,8 @@ fn a_reservation_close_never_gives_back_units_a_refused_request_holds_for_a_mome
                 Some(T0_MS),
             )
             .expect("a correction");
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0
-        );
-        let given_back = close_racing_refused_requests(&engine, &key, &ids, close);
-        assert_eq!(given_back, 0, "{close:?}: no token was recorded any more");
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0,
-            "{close:?}"
-        );
+        let case = format!("{close:?}");
+        assert_closes_give_back_nothing(&engine, &key, &ids, close, &case);
     }
 }
 
@@ -404,17 +411,8 @@ fn a_close_of_a_reservation_made_after_a_correction_never_gives_back_units_a_ref
             refunded, RESERVATIONS as u64,
             "the refunds took the reservations' tokens"
         );
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0
-        );
-        let given_back = close_racing_refused_requests(&engine, &key, &reservations, close);
-        assert_eq!(given_back, 0, "{close:?}: no token was recorded any more");
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0,
-            "{close:?}"
-        );
+        let case = format!("{close:?}");
+        assert_closes_give_back_nothing(&engine, &key, &reservations, close, &case);
     }
 }
 
@@ -451,20 +449,8 @@ fn a_close_after_a_reopen_never_gives_back_units_a_refused_request_holds_for_a_m
         }
         let engine = open_for_closes(&dir);
         assert_eq!(engine.open_reservations(), RESERVATIONS);
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0
-        );
-        let given_back = close_racing_refused_requests(&engine, &key, &ids, close);
-        assert_eq!(
-            given_back, 0,
-            "checkpointed {checkpointed}, format 3 {format_3}: no token was recorded any more"
-        );
-        assert_eq!(
-            engine.usage(&key, Some(T0_MS)).expect("report").limits[0].used,
-            0,
-            "checkpointed {checkpointed}, format 3 {format_3}"
-        );
+        let case = format!("checkpointed {checkpointed}, format 3 {format_3}");
+        assert_closes_give_back_nothing(&engine, &key, &ids, close, &case);
     }
 }
 

@@ -2009,22 +2009,26 @@ impl Drop for DecodedSnapshot {
 #[doc(hidden)]
 pub fn snapshot_body_in_format_3(body: &[u8]) -> Result<Vec<u8>, Error> {
     let snapshot = decode_snapshot(body, 0)?;
-    buckets::in_format_3(|| {
-        bincode::serialize(&(
-            3u16,
-            snapshot.seq,
-            snapshot.newest_at_ms,
-            &snapshot.policies,
-            &snapshot.users,
-            &snapshot.teams,
-            &snapshot.keys,
-            &snapshot.requests,
-            &snapshot.open_reservations,
-            &snapshot.closed_reservations,
-            snapshot.next_reservation,
-        ))
-    })
-    .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+    buckets::in_format_3(|| fixed_width_body(&snapshot, 3))
+        .map_err(|error| storage(format!("encoding a snapshot: {error}")))
+}
+
+/// `snapshot` in format 3's layout (`SnapshotFormat3`: fixed-width integers, no `short_keys`)
+/// saying `version`; its rolling buckets packed unless inside `buckets::in_format_3`.
+fn fixed_width_body(snapshot: &Snapshot<'_>, version: u16) -> bincode::Result<Vec<u8>> {
+    bincode::serialize(&(
+        version,
+        snapshot.seq,
+        snapshot.newest_at_ms,
+        &snapshot.policies,
+        &snapshot.users,
+        &snapshot.teams,
+        &snapshot.keys,
+        &snapshot.requests,
+        &snapshot.open_reservations,
+        &snapshot.closed_reservations,
+        snapshot.next_reservation,
+    ))
 }
 
 /// The format version a snapshot's body says it is in (see `snapshot_encoding`).
@@ -2633,22 +2637,7 @@ mod tests {
     /// `snapshot`'s body as a build of format 3 wrote it, whatever it holds (unlike
     /// `snapshot_body_in_format_3`, which reads it from format-4 bytes first).
     fn in_format_3(snapshot: &Snapshot<'_>) -> Vec<u8> {
-        buckets::in_format_3(|| {
-            bincode::serialize(&(
-                3u16,
-                snapshot.seq,
-                snapshot.newest_at_ms,
-                &snapshot.policies,
-                &snapshot.users,
-                &snapshot.teams,
-                &snapshot.keys,
-                &snapshot.requests,
-                &snapshot.open_reservations,
-                &snapshot.closed_reservations,
-                snapshot.next_reservation,
-            ))
-            .expect("format 3")
-        })
+        buckets::in_format_3(|| fixed_width_body(snapshot, 3)).expect("format 3")
     }
 
     /// A receipt restored from a snapshot names counters of its policy generation, which the
@@ -2726,20 +2715,7 @@ mod tests {
     fn a_snapshot_of_the_fixed_width_builds_of_format_4_still_reads() {
         let (engine, _clock) = busy_engine();
         let reference = engine.cut(|| 9).expect("cut");
-        let interim = bincode::serialize(&(
-            4u16,
-            reference.seq,
-            reference.newest_at_ms,
-            &reference.policies,
-            &reference.users,
-            &reference.teams,
-            &reference.keys,
-            &reference.requests,
-            &reference.open_reservations,
-            &reference.closed_reservations,
-            reference.next_reservation,
-        ))
-        .expect("encoding");
+        let interim = fixed_width_body(&reference, 4).expect("encoding");
         assert_eq!(interim[..2], [4, 0]);
         let decoded = match decode_snapshot(&interim, 9) {
             Ok(decoded) => decoded,
