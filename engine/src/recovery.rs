@@ -875,13 +875,7 @@ impl Engine {
                 let owner =
                     debtor_key(&event.body).map_or(0, |key| applier_of(KeyTable::hash(key)));
                 self.replay(event, None, &mut debts[owner])
-                    .map_err(|error| {
-                        storage(format!(
-                            "replaying event {} ({}): {error}",
-                            event.seq,
-                            event.body.kind()
-                        ))
-                    })?;
+                    .map_err(|error| replaying(event.seq, event.body.kind(), error))?;
                 self.note_event_time(event.at_ms);
                 count += 1;
                 start = end + 1;
@@ -930,13 +924,15 @@ impl Engine {
             match &event.what {
                 ReplayBody::InPlace { key, receipt_at } => {
                     let (key, receipt) = batch.usage(event, key, *receipt_at)?;
-                    self.apply_receipt(key, Some(hash), &receipt, debts);
+                    self.apply_receipt(key, Some(hash), &receipt, debts)
+                        .map_err(|error| replaying(event.seq, "usage_admitted", error))?;
                 }
                 ReplayBody::Decoded(index) => {
                     if let EventBody::UsageAdmitted { key, receipt, .. } =
                         &batch.decoded[*index].body
                     {
-                        self.apply_receipt(key, Some(hash), receipt, debts);
+                        self.apply_receipt(key, Some(hash), receipt, debts)
+                            .map_err(|error| replaying(event.seq, "usage_admitted", error))?;
                     }
                 }
             }
@@ -1025,7 +1021,7 @@ impl Engine {
                 document,
             } => self.replay_policy(*generation, document, event.at_ms),
             EventBody::UsageAdmitted { key, receipt, .. } => {
-                self.apply_receipt(key, looked_ahead, receipt, debts);
+                self.apply_receipt(key, looked_ahead, receipt, debts)?;
                 self.restore_request_of_usage(event);
                 Ok(())
             }
@@ -1050,7 +1046,7 @@ impl Engine {
                 receipt,
                 ..
             } => {
-                self.apply_receipt(key, None, receipt, debts);
+                self.apply_receipt(key, None, receipt, debts)?;
                 self.keys.read(key, |_, state| {
                     state.map(|state| state.open_reservations.fetch_add(1, Ordering::AcqRel))
                 });
@@ -1077,12 +1073,12 @@ impl Engine {
                 end,
                 given_back,
             } => {
-                self.apply_given_back(key, given_back, debts);
+                self.apply_given_back(key, given_back, debts)?;
                 if let ReservationEnd::Settled {
                     extra: Some(extra), ..
                 } = end
                 {
-                    self.apply_receipt(key, None, extra, debts);
+                    self.apply_receipt(key, None, extra, debts)?;
                 }
                 let closed = Closed::from(end);
                 let mut table = self.reservations.inner.lock();
@@ -1100,7 +1096,7 @@ impl Engine {
                 key,
                 given_back,
             } => {
-                self.apply_given_back(key, given_back, debts);
+                self.apply_given_back(key, given_back, debts)?;
                 self.requests.with_record(request_id, |record| {
                     if let Some(record) = record {
                         record.refunded = true;
@@ -1120,7 +1116,7 @@ impl Engine {
                 let counters: Vec<_> = moved.clone();
                 match direction {
                     AdjustmentDirection::Add => {
-                        self.apply_counters(key, None, *generation, counters, debts);
+                        self.apply_counters(key, None, *generation, counters, debts)?;
                     }
                     AdjustmentDirection::Remove => {
                         // Marked first, as the live removal was.
@@ -1130,7 +1126,7 @@ impl Engine {
                             counters,
                             ..GivenBack::default()
                         };
-                        self.apply_given_back(key, &given, debts);
+                        self.apply_given_back(key, &given, debts)?;
                     }
                 }
                 Ok(())
@@ -1177,7 +1173,7 @@ impl Engine {
         looked_ahead: Option<u64>,
         receipt: &Receipt,
         debts: &mut Debts,
-    ) {
+    ) -> Result<(), Error> {
         match receipt.charged_to {
             ChargedTo::PlanQuota { .. } => {
                 // Holds are (counter, amount, time); moves are (counter, time, amount).
@@ -1186,7 +1182,7 @@ impl Engine {
                     .as_slice()
                     .iter()
                     .map(|&(counter, amount, time)| (counter, time, amount));
-                self.apply_counters(key, looked_ahead, receipt.generation, moves, debts);
+                return self.apply_counters(key, looked_ahead, receipt.generation, moves, debts);
             }
             ChargedTo::Credits { micros } => {
                 self.keys.read(key, |_, state| {
@@ -1198,6 +1194,7 @@ impl Engine {
                     .read(key, |_, state| state.map(|state| state.add_payg(micros)));
             }
         }
+        Ok(())
     }
 
     /// Adds logged counter amounts `moves` (counter, time, amount) of policy `generation`,
@@ -1213,11 +1210,16 @@ impl Engine {
         generation: u32,
         moves: impl IntoIterator<Item = (CounterId, u64, u64)> + Clone,
         debts: &mut Debts,
-    ) {
+    ) -> Result<(), Error> {
         let apply = |(then, later): (&Policy, &[Arc<Policy>]),
                      policy: &Policy,
                      state: &KeyState,
                      debts: &mut Debts| {
+            check_counters(
+                key,
+                then,
+                moves.clone().into_iter().map(|(counter, ..)| counter),
+            )?;
             let usage = state
                 .usage
                 .get_or_init(|| KeyUsage::for_plan(policy, state.seat));
@@ -1238,6 +1240,7 @@ impl Engine {
                     }
                 }
             }
+            Ok(())
         };
         let (hash, looked_ahead) = match looked_ahead {
             Some(hash) => (hash, true),
@@ -1247,35 +1250,46 @@ impl Engine {
             .keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
                 if policy.generation != generation {
-                    return false;
+                    return None;
                 }
-                if let Some(state) = state {
-                    apply((policy, &[]), policy, state, debts);
-                }
-                true
+                Some(match state {
+                    Some(state) => apply((policy, &[]), policy, state, debts),
+                    None => Ok(()),
+                })
             });
-        if current {
-            return;
+        if let Some(applied) = current {
+            return applied;
         }
         // An older generation's move (a `consume_many` chunk decided before a swap and
         // appended after it): its policy and the later ones, which carried its usage, are
         // looked up outside the key's shard lock (the policy list is locked before the shards,
         // never after).
         let (Some(then), later) = self.policy_lineage(generation) else {
-            return;
+            return Ok(());
         };
         self.keys
-            .read_hashed(hash, key, looked_ahead, |policy, state| {
-                if let Some(state) = state {
-                    apply((&then, &later), policy, state, debts);
-                }
-            });
+            .read_hashed(hash, key, looked_ahead, |policy, state| match state {
+                Some(state) => apply((&then, &later), policy, state, debts),
+                None => Ok(()),
+            })
     }
 
     /// Takes back logged give-back amounts exactly; what the counter does not hold yet (its add
     /// comes later in the log) is kept as a debt.
-    fn apply_given_back(&self, key: &str, given: &GivenBack, debts: &mut Debts) {
+    fn apply_given_back(
+        &self,
+        key: &str,
+        given: &GivenBack,
+        debts: &mut Debts,
+    ) -> Result<(), Error> {
         let (then, later) = self.policy_lineage(given.generation);
+        if let Some(then) = then.as_deref() {
+            check_counters(
+                key,
+                then,
+                given.counters.iter().map(|&(counter, ..)| counter),
+            )?;
+        }
         self.keys.read(key, |policy, state| {
             let Some(state) = state else { return };
             if given.credits_micros > 0 {
@@ -1298,6 +1312,7 @@ impl Engine {
                 }
             }
         });
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1788,8 +1803,9 @@ impl Engine {
             .transpose()
     }
 
-    /// Checks a database: every record decodes, sequence numbers are gap-free, and the latest
-    /// snapshot equals a replay of the log from the snapshot before it (or from the start);
+    /// Checks a database: every record decodes, sequence numbers are gap-free, the latest
+    /// snapshot equals a replay of the log from the snapshot before it (or from the start), and
+    /// the events after it replay onto it as an open replays them;
     /// of the keys a correction left short, a snapshot of format 4 on must mark at least those
     /// the replay marks (the live engine may have marked more).
     /// The replay runs with `options`: they must be the ones the database was opened with (the
@@ -1863,6 +1879,16 @@ impl Engine {
             )),
             _ => {}
         }
+        // What an open replays, once all the above is sound: the events after the latest
+        // snapshot (every event without one) applied to it. An event that decodes but cannot
+        // be applied (a record written wrong, its crc sound) refuses the open.
+        if report.problems.is_empty() {
+            if let Err(error) = verify_tail(&log, &options) {
+                report.problems.push(format!(
+                    "the events after the latest snapshot do not replay as an open replays them: {error}"
+                ));
+            }
+        }
         log.close()?;
         Ok(report)
     }
@@ -1881,6 +1907,26 @@ impl Engine {
         self.journal()
             .ok_or_else(|| Error::invalid("engine", "an in-memory engine has no log"))
     }
+}
+
+/// Restores the latest snapshot (if any) into an engine of its own and replays the events after
+/// it, as an open does.
+fn verify_tail(log: &EventLog, options: &OpenOptions) -> Result<(), Error> {
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::new(crate::clock::ManualClock::new(0)),
+        options.engine,
+    )?;
+    let from = match log.snapshot_pointer()? {
+        Some(pointer) => {
+            let bytes = log.read_snapshot(&pointer)?;
+            engine.restore(&decode_snapshot(&bytes, pointer.seq)?)?;
+            pointer.seq
+        }
+        None => 0,
+    };
+    engine.replay_log(log, from, u64::MAX)?;
+    Ok(())
 }
 
 /// Replays from the snapshot before the latest (or the start) up to the latest and compares;
@@ -2393,6 +2439,33 @@ fn restore_usage(
         });
     }
     Ok(KeyUsage::from_counters(restored))
+}
+
+/// An error of replaying event `seq` (of kind `kind`), naming it.
+fn replaying(seq: u64, kind: &str, error: Error) -> Error {
+    storage(format!("replaying event {seq} ({kind}): {error}"))
+}
+
+/// Refuses a logged move on a counter that `then`, the policy generation it names, does not
+/// have: only a record written wrong has one (its crc is sound), and replayed it indexed past
+/// the policy's counters.
+fn check_counters(
+    key: &str,
+    then: &Policy,
+    counters: impl IntoIterator<Item = CounterId>,
+) -> Result<(), Error> {
+    match counters
+        .into_iter()
+        .find(|counter| counter.index() >= then.counters().len())
+    {
+        None => Ok(()),
+        Some(counter) => Err(storage(format!(
+            "key {key:?}: it moves counter {}, which policy generation {} does not have ({} counters)",
+            counter.index(),
+            then.generation,
+            then.counters().len()
+        ))),
+    }
 }
 
 /// Amounts removed before the log's matching add (replay order differs from memory order only
@@ -3241,7 +3314,9 @@ mod tests {
         assert!(once.iter().any(|used| *used > 0), "{once:?}");
         // The current generation's receipt, applied again: every counter the request touched
         // counts it twice.
-        engine.apply_receipt("tp-u", None, &receipt, &mut Debts::default());
+        engine
+            .apply_receipt("tp-u", None, &receipt, &mut Debts::default())
+            .expect("applied");
         let twice = used(&engine);
         assert_eq!(twice, once.iter().map(|used| 2 * used).collect::<Vec<_>>());
         // The same receipt once the policy has moved on a generation: looked up, translated.
@@ -3249,12 +3324,14 @@ mod tests {
             .swap_policy(Policy::token_plan(), Some(T0))
             .expect("swap");
         assert_eq!(engine.policy().generation, receipt.generation + 1);
-        engine.apply_receipt(
-            "tp-u",
-            Some(KeyTable::hash("tp-u")),
-            &receipt,
-            &mut Debts::default(),
-        );
+        engine
+            .apply_receipt(
+                "tp-u",
+                Some(KeyTable::hash("tp-u")),
+                &receipt,
+                &mut Debts::default(),
+            )
+            .expect("applied");
         assert_eq!(
             used(&engine),
             once.iter().map(|used| 3 * used).collect::<Vec<_>>()
@@ -3337,7 +3414,9 @@ mod tests {
                     .swap_policy(five_hour_plans(plans), Some(base + minutes * MINUTE))
                     .expect("swap");
             }
-            engine.apply_receipt("k", None, &receipt, &mut Debts::default());
+            engine
+                .apply_receipt("k", None, &receipt, &mut Debts::default())
+                .expect("applied");
             let used = |at_ms: u64| engine.usage("k", Some(at_ms)).expect("usage").limits[0].used;
             assert_eq!(used(base + 43 * MINUTE), 120, "{label}");
             assert_eq!(used(base + 5 * hour + 59 * MINUTE), 120, "{label}");
