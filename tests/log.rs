@@ -2448,6 +2448,130 @@ fn opening_refuses_a_usage_event_on_a_counter_its_policy_lacks() {
     );
 }
 
+/// `closed_database` with one event rewritten in place (its record's crc sound): of the events
+/// `change` rewrites (returns true for), the first, or the last if `last`. Returns the
+/// directory and the event's sequence number.
+fn database_with_event_rewritten(
+    label: &str,
+    last: bool,
+    mut change: impl FnMut(&mut EventBody) -> bool,
+) -> (TempDir, u64) {
+    let (dir, _, frames) = closed_database(label);
+    let mut found = None;
+    for frame in &frames {
+        for (index, (_, bytes)) in record_events(frame).into_iter().enumerate() {
+            let seq = frame.first + index as u64;
+            let Ok(mut body) = decode_body(seq, &bytes) else {
+                continue;
+            };
+            if change(&mut body) {
+                found = Some((frame.clone(), index, body));
+                if !last {
+                    break;
+                }
+            }
+        }
+        if found.is_some() && !last {
+            break;
+        }
+    }
+    let (frame, index, body) = found.expect("an event to rewrite");
+    let mut events = record_events(&frame);
+    events[index].1 = encode_body(&body);
+    rewrite_record(&frame, &events);
+    (dir, frame.first + index as u64)
+}
+
+/// Opening `dir` is refused naming event `seq` of `kind` and `what`, and `verify` reports it.
+fn assert_replay_refuses(dir: &TempDir, seq: u64, kind: &str, what: &str) {
+    let opened = std::panic::catch_unwind(|| {
+        Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+            .map(|engine| {
+                // What the open let in is stored by the next checkpoint; the open after it
+                // must still read it.
+                engine.close().expect("close");
+                Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+                    .map(drop)
+                    .map_err(|error| format!("{error}"))
+            })
+            .map_err(|error| storage_problem(&error).to_string())
+    });
+    let problem = match opened {
+        Ok(Err(problem)) => problem,
+        Ok(Ok(reopened)) => panic!("the open let event {seq} in; then the reopen: {reopened:?}"),
+        Err(_) => panic!("the open panicked on event {seq}"),
+    };
+    assert!(
+        problem.contains(&format!("replaying event {seq} ({kind})")) && problem.contains(what),
+        "{problem}"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("event {seq}")) && problem.contains(what)),
+        "{report:?}"
+    );
+}
+
+/// A receipt the replay keeps (a request id's, an open reservation's) naming a policy
+/// generation after the current one, or a counter its generation lacks on a key that does not
+/// exist (so nothing is moved): only a record written wrong has one. The replay let it in
+/// without a look, the next checkpoint stored it and the open after that refused the snapshot
+/// (`restore` checks every kept receipt); a refund of such a request id indexed past the
+/// policy's counters. The replay refuses it, naming the event.
+#[test]
+fn opening_refuses_a_kept_receipt_its_policies_cannot_read() {
+    use tally_engine::admission::Holds;
+    use tally_engine::policy::CounterId;
+    let on_plan = |receipt: &tally_engine::admission::Receipt| {
+        matches!(
+            receipt.charged_to,
+            tally_engine::ChargedTo::PlanQuota { .. }
+        )
+    };
+    // A request id's receipt of generation 7 (the log has generation 0 only).
+    let (dir, seq) = database_with_event_rewritten("kept-receipt-id", false, |body| match body {
+        EventBody::UsageAdmitted {
+            request_id: Some(_),
+            decision: Some(_),
+            receipt,
+            ..
+        } if on_plan(receipt) => {
+            receipt.generation = 7;
+            true
+        }
+        _ => false,
+    });
+    assert_replay_refuses(&dir, seq, "usage_admitted", "generation 7");
+    // An open reservation's, likewise.
+    let (dir, seq) = database_with_event_rewritten("kept-receipt-rsv", false, |body| match body {
+        EventBody::ReservationOpened { receipt, .. } if on_plan(receipt) => {
+            receipt.generation = 7;
+            true
+        }
+        _ => false,
+    });
+    assert_replay_refuses(&dir, seq, "reservation_opened", "generation 7");
+    // A request id's receipt on counter 200, of a key that does not exist.
+    let (dir, seq) = database_with_event_rewritten("kept-receipt-key", false, |body| match body {
+        EventBody::UsageAdmitted {
+            key,
+            request_id: Some(_),
+            decision: Some(_),
+            receipt,
+            ..
+        } if on_plan(receipt) => {
+            *key = "no-such-key".into();
+            receipt.holds = Holds::from_slice(&[(CounterId(200), 1, 0)]).unwrap();
+            true
+        }
+        _ => false,
+    });
+    assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
+}
+
 /// The record is sound (its crc matches) but an event body in it does not decode: `verify`
 /// decodes every body and names the event.
 #[test]

@@ -852,17 +852,18 @@ impl Engine {
                         let theirs = std::mem::take(&mut debts[1]);
                         helper.send(Arc::clone(&batch), run.clone(), theirs)?;
                         let applied = self.apply_usage_run(&batch, run.clone(), 0, &mut debts[0]);
-                        self.restore_requests_of_run(&batch, run);
+                        let requests = self.restore_requests_of_run(&batch, run);
                         // The helper's events of the run come before this thread's later ones
                         // only by key: whichever error it is, it is this run's.
                         let (helped, theirs) = helper.wait()?;
                         debts[1] = theirs;
                         count += applied? + helped?;
+                        requests?;
                     }
                     None => {
                         count += self.apply_usage_run(&batch, run.clone(), 0, &mut debts[0])?;
                         count += self.apply_usage_run(&batch, run.clone(), 1, &mut debts[1])?;
-                        self.restore_requests_of_run(&batch, run);
+                        self.restore_requests_of_run(&batch, run)?;
                     }
                 }
                 let Some(barrier) = events.get(end) else {
@@ -947,16 +948,36 @@ impl Engine {
 
     /// Restores the request ids of a run of usage events, in log order (a later record of an
     /// id replaces an earlier one). Only a fully decoded usage event has a decision to keep.
-    fn restore_requests_of_run(&self, batch: &ReplayBatch, run: std::ops::Range<usize>) {
+    fn restore_requests_of_run(
+        &self,
+        batch: &ReplayBatch,
+        run: std::ops::Range<usize>,
+    ) -> Result<(), Error> {
         for event in &batch.events[run] {
             if let ReplayBody::Decoded(index) = event.what {
-                self.restore_request_of_usage(&batch.decoded[index]);
+                let event = &batch.decoded[index];
+                self.restore_request_of_usage(event)
+                    .map_err(|error| replaying(event.seq, event.body.kind(), error))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a receipt the replay keeps (a request id's, an open reservation's) that its
+    /// policies cannot read (`unreadable_receipt`): only a record written wrong has one, its
+    /// crc sound. Let in, it moved nothing (a generation after the current one, a key that
+    /// does not exist), the next checkpoint stored it, and the open after that refused the
+    /// snapshot; a refund of it indexed past its policy's counters.
+    fn check_kept_receipt(&self, key: &str, receipt: &Receipt) -> Result<(), Error> {
+        match unreadable_receipt(&self.policies.read(), receipt) {
+            None => Ok(()),
+            Some(why) => Err(storage(format!("key {key:?}: {why}"))),
         }
     }
 
-    /// Restores the request id of an admitted usage event that has one.
-    fn restore_request_of_usage(&self, event: &Event) {
+    /// Restores the request id of an admitted usage event that has one, refusing a receipt
+    /// its policies cannot read (`check_kept_receipt`).
+    fn restore_request_of_usage(&self, event: &Event) -> Result<(), Error> {
         let EventBody::UsageAdmitted {
             key,
             resource,
@@ -966,11 +987,13 @@ impl Engine {
             receipt,
         } = &event.body
         else {
-            return;
+            return Ok(());
         };
+        self.check_kept_receipt(key, receipt)?;
         let record = request_record(key, resource, quantities, decision, Some(*receipt));
         self.requests
             .restore(id, event.at_ms, self.now_ms(), record);
+        Ok(())
     }
 
     fn finish_replay(&self, count: u64) -> Result<u64, Error> {
@@ -1022,8 +1045,7 @@ impl Engine {
             } => self.replay_policy(*generation, document, event.at_ms),
             EventBody::UsageAdmitted { key, receipt, .. } => {
                 self.apply_receipt(key, looked_ahead, receipt, debts)?;
-                self.restore_request_of_usage(event);
-                Ok(())
+                self.restore_request_of_usage(event)
             }
             EventBody::RequestDenied {
                 request_id,
@@ -1046,6 +1068,7 @@ impl Engine {
                 receipt,
                 ..
             } => {
+                self.check_kept_receipt(key, receipt)?;
                 self.apply_receipt(key, None, receipt, debts)?;
                 self.keys.read(key, |_, state| {
                     state.map(|state| state.open_reservations.fetch_add(1, Ordering::AcqRel))
@@ -1546,33 +1569,11 @@ impl Engine {
                 snapshot.seq
             )));
         }
-        // Why a restored receipt could not be read under these policies (`None`: it can): a
-        // generation after the current one, or a hold on a counter its generation does not
-        // have. Only damaged or hostile bytes have one; read, it panicked the open of an
-        // older snapshot (`mark_short_periods`) or a later close or refund.
+        // Only damaged or hostile bytes have a receipt these policies cannot read; read, it
+        // panicked the open of an older snapshot (`mark_short_periods`) or a later close or
+        // refund.
         let generations = policies.clone();
-        let unreadable = |receipt: &Receipt| -> Option<String> {
-            let Some(then) = generations.get(receipt.generation as usize) else {
-                return Some(format!(
-                    "its policy generation {} is after the current one, {}",
-                    receipt.generation,
-                    generations.len() - 1
-                ));
-            };
-            let then = then.as_deref()?;
-            receipt
-                .holds
-                .as_slice()
-                .iter()
-                .find(|(counter, _, _)| counter.index() >= then.counters().len())
-                .map(|(counter, _, _)| {
-                    format!(
-                        "it holds units on counter {}, which policy generation {} does not have",
-                        counter.index(),
-                        receipt.generation
-                    )
-                })
-        };
+        let unreadable = |receipt: &Receipt| unreadable_receipt(&generations, receipt);
         self.install_policies(policies);
         let policy = self.policy();
         let mut registry = self.registry.lock();
@@ -2466,6 +2467,33 @@ fn check_counters(
             then.counters().len()
         ))),
     }
+}
+
+/// Why `receipt` could not be read under `policies` (`None`: it can): a generation after the
+/// current one, or a hold on a counter its generation does not have. A receipt a restore or a
+/// replay keeps (a request id's, an open reservation's) is read later by a refund or close,
+/// and by the next open of an older snapshot (`mark_short_periods`).
+fn unreadable_receipt(policies: &[Option<Arc<Policy>>], receipt: &Receipt) -> Option<String> {
+    let Some(then) = policies.get(receipt.generation as usize) else {
+        return Some(format!(
+            "its policy generation {} is after the current one, {}",
+            receipt.generation,
+            policies.len().saturating_sub(1)
+        ));
+    };
+    let then = then.as_deref()?;
+    receipt
+        .holds
+        .as_slice()
+        .iter()
+        .find(|(counter, _, _)| counter.index() >= then.counters().len())
+        .map(|(counter, _, _)| {
+            format!(
+                "it holds units on counter {}, which policy generation {} does not have",
+                counter.index(),
+                receipt.generation
+            )
+        })
 }
 
 /// Amounts removed before the log's matching add (replay order differs from memory order only
