@@ -2572,6 +2572,36 @@ fn opening_refuses_a_kept_receipt_its_policies_cannot_read() {
     assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
 }
 
+/// A policy of generation 0 after the first event: only the first event of a new database is
+/// one (`open` logs it when there is nothing to replay). Replayed later, it replaced the whole
+/// policy list under keys seated and counted under the old one, and the policy swap the open
+/// then made indexed past the new policy's counters and plans. The replay refuses it, naming
+/// the event.
+#[test]
+fn opening_refuses_a_generation_0_policy_after_the_first_event() {
+    let small = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.speech]
+units = ["characters"]
+[plans.Daily]
+limits = [{ resource = "speech", unit = "characters", amount = 4000, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    let document = serde_json::to_string(small.document()).unwrap();
+    // The last event, so no later one trips over the keys' usage first.
+    let (dir, seq) = database_with_event_rewritten("gen-0-later", true, |body| {
+        *body = EventBody::PolicySwapped {
+            generation: 0,
+            document: document.clone(),
+        };
+        true
+    });
+    assert!(seq > 1);
+    assert_replay_refuses(&dir, seq, "policy_swapped", "generation 0");
+}
+
 /// The record is sound (its crc matches) but an event body in it does not decode: `verify`
 /// decodes every body and names the event.
 #[test]

@@ -1042,7 +1042,7 @@ impl Engine {
             EventBody::PolicySwapped {
                 generation,
                 document,
-            } => self.replay_policy(*generation, document, event.at_ms),
+            } => self.replay_policy(*generation, document, event),
             EventBody::UsageAdmitted { key, receipt, .. } => {
                 self.apply_receipt(key, looked_ahead, receipt, debts)?;
                 self.restore_request_of_usage(event)
@@ -1157,7 +1157,17 @@ impl Engine {
         }
     }
 
-    fn replay_policy(&self, generation: u32, document: &str, at_ms: u64) -> Result<(), Error> {
+    fn replay_policy(&self, generation: u32, document: &str, event: &Event) -> Result<(), Error> {
+        // Generation 0 is a new database's first event (`open` logs it only when there is
+        // nothing to replay). Anywhere else it is a record written wrong, its crc sound:
+        // installed, it replaced the policy list under keys seated and counted under the old
+        // one, and the next swap or admission indexed past the new policy's plans.
+        if generation == 0 && event.seq != 1 {
+            return Err(storage(
+                "policy generation 0 after the first event: only a new database starts with one",
+            ));
+        }
+        let at_ms = event.at_ms;
         let policy = policy_from_json(document, generation)?;
         if generation == 0 {
             self.install_policies(vec![Some(Arc::new(policy))]);
