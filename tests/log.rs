@@ -2572,6 +2572,48 @@ fn opening_refuses_a_kept_receipt_its_policies_cannot_read() {
     assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
 }
 
+/// A reservation opened under the largest id there is: only a record written wrong has one
+/// (ids count up from 1). Replayed, it set the next id to hand out past the largest, and the
+/// next reservation overflowed (a panic in a debug build; in a release build the id wrapped to
+/// 1, taking the id of a reservation that may still be open). The replay refuses it, naming
+/// the event.
+#[test]
+fn opening_refuses_a_reservation_id_no_later_one_can_follow() {
+    let (dir, seq) = database_with_event_rewritten("reservation-max-id", true, |body| match body {
+        EventBody::ReservationOpened { reservation, .. } => {
+            *reservation = u64::MAX;
+            true
+        }
+        _ => false,
+    });
+    let opened = std::panic::catch_unwind(|| {
+        Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options()).map(|engine| {
+            let request =
+                UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)]).at(POPULATED_MS);
+            let outcome = engine.reserve(&request, Some(HOUR_MS));
+            format!("{outcome:?}")
+        })
+    });
+    let problem = match opened {
+        Ok(Err(error)) => storage_problem(&error).to_string(),
+        Ok(Ok(outcome)) => panic!("the open let event {seq} in; then a reserve: {outcome}"),
+        Err(_) => panic!("the open, or the reserve after it, panicked on event {seq}"),
+    };
+    assert!(
+        problem.contains(&format!("replaying event {seq} (reservation_opened)"))
+            && problem.contains(&u64::MAX.to_string()),
+        "{problem}"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("event {seq}"))),
+        "{report:?}"
+    );
+}
+
 /// A policy of generation 0 after the first event: only the first event of a new database is
 /// one (`open` logs it when there is nothing to replay). Replayed later, it replaced the whole
 /// policy list under keys seated and counted under the old one, and the policy swap the open

@@ -1068,6 +1068,18 @@ impl Engine {
                 receipt,
                 ..
             } => {
+                // Ids count up from 1, each the one after the last: 0 is none, and after the
+                // largest none could follow (the next reserve's id overflowed).
+                let id = std::num::NonZeroU64::new(*reservation)
+                    .filter(|id| id.get() < u64::MAX)
+                    .map(ReservationId)
+                    .ok_or_else(|| {
+                        storage(format!(
+                            "reservation {reservation}: not an id a reservation is given \
+                             (1 to {})",
+                            u64::MAX - 1
+                        ))
+                    })?;
                 self.check_kept_receipt(key, receipt)?;
                 self.apply_receipt(key, None, receipt, debts)?;
                 self.keys.read(key, |_, state| {
@@ -1075,10 +1087,6 @@ impl Engine {
                 });
                 let mut table = self.reservations.inner.lock();
                 table.next_id = table.next_id.max(*reservation);
-                let id = ReservationId(
-                    std::num::NonZeroU64::new(*reservation)
-                        .ok_or_else(|| storage("reservation 0"))?,
-                );
                 let entry = Reservation {
                     key: key.as_str().into(),
                     resource: resource.as_str().into(),
