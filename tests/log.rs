@@ -2614,6 +2614,55 @@ fn opening_refuses_a_reservation_id_no_later_one_can_follow() {
     );
 }
 
+/// A usage event holding units in a calendar period a counter cannot tell apart (its 16
+/// bits) or in a rolling bucket past the range of timestamps: only a record written wrong has
+/// one (timestamps end in 2100). Replayed, the period tripped a debug assertion packing the
+/// counter's word (window.rs:1070; in a release build its high bits were lost) and the bucket
+/// moved the ring's head so far that the key's next admission overflowed computing its
+/// bucket's start (admission.rs:794). The replay refuses it, naming the event.
+#[test]
+fn opening_refuses_a_hold_past_the_range_of_timestamps() {
+    let policy = Policy::token_plan();
+    for (label, rolling, time, what) in [
+        ("hold-period-16", false, 1u64 << 16, "period 65536"),
+        (
+            "hold-period-max",
+            false,
+            u64::from(u32::MAX),
+            "period 4294967295",
+        ),
+        (
+            "hold-bucket-far",
+            true,
+            1u64 << 50,
+            "bucket 1125899906842624",
+        ),
+        (
+            "hold-bucket-max",
+            true,
+            u64::MAX,
+            "bucket 18446744073709551615",
+        ),
+    ] {
+        let (dir, seq) = database_with_event_rewritten(label, true, |body| match body {
+            EventBody::UsageAdmitted { receipt, .. } => {
+                let mut holds = receipt.holds.as_slice().to_vec();
+                let Some(hold) = holds.iter_mut().find(|hold| {
+                    let window = policy.counters()[hold.0.index()].window;
+                    matches!(window, tally_engine::Window::Rolling { .. }) == rolling
+                }) else {
+                    return false;
+                };
+                hold.2 = time;
+                receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
+                true
+            }
+            _ => false,
+        });
+        assert_replay_refuses(&dir, seq, "usage_admitted", what);
+    }
+}
+
 /// A policy of generation 0 after the first event: only the first event of a new database is
 /// one (`open` logs it when there is nothing to replay). Replayed later, it replaced the whole
 /// policy list under keys seated and counted under the old one, and the policy swap the open

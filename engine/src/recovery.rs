@@ -1259,7 +1259,10 @@ impl Engine {
             check_counters(
                 key,
                 then,
-                moves.clone().into_iter().map(|(counter, ..)| counter),
+                moves
+                    .clone()
+                    .into_iter()
+                    .map(|(counter, time, _)| (counter, time)),
             )?;
             let usage = state
                 .usage
@@ -1328,7 +1331,10 @@ impl Engine {
             check_counters(
                 key,
                 then,
-                given.counters.iter().map(|&(counter, ..)| counter),
+                given
+                    .counters
+                    .iter()
+                    .map(|&(counter, time, _)| (counter, time)),
             )?;
         }
         self.keys.read(key, |policy, state| {
@@ -2466,29 +2472,58 @@ fn replaying(seq: u64, kind: &str, error: Error) -> Error {
 }
 
 /// Refuses a logged move on a counter that `then`, the policy generation it names, does not
-/// have: only a record written wrong has one (its crc is sound), and replayed it indexed past
-/// the policy's counters.
+/// have, or at a time its counter cannot hold (`unreadable_move`): only a record written wrong
+/// has one (its crc is sound), and replayed it indexed past the policy's counters, tripped the
+/// packing of a calendar counter's period, or moved a ring's head past where the key's next
+/// admission could compute its bucket's start.
 fn check_counters(
     key: &str,
     then: &Policy,
-    counters: impl IntoIterator<Item = CounterId>,
+    moves: impl IntoIterator<Item = (CounterId, u64)>,
 ) -> Result<(), Error> {
-    match counters
+    match moves
         .into_iter()
-        .find(|counter| counter.index() >= then.counters().len())
+        .find_map(|(counter, time)| unreadable_move(then, counter, time))
     {
         None => Ok(()),
-        Some(counter) => Err(storage(format!(
-            "key {key:?}: it moves counter {}, which policy generation {} does not have ({} counters)",
-            counter.index(),
-            then.generation,
-            then.counters().len()
-        ))),
+        Some(why) => Err(storage(format!("key {key:?}: it moves {why}"))),
     }
 }
 
+/// Why `then` cannot hold units on `counter` at `time` (an epoch or a period; `None`: it can):
+/// a counter it does not have, a calendar period past the 16 bits a counter tells apart, or a
+/// rolling bucket starting past twice the range of timestamps (a head carried through swaps
+/// to other buckets stays within a bucket of it; past it, the bucket's start overflows).
+fn unreadable_move(then: &Policy, counter: CounterId, time: u64) -> Option<String> {
+    let Some(spec) = then.counters().get(counter.index()) else {
+        return Some(format!(
+            "counter {}, which policy generation {} does not have ({} counters)",
+            counter.index(),
+            then.generation,
+            then.counters().len()
+        ));
+    };
+    let past = match spec.window {
+        Window::Calendar(_) => time >= crate::window::CALENDAR_PERIODS,
+        Window::Rolling { .. } => spec.window.shape().is_some_and(|shape| {
+            time.checked_mul(shape.bucket_ms)
+                .is_none_or(|start| start > 2 * crate::calendar::MAX_TIMESTAMP_MS)
+        }),
+    };
+    past.then(|| {
+        format!(
+            "counter {}'s {} {time}, past the range of timestamps",
+            counter.index(),
+            match spec.window {
+                Window::Calendar(_) => "period",
+                Window::Rolling { .. } => "bucket",
+            }
+        )
+    })
+}
+
 /// Why `receipt` could not be read under `policies` (`None`: it can): a generation after the
-/// current one, or a hold on a counter its generation does not have. A receipt a restore or a
+/// current one, or a hold its generation cannot hold (`unreadable_move`). A receipt a restore or a
 /// replay keeps (a request id's, an open reservation's) is read later by a refund or close,
 /// and by the next open of an older snapshot (`mark_short_periods`).
 fn unreadable_receipt(policies: &[Option<Arc<Policy>>], receipt: &Receipt) -> Option<String> {
@@ -2504,14 +2539,8 @@ fn unreadable_receipt(policies: &[Option<Arc<Policy>>], receipt: &Receipt) -> Op
         .holds
         .as_slice()
         .iter()
-        .find(|(counter, _, _)| counter.index() >= then.counters().len())
-        .map(|(counter, _, _)| {
-            format!(
-                "it holds units on counter {}, which policy generation {} does not have",
-                counter.index(),
-                receipt.generation
-            )
-        })
+        .find_map(|&(counter, _, time)| unreadable_move(then, counter, time))
+        .map(|why| format!("it holds units on {why}"))
 }
 
 /// Amounts removed before the log's matching add (replay order differs from memory order only

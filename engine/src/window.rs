@@ -1046,6 +1046,8 @@ impl RawRing {
 // ---------------------------------------------------------------------------------------------
 
 const PERIOD_BITS: u32 = 16;
+/// How many periods a calendar counter tells apart: a period index is below it.
+pub const CALENDAR_PERIODS: u64 = 1 << PERIOD_BITS;
 const PERIOD_COUNT_BITS: u32 = 64 - PERIOD_BITS;
 const PERIOD_COUNT_MASK: u64 = (1 << PERIOD_COUNT_BITS) - 1;
 
