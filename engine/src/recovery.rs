@@ -2436,6 +2436,16 @@ fn restore_usage(
                 "a snapshot names counter {id}, which the policy does not have"
             ))
         })?;
+        // A period or head a replayed move could not have put there (`unreadable_move`).
+        let time = match snapshot {
+            CounterSnapshot::Rolling { head, .. } => *head,
+            CounterSnapshot::Calendar { period, .. } => u64::from(*period),
+        };
+        if let Some(why) = unreadable_move(policy, CounterId(*id), time) {
+            return Err(storage(format!(
+                "snapshot {seq}: key {key:?}'s counter {id}: it counts in {why}"
+            )));
+        }
         let state = match (snapshot, spec.window.shape()) {
             (
                 CounterSnapshot::Rolling {
@@ -2945,6 +2955,60 @@ mod tests {
                 assert!(
                     error.contains("snapshot 9") && error.contains(&count.to_string()),
                     "{key} counter {id}, wide {wide}: {error}"
+                );
+            }
+        }
+    }
+
+    /// A calendar counter's period past the 16 bits its word tells apart, or a ring's head past
+    /// the range of timestamps, is damage, refused by the restore and named, as the replay
+    /// refuses such a move: restored, the period tripped a debug assertion packing the word (in
+    /// a release build its high bits were lost), and the head made the key's next admission
+    /// overflow computing its bucket's start.
+    #[test]
+    fn a_period_or_head_past_the_range_of_timestamps_is_refused_at_restore() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        for (calendar, far) in [
+            (true, 1u64 << 16),
+            (true, u64::from(u32::MAX)),
+            (false, 1 << 50),
+        ] {
+            let mut snapshot = reference.clone();
+            let found = snapshot.keys.iter_mut().find_map(|key| {
+                key.counters
+                    .as_mut()?
+                    .iter_mut()
+                    .find_map(|(_, counter)| match counter {
+                        CounterSnapshot::Calendar { period, .. } if calendar => {
+                            *period = far as u32;
+                            Some(())
+                        }
+                        CounterSnapshot::Rolling { head, .. } if !calendar => {
+                            *head = far;
+                            Some(())
+                        }
+                        _ => None,
+                    })
+            });
+            found.expect("a counter of that kind");
+            for bytes in [
+                snapshot_encoding().serialize(&snapshot).expect("encoding"),
+                in_format_3(&snapshot),
+            ] {
+                let restored = Engine::new(
+                    Policy::token_plan(),
+                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
+                    EngineOptions::default(),
+                )
+                .expect("valid options");
+                let error = decode_snapshot(&bytes, 9)
+                    .and_then(|decoded| restored.restore(&decoded))
+                    .expect_err("a period or head past the range of timestamps")
+                    .to_string();
+                assert!(
+                    error.contains("snapshot 9") && error.contains(&far.to_string()),
+                    "{error}"
                 );
             }
         }
