@@ -1658,6 +1658,16 @@ impl Engine {
             self.requests
                 .restore(&request.id, request.arrived_ms, now_ms, record);
         }
+        // Ids count up from 1, the next handed out being the last plus one: after the largest
+        // none could follow (the next reserve overflowed), and an open one past the last
+        // would be handed out again (its reservation replaced).
+        if snapshot.next_reservation == u64::MAX {
+            return Err(storage(format!(
+                "snapshot {}: the last reservation id is {}, after which none can follow",
+                snapshot.seq,
+                u64::MAX
+            )));
+        }
         let mut table = self.reservations.inner.lock();
         table.next_id = snapshot.next_reservation;
         for reservation in &snapshot.open_reservations {
@@ -1665,6 +1675,12 @@ impl Engine {
                 return Err(storage(format!(
                     "snapshot {}: reservation {}: {why}",
                     snapshot.seq, reservation.id
+                )));
+            }
+            if reservation.id > snapshot.next_reservation {
+                return Err(storage(format!(
+                    "snapshot {}: reservation {} is open, past the last id handed out, {}",
+                    snapshot.seq, reservation.id, snapshot.next_reservation
                 )));
             }
             let id = ReservationId(
@@ -2957,6 +2973,43 @@ mod tests {
                     "{key} counter {id}, wide {wide}: {error}"
                 );
             }
+        }
+    }
+
+    /// The next reservation id is the last plus one: a snapshot whose last id is the largest
+    /// there is (the first reserve after it overflowed), or with an open reservation past the
+    /// last id (the table would hand its id out again, replacing it), is damage, refused by
+    /// the restore and named.
+    #[test]
+    fn reservation_ids_the_table_cannot_go_on_from_are_refused_at_restore() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        assert!(!reference.open_reservations.is_empty());
+        let mut last_is_max = reference.clone();
+        last_is_max.next_reservation = u64::MAX;
+        let mut open_past_last = reference.clone();
+        open_past_last.open_reservations[0].id = reference.next_reservation + 1;
+        for (snapshot, named) in [
+            (last_is_max, u64::MAX.to_string()),
+            (
+                open_past_last,
+                format!("reservation {}", reference.next_reservation + 1),
+            ),
+        ] {
+            let restored = Engine::new(
+                Policy::token_plan(),
+                Arc::new(ManualClock::new(T0 + 8 * DAY)),
+                EngineOptions::default(),
+            )
+            .expect("valid options");
+            let error = restored
+                .restore(&snapshot)
+                .expect_err("ids the table cannot go on from")
+                .to_string();
+            assert!(
+                error.contains("snapshot 9") && error.contains(&named),
+                "{error}"
+            );
         }
     }
 
