@@ -2399,53 +2399,19 @@ fn opening_names_the_event_whose_body_is_damaged() {
 /// where the replay indexed past the policy's counters and panicked.
 #[test]
 fn opening_refuses_a_usage_event_on_a_counter_its_policy_lacks() {
-    let (dir, _, frames) = closed_database("open-bad-counter");
-    let (frame, index, mut body) = frames
-        .iter()
-        .find_map(|frame| {
-            record_events(frame)
-                .into_iter()
-                .enumerate()
-                .find_map(|(index, (_, bytes))| {
-                    let body = decode_body(frame.first + index as u64, &bytes).ok()?;
-                    match &body {
-                        EventBody::UsageAdmitted { receipt, .. }
-                            if !receipt.holds.as_slice().is_empty() =>
-                        {
-                            Some((frame.clone(), index, body))
-                        }
-                        _ => None,
-                    }
-                })
-        })
-        .expect("a usage event holding units on plan quota");
-    let EventBody::UsageAdmitted { receipt, .. } = &mut body else {
-        unreachable!()
-    };
-    let mut holds = receipt.holds.as_slice().to_vec();
-    holds[0].0 = tally_engine::policy::CounterId(200);
-    receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
-    let mut events = record_events(&frame);
-    events[index].1 = encode_body(&body);
-    rewrite_record(&frame, &events);
-    let seq = frame.first + index as u64;
-    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
-        .expect_err("a usage event on a counter the policy lacks");
-    let problem = storage_problem(&error);
-    assert!(
-        problem.contains(&format!("replaying event {seq} (usage_admitted)"))
-            && problem.contains("counter 200"),
-        "{problem}"
-    );
-    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
-    assert!(
-        report
-            .problems
-            .iter()
-            .any(|problem| problem.contains(&format!("event {seq}"))
-                && problem.contains("counter 200")),
-        "{report:?}"
-    );
+    let (dir, seq) = database_with_event_rewritten("open-bad-counter", false, |body| {
+        let EventBody::UsageAdmitted { receipt, .. } = body else {
+            return false;
+        };
+        let mut holds = receipt.holds.as_slice().to_vec();
+        let Some(first) = holds.first_mut() else {
+            return false;
+        };
+        first.0 = tally_engine::policy::CounterId(200);
+        receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
+        true
+    });
+    assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
 }
 
 /// `closed_database` with one event rewritten in place (its record's crc sound): of the events
