@@ -2414,6 +2414,44 @@ fn opening_refuses_a_usage_event_on_a_counter_its_policy_lacks() {
     assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
 }
 
+/// A reservation opened on a key that does not exist yet, or under an id that is open, is a
+/// record written wrong (a live reserve needs its key and takes a new id): refused, naming the
+/// event, where the replay let both in (the first underflowed the key's open count when it
+/// closed, the second left a stale lease behind).
+#[test]
+fn opening_refuses_a_reservation_on_no_key_or_under_an_open_id() {
+    let (dir, seq) = database_with_event_rewritten("open-reservation-no-key", false, |body| {
+        let EventBody::ReservationOpened { key, .. } = body else {
+            return false;
+        };
+        *key = "no-such-key".into();
+        true
+    });
+    assert_replay_refuses(&dir, seq, "reservation_opened", "does not exist");
+    let mut first = None;
+    let (dir, seq) = database_with_event_rewritten("open-reservation-twice", false, |body| {
+        let EventBody::ReservationOpened { reservation, .. } = body else {
+            return false;
+        };
+        match first {
+            None => {
+                first = Some(*reservation);
+                false
+            }
+            Some(first) => {
+                *reservation = first;
+                true
+            }
+        }
+    });
+    assert_replay_refuses(
+        &dir,
+        seq,
+        "reservation_opened",
+        "opened again while it is open",
+    );
+}
+
 /// `closed_database` with one event rewritten in place (its record's crc sound): of the events
 /// `change` rewrites (returns true for), the first, or the last if `last`. Returns the
 /// directory and the event's sequence number.

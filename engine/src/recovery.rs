@@ -1080,6 +1080,26 @@ impl Engine {
                             u64::MAX - 1
                         ))
                     })?;
+                // A live reserve needs its key (its creation is logged first) and a new id:
+                // a record that says otherwise was written wrong, and replayed it underflowed
+                // the key's open count when it closed, or left a stale lease behind.
+                if !self.keys.read(key, |_, state| state.is_some()) {
+                    return Err(storage(format!(
+                        "reservation {reservation} is on key {key:?}, which does not exist at \
+                         this point of the log"
+                    )));
+                }
+                if self
+                    .reservations
+                    .inner
+                    .lock()
+                    .open
+                    .contains_key(reservation)
+                {
+                    return Err(storage(format!(
+                        "reservation {reservation} is opened again while it is open"
+                    )));
+                }
                 self.check_kept_receipt(key, receipt)?;
                 self.apply_receipt(key, None, receipt, debts)?;
                 self.keys.read(key, |_, state| {
