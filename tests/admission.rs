@@ -25,13 +25,20 @@ fn request<'a>(key: &'a str, quantities: &'a [(Unit, u64)], at_ms: u64) -> Usage
 /// A plan with two limits on one resource, in the given order: requests per 5 hours and tokens
 /// per day.
 fn two_limit_policy(requests_first: bool) -> Policy {
+    two_limit_policy_with(requests_first, 100)
+}
+
+/// `two_limit_policy` with `daily_tokens` tokens a day.
+fn two_limit_policy_with(requests_first: bool, daily_tokens: u64) -> Policy {
     let requests =
         r#"{ resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" }"#;
-    let tokens = r#"{ resource = "chat", unit = "tokens", amount = 100, window = "daily" }"#;
+    let tokens = format!(
+        r#"{{ resource = "chat", unit = "tokens", amount = {daily_tokens}, window = "daily" }}"#
+    );
     let (first, second) = if requests_first {
-        (requests, tokens)
+        (requests, tokens.as_str())
     } else {
-        (tokens, requests)
+        (tokens.as_str(), requests)
     };
     let text = format!(
         r#"
@@ -112,20 +119,7 @@ fn a_correction_never_removes_units_a_refused_request_holds_for_a_moment() {
 /// consume).
 #[test]
 fn a_refund_never_gives_back_units_a_refused_request_holds_for_a_moment() {
-    let policy = Policy::from_toml_str(
-        r#"
-time_zone = "Asia/Shanghai"
-[resources.chat]
-units = ["requests", "tokens"]
-price_micros = { requests = 1000, tokens = 10 }
-[plans.Two]
-limits = [
-  { resource = "chat", unit = "tokens", amount = 1000000, window = "daily" },
-  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
-]
-"#,
-    )
-    .expect("a valid policy");
+    let policy = two_limit_policy_with(false, 1_000_000);
     let engine = engine_with(policy);
     let key = seated(&engine, "ada", "Two");
     const REFUNDS: usize = 4_000;
@@ -222,20 +216,7 @@ fn engine_for_closes(dir: &log_support::TempDir) -> (Engine, String) {
 
 /// Opens the database of `engine_for_closes` (new or not) with its policy.
 fn open_for_closes(dir: &log_support::TempDir) -> Engine {
-    let policy = Policy::from_toml_str(
-        r#"
-time_zone = "Asia/Shanghai"
-[resources.chat]
-units = ["requests", "tokens"]
-price_micros = { requests = 1000, tokens = 10 }
-[plans.Two]
-limits = [
-  { resource = "chat", unit = "tokens", amount = 1000000, window = "daily" },
-  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
-]
-"#,
-    )
-    .expect("a valid policy");
+    let policy = two_limit_policy_with(false, 1_000_000);
     let options = tally_engine::OpenOptions {
         durability: tally_engine::Durability::None,
         ..tally_engine::OpenOptions::default()

@@ -2648,14 +2648,19 @@ mod tests {
         dir
     }
 
-    /// A fresh in-memory engine restored from snapshot `bytes` covering events up to `seq`.
-    fn restored_from(bytes: &[u8], seq: u64) -> Engine {
-        let restored = Engine::new(
+    /// A fresh in-memory engine on the token plan, a snapshot's restore to go into it.
+    fn blank_engine() -> Engine {
+        Engine::new(
             Policy::token_plan(),
             Arc::new(ManualClock::new(T0 + 8 * DAY)),
             EngineOptions::default(),
         )
-        .expect("valid options");
+        .expect("valid options")
+    }
+
+    /// A fresh in-memory engine restored from snapshot `bytes` covering events up to `seq`.
+    fn restored_from(bytes: &[u8], seq: u64) -> Engine {
+        let restored = blank_engine();
         restored
             .restore(&decode_snapshot(bytes, seq).expect("decoding"))
             .expect("restoring");
@@ -2877,12 +2882,7 @@ mod tests {
                 (on_a_reservation, format!("reservation {reservation_id}")),
             ] {
                 let bytes = in_format_3(&snapshot);
-                let restored = Engine::new(
-                    Policy::token_plan(),
-                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
-                    EngineOptions::default(),
-                )
-                .expect("valid options");
+                let restored = blank_engine();
                 let decoded = decode_snapshot(&bytes, 9).expect("decoding");
                 let result = restored.restore(&decoded);
                 if result.is_ok() {
@@ -2975,12 +2975,7 @@ mod tests {
                 "a bucket twice is refused as it is packed"
             );
             for bytes in packed.into_iter().chain([plain]) {
-                let restored = Engine::new(
-                    Policy::token_plan(),
-                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
-                    EngineOptions::default(),
-                )
-                .expect("valid options");
+                let restored = blank_engine();
                 let result = decode_snapshot(&bytes, 9).and_then(|decoded| {
                     restored.restore(&decoded)?;
                     Ok(decoded.version)
@@ -3016,12 +3011,7 @@ mod tests {
                 format!("reservation {}", reference.next_reservation + 1),
             ),
         ] {
-            let restored = Engine::new(
-                Policy::token_plan(),
-                Arc::new(ManualClock::new(T0 + 8 * DAY)),
-                EngineOptions::default(),
-            )
-            .expect("valid options");
+            let restored = blank_engine();
             let error = restored
                 .restore(&snapshot)
                 .expect_err("ids the table cannot go on from")
@@ -3069,12 +3059,7 @@ mod tests {
                 snapshot_encoding().serialize(&snapshot).expect("encoding"),
                 in_format_3(&snapshot),
             ] {
-                let restored = Engine::new(
-                    Policy::token_plan(),
-                    Arc::new(ManualClock::new(T0 + 8 * DAY)),
-                    EngineOptions::default(),
-                )
-                .expect("valid options");
+                let restored = blank_engine();
                 let error = decode_snapshot(&bytes, 9)
                     .and_then(|decoded| restored.restore(&decoded))
                     .expect_err("a period or head past the range of timestamps")
