@@ -378,6 +378,8 @@ pub struct Engine {
     replaying: AtomicBool,
     /// How long each checkpoint cut held the locks, and the last cut's buffers (`recovery`).
     pub(crate) cuts: crate::recovery::Cuts,
+    /// When the next periodic checkpoint may start, after what the last one cost (`recovery`).
+    pub(crate) checkpoint_pacing: Arc<crate::recovery::CheckpointPacing>,
     /// Where the open that built this engine spent its time (absent for an in-memory engine).
     pub(crate) open_report: std::sync::OnceLock<crate::recovery::OpenReport>,
     /// Unique in the process: a detached `Submission` names the engine that must complete it.
@@ -474,6 +476,7 @@ impl Engine {
             open_report: std::sync::OnceLock::new(),
             checkpointing: Mutex::new(()),
             cuts: crate::recovery::Cuts::default(),
+            checkpoint_pacing: Arc::default(),
             checkpointed_seq: AtomicU64::new(0),
             checkpoint_due: AtomicBool::new(false),
             checkpoint_every: AtomicU64::new(u64::MAX),

@@ -42,10 +42,12 @@ use crate::window::{CalendarCounter, RollingWindow};
 
 mod buckets;
 mod cut;
+mod pacing;
 
 pub use cut::CutLockTime;
 pub(crate) use cut::Cuts;
 use cut::RawCut;
+pub(crate) use pacing::CheckpointPacing;
 
 /// How far behind the event it looks at an applier applies (see `apply_usage_run`), and how
 /// far behind it the second look-ahead (a usage event's name and usage) runs: in events of
@@ -280,9 +282,12 @@ pub struct OpenOptions {
     pub durability: Durability,
     pub engine: EngineOptions,
     /// A checkpoint is taken once this many events were logged since the last one, so opening
-    /// never replays more than about this many events. At least 1 (each checkpoint also seals
-    /// a log segment, so a small interval means many small files); `u64::MAX` in effect leaves
-    /// checkpoints to `checkpoint` and `close`.
+    /// replays about this many events at most. At least 1 (each checkpoint also seals a log
+    /// segment, so a small interval means many small files); `u64::MAX` in effect leaves
+    /// checkpoints to `checkpoint` and `close`. A checkpoint whose work took 10 ms or more
+    /// holds the next one back until four times that has passed since it started (see
+    /// `recovery::pacing`), so checkpoints take at most a quarter of a core; opening then also
+    /// replays what arrived meanwhile.
     pub checkpoint_every_events: u64,
     /// Usage events stay in the log this long beyond the longest window before `compact` may
     /// drop them (their effect lives on in the snapshot). 0 to `MAX_PERIOD_MS`.
@@ -1396,11 +1401,13 @@ impl Engine {
         journal.finish_snapshot_in_background()?;
         // A new segment and a snapshot are written in this build's format: recorded first.
         journal.record_format()?;
+        let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
         let written = cut.finish_copies().and_then(|()| {
             let usage_bytes = cut.usage_bytes;
             let bytes = cut.encode()?;
+            self.checkpoint_pacing.note(started, started.elapsed());
             journal.sync()?;
             journal.write_snapshot(seq, usage_bytes, bytes)
         });
@@ -1431,18 +1438,23 @@ impl Engine {
         if journal.finish_snapshot_in_background().is_err() || journal.record_format().is_err() {
             return;
         }
+        let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
+        let pacing = Arc::clone(&self.checkpoint_pacing);
         journal.write_snapshot_in_background(
             seq,
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
                 let stored = cut.finish_copies().and_then(|()| {
                     let usage_bytes = cut.usage_bytes;
-                    store(cut.encode()?, usage_bytes)
+                    let bytes = cut.encode()?;
+                    // The work, not the disk: the store below waits for the log's flush.
+                    pacing.note(started, started.elapsed());
+                    store(bytes, usage_bytes)
                 });
                 Cuts::keep_spare(&spare, cut);
                 stored
@@ -1450,8 +1462,9 @@ impl Engine {
         );
     }
 
-    /// Takes a checkpoint if enough events were logged since the last one (called after a
-    /// commit; the caller that crosses the threshold does the work). Inlined, so an engine
+    /// Takes a checkpoint if enough events were logged since the last one and the last one's
+    /// cost allows another yet (`pacing`; called after a commit; the caller that crosses the
+    /// threshold does the cut). Inlined, so an engine
     /// without a log pays one load per admission, not a call that saves every register.
     #[inline]
     pub(crate) fn maybe_checkpoint(&self) {
@@ -1466,7 +1479,7 @@ impl Engine {
         let every = self.checkpoint_every.load(Ordering::Relaxed);
         let last = self.checkpointed_seq.load(Ordering::Relaxed);
         let due = self.checkpoint_due.load(Ordering::Relaxed);
-        if due || seq.saturating_sub(last) >= every {
+        if (due || seq.saturating_sub(last) >= every) && self.checkpoint_pacing.allows(seq) {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);
                 self.checkpoint_in_background(journal);
@@ -3885,6 +3898,67 @@ mod tests {
             engine.usage("tp-u", Some(T0 + DAY)).expect("usage").limits,
             used.limits
         );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A periodic checkpoint waits while the last one's cost says so (`pacing`), however many
+    /// events pass; once the time has come, the next commit past a recheck takes it. An
+    /// explicit `checkpoint` is never held back, and a cheap one lifts the wait.
+    #[test]
+    fn a_costly_checkpoint_holds_the_next_periodic_one_back() {
+        let dir = fresh_dir("paced");
+        let clock = Arc::new(ManualClock::new(T0));
+        let options = OpenOptions {
+            durability: Durability::None,
+            checkpoint_every_events: 10,
+            ..OpenOptions::default()
+        };
+        let engine = Engine::open(&dir, Policy::token_plan(), clock, options).expect("open");
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Max", Some(T0))
+            .expect("seat");
+        let consume = |step: u64| {
+            let request = m27("tp-u", 1, T0 + step * MINUTE);
+            assert!(engine.consume(&request).expect("valid").is_admitted());
+        };
+        for step in 0..20 {
+            consume(step);
+        }
+        let unpaced = engine.checkpointed_seq.load(Ordering::Relaxed);
+        assert!(unpaced > 0, "a checkpoint every 10 events");
+        // As if the last checkpoint's work had taken an hour: none for four hours.
+        engine
+            .checkpoint_pacing
+            .note(Instant::now(), Duration::from_secs(3_600));
+        for step in 20..60 {
+            consume(step);
+        }
+        assert_eq!(engine.checkpointed_seq.load(Ordering::Relaxed), unpaced);
+        // `checkpoint` is not paced, and this one was cheap: periodic ones resume at once.
+        let explicit = engine.checkpoint().expect("checkpoint");
+        assert!(explicit > unpaced);
+        assert!(engine.checkpoint_pacing.next_not_before().is_none());
+        for step in 60..80 {
+            consume(step);
+        }
+        assert!(engine.checkpointed_seq.load(Ordering::Relaxed) > explicit);
+        // Held back again; then a cheap checkpoint's note lifts the wait, and the next
+        // commit takes one. (The recheck a held-back commit arms is `pacing`'s own test.)
+        engine
+            .checkpoint_pacing
+            .note(Instant::now(), Duration::from_secs(3_600));
+        let held = engine.checkpointed_seq.load(Ordering::Relaxed);
+        for step in 80..100 {
+            consume(step);
+        }
+        assert_eq!(engine.checkpointed_seq.load(Ordering::Relaxed), held);
+        engine
+            .checkpoint_pacing
+            .note(Instant::now(), Duration::from_millis(1));
+        consume(100);
+        assert!(engine.checkpointed_seq.load(Ordering::Relaxed) > held);
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
     }

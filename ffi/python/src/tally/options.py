@@ -58,7 +58,8 @@ class Options:
     #: moves its key's windows there for good. A gateway passing times it did not make itself
     #: should set one, e.g. 86,400,000 (a day). The log's own times are never refused at open.
     max_ahead_of_clock_ms: int | None = None
-    #: A checkpoint every this many events (default 1,000,000). ``Engine.open`` only.
+    #: A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
+    #: or more holds the next back until four times that has passed. ``Engine.open`` only.
     checkpoint_every_events: int | None = None
     #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
     retention_ms: int | None = None
