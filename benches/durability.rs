@@ -825,7 +825,9 @@ fn throughput(settings: &Settings, body: &[u8]) {
             config.row.samples.push(sample);
         }
     }
+    let flushed = raw_at_flush_sizes(&raw_dir, &event, &configs, settings);
     print_throughput(settings, &raw, &configs);
+    print_raw_at_flush_sizes(&configs, &flushed);
     // The periodic checkpoints' cuts held every lock: admission waited that long each time.
     for (what, engine) in [("Sync", &sync_engine), ("None", &none_engine)] {
         println!("{what} database: {}", cut_summary(engine, settings.keys));
@@ -952,6 +954,65 @@ fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {
             row.median_written_per_event(),
             millions(raw_rate),
             ratio,
+        );
+    }
+}
+
+/// A `Sync` row whose flushes carried fewer events than the batch it is compared with (a
+/// `submit` window's flush carries what was submitted during the flush before, about half of
+/// it; 256 threads are never all queued at once) is compared there with a raw batch of its
+/// window. Raw at the events its flushes did carry, measured after the rows (`runs` times
+/// each), says how much of the gap is the smaller batch and how much the engine.
+fn raw_at_flush_sizes(
+    raw_dir: &Path,
+    event: &[u8],
+    configs: &[Config],
+    settings: &Settings,
+) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for config in configs.iter().filter(|config| config.sync) {
+        let per_flush = config.row.median_events_per_flush().round().max(1.0) as usize;
+        let smaller = (per_flush as f64) < 0.9 * config.row.raw_batch as f64;
+        if !smaller || rows.iter().any(|row| row.raw_batch == per_flush) {
+            continue;
+        }
+        let mut row = Row::new(format!("raw, batch {per_flush}"), per_flush);
+        for _ in 0..settings.runs {
+            row.samples
+                .push(raw_append(raw_dir, event, per_flush, settings).0);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+fn print_raw_at_flush_sizes(configs: &[Config], flushed: &[Row]) {
+    if flushed.is_empty() {
+        return;
+    }
+    println!(
+        "Sync rows whose flushes carried fewer events than the batch compared above, beside raw at the batch they carried (same ratio target):"
+    );
+    for config in configs.iter().filter(|config| config.sync) {
+        let row = &config.row;
+        let per_flush = row.median_events_per_flush().round().max(1.0) as usize;
+        let Some(raw_row) = flushed
+            .iter()
+            .find(|raw_row| raw_row.raw_batch == per_flush)
+        else {
+            continue;
+        };
+        let (rate, raw_rate) = (
+            row.median_events_per_second(),
+            raw_row.median_events_per_second(),
+        );
+        println!(
+            "  {:<48} {:>10} at {per_flush:>5} ev/flush; raw batch {per_flush:>5}: {:>10} (p50 {:>5}us); ratio {:.3}x",
+            row.label,
+            millions(rate),
+            millions(raw_rate),
+            raw_row.latency_us(0.5),
+            rate / raw_rate,
         );
     }
 }
