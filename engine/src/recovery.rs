@@ -285,9 +285,9 @@ pub struct OpenOptions {
     /// replays about this many events at most. At least 1 (each checkpoint also seals a log
     /// segment, so a small interval means many small files); `u64::MAX` in effect leaves
     /// checkpoints to `checkpoint` and `close`. A checkpoint whose work took 10 ms or more
-    /// holds the next one back until four times that has passed since it started (see
-    /// `recovery::pacing`), so checkpoints take at most a quarter of a core; opening then also
-    /// replays what arrived meanwhile.
+    /// holds the next one back until four times that has passed since it started (so
+    /// checkpoints take about a quarter of a core at most), or until twice this many events
+    /// came (`recovery::pacing`): opening never replays more than twice this many.
     pub checkpoint_every_events: u64,
     /// Usage events stay in the log this long beyond the longest window before `compact` may
     /// drop them (their effect lives on in the snapshot). 0 to `MAX_PERIOD_MS`.
@@ -1479,7 +1479,14 @@ impl Engine {
         let every = self.checkpoint_every.load(Ordering::Relaxed);
         let last = self.checkpointed_seq.load(Ordering::Relaxed);
         let due = self.checkpoint_due.load(Ordering::Relaxed);
-        if (due || seq.saturating_sub(last) >= every) && self.checkpoint_pacing.allows(seq) {
+        let behind = seq.saturating_sub(last);
+        if !due && behind < every {
+            return;
+        }
+        // Pacing holds a checkpoint back until the tail is `MAX_PACED_INTERVALS` intervals long
+        // at most, so an open never replays more than that.
+        let capped = behind >= every.saturating_mul(pacing::MAX_PACED_INTERVALS);
+        if capped || self.checkpoint_pacing.allows(seq) {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);
                 self.checkpoint_in_background(journal);
@@ -3902,16 +3909,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A periodic checkpoint waits while the last one's cost says so (`pacing`), however many
-    /// events pass; once the time has come, the next commit past a recheck takes it. An
-    /// explicit `checkpoint` is never held back, and a cheap one lifts the wait.
+    /// A periodic checkpoint waits while the last one's cost says so (`pacing`), but never
+    /// past twice the interval. An explicit `checkpoint` is never held back, and a cheap one
+    /// lifts the wait.
     #[test]
     fn a_costly_checkpoint_holds_the_next_periodic_one_back() {
         let dir = fresh_dir("paced");
         let clock = Arc::new(ManualClock::new(T0));
         let options = OpenOptions {
             durability: Durability::None,
-            checkpoint_every_events: 10,
+            checkpoint_every_events: 50,
             ..OpenOptions::default()
         };
         let engine = Engine::open(&dir, Policy::token_plan(), clock, options).expect("open");
@@ -3923,41 +3930,53 @@ mod tests {
             let request = m27("tp-u", 1, T0 + step * MINUTE);
             assert!(engine.consume(&request).expect("valid").is_admitted());
         };
-        for step in 0..20 {
+        let log = || engine.journal().expect("a log");
+        for step in 0..60 {
             consume(step);
         }
         let unpaced = engine.checkpointed_seq.load(Ordering::Relaxed);
-        assert!(unpaced > 0, "a checkpoint every 10 events");
-        // As if the last checkpoint's work had taken an hour: none for four hours.
+        assert!(unpaced > 0, "a checkpoint every 50 events");
+        // As if the last checkpoint's work had taken an hour: none for four hours...
         engine
             .checkpoint_pacing
             .note(Instant::now(), Duration::from_secs(3_600));
-        for step in 20..60 {
+        let mut step = 60;
+        while log().last_appended() < unpaced + 99 {
             consume(step);
+            step += 1;
         }
         assert_eq!(engine.checkpointed_seq.load(Ordering::Relaxed), unpaced);
-        // `checkpoint` is not paced, and this one was cheap: periodic ones resume at once.
+        // ...unless the tail reaches twice the interval.
+        consume(step);
+        step += 1;
+        let capped = engine.checkpointed_seq.load(Ordering::Relaxed);
+        assert_eq!(capped, unpaced + 100);
+        // `checkpoint` is not paced, and notes its own cost (far less than an hour's).
+        engine
+            .checkpoint_pacing
+            .note(Instant::now(), Duration::from_secs(3_600));
+        consume(step);
+        step += 1;
         let explicit = engine.checkpoint().expect("checkpoint");
-        assert!(explicit > unpaced);
-        assert!(engine.checkpoint_pacing.next_not_before().is_none());
-        for step in 60..80 {
-            consume(step);
-        }
-        assert!(engine.checkpointed_seq.load(Ordering::Relaxed) > explicit);
+        assert!(explicit > capped);
+        let soon = Instant::now() + Duration::from_secs(60);
+        let wait = engine.checkpoint_pacing.next_not_before();
+        assert!(wait.is_none_or(|at| at < soon), "{wait:?}");
         // Held back again; then a cheap checkpoint's note lifts the wait, and the next
         // commit takes one. (The recheck a held-back commit arms is `pacing`'s own test.)
         engine
             .checkpoint_pacing
             .note(Instant::now(), Duration::from_secs(3_600));
         let held = engine.checkpointed_seq.load(Ordering::Relaxed);
-        for step in 80..100 {
+        while log().last_appended() < held + 60 {
             consume(step);
+            step += 1;
         }
         assert_eq!(engine.checkpointed_seq.load(Ordering::Relaxed), held);
         engine
             .checkpoint_pacing
             .note(Instant::now(), Duration::from_millis(1));
-        consume(100);
+        consume(step);
         assert!(engine.checkpointed_seq.load(Ordering::Relaxed) > held);
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);

@@ -52,7 +52,8 @@ type Options struct {
 	// make itself should set one, e.g. 24 h. The log's own times are never refused at Open.
 	MaxAheadOfClock time.Duration
 	// A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
-	// or more holds the next back until four times that has passed. Open only.
+	// or more holds the next back until four times that has passed, or twice this many
+	// events came. Open only.
 	CheckpointEveryEvents uint64
 	// How long usage events stay in the log beyond the longest window before Compact may
 	// drop them (default 7 days); negative: none. Open only.

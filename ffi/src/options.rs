@@ -278,9 +278,9 @@ pub extern "C" fn tally_options_set_max_ahead_of_clock_ms(
 /// open replays about this many at most: 1 to 2^64 - 1 (default 1,000,000; each checkpoint
 /// also starts a new log file, so a small value means many small files; 2^64 - 1 leaves
 /// checkpoints to `tally_engine_checkpoint` and close). A checkpoint whose work took 10 ms
-/// or more holds the next one back until four times that has passed since it started, so
-/// checkpoints take at most a quarter of a core; an open then also replays what arrived
-/// meanwhile. Read by `tally_engine_open` only.
+/// or more holds the next one back until four times that has passed since it started (so
+/// checkpoints take about a quarter of a core at most), or until twice this many events
+/// came: an open never replays more than twice this many. Read by `tally_engine_open` only.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]

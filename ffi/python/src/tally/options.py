@@ -59,7 +59,8 @@ class Options:
     #: should set one, e.g. 86,400,000 (a day). The log's own times are never refused at open.
     max_ahead_of_clock_ms: int | None = None
     #: A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
-    #: or more holds the next back until four times that has passed. ``Engine.open`` only.
+    #: or more holds the next back until four times that has passed, or twice this many
+    #: events came. ``Engine.open`` only.
     checkpoint_every_events: int | None = None
     #: Usage events kept this long beyond the longest window (default 7 days). ``Engine.open``.
     retention_ms: int | None = None
