@@ -3,67 +3,71 @@
 
 mod log_support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use log_support::*;
 use tally_engine::{Clock, Engine, EngineOptions, EventBody, Policy, Unit, UsageRequest};
 
-/// A clock that holds the thread named `batch` inside its `pause_at`th read, until released:
-/// a `consume_many` reads the clock once per request with an id, after the request before it
-/// was decided and remembered, but before the chunk's events are appended.
+/// A clock that holds each thread named `batch` in its second read until released: a
+/// `consume_many` reads it once per request with an id, so the second request's read comes
+/// after the first was decided and remembered, before the chunk's events are appended.
 #[derive(Debug)]
-struct PausingClock {
+struct SecondReadHold {
     now_ms: u64,
-    calls: AtomicU64,
-    pause_at: u64,
-    paused: Mutex<bool>,
+    /// (a batch is held, the batch may go on)
+    state: Mutex<(bool, bool)>,
     changed: Condvar,
-    released: AtomicBool,
 }
 
-impl PausingClock {
-    fn new(now_ms: u64, pause_at: u64) -> PausingClock {
-        PausingClock {
+impl SecondReadHold {
+    fn new(now_ms: u64) -> SecondReadHold {
+        SecondReadHold {
             now_ms,
-            calls: AtomicU64::new(0),
-            pause_at,
-            paused: Mutex::new(false),
+            state: Mutex::new((false, false)),
             changed: Condvar::new(),
-            released: AtomicBool::new(false),
         }
     }
 
-    fn wait_until_paused(&self) {
-        let mut paused = self.paused.lock().unwrap();
-        while !*paused {
+    /// Holds the next batch thread's second read again (each trial's batch is a new thread).
+    fn arm(&self) {
+        *self.state.lock().unwrap() = (false, false);
+    }
+
+    fn wait_until_held(&self) {
+        let mut state = self.state.lock().unwrap();
+        while !state.0 {
             let (next, timeout) = self
                 .changed
-                .wait_timeout(paused, Duration::from_secs(10))
+                .wait_timeout(state, Duration::from_secs(10))
                 .unwrap();
             assert!(!timeout.timed_out(), "the batch never read the clock");
-            paused = next;
+            state = next;
         }
     }
 
     fn release(&self) {
-        self.released.store(true, Ordering::SeqCst);
-        let _paused = self.paused.lock().unwrap();
+        self.state.lock().unwrap().1 = true;
         self.changed.notify_all();
     }
 }
 
-impl Clock for PausingClock {
+impl Clock for SecondReadHold {
     fn now_ms(&self) -> u64 {
-        if std::thread::current().name() == Some("batch")
-            && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.pause_at
-        {
-            let mut paused = self.paused.lock().unwrap();
-            *paused = true;
+        thread_local! {
+            static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let reads = READS.with(|reads| {
+            reads.set(reads.get() + 1);
+            reads.get()
+        });
+        if std::thread::current().name() == Some("batch") && reads == 2 {
+            let mut state = self.state.lock().unwrap();
+            state.0 = true;
             self.changed.notify_all();
-            while !self.released.load(Ordering::SeqCst) {
-                paused = self.changed.wait(paused).unwrap();
+            while !state.1 {
+                state = self.changed.wait(state).unwrap();
             }
         }
         self.now_ms
@@ -78,7 +82,7 @@ impl Clock for PausingClock {
 #[test]
 fn a_refund_of_a_request_still_in_a_batch_is_logged_after_it() {
     let dir = TempDir::new("refund-staged");
-    let clock = Arc::new(PausingClock::new(T0_MS, 2));
+    let clock = Arc::new(SecondReadHold::new(T0_MS));
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     // No seat: every request is charged to the team's credits.
     engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
@@ -98,7 +102,7 @@ fn a_refund_of_a_request_still_in_a_batch_is_logged_after_it() {
             .spawn_scoped(scope, || engine.consume_many(&batch))
             .unwrap();
         // r1 is decided and remembered; the batch waits in r2's read of the clock.
-        clock.wait_until_paused();
+        clock.wait_until_held();
         let refunding = scope.spawn(|| engine.refund("r1", Some(T0_MS + 2)));
         // A refund that waits for r1's event waits for the batch: let it go on after a while.
         std::thread::sleep(Duration::from_millis(300));
@@ -298,61 +302,6 @@ fn a_plan_quota_refund_after_its_policy_generation_is_dropped_is_refused_and_cha
     assert!(again.contains("no longer kept"), "{again}");
 }
 
-/// A clock that holds each thread named `batch` in its second read until released: a
-/// `consume_many` reads it once per request with an id, so the second request's read comes
-/// after the first was decided and remembered, before the chunk's events are appended.
-#[derive(Debug)]
-struct SecondReadHold {
-    now_ms: u64,
-    /// (a batch is held, the batch may go on)
-    state: Mutex<(bool, bool)>,
-    changed: Condvar,
-}
-
-impl SecondReadHold {
-    fn arm(&self) {
-        *self.state.lock().unwrap() = (false, false);
-    }
-
-    fn wait_until_held(&self) {
-        let mut state = self.state.lock().unwrap();
-        while !state.0 {
-            let (next, timeout) = self
-                .changed
-                .wait_timeout(state, Duration::from_secs(10))
-                .unwrap();
-            assert!(!timeout.timed_out(), "the batch never read the clock");
-            state = next;
-        }
-    }
-
-    fn release(&self) {
-        self.state.lock().unwrap().1 = true;
-        self.changed.notify_all();
-    }
-}
-
-impl Clock for SecondReadHold {
-    fn now_ms(&self) -> u64 {
-        thread_local! {
-            static READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-        }
-        let reads = READS.with(|reads| {
-            reads.set(reads.get() + 1);
-            reads.get()
-        });
-        if std::thread::current().name() == Some("batch") && reads == 2 {
-            let mut state = self.state.lock().unwrap();
-            state.0 = true;
-            self.changed.notify_all();
-            while !state.1 {
-                state = self.changed.wait(state).unwrap();
-            }
-        }
-        self.now_ms
-    }
-}
-
 /// A refund that finds no record for its id at its first look, and the record a `consume_many`
 /// chunk has just staged at its second, gave back and logged at once: the refund came before
 /// the admission in the log, so a replay applied it to nothing, and after a reopen the request
@@ -360,11 +309,7 @@ impl Clock for SecondReadHold {
 #[test]
 fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() {
     let dir = TempDir::new("refund-races-staged");
-    let clock = Arc::new(SecondReadHold {
-        now_ms: T0_MS,
-        state: Mutex::new((false, false)),
-        changed: Condvar::new(),
-    });
+    let clock = Arc::new(SecondReadHold::new(T0_MS));
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
     engine.top_up("@ada", 100_000_000, Some(T0_MS)).unwrap();
