@@ -2452,6 +2452,73 @@ fn opening_refuses_a_reservation_on_no_key_or_under_an_open_id() {
     );
 }
 
+/// `verify` replays the events after the latest snapshot even when something else is wrong
+/// (here the snapshot does not match a replay under other options): a tail that an open refuses
+/// is reported beside that, not hidden behind it.
+#[test]
+fn verify_reports_a_tail_an_open_refuses_beside_a_snapshot_mismatch() {
+    let dir = TempDir::new("verify-tail-and-mismatch");
+    let options = OpenOptions {
+        engine: tally_engine::EngineOptions {
+            max_policy_generations: 2,
+            ..tally_engine::EngineOptions::default()
+        },
+        ..sync_options()
+    };
+    let engine = open(dir.path(), Policy::token_plan(), options);
+    for swap in 0..4 {
+        engine
+            .swap_policy(Policy::token_plan(), Some(T0_MS + swap))
+            .expect("swap");
+    }
+    let checkpointed = engine.checkpoint().expect("checkpoint");
+    // The tail: a seated user's admission, its receipt then rewritten to a counter its plan
+    // does not have.
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS + 10);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    drop(engine);
+    let mut rewritten = None;
+    for frame in frames_of(dir.path()) {
+        let mut events = record_events(&frame);
+        for (index, (_, bytes)) in events.iter_mut().enumerate() {
+            let seq = frame.first + index as u64;
+            let mut body = decode_body(seq, bytes).unwrap();
+            let EventBody::UsageAdmitted { receipt, .. } = &mut body else {
+                continue;
+            };
+            let mut holds = receipt.holds.as_slice().to_vec();
+            holds[0].0 = tally_engine::policy::CounterId(200);
+            receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
+            *bytes = encode_body(&body);
+            rewritten = Some(seq);
+        }
+        if rewritten.is_some() {
+            rewrite_record(&frame, &events);
+            break;
+        }
+    }
+    let seq = rewritten.expect("the admission's event");
+    assert!(seq > checkpointed, "in the tail");
+
+    // Under the defaults (1,024 generations kept) the snapshot does not match a replay, and
+    // the tail's event is refused: both are reported.
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert_eq!(report.snapshot_matches_replay, Some(false), "{report:?}");
+    assert!(
+        report.problems.iter().any(|problem| {
+            problem.contains("do not replay as an open replays them")
+                && problem.contains(&format!("event {seq}"))
+                && problem.contains("counter 200")
+        }),
+        "{report:?}"
+    );
+}
+
 /// `closed_database` with one event rewritten in place (its record's crc sound): of the events
 /// `change` rewrites (returns true for), the first, or the last if `last`. Returns the
 /// directory and the event's sequence number.

@@ -1927,11 +1927,37 @@ impl Engine {
                 Ok(true)
             });
         });
+        // The records are sound and every body decodes: an open's replay of the tail means
+        // something whatever else is wrong.
+        let records_sound = problems.is_empty() && bodies.is_empty();
         report.problems.extend(problems);
         report.problems.extend(bodies);
-        if let Some(pointer) = log.snapshot_pointer()? {
+        // The latest snapshot, read and decoded once: compared with a replay of the log up to
+        // it, then restored for the replay of the events after it.
+        let latest = log.snapshot_pointer()?;
+        let latest_bytes = match &latest {
+            Some(pointer) => match log.read_snapshot(pointer) {
+                Ok(bytes) => Some(bytes),
+                Err(error) => {
+                    report.problems.push(error.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        let stored = match (&latest, &latest_bytes) {
+            (Some(pointer), Some(bytes)) => match decode_snapshot(bytes, pointer.seq) {
+                Ok(snapshot) => Some(snapshot.in_name_order()),
+                Err(error) => {
+                    report.problems.push(error.to_string());
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let (Some(pointer), Some(stored)) = (latest, &stored) {
             report.snapshot_seq = Some(pointer.seq);
-            match verify_snapshot(&log, pointer, &options) {
+            match verify_snapshot(&log, pointer, stored, &options) {
                 Ok(mismatch) => {
                     report.snapshot_matches_replay = Some(mismatch.is_none());
                     if let Some(mismatch) = mismatch {
@@ -1944,8 +1970,13 @@ impl Engine {
                 Err(error) => report.problems.push(error.to_string()),
             }
         }
+        if let Some(pointer) = latest {
+            // Named even when it cannot be read.
+            report.snapshot_seq = Some(pointer.seq);
+        }
         // What open needs first: the event after the snapshot, or event 1 without one.
         let start = log.log_start()?;
+        let problems_before_start = report.problems.len();
         match report.snapshot_seq {
             None if start > 1 => report.problems.push(format!(
                 "the log starts at event {start} but there is no snapshot: events 1 to {} are \
@@ -1960,11 +1991,16 @@ impl Engine {
             )),
             _ => {}
         }
-        // What an open replays, once all the above is sound: the events after the latest
-        // snapshot (every event without one) applied to it. An event that decodes but cannot
-        // be applied (a record written wrong, its crc sound) refuses the open.
-        if report.problems.is_empty() {
-            if let Err(error) = verify_tail(&log, &options) {
+        // What an open replays: the events after the latest snapshot (every event without one)
+        // applied to it. An event that decodes but cannot be applied (a record written wrong,
+        // its crc sound) refuses the open. Checked whenever the records are sound, the snapshot
+        // decodes and no event an open needs is missing, whatever else was found (a snapshot
+        // that does not match a replay, options that do not decode).
+        let tail_replayable = records_sound
+            && report.problems.len() == problems_before_start
+            && (latest.is_none() || stored.is_some());
+        if tail_replayable {
+            if let Err(error) = verify_tail(&log, stored.as_ref(), &options) {
                 report.problems.push(format!(
                     "the events after the latest snapshot do not replay as an open replays them: {error}"
                 ));
@@ -1992,17 +2028,20 @@ impl Engine {
 
 /// Restores the latest snapshot (if any) into an engine of its own and replays the events after
 /// it, as an open does.
-fn verify_tail(log: &EventLog, options: &OpenOptions) -> Result<(), Error> {
+fn verify_tail(
+    log: &EventLog,
+    latest: Option<&Snapshot<'_>>,
+    options: &OpenOptions,
+) -> Result<(), Error> {
     let engine = Engine::new(
         Policy::token_plan(),
         Arc::new(crate::clock::ManualClock::new(0)),
         options.engine,
     )?;
-    let from = match log.snapshot_pointer()? {
-        Some(pointer) => {
-            let bytes = log.read_snapshot(&pointer)?;
-            engine.restore(&decode_snapshot(&bytes, pointer.seq)?)?;
-            pointer.seq
+    let from = match latest {
+        Some(snapshot) => {
+            engine.restore(snapshot)?;
+            snapshot.seq
         }
         None => 0,
     };
@@ -2015,10 +2054,9 @@ fn verify_tail(log: &EventLog, options: &OpenOptions) -> Result<(), Error> {
 fn verify_snapshot(
     log: &EventLog,
     latest: crate::log::SnapshotPointer,
+    stored: &Snapshot<'_>,
     options: &OpenOptions,
 ) -> Result<Option<String>, Error> {
-    let stored_bytes = log.read_snapshot(&latest)?;
-    let stored = decode_snapshot(&stored_bytes, latest.seq)?.in_name_order();
     let base_bytes = match log.previous_snapshot_pointer()? {
         Some(previous) if previous.seq < latest.seq => {
             Some((log.read_snapshot(&previous)?, previous.seq))
@@ -2076,7 +2114,7 @@ fn verify_snapshot(
             }
         }
     }
-    Ok((normalized(&replayed, &stored) != normalized(&stored, &stored)).then(String::new))
+    Ok((normalized(&replayed, stored) != normalized(stored, stored)).then(String::new))
 }
 
 /// A decoded snapshot together with the bytes its names borrow, so that both can be handed to
