@@ -14,9 +14,12 @@ pub const DEFAULT_DB: &str = "tally-data";
 pub const DEFAULT_SIMULATE_DB: &str = "tally-data-simulate";
 /// For a database that recorded no options (one the operator commands made): the engine takes
 /// a checkpoint once this many events were logged since the last one, and on opening when more
-/// than half of this is left to replay, so a command never replays more than about this many
-/// events before it can answer. A database that recorded options runs with its owner's
-/// interval (a gateway's default is 1,000,000 events, about a quarter of a second to replay).
+/// than half of this is left to replay, so a command replays about this many events before it
+/// can answer, and about twice this many at most (a checkpoint whose work took 10 ms or more
+/// holds the next back until the tail is twice the interval at most:
+/// `OpenOptions::checkpoint_every_events`). A database that recorded options runs with its
+/// owner's interval (a gateway's default is 1,000,000 events, about a quarter of a second to
+/// replay, and up to twice that).
 pub const CHECKPOINT_EVERY_EVENTS: u64 = 20_000;
 /// `Durability::Interval` bounds, as the engine checks them.
 pub const MIN_INTERVAL_MS: u64 = 1;

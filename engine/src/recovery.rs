@@ -281,13 +281,15 @@ pub struct OpenOptions {
     /// An interval is 1 to `MAX_FLUSH_INTERVAL_MS` (60,000) ms.
     pub durability: Durability,
     pub engine: EngineOptions,
-    /// A checkpoint is taken once this many events were logged since the last one, so opening
-    /// replays about this many events at most. At least 1 (each checkpoint also seals a log
-    /// segment, so a small interval means many small files); `u64::MAX` in effect leaves
-    /// checkpoints to `checkpoint` and `close`. A checkpoint whose work took 10 ms or more
-    /// holds the next one back until four times that has passed since it started (so
-    /// checkpoints take about a quarter of a core at most), or until twice this many events
-    /// came (`recovery::pacing`): opening never replays more than twice this many.
+    /// A checkpoint is taken once this many events were logged since the last one. At least 1
+    /// (each checkpoint also seals a log segment, so a small interval means many small files);
+    /// `u64::MAX` in effect leaves checkpoints to `checkpoint` and `close`. A checkpoint whose
+    /// work took 10 ms or more (of wall-clock time) holds the next one back until four times
+    /// that has passed since it started, or until twice this many events came, whichever is
+    /// first (`recovery::pacing`): checkpoints take about a quarter of a core, unless twice this
+    /// many events come within four times a checkpoint's cost (then the cap comes first and
+    /// they take more). So opening replays up to about twice this many events (more after a
+    /// crash while a checkpoint's snapshot was being written: the tail before it too).
     pub checkpoint_every_events: u64,
     /// Usage events stay in the log this long beyond the longest window before `compact` may
     /// drop them (their effect lives on in the snapshot). 0 to `MAX_PERIOD_MS`.
@@ -1484,7 +1486,7 @@ impl Engine {
             return;
         }
         // Pacing holds a checkpoint back until the tail is `MAX_PACED_INTERVALS` intervals long
-        // at most, so an open never replays more than that.
+        // at most, so an open replays about that much at most.
         let capped = behind >= every.saturating_mul(pacing::MAX_PACED_INTERVALS);
         if capped || self.checkpoint_pacing.allows(seq) {
             if let Some(_busy) = self.checkpointing.try_lock() {

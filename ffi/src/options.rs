@@ -274,13 +274,16 @@ pub extern "C" fn tally_options_set_max_ahead_of_clock_ms(
     })
 }
 
-/// A database checkpoints once this many events were logged since the last checkpoint, so an
-/// open replays about this many at most: 1 to 2^64 - 1 (default 1,000,000; each checkpoint
-/// also starts a new log file, so a small value means many small files; 2^64 - 1 leaves
-/// checkpoints to `tally_engine_checkpoint` and close). A checkpoint whose work took 10 ms
-/// or more holds the next one back until four times that has passed since it started (so
-/// checkpoints take about a quarter of a core at most), or until twice this many events
-/// came: an open never replays more than twice this many. Read by `tally_engine_open` only.
+/// A database checkpoints once this many events were logged since the last checkpoint: 1 to
+/// 2^64 - 1 (default 1,000,000; each checkpoint also starts a new log file, so a small value
+/// means many small files; 2^64 - 1 leaves checkpoints to `tally_engine_checkpoint` and
+/// close). A checkpoint whose work took 10 ms or more (of wall-clock time) holds the next one
+/// back until four times that has passed since it started, or until twice this many events
+/// came, whichever is first: checkpoints take about a quarter of a core, unless twice this
+/// many events come within four times a checkpoint's cost (then the cap comes first and they
+/// take more). So an open replays up to about twice this many events (more after a crash while
+/// a checkpoint's snapshot was being written: the tail before it too). Read by
+/// `tally_engine_open` only.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]

@@ -1,4 +1,5 @@
-//! Checkpoint pacing: keeps periodic checkpoints to a bounded share of one core's time.
+//! Checkpoint pacing: keeps periodic checkpoints to a quarter of one core's time, as far as a
+//! bounded tail allows.
 //!
 //! A checkpoint's cost follows the state (every key's counters and its rings' live buckets),
 //! while `checkpoint_every_events` counts events. With 100,000 keys whose 5-hour rings are
@@ -7,11 +8,15 @@
 //! So once a checkpoint's work took `cost` (from the cut to the encoded bytes, not the disk
 //! writes), the next periodic one waits until `CHECKPOINT_TIME_SHARE` times `cost` has passed
 //! since that one started, or until `MAX_PACED_INTERVALS` intervals of events have passed,
-//! whichever comes first: opening never replays more than twice `checkpoint_every_events`.
-//! (With full rings, a tail of 3 million events took 650 ms to replay at 100,000 keys, on top
-//! of 370 ms for the snapshot.) Checkpoints cheaper than `PACED_FROM` are never held back, so small engines (and tests)
-//! checkpoint exactly every `checkpoint_every_events`. `Engine::checkpoint` and `close` are
-//! never paced.
+//! whichever comes first: opening replays about twice `checkpoint_every_events` at most (more
+//! after a crash while a checkpoint's snapshot was being written). (With full rings, a tail of
+//! 3 million events took 650 ms to replay at 100,000 keys, on top of 370 ms for the snapshot.)
+//! Where the cap comes first (events faster than `MAX_PACED_INTERVALS` intervals in
+//! `CHECKPOINT_TIME_SHARE` costs: at 260 ms a checkpoint and an interval of 1 million, from
+//! about 2 million events a second), checkpoints take more than a quarter of a core.
+//! Checkpoints cheaper than `PACED_FROM` are never held back, so small engines checkpoint
+//! every `checkpoint_every_events`; the cost is wall-clock time, so on a loaded machine a
+//! small one can be paced too. `Engine::checkpoint` and `close` are never paced.
 //!
 //! Wall-clock time here is the machine's, not the engine's `Clock`: it measures work, and
 //! decides nothing about quota.
@@ -20,12 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A checkpoint's work takes at most this share (1 in N) of the time between the starts of
-/// two periodic checkpoints.
+/// two periodic checkpoints, unless the tail reaches `MAX_PACED_INTERVALS` intervals first.
 pub(crate) const CHECKPOINT_TIME_SHARE: u32 = 4;
 /// Checkpoints whose work took less than this are not paced.
 pub(crate) const PACED_FROM: Duration = Duration::from_millis(10);
 /// Pacing holds a checkpoint back until the events since the last one reach this many times
-/// `checkpoint_every_events` at most: opening never replays more than that.
+/// `checkpoint_every_events` at most: opening replays about that many at most.
 pub(crate) const MAX_PACED_INTERVALS: u64 = 2;
 /// A checkpoint held back reads the time again only this many events later, so appends while
 /// one waits pay a load and a compare, not a clock read each.
