@@ -970,10 +970,11 @@ fn raw_at_flush_sizes(
     settings: &Settings,
 ) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
-    for config in configs.iter().filter(|config| config.sync) {
-        let per_flush = config.row.median_events_per_flush().round().max(1.0) as usize;
-        let smaller = (per_flush as f64) < 0.9 * config.row.raw_batch as f64;
-        if !smaller || rows.iter().any(|row| row.raw_batch == per_flush) {
+    for config in configs {
+        let Some(per_flush) = smaller_flushes(config) else {
+            continue;
+        };
+        if rows.iter().any(|row| row.raw_batch == per_flush) {
             continue;
         }
         let mut row = Row::new(format!("raw, batch {per_flush}"), per_flush);
@@ -986,6 +987,13 @@ fn raw_at_flush_sizes(
     rows
 }
 
+/// The events a `Sync` row's flushes carried, if fewer than nine tenths of the batch it is
+/// compared with.
+fn smaller_flushes(config: &Config) -> Option<usize> {
+    let per_flush = config.row.median_events_per_flush().round().max(1.0) as usize;
+    (config.sync && (per_flush as f64) < 0.9 * config.row.raw_batch as f64).then_some(per_flush)
+}
+
 fn print_raw_at_flush_sizes(configs: &[Config], flushed: &[Row]) {
     if flushed.is_empty() {
         return;
@@ -993,9 +1001,11 @@ fn print_raw_at_flush_sizes(configs: &[Config], flushed: &[Row]) {
     println!(
         "Sync rows whose flushes carried fewer events than the batch compared above, beside raw at the batch they carried (same ratio target):"
     );
-    for config in configs.iter().filter(|config| config.sync) {
+    for config in configs {
         let row = &config.row;
-        let per_flush = row.median_events_per_flush().round().max(1.0) as usize;
+        let Some(per_flush) = smaller_flushes(config) else {
+            continue;
+        };
         let Some(raw_row) = flushed
             .iter()
             .find(|raw_row| raw_row.raw_batch == per_flush)

@@ -1488,7 +1488,11 @@ impl Engine {
         // Pacing holds a checkpoint back until the tail is `MAX_PACED_INTERVALS` intervals long
         // at most, so an open replays about that much at most.
         let capped = behind >= every.saturating_mul(pacing::MAX_PACED_INTERVALS);
-        if capped || self.checkpoint_pacing.allows(seq) {
+        if capped
+            || self
+                .checkpoint_pacing
+                .allows(seq, pacing::recheck_events(every))
+        {
             if let Some(_busy) = self.checkpointing.try_lock() {
                 drop(_busy);
                 self.checkpoint_in_background(journal);
