@@ -1941,6 +1941,8 @@ impl Engine {
         // The latest snapshot, read and decoded once: compared with a replay of the log up to
         // it, then restored for the replay of the events after it.
         let latest = log.snapshot_pointer()?;
+        // Named even when it cannot be read.
+        report.snapshot_seq = latest.map(|pointer| pointer.seq);
         let latest_bytes = match &latest {
             Some(pointer) => match log.read_snapshot(pointer) {
                 Ok(bytes) => Some(bytes),
@@ -1962,7 +1964,6 @@ impl Engine {
             _ => None,
         };
         if let (Some(pointer), Some(stored)) = (latest, &stored) {
-            report.snapshot_seq = Some(pointer.seq);
             match verify_snapshot(&log, pointer, stored, &options) {
                 Ok(mismatch) => {
                     report.snapshot_matches_replay = Some(mismatch.is_none());
@@ -1975,10 +1976,6 @@ impl Engine {
                 }
                 Err(error) => report.problems.push(error.to_string()),
             }
-        }
-        if let Some(pointer) = latest {
-            // Named even when it cannot be read.
-            report.snapshot_seq = Some(pointer.seq);
         }
         // What open needs first: the event after the snapshot, or event 1 without one.
         let start = log.log_start()?;
@@ -2006,10 +2003,8 @@ impl Engine {
             && report.problems.len() == problems_before_start
             && (latest.is_none() || stored.is_some());
         if tail_replayable {
-            if let Err(error) = verify_tail(&log, stored.as_ref(), &options) {
-                report.problems.push(format!(
-                    "the events after the latest snapshot do not replay as an open replays them: {error}"
-                ));
+            if let Err(problem) = verify_tail(&log, stored.as_ref(), &options) {
+                report.problems.push(problem);
             }
         }
         log.close()?;
@@ -2033,26 +2028,39 @@ impl Engine {
 }
 
 /// Restores the latest snapshot (if any) into an engine of its own and replays the events after
-/// it, as an open does.
+/// it, as an open does; what went wrong, naming which of the two refused.
 fn verify_tail(
     log: &EventLog,
     latest: Option<&Snapshot<'_>>,
     options: &OpenOptions,
-) -> Result<(), Error> {
+) -> Result<(), String> {
     let engine = Engine::new(
         Policy::token_plan(),
         Arc::new(crate::clock::ManualClock::new(0)),
         options.engine,
-    )?;
+    )
+    .map_err(|error| error.to_string())?;
     let from = match latest {
         Some(snapshot) => {
-            engine.restore(snapshot)?;
+            engine.restore(snapshot).map_err(|error| {
+                format!(
+                    "the latest snapshot ({}) cannot be restored as an open restores it: {error}",
+                    snapshot.seq
+                )
+            })?;
             snapshot.seq
         }
         None => 0,
     };
-    engine.replay_log(log, from, u64::MAX)?;
-    Ok(())
+    engine
+        .replay_log(log, from, u64::MAX)
+        .map(|_| ())
+        .map_err(|error| {
+            format!(
+                "the events after the latest snapshot do not replay as an open replays them: \
+                 {error}"
+            )
+        })
 }
 
 /// Replays from the snapshot before the latest (or the start) up to the latest and compares;
@@ -3134,6 +3142,68 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A latest snapshot the restore refuses (its crc sound) is reported as the snapshot's
+    /// problem, not as the events after it failing to replay.
+    #[test]
+    fn verify_names_a_snapshot_its_restore_refuses() {
+        let dir = fresh_dir("verify-restore");
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine =
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Max", Some(T0))
+            .expect("seat");
+        assert!(engine
+            .consume(&m27("tp-u", 1, T0))
+            .expect("valid")
+            .is_admitted());
+        let latest = engine.checkpoint().expect("the snapshot verify checks");
+        drop(engine);
+        // The latest snapshot with a bucket counting more than any slot holds, its header made
+        // to match.
+        let path = dir.join("snapshots").join(format!("{latest:020}.snap"));
+        let file = std::fs::read(&path).expect("the latest snapshot");
+        let mut snapshot = decode_snapshot(&file[32..], latest).expect("decoding");
+        let bucket = snapshot
+            .keys
+            .iter_mut()
+            .filter_map(|key| key.counters.as_mut())
+            .flat_map(|counters| counters.iter_mut())
+            .find_map(|(_, counter)| match counter {
+                CounterSnapshot::Rolling { buckets, .. } => buckets.first_mut(),
+                _ => None,
+            })
+            .expect("a rolling window with usage");
+        bucket.1 = 1 << 32;
+        let body = snapshot_encoding().serialize(&snapshot).expect("encoding");
+        let mut damaged = file[..32].to_vec();
+        damaged[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        damaged[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        damaged.extend(body);
+        std::fs::write(&path, damaged).expect("rewriting");
+        let report = Engine::verify(&dir, OpenOptions::default()).expect("verify");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|problem| problem.contains(&format!(
+                    "the latest snapshot ({latest}) cannot be restored as an open restores it"
+                )) && problem.contains(&(1u64 << 32).to_string())),
+            "{:?}",
+            report.problems
+        );
+        assert!(
+            !report
+                .problems
+                .iter()
+                .any(|problem| problem.contains("events after the latest snapshot")),
+            "{:?}",
+            report.problems
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `verify` compares the latest snapshot with a replay of the log: the keys a correction
