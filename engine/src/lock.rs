@@ -105,27 +105,46 @@ impl<T> ShardLock<T> {
         }
     }
 
-    #[inline]
+    /// Always inlined, with the wait for a writer out of line: called (as the compiler chose
+    /// for `#[inline]`), the hot-key admission path paid the call and its register saves, 19
+    /// instructions of a `consume_into` (callgrind: 1,043 -> 1,024).
+    #[inline(always)]
     pub fn read(&self) -> ReadGuard<'_, T> {
         let (index, exclusive) = reader_slot();
-        let slot = &self.readers[index];
         let light = exclusive && self.asymmetric;
+        if self.try_enter(index, light) {
+            return self.guard(index, light);
+        }
+        self.read_after_writer(index, light)
+    }
+
+    /// `read` when a writer was in (or about to be): waits until it lets go of the writer
+    /// mutex and tries again, as often as it takes.
+    #[cold]
+    #[inline(never)]
+    fn read_after_writer(&self, index: usize, light: bool) -> ReadGuard<'_, T> {
         loop {
-            if self.try_enter(index, light) {
-                return ReadGuard {
-                    lock: self,
-                    slot,
-                    light,
-                    _this_thread: PhantomData,
-                };
-            }
-            // A writer is in (or about to be): wait until it lets go of the writer mutex. If
-            // readers are still kept out, it may have left work: do it if no one did yet.
+            // Wait until the writer lets go of the writer mutex. If readers are still kept
+            // out, it may have left work: do it if no one did yet.
             drop(self.writer.lock());
             // Relaxed: only a hint; `settle` looks for left work under the writer mutex.
             if self.writing.load(Ordering::Relaxed) {
                 self.settle();
             }
+            if self.try_enter(index, light) {
+                return self.guard(index, light);
+            }
+        }
+    }
+
+    /// The guard of a read `try_enter` let in on slot `index`.
+    #[inline(always)]
+    fn guard(&self, index: usize, light: bool) -> ReadGuard<'_, T> {
+        ReadGuard {
+            lock: self,
+            slot: &self.readers[index],
+            light,
+            _this_thread: PhantomData,
         }
     }
 
