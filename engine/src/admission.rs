@@ -670,8 +670,7 @@ pub(crate) fn try_quota(
         holds: Holds::default(),
     });
     // The rolling windows taken, to record in their buckets once every limit has fitted.
-    let mut taken_rings: [Option<(&RollingWindow, RollingShape, u64, u64)>;
-        MAX_LIMITS_PER_RESOURCE] = [None; MAX_LIMITS_PER_RESOURCE];
+    let mut taken_rings = PerLimit::<TakenRing<'_>>::default();
     for (position, &(limit_index, amount)) in amounts.as_slice().iter().enumerate() {
         let limit = &plan.limits[usize::from(limit_index)];
         let state = &usage.counters[usize::from(limit_index)].state;
@@ -690,9 +689,12 @@ pub(crate) fn try_quota(
                 receipt.holds.set(position, (limit.counter, amount, time));
                 admission.at_ms = admission.at_ms.max(counted_ms);
                 if let (WindowState::Rolling(ring), Some(shape)) = (state, limit.shape) {
-                    if let Some(slot) = taken_rings.get_mut(position) {
-                        *slot = Some((ring, shape, time, amount));
-                    }
+                    taken_rings.push(TakenRing {
+                        ring,
+                        shape,
+                        epoch: time,
+                        amount,
+                    });
                 }
             }
             None => {
@@ -716,8 +718,10 @@ pub(crate) fn try_quota(
     }
     if mode == Mode::Consume {
         let mut noted = false;
-        for &(ring, shape, epoch, amount) in taken_rings.iter().flatten() {
-            let slot = ring.record_noting_slot(shape, epoch, amount);
+        for taken in taken_rings.as_slice() {
+            let slot = taken
+                .ring
+                .record_noting_slot(taken.shape, taken.epoch, taken.amount);
             if !noted {
                 cell.note_slot(slot);
                 noted = true;
@@ -725,6 +729,21 @@ pub(crate) fn try_quota(
         }
     }
     true
+}
+
+/// A rolling window `try_quota` took `amount` from in bucket `epoch`, to record there once
+/// every limit has fitted. Listed in a `PerLimit` (as many as were taken, nothing zeroed): an
+/// array of four `Option`s cost four stores to clear and four tests to walk.
+#[derive(Clone, Copy)]
+struct TakenRing<'a> {
+    ring: &'a RollingWindow,
+    shape: RollingShape,
+    epoch: u64,
+    amount: u64,
+}
+
+impl PerLimitItem for TakenRing<'_> {
+    const TOO_MANY: &'static str = "at most 4 rolling windows taken";
 }
 
 /// Makes `decision` an admission charged to `charged_to`, with no limit statuses yet, and
