@@ -534,7 +534,7 @@ impl Amounts {
         let mut len = 0;
         for touch in touches.iter().take(MAX_LIMITS_PER_RESOURCE) {
             let amount = match touch.single {
-                Some((unit, weight)) => match quantities.0[usize::from(unit)].checked_mul(weight) {
+                Some((unit, weight)) => match quantities.0[unit.index()].checked_mul(weight) {
                     Some(amount) => amount,
                     None => return false,
                 },

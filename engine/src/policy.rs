@@ -486,8 +486,9 @@ pub struct Touch {
     /// Index into `Plan::limits`.
     pub limit: u8,
     pub weights: [u64; UNIT_COUNT],
-    /// `(unit index, weight)` when only one unit has a weight: the admission path's shortcut.
-    pub single: Option<(u8, u64)>,
+    /// `(unit, weight)` when only one unit has a weight: the admission path's shortcut (a
+    /// `Unit`, not its index, so indexing the quantities by it needs no bounds check).
+    pub single: Option<(Unit, u64)>,
 }
 
 #[derive(Debug)]
@@ -1461,7 +1462,7 @@ impl Compiler {
                     .enumerate()
                     .filter(|(_, weight)| **weight > 0);
                 touch.single = match (weighted.next(), weighted.next()) {
-                    (Some((unit, weight)), None) => Some((unit as u8, *weight)),
+                    (Some((unit, weight)), None) => Some((Unit::ALL[unit], *weight)),
                     _ => None,
                 };
             }
