@@ -158,9 +158,18 @@ impl Slots {
 
     #[inline]
     fn view(&self) -> SlotsRef<'_> {
+        self.view_as(self.wide)
+    }
+
+    /// `view`, with the width (`self.wide`) as read once by the caller: a caller that reads it
+    /// once and passes it down lets the compiler test it once, where it read the field again
+    /// after every compare-and-swap.
+    #[inline(always)]
+    fn view_as(&self, wide: bool) -> SlotsRef<'_> {
+        debug_assert_eq!(wide, self.wide);
         // SAFETY: `start` holds `len` initialized slots of this width for as long as `self`.
         unsafe {
-            if self.wide {
+            if wide {
                 SlotsRef::Wide(&*self.raw::<AtomicU64>())
             } else {
                 SlotsRef::Narrow(&*self.raw::<AtomicU32>())
@@ -187,7 +196,14 @@ impl Slots {
 
     /// Where slot `index` lives (only ever prefetched).
     fn address(&self, index: usize) -> *const u8 {
-        self.start.as_ptr().wrapping_add(index * self.width())
+        self.address_as(self.wide, index)
+    }
+
+    /// `address` with the width read by the caller (see `view_as`).
+    #[inline(always)]
+    fn address_as(&self, wide: bool, index: usize) -> *const u8 {
+        let width = if wide { 8 } else { 4 };
+        self.start.as_ptr().wrapping_add(index * width)
     }
 
     fn heap_bytes(&self) -> usize {
@@ -195,7 +211,13 @@ impl Slots {
     }
 
     fn max_count(&self) -> u64 {
-        if self.wide {
+        Slots::max_count_as(self.wide)
+    }
+
+    /// `max_count` of slots of this width.
+    #[inline(always)]
+    fn max_count_as(wide: bool) -> u64 {
+        if wide {
             u64::from(u32::MAX)
         } else {
             NARROW_MAX_AMOUNT
@@ -213,7 +235,13 @@ impl Slots {
 
     /// The tag of lap `lap` in this slot width.
     fn tag(&self, lap: u64) -> u32 {
-        if self.wide {
+        Slots::tag_as(self.wide, lap)
+    }
+
+    /// `tag` in slots of this width.
+    #[inline(always)]
+    fn tag_as(wide: bool, lap: u64) -> u32 {
+        if wide {
             Slot::wide_tag(lap)
         } else {
             Slot::narrow_tag(lap)
@@ -225,7 +253,20 @@ impl Slots {
     // sees the other's write. On x86 a SeqCst load is a plain load and every read-modify-write
     // is locked whatever its ordering, so this costs nothing there.
     fn load(&self, index: usize) -> (u64, Slot) {
-        match self.view() {
+        self.view().load(index)
+    }
+
+    /// Replaces the slot's raw value `current` by `next`; on failure returns the value found.
+    fn replace(&self, index: usize, current: u64, next: Slot) -> Result<(), (u64, Slot)> {
+        self.view().replace(index, current, next)
+    }
+}
+
+impl SlotsRef<'_> {
+    /// Slot `index`'s raw value and content (SeqCst: see `Slots::load`).
+    #[inline(always)]
+    fn load(&self, index: usize) -> (u64, Slot) {
+        match self {
             SlotsRef::Wide(slots) => {
                 let raw = slots[index].load(Ordering::SeqCst);
                 (raw, Slot::of_wide(raw))
@@ -237,28 +278,34 @@ impl Slots {
         }
     }
 
-    /// Replaces the slot's raw value `current` by `next`; on failure returns the value found.
+    /// `Slots::replace` on this view.
+    #[inline(always)]
     fn replace(&self, index: usize, current: u64, next: Slot) -> Result<(), (u64, Slot)> {
-        debug_assert!(next.count <= self.max_count());
-        let outcome = match self.view() {
-            SlotsRef::Wide(slots) => slots[index]
-                .compare_exchange_weak(
-                    current,
-                    (u64::from(next.tag) << 32) | next.count,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .map(|_| ())
-                .map_err(|_| ()),
-            SlotsRef::Narrow(slots) => slots[index]
-                .compare_exchange_weak(
-                    current as u32,
-                    (next.tag << 16) | next.count as u32,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .map(|_| ())
-                .map_err(|_| ()),
+        let outcome = match self {
+            SlotsRef::Wide(slots) => {
+                debug_assert!(next.count <= Slots::max_count_as(true));
+                slots[index]
+                    .compare_exchange_weak(
+                        current,
+                        (u64::from(next.tag) << 32) | next.count,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .map(|_| ())
+                    .map_err(|_| ())
+            }
+            SlotsRef::Narrow(slots) => {
+                debug_assert!(next.count <= Slots::max_count_as(false));
+                slots[index]
+                    .compare_exchange_weak(
+                        current as u32,
+                        (next.tag << 16) | next.count as u32,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .map(|_| ())
+                    .map_err(|_| ())
+            }
         };
         outcome.map_err(|_| self.load(index))
     }
@@ -570,15 +617,34 @@ impl RollingWindow {
     #[inline]
     pub fn record_noting_slot(&self, shape: RollingShape, epoch: u64, amount: u64) -> *const u8 {
         let (lap, index) = shape.lap_and_slot(epoch);
-        self.record_at((lap, index), epoch, shape, amount);
-        self.slots.address(index)
+        // The width read once, and each width's code apart (see `Slots::view_as`).
+        if self.slots.wide {
+            self.record_at_as(true, (lap, index), epoch, shape, amount);
+            self.slots.address_as(true, index)
+        } else {
+            self.record_at_as(false, (lap, index), epoch, shape, amount);
+            self.slots.address_as(false, index)
+        }
     }
 
     // Always inlined: with the aged-out check after the write, the compiler outlined it, and
     // the call cost a hot-key admission 42 instructions.
     #[inline(always)]
     fn record_at(&self, at: (u64, usize), epoch: u64, shape: RollingShape, amount: u64) {
-        let recorded = self.record_at_within::<false>(at, epoch, shape, amount);
+        self.record_at_as(self.slots.wide, at, epoch, shape, amount);
+    }
+
+    /// `record_at` with the width read by the caller (see `Slots::view_as`).
+    #[inline(always)]
+    fn record_at_as(
+        &self,
+        wide: bool,
+        at: (u64, usize),
+        epoch: u64,
+        shape: RollingShape,
+        amount: u64,
+    ) {
+        let recorded = self.record_at_within_as::<false>(wide, at, epoch, shape, amount);
         debug_assert!(recorded);
     }
 
@@ -587,24 +653,41 @@ impl RollingWindow {
     #[inline(always)]
     fn record_at_within<const BOUNDED: bool>(
         &self,
+        at: (u64, usize),
+        epoch: u64,
+        shape: RollingShape,
+        amount: u64,
+    ) -> bool {
+        self.record_at_within_as::<BOUNDED>(self.slots.wide, at, epoch, shape, amount)
+    }
+
+    /// `record_at_within` with the width read by the caller (see `Slots::view_as`).
+    #[inline(always)]
+    fn record_at_within_as<const BOUNDED: bool>(
+        &self,
+        wide: bool,
         (lap, index): (u64, usize),
         epoch: u64,
         shape: RollingShape,
         amount: u64,
     ) -> bool {
-        let tag = self.slots.tag(lap);
-        let (mut raw, mut slot) = self.slots.load(index);
+        let max_count = Slots::max_count_as(wide);
+        let tag = Slots::tag_as(wide, lap);
+        // The slots' pointer and length in registers for the whole loop, not read again after
+        // each compare-and-swap.
+        let view = self.slots.view_as(wide);
+        let (mut raw, mut slot) = view.load(index);
         loop {
             let (next, stale) = if slot.tag == tag {
                 let count = slot.count + amount;
-                if BOUNDED && count > self.slots.max_count() {
+                if BOUNDED && count > max_count {
                     return false;
                 }
-                debug_assert!(count <= self.slots.max_count(), "bucket count overflow");
+                debug_assert!(count <= max_count, "bucket count overflow");
                 (
                     Slot {
                         tag,
-                        count: count.min(self.slots.max_count()),
+                        count: count.min(max_count),
                     },
                     0,
                 )
@@ -614,7 +697,7 @@ impl RollingWindow {
             } else {
                 (Slot { tag, count: amount }, slot.count)
             };
-            match self.slots.replace(index, raw, next) {
+            match view.replace(index, raw, next) {
                 Ok(()) => {
                     if stale > 0 {
                         self.subtract_total(stale);
