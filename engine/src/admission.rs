@@ -644,9 +644,10 @@ impl<'d> Verdict<'d> {
     }
 }
 
-/// Tries to take `amounts` from the plan's limits for this key, writing the admission and its
-/// receipt into `verdict`; true if admitted. False leaves `verdict`'s decision half written, for
-/// the caller to overwrite (with `plan_refusal`, or a charge to credits). In `Check` mode nothing is taken or
+/// Tries to take `amounts` from the limits of the key's plan (`plan`, numbered `plan_id`, which
+/// the caller has looked up already), writing the admission and its receipt into `verdict`;
+/// true if admitted. False leaves `verdict`'s decision half written, for the caller to
+/// overwrite (with `plan_refusal`, or a charge to credits). In `Check` mode nothing is taken or
 /// moved (not even a window's head). `at_ms` has been validated. A consume notes the slot it
 /// wrote in `cell` (the cell `usage` came from), so the key's next request prefetches it.
 #[inline]
@@ -654,6 +655,7 @@ impl<'d> Verdict<'d> {
 pub(crate) fn try_quota(
     policy: &Policy,
     plan_id: PlanId,
+    plan: &Plan,
     usage: &KeyUsage,
     cell: &UsageCell,
     amounts: &Amounts,
@@ -661,7 +663,7 @@ pub(crate) fn try_quota(
     mode: Mode,
     verdict: &mut Verdict<'_>,
 ) -> bool {
-    let plan = policy.plan(plan_id);
+    debug_assert!(std::ptr::eq(plan, policy.plan(plan_id)));
     let charged_to = ChargedTo::PlanQuota { plan: plan_id };
     let admission = admitted_in_place(verdict.decision, charged_to, at_ms, Some(plan_id));
     let receipt = verdict.receipt.insert(Receipt {

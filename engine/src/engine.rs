@@ -77,7 +77,7 @@ use crate::idempotency::{
 use crate::ledger::{KeyUsage, Team};
 use crate::lock::{LeavableMutex, ShardLock};
 use crate::log::{EventLog, Staged};
-use crate::policy::{Policy, ResourceId, Unit, Window};
+use crate::policy::{Policy, Resource, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
 // Admin calls take a timestamp like every other operation (validated now; stamped on the
@@ -1594,12 +1594,14 @@ impl Engine {
         };
         self.keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
-                let resource_id = resolve_resource(policy, resource, quantities)?;
+                let (resource_id, resource_spec) =
+                    resolve_resource_spec(policy, resource, quantities)?;
                 match state {
                     Some(state) => decide_for_key_into(
                         policy,
                         state,
                         resource_id,
+                        resource_spec,
                         quantities,
                         at_ms,
                         mode,
@@ -2117,6 +2119,16 @@ pub(crate) fn resolve_resource(
     resource: &str,
     quantities: &Quantities,
 ) -> Result<ResourceId, Error> {
+    resolve_resource_spec(policy, resource, quantities).map(|(id, _)| id)
+}
+
+/// `resolve_resource`, with the resource's definition (the admission path reads it next).
+#[inline]
+pub(crate) fn resolve_resource_spec<'p>(
+    policy: &'p Policy,
+    resource: &str,
+    quantities: &Quantities,
+) -> Result<(ResourceId, &'p Resource), Error> {
     let id = policy
         .resource_id(resource)
         .ok_or_else(|| Error::UnknownResource {
@@ -2127,7 +2139,7 @@ pub(crate) fn resolve_resource(
     // the messages below are worked out only when something is wrong.
     let given = quantities.unit_mask();
     if (spec.required_mask & !given) | (given & !spec.unit_mask) == 0 {
-        return Ok(id);
+        return Ok((id, spec));
     }
     let (metered, required) = (&spec.units, &spec.required);
     if let Some(unit) = Unit::ALL
@@ -2145,7 +2157,7 @@ pub(crate) fn resolve_resource(
             format!("resource {resource:?} does not meter {unit}"),
         ));
     }
-    Ok(id)
+    Ok((id, spec))
 }
 
 /// The admission decision for one existing key.
@@ -2164,6 +2176,7 @@ pub(crate) fn decide_for_key(
         policy,
         state,
         resource,
+        policy.resource(resource),
         quantities,
         at_ms,
         mode,
@@ -2173,20 +2186,23 @@ pub(crate) fn decide_for_key(
     Ok((decision, receipt))
 }
 
-/// `decide_for_key`, written into `verdict` in place (the hot path).
+/// `decide_for_key`, written into `verdict` in place (the hot path). `resource_spec` is
+/// `policy.resource(resource)`, which the caller has at hand.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn decide_for_key_into(
     policy: &Policy,
     state: &KeyState,
     resource: ResourceId,
+    resource_spec: &Resource,
     quantities: &Quantities,
     at_ms: u64,
     mode: Mode,
     verdict: &mut Verdict<'_>,
 ) -> Result<(), Error> {
+    debug_assert!(std::ptr::eq(resource_spec, policy.resource(resource)));
     // Time never goes back for a key, even across a reclaim of its idle windows.
     let at_ms = at_ms.max(state.time_floor_ms);
-    let resource_spec = policy.resource(resource);
     if resource_spec.has_maximum {
         if let Some(reason) = over_maximum(&resource_spec.max_per_request, quantities) {
             verdict.deny(reason);
@@ -2241,6 +2257,7 @@ pub(crate) fn decide_for_key_into(
             if try_quota(
                 policy,
                 plan_id,
+                plan,
                 usage,
                 &state.usage,
                 &amounts,
