@@ -2128,7 +2128,82 @@ fn verify_snapshot(
             }
         }
     }
-    Ok((normalized(&replayed, stored) != normalized(stored, stored)).then(String::new))
+    let (replayed, stored) = (normalized(&replayed, stored), normalized(stored, stored));
+    Ok((replayed != stored).then(|| first_difference(&replayed, &stored)))
+}
+
+/// Where two normalized snapshots first differ, for `verify`'s report: `": field: the replay
+/// has .., the snapshot .."`, each side cut to a few hundred characters (empty if they agree).
+fn first_difference(replayed: &Snapshot<'_>, stored: &Snapshot<'_>) -> String {
+    fn cut(text: String) -> String {
+        const MOST: usize = 300;
+        match text.char_indices().nth(MOST) {
+            Some((end, _)) => format!("{}..", &text[..end]),
+            None => text,
+        }
+    }
+    fn list<T: std::fmt::Debug + PartialEq>(
+        field: &str,
+        replayed: &[T],
+        stored: &[T],
+    ) -> Option<String> {
+        let at = replayed
+            .iter()
+            .zip(stored)
+            .position(|(replayed, stored)| replayed != stored);
+        match at {
+            Some(index) => Some(format!(
+                ": {field}[{index}]: the replay has {}, the snapshot {}",
+                cut(format!("{:?}", replayed[index])),
+                cut(format!("{:?}", stored[index]))
+            )),
+            None if replayed.len() > stored.len() => Some(format!(
+                ": {field}: the replay has {} more than the snapshot, the first {}",
+                replayed.len() - stored.len(),
+                cut(format!("{:?}", replayed[stored.len()]))
+            )),
+            None if stored.len() > replayed.len() => Some(format!(
+                ": {field}: the snapshot has {} more than the replay, the first {}",
+                stored.len() - replayed.len(),
+                cut(format!("{:?}", stored[replayed.len()]))
+            )),
+            None => None,
+        }
+    }
+    let scalar = |field: &str, replayed: u64, stored: u64| {
+        (replayed != stored)
+            .then(|| format!(": {field}: the replay has {replayed}, the snapshot {stored}"))
+    };
+    scalar("seq", replayed.seq, stored.seq)
+        .or_else(|| scalar("newest_at_ms", replayed.newest_at_ms, stored.newest_at_ms))
+        .or_else(|| list("policies", &replayed.policies, &stored.policies))
+        .or_else(|| list("users", &replayed.users, &stored.users))
+        .or_else(|| list("teams", &replayed.teams, &stored.teams))
+        .or_else(|| list("keys", &replayed.keys, &stored.keys))
+        .or_else(|| list("requests", &replayed.requests, &stored.requests))
+        .or_else(|| {
+            list(
+                "open_reservations",
+                &replayed.open_reservations,
+                &stored.open_reservations,
+            )
+        })
+        .or_else(|| {
+            list(
+                "closed_reservations",
+                &replayed.closed_reservations,
+                &stored.closed_reservations,
+            )
+        })
+        .or_else(|| {
+            scalar(
+                "next_reservation",
+                replayed.next_reservation,
+                stored.next_reservation,
+            )
+        })
+        .or_else(|| list("short_keys", &replayed.short_keys, &stored.short_keys))
+        .unwrap_or_default()
 }
 
 /// A decoded snapshot together with the bytes its names borrow, so that both can be handed to
@@ -3142,6 +3217,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What `verify` says of a snapshot that does not match a replay: the first field and
+    /// item that differ, both sides, or what one side has more of.
+    #[test]
+    fn a_mismatch_names_the_first_item_that_differs() {
+        let (engine, _clock) = busy_engine();
+        let replayed = engine.cut(|| 7).expect("cut").in_name_order();
+        assert_eq!(first_difference(&replayed, &replayed), "");
+        let mut stored = replayed.clone();
+        stored.teams[0].balance_micros += 1;
+        let said = first_difference(&replayed, &stored);
+        assert!(said.starts_with(": teams[0]: the replay has "), "{said}");
+        let (replay_side, stored_side) = said.split_once(", the snapshot ").expect("both sides");
+        assert!(
+            replay_side.contains(&format!(
+                "balance_micros: {}",
+                replayed.teams[0].balance_micros
+            )) && stored_side.contains(&format!(
+                "balance_micros: {}",
+                stored.teams[0].balance_micros
+            )),
+            "{said}"
+        );
+        let mut stored = replayed.clone();
+        let extra = stored.keys.pop().expect("a key");
+        let said = first_difference(&replayed, &stored);
+        assert!(
+            said.starts_with(": keys: the replay has 1 more than the snapshot, the first ")
+                && said.contains(&format!("{:?}", extra.key)),
+            "{said}"
+        );
+        let mut stored = replayed.clone();
+        stored.next_reservation += 1;
+        assert_eq!(
+            first_difference(&replayed, &stored),
+            format!(
+                ": next_reservation: the replay has {}, the snapshot {}",
+                replayed.next_reservation, stored.next_reservation
+            )
+        );
     }
 
     /// A latest snapshot the restore refuses (its crc sound) is reported as the snapshot's
