@@ -2795,6 +2795,31 @@ mod tests {
         dir
     }
 
+    /// An engine on a log in `dir` (the token plan, `options`), with user `u` seated on
+    /// `plan` (key `tp-u`) at `T0`.
+    fn seated_on_disk(dir: &Path, plan: &str, options: OpenOptions) -> Engine {
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Engine::open(dir, Policy::token_plan(), clock, options).expect("open");
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine.assign_seat("@u", "u", plan, Some(T0)).expect("seat");
+        engine
+    }
+
+    /// Rewrites snapshot `seq` in `dir` through `change`, its header's length and crc made to
+    /// match (damage a crc does not catch).
+    fn rewrite_snapshot(dir: &Path, seq: u64, change: impl FnOnce(&mut Snapshot<'_>)) {
+        let path = dir.join("snapshots").join(format!("{seq:020}.snap"));
+        let file = std::fs::read(&path).expect("the snapshot");
+        let mut snapshot = decode_snapshot(&file[32..], seq).expect("decoding");
+        change(&mut snapshot);
+        let body = snapshot_encoding().serialize(&snapshot).expect("encoding");
+        let mut damaged = file[..32].to_vec();
+        damaged[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        damaged[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        damaged.extend(body);
+        std::fs::write(&path, damaged).expect("rewriting");
+    }
+
     /// A fresh in-memory engine on the token plan, a snapshot's restore to go into it.
     fn blank_engine() -> Engine {
         Engine::new(
@@ -3265,41 +3290,27 @@ mod tests {
     #[test]
     fn verify_names_a_snapshot_its_restore_refuses() {
         let dir = fresh_dir("verify-restore");
-        let clock = Arc::new(ManualClock::new(T0));
-        let engine =
-            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Max", Some(T0))
-            .expect("seat");
+        let engine = seated_on_disk(&dir, "Max", OpenOptions::default());
         assert!(engine
             .consume(&m27("tp-u", 1, T0))
             .expect("valid")
             .is_admitted());
         let latest = engine.checkpoint().expect("the snapshot verify checks");
         drop(engine);
-        // The latest snapshot with a bucket counting more than any slot holds, its header made
-        // to match.
-        let path = dir.join("snapshots").join(format!("{latest:020}.snap"));
-        let file = std::fs::read(&path).expect("the latest snapshot");
-        let mut snapshot = decode_snapshot(&file[32..], latest).expect("decoding");
-        let bucket = snapshot
-            .keys
-            .iter_mut()
-            .filter_map(|key| key.counters.as_mut())
-            .flat_map(|counters| counters.iter_mut())
-            .find_map(|(_, counter)| match counter {
-                CounterSnapshot::Rolling { buckets, .. } => buckets.first_mut(),
-                _ => None,
-            })
-            .expect("a rolling window with usage");
-        bucket.1 = 1 << 32;
-        let body = snapshot_encoding().serialize(&snapshot).expect("encoding");
-        let mut damaged = file[..32].to_vec();
-        damaged[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        damaged[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        damaged.extend(body);
-        std::fs::write(&path, damaged).expect("rewriting");
+        // The latest snapshot with a bucket counting more than any slot holds.
+        rewrite_snapshot(&dir, latest, |snapshot| {
+            let bucket = snapshot
+                .keys
+                .iter_mut()
+                .filter_map(|key| key.counters.as_mut())
+                .flat_map(|counters| counters.iter_mut())
+                .find_map(|(_, counter)| match counter {
+                    CounterSnapshot::Rolling { buckets, .. } => buckets.first_mut(),
+                    _ => None,
+                })
+                .expect("a rolling window with usage");
+            bucket.1 = 1 << 32;
+        });
         let report = Engine::verify(&dir, OpenOptions::default()).expect("verify");
         assert!(
             report
@@ -3331,13 +3342,7 @@ mod tests {
     #[test]
     fn verify_finds_a_snapshot_missing_a_mark_its_log_sets() {
         let dir = fresh_dir("verify-marks");
-        let clock = Arc::new(ManualClock::new(T0));
-        let engine =
-            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Max", Some(T0))
-            .expect("seat");
+        let engine = seated_on_disk(&dir, "Max", OpenOptions::default());
         let video = UsageRequest::new("tp-u", "hailuo-2.3-768p-6s", &[(Unit::Videos, 1)]);
         assert!(engine.consume(&video.at(T0)).expect("valid").is_admitted());
         engine
@@ -3357,18 +3362,11 @@ mod tests {
         drop(engine);
         let report = Engine::verify(&dir, OpenOptions::default()).expect("verify");
         assert!(report.is_sound(), "{:?}", report.problems);
-        // The latest snapshot without its list of short keys, its header made to match.
-        let path = dir.join("snapshots").join(format!("{latest:020}.snap"));
-        let file = std::fs::read(&path).expect("the latest snapshot");
-        let mut snapshot = decode_snapshot(&file[32..], latest).expect("decoding");
-        assert_eq!(snapshot.short_keys.len(), 1, "{:?}", snapshot.short_keys);
-        snapshot.short_keys.clear();
-        let body = snapshot_encoding().serialize(&snapshot).expect("encoding");
-        let mut damaged = file[..32].to_vec();
-        damaged[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
-        damaged[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        damaged.extend(body);
-        std::fs::write(&path, damaged).expect("rewriting");
+        // The latest snapshot without its list of short keys.
+        rewrite_snapshot(&dir, latest, |snapshot| {
+            assert_eq!(snapshot.short_keys.len(), 1, "{:?}", snapshot.short_keys);
+            snapshot.short_keys.clear();
+        });
         let report = Engine::verify(&dir, OpenOptions::default()).expect("verify");
         assert!(
             report
@@ -3741,13 +3739,7 @@ mod tests {
     #[test]
     fn a_replayed_receipt_of_an_older_generation_counts_like_a_current_one() {
         let dir = fresh_dir("older");
-        let clock = Arc::new(ManualClock::new(T0));
-        let engine =
-            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Plus", Some(T0))
-            .expect("seat");
+        let engine = seated_on_disk(&dir, "Plus", OpenOptions::default());
         assert!(engine
             .consume(&m27("tp-u", 2, T0))
             .expect("valid")
@@ -4145,17 +4137,12 @@ mod tests {
     #[test]
     fn a_costly_checkpoint_holds_the_next_periodic_one_back() {
         let dir = fresh_dir("paced");
-        let clock = Arc::new(ManualClock::new(T0));
         let options = OpenOptions {
             durability: Durability::None,
             checkpoint_every_events: 50,
             ..OpenOptions::default()
         };
-        let engine = Engine::open(&dir, Policy::token_plan(), clock, options).expect("open");
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Max", Some(T0))
-            .expect("seat");
+        let engine = seated_on_disk(&dir, "Max", options);
         let consume = |step: u64| {
             let request = m27("tp-u", 1, T0 + step * MINUTE);
             assert!(engine.consume(&request).expect("valid").is_admitted());
