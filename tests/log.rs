@@ -2399,18 +2399,7 @@ fn opening_names_the_event_whose_body_is_damaged() {
 /// where the replay indexed past the policy's counters and panicked.
 #[test]
 fn opening_refuses_a_usage_event_on_a_counter_its_policy_lacks() {
-    let (dir, seq) = database_with_event_rewritten("open-bad-counter", false, |body| {
-        let EventBody::UsageAdmitted { receipt, .. } = body else {
-            return false;
-        };
-        let mut holds = receipt.holds.as_slice().to_vec();
-        let Some(first) = holds.first_mut() else {
-            return false;
-        };
-        first.0 = tally_engine::policy::CounterId(200);
-        receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
-        true
-    });
+    let (dir, seq) = database_with_event_rewritten("open-bad-counter", false, hold_on_counter_200);
     assert_replay_refuses(&dir, seq, "usage_admitted", "counter 200");
 }
 
@@ -2482,27 +2471,7 @@ fn verify_reports_a_tail_an_open_refuses_beside_a_snapshot_mismatch() {
     let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS + 10);
     assert!(engine.consume(&request).unwrap().is_admitted());
     drop(engine);
-    let mut rewritten = None;
-    for frame in frames_of(dir.path()) {
-        let mut events = record_events(&frame);
-        for (index, (_, bytes)) in events.iter_mut().enumerate() {
-            let seq = frame.first + index as u64;
-            let mut body = decode_body(seq, bytes).unwrap();
-            let EventBody::UsageAdmitted { receipt, .. } = &mut body else {
-                continue;
-            };
-            let mut holds = receipt.holds.as_slice().to_vec();
-            holds[0].0 = tally_engine::policy::CounterId(200);
-            receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
-            *bytes = encode_body(&body);
-            rewritten = Some(seq);
-        }
-        if rewritten.is_some() {
-            rewrite_record(&frame, &events);
-            break;
-        }
-    }
-    let seq = rewritten.expect("the admission's event");
+    let seq = rewrite_event(dir.path(), false, hold_on_counter_200);
     assert!(seq > checkpointed, "in the tail");
 
     // Under the defaults (1,024 generations kept) the snapshot does not match a replay, and
@@ -2525,9 +2494,22 @@ fn verify_reports_a_tail_an_open_refuses_beside_a_snapshot_mismatch() {
 fn database_with_event_rewritten(
     label: &str,
     last: bool,
-    mut change: impl FnMut(&mut EventBody) -> bool,
+    change: impl FnMut(&mut EventBody) -> bool,
 ) -> (TempDir, u64) {
-    let (dir, _, frames) = closed_database(label);
+    let (dir, _, _) = closed_database(label);
+    let seq = rewrite_event(dir.path(), last, change);
+    (dir, seq)
+}
+
+/// Rewrites one event of the database in `dir` in place (its record's crc sound): of the
+/// events `change` rewrites (returns true for), the first, or the last if `last`. Returns its
+/// sequence number.
+fn rewrite_event(
+    dir: &std::path::Path,
+    last: bool,
+    mut change: impl FnMut(&mut EventBody) -> bool,
+) -> u64 {
+    let frames = frames_of(dir);
     let mut found = None;
     for frame in &frames {
         for (index, (_, bytes)) in record_events(frame).into_iter().enumerate() {
@@ -2550,7 +2532,22 @@ fn database_with_event_rewritten(
     let mut events = record_events(&frame);
     events[index].1 = encode_body(&body);
     rewrite_record(&frame, &events);
-    (dir, frame.first + index as u64)
+    frame.first + index as u64
+}
+
+/// A `change` for `rewrite_event`: a usage event's first hold moved to counter 200, which no
+/// plan of the token plan has.
+fn hold_on_counter_200(body: &mut EventBody) -> bool {
+    let EventBody::UsageAdmitted { receipt, .. } = body else {
+        return false;
+    };
+    let mut holds = receipt.holds.as_slice().to_vec();
+    let Some(first) = holds.first_mut() else {
+        return false;
+    };
+    first.0 = tally_engine::policy::CounterId(200);
+    receipt.holds = tally_engine::admission::Holds::from_slice(&holds).unwrap();
+    true
 }
 
 /// Opening `dir` is refused naming event `seq` of `kind` and `what`, and `verify` reports it.
