@@ -1665,10 +1665,43 @@ impl Engine {
         // On two threads from `PARALLEL_RESTORE_KEYS` keys on: the registry is only read by
         // now, and a key's restore touches nothing another key's does but the key table's
         // shard locks and the usage slab's lock.
+        // A key's count of open reservations is taken from the reservations the snapshot
+        // holds open on it: a snapshot of an earlier build could count one whose close it
+        // held (see `RawCut::count_open_reservations`), and restored so it stayed counted.
+        let mut open_on: HashMap<&str, u32> =
+            HashMap::with_capacity(snapshot.open_reservations.len());
+        for reservation in &snapshot.open_reservations {
+            let count = open_on.entry(&reservation.key).or_default();
+            *count = count.saturating_add(1);
+        }
         let (restored, helped) = in_halves(&snapshot.keys, PARALLEL_RESTORE_KEYS, |keys| {
-            self.restore_key_run(&registry, &policy, keys, snapshot.seq)
+            self.restore_key_run(&registry, &policy, keys, &open_on, snapshot.seq)
         });
-        restored.and(helped)?;
+        let counted = restored?.saturating_add(helped?);
+        if counted != snapshot.open_reservations.len() as u64 {
+            // Only keys counting some were looked up: one that counts none holds one open.
+            let counting: std::collections::HashSet<&str> = snapshot
+                .keys
+                .iter()
+                .filter(|key| key.open_reservations > 0)
+                .map(|key| &*key.key)
+                .collect();
+            let uncounted = open_on
+                .iter()
+                .find(|(key, _)| !counting.contains(**key))
+                .map(|(key, open)| {
+                    format!(
+                        "{open} of them on key {key:?}, which counts none open or is not in \
+                         the snapshot"
+                    )
+                })
+                .unwrap_or_else(|| format!("its keys count {counted}"));
+            return Err(storage(format!(
+                "snapshot {}: {} reservations are open, {uncounted}",
+                snapshot.seq,
+                snapshot.open_reservations.len()
+            )));
+        }
         drop(registry);
         for (key, short_until_ms) in &snapshot.short_keys {
             let found = self.keys.write(key, |_, state| {
@@ -1761,8 +1794,11 @@ impl Engine {
         registry: &Registry,
         policy: &Policy,
         keys: &[KeySnapshot<'_>],
+        open_on: &HashMap<&str, u32>,
         seq: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
+        // Reservations counted open on these keys.
+        let mut counted = 0u64;
         for key in keys {
             let team = registry
                 .teams
@@ -1781,9 +1817,11 @@ impl Engine {
             };
             let mut state = KeyState::new(kind, user_name(registry, &key.user), team);
             state.seat = key.seat.map(PlanId);
-            state
-                .open_reservations
-                .store(key.open_reservations, Ordering::Release);
+            if key.open_reservations > 0 {
+                let open = open_on.get(&*key.key).copied().unwrap_or(0);
+                state.open_reservations.store(open, Ordering::Release);
+                counted += u64::from(open);
+            }
             state.payg_micros.store(key.payg_micros, Ordering::Release);
             state.time_floor_ms = key.time_floor_ms;
             if let Some(counters) = &key.counters {
@@ -1793,7 +1831,7 @@ impl Engine {
             }
             self.keys.insert(&key.key, state);
         }
-        Ok(())
+        Ok(counted)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -3193,6 +3231,63 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    /// A key's count of open reservations is restored from the reservations the snapshot holds
+    /// open on it. An earlier build's cut could count one more (a close whose event it held,
+    /// its slot not yet freed: `RawCut::count_open_reservations`); restored as written, that
+    /// reservation stayed counted for good. A key that counts none while the snapshot holds
+    /// one open on it is damage, refused and named.
+    #[test]
+    fn a_keys_open_reservations_are_restored_from_the_ones_the_snapshot_holds_open() {
+        let (engine, _clock) = busy_engine();
+        let reference = engine.cut(|| 9).expect("cut");
+        let open_on = |snapshot: &Snapshot<'_>, key: &str| {
+            snapshot
+                .open_reservations
+                .iter()
+                .filter(|reservation| reservation.key == key)
+                .count() as u32
+        };
+        let (index, holder) = reference
+            .keys
+            .iter()
+            .enumerate()
+            .find(|(_, key)| key.open_reservations > 0)
+            .map(|(index, key)| (index, key.key.to_string()))
+            .expect("a key with a reservation open");
+        let held = open_on(&reference, &holder);
+        assert_eq!(reference.keys[index].open_reservations, held, "as cut");
+        let idle = reference
+            .keys
+            .iter()
+            .find(|key| key.open_reservations == 0 && !key.payg)
+            .map(|key| key.key.to_string())
+            .expect("a key with none open");
+        let mut ahead = reference.clone();
+        ahead.keys[index].open_reservations += 1;
+        let position = |key: &str| ahead.keys.iter().position(|k| &*k.key == key);
+        let idle_index = position(&idle).expect("the idle key");
+        ahead.keys[idle_index].open_reservations = 2;
+        let restored = blank_engine();
+        restored.restore(&ahead).expect("restore");
+        let open = |key: &str| restored.usage(key, None).expect("usage").open_reservations;
+        assert_eq!(
+            open(&holder),
+            held,
+            "{holder}: counted one ahead in the snapshot"
+        );
+        assert_eq!(open(&idle), 0, "{idle}: counted two with none open");
+        let mut behind = reference.clone();
+        behind.keys[index].open_reservations = 0;
+        let error = blank_engine()
+            .restore(&behind)
+            .expect_err("reservations open on a key that counts none")
+            .to_string();
+        assert!(
+            error.contains("snapshot 9") && error.contains(&format!("{holder:?}")),
+            "{error}"
+        );
     }
 
     /// A calendar counter's period past the 16 bits its word tells apart, or a ring's head past

@@ -499,6 +499,9 @@ impl RawCut {
         let missing_requests = self.absorb_fragments(&lazy.request_fragments, |cut| {
             &mut cut.spare_request_fragments
         });
+        if missing_keys.is_none() {
+            self.count_open_reservations();
+        }
         let missing = (missing_keys.map(|index| format!("key shard {index}")))
             .or(missing_requests.map(|index| format!("request-id shard {index}")))
             .or(registry_missing.then(|| "the registry".to_string()));
@@ -713,6 +716,37 @@ impl RawCut {
             counters,
         };
         self.keys.push(raw);
+    }
+
+    /// Sets each copied key's count of open reservations to the open reservations the cut
+    /// holds on it. The key's own count can be ahead: a settle or void appends its closing
+    /// event under the reservation table's lock but frees the key's slot only once the event
+    /// is durable, after it let the lock go (`Engine::finish_close`), and a cut can fall in
+    /// between. The cut holds that event; replayed, it frees the slot. Only keys whose count
+    /// is above zero are looked up: the count is never behind the table (a reserve takes the
+    /// slot and opens the reservation under the table's lock).
+    fn count_open_reservations(&mut self) {
+        let RawCut {
+            texts,
+            keys,
+            open_reservations,
+            ..
+        } = self;
+        let mut open: std::collections::HashMap<&str, u32> =
+            std::collections::HashMap::with_capacity(open_reservations.len());
+        for reservation in open_reservations.iter() {
+            *open.entry(texts.str(reservation.key)).or_default() += 1;
+        }
+        for key in keys.iter_mut().filter(|key| key.open_reservations > 0) {
+            let held = open.get(texts.str(key.key)).copied().unwrap_or(0);
+            debug_assert!(
+                held <= key.open_reservations,
+                "key {:?}: {held} reservations open in the table, its count {}",
+                texts.str(key.key),
+                key.open_reservations
+            );
+            key.open_reservations = held;
+        }
     }
 
     /// Every team in the registry's order (it is locked), for `read_balances`: the only part
