@@ -698,6 +698,28 @@ fn check_reservations(
                 .push(format!("reservation {id} closed x{count}"));
         }
     }
+    // Each key counts the reservations open on it: a snapshot cut while a close waited for
+    // its flush once counted a closed one for good (and the key could open one fewer).
+    let mut open_on: HashMap<&str, u32> = HashMap::new();
+    for (id, (_, key, _)) in &log.opened {
+        open_on.entry(key).or_default();
+        if !log.closed.contains_key(id) {
+            *open_on.entry(key).or_default() += 1;
+        }
+    }
+    for (key, open) in open_on {
+        match engine.usage(key, None) {
+            Ok(report) if report.open_reservations == open => {}
+            Ok(report) => findings.problems.push(format!(
+                "key {key} counts {} open reservations after reopening; the log leaves {open} \
+                 open on it",
+                report.open_reservations
+            )),
+            Err(error) => findings
+                .problems
+                .push(format!("key {key} after reopening: {error}")),
+        }
+    }
     let open = log.opened.len() - log.closed.len().min(log.opened.len());
     if engine.open_reservations() != open {
         findings.problems.push(format!(
