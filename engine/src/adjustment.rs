@@ -496,7 +496,11 @@ impl Engine {
                     undo_adjustment(policy, usage, &moved, direction);
                     return Err(error);
                 }
-                Some(Ok(seq)) => Some(seq),
+                Some(Ok(seq)) => {
+                    // Under the key's write lock, which a cut takes, as a replay notes it.
+                    self.note_event_time(at_ms);
+                    Some(seq)
+                }
                 None => None,
             };
             Ok((AdjustmentOutcome { limits }, seq, moved, policy.generation))

@@ -4298,4 +4298,73 @@ mod tests {
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A snapshot says the newest timestamp of the events it holds (`newest_at_ms`: the instant
+    /// `verify` judges from which calendar periods are over), and a replay notes every event's.
+    /// Live, every change noted its event's time but a reservation's opening and a usage
+    /// correction: a checkpoint cut while one of those was the newest event said an earlier
+    /// time than a replay of the same log gives.
+    #[test]
+    fn every_logged_change_notes_its_time_as_the_replay_of_its_event_does() {
+        let dir = fresh_dir("newest-event");
+        let engine = seated_on_disk(&dir, "Plus", OpenOptions::default());
+        let newest = |engine: &Engine| engine.cut(|| 0).expect("cut").newest_at_ms;
+        // Each change is stamped after every event before it.
+        let mut at_ms = T0;
+        let mut later = || {
+            at_ms += MINUTE;
+            at_ms
+        };
+        let consumed_at = later();
+        let consumed = engine
+            .consume(&m27("tp-u", 1, consumed_at))
+            .expect("consume");
+        assert!(consumed.is_admitted(), "{consumed:?}");
+        assert_eq!(newest(&engine), consumed_at, "after a consume");
+        let reserved_at = later();
+        let reservation = engine
+            .reserve(&m27("tp-u", 2, reserved_at), Some(DAY))
+            .expect("reserve")
+            .reservation
+            .expect("a reservation");
+        assert_eq!(newest(&engine), reserved_at, "after a reserve");
+        let corrected_at = later();
+        engine
+            .adjust_usage(
+                "tp-u",
+                "m2.7",
+                &[(Unit::Requests, 1)],
+                consumed_at,
+                AdjustmentDirection::Add,
+                Some(corrected_at),
+            )
+            .expect("a correction");
+        assert_eq!(newest(&engine), corrected_at, "after a usage correction");
+        let settled_at = later();
+        engine
+            .settle(
+                reservation,
+                &[(Unit::Requests, 1), (Unit::Tokens, 500)],
+                Some(settled_at),
+            )
+            .expect("settle");
+        assert_eq!(newest(&engine), settled_at, "after a settle");
+        // The newest event is a reservation's opening again when the engine goes away.
+        let reserved_last_at = later();
+        engine
+            .reserve(&m27("tp-u", 1, reserved_last_at), Some(DAY))
+            .expect("reserve")
+            .reservation
+            .expect("a reservation");
+        let live = newest(&engine);
+        // Dropped without close(): no checkpoint, the reopen replays the whole log.
+        drop(engine);
+        let clock = Arc::new(ManualClock::new(T0));
+        let reopened =
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
+        assert_eq!(live, newest(&reopened), "live, against a replay of its log");
+        assert_eq!(live, reserved_last_at, "the newest event's time");
+        drop(reopened);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

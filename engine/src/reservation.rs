@@ -391,7 +391,11 @@ impl Engine {
                     state.close_reservation();
                     Err(error)
                 }
-                Some(Ok(seq)) => Ok((decision, Some(receipt), Some(seq))),
+                Some(Ok(seq)) => {
+                    // Under the locks a cut takes, as a replay notes it.
+                    self.note_event_time(at_ms);
+                    Ok((decision, Some(receipt), Some(seq)))
+                }
                 None => Ok((decision, Some(receipt), None)),
             }
         })?;
