@@ -26,6 +26,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "tests (debug, with debug assertions on the hot path)"
 cargo test --workspace --no-fail-fast
 
+step "stress: the racing tests over and over for three minutes, every core kept busy"
+bash scripts/stress.sh 180
+
 step "C ABI: the C test (plain and under Valgrind) and the generated header"
 bash scripts/test-c.sh
 
