@@ -15,6 +15,7 @@ seconds="${1:-${TALLY_STRESS_SECONDS:-120}}"
 # and how many times a round runs them: the quick ones whose races are rare run more often.
 runs=(
   "log checkpoints_cut_under_concurrent_load 10"
+  "log every_kind_of_change_racing_checkpoints 1"
   "log reading_events_while_compaction 2"
   "concurrency - 2"
   "faults - 1"

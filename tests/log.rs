@@ -364,6 +364,349 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
     assert_same_state(&after, &before, "reopened from a snapshot cut under load");
 }
 
+/// Every kind of logged change (consumes, `consume_many` batches, request ids admitted and
+/// denied, submissions, refunds, reservations opened, settled within their estimate and past
+/// it, voided and expired, top-ups, withdrawals, new users, teams, members and pay-as-you-go
+/// keys, seat changes, corrections both ways, policy swaps) made on four threads while a fifth
+/// takes checkpoints back to back. The class of bug to catch: an effect applied in a different
+/// critical section from the one that appends its event, so a cut can fall between the two and
+/// hold the event without the effect or the effect without the event. (A settle or void
+/// appended its close under the reservation table's lock but freed its key's slot only once the
+/// event was durable, after letting the lock go: reopened from a snapshot cut in between, the
+/// key counted the closed reservation open for good, 3bd9c8a.) `verify` replays from the
+/// snapshot before the latest to the latest and compares, and a reopen from the latest plus a
+/// tail must give the state the engine had.
+///
+/// The runs vary in turn: every other one moves the clock (leases end, idle windows are
+/// reclaimed on their own); two in four wait for the disk at every change (`Durability::Sync`,
+/// which makes such gaps wide); the latest snapshot is cut quietly after the load in some (the
+/// one before it was cut under load) and under load in the others. Four runs by default, a
+/// second or two; `TALLY_STRESS_RUNS=n` makes n of them (`scripts/stress.sh` repeats the
+/// default under load instead).
+#[test]
+fn every_kind_of_change_racing_checkpoints_leaves_snapshots_a_replay_agrees_with() {
+    let runs = match std::env::var("TALLY_STRESS_RUNS") {
+        Ok(runs) => runs.parse().expect("TALLY_STRESS_RUNS: a number of runs"),
+        Err(_) => 4,
+    };
+    for run in 0..runs {
+        changes_of_every_kind_racing_checkpoints(run);
+    }
+}
+
+fn changes_of_every_kind_racing_checkpoints(run: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use tally_engine::AdjustmentDirection::{Add, Remove};
+    // Every eight runs, each of the eight kinds once; every four, each clock with and without
+    // waits for the disk (which widened the gap 3bd9c8a closed), the latest snapshot cut
+    // quietly in two of them and under load in the other two.
+    let moving_clock = run % 2 == 1;
+    let sync = run / 2 % 2 == 0;
+    let last_checkpoint_quiet = (run + run / 2 + run / 4) % 2 == 0;
+    // Without a wait for the disk the work is done many times faster: more of it, so that
+    // checkpoints are cut all through it.
+    let rounds = if sync { 1 } else { 8 };
+    let context = format!(
+        "run {run} ({}, {} clock, the latest snapshot cut {})",
+        if sync { "sync" } else { "no sync" },
+        if moving_clock { "moving" } else { "still" },
+        if last_checkpoint_quiet {
+            "quietly"
+        } else {
+            "under load"
+        }
+    );
+    let dir = TempDir::new("every-change-racing-checkpoints");
+    let mut options = OpenOptions {
+        durability: if sync {
+            Durability::Sync
+        } else {
+            Durability::None
+        },
+        checkpoint_every_events: 97,
+        ..OpenOptions::default()
+    };
+    if moving_clock {
+        options.engine.reclaim_idle_every_ms = MINUTE_MS;
+    }
+    let clock = log_support::clock();
+    let engine = open_on_clock(dir.path(), clock.clone(), options.clone());
+    let mut users: Vec<String> = Vec::new();
+    let mut keys: Vec<String> = Vec::new();
+    let mut teams: Vec<String> = Vec::new();
+    for index in 0..12 {
+        let (user, key, team) = (
+            format!("user-{index}"),
+            format!("key-{index}"),
+            format!("@user-{index}"),
+        );
+        engine.create_user(&user, &key, Some(T0_MS)).expect("user");
+        // Two users in three have a seat; the third pays everything with credits.
+        if index % 3 != 2 {
+            engine
+                .assign_seat(&team, &user, "Plus", Some(T0_MS))
+                .expect("seat");
+        }
+        engine
+            .top_up(&team, 50_000_000, Some(T0_MS))
+            .expect("top-up");
+        users.push(user);
+        keys.push(key);
+        teams.push(team);
+    }
+    engine
+        .create_payg_key("user-1", "payg-1", Some(T0_MS))
+        .expect("payg key");
+    keys.push("payg-1".into());
+    // No seat and no credits: every request under an id is a logged denial.
+    engine
+        .create_user("broke", "key-broke", Some(T0_MS))
+        .expect("user");
+    // Keys with usage from before the load, idle through it: what the moving clock reclaims.
+    let mut idle_keys: Vec<String> = Vec::new();
+    for index in 0..20 {
+        let (user, key) = (format!("early-{index}"), format!("key-early-{index}"));
+        engine.create_user(&user, &key, Some(T0_MS)).expect("user");
+        engine
+            .assign_seat(&format!("@{user}"), &user, "Plus", Some(T0_MS))
+            .expect("seat");
+        let request = UsageRequest::new(&key, "m2.7", &[(Unit::Requests, 1)]).at(T0_MS + index);
+        assert!(
+            engine.consume(&request).expect("consume").is_admitted(),
+            "{context}: {key}"
+        );
+        idle_keys.push(key);
+    }
+    // With the clock moving, far enough apart that leases end and windows go idle.
+    let spacing = if moving_clock { 30 * SECOND_MS } else { 50 };
+    let at = move |step: u64| T0_MS + HOUR_MS + step * spacing;
+    let running = AtomicBool::new(true);
+    let mut later_keys: Vec<String> = Vec::new();
+    let mut later_teams: Vec<String> = Vec::new();
+    let cuts_before = engine.cut_lock_times().len();
+    std::thread::scope(|scope| {
+        let (engine, keys, teams, users) = (&engine, &keys, &teams, &users);
+        let (running, clock) = (&running, &clock);
+        // Admission and its undoing: consumes, batches, ids, submissions, refunds, denials.
+        scope.spawn(move || {
+            for step in 0..300 * rounds {
+                let key = &keys[(step as usize * 7) % keys.len()];
+                let (resource, unit) = if step % 3 == 0 {
+                    ("image-01", Unit::Images)
+                } else {
+                    ("m2.7", Unit::Requests)
+                };
+                let quantities = [(unit, 1 + step % 2)];
+                let request = UsageRequest::new(key, resource, &quantities).at(at(step));
+                let id = format!("id-{step}");
+                if step % 5 == 0 {
+                    for result in engine.consume_many(&[request, request.id(&id)]) {
+                        result.expect("consume_many");
+                    }
+                } else if step % 2 == 0 {
+                    let decision = engine
+                        .consume(&request.id(&id))
+                        .expect("consume with an id");
+                    if decision.is_admitted() && step % 4 == 0 {
+                        engine.refund(&id, Some(at(step + 1))).expect("refund");
+                    }
+                } else {
+                    engine
+                        .submit(&request)
+                        .expect("submit")
+                        .complete()
+                        .expect("complete");
+                }
+                if step % 11 == 0 {
+                    let id = format!("broke-{step}");
+                    let denied = UsageRequest::new("key-broke", "m2.7", &[(Unit::Requests, 1)])
+                        .at(at(step))
+                        .id(&id);
+                    let decision = engine.consume(&denied).expect("consume with an id");
+                    assert!(!decision.is_admitted(), "{id}: {decision:?}");
+                }
+            }
+            running.store(false, Relaxed);
+        });
+        // Reservations on two threads, so a close is often waiting for its event to be
+        // durable: settled within the estimate and past it, voided, left to expire.
+        for thread in 0..2 {
+            scope.spawn(move || {
+                let closed = |result: Result<(), Error>| match result {
+                    // Its lease ended first.
+                    Ok(()) | Err(Error::ReservationClosed { .. }) => {}
+                    Err(error) => panic!("closing a reservation: {error}"),
+                };
+                for step in 0..200 * rounds {
+                    let key = &keys[(step as usize * 5 + thread * 6) % keys.len()];
+                    let estimate = [(Unit::Requests, 2)];
+                    let request = UsageRequest::new(key, "m2.7", &estimate).at(at(step * 2));
+                    let lease = if step % 5 == 0 { 60 } else { HOUR_MS };
+                    let outcome = engine.reserve(&request, Some(lease)).expect("reserve");
+                    if let Some(reservation) = outcome.reservation {
+                        let now = Some(at(step * 2));
+                        match step % 5 {
+                            1 => closed(
+                                engine
+                                    .settle(reservation, &[(Unit::Requests, 1)], now)
+                                    .map(drop),
+                            ),
+                            2 => closed(
+                                engine
+                                    .settle(reservation, &[(Unit::Requests, 3)], now)
+                                    .map(drop),
+                            ),
+                            3 => closed(engine.void(reservation, now)),
+                            _ => {}
+                        }
+                    }
+                    if step % 7 == 0 {
+                        engine
+                            .expire_reservations(Some(at(step * 2 + 2)))
+                            .expect("expire");
+                    }
+                }
+                running.store(false, Relaxed);
+            });
+        }
+        // Accounts and credits: top-ups, withdrawals, seats, corrections, new users, teams,
+        // members and pay-as-you-go keys, policy swaps.
+        let accounts = scope.spawn(move || {
+            let (mut later_keys, mut later_teams) = (Vec::new(), Vec::new());
+            for step in 0..150 * rounds {
+                let index = step as usize % teams.len();
+                let (team, now) = (&teams[index], Some(at(step)));
+                engine.top_up(team, 1_000 + step, now).expect("top-up");
+                if step % 3 == 0 {
+                    engine.withdraw_credits(team, 500, now).expect("withdraw");
+                }
+                if index % 3 != 2 && step % 4 == 0 {
+                    let plan = if step % 8 == 0 { "Max" } else { "Plus" };
+                    engine
+                        .assign_seat(team, &users[index], plan, now)
+                        .expect("seat");
+                }
+                if index % 3 != 2 && step % 5 == 0 {
+                    let direction = if step % 10 == 0 { Add } else { Remove };
+                    let quantities = [(Unit::Requests, 1)];
+                    engine
+                        .adjust_usage(&keys[index], "m2.7", &quantities, at(step), direction, now)
+                        .expect("adjust usage");
+                }
+                if step % 25 == 0 {
+                    let (user, team) = (format!("late-{step}"), format!("team-{step}"));
+                    let (own, member, payg) = (
+                        format!("key-{user}"),
+                        format!("key-{team}"),
+                        format!("payg-{user}"),
+                    );
+                    engine.create_user(&user, &own, now).expect("user");
+                    engine.create_team(&team, now).expect("team");
+                    engine
+                        .add_member(&team, &user, &member, now)
+                        .expect("member");
+                    engine.top_up(&team, 1_000_000, now).expect("top-up");
+                    engine.create_payg_key(&user, &payg, now).expect("payg key");
+                    later_keys.extend([own, member, payg]);
+                    later_teams.extend([format!("@{user}"), team]);
+                }
+                if step % 60 == 30 {
+                    engine.swap_policy(Policy::token_plan(), now).expect("swap");
+                }
+            }
+            running.store(false, Relaxed);
+            (later_keys, later_teams)
+        });
+        // Back to back, until the first of the others is done: the last is cut under load.
+        scope.spawn(move || {
+            while running.load(Relaxed) {
+                engine.checkpoint().expect("checkpoint");
+            }
+        });
+        // The moving clock, soon ahead of the changes' own times: leases end by it and idle
+        // windows are reclaimed as of it.
+        scope.spawn(move || {
+            let mut step = 0;
+            while moving_clock && running.load(Relaxed) {
+                clock.set_ms(at((step * 8).min(600 * rounds)));
+                step += 1;
+                if step % 4 == 0 {
+                    engine.reclaim_idle(None).expect("reclaim");
+                }
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        });
+        (later_keys, later_teams) = accounts.join().expect("no panic");
+    });
+    // Explicit and automatic ones (`checkpoint_every_events`): without waits for the disk, the
+    // latter are most of them. One is enough for `verify` to judge a snapshot cut under load.
+    let cuts = engine.cut_lock_times().len() - cuts_before;
+    assert!(cuts >= 1, "{context}: no checkpoint was cut under load");
+    if last_checkpoint_quiet {
+        engine.checkpoint().expect("a last checkpoint");
+    }
+    // A tail after the last snapshot, for the reopen to replay.
+    let (tail, end_ms) = (at(1_000 * rounds), at(1_500 * rounds));
+    for step in 0..10u64 {
+        let request = UsageRequest::new(&keys[0], "m2.7", &[(Unit::Requests, 1)]).at(tail + step);
+        engine.consume(&request).expect("consume");
+    }
+    engine.expire_reservations(Some(end_ms)).expect("expire");
+    // Every kind of change was made under load (the setup before it and the tail after it
+    // stamped outside these times).
+    let mut kinds = std::collections::BTreeSet::new();
+    let mut after = 0;
+    loop {
+        let events = engine.events_after(after, 10_000).expect("read the log");
+        let Some(last) = events.last() else { break };
+        after = last.seq;
+        kinds.extend(
+            events
+                .iter()
+                .filter(|event| (at(0)..tail).contains(&event.at_ms))
+                .map(|event| event.body.kind()),
+        );
+    }
+    let every_kind = [
+        "credits_topped_up",
+        "credits_withdrawn",
+        "member_added",
+        "payg_key_created",
+        "policy_swapped",
+        "refunded",
+        "request_denied",
+        "reservation_closed",
+        "reservation_opened",
+        "seat_changed",
+        "team_created",
+        "usage_adjusted",
+        "usage_admitted",
+        "user_created",
+    ];
+    assert_eq!(
+        kinds,
+        every_kind.into(),
+        "{context}: the kinds of change made under load"
+    );
+    let key_names: Vec<&str> = (keys.iter().chain(&idle_keys).chain(&later_keys))
+        .map(String::as_str)
+        .chain(["key-broke"])
+        .collect();
+    let team_names: Vec<&str> = (teams.iter().chain(&later_teams))
+        .map(String::as_str)
+        .chain(["@broke"])
+        .collect();
+    let before = state(&engine, &key_names, &team_names, end_ms);
+    // Dropped without `close`, so no checkpoint is cut on the way out.
+    drop(engine);
+    let report = Engine::verify(dir.path(), options.clone()).expect("verify");
+    assert!(report.is_sound(), "{context}: {:?}", report.problems);
+    assert_eq!(report.snapshot_matches_replay, Some(true), "{context}");
+    let reopened = open_on_clock(dir.path(), clock, options);
+    let after = state(&reopened, &key_names, &team_names, end_ms);
+    assert_same_state(&after, &before, &format!("{context}: reopened"));
+}
+
 /// Runs `work` on its own thread and fails if it has not finished within `seconds` (the thread
 /// is left behind: a deadlocked call cannot be cancelled).
 fn finishes_within<T: Send + 'static>(
