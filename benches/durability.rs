@@ -5,7 +5,9 @@
 //! fdatasync at the same batch size; space <= 1.5x the encoded events; opening a database with
 //! 10 M events of history in <= 1 s.
 //!
-//! Besides the targets it prints what explains them: the same load in `Durability::None` (what
+//! Besides the targets it prints what explains them: the raw append written over zeros written
+//! ahead of it, as the log's `Sync` writer writes (its fdatasyncs seldom commit a new file
+//! length; a reference, not the baseline), the same load in `Durability::None` (what
 //! the engine and its writer absorb without any fsync: the ceiling of every `Sync` figure), the
 //! bytes the process wrote per event (`wchar`: the log's write amplification), events per
 //! fdatasync (the group commit's batch), per-call latency percentiles, the records, segments
@@ -401,10 +403,22 @@ fn process_written_bytes() -> u64 {
 }
 
 /// Appends `batch` framed events per write to a plain file, one fdatasync per batch: the floor
-/// any log pays for the same bytes and the same number of durable syncs.
-fn raw_append(dir: &Path, event: &[u8], batch: usize, settings: &Settings) -> (Sample, u64) {
+/// any log pays for the same bytes and the same number of durable syncs. With `zeros_ahead`,
+/// the writes go over zeros written 1 MiB ahead of them, as the log's `Sync` writer does (an
+/// fdatasync then seldom commits a new file length): printed for reference, not the issue's
+/// baseline.
+fn raw_append(
+    dir: &Path,
+    event: &[u8],
+    batch: usize,
+    settings: &Settings,
+    zeros_ahead: bool,
+) -> (Sample, u64) {
+    use std::os::unix::fs::FileExt;
     let path = dir.join(format!("raw-{batch}"));
     let mut file = File::create(&path).expect("creating the raw file");
+    let zeros = vec![0u8; 1 << 20];
+    let (mut written, mut zeroed) = (0u64, 0u64);
     let mut buffer = Vec::with_capacity(batch * event.len());
     let mut latencies_us = Vec::new();
     let mut events = 0u64;
@@ -416,6 +430,14 @@ fn raw_append(dir: &Path, event: &[u8], batch: usize, settings: &Settings) -> (S
         buffer.clear();
         for _ in 0..batch {
             buffer.extend_from_slice(event);
+        }
+        written += buffer.len() as u64;
+        if zeros_ahead && written > zeroed {
+            while zeroed < written + zeros.len() as u64 {
+                file.write_all_at(&zeros, zeroed)
+                    .expect("writing zeros ahead in the raw file");
+                zeroed += zeros.len() as u64;
+            }
         }
         file.write_all(&buffer).expect("appending to the raw file");
         file.sync_data().expect("fdatasync of the raw file");
@@ -800,6 +822,15 @@ fn throughput(settings: &Settings, body: &[u8]) {
         .iter()
         .map(|&batch| Row::new(format!("raw append + fdatasync, batch {batch}"), batch))
         .collect();
+    let mut raw_over_zeros: Vec<Row> = raw_batches
+        .iter()
+        .map(|&batch| {
+            Row::new(
+                format!("raw, over zeros written ahead, batch {batch}"),
+                batch,
+            )
+        })
+        .collect();
     let mut raw_space = (0u64, 0u64);
     for run in 0..settings.runs {
         // Raw and tally alternate within each run, so both see the same disk and neighbours.
@@ -809,12 +840,21 @@ fn throughput(settings: &Settings, body: &[u8]) {
                 .find(|raw_row| raw_row.raw_batch == config.row.raw_batch)
                 .expect("every compared batch is measured raw");
             if raw_row.samples.len() <= run {
-                let (sample, bytes) = raw_append(&raw_dir, &event, raw_row.raw_batch, settings);
+                let (sample, bytes) =
+                    raw_append(&raw_dir, &event, raw_row.raw_batch, settings, false);
                 // The largest raw file says most about the file's own overhead (block rounding).
                 if sample.events > raw_space.1 {
                     raw_space = (bytes, sample.events);
                 }
                 raw_row.samples.push(sample);
+                let batch = raw_row.raw_batch;
+                let over_zeros = raw_over_zeros
+                    .iter_mut()
+                    .find(|row| row.raw_batch == batch)
+                    .expect("every raw batch is measured over zeros too");
+                over_zeros
+                    .samples
+                    .push(raw_append(&raw_dir, &event, batch, settings, true).0);
             }
             let target = if config.sync {
                 &sync_target
@@ -826,7 +866,7 @@ fn throughput(settings: &Settings, body: &[u8]) {
         }
     }
     let flushed = raw_at_flush_sizes(&raw_dir, &event, &configs, settings);
-    print_throughput(settings, &raw, &configs);
+    print_throughput(settings, &raw, &raw_over_zeros, &configs);
     print_raw_at_flush_sizes(&configs, &flushed);
     // The periodic checkpoints' cuts held every lock: admission waited that long each time.
     for (what, engine) in [("Sync", &sync_engine), ("None", &none_engine)] {
@@ -883,7 +923,7 @@ fn cut_summary(engine: &Engine, keys: usize) -> String {
     )
 }
 
-fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {
+fn print_throughput(settings: &Settings, raw: &[Row], raw_over_zeros: &[Row], configs: &[Config]) {
     println!();
     println!(
         "## Throughput: medians of {} run(s), each at most {} events or {:.2} s; {} keys, {} of {} buckets of each one's 5-hour window used; checkpoint every {}",
@@ -910,7 +950,7 @@ fn print_throughput(settings: &Settings, raw: &[Row], configs: &[Config]) {
         "raw same batch",
         "ratio"
     );
-    for row in raw {
+    for row in raw.iter().chain(raw_over_zeros) {
         println!(
             "{:<50} {:>10} {:>7}us {:>7}us {:>8.0} B {:>8.0}",
             row.label,
@@ -980,7 +1020,7 @@ fn raw_at_flush_sizes(
         let mut row = Row::new(format!("raw, batch {per_flush}"), per_flush);
         for _ in 0..settings.runs {
             row.samples
-                .push(raw_append(raw_dir, event, per_flush, settings).0);
+                .push(raw_append(raw_dir, event, per_flush, settings, false).0);
         }
         rows.push(row);
     }

@@ -2111,13 +2111,14 @@ fn segment_paths(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     paths
 }
 
-/// Every record of every segment, read with the documented framing.
+/// Every record of every segment, read with the documented framing (the last segment may end
+/// in zeros written ahead of the records to come).
 fn frames_of(dir: &std::path::Path) -> Vec<Frame> {
     let mut frames = Vec::new();
     for path in segment_paths(dir) {
         let bytes = std::fs::read(&path).unwrap();
         let mut at = SEGMENT_HEADER;
-        while at < bytes.len() {
+        while at < bytes.len() && bytes[at..].iter().any(|&byte| byte != 0) {
             let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
             let view = RecordView::parse(&bytes[at + 8..at + 8 + len]).unwrap();
             frames.push(Frame {
@@ -3152,6 +3153,7 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         "half a record",
         "a frame header only",
         "garbage appended",
+        "zeros appended",
         "a flipped byte",
     ] {
         let (dir, before, frames) = closed_database(&format!("torn-{}", cut.replace(' ', "-")));
@@ -3169,8 +3171,14 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
                 (sound_len, last.first + last.count - 1)
             }
             "garbage appended" => {
-                bytes.extend_from_slice(&[0u8; 4096]);
+                bytes.extend_from_slice(&[0x5a; 4096]);
                 (sound_len, last.first + last.count - 1)
+            }
+            // As the zeros a `Sync` writer writes ahead of its records (or a file that grew
+            // before its data landed): the end of the log, left for the writer to go on over.
+            "zeros appended" => {
+                bytes.extend_from_slice(&[0u8; 4096]);
+                (sound_len + 4096, last.first + last.count - 1)
             }
             _ => {
                 bytes[last.offset + 8 + last.len / 2] ^= 1;
@@ -3185,10 +3193,10 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         assert_eq!(
             std::fs::metadata(&last.path).unwrap().len(),
             kept_len,
-            "{cut}: the tail is cut off"
+            "{cut}: the tail is cut off (zeros are left)"
         );
         assert_eq!(last_seq(&engine), kept_events, "{cut}");
-        if kept_len == sound_len {
+        if kept_events == last.first + last.count - 1 {
             assert_same_state(&state(&engine, &KEYS, &TEAMS, POPULATED_MS), &before, cut);
         }
         // It goes on: new events after the cut, and they survive a reopen.
@@ -4379,4 +4387,78 @@ fn verify_finds_a_database_with_a_torn_tail_sound_as_an_open_does() {
     let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
         .expect("an open cuts the torn write off");
     drop(engine);
+}
+
+/// Where `path`'s records end (read with the documented framing, up to zeros or the end).
+fn records_end(path: &std::path::Path) -> usize {
+    let frames: Vec<Frame> = frames_of(path.parent().unwrap().parent().unwrap())
+        .into_iter()
+        .filter(|frame| frame.path == path)
+        .collect();
+    frames
+        .last()
+        .map_or(SEGMENT_HEADER, |frame| frame.offset + 8 + frame.len)
+}
+
+/// `Sync` writes its groups over zeros written ahead of them, so that most fdatasyncs have
+/// only data to flush, not the file's new length (a journal commit). While the engine runs,
+/// its last segment goes on in zeros past its last record; a crash image of it (the directory
+/// copied as it is) opens with every acknowledged event, writes the next ones over the zeros
+/// and keeps them through a reopen. A sealed segment, and the last one once the engine is
+/// closed, end at their last record.
+#[test]
+fn sync_writes_over_zeros_written_ahead_and_only_a_running_last_segment_ends_in_them() {
+    let dir = TempDir::new("zeros-ahead");
+    let options = OpenOptions {
+        segment_bytes: 16 << 10,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    let one = [(Unit::Requests, 1)];
+    for step in 0..400u64 {
+        let request = UsageRequest::new("key-bob", "m2.7", &one).at(POPULATED_MS + step);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let acknowledged = last_seq(&engine);
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS + 1_000);
+    let paths = segment_paths(dir.path());
+    assert!(paths.len() >= 3, "{} segments", paths.len());
+    let (active, sealed) = paths.split_last().unwrap();
+    for path in sealed {
+        let len = std::fs::metadata(path).unwrap().len() as usize;
+        assert_eq!(len, records_end(path), "{}: sealed", path.display());
+    }
+    let bytes = std::fs::read(active).unwrap();
+    let end = records_end(active);
+    assert!(
+        bytes.len() > end,
+        "no zeros past the records of the running segment"
+    );
+    assert!(bytes[end..].iter().all(|&byte| byte == 0));
+    // A crash now: the files as they are.
+    let crashed = dir.sibling("zeros-ahead-crashed");
+    copy_dir(dir.path(), crashed.path());
+    let reopened = open_token_plan(crashed.path(), options.clone());
+    assert_eq!(last_seq(&reopened), acknowledged);
+    assert_same_state(
+        &state(&reopened, &KEYS, &TEAMS, POPULATED_MS + 1_000),
+        &before,
+        "the crash image",
+    );
+    reopened.top_up("@ada", 7, Some(POPULATED_MS)).unwrap();
+    let credits = reopened.credits_micros("@ada").unwrap();
+    drop(reopened);
+    let reopened = open_token_plan(crashed.path(), options.clone());
+    assert_eq!(last_seq(&reopened), acknowledged + 1);
+    assert_eq!(reopened.credits_micros("@ada").unwrap(), credits);
+    drop(reopened);
+    let report = Engine::verify(crashed.path(), options.clone()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    // Closed: the last segment ends at its last record.
+    engine.close().unwrap();
+    for path in segment_paths(dir.path()) {
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        assert_eq!(len, records_end(&path), "{}: closed", path.display());
+    }
 }
