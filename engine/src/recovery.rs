@@ -2411,14 +2411,19 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
     // Request ids and closed reservations age out of memory without an event (by the clock),
     // so a replay may still hold some the live engine had forgotten: compare only the ones the
     // reference kept.
+    // (Looked up in sets: with a scan of the reference's list per item, the crash test's 16
+    // checks of about 40,000 ids took 114 s in a debug build; 10 s with the sets.)
+    let kept_ids: std::collections::HashSet<&str> =
+        reference.requests.iter().map(|kept| &*kept.id).collect();
     out.requests
-        .retain(|request| reference.requests.iter().any(|kept| kept.id == request.id));
-    out.closed_reservations.retain(|closed| {
-        reference
-            .closed_reservations
-            .iter()
-            .any(|kept| kept.0 == closed.0)
-    });
+        .retain(|request| kept_ids.contains(&*request.id));
+    let kept_closes: std::collections::HashSet<u64> = reference
+        .closed_reservations
+        .iter()
+        .map(|kept| kept.0)
+        .collect();
+    out.closed_reservations
+        .retain(|closed| kept_closes.contains(&closed.0));
     for request in &mut out.requests {
         request.arrived_ms = 0;
     }
