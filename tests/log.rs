@@ -4462,3 +4462,44 @@ fn sync_writes_over_zeros_written_ahead_and_only_a_running_last_segment_ends_in_
         assert_eq!(len, records_end(&path), "{}: closed", path.display());
     }
 }
+
+/// Zeros from a record's start to the end of the file are the end of the log only where
+/// nothing shows its events were durable. Where a clean close (or a snapshot) found the log
+/// durable through them, the records there were acknowledged: zeros in their place are damage,
+/// refused naming the segment, offset and event, with nothing cut off, and `verify` reports
+/// them, as for any other bad record. (Written ahead by the `Sync` writer, zeros read as the
+/// end of the log whatever `durable_through` said, so this refusal came only later, as "the log
+/// ends at event N before event M, which a clean close found durable", naming no offset, and
+/// `verify` failed to run instead of reporting it.)
+#[test]
+fn zeros_where_a_clean_close_found_the_log_durable_are_damage() {
+    let (dir, _, frames) = closed_database("zeros-over-durable");
+    let last = frames.last().unwrap().clone();
+    let acknowledged = last.first + last.count - 1;
+    let mut bytes = std::fs::read(&last.path).unwrap();
+    assert_eq!(bytes.len(), last.offset + 8 + last.len, "the last record");
+    bytes.truncate(last.offset);
+    bytes.resize(last.offset + 8 + last.len + 4096, 0);
+    std::fs::write(&last.path, &bytes).unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("damage, not the end of the log");
+    let problem = storage_problem(&error);
+    assert_names_where(problem, &last);
+    assert!(
+        problem.contains(&format!(
+            "a clean close found the log durable through event {acknowledged}"
+        )),
+        "{problem}"
+    );
+    assert_eq!(std::fs::read(&last.path).unwrap(), bytes, "nothing cut off");
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
+    assert!(!report.is_sound(), "verify reports it");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("offset {}", last.offset))),
+        "{:?}",
+        report.problems
+    );
+}

@@ -25,7 +25,8 @@
 //!   also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. Zeros from a frame's start to the end of the file are the
-//! end of the log. A record whose length or crc is wrong is otherwise taken for a torn
+//! end of the log (unless a snapshot or a clean close found the log durable past there: then
+//! they are damage). A record whose length or crc is wrong is otherwise taken for a torn
 //! write from a crash (its `fdatasync` never finished, so it was never acknowledged) and is
 //! truncated away with everything after it, when nothing says its events were durable. Each
 //! record carries the writer's durable point as it was written
@@ -919,8 +920,9 @@ fn recover_segments(
                 Frame::Bad(why) => {
                     let rest = window.rest(at as u64).map_err(reading)?;
                     // Zeros to the end: written ahead for the groups to come (or, like a file
-                    // cut short, where a crash kept nothing of a write). The log ends here.
-                    if rest.iter().all(|&byte| byte == 0) {
+                    // cut short, where a crash kept nothing of a write). The log ends here,
+                    // unless its events were durable: then records were lost, damage.
+                    if expected > durable_through && rest.iter().all(|&byte| byte == 0) {
                         break;
                     }
                     // What shows its events were durable (then it is damage, not a torn write).
