@@ -92,9 +92,10 @@ const SYNC_AFTER_BYTES: u64 = 4 << 20;
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// `Sync`: the active segment is written ahead with zeros this many bytes at a time, and the
 /// groups are written over them. An fdatasync after a write that grows the file must commit
-/// the file's new size (a journal commit: 190-280 us per flush on these machines' disk); one
-/// after a write over blocks already written and durable has only the data to flush (110-140
-/// us). So one flush per zeroed stretch pays the commit, not every one.
+/// the file's new size (a journal commit: 190-280 us per flush of a 6-50 KB write on these
+/// machines' disk); one after a write over blocks already written and durable has only the
+/// data to flush (110-140 us; benches/README). So one flush per zeroed stretch pays the
+/// commit, not every one.
 const ZEROED_AHEAD_BYTES: u64 = 1 << 20;
 /// The longest `Durability::Interval`: an acknowledged event waits at most this long to be
 /// flushed, so a power loss loses at most this much acknowledged work.
