@@ -216,29 +216,8 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
         ..OpenOptions::default()
     };
     let engine = open_token_plan(dir.path(), options.clone());
-    let users: Vec<String> = (0..16).map(|index| format!("user-{index}")).collect();
-    let mut keys: Vec<String> = Vec::new();
-    let mut teams: Vec<String> = Vec::new();
-    for (index, user) in users.iter().enumerate() {
-        let key = format!("key-{index}");
-        engine.create_user(user, &key, Some(T0_MS)).expect("user");
-        let team = format!("@{user}");
-        // Even users have a seat; odd ones pay everything with their credits.
-        if index % 2 == 0 {
-            engine
-                .assign_seat(&team, user, "Starter", Some(T0_MS))
-                .expect("seat");
-        }
-        engine
-            .top_up(&team, 50_000_000, Some(T0_MS))
-            .expect("top-up");
-        keys.push(key);
-        teams.push(team);
-    }
-    engine
-        .create_payg_key("user-1", "payg-1", Some(T0_MS))
-        .expect("payg key");
-    keys.push("payg-1".into());
+    // Even users have a seat; odd ones pay everything with their credits.
+    let (_, keys, teams) = racing_world(&engine, 16, |index| (index % 2 == 0).then_some("Starter"));
     let running = std::sync::atomic::AtomicBool::new(true);
     let at = |step: u64| T0_MS + HOUR_MS + step * 50;
     std::thread::scope(|scope| {
@@ -431,33 +410,9 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
     }
     let clock = log_support::clock();
     let engine = open_on_clock(dir.path(), clock.clone(), options.clone());
-    let mut users: Vec<String> = Vec::new();
-    let mut keys: Vec<String> = Vec::new();
-    let mut teams: Vec<String> = Vec::new();
-    for index in 0..12 {
-        let (user, key, team) = (
-            format!("user-{index}"),
-            format!("key-{index}"),
-            format!("@user-{index}"),
-        );
-        engine.create_user(&user, &key, Some(T0_MS)).expect("user");
-        // Two users in three have a seat; the third pays everything with credits.
-        if index % 3 != 2 {
-            engine
-                .assign_seat(&team, &user, "Plus", Some(T0_MS))
-                .expect("seat");
-        }
-        engine
-            .top_up(&team, 50_000_000, Some(T0_MS))
-            .expect("top-up");
-        users.push(user);
-        keys.push(key);
-        teams.push(team);
-    }
-    engine
-        .create_payg_key("user-1", "payg-1", Some(T0_MS))
-        .expect("payg key");
-    keys.push("payg-1".into());
+    // Two users in three have a seat; the third pays everything with credits.
+    let (users, keys, teams) =
+        racing_world(&engine, 12, |index| (index % 3 != 2).then_some("Plus"));
     // No seat and no credits: every request under an id is a logged denial.
     engine
         .create_user("broke", "key-broke", Some(T0_MS))
@@ -705,6 +660,41 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
     let reopened = open_on_clock(dir.path(), clock, options);
     let after = state(&reopened, &key_names, &team_names, end_ms);
     assert_same_state(&after, &before, &format!("{context}: reopened"));
+}
+
+/// The racing tests' world: users `user-0..count` with keys `key-i` in their Default Teams
+/// `@user-i`, seated on `seat(i)`'s plan if any, each team topped up with 50 credits; and a
+/// pay-as-you-go key `payg-1` of user-1, last in the keys. Returns the users, keys and teams.
+fn racing_world(
+    engine: &Engine,
+    count: usize,
+    seat: impl Fn(usize) -> Option<&'static str>,
+) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let (mut users, mut keys, mut teams) = (Vec::new(), Vec::new(), Vec::new());
+    for index in 0..count {
+        let (user, key, team) = (
+            format!("user-{index}"),
+            format!("key-{index}"),
+            format!("@user-{index}"),
+        );
+        engine.create_user(&user, &key, Some(T0_MS)).expect("user");
+        if let Some(plan) = seat(index) {
+            engine
+                .assign_seat(&team, &user, plan, Some(T0_MS))
+                .expect("seat");
+        }
+        engine
+            .top_up(&team, 50_000_000, Some(T0_MS))
+            .expect("top-up");
+        users.push(user);
+        keys.push(key);
+        teams.push(team);
+    }
+    engine
+        .create_payg_key("user-1", "payg-1", Some(T0_MS))
+        .expect("payg key");
+    keys.push("payg-1".into());
+    (users, keys, teams)
 }
 
 /// Runs `work` on its own thread and fails if it has not finished within `seconds` (the thread
