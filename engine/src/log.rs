@@ -5,8 +5,8 @@
 //! there, so the queue's order is the log's order). One writer thread drains the queue, packs
 //! the events into records of at most `MAX_RECORD_BYTES`, appends the whole group to the active
 //! segment file with one `write` and — in `Sync` mode — one `fdatasync` (over zeros written
-//! ahead, so that most fdatasyncs do not also commit a new file length: `ZEROED_AHEAD_BYTES`). Callers in `Sync` mode
-//! wait until their sequence number is durable; everyone in a group shares one `fdatasync`, so
+//! ahead, so that most fdatasyncs do not also commit a new file length: `ZEROED_AHEAD_BYTES`).
+//! Callers in `Sync` mode wait until their sequence number is durable; everyone in a group shares one `fdatasync`, so
 //! throughput grows with concurrency and with `consume_many`'s batches.
 //!
 //! On disk, under the database directory:
@@ -2622,11 +2622,7 @@ impl Writer {
         // that length made durable too: only the last segment may end in zeros.
         self.shared.writer_flushes.fetch_add(1, Ordering::Relaxed);
         let sealed = if self.active.zeroed > self.active.len {
-            self.active
-                .file
-                .set_len(self.active.len)
-                .and_then(|()| self.active.file.sync_all())
-                .map(|()| self.active.zeroed = self.active.len)
+            self.cut_zeros()
         } else {
             self.active.file.sync_data()
         }
@@ -2788,23 +2784,24 @@ impl Writer {
     /// last segment ends with its last record. Zeros left there (a crash, or this failing)
     /// are read as the end of the log all the same, so a failure here changes nothing.
     fn cut_zeros_ahead(&mut self) {
-        if self.active.zeroed > self.active.len
-            && self.shared.progress.lock().failure.is_none()
-            && self
-                .active
-                .file
-                .set_len(self.active.len)
-                .and_then(|()| self.active.file.sync_all())
-                .is_ok()
-        {
-            self.active.zeroed = self.active.len;
+        if self.active.zeroed > self.active.len && self.shared.progress.lock().failure.is_none() {
+            let _ = self.cut_zeros();
         }
     }
 
+    /// Cuts the active segment back to its records and makes that length durable (the file's
+    /// data and metadata: a sealed segment must not be found longer after a crash).
+    fn cut_zeros(&mut self) -> std::io::Result<()> {
+        self.active.file.set_len(self.active.len)?;
+        self.active.file.sync_all()?;
+        self.active.zeroed = self.active.len;
+        Ok(())
+    }
+
     /// `Sync`: makes sure the group in `buffer` goes over zeros written ahead, writing zeros
-    /// from the file's end to `ZEROED_AHEAD_BYTES` past the group's if it would not. Only the first fdatasync after it commits the new length.
-    /// The other modes append: their flushes are few, and the zeros would double what they
-    /// write.
+    /// from the file's end to `ZEROED_AHEAD_BYTES` past the group's if it would not. Only the
+    /// first fdatasync after it commits the new length. The other modes append: their flushes
+    /// are few, and the zeros would double what they write.
     fn zero_ahead(&mut self) -> Result<(), Error> {
         let end = self.active.len + self.buffer.len() as u64;
         if self.shared.durability != Durability::Sync || end <= self.active.zeroed {
