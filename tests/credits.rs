@@ -237,6 +237,56 @@ fn a_quota_denial_suggests_the_next_bigger_plan_on_that_limit() {
     }
 }
 
+/// The plan a quota denial suggests must be able to take the request: the next bigger figure
+/// is not enough when the request needs more than it. Seed figures: speech 4,000 (Plus), 9,000
+/// (Plus-Highspeed), 11,000 (Max) characters a day; image-01 100 (Plus-Highspeed), 120 (Max),
+/// 200 (Max-Highspeed) a day.
+#[test]
+fn a_quota_denial_suggests_a_plan_that_can_take_the_request_not_just_a_bigger_one() {
+    let engine = engine();
+    let plan_name = |plan| engine.policy().plan(plan).name.to_string();
+    // 10,000 characters in one request: more than Plus's whole 4,000 and Plus-Highspeed's 9,000.
+    let key = seated(&engine, "ada", "Plus");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "speech-2.8",
+        &[(Unit::Characters, 10_000)],
+        T0_MS,
+    ));
+    assert!(matches!(denial.reason, DenialReason::ExceedsLimit { .. }));
+    assert_eq!(
+        denial.remedies.upgrade_to.map(plan_name).as_deref(),
+        Some("Max"),
+        "11,000 a day takes 10,000; 9,000 does not"
+    );
+    // 60,000 characters: no plan's daily figure takes it (50,000 at most).
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "speech-2.8",
+        &[(Unit::Characters, 60_000)],
+        T0_MS,
+    ));
+    assert_eq!(denial.remedies.upgrade_to, None, "no plan can take it");
+    // 100 images used, 50 more asked: Max's 120 leaves 20, Max-Highspeed's 200 leaves 100.
+    let key = seated(&engine, "bob", "Plus-Highspeed");
+    assert!(consume(&engine, &key, "image-01", &[(Unit::Images, 100)], T0_MS).is_admitted());
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "image-01",
+        &[(Unit::Images, 50)],
+        T0_MS,
+    ));
+    assert!(matches!(denial.reason, DenialReason::QuotaExhausted { .. }));
+    assert_eq!(
+        denial.remedies.upgrade_to.map(plan_name).as_deref(),
+        Some("Max-Highspeed"),
+        "100 used + 50 fits 200, not 120"
+    );
+}
+
 #[test]
 fn the_biggest_plan_has_no_upgrade_to_suggest_only_the_wait() {
     let engine = engine();

@@ -898,8 +898,9 @@ fn exceeded(
         amount: limit.amount,
         requested: amount,
     };
+    // A plan whose whole amount still cannot take the request would not help.
     let remedies = Remedies {
-        upgrade_to: limit.upgrade,
+        upgrade_to: limit.upgrade_taking(amount),
         ..Remedies::default()
     };
     Some(quota_denial(
@@ -964,10 +965,15 @@ fn exhausted(
     let (limit_index, retry_at_ms) = binding.unwrap_or((amounts.as_slice()[0].0, at_ms));
     let limit = &plan.limits[usize::from(limit_index)];
     let state = &usage.counters[usize::from(limit_index)].state;
-    let reset_at_ms = status_of(policy, limit, state, limit_index, at_ms)
-        .reset_at_ms
-        .unwrap_or(retry_at_ms)
-        .max(retry_at_ms);
+    let status = status_of(policy, limit, state, limit_index, at_ms);
+    let reset_at_ms = status.reset_at_ms.unwrap_or(retry_at_ms).max(retry_at_ms);
+    // The request's amount on that limit: a bigger plan helps now only if it takes that on
+    // top of what is used.
+    let amount = amounts
+        .as_slice()
+        .iter()
+        .find(|(index, _)| *index == limit_index)
+        .map_or(0, |(_, amount)| *amount);
     let reason = DenialReason::QuotaExhausted {
         limit: limit_index,
         retry_at_ms,
@@ -975,7 +981,7 @@ fn exhausted(
         reset_at_ms,
     };
     let remedies = Remedies {
-        upgrade_to: limit.upgrade,
+        upgrade_to: limit.upgrade_taking(status.used.saturating_add(amount)),
         wait_until_ms: Some(retry_at_ms),
         ..Remedies::default()
     };

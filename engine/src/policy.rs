@@ -476,8 +476,22 @@ pub struct Limit {
     /// `window.shape()`, worked out once: admission needs it on every request, and it costs a
     /// division.
     pub shape: Option<crate::window::RollingShape>,
-    /// The plan with the smallest larger amount on the same counter: the upgrade to suggest.
+    /// The plan with the smallest larger amount on the same counter: the next bigger plan.
     pub upgrade: Option<PlanId>,
+    /// Every plan with a larger amount on the same counter, smallest amount first: a denial
+    /// suggests the first whose amount takes what the request needs (`upgrade_taking`).
+    pub upgrades: Box<[(u64, PlanId)]>,
+}
+
+impl Limit {
+    /// The smallest plan whose amount on this limit's counter is larger and at least `needed`
+    /// (a request's amount, or what is used plus it): a plan that could take the request.
+    pub fn upgrade_taking(&self, needed: u64) -> Option<PlanId> {
+        self.upgrades
+            .iter()
+            .find(|(amount, _)| *amount >= needed)
+            .map(|(_, plan)| *plan)
+    }
 }
 
 /// The limits of a plan that one resource's usage moves, with the weight of each unit.
@@ -1420,6 +1434,7 @@ impl Compiler {
             window,
             shape: window.shape(),
             upgrade: None,
+            upgrades: Box::default(),
         })
     }
 
@@ -1551,12 +1566,13 @@ fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanI
         .map(|(index, _)| PlanId(index as u16))
 }
 
-/// For each limit, the plan with the smallest larger amount on the same counter.
+/// For each limit, every plan with a larger amount on the same counter, smallest first (the
+/// first is `upgrade`).
 fn link_upgrades(plans: &mut [Plan]) {
     let mut upgrades = Vec::new();
     for (plan_index, plan) in plans.iter().enumerate() {
         for (limit_index, limit) in plan.limits.iter().enumerate() {
-            let best = plans
+            let mut bigger: Vec<(u64, PlanId)> = plans
                 .iter()
                 .enumerate()
                 .filter_map(|(other_index, other)| {
@@ -1566,18 +1582,17 @@ fn link_upgrades(plans: &mut [Plan]) {
                         .find(|candidate| {
                             candidate.counter == limit.counter && candidate.amount > limit.amount
                         })
-                        .map(|candidate| (candidate.amount, other_index))
+                        .map(|candidate| (candidate.amount, PlanId(other_index as u16)))
                 })
-                .min();
-            upgrades.push((
-                plan_index,
-                limit_index,
-                best.map(|(_, other)| PlanId(other as u16)),
-            ));
+                .collect();
+            bigger.sort_unstable();
+            upgrades.push((plan_index, limit_index, bigger));
         }
     }
-    for (plan_index, limit_index, upgrade) in upgrades {
-        plans[plan_index].limits[limit_index].upgrade = upgrade;
+    for (plan_index, limit_index, bigger) in upgrades {
+        let limit = &mut plans[plan_index].limits[limit_index];
+        limit.upgrade = bigger.first().map(|(_, plan)| *plan);
+        limit.upgrades = bigger.into_boxed_slice();
     }
 }
 
