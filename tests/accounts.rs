@@ -27,6 +27,43 @@ fn a_key_exists_before_any_resource_and_is_denied_with_no_resources() {
     assert_eq!(report.credits_balance_micros, 0);
 }
 
+/// The seed: a key with no resources becomes usable "once a Token Plan seat is assigned, or
+/// Credits access is available". Its denial names both: the credits the request needs and a
+/// plan that covers the resource.
+#[test]
+fn a_no_resources_denial_says_both_credits_and_a_seat_would_help() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    for (resource, quantities) in [("m2.7", ONE_REQUEST), ("image-01", [(Unit::Images, 1)])] {
+        let denial = denied(consume(&engine, &key, resource, &quantities, T0_MS));
+        assert_eq!(denial.reason, DenialReason::NoResources);
+        assert_eq!(
+            denial.remedies.credits_needed_micros,
+            Some(price_micros(&engine, resource, &quantities))
+        );
+        let plan = denial
+            .remedies
+            .upgrade_to
+            .unwrap_or_else(|| panic!("{resource}: a plan to be seated on"));
+        let policy = engine.policy();
+        assert!(policy.plan(plan).covers[resource_id(&engine, resource).index()]);
+    }
+    // Credits too few for the request: still a seat would help.
+    engine.top_up("@ada", 1, Some(T0_MS)).expect("top-up");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "image-01",
+        &[(Unit::Images, 1)],
+        T0_MS,
+    ));
+    assert!(matches!(
+        denial.reason,
+        DenialReason::InsufficientCredits { .. }
+    ));
+    assert!(denial.remedies.upgrade_to.is_some());
+}
+
 #[test]
 fn a_key_in_a_team_without_seats_or_credits_has_no_resources() {
     let engine = engine();

@@ -2223,7 +2223,12 @@ pub(crate) fn decide_for_key_into(
     // The price, once worked out (itself `None` for a resource without one).
     let mut price = None;
     let mut fallback = DenialReason::NoResources;
-    let mut cover_upgrade = None;
+    // A key without a seat: a seat on a plan that covers the resource would help, as credits
+    // would (the seed's "once a seat is assigned, or Credits access is available").
+    let mut cover_upgrade = match state.seat {
+        None => policy.cover_upgrade(resource),
+        Some(_) => None,
+    };
     if let Some(plan_id) = state.seat {
         let plan = policy.plan(plan_id);
         if plan.has_maximum[resource.index()] {
