@@ -269,6 +269,30 @@ fn a_quota_denial_suggests_a_plan_that_can_take_the_request_not_just_a_bigger_on
         T0_MS,
     ));
     assert_eq!(denial.remedies.upgrade_to, None, "no plan can take it");
+    // A seat change keeps what is used: with Max's 11,000 characters used today, 12,000 more
+    // fit Ultra-Highspeed's 50,000 now, not Max-Highspeed's 19,000.
+    let key = seated(&engine, "cy", "Max");
+    assert!(consume(
+        &engine,
+        &key,
+        "speech-2.8",
+        &[(Unit::Characters, 11_000)],
+        T0_MS
+    )
+    .is_admitted());
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "speech-2.8",
+        &[(Unit::Characters, 12_000)],
+        T0_MS,
+    ));
+    assert!(matches!(denial.reason, DenialReason::ExceedsLimit { .. }));
+    assert_eq!(
+        denial.remedies.upgrade_to.map(plan_name).as_deref(),
+        Some("Ultra-Highspeed"),
+        "11,000 used + 12,000 fits 50,000, not 19,000"
+    );
     // 100 images used, 50 more asked: Max's 120 leaves 20, Max-Highspeed's 200 leaves 100.
     let key = seated(&engine, "bob", "Plus-Highspeed");
     assert!(consume(&engine, &key, "image-01", &[(Unit::Images, 100)], T0_MS).is_admitted());
@@ -356,6 +380,35 @@ fn an_uncovered_resource_suggests_a_plan_that_covers_it() {
     assert!(policy.plan(upgrade).covers[resource_id(&engine, "image-01").index()]);
     let price = price_micros(&engine, "image-01", &[(Unit::Images, 1)]);
     assert_eq!(denial.remedies.credits_needed_micros, Some(price));
+}
+
+/// A plan suggested for a resource the key's plan does not cover must be able to take the
+/// request: 5,000 m2.7 requests (10,000,000 micro-credits) do not fit Bar-Plus's 5-hour bar of
+/// 2,000,000, the cheapest plan that covers m2.7; Bar-Ultra's 12,000,000 is the cheapest that
+/// takes them.
+#[test]
+fn an_uncovered_resource_suggests_a_plan_that_can_take_the_request() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Ultra-Highspeed");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "m2.7",
+        &[(Unit::Requests, 5_000)],
+        T0_MS,
+    ));
+    assert!(matches!(
+        denial.reason,
+        DenialReason::ResourceNotCovered { .. }
+    ));
+    let upgrade = denial.remedies.upgrade_to.expect("a plan that covers m2.7");
+    assert_eq!(upgrade, plan_id(&engine, "Bar-Ultra"));
+    // One request fits the cheapest plan that covers it.
+    let denial = denied(consume(&engine, &key, "m2.7", &ONE_REQUEST, T0_MS));
+    assert_eq!(
+        denial.remedies.upgrade_to,
+        Some(plan_id(&engine, "Bar-Plus"))
+    );
 }
 
 // ---- The older seed's shared usage bar ---------------------------------------------------------

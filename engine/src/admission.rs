@@ -583,6 +583,30 @@ pub(crate) fn price_micros(
     quantities.weighted(&resource.price_weights).map(Some)
 }
 
+/// The plan to suggest a seat on for a resource the key's plan does not cover (or a key with
+/// no seat): the cheapest plan covering it whose limits and maximums can each take the
+/// request, else the cheapest covering it (`Policy::cover_upgrade`). A denial's path only.
+pub(crate) fn cover_upgrade_for(
+    policy: &Policy,
+    resource: ResourceId,
+    quantities: &Quantities,
+) -> Option<PlanId> {
+    let index = resource.index();
+    policy
+        .plans()
+        .iter()
+        .enumerate()
+        .filter(|(_, plan)| plan.covers[index])
+        .filter(|(_, plan)| over_maximum(&plan.maximums[index], quantities).is_none())
+        .filter(|(_, plan)| {
+            Amounts::of(&plan.touches[index], quantities)
+                .is_some_and(|amounts| amounts.first_over_its_limit(plan).is_none())
+        })
+        .min_by_key(|(_, plan)| plan.price_micros_per_month.unwrap_or(u64::MAX))
+        .map(|(plan, _)| PlanId(plan as u16))
+        .or_else(|| policy.cover_upgrade(resource))
+}
+
 /// Checks per-request maximums (the resource's, then the plan's).
 pub(crate) fn over_maximum(
     maximums: &[u64; UNIT_COUNT],
@@ -893,6 +917,8 @@ fn exceeded(
     let plan = policy.plan(plan_id);
     let (limit_index, amount) = amounts.first_over_its_limit(plan)?;
     let limit = &plan.limits[usize::from(limit_index)];
+    let state = &usage.counters[usize::from(limit_index)].state;
+    let used = status_of(policy, limit, state, limit_index, at_ms).used;
     let reason = DenialReason::ExceedsLimit {
         limit: limit_index,
         amount: limit.amount,
@@ -900,7 +926,7 @@ fn exceeded(
     };
     // A plan whose whole amount still cannot take the request would not help.
     let remedies = Remedies {
-        upgrade_to: limit.upgrade_taking(amount),
+        upgrade_to: limit.upgrade_for(used, amount),
         ..Remedies::default()
     };
     Some(quota_denial(
@@ -967,8 +993,7 @@ fn exhausted(
     let state = &usage.counters[usize::from(limit_index)].state;
     let status = status_of(policy, limit, state, limit_index, at_ms);
     let reset_at_ms = status.reset_at_ms.unwrap_or(retry_at_ms).max(retry_at_ms);
-    // The request's amount on that limit: a bigger plan helps now only if it takes that on
-    // top of what is used.
+    // The request's amount on that limit, for the upgrade to suggest.
     let amount = amounts
         .as_slice()
         .iter()
@@ -981,7 +1006,7 @@ fn exhausted(
         reset_at_ms,
     };
     let remedies = Remedies {
-        upgrade_to: limit.upgrade_taking(status.used.saturating_add(amount)),
+        upgrade_to: limit.upgrade_for(status.used, amount),
         wait_until_ms: Some(retry_at_ms),
         ..Remedies::default()
     };

@@ -16,9 +16,9 @@ use crate::accounts::{
     MAX_KEY_BYTES,
 };
 use crate::admission::{
-    credits_admission, over_maximum, plan_refusal, plan_statuses, price_micros, try_credits,
-    try_quota, Admission, Amounts, ChargedTo, Decision, DenialReason, Holds, LimitStatus, Mode,
-    Quantities, Receipt, Verdict,
+    cover_upgrade_for, credits_admission, over_maximum, plan_refusal, plan_statuses, price_micros,
+    try_credits, try_quota, Admission, Amounts, ChargedTo, Decision, DenialReason, Holds,
+    LimitStatus, Mode, Quantities, Receipt, Verdict,
 };
 use crate::calendar::MAX_TIMESTAMP_MS;
 use crate::clock::Clock;
@@ -2225,10 +2225,7 @@ pub(crate) fn decide_for_key_into(
     let mut fallback = DenialReason::NoResources;
     // A key without a seat: a seat on a plan that covers the resource would help, as credits
     // would (the seed's "once a seat is assigned, or Credits access is available").
-    let mut cover_upgrade = match state.seat {
-        None => policy.cover_upgrade(resource),
-        Some(_) => None,
-    };
+    let mut suggest_cover = state.seat.is_none();
     if let Some(plan_id) = state.seat {
         let plan = policy.plan(plan_id);
         if plan.has_maximum[resource.index()] {
@@ -2293,7 +2290,7 @@ pub(crate) fn decide_for_key_into(
             quota_denial = Some(plan_refusal(policy, plan_id, usage, &amounts, at_ms));
         } else {
             fallback = DenialReason::ResourceNotCovered { resource };
-            cover_upgrade = policy.cover_upgrade(resource);
+            suggest_cover = true;
         }
     }
     // Priced only now: a request the plan took never needs it.
@@ -2317,8 +2314,8 @@ pub(crate) fn decide_for_key_into(
             holds: Holds::default(),
         }),
         Decision::Denied(denial) => {
-            if denial.remedies.upgrade_to.is_none() {
-                denial.remedies.upgrade_to = cover_upgrade;
+            if denial.remedies.upgrade_to.is_none() && suggest_cover {
+                denial.remedies.upgrade_to = cover_upgrade_for(policy, resource, quantities);
             }
             None
         }

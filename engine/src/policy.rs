@@ -479,18 +479,23 @@ pub struct Limit {
     /// The plan with the smallest larger amount on the same counter: the next bigger plan.
     pub upgrade: Option<PlanId>,
     /// Every plan with a larger amount on the same counter, smallest amount first: a denial
-    /// suggests the first whose amount takes what the request needs (`upgrade_taking`).
+    /// suggests the first whose amount takes what the request needs (`upgrade_for`).
     pub upgrades: Box<[(u64, PlanId)]>,
 }
 
 impl Limit {
-    /// The smallest plan whose amount on this limit's counter is larger and at least `needed`
-    /// (a request's amount, or what is used plus it): a plan that could take the request.
-    pub fn upgrade_taking(&self, needed: u64) -> Option<PlanId> {
-        self.upgrades
-            .iter()
-            .find(|(amount, _)| *amount >= needed)
-            .map(|(_, plan)| *plan)
+    /// The upgrade to suggest for a request of `amount` this limit refused with `used` counted:
+    /// the smallest plan with a larger amount on the same counter that takes the request now
+    /// (a seat change keeps what is used), else the smallest that takes it once enough has
+    /// reset or aged out; `None` if no plan's amount can ever take it.
+    pub fn upgrade_for(&self, used: u64, amount: u64) -> Option<PlanId> {
+        let taking = |needed: u64| {
+            self.upgrades
+                .iter()
+                .find(|(bigger, _)| *bigger >= needed)
+                .map(|(_, plan)| *plan)
+        };
+        taking(used.saturating_add(amount)).or_else(|| taking(amount))
     }
 }
 
