@@ -354,7 +354,11 @@ pub enum DenialReason {
 pub struct Remedies {
     /// Credits the team would need to add for this request to be charged to credits.
     pub credits_needed_micros: Option<u64>,
-    /// A plan with more room on the limit that denied, or that covers the resource.
+    /// A plan a seat on would help: for a limit that denied, the one with the smallest larger
+    /// amount on it that takes the request on top of what is used (a seat change keeps it),
+    /// else one that takes it once enough has reset; for a resource the key's plan does not
+    /// cover (or a key without a seat), the cheapest covering plan whose limits and maximums
+    /// take the request, else the cheapest covering it.
     pub upgrade_to: Option<PlanId>,
     /// Waiting until then lets the request fit the plan.
     pub wait_until_ms: Option<u64>,
