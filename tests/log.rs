@@ -3688,6 +3688,49 @@ fn a_bad_record_at_the_end_of_an_earlier_segment_is_damage_naming_it() {
     );
 }
 
+/// Damage that leaves the rest of a sealed segment unreadable is one problem, not also a gap:
+/// the next segment starts where the damaged one's events end, and `verify` cannot tell where
+/// that is from the records it could read.
+#[test]
+fn verify_reports_damage_in_a_sealed_segment_without_inventing_a_gap_after_it() {
+    let dir = TempDir::new("sealed-damage-no-gap");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    drop(engine);
+    let paths = segment_paths(dir.path());
+    assert!(paths.len() >= 3, "{paths:?}");
+    let frames = frames_of(dir.path());
+    let first_of_first = frames
+        .iter()
+        .find(|frame| frame.path == paths[0])
+        .unwrap()
+        .clone();
+    flip_a_byte(&first_of_first);
+    let report = Engine::verify(dir.path(), options).expect("verify runs");
+    assert!(!report.is_sound());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&segment_name(&first_of_first))
+                && problem.contains(&format!("offset {}", first_of_first.offset))),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        !report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("a gap")),
+        "no event is missing between the segments: {:?}",
+        report.problems
+    );
+}
+
 fn open_result(dir: &std::path::Path, options: OpenOptions) -> Result<Engine, Error> {
     Engine::open(dir, Policy::token_plan(), clock(), options)
 }
