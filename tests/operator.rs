@@ -352,6 +352,25 @@ fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
     assert_eq!(output.status.code(), Some(2));
 }
 
+/// `--after` past the log's last event is refused naming it: answered "no events", a reader
+/// polling with it would later skip, unseen, the events that take those numbers.
+#[test]
+fn reading_events_after_a_sequence_number_past_the_end_is_refused_naming_after() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let last = event_count(&workspace) as u64;
+    assert!(workspace.events(&["--after", &last.to_string()]).is_empty());
+    let past = (last + 1).to_string();
+    let output = workspace.run(&["events", "--after", &past]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("tally: --after: ") && stderr.contains(&format!("event {last}")),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+}
+
 /// A new cursor past the bound of saved cursors is refused naming `--cursor` (it named `--db`).
 #[test]
 fn a_new_cursor_past_the_bound_is_refused_naming_the_cursor() {

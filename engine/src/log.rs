@@ -1758,6 +1758,7 @@ impl EventLog {
     /// other `after` older than that is an error naming what was compacted away, never a
     /// silent jump over the gap: a billing reader whose cursor fell behind the retention must
     /// hear that it lost events.
+    /// An `after` past the last event appended is an error too (`InvalidArgument` "after").
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
         if limit > 0 && self.shared.durability != Durability::Sync && !self.read_only {
             self.written_through(self.last_appended());
@@ -1774,6 +1775,18 @@ impl EventLog {
                     after + 1,
                     start - 1,
                     start - 1
+                ),
+            ));
+        }
+        // Past the last event appended no reader was handed: answered with nothing, a reader
+        // polling from there would skip, unseen, the events that take those numbers.
+        let next = self.next_seq();
+        if after >= next {
+            return Err(Error::invalid(
+                "after",
+                format!(
+                    "{after} is past the end of the log: its last event is event {}",
+                    next - 1
                 ),
             ));
         }

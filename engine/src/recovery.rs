@@ -1839,7 +1839,8 @@ impl Engine {
 
     /// Up to `limit` events after sequence number `after`, in order: for billing export. After
     /// compaction, 0 reads from the oldest event kept and an older `after` is an error naming
-    /// the events compacted away (`EventLog::events_after`).
+    /// the events compacted away; an `after` past the last event is an error too
+    /// (`EventLog::events_after`).
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, Error> {
         self.require_journal()?.events_after(after, limit)
     }

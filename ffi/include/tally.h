@@ -932,6 +932,7 @@ tally_status tally_engine_policy_json(const struct tally_engine *engine,
 // After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and
 // any other `after_seq` older than that is `TALLY_INVALID_ARGUMENT` naming the events compacted
 // away (a cursor that fell behind the retention is told, never moved past them silently).
+// An `after_seq` past the last event is `TALLY_INVALID_ARGUMENT` too.
 tally_status tally_engine_events_after(const struct tally_engine *engine,
                                        uint64_t after_seq,
                                        uint32_t limit,

@@ -123,6 +123,7 @@ fn event_json(event: &Event) -> Value {
 /// After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and
 /// any other `after_seq` older than that is `TALLY_INVALID_ARGUMENT` naming the events compacted
 /// away (a cursor that fell behind the retention is told, never moved past them silently).
+/// An `after_seq` past the last event is `TALLY_INVALID_ARGUMENT` too.
 #[no_mangle]
 pub extern "C" fn tally_engine_events_after(
     engine: *const tally_engine,
