@@ -2640,6 +2640,51 @@ fn a_record_numbering_its_events_past_the_last_sequence_number_is_damage_not_a_p
     }
 }
 
+/// Damage in the last segment that `open` refuses is reported by `verify`, as the same damage
+/// in an earlier segment is: a record numbering its events past a gap, and a damaged segment
+/// header. Before, `verify` itself failed there ("cannot be opened", `tally verify` exit 2)
+/// with no report, while it reported both in any sealed segment.
+#[test]
+fn verify_reports_a_gap_or_a_damaged_header_in_the_last_segment_instead_of_failing() {
+    let (dir, _, frames) = closed_database("verify-last-gap");
+    let last = frames.last().unwrap().clone();
+    let events = record_events(&last);
+    rewrite_last_record(
+        &Frame {
+            first: last.first + 1,
+            ..last.clone()
+        },
+        &events,
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
+    assert!(!report.is_sound());
+    assert!(
+        report.problems.iter().any(|problem| {
+            problem.contains(&segment_name(&last))
+                && problem.contains(&format!("offset {}", last.offset))
+        }),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(report.last_seq, last.first - 1, "read up to the damage");
+
+    let (dir, _, frames) = closed_database("verify-last-header");
+    let last = frames.last().unwrap().clone();
+    let mut bytes = std::fs::read(&last.path).unwrap();
+    bytes[14] ^= 1;
+    std::fs::write(&last.path, &bytes).unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
+    assert!(!report.is_sound());
+    assert!(
+        report.problems.iter().any(|problem| {
+            problem.contains(&segment_name(&last)) && problem.contains("header is damaged")
+        }),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(std::fs::read(&last.path).unwrap(), bytes, "nothing changed");
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.

@@ -670,6 +670,15 @@ fn check_segment_header(header: &[u8], first: u64, path: &Path) -> Result<(), Er
     Ok(())
 }
 
+/// Whether a segment header is sound and of a format newer than this build's.
+fn of_a_newer_format(header: &[u8]) -> bool {
+    header.len() >= SEGMENT_HEADER_BYTES
+        && &header[..8] == SEGMENT_MAGIC
+        && u32::from_le_bytes(header[20..24].try_into().unwrap_or_default())
+            == crc32fast::hash(&header[..20])
+        && u16::from_le_bytes([header[8], header[9]]) > FORMAT_VERSION
+}
+
 fn frame_crc(len: u32, payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&len.to_le_bytes());
@@ -880,7 +889,16 @@ fn recover_segments(
             segments.pop();
             continue;
         }
-        check_segment_header(&header, first, &path)?;
+        // `read_only` (verify) reports damage and reads the log up to it.
+        let mut readable = true;
+        if let Err(error) = check_segment_header(&header, first, &path) {
+            // A newer format is not damage: this build cannot judge it, verify included.
+            if !read_only || of_a_newer_format(&header) {
+                return Err(error);
+            }
+            problem = Some(error.to_string());
+            readable = false;
+        }
         let mut window = SegmentWindow {
             file,
             file_len,
@@ -890,13 +908,15 @@ fn recover_segments(
         let mut at = SEGMENT_HEADER_BYTES;
         let mut expected = first;
         loop {
+            if !readable {
+                break;
+            }
             match frame_at(window.from(at as u64).map_err(reading)?, 0) {
                 Frame::End => break,
                 Frame::Sound { payload, next } => {
-                    let view = RecordView::parse(payload)
-                        .ok_or_else(|| damage(&path, at, expected, NO_SOUND_HEADER))?;
-                    if view.first_seq != expected || view.count == 0 {
-                        return Err(damage(
+                    let checked = match RecordView::parse(payload) {
+                        None => Err(damage(&path, at, expected, NO_SOUND_HEADER)),
+                        Some(view) if view.first_seq != expected || view.count == 0 => Err(damage(
                             &path,
                             at,
                             expected,
@@ -905,8 +925,17 @@ fn recover_segments(
                                 view.first_seq,
                                 view.last_seq()
                             ),
-                        ));
-                    }
+                        )),
+                        Some(view) => Ok(view),
+                    };
+                    let view = match checked {
+                        Ok(view) => view,
+                        Err(error) if read_only => {
+                            problem = Some(error.to_string());
+                            break;
+                        }
+                        Err(error) => return Err(error),
+                    };
                     if let Err(error) = view.for_each(|_| Ok(true)) {
                         let error = record_problem(&path, at, error);
                         if !read_only {
@@ -1830,7 +1859,11 @@ impl EventLog {
             let mut reader = match FrameReader::open(path.clone(), first, 0, limit) {
                 Ok(reader) => reader,
                 Err(error) => {
-                    problems.push(error.to_string());
+                    // A last segment's damaged header is the open's problem already.
+                    let problem = error.to_string();
+                    if self.open_problem.as_ref() != Some(&problem) {
+                        problems.push(problem);
+                    }
                     expected = None;
                     continue;
                 }
