@@ -109,9 +109,10 @@ Options:
   -h, --help     Print help (`tally COMMAND --help` for a command's arguments and options)
   -V, --version  Print the version
 
-Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied or `verify` finds the
-database unsound; 2 when the command could not run (a bad command line or policy, an argument the
-engine refuses such as an unknown key or team, a database that cannot be opened): nothing changed.
+Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied (an unknown key is a
+denial) or `verify` finds the database unsound; 2 when the command could not run (a bad command
+line or policy, an argument the engine refuses such as an unknown team, or an unknown key given to
+another command, a database that cannot be opened): nothing changed.
 ";
 
 pub const SIMULATE_HELP: &str = "\
@@ -252,8 +253,9 @@ Options:
   --at MS              The time of the request, in ms since 1970 UTC [default: now]
   --json               Print the decision as JSON
 
-Exit status: 0 admitted, 1 denied, 2 the request could not be decided (a bad command line, an
-unknown resource, a quantity the resource does not take, ...).
+Exit status: 0 admitted, 1 denied (an unknown key is denied too, as a gateway's request would be),
+2 the request could not be decided (a bad command line, an unknown resource, a quantity the
+resource does not take, ...).
 ";
 
 const REFUND_HELP: &str = "\

@@ -371,6 +371,35 @@ fn reading_events_after_a_sequence_number_past_the_end_is_refused_naming_after()
     assert!(output.stdout.is_empty());
 }
 
+/// `consume` on an unknown key is a denial (exit 1, logged nothing), as the engine answers a
+/// gateway; the help says so rather than listing an unknown key among the arguments refused
+/// with exit 2.
+#[test]
+fn consume_on_an_unknown_key_is_denied_as_the_help_says() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = event_count(&workspace);
+    let output = workspace.run(&["consume", "tp-nobody", "chat", "requests=1"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    assert!(
+        stdout_of(&output).contains("denied: unknown key"),
+        "{}",
+        stdout_of(&output)
+    );
+    assert_eq!(event_count(&workspace), before);
+    for help in [&["help"][..], &["consume", "--help"][..]] {
+        let text = stdout_of(&workspace.bare(help))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(text.contains("an unknown key is"), "{help:?}: {text}");
+        assert!(
+            !text.contains("such as an unknown key or team"),
+            "{help:?}: {text}"
+        );
+    }
+}
+
 /// A new cursor past the bound of saved cursors is refused naming `--cursor` (it named `--db`).
 #[test]
 fn a_new_cursor_past_the_bound_is_refused_naming_the_cursor() {
