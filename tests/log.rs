@@ -3999,6 +3999,25 @@ fn generating_case(label: &str, contents: impl Fn(&std::path::Path) -> Vec<u8>) 
     assert!(engine.consume(&request).unwrap().is_admitted());
 }
 
+/// A `snap.*.generating` file in a database another engine holds is that engine's sled
+/// writing its snapshot as it opens (sled writes one at every open, holding the lock): an open
+/// refused as locked leaves it where it is. Before, every open moved such files aside before
+/// it even tried the lock, so an operator command run while a gateway was starting failed the
+/// gateway's open (sled's rename of its snapshot found the file gone).
+#[test]
+fn an_open_refused_as_locked_leaves_the_holders_generating_snapshot_alone() {
+    let dir = TempDir::new("generating-locked");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let generating = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&generating, b"being written by the holder's sled").unwrap();
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("locked");
+    assert!(storage_problem(&error).contains("is locked"), "{error}");
+    assert!(generating.exists(), "{:?}", names_in(dir.path()));
+    std::fs::remove_file(&generating).unwrap();
+    drop(engine);
+}
+
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()

@@ -2356,9 +2356,7 @@ fn remove_temporary_snapshots(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Refuses a foreign directory, and moves aside a leftover `snap.*.generating` file: after a
-/// crash in the middle of sled writing its snapshot, that file makes sled refuse to open the
-/// database every time (upstream issues 1527 and 1533), though all data is intact without it.
+/// Refuses a foreign directory.
 fn prepare_directory(dir: &Path) -> Result<(), Error> {
     if !dir.exists() {
         return std::fs::create_dir_all(dir)
@@ -2376,33 +2374,52 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
     let is_sled = names.iter().any(|name| name == "db" || name == "conf");
-    // `quarantined-*` files are sled snapshot leftovers this function moved aside earlier.
+    // `quarantined-*` files are sled snapshot leftovers `open_sled` moved aside earlier.
     if !names.is_empty() && !is_sled {
         return Err(storage(
             dir.display(),
             "exists and holds files that are not a tally database; choose an empty or new directory",
         ));
     }
-    for name in names
-        .iter()
+    Ok(())
+}
+
+/// Moves aside every `snap.*.generating` file; whether there was one. After a crash in the
+/// middle of sled writing its snapshot, that file makes sled refuse to open the database every
+/// time (upstream issues 1527 and 1533), though all data is intact without it. Called only
+/// while this process holds sled's lock (opened, or refused by sled holding it): while
+/// another process holds the database, such a file may be the snapshot its sled is writing
+/// as it opens, and moving it would fail that open.
+fn move_aside_generating_snapshots(dir: &Path) -> Result<bool, Error> {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|error| storage(format!("reading {}", dir.display()), error))?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .filter(|name| name.starts_with("snap.") && name.ends_with(".generating"))
-    {
+        .collect();
+    for name in &names {
         // Not `snap.*`: sled reads every file so named as one of its snapshots.
         let aside = dir.join(format!("quarantined-{name}"));
         std::fs::rename(dir.join(name), &aside)
             .map_err(|error| storage(format!("moving aside {name}"), error))?;
     }
-    Ok(())
+    Ok(!names.is_empty())
 }
 
 /// Opens sled, retrying briefly while a lock from this same process is still being released
-/// (the file lock can outlive dropping the database: upstream issue 1234).
+/// (the file lock can outlive dropping the database: upstream issue 1234), and once after
+/// moving aside a leftover `snap.*.generating` file that made it refuse.
 fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     let config = sled::Config::new().path(dir);
     let mut attempt = 0;
+    let mut moved_aside = false;
     loop {
         match config.open() {
-            Ok(db) => return Ok(db),
+            Ok(db) => {
+                // Held now: a leftover that did not stop sled is not left for a later open.
+                move_aside_generating_snapshots(dir)?;
+                return Ok(db);
+            }
             Err(error) if error.to_string().contains("could not acquire lock") => {
                 attempt += 1;
                 if attempt >= LOCK_RETRIES {
@@ -2412,6 +2429,11 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
                     ));
                 }
                 std::thread::sleep(LOCK_RETRY_DELAY);
+            }
+            // sled took the lock before it refused: the file is no open's still going (one
+            // started since, in this moment, could be; before, the whole open was exposed).
+            Err(_) if !moved_aside && move_aside_generating_snapshots(dir)? => {
+                moved_aside = true;
             }
             Err(error) => {
                 return Err(storage(
