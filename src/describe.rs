@@ -3,6 +3,7 @@
 //! values and the policy (for plan and limit names).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use tally_engine::event::{GivenBack, ReservationEnd};
@@ -357,9 +358,28 @@ fn quantities_json(quantities: &Quantities) -> Value {
 type Fields = Vec<(&'static str, Value)>;
 
 /// `charged_to`, and `plan` or `micros`, of an admitted usage.
-fn charged_fields(policy: &Policy, charged_to: ChargedTo, fields: &mut Fields) {
+/// The policy of a generation, if still kept (`Engine::policy_of_generation`): an event's
+/// receipt names its plan by an id in the policy it was logged under, which a later swap may
+/// give another plan.
+pub type PolicyOf<'a> = &'a dyn Fn(u32) -> Option<Arc<Policy>>;
+
+fn charged_fields(
+    policy_of: PolicyOf<'_>,
+    generation: u32,
+    charged_to: ChargedTo,
+    fields: &mut Fields,
+) {
     let (kind, detail) = match charged_to {
-        ChargedTo::PlanQuota { plan } => ("quota", ("plan", json!(plan_name(policy, plan)))),
+        ChargedTo::PlanQuota { plan } => {
+            let name = match policy_of(generation) {
+                Some(policy) => plan_name(&policy, plan),
+                None => format!(
+                    "plan {} of policy generation {generation}, no longer kept",
+                    plan.index()
+                ),
+            };
+            ("quota", ("plan", json!(name)))
+        }
         ChargedTo::Credits { micros } => ("credits", ("micros", json!(micros))),
         ChargedTo::PayAsYouGo { micros } => ("pay_as_you_go", ("micros", json!(micros))),
     };
@@ -387,7 +407,7 @@ fn given_back_fields(given_back: &GivenBack, fields: &mut Fields) {
 }
 
 /// An event's own fields (besides seq, time and kind), in a fixed order.
-fn event_fields(policy: &Policy, body: &EventBody) -> Fields {
+fn event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
     let mut fields = Fields::new();
     let mut put = |name: &'static str, value: Value| fields.push((name, value));
     match body {
@@ -424,12 +444,12 @@ fn event_fields(policy: &Policy, body: &EventBody) -> Fields {
             put("generation", json!(generation));
             put("document_bytes", json!(document.len()));
         }
-        _ => return usage_event_fields(policy, body),
+        _ => return usage_event_fields(policy_of, body),
     }
     fields
 }
 
-fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
+fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
     let mut fields = Fields::new();
     match body {
         EventBody::UsageAdmitted {
@@ -446,10 +466,15 @@ fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
             if let Some(id) = request_id {
                 fields.push(("request_id", json!(id)));
             }
-            charged_fields(policy, receipt.charged_to, &mut fields);
+            charged_fields(
+                policy_of,
+                receipt.generation,
+                receipt.charged_to,
+                &mut fields,
+            );
         }
         EventBody::ReservationOpened { .. } | EventBody::ReservationClosed { .. } => {
-            return reservation_event_fields(policy, body);
+            return reservation_event_fields(policy_of, body);
         }
         EventBody::Refunded {
             request_id,
@@ -479,7 +504,7 @@ fn usage_event_fields(policy: &Policy, body: &EventBody) -> Fields {
     fields
 }
 
-fn reservation_event_fields(policy: &Policy, body: &EventBody) -> Fields {
+fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
     let mut fields = Fields::new();
     match body {
         EventBody::ReservationOpened {
@@ -496,7 +521,12 @@ fn reservation_event_fields(policy: &Policy, body: &EventBody) -> Fields {
             fields.push(("resource", json!(resource)));
             fields.push(("quantities", quantities_json(estimate)));
             fields.push(("expires_at_ms", json!(expires_at_ms)));
-            charged_fields(policy, receipt.charged_to, &mut fields);
+            charged_fields(
+                policy_of,
+                receipt.generation,
+                receipt.charged_to,
+                &mut fields,
+            );
         }
         EventBody::ReservationClosed {
             reservation,
@@ -544,14 +574,14 @@ fn field_text(value: &Value) -> String {
 }
 
 /// `seq  time  kind  name=value ...`: one line per event.
-pub fn event_line(policy: &Policy, event: &Event) -> String {
+pub fn event_line(policy_of: PolicyOf<'_>, event: &Event) -> String {
     let mut line = format!(
         "{:>8}  {}  {:<18}",
         event.seq,
         utc_iso8601_ms(event.at_ms),
         event.body.kind()
     );
-    for (name, value) in event_fields(policy, &event.body) {
+    for (name, value) in event_fields(policy_of, &event.body) {
         match value {
             // Quantities read best as they are typed: `requests=1 tokens=200`.
             Value::Object(map) => {
@@ -567,14 +597,14 @@ pub fn event_line(policy: &Policy, event: &Event) -> String {
     line.trim_end().to_string()
 }
 
-pub fn event_json(policy: &Policy, event: &Event) -> Value {
+pub fn event_json(policy_of: PolicyOf<'_>, event: &Event) -> Value {
     let mut object = Map::new();
     object.insert("seq".into(), json!(event.seq));
     object.insert("at_ms".into(), json!(event.at_ms));
     object.insert("at".into(), json!(utc_iso8601_ms(event.at_ms)));
     object.insert("kind".into(), json!(event.body.kind()));
     object.extend(
-        event_fields(policy, &event.body)
+        event_fields(policy_of, &event.body)
             .into_iter()
             .map(|(name, value)| (name.to_string(), value)),
     );
@@ -684,13 +714,14 @@ mod tests {
                 micros: 5_000_000,
             },
         };
-        let policy = Policy::token_plan();
+        let policy = Arc::new(Policy::token_plan());
+        let policy_of = |_| Some(Arc::clone(&policy));
         assert_eq!(
-            event_line(&policy, &event),
+            event_line(&policy_of, &event),
             "       7  2026-03-02T13:00:00.250Z  credits_topped_up  team=@ada micros=5000000"
         );
         assert_eq!(
-            event_json(&policy, &event),
+            event_json(&policy_of, &event),
             json!({
                 "seq": 7,
                 "at_ms": 1_772_456_400_250u64,

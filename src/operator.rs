@@ -358,13 +358,13 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
         eprintln!("tally: no events after {after}");
         return Ok(Outcome::success(String::new()));
     };
-    let policy = engine.policy();
+    let policy_of = |generation| engine.policy_of_generation(generation);
     let mut text = String::new();
     for event in &events {
         let line = if args.json {
-            describe::event_json(&policy, event).to_string()
+            describe::event_json(&policy_of, event).to_string()
         } else {
-            describe::event_line(&policy, event)
+            describe::event_line(&policy_of, event)
         };
         text.push_str(&line);
         text.push('\n');

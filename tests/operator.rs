@@ -400,6 +400,39 @@ fn consume_on_an_unknown_key_is_denied_as_the_help_says() {
     }
 }
 
+/// An exported event names the plan it was charged to in the policy it was logged under: a
+/// later swap that renumbers the plans (one added before them) does not rename it. Before,
+/// every event was named with the current policy, so the request charged to Small below was
+/// exported as charged to Large once "Aaa" was swapped in.
+#[test]
+fn an_event_names_its_plan_as_its_own_policy_did_after_a_swap() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    assert_eq!(consume(&workspace, now_ms(), &[]).status.code(), Some(0));
+    let before = workspace.events(&[]);
+    let charged = before.last().expect("the consume's event").clone();
+    assert_eq!(charged["plan"], "Small", "{charged}");
+    let renumbered = workspace.directory.join("renumbered.toml");
+    let with_aaa = format!(
+        "{POLICY}\n[plans.Aaa]\nlimits = [{{ resource = \"chat\", unit = \"requests\", \
+         amount = 1, window = \"rolling:1h\" }}]\n"
+    );
+    std::fs::write(&renumbered, with_aaa).expect("the policy is written");
+    workspace.bare(&["policy", renumbered.to_str().expect("a UTF-8 path")]);
+    assert_eq!(policy_swaps(&workspace).len(), 2, "swapped");
+    // Without --policy: the database runs the new one now.
+    let before_it = (seq(&charged) - 1).to_string();
+    let json = workspace.bare(&["events", "--json", "--after", &before_it, "--limit", "1"]);
+    let exported: Value = serde_json::from_str(stdout_of(&json).trim()).expect("one event");
+    assert_eq!(exported["plan"], "Small", "{exported}");
+    let line = workspace.bare(&["events", "--after", &before_it, "--limit", "1"]);
+    assert!(
+        stdout_of(&line).contains("plan=Small"),
+        "{}",
+        stdout_of(&line)
+    );
+}
+
 /// A new cursor past the bound of saved cursors is refused naming `--cursor` (it named `--db`).
 #[test]
 fn a_new_cursor_past_the_bound_is_refused_naming_the_cursor() {

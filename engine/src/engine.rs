@@ -500,6 +500,15 @@ impl Engine {
             .unwrap_or_else(|| unreachable!("the current policy is always kept"))
     }
 
+    /// The policy of `generation`, if still kept (`EngineOptions::max_policy_generations`):
+    /// what names the plan and counter ids of a receipt logged under it (`Receipt::generation`).
+    pub fn policy_of_generation(&self, generation: u32) -> Option<Arc<Policy>> {
+        self.policies
+            .read()
+            .get(generation as usize)
+            .and_then(Clone::clone)
+    }
+
     /// The policy of `generation` and the kept generations after it, oldest first: what
     /// `policy::carry_through` follows to find where a swap put that generation's usage.
     /// `later` is empty, and allocates nothing, for the current generation.
