@@ -2685,6 +2685,56 @@ fn verify_reports_a_gap_or_a_damaged_header_in_the_last_segment_instead_of_faili
     assert_eq!(std::fs::read(&last.path).unwrap(), bytes, "nothing changed");
 }
 
+/// Events missing at the log's end, which a clean close or the snapshot found durable, are a
+/// problem `verify` reports (as `open` refuses the database for them), not a failure of
+/// `verify` itself ("cannot be opened", `tally verify` exit 2, no report).
+#[test]
+fn verify_reports_events_missing_at_the_end_of_the_log_as_open_refuses_them() {
+    let (dir, _, frames) = closed_database("verify-end-missing");
+    let last = frames.last().unwrap().clone();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&last.path)
+        .unwrap();
+    file.set_len(last.offset as u64).unwrap();
+    drop(file);
+    let error = open_result(dir.path(), sync_options()).expect_err("events are missing");
+    assert!(
+        storage_problem(&error).contains("events are missing"),
+        "{error}"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
+    assert!(!report.is_sound());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("events are missing")),
+        "{:?}",
+        report.problems
+    );
+    assert_eq!(report.last_seq, last.first - 1);
+
+    // A snapshot past the log's end, and a snapshot with no log at all.
+    let dir = TempDir::new("verify-snapshot-past-end");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().unwrap();
+    for segment in segment_paths(dir.path()) {
+        std::fs::remove_file(segment).unwrap();
+    }
+    assert!(open_result(dir.path(), sync_options()).is_err());
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("no log segments")),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.
@@ -3420,10 +3470,14 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
             "it was durable: a snapshot or a clean close found the log durable through event {snapshot}"
         ),
     );
-    let error = Engine::verify(dir.path(), sync_options()).expect_err("damage");
+    // `verify` reports it (it failed outright before, as the open does).
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
     assert!(
-        storage_problem(&error).contains("it was durable"),
-        "{error}"
+        report.problems.iter().any(|problem| {
+            problem.contains("it was durable") && problem.contains("events are missing")
+        }),
+        "{:?}",
+        report.problems
     );
 }
 

@@ -1259,11 +1259,13 @@ impl EventLog {
         }
         remove_temporary_snapshots(&snapshots_dir)?;
         let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
+        // `read_only` (verify) reports what an open refuses, and reads what there is.
+        let mut missing = None;
         let start_if_empty = match snapshot {
             None => 1,
             Some(pointer) => {
                 if list_segments(&events_dir)?.is_empty() {
-                    return Err(storage(
+                    missing = Some(storage(
                         dir.display(),
                         format!(
                             "has a snapshot at event {} but no log segments in {EVENTS_DIR}/",
@@ -1278,10 +1280,16 @@ impl EventLog {
         let durable_through = snapshot
             .map_or(0, |pointer| pointer.seq)
             .max(closed_through);
-        let recovered = recover_segments(&events_dir, start_if_empty, durable_through, read_only)?;
+        if !read_only {
+            if let Some(error) = missing.take() {
+                return Err(error);
+            }
+        }
+        let mut recovered =
+            recover_segments(&events_dir, start_if_empty, durable_through, read_only)?;
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
-            return Err(storage(
+            missing = Some(storage(
                 dir.display(),
                 format!(
                     "the log ends at event {last_seq}, before the snapshot at event {}: events are missing{}",
@@ -1295,13 +1303,20 @@ impl EventLog {
             ));
         }
         // (`verify` reads up to damage and reports it: then the log ends early for that.)
-        if closed_through > last_seq && recovered.problem.is_none() {
-            return Err(storage(
+        if closed_through > last_seq && recovered.problem.is_none() && missing.is_none() {
+            missing = Some(storage(
                 dir.display(),
                 format!(
                     "the log ends at event {last_seq}, before event {closed_through}, which a clean close found durable: events are missing"
                 ),
             ));
+        }
+        if let Some(error) = missing {
+            if !read_only {
+                return Err(error);
+            }
+            // Names the damage it ends at, if any.
+            recovered.problem = Some(error.to_string());
         }
         let position = Position {
             seq: last_seq,
