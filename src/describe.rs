@@ -357,12 +357,12 @@ fn quantities_json(quantities: &Quantities) -> Value {
 /// An event's fields in the order they print.
 type Fields = Vec<(&'static str, Value)>;
 
-/// `charged_to`, and `plan` or `micros`, of an admitted usage.
 /// The policy of a generation, if still kept (`Engine::policy_of_generation`): an event's
 /// receipt names its plan by an id in the policy it was logged under, which a later swap may
 /// give another plan.
 pub type PolicyOf<'a> = &'a dyn Fn(u32) -> Option<Arc<Policy>>;
 
+/// `charged_to`, and `plan` or `micros`, of an admitted usage.
 fn charged_fields(
     policy_of: PolicyOf<'_>,
     generation: u32,
