@@ -192,6 +192,11 @@ func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
 	if len(events) != 0 {
 		t.Fatalf("reopened with the stored policy: logged %+v", events)
 	}
+	// Past the last event is an error, not an empty page a poller would skip ahead from.
+	if _, err := engine.EventsAfter(last+1, 100); !errors.Is(err, tally.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "past the end of the log") {
+		t.Fatalf("events after the end: %v", err)
+	}
 	must(t, engine.Close())
 
 	// The shipped policy given instead is swapped in, and the swap logged.

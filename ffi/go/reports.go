@@ -117,7 +117,8 @@ func (event Event) At() time.Time { return fromMilliseconds(event.AtMs) }
 // afterSeq, oldest first. Read after a saved cursor, process, then SaveCursor the last Seq.
 // After compaction, 0 reads from the oldest event kept; an older afterSeq is ErrInvalidArgument
 // naming the events compacted away (a cursor that fell behind the retention is told, never
-// moved past them silently).
+// moved past them silently). An afterSeq past the last event is ErrInvalidArgument too (a
+// reader polling from there would skip the events that later take those numbers).
 func (e *Engine) EventsAfter(afterSeq uint64, limit uint32) ([]Event, error) {
 	document, err := e.readText("EventsAfter", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
 		return C.tally_engine_events_after(handle, C.uint64_t(afterSeq), C.uint32_t(limit), buf, bufLen, needed)

@@ -159,6 +159,9 @@ def test_the_stored_policy_keeps_a_database_s_own_policy_and_logs_nothing(tmp_pa
     with tally.Engine.open(path, tally.Policy.stored(), durability="none") as engine:
         assert [limit.amount for limit in engine.usage("tp-ada-1", at_ms=T).limits] == [7]
         assert engine.events_after(last) == []
+        # Past the last event is an error, not an empty page a poller would skip ahead from.
+        with pytest.raises(tally.InvalidArgumentError, match="past the end of the log"):
+            engine.events_after(last + 1)
     # The shipped policy given instead is swapped in, and the swap logged.
     with tally.Engine.open(path, durability="none") as engine:
         assert engine.usage("tp-ada-1", at_ms=T).limits[0].amount == 1500

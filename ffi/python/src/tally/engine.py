@@ -652,7 +652,9 @@ class Engine:
 
         After compaction, 0 reads from the oldest event kept; an older ``after_seq`` raises
         ``InvalidArgumentError`` naming the events compacted away (a cursor that fell behind the
-        retention is told, never moved past them silently).
+        retention is told, never moved past them silently). An ``after_seq`` past the last event
+        raises ``InvalidArgumentError`` too (a reader polling from there would skip the events
+        that later take those numbers).
         """
         after = _convert.u64("after_seq", after_seq)
         count = _convert.u32("limit", limit)
