@@ -589,7 +589,11 @@ pub(crate) fn price_micros(
 
 /// The plan to suggest a seat on for a resource the key's plan does not cover (or a key with
 /// no seat): the cheapest plan covering it whose limits and maximums can each take the
-/// request, else the cheapest covering it (`Policy::cover_upgrade`). A denial's path only.
+/// request, else the cheapest covering it (`Policy::cover_upgrade`). A denial's path only:
+/// kept out of line, inlined it changed how the admission path was inlined (5% more
+/// instructions per hot-key consume).
+#[cold]
+#[inline(never)]
 pub(crate) fn cover_upgrade_for(
     policy: &Policy,
     resource: ResourceId,
@@ -930,7 +934,7 @@ fn exceeded(
     };
     // A plan whose whole amount still cannot take the request would not help.
     let remedies = Remedies {
-        upgrade_to: limit.upgrade_for(used, amount),
+        upgrade_to: plan.upgrade_for(usize::from(limit_index), used, amount),
         ..Remedies::default()
     };
     Some(quota_denial(
@@ -1010,7 +1014,7 @@ fn exhausted(
         reset_at_ms,
     };
     let remedies = Remedies {
-        upgrade_to: limit.upgrade_for(status.used, amount),
+        upgrade_to: plan.upgrade_for(usize::from(limit_index), status.used, amount),
         wait_until_ms: Some(retry_at_ms),
         ..Remedies::default()
     };

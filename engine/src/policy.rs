@@ -478,25 +478,6 @@ pub struct Limit {
     pub shape: Option<crate::window::RollingShape>,
     /// The plan with the smallest larger amount on the same counter: the next bigger plan.
     pub upgrade: Option<PlanId>,
-    /// Every plan with a larger amount on the same counter, smallest amount first: a denial
-    /// suggests the first whose amount takes what the request needs (`upgrade_for`).
-    pub upgrades: Box<[(u64, PlanId)]>,
-}
-
-impl Limit {
-    /// The upgrade to suggest for a request of `amount` this limit refused with `used` counted:
-    /// the smallest plan with a larger amount on the same counter that takes the request now
-    /// (a seat change keeps what is used), else the smallest that takes it once enough has
-    /// reset or aged out; `None` if no plan's amount can ever take it.
-    pub fn upgrade_for(&self, used: u64, amount: u64) -> Option<PlanId> {
-        let taking = |needed: u64| {
-            self.upgrades
-                .iter()
-                .find(|(bigger, _)| *bigger >= needed)
-                .map(|(_, plan)| *plan)
-        };
-        taking(used.saturating_add(amount)).or_else(|| taking(amount))
-    }
 }
 
 /// The limits of a plan that one resource's usage moves, with the weight of each unit.
@@ -524,6 +505,27 @@ pub struct Plan {
     pub has_maximum: Vec<bool>,
     pub max_open_reservations: Option<u32>,
     pub price_micros_per_month: Option<u64>,
+    /// Indexed like `limits`: every plan with a larger amount on the same counter, smallest
+    /// amount first (`upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
+    /// on every request.
+    pub limit_upgrades: Vec<Box<[(u64, PlanId)]>>,
+}
+
+impl Plan {
+    /// The upgrade to suggest for a request of `amount` that limit `limit` refused with `used`
+    /// counted: the smallest plan with a larger amount on the same counter that takes the
+    /// request now (a seat change keeps what is used), else the smallest that takes it once
+    /// enough has reset or aged out; `None` if no plan's amount can ever take it.
+    pub fn upgrade_for(&self, limit: usize, used: u64, amount: u64) -> Option<PlanId> {
+        let upgrades = self.limit_upgrades.get(limit)?;
+        let taking = |needed: u64| {
+            upgrades
+                .iter()
+                .find(|(bigger, _)| *bigger >= needed)
+                .map(|(_, plan)| *plan)
+        };
+        taking(used.saturating_add(amount)).or_else(|| taking(amount))
+    }
 }
 
 /// Up to this many resources, `Policy::resource_id` scans the list instead of hashing.
@@ -1367,6 +1369,7 @@ impl Compiler {
             has_maximum,
             max_open_reservations: plan.max_open_reservations,
             price_micros_per_month: plan.price_micros_per_month,
+            limit_upgrades: Vec::new(),
         })
     }
 
@@ -1439,7 +1442,6 @@ impl Compiler {
             window,
             shape: window.shape(),
             upgrade: None,
-            upgrades: Box::default(),
         })
     }
 
@@ -1594,10 +1596,13 @@ fn link_upgrades(plans: &mut [Plan]) {
             upgrades.push((plan_index, limit_index, bigger));
         }
     }
+    for plan in plans.iter_mut() {
+        plan.limit_upgrades = (0..plan.limits.len()).map(|_| Box::default()).collect();
+    }
     for (plan_index, limit_index, bigger) in upgrades {
-        let limit = &mut plans[plan_index].limits[limit_index];
-        limit.upgrade = bigger.first().map(|(_, plan)| *plan);
-        limit.upgrades = bigger.into_boxed_slice();
+        let plan = &mut plans[plan_index];
+        plan.limits[limit_index].upgrade = bigger.first().map(|(_, plan)| *plan);
+        plan.limit_upgrades[limit_index] = bigger.into_boxed_slice();
     }
 }
 
