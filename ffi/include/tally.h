@@ -60,7 +60,9 @@
 // The most requests one `tally_engine_consume_many` takes.
 #define TALLY_MAX_BATCH 4096
 
-// The longest key, user, team, request id or cursor name, in bytes.
+// The longest key, user, team, request id or cursor name, in bytes. A user's Default Team,
+// `@` and the user's name, is the one name that may be a byte longer, and every call that names
+// an existing team takes it.
 #define TALLY_MAX_ID_BYTES 128
 
 // The longest resource or plan name, in bytes.

@@ -7,7 +7,9 @@ use std::ptr::NonNull;
 
 use crate::status::{tally_status, Failure};
 
-/// The longest key, user, team, request id or cursor name, in bytes.
+/// The longest key, user, team, request id or cursor name, in bytes. A user's Default Team,
+/// `@` and the user's name, is the one name that may be a byte longer, and every call that names
+/// an existing team takes it.
 pub const TALLY_MAX_ID_BYTES: usize = 128;
 /// The longest resource or plan name, in bytes.
 pub const TALLY_MAX_NAME_BYTES: usize = 64;

@@ -223,6 +223,15 @@ fn id<'a>(field: &str, ptr: *const c_char, len: usize) -> Result<&'a str, Failur
     text(field, ptr, len, TALLY_MAX_ID_BYTES)
 }
 
+/// The longest name of an existing team: a user's Default Team is `@` and the user's name,
+/// which may itself be `TALLY_MAX_ID_BYTES` long.
+const MAX_TEAM_BYTES: usize = TALLY_MAX_ID_BYTES + 1;
+
+/// A team that exists (not one being created): up to `MAX_TEAM_BYTES`.
+fn existing_team<'a>(ptr: *const c_char, len: usize) -> Result<&'a str, Failure> {
+    text("team", ptr, len, MAX_TEAM_BYTES)
+}
+
 /// Creates a user, their Default Team (named `@` + user) and their plan key in it. The key has
 /// no resources until a seat is assigned or the team has credits.
 #[no_mangle]
@@ -271,7 +280,7 @@ pub extern "C" fn tally_engine_add_member(
 ) -> tally_status {
     boundary(|| {
         let handle = try_ref(engine)?;
-        let team = id("team", team, team_len)?;
+        let team = existing_team(team, team_len)?;
         let (user, key) = (id("user", user, user_len)?, id("key", key, key_len)?);
         handle.with(|open| Ok(open.engine.add_member(team, user, key, at(at_ms))?))
     })
@@ -310,7 +319,7 @@ pub extern "C" fn tally_engine_assign_seat(
 ) -> tally_status {
     boundary(|| {
         let handle = try_ref(engine)?;
-        let (team, user) = (id("team", team, team_len)?, id("user", user, user_len)?);
+        let (team, user) = (existing_team(team, team_len)?, id("user", user, user_len)?);
         let plan = text("plan", plan, plan_len, TALLY_MAX_NAME_BYTES)?;
         handle.with(|open| Ok(open.engine.assign_seat(team, user, plan, at(at_ms))?))
     })
@@ -328,7 +337,7 @@ pub extern "C" fn tally_engine_unassign_seat(
 ) -> tally_status {
     boundary(|| {
         let handle = try_ref(engine)?;
-        let (team, user) = (id("team", team, team_len)?, id("user", user, user_len)?);
+        let (team, user) = (existing_team(team, team_len)?, id("user", user, user_len)?);
         handle.with(|open| Ok(open.engine.unassign_seat(team, user, at(at_ms))?))
     })
 }
@@ -348,7 +357,7 @@ pub extern "C" fn tally_engine_top_up(
     boundary(|| {
         let handle = try_ref(engine)?;
         let out = Out::new("balance_out", balance_out)?;
-        let team = id("team", team, team_len)?;
+        let team = existing_team(team, team_len)?;
         let balance = handle.with(|open| Ok(open.engine.top_up(team, micros, at(at_ms))?))?;
         out.set(balance);
         Ok(())
@@ -369,7 +378,7 @@ pub extern "C" fn tally_engine_withdraw_credits(
     boundary(|| {
         let handle = try_ref(engine)?;
         let out = Out::new("balance_out", balance_out)?;
-        let team = id("team", team, team_len)?;
+        let team = existing_team(team, team_len)?;
         let balance =
             handle.with(|open| Ok(open.engine.withdraw_credits(team, micros, at(at_ms))?))?;
         out.set(balance);
@@ -388,7 +397,7 @@ pub extern "C" fn tally_engine_credits(
     boundary(|| {
         let handle = try_ref(engine)?;
         let out = Out::new("balance_out", balance_out)?;
-        let team = id("team", team, team_len)?;
+        let team = existing_team(team, team_len)?;
         out.set(handle.with(|open| Ok(open.engine.credits_micros(team)?))?);
         Ok(())
     })

@@ -229,6 +229,58 @@ fn bad_keys_and_request_ids_each_get_their_own_status() {
     );
 }
 
+/// A user's name may be `TALLY_MAX_ID_BYTES` long, so their Default Team's, `@` and the name,
+/// is one byte longer: every call that names a team must take it, or the user can never be
+/// seated or given credits through the C ABI.
+#[test]
+fn the_default_team_of_a_user_with_the_longest_name_can_be_named() {
+    let handle = in_memory();
+    let name = "u".repeat(TALLY_MAX_ID_BYTES);
+    user(&handle, &name, "tp-long", Some("Starter"));
+    let team = format!("@{name}");
+    let (t, tl) = s(&team);
+    let (u, ul) = s(&name);
+    let mut balance = 0;
+    assert_eq!(
+        tally_engine_top_up(handle.0, t, tl, 5, T0, &mut balance),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(
+        tally_engine_withdraw_credits(handle.0, t, tl, 2, T0, &mut balance),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(
+        tally_engine_credits(handle.0, t, tl, &mut balance),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(balance, 3);
+    assert_eq!(
+        tally_engine_unassign_seat(handle.0, t, tl, u, ul, T0),
+        tally_status::TALLY_OK
+    );
+    let (k, kl) = s("tp-long-2");
+    assert_eq!(
+        tally_engine_add_member(handle.0, t, tl, u, ul, k, kl, T0),
+        tally_status::TALLY_ALREADY_EXISTS,
+        "one key per user per team: the team was found"
+    );
+    // One byte more is no team's name.
+    let longer = format!("@{name}u");
+    let (l, ll) = s(&longer);
+    assert_eq!(
+        tally_engine_credits(handle.0, l, ll, &mut balance),
+        tally_status::TALLY_STRING_TOO_LONG
+    );
+    assert!(last_error().starts_with("team: "), "{}", last_error());
+    // A team one creates never starts with `@`, so its name stays within TALLY_MAX_ID_BYTES.
+    let created = "t".repeat(TALLY_MAX_ID_BYTES + 1);
+    let (c, cl) = s(&created);
+    assert_eq!(
+        tally_engine_create_team(handle.0, c, cl, T0),
+        tally_status::TALLY_STRING_TOO_LONG
+    );
+}
+
 #[test]
 fn bad_quantities_are_bad_quantity_and_overflowing_sums_overflow() {
     let handle = in_memory();
