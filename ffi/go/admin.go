@@ -129,22 +129,32 @@ func (e *Engine) Credits(team string) (uint64, error) {
 	return uint64(balance), err
 }
 
+// noPolicySource is no tally_policy_source: what SwapPolicy's option leaves unset if it
+// names no policy.
+const noPolicySource = ^uint32(0)
+
 // SwapPolicy replaces the policy at run time (one of WithPolicyFile, WithPolicyTOML,
-// WithPolicyJSON, or none for the shipped default; WithStoredPolicy names no policy and is
-// ErrInvalidArgument). Usage carries over; a swap that would drop a plan someone is seated
-// on is refused (ErrInvalidArgument), and so is one whose usage could not carry over as it
-// means: a meter kept by name that counts another unit, or a time zone changed under a
-// calendar window that carries over (ErrPolicyInvalid, naming the field).
+// WithPolicyJSON, or nil for the shipped default; WithStoredPolicy names no policy, nor does
+// WithDurability or WithOptions: ErrInvalidArgument, changing nothing). Usage carries over; a
+// swap that would drop a plan someone is seated on is refused (ErrInvalidArgument), and so is
+// one whose usage could not carry over as it means: a meter kept by name that counts another
+// unit, or a time zone changed under a calendar window that carries over (ErrPolicyInvalid,
+// naming the field).
 func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
 	atMs, err := milliseconds("SwapPolicy", at)
 	if err != nil {
 		return err
 	}
-	var o options
+	o := collect(nil)
 	if policy != nil {
-		o = collect([]Option{policy})
-	} else {
-		o = collect(nil)
+		// An option that sets no policy (WithDurability, WithOptions) must not swap in the
+		// shipped default: it leaves policySource as it found it.
+		o.policySource = noPolicySource
+		policy(&o)
+		if o.policySource == noPolicySource {
+			return newError("SwapPolicy", C.TALLY_INVALID_ARGUMENT,
+				"policy: the option names no policy (WithPolicyFile, WithPolicyTOML or WithPolicyJSON; nil for the shipped default)")
+		}
 	}
 	document, documentLen := o.policyText()
 	return e.call("SwapPolicy", func(handle *C.tally_engine) C.uint32_t {

@@ -672,3 +672,22 @@ func TestPolicySwapKeepsUsageAndRefusesAnInvalidDocument(t *testing.T) {
 		t.Fatal("a missing policy file opened")
 	}
 }
+
+func TestSwapPolicyRefusesAnOptionThatNamesNoPolicyAndKeepsTheOneItHas(t *testing.T) {
+	engine, err := tally.OpenInMemory(tally.WithPolicyTOML(customPolicy))
+	must(t, err)
+	defer engine.Close()
+	seated(t, engine, "ada", "tp-ada-1", "Starter")
+	for _, option := range []tally.Option{
+		tally.WithDurability(tally.DurabilityNone),
+		tally.WithOptions(tally.Options{MaxKeys: 10}),
+	} {
+		if err := engine.SwapPolicy(option, t0); !errors.Is(err, tally.ErrInvalidArgument) ||
+			!strings.Contains(err.Error(), "policy") {
+			t.Fatalf("a swap to an option that is no policy: %v", err)
+		}
+	}
+	if amounts := limitAmounts(t, engine, "tp-ada-1"); len(amounts) != 1 || amounts[0] != 7 {
+		t.Fatalf("the policy after refused swaps: limits %v (the custom policy's Starter has 7)", amounts)
+	}
+}
