@@ -266,13 +266,18 @@ func optionalText(s string) (*C.char, C.size_t) {
 
 // milliseconds converts an optional time to at_ms: the zero time is TALLY_NOW (the engine's
 // clock). Times before 1970-01-01T00:00:00.001Z cannot be expressed and answer
-// ErrBadTimestamp without calling the library.
+// ErrBadTimestamp without calling the library, and so do times whose milliseconds do not fit
+// in an int64 (UnixMilli would wrap them around, some into tally's range).
 func milliseconds(op string, at time.Time) (C.uint64_t, error) {
 	if at.IsZero() {
 		return C.TALLY_NOW, nil
 	}
+	if seconds := at.Unix(); seconds > math.MaxInt64/1000 {
+		return 0, newError(op, C.TALLY_BAD_TIMESTAMP,
+			"timestamp "+at.UTC().Format(time.RFC3339Nano)+" is after 2100-01-01T00:00:00Z, the end of tally's time range")
+	}
 	ms := at.UnixMilli()
-	if ms <= 0 {
+	if ms <= 0 || at.Unix() < 0 {
 		return 0, newError(op, C.TALLY_BAD_TIMESTAMP,
 			"timestamp "+at.UTC().Format(time.RFC3339Nano)+" is not after 1970-01-01T00:00:00Z")
 	}

@@ -384,6 +384,10 @@ func TestBadInputIsAnErrorWithItsOwnSentinelAndTheLibrarysMessage(t *testing.T) 
 		{"an unknown unit", func(r *tally.Request) { r.Quantities[0].Unit = 99 }, tally.ErrBadEnum},
 		{"a time before 1970", func(r *tally.Request) { r.At = time.Unix(-1, 0) }, tally.ErrBadTimestamp},
 		{"the year 2100", func(r *tally.Request) { r.At = time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC) }, tally.ErrBadTimestamp},
+		// Times whose milliseconds overflow int64 must not wrap around into tally's range:
+		// this one, 584 million years ahead, wraps to t0 + 384 ms, and the other to t0 + 616 ms.
+		{"a time whose milliseconds wrap", func(r *tally.Request) { r.At = time.Unix(18_446_745_973_709_552, 0) }, tally.ErrBadTimestamp},
+		{"a time before 1970 whose milliseconds wrap", func(r *tally.Request) { r.At = time.Unix(-18_446_742_173_709_551, 0) }, tally.ErrBadTimestamp},
 		{"an empty request id", func(r *tally.Request) { r.RequestID = "" }, nil},
 		{"a NUL in the request id", func(r *tally.Request) { r.RequestID = "a\x00" }, tally.ErrNulInString},
 	}
