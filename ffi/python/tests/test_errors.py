@@ -102,6 +102,19 @@ def test_bad_arguments_of_other_types(engine, key):
         tally.Engine.open("/nonexistent", durability="eventually")
 
 
+def test_a_settlement_that_is_no_mapping_is_refused_and_the_estimate_stays_held(engine):
+    engine.create_user("jo", "tp-jo-1", at_ms=T)
+    engine.top_up("@jo", 1_000_000, at_ms=T)
+    held = 1_000_000 - 2_000 - 4_000
+    reservation = engine.reserve("tp-jo-1", "m2.7", {"requests": 1, "tokens": 4_000}, at_ms=T)
+    for not_quantities in (0, "", [], (), False):
+        with pytest.raises(TypeError):
+            engine.settle(reservation, not_quantities, at_ms=T + 1)
+        assert engine.credits("@jo") == held
+    assert engine.settle(reservation, {"requests": 1, "tokens": 1_500}, at_ms=T + 1).admitted
+    assert engine.credits("@jo") == 1_000_000 - 2_000 - 1_500
+
+
 def test_admin_errors(engine, key):
     with pytest.raises(tally.AlreadyExistsError):
         engine.create_user("ada", "tp-ada-2", at_ms=T)

@@ -374,7 +374,8 @@ class Engine:
         """Charges what was actually used (None or {}: nothing). Not admitted: the part beyond
         the estimate did not fit and the reservation stays open."""
         reservation_id = _reservation_id(reservation)
-        array = _EMPTY_QUANTITIES if not actual else _convert.quantities("actual", actual)
+        # Only None means "nothing": a falsy non-mapping (0, "", []) is refused, not settled.
+        array = _EMPTY_QUANTITIES if actual is None else _convert.quantities("actual", actual)
         pointer = ctypes.cast(array, ctypes.POINTER(_native.Quantity)) if len(array) else None
         out = _native.Decision()
         errors.check(
