@@ -96,6 +96,14 @@ def test_bad_arguments_of_other_types(engine, key):
         engine.consume("\ud800", "m2.7", {"requests": 1})  # a lone surrogate has no UTF-8
     with pytest.raises(tally.BadTimestampError):
         engine.consume(key, "m2.7", {"requests": 1}, at_ms=4_102_444_800_000)  # 2100-01-01
+    # 0 is 1970-01-01T00:00:00Z to Python but TALLY_NOW to C: refused (as Go refuses it),
+    # not counted now; None is the engine's clock.
+    with pytest.raises(tally.BadTimestampError, match="at_ms"):
+        engine.consume(key, "m2.7", {"requests": 1}, at_ms=0)
+    with pytest.raises(tally.BadTimestampError, match="at_ms"):
+        engine.top_up("@ada", 1, at_ms=0)
+    assert engine.usage(key).limits[0].used == 0  # nothing counted now either
+    assert engine.credits("@ada") == 0
     with pytest.raises(TypeError):
         engine.swap_policy("plans.toml")  # ambiguous: Policy.file or Policy.toml?
     with pytest.raises(ValueError):

@@ -41,8 +41,17 @@ def u32(name: str, value: object) -> int:
 
 
 def at_ms(value: int | None) -> int:
-    """A timestamp argument: None is the engine's clock (TALLY_NOW)."""
-    return _native.NOW if value is None else u64("at_ms", value)
+    """A timestamp argument: None is the engine's clock (TALLY_NOW). 0, which C would read as
+    TALLY_NOW, is refused: to Python it is 1970-01-01T00:00:00Z (as Go refuses that time)."""
+    if value is None:
+        return _native.NOW
+    milliseconds = u64("at_ms", value)
+    if milliseconds == _native.NOW:
+        raise errors.BadTimestampError(
+            errors.BadTimestampError.status_code,
+            "at_ms: 0 is 1970-01-01T00:00:00Z, not after it; pass None for the engine's clock",
+        )
+    return milliseconds
 
 
 def direction(value: object) -> AdjustmentDirection:
