@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"math"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -189,8 +190,13 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 			estimate = *limit
 		}
 	}
-	// The prompt counts too: about one token per 4 bytes of body.
-	estimate += uint64(len(body))/4 + 1
+	// The prompt counts too: about one token per 4 bytes of body. Saturating: a max_tokens near
+	// 2^64 must stay past the largest quantity (ErrBadQuantity), not wrap to a small estimate.
+	if prompt := uint64(len(body))/4 + 1; estimate > math.MaxUint64-prompt {
+		estimate = math.MaxUint64
+	} else {
+		estimate += prompt
+	}
 	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(),
 		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}}
 	return body, request, nil

@@ -172,6 +172,11 @@ func (h *harness) call(t *testing.T, anthropic bool, key, model string, stream b
 		path = "/v1/messages"
 	}
 	body := fmt.Sprintf(`{"model":%q,"max_tokens":256,"stream":%t,"messages":[{"role":"user","content":"hello"}]}`, model, stream)
+	return h.post(t, anthropic, path, key, body)
+}
+
+// post sends body to path as the API's clients do (see call).
+func (h *harness) post(t *testing.T, anthropic bool, path, key, body string) answer {
 	request, err := http.NewRequest(http.MethodPost, h.gateway.URL+path, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
@@ -351,6 +356,24 @@ func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing
 	openAIError(t, a, "invalid_request_error")
 	if h.upstream.served.Load() != 0 {
 		t.Fatal("the upstream served a refused call")
+	}
+}
+
+func TestAMaxTokensPastTheLargestQuantityIsRefusedHoweverLarge(t *testing.T) {
+	h := start(t)
+	h.user(t, "fy", "tp-fy", "Starter")
+	// 2^41 is past the largest quantity (2^40); 2^64 - 1 must not wrap around to a small
+	// estimate when the prompt's tokens are added to it.
+	for _, maxTokens := range []string{"2199023255552", "18446744073709551615"} {
+		body := `{"model":"MiniMax-M2.7","max_tokens":` + maxTokens + `,"messages":[{"role":"user","content":"hello"}]}`
+		a := h.post(t, false, "/v1/chat/completions", "tp-fy", body)
+		if a.status != http.StatusBadRequest {
+			t.Fatalf("max_tokens %s: %d %s", maxTokens, a.status, a.raw)
+		}
+		openAIError(t, a, "invalid_request_error")
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a call whose estimate could not be held")
 	}
 }
 
