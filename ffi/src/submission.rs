@@ -74,7 +74,10 @@ pub extern "C" fn tally_engine_submit(
 
 /// Writes to `*durable_out` whether `tally_engine_complete` of `submission` would return at
 /// once (its event is durable, or the log has failed and it would return the error). Does not
-/// take `submission`. `TALLY_INVALID_ARGUMENT` if it was submitted to another engine.
+/// take `submission`, and must not run while another thread passes it to
+/// `tally_engine_complete` or `tally_submission_free` (which free it): a submission, unlike an
+/// engine, is not guarded against that. `TALLY_INVALID_ARGUMENT` if it was submitted to
+/// another engine.
 #[no_mangle]
 pub extern "C" fn tally_engine_submission_durable(
     engine: *const tally_engine,
