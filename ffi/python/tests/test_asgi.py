@@ -325,6 +325,11 @@ def test_images_are_counted_by_n_and_a_plan_without_them_is_insufficient_quota(e
     assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
     assert "does not cover image-01" in error["message"]
     assert request(gateway, IMAGES, {"model": "image-01", "n": -1}, key=plus).status == 400
+    # Past the largest quantity (2^40), and past what C's uint64_t holds: the client's error,
+    # answered 400 like -1, not a 503 "quota service failed" nor an exception out of the app.
+    for n in (2**40 + 1, 2**70):
+        too_many = request(gateway, IMAGES, {"model": "image-01", "n": n}, key=plus)
+        assert too_many.status == 400 and "n must be" in too_many.json()["error"]["message"]
 
 
 def test_a_key_without_resources_is_told_to_get_a_seat_or_credits(engine, gateway):

@@ -56,8 +56,10 @@ _log = logging.getLogger("tally.asgi")
 MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 MAX_RESPONSE_JSON_BYTES = 16 * 1024 * 1024
 MAX_EVENT_LINE_BYTES = 1024 * 1024
-#: The most tokens one estimate holds (the engine's bound on a quantity is 2^40).
-MAX_TOKEN_ESTIMATE = 1 << 40
+#: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it).
+MAX_QUANTITY = 1 << 40
+#: The most tokens one estimate holds (the engine's bound on a quantity).
+MAX_TOKEN_ESTIMATE = MAX_QUANTITY
 
 
 class Api(enum.Enum):
@@ -290,11 +292,14 @@ def api_key(scope: Scope) -> str | None:
 
 
 def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
+    """A count from the body, 1 to the engine's largest quantity (a larger one is the client's
+    error, not the engine's: refused here rather than by the engine or ctypes)."""
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _Refusal(400, "invalid_request", f"{name} must be a positive integer", None)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUANTITY:
+        message = f"{name} must be a positive integer, at most {MAX_QUANTITY}"
+        raise _Refusal(400, "invalid_request", message, None)
     return value
 
 
