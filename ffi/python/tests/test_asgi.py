@@ -281,6 +281,17 @@ def test_streamed_usage_is_settled_for_both_apis(engine, gateway, upstream):
     assert engine.credits("@ed") == 1_000_000 - 2 * (2_000 + 120)
 
 
+def test_tokens_past_the_largest_quantity_from_the_upstream_still_settle(engine, gateway, upstream):
+    engine.create_user("fa", "tp-fa-1", at_ms=T)
+    engine.top_up("@fa", 1_000_000, at_ms=T)
+    # An upstream's usage the engine cannot take as one quantity (2^40), or ctypes as a
+    # uint64_t: settled all the same (at most what was held), never left open for its lease.
+    for prompt in (2**41, 2**70):
+        upstream.tokens = (prompt, 1)
+        assert request(gateway, CHAT, chat(max_tokens=1000), key="tp-fa-1").status == 200
+        assert engine.usage("tp-fa-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
 def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(
     engine, gateway, upstream
 ):

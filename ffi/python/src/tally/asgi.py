@@ -597,7 +597,9 @@ class QuotaMiddleware:
             return
         actual = dict(metered.quantities)
         if tokens is not None and "tokens" in actual:
-            actual["tokens"] = tokens
+            # An upstream's count past the engine's bound on a quantity would fail the settle
+            # and leave the reservation open until its lease ends.
+            actual["tokens"] = min(tokens, MAX_QUANTITY)
         settled = await self._after_response(self.engine.settle, reservation, actual)
         if settled is not None and not settled.admitted:
             # More than the estimate, and the rest does not fit (credits short): charge what
