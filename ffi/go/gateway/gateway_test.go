@@ -31,6 +31,8 @@ type fakeUpstream struct {
 	fail   atomic.Bool
 	served atomic.Int64
 	wrong  atomic.Int64 // calls that arrived without the upstream's key
+	// usage, if set, is the "usage" object of non-streamed OpenAI answers.
+	usage atomic.Pointer[string]
 }
 
 func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -73,7 +75,11 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if anthropic {
 		fmt.Fprint(w, `{"type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":10,"output_tokens":20}}`)
 	} else {
-		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}`)
+		usage := `{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}`
+		if set := f.usage.Load(); set != nil {
+			usage = *set
+		}
+		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":`+usage+`}`)
 	}
 }
 
@@ -314,6 +320,38 @@ func TestTokensTheUpstreamReportsAreSettled(t *testing.T) {
 	want := 4 * (prices["requests"] + tokensPerCall*prices["tokens"])
 	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
 		t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+	}
+}
+
+func TestTokensPastTheLargestQuantityAreSettledNotLeftOpen(t *testing.T) {
+	h := start(t)
+	h.user(t, "bu", "tp-bu", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	bar := func() uint64 {
+		usage, err := h.engine.Usage("tp-bu", t0.Add(time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if usage.OpenReservations != 0 {
+			t.Fatalf("%d reservations left open", usage.OpenReservations)
+		}
+		return usage.Limits[0].Used
+	}
+	// Past the largest quantity (2^40): the settle must still close the reservation.
+	tooMany := `{"total_tokens":2199023255552}`
+	h.upstream.usage.Store(&tooMany)
+	if a := h.call(t, false, "tp-bu", "MiniMax-M2.7", false); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	before := bar()
+	// An input and output whose sum wraps around uint64 to 1 token must not charge 1 token.
+	wrapping := `{"prompt_tokens":18446744073709551615,"completion_tokens":2}`
+	h.upstream.usage.Store(&wrapping)
+	if a := h.call(t, false, "tp-bu", "MiniMax-M2.7", false); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	if charged, least := bar()-before, prices["requests"]+256*prices["tokens"]; charged < least {
+		t.Fatalf("a wrapped-around token count charged %d, less than the estimate's %d", charged, least)
 	}
 }
 

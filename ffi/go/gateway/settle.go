@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
+	"math"
 	"net/http"
 	"strings"
 	"sync"
@@ -60,6 +61,9 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	upstreamFailed(api, "the upstream failed: "+err.Error()).write(w, api)
 }
 
+// maxQuantity is the engine's bound on one quantity (ErrBadQuantity past it).
+const maxQuantity = 1 << 40
+
 // settle charges one request and the tokens the upstream reported (the estimate if it
 // reported none). If more tokens than reserved no longer fit, the estimate is charged: the
 // tokens were spent either way.
@@ -70,6 +74,11 @@ func (c *call) settle(counter tokenCounter) {
 	tokens, seen := counter.tokens()
 	if !seen {
 		tokens = c.estimate
+	}
+	// A count past the engine's bound on a quantity would fail the settle and leave the
+	// reservation open until its lease ends.
+	if tokens > maxQuantity {
+		tokens = maxQuantity
 	}
 	actual := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
 	if tokens > 0 {
@@ -225,12 +234,15 @@ func (t *tokenCounter) tokens() (uint64, bool) {
 	if t.input == nil && t.output == nil {
 		return 0, false
 	}
-	var sum uint64
+	var input, output uint64
 	if t.input != nil {
-		sum += *t.input
+		input = *t.input
 	}
 	if t.output != nil {
-		sum += *t.output
+		output = *t.output
 	}
-	return sum, true
+	if input > math.MaxUint64-output {
+		return math.MaxUint64, true // saturated, not wrapped around to a few tokens
+	}
+	return input + output, true
 }
