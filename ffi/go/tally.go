@@ -42,7 +42,7 @@ const Version = C.TALLY_VERSION
 // Bounds from the header.
 const (
 	MaxBatch         = C.TALLY_MAX_BATCH           // requests per ConsumeMany
-	MaxIDBytes       = C.TALLY_MAX_ID_BYTES        // key, user, team, request id, cursor name
+	MaxIDBytes       = C.TALLY_MAX_ID_BYTES        // key, user, team, request id, cursor name (a Default Team, "@" + user, one more)
 	MaxNameBytes     = C.TALLY_MAX_NAME_BYTES      // resource or plan name
 	MaxDocumentBytes = C.TALLY_MAX_DOCUMENT_BYTES  // path or inline policy
 	MaxQuantities    = C.TALLY_MAX_QUANTITIES      // quantities per request (one per unit)
