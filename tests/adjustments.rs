@@ -210,6 +210,85 @@ fn a_refund_gives_credits_back_whole_after_its_policy_generation_is_dropped() {
     assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
 }
 
+/// A reservation settled for less gives back the unused part of its hold, however many policy
+/// swaps came while it was open: on credits, the price of the unused units (priced in the
+/// reservation's own generation); on plan quota, the unused units. Once more swaps than
+/// `max_policy_generations` came, the reservation's generation was let go, and a settle for
+/// less gave back nothing of a hold on credits (while reporting the units released) nor of
+/// one on plan quota. A reopen (the log replayed) and `verify` agree.
+#[test]
+fn a_reservation_settled_for_less_after_more_swaps_than_generations_kept_gives_the_rest_back() {
+    let dir = TempDir::new("settle-less-after-swaps");
+    let options = tally_engine::OpenOptions {
+        engine: EngineOptions {
+            max_policy_generations: 2,
+            ..EngineOptions::default()
+        },
+        ..sync_options()
+    };
+    let engine = open(dir.path(), Policy::token_plan(), options.clone());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.create_user("bob", "key-bob", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 100_000, Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@bob", "bob", "Starter", Some(T0_MS))
+        .unwrap();
+    let reserve = |key: &str, quantities: &[(Unit, u64)]| {
+        let request = UsageRequest::new(key, "m2.7", quantities).at(T0_MS + 1);
+        let outcome = engine.reserve(&request, None).unwrap();
+        outcome.reservation.expect("reserved")
+    };
+    // 1 request and 10,000 tokens: 2,000 + 10,000 micro-credits.
+    let on_credits = reserve("key-ada", &[(Unit::Requests, 1), (Unit::Tokens, 10_000)]);
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 88_000);
+    let on_quota = reserve("key-bob", &[(Unit::Requests, 100)]);
+    for (swap, amount) in [2_000, 2_500, 3_000].into_iter().enumerate() {
+        engine
+            .swap_policy(plus_amount(amount), Some(T0_MS + 2 + swap as u64))
+            .unwrap();
+    }
+    let settled = engine
+        .settle(
+            on_credits,
+            &[(Unit::Requests, 1), (Unit::Tokens, 10)],
+            Some(T0_MS + 10),
+        )
+        .unwrap();
+    assert!(matches!(settled, tally_engine::SettleOutcome::Settled(_)));
+    assert_eq!(
+        engine.credits_micros("@ada").unwrap(),
+        100_000 - 2_010,
+        "the unused 9,990 tokens' credits came back"
+    );
+    engine
+        .settle(on_quota, &[(Unit::Requests, 40)], Some(T0_MS + 10))
+        .unwrap();
+    let used = |engine: &Engine| engine.usage("key-bob", Some(T0_MS + 10)).unwrap().limits[0].used;
+    assert_eq!(used(&engine), 40, "the unused 60 requests came back");
+    // With nothing open, the next swap lets the old generations go as before.
+    engine
+        .swap_policy(plus_amount(3_500), Some(T0_MS + 11))
+        .unwrap();
+    let before = state(
+        &engine,
+        &["key-ada", "key-bob"],
+        &["@ada", "@bob"],
+        T0_MS + 12,
+    );
+    drop(engine);
+    let engine = open(dir.path(), plus_amount(3_500), options.clone());
+    let after = state(
+        &engine,
+        &["key-ada", "key-bob"],
+        &["@ada", "@bob"],
+        T0_MS + 12,
+    );
+    assert_same_state(&after, &before, "after a reopen");
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), options).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
 /// A refund whose event cannot be logged gives nothing back, also when it gave back the
 /// receipt's whole charge because the receipt's policy generation is no longer kept: the
 /// undo takes the credits again without that generation.

@@ -1101,6 +1101,9 @@ impl Engine {
         // here until the new policy is installed (written ahead), so letting the gate go
         // after the append would let no chunk on.
         let _gate = self.append_gate.write();
+        // The open reservations, unchanged until the swap is logged and the old generations
+        // let go (below): as a checkpoint's cut, the reservation table comes after the gate.
+        let reservations = self.reservations.inner.lock();
         // The remembered decisions are renamed for the new policy with the rest (lock order:
         // append gate, then request-id shards before the policy list).
         let mut requests = self.requests.lock_all();
@@ -1163,7 +1166,18 @@ impl Engine {
         self.set_horizons_for(&policy);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);
-        let excess = policies.len().saturating_sub(kept);
+        // Not from the oldest generation an open reservation's receipt names on: settling it
+        // for less prices what it gives back (credits, pay-as-you-go) and finds its hold's
+        // counters through that generation and every later one. Let go, a settle gave back
+        // nothing of a hold on credits and reported the unused part released.
+        let held = reservations
+            .open
+            .values()
+            .map(|reservation| reservation.receipt.generation as usize)
+            .min()
+            .unwrap_or(usize::MAX);
+        drop(reservations);
+        let excess = policies.len().saturating_sub(kept).min(held);
         for generation in policies.iter_mut().take(excess) {
             *generation = None;
         }
