@@ -914,7 +914,8 @@ struct Compiler {
     /// the checks added in format 3 for policies being loaded are skipped (a resource named
     /// "*", a meter name with ':' or a limit naming an implicit meter, a plan price past
     /// credits, an empty plan, repeated covers and maximums and maximums on what a plan does
-    /// not cover, durations repeating a unit, the document's size), and what they refuse
+    /// not cover, durations repeating a unit, the document's size, a plan's second limit on a
+    /// meter and rolling span with other buckets), and what they refuse
     /// compiles as earlier builds compiled it.
     logged: bool,
     counters: Vec<CounterSpec>,
@@ -1337,7 +1338,16 @@ impl Compiler {
         for (index, limit) in plan.limits.iter().enumerate() {
             let limit_field = format!("{field}.limits[{index}]");
             let compiled = self.compile_limit(&limit_field, limit)?;
-            if limits.iter().any(|other| other.counter == compiled.counter) {
+            // Nor the same meter over the same span with other buckets: a seat change or swap
+            // carries a key's count into one counter per meter and span, so the other would
+            // start from 0.
+            let logged = self.logged;
+            if limits.iter().any(|other| {
+                other.counter == compiled.counter
+                    || (!logged
+                        && other.meter == compiled.meter
+                        && same_window_ignoring_buckets(other.window, compiled.window))
+            }) {
                 return Err(PolicyError::new(
                     limit_field,
                     format!("a second limit on {}", compiled.name),
@@ -2150,6 +2160,35 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         .expect("valid");
         let plan = policy.plan(policy.plan_id("P").expect("plan"));
         assert_eq!(plan.maximums[1][Unit::Images.index()], 2);
+    }
+
+    /// Two limits of a plan on the same meter over the same rolling span, differing only in
+    /// their buckets, were accepted as two counters. A seat change (or swap) carries a key's
+    /// count into only one of them, so the other started from 0: a key that used 8 requests on
+    /// plan X (20 per 5 h) and moved to Y (20 per 5 h, and 10 per 5 h with wider buckets) was
+    /// admitted 10 more, 18 in 5 hours on a plan limited to 10.
+    #[test]
+    fn a_second_limit_on_the_same_meter_and_span_with_other_buckets_is_refused() {
+        let limit = |amount: u64, bucket: &str| {
+            format!(
+                r#"{{ resource = "chat", unit = "requests", amount = {amount}, window = "rolling:5h", bucket = "{bucket}" }}"#
+            )
+        };
+        let text = format!(
+            "{CHAT_AND_IMAGE}[plans.Y]\nlimits = [{}, {}]\n",
+            limit(20, "60s"),
+            limit(10, "120s")
+        );
+        let error = refused(&text);
+        assert_eq!(error.field, r#"plans."Y".limits[1]"#, "{error}");
+        assert!(error.problem.contains("second limit"), "{error}");
+        // Other plans may count the same span with other buckets: a seat change reshapes.
+        let text = format!(
+            "{CHAT_AND_IMAGE}[plans.X]\nlimits = [{}]\n[plans.Y]\nlimits = [{}]\n",
+            limit(20, "60s"),
+            limit(10, "120s")
+        );
+        Policy::from_toml_str(&text).expect("valid");
     }
 
     /// `covers = ["*"]` means every resource, so a resource called "*" could not be covered
