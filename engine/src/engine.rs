@@ -108,7 +108,10 @@ pub struct EngineOptions {
     /// The lease of a reservation made without one, 1 to `MAX_LEASE_MS` (24 h).
     pub default_lease_ms: u64,
     /// Policies kept so receipts from before a swap can still be refunded exactly:
-    /// `MIN_POLICY_GENERATIONS` (2) to `MAX_POLICY_GENERATIONS` (65,536).
+    /// `MIN_POLICY_GENERATIONS` (2) to `MAX_POLICY_GENERATIONS` (65,536). More while a
+    /// reservation opened under an older one is open (at most its lease, 24 h): that
+    /// generation and every later one are kept until it closes, so its settle gives back
+    /// exactly what it does not use.
     pub max_policy_generations: usize,
     /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
     /// at most 512 keys of one shard at a time from the admission path, the steps spread over

@@ -212,7 +212,10 @@ pub extern "C" fn tally_options_set_default_lease_ms(
 }
 
 /// Policies kept so requests admitted before a swap are still refunded exactly:
-/// `TALLY_MIN_POLICY_GENERATIONS` to `TALLY_MAX_POLICY_GENERATIONS` (default 1,024).
+/// `TALLY_MIN_POLICY_GENERATIONS` to `TALLY_MAX_POLICY_GENERATIONS` (default 1,024). More while
+/// a reservation opened under an older one is open (at most its lease, 24 h): that generation
+/// and every later one are kept until it closes, so its settle gives back exactly what it does
+/// not use.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]
