@@ -493,12 +493,13 @@ impl<'a> Builder<'a> {
 
 /// The rolling limit chat moves on `plan`, and whether it counts plain requests (as the
 /// newer seed's plans do) rather than a priced bar.
-fn chat_rolling_limit(plan: &Plan, chat: ResourceId) -> Option<(&Limit, bool)> {
+fn chat_rolling_limit(plan: &Plan, chat: ResourceId) -> Option<(usize, &Limit, bool)> {
     plan.touches[chat.index()].iter().find_map(|touch| {
-        let limit = &plan.limits[usize::from(touch.limit)];
+        let index = usize::from(touch.limit);
+        let limit = &plan.limits[index];
         let by_requests =
             touch.weights[Unit::Requests.index()] > 0 && touch.weights[Unit::Tokens.index()] == 0;
-        limit.window.shape().map(|_| (limit, by_requests))
+        limit.window.shape().map(|_| (index, limit, by_requests))
     })
 }
 
@@ -508,8 +509,9 @@ fn upgrade_pair(policy: &Policy, catalog: &Catalog) -> Option<(PlanId, PlanId)> 
     (0..policy.plans().len())
         .filter_map(|index| {
             let plan = policy.plan(PlanId(index as u16));
-            let (limit, by_requests) = chat_rolling_limit(plan, catalog.chat_for(Some(plan)))?;
-            let to = limit.upgrade?;
+            let (limit_index, limit, by_requests) =
+                chat_rolling_limit(plan, catalog.chat_for(Some(plan)))?;
+            let to = plan.next_bigger(limit_index)?;
             Some(((!by_requests, limit.amount), (PlanId(index as u16), to)))
         })
         .min()
@@ -523,7 +525,7 @@ fn downgrade_pair(policy: &Policy, catalog: &Catalog) -> Option<(PlanId, PlanId)
     let candidates = plans.iter().enumerate().flat_map(|(from_index, from)| {
         let chat_limit = chat_rolling_limit(from, catalog.chat_for(Some(from)));
         plans.iter().enumerate().filter_map(move |(to_index, to)| {
-            let (limit, by_requests) = chat_limit?;
+            let (_, limit, by_requests) = chat_limit?;
             let smaller = to
                 .limits
                 .iter()

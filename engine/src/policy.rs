@@ -476,8 +476,6 @@ pub struct Limit {
     /// `window.shape()`, worked out once: admission needs it on every request, and it costs a
     /// division.
     pub shape: Option<crate::window::RollingShape>,
-    /// The plan with the smallest larger amount on the same counter: the next bigger plan.
-    pub upgrade: Option<PlanId>,
 }
 
 /// The limits of a plan that one resource's usage moves, with the weight of each unit.
@@ -508,10 +506,18 @@ pub struct Plan {
     /// Indexed like `limits`: every plan with a larger amount on the same counter, smallest
     /// amount first (`upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
     /// on every request.
-    pub limit_upgrades: Vec<Box<[(u64, PlanId)]>>,
+    pub limit_upgrades: Vec<Upgrades>,
 }
 
 impl Plan {
+    /// The plan with the smallest larger amount on limit `limit`'s counter: the next bigger plan.
+    pub fn next_bigger(&self, limit: usize) -> Option<PlanId> {
+        self.limit_upgrades
+            .get(limit)?
+            .first()
+            .map(|(_, plan)| *plan)
+    }
+
     /// The upgrade to suggest for a request of `amount` that limit `limit` refused with `used`
     /// counted: the smallest plan with a larger amount on the same counter that takes the
     /// request now (a seat change keeps what is used), else the smallest that takes it once
@@ -1451,7 +1457,6 @@ impl Compiler {
             amount: limit.amount,
             window,
             shape: window.shape(),
-            upgrade: None,
         })
     }
 
@@ -1583,36 +1588,39 @@ fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanI
         .map(|(index, _)| PlanId(index as u16))
 }
 
-/// For each limit, every plan with a larger amount on the same counter, smallest first (the
-/// first is `upgrade`).
+/// Every plan with a larger amount on a limit's counter, with that amount, smallest first.
+type Upgrades = Box<[(u64, PlanId)]>;
+
+/// For each limit, every plan with a larger amount on the same counter, smallest first.
 fn link_upgrades(plans: &mut [Plan]) {
-    let mut upgrades = Vec::new();
-    for (plan_index, plan) in plans.iter().enumerate() {
-        for (limit_index, limit) in plan.limits.iter().enumerate() {
-            let mut bigger: Vec<(u64, PlanId)> = plans
+    let upgrades: Vec<Vec<Upgrades>> = plans
+        .iter()
+        .map(|plan| {
+            plan.limits
                 .iter()
-                .enumerate()
-                .filter_map(|(other_index, other)| {
-                    other
-                        .limits
+                .map(|limit| {
+                    let mut bigger: Vec<(u64, PlanId)> = plans
                         .iter()
-                        .find(|candidate| {
-                            candidate.counter == limit.counter && candidate.amount > limit.amount
+                        .enumerate()
+                        .filter_map(|(other_index, other)| {
+                            other
+                                .limits
+                                .iter()
+                                .find(|candidate| {
+                                    candidate.counter == limit.counter
+                                        && candidate.amount > limit.amount
+                                })
+                                .map(|candidate| (candidate.amount, PlanId(other_index as u16)))
                         })
-                        .map(|candidate| (candidate.amount, PlanId(other_index as u16)))
+                        .collect();
+                    bigger.sort_unstable();
+                    bigger.into_boxed_slice()
                 })
-                .collect();
-            bigger.sort_unstable();
-            upgrades.push((plan_index, limit_index, bigger));
-        }
-    }
-    for plan in plans.iter_mut() {
-        plan.limit_upgrades = (0..plan.limits.len()).map(|_| Box::default()).collect();
-    }
-    for (plan_index, limit_index, bigger) in upgrades {
-        let plan = &mut plans[plan_index];
-        plan.limits[limit_index].upgrade = bigger.first().map(|(_, plan)| *plan);
-        plan.limit_upgrades[limit_index] = bigger.into_boxed_slice();
+                .collect()
+        })
+        .collect();
+    for (plan, upgrades) in plans.iter_mut().zip(upgrades) {
+        plan.limit_upgrades = upgrades;
     }
 }
 
