@@ -2000,6 +2000,111 @@ fn a_policy_swap_that_cannot_carry_usage_as_it_means_is_refused_and_changes_noth
     );
 }
 
+/// A swap that moves a plan's limit to another window is refused, naming the new limit's
+/// window, and changes nothing: the count carries only to the same meter over the same span,
+/// so Starter's 1,500 requests of the last 5 hours would have been dropped and a 6-hour window
+/// would have admitted 1,500 more at once (and Plus's 50 images of today again in a weekly
+/// window). The way there is two swaps: one without the limit (its count dropped on purpose),
+/// then the new window, which starts from 0. A window added beside the kept one moves no count.
+#[test]
+fn a_policy_swap_that_moves_a_limit_to_another_window_is_refused_and_changes_nothing() {
+    let engine = engine();
+    let starter = seated(&engine, "ada", "Starter");
+    let plus = seated(&engine, "bob", "Plus");
+    assert_eq!(m27_requests(&engine, &starter, 1500, T0_MS), 1500);
+    let images = |count: u64, at_ms: u64| {
+        admit_count(&engine, &plus, "image-01", Unit::Images, count, at_ms)
+    };
+    assert_eq!(images(50, T0_MS), 50, "Plus: 50 images a day");
+    let five_hours =
+        r#"{ resource = "m2.7", unit = "requests", amount = 1500, window = "rolling:5h" }"#;
+    let six_hours =
+        r#"{ resource = "m2.7", unit = "requests", amount = 1500, window = "rolling:6h" }"#;
+    let daily_images =
+        r#"{ resource = "image-01", unit = "images", amount = 50, window = "daily" }"#;
+    let weekly_images =
+        r#"{ resource = "image-01", unit = "images", amount = 50, window = "weekly" }"#;
+    for (old, new, field, windows) in [
+        (
+            five_hours,
+            six_hours,
+            r#"plans."Starter".limits[0].window"#,
+            ["rolling:6h", "rolling:5h"],
+        ),
+        (
+            daily_images,
+            weekly_images,
+            r#"plans."Plus".limits[2].window"#,
+            ["weekly", "daily"],
+        ),
+    ] {
+        assert_eq!(TOKEN_PLAN_TOML.matches(old).count(), 1);
+        let moved =
+            Policy::from_toml_str(&TOKEN_PLAN_TOML.replace(old, new)).expect("a valid policy");
+        let before = (
+            engine.usage(&starter, Some(T0_MS)).expect("report"),
+            engine.usage(&plus, Some(T0_MS)).expect("report"),
+        );
+        let refused = engine
+            .swap_policy(moved, Some(T0_MS + MINUTE_MS))
+            .expect_err("refused");
+        match &refused {
+            Error::Policy(error) => {
+                assert_eq!(error.field, field, "{refused}");
+                for window in windows {
+                    assert!(error.problem.contains(window), "{refused}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(engine.policy().generation(), 0, "nothing swapped");
+        let after = (
+            engine.usage(&starter, Some(T0_MS)).expect("report"),
+            engine.usage(&plus, Some(T0_MS)).expect("report"),
+        );
+        assert_eq!(after, before);
+    }
+    assert_eq!(
+        m27_requests(&engine, &starter, 1, T0_MS + 2 * MINUTE_MS),
+        0,
+        "still used up"
+    );
+    assert_eq!(images(1, T0_MS + 2 * MINUTE_MS), 0, "still used up");
+
+    // A weekly window beside the daily one: the daily count carries, the weekly starts at 0.
+    let beside = format!("{daily_images},\n  {weekly_images}");
+    let both = Policy::from_toml_str(&TOKEN_PLAN_TOML.replacen(daily_images, &beside, 1))
+        .expect("a valid policy");
+    engine
+        .swap_policy(both, Some(T0_MS + 3 * MINUTE_MS))
+        .expect("a window added");
+    assert_eq!(
+        images(1, T0_MS + 4 * MINUTE_MS),
+        0,
+        "the day's 50 still counted"
+    );
+
+    // Two swaps: Starter without its 5-hour limit, then with a 6-hour one, which starts at 0.
+    let without = TOKEN_PLAN_TOML.replace(&format!("  {five_hours},\n"), "");
+    assert_ne!(without, TOKEN_PLAN_TOML);
+    engine
+        .swap_policy(
+            Policy::from_toml_str(&without).expect("valid"),
+            Some(T0_MS + 5 * MINUTE_MS),
+        )
+        .expect("the limit removed");
+    engine
+        .swap_policy(
+            Policy::from_toml_str(&TOKEN_PLAN_TOML.replace(five_hours, six_hours)).expect("valid"),
+            Some(T0_MS + 6 * MINUTE_MS),
+        )
+        .expect("the limit back, over 6 hours");
+    assert_eq!(
+        m27_requests(&engine, &starter, 1501, T0_MS + 7 * MINUTE_MS),
+        1500
+    );
+}
+
 #[test]
 fn a_policy_swap_that_changes_the_bucket_width_keeps_usage() {
     let engine = engine();

@@ -78,7 +78,10 @@ limits = [{ meter = "bar", amount = 30000, window = "rolling:2h" }]
 "#;
 
 /// The policies a case swaps between: 0 is `POLICY`; 1 changes amounts (usage carries over);
-/// 2 also changes Small's rolling window to 90 minutes (its usage there starts afresh).
+/// 2 re-buckets Small's rolling window to 2-minute buckets (its usage re-bucketed) and
+/// removes Small's daily limit (its count kept, unread, in the daily counter Daily's plan
+/// still has, and read again after a swap back to 0). Moving a limit to another window is
+/// refused (`Policy::check_swap_to`).
 fn policy_version(version: usize) -> Policy {
     let text = match version {
         0 => POLICY.to_string(),
@@ -86,8 +89,9 @@ fn policy_version(version: usize) -> Policy {
             .replace("amount = 6,", "amount = 9,")
             .replace("amount = 3,", "amount = 5,"),
         _ => POLICY.replace(
-            "amount = 6, window = \"rolling:1h\"",
-            "amount = 7, window = \"rolling:90m\"",
+            "amount = 6, window = \"rolling:1h\", bucket = \"60s\" },\n  \
+             { resource = \"chat\", unit = \"requests\", amount = 15, window = \"daily\" },",
+            "amount = 7, window = \"rolling:1h\", bucket = \"120s\" },",
         ),
     };
     assert!(version == 0 || text != POLICY, "policy {version} differs");

@@ -775,8 +775,12 @@ impl Policy {
     /// one's; a calendar window new in `new` starts from 0 and may be in any zone; another
     /// name for the same offsets, such as an alias, is no change). A weighted
     /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
-    /// already charged at the old prices.
+    /// already charged at the old prices. And a plan kept by name whose limit on a meter kept
+    /// by name moves to another window (`rolling:5h` to `rolling:6h`, `daily` to `weekly`):
+    /// its seated keys' count so far would be dropped and the new window start from 0
+    /// (`check_windows_kept`).
     pub fn check_swap_to(&self, new: &Policy) -> Result<(), PolicyError> {
+        self.check_windows_kept(new)?;
         let calendar_carried = (0..self.counters.len()).any(|index| {
             let counter = CounterId(index as u16);
             matches!(self.counter(counter).window, Window::Calendar(_))
@@ -806,6 +810,55 @@ impl Policy {
                         "counts {is} where the current policy's counts {was}: its count so far \
                          cannot carry over; give the new meter another name (it then starts \
                          from 0)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a swap that moves a plan's limit to another window, naming the new limit's
+    /// `window`: the plan (by name) limits a meter (by name) over a window the new plan does
+    /// not, and the new plan limits it over one the old plan did not. A count carries only to
+    /// the same meter over the same span (buckets may differ: re-bucketed), so the seated keys'
+    /// count in the old window would be dropped and the new window would admit it again.
+    /// Adding a window beside those kept, or removing one, moves no count and is let through;
+    /// so the route to another window is two swaps, the first removing the limit (its count
+    /// dropped on purpose).
+    fn check_windows_kept(&self, new: &Policy) -> Result<(), PolicyError> {
+        for new_plan in &new.plans {
+            let Some(old_plan) = self.plan_id(&new_plan.name).map(|plan| self.plan(plan)) else {
+                continue;
+            };
+            let windows_on = |policy: &Policy, plan: &Plan, meter: &str| -> Vec<Window> {
+                plan.limits
+                    .iter()
+                    .filter(|limit| &*policy.meter(limit.meter).name == meter)
+                    .map(|limit| limit.window)
+                    .collect()
+            };
+            for (index, limit) in new_plan.limits.iter().enumerate() {
+                let meter = &*new.meter(limit.meter).name;
+                let old_windows = windows_on(self, old_plan, meter);
+                if old_windows.iter().any(|old| old.span_equals(limit.window)) {
+                    continue;
+                }
+                let new_windows = windows_on(new, new_plan, meter);
+                let Some(dropped) = old_windows
+                    .iter()
+                    .find(|old| !new_windows.iter().any(|new| new.span_equals(**old)))
+                else {
+                    continue;
+                };
+                return Err(PolicyError::new(
+                    format!("plans.{:?}.limits[{index}].window", &*new_plan.name),
+                    format!(
+                        "{} on {meter:?} where the current policy's {:?} counts it over \
+                         {dropped}: a swap carries a count only to the same meter over the same \
+                         window, so the count so far would be dropped and admitted again. To \
+                         start this window from 0, swap first to a policy whose {:?} has no \
+                         {dropped} limit on {meter:?} (its count is dropped), then to this one",
+                        limit.window, &*old_plan.name, &*new_plan.name
                     ),
                 ));
             }

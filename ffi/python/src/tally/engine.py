@@ -590,7 +590,9 @@ class Engine:
         Refused, changing nothing: a swap that drops a plan someone is seated on
         (``InvalidArgumentError``), and one whose usage could not carry over as it means
         (``PolicyInvalidError`` naming the field): a meter kept by name that counts another
-        unit, or a time zone changed under a calendar window that carries over.
+        unit, a time zone changed under a calendar window that carries over, or a plan's
+        limit moved to another window (``rolling:5h`` to ``rolling:6h``, ``daily`` to
+        ``weekly``: its count so far would be dropped).
         """
         source, document, document_len = _policy(policy)
         errors.check(
