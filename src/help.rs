@@ -102,7 +102,8 @@ Operator commands, on the database at --db (default: ./tally-data):
   verify                         Check the database; exit status 1 if it is not sound
   compact                        Checkpoint, then drop usage events past the retention
   policy PATH                    Swap the database's policy for the one in PATH (usage carries
-                                 over; refused if it drops a plan someone holds a seat on)
+                                 over; refused if it drops a plan someone holds a seat on, or
+                                 moves a plan's limit to another window)
   help [COMMAND]                 Print this help, or a command's
 
 Options:
@@ -345,9 +346,13 @@ Options:
 const POLICY_HELP: &str = "\
 Swap the database's policy for the one in PATH (.toml or .json), as a logged event: usage
 carries over for every limit whose meter and window stay, and seats move to the plan of the
-same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on.
-A policy equal to the one the database runs changes nothing. This is the one command that
-changes a database's policy: any other command given a --policy that differs is refused.
+same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on,
+changes the time zone of daily, weekly or monthly windows that carry over, counts another unit
+under a meter's name, or moves a plan's limit to another window (rolling:5h to rolling:6h,
+daily to weekly: its count so far could not follow; remove the limit in one swap, its count
+dropped, and add the new window in the next). A policy equal to the one the database runs
+changes nothing. This is the one command that changes a database's policy: any other command
+given a --policy that differs is refused.
 
 Usage: tally policy PATH [OPTIONS]
 
