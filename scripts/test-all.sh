@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone on a fresh machine: installs what is missing, then
-# runs formatting and lint checks, every Rust test, the benchmark in quick test mode and the
-# main job once. Exits non-zero on the first failure.
+# runs formatting and lint checks, every Rust test, the loom models, the benchmark in quick test
+# mode and the main job once. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +25,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "tests (debug, with debug assertions on the hot path)"
 cargo test --workspace --no-fail-fast
+
+step "loom: the lock-free windows model-checked under every interleaving of their models"
+bash scripts/test-loom.sh
 
 step "stress: the racing tests over and over for three minutes, every core kept busy"
 bash scripts/stress.sh 180

@@ -20,7 +20,14 @@
 //! under-counts and concurrent consumers never over-admit.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+// loom's atomics in a model-checking build (`--cfg tally_loom`, `loom_models` below): every
+// interleaving of the models' threads is run against the same code the engine runs.
+#[cfg(tally_loom)]
+use loom::sync::atomic::{AtomicU32, AtomicU64};
+#[cfg(not(tally_loom))]
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use allocator_api2::boxed::Box;
 
@@ -482,6 +489,7 @@ impl RollingWindow {
                 .compare_exchange_weak(head, epoch, Ordering::SeqCst, Ordering::Acquire)
             {
                 Ok(_) => {
+                    seq_cst_between_write_and_read();
                     let first = head
                         .saturating_add(1)
                         .max(epoch.saturating_sub(shape.buckets));
@@ -702,6 +710,7 @@ impl RollingWindow {
                     if stale > 0 {
                         self.subtract_total(stale);
                     }
+                    seq_cst_between_write_and_read();
                     // A request that moved the head past `epoch` meanwhile may have swept this
                     // slot before the write landed, found nothing to clear and gone on: then
                     // nothing would take these units out of the total until the slot's next
@@ -1043,6 +1052,19 @@ impl RollingWindow {
             .map(|index| self.slots.load(index).1.count)
             .sum()
     }
+}
+
+/// Orders a write before a later read of another word, as the SeqCst accesses on both sides
+/// already do: a head move before its sweep reads the slots, a slot write before `aged_out`
+/// reads the head (see `Slots::load`: at least one side sees the other's write). Nothing in the
+/// engine's build. In the loom build (`loom_models`) a `fence(SeqCst)`: loom models SeqCst
+/// accesses as AcqRel (it does model SeqCst fences), which would let both sides miss each
+/// other's write, an execution the C11 model rules out for SeqCst accesses and a model check
+/// must not report.
+#[inline(always)]
+fn seq_cst_between_write_and_read() {
+    #[cfg(tally_loom)]
+    loom::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Hints the CPU to start loading the cache line at `pointer` now; a no-op off x86-64. The
@@ -1691,5 +1713,232 @@ mod tests {
         assert_eq!(counter.refund(7, 1), 0);
         assert_eq!(counter.refund(8, 2), 2);
         assert_eq!(counter.used(8).used, 3);
+    }
+}
+
+/// Model checks of the ring's and the calendar counter's lock-free protocols: loom runs each
+/// model under every interleaving of its threads' atomic operations (and the weaker orderings'
+/// possible reads), with the ring's debug assertions on (`total` never below zero, a bucket
+/// never past its slot). Small rings (two buckets, three slots) make every move a lap and every
+/// jump a sweep of each slot. Run by `scripts/test-loom.sh`; the stress tests in `tests` and
+/// `tests/concurrency.rs` cover what a model cannot (many threads, real rings).
+#[cfg(all(test, tally_loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Two buckets of 1 ms, three slots: epochs 0 and 3 share a slot, a lap apart.
+    const SHAPE: RollingShape = RollingShape {
+        bucket_ms: 1,
+        buckets: 2,
+    };
+
+    /// As the admission path does one limit: move to the request's epoch (or the newer head),
+    /// reserve in the total, record in the bucket.
+    fn admit(window: &RollingWindow, epoch: u64, amount: u64, limit: u64) -> bool {
+        let epoch = window.advance(SHAPE, epoch);
+        match window.try_reserve(amount, limit) {
+            Ok(_) => {
+                window.record(SHAPE, epoch, amount);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// What the live buckets hold as of the head, which the total must equal once nothing is
+    /// in flight.
+    fn live_sum(window: &RollingWindow) -> u64 {
+        let head = window.head();
+        (head.saturating_sub(SHAPE.buckets)..=head)
+            .map(|bucket| window.live_count(SHAPE, bucket))
+            .sum()
+    }
+
+    fn ring(amount: u64) -> Arc<RollingWindow> {
+        Arc::new(RollingWindow::new(SHAPE, amount))
+    }
+
+    /// Two requests for the last unit under the limit: exactly one is admitted.
+    #[test]
+    fn two_admissions_for_the_last_unit_admit_exactly_one() {
+        loom::model(|| {
+            let window = ring(2);
+            assert!(admit(&window, 0, 1, 2));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let window = Arc::clone(&window);
+                    thread::spawn(move || admit(&window, 1, 1, 2))
+                })
+                .collect();
+            let admitted = racers
+                .into_iter()
+                .map(|racer| racer.join().unwrap())
+                .filter(|admitted| *admitted)
+                .count();
+            assert_eq!(admitted, 1);
+            assert_eq!(window.used(), 2);
+            assert_eq!(window.used(), live_sum(&window));
+        });
+    }
+
+    /// A request recording in bucket 0 while another jumps to epoch 3, whose slot is bucket
+    /// 0's, a lap on: whatever the order, at most one unit counts afterwards, the total is
+    /// exactly what the live buckets hold (nothing left behind in it, nothing lost from it), and
+    /// at least one of the two was admitted.
+    #[test]
+    fn an_admission_racing_a_jump_past_its_bucket_leaves_the_total_exact() {
+        loom::model(|| {
+            let window = ring(1);
+            let early = {
+                let window = Arc::clone(&window);
+                thread::spawn(move || admit(&window, 0, 1, 1))
+            };
+            let late = admit(&window, 3, 1, 1);
+            let early = early.join().unwrap();
+            assert!(early || late);
+            window.advance(SHAPE, 3);
+            assert!(window.used() <= 1);
+            assert_eq!(window.used(), live_sum(&window));
+            // Admitted at 3, the late unit counts until bucket 3 ages out.
+            if late {
+                assert_eq!(window.used(), 1);
+            }
+        });
+    }
+
+    /// A request stamped before the head (a racing thread's older clock) is counted at the
+    /// head, never in a bucket that ages out sooner: with a limit of 1, one of the two is
+    /// admitted, and its unit still counts two buckets after the newer epoch.
+    #[test]
+    fn a_stale_timestamp_is_never_released_before_the_head_it_raced() {
+        loom::model(|| {
+            let window = ring(1);
+            let newer = {
+                let window = Arc::clone(&window);
+                thread::spawn(move || admit(&window, 2, 1, 1))
+            };
+            let older = admit(&window, 0, 1, 1);
+            let newer = newer.join().unwrap();
+            assert!(newer ^ older, "exactly one: bucket 0 is live at epoch 2");
+            window.advance(SHAPE, 2);
+            assert_eq!(window.used(), 1);
+            assert_eq!(window.used(), live_sum(&window));
+            // Released by epoch 5 (bucket 2's end) at the latest; by epoch 3 only if it was
+            // recorded in bucket 0 before the head moved past it.
+            window.advance(SHAPE, 5);
+            assert_eq!(window.used(), 0);
+            assert_eq!(live_sum(&window), 0);
+        });
+    }
+
+    /// A request over two limits reserves on the first, then the second, and gives the first
+    /// back if the second refuses (as `admission` does): both racers fit the first limit, only
+    /// one the second, so exactly one is admitted and neither ring keeps the other's units.
+    #[test]
+    fn an_admission_over_two_limits_takes_both_or_neither() {
+        loom::model(|| {
+            let first = ring(5);
+            let second = ring(2);
+            assert!(admit(&second, 0, 1, 2));
+            let take_both = |first: &RollingWindow, second: &RollingWindow| {
+                let epoch = first.advance(SHAPE, 1);
+                if first.try_reserve(1, 5).is_err() {
+                    return false;
+                }
+                let other = second.advance(SHAPE, 1);
+                if second.try_reserve(1, 2).is_err() {
+                    first.unreserve(1);
+                    return false;
+                }
+                first.record(SHAPE, epoch, 1);
+                second.record(SHAPE, other, 1);
+                true
+            };
+            let racer = {
+                let (first, second) = (Arc::clone(&first), Arc::clone(&second));
+                thread::spawn(move || take_both(&first, &second))
+            };
+            let mine = take_both(&first, &second);
+            let theirs = racer.join().unwrap();
+            assert!(mine ^ theirs);
+            assert_eq!(first.used(), 1);
+            assert_eq!(second.used(), 2);
+            assert_eq!(first.used(), live_sum(&first));
+            assert_eq!(second.used(), live_sum(&second));
+        });
+    }
+
+    /// A refund of bucket 0 racing the sweep that clears it a lap on: the units leave the total
+    /// once, by the refund or by the sweep, never twice (the total's debug assertion) and never
+    /// not at all.
+    #[test]
+    fn a_refund_racing_the_sweep_of_its_bucket_takes_the_units_out_once() {
+        loom::model(|| {
+            let window = ring(5);
+            assert!(admit(&window, 0, 2, 5));
+            let refund = {
+                let window = Arc::clone(&window);
+                thread::spawn(move || window.refund(SHAPE, 0, 2))
+            };
+            window.advance(SHAPE, 3);
+            let given = refund.join().unwrap();
+            assert!(given == 0 || given == 2);
+            assert_eq!(window.used(), 0);
+            assert_eq!(live_sum(&window), 0);
+        });
+    }
+
+    /// Two threads moving the head to different epochs at once (one a whole lap on) while a
+    /// third records: every slot a move passes is swept by exactly one of them, so the total
+    /// ends equal to the live buckets.
+    #[test]
+    fn racing_moves_of_the_head_sweep_each_passed_slot_once() {
+        loom::model(|| {
+            let window = ring(10);
+            assert!(admit(&window, 0, 3, 10));
+            assert!(admit(&window, 1, 2, 10));
+            let movers: Vec<_> = [2u64, 4]
+                .into_iter()
+                .map(|epoch| {
+                    let window = Arc::clone(&window);
+                    thread::spawn(move || window.advance(SHAPE, epoch))
+                })
+                .collect();
+            let admitted = admit(&window, 1, 1, 10);
+            for mover in movers {
+                mover.join().unwrap();
+            }
+            assert!(admitted, "the limit has room for it in every order");
+            window.advance(SHAPE, 4);
+            assert_eq!(window.used(), live_sum(&window));
+            // Buckets 0 and 1 have aged out at 4; the new unit counts only if it was recorded
+            // at the head (4) after the jump.
+            assert!(window.used() <= 1);
+        });
+    }
+
+    /// Two adds on a calendar counter across a period change, a limit of 1 each period: the
+    /// older period's add counts in its own period (before the change) or, once the newer
+    /// period stands, against the newer count, where it is refused; never in a reset count.
+    /// The newer period's add is admitted either way, and the word ends holding its one unit.
+    #[test]
+    fn calendar_adds_across_a_period_change_never_exceed_the_limit() {
+        loom::model(|| {
+            let counter = Arc::new(CalendarCounter::restored(1, 0));
+            let older = {
+                let counter = Arc::clone(&counter);
+                thread::spawn(move || counter.try_add(1, 1, 1))
+            };
+            let newer = counter.try_add(2, 1, 1);
+            let older = older.join().unwrap();
+            assert_eq!(newer, Ok(PeriodUse { period: 2, used: 1 }));
+            match older {
+                Ok(counted) => assert_eq!(counted, PeriodUse { period: 1, used: 1 }),
+                Err(seen) => assert_eq!(seen, PeriodUse { period: 2, used: 1 }),
+            }
+            assert_eq!(counter.raw(), (2, 1));
+        });
     }
 }
