@@ -87,13 +87,28 @@ pub const MAX_ROLLING_AMOUNT: u64 = u32::MAX as u64;
 pub const MAX_CALENDAR_AMOUNT: u64 = (1 << 48) - 1;
 /// The largest quantity of one unit in one request.
 pub const MAX_QUANTITY: u64 = 1 << 40;
-pub const MIN_BUCKET_MS: u64 = 1_000;
+/// The narrowest bucket: a millisecond, the resolution of tally's timestamps. Nothing else
+/// needs a wider floor: a ring's memory, and the slots one move of its head sweeps, are bounded
+/// by `MAX_BUCKETS_PER_WINDOW` whatever the width; its lap tags by the window's length
+/// (`window::MIN_LAP_MS`); epochs, retry and reset times are exact integers of milliseconds.
+pub const MIN_BUCKET_MS: u64 = 1;
+/// The shortest rolling window. Every lap of a ring lasts longer (a window and a bucket), which
+/// is what keeps a wide ring's lap tags from repeating within tally's range of timestamps
+/// (`window::MIN_LAP_MS`); and it leaves room for 210 buckets (8 ms each).
+pub const MIN_ROLLING_WINDOW_MS: u64 = 2 * SECOND_MS;
 pub const MAX_BUCKETS_PER_WINDOW: u64 = 4_096;
 pub const MAX_ROLLING_WINDOW_MS: u64 = 366 * DAY_MS;
 pub const MAX_RESERVATIONS_PER_KEY: u32 = 4_096;
 /// The default bucket width is the window divided by this: the error of a rolling window (how
 /// much later than the exact time a unit is released) is at most one bucket, 1/210 = 0.476%.
 pub const DEFAULT_BUCKETS_PER_WINDOW: u64 = 210;
+/// Windows shorter than this had a 1 s bucket by default until buckets could be shorter than a
+/// second (fewer than 210 buckets: 1.7% on one minute). A database depends on the buckets its
+/// logged policies were compiled with (its rings' shapes, its snapshots), so a logged document
+/// without a bucket on such a window still gets 1 s; a document being loaded gets the new
+/// default and states it (`state_changed_buckets`), so every one logged since has its bucket.
+/// From this length on the two rules agree.
+const ONE_SECOND_DEFAULT_BELOW_MS: u64 = DEFAULT_BUCKETS_PER_WINDOW * SECOND_MS;
 
 const SECOND_MS: u64 = 1_000;
 const MINUTE_MS: u64 = 60 * SECOND_MS;
@@ -108,6 +123,7 @@ const _: () = assert!(
     "default error must be under 0.5%"
 );
 const _: () = assert!(DEFAULT_BUCKETS_PER_WINDOW <= MAX_BUCKETS_PER_WINDOW);
+const _: () = assert!(MIN_ROLLING_WINDOW_MS / DEFAULT_BUCKETS_PER_WINDOW >= MIN_BUCKET_MS);
 const _: () = assert!(MAX_LIMITS_PER_RESOURCE <= MAX_LIMITS_PER_PLAN);
 const _: () = assert!(MAX_QUANTITY <= MAX_CALENDAR_AMOUNT);
 
@@ -211,9 +227,11 @@ pub struct LimitDocument {
     pub amount: u64,
     /// `rolling:5h`, `daily`, `weekly` or `monthly`.
     pub window: String,
-    /// Bucket width of a rolling window, e.g. `90s`; it must divide the window evenly.
-    /// Default: the widest that splits the window into at least 210 equal buckets (80 s, 225
-    /// buckets, for 5 hours).
+    /// Bucket width of a rolling window, e.g. `90s` or `250ms` (at least 1 ms); it must divide
+    /// the window evenly. Default: the widest that splits the window into at least 210 equal
+    /// buckets, in whole seconds where one does (80 s, 225 buckets, for 5 hours; 250 ms, 240
+    /// buckets, for one minute). A policy loaded with a window under 210 s states its default
+    /// bucket here, as the log then keeps it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bucket: Option<String>,
 }
@@ -975,7 +993,9 @@ struct Compiler {
     /// credits, an empty plan, repeated covers and maximums and maximums on what a plan does
     /// not cover, durations repeating a unit, the document's size, a plan's second limit on a
     /// meter and rolling span with other buckets), and what they refuse
-    /// compiles as earlier builds compiled it.
+    /// compiles as earlier builds compiled it. A rolling window under 210 s without a bucket
+    /// gets 1 s, as builds before sub-second buckets gave it (`ONE_SECOND_DEFAULT_BELOW_MS`),
+    /// and the document is kept as logged: nothing is stated in it.
     logged: bool,
     counters: Vec<CounterSpec>,
 }
@@ -1000,7 +1020,7 @@ fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
 }
 
 impl Compiler {
-    fn compile(mut self, document: PolicyDocument) -> Result<Policy, PolicyError> {
+    fn compile(mut self, mut document: PolicyDocument) -> Result<Policy, PolicyError> {
         let calendar = Calendar::new(&document.time_zone)
             .map_err(|error| PolicyError::new("time_zone", error.to_string()))?;
         self.compile_resources(&document)?;
@@ -1020,6 +1040,9 @@ impl Compiler {
         }
         for (name, plan) in &document.plans {
             plans.push(self.compile_plan(name, plan)?);
+        }
+        if !self.logged {
+            state_changed_buckets(&mut document, &plans);
         }
         let plan_ids = plans
             .iter()
@@ -1623,6 +1646,29 @@ impl Compiler {
     }
 }
 
+/// Writes into `document` the bucket each rolling limit without one got where the default
+/// changed (windows under `ONE_SECOND_DEFAULT_BELOW_MS`), so the document as logged says what
+/// it was compiled with: a replay gives it the same buckets, and a logged document without a
+/// bucket on such a window is known to be older (1 s). Longer windows are left as written (their
+/// default did not change), so an existing database's stored policy and the same file loaded
+/// now are still the same document, and opening it swaps nothing. `plans` are `document`'s,
+/// compiled, in its order.
+fn state_changed_buckets(document: &mut PolicyDocument, plans: &[Plan]) {
+    for (plan_document, plan) in document.plans.values_mut().zip(plans) {
+        for (limit_document, limit) in plan_document.limits.iter_mut().zip(&plan.limits) {
+            if let Window::Rolling {
+                window_ms,
+                bucket_ms,
+            } = limit.window
+            {
+                if limit_document.bucket.is_none() && window_ms < ONE_SECOND_DEFAULT_BELOW_MS {
+                    limit_document.bucket = Some(format_duration(bucket_ms));
+                }
+            }
+        }
+    }
+}
+
 /// Two windows count the same span (a rolling window whose buckets changed width still holds the
 /// same usage: it is reshaped, never dropped).
 fn same_window_ignoring_buckets(a: Window, b: Window) -> bool {
@@ -1677,7 +1723,8 @@ fn link_upgrades(plans: &mut [Plan]) {
     }
 }
 
-/// `logged`: durations as earlier builds read them (a unit may repeat).
+/// `logged`: durations as earlier builds read them (a unit may repeat), and a window under
+/// `ONE_SECOND_DEFAULT_BELOW_MS` without a bucket gets 1 s, as they gave it.
 fn parse_window(
     field: &str,
     window: &str,
@@ -1708,11 +1755,12 @@ fn parse_window(
     };
     let window_ms = parse_duration(duration, !logged)
         .map_err(|problem| PolicyError::new(&window_field, problem))?;
-    if !(2 * MIN_BUCKET_MS..=MAX_ROLLING_WINDOW_MS).contains(&window_ms) {
+    if !(MIN_ROLLING_WINDOW_MS..=MAX_ROLLING_WINDOW_MS).contains(&window_ms) {
         return Err(PolicyError::new(
             window_field,
             format!(
-                "a rolling window lasts between 2s and {}",
+                "a rolling window lasts between {} and {}",
+                format_duration(MIN_ROLLING_WINDOW_MS),
                 format_duration(MAX_ROLLING_WINDOW_MS)
             ),
         ));
@@ -1722,18 +1770,22 @@ fn parse_window(
         Some(text) => {
             parse_duration(text, !logged).map_err(|problem| PolicyError::new(&bucket_field, problem))?
         }
+        None if logged && window_ms < ONE_SECOND_DEFAULT_BELOW_MS => SECOND_MS,
         None => default_bucket_ms(window_ms).ok_or_else(|| {
             PolicyError::new(
                 &bucket_field,
                 format!(
-                    "no bucket of at least 1s divides {} into at most {MAX_BUCKETS_PER_WINDOW} buckets: give one",
+                    "no bucket divides {} into between {DEFAULT_BUCKETS_PER_WINDOW} and {MAX_BUCKETS_PER_WINDOW} equal buckets: give one",
                     format_duration(window_ms)
                 ),
             )
         })?,
     };
     if bucket_ms < MIN_BUCKET_MS {
-        return Err(PolicyError::new(bucket_field, "a bucket lasts at least 1s"));
+        return Err(PolicyError::new(
+            bucket_field,
+            format!("a bucket lasts at least {}", format_duration(MIN_BUCKET_MS)),
+        ));
     }
     if window_ms % bucket_ms != 0 {
         return Err(PolicyError::new(
@@ -1745,11 +1797,11 @@ fn parse_window(
             ),
         ));
     }
-    if bucket_ms < MIN_BUCKET_MS || bucket_ms * 2 > window_ms {
+    if bucket_ms * 2 > window_ms {
         return Err(PolicyError::new(
             bucket_field,
             format!(
-                "a bucket lasts at least 1s and at most half the window ({})",
+                "a bucket lasts at most half the window ({})",
                 format_duration(window_ms)
             ),
         ));
@@ -1768,11 +1820,10 @@ fn parse_window(
 
 /// The default bucket: the widest that divides the window into at least
 /// `DEFAULT_BUCKETS_PER_WINDOW` equal buckets (so a unit comes back at most one bucket, under
-/// 0.5% of the window, late), preferring whole seconds; windows shorter than 210 s get 1 s.
+/// 0.5% of the window, late), preferring whole seconds; in milliseconds where no whole second
+/// does (every window under 210 s: 250 ms for one minute). `None` where no count of buckets up
+/// to `MAX_BUCKETS_PER_WINDOW` divides the window (a prime number of milliseconds past 4,096).
 fn default_bucket_ms(window_ms: u64) -> Option<u64> {
-    if window_ms < DEFAULT_BUCKETS_PER_WINDOW * MIN_BUCKET_MS {
-        return (window_ms % MIN_BUCKET_MS == 0).then_some(MIN_BUCKET_MS);
-    }
     let fits = |buckets: u64, whole_seconds: bool| {
         let bucket_ms = window_ms / buckets;
         window_ms % buckets == 0
@@ -1931,7 +1982,13 @@ mod tests {
     fn the_default_bucket_divides_the_window_into_at_least_210() {
         assert_eq!(default_bucket_ms(5 * HOUR_MS), Some(80 * SECOND_MS));
         assert_eq!(default_bucket_ms(WEEK_MS), Some(2_880 * SECOND_MS));
-        assert_eq!(default_bucket_ms(60 * SECOND_MS), Some(SECOND_MS));
+        // Under 210 s no whole second does: the bucket is in milliseconds. (It was 1 s, 60
+        // buckets, an error of 1.7% on one minute.)
+        assert_eq!(default_bucket_ms(60 * SECOND_MS), Some(250));
+        assert_eq!(default_bucket_ms(2 * SECOND_MS), Some(8));
+        assert_eq!(default_bucket_ms(10 * SECOND_MS), Some(40));
+        let short = (2..=210).map(|seconds| seconds * SECOND_MS);
+        let odd = [2_001, 2_003, 3_333, 4_096, 209_999, 210_500];
         for window_ms in [
             HOUR_MS,
             5 * HOUR_MS,
@@ -1939,7 +1996,11 @@ mod tests {
             WEEK_MS,
             30 * DAY_MS,
             7_777 * SECOND_MS,
-        ] {
+        ]
+        .into_iter()
+        .chain(short)
+        .chain(odd)
+        {
             let bucket_ms = default_bucket_ms(window_ms).expect("a bucket");
             assert_eq!(window_ms % bucket_ms, 0, "{window_ms}");
             assert!(
@@ -1947,6 +2008,120 @@ mod tests {
                 "{window_ms}"
             );
         }
+    }
+
+    /// Every window from 2 s to 4 minutes, compiled with its default bucket, splits into at
+    /// least 210 equal buckets (an error under 0.5%), at most `MAX_BUCKETS_PER_WINDOW`.
+    #[test]
+    fn every_short_windows_default_bucket_errs_under_half_a_percent() {
+        for window_ms in (2 * SECOND_MS..=4 * MINUTE_MS).step_by(500) {
+            let window = format!("rolling:{}", format_duration(window_ms));
+            let Window::Rolling { bucket_ms, .. } =
+                parse_window("f", &window, None, false).expect(&window)
+            else {
+                unreachable!()
+            };
+            assert_eq!(window_ms % bucket_ms, 0, "{window}");
+            let buckets = window_ms / bucket_ms;
+            assert!(
+                (DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW).contains(&buckets),
+                "{window}: {buckets} buckets"
+            );
+        }
+    }
+
+    /// From `ONE_SECOND_DEFAULT_BELOW_MS` on, the default is what builds before sub-second
+    /// buckets gave (their rule, below, with its 1 s floor): a logged document without a bucket
+    /// on such a window compiles as it did, and the document need not state it.
+    #[test]
+    fn from_210_seconds_on_the_default_bucket_is_what_it_was_before_sub_second_buckets() {
+        fn before(window_ms: u64) -> Option<u64> {
+            if window_ms < DEFAULT_BUCKETS_PER_WINDOW * SECOND_MS {
+                return (window_ms % SECOND_MS == 0).then_some(SECOND_MS);
+            }
+            let fits = |buckets: u64, whole_seconds: bool| {
+                let bucket_ms = window_ms / buckets;
+                window_ms % buckets == 0
+                    && bucket_ms >= SECOND_MS
+                    && (!whole_seconds || bucket_ms % SECOND_MS == 0)
+            };
+            let range = DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW;
+            range
+                .clone()
+                .find(|buckets| fits(*buckets, true))
+                .or_else(|| range.clone().find(|buckets| fits(*buckets, false)))
+                .map(|buckets| window_ms / buckets)
+        }
+        let seconds = (210..=3 * 3_600).map(|seconds| seconds * SECOND_MS);
+        let odd = (0..2_000).map(|step| ONE_SECOND_DEFAULT_BELOW_MS + step * 7_919);
+        let long = [
+            5 * HOUR_MS,
+            DAY_MS,
+            WEEK_MS,
+            MONTH_MS,
+            MAX_ROLLING_WINDOW_MS,
+        ];
+        for window_ms in seconds.chain(odd).chain(long) {
+            if let Some(bucket_ms) = before(window_ms) {
+                assert_eq!(default_bucket_ms(window_ms), Some(bucket_ms), "{window_ms}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bucket_below_the_minimum_is_refused_naming_the_bucket() {
+        let error = parse_window("plans.\"P\".limits[0]", "rolling:2s", Some("0ms"), false)
+            .expect_err("refused");
+        assert_eq!(error.field, "plans.\"P\".limits[0].bucket");
+        assert!(error.problem.contains("at least 1ms"), "{}", error.problem);
+        assert!(parse_window("f", "rolling:2s", Some("1ms"), false).is_ok());
+        assert!(parse_window("f", "rolling:60s", Some("250ms"), false).is_ok());
+    }
+
+    /// A one-minute policy as a build before sub-second buckets logged it: no bucket, so 1 s.
+    const ONE_MINUTE_JSON: &str = r#"{"time_zone":"UTC","resources":{"chat":{"units":["requests"]}},"meters":{},"plans":{"P":{"limits":[{"resource":"chat","unit":"requests","amount":5,"window":"rolling:1m"},{"resource":"chat","unit":"requests","amount":50,"window":"rolling:5h"}]}}}"#;
+
+    fn bucket_of(policy: &Policy, limit: usize) -> u64 {
+        match policy.plans()[0].limits[limit].window {
+            Window::Rolling { bucket_ms, .. } => bucket_ms,
+            Window::Calendar(_) => unreachable!(),
+        }
+    }
+
+    /// A database depends on the buckets its logged policies were compiled with: a document
+    /// logged without a bucket on a window under 210 s was compiled with 1 s, and is still.
+    #[test]
+    fn a_logged_document_without_a_bucket_on_a_short_window_keeps_its_one_second_buckets() {
+        let logged = Policy::from_logged_json(ONE_MINUTE_JSON).expect("opens");
+        assert_eq!(bucket_of(&logged, 0), SECOND_MS);
+        assert_eq!(bucket_of(&logged, 1), 80 * SECOND_MS);
+        // Left as logged: a snapshot writes it back byte for byte (`verify` compares them).
+        assert_eq!(
+            serde_json::to_string(logged.document()).unwrap(),
+            ONE_MINUTE_JSON
+        );
+    }
+
+    /// A document being loaded gets the new default, and states it where the rule changed, so
+    /// the log holds it and a replay compiles the same; a 5-hour window is left as written.
+    #[test]
+    fn a_loaded_document_states_a_short_windows_bucket_so_its_log_replays_the_same() {
+        let loaded = Policy::from_json_str(ONE_MINUTE_JSON).expect("loads");
+        assert_eq!(bucket_of(&loaded, 0), 250);
+        assert_eq!(bucket_of(&loaded, 1), 80 * SECOND_MS);
+        let limits = &loaded.document().plans["P"].limits;
+        assert_eq!(limits[0].bucket.as_deref(), Some("250ms"));
+        assert_eq!(limits[1].bucket, None);
+        let json = serde_json::to_string(loaded.document()).unwrap();
+        let replayed = Policy::from_logged_json(&json).expect("replays");
+        assert_eq!(bucket_of(&replayed, 0), 250);
+        assert_eq!(replayed.document(), loaded.document());
+        // Loading it again is the same document (an open compares them to decide on a swap).
+        let again = Policy::from_json_str(&json).expect("loads");
+        assert_eq!(again.document(), loaded.document());
+        // The shipped policy's windows are all long: its document is as written.
+        let shipped: PolicyDocument = toml::from_str(TOKEN_PLAN_TOML).unwrap();
+        assert_eq!(Policy::token_plan().document(), &shipped);
     }
 
     #[test]

@@ -39,10 +39,20 @@ pub const NARROW_MAX_AMOUNT: u64 = u16::MAX as u64;
 
 /// The shortest time after which a narrow ring's 16-bit lap tags may repeat (2^16 laps): 30
 /// years. A ring whose laps are shorter (under about 4 hours: a one-minute window repeats
-/// after 46 days) gets wide slots, whose 32-bit tags repeat only after 400 years even at the
-/// smallest lap. The seed plans' 5-hour rings (37.6 years) stay narrow. See `move_head` for
-/// why a repeat matters.
+/// after 46 days) gets wide slots, whose 32-bit tags repeat only after 270 years even at the
+/// smallest lap (`MIN_LAP_MS`), longer than tally's whole range of timestamps. The seed plans'
+/// 5-hour rings (37.6 years) stay narrow. See `move_head` for why a repeat matters.
 pub const NARROW_TAG_PERIOD_MIN_MS: u64 = 30 * 365 * 24 * 3_600 * 1_000;
+
+/// A lower bound on any ring's lap (`N + 1` buckets, each `bucket_ms`): `N * bucket_ms` is at
+/// least the window, and a policy's rolling window lasts at least
+/// `policy::MIN_ROLLING_WINDOW_MS` (2 s) whatever its bucket, down to 1 ms
+/// (`policy::MIN_BUCKET_MS`). Laps are counted from epoch 0, so the laps of every timestamp
+/// tally accepts (1970 to 2100) number fewer than 2^31: a wide slot's 32-bit tag never comes
+/// round to a value it held earlier in that range (so `move_head`'s two-step sweep never runs on
+/// a wide ring), even for a head carried a bucket past the range through policy swaps.
+pub const MIN_LAP_MS: u64 = crate::policy::MIN_ROLLING_WINDOW_MS;
+const _: () = assert!(crate::calendar::MAX_TIMESTAMP_MS / MIN_LAP_MS < 1 << 31);
 
 /// A slot's content: the lap tag (truncated to the slot's tag bits) and the count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,8 +470,8 @@ impl RollingWindow {
     /// is done, and a stale slot whose tag the second step repeats then stays (counted for
     /// one more window: a denial, never an admission). Narrow rings are only used where tags
     /// repeat after 30 years or more (`NARROW_TAG_PERIOD_MIN_MS`), and wide tags repeat after
-    /// more than tally's whole range of timestamps, so that takes a key idle for 30 years and
-    /// revived by two requests at once.
+    /// more than tally's whole range of timestamps, as every lap lasts over 2 s (`MIN_LAP_MS`),
+    /// so that takes a key idle for 30 years and revived by two requests at once.
     #[inline(never)]
     fn move_head(&self, shape: RollingShape, epoch: u64, head: u64) -> u64 {
         // `laps(head, epoch) >= tag_period - 2` without a division on every move: implied by
@@ -1581,6 +1591,37 @@ mod tests {
             };
             assert_eq!(shape.narrow_tags_last(), narrow, "bucket {bucket_ms} ms");
         }
+    }
+
+    /// A sub-second bucket shortens a lap by less than a bucket: a one-minute window's default
+    /// (250 ms) is wide, as 1 s buckets were. Even the shortest lap a policy allows (a 2 s
+    /// window of 1 ms buckets, 2,001 ms) gives the last timestamp tally accepts a lap below
+    /// 2^31, so wide tags never repeat in tally's range and a wide ring's move is never split.
+    #[test]
+    fn the_shortest_lap_keeps_wide_tags_apart_over_tallys_whole_range() {
+        let minute = RollingShape::new(60_000, 250);
+        assert_eq!(minute.slots(), 241);
+        assert!(!minute.narrow_tags_last());
+        assert!(RollingWindow::new(minute, 5).slots.is_wide());
+        let shortest = RollingShape::new(crate::policy::MIN_ROLLING_WINDOW_MS, 1);
+        assert!(shortest.slots() * shortest.bucket_ms >= MIN_LAP_MS);
+        let last = shortest.epoch(crate::calendar::MAX_TIMESTAMP_MS - 1);
+        assert!(shortest.lap(last) < 1 << 31);
+        let far = ((1u64 << 32) - 3) * shortest.slots();
+        assert!(
+            last < far,
+            "a wide move from epoch 0 to the end is swept once"
+        );
+        // A ring of that shape used in 1970 and again in 2099 starts empty.
+        let ring = RollingWindow::new(shortest, 1 << 20);
+        assert!(ring.slots.is_wide());
+        for (epoch, amount) in [(0, 3), (last, 1)] {
+            let epoch = ring.advance(shortest, epoch);
+            assert_eq!(ring.try_reserve(amount, 1 << 20), Ok(amount));
+            ring.record(shortest, epoch, amount);
+        }
+        assert_eq!(ring.used(), 1);
+        assert_eq!(ring.slot_sum(), 1);
     }
 
     #[test]
