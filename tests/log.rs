@@ -1466,6 +1466,198 @@ fn opening_with_the_stored_policy_keeps_it_its_horizon_and_logs_nothing() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sub-second buckets, and the databases written before them.
+
+/// A one-minute window and a 5-hour one, neither naming a bucket.
+const ONE_MINUTE_POLICY: &str = r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.P]
+limits = [
+  { resource = "chat", unit = "requests", amount = 5, window = "rolling:1m" },
+  { resource = "chat", unit = "requests", amount = 50, window = "rolling:5h" },
+]
+"#;
+
+/// `ONE_MINUTE_POLICY` as builds before sub-second buckets logged it: no bucket, which they
+/// compiled as 1 s for the one-minute window (80 s for the 5-hour one, as now).
+const ONE_MINUTE_LOGGED_BEFORE: &str = r#"{"time_zone":"UTC","resources":{"chat":{"units":["requests"]}},"meters":{},"plans":{"P":{"limits":[{"resource":"chat","unit":"requests","amount":5,"window":"rolling:1m"},{"resource":"chat","unit":"requests","amount":50,"window":"rolling:5h"}]}}}"#;
+
+fn one_minute() -> Policy {
+    Policy::from_toml_str(ONE_MINUTE_POLICY).expect("a valid policy")
+}
+
+fn one_minute_bucket_ms(engine: &Engine) -> u64 {
+    match engine.policy().plans()[0].limits[0].window {
+        tally_engine::Window::Rolling { bucket_ms, .. } => bucket_ms,
+        tally_engine::Window::Calendar(_) => unreachable!("a rolling window"),
+    }
+}
+
+/// The generation-0 document the log holds.
+fn first_logged_document(engine: &Engine) -> String {
+    match &engine.events_after(0, 1).expect("events")[0].body {
+        EventBody::PolicySwapped {
+            generation: 0,
+            document,
+        } => document.clone(),
+        other => panic!("the first event is {other:?}"),
+    }
+}
+
+/// Ann on plan P uses the one-minute window's 5 requests at T0 + 100 ms (3) and T0 + 700 ms
+/// (2): one 1 s bucket, two 250 ms ones. A checkpoint between them and one after, so `verify`
+/// replays the second half from the first and compares.
+fn fill_one_minute(engine: &Engine) {
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.assign_seat("@ann", "ann", "P", Some(T0_MS)).unwrap();
+    for (at_ms, count) in [(T0_MS + 100, 3), (T0_MS + 700, 2)] {
+        let quantities = [(Unit::Requests, count)];
+        let request = UsageRequest::new("key-ann", "chat", &quantities).at(at_ms);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        engine.checkpoint().expect("checkpoint");
+    }
+}
+
+/// When one more request would fit again, asked 30 s in (no event: a check).
+fn one_minute_retry_at(engine: &Engine) -> u64 {
+    let request =
+        UsageRequest::new("key-ann", "chat", &[(Unit::Requests, 1)]).at(T0_MS + 30 * SECOND_MS);
+    match engine.check(&request).expect("a check") {
+        Decision::Denied(denial) => match denial.reason {
+            tally_engine::DenialReason::QuotaExhausted { retry_at_ms, .. } => retry_at_ms,
+            other => panic!("expected QuotaExhausted, got {other:?}"),
+        },
+        Decision::Admitted(admission) => panic!("admitted: {admission:?}"),
+    }
+}
+
+fn assert_verified(dir: &std::path::Path) {
+    let verified = Engine::verify(dir, sync_options()).expect("verify");
+    assert!(verified.is_sound(), "{:?}", verified.problems);
+    assert_eq!(verified.snapshot_matches_replay, Some(true));
+}
+
+/// A database a build before sub-second buckets wrote: its logged policy has a one-minute
+/// window without a bucket, compiled with 1 s. It still opens, replays and verifies with 1 s
+/// buckets (its rings' shapes and snapshots depend on them), with its stored policy as with
+/// the same document given; the same file loaded now means 250 ms buckets, so opening with it
+/// swaps that in like any other change of buckets: the usage is carried to the bucket holding
+/// the old one's last instant, never released earlier.
+#[test]
+fn a_database_logged_with_one_second_default_buckets_reopens_with_them() {
+    let dir = TempDir::new("one-second-buckets");
+    let before = Policy::from_logged_json(ONE_MINUTE_LOGGED_BEFORE).expect("a logged policy");
+    let engine = open(dir.path(), before, sync_options());
+    assert_eq!(first_logged_document(&engine), ONE_MINUTE_LOGGED_BEFORE);
+    assert_eq!(one_minute_bucket_ms(&engine), SECOND_MS);
+    fill_one_minute(&engine);
+    // All 5 in the 1 s bucket of T0: back at T0 + 61 s.
+    assert_eq!(one_minute_retry_at(&engine), T0_MS + 61 * SECOND_MS);
+    let events = last_seq(&engine);
+    engine.close().expect("close");
+    assert_verified(dir.path());
+
+    for stored in [true, false] {
+        let reopened = if stored {
+            Engine::open_with_stored_policy(dir.path(), one_minute(), clock(), sync_options())
+                .expect("open with the stored policy")
+        } else {
+            let logged = Policy::from_logged_json(ONE_MINUTE_LOGGED_BEFORE).unwrap();
+            open(dir.path(), logged, sync_options())
+        };
+        assert_eq!(
+            one_minute_bucket_ms(&reopened),
+            SECOND_MS,
+            "stored {stored}"
+        );
+        assert_eq!(
+            last_seq(&reopened),
+            events,
+            "nothing swapped, nothing logged"
+        );
+        assert_eq!(one_minute_retry_at(&reopened), T0_MS + 61 * SECOND_MS);
+        reopened.close().expect("close");
+        assert_verified(dir.path());
+    }
+
+    // The policy file, loaded now: 250 ms buckets, swapped in.
+    let engine = open(dir.path(), one_minute(), sync_options());
+    assert_eq!(last_seq(&engine), events + 1, "the swap");
+    assert_eq!(engine.policy().generation(), 1);
+    assert_eq!(one_minute_bucket_ms(&engine), 250);
+    let report = engine
+        .usage("key-ann", Some(T0_MS + 30 * SECOND_MS))
+        .unwrap();
+    assert_eq!(report.limits[0].used, 5, "carried over");
+    assert_eq!(one_minute_retry_at(&engine), T0_MS + 61 * SECOND_MS);
+    engine.checkpoint().expect("checkpoint");
+    engine.close().expect("close");
+    assert_verified(dir.path());
+    let engine = open(dir.path(), one_minute(), sync_options());
+    assert_eq!(
+        last_seq(&engine),
+        events + 1,
+        "the same policy: no new event"
+    );
+    assert_eq!(one_minute_bucket_ms(&engine), 250);
+    assert_eq!(one_minute_retry_at(&engine), T0_MS + 61 * SECOND_MS);
+}
+
+/// A new database with a one-minute window: its log states the 250 ms bucket, so it reopens
+/// (with the same file, or with its stored policy) and verifies with 250 ms buckets, and
+/// opening it with the same file logs nothing.
+#[test]
+fn a_new_database_with_a_short_window_reopens_and_verifies_with_its_sub_second_buckets() {
+    let dir = TempDir::new("sub-second-buckets");
+    let engine = open(dir.path(), one_minute(), sync_options());
+    let logged = first_logged_document(&engine);
+    assert!(
+        logged.contains(r#""window":"rolling:1m","bucket":"250ms""#),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains(r#""window":"rolling:5h","bucket""#),
+        "{logged}"
+    );
+    assert_eq!(one_minute_bucket_ms(&engine), 250);
+    fill_one_minute(&engine);
+    // The 3 used at T0 + 100 ms are back at T0 + 60.25 s.
+    assert_eq!(one_minute_retry_at(&engine), T0_MS + 60_250);
+    let events = last_seq(&engine);
+    engine.close().expect("close");
+    assert_verified(dir.path());
+
+    for stored in [false, true] {
+        let engine = if stored {
+            Engine::open_with_stored_policy(
+                dir.path(),
+                Policy::token_plan(),
+                clock(),
+                sync_options(),
+            )
+            .expect("open with the stored policy")
+        } else {
+            open(dir.path(), one_minute(), sync_options())
+        };
+        assert_eq!(last_seq(&engine), events, "nothing swapped, nothing logged");
+        assert_eq!(one_minute_bucket_ms(&engine), 250, "stored {stored}");
+        assert_eq!(one_minute_retry_at(&engine), T0_MS + 60_250);
+        let report = engine
+            .usage("key-ann", Some(T0_MS + 30 * SECOND_MS))
+            .unwrap();
+        assert_eq!(report.limits[0].used, 5);
+        // On into the next minute, through another checkpoint.
+        let at_ms = T0_MS + 60_250;
+        let request = UsageRequest::new("key-ann", "chat", &[(Unit::Requests, 3)]).at(at_ms);
+        assert_eq!(engine.check(&request).map(|d| d.is_admitted()), Ok(true));
+        engine.close().expect("close");
+        assert_verified(dir.path());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Export.
 
 #[test]

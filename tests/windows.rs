@@ -168,6 +168,60 @@ limits = [{ resource = "chat", unit = "requests", amount = 10, window = "rolling
     assert_eq!(own.plans()[0].limits[0].window, five_hours());
 }
 
+/// A one-minute window with no bucket given: 250 ms buckets, 240 to the window (it had 1 s,
+/// 60, and a unit came back up to 1.7% of the window late). A request denied at any point of
+/// its bucket is told to retry at most one bucket after the truth, never before it, and fits
+/// exactly then; the usage report's reset is the same instant.
+#[test]
+fn a_one_minute_windows_retry_is_at_most_one_250_ms_bucket_late() {
+    let policy = || {
+        Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.P]
+limits = [{ resource = "chat", unit = "requests", amount = 3, window = "rolling:1m" }]
+"#,
+        )
+        .expect("a valid policy")
+    };
+    let window = policy().plans()[0].limits[0].window;
+    let bucket_ms = 250;
+    assert_eq!(
+        window,
+        tally_engine::Window::Rolling {
+            window_ms: MINUTE_MS,
+            bucket_ms
+        }
+    );
+    assert!(MINUTE_MS / bucket_ms >= 210, "an error under 0.5%");
+    for offset_ms in [0, 1, 124, 125, 249] {
+        let engine = engine_with(policy());
+        let key = seated(&engine, "ada", "P");
+        let used_at_ms = T0_MS + offset_ms;
+        assert_eq!(
+            admit_count(&engine, &key, "chat", Unit::Requests, 3, used_at_ms),
+            3
+        );
+        let asked_ms = used_at_ms + 30 * SECOND_MS;
+        let (_, retry_at_ms, retry_after_ms, _) =
+            quota_exhausted(consume(&engine, &key, "chat", &ONE_REQUEST, asked_ms));
+        let truth_ms = used_at_ms + MINUTE_MS;
+        assert!(retry_at_ms >= truth_ms, "offset {offset_ms}");
+        assert!(
+            retry_at_ms <= truth_ms + bucket_ms,
+            "offset {offset_ms}: {} ms late",
+            retry_at_ms - truth_ms
+        );
+        assert_eq!(retry_after_ms, retry_at_ms - asked_ms);
+        let report = engine.usage(&key, Some(asked_ms)).expect("report");
+        assert_eq!(report.limits[0].reset_at_ms, Some(retry_at_ms));
+        assert!(!consume(&engine, &key, "chat", &ONE_REQUEST, retry_at_ms - 1).is_admitted());
+        assert!(consume(&engine, &key, "chat", &ONE_REQUEST, retry_at_ms).is_admitted());
+    }
+}
+
 #[test]
 fn quota_comes_back_as_usage_ages_out_oldest_first() {
     let engine = engine();
