@@ -658,6 +658,8 @@ impl Policy {
         .compile(json_document(text)?)
     }
 
+    /// The document, as a database logs it: loaded, a rolling window under 210 s that named no
+    /// bucket names the one it got (`state_changed_buckets`); read back from a log, as logged.
     pub fn document(&self) -> &PolicyDocument {
         &self.document
     }

@@ -922,7 +922,9 @@ tally_status tally_engine_usage(const struct tally_engine *engine,
                                 size_t buf_len,
                                 size_t *needed);
 
-// Writes the current policy document as JSON into `buf` (size query as for usage).
+// Writes the current policy document as JSON into `buf` (size query as for usage), as the
+// database logs it: a rolling window under 210 s that named no bucket names the one it got
+// (e.g. `"bucket":"250ms"` on `rolling:1m`).
 tally_status tally_engine_policy_json(const struct tally_engine *engine,
                                       char *buf,
                                       size_t buf_len,

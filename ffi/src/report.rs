@@ -50,7 +50,9 @@ pub extern "C" fn tally_engine_usage(
     })
 }
 
-/// Writes the current policy document as JSON into `buf` (size query as for usage).
+/// Writes the current policy document as JSON into `buf` (size query as for usage), as the
+/// database logs it: a rolling window under 210 s that named no bucket names the one it got
+/// (e.g. `"bucket":"250ms"` on `rolling:1m`).
 #[no_mangle]
 pub extern "C" fn tally_engine_policy_json(
     engine: *const tally_engine,
