@@ -2248,7 +2248,7 @@ fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() 
     let request = UsageRequest::new("key-ann", "chat", &[(Unit::Requests, 1)]).at(T0_MS);
     engine.consume(&request).unwrap();
     let events = last_seq(&engine);
-    // Everything is younger than 10 s + 1 s: nothing may go.
+    // Everything is younger than the window and a bucket (10 s + 40 ms): nothing may go.
     let report = engine.compact(Some(T0_MS + 5 * SECOND_MS)).unwrap();
     assert_eq!(report.events_removed, 0);
     assert_eq!(engine.events_after(0, 100).unwrap().len() as u64, events);
