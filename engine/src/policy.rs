@@ -1823,8 +1823,9 @@ fn parse_window(
 /// The default bucket: the widest that divides the window into at least
 /// `DEFAULT_BUCKETS_PER_WINDOW` equal buckets (so a unit comes back at most one bucket, under
 /// 0.5% of the window, late), preferring whole seconds; in milliseconds where no whole second
-/// does (every window under 210 s: 250 ms for one minute). `None` where no count of buckets up
-/// to `MAX_BUCKETS_PER_WINDOW` divides the window (a prime number of milliseconds past 4,096).
+/// does (every window under 210 s: 250 ms for one minute). `None` where no count of buckets from
+/// 210 to `MAX_BUCKETS_PER_WINDOW` divides the window (say a prime number of milliseconds past
+/// 4,096).
 fn default_bucket_ms(window_ms: u64) -> Option<u64> {
     let fits = |buckets: u64, whole_seconds: bool| {
         let bucket_ms = window_ms / buckets;
