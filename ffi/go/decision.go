@@ -78,7 +78,7 @@ func (d Denial) String() string {
 	return fmt.Sprintf("Denial(%d)", uint32(d))
 }
 
-// Quantity is one amount of a request (1 to 2^40).
+// Quantity is one amount of a request (1 to MaxQuantity, 2^40).
 type Quantity struct {
 	Unit   Unit
 	Amount uint64

@@ -46,6 +46,7 @@ const (
 	MaxNameBytes     = C.TALLY_MAX_NAME_BYTES      // resource or plan name
 	MaxDocumentBytes = C.TALLY_MAX_DOCUMENT_BYTES  // path or inline policy
 	MaxQuantities    = C.TALLY_MAX_QUANTITIES      // quantities per request (one per unit)
+	MaxQuantity      = C.TALLY_MAX_QUANTITY        // the amount of one quantity, 2^40 (ErrBadQuantity past it)
 	MaxEventsPerCall = C.TALLY_MAX_EVENTS_PER_CALL // events per EventsAfter
 	MaxCursors       = C.TALLY_MAX_CURSORS         // export cursors a database keeps
 )

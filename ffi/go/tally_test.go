@@ -695,3 +695,20 @@ func TestSwapPolicyRefusesAnOptionThatNamesNoPolicyAndKeepsTheOneItHas(t *testin
 		t.Fatalf("the policy after refused swaps: limits %v (the custom policy's Starter has 7)", amounts)
 	}
 }
+
+func TestMaxQuantityIsTheLargestAmountTheLibraryTakes(t *testing.T) {
+	if tally.MaxQuantity != 1<<40 {
+		t.Fatalf("MaxQuantity is %d", uint64(tally.MaxQuantity))
+	}
+	engine := openMemory(t)
+	seated(t, engine, "mo", "tp-mo", "Starter")
+	request := tally.Request{Key: "tp-mo", Resource: "m2.7", At: t0,
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: tally.MaxQuantity}}}
+	if decision, err := engine.Consume(request); err != nil || decision.Admitted {
+		t.Fatalf("the largest amount is decided (and denied by the plan): %+v %v", decision, err)
+	}
+	request.Quantities[0].Amount++
+	if _, err := engine.Consume(request); !errors.Is(err, tally.ErrBadQuantity) {
+		t.Fatalf("one past the largest amount: %v", err)
+	}
+}

@@ -86,6 +86,11 @@
 // The most quantities one request carries: one per unit.
 #define TALLY_MAX_QUANTITIES 7
 
+// The largest amount of one quantity (`tally_quantity.amount`), 2^40; more is
+// `TALLY_BAD_QUANTITY`. Not to be confused with `TALLY_MAX_QUANTITIES`, how many a request
+// carries.
+#define TALLY_MAX_QUANTITY 1099511627776
+
 // `limit_index` when there is none.
 #define TALLY_NO_INDEX UINT32_MAX
 
@@ -141,7 +146,8 @@ enum tally_status
   TALLY_INVALID_ARGUMENT = 6,
   // A `uint32_t` that carries an enum (unit, durability, policy kind) was out of range.
   TALLY_BAD_ENUM = 7,
-  // A quantity was 0 or above 2^40, a unit was given twice, there were none or too many.
+  // A quantity was 0 or above `TALLY_MAX_QUANTITY`, a unit was given twice, there were none
+  // or too many.
   TALLY_BAD_QUANTITY = 8,
   // An amount, balance or weighted sum would overflow 64 bits; nothing changed.
   TALLY_OVERFLOW = 9,
@@ -382,7 +388,7 @@ typedef struct tally_options tally_options;
 // May be completed from any thread, once.
 typedef struct tally_submission tally_submission;
 
-// One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=2^40.
+// One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=`TALLY_MAX_QUANTITY`.
 typedef struct tally_quantity {
   uint32_t unit;
   uint64_t amount;

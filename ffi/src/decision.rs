@@ -21,11 +21,17 @@ pub const TALLY_NAME_CAPACITY: usize = 128;
 pub const TALLY_MAX_DECISION_LIMITS: usize = 4;
 /// The most quantities one request carries: one per unit.
 pub const TALLY_MAX_QUANTITIES: usize = 7;
+/// The largest amount of one quantity (`tally_quantity.amount`), 2^40; more is
+/// `TALLY_BAD_QUANTITY`. Not to be confused with `TALLY_MAX_QUANTITIES`, how many a request
+/// carries.
+pub const TALLY_MAX_QUANTITY: u64 = 1_099_511_627_776;
 /// `limit_index` when there is none.
 pub const TALLY_NO_INDEX: u32 = u32::MAX;
 
 const _: () = assert!(TALLY_MAX_DECISION_LIMITS == ::tally_engine::policy::MAX_LIMITS_PER_RESOURCE);
 const _: () = assert!(TALLY_MAX_QUANTITIES == ::tally_engine::policy::UNIT_COUNT);
+const _: () = assert!(TALLY_MAX_QUANTITY == ::tally_engine::policy::MAX_QUANTITY);
+const _: () = assert!(TALLY_MAX_QUANTITY == 1 << 40);
 const _: () = assert!(TALLY_NAME_CAPACITY > crate::checks::TALLY_MAX_NAME_BYTES);
 
 /// What a quantity counts. Passed as `uint32_t` (`tally_quantity.unit`) and checked: any other
@@ -88,7 +94,7 @@ pub enum tally_denial {
     TALLY_DENIAL_TOO_MANY_RESERVATIONS = 8,
 }
 
-/// One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=2^40.
+/// One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=`TALLY_MAX_QUANTITY`.
 #[allow(non_camel_case_types)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

@@ -40,7 +40,7 @@ pub use admission::*;
 pub use checks::{TALLY_MAX_DOCUMENT_BYTES, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES};
 pub use decision::{
     tally_charged_to, tally_decision, tally_denial, tally_limit_status, tally_quantity,
-    tally_request, tally_unit, TALLY_MAX_DECISION_LIMITS, TALLY_MAX_QUANTITIES,
+    tally_request, tally_unit, TALLY_MAX_DECISION_LIMITS, TALLY_MAX_QUANTITIES, TALLY_MAX_QUANTITY,
     TALLY_NAME_CAPACITY, TALLY_NOW, TALLY_NO_INDEX,
 };
 pub use engine::*;

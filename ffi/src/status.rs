@@ -32,7 +32,8 @@ pub enum tally_status {
     TALLY_INVALID_ARGUMENT = 6,
     /// A `uint32_t` that carries an enum (unit, durability, policy kind) was out of range.
     TALLY_BAD_ENUM = 7,
-    /// A quantity was 0 or above 2^40, a unit was given twice, there were none or too many.
+    /// A quantity was 0 or above `TALLY_MAX_QUANTITY`, a unit was given twice, there were none
+    /// or too many.
     TALLY_BAD_QUANTITY = 8,
     /// An amount, balance or weighted sum would overflow 64 bits; nothing changed.
     TALLY_OVERFLOW = 9,

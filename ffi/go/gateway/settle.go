@@ -61,9 +61,6 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	upstreamFailed(api, "the upstream failed: "+err.Error()).write(w, api)
 }
 
-// maxQuantity is the engine's bound on one quantity (ErrBadQuantity past it).
-const maxQuantity = 1 << 40
-
 // settle charges one request and the tokens the upstream reported (the estimate if it
 // reported none). If more tokens than reserved no longer fit, the estimate is charged: the
 // tokens were spent either way.
@@ -77,8 +74,8 @@ func (c *call) settle(counter tokenCounter) {
 	}
 	// A count past the engine's bound on a quantity would fail the settle and leave the
 	// reservation open until its lease ends.
-	if tokens > maxQuantity {
-		tokens = maxQuantity
+	if tokens > tally.MaxQuantity {
+		tokens = tally.MaxQuantity
 	}
 	actual := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
 	if tokens > 0 {

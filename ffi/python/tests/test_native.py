@@ -114,10 +114,12 @@ def test_the_constants_agree_with_the_header():
         "MAX_QUANTITIES",
         "MAX_EVENTS_PER_CALL",
         "MAX_CURSORS",
+        "MAX_QUANTITY",
         "NOW",
     ]:
         assert int(defines[name]) == getattr(_native, name), name
     assert tally.MAX_BATCH == _native.MAX_BATCH
+    assert tally.MAX_QUANTITY == _native.MAX_QUANTITY == 2**40
     for enum_name, enum in [
         ("unit", tally.Unit),
         ("charged_to", tally.ChargedTo),

@@ -238,6 +238,13 @@ static void test_admission(tally_engine *engine) {
   tally_quantity huge[] = {{TALLY_UNIT_REQUESTS, UINT64_MAX}};
   bad = request("tp-ada", "m2.7", huge, 1, T0, NULL);
   EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  tally_quantity past_largest[] = {{TALLY_UNIT_REQUESTS, TALLY_MAX_QUANTITY + 1}};
+  bad = request("tp-ada", "m2.7", past_largest, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);
+  tally_quantity largest[] = {{TALLY_UNIT_REQUESTS, TALLY_MAX_QUANTITY}};
+  bad = request("tp-ada", "m2.7", largest, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_OK); /* more than the plan: a denial */
+  CHECK(!d.admitted);
   tally_quantity twice[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_REQUESTS, 1}};
   bad = request("tp-ada", "m2.7", twice, 2, T0, NULL);
   EXPECT(tally_engine_consume(engine, &bad, &d), TALLY_BAD_QUANTITY);

@@ -12,7 +12,7 @@ with tally.Engine.in_memory() as engine:          # the shipped Token Plan polic
 
 from __future__ import annotations
 
-from . import errors
+from . import _native, errors
 from ._native import LibraryNotFound
 from .engine import Engine, Policy, Request, Submission, verify, version
 from .enums import AdjustmentDirection, ChargedTo, Denial, Durability, PolicySource, Unit
@@ -34,8 +34,10 @@ from .results import (
 
 __version__ = "0.1.0"
 
-#: The most requests one consume_many takes.
-MAX_BATCH = 4096
+#: The most requests one consume_many takes (TALLY_MAX_BATCH).
+MAX_BATCH = _native.MAX_BATCH
+#: The largest amount of one quantity (TALLY_MAX_QUANTITY): more is BadQuantityError.
+MAX_QUANTITY = _native.MAX_QUANTITY
 
 __all__ = [
     "AdjustedLimit",
@@ -51,6 +53,7 @@ __all__ = [
     "LibraryNotFound",
     "LimitStatus",
     "MAX_BATCH",
+    "MAX_QUANTITY",
     "MemoryStats",
     "Options",
     "Policy",

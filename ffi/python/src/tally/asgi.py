@@ -35,7 +35,7 @@ from typing import (
     TypeVar,
 )
 
-from . import errors
+from . import _native, errors
 from .engine import Engine
 from .enums import Denial
 from .results import Decision, Reservation
@@ -56,8 +56,8 @@ _log = logging.getLogger("tally.asgi")
 MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
 MAX_RESPONSE_JSON_BYTES = 16 * 1024 * 1024
 MAX_EVENT_LINE_BYTES = 1024 * 1024
-#: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it).
-MAX_QUANTITY = 1 << 40
+#: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it): the wrapper's constant.
+MAX_QUANTITY = _native.MAX_QUANTITY
 #: The most tokens one estimate holds (the engine's bound on a quantity).
 MAX_TOKEN_ESTIMATE = MAX_QUANTITY
 
