@@ -696,6 +696,29 @@ func TestSwapPolicyRefusesAnOptionThatNamesNoPolicyAndKeepsTheOneItHas(t *testin
 	}
 }
 
+func TestASettlesBadQuantitiesAreNamedByItsArgumentActual(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ro", "tp-ro", "Starter")
+	_, reservation, err := engine.Reserve(tally.Request{Key: "tp-ro", Resource: "m2.7", At: t0,
+		Quantities: one(tally.Requests)}, time.Minute)
+	must(t, err)
+	for _, actual := range [][]tally.Quantity{
+		{{Unit: tally.Requests, Amount: 0}},
+		{{Unit: tally.Requests, Amount: tally.MaxQuantity + 1}},
+		{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Requests, Amount: 1}},
+		{{Unit: tally.Unit(99), Amount: 1}},
+	} {
+		_, err := engine.Settle(reservation, actual, at(1))
+		var tallyError *tally.Error
+		if !errors.As(err, &tallyError) || !strings.HasPrefix(tallyError.Message, "actual: ") {
+			t.Errorf("settle %+v: %v", actual, err)
+		}
+	}
+	if settled, err := engine.Settle(reservation, one(tally.Requests), at(2)); err != nil || !settled.Admitted {
+		t.Fatalf("the reservation stayed open: %+v %v", settled, err)
+	}
+}
+
 func TestMaxQuantityIsTheLargestAmountTheLibraryTakes(t *testing.T) {
 	if tally.MaxQuantity != 1<<40 {
 		t.Fatalf("MaxQuantity is %d", uint64(tally.MaxQuantity))

@@ -12,7 +12,7 @@ use crate::checks::{
     copy_name, optional_slice, text, Out, OutSlice, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES,
 };
 use crate::decision::{
-    at, quantities, tally_decision, tally_quantity, tally_request, Request,
+    at, quantities as checked_quantities, tally_decision, tally_quantity, tally_request, Request,
     TALLY_MAX_DECISION_LIMITS, TALLY_NAME_CAPACITY,
 };
 use crate::handle::{tally_engine, try_ref, Open};
@@ -219,25 +219,28 @@ pub extern "C" fn tally_engine_settle(
         let handle = try_ref(engine)?;
         let out = Out::new("decision_out", decision_out)?;
         let id = reservation_id(reservation)?;
-        let actual = quantities(actual, actual_len, true)?;
-        let decision =
-            handle.with(
-                |open| match open.engine.settle(id, actual.as_slice(), at(at_ms))? {
-                    SettleOutcome::Settled(settlement) => {
-                        let mut decision = tally_decision::empty();
-                        decision.admitted = true;
-                        decision.charged_to = crate::decision::charged_to_code(settlement.held);
-                        decision.charged_micros = micros(settlement.held)
-                            .saturating_add(settlement.extra.map_or(0, micros));
-                        Ok(decision)
-                    }
-                    SettleOutcome::Denied(denial) => Ok(tally_decision::from_engine(
-                        &Decision::Denied(*denial),
-                        &open.policy,
-                        false,
-                    )),
-                },
-            )?;
+        let actual = checked_quantities("actual", actual, actual_len, true)?;
+        let decision = handle.with(|open| {
+            let outcome = open
+                .engine
+                .settle(id, actual.as_slice(), at(at_ms))
+                .map_err(|error| Failure::naming(error, "quantities", "actual"))?;
+            match outcome {
+                SettleOutcome::Settled(settlement) => {
+                    let mut decision = tally_decision::empty();
+                    decision.admitted = true;
+                    decision.charged_to = crate::decision::charged_to_code(settlement.held);
+                    decision.charged_micros =
+                        micros(settlement.held).saturating_add(settlement.extra.map_or(0, micros));
+                    Ok(decision)
+                }
+                SettleOutcome::Denied(denial) => Ok(tally_decision::from_engine(
+                    &Decision::Denied(*denial),
+                    &open.policy,
+                    false,
+                )),
+            }
+        })?;
         out.set(decision);
         Ok(())
     })
@@ -350,7 +353,7 @@ pub extern "C" fn tally_engine_adjust_usage(
     key_len: usize,
     resource: *const c_char,
     resource_len: usize,
-    quantities_ptr: *const tally_quantity,
+    quantities: *const tally_quantity,
     quantities_len: usize,
     usage_at_ms: u64,
     direction: u32,
@@ -362,7 +365,7 @@ pub extern "C" fn tally_engine_adjust_usage(
         let out = Out::new("adjustment_out", adjustment_out)?;
         let key = text("key", key, key_len, TALLY_MAX_ID_BYTES)?;
         let resource = text("resource", resource, resource_len, TALLY_MAX_NAME_BYTES)?;
-        let quantities = quantities(quantities_ptr, quantities_len, false)?;
+        let quantities = checked_quantities("quantities", quantities, quantities_len, false)?;
         let direction = adjustment_direction(direction)?;
         if usage_at_ms == crate::decision::TALLY_NOW {
             return Err(Failure::new(

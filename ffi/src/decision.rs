@@ -412,20 +412,22 @@ pub(crate) fn at(at_ms: u64) -> Option<u64> {
     (at_ms != TALLY_NOW).then_some(at_ms)
 }
 
-/// Converts `len` C quantities; `allow_none` for settling (nothing used).
+/// Converts `len` C quantities; `allow_none` for settling (nothing used). `field` is the C
+/// argument (or struct field) that holds them, which the error messages name.
 pub(crate) fn quantities(
+    field: &str,
     ptr: *const tally_quantity,
     len: usize,
     allow_none: bool,
 ) -> Result<Quantities, Failure> {
-    let items = optional_slice("quantities", ptr, len)?.unwrap_or(&[]);
+    let items = optional_slice(field, ptr, len)?.unwrap_or(&[]);
     let bad = |message: String| Failure::new(tally_status::TALLY_BAD_QUANTITY, message);
     if items.is_empty() && !allow_none {
-        return Err(bad("quantities: give at least one (unit, amount)".into()));
+        return Err(bad(format!("{field}: give at least one (unit, amount)")));
     }
     if items.len() > TALLY_MAX_QUANTITIES {
         return Err(bad(format!(
-            "quantities: {} given; at most {TALLY_MAX_QUANTITIES}, one per unit",
+            "{field}: {} given; at most {TALLY_MAX_QUANTITIES}, one per unit",
             items.len()
         )));
     }
@@ -440,7 +442,7 @@ pub(crate) fn quantities(
             .ok_or_else(|| {
                 Failure::new(
                     tally_status::TALLY_BAD_ENUM,
-                    format!("quantities: unit {} is not a tally_unit", item.unit),
+                    format!("{field}: unit {} is not a tally_unit", item.unit),
                 )
             })?;
         *slot = (unit, item.amount);
@@ -465,7 +467,12 @@ impl<'a> Request<'a> {
                 request.resource_len,
                 crate::checks::TALLY_MAX_NAME_BYTES,
             )?,
-            quantities: quantities(request.quantities, request.quantities_len, false)?,
+            quantities: quantities(
+                "quantities",
+                request.quantities,
+                request.quantities_len,
+                false,
+            )?,
             at_ms: at(request.at_ms),
             request_id: optional_text(
                 "request_id",

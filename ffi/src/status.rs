@@ -211,6 +211,20 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// An engine error whose invalid argument the engine calls `engine_field` where the C
+    /// function's argument is `argument` (the engine's `quantities` are `tally_engine_settle`'s
+    /// `actual`): the status is the engine field's, the message names the C argument.
+    pub fn naming(error: Error, engine_field: &str, argument: &str) -> Failure {
+        match &error {
+            Error::InvalidArgument { field, problem } if *field == engine_field => {
+                Failure::new(status_of(&error), format!("{argument}: {problem}"))
+            }
+            _ => Failure::from(error),
+        }
+    }
+}
+
 impl From<Error> for Failure {
     fn from(error: Error) -> Failure {
         Failure::new(status_of(&error), error.to_string())

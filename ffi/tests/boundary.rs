@@ -1018,3 +1018,96 @@ fn an_adjustment_of_usage_past_the_time_range_is_a_bad_timestamp() {
         last_error()
     );
 }
+
+/// Reserves one m2.7 request for `key` at T0: the reservation's id.
+fn reserve_one_request(handle: &Handle, key: &[u8]) -> u64 {
+    let one = requests(1);
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    let mut reservation = 0;
+    assert_eq!(
+        tally_engine_reserve(
+            handle.0,
+            &request(key, "m2.7", &one, T0, None),
+            0,
+            decision.as_mut_ptr(),
+            &mut reservation,
+        ),
+        tally_status::TALLY_OK
+    );
+    assert_ne!(reservation, 0, "admitted");
+    reservation
+}
+
+#[test]
+fn a_settles_bad_quantities_are_named_by_its_argument_actual() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let reservation = reserve_one_request(&handle, b"tp-ada");
+    let unit = |unit: tally_unit, amount| tally_quantity {
+        unit: unit as u32,
+        amount,
+    };
+    use tally_unit::*;
+    let eight = [unit(TALLY_UNIT_REQUESTS, 1); 8];
+    let cases: [(&[tally_quantity], tally_status); 5] = [
+        (
+            &[unit(TALLY_UNIT_REQUESTS, 0)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (
+            &[unit(TALLY_UNIT_REQUESTS, (1 << 40) + 1)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (
+            &[unit(TALLY_UNIT_REQUESTS, 1), unit(TALLY_UNIT_REQUESTS, 1)],
+            tally_status::TALLY_BAD_QUANTITY,
+        ),
+        (&eight, tally_status::TALLY_BAD_QUANTITY),
+        (
+            &[tally_quantity { unit: 7, amount: 1 }],
+            tally_status::TALLY_BAD_ENUM,
+        ),
+    ];
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    for (actual, status) in cases {
+        assert_eq!(
+            tally_engine_settle(
+                handle.0,
+                reservation,
+                actual.as_ptr(),
+                actual.len(),
+                T0,
+                decision.as_mut_ptr(),
+            ),
+            status,
+            "{actual:?}"
+        );
+        let message = last_error();
+        assert!(message.starts_with("actual: "), "{actual:?}: {message}");
+    }
+    assert_eq!(
+        tally_engine_settle(
+            handle.0,
+            reservation,
+            ptr::null(),
+            2,
+            T0,
+            decision.as_mut_ptr()
+        ),
+        tally_status::TALLY_NULL_POINTER
+    );
+    assert!(last_error().starts_with("actual: "), "{}", last_error());
+    // The reservation is still open: a good settle goes through.
+    let one = requests(1);
+    assert_eq!(
+        tally_engine_settle(
+            handle.0,
+            reservation,
+            one.as_ptr(),
+            1,
+            T0,
+            decision.as_mut_ptr()
+        ),
+        tally_status::TALLY_OK
+    );
+}

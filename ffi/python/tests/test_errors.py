@@ -249,3 +249,21 @@ def test_bad_usage_corrections_raise_and_change_nothing(engine, key):
         adjust(key="tp-bo-1")
     assert engine.usage(key, at_ms=T).limits[0].used == 10
     assert engine.memory_stats().keys_with_usage == 1
+
+
+def test_a_settlements_bad_quantities_are_named_by_its_argument_actual(engine):
+    seated(engine, "jo", "tp-jo-1", "Starter")
+    reservation = engine.reserve("tp-jo-1", "m2.7", {"requests": 1}, at_ms=T)
+    with pytest.raises(tally.BadQuantityError) as raised:
+        engine.settle(reservation, {"requests": 0}, at_ms=T + 1)
+    assert raised.value.message.startswith("actual: "), raised.value.message
+    with pytest.raises(tally.BadQuantityError) as raised:
+        engine.settle(reservation, {"requests": tally.MAX_QUANTITY + 1}, at_ms=T + 1)
+    assert raised.value.message.startswith("actual: "), raised.value.message
+    with pytest.raises(ValueError, match=r"^actual: unknown unit 'furlongs'"):
+        engine.settle(reservation, {"furlongs": 1}, at_ms=T + 1)
+    with pytest.raises(TypeError, match=r"^actual: a unit is"):
+        engine.settle(reservation, {1: 1}, at_ms=T + 1)
+    with pytest.raises(ValueError, match=r"^actual\['requests'\]"):
+        engine.settle(reservation, {"requests": -1}, at_ms=T + 1)
+    assert engine.settle(reservation, {"requests": 1}, at_ms=T + 1).admitted

@@ -60,6 +60,14 @@ static tally_request request(const char *key, const char *resource, const tally_
   return r;
 }
 
+/* Whether the calling thread's last error mentions `text`. */
+static int last_error_mentions(const char *text) {
+  char message[512];
+  size_t needed = 0;
+  return tally_last_error(message, sizeof message, &needed) == TALLY_OK &&
+         strstr(message, text) != NULL;
+}
+
 static void test_library(void) {
   CHECK(strcmp(tally_version(), TALLY_VERSION) == 0);
   char expected[32];
@@ -418,6 +426,12 @@ static void test_reservations(tally_engine *engine) {
   EXPECT(tally_engine_reserve(engine, &r, 0, &d, &id), TALLY_OK);
   CHECK(d.admitted && id != 0);
   tally_quantity actual[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_TOKENS, 700}};
+  /* Bad amounts are named by the argument that holds them. */
+  tally_quantity too_much[] = {{TALLY_UNIT_REQUESTS, 1}, {TALLY_UNIT_TOKENS, TALLY_MAX_QUANTITY + 1}};
+  EXPECT(tally_engine_settle(engine, id, too_much, 2, T0, &d), TALLY_BAD_QUANTITY);
+  CHECK(last_error_mentions("actual: "));
+  EXPECT(tally_engine_settle(engine, id, NULL, 2, T0, &d), TALLY_NULL_POINTER);
+  CHECK(last_error_mentions("actual: "));
   EXPECT(tally_engine_settle(engine, id, actual, 2, T0, &d), TALLY_OK);
   CHECK(d.admitted && d.charged_to == TALLY_CHARGED_TO_PLAN_QUOTA);
   EXPECT(tally_engine_void(engine, id, T0), TALLY_RESERVATION_CLOSED);
@@ -660,14 +674,6 @@ static int make_foreign(const char *dir) {
   fputs("not a database\n", notes);
   fclose(notes);
   return 1;
-}
-
-/* Whether the calling thread's last error mentions `text`. */
-static int last_error_mentions(const char *text) {
-  char message[512];
-  size_t needed = 0;
-  return tally_last_error(message, sizeof message, &needed) == TALLY_OK &&
-         strstr(message, text) != NULL;
 }
 
 /* A setter of a uint64_t option, for the table of cases below. */

@@ -97,7 +97,10 @@ def quantities(name: str, value: object) -> ctypes.Array[_native.Quantity]:
         raise TypeError(f"{name} must be a mapping of unit to amount, not {type(value).__name__}")
     array = (_native.Quantity * len(value))()
     for index, (unit, amount) in enumerate(value.items()):
-        array[index].unit = Unit.parse(unit)
+        try:
+            array[index].unit = Unit.parse(unit)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{name}: {error}") from None
         array[index].amount = u64(f"{name}[{unit!r}]", amount)
     return array
 
