@@ -104,6 +104,20 @@ pub(crate) fn optional_slice<'a, T>(
     Ok(Some(unsafe { std::slice::from_raw_parts(ptr, len) }))
 }
 
+/// Borrows the one item at `ptr`, which must not be NULL.
+pub(crate) fn reference<'a, T>(field: &str, ptr: *const T) -> Result<&'a T, Failure> {
+    if ptr.is_null() {
+        return Err(Failure::new(
+            tally_status::TALLY_NULL_POINTER,
+            format!("{field}: is NULL"),
+        ));
+    }
+    // SAFETY: not NULL, and the caller promises (as the header says of every pointer) that
+    // it points to a readable, initialised item that stays unchanged for the duration of the
+    // call.
+    Ok(unsafe { &*ptr })
+}
+
 /// An out-pointer, checked for NULL up front and written only when the call succeeds.
 pub(crate) struct Out<T>(NonNull<T>);
 

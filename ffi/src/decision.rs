@@ -7,7 +7,9 @@ use std::ffi::c_char;
 
 use ::tally_engine::{ChargedTo, Decision, DenialReason, LimitStatus, Policy, Unit, GONE_LIMIT};
 
-use crate::checks::{copy_name, optional_slice, optional_text, text, TALLY_MAX_ID_BYTES};
+use crate::checks::{
+    copy_name, optional_slice, optional_text, reference, text, TALLY_MAX_ID_BYTES,
+};
 use crate::status::{tally_status, Failure};
 
 /// Pass as any `at_ms` to use the engine's clock (the system's UTC time) instead of an
@@ -452,13 +454,7 @@ pub(crate) fn quantities(
 
 impl<'a> Request<'a> {
     pub fn from_c(request: *const tally_request) -> Result<Request<'a>, Failure> {
-        let Some(request) = optional_slice("request", request, 1)?.and_then(|one| one.first())
-        else {
-            return Err(Failure::new(
-                tally_status::TALLY_NULL_POINTER,
-                "request: is NULL",
-            ));
-        };
+        let request = reference("request", request)?;
         Ok(Request {
             key: text("key", request.key, request.key_len, TALLY_MAX_ID_BYTES)?,
             resource: text(

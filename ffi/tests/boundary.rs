@@ -1111,3 +1111,35 @@ fn a_settles_bad_quantities_are_named_by_its_argument_actual() {
         tally_status::TALLY_OK
     );
 }
+
+#[test]
+fn a_null_request_is_named_plainly_by_every_call_that_takes_one() {
+    let handle = in_memory();
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    let mut reservation = 0;
+    let mut submission = ptr::null_mut();
+    let (decision_out, reservation_out, submission_out) = (
+        decision.as_mut_ptr(),
+        ptr::addr_of_mut!(reservation),
+        ptr::addr_of_mut!(submission),
+    );
+    let calls: [(&str, &dyn Fn() -> tally_status); 4] = [
+        ("consume", &|| {
+            tally_engine_consume(handle.0, ptr::null(), decision_out)
+        }),
+        ("check", &|| {
+            tally_engine_check(handle.0, ptr::null(), decision_out)
+        }),
+        ("reserve", &|| {
+            tally_engine_reserve(handle.0, ptr::null(), 0, decision_out, reservation_out)
+        }),
+        ("submit", &|| {
+            tally_engine_submit(handle.0, ptr::null(), submission_out)
+        }),
+    ];
+    for (name, call) in calls {
+        assert_eq!(call(), tally_status::TALLY_NULL_POINTER, "{name}");
+        assert_eq!(last_error(), "request: is NULL", "{name}");
+    }
+    assert!(submission.is_null());
+}

@@ -239,6 +239,7 @@ static void test_admission(tally_engine *engine) {
   /* Bad input. */
   EXPECT(tally_engine_consume(NULL, &r, &d), TALLY_NULL_POINTER);
   EXPECT(tally_engine_consume(engine, NULL, &d), TALLY_NULL_POINTER);
+  CHECK(last_error_mentions("request: is NULL"));
   EXPECT(tally_engine_consume(engine, &r, NULL), TALLY_NULL_POINTER);
   tally_quantity zero[] = {{TALLY_UNIT_REQUESTS, 0}};
   tally_request bad = request("tp-ada", "m2.7", zero, 1, T0, NULL);
