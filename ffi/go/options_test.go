@@ -170,3 +170,23 @@ func TestUseRecordedReopensADatabaseWithTheOptionsItRecorded(t *testing.T) {
 	defer func() { must(t, engine.Close()) }()
 	must(t, engine.CreateUser("bo", "tp-bo-1", t0))
 }
+
+func TestADurabilityIntervalIsWholeMillisecondsAndNotNegative(t *testing.T) {
+	for _, interval := range []time.Duration{1500 * time.Microsecond, 500 * time.Microsecond, -time.Millisecond} {
+		dir := filepath.Join(t.TempDir(), "db")
+		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(interval)))
+		if engine != nil {
+			engine.Close()
+		}
+		if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "DurabilityInterval: ") {
+			t.Errorf("an interval of %v: %v", interval, err)
+		}
+		if _, statErr := os.Stat(dir); !os.IsNotExist(statErr) {
+			t.Errorf("an interval of %v: the directory exists after a refused open: %v", interval, statErr)
+		}
+	}
+	engine, err := tally.Open(filepath.Join(t.TempDir(), "db"),
+		tally.WithDurability(tally.DurabilityInterval(2*time.Millisecond)))
+	must(t, err)
+	must(t, engine.Close())
+}

@@ -69,9 +69,28 @@ var (
 )
 
 // DurabilityInterval: a call returns once its event is queued; it is flushed at most
-// `interval` (1 ms to 60 s) later.
+// `interval` (1 ms to 60 s, whole milliseconds) later. Open refuses another interval with
+// ErrInvalidArgument, as it does a duration in Options.
 func DurabilityInterval(interval time.Duration) Durability {
 	return Durability{mode: C.TALLY_DURABILITY_INTERVAL, interval: interval}
+}
+
+// intervalMilliseconds is the interval_ms argument of tally_engine_open (0 unless the mode is
+// INTERVAL). A negative interval or a fraction of a millisecond is refused here, naming the
+// option, rather than rounded to another interval; one past the library's range is passed on
+// (clamped to a uint32) for the library to refuse with its range.
+func (d Durability) intervalMilliseconds(op string) (uint32, error) {
+	if d.mode != C.TALLY_DURABILITY_INTERVAL {
+		return 0, nil
+	}
+	if d.interval < 0 {
+		return 0, newError(op, C.TALLY_INVALID_ARGUMENT, "DurabilityInterval: must not be negative")
+	}
+	if d.interval%time.Millisecond != 0 {
+		return 0, newError(op, C.TALLY_INVALID_ARGUMENT,
+			"DurabilityInterval: "+d.interval.String()+" is not a whole number of milliseconds")
+	}
+	return clampMilliseconds(d.interval), nil
 }
 
 // Option configures Open and OpenInMemory.
@@ -156,9 +175,9 @@ func Open(path string, opts ...Option) (*Engine, error) {
 	}
 	pathText, pathLen := text(path)
 	policy, policyLen := o.policyText()
-	interval := uint32(0)
-	if o.durability.mode == C.TALLY_DURABILITY_INTERVAL {
-		interval = clampMilliseconds(o.durability.interval)
+	interval, err := o.durability.intervalMilliseconds("Open")
+	if err != nil {
+		return nil, err
 	}
 	var handle *C.tally_engine
 	err = withThread("Open", func() C.uint32_t {
