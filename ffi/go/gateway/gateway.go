@@ -6,7 +6,9 @@
 // of the tokens on a tally engine. Admitted calls are proxied; the upstream's reported token
 // usage settles the reservation (an upstream error voids it). Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
-// shape whose message says which quota ran out and when it resets.
+// shape whose message says which quota ran out and when it resets. A call without a key, with
+// an unknown one or with one no key can be (longer than tally.MaxIDBytes, not UTF-8) is
+// answered 401, on every route.
 package gateway
 
 import (
@@ -25,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
@@ -137,6 +140,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		unauthorized(api, "missing API key: send Authorization: Bearer <key> or x-api-key").write(w, api)
 		return
 	}
+	if !couldBeKey(key) {
+		unauthorized(api, "invalid API key").write(w, api)
+		return
+	}
 	if _, metered := meteredRoutes[r.URL.Path]; !metered || r.Method != http.MethodPost {
 		g.proxyUnmetered(w, r, api, key)
 		return
@@ -163,6 +170,14 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	g.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
+}
+
+// couldBeKey says whether the engine could hold key: not longer than tally.MaxIDBytes, UTF-8
+// and without NUL. One it could not is not a valid credential, as an unknown key is not, and is
+// answered the same (401) rather than as a malformed request (the engine's ErrStringTooLong,
+// ErrInvalidUTF8, ErrNulInString, which the model name can still earn: 400).
+func couldBeKey(key string) bool {
+	return len(key) <= tally.MaxIDBytes && utf8.ValidString(key) && !strings.ContainsRune(key, 0)
 }
 
 // readRequest reads (and bounds) the body, finds the model and builds the reservation's

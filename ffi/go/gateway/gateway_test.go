@@ -375,6 +375,46 @@ func TestUnknownAndMissingKeysAre401InTheAPIsShape(t *testing.T) {
 	}
 }
 
+// A key no key can be (longer than any, or not UTF-8) is a credential that is not valid, as an
+// unknown key is: 401, not 400, on metered and unmetered routes alike (as the Python
+// middleware answers). A model name too long for a resource is still the request's fault: 400.
+func TestAKeyNoKeyCanBeIs401LikeAnUnknownKey(t *testing.T) {
+	h := start(t)
+	h.user(t, "el", "tp-el", "Starter")
+	for _, key := range []string{strings.Repeat("k", tally.MaxIDBytes+1), "tp-el\xff"} {
+		a := h.call(t, false, key, "MiniMax-M2.7", false)
+		if a.status != http.StatusUnauthorized {
+			t.Fatalf("OpenAI, a %d-byte key: %d %s", len(key), a.status, a.raw)
+		}
+		openAIError(t, a, "invalid_request_error")
+		a = h.call(t, true, key, "MiniMax-M2.7", false)
+		if a.status != http.StatusUnauthorized {
+			t.Fatalf("Anthropic, a %d-byte key: %d %s", len(key), a.status, a.raw)
+		}
+		anthropicError(t, a, "authentication_error")
+		request, _ := http.NewRequest(http.MethodGet, h.gateway.URL+"/v1/models", nil)
+		request.Header.Set("Authorization", "Bearer "+key)
+		response, err := http.DefaultClient.Do(request)
+		if err != nil {
+			t.Fatal(err)
+		}
+		response.Body.Close()
+		if response.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("unmetered, a %d-byte key: %d", len(key), response.StatusCode)
+		}
+	}
+	// The longest key there can be is looked up: unknown, 401 as well.
+	if a := h.call(t, false, strings.Repeat("k", tally.MaxIDBytes), "MiniMax-M2.7", false); a.status != http.StatusUnauthorized {
+		t.Fatalf("the longest unknown key: %d %s", a.status, a.raw)
+	}
+	if a := h.call(t, false, "tp-el", strings.Repeat("m", tally.MaxNameBytes+1), false); a.status != http.StatusBadRequest {
+		t.Fatalf("a model name longer than any resource's: %d %s", a.status, a.raw)
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a refused call")
+	}
+}
+
 func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing.T) {
 	h := start(t)
 	h.user(t, "cy", "tp-cy", "")

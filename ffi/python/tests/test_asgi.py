@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import HOUR_MS, T, seated
+from tally import _native
 from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader, rate_limit_headers
 
 CHAT = "/v1/chat/completions"
@@ -253,6 +254,19 @@ def test_unknown_and_missing_keys_get_401_in_each_apis_shape(engine, gateway, up
         "error": {"type": "authentication_error", "message": anthropic.json()["error"]["message"]},
     }
     assert request(gateway, CHAT, chat(), key="x" * 500).status == 401
+    assert upstream.calls == []
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, SPEECH])
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_a_key_no_key_can_be_gets_401_like_an_unknown_key(engine, gateway, upstream, path, header):
+    # Longer than any key, or holding a NUL: not a valid credential, answered as an unknown key
+    # is (as the Go gateway does), never 400 as if the request were malformed.
+    seated(engine, "ada", "tp-ada-1", "Starter")
+    body = {"model": "speech-2.8-hd", "input": "hello"} if path == SPEECH else chat()
+    for key in ["k" * (_native.MAX_ID_BYTES + 1), "tp-ada-1\x00", "k" * _native.MAX_ID_BYTES]:
+        answer = request(gateway, path, body, key=key, header=header)
+        assert answer.status == 401, (len(key), answer.status, answer.body)
     assert upstream.calls == []
 
 

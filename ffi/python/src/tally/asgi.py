@@ -3,7 +3,8 @@ ASGI (no framework): wrap any ASGI app and serve it with uvicorn, hypercorn, gra
 
 For each request on a metered route it:
 
-1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none or unknown: 401);
+1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, or one no key
+   can be, longer than any or holding a NUL: 401);
 2. reads the JSON body and maps the route and its ``model`` to a resource of the policy, and
    the body to quantities: 1 request; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
