@@ -620,7 +620,7 @@ tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
 // text. On a new database the policy is the first event; on an existing one a different policy
 // is swapped in (usage carries over), except with `TALLY_POLICY_STORED`, which keeps the
 // database's own policy and logs nothing (a new database starts with the shipped Token Plan).
-// `durability` is a `tally_durability`; `interval_ms` is read only for
+// `durability_mode` is a `tally_durability`; `interval_ms` is read only for
 // `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
 // (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
 // recorded ones), or NULL for the defaults; they are read during the call only. Without an

@@ -109,7 +109,7 @@ fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
             ms: u64::from(interval_ms),
         }),
         2 => Ok(Durability::None),
-        other => Err(bad_enum("durability", other)),
+        other => Err(bad_enum("durability_mode", other)),
     }
 }
 
@@ -118,7 +118,7 @@ fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
 /// text. On a new database the policy is the first event; on an existing one a different policy
 /// is swapped in (usage carries over), except with `TALLY_POLICY_STORED`, which keeps the
 /// database's own policy and logs nothing (a new database starts with the shipped Token Plan).
-/// `durability` is a `tally_durability`; `interval_ms` is read only for
+/// `durability_mode` is a `tally_durability`; `interval_ms` is read only for
 /// `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
 /// (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
 /// recorded ones), or NULL for the defaults; they are read during the call only. Without an
@@ -152,12 +152,16 @@ pub extern "C" fn tally_engine_open(
             ..open_options(options)?
         };
         let clock = Arc::new(SystemClock);
+        // The engine calls the interval's range error "durability"; the C argument is
+        // `interval_ms`.
+        let named = |error| Failure::naming(error, "durability", "interval_ms");
         let engine = if policy_source == tally_policy_source::TALLY_POLICY_STORED as u32 {
             no_policy_text("TALLY_POLICY_STORED", policy, policy_len)?;
-            Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options)?
+            Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options)
+                .map_err(named)?
         } else {
             let policy = load_policy(policy_source, policy, policy_len)?;
-            Engine::open(path, policy, clock, options)?
+            Engine::open(path, policy, clock, options).map_err(named)?
         };
         out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
         Ok(())

@@ -144,8 +144,11 @@ pub extern "C" fn tally_engine_events_after(
                 format!("limit: {limit}; between 1 and {TALLY_MAX_EVENTS_PER_CALL}"),
             ));
         }
-        let events =
-            handle.with(|open| Ok(open.engine.events_after(after_seq, limit as usize)?))?;
+        let events = handle.with(|open| {
+            open.engine
+                .events_after(after_seq, limit as usize)
+                .map_err(|error| Failure::naming(error, "after", "after_seq"))
+        })?;
         let array: Vec<Value> = events.iter().map(event_json).collect();
         write_text(&Value::Array(array).to_string(), out)
     })

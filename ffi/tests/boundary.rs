@@ -1143,3 +1143,59 @@ fn a_null_request_is_named_plainly_by_every_call_that_takes_one() {
     }
     assert!(submission.is_null());
 }
+
+#[test]
+fn opens_durability_errors_name_durability_mode_and_interval_ms() {
+    let dir = temp_dir("durability-names");
+    let path = dir.to_str().unwrap_or_default();
+    let (p, pl) = s(path);
+    let mut engine = ptr::null_mut();
+    let interval = tally_durability::TALLY_DURABILITY_INTERVAL as u32;
+    for interval_ms in [0, 60_001] {
+        assert_eq!(
+            tally_engine_open(
+                p,
+                pl,
+                0,
+                ptr::null(),
+                0,
+                interval,
+                interval_ms,
+                ptr::null(),
+                &mut engine
+            ),
+            tally_status::TALLY_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().starts_with("interval_ms: "),
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(
+        tally_engine_open(p, pl, 0, ptr::null(), 0, 9, 100, ptr::null(), &mut engine),
+        tally_status::TALLY_BAD_ENUM
+    );
+    assert!(
+        last_error().starts_with("durability_mode: "),
+        "{}",
+        last_error()
+    );
+    assert!(engine.is_null());
+    assert!(!dir.exists(), "a refused open created the directory");
+}
+
+#[test]
+fn an_events_after_past_the_log_names_after_seq() {
+    let dir = temp_dir("after-seq");
+    let handle = open(&dir).expect("opens");
+    user(&handle, "ada", "tp-ada", None);
+    let mut needed = 0;
+    assert_eq!(
+        tally_engine_events_after(handle.0, 1_000, 10, ptr::null_mut(), 0, &mut needed),
+        tally_status::TALLY_INVALID_ARGUMENT
+    );
+    assert!(last_error().starts_with("after_seq: "), "{}", last_error());
+    drop(handle);
+    let _ = std::fs::remove_dir_all(&dir);
+}
