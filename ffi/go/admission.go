@@ -6,6 +6,7 @@ package tally
 import "C"
 
 import (
+	"fmt"
 	"time"
 	"unsafe"
 )
@@ -181,7 +182,8 @@ type Result struct {
 func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 	const op = "ConsumeMany"
 	if len(requests) == 0 || len(requests) > MaxBatch {
-		return nil, newError(op, C.TALLY_INVALID_ARGUMENT, "requests: 1 to TALLY_MAX_BATCH at a time")
+		return nil, newError(op, C.TALLY_INVALID_ARGUMENT,
+			fmt.Sprintf("requests: %d given; 1 to MaxBatch (%d) at a time", len(requests), MaxBatch))
 	}
 	batch, err := newBatch(op, requests)
 	if err != nil {

@@ -535,6 +535,12 @@ func TestConsumeManyDecidesEachRequestOnItsOwn(t *testing.T) {
 	if _, err := engine.ConsumeMany(nil); !errors.Is(err, tally.ErrInvalidArgument) {
 		t.Fatalf("an empty batch: %v", err)
 	}
+	// Too many: the message says how many were given and the bound by the package's name.
+	_, err = engine.ConsumeMany(make([]tally.Request, tally.MaxBatch+1))
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "requests: 4097 given") ||
+		!strings.Contains(err.Error(), "MaxBatch (4096)") {
+		t.Fatalf("a batch of MaxBatch + 1: %v", err)
+	}
 }
 
 func TestGoroutinesSharingOneEngineAreAdmittedExactlyTheLimit(t *testing.T) {
