@@ -939,6 +939,12 @@ impl Engine {
         // change's in the log, or a replay finds no counter for them and drops their usage.
         // Held until the event is appended, not through the wait for it to be durable (below).
         let gate = self.append_gate.write();
+        // Nor a settle between charging its extra and appending its close: the extra was
+        // decided on the old seat, so its event must come first, or a replay applies it after
+        // the seat change and finds no counter for it where the new plan lacks the old one's.
+        // A settle holds the table from its decision through its append (lock order: append
+        // gate, reservation table, key shards); let go with the gate.
+        let table = self.reservations.inner.lock();
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
@@ -967,6 +973,7 @@ impl Engine {
             // key has nothing to do with this seat. Still written ahead: the seat changes
             // only once the event is durable.
             let seq = self.append_event(at_ms, body)?;
+            drop(table);
             drop(gate);
             self.wait_event(seq)?;
             state.seat = seat;

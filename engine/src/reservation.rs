@@ -488,6 +488,12 @@ impl Engine {
                 }
             }
         };
+        #[cfg(test)]
+        tests::AFTER_EXTRA_CHARGE.with(|pause| {
+            if let Some(pause) = pause.borrow().as_ref() {
+                pause();
+            }
+        });
         let settlement = Settlement {
             reservation: id,
             held: reservation.receipt.charged_to,
@@ -773,6 +779,90 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Engine, ManualClock, OpenOptions, Policy, UsageRequest};
+
+    thread_local! {
+        /// Run by a settle on this thread between charging its extra and closing (a test's
+        /// window for a racing seat change).
+        pub(super) static AFTER_EXTRA_CHARGE: std::cell::RefCell<Option<Box<dyn Fn()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// A seat change racing a settle that charges more than the estimate: the extra is
+    /// decided on the old seat, so its event must come before the seat change's in the log, as
+    /// a consume's does (appended under its key's lock). Before, the settle appended its close
+    /// after letting the key go, and the seat change could land in between: a replay then
+    /// applied the extra after the seat change, and found no counter for it when the key had
+    /// none of the old plan's left.
+    #[test]
+    fn a_seat_change_racing_a_settles_extra_charge_is_logged_after_it() {
+        const T0: u64 = 1_790_000_000_000;
+        let dir = std::env::temp_dir().join(format!("tally-settle-seat-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Arc::new(
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
+        );
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Plus", Some(T0))
+            .expect("seat");
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("tp-u", "m2.7", &one).at(T0);
+        let reserved = engine.reserve(&request, None).expect("reserve");
+        let id = reserved.reservation.expect("admitted");
+        let racer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        {
+            let (engine, racer) = (Arc::clone(&engine), Arc::clone(&racer));
+            AFTER_EXTRA_CHARGE.with(|pause| {
+                *pause.borrow_mut() = Some(Box::new(move || {
+                    let engine = Arc::clone(&engine);
+                    *racer.lock() = Some(std::thread::spawn(move || {
+                        engine
+                            .assign_seat("@u", "u", "Max", Some(T0))
+                            .expect("upgrade");
+                    }));
+                    // Long enough for the seat change to be logged, if nothing holds it back.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }));
+            });
+        }
+        let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0));
+        AFTER_EXTRA_CHARGE.with(|pause| pause.borrow_mut().take());
+        assert!(
+            matches!(settled, Ok(SettleOutcome::Settled(_))),
+            "{settled:?}"
+        );
+        racer
+            .lock()
+            .take()
+            .expect("raced")
+            .join()
+            .expect("seat change");
+        let events = engine.events_after(0, 100).expect("events");
+        let seq_of = |kind: &str| {
+            events
+                .iter()
+                .find(|event| event.body.kind() == kind)
+                .map(|event| event.seq)
+                .expect(kind)
+        };
+        let (closed, seat) = (
+            seq_of("reservation_closed"),
+            events
+                .iter()
+                .rev()
+                .find(|event| event.body.kind() == "seat_changed")
+                .map(|event| event.seq)
+                .expect("seat"),
+        );
+        assert!(
+            closed < seat,
+            "the close ({closed}) after the seat change ({seat})"
+        );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// `forget_closed` forgets from the front while the front is older than the horizon, so
     /// the closes must stay in time order whatever order they come in: a snapshot lists them
