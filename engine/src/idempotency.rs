@@ -129,25 +129,36 @@ pub(crate) struct Shard {
     records: FxHashMap<Arc<str>, RequestRecord>,
     /// Ids in arrival order, each with the time it is forgotten after (plus the horizon): its
     /// request's timestamp, at most `IN_ORDER_AHEAD_MS` ahead of the engine's clock when the
-    /// id arrived (so the queue is nearly in order: an id at its front keeps those behind it
-    /// from being forgotten a little late at most).
+    /// id arrived and at most `IN_ORDER_BEHIND_MS` behind the newest stamp queued before it
+    /// (so the queue is nearly in order: an id at its front keeps those behind it from being
+    /// forgotten a little late at most).
     arrivals: VecDeque<(u64, Arc<str>)>,
-    /// The ids stamped further ahead, by their timestamp (and an arrival number, as an id may
-    /// come back): in the queue, one id stamped far ahead (a gateway's clock, a typo) stayed
-    /// at its front and kept every id behind it from being forgotten, until its shard, then
-    /// (with the table bounded as a whole) the table, refused every new id. Queued by the
-    /// clock's time instead, such an id was forgotten the horizon after that, and its retry
-    /// (within the horizon after its timestamp, so not refused as too old) decided and
-    /// counted again.
-    ahead: BTreeMap<(u64, u64), Arc<str>>,
-    /// The arrival number of the next id put in `ahead`.
-    next_ahead: u64,
+    /// The newest stamp in `arrivals` (0 once it is empty).
+    queued_newest_ms: u64,
+    /// The ids stamped further ahead of the clock, or further behind the newest queued stamp,
+    /// by their timestamp (and an arrival number, as an id may come back): in the queue, one
+    /// id stamped far ahead (a gateway's clock, a typo) stayed at its front and kept every id
+    /// behind it from being forgotten, until its shard, then (with the table bounded as a
+    /// whole) the table, refused every new id. Queued by the clock's time instead, such an id
+    /// was forgotten the horizon after that, and its retry (within the horizon after its
+    /// timestamp, so not refused as too old) decided and counted again. Likewise an id stamped
+    /// well before one queued ahead of it (a request stamped when it began, counted when it
+    /// ended) waited behind it, up to a horizon late, and a full table refused new ids while
+    /// it held such ids past the horizon.
+    out_of_order: BTreeMap<(u64, u64), Arc<str>>,
+    /// The arrival number of the next id put in `out_of_order`.
+    next_out_of_order: u64,
 }
 
 /// How far ahead of the engine's clock a request may be stamped for its id to be queued in
 /// `Shard::arrivals` (a gateway's clock a little ahead of the engine's); further ahead, it goes
-/// into `Shard::ahead`.
+/// into `Shard::out_of_order`.
 const IN_ORDER_AHEAD_MS: u64 = 1_000;
+
+/// How far behind the newest stamp queued in `Shard::arrivals` a request may be stamped for
+/// its id to be queued there too (concurrent requests stamped a moment apart); further behind,
+/// it goes into `Shard::out_of_order`, so it is forgotten at most this late.
+const IN_ORDER_BEHIND_MS: u64 = 1_000;
 
 /// Every request-id shard's lock, in shard order (`RequestTable::shard_locks`).
 pub(crate) type RequestShards = Arc<[CachePadded<LeavableMutex<Shard>>]>;
@@ -462,11 +473,15 @@ impl Shard {
     /// Queues `id`, of a request stamped `at_ms`, to be forgotten the horizon after that
     /// (`now_ms`: the engine's clock).
     fn remember(&mut self, at_ms: u64, now_ms: u64, id: Arc<str>) {
-        if at_ms <= now_ms.saturating_add(IN_ORDER_AHEAD_MS) {
+        if at_ms <= now_ms.saturating_add(IN_ORDER_AHEAD_MS)
+            && at_ms.saturating_add(IN_ORDER_BEHIND_MS) >= self.queued_newest_ms
+        {
+            self.queued_newest_ms = self.queued_newest_ms.max(at_ms);
             self.arrivals.push_back((at_ms, id));
         } else {
-            self.next_ahead += 1;
-            self.ahead.insert((at_ms, self.next_ahead), id);
+            self.next_out_of_order += 1;
+            self.out_of_order
+                .insert((at_ms, self.next_out_of_order), id);
         }
     }
 
@@ -475,7 +490,7 @@ impl Shard {
         self.arrivals
             .iter()
             .map(|(_, id)| id)
-            .chain(self.ahead.values())
+            .chain(self.out_of_order.values())
     }
 
     /// Drops ids stamped more than the horizon before `now_ms` (the engine's clock).
@@ -491,7 +506,11 @@ impl Shard {
                 dropped += self.drop_record_of(&id);
             }
         }
-        while let Some(entry) = self.ahead.first_entry() {
+        if self.arrivals.is_empty() {
+            // Nothing queued to keep in order with: a clock stepped back queues again.
+            self.queued_newest_ms = 0;
+        }
+        while let Some(entry) = self.out_of_order.first_entry() {
             if entry.key().0 >= oldest_kept {
                 break;
             }
@@ -639,6 +658,52 @@ mod tests {
         assert!(decide("live", ahead_ms, last_ms + 1).is_err());
         assert!(decide("restored", ahead_ms, last_ms + 1).is_err());
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn an_id_stamped_behind_one_queued_before_it_is_forgotten_at_its_own_horizon() {
+        // Queued behind an id stamped later, an id stamped earlier (a gateway stamping a
+        // request when it began, not when it was counted) stayed until the one in front of it
+        // was forgotten: up to a whole horizon late. A full table then refused new ids while
+        // it held ids past the horizon, though it first drops every one of those.
+        // A minute's horizon: the earlier stamp is well behind the later one.
+        let horizon_ms = 60_000;
+        let table = RequestTable::new(2, horizon_ms);
+        let now_ms = 10 * horizon_ms;
+        let first_id = "stamped-now";
+        let same_shard = (0..)
+            .map(|n| format!("stamped-earlier-{n}"))
+            .find(|id| std::ptr::eq(table.shard(id), table.shard(first_id)))
+            .expect("some id shares the shard");
+        let decide = |id: &str, at_ms: u64, now_ms: u64| {
+            table.once(id, fingerprint(), at_ms, now_ms, || {
+                let decision = Decision::denied(DenialReason::UnknownKey);
+                Ok(Some((decision, None, LoggedAs::Durable)))
+            })
+        };
+        assert!(matches!(
+            decide(first_id, now_ms, now_ms),
+            Ok(Some((_, None)))
+        ));
+        let earlier_ms = now_ms - horizon_ms + 1;
+        assert!(matches!(
+            decide(&same_shard, earlier_ms, now_ms),
+            Ok(Some((_, None)))
+        ));
+        // Half a horizon on, the earlier id is past its horizon and the later one is not:
+        // the table has room for one more.
+        let later_ms = now_ms + horizon_ms / 2;
+        assert!(matches!(
+            decide("one-more", later_ms, later_ms),
+            Ok(Some((_, None)))
+        ));
+        assert_eq!(table.len(), 2);
+        // The later id is still remembered; the earlier one is refused as too old to be.
+        assert!(matches!(
+            decide(first_id, now_ms, later_ms),
+            Ok(Some((_, Some(_))))
+        ));
+        assert!(decide(&same_shard, earlier_ms, later_ms).is_err());
     }
 
     #[test]
