@@ -148,6 +148,11 @@ pub(crate) struct Shard {
     out_of_order: BTreeMap<(u64, u64), Arc<str>>,
     /// The arrival number of the next id put in `out_of_order`.
     next_out_of_order: u64,
+    /// Every id stamped before this may have been forgotten (the latest `expire`'s bound): a
+    /// new id stamped before it is refused as too old, as one stamped more than the horizon
+    /// before the clock is. Without it, a clock stepped back (or a horizon grown by a policy
+    /// swap) let a retry of a forgotten id seem inside the horizon, and count again.
+    forgotten_before_ms: u64,
 }
 
 /// How far ahead of the engine's clock a request may be stamped for its id to be queued in
@@ -266,6 +271,20 @@ impl RequestTable {
                      request id is remembered: a retry could not be recognised. Send it with a \
                      later timestamp, or without a request id",
                     now_ms - at_ms
+                ),
+            ));
+        }
+        // Nor one stamped before what this shard has already forgotten ids by (a later clock,
+        // before it stepped back, or a shorter horizon, before a swap grew it): the id may be
+        // one of those, and its retry would be decided and charged again.
+        if at_ms < shard.forgotten_before_ms {
+            return Err(Error::invalid(
+                "at_ms",
+                format!(
+                    "{at_ms} is before {}, the stamp before which request ids were already \
+                     forgotten (by a later clock, or a shorter horizon): a retry could not be \
+                     recognised. Send it with a later timestamp, or without a request id",
+                    shard.forgotten_before_ms
                 ),
             ));
         }
@@ -497,6 +516,7 @@ impl Shard {
     /// Returns how many records it dropped.
     fn expire(&mut self, now_ms: u64, horizon_ms: u64) -> usize {
         let oldest_kept = now_ms.saturating_sub(horizon_ms);
+        self.forgotten_before_ms = self.forgotten_before_ms.max(oldest_kept);
         let mut dropped = 0;
         while let Some((arrived_ms, _)) = self.arrivals.front() {
             if *arrived_ms >= oldest_kept {
@@ -704,6 +724,56 @@ mod tests {
             Ok(Some((_, Some(_))))
         ));
         assert!(decide(&same_shard, earlier_ms, later_ms).is_err());
+    }
+
+    #[test]
+    fn an_id_forgotten_is_not_decided_again_when_the_clock_steps_back_or_the_horizon_grows() {
+        // Forgotten by a clock at 2,001, the id was decided and counted again when the clock
+        // stepped back to 1,500 (its stamp, 1,000, then seemed inside the horizon), or when a
+        // policy swap grew the horizon: a retry within the horizon counted twice.
+        let decide = |table: &RequestTable, at_ms: u64, now_ms: u64| {
+            table.once("retried", fingerprint(), at_ms, now_ms, || {
+                let decision = Decision::denied(DenialReason::UnknownKey);
+                Ok(Some((decision, None, LoggedAs::Durable)))
+            })
+        };
+        let stamp_ms = HORIZON_MS;
+        let forgotten_at_ms = stamp_ms + HORIZON_MS + 1;
+        for grow_horizon in [false, true] {
+            let table = RequestTable::new(10, HORIZON_MS);
+            assert!(matches!(
+                decide(&table, stamp_ms, stamp_ms),
+                Ok(Some((_, None)))
+            ));
+            assert_eq!(
+                table.peek("retried", &fingerprint(), forgotten_at_ms),
+                Ok(None)
+            );
+            let retried_at_ms = match grow_horizon {
+                false => stamp_ms + HORIZON_MS / 2,
+                true => {
+                    table.set_horizon_ms(10 * HORIZON_MS);
+                    forgotten_at_ms
+                }
+            };
+            let retried = decide(&table, stamp_ms, retried_at_ms);
+            assert!(
+                matches!(&retried, Err(Error::InvalidArgument { field: "at_ms", .. })),
+                "grow_horizon {grow_horizon}: {retried:?}"
+            );
+            // A request stamped after what was forgotten is decided as usual.
+            let later = table.once(
+                "later",
+                fingerprint(),
+                forgotten_at_ms,
+                retried_at_ms,
+                || {
+                    let decision = Decision::denied(DenialReason::UnknownKey);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            );
+            assert!(matches!(later, Ok(Some((_, None)))), "{later:?}");
+        }
     }
 
     #[test]
