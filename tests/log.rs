@@ -2127,6 +2127,58 @@ fn reading_events_while_compaction_removes_files_reads_them_all() {
     assert_eq!(kept.first().map(|event| event.seq), Some(snapshot + 1));
 }
 
+/// Two compactions at once (a gateway's scheduled one and an operator's through the C ABI):
+/// each removes what it can and neither fails. Before, both listed the same old segments and
+/// the second to reach one found it gone: "No such file" for a compaction that lost nothing.
+#[test]
+fn two_compactions_at_once_both_succeed_and_remove_each_old_segment_once() {
+    let dir = TempDir::new("compact-twice-at-once");
+    let options = OpenOptions {
+        segment_bytes: 256,
+        ..small_retention()
+    };
+    let engine = open(dir.path(), ten_seconds(), options);
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    let mut at_ms = T0_MS;
+    for round in 0..20 {
+        for _ in 0..60 {
+            at_ms += 1;
+            let request = UsageRequest::new("payg-ann", "chat", &one).at(at_ms);
+            engine.consume(&request).unwrap();
+        }
+        engine.checkpoint().unwrap();
+        let later = at_ms + 10 * MINUTE_MS;
+        let reports = std::thread::scope(|scope| {
+            let first = scope.spawn(|| engine.compact(Some(later)));
+            let second = scope.spawn(|| engine.compact(Some(later)));
+            [first.join().unwrap(), second.join().unwrap()]
+        });
+        let mut removed = 0;
+        for report in reports {
+            let report = report.unwrap_or_else(|error| panic!("round {round}: {error}"));
+            removed += report.events_removed;
+        }
+        let start = engine.events_after(0, 1).unwrap()[0].seq;
+        assert!(
+            removed < start,
+            "round {round}: {removed} removed, log starts at {start}"
+        );
+    }
+    let before = state(&engine, &["payg-ann"], &["@ann"], at_ms);
+    engine.close().unwrap();
+    let engine = open(dir.path(), ten_seconds(), small_retention());
+    let after = state(&engine, &["payg-ann"], &["@ann"], at_ms);
+    assert_same_state(
+        &after,
+        &before,
+        "after two compactions at once and a reopen",
+    );
+}
+
 #[test]
 fn compaction_removes_old_events_keeps_the_state_exactly_and_verify_stays_sound() {
     let dir = TempDir::new("compact");

@@ -567,6 +567,10 @@ pub struct EventLog {
     /// Held while a cursor is saved: counting the cursors and adding one are a single step,
     /// so racing saves of new names cannot pass `MAX_CURSORS` together.
     cursor_saves: Mutex<()>,
+    /// Held while `compact` runs: two compactions at once both listed the same old segments,
+    /// and the second to reach one found it removed ("No such file"), failing a compaction
+    /// that lost nothing.
+    compacting: Mutex<()>,
     snapshots_dir: PathBuf,
     syncer: FileSyncer,
     shared: Arc<Shared>,
@@ -1357,6 +1361,7 @@ impl EventLog {
             meta,
             cursors,
             cursor_saves: Mutex::new(()),
+            compacting: Mutex::new(()),
             snapshots_dir,
             syncer,
             shared,
@@ -2164,6 +2169,8 @@ impl EventLog {
     /// Deletes whole sealed segments whose every event is at or before `up_to_seq` and older
     /// than `before_ms`, oldest first; returns how many events they held.
     pub fn compact(&self, up_to_seq: u64, before_ms: u64) -> Result<u64, Error> {
+        // One at a time, each listing the segments the one before it left.
+        let _one_at_a_time = self.compacting.lock();
         let segments = self.segments();
         let mut removed = 0u64;
         let mut deleted = false;
