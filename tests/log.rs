@@ -1059,6 +1059,42 @@ fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() 
 }
 
 /// The balance a withdrawal leaves survives every kind of restart.
+/// A request id forgotten before a restart (its horizon passed on a clock that went on logging
+/// events), retried after a reopen whose clock reads earlier (stepped back across the restart):
+/// refused as too old, as the engine refuses it without a restart, not decided and counted
+/// again. The newest logged event says how far the clock ran.
+#[test]
+fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_clock_steps_back() {
+    let dir = TempDir::new("id-forgotten-clock-back");
+    let clock = clock();
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("once");
+    assert!(engine.consume(&request.at(T0_MS)).unwrap().is_admitted());
+    let later_ms = T0_MS + 8 * DAY_MS;
+    clock.set_ms(later_ms);
+    // Past its horizon the id is forgotten (a check finds no first decision for it), and the
+    // clock's time is logged by another request.
+    let (_, replayed) = engine.check_noting_replay(&request.at(later_ms)).unwrap();
+    assert!(!replayed);
+    let other = UsageRequest::new("key-ada", "m2.7", &quantities).at(later_ms);
+    assert!(engine.consume(&other).unwrap().is_admitted());
+    engine.checkpoint().unwrap();
+    drop(engine);
+    let stepped_back_ms = T0_MS + 4 * DAY_MS;
+    clock.set_ms(stepped_back_ms);
+    let engine = open_on_clock(dir.path(), clock, sync_options());
+    let retry = engine.consume(&request.at(T0_MS));
+    assert!(
+        matches!(retry, Err(Error::InvalidArgument { field: "at_ms", .. })),
+        "{retry:?}"
+    );
+}
+
 #[test]
 fn a_withdrawal_survives_a_reopen_in_the_balance() {
     for how in [Shutdown::Close, Shutdown::Drop] {

@@ -726,6 +726,13 @@ impl Engine {
         if marks_unknown {
             engine.mark_short_periods();
         }
+        // Ids stamped more than the horizon before the newest logged event may have been
+        // forgotten before the close (the clock had run that far): their retry must not be
+        // decided again if the clock now reads earlier (stepped back across the restart).
+        let horizon_ms = engine.requests.horizon_ms();
+        engine
+            .requests
+            .forgotten_before(engine.newest_event_ms().saturating_sub(horizon_ms));
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
