@@ -99,6 +99,14 @@ pub extern "C" fn tally_engine_consume_many(
                 format!("count: {count}; between 1 and {TALLY_MAX_BATCH}"),
             ));
         }
+        // The length of `requests` is the argument `count`, not a `requests_len`: say so
+        // (optional_slice would speak of "a length" the caller never passed).
+        if requests.is_null() {
+            return Err(Failure::new(
+                tally_status::TALLY_NULL_POINTER,
+                format!("requests: is NULL with a count of {count}"),
+            ));
+        }
         let requests = optional_slice("requests", requests, count)?.unwrap_or(&[]);
         let statuses_out = OutSlice::new("statuses_out", statuses_out, count)?;
         let decisions_out = OutSlice::new("decisions_out", decisions_out, count)?;

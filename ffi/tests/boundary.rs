@@ -1144,6 +1144,25 @@ fn a_null_request_is_named_plainly_by_every_call_that_takes_one() {
     assert!(submission.is_null());
 }
 
+/// `tally_engine_consume_many`'s array is `requests` and its length the argument `count`: the
+/// NULL array's message names `count`, not "a length" no argument holds.
+#[test]
+fn consume_many_with_a_null_array_names_its_count() {
+    let handle = in_memory();
+    let mut statuses = [tally_status::TALLY_OK; 2];
+    // SAFETY: plain integers and char arrays, for which all-zero is a valid value.
+    let mut decisions: [tally_decision; 2] = unsafe { std::mem::zeroed() };
+    let status = tally_engine_consume_many(
+        handle.0,
+        ptr::null(),
+        2,
+        statuses.as_mut_ptr(),
+        decisions.as_mut_ptr(),
+    );
+    assert_eq!(status, tally_status::TALLY_NULL_POINTER);
+    assert_eq!(last_error(), "requests: is NULL with a count of 2");
+}
+
 #[test]
 fn opens_durability_errors_name_durability_mode_and_interval_ms() {
     let dir = temp_dir("durability-names");
