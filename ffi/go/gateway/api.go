@@ -35,16 +35,25 @@ func apiOf(path string) API {
 }
 
 // keyOf reads the caller's key: "Authorization: Bearer KEY" (OpenAI clients, Cursor, Cline)
-// or "x-api-key: KEY" (Anthropic clients, Claude Code).
-func keyOf(r *http.Request) string {
-	if key := strings.TrimSpace(r.Header.Get("x-api-key")); key != "" {
-		return key
-	}
-	authorization := r.Header.Get("Authorization")
+// or "x-api-key: KEY" (Anthropic clients, Claude Code). conflict is true when the two headers
+// carry two different keys: whichever won would decide whose quota pays, and a client sending
+// two credentials has mixed up its configuration (an SDK's key and a proxy's header), so the
+// call is refused (401, as the Python middleware refuses it) rather than charged to a key it
+// may not mean. The same key in both is one key.
+func keyOf(r *http.Request) (key string, conflict bool) {
+	var bearer string
+	authorization := strings.TrimSpace(r.Header.Get("Authorization"))
 	if len(authorization) > 7 && strings.EqualFold(authorization[:7], "bearer ") {
-		return strings.TrimSpace(authorization[7:])
+		bearer = strings.TrimSpace(authorization[7:])
 	}
-	return ""
+	xAPIKey := strings.TrimSpace(r.Header.Get("x-api-key"))
+	if bearer != "" && xAPIKey != "" && bearer != xAPIKey {
+		return "", true
+	}
+	if bearer != "" {
+		return bearer, false
+	}
+	return xAPIKey, false
 }
 
 // apiError is one error answer: status, the API-specific type and code, and the message.

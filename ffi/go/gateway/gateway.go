@@ -7,8 +7,8 @@
 // usage settles the reservation (an upstream error voids it). Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
 // shape whose message says which quota ran out and when it resets. A call without a key, with
-// an unknown one or with one no key can be (longer than tally.MaxIDBytes, not UTF-8) is
-// answered 401, on every route.
+// an unknown one, with one no key can be (longer than tally.MaxIDBytes, not UTF-8) or with two
+// different keys in the two headers is answered 401, on every route.
 package gateway
 
 import (
@@ -135,7 +135,11 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	api := apiOf(r.URL.Path)
-	key := keyOf(r)
+	key, conflict := keyOf(r)
+	if conflict {
+		unauthorized(api, "the call carries two different API keys (Authorization: Bearer and x-api-key): send one").write(w, api)
+		return
+	}
 	if key == "" {
 		unauthorized(api, "missing API key: send Authorization: Bearer <key> or x-api-key").write(w, api)
 		return

@@ -585,3 +585,57 @@ func TestAMeteredRoutesPathSpelledOtherwiseIsStillMetered(t *testing.T) {
 		}
 	}
 }
+
+// postTwoKeys sends a chat call carrying bearer in Authorization and xAPIKey in x-api-key.
+func (h *harness) postTwoKeys(t *testing.T, path, bearer, xAPIKey string) answer {
+	t.Helper()
+	body := `{"model":"MiniMax-M2.7","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}`
+	request, err := http.NewRequest(http.MethodPost, h.gateway.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	request.Header.Set("Content-Type", "application/json")
+	request.Header.Set("Authorization", "Bearer "+bearer)
+	request.Header.Set("x-api-key", xAPIKey)
+	response, err := http.DefaultClient.Do(request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer response.Body.Close()
+	raw, err := io.ReadAll(response.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := answer{status: response.StatusCode, header: response.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &a.body)
+	return a
+}
+
+// Which header wins would decide whose quota pays (this gateway read x-api-key first, the
+// Python middleware Authorization): a call with two different keys is refused, 401, as the
+// Python middleware refuses it; the same key in both headers is one key.
+func TestTwoDifferentKeysAre401AndChargeNeither(t *testing.T) {
+	h := start(t)
+	h.user(t, "ad", "tp-ad", "Starter")
+	h.user(t, "bo", "tp-bo", "Starter")
+	for _, path := range []string{"/v1/chat/completions", "/v1/messages"} {
+		for _, keys := range [][2]string{{"tp-ad", "tp-bo"}, {"tp-bo", "tp-ad"}, {"tp-ad", "tp-nobody"}} {
+			a := h.postTwoKeys(t, path, keys[0], keys[1])
+			if a.status != http.StatusUnauthorized || !strings.Contains(a.raw, "two different API keys") {
+				t.Fatalf("%s %v: %d %s", path, keys, a.status, a.raw)
+			}
+		}
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a call with two keys")
+	}
+	if a := h.postTwoKeys(t, "/v1/chat/completions", "tp-ad", "tp-ad"); a.status != http.StatusOK {
+		t.Fatalf("the same key twice: %d %s", a.status, a.raw)
+	}
+	for key, want := range map[string]uint64{"tp-ad": 1, "tp-bo": 0} {
+		usage, err := h.engine.Usage(key, t0.Add(time.Minute))
+		if err != nil || usage.Limits[0].Used != want {
+			t.Fatalf("%s: %+v %v", key, usage, err)
+		}
+	}
+}

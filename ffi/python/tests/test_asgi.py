@@ -433,3 +433,44 @@ def test_without_a_clock_a_denials_reset_is_hours_away_not_decades(engine):
     reset = headers[b"x-ratelimit-reset-requests"].decode()
     hours = int(reset.split("h")[0]) if "h" in reset else 0
     assert reset.endswith("s") and hours <= 5, reset  # the 5-hour window, give or take
+
+
+def two_keys(app, path: str, bearer: str, x_api_key: str, body: dict[str, Any]) -> Response:
+    """A request carrying a key in both headers (``request`` sends one)."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"authorization", f"Bearer {bearer}".encode()),
+        (b"x-api-key", x_api_key.encode()),
+    ]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    incoming = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers_out = {k.decode().lower(): v.decode() for k, v in start["headers"]}
+    body_bytes = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Response(start["status"], headers_out, body_bytes)
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_two_different_keys_are_401_and_charge_neither(engine, gateway, upstream, path):
+    # Which header wins would decide whose quota pays; the Go gateway and this middleware once
+    # chose differently. A request with two different credentials is refused, as the Go
+    # gateway refuses it; the same key in both headers is one key.
+    ada = seated(engine, "ada", "tp-ada-1", "Starter")
+    bo = seated(engine, "bo", "tp-bo-1", "Starter")
+    for bearer, x_api_key in [(ada, bo), (bo, ada), (ada, "tp-nobody")]:
+        answer = two_keys(gateway, path, bearer, x_api_key, chat(max_tokens=16))
+        assert answer.status == 401, (bearer, x_api_key, answer.status, answer.body)
+        assert "two different API keys" in answer.body.decode()
+    assert upstream.calls == []
+    assert two_keys(gateway, path, ada, ada, chat(max_tokens=16)).status == 200
+    assert engine.usage(ada, at_ms=T + HOUR_MS).limits[0].used == 1
+    assert engine.usage(bo, at_ms=T + HOUR_MS).limits[0].used == 0

@@ -3,8 +3,8 @@ ASGI (no framework): wrap any ASGI app and serve it with uvicorn, hypercorn, gra
 
 For each request on a metered route it:
 
-1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, or one no key
-   can be, longer than any or holding a NUL: 401);
+1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
+   can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
 2. reads the JSON body and maps the route and its ``model`` to a resource of the policy, and
    the body to quantities: 1 request; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
@@ -281,15 +281,27 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+class ConflictingKeys(ValueError):
+    """A request carried two different keys, one in each header."""
+
+
 def api_key(scope: Scope) -> str | None:
-    """The key from ``Authorization: Bearer <key>`` or else ``x-api-key``."""
+    """The key from ``Authorization: Bearer <key>`` or ``x-api-key`` (None if neither has
+    one). A request carrying two different keys raises ``ConflictingKeys``: whichever header
+    won would decide whose quota pays, and a client that sends two credentials has mixed up
+    its configuration (an SDK's key and a proxy's header) — refused with 401, as the Go
+    gateway does, rather than charged to a key it may not mean. The same key in both is one."""
+    bearer = None
     authorization = _header(scope, b"authorization")
     if authorization:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-    key = _header(scope, b"x-api-key")
-    return key.strip() if key and key.strip() else None
+            bearer = credentials.strip()
+    header = _header(scope, b"x-api-key")
+    x_api_key = header.strip() if header and header.strip() else None
+    if bearer is not None and x_api_key is not None and bearer != x_api_key:
+        raise ConflictingKeys("two different API keys: Authorization: Bearer and x-api-key")
+    return bearer or x_api_key
 
 
 def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
@@ -495,7 +507,16 @@ class QuotaMiddleware:
         return self.routes.get(path) or self.routes.get(path.rstrip("/"))
 
     def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
-        key = api_key(scope)
+        try:
+            key = api_key(scope)
+        except ConflictingKeys:
+            raise _Refusal(
+                401,
+                "authentication",
+                "The request carries two different API keys (Authorization: Bearer and "
+                "x-api-key): send one.",
+                "invalid_api_key",
+            ) from None
         if key is None:
             raise _Refusal(
                 401,
