@@ -87,6 +87,15 @@ func invalidRequest(api API, code, message string) apiError {
 	return apiError{status: http.StatusBadRequest, kind: "invalid_request_error", code: code, message: message}
 }
 
+// modelNotFound: the model is not one the policy meters (404, as the upstream answers a model
+// it does not have).
+func modelNotFound(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusNotFound, kind: "not_found_error", message: message}
+	}
+	return apiError{status: http.StatusNotFound, kind: "invalid_request_error", code: "model_not_found", message: message}
+}
+
 func unauthorized(api API, message string) apiError {
 	if api == Anthropic {
 		return apiError{status: http.StatusUnauthorized, kind: "authentication_error", message: message}

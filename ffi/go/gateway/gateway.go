@@ -8,7 +8,8 @@
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
 // shape whose message says which quota ran out and when it resets. A call without a key, with
 // an unknown one, with one no key can be (longer than tally.MaxIDBytes, not UTF-8) or with two
-// different keys in the two headers is answered 401, on every route.
+// different keys in the two headers is answered 401, on every route. A model the policy has no
+// resource for is answered 404 (model_not_found; Anthropic's not_found_error).
 package gateway
 
 import (
@@ -249,22 +250,40 @@ func (g *Gateway) direct(r *http.Request) {
 	}
 }
 
-// engineError maps an engine error to an answer.
+// engineError maps an engine error to an answer. A model the policy has no resource for is
+// 404 (model_not_found, not_found_error), as the upstream answers a model it does not have
+// and as the Python middleware answers: the client can only pick another model, and a 404
+// says so where a 400 would say the request is malformed. A model name no resource can have
+// (too long, a NUL) is such a model too.
 func engineError(api API, err error) apiError {
+	stringError := errors.Is(err, tally.ErrEmptyString) || errors.Is(err, tally.ErrStringTooLong) ||
+		errors.Is(err, tally.ErrNulInString) || errors.Is(err, tally.ErrInvalidUTF8)
 	switch {
 	case errors.Is(err, tally.ErrUnknownKey):
 		return unauthorized(api, "invalid API key")
-	case errors.Is(err, tally.ErrUnknownResource):
-		return invalidRequest(api, "model_not_found", "this model is not served here: "+err.Error())
-	case errors.Is(err, tally.ErrEmptyString), errors.Is(err, tally.ErrStringTooLong),
-		errors.Is(err, tally.ErrNulInString), errors.Is(err, tally.ErrInvalidUTF8),
-		errors.Is(err, tally.ErrBadQuantity):
+	case errors.Is(err, tally.ErrUnknownResource), stringError && fieldOf(err) == "resource":
+		return modelNotFound(api, "this model does not exist or is not served here: "+err.Error())
+	case stringError, errors.Is(err, tally.ErrBadQuantity):
 		return invalidRequest(api, "invalid_request", err.Error())
 	case errors.Is(err, tally.ErrClosed):
 		return internal(api, http.StatusServiceUnavailable, "the gateway is shutting down")
 	default:
 		return internal(api, http.StatusInternalServerError, err.Error())
 	}
+}
+
+// fieldOf is the argument an engine error names: its message starts "resource: ..." or
+// "key: ..." ("" if it names none).
+func fieldOf(err error) string {
+	var tallyError *tally.Error
+	if !errors.As(err, &tallyError) {
+		return ""
+	}
+	field, _, found := strings.Cut(tallyError.Message, ": ")
+	if !found || strings.ContainsAny(field, " \t") {
+		return ""
+	}
+	return field
 }
 
 // denied answers a denial: 429 with Retry-After when waiting helps, in the API's shape.

@@ -377,7 +377,7 @@ func TestUnknownAndMissingKeysAre401InTheAPIsShape(t *testing.T) {
 
 // A key no key can be (longer than any, or not UTF-8) is a credential that is not valid, as an
 // unknown key is: 401, not 400, on metered and unmetered routes alike (as the Python
-// middleware answers). A model name too long for a resource is still the request's fault: 400.
+// middleware answers).
 func TestAKeyNoKeyCanBeIs401LikeAnUnknownKey(t *testing.T) {
 	h := start(t)
 	h.user(t, "el", "tp-el", "Starter")
@@ -407,8 +407,12 @@ func TestAKeyNoKeyCanBeIs401LikeAnUnknownKey(t *testing.T) {
 	if a := h.call(t, false, strings.Repeat("k", tally.MaxIDBytes), "MiniMax-M2.7", false); a.status != http.StatusUnauthorized {
 		t.Fatalf("the longest unknown key: %d %s", a.status, a.raw)
 	}
-	if a := h.call(t, false, "tp-el", strings.Repeat("m", tally.MaxNameBytes+1), false); a.status != http.StatusBadRequest {
-		t.Fatalf("a model name longer than any resource's: %d %s", a.status, a.raw)
+	// A model no model can be is an unknown model: 404, as the Python middleware answers.
+	for _, model := range []string{strings.Repeat("m", tally.MaxNameBytes+1), `m2.7\u0000`} {
+		body := `{"model":"` + model + `","max_tokens":16,"messages":[]}`
+		if a := h.post(t, false, "/v1/chat/completions", "tp-el", body); a.status != http.StatusNotFound {
+			t.Fatalf("a model name no resource can have (%q): %d %s", model, a.status, a.raw)
+		}
 	}
 	if h.upstream.served.Load() != 0 {
 		t.Fatal("the upstream served a refused call")
@@ -428,10 +432,16 @@ func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing
 	}
 	openAIError(t, a, "insufficient_quota")
 	h.user(t, "di", "tp-di", "Starter")
-	if a = h.call(t, false, "tp-di", "gpt-99", false); a.status != http.StatusBadRequest {
+	// 404, as the upstream answers a model it does not have (OpenAI's model_not_found,
+	// Anthropic's not_found_error) and as the Python middleware answers.
+	if a = h.call(t, false, "tp-di", "gpt-99", false); a.status != http.StatusNotFound || a.body["error"].(map[string]interface{})["code"] != "model_not_found" {
 		t.Fatalf("unknown model: %d %s", a.status, a.raw)
 	}
 	openAIError(t, a, "invalid_request_error")
+	if a = h.call(t, true, "tp-di", "gpt-99", false); a.status != http.StatusNotFound {
+		t.Fatalf("unknown model, Anthropic: %d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "not_found_error")
 	if h.upstream.served.Load() != 0 {
 		t.Fatal("the upstream served a refused call")
 	}

@@ -474,3 +474,20 @@ def test_two_different_keys_are_401_and_charge_neither(engine, gateway, upstream
     assert two_keys(gateway, path, ada, ada, chat(max_tokens=16)).status == 200
     assert engine.usage(ada, at_ms=T + HOUR_MS).limits[0].used == 1
     assert engine.usage(bo, at_ms=T + HOUR_MS).limits[0].used == 0
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_an_unknown_model_and_one_no_model_can_be_are_404(engine, gateway, upstream, path):
+    # As the upstream answers a model it does not have, and as the Go gateway answers: the
+    # client can only pick another model. A name too long for any resource, or holding a NUL,
+    # is such a model too (not a 400, nor a 401 as if the key were at fault).
+    key = seated(engine, "ada", "tp-ada-1", "Starter")
+    header = "x-api-key" if path == MESSAGES else "authorization"
+    for model in ["gpt-99", "m" * (_native.MAX_NAME_BYTES + 1), "m2.7\x00"]:
+        answer = request(gateway, path, chat(model=model), key=key, header=header)
+        assert answer.status == 404, (model, answer.status, answer.body)
+        if path == MESSAGES:
+            assert answer.json()["error"]["type"] == "not_found_error"
+        else:
+            assert answer.json()["error"]["code"] == "model_not_found"
+    assert upstream.calls == []
