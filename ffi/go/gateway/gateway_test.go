@@ -515,20 +515,33 @@ func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
 	}
 }
 
+// An unmetered route (a model list, token counting) reaches the upstream on the operator's key:
+// only for a key the engine knows, as in the Python middleware; the refusal is in the shape of
+// the API the path belongs to.
 func TestUnmeteredRoutesAreProxiedForKnownKeys(t *testing.T) {
 	h := start(t)
 	h.user(t, "gu", "tp-gu", "Starter")
-	for key, want := range map[string]int{"tp-gu": http.StatusOK, "tp-nobody": http.StatusUnauthorized} {
+	for key, want := range map[string]int{"tp-gu": http.StatusOK, "tp-nobody": http.StatusUnauthorized, "": http.StatusUnauthorized} {
 		request, _ := http.NewRequest(http.MethodGet, h.gateway.URL+"/v1/models", nil)
-		request.Header.Set("Authorization", "Bearer "+key)
+		if key != "" {
+			request.Header.Set("Authorization", "Bearer "+key)
+		}
 		response, err := http.DefaultClient.Do(request)
 		if err != nil {
 			t.Fatal(err)
 		}
 		response.Body.Close()
 		if response.StatusCode != want {
-			t.Fatalf("%s: %d", key, response.StatusCode)
+			t.Fatalf("%q: %d", key, response.StatusCode)
 		}
+	}
+	a := h.post(t, true, "/v1/messages/count_tokens", "tp-nobody", `{"model":"MiniMax-M2.7","messages":[]}`)
+	if a.status != http.StatusUnauthorized {
+		t.Fatalf("count_tokens, an unknown key: %d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "authentication_error")
+	if a := h.postTwoKeys(t, "/v1/models", "tp-gu", "tp-nobody"); a.status != http.StatusUnauthorized {
+		t.Fatalf("two keys: %d %s", a.status, a.raw)
 	}
 }
 

@@ -378,9 +378,31 @@ def test_unknown_models_bad_bodies_and_other_routes(engine, gateway, upstream):
     assert request(gateway, CHAT, chat(model="m2.7-highspeed"), key=key).status == 429  # not on Max
     # A resource named directly, and routes the middleware does not meter, pass through.
     assert request(gateway, CHAT, chat(model="m2.7"), key=key).status == 200
-    assert request(gateway, "/v1/models", method="GET", key=None).status == 200
-    assert request(gateway, "/health", {}, key=None).status == 200
+    assert request(gateway, "/v1/models", method="GET", key=key).status == 200
+    assert request(gateway, "/health", {}, key=key).status == 200
     assert [call["path"] for call in upstream.calls] == [CHAT, "/v1/models", "/health"]
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/messages/count_tokens", "/health"])
+def test_unmetered_routes_pass_only_for_a_known_key(engine, gateway, upstream, path):
+    # The app behind the middleware calls the upstream with the operator's credentials: an
+    # unknown key must not reach it on any route, metered or not (as the Go gateway answers).
+    key = seated(engine, "ada", "tp-ada-1", "Starter")
+    anthropic = path.startswith(MESSAGES)
+    for method in ["GET", "POST"]:
+        served = len(upstream.calls)
+        for bad in [None, "tp-nobody", "k" * (_native.MAX_ID_BYTES + 1), "tp-ada-1\x00"]:
+            answer = request(gateway, path, {}, key=bad, method=method)
+            assert answer.status == 401, (method, bad, answer.status, answer.body)
+            if anthropic:
+                assert answer.json()["error"]["type"] == "authentication_error"
+            else:
+                assert answer.json()["error"]["code"] == "invalid_api_key"
+        two = two_keys(gateway, path, key, "tp-nobody", {})
+        assert two.status == 401
+        assert len(upstream.calls) == served
+        assert request(gateway, path, {}, key=key, method=method).status == 200
+    assert engine.usage(key, at_ms=T + HOUR_MS).limits[0].used == 0  # passed, not charged
 
 
 def test_routes_and_models_are_configurable(engine, upstream, clock):

@@ -1,7 +1,9 @@
 """``QuotaMiddleware``: quotas in front of OpenAI- and Anthropic-compatible endpoints, as plain
 ASGI (no framework): wrap any ASGI app and serve it with uvicorn, hypercorn, granian, ...
 
-For each request on a metered route it:
+Every HTTP request must carry a key the engine knows (else 401), on unmetered routes too (a
+model list, token counting), which then pass through uncharged. For each request on a metered
+route it:
 
 1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
    can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
@@ -427,8 +429,10 @@ class _Metered:
 
 
 class QuotaMiddleware:
-    """Enforces tally quotas on an ASGI app. Requests on other routes (and non-POST ones)
-    pass through untouched.
+    """Enforces tally quotas on an ASGI app. HTTP requests on other routes (and non-POST
+    ones) pass through unmetered, but only with a key the engine knows (401 otherwise): the
+    app reaches the upstream on the operator's credentials, which an unknown key must not
+    borrow. Lifespan and websocket scopes pass through untouched.
 
     - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``);
     - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
@@ -482,8 +486,18 @@ class QuotaMiddleware:
         return result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)  # lifespan (and websockets: see the README)
+            return
         route = self._route(scope)
         if route is None:
+            # Unmetered (a model list, token counting, a GET): passed on for a known key only.
+            # The app calls the upstream with the operator's credentials, and an unknown key
+            # must not reach it through the gateway on any route (as in the Go gateway).
+            refusal = await self._known_key(scope)
+            if refusal is not None:
+                await _send_json(send, self._api_of(scope), refusal, [])
+                return
             await self.app(scope, receive, send)
             return
         try:
@@ -500,6 +514,32 @@ class QuotaMiddleware:
         else:
             await self._consume(scope, replay, send, metered)
 
+    def _api_of(self, scope: Scope) -> Api:
+        """The API of an unmetered path, for its error's shape: that of a metered route the
+        path extends (``/v1/messages/count_tokens``), else OpenAI's."""
+        path = scope.get("path", "")
+        for prefix, route in self.routes.items():
+            if path.startswith(prefix):
+                return route.api
+        return Api.OPENAI
+
+    async def _known_key(self, scope: Scope) -> _Refusal | None:
+        """None when the request carries a key the engine knows; else the 401 (or, when the
+        engine fails, the 503) to answer."""
+        try:
+            key = _key(scope)
+            await self._call(self.engine.usage, key, at_ms=self._now())
+        except _Refusal as refusal:
+            return refusal
+        except errors.UnknownKeyError:
+            return _invalid_key()
+        except (errors.StringTooLongError, errors.NulInStringError, errors.InvalidUtf8Error):
+            return _invalid_key()  # the key is the only string given
+        except errors.TallyError as error:
+            _log.error("tally: key lookup failed: %s", error)
+            return _Refusal(503, "unavailable", f"The quota service failed ({error.name}).")
+        return None
+
     def _route(self, scope: Scope) -> Route | None:
         if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
             return None
@@ -507,23 +547,7 @@ class QuotaMiddleware:
         return self.routes.get(path) or self.routes.get(path.rstrip("/"))
 
     def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
-        try:
-            key = api_key(scope)
-        except ConflictingKeys:
-            raise _Refusal(
-                401,
-                "authentication",
-                "The request carries two different API keys (Authorization: Bearer and "
-                "x-api-key): send one.",
-                "invalid_api_key",
-            ) from None
-        if key is None:
-            raise _Refusal(
-                401,
-                "authentication",
-                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
-                "invalid_api_key",
-            )
+        key = _key(scope)
         try:
             document = json.loads(body) if body else {}
         except ValueError:
@@ -668,6 +692,32 @@ class QuotaMiddleware:
         refusal = _Refusal(status, kind, denial_message(decision, metered.resource), code)
         await _send_json(send, api, refusal, headers)
         return None
+
+
+def _key(scope: Scope) -> str:
+    """The request's key, or the 401 refusal for none or two different ones."""
+    try:
+        key = api_key(scope)
+    except ConflictingKeys:
+        raise _Refusal(
+            401,
+            "authentication",
+            "The request carries two different API keys (Authorization: Bearer and "
+            "x-api-key): send one.",
+            "invalid_api_key",
+        ) from None
+    if key is None:
+        raise _Refusal(
+            401,
+            "authentication",
+            "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+            "invalid_api_key",
+        )
+    return key
+
+
+def _invalid_key() -> _Refusal:
+    return _Refusal(401, "authentication", "Invalid API key.", "invalid_api_key")
 
 
 class _ResponseWatcher:
