@@ -250,7 +250,9 @@ func (g *Gateway) direct(r *http.Request) {
 	}
 }
 
-// engineError maps an engine error to an answer. A model the policy has no resource for is
+// engineError maps an engine error to an answer. A string the engine refuses is answered for
+// the argument its message names: the key's 401 (couldBeKey catches those first), the
+// resource's 404, any other 500 (as the Python middleware answers them). A model the policy has no resource for is
 // 404 (model_not_found, not_found_error), as the upstream answers a model it does not have
 // and as the Python middleware answers: the client can only pick another model, and a 404
 // says so where a 400 would say the request is malformed. A model name no resource can have
@@ -259,11 +261,14 @@ func engineError(api API, err error) apiError {
 	stringError := errors.Is(err, tally.ErrEmptyString) || errors.Is(err, tally.ErrStringTooLong) ||
 		errors.Is(err, tally.ErrNulInString) || errors.Is(err, tally.ErrInvalidUTF8)
 	switch {
-	case errors.Is(err, tally.ErrUnknownKey):
+	case errors.Is(err, tally.ErrUnknownKey), stringError && fieldOf(err) == "key":
 		return unauthorized(api, "invalid API key")
 	case errors.Is(err, tally.ErrUnknownResource), stringError && fieldOf(err) == "resource":
 		return modelNotFound(api, "this model does not exist or is not served here: "+err.Error())
-	case stringError, errors.Is(err, tally.ErrBadQuantity):
+	case stringError:
+		// Not the client's key nor its model: a string of the gateway's own, its fault.
+		return internal(api, http.StatusInternalServerError, err.Error())
+	case errors.Is(err, tally.ErrBadQuantity):
 		return invalidRequest(api, "invalid_request", err.Error())
 	case errors.Is(err, tally.ErrClosed):
 		return internal(api, http.StatusServiceUnavailable, "the gateway is shutting down")

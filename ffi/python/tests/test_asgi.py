@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import HOUR_MS, T, seated
-from tally import _native
+from tally import _native, errors
 from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader, rate_limit_headers
 
 CHAT = "/v1/chat/completions"
@@ -512,4 +512,36 @@ def test_an_unknown_model_and_one_no_model_can_be_are_404(engine, gateway, upstr
             assert answer.json()["error"]["type"] == "not_found_error"
         else:
             assert answer.json()["error"]["code"] == "model_not_found"
+    assert upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (errors.StringTooLongError(4, "key: is 300 bytes; at most 256"), 401, "invalid_api_key"),
+        (errors.NulInStringError(5, "key: contains a NUL at byte 3"), 401, "invalid_api_key"),
+        (errors.StringTooLongError(4, "resource: is 65 bytes; at most 64"), 404, "model_not_found"),
+        (errors.InvalidUtf8Error(2, "resource: is not valid UTF-8"), 404, "model_not_found"),
+        (errors.StringTooLongError(4, "request_id: is 300 bytes; at most 256"), 500, None),
+        (errors.NulInStringError(5, "request_id: contains a NUL at byte 0"), 500, None),
+    ],
+)
+@pytest.mark.parametrize("path", [CHAT, IMAGES])
+def test_a_string_error_is_answered_for_the_argument_it_names(
+    engine, gateway, upstream, monkeypatch, error, status, kind, path
+):
+    # Only the key's own errors make a 401; a model name no resource can have is an unknown
+    # model (404); any other string is the middleware's own (its request id): 500, its fault,
+    # not the client's credential.
+    key = seated(engine, "ada", "tp-ada-1", "Plus")
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(engine, "reserve", fail)
+    monkeypatch.setattr(engine, "consume", fail)
+    body = {"model": "image-01", "n": 1} if path == IMAGES else chat()
+    answer = request(gateway, path, body, key=key)
+    assert answer.status == status, (answer.status, answer.body)
+    assert answer.json()["error"]["code"] == (kind or "internal_error")
     assert upstream.calls == []

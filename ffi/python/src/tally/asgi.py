@@ -110,14 +110,14 @@ DEFAULT_MODELS: Mapping[str, str] = {
 
 
 class _Refusal(Exception):
-    """An answer the middleware gives instead of the app's (401, 400, 404, 413, 503)."""
+    """An answer the middleware gives instead of the app's (401, 400, 404, 413, 500, 503)."""
 
     def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.kind = (
-            kind  # "authentication", "invalid_request", "not_found", "too_large", "unavailable"
-        )
+        # "authentication", "invalid_request", "not_found", "too_large", "unavailable",
+        # "internal"
+        self.kind = kind
         self.message = message
         self.code = code
 
@@ -130,6 +130,7 @@ _OPENAI_TYPES = {
     "not_found": "invalid_request_error",
     "too_large": "invalid_request_error",
     "unavailable": "api_error",
+    "internal": "server_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "insufficient_quota",
 }
@@ -139,6 +140,7 @@ _ANTHROPIC_TYPES = {
     "not_found": "not_found_error",
     "too_large": "request_too_large",
     "unavailable": "api_error",
+    "internal": "api_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
 }
@@ -533,8 +535,8 @@ class QuotaMiddleware:
             return refusal
         except errors.UnknownKeyError:
             return _invalid_key()
-        except (errors.StringTooLongError, errors.NulInStringError, errors.InvalidUtf8Error):
-            return _invalid_key()  # the key is the only string given
+        except _STRING_ERRORS as error:
+            return _string_refusal(error)
         except errors.TallyError as error:
             _log.error("tally: key lookup failed: %s", error)
             return _Refusal(503, "unavailable", f"The quota service failed ({error.name}).")
@@ -671,9 +673,8 @@ class QuotaMiddleware:
             refusal = _Refusal(404, "not_found", error.message, "model_not_found")
             await _send_json(send, api, refusal, [])
             return None
-        except (errors.StringTooLongError, errors.NulInStringError, errors.InvalidUtf8Error):
-            refusal = _Refusal(401, "authentication", "Invalid API key.", "invalid_api_key")
-            await _send_json(send, api, refusal, [])
+        except _STRING_ERRORS as error:
+            await _send_json(send, api, _string_refusal(error), [])
             return None
         except errors.TallyError as error:
             _log.error("tally: admission failed: %s", error)
@@ -718,6 +719,41 @@ def _key(scope: Scope) -> str:
 
 def _invalid_key() -> _Refusal:
     return _Refusal(401, "authentication", "Invalid API key.", "invalid_api_key")
+
+
+#: The engine's errors about a string argument; its message names the argument first
+#: ("key: is 300 bytes; at most 256").
+_STRING_ERRORS = (
+    errors.EmptyStringError,
+    errors.StringTooLongError,
+    errors.NulInStringError,
+    errors.InvalidUtf8Error,
+)
+
+
+def _field(error: errors.TallyError) -> str | None:
+    """The argument an engine error names: ``"key"`` for ``"key: is 300 bytes; ..."``."""
+    field, separator, _ = error.message.partition(": ")
+    return field if separator and field.isidentifier() else None
+
+
+def _string_refusal(error: errors.TallyError) -> _Refusal:
+    """The answer to a string the engine refused, by the argument it names: the key's is 401
+    (a credential no key can be, as an unknown key is); the resource's 404 (a model name no
+    resource can have is an unknown model); any other string is the middleware's own (a
+    request id), so its fault: 500."""
+    field = _field(error)
+    if field == "key":
+        return _invalid_key()
+    if field == "resource":
+        return _Refusal(
+            404,
+            "not_found",
+            "The model does not exist or is not metered here.",
+            "model_not_found",
+        )
+    _log.error("tally: the engine refused the middleware's own %s: %s", field, error)
+    return _Refusal(500, "internal", f"The gateway failed ({error.name}).", "internal_error")
 
 
 class _ResponseWatcher:

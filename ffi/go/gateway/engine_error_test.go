@@ -1,0 +1,34 @@
+package gateway
+
+import (
+	"fmt"
+	"net/http"
+	"testing"
+
+	tally "github.com/tally-engine/tally/ffi/go"
+)
+
+// A string the engine refuses is answered for the argument its message names, as the Python
+// middleware answers it: the key's is 401 (a credential no key can be), the resource's 404 (a
+// model no model can be), any other string the gateway's own: 500, its fault, not the client's.
+func TestAStringErrorIsAnsweredForTheArgumentItNames(t *testing.T) {
+	for _, test := range []struct {
+		status  tally.Status
+		message string
+		want    int
+		code    string
+	}{
+		{4, "key: is 300 bytes; at most 256", http.StatusUnauthorized, "invalid_api_key"},
+		{5, "key: contains a NUL at byte 3", http.StatusUnauthorized, "invalid_api_key"},
+		{4, "resource: is 65 bytes; at most 64", http.StatusNotFound, "model_not_found"},
+		{2, "resource: is not valid UTF-8 (at byte 0)", http.StatusNotFound, "model_not_found"},
+		{4, "request_id: is 300 bytes; at most 256", http.StatusInternalServerError, "internal_error"},
+		{5, "request_id: contains a NUL at byte 0", http.StatusInternalServerError, "internal_error"},
+	} {
+		err := error(&tally.Error{Op: "Reserve", Status: test.status, Message: test.message})
+		answer := engineError(OpenAI, fmt.Errorf("wrapped: %w", err))
+		if answer.status != test.want || answer.code != test.code {
+			t.Errorf("%s: %d %s, want %d %s", test.message, answer.status, answer.code, test.want, test.code)
+		}
+	}
+}
