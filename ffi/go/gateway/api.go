@@ -103,11 +103,13 @@ func unauthorized(api API, message string) apiError {
 	return apiError{status: http.StatusUnauthorized, kind: "invalid_request_error", code: "invalid_api_key", message: message}
 }
 
-func rateLimited(api API, message string) apiError {
+// rateLimited: waiting helps. OpenAI's type is the unit of the limit that denied, as OpenAI's
+// API says "requests" or "tokens" (and as the x-ratelimit-*-<unit> headers name it).
+func rateLimited(api API, unit, message string) apiError {
 	if api == Anthropic {
 		return apiError{status: http.StatusTooManyRequests, kind: "rate_limit_error", message: message}
 	}
-	return apiError{status: http.StatusTooManyRequests, kind: "requests", code: "rate_limit_exceeded", message: message}
+	return apiError{status: http.StatusTooManyRequests, kind: unit, code: "rate_limit_exceeded", message: message}
 }
 
 // noResources: waiting does not help (no seat, not covered, no credits).

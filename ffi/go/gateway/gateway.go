@@ -6,10 +6,15 @@
 // of the tokens on a tally engine. Admitted calls are proxied; the upstream's reported token
 // usage settles the reservation (an upstream error voids it). Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
-// shape whose message says which quota ran out and when it resets. A call without a key, with
-// an unknown one, with one no key can be (longer than tally.MaxIDBytes, not UTF-8) or with two
-// different keys in the two headers is answered 401, on every route. A model the policy has no
-// resource for is answered 404 (model_not_found; Anthropic's not_found_error).
+// shape whose message says which quota ran out and when it resets (OpenAI's "type" is the
+// limit's unit: "requests", "tokens", ...). A denial waiting cannot help is no 429 to retry:
+// larger than the whole limit, 400; no seat, a plan that does not cover the model, credits
+// short: 429 insufficient_quota on OpenAI's routes (the API's own answer), 403
+// permission_error on Anthropic's. A call without a key, with an unknown one, with one no key
+// can be (longer than tally.MaxIDBytes, not UTF-8) or with two different keys in the two
+// headers is answered 401, on every route. A model the policy has no resource for is answered
+// 404 (model_not_found; Anthropic's not_found_error). The Python middleware (tally.asgi)
+// answers alike.
 package gateway
 
 import (
@@ -299,15 +304,24 @@ func denied(w http.ResponseWriter, api API, resource string, d tally.Decision) {
 		unauthorized(api, "invalid API key").write(w, api)
 	case tally.DenialQuotaExhausted:
 		w.Header().Set("Retry-After", fmt.Sprint(ceilSeconds(d.RetryAfter)))
-		rateLimited(api, message).write(w, api)
+		rateLimited(api, deniedUnit(d), message).write(w, api)
 	case tally.DenialTooManyReservations:
 		w.Header().Set("Retry-After", "1")
-		rateLimited(api, message).write(w, api)
+		rateLimited(api, deniedUnit(d), message).write(w, api)
 	case tally.DenialExceedsLimit, tally.DenialOverRequestMaximum:
 		invalidRequest(api, "request_too_large", message).write(w, api)
 	default: // no resources, not covered, insufficient credits: waiting does not help
 		noResources(api, message).write(w, api)
 	}
+}
+
+// deniedUnit is what the limit that denied counts, as its x-ratelimit-*-<unit> headers name
+// it ("requests" when the denial names no limit).
+func deniedUnit(d tally.Decision) string {
+	if d.LimitIndex < 0 {
+		return "requests"
+	}
+	return limitUnit(d.LimitName)
 }
 
 // denialMessage says which quota ran out and when it resets.

@@ -662,3 +662,21 @@ func TestTwoDifferentKeysAre401AndChargeNeither(t *testing.T) {
 		}
 	}
 }
+
+// An OpenAI 429's type is the unit of the limit that denied, as OpenAI's API says "requests"
+// or "tokens" and as the x-ratelimit-*-<unit> headers name it (a shared usage bar: "usage"),
+// as the Python middleware answers.
+func TestAnOpenAI429sTypeIsTheUnitOfTheLimitThatDenied(t *testing.T) {
+	h := start(t)
+	h.user(t, "bu", "tp-bu", "Bar-Plus")
+	fill := tally.Request{Key: "tp-bu", Resource: "m2.7", At: t0,
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 1_997_000}}}
+	if decision, err := h.engine.Consume(fill); err != nil || !decision.Admitted {
+		t.Fatalf("%+v %v", decision, err)
+	}
+	a := h.call(t, false, "tp-bu", "MiniMax-M2.7", false)
+	if a.status != http.StatusTooManyRequests || a.header.Get("x-ratelimit-limit-usage") == "" {
+		t.Fatalf("%d %s %v", a.status, a.raw, a.header)
+	}
+	openAIError(t, a, "usage")
+}

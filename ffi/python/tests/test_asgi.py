@@ -208,7 +208,7 @@ def test_exactly_the_starter_limit_is_admitted_then_429_with_retry_after(engine,
     assert denied.headers["x-ratelimit-remaining-requests"] == "0"
     assert denied.headers["x-ratelimit-reset-requests"].endswith("s")
     error = denied.json()["error"]
-    assert error["type"] == "rate_limit_error" and error["code"] == "rate_limit_exceeded"
+    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
     assert "m2.7:requests per rolling:5h" in error["message"]
     assert "resets at 2030-03-1" in error["message"] and "Starter" in error["message"]
 
@@ -331,7 +331,7 @@ def test_speech_is_counted_in_characters_of_its_input_against_the_daily_quota(en
     assert ok.headers["x-ratelimit-remaining-characters"] == "1000"
     denied = request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": "b" * 1500}, key=key)
     assert denied.status == 429
-    assert denied.json()["error"]["type"] == "rate_limit_error"
+    assert denied.json()["error"]["type"] == "characters"
     assert "speech-2.8:characters per daily" in denied.json()["error"]["message"]
     # The next local midnight in Asia/Shanghai is 2030-03-18T16:00:00Z.
     assert "2030-03-18T16:00:00Z" in denied.json()["error"]["message"]
@@ -545,3 +545,40 @@ def test_a_string_error_is_answered_for_the_argument_it_names(
     assert answer.status == status, (answer.status, answer.body)
     assert answer.json()["error"]["code"] == (kind or "internal_error")
     assert upstream.calls == []
+
+
+def test_a_denial_waiting_cannot_help_is_not_a_429_to_retry(engine, gateway, upstream):
+    # As the Go gateway answers: a request larger than the whole limit is the request's fault
+    # (400, like one over the per-request maximum), and on Anthropic's routes a key whose plan
+    # cannot serve the model is refused 403 permission_error, not a 429 its SDK retries.
+    plus = seated(engine, "ha", "tp-ha-1", "Plus")
+    too_big = request(gateway, IMAGES, {"model": "image-01", "n": 51}, key=plus)
+    assert too_big.status == 400 and "retry-after" not in too_big.headers
+    error = too_big.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_too_large"
+    assert "waiting cannot help" in error["message"]
+    engine.create_user("jo", "tp-jo-1", at_ms=T)
+    for key, message in [("tp-jo-1", "no Token Plan seat"), (plus, "does not cover")]:
+        body = chat(model="MiniMax-M2.7" if key == "tp-jo-1" else "m2.7-highspeed")
+        denied = request(gateway, MESSAGES, body, key=key, header="x-api-key")
+        assert denied.status == 403 and "retry-after" not in denied.headers, denied.body
+        assert denied.json()["error"]["type"] == "permission_error"
+        assert message in denied.json()["error"]["message"]
+        # OpenAI's clients know 429 insufficient_quota (the API's own answer): unchanged.
+        assert request(gateway, CHAT, body, key=key).status == 429
+    assert upstream.calls == []
+
+
+def test_an_openai_429s_type_is_the_unit_of_the_limit_that_denied(engine, gateway):
+    # OpenAI's API says "requests" or "tokens": the unit the x-ratelimit-*-<unit> headers name,
+    # as the Go gateway answers (a shared usage bar: "usage").
+    starter = seated(engine, "ad", "tp-ad-1", "Starter")
+    engine.consume(starter, "m2.7", {"requests": 1500}, at_ms=T)
+    denied = request(gateway, CHAT, chat(), key=starter)
+    assert denied.status == 429 and denied.json()["error"]["type"] == "requests"
+    assert denied.json()["error"]["code"] == "rate_limit_exceeded"
+    bar = seated(engine, "bu", "tp-bu-1", "Bar-Plus")
+    engine.consume(bar, "m2.7", {"requests": 1, "tokens": 1_997_000}, at_ms=T)
+    denied = request(gateway, CHAT, chat(max_tokens=256), key=bar)
+    assert denied.status == 429 and denied.json()["error"]["type"] == "usage", denied.body
+    assert "x-ratelimit-limit-usage" in denied.headers

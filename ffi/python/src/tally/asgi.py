@@ -15,7 +15,11 @@ route it:
    other routes *consume* at once (and are refunded if the app answers an error);
 4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
    with a JSON body in the error shape of the API being proxied, whose message says which
-   quota ran out and when it resets; admitted responses carry the rate-limit headers too.
+   quota ran out and when it resets (OpenAI's ``type`` is the limit's unit, "requests",
+   "tokens", ...); admitted responses carry the rate-limit headers too. A denial waiting
+   cannot help is no 429 to retry: larger than the whole limit, 400; no seat, a plan that
+   does not cover the model, credits short: 429 insufficient_quota on OpenAI's routes (the
+   API's own answer), 403 permission_error on Anthropic's.
 
 Engine calls are synchronous and fast in memory; with ``Durability.SYNC`` they wait for an
 fsync, so pass ``run_sync`` (e.g. ``asyncio.to_thread`` or ``anyio.to_thread.run_sync``) to
@@ -112,9 +116,17 @@ DEFAULT_MODELS: Mapping[str, str] = {
 class _Refusal(Exception):
     """An answer the middleware gives instead of the app's (401, 400, 404, 413, 500, 503)."""
 
-    def __init__(self, status: int, kind: str, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        code: str | None = None,
+        openai_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.openai_type = openai_type  # instead of the kind's (a 429's: the limit's unit)
         # "authentication", "invalid_request", "not_found", "too_large", "unavailable",
         # "internal"
         self.kind = kind
@@ -133,6 +145,7 @@ _OPENAI_TYPES = {
     "internal": "server_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "insufficient_quota",
+    "permission": "insufficient_quota",
 }
 _ANTHROPIC_TYPES = {
     "authentication": "authentication_error",
@@ -143,15 +156,20 @@ _ANTHROPIC_TYPES = {
     "internal": "api_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
+    "permission": "permission_error",
 }
 
 
-def error_body(api: Api, kind: str, message: str, code: str | None) -> dict[str, Any]:
-    """The JSON error of ``api``: OpenAI ``{"error": {"message", "type", "param", "code"}}``,
-    Anthropic ``{"type": "error", "error": {"type", "message"}}``."""
+def error_body(
+    api: Api, kind: str, message: str, code: str | None, openai_type: str | None = None
+) -> dict[str, Any]:
+    """The JSON error of ``api``: OpenAI ``{"error": {"message", "type", "param", "code"}}``
+    (``type`` the kind's, or ``openai_type``), Anthropic ``{"type": "error", "error": {"type",
+    "message"}}``."""
     if api is Api.ANTHROPIC:
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES[kind], "message": message}}
-    return {"error": {"message": message, "type": _OPENAI_TYPES[kind], "param": None, "code": code}}
+    kind_type = openai_type or _OPENAI_TYPES[kind]
+    return {"error": {"message": message, "type": kind_type, "param": None, "code": code}}
 
 
 # ---- what a denial says ---------------------------------------------------------------------
@@ -225,16 +243,30 @@ def denial_message(decision: Decision, resource: str) -> str:
     return "Invalid API key."
 
 
-def _denial_answer(decision: Decision) -> tuple[int, str, str | None]:
-    """(HTTP status, error kind, OpenAI code) for a denial."""
+def _denial_answer(decision: Decision, api: Api) -> tuple[int, str, str | None]:
+    """(HTTP status, error kind, OpenAI code) for a denial, as the Go gateway answers it: 429
+    only when waiting helps, or for OpenAI's insufficient_quota (its API's own answer, which
+    its clients know). A request larger than the whole limit is the request's fault (400, as
+    one over the per-request maximum is); on Anthropic's routes a key whose plan and credits
+    cannot serve the request is 403 permission_error, not a 429 its SDK would retry."""
     denial = decision.denial
     if denial is Denial.UNKNOWN_KEY:
         return 401, "authentication", "invalid_api_key"
-    if denial is Denial.OVER_REQUEST_MAXIMUM:
+    if denial in (Denial.OVER_REQUEST_MAXIMUM, Denial.EXCEEDS_LIMIT):
         return 400, "invalid_request", "request_too_large"
     if denial in (Denial.QUOTA_EXHAUSTED, Denial.TOO_MANY_RESERVATIONS):
         return 429, "rate_limit", "rate_limit_exceeded"
+    if api is Api.ANTHROPIC:
+        return 403, "permission", None
     return 429, "insufficient_quota", "insufficient_quota"
+
+
+def _denied_unit(decision: Decision) -> str:
+    """What the limit that denied counts, as its ``x-ratelimit-*-<unit>`` headers name it: a
+    429's OpenAI type ("requests", "tokens", as OpenAI's API says; "usage" for a shared bar)."""
+    if decision.limit_index is None or decision.limit_name is None:
+        return "requests"
+    return _limit_unit(decision.limit_name)
 
 
 def rate_limit_headers(api: Api, decision: Decision, now_ms: int | None) -> Headers:
@@ -684,13 +716,15 @@ class QuotaMiddleware:
         decision = result.decision if isinstance(result, Reservation) else result
         if decision.admitted:
             return result
-        status, kind, code = _denial_answer(decision)
+        status, kind, code = _denial_answer(decision, api)
         headers = rate_limit_headers(api, decision, self._now())
         if decision.denial is Denial.QUOTA_EXHAUSTED:
             headers.append((b"retry-after", str(max(1, decision.retry_after_seconds)).encode()))
         elif decision.denial is Denial.TOO_MANY_RESERVATIONS:
             headers.append((b"retry-after", b"1"))
-        refusal = _Refusal(status, kind, denial_message(decision, metered.resource), code)
+        openai_type = _denied_unit(decision) if kind == "rate_limit" else None
+        message = denial_message(decision, metered.resource)
+        refusal = _Refusal(status, kind, message, code, openai_type)
         await _send_json(send, api, refusal, headers)
         return None
 
@@ -822,7 +856,8 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
 async def _send_json(
     send: Send, api: Api, refusal: _Refusal, headers: Iterable[tuple[bytes, bytes]]
 ) -> None:
-    body = json.dumps(error_body(api, refusal.kind, refusal.message, refusal.code)).encode()
+    error = error_body(api, refusal.kind, refusal.message, refusal.code, refusal.openai_type)
+    body = json.dumps(error).encode()
     all_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
