@@ -358,8 +358,18 @@ func denialMessage(resource string, d tally.Decision) string {
 }
 
 // setRateLimitHeaders reports the limit the decision names (the tightest or the one that
-// denied) as OpenAI's x-ratelimit-* headers, plus Anthropic's for /v1/messages.
+// denied) as OpenAI's x-ratelimit-* headers, plus Anthropic's for /v1/messages, and says
+// where the call was charged in x-tally-plan, x-tally-charged-to (admitted) and x-tally-limit,
+// as the Python middleware does. The reset is when the limit is whole again (OpenAI: "resets
+// to its initial state"; Anthropic: "fully replenished"); when a denied call would fit is
+// Retry-After's to say.
 func setRateLimitHeaders(h http.Header, api API, d tally.Decision, now time.Time) {
+	if d.Plan != "" {
+		h.Set("x-tally-plan", d.Plan)
+	}
+	if d.Admitted {
+		h.Set("x-tally-charged-to", d.ChargedTo.String())
+	}
 	if d.LimitIndex < 0 {
 		return
 	}
@@ -367,17 +377,19 @@ func setRateLimitHeaders(h http.Header, api API, d tally.Decision, now time.Time
 	if !d.ResetAt.IsZero() && d.ResetAt.After(now) {
 		reset = time.Duration(ceilSeconds(d.ResetAt.Sub(now))) * time.Second
 	}
-	if d.Denial == tally.DenialQuotaExhausted {
-		reset = time.Duration(ceilSeconds(d.RetryAfter)) * time.Second
-	}
 	unit := limitUnit(d.LimitName)
+	h.Set("x-tally-limit", d.LimitName)
 	h.Set("x-ratelimit-limit-"+unit, fmt.Sprint(d.LimitAmount))
 	h.Set("x-ratelimit-remaining-"+unit, fmt.Sprint(d.Remaining))
 	h.Set("x-ratelimit-reset-"+unit, reset.String())
 	if api == Anthropic {
+		resetAt := d.ResetAt
+		if resetAt.IsZero() {
+			resetAt = now
+		}
 		h.Set("anthropic-ratelimit-"+unit+"-limit", fmt.Sprint(d.LimitAmount))
 		h.Set("anthropic-ratelimit-"+unit+"-remaining", fmt.Sprint(d.Remaining))
-		h.Set("anthropic-ratelimit-"+unit+"-reset", now.Add(reset).UTC().Format(time.RFC3339))
+		h.Set("anthropic-ratelimit-"+unit+"-reset", resetAt.UTC().Format(time.RFC3339))
 	}
 }
 

@@ -680,3 +680,53 @@ func TestAnOpenAI429sTypeIsTheUnitOfTheLimitThatDenied(t *testing.T) {
 	}
 	openAIError(t, a, "usage")
 }
+
+// The reset headers say when the limit is whole again (OpenAI: "resets to its initial state";
+// Anthropic: "fully replenished"), not when this call would fit, which Retry-After says; and
+// the x-tally-* headers say which plan and limit decided and where the call was charged, as
+// the Python middleware answers.
+func TestResetHeadersSayWhenTheLimitIsWholeAndXTallySaysWhere(t *testing.T) {
+	h := start(t)
+	if err := h.engine.CreateUser("re", "tp-re", t0.Add(-2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.engine.AssignSeat("@re", "re", "Starter", t0.Add(-2*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	limit := h.limit(t, "Starter", "m2.7", "requests")
+	// Most of the limit an hour ago, the rest (less the call below) now: the call fits again
+	// in about 4 hours, the limit is whole in about 5.
+	for _, spend := range []struct {
+		at     time.Time
+		amount uint64
+	}{{t0.Add(-time.Hour), limit - 100}, {t0, 99}} {
+		request := tally.Request{Key: "tp-re", Resource: "m2.7", At: spend.at,
+			Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: spend.amount}}}
+		if decision, err := h.engine.Consume(request); err != nil || !decision.Admitted {
+			t.Fatalf("%+v %v", decision, err)
+		}
+	}
+	admitted := h.call(t, true, "tp-re", "MiniMax-M2.7", false)
+	if admitted.status != http.StatusOK || admitted.header.Get("x-tally-plan") != "Starter" ||
+		admitted.header.Get("x-tally-charged-to") != "plan_quota" ||
+		admitted.header.Get("x-tally-limit") != "m2.7:requests per rolling:5h" {
+		t.Fatalf("admitted: %d %v", admitted.status, admitted.header)
+	}
+	a := h.call(t, true, "tp-re", "MiniMax-M2.7", false)
+	// What the engine says of the same call a moment later (its windows count in buckets of
+	// whole seconds, so the gateway's few milliseconds past t0 round away).
+	check, err := h.engine.Check(tally.Request{Key: "tp-re", Resource: "m2.7", At: t0.Add(100 * time.Millisecond),
+		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}}})
+	if err != nil || check.Denial != tally.DenialQuotaExhausted || !check.RetryAt.Before(check.ResetAt) {
+		t.Fatalf("check: %+v %v", check, err)
+	}
+	if a.status != http.StatusTooManyRequests || a.header.Get("Retry-After") != fmt.Sprint(int(check.RetryAt.Sub(t0).Seconds())) {
+		t.Fatalf("%d %s %v", a.status, a.raw, a.header)
+	}
+	if a.header.Get("x-ratelimit-reset-requests") != check.ResetAt.Sub(t0).String() ||
+		a.header.Get("anthropic-ratelimit-requests-reset") != check.ResetAt.UTC().Format(time.RFC3339) ||
+		a.header.Get("x-tally-plan") != "Starter" || a.header.Get("x-tally-limit") != "m2.7:requests per rolling:5h" ||
+		a.header.Get("x-tally-charged-to") != "" {
+		t.Fatalf("denied: %v", a.header)
+	}
+}

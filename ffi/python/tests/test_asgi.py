@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 from typing import Any
@@ -582,3 +583,34 @@ def test_an_openai_429s_type_is_the_unit_of_the_limit_that_denied(engine, gatewa
     denied = request(gateway, CHAT, chat(max_tokens=256), key=bar)
     assert denied.status == 429 and denied.json()["error"]["type"] == "usage", denied.body
     assert "x-ratelimit-limit-usage" in denied.headers
+
+
+def test_reset_headers_say_when_the_limit_is_whole_and_x_tally_says_where(engine, gateway):
+    # As the Go gateway answers: the reset is when the limit is whole again, Retry-After when
+    # this call would fit; x-tally-* name the plan, the limit and (admitted) the charge.
+    engine.create_user("re", "tp-re-1", at_ms=T - 2 * HOUR_MS)
+    engine.assign_seat("@re", "re", "Starter", at_ms=T - 2 * HOUR_MS)
+    engine.consume("tp-re-1", "m2.7", {"requests": 1400}, at_ms=T - HOUR_MS)
+    engine.consume("tp-re-1", "m2.7", {"requests": 99}, at_ms=T)
+    body = chat(max_tokens=16)
+    admitted = request(gateway, MESSAGES, body, key="tp-re-1", header="x-api-key")
+    assert admitted.status == 200
+    assert admitted.headers["x-tally-plan"] == "Starter"
+    assert admitted.headers["x-tally-charged-to"] == "plan_quota"
+    assert admitted.headers["x-tally-limit"] == "m2.7:requests per rolling:5h"
+    denied = request(gateway, MESSAGES, body, key="tp-re-1", header="x-api-key")
+    check = engine.check("tp-re-1", "m2.7", {"requests": 1}, at_ms=T + 100)
+    assert check.retry_at_ms is not None and check.reset_at_ms is not None
+    assert check.retry_at_ms < check.reset_at_ms
+    assert denied.status == 429
+    assert int(denied.headers["retry-after"]) == (check.retry_at_ms - T) // 1000
+    reset_s = (check.reset_at_ms - T) // 1000
+    hours, rest = divmod(reset_s, 3600)
+    assert denied.headers["x-ratelimit-reset-requests"] == f"{hours}h{rest // 60}m{rest % 60}s"
+    reset_at = datetime.datetime.fromtimestamp(check.reset_at_ms / 1000, tz=datetime.timezone.utc)
+    assert denied.headers["anthropic-ratelimit-requests-reset"] == reset_at.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    assert (
+        denied.headers["x-tally-plan"] == "Starter" and "x-tally-charged-to" not in denied.headers
+    )
