@@ -127,9 +127,18 @@ func upstreamFailed(api API, message string) apiError {
 	return apiError{status: http.StatusBadGateway, kind: "server_error", code: "upstream_error", message: message}
 }
 
-func internal(api API, status int, message string) apiError {
+// unavailable: the quota service could not decide; a client may retry later.
+func unavailable(api API, message string) apiError {
 	if api == Anthropic {
-		return apiError{status: status, kind: "api_error", message: message}
+		return apiError{status: http.StatusServiceUnavailable, kind: "api_error", message: message}
 	}
-	return apiError{status: status, kind: "server_error", code: "internal_error", message: message}
+	return apiError{status: http.StatusServiceUnavailable, kind: "server_error", code: "service_unavailable", message: message}
+}
+
+// internal: the gateway's own fault (500).
+func internal(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusInternalServerError, kind: "api_error", message: message}
+	}
+	return apiError{status: http.StatusInternalServerError, kind: "server_error", code: "internal_error", message: message}
 }

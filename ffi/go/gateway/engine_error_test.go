@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"testing"
@@ -31,4 +32,34 @@ func TestAStringErrorIsAnsweredForTheArgumentItNames(t *testing.T) {
 			t.Errorf("%s: %d %s, want %d %s", test.message, answer.status, answer.code, test.want, test.code)
 		}
 	}
+}
+
+// An engine that cannot decide (closed, storage failed, poisoned) is the quota service being
+// unavailable: 503 with code service_unavailable, in each API's shape, as the Python
+// middleware answers; a client may retry later.
+func TestAnEngineThatCannotDecideIs503(t *testing.T) {
+	for _, sentinel := range []error{tally.ErrClosed, tally.ErrStorage, tally.ErrLogFailed, tally.ErrPoisoned} {
+		err := error(&tally.Error{Op: "Reserve", Status: statusOf(sentinel), Message: "it failed"})
+		for _, api := range []API{OpenAI, Anthropic} {
+			answer := engineError(api, err)
+			want := "server_error"
+			if api == Anthropic {
+				want = "api_error"
+			}
+			if answer.status != http.StatusServiceUnavailable || answer.kind != want ||
+				(api == OpenAI && answer.code != "service_unavailable") {
+				t.Errorf("%v, api %d: %d %s %s", sentinel, api, answer.status, answer.kind, answer.code)
+			}
+		}
+	}
+}
+
+// statusOf finds the status whose sentinel is err.
+func statusOf(sentinel error) tally.Status {
+	for status := tally.Status(1); status < 64; status++ {
+		if errors.Is(&tally.Error{Status: status}, sentinel) {
+			return status
+		}
+	}
+	panic("no status for " + sentinel.Error())
 }

@@ -257,7 +257,8 @@ func (g *Gateway) direct(r *http.Request) {
 
 // engineError maps an engine error to an answer. A string the engine refuses is answered for
 // the argument its message names: the key's 401 (couldBeKey catches those first), the
-// resource's 404, any other 500 (as the Python middleware answers them). A model the policy has no resource for is
+// resource's 404, any other 500 (as the Python middleware answers them); an engine that
+// cannot decide 503. A model the policy has no resource for is
 // 404 (model_not_found, not_found_error), as the upstream answers a model it does not have
 // and as the Python middleware answers: the client can only pick another model, and a 404
 // says so where a 400 would say the request is malformed. A model name no resource can have
@@ -272,13 +273,15 @@ func engineError(api API, err error) apiError {
 		return modelNotFound(api, "this model does not exist or is not served here: "+err.Error())
 	case stringError:
 		// Not the client's key nor its model: a string of the gateway's own, its fault.
-		return internal(api, http.StatusInternalServerError, err.Error())
+		return internal(api, err.Error())
 	case errors.Is(err, tally.ErrBadQuantity):
 		return invalidRequest(api, "invalid_request", err.Error())
 	case errors.Is(err, tally.ErrClosed):
-		return internal(api, http.StatusServiceUnavailable, "the gateway is shutting down")
+		return unavailable(api, "the gateway is shutting down")
 	default:
-		return internal(api, http.StatusInternalServerError, err.Error())
+		// The quota service could not decide (storage, its log, a poisoned engine): 503, which a
+		// client may retry later, as the Python middleware answers.
+		return unavailable(api, "the quota service failed: "+err.Error())
 	}
 }
 

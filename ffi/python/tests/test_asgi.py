@@ -614,3 +614,33 @@ def test_reset_headers_say_when_the_limit_is_whole_and_x_tally_says_where(engine
     assert (
         denied.headers["x-tally-plan"] == "Starter" and "x-tally-charged-to" not in denied.headers
     )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.ClosedError(errors.ClosedError.status_code, "the engine is closed"),
+        errors.StorageError(errors.StorageError.status_code, "the database failed"),
+        errors.PoisonedError(errors.PoisonedError.status_code, "an earlier call panicked"),
+    ],
+)
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, "/v1/models"])
+def test_an_engine_that_cannot_decide_is_503(engine, gateway, upstream, monkeypatch, error, path):
+    # The quota service could not decide: 503, which a client may retry later, in each API's
+    # shape (OpenAI's server_error, Anthropic's api_error), as the Go gateway answers.
+    key = seated(engine, "ada", "tp-ada-1", "Starter")
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    for name in ("reserve", "consume", "usage"):
+        monkeypatch.setattr(engine, name, fail)
+    method = "GET" if path == "/v1/models" else "POST"
+    answer = request(gateway, path, chat(), key=key, method=method)
+    assert answer.status == 503, answer.body
+    if path == MESSAGES:
+        assert answer.json()["error"]["type"] == "api_error"
+    else:
+        assert answer.json()["error"]["type"] == "server_error"
+        assert answer.json()["error"]["code"] == "service_unavailable"
+    assert upstream.calls == []

@@ -141,7 +141,7 @@ _OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
     "not_found": "invalid_request_error",
     "too_large": "invalid_request_error",
-    "unavailable": "api_error",
+    "unavailable": "server_error",
     "internal": "server_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "insufficient_quota",
@@ -571,7 +571,7 @@ class QuotaMiddleware:
             return _string_refusal(error)
         except errors.TallyError as error:
             _log.error("tally: key lookup failed: %s", error)
-            return _Refusal(503, "unavailable", f"The quota service failed ({error.name}).")
+            return _unavailable(error)
         return None
 
     def _route(self, scope: Scope) -> Route | None:
@@ -710,7 +710,7 @@ class QuotaMiddleware:
             return None
         except errors.TallyError as error:
             _log.error("tally: admission failed: %s", error)
-            refusal = _Refusal(503, "unavailable", f"The quota service failed ({error.name}).")
+            refusal = _unavailable(error)
             await _send_json(send, api, refusal, [])
             return None
         decision = result.decision if isinstance(result, Reservation) else result
@@ -749,6 +749,13 @@ def _key(scope: Scope) -> str:
             "invalid_api_key",
         )
     return key
+
+
+def _unavailable(error: errors.TallyError) -> _Refusal:
+    """The engine could not decide (closed, storage, its log, poisoned): 503, which a client
+    may retry later, as the Go gateway answers."""
+    message = f"The quota service failed ({error.name})."
+    return _Refusal(503, "unavailable", message, "service_unavailable")
 
 
 def _invalid_key() -> _Refusal:
