@@ -644,3 +644,15 @@ def test_an_engine_that_cannot_decide_is_503(engine, gateway, upstream, monkeypa
         assert answer.json()["error"]["type"] == "server_error"
         assert answer.json()["error"]["code"] == "service_unavailable"
     assert upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/chat/completions/", "//v1/chat/completions", "/v1/./chat/completions"]
+)
+def test_a_metered_routes_path_spelled_otherwise_is_still_metered(engine, gateway, upstream, path):
+    # An upstream may serve these as the route itself: metered, and passed on as the route they
+    # clean to, not proxied free of charge (as in the Go gateway).
+    key = seated(engine, "pa", "tp-pa-1", "Starter")
+    assert request(gateway, path, chat(max_tokens=16), key=key).status == 200
+    assert engine.usage(key, at_ms=T + HOUR_MS).limits[0].used == 1
+    assert [call["path"] for call in upstream.calls] == [CHAT]

@@ -33,6 +33,7 @@ import enum
 import json
 import logging
 import math
+import posixpath
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
@@ -523,6 +524,11 @@ class QuotaMiddleware:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)  # lifespan (and websockets: see the README)
             return
+        # "/v1/chat/completions/" and "//v1/chat/completions" are the metered route too (an
+        # upstream may serve them): metered, and passed on, as the route they clean to.
+        cleaned = route_path(scope.get("path", ""))
+        if cleaned != scope.get("path") and cleaned in self.routes:
+            scope = dict(scope, path=cleaned, raw_path=cleaned.encode())
         route = self._route(scope)
         if route is None:
             # Unmetered (a model list, token counting, a GET): passed on for a known key only.
@@ -577,8 +583,7 @@ class QuotaMiddleware:
     def _route(self, scope: Scope) -> Route | None:
         if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
             return None
-        path = scope.get("path", "")
-        return self.routes.get(path) or self.routes.get(path.rstrip("/"))
+        return self.routes.get(scope.get("path", ""))
 
     def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
         key = _key(scope)
@@ -727,6 +732,12 @@ class QuotaMiddleware:
         refusal = _Refusal(status, kind, message, code, openai_type)
         await _send_json(send, api, refusal, headers)
         return None
+
+
+def route_path(path: str) -> str:
+    """``path`` cleaned as a route (as Go's ``path.Clean``): no doubled or trailing slashes,
+    no dot segments."""
+    return "/" + posixpath.normpath("/" + path).lstrip("/")
 
 
 def _key(scope: Scope) -> str:
