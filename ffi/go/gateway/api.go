@@ -16,14 +16,32 @@ const (
 	Anthropic
 )
 
-// meteredRoutes are the POST routes the gateway counts, by API. Other paths are proxied
-// unmetered once the key is known (model lists, token counting).
-var meteredRoutes = map[string]API{
-	"/v1/chat/completions": OpenAI,
-	"/v1/completions":      OpenAI,
-	"/v1/responses":        OpenAI,
-	"/v1/embeddings":       OpenAI,
-	"/v1/messages":         Anthropic,
+// metering is what a route's call is counted in, as the Python middleware counts it.
+type metering int
+
+const (
+	byTokens     metering = iota // 1 request + tokens: an estimate reserved, the usage settled
+	byCharacters                 // the characters of "input" (+ 1 request)
+	byImages                     // "n" images, default 1 (+ 1 request)
+)
+
+// route is a metered route: its API and what it is counted in.
+type route struct {
+	api      API
+	metering metering
+}
+
+// meteredRoutes are the POST routes the gateway counts, the Python middleware's
+// DEFAULT_ROUTES. Other paths are proxied unmetered once the key is known (model lists,
+// token counting).
+var meteredRoutes = map[string]route{
+	"/v1/chat/completions":   {OpenAI, byTokens},
+	"/v1/completions":        {OpenAI, byTokens},
+	"/v1/responses":          {OpenAI, byTokens},
+	"/v1/embeddings":         {OpenAI, byTokens},
+	"/v1/messages":           {Anthropic, byTokens},
+	"/v1/audio/speech":       {OpenAI, byCharacters},
+	"/v1/images/generations": {OpenAI, byImages},
 }
 
 // apiOf is the dialect of a path: Anthropic for /v1/messages..., OpenAI otherwise.
@@ -94,6 +112,15 @@ func modelNotFound(api API, message string) apiError {
 		return apiError{status: http.StatusNotFound, kind: "not_found_error", message: message}
 	}
 	return apiError{status: http.StatusNotFound, kind: "invalid_request_error", code: "model_not_found", message: message}
+}
+
+// tooLarge: the request body is past MaxBodyBytes (413); OpenAI's type is
+// invalid_request_error, Anthropic's request_too_large, as the Python middleware answers.
+func tooLarge(api API, message string) apiError {
+	if api == Anthropic {
+		return apiError{status: http.StatusRequestEntityTooLarge, kind: "request_too_large", message: message}
+	}
+	return apiError{status: http.StatusRequestEntityTooLarge, kind: "invalid_request_error", code: "request_too_large", message: message}
 }
 
 func unauthorized(api API, message string) apiError {

@@ -2,9 +2,12 @@
 // Anthropic-compatible upstream, as coding tools (Claude Code, Cursor, Cline) call them.
 //
 // For each metered call it takes the key from "Authorization: Bearer" or "x-api-key", the
-// resource from the route and the body's "model", and reserves one request plus an estimate
-// of the tokens on a tally engine. Admitted calls are proxied; the upstream's reported token
-// usage settles the reservation (an upstream error voids it). Denied calls are answered
+// resource from the route and the body's "model" (DefaultModels), and reserves on a tally
+// engine one request plus, on chat, completions, responses, embeddings and messages, an
+// estimate of the tokens; on speech the characters of "input"; on images "n". Admitted calls
+// are proxied; the upstream's reported token usage settles the reservation (speech and images:
+// what was held), and an upstream error voids it. The routes, the models and the counting are
+// the Python middleware's (tally.asgi) defaults. Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
 // shape whose message says which quota ran out and when it resets (OpenAI's "type" is the
 // limit's unit: "requests", "tokens", ...). A denial waiting cannot help is no 429 to retry:
@@ -58,11 +61,24 @@ type Config struct {
 	Logger       *log.Logger
 }
 
-// DefaultResource maps provider model names to the default policy's resources:
-// "MiniMax-M2.7" → "m2.7", "MiniMax-M2.7-highspeed" → "m2.7-highspeed".
+// DefaultModels are model names as clients send them -> resources of the shipped Token Plan
+// policy, the Python middleware's DEFAULT_MODELS. A model that is itself the name of a
+// resource needs no entry.
+var DefaultModels = map[string]string{
+	"MiniMax-M2.7":           "m2.7",
+	"MiniMax-M2.7-highspeed": "m2.7-highspeed",
+	"speech-2.8-hd":          "speech-2.8",
+	"speech-2.8-turbo":       "speech-2.8",
+}
+
+// DefaultResource maps a model to a resource of the default policy by DefaultModels (a model
+// not there is taken as a resource's name), as the Python middleware maps it: "MiniMax-M2.7"
+// -> "m2.7", "speech-2.8-hd" -> "speech-2.8", "m2.7" -> "m2.7".
 func DefaultResource(model string) string {
-	model = strings.ToLower(strings.TrimSpace(model))
-	return strings.TrimPrefix(model, "minimax-")
+	if resource, ok := DefaultModels[model]; ok {
+		return resource
+	}
+	return model
 }
 
 // Gateway is the http.Handler.
@@ -124,6 +140,7 @@ type call struct {
 	resource    string
 	reservation tally.ReservationID
 	estimate    uint64
+	fixed       []tally.Quantity // what a call not counted in tokens is charged (nil for tokens)
 	decision    tally.Decision
 	mutex       sync.Mutex
 	done        bool // settled or voided
@@ -154,16 +171,22 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		unauthorized(api, "invalid API key").write(w, api)
 		return
 	}
-	if _, metered := meteredRoutes[r.URL.Path]; !metered || r.Method != http.MethodPost {
+	route, metered := meteredRoutes[r.URL.Path]
+	if !metered || r.Method != http.MethodPost {
 		g.proxyUnmetered(w, r, api, key)
 		return
 	}
-	body, request, failure := g.readRequest(w, r, api, key)
+	body, request, failure := g.readRequest(w, r, api, key, route.metering)
 	if failure != nil {
 		failure.write(w, api)
 		return
 	}
-	c := &call{gateway: g, api: api, resource: request.Resource, estimate: request.Quantities[1].Amount}
+	c := &call{gateway: g, api: api, resource: request.Resource}
+	if route.metering == byTokens {
+		c.estimate = request.Quantities[1].Amount
+	} else {
+		c.fixed = request.Quantities
+	}
 	decision, reservation, err := g.config.Engine.Reserve(request, g.config.Lease)
 	if err != nil {
 		engineError(api, err).write(w, api)
@@ -190,41 +213,85 @@ func couldBeKey(key string) bool {
 	return len(key) <= tally.MaxIDBytes && utf8.ValidString(key) && !strings.ContainsRune(key, 0)
 }
 
-// readRequest reads (and bounds) the body, finds the model and builds the reservation's
-// estimate: one request and the tokens it may use.
-func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, key string) ([]byte, tally.Request, *apiError) {
+// readRequest reads (and bounds) the body, finds the model and builds what the call holds:
+// for tokens one request and the tokens it may use; for speech the characters of "input"; for
+// images "n" (default 1); each with one request, as the Python middleware counts them.
+func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, key string, metering metering) ([]byte, tally.Request, *apiError) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.config.MaxBodyBytes))
 	if err != nil {
-		failure := apiError{status: http.StatusRequestEntityTooLarge, kind: "request_too_large",
-			code: "request_too_large", message: "request body: " + err.Error()}
+		failure := tooLarge(api, "request body: "+err.Error())
 		return nil, tally.Request{}, &failure
 	}
 	var fields struct {
-		Model               string  `json:"model"`
-		MaxTokens           *uint64 `json:"max_tokens"`
-		MaxCompletionTokens *uint64 `json:"max_completion_tokens"`
-		MaxOutputTokens     *uint64 `json:"max_output_tokens"`
+		Model               string          `json:"model"`
+		MaxTokens           *uint64         `json:"max_tokens"`
+		MaxCompletionTokens *uint64         `json:"max_completion_tokens"`
+		MaxOutputTokens     *uint64         `json:"max_output_tokens"`
+		Input               json.RawMessage `json:"input"`
+		N                   *int64          `json:"n"`
 	}
 	if err := json.Unmarshal(body, &fields); err != nil || fields.Model == "" {
 		failure := invalidRequest(api, "invalid_request", "the body must be a JSON object with a \"model\"")
 		return nil, tally.Request{}, &failure
 	}
+	var quantities []tally.Quantity
+	var failure *apiError
+	switch metering {
+	case byCharacters:
+		quantities, failure = characters(api, fields.Input)
+	case byImages:
+		quantities, failure = images(api, fields.N)
+	default:
+		quantities = g.tokens(len(body), fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens)
+	}
+	if failure != nil {
+		return nil, tally.Request{}, failure
+	}
+	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(), Quantities: quantities}
+	return body, request, nil
+}
+
+// tokens is a token call's estimate: one request, about one token per 4 bytes of body and the
+// most the model may write (the request's maximum, or EstimateTokens).
+func (g *Gateway) tokens(bodyBytes int, maximums ...*uint64) []tally.Quantity {
 	estimate := g.config.EstimateTokens
-	for _, limit := range []*uint64{fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens} {
+	for _, limit := range maximums {
 		if limit != nil && *limit > 0 {
 			estimate = *limit
 		}
 	}
-	// The prompt counts too: about one token per 4 bytes of body. Saturating: a max_tokens near
-	// 2^64 must stay past the largest quantity (ErrBadQuantity), not wrap to a small estimate.
-	if prompt := uint64(len(body))/4 + 1; estimate > math.MaxUint64-prompt {
+	// Saturating: a max_tokens near 2^64 must stay past the largest quantity (ErrBadQuantity),
+	// not wrap to a small estimate.
+	if prompt := uint64(bodyBytes)/4 + 1; estimate > math.MaxUint64-prompt {
 		estimate = math.MaxUint64
 	} else {
 		estimate += prompt
 	}
-	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(),
-		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}}
-	return body, request, nil
+	return []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}
+}
+
+// characters counts speech: the characters (code points) of a non-empty "input".
+func characters(api API, input json.RawMessage) ([]tally.Quantity, *apiError) {
+	var text string
+	if json.Unmarshal(input, &text) != nil || text == "" {
+		failure := invalidRequest(api, "invalid_request", "input must be a non-empty string")
+		return nil, &failure
+	}
+	return []tally.Quantity{{Unit: tally.Characters, Amount: uint64(utf8.RuneCountInString(text))},
+		{Unit: tally.Requests, Amount: 1}}, nil
+}
+
+// images counts an image call: "n", 1 to the largest quantity, default 1.
+func images(api API, n *int64) ([]tally.Quantity, *apiError) {
+	count := int64(1)
+	if n != nil {
+		count = *n
+	}
+	if count < 1 || uint64(count) > tally.MaxQuantity {
+		failure := invalidRequest(api, "invalid_request", fmt.Sprintf("n must be a positive integer, at most %d", uint64(tally.MaxQuantity)))
+		return nil, &failure
+	}
+	return []tally.Quantity{{Unit: tally.Images, Amount: uint64(count)}, {Unit: tally.Requests, Amount: 1}}, nil
 }
 
 // proxyUnmetered forwards calls that use no quota (model lists, token counting) for keys the

@@ -442,6 +442,10 @@ func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing
 		t.Fatalf("unknown model, Anthropic: %d %s", a.status, a.raw)
 	}
 	anthropicError(t, a, "not_found_error")
+	// Model names map by DefaultModels, exactly, as in the Python middleware: not by case.
+	if a = h.call(t, false, "tp-di", "minimax-m2.7", false); a.status != http.StatusNotFound {
+		t.Fatalf("a model spelled in another case: %d %s", a.status, a.raw)
+	}
 	if h.upstream.served.Load() != 0 {
 		t.Fatal("the upstream served a refused call")
 	}
@@ -728,5 +732,96 @@ func TestResetHeadersSayWhenTheLimitIsWholeAndXTallySaysWhere(t *testing.T) {
 		a.header.Get("x-tally-plan") != "Starter" || a.header.Get("x-tally-limit") != "m2.7:requests per rolling:5h" ||
 		a.header.Get("x-tally-charged-to") != "" {
 		t.Fatalf("denied: %v", a.header)
+	}
+}
+
+// Speech is counted in characters of its "input" and images by "n" (one request each too), as
+// the Python middleware counts them: these routes were proxied free of charge. An upstream
+// error gives the charge back.
+func TestSpeechAndImagesAreMeteredByWhatTheyMake(t *testing.T) {
+	h := start(t)
+	h.user(t, "sp", "tp-sp", "Plus")
+	daily := h.limit(t, "Plus", "speech-2.8", "characters")
+	speech := func(input string) answer {
+		body, _ := json.Marshal(map[string]string{"model": "speech-2.8-hd", "input": input})
+		return h.post(t, false, "/v1/audio/speech", "tp-sp", string(body))
+	}
+	if a := speech(strings.Repeat("é", int(daily)-1000)); a.status != http.StatusOK ||
+		a.header.Get("x-ratelimit-remaining-characters") != "1000" {
+		t.Fatalf("speech: %d %s %v", a.status, a.raw, a.header)
+	}
+	if a := speech(strings.Repeat("b", 1001)); a.status != http.StatusTooManyRequests {
+		t.Fatalf("speech past the daily quota: %d %s", a.status, a.raw)
+	}
+	openAIError(t, speech(strings.Repeat("b", 1001)), "characters")
+	if a := speech(""); a.status != http.StatusBadRequest {
+		t.Fatalf("speech of nothing: %d %s", a.status, a.raw)
+	}
+	images := h.limit(t, "Plus", "image-01", "images")
+	image := func(n string) answer {
+		return h.post(t, false, "/v1/images/generations", "tp-sp", `{"model":"image-01","n":`+n+`}`)
+	}
+	if a := image(fmt.Sprint(images - 2)); a.status != http.StatusOK {
+		t.Fatalf("images: %d %s", a.status, a.raw)
+	}
+	if a := image("3"); a.status != http.StatusTooManyRequests {
+		t.Fatalf("images past the quota: %d %s", a.status, a.raw)
+	}
+	for _, n := range []string{"0", "-1", "2199023255552"} {
+		if a := image(n); a.status != http.StatusBadRequest {
+			t.Fatalf("n %s: %d %s", n, a.status, a.raw)
+		}
+	}
+	h.upstream.fail.Store(true)
+	if a := image("2"); a.status != http.StatusInternalServerError {
+		t.Fatalf("a failed upstream: %d %s", a.status, a.raw)
+	}
+	h.upstream.fail.Store(false)
+	if a := image("2"); a.status != http.StatusOK {
+		t.Fatalf("the last 2 images after a failed call: %d %s", a.status, a.raw)
+	}
+	usage, err := h.engine.Usage("tp-sp", t0.Add(time.Minute))
+	if err != nil || usage.OpenReservations != 0 {
+		t.Fatalf("%+v %v", usage, err)
+	}
+}
+
+// A body past MaxBodyBytes is 413 in each API's shape, as the Python middleware answers it:
+// OpenAI's type invalid_request_error (code request_too_large), Anthropic's request_too_large.
+func TestABodyTooLargeIs413InEachAPIsShape(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	if err := engine.CreateUser("la", "tp-la", t0); err != nil {
+		t.Fatal(err)
+	}
+	upstreamURL, _ := url.Parse("http://127.0.0.1:1")
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, MaxBodyBytes: 64,
+		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"model":"MiniMax-M2.7","messages":[{"role":"user","content":"` + strings.Repeat("x", 100) + `"}]}`
+	for _, anthropic := range []bool{false, true} {
+		path := "/v1/chat/completions"
+		if anthropic {
+			path = "/v1/messages"
+		}
+		recorder := httptest.NewRecorder()
+		request := httptest.NewRequest(http.MethodPost, path, strings.NewReader(body))
+		request.Header.Set("x-api-key", "tp-la")
+		g.ServeHTTP(recorder, request)
+		a := answer{status: recorder.Code, raw: recorder.Body.String()}
+		_ = json.Unmarshal(recorder.Body.Bytes(), &a.body)
+		if a.status != http.StatusRequestEntityTooLarge {
+			t.Fatalf("%s: %d %s", path, a.status, a.raw)
+		}
+		if anthropic {
+			anthropicError(t, a, "request_too_large")
+		} else {
+			openAIError(t, a, "invalid_request_error")
+		}
 	}
 }

@@ -29,6 +29,10 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 		c.void()
 		return nil
 	}
+	if c.fixed != nil {
+		c.settle(tokenCounter{}) // speech, images: charged what was held, whatever the body
+		return nil
+	}
 	if strings.HasPrefix(response.Header.Get("Content-Type"), "text/event-stream") {
 		response.Body = &streamedBody{body: response.Body, call: c}
 		return nil
@@ -62,10 +66,17 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 }
 
 // settle charges one request and the tokens the upstream reported (the estimate if it
-// reported none). If more tokens than reserved no longer fit, the estimate is charged: the
+// reported none); a call not counted in tokens, what it held. If more tokens than reserved no longer fit, the estimate is charged: the
 // tokens were spent either way.
 func (c *call) settle(counter tokenCounter) {
 	if !c.end() {
+		return
+	}
+	if c.fixed != nil {
+		decision, err := c.gateway.config.Engine.Settle(c.reservation, c.fixed, c.gateway.now())
+		if err != nil || !decision.Admitted {
+			c.gateway.config.Logger.Printf("tally-gateway: settle reservation %d: %v %+v", c.reservation, err, decision.Denial)
+		}
 		return
 	}
 	tokens, seen := counter.tokens()

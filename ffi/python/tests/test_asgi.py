@@ -506,7 +506,7 @@ def test_an_unknown_model_and_one_no_model_can_be_are_404(engine, gateway, upstr
     # is such a model too (not a 400, nor a 401 as if the key were at fault).
     key = seated(engine, "ada", "tp-ada-1", "Starter")
     header = "x-api-key" if path == MESSAGES else "authorization"
-    for model in ["gpt-99", "m" * (_native.MAX_NAME_BYTES + 1), "m2.7\x00"]:
+    for model in ["gpt-99", "minimax-m2.7", "m" * (_native.MAX_NAME_BYTES + 1), "m2.7\x00"]:
         answer = request(gateway, path, chat(model=model), key=key, header=header)
         assert answer.status == 404, (model, answer.status, answer.body)
         if path == MESSAGES:
@@ -656,3 +656,35 @@ def test_a_metered_routes_path_spelled_otherwise_is_still_metered(engine, gatewa
     assert request(gateway, path, chat(max_tokens=16), key=key).status == 200
     assert engine.usage(key, at_ms=T + HOUR_MS).limits[0].used == 1
     assert [call["path"] for call in upstream.calls] == [CHAT]
+
+
+def test_responses_and_embeddings_are_metered_in_tokens(engine, upstream, clock):
+    # As the Go gateway meters them: these routes passed through free of charge. The Responses
+    # API streams its usage inside "response" (response.completed).
+    async def responses_stream(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        upstream.calls.append({"path": scope["path"], "body": {}})
+        completed = {
+            "type": "response.completed",
+            "response": {"usage": {"input_tokens": 40, "output_tokens": 60, "total_tokens": 100}},
+        }
+        events = [{"type": "response.output_text.delta", "delta": "hi"}, completed]
+        text = "".join(f"data: {json.dumps(event)}\n\n" for event in events)
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": text.encode(), "more_body": False})
+
+    engine.create_user("re", "tp-re-1", at_ms=T)
+    engine.top_up("@re", 1_000_000, at_ms=T)
+    gateway = QuotaMiddleware(upstream, engine, clock=clock)
+    upstream.tokens = (120, 380)
+    for path in ["/v1/responses", "/v1/embeddings"]:
+        assert request(gateway, path, chat(max_tokens=1000), key="tp-re-1").status == 200
+    # 2 requests at 2,000 micros plus 2 x 500 tokens at 1 micro: the actual, not the estimate.
+    assert engine.credits("@re") == 1_000_000 - 2 * (2_000 + 500)
+    streaming = QuotaMiddleware(responses_stream, engine, clock=clock)
+    body = chat(max_tokens=1000, stream=True)
+    assert request(streaming, "/v1/responses", body, key="tp-re-1").status == 200
+    assert engine.credits("@re") == 1_000_000 - 2 * (2_000 + 500) - (2_000 + 100)
+    assert engine.usage("tp-re-1", at_ms=T + HOUR_MS).open_reservations == 0

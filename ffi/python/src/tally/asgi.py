@@ -99,6 +99,8 @@ class Route:
 DEFAULT_ROUTES: Mapping[str, Route] = {
     "/v1/chat/completions": Route(Api.OPENAI, Metering.TOKENS),
     "/v1/completions": Route(Api.OPENAI, Metering.TOKENS),
+    "/v1/responses": Route(Api.OPENAI, Metering.TOKENS),
+    "/v1/embeddings": Route(Api.OPENAI, Metering.TOKENS),
     "/v1/messages": Route(Api.ANTHROPIC, Metering.TOKENS),
     "/v1/audio/speech": Route(Api.OPENAI, Metering.CHARACTERS),
     "/v1/images/generations": Route(Api.OPENAI, Metering.IMAGES),
@@ -385,8 +387,9 @@ def tokens_from_usage(usage: Any) -> int | None:
 class UsageReader:
     """Finds the token usage in a response body as it streams past, without holding it up:
     a JSON body is kept (bounded) and parsed at the end; server-sent events are parsed line by
-    line (OpenAI's last chunk carries ``usage``; Anthropic's ``message_start`` the input
-    tokens and ``message_delta`` the running output tokens)."""
+    line (OpenAI's last chunk carries ``usage``, the Responses API's ``response.completed``
+    ``response.usage``; Anthropic's ``message_start`` the input tokens and ``message_delta``
+    the running output tokens)."""
 
     def __init__(self, content_type: str) -> None:
         self.streaming = "text/event-stream" in content_type
@@ -433,7 +436,12 @@ class UsageReader:
                 tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or self._output
             )
         else:
-            self._total = tokens_from_usage(event.get("usage")) or self._total
+            # OpenAI's chat chunks carry "usage"; the Responses API's response.completed
+            # carries it inside "response".
+            response = event.get("response")
+            nested = response.get("usage") if isinstance(response, Mapping) else None
+            reported = tokens_from_usage(event.get("usage")) or tokens_from_usage(nested)
+            self._total = reported or self._total
 
     def tokens(self) -> int | None:
         """The tokens the response reported, or None if it reported none we could read."""
