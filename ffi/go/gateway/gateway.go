@@ -7,7 +7,9 @@
 // estimate of the tokens; on speech the characters of "input"; on images "n". Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
 // what was held), and an upstream error voids it. The routes, the models and the counting are
-// the Python middleware's (tally.asgi) defaults. Denied calls are answered
+// the Python middleware's (tally.asgi) defaults. Admitted calls' responses carry the same
+// x-ratelimit-* (and on /v1/messages anthropic-ratelimit-*) headers in place of the
+// upstream's own, which are the operator's account limits, not the caller's. Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
 // shape whose message says which quota ran out and when it resets (OpenAI's "type" is the
 // limit's unit: "requests", "tokens", ...). A denial waiting cannot help is no 429 to retry:

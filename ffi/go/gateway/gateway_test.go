@@ -56,6 +56,10 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f.served.Add(1)
+	// The operator's account limits upstream, which are not the caller's.
+	w.Header().Set("x-ratelimit-limit-requests", "99999")
+	w.Header().Set("x-ratelimit-limit-tokens", "2000000")
+	w.Header().Set("anthropic-ratelimit-tokens-limit", "2000000")
 	anthropic := r.URL.Path == "/v1/messages"
 	if body.Stream {
 		w.Header().Set("Content-Type", "text/event-stream")
@@ -568,6 +572,12 @@ func TestAnAdmittedCallsRateLimitHeadersComeOnce(t *testing.T) {
 				if values := a.header.Values(name); len(values) != 1 {
 					t.Errorf("anthropic %v stream %v: %s = %q", anthropic, stream, name, values)
 				}
+			}
+			// The upstream's own rate-limit headers are the operator's account's, not the
+			// caller's: the gateway's replace them all, as in the Python middleware.
+			if a.header.Get("x-ratelimit-limit-requests") != "1500" || a.header.Get("x-ratelimit-limit-tokens") != "" ||
+				a.header.Get("anthropic-ratelimit-tokens-limit") != "" {
+				t.Errorf("anthropic %v stream %v: the upstream's headers came through: %v", anthropic, stream, a.header)
 			}
 		}
 	}

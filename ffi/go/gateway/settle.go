@@ -24,6 +24,14 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 	if !ok {
 		return nil
 	}
+	// The upstream's rate-limit headers are the operator's account's, not the caller's (and
+	// would leak it): the gateway's replace them all, as in the Python middleware.
+	for name := range response.Header {
+		lower := strings.ToLower(name)
+		if strings.HasPrefix(lower, "x-ratelimit-") || strings.HasPrefix(lower, "anthropic-ratelimit-") {
+			response.Header.Del(name)
+		}
+	}
 	setRateLimitHeaders(response.Header, c.api, c.decision, g.wallNow())
 	if response.StatusCode >= http.StatusBadRequest {
 		c.void()

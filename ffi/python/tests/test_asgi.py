@@ -688,3 +688,45 @@ def test_responses_and_embeddings_are_metered_in_tokens(engine, upstream, clock)
     assert request(streaming, "/v1/responses", body, key="tp-re-1").status == 200
     assert engine.credits("@re") == 1_000_000 - 2 * (2_000 + 500) - (2_000 + 100)
     assert engine.usage("tp-re-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
+def test_the_gateways_rate_limit_headers_replace_the_upstreams(engine, clock):
+    # The client is limited by the key's quota, not by the operator's account upstream (whose
+    # limits would also leak): tally's headers replace the app's rate-limit headers, all of
+    # them, once each, as in the Go gateway.
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-ratelimit-limit-requests", b"99999"),
+            (b"X-RateLimit-Remaining-Requests", b"99998"),
+            (b"x-ratelimit-limit-tokens", b"2000000"),
+            (b"anthropic-ratelimit-tokens-limit", b"2000000"),
+            (b"x-request-id", b"req-1"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    key = seated(engine, "up", "tp-up-1", "Starter")
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CHAT,
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+    incoming = [{"type": "http.request", "body": json.dumps(chat()).encode()}]
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(QuotaMiddleware(app, engine, clock=clock)(scope, receive, send))
+    headers = [(bytes(k).lower(), bytes(v)) for k, v in sent[0]["headers"]]
+    assert [v for k, v in headers if k == b"x-ratelimit-limit-requests"] == [b"1500"]
+    assert [v for k, v in headers if k == b"x-ratelimit-remaining-requests"] == [b"1499"]
+    assert (b"x-request-id", b"req-1") in headers
+    assert not [k for k, _ in headers if k.endswith(b"-tokens") or b"tokens-" in k]

@@ -16,7 +16,8 @@ route it:
 4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
    with a JSON body in the error shape of the API being proxied, whose message says which
    quota ran out and when it resets (OpenAI's ``type`` is the limit's unit, "requests",
-   "tokens", ...); admitted responses carry the rate-limit headers too. A denial waiting
+   "tokens", ...); admitted responses carry the rate-limit headers too, in place of the
+   app's own (the operator's account limits upstream are not the caller's). A denial waiting
    cannot help is no 429 to retry: larger than the whole limit, 400; no seat, a plan that
    does not cover the model, credits short: 429 insufficient_quota on OpenAI's routes (the
    API's own answer), 403 permission_error on Anthropic's.
@@ -816,9 +817,14 @@ def _string_refusal(error: errors.TallyError) -> _Refusal:
     return _Refusal(500, "internal", f"The gateway failed ({error.name}).", "internal_error")
 
 
+#: The upstream's rate-limit headers, which the gateway's replace on metered routes.
+_RATE_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+
+
 class _ResponseWatcher:
-    """Wraps ``send``: adds the rate-limit headers to the response start, notes the status and
-    (for token routes) reads the usage as the body streams past."""
+    """Wraps ``send``: puts the rate-limit headers on the response start (in place of the app's
+    own rate-limit headers), notes the status and (for token routes) reads the usage as the body
+    streams past."""
 
     def __init__(self, send: Send, headers: Headers, read_usage: bool = False) -> None:
         self._send = send
@@ -834,9 +840,17 @@ class _ResponseWatcher:
     async def send(self, message: Message) -> None:
         if message.get("type") == "http.response.start":
             self.status = int(message.get("status", 200))
-            headers = list(message.get("headers", []))
-            names = {bytes(name).lower() for name, _ in headers}
-            headers += [(name, value) for name, value in self._headers if name not in names]
+            # The gateway's headers replace the app's rate-limit headers, all of them: the
+            # client is limited by its key's quota, not by the operator's account upstream
+            # (whose limits would leak), as in the Go gateway.
+            ours = {name for name, _ in self._headers}
+            headers = [
+                (name, value)
+                for name, value in message.get("headers", [])
+                if bytes(name).lower() not in ours
+                and not bytes(name).lower().startswith(_RATE_LIMIT_PREFIXES)
+            ]
+            headers += self._headers
             message = dict(message, headers=headers)
             if self._read_usage and self.status < 400:
                 content_type = dict((bytes(k).lower(), bytes(v)) for k, v in headers).get(
