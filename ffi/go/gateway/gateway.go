@@ -253,13 +253,16 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	return body, request, nil
 }
 
-// tokens is a token call's estimate: one request, about one token per 4 bytes of body and the
-// most the model may write (the request's maximum, or EstimateTokens).
+// tokens is a token call's estimate: one request, about one token per 4 bytes of body, plus
+// one, and the most the model may write: the first maximum the body names (max_tokens, then
+// max_completion_tokens, then max_output_tokens), or EstimateTokens; as the Python middleware
+// estimates it.
 func (g *Gateway) tokens(bodyBytes int, maximums ...*uint64) []tally.Quantity {
 	estimate := g.config.EstimateTokens
 	for _, limit := range maximums {
 		if limit != nil && *limit > 0 {
 			estimate = *limit
+			break
 		}
 	}
 	// Saturating: a max_tokens near 2^64 must stay past the largest quantity (ErrBadQuantity),

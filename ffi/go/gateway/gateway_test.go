@@ -835,3 +835,20 @@ func TestABodyTooLargeIs413InEachAPIsShape(t *testing.T) {
 		}
 	}
 }
+
+// The estimate holds the first maximum the body names (max_tokens, then max_completion_tokens,
+// then max_output_tokens) plus a token per 4 bytes of body and one, as the Python middleware
+// estimates it.
+func TestTheEstimateTakesTheFirstMaximumTheBodyNames(t *testing.T) {
+	h := start(t)
+	h.user(t, "es", "tp-es", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	bar := h.limit(t, "Bar-Plus", "", "")
+	body := `{"model":"MiniMax-M2.7","max_tokens":10,"max_completion_tokens":5000,"messages":[]}`
+	a := h.post(t, false, "/v1/chat/completions", "tp-es", body)
+	estimate := uint64(len(body))/4 + 1 + 10
+	want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+	if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+		t.Fatalf("%d %s: remaining %q, want %s", a.status, a.raw, a.header.Get("x-ratelimit-remaining-usage"), want)
+	}
+}

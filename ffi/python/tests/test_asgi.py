@@ -730,3 +730,19 @@ def test_the_gateways_rate_limit_headers_replace_the_upstreams(engine, clock):
     assert [v for k, v in headers if k == b"x-ratelimit-remaining-requests"] == [b"1499"]
     assert (b"x-request-id", b"req-1") in headers
     assert not [k for k, _ in headers if k.endswith(b"-tokens") or b"tokens-" in k]
+
+
+def test_the_estimate_takes_the_first_maximum_and_refuses_one_past_the_largest(engine, gateway):
+    # As the Go gateway estimates: the first maximum the body names, a token per 4 bytes of
+    # body, plus one. A maximum the engine cannot hold is the client's error (400), not one
+    # quietly cut down to the largest quantity and sent upstream.
+    key = seated(engine, "es", "tp-es-1", "Bar-Plus")
+    body = chat(max_tokens=10, max_completion_tokens=5000)
+    admitted = request(gateway, CHAT, body, key=key)
+    estimate = len(json.dumps(body).encode()) // 4 + 1 + 10
+    assert admitted.status == 200
+    assert admitted.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
+    for max_tokens in (2**41, 2**64 - 1, 2**70):
+        too_many = request(gateway, CHAT, chat(max_tokens=max_tokens), key=key)
+        assert too_many.status == 400, (max_tokens, too_many.status, too_many.body)
+        assert too_many.json()["error"]["type"] == "invalid_request_error"

@@ -357,15 +357,17 @@ def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
 
 
 def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens: int) -> int:
-    """Tokens to hold for a chat call: about one per 4 bytes of the request, plus the most the
-    model may write (``max_tokens``, ``max_completion_tokens`` or the default)."""
+    """Tokens to hold for a chat call: about one per 4 bytes of the request, plus one, plus the
+    most the model may write (the first of ``max_tokens``, ``max_completion_tokens`` and
+    ``max_output_tokens`` the body names, or the default), as the Go gateway estimates. Past
+    ``MAX_TOKEN_ESTIMATE`` the middleware refuses the call (400)."""
     output = default_max_tokens
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             output = value
             break
-    return max(1, min(MAX_TOKEN_ESTIMATE, body_bytes // 4 + output))
+    return body_bytes // 4 + 1 + output
 
 
 def tokens_from_usage(usage: Any) -> int | None:
@@ -631,6 +633,11 @@ class QuotaMiddleware:
     def _quantities(self, route: Route, document: Mapping[str, Any], size: int) -> dict[str, int]:
         if route.metering is Metering.TOKENS:
             tokens = estimate_tokens(document, size, self.default_max_tokens)
+            if tokens > MAX_TOKEN_ESTIMATE:
+                # Not cut down to what the engine holds and sent upstream: the client's error,
+                # as in the Go gateway.
+                message = f"The request may use {tokens} tokens; at most {MAX_TOKEN_ESTIMATE}."
+                raise _Refusal(400, "invalid_request", message, None)
             return {"requests": 1, "tokens": tokens}
         if route.metering is Metering.CHARACTERS:
             text = document.get("input")
