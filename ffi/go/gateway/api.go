@@ -78,7 +78,7 @@ func keyOf(r *http.Request) (key string, conflict bool) {
 type apiError struct {
 	status  int
 	kind    string // OpenAI "type" / Anthropic "error.type"
-	code    string // OpenAI "code" (Anthropic has none)
+	code    string // OpenAI "code", "" for null (Anthropic has none)
 	message string
 }
 
@@ -91,8 +91,13 @@ func (e apiError) write(w http.ResponseWriter, api API) {
 			"error": map[string]string{"type": e.kind, "message": e.message},
 		}
 	} else {
+		// No code is null, as OpenAI's API writes it for a malformed request.
+		var code interface{}
+		if e.code != "" {
+			code = e.code
+		}
 		body = map[string]interface{}{
-			"error": map[string]interface{}{"message": e.message, "type": e.kind, "code": e.code, "param": nil},
+			"error": map[string]interface{}{"message": e.message, "type": e.kind, "code": code, "param": nil},
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")

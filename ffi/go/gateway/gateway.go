@@ -233,7 +233,7 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		N                   *int64          `json:"n"`
 	}
 	if err := json.Unmarshal(body, &fields); err != nil || fields.Model == "" {
-		failure := invalidRequest(api, "invalid_request", "the body must be a JSON object with a \"model\"")
+		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
 		return nil, tally.Request{}, &failure
 	}
 	var quantities []tally.Quantity
@@ -279,7 +279,7 @@ func (g *Gateway) tokens(bodyBytes int, maximums ...*uint64) []tally.Quantity {
 func characters(api API, input json.RawMessage) ([]tally.Quantity, *apiError) {
 	var text string
 	if json.Unmarshal(input, &text) != nil || text == "" {
-		failure := invalidRequest(api, "invalid_request", "input must be a non-empty string")
+		failure := invalidRequest(api, "", "input must be a non-empty string")
 		return nil, &failure
 	}
 	return []tally.Quantity{{Unit: tally.Characters, Amount: uint64(utf8.RuneCountInString(text))},
@@ -293,7 +293,7 @@ func images(api API, n *int64) ([]tally.Quantity, *apiError) {
 		count = *n
 	}
 	if count < 1 || uint64(count) > tally.MaxQuantity {
-		failure := invalidRequest(api, "invalid_request", fmt.Sprintf("n must be a positive integer, at most %d", uint64(tally.MaxQuantity)))
+		failure := invalidRequest(api, "", fmt.Sprintf("n must be a positive integer, at most %d", uint64(tally.MaxQuantity)))
 		return nil, &failure
 	}
 	return []tally.Quantity{{Unit: tally.Images, Amount: uint64(count)}, {Unit: tally.Requests, Amount: 1}}, nil
@@ -347,7 +347,7 @@ func engineError(api API, err error) apiError {
 		// Not the client's key nor its model: a string of the gateway's own, its fault.
 		return internal(api, err.Error())
 	case errors.Is(err, tally.ErrBadQuantity):
-		return invalidRequest(api, "invalid_request", err.Error())
+		return invalidRequest(api, "", err.Error())
 	case errors.Is(err, tally.ErrClosed):
 		return unavailable(api, "the gateway is shutting down")
 	default:

@@ -216,7 +216,8 @@ func (h *harness) post(t *testing.T, anthropic bool, path, key, body string) ans
 func openAIError(t *testing.T, a answer, wantType string) string {
 	t.Helper()
 	inner, ok := a.body["error"].(map[string]interface{})
-	if !ok || inner["type"] != wantType || inner["message"] == "" || inner["code"] == nil {
+	_, hasCode := inner["code"] // null for a malformed request
+	if !ok || inner["type"] != wantType || inner["message"] == "" || !hasCode {
 		t.Fatalf("not an OpenAI %s error: %d %s", wantType, a.status, a.raw)
 	}
 	return inner["message"].(string)
@@ -850,5 +851,24 @@ func TestTheEstimateTakesTheFirstMaximumTheBodyNames(t *testing.T) {
 	want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
 	if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
 		t.Fatalf("%d %s: remaining %q, want %s", a.status, a.raw, a.header.Get("x-ratelimit-remaining-usage"), want)
+	}
+}
+
+// A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
+// answer (the code names a known condition: invalid_api_key, model_not_found, ...).
+func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {
+	h := start(t)
+	h.user(t, "nc", "tp-nc", "Plus")
+	for path, body := range map[string]string{
+		"/v1/chat/completions":   `{not json`,
+		"/v1/audio/speech":       `{"model":"speech-2.8-hd","input":""}`,
+		"/v1/images/generations": `{"model":"image-01","n":0}`,
+	} {
+		a := h.post(t, false, path, "tp-nc", body)
+		inner, _ := a.body["error"].(map[string]interface{})
+		code, present := inner["code"]
+		if a.status != http.StatusBadRequest || !present || code != nil || inner["type"] != "invalid_request_error" {
+			t.Fatalf("%s: %d %s", path, a.status, a.raw)
+		}
 	}
 }

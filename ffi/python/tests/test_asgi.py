@@ -746,3 +746,17 @@ def test_the_estimate_takes_the_first_maximum_and_refuses_one_past_the_largest(e
         too_many = request(gateway, CHAT, chat(max_tokens=max_tokens), key=key)
         assert too_many.status == 400, (max_tokens, too_many.status, too_many.body)
         assert too_many.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
+    # As OpenAI's API and the Go gateway answer: the code names a known condition only.
+    key = seated(engine, "nc", "tp-nc-1", "Plus")
+    for path, raw in [
+        (CHAT, b"{not json"),
+        (SPEECH, b'{"model": "speech-2.8-hd", "input": ""}'),
+        (IMAGES, b'{"model": "image-01", "n": 0}'),
+    ]:
+        answer = request(gateway, path, key=key, raw=raw)
+        assert answer.status == 400, (path, answer.body)
+        error = answer.json()["error"]
+        assert error["code"] is None and error["type"] == "invalid_request_error", path
