@@ -760,3 +760,16 @@ def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
         assert answer.status == 400, (path, answer.body)
         error = answer.json()["error"]
         assert error["code"] is None and error["type"] == "invalid_request_error", path
+
+
+def test_a_body_is_bounded_at_32_mib_as_in_the_go_gateway(engine, gateway, upstream):
+    # Anthropic's Messages API takes bodies up to 32 MB (long contexts, images): the Go
+    # gateway's default bound, and the middleware's.
+    key = seated(engine, "lb", "tp-lb-1", "Starter")
+    big = chat(messages=[{"role": "user", "content": "x" * (20 << 20)}])
+    assert request(gateway, CHAT, big, key=key).status == 200
+    huge = chat(messages=[{"role": "user", "content": "x" * (33 << 20)}])
+    too_large = request(gateway, CHAT, huge, key=key)
+    assert too_large.status == 413
+    assert too_large.json()["error"]["code"] == "request_too_large"
+    assert len(upstream.calls) == 1

@@ -62,8 +62,8 @@ RunSync = Callable[[Callable[[], Any]], Awaitable[Any]]
 _log = logging.getLogger("tally.asgi")
 
 #: Bounds on what the middleware buffers.
-MAX_REQUEST_BODY_BYTES = 16 * 1024 * 1024
-MAX_RESPONSE_JSON_BYTES = 16 * 1024 * 1024
+MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024  # the Go gateway's default; Anthropic's bound
+MAX_RESPONSE_JSON_BYTES = 32 * 1024 * 1024
 MAX_EVENT_LINE_BYTES = 1024 * 1024
 #: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it): the wrapper's constant.
 MAX_QUANTITY = _native.MAX_QUANTITY
