@@ -7,8 +7,10 @@ route it:
 
 1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
    can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
-2. reads the JSON body and maps the route and its ``model`` to a resource of the policy, and
-   the body to quantities: 1 request; for speech the characters of ``input``; for images ``n``;
+2. reads the JSON body (at most 32 MiB, else 413) and maps the route and its ``model`` to a
+   resource of the policy (a model it has none for, or none can be: 404), and the body to
+   quantities: 1 request; for chat, completions, responses, embeddings and messages the
+   tokens; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
    app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
    actual tokens; an error response or an exception *voids* the reservation;
@@ -20,7 +22,10 @@ route it:
    app's own (the operator's account limits upstream are not the caller's). A denial waiting
    cannot help is no 429 to retry: larger than the whole limit, 400; no seat, a plan that
    does not cover the model, credits short: 429 insufficient_quota on OpenAI's routes (the
-   API's own answer), 403 permission_error on Anthropic's.
+   API's own answer), 403 permission_error on Anthropic's. An engine that cannot decide
+   (closed, storage, poisoned) is 503.
+
+The Go gateway (``ffi/go/gateway``) answers every one of these alike.
 
 Engine calls are synchronous and fast in memory; with ``Durability.SYNC`` they wait for an
 fsync, so pass ``run_sync`` (e.g. ``asyncio.to_thread`` or ``anyio.to_thread.run_sync``) to
