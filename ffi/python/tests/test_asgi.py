@@ -773,3 +773,22 @@ def test_a_body_is_bounded_at_32_mib_as_in_the_go_gateway(engine, gateway, upstr
     assert too_large.status == 413
     assert too_large.json()["error"]["code"] == "request_too_large"
     assert len(upstream.calls) == 1
+
+
+def test_a_reservation_outlives_a_twenty_minute_response(engine, clock):
+    # A long generation streams for many minutes: the reservation's lease must outlast it, or
+    # the settle finds it gone and the actual tokens are not what is charged. 30 minutes by
+    # default, as in the Go gateway (the engine's own default is 10).
+    upstream = Upstream()
+    upstream.tokens = (120, 380)
+
+    async def slow(scope, receive, send) -> None:
+        clock.now += 20 * 60_000
+        await upstream(scope, receive, send)
+
+    engine.create_user("lo", "tp-lo-1", at_ms=T)
+    engine.top_up("@lo", 1_000_000, at_ms=T)
+    gateway = QuotaMiddleware(slow, engine, clock=clock)
+    assert request(gateway, CHAT, chat(max_tokens=1000), key="tp-lo-1").status == 200
+    assert engine.credits("@lo") == 1_000_000 - (2_000 + 500)
+    assert engine.usage("tp-lo-1", at_ms=clock.now + 1).open_reservations == 0

@@ -74,6 +74,9 @@ MAX_EVENT_LINE_BYTES = 1024 * 1024
 MAX_QUANTITY = _native.MAX_QUANTITY
 #: The most tokens one estimate holds (the engine's bound on a quantity).
 MAX_TOKEN_ESTIMATE = MAX_QUANTITY
+#: How long a reservation holds by default (the Go gateway's Lease): longer than a streamed
+#: response runs, since one whose lease ends before its settle is not charged.
+DEFAULT_LEASE_MS = 30 * 60 * 1000
 
 
 class Api(enum.Enum):
@@ -490,7 +493,10 @@ class QuotaMiddleware:
       resource of the engine's policy maps to itself, any other is a 404;
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
     - ``default_max_tokens``: the output tokens to hold when the request names no maximum;
-    - ``lease_ms``: how long a reservation holds if the gateway dies before settling it;
+    - ``lease_ms``: how long a reservation holds if the gateway dies before settling it
+      (default 30 minutes, as in the Go gateway: a long streamed response must not outlive
+      it, or its settle finds the reservation gone and the call is free; None: the engine's
+      default lease);
     - ``refund_on_error``: give back a consumed request when the app answers >= 400 or raises;
     - ``run_sync``: runs each engine call (e.g. ``asyncio.to_thread``); default inline.
     """
@@ -504,7 +510,7 @@ class QuotaMiddleware:
         models: Mapping[str, str] | None = None,
         clock: Callable[[], int] | None = None,
         default_max_tokens: int = 4096,
-        lease_ms: int | None = None,
+        lease_ms: int | None = DEFAULT_LEASE_MS,
         refund_on_error: bool = True,
         run_sync: RunSync | None = None,
     ) -> None:
