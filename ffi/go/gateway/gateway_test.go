@@ -517,7 +517,11 @@ func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
 	if a.status != http.StatusBadGateway {
 		t.Fatalf("%d %s", a.status, a.raw)
 	}
-	anthropicError(t, a, "api_error")
+	// The failure's detail (the upstream's address) is the operator's to log, not the caller's
+	// to read, as in the Python middleware.
+	if message := anthropicError(t, a, "api_error"); strings.Contains(message, deadURL.Host) {
+		t.Fatalf("the upstream's address leaked: %q", message)
+	}
 	usage, err := engine.Usage("tp-fa", t0)
 	if err != nil || usage.Limits[0].Used != 0 || usage.OpenReservations != 0 {
 		t.Fatalf("after an unreachable upstream: %+v %v", usage, err)

@@ -69,8 +69,10 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 		c.void()
 		api = c.api
 	}
+	// The detail (the upstream's address, a TLS error) is the operator's to log, not the
+	// caller's to read.
 	g.config.Logger.Printf("tally-gateway: upstream: %v", err)
-	upstreamFailed(api, "the upstream failed: "+err.Error()).write(w, api)
+	upstreamFailed(api, "the upstream could not be reached or failed").write(w, api)
 }
 
 // settle charges one request and the tokens the upstream reported (the estimate if it

@@ -792,3 +792,38 @@ def test_a_reservation_outlives_a_twenty_minute_response(engine, clock):
     assert request(gateway, CHAT, chat(max_tokens=1000), key="tp-lo-1").status == 200
     assert engine.credits("@lo") == 1_000_000 - (2_000 + 500)
     assert engine.usage("tp-lo-1", at_ms=clock.now + 1).open_reservations == 0
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, IMAGES])
+def test_an_app_that_fails_before_answering_is_502_in_the_apis_shape(engine, clock, path):
+    # As the Go gateway answers an upstream it could not reach: 502 in the API's shape (not
+    # the server's bare 500), without the failure's detail (an upstream address), and nothing
+    # charged; the exception still reaches the server to log.
+    async def broken(scope, receive, send) -> None:
+        raise ConnectionError("connect to 10.0.0.7:443 refused")
+
+    engine.create_user("br", "tp-br-1", at_ms=T)
+    engine.top_up("@br", 1_000_000, at_ms=T)
+    gateway = QuotaMiddleware(broken, engine, clock=clock)
+    body = {"model": "image-01", "n": 1} if path == IMAGES else chat()
+    headers = [(b"authorization", b"Bearer tp-br-1")]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    incoming = [{"type": "http.request", "body": json.dumps(body).encode()}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(gateway(scope, receive, send))
+    assert sent[0]["status"] == 502
+    error = json.loads(sent[1]["body"])["error"]
+    if path == MESSAGES:
+        assert error["type"] == "api_error"
+    else:
+        assert error["type"] == "server_error" and error["code"] == "upstream_error"
+    assert "10.0.0.7" not in error["message"]
+    assert engine.credits("@br") == 1_000_000

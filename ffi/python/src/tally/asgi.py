@@ -14,7 +14,9 @@ route it:
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
    app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
    actual tokens; an error response or an exception *voids* the reservation;
-   other routes *consume* at once (and are refunded if the app answers an error);
+   other routes *consume* at once (and are refunded if the app answers an error); an app
+   that raises before answering (the upstream unreachable) gets the client a 502 in the
+   API's shape, and the exception goes on to the server;
 4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
    with a JSON body in the error shape of the API being proxied, whose message says which
    quota ran out and when it resets (OpenAI's ``type`` is the limit's unit, "requests",
@@ -126,7 +128,8 @@ DEFAULT_MODELS: Mapping[str, str] = {
 
 
 class _Refusal(Exception):
-    """An answer the middleware gives instead of the app's (401, 400, 404, 413, 500, 503)."""
+    """An answer the middleware gives instead of the app's (400, 401, 403, 404, 413, 429, 500,
+    502, 503)."""
 
     def __init__(
         self,
@@ -140,7 +143,7 @@ class _Refusal(Exception):
         self.status = status
         self.openai_type = openai_type  # instead of the kind's (a 429's: the limit's unit)
         # "authentication", "invalid_request", "not_found", "too_large", "unavailable",
-        # "internal"
+        # "internal", "upstream", "rate_limit", "insufficient_quota", "permission"
         self.kind = kind
         self.message = message
         self.code = code
@@ -155,6 +158,7 @@ _OPENAI_TYPES = {
     "too_large": "invalid_request_error",
     "unavailable": "server_error",
     "internal": "server_error",
+    "upstream": "server_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "insufficient_quota",
     "permission": "insufficient_quota",
@@ -166,6 +170,7 @@ _ANTHROPIC_TYPES = {
     "too_large": "request_too_large",
     "unavailable": "api_error",
     "internal": "api_error",
+    "upstream": "api_error",
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
     "permission": "permission_error",
@@ -673,7 +678,7 @@ class QuotaMiddleware:
             return
         watcher = _ResponseWatcher(send, rate_limit_headers(metered.route.api, decision, now))
         try:
-            await self.app(scope, receive, watcher.send)
+            await self._call_app(scope, receive, send, watcher, metered.route.api)
         finally:
             if request_id is not None and watcher.failed:
                 await self._after_response(self.engine.refund, request_id)
@@ -694,9 +699,26 @@ class QuotaMiddleware:
         headers = rate_limit_headers(metered.route.api, reservation.decision, now)
         watcher = _ResponseWatcher(send, headers, read_usage=True)
         try:
-            await self.app(scope, receive, watcher.send)
+            await self._call_app(scope, receive, send, watcher, metered.route.api)
         finally:
             await self._finish(reservation, metered, watcher)
+
+    async def _call_app(
+        self, scope: Scope, receive: Receive, send: Send, watcher: _ResponseWatcher, api: Api
+    ) -> None:
+        """Calls the app. If it raises before answering (the upstream unreachable), the client
+        gets 502 in the API's shape, as from the Go gateway, rather than the server's bare
+        500, without the detail (an upstream address: the server logs it); the exception
+        goes on to the server."""
+        try:
+            await self.app(scope, receive, watcher.send)
+        except Exception:
+            if watcher.status is None:
+                message = "The upstream could not be reached or failed."
+                await _send_json(
+                    send, api, _Refusal(502, "upstream", message, "upstream_error"), []
+                )
+            raise
 
     async def _finish(
         self, reservation: Reservation, metered: _Metered, watcher: _ResponseWatcher
