@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 
 	tally "github.com/tally-engine/tally/ffi/go"
@@ -49,6 +50,11 @@ func TestAnEngineThatCannotDecideIs503(t *testing.T) {
 			if answer.status != http.StatusServiceUnavailable || answer.kind != want ||
 				(api == OpenAI && answer.code != "service_unavailable") {
 				t.Errorf("%v, api %d: %d %s %s", sentinel, api, answer.status, answer.kind, answer.code)
+			}
+			// The detail (a path, a disk error) is the operator's to log; the caller reads the
+			// status's name, as from the Python middleware.
+			if strings.Contains(answer.message, "it failed") || !strings.Contains(answer.message, statusOf(sentinel).String()) {
+				t.Errorf("%v: message %q", sentinel, answer.message)
 			}
 		}
 	}

@@ -191,7 +191,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	decision, reservation, err := g.config.Engine.Reserve(request, g.config.Lease)
 	if err != nil {
-		engineError(api, err).write(w, api)
+		g.answerEngineError(w, api, err)
 		return
 	}
 	c.decision, c.reservation = decision, reservation
@@ -303,7 +303,7 @@ func images(api API, n *int64) ([]tally.Quantity, *apiError) {
 // engine knows.
 func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key string) {
 	if _, err := g.config.Engine.Usage(key, g.now()); err != nil {
-		engineError(api, err).write(w, api)
+		g.answerEngineError(w, api, err)
 		return
 	}
 	g.proxy.ServeHTTP(w, r)
@@ -345,16 +345,27 @@ func engineError(api API, err error) apiError {
 		return modelNotFound(api, "this model does not exist or is not served here: "+err.Error())
 	case stringError:
 		// Not the client's key nor its model: a string of the gateway's own, its fault.
-		return internal(api, err.Error())
+		return internal(api, "the gateway failed ("+tally.StatusOf(err).String()+")")
 	case errors.Is(err, tally.ErrBadQuantity):
 		return invalidRequest(api, "", err.Error())
 	case errors.Is(err, tally.ErrClosed):
-		return unavailable(api, "the gateway is shutting down")
+		return unavailable(api, "the gateway is shutting down ("+tally.StatusOf(err).String()+")")
 	default:
 		// The quota service could not decide (storage, its log, a poisoned engine): 503, which a
-		// client may retry later, as the Python middleware answers.
-		return unavailable(api, "the quota service failed: "+err.Error())
+		// client may retry later, as the Python middleware answers. The detail (a path, a disk
+		// error) is the operator's to log (ServeHTTP does), not the caller's to read.
+		return unavailable(api, "the quota service failed ("+tally.StatusOf(err).String()+")")
 	}
+}
+
+// answerEngineError answers an engine error; one that is the gateway's (5xx) is logged with
+// its detail, which stays out of the answer.
+func (g *Gateway) answerEngineError(w http.ResponseWriter, api API, err error) {
+	answer := engineError(api, err)
+	if answer.status >= http.StatusInternalServerError {
+		g.config.Logger.Printf("tally-gateway: engine: %v", err)
+	}
+	answer.write(w, api)
 }
 
 // fieldOf is the argument an engine error names: its message starts "resource: ..." or
