@@ -827,3 +827,38 @@ def test_an_app_that_fails_before_answering_is_502_in_the_apis_shape(engine, clo
         assert error["type"] == "server_error" and error["code"] == "upstream_error"
     assert "10.0.0.7" not in error["message"]
     assert engine.credits("@br") == 1_000_000
+
+
+def test_a_websocket_needs_a_known_key_too(engine, gateway, upstream):
+    # The Go gateway checks the key of every request, a websocket upgrade too; here an unknown
+    # key's websocket is closed before it is accepted (the server answers the handshake 403).
+    key = seated(engine, "ws", "tp-ws-1", "Starter")
+    opened: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        opened.append(scope["path"])
+
+    middleware = QuotaMiddleware(app, engine)
+    for bad, expected in [(None, False), ("tp-nobody", False), (key, True)]:
+        headers = [(b"authorization", f"Bearer {bad}".encode())] if bad else []
+        scope = {"type": "websocket", "path": "/v1/realtime", "headers": headers}
+        sent: list[dict[str, Any]] = []
+
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        opened.clear()
+        asyncio.run(middleware(scope, receive, send))
+        assert bool(opened) is expected, bad
+        if not expected:
+            assert sent == [{"type": "websocket.close", "code": 1008}]
+    lifespan: list[str] = []
+
+    async def lifespan_app(scope, receive, send) -> None:
+        lifespan.append(scope["type"])
+
+    asyncio.run(QuotaMiddleware(lifespan_app, engine)({"type": "lifespan"}, receive, send))
+    assert lifespan == ["lifespan"]

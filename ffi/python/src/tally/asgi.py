@@ -491,7 +491,8 @@ class QuotaMiddleware:
     """Enforces tally quotas on an ASGI app. HTTP requests on other routes (and non-POST
     ones) pass through unmetered, but only with a key the engine knows (401 otherwise): the
     app reaches the upstream on the operator's credentials, which an unknown key must not
-    borrow. Lifespan and websocket scopes pass through untouched.
+    borrow. A websocket passes unmetered with a known key, and is closed before it is
+    accepted (403) without one; lifespan scopes pass through untouched.
 
     - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``);
     - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
@@ -548,8 +549,14 @@ class QuotaMiddleware:
         return result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "websocket":
+            # Unmetered, but for a known key only, as the Go gateway checks an upgrade: closed
+            # before it is accepted, which the server answers 403.
+            if await self._known_key(scope) is not None:
+                await send({"type": "websocket.close", "code": 1008})
+                return
         if scope.get("type") != "http":
-            await self.app(scope, receive, send)  # lifespan (and websockets: see the README)
+            await self.app(scope, receive, send)  # lifespan; a websocket with a known key
             return
         # "/v1/chat/completions/" and "//v1/chat/completions" are the metered route too (an
         # upstream may serve them): metered, and passed on, as the route they clean to.
