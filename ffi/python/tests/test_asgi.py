@@ -862,3 +862,12 @@ def test_a_websocket_needs_a_known_key_too(engine, gateway, upstream):
 
     asyncio.run(QuotaMiddleware(lifespan_app, engine)({"type": "lifespan"}, receive, send))
     assert lifespan == ["lifespan"]
+
+
+def test_a_call_without_a_key_is_401_before_its_body_is_read(engine, gateway, upstream):
+    # As the Go gateway answers: a missing or doubled key is refused before the body is read,
+    # so a keyless client learns what is wrong (not 413) and costs no buffering.
+    huge = chat(messages=[{"role": "user", "content": "x" * (33 << 20)}])
+    assert request(gateway, CHAT, huge, key=None).status == 401
+    assert two_keys(gateway, CHAT, "tp-a", "tp-b", huge).status == 401
+    assert upstream.calls == []

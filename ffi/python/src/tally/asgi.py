@@ -575,10 +575,11 @@ class QuotaMiddleware:
             await self.app(scope, receive, send)
             return
         try:
+            key = _key(scope)  # before the body, as the Go gateway: 401, not 413
             body = await _read_body(receive)
             if body is None:
                 return  # the client went away
-            metered = self._metered(scope, route, body)
+            metered = self._metered(key, route, body)
         except _Refusal as refusal:
             await _send_json(send, route.api, refusal, [])
             return
@@ -619,8 +620,7 @@ class QuotaMiddleware:
             return None
         return self.routes.get(scope.get("path", ""))
 
-    def _metered(self, scope: Scope, route: Route, body: bytes) -> _Metered:
-        key = _key(scope)
+    def _metered(self, key: str, route: Route, body: bytes) -> _Metered:
         try:
             document = json.loads(body) if body else {}
         except ValueError:
