@@ -33,6 +33,8 @@ type fakeUpstream struct {
 	wrong  atomic.Int64 // calls that arrived without the upstream's key
 	// usage, if set, is the "usage" object of non-streamed OpenAI answers.
 	usage atomic.Pointer[string]
+	// streamType, if set, is the Content-Type of streamed answers.
+	streamType atomic.Pointer[string]
 }
 
 func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -63,6 +65,9 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	anthropic := r.URL.Path == "/v1/messages"
 	if body.Stream {
 		w.Header().Set("Content-Type", "text/event-stream")
+		if streamType := f.streamType.Load(); streamType != nil {
+			w.Header().Set("Content-Type", *streamType)
+		}
 		if anthropic {
 			fmt.Fprint(w, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n")
 			fmt.Fprint(w, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n")
@@ -874,5 +879,22 @@ func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {
 		if a.status != http.StatusBadRequest || !present || code != nil || inner["type"] != "invalid_request_error" {
 			t.Fatalf("%s: %d %s", path, a.status, a.raw)
 		}
+	}
+}
+
+// A media type is case-insensitive: "Text/Event-Stream; charset=utf-8" is a stream of events,
+// whose usage is settled, as the Python middleware reads it (not the estimate).
+func TestAnEventStreamIsKnownInAnyCase(t *testing.T) {
+	h := start(t)
+	h.user(t, "ca", "tp-ca", "Bar-Plus")
+	streamType := "Text/Event-Stream; charset=utf-8"
+	h.upstream.streamType.Store(&streamType)
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	if a := h.call(t, false, "tp-ca", "MiniMax-M2.7", true); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	usage, err := h.engine.Usage("tp-ca", t0.Add(time.Minute))
+	if want := prices["requests"] + 30*prices["tokens"]; err != nil || usage.Limits[0].Used != want {
+		t.Fatalf("charged %+v (want %d) %v", usage.Limits, want, err)
 	}
 }

@@ -41,7 +41,8 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 		c.settle(tokenCounter{}) // speech, images: charged what was held, whatever the body
 		return nil
 	}
-	if strings.HasPrefix(response.Header.Get("Content-Type"), "text/event-stream") {
+	// A media type is case-insensitive ("Text/Event-Stream"), as the Python middleware reads it.
+	if strings.HasPrefix(strings.ToLower(response.Header.Get("Content-Type")), "text/event-stream") {
 		response.Body = &streamedBody{body: response.Body, call: c}
 		return nil
 	}
