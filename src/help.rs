@@ -72,7 +72,13 @@ impl HelpTopic {
             HelpTopic::Compact => COMPACT_HELP,
             HelpTopic::Policy => POLICY_HELP,
         };
-        format!("{body}{DATABASE_OPTIONS_HELP}")
+        // `consume` and `events` state their own exit statuses (1: denied, not written out).
+        let exit_status = if body.contains("Exit status") {
+            ""
+        } else {
+            EXIT_STATUS_HELP
+        };
+        format!("{body}{DATABASE_OPTIONS_HELP}{exit_status}")
     }
 }
 
@@ -111,9 +117,10 @@ Options:
   -V, --version  Print the version
 
 Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied (an unknown key is a
-denial) or `verify` finds the database unsound; 2 when the command could not run (a bad command
-line or policy, an argument the engine refuses such as an unknown team, or an unknown key given to
-another command, a database that cannot be opened): nothing changed.
+denial), `verify` finds the database unsound, `events` cannot write the events out (the cursor
+does not move) or `simulate`'s engine refuses the scenario; 2 when the command could not run (a
+bad command line or policy, an argument the engine refuses such as an unknown team, or an unknown
+key given to another command, a database that cannot be opened): nothing changed.
 ";
 
 pub const SIMULATE_HELP: &str = "\
@@ -171,7 +178,9 @@ Database options:
   --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
                        only once its change is fsynced (see `tally simulate --help`)
   -h, --help           Print this help
+";
 
+const EXIT_STATUS_HELP: &str = "
 Exit status: 0 on success; 2 if the command could not run (it then changed nothing).
 ";
 

@@ -521,3 +521,34 @@ fn simulate_neither_wipes_nor_adds_to_a_database_it_did_not_make() {
     let again = tally_in(&directory, &first);
     assert!(again.status.success(), "{}", stderr_of(&again));
 }
+
+/// Each command's help states its exit statuses once: `consume` (1: denied) and `events` (1:
+/// the events could not be written out) have their own, which a generic "0 on success; 2 ..."
+/// line after them contradicted. The main help lists every command that can exit 1.
+#[test]
+fn every_help_states_its_exit_statuses_once_and_the_main_help_names_every_status_1() {
+    let commands = [
+        "simulate", "user", "team", "member", "seat", "topup", "consume", "refund", "adjust",
+        "usage", "events", "verify", "compact", "policy",
+    ];
+    for command in commands {
+        let output = tally(&[command, "--help"]);
+        assert_eq!(output.status.code(), Some(0), "{command}");
+        let help = stdout_of(&output);
+        assert_eq!(
+            help.matches("Exit status").count(),
+            1,
+            "`tally {command} --help` states its exit statuses more than once:\n{help}"
+        );
+    }
+    let main = stdout_of(&tally(&["help"]));
+    let status = &main[main
+        .find("Exit status")
+        .expect("the main help has exit statuses")..];
+    for command in ["consume", "verify", "events", "simulate"] {
+        assert!(
+            status.contains(&format!("`{command}`")),
+            "the main help's exit statuses do not say when `{command}` exits 1:\n{status}"
+        );
+    }
+}
