@@ -480,7 +480,9 @@ impl Spec {
 // ---------------------------------------------------------------------------------------------
 // Values.
 
-/// Parses a whole number, allowing `_` or `,` between digits (`2,000`, `10_000`).
+/// Parses a whole number, allowing `_` or `,` (one of them) to group its digits in threes
+/// (`2,000`, `10_000`). A separator anywhere else (`1,5`: a decimal comma, `5,00`) is refused
+/// rather than dropped, which would read a number ten or a hundred times off.
 pub fn parse_count(
     option: &str,
     value: &str,
@@ -496,6 +498,19 @@ pub fn parse_count(
         && value.ends_with(|c: char| c.is_ascii_digit());
     if !well_formed {
         return Err(error(format!("{value:?} is not a whole number")));
+    }
+    let separators: Vec<char> = value.chars().filter(|c| *c == '_' || *c == ',').collect();
+    if let Some(&separator) = separators.first() {
+        let groups: Vec<&str> = value.split(separator).collect();
+        let grouped_in_threes = separators.iter().all(|c| *c == separator)
+            && groups[0].len() <= 3
+            && groups[1..].iter().all(|group| group.len() == 3);
+        if !grouped_in_threes {
+            return Err(error(format!(
+                "{value:?} is not a whole number: `{separator}` may only group its digits in \
+                 threes (1{separator}000{separator}000)"
+            )));
+        }
     }
     let range = || format!("must be between {} and {}", grouped(min), grouped(max));
     let number: u64 = digits
@@ -1008,6 +1023,33 @@ mod tests {
     fn numbers_may_carry_digit_separators() {
         assert_eq!(simulate_options("simulate --keys 2,000").keys, 2_000);
         assert_eq!(simulate_options("simulate --keys=10_000").keys, 10_000);
+    }
+
+    /// A separator only groups digits in threes: `1,5` (a decimal comma) or `5,00` is a typo,
+    /// not 15 or 500 micro-credits, units or milliseconds.
+    #[test]
+    fn a_separator_that_does_not_group_digits_in_threes_is_refused() {
+        for value in [
+            "1,5",
+            "5,00",
+            "1,0000",
+            "10_00",
+            "5,,000",
+            "1,000,00",
+            "1_000,000",
+        ] {
+            let error = error_of(&format!("topup @ada {value}"));
+            assert_eq!(error.option, "MICROS", "{value}");
+            assert!(error.problem.contains(value), "{value}: {error}");
+            let error = error_of(&format!("consume tp-ada m2.7 requests={value}"));
+            assert_eq!(error.option, format!("requests={value}"), "{value}");
+        }
+        assert_eq!(
+            simulate_options("simulate --keys 1,000,000").keys,
+            1_000_000
+        );
+        assert_eq!(simulate_options("simulate --keys 999_999").keys, 999_999);
+        assert_eq!(simulate_options("simulate --keys 20").keys, 20);
     }
 
     #[test]
