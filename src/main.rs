@@ -85,6 +85,30 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         slot_ms: simulate::SLOT_MS,
     };
     let clock = Arc::new(ManualClock::new(shape.start_ms));
+    if options.keep && !vacant {
+        // Opening with the run's policy would swap it in (a logged event) before the
+        // scenario's first account is refused: look first, with the database's own.
+        match store::holds_simulation(
+            &options.db,
+            clock.clone(),
+            options.durability,
+            SIMULATE_CHECKPOINT_EVERY_EVENTS,
+        ) {
+            Ok(false) => {}
+            Ok(true) => {
+                eprintln!(
+                    "tally: simulate: {} already holds a simulation's accounts: drop --keep or \
+                     give a new --db (nothing was changed)",
+                    options.db.display()
+                );
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            Err(error) => {
+                let (culprit, problem) = operator::culprit(&error);
+                return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));
+            }
+        }
+    }
     let engine = match store::open(
         &options.db,
         policy,

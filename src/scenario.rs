@@ -36,6 +36,12 @@ const TEAM_NAMES: [&str; MAX_TEAMS as usize] = [
     "cyberdyne",
     "aperture",
 ];
+/// Whether `engine` already holds a run's accounts: every run creates the first named team
+/// first, so a second run on the same database would be refused at its first account.
+pub fn already_built(engine: &Engine) -> bool {
+    engine.credits_micros(TEAM_NAMES[0]).is_ok()
+}
+
 /// The burst for a scripted seat change straddles the change by this much on each side.
 const SEAT_CHANGE_BURST_HALF_MS: u64 = 90 * MINUTE_MS;
 const MICROS_PER_CREDIT: u64 = 1_000_000;

@@ -184,6 +184,27 @@ pub fn open(
     Engine::open(path, policy, clock, options)
 }
 
+/// Whether the database `simulate` made at `path` already holds a run's accounts (so a
+/// `--keep` run would be refused), looked at with its own policy: the run's `--policy` is
+/// swapped in only once the run is known to go ahead, so a refused run logs nothing.
+pub fn holds_simulation(
+    path: &Path,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    checkpoint_every_events: u64,
+) -> Result<bool, Error> {
+    let options = OpenOptions {
+        durability,
+        engine: EngineOptions::default(),
+        checkpoint_every_events,
+        ..OpenOptions::default()
+    };
+    let engine = Engine::open_with_stored_policy(path, Policy::token_plan(), clock, options)?;
+    let holds = crate::scenario::already_built(&engine);
+    engine.close()?;
+    Ok(holds)
+}
+
 /// Opens (or creates) the database as a tool, for the operator commands: with the options it
 /// recorded (a gateway's request-id horizon, retention and bounds; for a database that recorded
 /// none, the defaults with `CHECKPOINT_EVERY_EVENTS`), recording nothing, and with the policy it

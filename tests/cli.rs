@@ -552,3 +552,40 @@ fn every_help_states_its_exit_statuses_once_and_the_main_help_names_every_status
         );
     }
 }
+
+/// `--keep` on a database that already holds a run's accounts is refused: refused, it logs
+/// nothing, not even the swap to a `--policy` that differs from the one the run used.
+#[test]
+fn a_refused_keep_logs_nothing_not_even_its_policy() {
+    let directory = Scratch::new();
+    let first = tally_in(&directory, SMALL_RUN);
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    let held = events_held(&stdout_of(&first));
+    let shipped = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("engine/policy/token-plan.toml"),
+    )
+    .expect("the shipped policy is read");
+    let changed = shipped.replacen("amount = 1500,", "amount = 1600,", 1);
+    assert_ne!(changed, shipped, "the shipped policy has a limit of 1,500");
+    let policy = TempFile::new("keep-changed.toml", &changed);
+    let mut keep = SMALL_RUN.to_vec();
+    keep.extend(["--keep", "--policy", policy.path()]);
+    let kept = tally_in(&directory, &keep);
+    assert_eq!(kept.status.code(), Some(1), "{}", stderr_of(&kept));
+    assert!(
+        stderr_of(&kept).contains("drop --keep"),
+        "{}",
+        stderr_of(&kept)
+    );
+    let after = held.to_string();
+    let listed = tally_in(
+        &directory,
+        &["events", "--db", "tally-data-simulate", "--after", &after],
+    );
+    assert!(listed.status.success(), "{}", stderr_of(&listed));
+    assert_eq!(
+        stdout_of(&listed),
+        "",
+        "the refused run logged events after the first run's {held}"
+    );
+}
