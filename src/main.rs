@@ -67,13 +67,16 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         Err(error) => return usage_error(&error),
     };
     let prepared = if options.keep {
-        store::check_simulate_may_use(&options.db)
+        store::check_simulate_may_use(&options.db).map(|()| false)
     } else {
         store::wipe(&options.db)
     };
-    if let Err(problem) = prepared {
-        return usage_error(&UsageError::new("--db", problem, HelpTopic::Simulate));
-    }
+    let wiped = match prepared {
+        Ok(wiped) => wiped,
+        Err(problem) => {
+            return usage_error(&UsageError::new("--db", problem, HelpTopic::Simulate));
+        }
+    };
     // Whether this run makes the database (the path is vacant, or was wiped): if its open
     // fails, nothing is left behind, so no unmarked database blocks the next run.
     let vacant = !store::is_database(&options.db);
@@ -141,11 +144,18 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
     };
     drop(engine);
     let database = format!(
-        "Database: {} holds {} events (durability {}; checkpoint and close {:.2} s)\n",
+        "Database: {} holds {} events (durability {}; checkpoint and close {:.2} s){}\n",
         options.db.display(),
         format::grouped(events),
         store::durability_words(options.durability),
-        closing.elapsed().as_secs_f64()
+        closing.elapsed().as_secs_f64(),
+        if wiped {
+            "; an earlier run's database there was wiped first"
+        } else if options.keep && !vacant {
+            "; added to the database there (--keep)"
+        } else {
+            ""
+        }
     );
     if !options.json {
         return print_out(&format!("{}\n{database}", report::text(&summary)));

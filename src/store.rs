@@ -123,11 +123,11 @@ pub fn check_simulate_may_use(path: &Path) -> Result<(), String> {
 /// gateway's database).
 /// A database open in another process (a run still going) is refused too: removing its files
 /// under it would leave that run writing into a directory that is gone, or into the next
-/// run's.
-pub fn wipe(path: &Path) -> Result<(), String> {
+/// run's. Returns whether there was a database to wipe.
+pub fn wipe(path: &Path) -> Result<bool, String> {
     check_simulate_may_use(path)?;
     if is_vacant(path) {
-        return Ok(());
+        return Ok(false);
     }
     // Reading the recorded options takes the database's lock for a moment: the check.
     if let Err(Error::Storage { problem }) = Engine::recorded_options(path) {
@@ -140,6 +140,7 @@ pub fn wipe(path: &Path) -> Result<(), String> {
         }
     }
     std::fs::remove_dir_all(path)
+        .map(|()| true)
         .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
 }
 
@@ -287,9 +288,9 @@ mod tests {
         assert!(problem.contains("did not make"), "{problem}");
         assert!(database.join("conf").exists(), "left as it was");
         mark_simulated(&database).expect("marked");
-        wipe(&database).expect("a database simulate made is wiped");
+        assert!(wipe(&database).expect("a database simulate made is wiped"));
         assert!(!database.exists());
-        assert!(wipe(&database).is_ok(), "nothing to wipe is fine");
+        assert_eq!(wipe(&database), Ok(false), "nothing to wipe is fine");
     }
 
     #[test]

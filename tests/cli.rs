@@ -589,3 +589,33 @@ fn a_refused_keep_logs_nothing_not_even_its_policy() {
         "the refused run logged events after the first run's {held}"
     );
 }
+
+/// A run on a path where an earlier run left its database wipes it: the report says so (on
+/// stderr beside the database line with --json), and a run on a new path does not.
+#[test]
+fn a_run_says_when_it_wiped_an_earlier_run_s_database() {
+    let directory = Scratch::new();
+    let first = tally_in(&directory, SMALL_RUN);
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    assert!(
+        !stdout_of(&first).contains("wiped"),
+        "{}",
+        stdout_of(&first)
+    );
+    let second = tally_in(&directory, SMALL_RUN);
+    assert!(second.status.success(), "{}", stderr_of(&second));
+    assert!(
+        stdout_of(&second).contains("an earlier run's database there was wiped first"),
+        "{}",
+        stdout_of(&second)
+    );
+    let mut json = SMALL_RUN.to_vec();
+    json.push("--json");
+    let third = tally_in(&directory, &json);
+    assert!(third.status.success(), "{}", stderr_of(&third));
+    assert!(
+        stderr_of(&third).contains("an earlier run's database there was wiped first"),
+        "{}",
+        stderr_of(&third)
+    );
+}
