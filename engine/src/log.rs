@@ -71,9 +71,11 @@ pub const MAX_EVENT_BYTES: usize = 48 * 1024;
 /// What a record is when `RecordView::parse` refuses its header.
 const NO_SOUND_HEADER: &str = "a record without a sound header (too short, numbering its events \
      from 0 or past 2^64, or saying events after its own first were durable)";
-/// Events queued but not yet written, at most: an append waits for room beyond this, so in the
-/// modes that do not wait for durability a process crash loses at most this many events (plus
-/// those written but not yet flushed).
+/// Events queued but not yet written, at most: an append waits for room beyond this. The writer
+/// takes the whole queue at once, and appends refill it while it writes that group, so in the
+/// modes that do not wait for durability a process crash loses at most twice this many
+/// acknowledged events (written ones are in the kernel's hands: a power loss, not a process
+/// crash, loses those not yet flushed).
 pub const MAX_QUEUED_EVENTS: usize = 16_384;
 /// `append_staged` wakes a sleeping writer once this many events are queued (see there), and
 /// an append wakes a dozing one (see `WRITER_DOZE`).
@@ -82,8 +84,9 @@ pub const WAKE_WRITER_AT_EVENTS: usize = 1024;
 /// (an interval is at least as long) for more events without asking to be woken, and only then sleeps
 /// until an append wakes it. Under a steady stream of single appends nobody pays a wake-up
 /// (a futex call and a context switch: in `examples/manyloop` with batches of one, about half
-/// the calling thread's time went to the kernel waking the writer); an event waits at most this
-/// long to be written.
+/// the calling thread's time went to the kernel waking the writer); an event queued while the
+/// writer is idle waits at most this long to be written (while it writes or fdatasyncs, until
+/// it is done).
 pub const WRITER_DOZE: Duration = Duration::from_millis(1);
 /// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
 /// (bounds the flush a caller waits for).
@@ -97,8 +100,9 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// data to flush (110-140 us; benches/README). So one flush per zeroed stretch pays the
 /// commit, not every one.
 const ZEROED_AHEAD_BYTES: u64 = 1 << 20;
-/// The longest `Durability::Interval`: an acknowledged event waits at most this long to be
-/// flushed, so a power loss loses at most this much acknowledged work.
+/// The longest `Durability::Interval`: the time from the end of one background fdatasync to the
+/// next. A power loss loses what was written since the last one that completed: this long, plus
+/// the time the writer's write and fdatasync take.
 pub const MAX_FLUSH_INTERVAL_MS: u64 = 60_000;
 /// The most export cursors a database keeps. A cursor is a billing reader's place in the log:
 /// a handful are expected, and each name is up to 128 bytes in sled, so any count past this is
@@ -136,24 +140,36 @@ const META_OPTIONS: &[u8] = b"options";
 /// after its fdatasync).
 const META_DURABLE_THROUGH: &[u8] = b"durable_through";
 
-/// When an acknowledged event is on disk.
+/// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
+/// when the call that made it returns it (`consume`, each request of `consume_many` when the
+/// batch returns, an admin call, `Submitted::complete` or `Engine::complete`; `submit` alone
+/// acknowledges nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// A call returns only after its event is written and fdatasynced; concurrent callers share
     /// one fdatasync (group commit), made when a caller waits for an event written since the
-    /// last. A crash, even a power loss, loses nothing acknowledged.
+    /// last. A crash, even a power loss, loses nothing acknowledged: a failed write or
+    /// fdatasync fails the calls waiting for it (their effects given back) and every later one.
     Sync,
-    /// A call returns once its event is queued; the writer writes it within `WRITER_DOZE` (at
-    /// once if it was asleep) and fdatasyncs in the background at most `ms` later. A process
-    /// crash can lose the acknowledged events still queued: at most `MAX_QUEUED_EVENTS`, those
-    /// of the last `WRITER_DOZE` while the writer is idle, but all that came while it wrote or
-    /// fdatasynced (it runs this mode's fdatasync itself). A power loss also loses those
-    /// written in the last `ms`.
+    /// A call returns once its event is queued (an append waits while `MAX_QUEUED_EVENTS` are).
+    /// The writer writes it within `WRITER_DOZE` when idle (at once if it was asleep), once its
+    /// current write or fdatasync is done when busy, and fdatasyncs what it wrote `ms` after
+    /// its previous fdatasync ended: an event waits for its flush up to `ms` plus the time the
+    /// writer's own write and fdatasync take, more than `ms` whenever the disk is slow.
+    ///
+    /// A process crash loses the acknowledged events not yet written: those queued (at most
+    /// `MAX_QUEUED_EVENTS`) and the group the writer took from the queue and is writing (as
+    /// many again), so at most twice `MAX_QUEUED_EVENTS`. A power loss also loses the events
+    /// written since the last fdatasync that completed. A write or fdatasync that fails cannot
+    /// fail calls already answered: the log fails and every later call is refused with its
+    /// error until the engine is reopened, while the events acknowledged before it (the failed
+    /// write's group and those queued behind it; for a failed fdatasync, those written since the
+    /// last good one) stay counted in memory and are missing, or may be, after the reopen.
     Interval { ms: u64 },
     /// No fsync of events at all (only when a segment is sealed, on `sync()` and on close). For
-    /// tests and benchmarks: a process crash can lose the queued events (at most
-    /// `MAX_QUEUED_EVENTS`: those of the last `WRITER_DOZE`, or more while the writer is busy
-    /// writing or sealing a segment), a power loss whatever the kernel had not written back.
+    /// tests and benchmarks: a process crash loses what it loses in `Interval` mode (the queued
+    /// events and the group being written: at most twice `MAX_QUEUED_EVENTS`), a power loss
+    /// whatever the kernel had not written back, and a failed write what it does there.
     None,
 }
 

@@ -302,13 +302,19 @@ enum tally_durability
   : uint32_t
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
-  // A call returns after its event is flushed and fsynced (concurrent calls share a
-  // flush). A crash loses nothing acknowledged.
+  // A call returns after its event is written and fdatasynced (concurrent calls share a
+  // flush). A crash, even a power loss, loses nothing acknowledged.
   TALLY_DURABILITY_SYNC = 0,
-  // A call returns once its event is queued; flushed at most `interval_ms` (1..=60,000)
-  // later. A crash can lose the queued events and, on power loss, the last interval.
+  // A call returns once its event is queued; the log fdatasyncs `interval_ms` (1..=60,000)
+  // after its previous fdatasync ended (later while a write or fdatasync is slow). A process
+  // crash loses the events not yet written (queued or being written: at most 32,768); a
+  // power loss also those written since the last completed fdatasync. A write or fdatasync
+  // that fails after its calls returned fails every later call (`TALLY_LOG_FAILED`) until the
+  // engine is reopened; the events it carried may be missing from the database.
   TALLY_DURABILITY_INTERVAL = 1,
-  // No explicit flush (tests, benchmarks).
+  // No fsync of events (only when a log segment is sealed, on `tally_engine_sync` and on
+  // close): a process crash loses what it loses with `TALLY_DURABILITY_INTERVAL`, a power
+  // loss whatever the kernel had not written back. For tests and benchmarks.
   TALLY_DURABILITY_NONE = 2,
 };
 #ifndef __cplusplus
