@@ -278,7 +278,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             None => Err(UsageError::new(
                 other,
                 "unknown command; the commands are simulate, user, team, member, seat, topup, \
-                 consume, refund, adjust, usage, events, verify and compact",
+                 consume, refund, adjust, usage, events, verify, compact and policy",
                 HelpTopic::Main,
             )),
         },
@@ -1023,6 +1023,23 @@ mod tests {
     fn numbers_may_carry_digit_separators() {
         assert_eq!(simulate_options("simulate --keys 2,000").keys, 2_000);
         assert_eq!(simulate_options("simulate --keys=10_000").keys, 10_000);
+    }
+
+    /// An unknown command's error lists the commands there are: every one `tally --help` lists.
+    #[test]
+    fn an_unknown_command_s_error_lists_every_command() {
+        let error = error_of("polcy x.toml");
+        assert_eq!(error.option, "polcy");
+        for command in [
+            "simulate", "user", "team", "member", "seat", "topup", "consume", "refund", "adjust",
+            "usage", "events", "verify", "compact", "policy",
+        ] {
+            assert!(HelpTopic::of_command(command).is_some(), "{command}");
+            assert!(
+                error.problem.contains(&format!(" {command}")),
+                "{command} is missing from: {error}"
+            );
+        }
     }
 
     /// A separator only groups digits in threes: `1,5` (a decimal comma) or `5,00` is a typo,
