@@ -263,8 +263,16 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
         ));
     };
     match command.as_str() {
-        "-h" | "--help" => Ok(Command::Help(HelpTopic::Main)),
-        "-V" | "--version" => Ok(Command::Version),
+        // `tally --help COMMAND` as `tally help COMMAND`.
+        "-h" | "--help" => parse_help(rest),
+        "-V" | "--version" => match rest.first() {
+            None => Ok(Command::Version),
+            Some(extra) => Err(UsageError::new(
+                extra.as_str(),
+                "unexpected argument; `tally --version` takes none",
+                HelpTopic::Main,
+            )),
+        },
         "help" => parse_help(rest),
         "simulate" => parse_simulate(rest),
         "crash-child" => parse_crash_child(rest),
@@ -1023,6 +1031,24 @@ mod tests {
     fn numbers_may_carry_digit_separators() {
         assert_eq!(simulate_options("simulate --keys 2,000").keys, 2_000);
         assert_eq!(simulate_options("simulate --keys=10_000").keys, 10_000);
+    }
+
+    /// `--version` takes nothing after it, and `--help` what `help` takes: an argument they
+    /// would ignore is refused rather than dropped.
+    #[test]
+    fn version_and_help_refuse_what_they_would_ignore() {
+        assert_eq!(parse_words("--version").unwrap(), Command::Version);
+        assert_eq!(error_of("--version extra").option, "extra");
+        assert_eq!(error_of("-V --db x").option, "--db");
+        assert_eq!(
+            parse_words("--help").unwrap(),
+            Command::Help(HelpTopic::Main)
+        );
+        assert_eq!(
+            parse_words("-h simulate").unwrap(),
+            Command::Help(HelpTopic::Simulate)
+        );
+        assert_eq!(error_of("--help simulat").option, "simulat");
     }
 
     /// An unknown command's error lists the commands there are: every one `tally --help` lists.
