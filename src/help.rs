@@ -70,7 +70,9 @@ impl HelpTopic {
             HelpTopic::Events => EVENTS_HELP,
             HelpTopic::Verify => return format!("{VERIFY_HELP}{READ_ONLY_DATABASE_OPTIONS_HELP}"),
             HelpTopic::Compact => COMPACT_HELP,
-            HelpTopic::Policy => POLICY_HELP,
+            HelpTopic::Policy => {
+                return format!("{POLICY_HELP}{POLICY_DATABASE_OPTIONS_HELP}{EXIT_STATUS_HELP}")
+            }
         };
         // `consume` and `events` state their own exit statuses (1: denied, not written out).
         let exit_status = if body.contains("Exit status") {
@@ -176,6 +178,15 @@ Database options:
                        shipped Token Plan policy]. An existing database runs with its own: a
                        --policy that differs from it is refused, changing nothing (swap it
                        with `tally policy PATH`).
+  --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
+                       only once its change is fsynced (see `tally simulate --help`)
+  -h, --help           Print this help
+";
+
+/// `tally policy PATH` takes the new policy as PATH and refuses a --policy.
+const POLICY_DATABASE_OPTIONS_HELP: &str = "
+Database options:
+  --db PATH            The database [default: ./tally-data]; it must exist
   --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
                        only once its change is fsynced (see `tally simulate --help`)
   -h, --help           Print this help

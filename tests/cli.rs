@@ -619,3 +619,25 @@ fn a_run_says_when_it_wiped_an_earlier_run_s_database() {
         stderr_of(&third)
     );
 }
+
+/// `tally policy PATH` refuses a --policy ("drop --policy"): its help does not offer one.
+#[test]
+fn the_policy_command_s_help_offers_no_policy_option_it_would_refuse() {
+    let help = stdout_of(&tally(&["policy", "--help"]));
+    assert!(help.contains("--db PATH"), "{help}");
+    assert!(!help.contains("--policy PATH"), "{help}");
+    let directory = Scratch::new();
+    let created = tally_in(&directory, &["team", "acme"]);
+    assert!(created.status.success(), "{}", stderr_of(&created));
+    let policy = TempFile::new("policy-option.toml", TWO_PLAN_POLICY);
+    let refused = tally_in(
+        &directory,
+        &["policy", policy.path(), "--policy", policy.path()],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr_of(&refused).contains("--policy"),
+        "{}",
+        stderr_of(&refused)
+    );
+}
