@@ -54,6 +54,8 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     }
     let created = store::check_openable(&database.path, operation.action.creates_database())
         .map_err(|problem| fail(("--db".into(), problem)))?;
+    // A new database may go into an empty directory the operator made: a failure leaves it.
+    let directory_existed = created && database.path.is_dir();
     // An existing database runs with the policy it last ran with (a gateway's, say), and the
     // options it recorded; the command records none of its own. Only `tally policy` swaps.
     let given = policy.as_ref().map(|policy| policy.document().clone());
@@ -67,7 +69,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         Ok(engine) => engine,
         Err(error) => {
             if created {
-                let _ = std::fs::remove_dir_all(&database.path);
+                store::remove_made_database(&database.path, directory_existed);
             }
             return Err(fail(opening_culprit(&error)));
         }
@@ -91,7 +93,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     drop(engine);
     if result.is_err() && created {
         // The change failed: leave no database behind that the command made for it.
-        let _ = std::fs::remove_dir_all(&database.path);
+        store::remove_made_database(&database.path, directory_existed);
     }
     result.map_err(|error| {
         let (mut argument, problem) = culprit(&error);

@@ -144,6 +144,27 @@ pub fn wipe(path: &Path) -> Result<bool, String> {
         .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
 }
 
+/// Removes the database a failed command made at `path`: its files, and the directory itself
+/// only if the command made that too. `directory_existed`: `path` was an empty directory
+/// before (the operator's, perhaps a mount point or one with its own permissions), which is
+/// left as it was, empty.
+pub fn remove_made_database(path: &Path, directory_existed: bool) {
+    if !directory_existed {
+        let _ = std::fs::remove_dir_all(path);
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let entry_path = entry.path();
+        let _ = match entry.file_type() {
+            Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&entry_path),
+            _ => std::fs::remove_file(&entry_path),
+        };
+    }
+}
+
 /// Checks that `path` may be opened: an existing database, or (when `create` is true) a path
 /// that is missing or an empty directory. Returns whether the database is new.
 pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {

@@ -908,3 +908,30 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
     assert_eq!(recorded.max_users, 2);
     assert_eq!(recorded.retention_ms, 60 * DAY_MS);
 }
+
+/// An empty directory given as --db may hold a new database; a command that fails there leaves
+/// it as it was, an empty directory, rather than removing the operator's directory with the
+/// database it made in it.
+#[test]
+fn a_failed_command_leaves_an_empty_directory_it_was_given_as_it_was() {
+    let workspace = Workspace::new();
+    std::fs::create_dir(workspace.database()).expect("an empty directory");
+    let long_team = "x".repeat(200);
+    for args in [
+        &["team", long_team.as_str()][..],
+        &["user", "ada", "tp-ada", "--at", "x"],
+    ] {
+        let output = workspace.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(
+            workspace.database().is_dir(),
+            "{args:?} removed the directory it was given"
+        );
+        let left = std::fs::read_dir(workspace.database())
+            .expect("readable")
+            .count();
+        assert_eq!(left, 0, "{args:?} left files in the directory");
+    }
+    workspace.ok(&["team", "acme"]);
+    assert!(workspace.database().join("events").is_dir());
+}
