@@ -1772,8 +1772,11 @@ impl Engine {
     }
 
     /// Consumes many requests with one wait for durability: each is decided on its own (all of
-    /// it or none), then the call waits once for the last event, so a gateway batching its
-    /// requests gets group commit from a single thread. If the log fails, every request whose
+    /// it or none), then the call waits once for the last event (in `Durability::Sync`; in the
+    /// other modes it returns once the events are queued), so a gateway batching its
+    /// requests gets group commit from a single thread. The decisions are acknowledged when
+    /// the call returns them, not before: a request's effect is applied (the batch's later
+    /// requests see it) before its event is durable. If the log fails, every request whose
     /// event it did not keep is given back and answers the error; those whose events it kept
     /// (made durable before the failure, as a full log file is sealed) stand, as they will
     /// after a reopen.
