@@ -156,11 +156,11 @@ Options:
                                       acknowledged is ever lost; slowest: the default run
                                       takes about 2.5 times as long as with interval:100
                          interval:MS  decisions return at once; the log's writer thread writes
-                                      them behind and fsyncs MS ms (1 to 60,000) after its
-                                      last fsync ended. A killed run loses what it had not
-                                      written yet (up to 32,768 events: under a run's full
-                                      load it falls behind), a power loss also what it wrote
-                                      since its last fsync
+                                      them behind and fsyncs at most MS ms (1 to 60,000)
+                                      after its last fsync ended. A killed run loses what it
+                                      had not written yet (up to 32,768 events: under a run's
+                                      full load it falls behind), a power loss also what it
+                                      wrote since its last fsync
                          none         like interval, with no fsync at all (the kernel
                                       writes back when it will): for benchmarks
                        In every mode the run ends by waiting for the writer to catch up, and

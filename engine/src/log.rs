@@ -153,9 +153,9 @@ pub enum Durability {
     Sync,
     /// A call returns once its event is queued (an append waits while `MAX_QUEUED_EVENTS` are).
     /// The writer writes it within `WRITER_DOZE` when idle (at once if it was asleep), once its
-    /// current write or fdatasync is done when busy, and fdatasyncs what it wrote `ms` after
-    /// its previous fdatasync ended: an event waits for its flush up to `ms` plus the time the
-    /// writer's own write and fdatasync take, more than `ms` whenever the disk is slow.
+    /// current write or fdatasync is done when busy, and fdatasyncs what it wrote at the latest
+    /// `ms` after its previous fdatasync ended: an event waits for its flush up to `ms` plus the
+    /// time the writer's own write and fdatasync take, more than `ms` whenever the disk is slow.
     ///
     /// A process crash loses the acknowledged events not yet written: those queued (at most
     /// `MAX_QUEUED_EVENTS`) and the group the writer took from the queue and is writing (as
