@@ -773,8 +773,9 @@ class Submission:
         return bool(out.value)
 
     def complete(self) -> Decision:
-        """Waits until the event is durable and returns the decision (``replayed`` for a
-        repeated request id). Raises the log's error (e.g. ``LogFailedError``) if it never
+        """Waits until the event is durable as the durability mode says (fsynced with
+        ``Durability.SYNC``; with the others it returns at once) and returns the decision
+        (``replayed`` for a repeated request id). Raises the log's error (e.g. ``LogFailedError``) if it never
         will be: then the request was not admitted. Once only: a second call raises
         ``ValueError``."""
         # Of two threads completing at once, one gets it; a `durable` inside the library is
