@@ -80,8 +80,9 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
     // Whether this run makes the database (the path is vacant, or was wiped): if its open
     // fails, nothing is left behind, so no unmarked database blocks the next run.
     let vacant = !store::is_database(&options.db);
-    // An empty directory the operator gave as --db is left in place should the open fail.
-    let directory_existed = vacant && options.db.is_dir();
+    // Should the open fail, only what it made goes (not an empty directory the operator gave
+    // as --db, nor anything above it).
+    let before = store::Before::look(&options.db);
     let shape = scenario::Shape {
         keys: options.keys,
         days: options.days,
@@ -124,7 +125,7 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         Ok(engine) => engine,
         Err(error) => {
             if vacant {
-                store::remove_made_database(&options.db, directory_existed);
+                store::remove_made_database(&options.db, &before);
             }
             let (culprit, problem) = operator::culprit(&error);
             return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));

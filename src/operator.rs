@@ -54,8 +54,9 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     }
     let created = store::check_openable(&database.path, operation.action.creates_database())
         .map_err(|problem| fail(("--db".into(), problem)))?;
-    // A new database may go into an empty directory the operator made: a failure leaves it.
-    let directory_existed = created && database.path.is_dir();
+    // What a failure is to remove: only what the command made (not an empty directory the
+    // operator made for the database, nor anything above it).
+    let before = store::Before::look(&database.path);
     // An existing database runs with the policy it last ran with (a gateway's, say), and the
     // options it recorded; the command records none of its own. Only `tally policy` swaps.
     let given = policy.as_ref().map(|policy| policy.document().clone());
@@ -69,7 +70,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         Ok(engine) => engine,
         Err(error) => {
             if created {
-                store::remove_made_database(&database.path, directory_existed);
+                store::remove_made_database(&database.path, &before);
             }
             return Err(fail(opening_culprit(&error)));
         }
@@ -93,7 +94,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     drop(engine);
     if result.is_err() && created {
         // The change failed: leave no database behind that the command made for it.
-        store::remove_made_database(&database.path, directory_existed);
+        store::remove_made_database(&database.path, &before);
     }
     result.map_err(|error| {
         let (mut argument, problem) = culprit(&error);

@@ -3,7 +3,7 @@
 //! a command opens, creates or wipes one, so a mistyped path never turns into a new empty
 //! database or a deleted folder.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions, Policy};
@@ -144,24 +144,52 @@ pub fn wipe(path: &Path) -> Result<bool, String> {
         .map_err(|error| format!("cannot remove the old database {}: {error}", path.display()))
 }
 
-/// Removes the database a failed command made at `path`: its files, and the directory itself
-/// only if the command made that too. `directory_existed`: `path` was an empty directory
-/// before (the operator's, perhaps a mount point or one with its own permissions), which is
-/// left as it was, empty.
-pub fn remove_made_database(path: &Path, directory_existed: bool) {
-    if !directory_existed {
-        let _ = std::fs::remove_dir_all(path);
-        return;
+/// What was at a path before a command that may create a database there ran: so that, should
+/// it fail, it removes what it made and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Before {
+    /// The path was an empty directory (the operator's, perhaps a mount point or one with its
+    /// own permissions): left in place, emptied.
+    EmptyDirectory,
+    /// Nothing was there: the highest directory the open will make on the way (the path
+    /// itself, or a missing parent of it), removed whole.
+    Missing(PathBuf),
+}
+
+impl Before {
+    /// What is at `path` now; `path` is vacant (missing or an empty directory).
+    pub fn look(path: &Path) -> Before {
+        if path.is_dir() {
+            return Before::EmptyDirectory;
+        }
+        let highest_missing = path
+            .ancestors()
+            .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
+            .last()
+            .unwrap_or(path);
+        Before::Missing(highest_missing.to_path_buf())
     }
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let entry_path = entry.path();
-        let _ = match entry.file_type() {
-            Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&entry_path),
-            _ => std::fs::remove_file(&entry_path),
-        };
+}
+
+/// Removes the database a failed command made at `path`, and whatever directories it made for
+/// it, leaving what was there `before`.
+pub fn remove_made_database(path: &Path, before: &Before) {
+    match before {
+        Before::Missing(highest) => {
+            let _ = std::fs::remove_dir_all(highest);
+        }
+        Before::EmptyDirectory => {
+            let Ok(entries) = std::fs::read_dir(path) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let entry_path = entry.path();
+                let _ = match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => std::fs::remove_dir_all(&entry_path),
+                    _ => std::fs::remove_file(&entry_path),
+                };
+            }
+        }
     }
 }
 

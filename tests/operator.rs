@@ -935,3 +935,20 @@ fn a_failed_command_leaves_an_empty_directory_it_was_given_as_it_was() {
     workspace.ok(&["team", "acme"]);
     assert!(workspace.database().join("events").is_dir());
 }
+
+/// A command that fails on a new --db whose parent directories are missing too removes the
+/// directories it made for it, not only the database's own.
+#[test]
+fn a_failed_command_on_a_new_nested_path_leaves_no_directory_behind() {
+    let workspace = Workspace::new();
+    let long_team = "x".repeat(200);
+    let output = workspace.run(&["team", &long_team, "--db", "made/for/it"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    assert!(
+        !workspace.directory.join("made").exists(),
+        "the failed command left {:?} behind",
+        workspace.directory.join("made")
+    );
+    workspace.ok(&["team", "acme", "--db", "made/for/it"]);
+    assert!(workspace.directory.join("made/for/it/events").is_dir());
+}
