@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import time
 from typing import Any
 
@@ -12,7 +13,16 @@ import pytest
 
 from conftest import HOUR_MS, T, seated
 from tally import _native, errors
-from tally.asgi import Api, Metering, QuotaMiddleware, Route, UsageReader, rate_limit_headers
+from tally.asgi import (
+    DEFAULT_LEASE_MS,
+    Api,
+    Metering,
+    QuotaMiddleware,
+    Route,
+    UsageReader,
+    lease_ended,
+    rate_limit_headers,
+)
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -305,6 +315,65 @@ def test_tokens_past_the_largest_quantity_from_the_upstream_still_settle(engine,
         upstream.tokens = (prompt, 1)
         assert request(gateway, CHAT, chat(max_tokens=1000), key="tp-fa-1").status == 200
         assert engine.usage("tp-fa-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
+def outliving_the_lease(upstream: Upstream, clock: Clock):
+    """The upstream, answering only after the gateway's lease has ended (a long stream)."""
+
+    async def slow(scope, receive, send) -> None:
+        clock.now += DEFAULT_LEASE_MS + 60_000
+        await upstream(scope, receive, send)
+
+    return slow
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_that_outlives_its_lease_is_still_charged_what_it_used(
+    engine, upstream, clock, caplog, stream
+):
+    key = seated(engine, "lu", "tp-lu-1", "Bar-Plus")
+    gateway = QuotaMiddleware(outliving_the_lease(upstream, clock), engine, clock=clock)
+    upstream.stream = stream
+    upstream.tokens = (100, 200)
+    with caplog.at_level(logging.WARNING, logger="tally.asgi"):
+        answer = request(gateway, CHAT, chat(max_tokens=1000, stream=stream), key=key)
+    assert answer.status == 200
+    usage = engine.usage(key, at_ms=clock.now)
+    assert usage.open_reservations == 0
+    # The settle found the reservation expired (its hold given back): the usage is recorded
+    # as a correction at the reservation's time, once: 1 request at 2,000 micros and 300
+    # tokens at 1 on both bars, not the estimate and not twice.
+    assert [limit.used for limit in usage.limits] == [2_300, 2_300]
+    assert "outlived its lease" in caplog.text
+
+
+def test_a_late_settle_on_credits_is_logged_as_not_recorded(engine, upstream, clock, caplog):
+    # A usage correction counts plan quota only: credits held by an expired reservation
+    # cannot be charged after it, and the gateway says so rather than dropping it silently.
+    engine.create_user("cr", "tp-cr-1", at_ms=T)
+    engine.top_up("@cr", 1_000_000, at_ms=T)
+    gateway = QuotaMiddleware(outliving_the_lease(upstream, clock), engine, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="tally.asgi"):
+        assert request(gateway, CHAT, chat(max_tokens=1000), key="tp-cr-1").status == 200
+    assert engine.credits("@cr") == 1_000_000
+    assert "not recorded" in caplog.text
+
+
+def test_only_an_ended_lease_makes_a_settle_late(engine):
+    key = seated(engine, "ol", "tp-ol-1", "Starter")
+    quantities = {"requests": 1, "tokens": 10}
+    settled = engine.reserve(key, "m2.7", quantities, at_ms=T, lease_ms=60_000)
+    engine.settle(settled, quantities, at_ms=T + 1)
+    voided = engine.reserve(key, "m2.7", quantities, at_ms=T, lease_ms=60_000)
+    engine.void(voided, at_ms=T + 1)
+    expired = engine.reserve(key, "m2.7", quantities, at_ms=T, lease_ms=60_000)
+    outcomes = []
+    for reservation in (settled, voided, expired):
+        with pytest.raises(errors.ReservationClosedError) as raised:
+            engine.settle(reservation, {"requests": 1, "tokens": 5}, at_ms=T + 120_000)
+        outcomes.append(lease_ended(raised.value))
+    # A settle that already happened (retried with other amounts) or a void is no late usage.
+    assert outcomes == [False, False, True]
 
 
 def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(

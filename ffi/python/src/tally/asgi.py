@@ -13,7 +13,12 @@ route it:
    tokens; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
    app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
-   actual tokens; an error response or an exception *voids* the reservation;
+   actual tokens; an error response or an exception *voids* the reservation; a response
+   that outlives the reservation's lease (``lease_ms``; the engine has no way to extend
+   one) finds it expired, its hold given back, and its usage is then added as a usage
+   correction at the reservation's time, once, and logged (``tally.asgi``, a warning; a
+   hold on credits or pay-as-you-go, which a correction cannot charge, is logged as an
+   error, not recorded);
    other routes *consume* at once (and are refunded if the app answers an error); an app
    that raises before answering (the upstream unreachable) gets the client a 502 in the
    API's shape, and the exception goes on to the server;
@@ -53,7 +58,7 @@ from typing import (
 
 from . import _native, errors
 from .engine import Engine
-from .enums import Denial
+from .enums import ChargedTo, Denial
 from .results import Decision, Reservation
 
 Scope = MutableMapping[str, Any]
@@ -77,7 +82,8 @@ MAX_QUANTITY = _native.MAX_QUANTITY
 #: The most tokens one estimate holds (the engine's bound on a quantity).
 MAX_TOKEN_ESTIMATE = MAX_QUANTITY
 #: How long a reservation holds by default (the Go gateway's Lease): longer than a streamed
-#: response runs, since one whose lease ends before its settle is not charged.
+#: response runs, since one whose lease ends before its settle is charged by a usage
+#: correction instead (plan quota only), and its hold was free for others meanwhile.
 DEFAULT_LEASE_MS = 30 * 60 * 1000
 
 
@@ -500,9 +506,12 @@ class QuotaMiddleware:
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
     - ``default_max_tokens``: the output tokens to hold when the request names no maximum;
     - ``lease_ms``: how long a reservation holds if the gateway dies before settling it
-      (default 30 minutes, as in the Go gateway: a long streamed response must not outlive
-      it, or its settle finds the reservation gone and the call is free; None: the engine's
-      default lease);
+      (default 30 minutes, as in the Go gateway; at most a day; None: the engine's default
+      lease). The engine cannot extend a lease: a response that outlives it finds the
+      reservation expired and its hold given back; its usage is then added as a usage
+      correction (``adjust_usage``, "add") at the reservation's time and logged, or, held on
+      credits or pay-as-you-go (which a correction cannot charge), logged as not recorded.
+      Set it above the longest stream the upstream serves;
     - ``refund_on_error``: give back a consumed request when the app answers >= 400 or raises;
     - ``run_sync``: runs each engine call (e.g. ``asyncio.to_thread``); default inline.
     """
@@ -741,11 +750,76 @@ class QuotaMiddleware:
             # An upstream's count past the engine's bound on a quantity would fail the settle
             # and leave the reservation open until its lease ends.
             actual["tokens"] = min(tokens, MAX_QUANTITY)
-        settled = await self._after_response(self.engine.settle, reservation, actual)
-        if settled is not None and not settled.admitted:
-            # More than the estimate, and the rest does not fit (credits short): charge what
-            # was held rather than leave the reservation open until its lease ends.
-            await self._after_response(self.engine.settle, reservation, metered.quantities)
+        # One time for both settles, as in the Go gateway: the fallback must not find the
+        # lease ended where the first settle did not.
+        at_ms = self._now()
+        try:
+            settled = await self._call(self.engine.settle, reservation, actual, at_ms=at_ms)
+            if not settled.admitted:
+                # More than the estimate, and the rest does not fit (credits short): charge
+                # what was held rather than leave the reservation open until its lease ends.
+                await self._call(self.engine.settle, reservation, metered.quantities, at_ms=at_ms)
+        except errors.ReservationClosedError as error:
+            if not lease_ended(error):
+                _log.exception("tally: settle failed after the response")
+                return
+            await self._record_late(reservation, metered, actual, at_ms)
+        except errors.TallyError:
+            _log.exception("tally: settle failed after the response")
+
+    async def _record_late(
+        self,
+        reservation: Reservation,
+        metered: _Metered,
+        actual: dict[str, int],
+        at_ms: int | None,
+    ) -> None:
+        """Records the usage of a call whose reservation's lease ended before its settle (a
+        stream longer than the lease): the engine expired it and gave its hold back, so the
+        usage is added as a usage correction at the reservation's time, where a settle would
+        have counted it, whatever the limit now (it really happened), as the Go gateway does.
+        Only the engine's "expired" answer leads here, and only once per call: a settle that
+        went through (retried with other amounts) or a void is no late usage. A correction
+        counts plan quota only: a hold on credits or pay-as-you-go cannot be charged after
+        it, and is logged as not recorded for the operator."""
+        decision = reservation.decision
+        where = decision.charged_to.name.lower()
+        if decision.charged_to is not ChargedTo.PLAN_QUOTA:
+            _log.error(
+                "tally: reservation %s outlived its lease; its usage %s on %s, held on %s, was "
+                "not recorded (a usage correction counts plan quota only)",
+                reservation.id,
+                actual,
+                metered.resource,
+                where,
+            )
+            return
+        try:
+            await self._call(
+                self.engine.adjust_usage,
+                metered.key,
+                metered.resource,
+                actual,
+                usage_at_ms=decision.at_ms,
+                direction="add",
+                at_ms=at_ms,
+            )
+        except errors.TallyError:
+            _log.exception(
+                "tally: reservation %s outlived its lease; recording its usage %s on %s failed",
+                reservation.id,
+                actual,
+                metered.resource,
+            )
+            return
+        _log.warning(
+            "tally: reservation %s outlived its lease; its usage %s on %s was recorded as a "
+            "usage correction at %s",
+            reservation.id,
+            actual,
+            metered.resource,
+            _iso(decision.at_ms),
+        )
 
     async def _after_response(self, function: Callable[..., R], *args: Any) -> R | None:
         """A call after the app ran (settle, void, refund): an error is logged, not raised, so
@@ -823,6 +897,14 @@ def _unavailable(error: errors.TallyError) -> _Refusal:
     may retry later, as the Go gateway answers."""
     message = f"The quota service failed ({error.name})."
     return _Refusal(503, "unavailable", message, "service_unavailable")
+
+
+def lease_ended(error: errors.ReservationClosedError) -> bool:
+    """Whether a settle found its reservation closed because its lease ended (the engine
+    expired it and gave its hold back), not because it was already settled or voided: only
+    then is the call's usage not counted anywhere. The status is one for the three; the
+    engine's message names the state ("reservation 7 is already expired")."""
+    return error.message.rstrip().endswith(" expired")
 
 
 def _invalid_key() -> _Refusal:
