@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
@@ -68,4 +69,48 @@ func statusOf(sentinel error) tally.Status {
 		}
 	}
 	panic("no status for " + sentinel.Error())
+}
+
+// Only a settle that finds its reservation's lease ended is late usage: one already settled
+// (retried with other amounts) or voided is not, though the engine answers the same status.
+func TestOnlyAnEndedLeaseMakesASettleLate(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	at := time.UnixMilli(1_900_000_000_000)
+	if err := engine.CreateUser("ol", "tp-ol", at); err != nil {
+		t.Fatal(err)
+	}
+	if err := engine.AssignSeat("@ol", "ol", "Starter", at); err != nil {
+		t.Fatal(err)
+	}
+	quantities := []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 10}}
+	reserve := func() tally.ReservationID {
+		request := tally.Request{Key: "tp-ol", Resource: "m2.7", At: at, Quantities: quantities}
+		_, id, err := engine.Reserve(request, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	settled, voided, expired := reserve(), reserve(), reserve()
+	if _, err := engine.Settle(settled, quantities, at.Add(time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if err := engine.Void(voided, at.Add(time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	var outcomes []bool
+	for _, id := range []tally.ReservationID{settled, voided, expired} {
+		_, err := engine.Settle(id, quantities[:1], at.Add(2*time.Minute))
+		if !errors.Is(err, tally.ErrReservationClosed) {
+			t.Fatalf("%d: %v", id, err)
+		}
+		outcomes = append(outcomes, leaseEnded(err))
+	}
+	if fmt.Sprint(outcomes) != "[false false true]" {
+		t.Fatalf("%v", outcomes)
+	}
 }

@@ -6,7 +6,11 @@
 // engine one request plus, on chat, completions, responses, embeddings and messages, an
 // estimate of the tokens; on speech the characters of "input"; on images "n". Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
-// what was held), and an upstream error voids it. The routes, the models and the counting are
+// what was held), and an upstream error voids it. A response that outlives the reservation's
+// Lease (the engine has no way to extend one) finds it expired, its hold given back: its usage
+// is then added as a usage correction (AdjustUsage, AdjustAdd) at the reservation's time,
+// once, and logged; a hold on credits or pay-as-you-go, which a correction cannot charge, is
+// logged as not recorded. The routes, the models and the counting are
 // the Python middleware's (tally.asgi) defaults. Admitted calls' responses carry the same
 // x-ratelimit-* (and on /v1/messages anthropic-ratelimit-*) headers in place of the
 // upstream's own, which are the operator's account limits, not the caller's. Denied calls are answered
@@ -54,7 +58,11 @@ type Config struct {
 	Resource func(model string) string
 	// EstimateTokens is reserved when the body gives no max_tokens (default 4096).
 	EstimateTokens uint64
-	// Lease bounds a reservation whose response never finishes (default 30 minutes).
+	// Lease bounds a reservation whose response never finishes (default 30 minutes, at most a
+	// day, as the Python middleware's lease_ms). The engine cannot extend a lease: a response
+	// that outlives it is charged by a usage correction at the reservation's time instead
+	// (plan quota only; credits and pay-as-you-go holds are logged as not recorded), and its
+	// hold was free for other calls meanwhile. Set it above the longest stream served.
 	Lease time.Duration
 	// Clock gives the time of each call; nil: the engine's clock.
 	Clock func() time.Time
@@ -139,6 +147,7 @@ func (g *Gateway) wallNow() time.Time {
 type call struct {
 	gateway     *Gateway
 	api         API
+	key         string
 	resource    string
 	reservation tally.ReservationID
 	estimate    uint64
@@ -183,7 +192,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		failure.write(w, api)
 		return
 	}
-	c := &call{gateway: g, api: api, resource: request.Resource}
+	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
 	if route.metering == byTokens {
 		c.estimate = request.Quantities[1].Amount
 	} else {

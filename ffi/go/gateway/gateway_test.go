@@ -898,3 +898,105 @@ func TestAnEventStreamIsKnownInAnyCase(t *testing.T) {
 		t.Fatalf("charged %+v (want %d) %v", usage.Limits, want, err)
 	}
 }
+
+// lockedBuffer is a log the gateway writes while a test reads it.
+type lockedBuffer struct {
+	mutex sync.Mutex
+	text  strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mutex.Lock()
+	defer b.mutex.Unlock()
+	return b.text.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mutex.Lock()
+	defer b.mutex.Unlock()
+	return b.text.String()
+}
+
+// startOutlivingTheLease is start with an upstream that answers only after the gateway's lease
+// (its default, 30 minutes) has ended, as a long stream does; the gateway logs to the buffer.
+func startOutlivingTheLease(t *testing.T) (*harness, *lockedBuffer, func() time.Time) {
+	t.Helper()
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{engine: engine, upstream: &fakeUpstream{}}
+	var tick atomic.Int64
+	now := func() time.Time { return t0.Add(time.Duration(tick.Add(1)) * time.Millisecond) }
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tick.Add((31 * time.Minute).Milliseconds())
+		h.upstream.ServeHTTP(w, r)
+	}))
+	upstreamURL, _ := url.Parse(upstream.URL)
+	logged := &lockedBuffer{}
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, UpstreamKey: upstreamKey,
+		Clock: now, Logger: log.New(logged, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.gateway = httptest.NewServer(g)
+	t.Cleanup(func() {
+		h.gateway.Close()
+		upstream.Close()
+		if err := engine.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return h, logged, now
+}
+
+// A response that outlives its reservation's lease (a long stream) finds the reservation
+// expired at its settle, its hold given back: its usage is then recorded as a usage
+// correction at the reservation's time, once, and logged, as in the Python middleware.
+func TestAResponseThatOutlivesItsLeaseIsStillChargedWhatItUsed(t *testing.T) {
+	for _, test := range []struct {
+		anthropic, stream bool
+	}{{false, false}, {false, true}, {true, false}, {true, true}} {
+		t.Run(fmt.Sprintf("anthropic=%t,stream=%t", test.anthropic, test.stream), func(t *testing.T) {
+			h, logged, now := startOutlivingTheLease(t)
+			h.user(t, "lu", "tp-lu", "Bar-Plus")
+			if a := h.call(t, test.anthropic, "tp-lu", "MiniMax-M2.7", test.stream); a.status != http.StatusOK {
+				t.Fatalf("%d %s", a.status, a.raw)
+			}
+			usage, err := h.engine.Usage("tp-lu", now())
+			if err != nil || usage.OpenReservations != 0 {
+				t.Fatalf("%+v %v", usage, err)
+			}
+			// 1 request at 2,000 micros and 30 tokens at 1 on both bars: what the call used,
+			// not the estimate, and not twice.
+			for _, limit := range usage.Limits {
+				if limit.Used != 2_030 {
+					t.Errorf("%s: %d used, want 2030", limit.Name, limit.Used)
+				}
+			}
+			if !strings.Contains(logged.String(), "outlived its lease") {
+				t.Errorf("not logged: %q", logged.String())
+			}
+		})
+	}
+}
+
+// A usage correction counts plan quota only: credits an expired reservation held cannot be
+// charged after it, and the gateway logs the usage as not recorded rather than drop it
+// silently, as the Python middleware does.
+func TestALateSettleOnCreditsIsLoggedAsNotRecorded(t *testing.T) {
+	h, logged, _ := startOutlivingTheLease(t)
+	h.user(t, "cr", "tp-cr", "")
+	if _, err := h.engine.TopUp("@cr", 1_000_000, t0); err != nil {
+		t.Fatal(err)
+	}
+	if a := h.call(t, false, "tp-cr", "MiniMax-M2.7", false); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	if credits, err := h.engine.Credits("@cr"); err != nil || credits != 1_000_000 {
+		t.Fatalf("%d %v", credits, err)
+	}
+	if !strings.Contains(logged.String(), "not recorded") {
+		t.Errorf("not logged: %q", logged.String())
+	}
+}

@@ -3,11 +3,13 @@ package gateway
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"math"
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
@@ -77,16 +79,20 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 }
 
 // settle charges one request and the tokens the upstream reported (the estimate if it
-// reported none); a call not counted in tokens, what it held. If more tokens than reserved no longer fit, the estimate is charged: the
-// tokens were spent either way.
+// reported none); a call not counted in tokens, what it held. If more tokens than reserved no
+// longer fit, the estimate is charged: the tokens were spent either way. A call that outlived
+// its reservation's lease is charged by a usage correction (recordLate).
 func (c *call) settle(counter tokenCounter) {
 	if !c.end() {
 		return
 	}
+	engine, at, logger := c.gateway.config.Engine, c.gateway.now(), c.gateway.config.Logger
 	if c.fixed != nil {
-		decision, err := c.gateway.config.Engine.Settle(c.reservation, c.fixed, c.gateway.now())
-		if err != nil || !decision.Admitted {
-			c.gateway.config.Logger.Printf("tally-gateway: settle reservation %d: %v %+v", c.reservation, err, decision.Denial)
+		decision, err := engine.Settle(c.reservation, c.fixed, at)
+		if leaseEnded(err) {
+			c.recordLate(c.fixed, at)
+		} else if err != nil || !decision.Admitted {
+			logger.Printf("tally-gateway: settle reservation %d: %v %+v", c.reservation, err, decision.Denial)
 		}
 		return
 	}
@@ -99,21 +105,61 @@ func (c *call) settle(counter tokenCounter) {
 	if tokens > tally.MaxQuantity {
 		tokens = tally.MaxQuantity
 	}
-	actual := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
+	used := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
 	if tokens > 0 {
-		actual = append(actual, tally.Quantity{Unit: tally.Tokens, Amount: tokens})
+		used = append(used, tally.Quantity{Unit: tally.Tokens, Amount: tokens})
 	}
-	engine, at, logger := c.gateway.config.Engine, c.gateway.now(), c.gateway.config.Logger
-	decision, err := engine.Settle(c.reservation, actual, at)
+	decision, err := engine.Settle(c.reservation, used, at)
 	if err == nil && !decision.Admitted {
 		logger.Printf("tally-gateway: %d tokens beyond the estimate did not fit (%s); charging the estimate",
 			tokens, decision.Denial)
-		actual[len(actual)-1].Amount = c.estimate
-		decision, err = engine.Settle(c.reservation, actual, at)
+		held := append([]tally.Quantity(nil), used...)
+		held[len(held)-1].Amount = c.estimate
+		decision, err = engine.Settle(c.reservation, held, at)
+	}
+	if leaseEnded(err) {
+		c.recordLate(used, at)
+		return
 	}
 	if err != nil || !decision.Admitted {
 		logger.Printf("tally-gateway: settle reservation %d: %v %+v", c.reservation, err, decision.Denial)
 	}
+}
+
+// leaseEnded says whether a settle found its reservation closed because its lease ended (the
+// engine expired it and gave its hold back), not because it was already settled or voided:
+// only then is the call's usage counted nowhere. The status is one for the three; the engine's
+// message names the state ("reservation 7 is already expired"), as the Python middleware
+// reads it.
+func leaseEnded(err error) bool {
+	var tallyError *tally.Error
+	return errors.Is(err, tally.ErrReservationClosed) && errors.As(err, &tallyError) &&
+		strings.HasSuffix(strings.TrimSpace(tallyError.Message), " expired")
+}
+
+// recordLate records the usage of a call whose reservation's lease ended before its settle (a
+// stream longer than Lease): the engine expired it and gave its hold back, so the usage is
+// added as a usage correction at the reservation's time, where a settle would have counted
+// it, whatever the limit now (it really happened), as the Python middleware does. Only
+// settle leads here, once per call (end). A correction counts plan quota only: a hold on
+// credits or pay-as-you-go cannot be charged after it, and is logged as not recorded.
+func (c *call) recordLate(used []tally.Quantity, at time.Time) {
+	logger, reservedAt := c.gateway.config.Logger, c.decision.At
+	if c.decision.ChargedTo != tally.ChargedToPlanQuota {
+		logger.Printf("tally-gateway: reservation %d outlived its lease; its usage %v on %s, held on %s, was not recorded (a usage correction counts plan quota only)",
+			c.reservation, used, c.resource, c.decision.ChargedTo)
+		return
+	}
+	if reservedAt.IsZero() {
+		reservedAt = c.gateway.wallNow() // not expected of an admitted reservation
+	}
+	if _, err := c.gateway.config.Engine.AdjustUsage(c.key, c.resource, used, reservedAt, tally.AdjustAdd, at); err != nil {
+		logger.Printf("tally-gateway: reservation %d outlived its lease; recording its usage %v on %s failed: %v",
+			c.reservation, used, c.resource, err)
+		return
+	}
+	logger.Printf("tally-gateway: reservation %d outlived its lease; its usage %v on %s was recorded as a usage correction at %s",
+		c.reservation, used, c.resource, reservedAt.UTC().Format(time.RFC3339))
 }
 
 // end marks the call finished; only the first of settle and void does anything.
