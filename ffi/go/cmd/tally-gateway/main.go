@@ -26,6 +26,9 @@ import (
 	"github.com/tally-engine/tally/ffi/go/gateway"
 )
 
+// maxLease is the engine's longest lease (TALLY_MAX_LEASE_MS).
+const maxLease = 24 * time.Hour
+
 // demoKeys collects repeated -demo-key KEY:PLAN flags (PLAN "payg" for pay-as-you-go).
 type demoKeys []string
 
@@ -39,20 +42,26 @@ func main() {
 	db := flag.String("db", "", "database directory (default: in memory, lost on exit)")
 	policy := flag.String("policy", "", "policy file, .toml or .json (default: the shipped Token Plan)")
 	estimate := flag.Uint64("estimate-tokens", 4096, "tokens reserved when a request gives no max_tokens")
+	lease := flag.Duration("lease", 30*time.Minute, "how long a reservation holds (at most 24h): above the longest stream served, which is otherwise charged by a usage correction")
 	var keys demoKeys
 	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
 	flag.Parse()
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, keys, stop, nil); err != nil {
+	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, keys, stop, nil); err != nil {
 		log.Fatalf("tally-gateway: %v", err)
 	}
 }
 
 // run serves until stop delivers a signal, then drains the calls in flight (up to 30 s) and
 // closes the engine; ready, if not nil, is told the address it listens on.
-func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys demoKeys,
-	stop <-chan os.Signal, ready func(addr string)) error {
+func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, lease time.Duration,
+	keys demoKeys, stop <-chan os.Signal, ready func(addr string)) error {
+	// The engine's bound on a lease (TALLY_MAX_LEASE_MS), in whole milliseconds: refused here,
+	// not at every reserve.
+	if lease <= 0 || lease > maxLease || lease%time.Millisecond != 0 {
+		return fmt.Errorf("-lease: want whole milliseconds, more than 0 and at most %s, got %s", maxLease, lease)
+	}
 	upstreamURL, err := url.Parse(upstream)
 	if err != nil || upstreamURL.Scheme == "" || upstreamURL.Host == "" {
 		return fmt.Errorf("-upstream: want an absolute URL, got %q", upstream)
@@ -81,7 +90,7 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, keys
 		}
 	}
 	handler, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL,
-		UpstreamKey: upstreamKey, EstimateTokens: estimate})
+		UpstreamKey: upstreamKey, EstimateTokens: estimate, Lease: lease})
 	if err != nil {
 		return err
 	}

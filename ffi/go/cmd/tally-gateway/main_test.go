@@ -30,7 +30,7 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 	addresses := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, demoKeys{"tp-demo:Starter"}, stop,
+		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, 30*time.Minute, demoKeys{"tp-demo:Starter"}, stop,
 			func(addr string) { addresses <- addr })
 	}()
 	address := <-addresses
@@ -76,5 +76,16 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 	}
 	if len(usage.Limits) == 0 || usage.Limits[0].Used != 1 {
 		t.Fatalf("the call was not charged: %+v", usage.Limits)
+	}
+}
+
+// A lease the engine cannot hold (none, past a day, a part of a millisecond) is refused when the gateway starts,
+// not answered 503 at every call.
+func TestALeaseTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
+	for _, lease := range []time.Duration{0, -time.Second, 24*time.Hour + time.Millisecond, 1500 * time.Microsecond} {
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", 256, lease, nil, nil, nil)
+		if err == nil || !strings.Contains(err.Error(), "-lease") {
+			t.Errorf("%s: %v", lease, err)
+		}
 	}
 }
