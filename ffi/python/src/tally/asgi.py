@@ -794,13 +794,16 @@ class QuotaMiddleware:
                 where,
             )
             return
+        # An admitted reservation carries its time; were it missing, now (the Go gateway's
+        # wall clock), not 1970, whose windows have all aged out.
+        reserved_at_ms = decision.at_ms or (at_ms if at_ms is not None else int(time.time() * 1000))
         try:
             await self._call(
                 self.engine.adjust_usage,
                 metered.key,
                 metered.resource,
                 actual,
-                usage_at_ms=decision.at_ms,
+                usage_at_ms=reserved_at_ms,
                 direction="add",
                 at_ms=at_ms,
             )
@@ -818,7 +821,7 @@ class QuotaMiddleware:
             reservation.id,
             actual,
             metered.resource,
-            _iso(decision.at_ms),
+            _iso(reserved_at_ms),
         )
 
     async def _after_response(self, function: Callable[..., R], *args: Any) -> R | None:
