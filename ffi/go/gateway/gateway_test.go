@@ -981,6 +981,33 @@ func TestAResponseThatOutlivesItsLeaseIsStillChargedWhatItUsed(t *testing.T) {
 	}
 }
 
+// An image call is reserved and settled too (what it held): one that outlives its lease is
+// charged by a usage correction like a chat call. (The Python middleware consumes images at
+// once, without a lease to outlive.)
+func TestAnImageCallThatOutlivesItsLeaseIsStillCharged(t *testing.T) {
+	h, logged, now := startOutlivingTheLease(t)
+	h.user(t, "im", "tp-im", "Plus")
+	if a := h.post(t, false, "/v1/images/generations", "tp-im", `{"model":"image-01","n":2}`); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	usage, err := h.engine.Usage("tp-im", now())
+	if err != nil || usage.OpenReservations != 0 {
+		t.Fatalf("%+v %v", usage, err)
+	}
+	charged := ""
+	for _, limit := range usage.Limits {
+		if strings.HasPrefix(limit.Name, "image-01:") {
+			charged += fmt.Sprint(limit.Used)
+		}
+	}
+	if charged != "2" {
+		t.Errorf("image-01 used %q, want 2: %+v", charged, usage.Limits)
+	}
+	if !strings.Contains(logged.String(), "outlived its lease") {
+		t.Errorf("not logged: %q", logged.String())
+	}
+}
+
 // A usage correction counts plan quota only: credits an expired reservation held cannot be
 // charged after it, and the gateway logs the usage as not recorded rather than drop it
 // silently, as the Python middleware does.
