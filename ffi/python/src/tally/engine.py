@@ -775,9 +775,9 @@ class Submission:
     def complete(self) -> Decision:
         """Waits until the event is durable as the durability mode says (fsynced with
         ``Durability.SYNC``; with the others it returns at once) and returns the decision
-        (``replayed`` for a repeated request id). Raises the log's error (e.g. ``LogFailedError``) if it never
-        will be: then the request was not admitted. Once only: a second call raises
-        ``ValueError``."""
+        (``replayed`` for a repeated request id). Raises the log's error (e.g.
+        ``LogFailedError``) if it never will be: then the request was not admitted. Once only:
+        a second call raises ``ValueError``."""
         # Of two threads completing at once, one gets it; a `durable` inside the library is
         # waited for.
         with self._lock:
