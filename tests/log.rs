@@ -1032,11 +1032,7 @@ fn a_failed_flush_at_the_end_of_a_batch_gives_back_only_what_is_not_durable() {
 fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() {
     let dir = TempDir::new("id-readmitted");
     let clock = clock();
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on_max(dir.path(), &clock);
     let quantities = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("reused");
     let first = engine.consume(&request.at(T0_MS)).unwrap();
@@ -1059,6 +1055,16 @@ fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() 
 }
 
 /// The balance a withdrawal leaves survives every kind of restart.
+/// A `Sync` engine on `dir` and `clock` with user ada (key `key-ada`) seated on Max at `T0_MS`.
+fn ada_on_max(dir: &std::path::Path, clock: &std::sync::Arc<tally_engine::ManualClock>) -> Engine {
+    let engine = open_on_clock(dir, clock.clone(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .unwrap();
+    engine
+}
+
 /// A request id forgotten before a restart (its horizon passed on a clock that went on logging
 /// events), retried after a reopen whose clock reads earlier (stepped back across the restart):
 /// refused as too old, as the engine refuses it without a restart, not decided and counted
@@ -1067,11 +1073,7 @@ fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() 
 fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_clock_steps_back() {
     let dir = TempDir::new("id-forgotten-clock-back");
     let clock = clock();
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on_max(dir.path(), &clock);
     let quantities = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("once");
     assert!(engine.consume(&request.at(T0_MS)).unwrap().is_admitted());

@@ -1827,10 +1827,17 @@ fn parse_window(
 /// 210 to `MAX_BUCKETS_PER_WINDOW` divides the window (say a prime number of milliseconds past
 /// 4,096).
 fn default_bucket_ms(window_ms: u64) -> Option<u64> {
+    widest_bucket_ms(window_ms, MIN_BUCKET_MS)
+}
+
+/// The widest bucket of at least `floor_ms` that divides the window into between
+/// `DEFAULT_BUCKETS_PER_WINDOW` and `MAX_BUCKETS_PER_WINDOW` equal buckets, whole seconds first.
+/// Builds before sub-second buckets searched with a floor of 1 s.
+fn widest_bucket_ms(window_ms: u64, floor_ms: u64) -> Option<u64> {
     let fits = |buckets: u64, whole_seconds: bool| {
         let bucket_ms = window_ms / buckets;
         window_ms % buckets == 0
-            && bucket_ms >= MIN_BUCKET_MS
+            && bucket_ms >= floor_ms
             && (!whole_seconds || bucket_ms % SECOND_MS == 0)
     };
     let range = DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW;
@@ -2042,18 +2049,7 @@ mod tests {
             if window_ms < DEFAULT_BUCKETS_PER_WINDOW * SECOND_MS {
                 return (window_ms % SECOND_MS == 0).then_some(SECOND_MS);
             }
-            let fits = |buckets: u64, whole_seconds: bool| {
-                let bucket_ms = window_ms / buckets;
-                window_ms % buckets == 0
-                    && bucket_ms >= SECOND_MS
-                    && (!whole_seconds || bucket_ms % SECOND_MS == 0)
-            };
-            let range = DEFAULT_BUCKETS_PER_WINDOW..=MAX_BUCKETS_PER_WINDOW;
-            range
-                .clone()
-                .find(|buckets| fits(*buckets, true))
-                .or_else(|| range.clone().find(|buckets| fits(*buckets, false)))
-                .map(|buckets| window_ms / buckets)
+            widest_bucket_ms(window_ms, SECOND_MS)
         }
         let seconds = (210..=3 * 3_600).map(|seconds| seconds * SECOND_MS);
         let odd = (0..2_000).map(|step| ONE_SECOND_DEFAULT_BELOW_MS + step * 7_919);
