@@ -295,9 +295,10 @@ Options:
 
 const ADJUST_HELP: &str = "\
 Correct the usage a key's plan counted at a given time, on every limit of the plan that counts
-the resource: --add usage that happened but was not counted (counted whatever the limit), or
---remove usage that should not have been counted (given back only where its window still counts
-it). Logged as an event of its own; the original events stay as they were.
+the resource: --add usage that happened but was not counted (counted whatever the limit, where
+its window still counts that time), or --remove usage that should not have been counted (given
+back only where its window still counts it). Logged as an event of its own; the original events
+stay as they were. An addition no window counts any more moves 0 and logs nothing.
 
 Usage: tally adjust KEY RESOURCE UNIT=N [UNIT=N ...] --usage-at MS (--add | --remove) [OPTIONS]
 

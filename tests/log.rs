@@ -1849,6 +1849,47 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
 
 /// A usage correction no limit of the key's plan counts is refused before it is logged: the
 /// log would otherwise keep (and every open replay) an event that moved nothing.
+/// An addition dated where every window of its limits has moved on (the 5-hour window aged out,
+/// the day reset) counts nothing, and is answered so (each limit moved 0) without an event:
+/// it changes no state, and an event of it would only grow the log (and read, in an export,
+/// like a correction that was made). One that moves something is logged.
+#[test]
+fn a_usage_addition_that_counts_nothing_appends_no_event() {
+    let dir = TempDir::new("adjust-counts-nothing");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
+        .unwrap();
+    let now_ms = T0_MS + DAY_MS + HOUR_MS;
+    let events = last_seq(&engine);
+    let add = |resource: &str, quantities: &[(Unit, u64)], usage_at_ms: u64| {
+        engine
+            .adjust_usage(
+                "key-ada",
+                resource,
+                quantities,
+                usage_at_ms,
+                tally_engine::AdjustmentDirection::Add,
+                Some(now_ms),
+            )
+            .expect("add")
+    };
+    let aged = add("m2.7", &[(Unit::Requests, 1)], now_ms - 6 * HOUR_MS);
+    assert_eq!(aged.limits[0].moved, 0);
+    let reset = add("image-01", &[(Unit::Images, 5)], T0_MS + HOUR_MS);
+    assert_eq!(reset.limits[0].moved, 0);
+    assert_eq!(last_seq(&engine), events, "nothing appended");
+    // A snapshot of the key as it is now (it counts nothing) is what a replay of the log
+    // gives.
+    engine.checkpoint().expect("checkpoint");
+    let counted = add("image-01", &[(Unit::Images, 5)], now_ms - MINUTE_MS);
+    assert_eq!(counted.limits[0].moved, 5);
+    assert_eq!(last_seq(&engine), events + 1);
+    drop(engine);
+    assert_verified(dir.path());
+}
+
 #[test]
 fn a_usage_correction_no_limit_counts_appends_no_event() {
     let dir = TempDir::new("adjust-uncounted");

@@ -370,8 +370,9 @@ impl Engine {
     }
 
     /// Corrects recorded usage of a key's plan limits at the time it happened (`usage_at_ms`).
-    /// Usage whose window has already reset or aged out is left alone. All limits or none. A
-    /// correction no limit of the plan counts is refused (`InvalidArgument` naming `resource`
+    /// Usage whose window has already reset or aged out is left alone (that limit moves 0); an
+    /// addition every window has moved past moves nothing and logs nothing. All limits or none.
+    /// A correction no limit of the plan counts is refused (`InvalidArgument` naming `resource`
     /// if the plan does not limit it, else `quantities`) and logs nothing.
     pub fn adjust_usage(
         &self,
@@ -479,6 +480,15 @@ impl Engine {
                         return Err(error);
                     }
                 }
+            }
+            // An addition every limit's window has moved past (aged out, reset) counts nothing
+            // and changes no state: answered (each limit moved 0), not logged. A removal is
+            // logged whatever it found: it marks the periods it took from as short (above),
+            // which a replay must mark too.
+            if direction == AdjustmentDirection::Add
+                && moved.iter().all(|&(_, _, amount)| amount == 0)
+            {
+                return Ok((AdjustmentOutcome { limits }, None, moved, policy.generation));
             }
             let body = EventBody::UsageAdjusted {
                 key: key.into(),

@@ -606,7 +606,8 @@ tally_status tally_engine_refund(const struct tally_engine *engine,
 // `at_ms`): `direction` adds usage that was not counted (whatever the limit) or removes
 // usage that should not have been (given back only where its window still counts it). Every
 // limit of the plan that counts the resource, or none; logged as its own event (never an
-// edit of the original). Writes what moved to `*adjustment_out`. A key without a seat
+// edit of the original), except an addition every window has moved past, which moves 0 on
+// each limit and logs nothing. Writes what moved to `*adjustment_out`. A key without a seat
 // (including a pay-as-you-go key), or a correction no limit of its plan counts (a resource
 // the plan does not limit, or units none of its limits count), is `TALLY_INVALID_ARGUMENT`;
 // an unknown key `TALLY_UNKNOWN_KEY`, an unknown resource `TALLY_UNKNOWN_RESOURCE`.
