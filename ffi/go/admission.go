@@ -81,7 +81,10 @@ func quantitiesOf(quantities []Quantity) (*C.tally_quantity, C.size_t) {
 
 // Settle charges a reservation's actual amount (none at all: nothing was used). Less than
 // the estimate gives the rest back; more is admitted only if it still fits. Not admitted:
-// nothing changed and the reservation stays open (settle with less, or Void it).
+// nothing changed and the reservation stays open (settle with less, or Void it). A
+// reservation already settled (with other amounts) or voided is ErrReservationClosed; one
+// whose lease ended (expired by the engine, or by at) is ErrReservationExpired, its hold given
+// back and nothing charged, and errors.Is matches ErrReservationClosed for it too.
 func (e *Engine) Settle(reservation ReservationID, actual []Quantity, at time.Time) (Decision, error) {
 	atMs, err := milliseconds("Settle", at)
 	if err != nil {
@@ -98,8 +101,8 @@ func (e *Engine) Settle(reservation ReservationID, actual []Quantity, at time.Ti
 	return decisionFrom(&out), nil
 }
 
-// Void frees everything a reservation holds. Voiding again is a no-op; voiding a settled one
-// is ErrReservationClosed.
+// Void frees everything a reservation holds. Voiding again, or voiding an expired one, is a
+// no-op; voiding a settled one is ErrReservationClosed.
 func (e *Engine) Void(reservation ReservationID, at time.Time) error {
 	atMs, err := milliseconds("Void", at)
 	if err != nil {

@@ -20,7 +20,9 @@ func (s Status) String() string {
 }
 
 // One sentinel per status: test with errors.Is(err, tally.ErrClosed). The errors the package
-// returns are *Error values that wrap these and carry the library's detail message.
+// returns are *Error values that wrap these and carry the library's detail message. A status
+// that narrows an older one matches that one's sentinel too: an ErrReservationExpired error
+// is also an ErrReservationClosed (see Error.Is).
 var (
 	ErrNullPointer         = errors.New("a required pointer was NULL")
 	ErrInvalidUTF8         = errors.New("a string was not valid UTF-8")
@@ -57,6 +59,10 @@ var (
 	ErrDatabaseForeign     = errors.New("the directory is not a tally database")
 	ErrDatabaseNewerFormat = errors.New("the database was written by a newer tally")
 	ErrNotDurable          = errors.New("the engine is in memory; the call needs an event log")
+	// ErrReservationExpired: the reservation's lease ended before the settle; the engine gave
+	// its hold back and charged nothing. errors.Is(err, ErrReservationClosed) holds for it
+	// too, as the library answered that status for it before this one existed.
+	ErrReservationExpired = errors.New("the reservation's lease ended; it is expired")
 )
 
 // statusErrors maps each status (by index) to its sentinel; index 0 (OK) is nil.
@@ -69,10 +75,17 @@ var statusErrors = [...]error{
 	ErrUnknownRequest, ErrAlreadyExists, ErrNotAMember, ErrRequestIDConflict, ErrCapacityExceeded,
 	ErrReservationClosed, ErrInsufficientCredits, ErrPolicyInvalid, ErrStorage, ErrLogFailed,
 	ErrDatabaseLocked, ErrDatabaseDamaged, ErrDatabaseForeign, ErrDatabaseNewerFormat, ErrNotDurable,
+	ErrReservationExpired,
 }
 
 // The last status the header defines; the table above must end there.
-const lastStatus = Status(C.TALLY_NOT_DURABLE)
+const lastStatus = Status(C.TALLY_RESERVATION_EXPIRED)
+
+// broaderStatus maps a status that narrows an older one to that one: errors of the narrow
+// status match the broad one's sentinel too, so code written before the split keeps working.
+var broaderStatus = map[Status]Status{
+	C.TALLY_RESERVATION_EXPIRED: C.TALLY_RESERVATION_CLOSED,
+}
 
 var _ [len(statusErrors) - 1 - int(lastStatus)]struct{} // statusErrors covers every status
 var _ [int(lastStatus) + 1 - len(statusErrors)]struct{} // ... and no more
@@ -95,6 +108,14 @@ func (e *Error) Error() string {
 
 // Unwrap returns the status's sentinel.
 func (e *Error) Unwrap() error { return statusErrors[e.Status] }
+
+// Is reports whether target is the sentinel of a status e's status narrows (an expired
+// reservation is a closed one): errors.Is then matches both. Its own sentinel it reaches
+// through Unwrap.
+func (e *Error) Is(target error) bool {
+	broader, ok := broaderStatus[e.Status]
+	return ok && target == statusErrors[broader]
+}
 
 // StatusOf returns the status behind err (0 if err is nil or not from this package).
 func StatusOf(err error) Status {

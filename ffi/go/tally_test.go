@@ -659,7 +659,44 @@ func TestStatusesMapToDistinctSentinelsAndAnUnknownOnePanics(t *testing.T) {
 			t.Fatal("an unknown status did not panic")
 		}
 	}()
-	tally.PanicOnUnknownStatusForTest(36)
+	tally.PanicOnUnknownStatusForTest(37)
+}
+
+// A settle after the lease ended is ErrReservationExpired, which is an ErrReservationClosed
+// too (code written before it keeps working); one already settled or voided is only closed.
+func TestASettleAfterTheLeaseEndedIsExpiredWhichIsStillClosed(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "ol", "tp-ol", "Starter")
+	quantities := []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 10}}
+	reserve := func() tally.ReservationID {
+		_, id, err := engine.Reserve(tally.Request{Key: "tp-ol", Resource: "m2.7", At: t0, Quantities: quantities}, time.Minute)
+		must(t, err)
+		return id
+	}
+	settled, voided, expired := reserve(), reserve(), reserve()
+	_, err := engine.Settle(settled, quantities, at(1))
+	must(t, err)
+	must(t, engine.Void(voided, at(1)))
+	for _, c := range []struct {
+		name        string
+		reservation tally.ReservationID
+		expired     bool
+	}{{"settled", settled, false}, {"voided", voided, false}, {"expired", expired, true}, {"expired again", expired, true}} {
+		_, err := engine.Settle(c.reservation, quantities[:1], at(120_000))
+		if !errors.Is(err, tally.ErrReservationClosed) || errors.Is(err, tally.ErrReservationExpired) != c.expired {
+			t.Errorf("%s: %v", c.name, err)
+		}
+		if errors.Is(err, tally.ErrUnknownReservation) || errors.Is(err, tally.ErrInvalidArgument) {
+			t.Errorf("%s: matches an unrelated sentinel: %v", c.name, err)
+		}
+		if c.expired && (tally.StatusOf(err).String() != "TALLY_RESERVATION_EXPIRED" || !strings.Contains(err.Error(), "expired")) {
+			t.Errorf("%s: %v", c.name, err)
+		}
+	}
+	must(t, engine.Void(expired, at(120_000))) // voiding an expired one is a no-op
+	if errors.Is(tally.ErrReservationClosed, tally.ErrReservationExpired) {
+		t.Error("closed is not expired")
+	}
 }
 
 func TestPolicySwapKeepsUsageAndRefusesAnInvalidDocument(t *testing.T) {

@@ -182,7 +182,9 @@ enum tally_status
   TALLY_REQUEST_ID_CONFLICT = 24,
   // A bounded table (keys, users, teams, request ids, reservations, export cursors) is full.
   TALLY_CAPACITY_EXCEEDED = 25,
-  // The reservation is already settled, voided or expired.
+  // The reservation is already settled or voided: a settle with other amounts than its
+  // settlement's, a settle after a void, or a void after a settle. One whose lease ended
+  // is `TALLY_RESERVATION_EXPIRED` instead.
   TALLY_RESERVATION_CLOSED = 26,
   // A credits withdrawal asked for more than the team holds.
   TALLY_INSUFFICIENT_CREDITS = 27,
@@ -205,6 +207,14 @@ enum tally_status
   TALLY_DATABASE_NEWER_FORMAT = 34,
   // The call needs an event log, and the engine is in memory (`tally_engine_open_in_memory`).
   TALLY_NOT_DURABLE = 35,
+  // The reservation's lease ended before it was settled: the engine expired it (or this
+  // settle did, stamped when the lease had ended) and gave back everything it held, so
+  // nothing is charged for it. Usage that really happened can be counted with
+  // `tally_engine_adjust_usage` (add) at the reservation's time. Voiding an expired
+  // reservation is a no-op (`TALLY_OK`). A kind of `TALLY_RESERVATION_CLOSED` (which
+  // libraries before this code answered for it too): code that only asks whether the
+  // reservation is closed should accept both.
+  TALLY_RESERVATION_EXPIRED = 36,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -572,6 +582,9 @@ tally_status tally_engine_reserve(const struct tally_engine *engine,
 // any charged for the part beyond it. Not admitted: the part beyond the estimate did not
 // fit (the denial says why); nothing changed and the reservation stays open: settle with
 // less, or void it. Settling again with the same amounts answers the first settlement.
+// A reservation already settled (with other amounts) or voided is
+// `TALLY_RESERVATION_CLOSED`; one whose lease ended, by the engine's expiry or by `at_ms`,
+// is `TALLY_RESERVATION_EXPIRED` (its hold was given back and nothing is charged).
 tally_status tally_engine_settle(const struct tally_engine *engine,
                                  uint64_t reservation,
                                  const struct tally_quantity *actual,
@@ -579,8 +592,9 @@ tally_status tally_engine_settle(const struct tally_engine *engine,
                                  uint64_t at_ms,
                                  struct tally_decision *decision_out);
 
-// Frees everything a reservation holds. Voiding again is a no-op (`TALLY_OK`); voiding a
-// settled one is `TALLY_RESERVATION_CLOSED`.
+// Frees everything a reservation holds. Voiding again, or voiding one the engine expired
+// (its lease ended), is a no-op (`TALLY_OK`); voiding a settled one is
+// `TALLY_RESERVATION_CLOSED`.
 tally_status tally_engine_void(const struct tally_engine *engine,
                                uint64_t reservation,
                                uint64_t at_ms);

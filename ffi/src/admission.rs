@@ -214,6 +214,9 @@ fn micros(charged_to: ChargedTo) -> u64 {
 /// any charged for the part beyond it. Not admitted: the part beyond the estimate did not
 /// fit (the denial says why); nothing changed and the reservation stays open: settle with
 /// less, or void it. Settling again with the same amounts answers the first settlement.
+/// A reservation already settled (with other amounts) or voided is
+/// `TALLY_RESERVATION_CLOSED`; one whose lease ended, by the engine's expiry or by `at_ms`,
+/// is `TALLY_RESERVATION_EXPIRED` (its hold was given back and nothing is charged).
 #[no_mangle]
 pub extern "C" fn tally_engine_settle(
     engine: *const tally_engine,
@@ -254,8 +257,9 @@ pub extern "C" fn tally_engine_settle(
     })
 }
 
-/// Frees everything a reservation holds. Voiding again is a no-op (`TALLY_OK`); voiding a
-/// settled one is `TALLY_RESERVATION_CLOSED`.
+/// Frees everything a reservation holds. Voiding again, or voiding one the engine expired
+/// (its lease ended), is a no-op (`TALLY_OK`); voiding a settled one is
+/// `TALLY_RESERVATION_CLOSED`.
 #[no_mangle]
 pub extern "C" fn tally_engine_void(
     engine: *const tally_engine,

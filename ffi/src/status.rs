@@ -68,7 +68,9 @@ pub enum tally_status {
     TALLY_REQUEST_ID_CONFLICT = 24,
     /// A bounded table (keys, users, teams, request ids, reservations, export cursors) is full.
     TALLY_CAPACITY_EXCEEDED = 25,
-    /// The reservation is already settled, voided or expired.
+    /// The reservation is already settled or voided: a settle with other amounts than its
+    /// settlement's, a settle after a void, or a void after a settle. One whose lease ended
+    /// is `TALLY_RESERVATION_EXPIRED` instead.
     TALLY_RESERVATION_CLOSED = 26,
     /// A credits withdrawal asked for more than the team holds.
     TALLY_INSUFFICIENT_CREDITS = 27,
@@ -91,12 +93,20 @@ pub enum tally_status {
     TALLY_DATABASE_NEWER_FORMAT = 34,
     /// The call needs an event log, and the engine is in memory (`tally_engine_open_in_memory`).
     TALLY_NOT_DURABLE = 35,
+    /// The reservation's lease ended before it was settled: the engine expired it (or this
+    /// settle did, stamped when the lease had ended) and gave back everything it held, so
+    /// nothing is charged for it. Usage that really happened can be counted with
+    /// `tally_engine_adjust_usage` (add) at the reservation's time. Voiding an expired
+    /// reservation is a no-op (`TALLY_OK`). A kind of `TALLY_RESERVATION_CLOSED` (which
+    /// libraries before this code answered for it too): code that only asks whether the
+    /// reservation is closed should accept both.
+    TALLY_RESERVATION_EXPIRED = 36,
 }
 
 use tally_status::*;
 
 /// Every status, in code order (for tests and `tally_status_name`).
-pub(crate) const ALL_STATUSES: [tally_status; 36] = [
+pub(crate) const ALL_STATUSES: [tally_status; 37] = [
     TALLY_OK,
     TALLY_NULL_POINTER,
     TALLY_INVALID_UTF8,
@@ -133,6 +143,7 @@ pub(crate) const ALL_STATUSES: [tally_status; 36] = [
     TALLY_DATABASE_FOREIGN,
     TALLY_DATABASE_NEWER_FORMAT,
     TALLY_NOT_DURABLE,
+    TALLY_RESERVATION_EXPIRED,
 ];
 
 impl tally_status {
@@ -175,6 +186,7 @@ impl tally_status {
             TALLY_DATABASE_FOREIGN => "TALLY_DATABASE_FOREIGN\0",
             TALLY_DATABASE_NEWER_FORMAT => "TALLY_DATABASE_NEWER_FORMAT\0",
             TALLY_NOT_DURABLE => "TALLY_NOT_DURABLE\0",
+            TALLY_RESERVATION_EXPIRED => "TALLY_RESERVATION_EXPIRED\0",
         }
     }
 }
@@ -254,6 +266,8 @@ pub(crate) fn status_of(error: &Error) -> tally_status {
         Error::RequestIdConflict { .. } => TALLY_REQUEST_ID_CONFLICT,
         Error::CapacityExceeded { .. } => TALLY_CAPACITY_EXCEEDED,
         Error::Overflow { .. } => TALLY_OVERFLOW,
+        // The engine names the state it found; only an ended lease gets a status of its own.
+        Error::ReservationClosed { state, .. } if *state == "expired" => TALLY_RESERVATION_EXPIRED,
         Error::ReservationClosed { .. } => TALLY_RESERVATION_CLOSED,
         Error::InsufficientCredits { .. } => TALLY_INSUFFICIENT_CREDITS,
         Error::Policy(_) => TALLY_POLICY_INVALID,

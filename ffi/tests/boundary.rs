@@ -1218,3 +1218,103 @@ fn an_events_after_past_the_log_names_after_seq() {
     drop(handle);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reserves one m2.7 request for `key` at T0 with a lease of `lease_ms`: the reservation's id.
+fn reserve_one_request_for(handle: &Handle, key: &[u8], lease_ms: u64) -> u64 {
+    let one = requests(1);
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    let mut reservation = 0;
+    assert_eq!(
+        tally_engine_reserve(
+            handle.0,
+            &request(key, "m2.7", &one, T0, None),
+            lease_ms,
+            decision.as_mut_ptr(),
+            &mut reservation,
+        ),
+        tally_status::TALLY_OK
+    );
+    assert_ne!(reservation, 0, "admitted");
+    reservation
+}
+
+/// Settles `reservation` at `at_ms` with `amount` requests: the status.
+fn settle_requests(handle: &Handle, reservation: u64, amount: u64, at_ms: u64) -> tally_status {
+    let actual = requests(amount);
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    tally_engine_settle(
+        handle.0,
+        reservation,
+        actual.as_ptr(),
+        actual.len(),
+        at_ms,
+        decision.as_mut_ptr(),
+    )
+}
+
+#[test]
+fn a_reservation_whose_lease_ended_is_expired_and_one_settled_or_voided_is_closed() {
+    use tally_status::*;
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let lease_ms = 60_000;
+    let [settled, voided, swept] =
+        [(); 3].map(|()| reserve_one_request_for(&handle, b"tp-ada", lease_ms));
+    assert_eq!(settle_requests(&handle, settled, 1, T0 + 1), TALLY_OK);
+    assert_eq!(tally_engine_void(handle.0, voided, T0 + 1), TALLY_OK);
+    let mut count = 0;
+    assert_eq!(
+        tally_engine_expire_reservations(handle.0, T0 + lease_ms, &mut count),
+        TALLY_OK
+    );
+    assert_eq!(count, 1, "swept");
+    let late = T0 + 2 * lease_ms;
+    // Settled (with other amounts) or voided: closed, as before.
+    assert_eq!(
+        settle_requests(&handle, settled, 2, late),
+        TALLY_RESERVATION_CLOSED
+    );
+    assert!(
+        last_error().ends_with("already settled"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        settle_requests(&handle, voided, 1, late),
+        TALLY_RESERVATION_CLOSED
+    );
+    assert!(last_error().ends_with("already voided"), "{}", last_error());
+    // Expired by a sweep, then settled: expired, and so again.
+    for _ in 0..2 {
+        assert_eq!(
+            settle_requests(&handle, swept, 1, late),
+            TALLY_RESERVATION_EXPIRED
+        );
+        assert!(
+            last_error().ends_with("already expired"),
+            "{}",
+            last_error()
+        );
+    }
+    // A settle stamped when the lease has ended expires the reservation itself: expired too.
+    let ending = reserve_one_request_for(&handle, b"tp-ada", lease_ms);
+    assert_eq!(
+        settle_requests(&handle, ending, 1, T0 + lease_ms),
+        TALLY_RESERVATION_EXPIRED
+    );
+    assert_eq!(
+        settle_requests(&handle, ending, 1, late),
+        TALLY_RESERVATION_EXPIRED
+    );
+    // Voiding: a settled one is closed; a voided or expired one is a no-op.
+    assert_eq!(
+        tally_engine_void(handle.0, settled, late),
+        TALLY_RESERVATION_CLOSED
+    );
+    assert_eq!(tally_engine_void(handle.0, voided, late), TALLY_OK);
+    assert_eq!(tally_engine_void(handle.0, swept, late), TALLY_OK);
+    assert_eq!(tally_engine_void(handle.0, ending, late), TALLY_OK);
+    // The new code comes after every older one, which keep theirs.
+    assert_eq!(TALLY_RESERVATION_CLOSED as u32, 26);
+    assert_eq!(TALLY_RESERVATION_EXPIRED as u32, 36);
+}

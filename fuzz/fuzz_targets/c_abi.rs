@@ -1124,7 +1124,8 @@ impl World {
                 assert!(name.starts_with("TALLY_"), "status_name({code}): {name}");
                 assert_eq!(
                     name == "TALLY_UNKNOWN_STATUS",
-                    *code > tally_status::TALLY_NOT_DURABLE as u32
+                    // The last status.
+                    *code > tally_status::TALLY_RESERVATION_EXPIRED as u32
                 );
             }
             Op::Version => {

@@ -194,8 +194,8 @@ def test_an_engine_cannot_be_built_from_nothing():
 
 
 def test_every_status_has_its_own_class_named_as_in_the_header():
-    assert sorted(errors.ERRORS_BY_STATUS) == list(range(1, 36))
-    assert len(set(errors.ERRORS_BY_STATUS.values())) == 35
+    assert sorted(errors.ERRORS_BY_STATUS) == list(range(1, 37))
+    assert len(set(errors.ERRORS_BY_STATUS.values())) == 36
     for status, cls in errors.ERRORS_BY_STATUS.items():
         assert issubclass(cls, tally.TallyError)
         assert cls.status_code == status
@@ -205,7 +205,7 @@ def test_every_status_has_its_own_class_named_as_in_the_header():
         error = errors.error_for(status, "detail")
         assert type(error) is cls and error.name == name and "detail" in str(error)
     assert tally.status_name(0) == "TALLY_OK"
-    assert tally.status_name(36) == "TALLY_UNKNOWN_STATUS"
+    assert tally.status_name(37) == "TALLY_UNKNOWN_STATUS"
     assert type(errors.error_for(999, "")) is tally.TallyError
 
 
@@ -267,3 +267,33 @@ def test_a_settlements_bad_quantities_are_named_by_its_argument_actual(engine):
     with pytest.raises(ValueError, match=r"^actual\['requests'\]"):
         engine.settle(reservation, {"requests": -1}, at_ms=T + 1)
     assert engine.settle(reservation, {"requests": 1}, at_ms=T + 1).admitted
+
+
+def test_a_settle_after_the_lease_ended_is_expired_which_is_still_a_closed_reservation(engine):
+    key = seated(engine, "ol", "tp-ol-1", "Starter")
+    quantities = {"requests": 1, "tokens": 10}
+    settled, voided, expired = (
+        engine.reserve(key, "m2.7", quantities, at_ms=T, lease_ms=60_000) for _ in range(3)
+    )
+    engine.settle(settled, quantities, at_ms=T + 1)
+    engine.void(voided, at_ms=T + 1)
+    raised = []
+    for reservation in (settled, voided, expired):
+        with pytest.raises(tally.ReservationClosedError) as closed:
+            engine.settle(reservation, {"requests": 1, "tokens": 5}, at_ms=T + 120_000)
+        raised.append(type(closed.value))
+    assert raised == [
+        tally.ReservationClosedError,
+        tally.ReservationClosedError,
+        tally.ReservationExpiredError,
+    ]
+    with pytest.raises(tally.ReservationExpiredError) as again:
+        engine.settle(expired, {"requests": 1}, at_ms=T + 120_000)
+    assert again.value.status == tally.ReservationExpiredError.status_code == 36
+    assert again.value.name == "TALLY_RESERVATION_EXPIRED"
+    assert "expired" in again.value.message
+    engine.void(expired, at_ms=T + 120_000)  # voiding an expired one is a no-op
+    # Code that catches closed reservations keeps catching expired ones.
+    assert issubclass(tally.ReservationExpiredError, tally.ReservationClosedError)
+    assert errors.ReservationExpiredError is tally.ReservationExpiredError
+    assert "ReservationExpiredError" in tally.__all__

@@ -77,6 +77,8 @@ static void test_library(void) {
   CHECK(strcmp(tally_status_name(TALLY_OK), "TALLY_OK") == 0);
   CHECK(strcmp(tally_status_name(TALLY_BUFFER_TOO_SMALL), "TALLY_BUFFER_TOO_SMALL") == 0);
   CHECK(strcmp(tally_status_name(TALLY_NOT_DURABLE), "TALLY_NOT_DURABLE") == 0);
+  CHECK(strcmp(tally_status_name(TALLY_RESERVATION_EXPIRED), "TALLY_RESERVATION_EXPIRED") == 0);
+  CHECK(TALLY_RESERVATION_CLOSED == 26 && TALLY_RESERVATION_EXPIRED == 36);
   CHECK(strcmp(tally_status_name(4000000000u), "TALLY_UNKNOWN_STATUS") == 0);
 
   /* The last error: a failure sets it, the size query does not clobber it. */
@@ -449,6 +451,10 @@ static void test_reservations(tally_engine *engine) {
   EXPECT(tally_engine_reserve(engine, &r, 1, &d, &third), TALLY_OK);
   EXPECT(tally_engine_expire_reservations(engine, T0 + 1000, &expired), TALLY_OK);
   CHECK(expired <= 1);
+  /* Its lease ended: expired, not merely closed; voiding it is a no-op. */
+  EXPECT(tally_engine_settle(engine, third, actual, 2, T0 + 1000, &d), TALLY_RESERVATION_EXPIRED);
+  CHECK(last_error_mentions("expired"));
+  EXPECT(tally_engine_void(engine, third, T0 + 1000), TALLY_OK);
   EXPECT(tally_engine_expire_reservations(engine, T0, NULL), TALLY_NULL_POINTER);
 
   tally_request with_id = request("tp-ada", "m2.7", estimate, 2, T0, "res-id");

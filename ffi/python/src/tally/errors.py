@@ -180,7 +180,8 @@ class CapacityExceededError(TallyError):
 
 
 class ReservationClosedError(TallyError):
-    """TALLY_RESERVATION_CLOSED: already settled, voided or expired."""
+    """TALLY_RESERVATION_CLOSED: already settled or voided; also the base of
+    ``ReservationExpiredError``, so catching this catches any closed reservation."""
 
     status_code = 26
 
@@ -239,6 +240,14 @@ class NotDurableError(TallyError):
     status_code = 35
 
 
+class ReservationExpiredError(ReservationClosedError):
+    """TALLY_RESERVATION_EXPIRED: the reservation's lease ended before the settle (the engine
+    expired it and gave its hold back; nothing was charged). A ``ReservationClosedError``
+    too: the library answered TALLY_RESERVATION_CLOSED for it before this code existed."""
+
+    status_code = 36
+
+
 #: status code -> exception class, for every status but TALLY_OK.
 ERRORS_BY_STATUS: dict[int, type[TallyError]] = {
     cls.status_code: cls
@@ -278,6 +287,7 @@ ERRORS_BY_STATUS: dict[int, type[TallyError]] = {
         DatabaseForeignError,
         DatabaseNewerFormatError,
         NotDurableError,
+        ReservationExpiredError,
     ]
 }
 
