@@ -376,6 +376,14 @@ def test_only_an_ended_lease_makes_a_settle_late(engine):
     assert outcomes == [False, False, True]
 
 
+def test_a_late_settle_is_told_by_its_status_not_by_the_messages_wording():
+    # TALLY_RESERVATION_EXPIRED whatever its message says; TALLY_RESERVATION_CLOSED never,
+    # even if its message ends in "expired".
+    assert lease_ended(errors.error_for(36, "reservation 7: its lease is over"))
+    assert lease_ended(errors.error_for(36, ""))
+    assert not lease_ended(errors.error_for(26, "reservation 7 is already expired"))
+
+
 def test_a_failed_upstream_call_voids_the_reservation_or_refunds_the_request(
     engine, gateway, upstream
 ):

@@ -759,10 +759,10 @@ class QuotaMiddleware:
                 # More than the estimate, and the rest does not fit (credits short): charge
                 # what was held rather than leave the reservation open until its lease ends.
                 await self._call(self.engine.settle, reservation, metered.quantities, at_ms=at_ms)
-        except errors.ReservationClosedError as error:
-            if not lease_ended(error):
-                _log.exception("tally: settle failed after the response")
-                return
+        except errors.ReservationExpiredError:
+            # Its lease ended before this settle (TALLY_RESERVATION_EXPIRED): the hold was
+            # given back, so the usage is counted nowhere yet. Settled or voided already
+            # (TALLY_RESERVATION_CLOSED) is no late usage, and is logged below.
             await self._record_late(reservation, metered, actual, at_ms)
         except errors.TallyError:
             _log.exception("tally: settle failed after the response")
@@ -778,7 +778,7 @@ class QuotaMiddleware:
         stream longer than the lease): the engine expired it and gave its hold back, so the
         usage is added as a usage correction at the reservation's time, where a settle would
         have counted it, whatever the limit now (it really happened), as the Go gateway does.
-        Only the engine's "expired" answer leads here, and only once per call: a settle that
+        Only the engine's expired answer leads here, and only once per call: a settle that
         went through (retried with other amounts) or a void is no late usage. A correction
         counts plan quota only: a hold on credits or pay-as-you-go cannot be charged after
         it, and is logged as not recorded for the operator."""
@@ -902,12 +902,12 @@ def _unavailable(error: errors.TallyError) -> _Refusal:
     return _Refusal(503, "unavailable", message, "service_unavailable")
 
 
-def lease_ended(error: errors.ReservationClosedError) -> bool:
+def lease_ended(error: errors.TallyError) -> bool:
     """Whether a settle found its reservation closed because its lease ended (the engine
     expired it and gave its hold back), not because it was already settled or voided: only
-    then is the call's usage not counted anywhere. The status is one for the three; the
-    engine's message names the state ("reservation 7 is already expired")."""
-    return error.message.rstrip().endswith(" expired")
+    then is the call's usage not counted anywhere. Told by the status
+    (TALLY_RESERVATION_EXPIRED, ``ReservationExpiredError``), not by the message's wording."""
+    return isinstance(error, errors.ReservationExpiredError)
 
 
 def _invalid_key() -> _Refusal:
