@@ -72,7 +72,8 @@ func statusOf(sentinel error) tally.Status {
 }
 
 // Only a settle that finds its reservation's lease ended is late usage: one already settled
-// (retried with other amounts) or voided is not, though the engine answers the same status.
+// (retried with other amounts) or voided is not. All three are ErrReservationClosed; only the
+// first is ErrReservationExpired.
 func TestOnlyAnEndedLeaseMakesASettleLate(t *testing.T) {
 	engine, err := tally.OpenInMemory()
 	if err != nil {
@@ -112,5 +113,24 @@ func TestOnlyAnEndedLeaseMakesASettleLate(t *testing.T) {
 	}
 	if fmt.Sprint(outcomes) != "[false false true]" {
 		t.Fatalf("%v", outcomes)
+	}
+}
+
+// A late settle is told by its status, as the Python middleware tells it, not by the
+// wording of the engine's message: expired whatever the message says, closed never.
+func TestALateSettleIsToldByItsStatusNotByTheMessagesWording(t *testing.T) {
+	expired, closed := statusOf(tally.ErrReservationExpired), statusOf(tally.ErrReservationClosed)
+	for _, test := range []struct {
+		err  error
+		want bool
+	}{
+		{&tally.Error{Op: "Settle", Status: expired, Message: "reservation 7: its lease is over"}, true},
+		{fmt.Errorf("wrapped: %w", &tally.Error{Op: "Settle", Status: expired}), true},
+		{&tally.Error{Op: "Settle", Status: closed, Message: "reservation 7 is already expired"}, false},
+		{nil, false},
+	} {
+		if leaseEnded(test.err) != test.want {
+			t.Errorf("%v: leaseEnded is %v", test.err, !test.want)
+		}
 	}
 }

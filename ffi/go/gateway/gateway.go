@@ -7,10 +7,10 @@
 // estimate of the tokens; on speech the characters of "input"; on images "n". Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
 // what was held), and an upstream error voids it. A response that outlives the reservation's
-// Lease (the engine has no way to extend one) finds it expired, its hold given back: its usage
-// is then added as a usage correction (AdjustUsage, AdjustAdd) at the reservation's time,
-// once, and logged; a hold on credits or pay-as-you-go, which a correction cannot charge, is
-// logged as not recorded. The routes, the models and the counting are
+// Lease (the engine has no way to extend one) finds it expired (ErrReservationExpired), its
+// hold given back: its usage is then added as a usage correction (AdjustUsage, AdjustAdd) at
+// the reservation's time, once, and logged; a hold on credits or pay-as-you-go, which a
+// correction cannot charge, is logged as not recorded. The routes, the models and the counting are
 // the Python middleware's (tally.asgi) defaults. Admitted calls' responses carry the same
 // x-ratelimit-* (and on /v1/messages anthropic-ratelimit-*) headers in place of the
 // upstream's own, which are the operator's account limits, not the caller's. Denied calls are answered

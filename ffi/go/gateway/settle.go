@@ -128,13 +128,10 @@ func (c *call) settle(counter tokenCounter) {
 
 // leaseEnded says whether a settle found its reservation closed because its lease ended (the
 // engine expired it and gave its hold back), not because it was already settled or voided:
-// only then is the call's usage counted nowhere. The status is one for the three; the engine's
-// message names the state ("reservation 7 is already expired"), as the Python middleware
-// reads it.
+// only then is the call's usage counted nowhere. Told by the status
+// (TALLY_RESERVATION_EXPIRED), as the Python middleware tells it, not by the message's wording.
 func leaseEnded(err error) bool {
-	var tallyError *tally.Error
-	return errors.Is(err, tally.ErrReservationClosed) && errors.As(err, &tallyError) &&
-		strings.HasSuffix(strings.TrimSpace(tallyError.Message), " expired")
+	return errors.Is(err, tally.ErrReservationExpired)
 }
 
 // recordLate records the usage of a call whose reservation's lease ended before its settle (a
