@@ -267,6 +267,8 @@ pub(crate) fn status_of(error: &Error) -> tally_status {
         Error::CapacityExceeded { .. } => TALLY_CAPACITY_EXCEEDED,
         Error::Overflow { .. } => TALLY_OVERFLOW,
         // The engine names the state it found; only an ended lease gets a status of its own.
+        // The boundary test `a_reservation_whose_lease_ended_is_expired_...` settles a
+        // reservation in each state, so a renamed state fails there, not silently here.
         Error::ReservationClosed { state, .. } if *state == "expired" => TALLY_RESERVATION_EXPIRED,
         Error::ReservationClosed { .. } => TALLY_RESERVATION_CLOSED,
         Error::InsufficientCredits { .. } => TALLY_INSUFFICIENT_CREDITS,
@@ -311,6 +313,17 @@ mod tests {
             let name = unsafe { CStr::from_ptr(tally_status_name(code as u32)) };
             assert_eq!(name.to_str().ok(), Some(format!("{status:?}").as_str()));
         }
+    }
+
+    #[test]
+    fn a_closed_reservation_is_expired_only_when_its_lease_ended() {
+        let closed = |state| Error::ReservationClosed {
+            reservation: 7,
+            state,
+        };
+        assert_eq!(status_of(&closed("expired")), TALLY_RESERVATION_EXPIRED);
+        assert_eq!(status_of(&closed("settled")), TALLY_RESERVATION_CLOSED);
+        assert_eq!(status_of(&closed("voided")), TALLY_RESERVATION_CLOSED);
     }
 
     #[test]
