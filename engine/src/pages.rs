@@ -9,12 +9,13 @@
 //! `always`; at `never` the advice is ignored and nothing else changes):
 //!
 //! - `TablePages`: a shard's table of at least half a huge page is aligned to one and rounded
-//!   up to whole huge pages. A key table's sizes are powers of two times 105 bytes, so the
-//!   rounding costs about 22% of the table (3.3 MiB -> 4 MiB per shard at 1,000,000 keys).
-//! - `UsagePages`: a key's usage block (its counters), its rings and its name are blocks of
-//!   whole cache lines carved from huge-page chunks (`Slab`), freed blocks reused by later keys.
-//!   The rounding to lines costs about 8% (a Plus key's windows: 1,072 bytes, 1,153 in
-//!   blocks); chunks are never handed back.
+//!   up to whole huge pages. A key table's sizes are powers of two times 113 bytes (a 112-byte
+//!   entry and its control byte), so the rounding costs about 13% of the table (3.5 MiB -> 4 MiB
+//!   per shard at 1,000,000 keys).
+//! - `UsagePages`: a key's usage block (its counters), its rings and its name (when longer than
+//!   the 22 bytes a table entry holds) are blocks of whole cache lines carved from huge-page
+//!   chunks (`Slab`), freed blocks reused by later keys. The rounding to lines costs about 8%
+//!   (a Plus key's windows: 1,072 bytes, 1,153 in blocks); chunks are never handed back.
 //!
 //! Measured side by side at 1,000,000 keys (`examples/hotloop.rs`, paired bursts, ratio to
 //! governor): 3.72-3.99x before, 3.38-4.08x with the tables on huge pages, 3.14-3.50x with
