@@ -1,6 +1,7 @@
 //! The read-mostly lock around each key shard: read on every admission, written only by admin
-//! calls (keys created, seats changed, usage corrected, a policy swapped), a checkpoint's cut and
-//! a step of the idle keys' reclaim.
+//! calls (keys created, seats changed, usage corrected, a policy swapped), a checkpoint's cut, a
+//! step of the idle keys' reclaim and a give-back into a calendar period a usage correction
+//! removed units from (`KeyState::short_until_ms`).
 //!
 //! A writer may also leave work behind (`WriteGuard::leave`) that must run before anyone uses
 //! the value again: a checkpoint's cut write-locks every shard at one instant, then leaves each
