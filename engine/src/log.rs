@@ -40,11 +40,14 @@
 //! durable, or anywhere in an earlier segment, is damage and an error naming the file, offset
 //! and sequence number.
 //!
-//! After a write or flush error the log is failed: the group's bytes are truncated away again,
-//! its callers get the error and undo their in-memory effect, and every later append is refused
-//! until the engine is reopened. In `Sync` mode memory therefore never runs ahead of disk; in
-//! the other modes a call was already answered when its write fails, so its effect stays in
-//! memory (not on disk) until the reopen — the loss those modes accept.
+//! After a write or flush error the log is failed: every later append is refused until the
+//! engine is reopened. In `Sync` mode the bytes written since the last durable point (the failed
+//! group's and those of groups written before it, not yet flushed) are truncated away again and
+//! their callers, still waiting, get the error and undo their in-memory effect, so memory never
+//! runs ahead of disk. In the other modes a call was already answered when its event was
+//! queued: a failed write's group is truncated away, a failed fdatasync leaves what was written
+//! since the last good one to the kernel, and their effects stay in memory (not, or not surely,
+//! on disk) until the reopen — the loss those modes accept.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
