@@ -8,8 +8,9 @@
 //! read-locked on the admission path (each thread on its own reader counter, so threads on
 //! different keys write no common cache line), write-locked only by admin calls, a checkpoint's
 //! cut, the idle keys' reclaim and a give-back into a calendar period a usage correction removed
-//! units from (`KeyState::short_until_ms`). The shard also holds the policy the keys in it are laid out
-//! for, so a policy swap (all shards write-locked) and admission never see each other half-done.
+//! units from (`KeyState::short_until_ms`). The shard also holds the policy the keys in it are
+//! laid out for, so a policy swap (all shards write-locked) and admission never see each other
+//! half-done.
 //!
 //! Over many keys a lookup waits for three cache misses one after another: the table's control
 //! bytes, the entry, then what the entry points to (a long name, the usage, its counters and the
