@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone on a fresh machine: installs what is missing, then
-# runs formatting and lint checks, every Rust test, the loom models, the benchmark in quick test
-# mode and the main job once. Exits non-zero on the first failure.
+# The whole test suite, from a fresh clone on a fresh machine with Rust installed: installs what
+# else it needs (the C, Go and Python steps' packages, cbindgen, cargo-fuzz), then runs the
+# formatting and lint checks, every Rust test, the loom models, the racing tests under load, the
+# C, Go and Python tests of the C ABI, the fuzz targets, the benchmarks in quick test mode and
+# the main job once. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
