@@ -1054,13 +1054,22 @@ fn a_request_id_admitted_again_after_its_horizon_is_recognised_after_a_reopen() 
     );
 }
 
-/// The balance a withdrawal leaves survives every kind of restart.
 /// A `Sync` engine on `dir` and `clock` with user ada (key `key-ada`) seated on Max at `T0_MS`.
 fn ada_on_max(dir: &std::path::Path, clock: &std::sync::Arc<tally_engine::ManualClock>) -> Engine {
-    let engine = open_on_clock(dir, clock.clone(), sync_options());
+    seat_ada(open_on_clock(dir, clock.clone(), sync_options()), "Max")
+}
+
+/// A `Sync` engine on `dir` with the token plan and user ada (key `key-ada`) seated on `plan`
+/// at `T0_MS`.
+fn ada_on(dir: &std::path::Path, plan: &str) -> Engine {
+    seat_ada(open_token_plan(dir, sync_options()), plan)
+}
+
+/// `engine` with user ada (key `key-ada`) created and seated on `plan` at `T0_MS`.
+fn seat_ada(engine: Engine, plan: &str) -> Engine {
     engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
     engine
-        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .assign_seat("@ada", "ada", plan, Some(T0_MS))
         .unwrap();
     engine
 }
@@ -1097,6 +1106,7 @@ fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_clock_s
     );
 }
 
+/// The balance a withdrawal leaves survives every kind of restart.
 #[test]
 fn a_withdrawal_survives_a_reopen_in_the_balance() {
     for how in [Shutdown::Close, Shutdown::Drop] {
@@ -1257,11 +1267,7 @@ fn a_request_id_denied_before_a_reopen_returns_the_same_denial_after_it() {
 #[test]
 fn a_usage_report_after_a_denied_request_is_the_same_after_a_reopen() {
     let dir = TempDir::new("denied-report");
-    let engine = open_token_plan(dir.path(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on(dir.path(), "Max");
     let videos = [(Unit::Videos, 3)];
     let request = UsageRequest::new("key-ada", "hailuo-2.3-768p-6s", &videos).at(T0_MS);
     let denied = engine.consume(&request).unwrap();
@@ -1847,8 +1853,6 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
     assert_eq!(engine.cursor("billing").unwrap(), all.len() as u64 + 1);
 }
 
-/// A usage correction no limit of the key's plan counts is refused before it is logged: the
-/// log would otherwise keep (and every open replay) an event that moved nothing.
 /// An addition dated where every window of its limits has moved on (the 5-hour window aged out,
 /// the day reset) counts nothing, and is answered so (each limit moved 0) without an event:
 /// it changes no state, and an event of it would only grow the log (and read, in an export,
@@ -1856,11 +1860,7 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
 #[test]
 fn a_usage_addition_that_counts_nothing_appends_no_event() {
     let dir = TempDir::new("adjust-counts-nothing");
-    let engine = open_token_plan(dir.path(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on(dir.path(), "Plus");
     let now_ms = T0_MS + DAY_MS + HOUR_MS;
     let events = last_seq(&engine);
     let add = |resource: &str, quantities: &[(Unit, u64)], usage_at_ms: u64| {
@@ -1890,14 +1890,12 @@ fn a_usage_addition_that_counts_nothing_appends_no_event() {
     assert_verified(dir.path());
 }
 
+/// A usage correction no limit of the key's plan counts is refused before it is logged: the
+/// log would otherwise keep (and every open replay) an event that moved nothing.
 #[test]
 fn a_usage_correction_no_limit_counts_appends_no_event() {
     let dir = TempDir::new("adjust-uncounted");
-    let engine = open_token_plan(dir.path(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Starter", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on(dir.path(), "Starter");
     let events = last_seq(&engine);
     let images = [(Unit::Images, 5)];
     let refused = engine.adjust_usage(
@@ -2827,11 +2825,7 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
 #[test]
 fn verify_stays_sound_after_a_request_id_ages_out() {
     let dir = TempDir::new("verify-aged-id");
-    let engine = open_token_plan(dir.path(), sync_options());
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
-    engine
-        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-        .unwrap();
+    let engine = ada_on(dir.path(), "Max");
     let quantities = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-ada", "m2.7", &quantities);
     engine.consume(&request.at(T0_MS).id("old")).unwrap();
