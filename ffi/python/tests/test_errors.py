@@ -3,11 +3,16 @@ misread in C are refused before the call."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 import tally
 from conftest import T, seated
 from tally import errors
+
+HEADER = Path(__file__).resolve().parents[2] / "include" / "tally.h"
 
 
 @pytest.fixture
@@ -297,3 +302,50 @@ def test_a_settle_after_the_lease_ended_is_expired_which_is_still_a_closed_reser
     assert issubclass(tally.ReservationExpiredError, tally.ReservationClosedError)
     assert errors.ReservationExpiredError is tally.ReservationExpiredError
     assert "ReservationExpiredError" in tally.__all__
+
+
+def _header_statuses(text: str) -> dict[int, str]:
+    """``{code: "TALLY_..."}`` of the header's ``enum tally_status``."""
+    block = re.search(r"enum tally_status\b[^{]*\{(.*?)\};", text, re.S)
+    assert block, "no enum tally_status in the header"
+    return {
+        int(code): name
+        for name, code in re.findall(r"^\s*(TALLY_\w+) = (\d+),", block.group(1), re.M)
+    }
+
+
+def _status_table_problems(statuses: dict[int, str]) -> list[str]:
+    """How ERRORS_BY_STATUS differs from the header's statuses (each class's docstring starts
+    with the status it stands for)."""
+    problems = []
+    for code, name in sorted(statuses.items()):
+        if code == 0:
+            continue
+        cls = errors.ERRORS_BY_STATUS.get(code)
+        if cls is None:
+            problems.append(f"{name} ({code}) has no exception class")
+            continue
+        if not re.match(rf"{name}\b", cls.__doc__ or ""):
+            problems.append(f"{name} ({code}) maps to {cls.__name__}: {cls.__doc__!r}")
+        if tally.status_name(code) != name:
+            problems.append(
+                f"{code} is {name} in the header, {tally.status_name(code)} in the library"
+            )
+    extra = set(errors.ERRORS_BY_STATUS) - set(statuses)
+    problems += [
+        f"{errors.ERRORS_BY_STATUS[code].__name__} ({code}) is no status" for code in extra
+    ]
+    return problems
+
+
+def test_every_status_of_the_header_has_its_class_and_nothing_else_has_one():
+    statuses = _header_statuses(HEADER.read_text())
+    assert statuses[0] == "TALLY_OK"
+    assert _status_table_problems(statuses) == []
+    assert tally.status_name(max(statuses) + 1) == "TALLY_UNKNOWN_STATUS"
+
+
+def test_the_status_check_catches_a_status_added_in_c_without_a_class():
+    statuses = _header_statuses(HEADER.read_text())
+    statuses[max(statuses) + 1] = "TALLY_SOMETHING_NEW"
+    assert any("TALLY_SOMETHING_NEW" in problem for problem in _status_table_problems(statuses))
