@@ -3,6 +3,8 @@ misread in C are refused before the call."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import re
 from pathlib import Path
 
@@ -349,3 +351,17 @@ def test_the_status_check_catches_a_status_added_in_c_without_a_class():
     statuses = _header_statuses(HEADER.read_text())
     statuses[max(statuses) + 1] = "TALLY_SOMETHING_NEW"
     assert any("TALLY_SOMETHING_NEW" in problem for problem in _status_table_problems(statuses))
+
+
+@pytest.mark.parametrize("cls", list(errors.ERRORS_BY_STATUS.values()))
+def test_every_error_survives_pickling_and_copying(cls):
+    # A process pool pickles what its workers raise; copy.copy rebuilds it the same way.
+    error = cls(cls.status_code, "key: holds a NUL byte at offset 2")
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+        assert type(again) is cls
+        assert (again.status, again.name, again.message) == (
+            error.status,
+            error.name,
+            error.message,
+        )
+        assert str(again) == str(error)

@@ -25,6 +25,11 @@ class TallyError(Exception):
         self.message = message
         super().__init__(f"{self.name} ({status}): {message}" if message else self.name)
 
+    def __reduce__(self) -> tuple[type[TallyError], tuple[int, str]]:
+        # BaseException rebuilds an exception from its `args`, here the formatted text, which
+        # is no status: pickling (a process pool's worker raising) and copying would fail.
+        return type(self), (self.status, self.message)
+
 
 class NullPointerError(TallyError, ValueError):
     """TALLY_NULL_POINTER: a required pointer was NULL."""
