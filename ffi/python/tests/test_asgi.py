@@ -948,3 +948,11 @@ def test_a_call_without_a_key_is_401_before_its_body_is_read(engine, gateway, up
     assert request(gateway, CHAT, huge, key=None).status == 401
     assert two_keys(gateway, CHAT, "tp-a", "tp-b", huge).status == 401
     assert upstream.calls == []
+
+
+@pytest.mark.parametrize("lease_ms", [0, -1, 86_400_001, 1.5])
+def test_a_lease_the_engine_would_refuse_fails_the_middleware_at_once_not_every_request(
+    engine, upstream, lease_ms
+):
+    with pytest.raises((ValueError, TypeError), match="lease_ms"):
+        QuotaMiddleware(upstream, engine, lease_ms=lease_ms)

@@ -365,3 +365,13 @@ def test_every_error_survives_pickling_and_copying(cls):
             error.message,
         )
         assert str(again) == str(error)
+
+
+def test_a_lease_of_0_is_refused_not_taken_for_the_default_lease(engine, key):
+    # C reads 0 as "the default_lease_ms option" (10 minutes); in Python that is None, and a
+    # lease of 0 ms asked for explicitly must not hold the estimate for 10 minutes.
+    with pytest.raises(ValueError, match="lease_ms"):
+        engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T, lease_ms=0)
+    assert engine.usage(key, at_ms=T).open_reservations == 0
+    assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T, lease_ms=None).admitted
+    assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T, lease_ms=1).admitted

@@ -114,6 +114,7 @@ def test_the_constants_agree_with_the_header():
         "MAX_QUANTITIES",
         "MAX_EVENTS_PER_CALL",
         "MAX_CURSORS",
+        "MAX_LEASE_MS",
         "MAX_QUANTITY",
         "NOW",
     ]:

@@ -54,6 +54,21 @@ def at_ms(value: int | None) -> int:
     return milliseconds
 
 
+def lease_ms(value: int | None) -> int:
+    """A reservation's lease: None is the ``default_lease_ms`` option (C's 0). 0 is refused, as
+    C would read it as the default lease (10 minutes unless set), not as no lease at all; one
+    past ``MAX_LEASE_MS`` is the library's to refuse (``InvalidArgumentError``)."""
+    if value is None:
+        return 0
+    milliseconds = u64("lease_ms", value)
+    if milliseconds == 0:
+        raise ValueError(
+            "lease_ms: 0 is no lease; pass None for the default_lease_ms option, else 1 to "
+            f"{_native.MAX_LEASE_MS} (a day)"
+        )
+    return milliseconds
+
+
 def direction(value: object) -> AdjustmentDirection:
     """A ``tally.AdjustmentDirection`` or its name (``"add"``, ``"remove"``, any case)."""
     if isinstance(value, AdjustmentDirection):

@@ -46,6 +46,8 @@ MAX_QUANTITY = 1 << 40
 NO_INDEX = 0xFFFF_FFFF
 MAX_EVENTS_PER_CALL = 65536
 MAX_CURSORS = 1024
+#: The longest lease of a reservation, a day (TALLY_MAX_LEASE_MS).
+MAX_LEASE_MS = 86_400_000
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1

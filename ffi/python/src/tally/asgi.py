@@ -56,7 +56,7 @@ from typing import (
     TypeVar,
 )
 
-from . import _native, errors
+from . import _convert, _native, errors
 from .engine import Engine
 from .enums import ChargedTo, Denial
 from .results import Decision, Reservation
@@ -506,12 +506,12 @@ class QuotaMiddleware:
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
     - ``default_max_tokens``: the output tokens to hold when the request names no maximum;
     - ``lease_ms``: how long a reservation holds if the gateway dies before settling it
-      (default 30 minutes, as in the Go gateway; at most a day; None: the engine's default
-      lease). The engine cannot extend a lease: a response that outlives it finds the
-      reservation expired and its hold given back; its usage is then added as a usage
-      correction (``adjust_usage``, "add") at the reservation's time and logged, or, held on
-      credits or pay-as-you-go (which a correction cannot charge), logged as not recorded.
-      Set it above the longest stream the upstream serves;
+      (default 30 minutes, as in the Go gateway; 1 ms to a day, else ``ValueError`` here;
+      None: the engine's default lease). The engine cannot extend a lease: a response that
+      outlives it finds the reservation expired and its hold given back; its usage is then
+      added as a usage correction (``adjust_usage``, "add") at the reservation's time and
+      logged, or, held on credits or pay-as-you-go (which a correction cannot charge), logged
+      as not recorded. Set it above the longest stream the upstream serves;
     - ``refund_on_error``: give back a consumed request when the app answers >= 400 or raises;
     - ``run_sync``: runs each engine call (e.g. ``asyncio.to_thread``); default inline.
     """
@@ -535,6 +535,10 @@ class QuotaMiddleware:
         self.models = dict(DEFAULT_MODELS if models is None else models)
         self.clock = clock
         self.default_max_tokens = default_max_tokens
+        # Checked here, so a lease the engine would refuse fails the gateway's start, not
+        # every request it reserves for.
+        if lease_ms is not None and _convert.lease_ms(lease_ms) > _native.MAX_LEASE_MS:
+            raise ValueError(f"lease_ms: {lease_ms} is over a day ({_native.MAX_LEASE_MS})")
         self.lease_ms = lease_ms
         self.refund_on_error = refund_on_error
         self._run_sync = run_sync

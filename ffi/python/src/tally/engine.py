@@ -347,10 +347,11 @@ class Engine:
         at_ms: int | None = None,
         lease_ms: int | None = None,
     ) -> Reservation:
-        """Holds an estimate until settled, voided or the lease ends (default: the
-        ``default_lease_ms`` option, 10 minutes unless set)."""
+        """Holds an estimate until settled, voided or the lease ends: ``lease_ms`` 1 to
+        86,400,000 (a day), or None for the ``default_lease_ms`` option (10 minutes unless
+        set). 0 raises ``ValueError`` (C's 0 is the default lease, not none)."""
+        lease = _convert.lease_ms(lease_ms)
         request = _request(key, resource, estimate, at_ms, None)
-        lease = 0 if lease_ms is None else _convert.u64("lease_ms", lease_ms)
         out = _native.Decision()
         reservation = ctypes.c_uint64(0)
         errors.check(
