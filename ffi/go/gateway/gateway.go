@@ -59,7 +59,7 @@ type Config struct {
 	// EstimateTokens is reserved when the body gives no max_tokens (default 4096).
 	EstimateTokens uint64
 	// Lease bounds a reservation whose response never finishes (default 30 minutes, at most a
-	// day, as the Python middleware's lease_ms). The engine cannot extend a lease: a response
+	// day in whole milliseconds, else New fails, as the Python middleware's lease_ms). The engine cannot extend a lease: a response
 	// that outlives it is charged by a usage correction at the reservation's time instead
 	// (plan quota only; credits and pay-as-you-go holds are logged as not recorded), and its
 	// hold was free for other calls meanwhile. Set it above the longest stream served.
@@ -110,6 +110,11 @@ func New(config Config) (*Gateway, error) {
 	}
 	if config.Lease <= 0 {
 		config.Lease = 30 * time.Minute
+	}
+	// Checked here, so a lease the engine would refuse fails the start, not every reserved
+	// request (with a 503).
+	if config.Lease > 24*time.Hour || config.Lease%time.Millisecond != 0 {
+		return nil, fmt.Errorf("gateway: Lease %v: whole milliseconds, at most a day", config.Lease)
 	}
 	if config.MaxBodyBytes <= 0 {
 		config.MaxBodyBytes = 32 << 20

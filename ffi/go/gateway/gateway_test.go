@@ -1027,3 +1027,22 @@ func TestALateSettleOnCreditsIsLoggedAsNotRecorded(t *testing.T) {
 		t.Errorf("not logged: %q", logged.String())
 	}
 }
+
+// A lease the engine would refuse fails New, not every reserved request with a 503.
+func TestALeaseTheEngineWouldRefuseFailsNew(t *testing.T) {
+	engine, err := tally.OpenInMemory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	upstream, _ := url.Parse("http://127.0.0.1:1")
+	for _, lease := range []time.Duration{24*time.Hour + time.Millisecond, 1500 * time.Microsecond} {
+		if _, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstream, Lease: lease}); err == nil ||
+			!strings.Contains(err.Error(), "Lease") {
+			t.Errorf("lease %v: %v", lease, err)
+		}
+	}
+	if _, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstream, Lease: 24 * time.Hour}); err != nil {
+		t.Errorf("a lease of a day: %v", err)
+	}
+}
