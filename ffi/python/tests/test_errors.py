@@ -375,3 +375,31 @@ def test_a_lease_of_0_is_refused_not_taken_for_the_default_lease(engine, key):
     assert engine.usage(key, at_ms=T).open_reservations == 0
     assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T, lease_ms=None).admitted
     assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T, lease_ms=1).admitted
+
+
+def test_a_batch_entrys_error_names_the_request_and_the_argument_at_fault(engine, key):
+    # consume_many has no last error per entry: the wrapper names the entry and, for a string
+    # the library refused, the argument, with the words the library uses for it alone.
+    bad = [
+        tally.Request("tp\x00ada", "m2.7", {"requests": 1}, at_ms=T),
+        tally.Request(key, b"m2.\xff", {"requests": 1}, at_ms=T),
+        tally.Request(key, "", {"requests": 1}, at_ms=T),
+        tally.Request(key, "m2.7", {"requests": 1}, at_ms=T, request_id="r" * 129),
+        tally.Request(key, "m2.7", {"requests": 1}, at_ms=T, request_id="r\x00"),
+    ]
+    results = engine.consume_many([tally.Request(key, "m2.7", {"requests": 1}, at_ms=T), *bad])
+    assert isinstance(results[0], tally.Decision) and results[0].admitted
+    for index, (request, result) in enumerate(zip(bad, results[1:], strict=True), start=1):
+        with pytest.raises(tally.TallyError) as alone:
+            engine.check(
+                request.key,
+                request.resource,
+                request.quantities,
+                at_ms=request.at_ms,
+                request_id=request.request_id,
+            )
+        assert type(result) is type(alone.value)
+        assert result.message == f"requests[{index}].{alone.value.message}"
+    unknown = engine.consume_many([tally.Request(key, "gpt-9", {"requests": 1}, at_ms=T)])[0]
+    assert isinstance(unknown, tally.UnknownResourceError)
+    assert unknown.message.startswith("requests[0]")

@@ -96,6 +96,41 @@ def text(name: str, value: object) -> bytes:
     raise TypeError(f"{name} must be a str, not {type(value).__name__}")
 
 
+def text_problem(value: bytes, maximum: int) -> tuple[int, str] | None:
+    """The status and detail the library answers for a string argument it refuses, in the
+    order it checks (``ffi/src/checks.rs``), or None if it takes it. For what the library
+    cannot say itself: which entry of a batch, and which of its strings, it refused."""
+    if not value:
+        return errors.EmptyStringError.status_code, "must not be empty"
+    if len(value) > maximum:
+        return errors.StringTooLongError.status_code, f"is {len(value)} bytes; at most {maximum}"
+    nul = value.find(b"\0")
+    if nul >= 0:
+        return errors.NulInStringError.status_code, f"holds a NUL byte at offset {nul}"
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return errors.InvalidUtf8Error.status_code, f"is not valid UTF-8 (at byte {error.start})"
+    return None
+
+
+def batch_entry_detail(
+    index: int, status: int, key: bytes, resource: bytes, request_id: bytes | None
+) -> str:
+    """The message of a ``consume_many`` entry the library refused with ``status``: the entry,
+    and the string at fault if a string was (the library gives no message per entry)."""
+    strings = [("key", key, _native.MAX_ID_BYTES), ("resource", resource, _native.MAX_NAME_BYTES)]
+    if request_id is not None:
+        strings.append(("request_id", request_id, _native.MAX_ID_BYTES))
+    for name, value, maximum in strings:
+        problem = text_problem(value, maximum)
+        if problem is not None:
+            if problem[0] == status:
+                return f"requests[{index}].{name}: {problem[1]}"
+            break
+    return f"requests[{index}]: consume_many gives no detail per request (check() it alone)"
+
+
 def optional_text(name: str, value: object) -> tuple[bytes | None, int]:
     if value is None:
         return None, 0

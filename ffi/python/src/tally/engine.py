@@ -132,6 +132,18 @@ def _request(
     return request
 
 
+def _entry_detail(index: int, status: int, request: Request) -> str:
+    """The message of a refused ``consume_many`` entry (see ``_convert.batch_entry_detail``)."""
+    request_id, _ = _convert.optional_text("request_id", request.request_id)
+    return _convert.batch_entry_detail(
+        index,
+        status,
+        _convert.text("key", request.key),
+        _convert.text("resource", request.resource),
+        request_id,
+    )
+
+
 def _reservation_id(reservation: int | Reservation) -> int:
     if isinstance(reservation, Reservation):
         if reservation.id is None:
@@ -310,7 +322,9 @@ class Engine:
 
     def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
-        its decision, or the error (not raised) that kept that request from being decided."""
+        its decision, or the error (not raised) that kept that request from being decided,
+        whose message names the entry (``requests[3]``) and, for a refused string, the
+        argument (``requests[3].key: holds a NUL byte at offset 2``)."""
         if not 1 <= len(requests) <= _native.MAX_BATCH:
             raise ValueError(f"consume_many takes 1..={_native.MAX_BATCH} requests")
         natives = (_native.Request * len(requests))()
@@ -332,7 +346,7 @@ class Engine:
         return [
             Decision.from_native(decisions[index])
             if status == _native.OK
-            else errors.error_for(status, "")
+            else errors.error_for(status, _entry_detail(index, status, requests[index]))
             for index, status in enumerate(statuses)
         ]
 
