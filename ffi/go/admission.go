@@ -7,7 +7,9 @@ import "C"
 
 import (
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 )
 
@@ -182,7 +184,9 @@ type Result struct {
 }
 
 // ConsumeMany consumes up to MaxBatch requests with one wait for durability. Each is decided
-// on its own (its Result); the error is for a batch that could not run at all.
+// on its own (its Result; an entry's error names it, "requests[3]", and a string refused in
+// it, "requests[3].key: holds a NUL byte at offset 2"); the error is for a batch that could
+// not run at all.
 func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 	const op = "ConsumeMany"
 	if len(requests) == 0 || len(requests) > MaxBatch {
@@ -215,10 +219,56 @@ func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 		if statuses[i] == C.TALLY_OK {
 			results[i].Decision = decisionFrom(&decisions[i])
 		} else {
-			results[i].Err = newError(op, Status(statuses[i]), "")
+			status := Status(statuses[i])
+			results[i].Err = newError(op, status, entryDetail(i, status, &requests[i]))
 		}
 	}
 	return results, nil
+}
+
+// entryDetail is the message of a ConsumeMany entry the library refused with status: the
+// entry and, if a string was refused, which one, in the library's words (the library gives
+// no message per entry).
+func entryDetail(index int, status Status, request *Request) string {
+	type argument struct {
+		name, value string
+		maximum     int
+	}
+	texts := []argument{{"key", request.Key, MaxIDBytes}, {"resource", request.Resource, MaxNameBytes}}
+	if request.RequestID != "" { // "" is none
+		texts = append(texts, argument{"request_id", request.RequestID, MaxIDBytes})
+	}
+	for _, s := range texts {
+		if problem, detail := textProblem(s.value, s.maximum); problem != 0 {
+			if problem == status {
+				return fmt.Sprintf("requests[%d].%s: %s", index, s.name, detail)
+			}
+			break
+		}
+	}
+	return fmt.Sprintf("requests[%d]: %s", index, statusErrors[status])
+}
+
+// textProblem is the status and detail the library answers for a string argument it refuses,
+// checked in its order (ffi/src/checks.rs), or 0 if it takes the string.
+func textProblem(s string, maximum int) (Status, string) {
+	if len(s) == 0 {
+		return C.TALLY_EMPTY_STRING, "must not be empty"
+	}
+	if len(s) > maximum {
+		return C.TALLY_STRING_TOO_LONG, fmt.Sprintf("is %d bytes; at most %d", len(s), maximum)
+	}
+	if at := strings.IndexByte(s, 0); at >= 0 {
+		return C.TALLY_NUL_IN_STRING, fmt.Sprintf("holds a NUL byte at offset %d", at)
+	}
+	for at := 0; at < len(s); {
+		r, size := utf8.DecodeRuneInString(s[at:])
+		if r == utf8.RuneError && size <= 1 {
+			return C.TALLY_INVALID_UTF8, fmt.Sprintf("is not valid UTF-8 (at byte %d)", at)
+		}
+		at += size
+	}
+	return 0, ""
 }
 
 // batch is ConsumeMany's requests as pointer-free arrays: one text buffer, one quantity array

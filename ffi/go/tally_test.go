@@ -2,6 +2,7 @@ package tally_test
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -540,6 +541,50 @@ func TestConsumeManyDecidesEachRequestOnItsOwn(t *testing.T) {
 	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "requests: 4097 given") ||
 		!strings.Contains(err.Error(), "MaxBatch (4096)") {
 		t.Fatalf("a batch of MaxBatch + 1: %v", err)
+	}
+}
+
+// The library keeps no last error per batch entry: the package names the entry and, for a
+// string the library refused, the argument, in the words the library uses for it alone.
+func TestAConsumeManyEntrysErrorNamesTheRequestAndTheArgumentAtFault(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "mo", "tp-mo", "Starter")
+	good := tally.Request{Key: "tp-mo", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	bad := []func(*tally.Request){
+		func(r *tally.Request) { r.Key = "tp\x00mo" },
+		func(r *tally.Request) { r.Resource = "m2.\xff" },
+		func(r *tally.Request) { r.Resource = "" },
+		func(r *tally.Request) { r.RequestID = strings.Repeat("r", tally.MaxIDBytes+1) },
+		func(r *tally.Request) { r.RequestID = "r\x00" },
+	}
+	requests := []tally.Request{good}
+	for _, change := range bad {
+		request := good
+		change(&request)
+		requests = append(requests, request)
+	}
+	results, err := engine.ConsumeMany(requests)
+	must(t, err)
+	if !results[0].Decision.Admitted {
+		t.Fatalf("the good request: %+v", results[0])
+	}
+	for i, request := range requests[1:] {
+		index := i + 1
+		_, alone := engine.Check(request)
+		var want, got *tally.Error
+		if !errors.As(alone, &want) || !errors.As(results[index].Err, &got) {
+			t.Fatalf("requests[%d]: %v, alone %v", index, results[index].Err, alone)
+		}
+		if got.Status != want.Status || got.Message != fmt.Sprintf("requests[%d].%s", index, want.Message) {
+			t.Errorf("requests[%d]: %q (%s), alone %q (%s)", index, got.Message, got.Status, want.Message, want.Status)
+		}
+	}
+	unknown := good
+	unknown.Resource = "gpt-9"
+	results, err = engine.ConsumeMany([]tally.Request{unknown})
+	must(t, err)
+	if !errors.Is(results[0].Err, tally.ErrUnknownResource) || !strings.Contains(results[0].Err.Error(), "requests[0]") {
+		t.Errorf("an unknown resource: %v", results[0].Err)
 	}
 }
 
