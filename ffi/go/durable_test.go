@@ -2,6 +2,7 @@ package tally_test
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -231,5 +232,43 @@ func TestAnInMemoryEngineHasNoStoredPolicy(t *testing.T) {
 	}
 	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "policy_source") {
 		t.Fatalf("in memory with the stored policy: %v", err)
+	}
+}
+
+// A Close that finds another one in progress waits for it: when it returns, the database is
+// checkpointed, flushed and closed, as it is when any Close returns (the first takes a
+// checkpoint of 20,000 keys meanwhile). A program that exits once its Close returns must not
+// cut the first one short.
+func TestASecondCloseReturnsOnlyOnceTheFirstHasClosedTheDatabase(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+	must(t, err)
+	for i := 0; i < 20_000; i++ {
+		key := fmt.Sprintf("tp-%d", i)
+		must(t, engine.CreateUser(fmt.Sprintf("u%d", i), key, t0))
+		consume(t, engine, tally.Request{Key: key, Resource: "m2.7", Quantities: one(tally.Requests), At: t0})
+	}
+	first := make(chan error, 1)
+	go func() { first <- engine.Close() }()
+	// The first Close is inside the library once calls answer ErrClosed, and busy with the
+	// checkpoint until it returns.
+	for {
+		if _, err := engine.Credits("@u0"); errors.Is(err, tally.ErrClosed) {
+			break
+		}
+		runtime.Gosched()
+	}
+	began := time.Now()
+	must(t, engine.Close())
+	second := time.Since(began)
+	// The first one's goroutine has only its send left (microseconds); the checkpoint it
+	// would still be taking otherwise takes 50 ms or more.
+	select {
+	case err := <-first:
+		must(t, err)
+	case <-time.After(20 * time.Millisecond):
+		began = time.Now()
+		err := <-first
+		t.Fatalf("the second Close returned after %v, the first %v later (%v)", second, time.Since(began), err)
 	}
 }

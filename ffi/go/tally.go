@@ -31,7 +31,7 @@ import "C"
 import (
 	"math"
 	"runtime"
-	"sync/atomic"
+	"sync"
 	"time"
 	"unsafe"
 )
@@ -166,8 +166,10 @@ func (o *options) policyText() (*C.char, C.size_t) {
 // Engine is an open tally engine. Safe for concurrent use.
 type Engine struct {
 	handle *C.tally_engine
-	// closed is set by the first Close, so a second one is a no-op.
-	closed atomic.Bool
+	// closing is held by a Close for its whole call, so a second one waits for the first to
+	// have closed the database before it returns (the library answers it at once).
+	closing sync.Mutex
+	closed  bool // under closing: set by the first Close, so a second one is a no-op
 }
 
 // Open opens (or creates) the database in the directory path. On an existing database a
@@ -238,12 +240,16 @@ func newEngine(handle *C.tally_engine) *Engine {
 }
 
 // Close waits for calls in flight, checkpoints and flushes the database and releases its
-// lock. Later calls answer ErrClosed. Closing again does nothing and returns nil. The engine
-// is closed even when Close returns a storage error.
+// lock. Later calls answer ErrClosed. Closing again does nothing and returns nil, once the
+// first Close has returned (a Close racing another returns only when the database is closed).
+// The engine is closed even when Close returns a storage error.
 func (e *Engine) Close() error {
-	if !e.closed.CompareAndSwap(false, true) {
+	e.closing.Lock()
+	defer e.closing.Unlock()
+	if e.closed {
 		return nil
 	}
+	e.closed = true
 	err := e.call("Close", func(handle *C.tally_engine) C.uint32_t {
 		return C.tally_engine_close(handle)
 	})
