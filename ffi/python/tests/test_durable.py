@@ -3,6 +3,8 @@ checkpoints, compaction and verify."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import tally
@@ -177,3 +179,25 @@ def test_a_new_database_opened_with_the_stored_policy_runs_the_token_plan(tmp_pa
 def test_an_in_memory_engine_has_no_stored_policy():
     with pytest.raises(tally.InvalidArgumentError, match="policy_source"):
         tally.Engine.in_memory(tally.Policy.stored())
+
+
+def test_a_second_close_returns_only_once_the_first_has_closed_the_database(tmp_path):
+    # The library answers a close racing another at once (TALLY_CLOSED); a program that exits
+    # once its close returns must not cut the first one short (a checkpoint of 20,000 keys,
+    # 50 ms or more, then the flush).
+    engine = tally.Engine.open(tmp_path / "db", durability=tally.Durability.NONE)
+    for index in range(20_000):
+        engine.create_user(f"u{index}", f"tp-{index}", at_ms=T)
+        engine.consume(f"tp-{index}", "m2.7", {"requests": 1}, at_ms=T)
+    first = threading.Thread(target=engine.close)
+    first.start()
+    while True:  # the first close is inside the library once calls raise ClosedError
+        try:
+            engine.credits("@u0")
+        except tally.ClosedError:
+            break
+    engine.close()
+    # The first close's thread has only its return left (microseconds) unless it is still
+    # closing the database.
+    first.join(timeout=0.02)
+    assert not first.is_alive(), "the second close returned while the first was still closing"

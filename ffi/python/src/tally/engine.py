@@ -161,7 +161,7 @@ _open_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 @atexit.register
 def _close_open_engines() -> None:
     for engine in list(_open_engines):
-        _native.lib.tally_engine_close(engine._handle)
+        engine._close_native()  # any error is dropped: the process is exiting
 
 
 class Engine:
@@ -178,6 +178,9 @@ class Engine:
             raise TypeError("use Engine.open or Engine.in_memory to create an engine")
         self._handle = handle
         self._closed = False
+        # Held by a close for its whole call: the library answers a close racing another at
+        # once, and a second close must not return while the first is still flushing.
+        self._close_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _native.lib.tally_engine_free, handle)
         # Freed when collected, never at interpreter exit (`_close_open_engines` closes it).
         self._finalizer.atexit = False
@@ -239,13 +242,20 @@ class Engine:
         return cls(handle)
 
     def close(self) -> None:
-        """Closes the engine (checkpoint, flush, release the database lock). Idempotent.
+        """Closes the engine (checkpoint, flush, release the database lock). Idempotent: a
+        second close does nothing, once the first has returned (one racing another returns only
+        when the database is closed).
 
         Raises a storage error if the final flush failed; the engine is closed even then."""
-        self._closed = True
-        status = _native.lib.tally_engine_close(self._handle)
-        if status not in (_native.OK, errors.ClosedError.status_code):
-            errors.check(status)
+        errors.check(self._close_native())
+
+    def _close_native(self) -> int:
+        """Closes the handle (the first time); the status, TALLY_OK if it was closed already.
+        The last error, if any, is this thread's."""
+        with self._close_lock:
+            self._closed = True
+            status: int = _native.lib.tally_engine_close(self._handle)
+        return _native.OK if status == errors.ClosedError.status_code else status
 
     @property
     def closed(self) -> bool:
