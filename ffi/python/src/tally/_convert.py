@@ -8,14 +8,26 @@ never reaches C."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, ItemsView, Mapping
+from typing import Protocol
 
 from . import _native, errors
 from .enums import AdjustmentDirection, Unit
 
 Text = str | bytes
-#: ``{"requests": 1}``, ``{Unit.TOKENS: 900}`` or a mix (Mapping is invariant in its key).
-Quantities = Mapping[str, int] | Mapping[Unit, int] | Mapping[Unit | str, int]
+
+
+class Quantities(Protocol):
+    """A mapping of unit (a ``Unit`` or its name) to amount: ``{"requests": 1}``,
+    ``{Unit.TOKENS: 900}`` or a mix. Typed by what is read of it, as ``Mapping`` is invariant
+    in its key: a union of ``Mapping[str, int]`` and ``Mapping[Unit, int]`` took each kind
+    of dict, but a literal mixing the two was inferred as ``dict[object, int]`` and refused.
+    At run time it must be a ``Mapping``."""
+
+    def __len__(self) -> int: ...
+
+    def items(self) -> ItemsView[Unit | str, int]: ...
+
 
 # A size query never needs more rounds than this unless a report grows on every call.
 _MAX_TEXT_ATTEMPTS = 8
