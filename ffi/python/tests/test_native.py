@@ -162,3 +162,11 @@ def test_tally_library_points_at_the_library_to_load():
     result = _import_in_subprocess(env)
     assert result.returncode != 0
     assert "LibraryNotFound" in result.stderr and "/nonexistent/libtally.so" in result.stderr
+
+
+def test_every_function_is_called_without_the_gil():
+    # A CDLL function releases the GIL for the call; a PyDLL one (FUNCFLAG_PYTHONAPI) holds it,
+    # and threads waiting for an fsync would then wait one after another, never sharing one.
+    assert type(_native.lib) is ctypes.CDLL
+    for name in _native.SIGNATURES:
+        assert not getattr(_native.lib, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI, name
