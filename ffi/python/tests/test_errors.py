@@ -91,9 +91,10 @@ def test_bad_arguments_of_other_types(engine, key):
         engine.consume(key, "m2.7", {"requests": 1}, at_ms=-5)
     with pytest.raises(TypeError):
         engine.consume(key, "m2.7", {"requests": 1}, at_ms=1.5)
-    with pytest.raises(TypeError):
+    # bytes are taken too (the library checks their UTF-8): the message says so.
+    with pytest.raises(TypeError, match=r"^key must be a str or bytes, not int$"):
         engine.consume(42, "m2.7", {"requests": 1})
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^resource must be a str or bytes, not NoneType$"):
         engine.consume(key, None, {"requests": 1})
     with pytest.raises(ValueError):
         engine.top_up("@ada", -100, at_ms=T)

@@ -105,7 +105,7 @@ def text(name: str, value: object) -> bytes:
             raise ValueError(f"{name} is not encodable as UTF-8: {error}") from None
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    raise TypeError(f"{name} must be a str or bytes, not {type(value).__name__}")
 
 
 def text_problem(value: bytes, maximum: int) -> tuple[int, str] | None:
