@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 import tally
 from conftest import T, seated
@@ -109,3 +112,42 @@ print("exiting", flush=True)
         )
         assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
         assert result.stdout.split() == ["exiting", "closed"], result.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_closed_errors_and_leaves_the_parents_database_alone(tmp_path):
+    # A process forked after an open (gunicorn --preload, a fork-started multiprocessing pool)
+    # has a copy of the engine without its threads, on the parent's files: its first call used
+    # to wait forever for a flush no thread would do, and its exit closed that copy, writing a
+    # checkpoint into the database the parent still has open.
+    code = f"""
+import os, signal, sys, tally
+engine = tally.Engine.open(sys.argv[1], durability=tally.Durability.SYNC)
+engine.create_user("ada", "tp-ada", at_ms={T})
+engine.assign_seat("@ada", "ada", "Max", at_ms={T})
+child = os.fork()
+if child == 0:
+    signal.alarm(10)  # a child that hangs dies rather than outlive the test
+    try:
+        engine.consume("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T})
+        print("child: admitted", flush=True)
+    except tally.ClosedError as error:
+        print("child:", "fork" in error.message, engine.closed, flush=True)
+    engine.close()  # a no-op in the child
+    sys.exit(0)  # runs the child's atexit handlers
+_, status = os.waitpid(child, 0)
+assert status == 0, status
+assert engine.consume("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T}).admitted
+engine.close()
+report = tally.verify(sys.argv[1])
+with tally.Engine.open(sys.argv[1]) as reopened:
+    print("parent:", report.sound, reopened.usage("tp-ada", at_ms={T}).limits[0].used, flush=True)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "db")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.splitlines() == ["child: True True", "parent: True 1"], result.stdout

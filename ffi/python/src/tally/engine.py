@@ -164,19 +164,51 @@ def _close_open_engines() -> None:
         engine._close_native()  # any error is dropped: the process is exiting
 
 
+_FORKED = (
+    "engine: this process was forked from the one that opened it; a forked copy has none of "
+    "the engine's threads and shares its files (and counts apart from it): open the database "
+    "again in this process"
+)
+
+
+def _abandon_engines_in_child() -> None:
+    """After a fork, in the child: every engine the parent had open is the parent's. Its copy
+    here has none of the engine's threads (a call would wait forever for a flush) and shares
+    the parent's files (a close, a free or the close at exit would write into the database
+    the parent has open), so it is never called, closed or freed here: calls raise
+    ``ClosedError``, ``close()`` does nothing."""
+    for engine in list(_open_engines):
+        engine._finalizer.detach()
+        engine._native_handle = None
+        engine._closed = True
+        # A close a parent's thread was in at the fork would hold the copied lock for ever.
+        engine._close_lock = threading.Lock()
+    _open_engines.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_abandon_engines_in_child)
+
+
 class Engine:
     """A tally engine: in memory (``Engine.in_memory``) or on a database directory
     (``Engine.open``). Safe to share between threads; calls release the GIL.
 
     ``close()`` closes the engine (it waits for calls in flight; later calls raise
     ``ClosedError``) and may be called any number of times; the handle's memory is freed when
-    the object is collected, so a thread racing a close can never touch freed memory."""
+    the object is collected, so a thread racing a close can never touch freed memory.
+
+    An engine belongs to the process that opened it: in a process forked from that one
+    (``gunicorn --preload``, a fork-started ``multiprocessing`` pool) its calls raise
+    ``ClosedError`` and ``close()`` does nothing; open the database in each process instead
+    (one at a time: a database is open in one engine at once)."""
 
     def __init__(self, handle: ctypes.c_void_p) -> None:
         """Use ``Engine.open`` or ``Engine.in_memory``."""
         if not isinstance(handle, ctypes.c_void_p) or not handle.value:
             raise TypeError("use Engine.open or Engine.in_memory to create an engine")
-        self._handle = handle
+        # None in a process forked from the one that opened it (`_abandon_engines_in_child`).
+        self._native_handle: ctypes.c_void_p | None = handle
         self._closed = False
         # Held by a close for its whole call: the library answers a close racing another at
         # once, and a second close must not return while the first is still flushing.
@@ -185,6 +217,14 @@ class Engine:
         # Freed when collected, never at interpreter exit (`_close_open_engines` closes it).
         self._finalizer.atexit = False
         _open_engines.add(self)
+
+    @property
+    def _handle(self) -> ctypes.c_void_p:
+        """The handle to pass the library; ``ClosedError`` in a forked child."""
+        handle = self._native_handle
+        if handle is None:
+            raise errors.ClosedError(errors.ClosedError.status_code, _FORKED)
+        return handle
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -254,7 +294,9 @@ class Engine:
         The last error, if any, is this thread's."""
         with self._close_lock:
             self._closed = True
-            status: int = _native.lib.tally_engine_close(self._handle)
+            if self._native_handle is None:
+                return _native.OK  # a forked copy: the parent's to close
+            status: int = _native.lib.tally_engine_close(self._native_handle)
         return _native.OK if status == errors.ClosedError.status_code else status
 
     @property
@@ -268,7 +310,10 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<tally.Engine {'closed' if self._closed else 'open'} at {self._handle.value:#x}>"
+        if self._native_handle is None:
+            return "<tally.Engine of the process this one was forked from>"
+        state = "closed" if self._closed else "open"
+        return f"<tally.Engine {state} at {self._native_handle.value:#x}>"
 
     # ---- admission -------------------------------------------------------------------------
 
