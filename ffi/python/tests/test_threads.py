@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -151,3 +153,18 @@ with tally.Engine.open(sys.argv[1]) as reopened:
     )
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert result.stdout.splitlines() == ["child: True True", "parent: True 1"], result.stdout
+
+
+def test_an_engine_or_a_submission_is_shared_never_copied():
+    # A shallow copy shared the handle but not the finalizer's hold on it: once the original
+    # was collected, the handle was freed under the copy, and its next call crashed.
+    engine = tally.Engine.in_memory()
+    key = seated(engine, "cy", "tp-cy-1", "Max")
+    submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+    for original in (engine, submission):
+        for copy_it in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=type(original).__name__):
+                copy_it(original)
+    assert submission.complete().admitted
+    assert engine.usage(key, at_ms=T).limits[0].used == 1
+    engine.close()

@@ -152,6 +152,13 @@ def _reservation_id(reservation: int | Reservation) -> int:
     return _convert.u64("reservation", reservation)
 
 
+def _not_copied(handle: object) -> TypeError:
+    """Engines and submissions are shared, not copied: a copy would hold the library's handle
+    without the finalizer's hold on it, and use it once the original freed it."""
+    name = type(handle).__name__
+    return TypeError(f"a tally.{name} cannot be copied or pickled: share the {name} itself")
+
+
 # Engines still open, closed (not freed) at interpreter exit: daemon threads may still be
 # calling them then, and a closed handle answers ``ClosedError`` where a freed one would be
 # freed memory. The process's exit takes the memory back.
@@ -305,6 +312,15 @@ class Engine:
 
     def __enter__(self) -> Engine:
         return self
+
+    def __copy__(self) -> Engine:
+        raise _not_copied(self)
+
+    def __deepcopy__(self, memo: object) -> Engine:
+        raise _not_copied(self)
+
+    def __reduce__(self) -> str:
+        raise _not_copied(self)
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
@@ -861,6 +877,15 @@ class Submission:
             _native.lib.tally_engine_complete(self._engine._handle, self._handle, ctypes.byref(out))
         )
         return Decision.from_native(out)
+
+    def __copy__(self) -> Submission:
+        raise _not_copied(self)
+
+    def __deepcopy__(self, memo: object) -> Submission:
+        raise _not_copied(self)
+
+    def __reduce__(self) -> str:
+        raise _not_copied(self)
 
     def __repr__(self) -> str:
         state = "completed" if self.completed else "in flight"
