@@ -404,3 +404,18 @@ def test_a_batch_entrys_error_names_the_request_and_the_argument_at_fault(engine
     unknown = engine.consume_many([tally.Request(key, "gpt-9", {"requests": 1}, at_ms=T)])[0]
     assert isinstance(unknown, tally.UnknownResourceError)
     assert unknown.message.startswith("requests[0]")
+
+
+def test_a_batch_refused_before_the_call_names_the_request_at_fault(engine, key):
+    good = tally.Request(key, "m2.7", {"requests": 1}, at_ms=T)
+    for bad, error, message in [
+        (tally.Request(42, "m2.7", {"requests": 1}), TypeError, "requests[1].key must be a str"),
+        (tally.Request(key, "m2.7", {"furlongs": 1}), ValueError, "requests[1].quantities: "),
+        (tally.Request(key, "m2.7", {"requests": -1}), ValueError, "requests[1].quantities["),
+        (tally.Request(key, "m2.7", {"requests": 1}, at_ms=0), tally.BadTimestampError, None),
+    ]:
+        with pytest.raises(error) as raised:
+            engine.consume_many([good, bad])
+        text = raised.value.message if message is None else str(raised.value)
+        assert text.startswith(message or "requests[1].at_ms: "), text
+    assert engine.usage(key, at_ms=T).limits[0].used == 0  # nothing of either batch ran

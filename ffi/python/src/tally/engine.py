@@ -403,7 +403,14 @@ class Engine:
         for index, item in enumerate(requests):
             if not isinstance(item, Request):
                 raise TypeError(f"requests[{index}] must be a tally.Request")
-            native = _request(item.key, item.resource, item.quantities, item.at_ms, item.request_id)
+            try:
+                native = _request(
+                    item.key, item.resource, item.quantities, item.at_ms, item.request_id
+                )
+            except errors.TallyError as error:  # at_ms 0: named as the library names fields
+                raise type(error)(error.status, f"requests[{index}].{error.message}") from None
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"requests[{index}].{error}") from None
             keep_alive.append(native)  # the array copies the pointers, not what they own
             natives[index] = native
         statuses = (ctypes.c_uint32 * len(requests))()
