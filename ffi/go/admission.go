@@ -284,7 +284,7 @@ func newBatch(op string, requests []Request) (*batch, error) {
 	for i, request := range requests {
 		at, err := milliseconds(op, request.At)
 		if err != nil {
-			return nil, err
+			return nil, newError(op, StatusOf(err), fmt.Sprintf("requests[%d].At: %s", i, err.(*Error).Message))
 		}
 		to := &b.requests[i]
 		to.key_offset, to.key_len = b.add(request.Key)

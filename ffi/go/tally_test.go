@@ -588,6 +588,20 @@ func TestAConsumeManyEntrysErrorNamesTheRequestAndTheArgumentAtFault(t *testing.
 	}
 }
 
+func TestABatchRefusedBeforeTheCallNamesTheRequestAtFault(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "nu", "tp-nu", "Starter")
+	good := tally.Request{Key: "tp-nu", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	bad := good
+	bad.At = time.Unix(-1, 0)
+	_, err := engine.ConsumeMany([]tally.Request{good, bad})
+	var tallyError *tally.Error
+	if !errors.Is(err, tally.ErrBadTimestamp) || !errors.As(err, &tallyError) ||
+		!strings.HasPrefix(tallyError.Message, "requests[1].At: ") {
+		t.Fatalf("a time before 1970 in requests[1]: %v", err)
+	}
+}
+
 func TestGoroutinesSharingOneEngineAreAdmittedExactlyTheLimit(t *testing.T) {
 	engine := openMemory(t)
 	seated(t, engine, "mo", "tp-mo", "Starter")
