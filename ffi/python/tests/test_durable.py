@@ -181,23 +181,34 @@ def test_an_in_memory_engine_has_no_stored_policy():
         tally.Engine.in_memory(tally.Policy.stored())
 
 
-def test_a_second_close_returns_only_once_the_first_has_closed_the_database(tmp_path):
+def test_a_second_close_returns_only_once_the_first_has_closed_the_database(monkeypatch):
     # The library answers a close racing another at once (TALLY_CLOSED); a program that exits
-    # once its close returns must not cut the first one short (a checkpoint of 20,000 keys,
-    # 50 ms or more, then the flush).
-    engine = tally.Engine.open(tmp_path / "db", durability=tally.Durability.NONE)
-    for index in range(20_000):
-        engine.create_user(f"u{index}", f"tp-{index}", at_ms=T)
-        engine.consume(f"tp-{index}", "m2.7", {"requests": 1}, at_ms=T)
+    # once its close returns must not cut the first one short (its checkpoint and flush). The
+    # first close here is held inside the library, past the point where the handle is marked
+    # closed, until the test lets it go.
+    from tally import _native
+
+    inside, release = threading.Event(), threading.Event()
+    real_close = _native.lib.tally_engine_close
+
+    def slow_close(handle):
+        status = real_close(handle)
+        if status == _native.OK:  # the first close: the handle is closed, the rest is slow
+            inside.set()
+            release.wait(timeout=30)
+        return status
+
+    monkeypatch.setattr(_native.lib, "tally_engine_close", slow_close)
+    engine = tally.Engine.in_memory()
     first = threading.Thread(target=engine.close)
     first.start()
-    while True:  # the first close is inside the library once calls raise ClosedError
-        try:
-            engine.credits("@u0")
-        except tally.ClosedError:
-            break
-    engine.close()
-    # The first close's thread has only its return left (microseconds) unless it is still
-    # closing the database.
-    first.join(timeout=0.02)
-    assert not first.is_alive(), "the second close returned while the first was still closing"
+    assert inside.wait(timeout=30)
+    second = threading.Thread(target=engine.close)
+    second.start()
+    second.join(timeout=0.2)
+    still_waiting = second.is_alive()
+    release.set()
+    first.join()
+    second.join()
+    assert still_waiting, "the second close returned while the first was still closing"
+    assert engine.closed
