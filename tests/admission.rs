@@ -459,7 +459,7 @@ fn a_request_that_fits_one_limit_but_not_another_changes_neither() {
 
 #[test]
 fn a_request_over_the_weekly_bar_leaves_the_five_hour_bar_untouched() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Bar-Plus");
     let rolling_amount = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
     let weekly_amount = limit(&engine, &key, "usage-bar", weekly(), T0_MS).amount;
@@ -471,6 +471,7 @@ fn a_request_over_the_weekly_bar_leaves_the_five_hour_bar_untouched() {
     let mut at_ms = T0_MS;
     while left > 0 {
         let micros = left.min(rolling_amount);
+        clock.set_ms(at_ms);
         assert!(consume(&engine, &key, "m2.7", &m27_worth(&engine, micros), at_ms).is_admitted());
         left -= micros;
         at_ms += 6 * HOUR_MS;
@@ -1644,9 +1645,10 @@ fn added_usage_ages_out_five_hours_after_it_happened() {
 
 #[test]
 fn corrections_of_usage_whose_window_has_passed_move_nothing() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Plus");
     let now_ms = T0_MS + DAY_MS + HOUR_MS;
+    clock.set_ms(now_ms);
     let rolling = engine
         .adjust_usage(
             &key,
@@ -2223,7 +2225,7 @@ fn refused_oversized_requests_and_empty_removals_hold_no_usage_memory() {
 
 #[test]
 fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let idle = seated(&engine, "ada", "Starter");
     let busy = seated(&engine, "bob", "Plus");
     let reserved = seated(&engine, "cy", "Starter");
@@ -2241,6 +2243,7 @@ fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
     // A reclaimed key works as before.
     assert_eq!(m27_requests(&engine, &idle, 1501, at_ms), 1500);
     // The next day the image counter is empty too; the open reservation still pins its key.
+    clock.set_ms(T0_MS + DAY_MS + 6 * HOUR_MS);
     assert_eq!(
         engine.reclaim_idle(Some(T0_MS + DAY_MS + 6 * HOUR_MS)),
         Ok(2)
@@ -2874,11 +2877,13 @@ fn reclaiming_a_key_whose_counter_is_already_on_a_later_day_keeps_that_day_as_it
     // The counter moves to day D+1 and is emptied there (a reservation stamped just after
     // midnight, voided); a reclaim stamped back on day D finds it idle. A later request
     // stamped on D must still not find day D's quota again.
-    let engine = engine_with(daily_only_policy());
+    let (engine, clock) = engine_on_clock_with(daily_only_policy());
     let key = seated(&engine, "ada", "Daily");
     let all_of_it = [(Unit::Characters, 4000)];
     assert!(consume(&engine, &key, "speech", &all_of_it, T0_MS + HOUR_MS).is_admitted());
     let next_day_ms = T0_MS + DAY_MS;
+    // The clock has reached D+1; the reclaim and the request after it come late, stamped on D.
+    clock.set_ms(next_day_ms + 1);
     let outcome = engine
         .reserve(
             &UsageRequest::new(&key, "speech", &[(Unit::Characters, 1000)]).at(next_day_ms + 1),
@@ -2935,11 +2940,12 @@ fn reclaiming_an_idle_key_does_not_let_a_late_timestamp_release_a_daily_quota_ea
     // its time.
     const DAILY_CHARACTERS: u64 = 4000;
     for reclaim in [false, true] {
-        let engine = engine_with(daily_only_policy());
+        let (engine, clock) = engine_on_clock_with(daily_only_policy());
         let key = seated(&engine, "ada", "Daily");
         let all_of_it = [(Unit::Characters, DAILY_CHARACTERS)];
         assert!(consume(&engine, &key, "speech", &all_of_it, T0_MS).is_admitted());
         if reclaim {
+            clock.set_ms(T0_MS + 2 * DAY_MS);
             assert_eq!(engine.reclaim_idle(Some(T0_MS + 2 * DAY_MS)), Ok(1));
         }
         // A delayed gateway reports the same amount again, stamped an hour after the first.
@@ -3120,7 +3126,14 @@ limits = [{ resource = "widget", unit = "requests", amount = 100, window = "mont
 
 #[test]
 fn a_far_future_timestamp_does_not_make_request_ids_forgotten() {
-    let (engine, clock) = engine_on_clock();
+    // Stamps decades ahead of the clock, which the default bound refuses: without a bound
+    // (opted out), they are taken, and must still not make the table forget "req-a".
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let options = tally_engine::EngineOptions {
+        max_ahead_of_clock_ms: 0,
+        ..tally_engine::EngineOptions::default()
+    };
+    let engine = Engine::new(Policy::token_plan(), clock.clone(), options).expect("valid options");
     let key = seated(&engine, "ada", "Starter");
     let other = seated(&engine, "bob", "Max");
     let ten = [(Unit::Requests, 10)];

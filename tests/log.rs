@@ -44,7 +44,13 @@ fn shut(engine: Engine, how: Shutdown) {
 fn recovery_case(label: &str, options: OpenOptions, how: Shutdown, checkpoint: bool, bulk: u64) {
     let dir = TempDir::new(label);
     let engine = open_token_plan(dir.path(), options.clone());
-    let twin = twin(Policy::token_plan());
+    let twin_clock = log_support::clock();
+    let twin = Engine::new(
+        Policy::token_plan(),
+        twin_clock.clone(),
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("valid options");
     let world = populate(&engine);
     assert_eq!(
         world,
@@ -138,8 +144,12 @@ fn recovery_case(label: &str, options: OpenOptions, how: Shutdown, checkpoint: b
 
     // And once more: the state after the later operations survives too, and ages out exactly
     // as the twin's (reports at later times last: a report moves a rolling window's head).
-    let engine = open_token_plan(dir.path(), options);
+    let clock = log_support::clock();
+    let engine = open_on_clock(dir.path(), clock.clone(), options);
     for at_ms in [at_ms, at_ms + HOUR_MS, at_ms + DAY_MS] {
+        // The day goes by on both clocks.
+        clock.set_ms(at_ms);
+        twin_clock.set_ms(at_ms);
         assert_same_state(
             &state(&engine, &KEYS, &TEAMS, at_ms),
             &state(&twin, &KEYS, &TEAMS, at_ms),
@@ -602,6 +612,10 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
     }
     // A tail after the last snapshot, for the reopen to replay.
     let (tail, end_ms) = (at(1_000 * rounds), at(1_500 * rounds));
+    if moving_clock {
+        // The clock reaches the tail's times (a day and more after the load, 30 s a step).
+        clock.set_ms(end_ms);
+    }
     for step in 0..10u64 {
         let request = UsageRequest::new(&keys[0], "m2.7", &[(Unit::Requests, 1)]).at(tail + step);
         engine.consume(&request).expect("consume");
@@ -1860,8 +1874,13 @@ fn events_after_returns_every_event_in_order_gap_free_with_its_kind_and_a_saved_
 #[test]
 fn a_usage_addition_that_counts_nothing_appends_no_event() {
     let dir = TempDir::new("adjust-counts-nothing");
-    let engine = ada_on(dir.path(), "Plus");
+    let clock = log_support::clock();
+    let engine = seat_ada(
+        open_on_clock(dir.path(), clock.clone(), sync_options()),
+        "Plus",
+    );
     let now_ms = T0_MS + DAY_MS + HOUR_MS;
+    clock.set_ms(now_ms);
     let events = last_seq(&engine);
     let add = |resource: &str, quantities: &[(Unit, u64)], usage_at_ms: u64| {
         engine
@@ -2825,13 +2844,15 @@ fn housekeeping_on_its_own_is_logged_and_survives_a_reopen() {
 #[test]
 fn verify_stays_sound_after_a_request_id_ages_out() {
     let dir = TempDir::new("verify-aged-id");
-    let engine = ada_on(dir.path(), "Max");
+    let clock = log_support::clock();
+    let engine = ada_on_max(dir.path(), &clock);
     let quantities = [(Unit::Requests, 1)];
     let request = UsageRequest::new("key-ada", "m2.7", &quantities);
     engine.consume(&request.at(T0_MS).id("old")).unwrap();
     engine.checkpoint().unwrap();
     // Enough new ids to land in every one of the 64 idempotency shards.
     let later_ms = T0_MS + 8 * DAY_MS;
+    clock.set_ms(later_ms);
     let ids: Vec<String> = (0..400).map(|index| format!("new-{index}")).collect();
     let batch: Vec<_> = ids.iter().map(|id| request.at(later_ms).id(id)).collect();
     assert!(engine.consume_many(&batch).iter().all(Result::is_ok));
@@ -4797,6 +4818,9 @@ limits = [{{ resource = "speech", unit = "characters", amount = {amount}, window
     options.checkpoint_every_events = 5;
     options.retention_ms = 1;
     options.segment_bytes = 256;
+    // Its compaction mid-way is stamped a month ahead of the clock, to drop the segments
+    // before it, and the rounds after it go on at their own times: no bound (opted out).
+    options.engine.max_ahead_of_clock_ms = 0;
     let dir = TempDir::new("verify-other-options");
     let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
     let engine =

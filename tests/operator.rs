@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
-use tally_engine::{Engine, EngineOptions, OpenOptions, Policy, SystemClock};
+use tally_engine::{Engine, EngineOptions, ManualClock, OpenOptions, Policy, SystemClock};
 
 const HOUR_MS: u64 = 60 * 60 * 1_000;
 const DAY_MS: u64 = 24 * HOUR_MS;
@@ -146,10 +146,28 @@ fn kinds(events: &[Value]) -> Vec<&str> {
 /// A user with a Small seat and 2,000 micro-credits: three requests from quota, two from
 /// credits, then denied.
 fn set_up_ada(workspace: &Workspace) {
-    let created = workspace.ok(&["user", "ada", "tp-ada"]);
+    set_up_ada_with(workspace, &[]);
+}
+
+/// `set_up_ada`, each command stamped `at_ms`: a history that happened a while ago, since
+/// the commands run on the system clock, which a test cannot move on (nor may they stamp
+/// more than a day ahead of it, the default `max_ahead_of_clock_ms`).
+fn set_up_ada_at(workspace: &Workspace, at_ms: u64) {
+    // The database is made then too (its policy is logged as of its first open's clock).
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+    let clock = Arc::new(ManualClock::new(at_ms));
+    let engine = Engine::open(workspace.database(), policy, clock, OpenOptions::default())
+        .expect("the database is made");
+    engine.close().expect("close");
+    set_up_ada_with(workspace, &["--at", &at_ms.to_string()]);
+}
+
+fn set_up_ada_with(workspace: &Workspace, extra: &[&str]) {
+    let with = |args: &[&'static str]| -> Vec<&str> { args.iter().chain(extra).copied().collect() };
+    let created = workspace.ok(&with(&["user", "ada", "tp-ada"]));
     assert!(created.contains("tp-ada"), "{created}");
-    workspace.ok(&["seat", "@ada", "ada", "Small"]);
-    let topped = workspace.ok(&["topup", "@ada", "2,000"]);
+    workspace.ok(&with(&["seat", "@ada", "ada", "Small"]));
+    let topped = workspace.ok(&with(&["topup", "@ada", "2,000"]));
     assert!(topped.contains("balance 2,000 micro-credits"), "{topped}");
 }
 
@@ -283,8 +301,10 @@ fn a_retried_request_id_gets_its_first_decision_and_counts_nothing() {
 #[test]
 fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retention() {
     let workspace = Workspace::new();
-    set_up_ada(&workspace);
-    let at_ms = now_ms();
+    // The history is 30 days old: compaction now finds it past the retention (7 days).
+    let at_ms = now_ms() - 30 * DAY_MS;
+    let at = at_ms.to_string();
+    set_up_ada_at(&workspace, at_ms);
     consume(&workspace, at_ms, &[]);
     let verified = workspace.verify(&[]);
     assert!(
@@ -293,15 +313,16 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     );
     assert!(verified.contains("sound:    yes"), "{verified}");
 
-    let compacted = workspace.ok(&["compact"]);
+    // Compacting as of the day the history happened removes nothing.
+    let compacted = workspace.ok(&["compact", "--at", &at]);
     assert!(
         compacted.contains("snapshot of the whole state at event 5"),
         "{compacted}"
     );
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
     consume(&workspace, at_ms, &[]);
-    let later = (at_ms + 30 * DAY_MS).to_string();
-    let compacted = workspace.ok(&["compact", "--at", &later]);
+    // Now, 30 days on.
+    let compacted = workspace.ok(&["compact"]);
     assert!(compacted.contains("removed:    5 events"), "{compacted}");
     assert!(compacted.contains("starts at event 6"), "{compacted}");
 
@@ -311,7 +332,8 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     assert_eq!(report["snapshot_matches_replay"], true);
     assert_eq!(seq(&workspace.events(&[])[0]), 6);
     let usage: Value =
-        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json", "--at", &at]))
+            .expect("JSON");
     assert_eq!(
         usage["limits"][0]["used"], 2,
         "usage lives on in the snapshot"
@@ -324,15 +346,15 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
 #[test]
 fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
     let workspace = Workspace::new();
-    set_up_ada(&workspace);
-    let at_ms = now_ms();
+    // A history 30 days old, compacted as of then (nothing goes), then now.
+    let at_ms = now_ms() - 30 * DAY_MS;
+    set_up_ada_at(&workspace, at_ms);
     consume(&workspace, at_ms, &[]);
     let read = workspace.events(&["--cursor", "billing", "--limit", "2"]);
     assert_eq!(read.iter().map(seq).collect::<Vec<u64>>(), [1, 2]);
-    workspace.ok(&["compact"]);
+    workspace.ok(&["compact", "--at", &at_ms.to_string()]);
     consume(&workspace, at_ms, &[]);
-    let later = (at_ms + 30 * DAY_MS).to_string();
-    let compacted = workspace.ok(&["compact", "--at", &later]);
+    let compacted = workspace.ok(&["compact"]);
     assert!(compacted.contains("starts at event 6"), "{compacted}");
     for (args, option) in [
         (&["events", "--after", "2"][..], "--after"),
@@ -875,7 +897,12 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
         ..OpenOptions::default()
     };
     let policy = Policy::from_toml_str(POLICY).expect("the test policy");
-    let engine = Engine::open(workspace.database(), policy, Arc::new(SystemClock), gateway)
+    // Its history is 30 days old (the commands run on the system clock: compacting now is
+    // compacting 30 days on).
+    let then_ms = now_ms() - 30 * DAY_MS;
+    let then = then_ms.to_string();
+    let clock = Arc::new(ManualClock::new(then_ms));
+    let engine = Engine::open(workspace.database(), policy, clock, gateway)
         .expect("the gateway opens its database");
     engine.create_user("ada", "tp-ada", None).expect("a user");
     engine.close().expect("close");
@@ -889,12 +916,11 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
         stderr_of(&refused)
     );
 
-    workspace.ok(&["seat", "@ada", "ada", "Small"]);
-    consume(&workspace, now_ms(), &[]);
+    workspace.ok(&["seat", "@ada", "ada", "Small", "--at", &then]);
+    consume(&workspace, then_ms, &[]);
     // 30 days on is within the gateway's retention: with the defaults (7 days) every event
     // up to the checkpoint would go.
-    let later = (now_ms() + 30 * DAY_MS).to_string();
-    let compacted = workspace.ok(&["compact", "--at", &later]);
+    let compacted = workspace.ok(&["compact"]);
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
     let verified = workspace.verify(&[]);
     assert!(verified.contains("sound:    yes"), "{verified}");

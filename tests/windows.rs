@@ -429,7 +429,7 @@ fn daily_quotas_do_not_reset_at_utc_midnight() {
 
 #[test]
 fn weekly_usage_bar_windows_reset_on_monday_at_local_midnight() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Bar-Plus");
     let bar_rolling = limit(&engine, &key, "usage-bar", five_hours(), T0_MS);
     let bar_weekly = limit(&engine, &key, "usage-bar", weekly(), T0_MS);
@@ -439,6 +439,7 @@ fn weekly_usage_bar_windows_reset_on_monday_at_local_midnight() {
     while weekly_used < bar_weekly.amount {
         let micros = bar_rolling.amount.min(bar_weekly.amount - weekly_used);
         let call = m27_worth(&engine, micros);
+        clock.set_ms(at_ms);
         assert!(consume(&engine, &key, "m2.7", &call, at_ms).is_admitted());
         weekly_used += micros;
         at_ms += 6 * HOUR_MS;
@@ -462,6 +463,7 @@ fn weekly_usage_bar_windows_reset_on_monday_at_local_midnight() {
         quota_exhausted(consume(&engine, &key, "m2.7", &small, at_ms));
     assert_eq!(denied_limit, weekly_index);
     assert_eq!((retry_at_ms, reset_at_ms), (next_monday_ms, next_monday_ms));
+    clock.set_ms(next_monday_ms - 1);
     assert!(!consume(&engine, &key, "m2.7", &small, next_monday_ms - 1).is_admitted());
     assert!(consume(&engine, &key, "m2.7", &small, next_monday_ms).is_admitted());
     assert_eq!(
@@ -693,9 +695,10 @@ fn timestamps_jumping_back_and_forth_never_admit_more_than_the_quota_in_any_wind
 
 #[test]
 fn a_daily_window_never_releases_quota_when_a_timestamp_goes_back_to_the_previous_day() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Plus");
     let next_day_ms = T0_MS + DAY_MS + HOUR_MS;
+    clock.set_ms(next_day_ms);
     assert_eq!(
         admit_count(&engine, &key, "image-01", Unit::Images, 50, next_day_ms),
         50
@@ -710,6 +713,7 @@ fn a_daily_window_never_releases_quota_when_a_timestamp_goes_back_to_the_previou
         used(&engine, &key, "image-01:images", daily(), next_day_ms),
         50
     );
+    clock.set_ms(T0_MS + 2 * DAY_MS);
     assert_eq!(
         admit_count(
             &engine,
@@ -725,13 +729,14 @@ fn a_daily_window_never_releases_quota_when_a_timestamp_goes_back_to_the_previou
 
 #[test]
 fn a_late_timestamp_from_a_previous_day_counts_in_the_newest_day() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Plus");
     assert_eq!(
         admit_count(&engine, &key, "image-01", Unit::Images, 50, T0_MS + HOUR_MS),
         50
     );
     let next_day_ms = T0_MS + DAY_MS + HOUR_MS;
+    clock.set_ms(next_day_ms);
     assert_eq!(
         admit_count(&engine, &key, "image-01", Unit::Images, 1, next_day_ms),
         1
@@ -762,7 +767,7 @@ fn a_late_timestamp_from_a_previous_day_counts_in_the_newest_day() {
 
 #[test]
 fn retry_at_waits_for_every_full_limit_not_just_the_first() {
-    let engine = engine();
+    let (engine, clock) = engine_on_clock();
     let key = seated(&engine, "ada", "Bar-Plus");
     let rolling_amount = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
     let weekly_amount = limit(&engine, &key, "usage-bar", weekly(), T0_MS).amount;
@@ -772,6 +777,7 @@ fn retry_at_waits_for_every_full_limit_not_just_the_first() {
     while left > 0 {
         let micros = left.min(rolling_amount);
         let call = m27_worth(&engine, micros);
+        clock.set_ms(at_ms);
         assert!(consume(&engine, &key, "m2.7", &call, at_ms).is_admitted());
         left -= micros;
         if left > 0 {
@@ -916,13 +922,14 @@ limits = [{ resource = "widget", unit = "requests", amount = 5, window = "monthl
 "#,
     )
     .expect("a valid policy");
-    let engine = engine_with(policy);
+    let (engine, clock) = engine_on_clock_with(policy);
     let key = seated(&engine, "ada", "Monthly");
     let december_ms = utc_ms(2026, 11, 30, 16, 0, 0); // 2026-12-01 00:00 in Shanghai
     assert_eq!(
         admit_count(&engine, &key, "widget", Unit::Requests, 6, T0_MS),
         5
     );
+    clock.set_ms(december_ms - 1);
     let (_, retry_at_ms, _, _) = quota_exhausted(consume(
         &engine,
         &key,
@@ -959,7 +966,7 @@ limits = [
 "#,
     )
     .expect("a valid policy");
-    let engine = engine_with(policy);
+    let (engine, clock) = engine_on_clock_with(policy);
     let key = seated(&engine, "u", "P");
     let one = [(Unit::Requests, 1)];
     for _ in 0..5 {
@@ -967,6 +974,7 @@ limits = [
     }
     assert!(!consume(&engine, &key, "a", &one, T0_MS).is_admitted());
     let later = T0_MS + 65_536 * 61_000;
+    clock.set_ms(later - 1_000);
     assert!(consume(&engine, &key, "b", &one, later - 1_000).is_admitted());
     let decision = consume(&engine, &key, "a", &one, later);
     assert!(decision.is_admitted(), "{decision:?}");

@@ -2929,8 +2929,8 @@ mod tests {
             let _ = engine.consume(&m27(&format!("tp-{index}"), 1, T0 + index * MINUTE));
         }
         let t1 = T0 + 8 * DAY;
-        assert!(engine.reclaim_idle(Some(t1)).expect("reclaim") > 0);
         clock.set_ms(t1);
+        assert!(engine.reclaim_idle(Some(t1)).expect("reclaim") > 0);
         // Usage over many buckets of the 5-hour windows, and on daily quotas.
         for step in 0..3_000u64 {
             let index = (step * 7) % 300;
@@ -3984,12 +3984,10 @@ mod tests {
             checkpoint_every_events: u64::MAX,
             ..OpenOptions::default()
         };
-        let open = || {
-            let clock = Arc::new(ManualClock::new(T0));
-            Engine::open(&dir, Policy::token_plan(), clock, options()).expect("open")
-        };
         let keys: Vec<String> = (0..7).map(|index| format!("tp-{index}")).collect();
-        let engine = open();
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine =
+            Engine::open(&dir, Policy::token_plan(), clock.clone(), options()).expect("open");
         for (index, key) in keys.iter().enumerate() {
             let user = format!("u-{index}");
             engine.create_user(&user, key, Some(T0)).expect("user");
@@ -4003,6 +4001,8 @@ mod tests {
         while journal.last_appended() < wanted {
             let key = &keys[(step % 7) as usize];
             let at_ms = T0 + step * 7 * MINUTE / 10;
+            // The requests come as the time passes (over four days in all).
+            clock.set_ms(at_ms);
             assert!(engine
                 .consume(&m27(key, 1 + step % 4, at_ms))
                 .expect("valid")
@@ -4024,7 +4024,7 @@ mod tests {
         engine.close().expect("close");
         // Replayed from the first event, past the checkpoint close() took.
         let reopened = {
-            let clock = Arc::new(ManualClock::new(T0));
+            let clock = Arc::new(ManualClock::new(at_ms));
             let engine = Engine::new(Policy::token_plan(), clock, EngineOptions::default())
                 .expect("valid options");
             let segment_bytes = OpenOptions::default().segment_bytes;

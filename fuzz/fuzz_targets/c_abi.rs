@@ -538,17 +538,19 @@ impl World {
     ) -> tally_status {
         let path = dir.to_str().expect("a UTF-8 temp dir");
         let json = self.policy_json_to_open();
-        tally_engine_open(
-            path.as_ptr().cast(),
-            path.len(),
-            3,
-            json.as_ptr().cast(),
-            json.len(),
-            2,
-            0,
-            ptr::null(),
-            engine_out,
-        )
+        with_unbounded_options(|options| {
+            tally_engine_open(
+                path.as_ptr().cast(),
+                path.len(),
+                3,
+                json.as_ptr().cast(),
+                json.len(),
+                2,
+                0,
+                options,
+                engine_out,
+            )
+        })
     }
 
     fn open_engine(&mut self) {
@@ -558,7 +560,9 @@ impl World {
             None => {
                 self.policy = None;
                 let json = default_policy_json();
-                tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), ptr::null(), &mut engine)
+                with_unbounded_options(|options| {
+                    tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), options, &mut engine)
+                })
             }
         };
         assert_eq!(
@@ -1526,6 +1530,18 @@ impl World {
     }
 }
 
+/// Runs `open` with options that set no bound on how far ahead of the engine's clock a stamp
+/// may be (opted out of the default, a day): the run stamps from `T0`, in 2030, years ahead of
+/// the machine's clock the engine reads, as a replay would.
+fn with_unbounded_options<T>(open: impl FnOnce(*const tally_options) -> T) -> T {
+    let mut options = ptr::null_mut();
+    assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+    assert_eq!(tally_options_set_max_ahead_of_clock_ms(options, 0), tally_status::TALLY_OK);
+    let opened = open(options);
+    tally_options_free(options);
+    opened
+}
+
 /// Sets options one at a time: each value is taken or refused with `TALLY_INVALID_ARGUMENT`
 /// (leaving the options as they were), so an in-memory engine then opens with them, whatever
 /// was refused.
@@ -1533,7 +1549,7 @@ fn options_then_open(settings: &[(u8, u64)]) {
     let mut options = ptr::null_mut();
     assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
     for &(which, value) in settings.iter().take(16) {
-        let status = match which % 13 {
+        let status = match which % 14 {
             0 => tally_options_set_max_keys(options, value),
             1 => tally_options_set_max_teams(options, value),
             2 => tally_options_set_max_users(options, value),
@@ -1546,6 +1562,7 @@ fn options_then_open(settings: &[(u8, u64)]) {
             9 => tally_options_set_expire_leases_on_its_own(options, value % 2 == 1),
             10 => tally_options_set_checkpoint_every_events(options, value),
             11 => tally_options_set_retention_ms(options, value),
+            12 => tally_options_set_max_ahead_of_clock_ms(options, value),
             _ => tally_options_set_use_recorded(options, value % 2 == 1),
         };
         let status = known(status, "set an option");
