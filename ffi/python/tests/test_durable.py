@@ -8,18 +8,18 @@ import threading
 import pytest
 
 import tally
-from conftest import HOUR_MS, T, seated
+from conftest import HOUR_MS, UNBOUNDED, T, seated, unbounded
 from tally import Durability
 
 
 def test_a_reopened_engine_keeps_its_usage_credits_and_request_ids(tmp_path):
     path = tmp_path / "db"
-    with tally.Engine.open(path, durability=Durability.SYNC) as engine:
+    with tally.Engine.open(path, durability=Durability.SYNC, options=UNBOUNDED) as engine:
         key = seated(engine, "ada", "tp-ada-1", "Starter")
         for i in range(10):
             assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=T, request_id=f"r{i}")
         engine.top_up("@ada", 7_000, at_ms=T)
-    with tally.Engine.open(str(path), durability="none") as engine:
+    with tally.Engine.open(str(path), durability="none", options=UNBOUNDED) as engine:
         usage = engine.usage("tp-ada-1", at_ms=T)
         assert usage.plan == "Starter"
         assert usage.limits[0].used == 10
@@ -31,7 +31,7 @@ def test_a_reopened_engine_keeps_its_usage_credits_and_request_ids(tmp_path):
 
 def test_the_event_log_and_a_billing_cursor(tmp_path):
     with tally.Engine.open(
-        tmp_path / "db", durability=Durability.INTERVAL, interval_ms=50
+        tmp_path / "db", durability=Durability.INTERVAL, interval_ms=50, options=UNBOUNDED
     ) as engine:
         key = seated(engine, "bo", "tp-bo-1", "Plus")
         engine.consume(key, "m2.7", {"requests": 2}, at_ms=T)
@@ -60,7 +60,7 @@ def test_the_event_log_and_a_billing_cursor(tmp_path):
 def test_reading_after_a_cursor_that_compaction_passed_names_the_events_lost(tmp_path):
     # The retention is how long a billing reader has; once compaction has passed its cursor,
     # reading after it says which events are gone instead of skipping them silently.
-    options = tally.Options(retention_ms=1_000)
+    options = unbounded(retention_ms=1_000)
     with tally.Engine.open(tmp_path / "db", durability="sync", options=options) as engine:
         key = seated(engine, "di", "tp-di-1", "Plus")
         for i in range(3):
@@ -78,9 +78,9 @@ def test_reading_after_a_cursor_that_compaction_passed_names_the_events_lost(tmp
 
 
 def test_a_database_open_in_one_engine_is_locked_for_another(tmp_path):
-    with tally.Engine.open(tmp_path / "db", durability="none"):
+    with tally.Engine.open(tmp_path / "db", durability="none", options=UNBOUNDED):
         with pytest.raises(tally.DatabaseLockedError):
-            tally.Engine.open(tmp_path / "db")
+            tally.Engine.open(tmp_path / "db", options=UNBOUNDED)
         with pytest.raises(tally.DatabaseLockedError):
             tally.verify(tmp_path / "db")
 
@@ -88,7 +88,7 @@ def test_a_database_open_in_one_engine_is_locked_for_another(tmp_path):
 def test_a_directory_of_other_files_is_foreign(tmp_path):
     (tmp_path / "notes.txt").write_text("not a database")
     with pytest.raises(tally.DatabaseForeignError):
-        tally.Engine.open(tmp_path)
+        tally.Engine.open(tmp_path, options=UNBOUNDED)
 
 
 def test_a_policy_file_and_an_invalid_one(tmp_path):
@@ -100,7 +100,7 @@ def test_a_policy_file_and_an_invalid_one(tmp_path):
         '[plans.Tiny]\nlimits = [{ resource = "chat", unit = "requests", amount = 2, '
         'window = "daily" }]\n'
     )
-    with tally.Engine.open(tmp_path / "db", policy, durability="none") as engine:
+    with tally.Engine.open(tmp_path / "db", policy, durability="none", options=UNBOUNDED) as engine:
         key = seated(engine, "cy", "tp-cy-1", "Tiny")
         assert [
             engine.consume(key, "chat", {"requests": 1}, at_ms=T).admitted for _ in range(3)
@@ -109,16 +109,16 @@ def test_a_policy_file_and_an_invalid_one(tmp_path):
             True,
             False,
         ]
-    with tally.Engine.in_memory(tally.Policy.toml(policy.read_text())) as engine:
+    with tally.Engine.in_memory(tally.Policy.toml(policy.read_text()), options=UNBOUNDED) as engine:
         assert "Tiny" in engine.policy()["plans"]
     policy.write_text("time_zone = ")
     with pytest.raises(tally.PolicyInvalidError):
-        tally.Engine.in_memory(tally.Policy.file(policy))
+        tally.Engine.in_memory(tally.Policy.file(policy), options=UNBOUNDED)
 
 
 def test_verify_replays_with_the_options_the_database_was_opened_with(tmp_path):
     path = tmp_path / "db"
-    options = tally.Options(max_policy_generations=2)
+    options = unbounded(max_policy_generations=2)
     with tally.Engine.open(path, durability="none", options=options) as engine:
         for swap in range(4):
             engine.swap_policy(tally.Policy.default(), at_ms=T + swap)
@@ -153,32 +153,38 @@ limits = [{ resource = "m2.7", unit = "requests", amount = 7, window = "rolling:
 
 def test_the_stored_policy_keeps_a_database_s_own_policy_and_logs_nothing(tmp_path):
     path = tmp_path / "db"
-    with tally.Engine.open(path, tally.Policy.toml(CUSTOM_POLICY), durability="none") as engine:
+    with tally.Engine.open(
+        path, tally.Policy.toml(CUSTOM_POLICY), durability="none", options=UNBOUNDED
+    ) as engine:
         with pytest.raises(tally.InvalidArgumentError, match="policy_source"):
             engine.swap_policy(tally.Policy.stored(), at_ms=T)
         seated(engine, "ada", "tp-ada-1", "Starter")
         last = engine.checkpoint()
-    with tally.Engine.open(path, tally.Policy.stored(), durability="none") as engine:
+    with tally.Engine.open(
+        path, tally.Policy.stored(), durability="none", options=UNBOUNDED
+    ) as engine:
         assert [limit.amount for limit in engine.usage("tp-ada-1", at_ms=T).limits] == [7]
         assert engine.events_after(last) == []
         # Past the last event is an error, not an empty page a poller would skip ahead from.
         with pytest.raises(tally.InvalidArgumentError, match="past the end of the log"):
             engine.events_after(last + 1)
     # The shipped policy given instead is swapped in, and the swap logged.
-    with tally.Engine.open(path, durability="none") as engine:
+    with tally.Engine.open(path, durability="none", options=UNBOUNDED) as engine:
         assert engine.usage("tp-ada-1", at_ms=T).limits[0].amount == 1500
         assert "policy_swapped" in [event.kind for event in engine.events_after(last)]
 
 
 def test_a_new_database_opened_with_the_stored_policy_runs_the_token_plan(tmp_path):
-    with tally.Engine.open(tmp_path / "db", tally.Policy.stored(), durability="none") as engine:
+    with tally.Engine.open(
+        tmp_path / "db", tally.Policy.stored(), durability="none", options=UNBOUNDED
+    ) as engine:
         seated(engine, "bo", "tp-bo-1", "Starter")
         assert engine.usage("tp-bo-1", at_ms=T).limits[0].amount == 1500
 
 
 def test_an_in_memory_engine_has_no_stored_policy():
     with pytest.raises(tally.InvalidArgumentError, match="policy_source"):
-        tally.Engine.in_memory(tally.Policy.stored())
+        tally.Engine.in_memory(tally.Policy.stored(), options=UNBOUNDED)
 
 
 def test_a_second_close_returns_only_once_the_first_has_closed_the_database(monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import tally
-from conftest import T, seated
+from conftest import UNBOUNDED, T, seated
 from tally import errors
 
 HEADER = Path(__file__).resolve().parents[2] / "include" / "tally.h"
@@ -115,7 +115,7 @@ def test_bad_arguments_of_other_types(engine, key):
     with pytest.raises(TypeError):
         engine.swap_policy("plans.toml")  # ambiguous: Policy.file or Policy.toml?
     with pytest.raises(ValueError):
-        tally.Engine.open("/nonexistent", durability="eventually")
+        tally.Engine.open("/nonexistent", durability="eventually", options=UNBOUNDED)
 
 
 def test_a_settlement_that_is_no_mapping_is_refused_and_the_estimate_stays_held(engine):
@@ -161,7 +161,7 @@ def test_admin_errors(engine, key):
 
 
 def test_use_after_close_raises_closed_and_close_is_idempotent(key):
-    engine = tally.Engine.in_memory()
+    engine = tally.Engine.in_memory(options=UNBOUNDED)
     engine.create_user("ada", "tp-ada-1", at_ms=T)
     engine.close()
     assert engine.closed
@@ -178,14 +178,14 @@ def test_the_library_answers_a_second_close_with_closed():
     """What Engine.close hides: the C close is not idempotent, it answers TALLY_CLOSED."""
     from tally import _native
 
-    engine = tally.Engine.in_memory()
+    engine = tally.Engine.in_memory(options=UNBOUNDED)
     assert _native.lib.tally_engine_close(engine._handle) == _native.OK
     assert _native.lib.tally_engine_close(engine._handle) == tally.ClosedError.status_code
     engine.close()
 
 
 def test_with_closes_the_engine_and_the_finalizer_frees_it():
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         finalizer = engine._finalizer
         assert finalizer.alive
     assert engine.closed

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import tally
-from conftest import T, seated
+from conftest import UNBOUNDED, T, seated
 from tally import Durability
 
 # (key, resource, quantities, request id): plan quota, a denial over a maximum, an unknown
@@ -33,7 +33,10 @@ def accounts(engine: tally.Engine) -> str:
 
 
 def test_submissions_decide_as_consume_does_all_in_flight_at_once():
-    with tally.Engine.in_memory() as engine, tally.Engine.in_memory() as twin:
+    with (
+        tally.Engine.in_memory(options=UNBOUNDED) as engine,
+        tally.Engine.in_memory(options=UNBOUNDED) as twin,
+    ):
         accounts(engine)
         accounts(twin)
         submissions = [
@@ -56,7 +59,7 @@ def test_submissions_decide_as_consume_does_all_in_flight_at_once():
 
 def test_a_submission_is_applied_at_once_and_durable_once_completed(tmp_path):
     path = tmp_path / "db"
-    with tally.Engine.open(path, durability=Durability.SYNC) as engine:
+    with tally.Engine.open(path, durability=Durability.SYNC, options=UNBOUNDED) as engine:
         key = seated(engine, "ada", "tp-ada-1", "Plus")
         submissions = [
             engine.submit(key, "m2.7", {"requests": 1}, at_ms=T, request_id=f"s{i}")
@@ -69,7 +72,7 @@ def test_a_submission_is_applied_at_once_and_durable_once_completed(tmp_path):
             (d.remaining for d in decisions), reverse=True
         )
         assert submissions[0].completed and "completed" in repr(submissions[0])
-    with tally.Engine.open(path, durability=Durability.NONE) as engine:
+    with tally.Engine.open(path, durability=Durability.NONE, options=UNBOUNDED) as engine:
         assert engine.usage("tp-ada-1", at_ms=T).limits[0].used == 300
         replay = engine.submit("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T, request_id="s7")
         assert replay.durable, "a replay of a durable decision waits for nothing"
@@ -78,7 +81,7 @@ def test_a_submission_is_applied_at_once_and_durable_once_completed(tmp_path):
 
 
 def test_a_submission_completes_once():
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         key = accounts(engine)
         submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
         assert "in flight" in repr(submission)
@@ -92,7 +95,7 @@ def test_a_submission_completes_once():
 
 
 def test_two_threads_completing_one_submission_get_one_decision():
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         key = accounts(engine)
         for _ in range(50):
             submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
@@ -122,7 +125,7 @@ def test_two_threads_completing_one_submission_get_one_decision():
 
 
 def test_bad_input_to_submit_raises_and_changes_nothing():
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         key = accounts(engine)
         engine.submit(key, "m2.7", {"requests": 1}, at_ms=T, request_id="x").complete()
         before = engine.usage(key, at_ms=T)
@@ -140,7 +143,7 @@ def test_bad_input_to_submit_raises_and_changes_nothing():
 
 
 def test_an_uncompleted_submission_keeps_its_effect_and_is_freed_when_collected():
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         key = accounts(engine)
         submission = engine.submit(key, "m2.7", {"requests": 3}, at_ms=T)
         finalizer = submission._finalizer
@@ -152,13 +155,13 @@ def test_an_uncompleted_submission_keeps_its_effect_and_is_freed_when_collected(
 
 def test_completing_after_close_raises_closed_and_the_close_kept_it(tmp_path):
     path = tmp_path / "db"
-    engine = tally.Engine.open(path, durability=Durability.SYNC)
+    engine = tally.Engine.open(path, durability=Durability.SYNC, options=UNBOUNDED)
     key = seated(engine, "ada", "tp-ada-1", "Plus")
     submission = engine.submit(key, "m2.7", {"requests": 4}, at_ms=T, request_id="late")
     engine.close()
     with pytest.raises(tally.ClosedError):
         submission.complete()
-    with tally.Engine.open(path, durability=Durability.NONE) as reopened:
+    with tally.Engine.open(path, durability=Durability.NONE, options=UNBOUNDED) as reopened:
         assert reopened.usage(key, at_ms=T).limits[0].used == 4
 
 
@@ -188,7 +191,7 @@ def test_complete_waits_for_a_durable_inside_the_library_before_freeing_the_subm
 
     monkeypatch.setattr(_native.lib, "tally_engine_submission_durable", slow_durable)
     monkeypatch.setattr(_native.lib, "tally_engine_complete", checked_complete)
-    with tally.Engine.in_memory() as engine:
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
         key = seated(engine, "ada", "tp-ada-1", "Max")
         for _ in range(40):
             submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)

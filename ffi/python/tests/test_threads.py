@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import tally
-from conftest import T, seated
+from conftest import UNBOUNDED, T, seated
 
 THREADS = 8
 ATTEMPTS_PER_THREAD = 250  # 2,000 attempts at a 1,500 quota
@@ -40,7 +40,7 @@ def test_eight_threads_admit_exactly_the_starter_limit(engine):
 
 
 def test_threads_racing_a_close_either_finish_or_see_closed():
-    engine = tally.Engine.in_memory()
+    engine = tally.Engine.in_memory(options=UNBOUNDED)
     key = seated(engine, "bo", "tp-bo-1", "Max")
     outcomes = {"admitted": 0, "closed": 0}
     lock = threading.Lock()
@@ -90,7 +90,10 @@ def recording_free(handle):
     os.write(1, b"freed\\n")
     real_free(handle)
 native.lib.tally_engine_free = recording_free
-engine = tally.Engine.open(sys.argv[1], durability=tally.Durability.NONE)
+engine = tally.Engine.open(
+    sys.argv[1], durability=tally.Durability.NONE,
+    options=tally.Options(max_ahead_of_clock_ms=0),  # stamps years ahead of the clock
+)
 engine.create_user("ada", "tp-ada", at_ms={T})
 engine.assign_seat("@ada", "ada", "Max", at_ms={T})
 calling = threading.Event()
