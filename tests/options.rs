@@ -259,6 +259,72 @@ fn a_timestamp_too_far_ahead_of_the_clock_is_refused_and_changes_nothing() {
     assert!(ahead(T0_MS + 2 * DAY_MS + 1).is_err());
 }
 
+/// Safe by default: without a bound, one request stamped a month ahead (a client's bad clock)
+/// moved its key's windows there for good and made its log segment too young to compact. The
+/// default bound is a day: a stamp further ahead is refused naming `at_ms` and changes nothing
+/// (no usage, no user, no credits, no reservation, no event logged); one within a day is taken.
+#[test]
+fn by_default_a_stamp_more_than_a_day_ahead_of_the_clock_is_refused_and_changes_nothing() {
+    assert_eq!(EngineOptions::default().max_ahead_of_clock_ms, DAY_MS);
+    assert_eq!(OpenOptions::default().engine.max_ahead_of_clock_ms, DAY_MS);
+    assert_eq!(RecordedOptions::default().max_ahead_of_clock_ms, DAY_MS);
+    let dir = TempDir::new("ahead-default");
+    let engine =
+        Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability()).expect("open");
+    admits(&engine);
+    engine
+        .top_up("@ada", 1_000_000, Some(T0_MS))
+        .expect("top-up");
+    let events = |engine: &Engine| engine.events_after(0, usize::MAX).expect("events").len();
+    let logged = events(&engine);
+    let state = |engine: &Engine| {
+        (
+            engine.usage("tp-ada", Some(T0_MS)).expect("report").limits,
+            engine.credits_micros("@ada").expect("balance"),
+            engine.open_reservations(),
+        )
+    };
+    let before = state(&engine);
+    let request = |at_ms: u64| UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(at_ms);
+    for at_ms in [T0_MS + DAY_MS + 1, T0_MS + 30 * DAY_MS] {
+        let refusals = [
+            engine.consume(&request(at_ms)).map(|_| ()),
+            engine.check(&request(at_ms)).map(|_| ()),
+            engine.reserve(&request(at_ms), None).map(|_| ()),
+            engine.top_up("@ada", 1, Some(at_ms)).map(|_| ()),
+            engine.create_user("bob", "tp-bob", Some(at_ms)),
+            engine.assign_seat("@ada", "ada", "Max", Some(at_ms)),
+        ];
+        for refused in refusals {
+            match refused {
+                Err(Error::InvalidArgument { field, problem }) => {
+                    assert_eq!(field, "at_ms");
+                    assert!(problem.contains("max_ahead_of_clock_ms"), "{problem}");
+                }
+                other => panic!("{at_ms}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(state(&engine), before, "nothing changed");
+    assert_eq!(events(&engine), logged, "nothing logged");
+    assert!(engine.create_user("bob", "tp-bob", Some(T0_MS)).is_ok());
+    // Within a day of the clock: taken.
+    for at_ms in [T0_MS + DAY_MS - 1, T0_MS + DAY_MS] {
+        assert!(engine
+            .consume(&request(at_ms))
+            .expect("taken")
+            .is_admitted());
+    }
+    assert_eq!(
+        engine
+            .usage("tp-ada", Some(T0_MS + DAY_MS))
+            .expect("report")
+            .limits[0]
+            .used,
+        2
+    );
+}
+
 /// The bound is read from the clock when a timestamp passes it, and at every housekeeping
 /// look (every 256 requests of a thread): a clock stepped back lowers it there. Before, the
 /// bound only ever rose, and a step back let timestamps through by as much as the step.
@@ -295,8 +361,15 @@ fn a_clock_stepped_back_lowers_the_bound_ahead_of_it() {
 fn events_logged_ahead_of_the_clock_replay_at_an_open_with_a_bound() {
     let dir = TempDir::new("ahead-replay");
     let options = none_durability();
-    let engine =
-        Engine::open(dir.path(), Policy::token_plan(), clock(), options.clone()).expect("open");
+    // An engine that ran without a bound (opted out), its stamps a month ahead of its clock.
+    let unbounded = OpenOptions {
+        engine: EngineOptions {
+            max_ahead_of_clock_ms: 0,
+            ..EngineOptions::default()
+        },
+        ..options.clone()
+    };
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), unbounded).expect("open");
     let later = T0_MS + 30 * DAY_MS;
     engine
         .create_user("ada", "tp-ada", Some(later))
@@ -307,14 +380,8 @@ fn events_logged_ahead_of_the_clock_replay_at_an_open_with_a_bound() {
     let request = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(later);
     assert!(engine.consume(&request).expect("decided").is_admitted());
     drop(engine);
-    let bounded = OpenOptions {
-        engine: EngineOptions {
-            max_ahead_of_clock_ms: DAY_MS,
-            ..EngineOptions::default()
-        },
-        ..options
-    };
-    let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), bounded).expect("open");
+    // Opened again with the default bound, a day.
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), options).expect("open");
     let usage = engine.usage("tp-ada", Some(T0_MS)).expect("report");
     assert_eq!(usage.limits[0].used, 1);
     assert!(matches!(

@@ -77,6 +77,7 @@ use crate::idempotency::{
 use crate::ledger::{KeyUsage, Team};
 use crate::lock::{LeavableMutex, ShardLock};
 use crate::log::{EventLog, Staged};
+use crate::options::DEFAULT_MAX_AHEAD_OF_CLOCK_MS;
 use crate::policy::{Policy, Resource, ResourceId, Unit, Window};
 use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LEASE_MS};
 
@@ -128,13 +129,17 @@ pub struct EngineOptions {
     /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,
     /// How far ahead of the engine's clock an operation's explicit timestamp may be: one
-    /// stamped further ahead is refused (`InvalidArgument` on `at_ms`). Without a bound, one
-    /// request stamped years ahead moves its key's windows there, and for requests stamped now
-    /// its usage never ages out (nor does a reservation's lease end). 0 (the default): no
-    /// bound, explicit timestamps are taken as given (tests and replays that run ahead of the
-    /// clock); else 1 to `MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself
-    /// should set one, e.g. a day: far more than any clock skew. The log's own timestamps are
-    /// never refused when it is replayed at open.
+    /// stamped further ahead is refused (`InvalidArgument` on `at_ms`) and changes nothing.
+    /// Without a bound, one request stamped months ahead (a client's bad clock) moves its key's
+    /// windows there: for requests stamped now its usage never ages out, a reservation made so
+    /// never reaches the end of its lease, and the log segment holding its event is as young
+    /// as that stamp: compaction, which drops segments oldest first while their newest event is
+    /// older than the longest window plus the retention, stops at that segment, so neither it
+    /// nor any later one is dropped until the clock passes the stamp (the log grows for good).
+    /// Default `DEFAULT_MAX_AHEAD_OF_CLOCK_MS`, a day: far more than any clock skew.
+    /// 0: no bound, explicit timestamps are taken as given (tests and replays that run ahead of
+    /// the clock); else 1 to `MAX_PERIOD_MS`. The log's own timestamps are never refused when
+    /// it is replayed at open.
     pub max_ahead_of_clock_ms: u64,
 }
 
@@ -151,7 +156,7 @@ impl Default for EngineOptions {
             max_policy_generations: 1_024,
             reclaim_idle_every_ms: 10 * 60 * 1000,
             expire_leases_on_its_own: true,
-            max_ahead_of_clock_ms: 0,
+            max_ahead_of_clock_ms: DEFAULT_MAX_AHEAD_OF_CLOCK_MS,
         }
     }
 }

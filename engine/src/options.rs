@@ -33,6 +33,12 @@ pub const MAX_IDEMPOTENCY_HORIZON_MS: u64 = MAX_ROLLING_WINDOW_MS;
 pub const MAX_PERIOD_MS: u64 = MAX_TIMESTAMP_MS;
 const _: () = assert!(MAX_TIMESTAMP_MS.checked_add(MAX_PERIOD_MS).is_some());
 
+/// The default `max_ahead_of_clock_ms`: a day, far more than any clock skew, so a request
+/// stamped months ahead (a client's bad clock) is refused rather than move its key's windows
+/// (and its log segment's age, which compaction goes by) there for good.
+pub const DEFAULT_MAX_AHEAD_OF_CLOCK_MS: u64 = 86_400_000;
+const _: () = assert!(DEFAULT_MAX_AHEAD_OF_CLOCK_MS <= MAX_PERIOD_MS);
+
 /// The fewest policy generations kept: the current one and the one it replaced, so a request
 /// admitted just before a swap is still refunded exactly (the engine always kept two, whatever
 /// it was asked).

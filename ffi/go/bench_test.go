@@ -22,7 +22,7 @@ import (
 func syncEngine(b *testing.B) *tally.Engine {
 	b.Helper()
 	engine, err := tally.Open(filepath.Join(b.TempDir(), "db"),
-		tally.WithDurability(benchDurability()))
+		tally.WithDurability(benchDurability()), unbounded)
 	if err != nil {
 		b.Fatal(err)
 	}

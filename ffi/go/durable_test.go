@@ -15,7 +15,7 @@ import (
 
 func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(5*time.Millisecond)))
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(5*time.Millisecond)), unbounded)
 	must(t, err)
 	seated(t, engine, "qi", "tp-qi", "Starter")
 	request := tally.Request{Key: "tp-qi", Resource: "m2.7", Quantities: one(tally.Requests)}
@@ -23,7 +23,7 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 		request.At = at(int64(i))
 		consume(t, engine, request)
 	}
-	if _, err := tally.Open(dir); !errors.Is(err, tally.ErrDatabaseLocked) {
+	if _, err := tally.Open(dir, unbounded); !errors.Is(err, tally.ErrDatabaseLocked) {
 		t.Fatalf("a second open: %v", err)
 	}
 	must(t, engine.Sync())
@@ -57,7 +57,7 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 		t.Fatalf("verify: %+v %v", report, err)
 	}
 
-	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync))
+	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync), unbounded)
 	must(t, err)
 	defer func() { must(t, reopened.Close()) }()
 	usage, err := reopened.Usage("tp-qi", at(100))
@@ -77,10 +77,10 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 func TestOpeningADirectoryOfOtherFilesIsErrDatabaseForeign(t *testing.T) {
 	dir := t.TempDir()
 	must(t, os.WriteFile(filepath.Join(dir, "notes.txt"), []byte("not a database"), 0o600))
-	if _, err := tally.Open(dir); !errors.Is(err, tally.ErrDatabaseForeign) {
+	if _, err := tally.Open(dir, unbounded); !errors.Is(err, tally.ErrDatabaseForeign) {
 		t.Fatalf("open: %v", err)
 	}
-	if _, err := tally.Open(""); err == nil {
+	if _, err := tally.Open("", unbounded); err == nil {
 		t.Fatal("an empty path opened")
 	}
 }
@@ -90,14 +90,14 @@ func TestOpeningADirectoryOfOtherFilesIsErrDatabaseForeign(t *testing.T) {
 func TestAnEngineDroppedWithoutCloseIsFreedByItsFinalizer(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
 	func() {
-		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), unbounded)
 		must(t, err)
 		must(t, engine.CreateUser("ra", "tp-ra", t0))
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		runtime.GC()
-		engine, err := tally.Open(dir)
+		engine, err := tally.Open(dir, unbounded)
 		if err == nil {
 			must(t, engine.Close())
 			return
@@ -111,7 +111,7 @@ func TestAnEngineDroppedWithoutCloseIsFreedByItsFinalizer(t *testing.T) {
 
 func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	options := tally.WithOptions(tally.Options{MaxPolicyGenerations: 2})
+	options := tally.WithOptions(tally.Options{MaxPolicyGenerations: 2, MaxAheadOfClock: -1})
 	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), options)
 	must(t, err)
 	for swap := int64(0); swap < 4; swap++ {
@@ -172,7 +172,7 @@ func limitAmounts(t *testing.T, engine *tally.Engine, key string) []uint64 {
 func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
 	none := tally.WithDurability(tally.DurabilityNone)
-	engine, err := tally.Open(dir, none, tally.WithPolicyTOML(customPolicy))
+	engine, err := tally.Open(dir, none, tally.WithPolicyTOML(customPolicy), unbounded)
 	must(t, err)
 	if err := engine.SwapPolicy(tally.WithStoredPolicy(), t0); !errors.Is(err, tally.ErrInvalidArgument) ||
 		!strings.Contains(err.Error(), "policy_source") {
@@ -183,7 +183,7 @@ func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
 	must(t, err)
 	must(t, engine.Close())
 
-	engine, err = tally.Open(dir, none, tally.WithStoredPolicy())
+	engine, err = tally.Open(dir, none, tally.WithStoredPolicy(), unbounded)
 	must(t, err)
 	if amounts := limitAmounts(t, engine, "tp-ada-1"); len(amounts) != 1 || amounts[0] != 7 {
 		t.Fatalf("reopened with the stored policy: limits %v", amounts)
@@ -201,7 +201,7 @@ func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
 	must(t, engine.Close())
 
 	// The shipped policy given instead is swapped in, and the swap logged.
-	engine, err = tally.Open(dir, none)
+	engine, err = tally.Open(dir, none, unbounded)
 	must(t, err)
 	defer func() { must(t, engine.Close()) }()
 	if amounts := limitAmounts(t, engine, "tp-ada-1"); len(amounts) == 0 || amounts[0] != 1500 {
@@ -216,7 +216,7 @@ func TestTheStoredPolicyKeepsADatabasesOwnPolicyAndLogsNothing(t *testing.T) {
 
 func TestANewDatabaseOpenedWithTheStoredPolicyRunsTheTokenPlan(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), tally.WithStoredPolicy())
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), tally.WithStoredPolicy(), unbounded)
 	must(t, err)
 	defer func() { must(t, engine.Close()) }()
 	seated(t, engine, "bo", "tp-bo-1", "Starter")
@@ -226,7 +226,7 @@ func TestANewDatabaseOpenedWithTheStoredPolicyRunsTheTokenPlan(t *testing.T) {
 }
 
 func TestAnInMemoryEngineHasNoStoredPolicy(t *testing.T) {
-	engine, err := tally.OpenInMemory(tally.WithStoredPolicy())
+	engine, err := tally.OpenInMemory(tally.WithStoredPolicy(), unbounded)
 	if engine != nil {
 		engine.Close()
 	}

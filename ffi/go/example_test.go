@@ -20,11 +20,11 @@ func Example() {
 	if err != nil {
 		panic(err)
 	}
-	defer engine.Close()                             // idempotent; later calls return tally.ErrClosed
-	_ = engine.CreateUser("ada", "tp-ada-1", t0)     // user, Default Team "@ada", key
-	_ = engine.AssignSeat("@ada", "ada", "Plus", t0) // a seat makes the key usable
+	defer engine.Close()                                      // idempotent; later calls return tally.ErrClosed
+	_ = engine.CreateUser("ada", "tp-ada-1", time.Time{})     // zero time: the engine's clock
+	_ = engine.AssignSeat("@ada", "ada", "Plus", time.Time{}) // a seat makes the key usable
 
-	decision, err := engine.Consume(tally.Request{Key: "tp-ada-1", Resource: "m2.7", At: t0,
+	decision, err := engine.Consume(tally.Request{Key: "tp-ada-1", Resource: "m2.7",
 		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}}, RequestID: "req-42"})
 	switch {
 	case err != nil: // bad input, storage, ...: errors.Is(err, tally.ErrUnknownResource)
@@ -48,8 +48,8 @@ func ExampleWithOptions() {
 		panic(err)
 	}
 	defer engine.Close()
-	_ = engine.CreateUser("ada", "tp-ada-1", t0)
-	err = engine.CreateUser("bo", "tp-bo-1", t0)
+	_ = engine.CreateUser("ada", "tp-ada-1", time.Time{})
+	err = engine.CreateUser("bo", "tp-bo-1", time.Time{})
 	fmt.Println(errors.Is(err, tally.ErrCapacityExceeded))
 
 	_, err = tally.OpenInMemory(tally.WithOptions(tally.Options{MaxPolicyGenerations: 1}))

@@ -16,8 +16,9 @@ import "time"
 //
 // Where the library gives 0 a meaning of its own, that meaning is asked for another way, as
 // net.Dialer's KeepAlive does: a negative ReclaimIdleEvery never reclaims on its own, a
-// negative Retention keeps no usage events beyond the longest window, and DisableLeaseExpiry
-// turns the engine's own lease expiry off. (A zero IdempotencyHorizon is the library's default
+// negative Retention keeps no usage events beyond the longest window, a negative
+// MaxAheadOfClock sets no bound ahead of the clock, and DisableLeaseExpiry turns the
+// engine's own lease expiry off. (A zero IdempotencyHorizon is the library's default
 // and its 0 alike: the policy's longest window.)
 //
 // Every value is checked by the library against its range before anything is opened; one out
@@ -47,9 +48,11 @@ type Options struct {
 	// late Settle and ExpireReservations do.
 	DisableLeaseExpiry bool
 	// How far ahead of the engine's clock an operation's time may be; one further ahead is
-	// refused (ErrBadTimestamp). Without a bound (zero, the default) one request stamped
-	// years ahead moves its key's windows there for good. A gateway passing times it did not
-	// make itself should set one, e.g. 24 h. The log's own times are never refused at Open.
+	// refused (ErrBadTimestamp) and changes nothing (default 24 h). Negative: no bound, for
+	// tests and replays that run ahead of the clock; without one, a request stamped months
+	// ahead moves its key's windows there for good (its usage never ages out for requests
+	// made now) and keeps its log segment, and every later one, from being compacted. The
+	// log's own times are never refused at Open.
 	MaxAheadOfClock time.Duration
 	// A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
 	// or more holds the next back until four times that has passed, or twice this many
@@ -147,7 +150,7 @@ func (s *Options) setters(op string) (*optionCalls, error) {
 		{"Retention", s.Retention, true, func(o *C.tally_options, v C.uint64_t) C.uint32_t {
 			return C.tally_options_set_retention_ms(o, v)
 		}},
-		{"MaxAheadOfClock", s.MaxAheadOfClock, false, func(o *C.tally_options, v C.uint64_t) C.uint32_t {
+		{"MaxAheadOfClock", s.MaxAheadOfClock, true, func(o *C.tally_options, v C.uint64_t) C.uint32_t {
 			return C.tally_options_set_max_ahead_of_clock_ms(o, v)
 		}},
 	} {

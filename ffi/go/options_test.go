@@ -23,15 +23,23 @@ func openMemoryWith(t *testing.T, options tally.Options) *tally.Engine {
 
 func TestTheZeroOptionsAreTheDefaults(t *testing.T) {
 	engine := openMemoryWith(t, tally.Options{})
-	seated(t, engine, "ada", "tp-ada-1", "Plus")
-	request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	now := time.Now()
+	must(t, engine.CreateUser("ada", "tp-ada-1", now))
+	must(t, engine.AssignSeat("@ada", "ada", "Plus", now))
+	request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests), At: now}
 	if decision := consume(t, engine, request); !decision.Admitted {
 		t.Fatalf("denied with the default options: %+v", decision)
+	}
+	// The default bound ahead of the clock, a day: t0 (2030) is refused.
+	request.At = t0
+	if _, err := engine.Consume(request); !errors.Is(err, tally.ErrBadTimestamp) ||
+		!strings.Contains(err.Error(), "max_ahead_of_clock_ms") {
+		t.Fatalf("a time years ahead with the default options: %v", err)
 	}
 }
 
 func TestABoundSetInOptionsReachesTheEngine(t *testing.T) {
-	engine := openMemoryWith(t, tally.Options{MaxKeys: 1})
+	engine := openMemoryWith(t, tally.Options{MaxKeys: 1, MaxAheadOfClock: -1})
 	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
 	err := engine.CreateUser("bo", "tp-bo-1", t0)
 	if !errors.Is(err, tally.ErrCapacityExceeded) {
@@ -40,7 +48,8 @@ func TestABoundSetInOptionsReachesTheEngine(t *testing.T) {
 }
 
 func TestADefaultLeaseSetInOptionsIsTheLeaseOfAReservationWithoutOne(t *testing.T) {
-	engine := openMemoryWith(t, tally.Options{DefaultLease: time.Second, DisableLeaseExpiry: true})
+	engine := openMemoryWith(t, tally.Options{DefaultLease: time.Second, DisableLeaseExpiry: true,
+		MaxAheadOfClock: -1})
 	seated(t, engine, "ada", "tp-ada-1", "Plus")
 	request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
 	decision, _, err := engine.Reserve(request, 0)
@@ -94,16 +103,29 @@ func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
 	}
 }
 
-func TestABoundAheadOfTheClockRefusesALaterTimeAndTakesOneWithinIt(t *testing.T) {
-	// t0 is in 2030, years ahead of the engine's (system) clock: refused with a bound of a day.
-	engine := openMemoryWith(t, tally.Options{MaxAheadOfClock: 24 * time.Hour})
-	err := engine.CreateUser("ada", "tp-ada-1", t0)
-	if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "ahead of the engine's clock") {
-		t.Fatalf("a time years ahead: %v", err)
+func TestByDefaultATimeOverADayAheadIsRefusedAndOneWithinItIsTaken(t *testing.T) {
+	// t0 is in 2030, years ahead of the engine's (system) clock: refused by the default bound
+	// of a day (the zero Options and an explicit 24 h alike), and nothing is created.
+	for _, options := range []tally.Options{{}, {MaxAheadOfClock: 24 * time.Hour}} {
+		engine := openMemoryWith(t, options)
+		err := engine.CreateUser("ada", "tp-ada-1", t0)
+		if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "ahead of the engine's clock") {
+			t.Fatalf("%+v: a time years ahead: %v", options, err)
+		}
+		now := time.Now()
+		must(t, engine.CreateUser("ada", "tp-ada-1", now.Add(time.Hour)))
+		must(t, engine.AssignSeat("@ada", "ada", "Plus", now))
+		request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests),
+			At: now.Add(48 * time.Hour)}
+		if _, err := engine.Consume(request); !errors.Is(err, tally.ErrBadTimestamp) {
+			t.Fatalf("%+v: two days ahead: %v", options, err)
+		}
+		request.At = now
+		if decision := consume(t, engine, request); !decision.Admitted {
+			t.Fatalf("%+v: now, after a refused request: %+v", options, decision)
+		}
 	}
-	now := time.Now()
-	must(t, engine.CreateUser("ada", "tp-ada-1", now.Add(time.Hour)))
-	// No bound by default: t0 is taken.
+	// Opted out (negative: the library's 0, no bound): t0 is taken.
 	seated(t, openMemory(t), "ada", "tp-ada-1", "Plus")
 }
 
@@ -138,7 +160,7 @@ func TestOpenWithBadOptionsCreatesNoDirectory(t *testing.T) {
 
 func TestOpenTakesTheDatabaseOptions(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	options := tally.Options{CheckpointEveryEvents: 1, Retention: time.Hour, MaxUsers: 1}
+	options := tally.Options{CheckpointEveryEvents: 1, Retention: time.Hour, MaxUsers: 1, MaxAheadOfClock: -1}
 	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), tally.WithOptions(options))
 	must(t, err)
 	defer engine.Close()
@@ -151,7 +173,7 @@ func TestOpenTakesTheDatabaseOptions(t *testing.T) {
 func TestUseRecordedReopensADatabaseWithTheOptionsItRecorded(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
 	none := tally.WithDurability(tally.DurabilityNone)
-	engine, err := tally.Open(dir, none, tally.WithOptions(tally.Options{MaxUsers: 1}))
+	engine, err := tally.Open(dir, none, tally.WithOptions(tally.Options{MaxUsers: 1, MaxAheadOfClock: -1}))
 	must(t, err)
 	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
 	must(t, engine.Close())
@@ -164,8 +186,8 @@ func TestUseRecordedReopensADatabaseWithTheOptionsItRecorded(t *testing.T) {
 	}
 	must(t, engine.Close())
 
-	// Without it, the options given apply (none: the defaults).
-	engine, err = tally.Open(dir, none)
+	// Without it, the options given apply (the defaults, unbounded ahead of the clock).
+	engine, err = tally.Open(dir, none, unbounded)
 	must(t, err)
 	defer func() { must(t, engine.Close()) }()
 	must(t, engine.CreateUser("bo", "tp-bo-1", t0))
@@ -174,7 +196,7 @@ func TestUseRecordedReopensADatabaseWithTheOptionsItRecorded(t *testing.T) {
 func TestADurabilityIntervalIsWholeMillisecondsAndNotNegative(t *testing.T) {
 	for _, interval := range []time.Duration{1500 * time.Microsecond, 500 * time.Microsecond, -time.Millisecond} {
 		dir := filepath.Join(t.TempDir(), "db")
-		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(interval)))
+		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(interval)), unbounded)
 		if engine != nil {
 			engine.Close()
 		}
@@ -186,7 +208,7 @@ func TestADurabilityIntervalIsWholeMillisecondsAndNotNegative(t *testing.T) {
 		}
 	}
 	engine, err := tally.Open(filepath.Join(t.TempDir(), "db"),
-		tally.WithDurability(tally.DurabilityInterval(2*time.Millisecond)))
+		tally.WithDurability(tally.DurabilityInterval(2*time.Millisecond)), unbounded)
 	must(t, err)
 	must(t, engine.Close())
 }

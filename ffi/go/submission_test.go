@@ -72,7 +72,7 @@ func TestSubmissionsDecideAsConsumeDoesAllInFlightAtOnce(t *testing.T) {
 
 func TestSubmitKeepsManyInFlightOnASyncDatabase(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync))
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync), unbounded)
 	must(t, err)
 	seated(t, engine, "ada", "tp-ada", "Plus")
 	submissions := make([]*tally.Submission, 300)
@@ -105,7 +105,7 @@ func TestSubmitKeepsManyInFlightOnASyncDatabase(t *testing.T) {
 	}
 	must(t, engine.Close())
 
-	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), unbounded)
 	must(t, err)
 	defer func() { must(t, reopened.Close()) }()
 	usage, err = reopened.Usage("tp-ada", t0)
@@ -183,7 +183,7 @@ func TestASubmissionCompletesOrIsDiscardedOnceAndBadInputChangesNothing(t *testi
 
 func TestCompletingAfterCloseIsErrClosedAndTheCloseKeptIt(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync))
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync), unbounded)
 	must(t, err)
 	seated(t, engine, "ada", "tp-ada", "Plus")
 	submission, err := engine.Submit(tally.Request{Key: "tp-ada", Resource: "m2.7",
@@ -193,7 +193,7 @@ func TestCompletingAfterCloseIsErrClosedAndTheCloseKeptIt(t *testing.T) {
 	if _, err := submission.Complete(); !errors.Is(err, tally.ErrClosed) {
 		t.Fatalf("Complete after Close: %v", err)
 	}
-	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+	reopened, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), unbounded)
 	must(t, err)
 	defer func() { must(t, reopened.Close()) }()
 	usage, err := reopened.Usage("tp-ada", t0)

@@ -15,13 +15,18 @@ import (
 // reservations are forgotten relative to the clock, so windows are exact.
 var t0 = time.UnixMilli(1_900_000_000_000)
 
+// unbounded opens an engine with no bound on how far ahead of its clock a time may be: the
+// tests stamp from t0, years ahead of the system clock the engine reads, which the default
+// bound (a day) would refuse.
+var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1})
+
 func at(ms int64) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 
 func one(unit tally.Unit) []tally.Quantity { return []tally.Quantity{{Unit: unit, Amount: 1}} }
 
 func openMemory(t *testing.T) *tally.Engine {
 	t.Helper()
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -645,7 +650,7 @@ func TestGoroutinesSharingOneEngineAreAdmittedExactlyTheLimit(t *testing.T) {
 }
 
 func TestCloseIsIdempotentAndLaterCallsAnswerErrClosed(t *testing.T) {
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	must(t, err)
 	seated(t, engine, "no", "tp-no", "Starter")
 	must(t, engine.Close())
@@ -672,7 +677,7 @@ func TestCloseIsIdempotentAndLaterCallsAnswerErrClosed(t *testing.T) {
 }
 
 func TestCloseWhileGoroutinesAreCallingLetsThemFinishOrAnswerErrClosed(t *testing.T) {
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	must(t, err)
 	seated(t, engine, "ob", "tp-ob", "Max")
 	var wg sync.WaitGroup
@@ -774,13 +779,13 @@ func TestPolicySwapKeepsUsageAndRefusesAnInvalidDocument(t *testing.T) {
 	if usage.Limits[0].Used != 1 {
 		t.Fatalf("after the swaps: %+v", usage.Limits[0])
 	}
-	if _, err := tally.OpenInMemory(tally.WithPolicyFile("/nonexistent/policy.toml")); err == nil {
+	if _, err := tally.OpenInMemory(tally.WithPolicyFile("/nonexistent/policy.toml"), unbounded); err == nil {
 		t.Fatal("a missing policy file opened")
 	}
 }
 
 func TestSwapPolicyRefusesAnOptionThatNamesNoPolicyAndKeepsTheOneItHas(t *testing.T) {
-	engine, err := tally.OpenInMemory(tally.WithPolicyTOML(customPolicy))
+	engine, err := tally.OpenInMemory(tally.WithPolicyTOML(customPolicy), unbounded)
 	must(t, err)
 	defer engine.Close()
 	seated(t, engine, "ada", "tp-ada-1", "Starter")

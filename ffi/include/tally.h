@@ -108,6 +108,10 @@
 // accepts (up to 2100-01-01T00:00:00Z).
 #define TALLY_MAX_PERIOD_MS 4102444800000
 
+// The default `max_ahead_of_clock_ms`: a day. A stamp further ahead of the engine's clock is
+// `TALLY_BAD_TIMESTAMP` unless the options set another bound (0: none).
+#define TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS 86400000
+
 // The fewest policy generations kept (`max_policy_generations`).
 #define TALLY_MIN_POLICY_GENERATIONS 2
 
@@ -887,12 +891,15 @@ tally_status tally_options_set_reclaim_idle_every_ms(struct tally_options *optio
 tally_status tally_options_set_expire_leases_on_its_own(struct tally_options *options,
                                                         bool expire_leases_on_its_own);
 
-// How far ahead of the engine's clock an operation's explicit `at_ms` may be: one stamped
-// further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`). Without a bound, one
-// request stamped years ahead moves its key's windows there, and for requests stamped now its
-// usage never ages out. 0 (the default): no bound, timestamps are taken as given; else 1 to
-// `TALLY_MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself should set one,
-// e.g. a day. The log's own timestamps are never refused when an open replays it.
+// How far ahead of the engine's (system) clock an operation's explicit `at_ms` may be: one
+// stamped further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`) and changes
+// nothing. Without a bound, one request stamped months ahead (a client's bad clock) moves its
+// key's windows there: for requests stamped now its usage never ages out, its reservation's
+// lease never ends, and its log segment stays too young for compaction, which then drops
+// neither it nor any later segment until the clock passes the stamp. Default
+// `TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS` (a day: far more than any clock skew); 0: no bound,
+// timestamps are taken as given (tests and replays that run ahead of the clock); else 1 to
+// `TALLY_MAX_PERIOD_MS`. The log's own timestamps are never refused when an open replays it.
 //
 // Errors: as `tally_options_set_max_keys`.
 tally_status tally_options_set_max_ahead_of_clock_ms(struct tally_options *options,

@@ -20,6 +20,9 @@ pub const TALLY_MAX_IDEMPOTENCY_HORIZON_MS: u64 = 31_622_400_000;
 /// The longest `reclaim_idle_every_ms` and `retention_ms`: the span of timestamps tally
 /// accepts (up to 2100-01-01T00:00:00Z).
 pub const TALLY_MAX_PERIOD_MS: u64 = 4_102_444_800_000;
+/// The default `max_ahead_of_clock_ms`: a day. A stamp further ahead of the engine's clock is
+/// `TALLY_BAD_TIMESTAMP` unless the options set another bound (0: none).
+pub const TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS: u64 = 86_400_000;
 /// The fewest policy generations kept (`max_policy_generations`).
 pub const TALLY_MIN_POLICY_GENERATIONS: u64 = 2;
 /// The most policy generations kept (`max_policy_generations`).
@@ -31,6 +34,9 @@ const _: () = assert!(
     TALLY_MAX_IDEMPOTENCY_HORIZON_MS == ::tally_engine::options::MAX_IDEMPOTENCY_HORIZON_MS
 );
 const _: () = assert!(TALLY_MAX_PERIOD_MS == ::tally_engine::options::MAX_PERIOD_MS);
+const _: () = assert!(
+    TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS == ::tally_engine::options::DEFAULT_MAX_AHEAD_OF_CLOCK_MS
+);
 const _: () =
     assert!(TALLY_MIN_POLICY_GENERATIONS == ::tally_engine::options::MIN_POLICY_GENERATIONS as u64);
 const _: () =
@@ -259,12 +265,15 @@ pub extern "C" fn tally_options_set_expire_leases_on_its_own(
     })
 }
 
-/// How far ahead of the engine's clock an operation's explicit `at_ms` may be: one stamped
-/// further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`). Without a bound, one
-/// request stamped years ahead moves its key's windows there, and for requests stamped now its
-/// usage never ages out. 0 (the default): no bound, timestamps are taken as given; else 1 to
-/// `TALLY_MAX_PERIOD_MS`. A gateway passing timestamps it did not make itself should set one,
-/// e.g. a day. The log's own timestamps are never refused when an open replays it.
+/// How far ahead of the engine's (system) clock an operation's explicit `at_ms` may be: one
+/// stamped further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`) and changes
+/// nothing. Without a bound, one request stamped months ahead (a client's bad clock) moves its
+/// key's windows there: for requests stamped now its usage never ages out, its reservation's
+/// lease never ends, and its log segment stays too young for compaction, which then drops
+/// neither it nor any later segment until the clock passes the stamp. Default
+/// `TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS` (a day: far more than any clock skew); 0: no bound,
+/// timestamps are taken as given (tests and replays that run ahead of the clock); else 1 to
+/// `TALLY_MAX_PERIOD_MS`. The log's own timestamps are never refused when an open replays it.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]

@@ -27,13 +27,87 @@ fn s(text: &str) -> (*const c_char, usize) {
     (text.as_ptr().cast(), text.len())
 }
 
+/// Options with no bound on how far ahead of the engine's clock a stamp may be: these tests
+/// stamp from `T0`, in 2030, years ahead of the system clock the C ABI's engines read, so
+/// they opt out of the default bound (a day). Freed when dropped.
+struct Unbounded(*mut tally_options);
+
+impl Unbounded {
+    fn new() -> Unbounded {
+        let mut options = ptr::null_mut();
+        assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+        assert_eq!(
+            tally_options_set_max_ahead_of_clock_ms(options, 0),
+            tally_status::TALLY_OK
+        );
+        Unbounded(options)
+    }
+}
+
+impl Drop for Unbounded {
+    fn drop(&mut self) {
+        tally_options_free(self.0);
+    }
+}
+
 fn in_memory() -> Handle {
+    let mut engine = ptr::null_mut();
+    let options = Unbounded::new();
+    assert_eq!(
+        tally_engine_open_in_memory(0, ptr::null(), 0, options.0, &mut engine),
+        tally_status::TALLY_OK
+    );
+    Handle(engine)
+}
+
+/// The default options (a NULL `tally_options`) bound stamps to a day ahead of the engine's
+/// clock: one further ahead is `TALLY_BAD_TIMESTAMP` naming `at_ms` and changes nothing; one
+/// within the day is taken.
+#[test]
+fn by_default_a_stamp_more_than_a_day_ahead_is_a_bad_timestamp() {
+    assert_eq!(TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS, 86_400_000);
     let mut engine = ptr::null_mut();
     assert_eq!(
         tally_engine_open_in_memory(0, ptr::null(), 0, ptr::null(), &mut engine),
         tally_status::TALLY_OK
     );
-    Handle(engine)
+    let handle = Handle(engine);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let (u, ul) = s("ada");
+    let (k, kl) = s("tp-ada");
+    // T0 (2030) is years ahead of the system clock.
+    assert_eq!(
+        tally_engine_create_user(handle.0, u, ul, k, kl, T0),
+        tally_status::TALLY_BAD_TIMESTAMP
+    );
+    assert!(last_error().starts_with("at_ms: "), "{}", last_error());
+    assert!(
+        last_error().contains("max_ahead_of_clock_ms"),
+        "{}",
+        last_error()
+    );
+    // Nothing was created: the same user is created within the day.
+    assert_eq!(
+        tally_engine_create_user(handle.0, u, ul, k, kl, now + HOUR_MS),
+        tally_status::TALLY_OK
+    );
+    let (t, tl) = s("@ada");
+    let (p, pl) = s("Starter");
+    assert_eq!(
+        tally_engine_assign_seat(handle.0, t, tl, u, ul, p, pl, now),
+        tally_status::TALLY_OK
+    );
+    let one = requests(1);
+    let far = request(b"tp-ada", "m2.7", &one, now + 30 * 24 * HOUR_MS, None);
+    assert_eq!(
+        consume(&handle, &far).err(),
+        Some(tally_status::TALLY_BAD_TIMESTAMP)
+    );
+    let near = request(b"tp-ada", "m2.7", &one, now + 23 * HOUR_MS, None);
+    assert!(consume(&handle, &near).is_ok_and(|decision| decision.admitted));
 }
 
 fn user(handle: &Handle, name: &str, key: &str, plan: Option<&str>) {
@@ -618,7 +692,8 @@ fn open(dir: &std::path::Path) -> Result<Handle, tally_status> {
     let path = dir.to_str().unwrap_or_default();
     let (p, pl) = s(path);
     let mut engine = ptr::null_mut();
-    match tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, ptr::null(), &mut engine) {
+    let options = Unbounded::new();
+    match tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, options.0, &mut engine) {
         tally_status::TALLY_OK => Ok(Handle(engine)),
         status => Err(status),
     }

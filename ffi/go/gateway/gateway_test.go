@@ -23,6 +23,11 @@ import (
 // relative to it); each call advances the gateway's clock by a millisecond.
 var t0 = time.UnixMilli(1_900_000_000_000)
 
+// unbounded opens an engine with no bound on how far ahead of its clock a time may be: the
+// gateway's clock here runs from t0, years ahead of the system clock the engine reads, which
+// the default bound (a day) would refuse.
+var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1})
+
 const upstreamKey = "sk-upstream-secret"
 
 // fakeUpstream answers like the OpenAI and Anthropic APIs, with token usage, streamed when
@@ -116,7 +121,7 @@ type policyDocument struct {
 // with the shipped policy.
 func start(t *testing.T) *harness {
 	t.Helper()
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -494,7 +499,7 @@ func TestAnUpstreamFailureVoidsTheReservation(t *testing.T) {
 }
 
 func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -809,7 +814,7 @@ func TestSpeechAndImagesAreMeteredByWhatTheyMake(t *testing.T) {
 // A body past MaxBodyBytes is 413 in each API's shape, as the Python middleware answers it:
 // OpenAI's type invalid_request_error (code request_too_large), Anthropic's request_too_large.
 func TestABodyTooLargeIs413InEachAPIsShape(t *testing.T) {
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -921,7 +926,7 @@ func (b *lockedBuffer) String() string {
 // (its default, 30 minutes) has ended, as a long stream does; the gateway logs to the buffer.
 func startOutlivingTheLease(t *testing.T) (*harness, *lockedBuffer, func() time.Time) {
 	t.Helper()
-	engine, err := tally.OpenInMemory()
+	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
 	}

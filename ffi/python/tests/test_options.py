@@ -9,7 +9,7 @@ import time
 import pytest
 
 import tally
-from conftest import T, seated
+from conftest import UNBOUNDED, T, seated, unbounded
 
 # One value past the allowed range of every integer option.
 TOO_LARGE = {
@@ -28,34 +28,45 @@ TOO_LARGE = {
 
 
 def test_options_of_none_are_the_defaults():
+    now = int(time.time() * 1000)
     with tally.Engine.in_memory(options=tally.Options()) as engine:
-        seated(engine, "ada", "tp-ada-1", "Plus")
-        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T).admitted
+        engine.create_user("ada", "tp-ada-1", at_ms=now)
+        engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
+        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
+        # The default bound ahead of the clock, a day: T (2030) is refused.
+        with pytest.raises(tally.BadTimestampError, match="max_ahead_of_clock_ms"):
+            engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T)
 
 
 def test_a_bound_set_in_options_reaches_the_engine():
-    with tally.Engine.in_memory(options=tally.Options(max_keys=1)) as engine:
+    with tally.Engine.in_memory(options=unbounded(max_keys=1)) as engine:
         engine.create_user("ada", "tp-ada-1", at_ms=T)
         with pytest.raises(tally.CapacityExceededError, match="keys"):
             engine.create_user("bo", "tp-bo-1", at_ms=T)
 
 
-def test_a_bound_ahead_of_the_clock_refuses_a_later_time_and_takes_one_within_it():
-    # T is in 2030, years ahead of the engine's (system) clock: refused with a bound of a day.
+def test_by_default_a_time_over_a_day_ahead_is_refused_and_one_within_it_is_taken():
+    # T is in 2030, years ahead of the engine's (system) clock: refused by the default bound of
+    # a day (None and an explicit 86,400,000 alike), and nothing is created.
     now = int(time.time() * 1000)
-    options = tally.Options(max_ahead_of_clock_ms=86_400_000)
-    with tally.Engine.in_memory(options=options) as engine:
-        with pytest.raises(tally.BadTimestampError, match="at_ms: .* ahead of the engine's clock"):
-            engine.create_user("ada", "tp-ada-1", at_ms=T)
-        engine.create_user("ada", "tp-ada-1", at_ms=now + 3_600_000)
-        engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
-        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
-    with tally.Engine.in_memory() as engine:
-        seated(engine, "ada", "tp-ada-1", "Plus")  # no bound by default: T is taken
+    for options in [None, tally.Options(max_ahead_of_clock_ms=86_400_000)]:
+        with tally.Engine.in_memory(options=options) as engine:
+            with pytest.raises(
+                tally.BadTimestampError, match="at_ms: .* ahead of the engine's clock"
+            ):
+                engine.create_user("ada", "tp-ada-1", at_ms=T)
+            engine.create_user("ada", "tp-ada-1", at_ms=now + 3_600_000)
+            engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
+            with pytest.raises(tally.BadTimestampError, match="max_ahead_of_clock_ms"):
+                engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now + 2 * 86_400_000)
+            assert engine.usage("tp-ada-1", at_ms=now).limits[0].used == 0
+            assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        seated(engine, "ada", "tp-ada-1", "Plus")  # opted out (0): T is taken
 
 
 def test_a_default_lease_set_in_options_is_the_lease_of_a_reservation_without_one():
-    options = tally.Options(default_lease_ms=1_000, expire_leases_on_its_own=False)
+    options = unbounded(default_lease_ms=1_000, expire_leases_on_its_own=False)
     with tally.Engine.in_memory(options=options) as engine:
         key = seated(engine, "ada", "tp-ada-1", "Plus")
         reservation = engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T)
@@ -78,7 +89,7 @@ def test_a_zero_where_zero_means_nothing_is_refused(option):
 
 
 def test_zero_is_taken_where_it_has_a_meaning():
-    options = tally.Options(idempotency_horizon_ms=0, reclaim_idle_every_ms=0, retention_ms=0)
+    options = unbounded(idempotency_horizon_ms=0, reclaim_idle_every_ms=0, retention_ms=0)
     with tally.Engine.in_memory(options=options) as engine:
         seated(engine, "ada", "tp-ada-1", "Plus")
 
@@ -91,7 +102,7 @@ def test_bad_options_on_open_create_no_directory(tmp_path):
 
 
 def test_the_database_options_are_taken_by_open(tmp_path):
-    options = tally.Options(checkpoint_every_events=1, retention_ms=0, max_users=1)
+    options = unbounded(checkpoint_every_events=1, retention_ms=0, max_users=1)
     with tally.Engine.open(tmp_path / "db", durability="none", options=options) as engine:
         engine.create_user("ada", "tp-ada-1", at_ms=T)
         with pytest.raises(tally.CapacityExceededError, match="users"):
@@ -100,15 +111,15 @@ def test_the_database_options_are_taken_by_open(tmp_path):
 
 def test_use_recorded_reopens_a_database_with_the_options_it_recorded(tmp_path):
     path = tmp_path / "db"
-    with tally.Engine.open(path, durability="none", options=tally.Options(max_users=1)) as engine:
+    with tally.Engine.open(path, durability="none", options=unbounded(max_users=1)) as engine:
         engine.create_user("ada", "tp-ada-1", at_ms=T)
     # The recorded max_users of 1 wins over the 5 given beside use_recorded.
     options = tally.Options(use_recorded=True, max_users=5)
     with tally.Engine.open(path, durability="none", options=options) as engine:
         with pytest.raises(tally.CapacityExceededError, match="users"):
             engine.create_user("bo", "tp-bo-1", at_ms=T)
-    # Without it, the options given apply (None: the defaults).
-    with tally.Engine.open(path, durability="none") as engine:
+    # Without it, the options given apply (the defaults but for the bound ahead of the clock).
+    with tally.Engine.open(path, durability="none", options=UNBOUNDED) as engine:
         engine.create_user("bo", "tp-bo-1", at_ms=T)
 
 

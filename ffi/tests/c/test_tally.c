@@ -44,6 +44,11 @@ static void print_last_error(void) {
  * reservations are remembered relative to the clock), so windows are exact. */
 static const uint64_t T0 = 1900000000000ULL;
 
+/* Options with no bound on how far ahead of the engine's clock a stamp may be (the default is
+ * a day): these tests stamp from T0, years ahead of the system clock the engines read, so the
+ * engines they open opt out. Made in main. */
+static tally_options *unbounded = NULL;
+
 static tally_request request(const char *key, const char *resource, const tally_quantity *q,
                              size_t n, uint64_t at_ms, const char *request_id) {
   tally_request r;
@@ -115,7 +120,7 @@ static void test_policies(void) {
                                      &engine),
          TALLY_POLICY_INVALID);
 
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &engine), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, unbounded, &engine), TALLY_OK);
   size_t needed = 0;
   EXPECT(tally_engine_policy_json(engine, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
   char *json = malloc(needed);
@@ -124,7 +129,7 @@ static void test_policies(void) {
 
   /* The same document as JSON text and as a .json file. */
   tally_engine *from_json = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, json, strlen(json), NULL, &from_json),
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_JSON, json, strlen(json), unbounded, &from_json),
          TALLY_OK);
   char dir[] = "/tmp/tally-c-policy-XXXXXX";
   CHECK(mkdtemp(dir) != NULL);
@@ -135,7 +140,7 @@ static void test_policies(void) {
   CHECK(write(fd, json, strlen(json)) == (ssize_t)strlen(json));
   close(fd);
   tally_engine *from_file = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, path, strlen(path), NULL, &from_file),
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_FILE, path, strlen(path), unbounded, &from_file),
          TALLY_OK);
   unlink(path);
   rmdir(dir);
@@ -408,7 +413,7 @@ static void test_submissions(tally_engine *engine) {
   tally_submission *s2 = submit_copy(engine, "tp-ada", 1, NULL, &status);
   EXPECT(tally_engine_complete(NULL, s2, &d), TALLY_NULL_POINTER);
   tally_engine *other = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &other), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, unbounded, &other), TALLY_OK);
   tally_submission *s3 = submit_copy(engine, "tp-ada", 1, NULL, &status);
   EXPECT(tally_engine_submission_durable(other, s3, &durable), TALLY_INVALID_ARGUMENT);
   EXPECT(tally_engine_complete(other, s3, &d), TALLY_INVALID_ARGUMENT);
@@ -484,7 +489,7 @@ static void test_usage(tally_engine *engine) {
  * moves every idle key's time forward. */
 static void test_corrections(void) {
   tally_engine *engine = NULL;
-  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &engine), TALLY_OK);
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, unbounded, &engine), TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("cora"), S("tp-cora"), T0), TALLY_OK);
   EXPECT(tally_engine_assign_seat(engine, S("@cora"), S("cora"), S("Starter"), T0), TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("dan"), S("tp-dan"), T0), TALLY_OK);
@@ -718,6 +723,8 @@ static void test_options(void) {
        1},
       {"checkpoint_every_events", tally_options_set_checkpoint_every_events, 1, UINT64_MAX, 0},
       {"retention_ms", tally_options_set_retention_ms, 0, TALLY_MAX_PERIOD_MS, 1},
+      {"max_ahead_of_clock_ms", tally_options_set_max_ahead_of_clock_ms, 1, TALLY_MAX_PERIOD_MS,
+       1},
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
     EXPECT(cases[i].set(NULL, cases[i].low), TALLY_NULL_POINTER);
@@ -738,8 +745,21 @@ static void test_options(void) {
   EXPECT(tally_options_set_expire_leases_on_its_own(options, false), TALLY_OK);
   tally_options_free(options);
 
+  /* The default options (NULL) bound stamps to a day ahead of the engine's clock,
+   * TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS: T0, years ahead of the system clock, is a bad
+   * timestamp naming at_ms, and creates nothing. */
+  CHECK(TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS == 86400000ULL);
+  tally_engine *bounded = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &bounded), TALLY_OK);
+  EXPECT(tally_engine_create_user(bounded, S("ada"), S("tp-ada"), T0), TALLY_BAD_TIMESTAMP);
+  CHECK(last_error_mentions("at_ms"));
+  CHECK(last_error_mentions("max_ahead_of_clock_ms"));
+  EXPECT(tally_engine_create_user(bounded, S("ada"), S("tp-ada"), TALLY_NOW), TALLY_OK);
+  tally_engine_free(bounded);
+
   /* The options reach the engine; a refused value leaves the one set before. */
   EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_max_ahead_of_clock_ms(options, 0), TALLY_OK); /* stamps at T0 */
   EXPECT(tally_options_set_max_keys(options, 1), TALLY_OK);
   EXPECT(tally_options_set_max_keys(options, 0), TALLY_INVALID_ARGUMENT);
   CHECK(last_error_mentions("max_keys: 0 is out of range"));
@@ -758,6 +778,7 @@ static void test_options(void) {
   char db[256];
   snprintf(db, sizeof db, "%s/db", dir);
   EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_max_ahead_of_clock_ms(options, 0), TALLY_OK); /* stamps at T0 */
   EXPECT(tally_options_set_max_users(options, 1), TALLY_OK);
   EXPECT(tally_options_set_checkpoint_every_events(options, 2), TALLY_OK);
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, options,
@@ -776,8 +797,8 @@ static void test_options(void) {
   tally_engine_free(engine);
 
   /* The database recorded its options: use_recorded reopens it with them (max_users 1), not
-   * with the ones set beside it (max_users 5); without it the options given apply (NULL: the
-   * defaults). */
+   * with the ones set beside it (max_users 5); without it the options given apply (the
+   * defaults, unbounded ahead of the clock). */
   tally_options *recorded = NULL;
   EXPECT(tally_options_new(&recorded), TALLY_OK);
   EXPECT(tally_options_set_use_recorded(NULL, true), TALLY_NULL_POINTER);
@@ -790,8 +811,8 @@ static void test_options(void) {
   CHECK(last_error_mentions("users"));
   tally_engine_free(engine);
   tally_options_free(recorded);
-  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
-                           &engine),
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           unbounded, &engine),
          TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("bob"), S("tp-bob"), T0), TALLY_OK);
   tally_engine_free(engine);
@@ -828,7 +849,7 @@ static void test_database(void) {
                            NULL, &engine),
          TALLY_NULL_POINTER);
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_SYNC, 0,
-                           NULL, &engine),
+                           unbounded, &engine),
          TALLY_OK);
 
   /* The same directory again: locked. */
@@ -858,7 +879,7 @@ static void test_database(void) {
   EXPECT(tally_verify(S("/nonexistent/tally"), NULL, &sound, NULL, 0, &needed), TALLY_STORAGE);
 
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_INTERVAL, 100,
-                           NULL, &engine),
+                           unbounded, &engine),
          TALLY_OK);
   uint64_t balance = 0;
   EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_OK);
@@ -895,6 +916,7 @@ static void test_verify_options(void) {
 
   tally_options *options = NULL;
   EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_max_ahead_of_clock_ms(options, 0), TALLY_OK); /* stamps at T0 */
   EXPECT(tally_options_set_max_policy_generations(options, 2), TALLY_OK);
   tally_engine *engine = NULL;
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, options,
@@ -1008,7 +1030,7 @@ static void test_stored_policy(void) {
 
   /* A database with a policy of its own; a swap has no stored policy either. */
   EXPECT(tally_engine_open(S(db), TALLY_POLICY_TOML, S(CUSTOM_POLICY), TALLY_DURABILITY_NONE, 0,
-                           NULL, &engine),
+                           unbounded, &engine),
          TALLY_OK);
   EXPECT(tally_engine_swap_policy(engine, TALLY_POLICY_STORED, NULL, 0, T0),
          TALLY_INVALID_ARGUMENT);
@@ -1021,7 +1043,7 @@ static void test_stored_policy(void) {
   tally_engine_free(engine);
 
   /* Reopened with STORED: its own Starter (7 requests), and no event after the last one. */
-  EXPECT(tally_engine_open(S(db), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0, unbounded,
                            &engine),
          TALLY_OK);
   char *json = usage_of(engine, "tp-ada");
@@ -1035,8 +1057,8 @@ static void test_stored_policy(void) {
   tally_engine_free(engine);
 
   /* Reopened with DEFAULT instead: the shipped policy is swapped in (1,500) and logged. */
-  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
-                           &engine),
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           unbounded, &engine),
          TALLY_OK);
   json = usage_of(engine, "tp-ada");
   CHECK(json != NULL && strstr(json, "\"amount\":1500") != NULL);
@@ -1049,8 +1071,8 @@ static void test_stored_policy(void) {
   /* A new database opened with STORED runs the shipped Token Plan. */
   char fresh[256];
   snprintf(fresh, sizeof fresh, "%s/fresh", dir);
-  EXPECT(tally_engine_open(S(fresh), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0, NULL,
-                           &engine),
+  EXPECT(tally_engine_open(S(fresh), TALLY_POLICY_STORED, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           unbounded, &engine),
          TALLY_OK);
   EXPECT(tally_engine_create_user(engine, S("bo"), S("tp-bo"), T0), TALLY_OK);
   EXPECT(tally_engine_assign_seat(engine, S("@bo"), S("bo"), S("Starter"), T0), TALLY_OK);
@@ -1065,6 +1087,10 @@ static void test_stored_policy(void) {
 }
 
 int main(void) {
+  if (tally_options_new(&unbounded) != TALLY_OK ||
+      tally_options_set_max_ahead_of_clock_ms(unbounded, 0) != TALLY_OK) {
+    return 1;
+  }
   test_library();
   test_policies();
   test_corrections();
@@ -1072,6 +1098,7 @@ int main(void) {
   test_database();
   test_verify_options();
   test_stored_policy();
+  tally_options_free(unbounded);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

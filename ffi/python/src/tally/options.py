@@ -28,7 +28,7 @@ class Options:
     ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
     ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
     ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps;
-    ``max_ahead_of_clock_ms`` 0 (no bound) or up to the span of timestamps.
+    ``max_ahead_of_clock_ms`` 0 (no bound) or up to the span of timestamps (default a day).
     ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only, and
     ``use_recorded`` by ``Engine.open`` and ``tally.verify``."""
 
@@ -54,9 +54,11 @@ class Options:
     #: Whether ended leases are expired from the admission path (default True).
     expire_leases_on_its_own: bool | None = None
     #: How far ahead of the engine's clock a call's ``at_ms`` may be; one further ahead raises
-    #: ``BadTimestampError``. 0 (the default): no bound, and one request stamped years ahead
-    #: moves its key's windows there for good. A gateway passing times it did not make itself
-    #: should set one, e.g. 86,400,000 (a day). The log's own times are never refused at open.
+    #: ``BadTimestampError`` and changes nothing (default 86,400,000: a day). 0: no bound, for
+    #: tests and replays that run ahead of the clock; without one, a request stamped months
+    #: ahead moves its key's windows there for good (its usage never ages out for requests
+    #: stamped now) and keeps its log segment, and every later one, from being compacted. The
+    #: log's own times are never refused at open.
     max_ahead_of_clock_ms: int | None = None
     #: A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
     #: or more holds the next back until four times that has passed, or twice this many
