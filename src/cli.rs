@@ -217,6 +217,9 @@ pub struct CrashChildOptions {
     pub seed: u64,
     pub policy: Option<PathBuf>,
     pub threads: u64,
+    /// `Sync` (the default): the workload above. `Interval` or `None`: the flood (see
+    /// `crash_child::flood`).
+    pub durability: Durability,
 }
 
 /// A command line that cannot run: `option` names the option or argument at fault.
@@ -664,6 +667,7 @@ const CRASH_CHILD: Spec = Spec {
         ("--seed", Takes::Value),
         ("--policy", Takes::Value),
         ("--threads", Takes::Value),
+        ("--durability", Takes::Value),
     ],
     database: &[],
 };
@@ -689,11 +693,16 @@ fn parse_crash_child(args: &[String]) -> Result<Command, UsageError> {
         .map_or(Ok(DEFAULT_CRASH_THREADS), |value| {
             parse_count("--threads", value, 1, MAX_CRASH_THREADS, topic)
         })?;
+    let durability = scanned
+        .value("--durability")
+        .map_or(Ok(Durability::Sync), store::parse_durability)
+        .map_err(|problem| spec.error("--durability", problem))?;
     Ok(Command::CrashChild(CrashChildOptions {
         db: parse_path("--db", db, topic)?,
         seed,
         policy,
         threads,
+        durability,
     }))
 }
 
@@ -1477,6 +1486,7 @@ mod tests {
                 seed: 9,
                 policy: None,
                 threads: DEFAULT_CRASH_THREADS,
+                durability: Durability::Sync,
             }))
         );
         assert_eq!(error_of("crash-child --seed 9").option, "--db");

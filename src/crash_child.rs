@@ -30,6 +30,9 @@
 //!
 //! The workload is drawn from whatever policy it runs with: any resource, its required units
 //! and sometimes its optional ones, small quantities.
+//!
+//! With `--durability interval:MS` or `--durability none` it runs the flood instead (see
+//! `flood`), for the test of what a kill loses in the modes that do not wait for the disk.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -105,6 +108,9 @@ fn keys() -> Vec<&'static str> {
 }
 
 pub fn run(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
+    if options.durability != tally_engine::Durability::Sync {
+        return flood(options, policy);
+    }
     let engine = store::open(
         &options.db,
         policy,
@@ -549,6 +555,92 @@ fn top_up_loop(engine: &Engine, seed: u64, stop: &AtomicBool, deadline: Instant)
 }
 
 /// The database the child opens must not be a path typed by mistake: it is a test's.
+/// The flood's users: `FLOOD_QUOTA_KEY` is seated on `FLOOD_PLAN`, `FLOOD_CREDITS_KEY` has no
+/// seat and pays from its Default Team's `FLOOD_CREDITS_MICROS`.
+pub const FLOOD_PLAN: &str = "Flood";
+pub const FLOOD_RESOURCE: &str = "chat";
+const FLOOD_QUOTA_KEY: (&str, &str) = ("flood-q", "fk-q");
+const FLOOD_CREDITS_KEY: (&str, &str) = ("flood-c", "fk-c");
+const FLOOD_CREDITS_MICROS: u64 = 1 << 50;
+/// Requests per `consume_many` of a flood thread: four of its chunks of 64.
+const FLOOD_BATCH: u64 = 256;
+/// The flood checkpoints this often, so kills land in the middle of them too.
+const FLOOD_CHECKPOINT_EVERY_EVENTS: u64 = 40_000;
+
+/// `tally crash-child --durability interval:MS|none` (for `tests/crash.rs`): the modes that
+/// acknowledge an event once it is queued, flooded so their queue fills. It opens a new
+/// database with that durability on the policy it is given (which must have the plan
+/// `FLOOD_PLAN` on the resource `FLOOD_RESOURCE`, with room for everything it sends), makes a
+/// key seated on it and a key paying with credits, prints `ready`, then consumes from
+/// `threads` threads as fast as `consume_many` goes, in batches of `FLOOD_BATCH` of one request
+/// each (alternately the two keys), with request ids `f<thread>-<n>`, `n` counting from 0. After
+/// each batch returned, every request of it admitted, it prints `acked <thread> <n>`: the
+/// thread's requests below `n` were acknowledged. A request not admitted, or an error, is
+/// printed as `err <thread> ...` and ends the thread.
+fn flood(options: &CrashChildOptions, policy: Policy) -> Result<(), Error> {
+    let engine = store::open(
+        &options.db,
+        policy,
+        Arc::new(SystemClock),
+        options.durability,
+        FLOOD_CHECKPOINT_EVERY_EVENTS,
+    )?;
+    let (user, key) = FLOOD_QUOTA_KEY;
+    engine.create_user(user, key, None)?;
+    engine.assign_seat(&format!("@{user}"), user, FLOOD_PLAN, None)?;
+    let (user, key) = FLOOD_CREDITS_KEY;
+    engine.create_user(user, key, None)?;
+    engine.top_up(&format!("@{user}"), FLOOD_CREDITS_MICROS, None)?;
+    // The set-up is on disk before anything is acknowledged that depends on it.
+    engine.sync()?;
+    say("ready");
+    let deadline = Instant::now() + Duration::from_millis(MAX_RUN_MS);
+    std::thread::scope(|scope| {
+        for thread in 0..options.threads {
+            let engine = &engine;
+            scope.spawn(move || flood_loop(engine, thread, deadline));
+        }
+    });
+    Ok(())
+}
+
+fn flood_loop(engine: &Engine, thread: u64, deadline: Instant) {
+    let one = [(Unit::Requests, 1)];
+    let mut next = 0u64;
+    while Instant::now() < deadline {
+        let ids: Vec<String> = (next..next + FLOOD_BATCH)
+            .map(|n| format!("f{thread}-{n}"))
+            .collect();
+        let requests: Vec<UsageRequest<'_>> = ids
+            .iter()
+            .enumerate()
+            .map(|(index, id)| {
+                let key = if index % 2 == 0 {
+                    FLOOD_QUOTA_KEY.1
+                } else {
+                    FLOOD_CREDITS_KEY.1
+                };
+                UsageRequest::new(key, FLOOD_RESOURCE, &one).id(id)
+            })
+            .collect();
+        for (result, id) in engine.consume_many(&requests).iter().zip(&ids) {
+            match result {
+                Ok(decision) if decision.is_admitted() => {}
+                Ok(decision) => {
+                    say(&format!("err {thread} {id} not admitted: {decision:?}"));
+                    return;
+                }
+                Err(error) => {
+                    say(&format!("err {thread} {id} {error}"));
+                    return;
+                }
+            }
+        }
+        next += FLOOD_BATCH;
+        say(&format!("acked {thread} {next}"));
+    }
+}
+
 pub fn check_path(path: &Path) -> Result<(), String> {
     store::check_openable(path, true).map(|_| ())
 }
