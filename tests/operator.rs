@@ -298,6 +298,27 @@ fn a_retried_request_id_gets_its_first_decision_and_counts_nothing() {
     );
 }
 
+/// A database the commands make runs with the engine's default bound on how far ahead of the
+/// clock a time may be, a day: a consume stamped two days ahead is refused naming `--at` and
+/// counts nothing; one an hour ahead is taken.
+#[test]
+fn a_time_more_than_a_day_ahead_of_the_clock_is_refused_naming_at() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let refused = consume(&workspace, now_ms() + 2 * DAY_MS, &[]);
+    let stderr = stderr_of(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--at: ") && stderr.contains("max_ahead_of_clock_ms"),
+        "{stderr}"
+    );
+    let usage: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+    assert_eq!(usage["limits"][0]["used"], 0, "the refused request counted");
+    let taken = consume(&workspace, now_ms() + HOUR_MS, &[]);
+    assert_eq!(taken.status.code(), Some(0), "{}", stderr_of(&taken));
+}
+
 #[test]
 fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retention() {
     let workspace = Workspace::new();
