@@ -135,7 +135,8 @@ pub struct EngineOptions {
     /// never reaches the end of its lease, and the log segment holding its event is as young
     /// as that stamp: compaction, which drops segments oldest first while their newest event is
     /// older than the longest window plus the retention, stops at that segment, so neither it
-    /// nor any later one is dropped until the clock passes the stamp (the log grows for good).
+    /// nor any later one is dropped until the clock passes the stamp plus that horizon: the
+    /// log only grows until then.
     /// Default `DEFAULT_MAX_AHEAD_OF_CLOCK_MS`, a day: far more than any clock skew.
     /// 0: no bound, explicit timestamps are taken as given (tests and replays that run ahead of
     /// the clock); else 1 to `MAX_PERIOD_MS`. The log's own timestamps are never refused when
