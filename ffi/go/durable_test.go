@@ -241,7 +241,7 @@ func TestAnInMemoryEngineHasNoStoredPolicy(t *testing.T) {
 // cut the first one short.
 func TestASecondCloseReturnsOnlyOnceTheFirstHasClosedTheDatabase(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "db")
-	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone))
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityNone), unbounded)
 	must(t, err)
 	for i := 0; i < 20_000; i++ {
 		key := fmt.Sprintf("tp-%d", i)

@@ -127,7 +127,11 @@ def test_a_forked_child_gets_closed_errors_and_leaves_the_parents_database_alone
     # checkpoint into the database the parent still has open.
     code = f"""
 import os, signal, sys, tally
-engine = tally.Engine.open(sys.argv[1], durability=tally.Durability.SYNC)
+engine = tally.Engine.open(
+    sys.argv[1],
+    durability=tally.Durability.SYNC,
+    options=tally.Options(max_ahead_of_clock_ms=0),  # stamped in 2030
+)
 engine.create_user("ada", "tp-ada", at_ms={T})
 engine.assign_seat("@ada", "ada", "Max", at_ms={T})
 child = os.fork()
@@ -145,7 +149,7 @@ assert status == 0, status
 assert engine.consume("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T}).admitted
 engine.close()
 report = tally.verify(sys.argv[1])
-with tally.Engine.open(sys.argv[1]) as reopened:
+with tally.Engine.open(sys.argv[1], options=tally.Options(max_ahead_of_clock_ms=0)) as reopened:
     print("parent:", report.sound, reopened.usage("tp-ada", at_ms={T}).limits[0].used, flush=True)
 """
     result = subprocess.run(
@@ -161,7 +165,7 @@ with tally.Engine.open(sys.argv[1]) as reopened:
 def test_an_engine_or_a_submission_is_shared_never_copied():
     # A shallow copy shared the handle but not the finalizer's hold on it: once the original
     # was collected, the handle was freed under the copy, and its next call crashed.
-    engine = tally.Engine.in_memory()
+    engine = tally.Engine.in_memory(options=UNBOUNDED)
     key = seated(engine, "cy", "tp-cy-1", "Max")
     submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
     for original in (engine, submission):
