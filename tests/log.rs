@@ -3073,6 +3073,39 @@ fn verify_reports_events_missing_at_the_end_of_the_log_as_open_refuses_them() {
     );
 }
 
+/// A database opened before (its options recorded in sled) whose segments and snapshots are
+/// all gone after a crash (no clean close to say how far the log went) is refused, not opened
+/// as a new, empty database: every acknowledged event would be lost without a word. `verify`
+/// reports it too. Before, both treated it as a database never written.
+#[test]
+fn a_database_whose_log_and_snapshots_are_all_gone_is_refused_not_opened_empty() {
+    let (dir, _, _) = closed_database("log-all-gone");
+    as_if_it_crashed(dir.path());
+    for sub in ["events", "snapshots"] {
+        for entry in std::fs::read_dir(dir.path().join(sub)).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+    }
+    let error = open_result(dir.path(), sync_options()).expect_err("its events are gone");
+    assert!(
+        storage_problem(&error).contains("no log segments and no snapshot"),
+        "{error}"
+    );
+    assert!(
+        segment_paths(dir.path()).is_empty(),
+        "the refused open started no new log"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports, not fails");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("no log segments and no snapshot")),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.

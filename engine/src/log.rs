@@ -1285,7 +1285,24 @@ impl EventLog {
         // `read_only` (verify) reports what an open refuses, and reads what there is.
         let mut missing = None;
         let start_if_empty = match snapshot {
-            None => 1,
+            // An open records its options only once the log's first segment exists, and
+            // nothing removes a log's last segment: a database that recorded them and has
+            // neither a segment nor a snapshot lost its log, and is no new database.
+            None => {
+                let recorded = meta
+                    .contains_key(META_OPTIONS)
+                    .map_err(|error| storage("reading the recorded options", error))?;
+                if recorded && list_segments(&events_dir)?.is_empty() {
+                    missing = Some(storage(
+                        dir.display(),
+                        format!(
+                            "has no log segments and no snapshot, but it was opened before (its \
+                             options are recorded): its events are missing from {EVENTS_DIR}/"
+                        ),
+                    ));
+                }
+                1
+            }
             Some(pointer) => {
                 if list_segments(&events_dir)?.is_empty() {
                     missing = Some(storage(
