@@ -3106,6 +3106,51 @@ fn a_database_whose_log_and_snapshots_are_all_gone_is_refused_not_opened_empty()
     );
 }
 
+/// The log's last segment removed after a crash (no clean close to say how far the log went),
+/// with acknowledged events in it and a sound segment before it, is refused by an open and
+/// reported by `verify`, naming the segment: the log had reached it. Before, the open went on
+/// from the segment before it, every event of the removed one lost without a word.
+#[test]
+fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
+    let dir = TempDir::new("last-segment-gone");
+    let crashed = dir.sibling("crashed");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    for micros in [1, 2, 4] {
+        engine.top_up("acme", micros, Some(POPULATED_MS)).unwrap();
+    }
+    // Every top-up acknowledged (Sync): a copy now is what a crash leaves.
+    copy_dir(dir.path(), crashed.path());
+    drop(engine);
+    let last = segment_paths(crashed.path()).pop().unwrap();
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        !frames_of(crashed.path())
+            .iter()
+            .filter(|frame| frame.path == last)
+            .collect::<Vec<_>>()
+            .is_empty(),
+        "the top-ups are in the last segment"
+    );
+    std::fs::remove_file(&last).unwrap();
+    let error = open_result(crashed.path(), sync_options()).expect_err("its events are gone");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&name) && problem.contains("missing"),
+        "{problem}"
+    );
+    let report = Engine::verify(crashed.path(), sync_options()).expect("verify reports");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&name) && problem.contains("missing")),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.
@@ -3831,9 +3876,11 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
     );
     let newest = segment_paths(dir.path()).pop().unwrap();
     assert_ne!(newest, last.path, "a segment after the snapshot");
-    // A crash while creating it: its header is not whole. Opening removes it.
+    // A crash while creating it: its header is not whole, and it was never recorded as
+    // created (that follows its header's fsync). Opening removes it.
     let header = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &header[..10]).unwrap();
+    record_last_segment(dir.path(), last.path.as_path());
     damage_and_expect_refusal(
         dir.path(),
         &last,
@@ -3849,6 +3896,52 @@ fn a_bad_record_a_snapshot_covers_is_damage_even_at_the_end_of_the_log() {
         }),
         "{:?}",
         report.problems
+    );
+}
+
+/// Records `segment` as the newest one the log created (`last_segment` in sled's `meta`), as a
+/// crash before the next one's record leaves it.
+fn record_last_segment(dir: &std::path::Path, segment: &std::path::Path) {
+    let first: u64 = segment
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .parse()
+        .unwrap();
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert("last_segment", &first.to_le_bytes()).unwrap();
+    db.flush().unwrap();
+}
+
+/// A segment recorded as created (its header was durable before the record) whose header is
+/// then found damaged is refused, naming it, not removed as a crash leftover would be: the
+/// log had reached it.
+#[test]
+fn a_recorded_segment_with_a_damaged_header_is_refused_not_removed() {
+    let dir = TempDir::new("recorded-header");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    drop(engine);
+    let newest = segment_paths(dir.path()).pop().unwrap();
+    let header = std::fs::read(&newest).unwrap();
+    assert_eq!(
+        header.len(),
+        SEGMENT_HEADER,
+        "a new segment after the snapshot"
+    );
+    std::fs::write(&newest, &header[..10]).unwrap();
+    let error = open_result(dir.path(), sync_options()).expect_err("damage");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&*newest.to_string_lossy()) && problem.contains("bad header"),
+        "{problem}"
+    );
+    assert_eq!(
+        std::fs::read(&newest).unwrap(),
+        &header[..10],
+        "left as it was"
     );
 }
 

@@ -20,8 +20,9 @@
 //! - `snapshots/<seq, 20 digits>.snap`: checkpoints, written to a temporary file, fsynced and
 //!   renamed (then the directory fsynced); the latest two are kept.
 //! - sled, for what is small and keyed: `meta` (the format version, the options the database
-//!   was last opened with: `options::RecordedOptions`, and the last event a clean close found
-//!   durable) and `cursors` (named export cursors, at most `MAX_CURSORS`). sled's file lock
+//!   was last opened with: `options::RecordedOptions`, the last event a clean close found
+//!   durable, and the newest segment the writer created) and `cursors` (named export cursors,
+//!   at most `MAX_CURSORS`). sled's file lock
 //!   also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. Zeros from a frame's start to the end of the file are the
@@ -142,6 +143,10 @@ const META_OPTIONS: &[u8] = b"options";
 /// damage, not a torn write (the records of one write need not say it: nothing was written
 /// after its fdatasync).
 const META_DURABLE_THROUGH: &[u8] = b"durable_through";
+/// The first sequence number of the newest segment the writer created (u64 LE), recorded once
+/// the segment is durable: opening refuses a log whose last segment is older (the newest one,
+/// and the events in it, removed). Databases written before it have none.
+const META_LAST_SEGMENT: &[u8] = b"last_segment";
 
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
 /// when the call that made it returns it (`consume`, each request of `consume_many` when the
@@ -568,6 +573,11 @@ struct Shared {
     segments: Mutex<Vec<u64>>,
     /// The segment being written (for `sync()` from other threads).
     active_file: Mutex<Arc<File>>,
+    /// sled and its `meta` tree, where the writer records each segment it creates
+    /// (`META_LAST_SEGMENT`).
+    db: sled::Db,
+    meta: sled::Tree,
+    syncer: Arc<FileSyncer>,
 }
 
 /// A snapshot's encoder for `EventLog::write_snapshot_in_background`: called on the snapshot
@@ -591,7 +601,7 @@ pub struct EventLog {
     /// that lost nothing.
     compacting: Mutex<()>,
     snapshots_dir: PathBuf,
-    syncer: FileSyncer,
+    syncer: Arc<FileSyncer>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     /// Where the last `events_after` stopped: (first sequence number of a record, its segment,
@@ -888,6 +898,7 @@ fn recover_segments(
     events_dir: &Path,
     start_if_empty: u64,
     durable_through: u64,
+    last_created: u64,
     read_only: bool,
 ) -> Result<Recovered, Error> {
     let mut segments = list_segments(events_dir)?;
@@ -900,10 +911,13 @@ fn recover_segments(
         let mut header = vec![0; file_len.min(SEGMENT_HEADER_BYTES as u64) as usize];
         file.read_exact(&mut header).map_err(reading)?;
         if file_len <= SEGMENT_HEADER_BYTES as u64
+            && first > last_created
             && check_segment_header(&header, first, &path).is_err()
         {
             // A crash while creating the segment (its header is written and fsynced before
-            // anything else): it holds nothing. The one before goes on, or a new first one.
+            // anything else, and it is recorded as created after that): it holds nothing. The
+            // one before goes on, or a new first one. (One recorded had a durable header:
+            // damaged, it is refused below.)
             if !read_only {
                 std::fs::remove_file(&path)
                     .map_err(|error| storage(format!("removing {}", path.display()), error))?;
@@ -1316,6 +1330,25 @@ impl EventLog {
                 pointer.seq + 1
             }
         };
+        // The newest segment the writer created: the log reached it, so it is there (unless
+        // another fault is found first).
+        let last_created = last_created_segment(&meta)?;
+        let last_listed = list_segments(&events_dir)?.last().copied().unwrap_or(0);
+        if missing.is_none() && last_created > last_listed {
+            missing = Some(storage(
+                dir.display(),
+                format!(
+                    "log segment {} is missing from {EVENTS_DIR}/ (the log had reached it; the \
+                     last one there is {}): its events are missing",
+                    segment_name(last_created),
+                    if last_listed == 0 {
+                        "none".to_string()
+                    } else {
+                        segment_name(last_listed)
+                    }
+                ),
+            ));
+        }
         let closed_through = clean_close_point(&meta)?;
         let durable_through = snapshot
             .map_or(0, |pointer| pointer.seq)
@@ -1325,8 +1358,13 @@ impl EventLog {
                 return Err(error);
             }
         }
-        let mut recovered =
-            recover_segments(&events_dir, start_if_empty, durable_through, read_only)?;
+        let mut recovered = recover_segments(
+            &events_dir,
+            start_if_empty,
+            durable_through,
+            last_created,
+            read_only,
+        )?;
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
             missing = Some(storage(
@@ -1358,6 +1396,7 @@ impl EventLog {
             // Names the damage it ends at, if any.
             recovered.problem = Some(error.to_string());
         }
+        let syncer = Arc::new(FileSyncer::new(dir)?);
         let position = Position {
             seq: last_seq,
             segment: recovered.active.first,
@@ -1389,8 +1428,10 @@ impl EventLog {
             writer_flushes: AtomicU64::new(0),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
+            db: db.clone(),
+            meta: meta.clone(),
+            syncer: Arc::clone(&syncer),
         });
-        let syncer = FileSyncer::new(dir)?;
         let log = EventLog {
             dir: dir.to_path_buf(),
             db,
@@ -2308,6 +2349,16 @@ impl Drop for EventLog {
     }
 }
 
+/// The newest segment the writer created (`META_LAST_SEGMENT`), 0 if none is recorded.
+fn last_created_segment(meta: &sled::Tree) -> Result<u64, Error> {
+    let value = meta
+        .get(META_LAST_SEGMENT)
+        .map_err(|error| storage("reading metadata", error))?;
+    Ok(value
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+        .map_or(0, u64::from_le_bytes))
+}
+
 /// The last event a clean close found durable (`META_DURABLE_THROUGH`), 0 if none did.
 fn clean_close_point(meta: &sled::Tree) -> Result<u64, Error> {
     let value = meta
@@ -2784,7 +2835,14 @@ impl Writer {
         drop(progress);
         self.shared.progress_changed.notify_all();
         self.shared.wake_durable(position.seq);
-        Ok(())
+        // Recorded once the segment is durable (a crash before leaves the record one segment
+        // behind, which refuses nothing): an open finding an older last segment refuses the
+        // log, as the newest one and its events were removed.
+        self.shared
+            .meta
+            .insert(META_LAST_SEGMENT, &next.to_le_bytes())
+            .map_err(|error| storage("writing metadata", error))?;
+        self.shared.syncer.flush(&self.shared.db)
     }
 
     /// Appends one group of consecutive events with one write and, in `Sync` mode, one
