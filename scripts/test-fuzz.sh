@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The cargo-fuzz targets under fuzz/ (c_abi, engine_ops, policy_document): replays each target's
-# checked-in corpus (fuzz/corpus/TARGET), then fuzzes each briefly from a temporary copy of it,
-# so nothing new is written into the checkout (except fuzz/target and, on a crash,
+# The cargo-fuzz targets under fuzz/ (c_abi, engine_ops, policy_document, log_damage): replays
+# each target's checked-in corpus (fuzz/corpus/TARGET), then fuzzes each briefly from a temporary
+# copy of it, so nothing new is written into the checkout (except fuzz/target and, on a crash,
 # fuzz/artifacts/TARGET/, both git-ignored). Exits non-zero on any crash, leak or timeout.
 #
 # Stable Rust with RUSTC_BOOTSTRAP=1 (no nightly needed); AddressSanitizer by default.
 # Installs cargo-fuzz when it is missing (about 80 s).
 #
 # Environment: TALLY_FUZZ_C_ABI_SECONDS (default 30) and TALLY_FUZZ_SECONDS (default 15, the
-# other targets) set how long each target fuzzes; 0 only replays the corpora.
+# other targets) set how long each target fuzzes, TALLY_FUZZ_LOG_DAMAGE_SECONDS (default 5) how
+# long log_damage does (each input opens a database: about 20 a second); 0 only replays the
+# corpora.
 # TALLY_FUZZ_SANITIZER (default address) is passed to `cargo fuzz --sanitizer`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 CARGO_FUZZ_VERSION=0.13.2
 C_ABI_SECONDS=${TALLY_FUZZ_C_ABI_SECONDS:-30}
 OTHER_SECONDS=${TALLY_FUZZ_SECONDS:-15}
+LOG_DAMAGE_SECONDS=${TALLY_FUZZ_LOG_DAMAGE_SECONDS:-5}
 SANITIZER=${TALLY_FUZZ_SANITIZER:-address}
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -72,5 +75,7 @@ fuzz_target() {
 fuzz_target c_abi "$C_ABI_SECONDS" -max_len=2048 -len_control=0
 fuzz_target engine_ops "$OTHER_SECONDS"
 fuzz_target policy_document "$OTHER_SECONDS"
+# log_damage: a leading byte and 6-byte operations; whole inputs from the start.
+fuzz_target log_damage "$LOG_DAMAGE_SECONDS" -max_len=49 -len_control=0
 
 step "fuzz: no crash"
