@@ -3151,6 +3151,42 @@ fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
     );
 }
 
+/// A log that starts after the event following the latest snapshot (every segment between
+/// removed, the newest, empty one left) is refused by an open naming the events missing, as
+/// `verify` reports it. Before, the open replayed nothing and came up at the snapshot: every
+/// event after it lost without a word (found by the `log_damage` fuzz target).
+#[test]
+fn a_log_starting_past_the_latest_snapshot_is_refused_naming_the_events_missing() {
+    let dir = TempDir::new("log-starts-past-snapshot");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let snapshot = engine.checkpoint().unwrap();
+    for micros in [1, 2, 4] {
+        engine.top_up("acme", micros, Some(POPULATED_MS)).unwrap();
+    }
+    engine.close().unwrap();
+    // The close's snapshot and every segment but the newest (empty, after it) removed.
+    let latest = latest_snapshot(dir.path());
+    std::fs::remove_file(&latest).unwrap();
+    let mut segments = segment_paths(dir.path());
+    let newest = segments.pop().unwrap();
+    assert_eq!(
+        std::fs::metadata(&newest).unwrap().len(),
+        SEGMENT_HEADER as u64
+    );
+    for segment in segments {
+        std::fs::remove_file(segment).unwrap();
+    }
+    let error = open_result(dir.path(), sync_options()).expect_err("events are missing");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&format!("events {} to", snapshot + 1)) && problem.contains("missing"),
+        "{problem} (snapshot {snapshot})"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports");
+    assert!(!report.is_sound());
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.

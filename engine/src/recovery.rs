@@ -690,6 +690,19 @@ impl Engine {
         // live corrections did.
         let mut marks_unknown = false;
         if let Some(pointer) = log.snapshot_pointer()? {
+            // The replay starts at the event after the snapshot: a log starting later lacks
+            // events (a replay that reads none would not notice), as `verify` reports.
+            let start = log.log_start()?;
+            if start > pointer.seq.saturating_add(1) {
+                return Err(storage(format!(
+                    "{}: the log starts at event {start} but the snapshot covers events up to \
+                     {}: events {} to {} are missing",
+                    dir.display(),
+                    pointer.seq,
+                    pointer.seq + 1,
+                    start - 1
+                )));
+            }
             let step = Instant::now();
             let bytes = log.read_snapshot(&pointer)?;
             report.snapshot_read = step.elapsed();
