@@ -2121,6 +2121,45 @@ fn small_retention() -> OpenOptions {
     }
 }
 
+/// A request id kept for longer than the window plus the retention survives the compaction
+/// that removes the segment holding its event, and a reopen: its retry is the first decision
+/// and counts nothing again.
+#[test]
+fn a_request_id_whose_event_compaction_removed_is_still_counted_once_after_a_reopen() {
+    let dir = TempDir::new("id-compacted");
+    let options = OpenOptions {
+        engine: tally_engine::EngineOptions {
+            idempotency_horizon_ms: HOUR_MS,
+            ..tally_engine::EngineOptions::default()
+        },
+        ..small_retention()
+    };
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ann", "chat", &one)
+        .at(T0_MS)
+        .id("once");
+    let first = engine.consume(&request).unwrap();
+    let charged = engine.credits_micros("@ann").unwrap();
+    assert!(charged < 100_000, "charged to credits");
+    engine.checkpoint().unwrap();
+    engine
+        .top_up("@ann", 1, Some(T0_MS + 2 * MINUTE_MS))
+        .unwrap();
+    let report = engine.compact(Some(T0_MS + 2 * MINUTE_MS)).unwrap();
+    assert!(
+        report.first_seq_kept > 1,
+        "the id's event compacted away: {report:?}"
+    );
+    drop(engine);
+    let engine = open(dir.path(), ten_seconds(), options);
+    let retry = request.at(T0_MS + 3 * MINUTE_MS);
+    assert_eq!(engine.consume(&retry).unwrap(), first);
+    assert_eq!(engine.credits_micros("@ann").unwrap(), charged + 1);
+}
+
 /// A saved cursor that fell behind the retention is told which events were compacted away
 /// before it read them. Before, reading after it jumped over the gap silently: a billing reader
 /// at event 2 got event 7 next, and events 3 to 6 were never billed.
