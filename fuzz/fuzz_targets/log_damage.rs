@@ -3,7 +3,8 @@
 //! storage error that `verify` reports too, and an open that succeeds holds exactly the
 //! acknowledged top-ups up to the damage, never one twice, never one skipped in the middle.
 //!
-//! Two templates are built once per process, every top-up acknowledged in `Sync` mode: one
+//! Two templates are built once per process, every top-up acknowledged in `Sync` mode (with
+//! usage events, request ids and open reservations among them, on the plan's quota): one
 //! copied while the engine was still open (as a crash leaves it: the last segment ends in the
 //! zeros written ahead, no clean close recorded) and the same database after a clean close.
 //! After a clean close every top-up must come back. After the crash, only events at or past
@@ -21,7 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use tally_engine::{Durability, Engine, EventBody, ManualClock, OpenOptions, Policy};
+use tally_engine::{
+    Durability, Engine, EventBody, ManualClock, OpenOptions, Policy, Unit, UsageRequest,
+};
 
 const T0_MS: u64 = 1_795_363_200_000;
 const TEAM: &str = "@u0";
@@ -186,14 +189,31 @@ fn build() -> Templates {
     let live = root.join("live");
     let engine = open(&live).expect("a new database");
     engine.create_user("u0", "k0", Some(T0_MS)).expect("a user");
+    engine
+        .assign_seat(TEAM, "u0", "Plus", Some(T0_MS))
+        .expect("a seat");
+    // Usage events, with and without request ids, and an open reservation among the top-ups,
+    // all taken from the plan's quota (the balance is the top-ups' alone).
+    let one = [(Unit::Requests, 1)];
     for i in 0..TOP_UPS {
         if i == CHECKPOINT_AFTER {
             engine.checkpoint().expect("a checkpoint");
         }
-        engine
-            .top_up(TEAM, 1 << i, Some(T0_MS + u64::from(i)))
-            .expect("a top-up");
+        let at_ms = T0_MS + u64::from(i);
+        engine.top_up(TEAM, 1 << i, Some(at_ms)).expect("a top-up");
+        let id = format!("r{i}");
+        let request = UsageRequest::new("k0", "m2.7", &one).at(at_ms);
+        match i % 3 {
+            0 => drop(engine.consume(&request).expect("a consume")),
+            1 => drop(engine.consume(&request.id(&id)).expect("a consume")),
+            _ => drop(engine.reserve(&request, None).expect("a reservation")),
+        }
     }
+    assert_eq!(
+        engine.credits_micros(TEAM).expect("a balance"),
+        (1 << TOP_UPS) - 1,
+        "only the top-ups move the balance"
+    );
     let top_up_seqs: Vec<u64> = engine
         .events_after(0, usize::MAX)
         .expect("the events")
