@@ -3226,6 +3226,50 @@ fn a_log_starting_past_the_latest_snapshot_is_refused_naming_the_events_missing(
     assert!(!report.is_sound());
 }
 
+/// A snapshot file whose body covers another event than its name and header say (an older
+/// snapshot under a newer one's name, its header's seq, outside the checksum, made to match)
+/// is refused naming both, not restored and replayed from the name's event on: the events
+/// between the two were skipped without a word.
+#[test]
+fn a_snapshot_whose_body_covers_another_event_than_its_name_is_refused() {
+    let dir = TempDir::new("snapshot-renamed");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let older = engine.checkpoint().unwrap();
+    for micros in [1, 2, 4] {
+        engine.top_up("acme", micros, Some(POPULATED_MS)).unwrap();
+    }
+    engine.close().unwrap();
+    let latest = latest_snapshot(dir.path());
+    let newer: u64 = latest
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .parse()
+        .unwrap();
+    assert!(newer > older);
+    let older_path = latest.with_file_name(format!("{older:020}.snap"));
+    let mut bytes = std::fs::read(&older_path).unwrap();
+    bytes[12..20].copy_from_slice(&newer.to_le_bytes());
+    std::fs::write(&latest, &bytes).unwrap();
+    std::fs::remove_file(&older_path).unwrap();
+    let error = open_result(dir.path(), sync_options()).expect_err("not the snapshot it says");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&format!("event {older}")) && problem.contains(&format!("{newer}")),
+        "{problem}"
+    );
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains(&format!("the snapshot of event {older}"))),
+        "{:?}",
+        report.problems
+    );
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.

@@ -2013,7 +2013,7 @@ impl Engine {
             None => None,
         };
         let stored = match (&latest, &latest_bytes) {
-            (Some(pointer), Some(bytes)) => match decode_snapshot(bytes, pointer.seq) {
+            (Some(pointer), Some(bytes)) => match decode_snapshot_of(bytes, pointer.seq) {
                 Ok(snapshot) => Some(snapshot.in_name_order()),
                 Err(error) => {
                     report.problems.push(error.to_string());
@@ -2137,7 +2137,7 @@ fn verify_snapshot(
         _ => None,
     };
     let base = match &base_bytes {
-        Some((bytes, seq)) => Some(decode_snapshot(bytes, *seq)?),
+        Some((bytes, seq)) => Some(decode_snapshot_of(bytes, *seq)?),
         None => None,
     };
     let first_needed = base.as_ref().map_or(1, |snapshot| snapshot.seq + 1);
@@ -2285,7 +2285,7 @@ impl DecodedSnapshot {
         // SAFETY: the box just leaked lives until `drop` (or the error path below) frees it,
         // after the last borrow of it, which only the snapshot holds.
         let borrowed: &'static SnapshotBytes = unsafe { bytes.as_ref() };
-        match decode_snapshot(borrowed, seq) {
+        match decode_snapshot_of(borrowed, seq) {
             Ok(snapshot) => Ok(DecodedSnapshot {
                 snapshot: std::mem::ManuallyDrop::new(snapshot),
                 bytes,
@@ -2371,6 +2371,20 @@ fn snapshot_version(bytes: &[u8], seq: u64) -> Result<u16, Error> {
         )));
     }
     Ok(version)
+}
+
+/// `decode_snapshot` of the file of snapshot `seq`: a body covering another event (its file
+/// named, and its header's seq, outside the checksum, set, for another) is refused, as a
+/// restore from it and a replay from `seq` on would skip or repeat the events between.
+fn decode_snapshot_of(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
+    let snapshot = decode_snapshot(bytes, seq)?;
+    if snapshot.seq != seq {
+        return Err(storage(format!(
+            "snapshot {seq}: its body is the snapshot of event {}, not of event {seq}",
+            snapshot.seq
+        )));
+    }
+    Ok(snapshot)
 }
 
 fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
