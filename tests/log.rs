@@ -3270,6 +3270,41 @@ fn a_snapshot_whose_body_covers_another_event_than_its_name_is_refused() {
     );
 }
 
+/// A crash after a checkpoint's new segment was created (and recorded) but before its
+/// snapshot was stored, with events already in that segment: the open goes on from the
+/// snapshot before (or the log's start) and keeps every event, the new segment's too.
+#[test]
+fn a_crash_between_a_checkpoints_rotation_and_its_snapshot_loses_nothing() {
+    for earlier_checkpoint in [false, true] {
+        let dir = TempDir::new("crash-mid-checkpoint");
+        let crashed = dir.sibling("crashed");
+        let engine = open_token_plan(dir.path(), sync_options());
+        populate(&engine);
+        if earlier_checkpoint {
+            engine.checkpoint().unwrap();
+            engine.top_up("acme", 8, Some(POPULATED_MS)).unwrap();
+        }
+        let checkpoint = engine.checkpoint().unwrap();
+        for micros in [1, 2, 4] {
+            engine.top_up("acme", micros, Some(POPULATED_MS)).unwrap();
+        }
+        let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+        copy_dir(dir.path(), crashed.path());
+        drop(engine);
+        // Its snapshot never stored: the crash came first.
+        std::fs::remove_file(
+            crashed
+                .path()
+                .join("snapshots")
+                .join(format!("{checkpoint:020}.snap")),
+        )
+        .unwrap();
+        let engine = open_token_plan(crashed.path(), sync_options());
+        let after = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+        assert_same_state(&after, &before, "reopened after the crash");
+    }
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.
