@@ -3305,6 +3305,31 @@ fn a_crash_between_a_checkpoints_rotation_and_its_snapshot_loses_nothing() {
     }
 }
 
+/// The first segment of a log, recorded as created like every later one: after a crash, its
+/// header found damaged (the file cut to a few bytes) is refused, not removed as the leftover
+/// of a crash mid-create and the database started again empty.
+#[test]
+fn a_damaged_first_segment_is_refused_not_replaced_by_an_empty_log() {
+    let dir = TempDir::new("first-segment-damaged");
+    let crashed = dir.sibling("crashed");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_team("acme", Some(T0_MS)).unwrap();
+    engine.top_up("acme", 5, Some(T0_MS)).unwrap();
+    copy_dir(dir.path(), crashed.path());
+    drop(engine);
+    let segments = segment_paths(crashed.path());
+    assert_eq!(segments.len(), 1, "one segment, no snapshot: {segments:?}");
+    let bytes = std::fs::read(&segments[0]).unwrap();
+    std::fs::write(&segments[0], &bytes[..10]).unwrap();
+    let error = open_result(crashed.path(), sync_options()).expect_err("damage");
+    assert!(storage_problem(&error).contains("bad header"), "{error}");
+    assert_eq!(
+        std::fs::read(&segments[0]).unwrap(),
+        &bytes[..10],
+        "left as it was"
+    );
+}
+
 /// Events missing at the log's start (its first file removed) are a problem `verify` reports,
 /// as `open` refuses the database for them: with no snapshot, and with one whose next event
 /// is gone. Before, `verify` called both databases sound.

@@ -143,9 +143,10 @@ const META_OPTIONS: &[u8] = b"options";
 /// damage, not a torn write (the records of one write need not say it: nothing was written
 /// after its fdatasync).
 const META_DURABLE_THROUGH: &[u8] = b"durable_through";
-/// The first sequence number of the newest segment the writer created (u64 LE), recorded once
-/// the segment is durable: opening refuses a log whose last segment is older (the newest one,
-/// and the events in it, removed). Databases written before it have none.
+/// The first sequence number of the newest segment created (u64 LE: by the writer, or by an
+/// open starting a log), recorded once the segment is durable: opening refuses a log whose
+/// last segment is older (the newest one, and the events in it, removed), and a recorded
+/// segment's damaged header as damage. Databases written before it have none.
 const META_LAST_SEGMENT: &[u8] = b"last_segment";
 
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
@@ -887,6 +888,8 @@ struct Recovered {
     last_seq: u64,
     /// Read-only: the damage or torn tail found at the end of the last segment (left alone).
     problem: Option<String>,
+    /// Whether it created the log's first segment (there was none).
+    created: bool,
 }
 
 /// Scans the last segment, truncating a torn tail, and makes what it keeps durable (so the
@@ -1059,6 +1062,7 @@ fn recover_segments(
             },
             last_seq: expected - 1,
             problem,
+            created: false,
         });
     }
     if read_only {
@@ -1074,6 +1078,7 @@ fn recover_segments(
             },
             last_seq: start_if_empty - 1,
             problem,
+            created: false,
         });
     }
     let file = create_segment(events_dir, start_if_empty)?;
@@ -1087,6 +1092,7 @@ fn recover_segments(
         },
         last_seq: start_if_empty - 1,
         problem,
+        created: true,
     })
 }
 
@@ -1365,6 +1371,14 @@ impl EventLog {
             last_created,
             read_only,
         )?;
+        let syncer = Arc::new(FileSyncer::new(dir)?);
+        if recovered.created {
+            // Recorded like every later segment: its header is durable from here on, so a
+            // damaged one is damage, not a crash's leftover to remove.
+            meta.insert(META_LAST_SEGMENT, &start_if_empty.to_le_bytes())
+                .map_err(|error| storage("writing metadata", error))?;
+            syncer.flush(&db)?;
+        }
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
             missing = Some(storage(
@@ -1396,7 +1410,6 @@ impl EventLog {
             // Names the damage it ends at, if any.
             recovered.problem = Some(error.to_string());
         }
-        let syncer = Arc::new(FileSyncer::new(dir)?);
         let position = Position {
             seq: last_seq,
             segment: recovered.active.first,
