@@ -1335,6 +1335,48 @@ fn bigger_starter() -> Policy {
     Policy::from_toml_str(&text).expect("a valid policy")
 }
 
+/// A crash right after a policy swap was acknowledged (no close, no checkpoint after it), and
+/// one after a checkpoint between two swaps: the copy reopens with the swapped policy and the
+/// state the swaps left, usage carried over and all.
+#[test]
+fn a_crash_right_after_a_policy_swap_reopens_with_the_swapped_policy_and_state() {
+    for checkpoint_between in [false, true] {
+        let dir = TempDir::new("swap-crash");
+        let crashed = dir.sibling("crashed");
+        let engine = open_token_plan(dir.path(), sync_options());
+        populate(&engine);
+        engine
+            .swap_policy(bigger_starter(), Some(POPULATED_MS))
+            .expect("swap");
+        if checkpoint_between {
+            engine.checkpoint().unwrap();
+            engine
+                .swap_policy(Policy::token_plan(), Some(POPULATED_MS))
+                .expect("swap back");
+            engine
+                .swap_policy(bigger_starter(), Some(POPULATED_MS))
+                .expect("swap again");
+        }
+        let at_ms = POPULATED_MS + MINUTE_MS;
+        let before = state(&engine, &KEYS, &TEAMS, at_ms);
+        assert_eq!(before.reports[0].limits[0].amount, 2000, "swapped in");
+        copy_dir(dir.path(), crashed.path());
+        drop(engine);
+        let engine = Engine::open_with_stored_policy(
+            crashed.path(),
+            Policy::token_plan(),
+            clock(),
+            sync_options(),
+        )
+        .unwrap();
+        assert_same_state(
+            &state(&engine, &KEYS, &TEAMS, at_ms),
+            &before,
+            "after the crash",
+        );
+    }
+}
+
 fn without_starter() -> Policy {
     let mut document = Policy::token_plan().document().clone();
     assert!(document.plans.remove("Starter").is_some());
