@@ -3232,6 +3232,39 @@ fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
     );
 }
 
+/// A damaged value in sled's `meta` where the log keeps a sequence number (`last_segment`,
+/// `durable_through`: 8 bytes each) is refused at open, naming the key, as `verify` reports it.
+/// Before, a value of another length read as 0, which silently turned off the check it feeds
+/// (a removed last segment, a torn tail told from damage).
+#[test]
+fn a_damaged_sequence_number_in_the_metadata_is_refused_naming_it() {
+    for key in ["last_segment", "durable_through"] {
+        let dir = TempDir::new("meta-damaged");
+        let engine = open_token_plan(dir.path(), sync_options());
+        populate(&engine);
+        engine.close().unwrap();
+        {
+            let db = open_sled_retrying(dir.path());
+            let meta = db.open_tree("meta").unwrap();
+            assert!(meta.get(key).unwrap().is_some(), "{key} is recorded");
+            meta.insert(key, &[7u8, 0, 0][..]).unwrap();
+            db.flush().unwrap();
+        }
+        let error = open_result(dir.path(), sync_options()).expect_err("a damaged value");
+        let problem = storage_problem(&error);
+        assert!(
+            problem.contains(key) && problem.contains("3 bytes"),
+            "{key}: {problem}"
+        );
+        let report = Engine::verify(dir.path(), sync_options()).expect("verify reports");
+        assert!(
+            report.problems.iter().any(|problem| problem.contains(key)),
+            "{key}: {:?}",
+            report.problems
+        );
+    }
+}
+
 /// A log that starts after the event following the latest snapshot (every segment between
 /// removed, the newest, empty one left) is refused by an open naming the events missing, as
 /// `verify` reports it. Before, the open replayed nothing and came up at the snapshot: every

@@ -1338,7 +1338,15 @@ impl EventLog {
         };
         // The newest segment the writer created: the log reached it, so it is there (unless
         // another fault is found first).
-        let last_created = last_created_segment(&meta)?;
+        // A damaged record is refused; `verify` reports it and reads on as if there were none.
+        let unless_verifying = |read: Result<u64, Error>, missing: &mut Option<Error>| match read {
+            Err(error) if read_only => {
+                missing.get_or_insert(error);
+                Ok(0)
+            }
+            read => read,
+        };
+        let last_created = unless_verifying(last_created_segment(&meta), &mut missing)?;
         let last_listed = list_segments(&events_dir)?.last().copied().unwrap_or(0);
         if missing.is_none() && last_created > last_listed {
             missing = Some(storage(
@@ -1355,7 +1363,7 @@ impl EventLog {
                 ),
             ));
         }
-        let closed_through = clean_close_point(&meta)?;
+        let closed_through = unless_verifying(clean_close_point(&meta), &mut missing)?;
         let durable_through = snapshot
             .map_or(0, |pointer| pointer.seq)
             .max(closed_through);
@@ -2364,22 +2372,34 @@ impl Drop for EventLog {
 
 /// The newest segment the writer created (`META_LAST_SEGMENT`), 0 if none is recorded.
 fn last_created_segment(meta: &sled::Tree) -> Result<u64, Error> {
-    let value = meta
-        .get(META_LAST_SEGMENT)
-        .map_err(|error| storage("reading metadata", error))?;
-    Ok(value
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
-        .map_or(0, u64::from_le_bytes))
+    recorded_seq(meta, META_LAST_SEGMENT)
 }
 
 /// The last event a clean close found durable (`META_DURABLE_THROUGH`), 0 if none did.
 fn clean_close_point(meta: &sled::Tree) -> Result<u64, Error> {
-    let value = meta
-        .get(META_DURABLE_THROUGH)
-        .map_err(|error| storage("reading metadata", error))?;
-    Ok(value
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
-        .map_or(0, u64::from_le_bytes))
+    recorded_seq(meta, META_DURABLE_THROUGH)
+}
+
+/// A sequence number recorded in `meta` under `key` (u64 LE), 0 if none is. A value of another
+/// length is damage, refused naming the key: read as 0, it would turn off the check it feeds.
+fn recorded_seq(meta: &sled::Tree, key: &[u8]) -> Result<u64, Error> {
+    let name = String::from_utf8_lossy(key);
+    let Some(bytes) = meta
+        .get(key)
+        .map_err(|error| storage(format!("reading metadata `{name}`"), error))?
+    else {
+        return Ok(0);
+    };
+    match <[u8; 8]>::try_from(bytes.as_ref()) {
+        Ok(bytes) => Ok(u64::from_le_bytes(bytes)),
+        Err(_) => Err(storage(
+            format!("metadata `{name}`"),
+            format!(
+                "holds {} bytes, not the 8 of a sequence number: damaged",
+                bytes.len()
+            ),
+        )),
+    }
 }
 
 fn failed(seq: u64, problem: &str) -> Error {
