@@ -3265,6 +3265,56 @@ fn a_damaged_sequence_number_in_the_metadata_is_refused_naming_it() {
     }
 }
 
+/// `verify` changes nothing of tally's in the database it checks: a crash's leftover temporary
+/// snapshot stays (evidence), a missing `events/` directory is reported, not created, and a
+/// database without a format version gets none recorded. (sled may still write its own files
+/// when it opens.)
+#[test]
+fn verify_leaves_the_database_as_it_found_it() {
+    let dir = TempDir::new("verify-read-only");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    engine.close().unwrap();
+    let leftover = dir
+        .path()
+        .join("snapshots")
+        .join(format!("{:020}.snap.tmp", 99));
+    std::fs::write(&leftover, b"half a snapshot").unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(leftover.exists(), "verify removed the leftover snapshot");
+
+    std::fs::remove_dir_all(dir.path().join("events")).unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify reports");
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("no log segments in events/")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        !dir.path().join("events").exists(),
+        "verify created the events directory"
+    );
+
+    // A database whose only trace is sled's files (no format version recorded yet).
+    let bare = dir.sibling("bare");
+    std::fs::create_dir_all(bare.path()).unwrap();
+    drop(open_sled_retrying(bare.path()));
+    let _ = Engine::verify(bare.path(), sync_options());
+    let db = open_sled_retrying(bare.path());
+    let meta = db.open_tree("meta").unwrap();
+    assert!(
+        meta.get("format_version").unwrap().is_none(),
+        "verify recorded a format"
+    );
+    assert!(!bare.path().join("events").exists());
+    assert!(!bare.path().join("snapshots").exists());
+}
+
 /// A log that starts after the event following the latest snapshot (every segment between
 /// removed, the newest, empty one left) is refused by an open naming the events missing, as
 /// `verify` reports it. Before, the open replayed nothing and came up at the snapshot: every

@@ -639,8 +639,13 @@ fn segment_path(events_dir: &Path, first: u64) -> PathBuf {
 
 /// The segments in `events_dir`, by first sequence number.
 fn list_segments(events_dir: &Path) -> Result<Vec<u64>, Error> {
-    let entries = std::fs::read_dir(events_dir)
-        .map_err(|error| storage(format!("reading {}", events_dir.display()), error))?;
+    let entries = match std::fs::read_dir(events_dir) {
+        // Only a read-only open (`verify`) leaves a missing directory missing.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        read => {
+            read.map_err(|error| storage(format!("reading {}", events_dir.display()), error))?
+        }
+    };
     let mut firsts = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|error| storage("reading the log directory", error))?;
@@ -1066,8 +1071,13 @@ fn recover_segments(
         });
     }
     if read_only {
-        let file = File::open(events_dir)
-            .map_err(|error| storage(format!("opening {}", events_dir.display()), error))?;
+        // A placeholder, never written: the directory (or, missing, the database's).
+        let placeholder = match events_dir.parent() {
+            Some(parent) if !events_dir.exists() => parent,
+            _ => events_dir,
+        };
+        let file = File::open(placeholder)
+            .map_err(|error| storage(format!("opening {}", placeholder.display()), error))?;
         return Ok(Recovered {
             segments,
             active: Active {
@@ -1293,14 +1303,18 @@ impl EventLog {
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
         let format_upgrade_pending = check_format(dir, &db, &meta, &events_dir, read_only)?;
-        for sub in [&events_dir, &snapshots_dir] {
-            if !sub.exists() {
-                std::fs::create_dir(sub)
-                    .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
-                sync_dir(dir)?;
+        // Reading only (`verify`) changes nothing of tally's: a missing directory reads as
+        // empty (and is reported as the events it lacks), a crash's leftover stays.
+        if !read_only {
+            for sub in [&events_dir, &snapshots_dir] {
+                if !sub.exists() {
+                    std::fs::create_dir(sub)
+                        .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
+                    sync_dir(dir)?;
+                }
             }
+            remove_temporary_snapshots(&snapshots_dir)?;
         }
-        remove_temporary_snapshots(&snapshots_dir)?;
         let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
         // `read_only` (verify) reports what an open refuses, and reads what there is.
         let mut missing = None;
@@ -2456,8 +2470,11 @@ fn store_snapshot(
 }
 
 fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|error| storage(format!("reading {}", dir.display()), error))?;
+    let entries = match std::fs::read_dir(dir) {
+        // Only a read-only open (`verify`) leaves a missing directory missing.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        read => read.map_err(|error| storage(format!("reading {}", dir.display()), error))?,
+    };
     let mut seqs: Vec<u64> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
@@ -2624,6 +2641,9 @@ fn check_format(
                     dir.display(),
                     "has events but no format version: not a tally database",
                 ));
+            }
+            if read_only {
+                return Ok(false); // recorded by the first open that writes
             }
             meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
                 .map_err(|error| storage("writing metadata", error))?;

@@ -1957,8 +1957,9 @@ impl Engine {
     /// The replay runs with `options`: they must be the ones the database was opened with (the
     /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
     /// `use_recorded` reads from the database itself (recorded options that do not decode are
-    /// one of the problems reported, and the replay runs with `options` as given). Nothing is
-    /// written.
+    /// one of the problems reported, and the replay runs with `options` as given). Nothing of
+    /// tally's is written: no directory created, no crash leftover removed, no format recorded
+    /// (sled may write its own files when it opens).
     pub fn verify(dir: impl AsRef<Path>, mut options: OpenOptions) -> Result<VerifyReport, Error> {
         options.validate()?;
         let log = EventLog::open_read_only(dir.as_ref())?;
