@@ -9,7 +9,8 @@ use std::sync::{Arc, Barrier};
 use log_support::*;
 use tally_engine::event::ReservationEnd;
 use tally_engine::{
-    Durability, Engine, EngineOptions, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
+    ChargedTo, Decision, Durability, Engine, EngineOptions, Error, EventBody, OpenOptions, Policy,
+    Unit, UsageRequest,
 };
 
 const ONE: [(Unit, u64); 1] = [(Unit::Requests, 1)];
@@ -50,6 +51,30 @@ fn hold_the_whole_window(engine: &Engine) {
 
 fn five_hour_used(engine: &Engine, at_ms: u64) -> u64 {
     engine.usage("key-ada", Some(at_ms)).unwrap().limits[0].used
+}
+
+/// Found by the model test (`tests/model.rs`): a request the plan refused only because of a
+/// hold whose lease had ended was charged to the team's credits, not decided again once the
+/// lease was expired, so the team paid for what its plan covered. Only a denial used to be
+/// decided again.
+#[test]
+fn a_request_an_ended_lease_keeps_from_the_plan_is_charged_to_the_plan_not_to_credits() {
+    let engine = after_a_crashed_gateway();
+    engine.top_up("@ada", 1_000_000, Some(T0_MS)).unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &ONE).at(AFTER_MS);
+    let checked = engine.check(&request).unwrap();
+    let decision = engine.consume(&request).unwrap();
+    assert_eq!(checked, decision, "check foretells the consume");
+    let Decision::Admitted(admission) = decision else {
+        panic!("admitted: {decision:?}");
+    };
+    assert!(
+        matches!(admission.charged_to, ChargedTo::PlanQuota { .. }),
+        "{admission:?}"
+    );
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 1_000_000);
+    assert_eq!(five_hour_used(&engine, AFTER_MS), 1);
+    assert_eq!(engine.open_reservations(), 0);
 }
 
 #[test]

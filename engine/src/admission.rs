@@ -653,6 +653,12 @@ pub(crate) struct Verdict<'d> {
     /// The time (the request's, or the clock's if earlier) by which a lease had ended when
     /// this verdict's denial was left for the caller to decide again; 0: not left.
     pub lease_ended_ms: u64,
+    /// A reservation's lease had ended by the request's time and the clock's when the decision
+    /// began (`may_expire_leases` only): a plan that refuses the request may be refusing on
+    /// that hold, so the refusal is left as the plan's denial (for the caller to expire the
+    /// lease and decide again) instead of being charged to credits, which would make the team
+    /// pay for what its plan covers once the lease is expired.
+    pub ended_lease_may_hold: bool,
 }
 
 impl<'d> Verdict<'d> {
@@ -666,6 +672,7 @@ impl<'d> Verdict<'d> {
             logged_seq: 0,
             may_expire_leases: false,
             lease_ended_ms: 0,
+            ended_lease_may_hold: false,
         }
     }
 

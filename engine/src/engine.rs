@@ -123,8 +123,8 @@ pub struct EngineOptions {
     /// Whether reservations whose lease has ended (by the engine's clock, or the triggering
     /// requests' own timestamps if earlier, as `reserve` judges it) are expired from the
     /// admission path, so what a crashed gateway held comes back even if nobody calls `reserve`
-    /// again: before a denial a hold may explain is answered (the request is then decided
-    /// again), before a batch or a usage report, and at a thread's look every 256 requests (as
+    /// again: before a denial a hold may explain is answered or a plan refusal is charged to
+    /// credits (the request is then decided again), before a batch or a usage report, and at a thread's look every 256 requests (as
     /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle` and
     /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,
@@ -1632,6 +1632,10 @@ impl Engine {
             true => self.reservations.earliest_lease_end(),
             false => u64::MAX,
         };
+        // The clock is read only once a lease has ended by the request's time (rare).
+        verdict.ended_lease_may_hold = earliest_lease_end_ms <= at_ms
+            && self.options.expire_leases_on_its_own
+            && earliest_lease_end_ms <= self.clock.now_ms();
         self.keys
             .read_hashed(hash, key, looked_ahead, |policy, state| {
                 let (resource_id, resource_spec) =
@@ -2310,6 +2314,15 @@ pub(crate) fn decide_for_key_into(
                 mode,
                 verdict,
             ) {
+                return Ok(());
+            }
+            // The plan may be refusing on a hold whose lease has ended: denied, for the caller
+            // to expire it and decide again (`Verdict::ended_lease_may_hold`), rather than
+            // charged to credits. A request over a limit itself is refused whatever is held.
+            if verdict.ended_lease_may_hold && amounts.first_over_its_limit(plan).is_none() {
+                let denial = plan_refusal(policy, plan_id, usage, &amounts, at_ms);
+                *verdict.decision = Decision::Denied(denial);
+                verdict.receipt = None;
                 return Ok(());
             }
             // Credits that cover the price admit the request with the plan's limit statuses;
