@@ -10,7 +10,7 @@ use log_support::*;
 use tally_engine::event::ReservationEnd;
 use tally_engine::{
     ChargedTo, Decision, Durability, Engine, EngineOptions, Error, EventBody, OpenOptions, Policy,
-    Unit, UsageRequest,
+    SettleOutcome, Unit, UsageRequest,
 };
 
 const ONE: [(Unit, u64); 1] = [(Unit::Requests, 1)];
@@ -74,6 +74,44 @@ fn a_request_an_ended_lease_keeps_from_the_plan_is_charged_to_the_plan_not_to_cr
     );
     assert_eq!(engine.credits_micros("@ada").unwrap(), 1_000_000);
     assert_eq!(five_hour_used(&engine, AFTER_MS), 1);
+    assert_eq!(engine.open_reservations(), 0);
+}
+
+/// Found by the model test: a settle for more than its estimate decided the extra with the
+/// hold of another reservation whose lease had ended still counted, and was denied.
+#[test]
+fn a_settles_extra_is_not_denied_by_another_reservations_ended_lease() {
+    let clock = clock();
+    let engine = Engine::new(
+        Policy::token_plan(),
+        clock.clone(),
+        EngineOptions::default(),
+    )
+    .expect("default options");
+    seat_ada(&engine);
+    let long = UsageRequest::new("key-ada", "m2.7", &ONE).at(T0_MS);
+    let long = engine.reserve(&long, Some(60 * MINUTE_MS)).unwrap();
+    let id = long.reservation.expect("admitted");
+    // A gateway holds the rest of the window for a minute, then crashes.
+    let rest = [(Unit::Requests, 1499)];
+    let rest = UsageRequest::new("key-ada", "m2.7", &rest).at(T0_MS);
+    assert!(engine
+        .reserve(&rest, Some(MINUTE_MS))
+        .unwrap()
+        .decision
+        .is_admitted());
+    clock.set_ms(AFTER_MS);
+    let settled = engine
+        .settle(id, &[(Unit::Requests, 2)], Some(AFTER_MS))
+        .unwrap();
+    let SettleOutcome::Settled(settlement) = settled else {
+        panic!("the extra was denied: {settled:?}");
+    };
+    assert!(
+        matches!(settlement.extra, Some(ChargedTo::PlanQuota { .. })),
+        "{settlement:?}"
+    );
+    assert_eq!(five_hour_used(&engine, AFTER_MS), 2);
     assert_eq!(engine.open_reservations(), 0);
 }
 

@@ -124,7 +124,8 @@ pub struct EngineOptions {
     /// requests' own timestamps if earlier, as `reserve` judges it) are expired from the
     /// admission path, so what a crashed gateway held comes back even if nobody calls `reserve`
     /// again: before a denial a hold may explain is answered or a plan refusal is charged to
-    /// credits (the request is then decided again), before a batch or a usage report, and at a thread's look every 256 requests (as
+    /// credits (the request is then decided again), before a settle's extra is decided, before
+    /// a batch or a usage report, and at a thread's look every 256 requests (as
     /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle` and
     /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,

@@ -450,8 +450,9 @@ impl Engine {
     }
 
     /// Charges the actual amount: less than the estimate gives the rest back; more is admitted
-    /// like a consume (plan quota, then credits) only if it still fits. Settling again with the
-    /// same amounts returns the first settlement.
+    /// like a consume (plan quota, then credits) only if it still fits, once the leases that
+    /// ended by its time are expired (`EngineOptions::expire_leases_on_its_own`). Settling
+    /// again with the same amounts returns the first settlement.
     pub fn settle(
         &self,
         id: ReservationId,
@@ -481,6 +482,11 @@ impl Engine {
         let extra_receipt = if extra.is_empty() {
             None
         } else {
+            // The extra is decided like a consume, which an ended lease never denies nor sends
+            // to credits: the leases ended by its time (and the clock's) are expired first.
+            if self.options().expire_leases_on_its_own {
+                self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
+            }
             match self.charge_extra(&reservation, &actual, &extra, at_ms)? {
                 (Decision::Admitted(_), receipt) => receipt,
                 (Decision::Denied(denial), _) => {
