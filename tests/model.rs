@@ -679,6 +679,8 @@ fn op_with_holds() -> impl Strategy<Value = Op> {
             .prop_map(|(which, amount, back_ms)| Op::Settle { which, amount, back_ms }),
         3 => (any::<usize>(), back_ms()).prop_map(|(which, back_ms)| Op::Void { which, back_ms }),
         1 => Just(Op::Expire),
+        // Larger top-ups than `op`'s, so holds and extras go to credits more often.
+        1 => (key(), 30_000..200_000u64).prop_map(|(key, micros)| Op::TopUp { key, micros }),
         1 => (key(), 1..30_000u64).prop_map(|(key, micros)| Op::Withdraw { key, micros }),
         3 => (key(), resource(), amount(), back_ms(), any::<bool>()).prop_map(
             |(key, resource, amount, back_ms, remove)| Op::Adjust {
