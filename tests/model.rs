@@ -2290,12 +2290,12 @@ impl Harness {
         };
         let extra = actual.saturating_sub(hold.estimate);
         let released = hold.estimate.saturating_sub(actual);
-        // A settle that charges nothing more is checked by the key's reports around it (which
-        // expire the leases ended by its time first); one that charges more is left to meet
-        // ended leases of other reservations as they are.
-        let before = match extra {
-            0 => Some(self.report(key, at_ms)?),
-            _ => None,
+        // A settle that charges nothing more, or of a reservation closed already, is checked by
+        // the key's reports around it (which expire the leases ended by its time first); one
+        // that charges more is left to meet ended leases of other reservations as they are.
+        let before = match extra == 0 || hold.state != HoldState::Open {
+            true => Some(self.report(key, at_ms)?),
+            false => None,
         };
         let hold = self.reservations[index].clone();
         let context = format!("settle of {hold:?} for {actual} at {at_ms}");
