@@ -46,8 +46,9 @@
 //! - a lease ended (by the request's time, and the clock's) never denies a request, nor sends
 //!   it from the plan to the credits; the engine expires only ended leases, earliest first;
 //!   `expire_reservations` expires every lease ended by now and says how many;
-//! - a usage correction adds units whatever the limit, or removes at most what the day
-//!   records, where the window still counts its time (removals from daily windows only);
+//! - a usage correction adds units whatever the limit, or removes at most what the day (or
+//!   the rolling window's bucket) records, where the window still counts its time (a rolling
+//!   removal only from a bucket whose units the model knows exactly);
 //! - a withdrawal takes credits only when the balance covers them, and leaves what was charged.
 
 use std::sync::Arc;
@@ -444,6 +445,18 @@ impl KeyModel {
             .filter(|usage| counts(counter, reading, reading.time(usage), now_ms))
             .map(|usage| usage.amount)
             .sum()
+    }
+
+    /// Whether a removal from the rolling window's `bucket` is one the model follows exactly:
+    /// every unit that may be in that bucket is known to be there (counted at its own time,
+    /// not at a later head), and none of them is a claim a give-back may still ask for (a
+    /// request not refunded, an open hold), which a removal would leave short. (Claims made
+    /// after the removal add their own units to the bucket, so they are never short.)
+    fn rolling_bucket_is_known(&self, bucket: u64) -> bool {
+        self.log[Counter::ChatRolling.index()].iter().all(|usage| {
+            let (first, last) = (usage.request_ms / BUCKET_MS, usage.effective_ms / BUCKET_MS);
+            !(first..=last).contains(&bucket) || (first == last && usage.claim == Claim::Kept)
+        })
     }
 
     /// Units counted in `counter` at `now_ms`.
@@ -2507,8 +2520,9 @@ impl Harness {
     /// limit (an addition) or takes at most what the day records (a removal), and only where
     /// the window still counts that time: a rolling window as the exact model does, nothing
     /// once the one-bucket-late model no longer counts it, either in between; a daily window
-    /// on the same local day as now. Removals are made only from daily windows (a rolling
-    /// bucket's units are not all where the model can tell).
+    /// on the same local day as now. A removal from a rolling window takes at most what its
+    /// bucket (of `BUCKET_MS`) records, if the ring still counts that bucket; it is made only
+    /// where the model knows that bucket exactly (`rolling_bucket_is_known`).
     fn adjust(
         &mut self,
         key: usize,
@@ -2521,10 +2535,12 @@ impl Harness {
         let limits = self.model.keys[key]
             .seat
             .and_then(|plan| plan.limits_for(resource));
+        let bucket = usage_at_ms / BUCKET_MS;
         if remove
             && limits
                 .as_ref()
                 .is_some_and(|limits| limits.iter().any(|(counter, _)| counter.is_rolling()))
+            && !self.model.keys[key].rolling_bucket_is_known(bucket)
         {
             return Ok(());
         }
@@ -2565,7 +2581,17 @@ impl Harness {
         for adjusted in &outcome.limits {
             let counter = Counter::of_limit(&self.policy, engine_plan, usize::from(adjusted.index));
             let moved = adjusted.moved;
-            if counter.is_rolling() {
+            if counter.is_rolling() && remove {
+                // The ring's head is at now's bucket (no key's time passes now).
+                let live = bucket + WINDOW_MS / BUCKET_MS >= now_ms / BUCKET_MS;
+                let recorded: u64 = model.log[counter.index()]
+                    .iter()
+                    .filter(|usage| usage.request_ms / BUCKET_MS == bucket)
+                    .map(|usage| usage.amount)
+                    .sum();
+                let expected = if live { amount.min(recorded) } else { 0 };
+                prop_assert_eq!(moved, expected, "{:?}: {}", counter, &context);
+            } else if counter.is_rolling() {
                 let must = usage_at_ms + WINDOW_MS > now_ms;
                 let may = usage_at_ms + WINDOW_MS + BUCKET_MS > now_ms;
                 prop_assert!(
@@ -2590,10 +2616,13 @@ impl Harness {
             }
             let counted_day = (!counter.is_rolling()).then(|| local_day(usage_at_ms));
             if remove {
-                let day = counted_day.expect("removals from daily windows only");
                 let mut left = moved;
                 for usage in model.log[counter.index()].iter_mut().rev() {
-                    if usage.counted_day == Some(day) {
+                    let there = match counted_day {
+                        Some(day) => usage.counted_day == Some(day),
+                        None => usage.request_ms / BUCKET_MS == bucket,
+                    };
+                    if there {
                         let taken = left.min(usage.amount);
                         usage.amount -= taken;
                         left -= taken;
