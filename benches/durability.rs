@@ -311,6 +311,8 @@ fn open_engine(dir: &Path, durability: Durability, checkpoint_every: u64) -> Eng
             // the horizon): about a million over their 4 thread counts x 3 runs of a second,
             // more on a faster disk. The default 1,000,000 filled up once.
             idempotency_capacity: 8_000_000,
+            // The timeline runs ahead of a clock that stands still: no bound ahead of it.
+            max_ahead_of_clock_ms: 0,
             ..EngineOptions::default()
         },
         checkpoint_every_events: checkpoint_every,
