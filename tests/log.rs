@@ -3232,6 +3232,43 @@ fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
     );
 }
 
+/// A crash between creating a segment and recording it leaves the record one segment behind;
+/// the open that goes on writing into that segment records it, so a second crash that then
+/// loses it (with acknowledged events in it) is refused like any removed last segment. Before,
+/// the record stayed behind until the next rotation, and such a loss opened without a word.
+#[test]
+fn a_segment_an_open_goes_on_in_is_recorded_before_its_events_are_written() {
+    let dir = TempDir::new("record-behind");
+    let crashed = dir.sibling("crashed");
+    let again = dir.sibling("crashed-again");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    copy_dir(dir.path(), crashed.path());
+    drop(engine);
+    let segments = segment_paths(crashed.path());
+    assert!(segments.len() >= 2, "the checkpoint started a segment");
+    // The crash came after the newest segment's header was durable, before its record.
+    record_last_segment(crashed.path(), &segments[segments.len() - 2]);
+    let engine = open_token_plan(crashed.path(), sync_options());
+    for micros in [1, 2, 4] {
+        engine.top_up("acme", micros, Some(POPULATED_MS)).unwrap();
+    }
+    // Every top-up acknowledged (Sync), in the newest segment: a copy now is a second crash.
+    copy_dir(crashed.path(), again.path());
+    drop(engine);
+    let last = segment_paths(again.path()).pop().unwrap();
+    assert_eq!(last.file_name(), segments.last().unwrap().file_name());
+    let name = last.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::remove_file(&last).unwrap();
+    let error = open_result(again.path(), sync_options()).expect_err("its events are gone");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&name) && problem.contains("missing"),
+        "{problem}"
+    );
+}
+
 /// A damaged value in sled's `meta` where the log keeps a sequence number (`last_segment`,
 /// `durable_through`: 8 bytes each) is refused at open, naming the key, as `verify` reports it.
 /// Before, a value of another length read as 0, which silently turned off the check it feeds

@@ -144,9 +144,10 @@ const META_OPTIONS: &[u8] = b"options";
 /// after its fdatasync).
 const META_DURABLE_THROUGH: &[u8] = b"durable_through";
 /// The first sequence number of the newest segment created (u64 LE: by the writer, or by an
-/// open starting a log), recorded once the segment is durable: opening refuses a log whose
-/// last segment is older (the newest one, and the events in it, removed), and a recorded
-/// segment's damaged header as damage. Databases written before it have none.
+/// open starting a log or going on in a segment not yet recorded), recorded once the segment
+/// is durable: opening refuses a log whose last segment is older (the newest one, and the
+/// events in it, removed), and a recorded segment's damaged header as damage. Databases
+/// written before it have none until their next open.
 const META_LAST_SEGMENT: &[u8] = b"last_segment";
 
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
@@ -1394,10 +1395,14 @@ impl EventLog {
             read_only,
         )?;
         let syncer = Arc::new(FileSyncer::new(dir)?);
-        if recovered.created {
-            // Recorded like every later segment: its header is durable from here on, so a
-            // damaged one is damage, not a crash's leftover to remove.
-            meta.insert(META_LAST_SEGMENT, &start_if_empty.to_le_bytes())
+        // The segment the log goes on in (or starts) is recorded before anything is written in
+        // it, like every later one: its header is durable from here on, so a damaged one is
+        // damage, not a crash's leftover to remove, and its removal is refused. One a crash
+        // left unrecorded (or a database from before the record) is recorded here, else the
+        // record would stay behind until the next rotation.
+        let active_first = recovered.active.first;
+        if !read_only && (recovered.created || active_first > last_created) {
+            meta.insert(META_LAST_SEGMENT, &active_first.to_le_bytes())
                 .map_err(|error| storage("writing metadata", error))?;
             syncer.flush(&db)?;
         }
@@ -2889,8 +2894,8 @@ impl Writer {
         self.shared.progress_changed.notify_all();
         self.shared.wake_durable(position.seq);
         // Recorded once the segment is durable (a crash before leaves the record one segment
-        // behind, which refuses nothing): an open finding an older last segment refuses the
-        // log, as the newest one and its events were removed.
+        // behind, which refuses nothing, and the next open records it): an open finding an
+        // older last segment refuses the log, as the newest one and its events were removed.
         self.shared
             .meta
             .insert(META_LAST_SEGMENT, &next.to_le_bytes())
