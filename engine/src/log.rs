@@ -21,7 +21,7 @@
 //!   renamed (then the directory fsynced); the latest two are kept.
 //! - sled, for what is small and keyed: `meta` (the format version, the options the database
 //!   was last opened with: `options::RecordedOptions`, the last event a clean close found
-//!   durable, and the newest segment the writer created) and `cursors` (named export cursors,
+//!   durable, and the newest segment recorded as created) and `cursors` (named export cursors,
 //!   at most `MAX_CURSORS`). sled's file lock
 //!   also keeps a second process out of the directory.
 //!
@@ -1351,7 +1351,7 @@ impl EventLog {
                 pointer.seq + 1
             }
         };
-        // The newest segment the writer created: the log reached it, so it is there (unless
+        // The newest segment recorded as created: the log reached it, so it is there (unless
         // another fault is found first).
         // A damaged record is refused; `verify` reports it and reads on as if there were none.
         let unless_verifying = |read: Result<u64, Error>, missing: &mut Option<Error>| match read {
@@ -2389,7 +2389,7 @@ impl Drop for EventLog {
     }
 }
 
-/// The newest segment the writer created (`META_LAST_SEGMENT`), 0 if none is recorded.
+/// The newest segment recorded as created (`META_LAST_SEGMENT`), 0 if none is recorded.
 fn last_created_segment(meta: &sled::Tree) -> Result<u64, Error> {
     recorded_seq(meta, META_LAST_SEGMENT)
 }
