@@ -132,8 +132,9 @@ pub struct EngineOptions {
     /// How far ahead of the engine's clock an operation's explicit timestamp may be: one
     /// stamped further ahead is refused (`InvalidArgument` on `at_ms`) and changes nothing.
     /// Without a bound, one request stamped months ahead (a client's bad clock) moves its key's
-    /// windows there: for requests stamped now its usage never ages out, a reservation made so
-    /// never reaches the end of its lease, and the log segment holding its event is as young
+    /// windows there: for requests stamped now its usage does not age out, nor a reservation
+    /// made so reach the end of its lease, until the clock reaches that time; and the log
+    /// segment holding its event is as young
     /// as that stamp: compaction, which drops segments oldest first while their newest event is
     /// older than the longest window plus the retention, stops at that segment, so neither it
     /// nor any later one is dropped until the clock passes the stamp plus that horizon: the

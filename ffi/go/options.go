@@ -50,8 +50,9 @@ type Options struct {
 	// How far ahead of the engine's clock an operation's time may be; one further ahead is
 	// refused (ErrBadTimestamp) and changes nothing (default 24 h). Negative: no bound, for
 	// tests and replays that run ahead of the clock; without one, a request stamped months
-	// ahead moves its key's windows there for good (its usage never ages out for requests
-	// made now) and keeps its log segment, and every later one, from being compacted. The
+	// ahead moves its key's windows there (for requests made now its usage does not age out
+	// until the clock reaches that time) and keeps its log segment, and every later one, from
+	// being compacted until the clock passes it by the longest window and the retention. The
 	// log's own times are never refused at Open.
 	MaxAheadOfClock time.Duration
 	// A checkpoint every this many events (default 1,000,000); one whose work took 10 ms

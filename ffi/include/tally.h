@@ -894,9 +894,10 @@ tally_status tally_options_set_expire_leases_on_its_own(struct tally_options *op
 // How far ahead of the engine's (system) clock an operation's explicit `at_ms` may be: one
 // stamped further ahead is refused (`TALLY_BAD_TIMESTAMP`, naming `at_ms`) and changes
 // nothing. Without a bound, one request stamped months ahead (a client's bad clock) moves its
-// key's windows there: for requests stamped now its usage never ages out, its reservation's
-// lease never ends, and its log segment stays too young for compaction, which then drops
-// neither it nor any later segment until the clock passes the stamp. Default
+// key's windows there: for requests stamped now its usage does not age out, nor its
+// reservation's lease end, until the clock reaches that time, and compaction drops neither its
+// log segment nor any later one until the clock passes the stamp plus the longest window and
+// the retention: the log only grows until then. Default
 // `TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS` (a day: far more than any clock skew); 0: no bound,
 // timestamps are taken as given (tests and replays that run ahead of the clock); else 1 to
 // `TALLY_MAX_PERIOD_MS`. The log's own timestamps are never refused when an open replays it.

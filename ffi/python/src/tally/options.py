@@ -56,8 +56,9 @@ class Options:
     #: How far ahead of the engine's clock a call's ``at_ms`` may be; one further ahead raises
     #: ``BadTimestampError`` and changes nothing (default 86,400,000: a day). 0: no bound, for
     #: tests and replays that run ahead of the clock; without one, a request stamped months
-    #: ahead moves its key's windows there for good (its usage never ages out for requests
-    #: stamped now) and keeps its log segment, and every later one, from being compacted. The
+    #: ahead moves its key's windows there (for requests stamped now its usage does not age out
+    #: until the clock reaches that time) and keeps its log segment, and every later one, from
+    #: being compacted until the clock passes it by the longest window and the retention. The
     #: log's own times are never refused at open.
     max_ahead_of_clock_ms: int | None = None
     #: A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
