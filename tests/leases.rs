@@ -20,6 +20,14 @@ const AFTER_MS: u64 = T0_MS + 2 * MINUTE_MS;
 /// An engine in memory, its clock at `AFTER_MS`, after a gateway held ada's whole window for a
 /// minute from `T0_MS` and crashed (`hold_the_whole_window`).
 fn after_a_crashed_gateway() -> Arc<Engine> {
+    let (clock, engine) = ada_in_memory();
+    hold_the_whole_window(&engine);
+    clock.set_ms(AFTER_MS);
+    Arc::new(engine)
+}
+
+/// An engine in memory on the token plan, its clock at `T0_MS`, ada seated on Starter.
+fn ada_in_memory() -> (Arc<tally_engine::ManualClock>, Engine) {
     let clock = clock();
     let engine = Engine::new(
         Policy::token_plan(),
@@ -28,9 +36,7 @@ fn after_a_crashed_gateway() -> Arc<Engine> {
     )
     .expect("default options");
     seat_ada(&engine);
-    hold_the_whole_window(&engine);
-    clock.set_ms(AFTER_MS);
-    Arc::new(engine)
+    (clock, engine)
 }
 
 /// Ada has a Starter seat (1,500 requests per 5 hours on `m2.7`).
@@ -81,14 +87,7 @@ fn a_request_an_ended_lease_keeps_from_the_plan_is_charged_to_the_plan_not_to_cr
 /// hold of another reservation whose lease had ended still counted, and was denied.
 #[test]
 fn a_settles_extra_is_not_denied_by_another_reservations_ended_lease() {
-    let clock = clock();
-    let engine = Engine::new(
-        Policy::token_plan(),
-        clock.clone(),
-        EngineOptions::default(),
-    )
-    .expect("default options");
-    seat_ada(&engine);
+    let (clock, engine) = ada_in_memory();
     let long = UsageRequest::new("key-ada", "m2.7", &ONE).at(T0_MS);
     let long = engine.reserve(&long, Some(60 * MINUTE_MS)).unwrap();
     let id = long.reservation.expect("admitted");
