@@ -213,6 +213,7 @@ The key exists at once but is usable only with a seat (`tally seat @USER USER PL
 
 Options:
   --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const TEAM_HELP: &str = "\
@@ -224,6 +225,7 @@ Creates the database if there is none.
 
 Options:
   --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const MEMBER_HELP: &str = "\
@@ -233,6 +235,7 @@ Usage: tally member TEAM USER KEY [OPTIONS]
 
 Options:
   --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const SEAT_HELP: &str = "\
@@ -245,6 +248,7 @@ Usage: tally seat TEAM USER PLAN [OPTIONS]
 Options:
   --none               Take the seat away (the key keeps drawing on the team's credits)
   --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const TOPUP_HELP: &str = "\
@@ -256,6 +260,7 @@ MICROS is in micro-credits: 1 credit = 1,000,000 (digits may be grouped: 5,000,0
 
 Options:
   --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const CONSUME_HELP: &str = "\
@@ -273,6 +278,7 @@ Options:
   --id REQUEST_ID      An idempotent request id: the same id again (same key, resource and
                        quantities) gets the first decision back and counts nothing
   --at MS              The time of the request, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
   --json               Print the decision as JSON
 
 Exit status: 0 admitted, 1 denied (an unknown key is denied too, as a gateway's request would be),
@@ -290,6 +296,7 @@ Usage: tally refund REQUEST_ID [OPTIONS]
 
 Options:
   --at MS              The time of the refund, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
   --json               Print what was given back as JSON
 ";
 
@@ -307,6 +314,7 @@ Options:
   --add                Count the quantities
   --remove             Give the quantities back
   --at MS              The time of the correction, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
   --json               Print what moved on each limit as JSON
 ";
 
@@ -318,6 +326,7 @@ Usage: tally usage KEY [OPTIONS]
 
 Options:
   --at MS              Report as of this time, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
   --json               Print the report as JSON
 ";
 
@@ -363,6 +372,7 @@ Usage: tally compact [OPTIONS]
 
 Options:
   --at MS              Compact as of this time, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 const POLICY_HELP: &str = "\
@@ -380,6 +390,7 @@ Usage: tally policy PATH [OPTIONS]
 
 Options:
   --at MS              The swap's time, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
 ";
 
 #[cfg(test)]
