@@ -166,13 +166,19 @@ func (h *harness) limit(t *testing.T, plan, resource, unit string) uint64 {
 
 func (h *harness) user(t *testing.T, user, key, plan string) {
 	t.Helper()
-	if err := h.engine.CreateUser(user, key, t0); err != nil {
+	addUser(t, h.engine, user, key, plan)
+}
+
+// addUser creates user with key in their Default Team at t0, seated on plan unless it is "".
+func addUser(t *testing.T, engine *tally.Engine, user, key, plan string) {
+	t.Helper()
+	if err := engine.CreateUser(user, key, t0); err != nil {
 		t.Fatal(err)
 	}
 	if plan == "" {
 		return
 	}
-	if err := h.engine.AssignSeat("@"+user, user, plan, t0); err != nil {
+	if err := engine.AssignSeat("@"+user, user, plan, t0); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -504,12 +510,7 @@ func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer engine.Close()
-	if err := engine.CreateUser("fa", "tp-fa", t0); err != nil {
-		t.Fatal(err)
-	}
-	if err := engine.AssignSeat("@fa", "fa", "Starter", t0); err != nil {
-		t.Fatal(err)
-	}
+	addUser(t, engine, "fa", "tp-fa", "Starter")
 	dead := httptest.NewServer(http.NotFoundHandler())
 	deadURL, _ := url.Parse(dead.URL)
 	dead.Close()
@@ -819,9 +820,7 @@ func TestABodyTooLargeIs413InEachAPIsShape(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer engine.Close()
-	if err := engine.CreateUser("la", "tp-la", t0); err != nil {
-		t.Fatal(err)
-	}
+	addUser(t, engine, "la", "tp-la", "")
 	upstreamURL, _ := url.Parse("http://127.0.0.1:1")
 	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, MaxBodyBytes: 64,
 		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})

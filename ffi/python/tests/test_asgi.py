@@ -158,6 +158,12 @@ def request(
         {"type": "http.request", "body": piece, "more_body": i == 0}
         for i, piece in enumerate(pieces)
     ]
+    return exchange(app, scope, incoming)
+
+
+def exchange(app, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> Response:
+    """Runs ``app`` on one request whose body arrives as ``incoming``; the client then stays
+    connected. The response as sent."""
     sent: list[dict[str, Any]] = []
 
     async def receive():
@@ -544,19 +550,7 @@ def two_keys(app, path: str, bearer: str, x_api_key: str, body: dict[str, Any]) 
     ]
     scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     incoming = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-    sent: list[dict[str, Any]] = []
-
-    async def receive():
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    headers_out = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    body_bytes = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return Response(start["status"], headers_out, body_bytes)
+    return exchange(app, scope, incoming)
 
 
 @pytest.mark.parametrize("path", [CHAT, MESSAGES])
