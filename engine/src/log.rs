@@ -1317,6 +1317,9 @@ impl EventLog {
             remove_temporary_snapshots(&snapshots_dir)?;
         }
         let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
+        // The segments as the open found them (`recover_segments` lists them again, once it
+        // has removed a crash's leftover).
+        let listed = list_segments(&events_dir)?;
         // `read_only` (verify) reports what an open refuses, and reads what there is.
         let mut missing = None;
         let start_if_empty = match snapshot {
@@ -1327,7 +1330,7 @@ impl EventLog {
                 let recorded = meta
                     .contains_key(META_OPTIONS)
                     .map_err(|error| storage("reading the recorded options", error))?;
-                if recorded && list_segments(&events_dir)?.is_empty() {
+                if recorded && listed.is_empty() {
                     missing = Some(storage(
                         dir.display(),
                         format!(
@@ -1339,7 +1342,7 @@ impl EventLog {
                 1
             }
             Some(pointer) => {
-                if list_segments(&events_dir)?.is_empty() {
+                if listed.is_empty() {
                     missing = Some(storage(
                         dir.display(),
                         format!(
@@ -1362,7 +1365,7 @@ impl EventLog {
             read => read,
         };
         let last_created = unless_verifying(last_created_segment(&meta), &mut missing)?;
-        let last_listed = list_segments(&events_dir)?.last().copied().unwrap_or(0);
+        let last_listed = listed.last().copied().unwrap_or(0);
         if missing.is_none() && last_created > last_listed {
             missing = Some(storage(
                 dir.display(),
