@@ -3247,6 +3247,18 @@ fn a_segment_an_open_goes_on_in_is_recorded_before_its_events_are_written() {
     let engine = open_token_plan(dir.path(), sync_options());
     populate(&engine);
     engine.checkpoint().unwrap();
+    // The checkpoint asks the writer for the new segment, made a moment later: copied before
+    // its header was written, the crash would be another one than this test's.
+    let asked = std::time::Instant::now();
+    let started = || {
+        let segments = segment_paths(dir.path());
+        segments.len() >= 2
+            && std::fs::metadata(segments.last().unwrap())
+                .is_ok_and(|file| file.len() >= SEGMENT_HEADER as u64)
+    };
+    while !started() && asked.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     copy_dir(dir.path(), crashed.path());
     drop(engine);
     let segments = segment_paths(crashed.path());
