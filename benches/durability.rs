@@ -732,7 +732,7 @@ struct Config {
 fn configs(settings: &Settings) -> Vec<Config> {
     let mut configs = Vec::new();
     for &batch in &settings.batches {
-        for (threads, sync) in [(1, true), (2, true), (4, true), (2, false)] {
+        for (threads, sync) in [(1, true), (2, true), (4, true), (1, false), (2, false)] {
             let mode = if sync { "" } else { ", None (no fsync)" };
             let label = format!("consume_many({batch}) x {threads} thread(s){mode}");
             let row = Row::new(label, batch);

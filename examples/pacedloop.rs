@@ -2,8 +2,13 @@
 //! but not flat out): one thread appends an event every GAP microseconds (spinning in between),
 //! and the process's CPU time beyond that thread's own wall time is what the log spent, on the
 //! writer thread and in wake-ups. Linux only (reads `/proc/self/stat`).
-//! `cargo run --release --example pacedloop -- [GAP_US] [EVENTS] [none|interval]`
+//! `cargo run --release --example pacedloop -- [GAP_US] [EVENTS] [none|interval|sync]`
 //! (defaults 10, 100000, interval: `Durability::Interval { ms: 10 }`).
+//!
+//! `sync` is a lone `Sync` caller instead: it sleeps out the gap after each event and waits
+//! for the event's flush, and the figure is the whole process's CPU time per event (the
+//! caller's and the writer's polls, `WRITER_POLL` and `CALLER_POLL_MAX` in `log.rs`, among
+//! it): what a quiet gateway's log costs.
 use std::time::{Duration, Instant};
 
 use tally_engine::event::encode_body;
@@ -35,7 +40,8 @@ fn main() {
     let durability = match args.next().as_deref() {
         None | Some("interval") => Durability::Interval { ms: 10 },
         Some("none") => Durability::None,
-        Some(other) => panic!("mode {other:?}: none or interval"),
+        Some("sync") => Durability::Sync,
+        Some(other) => panic!("mode {other:?}: none, interval or sync"),
     };
     let dir = std::env::temp_dir().join(format!("tally-pacedloop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -47,6 +53,24 @@ fn main() {
     });
     let cpu_before = process_cpu_s();
     let start = Instant::now();
+    if durability == Durability::Sync {
+        for _ in 0..events {
+            std::thread::sleep(Duration::from_micros(gap_us));
+            let seq = log.append(1_000, &body).expect("append");
+            log.wait(seq).expect("the flush");
+        }
+        let wall = start.elapsed().as_secs_f64();
+        let cpu = process_cpu_s() - cpu_before;
+        println!(
+            "Sync, one caller sleeping {gap_us} us between events: {events} events in {wall:.2} \
+             s; {cpu:.3} s of CPU, {:.1} us per event, {:.1}% of a core",
+            cpu * 1e6 / events as f64,
+            cpu * 100.0 / wall
+        );
+        log.close().expect("close the log");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     for event in 0..events {
         let due = start + Duration::from_micros(event * gap_us);
         while Instant::now() < due {

@@ -1948,7 +1948,7 @@ impl Engine {
         if let (Some(journal), Some(last_seq)) = (journal, last_seq) {
             // The chunks were queued without waking the writer (see `EventLog::append_staged`).
             journal.nudge();
-            match journal.wait(last_seq) {
+            match journal.wait_for(last_seq, pending.len()) {
                 Ok(()) => self.maybe_checkpoint(),
                 Err(error) => {
                     // The events before the failure stay in the log (a sealed segment is

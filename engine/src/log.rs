@@ -6,8 +6,11 @@
 //! the events into records of at most `MAX_RECORD_BYTES`, appends the whole group to the active
 //! segment file with one `write` and — in `Sync` mode — one `fdatasync` (over zeros written
 //! ahead, so that most fdatasyncs do not also commit a new file length: `ZEROED_AHEAD_BYTES`).
-//! Callers in `Sync` mode wait until their sequence number is durable; everyone in a group shares one `fdatasync`, so
-//! throughput grows with concurrency and with `consume_many`'s batches.
+//! Callers in `Sync` mode wait until their sequence number is durable; everyone in a group
+//! shares one `fdatasync`, so throughput grows with concurrency and with `consume_many`'s
+//! batches. A `Sync` writer with nothing queued polls briefly before it sleeps
+//! (`WRITER_POLL`), and a lone caller waiting for a batch's flush polls for it before it parks
+//! (`CALLER_POLL_MAX`): on these machines a thread's wake-up can cost as much as the flush.
 //!
 //! On disk, under the database directory:
 //! - `events/<first seq, 20 digits>.seg`: the log. A segment starts with a 32-byte header
@@ -92,6 +95,36 @@ pub const WAKE_WRITER_AT_EVENTS: usize = 1024;
 /// writer is idle waits at most this long to be written (while it writes or fdatasyncs, until
 /// it is done).
 pub const WRITER_DOZE: Duration = Duration::from_millis(1);
+/// `Sync`: the writer, finding the queue empty, first polls it this long before it sleeps.
+/// A wake-up costs far more here than a futex call: these machines' idle vCPUs halt at once
+/// (the guest's halt polling is off), and a halted vCPU runs only once the host gets to it.
+/// Polling, the writer writes each chunk a `consume_many` queues while the caller decides the
+/// next one, and is awake when the caller asks for the flush. The poll is this long while the
+/// writer's idle stretches are this short; once one is longer, it halves with each such stretch,
+/// down to none (an engine called now and then does not keep a core busy: `examples/pacedloop`
+/// in `sync` mode, an event every 5 ms, 1.9-2.1% of a core, as without the poll), and is full
+/// again after a short one. Figures with `CALLER_POLL_MAX` (benches/README, 2026-12-06).
+const WRITER_POLL: Duration = Duration::from_micros(100);
+/// `Sync`: a caller waiting for a flush of at least `CALLER_POLL_EVENTS` of its events polls
+/// for it before it parks, for twice the last fdatasync's time and 100 us more, at most this
+/// long, and not at all when the last fdatasync took longer (on a disk that slow a wake-up is a
+/// small part of the wait). Only one caller polls at a time, and it stops as soon as another
+/// thread appends: that one is busy, and may need the core. One thread's `consume_many(1000)`
+/// in the durability bench went from 1.60-1.65 to 1.86-2.02 M events/s with both polls, its
+/// `consume_many(100)` from 0.41-0.47 to 0.62-0.66; the rows with more threads than cores did
+/// not move.
+const CALLER_POLL_MAX: Duration = Duration::from_millis(1);
+/// A caller polls (`CALLER_POLL_MAX`) only for a flush of at least this many of its events:
+/// the poll's time is then a small part of each event's. A lone caller of single events gained
+/// nothing from it (`examples/pacedloop` in `sync` mode, back to back: 133 us per event either
+/// way) and spent four times the CPU.
+const CALLER_POLL_EVENTS: usize = 64;
+/// A poll yields its core every this many looks (about every 5 us; `pause_or_yield`): a thread
+/// woken on the same core, which may be the one the poll waits for, runs then instead of after
+/// the poller's time slice. Polling with pauses alone, the durability bench's 256-thread
+/// `consume` row admitted a third as many events per second (an earlier attempt was rejected
+/// for it: benches/README); yielding at every look, a lone caller gained half as much.
+const POLL_YIELD_EVERY: u32 = 8;
 /// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
 /// (bounds the flush a caller waits for).
 const SYNC_AFTER_BYTES: u64 = 4 << 20;
@@ -571,6 +604,16 @@ struct Shared {
     writer_dozing: std::sync::atomic::AtomicBool,
     // Relaxed: fdatasyncs of the log's segments by the writer so far (a statistic).
     writer_flushes: AtomicU64,
+    // Set under the queue's lock by whoever wants the writer for something else than events
+    // or a demand (a rotation, a wake, a close) / Relaxed, cleared under the lock by the
+    // writer before it polls: the polling writer (`WRITER_POLL`) watches it without the lock.
+    writer_poked: std::sync::atomic::AtomicBool,
+    // Relaxed: the writer's last fdatasync took this many microseconds (an estimate for
+    // `CALLER_POLL_MAX`).
+    flush_micros: AtomicU64,
+    // Relaxed: a `Sync` caller polls for its flush (`CALLER_POLL_MAX`); only one at a time.
+    // It orders nothing: what the poller reads is `visible_seq`, with its own ordering.
+    caller_polling: std::sync::atomic::AtomicBool,
     /// First sequence numbers of the segments, oldest first; the last is being written.
     segments: Mutex<Vec<u64>>,
     /// The segment being written (for `sync()` from other threads).
@@ -1469,6 +1512,9 @@ impl EventLog {
             writer_asleep: std::sync::atomic::AtomicBool::new(false),
             writer_dozing: std::sync::atomic::AtomicBool::new(false),
             writer_flushes: AtomicU64::new(0),
+            writer_poked: std::sync::atomic::AtomicBool::new(false),
+            flush_micros: AtomicU64::new(0),
+            caller_polling: std::sync::atomic::AtomicBool::new(false),
             segments: Mutex::new(recovered.segments),
             active_file: Mutex::new(Arc::clone(&recovered.active.file)),
             db: db.clone(),
@@ -1521,6 +1567,7 @@ impl EventLog {
             unsynced_from: None,
             durable_len: active_len,
             wrote: false,
+            poll_for: WRITER_POLL,
         };
         let handle = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -1699,10 +1746,19 @@ impl EventLog {
     /// another, each passing the progress mutex on to the next: with hundreds of callers the
     /// wake-ups, not the `fdatasync`, set the pace.)
     pub fn wait(&self, seq: u64) -> Result<(), Error> {
+        self.wait_for(seq, 1)
+    }
+
+    /// `wait`, for a caller whose last `events` appends end at `seq` (a `consume_many`). With
+    /// at least `CALLER_POLL_EVENTS` of them a lone `Sync` caller polls for the flush before
+    /// it parks (`CALLER_POLL_MAX`).
+    pub fn wait_for(&self, seq: u64, events: usize) -> Result<(), Error> {
         let shared = &*self.shared;
         if shared.durability == Durability::Sync && !shared.settled(seq) {
             shared.demand(seq);
-            shared.park_until_durable(seq);
+            if events < CALLER_POLL_EVENTS || !shared.poll_until_durable(seq) {
+                shared.park_until_durable(seq);
+            }
         }
         if shared.failed.load(Ordering::Acquire) {
             if let Some((failed_seq, problem)) = &shared.progress.lock().failure {
@@ -1777,7 +1833,11 @@ impl EventLog {
     /// Asks for a new segment to start at `seq` (a checkpoint's first uncovered event), so the
     /// segments before it can later be dropped whole. Called while nothing can be appended.
     pub fn rotate_at(&self, seq: u64) {
-        self.shared.queue.lock().rotate_at = Some(seq);
+        {
+            let mut queue = self.shared.queue.lock();
+            queue.rotate_at = Some(seq);
+            self.shared.writer_poked.store(true, Ordering::Relaxed);
+        }
         self.shared.queue_ready.notify_one();
     }
 
@@ -2357,6 +2417,7 @@ impl EventLog {
         {
             let mut queue = self.shared.queue.lock();
             queue.stop = true;
+            self.shared.writer_poked.store(true, Ordering::Relaxed);
         }
         self.shared.queue_ready.notify_all();
         self.shared.queue_room.notify_all();
@@ -2389,6 +2450,32 @@ impl EventLog {
 impl Drop for EventLog {
     fn drop(&mut self) {
         let _ = self.close();
+    }
+}
+
+/// `Sync`: the writer's poll after an idle stretch of `idle` that followed a poll of `poll`:
+/// as long as `WRITER_POLL` if the stretch was that short (such a poll would have caught the
+/// work), else half of `poll`, and none once that falls under an eighth of `WRITER_POLL`.
+fn adapted_poll(poll: Duration, idle: Duration) -> Duration {
+    if idle <= WRITER_POLL {
+        WRITER_POLL
+    } else if poll / 2 < WRITER_POLL / 8 {
+        Duration::ZERO
+    } else {
+        poll / 2
+    }
+}
+
+/// Between two looks of a poll (`WRITER_POLL`, `CALLER_POLL_MAX`): 64 pause instructions
+/// (0.6 us here), and every `POLL_YIELD_EVERY`th time a yield of the core instead.
+fn pause_or_yield(polls: &mut u32) {
+    *polls = polls.wrapping_add(1);
+    if *polls % POLL_YIELD_EVERY == 0 {
+        std::thread::yield_now();
+    } else {
+        for _ in 0..64 {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -2710,6 +2797,8 @@ struct Writer {
     /// before the first write, not while idle (an open that only reads a database writes
     /// nothing, not even a new segment's header in this build's format).
     wrote: bool,
+    /// `Sync`: how long the writer polls an empty queue before it sleeps (see `WRITER_POLL`).
+    poll_for: Duration,
 }
 
 impl Writer {
@@ -2768,6 +2857,8 @@ impl Writer {
     fn next_batch(&mut self, last_flush: Instant) -> (Batch, bool) {
         let mut queue = self.shared.queue.lock();
         let mut dozed = false;
+        // `Sync`: when the queue was first found empty (the poll adapts to the idle time).
+        let mut idle_since = None;
         while queue.batch.events.is_empty() && !queue.stop && queue.rotate_at.is_none() {
             let flush_at = match self.shared.durability {
                 Durability::Interval { ms } if self.unsynced_from.is_some() => {
@@ -2786,6 +2877,19 @@ impl Writer {
                 let _ = self.shared.queue_ready.wait_until(&mut queue, until);
                 self.shared.writer_dozing.store(false, Ordering::Relaxed);
                 continue;
+            }
+            if self.shared.durability == Durability::Sync
+                && idle_since.is_none()
+                && !self.sync_due(false)
+            {
+                idle_since = Some(Instant::now());
+                if !self.poll_for.is_zero() {
+                    // Cleared under the lock, where every poke is set: none is lost.
+                    self.shared.writer_poked.store(false, Ordering::Relaxed);
+                    let appended = self.shared.last_appended.load(Ordering::Relaxed);
+                    parking_lot::MutexGuard::unlocked(&mut queue, || self.poll(appended));
+                    continue;
+                }
             }
             // Say so before looking at the demand: a caller that asks later sees the flag and
             // wakes this thread (`Shared::nudge`).
@@ -2806,6 +2910,10 @@ impl Writer {
             }
         }
         self.shared.writer_asleep.store(false, Ordering::Relaxed);
+        if let Some(since) = idle_since {
+            let idle = since.elapsed();
+            self.poll_for = adapted_poll(self.poll_for, idle);
+        }
         if let Some(at) = queue.rotate_at.take() {
             self.rotate_at = Some(at);
         }
@@ -2814,6 +2922,25 @@ impl Writer {
         drop(queue);
         self.shared.queue_room.notify_all();
         (batch, stop)
+    }
+
+    /// `Sync`: polls, without the queue's lock, for at most `poll_for`, until an event is queued
+    /// after `appended`, a caller asks for a flush, or someone pokes the writer. The caller
+    /// looks at the queue again under the lock either way.
+    fn poll(&self, appended: u64) {
+        let started = Instant::now();
+        let mut polls = 0u32;
+        while started.elapsed() < self.poll_for {
+            // Relaxed: a hint, looked at again under the lock; a change seen late only makes
+            // the poll longer, within `poll_for`.
+            if self.shared.last_appended.load(Ordering::Relaxed) != appended
+                || self.shared.writer_poked.load(Ordering::Relaxed)
+                || self.sync_due(false)
+            {
+                return;
+            }
+            pause_or_yield(&mut polls);
+        }
     }
 
     fn fail(&self, error: Error) {
@@ -2835,10 +2962,15 @@ impl Writer {
             return Err(storage("fdatasync of the log", "injected fault"));
         }
         self.shared.writer_flushes.fetch_add(1, Ordering::Relaxed);
-        self.active
+        let started = Instant::now();
+        let result = self
+            .active
             .file
             .sync_data()
-            .map_err(|error| storage("fdatasync of the log", error))
+            .map_err(|error| storage("fdatasync of the log", error));
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.shared.flush_micros.store(micros, Ordering::Relaxed);
+        result
     }
 
     /// Starts a new segment if one is due: the active one is full, or a checkpoint asked for
@@ -3186,6 +3318,7 @@ impl Shared {
     /// writes (`sync`, a snapshot, `events_after`), which should not wait out a doze.
     fn wake(&self) {
         let _queue = self.queue.lock();
+        self.writer_poked.store(true, Ordering::Relaxed);
         self.queue_ready.notify_one();
     }
 
@@ -3231,6 +3364,36 @@ impl Shared {
                 );
             }
         }
+    }
+
+    /// A lone caller's poll for `seq` to be settled (see `CALLER_POLL_MAX`); returns whether
+    /// it is.
+    fn poll_until_durable(&self, seq: u64) -> bool {
+        let flush = Duration::from_micros(self.flush_micros.load(Ordering::Relaxed));
+        if flush > CALLER_POLL_MAX
+            || self
+                .caller_polling
+                .compare_exchange(false, true, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let budget = (flush * 2 + Duration::from_micros(100)).min(CALLER_POLL_MAX);
+        // Relaxed: a hint that another thread is busy appending; seen late, the poll is only
+        // longer, within `budget`.
+        let appended = self.last_appended.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let mut polls = 0u32;
+        let mut settled = self.settled(seq);
+        while !settled
+            && started.elapsed() < budget
+            && self.last_appended.load(Ordering::Relaxed) == appended
+        {
+            pause_or_yield(&mut polls);
+            settled = self.settled(seq);
+        }
+        self.caller_polling.store(false, Ordering::Relaxed);
+        settled
     }
 
     /// Wakes the parked callers whose events are durable up to `visible` (all of them once the
@@ -3391,32 +3554,53 @@ mod tests {
     /// Runs `threads` threads, each appending `rounds` events and waiting for each in `Sync`
     /// mode; returns every wait's outcome (appended seq, result). A thread not back within 60 s
     /// fails the test instead of hanging it: a lost wake-up shows as a failure.
+    /// `threads` threads each append and wait `rounds` times: the first `batch_threads` of
+    /// them `CALLER_POLL_EVENTS` events a round, waited for at once as a `consume_many` does
+    /// (`wait_for`), the others one. Returns each event's sequence number (0 when its append
+    /// failed) and what its wait returned.
     fn append_and_wait_from_threads(
         log: &Arc<EventLog>,
         threads: usize,
         rounds: usize,
+        batch_threads: usize,
         faults: Option<(&Faults, usize)>,
     ) -> Vec<(u64, Result<(), Error>)> {
         let (sender, receiver) = std::sync::mpsc::channel();
         let start = Arc::new(std::sync::Barrier::new(threads));
         for thread in 0..threads {
             let (log, sender, start) = (Arc::clone(log), sender.clone(), Arc::clone(&start));
+            let batch = if thread < batch_threads {
+                CALLER_POLL_EVENTS
+            } else {
+                1
+            };
             std::thread::spawn(move || {
                 start.wait();
                 for round in 0..rounds {
-                    let micros = (thread * rounds + round) as u64 + 1;
-                    let outcome = match log.append(1_000, encode_body(&top_up(micros))) {
-                        Ok(seq) => (seq, log.wait(seq)),
-                        Err(error) => (0, Err(error)),
-                    };
-                    if sender.send(outcome).is_err() {
-                        return;
+                    let mut appended = Vec::with_capacity(batch);
+                    for event in 0..batch {
+                        let micros = ((thread * rounds + round) * batch + event) as u64 + 1;
+                        appended.push(log.append(1_000, encode_body(&top_up(micros))));
+                    }
+                    let last = appended.iter().filter_map(|seq| seq.as_ref().ok()).max();
+                    let waited = last.map(|&last| log.wait_for(last, batch));
+                    for seq in appended {
+                        let outcome = match (seq, &waited) {
+                            (Ok(seq), Some(waited)) => (seq, waited.clone()),
+                            (Ok(seq), None) => unreachable!("{seq} appended, none waited for"),
+                            (Err(error), _) => (0, Err(error)),
+                        };
+                        if sender.send(outcome).is_err() {
+                            return;
+                        }
                     }
                 }
             });
         }
+        let events = batch_threads.min(threads) * rounds * CALLER_POLL_EVENTS
+            + threads.saturating_sub(batch_threads) * rounds;
         let mut outcomes = Vec::new();
-        for received in 0..threads * rounds {
+        for received in 0..events {
             if let Some((faults, after)) = faults {
                 if received == after {
                     faults.fail_next_flushes(1);
@@ -3434,7 +3618,7 @@ mod tests {
     fn every_sync_waiter_is_woken_once_its_event_is_durable() {
         let dir = fresh_dir("waiters");
         let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
-        let outcomes = append_and_wait_from_threads(&log, 48, 40, None);
+        let outcomes = append_and_wait_from_threads(&log, 48, 40, 0, None);
         let durable = log.durable_seq();
         for (seq, result) in &outcomes {
             result.as_ref().expect("durable");
@@ -3447,6 +3631,133 @@ mod tests {
         assert_eq!(log.events_after(0, 10_000).expect("read").len(), 48 * 40);
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Batch waiters may poll for their flush (one at a time, while nobody else appends),
+    /// single ones park: racing, each returns once its events are durable, every event logged
+    /// once, and the poll's flag is left free.
+    #[test]
+    fn batch_and_single_sync_waiters_racing_are_each_answered_once_durable() {
+        let dir = fresh_dir("batch-waiters");
+        let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
+        let outcomes = append_and_wait_from_threads(&log, 12, 20, 4, None);
+        let durable = log.durable_seq();
+        for (seq, result) in &outcomes {
+            result.as_ref().expect("durable");
+            assert!(*seq <= durable, "seq {seq} acknowledged past {durable}");
+        }
+        let expected = 4 * 20 * CALLER_POLL_EVENTS + 8 * 20;
+        let mut seqs: Vec<u64> = outcomes.iter().map(|(seq, _)| *seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), expected);
+        assert_eq!(log.events_after(0, 100_000).expect("read").len(), expected);
+        assert!(!log.shared.caller_polling.load(Ordering::Relaxed));
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A batch caller whose flush is held stops polling within `CALLER_POLL_MAX` and parks:
+    /// it answers only once the flush goes, and the poll's flag is free meanwhile.
+    #[test]
+    fn a_batch_caller_whose_flush_is_held_parks_until_it_goes() {
+        let dir = fresh_dir("held-batch");
+        let faults = Faults::new();
+        let log = EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open");
+        // One flush first: the poll's length comes from the last fdatasync's time.
+        let seq = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        log.wait(seq).expect("durable");
+        faults.hold_flushes();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| {
+                let mut last = 0;
+                for micros in 0..CALLER_POLL_EVENTS as u64 {
+                    last = log
+                        .append(1_000, encode_body(&top_up(micros + 2)))
+                        .expect("append");
+                }
+                (last, log.wait_for(last, CALLER_POLL_EVENTS))
+            });
+            assert!(eventually(|| faults.flushes_held() > 0), "never flushed");
+            std::thread::sleep(CALLER_POLL_MAX * 20);
+            assert!(!waiter.is_finished(), "answered before its flush");
+            assert!(
+                eventually(|| !log.shared.caller_polling.load(Ordering::Relaxed)),
+                "still polling while its flush is held"
+            );
+            faults.release_flushes();
+            let (last, result) = waiter.join().expect("no panic");
+            result.expect("durable");
+            assert!(log.durable_seq() >= last);
+        });
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A caller polls only when no other does and the last fdatasync was quick; a refused
+    /// poll leaves the flag as it found it, a poll that ran frees it.
+    #[test]
+    fn only_one_caller_polls_and_none_after_a_slow_flush() {
+        let dir = fresh_dir("one-poller");
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("open");
+        // Written, never asked for: no flush makes it durable while the test looks.
+        let seq = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        let shared = &*log.shared;
+        shared.caller_polling.store(true, Ordering::Relaxed);
+        let refused = Instant::now();
+        assert!(!shared.poll_until_durable(seq));
+        assert!(
+            refused.elapsed() < CALLER_POLL_MAX,
+            "polled while another did"
+        );
+        assert!(shared.caller_polling.load(Ordering::Relaxed));
+        shared.caller_polling.store(false, Ordering::Relaxed);
+        let slow = u64::try_from(CALLER_POLL_MAX.as_micros()).expect("small") + 1;
+        shared.flush_micros.store(slow, Ordering::Relaxed);
+        let refused = Instant::now();
+        assert!(!shared.poll_until_durable(seq));
+        assert!(
+            refused.elapsed() < CALLER_POLL_MAX,
+            "polled after a slow flush"
+        );
+        shared.flush_micros.store(0, Ordering::Relaxed);
+        let polled = Instant::now();
+        assert!(!shared.poll_until_durable(seq), "durable without a flush");
+        assert!(
+            polled.elapsed() >= Duration::from_micros(100),
+            "did not poll"
+        );
+        assert!(!shared.caller_polling.load(Ordering::Relaxed));
+        assert!(!shared.settled(seq));
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The writer's poll stays full while its idle stretches are short, halves with each long
+    /// one down to none, and is full again after one short stretch.
+    #[test]
+    fn the_writers_poll_follows_its_idle_stretches() {
+        let long = WRITER_POLL * 3;
+        assert_eq!(adapted_poll(WRITER_POLL, WRITER_POLL), WRITER_POLL);
+        let mut poll = WRITER_POLL;
+        let mut seen = vec![poll];
+        while !poll.is_zero() {
+            poll = adapted_poll(poll, long);
+            seen.push(poll);
+            assert!(seen.len() <= 8, "never reached none: {seen:?}");
+        }
+        assert_eq!(
+            seen,
+            [
+                WRITER_POLL,
+                WRITER_POLL / 2,
+                WRITER_POLL / 4,
+                WRITER_POLL / 8,
+                Duration::ZERO
+            ]
+        );
+        assert_eq!(adapted_poll(Duration::ZERO, long), Duration::ZERO);
+        assert_eq!(adapted_poll(Duration::ZERO, WRITER_POLL / 2), WRITER_POLL);
     }
 
     /// Polls `condition` for up to 10 s.
@@ -3593,7 +3904,7 @@ mod tests {
         let log = Arc::new(
             EventLog::open(&dir, Durability::Sync, Some(Arc::clone(&faults))).expect("open"),
         );
-        let outcomes = append_and_wait_from_threads(&log, 32, 30, Some((&faults, 200)));
+        let outcomes = append_and_wait_from_threads(&log, 32, 30, 0, Some((&faults, 200)));
         let durable = log.durable_seq();
         let failures = outcomes
             .iter()
