@@ -182,6 +182,77 @@ fn a_submitted_consume_is_applied_at_once_and_acknowledged_only_once_durable() {
     assert_eq!(used(&reopened, "key-bob"), 2, "both durable");
 }
 
+/// A thread with many submissions in flight (enough that its completions may poll for their
+/// flush instead of parking at once) is answered only once they are durable, or, if the flush
+/// fails, gets the error for every one and every effect back.
+fn many_in_flight_on_one_thread(flush_fails: bool) {
+    const IN_FLIGHT: usize = 100;
+    let dir = TempDir::new("submission-many");
+    let (engine, faults) = faulty(&dir);
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    faults.hold_flushes();
+    if flush_fails {
+        faults.fail_next_flushes(1);
+    }
+    let submitted: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| engine.submit(&request).expect("valid"))
+        .collect();
+    assert_eq!(
+        used(&engine, "key-bob"),
+        IN_FLIGHT as u64,
+        "applied at submission"
+    );
+    // Set just before the flush may go: a completion that returns before it sees it unset.
+    let released = std::sync::atomic::AtomicBool::new(false);
+    let outcomes = std::thread::scope(|scope| {
+        let completing = scope.spawn(|| {
+            submitted
+                .into_iter()
+                .map(|submitted| {
+                    let outcome = submitted.complete();
+                    (outcome, released.load(std::sync::atomic::Ordering::SeqCst))
+                })
+                .collect::<Vec<_>>()
+        });
+        // Far longer than any poll: the completions must be parked on the held flush.
+        std::thread::sleep(Duration::from_millis(100));
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+        faults.release_flushes();
+        completing.join().expect("no panic")
+    });
+    for (index, (outcome, after_release)) in outcomes.iter().enumerate() {
+        assert!(
+            after_release,
+            "submission {index} completed before the flush went"
+        );
+        match (flush_fails, outcome) {
+            (false, Ok((decision, false))) if decision.is_admitted() => {}
+            (true, Err(Error::Storage { .. })) => {}
+            _ => panic!("submission {index}, the flush failing {flush_fails}: {outcome:?}"),
+        }
+    }
+    let expected = if flush_fails { 0 } else { IN_FLIGHT as u64 };
+    assert_eq!(used(&engine, "key-bob"), expected);
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_eq!(
+        used(&reopened, "key-bob"),
+        expected,
+        "what was acknowledged, on disk"
+    );
+}
+
+#[test]
+fn a_thread_with_many_submissions_in_flight_completes_each_once_durable() {
+    many_in_flight_on_one_thread(false);
+}
+
+#[test]
+fn a_thread_with_many_submissions_in_flight_gets_a_failed_flush_for_each() {
+    many_in_flight_on_one_thread(true);
+}
+
 /// Either way of completing: `Submitted::complete`, or `Engine::complete` of the detached
 /// `Submission` once the request's strings are gone.
 enum Pending<'e, 'r> {

@@ -1437,7 +1437,7 @@ impl Engine {
                     at_ms,
                     verdict,
                 )?;
-                self.acknowledge(request, awaits, verdict.receipt.as_ref())
+                self.acknowledge(request, awaits, verdict.receipt.as_ref(), false)
             }
             Mode::Check => {
                 match self
@@ -1533,12 +1533,15 @@ impl Engine {
     /// Makes an admission's answer an acknowledgement: waits for what it `awaits` to be
     /// durable (as the durability mode says). If its own event never will be, its effect
     /// (`receipt`) is given back, the request id forgotten, and the log's error returned.
+    /// `submitted`: the caller is completing a submission (its thread may keep many in flight,
+    /// so a lone one polls for the flush: `EventLog::wait_for`), not answering a `consume`.
     #[inline(never)]
     pub(crate) fn acknowledge(
         &self,
         request: &UsageRequest<'_>,
         awaits: Awaits,
         receipt: Option<&Receipt>,
+        submitted: bool,
     ) -> Result<(), Error> {
         match awaits {
             Awaits::Nothing => Ok(()),
@@ -1547,7 +1550,15 @@ impl Engine {
                 let Some(journal) = self.journal() else {
                     return Ok(());
                 };
-                journal.wait(seq).inspect_err(|_| {
+                // A submission's wait serves what was queued up to it and since, the thread's
+                // other submissions among them.
+                let serves = if submitted {
+                    usize::try_from(journal.last_appended().saturating_sub(seq) + 1)
+                        .unwrap_or(usize::MAX)
+                } else {
+                    1
+                };
+                journal.wait_for(seq, serves).inspect_err(|_| {
                     // The quantities were valid when the request was decided, so they still are.
                     if let (Some(receipt), Ok(quantities)) =
                         (receipt, Quantities::new(request.quantities))

@@ -193,7 +193,7 @@ impl Submitted<'_, '_> {
     /// forgotten), and the log's error returned: the request was not admitted.
     pub fn complete(self) -> Result<(Decision, bool), Error> {
         self.engine
-            .acknowledge(&self.request, self.awaits, self.receipt.as_ref())?;
+            .acknowledge(&self.request, self.awaits, self.receipt.as_ref(), true)?;
         Ok((self.decision, self.replayed))
     }
 }
@@ -281,7 +281,7 @@ impl Engine {
                 request_id: kept.request_id.as_deref(),
             });
         let receipt = give_back.as_deref().and_then(|kept| kept.receipt.as_ref());
-        self.acknowledge(&request, awaits, receipt)?;
+        self.acknowledge(&request, awaits, receipt, true)?;
         Ok((decision, replayed))
     }
 }
