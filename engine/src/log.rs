@@ -115,7 +115,7 @@ const WRITER_POLL: Duration = Duration::from_micros(100);
 /// `consume_many(100)` from 0.41-0.47 to 0.62-0.66; the rows with more threads than cores did
 /// not move; one thread submitting with 256 in flight, from 0.82 to 0.94-1.04.
 const CALLER_POLL_MAX: Duration = Duration::from_millis(1);
-/// A caller polls (`CALLER_POLL_MAX`) only for a flush of at least this many of its events:
+/// A caller polls (`CALLER_POLL_MAX`) only when its wait serves at least this many events:
 /// the poll's time is then a small part of each event's. A lone caller of single events gained
 /// nothing from it (`examples/pacedloop` in `sync` mode, back to back: 133 us per event either
 /// way) and spent four times the CPU.
@@ -123,8 +123,9 @@ const CALLER_POLL_EVENTS: usize = 64;
 /// A poll yields its core every this many looks (about every 5 us; `pause_or_yield`): a thread
 /// woken on the same core, which may be the one the poll waits for, runs then instead of after
 /// the poller's time slice. Polling with pauses alone, the durability bench's 256-thread
-/// `consume` row admitted a third as many events per second (an earlier attempt was rejected
-/// for it: benches/README); yielding at every look, a lone caller gained half as much.
+/// `consume` row admitted a third to two thirds as many events per second (an earlier attempt
+/// was rejected for it: benches/README); yielding at every look, a lone caller gained half as
+/// much.
 const POLL_YIELD_EVERY: u32 = 8;
 /// `Sync`: written events are fdatasynced once this many bytes wait, even before a caller asks
 /// (bounds the flush a caller waits for).
