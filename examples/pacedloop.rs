@@ -67,24 +67,22 @@ fn main() {
             cpu * 1e6 / events as f64,
             cpu * 100.0 / wall
         );
-        log.close().expect("close the log");
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    for event in 0..events {
-        let due = start + Duration::from_micros(event * gap_us);
-        while Instant::now() < due {
-            std::hint::spin_loop();
+    } else {
+        for event in 0..events {
+            let due = start + Duration::from_micros(event * gap_us);
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            log.append(1_000, &body).expect("append");
         }
-        log.append(1_000, &body).expect("append");
+        let wall = start.elapsed().as_secs_f64();
+        let beyond = process_cpu_s() - cpu_before - wall;
+        println!(
+            "{durability:?}, an event every {gap_us} us: {events} events in {wall:.2} s; the \
+             log spent {beyond:.3} s of CPU beside the caller, {:.2} us per event",
+            beyond * 1e6 / events as f64
+        );
     }
-    let wall = start.elapsed().as_secs_f64();
-    let beyond = process_cpu_s() - cpu_before - wall;
-    println!(
-        "{durability:?}, an event every {gap_us} us: {events} events in {wall:.2} s; the log \
-         spent {beyond:.3} s of CPU beside the caller, {:.2} us per event",
-        beyond * 1e6 / events as f64
-    );
     log.close().expect("close the log");
     let _ = std::fs::remove_dir_all(&dir);
 }

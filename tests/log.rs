@@ -3217,13 +3217,7 @@ fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
             .is_empty(),
         "the top-ups are in the last segment"
     );
-    std::fs::remove_file(&last).unwrap();
-    let error = open_result(crashed.path(), sync_options()).expect_err("its events are gone");
-    let problem = storage_problem(&error);
-    assert!(
-        problem.contains(&name) && problem.contains("missing"),
-        "{problem}"
-    );
+    refused_without(crashed.path(), &last);
     let report = Engine::verify(crashed.path(), sync_options()).expect("verify reports");
     assert!(
         report
@@ -3232,6 +3226,19 @@ fn a_last_segment_removed_after_a_crash_is_refused_naming_it() {
             .any(|problem| problem.contains(&name) && problem.contains("missing")),
         "{:?}",
         report.problems
+    );
+}
+
+/// Removes `segment` (the last one, with acknowledged events in it) from the database at
+/// `dir`, then asserts that an open is refused with an error naming it as missing.
+fn refused_without(dir: &std::path::Path, segment: &std::path::Path) {
+    let name = segment.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::remove_file(segment).unwrap();
+    let error = open_result(dir, sync_options()).expect_err("its events are gone");
+    let problem = storage_problem(&error);
+    assert!(
+        problem.contains(&name) && problem.contains("missing"),
+        "{problem}"
     );
 }
 
@@ -3274,14 +3281,7 @@ fn a_segment_an_open_goes_on_in_is_recorded_before_its_events_are_written() {
     drop(engine);
     let last = segment_paths(again.path()).pop().unwrap();
     assert_eq!(last.file_name(), segments.last().unwrap().file_name());
-    let name = last.file_name().unwrap().to_string_lossy().into_owned();
-    std::fs::remove_file(&last).unwrap();
-    let error = open_result(again.path(), sync_options()).expect_err("its events are gone");
-    let problem = storage_problem(&error);
-    assert!(
-        problem.contains(&name) && problem.contains("missing"),
-        "{problem}"
-    );
+    refused_without(again.path(), &last);
 }
 
 /// A damaged value in sled's `meta` where the log keeps a sequence number (`last_segment`,

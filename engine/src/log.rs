@@ -2913,8 +2913,7 @@ impl Writer {
         }
         self.shared.writer_asleep.store(false, Ordering::Relaxed);
         if let Some(since) = idle_since {
-            let idle = since.elapsed();
-            self.poll_for = adapted_poll(self.poll_for, idle);
+            self.poll_for = adapted_poll(self.poll_for, since.elapsed());
         }
         if let Some(at) = queue.rotate_at.take() {
             self.rotate_at = Some(at);
@@ -3553,13 +3552,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Runs `threads` threads, each appending `rounds` events and waiting for each in `Sync`
-    /// mode; returns every wait's outcome (appended seq, result). A thread not back within 60 s
-    /// fails the test instead of hanging it: a lost wake-up shows as a failure.
-    /// `threads` threads each append and wait `rounds` times: the first `batch_threads` of
-    /// them `CALLER_POLL_EVENTS` events a round, waited for at once as a `consume_many` does
-    /// (`wait_for`), the others one. Returns each event's sequence number (0 when its append
-    /// failed) and what its wait returned.
+    /// Runs `threads` threads, each appending and waiting `rounds` times in `Sync` mode: the
+    /// first `batch_threads` of them `CALLER_POLL_EVENTS` events a round, waited for at once as
+    /// a `consume_many` does (`wait_for`), the others one. Returns each event's outcome (its
+    /// sequence number, 0 when its append failed, and what its wait returned). A thread not
+    /// back within 60 s fails the test instead of hanging it: a lost wake-up shows as a failure.
     fn append_and_wait_from_threads(
         log: &Arc<EventLog>,
         threads: usize,
@@ -3616,21 +3613,34 @@ mod tests {
         outcomes
     }
 
-    #[test]
-    fn every_sync_waiter_is_woken_once_its_event_is_durable() {
-        let dir = fresh_dir("waiters");
-        let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
-        let outcomes = append_and_wait_from_threads(&log, 48, 40, 0, None);
+    /// Every outcome succeeded, none acknowledged past the durable point, `expected` distinct
+    /// events, and the log reads back exactly that many.
+    fn assert_each_durable_once(
+        log: &EventLog,
+        outcomes: &[(u64, Result<(), Error>)],
+        expected: usize,
+    ) {
         let durable = log.durable_seq();
-        for (seq, result) in &outcomes {
+        for (seq, result) in outcomes {
             result.as_ref().expect("durable");
             assert!(*seq <= durable, "seq {seq} acknowledged past {durable}");
         }
         let mut seqs: Vec<u64> = outcomes.iter().map(|(seq, _)| *seq).collect();
         seqs.sort_unstable();
         seqs.dedup();
-        assert_eq!(seqs.len(), 48 * 40);
-        assert_eq!(log.events_after(0, 10_000).expect("read").len(), 48 * 40);
+        assert_eq!(seqs.len(), expected);
+        assert_eq!(
+            log.events_after(0, expected + 1).expect("read").len(),
+            expected
+        );
+    }
+
+    #[test]
+    fn every_sync_waiter_is_woken_once_its_event_is_durable() {
+        let dir = fresh_dir("waiters");
+        let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
+        let outcomes = append_and_wait_from_threads(&log, 48, 40, 0, None);
+        assert_each_durable_once(&log, &outcomes, 48 * 40);
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -3643,17 +3653,7 @@ mod tests {
         let dir = fresh_dir("batch-waiters");
         let log = Arc::new(EventLog::open(&dir, Durability::Sync, None).expect("open"));
         let outcomes = append_and_wait_from_threads(&log, 12, 20, 4, None);
-        let durable = log.durable_seq();
-        for (seq, result) in &outcomes {
-            result.as_ref().expect("durable");
-            assert!(*seq <= durable, "seq {seq} acknowledged past {durable}");
-        }
-        let expected = 4 * 20 * CALLER_POLL_EVENTS + 8 * 20;
-        let mut seqs: Vec<u64> = outcomes.iter().map(|(seq, _)| *seq).collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        assert_eq!(seqs.len(), expected);
-        assert_eq!(log.events_after(0, 100_000).expect("read").len(), expected);
+        assert_each_durable_once(&log, &outcomes, 4 * 20 * CALLER_POLL_EVENTS + 8 * 20);
         assert!(!log.shared.caller_polling.load(Ordering::Relaxed));
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
