@@ -108,7 +108,8 @@ impl Engine {
                     format!("{request_id:?} was already refunded"),
                 ));
             }
-            let receipt = record.receipt.ok_or_else(|| {
+            let first = record.first_use();
+            let receipt = first.receipt.ok_or_else(|| {
                 Error::invalid(
                     "request_id",
                     format!("{request_id:?} was denied: nothing to refund"),
@@ -130,15 +131,15 @@ impl Engine {
                     ),
                 ));
             }
-            let fingerprint = record.fingerprint.clone();
+            let fingerprint = first.fingerprint;
             // Write-locked, as a usage correction is: a calendar counter holds an admission's
             // units in flight in the same word as those recorded, and a refund that finds
             // fewer recorded than its receipt took (a correction removed some) took the
             // in-flight ones as its own under the read lock.
             let given_back = self.give_back_locked(
                 true,
-                &fingerprint.key,
-                &fingerprint.resource,
+                fingerprint.key,
+                fingerprint.resource,
                 &receipt,
                 &fingerprint.quantities,
                 true,
@@ -150,7 +151,7 @@ impl Engine {
                 given_back: given_back.clone(),
             };
             if let Err(error) = self.commit(at_ms, body) {
-                self.take_back(&fingerprint.key, &given_back);
+                self.take_back(fingerprint.key, &given_back);
                 return Err(error);
             }
             record.refunded = true;
@@ -270,8 +271,8 @@ impl Engine {
         }
         for shard in &requests {
             crate::idempotency::RequestTable::outstanding_receipts(shard, |key, receipt| {
-                if calendar_holds(receipt) {
-                    outstanding.push((KeyTable::hash(key), key, *receipt));
+                if calendar_holds(&receipt) {
+                    outstanding.push((KeyTable::hash(key), key, receipt));
                 }
             });
         }

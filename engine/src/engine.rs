@@ -1423,8 +1423,8 @@ impl Engine {
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
-            key: request.key.into(),
-            resource: request.resource.into(),
+            key: request.key,
+            resource: request.resource,
             quantities,
         };
         match mode {
@@ -1486,7 +1486,7 @@ impl Engine {
         let mut left = Decision::denied(DenialReason::UnknownKey);
         let kept =
             self.requests
-                .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+                .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
                     let mut decision = Decision::denied(DenialReason::UnknownKey);
                     let mut verdict = Verdict::new(&mut decision);
                     verdict.may_expire_leases = may_expire_leases;
@@ -2067,14 +2067,14 @@ impl Engine {
         };
         check_id("request_id", request_id, MAX_REQUEST_ID_BYTES)?;
         let fingerprint = Fingerprint {
-            key: request.key.into(),
-            resource: request.resource.into(),
+            key: request.key,
+            resource: request.resource,
             quantities,
         };
         let replay;
         (*decision, replay) = self
             .requests
-            .once(request_id, fingerprint, at_ms, self.clock.now_ms(), || {
+            .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
                 let mut decision = Decision::denied(DenialReason::UnknownKey);
                 let mut verdict = Verdict::new(&mut decision);
                 let outcome = self.decide_logged(

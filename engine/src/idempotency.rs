@@ -15,32 +15,161 @@ use crate::lock::{LeavableGuard, LeavableMutex};
 use crossbeam_utils::CachePadded;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
+use bincode::Options;
+
 use crate::admission::{Decision, Quantities, Receipt};
 use crate::error::Error;
 
 pub(crate) const SHARDS: usize = 64;
 
-/// What a request id was first used for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Fingerprint {
-    pub key: Box<str>,
-    pub resource: Box<str>,
+/// What a request id was first used for: borrowed from the request being decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fingerprint<'a> {
+    pub key: &'a str,
+    pub resource: &'a str,
     pub quantities: Quantities,
 }
 
+/// A remembered request id's first use and first decision. A table at its default capacity
+/// holds a million of these, so what never changes after the first decision (the fingerprint,
+/// the decision and its receipt) is kept encoded in one allocation (`first`), decoded only
+/// when a repeat, a refund, a policy swap or a snapshot needs it. Decoded, a `Decision` alone
+/// is 264 bytes and a `Receipt` 128: records that held them so took 1.5 KB per id resident
+/// (`examples/idloop`), against about 390 bytes encoded.
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
     /// The request's own timestamp, which snapshots carry (the id is forgotten the horizon
     /// after it: `Shard::remember`).
     pub arrived_ms: u64,
-    pub fingerprint: Fingerprint,
-    pub decision: Decision,
-    pub receipt: Option<Receipt>,
     pub refunded: bool,
     /// Where the event that logged the decision stands: a repeat answers only once it is
     /// durable.
     pub logged: LoggedAs,
+    /// `FirstUse`'s layout: the key's and the resource's lengths (u16, little-endian), their
+    /// bytes, then the quantities, the decision and the receipt (`first_use_encoding`).
+    first: Box<[u8]>,
 }
+
+/// The encoding of a record's quantities, decision and receipt: the snapshot's.
+fn first_use_encoding() -> impl bincode::Options + Copy {
+    bincode::DefaultOptions::new().with_varint_encoding()
+}
+
+/// What `RequestRecord::first` holds, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FirstUse<'a> {
+    pub fingerprint: Fingerprint<'a>,
+    pub decision: Decision,
+    pub receipt: Option<Receipt>,
+}
+
+impl<'a> FirstUse<'a> {
+    /// Decodes what `RequestRecord::encoded_first_use` gave.
+    pub fn decode(first: &'a [u8]) -> FirstUse<'a> {
+        let (key, resource, rest) = FirstUse::split(first);
+        let (quantities, decision, receipt) = first_use_encoding()
+            .deserialize::<(Quantities, Decision, Option<Receipt>)>(rest)
+            .expect("a record decodes as `encode_first_use` encoded it");
+        FirstUse {
+            fingerprint: Fingerprint {
+                key,
+                resource,
+                quantities,
+            },
+            decision,
+            receipt,
+        }
+    }
+
+    /// The key and the resource, and the encoded rest (`first_use_encoding`).
+    fn split(mut first: &'a [u8]) -> (&'a str, &'a str, &'a [u8]) {
+        let mut text = || {
+            let len = usize::from(u16::from_le_bytes([first[0], first[1]]));
+            let (bytes, after) = first[2..].split_at(len);
+            first = after;
+            // Written from a `&str` by `encode_first_use`.
+            std::str::from_utf8(bytes).expect("a record's key and resource are UTF-8")
+        };
+        let key = text();
+        let resource = text();
+        (key, resource, first)
+    }
+}
+
+impl RequestRecord {
+    /// A record of a first decision, not refunded.
+    pub fn new(
+        arrived_ms: u64,
+        fingerprint: &Fingerprint<'_>,
+        decision: &Decision,
+        receipt: Option<&Receipt>,
+        logged: LoggedAs,
+    ) -> RequestRecord {
+        RequestRecord {
+            arrived_ms,
+            refunded: false,
+            logged,
+            first: encode_first_use(fingerprint, decision, receipt),
+        }
+    }
+
+    /// Everything the record keeps of the first use, decoded.
+    pub fn first_use(&self) -> FirstUse<'_> {
+        FirstUse::decode(&self.first)
+    }
+
+    /// The first use as encoded (`FirstUse::decode` reads it): what a checkpoint's cut copies.
+    pub fn encoded_first_use(&self) -> &[u8] {
+        &self.first
+    }
+
+    pub fn decision(&self) -> Decision {
+        self.first_use().decision
+    }
+
+    /// Whether `fingerprint` is what the id was first used for.
+    pub fn matches(&self, fingerprint: &Fingerprint<'_>) -> bool {
+        let (key, resource, rest) = FirstUse::split(&self.first);
+        key == fingerprint.key
+            && resource == fingerprint.resource
+            && first_use_encoding()
+                .allow_trailing_bytes()
+                .deserialize::<Quantities>(rest)
+                .is_ok_and(|quantities| quantities == fingerprint.quantities)
+    }
+
+    /// Replaces the first decision (a policy swap renumbers what it names).
+    pub fn set_decision(&mut self, decision: &Decision) {
+        let first = self.first_use();
+        self.first = encode_first_use(&first.fingerprint, decision, first.receipt.as_ref());
+    }
+}
+
+/// `RequestRecord::first`.
+fn encode_first_use(
+    fingerprint: &Fingerprint<'_>,
+    decision: &Decision,
+    receipt: Option<&Receipt>,
+) -> Box<[u8]> {
+    let mut first = Vec::with_capacity(
+        4 + fingerprint.key.len() + fingerprint.resource.len() + FIRST_USE_TAIL_GUESS,
+    );
+    for text in [fingerprint.key, fingerprint.resource] {
+        // Keys are at most `MAX_KEY_BYTES`; resources are the policy's names (the request was
+        // decided, so its resource is one): both far below a u16.
+        let len = u16::try_from(text.len()).expect("a key or resource name under 64 KiB");
+        first.extend_from_slice(&len.to_le_bytes());
+        first.extend_from_slice(text.as_bytes());
+    }
+    first_use_encoding()
+        .serialize_into(&mut first, &(fingerprint.quantities, decision, receipt))
+        .expect("encoding into a Vec cannot fail");
+    first.into_boxed_slice()
+}
+
+/// Room reserved for a record's encoded quantities, decision and receipt: an admission on two
+/// limits encodes in about 60 bytes.
+const FIRST_USE_TAIL_GUESS: usize = 96;
 
 /// Where the event that logged a first decision stands in the log. Answering a repeat of the
 /// request id is an acknowledgement too, so it waits until that event is durable, and answers
@@ -261,7 +390,7 @@ impl RequestTable {
     pub fn once(
         &self,
         request_id: &str,
-        fingerprint: Fingerprint,
+        fingerprint: &Fingerprint<'_>,
         at_ms: u64,
         now_ms: u64,
         admit: impl FnOnce() -> Result<Option<(Decision, Option<Receipt>, LoggedAs)>, Error>,
@@ -270,7 +399,7 @@ impl RequestTable {
         let mut shard = self.shard(request_id).lock();
         let dropped = shard.expire(now_ms, horizon_ms);
         self.give_back_places(dropped);
-        if let Some(repeat) = Self::repeat(&shard, request_id, &fingerprint) {
+        if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
             return repeat.map(Some);
         }
         // An id is forgotten the horizon after its request's timestamp (or the clock's now, if
@@ -309,7 +438,7 @@ impl RequestTable {
             drop(shard);
             self.expire_every_shard(now_ms, horizon_ms);
             shard = self.shard(request_id).lock();
-            if let Some(repeat) = Self::repeat(&shard, request_id, &fingerprint) {
+            if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
                 return repeat.map(Some);
             }
             if !self.take_place() {
@@ -328,17 +457,8 @@ impl RequestTable {
         };
         let id: Arc<str> = request_id.into();
         shard.remember(at_ms, now_ms, Arc::clone(&id));
-        shard.records.insert(
-            id,
-            RequestRecord {
-                arrived_ms: at_ms,
-                fingerprint,
-                decision,
-                receipt,
-                refunded: false,
-                logged,
-            },
-        );
+        let record = RequestRecord::new(at_ms, fingerprint, &decision, receipt.as_ref(), logged);
+        shard.records.insert(id, record);
         Ok(Some((decision, None)))
     }
 
@@ -346,11 +466,11 @@ impl RequestTable {
     fn repeat(
         shard: &Shard,
         request_id: &str,
-        fingerprint: &Fingerprint,
+        fingerprint: &Fingerprint<'_>,
     ) -> Option<Result<(Decision, Option<LoggedAs>), Error>> {
         let record = shard.records.get(request_id)?;
-        Some(if record.fingerprint == *fingerprint {
-            Ok((record.decision, Some(record.logged.clone())))
+        Some(if record.matches(fingerprint) {
+            Ok((record.decision(), Some(record.logged.clone())))
         } else {
             Err(Error::RequestIdConflict {
                 request_id: request_id.into(),
@@ -377,7 +497,7 @@ impl RequestTable {
     pub fn peek(
         &self,
         request_id: &str,
-        fingerprint: &Fingerprint,
+        fingerprint: &Fingerprint<'_>,
         now_ms: u64,
     ) -> Result<Option<Decision>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
@@ -386,7 +506,7 @@ impl RequestTable {
         self.give_back_places(dropped);
         match shard.records.get(request_id) {
             None => Ok(None),
-            Some(record) if record.fingerprint == *fingerprint => Ok(Some(record.decision)),
+            Some(record) if record.matches(fingerprint) => Ok(Some(record.decision())),
             Some(_) => Err(Error::RequestIdConflict {
                 request_id: request_id.into(),
             }),
@@ -416,7 +536,7 @@ impl RequestTable {
     /// the plans, limits and resources decisions name: `Decision::in_policy`).
     pub fn rename_decisions(shard: &mut Shard, rename: impl Fn(&Decision) -> Decision) {
         for record in shard.records.values_mut() {
-            record.decision = rename(&record.decision);
+            record.set_decision(&rename(&record.decision()));
         }
     }
 
@@ -436,10 +556,14 @@ impl RequestTable {
 
     /// Visits one shard's receipts not refunded, as `(key, receipt)`, in no particular order:
     /// what an open checks its counters against (`Engine::mark_short_periods`).
-    pub fn outstanding_receipts<'a>(shard: &'a Shard, mut visit: impl FnMut(&'a str, &'a Receipt)) {
+    pub fn outstanding_receipts<'a>(shard: &'a Shard, mut visit: impl FnMut(&'a str, Receipt)) {
         for record in shard.records.values() {
-            if let (false, Some(receipt)) = (record.refunded, &record.receipt) {
-                visit(&record.fingerprint.key, receipt);
+            if record.refunded {
+                continue;
+            }
+            let first = record.first_use();
+            if let Some(receipt) = first.receipt {
+                visit(first.fingerprint.key, receipt);
             }
         }
     }
@@ -571,22 +695,178 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounts::MAX_KEY_BYTES;
     use crate::admission::DenialReason;
 
     const HORIZON_MS: u64 = 1_000;
 
-    fn fingerprint() -> Fingerprint {
+    fn fingerprint() -> Fingerprint<'static> {
         Fingerprint {
-            key: "key".into(),
-            resource: "chat".into(),
+            key: "key",
+            resource: "chat",
             quantities: Quantities::default(),
         }
+    }
+
+    /// A decision and a receipt with every part a record encodes: four limits' statuses,
+    /// counts at both ends of the varints, a denial's reason and remedies.
+    fn full_decision() -> (Decision, Receipt) {
+        use crate::admission::{
+            Admission, ChargedTo, Denial, LimitStatus, LimitStatuses, PerLimit, Remedies,
+        };
+        use crate::policy::{CounterId, PlanId};
+        let statuses: Vec<LimitStatus> = [0, 1, 300, u64::MAX]
+            .into_iter()
+            .enumerate()
+            .map(|(limit, used)| LimitStatus {
+                limit: limit as u8,
+                used,
+                amount: used.saturating_add(7),
+                reset_at_ms: (limit % 2 == 0).then_some(1_790_000_000_000 + limit as u64),
+            })
+            .collect();
+        let limits = LimitStatuses::from_slice(&statuses).expect("four statuses");
+        let admitted = Decision::Admitted(Admission {
+            charged_to: ChargedTo::Credits { micros: u64::MAX },
+            at_ms: 1_790_000_000_123,
+            plan: Some(PlanId(3)),
+            limits,
+            credits_balance_micros: Some(0),
+        });
+        let denied = Decision::Denied(Denial {
+            reason: DenialReason::QuotaExhausted {
+                limit: 2,
+                retry_at_ms: 1_790_000_000_999,
+                retry_after_ms: 876,
+                reset_at_ms: u64::MAX,
+            },
+            plan: Some(PlanId(1)),
+            limits,
+            credits_balance_micros: None,
+            remedies: Remedies {
+                credits_needed_micros: Some(5),
+                upgrade_to: Some(PlanId(2)),
+                wait_until_ms: Some(1_790_000_001_000),
+            },
+        });
+        assert_ne!(admitted, denied);
+        let holds: Vec<(CounterId, u64, u64)> = (0..4)
+            .map(|n| (CounterId(n), u64::MAX - u64::from(n), u64::from(n) * 1_000))
+            .collect();
+        let receipt = Receipt {
+            charged_to: ChargedTo::PlanQuota { plan: PlanId(3) },
+            generation: u32::MAX,
+            holds: PerLimit::from_slice(&holds).expect("four holds"),
+        };
+        (admitted, receipt)
+    }
+
+    #[test]
+    fn a_record_gives_back_exactly_what_it_was_made_of() {
+        let (decision, receipt) = full_decision();
+        let quantities = Quantities::new(&[
+            (crate::policy::Unit::Songs, 1),
+            (crate::policy::Unit::Seconds, 1 << 40),
+        ])
+        .expect("valid quantities");
+        let key = "k".repeat(MAX_KEY_BYTES);
+        let fingerprint = Fingerprint {
+            key: &key,
+            resource: "music-2.6",
+            quantities,
+        };
+        for receipt in [Some(receipt), None] {
+            let record = RequestRecord::new(
+                5,
+                &fingerprint,
+                &decision,
+                receipt.as_ref(),
+                LoggedAs::Event(9),
+            );
+            let first = record.first_use();
+            assert_eq!(first.fingerprint, fingerprint);
+            assert_eq!(first.decision, decision);
+            assert_eq!(first.receipt, receipt);
+            assert_eq!(record.decision(), decision);
+            assert_eq!(FirstUse::decode(record.encoded_first_use()), first);
+            assert!(!record.refunded);
+            assert_eq!(record.arrived_ms, 5);
+            assert!(matches!(record.logged, LoggedAs::Event(9)));
+        }
+    }
+
+    #[test]
+    fn a_record_matches_only_its_own_key_resource_and_quantities() {
+        let (decision, receipt) = full_decision();
+        let quantities = |requests| {
+            Quantities::new(&[(crate::policy::Unit::Requests, requests)]).expect("valid")
+        };
+        let own = Fingerprint {
+            key: "tp-1",
+            resource: "m2.7",
+            quantities: quantities(1),
+        };
+        let record = RequestRecord::new(0, &own, &decision, Some(&receipt), LoggedAs::Durable);
+        assert!(record.matches(&own));
+        let others = [
+            Fingerprint { key: "tp-2", ..own },
+            Fingerprint {
+                key: "tp-1m",
+                ..own
+            },
+            Fingerprint { key: "", ..own },
+            // The key's end moved into the resource: the lengths tell them apart.
+            Fingerprint {
+                key: "tp-1m",
+                resource: "2.7",
+                ..own
+            },
+            Fingerprint {
+                resource: "m2.7-highspeed",
+                ..own
+            },
+            Fingerprint {
+                quantities: quantities(2),
+                ..own
+            },
+            Fingerprint {
+                quantities: Quantities::new(&[
+                    (crate::policy::Unit::Requests, 1),
+                    (crate::policy::Unit::Tokens, 1),
+                ])
+                .expect("valid"),
+                ..own
+            },
+        ];
+        for other in others {
+            assert!(!record.matches(&other), "{other:?} matched {own:?}");
+        }
+    }
+
+    #[test]
+    fn a_records_new_decision_keeps_its_fingerprint_and_receipt() {
+        let (decision, receipt) = full_decision();
+        let own = Fingerprint {
+            key: "tp-1",
+            resource: "m2.7",
+            quantities: Quantities::default(),
+        };
+        let mut record = RequestRecord::new(3, &own, &decision, Some(&receipt), LoggedAs::Durable);
+        record.refunded = true;
+        let renamed = Decision::denied(DenialReason::NoResources);
+        record.set_decision(&renamed);
+        let first = record.first_use();
+        assert_eq!(
+            (first.fingerprint, first.decision, first.receipt),
+            (own, renamed, Some(receipt))
+        );
+        assert!(record.refunded && record.arrived_ms == 3);
     }
 
     /// `once` for a new id at `at_ms` (the clock at the same time): `Ok(true)` if decided now.
     fn first(table: &RequestTable, id: &str, at_ms: u64) -> Result<bool, Error> {
         table
-            .once(id, fingerprint(), at_ms, at_ms, || {
+            .once(id, &fingerprint(), at_ms, at_ms, || {
                 let decision = Decision::denied(DenialReason::UnknownKey);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
@@ -640,7 +920,7 @@ mod tests {
         // Queued by its own timestamp, an id stamped in 2096 stayed at its shard's front, every
         // id behind it was never forgotten, and the table filled with ids past the horizon.
         let table = RequestTable::new(100, HORIZON_MS);
-        let stamped_ahead = table.once("ahead", fingerprint(), 4_000_000_000_000, 0, || {
+        let stamped_ahead = table.once("ahead", &fingerprint(), 4_000_000_000_000, 0, || {
             Ok(Some((
                 Decision::denied(DenialReason::UnknownKey),
                 None,
@@ -668,7 +948,7 @@ mod tests {
         // `Ok(true)`: a repeat.
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
             table
-                .once(id, fingerprint(), at_ms, now_ms, || {
+                .once(id, &fingerprint(), at_ms, now_ms, || {
                     let decision = Decision::denied(DenialReason::UnknownKey);
                     Ok(Some((decision, None, LoggedAs::Durable)))
                 })
@@ -676,14 +956,13 @@ mod tests {
         };
         let ahead_ms = 10 * HORIZON_MS;
         assert_eq!(decide("live", ahead_ms, 0), Ok(false));
-        let record = RequestRecord {
-            arrived_ms: 0,
-            fingerprint: fingerprint(),
-            decision: Decision::denied(DenialReason::UnknownKey),
-            receipt: None,
-            refunded: false,
-            logged: LoggedAs::Durable,
-        };
+        let record = RequestRecord::new(
+            0,
+            &fingerprint(),
+            &Decision::denied(DenialReason::UnknownKey),
+            None,
+            LoggedAs::Durable,
+        );
         table.restore("restored", ahead_ms, 0, record);
         let last_ms = ahead_ms + HORIZON_MS;
         assert_eq!(decide("live", ahead_ms, last_ms), Ok(true));
@@ -710,7 +989,7 @@ mod tests {
             .find(|id| std::ptr::eq(table.shard(id), table.shard(first_id)))
             .expect("some id shares the shard");
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
-            table.once(id, fingerprint(), at_ms, now_ms, || {
+            table.once(id, &fingerprint(), at_ms, now_ms, || {
                 let decision = Decision::denied(DenialReason::UnknownKey);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
@@ -746,7 +1025,7 @@ mod tests {
         // stepped back to 1,500 (its stamp, 1,000, then seemed inside the horizon), or when a
         // policy swap grew the horizon: a retry within the horizon counted twice.
         let decide = |table: &RequestTable, at_ms: u64, now_ms: u64| {
-            table.once("retried", fingerprint(), at_ms, now_ms, || {
+            table.once("retried", &fingerprint(), at_ms, now_ms, || {
                 let decision = Decision::denied(DenialReason::UnknownKey);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
@@ -778,7 +1057,7 @@ mod tests {
             // A request stamped after what was forgotten is decided as usual.
             let later = table.once(
                 "later",
-                fingerprint(),
+                &fingerprint(),
                 forgotten_at_ms,
                 retried_at_ms,
                 || {
@@ -793,9 +1072,9 @@ mod tests {
     #[test]
     fn a_decision_not_kept_or_failed_gives_its_place_back() {
         let table = RequestTable::new(1, HORIZON_MS);
-        let left = table.once("left", fingerprint(), 0, 0, || Ok(None));
+        let left = table.once("left", &fingerprint(), 0, 0, || Ok(None));
         assert!(matches!(left, Ok(None)));
-        let failed = table.once("failed", fingerprint(), 0, 0, || {
+        let failed = table.once("failed", &fingerprint(), 0, 0, || {
             Err(Error::invalid("quantities", "test"))
         });
         assert!(failed.is_err());

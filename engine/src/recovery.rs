@@ -1579,15 +1579,18 @@ impl Engine {
         }
         let requests = crate::idempotency::RequestTable::export(&requests_guard)
             .into_iter()
-            .map(|(arrived_ms, id, record)| RequestSnapshot {
-                id,
-                arrived_ms,
-                key: record.fingerprint.key.to_string(),
-                resource: record.fingerprint.resource.to_string(),
-                quantities: record.fingerprint.quantities,
-                decision: record.decision,
-                receipt: record.receipt,
-                refunded: record.refunded,
+            .map(|(arrived_ms, id, record)| {
+                let first = record.first_use();
+                RequestSnapshot {
+                    id,
+                    arrived_ms,
+                    key: first.fingerprint.key.to_string(),
+                    resource: first.fingerprint.resource.to_string(),
+                    quantities: first.fingerprint.quantities,
+                    decision: first.decision,
+                    receipt: first.receipt,
+                    refunded: record.refunded,
+                }
             })
             .collect();
         let open_reservations: Vec<ReservationSnapshot> = table
@@ -1744,16 +1747,14 @@ impl Engine {
                     snapshot.seq, request.id
                 )));
             }
-            let record = RequestRecord {
-                refunded: request.refunded,
-                ..request_record(
-                    &request.key,
-                    &request.resource,
-                    &request.quantities,
-                    &request.decision,
-                    request.receipt,
-                )
-            };
+            let mut record = request_record(
+                &request.key,
+                &request.resource,
+                &request.quantities,
+                &request.decision,
+                request.receipt,
+            );
+            record.refunded = request.refunded;
             self.requests
                 .restore(&request.id, request.arrived_ms, now_ms, record);
         }
@@ -2660,20 +2661,19 @@ fn request_record(
     decision: &Decision,
     receipt: Option<Receipt>,
 ) -> RequestRecord {
-    RequestRecord {
-        // Set by `RequestTable::restore`.
-        arrived_ms: 0,
-        fingerprint: Fingerprint {
-            key: key.into(),
-            resource: resource.into(),
-            quantities: *quantities,
-        },
-        decision: *decision,
-        receipt,
-        refunded: false,
-        // Restored from the database: durable.
-        logged: LoggedAs::Durable,
-    }
+    let fingerprint = Fingerprint {
+        key,
+        resource,
+        quantities: *quantities,
+    };
+    // Restored from the database: durable. The arrival is set by `RequestTable::restore`.
+    RequestRecord::new(
+        0,
+        &fingerprint,
+        decision,
+        receipt.as_ref(),
+        LoggedAs::Durable,
+    )
 }
 
 /// The registry's one copy of a user's name: every mention of a user shares it, as before the

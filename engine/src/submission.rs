@@ -117,8 +117,8 @@ impl Engine {
             Some(request_id) => {
                 check_id("request_id", request_id, MAX_REQUEST_ID_BYTES).and_then(|()| {
                     let fingerprint = Fingerprint {
-                        key: request.key.into(),
-                        resource: request.resource.into(),
+                        key: request.key,
+                        resource: request.resource,
                         quantities: *quantities,
                     };
                     self.consume_once(request, request_id, fingerprint, quantities, at_ms, verdict)

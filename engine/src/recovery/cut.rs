@@ -34,7 +34,9 @@ use crate::admission::{Decision, Quantities, Receipt};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::event::FORMAT_VERSION;
-use crate::idempotency::{RequestRecord, RequestShards, RequestTable, Shard as RequestShard};
+use crate::idempotency::{
+    FirstUse, RequestRecord, RequestShards, RequestTable, Shard as RequestShard,
+};
 use crate::ledger::{Team, WindowState};
 use crate::lock::LeavableMutex;
 use crate::lock::{LeavableGuard, WriteGuard};
@@ -223,11 +225,9 @@ struct RawUser {
 struct RawRequest {
     arrived_ms: u64,
     id: Text,
-    key: Text,
-    resource: Text,
-    quantities: Quantities,
-    decision: Decision,
-    receipt: Option<Receipt>,
+    /// The record's first use as it encodes it (`RequestRecord::encoded_first_use`), in
+    /// `RawCut::first_uses`: copied as bytes under the shard's lock, decoded off it.
+    first_use: std::ops::Range<usize>,
     refunded: bool,
 }
 
@@ -262,6 +262,8 @@ pub(crate) struct RawCut {
     users: Vec<RawUser>,
     payg_keys: Vec<Text>,
     requests: Vec<RawRequest>,
+    /// The request ids' first uses, encoded (`RawRequest::first_use`).
+    first_uses: Vec<u8>,
     open_reservations: Vec<RawReservation>,
     closed_reservations: Vec<(u64, u64, Closed)>,
     next_reservation: u64,
@@ -370,6 +372,7 @@ impl RawCut {
             users,
             payg_keys,
             requests,
+            first_uses,
             open_reservations,
             closed_reservations,
             next_reservation,
@@ -394,6 +397,7 @@ impl RawCut {
         users.clear();
         payg_keys.clear();
         requests.clear();
+        first_uses.clear();
         open_reservations.clear();
         closed_reservations.clear();
         balances.clear();
@@ -612,11 +616,14 @@ impl RawCut {
                 calendar @ RawCounter::Calendar { .. } => calendar,
             }));
         self.slots.extend_from_slice(&helper.slots);
+        let first_use_base = self.first_uses.len();
+        self.first_uses.extend_from_slice(&helper.first_uses);
+        helper.first_uses.clear();
         self.requests
             .extend(helper.requests.drain(..).map(|request| RawRequest {
                 id: shift(request.id),
-                key: shift(request.key),
-                resource: shift(request.resource),
+                first_use: request.first_use.start + first_use_base
+                    ..request.first_use.end + first_use_base,
                 ..request
             }));
         self.shards.extend(
@@ -881,17 +888,21 @@ impl RawCut {
     }
 
     fn push_request(&mut self, arrived_ms: u64, id: &str, record: &RequestRecord) {
+        let start = self.first_uses.len();
+        self.first_uses
+            .extend_from_slice(record.encoded_first_use());
         let raw = RawRequest {
             arrived_ms,
             id: self.texts.push(id),
-            key: self.texts.push(&record.fingerprint.key),
-            resource: self.texts.push(&record.fingerprint.resource),
-            quantities: record.fingerprint.quantities,
-            decision: record.decision,
-            receipt: record.receipt,
+            first_use: start..self.first_uses.len(),
             refunded: record.refunded,
         };
         self.requests.push(raw);
+    }
+
+    /// What `request`'s id was first used for, and its first decision.
+    fn first_use(&self, request: &RawRequest) -> FirstUse<'_> {
+        FirstUse::decode(&self.first_uses[request.first_use.clone()])
     }
 
     /// The open and closed reservations (the table is locked).
@@ -967,15 +978,18 @@ impl RawCut {
         let mut requests: Vec<RequestSnapshot> = self
             .requests
             .iter()
-            .map(|request| RequestSnapshot {
-                id: texts.get(request.id),
-                arrived_ms: request.arrived_ms,
-                key: texts.get(request.key),
-                resource: texts.get(request.resource),
-                quantities: request.quantities,
-                decision: request.decision,
-                receipt: request.receipt,
-                refunded: request.refunded,
+            .map(|request| {
+                let first = self.first_use(request);
+                RequestSnapshot {
+                    id: texts.get(request.id),
+                    arrived_ms: request.arrived_ms,
+                    key: first.fingerprint.key.to_owned(),
+                    resource: first.fingerprint.resource.to_owned(),
+                    quantities: first.fingerprint.quantities,
+                    decision: first.decision,
+                    receipt: first.receipt,
+                    refunded: request.refunded,
+                }
             })
             .collect();
         requests.sort_by(|a, b| (a.arrived_ms, &a.id).cmp(&(b.arrived_ms, &b.id)));
@@ -1127,14 +1141,15 @@ impl RawCut {
             }),
             requests: SeqOf(requests.len(), |index: usize| {
                 let request = &self.requests[requests[index]];
+                let first = self.first_use(request);
                 RequestRef {
                     id: text(request.id),
                     arrived_ms: request.arrived_ms,
-                    key: text(request.key),
-                    resource: text(request.resource),
-                    quantities: request.quantities,
-                    decision: request.decision,
-                    receipt: request.receipt,
+                    key: first.fingerprint.key,
+                    resource: first.fingerprint.resource,
+                    quantities: first.fingerprint.quantities,
+                    decision: first.decision,
+                    receipt: first.receipt,
                     refunded: request.refunded,
                 }
             }),
