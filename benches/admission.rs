@@ -424,7 +424,42 @@ fn memory_report(report: &mut Report, count: usize) {
         per_key(resident_names, resident_users, keys.len()),
         resident_empty as f64 / (1 << 20) as f64,
     ));
+    memory_of_request_ids(report, &engine, active);
     memory_after_check_and_expiry(report, &engine, active, idle);
+}
+
+/// What a remembered request id takes, and what a `consume` under one costs: two requests
+/// under new ids on every key with usage (ids of a UUID's length, as gateways send), then the
+/// same again (repeats, answered with the first decision and counting nothing). Each pass
+/// timed once, as a figure to read, not a target.
+fn memory_of_request_ids(report: &mut Report, engine: &Engine, keys: &[String]) {
+    let id = |call: usize| format!("{:08x}-0000-4000-8000-{call:012x}", call % 65_521);
+    let ids = 2 * keys.len();
+    let pass = |repeat: bool| {
+        let started = Instant::now();
+        for call in 0..ids {
+            let id = id(call);
+            let request = UsageRequest::new(&keys[call % keys.len()], "m2.7", ONE_REQUEST)
+                .at(START_MS)
+                .id(&id);
+            match engine.consume_noting_replay(&request) {
+                Ok((decision, replayed)) if tally_admitted(Ok(decision)) && replayed == repeat => {}
+                other => panic!("memory: request id {id} (repeat: {repeat}): {other:?}"),
+            }
+        }
+        started.elapsed().as_secs_f64() * 1e9 / ids as f64
+    };
+    let (heap_before, resident_before) = (live_bytes(), resident_bytes());
+    let first_ns = pass(false);
+    let (heap_after, resident_after) = (live_bytes(), resident_bytes());
+    let repeat_ns = pass(true);
+    report.note(format!(
+        "memory: a remembered request id = {:.0} bytes/id (heap counted; resident {:.0} \
+         B/id) [{ids} ids]; a consume under a new id took {first_ns:.0} ns, under a repeated \
+         one {repeat_ns:.0} ns (one pass each, with the ids' formatting)",
+        per_key(heap_before, heap_after, ids),
+        per_key(resident_before, resident_after, ids),
+    ));
 }
 
 /// One request on each Plus limit: m2.7 requests, speech characters, an image, a song.
