@@ -231,11 +231,39 @@ impl<T: PerLimitItem + serde::Serialize> serde::Serialize for PerLimit<T> {
     }
 }
 
+/// Decoded in place, without a `Vec` (a repeated request id decodes its first decision).
 impl<'de, T: PerLimitItem + serde::Deserialize<'de>> serde::Deserialize<'de> for PerLimit<T> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let items: Vec<T> = serde::Deserialize::deserialize(deserializer)?;
-        PerLimit::from_slice(&items)
-            .ok_or_else(|| serde::de::Error::invalid_length(items.len(), &T::TOO_MANY))
+        struct Items<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: PerLimitItem + serde::Deserialize<'de>> serde::de::Visitor<'de> for Items<T> {
+            type Value = PerLimit<T>;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str(T::TOO_MANY)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut items: A,
+            ) -> Result<PerLimit<T>, A::Error> {
+                let mut built = PerLimit::default();
+                while let Some(item) = items.next_element::<T>()? {
+                    if usize::from(built.len) == MAX_LIMITS_PER_RESOURCE {
+                        // Counted to the end, so the error says how long the list was.
+                        let mut len = MAX_LIMITS_PER_RESOURCE + 1;
+                        while items.next_element::<T>()?.is_some() {
+                            len += 1;
+                        }
+                        return Err(serde::de::Error::invalid_length(len, &T::TOO_MANY));
+                    }
+                    built.push(item);
+                }
+                Ok(built)
+            }
+        }
+
+        deserializer.deserialize_seq(Items(std::marker::PhantomData))
     }
 }
 
@@ -1209,6 +1237,49 @@ mod tests {
         let (more, less) = quantities.differences(&Quantities::new(&[(Unit::Songs, 1)]).unwrap());
         assert_eq!(more.unit_mask(), 1 << Unit::Seconds.index());
         assert_eq!(less.unit_mask(), 0);
+    }
+
+    /// A list of up to four items decodes in place as it was encoded, in bincode and JSON; a
+    /// longer one is an error that says how long it was.
+    #[test]
+    fn a_per_limit_list_decodes_up_to_four_items_and_names_a_longer_ones_length() {
+        let status = |limit: u8| LimitStatus {
+            limit,
+            used: u64::from(limit) * 1_000,
+            amount: u64::MAX - u64::from(limit),
+            reset_at_ms: (limit % 2 == 1).then_some(7),
+        };
+        for len in 0..=MAX_LIMITS_PER_RESOURCE as u8 {
+            let items: Vec<LimitStatus> = (0..len).map(status).collect();
+            let list = LimitStatuses::from_slice(&items).expect("at most four");
+            let bytes = bincode::serialize(&list).expect("encode");
+            assert_eq!(bytes, bincode::serialize(&items).expect("encode"));
+            let decoded: LimitStatuses = bincode::deserialize(&bytes).expect("decode");
+            assert_eq!(decoded.as_slice(), &items[..]);
+            let json = serde_json::to_string(&list).expect("encode");
+            let decoded: LimitStatuses = serde_json::from_str(&json).expect("decode");
+            assert_eq!(decoded.as_slice(), &items[..]);
+        }
+        for len in [5u8, 9] {
+            let items: Vec<LimitStatus> = (0..len).map(status).collect();
+            let bytes = bincode::serialize(&items).expect("encode");
+            let json = serde_json::to_string(&items).expect("encode");
+            let errors = [
+                bincode::deserialize::<LimitStatuses>(&bytes)
+                    .expect_err("too long")
+                    .to_string(),
+                serde_json::from_str::<LimitStatuses>(&json)
+                    .expect_err("too long")
+                    .to_string(),
+            ];
+            for error in errors {
+                assert!(
+                    error.contains(&format!("invalid length {len}"))
+                        && error.contains("at most 4 limit statuses"),
+                    "{len} items: {error}"
+                );
+            }
+        }
     }
 
     /// The admission path writes one status and one hold per limit at its position and sets

@@ -45,8 +45,8 @@ pub(crate) struct RequestRecord {
     /// Where the event that logged the decision stands: a repeat answers only once it is
     /// durable.
     pub logged: LoggedAs,
-    /// `FirstUse`'s layout: the key's and the resource's lengths (u16, little-endian), their
-    /// bytes, then the quantities, the decision and the receipt (`first_use_encoding`).
+    /// `FirstUse`'s layout: the key's length (`push_length`) and bytes, the resource's, then
+    /// the quantities, the decision and the receipt (`first_use_encoding`).
     first: Box<[u8]>,
 }
 
@@ -84,8 +84,8 @@ impl<'a> FirstUse<'a> {
     /// The key and the resource, and the encoded rest (`first_use_encoding`).
     fn split(mut first: &'a [u8]) -> (&'a str, &'a str, &'a [u8]) {
         let mut text = || {
-            let len = usize::from(u16::from_le_bytes([first[0], first[1]]));
-            let (bytes, after) = first[2..].split_at(len);
+            let (len, after) = take_length(first);
+            let (bytes, after) = after.split_at(len);
             first = after;
             // Written from a `&str` by `encode_first_use`.
             std::str::from_utf8(bytes).expect("a record's key and resource are UTF-8")
@@ -123,19 +123,28 @@ impl RequestRecord {
         &self.first
     }
 
+    /// The first decision (the receipt after it left encoded).
     pub fn decision(&self) -> Decision {
-        self.first_use().decision
+        self.quantities_and_decision().1
     }
 
-    /// Whether `fingerprint` is what the id was first used for.
-    pub fn matches(&self, fingerprint: &Fingerprint<'_>) -> bool {
-        let (key, resource, rest) = FirstUse::split(&self.first);
-        key == fingerprint.key
-            && resource == fingerprint.resource
-            && first_use_encoding()
-                .allow_trailing_bytes()
-                .deserialize::<Quantities>(rest)
-                .is_ok_and(|quantities| quantities == fingerprint.quantities)
+    /// The first decision, if `fingerprint` is what the id was first used for (a repeat's
+    /// answer).
+    pub fn decision_for(&self, fingerprint: &Fingerprint<'_>) -> Option<Decision> {
+        let (key, resource, _) = FirstUse::split(&self.first);
+        if key != fingerprint.key || resource != fingerprint.resource {
+            return None;
+        }
+        let (quantities, decision) = self.quantities_and_decision();
+        (quantities == fingerprint.quantities).then_some(decision)
+    }
+
+    fn quantities_and_decision(&self) -> (Quantities, Decision) {
+        let (_, _, rest) = FirstUse::split(&self.first);
+        first_use_encoding()
+            .allow_trailing_bytes()
+            .deserialize(rest)
+            .expect("a record decodes as `encode_first_use` encoded it")
     }
 
     /// Replaces the first decision (a policy swap renumbers what it names).
@@ -151,25 +160,48 @@ fn encode_first_use(
     decision: &Decision,
     receipt: Option<&Receipt>,
 ) -> Box<[u8]> {
+    let tail = (fingerprint.quantities, decision, receipt);
+    // Sized exactly first, so the boxed slice is the buffer itself (no shrinking copy).
+    let tail_bytes = first_use_encoding()
+        .serialized_size(&tail)
+        .map_or(0, |bytes| usize::try_from(bytes).unwrap_or(0));
     let mut first = Vec::with_capacity(
-        4 + fingerprint.key.len() + fingerprint.resource.len() + FIRST_USE_TAIL_GUESS,
+        2 * LENGTH_BYTES_MAX + fingerprint.key.len() + fingerprint.resource.len() + tail_bytes,
     );
     for text in [fingerprint.key, fingerprint.resource] {
-        // Keys are at most `MAX_KEY_BYTES`; resources are the policy's names (the request was
-        // decided, so its resource is one): both far below a u16.
-        let len = u16::try_from(text.len()).expect("a key or resource name under 64 KiB");
-        first.extend_from_slice(&len.to_le_bytes());
+        push_length(&mut first, text.len());
         first.extend_from_slice(text.as_bytes());
     }
     first_use_encoding()
-        .serialize_into(&mut first, &(fingerprint.quantities, decision, receipt))
+        .serialize_into(&mut first, &tail)
         .expect("encoding into a Vec cannot fail");
     first.into_boxed_slice()
 }
 
-/// Room reserved for a record's encoded quantities, decision and receipt: an admission on two
-/// limits encodes in about 60 bytes.
-const FIRST_USE_TAIL_GUESS: usize = 96;
+/// The most bytes `push_length` writes (a `usize` in 7-bit groups).
+const LENGTH_BYTES_MAX: usize = usize::BITS.div_ceil(7) as usize;
+
+/// Appends `len` in 7-bit groups, low first, the high bit set on all but the last: any length
+/// fits (a snapshot's damaged record may name a key longer than any request could).
+fn push_length(out: &mut Vec<u8>, mut len: usize) {
+    while len >= 0x80 {
+        out.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+}
+
+/// Reads what `push_length` wrote at the front of `bytes`: the length and the rest.
+fn take_length(bytes: &[u8]) -> (usize, &[u8]) {
+    let mut len = 0usize;
+    for (index, &byte) in bytes.iter().enumerate() {
+        len |= usize::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return (len, &bytes[index + 1..]);
+        }
+    }
+    unreachable!("a record's lengths end in a byte without the high bit (`push_length`)")
+}
 
 /// Where the event that logged a first decision stands in the log. Answering a repeat of the
 /// request id is an acknowledgement too, so it waits until that event is durable, and answers
@@ -469,8 +501,8 @@ impl RequestTable {
         fingerprint: &Fingerprint<'_>,
     ) -> Option<Result<(Decision, Option<LoggedAs>), Error>> {
         let record = shard.records.get(request_id)?;
-        Some(if record.matches(fingerprint) {
-            Ok((record.decision(), Some(record.logged.clone())))
+        Some(if let Some(decision) = record.decision_for(fingerprint) {
+            Ok((decision, Some(record.logged.clone())))
         } else {
             Err(Error::RequestIdConflict {
                 request_id: request_id.into(),
@@ -506,10 +538,12 @@ impl RequestTable {
         self.give_back_places(dropped);
         match shard.records.get(request_id) {
             None => Ok(None),
-            Some(record) if record.matches(fingerprint) => Ok(Some(record.decision())),
-            Some(_) => Err(Error::RequestIdConflict {
-                request_id: request_id.into(),
-            }),
+            Some(record) => match record.decision_for(fingerprint) {
+                Some(decision) => Ok(Some(decision)),
+                None => Err(Error::RequestIdConflict {
+                    request_id: request_id.into(),
+                }),
+            },
         }
     }
 
@@ -536,7 +570,12 @@ impl RequestTable {
     /// the plans, limits and resources decisions name: `Decision::in_policy`).
     pub fn rename_decisions(shard: &mut Shard, rename: impl Fn(&Decision) -> Decision) {
         for record in shard.records.values_mut() {
-            record.set_decision(&rename(&record.decision()));
+            let decision = record.decision();
+            let renamed = rename(&decision);
+            // Most name nothing the swap renumbered: left as they are.
+            if renamed != decision {
+                record.set_decision(&renamed);
+            }
         }
     }
 
@@ -769,13 +808,18 @@ mod tests {
             (crate::policy::Unit::Seconds, 1 << 40),
         ])
         .expect("valid quantities");
-        let key = "k".repeat(MAX_KEY_BYTES);
-        let fingerprint = Fingerprint {
-            key: &key,
-            resource: "music-2.6",
-            quantities,
-        };
-        for receipt in [Some(receipt), None] {
+        // Lengths of one, two and three 7-bit groups (no request names a key past
+        // `MAX_KEY_BYTES`, but a damaged snapshot's record may).
+        for (key, receipt) in [
+            ("k".repeat(MAX_KEY_BYTES - 1), Some(receipt)),
+            ("k".repeat(MAX_KEY_BYTES), None),
+            ("k".repeat(70_000), Some(receipt)),
+        ] {
+            let fingerprint = Fingerprint {
+                key: &key,
+                resource: "music-2.6",
+                quantities,
+            };
             let record = RequestRecord::new(
                 5,
                 &fingerprint,
@@ -788,6 +832,7 @@ mod tests {
             assert_eq!(first.decision, decision);
             assert_eq!(first.receipt, receipt);
             assert_eq!(record.decision(), decision);
+            assert_eq!(record.decision_for(&fingerprint), Some(decision));
             assert_eq!(FirstUse::decode(record.encoded_first_use()), first);
             assert!(!record.refunded);
             assert_eq!(record.arrived_ms, 5);
@@ -807,7 +852,7 @@ mod tests {
             quantities: quantities(1),
         };
         let record = RequestRecord::new(0, &own, &decision, Some(&receipt), LoggedAs::Durable);
-        assert!(record.matches(&own));
+        assert_eq!(record.decision_for(&own), Some(decision));
         let others = [
             Fingerprint { key: "tp-2", ..own },
             Fingerprint {
@@ -839,7 +884,11 @@ mod tests {
             },
         ];
         for other in others {
-            assert!(!record.matches(&other), "{other:?} matched {own:?}");
+            assert_eq!(
+                record.decision_for(&other),
+                None,
+                "{other:?} matched {own:?}"
+            );
         }
     }
 

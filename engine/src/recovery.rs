@@ -1741,6 +1741,30 @@ impl Engine {
         // ahead: `RequestTable::restore`), not one per id.
         let now_ms = self.now_ms();
         for request in &snapshot.requests {
+            // Longer than any request could name: damage (the crc sound).
+            let too_long = [
+                (
+                    "id",
+                    request.id.len(),
+                    crate::idempotency::MAX_REQUEST_ID_BYTES,
+                ),
+                ("key", request.key.len(), crate::accounts::MAX_KEY_BYTES),
+                (
+                    "resource",
+                    request.resource.len(),
+                    crate::policy::MAX_NAME_BYTES,
+                ),
+            ]
+            .into_iter()
+            .find(|&(_, len, most)| len > most);
+            if let Some((what, len, most)) = too_long {
+                return Err(storage(format!(
+                    "snapshot {}: request id {:?}: its {what} is {len} bytes, more than the \
+                     {most} a request may name",
+                    snapshot.seq,
+                    request.id.chars().take(64).collect::<String>()
+                )));
+            }
             if let Some(why) = request.receipt.as_ref().and_then(unreadable) {
                 return Err(storage(format!(
                     "snapshot {}: request id {:?}: {why}",
@@ -3419,6 +3443,58 @@ mod tests {
                 replayed.next_reservation, stored.next_reservation
             )
         );
+    }
+
+    /// A snapshot's request id whose id, key or resource is longer than any request may name
+    /// (its crc sound: damage a crc does not catch) is refused at open, naming the snapshot,
+    /// the id and the field. It had panicked the open: the record encoded both lengths as u16s
+    /// and `expect`ed that they fit (found in review).
+    #[test]
+    fn a_snapshot_request_named_longer_than_a_request_may_is_refused() {
+        for (field, len) in [
+            ("key", 129),
+            ("key", 70_000),
+            ("resource", 65),
+            ("resource", 70_000),
+            ("id", 129),
+        ] {
+            let dir = fresh_dir(&format!("long-request-{field}-{len}"));
+            let engine = seated_on_disk(&dir, "Max", OpenOptions::default());
+            assert!(engine
+                .consume(&m27("tp-u", 1, T0).id("retried"))
+                .expect("valid")
+                .is_admitted());
+            let latest = engine.checkpoint().expect("a snapshot");
+            drop(engine);
+            rewrite_snapshot(&dir, latest, |snapshot| {
+                let request = snapshot.requests.first_mut().expect("the id's record");
+                let long = "r".repeat(len);
+                match field {
+                    "key" => request.key = long,
+                    "resource" => request.resource = long,
+                    _ => request.id = long,
+                }
+            });
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Engine::open(
+                    &dir,
+                    Policy::token_plan(),
+                    Arc::new(ManualClock::new(T0)),
+                    OpenOptions::default(),
+                )
+                .map(drop)
+            }));
+            let Ok(Err(error)) = opened else {
+                panic!("{field} of {len} bytes: the open did not refuse: {opened:?}");
+            };
+            let text = error.to_string();
+            assert!(
+                text.contains(&format!("its {field} is {len} bytes"))
+                    && text.contains(&format!("snapshot {latest}")),
+                "{field} of {len} bytes: {text}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     /// A latest snapshot the restore refuses (its crc sound) is reported as the snapshot's
