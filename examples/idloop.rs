@@ -4,15 +4,12 @@
 //! length, as gateways send), then the same IDS again (repeats: each answered with its first
 //! decision, counting nothing). Prints the time per call of each pass and the resident memory
 //! the remembered ids added, per id.
-//! `cargo run --release --example idloop -- KEYS IDS [memory|none]`
+//! `cargo run --release --example idloop -- KEYS IDS [memory|none|sync]`
 //! (defaults 100000, 1000000, memory; `memory` opens no log at all, `none` logs every decision
 //! without an fsync).
 use std::time::Instant;
 
-use tally_engine::*;
-
 mod support;
-use support::{BASE_MS, QUANTITIES};
 
 /// The process's resident set, in bytes (Linux).
 fn resident_bytes() -> u64 {
@@ -26,28 +23,14 @@ fn resident_bytes() -> u64 {
 }
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut number = |default: usize, what: &str| {
-        args.next()
-            .map_or(default, |text| text.parse().expect(what))
-    };
-    let keys = number(100_000, "KEYS").max(1);
-    let ids = number(1_000_000, "IDS") as u64;
-    let mode = std::env::args().nth(3).unwrap_or_else(|| "memory".into());
-    let dir = std::env::temp_dir().join(format!("tally-idloop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let durability = match mode.as_str() {
-        "memory" => None,
-        "none" => Some(Durability::None),
-        other => panic!("mode {other:?}: memory or none"),
-    };
-    let engine = support::engine(&dir, durability);
+    let mut args = support::Args::from_env();
+    let keys = args.number(100_000, "KEYS").max(1);
+    let ids = args.number(1_000_000, "IDS") as u64;
+    let mode = args.word("memory");
+    let dir = support::scratch_dir("idloop");
+    let engine = support::engine(&dir, support::durability(&mode));
     let names = support::seated_keys(&engine, keys);
-    // One millisecond per thousand calls, as the durability bench's timeline.
-    let request = |call: u64| {
-        UsageRequest::new(&names[(call % keys as u64) as usize], "m2.7", &QUANTITIES)
-            .at(BASE_MS + call / 1_000)
-    };
+    let request = |call: u64| support::request(&names, call);
     for call in 0..keys as u64 {
         let decision = engine.consume(&request(call)).expect("warm-up");
         assert!(decision.is_admitted(), "every request must be admitted");

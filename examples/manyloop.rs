@@ -9,39 +9,23 @@ use std::time::Instant;
 use tally_engine::*;
 
 mod support;
-use support::{BASE_MS, QUANTITIES};
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut number = |default: usize, what: &str| {
-        args.next()
-            .map_or(default, |text| text.parse().expect(what))
-    };
-    let keys = number(100_000, "KEYS");
-    let batch = number(1_000, "BATCH").max(1);
-    let batches = number(2_000, "BATCHES");
-    let mode = std::env::args().nth(4).unwrap_or_else(|| "none".into());
-    let dir = std::env::temp_dir().join(format!("tally-manyloop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let durability = match mode.as_str() {
-        "memory" => None,
-        "none" => Some(Durability::None),
-        "sync" => Some(Durability::Sync),
-        other => panic!("mode {other:?}: none, sync or memory"),
-    };
-    let engine = support::engine(&dir, durability);
+    let mut args = support::Args::from_env();
+    let keys = args.number(100_000, "KEYS");
+    let batch = args.number(1_000, "BATCH").max(1);
+    let batches = args.number(2_000, "BATCHES");
+    let mode = args.word("none");
+    let dir = support::scratch_dir("manyloop");
+    let engine = support::engine(&dir, support::durability(&mode));
     let names = support::seated_keys(&engine, keys);
-    let quantities = QUANTITIES;
-    // One millisecond per thousand events, as the durability bench's timeline.
     let run = |first: u64, count: u64| {
         let mut requests = Vec::with_capacity(batch);
         let mut index = first;
         while index < first + count {
             requests.clear();
-            requests.extend((index..index + batch as u64).map(|event| {
-                UsageRequest::new(&names[(event % keys as u64) as usize], "m2.7", &quantities)
-                    .at(BASE_MS + event / 1_000)
-            }));
+            requests
+                .extend((index..index + batch as u64).map(|event| support::request(&names, event)));
             let admitted = engine
                 .consume_many(&requests)
                 .into_iter()

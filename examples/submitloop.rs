@@ -10,33 +10,17 @@ use std::time::Instant;
 use tally_engine::*;
 
 mod support;
-use support::{BASE_MS, QUANTITIES};
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let mut number = |default: usize, what: &str| {
-        args.next()
-            .map_or(default, |text| text.parse().expect(what))
-    };
-    let keys = number(100_000, "KEYS").max(1);
-    let in_flight = number(1_000, "IN_FLIGHT");
-    let events = number(2_000_000, "EVENTS") as u64;
-    let mode = std::env::args().nth(4).unwrap_or_else(|| "sync".into());
-    let dir = std::env::temp_dir().join(format!("tally-submitloop-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let durability = match mode.as_str() {
-        "memory" => None,
-        "none" => Some(Durability::None),
-        "sync" => Some(Durability::Sync),
-        other => panic!("mode {other:?}: none, sync or memory"),
-    };
-    let engine = support::engine(&dir, durability);
+    let mut args = support::Args::from_env();
+    let keys = args.number(100_000, "KEYS").max(1);
+    let in_flight = args.number(1_000, "IN_FLIGHT");
+    let events = args.number(2_000_000, "EVENTS") as u64;
+    let mode = args.word("sync");
+    let dir = support::scratch_dir("submitloop");
+    let engine = support::engine(&dir, support::durability(&mode));
     let names = support::seated_keys(&engine, keys);
-    // One millisecond per thousand events, as the durability bench's timeline.
-    let request = |event: u64| {
-        UsageRequest::new(&names[(event % keys as u64) as usize], "m2.7", &QUANTITIES)
-            .at(BASE_MS + event / 1_000)
-    };
+    let request = |event: u64| support::request(&names, event);
     let complete = |submitted: Submitted<'_, '_>| {
         let (decision, _) = submitted.complete().expect("complete");
         assert!(decision.is_admitted(), "every request must be admitted");

@@ -1,6 +1,9 @@
-//! What the profiling loops (`cutloop`, `manyloop`) share: the durability benchmark's plan
-//! (two limits, far above anything they consume) and a database of seated keys.
-use std::path::Path;
+//! What the profiling loops (`cutloop`, `manyloop`, `submitloop`, `idloop`, ...) share: the
+//! durability benchmark's plan (two limits, far above anything they consume), a database of
+//! seated keys, and (for the loops that take a mode) the log mode and a scratch directory.
+// Each loop compiles this module on its own and uses part of it.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tally_engine::*;
@@ -49,4 +52,55 @@ pub fn seated_keys(engine: &Engine, keys: usize) -> Vec<String> {
             .expect("seat");
     }
     names
+}
+
+/// A loop's log mode, from its last argument: `memory` (no log at all), `none` (every event
+/// logged, no fsync) or `sync`.
+pub fn durability(mode: &str) -> Option<Durability> {
+    match mode {
+        "memory" => None,
+        "none" => Some(Durability::None),
+        "sync" => Some(Durability::Sync),
+        other => panic!("mode {other:?}: none, sync or memory"),
+    }
+}
+
+/// A fresh directory for loop `name`'s database, in the temp dir (one per process); the loop
+/// removes it when it ends.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tally-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The loops' request number `index`: the keys in sequence, stamped one millisecond per
+/// thousand requests (the durability bench's timeline).
+pub fn request(names: &[String], index: u64) -> UsageRequest<'_> {
+    UsageRequest::new(
+        &names[(index % names.len() as u64) as usize],
+        "m2.7",
+        &QUANTITIES,
+    )
+    .at(BASE_MS + index / 1_000)
+}
+
+/// A loop's arguments, in order: numbers, then its mode, each with a default.
+pub struct Args(std::iter::Skip<std::env::Args>);
+
+impl Args {
+    pub fn from_env() -> Args {
+        Args(std::env::args().skip(1))
+    }
+
+    /// The next argument as a number (`what` names it when it is not one), or `default`.
+    pub fn number(&mut self, default: usize, what: &str) -> usize {
+        self.0
+            .next()
+            .map_or(default, |text| text.parse().expect(what))
+    }
+
+    /// The next argument as it is, or `default`.
+    pub fn word(&mut self, default: &str) -> String {
+        self.0.next().unwrap_or_else(|| default.into())
+    }
 }
