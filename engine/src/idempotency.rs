@@ -35,7 +35,7 @@ pub(crate) struct Fingerprint<'a> {
 /// the decision and its receipt) is kept encoded in one allocation (`first`), decoded only
 /// when a repeat, a refund, a policy swap or a snapshot needs it. Decoded, a `Decision` alone
 /// is 264 bytes and a `Receipt` 128: records that held them so took 1.5 KB per id resident
-/// (`examples/idloop`), against about 390 bytes encoded.
+/// (`examples/idloop`), records kept so about 390 bytes.
 #[derive(Debug)]
 pub(crate) struct RequestRecord {
     /// The request's own timestamp, which snapshots carry (the id is forgotten the horizon
@@ -747,9 +747,10 @@ mod tests {
         }
     }
 
-    /// A decision and a receipt with every part a record encodes: four limits' statuses,
-    /// counts at both ends of the varints, a denial's reason and remedies.
-    fn full_decision() -> (Decision, Receipt) {
+    /// Two decisions (admitted, and denied with a reason and remedies) and a receipt with
+    /// every part a record encodes: four limits' statuses or holds, counts at both ends of the
+    /// varints.
+    fn full_decisions() -> ([Decision; 2], Receipt) {
         use crate::admission::{
             Admission, ChargedTo, Denial, LimitStatus, LimitStatuses, PerLimit, Remedies,
         };
@@ -797,12 +798,12 @@ mod tests {
             generation: u32::MAX,
             holds: PerLimit::from_slice(&holds).expect("four holds"),
         };
-        (admitted, receipt)
+        ([admitted, denied], receipt)
     }
 
     #[test]
     fn a_record_gives_back_exactly_what_it_was_made_of() {
-        let (decision, receipt) = full_decision();
+        let (decisions, receipt) = full_decisions();
         let quantities = Quantities::new(&[
             (crate::policy::Unit::Songs, 1),
             (crate::policy::Unit::Seconds, 1 << 40),
@@ -810,13 +811,16 @@ mod tests {
         .expect("valid quantities");
         // Lengths of one, two and three 7-bit groups (no request names a key past
         // `MAX_KEY_BYTES`, but a damaged snapshot's record may).
-        for (key, receipt) in [
+        let cases = [
             ("k".repeat(MAX_KEY_BYTES - 1), Some(receipt)),
             ("k".repeat(MAX_KEY_BYTES), None),
             ("k".repeat(70_000), Some(receipt)),
-        ] {
+        ];
+        for ((key, receipt), decision) in cases.iter().flat_map(|case| decisions.map(|d| (case, d)))
+        {
+            let receipt = *receipt;
             let fingerprint = Fingerprint {
-                key: &key,
+                key,
                 resource: "music-2.6",
                 quantities,
             };
@@ -842,7 +846,7 @@ mod tests {
 
     #[test]
     fn a_record_matches_only_its_own_key_resource_and_quantities() {
-        let (decision, receipt) = full_decision();
+        let ([decision, _], receipt) = full_decisions();
         let quantities = |requests| {
             Quantities::new(&[(crate::policy::Unit::Requests, requests)]).expect("valid")
         };
@@ -894,7 +898,7 @@ mod tests {
 
     #[test]
     fn a_records_new_decision_keeps_its_fingerprint_and_receipt() {
-        let (decision, receipt) = full_decision();
+        let ([decision, _], receipt) = full_decisions();
         let own = Fingerprint {
             key: "tp-1",
             resource: "m2.7",

@@ -618,7 +618,6 @@ impl RawCut {
         self.slots.extend_from_slice(&helper.slots);
         let first_use_base = self.first_uses.len();
         self.first_uses.extend_from_slice(&helper.first_uses);
-        helper.first_uses.clear();
         self.requests
             .extend(helper.requests.drain(..).map(|request| RawRequest {
                 id: shift(request.id),
