@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import tally
+from conftest import UNBOUNDED, T, seated
 from tally import _native
 
 REPOSITORY = Path(__file__).resolve().parents[3]
@@ -170,3 +171,20 @@ def test_every_function_is_called_without_the_gil():
     assert type(_native.lib) is ctypes.CDLL
     for name in _native.SIGNATURES:
         assert not getattr(_native.lib, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI, name
+
+
+def test_only_a_handle_the_library_just_gave_is_wrapped():
+    # A pointer from anywhere else (here a live engine's and submission's own, copied) would
+    # reach the library as a handle, where a wrong one crashes the process: the constructors
+    # refuse it before any call, and the originals stay usable.
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        forged = ctypes.c_void_p(engine._handle.value)
+        with pytest.raises(TypeError, match="use Engine.open or Engine.in_memory"):
+            tally.Engine(forged)
+        with pytest.raises(TypeError, match="use Engine.open or Engine.in_memory"):
+            tally.Engine(forged, object())
+        key = seated(engine, "ann", "tp-ann-1", "Plus")
+        submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+        with pytest.raises(TypeError, match="use Engine.submit"):
+            tally.Submission(engine, ctypes.c_void_p(submission._handle.value))
+        assert submission.complete().admitted

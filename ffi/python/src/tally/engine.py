@@ -171,6 +171,10 @@ def _close_open_engines() -> None:
         engine._close_native()  # any error is dropped: the process is exiting
 
 
+# Passed by the methods that just got a handle from the library (`Engine.open`,
+# `Engine.in_memory`, `Engine.submit`) to the constructors, which refuse any other caller.
+_LIBRARY = object()
+
 _FORKED = (
     "engine: this process was forked from the one that opened it; a forked copy has none of "
     "the engine's threads and shares its files (and counts apart from it): open the database "
@@ -210,9 +214,11 @@ class Engine:
     ``ClosedError`` and ``close()`` does nothing; open the database in each process instead
     (one at a time: a database is open in one engine at once)."""
 
-    def __init__(self, handle: ctypes.c_void_p) -> None:
+    def __init__(self, handle: ctypes.c_void_p, _made_by: object = None) -> None:
         """Use ``Engine.open`` or ``Engine.in_memory``."""
-        if not isinstance(handle, ctypes.c_void_p) or not handle.value:
+        # Only a handle the library just gave back: any other pointer, passed on to the
+        # library, would crash the process rather than raise.
+        if _made_by is not _LIBRARY or not isinstance(handle, ctypes.c_void_p) or not handle.value:
             raise TypeError("use Engine.open or Engine.in_memory to create an engine")
         # None in a process forked from the one that opened it (`_abandon_engines_in_child`).
         self._native_handle: ctypes.c_void_p | None = handle
@@ -272,7 +278,7 @@ class Engine:
                     ctypes.byref(handle),
                 )
             )
-        return cls(handle)
+        return cls(handle, _LIBRARY)
 
     @classmethod
     def in_memory(cls, policy: PolicyLike = None, *, options: Options | None = None) -> Engine:
@@ -286,7 +292,7 @@ class Engine:
                     source, document, document_len, native_options, ctypes.byref(handle)
                 )
             )
-        return cls(handle)
+        return cls(handle, _LIBRARY)
 
     def close(self) -> None:
         """Closes the engine (checkpoint, flush, release the database lock). Idempotent: a
@@ -389,7 +395,7 @@ class Engine:
                 self._handle, ctypes.byref(request), ctypes.byref(handle)
             )
         )
-        return Submission(self, handle)
+        return Submission(self, handle, _LIBRARY)
 
     def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
@@ -832,11 +838,12 @@ class Submission:
     is collected uncompleted keeps its effect, unacknowledged (its memory is freed then).
     Keeps its engine alive."""
 
-    def __init__(self, engine: Engine, handle: ctypes.c_void_p) -> None:
+    def __init__(self, engine: Engine, handle: ctypes.c_void_p, _made_by: object = None) -> None:
         """Use ``Engine.submit``."""
-        if not isinstance(engine, Engine) or not isinstance(handle, ctypes.c_void_p):
+        # As `Engine.__init__`: only a handle `Engine.submit` just got from the library.
+        if _made_by is not _LIBRARY or not isinstance(engine, Engine):
             raise TypeError("use Engine.submit to make a submission")
-        if not handle.value:
+        if not isinstance(handle, ctypes.c_void_p) or not handle.value:
             raise TypeError("use Engine.submit to make a submission")
         self._engine = engine
         self._handle = handle
