@@ -650,7 +650,8 @@ tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
 // `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
 // (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
 // recorded ones), or NULL for the defaults; they are read during the call only. Without an
-// explicit timestamp the engine uses the system clock.
+// explicit timestamp the engine uses its clock: the system clock, or one of its own that
+// `tally_engine_set_clock` moves (`tally_options_set_manual_clock`).
 //
 // Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
 // range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
@@ -697,6 +698,25 @@ tally_status tally_engine_close(const struct tally_engine *engine);
 // moment this is called: a call racing or following free, or a second free, is undefined
 // behaviour like any use after free.
 void tally_engine_free(struct tally_engine *engine);
+
+// Moves the engine's own clock (`tally_options_set_manual_clock`) to `now_ms` (milliseconds
+// since the Unix epoch, UTC), forward or back: from then on `TALLY_NOW` is that time, and so
+// is "now" for how far ahead a stamp may be, how long request ids are remembered, and when
+// leases end and idle keys are freed on their own (checked on the next call that looks).
+// Usage already counted stays counted: a clock moved back releases no quota early.
+//
+// Errors: `TALLY_INVALID_ARGUMENT` if the engine reads the system clock (the last error says
+// so, naming `engine`), or `now_ms` is 0 or at or after 2100-01-01T00:00:00Z (naming
+// `now_ms`); `TALLY_CLOSED`, `TALLY_NULL_POINTER`. The clock is unchanged on error.
+tally_status tally_engine_set_clock(const struct tally_engine *engine,
+                                    uint64_t now_ms);
+
+// Writes the time the engine's clock reads now (milliseconds since the Unix epoch, UTC) to
+// `*now_ms_out`: the system clock's, or the engine's own (`tally_engine_set_clock`).
+//
+// Errors: `TALLY_CLOSED`, `TALLY_NULL_POINTER`; `*now_ms_out` is not written then.
+tally_status tally_engine_clock(const struct tally_engine *engine,
+                                uint64_t *now_ms_out);
 
 // Creates a user, their Default Team (named `@` + user) and their plan key in it. The key has
 // no resources until a seat is assigned or the team has credits.
@@ -942,6 +962,19 @@ tally_status tally_options_set_retention_ms(struct tally_options *options,
 // Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
 tally_status tally_options_set_use_recorded(struct tally_options *options,
                                             bool use_recorded);
+
+// Gives each engine opened with these options a clock of its own that stands at `start_ms`
+// (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
+// it, instead of the system clock: for tests, simulations and replays, which then control
+// every time the engine reads (`TALLY_NOW`, how far ahead of the clock a stamp may be, how
+// long request ids are remembered, when leases end and idle keys are freed). 0 gives engines
+// the system clock again (the default). `tally_verify` reads no clock and ignores it.
+//
+// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if `start_ms`
+// is at or after 2100-01-01T00:00:00Z (the last error names `start_ms`), leaving the options
+// as they were.
+tally_status tally_options_set_manual_clock(struct tally_options *options,
+                                            uint64_t start_ms);
 
 // Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 // "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",

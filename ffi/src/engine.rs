@@ -2,16 +2,15 @@
 //! keys, seats, credits and policy swaps.
 
 use std::ffi::c_char;
-use std::sync::Arc;
 
-use ::tally_engine::{Durability, Engine, OpenOptions, Policy, SystemClock};
+use ::tally_engine::{Durability, Engine, OpenOptions, Policy};
 
 use crate::checks::{
     text, Out, TALLY_MAX_DOCUMENT_BYTES, TALLY_MAX_ID_BYTES, TALLY_MAX_NAME_BYTES,
 };
 use crate::decision::at;
 use crate::handle::{free_boxed, tally_engine, to_boxed_ptr, try_ref, EngineHandle};
-use crate::options::{open_options, tally_options};
+use crate::options::{clock_time, open_options, tally_options};
 use crate::panic::boundary;
 use crate::status::{tally_status, Failure};
 
@@ -129,7 +128,8 @@ fn durability(mode: u32, interval_ms: u32) -> Result<Durability, Failure> {
 /// `TALLY_DURABILITY_INTERVAL`. `options` are the engine's and the database's options
 /// (`tally_options_new`; with `tally_options_set_use_recorded`, an existing database's
 /// recorded ones), or NULL for the defaults; they are read during the call only. Without an
-/// explicit timestamp the engine uses the system clock.
+/// explicit timestamp the engine uses its clock: the system clock, or one of its own that
+/// `tally_engine_set_clock` moves (`tally_options_set_manual_clock`).
 ///
 /// Errors: `TALLY_INVALID_ARGUMENT` (an interval out of 1..=60,000 ms, or an option out of
 /// range; the last error names it), `TALLY_DATABASE_LOCKED` (open elsewhere),
@@ -154,11 +154,12 @@ pub extern "C" fn tally_engine_open(
         let out = Out::new("engine_out", engine_out)?;
         let path = text("path", path, path_len, TALLY_MAX_DOCUMENT_BYTES)?;
         let durability = durability(durability_mode, interval_ms)?;
+        let settings = open_options(options)?;
+        let (clock, manual_clock) = settings.clock();
         let options = OpenOptions {
             durability,
-            ..open_options(options)?
+            ..settings.open
         };
-        let clock = Arc::new(SystemClock);
         // The engine calls the interval's range error "durability"; the C argument is
         // `interval_ms`.
         let named = |error| Failure::naming(error, "durability", "interval_ms");
@@ -170,7 +171,10 @@ pub extern "C" fn tally_engine_open(
             let policy = load_policy(policy_source, policy, policy_len)?;
             Engine::open(path, policy, clock, options).map_err(named)?
         };
-        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
+        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(
+            engine,
+            manual_clock,
+        )));
         Ok(())
     })
 }
@@ -194,10 +198,14 @@ pub extern "C" fn tally_engine_open_in_memory(
 ) -> tally_status {
     boundary(|| {
         let out = Out::new("engine_out", engine_out)?;
-        let options = open_options(options)?;
+        let settings = open_options(options)?;
         let policy = load_policy(policy_source, policy, policy_len)?;
-        let engine = Engine::new(policy, Arc::new(SystemClock), options.engine)?;
-        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(engine)));
+        let (clock, manual_clock) = settings.clock();
+        let engine = Engine::new(policy, clock, settings.open.engine)?;
+        out.set(to_boxed_ptr::<tally_engine>(EngineHandle::new(
+            engine,
+            manual_clock,
+        )));
         Ok(())
     })
 }
@@ -228,6 +236,53 @@ pub extern "C" fn tally_engine_free(engine: *mut tally_engine) {
         free_boxed(engine);
         Ok(())
     });
+}
+
+/// Moves the engine's own clock (`tally_options_set_manual_clock`) to `now_ms` (milliseconds
+/// since the Unix epoch, UTC), forward or back: from then on `TALLY_NOW` is that time, and so
+/// is "now" for how far ahead a stamp may be, how long request ids are remembered, and when
+/// leases end and idle keys are freed on their own (checked on the next call that looks).
+/// Usage already counted stays counted: a clock moved back releases no quota early.
+///
+/// Errors: `TALLY_INVALID_ARGUMENT` if the engine reads the system clock (the last error says
+/// so, naming `engine`), or `now_ms` is 0 or at or after 2100-01-01T00:00:00Z (naming
+/// `now_ms`); `TALLY_CLOSED`, `TALLY_NULL_POINTER`. The clock is unchanged on error.
+#[no_mangle]
+pub extern "C" fn tally_engine_set_clock(engine: *const tally_engine, now_ms: u64) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        handle.with(|open| {
+            let clock = open.manual_clock.as_ref().ok_or_else(system_clock)?;
+            clock.set_ms(clock_time("now_ms", now_ms)?);
+            Ok(())
+        })
+    })
+}
+
+/// Writes the time the engine's clock reads now (milliseconds since the Unix epoch, UTC) to
+/// `*now_ms_out`: the system clock's, or the engine's own (`tally_engine_set_clock`).
+///
+/// Errors: `TALLY_CLOSED`, `TALLY_NULL_POINTER`; `*now_ms_out` is not written then.
+#[no_mangle]
+pub extern "C" fn tally_engine_clock(
+    engine: *const tally_engine,
+    now_ms_out: *mut u64,
+) -> tally_status {
+    boundary(|| {
+        let out = Out::new("now_ms_out", now_ms_out)?;
+        let handle = try_ref(engine)?;
+        let now_ms = handle.with(|open| Ok(open.engine.now_ms()))?;
+        out.set(now_ms);
+        Ok(())
+    })
+}
+
+fn system_clock() -> Failure {
+    Failure::new(
+        tally_status::TALLY_INVALID_ARGUMENT,
+        "engine: it reads the system clock, which only the system sets; open it with \
+         tally_options_set_manual_clock for a clock of its own",
+    )
 }
 
 fn id<'a>(field: &str, ptr: *const c_char, len: usize) -> Result<&'a str, Failure> {

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 
-use ::tally_engine::{Engine, Policy};
+use ::tally_engine::{Engine, ManualClock, Policy};
 use crossbeam_utils::sync::ShardedLock;
 
 use crate::status::{tally_status, Failure};
@@ -86,6 +86,9 @@ pub(crate) struct Open {
     /// engine's policy lock on the hot path. Every swap goes through this handle and holds it
     /// exclusively, so it is always the policy the engine decides with.
     pub policy: Arc<Policy>,
+    /// The engine's clock when it is its own (`tally_options_set_manual_clock`), for
+    /// `tally_engine_set_clock` to move; `None`: the system clock.
+    pub manual_clock: Option<Arc<ManualClock>>,
 }
 
 pub(crate) struct EngineHandle {
@@ -122,10 +125,14 @@ fn closed() -> Failure {
 }
 
 impl EngineHandle {
-    pub fn new(engine: Engine) -> EngineHandle {
+    pub fn new(engine: Engine, manual_clock: Option<Arc<ManualClock>>) -> EngineHandle {
         let policy = engine.policy();
         EngineHandle {
-            state: ShardedLock::new(Some(Open { engine, policy })),
+            state: ShardedLock::new(Some(Open {
+                engine,
+                policy,
+                manual_clock,
+            })),
             poisoned: AtomicBool::new(false),
         }
     }

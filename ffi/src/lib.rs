@@ -55,7 +55,7 @@ pub use submission::*;
 /// itself (with injected storage faults, a manual clock, ...) in a C handle.
 #[doc(hidden)]
 pub fn handle_from_engine(engine: ::tally_engine::Engine) -> *mut tally_engine {
-    handle::to_boxed_ptr::<tally_engine>(handle::EngineHandle::new(engine))
+    handle::to_boxed_ptr::<tally_engine>(handle::EngineHandle::new(engine, None))
 }
 
 /// The library's major version; agrees with Cargo's (checked at compile time).

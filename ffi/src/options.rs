@@ -3,7 +3,11 @@
 //! `OpenOptions::validate`), so the call that was wrong is the one that fails; the open
 //! functions check them all again.
 
-use ::tally_engine::OpenOptions;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use ::tally_engine::calendar::MAX_TIMESTAMP_MS;
+use ::tally_engine::{Clock, ManualClock, OpenOptions, SystemClock};
 
 use crate::checks::Out;
 use crate::handle::{free_boxed, to_boxed_ptr, try_mut, try_ref, Castable};
@@ -55,16 +59,63 @@ pub struct tally_options {
 }
 
 impl Castable for tally_options {
-    type RustType = OpenOptions;
+    type RustType = Settings;
     const NAME: &'static str = "options";
 }
 
+/// What a `tally_options` holds: the engine's and the database's options, and which clock the
+/// engines opened with them read.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settings {
+    pub open: OpenOptions,
+    /// `Some(start)`: each engine opened gets a clock of its own, at `start` until
+    /// `tally_engine_set_clock` moves it; `None`: the system clock.
+    pub manual_clock_ms: Option<u64>,
+}
+
+impl Deref for Settings {
+    type Target = OpenOptions;
+
+    fn deref(&self) -> &OpenOptions {
+        &self.open
+    }
+}
+
+impl Settings {
+    /// The clock for one engine to read, and the handle to move it by when it is manual.
+    pub fn clock(&self) -> (Arc<dyn Clock>, Option<Arc<ManualClock>>) {
+        match self.manual_clock_ms {
+            None => (Arc::new(SystemClock), None),
+            Some(start_ms) => {
+                let clock = Arc::new(ManualClock::new(start_ms));
+                (Arc::clone(&clock) as Arc<dyn Clock>, Some(clock))
+            }
+        }
+    }
+}
+
 /// The options of an open: `options`' values, or the defaults for NULL.
-pub(crate) fn open_options(options: *const tally_options) -> Result<OpenOptions, Failure> {
+pub(crate) fn open_options(options: *const tally_options) -> Result<Settings, Failure> {
     if options.is_null() {
-        return Ok(OpenOptions::default());
+        return Ok(Settings::default());
     }
     Ok(try_ref(options)?.clone())
+}
+
+/// Checks a time a manual clock is set to (`field` names it): a timestamp tally accepts,
+/// after the epoch (0 is `TALLY_NOW`) and before 2100-01-01T00:00:00Z.
+pub(crate) fn clock_time(field: &str, ms: u64) -> Result<u64, Failure> {
+    if ms == 0 || ms >= MAX_TIMESTAMP_MS {
+        return Err(Failure::new(
+            tally_status::TALLY_INVALID_ARGUMENT,
+            format!(
+                "{field}: {ms} is out of range: allowed are 1 to {} (milliseconds since \
+                 1970-01-01T00:00:00Z, before 2100-01-01T00:00:00Z)",
+                MAX_TIMESTAMP_MS - 1
+            ),
+        ));
+    }
+    Ok(ms)
 }
 
 /// The options of a verify: `options`' values, or for NULL the database's recorded options
@@ -77,7 +128,7 @@ pub(crate) fn verify_options(options: *const tally_options) -> Result<OpenOption
             ..OpenOptions::default()
         });
     }
-    Ok(try_ref(options)?.clone())
+    Ok(try_ref(options)?.open.clone())
 }
 
 /// Changes one option, checked at once: a value out of range leaves the options as they were.
@@ -86,10 +137,10 @@ pub(crate) fn verify_options(options: *const tally_options) -> Result<OpenOption
 fn set(options: *mut tally_options, change: impl FnOnce(&mut OpenOptions)) -> tally_status {
     boundary(|| {
         let options = try_mut(options)?;
-        let mut changed = options.clone();
+        let mut changed = options.open.clone();
         change(&mut changed);
         changed.validate()?;
-        *options = changed;
+        options.open = changed;
         Ok(())
     })
 }
@@ -108,7 +159,7 @@ fn to_usize(value: u64) -> usize {
 pub extern "C" fn tally_options_new(options_out: *mut *mut tally_options) -> tally_status {
     boundary(|| {
         let out = Out::new("options_out", options_out)?;
-        out.set(to_boxed_ptr::<tally_options>(OpenOptions::default()));
+        out.set(to_boxed_ptr::<tally_options>(Settings::default()));
         Ok(())
     })
 }
@@ -339,6 +390,31 @@ pub extern "C" fn tally_options_set_use_recorded(
     use_recorded: bool,
 ) -> tally_status {
     set(options, |options| options.use_recorded = use_recorded)
+}
+
+/// Gives each engine opened with these options a clock of its own that stands at `start_ms`
+/// (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
+/// it, instead of the system clock: for tests, simulations and replays, which then control
+/// every time the engine reads (`TALLY_NOW`, how far ahead of the clock a stamp may be, how
+/// long request ids are remembered, when leases end and idle keys are freed). 0 gives engines
+/// the system clock again (the default). `tally_verify` reads no clock and ignores it.
+///
+/// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if `start_ms`
+/// is at or after 2100-01-01T00:00:00Z (the last error names `start_ms`), leaving the options
+/// as they were.
+#[no_mangle]
+pub extern "C" fn tally_options_set_manual_clock(
+    options: *mut tally_options,
+    start_ms: u64,
+) -> tally_status {
+    boundary(|| {
+        let options = try_mut(options)?;
+        options.manual_clock_ms = match start_ms {
+            0 => None,
+            start_ms => Some(clock_time("start_ms", start_ms)?),
+        };
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tally::*;
 
-const T0: u64 = 1_900_000_000_000; // 2030-03-17T17:46:40Z, after the machine's clock
+const T0: u64 = 1_900_000_000_000; // 2030-03-17T17:46:40Z
 const HOUR_MS: u64 = 3_600_000;
 
 struct Handle(*mut tally_engine);
@@ -27,9 +27,10 @@ fn s(text: &str) -> (*const c_char, usize) {
     (text.as_ptr().cast(), text.len())
 }
 
-/// Options with no bound on how far ahead of the engine's clock a stamp may be: these tests
-/// stamp from `T0`, in 2030, years ahead of the system clock the C ABI's engines read, so
-/// they opt out of the default bound (a day). Freed when dropped.
+/// Options for these tests' engines: a clock of the engine's own standing at `T0`, so what
+/// the engine measures from its clock (request ids remembered, leases ended, idle keys freed)
+/// does not depend on the day the tests run, and no bound on how far ahead of it a stamp may
+/// be (some tests stamp days after `T0`). Freed when dropped.
 struct Unbounded(*mut tally_options);
 
 impl Unbounded {
@@ -38,6 +39,10 @@ impl Unbounded {
         assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
         assert_eq!(
             tally_options_set_max_ahead_of_clock_ms(options, 0),
+            tally_status::TALLY_OK
+        );
+        assert_eq!(
+            tally_options_set_manual_clock(options, T0),
             tally_status::TALLY_OK
         );
         Unbounded(options)
@@ -78,9 +83,8 @@ fn by_default_a_stamp_more_than_a_day_ahead_is_a_bad_timestamp() {
         .as_millis() as u64;
     let (u, ul) = s("ada");
     let (k, kl) = s("tp-ada");
-    // T0 (2030) is years ahead of the system clock.
     assert_eq!(
-        tally_engine_create_user(handle.0, u, ul, k, kl, T0),
+        tally_engine_create_user(handle.0, u, ul, k, kl, now + 48 * HOUR_MS),
         tally_status::TALLY_BAD_TIMESTAMP
     );
     assert!(last_error().starts_with("at_ms: "), "{}", last_error());
@@ -447,10 +451,10 @@ fn timestamps_at_the_extremes_going_backwards_and_on_boundaries() {
     let handle = in_memory();
     user(&handle, "ada", "tp-ada", Some("Starter"));
     let one = requests(1);
-    // 0 is "now": the engine's clock.
+    // 0 is "now": the engine's clock (its own, standing at T0).
     let now =
         consume(&handle, &request(b"tp-ada", "m2.7", &one, TALLY_NOW, None)).expect("decided");
-    assert!(now.admitted && now.at_ms > 1_700_000_000_000 && now.at_ms < T0);
+    assert!(now.admitted && now.at_ms == T0);
     // 1 ms after the epoch is a real timestamp (counted at the newest time the key has seen).
     let early = consume(&handle, &request(b"tp-ada", "m2.7", &one, 1, None)).expect("decided");
     assert!(early.admitted);
@@ -1392,4 +1396,203 @@ fn a_reservation_whose_lease_ended_is_expired_and_one_settled_or_voided_is_close
     // The new code comes after every older one, which keep theirs.
     assert_eq!(TALLY_RESERVATION_CLOSED as u32, 26);
     assert_eq!(TALLY_RESERVATION_EXPIRED as u32, 36);
+}
+
+/// Options freed when dropped, with the engine's own clock at `start_ms` (0: the system
+/// clock) and the default bound ahead of it (a day).
+struct Clocked(*mut tally_options);
+
+impl Clocked {
+    fn new(start_ms: u64) -> Clocked {
+        let mut options = ptr::null_mut();
+        assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
+        assert_eq!(
+            tally_options_set_manual_clock(options, start_ms),
+            tally_status::TALLY_OK
+        );
+        Clocked(options)
+    }
+}
+
+impl Drop for Clocked {
+    fn drop(&mut self) {
+        tally_options_free(self.0);
+    }
+}
+
+fn clock(handle: &Handle) -> u64 {
+    let mut now_ms = 0;
+    assert_eq!(
+        tally_engine_clock(handle.0, &mut now_ms),
+        tally_status::TALLY_OK
+    );
+    now_ms
+}
+
+/// With `tally_options_set_manual_clock` an engine reads a clock of its own, which only
+/// `tally_engine_set_clock` moves: `TALLY_NOW`, the bound on stamps ahead of the clock and the
+/// request-id horizon all follow it, in memory and on a database.
+#[test]
+fn an_engine_with_a_clock_of_its_own_reads_the_time_it_was_set_to() {
+    const DAY_MS: u64 = 24 * HOUR_MS;
+    let options = Clocked::new(T0);
+    let dir = temp_dir("manual-clock");
+    let path = dir.to_str().unwrap_or_default().to_owned();
+    let (p, pl) = s(&path);
+    let mut in_memory = ptr::null_mut();
+    let mut on_disk = ptr::null_mut();
+    assert_eq!(
+        tally_engine_open_in_memory(0, ptr::null(), 0, options.0, &mut in_memory),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(
+        tally_engine_open(p, pl, 0, ptr::null(), 0, 2, 0, options.0, &mut on_disk),
+        tally_status::TALLY_OK
+    );
+    // Each engine has a clock of its own, and the options are not tied to either.
+    drop(options);
+    for handle in [Handle(in_memory), Handle(on_disk)] {
+        assert_eq!(clock(&handle), T0);
+        // TALLY_NOW is the clock's time: the user is created at T0 (2030), which the default
+        // bound would refuse from the system clock.
+        let ((u, ul), (k, kl)) = (s("ada"), s("tp-ada"));
+        assert_eq!(
+            tally_engine_create_user(handle.0, u, ul, k, kl, TALLY_NOW),
+            tally_status::TALLY_OK
+        );
+        let ((t, tl), (plan, pl)) = (s("@ada"), s("Max"));
+        assert_eq!(
+            tally_engine_assign_seat(handle.0, t, tl, u, ul, plan, pl, T0),
+            tally_status::TALLY_OK
+        );
+        let one = requests(1);
+        // Two days ahead of the clock is refused until the clock moves there.
+        let ahead = request(b"tp-ada", "m2.7", &one, T0 + 2 * DAY_MS, None);
+        assert_eq!(
+            consume(&handle, &ahead).err(),
+            Some(tally_status::TALLY_BAD_TIMESTAMP)
+        );
+        assert!(
+            last_error().contains("max_ahead_of_clock_ms"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            tally_engine_set_clock(handle.0, T0 + 2 * DAY_MS),
+            tally_status::TALLY_OK
+        );
+        assert_eq!(clock(&handle), T0 + 2 * DAY_MS);
+        assert!(consume(&handle, &ahead).is_ok_and(|decision| decision.admitted));
+        // A request id stamped at T0 is remembered from the clock's time on: taken now, its
+        // retry once the clock is past every horizon is refused (it could not be recognised),
+        // and still refused with the clock moved back (ids were forgotten by the later clock).
+        let first = request(b"tp-ada", "m2.7", &one, T0, Some(b"req-1"));
+        assert!(consume(&handle, &first).is_ok_and(|decision| decision.admitted));
+        assert_eq!(
+            tally_engine_set_clock(handle.0, T0 + 400 * DAY_MS),
+            tally_status::TALLY_OK
+        );
+        assert_eq!(
+            consume(&handle, &first).err(),
+            Some(tally_status::TALLY_BAD_TIMESTAMP)
+        );
+        assert!(
+            last_error().contains("before the engine's clock"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(tally_engine_set_clock(handle.0, T0), tally_status::TALLY_OK);
+        assert_eq!(
+            consume(&handle, &first).err(),
+            Some(tally_status::TALLY_BAD_TIMESTAMP)
+        );
+        assert!(
+            last_error().contains("already forgotten"),
+            "{}",
+            last_error()
+        );
+        // Times outside tally's range are refused by name, and leave the clock where it was.
+        for bad in [0, ::tally_engine::calendar::MAX_TIMESTAMP_MS, u64::MAX] {
+            assert_eq!(
+                tally_engine_set_clock(handle.0, bad),
+                tally_status::TALLY_INVALID_ARGUMENT
+            );
+            assert!(last_error().starts_with("now_ms: "), "{}", last_error());
+            assert_eq!(clock(&handle), T0);
+        }
+        assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+        assert_eq!(
+            tally_engine_set_clock(handle.0, T0),
+            tally_status::TALLY_CLOSED
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The system clock is the default, and 0 restores it; only an engine's own clock can be set,
+/// and a start outside tally's range is refused by name, leaving the options as they were.
+#[test]
+fn only_a_clock_of_the_engines_own_can_be_set() {
+    let system_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64
+    };
+    let options = Clocked::new(T0);
+    for bad in [::tally_engine::calendar::MAX_TIMESTAMP_MS, u64::MAX] {
+        assert_eq!(
+            tally_options_set_manual_clock(options.0, bad),
+            tally_status::TALLY_INVALID_ARGUMENT
+        );
+        assert!(last_error().starts_with("start_ms: "), "{}", last_error());
+    }
+    assert_eq!(
+        tally_options_set_manual_clock(ptr::null_mut(), T0),
+        tally_status::TALLY_NULL_POINTER
+    );
+    let mut engine = ptr::null_mut();
+    assert_eq!(
+        tally_engine_open_in_memory(0, ptr::null(), 0, options.0, &mut engine),
+        tally_status::TALLY_OK
+    );
+    assert_eq!(clock(&Handle(engine)), T0, "a refused start left T0");
+    for options in [Clocked::new(0), {
+        let options = Clocked::new(T0);
+        assert_eq!(
+            tally_options_set_manual_clock(options.0, 0),
+            tally_status::TALLY_OK
+        );
+        options
+    }] {
+        let mut engine = ptr::null_mut();
+        assert_eq!(
+            tally_engine_open_in_memory(0, ptr::null(), 0, options.0, &mut engine),
+            tally_status::TALLY_OK
+        );
+        let handle = Handle(engine);
+        let before = system_now();
+        let now = clock(&handle);
+        assert!(before <= now && now <= system_now(), "{before} {now}");
+        assert_eq!(
+            tally_engine_set_clock(handle.0, T0),
+            tally_status::TALLY_INVALID_ARGUMENT
+        );
+        assert!(last_error().starts_with("engine: "), "{}", last_error());
+        assert!(
+            last_error().contains("tally_options_set_manual_clock"),
+            "{}",
+            last_error()
+        );
+    }
+    let mut now_ms = 7;
+    assert_eq!(
+        tally_engine_clock(ptr::null(), &mut now_ms),
+        tally_status::TALLY_NULL_POINTER
+    );
+    assert_eq!(now_ms, 7);
+    assert_eq!(
+        tally_engine_set_clock(ptr::null(), T0),
+        tally_status::TALLY_NULL_POINTER
+    );
 }

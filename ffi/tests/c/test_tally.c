@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -40,13 +41,13 @@ static void print_last_error(void) {
 #define EXPECT(call, status) CHECK((call) == (status))
 #define S(text) text, strlen(text)
 
-/* 2030-03-17T17:46:40Z: a fixed time after the machine's clock (request ids and closed
+/* 2030-03-17T17:46:40Z: the time the engines' own clocks stand at (request ids and closed
  * reservations are remembered relative to the clock), so windows are exact. */
 static const uint64_t T0 = 1900000000000ULL;
 
-/* Options with no bound on how far ahead of the engine's clock a stamp may be (the default is
- * a day): these tests stamp from T0, years ahead of the system clock the engines read, so the
- * engines they open opt out. Made in main. */
+/* Options for most engines here: a clock of the engine's own at T0 (what the engine measures
+ * from its clock does not depend on the day the tests run), and no bound on how far ahead of it
+ * a stamp may be (some tests stamp days after T0). Made in main. */
 static tally_options *unbounded = NULL;
 
 static tally_request request(const char *key, const char *resource, const tally_quantity *q,
@@ -746,12 +747,14 @@ static void test_options(void) {
   tally_options_free(options);
 
   /* The default options (NULL) bound stamps to a day ahead of the engine's clock,
-   * TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS: T0, years ahead of the system clock, is a bad
-   * timestamp naming at_ms, and creates nothing. */
+   * TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS: two days ahead of the system clock is a bad timestamp
+   * naming at_ms, and creates nothing. */
   CHECK(TALLY_DEFAULT_MAX_AHEAD_OF_CLOCK_MS == 86400000ULL);
   tally_engine *bounded = NULL;
   EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &bounded), TALLY_OK);
-  EXPECT(tally_engine_create_user(bounded, S("ada"), S("tp-ada"), T0), TALLY_BAD_TIMESTAMP);
+  const uint64_t two_days_ahead = (uint64_t)time(NULL) * 1000 + 2 * 86400000ULL;
+  EXPECT(tally_engine_create_user(bounded, S("ada"), S("tp-ada"), two_days_ahead),
+         TALLY_BAD_TIMESTAMP);
   CHECK(last_error_mentions("at_ms"));
   CHECK(last_error_mentions("max_ahead_of_clock_ms"));
   EXPECT(tally_engine_create_user(bounded, S("ada"), S("tp-ada"), TALLY_NOW), TALLY_OK);
@@ -1086,15 +1089,55 @@ static void test_stored_policy(void) {
   CHECK(system(command) == 0);
 }
 
+/* An engine with a clock of its own reads only the time it was set to; an engine on the system
+ * clock refuses to be set. */
+static void test_clock(void) {
+  const uint64_t day = 86400000ULL;
+  tally_options *options = NULL;
+  EXPECT(tally_options_new(&options), TALLY_OK);
+  EXPECT(tally_options_set_manual_clock(options, 4102444800000ULL), TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("start_ms"));
+  EXPECT(tally_options_set_manual_clock(options, T0), TALLY_OK);
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, options, &engine), TALLY_OK);
+  tally_options_free(options);
+  uint64_t now = 0;
+  EXPECT(tally_engine_clock(engine, &now), TALLY_OK);
+  CHECK(now == T0);
+  /* The default bound (a day ahead) is measured from T0, and follows the clock. */
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), T0 + 2 * day),
+         TALLY_BAD_TIMESTAMP);
+  EXPECT(tally_engine_set_clock(engine, T0 + 2 * day), TALLY_OK);
+  EXPECT(tally_engine_clock(engine, &now), TALLY_OK);
+  CHECK(now == T0 + 2 * day);
+  EXPECT(tally_engine_create_user(engine, S("ada"), S("tp-ada"), TALLY_NOW), TALLY_OK);
+  EXPECT(tally_engine_set_clock(engine, 0), TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("now_ms"));
+  EXPECT(tally_engine_clock(engine, &now), TALLY_OK);
+  CHECK(now == T0 + 2 * day);
+  tally_engine_free(engine);
+
+  EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, NULL, &engine), TALLY_OK);
+  EXPECT(tally_engine_set_clock(engine, T0), TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("tally_options_set_manual_clock"));
+  const uint64_t before = (uint64_t)time(NULL);
+  EXPECT(tally_engine_clock(engine, &now), TALLY_OK);
+  CHECK(now / 1000 >= before && now / 1000 <= (uint64_t)time(NULL)); /* the system's */
+  EXPECT(tally_engine_clock(engine, NULL), TALLY_NULL_POINTER);
+  tally_engine_free(engine);
+}
+
 int main(void) {
   if (tally_options_new(&unbounded) != TALLY_OK ||
-      tally_options_set_max_ahead_of_clock_ms(unbounded, 0) != TALLY_OK) {
+      tally_options_set_max_ahead_of_clock_ms(unbounded, 0) != TALLY_OK ||
+      tally_options_set_manual_clock(unbounded, T0) != TALLY_OK) {
     return 1;
   }
   test_library();
   test_policies();
   test_corrections();
   test_options();
+  test_clock();
   test_database();
   test_verify_options();
   test_stored_policy();
