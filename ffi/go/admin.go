@@ -162,3 +162,33 @@ func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
 		return C.tally_engine_swap_policy(handle, C.uint32_t(o.policySource), document, documentLen, atMs)
 	})
 }
+
+// SetClock moves the engine's own clock (Options.ManualClock) to now, forward or back: from
+// then on it is the time of a call with a zero `at`, and "now" for the bound ahead of the
+// clock, how long request ids are remembered, and when leases end and idle keys are freed.
+// Usage already counted stays counted: a clock moved back releases no quota early. An engine
+// on the system clock, or a time outside tally's range, is ErrInvalidArgument and leaves the
+// clock where it was.
+func (e *Engine) SetClock(now time.Time) error {
+	nowMs, err := milliseconds("SetClock", now)
+	if err != nil || now.IsZero() {
+		return newError("SetClock", C.TALLY_INVALID_ARGUMENT, "now: "+
+			now.UTC().Format(time.RFC3339Nano)+" is not after 1970-01-01T00:00:00Z and before 2100")
+	}
+	return e.call("SetClock", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_set_clock(handle, nowMs)
+	})
+}
+
+// Clock is the time the engine's clock reads now: the system clock's, or the engine's own
+// (Options.ManualClock), to the millisecond.
+func (e *Engine) Clock() (time.Time, error) {
+	var nowMs C.uint64_t
+	err := e.call("Clock", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_clock(handle, &nowMs)
+	})
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.UnixMilli(int64(nowMs)), nil
+}

@@ -62,6 +62,12 @@ type Options struct {
 	// How long usage events stay in the log beyond the longest window before Compact may
 	// drop them (default 7 days); negative: none. Open only.
 	Retention time.Duration
+	// A clock of the engine's own, standing at this time (to the millisecond) until SetClock
+	// moves it, instead of the system clock: for tests, simulations and replays, which then
+	// control every time the engine reads (a zero `at`, the bound ahead of the clock, how
+	// long request ids are remembered, when leases end and idle keys are freed). Each engine
+	// opened gets a clock of its own. Zero: the system clock. Verify reads no clock.
+	ManualClock time.Time
 	// Open as a tool: an existing database runs with the options its owner recorded (an open
 	// without UseRecorded records its own) instead of these, which then apply only to a
 	// database that recorded none (a new one), and nothing is recorded. For tools on a
@@ -158,6 +164,16 @@ func (s *Options) setters(op string) (*optionCalls, error) {
 		if err := duration(d.name, d.value, d.negativeIsZero, d.set); err != nil {
 			return nil, err
 		}
+	}
+	if !s.ManualClock.IsZero() {
+		ms, err := milliseconds(op, s.ManualClock)
+		if err != nil {
+			return nil, newError(op, C.TALLY_INVALID_ARGUMENT, "ManualClock: "+
+				s.ManualClock.UTC().Format(time.RFC3339Nano)+" is not after 1970-01-01T00:00:00Z and before 2100")
+		}
+		calls = append(calls, func(o *C.tally_options) C.uint32_t {
+			return C.tally_options_set_manual_clock(o, ms)
+		})
 	}
 	if s.DisableLeaseExpiry {
 		calls = append(calls, func(o *C.tally_options) C.uint32_t {

@@ -30,11 +30,16 @@ func TestTheZeroOptionsAreTheDefaults(t *testing.T) {
 	if decision := consume(t, engine, request); !decision.Admitted {
 		t.Fatalf("denied with the default options: %+v", decision)
 	}
-	// The default bound ahead of the clock, a day: t0 (2030) is refused.
-	request.At = t0
+	// The default bound ahead of the (system) clock, a day: two days ahead is refused.
+	request.At = now.Add(48 * time.Hour)
 	if _, err := engine.Consume(request); !errors.Is(err, tally.ErrBadTimestamp) ||
 		!strings.Contains(err.Error(), "max_ahead_of_clock_ms") {
-		t.Fatalf("a time years ahead with the default options: %v", err)
+		t.Fatalf("a time two days ahead with the default options: %v", err)
+	}
+	clock, err := engine.Clock()
+	must(t, err)
+	if clock.Before(now.Truncate(time.Millisecond)) || clock.After(time.Now()) {
+		t.Fatalf("the default clock reads %v, not the system's (%v)", clock, now)
 	}
 }
 
@@ -87,6 +92,7 @@ func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
 		{"reclaim_idle_every_ms", tally.Options{ReclaimIdleEvery: 200 * 366 * day}},
 		{"retention_ms", tally.Options{Retention: 200 * 366 * day}},
 		{"max_ahead_of_clock_ms", tally.Options{MaxAheadOfClock: 200 * 366 * day}},
+		{"manual_clock_ms", tally.Options{ManualClock: time.UnixMilli(4_102_444_800_000)}},
 	}
 	for _, c := range cases {
 		engine, err := tally.OpenInMemory(tally.WithOptions(c.options))
@@ -104,15 +110,15 @@ func TestAnOptionOutOfRangeIsErrInvalidArgumentNamingIt(t *testing.T) {
 }
 
 func TestByDefaultATimeOverADayAheadIsRefusedAndOneWithinItIsTaken(t *testing.T) {
-	// t0 is in 2030, years ahead of the engine's (system) clock: refused by the default bound
-	// of a day (the zero Options and an explicit 24 h alike), and nothing is created.
+	// Two days ahead of the engine's (system) clock is refused by the default bound of a day
+	// (the zero Options and an explicit 24 h alike), and nothing is created.
 	for _, options := range []tally.Options{{}, {MaxAheadOfClock: 24 * time.Hour}} {
 		engine := openMemoryWith(t, options)
-		err := engine.CreateUser("ada", "tp-ada-1", t0)
-		if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "ahead of the engine's clock") {
-			t.Fatalf("%+v: a time years ahead: %v", options, err)
-		}
 		now := time.Now()
+		err := engine.CreateUser("ada", "tp-ada-1", now.Add(48*time.Hour))
+		if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "ahead of the engine's clock") {
+			t.Fatalf("%+v: a time two days ahead: %v", options, err)
+		}
 		must(t, engine.CreateUser("ada", "tp-ada-1", now.Add(time.Hour)))
 		must(t, engine.AssignSeat("@ada", "ada", "Plus", now))
 		request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests),
@@ -125,8 +131,9 @@ func TestByDefaultATimeOverADayAheadIsRefusedAndOneWithinItIsTaken(t *testing.T)
 			t.Fatalf("%+v: now, after a refused request: %+v", options, decision)
 		}
 	}
-	// Opted out (negative: the library's 0, no bound): t0 is taken.
-	seated(t, openMemory(t), "ada", "tp-ada-1", "Plus")
+	// Opted out (negative: the library's 0, no bound): a year ahead is taken.
+	engine := openMemoryWith(t, tally.Options{MaxAheadOfClock: -1})
+	must(t, engine.CreateUser("ada", "tp-ada-1", time.Now().Add(366*24*time.Hour)))
 }
 
 func TestANegativeDurationIsTheLibrarysZeroWhereZeroHasAMeaning(t *testing.T) {
@@ -211,4 +218,60 @@ func TestADurabilityIntervalIsWholeMillisecondsAndNotNegative(t *testing.T) {
 		tally.WithDurability(tally.DurabilityInterval(2*time.Millisecond)), unbounded)
 	must(t, err)
 	must(t, engine.Close())
+}
+
+func TestAnEngineWithAClockOfItsOwnReadsTheTimeItWasSetTo(t *testing.T) {
+	// Each engine opened with ManualClock reads a clock of its own: a zero `at`, the bound
+	// ahead of the clock and the request-id horizon all follow it, in memory and on disk.
+	const day = 24 * time.Hour
+	options := tally.WithOptions(tally.Options{ManualClock: t0})
+	inMemory, err := tally.OpenInMemory(options)
+	must(t, err)
+	defer func() { must(t, inMemory.Close()) }()
+	onDisk, err := tally.Open(filepath.Join(t.TempDir(), "db"),
+		tally.WithDurability(tally.DurabilityNone), options)
+	must(t, err)
+	defer func() { must(t, onDisk.Close()) }()
+	for _, engine := range []*tally.Engine{inMemory, onDisk} {
+		clock, err := engine.Clock()
+		must(t, err)
+		if !clock.Equal(t0) {
+			t.Fatalf("the clock reads %v, not %v", clock, t0)
+		}
+		// A zero `at` is the clock's t0, which the system clock's default bound would refuse.
+		must(t, engine.CreateUser("ada", "tp-ada-1", time.Time{}))
+		must(t, engine.AssignSeat("@ada", "ada", "Max", t0))
+		request := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests),
+			At: t0.Add(2 * day)}
+		if _, err := engine.Consume(request); !errors.Is(err, tally.ErrBadTimestamp) {
+			t.Fatalf("two days ahead of the clock: %v", err)
+		}
+		must(t, engine.SetClock(t0.Add(2*day)))
+		if decision := consume(t, engine, request); !decision.Admitted {
+			t.Fatalf("with the clock moved there: %+v", decision)
+		}
+		first := tally.Request{Key: "tp-ada-1", Resource: "m2.7", Quantities: one(tally.Requests),
+			At: t0, RequestID: "r1"}
+		if decision := consume(t, engine, first); !decision.Admitted {
+			t.Fatalf("a request id at t0: %+v", decision)
+		}
+		must(t, engine.SetClock(t0.Add(400*day)))
+		if _, err := engine.Consume(first); !errors.Is(err, tally.ErrBadTimestamp) ||
+			!strings.Contains(err.Error(), "before the engine's clock") {
+			t.Fatalf("its retry past every horizon: %v", err)
+		}
+		for _, bad := range []time.Time{{}, time.UnixMilli(-1), time.UnixMilli(4_102_444_800_000)} {
+			if err := engine.SetClock(bad); !errors.Is(err, tally.ErrInvalidArgument) {
+				t.Fatalf("SetClock(%v): %v", bad, err)
+			}
+		}
+		if clock, _ := engine.Clock(); !clock.Equal(t0.Add(400 * day)) {
+			t.Fatalf("a refused SetClock moved the clock to %v", clock)
+		}
+	}
+	system := openMemoryWith(t, tally.Options{})
+	if err := system.SetClock(t0); !errors.Is(err, tally.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "manual_clock") {
+		t.Fatalf("SetClock on the system clock: %v", err)
+	}
 }

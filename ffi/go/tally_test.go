@@ -11,14 +11,14 @@ import (
 	tally "github.com/tally-engine/tally/ffi/go"
 )
 
-// t0 is 2030-03-17T17:46:40Z: after the machine's clock, since request ids and closed
-// reservations are forgotten relative to the clock, so windows are exact.
+// t0 is 2030-03-17T17:46:40Z, where the tests' engines' own clocks stand.
 var t0 = time.UnixMilli(1_900_000_000_000)
 
-// unbounded opens an engine with no bound on how far ahead of its clock a time may be: the
-// tests stamp from t0, years ahead of the system clock the engine reads, which the default
-// bound (a day) would refuse.
-var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1})
+// unbounded opens an engine on a clock of its own at t0 (the engine forgets request ids and
+// closed reservations, ends leases and frees idle keys relative to its clock, so what it does
+// must not depend on the day the tests run), with no bound on how far ahead of it a time may
+// be (some tests stamp days after t0).
+var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1, ManualClock: t0})
 
 func at(ms int64) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
 

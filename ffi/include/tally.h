@@ -963,18 +963,18 @@ tally_status tally_options_set_retention_ms(struct tally_options *options,
 tally_status tally_options_set_use_recorded(struct tally_options *options,
                                             bool use_recorded);
 
-// Gives each engine opened with these options a clock of its own that stands at `start_ms`
-// (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
+// Gives each engine opened with these options a clock of its own that stands at
+// `manual_clock_ms` (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
 // it, instead of the system clock: for tests, simulations and replays, which then control
 // every time the engine reads (`TALLY_NOW`, how far ahead of the clock a stamp may be, how
 // long request ids are remembered, when leases end and idle keys are freed). 0 gives engines
 // the system clock again (the default). `tally_verify` reads no clock and ignores it.
 //
-// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if `start_ms`
-// is at or after 2100-01-01T00:00:00Z (the last error names `start_ms`), leaving the options
+// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if
+// `manual_clock_ms` is at or after 2100-01-01T00:00:00Z (the last error names it), leaving the options
 // as they were.
 tally_status tally_options_set_manual_clock(struct tally_options *options,
-                                            uint64_t start_ms);
+                                            uint64_t manual_clock_ms);
 
 // Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
 // "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",

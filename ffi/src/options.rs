@@ -392,26 +392,26 @@ pub extern "C" fn tally_options_set_use_recorded(
     set(options, |options| options.use_recorded = use_recorded)
 }
 
-/// Gives each engine opened with these options a clock of its own that stands at `start_ms`
-/// (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
+/// Gives each engine opened with these options a clock of its own that stands at
+/// `manual_clock_ms` (milliseconds since the Unix epoch, UTC) and moves only when `tally_engine_set_clock` moves
 /// it, instead of the system clock: for tests, simulations and replays, which then control
 /// every time the engine reads (`TALLY_NOW`, how far ahead of the clock a stamp may be, how
 /// long request ids are remembered, when leases end and idle keys are freed). 0 gives engines
 /// the system clock again (the default). `tally_verify` reads no clock and ignores it.
 ///
-/// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if `start_ms`
-/// is at or after 2100-01-01T00:00:00Z (the last error names `start_ms`), leaving the options
+/// Errors: `TALLY_NULL_POINTER` if `options` is NULL; `TALLY_INVALID_ARGUMENT` if
+/// `manual_clock_ms` is at or after 2100-01-01T00:00:00Z (the last error names it), leaving the options
 /// as they were.
 #[no_mangle]
 pub extern "C" fn tally_options_set_manual_clock(
     options: *mut tally_options,
-    start_ms: u64,
+    manual_clock_ms: u64,
 ) -> tally_status {
     boundary(|| {
         let options = try_mut(options)?;
-        options.manual_clock_ms = match start_ms {
+        options.manual_clock_ms = match manual_clock_ms {
             0 => None,
-            start_ms => Some(clock_time("start_ms", start_ms)?),
+            start_ms => Some(clock_time("manual_clock_ms", start_ms)?),
         };
         Ok(())
     })

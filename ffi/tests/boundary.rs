@@ -1545,7 +1545,11 @@ fn only_a_clock_of_the_engines_own_can_be_set() {
             tally_options_set_manual_clock(options.0, bad),
             tally_status::TALLY_INVALID_ARGUMENT
         );
-        assert!(last_error().starts_with("start_ms: "), "{}", last_error());
+        assert!(
+            last_error().starts_with("manual_clock_ms: "),
+            "{}",
+            last_error()
+        );
     }
     assert_eq!(
         tally_options_set_manual_clock(ptr::null_mut(), T0),

@@ -75,13 +75,13 @@ func statusOf(sentinel error) tally.Status {
 // (retried with other amounts) or voided is not. All three are ErrReservationClosed; only the
 // first is ErrReservationExpired.
 func TestOnlyAnEndedLeaseMakesASettleLate(t *testing.T) {
-	// Its times are years ahead of the engine's (system) clock: no bound ahead of it.
-	engine, err := tally.OpenInMemory(tally.WithOptions(tally.Options{MaxAheadOfClock: -1}))
+	// On a clock of the engine's own, so the leases end when the test says, whatever the day.
+	at := time.UnixMilli(1_900_000_000_000)
+	engine, err := tally.OpenInMemory(tally.WithOptions(tally.Options{MaxAheadOfClock: -1, ManualClock: at}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer engine.Close()
-	at := time.UnixMilli(1_900_000_000_000)
 	if err := engine.CreateUser("ol", "tp-ol", at); err != nil {
 		t.Fatal(err)
 	}

@@ -19,14 +19,13 @@ import (
 	"github.com/tally-engine/tally/ffi/go/gateway"
 )
 
-// t0 is 2030-03-17T17:46:40Z: after the machine's clock (the engine forgets reservations
-// relative to it); each call advances the gateway's clock by a millisecond.
+// t0 is 2030-03-17T17:46:40Z; each call advances the gateway's clock by a millisecond.
 var t0 = time.UnixMilli(1_900_000_000_000)
 
-// unbounded opens an engine with no bound on how far ahead of its clock a time may be: the
-// gateway's clock here runs from t0, years ahead of the system clock the engine reads, which
-// the default bound (a day) would refuse.
-var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1})
+// unbounded opens an engine on a clock of its own at t0 (the engine forgets reservations
+// relative to its clock, so what it does must not depend on the day the tests run), with no
+// bound on how far ahead of it the gateway's clock may run.
+var unbounded = tally.WithOptions(tally.Options{MaxAheadOfClock: -1, ManualClock: t0})
 
 const upstreamKey = "sk-upstream-secret"
 

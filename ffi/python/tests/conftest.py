@@ -1,8 +1,8 @@
-"""Shared fixtures. Timestamps are explicit and after the machine's clock (2030): the engine
-forgets request ids and closed reservations relative to its clock, so tests in the past would
-see them vanish. Stamped years ahead of the (system) clock the engine reads, they would be
-refused by the default bound (a day ahead), so the engines the tests open opt out of it
-(``UNBOUNDED``, ``unbounded(...)``)."""
+"""Shared fixtures. Timestamps are explicit, from ``T``; the engines the tests open read a
+clock of their own standing at ``T`` (the engine forgets request ids and closed reservations,
+ends leases and frees idle keys relative to its clock, so what it does must not depend on the
+day the tests run), with no bound on how far ahead of it a stamp may be (some tests stamp days
+after ``T``): ``UNBOUNDED``, ``unbounded(...)``."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ import tally
 T = 1_900_000_000_000
 HOUR_MS = 3_600_000
 
-#: Options that set no bound on how far ahead of the engine's clock a stamp may be.
-UNBOUNDED = tally.Options(max_ahead_of_clock_ms=0)
+#: Options for the tests' engines: a clock of the engine's own at ``T``, and no bound on how
+#: far ahead of it a stamp may be.
+UNBOUNDED = tally.Options(max_ahead_of_clock_ms=0, manual_clock_ms=T)
 
 
 def unbounded(**options: object) -> tally.Options:
-    """``tally.Options(**options)`` with no bound ahead of the clock, as ``UNBOUNDED``."""
+    """``tally.Options(**options)`` with the engine's own clock at ``T`` and no bound ahead of
+    it, as ``UNBOUNDED`` (``manual_clock_ms`` may be given)."""
+    options.setdefault("manual_clock_ms", T)
     return tally.Options(max_ahead_of_clock_ms=0, **options)  # type: ignore[arg-type]
 
 

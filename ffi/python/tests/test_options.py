@@ -24,6 +24,7 @@ TOO_LARGE = {
     "reclaim_idle_every_ms": 4_102_444_800_001,
     "retention_ms": 4_102_444_800_001,
     "max_ahead_of_clock_ms": 4_102_444_800_001,
+    "manual_clock_ms": 4_102_444_800_000,
 }
 
 
@@ -33,9 +34,10 @@ def test_options_of_none_are_the_defaults():
         engine.create_user("ada", "tp-ada-1", at_ms=now)
         engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
         assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
-        # The default bound ahead of the clock, a day: T (2030) is refused.
+        # The default bound ahead of the (system) clock, a day: two days ahead is refused.
         with pytest.raises(tally.BadTimestampError, match="max_ahead_of_clock_ms"):
-            engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T)
+            engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now + 2 * 86_400_000)
+        assert now <= engine.clock_ms() <= int(time.time() * 1000)
 
 
 def test_a_bound_set_in_options_reaches_the_engine():
@@ -46,23 +48,25 @@ def test_a_bound_set_in_options_reaches_the_engine():
 
 
 def test_by_default_a_time_over_a_day_ahead_is_refused_and_one_within_it_is_taken():
-    # T is in 2030, years ahead of the engine's (system) clock: refused by the default bound of
-    # a day (None and an explicit 86,400,000 alike), and nothing is created.
+    # Two days ahead of the engine's (system) clock is refused by the default bound of a day
+    # (None and an explicit 86,400,000 alike), and nothing is created.
     now = int(time.time() * 1000)
     for options in [None, tally.Options(max_ahead_of_clock_ms=86_400_000)]:
         with tally.Engine.in_memory(options=options) as engine:
             with pytest.raises(
                 tally.BadTimestampError, match="at_ms: .* ahead of the engine's clock"
             ):
-                engine.create_user("ada", "tp-ada-1", at_ms=T)
+                engine.create_user("ada", "tp-ada-1", at_ms=now + 2 * 86_400_000)
             engine.create_user("ada", "tp-ada-1", at_ms=now + 3_600_000)
             engine.assign_seat("@ada", "ada", "Plus", at_ms=now)
             with pytest.raises(tally.BadTimestampError, match="max_ahead_of_clock_ms"):
                 engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now + 2 * 86_400_000)
             assert engine.usage("tp-ada-1", at_ms=now).limits[0].used == 0
             assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now).admitted
-    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
-        seated(engine, "ada", "tp-ada-1", "Plus")  # opted out (0): T is taken
+    with tally.Engine.in_memory(options=tally.Options(max_ahead_of_clock_ms=0)) as engine:
+        # Opted out (0): a year ahead of the clock is taken.
+        seated(engine, "ada", "tp-ada-1", "Plus")
+        engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=now + 366 * 86_400_000)
 
 
 def test_a_default_lease_set_in_options_is_the_lease_of_a_reservation_without_one():
@@ -147,3 +151,37 @@ def test_every_option_of_the_header_has_a_field():
         "checkpoint_every_events",
         "use_recorded",
     }
+
+
+def test_an_engine_with_a_clock_of_its_own_reads_the_time_it_was_set_to(tmp_path):
+    # Each engine opened with manual_clock_ms reads a clock of its own: an omitted at_ms, the
+    # bound ahead of the clock and the request-id horizon all follow it, in memory and on disk.
+    day = 86_400_000
+    options = tally.Options(manual_clock_ms=T)
+    with (
+        tally.Engine.in_memory(options=options) as in_memory,
+        tally.Engine.open(tmp_path / "db", options=options) as on_disk,
+    ):
+        for engine in (in_memory, on_disk):
+            assert engine.clock_ms() == T
+            engine.create_user("ada", "tp-ada-1")  # at the clock's T, refused by the system clock
+            engine.assign_seat("@ada", "ada", "Max", at_ms=T)
+            with pytest.raises(tally.BadTimestampError, match="max_ahead_of_clock_ms"):
+                engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T + 2 * day)
+            engine.set_clock(T + 2 * day)
+            assert engine.clock_ms() == T + 2 * day
+            assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T + 2 * day).admitted
+            first = engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T, request_id="r1")
+            assert first.admitted
+            engine.set_clock(T + 400 * day)
+            with pytest.raises(tally.BadTimestampError, match="before the engine's clock"):
+                engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T, request_id="r1")
+            for bad in (0, 4_102_444_800_000):
+                with pytest.raises(tally.InvalidArgumentError, match="now_ms"):
+                    engine.set_clock(bad)
+            with pytest.raises(ValueError, match="now_ms"):
+                engine.set_clock(-1)
+            assert engine.clock_ms() == T + 400 * day
+    with tally.Engine.in_memory(options=tally.Options(manual_clock_ms=0)) as engine:
+        with pytest.raises(tally.InvalidArgumentError, match="manual_clock"):
+            engine.set_clock(T)

@@ -92,7 +92,7 @@ def recording_free(handle):
 native.lib.tally_engine_free = recording_free
 engine = tally.Engine.open(
     sys.argv[1], durability=tally.Durability.NONE,
-    options=tally.Options(max_ahead_of_clock_ms=0),  # stamps years ahead of the clock
+    options=tally.Options(max_ahead_of_clock_ms=0, manual_clock_ms={T}),  # on a clock at T
 )
 engine.create_user("ada", "tp-ada", at_ms={T})
 engine.assign_seat("@ada", "ada", "Max", at_ms={T})

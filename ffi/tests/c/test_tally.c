@@ -1096,7 +1096,7 @@ static void test_clock(void) {
   tally_options *options = NULL;
   EXPECT(tally_options_new(&options), TALLY_OK);
   EXPECT(tally_options_set_manual_clock(options, 4102444800000ULL), TALLY_INVALID_ARGUMENT);
-  CHECK(last_error_mentions("start_ms"));
+  CHECK(last_error_mentions("manual_clock_ms"));
   EXPECT(tally_options_set_manual_clock(options, T0), TALLY_OK);
   tally_engine *engine = NULL;
   EXPECT(tally_engine_open_in_memory(TALLY_POLICY_DEFAULT, NULL, 0, options, &engine), TALLY_OK);

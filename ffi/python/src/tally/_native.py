@@ -243,6 +243,7 @@ SIGNATURES = {
     "tally_options_set_max_policy_generations": (_status, [Options, c_uint64]),
     "tally_options_set_reclaim_idle_every_ms": (_status, [Options, c_uint64]),
     "tally_options_set_max_ahead_of_clock_ms": (_status, [Options, c_uint64]),
+    "tally_options_set_manual_clock": (_status, [Options, c_uint64]),
     "tally_options_set_expire_leases_on_its_own": (_status, [Options, c_bool]),
     "tally_options_set_checkpoint_every_events": (_status, [Options, c_uint64]),
     "tally_options_set_retention_ms": (_status, [Options, c_uint64]),
@@ -285,6 +286,8 @@ SIGNATURES = {
     "tally_engine_compact": (_status, [Engine, c_uint64, _u64_p]),
     "tally_engine_memory_stats": (_status, [Engine, POINTER(MemoryStats)]),
     "tally_engine_reclaim_idle": (_status, [Engine, c_uint64, _u64_p]),
+    "tally_engine_set_clock": (_status, [Engine, c_uint64]),
+    "tally_engine_clock": (_status, [Engine, _u64_p]),
     "tally_verify": (_status, [_str, c_size_t, Options, POINTER(c_bool), *_text_out]),
 }
 

@@ -748,6 +748,26 @@ class Engine:
         )
         return reclaimed.value
 
+    # ---- the clock ---------------------------------------------------------------------------
+
+    def clock_ms(self) -> int:
+        """The time the engine's clock reads now, in milliseconds since the Unix epoch (UTC):
+        the system clock's, or the engine's own (``Options.manual_clock_ms``)."""
+        now = ctypes.c_uint64(0)
+        errors.check(_native.lib.tally_engine_clock(self._handle, ctypes.byref(now)))
+        return now.value
+
+    def set_clock(self, now_ms: int) -> None:
+        """Moves the engine's own clock (``Options.manual_clock_ms``) to ``now_ms``, forward or
+        back: from then on it is the time of a call without ``at_ms``, and "now" for the bound
+        ahead of the clock, how long request ids are remembered, and when leases end and idle
+        keys are freed. Usage already counted stays counted: a clock moved back releases no
+        quota early. Raises ``InvalidArgumentError`` for an engine on the system clock, or a
+        ``now_ms`` of 0 or at or after 2100, leaving the clock where it was."""
+        errors.check(
+            _native.lib.tally_engine_set_clock(self._handle, _convert.u64("now_ms", now_ms))
+        )
+
     # ---- the event log (durable engines) ---------------------------------------------------
 
     def events_after(self, after_seq: int = 0, limit: int = 1000) -> list[Event]:

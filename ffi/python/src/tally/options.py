@@ -28,7 +28,8 @@ class Options:
     ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
     ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
     ``checkpoint_every_events`` at least 1; ``retention_ms`` 0 up to the span of timestamps;
-    ``max_ahead_of_clock_ms`` 0 (no bound) or up to the span of timestamps (default a day).
+    ``max_ahead_of_clock_ms`` 0 (no bound) or up to the span of timestamps (default a day);
+    ``manual_clock_ms`` 0 (the system clock) or a timestamp before 2100.
     ``checkpoint_every_events`` and ``retention_ms`` are read by ``Engine.open`` only, and
     ``use_recorded`` by ``Engine.open`` and ``tally.verify``."""
 
@@ -61,6 +62,13 @@ class Options:
     #: being compacted until the clock passes it by the longest window and the retention. The
     #: log's own times are never refused at open.
     max_ahead_of_clock_ms: int | None = None
+    #: A clock of the engine's own, standing at this time (milliseconds since the Unix epoch,
+    #: UTC, before 2100) until ``Engine.set_clock`` moves it, instead of the system clock: for
+    #: tests, simulations and replays, which then control every time the engine reads (an
+    #: omitted ``at_ms``, the bound ahead of the clock, how long request ids are remembered,
+    #: when leases end and idle keys are freed). Each engine opened gets a clock of its own.
+    #: ``None`` or 0: the system clock (the default). ``tally.verify`` reads no clock.
+    manual_clock_ms: int | None = None
     #: A checkpoint every this many events (default 1,000,000); one whose work took 10 ms
     #: or more holds the next back until four times that has passed, or twice this many
     #: events came. ``Engine.open`` only.
@@ -94,6 +102,7 @@ _SETTERS = {
     "checkpoint_every_events": "tally_options_set_checkpoint_every_events",
     "retention_ms": "tally_options_set_retention_ms",
     "max_ahead_of_clock_ms": "tally_options_set_max_ahead_of_clock_ms",
+    "manual_clock_ms": "tally_options_set_manual_clock",
 }
 
 
