@@ -329,6 +329,12 @@ func (g *Gateway) direct(r *http.Request) {
 	r.URL.Scheme, r.URL.Host = upstream.Scheme, upstream.Host
 	r.URL.Path = strings.TrimSuffix(upstream.Path, "/") + r.URL.Path
 	r.Host = upstream.Host
+	if _, metered := r.Context().Value(callKey{}).(*call); metered {
+		// The usage the settle reads is in the answer's body: without the client's
+		// Accept-Encoding the transport asks for gzip itself and hands modifyResponse the
+		// body decompressed (a compressed one would be charged at the estimate).
+		r.Header.Del("Accept-Encoding")
+	}
 	if g.config.UpstreamKey == "" {
 		return
 	}

@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"compress/gzip"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -39,6 +40,9 @@ type fakeUpstream struct {
 	usage atomic.Pointer[string]
 	// streamType, if set, is the Content-Type of streamed answers.
 	streamType atomic.Pointer[string]
+	// gzip: answers are gzip-compressed for a request that accepts gzip, as many HTTP
+	// servers compress what clients accept.
+	gzip atomic.Bool
 }
 
 func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -62,6 +66,12 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	f.served.Add(1)
+	if f.gzip.Load() && strings.Contains(r.Header.Get("Accept-Encoding"), "gzip") {
+		w.Header().Set("Content-Encoding", "gzip")
+		compressed := gzip.NewWriter(w)
+		defer compressed.Close()
+		w = gzipResponseWriter{ResponseWriter: w, Writer: compressed}
+	}
 	// The operator's account limits upstream, which are not the caller's.
 	w.Header().Set("x-ratelimit-limit-requests", "99999")
 	w.Header().Set("x-ratelimit-limit-tokens", "2000000")
@@ -95,6 +105,14 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":`+usage+`}`)
 	}
 }
+
+// gzipResponseWriter writes the body through a gzip.Writer.
+type gzipResponseWriter struct {
+	http.ResponseWriter
+	io.Writer
+}
+
+func (g gzipResponseWriter) Write(p []byte) (int, error) { return g.Writer.Write(p) }
 
 type harness struct {
 	engine   *tally.Engine
@@ -340,6 +358,34 @@ func TestTokensTheUpstreamReportsAreSettled(t *testing.T) {
 	want := 4 * (prices["requests"] + tokensPerCall*prices["tokens"])
 	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
 		t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+	}
+}
+
+// Clients ask for compressed answers (Go's and Python's HTTP clients send "Accept-Encoding:
+// gzip" by default), and upstreams compress: the usage in a compressed answer is settled all the
+// same, not the estimate, and the client still reads the answer.
+func TestTokensInACompressedAnswerAreSettled(t *testing.T) {
+	h := start(t)
+	h.user(t, "gz", "tp-gz", "Bar-Plus")
+	h.upstream.gzip.Store(true)
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	const tokensPerCall = 30 // the fake upstream's usage: 12 + 18, and 10 + 20
+	for _, anthropic := range []bool{false, true} {
+		for _, stream := range []bool{false, true} {
+			a := h.call(t, anthropic, "tp-gz", "MiniMax-M2.7", stream)
+			if a.status != http.StatusOK || !strings.Contains(a.raw, "usage") {
+				t.Fatalf("anthropic %t stream %t: %d %q %v", anthropic, stream, a.status, a.raw, a.header)
+			}
+		}
+	}
+	usage, err := h.engine.Usage("tp-gz", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := 4 * (prices["requests"] + tokensPerCall*prices["tokens"])
+	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
+		t.Fatalf("the bar shows %d (want %d, the usage the upstream reported), %d open reservations",
+			usage.Limits[0].Used, want, usage.OpenReservations)
 	}
 }
 
