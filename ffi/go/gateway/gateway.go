@@ -235,7 +235,13 @@ func couldBeKey(key string) bool {
 func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, key string, metering metering) ([]byte, tally.Request, *apiError) {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, g.config.MaxBodyBytes))
 	if err != nil {
-		failure := tooLarge(api, "request body: "+err.Error())
+		// Only a body past MaxBodyBytes is too large; one that broke off (a client gone, a
+		// malformed chunked encoding, a read timeout) is a bad request.
+		failure := invalidRequest(api, "", "request body: could not be read: "+err.Error())
+		var tooLong *http.MaxBytesError
+		if errors.As(err, &tooLong) {
+			failure = tooLarge(api, "request body: "+err.Error())
+		}
 		return nil, tally.Request{}, &failure
 	}
 	var fields struct {

@@ -14,6 +14,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	tally "github.com/tally-engine/tally/ffi/go"
@@ -889,6 +890,44 @@ func TestABodyTooLargeIs413InEachAPIsShape(t *testing.T) {
 		}
 		if anthropic {
 			anthropicError(t, a, "request_too_large")
+		} else {
+			openAIError(t, a, "invalid_request_error")
+		}
+	}
+}
+
+// A body that could not be read whole (the client broke off, a malformed chunked encoding, a
+// server's read timeout) is no body too large: 400, not a 413 telling the client to shrink it.
+func TestABodyThatCouldNotBeReadIs400NotTooLarge(t *testing.T) {
+	engine, err := tally.OpenInMemory(unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	addUser(t, engine, "lb", "tp-lb", "")
+	upstreamURL, _ := url.Parse("http://127.0.0.1:1")
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL,
+		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, anthropic := range []bool{false, true} {
+		path := "/v1/chat/completions"
+		if anthropic {
+			path = "/v1/messages"
+		}
+		broken := io.MultiReader(strings.NewReader(`{"model":"MiniMax-M2.7","mess`), iotest.ErrReader(io.ErrUnexpectedEOF))
+		recorder := httptest.NewRecorder()
+		request := httptest.NewRequest(http.MethodPost, path, broken)
+		request.Header.Set("x-api-key", "tp-lb")
+		g.ServeHTTP(recorder, request)
+		a := answer{status: recorder.Code, raw: recorder.Body.String()}
+		_ = json.Unmarshal(recorder.Body.Bytes(), &a.body)
+		if a.status != http.StatusBadRequest {
+			t.Fatalf("%s: %d %s", path, a.status, a.raw)
+		}
+		if anthropic {
+			anthropicError(t, a, "invalid_request_error")
 		} else {
 			openAIError(t, a, "invalid_request_error")
 		}
