@@ -38,7 +38,9 @@ func (d *demoKeys) Set(v string) error { *d = append(*d, v); return nil }
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "address to listen on")
 	upstream := flag.String("upstream", "", "upstream base URL, e.g. https://api.minimax.io/anthropic (required)")
-	upstreamKey := flag.String("upstream-key", os.Getenv("UPSTREAM_API_KEY"), "the upstream's API key (default $UPSTREAM_API_KEY)")
+	// Not the flag's default: the usage (-help, a mistyped flag) prints defaults, and the key
+	// is a secret.
+	upstreamKey := flag.String("upstream-key", "", "the upstream's API key (default $UPSTREAM_API_KEY)")
 	db := flag.String("db", "", "database directory (default: in memory, lost on exit)")
 	policy := flag.String("policy", "", "policy file, .toml or .json (default: the shipped Token Plan)")
 	estimate := flag.Uint64("estimate-tokens", 4096, "tokens reserved when a request gives no max_tokens")
@@ -46,6 +48,9 @@ func main() {
 	var keys demoKeys
 	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
 	flag.Parse()
+	if *upstreamKey == "" {
+		*upstreamKey = os.Getenv("UPSTREAM_API_KEY")
+	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
 	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, keys, stop, nil); err != nil {

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -14,6 +15,36 @@ import (
 
 	tally "github.com/tally-engine/tally/ffi/go"
 )
+
+// TestMain runs main itself, with the arguments in TALLY_GATEWAY_ARGS, when the tests start this
+// test binary as the command (TALLY_GATEWAY_RUN_MAIN=1).
+func TestMain(m *testing.M) {
+	if os.Getenv("TALLY_GATEWAY_RUN_MAIN") == "1" {
+		os.Args = append([]string{"tally-gateway"}, strings.Fields(os.Getenv("TALLY_GATEWAY_ARGS"))...)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// The upstream's key from UPSTREAM_API_KEY is a secret: the usage the command prints for -help,
+// or for a mistyped flag (into a terminal, a service's log), names where it comes from and
+// never shows it.
+func TestTheUsageNeverShowsTheUpstreamKey(t *testing.T) {
+	const secret = "sk-upstream-secret-for-the-test"
+	for _, args := range []string{"-help", "-upstrem http://127.0.0.1:1"} {
+		command := exec.Command(os.Args[0], "-test.run=^$")
+		command.Env = append(os.Environ(), "TALLY_GATEWAY_RUN_MAIN=1", "TALLY_GATEWAY_ARGS="+args,
+			"UPSTREAM_API_KEY="+secret)
+		output, _ := command.CombinedOutput()
+		if !strings.Contains(string(output), "-upstream-key") {
+			t.Fatalf("%s: no usage printed: %s", args, output)
+		}
+		if strings.Contains(string(output), secret) {
+			t.Fatalf("%s: the usage shows the upstream's key:\n%s", args, output)
+		}
+	}
+}
 
 // A SIGTERM while a call is in flight waits for it: the caller gets the upstream's answer and
 // its reservation is settled before the engine closes. (Before, the process closed the
