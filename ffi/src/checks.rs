@@ -43,6 +43,14 @@ pub(crate) fn optional_text<'a>(
     len: usize,
     max_bytes: usize,
 ) -> Result<Option<&'a str>, Failure> {
+    // Checked before the bytes are borrowed: a length past the bound (a caller's wrong one
+    // among them) is answered without making a slice longer than anything the caller holds.
+    if !ptr.is_null() && len > max_bytes {
+        return Err(Failure::new(
+            tally_status::TALLY_STRING_TOO_LONG,
+            format!("{field}: is {len} bytes; at most {max_bytes}"),
+        ));
+    }
     let Some(bytes) = optional_slice(field, ptr.cast::<u8>(), len)? else {
         return Ok(None);
     };
@@ -50,12 +58,6 @@ pub(crate) fn optional_text<'a>(
         return Err(Failure::new(
             tally_status::TALLY_EMPTY_STRING,
             format!("{field}: must not be empty"),
-        ));
-    }
-    if bytes.len() > max_bytes {
-        return Err(Failure::new(
-            tally_status::TALLY_STRING_TOO_LONG,
-            format!("{field}: is {} bytes; at most {max_bytes}", bytes.len()),
         ));
     }
     if let Some(at) = bytes.iter().position(|byte| *byte == 0) {
@@ -214,5 +216,29 @@ pub(crate) fn copy_name<const N: usize>(text: &str, into: &mut [c_char; N]) {
     }
     if let Some(end) = into.get_mut(len) {
         *end = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A length past the bound is refused by its value alone, before anything at the pointer
+    /// is borrowed: here three real bytes with a length a caller could get wrong.
+    #[test]
+    fn a_string_longer_than_its_bound_is_refused_before_it_is_read() {
+        let bytes = b"ada";
+        for len in [65, 1 << 40, isize::MAX as usize, usize::MAX] {
+            let Err(failure) = text("key", bytes.as_ptr().cast(), len, 64) else {
+                panic!("a length of {len} taken");
+            };
+            assert_eq!(failure.status, tally_status::TALLY_STRING_TOO_LONG, "{len}");
+            assert_eq!(failure.message, format!("key: is {len} bytes; at most 64"));
+        }
+        assert_eq!(text("key", bytes.as_ptr().cast(), 3, 64).ok(), Some("ada"));
+        let Err(null) = text("key", std::ptr::null(), 1 << 40, 64) else {
+            panic!("NULL taken");
+        };
+        assert_eq!(null.status, tally_status::TALLY_NULL_POINTER);
     }
 }

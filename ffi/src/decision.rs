@@ -422,16 +422,16 @@ pub(crate) fn quantities(
     len: usize,
     allow_none: bool,
 ) -> Result<Quantities, Failure> {
-    let items = optional_slice(field, ptr, len)?.unwrap_or(&[]);
     let bad = |message: String| Failure::new(tally_status::TALLY_BAD_QUANTITY, message);
+    // Checked before the items are borrowed, as `optional_text` checks a string's length.
+    if !ptr.is_null() && len > TALLY_MAX_QUANTITIES {
+        return Err(bad(format!(
+            "{field}: {len} given; at most {TALLY_MAX_QUANTITIES}, one per unit"
+        )));
+    }
+    let items = optional_slice(field, ptr, len)?.unwrap_or(&[]);
     if items.is_empty() && !allow_none {
         return Err(bad(format!("{field}: give at least one (unit, amount)")));
-    }
-    if items.len() > TALLY_MAX_QUANTITIES {
-        return Err(bad(format!(
-            "{field}: {} given; at most {TALLY_MAX_QUANTITIES}, one per unit",
-            items.len()
-        )));
     }
     let mut out = Quantities {
         pairs: [(Unit::Requests, 0); TALLY_MAX_QUANTITIES],
@@ -522,5 +522,27 @@ mod tests {
         assert_eq!(gone.limit_index, TALLY_NO_INDEX);
         assert_eq!(gone.limit_name[0], 0, "no name");
         assert_eq!(gone.retry_at_ms, 2, "the rest as it was");
+    }
+
+    /// A count past the bound is refused by its value alone, before anything at the pointer is
+    /// borrowed: here one real quantity with a length a caller could get wrong.
+    #[test]
+    fn too_many_quantities_are_refused_before_they_are_read() {
+        let one = tally_quantity {
+            unit: tally_unit::TALLY_UNIT_REQUESTS as u32,
+            amount: 1,
+        };
+        for len in [TALLY_MAX_QUANTITIES + 1, 1 << 40, isize::MAX as usize] {
+            let Err(failure) = quantities("quantities", &one, len, false) else {
+                panic!("{len} quantities taken");
+            };
+            assert_eq!(failure.status, tally_status::TALLY_BAD_QUANTITY, "{len}");
+            assert!(
+                failure.message.contains(&format!("{len} given; at most")),
+                "{}",
+                failure.message
+            );
+        }
+        assert!(quantities("quantities", &one, 1, false).is_ok());
     }
 }
