@@ -235,7 +235,13 @@ func newEngine(handle *C.tally_engine) *Engine {
 	// Free only when no goroutine can reach the engine any more: every method keeps it
 	// alive (runtime.KeepAlive) until its C call has returned, so free never races a call.
 	// Close alone does not free, which is what makes Close safe while others are calling.
-	runtime.SetFinalizer(engine, func(engine *Engine) { C.tally_engine_free(engine.handle) })
+	// Freeing an engine never closed closes it (a checkpoint and an fsync, seconds with
+	// millions of keys): on a goroutine of its own, not on the runtime's one finalizer
+	// goroutine, whose other finalizers would wait for it.
+	runtime.SetFinalizer(engine, func(engine *Engine) {
+		handle := engine.handle
+		go C.tally_engine_free(handle)
+	})
 	return engine
 }
 
