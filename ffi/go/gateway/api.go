@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 )
@@ -32,8 +33,8 @@ type route struct {
 }
 
 // meteredRoutes are the POST routes the gateway counts, the Python middleware's
-// DEFAULT_ROUTES. Other paths are proxied unmetered once the key is known (model lists,
-// token counting).
+// DEFAULT_ROUTES. A call on any other route is proxied only if it passes through
+// (Config.PassThrough); otherwise it is refused (routeRefused).
 var meteredRoutes = map[string]route{
 	"/v1/chat/completions":   {OpenAI, byTokens},
 	"/v1/completions":        {OpenAI, byTokens},
@@ -44,9 +45,86 @@ var meteredRoutes = map[string]route{
 	"/v1/images/generations": {OpenAI, byImages},
 }
 
-// apiOf is the dialect of a path: Anthropic for /v1/messages..., OpenAI otherwise.
+// DefaultPassThrough are the routes proxied unmetered when Config.PassThrough is nil, the
+// Python middleware's DEFAULT_PASS_THROUGH: the model list, one model, and Anthropic's token
+// count, which cost nothing upstream and show nothing of other users. Everything else the
+// upstream serves either spends the operator's account (batches, files for batches,
+// Anthropic's legacy /v1/complete, transcriptions, image edits, moderations, fine-tuning,
+// assistants' runs, realtime websockets) or shows what other users left there (files,
+// batches), so it is refused unless an operator opens it.
+var DefaultPassThrough = []string{
+	"GET /v1/models",
+	"GET /v1/models/*",
+	"POST /v1/messages/count_tokens",
+}
+
+// passRoute is one entry of Config.PassThrough: "METHOD /path", the method in upper case, the
+// path clean (no doubled or trailing slash, no dot segment, no "?", "#" or "%"), a segment
+// "*" matching any one segment ("GET /v1/models/*" is GET /v1/models/m2.7, not GET /v1/models
+// nor GET /v1/models/a/b). A call matches by its method (in upper case) and its path cleaned,
+// which is the path passed on: the upstream serves exactly the route the entry names.
+type passRoute struct {
+	method   string
+	segments []string
+}
+
+// parsePassThrough reads the entries, refusing one that is no route as said above or that
+// would match a metered route (POST on a metered path): that call would be metered and free
+// at once.
+func parsePassThrough(entries []string) ([]passRoute, error) {
+	routes := make([]passRoute, 0, len(entries))
+	for _, entry := range entries {
+		bad := func(why string) error {
+			return fmt.Errorf("gateway: PassThrough %q: %s", entry, why)
+		}
+		fields := strings.Fields(entry)
+		if len(fields) != 2 {
+			return nil, bad(`want "METHOD /path", e.g. "GET /v1/models"`)
+		}
+		method, path := fields[0], fields[1]
+		if strings.IndexFunc(method, func(c rune) bool { return c < 'A' || c > 'Z' }) >= 0 {
+			return nil, bad("the method must be in upper case letters, e.g. GET")
+		}
+		if !strings.HasPrefix(path, "/") || routePath(path) != path || strings.ContainsAny(path, "?#%") {
+			return nil, bad("the path must start with / and be clean: no doubled or trailing slash, no . or .. segment, no ?, # or %")
+		}
+		pass := passRoute{method: method, segments: strings.Split(path[1:], "/")}
+		for _, segment := range pass.segments {
+			if segment != "*" && strings.Contains(segment, "*") {
+				return nil, bad(`"*" stands for a whole segment only`)
+			}
+		}
+		for metered := range meteredRoutes {
+			if pass.matches(http.MethodPost, metered) {
+				return nil, bad("it matches the metered route POST " + metered + ", which cannot also pass through unmetered")
+			}
+		}
+		routes = append(routes, pass)
+	}
+	return routes, nil
+}
+
+// matches says whether a call with method on path (cleaned) is this route.
+func (p passRoute) matches(method, path string) bool {
+	if method != p.method || !strings.HasPrefix(path, "/") {
+		return false
+	}
+	segments := strings.Split(path[1:], "/")
+	if len(segments) != len(p.segments) {
+		return false
+	}
+	for i, segment := range segments {
+		if (p.segments[i] == "*" && segment == "") || (p.segments[i] != "*" && p.segments[i] != segment) {
+			return false
+		}
+	}
+	return true
+}
+
+// apiOf is the dialect of a path: Anthropic for /v1/messages... and its legacy /v1/complete,
+// OpenAI otherwise.
 func apiOf(path string) API {
-	if strings.HasPrefix(path, "/v1/messages") {
+	if strings.HasPrefix(path, "/v1/messages") || path == "/v1/complete" {
 		return Anthropic
 	}
 	return OpenAI
@@ -126,6 +204,21 @@ func tooLarge(api API, message string) apiError {
 		return apiError{status: http.StatusRequestEntityTooLarge, kind: "request_too_large", message: message}
 	}
 	return apiError{status: http.StatusRequestEntityTooLarge, kind: "invalid_request_error", code: "request_too_large", message: message}
+}
+
+// routeRefused: a route the gateway neither meters nor passes through. 403, a call this caller
+// may not make here (Anthropic's permission_error; OpenAI's 403s are invalid_request_error,
+// here with code route_not_served), rather than the 404 the upstreams give a route they do
+// not have: the route may well exist upstream (batches, files), and it is this gateway that
+// does not serve it, whatever the key's quota, which no retry or other model changes. A
+// websocket refused before it is accepted is 403 too (as an ASGI server answers the Python
+// middleware's refusal), so both gateways answer every refused route, websocket or not, alike.
+func routeRefused(api API, method, path string) apiError {
+	message := fmt.Sprintf("%s %s is not served by this gateway: the route is not metered, and only metered routes and the routes an operator lets pass through (costing nothing) reach the upstream.", method, path)
+	if api == Anthropic {
+		return apiError{status: http.StatusForbidden, kind: "permission_error", message: message}
+	}
+	return apiError{status: http.StatusForbidden, kind: "invalid_request_error", code: "route_not_served", message: message}
 }
 
 func unauthorized(api API, message string) apiError {

@@ -22,8 +22,21 @@
 // permission_error on Anthropic's. A call without a key, with an unknown one, with one no key
 // can be (longer than tally.MaxIDBytes, not UTF-8) or with two different keys in the two
 // headers is answered 401, on every route. A model the policy has no resource for is answered
-// 404 (model_not_found; Anthropic's not_found_error). The Python middleware (tally.asgi)
-// answers alike.
+// 404 (model_not_found; Anthropic's not_found_error).
+//
+// Only the metered routes and the routes that pass through reach the upstream. A route passes
+// through, unmetered and for a key the engine knows, when Config.PassThrough lists it; by
+// default (DefaultPassThrough) GET /v1/models, GET /v1/models/{id} and POST
+// /v1/messages/count_tokens, which cost nothing and show nothing of other users. Their answers
+// lose the upstream's rate-limit headers too. Every other route (another path, or a metered
+// path with a method other than POST) is refused before the upstream with 403, naming the
+// route, in the API's shape (OpenAI's invalid_request_error, code route_not_served;
+// Anthropic's permission_error), a websocket's upgrade too: proxied, it would spend the
+// operator's account uncounted (message batches, Anthropic's legacy /v1/complete, OpenAI's
+// batches and files, transcriptions, image edits, moderations, fine-tuning, assistants' runs,
+// realtime) or show other users' data (files, batches). An unknown key is 401 there as
+// everywhere, before the route is looked at. The Python middleware (tally.asgi) answers
+// alike.
 package gateway
 
 import (
@@ -56,7 +69,9 @@ type Config struct {
 	UpstreamKey string
 	// Resource maps a request's model to a tally resource; nil: DefaultResource.
 	Resource func(model string) string
-	// EstimateTokens is reserved when the body gives no max_tokens (default 4096).
+	// EstimateTokens is reserved when the body gives no max_tokens (default 4096). Less than
+	// tally.MaxQuantity, else New fails: the estimate adds the prompt's tokens (at least one),
+	// and one past the largest quantity fails every call.
 	EstimateTokens uint64
 	// Lease bounds a reservation whose response never finishes (default 30 minutes, at most a
 	// day in whole milliseconds, else New fails, as the Python middleware's lease_ms). The engine cannot extend a lease: a response
@@ -69,6 +84,16 @@ type Config struct {
 	// MaxBodyBytes bounds a request body (default 32 MiB).
 	MaxBodyBytes int64
 	Logger       *log.Logger
+	// PassThrough lists the routes proxied unmetered, for a key the engine knows, as
+	// "METHOD /path" entries: the method in upper case, the path clean, a segment "*" standing
+	// for any one segment ("GET /v1/models/*"). A call matches by its method and its path
+	// cleaned (no doubled or trailing slash, no dot segment), and is passed on with that path.
+	// nil: DefaultPassThrough; a list replaces it (append to DefaultPassThrough to add to it;
+	// empty, nothing passes through). An entry that is no such route, or that matches a
+	// metered route (POST /v1/messages, POST /v1/*), fails New. List only routes that cost
+	// nothing upstream and show nothing of other users: a route neither metered nor listed is
+	// refused with 403 before the upstream (a websocket's upgrade too: list "GET /path").
+	PassThrough []string
 }
 
 // DefaultModels are model names as clients send them -> resources of the shipped Token Plan
@@ -93,8 +118,9 @@ func DefaultResource(model string) string {
 
 // Gateway is the http.Handler.
 type Gateway struct {
-	config Config
-	proxy  *httputil.ReverseProxy
+	config      Config
+	passThrough []passRoute
+	proxy       *httputil.ReverseProxy
 }
 
 // New builds a Gateway.
@@ -107,6 +133,19 @@ func New(config Config) (*Gateway, error) {
 	}
 	if config.EstimateTokens == 0 {
 		config.EstimateTokens = 4096
+	}
+	// Checked here, as the lease is: refused by the engine, it would fail every call that names
+	// no maximum (400).
+	if config.EstimateTokens >= tally.MaxQuantity {
+		return nil, fmt.Errorf("gateway: EstimateTokens %d: want less than %d, the engine's largest quantity, which the prompt's tokens are added to",
+			config.EstimateTokens, uint64(tally.MaxQuantity))
+	}
+	if config.PassThrough == nil {
+		config.PassThrough = DefaultPassThrough
+	}
+	passThrough, err := parsePassThrough(config.PassThrough)
+	if err != nil {
+		return nil, err
 	}
 	if config.Lease <= 0 {
 		config.Lease = 30 * time.Minute
@@ -122,7 +161,7 @@ func New(config Config) (*Gateway, error) {
 	if config.Logger == nil {
 		config.Logger = log.Default()
 	}
-	g := &Gateway{config: config}
+	g := &Gateway{config: config, passThrough: passThrough}
 	g.proxy = &httputil.ReverseProxy{
 		Director:       g.direct,
 		ModifyResponse: g.modifyResponse,
@@ -164,16 +203,15 @@ type call struct {
 
 type callKey struct{}
 
-// ServeHTTP meters the metered routes and proxies everything for known keys.
+// ServeHTTP meters the metered routes, proxies the routes that pass through for known keys, and
+// refuses every other route.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// "/v1/chat/completions/" and "//v1/chat/completions" are the metered route too (an
-	// upstream may serve them): metered, and passed on, as the route they clean to.
-	if cleaned := routePath(r.URL.Path); cleaned != r.URL.Path {
-		if _, metered := meteredRoutes[cleaned]; metered {
-			r.URL.Path, r.URL.RawPath = cleaned, ""
-		}
-	}
-	api := apiOf(r.URL.Path)
+	// upstream may serve them): metered, and passed on, as the route they clean to; so is a
+	// route that passes through. The method is read in upper case, as the Python middleware
+	// reads it.
+	path, method := routePath(r.URL.Path), strings.ToUpper(r.Method)
+	api := apiOf(path)
 	key, conflict := keyOf(r)
 	if conflict {
 		unauthorized(api, "the call carries two different API keys (Authorization: Bearer and x-api-key): send one").write(w, api)
@@ -187,11 +225,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		unauthorized(api, "invalid API key").write(w, api)
 		return
 	}
-	route, metered := meteredRoutes[r.URL.Path]
-	if !metered || r.Method != http.MethodPost {
-		g.proxyUnmetered(w, r, api, key)
+	route, metered := meteredRoutes[path]
+	if !metered || method != http.MethodPost {
+		g.proxyUnmetered(w, r, api, key, method, path)
 		return
 	}
+	r.URL.Path, r.URL.RawPath = path, ""
 	body, request, failure := g.readRequest(w, r, api, key, route.metering)
 	if failure != nil {
 		failure.write(w, api)
@@ -319,14 +358,24 @@ func images(api API, n *int64) ([]tally.Quantity, *apiError) {
 	return []tally.Quantity{{Unit: tally.Images, Amount: uint64(count)}, {Unit: tally.Requests, Amount: 1}}, nil
 }
 
-// proxyUnmetered forwards calls that use no quota (model lists, token counting) for keys the
-// engine knows.
-func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key string) {
+// proxyUnmetered forwards a call on a route that passes through (PassThrough: a model list,
+// token counting), for a key the engine knows, on the path it matched; it refuses any other
+// route (403) without calling the upstream, which would serve it on the operator's account
+// and charge nothing. The key is checked first, so an unknown key is 401 on every route and
+// learns nothing about routes.
+func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key, method, path string) {
 	if _, err := g.config.Engine.Usage(key, g.now()); err != nil {
 		g.answerEngineError(w, api, err)
 		return
 	}
-	g.proxy.ServeHTTP(w, r)
+	for _, pass := range g.passThrough {
+		if pass.matches(method, path) {
+			r.URL.Path, r.URL.RawPath = path, ""
+			g.proxy.ServeHTTP(w, r)
+			return
+		}
+	}
+	routeRefused(api, method, path).write(w, api)
 }
 
 // direct points the request at the upstream and swaps in the upstream's key.

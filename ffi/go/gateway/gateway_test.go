@@ -36,6 +36,7 @@ const upstreamKey = "sk-upstream-secret"
 type fakeUpstream struct {
 	fail   atomic.Bool
 	served atomic.Int64
+	hits   atomic.Int64 // every request that reached the upstream, on any route
 	wrong  atomic.Int64 // calls that arrived without the upstream's key
 	// usage, if set, is the "usage" object of non-streamed OpenAI answers.
 	usage atomic.Pointer[string]
@@ -50,12 +51,25 @@ func (f *fakeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Header.Get("Authorization") != "Bearer "+upstreamKey && r.Header.Get("x-api-key") != upstreamKey {
 		f.wrong.Add(1)
 	}
+	f.hits.Add(1)
 	var body struct {
 		Model  string `json:"model"`
 		Stream bool   `json:"stream"`
 	}
-	if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
-		fmt.Fprint(w, `{"object":"list","data":[{"id":"MiniMax-M2.7"}]}`)
+	if r.Method == http.MethodGet || r.URL.Path == "/v1/messages/count_tokens" {
+		// A model list, a model, a token count, or whatever else a test opens: answered with
+		// the operator's account limits, as the real APIs answer every call.
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("x-ratelimit-limit-requests", "99999")
+		w.Header().Set("anthropic-ratelimit-tokens-limit", "2000000")
+		switch {
+		case r.URL.Path == "/v1/models":
+			fmt.Fprint(w, `{"object":"list","data":[{"id":"MiniMax-M2.7"}]}`)
+		case r.URL.Path == "/v1/messages/count_tokens":
+			fmt.Fprint(w, `{"input_tokens":5}`)
+		default:
+			fmt.Fprintf(w, `{"path":%q}`, r.URL.Path)
+		}
 		return
 	}
 	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Model == "" {
@@ -139,6 +153,12 @@ type policyDocument struct {
 // with the shipped policy.
 func start(t *testing.T) *harness {
 	t.Helper()
+	return startWith(t, nil)
+}
+
+// startWith is start with the gateway's Config changed by configure (if not nil) first.
+func startWith(t *testing.T, configure func(*gateway.Config)) *harness {
+	t.Helper()
 	engine, err := tally.OpenInMemory(unbounded)
 	if err != nil {
 		t.Fatal(err)
@@ -147,9 +167,13 @@ func start(t *testing.T) *harness {
 	upstream := httptest.NewServer(h.upstream)
 	upstreamURL, _ := url.Parse(upstream.URL)
 	var tick atomic.Int64
-	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, UpstreamKey: upstreamKey,
+	config := gateway.Config{Engine: engine, Upstream: upstreamURL, UpstreamKey: upstreamKey,
 		Clock:  func() time.Time { return t0.Add(time.Duration(tick.Add(1)) * time.Millisecond) },
-		Logger: log.New(io.Discard, "", 0)})
+		Logger: log.New(io.Discard, "", 0)}
+	if configure != nil {
+		configure(&config)
+	}
+	g, err := gateway.New(config)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -585,24 +609,19 @@ func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
 	}
 }
 
-// An unmetered route (a model list, token counting) reaches the upstream on the operator's key:
-// only for a key the engine knows, as in the Python middleware; the refusal is in the shape of
-// the API the path belongs to.
+// A route that costs nothing and shows nothing of other users (a model list, a model, token
+// counting: DefaultPassThrough) reaches the upstream unmetered on the operator's key: only for
+// a key the engine knows, as in the Python middleware; the refusal is in the shape of the API
+// the path belongs to. Every other route that is not metered is refused (see
+// TestRoutesNeitherMeteredNorFreeAreRefusedBeforeTheUpstream).
 func TestUnmeteredRoutesAreProxiedForKnownKeys(t *testing.T) {
 	h := start(t)
 	h.user(t, "gu", "tp-gu", "Starter")
 	for key, want := range map[string]int{"tp-gu": http.StatusOK, "tp-nobody": http.StatusUnauthorized, "": http.StatusUnauthorized} {
-		request, _ := http.NewRequest(http.MethodGet, h.gateway.URL+"/v1/models", nil)
-		if key != "" {
-			request.Header.Set("Authorization", "Bearer "+key)
-		}
-		response, err := http.DefaultClient.Do(request)
-		if err != nil {
-			t.Fatal(err)
-		}
-		response.Body.Close()
-		if response.StatusCode != want {
-			t.Fatalf("%q: %d", key, response.StatusCode)
+		for _, path := range []string{"/v1/models", "/v1/models/MiniMax-M2.7"} {
+			if a := h.send(t, http.MethodGet, path, key, false, "", nil); a.status != want {
+				t.Fatalf("GET %s, %q: %d %s", path, key, a.status, a.raw)
+			}
 		}
 	}
 	a := h.post(t, true, "/v1/messages/count_tokens", "tp-nobody", `{"model":"MiniMax-M2.7","messages":[]}`)
@@ -613,6 +632,56 @@ func TestUnmeteredRoutesAreProxiedForKnownKeys(t *testing.T) {
 	if a := h.postTwoKeys(t, "/v1/models", "tp-gu", "tp-nobody"); a.status != http.StatusUnauthorized {
 		t.Fatalf("two keys: %d %s", a.status, a.raw)
 	}
+	hits := h.upstream.hits.Load()
+	a = h.post(t, true, "/v1/messages/count_tokens", "tp-gu", `{"model":"MiniMax-M2.7","messages":[]}`)
+	if a.status != http.StatusOK || a.body["input_tokens"] != 5.0 {
+		t.Fatalf("count_tokens: %d %s", a.status, a.raw)
+	}
+	if h.upstream.hits.Load() != hits+1 || h.upstream.wrong.Load() != 0 {
+		t.Fatalf("the upstream saw %d calls (%d without its key)", h.upstream.hits.Load()-hits, h.upstream.wrong.Load())
+	}
+	usage, err := h.engine.Usage("tp-gu", t0.Add(time.Minute))
+	if err != nil || usage.Limits[0].Used != 0 {
+		t.Fatalf("passed through, yet charged: %+v %v", usage, err)
+	}
+}
+
+// send sends a call with method to path, keyed as the API's clients do (see post), with the
+// extra headers; body "" sends none.
+func (h *harness) send(t *testing.T, method, path, key string, anthropic bool, body string, extra http.Header) answer {
+	t.Helper()
+	var reader io.Reader
+	if body != "" {
+		reader = strings.NewReader(body)
+	}
+	request, err := http.NewRequest(method, h.gateway.URL+path, reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "" {
+		request.Header.Set("Content-Type", "application/json")
+	}
+	if anthropic && key != "" {
+		request.Header.Set("x-api-key", key)
+		request.Header.Set("anthropic-version", "2023-06-01")
+	} else if key != "" {
+		request.Header.Set("Authorization", "Bearer "+key)
+	}
+	for name, values := range extra {
+		request.Header[name] = values
+	}
+	response, err := http.DefaultClient.Do(request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer response.Body.Close()
+	raw, err := io.ReadAll(response.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := answer{status: response.StatusCode, header: response.Header, raw: string(raw)}
+	_ = json.Unmarshal(raw, &a.body)
+	return a
 }
 
 // Each rate-limit header comes once on an admitted call: set before proxying and again on the

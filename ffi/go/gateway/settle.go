@@ -22,17 +22,18 @@ const maxUsageBodyBytes = 32 << 20
 // voids it when the upstream failed. Streamed responses (server-sent events) are settled
 // when their body ends, from the usage their events carry.
 func (g *Gateway) modifyResponse(response *http.Response) error {
-	c, ok := response.Request.Context().Value(callKey{}).(*call)
-	if !ok {
-		return nil
-	}
 	// The upstream's rate-limit headers are the operator's account's, not the caller's (and
-	// would leak it): the gateway's replace them all, as in the Python middleware.
+	// would leak it): dropped on every answer, a pass-through's too; a metered call's carry the
+	// gateway's in their place, as in the Python middleware.
 	for name := range response.Header {
 		lower := strings.ToLower(name)
 		if strings.HasPrefix(lower, "x-ratelimit-") || strings.HasPrefix(lower, "anthropic-ratelimit-") {
 			response.Header.Del(name)
 		}
+	}
+	c, ok := response.Request.Context().Value(callKey{}).(*call)
+	if !ok {
+		return nil
 	}
 	setRateLimitHeaders(response.Header, c.api, c.decision, g.wallNow())
 	if response.StatusCode >= http.StatusBadRequest {

@@ -5,6 +5,13 @@
 //
 // The upstream's own key comes from the UPSTREAM_API_KEY environment variable (or
 // -upstream-key); without one, callers' credentials are forwarded as they are.
+//
+// Besides the metered routes, only the routes of gateway.DefaultPassThrough (GET /v1/models,
+// GET /v1/models/*, POST /v1/messages/count_tokens) reach the upstream, unmetered; every other
+// route is refused (403). -pass-through "METHOD /path" (repeatable; a segment "*" stands for
+// any one segment) opens one more, for a route the operator knows costs nothing:
+//
+//	tally-gateway -upstream https://api.example.com -pass-through "GET /v1/files/*"
 package main
 
 import (
@@ -35,6 +42,12 @@ type demoKeys []string
 func (d *demoKeys) String() string     { return strings.Join(*d, ",") }
 func (d *demoKeys) Set(v string) error { *d = append(*d, v); return nil }
 
+// routes collects repeated -pass-through "METHOD /path" flags.
+type routes []string
+
+func (r *routes) String() string     { return strings.Join(*r, ", ") }
+func (r *routes) Set(v string) error { *r = append(*r, v); return nil }
+
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "address to listen on")
 	upstream := flag.String("upstream", "", "upstream base URL, e.g. https://api.minimax.io/anthropic (required)")
@@ -45,6 +58,9 @@ func main() {
 	policy := flag.String("policy", "", "policy file, .toml or .json (default: the shipped Token Plan)")
 	estimate := flag.Uint64("estimate-tokens", 4096, "tokens reserved when a request gives no max_tokens")
 	lease := flag.Duration("lease", 30*time.Minute, "how long a reservation holds (at most 24h): above the longest stream served, which is otherwise charged by a usage correction")
+	var passThrough routes
+	flag.Var(&passThrough, "pass-through", `a route to proxy unmetered besides the default ones (`+
+		strings.Join(gateway.DefaultPassThrough, ", ")+`), "METHOD /path", a segment "*" for any one segment: only one that costs nothing upstream and shows nothing of other users; repeatable`)
 	var keys demoKeys
 	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
 	flag.Parse()
@@ -53,19 +69,25 @@ func main() {
 	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, keys, stop, nil); err != nil {
+	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, passThrough, keys, stop, nil); err != nil {
 		log.Fatalf("tally-gateway: %v", err)
 	}
 }
 
 // run serves until stop delivers a signal, then drains the calls in flight (up to 30 s) and
-// closes the engine; ready, if not nil, is told the address it listens on.
+// closes the engine; ready, if not nil, is told the address it listens on. passThrough adds to
+// gateway.DefaultPassThrough.
 func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, lease time.Duration,
-	keys demoKeys, stop <-chan os.Signal, ready func(addr string)) error {
+	passThrough []string, keys demoKeys, stop <-chan os.Signal, ready func(addr string)) error {
 	// The engine's bound on a lease (TALLY_MAX_LEASE_MS), in whole milliseconds: refused here,
 	// not at every reserve.
 	if lease <= 0 || lease > maxLease || lease%time.Millisecond != 0 {
 		return fmt.Errorf("-lease: want whole milliseconds, more than 0 and at most %s, got %s", maxLease, lease)
+	}
+	// The engine's bound on a quantity: the estimate has the prompt's tokens (at least one)
+	// added to it, and one past the bound fails every call that names no maximum.
+	if estimate >= tally.MaxQuantity {
+		return fmt.Errorf("-estimate-tokens: want less than %d, the engine's largest quantity, got %d", uint64(tally.MaxQuantity), estimate)
 	}
 	upstreamURL, err := url.Parse(upstream)
 	if err != nil || upstreamURL.Scheme == "" || upstreamURL.Host == "" {
@@ -95,9 +117,11 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, leas
 		}
 	}
 	handler, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL,
-		UpstreamKey: upstreamKey, EstimateTokens: estimate, Lease: lease})
+		UpstreamKey: upstreamKey, EstimateTokens: estimate, Lease: lease,
+		PassThrough: append(append([]string(nil), gateway.DefaultPassThrough...), passThrough...)})
 	if err != nil {
-		return err
+		// The lease and the estimate are checked above: what is left is an entry.
+		return fmt.Errorf("-pass-through: %w", err)
 	}
 	server := &http.Server{Addr: listen, Handler: handler, ReadHeaderTimeout: 30 * time.Second}
 	listener, err := net.Listen("tcp", listen)
@@ -120,7 +144,9 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, leas
 			log.Printf("tally-gateway: shutdown: %v", err)
 		}
 	}()
-	log.Printf("tally-gateway: listening on %s, proxying to %s (library %s)", listener.Addr(), upstreamURL, tally.LibraryVersion())
+	// Redacted: a password in the upstream's URL (https://user:password@host) stays out of the
+	// log, which more people read than the secret is meant for.
+	log.Printf("tally-gateway: listening on %s, proxying to %s (library %s)", listener.Addr(), upstreamURL.Redacted(), tally.LibraryVersion())
 	if err := server.Serve(listener); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -61,7 +63,7 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 	addresses := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, 30*time.Minute, demoKeys{"tp-demo:Starter"}, stop,
+		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, 30*time.Minute, nil, demoKeys{"tp-demo:Starter"}, stop,
 			func(addr string) { addresses <- addr })
 	}()
 	address := <-addresses
@@ -114,9 +116,100 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 // not answered 503 at every call.
 func TestALeaseTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
 	for _, lease := range []time.Duration{0, -time.Second, 24*time.Hour + time.Millisecond, 1500 * time.Microsecond} {
-		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", 256, lease, nil, nil, nil)
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", 256, lease, nil, nil, nil, nil)
 		if err == nil || !strings.Contains(err.Error(), "-lease") {
 			t.Errorf("%s: %v", lease, err)
+		}
+	}
+}
+
+// An estimate the engine cannot hold (the prompt adds at least a token to it) is refused when
+// the gateway starts, not answered 400 at every call without a max_tokens.
+func TestAnEstimateTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
+	for _, estimate := range []uint64{tally.MaxQuantity, 1 << 63} {
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", estimate, 30*time.Minute, nil, nil, nil, nil)
+		if err == nil || !strings.Contains(err.Error(), "-estimate-tokens") {
+			t.Errorf("%d: %v", estimate, err)
+		}
+	}
+}
+
+// serve runs the command's gateway in front of upstream with the -pass-through entries and a
+// Starter key tp-demo, until the test ends; it returns the address it listens on.
+func serve(t *testing.T, upstream string, passThrough []string) string {
+	t.Helper()
+	stop := make(chan os.Signal, 1)
+	addresses := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- run("127.0.0.1:0", upstream, "", "", "", 256, 30*time.Minute, passThrough,
+			demoKeys{"tp-demo:Starter"}, stop, func(addr string) { addresses <- addr })
+	}()
+	select {
+	case address := <-addresses:
+		t.Cleanup(func() {
+			stop <- syscall.SIGTERM
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		})
+		return address
+	case err := <-done:
+		t.Fatalf("the gateway did not start: %v", err)
+		return ""
+	}
+}
+
+// The command's startup line names the upstream, but never the password its URL may carry
+// (https://user:password@host): the log is often read by more people than the secret is.
+func TestTheStartupLogNeverShowsTheUpstreamsPassword(t *testing.T) {
+	var logged bytes.Buffer
+	log.SetOutput(&logged)
+	t.Cleanup(func() { log.SetOutput(os.Stderr) })
+	upstream := httptest.NewServer(http.NotFoundHandler())
+	defer upstream.Close()
+	withPassword := strings.Replace(upstream.URL, "http://", "http://operator:hunter2-secret@", 1)
+	stop := make(chan os.Signal, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- run("127.0.0.1:0", withPassword, "", "", "", 256, 30*time.Minute, nil, nil, stop,
+			func(string) { stop <- syscall.SIGTERM })
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(logged.String(), "proxying to") || strings.Contains(logged.String(), "hunter2-secret") {
+		t.Fatalf("the startup log: %q", logged.String())
+	}
+}
+
+// -pass-through opens a route (repeatable, "METHOD /path") on top of the default list; an
+// entry that is no route, or a metered one, fails the start naming it.
+func TestAPassThroughFlagOpensARouteAndABadOneFailsTheStart(t *testing.T) {
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"path":%q}`, r.URL.Path)
+	}))
+	defer upstream.Close()
+	address := serve(t, upstream.URL, []string{"GET /v1/files/*"})
+	for path, want := range map[string]int{"/v1/files/file-1": http.StatusOK, "/v1/models": http.StatusOK,
+		"/v1/files": http.StatusForbidden, "/v1/batches": http.StatusForbidden} {
+		request, _ := http.NewRequest(http.MethodGet, "http://"+address+path, nil)
+		request.Header.Set("Authorization", "Bearer tp-demo")
+		response, err := http.DefaultClient.Do(request)
+		if err != nil {
+			t.Fatal(err)
+		}
+		payload, _ := io.ReadAll(response.Body)
+		response.Body.Close()
+		if response.StatusCode != want {
+			t.Errorf("GET %s: %d %s", path, response.StatusCode, payload)
+		}
+	}
+	for _, entry := range []string{"POST /v1/messages", "GET v1/files"} {
+		err := run("127.0.0.1:0", upstream.URL, "", "", "", 256, 30*time.Minute, []string{entry}, nil, nil, nil)
+		if err == nil || !strings.Contains(err.Error(), "-pass-through") || !strings.Contains(err.Error(), entry) {
+			t.Errorf("%q: %v", entry, err)
 		}
 	}
 }
