@@ -15,6 +15,8 @@ from conftest import HOUR_MS, T, seated
 from tally import _native, errors
 from tally.asgi import (
     DEFAULT_LEASE_MS,
+    DEFAULT_PASS_THROUGH,
+    MAX_QUANTITY,
     Api,
     Metering,
     QuotaMiddleware,
@@ -22,6 +24,7 @@ from tally.asgi import (
     UsageReader,
     lease_ended,
     rate_limit_headers,
+    route_path,
 )
 
 CHAT = "/v1/chat/completions"
@@ -460,17 +463,28 @@ def test_unknown_models_bad_bodies_and_other_routes(engine, gateway, upstream):
     assert request(gateway, CHAT, raw=b"{not json", key=key).status == 400
     assert request(gateway, CHAT, {"messages": []}, key=key).status == 400
     assert request(gateway, CHAT, chat(model="m2.7-highspeed"), key=key).status == 429  # not on Max
-    # A resource named directly, and routes the middleware does not meter, pass through.
+    # A resource named directly, and a route that passes through, reach the upstream; a route
+    # neither metered nor passed through does not.
     assert request(gateway, CHAT, chat(model="m2.7"), key=key).status == 200
     assert request(gateway, "/v1/models", method="GET", key=key).status == 200
-    assert request(gateway, "/health", {}, key=key).status == 200
-    assert [call["path"] for call in upstream.calls] == [CHAT, "/v1/models", "/health"]
+    assert request(gateway, "/health", {}, key=key).status == 403
+    assert [call["path"] for call in upstream.calls] == [CHAT, "/v1/models"]
 
 
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/messages/count_tokens", "/health"])
-def test_unmetered_routes_pass_only_for_a_known_key(engine, gateway, upstream, path):
+@pytest.mark.parametrize(
+    ("path", "passes"),
+    [
+        ("/v1/models", "GET"),
+        ("/v1/models/MiniMax-M2.7", "GET"),
+        ("/v1/messages/count_tokens", "POST"),
+        ("/health", None),
+    ],
+)
+def test_unmetered_routes_pass_only_for_a_known_key(engine, gateway, upstream, path, passes):
     # The app behind the middleware calls the upstream with the operator's credentials: an
     # unknown key must not reach it on any route, metered or not (as the Go gateway answers).
+    # A known key reaches it unmetered on the routes that pass through (DEFAULT_PASS_THROUGH:
+    # the model list, a model, the token count) only; any other method or path is 403.
     key = seated(engine, "ada", "tp-ada-1", "Starter")
     anthropic = path.startswith(MESSAGES)
     for method in ["GET", "POST"]:
@@ -485,8 +499,178 @@ def test_unmetered_routes_pass_only_for_a_known_key(engine, gateway, upstream, p
         two = two_keys(gateway, path, key, "tp-nobody", {})
         assert two.status == 401
         assert len(upstream.calls) == served
-        assert request(gateway, path, {}, key=key, method=method).status == 200
+        answer = request(gateway, path, {}, key=key, method=method)
+        assert answer.status == (200 if method == passes else 403), (method, answer.body)
+        assert len(upstream.calls) == served + (method == passes)
     assert engine.usage(key, at_ms=T + HOUR_MS).limits[0].used == 0  # passed, not charged
+
+
+#: Routes neither metered nor passed through by default, each with whether its error is in
+#: Anthropic's shape: routes that make the operator's account pay for tokens (batches,
+#: Anthropic's legacy completions, transcriptions, image edits, moderations, fine-tuning,
+#: assistants' runs), that show other users' data (files, batches), a metered path with
+#: another method than POST (OpenAI's GET /v1/chat/completions lists stored completions),
+#: paths the middleware does not know, and one that cleans to such a path. As in the Go
+#: gateway's tests.
+REFUSED_ROUTES = [
+    ("POST", "/v1/messages/batches", True),
+    ("GET", "/v1/messages/batches", True),
+    ("POST", "/v1/complete", True),
+    ("POST", "/v1/batches", False),
+    ("GET", "/v1/batches", False),
+    ("POST", "/v1/files", False),
+    ("GET", "/v1/files", False),
+    ("GET", "/v1/files/file-abc/content", False),
+    ("POST", "/v1/audio/transcriptions", False),
+    ("POST", "/v1/images/edits", False),
+    ("POST", "/v1/moderations", False),
+    ("POST", "/v1/fine_tuning/jobs", False),
+    ("POST", "/v1/threads/runs", False),
+    ("GET", CHAT, False),
+    ("GET", MESSAGES, True),
+    ("POST", "/v1/models", False),
+    ("GET", "/v1/models/a/b", False),
+    ("GET", "/health", False),
+    ("GET", "//v1/files/", False),
+    ("DELETE", "/v1/models/ft-mine", False),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "anthropic"), REFUSED_ROUTES)
+def test_routes_neither_metered_nor_free_are_refused_before_the_upstream(
+    engine, gateway, upstream, method, path, anthropic
+):
+    # Before, every such route reached the upstream on the operator's credentials, unmetered,
+    # for any known key, even one without a seat or credits. Now 403 in the API's shape,
+    # naming the route, for a key with quota as for one without; an unknown key is still 401,
+    # so it learns nothing about routes (as the Go gateway answers).
+    seated(engine, "ro", "tp-ro-1", "Starter")
+    engine.create_user("rn", "tp-rn-1", at_ms=T)  # no seat, no credits
+    header = "x-api-key" if anthropic else "authorization"
+    for key in ["tp-ro-1", "tp-rn-1"]:
+        answer = request(gateway, path, chat(max_tokens=16), key=key, method=method, header=header)
+        assert answer.status == 403, (key, answer.status, answer.body)
+        error = answer.json()["error"]
+        if anthropic:
+            assert answer.json()["type"] == "error" and error["type"] == "permission_error"
+        else:
+            assert error["type"] == "invalid_request_error" and error["code"] == "route_not_served"
+        named = f"{method} {route_path(path)}"
+        assert named in error["message"] and "not metered" in error["message"], error
+    unknown = request(gateway, path, chat(), key="tp-nobody", method=method, header=header)
+    assert unknown.status == 401
+    assert upstream.calls == []
+    usage = engine.usage("tp-ro-1", at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 0 and usage.open_reservations == 0
+
+
+def test_pass_through_opens_the_routes_it_names_only(engine, upstream, clock):
+    # An operator opens more routes they know cost nothing: "METHOD /path", a "*" segment
+    # matching any one segment. The list replaces the default one; empty, nothing passes.
+    gateway = QuotaMiddleware(
+        upstream,
+        engine,
+        clock=clock,
+        pass_through=[*DEFAULT_PASS_THROUGH, "POST /v1/moderations", "GET /v1/files/*/content"],
+    )
+    key = seated(engine, "op", "tp-op-1", "Starter")
+    for method, path, status in [
+        ("POST", "/v1/moderations", 200),
+        ("GET", "/v1/files/file-abc/content", 200),
+        ("GET", "/v1/files//file-abc/content/", 200),  # passed on cleaned
+        ("GET", "/v1/models", 200),
+        ("GET", "/v1/moderations", 403),
+        ("GET", "/v1/files/content", 403),
+        ("GET", "/v1/files/a/b/content", 403),
+        ("GET", "/v1/files", 403),
+    ]:
+        answer = request(gateway, path, {"input": "hi"}, key=key, method=method)
+        assert answer.status == status, (method, path, answer.status, answer.body)
+    assert [call["path"] for call in upstream.calls] == [
+        "/v1/moderations",
+        "/v1/files/file-abc/content",
+        "/v1/files/file-abc/content",
+        "/v1/models",
+    ]
+    closed = QuotaMiddleware(upstream, engine, clock=clock, pass_through=[])
+    assert request(closed, "/v1/models", key=key, method="GET").status == 403
+    assert request(closed, CHAT, chat(), key=key).status == 200
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "POST /v1/messages",
+        "POST /v1/chat/completions",
+        "POST /v1/*",
+        "POST /v1/images/*",
+        "GET",
+        "/v1/models",
+        "GET v1/models",
+        "GET /v1/models/",
+        "GET /v1//models",
+        "GET /v1/./models",
+        "GET /v1/models/../files",
+        "GET /v1/mod*",
+        "get /v1/models",
+        "GET /v1/models?limit=1",
+        "GET /v1/models extra",
+        "",
+        "GET /v1/a%2Fb",
+    ],
+)
+def test_a_bad_pass_through_entry_fails_the_middleware_at_once(engine, upstream, entry):
+    # No route, or a metered one (it would be metered and free at once): refused here, naming
+    # the entry, as the Go gateway's New refuses it.
+    with pytest.raises(ValueError, match="pass_through") as refused:
+        QuotaMiddleware(upstream, engine, pass_through=[*DEFAULT_PASS_THROUGH, entry])
+    assert repr(entry) in str(refused.value)
+
+
+def test_pass_through_is_checked_against_the_routes_metered(engine, upstream):
+    for entry in ["GET /v1/files/*", "GET /v1/chat/completions", "DELETE /v1/models/*", "GET /"]:
+        QuotaMiddleware(upstream, engine, pass_through=[entry])
+    routes = {"/anthropic/v1/messages": Route(Api.ANTHROPIC, Metering.REQUESTS, "m2.7")}
+    QuotaMiddleware(upstream, engine, routes=routes, pass_through=["POST /v1/messages"])
+    with pytest.raises(ValueError, match="/anthropic/v1/messages"):
+        QuotaMiddleware(upstream, engine, routes=routes, pass_through=["POST /anthropic/v1/*"])
+    with pytest.raises(TypeError, match="pass_through"):
+        QuotaMiddleware(upstream, engine, pass_through="GET /v1/files")
+
+
+def test_a_pass_through_answer_drops_the_upstreams_rate_limit_headers(engine, clock):
+    # They are the operator's account limits (a metered answer carries the key's in their
+    # place), as in the Go gateway.
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-ratelimit-limit-requests", b"99999"),
+            (b"X-RateLimit-Remaining-Tokens", b"99998"),
+            (b"anthropic-ratelimit-tokens-limit", b"2000000"),
+            (b"x-request-id", b"req-1"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    key = seated(engine, "pr", "tp-pr-1", "Starter")
+    gateway = QuotaMiddleware(app, engine, clock=clock)
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/messages/count_tokens")]:
+        answer = request(gateway, path, {}, key=key, method=method)
+        assert answer.status == 200 and answer.headers["x-request-id"] == "req-1"
+        assert not [name for name in answer.headers if "ratelimit" in name], answer.headers
+
+
+@pytest.mark.parametrize("default_max_tokens", [MAX_QUANTITY, MAX_QUANTITY + 1, 2**63, -1])
+def test_an_estimate_the_engine_cannot_hold_fails_the_middleware_at_once(
+    engine, upstream, default_max_tokens
+):
+    # As the Go gateway's New refuses it: the prompt's tokens (at least one) are added to it,
+    # and one past the largest quantity would fail every call that names no maximum (400).
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        QuotaMiddleware(upstream, engine, default_max_tokens=default_max_tokens)
+    QuotaMiddleware(upstream, engine, default_max_tokens=MAX_QUANTITY - 1)
 
 
 def test_routes_and_models_are_configurable(engine, upstream, clock):
@@ -504,7 +688,8 @@ def test_routes_and_models_are_configurable(engine, upstream, clock):
         == 200
     )
     assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2
-    assert request(gateway, CHAT, chat(), key=key).status == 200  # no longer metered
+    # No longer metered, nor passed through: refused, not served free of charge.
+    assert request(gateway, CHAT, chat(), key=key).status == 403
     assert engine.usage(key, at_ms=T + 1_000).limits[0].used == 2
 
 
@@ -900,17 +1085,28 @@ def test_an_app_that_fails_before_answering_is_502_in_the_apis_shape(engine, clo
     assert engine.credits("@br") == 1_000_000
 
 
-def test_a_websocket_needs_a_known_key_too(engine, gateway, upstream):
-    # The Go gateway checks the key of every request, a websocket upgrade too; here an unknown
-    # key's websocket is closed before it is accepted (the server answers the handshake 403).
+def test_a_websocket_needs_a_known_key_and_a_route_that_passes_through(engine, upstream):
+    # The Go gateway checks the key of every request, a websocket upgrade too, and refuses a
+    # route that is not metered and does not pass through; here such a websocket is closed
+    # before it is accepted (the server answers the handshake 403, as the Go gateway answers
+    # it). Its handshake is a GET: it passes where "GET /path" does.
     key = seated(engine, "ws", "tp-ws-1", "Starter")
     opened: list[str] = []
 
     async def app(scope, receive, send) -> None:
         opened.append(scope["path"])
 
-    middleware = QuotaMiddleware(app, engine)
-    for bad, expected in [(None, False), ("tp-nobody", False), (key, True)]:
+    default = QuotaMiddleware(app, engine)
+    realtime = QuotaMiddleware(
+        app, engine, pass_through=[*DEFAULT_PASS_THROUGH, "GET /v1/realtime"]
+    )
+    for middleware, bad, expected in [
+        (realtime, None, False),
+        (realtime, "tp-nobody", False),
+        (realtime, key, True),
+        (default, key, False),
+        (default, None, False),
+    ]:
         headers = [(b"authorization", f"Bearer {bad}".encode())] if bad else []
         scope = {"type": "websocket", "path": "/v1/realtime", "headers": headers}
         sent: list[dict[str, Any]] = []

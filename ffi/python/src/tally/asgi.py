@@ -1,9 +1,19 @@
 """``QuotaMiddleware``: quotas in front of OpenAI- and Anthropic-compatible endpoints, as plain
 ASGI (no framework): wrap any ASGI app and serve it with uvicorn, hypercorn, granian, ...
 
-Every HTTP request must carry a key the engine knows (else 401), on unmetered routes too (a
-model list, token counting), which then pass through uncharged. For each request on a metered
-route it:
+Every HTTP request must carry a key the engine knows (else 401), on every route. Only the
+metered routes and the routes that pass through reach the app (and through it the upstream, on
+the operator's credentials). A route passes through, uncharged, when ``pass_through`` lists it;
+by default (``DEFAULT_PASS_THROUGH``) ``GET /v1/models``, ``GET /v1/models/{id}`` and ``POST
+/v1/messages/count_tokens``, which cost nothing and show nothing of other users; its answer
+loses the app's rate-limit headers. Every other route (another path, or a metered path with a
+method other than POST) is refused without calling the app, with 403 naming the route in the
+API's shape (OpenAI's invalid_request_error, code route_not_served; Anthropic's
+permission_error), and a websocket on it is closed before it is accepted (403 from the
+server): passed on, it would spend the operator's account uncounted (message batches,
+Anthropic's legacy ``/v1/complete``, OpenAI's batches and files, transcriptions, image edits,
+moderations, fine-tuning, assistants' runs, realtime) or show other users' data (files,
+batches). For each request on a metered route it:
 
 1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
    can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
@@ -48,6 +58,7 @@ import logging
 import math
 import posixpath
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -123,6 +134,22 @@ DEFAULT_ROUTES: Mapping[str, Route] = {
     "/v1/images/generations": Route(Api.OPENAI, Metering.IMAGES),
 }
 
+#: The routes passed through unmetered (for a key the engine knows) when ``pass_through`` is
+#: None, the Go gateway's DefaultPassThrough: the model list, one model, and Anthropic's token
+#: count, which cost nothing upstream and show nothing of other users. Everything else the
+#: upstream serves either spends the operator's account (batches, files for batches,
+#: Anthropic's legacy ``/v1/complete``, transcriptions, image edits, moderations, fine-tuning,
+#: assistants' runs, realtime websockets) or shows what other users left there (files,
+#: batches), so it is refused (403) unless an operator opens it.
+DEFAULT_PASS_THROUGH: tuple[str, ...] = (
+    "GET /v1/models",
+    "GET /v1/models/*",
+    "POST /v1/messages/count_tokens",
+)
+
+#: Anthropic's paths that extend no metered route: its legacy Text Completions.
+_ANTHROPIC_PATHS = ("/v1/complete",)
+
 #: Model names as clients send them -> resources of the shipped Token Plan policy. A model
 #: that is itself the name of a resource needs no entry.
 DEFAULT_MODELS: Mapping[str, str] = {
@@ -149,7 +176,8 @@ class _Refusal(Exception):
         self.status = status
         self.openai_type = openai_type  # instead of the kind's (a 429's: the limit's unit)
         # "authentication", "invalid_request", "not_found", "too_large", "unavailable",
-        # "internal", "upstream", "rate_limit", "insufficient_quota", "permission"
+        # "internal", "upstream", "rate_limit", "insufficient_quota", "permission",
+        # "forbidden"
         self.kind = kind
         self.message = message
         self.code = code
@@ -168,6 +196,7 @@ _OPENAI_TYPES = {
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "insufficient_quota",
     "permission": "insufficient_quota",
+    "forbidden": "invalid_request_error",
 }
 _ANTHROPIC_TYPES = {
     "authentication": "authentication_error",
@@ -180,6 +209,7 @@ _ANTHROPIC_TYPES = {
     "rate_limit": "rate_limit_error",
     "insufficient_quota": "rate_limit_error",
     "permission": "permission_error",
+    "forbidden": "permission_error",
 }
 
 
@@ -494,17 +524,30 @@ class _Metered:
 
 
 class QuotaMiddleware:
-    """Enforces tally quotas on an ASGI app. HTTP requests on other routes (and non-POST
-    ones) pass through unmetered, but only with a key the engine knows (401 otherwise): the
-    app reaches the upstream on the operator's credentials, which an unknown key must not
-    borrow. A websocket passes unmetered with a known key, and is closed before it is
-    accepted (403) without one; lifespan scopes pass through untouched.
+    """Enforces tally quotas on an ASGI app. HTTP requests on routes that are not metered pass
+    through unmetered only where ``pass_through`` lists their route, and only with a key the
+    engine knows (401 otherwise): the app reaches the upstream on the operator's credentials,
+    which an unknown key must not borrow. Any other route is 403 with a known key, and the app
+    is not called. A websocket passes unmetered with a known key on a route that passes
+    through (its handshake is a GET: listed as ``"GET /path"``), and is closed before it is
+    accepted (403) otherwise; lifespan scopes pass through untouched.
 
-    - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``);
+    - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``), metered on POST;
+    - ``pass_through``: the routes passed through unmetered, as ``"METHOD /path"`` entries
+      (default ``DEFAULT_PASS_THROUGH``; a list replaces it, so add to it with
+      ``[*DEFAULT_PASS_THROUGH, "GET /v1/files/*"]``; empty, nothing passes through): the
+      method in upper case, the path clean (no doubled or trailing slash, no dot segment, no
+      "?", "#" or "%"), a segment ``*`` standing for any one segment. A request matches by its
+      method and its path cleaned, and is passed on with that path. An entry that is no such
+      route, or that matches a metered route (``"POST /v1/messages"``, ``"POST /v1/*"``),
+      is a ``ValueError`` here. List only routes that cost nothing upstream and show nothing
+      of other users;
     - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
       resource of the engine's policy maps to itself, any other is a 404;
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
-    - ``default_max_tokens``: the output tokens to hold when the request names no maximum;
+    - ``default_max_tokens``: the output tokens to hold when the request names no maximum
+      (0 or more and less than ``MAX_TOKEN_ESTIMATE``, else ``ValueError`` here: the prompt's
+      tokens are added to it, and one the engine cannot hold would fail every such request);
     - ``lease_ms``: how long a reservation holds if the gateway dies before settling it
       (default 30 minutes, as in the Go gateway; 1 ms to a day, else ``ValueError`` here;
       None: the engine's default lease). The engine cannot extend a lease: a response that
@@ -528,13 +571,32 @@ class QuotaMiddleware:
         lease_ms: int | None = DEFAULT_LEASE_MS,
         refund_on_error: bool = True,
         run_sync: RunSync | None = None,
+        pass_through: Iterable[str] | None = None,
     ) -> None:
         self.app = app
         self.engine = engine
         self.routes = dict(DEFAULT_ROUTES if routes is None else routes)
         self.models = dict(DEFAULT_MODELS if models is None else models)
         self.clock = clock
+        # Checked here, as the lease is: the prompt's tokens (at least one) are added to it, and
+        # an estimate past the engine's largest quantity would fail every call that names no
+        # maximum (400).
+        if (
+            isinstance(default_max_tokens, bool)
+            or not isinstance(default_max_tokens, int)
+            or not 0 <= default_max_tokens < MAX_TOKEN_ESTIMATE
+        ):
+            raise ValueError(
+                f"default_max_tokens: {default_max_tokens!r}: want 0 or more and less than "
+                f"{MAX_TOKEN_ESTIMATE}, the engine's largest quantity"
+            )
         self.default_max_tokens = default_max_tokens
+        if isinstance(pass_through, str):
+            raise TypeError("pass_through: a list of 'METHOD /path' entries, not one string")
+        self.pass_through = [
+            _PassRoute.parse(entry, self.routes)
+            for entry in (DEFAULT_PASS_THROUGH if pass_through is None else pass_through)
+        ]
         # Checked here, so a lease the engine would refuse fails the gateway's start, not
         # every request it reserves for.
         if lease_ms is not None and _convert.lease_ms(lease_ms) > _native.MAX_LEASE_MS:
@@ -562,31 +624,28 @@ class QuotaMiddleware:
         return result
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") == "websocket":
-            # Unmetered, but for a known key only, as the Go gateway checks an upgrade: closed
-            # before it is accepted, which the server answers 403.
-            if await self._known_key(scope) is not None:
-                await send({"type": "websocket.close", "code": 1008})
-                return
-        if scope.get("type") != "http":
-            await self.app(scope, receive, send)  # lifespan; a websocket with a known key
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
             return
         # "/v1/chat/completions/" and "//v1/chat/completions" are the metered route too (an
-        # upstream may serve them): metered, and passed on, as the route they clean to.
-        cleaned = route_path(scope.get("path", ""))
-        if cleaned != scope.get("path") and cleaned in self.routes:
-            scope = dict(scope, path=cleaned, raw_path=cleaned.encode())
-        route = self._route(scope)
-        if route is None:
-            # Unmetered (a model list, token counting, a GET): passed on for a known key only.
-            # The app calls the upstream with the operator's credentials, and an unknown key
-            # must not reach it through the gateway on any route (as in the Go gateway).
-            refusal = await self._known_key(scope)
-            if refusal is not None:
-                await _send_json(send, self._api_of(scope), refusal, [])
+        # upstream may serve them): metered, and passed on, as the route they clean to; so is
+        # a route that passes through.
+        path = route_path(scope.get("path", ""))
+        if scope.get("type") == "websocket":
+            # A known key and a route that passes through (its handshake is a GET), as the Go
+            # gateway checks an upgrade; else closed before it is accepted, which the server
+            # answers 403.
+            if await self._known_key(scope) is not None or not self._passes("GET", path):
+                await send({"type": "websocket.close", "code": 1008})
                 return
-            await self.app(scope, receive, send)
+            await self.app(_cleaned(scope, path), receive, send)
             return
+        method = str(scope.get("method", "GET")).upper()
+        route = self.routes.get(path) if method == "POST" else None
+        if route is None:
+            await self._pass_through(scope, receive, send, method, path)
+            return
+        scope = _cleaned(scope, path)
         try:
             key = _key(scope)  # before the body, as the Go gateway: 401, not 413
             body = await _read_body(receive)
@@ -602,10 +661,36 @@ class QuotaMiddleware:
         else:
             await self._consume(scope, replay, send, metered)
 
-    def _api_of(self, scope: Scope) -> Api:
+    async def _pass_through(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str
+    ) -> None:
+        """A request on a route that is not metered: passed on unmetered, on its cleaned path,
+        when it passes through (``pass_through``) and its key is known; else refused. The key
+        is checked first (401, or 503 when the engine fails), so an unknown key learns nothing
+        about routes: the app calls the upstream with the operator's credentials, which an
+        unknown key must not borrow on any route. A known key on a route that does not pass
+        through is 403 (``_route_refused``), without calling the app: it would serve the
+        route on the operator's account and charge nothing. The answer loses the app's
+        rate-limit headers, the operator's account limits (as in the Go gateway)."""
+        api = self._api_of(path)
+        refusal = await self._known_key(scope)
+        if refusal is None and not self._passes(method, path):
+            refusal = _route_refused(method, path)
+        if refusal is not None:
+            await _send_json(send, api, refusal, [])
+            return
+        watcher = _ResponseWatcher(send, [])
+        await self.app(_cleaned(scope, path), receive, watcher.send)
+
+    def _passes(self, method: str, path: str) -> bool:
+        return any(route.matches(method, path) for route in self.pass_through)
+
+    def _api_of(self, path: str) -> Api:
         """The API of an unmetered path, for its error's shape: that of a metered route the
-        path extends (``/v1/messages/count_tokens``), else OpenAI's."""
-        path = scope.get("path", "")
+        path extends (``/v1/messages/count_tokens``), Anthropic's for its legacy
+        ``/v1/complete``, else OpenAI's."""
+        if path in _ANTHROPIC_PATHS:
+            return Api.ANTHROPIC
         for prefix, route in self.routes.items():
             if path.startswith(prefix):
                 return route.api
@@ -627,11 +712,6 @@ class QuotaMiddleware:
             _log.error("tally: key lookup failed: %s", error)
             return _unavailable(error)
         return None
-
-    def _route(self, scope: Scope) -> Route | None:
-        if scope.get("type") != "http" or scope.get("method", "GET").upper() != "POST":
-            return None
-        return self.routes.get(scope.get("path", ""))
 
     def _metered(self, key: str, route: Route, body: bytes) -> _Metered:
         try:
@@ -875,6 +955,86 @@ def route_path(path: str) -> str:
     """``path`` cleaned as a route (as Go's ``path.Clean``): no doubled or trailing slashes,
     no dot segments."""
     return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
+@dataclass(frozen=True)
+class _PassRoute:
+    """One entry of ``pass_through``: ``"METHOD /path"``, the method in upper case, the path
+    clean (as ``route_path`` gives it: no doubled or trailing slash, no dot segment; no "?",
+    "#" or "%"), a segment ``*`` matching any one segment (``"GET /v1/models/*"`` is GET
+    /v1/models/m2.7, not GET /v1/models nor GET /v1/models/a/b). A request matches by its
+    method (in upper case) and its path cleaned, which is the path passed on: the app serves
+    exactly the route the entry names. As the Go gateway's PassThrough."""
+
+    method: str
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, entry: str, routes: Mapping[str, Route]) -> _PassRoute:
+        """The entry's route; ``ValueError`` naming it for one that is no route as said above,
+        or that would match a metered route (POST on a metered path): that request would be
+        metered and free at once."""
+
+        def bad(why: str) -> ValueError:
+            return ValueError(f"pass_through: {entry!r}: {why}")
+
+        if not isinstance(entry, str):
+            raise TypeError(f"pass_through: {entry!r}: want a string 'METHOD /path'")
+        fields = entry.split()
+        if len(fields) != 2:
+            raise bad("want 'METHOD /path', e.g. 'GET /v1/models'")
+        method, path = fields
+        if not method.isascii() or not method.isalpha() or not method.isupper():
+            raise bad("the method must be in upper case letters, e.g. GET")
+        if not path.startswith("/") or route_path(path) != path or any(c in path for c in "?#%"):
+            raise bad(
+                "the path must start with / and be clean: no doubled or trailing slash, "
+                "no . or .. segment, no ?, # or %"
+            )
+        segments = tuple(path[1:].split("/"))
+        if any("*" in segment and segment != "*" for segment in segments):
+            raise bad("'*' stands for a whole segment only")
+        route = cls(method, segments)
+        for metered in routes:
+            if route.matches("POST", metered):
+                raise bad(
+                    f"it matches the metered route POST {metered}, which cannot also pass "
+                    "through unmetered"
+                )
+        return route
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether a request with ``method`` on ``path`` (cleaned) is this route."""
+        if method != self.method or not path.startswith("/"):
+            return False
+        segments = path[1:].split("/")
+        return len(segments) == len(self.segments) and all(
+            segment == want or (want == "*" and segment != "")
+            for segment, want in zip(segments, self.segments, strict=True)
+        )
+
+
+def _cleaned(scope: Scope, path: str) -> Scope:
+    """``scope`` on ``path`` (its path cleaned), to pass on: unchanged if it was clean."""
+    if path == scope.get("path"):
+        return scope
+    return dict(scope, path=path, raw_path=urllib.parse.quote(path).encode("ascii"))
+
+
+def _route_refused(method: str, path: str) -> _Refusal:
+    """A route the middleware neither meters nor passes through: 403, a request this caller may
+    not make here (Anthropic's permission_error; OpenAI's 403s are invalid_request_error, here
+    with code route_not_served), rather than the 404 the upstreams give a route they do not
+    have: the route may well exist upstream (batches, files), and it is this gateway that does
+    not serve it, whatever the key's quota, which no retry or other model changes. A websocket
+    refused before it is accepted is 403 too (as the server answers the close), so every
+    refused route, websocket or not, is answered alike, as in the Go gateway."""
+    message = (
+        f"{method} {path} is not served by this gateway: the route is not metered, and only "
+        "metered routes and the routes an operator lets pass through (costing nothing) reach "
+        "the upstream."
+    )
+    return _Refusal(403, "forbidden", message, "route_not_served")
 
 
 def _key(scope: Scope) -> str:
