@@ -381,6 +381,9 @@ func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API
 // direct points the request at the upstream and swaps in the upstream's key.
 func (g *Gateway) direct(r *http.Request) {
 	upstream := g.config.Upstream
+	// The route's API, read before the upstream's own path (https://host/anthropic) is put in
+	// front of it: no Anthropic route starts with that.
+	api := apiOf(r.URL.Path)
 	r.URL.Scheme, r.URL.Host = upstream.Scheme, upstream.Host
 	r.URL.Path = strings.TrimSuffix(upstream.Path, "/") + r.URL.Path
 	r.Host = upstream.Host
@@ -395,7 +398,7 @@ func (g *Gateway) direct(r *http.Request) {
 	}
 	r.Header.Del("Authorization")
 	r.Header.Del("x-api-key")
-	if apiOf(r.URL.Path) == Anthropic {
+	if api == Anthropic {
 		r.Header.Set("x-api-key", g.config.UpstreamKey)
 	} else {
 		r.Header.Set("Authorization", "Bearer "+g.config.UpstreamKey)

@@ -1,10 +1,16 @@
 package gateway_test
 
 import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"path"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -227,5 +233,58 @@ func TestAnEstimateTheEngineCannotHoldFailsNew(t *testing.T) {
 	}
 	if _, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstream, EstimateTokens: tally.MaxQuantity - 1}); err != nil {
 		t.Errorf("the largest estimate that fits: %v", err)
+	}
+}
+
+// An upstream with a path of its own (https://api.minimax.io/anthropic, the command's example)
+// gets the operator's key in the header of the route's API, x-api-key on Anthropic's routes,
+// and an unreachable one is 502 in that API's shape: both were decided on the path with the
+// upstream's prefix, which no Anthropic route starts with.
+func TestAnUpstreamWithAPathGetsTheKeyInTheRoutesHeader(t *testing.T) {
+	engine, err := tally.OpenInMemory(unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	addUser(t, engine, "px", "tp-px", "Starter")
+	var headers sync.Map // path -> the key headers it came with
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		headers.Store(r.URL.Path, [2]string{r.Header.Get("Authorization"), r.Header.Get("x-api-key")})
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}`)
+	}))
+	defer upstream.Close()
+	for _, live := range []bool{true, false} {
+		base, _ := url.Parse(upstream.URL + "/anthropic")
+		if !live {
+			base, _ = url.Parse("http://127.0.0.1:1/anthropic")
+		}
+		g, err := gateway.New(gateway.Config{Engine: engine, Upstream: base, UpstreamKey: upstreamKey,
+			Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, path := range []string{"/v1/messages", "/v1/messages/count_tokens"} {
+			recorder := httptest.NewRecorder()
+			request := httptest.NewRequest(http.MethodPost, path, strings.NewReader(`{"model":"MiniMax-M2.7","max_tokens":5}`))
+			request.Header.Set("x-api-key", "tp-px")
+			g.ServeHTTP(recorder, request)
+			if !live {
+				a := answer{status: recorder.Code, raw: recorder.Body.String()}
+				_ = json.Unmarshal(recorder.Body.Bytes(), &a.body)
+				if a.status != http.StatusBadGateway {
+					t.Fatalf("%s, unreachable: %d %s", path, a.status, a.raw)
+				}
+				anthropicError(t, a, "api_error")
+				continue
+			}
+			if recorder.Code != http.StatusOK {
+				t.Fatalf("%s: %d %s", path, recorder.Code, recorder.Body)
+			}
+			got, _ := headers.Load("/anthropic" + path)
+			if got != [2]string{"", upstreamKey} {
+				t.Fatalf("%s reached the upstream with Authorization %q and x-api-key %q", path, got.([2]string)[0], got.([2]string)[1])
+			}
+		}
 	}
 }

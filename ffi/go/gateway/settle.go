@@ -68,7 +68,8 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 
 // upstreamError voids the reservation and answers 502 in the API's shape.
 func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err error) {
-	api := apiOf(r.URL.Path)
+	// r is the request as sent upstream: its path has the upstream's own in front.
+	api := apiOf(strings.TrimPrefix(r.URL.Path, strings.TrimSuffix(g.config.Upstream.Path, "/")))
 	if c, ok := r.Context().Value(callKey{}).(*call); ok {
 		c.void()
 		api = c.api
