@@ -51,7 +51,7 @@ class Upstream:
             if not message.get("more_body"):
                 break
         body = json.loads(raw or b"{}")
-        self.calls.append({"path": scope["path"], "body": body})
+        self.calls.append({"path": scope["path"], "raw_path": scope.get("raw_path"), "body": body})
         if self.raise_error:
             raise RuntimeError("upstream broke")
         prompt, completion = self.tokens
@@ -592,6 +592,7 @@ def test_pass_through_opens_the_routes_it_names_only(engine, upstream, clock):
         "/v1/files/file-abc/content",
         "/v1/models",
     ]
+    assert upstream.calls[2]["raw_path"] == b"/v1/files/file-abc/content"
     closed = QuotaMiddleware(upstream, engine, clock=clock, pass_through=[])
     assert request(closed, "/v1/models", key=key, method="GET").status == 403
     assert request(closed, CHAT, chat(), key=key).status == 200

@@ -593,7 +593,7 @@ class QuotaMiddleware:
         self.default_max_tokens = default_max_tokens
         if isinstance(pass_through, str):
             raise TypeError("pass_through: a list of 'METHOD /path' entries, not one string")
-        self.pass_through = [
+        self._pass_routes = [
             _PassRoute.parse(entry, self.routes)
             for entry in (DEFAULT_PASS_THROUGH if pass_through is None else pass_through)
         ]
@@ -683,7 +683,7 @@ class QuotaMiddleware:
         await self.app(_cleaned(scope, path), receive, watcher.send)
 
     def _passes(self, method: str, path: str) -> bool:
-        return any(route.matches(method, path) for route in self.pass_through)
+        return any(route.matches(method, path) for route in self._pass_routes)
 
     def _api_of(self, path: str) -> Api:
         """The API of an unmetered path, for its error's shape: that of a metered route the
@@ -1018,7 +1018,9 @@ def _cleaned(scope: Scope, path: str) -> Scope:
     """``scope`` on ``path`` (its path cleaned), to pass on: unchanged if it was clean."""
     if path == scope.get("path"):
         return scope
-    return dict(scope, path=path, raw_path=urllib.parse.quote(path).encode("ascii"))
+    # Escaped as Go's URL.EscapedPath escapes a path (":" and "@" stay, as in "ft:gpt-4o:org").
+    raw_path = urllib.parse.quote(path, safe="/:@!$&'()*+,;=")
+    return dict(scope, path=path, raw_path=raw_path.encode("ascii"))
 
 
 def _route_refused(method: str, path: str) -> _Refusal:
