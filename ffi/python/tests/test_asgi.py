@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gzip
 import json
 import logging
 import time
+import zlib
 from typing import Any
 
 import pytest
@@ -42,6 +44,9 @@ class Upstream:
         self.raise_error = False
         self.stream = False
         self.tokens = (10, 20)
+        # The body's Content-Encoding: None, "gzip", "deflate", "deflate-raw" (sent as
+        # "deflate", without zlib's header) or "br" (sent as is, unreadable).
+        self.encoding: str | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         raw = b""
@@ -51,7 +56,18 @@ class Upstream:
             if not message.get("more_body"):
                 break
         body = json.loads(raw or b"{}")
-        self.calls.append({"path": scope["path"], "raw_path": scope.get("raw_path"), "body": body})
+        self.calls.append(
+            {
+                "path": scope["path"],
+                "raw_path": scope.get("raw_path"),
+                "body": body,
+                "accept_encoding": [
+                    bytes(value).decode()
+                    for name, value in scope.get("headers", [])
+                    if bytes(name).lower() == b"accept-encoding"
+                ],
+            }
+        )
         if self.raise_error:
             raise RuntimeError("upstream broke")
         prompt, completion = self.tokens
@@ -72,17 +88,30 @@ class Upstream:
                     "total_tokens": prompt + completion,
                 },
             }
-        payload = json.dumps(answer).encode()
+        payload, encoding = self._encoded(json.dumps(answer).encode())
         await send(
             {
                 "type": "http.response.start",
                 "status": self.status,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [(b"content-type", b"application/json"), *encoding],
             }
         )
         # In two pieces, as a real proxy may send it.
         await send({"type": "http.response.body", "body": payload[:7], "more_body": True})
         await send({"type": "http.response.body", "body": payload[7:], "more_body": False})
+
+    def _encoded(self, body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """``body`` in ``self.encoding``, and its Content-Encoding header."""
+        if self.encoding == "gzip":
+            return gzip.compress(body), [(b"content-encoding", b"gzip")]
+        if self.encoding == "deflate":
+            return zlib.compress(body), [(b"content-encoding", b"deflate")]
+        if self.encoding == "deflate-raw":
+            raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+            return raw.compress(body) + raw.flush(), [(b"content-encoding", b"deflate")]
+        if self.encoding == "br":
+            return body, [(b"content-encoding", b"br")]
+        return body, []
 
     async def _stream(self, path: str, send, prompt: int, completion: int) -> None:
         if path == MESSAGES:
@@ -107,14 +136,14 @@ class Upstream:
                 },
             ]
         text = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+        raw, encoding = self._encoded(text.encode())
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
+                "headers": [(b"content-type", b"text/event-stream"), *encoding],
             }
         )
-        raw = text.encode()
         for start in range(0, len(raw), 13):  # chunks that split lines
             await send(
                 {"type": "http.response.body", "body": raw[start : start + 13], "more_body": True}
@@ -313,6 +342,71 @@ def test_streamed_usage_is_settled_for_both_apis(engine, gateway, upstream):
     assert request(gateway, CHAT, chat(stream=True), key="tp-ed-1").status == 200
     assert request(gateway, MESSAGES, chat(stream=True), key="tp-ed-1").status == 200
     assert engine.credits("@ed") == 1_000_000 - 2 * (2_000 + 120)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "deflate-raw"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_tokens_in_a_compressed_answer_are_settled(engine, gateway, upstream, encoding, stream):
+    # An app that passed the client's Accept-Encoding on gets a compressed answer: the usage is
+    # read through it (the client gets the body as sent), not charged at the estimate.
+    engine.create_user("ci", "tp-ci-1", at_ms=T)
+    engine.top_up("@ci", 10_000_000, at_ms=T)
+    upstream.encoding, upstream.stream, upstream.tokens = encoding, stream, (50, 70)
+    for path, header in ((CHAT, "authorization"), (MESSAGES, "x-api-key")):
+        response = request(gateway, path, chat(max_tokens=4000), key="tp-ci-1", header=header)
+        assert response.status == 200
+        assert response.headers["content-encoding"] == (
+            "deflate" if "deflate" in encoding else encoding
+        )
+    # 2 requests at 2,000 micros and 2 x 120 tokens at 1 micro, not the 4,000 estimated.
+    assert engine.credits("@ci") == 10_000_000 - 2 * (2_000 + 120)
+    assert engine.usage("tp-ci-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
+def test_an_answer_in_a_coding_the_gateway_cannot_read_settles_at_the_estimate(
+    engine, gateway, upstream, caplog
+):
+    engine.create_user("cj", "tp-cj-1", at_ms=T)
+    engine.top_up("@cj", 10_000_000, at_ms=T)
+    upstream.encoding, upstream.tokens = "br", (50, 70)
+    with caplog.at_level(logging.WARNING, logger="tally.asgi"):
+        assert request(gateway, CHAT, chat(max_tokens=4000), key="tp-cj-1").status == 200
+    assert "Content-Encoding 'br' cannot be read" in caplog.text
+    held = engine.credits("@cj")
+    assert held < 10_000_000 - (2_000 + 120), "charged more than the answer's own usage"
+    assert engine.usage("tp-cj-1", at_ms=T + HOUR_MS).open_reservations == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed"),
+    [
+        (None, []),
+        ("gzip, deflate, br, zstd", ["gzip, deflate"]),
+        ("br;q=1.0, gzip;q=0.5", ["gzip;q=0.5"]),
+        ("br", ["identity"]),
+        ("identity", ["identity"]),
+    ],
+)
+def test_a_metered_calls_accept_encoding_keeps_only_codings_the_gateway_reads(
+    engine, gateway, upstream, sent, passed
+):
+    seated(engine, "ck", "tp-ck-1", "Plus")
+    headers = [(b"content-type", b"application/json"), (b"authorization", b"Bearer tp-ck-1")]
+    if sent is not None:
+        headers.append((b"accept-encoding", sent.encode()))
+    payload = json.dumps(chat(max_tokens=10)).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CHAT,
+        "headers": headers,
+        "query_string": b"",
+        "http_version": "1.1",
+        "scheme": "http",
+    }
+    response = exchange(gateway, scope, [{"type": "http.request", "body": payload}])
+    assert response.status == 200
+    assert upstream.calls[-1]["accept_encoding"] == passed
 
 
 def test_tokens_past_the_largest_quantity_from_the_upstream_still_settle(engine, gateway, upstream):

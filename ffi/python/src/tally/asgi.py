@@ -23,7 +23,9 @@ batches). For each request on a metered route it:
    tokens; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
    app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
-   actual tokens; an error response or an exception *voids* the reservation; a response
+   actual tokens (the app is passed the client's ``Accept-Encoding`` cut down to gzip and
+   deflate, which are decoded for reading; an answer in another coding settles at the
+   estimate, with a warning); an error response or an exception *voids* the reservation; a response
    that outlives the reservation's lease (``lease_ms``; the engine has no way to extend
    one) finds it expired, its hold given back, and its usage is then added as a usage
    correction at the reservation's time, once, and logged (``tally.asgi``, a warning; a
@@ -60,6 +62,7 @@ import posixpath
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import (
@@ -799,7 +802,9 @@ class QuotaMiddleware:
         headers = rate_limit_headers(metered.route.api, reservation.decision, now)
         watcher = _ResponseWatcher(send, headers, read_usage=True)
         try:
-            await self._call_app(scope, receive, send, watcher, metered.route.api)
+            await self._call_app(
+                _readable_accept_encoding(scope), receive, send, watcher, metered.route.api
+            )
         finally:
             await self._finish(reservation, metered, watcher)
 
@@ -1119,16 +1124,91 @@ def _string_refusal(error: errors.TallyError) -> _Refusal:
 _RATE_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 
 
+class _Decoded:
+    """Feeds a response body to a ``UsageReader`` as the client receives it, decoded first when
+    it is compressed (``Content-Encoding: gzip``, ``x-gzip`` or ``deflate``): an upstream that
+    compressed its answer (a proxying app that passed the client's ``Accept-Encoding`` on)
+    would otherwise have its tokens charged at the estimate. At most ``_DECODED_STEP_BYTES``
+    are decoded at a time, so a small body that inflates hugely is read, not held. A body in
+    another coding cannot be read (``readable`` False): the reservation settles at the
+    estimate, and a warning says why."""
+
+    _DECODED_STEP_BYTES = 1 << 16
+
+    def __init__(self, reader: UsageReader, content_encoding: str) -> None:
+        self._reader = reader
+        self._inflater: Any = None
+        # "deflate" is tried with zlib's header first, and raw if its first bytes fail so.
+        self._raw_deflate_may_follow = content_encoding.strip().lower() == "deflate"
+        self.readable = True
+        coding = content_encoding.strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._inflater = zlib.decompressobj()
+        elif coding not in ("", "identity"):
+            self.readable = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.readable or not chunk:
+            return
+        if self._inflater is None:
+            self._reader.feed(chunk)
+            return
+        data = chunk
+        try:
+            while data:
+                decoded = self._inflater.decompress(data, self._DECODED_STEP_BYTES)
+                if decoded:
+                    self._raw_deflate_may_follow = False
+                self._reader.feed(decoded)
+                data = self._inflater.unconsumed_tail
+        except zlib.error:
+            if self._raw_deflate_may_follow:
+                # "deflate" as many servers send it: the raw stream, without zlib's header.
+                self._raw_deflate_may_follow = False
+                self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                self.feed(chunk)
+                return
+            self.readable = False
+
+
+#: The codings ``_Decoded`` reads: what a metered call's ``Accept-Encoding`` is cut down to.
+_READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def _readable_accept_encoding(scope: Scope) -> Scope:
+    """``scope`` with its ``Accept-Encoding`` cut down to the codings the middleware can read
+    the usage through (``_Decoded``): a client listing ``br`` or ``zstd`` would otherwise let
+    an upstream answer in one, and its tokens be charged at the estimate. A client that sent
+    none keeps none; one that accepts none of them is sent ``identity``."""
+    headers = list(scope.get("headers", []))
+    if not any(bytes(name).lower() == b"accept-encoding" for name, _ in headers):
+        return scope
+    accepted: list[str] = []
+    for name, value in headers:
+        if bytes(name).lower() != b"accept-encoding":
+            continue
+        for item in bytes(value).decode("latin-1").split(","):
+            coding = item.split(";", 1)[0].strip().lower()
+            if coding in _READABLE_CODINGS and item.strip() not in accepted:
+                accepted.append(item.strip())
+    kept = [(name, value) for name, value in headers if bytes(name).lower() != b"accept-encoding"]
+    kept.append((b"accept-encoding", (", ".join(accepted) or "identity").encode("latin-1")))
+    return dict(scope, headers=kept)
+
+
 class _ResponseWatcher:
     """Wraps ``send``: puts the rate-limit headers on the response start (in place of the app's
     own rate-limit headers), notes the status and (for token routes) reads the usage as the body
-    streams past."""
+    streams past (decoded if compressed: ``_Decoded``)."""
 
     def __init__(self, send: Send, headers: Headers, read_usage: bool = False) -> None:
         self._send = send
         self._headers = headers
         self._read_usage = read_usage
         self._reader: UsageReader | None = None
+        self._decoded: _Decoded | None = None
         self.status: int | None = None
 
     @property
@@ -1151,16 +1231,25 @@ class _ResponseWatcher:
             headers += self._headers
             message = dict(message, headers=headers)
             if self._read_usage and self.status < 400:
-                content_type = dict((bytes(k).lower(), bytes(v)) for k, v in headers).get(
-                    b"content-type", b""
-                )
+                by_name = dict((bytes(k).lower(), bytes(v)) for k, v in headers)
+                content_type = by_name.get(b"content-type", b"")
+                coding = by_name.get(b"content-encoding", b"").decode("latin-1")
                 self._reader = UsageReader(content_type.decode("latin-1").lower())
-        elif message.get("type") == "http.response.body" and self._reader is not None:
-            self._reader.feed(bytes(message.get("body", b"")))
+                self._decoded = _Decoded(self._reader, coding)
+                if not self._decoded.readable:
+                    _log.warning(
+                        "tally: a response in Content-Encoding %r cannot be read for its "
+                        "usage; the reservation settles at its estimate",
+                        coding,
+                    )
+        elif message.get("type") == "http.response.body" and self._decoded is not None:
+            self._decoded.feed(bytes(message.get("body", b"")))
         await self._send(message)
 
     def tokens(self) -> int | None:
-        return self._reader.tokens() if self._reader is not None else None
+        if self._reader is None or self._decoded is None or not self._decoded.readable:
+            return None
+        return self._reader.tokens()
 
 
 async def _read_body(receive: Receive) -> bytes | None:
