@@ -384,6 +384,12 @@ func (g *Gateway) direct(r *http.Request) {
 	// The route's API, read before the upstream's own path (https://host/anthropic) is put in
 	// front of it: no Anthropic route starts with that.
 	api := apiOf(r.URL.Path)
+	if _, metered := r.Context().Value(callKey{}).(*call); !metered && api == OpenAI &&
+		r.Header.Get("Authorization") == "" && r.Header.Get("x-api-key") != "" {
+		// A route both APIs serve (the model list) asked the Anthropic way: the key goes as
+		// the client sent its own (an Anthropic upstream refuses a bearer key there).
+		api = Anthropic
+	}
 	r.URL.Scheme, r.URL.Host = upstream.Scheme, upstream.Host
 	r.URL.Path = strings.TrimSuffix(upstream.Path, "/") + r.URL.Path
 	r.Host = upstream.Host

@@ -288,3 +288,54 @@ func TestAnUpstreamWithAPathGetsTheKeyInTheRoutesHeader(t *testing.T) {
 		}
 	}
 }
+
+// A route both APIs serve (the model list) carries the operator's key the way the client sent
+// its own: an Anthropic client (x-api-key) to an Anthropic upstream, whose /v1/models refuses
+// a bearer key, an OpenAI client (Authorization: Bearer) as OpenAI's. Metered routes and
+// Anthropic's own paths keep their API's header whatever the client sent.
+func TestAModelListCarriesTheKeyInTheHeaderTheClientUsed(t *testing.T) {
+	engine, err := tally.OpenInMemory(unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	addUser(t, engine, "pm", "tp-pm", "Starter")
+	var got [2]string
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got = [2]string{r.Header.Get("Authorization"), r.Header.Get("x-api-key")}
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprint(w, `{"data":[]}`)
+	}))
+	defer upstream.Close()
+	base, _ := url.Parse(upstream.URL)
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: base, UpstreamKey: upstreamKey,
+		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		path, header, value string
+		want                [2]string
+	}{
+		{"/v1/models", "x-api-key", "tp-pm", [2]string{"", upstreamKey}},
+		{"/v1/models/MiniMax-M2.7", "x-api-key", "tp-pm", [2]string{"", upstreamKey}},
+		{"/v1/models", "Authorization", "Bearer tp-pm", [2]string{"Bearer " + upstreamKey, ""}},
+		{"/v1/messages/count_tokens", "Authorization", "Bearer tp-pm", [2]string{"", upstreamKey}},
+	} {
+		method := http.MethodGet
+		if strings.HasPrefix(c.path, "/v1/messages") {
+			method = http.MethodPost
+		}
+		recorder := httptest.NewRecorder()
+		request := httptest.NewRequest(method, c.path, strings.NewReader(`{"model":"MiniMax-M2.7"}`))
+		request.Header.Set(c.header, c.value)
+		got = [2]string{}
+		g.ServeHTTP(recorder, request)
+		if recorder.Code != http.StatusOK {
+			t.Fatalf("%s %s: %d %s", method, c.path, recorder.Code, recorder.Body)
+		}
+		if got != c.want {
+			t.Fatalf("%s with %s: the upstream got Authorization %q and x-api-key %q", c.path, c.header, got[0], got[1])
+		}
+	}
+}
