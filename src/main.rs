@@ -36,7 +36,11 @@ const EXIT_FAILURE: u8 = 1;
 const SIMULATE_CHECKPOINT_EVERY_EVENTS: u64 = u64::MAX;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `std::env::args` panics on an argument that is not UTF-8: read them raw and refuse one.
+    let args = match utf8_arguments(std::env::args_os().skip(1)) {
+        Ok(args) => args,
+        Err(error) => return usage_error(&error),
+    };
     match cli::parse(&args) {
         Ok(Command::Help(topic)) => print_out(&topic.text()),
         Ok(Command::Version) => print_out(&format!("tally {}\n", env!("CARGO_PKG_VERSION"))),
@@ -45,6 +49,30 @@ fn main() -> ExitCode {
         Ok(Command::CrashChild(options)) => crash_child(&options),
         Err(error) => usage_error(&error),
     }
+}
+
+/// The arguments as strings, or an error naming (lossily) the first that is not UTF-8.
+fn utf8_arguments(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Result<Vec<String>, UsageError> {
+    let mut strings: Vec<String> = Vec::new();
+    for arg in args {
+        match arg.into_string() {
+            Ok(string) => strings.push(string),
+            Err(raw) => {
+                let topic = strings
+                    .first()
+                    .and_then(|command| HelpTopic::of_command(command))
+                    .unwrap_or(HelpTopic::Main);
+                return Err(UsageError::new(
+                    raw.to_string_lossy(),
+                    "is not valid UTF-8; every argument, paths included, must be",
+                    topic,
+                ));
+            }
+        }
+    }
+    Ok(strings)
 }
 
 fn operate(operation: &Operation) -> ExitCode {

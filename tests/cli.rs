@@ -295,6 +295,38 @@ fn a_bad_command_line_exits_with_status_2_naming_the_culprit() {
     }
 }
 
+/// An argument that is not UTF-8 (a stray byte in a key or a path) is a bad command line
+/// naming it, exit status 2, not a panic: and nothing is made on disk.
+#[test]
+fn an_argument_that_is_not_utf8_is_refused_naming_it() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+
+    let scratch = Scratch::new();
+    let odd = OsStr::from_bytes(b"tp-\xffada");
+    for args in [
+        vec![OsStr::new("usage"), odd],
+        vec![OsStr::new("user"), OsStr::new("ada"), odd],
+        vec![OsStr::new("verify"), OsStr::new("--db"), odd],
+        vec![odd],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(&args)
+            .current_dir(&scratch.0)
+            .output()
+            .expect("the tally binary runs");
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("tp-\u{fffd}ada"), "{args:?}: {stderr}");
+        assert!(stderr.contains("UTF-8"), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&scratch.0)
+        .expect("the scratch directory")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn help_lists_the_options_and_exits_0() {
     let output = tally(&["simulate", "--help"]);
