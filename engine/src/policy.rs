@@ -78,6 +78,10 @@ pub const MAX_LIMITS_PER_PLAN: usize = 16;
 /// (`log::MAX_EVENT_BYTES`, 48 KiB), and every kept generation stays in memory. The shipped
 /// Token Plan is under 6 KiB.
 pub const MAX_POLICY_DOCUMENT_BYTES: usize = 40 * 1024;
+/// `Policy::load` reads at most this much of a file: room for any document within
+/// `MAX_POLICY_DOCUMENT_BYTES` and comments besides, while a mistaken path (a log segment, a
+/// device) is refused rather than read whole into memory.
+pub const MAX_POLICY_FILE_BYTES: u64 = 1024 * 1024;
 const _: () = assert!(MAX_POLICY_DOCUMENT_BYTES + 1024 <= crate::log::MAX_EVENT_BYTES);
 /// How many limits of one plan may apply to one resource: the admission path keeps them inline.
 pub const MAX_LIMITS_PER_RESOURCE: usize = 4;
@@ -627,18 +631,44 @@ impl Policy {
         Compiler::default().compile(json_document(text)?)
     }
 
-    /// Loads a `.toml` or `.json` policy file.
+    /// Loads a `.toml` or `.json` policy file of at most `MAX_POLICY_FILE_BYTES`.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
+        use std::io::Read as _;
+        // The name first: a path that names no policy is not read at all.
+        let json = match path.extension().and_then(|extension| extension.to_str()) {
+            Some("json") => true,
+            Some("toml") => false,
+            _ => {
+                return Err(PolicyError::new(
+                    "(file)",
+                    format!("{}: a policy file ends in .toml or .json", path.display()),
+                ))
+            }
+        };
+        let cannot_read = |error: std::io::Error| {
             PolicyError::new("(file)", format!("cannot read {}: {error}", path.display()))
-        })?;
-        match path.extension().and_then(|extension| extension.to_str()) {
-            Some("json") => Policy::from_json_str(&text),
-            Some("toml") => Policy::from_toml_str(&text),
-            _ => Err(PolicyError::new(
+        };
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|file| {
+                file.take(MAX_POLICY_FILE_BYTES + 1)
+                    .read_to_string(&mut text)
+            })
+            .map_err(cannot_read)?;
+        if text.len() as u64 > MAX_POLICY_FILE_BYTES {
+            return Err(PolicyError::new(
                 "(file)",
-                format!("{}: a policy file ends in .toml or .json", path.display()),
-            )),
+                format!(
+                    "{} is larger than {MAX_POLICY_FILE_BYTES} bytes, the most a policy file \
+                     may hold",
+                    path.display()
+                ),
+            ));
+        }
+        if json {
+            Policy::from_json_str(&text)
+        } else {
+            Policy::from_toml_str(&text)
         }
     }
 
@@ -2492,5 +2522,43 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         let json = serde_json::to_string(policy.document()).expect("serialises");
         let again = Policy::from_json_str(&json).expect("parses");
         assert_eq!(again.document(), policy.document());
+    }
+
+    /// A policy file is read only up to a bound (the document it holds is at most
+    /// `MAX_POLICY_DOCUMENT_BYTES` as JSON anyway): a mistaken path to a log, a disk image or a
+    /// device is refused as too large, not read whole into memory first.
+    #[test]
+    fn a_policy_file_past_the_bound_is_refused_without_reading_it_whole() {
+        let directory =
+            std::env::temp_dir().join(format!("tally-policy-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&directory);
+        std::fs::create_dir_all(&directory).unwrap();
+        let big = directory.join("big.toml");
+        let comment = "# a comment line that pads the file out\n";
+        let mut text = TOKEN_PLAN_TOML.to_string();
+        while text.len() <= MAX_POLICY_FILE_BYTES as usize {
+            text.push_str(comment);
+        }
+        std::fs::write(&big, &text).unwrap();
+        let error = Policy::load(&big).expect_err("too large");
+        assert_eq!(error.field, "(file)", "{error}");
+        assert!(error.problem.contains("larger than"), "{error}");
+        // At the bound it loads.
+        let fits = directory.join("fits.toml");
+        let mut fitting = TOKEN_PLAN_TOML.to_string();
+        while fitting.len() + comment.len() <= MAX_POLICY_FILE_BYTES as usize {
+            fitting.push_str(comment);
+        }
+        std::fs::write(&fits, &fitting).unwrap();
+        assert!(Policy::load(&fits).is_ok());
+        // A device that never ends (a symlink named like a policy) is refused, not read forever.
+        #[cfg(unix)]
+        {
+            let endless = directory.join("endless.toml");
+            std::os::unix::fs::symlink("/dev/zero", &endless).unwrap();
+            let error = Policy::load(&endless).expect_err("endless");
+            assert!(error.problem.contains("larger than"), "{error}");
+        }
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 }
