@@ -105,6 +105,10 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         if operation.topic == HelpTopic::Policy && argument == "--policy" {
             argument = "PATH".into();
         }
+        // `events --delete-cursor NAME` names its cursor with that option, not `--cursor`.
+        if matches!(operation.action, Action::DeleteCursor { .. }) && argument == "--cursor" {
+            argument = "--delete-cursor".into();
+        }
         fail((argument, problem))
     })
 }

@@ -508,6 +508,23 @@ fn a_new_cursor_past_the_bound_is_refused_naming_the_cursor() {
     );
 }
 
+/// A cursor name the engine refuses is named as the option it was given with: `--delete-cursor`
+/// when deleting (not `--cursor`, which the command line did not hold).
+#[test]
+fn a_bad_cursor_name_to_delete_is_refused_naming_delete_cursor() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let before = event_count(&workspace);
+    let long = "c".repeat(300);
+    let cases: [(&[&str], &str); 3] = [
+        (&["events", "--delete-cursor", &long], "--delete-cursor"),
+        (&["events", "--delete-cursor", "a\tb"], "--delete-cursor"),
+        (&["events", "--cursor", &long], "--cursor"),
+    ];
+    refused_naming(&workspace, &cases);
+    assert_eq!(event_count(&workspace), before);
+}
+
 /// What `usage --json` reports for ada: (requests used on Small's limit, credits charged).
 fn ada_usage(workspace: &Workspace, at_ms: u64) -> (u64, u64) {
     let at = at_ms.to_string();
