@@ -4650,6 +4650,56 @@ fn verify_reports_damage_in_a_sealed_segment_without_inventing_a_gap_after_it() 
     );
 }
 
+/// One damaged record is one problem in `verify`'s report: the walk that meets it and the
+/// replay up to the snapshot after it, which meets it again, do not both list it (an operator
+/// read "problems: 2" for one flipped byte).
+#[test]
+fn verify_lists_a_damaged_record_once() {
+    for (label, middle) in [("damage-once-sealed", false), ("damage-once-middle", true)] {
+        let dir = TempDir::new(label);
+        let options = OpenOptions {
+            segment_bytes: 512,
+            ..sync_options()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        populate(&engine);
+        // A snapshot after the damage: verify compares it with a replay of the log up to it.
+        engine.checkpoint().expect("checkpoint");
+        drop(engine);
+        let paths = segment_paths(dir.path());
+        assert!(paths.len() >= 3, "{paths:?}");
+        let frames = frames_of(dir.path());
+        let frame = if middle {
+            frames[frames.len() / 2].clone()
+        } else {
+            frames
+                .iter()
+                .find(|frame| frame.path == paths[0])
+                .unwrap()
+                .clone()
+        };
+        flip_a_byte(&frame);
+        let report = Engine::verify(dir.path(), options).expect("verify runs");
+        assert!(!report.is_sound());
+        let mut seen = std::collections::HashSet::new();
+        for problem in &report.problems {
+            assert!(
+                seen.insert(problem),
+                "{label}: listed twice: {:?}",
+                report.problems
+            );
+        }
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|problem| problem.contains(&format!("offset {}", frame.offset))),
+            "{label}: {:?}",
+            report.problems
+        );
+    }
+}
+
 fn open_result(dir: &std::path::Path, options: OpenOptions) -> Result<Engine, Error> {
     Engine::open(dir, Policy::token_plan(), clock(), options)
 }

@@ -2059,7 +2059,14 @@ impl Engine {
                         ));
                     }
                 }
-                Err(error) => report.problems.push(error.to_string()),
+                Err(error) => {
+                    // The replay up to the snapshot stops at damage the walk above listed
+                    // already: one damaged record is one problem.
+                    let problem = error.to_string();
+                    if !report.problems.contains(&problem) {
+                        report.problems.push(problem);
+                    }
+                }
             }
         }
         // What open needs first: the event after the snapshot, or event 1 without one.
