@@ -395,6 +395,23 @@ fn a_bad_usage_correction_is_an_error_and_changes_nothing() {
     assert!(matches!(error, Error::UnknownKey { .. }), "{error:?}");
 }
 
+/// An addition past what a rolling window's bucket can count is refused, changing nothing, and
+/// its error says that bound: not that the sum would overflow 64 bits, which 4,294,967,295
+/// units added to the 5 counted cannot.
+#[test]
+fn a_usage_correction_past_what_a_bucket_counts_says_the_bound() {
+    let world = world();
+    let add = tally_engine::AdjustmentDirection::Add;
+    let most = [(Unit::Requests, u64::from(u32::MAX))];
+    let error =
+        world.refuses(|e| e.adjust_usage(&world.key, "m2.7", &most, T0_MS, add, Some(T0_MS)));
+    assert!(matches!(error, Error::Overflow { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.starts_with("quantities"), "{message}");
+    assert!(message.contains("4,294,967,295"), "{message}");
+    assert!(!message.contains("64-bit"), "{message}");
+}
+
 /// A correction that no limit of the key's plan counts could move nothing: refused, naming the
 /// resource the plan does not limit, or the quantities its limits do not count, and no window
 /// memory is set up for it.

@@ -979,6 +979,10 @@ fn refund_hold(
     (given > 0).then_some((current, time, given))
 }
 
+// The bounds `adjust_counter`'s errors state, in words.
+const _: () = assert!(crate::policy::MAX_ROLLING_AMOUNT == 4_294_967_295);
+const _: () = assert!(crate::policy::MAX_CALENDAR_AMOUNT == 281_474_976_710_655);
+
 /// Moves one counter for an adjustment: `(epoch or period, amount moved)`.
 fn adjust_counter(
     policy: &Policy,
@@ -1002,7 +1006,8 @@ fn adjust_counter(
                     .force(shape, epoch, amount)
                     .map(|_| (epoch, amount))
                     .ok_or(Error::Overflow {
-                        field: "quantities (bucket count)",
+                        field:
+                            "quantities (a rolling window's bucket counts at most 4,294,967,295)",
                     }),
             }
         }
@@ -1018,7 +1023,7 @@ fn adjust_counter(
                     .force(period, amount)
                     .map(|_| (time, amount))
                     .ok_or(Error::Overflow {
-                        field: "quantities (period count)",
+                        field: "quantities (a calendar period counts at most 281,474,976,710,655)",
                     }),
             }
         }

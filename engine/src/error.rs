@@ -57,7 +57,8 @@ pub enum Error {
         what: &'static str,
         capacity: u64,
     },
-    /// Adding to a balance or counter would overflow `u64`.
+    /// Adding to a balance or counter would take it past the most it can hold (`field` says
+    /// which, and the bound where it is not a `u64`'s).
     Overflow {
         field: &'static str,
     },
@@ -112,7 +113,7 @@ impl fmt::Display for Error {
             Error::CapacityExceeded { what, capacity } => {
                 write!(f, "{what}: the bound of {capacity} is reached; nothing was changed")
             }
-            Error::Overflow { field } => write!(f, "{field}: the result would overflow a 64-bit counter"),
+            Error::Overflow { field } => write!(f, "{field}: the result would be past the most it can hold"),
             Error::ReservationClosed { reservation, state } => {
                 write!(f, "reservation: reservation {reservation} is already {state}")
             }
