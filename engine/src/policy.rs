@@ -628,7 +628,7 @@ impl Policy {
     }
 
     pub fn from_json_str(text: &str) -> Result<Policy, PolicyError> {
-        Compiler::default().compile(json_document(text)?)
+        Compiler::default().compile(json_document(text, true)?)
     }
 
     /// Loads a `.toml` or `.json` policy file of at most `MAX_POLICY_FILE_BYTES`.
@@ -685,7 +685,7 @@ impl Policy {
             logged: true,
             ..Compiler::default()
         }
-        .compile(json_document(text)?)
+        .compile(json_document(text, false)?)
     }
 
     /// The document, as a database logs it: loaded, a rolling window under 210 s that named no
@@ -968,9 +968,17 @@ pub(crate) fn carry_through(
 }
 
 /// A JSON policy document, read (not yet checked); an error names the field's path.
-fn json_document(text: &str) -> Result<PolicyDocument, PolicyError> {
+/// The document in `text`; with `whole`, refused if anything but whitespace follows it (a
+/// policy being loaded). A logged one is read as earlier builds read it.
+fn json_document(text: &str, whole: bool) -> Result<PolicyDocument, PolicyError> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)
+    let document = serde_path_to_error::deserialize(&mut deserializer).map_err(path_error)?;
+    if whole {
+        deserializer
+            .end()
+            .map_err(|error| PolicyError::new(".", error.to_string()))?;
+    }
+    Ok(document)
 }
 
 /// A document that does not fit the schema: the error names the path of the field (`.` for the
@@ -2522,6 +2530,23 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         let json = serde_json::to_string(policy.document()).expect("serialises");
         let again = Policy::from_json_str(&json).expect("parses");
         assert_eq!(again.document(), policy.document());
+    }
+
+    /// A JSON policy is one document and nothing after it: trailing text (a second document
+    /// pasted after the first, a stray word) is refused, not silently dropped.
+    #[test]
+    fn a_json_policy_with_anything_after_the_document_is_refused() {
+        assert!(Policy::from_json_str(ONE_MINUTE_JSON).is_ok());
+        assert!(Policy::from_json_str(&format!("{ONE_MINUTE_JSON}\n")).is_ok());
+        for trailing in [
+            " trailing",
+            "{}",
+            &ONE_MINUTE_JSON.replace("\"P\"", "\"Q\""),
+        ] {
+            let text = format!("{ONE_MINUTE_JSON}{trailing}");
+            let error = Policy::from_json_str(&text).expect_err(trailing);
+            assert!(error.problem.contains("trailing"), "{trailing}: {error}");
+        }
     }
 
     /// A policy file is read only up to a bound (the document it holds is at most
