@@ -130,11 +130,11 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         ) {
             Ok(false) => {}
             Ok(true) => {
-                eprintln!(
+                print_err(&format!(
                     "tally: simulate: {} already holds a simulation's accounts: drop --keep or \
                      give a new --db (nothing was changed)",
                     options.db.display()
-                );
+                ));
                 return ExitCode::from(EXIT_FAILURE);
             }
             Err(error) => {
@@ -195,12 +195,12 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         .unwrap_or_else(|error| unreachable!("a JSON value always serialises: {error}"));
     // The wall time and the path are not in the JSON, so the same seed prints the same JSON:
     // say them here.
-    eprintln!(
+    print_err(&format!(
         "tally: simulated {} requests in {:.2} s\ntally: {}",
         format::grouped(summary.totals.sent),
         summary.wall.as_secs_f64(),
         database.trim_end()
-    );
+    ));
     print_out(&format!("{json}\n"))
 }
 
@@ -211,7 +211,9 @@ fn simulate_failure(error: &Error, options: &SimulateOptions) -> ExitCode {
         }
         _ => "",
     };
-    eprintln!("tally: simulate: the engine refused the scenario: {error}{hint}");
+    print_err(&format!(
+        "tally: simulate: the engine refused the scenario: {error}{hint}"
+    ));
     ExitCode::from(EXIT_FAILURE)
 }
 
@@ -226,7 +228,7 @@ fn crash_child(options: &CrashChildOptions) -> ExitCode {
     match crash_child::run(options, policy) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("tally: crash-child: {error}");
+            print_err(&format!("tally: crash-child: {error}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -245,8 +247,15 @@ fn load_policy(
 }
 
 fn usage_error(error: &UsageError) -> ExitCode {
-    eprintln!("tally: {error}\n{}", error.hint());
+    print_err(&format!("tally: {error}\n{}", error.hint()));
     ExitCode::from(EXIT_USAGE)
+}
+
+/// Writes `text` and a newline to stderr. Unlike `eprintln!`, a stderr that cannot be written
+/// (a closed pipe, `2>/dev/full`) is no panic: the exit status and stdout still say what
+/// happened.
+pub(crate) fn print_err(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 /// Prints to stdout; a closed pipe (`tally simulate | head`) is not an error worth a panic.
@@ -259,7 +268,7 @@ fn print_out(text: &str) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("tally: cannot write the output: {error}");
+            print_err(&format!("tally: cannot write the output: {error}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }

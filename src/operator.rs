@@ -362,7 +362,7 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
         })?;
     let Some(last) = events.last() else {
         // Nothing new: say so where a script reading stdout will not trip on it.
-        eprintln!("tally: no events after {after}");
+        crate::print_err(&format!("tally: no events after {after}"));
         return Ok(Outcome::success(String::new()));
     };
     let policy_of = |generation| engine.policy_of_generation(generation);
@@ -381,7 +381,9 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
-        eprintln!("tally: cannot write the events ({error}); no cursor was moved");
+        crate::print_err(&format!(
+            "tally: cannot write the events ({error}); no cursor was moved"
+        ));
         return Ok(Outcome {
             text: String::new(),
             status: EXIT_NO,

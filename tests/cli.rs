@@ -327,6 +327,35 @@ fn an_argument_that_is_not_utf8_is_refused_naming_it() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A stderr that cannot be written (here `/dev/full`) is no panic: a bad command line still
+/// exits 2, and `simulate --json` still writes its report to stdout and exits 0 (it panicked
+/// with 101 after the whole run and wrote nothing).
+#[test]
+fn a_stderr_that_cannot_be_written_changes_no_exit_status_and_loses_no_output() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // no /dev/full here
+    };
+    let scratch = Scratch::new();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .current_dir(&scratch.0)
+            .stderr(full.try_clone().expect("a second handle"))
+            .output()
+            .expect("the tally binary runs")
+    };
+    let output = run(&["usage", "tp-nobody"]);
+    assert_eq!(output.status.code(), Some(2));
+    let output = run(&["simulat"]);
+    assert_eq!(output.status.code(), Some(2));
+    let mut args = SMALL_RUN.to_vec();
+    args.push("--json");
+    let output = run(&args);
+    assert_eq!(output.status.code(), Some(0));
+    let report: Value = serde_json::from_str(&stdout_of(&output)).expect("the JSON report");
+    assert!(number(&report, "requests.sent") > 0, "{report}");
+}
+
 #[test]
 fn help_lists_the_options_and_exits_0() {
     let output = tally(&["simulate", "--help"]);
