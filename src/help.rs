@@ -120,9 +120,11 @@ Options:
 
 Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied (an unknown key is a
 denial), `verify` finds the database unsound, `events` cannot write the events out (the cursor
-does not move) or `simulate`'s engine refuses the scenario; 2 when the command could not run (a
-bad command line or policy, an argument the engine refuses such as an unknown team, or an unknown
-key given to another command, a database that cannot be opened): nothing changed.
+does not move), `usage` cannot write its report or `simulate`'s engine refuses the scenario; 2
+when the command could not run (a bad command line or policy, an argument the engine refuses
+such as an unknown team, or an unknown key given to another command, a database that cannot be
+opened): nothing changed. A command that made its change exits as it did even when its report
+cannot be written (stderr says so).
 ";
 
 pub const SIMULATE_HELP: &str = "\

@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use tally_engine::{Error, ManualClock, Policy};
 
-use crate::cli::{Command, CrashChildOptions, HelpTopic, Operation, SimulateOptions, UsageError};
+use crate::cli::{
+    Action, Command, CrashChildOptions, HelpTopic, Operation, SimulateOptions, UsageError,
+};
 
 /// A bad command line, policy or database, or an argument the engine refused: nothing changed.
 const EXIT_USAGE: u8 = 2;
@@ -79,10 +81,13 @@ fn operate(operation: &Operation) -> ExitCode {
     match operator::run(operation) {
         Ok(outcome) => {
             let printed = print_out(&outcome.text);
-            if outcome.status == 0 {
-                printed
-            } else {
-                ExitCode::from(outcome.status)
+            match operation.action {
+                // A report and nothing else: not written out, it did not happen.
+                Action::Usage { .. } if outcome.status == 0 => printed,
+                // What the command did (a change made, a decision, a verdict) stands whether
+                // or not its report could be written (stderr says when it could not): 1 would
+                // say "denied" of an admitted request, or invite a retry of a top-up.
+                _ => ExitCode::from(outcome.status),
             }
         }
         Err(error) => usage_error(&error),

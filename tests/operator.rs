@@ -921,6 +921,60 @@ fn a_cursor_does_not_move_past_events_that_could_not_be_written_out() {
     assert_eq!(events.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4]);
 }
 
+/// A command whose change was made but whose report could not be written out (stdout on
+/// `/dev/full`) exits with the status of what it did, not 1: for `consume`, 1 says "denied"
+/// of a request that was admitted and counted, and for `topup` a failure a script retries,
+/// adding the credits twice. A pure report (`usage`) that could not be written exits 1.
+#[test]
+fn a_change_whose_report_cannot_be_written_exits_with_what_it_did() {
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return; // no /dev/full here
+    };
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let run_to_full = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .args(["--policy", &workspace.policy])
+            .current_dir(&workspace.directory)
+            .stdout(full.try_clone().expect("a second handle"))
+            .output()
+            .expect("the tally binary runs");
+        let stderr = stderr_of(&output);
+        assert!(stderr.contains("cannot write"), "{args:?}: {stderr}");
+        output.status.code()
+    };
+    let at_ms = now_ms();
+    let at = at_ms.to_string();
+    assert_eq!(
+        run_to_full(&["consume", "tp-ada", "chat", "requests=1", "--at", &at]),
+        Some(0),
+        "admitted"
+    );
+    assert_eq!(ada_usage(&workspace, at_ms).0, 1, "counted once");
+    assert_eq!(run_to_full(&["topup", "@ada", "1,000"]), Some(0));
+    let balance = |workspace: &Workspace| {
+        let report: Value =
+            serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+        report["credits_balance_micros"].as_u64().expect("balance")
+    };
+    assert_eq!(balance(&workspace), 3_000);
+    assert_eq!(
+        run_to_full(&["usage", "tp-ada"]),
+        Some(1),
+        "nothing reported"
+    );
+    // A denial is still 1: two more from quota, three from the 3,000 micro-credits.
+    for _ in 0..5 {
+        workspace.run(&["consume", "tp-ada", "chat", "requests=1", "--at", &at]);
+    }
+    assert_eq!(
+        run_to_full(&["consume", "tp-ada", "chat", "requests=1", "--at", &at]),
+        Some(1),
+        "denied"
+    );
+}
+
 #[test]
 fn commands_run_a_database_with_the_options_its_gateway_recorded() {
     let workspace = Workspace::new();
