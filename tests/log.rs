@@ -4700,6 +4700,36 @@ fn verify_lists_a_damaged_record_once() {
     }
 }
 
+/// An empty path names no directory: opening, verifying or reading the options of a database
+/// there is refused naming it, and nothing is written (sled's `conf` and `db` were created in
+/// the working directory before the open failed on reading "").
+#[test]
+fn an_empty_database_path_is_refused_and_writes_nothing_in_the_working_directory() {
+    let here = std::env::current_dir().expect("a working directory");
+    let names = || -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(&here)
+            .expect("the working directory is read")
+            .map(|entry| entry.expect("an entry").file_name())
+            .collect()
+    };
+    let before = names();
+    let opened = Engine::open("", Policy::token_plan(), clock(), sync_options());
+    let verified = Engine::verify("", sync_options());
+    let recorded = Engine::recorded_options("");
+    let made: Vec<_> = names().difference(&before).cloned().collect();
+    for name in &made {
+        // Sled's files (`conf`, `db`, `snap.*`), should a failure leave them.
+        let _ = std::fs::remove_file(here.join(name));
+    }
+    assert!(made.is_empty(), "written in {}: {made:?}", here.display());
+    for error in [opened.err(), verified.err(), recorded.err()] {
+        match error {
+            Some(Error::InvalidArgument { field: "dir", .. }) => {}
+            other => panic!("expected an error naming dir, got {other:?}"),
+        }
+    }
+}
+
 fn open_result(dir: &std::path::Path, options: OpenOptions) -> Result<Engine, Error> {
     Engine::open(dir, Policy::token_plan(), clock(), options)
 }

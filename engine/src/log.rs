@@ -1299,6 +1299,7 @@ impl EventLog {
     /// A directory that holds no database (missing, empty, or other files: said apart in the
     /// error) is an error: reading never creates one.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
+        check_dir_named(dir)?;
         if !(dir.join("db").is_file() || dir.join("conf").is_file()) {
             let holds_files =
                 std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
@@ -1331,6 +1332,7 @@ impl EventLog {
         segment_bytes: u64,
         read_only: bool,
     ) -> Result<EventLog, Error> {
+        check_dir_named(dir)?;
         if let Durability::Interval { ms } = durability {
             if ms == 0 || ms > MAX_FLUSH_INTERVAL_MS {
                 return Err(Error::invalid(
@@ -2608,6 +2610,18 @@ fn remove_temporary_snapshots(dir: &Path) -> Result<(), Error> {
         if entry.file_name().to_string_lossy().ends_with(".snap.tmp") {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+    Ok(())
+}
+
+/// Refuses an empty path: it names no directory, and sled would open the working directory
+/// (writing its files there) before anything else noticed.
+fn check_dir_named(dir: &Path) -> Result<(), Error> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::invalid(
+            "dir",
+            "is empty: name the database's directory",
+        ));
     }
     Ok(())
 }
