@@ -90,7 +90,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
             )));
         }
     }
-    let result = act(&engine, &operation.action);
+    let result = act_durably(&engine, &operation.action);
     drop(engine);
     if result.is_err() && created {
         // The change failed: leave no database behind that the command made for it.
@@ -120,6 +120,16 @@ fn load_policy(database: &Database) -> Result<Option<Policy>, (String, String)> 
         .as_ref()
         .map(|path| Policy::load(path).map_err(|error| ("--policy".into(), error.to_string())))
         .transpose()
+}
+
+/// `act`, then everything it logged made durable before its report is given, whatever the
+/// durability mode: with `--durability interval` or `none` a change may still be queued when
+/// `act` returns, and the engine's drop (which closes the log) cannot report a write or
+/// fdatasync that fails then, so the command would say it did what the database never got.
+fn act_durably(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
+    let outcome = act(engine, action)?;
+    engine.sync()?;
+    Ok(outcome)
 }
 
 fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
@@ -544,6 +554,43 @@ mod tests {
         for (error, expected) in cases {
             assert_eq!(culprit(&error).0, expected, "{error}");
         }
+    }
+
+    /// A change made with a durability that acknowledges before the disk has it is reported
+    /// only once it is durable: a failed fdatasync then is the command's error, not a success.
+    #[test]
+    fn a_change_whose_log_cannot_be_made_durable_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("tally-operator-sync-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let faults = tally_engine::Faults::new();
+        let options = tally_engine::OpenOptions {
+            durability: tally_engine::Durability::None,
+            faults: Some(Arc::clone(&faults)),
+            ..tally_engine::OpenOptions::default()
+        };
+        let engine = Engine::open(&dir, Policy::token_plan(), Arc::new(SystemClock), options)
+            .expect("a new database");
+        let top_up = |micros| Action::TopUp {
+            team: "@ada".into(),
+            micros,
+            at_ms: None,
+        };
+        let user = Action::User {
+            user: "ada".into(),
+            key: "tp-ada".into(),
+            at_ms: None,
+        };
+        assert!(act_durably(&engine, &user).is_ok());
+        assert!(act_durably(&engine, &top_up(5)).is_ok());
+        faults.fail_next_flushes(1);
+        let failed = act_durably(&engine, &top_up(7));
+        assert!(
+            matches!(failed, Err(Error::Storage { .. })),
+            "{:?}",
+            failed.err()
+        );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
