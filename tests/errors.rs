@@ -853,3 +853,50 @@ fn a_policy_error_reads_as_its_field_then_the_problem() {
         "{wrapped}"
     );
 }
+
+/// A new user, team or key name that begins or ends with whitespace (any of Unicode's) is
+/// refused naming its field, and creates nothing: a gateway reads keys trimmed, so such a key
+/// could never be used through one, and names that differ only so are mistaken for each other.
+/// Whitespace inside a name is a name like any other.
+#[test]
+fn a_new_name_padded_with_whitespace_is_refused_naming_it_and_creates_nothing() {
+    let world = world();
+    let engine = &world.engine;
+    let at = Some(T0_MS);
+    for (padded, which) in [
+        (" bo", "user"),
+        ("bo\u{2009}", "user"),
+        ("\u{3000}", "user"),
+    ] {
+        let error = engine.create_user(padded, "tp-bo-1", at).expect_err(which);
+        assert_eq!(field(&error), which, "{padded:?}");
+        assert!(error.to_string().contains("whitespace"), "{error}");
+    }
+    for padded in ["tp-bo-1 ", "\u{a0}tp-bo-1", "\u{2003}"] {
+        let error = engine.create_user("bo", padded, at).expect_err("key");
+        assert_eq!(field(&error), "key", "{padded:?}");
+    }
+    for padded in [" ", "acme ", "\nacme"] {
+        let error = engine.create_team(padded, at).expect_err("team");
+        assert_eq!(field(&error), "team", "{padded:?}");
+    }
+    // Nothing was created: the same names, unpadded, are free; inner spaces are taken.
+    engine.create_user("bo", "tp-bo-1", at).expect("bo");
+    engine
+        .create_team("acme corp", at)
+        .expect("a team with a space inside");
+    for padded in [" tp-bo-acme", "tp-bo-acme\u{85}"] {
+        let member = engine
+            .add_member("acme corp", "bo", padded, at)
+            .expect_err("key");
+        assert_eq!(field(&member), "key", "{padded:?}");
+        let payg = engine.create_payg_key("bo", padded, at).expect_err("key");
+        assert_eq!(field(&payg), "key", "{padded:?}");
+    }
+    engine
+        .add_member("acme corp", "bo", "tp-bo-acme", at)
+        .expect("the unpadded key");
+    engine
+        .create_payg_key("bo", "pg-bo", at)
+        .expect("the unpadded pay-as-you-go key");
+}

@@ -457,7 +457,28 @@ pub(crate) fn check_id(field: &'static str, value: &str, max_bytes: usize) -> Re
     Ok(())
 }
 
+/// Whether a new user, team or key name begins or ends with whitespace (Unicode's), which a
+/// name being created must not: the gateways read a key from its header trimmed, so such a key
+/// could never be used through them, and names that differ only so are mistaken for each
+/// other (a team named " " shows as nothing). Names already in a log are taken as logged.
+fn padded_with_whitespace(value: &str) -> bool {
+    value.trim() != value
+}
+
 impl Engine {
+    /// Refuses a new user, team or key name padded with whitespace (`padded_with_whitespace`),
+    /// unless it is being replayed from the log (an earlier build took such names).
+    fn check_new_name(&self, field: &'static str, value: &str) -> Result<(), Error> {
+        if padded_with_whitespace(value) && !self.replaying.load(Ordering::Relaxed) {
+            return Err(Error::invalid(
+                field,
+                "must not begin or end with whitespace (a gateway reads keys trimmed, and \
+                 names that differ only so are mistaken for each other)",
+            ));
+        }
+        Ok(())
+    }
+
     /// An engine in memory on `policy`, asking `clock` for the time. Refuses options out of
     /// range (`EngineOptions::validate`) with `Error::InvalidArgument` naming the option.
     pub fn new(
@@ -702,6 +723,8 @@ impl Engine {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("user", user, MAX_ID_BYTES)?;
         check_id("key", key, MAX_KEY_BYTES)?;
+        self.check_new_name("user", user)?;
+        self.check_new_name("key", key)?;
         let mut registry = self.registry.lock();
         if registry.users.contains_key(user) {
             return Err(Error::AlreadyExists {
@@ -790,6 +813,7 @@ impl Engine {
     pub fn create_team(&self, team: &str, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("team", team, MAX_ID_BYTES)?;
+        self.check_new_name("team", team)?;
         if team.starts_with('@') {
             return Err(Error::invalid(
                 "team",
@@ -831,6 +855,7 @@ impl Engine {
     ) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
+        self.check_new_name("key", key)?;
         let mut registry = self.registry.lock();
         let user_name = registry
             .users
@@ -870,6 +895,7 @@ impl Engine {
     pub fn create_payg_key(&self, user: &str, key: &str, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
+        self.check_new_name("key", key)?;
         let mut registry = self.registry.lock();
         let record = registry
             .users
@@ -2456,5 +2482,28 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    /// A name an earlier build logged padded with whitespace replays as logged; only a name
+    /// being created now is refused.
+    #[test]
+    fn a_padded_name_from_the_log_is_taken_as_logged() {
+        let engine = Engine::new(
+            Policy::token_plan(),
+            Arc::new(crate::ManualClock::new(1_900_000_000_000)),
+            EngineOptions::default(),
+        )
+        .expect("an engine");
+        assert!(engine.create_team(" padded", None).is_err());
+        engine.set_replaying(true);
+        engine
+            .create_team(" padded", None)
+            .expect("replayed as logged");
+        engine
+            .create_user("ann ", "tp-ann ", None)
+            .expect("replayed as logged");
+        engine.set_replaying(false);
+        assert!(engine.create_team(" padded too", None).is_err());
+        assert!(padded_with_whitespace("\u{3000}x") && !padded_with_whitespace("a b"));
     }
 }
