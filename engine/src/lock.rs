@@ -467,10 +467,14 @@ mod heavy_barrier {
             return;
         }
         // Readers on exclusive slots could be missed: carrying on would let a writer change
-        // what they read.
-        eprintln!(
-            "tally: membarrier failed ({}); aborting rather than racing readers",
-            std::io::Error::last_os_error()
+        // what they read. The message is best effort (`eprintln!` panics when stderr cannot be
+        // written, and a panic here would unwind instead of stopping).
+        let error = std::io::Error::last_os_error();
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!(
+                "tally: membarrier failed ({error}); aborting rather than racing readers\n"
+            ),
         );
         std::process::abort();
     }
