@@ -165,6 +165,30 @@ def test_tally_library_points_at_the_library_to_load():
     assert "LibraryNotFound" in result.stderr and "/nonexistent/libtally.so" in result.stderr
 
 
+@pytest.mark.skipif(
+    shutil.which("gcc") is None, reason="needs gcc (scripts/test-python.sh installs it)"
+)
+def test_a_library_that_lacks_a_function_is_an_import_error_naming_it(tmp_path):
+    # An older build of the same version (functions were added under 0.1.0), or another
+    # libtally the system loader found: `import tally` must raise the ImportError that
+    # optional-dependency code catches, naming what is missing, not an AttributeError.
+    source = tmp_path / "old.c"
+    source.write_text('const char *tally_version(void) { return "0.1.0"; }\n')
+    library = tmp_path / "libtally.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    code = (
+        "try:\n"
+        "    import tally\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    env = dict(os.environ, TALLY_LIBRARY=str(library))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("LibraryNotFound"), result.stdout
+    assert str(library) in result.stdout and "tally_status_name" in result.stdout
+
+
 def test_every_function_is_called_without_the_gil():
     # A CDLL function releases the GIL for the call; a PyDLL one (FUNCFLAG_PYTHONAPI) holds it,
     # and threads waiting for an fsync would then wait one after another, never sharing one.

@@ -342,7 +342,15 @@ def _load() -> ctypes.CDLL:
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     for name, (restype, argtypes) in SIGNATURES.items():
-        function = getattr(library, name)
+        try:
+            function = getattr(library, name)
+        except AttributeError:
+            # An older build (functions were added within a version) or another libtally:
+            # an ImportError, as for a library not found, not an AttributeError from import.
+            raise LibraryNotFound(
+                f"the tally library {library._name} has no {name}: it is older than this "
+                f"package or not tally's (set {ENV_LIBRARY} to a matching build)"
+            ) from None
         function.restype = restype
         function.argtypes = argtypes
     return library
