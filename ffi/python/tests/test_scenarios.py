@@ -142,6 +142,18 @@ def test_a_reservation_holds_an_estimate_and_settles_the_actual_tokens(engine):
         engine.settle(reservation, {"requests": 1, "tokens": 9}, at_ms=T + 20_000)
 
 
+def test_a_reservation_is_true_exactly_when_admitted_as_a_decision_is(engine):
+    # `if engine.consume(...)` admits only what was admitted; `if engine.reserve(...)`, the
+    # same idiom, must not let a denied reservation through.
+    engine.create_user("jo", "tp-jo-1", at_ms=T)
+    denied = engine.reserve("tp-jo-1", "m2.7", {"requests": 1, "tokens": 10}, at_ms=T)
+    assert not denied.admitted and denied.id is None
+    assert bool(denied) is False
+    engine.top_up("@jo", 1_000_000, at_ms=T)
+    admitted = engine.reserve("tp-jo-1", "m2.7", {"requests": 1, "tokens": 10}, at_ms=T)
+    assert admitted.admitted and bool(admitted) is True
+
+
 def test_teams_members_seats_and_withdrawals(engine):
     engine.create_user("ka", "tp-ka-1", at_ms=T)
     engine.create_team("acme", at_ms=T)

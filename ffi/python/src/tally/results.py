@@ -115,7 +115,8 @@ class Decision:
 
 @dataclass(frozen=True)
 class Reservation:
-    """The answer to reserve: the decision and, when admitted, the reservation's id."""
+    """The answer to reserve: the decision and, when admitted, the reservation's id. True
+    exactly when admitted, as a ``Decision``."""
 
     decision: Decision
     #: The id to settle or void; None when denied.
@@ -124,6 +125,11 @@ class Reservation:
     @property
     def admitted(self) -> bool:
         return self.decision.admitted
+
+    def __bool__(self) -> bool:
+        # As `Decision`: a dataclass is always true, and `if engine.reserve(...)` would admit
+        # a denied reservation.
+        return self.admitted
 
 
 @dataclass(frozen=True)
