@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use tally_engine::{ChargedTo, DenialReason, Engine, Error, Unit, UsageRequest};
+use tally_engine::{ChargedTo, DenialReason, Engine, Error, SettleOutcome, Unit, UsageRequest};
 
 const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
 
@@ -562,4 +562,68 @@ fn settling_a_reservation_frees_its_agent_slot() {
         .expect("reserve")
         .reservation
         .is_some());
+}
+
+/// A settle that trades units on the shared usage bar (fewer requests, more tokens) for an
+/// amount the bar weighs no more than the hold is the hold's own usage: it fits however full
+/// the bar is. Deciding the extra tokens before giving back the unused requests refused it as
+/// over the quota (or, with credits, charged the team for what the bar had room for).
+#[test]
+fn a_usage_bar_settle_that_weighs_no_more_than_its_hold_fits_a_full_bar() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let amount = limit(&engine, &key, "usage-bar", five_hours(), T0_MS).amount;
+    let estimate = [(Unit::Requests, 3), (Unit::Tokens, 4_000)];
+    let held = price_micros(&engine, "m2.7", &estimate);
+    let actual = [(Unit::Requests, 1), (Unit::Tokens, 8_000)];
+    assert_eq!(price_micros(&engine, "m2.7", &actual), held);
+    let fill = m27_worth(&engine, amount - held);
+    assert!(consume(&engine, &key, "m2.7", &fill, T0_MS).is_admitted());
+    let id = engine
+        .reserve(&UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS), None)
+        .expect("reserve")
+        .reservation
+        .expect("held on the bar");
+    assert_eq!(
+        used(&engine, &key, "usage-bar", five_hours(), T0_MS),
+        amount
+    );
+
+    let settled = engine.settle(id, &actual, Some(T0_MS)).expect("settle");
+    let SettleOutcome::Settled(settlement) = settled else {
+        panic!("a settle weighing what its hold does was refused: {settled:?}");
+    };
+    assert_eq!(
+        settlement.extra,
+        Some(ChargedTo::PlanQuota {
+            plan: plan_id(&engine, "Bar-Plus")
+        })
+    );
+    assert_eq!(
+        used(&engine, &key, "usage-bar", five_hours(), T0_MS),
+        amount
+    );
+    assert_eq!(used(&engine, &key, "usage-bar", weekly(), T0_MS), amount);
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), 0);
+
+    // With credits, the team pays nothing for it either.
+    let key = seated(&engine, "bo", "Bar-Plus");
+    engine
+        .top_up("@bo", 1_000_000, Some(T0_MS))
+        .expect("top up");
+    assert!(consume(&engine, &key, "m2.7", &fill, T0_MS).is_admitted());
+    let id = engine
+        .reserve(&UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS), None)
+        .expect("reserve")
+        .reservation
+        .expect("held on the bar");
+    assert!(matches!(
+        engine.settle(id, &actual, Some(T0_MS)).expect("settle"),
+        SettleOutcome::Settled(_)
+    ));
+    assert_eq!(engine.credits_micros("@bo").expect("balance"), 1_000_000);
+    assert_eq!(
+        used(&engine, &key, "usage-bar", five_hours(), T0_MS),
+        amount
+    );
 }

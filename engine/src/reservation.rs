@@ -479,6 +479,9 @@ impl Engine {
             });
         }
         let (extra, released) = actual.differences(&reservation.estimate);
+        let whole = released == reservation.estimate;
+        // What was given back of the unused estimate before the extra was decided (below).
+        let mut released_first = None;
         let extra_receipt = if extra.is_empty() {
             None
         } else {
@@ -487,7 +490,27 @@ impl Engine {
             if self.options().expire_leases_on_its_own {
                 self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
             }
-            match self.charge_extra(&reservation, &actual, &extra, at_ms)? {
+            let charged = if !released.is_empty()
+                && matches!(reservation.receipt.charged_to, ChargedTo::PlanQuota { .. })
+            {
+                // Some units used less and others more: on a meter weighing several units
+                // (the usage bar) what the unused ones held makes room for the extra, so they
+                // are given back first, or a settle the hold covers would be refused (or sent
+                // to credits) on a full bar.
+                let (decision, receipt, given) = self.release_then_charge_extra(
+                    &reservation,
+                    &actual,
+                    &extra,
+                    &released,
+                    whole,
+                    at_ms,
+                )?;
+                released_first = given;
+                (decision, receipt)
+            } else {
+                self.charge_extra(&reservation, &actual, &extra, at_ms)?
+            };
+            match charged {
                 (Decision::Admitted(_), receipt) => receipt,
                 (Decision::Denied(denial), _) => {
                     return Ok(SettleOutcome::Denied(Box::new(denial)))
@@ -512,11 +535,72 @@ impl Engine {
             extra: extra_receipt.map(Box::new),
         };
         let extra = extra_receipt.map(|receipt| (receipt, extra));
-        let closing =
-            self.begin_close(&mut table, id, reservation, &released, extra, end, at_ms)?;
+        let closing = self.begin_close_given(
+            &mut table,
+            id,
+            reservation,
+            &released,
+            released_first,
+            extra,
+            end,
+            at_ms,
+        )?;
         drop(table);
         self.finish_close(closing, None)?;
         Ok(SettleOutcome::Settled(settlement))
+    }
+
+    /// Gives back `released` of a plan-quota hold, then charges `extra` as `charge_extra`
+    /// does, with the key's shard write-locked throughout: no admission on the key takes the
+    /// room the give-back made before the extra is decided, so a denied extra takes the
+    /// give-back again exactly (and within the limits it was held under). Returns the extra's
+    /// decision and receipt, and what was given back (`None` if the extra was denied).
+    fn release_then_charge_extra(
+        &self,
+        reservation: &Reservation,
+        actual: &Quantities,
+        extra: &Quantities,
+        released: &Quantities,
+        whole: bool,
+        at_ms: u64,
+    ) -> Result<(Decision, Option<Receipt>, Option<GivenBack>), Error> {
+        let (then, later) = self.policy_lineage(reservation.receipt.generation);
+        self.keys.write(&reservation.key, |policy, state| {
+            let state = state.ok_or_else(|| Error::UnknownKey {
+                key: reservation.key.to_string(),
+            })?;
+            let state = &*state;
+            let resource = resolve_resource(policy, &reservation.resource, actual)?;
+            let spec = policy.resource(resource);
+            let plan_maximums = state
+                .seat
+                .map(|plan| &policy.plan(plan).maximums[resource.index()]);
+            let over = over_maximum(&spec.max_per_request, actual)
+                .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)));
+            if let Some(reason) = over {
+                return Ok((Decision::denied(reason), None, None));
+            }
+            let given = crate::adjustment::give_back_in(
+                then.as_deref().map(|then| (then, &later[..])),
+                policy,
+                state,
+                &reservation.resource,
+                &reservation.receipt,
+                released,
+                whole,
+                Some(at_ms),
+            );
+            match decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume) {
+                Ok((decision @ Decision::Admitted(_), receipt)) => {
+                    Ok((decision, receipt, Some(given)))
+                }
+                other => {
+                    // Under the same write lock: the policy is the one `given` names.
+                    crate::adjustment::retake_in(policy, &[], policy, state, &given);
+                    other.map(|(decision, receipt)| (decision, receipt, None))
+                }
+            }
+        })
     }
 
     /// Charges what `actual` takes beyond the estimate (`extra`) like a consume. The units
@@ -605,15 +689,34 @@ impl Engine {
         end: ReservationEnd,
         at_ms: u64,
     ) -> Result<Closing, Error> {
+        self.begin_close_given(table, id, reservation, released, None, extra, end, at_ms)
+    }
+
+    /// `begin_close`, where `given` is what was already given back of `released` (by
+    /// `release_then_charge_extra`), if it was.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_close_given(
+        &self,
+        table: &mut ReservationInner,
+        id: ReservationId,
+        reservation: Reservation,
+        released: &Quantities,
+        given: Option<GivenBack>,
+        extra: Option<(Receipt, Quantities)>,
+        end: ReservationEnd,
+        at_ms: u64,
+    ) -> Result<Closing, Error> {
         let closed = Closed::from(&end);
-        let given_back = self.give_back(
-            &reservation.key,
-            &reservation.resource,
-            &reservation.receipt,
-            released,
-            *released == reservation.estimate,
-            Some(at_ms),
-        );
+        let given_back = given.unwrap_or_else(|| {
+            self.give_back(
+                &reservation.key,
+                &reservation.resource,
+                &reservation.receipt,
+                released,
+                *released == reservation.estimate,
+                Some(at_ms),
+            )
+        });
         let mut closing = Closing {
             id,
             reservation,
