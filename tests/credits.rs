@@ -627,3 +627,52 @@ fn a_usage_bar_settle_that_weighs_no_more_than_its_hold_fits_a_full_bar() {
         amount
     );
 }
+
+/// A reservation held on credits (its plan exhausted) that overruns in a unit its plan's limits
+/// do not count (tokens, on a plan limiting requests) pays the overrun with credits, as a
+/// consume of the whole amount would. The extra was decided alone: taking nothing from any
+/// limit, the exhausted plan "fit" it, and the tokens went unpaid.
+#[test]
+fn a_credits_hold_pays_its_overrun_in_units_the_plan_does_not_count() {
+    let (engine, key) = starter_exhausted();
+    engine
+        .top_up("@ada", 2_000_000, Some(T0_MS))
+        .expect("top up");
+    let estimate = [(Unit::Requests, 1), (Unit::Tokens, 1)];
+    let actual = [(Unit::Requests, 1), (Unit::Tokens, 1_000_000)];
+    let id = engine
+        .reserve(&UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS), None)
+        .expect("reserve")
+        .reservation
+        .expect("held on credits");
+    let settled = engine.settle(id, &actual, Some(T0_MS)).expect("settle");
+    let SettleOutcome::Settled(settlement) = settled else {
+        panic!("refused: {settled:?}");
+    };
+    let extra = price_micros(&engine, "m2.7", &[(Unit::Tokens, 999_999)]);
+    assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: extra }));
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        2_000_000 - price_micros(&engine, "m2.7", &actual)
+    );
+    assert_eq!(m27_used(&engine, &key, T0_MS), 1500);
+
+    // Without the credits for it, the settle is refused and changes nothing.
+    let id = engine
+        .reserve(&UsageRequest::new(&key, "m2.7", &estimate).at(T0_MS), None)
+        .expect("reserve")
+        .reservation
+        .expect("held on credits");
+    let balance = engine.credits_micros("@ada").expect("balance");
+    let huge = [(Unit::Requests, 1), (Unit::Tokens, 10_000_000)];
+    assert!(matches!(
+        engine.settle(id, &huge, Some(T0_MS)).expect("settle"),
+        SettleOutcome::Denied(_)
+    ));
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
+    engine.void(id, Some(T0_MS)).expect("void");
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        balance + price_micros(&engine, "m2.7", &estimate)
+    );
+}

@@ -289,7 +289,9 @@ impl ReservationInner {
 // Expiry closes reservations and waits while holding the lock (it runs inside other calls that
 // hold it): it appends every overdue close first, so they share one flush.
 
-use crate::admission::{over_maximum, Decision, DenialReason, Mode};
+use crate::admission::{
+    over_maximum, price_micros, try_credits, Amounts, Decision, DenialReason, Mode,
+};
 use crate::engine::{
     decide_for_key, resolve_resource, Engine, ReserveOutcome, SettleOutcome, UsageRequest,
 };
@@ -627,6 +629,40 @@ impl Engine {
                 .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)));
             if let Some(reason) = over {
                 return Ok((Decision::denied(reason), None));
+            }
+            if let (ChargedTo::Credits { .. }, Some(plan)) =
+                (reservation.receipt.charged_to, state.seat)
+            {
+                let plan = policy.plan(plan);
+                let touches = &plan.touches[resource.index()];
+                if plan.covers[resource.index()]
+                    && Amounts::of(touches, extra)
+                        .is_some_and(|amounts| amounts.as_slice().is_empty())
+                {
+                    // The request was paid with credits, its plan refusing it. An overrun in
+                    // units none of the plan's limits count would take nothing from them and
+                    // so "fit" even an exhausted plan, unpaid: it is the credits' request's,
+                    // paid as a consume of the whole amount would be.
+                    let price = price_micros(policy, resource, extra)?;
+                    let decision = try_credits(
+                        &state.team,
+                        price,
+                        at_ms,
+                        state.seat,
+                        None,
+                        Mode::Consume,
+                        DenialReason::NoResources,
+                    );
+                    let receipt = match decision {
+                        Decision::Admitted(admission) => Some(Receipt {
+                            charged_to: admission.charged_to,
+                            generation: policy.generation,
+                            holds: Default::default(),
+                        }),
+                        Decision::Denied(_) => None,
+                    };
+                    return Ok((decision, receipt));
+                }
             }
             decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
         })
