@@ -298,6 +298,21 @@ use crate::engine::{
 use crate::event::{encode_body, EventBody, GivenBack, ReservationEnd};
 use crate::policy::Unit;
 
+/// Why a settle's `actual` amount is over a per-request maximum (the resource's own, then the
+/// key's plan's, `state.seat`), if it is: the whole amount is checked, not only its extra.
+fn over_maximums(
+    policy: &crate::policy::Policy,
+    state: &crate::accounts::KeyState,
+    resource: crate::policy::ResourceId,
+    actual: &Quantities,
+) -> Option<DenialReason> {
+    let plan_maximums = state
+        .seat
+        .map(|plan| &policy.plan(plan).maximums[resource.index()]);
+    over_maximum(&policy.resource(resource).max_per_request, actual)
+        .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)))
+}
+
 /// A close applied and logged whose event may not be durable yet (`Engine::begin_close`).
 struct Closing {
     id: ReservationId,
@@ -573,13 +588,7 @@ impl Engine {
             })?;
             let state = &*state;
             let resource = resolve_resource(policy, &reservation.resource, actual)?;
-            let spec = policy.resource(resource);
-            let plan_maximums = state
-                .seat
-                .map(|plan| &policy.plan(plan).maximums[resource.index()]);
-            let over = over_maximum(&spec.max_per_request, actual)
-                .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)));
-            if let Some(reason) = over {
+            if let Some(reason) = over_maximums(policy, state, resource, actual) {
                 return Ok((Decision::denied(reason), None, None));
             }
             let given = crate::adjustment::give_back_in(
@@ -621,13 +630,7 @@ impl Engine {
             let state = state.ok_or_else(|| Error::UnknownKey {
                 key: reservation.key.to_string(),
             })?;
-            let spec = policy.resource(resource);
-            let plan_maximums = state
-                .seat
-                .map(|plan| &policy.plan(plan).maximums[resource.index()]);
-            let over = over_maximum(&spec.max_per_request, actual)
-                .or_else(|| plan_maximums.and_then(|maximums| over_maximum(maximums, actual)));
-            if let Some(reason) = over {
+            if let Some(reason) = over_maximums(policy, state, resource, actual) {
                 return Ok((Decision::denied(reason), None));
             }
             if let (ChargedTo::Credits { .. }, Some(plan)) =
