@@ -245,29 +245,7 @@ func (h *harness) call(t *testing.T, anthropic bool, key, model string, stream b
 
 // post sends body to path as the API's clients do (see call).
 func (h *harness) post(t *testing.T, anthropic bool, path, key, body string) answer {
-	request, err := http.NewRequest(http.MethodPost, h.gateway.URL+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	request.Header.Set("Content-Type", "application/json")
-	if anthropic {
-		request.Header.Set("x-api-key", key)
-		request.Header.Set("anthropic-version", "2023-06-01")
-	} else if key != "" {
-		request.Header.Set("Authorization", "Bearer "+key)
-	}
-	response, err := http.DefaultClient.Do(request)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer response.Body.Close()
-	raw, err := io.ReadAll(response.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := answer{status: response.StatusCode, header: response.Header, raw: string(raw)}
-	_ = json.Unmarshal(raw, &a.body)
-	return a
+	return h.send(t, http.MethodPost, path, key, anthropic, body, nil)
 }
 
 // openAIError and anthropicError check an error body's shape and return its message.
