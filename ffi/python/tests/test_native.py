@@ -212,3 +212,41 @@ def test_only_a_handle_the_library_just_gave_is_wrapped():
         with pytest.raises(TypeError, match="use Engine.submit"):
             tally.Submission(engine, ctypes.c_void_p(submission._handle.value))
         assert submission.complete().admitted
+
+
+def test_codes_a_newer_library_may_return_become_unknown_members_not_errors():
+    # An admitted request was already counted when its decision is copied out: a code this
+    # wrapper does not know must not turn that into an exception (a caller would retry it).
+    raw = _native.Decision()
+    raw.admitted = 1
+    raw.charged_to = 9
+    decision = tally.Decision.from_native(raw)
+    assert decision.admitted
+    assert decision.charged_to == 9
+    assert decision.charged_to.name == "UNKNOWN_9"
+    assert isinstance(decision.charged_to, tally.ChargedTo)
+    assert decision.charged_to != tally.ChargedTo.NONE
+
+    raw = _native.Decision()
+    raw.denial = 42
+    decision = tally.Decision.from_native(raw)
+    assert not decision.admitted
+    assert decision.denial == 42
+    assert decision.denial.name == "UNKNOWN_42"
+    assert decision.unit is None
+
+    raw = _native.Decision()
+    raw.denial = int(tally.Denial.OVER_REQUEST_MAXIMUM)
+    raw.unit = 77
+    decision = tally.Decision.from_native(raw)
+    assert decision.unit == 77
+    assert decision.unit.name == "UNKNOWN_77"
+
+    # Known codes are the enums' own members, and the enums still refuse unknown values
+    # when a caller constructs them.
+    raw = _native.Decision()
+    raw.admitted = 1
+    raw.charged_to = int(tally.ChargedTo.CREDITS)
+    assert tally.Decision.from_native(raw).charged_to is tally.ChargedTo.CREDITS
+    with pytest.raises(ValueError):
+        tally.Denial(42)

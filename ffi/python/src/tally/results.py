@@ -8,10 +8,26 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _native
 from .enums import ChargedTo, Denial, Unit
+
+_Code = TypeVar("_Code", ChargedTo, Denial, Unit)
+
+
+def _code(kind: type[_Code], value: int) -> _Code:
+    """The member of ``kind`` for a code the library returned. A code this wrapper does not know
+    (from a newer library) is a member of its own named ``UNKNOWN_<code>``, not a ``ValueError``:
+    the decision is copied out after the call took effect, and an exception would hide an
+    admitted, counted request from its caller. Constructing the enum itself still refuses it."""
+    try:
+        return kind(value)
+    except ValueError:
+        member = int.__new__(kind, value)
+        member._name_ = f"UNKNOWN_{value}"
+        member._value_ = value
+        return member
 
 
 def _name(raw: bytes) -> str | None:
@@ -84,11 +100,11 @@ class Decision:
             )
             for limit in raw.limits[:count]
         )
-        denial = Denial(raw.denial)
+        denial = _code(Denial, raw.denial)
         return cls(
             admitted=bool(raw.admitted),
             replayed=bool(raw.replayed),
-            charged_to=ChargedTo(raw.charged_to),
+            charged_to=_code(ChargedTo, raw.charged_to),
             denial=denial,
             limit_index=None if raw.limit_index == _native.NO_INDEX else raw.limit_index,
             limit_name=_name(raw.limit_name),
@@ -104,7 +120,7 @@ class Decision:
                 raw.credits_balance_micros if raw.has_credits_balance else None
             ),
             credits_needed_micros=raw.credits_needed_micros,
-            unit=Unit(raw.unit) if denial == Denial.OVER_REQUEST_MAXIMUM else None,
+            unit=_code(Unit, raw.unit) if denial == Denial.OVER_REQUEST_MAXIMUM else None,
             requested=raw.requested,
             maximum=raw.maximum,
             limits=limits,
