@@ -62,6 +62,49 @@ impl Team {
         }
     }
 
+    /// Gives back `given` of an earlier charge and takes `price` in one step: the balance
+    /// becomes `balance + given - price`, so what is given back pays for the charge before any
+    /// other charge can take it. `Ok(balance after)`, or `Err(balance)` with nothing changed if
+    /// that would be below zero or past `u64::MAX`. The total charged moves by `price - given`,
+    /// as a `refund` of `given` then a `charge` of `price` would move it (and as a replay of
+    /// both, `replay_add` then `replay_take`, does).
+    pub fn refund_and_charge(&self, given: u64, price: u64) -> Result<u64, u64> {
+        let mut balance = self.balance_micros();
+        let after = loop {
+            let after = match given.checked_sub(price) {
+                Some(net_credit) => balance.checked_add(net_credit),
+                None => balance.checked_sub(price - given),
+            };
+            let Some(after) = after else {
+                return Err(balance);
+            };
+            // AcqRel CAS, as `charge`: the new balance is checked against the one it replaces.
+            match self.credits_micros.compare_exchange_weak(
+                balance,
+                after,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break after,
+                Err(current) => balance = current,
+            }
+        };
+        // Relaxed: a statistic, as in `charge` and `refund`.
+        match price.checked_sub(given) {
+            Some(net_charge) => {
+                self.charged_micros.fetch_add(net_charge, Ordering::Relaxed);
+            }
+            None => {
+                let _ = self.charged_micros.fetch_update(
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                    |charged| Some(charged.saturating_sub(given - price)),
+                );
+            }
+        }
+        Ok(after)
+    }
+
     /// Adds `micros` (a top-up or a refund): the balance after, or `None` (nothing added) on
     /// overflow.
     pub fn credit(&self, micros: u64) -> Option<u64> {
@@ -548,6 +591,89 @@ mod tests {
         assert_eq!(team.balance_micros(), 1);
         assert_eq!(charged.load(Ordering::Relaxed), 999);
         assert_eq!(team.charged_micros(), 999);
+    }
+
+    /// A refund and a charge in one step move the balance and the total charged as the two
+    /// one after the other would, and as their replay does; one the balance and the refund
+    /// together cannot pay, or that would overflow, changes nothing.
+    #[test]
+    fn a_refund_and_charge_is_one_step_that_pays_with_what_it_gives_back() {
+        let team = Team::new("t");
+        team.credit(10_000).expect("room for a top-up");
+        team.charge(10_000).expect("a hold of everything");
+        // Gives back 4,000 and takes 2,000: 2,000 left, 8,000 charged in all.
+        assert_eq!(team.refund_and_charge(4_000, 2_000), Ok(2_000));
+        assert_eq!(
+            (team.balance_micros(), team.charged_micros()),
+            (2_000, 8_000)
+        );
+        // Gives back 1,000 and takes 3,000: nothing left, 10,000 charged.
+        assert_eq!(team.refund_and_charge(1_000, 3_000), Ok(0));
+        assert_eq!((team.balance_micros(), team.charged_micros()), (0, 10_000));
+        // One micro short: refused, nothing changed.
+        assert_eq!(team.refund_and_charge(1_000, 1_001), Err(0));
+        assert_eq!((team.balance_micros(), team.charged_micros()), (0, 10_000));
+
+        let replayed = Team::new("r");
+        replayed.replay_add(10_000, false);
+        replayed.replay_take(10_000, true);
+        for (given, price) in [(4_000, 2_000), (1_000, 3_000)] {
+            replayed.replay_add(given, true);
+            replayed.replay_take(price, true);
+        }
+        assert_eq!(
+            (replayed.balance_micros(), replayed.charged_micros()),
+            (team.balance_micros(), team.charged_micros())
+        );
+
+        let full = Team::new("f");
+        full.credit(u64::MAX - 1).expect("room for a top-up");
+        assert_eq!(full.refund_and_charge(3, 1), Err(u64::MAX - 1));
+        assert_eq!(
+            (full.balance_micros(), full.charged_micros()),
+            (u64::MAX - 1, 0)
+        );
+        assert_eq!(full.refund_and_charge(2, 1), Ok(u64::MAX));
+    }
+
+    /// Racing plain charges, refunds-and-charges never take the balance below zero: what one
+    /// gives back pays for its own charge before any other charge sees it.
+    #[test]
+    fn refunds_and_charges_racing_charges_never_take_credits_below_zero() {
+        let team = Team::new("t");
+        team.credit(1_000).expect("room for a top-up");
+        let charged = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for _ in 0..1_000 {
+                    if team.charge(3).is_ok() {
+                        charged.fetch_add(3, Ordering::Relaxed);
+                    }
+                }
+            });
+            scope.spawn(|| {
+                for round in 0..1_000 {
+                    // A hold of 5, settled trading units: 2 given back and 2 charged (what it
+                    // held), or 3 charged (one more, which the balance may lack: then voided).
+                    if team.charge(5).is_err() {
+                        continue;
+                    }
+                    let price = 2 + round % 2;
+                    match team.refund_and_charge(2, price) {
+                        Ok(_) => {
+                            charged.fetch_add(3 + price, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            assert_eq!(price, 3, "the hold pays for what it held");
+                            team.refund(5).expect("room for a refund");
+                        }
+                    }
+                }
+            });
+        });
+        let charged = charged.into_inner();
+        assert_eq!(team.balance_micros(), 1_000 - charged);
+        assert_eq!(team.charged_micros(), charged);
     }
 
     #[test]
