@@ -766,10 +766,15 @@ pub(crate) fn give_back_in(
     };
     // What was charged is priced and weighted by the policy in force then, not now: a price
     // cut since must not shrink a refund.
-    let Some((then, later)) = then else {
-        if whole && !quantities.is_empty() {
-            give_back_charge(state, receipt, None, &mut given);
+    if !matches!(receipt.charged_to, ChargedTo::PlanQuota { .. }) {
+        let then = then.map(|(then, _)| then);
+        let back = charge_given_back(then, resource, receipt, quantities, whole);
+        if back > 0 {
+            give_back_charge(state, receipt, back, &mut given);
         }
+        return given;
+    }
+    let Some((then, later)) = then else {
         return given;
     };
     let Some(resource) = then.resource_id(resource) else {
@@ -778,51 +783,64 @@ pub(crate) fn give_back_in(
     if quantities.is_empty() {
         return given;
     }
-    match receipt.charged_to {
-        ChargedTo::PlanQuota { .. } => {
-            let Some(usage) = state.usage.get() else {
-                return given;
-            };
-            for &hold in receipt.holds.as_slice() {
-                if let Some(moved) = refund_hold(
-                    (then, later),
-                    policy,
-                    usage,
-                    resource,
-                    quantities,
-                    hold,
-                    as_of_ms,
-                ) {
-                    given.counters.push(moved);
-                }
-            }
-        }
-        ChargedTo::Credits { .. } | ChargedTo::PayAsYouGo { .. } => {
-            let price = price_micros(then, resource, quantities).ok().flatten();
-            give_back_charge(state, receipt, price, &mut given);
+    let Some(usage) = state.usage.get() else {
+        return given;
+    };
+    for &hold in receipt.holds.as_slice() {
+        if let Some(moved) = refund_hold(
+            (then, later),
+            policy,
+            usage,
+            resource,
+            quantities,
+            hold,
+            as_of_ms,
+        ) {
+            given.counters.push(moved);
         }
     }
     given
 }
 
-/// Gives back `price` (the part given back, priced when it was charged; `None`: all of it) of
-/// the credits or pay-as-you-go spend `receipt` charged, at most the charge.
-fn give_back_charge(
-    state: &KeyState,
+/// How much of the credits or pay-as-you-go spend `receipt` charged giving back `quantities`
+/// of it returns, as `give_back_in` works it out: their price under `then` (the receipt's
+/// policy generation, if still kept), at most the charge; the whole charge if `then` is gone
+/// and `whole`; else nothing (and nothing for a plan-quota receipt).
+pub(crate) fn charge_given_back(
+    then: Option<&Policy>,
+    resource: &str,
     receipt: &Receipt,
-    price: Option<u64>,
-    given: &mut GivenBack,
-) {
+    quantities: &Quantities,
+    whole: bool,
+) -> u64 {
+    let (ChargedTo::Credits { micros } | ChargedTo::PayAsYouGo { micros }) = receipt.charged_to
+    else {
+        return 0;
+    };
+    if quantities.is_empty() {
+        return 0;
+    }
+    let Some(then) = then else {
+        return if whole { micros } else { 0 };
+    };
+    let Some(resource) = then.resource_id(resource) else {
+        return 0;
+    };
+    let price = price_micros(then, resource, quantities).ok().flatten();
+    price.unwrap_or(micros).min(micros)
+}
+
+/// Gives back `back` (from `charge_given_back`) of the credits or pay-as-you-go spend
+/// `receipt` charged.
+fn give_back_charge(state: &KeyState, receipt: &Receipt, back: u64, given: &mut GivenBack) {
     match receipt.charged_to {
         ChargedTo::PlanQuota { .. } => {}
-        ChargedTo::Credits { micros } => {
-            let back = price.unwrap_or(micros).min(micros);
+        ChargedTo::Credits { .. } => {
             if state.team.refund(back).is_some() {
                 given.credits_micros = back;
             }
         }
-        ChargedTo::PayAsYouGo { micros } => {
-            let back = price.unwrap_or(micros).min(micros);
+        ChargedTo::PayAsYouGo { .. } => {
             state.subtract_payg(back);
             given.payg_micros = back;
         }
