@@ -10,12 +10,14 @@
 //! - a timestamp that goes backwards is counted at the newest time its window has seen, never
 //!   in the past, so no quota is released early.
 
+mod log_support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
 use tally_engine::{
-    ChargedTo, Decision, Engine, EngineOptions, ManualClock, Policy, Unit, UsageReport,
-    UsageRequest,
+    ChargedTo, Decision, Engine, EngineOptions, ManualClock, OpenOptions, Policy, SettleOutcome,
+    Unit, UsageReport, UsageRequest,
 };
 
 const SECOND_MS: u64 = 1_000;
@@ -337,6 +339,129 @@ fn four_keys_sharing_a_teams_credits_never_overdraw_it() {
     let report = engine.usage("crew-k0", at).expect("usage");
     assert_eq!(report.credits_charged_micros, charged);
     assert_eq!(report.credits_balance_micros, balance);
+}
+
+/// Settles of credits holds that trade units (fewer requests, more tokens) pay their extra with
+/// what the hold gives back and the balance together, in one step: while other keys of the
+/// team take its credits and top-ups come in, the team never goes below zero, its balance is
+/// the top-ups less every admitted charge (a settle's charge is its actual price), and a
+/// reopened engine replays the same. On the token plan: m2.7 costs 2,000 micros a request and
+/// 1 a token; the keys have no seat, so everything is paid with credits.
+#[test]
+fn settles_trading_units_on_credits_holds_racing_other_keys_of_the_team_never_overdraw_it() {
+    const HELD: [(Unit, u64); 2] = [(Unit::Requests, 3), (Unit::Tokens, 4_000)];
+    const HELD_MICROS: u64 = 10_000;
+    // Cheaper, as held, and dearer than the hold, each trading requests for tokens.
+    const ACTUALS: [([(Unit, u64); 2], u64); 3] = [
+        ([(Unit::Requests, 1), (Unit::Tokens, 6_000)], 8_000),
+        ([(Unit::Requests, 1), (Unit::Tokens, 8_000)], 10_000),
+        ([(Unit::Requests, 1), (Unit::Tokens, 12_000)], 14_000),
+    ];
+    const CONSUMED: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 500)];
+    const CONSUMED_MICROS: u64 = 2_500;
+    const FIRST_TOP_UP_MICROS: u64 = 30_000;
+    let at_ms = WEDNESDAY_NOON_MS;
+    let at = Some(at_ms);
+    let dir = log_support::TempDir::new("settles-racing-team-credits");
+    let clock = Arc::new(ManualClock::new(at_ms));
+    let open = || {
+        Engine::open(
+            dir.path(),
+            Policy::token_plan(),
+            clock.clone(),
+            OpenOptions::default(),
+        )
+        .expect("open")
+    };
+    let engine = open();
+    engine.create_team("crew", at).expect("team");
+    for user in 0..THREADS {
+        engine
+            .create_user(&format!("u{user}"), &format!("k{user}"), at)
+            .expect("user");
+        engine
+            .add_member("crew", &format!("u{user}"), &format!("crew-k{user}"), at)
+            .expect("member");
+    }
+    engine
+        .top_up("crew", FIRST_TOP_UP_MICROS, at)
+        .expect("top-up");
+    let charged = AtomicU64::new(0);
+    let topped_up = AtomicU64::new(FIRST_TOP_UP_MICROS);
+    let barrier = Barrier::new(THREADS as usize);
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (engine, barrier) = (&engine, &barrier);
+            let (charged, topped_up) = (&charged, &topped_up);
+            scope.spawn(move || {
+                let key = format!("crew-k{thread}");
+                barrier.wait();
+                if thread >= 2 {
+                    // Other keys of the team, taking its credits as they come.
+                    let request = UsageRequest::new(&key, "m2.7", &CONSUMED).at(at_ms);
+                    for _ in 0..400 {
+                        if let Decision::Admitted(admission) =
+                            engine.consume(&request).expect("consume")
+                        {
+                            assert_eq!(
+                                admission.charged_to,
+                                ChargedTo::Credits {
+                                    micros: CONSUMED_MICROS
+                                }
+                            );
+                            charged.fetch_add(CONSUMED_MICROS, Ordering::Relaxed);
+                        }
+                    }
+                    return;
+                }
+                for attempt in 0..100u64 {
+                    // Each hold is topped up first, and the other keys soon take what is left
+                    // beside it: its settle often meets a balance of nothing.
+                    engine.top_up("crew", HELD_MICROS, at).expect("top-up");
+                    topped_up.fetch_add(HELD_MICROS, Ordering::Relaxed);
+                    let request = UsageRequest::new(&key, "m2.7", &HELD).at(at_ms);
+                    let reserved = engine.reserve(&request, None).expect("reserve");
+                    let Some(id) = reserved.reservation else {
+                        continue;
+                    };
+                    let (actual, actual_micros) = ACTUALS[(attempt % 3) as usize];
+                    match engine.settle(id, &actual, at).expect("settle") {
+                        SettleOutcome::Settled(settlement) => {
+                            charged.fetch_add(actual_micros, Ordering::Relaxed);
+                            assert_eq!(
+                                settlement.extra,
+                                Some(ChargedTo::Credits {
+                                    micros: actual[1].1 - HELD[1].1
+                                })
+                            );
+                            // A repeat is the first settlement and charges nothing.
+                            let again = engine.settle(id, &actual, at).expect("settle again");
+                            assert_eq!(again, SettleOutcome::Settled(settlement));
+                        }
+                        SettleOutcome::Denied(denial) => {
+                            assert!(
+                                actual_micros > HELD_MICROS,
+                                "a settle its hold covers was refused: {denial:?}"
+                            );
+                            engine.void(id, at).expect("void");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let charged = charged.into_inner();
+    let topped_up = topped_up.into_inner();
+    assert!(charged <= topped_up);
+    let balance = engine.credits_micros("crew").expect("team");
+    assert_eq!(balance, topped_up - charged);
+    assert_eq!(engine.open_reservations(), 0);
+    let report = engine.usage("crew-k0", at).expect("usage");
+    assert_eq!(report.credits_charged_micros, charged);
+    assert_eq!(report.credits_balance_micros, balance);
+    drop(engine);
+    let engine = open();
+    assert_eq!(engine.usage("crew-k0", at).expect("usage"), report);
 }
 
 #[test]

@@ -3,9 +3,15 @@
 //! endpoint at its price; the bar plans cap the agents (open reservations) a key may run.
 
 mod common;
+mod log_support;
+
+use std::sync::Arc;
 
 use common::*;
-use tally_engine::{ChargedTo, DenialReason, Engine, Error, SettleOutcome, Unit, UsageRequest};
+use tally_engine::{
+    ChargedTo, DenialReason, Engine, Error, ManualClock, OpenOptions, Policy, ReservationId,
+    SettleOutcome, Settlement, Unit, UsageRequest,
+};
 
 const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
 
@@ -675,4 +681,232 @@ fn a_credits_hold_pays_its_overrun_in_units_the_plan_does_not_count() {
         engine.credits_micros("@ada").expect("balance"),
         balance + price_micros(&engine, "m2.7", &estimate)
     );
+}
+
+// Settles of credits holds that trade units (fewer requests, more tokens). m2.7 costs 2,000
+// micros a request and 1 a token.
+
+/// 3 requests and 4,000 tokens: 10,000 micros.
+const HELD: [(Unit, u64); 2] = [(Unit::Requests, 3), (Unit::Tokens, 4_000)];
+const HELD_MICROS: u64 = 10_000;
+/// 1 request and 6,000 tokens: 8,000 micros, 2,000 tokens over the hold (2,000 micros) and 2
+/// requests under it (4,000 micros).
+const CHEAPER: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 6_000)];
+const CHEAPER_MICROS: u64 = 8_000;
+/// 1 request and 8,000 tokens: exactly what was held.
+const AS_HELD: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 8_000)];
+/// 1 request and 8,001 tokens: one micro more than was held.
+const OVER: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 8_001)];
+const OVER_MICROS: u64 = HELD_MICROS + 1;
+
+/// Reserves `HELD` on `key` at T0, which must be paid with credits.
+fn hold_on_credits(engine: &Engine, key: &str) -> ReservationId {
+    let outcome = engine
+        .reserve(&UsageRequest::new(key, "m2.7", &HELD).at(T0_MS), None)
+        .expect("reserve");
+    assert_eq!(
+        admitted(outcome.decision).charged_to,
+        ChargedTo::Credits {
+            micros: HELD_MICROS
+        }
+    );
+    outcome.reservation.expect("held on credits")
+}
+
+fn settled(outcome: SettleOutcome) -> Settlement {
+    match outcome {
+        SettleOutcome::Settled(settlement) => settlement,
+        SettleOutcome::Denied(denial) => panic!("refused: {denial:?}"),
+    }
+}
+
+/// `(balance, total charged)` of `key`'s team, from its usage report.
+fn credits_of(engine: &Engine, key: &str) -> (u64, u64) {
+    let report = engine.usage(key, Some(T0_MS)).expect("report");
+    (report.credits_balance_micros, report.credits_charged_micros)
+}
+
+/// A credits hold that took the whole balance, settled for fewer requests and more tokens at
+/// no more than it held, is the hold's own usage: the unused requests pay for the tokens. The
+/// extra tokens were priced against the balance before the unused part of the hold was given
+/// back (0), and refused.
+#[test]
+fn a_credits_hold_that_took_every_credit_pays_a_settle_trading_units_within_it() {
+    for seat in [None, Some("Starter")] {
+        let (engine, key) = match seat {
+            None => {
+                let engine = engine();
+                let key = user(&engine, "ada");
+                (engine, key)
+            }
+            // The plan exhausted (the hold went to credits); its limits count requests only.
+            Some(_) => starter_exhausted(),
+        };
+        engine
+            .top_up("@ada", HELD_MICROS, Some(T0_MS))
+            .expect("top up");
+        let id = hold_on_credits(&engine, &key);
+        assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS), "{seat:?}");
+
+        let settlement = settled(engine.settle(id, &CHEAPER, Some(T0_MS)).expect("settle"));
+        assert_eq!(
+            settlement.held,
+            ChargedTo::Credits {
+                micros: HELD_MICROS
+            }
+        );
+        assert_eq!(
+            settlement.extra,
+            Some(ChargedTo::Credits { micros: 2_000 }),
+            "{seat:?}"
+        );
+        assert_eq!(settlement.released.get(Unit::Requests), 2);
+        assert_eq!(settlement.released.get(Unit::Tokens), 0);
+        let after = (HELD_MICROS - CHEAPER_MICROS, CHEAPER_MICROS);
+        assert_eq!(credits_of(&engine, &key), after, "{seat:?}");
+        assert_eq!(engine.open_reservations(), 0);
+
+        // Settled again with the same amounts: the first settlement, nothing charged again.
+        let again = settled(engine.settle(id, &CHEAPER, Some(T0_MS)).expect("settle"));
+        assert_eq!(again, settlement);
+        assert_eq!(credits_of(&engine, &key), after, "{seat:?}");
+        if seat.is_some() {
+            assert_eq!(m27_used(&engine, &key, T0_MS), 1500);
+        }
+    }
+}
+
+/// A settle trading units for exactly what was held, and one micro more when the team holds
+/// that micro, with part of the balance left beside the hold.
+#[test]
+fn a_settle_trading_units_on_a_credits_hold_may_use_the_hold_and_the_balance_beside_it() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", HELD_MICROS + 1_000, Some(T0_MS))
+        .expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    let settlement = settled(engine.settle(id, &AS_HELD, Some(T0_MS)).expect("settle"));
+    assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: 4_000 }));
+    assert_eq!(credits_of(&engine, &key), (1_000, HELD_MICROS));
+
+    engine.top_up("@ada", 9_001, Some(T0_MS)).expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    assert_eq!(credits_of(&engine, &key), (1, 2 * HELD_MICROS));
+    let settlement = settled(engine.settle(id, &OVER, Some(T0_MS)).expect("settle"));
+    assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: 4_001 }));
+    assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS + OVER_MICROS));
+}
+
+/// A settle trading units that costs more than the hold and the balance together is refused
+/// and changes nothing: the balance, the total charged and the hold stay, the reservation
+/// stays open; with the missing micro topped up, the same settle goes through.
+#[test]
+fn a_settle_trading_units_beyond_the_hold_and_the_balance_is_refused_and_changes_nothing() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", HELD_MICROS, Some(T0_MS))
+        .expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
+
+    let SettleOutcome::Denied(denial) = engine.settle(id, &OVER, Some(T0_MS)).expect("settle")
+    else {
+        panic!("a settle beyond the hold and the balance was admitted");
+    };
+    assert_eq!(
+        denial.remedies.credits_needed_micros,
+        Some(1),
+        "the hold covers all but one micro: {denial:?}"
+    );
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+    assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS));
+    assert_eq!(engine.open_reservations(), 1);
+
+    engine.top_up("@ada", 1, Some(T0_MS)).expect("top up");
+    let settlement = settled(engine.settle(id, &OVER, Some(T0_MS)).expect("settle"));
+    assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: 4_001 }));
+    assert_eq!(credits_of(&engine, &key), (0, OVER_MICROS));
+    assert_eq!(engine.open_reservations(), 0);
+
+    // Refused, then voided: the whole hold comes back.
+    engine
+        .top_up("@ada", HELD_MICROS, Some(T0_MS))
+        .expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    assert!(matches!(
+        engine.settle(id, &OVER, Some(T0_MS)).expect("settle"),
+        SettleOutcome::Denied(_)
+    ));
+    engine.void(id, Some(T0_MS)).expect("void");
+    assert_eq!(credits_of(&engine, &key), (HELD_MICROS, OVER_MICROS));
+}
+
+/// What such a settle did to the team's credits is what a reopened engine replays from its log:
+/// the same balance, total charged and usage, and a repeated settle still charges nothing.
+#[test]
+fn a_settle_trading_units_on_a_credits_hold_replays_to_the_same_credits() {
+    let dir = log_support::TempDir::new("credits-settle-trading-units");
+    let open = || {
+        Engine::open(
+            dir.path(),
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0_MS)),
+            OpenOptions::default(),
+        )
+        .expect("open")
+    };
+    let engine = open();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", HELD_MICROS, Some(T0_MS))
+        .expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    let settlement = settled(engine.settle(id, &CHEAPER, Some(T0_MS)).expect("settle"));
+    // And one refused, still open.
+    engine
+        .top_up("@ada", HELD_MICROS, Some(T0_MS))
+        .expect("top up");
+    let open_id = hold_on_credits(&engine, &key);
+    let denied = engine.settle(
+        open_id,
+        &[(Unit::Requests, 1), (Unit::Tokens, 20_000)],
+        Some(T0_MS),
+    );
+    assert!(matches!(denied, Ok(SettleOutcome::Denied(_))), "{denied:?}");
+    let report = engine.usage(&key, Some(T0_MS)).expect("report");
+    assert_eq!(
+        (report.credits_balance_micros, report.credits_charged_micros),
+        (
+            2 * HELD_MICROS - CHEAPER_MICROS - HELD_MICROS,
+            CHEAPER_MICROS + HELD_MICROS
+        )
+    );
+    drop(engine);
+
+    let engine = open();
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), report);
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        report.credits_balance_micros
+    );
+    assert_eq!(engine.open_reservations(), 1);
+    let again = settled(engine.settle(id, &CHEAPER, Some(T0_MS)).expect("settle"));
+    assert_eq!(again, settlement);
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), report);
+    // The open one settles after the reopen as it would have before.
+    settled(
+        engine
+            .settle(open_id, &CHEAPER, Some(T0_MS))
+            .expect("settle"),
+    );
+    let after = engine.usage(&key, Some(T0_MS)).expect("report");
+    assert_eq!(
+        (after.credits_balance_micros, after.credits_charged_micros),
+        (2 * (HELD_MICROS - CHEAPER_MICROS), 2 * CHEAPER_MICROS)
+    );
+    drop(engine);
+    let engine = open();
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), after);
 }

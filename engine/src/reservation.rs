@@ -324,6 +324,102 @@ struct Closing {
     seq: u64,
 }
 
+/// The decision on a settle's `extra` beyond `reservation`'s estimate, as a consume of it
+/// would be, under the key's read lock (`Engine::charge_extra`, which checked the maximums).
+fn decide_extra(
+    policy: &crate::policy::Policy,
+    state: &crate::accounts::KeyState,
+    resource: crate::policy::ResourceId,
+    reservation: &Reservation,
+    extra: &Quantities,
+    at_ms: u64,
+) -> Result<(Decision, Option<Receipt>), Error> {
+    if let (ChargedTo::Credits { .. }, Some(plan)) = (reservation.receipt.charged_to, state.seat) {
+        let plan = policy.plan(plan);
+        let touches = &plan.touches[resource.index()];
+        if plan.covers[resource.index()]
+            && Amounts::of(touches, extra).is_some_and(|amounts| amounts.as_slice().is_empty())
+        {
+            // The request was paid with credits, its plan refusing it. An overrun in
+            // units none of the plan's limits count would take nothing from them and
+            // so "fit" even an exhausted plan, unpaid: it is the credits' request's,
+            // paid as a consume of the whole amount would be.
+            let price = price_micros(policy, resource, extra)?;
+            let decision = try_credits(
+                &state.team,
+                price,
+                at_ms,
+                state.seat,
+                None,
+                Mode::Consume,
+                DenialReason::NoResources,
+            );
+            let receipt = match decision {
+                Decision::Admitted(admission) => Some(Receipt {
+                    charged_to: admission.charged_to,
+                    generation: policy.generation,
+                    holds: Default::default(),
+                }),
+                Decision::Denied(_) => None,
+            };
+            return Ok((decision, receipt));
+        }
+    }
+    decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
+}
+
+/// Pays a settle's `extra`, which the team's balance alone could not (`denial`), with the
+/// balance and `back` (what the credits hold gives back of its unused estimate) together, in
+/// one step (`Team::refund_and_charge`): no other key of the team can take the credits given
+/// back before the extra is paid. Admitted, it returns the extra's receipt and what was given
+/// back (for the close to log, instead of giving it back again); refused, `denial` with the
+/// credits it needs beside the hold, and nothing changed.
+fn pay_extra_with_the_hold(
+    policy: &crate::policy::Policy,
+    state: &crate::accounts::KeyState,
+    resource: crate::policy::ResourceId,
+    extra: &Quantities,
+    back: u64,
+    mut denial: crate::admission::Denial,
+    at_ms: u64,
+) -> Result<(Decision, Option<Receipt>, Option<GivenBack>), Error> {
+    // Unpriced, the extra could not go to credits; with nothing given back, the balance alone
+    // just refused it. A pay-as-you-go key never draws on credits.
+    let price = price_micros(policy, resource, extra)?;
+    let (Some(price), 1.., crate::accounts::KeyKind::Plan) = (price, back, state.kind) else {
+        return Ok((Decision::Denied(denial), None, None));
+    };
+    match state.team.refund_and_charge(back, price) {
+        Ok(after) => {
+            let charged_to = ChargedTo::Credits { micros: price };
+            let admission = crate::admission::Admission {
+                charged_to,
+                at_ms,
+                plan: state.seat,
+                limits: denial.limits,
+                credits_balance_micros: Some(after),
+            };
+            let receipt = Receipt {
+                charged_to,
+                generation: policy.generation,
+                holds: Default::default(),
+            };
+            let given = GivenBack {
+                generation: policy.generation,
+                credits_micros: back,
+                ..GivenBack::default()
+            };
+            Ok((Decision::Admitted(admission), Some(receipt), Some(given)))
+        }
+        Err(balance) => {
+            denial.credits_balance_micros = Some(balance);
+            denial.remedies.credits_needed_micros =
+                Some(price.saturating_sub(balance.saturating_add(back)).max(1));
+            Ok((Decision::Denied(denial), None, None))
+        }
+    }
+}
+
 impl Engine {
     /// Holds an estimate against every limit (or the credits) until `settle`, `void` or the end
     /// of the lease (`lease_ms`, default `EngineOptions::default_lease_ms`, at most a day).
@@ -497,7 +593,8 @@ impl Engine {
         }
         let (extra, released) = actual.differences(&reservation.estimate);
         let whole = released == reservation.estimate;
-        // What was given back of the unused estimate before the extra was decided (below).
+        // What was given back of the unused estimate before the extra was decided, or with its
+        // charge (below).
         let mut released_first = None;
         let extra_receipt = if extra.is_empty() {
             None
@@ -525,7 +622,14 @@ impl Engine {
                 released_first = given;
                 (decision, receipt)
             } else {
-                self.charge_extra(&reservation, &actual, &extra, at_ms)?
+                // A credits hold trading units pays its extra with what it gives back of the
+                // rest, in the same step (`charge_extra`): decided on the balance alone, a
+                // settle the hold covers was refused when the balance beside it fell short.
+                let released = (!released.is_empty()).then_some((&released, whole));
+                let (decision, receipt, given) =
+                    self.charge_extra(&reservation, &actual, &extra, released, at_ms)?;
+                released_first = given;
+                (decision, receipt)
             };
             match charged {
                 (Decision::Admitted(_), receipt) => receipt,
@@ -618,56 +722,50 @@ impl Engine {
     /// and the per-request maximums are checked on the whole `actual` amount: an overrun is
     /// often of one unit alone (a chat call's tokens, without its one request), which no
     /// request of its own could carry, and a song's seconds are bounded in total.
+    ///
+    /// With `released` (the settle also gives back part of the estimate, `whole` as in
+    /// `give_back_in`), an extra of a credits hold that the balance alone cannot pay is paid
+    /// with the balance and what the hold gives back together (`pay_extra_with_the_hold`).
+    /// Returns the extra's decision and receipt, and what was given back with it, if it was.
     fn charge_extra(
         &self,
         reservation: &Reservation,
         actual: &Quantities,
         extra: &Quantities,
+        released: Option<(&Quantities, bool)>,
         at_ms: u64,
-    ) -> Result<(Decision, Option<Receipt>), Error> {
+    ) -> Result<(Decision, Option<Receipt>, Option<GivenBack>), Error> {
+        // The hold's policy, looked up outside the key's shard lock (the policy list is
+        // locked before the shards, never after).
+        let then = match (released, reservation.receipt.charged_to) {
+            (Some(_), ChargedTo::Credits { .. }) => {
+                Some(self.policy_lineage(reservation.receipt.generation).0)
+            }
+            _ => None,
+        };
         self.keys.read(&reservation.key, |policy, state| {
             let resource = resolve_resource(policy, &reservation.resource, actual)?;
             let state = state.ok_or_else(|| Error::UnknownKey {
                 key: reservation.key.to_string(),
             })?;
             if let Some(reason) = over_maximums(policy, state, resource, actual) {
-                return Ok((Decision::denied(reason), None));
+                return Ok((Decision::denied(reason), None, None));
             }
-            if let (ChargedTo::Credits { .. }, Some(plan)) =
-                (reservation.receipt.charged_to, state.seat)
-            {
-                let plan = policy.plan(plan);
-                let touches = &plan.touches[resource.index()];
-                if plan.covers[resource.index()]
-                    && Amounts::of(touches, extra)
-                        .is_some_and(|amounts| amounts.as_slice().is_empty())
-                {
-                    // The request was paid with credits, its plan refusing it. An overrun in
-                    // units none of the plan's limits count would take nothing from them and
-                    // so "fit" even an exhausted plan, unpaid: it is the credits' request's,
-                    // paid as a consume of the whole amount would be.
-                    let price = price_micros(policy, resource, extra)?;
-                    let decision = try_credits(
-                        &state.team,
-                        price,
-                        at_ms,
-                        state.seat,
-                        None,
-                        Mode::Consume,
-                        DenialReason::NoResources,
+            let (decision, receipt) =
+                decide_extra(policy, state, resource, reservation, extra, at_ms)?;
+            match (decision, then, released) {
+                (Decision::Denied(denial), Some(then), Some((released, whole))) => {
+                    let back = crate::adjustment::charge_given_back(
+                        then.as_deref(),
+                        &reservation.resource,
+                        &reservation.receipt,
+                        released,
+                        whole,
                     );
-                    let receipt = match decision {
-                        Decision::Admitted(admission) => Some(Receipt {
-                            charged_to: admission.charged_to,
-                            generation: policy.generation,
-                            holds: Default::default(),
-                        }),
-                        Decision::Denied(_) => None,
-                    };
-                    return Ok((decision, receipt));
+                    pay_extra_with_the_hold(policy, state, resource, extra, back, denial, at_ms)
                 }
+                (decision, ..) => Ok((decision, receipt, None)),
             }
-            decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume)
         })
     }
 
