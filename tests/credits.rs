@@ -820,6 +820,16 @@ fn a_settle_trading_units_beyond_the_hold_and_the_balance_is_refused_and_changes
         Some(1),
         "the hold covers all but one micro: {denial:?}"
     );
+    // The key has credits (what its hold gives back), just not enough for the extra (priced
+    // as the settle below charges it): not "no resources".
+    assert_eq!(
+        denial.reason,
+        DenialReason::InsufficientCredits {
+            balance_micros: 4_000,
+            price_micros: 4_001,
+        },
+        "{denial:?}"
+    );
     assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
     assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS));
     assert_eq!(engine.open_reservations(), 1);

@@ -373,7 +373,8 @@ fn decide_extra(
 /// one step (`Team::refund_and_charge`): no other key of the team can take the credits given
 /// back before the extra is paid. Admitted, it returns the extra's receipt and what was given
 /// back (for the close to log, instead of giving it back again); refused, `denial` with the
-/// credits it needs beside the hold, and nothing changed.
+/// credits it needs beside the hold (insufficient credits, not "no resources", when the
+/// balance alone was empty), and nothing changed.
 fn pay_extra_with_the_hold(
     policy: &crate::policy::Policy,
     state: &crate::accounts::KeyState,
@@ -412,6 +413,14 @@ fn pay_extra_with_the_hold(
             Ok((Decision::Admitted(admission), Some(receipt), Some(given)))
         }
         Err(balance) => {
+            if denial.reason == DenialReason::NoResources {
+                // The balance alone was empty, but the key does have credits: its hold's.
+                // What this settle could draw on is the balance and what the hold gives back.
+                denial.reason = DenialReason::InsufficientCredits {
+                    balance_micros: balance.saturating_add(back),
+                    price_micros: price,
+                };
+            }
             denial.credits_balance_micros = Some(balance);
             denial.remedies.credits_needed_micros =
                 Some(price.saturating_sub(balance.saturating_add(back)).max(1));
