@@ -981,3 +981,56 @@ limits = [
     let report = engine.usage(&key, Some(later)).expect("report");
     assert_eq!(report.limits[0].used, 1);
 }
+
+/// A key whose idle windows were reclaimed counts later requests no earlier than the reclaim
+/// (its time floor). A request stamped before the floor and denied must still say how long to
+/// wait from its own timestamp: `retry_at_ms - at_ms`, as a request stamped before a rolling
+/// window's head or in a calendar period the counter has passed is told. Before, the wait was
+/// measured from the floor, so the request's timestamp plus `retry_after_ms` fell before
+/// `retry_at_ms`, by as much as the stamp was behind the floor.
+#[test]
+fn a_request_stamped_before_a_reclaim_is_told_to_wait_from_its_own_timestamp() {
+    for window in ["rolling:1h", "daily"] {
+        let policy = Policy::from_toml_str(&format!(
+            r#"
+time_zone = "UTC"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
+"#
+        ))
+        .expect("a valid policy");
+        let (engine, clock) = engine_on_clock_with(policy);
+        let key = seated(&engine, "ada", "P");
+        let day_ms = T0_MS - T0_MS % DAY_MS + DAY_MS; // a UTC midnight
+        assert!(consume(&engine, &key, "widget", &ONE_REQUEST, day_ms - 3 * HOUR_MS).is_admitted());
+        // The windows are empty by the reclaim's time: the key's usage is freed.
+        let reclaim_ms = day_ms + 5 * HOUR_MS;
+        clock.set_ms(reclaim_ms);
+        assert_eq!(engine.reclaim_idle(Some(reclaim_ms)), Ok(1), "{window}");
+        let both = [(Unit::Requests, 2)];
+        assert!(consume(&engine, &key, "widget", &both, reclaim_ms).is_admitted());
+        // A late request, stamped ten minutes before the reclaim (same day, same window).
+        let late_ms = reclaim_ms - 10 * MINUTE_MS;
+        for decision in [
+            consume(&engine, &key, "widget", &ONE_REQUEST, late_ms),
+            check(&engine, &key, "widget", &ONE_REQUEST, late_ms),
+        ] {
+            let (_, retry_at_ms, retry_after_ms, _) = quota_exhausted(decision);
+            let expected_retry_at_ms = if window == "daily" {
+                day_ms + DAY_MS
+            } else {
+                // One hour's default bucket is 16 s (225 buckets); the reclaim's time starts
+                // one, and what was counted in it comes back a window and a bucket later.
+                reclaim_ms + HOUR_MS + 16 * SECOND_MS
+            };
+            assert_eq!(retry_at_ms, expected_retry_at_ms, "{window}");
+            assert_eq!(
+                late_ms + retry_after_ms,
+                retry_at_ms,
+                "{window}: the wait is measured from the request's own timestamp"
+            );
+        }
+    }
+}
