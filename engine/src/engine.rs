@@ -2314,9 +2314,60 @@ pub(crate) fn decide_for_key_into(
     mode: Mode,
     verdict: &mut Verdict<'_>,
 ) -> Result<(), Error> {
+    // Time never goes back for a key, even across a reclaim of its idle windows: the request
+    // is decided at its key's time floor if that is later.
+    let floor_ms = state.time_floor_ms;
+    decide_at_or_after_floor(
+        policy,
+        state,
+        resource,
+        resource_spec,
+        quantities,
+        at_ms.max(floor_ms),
+        mode,
+        verdict,
+    )?;
+    if floor_ms > at_ms {
+        wait_from_request_time(verdict.decision, at_ms);
+    }
+    Ok(())
+}
+
+/// Measures a quota denial's `retry_after_ms` from `request_at_ms`, the request's own
+/// timestamp, where the request was decided at a later time (its key's time floor): the
+/// caller waits from its own timestamp, and `request_at_ms + retry_after_ms` must be
+/// `retry_at_ms`, never earlier.
+#[cold]
+fn wait_from_request_time(decision: &mut Decision, request_at_ms: u64) {
+    if let Decision::Denied(crate::admission::Denial {
+        reason:
+            DenialReason::QuotaExhausted {
+                retry_at_ms,
+                retry_after_ms,
+                ..
+            },
+        ..
+    }) = decision
+    {
+        *retry_after_ms = retry_at_ms.saturating_sub(request_at_ms);
+    }
+}
+
+/// `decide_for_key_into` at `at_ms`, already at or after the key's time floor.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn decide_at_or_after_floor(
+    policy: &Policy,
+    state: &KeyState,
+    resource: ResourceId,
+    resource_spec: &Resource,
+    quantities: &Quantities,
+    at_ms: u64,
+    mode: Mode,
+    verdict: &mut Verdict<'_>,
+) -> Result<(), Error> {
     debug_assert!(std::ptr::eq(resource_spec, policy.resource(resource)));
-    // Time never goes back for a key, even across a reclaim of its idle windows.
-    let at_ms = at_ms.max(state.time_floor_ms);
+    debug_assert!(at_ms >= state.time_floor_ms);
     if resource_spec.has_maximum {
         if let Some(reason) = over_maximum(&resource_spec.max_per_request, quantities) {
             verdict.deny(reason);
