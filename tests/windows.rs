@@ -1034,3 +1034,71 @@ limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{wind
         }
     }
 }
+
+/// The week's first day is the policy's `week_start` (Monday when it names none): a weekly
+/// window resets at local midnight of that day, across DST changes too. Before, weeks always
+/// started on Monday and a policy naming its first day was refused as an unknown field.
+#[test]
+fn a_weekly_window_resets_at_local_midnight_of_the_configured_first_day() {
+    let policy = |week_start: &str| {
+        Policy::from_toml_str(&format!(
+            r#"
+time_zone = "America/New_York"
+week_start = "{week_start}"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "weekly" }}]
+"#
+        ))
+    };
+    let engine = engine_with(policy("sunday").expect("a valid policy"));
+    let key = seated(&engine, "ada", "P");
+    let both = [(Unit::Requests, 2)];
+    // Saturday 2026-03-07, noon EST; the week began Sunday 2026-03-01 00:00 EST (05:00 UTC).
+    let saturday_ms = utc_ms(2026, 3, 7, 17, 0, 0);
+    assert!(consume(&engine, &key, "widget", &both, saturday_ms).is_admitted());
+    // The next week begins Sunday 2026-03-08 00:00 EST (05:00 UTC), two hours before the
+    // clocks spring forward; it ends Sunday 2026-03-15 00:00 EDT (04:00 UTC), 167 hours on.
+    let sunday_ms = utc_ms(2026, 3, 8, 5, 0, 0);
+    let (_, retry_at_ms, _, reset_at_ms) =
+        quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, saturday_ms));
+    assert_eq!((retry_at_ms, reset_at_ms), (sunday_ms, sunday_ms));
+    assert!(!consume(&engine, &key, "widget", &ONE_REQUEST, sunday_ms - 1).is_admitted());
+    let admission = admitted(consume(&engine, &key, "widget", &both, sunday_ms));
+    let next_sunday_ms = utc_ms(2026, 3, 15, 4, 0, 0);
+    assert_eq!(next_sunday_ms - sunday_ms, 7 * DAY_MS - HOUR_MS);
+    assert_eq!(
+        admission.limits.as_slice()[0].reset_at_ms,
+        Some(next_sunday_ms)
+    );
+    let report = engine.usage(&key, Some(sunday_ms)).expect("report");
+    assert_eq!(
+        (report.limits[0].used, report.limits[0].reset_at_ms),
+        (2, Some(next_sunday_ms))
+    );
+    // A Monday (the default's first day) resets nothing.
+    let monday_ms = utc_ms(2026, 3, 9, 4, 0, 0);
+    assert!(!consume(&engine, &key, "widget", &ONE_REQUEST, monday_ms).is_admitted());
+
+    // Monday when the policy names no first day, and a name that is no day is refused.
+    let monday = Policy::from_toml_str(
+        r#"
+time_zone = "America/New_York"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{ resource = "widget", unit = "requests", amount = 2, window = "weekly" }]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(monday);
+    let key = seated(&engine, "ada", "P");
+    assert!(consume(&engine, &key, "widget", &both, saturday_ms).is_admitted());
+    let (_, retry_at_ms, _, _) =
+        quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, sunday_ms));
+    assert_eq!(retry_at_ms, monday_ms);
+    let error = policy("funday").expect_err("not a day");
+    assert_eq!(error.field, "week_start");
+    assert!(error.problem.contains("funday"), "{error}");
+}
