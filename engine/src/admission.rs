@@ -1206,7 +1206,7 @@ pub fn window_reset_words(window: Window) -> &'static str {
     match window {
         Window::Rolling { .. } => "as usage ages out of the rolling window",
         Window::Calendar(CalendarPeriod::Daily) => "at local midnight",
-        Window::Calendar(CalendarPeriod::Weekly) => "at local midnight on Monday",
+        Window::Calendar(CalendarPeriod::Weekly) => "at local midnight on the week's first day",
         Window::Calendar(CalendarPeriod::Monthly) => "at local midnight on the 1st",
     }
 }

@@ -1,5 +1,6 @@
 //! Calendar periods for daily, weekly and monthly quota windows: which local
-//! day, week (Monday-based) or month of a configured IANA time zone a UTC
+//! day, week (starting on a configured day, Monday by default) or month of a
+//! configured IANA time zone a UTC
 //! millisecond timestamp falls in, and that period's exact UTC bounds, correct
 //! across DST changes. A per-period seqlock cache makes the common lookup
 //! lock-free and write-free.
@@ -8,7 +9,7 @@ use std::fmt;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
-use jiff::civil::{Date, Time};
+use jiff::civil::{Date, Time, Weekday};
 use jiff::tz::{AmbiguousOffset, TimeZone};
 use jiff::Timestamp;
 
@@ -21,7 +22,8 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// for an offset (jiff's range ends a day later).
 const LOOKUP_LIMIT_MS: u64 = 253_402_041_600_000;
 
-/// A calendar window kind. Weeks start on Monday 00:00 local time.
+/// A calendar window kind. Weeks start at 00:00 local time of the calendar's first day of the
+/// week (`Calendar::week_start`, Monday by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CalendarPeriod {
     Daily,
@@ -51,8 +53,11 @@ impl CalendarPeriod {
 /// One calendar period: `[start_ms, end_ms)` in UTC milliseconds.
 ///
 /// `index` counts periods from the one containing 1970-01-01 local time:
-/// local days since 1970-01-01, weeks as `floor((day + 3) / 7)` (so they start
-/// on Monday), months as `(year - 1970) * 12 + (month - 1)`. Period 0 is
+/// local days since 1970-01-01, weeks as `floor((day + k) / 7)` where `k` is
+/// the number of days from the week's first day to Thursday 1970-01-01 (3 for
+/// Monday, so Monday weeks are `floor((day + 3) / 7)`; see
+/// `Calendar::week_offset`), months as `(year - 1970) * 12 + (month - 1)`.
+/// Period 0 is
 /// clamped to start at 0, so in zones west of UTC it also covers the last
 /// local hours of 1969.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +180,12 @@ impl PeriodCache {
 pub struct Calendar {
     tz: TimeZone,
     name: String,
+    /// The first day of a week.
+    week_start: Weekday,
+    /// Days from the first day of the week holding 1970-01-01 (a Thursday, local day 0) to
+    /// that date: `(Thursday - week_start) mod 7`, 3 for Monday. Local day `d` is in week
+    /// `floor((d + week_offset) / 7)`, whose first day is `index * 7 - week_offset`.
+    week_offset: i64,
     /// One cache per `CalendarPeriod`, padded so a publish of one kind does
     /// not invalidate readers of another.
     caches: [CachePadded<PeriodCache>; 3],
@@ -182,19 +193,37 @@ pub struct Calendar {
 
 impl Calendar {
     /// A calendar for an IANA time zone name such as "UTC", "Asia/Shanghai"
-    /// or "America/New_York".
+    /// or "America/New_York", whose weeks start on Monday.
     pub fn new(time_zone: &str) -> Result<Calendar, CalendarError> {
+        Calendar::with_week_start(time_zone, Weekday::Monday)
+    }
+
+    /// A calendar for an IANA time zone name whose weeks start at local midnight of
+    /// `week_start`.
+    pub fn with_week_start(
+        time_zone: &str,
+        week_start: Weekday,
+    ) -> Result<Calendar, CalendarError> {
         let tz = TimeZone::get(time_zone).map_err(|_| CalendarError::UnknownTimeZone {
             name: time_zone.to_string(),
         })?;
         let name = tz.iana_name().unwrap_or(time_zone).to_string();
-        Ok(Calendar::from_time_zone(tz, name))
+        Ok(Calendar::from_time_zone_and_week_start(
+            tz, name, week_start,
+        ))
     }
 
+    #[cfg(test)]
     fn from_time_zone(tz: TimeZone, name: String) -> Calendar {
+        Calendar::from_time_zone_and_week_start(tz, name, Weekday::Monday)
+    }
+
+    fn from_time_zone_and_week_start(tz: TimeZone, name: String, week_start: Weekday) -> Calendar {
         Calendar {
             tz,
             name,
+            week_start,
+            week_offset: i64::from(Weekday::Thursday.since(week_start)),
             caches: [
                 CachePadded::new(PeriodCache::new()),
                 CachePadded::new(PeriodCache::new()),
@@ -206,6 +235,11 @@ impl Calendar {
     /// The IANA name of the time zone (as canonicalised by the tz database).
     pub fn time_zone(&self) -> &str {
         &self.name
+    }
+
+    /// The first day of a week.
+    pub fn week_start(&self) -> Weekday {
+        self.week_start
     }
 
     /// The period containing `at_ms`. Requires `at_ms < MAX_TIMESTAMP_MS`
@@ -314,7 +348,7 @@ impl Calendar {
         let local_day = (at + offset_ms).div_euclid(MS_PER_DAY);
         let guess = match period {
             CalendarPeriod::Daily => local_day,
-            CalendarPeriod::Weekly => (local_day + 3).div_euclid(7),
+            CalendarPeriod::Weekly => (local_day + self.week_offset).div_euclid(7),
             CalendarPeriod::Monthly => {
                 let (year, month, _) = civil_from_days(local_day);
                 (year - 1970) * 12 + (month - 1)
@@ -355,7 +389,7 @@ impl Calendar {
         }
         let (year, month, day) = match period {
             CalendarPeriod::Daily => civil_from_days(index),
-            CalendarPeriod::Weekly => civil_from_days(index * 7 - 3),
+            CalendarPeriod::Weekly => civil_from_days(index * 7 - self.week_offset),
             CalendarPeriod::Monthly => (1970 + index / 12, index % 12 + 1, 1),
         };
         self.local_midnight_ms(year, month, day)
@@ -405,6 +439,7 @@ impl fmt::Debug for Calendar {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Calendar")
             .field("time_zone", &self.name)
+            .field("week_start", &self.week_start)
             .finish_non_exhaustive()
     }
 }
@@ -683,6 +718,91 @@ mod tests {
         assert_eq!(first_full.index, 1);
         assert_eq!(first_full.start_ms, 4 * DAY);
         assert_eq!(first_full.end_ms, 11 * DAY);
+    }
+
+    /// Weeks starting on each day of the week, in zones north and south of the equator with
+    /// DST changes at 02:00, at midnight (Santiago, Havana, Beirut) and by half an hour (Lord
+    /// Howe), across a year's end and from the epoch: a week is the seven local days from the
+    /// configured weekday on, each day as `Daily` bounds it (a day whose midnight was skipped
+    /// starts when the day does), and its index round-trips.
+    #[test]
+    fn weeks_start_on_the_configured_day_in_every_kind_of_zone() {
+        let weekdays = [
+            Weekday::Monday,
+            Weekday::Tuesday,
+            Weekday::Wednesday,
+            Weekday::Thursday,
+            Weekday::Friday,
+            Weekday::Saturday,
+            Weekday::Sunday,
+        ];
+        let stretches = [
+            (0, 20 * DAY),
+            (utc("2025-12-01T00:00:00Z"), utc("2027-01-15T00:00:00Z")),
+            (utc("2011-01-01T00:00:00Z"), utc("2011-12-31T00:00:00Z")),
+            (MAX_TIMESTAMP_MS - 20 * DAY, MAX_TIMESTAMP_MS - 1),
+        ];
+        for zone in [
+            "UTC",
+            "America/New_York",
+            "America/Santiago",
+            "America/Havana",
+            "Asia/Beirut",
+            "Australia/Lord_Howe",
+            "Pacific/Kiritimati",
+        ] {
+            for week_start in weekdays {
+                let c = Calendar::with_week_start(zone, week_start).unwrap();
+                assert_eq!(c.week_start(), week_start);
+                for (from, to) in stretches {
+                    let mut at = from;
+                    while at < to {
+                        let week = c.period_of(CalendarPeriod::Weekly, at);
+                        assert!(week.start_ms <= at && at < week.end_ms, "{zone} {at}");
+                        assert_eq!(c.period_bounds(CalendarPeriod::Weekly, week.index), week);
+                        assert_eq!(
+                            Calendar::with_week_start(zone, week_start)
+                                .unwrap()
+                                .period_of(CalendarPeriod::Weekly, at),
+                            week
+                        );
+                        // The local day `at` is in, and the last `week_start` on or before it.
+                        let day = i64::from(c.period_of(CalendarPeriod::Daily, at).index);
+                        let (y, m, d) = civil_from_days(day);
+                        let weekday = date(y as i16, m as i8, d as i8).weekday();
+                        // (Before the epoch for week 0, which is clamped to start at 0.)
+                        let first = day - i64::from(weekday.since(week_start));
+                        let first_day = c.period_bounds(CalendarPeriod::Daily, first.max(0) as u32);
+                        let after = c.period_bounds(CalendarPeriod::Daily, (first + 7) as u32);
+                        assert_eq!(
+                            (week.start_ms, week.end_ms),
+                            (first_day.start_ms, after.start_ms),
+                            "{zone} {week_start:?} {at}"
+                        );
+                        at += 13 * HOUR + 17 * 60_000;
+                    }
+                }
+            }
+        }
+        // Monday is the default, and `new`'s weeks are Monday weeks.
+        let sunday = Calendar::with_week_start("UTC", Weekday::Sunday).unwrap();
+        let monday = cal("UTC");
+        assert_eq!(monday.week_start(), Weekday::Monday);
+        // 1970-01-04 was the first Sunday after the epoch, a day before the first Monday.
+        assert_eq!(
+            sunday.period_of(CalendarPeriod::Weekly, 3 * DAY - 1).index,
+            0
+        );
+        let first_sunday = sunday.period_of(CalendarPeriod::Weekly, 3 * DAY);
+        assert_eq!((first_sunday.index, first_sunday.start_ms), (1, 3 * DAY));
+        assert_eq!(
+            monday.period_of(CalendarPeriod::Weekly, 4 * DAY).start_ms,
+            4 * DAY
+        );
+        // A Thursday week begins on the epoch's own day: index 0 is a whole week.
+        let thursday = Calendar::with_week_start("UTC", Weekday::Thursday).unwrap();
+        let first = thursday.period_of(CalendarPeriod::Weekly, 0);
+        assert_eq!((first.index, first.start_ms, first.end_ms), (0, 0, 7 * DAY));
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::fmt;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use jiff::civil::Weekday;
+
 use crate::calendar::{Calendar, CalendarPeriod};
 
 /// What a quantity counts. A usage request carries one quantity per unit it uses.
@@ -140,6 +142,10 @@ const _: () = assert!(MAX_QUANTITY <= MAX_CALENDAR_AMOUNT);
 pub struct PolicyDocument {
     /// The IANA time zone in which daily, weekly and monthly windows reset.
     pub time_zone: String,
+    /// The day weekly windows reset on, at local midnight: `monday` (the default when it is
+    /// left out, as in every document written before it could be named) to `sunday`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub week_start: Option<String>,
     #[serde(deserialize_with = "unique_keys")]
     pub resources: BTreeMap<String, ResourceDocument>,
     #[serde(default, deserialize_with = "unique_keys")]
@@ -820,10 +826,11 @@ impl Policy {
 impl Policy {
     /// Whether a swap from this policy to `new` can carry every count over. Refused, naming the
     /// field of `new`: a meter that keeps its name but counts something else (its count so far
-    /// would be read in another unit), and a time zone changed under a calendar window that
+    /// would be read in another unit), a time zone changed under a calendar window that
     /// carries over (the current day's, week's or month's count would be read as another
     /// one's; a calendar window new in `new` starts from 0 and may be in any zone; another
-    /// name for the same offsets, such as an alias, is no change). A weighted
+    /// name for the same offsets, such as an alias, is no change), and the week's first day
+    /// changed under a weekly window that carries over. A weighted
     /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
     /// already charged at the old prices. And a plan kept by name whose limit on a meter kept
     /// by name moves to another window (`rolling:5h` to `rolling:6h`, `daily` to `weekly`):
@@ -845,6 +852,25 @@ impl Policy {
                      weekly or monthly windows to another time zone (the current period's count \
                      would be read as another period's). To move them, swap first to a policy \
                      without them (their counts are dropped), then to this one"
+                ),
+            ));
+        }
+        // Nor a week's first day under a weekly window that carries over: a week index names
+        // other days then.
+        let weekly_carried = (0..self.counters.len()).any(|index| {
+            let counter = CounterId(index as u16);
+            self.counter(counter).window == Window::Calendar(CalendarPeriod::Weekly)
+                && self.same_counter_in(counter, new).is_some()
+        });
+        let (from, to) = (self.calendar.week_start(), new.calendar.week_start());
+        if weekly_carried && from != to {
+            return Err(PolicyError::new(
+                "week_start",
+                format!(
+                    "{to:?} where the current policy's weeks start on {from:?}: a swap cannot \
+                     move weekly windows to another first day of the week (the current week's \
+                     count would be read as another week's). To move them, swap first to a \
+                     policy without them (their counts are dropped), then to this one"
                 ),
             ));
         }
@@ -1061,7 +1087,19 @@ fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
 
 impl Compiler {
     fn compile(mut self, mut document: PolicyDocument) -> Result<Policy, PolicyError> {
-        let calendar = Calendar::new(&document.time_zone)
+        let week_start = match document.week_start.as_deref() {
+            None => Weekday::Monday,
+            Some(name) => parse_weekday(name).ok_or_else(|| {
+                PolicyError::new(
+                    "week_start",
+                    format!(
+                        "{name:?} is not a day of the week: write monday, tuesday, wednesday, \
+                         thursday, friday, saturday or sunday"
+                    ),
+                )
+            })?,
+        };
+        let calendar = Calendar::with_week_start(&document.time_zone, week_start)
             .map_err(|error| PolicyError::new("time_zone", error.to_string()))?;
         self.compile_resources(&document)?;
         self.compile_named_meters(&document)?;
@@ -1763,6 +1801,20 @@ fn link_upgrades(plans: &mut [Plan]) {
     }
 }
 
+/// The day of the week a policy's `week_start` names, in lower case: `monday` to `sunday`.
+fn parse_weekday(name: &str) -> Option<Weekday> {
+    Some(match name {
+        "monday" => Weekday::Monday,
+        "tuesday" => Weekday::Tuesday,
+        "wednesday" => Weekday::Wednesday,
+        "thursday" => Weekday::Thursday,
+        "friday" => Weekday::Friday,
+        "saturday" => Weekday::Saturday,
+        "sunday" => Weekday::Sunday,
+        _ => return None,
+    })
+}
+
 /// `logged`: durations as earlier builds read them (a unit may repeat), and a window under
 /// `ONE_SECOND_DEFAULT_BELOW_MS` without a bucket gets 1 s, as they gave it.
 fn parse_window(
@@ -2382,6 +2434,51 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         assert_eq!(daily_in("America/New_York", "weekly"), WEEK_MS + HOUR_MS);
         assert_eq!(daily_in("Asia/Shanghai", "monthly"), 31 * DAY_MS + HOUR_MS);
         assert_eq!(Policy::token_plan().longest_window_ms(), WEEK_MS + HOUR_MS);
+    }
+
+    /// `week_start` names the day weekly windows reset on; a document without it (every one
+    /// logged before it could be named) has Monday weeks and writes no `week_start` back. A
+    /// swap may change it under windows that are not weekly, never under a weekly window
+    /// that carries over (the current week's count would be read as another week's).
+    #[test]
+    fn the_weeks_first_day_is_monday_unless_named_and_a_swap_keeps_it_under_weekly_windows() {
+        let with = |week_start: Option<&str>, window: &str| {
+            let line = week_start.map_or(String::new(), |day| format!("week_start = \"{day}\"\n"));
+            Policy::from_toml_str(&format!(
+                r#"time_zone = "UTC"
+{line}[resources.chat]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{window}" }}]
+"#
+            ))
+        };
+        let monday = with(None, "weekly").expect("valid");
+        assert_eq!(monday.calendar().week_start(), Weekday::Monday);
+        let json = |policy: &Policy| serde_json::to_string(policy.document()).expect("json");
+        assert!(!json(&monday).contains("week_start"));
+        let sunday = with(Some("sunday"), "weekly").expect("valid");
+        assert_eq!(sunday.calendar().week_start(), Weekday::Sunday);
+        assert_eq!(sunday.document().week_start.as_deref(), Some("sunday"));
+        let logged = Policy::from_logged_json(&json(&sunday)).expect("replays");
+        assert_eq!(logged.calendar().week_start(), Weekday::Sunday);
+        for name in ["Sunday", "sun", "", "funday"] {
+            let error = with(Some(name), "weekly").expect_err("not a day");
+            assert_eq!(error.field, "week_start", "{name:?}");
+            assert!(error.problem.contains(&format!("{name:?}")), "{error}");
+        }
+        let refused = monday.check_swap_to(&sunday).expect_err("weekly carried");
+        assert_eq!(refused.field, "week_start");
+        assert!(refused.problem.contains("Sunday"), "{refused}");
+        assert!(sunday.check_swap_to(&monday).is_err());
+        assert!(monday
+            .check_swap_to(&with(Some("monday"), "weekly").unwrap())
+            .is_ok());
+        // Daily windows do not care which day a week starts on.
+        let daily = with(None, "daily").expect("valid");
+        assert!(daily
+            .check_swap_to(&with(Some("friday"), "daily").unwrap())
+            .is_ok());
     }
 
     /// A plan with no limits and no covers (or empty covers) admitted nothing and was
