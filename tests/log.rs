@@ -1123,6 +1123,79 @@ fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_clock_s
     );
 }
 
+/// A request id forgotten before a restart (its horizon passed on the clock, with no event
+/// logged since its own), retried with its first stamp after a reopen that grows the horizon
+/// (a larger `idempotency_horizon_ms`, or a policy with a longer window): refused, as the
+/// engine refuses it without a restart, not decided and charged again. Before, the open
+/// bounded what may have been forgotten by the newest logged event and the new horizon only,
+/// so the retry, now inside the grown horizon, was charged a second time.
+#[test]
+fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_reopen_grows_the_horizon()
+{
+    let horizon = |ms| OpenOptions {
+        engine: tally_engine::EngineOptions {
+            idempotency_horizon_ms: ms,
+            ..tally_engine::EngineOptions::default()
+        },
+        ..sync_options()
+    };
+    // Ids are kept for an hour, then for a day; or for the ten-second policy's longest window
+    // (twenty seconds), then for five hours.
+    let grown = [
+        (
+            ten_seconds(),
+            horizon(HOUR_MS),
+            ten_seconds(),
+            horizon(DAY_MS),
+        ),
+        (ten_seconds(), horizon(0), bigger_ten_seconds(), horizon(0)),
+    ];
+    for (index, (policy, options, reopened_policy, reopened_options)) in
+        grown.into_iter().enumerate()
+    {
+        let dir = TempDir::new("id-forgotten-horizon-grown");
+        let clock = clock();
+        let engine = Engine::open(dir.path(), policy, clock.clone(), options).unwrap();
+        engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+        engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("key-ann", "chat", &one)
+            .at(T0_MS)
+            .id("once");
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        let charged = engine.credits_micros("@ann").unwrap();
+        // Two hours on, past the horizon: the id is forgotten, and its retry refused.
+        clock.set_ms(T0_MS + 2 * HOUR_MS);
+        let live = engine.consume(&request);
+        assert!(
+            matches!(live, Err(Error::InvalidArgument { field: "at_ms", .. })),
+            "case {index}: {live:?}"
+        );
+        engine.close().unwrap();
+        let engine =
+            Engine::open(dir.path(), reopened_policy, clock.clone(), reopened_options).unwrap();
+        let retry = engine.consume(&request);
+        assert!(
+            matches!(retry, Err(Error::InvalidArgument { field: "at_ms", .. })),
+            "case {index}: {retry:?}"
+        );
+        assert_eq!(
+            engine.credits_micros("@ann").unwrap(),
+            charged,
+            "case {index}: charged once"
+        );
+    }
+}
+
+/// The ten-second policy with one more plan, on a window of five hours.
+fn bigger_ten_seconds() -> Policy {
+    let document = format!(
+        "{TEN_SECONDS_POLICY}\n[plans.Hourly]\nlimits = [{{ resource = \"chat\", unit = \
+         \"requests\", amount = 100, window = \"rolling:5h\" }}]\n"
+    );
+    Policy::from_toml_str(&document).expect("a valid policy")
+}
+
 /// The balance a withdrawal leaves survives every kind of restart.
 #[test]
 fn a_withdrawal_survives_a_reopen_in_the_balance() {
