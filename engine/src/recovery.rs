@@ -675,8 +675,17 @@ impl Engine {
             options.faults.clone(),
             options.segment_bytes,
         )?;
+        let recorded = log.recorded_options()?;
+        // The request-id horizon option the database last ran with (see `forgotten_before`
+        // below); unknown (none recorded, or a record that does not decode), the one given.
+        let last_horizon_option_ms = recorded
+            .as_deref()
+            .and_then(|bytes| RecordedOptions::decode(bytes).ok())
+            .map_or(options.engine.idempotency_horizon_ms, |recorded| {
+                recorded.idempotency_horizon_ms
+            });
         if options.use_recorded {
-            if let Some(bytes) = log.recorded_options()? {
+            if let Some(bytes) = recorded {
                 RecordedOptions::decode(&bytes)?.apply_to(&mut options)?;
             }
         }
@@ -742,10 +751,20 @@ impl Engine {
         // Ids stamped more than the horizon before the newest logged event may have been
         // forgotten before the close (the clock had run that far): their retry must not be
         // decided again if the clock now reads earlier (stepped back across the restart).
-        let horizon_ms = engine.requests.horizon_ms();
-        engine
-            .requests
-            .forgotten_before(engine.newest_event_ms().saturating_sub(horizon_ms));
+        // The horizon they were forgotten by is the one the database last ran with (its
+        // recorded option, and the longest window of the policy restored), which this open
+        // may grow (a larger option now, or a policy swapped in below): ids stamped more than
+        // that horizon before the clock's time may have been forgotten too, as a swap growing
+        // it live keeps refusing what each shard had already forgotten. Bounded by the grown
+        // horizon alone, the retry of such an id was decided and charged again.
+        let last_horizon_ms = last_horizon_option_ms.max(engine.policy().longest_window_ms());
+        let horizon_ms = engine.requests.horizon_ms().min(last_horizon_ms);
+        engine.requests.forgotten_before(
+            engine
+                .newest_event_ms()
+                .saturating_sub(horizon_ms)
+                .max(engine.now_ms().saturating_sub(last_horizon_ms)),
+        );
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
