@@ -1123,6 +1123,40 @@ fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_the_clock_s
     );
 }
 
+/// As above, when the event that logged the clock's time is a denial kept for its request id:
+/// a logged event like any other, its time says how far the clock ran. Before, a denial logged
+/// by `consume` did not count as the newest event for the checkpoint's snapshot, so the open
+/// from it bounded nothing, and the forgotten id's retry was decided and counted again.
+#[test]
+fn a_request_id_forgotten_before_a_restart_is_not_counted_again_when_a_logged_denial_was_last() {
+    let dir = TempDir::new("id-forgotten-denial-last");
+    let clock = clock();
+    let engine = ada_on_max(dir.path(), &clock);
+    let quantities = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-ada", "m2.7", &quantities).id("once");
+    assert!(engine.consume(&request.at(T0_MS)).unwrap().is_admitted());
+    let later_ms = T0_MS + 8 * DAY_MS;
+    clock.set_ms(later_ms);
+    let (_, replayed) = engine.check_noting_replay(&request.at(later_ms)).unwrap();
+    assert!(!replayed, "past its horizon the id is forgotten");
+    // The clock's time is logged by a denial kept for its request id (more than Max's
+    // 15,000 requests, and @ada has no credits).
+    let too_many = [(Unit::Requests, 20_000)];
+    let denied = UsageRequest::new("key-ada", "m2.7", &too_many)
+        .at(later_ms)
+        .id("denied");
+    assert!(!engine.consume(&denied).unwrap().is_admitted());
+    engine.checkpoint().unwrap();
+    drop(engine);
+    clock.set_ms(T0_MS + 4 * DAY_MS);
+    let engine = open_on_clock(dir.path(), clock, sync_options());
+    let retry = engine.consume(&request.at(T0_MS));
+    assert!(
+        matches!(retry, Err(Error::InvalidArgument { field: "at_ms", .. })),
+        "{retry:?}"
+    );
+}
+
 /// A request id forgotten before a restart (its horizon passed on the clock, with no event
 /// logged since its own), retried with its first stamp after a reopen that grows the horizon
 /// (a larger `idempotency_horizon_ms`, or a policy with a longer window): refused, as the
