@@ -1757,7 +1757,12 @@ impl Engine {
                         Some(staged) => staged
                             .push_with(at_ms, |buffer| append_body_to(buffer, &body))
                             .map(|()| Logged::Staged),
-                        None => journal.append(at_ms, encode_body(&body)).map(Logged::At),
+                        // A logged event like an admission's: its time is the newest event's
+                        // (a checkpoint's snapshot keeps it, for the open's request-id bound).
+                        None => journal.append(at_ms, encode_body(&body)).map(|seq| {
+                            self.note_event_time(at_ms);
+                            Logged::At(seq)
+                        }),
                     };
                 };
                 let usage = UsageAdmittedRef {
