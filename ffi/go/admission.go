@@ -246,7 +246,10 @@ func entryDetail(index int, status Status, request *Request) string {
 			break
 		}
 	}
-	return fmt.Sprintf("requests[%d]: %s", index, statusErrors[status])
+	if sentinel := statusSentinel(status); sentinel != nil {
+		return fmt.Sprintf("requests[%d]: %s", index, sentinel)
+	}
+	return fmt.Sprintf("requests[%d]: refused", index)
 }
 
 // textProblem is the status and detail the library answers for a string argument it refuses,

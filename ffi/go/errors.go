@@ -91,7 +91,8 @@ var _ [len(statusErrors) - 1 - int(lastStatus)]struct{} // statusErrors covers e
 var _ [int(lastStatus) + 1 - len(statusErrors)]struct{} // ... and no more
 
 // Error is a failed call: the operation, the status and the library's detail message.
-// errors.Is(err, ErrX) matches its status's sentinel.
+// errors.Is(err, ErrX) matches its status's sentinel. A status newer than this package (a
+// newer library) is an Error too, matching no sentinel: StatusOf gives its number.
 type Error struct {
 	Op      string // the Go method, e.g. "Consume"
 	Status  Status
@@ -101,13 +102,35 @@ type Error struct {
 func (e *Error) Error() string {
 	detail := e.Message
 	if detail == "" {
-		detail = statusErrors[e.Status].Error()
+		if sentinel := statusSentinel(e.Status); sentinel != nil {
+			detail = sentinel.Error()
+		} else {
+			detail = "failed"
+		}
 	}
-	return fmt.Sprintf("tally: %s: %s (%s)", e.Op, detail, e.Status)
+	return fmt.Sprintf("tally: %s: %s (%s)", e.Op, detail, e.Status.described())
 }
 
-// Unwrap returns the status's sentinel.
-func (e *Error) Unwrap() error { return statusErrors[e.Status] }
+// Unwrap returns the status's sentinel (nil for a status this package does not know).
+func (e *Error) Unwrap() error { return statusSentinel(e.Status) }
+
+// statusSentinel is the sentinel of a status, nil for OK and for a status newer than this
+// package.
+func statusSentinel(s Status) error {
+	if s > lastStatus {
+		return nil
+	}
+	return statusErrors[s]
+}
+
+// described is the status's name, with its number for one this package does not know (which
+// the library names TALLY_UNKNOWN_STATUS if it is older still).
+func (s Status) described() string {
+	if s > lastStatus {
+		return fmt.Sprintf("status %d, unknown to this package: the library is newer", uint32(s))
+	}
+	return s.String()
+}
 
 // Is reports whether target is the sentinel of a status e's status narrows (an expired
 // reservation is a closed one): errors.Is then matches both. Its own sentinel it reaches
@@ -127,15 +150,12 @@ func StatusOf(err error) Status {
 }
 
 // newError builds the error for a status with a message; status 0 gives nil. A status this
-// package does not know means the library and the package disagree: that is a bug, so it
-// panics rather than guess.
+// package does not know (the header adds new ones at the end: the library is newer) is an
+// Error matching no sentinel, never a panic: the call may have taken effect by then (a batch
+// counted, a submission completed), and its caller needs an error to log, not a crash.
 func newError(op string, status Status, message string) error {
 	if status == 0 {
 		return nil
-	}
-	if status > lastStatus {
-		panic(fmt.Sprintf("tally: %s: unknown status %d (%s): the library is newer than this package",
-			op, uint32(status), status))
 	}
 	return &Error{Op: op, Status: status, Message: message}
 }
