@@ -425,6 +425,33 @@ func TestBadInputIsAnErrorWithItsOwnSentinelAndTheLibrarysMessage(t *testing.T) 
 	}
 }
 
+// A time far past 2100 is refused as past 2100, whatever its milliseconds do in an int64: the
+// last second whose milliseconds fit, with its last milliseconds, overflows into the negative.
+func TestATimeFarAheadIsRefusedAsAfter2100NotAsBefore1970(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "fa", "tp-fa", "Starter")
+	const lastSecond = (1<<63 - 1) / 1000
+	for _, far := range []time.Time{
+		time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Unix(lastSecond, 0),
+		time.Unix(lastSecond, 807_000_000),
+		time.Unix(lastSecond, 808_000_000),
+		time.Unix(lastSecond, 999_999_999),
+		time.Unix(lastSecond+1, 0),
+	} {
+		request := tally.Request{Key: "tp-fa", Resource: "m2.7", Quantities: one(tally.Requests), At: far}
+		_, err := engine.Consume(request)
+		_, adjustErr := engine.AdjustUsage("tp-fa", "m2.7", one(tally.Requests), far, tally.AdjustAdd, t0)
+		_, expireErr := engine.ExpireReservations(far)
+		for _, err := range []error{err, adjustErr, expireErr} {
+			if !errors.Is(err, tally.ErrBadTimestamp) || !strings.Contains(err.Error(), "2100") ||
+				strings.Contains(err.Error(), "1970") {
+				t.Errorf("%s: %v", far.UTC().Format(time.RFC3339Nano), err)
+			}
+		}
+	}
+}
+
 func TestAdminCallsReportWhatIsWrong(t *testing.T) {
 	engine := openMemory(t)
 	seated(t, engine, "io", "tp-io", "Starter")
