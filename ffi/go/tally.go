@@ -310,7 +310,8 @@ func milliseconds(op string, at time.Time) (C.uint64_t, error) {
 	if at.IsZero() {
 		return C.TALLY_NOW, nil
 	}
-	if seconds := at.Unix(); seconds > math.MaxInt64/1000 {
+	// At the last whole second that fits, the milliseconds past 807 overflow too: >=, not >.
+	if seconds := at.Unix(); seconds >= math.MaxInt64/1000 {
 		return 0, newError(op, C.TALLY_BAD_TIMESTAMP,
 			"timestamp "+at.UTC().Format(time.RFC3339Nano)+" is after 2100-01-01T00:00:00Z, the end of tally's time range")
 	}
