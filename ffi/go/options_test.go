@@ -275,3 +275,18 @@ func TestAnEngineWithAClockOfItsOwnReadsTheTimeItWasSetTo(t *testing.T) {
 		t.Fatalf("SetClock on the system clock: %v", err)
 	}
 }
+
+// Clock reads the same kind of time.Time as every other time the package returns (a
+// decision's At, a usage report's, an event's): UTC, so it prints, compares with == and keys
+// a map alike, whatever the machine's time zone.
+func TestTheClockReadsInUTCAsTheDecisionsTimesDo(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "cl", "tp-cl", "Starter")
+	decision := consume(t, engine, tally.Request{Key: "tp-cl", Resource: "m2.7", Quantities: one(tally.Requests)})
+	clock, err := engine.Clock()
+	must(t, err)
+	if decision.At.Location() != time.UTC || clock.Location() != time.UTC || clock != decision.At {
+		t.Fatalf("the clock reads %v (%v); the decision was counted at %v (%v)",
+			clock, clock.Location(), decision.At, decision.At.Location())
+	}
+}
