@@ -181,7 +181,7 @@ func (e *Engine) SetClock(now time.Time) error {
 }
 
 // Clock is the time the engine's clock reads now: the system clock's, or the engine's own
-// (Options.ManualClock), to the millisecond.
+// (Options.ManualClock), to the millisecond, in UTC like every time the package returns.
 func (e *Engine) Clock() (time.Time, error) {
 	var nowMs C.uint64_t
 	err := e.call("Clock", func(handle *C.tally_engine) C.uint32_t {
@@ -190,5 +190,5 @@ func (e *Engine) Clock() (time.Time, error) {
 	if err != nil {
 		return time.Time{}, err
 	}
-	return time.UnixMilli(int64(nowMs)), nil
+	return time.UnixMilli(int64(nowMs)).UTC(), nil
 }
