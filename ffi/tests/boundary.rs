@@ -1600,3 +1600,36 @@ fn only_a_clock_of_the_engines_own_can_be_set() {
         tally_status::TALLY_NULL_POINTER
     );
 }
+
+/// The cursor calls take the cursor's name as the argument `name`: a name the engine refuses
+/// (here for a control character, which the boundary's own checks let through) is named by
+/// that argument, not by the engine's word for it ("cursor").
+#[test]
+fn a_cursor_name_the_engine_refuses_is_named_by_its_argument_name() {
+    let dir = temp_dir("cursor-name");
+    let handle = open(&dir).expect("opens");
+    let (n, nl) = s("billing\nexport");
+    let mut seq = 7;
+    let mut existed = true;
+    let (seq_out, existed_out) = (ptr::addr_of_mut!(seq), ptr::addr_of_mut!(existed));
+    let calls: [(&str, &dyn Fn() -> tally_status); 3] = [
+        ("cursor", &|| tally_engine_cursor(handle.0, n, nl, seq_out)),
+        ("save_cursor", &|| {
+            tally_engine_save_cursor(handle.0, n, nl, 0)
+        }),
+        ("delete_cursor", &|| {
+            tally_engine_delete_cursor(handle.0, n, nl, existed_out)
+        }),
+    ];
+    for (call, run) in calls {
+        assert_eq!(run(), tally_status::TALLY_INVALID_ARGUMENT, "{call}");
+        assert!(
+            last_error().starts_with("name: "),
+            "{call}: {}",
+            last_error()
+        );
+    }
+    assert_eq!((seq, existed), (7, true), "nothing written");
+    drop(handle);
+    let _ = std::fs::remove_dir_all(&dir);
+}
