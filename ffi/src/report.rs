@@ -154,6 +154,13 @@ pub extern "C" fn tally_engine_events_after(
     })
 }
 
+/// An engine error of a cursor call: the engine calls the cursor's name `cursor` (a control
+/// character in it, which the boundary's checks let through, is its error), the C argument is
+/// `name`.
+fn cursor_named(error: ::tally_engine::Error) -> Failure {
+    Failure::naming(error, "cursor", "name")
+}
+
 /// Writes the named export cursor's sequence number (0 if never saved) to `*seq_out`.
 #[no_mangle]
 pub extern "C" fn tally_engine_cursor(
@@ -166,7 +173,7 @@ pub extern "C" fn tally_engine_cursor(
         let handle = try_ref(engine)?;
         let out = Out::new("seq_out", seq_out)?;
         let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
-        out.set(handle.with(|open| Ok(open.engine.cursor(name)?))?);
+        out.set(handle.with(|open| open.engine.cursor(name).map_err(cursor_named))?);
         Ok(())
     })
 }
@@ -185,7 +192,7 @@ pub extern "C" fn tally_engine_save_cursor(
     boundary(|| {
         let handle = try_ref(engine)?;
         let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
-        handle.with(|open| Ok(open.engine.save_cursor(name, seq)?))
+        handle.with(|open| open.engine.save_cursor(name, seq).map_err(cursor_named))
     })
 }
 
@@ -203,7 +210,7 @@ pub extern "C" fn tally_engine_delete_cursor(
         let handle = try_ref(engine)?;
         let out = Out::new("existed_out", existed_out)?;
         let name = text("name", name, name_len, TALLY_MAX_ID_BYTES)?;
-        out.set(handle.with(|open| Ok(open.engine.delete_cursor(name)?))?);
+        out.set(handle.with(|open| open.engine.delete_cursor(name).map_err(cursor_named))?);
         Ok(())
     })
 }
