@@ -1633,3 +1633,68 @@ fn a_cursor_name_the_engine_refuses_is_named_by_its_argument_name() {
     drop(handle);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A policy whose meter weighs a token 2^40: the largest quantity of tokens overflows its
+/// weighted sum.
+const HEAVY_TOKENS_POLICY: &str = r#"time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests", "tokens"]
+required = ["requests"]
+price_micros = { requests = 1 }
+[meters.heavy]
+terms = [{ resource = "m2.7", unit = "requests", weight = 1 }, { resource = "m2.7", unit = "tokens", weight = 1099511627776 }]
+[plans.Starter]
+limits = [{ meter = "heavy", amount = 1000, window = "rolling:5h" }]
+"#;
+
+/// A settle's quantities are its argument `actual`: one whose weighted sum overflows is
+/// `TALLY_OVERFLOW` naming `actual`, as its other bad quantities are, not the engine's
+/// `quantities`; and the reservation stays open.
+#[test]
+fn a_settles_overflowing_quantities_are_named_by_its_argument_actual() {
+    let options = Unbounded::new();
+    let mut engine = ptr::null_mut();
+    let (policy, policy_len) = s(HEAVY_TOKENS_POLICY);
+    assert_eq!(
+        tally_engine_open_in_memory(
+            tally_policy_source::TALLY_POLICY_TOML as u32,
+            policy,
+            policy_len,
+            options.0,
+            &mut engine
+        ),
+        tally_status::TALLY_OK,
+        "{}",
+        last_error()
+    );
+    let handle = Handle(engine);
+    user(&handle, "ada", "tp-ada", Some("Starter"));
+    let reservation = reserve_one_request(&handle, b"tp-ada");
+    let overflowing = [
+        tally_quantity {
+            unit: tally_unit::TALLY_UNIT_REQUESTS as u32,
+            amount: 1,
+        },
+        tally_quantity {
+            unit: tally_unit::TALLY_UNIT_TOKENS as u32,
+            amount: TALLY_MAX_QUANTITY,
+        },
+    ];
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    assert_eq!(
+        tally_engine_settle(
+            handle.0,
+            reservation,
+            overflowing.as_ptr(),
+            overflowing.len(),
+            T0,
+            decision.as_mut_ptr()
+        ),
+        tally_status::TALLY_OVERFLOW
+    );
+    assert!(last_error().starts_with("actual: "), "{}", last_error());
+    assert_eq!(
+        settle_requests(&handle, reservation, 1, T0),
+        tally_status::TALLY_OK
+    );
+}
