@@ -224,15 +224,27 @@ impl Failure {
 }
 
 impl Failure {
-    /// An engine error whose invalid argument the engine calls `engine_field` where the C
-    /// function's argument is `argument` (the engine's `quantities` are `tally_engine_settle`'s
-    /// `actual`): the status is the engine field's, the message names the C argument.
+    /// An engine error whose invalid (or overflowing) argument the engine calls `engine_field`
+    /// where the C function's argument is `argument` (the engine's `quantities` are
+    /// `tally_engine_settle`'s `actual`): the status is the engine field's, the message names
+    /// the C argument.
     pub fn naming(error: Error, engine_field: &str, argument: &str) -> Failure {
-        match &error {
-            Error::InvalidArgument { field, problem } if *field == engine_field => {
+        let names_field = match &error {
+            Error::InvalidArgument { field, .. } | Error::Overflow { field } => {
+                *field == engine_field
+            }
+            _ => false,
+        };
+        // Both messages are `field: problem` (the engine's `Display`): the problem is kept.
+        let message = error.to_string();
+        let problem = message
+            .strip_prefix(engine_field)
+            .and_then(|rest| rest.strip_prefix(": "));
+        match problem {
+            Some(problem) if names_field => {
                 Failure::new(status_of(&error), format!("{argument}: {problem}"))
             }
-            _ => Failure::from(error),
+            _ => Failure::new(status_of(&error), message),
         }
     }
 }
