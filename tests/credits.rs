@@ -853,6 +853,61 @@ fn a_settle_trading_units_beyond_the_hold_and_the_balance_is_refused_and_changes
     assert_eq!(credits_of(&engine, &key), (HELD_MICROS, OVER_MICROS));
 }
 
+/// A settle that goes over a credits hold in every unit (nothing of the hold comes back) when
+/// the hold took the whole balance is refused as insufficient credits, as the settle trading
+/// units above is: the key pays with credits (its hold is theirs), it is just one micro short.
+/// "No resources" (neither a seat nor credits) was wrong, on a key seated on a plan that covers
+/// the resource too (Starter, whose limits do not count the extra tokens). Topped up by that
+/// micro, the same settle goes through.
+#[test]
+fn a_settle_over_a_credits_hold_that_took_every_credit_is_refused_as_insufficient_credits() {
+    /// One token more than `HELD`: one micro beyond the hold.
+    const ONE_TOKEN_OVER: [(Unit, u64); 2] = [(Unit::Requests, 3), (Unit::Tokens, 4_001)];
+    for seat in [None, Some("Starter")] {
+        let (engine, key) = match seat {
+            None => {
+                let engine = engine();
+                let key = user(&engine, "ada");
+                (engine, key)
+            }
+            Some(_) => starter_exhausted(),
+        };
+        engine
+            .top_up("@ada", HELD_MICROS, Some(T0_MS))
+            .expect("top up");
+        let id = hold_on_credits(&engine, &key);
+        let before = engine.usage(&key, Some(T0_MS)).expect("report");
+
+        let outcome = engine
+            .settle(id, &ONE_TOKEN_OVER, Some(T0_MS))
+            .expect("settle");
+        let SettleOutcome::Denied(denial) = outcome else {
+            panic!("{seat:?}: a settle one micro beyond the balance was admitted");
+        };
+        assert_eq!(
+            denial.reason,
+            DenialReason::InsufficientCredits {
+                balance_micros: 0,
+                price_micros: 1,
+            },
+            "{seat:?}: {denial:?}"
+        );
+        assert_eq!(denial.remedies.credits_needed_micros, Some(1), "{seat:?}");
+        assert_eq!(denial.credits_balance_micros, Some(0), "{seat:?}");
+        assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+        assert_eq!(engine.open_reservations(), 1);
+
+        engine.top_up("@ada", 1, Some(T0_MS)).expect("top up");
+        let settlement = settled(
+            engine
+                .settle(id, &ONE_TOKEN_OVER, Some(T0_MS))
+                .expect("settle"),
+        );
+        assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: 1 }));
+        assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS + 1), "{seat:?}");
+    }
+}
+
 /// What such a settle did to the team's credits is what a reopened engine replays from its log:
 /// the same balance, total charged and usage, and a repeated settle still charges nothing.
 #[test]
