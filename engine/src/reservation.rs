@@ -429,6 +429,33 @@ fn pay_extra_with_the_hold(
     }
 }
 
+/// A settle's `decision` on its `extra` beyond a credits hold, refused as "no resources" (the
+/// balance was empty): the key does pay with credits (the hold is theirs), the balance is only
+/// short of the extra's price, so the denial says insufficient credits, as
+/// `pay_extra_with_the_hold` says for a settle that gives part of its hold back. Any other
+/// decision is returned as it is.
+fn credits_hold_short(
+    policy: &crate::policy::Policy,
+    resource: crate::policy::ResourceId,
+    reservation: &Reservation,
+    extra: &Quantities,
+    mut decision: Decision,
+) -> Result<Decision, Error> {
+    if let (ChargedTo::Credits { .. }, Decision::Denied(denial)) =
+        (reservation.receipt.charged_to, &mut decision)
+    {
+        if denial.reason == DenialReason::NoResources {
+            if let Some(price) = price_micros(policy, resource, extra)? {
+                denial.reason = DenialReason::InsufficientCredits {
+                    balance_micros: denial.credits_balance_micros.unwrap_or(0),
+                    price_micros: price,
+                };
+            }
+        }
+    }
+    Ok(decision)
+}
+
 impl Engine {
     /// Holds an estimate against every limit (or the credits) until `settle`, `void` or the end
     /// of the lease (`lease_ms`, default `EngineOptions::default_lease_ms`, at most a day).
@@ -773,7 +800,11 @@ impl Engine {
                     );
                     pay_extra_with_the_hold(policy, state, resource, extra, back, denial, at_ms)
                 }
-                (decision, ..) => Ok((decision, receipt, None)),
+                (decision, ..) => Ok((
+                    credits_hold_short(policy, resource, reservation, extra, decision)?,
+                    receipt,
+                    None,
+                )),
             }
         })
     }
