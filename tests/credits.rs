@@ -853,6 +853,45 @@ fn a_settle_trading_units_beyond_the_hold_and_the_balance_is_refused_and_changes
     assert_eq!(credits_of(&engine, &key), (HELD_MICROS, OVER_MICROS));
 }
 
+/// A settle trading units that costs more than the hold and a balance beside it names, in its
+/// denial, what it could draw on (the balance and what the hold gives back) and the extra's
+/// price, as it does when the balance beside the hold is empty (above): it named the balance
+/// alone, as if the hold gave nothing back, though the credits it asks for are only the rest.
+#[test]
+fn a_settle_trading_units_beyond_the_hold_and_a_balance_beside_it_names_both() {
+    /// 1 request and 9,002 tokens: 11,002 micros, 5,002 tokens over the hold and 2 requests
+    /// (4,000 micros) under it.
+    const DEARER: [(Unit, u64); 2] = [(Unit::Requests, 1), (Unit::Tokens, 9_002)];
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", HELD_MICROS + 1_000, Some(T0_MS))
+        .expect("top up");
+    let id = hold_on_credits(&engine, &key);
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
+
+    let SettleOutcome::Denied(denial) = engine.settle(id, &DEARER, Some(T0_MS)).expect("settle")
+    else {
+        panic!("a settle beyond the hold and the balance was admitted");
+    };
+    assert_eq!(
+        denial.reason,
+        DenialReason::InsufficientCredits {
+            balance_micros: 1_000 + 4_000,
+            price_micros: 5_002,
+        },
+        "{denial:?}"
+    );
+    assert_eq!(denial.remedies.credits_needed_micros, Some(2), "{denial:?}");
+    assert_eq!(denial.credits_balance_micros, Some(1_000));
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+
+    engine.top_up("@ada", 2, Some(T0_MS)).expect("top up");
+    let settlement = settled(engine.settle(id, &DEARER, Some(T0_MS)).expect("settle"));
+    assert_eq!(settlement.extra, Some(ChargedTo::Credits { micros: 5_002 }));
+    assert_eq!(credits_of(&engine, &key), (0, HELD_MICROS + 1_002));
+}
+
 /// A settle that goes over a credits hold in every unit (nothing of the hold comes back) when
 /// the hold took the whole balance is refused as insufficient credits, as the settle trading
 /// units above is: the key pays with credits (its hold is theirs), it is just one micro short.
