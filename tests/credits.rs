@@ -947,6 +947,40 @@ fn a_settle_over_a_credits_hold_that_took_every_credit_is_refused_as_insufficien
     }
 }
 
+/// The same when the hold gives back only units without a price (an image request's
+/// `requests`): nothing of it pays for the extra image, so the balance alone, empty, is short
+/// of its price: insufficient credits, not "no resources".
+#[test]
+fn a_settle_over_a_credits_hold_giving_back_only_free_units_is_refused_as_insufficient_credits() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let image = price_micros(&engine, "image-01", &[(Unit::Images, 1)]);
+    engine
+        .top_up("@ada", 2 * image, Some(T0_MS))
+        .expect("top up");
+    let held = [(Unit::Images, 2), (Unit::Requests, 1)];
+    let outcome = engine
+        .reserve(&UsageRequest::new(&key, "image-01", &held).at(T0_MS), None)
+        .expect("reserve");
+    let id = outcome.reservation.expect("held on credits");
+    let SettleOutcome::Denied(denial) = engine
+        .settle(id, &[(Unit::Images, 3)], Some(T0_MS))
+        .expect("settle")
+    else {
+        panic!("a third image beyond an empty balance was admitted");
+    };
+    assert_eq!(
+        denial.reason,
+        DenialReason::InsufficientCredits {
+            balance_micros: 0,
+            price_micros: image,
+        },
+        "{denial:?}"
+    );
+    assert_eq!(denial.remedies.credits_needed_micros, Some(image));
+    assert_eq!(engine.open_reservations(), 1);
+}
+
 /// What such a settle did to the team's credits is what a reopened engine replays from its log:
 /// the same balance, total charged and usage, and a repeated settle still charges nothing.
 #[test]
