@@ -373,8 +373,9 @@ fn decide_extra(
 /// one step (`Team::refund_and_charge`): no other key of the team can take the credits given
 /// back before the extra is paid. Admitted, it returns the extra's receipt and what was given
 /// back (for the close to log, instead of giving it back again); refused, `denial` with the
-/// credits it needs beside the hold (insufficient credits, not "no resources", when the
-/// balance alone was empty), and nothing changed.
+/// credits it needs beside the hold (insufficient credits of the balance and `back` together,
+/// not "no resources" when the balance alone was empty nor the balance alone when it was
+/// short), and nothing changed.
 fn pay_extra_with_the_hold(
     policy: &crate::policy::Policy,
     state: &crate::accounts::KeyState,
@@ -413,9 +414,13 @@ fn pay_extra_with_the_hold(
             Ok((Decision::Admitted(admission), Some(receipt), Some(given)))
         }
         Err(balance) => {
-            if denial.reason == DenialReason::NoResources {
-                // The balance alone was empty, but the key does have credits: its hold's.
-                // What this settle could draw on is the balance and what the hold gives back.
+            if matches!(
+                denial.reason,
+                DenialReason::NoResources | DenialReason::InsufficientCredits { .. }
+            ) {
+                // Decided on the balance alone (empty: "no resources"; short: that balance),
+                // but what this settle could draw on is the balance and what the hold gives
+                // back, as the credits needed below say.
                 denial.reason = DenialReason::InsufficientCredits {
                     balance_micros: balance.saturating_add(back),
                     price_micros: price,
@@ -430,10 +435,10 @@ fn pay_extra_with_the_hold(
 }
 
 /// A settle's `decision` on its `extra` beyond a credits hold, refused as "no resources" (the
-/// balance was empty): the key does pay with credits (the hold is theirs), the balance is only
-/// short of the extra's price, so the denial says insufficient credits, as
-/// `pay_extra_with_the_hold` says for a settle that gives part of its hold back. Any other
-/// decision is returned as it is.
+/// balance was empty, and nothing the hold gives back paid for it): the key does pay with
+/// credits (the hold is theirs), the balance is only short of the extra's price, so the denial
+/// says insufficient credits, as `pay_extra_with_the_hold` says when the hold gives some back.
+/// Any other decision is returned as it is.
 fn credits_hold_short(
     policy: &crate::policy::Policy,
     resource: crate::policy::ResourceId,
@@ -789,7 +794,7 @@ impl Engine {
             }
             let (decision, receipt) =
                 decide_extra(policy, state, resource, reservation, extra, at_ms)?;
-            match (decision, then, released) {
+            let (decision, receipt, given) = match (decision, then, released) {
                 (Decision::Denied(denial), Some(then), Some((released, whole))) => {
                     let back = crate::adjustment::charge_given_back(
                         then.as_deref(),
@@ -798,14 +803,12 @@ impl Engine {
                         released,
                         whole,
                     );
-                    pay_extra_with_the_hold(policy, state, resource, extra, back, denial, at_ms)
+                    pay_extra_with_the_hold(policy, state, resource, extra, back, denial, at_ms)?
                 }
-                (decision, ..) => Ok((
-                    credits_hold_short(policy, resource, reservation, extra, decision)?,
-                    receipt,
-                    None,
-                )),
-            }
+                (decision, ..) => (decision, receipt, None),
+            };
+            let decision = credits_hold_short(policy, resource, reservation, extra, decision)?;
+            Ok((decision, receipt, given))
         })
     }
 
