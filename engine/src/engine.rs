@@ -2102,7 +2102,12 @@ impl Engine {
         let at_ms = self.resolve_time(request.at_ms)?;
         let mut quantities = Quantities::default();
         quantities.parse(request.quantities)?;
-        check_id("key", request.key, MAX_KEY_BYTES)?;
+        // Checked as `admit_deciding` checks it: a key of a sound length is looked at further
+        // only once it is not found (`decide_logged`), so an entry with more than one thing
+        // wrong is refused for the same one as its `consume` (and the C ABI's status) is.
+        if request.key.is_empty() || request.key.len() > MAX_KEY_BYTES {
+            check_id("key", request.key, MAX_KEY_BYTES)?;
+        }
         let Some(request_id) = request.request_id else {
             let mut verdict = Verdict::new(decision);
             let logged = self.decide_logged(
