@@ -1106,3 +1106,207 @@ fn a_checkpoint_cut_while_a_close_waits_for_its_flush_counts_the_reservation_clo
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A batch mixing keys, denials, bad entries and request ids, when the log fails under it.
+
+/// One entry of the mixed batch: `(key, resource, quantities, id)`.
+type Entry = (&'static str, &'static str, Vec<(Unit, u64)>, Option<String>);
+
+/// What a mixed batch's entry must answer once the log fails under the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Logged by this batch (an admission, or a decision under a new id), or a repeat of
+    /// such an id: the log's error.
+    Failed,
+    /// Bad input, or an id reused for something else: its own error, whatever the log did.
+    OwnError,
+    /// A repeat of an id whose first decision was durable before the batch: that decision.
+    Replay,
+    /// A denial without an id: nothing logged, nothing counted.
+    Denied,
+}
+
+/// `len` entries over several chunks: admissions on quota, credits and pay-as-you-go, denials
+/// with and without ids, bad entries, new ids, ids repeated inside the batch with the same and
+/// with other quantities, and ids first used (and made durable) before the batch.
+fn mixed_batch(len: usize) -> Vec<(Entry, Expect)> {
+    (0..len)
+        .map(|index| {
+            let id = |name: String| Some(name);
+            match index % 10 {
+                0 => (
+                    ("key-bob", "m2.7", vec![(Unit::Requests, 1)], None),
+                    Expect::Failed,
+                ),
+                1 => (
+                    (
+                        "payg-dee",
+                        "m2.7",
+                        vec![(Unit::Requests, 1)],
+                        id(format!("new-{index}")),
+                    ),
+                    Expect::Failed,
+                ),
+                // A repeat, same quantities, of the id two entries back.
+                2 if index >= 10 => (
+                    (
+                        "payg-dee",
+                        "m2.7",
+                        vec![(Unit::Requests, 1)],
+                        id(format!("new-{}", index - 11)),
+                    ),
+                    Expect::Failed,
+                ),
+                // The same id, other quantities: a conflict.
+                3 if index >= 10 => (
+                    (
+                        "payg-dee",
+                        "m2.7",
+                        vec![(Unit::Requests, 2)],
+                        id(format!("new-{}", index - 2)),
+                    ),
+                    Expect::OwnError,
+                ),
+                4 => (
+                    ("key-bob", "m9", vec![(Unit::Requests, 1)], None),
+                    Expect::OwnError,
+                ),
+                5 => (
+                    (
+                        "key-bob",
+                        "m2.7",
+                        vec![(Unit::Requests, 0)],
+                        id(format!("bad-{index}")),
+                    ),
+                    Expect::OwnError,
+                ),
+                // Not covered by the plan, no credits on the team: a denial.
+                6 => (
+                    ("key-eve", "m2.7", vec![(Unit::Requests, 100_000)], None),
+                    Expect::Denied,
+                ),
+                // A denial under a new id: logged, so its repeat gets the same answer.
+                7 => (
+                    (
+                        "key-eve",
+                        "m2.7",
+                        vec![(Unit::Requests, 100_000)],
+                        id(format!("denied-{index}")),
+                    ),
+                    Expect::Failed,
+                ),
+                // An id first used before the batch, durable.
+                8 => (
+                    (
+                        "key-cy",
+                        "image-01",
+                        vec![(Unit::Images, 1)],
+                        id("before".into()),
+                    ),
+                    Expect::Replay,
+                ),
+                _ => (
+                    ("key-ada-acme", "m2.7", vec![(Unit::Requests, 1)], None),
+                    Expect::Failed,
+                ),
+            }
+        })
+        .collect()
+}
+
+fn entry_request(entry: &Entry) -> UsageRequest<'_> {
+    let (key, resource, quantities, id) = entry;
+    let request = UsageRequest::new(key, resource, quantities).at(T0_MS + MINUTE_MS);
+    match id {
+        Some(id) => request.id(id),
+        None => request,
+    }
+}
+
+/// The log fails under a mixed batch of several chunks (its write, or its flush): every entry
+/// whose decision the batch logged, and every repeat of such an id, answers the log's error;
+/// the rest answer what they would anyway; memory is what it was before the batch and equals
+/// the disk after a reopen, where the failed ids are decided afresh.
+fn a_mixed_batch_under_a_failing_log(fault: Fault) {
+    let (dir, faults, engine) = accounts_in_sync_database(&format!("fault-mixed-{fault:?}"));
+    let before_request = UsageRequest::new("key-cy", "image-01", &[(Unit::Images, 1)])
+        .at(T0_MS + MINUTE_MS)
+        .id("before");
+    let first = engine.consume(&before_request).expect("durable");
+    let batch = mixed_batch(200);
+    let requests: Vec<UsageRequest<'_>> = batch
+        .iter()
+        .map(|(entry, _)| entry_request(entry))
+        .collect();
+    let at = T0_MS + 2 * MINUTE_MS;
+    let before = state(&engine, &KEYS, &TEAMS, at);
+    match fault {
+        Fault::Insert => faults.fail_next_inserts(1),
+        Fault::Flush => faults.fail_next_flushes(1),
+    }
+    let (results, replays) = engine.consume_many_noting_replay(&requests);
+    for (index, ((entry, expect), result)) in batch.iter().zip(&results).enumerate() {
+        let context = format!("{fault:?}, entry {index} {entry:?}");
+        match expect {
+            Expect::Failed => assert_storage_error(result, &context),
+            // A conflict with an id whose chunk the failed log already refused is the first use
+            // of a forgotten id, refused in its turn (as a `consume` after the failure would be).
+            Expect::OwnError => assert!(
+                matches!(
+                    result,
+                    Err(Error::InvalidArgument { .. }
+                        | Error::UnknownResource { .. }
+                        | Error::RequestIdConflict { .. })
+                ) || (matches!(fault, Fault::Insert)
+                    && entry.2 == [(Unit::Requests, 2)]
+                    && matches!(result, Err(Error::Storage { .. }))),
+                "{context}: {result:?}"
+            ),
+            Expect::Replay => {
+                assert_eq!(result.as_ref().ok(), Some(&first), "{context}");
+                assert!(replays[index], "{context}: a replay");
+            }
+            Expect::Denied => assert!(
+                matches!(result, Ok(decision) if !decision.is_admitted()),
+                "{context}: {result:?}"
+            ),
+        }
+    }
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at),
+        &before,
+        &format!("{fault:?}: in memory after the failed batch"),
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), OpenOptions::default());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at),
+        &before,
+        &format!("{fault:?}: on disk"),
+    );
+    // Each failed id once (a repeat of one retried here would be a replay of the retry).
+    let mut retried = std::collections::HashSet::new();
+    for ((entry, expect), request) in batch.iter().zip(&requests) {
+        if *expect != Expect::Failed || !entry.3.as_ref().is_some_and(|id| retried.insert(id)) {
+            continue;
+        }
+        let (_, replayed) = engine
+            .consume_noting_replay(request)
+            .unwrap_or_else(|error| panic!("{fault:?}: {entry:?} after a reopen: {error}"));
+        assert!(
+            !replayed,
+            "{fault:?}: {entry:?} decided afresh after a reopen"
+        );
+    }
+}
+
+#[test]
+fn a_mixed_batch_whose_write_fails_answers_every_logged_entry_with_the_error() {
+    a_mixed_batch_under_a_failing_log(Fault::Insert);
+}
+
+#[test]
+fn a_mixed_batch_whose_flush_fails_answers_every_logged_entry_with_the_error() {
+    a_mixed_batch_under_a_failing_log(Fault::Flush);
+}

@@ -515,3 +515,95 @@ fn a_submission_completed_on_another_engine_is_refused_and_changes_nothing_there
     assert!(decision.is_admitted() && !replayed, "{decision:?}");
     assert_eq!(used(&engine, "key-bob"), 2);
 }
+
+/// Submissions completed on another thread than the one that submitted them, a repeat of a
+/// submitted id arriving through `consume_many` on a third before the first is durable (with a
+/// conflicting use of it beside it), and the flush they all wait for failing: every caller
+/// gets the error (the conflict its own), memory is given back to what it was and equals the
+/// disk after a reopen, where the ids are decided afresh.
+#[test]
+fn submissions_completed_elsewhere_and_a_batch_repeating_their_ids_all_get_a_failed_flush() {
+    let dir = TempDir::new("submission-elsewhere");
+    let (engine, faults) = faulty(&dir);
+    let at = T0_MS + MINUTE_MS;
+    let before = state(&engine, &KEYS, &TEAMS, at);
+    let one = [(Unit::Requests, 1)];
+    let two = [(Unit::Requests, 2)];
+    let huge = [(Unit::Requests, 100_000)];
+    let with_id = UsageRequest::new("key-bob", "m2.7", &one)
+        .at(at)
+        .id("sub-x");
+    let plain = UsageRequest::new("payg-dee", "m2.7", &one).at(at);
+    let denied = UsageRequest::new("key-eve", "m2.7", &huge)
+        .at(at)
+        .id("sub-denied");
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let submitted = vec![
+        engine.submit(&with_id).expect("valid"),
+        engine.submit(&plain).expect("valid"),
+        engine.submit(&denied).expect("valid"),
+    ];
+    assert!(
+        !submitted[2].decision().is_admitted(),
+        "a denial under an id"
+    );
+    let batch = [
+        with_id,
+        UsageRequest::new("key-bob", "m2.7", &two)
+            .at(at)
+            .id("sub-x"),
+        UsageRequest::new("key-ada-acme", "m2.7", &one)
+            .at(at)
+            .id("batch-y"),
+        denied,
+    ];
+    let (completed, (batch_results, replays)) = std::thread::scope(|scope| {
+        let completing = scope.spawn(|| {
+            submitted
+                .into_iter()
+                .map(|submitted| submitted.complete())
+                .collect::<Vec<_>>()
+        });
+        let batching = scope.spawn(|| engine.consume_many_noting_replay(&batch));
+        std::thread::sleep(Duration::from_millis(100));
+        let early = completing.is_finished() || batching.is_finished();
+        faults.release_flushes();
+        let outcome = (
+            completing.join().expect("no panic"),
+            batching.join().expect("no panic"),
+        );
+        assert!(!early, "answered before the flush went: {outcome:?}");
+        outcome
+    });
+    for (index, outcome) in completed.iter().enumerate() {
+        assert!(
+            matches!(outcome, Err(Error::Storage { .. })),
+            "submission {index}: {outcome:?}"
+        );
+    }
+    for (index, result) in batch_results.iter().enumerate() {
+        let expected_conflict = index == 1;
+        assert!(
+            match result {
+                Err(Error::RequestIdConflict { .. }) => expected_conflict,
+                Err(Error::Storage { .. }) => !expected_conflict,
+                _ => false,
+            },
+            "batch entry {index}: {result:?}"
+        );
+        assert!(!replays[index], "batch entry {index}: not a replay");
+    }
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, at),
+        &before,
+        "in memory, after the failed flush",
+    );
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_same_state(&state(&reopened, &KEYS, &TEAMS, at), &before, "on disk");
+    for request in [with_id, denied, batch[2]] {
+        let (_, replayed) = reopened.consume_noting_replay(&request).expect("valid");
+        assert!(!replayed, "{request:?}: decided afresh after a reopen");
+    }
+}
