@@ -303,3 +303,64 @@ fn reservations_expired_together_share_one_flush() {
     assert_eq!(engine.open_reservations(), 0);
     assert_eq!(five_hour_used(&engine, AFTER_MS), 0);
 }
+
+/// A submitted consume decides as `consume` does after a lease ended: the ended hold is
+/// expired and the request decided again, with a request id too (and a repeat of the id is
+/// the first decision).
+#[test]
+fn a_submitted_request_after_a_lease_ended_is_decided_as_a_consume_would_be() {
+    for id in [None, Some("after-lease")] {
+        let engine = after_a_crashed_gateway();
+        let request = UsageRequest::new("key-ada", "m2.7", &ONE).at(AFTER_MS);
+        let request = match id {
+            Some(id) => request.id(id),
+            None => request,
+        };
+        let (decision, replayed) = engine.submit(&request).unwrap().complete().unwrap();
+        assert!(decision.is_admitted() && !replayed, "{id:?}: {decision:?}");
+        assert_eq!(five_hour_used(&engine, AFTER_MS), 1, "{id:?}");
+        assert_eq!(engine.open_reservations(), 0, "{id:?}");
+        if id.is_some() {
+            let (again, replayed) = engine.submit(&request).unwrap().complete().unwrap();
+            assert!(replayed && again == decision, "{again:?}");
+            assert_eq!(five_hour_used(&engine, AFTER_MS), 1);
+        }
+    }
+}
+
+/// A batch expires the ended leases before it decides; when the log refuses that expiry, a
+/// request the stale hold would deny answers the expiry's error, as its `consume` does (the
+/// test above), with and without a request id: not the stale denial, which says the quota is
+/// used until the hold's window ends.
+#[test]
+fn a_batch_whose_expiry_the_log_refuses_answers_the_error_not_the_stale_denial() {
+    let dir = TempDir::new("lease-fault-batch");
+    let clock = clock();
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        faults: Some(Arc::clone(&faults)),
+        ..sync_options()
+    };
+    let engine = open_on_clock(dir.path(), clock.clone(), options);
+    seat_ada(&engine);
+    engine.create_user("bob", "key-bob", Some(T0_MS)).unwrap();
+    hold_the_whole_window(&engine);
+    clock.set_ms(AFTER_MS);
+    faults.fail_next_flushes(1);
+    let request = UsageRequest::new("key-ada", "m2.7", &ONE).at(AFTER_MS);
+    // Bob has no seat: his denial has nothing to do with the lease.
+    let unrelated = UsageRequest::new("key-bob", "m2.7", &ONE).at(AFTER_MS);
+    let answers = engine.consume_many(&[request, request.id("held-back"), unrelated]);
+    for (index, answer) in answers[..2].iter().enumerate() {
+        assert!(
+            matches!(answer, Err(Error::Storage { .. })),
+            "entry {index}: {answer:?}"
+        );
+    }
+    assert_eq!(engine.open_reservations(), 1, "the expiry was undone");
+    assert_eq!(
+        format!("{:?}", answers[2]),
+        format!("{:?}", engine.consume(&unrelated)),
+        "a denial no lease explains is answered as consume answers it"
+    );
+}
