@@ -1381,20 +1381,21 @@ impl Engine {
     /// the clock's) and by the clock's time, as `reserve` judges leases, for a caller that
     /// answers something else either way (a batch, a usage report). Reads the clock only when
     /// a lease has ended by the stamp. A failure (the log refusing an expiry's event) leaves
-    /// them open, for the next look or the call that reports it.
-    fn expire_leases_ended_by(&self, stamped_ms: Option<u64>) {
+    /// them open, for the next look or the call that reports it, and is returned.
+    fn expire_leases_ended_by(&self, stamped_ms: Option<u64>) -> Result<(), Error> {
         let ended_by_stamp = match stamped_ms {
             Some(stamp_ms) => self.reservations.lease_ended_by(stamp_ms),
             None => self.reservations.earliest_lease_end() != u64::MAX,
         };
         if !self.options.expire_leases_on_its_own || !ended_by_stamp {
-            return;
+            return Ok(());
         }
         let now_ms = self.clock.now_ms();
         let as_of_ms = stamped_ms.map_or(now_ms, |stamp_ms| stamp_ms.min(now_ms));
         if self.reservations.lease_ended_by(as_of_ms) {
-            let _ = self.expire_reservations(Some(as_of_ms));
+            self.expire_reservations(Some(as_of_ms))?;
         }
+        Ok(())
     }
 
     /// When `decision` is a denial an ended lease may explain (a limit or the credits, which a
@@ -1437,16 +1438,18 @@ impl Engine {
     /// the leases that ended by its latest request's time and the clock's, as if that request
     /// came first: what they held counts for none of its requests (one stamped before a lease's
     /// end included, as it would be had another request expired the lease just before it).
-    fn expire_leases_before_batch(&self, requests: &[UsageRequest<'_>]) {
+    /// If the log refuses the expiry, its error is returned: the batch answers it to each
+    /// request a lease left open may deny, as `admit` does (`admit_without_waiting`).
+    fn expire_leases_before_batch(&self, requests: &[UsageRequest<'_>]) -> Result<(), Error> {
         if requests.is_empty() || self.reservations.earliest_lease_end() == u64::MAX {
-            return;
+            return Ok(());
         }
         // Any request without a stamp is at the clock's time, which bounds the rest anyway.
         let latest_stamp_ms = match requests.iter().any(|request| request.at_ms.is_none()) {
             true => None,
             false => requests.iter().filter_map(|request| request.at_ms).max(),
         };
-        self.expire_leases_ended_by(latest_stamp_ms);
+        self.expire_leases_ended_by(latest_stamp_ms)
     }
 
     /// `admit`, one decision. Always inlined: a call of its own on the hot path cost about 20
@@ -1885,7 +1888,7 @@ impl Engine {
         requests: &[UsageRequest<'_>],
         replays: Option<&mut Vec<bool>>,
     ) -> Vec<Result<Decision, Error>> {
-        self.expire_leases_before_batch(requests);
+        let expiry_failure = self.expire_leases_before_batch(requests).err();
         // What to give back should the append or wait fail, kept in a per-thread list reused
         // from call to call: built afresh it grew by doubling on every batch, a copy and a
         // large free (a consolidation of malloc's free lists) per call.
@@ -1898,7 +1901,8 @@ impl Engine {
                 // instructions were those copies, and malloc's frees of the old lists more).
                 pending.reserve(requests.len());
             }
-            let results = self.consume_many_with(requests, pending, replays);
+            let results =
+                self.consume_many_with(requests, pending, replays, expiry_failure.as_ref());
             if pending.capacity() > PENDING_KEPT {
                 *pending = Vec::new();
             }
@@ -1911,6 +1915,7 @@ impl Engine {
         requests: &[UsageRequest<'_>],
         pending: &mut Vec<PendingEvent>,
         mut replays: Option<&mut Vec<bool>>,
+        expiry_failure: Option<&Error>,
     ) -> Vec<Result<Decision, Error>> {
         let mut results = Vec::with_capacity(requests.len());
         let journal = self.journal();
@@ -1964,6 +1969,7 @@ impl Engine {
                         index,
                         pending,
                         &mut chunk_seq,
+                        expiry_failure,
                     ) {
                         Ok(None) => {}
                         Ok(Some(LoggedAs::Durable)) => replayed = true,
@@ -2089,7 +2095,11 @@ impl Engine {
     /// One request of `consume_many` (the `index`th), decided into `decision`: if it is a
     /// replay, where the first decision's event stands. If its event was staged, what to give
     /// back should the batch's append or wait fail goes onto `pending`, and a first decision's
-    /// record points at `chunk`, the chunk's sequence number to be.
+    /// record points at `chunk`, the chunk's sequence number to be. `expiry_failure`: the log
+    /// refused the batch's expiry of ended leases (`expire_leases_before_batch`), so a denial
+    /// such a lease may explain is neither answered nor logged (nor remembered for its id):
+    /// the request answers that error, as `admit`'s would.
+    #[allow(clippy::too_many_arguments)]
     fn admit_without_waiting(
         &self,
         request: &UsageRequest<'_>,
@@ -2098,6 +2108,7 @@ impl Engine {
         index: usize,
         pending: &mut Vec<PendingEvent>,
         chunk: &mut ChunkSeqGuard,
+        expiry_failure: Option<&Error>,
     ) -> Result<Option<LoggedAs>, Error> {
         let at_ms = self.resolve_time(request.at_ms)?;
         let mut quantities = Quantities::default();
@@ -2110,6 +2121,7 @@ impl Engine {
         }
         let Some(request_id) = request.request_id else {
             let mut verdict = Verdict::new(decision);
+            verdict.may_expire_leases = expiry_failure.is_some();
             let logged = self.decide_logged(
                 request.key,
                 request.resource,
@@ -2120,6 +2132,9 @@ impl Engine {
                 &mut verdict,
                 Some(batch),
             )?;
+            if let (Some(error), true) = (expiry_failure, verdict.lease_ended_ms != 0) {
+                return Err(error.clone());
+            }
             if let (true, Some(receipt)) = (logged != Logged::Not, verdict.receipt) {
                 pending.push(PendingEvent {
                     index,
@@ -2135,49 +2150,61 @@ impl Engine {
             resource: request.resource,
             quantities,
         };
-        let replay;
-        (*decision, replay) = self
-            .requests
-            .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
-                let mut decision = Decision::denied(DenialReason::UnknownKey);
-                let mut verdict = Verdict::new(&mut decision);
-                let outcome = self.decide_logged(
-                    request.key,
-                    request.resource,
-                    &quantities,
-                    Some(request_id),
-                    at_ms,
-                    Mode::Consume,
-                    &mut verdict,
-                    Some(batch),
-                )?;
-                // Logged, admitted or denied: the batch's wait decides whether it stands.
-                let receipt = verdict.receipt;
-                let logged = match outcome {
-                    Logged::Not => LoggedAs::Durable,
-                    Logged::Staged => LoggedAs::Chunk(chunk.get()),
-                    Logged::At(seq) => LoggedAs::Event(seq),
-                };
-                if outcome != Logged::Not {
-                    pending.push(PendingEvent {
-                        index,
-                        receipt,
-                        seq: outcome.seq(),
-                    });
-                }
-                Ok(Some((decision, receipt, logged)))
-            })?
-            // A batch's verdict never leaves a denial to decide again.
-            .unwrap_or_else(|| unreachable!("a batch's decision is always kept"));
-        Ok(replay)
+        let kept =
+            self.requests
+                .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
+                    let mut decision = Decision::denied(DenialReason::UnknownKey);
+                    let mut verdict = Verdict::new(&mut decision);
+                    verdict.may_expire_leases = expiry_failure.is_some();
+                    let outcome = self.decide_logged(
+                        request.key,
+                        request.resource,
+                        &quantities,
+                        Some(request_id),
+                        at_ms,
+                        Mode::Consume,
+                        &mut verdict,
+                        Some(batch),
+                    )?;
+                    if verdict.lease_ended_ms != 0 {
+                        // Left for the expiry's error: not remembered.
+                        return Ok(None);
+                    }
+                    // Logged, admitted or denied: the batch's wait decides whether it stands.
+                    let receipt = verdict.receipt;
+                    let logged = match outcome {
+                        Logged::Not => LoggedAs::Durable,
+                        Logged::Staged => LoggedAs::Chunk(chunk.get()),
+                        Logged::At(seq) => LoggedAs::Event(seq),
+                    };
+                    if outcome != Logged::Not {
+                        pending.push(PendingEvent {
+                            index,
+                            receipt,
+                            seq: outcome.seq(),
+                        });
+                    }
+                    Ok(Some((decision, receipt, logged)))
+                })?;
+        match kept {
+            Some((kept, replay)) => {
+                *decision = kept;
+                Ok(replay)
+            }
+            // Left undecided, which a batch's verdict is only once its expiry failed.
+            None => Err(expiry_failure
+                .cloned()
+                .expect("a batch leaves a denial undecided only when its expiry failed")),
+        }
     }
 
     /// The console's usage bar for a key: every limit of its plan, and the credits.
     pub fn usage(&self, key: &str, at_ms: Option<u64>) -> Result<UsageReport, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
-        // What an ended lease held is not reported as used (as `consume` would not count it).
-        self.expire_leases_ended_by(Some(at_ms));
+        // What an ended lease held is not reported as used (as `consume` would not count it);
+        // if the log refuses the expiry, the holds are reported as they stand.
+        let _ = self.expire_leases_ended_by(Some(at_ms));
         self.keys.read(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let mut limits = Vec::new();
