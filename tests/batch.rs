@@ -232,3 +232,93 @@ fn an_entry_wrong_twice_is_refused_for_what_its_consume_is_refused_for() {
         );
     }
 }
+
+/// The request-id table fills up in the middle of a batch: the later new ids are refused with
+/// `CapacityExceeded` and count nothing, the batch's other entries (repeats of its ids, requests
+/// without one) are still decided; and when the batch's flush fails, the places its ids took
+/// are given back, so after a reopen those ids are decided afresh.
+#[test]
+fn a_batch_that_fills_the_request_id_table_refuses_the_rest_and_counts_nothing_for_them() {
+    for flush_fails in [false, true] {
+        let dir = TempDir::new(&format!("batch-full-{flush_fails}"));
+        let faults = tally_engine::Faults::new();
+        let options = OpenOptions {
+            engine: EngineOptions {
+                idempotency_capacity: 3,
+                ..EngineOptions::default()
+            },
+            faults: Some(std::sync::Arc::clone(&faults)),
+            ..sync_options()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        create_accounts(&engine);
+        let one = [(Unit::Requests, 1)];
+        let at = T0_MS + MINUTE_MS;
+        let with = |id: &'static str| UsageRequest::new("key-bob", "m2.7", &one).at(at).id(id);
+        let batch = [
+            with("a"),
+            with("b"),
+            with("c"),
+            with("d"),
+            with("a"),
+            UsageRequest::new("key-bob", "m2.7", &one).at(at),
+            with("e"),
+        ];
+        if flush_fails {
+            faults.fail_next_flushes(1);
+        }
+        let (results, replays) = engine.consume_many_noting_replay(&batch);
+        let full = |index: usize| {
+            assert!(
+                matches!(results[index], Err(Error::CapacityExceeded { .. })),
+                "{flush_fails}: entry {index}: {:?}",
+                results[index]
+            );
+        };
+        full(3);
+        full(6);
+        let used = engine.usage("key-bob", Some(at)).unwrap().limits[0].used;
+        if flush_fails {
+            for index in [0, 1, 2, 4, 5] {
+                assert!(
+                    matches!(results[index], Err(Error::Storage { .. })),
+                    "entry {index}: {:?}",
+                    results[index]
+                );
+            }
+            assert_eq!(used, 0, "everything given back");
+        } else {
+            for index in [0, 1, 2, 4, 5] {
+                assert!(
+                    matches!(&results[index], Ok(decision) if decision.is_admitted()),
+                    "entry {index}: {:?}",
+                    results[index]
+                );
+            }
+            assert!(replays[4], "the repeat of a is a replay");
+            assert_eq!(used, 4, "a, b, c and the one without an id");
+        }
+        drop(engine);
+        let engine = open_token_plan(dir.path(), options);
+        let used_after = engine.usage("key-bob", Some(at)).unwrap().limits[0].used;
+        assert_eq!(used_after, used, "{flush_fails}: on disk");
+        let (again, replays) = engine.consume_many_noting_replay(&batch[..4]);
+        if flush_fails {
+            assert!(
+                again[..3]
+                    .iter()
+                    .all(|result| matches!(result, Ok(d) if d.is_admitted()))
+                    && replays[..3].iter().all(|replayed| !replayed),
+                "decided afresh after a reopen: {again:?}"
+            );
+        } else {
+            assert!(replays[..3].iter().all(|replayed| *replayed), "{replays:?}");
+        }
+        // The table holds a, b and c again: a fourth id is refused.
+        assert!(
+            matches!(again[3], Err(Error::CapacityExceeded { .. })),
+            "{flush_fails}: {:?}",
+            again[3]
+        );
+    }
+}
