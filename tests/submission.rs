@@ -607,3 +607,96 @@ fn submissions_completed_elsewhere_and_a_batch_repeating_their_ids_all_get_a_fai
         assert!(!replayed, "{request:?}: decided afresh after a reopen");
     }
 }
+
+/// Threads submitting requests whose ids repeat across them, each completing on another
+/// thread than the one that submitted it, with batches of the same ids beside them, while a
+/// flush fails partway: what the engine counts in memory once every call has answered is what
+/// the reopened database counts, and every id whose answer stood is remembered after the
+/// reopen (every other one decided afresh).
+#[test]
+fn concurrent_submissions_and_batches_under_a_failing_flush_leave_memory_equal_to_disk() {
+    const THREADS: usize = 4;
+    const PER_THREAD: usize = 300;
+    let dir = TempDir::new("submission-stress");
+    let (engine, faults) = faulty(&dir);
+    let at = T0_MS + MINUTE_MS;
+    let one = [(Unit::Requests, 1)];
+    let ids: Vec<String> = (0..PER_THREAD).map(|index| format!("s-{index}")).collect();
+    let request = |index: usize| -> UsageRequest<'_> {
+        let key = if index % 2 == 0 {
+            "payg-dee"
+        } else {
+            "key-bob"
+        };
+        let request = UsageRequest::new(key, "m2.7", &one).at(at);
+        match index % 3 {
+            0 => request,
+            _ => request.id(&ids[index]),
+        }
+    };
+    let (sender, receiver) = std::sync::mpsc::channel::<(usize, Submission)>();
+    let receiver = std::sync::Mutex::new(receiver);
+    let stood = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let sender = sender.clone();
+            let (engine, faults) = (&engine, &faults);
+            scope.spawn(move || {
+                for index in 0..PER_THREAD {
+                    if thread == 0 && index == PER_THREAD / 2 {
+                        faults.fail_next_flushes(1);
+                    }
+                    if index % 50 == 49 {
+                        let batch: Vec<_> = (index - 10..index).map(request).collect();
+                        let _ = engine.consume_many(&batch);
+                        continue;
+                    }
+                    if let Ok(submitted) = engine.submit(&request(index)) {
+                        let _ = sender.send((index, submitted.detach()));
+                    }
+                }
+            });
+        }
+        drop(sender);
+        for _ in 0..2 {
+            let (engine, receiver, stood) = (&engine, &receiver, &stood);
+            scope.spawn(move || loop {
+                let next = receiver.lock().unwrap().recv();
+                let Ok((index, submission)) = next else {
+                    return;
+                };
+                if let Ok((decision, _)) = engine.complete(submission) {
+                    if decision.is_admitted() && index % 3 != 0 {
+                        stood.lock().unwrap().push(index);
+                    }
+                }
+            });
+        }
+    });
+    let in_memory = state(&engine, &KEYS, &TEAMS, at);
+    let fresh = UsageRequest::new("payg-dee", "m2.7", &one).at(at);
+    assert!(
+        engine.consume(&fresh).is_err(),
+        "the flush failed partway: the log is failed"
+    );
+    drop(engine);
+    let reopened = open_token_plan(dir.path(), OpenOptions::default());
+    assert_same_state(
+        &state(&reopened, &KEYS, &TEAMS, at),
+        &in_memory,
+        "the reopened database against memory once every call answered",
+    );
+    let stood = stood.into_inner().unwrap();
+    assert!(
+        !stood.is_empty(),
+        "some submissions stood before the failure"
+    );
+    for index in (0..PER_THREAD).filter(|index| index % 3 != 0) {
+        let (_, replayed) = reopened
+            .check_noting_replay(&request(index))
+            .expect("a check");
+        if stood.contains(&index) {
+            assert!(replayed, "id {index} stood: remembered after the reopen");
+        }
+    }
+}
