@@ -326,3 +326,37 @@ fn a_correction_between_a_batch_chunks_decisions_and_its_append_is_replayed_as_i
         "the correction replayed as it was applied"
     );
 }
+
+/// A repeat of an id submitted while the batch that first decided it has not appended its
+/// chunk yet: the submission is not durable, and its completion (detached, on another thread)
+/// waits for the chunk and answers the first decision as a replay, counting nothing.
+#[test]
+fn a_submitted_repeat_of_an_id_whose_batch_chunk_is_not_yet_appended_waits_for_it() {
+    let (_dir, at_ms, clock, engine) = hooked_engine("idem-submit-chunk");
+    let seen = Arc::new(Mutex::new(None));
+    let outcome = Arc::clone(&seen);
+    let (batch, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        let repeat = UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first");
+        let submission = engine.submit(&repeat).expect("a repeat").detach();
+        let durable = engine.is_durable(&submission).expect("its engine");
+        *outcome.lock().unwrap() = Some((durable, submission));
+    });
+    let (durable, submission) = seen.lock().unwrap().take().expect("the submit ran");
+    assert!(!durable, "durable before its chunk was appended");
+    let first = results[0].clone().expect("admitted");
+    let completed = std::thread::scope(|scope| {
+        scope
+            .spawn(|| engine.complete(submission))
+            .join()
+            .expect("no panic")
+    });
+    assert_eq!(completed, Ok((first, true)), "the first decision, replayed");
+    assert_eq!(
+        engine.usage("key-eve", Some(at_ms)).unwrap().limits[0].used,
+        2,
+        "the batch's two, nothing for the repeat"
+    );
+    assert!(engine.consume_noting_replay(&batch[0]).unwrap().1);
+}
