@@ -2646,6 +2646,61 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
         }
     }
 
+    /// A usage bar (`priced = true`) may change its prices on a swap: its count is in
+    /// micro-credits, already charged at the old prices (`check_swap_to`). A bar over a single
+    /// unit priced 1 compiled to one term of weight 1 and was taken for a plain meter on that
+    /// unit, so raising that price to 2 (or a weighted meter's only weight from 1 to 2, or
+    /// pricing a second unit) was refused as "counts a weighted sum of several units where the
+    /// current policy's counts ..." while the same change from 2 to 3 went through.
+    #[test]
+    fn a_weighted_meter_may_change_its_weights_whatever_they_were() {
+        let bar = |prices: &str| {
+            Policy::from_toml_str(&format!(
+                r#"time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+price_micros = {{ {prices} }}
+[meters.bar]
+priced = true
+[plans.P]
+limits = [{{ meter = "bar", amount = 1000, window = "daily" }}]
+"#
+            ))
+            .expect("valid")
+        };
+        let one = bar("tokens = 1");
+        for other in ["tokens = 2", "tokens = 1, requests = 5"] {
+            let other = bar(other);
+            assert!(one.check_swap_to(&other).is_ok(), "{other:?}");
+            assert!(other.check_swap_to(&one).is_ok(), "{other:?}");
+        }
+        assert!(bar("tokens = 2").check_swap_to(&bar("tokens = 3")).is_ok());
+        let terms = |weight: u64| {
+            Policy::from_toml_str(&format!(
+                r#"{CHAT_AND_IMAGE}[meters.m]
+terms = [{{ resource = "chat", unit = "requests", weight = {weight} }}]
+[plans.P]
+limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
+"#
+            ))
+            .expect("valid")
+        };
+        assert!(terms(1).check_swap_to(&terms(2)).is_ok());
+        assert!(terms(2).check_swap_to(&terms(1)).is_ok());
+        // A meter declared on one resource's unit still cannot become a weighted one.
+        let plain = Policy::from_toml_str(&format!(
+            r#"{CHAT_AND_IMAGE}[meters.m]
+resource = "chat"
+unit = "requests"
+[plans.P]
+limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
+"#
+        ))
+        .expect("valid");
+        let error = plain.check_swap_to(&terms(2)).expect_err("plain to weighted");
+        assert_eq!(error.field, r#"meters."m""#, "{error}");
+    }
+
     /// A policy file is read only up to a bound (the document it holds is at most
     /// `MAX_POLICY_DOCUMENT_BYTES` as JSON anyway): a mistaken path to a log, a disk image or a
     /// device is refused as too large, not read whole into memory first.
