@@ -879,7 +879,7 @@ impl Policy {
                 continue;
             };
             let (was, is) = (self.meter_counts(meter), new.meter_counts(other));
-            if was != is {
+            if was != is && !(self.declared_weighted(meter) && new.declared_weighted(other)) {
                 return Err(PolicyError::new(
                     format!("meters.{:?}", &*meter.name),
                     format!(
@@ -940,6 +940,16 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Whether `meter` is written as a weighted one (`priced = true` or `terms`), whatever
+    /// its compiled terms: a bar over one unit priced 1, or a single term of weight 1, compiles
+    /// like a plain meter, yet may change its weights on a swap as every weighted meter may.
+    fn declared_weighted(&self, meter: &Meter) -> bool {
+        self.document
+            .meters
+            .get(&*meter.name)
+            .is_some_and(|document| document.priced || !document.terms.is_empty())
     }
 
     fn meter_counts(&self, meter: &Meter) -> MeterCounts<'_> {
@@ -2697,7 +2707,9 @@ limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
 "#
         ))
         .expect("valid");
-        let error = plain.check_swap_to(&terms(2)).expect_err("plain to weighted");
+        let error = plain
+            .check_swap_to(&terms(2))
+            .expect_err("plain to weighted");
         assert_eq!(error.field, r#"meters."m""#, "{error}");
     }
 
