@@ -2713,6 +2713,32 @@ limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
         assert_eq!(error.field, r#"meters."m""#, "{error}");
     }
 
+    /// A denial suggests a plan with a larger amount on the limit that refused (`upgrade_for`).
+    /// Plans were linked by counter, which includes the bucket width, so a bigger plan counting
+    /// the same meter over the same rolling span with other buckets was never suggested,
+    /// though a seat change onto it carries the count (re-bucketed) as onto any other.
+    #[test]
+    fn a_bigger_plan_over_the_same_span_with_other_buckets_is_an_upgrade() {
+        let text = format!(
+            r#"{CHAT_AND_IMAGE}[plans.Small]
+limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "rolling:5h", bucket = "60s" }}]
+[plans.Big]
+limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "120s" }}]
+"#
+        );
+        let policy = Policy::from_toml_str(&text).expect("valid");
+        let (small, big) = (policy.plan_id("Small"), policy.plan_id("Big"));
+        let plan = policy.plan(small.expect("plan"));
+        assert_eq!(plan.next_bigger(0), big);
+        assert_eq!(plan.upgrade_for(0, 10, 1), big);
+        assert_eq!(plan.upgrade_for(0, 0, 101), None);
+        // Another span is another limit: no upgrade.
+        let other = text.replace(r#""rolling:5h", bucket = "120s""#, r#""rolling:6h""#);
+        let policy = Policy::from_toml_str(&other).expect("valid");
+        let plan = policy.plan(policy.plan_id("Small").expect("plan"));
+        assert_eq!(plan.next_bigger(0), None);
+    }
+
     /// A policy file is read only up to a bound (the document it holds is at most
     /// `MAX_POLICY_DOCUMENT_BYTES` as JSON anyway): a mistaken path to a log, a disk image or a
     /// device is refused as too large, not read whole into memory first.
