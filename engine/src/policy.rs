@@ -531,14 +531,15 @@ pub struct Plan {
     pub has_maximum: Vec<bool>,
     pub max_open_reservations: Option<u32>,
     pub price_micros_per_month: Option<u64>,
-    /// Indexed like `limits`: every plan with a larger amount on the same counter, smallest
+    /// Indexed like `limits`: every plan with a larger amount on the same meter and span, smallest
     /// amount first (`upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
     /// on every request.
     pub limit_upgrades: Vec<Upgrades>,
 }
 
 impl Plan {
-    /// The plan with the smallest larger amount on limit `limit`'s counter: the next bigger plan.
+    /// The plan with the smallest larger amount on limit `limit`'s meter and span: the next
+    /// bigger plan.
     pub fn next_bigger(&self, limit: usize) -> Option<PlanId> {
         self.limit_upgrades
             .get(limit)?
@@ -547,8 +548,8 @@ impl Plan {
     }
 
     /// The upgrade to suggest for a request of `amount` that limit `limit` refused with `used`
-    /// counted: the smallest plan with a larger amount on the same counter that takes the
-    /// request now (a seat change keeps what is used), else the smallest that takes it once
+    /// counted: the smallest plan with a larger amount on the same meter and span that takes
+    /// the request now (a seat change keeps what is used), else the smallest that takes it once
     /// enough has reset or aged out; `None` if no plan's amount can ever take it.
     pub fn upgrade_for(&self, limit: usize, used: u64, amount: u64) -> Option<PlanId> {
         let upgrades = self.limit_upgrades.get(limit)?;
@@ -1778,7 +1779,9 @@ fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanI
 /// Every plan with a larger amount on a limit's counter, with that amount, smallest first.
 type Upgrades = Box<[(u64, PlanId)]>;
 
-/// For each limit, every plan with a larger amount on the same counter, smallest first.
+/// For each limit, every plan with a larger amount on the same meter over the same span,
+/// smallest first. The same span, not the same counter: a rolling window's buckets may differ
+/// between plans, and a seat change carries the count across them (re-bucketed).
 fn link_upgrades(plans: &mut [Plan]) {
     let upgrades: Vec<Vec<Upgrades>> = plans
         .iter()
@@ -1794,7 +1797,8 @@ fn link_upgrades(plans: &mut [Plan]) {
                                 .limits
                                 .iter()
                                 .find(|candidate| {
-                                    candidate.counter == limit.counter
+                                    candidate.meter == limit.meter
+                                        && candidate.window.span_equals(limit.window)
                                         && candidate.amount > limit.amount
                                 })
                                 .map(|candidate| (candidate.amount, PlanId(other_index as u16)))
