@@ -2743,6 +2743,24 @@ limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolli
         assert_eq!(plan.next_bigger(0), None);
     }
 
+    /// A resource's `units` listed twice is refused, as are repeated covers, maximums and
+    /// meter terms; a unit listed twice in `required` was accepted (and kept in the document
+    /// as written). A logged document from an earlier build may hold one, and still compiles.
+    #[test]
+    fn a_required_unit_listed_twice_is_refused_naming_it() {
+        let text = CHAT_AND_IMAGE.replace(
+            "units = [\"images\"]",
+            "units = [\"images\", \"requests\"]\nrequired = [\"images\", \"requests\", \"images\"]",
+        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        let error = refused(&text);
+        assert_eq!(error.field, r#"resources."image".required[2]"#, "{error}");
+        assert!(error.problem.contains("images is listed twice"), "{error}");
+        let logged = r#"{"time_zone":"UTC","resources":{"image":{"units":["images"],
+            "required":["images","images"]}},"plans":{"P":{"covers":["*"]}}}"#;
+        let policy = Policy::from_logged_json(logged).expect("replays");
+        assert!(policy.resources()[0].required[Unit::Images.index()]);
+    }
+
     /// A policy file is read only up to a bound (the document it holds is at most
     /// `MAX_POLICY_DOCUMENT_BYTES` as JSON anyway): a mistaken path to a log, a disk image or a
     /// device is refused as too large, not read whole into memory first.
