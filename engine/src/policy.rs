@@ -1069,7 +1069,8 @@ struct Compiler {
     /// "*", a meter name with ':' or a limit naming an implicit meter, a plan price past
     /// credits, an empty plan, repeated covers and maximums and maximums on what a plan does
     /// not cover, durations repeating a unit, the document's size, a plan's second limit on a
-    /// meter and rolling span with other buckets), and what they refuse
+    /// meter and rolling span with other buckets; since, a unit repeated in a resource's
+    /// `required`), and what they refuse
     /// compiles as earlier builds compiled it. A rolling window under 210 s without a bucket
     /// gets 1 s, as builds before sub-second buckets gave it (`ONE_SECOND_DEFAULT_BELOW_MS`),
     /// and the document is kept as logged: nothing is stated in it.
@@ -1237,11 +1238,18 @@ impl Compiler {
             let max_per_request =
                 self.compile_maximums(&field, &units, &resource.max_per_request)?;
             let mut required = [false; UNIT_COUNT];
-            for unit in &resource.required {
+            for (index, unit) in resource.required.iter().enumerate() {
                 if !units[unit.index()] {
                     return Err(PolicyError::new(
                         format!("{field}.required"),
                         format!("{unit} is not one of the resource's units"),
+                    ));
+                }
+                // A slip like a repeated unit in `units`; a logged document may hold one.
+                if required[unit.index()] && !self.logged {
+                    return Err(PolicyError::new(
+                        format!("{field}.required[{index}]"),
+                        format!("{unit} is listed twice"),
                     ));
                 }
                 required[unit.index()] = true;
