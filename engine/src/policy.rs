@@ -880,7 +880,7 @@ impl Policy {
                 continue;
             };
             let (was, is) = (self.meter_counts(meter), new.meter_counts(other));
-            if was != is && !(self.declared_weighted(meter) && new.declared_weighted(other)) {
+            if was != is && !(self.is_usage_bar(meter) && new.is_usage_bar(other)) {
                 return Err(PolicyError::new(
                     format!("meters.{:?}", &*meter.name),
                     format!(
@@ -943,14 +943,14 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether `meter` is written as a weighted one (`priced = true` or `terms`), whatever
-    /// its compiled terms: a bar over one unit priced 1, or a single term of weight 1, compiles
-    /// like a plain meter, yet may change its weights on a swap as every weighted meter may.
-    fn declared_weighted(&self, meter: &Meter) -> bool {
+    /// Whether `meter` is a usage bar (`priced = true`): its count is in micro-credits whatever
+    /// its prices, so it carries to a bar of the same name with any prices, even where either
+    /// compiled to a single term of weight 1 (one unit priced 1), which looks like a plain meter.
+    fn is_usage_bar(&self, meter: &Meter) -> bool {
         self.document
             .meters
             .get(&*meter.name)
-            .is_some_and(|document| document.priced || !document.terms.is_empty())
+            .is_some_and(|document| document.priced)
     }
 
     fn meter_counts(&self, meter: &Meter) -> MeterCounts<'_> {
@@ -2671,11 +2671,11 @@ limits = [{{ resource = "chat", unit = "requests", amount = 10, window = "{windo
     /// A usage bar (`priced = true`) may change its prices on a swap: its count is in
     /// micro-credits, already charged at the old prices (`check_swap_to`). A bar over a single
     /// unit priced 1 compiled to one term of weight 1 and was taken for a plain meter on that
-    /// unit, so raising that price to 2 (or a weighted meter's only weight from 1 to 2, or
-    /// pricing a second unit) was refused as "counts a weighted sum of several units where the
-    /// current policy's counts ..." while the same change from 2 to 3 went through.
+    /// unit, so raising that price to 2 (or pricing a second unit) was refused as "counts a
+    /// weighted sum of several units where the current policy's counts ..." while the same
+    /// change from 2 to 3 went through.
     #[test]
-    fn a_weighted_meter_may_change_its_weights_whatever_they_were() {
+    fn a_usage_bar_may_change_its_prices_whatever_they_were() {
         let bar = |prices: &str| {
             Policy::from_toml_str(&format!(
                 r#"time_zone = "UTC"
@@ -2697,31 +2697,21 @@ limits = [{{ meter = "bar", amount = 1000, window = "daily" }}]
             assert!(other.check_swap_to(&one).is_ok(), "{other:?}");
         }
         assert!(bar("tokens = 2").check_swap_to(&bar("tokens = 3")).is_ok());
-        let terms = |weight: u64| {
+        // A meter of one term of weight 1 counts that unit: moved to another, it is refused.
+        let terms = |resource: &str, unit: &str| {
             Policy::from_toml_str(&format!(
                 r#"{CHAT_AND_IMAGE}[meters.m]
-terms = [{{ resource = "chat", unit = "requests", weight = {weight} }}]
+terms = [{{ resource = "{resource}", unit = "{unit}", weight = 1 }}]
 [plans.P]
+covers = ["*"]
 limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
 "#
             ))
             .expect("valid")
         };
-        assert!(terms(1).check_swap_to(&terms(2)).is_ok());
-        assert!(terms(2).check_swap_to(&terms(1)).is_ok());
-        // A meter declared on one resource's unit still cannot become a weighted one.
-        let plain = Policy::from_toml_str(&format!(
-            r#"{CHAT_AND_IMAGE}[meters.m]
-resource = "chat"
-unit = "requests"
-[plans.P]
-limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
-"#
-        ))
-        .expect("valid");
-        let error = plain
-            .check_swap_to(&terms(2))
-            .expect_err("plain to weighted");
+        let error = terms("chat", "requests")
+            .check_swap_to(&terms("image", "images"))
+            .expect_err("another unit");
         assert_eq!(error.field, r#"meters."m""#, "{error}");
     }
 
