@@ -2002,6 +2002,43 @@ fn a_policy_swap_that_cannot_carry_usage_as_it_means_is_refused_and_changes_noth
     );
 }
 
+/// A usage bar keeps its count across a swap that changes its prices, even from a single
+/// unit priced 1 (which compiles like a plain meter on that unit): the swap was refused as a
+/// meter that "counts a weighted sum of several units where the current policy's counts
+/// \"chat\" tokens". The count is in micro-credits, already charged at the old price.
+#[test]
+fn a_policy_swap_that_raises_a_usage_bars_only_price_from_one_carries_its_count() {
+    let bar = |price: u64| {
+        Policy::from_toml_str(&format!(
+            r#"
+            time_zone = "UTC"
+            [resources.chat]
+            units = ["tokens"]
+            price_micros = {{ tokens = {price} }}
+            [meters.bar]
+            priced = true
+            [plans.P]
+            limits = [{{ meter = "bar", amount = 100, window = "daily" }}]
+            "#
+        ))
+        .expect("a valid policy")
+    };
+    let engine = engine_with(bar(1));
+    let key = seated(&engine, "ada", "P");
+    let tokens = |count: u64, at_ms: u64| {
+        consume(&engine, &key, "chat", &[(Unit::Tokens, count)], at_ms).is_admitted()
+    };
+    assert!(tokens(60, T0_MS), "60 micros of 100");
+    engine
+        .swap_policy(bar(2), Some(T0_MS + MINUTE_MS))
+        .expect("a bar may change its prices");
+    assert!(
+        tokens(20, T0_MS + 2 * MINUTE_MS),
+        "40 more micros: 100 of 100"
+    );
+    assert!(!tokens(1, T0_MS + 2 * MINUTE_MS), "the bar is full");
+}
+
 /// A swap that moves a plan's limit to another window is refused, naming the new limit's
 /// window, and changes nothing: the count carries only to the same meter over the same span,
 /// so Starter's 1,500 requests of the last 5 hours would have been dropped and a 6-hour window
