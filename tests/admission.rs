@@ -2002,6 +2002,43 @@ fn a_policy_swap_that_cannot_carry_usage_as_it_means_is_refused_and_changes_noth
     );
 }
 
+/// A denial on a rolling limit suggests the plan with the next larger amount on the same meter
+/// and span even where that plan's buckets are wider: no upgrade was suggested, though the seat
+/// change it names carries the count (re-bucketed) and admits the request.
+#[test]
+fn a_denial_suggests_a_bigger_plan_whose_buckets_are_wider() {
+    let policy = Policy::from_toml_str(
+        r#"
+        time_zone = "UTC"
+        [resources.chat]
+        units = ["requests"]
+        [plans.Small]
+        limits = [{ resource = "chat", unit = "requests", amount = 10, window = "rolling:5h", bucket = "60s" }]
+        [plans.Big]
+        limits = [{ resource = "chat", unit = "requests", amount = 100, window = "rolling:5h", bucket = "120s" }]
+        "#,
+    )
+    .expect("a valid policy");
+    let big = policy.plan_id("Big");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Small");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 10, T0_MS),
+        10
+    );
+    match consume(&engine, &key, "chat", &ONE_REQUEST, T0_MS) {
+        Decision::Denied(denial) => assert_eq!(denial.remedies.upgrade_to, big, "{denial:?}"),
+        other => panic!("{other:?}"),
+    }
+    engine
+        .assign_seat(&team_of("ada"), "ada", "Big", Some(T0_MS))
+        .expect("upgrade");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 91, T0_MS),
+        90
+    );
+}
+
 /// A usage bar keeps its count across a swap that changes its prices, even from a single
 /// unit priced 1 (which compiles like a plain meter on that unit): the swap was refused as a
 /// meter that "counts a weighted sum of several units where the current policy's counts
