@@ -2715,6 +2715,51 @@ limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
         assert_eq!(error.field, r#"meters."m""#, "{error}");
     }
 
+    /// A swap refuses a meter kept by name that counts something else, as its count so far
+    /// would be read in another unit. A meter no limit uses has no count (no counter), nor
+    /// does one the new policy's limits no longer use carry any, yet redefining either was
+    /// refused, "its count so far cannot carry over", where there was none to carry.
+    #[test]
+    fn a_meter_without_a_count_to_carry_may_be_redefined_on_a_swap() {
+        let with = |unit: &str, limited: bool| {
+            let limit = if limited {
+                r#"{ meter = "m", amount = 5, window = "daily" }"#
+            } else {
+                r#"{ resource = "chat", unit = "requests", amount = 5, window = "daily" }"#
+            };
+            Policy::from_toml_str(&format!(
+                r#"time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+[meters.m]
+resource = "chat"
+unit = "{unit}"
+[plans.P]
+limits = [{limit}]
+"#
+            ))
+            .expect("valid")
+        };
+        // Unused on both sides, and used only before or only after the swap: nothing carries.
+        assert_eq!(
+            with("requests", false).check_swap_to(&with("tokens", false)),
+            Ok(())
+        );
+        assert_eq!(
+            with("requests", true).check_swap_to(&with("tokens", false)),
+            Ok(())
+        );
+        assert_eq!(
+            with("requests", false).check_swap_to(&with("tokens", true)),
+            Ok(())
+        );
+        // Used on both sides: its count would carry, and is refused as before.
+        let error = with("requests", true)
+            .check_swap_to(&with("tokens", true))
+            .expect_err("carried into another unit");
+        assert_eq!(error.field, r#"meters."m""#, "{error}");
+    }
+
     /// A denial suggests a plan with a larger amount on the limit that refused (`upgrade_for`).
     /// Plans were linked by counter, which includes the bucket width, so a bigger plan counting
     /// the same meter over the same rolling span with other buckets was never suggested,
