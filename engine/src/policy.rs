@@ -827,11 +827,12 @@ impl Policy {
 impl Policy {
     /// Whether a swap from this policy to `new` can carry every count over. Refused, naming the
     /// field of `new`: a meter that keeps its name but counts something else (its count so far
-    /// would be read in another unit), a time zone changed under a calendar window that
-    /// carries over (the current day's, week's or month's count would be read as another
-    /// one's; a calendar window new in `new` starts from 0 and may be in any zone; another
-    /// name for the same offsets, such as an alias, is no change), and the week's first day
-    /// changed under a weekly window that carries over. A weighted
+    /// would be read in another unit; a meter whose count does not carry, as no limit of one
+    /// side or the other uses it over the same span, may change), a time zone changed under
+    /// a calendar window that carries over (the current day's, week's or month's count would
+    /// be read as another one's; a calendar window new in `new` starts from 0 and may be in
+    /// any zone; another name for the same offsets, such as an alias, is no change), and the
+    /// week's first day changed under a weekly window that carries over. A weighted
     /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
     /// already charged at the old prices. And a plan kept by name whose limit on a meter kept
     /// by name moves to another window (`rolling:5h` to `rolling:6h`, `daily` to `weekly`):
@@ -875,10 +876,20 @@ impl Policy {
                 ),
             ));
         }
-        for meter in &self.meters {
+        for (index, meter) in self.meters.iter().enumerate() {
             let Some(other) = new.meters.iter().find(|other| other.name == meter.name) else {
                 continue;
             };
+            // Only a meter with a count that carries: one no limit uses has no counter, and a
+            // counter the new policy has no counter for is dropped, not read as another's.
+            let carried = (0..self.counters.len()).any(|counter| {
+                let counter = CounterId(counter as u16);
+                self.counter(counter).meter.index() == index
+                    && self.same_counter_in(counter, new).is_some()
+            });
+            if !carried {
+                continue;
+            }
             let (was, is) = (self.meter_counts(meter), new.meter_counts(other));
             if was != is && !(self.is_usage_bar(meter) && new.is_usage_bar(other)) {
                 return Err(PolicyError::new(
