@@ -271,6 +271,43 @@ fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
     );
 }
 
+/// A new id stamped longer ago than the horizon: `consume` refuses it (a retry could not be
+/// recognised), so `check` must refuse it too rather than answer a decision no consume gives.
+#[test]
+fn a_check_of_a_new_id_stamped_before_the_horizon_is_refused_as_a_consume_is() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    clock.set_ms(T0_MS + horizon_ms + MINUTE_MS);
+    let old = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("too-old");
+    let consumed = engine.consume(&old);
+    assert!(
+        matches!(consumed, Err(tally_engine::Error::InvalidArgument { .. })),
+        "the consume: {consumed:?}"
+    );
+    let checked = engine.check(&old);
+    assert_eq!(
+        checked, consumed,
+        "the check answered what no consume would"
+    );
+    assert_eq!(
+        engine
+            .usage("key-eve", Some(T0_MS + horizon_ms))
+            .unwrap()
+            .limits[0]
+            .used,
+        0
+    );
+}
+
 #[test]
 fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage_after_a_reopen() {
     let (dir, at_ms, clock, engine) = hooked_engine("idem-seat-chunk");
