@@ -1499,7 +1499,7 @@ impl Engine {
             Mode::Check => {
                 match self
                     .requests
-                    .peek(request_id, &fingerprint, self.clock.now_ms())?
+                    .peek(request_id, &fingerprint, at_ms, self.clock.now_ms())?
                 {
                     Some(decision) => {
                         *verdict.decision = decision;

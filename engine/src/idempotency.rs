@@ -435,35 +435,7 @@ impl RequestTable {
         if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
             return repeat.map(Some);
         }
-        // An id is forgotten the horizon after its request's timestamp (or the clock's now, if
-        // that is earlier): one stamped longer ago than that would be forgotten at once, and a
-        // retry decided and charged again.
-        let oldest_kept = now_ms.saturating_sub(horizon_ms);
-        if at_ms < oldest_kept {
-            return Err(Error::invalid(
-                "at_ms",
-                format!(
-                    "{at_ms} is {} ms before the engine's clock, more than the {horizon_ms} ms a \
-                     request id is remembered: a retry could not be recognised. Send it with a \
-                     later timestamp, or without a request id",
-                    now_ms - at_ms
-                ),
-            ));
-        }
-        // Nor one stamped before what this shard has already forgotten ids by (a later clock,
-        // before it stepped back, or a shorter horizon, before a swap grew it): the id may be
-        // one of those, and its retry would be decided and charged again.
-        if at_ms < shard.forgotten_before_ms {
-            return Err(Error::invalid(
-                "at_ms",
-                format!(
-                    "{at_ms} is before {}, the stamp before which request ids were already \
-                     forgotten (by a later clock, or a shorter horizon): a retry could not be \
-                     recognised. Send it with a later timestamp, or without a request id",
-                    shard.forgotten_before_ms
-                ),
-            ));
-        }
+        shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms)?;
         if !self.take_place() {
             // Full: the places of ids past the horizon in other shards come back only when
             // those shards are used, so drop them all now, one shard at a time (holding one
@@ -526,11 +498,14 @@ impl RequestTable {
 
     /// The first decision for `request_id`, if it is still remembered and matches. Ids past
     /// the horizon by `now_ms` (the engine's clock) are dropped first, as `once` drops them:
-    /// one left in the table answered a check as a replay that a consume decided anew.
+    /// one left in the table answered a check as a replay that a consume decided anew. A new
+    /// id stamped (`at_ms`) where `once` refuses it is refused with `once`'s error: a check
+    /// answered a decision for it that no consume would give.
     pub fn peek(
         &self,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
+        at_ms: u64,
         now_ms: u64,
     ) -> Result<Option<Decision>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
@@ -538,7 +513,9 @@ impl RequestTable {
         let dropped = shard.expire(now_ms, horizon_ms);
         self.give_back_places(dropped);
         match shard.records.get(request_id) {
-            None => Ok(None),
+            None => shard
+                .refuse_new_id_stamped(at_ms, now_ms, horizon_ms)
+                .map(|()| None),
             Some(record) => match record.decision_for(fingerprint) {
                 Some(decision) => Ok(Some(decision)),
                 None => Err(Error::RequestIdConflict {
@@ -669,6 +646,40 @@ impl RequestTable {
 impl Shard {
     /// Queues `id`, of a request stamped `at_ms`, to be forgotten the horizon after that
     /// (`now_ms`: the engine's clock).
+    /// Refuses a new id stamped `at_ms`, by the clock's `now_ms`, if it could not be
+    /// remembered (for `once`, and `peek`, so a check refuses what a consume does): an id is
+    /// forgotten the horizon after its request's timestamp (or the clock's now, if that is
+    /// earlier), so one stamped longer ago than that would be forgotten at once, and a retry
+    /// decided and charged again; nor one stamped before what this shard has already
+    /// forgotten ids by (a later clock, before it stepped back, or a shorter horizon, before a
+    /// swap grew it): the id may be one of those.
+    fn refuse_new_id_stamped(&self, at_ms: u64, now_ms: u64, horizon_ms: u64) -> Result<(), Error> {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
+        if at_ms < oldest_kept {
+            return Err(Error::invalid(
+                "at_ms",
+                format!(
+                    "{at_ms} is {} ms before the engine's clock, more than the {horizon_ms} ms a \
+                     request id is remembered: a retry could not be recognised. Send it with a \
+                     later timestamp, or without a request id",
+                    now_ms - at_ms
+                ),
+            ));
+        }
+        if at_ms < self.forgotten_before_ms {
+            return Err(Error::invalid(
+                "at_ms",
+                format!(
+                    "{at_ms} is before {}, the stamp before which request ids were already \
+                     forgotten (by a later clock, or a shorter horizon): a retry could not be \
+                     recognised. Send it with a later timestamp, or without a request id",
+                    self.forgotten_before_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn remember(&mut self, at_ms: u64, now_ms: u64, id: Arc<str>) {
         if at_ms <= now_ms.saturating_add(IN_ORDER_AHEAD_MS)
             && at_ms.saturating_add(IN_ORDER_BEHIND_MS) >= self.queued_newest_ms
@@ -1093,7 +1104,7 @@ mod tests {
                 Ok(Some((_, None)))
             ));
             assert_eq!(
-                table.peek("retried", &fingerprint(), forgotten_at_ms),
+                table.peek("retried", &fingerprint(), forgotten_at_ms, forgotten_at_ms),
                 Ok(None)
             );
             let retried_at_ms = match grow_horizon {
