@@ -397,3 +397,33 @@ fn a_submitted_repeat_of_an_id_whose_batch_chunk_is_not_yet_appended_waits_for_i
     );
     assert!(engine.consume_noting_replay(&batch[0]).unwrap().1);
 }
+
+/// A check of an id whose first decision (a batch's) is staged but not yet appended: a
+/// repeat's answer acknowledges the first decision as much as the first call's does, so it
+/// waits until that decision's event is durable (were it never, the id would be forgotten and
+/// a consume decide it anew). The check answered the staged decision at once, before its
+/// event was even in the log.
+#[test]
+fn a_check_of_an_id_whose_batch_chunk_is_not_yet_appended_waits_for_it() {
+    let (_dir, at_ms, clock, engine) = hooked_engine("idem-check-chunk");
+    let seen = Arc::new(Mutex::new(None));
+    let outcome = Arc::clone(&seen);
+    let (_, results) = batch_with_a_call_in_its_gap(&engine, &clock, at_ms, move |engine| {
+        let repeat = UsageRequest::new("key-eve", "m2.7", &ONE)
+            .at(at_ms)
+            .id("first");
+        let checked = engine.check_noting_replay(&repeat);
+        // What the log held when the check answered.
+        *outcome.lock().unwrap() = Some((checked, last_seq(engine)));
+    });
+    let (checked, logged_when_answered) = seen.lock().unwrap().take().expect("the check ran");
+    let first = results[0].clone().expect("admitted");
+    assert_eq!(checked, Ok((first, true)), "the first decision, replayed");
+    // The batch's two events are the log's last two.
+    let first_seq = last_seq(&engine) - 1;
+    assert!(
+        logged_when_answered >= first_seq,
+        "the check answered with the log at {logged_when_answered}, before the first \
+         decision's event {first_seq}"
+    );
+}
