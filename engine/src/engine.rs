@@ -1301,6 +1301,9 @@ impl Engine {
     /// The decision `consume` would make now, counting nothing. Like every call, it may first
     /// expire reservations whose lease has ended (see `EngineOptions::expire_leases_on_its_own`),
     /// so it answers what a consume would.
+    /// With a request id, a known id answers its first decision (once that decision's event
+    /// is durable, as a consume's repeat waits) and a new one that a consume would refuse
+    /// (stamped before the request-id horizon) is refused alike.
     pub fn check(&self, request: &UsageRequest<'_>) -> Result<Decision, Error> {
         let mut decision = Decision::denied(DenialReason::UnknownKey);
         self.check_into(request, &mut decision)?;
@@ -1501,7 +1504,10 @@ impl Engine {
                     .requests
                     .peek(request_id, &fingerprint, at_ms, self.clock.now_ms())?
                 {
-                    Some(decision) => {
+                    Some((decision, logged)) => {
+                        // Answering the first decision acknowledges it, as a consume's
+                        // repeat does: not before its event is durable.
+                        self.await_first_decision(&logged)?;
                         *verdict.decision = decision;
                         verdict.receipt = None;
                         verdict.replayed = true;

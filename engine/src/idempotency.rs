@@ -500,14 +500,16 @@ impl RequestTable {
     /// the horizon by `now_ms` (the engine's clock) are dropped first, as `once` drops them:
     /// one left in the table answered a check as a replay that a consume decided anew. A new
     /// id stamped (`at_ms`) where `once` refuses it is refused with `once`'s error: a check
-    /// answered a decision for it that no consume would give.
+    /// answered a decision for it that no consume would give. A remembered decision comes
+    /// with where its event stands, for the caller to wait until it is durable (after this
+    /// has let go of the shard), as a consume's repeat does.
     pub fn peek(
         &self,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
         at_ms: u64,
         now_ms: u64,
-    ) -> Result<Option<Decision>, Error> {
+    ) -> Result<Option<(Decision, LoggedAs)>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
         let mut shard = self.shard(request_id).lock();
         let dropped = shard.expire(now_ms, horizon_ms);
@@ -517,7 +519,7 @@ impl RequestTable {
                 .refuse_new_id_stamped(at_ms, now_ms, horizon_ms)
                 .map(|()| None),
             Some(record) => match record.decision_for(fingerprint) {
-                Some(decision) => Ok(Some(decision)),
+                Some(decision) => Ok(Some((decision, record.logged.clone()))),
                 None => Err(Error::RequestIdConflict {
                     request_id: request_id.into(),
                 }),
@@ -1103,10 +1105,10 @@ mod tests {
                 decide(&table, stamp_ms, stamp_ms),
                 Ok(Some((_, None)))
             ));
-            assert_eq!(
+            assert!(matches!(
                 table.peek("retried", &fingerprint(), forgotten_at_ms, forgotten_at_ms),
                 Ok(None)
-            );
+            ));
             let retried_at_ms = match grow_horizon {
                 false => stamp_ms + HORIZON_MS / 2,
                 true => {
