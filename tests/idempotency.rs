@@ -427,3 +427,37 @@ fn a_check_of_an_id_whose_batch_chunk_is_not_yet_appended_waits_for_it() {
          decision's event {first_seq}"
     );
 }
+
+/// A new id when the request-id table is full of live ids: `consume` refuses it
+/// (`CapacityExceeded`, the id could not be remembered), so `check` must refuse it too.
+#[test]
+fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions {
+            idempotency_capacity: 1,
+            ..tally_engine::EngineOptions::default()
+        },
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    let first = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("first");
+    engine.consume(&first).expect("the first");
+    let second = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("second");
+    let checked = engine.check(&second);
+    let consumed = engine.consume(&second);
+    assert!(
+        matches!(consumed, Err(tally_engine::Error::CapacityExceeded { .. })),
+        "the consume: {consumed:?}"
+    );
+    assert_eq!(
+        checked, consumed,
+        "the check answered what no consume would"
+    );
+}
