@@ -473,14 +473,8 @@ impl RequestTable {
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
     ) -> Option<Result<(Decision, Option<LoggedAs>), Error>> {
-        let record = shard.records.get(request_id)?;
-        Some(if let Some(decision) = record.decision_for(fingerprint) {
-            Ok((decision, Some(record.logged.clone())))
-        } else {
-            Err(Error::RequestIdConflict {
-                request_id: request_id.into(),
-            })
-        })
+        Self::known(shard, request_id, fingerprint)
+            .map(|known| known.map(|(decision, logged)| (decision, Some(logged))))
     }
 
     /// Drops the ids past the horizon in every shard, one shard's lock at a time; at most once
@@ -500,7 +494,8 @@ impl RequestTable {
     /// the horizon by `now_ms` (the engine's clock) are dropped first, as `once` drops them:
     /// one left in the table answered a check as a replay that a consume decided anew. A new
     /// id stamped (`at_ms`) where `once` refuses it is refused with `once`'s error: a check
-    /// answered a decision for it that no consume would give. A remembered decision comes
+    /// answered a decision for it that no consume would give; so is one the table has no
+    /// place for (`CapacityExceeded`). A remembered decision comes
     /// with where its event stands, for the caller to wait until it is durable (after this
     /// has let go of the shard), as a consume's repeat does.
     pub fn peek(
@@ -514,17 +509,44 @@ impl RequestTable {
         let mut shard = self.shard(request_id).lock();
         let dropped = shard.expire(now_ms, horizon_ms);
         self.give_back_places(dropped);
-        match shard.records.get(request_id) {
-            None => shard
-                .refuse_new_id_stamped(at_ms, now_ms, horizon_ms)
-                .map(|()| None),
-            Some(record) => match record.decision_for(fingerprint) {
-                Some(decision) => Ok(Some((decision, record.logged.clone()))),
-                None => Err(Error::RequestIdConflict {
-                    request_id: request_id.into(),
-                }),
-            },
+        if let Some(known) = Self::known(&shard, request_id, fingerprint) {
+            return known.map(Some);
         }
+        shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms)?;
+        if self.held.load(Ordering::Relaxed) < self.capacity {
+            return Ok(None);
+        }
+        // Full: as `once`, drop the ids past the horizon in every shard (one lock at a time)
+        // before refusing the new id as `once` would, taking no place either way.
+        drop(shard);
+        self.expire_every_shard(now_ms, horizon_ms);
+        let shard = self.shard(request_id).lock();
+        if let Some(known) = Self::known(&shard, request_id, fingerprint) {
+            return known.map(Some);
+        }
+        if self.held.load(Ordering::Relaxed) < self.capacity {
+            return Ok(None);
+        }
+        Err(Error::CapacityExceeded {
+            what: "request_id (idempotency table)",
+            capacity: self.capacity() as u64,
+        })
+    }
+
+    /// `request_id`'s first decision and where its event stands (for `peek` and `repeat`), or
+    /// a conflict; `None` for an id not remembered.
+    fn known(
+        shard: &Shard,
+        request_id: &str,
+        fingerprint: &Fingerprint<'_>,
+    ) -> Option<Result<(Decision, LoggedAs), Error>> {
+        let record = shard.records.get(request_id)?;
+        Some(match record.decision_for(fingerprint) {
+            Some(decision) => Ok((decision, record.logged.clone())),
+            None => Err(Error::RequestIdConflict {
+                request_id: request_id.into(),
+            }),
+        })
     }
 
     /// Forgets `request_id` (its admission was given back because the log failed).
