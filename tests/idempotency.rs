@@ -461,3 +461,35 @@ fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
         "the check answered what no consume would"
     );
 }
+
+/// After a reopen, a new id stamped before the bound the open sets (the newest logged event's
+/// time less the horizon: ids stamped before it may have been forgotten) but within the
+/// horizon of the clock, stepped behind that event: `consume` refuses it, and `check` does too.
+#[test]
+fn a_check_after_a_reopen_refuses_a_new_id_stamped_before_what_was_forgotten_as_a_consume_does() {
+    let dir = TempDir::new("idem-check-forgotten");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    // Stamped 20 hours ahead of the clock: the newest logged event.
+    let ahead = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS + 20 * HOUR_MS)
+        .id("ahead");
+    assert!(engine.consume(&ahead).expect("the first").is_admitted());
+    engine.close().expect("a clean close");
+    let engine = open_on_clock(dir.path(), clock, sync_options());
+    let old = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS + HOUR_MS - horizon_ms)
+        .id("maybe-forgotten");
+    let checked = engine.check(&old);
+    let consumed = engine.consume(&old);
+    assert!(
+        matches!(consumed, Err(tally_engine::Error::InvalidArgument { .. })),
+        "the consume: {consumed:?}"
+    );
+    assert_eq!(
+        checked, consumed,
+        "the check answered what no consume would"
+    );
+}
