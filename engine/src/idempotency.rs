@@ -668,8 +668,6 @@ impl RequestTable {
 }
 
 impl Shard {
-    /// Queues `id`, of a request stamped `at_ms`, to be forgotten the horizon after that
-    /// (`now_ms`: the engine's clock).
     /// Refuses a new id stamped `at_ms`, by the clock's `now_ms`, if it could not be
     /// remembered (for `once`, and `peek`, so a check refuses what a consume does): an id is
     /// forgotten the horizon after its request's timestamp (or the clock's now, if that is
@@ -704,6 +702,8 @@ impl Shard {
         Ok(())
     }
 
+    /// Queues `id`, of a request stamped `at_ms`, to be forgotten the horizon after that
+    /// (`now_ms`: the engine's clock).
     fn remember(&mut self, at_ms: u64, now_ms: u64, id: Arc<str>) {
         if at_ms <= now_ms.saturating_add(IN_ORDER_AHEAD_MS)
             && at_ms.saturating_add(IN_ORDER_BEHIND_MS) >= self.queued_newest_ms

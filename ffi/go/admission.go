@@ -24,7 +24,9 @@ func (e *Engine) Consume(request Request) (Decision, error) {
 	return decision, err
 }
 
-// Check is the decision Consume would make now, counting nothing.
+// Check is the decision Consume would make now, counting nothing. A request id already used
+// answers its first decision (Replayed) once that decision is durable, as a repeated Consume
+// waits; a new one Consume would refuse is refused alike.
 func (e *Engine) Check(request Request) (Decision, error) {
 	decision, _, err := e.decide("Check", C.TALLY_GO_CHECK, request, 0)
 	return decision, err

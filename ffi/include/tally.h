@@ -551,7 +551,9 @@ tally_status tally_engine_consume(const struct tally_engine *engine,
                                   struct tally_decision *decision_out);
 
 // The decision `tally_engine_consume` would make now, counting nothing. With a request id
-// already used, the first decision (`replayed`).
+// already used, the first decision (`replayed`), once that decision's event is durable (as a
+// consume's repeat waits); a new request id a consume would refuse (stamped before the
+// request-id horizon, or with the request-id table full) is refused alike.
 tally_status tally_engine_check(const struct tally_engine *engine,
                                 const struct tally_request *request,
                                 struct tally_decision *decision_out);

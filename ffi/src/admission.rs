@@ -61,7 +61,9 @@ pub extern "C" fn tally_engine_consume(
 }
 
 /// The decision `tally_engine_consume` would make now, counting nothing. With a request id
-/// already used, the first decision (`replayed`).
+/// already used, the first decision (`replayed`), once that decision's event is durable (as a
+/// consume's repeat waits); a new request id a consume would refuse (stamped before the
+/// request-id horizon, or with the request-id table full) is refused alike.
 #[no_mangle]
 pub extern "C" fn tally_engine_check(
     engine: *const tally_engine,

@@ -367,7 +367,9 @@ class Engine:
         at_ms: int | None = None,
         request_id: Text | None = None,
     ) -> Decision:
-        """The decision ``consume`` would make now, counting nothing."""
+        """The decision ``consume`` would make now, counting nothing. A request id already used
+        answers its first decision (``replayed``) once that decision is durable, as a repeated
+        ``consume`` waits; a new one ``consume`` would refuse is refused alike."""
         request = _request(key, resource, quantities, at_ms, request_id)
         out = _native.Decision()
         errors.check(
