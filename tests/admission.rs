@@ -2297,6 +2297,35 @@ fn refused_oversized_requests_and_empty_removals_hold_no_usage_memory() {
     assert_eq!(engine.memory_stats().keys_with_usage, 1);
 }
 
+/// A reclaim frees the keys idle as of its time and leaves every other key as it was: its
+/// idle check moved a kept key's 5-hour window to the reclaim's time, aging out units that a
+/// request stamped before that time (a gateway whose clock lags) still counts, so the key
+/// admitted what an engine that never reclaimed denies. Nothing of that is logged, so a
+/// reopen from the log alone denied it again.
+#[test]
+fn a_reclaim_changes_nothing_on_a_key_it_keeps() {
+    let (engine, _clock) = engine_on_clock();
+    let (never_reclaimed, _clock) = engine_on_clock();
+    for engine in [&engine, &never_reclaimed] {
+        let key = seated(engine, "ada", "Starter");
+        assert_eq!(m27_requests(engine, &key, 1_000, T0_MS), 1_000);
+        assert_eq!(m27_requests(engine, &key, 500, T0_MS + 3 * HOUR_MS), 500);
+    }
+    // The first 1,000 have aged out by then, the 500 have not: the key is kept.
+    let reclaim_ms = T0_MS + 5 * HOUR_MS + 30 * MINUTE_MS;
+    assert_eq!(engine.reclaim_idle(Some(reclaim_ms)), Ok(0));
+    // Stamped an hour before the reclaim: the whole limit is used in its window.
+    let late_ms = T0_MS + 4 * HOUR_MS + 30 * MINUTE_MS;
+    let key = key_of("ada");
+    assert_eq!(m27_requests(&never_reclaimed, &key, 1, late_ms), 0);
+    assert_eq!(
+        m27_requests(&engine, &key, 1, late_ms),
+        0,
+        "a reclaim that kept the key released its quota early"
+    );
+    assert_eq!(m27_used(&engine, &key, late_ms), 1_500);
+}
+
 #[test]
 fn reclaim_idle_frees_keys_whose_windows_are_empty_and_keeps_the_rest() {
     let (engine, clock) = engine_on_clock();
