@@ -1081,8 +1081,8 @@ fn reclaim_if_idle(policy: &Policy, state: &mut KeyState, at_ms: u64) -> bool {
         // the windows had seen if later (a rolling head; the start of a calendar counter's
         // newest period, which may be past `at_ms` with nothing left in it): a late stamp
         // would otherwise find empty windows in a period whose quota was used (never released
-        // early). A calendar window does not move to `at_ms` when read, so its key needs
-        // `at_ms` itself; a rolling one has just been moved there by `is_idle`.
+        // early). Neither kind of window moves to `at_ms` when asked whether it is idle, so
+        // the key needs `at_ms` itself.
         state.time_floor_ms = state
             .time_floor_ms
             .max(newest_time_ms(policy, state))

@@ -1039,7 +1039,10 @@ impl RollingWindow {
         }
     }
 
-    /// Whether nothing is counted as of `epoch` (the key's state may then be reclaimed).
+    /// Whether nothing is counted as of `epoch` (the key's state may then be reclaimed),
+    /// without moving the ring: a reclaim that keeps the key must leave it as it was (moved to
+    /// `epoch`, it aged out units a request stamped before `epoch` still counts, and nothing
+    /// logs the move, so a replay would count them again).
     pub fn is_idle(&self, shape: RollingShape, epoch: u64) -> bool {
         // Every count sits at `head` or before: once a whole lap has passed since, advancing
         // would clear every slot, so there is no need to walk them (most keys a reclaim finds
@@ -1052,8 +1055,7 @@ impl RollingWindow {
         {
             return true;
         }
-        self.advance(shape, epoch);
-        self.used() == 0
+        self.used_at(shape, epoch).1 == 0
     }
 
     #[cfg(test)]
@@ -1399,11 +1401,13 @@ mod tests {
                     assert!(consume(&walked, at_ms, 1, 1_000));
                 }
                 walked.advance(SHAPE, query_epoch);
+                let head = quick.head();
                 assert_eq!(
                     quick.is_idle(SHAPE, query_epoch),
                     walked.used() == 0,
                     "usage at {history:?}, asked at epoch {query_epoch}"
                 );
+                assert_eq!(quick.head(), head, "asking does not move the ring");
             }
         }
     }
