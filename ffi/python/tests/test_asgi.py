@@ -807,6 +807,94 @@ def test_the_usage_reader_finds_tokens_in_json_and_events():
     assert reader.tokens() == 9
 
 
+#: Answers and the tokens they report (None: no usage read, settled at the estimate), the same
+#: table as the Go gateway's TestTheUsageCountsWhatEachAPIReports: both gateways must settle
+#: the same answer alike.
+USAGE_CASES = [
+    # Anthropic's input_tokens leaves out the tokens read from or written to its prompt cache
+    # (cache_read_input_tokens, cache_creation_input_tokens), which the upstream processed and
+    # bills: a coding agent's prompt is mostly cached.
+    (
+        "application/json",
+        b'{"type":"message","usage":{"input_tokens":5,"cache_creation_input_tokens":100,'
+        b'"cache_read_input_tokens":1000,"output_tokens":20}}',
+        1125,
+    ),
+    (
+        "text/event-stream",
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":5,'
+        b'"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":1}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":20}}\n\n',
+        1125,
+    ),
+    (
+        "text/event-stream",
+        b'data: {"type":"message_start","message":{"usage":{"input_tokens":5,'
+        b'"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":1}}}\n\n'
+        b'data: {"type":"message_delta","usage":{"input_tokens":5,'
+        b'"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":20}}\n\n',
+        1125,
+    ),
+    # Reports are cumulative: a later 0 (an Anthropic-compatible upstream's message_delta) does
+    # not take back the input tokens message_start reported.
+    (
+        "text/event-stream",
+        b'data: {"type":"message_start","message":{"usage":{"input_tokens":10,"output_tokens":1}}}'
+        b'\n\ndata: {"type":"message_delta","usage":{"input_tokens":0,"output_tokens":7}}\n\n',
+        17,
+    ),
+    # Usage split across events is added up, not the last event's part alone.
+    (
+        "text/event-stream",
+        b'data: {"usage":{"prompt_tokens":10}}\n\ndata: {"usage":{"completion_tokens":5}}\n\n'
+        b"data: [DONE]\n\n",
+        15,
+    ),
+    # OpenAI's cached tokens are part of prompt_tokens (and the Responses API's of
+    # input_tokens): not counted twice.
+    (
+        "application/json",
+        b'{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,'
+        b'"prompt_tokens_details":{"cached_tokens":8}}}',
+        15,
+    ),
+    (
+        "application/json",
+        b'{"usage":{"input_tokens":10,"output_tokens":5,"total_tokens":15,'
+        b'"input_tokens_details":{"cached_tokens":8}}}',
+        15,
+    ),
+    (
+        "text/event-stream",
+        b'data: {"type":"response.created","response":{"usage":null}}\n\n'
+        b'data: {"type":"response.completed","response":{"usage":{"input_tokens":10,'
+        b'"output_tokens":5,"total_tokens":15}}}\n\n',
+        15,
+    ),
+    (
+        "text/event-stream",
+        b'data: {"choices":[],"usage":null}\n\ndata: {"choices":[],"usage":{"prompt_tokens":12,'
+        b'"completion_tokens":18,"total_tokens":30}}\n\ndata: [DONE]\n\n',
+        30,
+    ),
+    # Nothing used is no report a successful answer can make: settled at the estimate.
+    (
+        "application/json",
+        b'{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}',
+        None,
+    ),
+    ("application/json", b'{"choices":[]}', None),
+    ("text/event-stream", b'data: {"choices":[]}\n\ndata: [DONE]\n\n', None),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body", "tokens"), USAGE_CASES)
+def test_the_usage_reader_counts_what_each_api_reports(content_type, body, tokens):
+    reader = UsageReader(content_type)
+    reader.feed(body)
+    assert reader.tokens() == tokens
+
+
 def test_without_a_clock_a_denials_reset_is_hours_away_not_decades(engine):
     # The default middleware has no clock: the engine's is the wall clock. A denial carries no
     # time of its own (at_ms 0), and the reset was counted from 1970.

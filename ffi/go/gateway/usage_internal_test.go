@@ -1,0 +1,78 @@
+package gateway
+
+import (
+	"strings"
+	"testing"
+)
+
+// usageCases are answers and the tokens they report, the same table as the Python middleware's
+// test_the_usage_reader_counts_what_each_api_reports: both gateways must settle the same
+// answer alike. notSeen: no usage read, settled at the estimate.
+var usageCases = []struct {
+	name, contentType, body string
+	tokens                  uint64
+	notSeen                 bool
+}{
+	// Anthropic's input_tokens leaves out the tokens read from or written to its prompt cache
+	// (cache_read_input_tokens, cache_creation_input_tokens), which the upstream processed and
+	// bills: a coding agent's prompt is mostly cached.
+	{name: "Anthropic JSON with cached tokens", contentType: "application/json",
+		body:   `{"type":"message","usage":{"input_tokens":5,"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":20}}`,
+		tokens: 1125},
+	{name: "Anthropic stream with cached tokens", contentType: "text/event-stream",
+		body: "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":1000,\"output_tokens\":1}}}\n\n" +
+			"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":20}}\n\n",
+		tokens: 1125},
+	{name: "Anthropic stream repeating its cumulative usage", contentType: "text/event-stream",
+		body: "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":1000,\"output_tokens\":1}}}\n\n" +
+			"data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":5,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":1000,\"output_tokens\":20}}\n\n",
+		tokens: 1125},
+	// Reports are cumulative: a later 0 (an Anthropic-compatible upstream's message_delta) does
+	// not take back the input tokens message_start reported.
+	{name: "a later event reporting 0 input tokens", contentType: "text/event-stream",
+		body: "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n" +
+			"data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":0,\"output_tokens\":7}}\n\n",
+		tokens: 17},
+	// Usage split across events is added up, not the last event's part alone.
+	{name: "OpenAI usage split across events", contentType: "text/event-stream",
+		body:   "data: {\"usage\":{\"prompt_tokens\":10}}\n\ndata: {\"usage\":{\"completion_tokens\":5}}\n\ndata: [DONE]\n\n",
+		tokens: 15},
+	// OpenAI's cached tokens are part of prompt_tokens (and the Responses API's of
+	// input_tokens): not counted twice.
+	{name: "OpenAI JSON with cached tokens", contentType: "application/json",
+		body:   `{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":8}}}`,
+		tokens: 15},
+	{name: "Responses JSON with cached tokens", contentType: "application/json",
+		body:   `{"usage":{"input_tokens":10,"output_tokens":5,"total_tokens":15,"input_tokens_details":{"cached_tokens":8}}}`,
+		tokens: 15},
+	{name: "Responses stream", contentType: "text/event-stream",
+		body:   "data: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":5,\"total_tokens\":15}}}\n\n",
+		tokens: 15},
+	{name: "OpenAI stream", contentType: "text/event-stream",
+		body:   "data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":18,\"total_tokens\":30}}\n\ndata: [DONE]\n\n",
+		tokens: 30},
+	// Nothing used is no report a successful answer can make: settled at the estimate.
+	{name: "a usage of zeros", contentType: "application/json",
+		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},
+	{name: "no usage", contentType: "application/json", body: `{"choices":[]}`, notSeen: true},
+	{name: "a stream without usage", contentType: "text/event-stream",
+		body: "data: {\"choices\":[]}\n\ndata: [DONE]\n\n", notSeen: true},
+}
+
+func TestTheUsageCountsWhatEachAPIReports(t *testing.T) {
+	for _, c := range usageCases {
+		var counter tokenCounter
+		if strings.HasPrefix(c.contentType, "text/event-stream") {
+			stream := &streamedBody{}
+			stream.scan([]byte(c.body))
+			stream.endLine()
+			counter = stream.counter
+		} else {
+			counter.observe([]byte(c.body))
+		}
+		tokens, seen := counter.tokens()
+		if seen == c.notSeen || (seen && tokens != c.tokens) {
+			t.Errorf("%s: %d tokens (seen %t), want %d (seen %t)", c.name, tokens, seen, c.tokens, !c.notSeen)
+		}
+	}
+}
