@@ -241,18 +241,25 @@ func (s *streamedBody) endLine() {
 
 // tokenCounter collects token usage from response JSON: OpenAI's usage.total_tokens (or
 // prompt + completion), the Responses API's response.usage, Anthropic's usage.input_tokens +
-// output_tokens, and in Anthropic streams message_start's message.usage and message_delta's
-// cumulative usage. Later reports replace earlier ones (they are cumulative).
+// cache_creation_input_tokens + cache_read_input_tokens + output_tokens (its input_tokens
+// leaves out the tokens read from or written to its prompt cache, which the upstream processed;
+// OpenAI's cached tokens are part of prompt_tokens, and not added again), and in Anthropic
+// streams message_start's message.usage and message_delta's cumulative usage. Reports are
+// cumulative, so each field keeps the largest count reported: a later event's 0 takes nothing
+// back, and fields reported in different events add up. As the Python middleware's UsageReader
+// counts them.
 type tokenCounter struct {
-	total, input, output *uint64
+	total, prompt, completion, input, output, cacheCreation, cacheRead uint64
 }
 
 type usageFields struct {
-	TotalTokens      *uint64 `json:"total_tokens"`
-	PromptTokens     *uint64 `json:"prompt_tokens"`
-	CompletionTokens *uint64 `json:"completion_tokens"`
-	InputTokens      *uint64 `json:"input_tokens"`
-	OutputTokens     *uint64 `json:"output_tokens"`
+	TotalTokens              *uint64 `json:"total_tokens"`
+	PromptTokens             *uint64 `json:"prompt_tokens"`
+	CompletionTokens         *uint64 `json:"completion_tokens"`
+	InputTokens              *uint64 `json:"input_tokens"`
+	OutputTokens             *uint64 `json:"output_tokens"`
+	CacheCreationInputTokens *uint64 `json:"cache_creation_input_tokens"`
+	CacheReadInputTokens     *uint64 `json:"cache_read_input_tokens"`
 }
 
 func (t *tokenCounter) observe(document []byte) {
@@ -268,11 +275,13 @@ func (t *tokenCounter) observe(document []byte) {
 		if usage == nil {
 			continue
 		}
-		replace(&t.total, usage.TotalTokens)
-		replace(&t.input, usage.PromptTokens)
-		replace(&t.input, usage.InputTokens)
-		replace(&t.output, usage.CompletionTokens)
-		replace(&t.output, usage.OutputTokens)
+		keepLargest(&t.total, usage.TotalTokens)
+		keepLargest(&t.prompt, usage.PromptTokens)
+		keepLargest(&t.completion, usage.CompletionTokens)
+		keepLargest(&t.input, usage.InputTokens)
+		keepLargest(&t.output, usage.OutputTokens)
+		keepLargest(&t.cacheCreation, usage.CacheCreationInputTokens)
+		keepLargest(&t.cacheRead, usage.CacheReadInputTokens)
 	}
 }
 
@@ -283,30 +292,35 @@ func nestedUsage(holder *struct{ Usage *usageFields }) *usageFields {
 	return holder.Usage
 }
 
-func replace(into **uint64, value *uint64) {
-	if value != nil {
-		v := *value
-		*into = &v
+func keepLargest(into *uint64, value *uint64) {
+	if value != nil && *value > *into {
+		*into = *value
 	}
 }
 
-// tokens is the usage seen: the total if reported, else input + output.
+// tokens is the usage seen: the total if reported, else prompt + completion (OpenAI), else
+// input + cache creation + cache read + output (Anthropic, the Responses API). Nothing but
+// zeros is no usage seen (a successful answer used something): the call is charged its
+// estimate.
 func (t *tokenCounter) tokens() (uint64, bool) {
-	if t.total != nil {
-		return *t.total, true
+	if t.total > 0 {
+		return t.total, true
 	}
-	if t.input == nil && t.output == nil {
-		return 0, false
+	sum := saturatingSum(t.prompt, t.completion)
+	if sum == 0 {
+		sum = saturatingSum(t.input, t.cacheCreation, t.cacheRead, t.output)
 	}
-	var input, output uint64
-	if t.input != nil {
-		input = *t.input
+	return sum, sum > 0
+}
+
+// saturatingSum adds counts, saturated rather than wrapped around to a few tokens.
+func saturatingSum(counts ...uint64) uint64 {
+	var sum uint64
+	for _, count := range counts {
+		if sum > math.MaxUint64-count {
+			return math.MaxUint64
+		}
+		sum += count
 	}
-	if t.output != nil {
-		output = *t.output
-	}
-	if input > math.MaxUint64-output {
-		return math.MaxUint64, true // saturated, not wrapped around to a few tokens
-	}
-	return input + output, true
+	return sum
 }

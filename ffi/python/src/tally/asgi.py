@@ -422,20 +422,44 @@ def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens
     return body_bytes // 4 + 1 + output
 
 
+#: The counts a ``usage`` object reports, each kept at its largest across a stream's events.
+_USAGE_FIELDS = (
+    "total_tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _count(usage: Mapping[str, Any], name: str) -> int:
+    value = usage.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def tokens_from_usage(usage: Any) -> int | None:
     """Total tokens of an OpenAI ``usage`` (``total_tokens`` or prompt + completion) or an
-    Anthropic one (input + output)."""
+    Anthropic one (input + cache creation + cache read + output: Anthropic's ``input_tokens``
+    leaves out the tokens read from or written to its prompt cache, which the upstream
+    processed; OpenAI's cached tokens are part of ``prompt_tokens``, and not added again).
+    None when it reports nothing but zeros (a successful answer used something: it is charged
+    its estimate). As the Go gateway counts them."""
     if not isinstance(usage, Mapping):
         return None
-
-    def count(name: str) -> int:
-        value = usage.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    if count("total_tokens"):
-        return count("total_tokens")
-    total = count("prompt_tokens") + count("completion_tokens")
-    total = total or count("input_tokens") + count("output_tokens")
+    if _count(usage, "total_tokens"):
+        return _count(usage, "total_tokens")
+    total = _count(usage, "prompt_tokens") + _count(usage, "completion_tokens")
+    total = total or sum(
+        _count(usage, name)
+        for name in (
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+        )
+    )
     return total or None
 
 
@@ -443,16 +467,16 @@ class UsageReader:
     """Finds the token usage in a response body as it streams past, without holding it up:
     a JSON body is kept (bounded) and parsed at the end; server-sent events are parsed line by
     line (OpenAI's last chunk carries ``usage``, the Responses API's ``response.completed``
-    ``response.usage``; Anthropic's ``message_start`` the input tokens and ``message_delta``
-    the running output tokens)."""
+    ``response.usage``; Anthropic's ``message_start`` ``message.usage`` and ``message_delta``
+    the running usage). Reports are cumulative, so each count keeps the largest reported: a
+    later event's 0 takes nothing back, and counts reported in different events add up, as
+    the Go gateway reads them."""
 
     def __init__(self, content_type: str) -> None:
         self.streaming = "text/event-stream" in content_type
         self._buffer = bytearray()
         self._overflowed = False
-        self._total: int | None = None
-        self._input = 0
-        self._output = 0
+        self._counts: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> None:
         if self._overflowed:
@@ -472,45 +496,38 @@ class UsageReader:
         if not line.startswith(b"data:") or b"usage" not in line:
             return
         try:
-            event = json.loads(line[5:].strip())
+            self._observe(json.loads(line[5:].strip()))
         except ValueError:
             return
-        if not isinstance(event, Mapping):
+
+    def _observe(self, document: Any) -> None:
+        """Keeps the counts of the ``usage``, ``message.usage`` and ``response.usage`` of one
+        JSON document (an answer, or one event)."""
+        if not isinstance(document, Mapping):
             return
-        message = event.get("message")
-        if event.get("type") == "message_start" and isinstance(message, Mapping):
-            usage = message.get("usage") or {}
-            self._input = tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or 0
-            self._output = tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or 0
-        elif event.get("type") == "message_delta":
-            usage = event.get("usage") or {}
-            self._input = (
-                tokens_from_usage({"input_tokens": usage.get("input_tokens")}) or self._input
-            )
-            self._output = (
-                tokens_from_usage({"output_tokens": usage.get("output_tokens")}) or self._output
-            )
-        else:
-            # OpenAI's chat chunks carry "usage"; the Responses API's response.completed
-            # carries it inside "response".
-            response = event.get("response")
-            nested = response.get("usage") if isinstance(response, Mapping) else None
-            reported = tokens_from_usage(event.get("usage")) or tokens_from_usage(nested)
-            self._total = reported or self._total
+        usages = [document.get("usage")]
+        for holder in (document.get("message"), document.get("response")):
+            if isinstance(holder, Mapping):
+                usages.append(holder.get("usage"))
+        for usage in usages:
+            if not isinstance(usage, Mapping):
+                continue
+            for name in _USAGE_FIELDS:
+                self._counts[name] = max(self._counts.get(name, 0), _count(usage, name))
 
     def tokens(self) -> int | None:
         """The tokens the response reported, or None if it reported none we could read."""
         if self.streaming:
             if self._buffer:
                 self._event_line(bytes(self._buffer).strip())
-            return self._total or (self._input + self._output) or None
-        if self._overflowed:
-            return None
-        try:
-            document = json.loads(bytes(self._buffer))
-        except ValueError:
-            return None
-        return tokens_from_usage(document.get("usage")) if isinstance(document, Mapping) else None
+                self._buffer = bytearray()
+        elif not self._overflowed:
+            try:
+                self._observe(json.loads(bytes(self._buffer)))
+            except ValueError:
+                pass
+            self._buffer = bytearray()
+        return tokens_from_usage(self._counts)
 
 
 # ---- the middleware -------------------------------------------------------------------------
