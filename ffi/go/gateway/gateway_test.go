@@ -998,6 +998,23 @@ func TestTheEstimateTakesTheFirstMaximumTheBodyNames(t *testing.T) {
 	}
 }
 
+// The body's fields are read by their exact names, as the upstream reads them: a "Model" or
+// "Max_Tokens" beside "model" and "max_tokens" must not choose what is metered (a cheaper model
+// than the one served, a smaller hold), as the Python middleware reads them.
+func TestTheBodysFieldsAreReadByTheirExactNames(t *testing.T) {
+	h := start(t)
+	h.user(t, "ex", "tp-ex", "Bar-Plus")
+	prices := h.policy.Resources["m2.7-highspeed"].PriceMicros
+	bar := h.limit(t, "Bar-Plus", "", "")
+	body := `{"model":"MiniMax-M2.7-highspeed","Model":"MiniMax-M2.7","max_tokens":10,"MAX_TOKENS":1,"messages":[]}`
+	a := h.post(t, false, "/v1/chat/completions", "tp-ex", body)
+	estimate := uint64(len(body))/4 + 1 + 10
+	want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+	if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+		t.Fatalf("%d %s: remaining %q, want %s", a.status, a.raw, a.header.Get("x-ratelimit-remaining-usage"), want)
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

@@ -1187,6 +1187,21 @@ def test_the_estimate_takes_the_first_maximum_and_refuses_one_past_the_largest(e
         assert too_many.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
+    # As the upstream reads them, and as the Go gateway's test of the same name: a "Model" or
+    # "MAX_TOKENS" beside "model" and "max_tokens" must not choose what is metered (a cheaper
+    # model than the one served, a smaller hold).
+    key = seated(engine, "ex", "tp-ex-1", "Bar-Plus")
+    raw = (
+        b'{"model":"MiniMax-M2.7-highspeed","Model":"MiniMax-M2.7","max_tokens":10,'
+        b'"MAX_TOKENS":1,"messages":[]}'
+    )
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    estimate = len(raw) // 4 + 1 + 10
+    assert answer.status == 200, answer.body
+    assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 4_000 - 2 * estimate)
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
