@@ -52,6 +52,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"path"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -291,7 +292,7 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		Input               json.RawMessage `json:"input"`
 		N                   *int64          `json:"n"`
 	}
-	if err := json.Unmarshal(body, &fields); err != nil || fields.Model == "" {
+	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" {
 		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
 		return nil, tally.Request{}, &failure
 	}
@@ -310,6 +311,33 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	}
 	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(), Quantities: quantities}
 	return body, request, nil
+}
+
+// unmarshalExact decodes a JSON object into the struct fields, each by its exact JSON name, as
+// the upstream (and the Python middleware) reads the body: encoding/json alone matches names
+// case-insensitively, the last match winning, so a "Model" or "MAX_TOKENS" beside "model" and
+// "max_tokens" would choose what is metered (a cheaper model than the one served, a smaller
+// hold). A key of the object named otherwise is left alone.
+func unmarshalExact(body []byte, fields interface{}) error {
+	var object map[string]json.RawMessage
+	if err := json.Unmarshal(body, &object); err != nil {
+		return err
+	}
+	if object == nil {
+		return errors.New("not a JSON object")
+	}
+	value := reflect.ValueOf(fields).Elem()
+	for i := 0; i < value.NumField(); i++ {
+		name, _, _ := strings.Cut(value.Type().Field(i).Tag.Get("json"), ",")
+		raw, ok := object[name]
+		if !ok {
+			continue
+		}
+		if err := json.Unmarshal(raw, value.Field(i).Addr().Interface()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // tokens is a token call's estimate: one request, about one token per 4 bytes of body, plus
