@@ -1015,6 +1015,27 @@ func TestTheBodysFieldsAreReadByTheirExactNames(t *testing.T) {
 	}
 }
 
+// A chat call on a model whose resource cannot take what the call is counted in (a speech
+// model, which must carry characters) is the request's fault: 400 in the API's shape, not a 503
+// outage a client would retry, as the Python middleware answers it.
+func TestAModelThatCannotTakeTheCallIs400NotAnOutage(t *testing.T) {
+	h := start(t)
+	h.user(t, "sp", "tp-sp", "Bar-Plus")
+	body := `{"model":"speech-2.8-hd","max_tokens":16,"messages":[]}`
+	a := h.post(t, false, "/v1/chat/completions", "tp-sp", body)
+	if a.status != http.StatusBadRequest {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	openAIError(t, a, "invalid_request_error")
+	if a = h.post(t, true, "/v1/messages", "tp-sp", body); a.status != http.StatusBadRequest {
+		t.Fatalf("Anthropic: %d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "invalid_request_error")
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a refused call")
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

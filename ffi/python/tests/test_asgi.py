@@ -1202,6 +1202,20 @@ def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
     assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 4_000 - 2 * estimate)
 
 
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_a_model_that_cannot_take_the_call_is_400_not_an_outage(engine, gateway, upstream, path):
+    # A chat call on a model whose resource cannot take what the call is counted in (a speech
+    # model, which must carry characters) is the request's fault: 400 in the API's shape, not a
+    # 503 outage a client would retry, as the Go gateway answers it.
+    key = seated(engine, "sp", "tp-sp-1", "Bar-Plus")
+    answer = request(gateway, path, chat(model="speech-2.8-hd", max_tokens=16), key=key)
+    assert answer.status == 400, answer.body
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    if path == CHAT:
+        assert answer.json()["error"]["code"] is None
+    assert upstream.calls == []
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
