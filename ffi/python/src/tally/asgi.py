@@ -952,6 +952,11 @@ class QuotaMiddleware:
         except _STRING_ERRORS as error:
             await _send_json(send, api, _string_refusal(error), [])
             return None
+        except errors.BadQuantityError as error:
+            # Quantities the resource cannot take (a chat call on a speech model, which must
+            # carry characters): the request's fault, 400 as in the Go gateway, not an outage.
+            await _send_json(send, api, _Refusal(400, "invalid_request", error.message), [])
+            return None
         except errors.TallyError as error:
             _log.error("tally: admission failed: %s", error)
             refusal = _unavailable(error)
