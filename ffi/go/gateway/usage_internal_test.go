@@ -51,6 +51,12 @@ var usageCases = []struct {
 	{name: "OpenAI stream", contentType: "text/event-stream",
 		body:   "data: {\"choices\":[],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":18,\"total_tokens\":30}}\n\ndata: [DONE]\n\n",
 		tokens: 30},
+	// An event line too long to be usage (a large content or tool-call delta) is skipped, and
+	// the usage after it still read.
+	{name: "a stream with a line longer than MAX_EVENT_LINE_BYTES", contentType: "text/event-stream",
+		body: "data: {\"choices\":[{\"delta\":{\"content\":\"" + strings.Repeat("x", 2*maxEventLineBytes) + "\"}}]}\n\n" +
+			"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":18,\"total_tokens\":30}}\n\ndata: [DONE]\n\n",
+		tokens: 30},
 	// Nothing used is no report a successful answer can make: settled at the estimate.
 	{name: "a usage of zeros", contentType: "application/json",
 		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},
@@ -63,8 +69,16 @@ func TestTheUsageCountsWhatEachAPIReports(t *testing.T) {
 	for _, c := range usageCases {
 		var counter tokenCounter
 		if strings.HasPrefix(c.contentType, "text/event-stream") {
+			// In pieces of 64 KiB, as a stream arrives.
 			stream := &streamedBody{}
-			stream.scan([]byte(c.body))
+			for body := []byte(c.body); len(body) > 0; {
+				n := len(body)
+				if n > 1<<16 {
+					n = 1 << 16
+				}
+				stream.scan(body[:n])
+				body = body[n:]
+			}
 			stream.endLine()
 			counter = stream.counter
 		} else {

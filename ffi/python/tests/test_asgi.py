@@ -18,6 +18,7 @@ from tally import _native, errors
 from tally.asgi import (
     DEFAULT_LEASE_MS,
     DEFAULT_PASS_THROUGH,
+    MAX_EVENT_LINE_BYTES,
     MAX_QUANTITY,
     Api,
     Metering,
@@ -877,6 +878,16 @@ USAGE_CASES = [
         b'"completion_tokens":18,"total_tokens":30}}\n\ndata: [DONE]\n\n',
         30,
     ),
+    # An event line too long to be usage (a large content or tool-call delta) is skipped, and
+    # the usage after it still read.
+    (
+        "text/event-stream",
+        b'data: {"choices":[{"delta":{"content":"'
+        + b"x" * (2 * MAX_EVENT_LINE_BYTES)
+        + b'"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":18,'
+        b'"total_tokens":30}}\n\ndata: [DONE]\n\n',
+        30,
+    ),
     # Nothing used is no report a successful answer can make: settled at the estimate.
     (
         "application/json",
@@ -891,7 +902,8 @@ USAGE_CASES = [
 @pytest.mark.parametrize(("content_type", "body", "tokens"), USAGE_CASES)
 def test_the_usage_reader_counts_what_each_api_reports(content_type, body, tokens):
     reader = UsageReader(content_type)
-    reader.feed(body)
+    for start in range(0, len(body), 1 << 16):  # in pieces of 64 KiB, as a stream arrives
+        reader.feed(body[start : start + (1 << 16)])
     assert reader.tokens() == tokens
 
 
