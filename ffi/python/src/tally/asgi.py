@@ -479,18 +479,32 @@ class UsageReader:
         self._counts: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> None:
+        if self.streaming:
+            self._feed_events(chunk)
+            return
         if self._overflowed:
             return
         self._buffer += chunk
-        if self.streaming:
-            *lines, rest = bytes(self._buffer).split(b"\n")
-            self._buffer = bytearray(rest)
-            for line in lines:
-                self._event_line(line.strip())
-        limit = MAX_EVENT_LINE_BYTES if self.streaming else MAX_RESPONSE_JSON_BYTES
-        if len(self._buffer) > limit:
+        if len(self._buffer) > MAX_RESPONSE_JSON_BYTES:
             self._overflowed = True
             self._buffer = bytearray()
+
+    def _feed_events(self, chunk: bytes) -> None:
+        """Reads the event lines ``chunk`` ends. A line longer than ``MAX_EVENT_LINE_BYTES``
+        (content, not usage) is skipped to its end, and the lines after it read on, as the Go
+        gateway reads them: the usage that follows it is not lost."""
+        *ended, rest = chunk.split(b"\n")
+        for piece in ended:
+            if self._overflowed:
+                self._overflowed = False  # the long line ends here
+            else:
+                self._event_line((bytes(self._buffer) + piece).strip())
+            self._buffer = bytearray()
+        if not self._overflowed:
+            self._buffer += rest
+            if len(self._buffer) > MAX_EVENT_LINE_BYTES:
+                self._overflowed = True  # skipped until its end
+                self._buffer = bytearray()
 
     def _event_line(self, line: bytes) -> None:
         if not line.startswith(b"data:") or b"usage" not in line:
@@ -518,7 +532,7 @@ class UsageReader:
     def tokens(self) -> int | None:
         """The tokens the response reported, or None if it reported none we could read."""
         if self.streaming:
-            if self._buffer:
+            if self._buffer and not self._overflowed:
                 self._event_line(bytes(self._buffer).strip())
                 self._buffer = bytearray()
         elif not self._overflowed:
