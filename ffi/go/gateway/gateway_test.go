@@ -1036,6 +1036,35 @@ func TestAModelThatCannotTakeTheCallIs400NotAnOutage(t *testing.T) {
 	}
 }
 
+// An answer the upstream began with 200 and broke off (its body shorter than its
+// Content-Length) was served upstream: the call is charged its estimate, as a stream broken off
+// is charged what it reported, and as the Python middleware charges it, not voided as if the
+// upstream had failed.
+func TestAJSONAnswerBrokenOffIsChargedItsEstimate(t *testing.T) {
+	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "1000")
+		w.WriteHeader(http.StatusOK)
+		fmt.Fprint(w, `{"object":"chat.completion","choices":[{"message":{"content":"hi`)
+	}))
+	t.Cleanup(broken.Close)
+	h := startWith(t, func(config *gateway.Config) { config.Upstream, _ = url.Parse(broken.URL) })
+	h.user(t, "bk", "tp-bk", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	body := `{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}`
+	h.post(t, false, "/v1/chat/completions", "tp-bk", body)
+	usage, err := h.engine.Usage("tp-bk", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	estimate := uint64(len(body))/4 + 1 + 100
+	want := prices["requests"] + estimate*prices["tokens"]
+	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
+		t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

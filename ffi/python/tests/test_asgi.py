@@ -1228,6 +1228,28 @@ def test_a_model_that_cannot_take_the_call_is_400_not_an_outage(engine, gateway,
     assert upstream.calls == []
 
 
+def test_a_json_answer_broken_off_is_charged_its_estimate(engine, clock):
+    # An answer the app began with 200 and broke off was served upstream: the call is charged
+    # its estimate, as a stream broken off is charged what it reported, and as the Go gateway's
+    # test of the same name charges it, not voided as if the upstream had failed.
+    async def broken(scope, receive, send):
+        await receive()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"1000")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = b'{"object":"chat.completion","choices":[{"message":{"content":"hi'
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        raise RuntimeError("the upstream went away")
+
+    gateway = QuotaMiddleware(broken, engine, clock=clock)
+    key = seated(engine, "bk", "tp-bk-1", "Bar-Plus")
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}'
+    with pytest.raises(RuntimeError):
+        request(gateway, CHAT, key=key, raw=raw)
+    usage = engine.usage(key, at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 2_000 + len(raw) // 4 + 1 + 100
+    assert usage.open_reservations == 0
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
