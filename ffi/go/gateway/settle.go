@@ -51,7 +51,11 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 	}
 	body, err := io.ReadAll(io.LimitReader(response.Body, maxUsageBodyBytes+1))
 	if err != nil {
-		c.void()
+		// The upstream answered 200 and broke off: it served the call on the operator's
+		// account, so the call is charged its estimate (its usage went with the rest of the
+		// body), as a stream broken off is settled and as the Python middleware charges it;
+		// the client is answered 502 (upstreamError).
+		c.settle(tokenCounter{})
 		return err
 	}
 	var counter tokenCounter
