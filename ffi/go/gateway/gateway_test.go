@@ -1065,6 +1065,18 @@ func TestAJSONAnswerBrokenOffIsChargedItsEstimate(t *testing.T) {
 	}
 }
 
+// A key the engine holds is UTF-8, and so is a header carrying one that is not ASCII: the key
+// as created is admitted in either header, as the Python middleware reads it.
+func TestAKeyBeyondASCIIIsReadAsUTF8(t *testing.T) {
+	h := start(t)
+	h.user(t, "ut", "tp-clé-ü", "Starter")
+	for _, anthropic := range []bool{false, true} {
+		if a := h.call(t, anthropic, "tp-clé-ü", "MiniMax-M2.7", false); a.status != http.StatusOK {
+			t.Fatalf("anthropic %t: %d %s", anthropic, a.status, a.raw)
+		}
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

@@ -1250,6 +1250,15 @@ def test_a_json_answer_broken_off_is_charged_its_estimate(engine, clock):
     assert usage.open_reservations == 0
 
 
+@pytest.mark.parametrize(("path", "header"), [(CHAT, "authorization"), (MESSAGES, "x-api-key")])
+def test_a_key_beyond_ascii_is_read_as_utf8(engine, gateway, path, header):
+    # A key the engine holds is UTF-8, and so is a header carrying one that is not ASCII: the
+    # key as created is admitted, as the Go gateway reads it (not its bytes taken as Latin-1).
+    key = seated(engine, "ut", "tp-clé-ü", "Starter")
+    answer = request(gateway, path, chat(max_tokens=16), key=key, header=header)
+    assert answer.status == 200, answer.body
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
