@@ -366,10 +366,10 @@ def _limit_unit(limit_name: str) -> str:
 # ---- reading requests and responses ---------------------------------------------------------
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes, encoding: str = "latin-1") -> str | None:
     for key, value in scope.get("headers", []):
         if key.lower() == name:
-            return bytes(value).decode("latin-1")
+            return bytes(value).decode(encoding, errors="replace")
     return None
 
 
@@ -383,13 +383,15 @@ def api_key(scope: Scope) -> str | None:
     won would decide whose quota pays, and a client that sends two credentials has mixed up
     its configuration (an SDK's key and a proxy's header) — refused with 401, as the Go
     gateway does, rather than charged to a key it may not mean. The same key in both is one."""
+    # Read as UTF-8, as the engine holds keys and as the Go gateway reads them (bytes that are
+    # no UTF-8 become U+FFFD, a key the engine does not know: 401, as the Go gateway answers).
     bearer = None
-    authorization = _header(scope, b"authorization")
+    authorization = _header(scope, b"authorization", "utf-8")
     if authorization:
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             bearer = credentials.strip()
-    header = _header(scope, b"x-api-key")
+    header = _header(scope, b"x-api-key", "utf-8")
     x_api_key = header.strip() if header and header.strip() else None
     if bearer is not None and x_api_key is not None and bearer != x_api_key:
         raise ConflictingKeys("two different API keys: Authorization: Bearer and x-api-key")
