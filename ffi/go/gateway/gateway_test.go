@@ -1077,6 +1077,35 @@ func TestAKeyBeyondASCIIIsReadAsUTF8(t *testing.T) {
 	}
 }
 
+// A maximum that is no positive integer (-1, "100", 100.0, true) is no maximum: the estimate
+// takes the next one the body names, or EstimateTokens, and the upstream judges the body, as
+// the Python middleware estimates it; not a 400 saying the body has no "model".
+func TestAMaximumThatIsNoPositiveIntegerIsPassedOver(t *testing.T) {
+	for _, c := range []struct {
+		maximums string
+		output   uint64
+	}{
+		{`"max_tokens":-1`, 4096},
+		{`"max_tokens":"100"`, 4096},
+		{`"max_tokens":100.0`, 4096},
+		{`"max_tokens":true`, 4096},
+		{`"max_tokens":"100","max_completion_tokens":10`, 10},
+		{`"max_tokens":null,"max_output_tokens":12.5`, 4096},
+	} {
+		h := start(t)
+		h.user(t, "mx", "tp-mx", "Bar-Plus")
+		prices := h.policy.Resources["m2.7"].PriceMicros
+		bar := h.limit(t, "Bar-Plus", "", "")
+		body := `{"model":"MiniMax-M2.7",` + c.maximums + `,"messages":[]}`
+		a := h.post(t, false, "/v1/chat/completions", "tp-mx", body)
+		estimate := uint64(len(body))/4 + 1 + c.output
+		want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+		if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+			t.Errorf("%s: %d %s: remaining %q, want %s", c.maximums, a.status, a.raw, a.header.Get("x-ratelimit-remaining-usage"), want)
+		}
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

@@ -1259,6 +1259,28 @@ def test_a_key_beyond_ascii_is_read_as_utf8(engine, gateway, path, header):
     assert answer.status == 200, answer.body
 
 
+@pytest.mark.parametrize(
+    ("maximums", "output"),
+    [
+        (b'"max_tokens":-1', 4096),
+        (b'"max_tokens":"100"', 4096),
+        (b'"max_tokens":100.0', 4096),
+        (b'"max_tokens":true', 4096),
+        (b'"max_tokens":"100","max_completion_tokens":10', 10),
+        (b'"max_tokens":null,"max_output_tokens":12.5', 4096),
+    ],
+)
+def test_a_maximum_that_is_no_positive_integer_is_passed_over(engine, gateway, maximums, output):
+    # As the Go gateway's test of the same name: the estimate takes the next maximum the body
+    # names, or the default, and the upstream judges the body.
+    key = seated(engine, "mx", "tp-mx-1", "Bar-Plus")
+    raw = b'{"model":"MiniMax-M2.7",' + maximums + b',"messages":[]}'
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    estimate = len(raw) // 4 + 1 + output
+    assert answer.status == 200, answer.body
+    assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
