@@ -53,6 +53,7 @@ import (
 	"net/url"
 	"path"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -286,9 +287,9 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	}
 	var fields struct {
 		Model               string          `json:"model"`
-		MaxTokens           *uint64         `json:"max_tokens"`
-		MaxCompletionTokens *uint64         `json:"max_completion_tokens"`
-		MaxOutputTokens     *uint64         `json:"max_output_tokens"`
+		MaxTokens           json.RawMessage `json:"max_tokens"`
+		MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
+		MaxOutputTokens     json.RawMessage `json:"max_output_tokens"`
 		Input               json.RawMessage `json:"input"`
 		N                   *int64          `json:"n"`
 	}
@@ -341,14 +342,15 @@ func unmarshalExact(body []byte, fields interface{}) error {
 }
 
 // tokens is a token call's estimate: one request, about one token per 4 bytes of body, plus
-// one, and the most the model may write: the first maximum the body names (max_tokens, then
-// max_completion_tokens, then max_output_tokens), or EstimateTokens; as the Python middleware
-// estimates it.
-func (g *Gateway) tokens(bodyBytes int, maximums ...*uint64) []tally.Quantity {
+// one, and the most the model may write: the first maximum the body names as a positive
+// integer (max_tokens, then max_completion_tokens, then max_output_tokens), or EstimateTokens;
+// as the Python middleware estimates it. A maximum that is no positive integer (-1, "100",
+// 100.0, true, null) is passed over: the upstream judges the body.
+func (g *Gateway) tokens(bodyBytes int, maximums ...json.RawMessage) []tally.Quantity {
 	estimate := g.config.EstimateTokens
-	for _, limit := range maximums {
-		if limit != nil && *limit > 0 {
-			estimate = *limit
+	for _, raw := range maximums {
+		if limit, ok := positiveInteger(raw); ok {
+			estimate = limit
 			break
 		}
 	}
@@ -360,6 +362,16 @@ func (g *Gateway) tokens(bodyBytes int, maximums ...*uint64) []tally.Quantity {
 		estimate += prompt
 	}
 	return []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}
+}
+
+// positiveInteger reads a JSON integer above 0; one past 2^64 - 1 is 2^64 - 1, still past the
+// largest quantity (ErrBadQuantity: 400), not wrapped to a small one.
+func positiveInteger(raw json.RawMessage) (uint64, bool) {
+	value, err := strconv.ParseUint(string(raw), 10, 64)
+	if errors.Is(err, strconv.ErrRange) {
+		return math.MaxUint64, true
+	}
+	return value, err == nil && value > 0
 }
 
 // characters counts speech: the characters (code points) of a non-empty "input".
