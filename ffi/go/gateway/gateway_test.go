@@ -1106,6 +1106,34 @@ func TestAMaximumThatIsNoPositiveIntegerIsPassedOver(t *testing.T) {
 	}
 }
 
+// A speech or image call is in flight while the upstream makes it, as a chat call is: a key
+// with as many calls in flight as its plan allows is answered 429 for it too, as the Python
+// middleware answers it.
+func TestSpeechAndImagesCountAmongTheCallsInFlight(t *testing.T) {
+	h := start(t)
+	h.user(t, "fl", "tp-fl", "Bar-Plus")
+	for i := 0; i < 4; i++ { // Bar-Plus allows 4 at once
+		quantities := []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: 10}}
+		decision, _, err := h.engine.Reserve(tally.Request{Key: "tp-fl", Resource: "m2.7", At: t0, Quantities: quantities}, time.Hour)
+		if err != nil || !decision.Admitted {
+			t.Fatal(decision, err)
+		}
+	}
+	for path, body := range map[string]string{
+		"/v1/audio/speech":       `{"model":"speech-2.8-hd","input":"hello"}`,
+		"/v1/images/generations": `{"model":"image-01","n":1}`,
+	} {
+		a := h.post(t, false, path, "tp-fl", body)
+		if a.status != http.StatusTooManyRequests || a.header.Get("Retry-After") != "1" {
+			t.Fatalf("%s: %d %s", path, a.status, a.raw)
+		}
+		openAIError(t, a, "requests")
+	}
+	if h.upstream.hits.Load() != 0 {
+		t.Fatal("the upstream was called")
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

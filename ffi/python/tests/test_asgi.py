@@ -539,6 +539,28 @@ def test_images_are_counted_by_n_and_a_plan_without_them_is_insufficient_quota(e
         assert too_many.status == 400 and "n must be" in too_many.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (SPEECH, {"model": "speech-2.8-hd", "input": "hello"}),
+        (IMAGES, {"model": "image-01", "n": 1}),
+    ],
+)
+def test_speech_and_images_count_among_the_calls_in_flight(engine, gateway, upstream, path, body):
+    # A speech or image call is in flight while the upstream makes it, as a chat call is: a key
+    # with as many calls in flight as its plan allows is answered 429 for it too, as the Go
+    # gateway's test of the same name.
+    key = seated(engine, "fl", "tp-fl-1", "Bar-Plus")
+    for _ in range(4):  # Bar-Plus allows 4 at once
+        reservation = engine.reserve(key, "m2.7", {"requests": 1, "tokens": 10}, at_ms=T)
+        assert reservation.decision.admitted
+    answer = request(gateway, path, body, key=key)
+    assert answer.status == 429, answer.body
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["type"] == "requests"
+    assert upstream.calls == []
+
+
 def test_a_key_without_resources_is_told_to_get_a_seat_or_credits(engine, gateway):
     engine.create_user("jo", "tp-jo-1", at_ms=T)
     denied = request(gateway, CHAT, chat(), key="tp-jo-1")
