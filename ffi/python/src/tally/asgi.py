@@ -31,7 +31,9 @@ batches). For each request on a metered route it:
    correction at the reservation's time, once, and logged (``tally.asgi``, a warning; a
    hold on credits or pay-as-you-go, which a correction cannot charge, is logged as an
    error, not recorded);
-   other routes *consume* at once (and are refunded if the app answers an error); an app
+   other routes reserve what they are counted in the same way, settle it when the app has
+   answered and void it if the app answers an error, so every call in flight counts against
+   the plan's calls at once (``max_open_reservations``), as in the Go gateway; an app
    that raises before answering (the upstream unreachable) gets the client a 502 in the
    API's shape, and the exception goes on to the server;
 4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
@@ -61,7 +63,6 @@ import math
 import posixpath
 import time
 import urllib.parse
-import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -591,7 +592,9 @@ class QuotaMiddleware:
       added as a usage correction (``adjust_usage``, "add") at the reservation's time and
       logged, or, held on credits or pay-as-you-go (which a correction cannot charge), logged
       as not recorded. Set it above the longest stream the upstream serves;
-    - ``refund_on_error``: give back a consumed request when the app answers >= 400 or raises;
+    - ``refund_on_error``: give back what a call not counted in tokens (speech, images, a
+      route counted in requests) held when the app answers >= 400 or raises (a token call's
+      reservation is voided then either way); False: it is charged what it held;
     - ``run_sync``: runs each engine call (e.g. ``asyncio.to_thread``); default inline.
     """
 
@@ -691,11 +694,9 @@ class QuotaMiddleware:
         except _Refusal as refusal:
             await _send_json(send, route.api, refusal, [])
             return
-        replay = _replaying(body, receive)
-        if route.metering is Metering.TOKENS:
-            await self._reserve_and_settle(scope, replay, send, metered)
-        else:
-            await self._consume(scope, replay, send, metered)
+        # Every metered call holds a reservation while the app makes it, as in the Go gateway:
+        # a speech or image call is in flight too, and counts against the plan's calls at once.
+        await self._reserve_and_settle(scope, _replaying(body, receive), send, metered)
 
     async def _pass_through(
         self, scope: Scope, receive: Receive, send: Send, method: str, path: str
@@ -800,25 +801,6 @@ class QuotaMiddleware:
             return {"images": _positive_int(document, "n", 1), "requests": 1}
         return {"requests": 1}
 
-    async def _consume(self, scope: Scope, receive: Receive, send: Send, metered: _Metered) -> None:
-        request_id = uuid.uuid4().hex if self.refund_on_error else None
-        now = self._now()
-        decision = await self._admit(
-            send,
-            metered,
-            lambda: self.engine.consume(
-                metered.key, metered.resource, metered.quantities, at_ms=now, request_id=request_id
-            ),
-        )
-        if decision is None:
-            return
-        watcher = _ResponseWatcher(send, rate_limit_headers(metered.route.api, decision, now))
-        try:
-            await self._call_app(scope, receive, send, watcher, metered.route.api)
-        finally:
-            if request_id is not None and watcher.failed:
-                await self._after_response(self.engine.refund, request_id)
-
     async def _reserve_and_settle(
         self, scope: Scope, receive: Receive, send: Send, metered: _Metered
     ) -> None:
@@ -833,10 +815,15 @@ class QuotaMiddleware:
         if reservation is None:
             return
         headers = rate_limit_headers(metered.route.api, reservation.decision, now)
-        watcher = _ResponseWatcher(send, headers, read_usage=True)
+        by_tokens = metered.route.metering is Metering.TOKENS
+        watcher = _ResponseWatcher(send, headers, read_usage=by_tokens)
         try:
             await self._call_app(
-                _readable_accept_encoding(scope), receive, send, watcher, metered.route.api
+                _readable_accept_encoding(scope) if by_tokens else scope,
+                receive,
+                send,
+                watcher,
+                metered.route.api,
             )
         finally:
             await self._finish(reservation, metered, watcher)
@@ -862,9 +849,12 @@ class QuotaMiddleware:
         self, reservation: Reservation, metered: _Metered, watcher: _ResponseWatcher
     ) -> None:
         """Settles the tokens the response reported (the estimate if a successful response
-        reported none); voids the reservation when the app failed without reporting any."""
+        reported none), or what a call not counted in tokens held; voids the reservation when
+        the app failed without reporting any (a call not counted in tokens: only with
+        ``refund_on_error``, else it is charged what it held)."""
         tokens = watcher.tokens()
-        if tokens is None and watcher.failed:
+        refund = self.refund_on_error or metered.route.metering is Metering.TOKENS
+        if tokens is None and watcher.failed and refund:
             await self._after_response(self.engine.void, reservation)
             return
         actual = dict(metered.quantities)
@@ -956,7 +946,7 @@ class QuotaMiddleware:
             return None
 
     async def _admit(self, send: Send, metered: _Metered, call: Callable[[], A]) -> A | None:
-        """Runs the admission call (consume or reserve). On a denial or an error it answers
+        """Runs the admission call (a reserve). On a denial or an error it answers
         for the app and returns None."""
         api = metered.route.api
         try:
