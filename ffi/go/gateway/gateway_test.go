@@ -1134,6 +1134,19 @@ func TestSpeechAndImagesCountAmongTheCallsInFlight(t *testing.T) {
 	}
 }
 
+// A limit with nothing counted in its window is whole now: Anthropic's reset header says so as
+// a time (RFC 3339, as Anthropic's clients parse it), on a denial too, as the Python middleware
+// says it.
+func TestAnAnthropicResetIsATimeWhenNothingIsCounted(t *testing.T) {
+	h := start(t)
+	h.user(t, "rz", "tp-rz", "Bar-Plus")
+	body := `{"model":"MiniMax-M2.7","max_tokens":5000000,"messages":[]}`
+	a := h.post(t, true, "/v1/messages", "tp-rz", body)
+	if a.status != http.StatusBadRequest || a.header.Get("anthropic-ratelimit-usage-reset") != "2030-03-17T17:46:40Z" {
+		t.Fatalf("%d %s: reset %q", a.status, a.raw, a.header.Get("anthropic-ratelimit-usage-reset"))
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

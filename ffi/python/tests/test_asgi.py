@@ -1303,6 +1303,16 @@ def test_a_maximum_that_is_no_positive_integer_is_passed_over(engine, gateway, m
     assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
 
 
+def test_an_anthropic_reset_is_a_time_when_nothing_is_counted(engine, gateway):
+    # A limit with nothing counted in its window is whole now: Anthropic's reset header says so
+    # as a time (RFC 3339, as Anthropic's clients parse it), on a denial too, as the Go gateway
+    # says it; not "unknown".
+    key = seated(engine, "rz", "tp-rz-1", "Bar-Plus")
+    answer = request(gateway, MESSAGES, chat(max_tokens=5_000_000), key=key, header="x-api-key")
+    assert answer.status == 400, answer.body
+    assert answer.headers["anthropic-ratelimit-usage-reset"] == "2030-03-17T17:46:40Z"
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
