@@ -352,7 +352,12 @@ def rate_limit_headers(api: Api, decision: Decision, now_ms: int | None) -> Head
         headers += [
             (f"anthropic-ratelimit-{unit}-limit".encode(), str(decision.limit_amount).encode()),
             (f"anthropic-ratelimit-{unit}-remaining".encode(), str(decision.remaining).encode()),
-            (f"anthropic-ratelimit-{unit}-reset".encode(), _iso(decision.reset_at_ms).encode()),
+            # Nothing counted in the window: the limit is whole now (a time, as the Go gateway
+            # says it, not "unknown", which a client parsing the header cannot read).
+            (
+                f"anthropic-ratelimit-{unit}-reset".encode(),
+                _iso(decision.reset_at_ms or now).encode(),
+            ),
         ]
     return headers
 
