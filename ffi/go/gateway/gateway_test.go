@@ -1147,6 +1147,36 @@ func TestAnAnthropicResetIsATimeWhenNothingIsCounted(t *testing.T) {
 	}
 }
 
+// An Anthropic stream reports its output tokens in message_delta, at its end; message_start's
+// usage (the input, 1 output token) is not the call's. A stream that ends without it (broken
+// off, or a client that read the text and left before message_delta) is charged its estimate,
+// not its input and 1 token, in both gateways (the Python middleware's test of the same name).
+func TestAStreamEndedBeforeItsFinalUsageIsChargedItsEstimate(t *testing.T) {
+	cut := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n")
+		fmt.Fprint(w, "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"the whole answer\"}}\n\n")
+	}))
+	t.Cleanup(cut.Close)
+	h := startWith(t, func(config *gateway.Config) { config.Upstream, _ = url.Parse(cut.URL) })
+	h.user(t, "cu", "tp-cu", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	body := `{"model":"MiniMax-M2.7","max_tokens":100,"stream":true,"messages":[]}`
+	if a := h.post(t, true, "/v1/messages", "tp-cu", body); a.status != http.StatusOK {
+		t.Fatalf("%d %s", a.status, a.raw)
+	}
+	usage, err := h.engine.Usage("tp-cu", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	estimate := uint64(len(body))/4 + 1 + 100
+	want := prices["requests"] + estimate*prices["tokens"]
+	if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
+		t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+	}
+}
+
 // A malformed request's OpenAI error has a null code, as OpenAI's API and the Python middleware
 // answer (the code names a known condition: invalid_api_key, model_not_found, ...).
 func TestAMalformedRequestsOpenAIErrorHasANullCode(t *testing.T) {

@@ -1313,6 +1313,33 @@ def test_an_anthropic_reset_is_a_time_when_nothing_is_counted(engine, gateway):
     assert answer.headers["anthropic-ratelimit-usage-reset"] == "2030-03-17T17:46:40Z"
 
 
+def test_a_stream_ended_before_its_final_usage_is_charged_its_estimate(engine, clock):
+    # An Anthropic stream reports its output tokens in message_delta, at its end;
+    # message_start's usage (the input, 1 output token) is not the call's. A stream that ends
+    # without it (broken off, or a client that read the text and left before message_delta) is
+    # charged its estimate, not its input and 1 token, as in the Go gateway's test of the same
+    # name.
+    async def cut(scope, receive, send):
+        await receive()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        events = (
+            b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+            b'{"input_tokens":10,"output_tokens":1}}}\n\n'
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":'
+            b'{"text":"the whole answer"}}\n\n'
+        )
+        await send({"type": "http.response.body", "body": events, "more_body": False})
+
+    gateway = QuotaMiddleware(cut, engine, clock=clock)
+    key = seated(engine, "cu", "tp-cu-1", "Bar-Plus")
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":100,"stream":true,"messages":[]}'
+    assert request(gateway, MESSAGES, key=key, raw=raw, header="x-api-key").status == 200
+    usage = engine.usage(key, at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 2_000 + len(raw) // 4 + 1 + 100
+    assert usage.open_reservations == 0
+
+
 def test_a_malformed_requests_openai_error_has_a_null_code(engine, gateway):
     # As OpenAI's API and the Go gateway answer: the code names a known condition only.
     key = seated(engine, "nc", "tp-nc-1", "Plus")
