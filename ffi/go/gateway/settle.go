@@ -102,8 +102,11 @@ func (c *call) settle(counter tokenCounter) {
 		}
 		return
 	}
+	// A stream that ended before its report of the whole call (broken off, or a client gone
+	// before Anthropic's message_delta, having read the text) used more than its input: it is
+	// charged at least its estimate, as the Python middleware charges it.
 	tokens, seen := counter.tokens()
-	if !seen {
+	if !seen || (!counter.final && tokens < c.estimate) {
 		tokens = c.estimate
 	}
 	// A count past the engine's bound on a quantity would fail the settle and leave the
@@ -252,8 +255,14 @@ func (s *streamedBody) endLine() {
 // cumulative, so each field keeps the largest count reported: a later event's 0 takes nothing
 // back, and fields reported in different events add up. As the Python middleware's UsageReader
 // counts them.
+//
+// final says whether a report of the whole call was seen: a usage at the top of the answer or
+// event (OpenAI's last chunk, Anthropic's message_delta, a JSON answer) or the Responses API's
+// response.usage. Anthropic's message_start (message.usage) is not: it carries the input and 1
+// output token, the output coming at the stream's end.
 type tokenCounter struct {
 	total, prompt, completion, input, output, cacheCreation, cacheRead uint64
+	final                                                              bool
 }
 
 type usageFields struct {
@@ -274,6 +283,9 @@ func (t *tokenCounter) observe(document []byte) {
 	}
 	if json.Unmarshal(document, &event) != nil {
 		return
+	}
+	if event.Usage != nil || nestedUsage(event.Response) != nil {
+		t.final = true
 	}
 	for _, usage := range []*usageFields{event.Usage, nestedUsage(event.Message), nestedUsage(event.Response)} {
 		if usage == nil {

@@ -485,6 +485,12 @@ class UsageReader:
         self._buffer = bytearray()
         self._overflowed = False
         self._counts: dict[str, int] = {}
+        #: Whether a report of the whole call was seen: a ``usage`` at the top of the answer or
+        #: event (OpenAI's last chunk, Anthropic's ``message_delta``, a JSON answer) or the
+        #: Responses API's ``response.usage``. Anthropic's ``message_start``
+        #: (``message.usage``) is not: it carries the input and 1 output token, the output
+        #: coming at the stream's end.
+        self.final = False
 
     def feed(self, chunk: bytes) -> None:
         if self.streaming:
@@ -531,6 +537,11 @@ class UsageReader:
         for holder in (document.get("message"), document.get("response")):
             if isinstance(holder, Mapping):
                 usages.append(holder.get("usage"))
+        response = document.get("response")
+        if isinstance(document.get("usage"), Mapping) or (
+            isinstance(response, Mapping) and isinstance(response.get("usage"), Mapping)
+        ):
+            self.final = True
         for usage in usages:
             if not isinstance(usage, Mapping):
                 continue
@@ -864,6 +875,11 @@ class QuotaMiddleware:
             return
         actual = dict(metered.quantities)
         if tokens is not None and "tokens" in actual:
+            if not watcher.usage_final:
+                # A stream that ended before its report of the whole call (broken off, or a
+                # client gone before Anthropic's message_delta, having read the text) used
+                # more than its input: charged at least its estimate, as in the Go gateway.
+                tokens = max(tokens, metered.quantities["tokens"])
             # An upstream's count past the engine's bound on a quantity would fail the settle
             # and leave the reservation open until its lease ends.
             actual["tokens"] = min(tokens, MAX_QUANTITY)
@@ -1283,6 +1299,11 @@ class _ResponseWatcher:
         if self._reader is None or self._decoded is None or not self._decoded.readable:
             return None
         return self._reader.tokens()
+
+    @property
+    def usage_final(self) -> bool:
+        """Whether the usage read reports the whole call (``UsageReader.final``)."""
+        return self._reader is not None and self._reader.final
 
 
 async def _read_body(receive: Receive) -> bytes | None:
