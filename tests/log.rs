@@ -5718,3 +5718,197 @@ fn zeros_where_a_clean_close_found_the_log_durable_are_damage() {
         report.problems
     );
 }
+
+/// What a reopen from a snapshot cut under load must still remember, beyond the counters and
+/// balances `state` compares: every request id the threads were told was admitted or denied
+/// (first through `consume`, `submit` + `complete` or a `consume_many` of several chunks) is a
+/// replay after the reopen, answering the decision the engine remembered before it (renamed by
+/// the policy swaps racing the cuts, which renumber the plans), every reservation they were
+/// told is open can still be voided, and the exporter's cursor is where it was last saved.
+/// Snapshots are cut back to back (explicit) and every 50 events (automatic) while the threads
+/// run; the engine is dropped without `close`. (`verify` compares a snapshot with a replay of
+/// the log, both made from the cut; this compares the live engine with the reopened one.)
+#[test]
+fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after_a_reopen() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    for run in 0..6u64 {
+        let sync = run % 2 == 0;
+        let context = format!("run {run} ({})", if sync { "sync" } else { "no sync" });
+        let dir = TempDir::new("ids-racing-checkpoints");
+        let options = OpenOptions {
+            durability: if sync {
+                Durability::Sync
+            } else {
+                Durability::None
+            },
+            checkpoint_every_events: 50,
+            ..OpenOptions::default()
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        let (_, keys, teams) = racing_world(&engine, 8, |index| (index % 2 == 0).then_some("Plus"));
+        let at = |step: u64| T0_MS + HOUR_MS + step * 20;
+        let rounds: u64 = if sync { 1 } else { 4 };
+        let running = AtomicBool::new(true);
+        let (ids, open, cursor) = std::thread::scope(|scope| {
+            let (engine, keys, running, context) = (&engine, &keys, &running, &context);
+            let singles = scope.spawn(move || {
+                let mut acknowledged = Vec::new();
+                for step in 0..200 * rounds {
+                    let key = &keys[(step as usize * 3) % keys.len()];
+                    let id = format!("single-{run}-{step}");
+                    let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+                        .at(at(step))
+                        .id(&id);
+                    let (decision, replayed) = if step % 2 == 0 {
+                        engine.consume_noting_replay(&request).expect("consume")
+                    } else {
+                        engine
+                            .submit(&request)
+                            .expect("submit")
+                            .complete()
+                            .expect("complete")
+                    };
+                    assert!(!replayed, "{context}: {id} is new");
+                    acknowledged.push((key.clone(), id, at(step), decision));
+                }
+                running.store(false, Relaxed);
+                acknowledged
+            });
+            let batches = scope.spawn(move || {
+                let mut acknowledged = Vec::new();
+                for round in 0..6 * rounds {
+                    let ids: Vec<String> = (0..150)
+                        .map(|index| format!("many-{run}-{round}-{index}"))
+                        .collect();
+                    let requests: Vec<UsageRequest<'_>> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(index, id)| {
+                            let key = &keys[(index + round as usize) % keys.len()];
+                            UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+                                .at(at(round * 30))
+                                .id(id)
+                        })
+                        .collect();
+                    let (results, replays) = engine.consume_many_noting_replay(&requests);
+                    for ((request, result), replayed) in requests.iter().zip(results).zip(replays) {
+                        let decision = result.expect("consume_many");
+                        assert!(!replayed, "{context}: {:?} is new", request.request_id);
+                        acknowledged.push((
+                            request.key.to_string(),
+                            request.request_id.unwrap_or_default().to_string(),
+                            at(round * 30),
+                            decision,
+                        ));
+                    }
+                }
+                running.store(false, Relaxed);
+                acknowledged
+            });
+            let reservations = scope.spawn(move || {
+                let mut open = Vec::new();
+                for step in 0..120 * rounds {
+                    let key = &keys[(step as usize * 5) % keys.len()];
+                    let request =
+                        UsageRequest::new(key, "m2.7", &[(Unit::Requests, 2)]).at(at(step));
+                    let outcome = engine.reserve(&request, Some(DAY_MS)).expect("reserve");
+                    let Some(reservation) = outcome.reservation else {
+                        continue;
+                    };
+                    match step % 3 {
+                        0 => {
+                            engine
+                                .settle(reservation, &[(Unit::Requests, 1)], Some(at(step)))
+                                .expect("settle");
+                        }
+                        1 => engine.void(reservation, Some(at(step))).expect("void"),
+                        _ => open.push(reservation),
+                    }
+                }
+                running.store(false, Relaxed);
+                open
+            });
+            scope.spawn(move || {
+                while running.load(Relaxed) {
+                    engine.checkpoint().expect("checkpoint");
+                }
+            });
+            // Policy swaps renumber the plans (one named before every other comes and goes)
+            // and so rename every remembered decision.
+            scope.spawn(move || {
+                let mut renumbered = Policy::token_plan().document().clone();
+                let starter = renumbered.plans["Starter"].clone();
+                renumbered.plans.insert("Aardvark".into(), starter);
+                let mut step = 0;
+                while running.load(Relaxed) {
+                    let policy = if step % 20 == 0 {
+                        Policy::compile(renumbered.clone()).expect("a valid policy")
+                    } else {
+                        Policy::token_plan()
+                    };
+                    engine.swap_policy(policy, Some(at(step))).expect("swap");
+                    step += 10;
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            });
+            // An exporter reading the log and saving its cursor as it goes.
+            let exporter = scope.spawn(move || {
+                let mut cursor = 0;
+                while running.load(Relaxed) {
+                    let events = engine.events_after(cursor, 100).expect("read the log");
+                    if let Some(last) = events.last() {
+                        engine.save_cursor("exporter", last.seq).expect("save");
+                        cursor = last.seq;
+                    }
+                }
+                cursor
+            });
+            let mut ids = singles.join().expect("no panic");
+            ids.extend(batches.join().expect("no panic"));
+            let open = reservations.join().expect("no panic");
+            (ids, open, exporter.join().expect("no panic"))
+        });
+        let key_names: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let team_names: Vec<&str> = teams.iter().map(String::as_str).collect();
+        let end_ms = at(10_000);
+        let before = state(&engine, &key_names, &team_names, end_ms);
+        let repeat = |engine: &Engine, (key, id, at_ms, _): &(String, String, u64, Decision)| {
+            let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+                .at(*at_ms)
+                .id(id);
+            let (decision, replayed) = engine.check_noting_replay(&request).expect("check");
+            assert!(replayed, "{context}: {id} forgotten");
+            decision
+        };
+        let remembered: Vec<Decision> = ids.iter().map(|id| repeat(&engine, id)).collect();
+        drop(engine);
+        let report = Engine::verify(dir.path(), options.clone()).expect("verify");
+        assert!(report.is_sound(), "{context}: {:?}", report.problems);
+        let reopened =
+            Engine::open_with_stored_policy(dir.path(), Policy::token_plan(), clock(), options)
+                .expect("reopen with the policy last swapped in");
+        let after = state(&reopened, &key_names, &team_names, end_ms);
+        assert_same_state(&after, &before, &format!("{context}: reopened"));
+        for (acknowledged, remembered) in ids.iter().zip(&remembered) {
+            let (_, id, _, decision) = acknowledged;
+            let again = repeat(&reopened, acknowledged);
+            assert_eq!(&again, remembered, "{context}: {id} after the reopen");
+            assert_eq!(
+                again.is_admitted(),
+                decision.is_admitted(),
+                "{context}: {id}"
+            );
+        }
+        assert_eq!(
+            reopened.cursor("exporter").expect("cursor"),
+            cursor,
+            "{context}: the cursor last saved"
+        );
+        assert_eq!(reopened.open_reservations(), open.len(), "{context}");
+        for reservation in open {
+            reopened
+                .void(reservation, Some(end_ms))
+                .unwrap_or_else(|error| panic!("{context}: {reservation:?}: {error}"));
+        }
+    }
+}
