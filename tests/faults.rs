@@ -1310,3 +1310,131 @@ fn a_mixed_batch_whose_write_fails_answers_every_logged_entry_with_the_error() {
 fn a_mixed_batch_whose_flush_fails_answers_every_logged_entry_with_the_error() {
     a_mixed_batch_under_a_failing_log(Fault::Flush);
 }
+
+/// A flush (even runs) or a write (odd runs) that fails while checkpoints are cut back to back
+/// and three threads consume (with request ids, one at a time and in `consume_many` batches)
+/// and reserve and void: each thread stops at its first error. In `Sync` mode memory never runs ahead of disk, so after the drop
+/// (no `close`) the reopened engine (from whichever snapshot was stored before the failure, and
+/// the log after it) must hold exactly the state the failed engine had, every acknowledged id
+/// must be a replay, and every reservation acknowledged open still open. A checkpoint whose cut
+/// holds an event the failure took back must not be stored.
+#[test]
+fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    for run in 0..12u64 {
+        let context = format!("run {run}");
+        let (dir, faults, engine) = accounts_in_sync_database("fault-racing-checkpoints");
+        let running = AtomicBool::new(true);
+        let keys = ["key-ada", "key-bob", "key-cy", "key-eve", "key-ada-acme"];
+        let (ids, open) = std::thread::scope(|scope| {
+            let (engine, running) = (&engine, &running);
+            let singles = scope.spawn(move || {
+                let mut acknowledged = Vec::new();
+                for step in 0..10_000u64 {
+                    let key = keys[step as usize % keys.len()];
+                    let id = format!("one-{step}");
+                    let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+                        .at(AT_MS)
+                        .id(&id);
+                    match engine.consume(&request) {
+                        Ok(decision) => acknowledged.push((key, id, decision.is_admitted())),
+                        Err(_) => break,
+                    }
+                }
+                running.store(false, Relaxed);
+                acknowledged
+            });
+            let batches = scope.spawn(move || {
+                let mut acknowledged = Vec::new();
+                'rounds: for round in 0..1_000u64 {
+                    let ids: Vec<String> = (0..70)
+                        .map(|index| format!("many-{round}-{index}"))
+                        .collect();
+                    let requests: Vec<UsageRequest<'_>> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(index, id)| {
+                            UsageRequest::new(
+                                keys[index % keys.len()],
+                                "m2.7",
+                                &[(Unit::Requests, 1)],
+                            )
+                            .at(AT_MS)
+                            .id(id)
+                        })
+                        .collect();
+                    let results = engine.consume_many(&requests);
+                    for (index, (id, result)) in ids.iter().zip(results).enumerate() {
+                        match result {
+                            Ok(decision) => acknowledged.push((
+                                keys[index % keys.len()],
+                                id.clone(),
+                                decision.is_admitted(),
+                            )),
+                            Err(_) => break 'rounds,
+                        }
+                    }
+                }
+                running.store(false, Relaxed);
+                acknowledged
+            });
+            let reservations = scope.spawn(move || {
+                let mut open = Vec::new();
+                for step in 0..10_000u64 {
+                    let key = keys[step as usize % keys.len()];
+                    let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)]).at(AT_MS);
+                    let Ok(outcome) = engine.reserve(&request, Some(DAY_MS)) else {
+                        break;
+                    };
+                    let Some(reservation) = outcome.reservation else {
+                        continue;
+                    };
+                    if step % 2 == 0 {
+                        open.push(reservation);
+                    } else if engine.void(reservation, Some(AT_MS)).is_err() {
+                        // Open again, as it was: the void failed.
+                        open.push(reservation);
+                        break;
+                    }
+                }
+                running.store(false, Relaxed);
+                open
+            });
+            scope.spawn(move || {
+                while running.load(Relaxed) {
+                    let _ = engine.checkpoint();
+                }
+            });
+            std::thread::sleep(std::time::Duration::from_millis(5 + run * 3));
+            if run % 2 == 0 {
+                faults.fail_next_flushes(1);
+            } else {
+                faults.fail_next_inserts(1);
+            }
+            let mut ids = singles.join().expect("no panic");
+            ids.extend(batches.join().expect("no panic"));
+            (ids, reservations.join().expect("no panic"))
+        });
+        assert!(engine.checkpoint().is_err(), "{context}: the log failed");
+        let before = state(&engine, &KEYS, &TEAMS, AT_MS);
+        drop(engine);
+        let report = Engine::verify(dir.path(), options(&Faults::new())).expect("verify");
+        assert!(report.is_sound(), "{context}: {:?}", report.problems);
+        let reopened = open_token_plan(dir.path(), options(&Faults::new()));
+        let after = state(&reopened, &KEYS, &TEAMS, AT_MS);
+        assert_same_state(&after, &before, &format!("{context}: reopened"));
+        for (key, id, admitted) in &ids {
+            let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)])
+                .at(AT_MS)
+                .id(id);
+            let (decision, replayed) = reopened.check_noting_replay(&request).expect("check");
+            assert!(replayed, "{context}: {id} forgotten after the reopen");
+            assert_eq!(decision.is_admitted(), *admitted, "{context}: {id}");
+        }
+        for reservation in open {
+            reopened
+                .void(reservation, Some(AT_MS))
+                .unwrap_or_else(|error| panic!("{context}: {reservation:?}: {error}"));
+        }
+    }
+}
