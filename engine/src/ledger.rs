@@ -42,24 +42,22 @@ impl Team {
 
     /// Takes `micros` if the balance covers it: `Ok(balance after)`, or `Err(balance)`.
     pub fn charge(&self, micros: u64) -> Result<u64, u64> {
-        let mut balance = self.balance_micros();
-        loop {
-            let Some(after) = balance.checked_sub(micros) else {
-                return Err(balance);
-            };
-            match self.credits_micros.compare_exchange_weak(
-                balance,
-                after,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    self.charged_micros.fetch_add(micros, Ordering::Relaxed);
-                    return Ok(after);
-                }
-                Err(current) => balance = current,
-            }
-        }
+        let after = self.move_balance(|balance| balance.checked_sub(micros))?;
+        // Relaxed: a statistic.
+        self.charged_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(after)
+    }
+
+    /// Sets the balance to what `to` makes of it, if anything (`None`: refused): `Ok(balance
+    /// after)`, or `Err(balance)` with nothing changed. Credits never go negative because every
+    /// charge moves the balance through here or `credit`, each checked against the balance it
+    /// replaces.
+    #[inline]
+    fn move_balance(&self, to: impl Fn(u64) -> Option<u64>) -> Result<u64, u64> {
+        // AcqRel CAS: the new balance is checked against the one it replaces.
+        self.credits_micros
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, &to)
+            .map(|before| to(before).unwrap_or_else(|| unreachable!("just accepted")))
     }
 
     /// Gives back `given` of an earlier charge and takes `price` in one step: the balance
@@ -69,26 +67,10 @@ impl Team {
     /// as a `refund` of `given` then a `charge` of `price` would move it (and as a replay of
     /// both, `replay_add` then `replay_take`, does).
     pub fn refund_and_charge(&self, given: u64, price: u64) -> Result<u64, u64> {
-        let mut balance = self.balance_micros();
-        let after = loop {
-            let after = match given.checked_sub(price) {
-                Some(net_credit) => balance.checked_add(net_credit),
-                None => balance.checked_sub(price - given),
-            };
-            let Some(after) = after else {
-                return Err(balance);
-            };
-            // AcqRel CAS, as `charge`: the new balance is checked against the one it replaces.
-            match self.credits_micros.compare_exchange_weak(
-                balance,
-                after,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break after,
-                Err(current) => balance = current,
-            }
-        };
+        let after = self.move_balance(|balance| match given.checked_sub(price) {
+            Some(net_credit) => balance.checked_add(net_credit),
+            None => balance.checked_sub(price - given),
+        })?;
         // Relaxed: a statistic, as in `charge` and `refund`.
         match price.checked_sub(given) {
             Some(net_charge) => {
