@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use common::*;
 use tally_engine::{
-    ChargedTo, DenialReason, Engine, Error, ManualClock, OpenOptions, Policy, ReservationId,
-    SettleOutcome, Settlement, Unit, UsageRequest,
+    ChargedTo, Decision, DenialReason, Engine, Error, ManualClock, OpenOptions, Policy,
+    ReservationId, SettleOutcome, Settlement, Unit, UsageRequest,
 };
 
 const ONE_REQUEST: [(Unit, u64); 1] = [(Unit::Requests, 1)];
@@ -500,7 +500,12 @@ fn a_full_usage_bar_falls_to_credits() {
 #[test]
 fn the_usage_bar_plans_cap_open_reservations_at_their_agent_count() {
     // The older seed: "3-4 agents", "4-5 agents", "6-7 agents"; the cap is the upper figure.
-    for (plan, agents) in [("Bar-Plus", 4u32), ("Bar-Max", 5), ("Bar-Ultra", 7)] {
+    // A denial names the key's plan and the next plan with more agents (none past Bar-Ultra).
+    for (plan, agents, more) in [
+        ("Bar-Plus", 4u32, Some("Bar-Max")),
+        ("Bar-Max", 5, Some("Bar-Ultra")),
+        ("Bar-Ultra", 7, None),
+    ] {
         let engine = engine();
         let key = seated(&engine, "ada", plan);
         let estimate = [(Unit::Requests, 1), (Unit::Tokens, 1_000)];
@@ -519,6 +524,16 @@ fn the_usage_bar_plans_cap_open_reservations_at_their_agent_count() {
 
         let over = engine.reserve(&request, None).expect("reserve");
         assert_eq!(over.reservation, None);
+        let Decision::Denied(denial) = &over.decision else {
+            panic!("{plan}: a reservation past the agents was admitted");
+        };
+        let policy = engine.policy();
+        assert_eq!(denial.plan, policy.plan_id(plan), "{plan}");
+        assert_eq!(
+            denial.remedies.upgrade_to,
+            more.and_then(|more| policy.plan_id(more)),
+            "{plan}"
+        );
         assert_eq!(
             reason(over.decision),
             DenialReason::TooManyReservations {

@@ -461,6 +461,30 @@ fn credits_hold_short(
     Ok(decision)
 }
 
+/// The plan to suggest to a key refused for holding `maximum` open reservations (its plan's
+/// agents): of the plans that cover `resource` and cap open reservations above `maximum`, the
+/// one with the fewest (the cheapest of those, then the first). A plan without a cap is not
+/// suggested: it belongs to another family of plans (the standard ones, not the usage bar's),
+/// whose limits say nothing of agents.
+fn more_agents(
+    policy: &crate::policy::Policy,
+    resource: crate::policy::ResourceId,
+    maximum: u32,
+) -> Option<crate::policy::PlanId> {
+    policy
+        .plans()
+        .iter()
+        .enumerate()
+        .filter(|(_, plan)| plan.covers[resource.index()])
+        .filter_map(|(index, plan)| {
+            let cap = plan.max_open_reservations.filter(|&cap| cap > maximum)?;
+            let price = plan.price_micros_per_month.unwrap_or(u64::MAX);
+            Some(((cap, price, index), index))
+        })
+        .min()
+        .map(|(_, index)| crate::policy::PlanId(index as u16))
+}
+
 impl Engine {
     /// Holds an estimate against every limit (or the credits) until `settle`, `void` or the end
     /// of the lease (`lease_ms`, default `EngineOptions::default_lease_ms`, at most a day).
@@ -511,7 +535,13 @@ impl Engine {
                     open,
                     maximum: maximum.unwrap_or(open),
                 };
-                return Ok((Decision::denied(reason), None, None));
+                let mut decision = Decision::denied(reason);
+                if let Decision::Denied(denial) = &mut decision {
+                    denial.plan = state.seat;
+                    denial.remedies.upgrade_to =
+                        maximum.and_then(|maximum| more_agents(policy, resource, maximum));
+                }
+                return Ok((decision, None, None));
             }
             let (decision, receipt) =
                 match decide_for_key(policy, state, resource, &estimate, at_ms, Mode::Consume) {
