@@ -553,7 +553,11 @@ func denialMessage(resource string, d tally.Decision) string {
 		message = fmt.Sprintf("The plan's quota for %s is used up and the team's credits are short (%d micro-credits needed).",
 			resource, d.CreditsNeededMicros)
 	case tally.DenialTooManyReservations:
-		message = fmt.Sprintf("Too many calls in flight for this key (%d of %d allowed by plan %s).", d.Requested, d.Maximum, plan)
+		if d.Plan == "" {
+			message = fmt.Sprintf("Too many calls in flight for this key (%d of %d allowed at once).", d.Requested, d.Maximum)
+		} else {
+			message = fmt.Sprintf("Too many calls in flight for this key (%d of %d allowed by plan %s).", d.Requested, d.Maximum, plan)
+		}
 	case tally.DenialExceedsLimit:
 		message = fmt.Sprintf("The request (%d) is larger than the limit %s itself (%d).", d.Requested, d.LimitName, d.Maximum)
 	case tally.DenialOverRequestMaximum:

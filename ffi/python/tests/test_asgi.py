@@ -558,6 +558,10 @@ def test_speech_and_images_count_among_the_calls_in_flight(engine, gateway, upst
     assert answer.status == 429, answer.body
     assert answer.headers["retry-after"] == "1"
     assert answer.json()["error"]["type"] == "requests"
+    # The key's plan, and the plan with more agents.
+    message = answer.json()["error"]["message"]
+    assert "plan Bar-Plus allows 4 at once" in message, message
+    assert "Upgrade to Bar-Max" in message, message
     assert upstream.calls == []
 
 

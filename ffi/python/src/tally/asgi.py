@@ -295,7 +295,7 @@ def denial_message(decision: Decision, resource: str) -> str:
     if denial is Denial.TOO_MANY_RESERVATIONS:
         return (
             f"This key has {decision.requested} requests in flight; {plan} allows "
-            f"{decision.maximum} at once. Retry when one finishes."
+            f"{decision.maximum} at once. Retry when one finishes.{upgrade}"
         )
     return "Invalid API key."
 
