@@ -386,7 +386,8 @@ pub struct Remedies {
     /// amount on it that takes the request on top of what is used (a seat change keeps it),
     /// else one that takes it once enough has reset; for a resource the key's plan does not
     /// cover (or a key without a seat), the cheapest covering plan whose limits and maximums
-    /// take the request, else the cheapest covering it.
+    /// take the request, else the cheapest covering it; for a key holding as many open
+    /// reservations as its plan allows, the covering plan with the fewest agents above that.
     pub upgrade_to: Option<PlanId>,
     /// Waiting until then lets the request fit the plan.
     pub wait_until_ms: Option<u64>,
