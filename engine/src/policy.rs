@@ -1089,7 +1089,39 @@ struct Compiler {
     counters: Vec<CounterSpec>,
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
+/// Whether `c` is a Unicode format character (general category Cf, Unicode 16): invisible,
+/// yet it makes a name differ from one that looks the same (`Plus\u{200b}`), and the bidi
+/// controls among them reorder what an operator reads (`U+202E`).
+fn is_format_character(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
+/// A plan's, resource's or meter's name: not empty, at most `MAX_NAME_BYTES`, without
+/// whitespace or control characters, and (unless `logged`: documents logged before the rule
+/// load as they were) without format characters.
+fn check_name(field: &str, name: &str, logged: bool) -> Result<(), PolicyError> {
     if name.is_empty() {
         return Err(PolicyError::new(field, "a name must not be empty"));
     }
@@ -1103,6 +1135,15 @@ fn check_name(field: &str, name: &str) -> Result<(), PolicyError> {
         return Err(PolicyError::new(
             field,
             format!("{name:?} contains whitespace or control characters"),
+        ));
+    }
+    if !logged && name.chars().any(is_format_character) {
+        return Err(PolicyError::new(
+            field,
+            format!(
+                "{name:?} contains an invisible format character (such as a zero-width space \
+                 or a direction override), so it would differ from a name that looks the same"
+            ),
         ));
     }
     Ok(())
@@ -1207,7 +1248,7 @@ impl Compiler {
         }
         for (name, resource) in &document.resources {
             let field = format!("resources.{name:?}");
-            check_name(&field, name)?;
+            check_name(&field, name, self.logged)?;
             if name == "*" && !self.logged {
                 return Err(PolicyError::new(
                     field,
@@ -1345,7 +1386,7 @@ impl Compiler {
         }
         for (name, meter) in &document.meters {
             let field = format!("meters.{name:?}");
-            check_name(&field, name)?;
+            check_name(&field, name, self.logged)?;
             // A limit on a resource and unit counts on the implicit meter `resource:unit`,
             // looked up by that name: a named meter called so would take over every such
             // limit, whatever it counts.
@@ -1502,7 +1543,7 @@ impl Compiler {
 
     fn compile_plan(&mut self, name: &str, plan: &PlanDocument) -> Result<Plan, PolicyError> {
         let field = format!("plans.{name:?}");
-        check_name(&field, name)?;
+        check_name(&field, name, self.logged)?;
         // At most what credits can hold: it names what a plan costs, and stays a number TOML
         // can write (a signed 64-bit integer).
         if !self.logged
@@ -2198,6 +2239,56 @@ mod tests {
         assert!(error.problem.contains("at least 1ms"), "{}", error.problem);
         assert!(parse_window("f", "rolling:2s", Some("1ms"), false).is_ok());
         assert!(parse_window("f", "rolling:60s", Some("250ms"), false).is_ok());
+    }
+
+    /// A name with an invisible format character looks like another: `Plus\u{200b}` beside
+    /// `Plus`, or a direction override that shows an operator a different name. Refused on load,
+    /// naming the field; a document logged before the rule still replays.
+    #[test]
+    fn a_name_with_an_invisible_format_character_is_refused_unless_logged() {
+        for (place, invisible) in [
+            ("plan", "Plus\u{200b}"),
+            ("plan", "\u{202e}sulP"),
+            ("resource", "m2.7\u{2060}"),
+            ("meter", "\u{feff}bar"),
+            ("plan", "Pl\u{ad}us"),
+            ("resource", "tag\u{e0041}"),
+        ] {
+            let (resource, meter, plan) = match place {
+                "plan" => ("chat", "bar", invisible),
+                "resource" => (invisible, "bar", "P"),
+                _ => ("chat", invisible, "P"),
+            };
+            let json = serde_json::json!({
+                "time_zone": "UTC",
+                "resources": {resource: {"units": ["requests"]}},
+                "meters": {meter: {"terms": [{"resource": resource, "unit": "requests", "weight": 1}]}},
+                "plans": {plan: {"limits": [
+                    {"meter": meter, "amount": 5, "window": "rolling:5h"}
+                ]}},
+            })
+            .to_string();
+            let error = Policy::from_json_str(&json).expect_err(invisible);
+            let field = match place {
+                "plan" => format!("plans.{invisible:?}"),
+                "resource" => format!("resources.{invisible:?}"),
+                _ => format!("meters.{invisible:?}"),
+            };
+            assert_eq!(error.field, field, "{error}");
+            assert!(
+                error.to_string().contains("invisible format character"),
+                "{error}"
+            );
+            let logged = Policy::from_logged_json(&json).expect(invisible);
+            assert_eq!(logged.document(), &serde_json::from_str(&json).unwrap());
+        }
+        // Visible letters of other scripts, and marks that combine with a letter, stay names.
+        for name in ["Plüs", "計画", "Plan\u{301}", "Ultra-Highspeed"] {
+            let json = format!(
+                r#"{{"time_zone":"UTC","resources":{{"chat":{{"units":["requests"]}}}},"meters":{{}},"plans":{{"{name}":{{"limits":[{{"resource":"chat","unit":"requests","amount":5,"window":"rolling:5h"}}]}}}}}}"#
+            );
+            Policy::from_json_str(&json).expect(name);
+        }
     }
 
     /// A one-minute policy as a build before sub-second buckets logged it: no bucket, so 1 s.
