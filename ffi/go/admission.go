@@ -163,7 +163,7 @@ func (e *Engine) AdjustUsage(key, resource string, quantities []Quantity, usageA
 	}
 	atMs, err := milliseconds(op, at)
 	if err != nil {
-		return Adjustment{}, err
+		return Adjustment{}, newError(op, C.TALLY_BAD_TIMESTAMP, "at: "+err.(*Error).Message)
 	}
 	keyText, keyLen := text(key)
 	resourceText, resourceLen := text(resource)

@@ -21,6 +21,8 @@ type Submission struct {
 	// afterwards), so the handle is never used after the library freed it.
 	mu     sync.Mutex
 	handle *C.tally_submission
+	// discarded says why handle is nil once it is: Discard, not Complete (guarded by mu).
+	discarded bool
 }
 
 // Submit decides the request as Consume does and applies it at once, without waiting for
@@ -56,7 +58,7 @@ func (s *Submission) Durable() (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.handle == nil {
-		return false, completedAlready("Durable")
+		return false, s.finished("Durable")
 	}
 	var durable C.bool
 	err := s.engine.call("Durable", func(engine *C.tally_engine) C.uint32_t {
@@ -74,9 +76,13 @@ func (s *Submission) Complete() (Decision, error) {
 	s.mu.Lock()
 	handle := s.handle
 	s.handle = nil
-	s.mu.Unlock()
+	var finished error
 	if handle == nil {
-		return Decision{}, completedAlready("Complete")
+		finished = s.finished("Complete")
+	}
+	s.mu.Unlock()
+	if finished != nil {
+		return Decision{}, finished
 	}
 	// The library frees the submission whatever this returns.
 	var out C.tally_decision
@@ -97,12 +103,20 @@ func (s *Submission) Discard() {
 	s.mu.Lock()
 	handle := s.handle
 	s.handle = nil
+	if handle != nil {
+		s.discarded = true
+	}
 	s.mu.Unlock()
 	if handle != nil {
 		C.tally_submission_free(handle)
 	}
 }
 
-func completedAlready(op string) error {
+// finished is the error for a call on a submission already completed or discarded; the
+// caller holds mu.
+func (s *Submission) finished(op string) error {
+	if s.discarded {
+		return newError(op, C.TALLY_INVALID_ARGUMENT, "submission: was discarded")
+	}
 	return newError(op, C.TALLY_INVALID_ARGUMENT, "submission: was completed already")
 }

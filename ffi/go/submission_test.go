@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 
@@ -148,8 +149,13 @@ func TestASubmissionCompletesOrIsDiscardedOnceAndBadInputChangesNothing(t *testi
 	must(t, err)
 	discarded.Discard()
 	discarded.Discard()
-	if _, err := discarded.Complete(); !errors.Is(err, tally.ErrInvalidArgument) {
+	if _, err := discarded.Complete(); !errors.Is(err, tally.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "discarded") {
 		t.Fatalf("Complete after Discard: %v", err)
+	}
+	if _, err := discarded.Durable(); !errors.Is(err, tally.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "discarded") {
+		t.Fatalf("Durable after Discard: %v", err)
 	}
 	before, err := engine.Usage("tp-ada", t0)
 	must(t, err)

@@ -329,6 +329,13 @@ func TestAdjustingUsageMovesItInEveryLimitAndReclaimingFreesIdleKeys(t *testing.
 			t.Errorf("%s: got %v, want %v mentioning %q", c.name, err, c.want, c.mentions)
 		}
 	}
+	// Two times: a bad one says which.
+	_, err = engine.AdjustUsage("tp-ju", "m2.7", requests(5), t0, tally.AdjustAdd, time.Unix(-1, 0))
+	var atError *tally.Error
+	if !errors.Is(err, tally.ErrBadTimestamp) || !errors.As(err, &atError) ||
+		!strings.HasPrefix(atError.Message, "at: ") {
+		t.Errorf("at before 1970: got %v, want ErrBadTimestamp naming at", err)
+	}
 
 	request.At = at(3000)
 	consume(t, engine, request)
