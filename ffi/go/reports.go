@@ -313,6 +313,9 @@ func readText(op string, f textCall) ([]byte, error) {
 }
 
 func (e *Engine) readText(op string, f func(*C.tally_engine, *C.char, C.size_t, *C.size_t) C.uint32_t) ([]byte, error) {
+	if e.handle == nil {
+		return nil, e.notOpened(op)
+	}
 	document, err := readText(op, func(buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
 		return f(e.handle, buf, bufLen, needed)
 	})

@@ -269,9 +269,17 @@ func (e *Engine) Close() error {
 // call runs one C call on the engine's handle with the OS thread held, so the thread's last
 // error belongs to that call, and keeps the engine alive until the call has returned.
 func (e *Engine) call(op string, f func(*C.tally_engine) C.uint32_t) error {
+	if e.handle == nil {
+		return e.notOpened(op)
+	}
 	err := withThread(op, func() C.uint32_t { return f(e.handle) })
 	runtime.KeepAlive(e)
 	return err
+}
+
+// notOpened is the error for a call on an Engine that Open or OpenInMemory did not make.
+func (e *Engine) notOpened(op string) error {
+	return newError(op, C.TALLY_NULL_POINTER, "engine: not opened (a zero Engine; use Open or OpenInMemory)")
 }
 
 func withThread(op string, f func() C.uint32_t) error {

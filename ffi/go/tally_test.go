@@ -908,3 +908,20 @@ func TestMaxQuantityIsTheLargestAmountTheLibraryTakes(t *testing.T) {
 		t.Fatalf("one past the largest amount: %v", err)
 	}
 }
+
+// An Engine not made by Open or OpenInMemory says so, for any call, and Close is harmless.
+func TestAZeroEngineSaysItWasNotOpened(t *testing.T) {
+	var engine tally.Engine
+	_, err := engine.Usage("tp-ada", t0)
+	var tallyError *tally.Error
+	if !errors.Is(err, tally.ErrNullPointer) || !errors.As(err, &tallyError) ||
+		!strings.Contains(tallyError.Message, "not opened") {
+		t.Fatalf("Usage on a zero Engine: %v", err)
+	}
+	if _, err := engine.TopUp("@ada", 1, t0); !errors.Is(err, tally.ErrNullPointer) {
+		t.Fatalf("TopUp on a zero Engine: %v", err)
+	}
+	if err := engine.Close(); err != nil && !errors.Is(err, tally.ErrNullPointer) {
+		t.Fatalf("Close of a zero Engine: %v", err)
+	}
+}
