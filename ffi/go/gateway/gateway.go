@@ -291,7 +291,7 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		MaxCompletionTokens json.RawMessage `json:"max_completion_tokens"`
 		MaxOutputTokens     json.RawMessage `json:"max_output_tokens"`
 		Input               json.RawMessage `json:"input"`
-		N                   *int64          `json:"n"`
+		N                   json.RawMessage `json:"n"`
 	}
 	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" {
 		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
@@ -305,7 +305,7 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	case byImages:
 		quantities, failure = images(api, fields.N)
 	default:
-		quantities = g.tokens(len(body), fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens)
+		quantities = g.tokens(len(body), fields.N, fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens)
 	}
 	if failure != nil {
 		return nil, tally.Request{}, failure
@@ -343,15 +343,23 @@ func unmarshalExact(body []byte, fields interface{}) error {
 
 // tokens is a token call's estimate: one request, about one token per 4 bytes of body, plus
 // one, and the most the model may write: the first maximum the body names as a positive
-// integer (max_tokens, then max_completion_tokens, then max_output_tokens), or EstimateTokens;
-// as the Python middleware estimates it. A maximum that is no positive integer (-1, "100",
-// 100.0, true, null) is passed over: the upstream judges the body.
-func (g *Gateway) tokens(bodyBytes int, maximums ...json.RawMessage) []tally.Quantity {
+// integer (max_tokens, then max_completion_tokens, then max_output_tokens), or EstimateTokens,
+// times the completions it asks for (n, chat completions' choices); as the Python middleware
+// estimates it. A maximum or an n that is no positive integer (-1, "100", 100.0, true, null)
+// is passed over: the upstream judges the body.
+func (g *Gateway) tokens(bodyBytes int, n json.RawMessage, maximums ...json.RawMessage) []tally.Quantity {
 	estimate := g.config.EstimateTokens
 	for _, raw := range maximums {
 		if limit, ok := positiveInteger(raw); ok {
 			estimate = limit
 			break
+		}
+	}
+	if choices, ok := positiveInteger(n); ok {
+		if estimate > math.MaxUint64/choices {
+			estimate = math.MaxUint64
+		} else {
+			estimate *= choices
 		}
 	}
 	// Saturating: a max_tokens near 2^64 must stay past the largest quantity (ErrBadQuantity),
@@ -386,10 +394,13 @@ func characters(api API, input json.RawMessage) ([]tally.Quantity, *apiError) {
 }
 
 // images counts an image call: "n", 1 to the largest quantity, default 1.
-func images(api API, n *int64) ([]tally.Quantity, *apiError) {
+func images(api API, n json.RawMessage) ([]tally.Quantity, *apiError) {
 	count := int64(1)
-	if n != nil {
-		count = *n
+	if n != nil && string(n) != "null" {
+		var err error
+		if count, err = strconv.ParseInt(string(n), 10, 64); err != nil {
+			count = 0
+		}
 	}
 	if count < 1 || uint64(count) > tally.MaxQuantity {
 		failure := invalidRequest(api, "", fmt.Sprintf("n must be a positive integer, at most %d", uint64(tally.MaxQuantity)))

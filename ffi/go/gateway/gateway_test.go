@@ -998,6 +998,37 @@ func TestTheEstimateTakesTheFirstMaximumTheBodyNames(t *testing.T) {
 	}
 }
 
+// A chat call asking for n completions may write n times its maximum: the hold is the
+// maximum times n (an n that is no positive integer is passed over, as a maximum is), as the
+// Python middleware holds it. Held at one maximum, a call with n = 8 whose output beyond the
+// hold did not fit was charged an eighth of what it wrote.
+func TestAChatCallForNCompletionsHoldsNTimesItsMaximum(t *testing.T) {
+	h := start(t)
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	bar := h.limit(t, "Bar-Plus", "", "")
+	for i, c := range []struct {
+		n      string
+		output uint64
+	}{{`3`, 30}, {`1`, 10}, {`-2`, 10}, {`"3"`, 10}, {`2.0`, 10}, {`null`, 10}} {
+		key := fmt.Sprintf("tp-nn-%d", i)
+		h.user(t, fmt.Sprintf("nn%d", i), key, "Bar-Plus")
+		body := `{"model":"MiniMax-M2.7","max_tokens":10,"n":` + c.n + `,"messages":[]}`
+		a := h.post(t, false, "/v1/chat/completions", key, body)
+		estimate := uint64(len(body))/4 + 1 + c.output
+		want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+		if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+			t.Fatalf("n %s: %d %s: remaining %q, want %s", c.n, a.status, a.raw,
+				a.header.Get("x-ratelimit-remaining-usage"), want)
+		}
+	}
+	// An n whose hold the engine cannot take is the client's error, not an outage.
+	h.user(t, "nnx", "tp-nn-x", "Bar-Plus")
+	body := `{"model":"MiniMax-M2.7","max_tokens":10,"n":1099511627776,"messages":[]}`
+	if a := h.post(t, false, "/v1/chat/completions", "tp-nn-x", body); a.status != http.StatusBadRequest {
+		t.Fatalf("a hold past the largest quantity: %d %s", a.status, a.raw)
+	}
+}
+
 // The body's fields are read by their exact names, as the upstream reads them: a "Model" or
 // "Max_Tokens" beside "model" and "max_tokens" must not choose what is metered (a cheaper model
 // than the one served, a smaller hold), as the Python middleware reads them.

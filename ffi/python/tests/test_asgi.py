@@ -1225,6 +1225,24 @@ def test_the_estimate_takes_the_first_maximum_and_refuses_one_past_the_largest(e
         assert too_many.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "n, output", [(3, 30), (1, 10), (-2, 10), ("3", 10), (2.0, 10), (None, 10), (True, 10)]
+)
+def test_a_chat_call_for_n_completions_holds_n_times_its_maximum(engine, gateway, n, output):
+    # As the Go gateway's test of the same name: n completions may write n times the maximum,
+    # so the hold is that; an n that is no positive integer is passed over. Held at one
+    # maximum, a call with n = 8 whose output beyond the hold did not fit was charged an eighth.
+    key = seated(engine, "nn", "tp-nn-1", "Bar-Plus")
+    body = chat(max_tokens=10, n=n)
+    admitted = request(gateway, CHAT, body, key=key)
+    estimate = len(json.dumps(body).encode()) // 4 + 1 + output
+    assert admitted.status == 200, admitted.body
+    assert admitted.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
+    # An n whose hold the engine cannot take is the client's error, not an outage.
+    too_many = request(gateway, CHAT, chat(max_tokens=10, n=2**40), key=key)
+    assert too_many.status == 400, too_many.body
+
+
 def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
     # As the upstream reads them, and as the Go gateway's test of the same name: a "Model" or
     # "MAX_TOKENS" beside "model" and "max_tokens" must not choose what is metered (a cheaper

@@ -68,6 +68,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 from typing import (
     Any,
+    TypeGuard,
     TypeVar,
 )
 
@@ -419,14 +420,23 @@ def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
 def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens: int) -> int:
     """Tokens to hold for a chat call: about one per 4 bytes of the request, plus one, plus the
     most the model may write (the first of ``max_tokens``, ``max_completion_tokens`` and
-    ``max_output_tokens`` the body names, or the default), as the Go gateway estimates. Past
+    ``max_output_tokens`` the body names, or the default) times the completions it asks for
+    (``n``, chat completions' choices), as the Go gateway estimates. A maximum or an ``n`` that
+    is no positive integer is passed over: the upstream judges the body. Past
     ``MAX_TOKEN_ESTIMATE`` the middleware refuses the call (400)."""
+
+    def positive(value: Any) -> TypeGuard[int]:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
     output = default_max_tokens
     for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if positive(value):
             output = value
             break
+    choices = body.get("n")
+    if positive(choices):
+        output *= choices
     return body_bytes // 4 + 1 + output
 
 
