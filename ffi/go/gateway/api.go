@@ -21,10 +21,15 @@ const (
 type metering int
 
 const (
-	byTokens     metering = iota // 1 request + tokens: an estimate reserved, the usage settled
-	byCharacters                 // the characters of "input" (+ 1 request)
-	byImages                     // "n" images, default 1 (+ 1 request)
+	byTokens      metering = iota // 1 request + tokens: an estimate reserved, the usage settled
+	byInputTokens                 // byTokens for a call that writes no output (embeddings): its input held
+	byCharacters                  // the characters of "input" (+ 1 request)
+	byImages                      // "n" images, default 1 (+ 1 request)
 )
+
+// tokens says whether a route's call is counted in tokens: held at an estimate and settled
+// from the usage its answer reports.
+func (m metering) tokens() bool { return m == byTokens || m == byInputTokens }
 
 // route is a metered route: its API and what it is counted in.
 type route struct {
@@ -39,7 +44,7 @@ var meteredRoutes = map[string]route{
 	"/v1/chat/completions":   {OpenAI, byTokens},
 	"/v1/completions":        {OpenAI, byTokens},
 	"/v1/responses":          {OpenAI, byTokens},
-	"/v1/embeddings":         {OpenAI, byTokens},
+	"/v1/embeddings":         {OpenAI, byInputTokens},
 	"/v1/messages":           {Anthropic, byTokens},
 	"/v1/audio/speech":       {OpenAI, byCharacters},
 	"/v1/images/generations": {OpenAI, byImages},

@@ -4,7 +4,8 @@
 // For each metered call it takes the key from "Authorization: Bearer" or "x-api-key", the
 // resource from the route and the body's "model" (DefaultModels), and reserves on a tally
 // engine one request plus, on chat, completions, responses, embeddings and messages, an
-// estimate of the tokens; on speech the characters of "input"; on images "n". Admitted calls
+// estimate of the tokens (the prompt's, a token per 4 bytes of body, and the most the model may
+// write times "n"; an embedding writes nothing, so only its input is held); on speech the characters of "input"; on images "n". Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
 // what was held), and an upstream error voids it. A response that outlives the reservation's
 // Lease (the engine has no way to extend one) finds it expired (ErrReservationExpired), its
@@ -239,7 +240,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
-	if route.metering == byTokens {
+	if route.metering.tokens() {
 		c.estimate = request.Quantities[1].Amount
 	} else {
 		c.fixed = request.Quantities
@@ -304,6 +305,8 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		quantities, failure = characters(api, fields.Input)
 	case byImages:
 		quantities, failure = images(api, fields.N)
+	case byInputTokens:
+		quantities = inputTokens(len(body))
 	default:
 		quantities = g.tokens(len(body), fields.N, fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens)
 	}
@@ -370,6 +373,12 @@ func (g *Gateway) tokens(bodyBytes int, n json.RawMessage, maximums ...json.RawM
 		estimate += prompt
 	}
 	return []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}
+}
+
+// inputTokens is the estimate of a call that writes no output (an embedding): one request
+// and the input's tokens, about one per 4 bytes of body, plus one.
+func inputTokens(bodyBytes int) []tally.Quantity {
+	return []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: uint64(bodyBytes)/4 + 1}}
 }
 
 // positiveInteger reads a JSON integer above 0; one past 2^64 - 1 is 2^64 - 1, still past the

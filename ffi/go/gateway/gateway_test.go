@@ -1029,6 +1029,23 @@ func TestAChatCallForNCompletionsHoldsNTimesItsMaximum(t *testing.T) {
 	}
 }
 
+// An embedding writes no output: its hold is the input's estimate alone (a token per 4 bytes
+// of body, and one), not EstimateTokens more, which turned a key with room for the embedding
+// away (429) near its limit; as the Python middleware holds it.
+func TestAnEmbeddingHoldsItsInputAlone(t *testing.T) {
+	h := start(t)
+	h.user(t, "em", "tp-em", "Bar-Plus")
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	bar := h.limit(t, "Bar-Plus", "", "")
+	body := `{"model":"MiniMax-M2.7","input":"the quick brown fox","max_tokens":10}`
+	a := h.post(t, false, "/v1/embeddings", "tp-em", body)
+	estimate := uint64(len(body))/4 + 1
+	want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+	if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+		t.Fatalf("%d %s: remaining %q, want %s", a.status, a.raw, a.header.Get("x-ratelimit-remaining-usage"), want)
+	}
+}
+
 // The body's fields are read by their exact names, as the upstream reads them: a "Model" or
 // "Max_Tokens" beside "model" and "max_tokens" must not choose what is metered (a cheaper model
 // than the one served, a smaller hold), as the Python middleware reads them.

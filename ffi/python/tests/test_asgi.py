@@ -1243,6 +1243,18 @@ def test_a_chat_call_for_n_completions_holds_n_times_its_maximum(engine, gateway
     assert too_many.status == 400, too_many.body
 
 
+def test_an_embedding_holds_its_input_alone(engine, gateway):
+    # As the Go gateway's test of the same name: an embedding writes no output, so its hold is
+    # the input's estimate alone, not default_max_tokens more, which turned a key with room
+    # for the embedding away (429) near its limit.
+    key = seated(engine, "em", "tp-em-1", "Bar-Plus")
+    body = {"model": "MiniMax-M2.7", "input": "the quick brown fox", "max_tokens": 10}
+    admitted = request(gateway, "/v1/embeddings", body, key=key)
+    estimate = len(json.dumps(body).encode()) // 4 + 1
+    assert admitted.status == 200, admitted.body
+    assert admitted.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
+
+
 def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
     # As the upstream reads them, and as the Go gateway's test of the same name: a "Model" or
     # "MAX_TOKENS" beside "model" and "max_tokens" must not choose what is metered (a cheaper

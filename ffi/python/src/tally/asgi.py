@@ -21,7 +21,9 @@ batches). For each request on a metered route it:
    resource of the policy (a model it has none for, or none can be: 404), and the body to
    quantities: 1 request; for chat, completions, responses, embeddings and messages the
    tokens; for speech the characters of ``input``; for images ``n``;
-3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens, calls the
+3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens (the
+   prompt's, about one per 4 bytes of body, and the most the model may write times ``n``;
+   an embedding writes nothing, so only its input is held), calls the
    app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
    actual tokens (the app is passed the client's ``Accept-Encoding`` cut down to gzip and
    deflate, which are decoded for reading; an answer in another coding settles at the
@@ -115,8 +117,13 @@ class Metering(enum.Enum):
 
     REQUESTS = "requests"  # 1 request
     TOKENS = "tokens"  # 1 request + tokens, reserved then settled from the response's usage
+    INPUT_TOKENS = "input_tokens"  # TOKENS for a call that writes no output (embeddings)
     CHARACTERS = "characters"  # the characters of "input" (+ 1 request)
     IMAGES = "images"  # "n" images, default 1 (+ 1 request)
+
+
+#: The meterings counted in tokens: held at an estimate, settled from the response's usage.
+_BY_TOKENS = frozenset({Metering.TOKENS, Metering.INPUT_TOKENS})
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,7 @@ DEFAULT_ROUTES: Mapping[str, Route] = {
     "/v1/chat/completions": Route(Api.OPENAI, Metering.TOKENS),
     "/v1/completions": Route(Api.OPENAI, Metering.TOKENS),
     "/v1/responses": Route(Api.OPENAI, Metering.TOKENS),
-    "/v1/embeddings": Route(Api.OPENAI, Metering.TOKENS),
+    "/v1/embeddings": Route(Api.OPENAI, Metering.INPUT_TOKENS),
     "/v1/messages": Route(Api.ANTHROPIC, Metering.TOKENS),
     "/v1/audio/speech": Route(Api.OPENAI, Metering.CHARACTERS),
     "/v1/images/generations": Route(Api.OPENAI, Metering.IMAGES),
@@ -810,6 +817,9 @@ class QuotaMiddleware:
         return resource
 
     def _quantities(self, route: Route, document: Mapping[str, Any], size: int) -> dict[str, int]:
+        if route.metering is Metering.INPUT_TOKENS:
+            # No output to hold: the input's estimate alone, as the Go gateway holds it.
+            return {"requests": 1, "tokens": size // 4 + 1}
         if route.metering is Metering.TOKENS:
             tokens = estimate_tokens(document, size, self.default_max_tokens)
             if tokens > MAX_TOKEN_ESTIMATE:
@@ -841,7 +851,7 @@ class QuotaMiddleware:
         if reservation is None:
             return
         headers = rate_limit_headers(metered.route.api, reservation.decision, now)
-        by_tokens = metered.route.metering is Metering.TOKENS
+        by_tokens = metered.route.metering in _BY_TOKENS
         watcher = _ResponseWatcher(send, headers, read_usage=by_tokens)
         try:
             await self._call_app(
@@ -879,7 +889,7 @@ class QuotaMiddleware:
         the app failed without reporting any (a call not counted in tokens: only with
         ``refund_on_error``, else it is charged what it held)."""
         tokens = watcher.tokens()
-        refund = self.refund_on_error or metered.route.metering is Metering.TOKENS
+        refund = self.refund_on_error or metered.route.metering in _BY_TOKENS
         if tokens is None and watcher.failed and refund:
             await self._after_response(self.engine.void, reservation)
             return
