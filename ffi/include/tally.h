@@ -11,9 +11,11 @@
  * - Timestamps are uint64_t milliseconds since 1970-01-01T00:00:00Z, before 2100-01-01;
  *   TALLY_NOW (0) means the engine's clock.
  * - Enum arguments travel as uint32_t and are checked (TALLY_BAD_ENUM).
- * - Text answers (JSON) go into caller-owned buffers with a size query: *needed always receives
- *   the bytes needed including the NUL; a NULL or short buffer answers TALLY_BUFFER_TOO_SMALL
- *   and copies nothing. Call again with *needed bytes (loop: a report can grow in between).
+ * - Text answers (JSON) go into caller-owned buffers with a size query: with TALLY_OK or
+ *   TALLY_BUFFER_TOO_SMALL, *needed receives the bytes needed including the NUL (any other
+ *   status leaves it as it was: there is no answer to size); a NULL or short buffer answers
+ *   TALLY_BUFFER_TOO_SMALL and copies nothing. Call again with *needed bytes (loop: a report
+ *   can grow in between).
  * - Strings the library returns as `const char *` (tally_version, tally_status_name) are
  *   static: never free them.
  * - Handles the library returns (tally_engine, tally_submission, tally_options) are the
@@ -24,7 +26,9 @@
  * function may be called from any thread. tally_engine_close may race other calls on the
  * same handle: calls already inside finish, later ones answer TALLY_CLOSED. After close the
  * only calls that do anything are tally_engine_free (and tally_engine_close again, which
- * answers TALLY_CLOSED); every other call answers TALLY_CLOSED. tally_engine_free must be the
+ * answers TALLY_CLOSED); every other call answers TALLY_CLOSED (TALLY_POISONED on a handle a
+ * panic poisoned before; a call with a bad argument may answer that argument's status
+ * instead, as it would on an open handle). tally_engine_free must be the
  * last use of a handle by any thread: calling anything on a freed handle, or freeing it twice,
  * is undefined behaviour, as with any C API. tally_engine_free(NULL) does nothing.
  * A tally_options is like a plain C struct: not to be set from two threads at once (or read
