@@ -126,6 +126,11 @@ pub enum Action {
         key: String,
         at_ms: Option<u64>,
     },
+    /// Revokes a key for good.
+    Revoke {
+        key: String,
+        at_ms: Option<u64>,
+    },
     /// `plan: None` takes the seat away.
     Seat {
         team: String,
@@ -288,8 +293,8 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             )),
             None => Err(UsageError::new(
                 other,
-                "unknown command; the commands are simulate, user, team, member, seat, topup, \
-                 consume, refund, adjust, usage, events, verify, compact and policy",
+                "unknown command; the commands are simulate, user, team, member, revoke, seat, \
+                 topup, consume, refund, adjust, usage, events, verify, compact and policy",
                 HelpTopic::Main,
             )),
         },
@@ -738,6 +743,7 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
             Rest::Nothing,
             &[AT],
         ),
+        T::Revoke => operator_spec("revoke", topic, &["KEY"], Rest::Nothing, &[AT]),
         T::Seat => operator_spec(
             "seat",
             topic,
@@ -826,6 +832,10 @@ fn parse_action(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
             team: argument(0)?,
             user: argument(1)?,
             key: argument(2)?,
+            at_ms,
+        },
+        HelpTopic::Revoke => Action::Revoke {
+            key: argument(0)?,
             at_ms,
         },
         HelpTopic::Seat => parse_seat(spec, scanned, at_ms)?,
@@ -1066,8 +1076,8 @@ mod tests {
         let error = error_of("polcy x.toml");
         assert_eq!(error.option, "polcy");
         for command in [
-            "simulate", "user", "team", "member", "seat", "topup", "consume", "refund", "adjust",
-            "usage", "events", "verify", "compact", "policy",
+            "simulate", "user", "team", "member", "revoke", "seat", "topup", "consume", "refund",
+            "adjust", "usage", "events", "verify", "compact", "policy",
         ] {
             assert!(HelpTopic::of_command(command).is_some(), "{command}");
             assert!(

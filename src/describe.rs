@@ -91,6 +91,9 @@ pub fn usage_text(report: &UsageReport) -> String {
         report.team,
         utc_iso8601_ms(report.at_ms)
     );
+    if report.revoked {
+        let _ = writeln!(out, "  revoked: every request on this key is denied");
+    }
     for limit in &report.limits {
         limit_line(&mut out, limit, report.at_ms);
     }
@@ -235,6 +238,7 @@ fn reason_words(policy: &Policy, denial: &Denial) -> String {
         DenialReason::TooManyReservations { open, maximum } => {
             format!("too many reservations: {open} open, at most {maximum}")
         }
+        DenialReason::KeyRevoked => "the key was revoked".into(),
     }
 }
 
@@ -337,7 +341,9 @@ fn reason_json(policy: &Policy, denial: &Denial) -> Value {
         DenialReason::TooManyReservations { open, maximum } => {
             json!({"open": open, "maximum": maximum})
         }
-        DenialReason::UnknownKey | DenialReason::NoResources => json!({}),
+        DenialReason::UnknownKey | DenialReason::NoResources | DenialReason::KeyRevoked => {
+            json!({})
+        }
     };
     fields["kind"] = json!(kind);
     fields

@@ -8,6 +8,7 @@ pub enum HelpTopic {
     User,
     Team,
     Member,
+    Revoke,
     Seat,
     TopUp,
     Consume,
@@ -20,11 +21,12 @@ pub enum HelpTopic {
     Policy,
 }
 
-const COMMANDS: [(&str, HelpTopic); 14] = [
+const COMMANDS: [(&str, HelpTopic); 15] = [
     ("simulate", HelpTopic::Simulate),
     ("user", HelpTopic::User),
     ("team", HelpTopic::Team),
     ("member", HelpTopic::Member),
+    ("revoke", HelpTopic::Revoke),
     ("seat", HelpTopic::Seat),
     ("topup", HelpTopic::TopUp),
     ("consume", HelpTopic::Consume),
@@ -61,6 +63,7 @@ impl HelpTopic {
             HelpTopic::User => USER_HELP,
             HelpTopic::Team => TEAM_HELP,
             HelpTopic::Member => MEMBER_HELP,
+            HelpTopic::Revoke => REVOKE_HELP,
             HelpTopic::Seat => SEAT_HELP,
             HelpTopic::TopUp => TOPUP_HELP,
             HelpTopic::Consume => CONSUME_HELP,
@@ -98,6 +101,7 @@ Operator commands, on the database at --db (default: ./tally-data):
   user USER KEY                  Create a user, their Default Team @USER and their key in it
   team TEAM                      Create a named team
   member TEAM USER KEY           Add a user to a team, with their key for that team
+  revoke KEY                     Revoke a key for good: every later request on it is denied
   seat TEAM USER PLAN|--none     Give the user's key in the team a seat on a plan, or take it
   topup TEAM MICROS              Add credits to a team (1 credit = 1,000,000 micro-credits)
   consume KEY RESOURCE UNIT=N..  Admit or deny one request, and say where it was charged or why
@@ -232,8 +236,23 @@ Options:
 
 const MEMBER_HELP: &str = "\
 Add an existing user to a team, with their plan key for that team (one key per user per team).
+A member whose key was revoked (`tally revoke`) is given KEY in its place, with no seat.
 
 Usage: tally member TEAM USER KEY [OPTIONS]
+
+Options:
+  --at MS              The time of the change, in ms since 1970 UTC [default: now]
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
+";
+
+const REVOKE_HELP: &str = "\
+Revoke a key for good (say one that leaked): every later request on it is denied (\"key
+revoked\"), whatever its seat or its team's credits. What it used still counts, its open
+reservations still settle and its requests still refund. Give the member a new key in its
+place with `tally member TEAM USER NEWKEY` (it starts with no seat). Revoking a revoked key
+changes nothing.
+
+Usage: tally revoke KEY [OPTIONS]
 
 Options:
   --at MS              The time of the change, in ms since 1970 UTC [default: now]

@@ -151,6 +151,13 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
             engine.add_member(team, user, key, *at_ms)?;
             format!("added {user} to team {team} with key {key}\n")
         }
+        Action::Revoke { key, at_ms } => {
+            if engine.revoke_key(key, *at_ms)? {
+                format!("revoked key {key}\n")
+            } else {
+                format!("key {key} was revoked already: nothing changed\n")
+            }
+        }
         Action::Seat {
             team,
             user,

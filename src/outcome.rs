@@ -3,7 +3,7 @@
 use tally_engine::{ChargedTo, Decision, DenialReason, Error};
 
 /// Every denial reason, in the order the report lists them: `(JSON name, words)`.
-pub const DENIAL_REASONS: [(&str, &str); 8] = [
+pub const DENIAL_REASONS: [(&str, &str); 9] = [
     ("unknown_key", "unknown key"),
     ("no_resources", "no resources"),
     ("resource_not_covered", "resource not covered"),
@@ -12,6 +12,7 @@ pub const DENIAL_REASONS: [(&str, &str); 8] = [
     ("exceeds_limit", "exceeds limit"),
     ("insufficient_credits", "insufficient credits"),
     ("too_many_reservations", "too many reservations"),
+    ("key_revoked", "key revoked"),
 ];
 
 const QUOTA_EXHAUSTED: usize = 4;
@@ -28,6 +29,7 @@ pub fn reason_index(reason: &DenialReason) -> usize {
         DenialReason::ExceedsLimit { .. } => EXCEEDS_LIMIT,
         DenialReason::InsufficientCredits { .. } => 6,
         DenialReason::TooManyReservations { .. } => 7,
+        DenialReason::KeyRevoked => 8,
     }
 }
 
@@ -131,6 +133,7 @@ mod tests {
                 open: 4,
                 maximum: 4,
             },
+            DenialReason::KeyRevoked,
         ];
         let slots: Vec<usize> = reasons.iter().map(reason_index).collect();
         assert_eq!(slots, (0..DENIAL_REASONS.len()).collect::<Vec<_>>());

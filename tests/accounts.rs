@@ -519,3 +519,160 @@ fn seats_are_given_to_members_only() {
         Err(Error::UnknownUser { .. })
     ));
 }
+
+/// A leaked key is revoked: every later request on it is denied `KeyRevoked`, whatever its
+/// seat and its team's credits, by every way in (consume, check, reserve, a batch, a
+/// submission); a repeat of a request admitted before still returns its first decision; what
+/// it used still counts, its open reservation still settles within the hold (not beyond),
+/// its requests still refund. Revoking again changes nothing; an unknown key is an error.
+#[test]
+fn a_revoked_key_is_denied_everything_while_what_it_did_before_still_stands() {
+    use tally_engine::{SettleOutcome, UsageRequest};
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    engine
+        .top_up("@ada", 5_000_000, Some(T0_MS))
+        .expect("top-up");
+    let first = UsageRequest::new(&key, "m2.7", &ONE_REQUEST)
+        .at(T0_MS)
+        .id("before");
+    let admitted_first = engine.consume(&first).expect("consume");
+    assert!(admitted_first.is_admitted());
+    engine
+        .consume(
+            &UsageRequest::new(&key, "m2.7", &ONE_REQUEST)
+                .id("refund-me")
+                .at(T0_MS),
+        )
+        .expect("consume");
+    let held = engine
+        .reserve(
+            &UsageRequest::new(&key, "m2.7", &[(Unit::Requests, 1), (Unit::Tokens, 100)]).at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    let reservation = held.reservation.expect("held");
+    let used_before = m27_used(&engine, &key, T0_MS + 1);
+    assert_eq!(used_before, 3);
+
+    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 1)), Ok(true));
+    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 2)), Ok(false));
+    let later = T0_MS + 10;
+    let request = UsageRequest::new(&key, "m2.7", &ONE_REQUEST).at(later);
+    assert_eq!(
+        reason(engine.consume(&request).unwrap()),
+        DenialReason::KeyRevoked
+    );
+    assert_eq!(
+        reason(engine.check(&request).unwrap()),
+        DenialReason::KeyRevoked
+    );
+    assert_eq!(
+        reason(engine.reserve(&request, None).unwrap().decision),
+        DenialReason::KeyRevoked
+    );
+    let batch = engine.consume_many(&[request.id("in-a-batch")]);
+    assert_eq!(reason(batch[0].clone().unwrap()), DenialReason::KeyRevoked);
+    let submitted = engine.submit(&request).expect("submit");
+    assert_eq!(
+        reason(submitted.complete().unwrap().0),
+        DenialReason::KeyRevoked
+    );
+    // A denial offers nothing: no credits or plan would help.
+    let denial = denied(engine.consume(&request).unwrap());
+    assert_eq!(denial.remedies, Default::default());
+    // The first decision of a request id stands, counting nothing again.
+    assert_eq!(engine.consume(&first.at(later)), Ok(admitted_first));
+    assert_eq!(m27_used(&engine, &key, later), used_before);
+    let report = engine.usage(&key, Some(later)).expect("usage");
+    assert!(report.revoked);
+    assert_eq!(report.plan.as_deref(), Some("Plus"));
+    // Within the hold the reservation settles; beyond it, the extra is denied.
+    match engine
+        .settle(
+            reservation,
+            &[(Unit::Requests, 1), (Unit::Tokens, 500)],
+            Some(later),
+        )
+        .expect("settle")
+    {
+        SettleOutcome::Denied(denial) => assert_eq!(denial.reason, DenialReason::KeyRevoked),
+        other => panic!("an extra on a revoked key: {other:?}"),
+    }
+    assert!(matches!(
+        engine
+            .settle(
+                reservation,
+                &[(Unit::Requests, 1), (Unit::Tokens, 60)],
+                Some(later)
+            )
+            .expect("settle"),
+        SettleOutcome::Settled(_)
+    ));
+    // A refund gives back as ever.
+    engine.refund("refund-me", Some(later)).expect("refund");
+    assert_eq!(m27_used(&engine, &key, later), used_before - 1);
+    assert!(matches!(
+        engine.revoke_key("no-such-key", Some(later)),
+        Err(Error::UnknownKey { .. })
+    ));
+}
+
+/// Revoking a member's key frees the member for a new key in its place (a key rotated after a
+/// leak): `add_member` gives it, with no seat, and the old key stays revoked. A member whose
+/// key still works is a member already. Pay-as-you-go keys are revoked alike.
+#[test]
+fn a_member_whose_key_was_revoked_is_given_a_new_one() {
+    let engine = engine();
+    user(&engine, "ada");
+    user(&engine, "bob");
+    engine.create_team("acme", Some(T0_MS)).expect("team");
+    engine
+        .add_member("acme", "bob", "bob-acme-1", Some(T0_MS))
+        .expect("member");
+    engine
+        .assign_seat("acme", "bob", "Max", Some(T0_MS))
+        .expect("seat");
+    assert!(matches!(
+        engine.add_member("acme", "bob", "bob-acme-2", Some(T0_MS)),
+        Err(Error::AlreadyExists { what: "member", .. })
+    ));
+    assert_eq!(engine.revoke_key("bob-acme-1", Some(T0_MS)), Ok(true));
+    engine
+        .add_member("acme", "bob", "bob-acme-2", Some(T0_MS))
+        .expect("a new key in the revoked one's place");
+    let new = engine
+        .usage("bob-acme-2", Some(T0_MS))
+        .expect("the new key");
+    assert!(!new.revoked);
+    assert_eq!(new.plan, None, "a new key starts with no seat");
+    engine
+        .assign_seat("acme", "bob", "Plus", Some(T0_MS))
+        .expect("the seat goes to the new key");
+    assert!(consume(&engine, "bob-acme-2", "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    assert_eq!(
+        reason(consume(&engine, "bob-acme-1", "m2.7", &ONE_REQUEST, T0_MS)),
+        DenialReason::KeyRevoked
+    );
+    let old = engine.usage("bob-acme-1", Some(T0_MS)).expect("kept");
+    assert!(old.revoked);
+    assert_eq!(
+        old.plan.as_deref(),
+        Some("Max"),
+        "the old key kept its seat, unused"
+    );
+    // The old name cannot be issued again.
+    assert!(engine
+        .add_member("acme", "ada", "bob-acme-1", Some(T0_MS))
+        .is_err());
+    // A pay-as-you-go key.
+    engine
+        .create_payg_key("ada", "payg-ada", Some(T0_MS))
+        .expect("payg key");
+    assert!(consume(&engine, "payg-ada", "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    assert_eq!(engine.revoke_key("payg-ada", Some(T0_MS)), Ok(true));
+    assert_eq!(
+        reason(consume(&engine, "payg-ada", "m2.7", &ONE_REQUEST, T0_MS)),
+        DenialReason::KeyRevoked
+    );
+}

@@ -16,8 +16,8 @@ use tally_engine::event::{
 };
 use tally_engine::policy::TOKEN_PLAN_TOML;
 use tally_engine::{
-    Decision, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit, UsageRequest,
-    MAX_CREDITS_MICROS,
+    Decision, DenialReason, Durability, Engine, Error, EventBody, OpenOptions, Policy, Unit,
+    UsageRequest, MAX_CREDITS_MICROS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -5911,4 +5911,115 @@ fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after
                 .unwrap_or_else(|error| panic!("{context}: {reservation:?}: {error}"));
         }
     }
+}
+
+/// A revoked key stays revoked across a reopen that replays its event and one that restores a
+/// snapshot, and so does the new key a member was given in its place; `verify` finds the
+/// snapshot equal to a replay.
+#[test]
+fn a_revoked_key_and_its_replacement_survive_replay_and_snapshot() {
+    let dir = TempDir::new("revoked-key");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    let at = Some(POPULATED_MS);
+    assert_eq!(engine.revoke_key("key-bob-acme", at), Ok(true));
+    engine
+        .add_member("acme", "bob", "key-bob-acme-2", at)
+        .expect("a new key in its place");
+    engine
+        .assign_seat("acme", "bob", "Plus", at)
+        .expect("a seat on the new key");
+    assert_eq!(engine.revoke_key("payg-dee", at), Ok(true));
+    let keys: Vec<&str> = KEYS.iter().copied().chain(["key-bob-acme-2"]).collect();
+    let before = state(&engine, &keys, &TEAMS, POPULATED_MS);
+    let revoked = |engine: &Engine| -> Vec<bool> {
+        ["key-bob-acme", "key-bob-acme-2", "payg-dee", "key-ada"]
+            .iter()
+            .map(|key| engine.usage(key, at).expect(key).revoked)
+            .collect()
+    };
+    assert_eq!(revoked(&engine), [true, false, true, false]);
+    let denied_on = |engine: &Engine, key: &str| {
+        let request = UsageRequest::new(key, "m2.7", &[(Unit::Requests, 1)]).at(POPULATED_MS);
+        match engine.check(&request).expect("check") {
+            Decision::Denied(denial) => denial.reason == DenialReason::KeyRevoked,
+            Decision::Admitted(_) => false,
+        }
+    };
+    drop(engine);
+    // Replayed from the log (no checkpoint since the revocations).
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(engine.open_report().unwrap().events_replayed > 0);
+    assert_same_state(
+        &state(&engine, &keys, &TEAMS, POPULATED_MS),
+        &before,
+        "replayed",
+    );
+    assert_eq!(revoked(&engine), [true, false, true, false]);
+    assert!(denied_on(&engine, "key-bob-acme") && !denied_on(&engine, "key-bob-acme-2"));
+    engine.close().expect("close: a checkpoint");
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+    // Restored from the snapshot.
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.open_report().unwrap().events_replayed, 0);
+    assert_same_state(
+        &state(&engine, &keys, &TEAMS, POPULATED_MS),
+        &before,
+        "restored",
+    );
+    assert_eq!(revoked(&engine), [true, false, true, false]);
+    assert!(denied_on(&engine, "payg-dee") && !denied_on(&engine, "key-ada"));
+}
+
+/// A database of format 4 (before keys could be revoked) opens to the same state, and is
+/// written in format 5 from then on.
+#[test]
+fn a_database_of_format_4_opens_and_is_written_in_format_5() {
+    let dir = TempDir::new("format-4");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().expect("close");
+    let before = {
+        let engine = open_token_plan(dir.path(), sync_options());
+        let state = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+        drop(engine);
+        state
+    };
+    // Format 4's snapshot body is format 5's without its last field, the list of revoked
+    // keys (empty here: one varint byte, 0), and says version 4 (its first varint byte).
+    let snapshots = std::fs::read_dir(dir.path().join("snapshots")).unwrap();
+    for entry in snapshots {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut body = bytes[32..].to_vec();
+        assert_eq!((body[0], body.last()), (5, Some(&0)));
+        body.pop();
+        body[0] = 4;
+        let mut file = bytes[..32].to_vec();
+        file[8..10].copy_from_slice(&4u16.to_le_bytes());
+        file[20..28].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        file[28..32].copy_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        file.extend(body);
+        std::fs::write(&path, file).unwrap();
+    }
+    {
+        let db = open_sled_retrying(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert("format_version", &4u16.to_le_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let report = Engine::verify(dir.path(), sync_options()).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "format 4",
+    );
+    assert_eq!(engine.revoke_key("key-cy", Some(POPULATED_MS)), Ok(true));
+    engine.close().expect("close");
+    assert_eq!(format_version(dir.path()), 5);
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(engine.usage("key-cy", Some(POPULATED_MS)).unwrap().revoked);
 }

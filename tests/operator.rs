@@ -414,6 +414,44 @@ fn reading_events_after_a_sequence_number_past_the_end_is_refused_naming_after()
     assert!(output.stdout.is_empty());
 }
 
+/// `revoke KEY` revokes a key for good: `consume` on it is then denied (exit 1) saying so, its
+/// usage report says so, revoking it again changes nothing, and `member` gives the member a
+/// new key in its place. An unknown key is refused naming KEY (exit 2).
+#[test]
+fn revoke_denies_the_key_from_then_on_and_member_gives_a_new_one() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    assert!(workspace
+        .ok(&["revoke", "tp-ada"])
+        .contains("revoked key tp-ada"));
+    let output = workspace.run(&["consume", "tp-ada", "chat", "requests=1"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    assert!(
+        stdout_of(&output).contains("denied: the key was revoked"),
+        "{}",
+        stdout_of(&output)
+    );
+    let before = event_count(&workspace);
+    assert!(workspace
+        .ok(&["revoke", "tp-ada"])
+        .contains("revoked already"));
+    assert_eq!(event_count(&workspace), before, "nothing logged again");
+    let usage: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada", "--json"])).expect("JSON");
+    assert_eq!(usage["revoked"], Value::Bool(true));
+    assert!(workspace
+        .ok(&["usage", "tp-ada"])
+        .contains("revoked: every request"));
+    let output = workspace.run(&["revoke", "tp-nobody"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr_of(&output).contains("KEY"), "{}", stderr_of(&output));
+    workspace.ok(&["member", "@ada", "ada", "tp-ada-2"]);
+    let usage: Value =
+        serde_json::from_str(&workspace.ok(&["usage", "tp-ada-2", "--json"])).expect("JSON");
+    assert_eq!(usage["revoked"], Value::Bool(false));
+    assert!(stdout_of(&workspace.bare(&["help"])).contains("revoke KEY"));
+}
+
 /// `consume` on an unknown key is a denial (exit 1, logged nothing), as the engine answers a
 /// gateway; the help says so rather than listing an unknown key among the arguments refused
 /// with exit 2.

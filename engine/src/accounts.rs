@@ -51,6 +51,10 @@ pub enum KeyKind {
 #[derive(Debug)]
 pub struct KeyState {
     pub kind: KeyKind,
+    /// Revoked (`Engine::revoke_key`): every later request is denied `KeyRevoked`; what it
+    /// used still counts, its reservations still settle and its requests still refund. Never
+    /// cleared; written under the shard's write lock only.
+    pub revoked: bool,
     pub user: Arc<str>,
     pub team: Arc<Team>,
     pub seat: Option<PlanId>,
@@ -78,6 +82,7 @@ impl KeyState {
     pub fn new(kind: KeyKind, user: Arc<str>, team: Arc<Team>) -> KeyState {
         KeyState {
             kind,
+            revoked: false,
             user,
             team,
             seat: None,

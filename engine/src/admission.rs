@@ -375,6 +375,8 @@ pub enum DenialReason {
         open: u32,
         maximum: u32,
     },
+    /// The key was revoked (`Engine::revoke_key`): nothing can let it through.
+    KeyRevoked,
 }
 
 /// What could let a denied request through.

@@ -229,6 +229,8 @@ pub struct LimitReport {
 pub struct UsageReport {
     pub key: String,
     pub kind: KeyKind,
+    /// The key was revoked (`Engine::revoke_key`): every request on it is denied.
+    pub revoked: bool,
     pub user: String,
     pub team: String,
     pub plan: Option<String>,
@@ -258,7 +260,7 @@ impl LimitReport {
 
 impl UsageReport {
     /// The report as JSON, the one form the C ABI and the `tally usage` command share:
-    /// `{"key", "kind": "plan" | "pay_as_you_go", "user", "team", "plan": name or null,
+    /// `{"key", "kind": "plan" | "pay_as_you_go", "revoked", "user", "team", "plan": name or null,
     /// "at_ms", "limits": [LimitReport::to_json], "credits_balance_micros",
     /// "credits_charged_micros", "open_reservations", "pay_as_you_go_micros"}`.
     pub fn to_json(&self) -> serde_json::Value {
@@ -268,6 +270,7 @@ impl UsageReport {
                 KeyKind::Plan => "plan",
                 KeyKind::PayAsYouGo => "pay_as_you_go",
             },
+            "revoked": self.revoked,
             "user": self.user,
             "team": self.team,
             "plan": self.plan,
@@ -894,11 +897,18 @@ impl Engine {
             .teams
             .get_mut(team)
             .ok_or_else(|| Error::UnknownTeam { team: team.into() })?;
-        if record.members.contains_key(user) {
-            return Err(Error::AlreadyExists {
-                what: "member",
-                id: format!("{user} in {team}"),
-            });
+        if let Some(old_key) = record.members.get(user) {
+            // A member whose key was revoked is given a new one in its place (a key rotated
+            // after a leak); one whose key still works is a member already.
+            let revoked = self
+                .keys
+                .read(old_key, |_, state| state.is_some_and(|state| state.revoked));
+            if !revoked {
+                return Err(Error::AlreadyExists {
+                    what: "member",
+                    id: format!("{user} in {team}"),
+                });
+            }
         }
         self.check_new_key(key)?;
         let body = EventBody::MemberAdded {
@@ -917,6 +927,32 @@ impl Engine {
         );
         record.members.insert(user_name, key.into());
         Ok(())
+    }
+
+    /// Revokes `key` (a plan or a pay-as-you-go key, say one that leaked): every later
+    /// request on it is denied `KeyRevoked`, whatever its seat, its team's credits or its
+    /// request id (a repeat of a request admitted before still returns its first decision).
+    /// What it used still counts in its windows, its open reservations still settle or void
+    /// (a settle's extra beyond the hold is denied) and its requests still refund. Revoking
+    /// is for good; the member can be given a new key with `add_member` (with no seat, as
+    /// any new member). Returns whether the key was revoked now (`false`: it already was,
+    /// and nothing is logged).
+    pub fn revoke_key(&self, key: &str, at_ms: Option<u64>) -> Result<bool, Error> {
+        let at_ms = self.resolve_time(at_ms)?;
+        check_id("key", key, MAX_KEY_BYTES)?;
+        // Against `add_member` giving the member a new key in its place meanwhile.
+        let _registry = self.registry.lock();
+        self.keys.write(key, |_, state| {
+            let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
+            if state.revoked {
+                return Ok(false);
+            }
+            // Revoked once the event is durable, as a seat changes (`change_seat`); a
+            // request on the key meanwhile waits for the shard's lock, held until then.
+            self.commit(at_ms, EventBody::KeyRevoked { key: key.into() })?;
+            state.revoked = true;
+            Ok(true)
+        })
     }
 
     /// Issues a pay-as-you-go key to `user`: never draws on plan quota or credits.
@@ -2254,6 +2290,7 @@ impl Engine {
             Ok(UsageReport {
                 key: key.into(),
                 kind: state.kind,
+                revoked: state.revoked,
                 user: state.user.to_string(),
                 team: state.team.name.to_string(),
                 plan: state.seat.map(|seat| policy.plan(seat).name.to_string()),
@@ -2411,6 +2448,10 @@ fn decide_at_or_after_floor(
 ) -> Result<(), Error> {
     debug_assert!(std::ptr::eq(resource_spec, policy.resource(resource)));
     debug_assert!(at_ms >= state.time_floor_ms);
+    if state.revoked {
+        verdict.deny(DenialReason::KeyRevoked);
+        return Ok(());
+    }
     if resource_spec.has_maximum {
         if let Some(reason) = over_maximum(&resource_spec.max_per_request, quantities) {
             verdict.deny(reason);

@@ -19,15 +19,17 @@ use crate::policy::CounterId;
 use crate::reservation::Settlement;
 
 /// The version of the event, record and snapshot encoding written by this build.
+/// Version 5: the `KeyRevoked` event (and the `KeyRevoked` denial a remembered decision may
+/// hold), snapshots listing the revoked keys; records are as in version 3.
 /// Version 4: snapshots in varint integers, listing the keys a correction left short, their
 /// rolling windows' buckets packed (`recovery::buckets`); events and records are as in
 /// version 3.
 /// Version 3: records carry the writer's durable point (`RecordView::durable_before`).
 /// Version 2: the event log in segment files (see `log`); version 1 kept it in sled.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 
-/// The oldest version this build reads: a version-2 or -3 database is read as it is (its
-/// records and snapshots tell their format apart) and written in version 4 from its next open
+/// The oldest version this build reads: a version-2, -3 or -4 database is read as it is (its
+/// records and snapshots tell their format apart) and written in version 5 from its next open
 /// on.
 pub const OLDEST_FORMAT_VERSION: u16 = 2;
 
@@ -150,6 +152,10 @@ pub enum EventBody {
         generation: u32,
         moved: Vec<(CounterId, u64, u64)>,
     },
+    /// A key revoked (format 5 on): denied from then on, its usage kept.
+    KeyRevoked {
+        key: String,
+    },
 }
 
 impl EventBody {
@@ -170,6 +176,7 @@ impl EventBody {
             EventBody::ReservationClosed { .. } => "reservation_closed",
             EventBody::Refunded { .. } => "refunded",
             EventBody::UsageAdjusted { .. } => "usage_adjusted",
+            EventBody::KeyRevoked { .. } => "key_revoked",
         }
     }
 }

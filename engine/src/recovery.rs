@@ -463,6 +463,46 @@ struct Snapshot<'a> {
     /// The keys a usage correction left short, each with its `KeyState::short_until_ms`
     /// (format 4 on; an open of an older snapshot works them out: `mark_short_periods`).
     short_keys: Vec<(Name<'a>, u64)>,
+    /// The keys revoked (`KeyState::revoked`; format 5 on: none could be before).
+    revoked_keys: Vec<Name<'a>>,
+}
+
+/// A snapshot of format 4: `Snapshot` without `revoked_keys`.
+#[derive(Deserialize)]
+#[serde(bound(deserialize = "'de: 'a"))]
+struct SnapshotFormat4<'a> {
+    version: u16,
+    seq: u64,
+    newest_at_ms: u64,
+    policies: Vec<Option<String>>,
+    users: Vec<(Name<'a>, Name<'a>, Vec<Name<'a>>)>,
+    teams: Vec<TeamSnapshot<'a>>,
+    keys: Vec<KeySnapshot<'a>>,
+    requests: Vec<RequestSnapshot>,
+    open_reservations: Vec<ReservationSnapshot>,
+    closed_reservations: Vec<(u64, u64, Closed)>,
+    next_reservation: u64,
+    short_keys: Vec<(Name<'a>, u64)>,
+}
+
+impl<'a> From<SnapshotFormat4<'a>> for Snapshot<'a> {
+    fn from(old: SnapshotFormat4<'a>) -> Snapshot<'a> {
+        Snapshot {
+            version: old.version,
+            seq: old.seq,
+            newest_at_ms: old.newest_at_ms,
+            policies: old.policies,
+            users: old.users,
+            teams: old.teams,
+            keys: old.keys,
+            requests: old.requests,
+            open_reservations: old.open_reservations,
+            closed_reservations: old.closed_reservations,
+            next_reservation: old.next_reservation,
+            short_keys: old.short_keys,
+            revoked_keys: Vec::new(),
+        }
+    }
 }
 
 /// A snapshot of formats 2 and 3: `Snapshot` without `short_keys`, in bincode's fixed-width
@@ -498,6 +538,7 @@ impl<'a> From<SnapshotFormat3<'a>> for Snapshot<'a> {
             closed_reservations: old.closed_reservations,
             next_reservation: old.next_reservation,
             short_keys: Vec::new(),
+            revoked_keys: Vec::new(),
         }
     }
 }
@@ -521,6 +562,7 @@ impl Snapshot<'_> {
         self.users.sort();
         self.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         self.short_keys.sort();
+        self.revoked_keys.sort();
         self
     }
 }
@@ -1070,6 +1112,7 @@ impl Engine {
             EventBody::UserCreated { user, key } => self.create_user(user, key, at),
             EventBody::TeamCreated { team } => self.create_team(team, at),
             EventBody::MemberAdded { team, user, key } => self.add_member(team, user, key, at),
+            EventBody::KeyRevoked { key } => self.revoke_key(key, at).map(drop),
             EventBody::PayAsYouGoKeyCreated { user, key } => self.create_payg_key(user, key, at),
             EventBody::SeatChanged {
                 team, user, plan, ..
@@ -1588,11 +1631,15 @@ impl Engine {
             .collect();
         let mut keys = Vec::new();
         let mut short_keys = Vec::new();
+        let mut revoked_keys = Vec::new();
         for shard in &shards {
             for (key, state) in shard.iter() {
                 keys.push(key_snapshot(&shard.policy, key, state));
                 if state.short_until_ms > 0 {
                     short_keys.push((key.to_string().into(), state.short_until_ms));
+                }
+                if state.revoked {
+                    revoked_keys.push(key.to_string().into());
                 }
             }
         }
@@ -1655,6 +1702,7 @@ impl Engine {
             closed_reservations,
             next_reservation: table.next_id,
             short_keys,
+            revoked_keys,
         };
         // Everything is copied: the engine goes on while the copy is put in order.
         drop((shards, policies_guard, registry, requests_guard, table));
@@ -1745,6 +1793,18 @@ impl Engine {
             )));
         }
         drop(registry);
+        for key in &snapshot.revoked_keys {
+            if self
+                .keys
+                .write(key, |_, state| state.map(|state| state.revoked = true))
+                .is_none()
+            {
+                return Err(storage(format!(
+                    "snapshot {}: unknown key {:?} is listed as revoked",
+                    snapshot.seq, &**key
+                )));
+            }
+        }
         for (key, short_until_ms) in &snapshot.short_keys {
             let found = self.keys.write(key, |_, state| {
                 state.map(|state| state.short_until_ms = *short_until_ms)
@@ -2314,6 +2374,7 @@ fn first_difference(replayed: &Snapshot<'_>, stored: &Snapshot<'_>) -> String {
             )
         })
         .or_else(|| list("short_keys", &replayed.short_keys, &stored.short_keys))
+        .or_else(|| list("revoked_keys", &replayed.revoked_keys, &stored.revoked_keys))
         .unwrap_or_default()
 }
 
@@ -2449,6 +2510,12 @@ fn decode_snapshot(bytes: &[u8], seq: u64) -> Result<Snapshot<'_>, Error> {
                 version: old.version.min(3),
                 ..Snapshot::from(old)
             })
+            .map_err(damaged);
+    }
+    if snapshot_version(bytes, seq)? == 4 {
+        return snapshot_encoding()
+            .deserialize::<SnapshotFormat4>(bytes)
+            .map(Snapshot::from)
             .map_err(damaged);
     }
     snapshot_encoding().deserialize(bytes).map_err(damaged)
@@ -3226,7 +3293,7 @@ mod tests {
         assert_eq!(decoded, expected);
         // A varint body says its seq right after the version: `[4, 0]` only for snapshot 0.
         let varint = snapshot_encoding().serialize(&reference).expect("encoding");
-        assert_eq!(varint[..2], [4, 9]);
+        assert_eq!(varint[..2], [FORMAT_VERSION as u8, 9]);
         assert_eq!(decode_snapshot(&varint, 9).expect("decoding"), reference);
     }
 
@@ -3619,15 +3686,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on;
+    /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on
+    /// (format 5 adds the revoked keys at the end);
     /// a version this build does not read is refused by number.
     #[test]
     fn a_snapshot_body_says_its_format_in_its_first_bytes() {
         assert_eq!(snapshot_version(&[2, 0, 9, 9], 1).unwrap(), 2);
         assert_eq!(snapshot_version(&[3, 0], 1).unwrap(), 3);
         assert_eq!(snapshot_version(&[4, 0, 0], 1).unwrap(), 4);
+        assert_eq!(snapshot_version(&[5, 0, 0], 1).unwrap(), 5);
         for (bytes, said) in [
-            (&[5u8, 1][..], "format version 5"),
+            (&[6u8, 1][..], "format version 6"),
             (&[1, 0], "format version 1"),
         ] {
             let error = snapshot_version(bytes, 7).unwrap_err().to_string();

@@ -527,6 +527,10 @@ impl Engine {
             let Some(state) = state else {
                 return Ok((Decision::denied(DenialReason::UnknownKey), None, None));
             };
+            if state.revoked {
+                // Before its open reservations are counted: a revoked key is not at its agents.
+                return Ok((Decision::denied(DenialReason::KeyRevoked), None, None));
+            }
             let maximum = state
                 .seat
                 .and_then(|seat| policy.plan(seat).max_open_reservations);

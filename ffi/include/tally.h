@@ -305,6 +305,8 @@ enum tally_denial
   // The key holds as many open reservations as its plan allows (`requested` = open,
   // `maximum`).
   TALLY_DENIAL_TOO_MANY_RESERVATIONS = 8,
+  // The key was revoked (`tally_engine_revoke_key`): nothing can let it through.
+  TALLY_DENIAL_KEY_REVOKED = 9,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -740,7 +742,8 @@ tally_status tally_engine_create_team(const struct tally_engine *engine,
                                       uint64_t at_ms);
 
 // Adds an existing user to a team with their plan key for that team (one key per user per
-// team).
+// team). A member whose key was revoked is given `key` in its place, with no seat;
+// otherwise a member already is `TALLY_ALREADY_EXISTS`.
 tally_status tally_engine_add_member(const struct tally_engine *engine,
                                      const char *team,
                                      size_t team_len,
@@ -749,6 +752,20 @@ tally_status tally_engine_add_member(const struct tally_engine *engine,
                                      const char *key,
                                      size_t key_len,
                                      uint64_t at_ms);
+
+// Revokes `key` (a plan or pay-as-you-go key, say one that leaked) and writes to
+// `*revoked_out` whether it was revoked now (`false`: it already was, and nothing was logged).
+// Every later request on it is denied `TALLY_DENIAL_KEY_REVOKED`, whatever its seat or its
+// team's credits (a repeat of a request id admitted before still returns its first decision).
+// What it used still counts, its open reservations still settle or void (a settle's extra
+// beyond the hold is denied) and its requests still refund. Revoking is for good: give the
+// member a new key with `tally_engine_add_member` (it starts with no seat). An unknown key is
+// `TALLY_UNKNOWN_KEY`.
+tally_status tally_engine_revoke_key(const struct tally_engine *engine,
+                                     const char *key,
+                                     size_t key_len,
+                                     uint64_t at_ms,
+                                     bool *revoked_out);
 
 // Issues a pay-as-you-go key to an existing user: admitted whenever the resource exists,
 // its spend recorded for billing; never touches plan quota or credits.

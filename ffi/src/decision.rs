@@ -94,6 +94,8 @@ pub enum tally_denial {
     /// The key holds as many open reservations as its plan allows (`requested` = open,
     /// `maximum`).
     TALLY_DENIAL_TOO_MANY_RESERVATIONS = 8,
+    /// The key was revoked (`tally_engine_revoke_key`): nothing can let it through.
+    TALLY_DENIAL_KEY_REVOKED = 9,
 }
 
 /// One quantity of a request: `unit` is a `tally_unit` value, `amount` 1..=`TALLY_MAX_QUANTITY`.
@@ -325,6 +327,7 @@ impl tally_decision {
                 (self.requested, self.maximum) = (u64::from(open), u64::from(maximum));
                 TALLY_DENIAL_TOO_MANY_RESERVATIONS
             }
+            DenialReason::KeyRevoked => TALLY_DENIAL_KEY_REVOKED,
         };
         self.denial = kind as u32;
     }

@@ -332,7 +332,8 @@ pub extern "C" fn tally_engine_create_team(
 }
 
 /// Adds an existing user to a team with their plan key for that team (one key per user per
-/// team).
+/// team). A member whose key was revoked is given `key` in its place, with no seat;
+/// otherwise a member already is `TALLY_ALREADY_EXISTS`.
 #[no_mangle]
 pub extern "C" fn tally_engine_add_member(
     engine: *const tally_engine,
@@ -349,6 +350,31 @@ pub extern "C" fn tally_engine_add_member(
         let team = existing_team(team, team_len)?;
         let (user, key) = (id("user", user, user_len)?, id("key", key, key_len)?);
         handle.with(|open| Ok(open.engine.add_member(team, user, key, at(at_ms))?))
+    })
+}
+
+/// Revokes `key` (a plan or pay-as-you-go key, say one that leaked) and writes to
+/// `*revoked_out` whether it was revoked now (`false`: it already was, and nothing was logged).
+/// Every later request on it is denied `TALLY_DENIAL_KEY_REVOKED`, whatever its seat or its
+/// team's credits (a repeat of a request id admitted before still returns its first decision).
+/// What it used still counts, its open reservations still settle or void (a settle's extra
+/// beyond the hold is denied) and its requests still refund. Revoking is for good: give the
+/// member a new key with `tally_engine_add_member` (it starts with no seat). An unknown key is
+/// `TALLY_UNKNOWN_KEY`.
+#[no_mangle]
+pub extern "C" fn tally_engine_revoke_key(
+    engine: *const tally_engine,
+    key: *const c_char,
+    key_len: usize,
+    at_ms: u64,
+    revoked_out: *mut bool,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = Out::new("revoked_out", revoked_out)?;
+        let key = text("key", key, key_len, TALLY_MAX_ID_BYTES)?;
+        out.set(handle.with(|open| Ok(open.engine.revoke_key(key, at(at_ms))?))?);
+        Ok(())
     })
 }
 

@@ -82,7 +82,7 @@ impl<T: Serialize, F: Fn(usize) -> T> Serialize for SeqOf<F> {
 // same bytes.
 
 #[derive(Serialize)]
-struct SnapshotRef<'a, U, T, K, R, O, S> {
+struct SnapshotRef<'a, U, T, K, R, O, S, V> {
     version: u16,
     seq: u64,
     newest_at_ms: u64,
@@ -95,6 +95,7 @@ struct SnapshotRef<'a, U, T, K, R, O, S> {
     closed_reservations: &'a [(u64, u64, Closed)],
     next_reservation: u64,
     short_keys: S,
+    revoked_keys: V,
 }
 
 #[derive(Serialize)]
@@ -199,6 +200,7 @@ struct RawKey {
     payg_micros: u64,
     time_floor_ms: u64,
     short_until_ms: u64,
+    revoked: bool,
     /// Its counters in `RawCut::counters`; `None` when the key holds no usage.
     counters: Option<std::ops::Range<usize>>,
 }
@@ -719,6 +721,7 @@ impl RawCut {
             payg_micros: state.payg_micros.load(Ordering::Acquire),
             time_floor_ms: state.time_floor_ms,
             short_until_ms: state.short_until_ms,
+            revoked: state.revoked,
             counters,
         };
         self.keys.push(raw);
@@ -1025,6 +1028,12 @@ impl RawCut {
                 .filter(|key| key.short_until_ms > 0)
                 .map(|key| (texts.get(key.key).into(), key.short_until_ms))
                 .collect(),
+            revoked_keys: self
+                .keys
+                .iter()
+                .filter(|key| key.revoked)
+                .map(|key| texts.get(key.key).into())
+                .collect(),
         }
     }
 
@@ -1068,6 +1077,9 @@ impl RawCut {
         closed.sort_by_key(|closed| closed.0);
         let short_keys: Vec<usize> = (0..self.keys.len())
             .filter(|&index| self.keys[index].short_until_ms > 0)
+            .collect();
+        let revoked_keys: Vec<usize> = (0..self.keys.len())
+            .filter(|&index| self.keys[index].revoked)
             .collect();
 
         let snapshot = SnapshotRef {
@@ -1168,6 +1180,9 @@ impl RawCut {
             short_keys: SeqOf(short_keys.len(), |index: usize| {
                 let key = &self.keys[short_keys[index]];
                 (text(key.key), key.short_until_ms)
+            }),
+            revoked_keys: SeqOf(revoked_keys.len(), |index: usize| {
+                text(self.keys[revoked_keys[index]].key)
             }),
         };
         snapshot_encoding()

@@ -234,6 +234,26 @@ static void test_admission(tally_engine *engine) {
   EXPECT(tally_engine_consume(engine, &no_seat, &d), TALLY_OK);
   CHECK(!d.admitted && d.denial == TALLY_DENIAL_NO_RESOURCES);
 
+  /* A revoked key: denied whatever its seat; its member gets a new key in its place. */
+  EXPECT(tally_engine_create_user(engine, S("rex"), S("tp-rex"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@rex"), S("rex"), S("Max"), T0), TALLY_OK);
+  tally_request rex = request("tp-rex", "m2.7", one, 1, T0, NULL);
+  EXPECT(tally_engine_consume(engine, &rex, &d), TALLY_OK);
+  CHECK(d.admitted);
+  bool revoked = false;
+  EXPECT(tally_engine_revoke_key(engine, S("tp-rex"), T0, &revoked), TALLY_OK);
+  CHECK(revoked);
+  EXPECT(tally_engine_revoke_key(engine, S("tp-rex"), T0, &revoked), TALLY_OK);
+  CHECK(!revoked);
+  EXPECT(tally_engine_revoke_key(engine, S("tp-rex"), T0, NULL), TALLY_NULL_POINTER);
+  EXPECT(tally_engine_revoke_key(engine, S("tp-nobody"), T0, &revoked), TALLY_UNKNOWN_KEY);
+  EXPECT(tally_engine_revoke_key(engine, S(""), T0, &revoked), TALLY_EMPTY_STRING);
+  EXPECT(tally_engine_consume(engine, &rex, &d), TALLY_OK);
+  CHECK(!d.admitted && d.denial == TALLY_DENIAL_KEY_REVOKED);
+  EXPECT(tally_engine_add_member(engine, S("@rex"), S("rex"), S("tp-rex-2"), T0), TALLY_OK);
+  EXPECT(tally_engine_add_member(engine, S("@rex"), S("rex"), S("tp-rex-3"), T0),
+         TALLY_ALREADY_EXISTS);
+
   /* Credits pay once the plan does not cover it (acme key has no seat, credits). */
   tally_request credits = request("tp-ada-acme", "m2.7", one, 1, T0, NULL);
   EXPECT(tally_engine_consume(engine, &credits, &d), TALLY_OK);
