@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import tally
 from conftest import HOUR_MS, T, seated
 from tally import ChargedTo, Denial, Unit
@@ -167,6 +169,34 @@ def test_teams_members_seats_and_withdrawals(engine):
     )
     assert engine.top_up("acme", 10_000, at_ms=T) == 10_000
     assert engine.withdraw_credits("acme", 4_000, at_ms=T) == 6_000
+
+
+def test_a_revoked_key_is_denied_and_its_member_given_a_new_one(engine):
+    # A leaked key: revoked, it is denied whatever its seat and its team's credits; the member
+    # is given a new key in its place, with no seat.
+    engine.create_user("kb", "tp-kb-1", at_ms=T)
+    engine.create_team("acme", at_ms=T)
+    engine.add_member("acme", "kb", "tp-kb-acme", at_ms=T)
+    engine.assign_seat("acme", "kb", "Max", at_ms=T)
+    engine.top_up("acme", 10_000_000, at_ms=T)
+    assert engine.consume("tp-kb-acme", "m2.7", {"requests": 1}, at_ms=T).admitted
+    with pytest.raises(tally.AlreadyExistsError):
+        engine.add_member("acme", "kb", "tp-kb-acme-2", at_ms=T)
+    assert engine.revoke_key("tp-kb-acme", at_ms=T) is True
+    assert engine.revoke_key("tp-kb-acme", at_ms=T) is False
+    denied = engine.consume("tp-kb-acme", "m2.7", {"requests": 1}, at_ms=T)
+    assert denied.denial is Denial.KEY_REVOKED and not denied.admitted
+    assert engine.check("tp-kb-acme", "m2.7", {"requests": 1}, at_ms=T).denial is Denial.KEY_REVOKED
+    report = engine.usage("tp-kb-acme", at_ms=T)
+    assert report.revoked and report.limits[0].used == 1
+    engine.add_member("acme", "kb", "tp-kb-acme-2", at_ms=T)
+    fresh = engine.usage("tp-kb-acme-2", at_ms=T)
+    assert not fresh.revoked and fresh.plan is None
+    # No seat, but the team's credits pay.
+    paid = engine.consume("tp-kb-acme-2", "m2.7", {"requests": 1}, at_ms=T)
+    assert paid.admitted and paid.charged_to is ChargedTo.CREDITS
+    with pytest.raises(tally.UnknownKeyError):
+        engine.revoke_key("tp-nobody", at_ms=T)
 
 
 def test_consume_many_decides_each_request_on_its_own(engine):

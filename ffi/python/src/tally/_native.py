@@ -256,6 +256,10 @@ SIGNATURES = {
         _status,
         [Engine, _str, c_size_t, _str, c_size_t, _str, c_size_t, c_uint64],
     ),
+    "tally_engine_revoke_key": (
+        _status,
+        [Engine, _str, c_size_t, c_uint64, POINTER(c_bool)],
+    ),
     "tally_engine_create_payg_key": (
         _status,
         [Engine, _str, c_size_t, _str, c_size_t, c_uint64],

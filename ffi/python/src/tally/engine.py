@@ -581,7 +581,9 @@ class Engine:
         )
 
     def add_member(self, team: Text, user: Text, key: Text, *, at_ms: int | None = None) -> None:
-        """Adds an existing user to a team with their plan key for that team."""
+        """Adds an existing user to a team with their plan key for that team. A member whose
+        key was revoked is given ``key`` in its place, with no seat; otherwise a member
+        already is ``AlreadyExistsError``."""
         team_bytes = _convert.text("team", team)
         user_bytes, key_bytes = _convert.text("user", user), _convert.text("key", key)
         errors.check(
@@ -596,6 +598,27 @@ class Engine:
                 _convert.at_ms(at_ms),
             )
         )
+
+    def revoke_key(self, key: Text, *, at_ms: int | None = None) -> bool:
+        """Revokes ``key`` (a plan or pay-as-you-go key, say one that leaked); returns whether
+        it was revoked now (``False``: it already was, and nothing was logged). Every later
+        request on it is denied ``Denial.KEY_REVOKED``, whatever its seat or its team's
+        credits; a repeat of a request id admitted before still returns its first decision.
+        What it used still counts, its open reservations still settle or void (a settle's
+        extra beyond the hold is denied) and its requests still refund. Revoking is for good:
+        give the member a new key with ``add_member``. An unknown key is ``UnknownKeyError``."""
+        key_bytes = _convert.text("key", key)
+        revoked = ctypes.c_bool(False)
+        errors.check(
+            _native.lib.tally_engine_revoke_key(
+                self._handle,
+                key_bytes,
+                len(key_bytes),
+                _convert.at_ms(at_ms),
+                ctypes.byref(revoked),
+            )
+        )
+        return revoked.value
 
     def create_payg_key(self, user: Text, key: Text, *, at_ms: int | None = None) -> None:
         """Issues a pay-as-you-go key to an existing user."""

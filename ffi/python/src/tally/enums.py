@@ -55,6 +55,7 @@ class Denial(enum.IntEnum):
     EXCEEDS_LIMIT = 6
     INSUFFICIENT_CREDITS = 7
     TOO_MANY_RESERVATIONS = 8
+    KEY_REVOKED = 9
 
 
 class Durability(enum.IntEnum):

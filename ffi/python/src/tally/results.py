@@ -219,6 +219,8 @@ class Usage:
     credits_charged_micros: int | None
     open_reservations: int | None
     pay_as_you_go_micros: int | None
+    #: The key was revoked (``Engine.revoke_key``): every request on it is denied.
+    revoked: bool
     raw: Mapping[str, Any] = field(repr=False, compare=False)
 
     @classmethod
@@ -247,6 +249,7 @@ class Usage:
             credits_charged_micros=document.get("credits_charged_micros"),
             open_reservations=document.get("open_reservations"),
             pay_as_you_go_micros=document.get("pay_as_you_go_micros"),
+            revoked=bool(document.get("revoked", False)),
             raw=document,
         )
 
