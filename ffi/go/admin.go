@@ -35,7 +35,9 @@ func (e *Engine) CreateTeam(team string, at time.Time) error {
 	})
 }
 
-// AddMember adds an existing user to a team with their plan key for that team.
+// AddMember adds an existing user to a team with their plan key for that team. A member
+// whose key was revoked is given key in its place, with no seat; otherwise a member already
+// is ErrAlreadyExists.
 func (e *Engine) AddMember(team, user, key string, at time.Time) error {
 	atMs, err := milliseconds("AddMember", at)
 	if err != nil {
@@ -47,6 +49,26 @@ func (e *Engine) AddMember(team, user, key string, at time.Time) error {
 	return e.call("AddMember", func(handle *C.tally_engine) C.uint32_t {
 		return C.tally_engine_add_member(handle, teamText, teamLen, userText, userLen, keyText, keyLen, atMs)
 	})
+}
+
+// RevokeKey revokes key (a plan or pay-as-you-go key, say one that leaked) and says whether
+// it was revoked now (false: it already was, and nothing was logged). Every later request on
+// it is denied DenialKeyRevoked, whatever its seat or its team's credits; a repeat of a
+// request id admitted before still returns its first decision. What it used still counts,
+// its open reservations still settle or void (a settle's extra beyond the hold is denied)
+// and its requests still refund. Revoking is for good: give the member a new key with
+// AddMember. An unknown key is ErrUnknownKey.
+func (e *Engine) RevokeKey(key string, at time.Time) (bool, error) {
+	atMs, err := milliseconds("RevokeKey", at)
+	if err != nil {
+		return false, err
+	}
+	keyText, keyLen := text(key)
+	var revoked C.bool
+	err = e.call("RevokeKey", func(handle *C.tally_engine) C.uint32_t {
+		return C.tally_engine_revoke_key(handle, keyText, keyLen, atMs, &revoked)
+	})
+	return bool(revoked), err
 }
 
 // CreatePaygKey issues a pay-as-you-go key to an existing user: admitted whenever the

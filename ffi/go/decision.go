@@ -65,11 +65,12 @@ const (
 	DenialExceedsLimit        Denial = C.TALLY_DENIAL_EXCEEDS_LIMIT         // waiting cannot help
 	DenialInsufficientCredits Denial = C.TALLY_DENIAL_INSUFFICIENT_CREDITS  // Requested = price
 	DenialTooManyReservations Denial = C.TALLY_DENIAL_TOO_MANY_RESERVATIONS // Requested = open
+	DenialKeyRevoked          Denial = C.TALLY_DENIAL_KEY_REVOKED           // nothing lets it through
 )
 
 var denialNames = [...]string{"none", "unknown_key", "no_resources", "resource_not_covered",
 	"over_request_maximum", "quota_exhausted", "exceeds_limit", "insufficient_credits",
-	"too_many_reservations"}
+	"too_many_reservations", "key_revoked"}
 
 func (d Denial) String() string {
 	if int(d) < len(denialNames) {

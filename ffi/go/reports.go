@@ -16,6 +16,7 @@ import (
 type Usage struct {
 	Key                  string
 	Kind                 string // "plan" or "pay_as_you_go"
+	Revoked              bool   // RevokeKey: every request on the key is denied
 	User                 string
 	Team                 string
 	Plan                 string // "" if the key has no seat
@@ -39,13 +40,14 @@ type UsageLimit struct {
 }
 
 type usageJSON struct {
-	Key    string  `json:"key"`
-	Kind   string  `json:"kind"`
-	User   string  `json:"user"`
-	Team   string  `json:"team"`
-	Plan   *string `json:"plan"`
-	AtMs   uint64  `json:"at_ms"`
-	Limits []struct {
+	Key     string  `json:"key"`
+	Kind    string  `json:"kind"`
+	Revoked bool    `json:"revoked"`
+	User    string  `json:"user"`
+	Team    string  `json:"team"`
+	Plan    *string `json:"plan"`
+	AtMs    uint64  `json:"at_ms"`
+	Limits  []struct {
 		Name      string  `json:"name"`
 		Meter     string  `json:"meter"`
 		Window    string  `json:"window"`
@@ -77,7 +79,7 @@ func (e *Engine) Usage(key string, at time.Time) (Usage, error) {
 	if err := json.Unmarshal(document, &raw); err != nil {
 		return Usage{}, newError("Usage", C.TALLY_PANIC, "the library's usage JSON did not parse: "+err.Error())
 	}
-	usage := Usage{Key: raw.Key, Kind: raw.Kind, User: raw.User, Team: raw.Team,
+	usage := Usage{Key: raw.Key, Kind: raw.Kind, Revoked: raw.Revoked, User: raw.User, Team: raw.Team,
 		At: fromMilliseconds(raw.AtMs), CreditsBalanceMicros: raw.CreditsBalanceMicros,
 		CreditsChargedMicros: raw.CreditsChargedMicros, OpenReservations: raw.OpenReservations,
 		PayAsYouGoMicros: raw.PayAsYouGoMicros, Limits: make([]UsageLimit, len(raw.Limits))}

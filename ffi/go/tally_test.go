@@ -925,3 +925,36 @@ func TestAZeroEngineSaysItWasNotOpened(t *testing.T) {
 		t.Fatalf("Close of a zero Engine: %v", err)
 	}
 }
+
+// A revoked key is denied DenialKeyRevoked whatever its seat, its usage report says Revoked,
+// and AddMember gives the member a new key in its place.
+func TestARevokedKeyIsDeniedAndItsMemberGivenANewOne(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "rk", "tp-rk", "Max")
+	request := tally.Request{Key: "tp-rk", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	if decision, err := engine.Consume(request); err != nil || !decision.Admitted {
+		t.Fatalf("before: %+v %v", decision, err)
+	}
+	if revoked, err := engine.RevokeKey("tp-rk", t0); err != nil || !revoked {
+		t.Fatalf("RevokeKey: %v %v", revoked, err)
+	}
+	if revoked, err := engine.RevokeKey("tp-rk", t0); err != nil || revoked {
+		t.Fatalf("RevokeKey again: %v %v", revoked, err)
+	}
+	if _, err := engine.RevokeKey("tp-nobody", t0); !errors.Is(err, tally.ErrUnknownKey) {
+		t.Fatalf("an unknown key: %v", err)
+	}
+	decision, err := engine.Consume(request)
+	if err != nil || decision.Admitted || decision.Denial != tally.DenialKeyRevoked ||
+		decision.Denial.String() != "key_revoked" {
+		t.Fatalf("after: %+v %v", decision, err)
+	}
+	usage, err := engine.Usage("tp-rk", t0)
+	if err != nil || !usage.Revoked || usage.Limits[0].Used != 1 {
+		t.Fatalf("usage: %+v %v", usage, err)
+	}
+	must(t, engine.AddMember("@rk", "rk", "tp-rk-2", t0))
+	if usage, err := engine.Usage("tp-rk-2", t0); err != nil || usage.Revoked || usage.Plan != "" {
+		t.Fatalf("the new key: %+v %v", usage, err)
+	}
+}
