@@ -424,8 +424,13 @@ func images(api API, n json.RawMessage) ([]tally.Quantity, *apiError) {
 // and charge nothing. The key is checked first, so an unknown key is 401 on every route and
 // learns nothing about routes.
 func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key, method, path string) {
-	if _, err := g.config.Engine.Usage(key, g.now()); err != nil {
+	usage, err := g.config.Engine.Usage(key, g.now())
+	if err != nil {
 		g.answerEngineError(w, api, err)
+		return
+	}
+	if usage.Revoked {
+		unauthorized(api, "This API key was revoked.").write(w, api)
 		return
 	}
 	for _, pass := range g.passThrough {
@@ -532,6 +537,8 @@ func denied(w http.ResponseWriter, api API, resource string, d tally.Decision) {
 	switch d.Denial {
 	case tally.DenialUnknownKey:
 		unauthorized(api, "invalid API key").write(w, api)
+	case tally.DenialKeyRevoked:
+		unauthorized(api, "This API key was revoked.").write(w, api)
 	case tally.DenialQuotaExhausted:
 		w.Header().Set("Retry-After", fmt.Sprint(ceilSeconds(d.RetryAfter)))
 		rateLimited(api, deniedUnit(d), message).write(w, api)

@@ -587,6 +587,36 @@ func TestAnUnreachableUpstreamIs502AndChargesNothing(t *testing.T) {
 	}
 }
 
+// A revoked key is 401 on every route, metered or passed through, in the API's shape, and the
+// upstream never sees its call, as in the Python middleware.
+func TestARevokedKeyIs401OnEveryRoute(t *testing.T) {
+	h := start(t)
+	h.user(t, "rv", "tp-rv", "Max")
+	if a := h.call(t, false, "tp-rv", "MiniMax-M2.7", false); a.status != http.StatusOK {
+		t.Fatalf("before revoking: %d %s", a.status, a.raw)
+	}
+	if revoked, err := h.engine.RevokeKey("tp-rv", t0); err != nil || !revoked {
+		t.Fatalf("RevokeKey: %v %v", revoked, err)
+	}
+	served := h.upstream.served.Load()
+	hits := h.upstream.hits.Load()
+	a := h.call(t, false, "tp-rv", "MiniMax-M2.7", false)
+	if a.status != http.StatusUnauthorized || !strings.Contains(string(a.raw), "revoked") {
+		t.Fatalf("OpenAI: %d %s", a.status, a.raw)
+	}
+	openAIError(t, a, "invalid_request_error")
+	if a = h.call(t, true, "tp-rv", "MiniMax-M2.7", false); a.status != http.StatusUnauthorized {
+		t.Fatalf("Anthropic: %d %s", a.status, a.raw)
+	}
+	anthropicError(t, a, "authentication_error")
+	if a = h.send(t, http.MethodGet, "/v1/models", "tp-rv", false, "", nil); a.status != http.StatusUnauthorized {
+		t.Fatalf("a route passed through: %d %s", a.status, a.raw)
+	}
+	if h.upstream.served.Load() != served || h.upstream.hits.Load() != hits {
+		t.Fatal("the upstream served a revoked key")
+	}
+}
+
 // A route that costs nothing and shows nothing of other users (a model list, a model, token
 // counting: DefaultPassThrough) reaches the upstream unmetered on the operator's key: only for
 // a key the engine knows, as in the Python middleware; the refusal is in the shape of the API

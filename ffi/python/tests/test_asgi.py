@@ -307,6 +307,25 @@ def test_unknown_and_missing_keys_get_401_in_each_apis_shape(engine, gateway, up
     assert upstream.calls == []
 
 
+def test_a_revoked_key_gets_401_on_every_route(engine, gateway, upstream):
+    # As the Go gateway's test of the same name: metered or passed through, in the API's
+    # shape, and the upstream never sees the call.
+    key = seated(engine, "rv", "tp-rv-1", "Max")
+    assert request(gateway, CHAT, chat(), key=key).status == 200
+    assert engine.revoke_key(key, at_ms=T) is True
+    served = len(upstream.calls)
+    openai = request(gateway, CHAT, chat(), key=key)
+    assert openai.status == 401, openai.body
+    assert openai.json()["error"]["code"] == "invalid_api_key"
+    assert "revoked" in openai.json()["error"]["message"]
+    anthropic = request(gateway, MESSAGES, chat(), key=key)
+    assert anthropic.status == 401
+    assert anthropic.json()["error"]["type"] == "authentication_error"
+    models = request(gateway, "/v1/models", None, key=key, method="GET")
+    assert models.status == 401, models.body
+    assert len(upstream.calls) == served
+
+
 @pytest.mark.parametrize("path", [CHAT, MESSAGES, SPEECH])
 @pytest.mark.parametrize("header", ["authorization", "x-api-key"])
 def test_a_key_no_key_can_be_gets_401_like_an_unknown_key(engine, gateway, upstream, path, header):

@@ -305,6 +305,8 @@ def denial_message(decision: Decision, resource: str) -> str:
             f"This key has {decision.requested} requests in flight; {plan} allows "
             f"{decision.maximum} at once. Retry when one finishes.{upgrade}"
         )
+    if denial is Denial.KEY_REVOKED:
+        return _REVOKED
     return "Invalid API key."
 
 
@@ -315,7 +317,7 @@ def _denial_answer(decision: Decision, api: Api) -> tuple[int, str, str | None]:
     one over the per-request maximum is); on Anthropic's routes a key whose plan and credits
     cannot serve the request is 403 permission_error, not a 429 its SDK would retry."""
     denial = decision.denial
-    if denial is Denial.UNKNOWN_KEY:
+    if denial in (Denial.UNKNOWN_KEY, Denial.KEY_REVOKED):
         return 401, "authentication", "invalid_api_key"
     if denial in (Denial.OVER_REQUEST_MAXIMUM, Denial.EXCEEDS_LIMIT):
         return 400, "invalid_request", "request_too_large"
@@ -771,7 +773,9 @@ class QuotaMiddleware:
         engine fails, the 503) to answer."""
         try:
             key = _key(scope)
-            await self._call(self.engine.usage, key, at_ms=self._now())
+            usage = await self._call(self.engine.usage, key, at_ms=self._now())
+            if usage.revoked:
+                return _Refusal(401, "authentication", _REVOKED, "invalid_api_key")
         except _Refusal as refusal:
             return refusal
         except errors.UnknownKeyError:
@@ -1148,6 +1152,10 @@ def lease_ended(error: errors.TallyError) -> bool:
     then is the call's usage not counted anywhere. Told by the status
     (TALLY_RESERVATION_EXPIRED, ``ReservationExpiredError``), not by the message's wording."""
     return isinstance(error, errors.ReservationExpiredError)
+
+
+#: The message for a revoked key, on every route, as the Go gateway words it.
+_REVOKED = "This API key was revoked."
 
 
 def _invalid_key() -> _Refusal:
