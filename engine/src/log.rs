@@ -1253,7 +1253,9 @@ impl FrameReader {
             ));
         }
         let len = u32::from_le_bytes(available[..4].try_into().unwrap_or_default()) as usize;
-        if !(RECORD_HEADER_BYTES..=MAX_RECORD_BYTES).contains(&len) {
+        // A format-2 record's header is the shorter one: a record of one short event is
+        // shorter than a format-3 header (as `frame_at` judges it at open).
+        if !(RECORD_HEADER_BYTES_MIN..=MAX_RECORD_BYTES).contains(&len) {
             return Err(damage(
                 &self.path,
                 at as usize,
