@@ -801,7 +801,10 @@ impl<'a> RecordView<'a> {
 
     /// The record, owned.
     pub fn to_record(&self) -> Result<Record, RecordError> {
-        let mut events = Vec::with_capacity(self.count as usize);
+        // Sized by what the bytes can hold (each event takes at least its two varints), not by
+        // the count alone: a count of 2^31 - 1 over a few bytes asked for 80 GiB.
+        let most = (self.count as usize).min(self.events.len() / 2);
+        let mut events = Vec::with_capacity(most);
         self.for_each(|event| {
             events.push((event.seq, event.at_ms, event.body.to_vec()));
             Ok(true)
@@ -1202,6 +1205,17 @@ mod tests {
         assert!(RecordView::parse(&later).is_none());
         // A flagged header cut short of its durable point.
         assert!(RecordView::parse(&bytes[..RECORD_HEADER_BYTES - 1]).is_none());
+    }
+
+    /// A record's count is trusted for nothing but the loop: one whose crc is sound but whose
+    /// count says 2^31 - 1 events over a few bytes is refused, not sized for (about 80 GiB).
+    #[test]
+    fn a_record_counting_more_events_than_its_bytes_hold_is_refused_without_sizing_for_them() {
+        let mut bytes = encoded(3);
+        bytes[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
+        let view = RecordView::parse(&bytes).expect("a header");
+        assert_eq!(view.count, (1 << 31) - 1);
+        assert!(matches!(view.to_record(), Err(RecordError::Shape(6))));
     }
 
     #[test]
