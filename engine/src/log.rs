@@ -2308,8 +2308,14 @@ impl EventLog {
 
     /// Saves a named cursor durably (it survives restarts). A new name is refused once
     /// `MAX_CURSORS` are saved (`CapacityExceeded`, nothing written); an existing one is
-    /// always saved.
+    /// always saved. Refused on a read-only log.
     pub fn save_cursor(&self, name: &str, seq: u64) -> Result<(), Error> {
+        if self.read_only {
+            return Err(storage(
+                self.dir.display(),
+                "opened read-only: nothing is saved",
+            ));
+        }
         let saving = self.cursor_saves.lock();
         let known = self
             .cursors
@@ -3512,6 +3518,33 @@ mod tests {
         log.append(1_000, encode_body(&top_up(4))).expect("append");
         log.close().expect("close");
         assert_eq!(clean_close_point(&log.meta).expect("read"), 4);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A log opened read-only (`verify`, tools) saves no cursor, as it records no options and
+    /// deletes no cursor: it writes nothing of tally's.
+    #[test]
+    fn a_read_only_log_saves_no_cursor() {
+        let dir = fresh_dir("read-only-cursor");
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("open");
+        let seq = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        log.wait(seq).expect("durable");
+        log.save_cursor("billing", seq).expect("saved");
+        log.close().expect("close");
+        drop(log);
+        let read_only = EventLog::open_read_only(&dir).expect("read");
+        for (name, saved) in [("billing", seq), ("another", 0)] {
+            let error = read_only
+                .save_cursor(name, seq - 1)
+                .expect_err("opened read-only");
+            assert!(error.to_string().contains("read-only"), "{error}");
+            assert_eq!(read_only.cursor(name), Ok(saved), "{name} unchanged");
+        }
+        drop(read_only);
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("reopen");
+        assert_eq!(log.cursor("billing"), Ok(seq));
+        assert_eq!(log.cursor("another"), Ok(0));
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
