@@ -5620,6 +5620,49 @@ fn verify_finds_a_database_with_a_torn_tail_sound_as_an_open_does() {
     drop(engine);
 }
 
+/// A saved cursor that does not read back (not the 8 bytes of a sequence number) or points past
+/// the log's last event (a cursor is saved only once the log is durable through it) is one of
+/// `verify`'s problems, naming the cursor: reading after it fails, so a database holding it is
+/// not sound. One a sound database holds is no problem, nor is one behind the log's start (a
+/// reader that fell behind the retention: reading after it says so).
+#[test]
+fn verify_reports_a_cursor_that_cannot_be_read_after() {
+    let (dir, _, _) = closed_database("verify-cursors");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let last = last_seq(&engine);
+    engine.save_cursor("billing", last).unwrap();
+    engine.save_cursor("audit", 1).unwrap();
+    drop(engine);
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    {
+        let db = open_sled_retrying(dir.path());
+        let cursors = db.open_tree("cursors").unwrap();
+        cursors.insert("billing", &[0u8; 7]).unwrap();
+        cursors.insert("audit", &(last + 1).to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    let problem = |name: &str| {
+        report
+            .problems
+            .iter()
+            .find(|problem| problem.contains(&format!("{name:?}")))
+            .unwrap_or_else(|| panic!("{name} reported: {:?}", report.problems))
+    };
+    assert!(problem("billing").contains("holds 7 bytes"), "{report:?}");
+    assert!(
+        problem("audit").contains(&format!("past the log's last event, {last}")),
+        "{report:?}"
+    );
+    // As the reads after them find.
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert!(engine.cursor("billing").is_err());
+    let after = engine.cursor("audit").unwrap();
+    assert!(engine.events_after(after, 10).is_err());
+}
+
 /// Where `path`'s records end (read with the documented framing, up to zeros or the end).
 fn records_end(frames: &[Frame], path: &std::path::Path) -> usize {
     frames

@@ -2278,6 +2278,38 @@ impl EventLog {
         }
     }
 
+    /// What is wrong with the saved cursors, one line each (`verify`): a value that is not a
+    /// sequence number's 8 bytes, or one past `last_seq`, the log's last event (a cursor is
+    /// saved only once the log is durable through it, so such a one means events are missing or
+    /// the cursor is damaged). Reading after either fails. One before the log's start is a
+    /// reader that fell behind the retention, which reading after it reports: no problem here.
+    pub fn cursor_problems(&self, last_seq: u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        for entry in self.cursors.iter() {
+            let (name, value) = match entry {
+                Ok(entry) => entry,
+                Err(error) => {
+                    problems.push(storage("reading the cursors", error).to_string());
+                    break;
+                }
+            };
+            let name = String::from_utf8_lossy(&name);
+            match <[u8; 8]>::try_from(value.as_ref()) {
+                Err(_) => problems.push(format!(
+                    "cursor {name:?} holds {} bytes, not the 8 of a sequence number: damaged",
+                    value.len()
+                )),
+                Ok(bytes) if u64::from_be_bytes(bytes) > last_seq => problems.push(format!(
+                    "cursor {name:?} is at event {}, past the log's last event, {last_seq}: \
+                     events are missing or the cursor is damaged",
+                    u64::from_be_bytes(bytes)
+                )),
+                Ok(_) => {}
+            }
+        }
+        problems
+    }
+
     /// The options recorded by the last open that recorded any (`record_options`), as stored;
     /// `None` for a database that has none (new, or written by a build before they were).
     pub fn recorded_options(&self) -> Result<Option<Vec<u8>>, Error> {

@@ -2057,7 +2057,8 @@ impl Engine {
     /// snapshot equals a replay of the log from the snapshot before it (or from the start), and
     /// the events after it replay onto it as an open replays them;
     /// of the keys a correction left short, a snapshot of format 4 on must mark at least those
-    /// the replay marks (the live engine may have marked more).
+    /// the replay marks (the live engine may have marked more); every saved cursor reads back
+    /// and is at most the log's last event.
     /// The replay runs with `options`: they must be the ones the database was opened with (the
     /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
     /// `use_recorded` reads from the database itself (recorded options that do not decode are
@@ -2102,6 +2103,10 @@ impl Engine {
         let records_sound = problems.is_empty() && bodies.is_empty();
         report.problems.extend(problems);
         report.problems.extend(bodies);
+        // A billing reader's cursor that reading after fails.
+        report
+            .problems
+            .extend(log.cursor_problems(log.next_seq() - 1));
         // The latest snapshot, read and decoded once: compared with a replay of the log up to
         // it, then restored for the replay of the events after it.
         let latest = log.snapshot_pointer()?;
