@@ -5032,6 +5032,45 @@ fn opening_a_database_of_a_newer_format_is_a_clear_error_naming_the_version() {
     );
 }
 
+/// A recorded format version that is not the 2 bytes of one is damage, refused at open and by
+/// `verify` naming the record, and changes nothing: read as its first byte(s), `[2, 0, 9]` ran
+/// a format-4 database as one of format 2 (and recorded format 4 over it at the first write),
+/// and an empty one was refused as format 0, the development build's log inside sled.
+#[test]
+fn a_recorded_format_version_of_another_length_is_refused_as_damage() {
+    let dir = TempDir::new("format-length");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    drop(engine);
+    for value in [&[4u8][..], &[2, 0, 9], &[]] {
+        {
+            let db = open_sled_retrying(dir.path());
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("format_version", value).unwrap();
+            db.flush().unwrap();
+        }
+        let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+            .expect_err("damaged");
+        let problem = storage_problem(&error);
+        assert!(
+            problem.contains("format_version") && problem.contains("damaged"),
+            "{value:?}: {problem}"
+        );
+        let error = Engine::verify(dir.path(), sync_options()).expect_err("damaged");
+        assert!(
+            storage_problem(&error).contains("format_version"),
+            "{value:?}: {error}"
+        );
+        let db = open_sled_retrying(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get("format_version").unwrap().as_deref(),
+            Some(value),
+            "left as it was"
+        );
+    }
+}
+
 #[test]
 fn reopening_right_after_dropping_works_every_time() {
     let dir = TempDir::new("reopen-fast");

@@ -2769,8 +2769,17 @@ fn check_format(
         .map_err(|error| storage("reading metadata", error))?
     {
         Some(value) => {
-            let version = value.first().copied().map_or(0, u16::from)
-                | value.get(1).copied().map_or(0, |high| u16::from(high) << 8);
+            // Another length is damage (as for `recorded_seq`): read as its first bytes, it
+            // ran a database as one of another format.
+            let Ok(version) = <[u8; 2]>::try_from(value.as_ref()).map(u16::from_le_bytes) else {
+                return Err(storage(
+                    format!("{}: metadata `format_version`", dir.display()),
+                    format!(
+                        "holds {} bytes, not the 2 of a format version: damaged",
+                        value.len()
+                    ),
+                ));
+            };
             if version > FORMAT_VERSION {
                 return Err(storage(
                     dir.display(),
