@@ -3287,8 +3287,9 @@ impl Writer {
             .map_err(|error| storage("writing the log", error))
     }
 
-    fn report(&self, first: u64, last: u64, result: Result<(), Error>) {
-        let mut progress = self.shared.progress.lock();
+    fn report(&mut self, first: u64, last: u64, result: Result<(), Error>) {
+        let shared = Arc::clone(&self.shared);
+        let mut progress = shared.progress.lock();
         match result {
             Ok(()) if progress.failure.is_none() => {
                 let position = Position {
@@ -3303,14 +3304,29 @@ impl Writer {
                     self.shared.visible_seq.store(last, Ordering::Release);
                 }
             }
-            Ok(()) => {}
+            Ok(()) => {
+                // Failed while this group was being written, by an fdatasync outside the
+                // writer (`sync`, a snapshot's: `Shared::fail_after_flush`, in the modes that
+                // do not wait for durability) from the first event not yet written, this
+                // group's: its callers are told it failed, so its bytes must not stay, as a
+                // failed write's do not. (If even the cut fails, they may come back at the
+                // next open, as in `cut_back`.)
+                if progress
+                    .failure
+                    .as_ref()
+                    .is_some_and(|(failed_from, _)| *failed_from <= last)
+                {
+                    let group_start = self.active.len - self.buffer.len() as u64;
+                    let _ = self.cut_back(group_start, storage("the log", "failed meanwhile"));
+                }
+            }
             Err(error) => {
                 // In `Sync` mode the written events not yet durable fail with this group.
                 debug_assert!(progress.visible.seq < first);
-                self.shared.mark_failed(&mut progress, &error);
+                shared.mark_failed(&mut progress, &error);
             }
         }
-        self.shared.announce(progress);
+        shared.announce(progress);
     }
 }
 
@@ -3586,6 +3602,75 @@ mod tests {
         let log = EventLog::open(&dir, Durability::Sync, None).expect("reopen");
         assert_eq!(log.cursor("billing"), Ok(seq));
         assert_eq!(log.cursor("another"), Ok(0));
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// In the modes that do not wait for durability an fdatasync outside the writer (`sync`, a
+    /// background snapshot's) fails the log from the first event not yet written, while the
+    /// writer may be writing the group that starts there: its callers are told it failed (a
+    /// `Submitted::complete`, a `consume` whose wait comes after), so its bytes are cut off
+    /// again, as a failed write's are. Left, a request answered with the error was counted
+    /// after the reopen. The writer's steps are played here one at a time.
+    #[test]
+    fn a_group_written_while_an_outside_fdatasync_fails_is_cut_off_again() {
+        let dir = fresh_dir("outside-flush-fails");
+        let log = EventLog::open_with(&dir, Durability::Interval { ms: 60_000 }, None, 1 << 20)
+            .expect("open");
+        let first = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        log.sync().expect("written and durable");
+        // The writer thread stops; this test plays its part.
+        log.shared.queue.lock().stop = true;
+        log.shared.queue_ready.notify_all();
+        let handle = log.writer.lock().take().expect("a writer");
+        handle.join().expect("the writer stops");
+        let file = Arc::clone(&log.shared.active_file.lock());
+        let len = file.metadata().expect("metadata").len();
+        let mut writer = Writer {
+            shared: Arc::clone(&log.shared),
+            active: Active {
+                file,
+                first: 1,
+                len,
+                zeroed: len,
+            },
+            buffer: Vec::new(),
+            spare: Batch::default(),
+            rotate_at: None,
+            unsynced_from: None,
+            durable_len: len,
+            wrote: true,
+            poll_for: WRITER_POLL,
+        };
+        let mut batch = Batch::default();
+        append_body_to(&mut batch.bytes, &top_up(2));
+        batch.events.push(Queued {
+            seq: first + 1,
+            at_ms: 1_000,
+            end: batch.bytes.len(),
+        });
+        // The writer found the log sound and writes the group...
+        writer.write_group(&batch, 0..1).expect("written");
+        assert!(writer.active.len > len);
+        // ...while an fdatasync outside it fails: the failure covers the group.
+        log.shared
+            .fail_after_flush(&storage("fdatasync of the log", "injected fault"));
+        assert_eq!(log.failed_from(), Some(first + 1));
+        assert!(log.wait(first + 1).is_err(), "its caller is told it failed");
+        writer.report(first + 1, first + 1, Ok(()));
+        let file_len = std::fs::metadata(segment_path(&log.shared.events_dir, 1))
+            .expect("metadata")
+            .len();
+        assert_eq!(file_len, len, "the failed group's bytes cut off");
+        drop(writer);
+        drop(log);
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("reopen");
+        let events = log.events_after(0, 10).expect("read");
+        assert_eq!(
+            events.iter().map(|event| event.seq).collect::<Vec<_>>(),
+            vec![first],
+            "only the event before the failure"
+        );
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
     }
