@@ -947,7 +947,8 @@ struct Recovered {
 /// durable points written after it are true); creates the first segment of a new log. Events
 /// up to `durable_through` (the latest snapshot's, or the last clean close's) were durable: a
 /// bad record among them is damage. `read_only` (verify) changes nothing: damage is reported
-/// in `problem` and the log read up to it; a torn tail is reported and left.
+/// in `problem` and the log read up to it; a torn tail is left, and read as the log's end
+/// without a problem, as an open cuts it off (it was never acknowledged).
 fn recover_segments(
     events_dir: &Path,
     start_if_empty: u64,
