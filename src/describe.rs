@@ -683,8 +683,8 @@ pub fn verify_json(report: &VerifyReport) -> Value {
 pub fn compact_text(report: &CompactReport) -> String {
     format!(
         "checkpoint: a snapshot of the whole state at event {}\n\
-         removed:    {} events (usage older than the longest window plus the retention, \
-         and before the previous snapshot)\n\
+         removed:    {} events (stamped before the longest window plus the retention, \
+         logged before the retention, and before the previous snapshot)\n\
          log:        starts at event {}\n",
         grouped(report.snapshot_seq),
         grouped(report.events_removed),

@@ -112,7 +112,7 @@ Operator commands, on the database at --db (default: ./tally-data):
   events                         The event log, one event per line, after a sequence number or
                                  a named export cursor
   verify                         Check the database; exit status 1 if it is not sound
-  compact                        Checkpoint, then drop usage events past the retention
+  compact                        Checkpoint, then drop events past the retention
   policy PATH                    Swap the database's policy for the one in PATH (usage carries
                                  over; refused if it drops a plan someone holds a seat on, or
                                  moves a plan's limit to another window)
@@ -384,16 +384,19 @@ Exit status: 0 sound, 1 unsound, 2 the database cannot be opened.
 ";
 
 const COMPACT_HELP: &str = "\
-Take a checkpoint (a snapshot of the whole state), then drop usage events older than the
-longest window plus the retention (the database owner's `retention_ms`, 7 days by default);
-their effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
+Take a checkpoint (a snapshot of the whole state), then drop events stamped more than the
+longest window plus the retention before the compaction's time (the database owner's
+`retention_ms`, 7 days by default) and logged at least the retention before it: a request
+delivered late, stamped long ago, stays the retention after it was logged for a reader. Their
+effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
 `verify` can still replay between the two.
 
 Usage: tally compact [OPTIONS]
 
 Options:
   --at MS              Compact as of this time, in ms since 1970 UTC [default: now]
-                       (at most a day ahead of now, the default max_ahead_of_clock_ms)
+                       (at most a day ahead of now, the default max_ahead_of_clock_ms);
+                       the time the retention is counted to
 ";
 
 const POLICY_HELP: &str = "\

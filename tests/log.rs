@@ -2366,6 +2366,162 @@ fn reading_after_a_cursor_that_compaction_passed_names_the_events_lost() {
     ));
 }
 
+/// Requests a gateway delivers late: stamped 30 days back, logged now. Their timestamps are
+/// past the longest window plus the retention, but a billing reader has the retention from
+/// the time they were logged (on the engine's clock) to read them. Before, the next
+/// checkpoint and `compact` removed them at once: a reader that came a minute later was told
+/// they were compacted away, and they were never billed.
+#[test]
+fn late_events_stay_for_the_retention_after_they_were_logged_then_go() {
+    let dir = TempDir::new("late-events");
+    let retention_ms = 7 * DAY_MS;
+    let options = OpenOptions {
+        retention_ms,
+        ..sync_options()
+    };
+    let now_ms = T0_MS + 40 * DAY_MS;
+    let late_ms = now_ms - 30 * DAY_MS;
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(now_ms));
+    // The database has run since T0.
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+    engine.close().unwrap();
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options.clone()).unwrap();
+    let first_late = engine.events_after(0, 100).unwrap().last().unwrap().seq + 1;
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..3 {
+        let request = UsageRequest::new("key-ann", "chat", &one).at(late_ms + offset);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let late = engine.events_after(first_late - 1, 100).unwrap();
+    let last_late = late.last().unwrap().seq;
+    engine.checkpoint().unwrap();
+    // Each compaction below follows events of its day, so its checkpoint is a new snapshot.
+    let top_up = |engine: &Engine, at_ms: u64| engine.top_up("@ann", 1, Some(at_ms)).unwrap();
+    // A minute on, a checkpoint and a compaction: every late event stays for the reader.
+    clock.set_ms(now_ms + MINUTE_MS);
+    top_up(&engine, now_ms + MINUTE_MS);
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept <= first_late, "{report:?}");
+    assert_eq!(
+        engine.events_after(first_late - 1, 100).unwrap()[..late.len()],
+        late[..]
+    );
+    // The same after a reopen (a day later: still within the retention).
+    engine.close().unwrap();
+    clock.set_ms(now_ms + DAY_MS);
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options.clone()).unwrap();
+    top_up(&engine, now_ms + DAY_MS);
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept <= first_late, "{report:?}");
+    assert_eq!(
+        engine.events_after(first_late - 1, 100).unwrap()[..late.len()],
+        late[..]
+    );
+    // Once the retention has passed since they were logged, they go.
+    engine.close().unwrap();
+    clock.set_ms(now_ms + retention_ms + 2 * MINUTE_MS);
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options).unwrap();
+    top_up(&engine, now_ms + retention_ms + 2 * MINUTE_MS);
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept > last_late, "{report:?}");
+    assert!(report.events_removed >= late.len() as u64, "{report:?}");
+    match engine.events_after(first_late, 100) {
+        Err(Error::InvalidArgument { field, problem }) => {
+            assert_eq!(field, "after");
+            assert!(problem.contains("compacted away"), "{problem}");
+        }
+        other => panic!("reading after event {first_late}: {other:?}"),
+    }
+    engine.close().unwrap();
+    let verified = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(verified.problems.is_empty(), "{verified:?}");
+}
+
+/// A periodic checkpoint records when the events before it were logged too, so the
+/// segments it sealed go once the retention has passed since then, not only since the next
+/// `compact` or `close`.
+#[test]
+fn segments_sealed_by_periodic_checkpoints_go_the_retention_after_they_were_logged() {
+    let dir = TempDir::new("logged-by-periodic");
+    let retention_ms = HOUR_MS;
+    let options = OpenOptions {
+        retention_ms,
+        checkpoint_every_events: 4,
+        ..sync_options()
+    };
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options).unwrap();
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..20 {
+        let request = UsageRequest::new("key-ann", "chat", &one).at(T0_MS + offset);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let periodic = engine.events_after(0, 100).unwrap().last().unwrap().seq;
+    let later_ms = T0_MS + retention_ms + MINUTE_MS;
+    clock.set_ms(later_ms);
+    engine.top_up("@ann", 1, Some(later_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept > 4, "{report:?}");
+    assert!(report.first_seq_kept <= periodic + 1, "{report:?}");
+    engine.close().unwrap();
+}
+
+/// A database an earlier build wrote has no record of when its events were logged: its
+/// segments count as logged at the first checkpoint this build takes, so they stay for the
+/// retention after the upgrade (a reader has that long), then go; it opens and verifies.
+#[test]
+fn segments_an_earlier_build_logged_stay_for_the_retention_after_the_upgrade() {
+    let dir = TempDir::new("logged-by-earlier-build");
+    let retention_ms = 7 * DAY_MS;
+    let options = OpenOptions {
+        retention_ms,
+        ..sync_options()
+    };
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+    engine.checkpoint().unwrap();
+    engine.top_up("@ann", 1, Some(T0_MS)).unwrap();
+    engine.close().unwrap();
+    // As an earlier build left it: none of the records.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        let records: Vec<_> = meta.scan_prefix(b"logged_by/").keys().collect();
+        assert!(
+            !records.is_empty(),
+            "this build records when events were logged"
+        );
+        for key in records {
+            meta.remove(key.unwrap()).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    // Opened 30 days on: its events are past the longest window plus the retention, but the
+    // build cannot tell when they were logged.
+    let upgraded_ms = T0_MS + 30 * DAY_MS;
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(upgraded_ms));
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options.clone()).unwrap();
+    engine.top_up("@ann", 1, Some(upgraded_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert_eq!(report.events_removed, 0, "{report:?}");
+    assert_eq!(report.first_seq_kept, 1, "{report:?}");
+    engine.close().unwrap();
+    let later_ms = upgraded_ms + retention_ms + MINUTE_MS;
+    clock.set_ms(later_ms);
+    let engine = Engine::open(dir.path(), ten_seconds(), clock, options).unwrap();
+    engine.top_up("@ann", 1, Some(later_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept > 1, "{report:?}");
+    engine.close().unwrap();
+    let verified = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(verified.problems.is_empty(), "{verified:?}");
+}
+
 /// An export reading while compaction removes log files: the files it listed stay until it
 /// is done (compaction waits for it), so it reads on exactly after its cursor. Before, a file
 /// of its list could be removed under it: "No such file" for the billing reader.

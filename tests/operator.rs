@@ -149,15 +149,20 @@ fn set_up_ada(workspace: &Workspace) {
     set_up_ada_with(workspace, &[]);
 }
 
-/// `set_up_ada`, each command stamped `at_ms`: a history that happened a while ago, since
-/// the commands run on the system clock, which a test cannot move on (nor may they stamp
-/// more than a day ahead of it, the default `max_ahead_of_clock_ms`).
-fn set_up_ada_at(workspace: &Workspace, at_ms: u64) {
-    // The database is made then too (its policy is logged as of its first open's clock).
+/// `set_up_ada`, each command stamped `at_ms`: a history that happened a while ago, delivered
+/// late (the commands run on the system clock, which a test cannot move on, nor may they stamp
+/// more than a day ahead of it, the default `max_ahead_of_clock_ms`), in a database made then
+/// (its policy logged then, on its first open's clock) whose owner keeps events for its
+/// readers `retention_ms` past the longest window (and after they were logged).
+fn set_up_ada_at(workspace: &Workspace, at_ms: u64, retention_ms: u64) {
     let policy = Policy::from_toml_str(POLICY).expect("the test policy");
     let clock = Arc::new(ManualClock::new(at_ms));
-    let engine = Engine::open(workspace.database(), policy, clock, OpenOptions::default())
-        .expect("the database is made");
+    let options = OpenOptions {
+        retention_ms,
+        ..OpenOptions::default()
+    };
+    let engine =
+        Engine::open(workspace.database(), policy, clock, options).expect("the database is made");
     engine.close().expect("close");
     set_up_ada_with(workspace, &["--at", &at_ms.to_string()]);
 }
@@ -322,10 +327,11 @@ fn a_time_more_than_a_day_ahead_of_the_clock_is_refused_naming_at() {
 #[test]
 fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retention() {
     let workspace = Workspace::new();
-    // The history is 30 days old: compaction now finds it past the retention (7 days).
-    let at_ms = now_ms() - 30 * DAY_MS;
+    // The history is 30 days old, logged now; the owner keeps events an hour for its readers.
+    let now = now_ms();
+    let at_ms = now - 30 * DAY_MS;
     let at = at_ms.to_string();
-    set_up_ada_at(&workspace, at_ms);
+    set_up_ada_at(&workspace, at_ms, HOUR_MS);
     consume(&workspace, at_ms, &[]);
     let verified = workspace.verify(&[]);
     assert!(
@@ -342,9 +348,16 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
     );
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
     consume(&workspace, at_ms, &[]);
-    // Now, 30 days on.
+    // Now, 30 days on: the policy logged when the database was made goes; the history,
+    // logged just now, stays the retention for a reader.
     let compacted = workspace.ok(&["compact"]);
-    assert!(compacted.contains("removed:    5 events"), "{compacted}");
+    assert!(compacted.contains("removed:    1 events"), "{compacted}");
+    assert!(compacted.contains("starts at event 2"), "{compacted}");
+    assert_eq!(seq(&workspace.events(&[])[0]), 2);
+    // Past the retention after it was logged, it goes too.
+    let past_retention = (now + 2 * HOUR_MS).to_string();
+    let compacted = workspace.ok(&["compact", "--at", &past_retention]);
+    assert!(compacted.contains("removed:    4 events"), "{compacted}");
     assert!(compacted.contains("starts at event 6"), "{compacted}");
 
     let report: Value = serde_json::from_str(&workspace.verify(&["--json"])).expect("JSON");
@@ -367,15 +380,18 @@ fn verify_reports_a_sound_database_and_compact_removes_what_is_past_the_retentio
 #[test]
 fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
     let workspace = Workspace::new();
-    // A history 30 days old, compacted as of then (nothing goes), then now.
-    let at_ms = now_ms() - 30 * DAY_MS;
-    set_up_ada_at(&workspace, at_ms);
+    // A history 30 days old logged now, compacted as of then (nothing goes), then past the
+    // hour the owner keeps events for its readers.
+    let now = now_ms();
+    let at_ms = now - 30 * DAY_MS;
+    set_up_ada_at(&workspace, at_ms, HOUR_MS);
     consume(&workspace, at_ms, &[]);
     let read = workspace.events(&["--cursor", "billing", "--limit", "2"]);
     assert_eq!(read.iter().map(seq).collect::<Vec<u64>>(), [1, 2]);
     workspace.ok(&["compact", "--at", &at_ms.to_string()]);
     consume(&workspace, at_ms, &[]);
-    let compacted = workspace.ok(&["compact"]);
+    let past_retention = (now + 2 * HOUR_MS).to_string();
+    let compacted = workspace.ok(&["compact", "--at", &past_retention]);
     assert!(compacted.contains("starts at event 6"), "{compacted}");
     for (args, option) in [
         (&["events", "--after", "2"][..], "--after"),
@@ -1027,8 +1043,8 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
         ..OpenOptions::default()
     };
     let policy = Policy::from_toml_str(POLICY).expect("the test policy");
-    // Its history is 30 days old (the commands run on the system clock: compacting now is
-    // compacting 30 days on).
+    // Its history is 30 days old, logged then on its clock (the commands run on the system
+    // clock: compacting now is compacting 30 days on).
     let then_ms = now_ms() - 30 * DAY_MS;
     let then = then_ms.to_string();
     let clock = Arc::new(ManualClock::new(then_ms));
@@ -1048,8 +1064,8 @@ fn commands_run_a_database_with_the_options_its_gateway_recorded() {
 
     workspace.ok(&["seat", "@ada", "ada", "Small", "--at", &then]);
     consume(&workspace, then_ms, &[]);
-    // 30 days on is within the gateway's retention: with the defaults (7 days) every event
-    // up to the checkpoint would go.
+    // 30 days on is within the gateway's retention: with the defaults (7 days) the events
+    // it logged 30 days ago would go.
     let compacted = workspace.ok(&["compact"]);
     assert!(compacted.contains("removed:    0 events"), "{compacted}");
     let verified = workspace.verify(&[]);

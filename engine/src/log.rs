@@ -184,6 +184,14 @@ const META_DURABLE_THROUGH: &[u8] = b"durable_through";
 /// events in it, removed), and a recorded segment's damaged header as damage. Databases
 /// written before it have none until their next open.
 const META_LAST_SEGMENT: &[u8] = b"last_segment";
+/// Prefix of the keys that say when events were logged, on the engine's clock: the key
+/// `logged_by/` + a sequence number (u64 BE, so the keys sort by it) holds a clock time in ms
+/// (u64 LE) by which every event up to that number was logged: the time of a checkpoint's
+/// cut, recorded once the log is durable through it (`record_logged_by`). Compaction keeps a
+/// segment until the first such time at or after its last event is `retention_ms` old
+/// (`compact`). A database an earlier build wrote has none for its segments: the first
+/// checkpoint this build takes covers them. Earlier builds ignore the keys (no format change).
+const META_LOGGED_BY: &[u8] = b"logged_by/";
 
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
 /// when the call that made it returns it (`consume`, each request of `consume_many` when the
@@ -2391,9 +2399,77 @@ impl EventLog {
         Ok(true)
     }
 
-    /// Deletes whole sealed segments whose every event is at or before `up_to_seq` and older
-    /// than `before_ms`, oldest first; returns how many events they held.
-    pub fn compact(&self, up_to_seq: u64, before_ms: u64) -> Result<u64, Error> {
+    /// Records durably enough that every event up to `seq` was logged by `clock_ms` on the
+    /// engine's clock. Call it only once the log is durable through `seq` (a record naming
+    /// events a crash then lost would date the events that take their numbers after it too
+    /// early). Lost in a crash, it only keeps segments longer: the next checkpoint's covers
+    /// them. Refused on a read-only log.
+    pub fn record_logged_by(&self, seq: u64, clock_ms: u64) -> Result<(), Error> {
+        if self.read_only {
+            return Err(storage(
+                self.dir.display(),
+                "opened read-only: nothing is recorded",
+            ));
+        }
+        self.meta
+            .insert(logged_by_key(seq), &clock_ms.to_le_bytes())
+            .map_err(|error| storage("recording when events were logged", error))?;
+        Ok(())
+    }
+
+    /// `record_logged_by` for a snapshot thread: records into this log's `meta` (sled's
+    /// trees are shared handles), with the same care.
+    pub fn logged_by_recorder(&self) -> impl Fn(u64, u64) -> Result<(), Error> + Send + 'static {
+        let meta = (!self.read_only).then(|| self.meta.clone());
+        move |seq, clock_ms| match &meta {
+            Some(meta) => meta
+                .insert(logged_by_key(seq), &clock_ms.to_le_bytes())
+                .map(|_| ())
+                .map_err(|error| storage("recording when events were logged", error)),
+            None => Err(storage("the log", "opened read-only: nothing is recorded")),
+        }
+    }
+
+    /// The earliest clock time recorded by which every event up to `seq` was logged (the
+    /// record of the first sequence number at or after it); `None` when none covers it yet.
+    pub fn logged_by_ms(&self, seq: u64) -> Result<Option<u64>, Error> {
+        let reading = |error| storage("reading when events were logged", error);
+        let Some(entry) = self.meta.range(logged_by_key(seq)..).next() else {
+            return Ok(None);
+        };
+        let (key, value) = entry.map_err(reading)?;
+        if !key.starts_with(META_LOGGED_BY) {
+            return Ok(None);
+        }
+        match <[u8; 8]>::try_from(value.as_ref()) {
+            Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
+            Err(_) => Err(storage(
+                "metadata `logged_by`",
+                format!("holds {} bytes, not the 8 of a time: damaged", value.len()),
+            )),
+        }
+    }
+
+    /// Forgets the records of when events before `seq` were logged (their segments are gone).
+    fn forget_logged_by_before(&self, seq: u64) -> Result<(), Error> {
+        let forgetting = |error| storage("forgetting when compacted events were logged", error);
+        let old: Vec<sled::IVec> = self
+            .meta
+            .range(logged_by_key(0)..logged_by_key(seq))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(forgetting)?;
+        for key in old {
+            self.meta.remove(key).map_err(forgetting)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes whole sealed segments, oldest first, whose every event is at or before
+    /// `up_to_seq`, stamped before `before_ms`, and was logged by `logged_by_ms` on the
+    /// engine's clock (`logged_by_ms`: a segment no record covers stays); returns how many
+    /// events they held.
+    pub fn compact(&self, up_to_seq: u64, before_ms: u64, logged_by_ms: u64) -> Result<u64, Error> {
         // One at a time, each listing the segments the one before it left.
         let _one_at_a_time = self.compacting.lock();
         let segments = self.segments();
@@ -2402,6 +2478,12 @@ impl EventLog {
             let (first, next) = (pair[0], pair[1]);
             let last = next - 1;
             if last > up_to_seq {
+                break;
+            }
+            // Judged before the segment is read: a late event's timestamp says nothing of
+            // when a reader could first see it.
+            let logged_ms = self.logged_by_ms(last)?;
+            if logged_ms.is_none_or(|logged_ms| logged_ms > logged_by_ms) {
                 break;
             }
             let path = segment_path(&self.shared.events_dir, first);
@@ -2432,6 +2514,9 @@ impl EventLog {
             // fsync per segment, and compaction is rare.
             sync_dir(&self.shared.events_dir)?;
             removed += last + 1 - first;
+        }
+        if removed > 0 {
+            self.forget_logged_by_before(self.log_start()?)?;
         }
         Ok(removed)
     }
@@ -2554,6 +2639,14 @@ fn recorded_seq(meta: &sled::Tree, key: &[u8]) -> Result<u64, Error> {
             ),
         )),
     }
+}
+
+/// The `meta` key of the record of when the events up to `seq` were logged.
+fn logged_by_key(seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(META_LOGGED_BY.len() + 8);
+    key.extend_from_slice(META_LOGGED_BY);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
 }
 
 fn failed(seq: u64, problem: &str) -> Error {

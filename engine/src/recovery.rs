@@ -291,8 +291,10 @@ pub struct OpenOptions {
     /// they take more). So opening replays up to about twice this many events (more after a
     /// crash while a checkpoint's snapshot was being written: the tail before it too).
     pub checkpoint_every_events: u64,
-    /// Usage events stay in the log this long beyond the longest window before `compact` may
-    /// drop them (their effect lives on in the snapshot). 0 to `MAX_PERIOD_MS`.
+    /// How long an export reader has: `compact` drops an event (its effect lives on in the
+    /// snapshot) only once its timestamp is this long past the longest window and it was
+    /// logged at least this long ago on the engine's clock, so a request delivered late,
+    /// stamped long ago, stays this long after it was logged too. 0 to `MAX_PERIOD_MS`.
     pub retention_ms: u64,
     /// Faults to inject into the storage (tests).
     pub faults: Option<Arc<Faults>>,
@@ -1488,12 +1490,15 @@ impl Engine {
         let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
+        // Every event up to the cut was logged by now.
+        let logged_by_ms = self.now_ms();
         let written = cut.finish_copies().and_then(|()| {
             let usage_bytes = cut.usage_bytes;
             let bytes = cut.encode()?;
             self.checkpoint_pacing.note(started, started.elapsed());
             journal.sync()?;
-            journal.write_snapshot(seq, usage_bytes, bytes)
+            journal.write_snapshot(seq, usage_bytes, bytes)?;
+            journal.record_logged_by(seq, logged_by_ms)
         });
         self.cuts.give_back(cut);
         written?;
@@ -1525,6 +1530,9 @@ impl Engine {
         let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
+        // Every event up to the cut was logged by now.
+        let logged_by_ms = self.now_ms();
+        let record_logged_by = journal.logged_by_recorder();
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
@@ -1538,7 +1546,9 @@ impl Engine {
                     let bytes = cut.encode()?;
                     // The work, not the disk: the store below waits for the log's flush.
                     pacing.note(started, started.elapsed());
-                    store(bytes, usage_bytes)
+                    // Stored once the log is durable through the cut, as its record must be.
+                    store(bytes, usage_bytes)?;
+                    record_logged_by(seq, logged_by_ms)
                 });
                 Cuts::keep_spare(&spare, cut);
                 stored
@@ -2018,9 +2028,16 @@ impl Engine {
         self.require_journal()?.sync()
     }
 
-    /// Takes a checkpoint, then drops usage events older than the longest window plus the
-    /// retention (their effect lives on in the snapshot). Events after the snapshot before the
-    /// latest are kept, so `verify` can replay between the two.
+    /// Takes a checkpoint, then drops the log's oldest whole sealed segments whose every event
+    /// is covered by the snapshot before the latest (the events after it are kept, so `verify`
+    /// can replay between the two), is stamped more than the longest window plus
+    /// `retention_ms` before `at_ms` (the clock's time if `None`), and was logged at least
+    /// `retention_ms` before it on the engine's clock (their effect lives on in the snapshot).
+    /// When an event was logged is judged by the first checkpoint's cut at or after it, whose
+    /// clock time is recorded in the database (`log::EventLog::record_logged_by`); events an
+    /// earlier build logged, which recorded none, count as logged at this build's first
+    /// checkpoint. So a request delivered late, stamped long ago, stays `retention_ms` after
+    /// it was logged for a reader, as every other event does.
     pub fn compact(&self, at_ms: Option<u64>) -> Result<CompactReport, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let journal = self.require_journal()?;
@@ -2029,11 +2046,19 @@ impl Engine {
         let keep_after = journal
             .previous_snapshot_pointer()?
             .map_or(0, |pointer| pointer.seq);
+        let retention_ms = self.retention_ms.load(Ordering::Relaxed);
         let horizon = self
             .policy()
             .longest_window_ms()
-            .saturating_add(self.retention_ms.load(Ordering::Relaxed));
-        let removed = journal.compact(keep_after, at_ms.saturating_sub(horizon))?;
+            .saturating_add(retention_ms);
+        // Logged `retention_ms` before now or earlier, on the engine's clock; before the
+        // clock's time `retention_ms`, nothing was.
+        let removed = match at_ms.checked_sub(retention_ms) {
+            Some(logged_by_ms) => {
+                journal.compact(keep_after, at_ms.saturating_sub(horizon), logged_by_ms)?
+            }
+            None => 0,
+        };
         Ok(CompactReport {
             snapshot_seq,
             events_removed: removed,

@@ -59,8 +59,10 @@ type Options struct {
 	// or more holds the next back until four times that has passed, or twice this many
 	// events came. Open only.
 	CheckpointEveryEvents uint64
-	// How long usage events stay in the log beyond the longest window before Compact may
-	// drop them (default 7 days); negative: none. Open only.
+	// How long an export reader has (default 7 days): Compact drops an event only once its
+	// timestamp is this long past the longest window and it was logged at least this long
+	// ago on the engine's clock (a request delivered late stays this long after it was
+	// logged); negative: none. Open only.
 	Retention time.Duration
 	// A clock of the engine's own, standing at this time (to the millisecond) until SetClock
 	// moves it, instead of the system clock: for tests, simulations and replays, which then

@@ -181,8 +181,10 @@ func (e *Engine) Sync() error {
 	})
 }
 
-// Compact checkpoints, then drops usage events older than the policy's longest window plus
-// the Retention option (7 days by default) as of at, returning how many it removed.
+// Compact checkpoints, then drops the events stamped more than the policy's longest window
+// plus the Retention option (7 days by default) before at and logged at least Retention
+// before it on the engine's clock (a request delivered late stays that long after it was
+// logged), before the snapshot before the latest, returning how many it removed.
 func (e *Engine) Compact(at time.Time) (uint64, error) {
 	atMs, err := milliseconds("Compact", at)
 	if err != nil {

@@ -964,9 +964,11 @@ tally_status tally_options_set_max_ahead_of_clock_ms(struct tally_options *optio
 tally_status tally_options_set_checkpoint_every_events(struct tally_options *options,
                                                        uint64_t checkpoint_every_events);
 
-// How long usage events stay in a database's log beyond the policy's longest window before
-// `tally_engine_compact` may drop them: 0 to `TALLY_MAX_PERIOD_MS` (default 604,800,000, 7
-// days). Read by `tally_engine_open` only.
+// How long an export reader has: `tally_engine_compact` drops an event only once its
+// timestamp is this long past the policy's longest window and it was logged at least this
+// long ago on the engine's clock (a request delivered late, stamped long ago, stays this long
+// after it was logged): 0 to `TALLY_MAX_PERIOD_MS` (default 604,800,000, 7 days). Read by
+// `tally_engine_open` only.
 //
 // Errors: as `tally_options_set_max_keys`.
 tally_status tally_options_set_retention_ms(struct tally_options *options,
@@ -1070,9 +1072,11 @@ tally_status tally_engine_checkpoint(const struct tally_engine *engine,
 // Makes everything logged so far durable, whatever the durability mode.
 tally_status tally_engine_sync(const struct tally_engine *engine);
 
-// Checkpoints, then drops usage events older than the policy's longest window plus the
-// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
-// how many events were removed to `*removed_out`.
+// Checkpoints, then drops the events, before the snapshot before the latest, stamped more than
+// the policy's longest window plus the `retention_ms` option the engine was opened with (7
+// days by default) before `at_ms`, and logged at least `retention_ms` before it on the
+// engine's clock (a request delivered late stays that long after it was logged); writes how
+// many events were removed to `*removed_out`.
 tally_status tally_engine_compact(const struct tally_engine *engine,
                                   uint64_t at_ms,
                                   uint64_t *removed_out);

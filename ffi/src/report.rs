@@ -239,9 +239,11 @@ pub extern "C" fn tally_engine_sync(engine: *const tally_engine) -> tally_status
     })
 }
 
-/// Checkpoints, then drops usage events older than the policy's longest window plus the
-/// `retention_ms` option the engine was opened with (7 days by default) as of `at_ms`; writes
-/// how many events were removed to `*removed_out`.
+/// Checkpoints, then drops the events, before the snapshot before the latest, stamped more than
+/// the policy's longest window plus the `retention_ms` option the engine was opened with (7
+/// days by default) before `at_ms`, and logged at least `retention_ms` before it on the
+/// engine's clock (a request delivered late stays that long after it was logged); writes how
+/// many events were removed to `*removed_out`.
 #[no_mangle]
 pub extern "C" fn tally_engine_compact(
     engine: *const tally_engine,

@@ -862,9 +862,11 @@ class Engine:
         errors.check(_native.lib.tally_engine_sync(self._handle))
 
     def compact(self, *, at_ms: int | None = None) -> int:
-        """Checkpoints and drops usage events older than the policy's longest window plus the
-        ``retention_ms`` option (7 days by default) as of ``at_ms``; returns how many were
-        removed."""
+        """Checkpoints and drops the events stamped more than the policy's longest window plus
+        the ``retention_ms`` option (7 days by default) before ``at_ms`` and logged at least
+        ``retention_ms`` before it on the engine's clock (a request delivered late stays that
+        long after it was logged), before the snapshot before the latest; returns how many
+        were removed."""
         removed = ctypes.c_uint64(0)
         errors.check(
             _native.lib.tally_engine_compact(
