@@ -375,6 +375,36 @@ fn charged_fields(
     charged_to: ChargedTo,
     fields: &mut Fields,
 ) {
+    let (kind, (detail, value)) = charged_to_fields(policy_of, generation, charged_to);
+    fields.push(("charged_to", kind));
+    fields.push((detail, value));
+}
+
+/// Where a settle charged the part of the actual amount beyond the estimate: as
+/// `charged_fields`, each name prefixed `extra_` (`extra_charged_to`, `extra_plan` or
+/// `extra_micros`).
+fn extra_charged_fields(
+    policy_of: PolicyOf<'_>,
+    generation: u32,
+    charged_to: ChargedTo,
+    fields: &mut Fields,
+) {
+    let (kind, (detail, value)) = charged_to_fields(policy_of, generation, charged_to);
+    fields.push(("extra_charged_to", kind));
+    let detail = if detail == "plan" {
+        "extra_plan"
+    } else {
+        "extra_micros"
+    };
+    fields.push((detail, value));
+}
+
+/// `charged_to`'s kind and its detail: the plan's name, or the micro-credits charged.
+fn charged_to_fields(
+    policy_of: PolicyOf<'_>,
+    generation: u32,
+    charged_to: ChargedTo,
+) -> (Value, (&'static str, Value)) {
     let (kind, detail) = match charged_to {
         ChargedTo::PlanQuota { plan } => {
             let name = match policy_of(generation) {
@@ -389,8 +419,7 @@ fn charged_fields(
         ChargedTo::Credits { micros } => ("credits", ("micros", json!(micros))),
         ChargedTo::PayAsYouGo { micros } => ("pay_as_you_go", ("micros", json!(micros))),
     };
-    fields.push(("charged_to", json!(kind)));
-    fields.push(detail);
+    (json!(kind), detail)
 }
 
 fn given_back_fields(given_back: &GivenBack, fields: &mut Fields) {
@@ -542,9 +571,11 @@ fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields
         } => {
             fields.push(("reservation", json!(reservation)));
             fields.push(("key", json!(key)));
+            let mut extra_receipt = None;
             let end = match end {
-                ReservationEnd::Settled { settlement, .. } => {
+                ReservationEnd::Settled { settlement, extra } => {
                     fields.push(("actual", quantities_json(&settlement.actual)));
+                    extra_receipt = extra.as_deref();
                     "settled"
                 }
                 ReservationEnd::Voided => "voided",
@@ -552,6 +583,15 @@ fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields
             };
             fields.push(("end", json!(end)));
             given_back_fields(given_back, &mut fields);
+            // What a settle for more charged beyond the estimate: billed with the rest.
+            if let Some(receipt) = extra_receipt {
+                extra_charged_fields(
+                    policy_of,
+                    receipt.generation,
+                    receipt.charged_to,
+                    &mut fields,
+                );
+            }
         }
         _ => {}
     }

@@ -1124,3 +1124,75 @@ fn a_failed_command_on_a_new_nested_path_leaves_no_directory_behind() {
     workspace.ok(&["team", "acme", "--db", "made/for/it"]);
     assert!(workspace.directory.join("made/for/it/events").is_dir());
 }
+
+/// A reservation settled for more than its estimate charges the extra to the team's credits;
+/// `events` must say so on the close, or a billing reader bills the estimate alone. Before,
+/// the close showed the actual amount and what was given back, never the extra charge: a
+/// team that held 1,100 micro-credits and was charged 400 more was billed 1,100.
+#[test]
+fn events_show_the_extra_a_settle_for_more_charged() {
+    let workspace = Workspace::new();
+    let at_ms = now_ms();
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+    let clock = Arc::new(ManualClock::new(at_ms));
+    let engine = Engine::open(workspace.database(), policy, clock, OpenOptions::default())
+        .expect("the gateway opens its database");
+    engine.create_user("ada", "tp-ada", None).expect("a user");
+    engine.top_up("@ada", 10_000, None).expect("credits");
+    let estimate = [
+        (tally_engine::Unit::Requests, 1),
+        (tally_engine::Unit::Tokens, 100),
+    ];
+    let reserved = engine
+        .reserve(
+            &tally_engine::UsageRequest::new("tp-ada", "chat", &estimate),
+            None,
+        )
+        .expect("reserve");
+    let id = reserved.reservation.expect("held on credits");
+    let actual = [
+        (tally_engine::Unit::Requests, 1),
+        (tally_engine::Unit::Tokens, 500),
+    ];
+    let settled = engine.settle(id, &actual, None).expect("settle");
+    assert!(
+        matches!(
+            settled,
+            tally_engine::SettleOutcome::Settled(tally_engine::Settlement {
+                extra: Some(tally_engine::ChargedTo::Credits { micros: 400 }),
+                ..
+            })
+        ),
+        "{settled:?}"
+    );
+    assert_eq!(
+        engine.credits_micros("@ada").expect("balance"),
+        10_000 - 1_500
+    );
+    engine.close().expect("close");
+
+    let events = workspace.events(&[]);
+    let opened = events
+        .iter()
+        .find(|event| event["kind"] == "reservation_opened")
+        .expect("the reservation's opening");
+    assert_eq!(opened["charged_to"], "credits", "{opened}");
+    assert_eq!(opened["micros"], 1_100, "{opened}");
+    let closed = events
+        .iter()
+        .find(|event| event["kind"] == "reservation_closed")
+        .expect("the reservation's close");
+    assert_eq!(closed["end"], "settled", "{closed}");
+    assert_eq!(closed["credits_micros_given_back"], 0, "{closed}");
+    assert_eq!(closed["extra_charged_to"], "credits", "{closed}");
+    assert_eq!(closed["extra_micros"], 400, "{closed}");
+    let line = workspace.ok(&["events"]);
+    let closed_line = line
+        .lines()
+        .find(|line| line.contains("reservation_closed"))
+        .expect("a line for the close");
+    assert!(
+        closed_line.contains("extra_charged_to=credits extra_micros=400"),
+        "{closed_line}"
+    );
+}
