@@ -2470,6 +2470,37 @@ fn segments_sealed_by_periodic_checkpoints_go_the_retention_after_they_were_logg
     engine.close().unwrap();
 }
 
+/// A checkpoint with nothing logged since the one before (an idle gateway's `close`, an
+/// explicit `checkpoint`) does not make the events before it any younger: they go the
+/// retention after they were logged, not after the last idle checkpoint.
+#[test]
+fn an_idle_checkpoint_does_not_hold_back_the_compaction_of_what_came_before() {
+    let dir = TempDir::new("logged-by-idle");
+    let retention_ms = HOUR_MS;
+    let options = OpenOptions {
+        retention_ms,
+        ..sync_options()
+    };
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options).unwrap();
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine.top_up("@ann", 100_000, Some(T0_MS)).unwrap();
+    let logged = engine.checkpoint().unwrap();
+    // Idle checkpoints, the last a minute before the compaction below.
+    for minutes in [10, 30, 60] {
+        clock.set_ms(T0_MS + minutes * MINUTE_MS);
+        assert_eq!(engine.checkpoint().unwrap(), logged);
+    }
+    let later_ms = T0_MS + retention_ms + MINUTE_MS;
+    clock.set_ms(later_ms);
+    engine.top_up("@ann", 1, Some(later_ms)).unwrap();
+    engine.checkpoint().unwrap();
+    engine.top_up("@ann", 1, Some(later_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert_eq!(report.first_seq_kept, logged + 1, "{report:?}");
+    engine.close().unwrap();
+}
+
 /// A database an earlier build wrote has no record of when its events were logged: its
 /// segments count as logged at the first checkpoint this build takes, so they stay for the
 /// retention after the upgrade (a reader has that long), then go; it opens and verifies.

@@ -2400,7 +2400,7 @@ impl EventLog {
     }
 
     /// Records durably enough that every event up to `seq` was logged by `clock_ms` on the
-    /// engine's clock. Call it only once the log is durable through `seq` (a record naming
+    /// engine's clock (unless it is recorded already: the earlier time stays). Call it only once the log is durable through `seq` (a record naming
     /// events a crash then lost would date the events that take their numbers after it too
     /// early). Lost in a crash, it only keeps segments longer: the next checkpoint's covers
     /// them. Refused on a read-only log.
@@ -2411,10 +2411,7 @@ impl EventLog {
                 "opened read-only: nothing is recorded",
             ));
         }
-        self.meta
-            .insert(logged_by_key(seq), &clock_ms.to_le_bytes())
-            .map_err(|error| storage("recording when events were logged", error))?;
-        Ok(())
+        record_logged_by(&self.meta, seq, clock_ms)
     }
 
     /// `record_logged_by` for a snapshot thread: records into this log's `meta` (sled's
@@ -2422,10 +2419,7 @@ impl EventLog {
     pub fn logged_by_recorder(&self) -> impl Fn(u64, u64) -> Result<(), Error> + Send + 'static {
         let meta = (!self.read_only).then(|| self.meta.clone());
         move |seq, clock_ms| match &meta {
-            Some(meta) => meta
-                .insert(logged_by_key(seq), &clock_ms.to_le_bytes())
-                .map(|_| ())
-                .map_err(|error| storage("recording when events were logged", error)),
+            Some(meta) => record_logged_by(meta, seq, clock_ms),
             None => Err(storage("the log", "opened read-only: nothing is recorded")),
         }
     }
@@ -2639,6 +2633,21 @@ fn recorded_seq(meta: &sled::Tree, key: &[u8]) -> Result<u64, Error> {
             ),
         )),
     }
+}
+
+/// Records in `meta` that the events up to `seq` were logged by `clock_ms`, unless a record of
+/// them is there already: the first is the earliest (a later checkpoint with nothing logged
+/// since cuts at the same event, and its later time would hold their compaction back).
+fn record_logged_by(meta: &sled::Tree, seq: u64, clock_ms: u64) -> Result<(), Error> {
+    meta.compare_and_swap(
+        logged_by_key(seq),
+        None as Option<&[u8]>,
+        Some(&clock_ms.to_le_bytes()[..]),
+    )
+    .map_err(|error| storage("recording when events were logged", error))?
+    // Recorded already: kept.
+    .ok();
+    Ok(())
 }
 
 /// The `meta` key of the record of when the events up to `seq` were logged.
