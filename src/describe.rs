@@ -508,6 +508,18 @@ fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
                 &mut fields,
             );
         }
+        EventBody::RequestDenied {
+            request_id,
+            key,
+            resource,
+            quantities,
+            ..
+        } => {
+            fields.push(("key", json!(key)));
+            fields.push(("resource", json!(resource)));
+            fields.push(("quantities", quantities_json(quantities)));
+            fields.push(("request_id", json!(request_id)));
+        }
         EventBody::ReservationOpened { .. } | EventBody::ReservationClosed { .. } => {
             return reservation_event_fields(policy_of, body);
         }

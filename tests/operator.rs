@@ -1196,3 +1196,31 @@ fn events_show_the_extra_a_settle_for_more_charged() {
         "{closed_line}"
     );
 }
+
+/// A denial under a request id is an event of its own (a retry gets the same answer); `events`
+/// names its key, resource, quantities and request id as it does an admission's. Before, its
+/// line was the kind alone: a reader could not tell whose request was denied.
+#[test]
+fn a_denied_request_with_an_id_is_exported_with_its_key_and_id() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    for _ in 0..5 {
+        assert_eq!(consume(&workspace, at_ms, &[]).status.code(), Some(0));
+    }
+    let denied = consume(&workspace, at_ms, &["--id", "req-6"]);
+    assert_eq!(denied.status.code(), Some(1), "{}", stdout_of(&denied));
+    let events = workspace.events(&[]);
+    let last = events.last().expect("events");
+    assert_eq!(last["kind"], "request_denied", "{last}");
+    assert_eq!(last["key"], "tp-ada", "{last}");
+    assert_eq!(last["resource"], "chat", "{last}");
+    assert_eq!(last["quantities"]["requests"], 1, "{last}");
+    assert_eq!(last["request_id"], "req-6", "{last}");
+    let text = workspace.ok(&["events"]);
+    let line = text.lines().last().expect("a line");
+    assert!(
+        line.contains("key=tp-ada resource=chat requests=1 request_id=req-6"),
+        "{line}"
+    );
+}
