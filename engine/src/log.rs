@@ -2399,11 +2399,12 @@ impl EventLog {
         Ok(true)
     }
 
-    /// Records durably enough that every event up to `seq` was logged by `clock_ms` on the
-    /// engine's clock (unless it is recorded already: the earlier time stays). Call it only once the log is durable through `seq` (a record naming
-    /// events a crash then lost would date the events that take their numbers after it too
-    /// early). Lost in a crash, it only keeps segments longer: the next checkpoint's covers
-    /// them. Refused on a read-only log.
+    /// Records that every event up to `seq` was logged by `clock_ms` on the engine's clock
+    /// (unless it is recorded already: the earlier time stays), made durable by sled's next
+    /// flush. Call it only once the log is durable through `seq` (a record naming events a
+    /// crash then lost would date the events that take their numbers after it too early).
+    /// Lost in a crash, it only keeps segments longer: the next checkpoint's covers them.
+    /// Refused on a read-only log.
     pub fn record_logged_by(&self, seq: u64, clock_ms: u64) -> Result<(), Error> {
         if self.read_only {
             return Err(storage(

@@ -2051,8 +2051,8 @@ impl Engine {
             .policy()
             .longest_window_ms()
             .saturating_add(retention_ms);
-        // Logged `retention_ms` before now or earlier, on the engine's clock; before the
-        // clock's time `retention_ms`, nothing was.
+        // Removable: logged at least `retention_ms` before `at_ms` on the engine's clock (an
+        // `at_ms` less than `retention_ms` after 1970 leaves nothing that old).
         let removed = match at_ms.checked_sub(retention_ms) {
             Some(logged_by_ms) => {
                 journal.compact(keep_after, at_ms.saturating_sub(horizon), logged_by_ms)?
