@@ -161,17 +161,27 @@ fn share_per_mille(part: u64, whole: u64) -> u64 {
 }
 
 fn plans_table(out: &mut String, summary: &Summary) {
-    let _ = writeln!(
+    let rows: Vec<Vec<String>> = summary
+        .rows
+        .iter()
+        .filter(|row| row.keys > 0 || row.counts.sent > 0)
+        .map(plan_cells)
+        .collect();
+    write_table(
         out,
-        "{:<18}{:>6}{:>6}{:>11}{:>10}{:>10}{:>10}{:>10}{:>8}",
-        "Plan", "keys", "heavy", "quota", "credits", "charged", "denied", "limited", "keys"
+        &[
+            ("Plan", 18),
+            ("keys", 6),
+            ("heavy", 6),
+            ("quota", 11),
+            ("credits", 10),
+            ("charged", 10),
+            ("denied", 10),
+            ("limited", 10),
+            ("keys", 8),
+        ],
+        &rows,
     );
-    for row in &summary.rows {
-        if row.keys == 0 && row.counts.sent == 0 {
-            continue;
-        }
-        plan_row(out, row);
-    }
     let _ = writeln!(
         out,
         "  quota: admitted from plan quota; credits: charged to credits (requests, then credits);\n  \
@@ -179,17 +189,11 @@ fn plans_table(out: &mut String, summary: &Summary) {
     );
 }
 
-fn plan_row(out: &mut String, row: &RowSummary) {
+/// A plan row's cells, and what it admitted as pay-as-you-go after them.
+fn plan_cells(row: &RowSummary) -> Vec<String> {
     let counts: &Counts = &row.counts;
-    let admitted_elsewhere = if counts.pay_as_you_go > 0 {
-        format!("  +{} payg", grouped(counts.pay_as_you_go))
-    } else {
-        String::new()
-    };
-    let _ = writeln!(
-        out,
-        "  {:<16}{:>6}{:>6}{:>11}{:>10}{:>10}{:>10}{:>10}{:>8}{}",
-        row.label,
+    let mut cells = vec![
+        format!("  {}", row.label),
         grouped(row.keys),
         grouped(row.heavy),
         grouped(counts.plan_quota),
@@ -198,8 +202,51 @@ fn plan_row(out: &mut String, row: &RowSummary) {
         grouped(counts.denied_total()),
         grouped(counts.limited()),
         grouped(row.keys_limited),
-        admitted_elsewhere
-    );
+    ];
+    if counts.pay_as_you_go > 0 {
+        cells.push(format!("  +{} payg", grouped(counts.pay_as_you_go)));
+    }
+    cells
+}
+
+/// Writes a table under `columns` (each a heading and its usual width): the first column
+/// left-aligned and as wide as its usual width or its widest cell, the others right-aligned
+/// and as wide as their usual width or one more than their widest cell, so each starts with
+/// a space and a figure wider than usual (a long run's totals, a long plan name) never runs
+/// into the one before it. A cell past the columns is written as it is.
+fn write_table(out: &mut String, columns: &[(&str, usize)], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(index, (heading, usual))| {
+            let space = usize::from(index > 0);
+            rows.iter()
+                .filter_map(|cells| cells.get(index))
+                .map(String::as_str)
+                .chain(std::iter::once(*heading))
+                .map(|cell| cell.chars().count() + space)
+                .fold(*usual, usize::max)
+        })
+        .collect();
+    let headings: Vec<String> = columns
+        .iter()
+        .map(|(heading, _)| heading.to_string())
+        .collect();
+    for cells in std::iter::once(&headings).chain(rows) {
+        let mut line = String::new();
+        for (index, cell) in cells.iter().enumerate() {
+            match widths.get(index) {
+                Some(&width) if index == 0 => {
+                    let _ = write!(line, "{cell:<width$}");
+                }
+                Some(&width) => {
+                    let _ = write!(line, "{cell:>width$}");
+                }
+                None => line.push_str(cell),
+            }
+        }
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
 }
 
 fn usage_bars(out: &mut String, summary: &Summary) {
@@ -257,11 +304,7 @@ fn role_words(role: Option<TeamRole>) -> &'static str {
 }
 
 fn team_credits(out: &mut String, summary: &Summary) {
-    let _ = writeln!(
-        out,
-        "{:<36}{:>8}{:>12}{:>12}{:>12}{:>12}",
-        "Team credits", "members", "start", "top-ups", "charged", "end"
-    );
+    let mut rows: Vec<Vec<String>> = Vec::new();
     let mut default_teams: Option<TeamSummary> = None;
     for team in &summary.teams {
         if team.account.role.is_none() {
@@ -269,12 +312,24 @@ fn team_credits(out: &mut String, summary: &Summary) {
             continue;
         }
         let label = format!("{} ({})", team.account.team, role_words(team.account.role));
-        team_line(out, &label, team);
+        rows.push(team_cells(&label, team));
     }
     if let Some(merged) = &default_teams {
         let label = format!("{} Default Teams", merged.account.members);
-        team_line(out, &label, merged);
+        rows.push(team_cells(&label, merged));
     }
+    write_table(
+        out,
+        &[
+            ("Team credits", 36),
+            ("members", 8),
+            ("start", 12),
+            ("top-ups", 12),
+            ("charged", 12),
+            ("end", 12),
+        ],
+        &rows,
+    );
     let reconciled = summary.teams.iter().all(TeamSummary::reconciles);
     let _ = writeln!(
         out,
@@ -307,7 +362,7 @@ fn merge_default_team(merged: Option<TeamSummary>, team: &TeamSummary) -> TeamSu
     merged
 }
 
-fn team_line(out: &mut String, label: &str, team: &TeamSummary) {
+fn team_cells(label: &str, team: &TeamSummary) -> Vec<String> {
     let top_ups = if team.mid_run_top_ups > 0 {
         format!(
             "{} x{}",
@@ -317,15 +372,14 @@ fn team_line(out: &mut String, label: &str, team: &TeamSummary) {
     } else {
         "-".to_string()
     };
-    let _ = writeln!(
-        out,
-        "  {label:<34}{:>8}{:>12}{:>12}{:>12}{:>12}",
-        team.account.members,
+    vec![
+        format!("  {label}"),
+        team.account.members.to_string(),
         credits(team.account.initial_micros),
         top_ups,
         credits(team.charged_micros),
-        credits(team.end_micros)
-    );
+        credits(team.end_micros),
+    ]
 }
 
 fn seat_changes(out: &mut String, summary: &Summary) {
@@ -547,4 +601,118 @@ fn seat_change_json(change: &SeatChangeSummary) -> Value {
         "after": bar(&change.after),
         "next_5h": counts_json(&change.counts_after),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tally_engine::MemoryStats;
+
+    use super::*;
+    use crate::scenario::{CreditAccount, Shape};
+
+    fn summary(rows: Vec<RowSummary>, teams: Vec<TeamSummary>) -> Summary {
+        Summary {
+            shape: Shape {
+                keys: 200,
+                days: 60,
+                seed: 1,
+                start_ms: crate::simulate::START_MS,
+                slot_ms: crate::simulate::SLOT_MS,
+            },
+            policy: "the shipped Token Plan policy".into(),
+            time_zone: "Asia/Shanghai".into(),
+            users: 200,
+            engine_keys: 240,
+            named_teams: 1,
+            keys_by_access: vec![(Access::TeamSeat, 200)],
+            heavy_keys: 4,
+            totals: Counts::default(),
+            rows,
+            teams,
+            seat_changes: Vec::new(),
+            requests_with_ids: 0,
+            replays: 0,
+            replays_matching: 0,
+            daily_resets_seen: 0,
+            errors: Vec::new(),
+            memory: MemoryStats {
+                keys: 240,
+                keys_with_usage: 200,
+                usage_bytes: 1_000,
+                table_bytes: 1_000,
+            },
+            reclaimed_on_its_own: (0, 0),
+            wall: Duration::from_secs(1),
+        }
+    }
+
+    /// The line of `text` that starts (after its indent) with `label`.
+    fn line_of<'a>(text: &'a str, label: &str) -> &'a str {
+        text.lines()
+            .find(|line| line.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no line for {label} in:\n{text}"))
+    }
+
+    #[test]
+    fn a_figure_wider_than_its_column_never_runs_into_the_one_before_it() {
+        // A 60-day run of 200 keys: a prepaid team topped up 73 times, 1,971 credits in all.
+        let team = TeamSummary {
+            account: CreditAccount {
+                team: "initech".into(),
+                role: Some(TeamRole::Prepaid),
+                members: 18,
+                seated: 15,
+                credits_only: 3,
+                initial_micros: 27_000_000,
+            },
+            mid_run_top_ups: 73,
+            mid_run_top_up_micros: 1_971_000_000,
+            charged_micros: 1_976_180_000,
+            end_micros: 21_820_000,
+        };
+        // A plan named to fill its column, with a long run's counts.
+        let counts = Counts {
+            sent: 2_345_678_901,
+            plan_quota: 1_234_567_890,
+            credits: 11_111_111,
+            credits_micros: 123_456_789_000_000,
+            denied: [1_000_000_000, 0, 0, 0, 0, 0, 0, 0],
+            ..Counts::default()
+        };
+        let row = RowSummary {
+            label: "Ultra-Highspeed2".into(),
+            keys: 250_000,
+            heavy: 4_000,
+            keys_limited: 100_000,
+            counts,
+            sample: None,
+        };
+        let text = text(&summary(vec![row], vec![team]));
+        let team_line = line_of(&text, "initech");
+        let words: Vec<&str> = team_line.split_whitespace().collect();
+        assert_eq!(
+            &words[words.len() - 6..],
+            ["18", "27.00", "1,971.00", "x73", "1,976.18", "21.82"],
+            "{team_line}"
+        );
+        let plan_line = line_of(&text, "Ultra-Highspeed2");
+        let words: Vec<&str> = plan_line.split_whitespace().collect();
+        assert_eq!(
+            words,
+            [
+                "Ultra-Highspeed2",
+                "250,000",
+                "4,000",
+                "1,234,567,890",
+                "11,111,111",
+                "123,456,789.00",
+                "1,000,000,000",
+                "0",
+                "100,000",
+            ],
+            "{plan_line}"
+        );
+    }
 }
