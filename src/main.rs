@@ -158,7 +158,7 @@ fn simulate(options: &SimulateOptions) -> ExitCode {
         Ok(engine) => engine,
         Err(error) => {
             if vacant {
-                store::remove_made_database(&options.db, &before);
+                store::remove_made_database(&options.db, &before, &error);
             }
             let (culprit, problem) = operator::culprit(&error);
             return usage_error(&UsageError::new(culprit, problem, HelpTopic::Simulate));

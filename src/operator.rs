@@ -70,7 +70,7 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
         Ok(engine) => engine,
         Err(error) => {
             if created {
-                store::remove_made_database(&database.path, &before);
+                store::remove_made_database(&database.path, &before, &error);
             }
             return Err(fail(opening_culprit(&error)));
         }
@@ -92,9 +92,9 @@ pub fn run(operation: &Operation) -> Result<Outcome, UsageError> {
     }
     let result = act_durably(&engine, &operation.action);
     drop(engine);
-    if result.is_err() && created {
+    if let (Err(error), true) = (&result, created) {
         // The change failed: leave no database behind that the command made for it.
-        store::remove_made_database(&database.path, &before);
+        store::remove_made_database(&database.path, &before, error);
     }
     result.map_err(|error| {
         let (mut argument, problem) = culprit(&error);

@@ -171,9 +171,15 @@ impl Before {
     }
 }
 
-/// Removes the database a failed command made at `path`, and whatever directories it made for
-/// it, leaving what was there `before`.
-pub fn remove_made_database(path: &Path, before: &Before) {
+/// Removes the database a command made at `path` for a change that then failed with
+/// `failure`, and whatever directories it made for it, leaving what was there `before`.
+/// Nothing is removed when the failure says the path is another's: another command that
+/// found it vacant at the same moment made the database there first (this one found it
+/// locked, or holding files it did not make), and holds it open with changes acknowledged.
+pub fn remove_made_database(path: &Path, before: &Before, failure: &Error) {
+    if made_by_another(failure) {
+        return;
+    }
     match before {
         Before::Missing(highest) => {
             let _ = std::fs::remove_dir_all(highest);
@@ -191,6 +197,21 @@ pub fn remove_made_database(path: &Path, before: &Before) {
             }
         }
     }
+}
+
+/// Whether an open's error says another command has the database (the engine's words, as
+/// `wipe` reads them): sled's lock is held, or the directory holds files that were not there
+/// when this command found it vacant.
+fn made_by_another(failure: &Error) -> bool {
+    let Error::Storage { problem } = failure else {
+        return false;
+    };
+    [
+        "is locked by another process",
+        "holds files that are not a tally database",
+    ]
+    .iter()
+    .any(|phrase| problem.contains(phrase))
 }
 
 /// Checks that `path` may be opened: an existing database, or (when `create` is true) a path
@@ -360,6 +381,76 @@ mod tests {
         engine.close().expect("closed");
         wipe(&path).expect("closed: wiped");
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_open_that_finds_the_database_held_by_another_removes_nothing() {
+        // Two commands started at once on a new path both find it vacant; the one that then
+        // finds the database locked must leave it to the other, which holds it open and has
+        // acknowledged changes, not remove it as a database of its own that failed to open.
+        let path = scratch("held");
+        let before = Before::look(&path);
+        let clock = Arc::new(tally_engine::ManualClock::new(1_790_000_000_000));
+        let holder = open(
+            &path,
+            Policy::token_plan(),
+            clock.clone(),
+            Durability::Sync,
+            CHECKPOINT_EVERY_EVENTS,
+        )
+        .expect("opened");
+        holder
+            .create_user("ada", "tp-ada", None)
+            .expect("acknowledged");
+        let Err(refused) = open(
+            &path,
+            Policy::token_plan(),
+            clock.clone(),
+            Durability::Sync,
+            CHECKPOINT_EVERY_EVENTS,
+        ) else {
+            panic!("a database open elsewhere is refused");
+        };
+        remove_made_database(&path, &before, &refused);
+        holder
+            .create_user("bo", "tp-bo", None)
+            .expect("acknowledged");
+        holder.close().expect("closed");
+        let reopened = open(
+            &path,
+            Policy::token_plan(),
+            clock,
+            Durability::Sync,
+            CHECKPOINT_EVERY_EVENTS,
+        )
+        .expect("reopened");
+        for key in ["tp-ada", "tp-bo"] {
+            let usage = reopened.usage(key, None);
+            assert!(usage.is_ok(), "{key}: {usage:?} ({refused})");
+        }
+        reopened.close().expect("closed");
+        let _ = std::fs::remove_dir_all(&path);
+    }
+
+    #[test]
+    fn an_open_that_finds_files_it_did_not_make_removes_nothing() {
+        // Found empty, then another command's files appeared before the open.
+        let path = scratch("appeared");
+        std::fs::create_dir_all(&path).expect("created");
+        let before = Before::look(&path);
+        std::fs::write(path.join("notes.txt"), "keep me").expect("written");
+        let Err(refused) = open(
+            &path,
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(1_790_000_000_000)),
+            Durability::None,
+            CHECKPOINT_EVERY_EVENTS,
+        ) else {
+            panic!("a folder of other files is refused");
+        };
+        remove_made_database(&path, &before, &refused);
+        assert!(path.join("notes.txt").is_file(), "{refused}");
+        std::fs::remove_dir_all(&path).expect("removed");
     }
 
     #[test]
