@@ -214,3 +214,54 @@ def test_complete_waits_for_a_durable_inside_the_library_before_freeing_the_subm
             assert answers[-1] == "completed"
             assert all(answer is True for answer in answers[:-1]), answers
     assert overlaps == []
+
+
+def test_an_interrupt_before_the_library_takes_a_submission_leaves_it_to_complete(monkeypatch):
+    # A Ctrl-C while `complete()` got its call ready, before the library had the submission,
+    # left it marked completed without the library ever taking it: never acknowledged, never
+    # freed, and the retry raised "completed already".
+    from tally import _native
+
+    real = _native.Decision
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted() -> object:
+        if interrupts:
+            raise interrupts.pop()
+        return real()
+
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        key = accounts(engine)
+        submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+        monkeypatch.setattr(_native, "Decision", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            submission.complete()
+        assert not submission.completed, "the library never had it"
+        assert submission.complete().admitted
+        assert submission.completed
+        assert engine.usage(key, at_ms=T).limits[0].used == 1
+
+
+def test_an_interrupt_after_the_library_took_a_submission_frees_it_once(monkeypatch):
+    # The library completed and freed it; the interrupt came before Python saw the status.
+    from tally import _native
+
+    real = _native.lib.tally_engine_complete
+
+    def then_interrupted(*args: object) -> int:
+        real(*args)
+        raise KeyboardInterrupt
+
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        key = accounts(engine)
+        submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+        monkeypatch.setattr(_native.lib, "tally_engine_complete", then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            submission.complete()
+        monkeypatch.setattr(_native.lib, "tally_engine_complete", real)
+        assert submission.completed
+        with pytest.raises(ValueError, match="completed already"):
+            submission.complete()
+        del submission
+        gc.collect()  # freed by the library: the finalizer must not free it again
+        assert engine.usage(key, at_ms=T).limits[0].used == 1

@@ -883,7 +883,12 @@ class Submission:
     its ``Decision``; if the event never becomes durable, it raises the log's error and the
     request's effect is given back. Complete each submission once, from any thread. One that
     is collected uncompleted keeps its effect, unacknowledged (its memory is freed then).
-    Keeps its engine alive."""
+    Keeps its engine alive.
+
+    An interrupt (``KeyboardInterrupt``) in ``complete()`` before the library had the
+    submission leaves ``completed`` False: call ``complete()`` again. Once ``completed`` is
+    True the library completed it, and an interrupt that came after lost only its answer
+    (with a request id, ``check`` with that id answers it once durable)."""
 
     def __init__(self, engine: Engine, handle: ctypes.c_void_p, _made_by: object = None) -> None:
         """Use ``Engine.submit``."""
@@ -895,16 +900,20 @@ class Submission:
         self._engine = engine
         self._handle = handle
         # `durable` and `complete` from two threads: the library frees the submission in
-        # `complete`, so `durable` must not be inside the library then.
+        # `complete`, so `durable` must not be inside the library then, nor start after.
         self._lock = threading.Lock()
-        self._finalizer = weakref.finalize(self, _native.lib.tally_submission_free, handle)
+        # Whether the submission is still this object's (not yet passed to the library's
+        # complete), shared with the finalizer: one list store gives it up right before the
+        # call, with nothing between them that could raise (see `complete`).
+        self._owned = [True]
+        self._finalizer = weakref.finalize(self, _free_submission, handle, self._owned)
         # Not at interpreter exit, where a daemon thread may still be completing it.
         self._finalizer.atexit = False
 
     @property
     def completed(self) -> bool:
-        """Whether ``complete()`` was called (whatever it returned)."""
-        return not self._finalizer.alive
+        """Whether ``complete()`` passed it to the library (whatever that returned)."""
+        return not self._owned[0]
 
     @property
     def durable(self) -> bool:
@@ -912,7 +921,7 @@ class Submission:
         failed and it would raise)."""
         out = ctypes.c_bool()
         with self._lock:
-            if not self._finalizer.alive:
+            if not self._owned[0]:
                 raise ValueError("the submission was completed already")
             status = _native.lib.tally_engine_submission_durable(
                 self._engine._handle, self._handle, ctypes.byref(out)
@@ -926,17 +935,24 @@ class Submission:
         (``replayed`` for a repeated request id). Raises the log's error (e.g.
         ``LogFailedError``) if it never will be: then the request was not admitted. Once only:
         a second call raises ``ValueError``."""
-        # Of two threads completing at once, one gets it; a `durable` inside the library is
-        # waited for.
-        with self._lock:
-            detached = self._finalizer.detach()
-        if detached is None:
-            raise ValueError("the submission was completed already")
+        # Everything the call needs is made first: a KeyboardInterrupt (or any error) until
+        # the submission is given up leaves it this object's, to complete again or free.
         out = _native.Decision()
-        # The library frees the submission whatever this returns.
-        errors.check(
-            _native.lib.tally_engine_complete(self._engine._handle, self._handle, ctypes.byref(out))
-        )
+        decision_out = ctypes.byref(out)
+        engine = self._engine._handle
+        handle = self._handle
+        complete = _native.lib.tally_engine_complete
+        # Of two threads completing at once, one gets it; a `durable` inside the library is
+        # waited for, and one called meanwhile waits and finds it completed.
+        with self._lock:
+            if not self._owned[0]:
+                raise ValueError("the submission was completed already")
+            # Given up and passed on with no Python code run or signal handled in between (a
+            # list store, then the foreign call): an interrupt comes before or after both.
+            self._owned[0] = False
+            # The library frees the submission whatever this returns.
+            status = complete(engine, handle, decision_out)
+        errors.check(status)
         return Decision.from_native(out)
 
     def __copy__(self) -> Submission:
@@ -951,6 +967,14 @@ class Submission:
     def __repr__(self) -> str:
         state = "completed" if self.completed else "in flight"
         return f"<tally.Submission {state}>"
+
+
+def _free_submission(handle: ctypes.c_void_p, owned: list[bool]) -> None:
+    """The finalizer of a ``Submission``: frees it unless it was passed to the library's
+    complete, which freed it."""
+    if owned[0]:
+        owned[0] = False
+        _native.lib.tally_submission_free(handle)
 
 
 def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> VerifyReport:
