@@ -1535,3 +1535,69 @@ def test_a_lease_the_engine_would_refuse_fails_the_middleware_at_once_not_every_
 ):
     with pytest.raises((ValueError, TypeError), match="lease_ms"):
         QuotaMiddleware(upstream, engine, lease_ms=lease_ms)
+
+
+@pytest.mark.parametrize("reserved_first", [True, False])
+def test_a_request_cancelled_while_its_reserve_runs_off_the_loop_holds_nothing(
+    engine, upstream, clock, reserved_first
+):
+    # The request's task is cancelled (the client gone, a timeout) while `run_sync` still runs
+    # the reserve in a worker thread: the thread's reservation reached no one, and held the
+    # estimate and a call in flight until its 30-minute lease ended. The reserve is made
+    # before the cancel (the thread is slow to hand it back), or after it.
+    import threading
+
+    entered = threading.Event()
+    go_on = threading.Event()
+
+    async def slow_worker(function):
+        def call():
+            entered.set()
+            if reserved_first:
+                result = function()
+                go_on.wait(10)
+                return result
+            go_on.wait(10)
+            return function()
+
+        return await asyncio.to_thread(call)
+
+    gateway = QuotaMiddleware(upstream, engine, clock=clock, run_sync=slow_worker)
+    key = seated(engine, "na", "tp-na-1", "Starter")
+    body = json.dumps(chat()).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CHAT,
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+        "query_string": b"",
+    }
+
+    async def main() -> None:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if incoming:
+                return incoming.pop(0)
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            pass
+
+        task = asyncio.ensure_future(gateway(scope, receive, send))
+        while not entered.is_set() or (
+            reserved_first and engine.usage(key, at_ms=T).open_reservations != 1
+        ):
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go_on.set()
+        for _ in range(1000):  # the worker thread finishes
+            if engine.usage(key, at_ms=T).open_reservations == 0:
+                break
+            await asyncio.sleep(0.001)
+
+    asyncio.run(main())
+    assert upstream.calls == []
+    assert engine.usage(key, at_ms=T).open_reservations == 0

@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import posixpath
+import threading
 import time
 import urllib.parse
 import zlib
@@ -595,6 +596,49 @@ class _Metered:
     quantities: dict[str, int]
 
 
+class _Held:
+    """The reservation of one request, made by the engine call ``run_sync`` runs off the
+    event loop. The request's task may be cancelled (the client gone, a timeout) while that
+    call runs: the reservation then reaches no one, and would hold its estimate and a call in
+    flight until its lease ends. Whichever of the call and the cancelled request comes second
+    voids it."""
+
+    def __init__(self, engine: Engine, now: Callable[[], int | None]) -> None:
+        self._engine = engine
+        self._now = now
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._reservation: Reservation | None = None
+
+    def keep(self, reservation: Reservation) -> Reservation:
+        """Right after the reserve, where it ran: kept for the request, or voided if the
+        request is gone."""
+        with self._lock:
+            if not self._abandoned:
+                self._reservation = reservation
+                return reservation
+        self._void(reservation)
+        return reservation
+
+    def abandon(self) -> None:
+        """In the request, cancelled before the reservation reached it: voids the one kept
+        (on the event loop: the task is cancelled, and another ``run_sync`` may be cancelled
+        too), or has the call void it when it comes."""
+        with self._lock:
+            self._abandoned = True
+            reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            self._void(reservation)
+
+    def _void(self, reservation: Reservation) -> None:
+        if reservation.id is None:
+            return  # denied: nothing held
+        try:
+            self._engine.void(reservation, at_ms=self._now())
+        except errors.TallyError:
+            _log.exception("tally: voiding the reservation of a cancelled request failed")
+
+
 class QuotaMiddleware:
     """Enforces tally quotas on an ASGI app. HTTP requests on routes that are not metered pass
     through unmetered only where ``pass_through`` lists their route, and only with a key the
@@ -845,13 +889,24 @@ class QuotaMiddleware:
         self, scope: Scope, receive: Receive, send: Send, metered: _Metered
     ) -> None:
         now = self._now()
-        reservation = await self._admit(
-            send,
-            metered,
-            lambda: self.engine.reserve(
-                metered.key, metered.resource, metered.quantities, at_ms=now, lease_ms=self.lease_ms
-            ),
-        )
+        held = _Held(self.engine, self._now)
+        try:
+            reservation = await self._admit(
+                send,
+                metered,
+                lambda: held.keep(
+                    self.engine.reserve(
+                        metered.key,
+                        metered.resource,
+                        metered.quantities,
+                        at_ms=now,
+                        lease_ms=self.lease_ms,
+                    )
+                ),
+            )
+        except BaseException:
+            held.abandon()
+            raise
         if reservation is None:
             return
         headers = rate_limit_headers(metered.route.api, reservation.decision, now)
