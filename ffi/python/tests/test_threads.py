@@ -175,3 +175,23 @@ def test_an_engine_or_a_submission_is_shared_never_copied():
     assert submission.complete().admitted
     assert engine.usage(key, at_ms=T).limits[0].used == 1
     engine.close()
+
+
+def test_an_interrupt_as_open_returns_leaves_the_database_free_to_open_again(tmp_path, monkeypatch):
+    # A Ctrl-C landing as the library's open returned, before Python made the Engine, left
+    # the engine open with nothing to close it: the database stayed locked until the process
+    # exited, and opening it again raised DatabaseLockedError.
+    made = tally.Engine.__init__
+
+    def interrupted(self: tally.Engine, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tally.Engine, "__init__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tally.Engine.open(tmp_path / "db", durability=tally.Durability.NONE, options=UNBOUNDED)
+    monkeypatch.setattr(tally.Engine, "__init__", made)
+    with tally.Engine.open(
+        tmp_path / "db", durability=tally.Durability.NONE, options=UNBOUNDED
+    ) as engine:
+        seated(engine, "ada", "tp-ada-1", "Max")
+        assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T).admitted

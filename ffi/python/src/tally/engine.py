@@ -171,6 +171,16 @@ def _close_open_engines() -> None:
         engine._close_native()  # any error is dropped: the process is exiting
 
 
+def _close_unclaimed(handle: ctypes.c_void_p) -> None:
+    """Closes an engine the library opened for an ``open`` that then raised before returning
+    it (a ``KeyboardInterrupt`` landing as the call returned): the caller has no ``Engine``
+    to close, and the database would stay locked until the process exits. Not freed: an
+    ``Engine`` made for it meanwhile would free it when collected; if none was, the handle's
+    few bytes are left (a second close is harmless, a second free is not)."""
+    if handle.value:
+        _native.lib.tally_engine_close(handle)
+
+
 # Passed by the methods that just got a handle from the library (`Engine.open`,
 # `Engine.in_memory`, `Engine.submit`) to the constructors, which refuse any other caller.
 _LIBRARY = object()
@@ -264,21 +274,25 @@ class Engine:
         mode = _durability(durability)
         interval = _convert.u32("interval_ms", interval_ms)
         handle = ctypes.c_void_p()
-        with _options.native(options) as native_options:
-            errors.check(
-                _native.lib.tally_engine_open(
-                    path_bytes,
-                    len(path_bytes),
-                    source,
-                    document,
-                    document_len,
-                    int(mode),
-                    interval,
-                    native_options,
-                    ctypes.byref(handle),
+        try:
+            with _options.native(options) as native_options:
+                errors.check(
+                    _native.lib.tally_engine_open(
+                        path_bytes,
+                        len(path_bytes),
+                        source,
+                        document,
+                        document_len,
+                        int(mode),
+                        interval,
+                        native_options,
+                        ctypes.byref(handle),
+                    )
                 )
-            )
-        return cls(handle, _LIBRARY)
+            return cls(handle, _LIBRARY)
+        except BaseException:
+            _close_unclaimed(handle)
+            raise
 
     @classmethod
     def in_memory(cls, policy: PolicyLike = None, *, options: Options | None = None) -> Engine:
@@ -286,13 +300,17 @@ class Engine:
         ``open`` (``checkpoint_every_events`` and ``retention_ms`` are not used)."""
         source, document, document_len = _policy(policy)
         handle = ctypes.c_void_p()
-        with _options.native(options) as native_options:
-            errors.check(
-                _native.lib.tally_engine_open_in_memory(
-                    source, document, document_len, native_options, ctypes.byref(handle)
+        try:
+            with _options.native(options) as native_options:
+                errors.check(
+                    _native.lib.tally_engine_open_in_memory(
+                        source, document, document_len, native_options, ctypes.byref(handle)
+                    )
                 )
-            )
-        return cls(handle, _LIBRARY)
+            return cls(handle, _LIBRARY)
+        except BaseException:
+            _close_unclaimed(handle)
+            raise
 
     def close(self) -> None:
         """Closes the engine (checkpoint, flush, release the database lock). Idempotent: a
