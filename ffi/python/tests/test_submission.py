@@ -265,3 +265,32 @@ def test_an_interrupt_after_the_library_took_a_submission_frees_it_once(monkeypa
         del submission
         gc.collect()  # freed by the library: the finalizer must not free it again
         assert engine.usage(key, at_ms=T).limits[0].used == 1
+
+
+def test_an_interrupt_as_submit_returns_frees_the_submission_once(monkeypatch):
+    # A Ctrl-C landing as the library's submit returned, before Python made the Submission,
+    # left the library's submission with no one to complete or free it.
+    from tally import _native
+
+    real_free = _native.lib.tally_submission_free
+    made = tally.Submission.__init__
+    freed: list[object] = []
+
+    def counted_free(handle: object) -> None:
+        freed.append(handle)
+        real_free(handle)
+
+    def interrupted(self: tally.Submission, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        key = accounts(engine)
+        monkeypatch.setattr(_native.lib, "tally_submission_free", counted_free)
+        monkeypatch.setattr(tally.Submission, "__init__", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+        monkeypatch.setattr(tally.Submission, "__init__", made)
+        gc.collect()
+        assert len(freed) == 1, "freed once, not leaked"
+        assert engine.usage(key, at_ms=T).limits[0].used == 1, "its effect kept, as documented"
+        assert engine.submit(key, "m2.7", {"requests": 1}, at_ms=T).complete().admitted

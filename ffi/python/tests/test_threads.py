@@ -195,3 +195,28 @@ def test_an_interrupt_as_open_returns_leaves_the_database_free_to_open_again(tmp
     ) as engine:
         seated(engine, "ada", "tp-ada-1", "Max")
         assert engine.consume("tp-ada-1", "m2.7", {"requests": 1}, at_ms=T).admitted
+
+
+def test_an_interrupt_as_reserve_returns_leaves_nothing_held(monkeypatch):
+    # A Ctrl-C landing as the library's reserve returned lost the reservation's id: nothing
+    # could settle or void it, and it held its estimate until its lease ended.
+    from tally import results
+
+    real = results.Decision.from_native
+    interrupts = [KeyboardInterrupt()]
+
+    def interrupted(native: object) -> results.Decision:
+        if interrupts:
+            raise interrupts.pop()
+        return real(native)  # type: ignore[arg-type]
+
+    with tally.Engine.in_memory(options=UNBOUNDED) as engine:
+        key = seated(engine, "ada", "tp-ada-1", "Max")
+        monkeypatch.setattr(results.Decision, "from_native", staticmethod(interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            engine.reserve(key, "m2.7", {"requests": 1, "tokens": 900}, at_ms=T)
+        monkeypatch.setattr(results.Decision, "from_native", real)
+        usage = engine.usage(key, at_ms=T)
+        assert usage.open_reservations == 0
+        assert usage.limits[0].used == 0
+        assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T).decision.admitted

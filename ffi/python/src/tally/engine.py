@@ -410,12 +410,21 @@ class Engine:
         ``Submission.complete()`` returns it. Bad input raises here, changing nothing."""
         request = _request(key, resource, quantities, at_ms, request_id)
         handle = ctypes.c_void_p()
-        errors.check(
-            _native.lib.tally_engine_submit(
-                self._handle, ctypes.byref(request), ctypes.byref(handle)
+        owned = [True]
+        try:
+            errors.check(
+                _native.lib.tally_engine_submit(
+                    self._handle, ctypes.byref(request), ctypes.byref(handle)
+                )
             )
-        )
-        return Submission(self, handle, _LIBRARY)
+            return Submission(self, handle, _LIBRARY, _owned=owned)
+        except BaseException:
+            # Made, but raising instead of returning it (a KeyboardInterrupt landing as the
+            # call returned): freed, as a submission collected uncompleted is, rather than
+            # leaked; a Submission made for it meanwhile shares `owned`, so one frees it.
+            if handle.value:
+                _free_submission(handle, owned)
+            raise
 
     def consume_many(self, requests: Sequence[Request]) -> list[Decision | errors.TallyError]:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
@@ -472,16 +481,24 @@ class Engine:
         request = _request(key, resource, estimate, at_ms, None)
         out = _native.Decision()
         reservation = ctypes.c_uint64(0)
-        errors.check(
-            _native.lib.tally_engine_reserve(
-                self._handle,
-                ctypes.byref(request),
-                lease,
-                ctypes.byref(out),
-                ctypes.byref(reservation),
+        try:
+            errors.check(
+                _native.lib.tally_engine_reserve(
+                    self._handle,
+                    ctypes.byref(request),
+                    lease,
+                    ctypes.byref(out),
+                    ctypes.byref(reservation),
+                )
             )
-        )
-        return Reservation(Decision.from_native(out), reservation.value or None)
+            return Reservation(Decision.from_native(out), reservation.value or None)
+        except BaseException:
+            # Made, but raising instead of returning it (a KeyboardInterrupt landing as the
+            # call returned): no one could settle or void it, and it would hold its estimate
+            # until its lease ended.
+            if reservation.value:
+                _native.lib.tally_engine_void(self._handle, reservation.value, request.at_ms)
+            raise
 
     def settle(
         self,
@@ -908,7 +925,14 @@ class Submission:
     True the library completed it, and an interrupt that came after lost only its answer
     (with a request id, ``check`` with that id answers it once durable)."""
 
-    def __init__(self, engine: Engine, handle: ctypes.c_void_p, _made_by: object = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        handle: ctypes.c_void_p,
+        _made_by: object = None,
+        *,
+        _owned: list[bool] | None = None,
+    ) -> None:
         """Use ``Engine.submit``."""
         # As `Engine.__init__`: only a handle `Engine.submit` just got from the library.
         if _made_by is not _LIBRARY or not isinstance(engine, Engine):
@@ -923,7 +947,7 @@ class Submission:
         # Whether the submission is still this object's (not yet passed to the library's
         # complete), shared with the finalizer: one list store gives it up right before the
         # call, with nothing between them that could raise (see `complete`).
-        self._owned = [True]
+        self._owned = [True] if _owned is None else _owned
         self._finalizer = weakref.finalize(self, _free_submission, handle, self._owned)
         # Not at interpreter exit, where a daemon thread may still be completing it.
         self._finalizer.atexit = False
