@@ -513,12 +513,16 @@ fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
             key,
             resource,
             quantities,
-            ..
+            decision,
         } => {
             fields.push(("key", json!(key)));
             fields.push(("resource", json!(resource)));
             fields.push(("quantities", quantities_json(quantities)));
             fields.push(("request_id", json!(request_id)));
+            if let Decision::Denied(denial) = decision {
+                let reason = DENIAL_REASONS[reason_index(&denial.reason)].0;
+                fields.push(("reason", json!(reason)));
+            }
         }
         EventBody::ReservationOpened { .. } | EventBody::ReservationClosed { .. } => {
             return reservation_event_fields(policy_of, body);
@@ -789,6 +793,47 @@ mod tests {
                 "micros": 5_000_000,
             })
         );
+    }
+
+    #[test]
+    fn a_denied_request_event_says_which_request_was_denied_and_why() {
+        // `tally events` printed a logged denial as `request_denied` and nothing more: which
+        // key, resource and request id it was, and why, were in the log but not shown.
+        let at_ms = 1_772_456_400_000;
+        let engine = tally_engine::Engine::new(
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(at_ms)),
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        engine.create_user("ada", "tp-ada", None).expect("created");
+        let pairs = [(tally_engine::Unit::Requests, 2)];
+        let request = tally_engine::UsageRequest::new("tp-ada", "m2.7", &pairs).id("req-9");
+        let decision = engine.consume(&request).expect("decided");
+        assert!(!decision.is_admitted(), "no seat, no credits");
+        let event = Event {
+            seq: 9,
+            at_ms,
+            body: EventBody::RequestDenied {
+                request_id: "req-9".into(),
+                key: "tp-ada".into(),
+                resource: "m2.7".into(),
+                quantities: Quantities::new(&pairs).expect("quantities"),
+                decision,
+            },
+        };
+        let policy = Arc::new(Policy::token_plan());
+        let policy_of = |_| Some(Arc::clone(&policy));
+        assert_eq!(
+            event_line(&policy_of, &event),
+            "       9  2026-03-02T13:00:00.000Z  request_denied     key=tp-ada resource=m2.7 \
+             requests=2 request_id=req-9 reason=no_resources"
+        );
+        let json = event_json(&policy_of, &event);
+        assert_eq!(json["key"], json!("tp-ada"));
+        assert_eq!(json["request_id"], json!("req-9"));
+        assert_eq!(json["quantities"], json!({"requests": 2}));
+        assert_eq!(json["reason"], json!("no_resources"));
     }
 
     #[test]
