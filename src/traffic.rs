@@ -3,13 +3,15 @@
 //! (`songs = 1, seconds = s`, a few over the 5-minute maximum). Also how busy a key is at each
 //! local hour, and how many requests it sends in one slot of simulated time.
 
-use tally_engine::policy::Plan;
+use tally_engine::policy::{Plan, UNIT_COUNT};
 use tally_engine::{Policy, ResourceId, Unit};
 
 use crate::rng::Rng;
 
-/// How many units a single request may name here (a song names two).
-pub const MAX_UNITS_PER_REQUEST: usize = 2;
+/// How many units the mix draws for one request (a song names two).
+const DRAWN_UNITS: usize = 2;
+/// How many units a request may name: every unit, for a policy that requires them all.
+pub const MAX_UNITS_PER_REQUEST: usize = UNIT_COUNT;
 
 const HOUR_MS: u64 = 3_600_000;
 
@@ -130,7 +132,7 @@ impl Catalog {
         policy: &Policy,
         resource: Option<ResourceId>,
         chat: ResourceId,
-        pairs: [(Unit, u64); MAX_UNITS_PER_REQUEST],
+        pairs: [(Unit, u64); DRAWN_UNITS],
         rng: &mut Rng,
     ) -> Request {
         let (resource, pairs) = match resource {
@@ -149,6 +151,17 @@ impl Catalog {
                 request.len += 1;
             }
         }
+        // A unit the resource requires that the draw did not name (a policy of its own may
+        // require tokens on every chat call, or the seconds of a video): drawn as the mix
+        // would, else the engine refuses the request as bad input.
+        let required = &policy.resource(resource).required;
+        for unit in Unit::ALL {
+            let named = request.quantities().iter().any(|(named, _)| *named == unit);
+            if required[unit.index()] && !named {
+                request.quantities[request.len] = (unit, required_quantity(unit, rng));
+                request.len += 1;
+            }
+        }
         if request.len == 0 {
             let unit = Unit::ALL
                 .into_iter()
@@ -161,10 +174,21 @@ impl Catalog {
     }
 }
 
+/// A quantity of `unit` for a request whose resource requires it and whose draw left it out.
+fn required_quantity(unit: Unit, rng: &mut Rng) -> u64 {
+    match unit {
+        Unit::Tokens => rng.between(200, 12_000),
+        Unit::Characters => speech_characters(rng),
+        Unit::Images => rng.between(1, 4),
+        Unit::Seconds => rng.between(30, SONG_MAXIMUM_SECONDS),
+        Unit::Requests | Unit::Videos | Unit::Songs => 1,
+    }
+}
+
 /// An unused slot of a request's pairs (quantity 0 is never sent).
 const NONE: (Unit, u64) = (Unit::Requests, 0);
 
-fn chat_pairs(rng: &mut Rng) -> [(Unit, u64); MAX_UNITS_PER_REQUEST] {
+fn chat_pairs(rng: &mut Rng) -> [(Unit, u64); DRAWN_UNITS] {
     // Four chat requests in ten also report their tokens.
     let tokens = if rng.chance(400_000) {
         rng.between(200, 12_000)
@@ -177,7 +201,7 @@ fn chat_pairs(rng: &mut Rng) -> [(Unit, u64); MAX_UNITS_PER_REQUEST] {
 /// The nominal agent turn during a burst; `burst_requests_to_exhaust` sizes bursts with it.
 pub const BURST_TOKENS_TYPICAL: u64 = 10_000;
 
-fn burst_chat_pairs(rng: &mut Rng) -> [(Unit, u64); MAX_UNITS_PER_REQUEST] {
+fn burst_chat_pairs(rng: &mut Rng) -> [(Unit, u64); DRAWN_UNITS] {
     let tokens = rng.between(BURST_TOKENS_TYPICAL - 6_000, BURST_TOKENS_TYPICAL + 6_000);
     [(Unit::Requests, 1), (Unit::Tokens, tokens)]
 }
@@ -191,7 +215,7 @@ fn speech_characters(rng: &mut Rng) -> u64 {
     }
 }
 
-fn song_pairs(rng: &mut Rng) -> [(Unit, u64); MAX_UNITS_PER_REQUEST] {
+fn song_pairs(rng: &mut Rng) -> [(Unit, u64); DRAWN_UNITS] {
     // Three songs in a hundred run past the 5-minute maximum, to show that denial.
     let seconds = if rng.chance(30_000) {
         rng.between(SONG_MAXIMUM_SECONDS + 1, SONG_MAXIMUM_SECONDS + 180)
@@ -278,6 +302,47 @@ mod tests {
                 assert!(!request.quantities().is_empty());
                 for (unit, quantity) in request.quantities() {
                     assert!(metered[unit.index()] && *quantity > 0, "{request:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn drawn_requests_carry_every_unit_their_resource_requires() {
+        // A policy of its own may require units the traffic mix draws only now and then
+        // (tokens on a chat call) or never (seconds of a video): a request without them is
+        // refused as bad input, and a run counted half its traffic as engine errors.
+        let policy = Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests", "tokens"]
+required = ["requests", "tokens"]
+price_micros = { requests = 1000, tokens = 1 }
+[resources."hailuo-2.3-768p-6s"]
+units = ["videos", "seconds", "characters"]
+required = ["videos", "seconds", "characters"]
+price_micros = { videos = 1000 }
+[plans.One]
+limits = [{ resource = "m2.7", unit = "tokens", amount = 100000, window = "weekly" }]
+"#,
+        )
+        .expect("a policy");
+        let catalog = Catalog::new(&policy);
+        let chat = catalog.chat_for(None);
+        let mut rng = Rng::new(5);
+        for _ in 0..5_000 {
+            for request in [
+                catalog.draw_ordinary(&mut rng, chat, &policy),
+                catalog.draw_burst(&mut rng, chat, &policy),
+            ] {
+                let resource = policy.resource(request.resource);
+                let pairs = request.quantities();
+                let required = Unit::ALL
+                    .into_iter()
+                    .filter(|unit| resource.required[unit.index()]);
+                for unit in required {
+                    assert!(pairs.iter().any(|(u, _)| *u == unit), "{request:?}");
                 }
             }
         }
