@@ -451,6 +451,7 @@ fn event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
             put("key", json!(key));
         }
         EventBody::TeamCreated { team } => put("team", json!(team)),
+        EventBody::KeyRevoked { key } => put("key", json!(key)),
         EventBody::MemberAdded { team, user, key } => {
             put("team", json!(team));
             put("user", json!(user));

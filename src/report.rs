@@ -678,7 +678,7 @@ mod tests {
             plan_quota: 1_234_567_890,
             credits: 11_111_111,
             credits_micros: 123_456_789_000_000,
-            denied: [1_000_000_000, 0, 0, 0, 0, 0, 0, 0],
+            denied: [1_000_000_000, 0, 0, 0, 0, 0, 0, 0, 0],
             ..Counts::default()
         };
         let row = RowSummary {

@@ -458,6 +458,13 @@ fn revoke_denies_the_key_from_then_on_and_member_gives_a_new_one() {
     assert!(workspace
         .ok(&["usage", "tp-ada"])
         .contains("revoked: every request"));
+    let logged = workspace.events(&[]);
+    let revoked: Vec<&Value> = logged
+        .iter()
+        .filter(|event| event["kind"] == "key_revoked")
+        .collect();
+    assert_eq!(revoked.len(), 1, "{logged:?}");
+    assert_eq!(revoked[0]["key"], "tp-ada");
     let output = workspace.run(&["revoke", "tp-nobody"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr_of(&output).contains("KEY"), "{}", stderr_of(&output));
