@@ -138,7 +138,9 @@ Usage: tally simulate [OPTIONS]
 
 Keys on every plan of the policy (and some with no seat), named teams sharing credits, a few
 pay-as-you-go keys, bursty heavy users that exhaust their windows, a seat upgrade and a
-downgrade mid-window, retried requests with request ids, and traffic across local midnight.
+downgrade mid-window, a team member's key that leaks halfway through (revoked, the member
+given a new one; whoever holds the old one goes on sending), retried requests with request
+ids, requests on keys that never existed, and traffic across local midnight.
 Every decision is written to a real database (the embedded event log), as a gateway's would be.
 The same seed prints the same report.
 

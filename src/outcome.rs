@@ -17,6 +17,7 @@ pub const DENIAL_REASONS: [(&str, &str); 9] = [
 
 const QUOTA_EXHAUSTED: usize = 4;
 const EXCEEDS_LIMIT: usize = 5;
+const KEY_REVOKED: usize = 8;
 
 /// The position of `reason` in `DENIAL_REASONS`.
 pub fn reason_index(reason: &DenialReason) -> usize {
@@ -29,7 +30,7 @@ pub fn reason_index(reason: &DenialReason) -> usize {
         DenialReason::ExceedsLimit { .. } => EXCEEDS_LIMIT,
         DenialReason::InsufficientCredits { .. } => 6,
         DenialReason::TooManyReservations { .. } => 7,
-        DenialReason::KeyRevoked => 8,
+        DenialReason::KeyRevoked => KEY_REVOKED,
     }
 }
 
@@ -93,6 +94,10 @@ impl Counts {
 
     pub fn quota_exhausted(&self) -> u64 {
         self.denied[QUOTA_EXHAUSTED]
+    }
+
+    pub fn key_revoked(&self) -> u64 {
+        self.denied[KEY_REVOKED]
     }
 }
 

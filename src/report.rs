@@ -10,7 +10,7 @@ use tally_engine::LimitReport;
 use crate::format::{bar, credits, grouped, percent, short_duration, utc_iso8601};
 use crate::outcome::{Counts, DENIAL_REASONS};
 use crate::scenario::{Access, SeatChangeKind, TeamRole};
-use crate::simulate::{RowSummary, SeatChangeSummary, Summary, TeamSummary};
+use crate::simulate::{RotationSummary, RowSummary, SeatChangeSummary, Summary, TeamSummary};
 
 const BAR_CELLS: usize = 10;
 
@@ -22,6 +22,7 @@ pub fn text(summary: &Summary) -> String {
     usage_bars(&mut out, summary);
     team_credits(&mut out, summary);
     seat_changes(&mut out, summary);
+    rotation(&mut out, summary);
     timing(&mut out, summary);
     out
 }
@@ -396,6 +397,57 @@ fn seat_changes(out: &mut String, summary: &Summary) {
     out.push('\n');
 }
 
+fn rotation(out: &mut String, summary: &Summary) {
+    let Some(rotation) = &summary.rotation else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "A leaked key revoked, its member given a new one (what it used stays counted)"
+    );
+    let seat = rotation
+        .plan
+        .as_deref()
+        .map_or_else(|| "no seat".to_string(), |plan| format!("a seat on {plan}"));
+    let _ = writeln!(
+        out,
+        "  revoked   {}  at {}; {} issued with {seat}, its windows empty",
+        rotation.old_key,
+        utc_iso8601(rotation.at_ms),
+        rotation.new_key,
+    );
+    let leaked = &rotation.leaked;
+    let _ = writeln!(
+        out,
+        "  {:<10}then on the revoked key: {} sent, {} admitted, {} denied (key revoked)",
+        "",
+        grouped(leaked.sent),
+        grouped(leaked.admitted()),
+        grouped(leaked.key_revoked()),
+    );
+    let owner = &rotation.owner_after;
+    let _ = writeln!(
+        out,
+        "  {:<10}the member's next 5h on the new key: {} from quota, {} to credits, {} denied",
+        "",
+        grouped(owner.plan_quota),
+        grouped(owner.credits),
+        grouped(owner.denied_total()),
+    );
+    out.push('\n');
+}
+
+fn rotation_json(rotation: &RotationSummary) -> Value {
+    json!({
+        "old_key": rotation.old_key,
+        "new_key": rotation.new_key,
+        "plan": rotation.plan,
+        "at": utc_iso8601(rotation.at_ms),
+        "leaked": counts_json(&rotation.leaked),
+        "member_next_5h": counts_json(&rotation.owner_after),
+    })
+}
+
 fn bar_words(limit: &Option<LimitReport>) -> String {
     match limit {
         Some(limit) => format!("{}/{}", grouped(limit.used), grouped(limit.amount)),
@@ -505,6 +557,7 @@ pub fn json(summary: &Summary) -> Value {
         "plans": summary.rows.iter().map(row_json).collect::<Vec<Value>>(),
         "teams": summary.teams.iter().map(team_json).collect::<Vec<Value>>(),
         "seat_changes": summary.seat_changes.iter().map(seat_change_json).collect::<Vec<Value>>(),
+        "key_rotation": summary.rotation.as_ref().map(rotation_json),
     })
 }
 
@@ -632,6 +685,7 @@ mod tests {
             rows,
             teams,
             seat_changes: Vec::new(),
+            rotation: None,
             requests_with_ids: 0,
             replays: 0,
             replays_matching: 0,

@@ -146,11 +146,23 @@ pub struct SeatChange {
     pub at_ms: u64,
 }
 
+/// A team member's key that leaks halfway through the run: revoked then, and the member given
+/// a new key in its place on the same seat; whoever holds the old one goes on sending.
+#[derive(Debug, Clone)]
+pub struct KeyRotation {
+    pub actor: usize,
+    /// The team the key is in.
+    pub team: String,
+    pub new_key: String,
+    pub at_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct Scenario {
     pub actors: Vec<Actor>,
     pub accounts: Vec<CreditAccount>,
     pub seat_changes: Vec<SeatChange>,
+    pub rotation: Option<KeyRotation>,
     pub users: u64,
     pub engine_keys: u64,
 }
@@ -204,6 +216,7 @@ pub fn build(engine: &Engine, policy: &Policy, shape: &Shape) -> Result<Scenario
         builder.add_actor(index, role)?;
     }
     builder.top_up_teams()?;
+    builder.script_rotation();
     Ok(builder.finish())
 }
 
@@ -272,6 +285,7 @@ impl<'a> Builder<'a> {
                 actors: Vec::new(),
                 accounts,
                 seat_changes: Vec::new(),
+                rotation: None,
                 users: 0,
                 engine_keys: 0,
             },
@@ -407,6 +421,30 @@ impl<'a> Builder<'a> {
             .unwrap_or(WITHOUT_ROLLING_LIMIT)
     }
 
+    /// The first team member with a seat leaks its key halfway through the run (at the start of
+    /// a slot).
+    fn script_rotation(&mut self) {
+        let Some((actor, account)) =
+            self.scenario
+                .actors
+                .iter()
+                .enumerate()
+                .find_map(|(index, actor)| match (actor.access, actor.account) {
+                    (Access::TeamSeat, Some(account)) => Some((index, account)),
+                    _ => None,
+                })
+        else {
+            return;
+        };
+        let half_ms = self.shape.days * DAY_MS / 2;
+        self.scenario.rotation = Some(KeyRotation {
+            actor,
+            team: self.scenario.accounts[account].team.clone(),
+            new_key: format!("{}-2", self.scenario.actors[actor].key),
+            at_ms: self.shape.start_ms + half_ms / self.shape.slot_ms * self.shape.slot_ms,
+        });
+    }
+
     /// A heavy individual whose seat changes mid-burst: an upgrade after the window is used up
     /// (the rest of the burst fits the bigger plan), or a downgrade to a plan smaller than what
     /// was already used (the rest is refused until usage ages out).
@@ -492,7 +530,8 @@ impl<'a> Builder<'a> {
     }
 
     fn finish(mut self) -> Scenario {
-        self.scenario.engine_keys = self.engine_keys;
+        // The rotation's new key is made during the run.
+        self.scenario.engine_keys = self.engine_keys + u64::from(self.scenario.rotation.is_some());
         self.scenario
     }
 }

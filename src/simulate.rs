@@ -114,6 +114,20 @@ pub struct SeatChangeSummary {
     pub counts_after: Counts,
 }
 
+/// The leaked key revoked halfway through, and its member's new key.
+#[derive(Debug, Clone)]
+pub struct RotationSummary {
+    pub old_key: String,
+    pub new_key: String,
+    /// The seat the new key was given (the old key's).
+    pub plan: Option<String>,
+    pub at_ms: u64,
+    /// Requests sent on the revoked key after it was revoked.
+    pub leaked: Counts,
+    /// The member's requests on the new key in the five hours after the rotation.
+    pub owner_after: Counts,
+}
+
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub shape: Shape,
@@ -128,6 +142,7 @@ pub struct Summary {
     pub rows: Vec<RowSummary>,
     pub teams: Vec<TeamSummary>,
     pub seat_changes: Vec<SeatChangeSummary>,
+    pub rotation: Option<RotationSummary>,
     pub requests_with_ids: u64,
     pub replays: u64,
     /// Replays that got back exactly their first decision.
@@ -170,11 +185,13 @@ struct KeyProgress {
     seat_change: Option<usize>,
 }
 
-/// Who sends a request of a slot's batch: a key of the scenario, or a revoked key (its number).
+/// Who sends a request of a slot's batch: a key of the scenario, a key that never existed (its
+/// number), or whoever holds the key the rotation revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sender {
     Actor(usize),
     Stray(usize),
+    Leaked,
 }
 
 /// A request decided on before it is sent: a slot's requests are drawn first (drawing does not
@@ -202,6 +219,7 @@ struct Simulation<'a> {
     mid_run_top_ups: Vec<(u64, u64)>,
     seat_changes: Vec<SeatChangeSummary>,
     seat_changes_done: usize,
+    rotation: Option<RotationSummary>,
     next_request_id: u64,
     replays: u64,
     replays_matching: u64,
@@ -239,9 +257,21 @@ impl<'a> Simulation<'a> {
                 counts_after: Counts::default(),
             })
             .collect();
+        let rotation = scenario.rotation.as_ref().map(|rotation| {
+            let actor = &scenario.actors[rotation.actor];
+            RotationSummary {
+                old_key: actor.key.clone(),
+                new_key: rotation.new_key.clone(),
+                plan: actor.plan.map(|plan| policy.plan(plan).name.to_string()),
+                at_ms: rotation.at_ms,
+                leaked: Counts::default(),
+                owner_after: Counts::default(),
+            }
+        });
         Simulation {
             engine,
             clock,
+            rotation,
             catalog: Catalog::new(&policy),
             rows: vec![Counts::default(); policy.plans().len() + 3],
             policy,
@@ -260,7 +290,7 @@ impl<'a> Simulation<'a> {
             errors: Vec::new(),
             stray_rng: Rng::stream(shape.seed, u64::from_le_bytes(*b"strays\0\0")),
             stray_keys: (0..STRAY_KEYS)
-                .map(|number| format!("tp-revoked-{number}"))
+                .map(|number| format!("tp-unknown-{number}"))
                 .collect(),
             batch: Vec::new(),
         }
@@ -272,6 +302,7 @@ impl<'a> Simulation<'a> {
             let slot_start = self.shape.start_ms + slot * self.shape.slot_ms;
             self.clock.set_ms(slot_start);
             self.run_due_seat_changes(slot_start)?;
+            self.run_due_rotation(slot_start)?;
             if slot > 0 && (slot_start - self.shape.start_ms) % TOP_UP_CHECK_MS == 0 {
                 self.top_up_low_teams(slot_start)?;
             }
@@ -341,8 +372,24 @@ impl<'a> Simulation<'a> {
         }
     }
 
-    /// A request from a key that does not exist (revoked, mistyped), now and then.
+    /// A request from a key that does not exist (mistyped, made up) now and then, and once the
+    /// rotation revoked the leaked key, as often from whoever holds it.
     fn plan_stray(&mut self, slot_start: u64) {
+        let leaked = self.rotation_done();
+        if leaked && self.stray_rng.chance(STRAY_PER_MILLION_SLOTS) {
+            let chat = self.catalog.chat_for(None);
+            let request = self
+                .catalog
+                .draw_ordinary(&mut self.stray_rng, chat, &self.policy);
+            let at_ms = slot_start + self.stray_rng.below(self.shape.slot_ms);
+            self.batch.push(Planned {
+                sender: Sender::Leaked,
+                at_ms,
+                request,
+                request_id: None,
+                retried: false,
+            });
+        }
         if !self.stray_rng.chance(STRAY_PER_MILLION_SLOTS) {
             return;
         }
@@ -376,6 +423,10 @@ impl<'a> Simulation<'a> {
             let key = match planned.sender {
                 Sender::Actor(index) => &self.scenario.actors[index].key,
                 Sender::Stray(number) => &self.stray_keys[number],
+                Sender::Leaked => match &self.rotation {
+                    Some(rotation) => &rotation.old_key,
+                    None => unreachable!("a leaked key only once a rotation revoked it"),
+                },
             };
             let resource = &*self.policy.resource(planned.request.resource).name;
             let mut request =
@@ -406,6 +457,12 @@ impl<'a> Simulation<'a> {
                     self.record(Some(index), row, &outcome, planned.at_ms);
                 }
                 Sender::Stray(_) => self.record(None, Row::UnknownKey, &outcome, planned.at_ms),
+                Sender::Leaked => {
+                    if let Some(rotation) = &mut self.rotation {
+                        rotation.leaked.record(&outcome);
+                    }
+                    self.record(None, Row::UnknownKey, &outcome, planned.at_ms);
+                }
             }
         }
     }
@@ -432,6 +489,13 @@ impl<'a> Simulation<'a> {
         let Some(index) = index else { return };
         if let Ok(decision) = outcome {
             self.follow_key(index, decision, at_ms);
+        }
+        if let (Some(rotation), Some(scripted)) = (&mut self.rotation, &self.scenario.rotation) {
+            if scripted.actor == index
+                && (rotation.at_ms..rotation.at_ms + SEAT_CHANGE_WATCH_MS).contains(&at_ms)
+            {
+                rotation.owner_after.record(outcome);
+            }
         }
         if let Some(change) = self.progress[index].seat_change {
             let summary = &mut self.seat_changes[change];
@@ -517,6 +581,40 @@ impl<'a> Simulation<'a> {
         Ok(())
     }
 
+    /// Whether the rotation has revoked the leaked key.
+    fn rotation_done(&self) -> bool {
+        match (&self.scenario.rotation, &self.rotation) {
+            (Some(scripted), Some(rotation)) => {
+                self.scenario.actors[scripted.actor].key != rotation.old_key
+            }
+            _ => false,
+        }
+    }
+
+    /// Revokes the leaked key when its time comes and gives its member a new key in its place,
+    /// on the same seat (a new key starts with none); the member goes on with the new key.
+    fn run_due_rotation(&mut self, now_ms: u64) -> Result<(), Error> {
+        let Some(scripted) = &self.scenario.rotation else {
+            return Ok(());
+        };
+        if scripted.at_ms > now_ms || self.rotation_done() {
+            return Ok(());
+        }
+        let actor = &self.scenario.actors[scripted.actor];
+        let at = Some(scripted.at_ms);
+        self.engine.revoke_key(&actor.key, at)?;
+        self.engine
+            .add_member(&scripted.team, &actor.user, &scripted.new_key, at)?;
+        if let Some(plan) = actor.plan {
+            let plan = &self.policy.plan(plan).name;
+            self.engine
+                .assign_seat(&scripted.team, &actor.user, plan, at)?;
+        }
+        let new_key = scripted.new_key.clone();
+        self.scenario.actors[scripted.actor].key = new_key;
+        Ok(())
+    }
+
     /// Prepaid teams buy their first purchase again when under a quarter of it is left.
     fn top_up_low_teams(&mut self, now_ms: u64) -> Result<(), Error> {
         for (index, account) in self.scenario.accounts.iter().enumerate() {
@@ -572,6 +670,7 @@ impl<'a> Simulation<'a> {
             rows,
             teams,
             seat_changes: self.seat_changes,
+            rotation: self.rotation,
             requests_with_ids: self.next_request_id,
             replays: self.replays,
             replays_matching: self.replays_matching,
@@ -603,7 +702,7 @@ impl<'a> Simulation<'a> {
                 Row::Plan(plan) => self.policy.plan(plan).name.to_string(),
                 Row::NoSeat => "(no seat)".into(),
                 Row::PayAsYouGo => "(pay-as-you-go)".into(),
-                Row::UnknownKey => "(unknown keys)".into(),
+                Row::UnknownKey => "(revoked or unknown keys)".into(),
             };
             let sample = match row {
                 Row::Plan(_) => self.busiest(&members, end_ms)?,

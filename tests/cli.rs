@@ -216,6 +216,37 @@ fn seat_changes_move_the_limit_and_keep_the_usage() {
     assert!(number(downgrade, "next_5h.denied_by_reason.quota_exhausted") > 0);
 }
 
+/// Halfway through, a team member's key leaks: revoked, every request on it is denied "key
+/// revoked" and nothing else is; the member goes on with a new key on the same seat, which is
+/// never refused as revoked; and those denials are all the run's key-revoked ones.
+#[test]
+fn a_leaked_key_is_revoked_and_its_member_goes_on_with_a_new_one() {
+    let run = small_run();
+    let rotation = &run["key_rotation"];
+    let leaked = number(rotation, "leaked.sent");
+    assert!(leaked > 0, "{rotation}");
+    assert_eq!(
+        number(rotation, "leaked.denied_by_reason.key_revoked"),
+        leaked
+    );
+    assert_eq!(number(rotation, "leaked.admitted"), 0);
+    assert_eq!(
+        number(rotation, "member_next_5h.denied_by_reason.key_revoked"),
+        0
+    );
+    assert!(
+        number(rotation, "member_next_5h.admitted") > 0,
+        "{rotation}"
+    );
+    assert_eq!(
+        number(&run["requests"], "denied_by_reason.key_revoked"),
+        leaked
+    );
+    let new_key = rotation["new_key"].as_str().expect("a new key");
+    let old_key = rotation["old_key"].as_str().expect("the old key");
+    assert_ne!(new_key, old_key);
+}
+
 #[test]
 fn the_same_seed_prints_the_same_json_and_another_seed_does_not() {
     let (first, _) = json_run(SMALL_RUN);
