@@ -357,7 +357,16 @@ fn adjust(engine: &Engine, args: &AdjustArgs) -> Result<String, Error> {
 fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
     let after = match &args.start {
         EventsStart::After(seq) => *seq,
-        EventsStart::Cursor(name) => engine.cursor(name)?,
+        EventsStart::Cursor(name) => {
+            let at = engine.cursor(name)?;
+            if at == 0 {
+                // Perhaps a new name: saved where it is before any event is printed, so one
+                // past the cursors' bound is refused with nothing printed, not after the
+                // events went out (a script that read them would read them again).
+                engine.save_cursor(name, 0)?;
+            }
+            at
+        }
     };
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let events = engine

@@ -430,6 +430,40 @@ fn reading_events_after_a_sequence_number_past_the_end_is_refused_naming_after()
     assert!(output.stdout.is_empty());
 }
 
+/// A new cursor name past the bound on cursors is refused (exit 2) before any event is
+/// printed: printed first, then refused, a script that read them read them again next time.
+#[test]
+fn a_new_cursor_past_the_bound_prints_nothing() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    {
+        let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+        let engine = Engine::open(
+            workspace.database(),
+            policy,
+            Arc::new(SystemClock),
+            OpenOptions::default(),
+        )
+        .expect("open");
+        for number in 0..tally_engine::log::MAX_CURSORS {
+            engine
+                .save_cursor(&format!("reader-{number}"), 1)
+                .expect("a cursor");
+        }
+        engine.close().expect("close");
+    }
+    let output = workspace.run(&["events", "--cursor", "one-too-many"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr_of(&output));
+    assert!(output.stdout.is_empty(), "{}", stdout_of(&output));
+    assert!(
+        stderr_of(&output).contains("cursors"),
+        "{}",
+        stderr_of(&output)
+    );
+    // A saved one still reads.
+    assert!(!workspace.events(&["--cursor", "reader-7"]).is_empty());
+}
+
 /// `revoke KEY` revokes a key for good: `consume` on it is then denied (exit 1) saying so, its
 /// usage report says so, revoking it again changes nothing, and `member` gives the member a
 /// new key in its place. An unknown key is refused naming KEY (exit 2).
