@@ -2510,7 +2510,12 @@ fn snapshot_version(bytes: &[u8], seq: u64) -> Result<u16, Error> {
     }
     if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(storage(format!(
-            "snapshot {seq}: format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+            "snapshot {seq}: format version {version}; this build reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}{}",
+            if version > FORMAT_VERSION {
+                ": upgrade tally"
+            } else {
+                ""
+            }
         )));
     }
     Ok(version)
@@ -3726,7 +3731,10 @@ mod tests {
         assert_eq!(snapshot_version(&[4, 0, 0], 1).unwrap(), 4);
         assert_eq!(snapshot_version(&[5, 0, 0], 1).unwrap(), 5);
         for (bytes, said) in [
-            (&[6u8, 1][..], "format version 6"),
+            (
+                &[6u8, 1][..],
+                "format version 6; this build reads versions 2 to 5: upgrade",
+            ),
             (&[1, 0], "format version 1"),
         ] {
             let error = snapshot_version(bytes, 7).unwrap_err().to_string();
