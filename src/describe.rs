@@ -637,14 +637,31 @@ fn field_text(value: &Value) -> String {
 }
 
 /// `seq  time  kind  name=value ...`: one line per event.
-pub fn event_line(policy_of: PolicyOf<'_>, event: &Event) -> String {
+/// An event's fields, with `team` (the team it concerns: `Engine::team_of_event`) after its key
+/// where the event does not name the team itself.
+fn fields_with_team(policy_of: PolicyOf<'_>, body: &EventBody, team: Option<&str>) -> Fields {
+    let mut fields = event_fields(policy_of, body);
+    if let Some(team) = team {
+        if !fields.iter().any(|(name, _)| *name == "team") {
+            let after_key = fields
+                .iter()
+                .position(|(name, _)| *name == "key")
+                .map_or(0, |at| at + 1);
+            fields.insert(after_key, ("team", json!(team)));
+        }
+    }
+    fields
+}
+
+/// One event as a line of `tally events`; `team` is the team it concerns.
+pub fn event_line(policy_of: PolicyOf<'_>, event: &Event, team: Option<&str>) -> String {
     let mut line = format!(
         "{:>8}  {}  {:<18}",
         event.seq,
         utc_iso8601_ms(event.at_ms),
         event.body.kind()
     );
-    for (name, value) in event_fields(policy_of, &event.body) {
+    for (name, value) in fields_with_team(policy_of, &event.body, team) {
         match value {
             // Quantities read best as they are typed: `requests=1 tokens=200`.
             Value::Object(map) => {
@@ -660,14 +677,15 @@ pub fn event_line(policy_of: PolicyOf<'_>, event: &Event) -> String {
     line.trim_end().to_string()
 }
 
-pub fn event_json(policy_of: PolicyOf<'_>, event: &Event) -> Value {
+/// One event as a JSON object of `tally events --json`; `team` is the team it concerns.
+pub fn event_json(policy_of: PolicyOf<'_>, event: &Event, team: Option<&str>) -> Value {
     let mut object = Map::new();
     object.insert("seq".into(), json!(event.seq));
     object.insert("at_ms".into(), json!(event.at_ms));
     object.insert("at".into(), json!(utc_iso8601_ms(event.at_ms)));
     object.insert("kind".into(), json!(event.body.kind()));
     object.extend(
-        event_fields(policy_of, &event.body)
+        fields_with_team(policy_of, &event.body, team)
             .into_iter()
             .map(|(name, value)| (name.to_string(), value)),
     );
@@ -780,11 +798,11 @@ mod tests {
         let policy = Arc::new(Policy::token_plan());
         let policy_of = |_| Some(Arc::clone(&policy));
         assert_eq!(
-            event_line(&policy_of, &event),
+            event_line(&policy_of, &event, None),
             "       7  2026-03-02T13:00:00.250Z  credits_topped_up  team=@ada micros=5000000"
         );
         assert_eq!(
-            event_json(&policy_of, &event),
+            event_json(&policy_of, &event, None),
             json!({
                 "seq": 7,
                 "at_ms": 1_772_456_400_250u64,
@@ -826,11 +844,11 @@ mod tests {
         let policy = Arc::new(Policy::token_plan());
         let policy_of = |_| Some(Arc::clone(&policy));
         assert_eq!(
-            event_line(&policy_of, &event),
+            event_line(&policy_of, &event, None),
             "       9  2026-03-02T13:00:00.000Z  request_denied     key=tp-ada resource=m2.7 \
              requests=2 request_id=req-9 reason=no_resources"
         );
-        let json = event_json(&policy_of, &event);
+        let json = event_json(&policy_of, &event, None);
         assert_eq!(json["key"], json!("tp-ada"));
         assert_eq!(json["request_id"], json!("req-9"));
         assert_eq!(json["quantities"], json!({"requests": 2}));

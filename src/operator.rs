@@ -394,10 +394,11 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
     let policy_of = |generation| engine.policy_of_generation(generation);
     let mut text = String::new();
     for event in &events {
+        let team = engine.team_of_event(&event.body);
         let line = if args.json {
-            describe::event_json(&policy_of, event).to_string()
+            describe::event_json(&policy_of, event, team.as_deref()).to_string()
         } else {
-            describe::event_line(&policy_of, event)
+            describe::event_line(&policy_of, event, team.as_deref())
         };
         text.push_str(&line);
         text.push('\n');

@@ -251,6 +251,11 @@ fn events_come_in_order_and_a_named_cursor_survives_between_invocations() {
     assert_eq!(all[7]["charged_to"], "credits");
     assert_eq!(all[7]["micros"], 1_000);
     assert_eq!(all[4]["quantities"]["requests"], 1);
+    // Each event names the team it concerns (billing by team needs no record of the event
+    // that made the key); a policy swap concerns none.
+    assert_eq!(all[4]["team"], "@ada");
+    assert_eq!(all[7]["team"], "@ada");
+    assert_eq!(all[0]["team"], Value::Null);
 
     let first = workspace.events(&["--cursor", "billing", "--limit", "5"]);
     assert_eq!(first.iter().map(seq).collect::<Vec<u64>>(), [1, 2, 3, 4, 5]);
@@ -279,7 +284,7 @@ fn events_come_in_order_and_a_named_cursor_survives_between_invocations() {
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains("usage_admitted"), "{text}");
     assert!(
-        text.contains("key=tp-ada resource=chat requests=1"),
+        text.contains("key=tp-ada team=@ada resource=chat requests=1"),
         "{text}"
     );
 }
@@ -1261,7 +1266,7 @@ fn a_denied_request_with_an_id_is_exported_with_its_key_and_id() {
     let text = workspace.ok(&["events"]);
     let line = text.lines().last().expect("a line");
     assert!(
-        line.contains("key=tp-ada resource=chat requests=1 request_id=req-6"),
+        line.contains("key=tp-ada team=@ada resource=chat requests=1 request_id=req-6"),
         "{line}"
     );
 }

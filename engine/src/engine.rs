@@ -929,6 +929,27 @@ impl Engine {
         Ok(())
     }
 
+    /// The team whose credits `key` draws on (a pay-as-you-go key's: its user's Default Team);
+    /// `None` for a key the engine does not know. A key never changes team, and keys are never
+    /// removed (a revoked one stays), so an export reader can name the team of any event's key
+    /// even after compaction removed the event that made it.
+    pub fn team_of_key(&self, key: &str) -> Option<String> {
+        self.keys.read(key, |_, state| {
+            state.map(|state| state.team.name.to_string())
+        })
+    }
+
+    /// The team an event concerns, for an export reader billing by team: its key's team (see
+    /// `team_of_key`), or the team a team's event names; `None` for a policy swap.
+    pub fn team_of_event(&self, body: &EventBody) -> Option<String> {
+        match body {
+            EventBody::TeamCreated { team }
+            | EventBody::CreditsToppedUp { team, .. }
+            | EventBody::CreditsWithdrawn { team, .. } => Some(team.clone()),
+            _ => body.key().and_then(|key| self.team_of_key(key)),
+        }
+    }
+
     /// Revokes `key` (a plan or a pay-as-you-go key, say one that leaked): every later
     /// request on it is denied `KeyRevoked`, whatever its seat, its team's credits or its
     /// request id (a repeat of a request admitted before still returns its first decision).

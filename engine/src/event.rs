@@ -159,6 +159,27 @@ pub enum EventBody {
 }
 
 impl EventBody {
+    /// The key the event is about, if it names one (everything a key did or had done to it).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            EventBody::UserCreated { key, .. }
+            | EventBody::MemberAdded { key, .. }
+            | EventBody::PayAsYouGoKeyCreated { key, .. }
+            | EventBody::SeatChanged { key, .. }
+            | EventBody::UsageAdmitted { key, .. }
+            | EventBody::RequestDenied { key, .. }
+            | EventBody::ReservationOpened { key, .. }
+            | EventBody::ReservationClosed { key, .. }
+            | EventBody::Refunded { key, .. }
+            | EventBody::UsageAdjusted { key, .. }
+            | EventBody::KeyRevoked { key } => Some(key),
+            EventBody::TeamCreated { .. }
+            | EventBody::CreditsToppedUp { .. }
+            | EventBody::CreditsWithdrawn { .. }
+            | EventBody::PolicySwapped { .. } => None,
+        }
+    }
+
     /// A short name of the event's kind, for export and the command line.
     pub fn kind(&self) -> &'static str {
         match self {

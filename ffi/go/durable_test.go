@@ -33,6 +33,10 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 		!events[len(events)-1].At().Equal(at(9)) {
 		t.Fatalf("%d events: %+v", len(events), events)
 	}
+	// The team each event concerns; a policy swap concerns none.
+	if events[len(events)-1].Team != "@qi" || events[0].Kind != "policy_swapped" || events[0].Team != "" {
+		t.Fatalf("teams: %+v, %+v", events[0], events[len(events)-1])
+	}
 	last := events[len(events)-1].Seq
 	must(t, engine.SaveCursor("billing", last))
 	must(t, engine.SaveCursor("gone", 1))

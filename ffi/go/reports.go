@@ -106,9 +106,12 @@ func (e *Engine) PolicyJSON() (string, error) {
 
 // Event is one event of the log, for billing export.
 type Event struct {
-	Seq  uint64          `json:"seq"`
-	AtMs uint64          `json:"at_ms"`
-	Kind string          `json:"kind"` // "usage_admitted", "credits_topped_up", ...
+	Seq  uint64 `json:"seq"`
+	AtMs uint64 `json:"at_ms"`
+	Kind string `json:"kind"` // "usage_admitted", "credits_topped_up", ...
+	// Team is the team the event concerns (its key's, whose credits it draws on), "" for a
+	// policy swap: billing by team needs no record of the event that made the key.
+	Team string          `json:"team"`
 	Body json.RawMessage `json:"body"` // the event's fields; quantities as {"unit": amount}
 }
 

@@ -1026,8 +1026,11 @@ tally_status tally_engine_policy_json(const struct tally_engine *engine,
 
 // Writes up to `limit` (1..=`TALLY_MAX_EVENTS_PER_CALL`) events with sequence numbers after
 // `after_seq` as a JSON array into `buf`, oldest first: `[{"seq", "at_ms", "kind":
-// "usage_admitted" | "credits_topped_up" | ..., "body": {the event's fields; quantities as
-// {"unit": amount}}}]`; `[]` when there are none. Sequence numbers start at 1 and have no
+// "usage_admitted" | "credits_topped_up" | ..., "team", "body": {the event's fields;
+// quantities as {"unit": amount}}}]`; `[]` when there are none. `team` is the team the event
+// concerns (its key's, whose credits it draws on; a pay-as-you-go key's is its user's Default
+// Team), `null` for a policy swap: a reader that started after compaction removed the event
+// that made a key can still bill by team. Sequence numbers start at 1 and have no
 // gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
 // with the last `seq`. Size query as for usage (the events are read again on the second call).
 // After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and

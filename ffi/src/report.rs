@@ -97,7 +97,7 @@ fn name_quantities(value: &mut Value) {
     }
 }
 
-fn event_json(event: &Event) -> Value {
+fn event_json(event: &Event, team: Option<String>) -> Value {
     let mut body = serde_json::to_value(&event.body).unwrap_or(Value::Null);
     // serde writes `{"VariantName": {fields}}`: keep the fields, named by `kind`.
     if let Value::Object(object) = &mut body {
@@ -112,14 +112,18 @@ fn event_json(event: &Event) -> Value {
         "seq": event.seq,
         "at_ms": event.at_ms,
         "kind": event.body.kind(),
+        "team": team,
         "body": body,
     })
 }
 
 /// Writes up to `limit` (1..=`TALLY_MAX_EVENTS_PER_CALL`) events with sequence numbers after
 /// `after_seq` as a JSON array into `buf`, oldest first: `[{"seq", "at_ms", "kind":
-/// "usage_admitted" | "credits_topped_up" | ..., "body": {the event's fields; quantities as
-/// {"unit": amount}}}]`; `[]` when there are none. Sequence numbers start at 1 and have no
+/// "usage_admitted" | "credits_topped_up" | ..., "team", "body": {the event's fields;
+/// quantities as {"unit": amount}}}]`; `[]` when there are none. `team` is the team the event
+/// concerns (its key's, whose credits it draws on; a pay-as-you-go key's is its user's Default
+/// Team), `null` for a policy swap: a reader that started after compaction removed the event
+/// that made a key can still bill by team. Sequence numbers start at 1 and have no
 /// gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
 /// with the last `seq`. Size query as for usage (the events are read again on the second call).
 /// After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and
@@ -144,12 +148,16 @@ pub extern "C" fn tally_engine_events_after(
                 format!("limit: {limit}; between 1 and {TALLY_MAX_EVENTS_PER_CALL}"),
             ));
         }
-        let events = handle.with(|open| {
-            open.engine
+        let array = handle.with(|open| {
+            let events = open
+                .engine
                 .events_after(after_seq, limit as usize)
-                .map_err(|error| Failure::naming(error, "after", "after_seq"))
+                .map_err(|error| Failure::naming(error, "after", "after_seq"))?;
+            Ok(events
+                .iter()
+                .map(|event| event_json(event, open.engine.team_of_event(&event.body)))
+                .collect::<Vec<Value>>())
         })?;
-        let array: Vec<Value> = events.iter().map(event_json).collect();
         write_text(&Value::Array(array).to_string(), out)
     })
 }

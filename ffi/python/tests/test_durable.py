@@ -42,6 +42,9 @@ def test_the_event_log_and_a_billing_cursor(tmp_path):
         assert "usage_admitted" in kinds
         admitted = events[kinds.index("usage_admitted")]
         assert admitted.body["quantities"] == {"requests": 2}
+        # The team it concerns, named in every event; a policy swap concerns none.
+        assert admitted.team == "@bo"
+        assert events[kinds.index("policy_swapped")].team is None
         assert engine.cursor("billing") == 0
         engine.save_cursor("billing", events[-1].seq)
         assert engine.cursor("billing") == events[-1].seq

@@ -617,6 +617,9 @@ static void test_log(tally_engine *engine) {
   EXPECT(tally_engine_events_after(engine, 0, 1000, json, needed, &needed), TALLY_OK);
   CHECK(json[0] == '[' && strstr(json, "\"policy_swapped\"") != NULL);
   CHECK(strstr(json, "\"usage_admitted\"") != NULL);
+  /* Each event names the team it concerns; a policy swap none. */
+  CHECK(strstr(json, "\"team\":\"@ada\"") != NULL);
+  CHECK(strstr(json, "\"team\":null") != NULL);
   free(json);
   EXPECT(tally_engine_events_after(engine, 0, 0, NULL, 0, &needed), TALLY_INVALID_ARGUMENT);
 

@@ -847,7 +847,13 @@ class Engine:
             )
         )
         return [
-            Event(seq=item["seq"], at_ms=item["at_ms"], kind=item["kind"], body=item["body"])
+            Event(
+                seq=item["seq"],
+                at_ms=item["at_ms"],
+                kind=item["kind"],
+                body=item["body"],
+                team=item.get("team"),
+            )
             for item in json.loads(document)
         ]
 

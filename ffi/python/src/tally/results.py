@@ -262,6 +262,9 @@ class Event:
     at_ms: int
     kind: str
     body: Mapping[str, Any]
+    #: The team the event concerns (its key's, whose credits it draws on), ``None`` for a
+    #: policy swap: billing by team needs no record of the event that made the key.
+    team: str | None = None
 
 
 @dataclass(frozen=True)
