@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use tally_engine::event::{GivenBack, ReservationEnd};
+use tally_engine::policy::CounterId;
 use tally_engine::{
     Admission, ChargedTo, CompactReport, Decision, Denial, DenialReason, Event, EventBody, KeyKind,
     LimitReport, LimitStatus, PlanId, Policy, Quantities, UsageReport, VerifyReport,
@@ -422,13 +423,52 @@ fn charged_to_fields(
     (json!(kind), detail)
 }
 
-fn given_back_fields(given_back: &GivenBack, fields: &mut Fields) {
-    let units: u64 = given_back
-        .counters
-        .iter()
-        .map(|(_, _, amount)| amount)
-        .sum();
-    fields.push(("units_given_back", json!(units)));
+/// What a give-back or a correction moved on each usage counter, by the counter's name
+/// (`usage-bar per rolling:5h`, as a limit on it is named), in that counter's own units: the
+/// counters of one request (a plan's 5-hour and weekly limits, a weighted bar counting at
+/// prices) measure different things, so their amounts are not added up.
+fn per_counter(
+    policy_of: PolicyOf<'_>,
+    generation: u32,
+    counters: &[(CounterId, u64, u64)],
+) -> Value {
+    let policy = policy_of(generation);
+    let mut totals: Vec<(String, u128)> = Vec::new();
+    for &(counter, _, amount) in counters {
+        let spec = policy
+            .as_deref()
+            .and_then(|policy| Some((policy, policy.counters().get(counter.index())?)));
+        let name = match spec {
+            Some((policy, spec)) => {
+                format!("{} per {}", policy.meter(spec.meter).name, spec.window)
+            }
+            None => format!(
+                "counter {} of policy generation {generation}, no longer kept",
+                counter.index()
+            ),
+        };
+        // One counter twice (two buckets of one window): added exactly, in 128 bits.
+        match totals.iter_mut().find(|(known, _)| *known == name) {
+            Some((_, total)) => *total += u128::from(amount),
+            None => totals.push((name, u128::from(amount))),
+        }
+    }
+    let map: Map<String, Value> = totals
+        .into_iter()
+        .map(|(name, total)| {
+            let total = u64::try_from(total)
+                .map_or_else(|_| json!(total.to_string()), |total| json!(total));
+            (name, total)
+        })
+        .collect();
+    Value::Object(map)
+}
+
+fn given_back_fields(policy_of: PolicyOf<'_>, given_back: &GivenBack, fields: &mut Fields) {
+    fields.push((
+        "quota_given_back",
+        per_counter(policy_of, given_back.generation, &given_back.counters),
+    ));
     fields.push((
         "credits_micros_given_back",
         json!(given_back.credits_micros),
@@ -535,7 +575,7 @@ fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
         } => {
             fields.push(("request_id", json!(request_id)));
             fields.push(("key", json!(key)));
-            given_back_fields(given_back, &mut fields);
+            given_back_fields(policy_of, given_back, &mut fields);
         }
         EventBody::UsageAdjusted {
             key,
@@ -543,13 +583,16 @@ fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
             quantities,
             usage_at_ms,
             direction,
-            ..
+            generation,
+            moved,
         } => {
             fields.push(("key", json!(key)));
             fields.push(("resource", json!(resource)));
             fields.push(("quantities", quantities_json(quantities)));
             fields.push(("usage_at_ms", json!(usage_at_ms)));
             fields.push(("direction", json!(format!("{direction:?}").to_lowercase())));
+            // What the correction really moved: a removal takes no more than was counted.
+            fields.push(("quota_moved", per_counter(policy_of, *generation, moved)));
         }
         _ => {}
     }
@@ -599,7 +642,7 @@ fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields
                 ReservationEnd::Expired => "expired",
             };
             fields.push(("end", json!(end)));
-            given_back_fields(given_back, &mut fields);
+            given_back_fields(policy_of, given_back, &mut fields);
             // What a settle for more charged beyond the estimate: billed with the rest.
             if let Some(receipt) = extra_receipt {
                 extra_charged_fields(
@@ -626,9 +669,14 @@ fn field_text(value: &Value) -> String {
         }
         Value::String(text) => format!("{text:?}"),
         Value::Object(map) => {
+            // A name is quoted as a value is: a counter's (`"usage-bar per rolling:5h"`) has
+            // spaces, a unit's has none.
             let parts: Vec<String> = map
                 .iter()
-                .map(|(name, value)| format!("{name}={}", field_text(value)))
+                .map(|(name, value)| {
+                    let name = field_text(&Value::String(name.clone()));
+                    format!("{name}={}", field_text(value))
+                })
                 .collect();
             parts.join(",")
         }
@@ -664,7 +712,7 @@ pub fn event_line(policy_of: PolicyOf<'_>, event: &Event, team: Option<&str>) ->
     for (name, value) in fields_with_team(policy_of, &event.body, team) {
         match value {
             // Quantities read best as they are typed: `requests=1 tokens=200`.
-            Value::Object(map) => {
+            Value::Object(map) if matches!(name, "quantities" | "actual") => {
                 for (unit, amount) in map {
                     let _ = write!(line, " {unit}={}", field_text(&amount));
                 }
@@ -853,6 +901,100 @@ mod tests {
         assert_eq!(json["request_id"], json!("req-9"));
         assert_eq!(json["quantities"], json!({"requests": 2}));
         assert_eq!(json["reason"], json!("no_resources"));
+    }
+
+    /// An engine on the shared-bar plan (two limits, 5-hour and weekly, on one meter) whose
+    /// key used one request under `q1`, and what refunding it gave back.
+    fn refunded_on_the_shared_bar() -> (Arc<Policy>, GivenBack) {
+        let at_ms = 1_772_456_400_000;
+        let engine = tally_engine::Engine::new(
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(at_ms)),
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        engine.create_user("ada", "tp-ada", None).expect("created");
+        engine
+            .assign_seat("@ada", "ada", "Bar-Plus", None)
+            .expect("seated");
+        let pairs = [(tally_engine::Unit::Requests, 1)];
+        let request = tally_engine::UsageRequest::new("tp-ada", "m2.7", &pairs).id("q1");
+        assert!(engine.consume(&request).expect("decided").is_admitted());
+        let refund = engine.refund("q1", None).expect("refunded");
+        (engine.policy(), refund.given_back)
+    }
+
+    #[test]
+    fn a_refund_event_says_what_each_counter_got_back_not_their_sum() {
+        // `tally events` printed a refund of one request on the shared-bar plan (2,000
+        // micro-credits of bar in its 5-hour window and in its weekly one) as
+        // `units_given_back=4000`: the two counters' amounts added up, twice what went back.
+        let (policy, given_back) = refunded_on_the_shared_bar();
+        let event = Event {
+            seq: 6,
+            at_ms: 1_772_456_400_000,
+            body: EventBody::Refunded {
+                request_id: "q1".into(),
+                key: "tp-ada".into(),
+                given_back: given_back.clone(),
+            },
+        };
+        let policy_of = |_| Some(Arc::clone(&policy));
+        let per_counter: Map<String, Value> = given_back
+            .counters
+            .iter()
+            .map(|&(counter, _, amount)| {
+                let spec = policy.counter(counter);
+                let meter = &policy.meter(spec.meter).name;
+                (format!("{meter} per {}", spec.window), json!(amount))
+            })
+            .collect();
+        assert_eq!(per_counter.len(), 2, "the bar's two windows");
+        let json = event_json(&policy_of, &event);
+        assert_eq!(json["quota_given_back"], Value::Object(per_counter.clone()));
+        assert!(json.get("units_given_back").is_none(), "{json}");
+        let line = event_line(&policy_of, &event);
+        let expected: Vec<String> = per_counter
+            .iter()
+            .map(|(counter, amount)| format!("{counter:?}={amount}"))
+            .collect();
+        assert!(
+            line.contains(&format!("quota_given_back={}", expected.join(","))),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_correction_event_says_what_it_moved_on_each_counter() {
+        // `tally adjust --remove requests=3` on a key that had 1 counted gives back only that
+        // one (2,000 on each of the bar's windows), but `tally events` printed the event as
+        // `requests=3 direction=remove`: a reader took 3 requests for removed.
+        let (policy, counted) = refunded_on_the_shared_bar();
+        let moved: Vec<(CounterId, u64, u64)> = counted.counters.clone();
+        let event = Event {
+            seq: 7,
+            at_ms: 1_772_456_401_000,
+            body: EventBody::UsageAdjusted {
+                key: "tp-ada".into(),
+                resource: "m2.7".into(),
+                quantities: Quantities::new(&[(tally_engine::Unit::Requests, 3)])
+                    .expect("quantities"),
+                usage_at_ms: 1_772_456_400_000,
+                direction: tally_engine::engine::AdjustmentDirection::Remove,
+                generation: counted.generation,
+                moved,
+            },
+        };
+        let policy_of = |_| Some(Arc::clone(&policy));
+        let json = event_json(&policy_of, &event);
+        assert_eq!(
+            json["quota_moved"],
+            per_counter(&policy_of, counted.generation, &counted.counters)
+        );
+        assert_eq!(json["quota_moved"].as_object().map(Map::len), Some(2));
+        let line = event_line(&policy_of, &event);
+        assert!(line.contains("requests=3"), "{line}");
+        assert!(line.contains(" quota_moved=\"usage-bar per "), "{line}");
     }
 
     #[test]
