@@ -5889,6 +5889,69 @@ fn verify_reports_a_cursor_that_cannot_be_read_after() {
     assert!(engine.events_after(after, 10).is_err());
 }
 
+/// A record of when events were logged (`logged_by/<seq>` in `meta`) that does not read back
+/// (not a time's 8 bytes) or names an event past the log's last (one is written only once the
+/// log is durable through it) is one of `verify`'s problems, naming its event: the first made
+/// every `compact` fail while `verify` called the database sound; the second would date the
+/// events that take its number later as logged long before, and compaction would drop them
+/// before a reader had the retention to read them.
+#[test]
+fn verify_reports_a_record_of_when_events_were_logged_that_is_damaged_or_past_the_end() {
+    let (dir, _, _) = closed_database("verify-logged-by");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let last = last_seq(&engine);
+    // A close checkpoints, and records when the events up to its cut were logged.
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+    let key = |seq: u64| {
+        let mut key = b"logged_by/".to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    };
+    {
+        let db = open_sled_retrying(dir.path());
+        let meta = db.open_tree("meta").unwrap();
+        let recorded: Vec<Vec<u8>> = meta
+            .scan_prefix(b"logged_by/")
+            .keys()
+            .map(|key| key.unwrap().to_vec())
+            .collect();
+        assert!(recorded.contains(&key(last)), "the close recorded its cut");
+        meta.insert(key(last), &[0u8; 3]).unwrap();
+        meta.insert(key(last + 5), &0u64.to_le_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let report = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
+    let problem = |seq: u64| {
+        report
+            .problems
+            .iter()
+            .find(|problem| problem.contains(&format!("events up to {seq} were logged")))
+            .unwrap_or_else(|| panic!("{seq} reported: {:?}", report.problems))
+    };
+    assert!(problem(last).contains("holds 3 bytes"), "{report:?}");
+    assert!(
+        problem(last + 5).contains(&format!("past the log's last event, {last}")),
+        "{report:?}"
+    );
+    // As a compaction that comes to the damaged one finds, naming it too.
+    let later_ms = POPULATED_MS + 400 * DAY_MS;
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(later_ms));
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock, sync_options()).unwrap();
+    // An event after the close's cut: the compaction's checkpoint is a new snapshot, and the
+    // segments up to the close's cut are its to judge.
+    engine.top_up(TEAMS[0], 1, Some(later_ms)).unwrap();
+    let error = engine.compact(None).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("events up to {last} were logged")),
+        "{error}"
+    );
+}
+
 /// Where `path`'s records end (read with the documented framing, up to zeros or the end).
 fn records_end(frames: &[Frame], path: &std::path::Path) -> usize {
     frames

@@ -2436,13 +2436,40 @@ impl EventLog {
         if !key.starts_with(META_LOGGED_BY) {
             return Ok(None);
         }
-        match <[u8; 8]>::try_from(value.as_ref()) {
-            Ok(bytes) => Ok(Some(u64::from_le_bytes(bytes))),
-            Err(_) => Err(storage(
-                "metadata `logged_by`",
-                format!("holds {} bytes, not the 8 of a time: damaged", value.len()),
-            )),
+        logged_by_record(&key, &value)
+            .map(Some)
+            .map_err(|problem| storage("compaction", problem))
+    }
+
+    /// What is wrong with the records of when events were logged, one line each (`verify`): a
+    /// key or a value that does not read back (`compact` fails on it), or a record naming an
+    /// event past `last_seq`, the log's last (one is written only once the log is durable
+    /// through its event, so such a one is damage: the events that take its number later
+    /// would count as logged at its time, and go before a reader had the retention).
+    pub fn logged_by_problems(&self, last_seq: u64) -> Vec<String> {
+        let mut problems = Vec::new();
+        for entry in self.meta.scan_prefix(META_LOGGED_BY) {
+            let (key, value) = match entry {
+                Ok(entry) => entry,
+                Err(error) => {
+                    problems.push(storage("reading when events were logged", error).to_string());
+                    break;
+                }
+            };
+            match logged_by_record(&key, &value) {
+                Err(problem) => problems.push(problem),
+                Ok(_) => {
+                    let seq = logged_by_seq(&key).unwrap_or_default();
+                    if seq > last_seq {
+                        problems.push(format!(
+                            "the record that events up to {seq} were logged is past the log's \
+                             last event, {last_seq}: events are missing or the record is damaged"
+                        ));
+                    }
+                }
+            }
         }
+        problems
     }
 
     /// Forgets the records of when events before `seq` were logged (their segments are gone).
@@ -2649,6 +2676,31 @@ fn record_logged_by(meta: &sled::Tree, seq: u64, clock_ms: u64) -> Result<(), Er
     // Recorded already: kept.
     .ok();
     Ok(())
+}
+
+/// The sequence number a `logged_by/` key names, if it is one's 8 bytes.
+fn logged_by_seq(key: &[u8]) -> Option<u64> {
+    let seq = key.strip_prefix(META_LOGGED_BY)?;
+    Some(u64::from_be_bytes(<[u8; 8]>::try_from(seq).ok()?))
+}
+
+/// The clock time a `logged_by/` record holds, or what is wrong with it (naming its event).
+fn logged_by_record(key: &[u8], value: &[u8]) -> Result<u64, String> {
+    let Some(seq) = logged_by_seq(key) else {
+        return Err(format!(
+            "a record of when events were logged has a key of {} bytes, not `logged_by/` and \
+             a sequence number's 8: damaged",
+            key.len()
+        ));
+    };
+    match <[u8; 8]>::try_from(value) {
+        Ok(bytes) => Ok(u64::from_le_bytes(bytes)),
+        Err(_) => Err(format!(
+            "the record that events up to {seq} were logged holds {} bytes, not the 8 of a \
+             time: damaged",
+            value.len()
+        )),
+    }
 }
 
 /// The `meta` key of the record of when the events up to `seq` were logged.

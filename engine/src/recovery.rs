@@ -2083,7 +2083,7 @@ impl Engine {
     /// the events after it replay onto it as an open replays them;
     /// of the keys a correction left short, a snapshot of format 4 on must mark at least those
     /// the replay marks (the live engine may have marked more); every saved cursor reads back
-    /// and is at most the log's last event.
+    /// and is at most the log's last event, as is every record of when events were logged.
     /// The replay runs with `options`: they must be the ones the database was opened with (the
     /// snapshot holds what they keep, e.g. `max_policy_generations` generations), which
     /// `use_recorded` reads from the database itself (recorded options that do not decode are
@@ -2132,6 +2132,11 @@ impl Engine {
         report
             .problems
             .extend(log.cursor_problems(log.next_seq() - 1));
+        // A record of when events were logged that compaction cannot read, or that would date
+        // events not logged yet.
+        report
+            .problems
+            .extend(log.logged_by_problems(log.next_seq() - 1));
         // The latest snapshot, read and decoded once: compared with a replay of the log up to
         // it, then restored for the replay of the events after it.
         let latest = log.snapshot_pointer()?;
