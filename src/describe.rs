@@ -427,7 +427,7 @@ fn charged_to_fields(
 /// (`usage-bar per rolling:5h`, as a limit on it is named), in that counter's own units: the
 /// counters of one request (a plan's 5-hour and weekly limits, a weighted bar counting at
 /// prices) measure different things, so their amounts are not added up.
-fn per_counter(
+pub fn per_counter(
     policy_of: PolicyOf<'_>,
     generation: u32,
     counters: &[(CounterId, u64, u64)],

@@ -275,7 +275,10 @@ fn refund(
 ) -> Result<String, Error> {
     let refund = engine.refund(request_id, at_ms)?;
     let given = &refund.given_back;
-    let units = given.total();
+    // Per counter, in its own units: a request's counters (a 5-hour and a weekly window, a
+    // bar counting at prices) measure different things, so they are not added up.
+    let policy_of = |generation| engine.policy_of_generation(generation);
+    let quota = describe::per_counter(&policy_of, given.generation, &given.counters);
     if json {
         let charged_to = match refund.charged_to {
             ChargedTo::PlanQuota { .. } => "plan_quota",
@@ -285,16 +288,26 @@ fn refund(
         return Ok(json_text(&json!({
             "request_id": request_id,
             "charged_to": charged_to,
-            "units_given_back": units,
+            "quota_given_back": quota,
             "credits_micros_given_back": given.credits_micros,
             "pay_as_you_go_micros_given_back": given.payg_micros,
         })));
     }
+    let counters: Vec<String> = quota
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, amount)| amount.as_u64() != Some(0))
+        .map(|(counter, amount)| match amount.as_u64() {
+            Some(amount) => format!("{} on {counter}", grouped(amount)),
+            None => format!("{} on {counter}", amount.as_str().unwrap_or_default()),
+        })
+        .collect();
     let what = match refund.charged_to {
-        ChargedTo::PlanQuota { .. } if units == 0 => {
+        ChargedTo::PlanQuota { .. } if counters.is_empty() => {
             "nothing: its usage no longer counts in any window".to_string()
         }
-        ChargedTo::PlanQuota { .. } => format!("{} units of plan quota", grouped(units)),
+        ChargedTo::PlanQuota { .. } => format!("plan quota: {}", counters.join(", ")),
         ChargedTo::Credits { .. } => format!(
             "{} micro-credits ({} credits)",
             grouped(given.credits_micros),
@@ -608,6 +621,55 @@ mod tests {
         );
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `tally refund` of one m2.7 request on the shared-bar plan (2,000 micro-credits of bar
+    /// in its 5-hour window and in its weekly one) said "gave back 4,000 units of plan quota"
+    /// and `units_given_back: 4000`: the two counters added up, twice what went back (and for
+    /// a request paid by credits, the JSON's units were its micro-credits).
+    #[test]
+    fn a_refund_says_what_each_counter_got_back_not_their_sum() {
+        let engine = Engine::new(
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(1_772_456_400_000)),
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        engine.create_user("ada", "tp-ada", None).expect("created");
+        engine
+            .assign_seat("@ada", "ada", "Bar-Plus", None)
+            .expect("seated");
+        let pairs = [(tally_engine::Unit::Requests, 1)];
+        for id in ["q1", "q2"] {
+            let request = tally_engine::UsageRequest::new("tp-ada", "m2.7", &pairs).id(id);
+            assert!(engine.consume(&request).expect("decided").is_admitted());
+        }
+        let price = engine
+            .usage("tp-ada", None)
+            .expect("usage")
+            .limits
+            .first()
+            .map(|limit| limit.used / 2)
+            .expect("a limit");
+        let text = refund(&engine, "q1", None, false).expect("refunded");
+        assert!(
+            text.contains(&format!("{} on usage-bar per rolling:5h", grouped(price))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} on usage-bar per weekly", grouped(price))),
+            "{text}"
+        );
+        assert!(!text.contains(&grouped(2 * price)), "{text}");
+        let json: Value =
+            serde_json::from_str(&refund(&engine, "q2", None, true).expect("refunded"))
+                .expect("JSON");
+        assert_eq!(
+            json["quota_given_back"],
+            json!({"usage-bar per rolling:5h": price, "usage-bar per weekly": price}),
+            "{json}"
+        );
+        assert!(json.get("units_given_back").is_none(), "{json}");
     }
 
     #[test]

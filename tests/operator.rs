@@ -662,7 +662,11 @@ fn a_refund_and_a_correction_from_the_command_line_move_the_usage_and_are_events
         serde_json::from_str(&workspace.ok(&["refund", "q1", "--at", &at, "--json"]))
             .expect("JSON");
     assert_eq!(refunded["charged_to"], "plan_quota");
-    assert_eq!(refunded["units_given_back"], 1);
+    assert_eq!(
+        refunded["quota_given_back"],
+        serde_json::json!({"chat:requests per rolling:1h": 1}),
+        "{refunded}"
+    );
     assert_eq!(ada_usage(&workspace, at_ms + 1_000), (2, 0));
 
     // 5 requests that happened at `at_ms` and were never counted: counted whatever the limit.
