@@ -3831,6 +3831,75 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// As above, for a group the writer wrote into a segment it had just started (a
+    /// checkpoint asked for one at the group's first event): the cut is measured in that new
+    /// segment, which is left holding its header only, and the sealed one keeps every byte.
+    #[test]
+    fn a_group_rotated_into_a_new_segment_while_an_outside_fdatasync_fails_is_cut_off_there() {
+        let dir = fresh_dir("outside-flush-fails-rotated");
+        let log = EventLog::open_with(&dir, Durability::Interval { ms: 60_000 }, None, 1 << 20)
+            .expect("open");
+        let first = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        log.sync().expect("written and durable");
+        log.shared.queue.lock().stop = true;
+        log.shared.queue_ready.notify_all();
+        let handle = log.writer.lock().take().expect("a writer");
+        handle.join().expect("the writer stops");
+        let file = Arc::clone(&log.shared.active_file.lock());
+        let len = file.metadata().expect("metadata").len();
+        let mut writer = Writer {
+            shared: Arc::clone(&log.shared),
+            active: Active {
+                file,
+                first: 1,
+                len,
+                zeroed: len,
+            },
+            buffer: Vec::new(),
+            spare: Batch::default(),
+            rotate_at: Some(first + 1),
+            unsynced_from: None,
+            durable_len: len,
+            wrote: true,
+            poll_for: WRITER_POLL,
+        };
+        let mut batch = Batch::default();
+        append_body_to(&mut batch.bytes, &top_up(2));
+        batch.events.push(Queued {
+            seq: first + 1,
+            at_ms: 1_000,
+            end: batch.bytes.len(),
+        });
+        writer.write_group(&batch, 0..1).expect("written");
+        assert_eq!(writer.active.first, first + 1, "written into a new segment");
+        log.shared
+            .fail_after_flush(&storage("fdatasync of the log", "injected fault"));
+        assert_eq!(log.failed_from(), Some(first + 1));
+        writer.report(first + 1, first + 1, Ok(()));
+        let file_len = |segment| {
+            std::fs::metadata(segment_path(&log.shared.events_dir, segment))
+                .expect("metadata")
+                .len()
+        };
+        assert_eq!(file_len(1), len, "the sealed segment keeps its events");
+        assert_eq!(
+            file_len(first + 1),
+            SEGMENT_HEADER_BYTES as u64,
+            "the failed group's bytes cut off its new segment"
+        );
+        drop(writer);
+        drop(log);
+        let log = EventLog::open(&dir, Durability::Sync, None).expect("reopen");
+        let events = log.events_after(0, 10).expect("read");
+        assert_eq!(
+            events.iter().map(|event| event.seq).collect::<Vec<_>>(),
+            vec![first],
+            "only the event before the failure"
+        );
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_staged_chunk_is_appended_in_order_with_consecutive_sequence_numbers() {
         let dir = fresh_dir("staged");
