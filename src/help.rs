@@ -355,7 +355,9 @@ Options:
 
 const EVENTS_HELP: &str = "\
 The event log, oldest first, one event per line: sequence number, time, kind, and the key,
-resource, quantities and where it was charged when relevant. For billing export.
+resource, quantities and where it was charged when relevant; a refund, a reservation's close
+and a correction say what each usage counter got back or moved, by name, in its own units
+(quota_given_back, quota_moved). For billing export.
 
 Usage: tally events [OPTIONS]
 
