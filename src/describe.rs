@@ -950,10 +950,10 @@ mod tests {
             })
             .collect();
         assert_eq!(per_counter.len(), 2, "the bar's two windows");
-        let json = event_json(&policy_of, &event);
+        let json = event_json(&policy_of, &event, None);
         assert_eq!(json["quota_given_back"], Value::Object(per_counter.clone()));
         assert!(json.get("units_given_back").is_none(), "{json}");
-        let line = event_line(&policy_of, &event);
+        let line = event_line(&policy_of, &event, None);
         let expected: Vec<String> = per_counter
             .iter()
             .map(|(counter, amount)| format!("{counter:?}={amount}"))
@@ -986,13 +986,13 @@ mod tests {
             },
         };
         let policy_of = |_| Some(Arc::clone(&policy));
-        let json = event_json(&policy_of, &event);
+        let json = event_json(&policy_of, &event, None);
         assert_eq!(
             json["quota_moved"],
             per_counter(&policy_of, counted.generation, &counted.counters)
         );
         assert_eq!(json["quota_moved"].as_object().map(Map::len), Some(2));
-        let line = event_line(&policy_of, &event);
+        let line = event_line(&policy_of, &event, None);
         assert!(line.contains("requests=3"), "{line}");
         assert!(line.contains(" quota_moved=\"usage-bar per "), "{line}");
     }
