@@ -2439,6 +2439,51 @@ fn late_events_stay_for_the_retention_after_they_were_logged_then_go() {
     assert!(verified.problems.is_empty(), "{verified:?}");
 }
 
+/// A clock stepped back between two checkpoints dates the second's record before the first's,
+/// yet its events do not go early: compaction removes segments oldest first and stops at the
+/// first that must stay, so they stay until the first checkpoint's are past the retention.
+#[test]
+fn a_clock_stepped_back_does_not_date_events_logged_earlier_than_those_before_them() {
+    let dir = TempDir::new("logged-by-stepped-back");
+    let retention_ms = 7 * DAY_MS;
+    let options = OpenOptions {
+        retention_ms,
+        ..sync_options()
+    };
+    let now_ms = T0_MS + 40 * DAY_MS;
+    let late_ms = now_ms - 30 * DAY_MS;
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(now_ms));
+    let engine = Engine::open(dir.path(), ten_seconds(), clock.clone(), options.clone()).unwrap();
+    engine.create_user("ann", "key-ann", Some(late_ms)).unwrap();
+    engine.top_up("@ann", 100_000, Some(late_ms)).unwrap();
+    let one = [(Unit::Requests, 1)];
+    let consume = |at_ms: u64| {
+        let request = UsageRequest::new("key-ann", "chat", &one).at(at_ms);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    };
+    consume(late_ms);
+    engine.checkpoint().unwrap();
+    // The clock is stepped back six days; more late requests, and a checkpoint.
+    clock.set_ms(now_ms - 6 * DAY_MS);
+    consume(late_ms + 1);
+    let second = engine.events_after(0, 100).unwrap().last().unwrap().seq;
+    engine.checkpoint().unwrap();
+    // Six days and a bit after they were really logged (the clock set right again): within
+    // the retention, so they stay.
+    let later_ms = now_ms + 6 * DAY_MS + 2 * MINUTE_MS;
+    clock.set_ms(later_ms);
+    engine.top_up("@ann", 1, Some(later_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept <= second, "{report:?}");
+    // A day later the retention has passed: they go.
+    let after_ms = now_ms + retention_ms + 2 * MINUTE_MS;
+    clock.set_ms(after_ms);
+    engine.top_up("@ann", 1, Some(after_ms)).unwrap();
+    let report = engine.compact(None).unwrap();
+    assert!(report.first_seq_kept > second, "{report:?}");
+    engine.close().unwrap();
+}
+
 /// A periodic checkpoint records when the events before it were logged too, so the
 /// segments it sealed go once the retention has passed since then, not only since the next
 /// `compact` or `close`.
