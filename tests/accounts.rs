@@ -676,3 +676,86 @@ fn a_member_whose_key_was_revoked_is_given_a_new_one() {
         DenialReason::KeyRevoked
     );
 }
+
+/// A revoked key's reservation held on credits settles within the hold, but nothing beyond it
+/// is charged: trading units (fewer tokens, one more request) used to pay the extra request
+/// with what the hold gave back and the team's balance, as if the key still worked.
+#[test]
+fn a_revoked_keys_credits_hold_charges_no_extra_when_it_trades_units() {
+    use tally_engine::{SettleOutcome, UsageRequest};
+    let engine = engine();
+    let key = user(&engine, "ada");
+    engine
+        .top_up("@ada", 5_000_000, Some(T0_MS))
+        .expect("top-up");
+    let held = engine
+        .reserve(
+            &UsageRequest::new(&key, "m2.7", &[(Unit::Requests, 1), (Unit::Tokens, 1_000)])
+                .at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    assert!(held.decision.is_admitted());
+    let reservation = held.reservation.expect("held on credits");
+    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 1)), Ok(true));
+    let balance = engine.credits_micros("@ada").expect("balance");
+    let outcome = engine
+        .settle(
+            reservation,
+            &[(Unit::Requests, 2), (Unit::Tokens, 500)],
+            Some(T0_MS + 2),
+        )
+        .expect("settle");
+    match outcome {
+        SettleOutcome::Denied(denial) => assert_eq!(denial.reason, DenialReason::KeyRevoked),
+        other => panic!("an extra request on a revoked key was charged: {other:?}"),
+    }
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
+}
+
+/// A revoked key whose plan was full when it reserved (so the hold is on credits) cannot
+/// settle for more of a unit its plan does not count either: that extra was charged to the
+/// team's credits straight away, never asking whether the key was revoked.
+#[test]
+fn a_revoked_keys_credits_hold_charges_no_extra_in_units_its_plan_does_not_count() {
+    use tally_engine::{SettleOutcome, UsageRequest};
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    engine
+        .top_up("@ada", 5_000_000, Some(T0_MS))
+        .expect("top-up");
+    // Plus counts 4,500 m2.7 requests in 5 hours, and no tokens.
+    let fill = consume(&engine, &key, "m2.7", &[(Unit::Requests, 4_500)], T0_MS);
+    assert!(matches!(
+        fill,
+        tally_engine::Decision::Admitted(ref admission)
+            if matches!(admission.charged_to, ChargedTo::PlanQuota { .. })
+    ));
+    let held = engine
+        .reserve(
+            &UsageRequest::new(&key, "m2.7", &[(Unit::Requests, 1), (Unit::Tokens, 100)]).at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    let reservation = held.reservation.expect("held");
+    match &held.decision {
+        tally_engine::Decision::Admitted(admission) => {
+            assert!(matches!(admission.charged_to, ChargedTo::Credits { .. }))
+        }
+        other => panic!("reserve: {other:?}"),
+    }
+    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 1)), Ok(true));
+    let balance = engine.credits_micros("@ada").expect("balance");
+    let outcome = engine
+        .settle(
+            reservation,
+            &[(Unit::Requests, 1), (Unit::Tokens, 500)],
+            Some(T0_MS + 2),
+        )
+        .expect("settle");
+    match outcome {
+        SettleOutcome::Denied(denial) => assert_eq!(denial.reason, DenialReason::KeyRevoked),
+        other => panic!("extra tokens on a revoked key were charged: {other:?}"),
+    }
+    assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
+}

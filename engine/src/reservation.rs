@@ -823,6 +823,12 @@ impl Engine {
             let state = state.ok_or_else(|| Error::UnknownKey {
                 key: reservation.key.to_string(),
             })?;
+            if state.revoked {
+                // Before the credits paths below, which charge the team without deciding as a
+                // consume would (`decide_extra`'s overrun, `pay_extra_with_the_hold`): a
+                // revoked key settles within its hold, never beyond it.
+                return Ok((Decision::denied(DenialReason::KeyRevoked), None, None));
+            }
             if let Some(reason) = over_maximums(policy, state, resource, actual) {
                 return Ok((Decision::denied(reason), None, None));
             }
