@@ -1006,8 +1006,10 @@ impl Engine {
         Ok(())
     }
 
-    fn member_key(&self, team: &str, user: &str) -> Result<Box<str>, Error> {
-        let registry = self.registry.lock();
+    /// `user`'s key in `team`, in the registry locked as `registry`: a revoked key's member
+    /// may be given a new one in its place (`add_member`), so the key is only the member's
+    /// while the registry is locked.
+    fn member_key(registry: &Registry, team: &str, user: &str) -> Result<Box<str>, Error> {
         let record = registry
             .teams
             .get(team)
@@ -1035,21 +1037,24 @@ impl Engine {
         at_ms: Option<u64>,
     ) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
-        let key = self.member_key(team, user)?;
-        self.change_seat(team, user, &key, Some(plan), at_ms)
+        #[cfg(test)]
+        BEFORE_SEAT_CHANGE.with(|pause| {
+            if let Some(pause) = pause.borrow().as_ref() {
+                pause();
+            }
+        });
+        self.change_seat(team, user, Some(plan), at_ms)
     }
 
     pub fn unassign_seat(&self, team: &str, user: &str, at_ms: Option<u64>) -> Result<(), Error> {
         let at_ms = self.resolve_time(at_ms)?;
-        let key = self.member_key(team, user)?;
-        self.change_seat(team, user, &key, None, at_ms)
+        self.change_seat(team, user, None, at_ms)
     }
 
     fn change_seat(
         &self,
         team: &str,
         user: &str,
-        key: &str,
         plan: Option<&str>,
         at_ms: u64,
     ) -> Result<(), Error> {
@@ -1064,6 +1069,15 @@ impl Engine {
         // A settle holds the table from its decision through its append (lock order: append
         // gate, reservation table, key shards); let go with the gate.
         let table = self.reservations.inner.lock();
+        // The member's key, found with the registry locked until the event is appended (lock
+        // order: reservation table, registry, key shards, as a cut takes them): a revoke and
+        // the new key `add_member` gives in its place lock it too, so they come wholly before
+        // or after, and the seat goes to the key that is the member's where the event stands
+        // in the log, the one a replay finds by the member's name. Found before the lock, the
+        // seat went to the revoked key while a replay gave it to the new one.
+        let registry = self.registry.lock();
+        let key = Self::member_key(&registry, team, user)?;
+        let key = &*key;
         self.keys.write(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
             let seat = match plan {
@@ -1092,6 +1106,7 @@ impl Engine {
             // key has nothing to do with this seat. Still written ahead: the seat changes
             // only once the event is durable.
             let seq = self.append_event(at_ms, body)?;
+            drop(registry);
             drop(table);
             drop(gate);
             self.wait_event(seq)?;
@@ -2642,6 +2657,14 @@ fn pay_as_you_go(
         holds: Holds::default(),
     };
     Ok((Decision::Admitted(admission), Some(receipt)))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Run by `assign_seat` on this thread before `change_seat` locks anything, where it once
+    /// found the member's key (a test's window for a racing revoke and rotation).
+    pub(crate) static BEFORE_SEAT_CHANGE: std::cell::RefCell<Option<Box<dyn Fn()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(test)]

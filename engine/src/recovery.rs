@@ -3726,6 +3726,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A seat given while the member's key is revoked and a new one given in its place goes
+    /// where a replay of the log puts it. The seat change found the member's key before the
+    /// rotation and logged its event after it; a replay finds the member's key by name at the
+    /// event, the new one: the live engine had seated the revoked key, the reopened one the
+    /// new key.
+    #[test]
+    fn a_seat_given_while_the_members_key_is_rotated_is_where_a_replay_puts_it() {
+        let dir = fresh_dir("seat-rotated");
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Arc::new(
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
+        );
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine.create_team("acme", Some(T0)).expect("team");
+        engine
+            .add_member("acme", "u", "acme-u-1", Some(T0))
+            .expect("member");
+        {
+            let engine = Arc::clone(&engine);
+            crate::engine::BEFORE_SEAT_CHANGE.with(|pause| {
+                *pause.borrow_mut() = Some(Box::new(move || {
+                    engine.revoke_key("acme-u-1", Some(T0)).expect("revoke");
+                    engine
+                        .add_member("acme", "u", "acme-u-2", Some(T0))
+                        .expect("a new key in its place");
+                }));
+            });
+        }
+        let seated = engine.assign_seat("acme", "u", "Plus", Some(T0));
+        crate::engine::BEFORE_SEAT_CHANGE.with(|pause| pause.borrow_mut().take());
+        seated.expect("seat");
+        let plans = |engine: &Engine| {
+            ["acme-u-1", "acme-u-2"].map(|key| engine.usage(key, Some(T0)).expect("key").plan)
+        };
+        let live = plans(&engine);
+        drop(Arc::into_inner(engine).expect("the only handle"));
+        let clock = Arc::new(ManualClock::new(T0));
+        let reopened =
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
+        assert_eq!(live, plans(&reopened), "live, then replayed");
+        assert_eq!(
+            live,
+            [None, Some("Plus".to_string())],
+            "the member's key is seated"
+        );
+        drop(reopened);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on
     /// (format 5 adds the revoked keys at the end);
     /// a version this build does not read is refused by number.
