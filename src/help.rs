@@ -406,8 +406,8 @@ Options:
 const POLICY_HELP: &str = "\
 Swap the database's policy for the one in PATH (.toml or .json), as a logged event: usage
 carries over for every limit whose meter and window stay, and seats move to the plan of the
-same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on,
-changes the time zone of daily, weekly or monthly windows that carry over, counts another unit
+same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on
+(a revoked key's seat aside: it is taken away with the plan), changes the time zone of daily, weekly or monthly windows that carry over, counts another unit
 under a meter's name, or moves a plan's limit to another window (rolling:5h to rolling:6h,
 daily to weekly: its count so far could not follow; remove the limit in one swap, its count
 dropped, and add the new window in the next). A policy equal to the one the database runs

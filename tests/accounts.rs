@@ -759,3 +759,55 @@ fn a_revoked_keys_credits_hold_charges_no_extra_in_units_its_plan_does_not_count
     }
     assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
 }
+
+/// A revoked key's seat, which no command can take away once the member has a new key (a seat
+/// change finds the member's key), does not hold a policy swap back: the swap that drops the
+/// plan used to be refused for good ("plan has seats assigned"). The revoked key loses the
+/// seat with the plan, is still denied, and keeps what it used in the windows the swap keeps.
+#[test]
+fn a_revoked_keys_seat_does_not_hold_back_a_policy_swap_that_drops_its_plan() {
+    use tally_engine::Policy;
+    let engine = engine();
+    let old = seated(&engine, "ada", "Starter");
+    assert!(consume(&engine, &old, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    let held = engine
+        .reserve(
+            &tally_engine::UsageRequest::new(&old, "m2.7", &[(Unit::Requests, 2)]).at(T0_MS),
+            None,
+        )
+        .expect("reserve");
+    let reservation = held.reservation.expect("held on the plan");
+    assert_eq!(engine.revoke_key(&old, Some(T0_MS)), Ok(true));
+    engine
+        .add_member("@ada", "ada", "tp-ada-2", Some(T0_MS))
+        .expect("a new key in its place");
+    engine
+        .unassign_seat("@ada", "ada", Some(T0_MS))
+        .expect("nothing to take from the new key");
+    let mut document = Policy::token_plan().document().clone();
+    assert!(document.plans.remove("Starter").is_some());
+    engine
+        .swap_policy(
+            Policy::compile(document).expect("a valid policy"),
+            Some(T0_MS + 1),
+        )
+        .expect("the revoked key's seat does not hold the swap back");
+    let report = engine.usage(&old, Some(T0_MS + 1)).expect("kept");
+    assert!(report.revoked);
+    assert_eq!(report.plan, None, "its plan is gone");
+    assert_eq!(
+        reason(consume(&engine, &old, "m2.7", &ONE_REQUEST, T0_MS + 1)),
+        DenialReason::KeyRevoked
+    );
+    // Its reservation, held under the plan gone, still settles within the hold.
+    assert!(matches!(
+        engine
+            .settle(reservation, &[(Unit::Requests, 1)], Some(T0_MS + 1))
+            .expect("settle"),
+        tally_engine::SettleOutcome::Settled(_)
+    ));
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS + 1))
+        .expect("the new key's seat");
+    assert!(consume(&engine, "tp-ada-2", "m2.7", &ONE_REQUEST, T0_MS + 1).is_admitted());
+}

@@ -956,7 +956,9 @@ impl Engine {
     /// What it used still counts in its windows, its open reservations still settle or void
     /// (a settle's extra beyond the hold is denied) and its requests still refund. Revoking
     /// is for good; the member can be given a new key with `add_member` (with no seat, as
-    /// any new member). Returns whether the key was revoked now (`false`: it already was,
+    /// any new member). The revoked key keeps its seat, unused, until a policy swap drops
+    /// the seat's plan: the swap takes the seat away instead of refusing, as it refuses for a
+    /// key that works. Returns whether the key was revoked now (`false`: it already was,
     /// and nothing is logged).
     pub fn revoke_key(&self, key: &str, at_ms: Option<u64>) -> Result<bool, Error> {
         let at_ms = self.resolve_time(at_ms)?;
@@ -1267,7 +1269,11 @@ impl Engine {
         let policy = Arc::new(policy);
         let mut shards = self.keys.lock_all();
         for shard in shards.iter() {
-            for (_, state) in shard.iter() {
+            // A revoked key's seat is left out: no command can take it away once the member
+            // has a new key (a seat change finds the member's key), and the key is denied
+            // everything, so it loses the seat with the plan (below) rather than refuse every
+            // such swap for good. A replay checks at the same point of the log, so it agrees.
+            for (_, state) in shard.iter().filter(|(_, state)| !state.revoked) {
                 if let Some(seat) = state.seat {
                     let name = &old.plan(seat).name;
                     if policy.plan_id(name).is_none() {

@@ -3775,6 +3775,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A swap that drops a revoked key's plan replays as it ran: the key loses its seat at the
+    /// swap's point of the log (revoked by then), and the snapshot after it matches a replay.
+    #[test]
+    fn a_swap_dropping_a_revoked_keys_plan_replays_as_it_ran() {
+        let dir = fresh_dir("swap-revoked");
+        let engine = seated_on_disk(&dir, "Starter", OpenOptions::default());
+        assert!(engine
+            .consume(&m27("tp-u", 1, T0))
+            .expect("valid")
+            .is_admitted());
+        engine
+            .checkpoint()
+            .expect("the snapshot verify replays from");
+        assert_eq!(engine.revoke_key("tp-u", Some(T0)), Ok(true));
+        let mut document = Policy::token_plan().document().clone();
+        assert!(document.plans.remove("Starter").is_some());
+        engine
+            .swap_policy(Policy::compile(document).expect("valid"), Some(T0 + 1))
+            .expect("swap");
+        let live = engine.usage("tp-u", Some(T0 + 1)).expect("key");
+        drop(engine);
+        let clock = Arc::new(ManualClock::new(T0 + 1));
+        let reopened =
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open");
+        assert_eq!(reopened.usage("tp-u", Some(T0 + 1)).expect("key"), live);
+        assert_eq!(live.plan, None);
+        reopened.checkpoint().expect("the snapshot verify checks");
+        drop(reopened);
+        let report = Engine::verify(&dir, OpenOptions::default()).expect("verify");
+        assert!(report.is_sound(), "{:?}", report.problems);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A body's first byte tells its format: `[2 | 3, 0]` fixed-width, a varint from 4 on
     /// (format 5 adds the revoked keys at the end);
     /// a version this build does not read is refused by number.
