@@ -3847,6 +3847,15 @@ mod tests {
     #[test]
     fn the_raw_cut_makes_the_snapshot_the_locked_gathering_made() {
         let (engine, _clock) = busy_engine();
+        // Revoked keys: a team member's, given a new key in its place (the old key leaves the
+        // team's members but not the key table), a pay-as-you-go one and a long-named one.
+        let t1 = T0 + 8 * DAY;
+        for key in ["acme-4", "payg-7", "tp-with-a-long-name-12"] {
+            assert_eq!(engine.revoke_key(key, Some(t1 + DAY)), Ok(true));
+        }
+        engine
+            .add_member("acme", "user-4", "acme-4-again", Some(t1 + DAY))
+            .expect("a new key in its place");
         let reference = engine.cut_reference(4_242);
         let snapshot = engine.cut(|| 4_242).expect("cut");
         // Every kind of state is there, so the comparison covers it.
@@ -3894,6 +3903,12 @@ mod tests {
             .short_keys
             .iter()
             .any(|(key, until)| &**key == "acme-3" && *until > 0));
+        assert_eq!(
+            reference.revoked_keys.len(),
+            3,
+            "{:?}",
+            reference.revoked_keys
+        );
 
         assert_eq!(snapshot, reference);
         let bytes = snapshot_encoding().serialize(&reference).expect("encoding");
