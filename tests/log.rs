@@ -6425,3 +6425,69 @@ fn a_database_of_format_4_opens_and_is_written_in_format_5() {
     let engine = open_token_plan(dir.path(), sync_options());
     assert!(engine.usage("key-cy", Some(POPULATED_MS)).unwrap().revoked);
 }
+
+/// A `consume_many` racing a revocation of its key: every usage the log holds for the key
+/// comes before the revocation's event. A chunk decided before the revocation (the key not yet
+/// revoked) and appended after it left admitted usage after `key_revoked` in the log, which an
+/// export reader took for usage the revoked key was let through.
+#[test]
+fn a_batch_racing_a_revocation_logs_its_usage_before_the_revocation() {
+    let dir = TempDir::new("batch-revoked");
+    let options = OpenOptions {
+        durability: Durability::None,
+        ..OpenOptions::default()
+    };
+    let engine = std::sync::Arc::new(open_token_plan(dir.path(), options));
+    let one = [(Unit::Requests, 1)];
+    let mut after_revocation = Vec::new();
+    for round in 0..40u64 {
+        let (user, key) = (format!("racer-{round}"), format!("payg-racer-{round}"));
+        engine
+            .create_user(&user, &format!("key-{user}"), Some(T0_MS))
+            .expect("user");
+        engine
+            .create_payg_key(&user, &key, Some(T0_MS))
+            .expect("payg key");
+        let batcher = {
+            let (engine, key) = (std::sync::Arc::clone(&engine), key.clone());
+            std::thread::spawn(move || loop {
+                let requests: Vec<UsageRequest<'_>> = (0..512)
+                    .map(|_| UsageRequest::new(&key, "m2.7", &one).at(T0_MS))
+                    .collect();
+                // Until the revocation denies (anything else ends it too, and fails below).
+                let results = engine.consume_many(&requests);
+                if let Some(other) = results
+                    .into_iter()
+                    .find(|result| !matches!(result, Ok(decision) if decision.is_admitted()))
+                {
+                    return other;
+                }
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(engine.revoke_key(&key, Some(T0_MS)), Ok(true));
+        match batcher.join().expect("the batcher") {
+            Ok(Decision::Denied(denial)) if denial.reason == DenialReason::KeyRevoked => {}
+            other => panic!("the batch ended with {other:?}"),
+        }
+        engine.sync().expect("sync");
+        let events = engine.events_after(0, usize::MAX).expect("read");
+        let revoked_at = events
+            .iter()
+            .position(|event| matches!(&event.body, EventBody::KeyRevoked { key: k } if *k == key))
+            .expect("the revocation is logged");
+        let late = events[revoked_at..]
+            .iter()
+            .filter(
+                |event| matches!(&event.body, EventBody::UsageAdmitted { key: k, .. } if *k == key),
+            )
+            .count();
+        if late > 0 {
+            after_revocation.push((round, late));
+        }
+    }
+    assert!(
+        after_revocation.is_empty(),
+        "(round, usage events after the revocation): {after_revocation:?}"
+    );
+}

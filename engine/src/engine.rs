@@ -963,6 +963,13 @@ impl Engine {
     pub fn revoke_key(&self, key: &str, at_ms: Option<u64>) -> Result<bool, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         check_id("key", key, MAX_KEY_BYTES)?;
+        // As for a seat change (`change_seat`), and in its lock order: no `consume_many`
+        // chunk is between deciding on the key and appending its events, nor a settle between
+        // charging its extra and appending its close. Decided before the revocation, their
+        // events come before its own in the log; without these locks the log showed usage
+        // admitted on the key after its `key_revoked`. Held until the event is appended.
+        let gate = self.append_gate.write();
+        let table = self.reservations.inner.lock();
         // Against `add_member` giving the member a new key in its place meanwhile.
         let _registry = self.registry.lock();
         self.keys.write(key, |_, state| {
@@ -970,9 +977,12 @@ impl Engine {
             if state.revoked {
                 return Ok(false);
             }
-            // Revoked once the event is durable, as a seat changes (`change_seat`); a
-            // request on the key meanwhile waits for the shard's lock, held until then.
-            self.commit(at_ms, EventBody::KeyRevoked { key: key.into() })?;
+            // Revoked once the event is durable, as a seat changes; a request on the key
+            // meanwhile waits for the shard's lock, held until then (it decides revoked).
+            let seq = self.append_event(at_ms, EventBody::KeyRevoked { key: key.into() })?;
+            drop(table);
+            drop(gate);
+            self.wait_event(seq)?;
             state.revoked = true;
             Ok(true)
         })

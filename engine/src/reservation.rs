@@ -1193,6 +1193,70 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A revocation racing a settle that charges more than the estimate: the extra was
+    /// decided before the key was revoked, so its close comes before the revocation in the
+    /// log. Before, the revocation could land between the extra's decision and its close's
+    /// append, and the log showed an extra charged to a key after its `key_revoked`.
+    #[test]
+    fn a_revocation_racing_a_settles_extra_charge_is_logged_after_it() {
+        const T0: u64 = 1_790_000_000_000;
+        let dir = std::env::temp_dir().join(format!("tally-settle-revoke-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Arc::new(
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
+        );
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Plus", Some(T0))
+            .expect("seat");
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("tp-u", "m2.7", &one).at(T0);
+        let reserved = engine.reserve(&request, None).expect("reserve");
+        let id = reserved.reservation.expect("admitted");
+        let racer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        {
+            let (engine, racer) = (Arc::clone(&engine), Arc::clone(&racer));
+            AFTER_EXTRA_CHARGE.with(|pause| {
+                *pause.borrow_mut() = Some(Box::new(move || {
+                    let engine = Arc::clone(&engine);
+                    *racer.lock() = Some(std::thread::spawn(move || {
+                        assert_eq!(engine.revoke_key("tp-u", Some(T0)), Ok(true));
+                    }));
+                    // Long enough for the revocation to be logged, if nothing holds it back.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }));
+            });
+        }
+        let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0));
+        AFTER_EXTRA_CHARGE.with(|pause| pause.borrow_mut().take());
+        assert!(
+            matches!(settled, Ok(SettleOutcome::Settled(_))),
+            "{settled:?}"
+        );
+        racer
+            .lock()
+            .take()
+            .expect("raced")
+            .join()
+            .expect("revocation");
+        let events = engine.events_after(0, 100).expect("events");
+        let seq_of = |kind: &str| {
+            events
+                .iter()
+                .find(|event| event.body.kind() == kind)
+                .map(|event| event.seq)
+                .expect(kind)
+        };
+        let (closed, revoked) = (seq_of("reservation_closed"), seq_of("key_revoked"));
+        assert!(
+            closed < revoked,
+            "the close ({closed}) after the revocation ({revoked})"
+        );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// `forget_closed` forgets from the front while the front is older than the horizon, so
     /// the closes must stay in time order whatever order they come in: a snapshot lists them
     /// by id, and a racing request can close with an older timestamp than the one before.
