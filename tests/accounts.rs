@@ -770,6 +770,10 @@ fn a_revoked_keys_seat_does_not_hold_back_a_policy_swap_that_drops_its_plan() {
     let engine = engine();
     let old = seated(&engine, "ada", "Starter");
     assert!(consume(&engine, &old, "m2.7", &ONE_REQUEST, T0_MS).is_admitted());
+    let refunded = tally_engine::UsageRequest::new(&old, "m2.7", &ONE_REQUEST)
+        .at(T0_MS)
+        .id("refund-after-the-swap");
+    assert!(engine.consume(&refunded).expect("consume").is_admitted());
     let held = engine
         .reserve(
             &tally_engine::UsageRequest::new(&old, "m2.7", &[(Unit::Requests, 2)]).at(T0_MS),
@@ -799,7 +803,11 @@ fn a_revoked_keys_seat_does_not_hold_back_a_policy_swap_that_drops_its_plan() {
         reason(consume(&engine, &old, "m2.7", &ONE_REQUEST, T0_MS + 1)),
         DenialReason::KeyRevoked
     );
-    // Its reservation, held under the plan gone, still settles within the hold.
+    // Its request still refunds, and its reservation, held under the plan gone, still
+    // settles within the hold.
+    engine
+        .refund("refund-after-the-swap", Some(T0_MS + 1))
+        .expect("refund");
     assert!(matches!(
         engine
             .settle(reservation, &[(Unit::Requests, 1)], Some(T0_MS + 1))
