@@ -250,8 +250,9 @@ Options:
 const REVOKE_HELP: &str = "\
 Revoke a key for good (say one that leaked): every later request on it is denied (\"key
 revoked\"), whatever its seat or its team's credits. What it used still counts, its open
-reservations still settle and its requests still refund. Give the member a new key in its
-place with `tally member TEAM USER NEWKEY` (it starts with no seat). Revoking a revoked key
+reservations still settle within their hold (nothing beyond it is charged) and its requests
+still refund. Give the member a new key in its place with `tally member TEAM USER NEWKEY` (it
+starts with no seat; `tally seat` then gives the new key a seat). Revoking a revoked key
 changes nothing.
 
 Usage: tally revoke KEY [OPTIONS]
@@ -407,12 +408,13 @@ const POLICY_HELP: &str = "\
 Swap the database's policy for the one in PATH (.toml or .json), as a logged event: usage
 carries over for every limit whose meter and window stay, and seats move to the plan of the
 same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on
-(a revoked key's seat aside: it is taken away with the plan), changes the time zone of daily, weekly or monthly windows that carry over, counts another unit
-under a meter's name, or moves a plan's limit to another window (rolling:5h to rolling:6h,
-daily to weekly: its count so far could not follow; remove the limit in one swap, its count
-dropped, and add the new window in the next). A policy equal to the one the database runs
-changes nothing. This is the one command that changes a database's policy: any other command
-given a --policy that differs is refused.
+(a revoked key's seat aside: it is taken away with the plan), changes the time zone of daily,
+weekly or monthly windows that carry over, counts another unit under a meter's name, or moves
+a plan's limit to another window (rolling:5h to rolling:6h, daily to weekly: its count so far
+could not follow; remove the limit in one swap, its count dropped, and add the new window in
+the next). A policy equal to the one the database runs changes nothing. This is the one
+command that changes a database's policy: any other command given a --policy that differs is
+refused.
 
 Usage: tally policy PATH [OPTIONS]
 
