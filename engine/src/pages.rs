@@ -491,8 +491,16 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(warmer.finish(), 3 * HUGE_PAGE_BYTES);
-        // Stopped at once, it warms at most the chunk it was on.
+        // Stopped, it warms at most the chunk it was on. The slab's lock is held from the
+        // start until the flag is set: the thread can hand over at most one chunk before it
+        // waits for the lock, and looks at the flag after that. (Timed instead, a machine
+        // busy enough to hold this thread back let it warm several: CI failed so once.)
+        let slab = SLAB.lock();
         let warmer = Warmer::warming(64);
+        warmer
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(slab);
         assert!(warmer.finish() <= HUGE_PAGE_BYTES);
         assert!(Warmer::warming(0).thread.is_none());
     }
