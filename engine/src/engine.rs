@@ -939,13 +939,25 @@ impl Engine {
         })
     }
 
-    /// The team an event concerns, for an export reader billing by team: its key's team (see
-    /// `team_of_key`), or the team a team's event names; `None` for a policy swap.
+    /// The team an event concerns, for an export reader billing by team: the team the event
+    /// names (an event that makes a key or changes its seat says whose it is: it is logged
+    /// before the key is in the table, so a reader may read it first), or its key's team (see
+    /// `team_of_key`); `None` for a policy swap, and for a denial of a key the engine did not
+    /// know then (a key of that name made later is no concern of it).
     pub fn team_of_event(&self, body: &EventBody) -> Option<String> {
         match body {
             EventBody::TeamCreated { team }
             | EventBody::CreditsToppedUp { team, .. }
-            | EventBody::CreditsWithdrawn { team, .. } => Some(team.clone()),
+            | EventBody::CreditsWithdrawn { team, .. }
+            | EventBody::MemberAdded { team, .. }
+            | EventBody::SeatChanged { team, .. } => Some(team.clone()),
+            EventBody::UserCreated { user, .. } | EventBody::PayAsYouGoKeyCreated { user, .. } => {
+                Some(default_team_name(user))
+            }
+            EventBody::RequestDenied {
+                decision: Decision::Denied(denial),
+                ..
+            } if matches!(denial.reason, DenialReason::UnknownKey) => None,
             _ => body.key().and_then(|key| self.team_of_key(key)),
         }
     }
@@ -2736,6 +2748,92 @@ mod tests {
                 text.chars().any(char::is_control)
             );
         }
+    }
+
+    fn engine_in_memory() -> Engine {
+        Engine::new(
+            Policy::token_plan(),
+            Arc::new(crate::ManualClock::new(1_900_000_000_000)),
+            EngineOptions::default(),
+        )
+        .expect("an engine")
+    }
+
+    /// An event that makes a key is logged before the key is in the table (admin calls write
+    /// ahead), so an export reader can read it first: its team comes from the event itself.
+    #[test]
+    fn an_event_that_makes_a_key_names_its_team_before_the_key_exists() {
+        let engine = engine_in_memory();
+        let cases = [
+            (
+                EventBody::UserCreated {
+                    user: "ada".into(),
+                    key: "tp-ada".into(),
+                },
+                "@ada",
+            ),
+            (
+                EventBody::MemberAdded {
+                    team: "acme".into(),
+                    user: "ada".into(),
+                    key: "tp-ada-acme".into(),
+                },
+                "acme",
+            ),
+            (
+                EventBody::PayAsYouGoKeyCreated {
+                    user: "ada".into(),
+                    key: "pg-ada".into(),
+                },
+                "@ada",
+            ),
+            (
+                EventBody::SeatChanged {
+                    team: "acme".into(),
+                    user: "ada".into(),
+                    key: "tp-ada-acme".into(),
+                    plan: Some("Plus".into()),
+                },
+                "acme",
+            ),
+        ];
+        for (body, team) in cases {
+            assert_eq!(
+                engine.team_of_event(&body).as_deref(),
+                Some(team),
+                "{}",
+                body.kind()
+            );
+        }
+    }
+
+    /// A denial of a key the engine did not know concerned no team, even once a key of that
+    /// name is made later: it is not billed to the team that key went to.
+    #[test]
+    fn an_unknown_key_denial_names_no_team_even_once_the_key_is_made() {
+        let engine = engine_in_memory();
+        let resource = Policy::token_plan().resources()[0].name.to_string();
+        let denial = |reason| EventBody::RequestDenied {
+            request_id: "req-1".into(),
+            key: "tp-later".into(),
+            resource: resource.clone(),
+            quantities: Quantities::new(&[(Unit::Requests, 1)]).expect("quantities"),
+            decision: Decision::denied(reason),
+        };
+        engine
+            .create_user("later", "tp-later", None)
+            .expect("the key made after the denial");
+        assert_eq!(
+            engine.team_of_event(&denial(DenialReason::UnknownKey)),
+            None
+        );
+        // A denial of the key once it existed is its team's.
+        assert_eq!(
+            engine
+                .team_of_event(&denial(DenialReason::NoResources))
+                .as_deref(),
+            Some("@later")
+        );
     }
 
     /// A name an earlier build logged padded with whitespace replays as logged; only a name

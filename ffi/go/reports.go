@@ -110,7 +110,8 @@ type Event struct {
 	AtMs uint64 `json:"at_ms"`
 	Kind string `json:"kind"` // "usage_admitted", "credits_topped_up", ...
 	// Team is the team the event concerns (its key's, whose credits it draws on), "" for a
-	// policy swap: billing by team needs no record of the event that made the key.
+	// policy swap and for a denial of a key unknown then: billing by team needs no record of
+	// the event that made the key.
 	Team string          `json:"team"`
 	Body json.RawMessage `json:"body"` // the event's fields; quantities as {"unit": amount}
 }

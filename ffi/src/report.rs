@@ -122,9 +122,9 @@ fn event_json(event: &Event, team: Option<String>) -> Value {
 /// "usage_admitted" | "credits_topped_up" | ..., "team", "body": {the event's fields;
 /// quantities as {"unit": amount}}}]`; `[]` when there are none. `team` is the team the event
 /// concerns (its key's, whose credits it draws on; a pay-as-you-go key's is its user's Default
-/// Team), `null` for a policy swap: a reader that started after compaction removed the event
-/// that made a key can still bill by team. Sequence numbers start at 1 and have no
-/// gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
+/// Team), `null` for a policy swap and for a denial of a key unknown then: a reader that
+/// started after compaction removed the event that made a key can still bill by team.
+/// Sequence numbers start at 1 and have no gaps. Billing export: read after the saved cursor, process, then `tally_engine_save_cursor`
 /// with the last `seq`. Size query as for usage (the events are read again on the second call).
 /// After compaction the log starts later: `after_seq` 0 reads from the oldest event kept, and
 /// any other `after_seq` older than that is `TALLY_INVALID_ARGUMENT` naming the events compacted

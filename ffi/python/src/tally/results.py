@@ -263,7 +263,8 @@ class Event:
     kind: str
     body: Mapping[str, Any]
     #: The team the event concerns (its key's, whose credits it draws on), ``None`` for a
-    #: policy swap: billing by team needs no record of the event that made the key.
+    #: policy swap and for a denial of a key unknown then: billing by team needs no record of
+    #: the event that made the key.
     team: str | None = None
 
 
