@@ -5,7 +5,8 @@
 // resource from the route and the body's "model" (DefaultModels), and reserves on a tally
 // engine one request plus, on chat, completions, responses, embeddings and messages, an
 // estimate of the tokens (the prompt's, a token per 4 bytes of body, and the most the model may
-// write times "n"; an embedding writes nothing, so only its input is held); on speech the characters of "input"; on images "n". Admitted calls
+// write times "n", or a legacy completion's "best_of" if more; an embedding writes nothing, so
+// only its input is held); on speech the characters of "input"; on images "n". Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
 // what was held), and an upstream error voids it. A response that outlives the reservation's
 // Lease (the engine has no way to extend one) finds it expired (ErrReservationExpired), its
@@ -293,6 +294,7 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		MaxOutputTokens     json.RawMessage `json:"max_output_tokens"`
 		Input               json.RawMessage `json:"input"`
 		N                   json.RawMessage `json:"n"`
+		BestOf              json.RawMessage `json:"best_of"`
 	}
 	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" {
 		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
@@ -308,7 +310,8 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	case byInputTokens:
 		quantities = inputTokens(len(body))
 	default:
-		quantities = g.tokens(len(body), fields.N, fields.MaxTokens, fields.MaxCompletionTokens, fields.MaxOutputTokens)
+		quantities = g.tokens(len(body), completions(fields.N, fields.BestOf), fields.MaxTokens,
+			fields.MaxCompletionTokens, fields.MaxOutputTokens)
 	}
 	if failure != nil {
 		return nil, tally.Request{}, failure
@@ -347,10 +350,10 @@ func unmarshalExact(body []byte, fields interface{}) error {
 // tokens is a token call's estimate: one request, about one token per 4 bytes of body, plus
 // one, and the most the model may write: the first maximum the body names as a positive
 // integer (max_tokens, then max_completion_tokens, then max_output_tokens), or EstimateTokens,
-// times the completions it asks for (n, chat completions' choices); as the Python middleware
-// estimates it. A maximum or an n that is no positive integer (-1, "100", 100.0, true, null)
-// is passed over: the upstream judges the body.
-func (g *Gateway) tokens(bodyBytes int, n json.RawMessage, maximums ...json.RawMessage) []tally.Quantity {
+// times the completions the model writes (see completions); as the Python middleware
+// estimates it. A maximum that is no positive integer (-1, "100", 100.0, true, null) is
+// passed over: the upstream judges the body.
+func (g *Gateway) tokens(bodyBytes int, choices uint64, maximums ...json.RawMessage) []tally.Quantity {
 	estimate := g.config.EstimateTokens
 	for _, raw := range maximums {
 		if limit, ok := positiveInteger(raw); ok {
@@ -358,7 +361,7 @@ func (g *Gateway) tokens(bodyBytes int, n json.RawMessage, maximums ...json.RawM
 			break
 		}
 	}
-	if choices, ok := positiveInteger(n); ok {
+	if choices > 1 {
 		if estimate > math.MaxUint64/choices {
 			estimate = math.MaxUint64
 		} else {
@@ -373,6 +376,20 @@ func (g *Gateway) tokens(bodyBytes int, n json.RawMessage, maximums ...json.RawM
 		estimate += prompt
 	}
 	return []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Tokens, Amount: estimate}}
+}
+
+// completions is how many completions a token call has the model write: n (chat
+// completions' choices), or a legacy completion's best_of, the candidates it writes and bills
+// whatever n returns, whichever is more; 1 when neither is a positive integer (one that is
+// not is passed over: the upstream judges the body).
+func completions(n, bestOf json.RawMessage) uint64 {
+	choices := uint64(1)
+	for _, raw := range []json.RawMessage{n, bestOf} {
+		if count, ok := positiveInteger(raw); ok && count > choices {
+			choices = count
+		}
+	}
+	return choices
 }
 
 // inputTokens is the estimate of a call that writes no output (an embedding): one request

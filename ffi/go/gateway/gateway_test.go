@@ -1028,6 +1028,32 @@ func TestTheEstimateTakesTheFirstMaximumTheBodyNames(t *testing.T) {
 	}
 }
 
+// A legacy completion with best_of has the model write best_of candidates, all billed
+// whatever n returns: the hold is the maximum times the larger of n and best_of (one that is
+// no positive integer is passed over), as the Python middleware holds it. Held at one
+// maximum, the output beyond the hold that did not fit was charged at the estimate.
+func TestACompletionWithBestOfHoldsBestOfTimesItsMaximum(t *testing.T) {
+	h := start(t)
+	prices := h.policy.Resources["m2.7"].PriceMicros
+	bar := h.limit(t, "Bar-Plus", "", "")
+	for i, c := range []struct {
+		extra  string
+		output uint64
+	}{{`"best_of":4`, 40}, {`"best_of":4,"n":2`, 40}, {`"best_of":1,"n":3`, 30},
+		{`"best_of":"4"`, 10}, {`"best_of":0`, 10}} {
+		key := fmt.Sprintf("tp-bo-%d", i)
+		h.user(t, fmt.Sprintf("bo%d", i), key, "Bar-Plus")
+		body := `{"model":"MiniMax-M2.7","prompt":"hello","max_tokens":10,` + c.extra + `}`
+		a := h.post(t, false, "/v1/completions", key, body)
+		estimate := uint64(len(body))/4 + 1 + c.output
+		want := fmt.Sprint(bar - prices["requests"] - estimate*prices["tokens"])
+		if a.status != http.StatusOK || a.header.Get("x-ratelimit-remaining-usage") != want {
+			t.Fatalf("%s: %d %s: remaining %q, want %s", c.extra, a.status, a.raw,
+				a.header.Get("x-ratelimit-remaining-usage"), want)
+		}
+	}
+}
+
 // A chat call asking for n completions may write n times its maximum: the hold is the
 // maximum times n (an n that is no positive integer is passed over, as a maximum is), as the
 // Python middleware holds it. Held at one maximum, a call with n = 8 whose output beyond the

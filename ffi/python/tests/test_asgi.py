@@ -1262,6 +1262,29 @@ def test_a_chat_call_for_n_completions_holds_n_times_its_maximum(engine, gateway
     assert too_many.status == 400, too_many.body
 
 
+@pytest.mark.parametrize(
+    "extra, output",
+    [
+        ({"best_of": 4}, 40),
+        ({"best_of": 4, "n": 2}, 40),
+        ({"best_of": 1, "n": 3}, 30),
+        ({"best_of": "4"}, 10),
+        ({"best_of": 0}, 10),
+    ],
+)
+def test_a_completion_with_best_of_holds_best_of_times_its_maximum(engine, gateway, extra, output):
+    # As the Go gateway's test of the same name: a legacy completion with best_of has the
+    # model write best_of candidates (billed, whatever n returns), so the hold is the maximum
+    # times the larger of n and best_of. Held at one maximum, the output beyond the hold that
+    # did not fit was charged at the estimate, a quarter of what was written for best_of 4.
+    key = seated(engine, "bo", "tp-bo-1", "Bar-Plus")
+    body = {"model": "MiniMax-M2.7", "prompt": "hello", "max_tokens": 10, **extra}
+    admitted = request(gateway, "/v1/completions", body, key=key)
+    estimate = len(json.dumps(body).encode()) // 4 + 1 + output
+    assert admitted.status == 200, admitted.body
+    assert admitted.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 2_000 - estimate)
+
+
 def test_an_embedding_holds_its_input_alone(engine, gateway):
     # As the Go gateway's test of the same name: an embedding writes no output, so its hold is
     # the input's estimate alone, not default_max_tokens more, which turned a key with room

@@ -22,22 +22,21 @@ batches). For each request on a metered route it:
    quantities: 1 request; for chat, completions, responses, embeddings and messages the
    tokens; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens (the
-   prompt's, about one per 4 bytes of body, and the most the model may write times ``n``;
-   an embedding writes nothing, so only its input is held), calls the
-   app, reads ``usage`` from the JSON (or server-sent events) response and *settles* the
-   actual tokens (the app is passed the client's ``Accept-Encoding`` cut down to gzip and
-   deflate, which are decoded for reading; an answer in another coding settles at the
-   estimate, with a warning); an error response or an exception *voids* the reservation; a response
-   that outlives the reservation's lease (``lease_ms``; the engine has no way to extend
-   one) finds it expired, its hold given back, and its usage is then added as a usage
-   correction at the reservation's time, once, and logged (``tally.asgi``, a warning; a
-   hold on credits or pay-as-you-go, which a correction cannot charge, is logged as an
-   error, not recorded);
-   other routes reserve what they are counted in the same way, settle it when the app has
-   answered and void it if the app answers an error, so every call in flight counts against
-   the plan's calls at once (``max_open_reservations``), as in the Go gateway; an app
-   that raises before answering (the upstream unreachable) gets the client a 502 in the
-   API's shape, and the exception goes on to the server;
+   prompt's, about one per 4 bytes of body, and the most the model may write times ``n``, or
+   a legacy completion's ``best_of`` if more; an embedding writes nothing, so only its input
+   is held), calls the app, reads ``usage`` from the JSON (or server-sent events) response
+   and *settles* the actual tokens (the app is passed the client's ``Accept-Encoding`` cut
+   down to gzip and deflate, which are decoded for reading; an answer in another coding
+   settles at the estimate, with a warning); an error response or an exception *voids* the
+   reservation; a response that outlives the reservation's lease (``lease_ms``; the engine
+   has no way to extend one) finds it expired, its hold given back, and its usage is then
+   added as a usage correction at the reservation's time, once, and logged (``tally.asgi``,
+   a warning; a hold on credits or pay-as-you-go, which a correction cannot charge, is
+   logged as an error, not recorded); other routes reserve what they are counted in the same
+   way, settle it when the app has answered and void it if the app answers an error, so
+   every call in flight counts against the plan's calls at once (``max_open_reservations``),
+   as in the Go gateway; an app that raises before answering (the upstream unreachable) gets
+   the client a 502 in the API's shape, and the exception goes on to the server;
 4. on a denial answers 429 with ``Retry-After`` (seconds, rounded up) and rate-limit headers,
    with a JSON body in the error shape of the API being proxied, whose message says which
    quota ran out and when it resets (OpenAI's ``type`` is the limit's unit, "requests",
@@ -430,10 +429,12 @@ def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
 def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens: int) -> int:
     """Tokens to hold for a chat call: about one per 4 bytes of the request, plus one, plus the
     most the model may write (the first of ``max_tokens``, ``max_completion_tokens`` and
-    ``max_output_tokens`` the body names, or the default) times the completions it asks for
-    (``n``, chat completions' choices), as the Go gateway estimates. A maximum or an ``n`` that
-    is no positive integer is passed over: the upstream judges the body. Past
-    ``MAX_TOKEN_ESTIMATE`` the middleware refuses the call (400)."""
+    ``max_output_tokens`` the body names, or the default) times the completions the model
+    writes (``n``, chat completions' choices, or a legacy completion's ``best_of``, the
+    candidates it writes and bills whatever ``n`` returns: the larger), as the Go gateway
+    estimates. A maximum, an ``n`` or a ``best_of`` that is no positive integer is passed
+    over: the upstream judges the body. Past ``MAX_TOKEN_ESTIMATE`` the middleware refuses the
+    call (400)."""
 
     def positive(value: Any) -> TypeGuard[int]:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -444,9 +445,9 @@ def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens
         if positive(value):
             output = value
             break
-    choices = body.get("n")
-    if positive(choices):
-        output *= choices
+    choices = [value for value in (body.get("n"), body.get("best_of")) if positive(value)]
+    if choices:
+        output *= max(choices)
     return body_bytes // 4 + 1 + output
 
 
