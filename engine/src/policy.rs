@@ -1089,38 +1089,44 @@ struct Compiler {
     counters: Vec<CounterSpec>,
 }
 
-/// Whether `c` is a Unicode format character (general category Cf, Unicode 16): invisible,
-/// yet it makes a name differ from one that looks the same (`Plus\u{200b}`), and the bidi
-/// controls among them reorder what an operator reads (`U+202E`).
-fn is_format_character(c: char) -> bool {
+/// Whether `c` shows nothing, yet makes a name differ from one that looks the same
+/// (`Plus\u{200b}`, `Plus\u{fe0f}`): a Unicode format character (general category Cf, whose
+/// bidi controls also reorder what an operator reads, `U+202E`) or a default-ignorable code
+/// point (Default_Ignorable_Code_Point: variation selectors, the combining grapheme joiner,
+/// Hangul fillers, and the code points reserved as such), as of Unicode 16.
+fn is_invisible_character(c: char) -> bool {
     matches!(
         u32::from(c),
-        0xAD | 0x600..=0x605
+        0xAD | 0x34F
+            | 0x600..=0x605
             | 0x61C
             | 0x6DD
             | 0x70F
             | 0x890..=0x891
             | 0x8E2
-            | 0x180E
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
             | 0x200B..=0x200F
             | 0x202A..=0x202E
-            | 0x2060..=0x2064
-            | 0x2066..=0x206F
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
             | 0xFEFF
-            | 0xFFF9..=0xFFFB
+            | 0xFFA0
+            | 0xFFF0..=0xFFFB
             | 0x110BD
             | 0x110CD
             | 0x13430..=0x1343F
             | 0x1BCA0..=0x1BCA3
             | 0x1D173..=0x1D17A
-            | 0xE0001
-            | 0xE0020..=0xE007F
+            | 0xE0000..=0xE0FFF
     )
 }
 
 /// A plan's, resource's or meter's name: not empty, at most `MAX_NAME_BYTES`, without
 /// whitespace or control characters, and (unless `logged`: documents logged before the rule
-/// load as they were) without format characters.
+/// load as they were) without invisible characters (`is_invisible_character`).
 fn check_name(field: &str, name: &str, logged: bool) -> Result<(), PolicyError> {
     if name.is_empty() {
         return Err(PolicyError::new(field, "a name must not be empty"));
@@ -1137,12 +1143,13 @@ fn check_name(field: &str, name: &str, logged: bool) -> Result<(), PolicyError> 
             format!("{name:?} contains whitespace or control characters"),
         ));
     }
-    if !logged && name.chars().any(is_format_character) {
+    if !logged && name.chars().any(is_invisible_character) {
         return Err(PolicyError::new(
             field,
             format!(
-                "{name:?} contains an invisible format character (such as a zero-width space \
-                 or a direction override), so it would differ from a name that looks the same"
+                "{name:?} contains an invisible character (such as a zero-width space, a \
+                 direction override or a variation selector), so it would differ from a name \
+                 that looks the same"
             ),
         ));
     }
@@ -2275,10 +2282,7 @@ mod tests {
                 _ => format!("meters.{invisible:?}"),
             };
             assert_eq!(error.field, field, "{error}");
-            assert!(
-                error.to_string().contains("invisible format character"),
-                "{error}"
-            );
+            assert!(error.to_string().contains("invisible character"), "{error}");
             let logged = Policy::from_logged_json(&json).expect(invisible);
             assert_eq!(logged.document(), &serde_json::from_str(&json).unwrap());
         }
@@ -2288,6 +2292,33 @@ mod tests {
                 r#"{{"time_zone":"UTC","resources":{{"chat":{{"units":["requests"]}}}},"meters":{{}},"plans":{{"{name}":{{"limits":[{{"resource":"chat","unit":"requests","amount":5,"window":"rolling:5h"}}]}}}}}}"#
             );
             Policy::from_json_str(&json).expect(name);
+        }
+    }
+
+    /// Characters that show nothing but are not format characters (Cf) make look-alike names
+    /// too: a variation selector, the combining grapheme joiner, a Hangul filler (Unicode's
+    /// Default_Ignorable_Code_Point). `Plus\u{fe0f}` beside `Plus` is two plans an operator
+    /// reads as one, so such a name is refused as one with a zero-width space is.
+    #[test]
+    fn a_name_with_an_ignorable_character_that_is_no_format_character_is_refused() {
+        for invisible in [
+            "Plus\u{fe0f}",
+            "Plus\u{34f}",
+            "Plus\u{3164}",
+            "\u{115f}Plus",
+            "Plus\u{ffa0}",
+            "Plus\u{180b}",
+            "Plus\u{17b4}",
+            "Plus\u{e0100}",
+            "Plus\u{2065}",
+        ] {
+            let json = format!(
+                r#"{{"time_zone":"UTC","resources":{{"chat":{{"units":["requests"]}}}},"meters":{{}},"plans":{{"{invisible}":{{"limits":[{{"resource":"chat","unit":"requests","amount":5,"window":"rolling:5h"}}]}}}}}}"#
+            );
+            let error = Policy::from_json_str(&json).expect_err(invisible);
+            assert_eq!(error.field, format!("plans.{invisible:?}"), "{error}");
+            assert!(error.to_string().contains("invisible"), "{error}");
+            Policy::from_logged_json(&json).expect(invisible);
         }
     }
 
