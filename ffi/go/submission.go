@@ -112,9 +112,13 @@ func (s *Submission) Discard() {
 	}
 }
 
-// finished is the error for a call on a submission already completed or discarded; the
-// caller holds mu.
+// finished is the error for a call on a submission already completed or discarded, or one
+// Submit did not make (a zero Submission); the caller holds mu.
 func (s *Submission) finished(op string) error {
+	if s.engine == nil {
+		return newError(op, C.TALLY_NULL_POINTER,
+			"submission: not made by Submit (a zero Submission; use Engine.Submit)")
+	}
 	if s.discarded {
 		return newError(op, C.TALLY_INVALID_ARGUMENT, "submission: was discarded")
 	}

@@ -926,6 +926,22 @@ func TestAZeroEngineSaysItWasNotOpened(t *testing.T) {
 	}
 }
 
+// A Submission not made by Submit says so, as a zero Engine does, rather than that it was
+// completed already; Discard does nothing.
+func TestAZeroSubmissionSaysSubmitDidNotMakeIt(t *testing.T) {
+	var submission tally.Submission
+	_, err := submission.Complete()
+	var tallyError *tally.Error
+	if !errors.Is(err, tally.ErrNullPointer) || !errors.As(err, &tallyError) ||
+		!strings.Contains(tallyError.Message, "not made by Submit") {
+		t.Fatalf("Complete on a zero Submission: %v", err)
+	}
+	if _, err := submission.Durable(); !errors.Is(err, tally.ErrNullPointer) {
+		t.Fatalf("Durable on a zero Submission: %v", err)
+	}
+	submission.Discard()
+}
+
 // A revoked key is denied DenialKeyRevoked whatever its seat, its usage report says Revoked,
 // and AddMember gives the member a new key in its place.
 func TestARevokedKeyIsDeniedAndItsMemberGivenANewOne(t *testing.T) {
