@@ -50,6 +50,16 @@
 //!   the rolling window's bucket) records, where the window still counts its time (a rolling
 //!   removal only from a bucket whose units the model knows exactly);
 //! - a withdrawal takes credits only when the balance covers them, and leaves what was charged.
+//!
+//! A third test adds key revocations and rotations (the section at the end):
+//! - every request on a revoked key (consume, check, reserve, a settle's extra) is denied
+//!   `KeyRevoked`, and reads none of its windows; what it used stays counted in its reports
+//!   until it ages out, its reservations settle within their holds, void and expire, and its
+//!   requests refund;
+//! - revoking says whether it revoked the key now; a second revoke changes nothing;
+//! - a rotation (revoke, then `add_member` for the same member) gives a new key with no seat,
+//!   which takes the seats assigned after it; the revoked key keeps the seat it had. While the
+//!   member's key works, `add_member` refuses: the user is a member already.
 
 use std::sync::Arc;
 
@@ -273,7 +283,9 @@ impl Resource {
     }
 }
 
-/// The keys: two users, each with the key of their Default Team and a key in a shared team.
+/// The members' first keys: two users, each with the key of their Default Team and a key in a
+/// shared team. An operation names a member by its index here (its `key`), and runs on the key
+/// the member has now: a rotation (`Op::Rotate`) gives the member a new key in its place.
 const KEYS: [(&str, &str, &str); 4] = [
     ("k0", "u0", "@u0"),
     ("k1", "u1", "@u1"),
@@ -282,10 +294,10 @@ const KEYS: [(&str, &str, &str); 4] = [
 ];
 const TEAMS: [&str; 3] = ["@u0", "@u1", "crew"];
 
-fn team_index(key: usize) -> usize {
+fn team_index(member: usize) -> usize {
     TEAMS
         .iter()
-        .position(|team| *team == KEYS[key].2)
+        .position(|team| *team == KEYS[member].2)
         .unwrap_or_else(|| unreachable!())
 }
 
@@ -355,6 +367,12 @@ impl Reading {
 
 #[derive(Debug)]
 struct KeyModel {
+    /// The key's name, and the member (an index into `KEYS`) it is or was the key of.
+    name: String,
+    member: usize,
+    /// Revoked (`Engine::revoke_key`): every request on it is denied `KeyRevoked`, and no
+    /// seat change reaches it once its member has a new key.
+    revoked: bool,
     seat: Option<PlanName>,
     /// The newest timestamp any request or report on this key carried (0: none yet).
     horizon_ms: u64,
@@ -384,15 +402,7 @@ impl Model {
     fn new() -> Model {
         Model {
             keys: (0..KEYS.len())
-                .map(|_| KeyModel {
-                    seat: None,
-                    horizon_ms: 0,
-                    log: Default::default(),
-                    allocated: false,
-                    floor_ms: 0,
-                    counted_day: [None; 3],
-                    skip_holds_ended_by_ms: [0; 2],
-                })
+                .map(|member| KeyModel::new(KEYS[member].0.to_string(), member))
                 .collect(),
             balances_micros: [0; 3],
             charged_micros: [0; 3],
@@ -401,6 +411,22 @@ impl Model {
 }
 
 impl KeyModel {
+    /// A new key of `member`: no seat, nothing used.
+    fn new(name: String, member: usize) -> KeyModel {
+        KeyModel {
+            name,
+            member,
+            revoked: false,
+            seat: None,
+            horizon_ms: 0,
+            log: Default::default(),
+            allocated: false,
+            floor_ms: 0,
+            counted_day: [None; 3],
+            skip_holds_ended_by_ms: [0; 2],
+        }
+    }
+
     /// Whether `reading` counts `usage` at all: not the hold of a lease it leaves out.
     fn held(&self, usage: &Usage, reading: Reading) -> bool {
         usage
@@ -591,6 +617,32 @@ enum Op {
         back_ms: u64,
         remove: bool,
     },
+    /// Revokes the member's key (again, if it is revoked already: that changes nothing).
+    Revoke {
+        key: usize,
+    },
+    /// Rotates the member's key: revokes it (if it is not yet), then `add_member` gives the
+    /// member a new key in its place, with no seat.
+    Rotate {
+        key: usize,
+    },
+    /// `action` on the `which`-th revoked key (rotated away or not), now.
+    OnRevoked {
+        which: usize,
+        action: OnRevoked,
+        resource: Resource,
+        amount: u64,
+    },
+}
+
+/// What `Op::OnRevoked` does on a revoked key.
+#[derive(Clone, Copy, Debug)]
+enum OnRevoked {
+    Consume,
+    Check,
+    Reserve,
+    Report,
+    Revoke,
 }
 
 fn advance_ms() -> impl Strategy<Value = u64> {
@@ -707,6 +759,31 @@ fn op_with_holds() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `op_with_holds`, with key revocations and rotations among them: rare, so that a case runs
+/// mostly on working keys, as the other tests' do, and now and then on a revoked one.
+fn op_with_revocations() -> impl Strategy<Value = Op> {
+    let action = prop_oneof![
+        3 => Just(OnRevoked::Consume),
+        1 => Just(OnRevoked::Check),
+        2 => Just(OnRevoked::Reserve),
+        1 => Just(OnRevoked::Report),
+        1 => Just(OnRevoked::Revoke),
+    ];
+    prop_oneof![
+        59 => op_with_holds(),
+        1 => key().prop_map(|key| Op::Revoke { key }),
+        1 => key().prop_map(|key| Op::Rotate { key }),
+        2 => (any::<usize>(), action, resource(), amount()).prop_map(
+            |(which, action, resource, amount)| Op::OnRevoked {
+                which,
+                action,
+                resource,
+                amount,
+            }
+        ),
+    ]
+}
+
 /// Cases start a couple of hours before a local midnight next to a daylight-saving change, or
 /// in the middle of summer.
 fn start_ms() -> impl Strategy<Value = u64> {
@@ -738,6 +815,8 @@ struct Harness {
     stamp_ms: u64,
     /// Credits the expiries learnt of during the running operation gave back, per team.
     expired_credits_micros: [u64; 3],
+    /// Each member's key now (an index into `model.keys`): its first until a rotation.
+    current: [usize; KEYS.len()],
 }
 
 /// A reservation the engine made, as the model follows it.
@@ -796,7 +875,18 @@ impl Harness {
             reservations: Vec::new(),
             stamp_ms: start_ms,
             expired_credits_micros: [0; 3],
+            current: [0, 1, 2, 3],
         }
+    }
+
+    /// The name of the key `key` (an index into `model.keys`).
+    fn name(&self, key: usize) -> String {
+        self.model.keys[key].name.clone()
+    }
+
+    /// The team whose credits `key` draws on.
+    fn team(&self, key: usize) -> usize {
+        team_index(self.model.keys[key].member)
     }
 
     fn plan_name(&self, plan: PlanId) -> &str {
@@ -815,6 +905,7 @@ impl Harness {
                 self.clock.set_ms(self.now_ms);
             }
             Op::ToWindowEdge { key, offset_ms } => {
+                let key = self.current[key];
                 let now_ms = self.now_ms;
                 let oldest = self.model.keys[key].log[Counter::ChatRolling.index()]
                     .iter()
@@ -832,17 +923,17 @@ impl Harness {
                 resource,
                 amount,
                 back_ms,
-            } => self.consume(key, resource, amount, self.now_ms - back_ms)?,
+            } => self.consume(self.current[key], resource, amount, self.now_ms - back_ms)?,
             Op::Check {
                 key,
                 resource,
                 amount,
                 back_ms,
-            } => self.check(key, resource, amount, self.now_ms - back_ms)?,
+            } => self.check(self.current[key], resource, amount, self.now_ms - back_ms)?,
             Op::Report { key, back_ms } => {
                 let at_ms = self.now_ms - back_ms;
                 self.stamp_ms = at_ms;
-                self.report(key, at_ms)?;
+                self.report(self.current[key], at_ms)?;
             }
             Op::TopUp { key, micros } => {
                 let team = team_index(key);
@@ -862,7 +953,8 @@ impl Harness {
                     None => self.engine.unassign_seat(team, user, at),
                 }
                 .expect("seat change");
-                self.model.keys[key].seat = plan;
+                // The member's key now: a rotated one's seat stays with it, unused.
+                self.model.keys[self.current[key]].seat = plan;
             }
             Op::Reclaim => self.reclaim()?,
             Op::Reserve {
@@ -871,7 +963,13 @@ impl Harness {
                 amount,
                 back_ms,
                 lease_ms,
-            } => self.reserve(key, resource, amount, self.now_ms - back_ms, lease_ms)?,
+            } => self.reserve(
+                self.current[key],
+                resource,
+                amount,
+                self.now_ms - back_ms,
+                lease_ms,
+            )?,
             Op::Settle {
                 which,
                 amount,
@@ -916,7 +1014,21 @@ impl Harness {
                 amount,
                 back_ms,
                 remove,
-            } => self.adjust(key, resource, amount, self.now_ms - back_ms, remove)?,
+            } => self.adjust(
+                self.current[key],
+                resource,
+                amount,
+                self.now_ms - back_ms,
+                remove,
+            )?,
+            Op::Revoke { key } => self.revoke(self.current[key])?,
+            Op::Rotate { key } => self.rotate(key)?,
+            Op::OnRevoked {
+                which,
+                action,
+                resource,
+                amount,
+            } => self.on_revoked(which, action, resource, amount)?,
         }
         self.resolve_expiries()?;
         for (team, name) in TEAMS.iter().enumerate() {
@@ -940,7 +1052,8 @@ impl Harness {
         self.stamp_ms = at_ms;
         self.judging(key, at_ms);
         let quantities = [(resource.unit(), amount)];
-        let request = UsageRequest::new(KEYS[key].0, resource.name(), &quantities).at(at_ms);
+        let name = self.name(key);
+        let request = UsageRequest::new(&name, resource.name(), &quantities).at(at_ms);
         let checked = self.engine.check(&request).expect("check");
         // Under an id of its own, so it can be refunded later.
         let id = format!("q{}", self.consumed);
@@ -953,6 +1066,10 @@ impl Harness {
         );
         self.resolve_expiries()?;
         self.verify_decision(key, resource, amount, at_ms, &decision)?;
+        if self.model.keys[key].revoked {
+            // Denied before its windows are read: nothing counted, the key's time not moved.
+            return Ok(());
+        }
         let model = &mut self.model.keys[key];
         let limits = model.seat.and_then(|plan| plan.limits_for(resource));
         if limits.is_some_and(|limits| limits.iter().all(|&(_, limit)| amount <= limit)) {
@@ -966,7 +1083,7 @@ impl Harness {
     /// idle: those whose windows count nothing now both exactly and one bucket late (a key in between could go either way, and then nothing is reclaimed).
     fn reclaim(&mut self) -> Result<(), TestCaseError> {
         let now_ms = self.now_ms;
-        let mut idle = [false; KEYS.len()];
+        let mut idle = vec![false; self.model.keys.len()];
         for (key, model) in self.model.keys.iter().enumerate() {
             // A key with a reservation open is never reclaimed.
             if !model.allocated || self.open_holds_on(key) > 0 {
@@ -1079,8 +1196,9 @@ impl Harness {
         self.stamp_ms = at_ms;
         self.judging(key, at_ms);
         let quantities = [(resource.unit(), amount)];
-        let request = UsageRequest::new(KEYS[key].0, resource.name(), &quantities).at(at_ms);
-        let name = KEYS[key].0;
+        let name = self.name(key);
+        let request = UsageRequest::new(&name, resource.name(), &quantities).at(at_ms);
+        let name = name.as_str();
         let before = self.engine.usage(name, Some(at_ms)).expect("usage");
         self.resolve_expiries()?;
         let decision = self.engine.check(&request).expect("check");
@@ -1104,6 +1222,16 @@ impl Harness {
         decision: &Decision,
     ) -> Result<(), TestCaseError> {
         let model = &self.model.keys[key];
+        if model.revoked {
+            prop_assert!(
+                matches!(decision, Decision::Denied(denial) if denial.reason == DenialReason::KeyRevoked),
+                "key {} ({}) is revoked: every request on it is denied KeyRevoked: {:?}",
+                key,
+                &model.name,
+                decision
+            );
+            return Ok(());
+        }
         let now_ms = at_ms.max(model.horizon_ms);
         let behind = at_ms < model.horizon_ms;
         let limits = model.seat.and_then(|plan| plan.limits_for(resource));
@@ -1117,7 +1245,7 @@ impl Harness {
                 model.used(counter, Reading::OneBucketLate, now_ms) + amount <= limit
             })
         });
-        let balance = self.model.balances_micros[team_index(key)];
+        let balance = self.model.balances_micros[self.team(key)];
         let price = resource.price_micros(amount);
         let credits_fit = balance > 0 && balance >= price;
         let context = format!(
@@ -1152,7 +1280,7 @@ impl Harness {
                     prop_assert!(credits_fit, "the balance covered it: {}", &context);
                     // The balance after the charge, or (a lease expired after the decision, in
                     // the same call) less what the expiry gave back.
-                    let expired = self.expired_credits_micros[team_index(key)];
+                    let expired = self.expired_credits_micros[self.team(key)];
                     prop_assert!(
                         admission.credits_balance_micros == Some(balance - price)
                             || admission
@@ -1241,7 +1369,7 @@ impl Harness {
         context: &str,
     ) -> Result<(), TestCaseError> {
         let model = &self.model.keys[key];
-        let balance = self.model.balances_micros[team_index(key)];
+        let balance = self.model.balances_micros[self.team(key)];
         let Some(plan) = model.seat else {
             let expected = if balance > 0 {
                 "InsufficientCredits"
@@ -1349,7 +1477,14 @@ impl Harness {
         let model = &self.model.keys[key];
         let now_ms = at_ms.max(model.horizon_ms);
         let behind = at_ms < model.horizon_ms;
-        let team = team_index(key);
+        let team = self.team(key);
+        prop_assert_eq!(&report.key, &model.name);
+        prop_assert_eq!(
+            report.revoked,
+            model.revoked,
+            "whether {} is revoked",
+            &model.name
+        );
         prop_assert_eq!(report.plan.as_deref(), model.seat.map(PlanName::name));
         prop_assert_eq!(
             report.open_reservations,
@@ -1426,7 +1561,7 @@ impl Harness {
              {refund:?}"
         );
         prop_assert_eq!(refund.charged_to, charged_to, "{}", &context);
-        let team = team_index(key);
+        let team = self.team(key);
         match charged_to {
             ChargedTo::PlanQuota { .. } => {
                 prop_assert_eq!(refund.given_back.credits_micros, 0, "{}", &context);
@@ -1601,7 +1736,7 @@ impl Harness {
         claim: Claim,
         lease_end_ms: Option<u64>,
     ) {
-        let team = team_index(key);
+        let team = self.team(key);
         let model = &mut self.model.keys[key];
         let effective_ms = at_ms.max(model.horizon_ms);
         match charged_to {
@@ -1635,12 +1770,17 @@ impl Harness {
     }
 }
 
-/// 512 cases unless `PROPTEST_CASES` says otherwise (about half a second in debug).
+/// 512 cases unless `PROPTEST_CASES` says otherwise (a few seconds in debug).
 fn config() -> ProptestConfig {
+    config_of(512)
+}
+
+/// `cases` cases unless `PROPTEST_CASES` says otherwise.
+fn config_of(cases: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|cases| cases.parse().ok())
-        .unwrap_or(512);
+        .unwrap_or(cases);
     ProptestConfig {
         cases,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
@@ -1706,7 +1846,7 @@ fn run_case_here(start: &Start, ops: &[Op]) -> Result<(), TestCaseError> {
     for op in initial.chain(top_ups).chain(ops.iter().cloned()) {
         harness.run(&op)?;
     }
-    for key in 0..KEYS.len() {
+    for key in 0..harness.model.keys.len() {
         let at_ms = harness.now_ms;
         harness.report(key, at_ms)?;
     }
@@ -1731,6 +1871,24 @@ proptest! {
     fn the_engine_agrees_with_the_model_through_reservations_corrections_and_withdrawals(
         start in start(),
         ops in prop::collection::vec(op_with_holds(), 1..120),
+    ) {
+        run_case(&start, &ops)?;
+    }
+}
+
+proptest! {
+    // 192 cases, not 512: the two tests above keep their generators (and so what their
+    // regression seeds stand for), and this one adds about a third to the file's time.
+    #![proptest_config(config_of(192))]
+
+    /// The same as the test above with key revocations and rotations among the operations: a
+    /// revoked key is denied `KeyRevoked` on every request, its usage counted until it ages
+    /// out, its reservations settled within their holds; its member's new key starts with no
+    /// seat and takes the seats assigned afterwards.
+    #[test]
+    fn the_engine_agrees_with_the_model_through_key_revocations_and_rotations(
+        start in start(),
+        ops in prop::collection::vec(op_with_revocations(), 1..120),
     ) {
         run_case(&start, &ops)?;
     }
@@ -2109,7 +2267,7 @@ impl Harness {
         let context = format!("expiry of {:?} at {at_ms}", self.reservations[hold]);
         let estimate = self.reservations[hold].estimate;
         if let ChargedTo::Credits { micros } = self.reservations[hold].charged_to {
-            self.expired_credits_micros[team_index(self.reservations[hold].key)] += micros;
+            self.expired_credits_micros[self.team(self.reservations[hold].key)] += micros;
         }
         self.release(hold, estimate, at_ms, None, &context)?;
         self.reservations[hold].state = HoldState::Expired;
@@ -2132,7 +2290,7 @@ impl Harness {
             charged_to,
             ..
         } = self.reservations[hold];
-        let team = team_index(key);
+        let team = self.team(key);
         match charged_to {
             ChargedTo::PlanQuota { .. } => {
                 for &counter in resource.counters() {
@@ -2176,7 +2334,10 @@ impl Harness {
     /// A report of `key` at `at_ms`, checked against the model (it expires the leases ended by
     /// then first, which the model learns).
     fn report(&mut self, key: usize, at_ms: u64) -> Result<UsageReport, TestCaseError> {
-        let report = self.engine.usage(KEYS[key].0, Some(at_ms)).expect("usage");
+        let report = self
+            .engine
+            .usage(&self.name(key), Some(at_ms))
+            .expect("usage");
         self.resolve_expiries()?;
         self.judging(key, at_ms);
         self.verify_report(key, &report, at_ms)?;
@@ -2200,7 +2361,8 @@ impl Harness {
         }
         self.judging(key, at_ms);
         let quantities = [(resource.unit(), amount)];
-        let request = UsageRequest::new(KEYS[key].0, resource.name(), &quantities).at(at_ms);
+        let name = self.name(key);
+        let request = UsageRequest::new(&name, resource.name(), &quantities).at(at_ms);
         let outcome = self
             .engine
             .reserve(&request, Some(lease_ms))
@@ -2213,6 +2375,12 @@ impl Harness {
             "reserve key {key} {resource:?} x{amount} at {at_ms} for {lease_ms} ms \
              ({open} open, seat {seat:?}): {outcome:?}"
         );
+        if self.model.keys[key].revoked {
+            // Denied before its open reservations are counted, nor its windows read.
+            self.verify_decision(key, resource, amount, at_ms, &outcome.decision)?;
+            prop_assert!(outcome.reservation.is_none(), "{}", &context);
+            return Ok(());
+        }
         if open >= maximum {
             prop_assert!(
                 matches!(
@@ -2357,13 +2525,24 @@ impl Harness {
                     .all(|&(counter, limit)| model.used(counter, reading, now_ms) + extra <= limit)
             })
         };
-        let team = team_index(key);
+        let team = self.team(key);
         let balance = self.model.balances_micros[team];
         let price = hold.resource.price_micros(extra);
         let credits_fit = balance > 0 && balance >= price;
         let settlement = match settled {
             SettleOutcome::Denied(denial) => {
                 prop_assert!(extra > 0, "only a settle for more is denied: {}", &context);
+                let revoked = self.model.keys[key].revoked;
+                prop_assert_eq!(
+                    denial.reason == DenialReason::KeyRevoked,
+                    revoked,
+                    "a revoked key's reservation settles within its hold, never beyond: {}",
+                    &context
+                );
+                if revoked {
+                    // Denied before its windows are read.
+                    return Ok(());
+                }
                 prop_assert!(
                     !credits_fit,
                     "denied although the credits covered the extra: {}",
@@ -2390,6 +2569,11 @@ impl Harness {
             None => prop_assert_eq!(extra, 0, "the extra was charged: {}", &context),
             Some(charged_to) => {
                 prop_assert!(extra > 0, "{}", &context);
+                prop_assert!(
+                    !model.revoked,
+                    "a revoked key is charged no extra: {}",
+                    &context
+                );
                 match charged_to {
                     ChargedTo::PlanQuota { plan } => {
                         prop_assert_eq!(
@@ -2426,7 +2610,11 @@ impl Harness {
             }
         }
         let after = match before {
-            Some(_) => Some(self.engine.usage(KEYS[key].0, Some(at_ms)).expect("usage")),
+            Some(_) => Some(
+                self.engine
+                    .usage(&self.name(key), Some(at_ms))
+                    .expect("usage"),
+            ),
             None => None,
         };
         let reports = before.as_ref().zip(after.as_ref());
@@ -2449,7 +2637,10 @@ impl Harness {
         match hold.state {
             HoldState::Open => {
                 prop_assert_eq!(voided, Ok(()), "{}", &context);
-                let after = self.engine.usage(KEYS[key].0, Some(at_ms)).expect("usage");
+                let after = self
+                    .engine
+                    .usage(&self.name(key), Some(at_ms))
+                    .expect("usage");
                 self.release(
                     index,
                     hold.estimate,
@@ -2496,7 +2687,10 @@ impl Harness {
         let Some(before) = before else {
             return Ok(());
         };
-        let after = self.engine.usage(KEYS[key].0, Some(at_ms)).expect("usage");
+        let after = self
+            .engine
+            .usage(&self.name(key), Some(at_ms))
+            .expect("usage");
         prop_assert_eq!(after, before, "{}", context);
         Ok(())
     }
@@ -2536,7 +2730,7 @@ impl Harness {
         };
         let quantities = [(resource.unit(), amount)];
         let adjusted = self.engine.adjust_usage(
-            KEYS[key].0,
+            &self.name(key),
             resource.name(),
             &quantities,
             usage_at_ms,
@@ -2636,5 +2830,95 @@ impl Harness {
         // A correction moves the key's rolling windows to its time.
         model.horizon_ms = model.horizon_ms.max(now_ms);
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key revocation and rotation.
+//
+// A revoked key is denied `KeyRevoked` on every request (consume, check, reserve, a settle's
+// extra) before its windows are read, so its time does not move; what it used stays counted
+// (its reports go on agreeing with the model) until it ages out, its reservations settle
+// within their holds, void and expire, and its requests refund. A rotation gives its member a
+// new key with no seat: the seat changes after it go to the new key, and the revoked key keeps
+// the seat it had.
+
+impl Harness {
+    /// Revokes `key` now: `true` the first time, `false` (nothing changed) after.
+    fn revoke(&mut self, key: usize) -> Result<(), TestCaseError> {
+        let now_ms = self.now_ms;
+        let before = self.report(key, now_ms)?;
+        let name = self.name(key);
+        let was = self.model.keys[key].revoked;
+        let revoked = self.engine.revoke_key(&name, Some(now_ms));
+        prop_assert_eq!(
+            revoked,
+            Ok(!was),
+            "revoking {} (revoked already: {})",
+            &name,
+            was
+        );
+        self.model.keys[key].revoked = true;
+        let after = self.engine.usage(&name, Some(now_ms)).expect("usage");
+        let mut expected = before;
+        expected.revoked = true;
+        prop_assert_eq!(after, expected, "revoking {} changes nothing else", &name);
+        Ok(())
+    }
+
+    /// Gives `member` a new key in place of the one it has, which is revoked first (while it
+    /// works, `add_member` refuses: the user is a member already).
+    fn rotate(&mut self, member: usize) -> Result<(), TestCaseError> {
+        let key = self.current[member];
+        let (first, user, team) = KEYS[member];
+        let now_ms = self.now_ms;
+        let new = self.model.keys.len();
+        let name = format!("{first}-r{new}");
+        if !self.model.keys[key].revoked {
+            let refused = self.engine.add_member(team, user, &name, Some(now_ms));
+            prop_assert_eq!(
+                refused,
+                Err(Error::AlreadyExists {
+                    what: "member",
+                    id: format!("{user} in {team}"),
+                }),
+                "a member whose key works is one already"
+            );
+            self.revoke(key)?;
+        }
+        self.engine
+            .add_member(team, user, &name, Some(now_ms))
+            .map_err(|error| TestCaseError::fail(format!("rotating {user} in {team}: {error}")))?;
+        self.model.keys.push(KeyModel::new(name, member));
+        self.current[member] = new;
+        // A new key: no seat, nothing used, not revoked (checked against the model).
+        self.report(new, now_ms)?;
+        // The revoked key keeps its seat and its usage.
+        self.report(key, now_ms)?;
+        Ok(())
+    }
+
+    fn on_revoked(
+        &mut self,
+        which: usize,
+        action: OnRevoked,
+        resource: Resource,
+        amount: u64,
+    ) -> Result<(), TestCaseError> {
+        let revoked: Vec<usize> = (0..self.model.keys.len())
+            .filter(|&key| self.model.keys[key].revoked)
+            .collect();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let key = revoked[which % revoked.len()];
+        let now_ms = self.now_ms;
+        match action {
+            OnRevoked::Consume => self.consume(key, resource, amount, now_ms),
+            OnRevoked::Check => self.check(key, resource, amount, now_ms),
+            OnRevoked::Reserve => self.reserve(key, resource, amount, now_ms, WINDOW_MS),
+            OnRevoked::Report => self.report(key, now_ms).map(|_| ()),
+            OnRevoked::Revoke => self.revoke(key),
+        }
     }
 }
