@@ -19,6 +19,11 @@
 //! are compared whole; and `verify` must find nothing, past the idempotency horizon too. (Each
 //! was once a known bug kept out of the way here; `0463c78` fixed them.)
 //!
+//! Keys are revoked too, and members' keys rotated (revoked, then a new one given by
+//! `add_member`): an operation's key is the member's key now, and requests go to revoked keys
+//! as well (retried ids, `ConsumeRevoked`), so the revoked flags, the revoked keys' seats and
+//! usage, and which key a member's seat changes reach must all come back from the log.
+//!
 //! `PROPTEST_CASES` sets the number of cases (default 64, about 10 s in debug).
 
 mod log_support;
@@ -103,7 +108,8 @@ fn policy() -> Policy {
 }
 
 /// Plan keys u0..u3 (own Default Teams), c0 and c1 (u0 and u1 in team crew), and a
-/// pay-as-you-go key of u2.
+/// pay-as-you-go key of u2: the first keys of `MEMBERS` (in the same order) and p2. An
+/// operation's `key` is an index here, standing for the key that has taken its place now.
 const KEYS: [&str; 7] = ["k0", "k1", "k2", "k3", "c0", "c1", "p2"];
 const TEAMS: [&str; 5] = ["@u0", "@u1", "@u2", "@u3", "crew"];
 /// The seats that can change: `(team, user)`.
@@ -190,6 +196,20 @@ enum Op {
     SwapPolicy {
         version: usize,
     },
+    /// Revokes the key (again, if it is revoked already: nothing changes).
+    Revoke {
+        key: usize,
+    },
+    /// Revokes the member's key (if it is not yet) and gives the member a new one in its place.
+    Rotate {
+        member: usize,
+    },
+    /// A consume on the `which`-th revoked key (rotated away or not), with a new request id.
+    ConsumeRevoked {
+        which: usize,
+        resource: usize,
+        amount: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -230,6 +250,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Checkpoint),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(close, as_tool)| Op::Reopen { close, as_tool }),
         1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
+        // Rare, so the operations above keep most of their share.
+        2 => prop_oneof![
+            1 => (0..KEYS.len()).prop_map(|key| Op::Revoke { key }),
+            2 => (0..MEMBERS.len()).prop_map(|member| Op::Rotate { member }),
+            1 => (any::<usize>(), 0..RESOURCES.len(), 1..=4u64).prop_map(
+                |(which, resource, amount)| Op::ConsumeRevoked { which, resource, amount }
+            ),
+        ],
     ]
 }
 
@@ -263,7 +291,8 @@ struct Run {
     durable: Option<Engine>,
     twin: Engine,
     now_ms: u64,
-    /// Answered request ids with `(key, resource, amount)` and the decision now remembered.
+    /// Answered request ids with `(key, resource, amount)` (the key an index in `keys`) and the
+    /// decision now remembered.
     answered: Vec<(String, usize, usize, u64, Decision)>,
     consumes: u64,
     next_id: u64,
@@ -271,6 +300,12 @@ struct Run {
     reopens: u32,
     /// The policy in force (reopening passes it, as a deployment would).
     policy_version: usize,
+    /// Every key made: `KEYS`, then the members' new keys, each in place of a revoked one.
+    keys: Vec<String>,
+    /// For each of `KEYS`, the index in `keys` of the key in its place now.
+    current: [usize; KEYS.len()],
+    /// The keys revoked (indexes in `keys`), in the order they were.
+    revoked: Vec<usize>,
 }
 
 impl Run {
@@ -307,6 +342,9 @@ impl Run {
             reservations: Vec::new(),
             reopens: 0,
             policy_version: 0,
+            keys: KEYS.iter().map(|key| key.to_string()).collect(),
+            current: std::array::from_fn(|key| key),
+            revoked: Vec::new(),
         };
         run.create_accounts(&setup.seats);
         run
@@ -366,10 +404,46 @@ impl Run {
 
     fn compare_states(&self, context: &str) {
         assert_same_state(
-            &observed(self.durable(), self.now_ms),
-            &observed(&self.twin, self.now_ms),
+            &self.observed(self.durable()),
+            &self.observed(&self.twin),
             context,
         );
+    }
+
+    /// The state of every key (revoked ones too) and team.
+    fn observed(&self, engine: &Engine) -> State {
+        let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+        state(engine, &keys, &TEAMS, self.now_ms)
+    }
+
+    /// The key in the place of `KEYS[key]` now.
+    fn key(&self, key: usize) -> &str {
+        &self.keys[self.current[key]]
+    }
+
+    fn revoke(&mut self, key: usize) {
+        let name = self.keys[key].clone();
+        let at = Some(self.now_ms);
+        let revoked = self
+            .both("revoke", |engine| engine.revoke_key(&name, at))
+            .expect("revoke a known key");
+        assert_eq!(revoked, !self.revoked.contains(&key), "revoking {name}");
+        if revoked {
+            self.revoked.push(key);
+        }
+    }
+
+    fn rotate(&mut self, member: usize) {
+        let (team, user) = MEMBERS[member];
+        self.revoke(self.current[member]);
+        let name = format!("{}-r{}", KEYS[member], self.keys.len());
+        let at = Some(self.now_ms);
+        self.both("add a member in a revoked key's place", |engine| {
+            engine.add_member(team, user, &name, at)
+        })
+        .expect("a member whose key was revoked is given a new one");
+        self.current[member] = self.keys.len();
+        self.keys.push(name);
     }
 
     fn apply(&mut self, op: &Op) {
@@ -386,7 +460,7 @@ impl Run {
                 amount,
             } => {
                 let quantities = quantities(*resource, *amount);
-                let request = UsageRequest::new(KEYS[*key], RESOURCES[*resource], &quantities)
+                let request = UsageRequest::new(self.key(*key), RESOURCES[*resource], &quantities)
                     .at(self.now_ms);
                 let _compared = self.both("check", |engine| engine.check(&request));
             }
@@ -413,7 +487,8 @@ impl Run {
                 lease_ms,
             } => {
                 let quantities = [(Unit::Requests, *amount)];
-                let request = UsageRequest::new(KEYS[*key], "chat", &quantities).at(self.now_ms);
+                let request =
+                    UsageRequest::new(self.key(*key), "chat", &quantities).at(self.now_ms);
                 let outcome = self.both("reserve", |engine| {
                     engine.reserve(&request, Some(*lease_ms))
                 });
@@ -461,7 +536,7 @@ impl Run {
                 };
                 let _compared = self.both("adjustment", |engine| {
                     engine.adjust_usage(
-                        KEYS[*key],
+                        self.key(*key),
                         RESOURCES[*resource],
                         &quantities,
                         usage_at_ms,
@@ -486,6 +561,17 @@ impl Run {
                 self.durable().checkpoint().expect("checkpoint");
             }
             Op::Reopen { close, as_tool } => self.reopen(*close, *as_tool),
+            Op::Revoke { key } => self.revoke(self.current[*key]),
+            Op::Rotate { member } => self.rotate(*member),
+            Op::ConsumeRevoked {
+                which,
+                resource,
+                amount,
+            } => {
+                if let Some(key) = pick(&self.revoked, *which) {
+                    self.consume_on(key, *resource, *amount, &RequestId::Fresh);
+                }
+            }
             Op::SwapPolicy { version } => {
                 let at = Some(self.now_ms);
                 self.both("swap", |engine| {
@@ -498,6 +584,11 @@ impl Run {
     }
 
     fn consume(&mut self, key: usize, resource: usize, amount: u64, id: &RequestId) {
+        self.consume_on(self.current[key], resource, amount, id);
+    }
+
+    /// A consume on `self.keys[key]` (a retry: on the key of the id it retries).
+    fn consume_on(&mut self, key: usize, resource: usize, amount: u64, id: &RequestId) {
         let (key, resource, amount, id) = match id {
             RequestId::None => (key, resource, amount, None),
             RequestId::Fresh => {
@@ -511,7 +602,7 @@ impl Run {
         };
         let quantities = quantities(resource, amount);
         let mut request =
-            UsageRequest::new(KEYS[key], RESOURCES[resource], &quantities).at(self.now_ms);
+            UsageRequest::new(&self.keys[key], RESOURCES[resource], &quantities).at(self.now_ms);
         if let Some(id) = &id {
             request = request.id(id);
         }
@@ -546,7 +637,7 @@ impl Run {
     }
 
     fn reopen(&mut self, close: bool, as_tool: bool) {
-        let before = observed(self.durable(), self.now_ms);
+        let before = self.observed(self.durable());
         let engine = self.durable.take().expect("open");
         if close {
             engine.close().expect("close");
@@ -584,16 +675,11 @@ impl Run {
         self.durable = Some(engine);
         self.reopens += 1;
         assert_same_state(
-            &observed(self.durable(), self.now_ms),
+            &self.observed(self.durable()),
             &before,
             &format!("after reopen {} (close: {close})", self.reopens),
         );
     }
-}
-
-/// The state of every key and team.
-fn observed(engine: &Engine, at_ms: u64) -> State {
-    state(engine, &KEYS, &TEAMS, at_ms)
 }
 
 fn quantities(resource: usize, amount: u64) -> Vec<(Unit, u64)> {
@@ -738,6 +824,34 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
                     as_tool: round % 3 == 1,
                 },
             ]);
+            // A key rotated every other round (its seat stays with the revoked key; the next
+            // round's seat change of that member goes to the new one), requests on it after,
+            // and p2 revoked, twice.
+            if round % 2 == 1 {
+                ops.extend([
+                    Op::Rotate { member: round },
+                    Op::ConsumeRevoked {
+                        which: round,
+                        resource: 0,
+                        amount: 1,
+                    },
+                    Op::Consume {
+                        key: 0,
+                        resource: 0,
+                        amount: 1,
+                        id: RequestId::Retry(round + 2),
+                    },
+                    Op::Seat {
+                        member: round,
+                        plan: Some(1),
+                    },
+                    Op::Revoke { key: 6 },
+                    Op::Reopen {
+                        close: round == 3,
+                        as_tool: round == 5,
+                    },
+                ]);
+            }
         }
         ops.push(Op::Advance { ms: DAY_MS });
         ops.push(Op::Reopen {
@@ -750,6 +864,8 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
         }
         assert!(run.reopens >= 12);
         assert!(!run.answered.is_empty() && !run.reservations.is_empty());
+        assert_eq!(run.keys.len(), KEYS.len() + 3, "three keys rotated");
+        assert_eq!(run.revoked.len(), 4, "three rotated and p2");
         run.verify();
     }
 }
