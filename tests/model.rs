@@ -643,6 +643,8 @@ enum OnRevoked {
     Reserve,
     Report,
     Revoke,
+    /// Retries a request the key was admitted (by its id, refunded or not).
+    Retry,
 }
 
 fn advance_ms() -> impl Strategy<Value = u64> {
@@ -768,6 +770,7 @@ fn op_with_revocations() -> impl Strategy<Value = Op> {
         2 => Just(OnRevoked::Reserve),
         1 => Just(OnRevoked::Report),
         1 => Just(OnRevoked::Revoke),
+        2 => Just(OnRevoked::Retry),
     ];
     prop_oneof![
         59 => op_with_holds(),
@@ -806,6 +809,8 @@ struct Harness {
     now_ms: u64,
     /// Every admitted request: `(id, key, resource, amount, where charged, refunded)`.
     admitted: Vec<(String, usize, Resource, u64, ChargedTo, bool)>,
+    /// The decision each of `admitted` was answered.
+    first_decisions: Vec<Decision>,
     /// Requests consumed so far (each gets a fresh id).
     consumed: usize,
     /// Every reservation made, in order.
@@ -871,6 +876,7 @@ impl Harness {
             model: Model::new(),
             now_ms: start_ms,
             admitted: Vec::new(),
+            first_decisions: Vec::new(),
             consumed: 0,
             reservations: Vec::new(),
             stamp_ms: start_ms,
@@ -1710,6 +1716,7 @@ impl Harness {
         let id = format!("q{}", self.consumed - 1);
         self.admitted
             .push((id, key, resource, amount, admission.charged_to, false));
+        self.first_decisions.push(*decision);
         let counted_ms = admission.at_ms;
         self.count(
             key,
@@ -2919,6 +2926,37 @@ impl Harness {
             OnRevoked::Reserve => self.reserve(key, resource, amount, now_ms, WINDOW_MS),
             OnRevoked::Report => self.report(key, now_ms).map(|_| ()),
             OnRevoked::Revoke => self.revoke(key),
+            OnRevoked::Retry => self.retry(key, which / 7),
         }
+    }
+
+    /// Retries the `which`-th request admitted on `key`, now: the first decision, and nothing
+    /// counted (a revoked key's repeat answers as the first did).
+    fn retry(&mut self, key: usize, which: usize) -> Result<(), TestCaseError> {
+        let admitted: Vec<usize> = (0..self.admitted.len())
+            .filter(|&request| self.admitted[request].1 == key)
+            .collect();
+        if admitted.is_empty() {
+            return Ok(());
+        }
+        let request = admitted[which % admitted.len()];
+        let (id, _, resource, amount, _, refunded) = self.admitted[request].clone();
+        let now_ms = self.now_ms;
+        self.stamp_ms = now_ms;
+        let before = self.report(key, now_ms)?;
+        let name = self.name(key);
+        let quantities = [(resource.unit(), amount)];
+        let retried = UsageRequest::new(&name, resource.name(), &quantities)
+            .at(now_ms)
+            .id(&id);
+        let decision = self.engine.consume(&retried).expect("a retry");
+        let context = format!("retry of {id} (refunded: {refunded}) on {name} at {now_ms}");
+        prop_assert_eq!(
+            &decision,
+            &self.first_decisions[request],
+            "a repeat answers as the first: {}",
+            &context
+        );
+        self.verify_unchanged(key, now_ms, Some(before), &context)
     }
 }
