@@ -36,8 +36,8 @@ use log_support::{
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tally_engine::{
-    AdjustmentDirection, Decision, Durability, Engine, EngineOptions, ManualClock, OpenOptions,
-    Policy, ReservationId, Unit, UsageRequest,
+    AdjustmentDirection, Decision, Durability, Engine, EngineOptions, Error, ManualClock,
+    OpenOptions, Policy, ReservationId, Unit, UsageRequest,
 };
 
 /// 2026-09-22T00:00:00+08:00 minus 2 hours: cases cross a local midnight early on.
@@ -86,13 +86,20 @@ limits = [{ meter = "bar", amount = 30000, window = "rolling:2h" }]
 /// 2 re-buckets Small's rolling window to 2-minute buckets (its usage re-bucketed) and
 /// removes Small's daily limit (its count kept, unread, in the daily counter Daily's plan
 /// still has, and read again after a swap back to 0). Moving a limit to another window is
-/// refused (`Policy::check_swap_to`).
+/// refused (`Policy::check_swap_to`). 3 drops the Daily plan: refused while a working key has
+/// a seat on it, else it takes the revoked keys' seats on it away.
 fn policy_version(version: usize) -> Policy {
     let text = match version {
         0 => POLICY.to_string(),
         1 => POLICY
             .replace("amount = 6,", "amount = 9,")
             .replace("amount = 3,", "amount = 5,"),
+        3 => POLICY.replace(
+            "[plans.Daily]\nlimits = [\n  \
+             { resource = \"chat\", unit = \"requests\", amount = 12, window = \"daily\" },\n  \
+             { resource = \"image\", unit = \"images\", amount = 2, window = \"daily\" },\n]\n",
+            "",
+        ),
         _ => POLICY.replace(
             "amount = 6, window = \"rolling:1h\", bucket = \"60s\" },\n  \
              { resource = \"chat\", unit = \"requests\", amount = 15, window = \"daily\" },",
@@ -249,7 +256,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ReclaimIdle),
         1 => Just(Op::Checkpoint),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(close, as_tool)| Op::Reopen { close, as_tool }),
-        1 => (0..3usize).prop_map(|version| Op::SwapPolicy { version }),
+        1 => (0..4usize).prop_map(|version| Op::SwapPolicy { version }),
         // Rare, so the operations above keep most of their share.
         2 => prop_oneof![
             1 => (0..KEYS.len()).prop_map(|key| Op::Revoke { key }),
@@ -395,11 +402,17 @@ impl Run {
     fn seat(&self, member: usize, plan: Option<usize>) {
         let (team, user) = MEMBERS[member];
         let at = Some(self.now_ms);
-        self.both("a seat change", |engine| match plan {
+        let changed = self.both("a seat change", |engine| match plan {
             Some(plan) => engine.assign_seat(team, user, PLANS[plan], at),
             None => engine.unassign_seat(team, user, at),
-        })
-        .expect("members exist and plans are known");
+        });
+        if let Err(error) = changed {
+            // Only policy 3 lacks a plan (Daily).
+            assert!(
+                self.policy_version == 3 && matches!(error, Error::UnknownPlan { .. }),
+                "a seat change: {error}"
+            );
+        }
     }
 
     fn compare_states(&self, context: &str) {
@@ -574,11 +587,14 @@ impl Run {
             }
             Op::SwapPolicy { version } => {
                 let at = Some(self.now_ms);
-                self.both("swap", |engine| {
+                let swapped = self.both("swap", |engine| {
                     engine.swap_policy(policy_version(*version), at)
-                })
-                .expect("every policy keeps every plan");
-                self.policy_version = *version;
+                });
+                match swapped {
+                    Ok(_) => self.policy_version = *version,
+                    // Refused alike by both: a working key has a seat on a plan it drops.
+                    Err(error) => assert_eq!(*version, 3, "a swap to {version}: {error}"),
+                }
             }
         }
     }
