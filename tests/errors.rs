@@ -854,6 +854,48 @@ fn a_policy_error_reads_as_its_field_then_the_problem() {
     );
 }
 
+/// A new user, team or key name holding an invisible character (a zero-width space, a variation
+/// selector, a direction override...) is refused naming its field, and creates nothing: a team
+/// `acme\u{200b}` beside `acme` took top-ups meant for the other. Visible letters of any
+/// script, and marks that combine with a letter, are names like any other.
+#[test]
+fn a_new_name_with_an_invisible_character_is_refused_naming_it_and_creates_nothing() {
+    let world = world();
+    let engine = &world.engine;
+    let at = Some(T0_MS);
+    for invisible in ["bo\u{200b}", "\u{202e}ob", "b\u{fe0f}o"] {
+        let error = engine
+            .create_user(invisible, "tp-bo-1", at)
+            .expect_err("user");
+        assert_eq!(field(&error), "user", "{invisible:?}");
+        assert!(error.to_string().contains("invisible"), "{error}");
+    }
+    for invisible in ["tp-bo-1\u{2060}", "tp\u{ad}bo"] {
+        let error = engine.create_user("bo", invisible, at).expect_err("key");
+        assert_eq!(field(&error), "key", "{invisible:?}");
+    }
+    for invisible in ["acme\u{200b}", "\u{feff}acme", "ac\u{3164}me"] {
+        let error = engine.create_team(invisible, at).expect_err("team");
+        assert_eq!(field(&error), "team", "{invisible:?}");
+    }
+    engine.create_user("bo", "tp-bo-1", at).expect("bo");
+    engine.create_team("acme", at).expect("acme");
+    for invisible in ["tp-bo-acme\u{200c}", "tp-bo-acme\u{e0001}"] {
+        let member = engine
+            .add_member("acme", "bo", invisible, at)
+            .expect_err("key");
+        assert_eq!(field(&member), "key", "{invisible:?}");
+        let payg = engine
+            .create_payg_key("bo", invisible, at)
+            .expect_err("key");
+        assert_eq!(field(&payg), "key", "{invisible:?}");
+    }
+    engine
+        .create_user("zoë", "tp-zoe\u{301}", at)
+        .expect("visible letters and marks");
+    engine.create_team("チーム", at).expect("another script");
+}
+
 /// A new user, team or key name that begins or ends with whitespace (any of Unicode's) is
 /// refused naming its field, and creates nothing: a gateway reads keys trimmed, so such a key
 /// could never be used through one, and names that differ only so are mistaken for each other.

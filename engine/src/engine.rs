@@ -500,11 +500,25 @@ impl Engine {
     /// Refuses a new user, team or key name padded with whitespace (`padded_with_whitespace`),
     /// unless it is being replayed from the log (an earlier build took such names).
     fn check_new_name(&self, field: &'static str, value: &str) -> Result<(), Error> {
-        if padded_with_whitespace(value) && !self.replaying.load(Ordering::Relaxed) {
+        // Names an earlier build logged replay as they were.
+        if self.replaying.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if padded_with_whitespace(value) {
             return Err(Error::invalid(
                 field,
                 "must not begin or end with whitespace (a gateway reads keys trimmed, and \
                  names that differ only so are mistaken for each other)",
+            ));
+        }
+        // As plan, resource and meter names (`policy::is_invisible_character`): a team
+        // `acme\u{200b}` beside `acme` took top-ups meant for the other.
+        if value.chars().any(crate::policy::is_invisible_character) {
+            return Err(Error::invalid(
+                field,
+                "must not contain an invisible character (such as a zero-width space, a \
+                 variation selector or a direction override): it would differ from a name that \
+                 looks the same",
             ));
         }
         Ok(())

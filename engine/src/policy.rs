@@ -1094,7 +1094,7 @@ struct Compiler {
 /// bidi controls also reorder what an operator reads, `U+202E`) or a default-ignorable code
 /// point (Default_Ignorable_Code_Point: variation selectors, the combining grapheme joiner,
 /// Hangul fillers, and the code points reserved as such), as of Unicode 16.
-fn is_invisible_character(c: char) -> bool {
+pub(crate) fn is_invisible_character(c: char) -> bool {
     matches!(
         u32::from(c),
         0xAD | 0x34F
