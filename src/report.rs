@@ -411,10 +411,14 @@ fn rotation(out: &mut String, summary: &Summary) {
         .map_or_else(|| "no seat".to_string(), |plan| format!("a seat on {plan}"));
     let _ = writeln!(
         out,
-        "  revoked   {}  at {}; {} issued with {seat}, its windows empty",
+        "  revoked   {}  at {}",
         rotation.old_key,
         utc_iso8601(rotation.at_ms),
-        rotation.new_key,
+    );
+    let _ = writeln!(
+        out,
+        "  {:<10}{} issued in its place with {seat}, its windows empty",
+        "", rotation.new_key,
     );
     let leaked = &rotation.leaked;
     let _ = writeln!(
