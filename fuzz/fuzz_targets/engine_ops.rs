@@ -2,7 +2,13 @@
 //! model can check: no panic; a team's credits equal top-ups minus charges plus refunds; no limit
 //! of any key is ever reported above the largest amount it had on any plan the key held (usage
 //! counted stays counted when a seat is downgraded; usage added by corrections aside); a
-//! repeated request id never counts twice.
+//! repeated request id never counts twice; a revoked key is never admitted again (but for a
+//! repeat of a request id it had admitted), it is still reported with its usage, and its member
+//! is given a new key only once it is revoked.
+//!
+//! An input is 3-byte operations: the first byte picks the operation (`op % 10`, but 240..=245,
+//! added with key revocation and used by no corpus entry before, which revoke a key or give
+//! its member a new one), the next two its arguments.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +17,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use tally_engine::{
     AdjustmentDirection, ChargedTo, Decision, Engine, EngineOptions, ManualClock, Policy, SettleOutcome, Unit,
-    UsageRequest,
+    DenialReason, UsageRequest,
 };
 
 const T0_MS: u64 = 1_795_363_200_000;
@@ -37,6 +43,16 @@ struct World {
     answered: HashSet<String>,
     /// The plans each user's key has held.
     held: [Vec<&'static str>; 3],
+    /// Each user's key in their Default Team: `k{user}`, then `k{user}.{n}` for the n-th key
+    /// given in place of a revoked one.
+    keys: [String; 3],
+    /// How many keys each user was given in place of a revoked one.
+    rotations: [u32; 3],
+    /// Every key revoked so far.
+    revoked: HashSet<String>,
+    /// Keys replaced by a new one, with their user and the plans they held (their usage stays
+    /// bounded too).
+    retired: Vec<(usize, String, Vec<&'static str>)>,
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -44,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     // ahead of it they may be (opted out of the default, a day).
     let options = EngineOptions { max_ahead_of_clock_ms: 0, ..EngineOptions::default() };
     let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), options).expect("valid options");
-    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default() };
+    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default(), keys: ["k0".into(), "k1".into(), "k2".into()], rotations: [0; 3], revoked: HashSet::new(), retired: Vec::new() };
     for user in 0..3 {
         let name = format!("u{user}");
         world.engine.create_user(&name, &format!("k{user}"), Some(T0_MS)).expect("a fresh user");
@@ -63,8 +79,12 @@ fuzz_target!(|data: &[u8]| {
 
 fn step(world: &mut World, op: u8, a: u8, b: u8) {
     let user = usize::from(a % 3);
-    let key = format!("k{user}");
+    let key = world.keys[user].clone();
     let team = format!("@u{user}");
+    if (240..=245).contains(&op) {
+        return revoke_or_rotate(world, user, op >= 243, b);
+    }
+    let revoked = world.revoked.contains(&key);
     let (resource, quantities) = RESOURCES[usize::from(b) % RESOURCES.len()];
     let engine = &world.engine;
     match op % 10 {
@@ -89,6 +109,10 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             let request = if with_id { request.id(&id) } else { request };
             let open = engine.open_reservations();
             if let Ok(decision) = engine.consume(&request) {
+                let repeat = with_id && world.answered.contains(&id);
+                if revoked && !repeat {
+                    assert_revoked_denial(&key, &decision);
+                }
                 if !with_id || world.answered.insert(id) {
                     account(world, &team, decision);
                 }
@@ -97,7 +121,10 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
         }
         6 => {
             let open = engine.open_reservations();
-            let _ = engine.check(&UsageRequest::new(&key, resource, quantities).at(world.at_ms));
+            let checked = engine.check(&UsageRequest::new(&key, resource, quantities).at(world.at_ms));
+            if let (true, Ok(decision)) = (revoked, &checked) {
+                assert_revoked_denial(&key, decision);
+            }
             follow_expiry(world, open);
         }
         7 => {
@@ -107,6 +134,10 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             // T0 here), or by its own stamp if that is earlier.
             expire(world, world.at_ms.min(T0_MS));
             if let Ok(outcome) = world.engine.reserve(&request, Some(lease_ms)) {
+                if revoked {
+                    assert_revoked_denial(&key, &outcome.decision);
+                    assert!(outcome.reservation.is_none(), "{key} revoked: a reservation opened");
+                }
                 let held = match &outcome.decision {
                     Decision::Admitted(admission) => match admission.charged_to {
                         ChargedTo::Credits { micros } => micros,
@@ -165,6 +196,47 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
     }
 }
 
+/// Revokes the user's key (and checks that an unknown key is refused), or gives the user a new
+/// key in its place (`rotate`); stamped at the run's time, or `b` seconds before it.
+fn revoke_or_rotate(world: &mut World, user: usize, rotate: bool, b: u8) {
+    let at_ms = if b.is_multiple_of(2) { world.at_ms } else { world.at_ms.saturating_sub(u64::from(b) * 1_000) };
+    let key = world.keys[user].clone();
+    let was_revoked = world.revoked.contains(&key);
+    if !rotate {
+        let now = world.engine.revoke_key(&key, Some(at_ms)).expect("a known key revokes");
+        assert_eq!(now, !was_revoked, "{key}: revoke_key says whether it revoked it now");
+        world.revoked.insert(key);
+        let unknown = format!("nokey{user}");
+        let refused = world.engine.revoke_key(&unknown, Some(world.at_ms));
+        assert!(matches!(refused, Err(tally_engine::Error::UnknownKey { .. })), "{unknown}: {refused:?}");
+        return;
+    }
+    let new_key = format!("k{user}.{}", world.rotations[user] + 1);
+    match world.engine.add_member(&format!("@u{user}"), &format!("u{user}"), &new_key, Some(at_ms)) {
+        Ok(()) => {
+            assert!(was_revoked, "{key} works, yet its member was given {new_key} in its place");
+            world.rotations[user] += 1;
+            world.keys[user] = new_key;
+            let held = std::mem::take(&mut world.held[user]);
+            world.retired.push((user, key, held));
+        }
+        Err(tally_engine::Error::AlreadyExists { .. }) => {
+            assert!(!was_revoked, "{key} revoked, yet its member could not be given {new_key}")
+        }
+        Err(error) => panic!("{new_key} for u{user}: {error}"),
+    }
+}
+
+/// A fresh decision on a revoked key: denied for that and nothing else.
+fn assert_revoked_denial(key: &str, decision: &Decision) {
+    match decision {
+        Decision::Denied(denial) => {
+            assert_eq!(denial.reason, DenialReason::KeyRevoked, "{key} revoked: denied for another reason")
+        }
+        Decision::Admitted(admission) => panic!("{key} revoked, yet admitted: {admission:?}"),
+    }
+}
+
 /// A consume or check that a hold denied expires first the leases that ended by its time and
 /// the clock's (which stays at T0 here), all of them: when the engine's open reservations fell
 /// from `open_before`, the model expires the same.
@@ -200,12 +272,18 @@ fn check_invariants(world: &World) {
         let balance = world.engine.credits_micros(&team).expect("a known team");
         let expected = world.credits.get(&team).copied().unwrap_or(0);
         assert_eq!(i128::from(balance), expected, "{team}: credits differ from top-ups minus charges");
-        let report = world.engine.usage(&format!("k{user}"), Some(world.at_ms)).expect("a known key");
+    }
+    let current = (0..3).map(|user| (user, world.keys[user].clone(), world.held[user].clone()));
+    for (user, key, held) in current.chain(world.retired.iter().cloned()) {
+        // A revoked key's usage still counts: the engine still reports it.
+        let report = world.engine.usage(&key, Some(world.at_ms)).expect("a known key");
+        assert_eq!(report.key, key, "user {user}'s key");
+        assert_eq!(report.revoked, world.revoked.contains(&key), "{key}: revoked in its usage report");
         if !world.adjusted {
             let policy = world.engine.policy();
             for limit in &report.limits {
                 // The largest amount this limit had on any plan the key held.
-                let largest = world.held[user]
+                let largest = held
                     .iter()
                     .filter_map(|plan| policy.plan_id(plan))
                     .flat_map(|plan| policy.plan(plan).limits.iter())
