@@ -18,6 +18,10 @@
 //!   known denial and `charged_to` NONE; names in it are NUL-terminated;
 //! - a Starter key set up before the operations never gets more `m2.7` requests admitted from
 //!   plan quota than its 5-hour limit (1,500) while every admission lies within 5 hours;
+//! - a key revoked (`tally_engine_revoke_key` answered OK) is never admitted again, and a
+//!   fresh decision on it is denied `TALLY_DENIAL_KEY_REVOKED` (a repeat of a request id
+//!   answers as the first did); revoking reports whether it revoked the key now, and
+//!   `revoked_out` is not written on failure;
 //! - a database closed cleanly verifies as sound, and opening it while open is
 //!   `TALLY_DATABASE_LOCKED`;
 //! - an in-memory engine opened on the shipped policy's JSON behaves as on the policy itself
@@ -26,7 +30,7 @@
 //! Every handle is freed at the end of each input.
 #![no_main]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_char, CStr};
 use std::path::PathBuf;
 use std::ptr;
@@ -421,6 +425,18 @@ enum Op {
     /// Options set one at a time (`which` picks the setter), then an in-memory engine opened
     /// with them.
     Options(Vec<(u8, u64)>),
+    // Appended with key revocation (arbitrary's derive scales a variant index over the variant
+    // count, so the corpus entries written before decode to nearby variants now).
+    /// `tally_engine_revoke_key` on a key; `revoked_out` is NULL when the `u8` is 0 mod 8.
+    RevokeKey(Text, Time, u8),
+    /// A leaked key rotated: revoke `key`, then give `user` a new key in `team`
+    /// (`tally_engine_add_member`, which does so only for a member whose key is revoked).
+    RotateKey {
+        key: Text,
+        team: Text,
+        user: Text,
+        new_key: Text,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -453,6 +469,8 @@ struct World {
     policy: Option<Vec<u8>>,
     /// Whether this input opened the database a second time while it was open.
     tried_locked: bool,
+    /// The keys revoked in this engine (or database) so far.
+    revoked: HashSet<Vec<u8>>,
 }
 
 fn name_of(status: u32) -> &'static str {
@@ -515,6 +533,7 @@ impl World {
             fixed: Fixed::default(),
             policy: None,
             tried_locked: false,
+            revoked: HashSet::new(),
         };
         world.open_engine();
         world.set_up_fixed();
@@ -729,6 +748,7 @@ impl World {
                 };
                 if self.engine_status(status, "consume/check") == tally_status::TALLY_OK {
                     check_decision(&decision, "consume/check");
+                    self.check_revoked(&built, &decision, "consume/check");
                     if consume {
                         self.account(&built, &decision);
                     }
@@ -912,6 +932,7 @@ impl World {
                 );
                 if self.engine_status(status, "reserve") == tally_status::TALLY_OK {
                     check_decision(&decision, "reserve");
+                    self.check_revoked(&built, &decision, "reserve");
                     if decision.admitted {
                         assert_ne!(reservation, 0, "reserve: admitted without a reservation id");
                         self.reservations.push(reservation);
@@ -1168,6 +1189,7 @@ impl World {
                 if self.dir.is_none() {
                     // A fresh engine: set the fixed key up again.
                     self.fixed = Fixed::default();
+                    self.revoked.clear();
                     self.set_up_fixed();
                 }
             }
@@ -1238,7 +1260,100 @@ impl World {
                 }
             }
             Op::ForgeReservation(id) => self.reservations.push(*id),
+            Op::RevokeKey(key, at, out) => {
+                let key = key.arg(&KEYS, TALLY_MAX_ID_BYTES);
+                let at = self.time(*at);
+                self.revoke(&key, at, out % 8 != 0);
+            }
+            Op::RotateKey {
+                key,
+                team,
+                user,
+                new_key,
+            } => {
+                let key = key.arg(&KEYS, TALLY_MAX_ID_BYTES);
+                let team = team.arg(&TEAMS, TALLY_MAX_ID_BYTES);
+                let user = user.arg(&USERS, TALLY_MAX_ID_BYTES);
+                let new_key = new_key.arg(&KEYS, TALLY_MAX_ID_BYTES);
+                // The fixed key may be revoked (it is then admitted nothing), not replaced.
+                self.touches_fixed(&[&team, &user, &new_key]);
+                self.revoke(&key, self.clock, true);
+                let status = tally_engine_add_member(
+                    engine,
+                    team.ptr(),
+                    team.len,
+                    user.ptr(),
+                    user.len,
+                    new_key.ptr(),
+                    new_key.len,
+                    self.clock,
+                );
+                if self.engine_status(status, "add_member after revoke") == tally_status::TALLY_OK {
+                    // Names are never reused: the new key is not a revoked one.
+                    let new_key = new_key.bytes.unwrap_or_default();
+                    assert!(
+                        !self.revoked.contains(&new_key),
+                        "add_member made a key of a revoked key's name"
+                    );
+                }
+            }
         }
+    }
+
+    /// Revokes `key` (with `revoked_out` NULL unless `with_out`) and checks the answer against
+    /// the keys revoked so far.
+    fn revoke(&mut self, key: &Arg, at: u64, with_out: bool) {
+        const UNWRITTEN: u8 = 0xa5;
+        let mut out = std::mem::MaybeUninit::<bool>::uninit();
+        // SAFETY: a byte written through the bool's pointer, read back as a byte below.
+        unsafe { out.as_mut_ptr().cast::<u8>().write(UNWRITTEN) };
+        let out_ptr = if with_out {
+            out.as_mut_ptr()
+        } else {
+            ptr::null_mut()
+        };
+        let status = tally_engine_revoke_key(self.engine, key.ptr(), key.len, at, out_ptr);
+        let status = self.engine_status(status, "revoke_key");
+        // SAFETY: the byte initialised above, or the bool the call wrote over it.
+        let byte = unsafe { out.as_ptr().cast::<u8>().read() };
+        if status != tally_status::TALLY_OK {
+            assert_eq!(
+                byte, UNWRITTEN,
+                "revoke_key: revoked_out written on failure"
+            );
+            if !with_out {
+                assert_eq!(
+                    status,
+                    tally_status::TALLY_NULL_POINTER,
+                    "revoke_key without revoked_out"
+                );
+            }
+            return;
+        }
+        assert!(with_out, "revoke_key: OK with a NULL revoked_out");
+        assert!(byte <= 1, "revoke_key: revoked_out holds {byte}");
+        let key = key.bytes.clone().expect("a key revoked is not NULL");
+        let was_revoked = self.revoked.contains(&key);
+        assert_eq!(
+            byte == 1,
+            !was_revoked,
+            "revoke_key: whether it revoked the key now"
+        );
+        self.revoked.insert(key);
+    }
+
+    /// A revoked key's fresh decision is a denial for that (a repeat answers as the first).
+    fn check_revoked(&self, built: &BuiltReq, decision: &tally_decision, what: &str) {
+        let Some(key) = &built.key.bytes else { return };
+        if decision.replayed || !self.revoked.contains(key) {
+            return;
+        }
+        assert!(!decision.admitted, "{what}: a revoked key admitted");
+        assert_eq!(
+            decision.denial,
+            tally_denial::TALLY_DENIAL_KEY_REVOKED as u32,
+            "{what}: a revoked key denied for another reason"
+        );
     }
 
     fn pick_reservation(&self, which: u8) -> u64 {
@@ -1290,6 +1405,7 @@ impl World {
         for ((entry, decision), one) in statuses.iter().zip(decisions).zip(built) {
             if known(*entry, "consume_many entry") == tally_status::TALLY_OK {
                 check_decision(decision, "consume_many entry");
+                self.check_revoked(one, decision, "consume_many entry");
                 self.account(one, decision);
             } else {
                 assert_untouched(decision, "consume_many entry");
@@ -1607,6 +1723,7 @@ fn default_policy_json() -> &'static [u8] {
             fixed: Fixed::default(),
             policy: None,
             tried_locked: false,
+            revoked: HashSet::new(),
         };
         let json = world.policy_json().expect("the shipped policy as JSON");
         tally_engine_free(engine);
@@ -1748,7 +1865,8 @@ fn check_decision(decision: &tally_decision, what: &str) {
     } else {
         assert_eq!(charged_to, 0, "{what}: denied, yet charged to {charged_to}");
         assert!(
-            (1..=8).contains(&decision.denial),
+            // The last denial: `tally_denial`'s codes are only appended.
+            (1..=tally_denial::TALLY_DENIAL_KEY_REVOKED as u32).contains(&decision.denial),
             "{what}: denied with denial {}",
             decision.denial
         );
