@@ -53,6 +53,8 @@ struct World {
     /// Keys replaced by a new one, with their user and the plans they held (their usage stays
     /// bounded too).
     retired: Vec<(usize, String, Vec<&'static str>)>,
+    /// The key of each reservation opened.
+    reserved_keys: HashMap<tally_engine::ReservationId, String>,
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -60,7 +62,7 @@ fuzz_target!(|data: &[u8]| {
     // ahead of it they may be (opted out of the default, a day).
     let options = EngineOptions { max_ahead_of_clock_ms: 0, ..EngineOptions::default() };
     let engine = Engine::new(Policy::token_plan(), Arc::new(ManualClock::new(T0_MS)), options).expect("valid options");
-    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default(), keys: ["k0".into(), "k1".into(), "k2".into()], rotations: [0; 3], revoked: HashSet::new(), retired: Vec::new() };
+    let mut world = World { engine, at_ms: T0_MS, credits: HashMap::new(), reservations: Vec::new(), adjusted: false, answered: HashSet::new(), held: Default::default(), keys: ["k0".into(), "k1".into(), "k2".into()], rotations: [0; 3], revoked: HashSet::new(), retired: Vec::new(), reserved_keys: HashMap::new() };
     for user in 0..3 {
         let name = format!("u{user}");
         world.engine.create_user(&name, &format!("k{user}"), Some(T0_MS)).expect("a fresh user");
@@ -147,6 +149,7 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 };
                 account(world, &team, outcome.decision);
                 let expires_at_ms = world.at_ms + lease_ms;
+                world.reserved_keys.extend(outcome.reservation.map(|id| (id, key.clone())));
                 world.reservations.extend(outcome.reservation.map(|id| (id, team, held, expires_at_ms)));
             }
         }
@@ -181,6 +184,10 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 let still_open = engine.open_reservations() == open_before;
                 // Give-backs and extra charges on settle move this team's credits.
                 *world.credits.entry(team.clone()).or_default() += i128::from(after) - i128::from(before);
+                // A revoked key's settle charges no extra beyond its hold: its credits only come back.
+                if world.reserved_keys.get(&id).is_some_and(|key| world.revoked.contains(key)) {
+                    assert!(after >= before, "a revoked key's settle charged {} more micros", before - after);
+                }
                 if still_open {
                     assert_eq!(after, before, "a refused settle moves no credits");
                     world.reservations.push((id, team, held, expires_at_ms));
