@@ -369,33 +369,26 @@ type Fields = Vec<(&'static str, Value)>;
 /// give another plan.
 pub type PolicyOf<'a> = &'a dyn Fn(u32) -> Option<Arc<Policy>>;
 
-/// `charged_to`, and `plan` or `micros`, of an admitted usage.
+/// The field names of where usage was charged: `charged_to`, and `plan` or `micros`.
+const CHARGED: [&str; 3] = ["charged_to", "plan", "micros"];
+/// The same for the part of a settle beyond its estimate, each name prefixed `extra_`.
+const EXTRA_CHARGED: [&str; 3] = ["extra_charged_to", "extra_plan", "extra_micros"];
+
+/// Where usage was charged, under `names` (`CHARGED` or `EXTRA_CHARGED`): its kind, and the
+/// plan or the micros.
 fn charged_fields(
     policy_of: PolicyOf<'_>,
     generation: u32,
     charged_to: ChargedTo,
+    [kind_name, plan_name, micros_name]: [&'static str; 3],
     fields: &mut Fields,
 ) {
     let (kind, (detail, value)) = charged_to_fields(policy_of, generation, charged_to);
-    fields.push(("charged_to", kind));
-    fields.push((detail, value));
-}
-
-/// Where a settle charged the part of the actual amount beyond the estimate: as
-/// `charged_fields`, each name prefixed `extra_` (`extra_charged_to`, `extra_plan` or
-/// `extra_micros`).
-fn extra_charged_fields(
-    policy_of: PolicyOf<'_>,
-    generation: u32,
-    charged_to: ChargedTo,
-    fields: &mut Fields,
-) {
-    let (kind, (detail, value)) = charged_to_fields(policy_of, generation, charged_to);
-    fields.push(("extra_charged_to", kind));
+    fields.push((kind_name, kind));
     let detail = if detail == "plan" {
-        "extra_plan"
+        plan_name
     } else {
-        "extra_micros"
+        micros_name
     };
     fields.push((detail, value));
 }
@@ -546,6 +539,7 @@ fn usage_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields {
                 policy_of,
                 receipt.generation,
                 receipt.charged_to,
+                CHARGED,
                 &mut fields,
             );
         }
@@ -620,6 +614,7 @@ fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields
                 policy_of,
                 receipt.generation,
                 receipt.charged_to,
+                CHARGED,
                 &mut fields,
             );
         }
@@ -645,10 +640,11 @@ fn reservation_event_fields(policy_of: PolicyOf<'_>, body: &EventBody) -> Fields
             given_back_fields(policy_of, given_back, &mut fields);
             // What a settle for more charged beyond the estimate: billed with the rest.
             if let Some(receipt) = extra_receipt {
-                extra_charged_fields(
+                charged_fields(
                     policy_of,
                     receipt.generation,
                     receipt.charged_to,
+                    EXTRA_CHARGED,
                     &mut fields,
                 );
             }

@@ -682,7 +682,7 @@ fn a_member_whose_key_was_revoked_is_given_a_new_one() {
 /// with what the hold gave back and the team's balance, as if the key still worked.
 #[test]
 fn a_revoked_keys_credits_hold_charges_no_extra_when_it_trades_units() {
-    use tally_engine::{SettleOutcome, UsageRequest};
+    use tally_engine::UsageRequest;
     let engine = engine();
     let key = user(&engine, "ada");
     engine
@@ -697,20 +697,13 @@ fn a_revoked_keys_credits_hold_charges_no_extra_when_it_trades_units() {
         .expect("reserve");
     assert!(held.decision.is_admitted());
     let reservation = held.reservation.expect("held on credits");
-    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 1)), Ok(true));
-    let balance = engine.credits_micros("@ada").expect("balance");
-    let outcome = engine
-        .settle(
-            reservation,
-            &[(Unit::Requests, 2), (Unit::Tokens, 500)],
-            Some(T0_MS + 2),
-        )
-        .expect("settle");
-    match outcome {
-        SettleOutcome::Denied(denial) => assert_eq!(denial.reason, DenialReason::KeyRevoked),
-        other => panic!("an extra request on a revoked key was charged: {other:?}"),
-    }
-    assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
+    revoke_then_settle_charges_nothing(
+        &engine,
+        &key,
+        reservation,
+        &[(Unit::Requests, 2), (Unit::Tokens, 500)],
+        "an extra request",
+    );
 }
 
 /// A revoked key whose plan was full when it reserved (so the hold is on credits) cannot
@@ -718,7 +711,7 @@ fn a_revoked_keys_credits_hold_charges_no_extra_when_it_trades_units() {
 /// team's credits straight away, never asking whether the key was revoked.
 #[test]
 fn a_revoked_keys_credits_hold_charges_no_extra_in_units_its_plan_does_not_count() {
-    use tally_engine::{SettleOutcome, UsageRequest};
+    use tally_engine::UsageRequest;
     let engine = engine();
     let key = seated(&engine, "ada", "Plus");
     engine
@@ -744,18 +737,34 @@ fn a_revoked_keys_credits_hold_charges_no_extra_in_units_its_plan_does_not_count
         }
         other => panic!("reserve: {other:?}"),
     }
-    assert_eq!(engine.revoke_key(&key, Some(T0_MS + 1)), Ok(true));
+    revoke_then_settle_charges_nothing(
+        &engine,
+        &key,
+        reservation,
+        &[(Unit::Requests, 1), (Unit::Tokens, 500)],
+        "extra tokens",
+    );
+}
+
+/// Revokes `key` (ada's, paying from @ada's credits), then settles `reservation` for
+/// `actual`, beyond its hold: denied `KeyRevoked`, and the balance unchanged.
+fn revoke_then_settle_charges_nothing(
+    engine: &tally_engine::Engine,
+    key: &str,
+    reservation: tally_engine::ReservationId,
+    actual: &[(Unit, u64)],
+    what: &str,
+) {
+    assert_eq!(engine.revoke_key(key, Some(T0_MS + 1)), Ok(true));
     let balance = engine.credits_micros("@ada").expect("balance");
     let outcome = engine
-        .settle(
-            reservation,
-            &[(Unit::Requests, 1), (Unit::Tokens, 500)],
-            Some(T0_MS + 2),
-        )
+        .settle(reservation, actual, Some(T0_MS + 2))
         .expect("settle");
     match outcome {
-        SettleOutcome::Denied(denial) => assert_eq!(denial.reason, DenialReason::KeyRevoked),
-        other => panic!("extra tokens on a revoked key were charged: {other:?}"),
+        tally_engine::SettleOutcome::Denied(denial) => {
+            assert_eq!(denial.reason, DenialReason::KeyRevoked)
+        }
+        other => panic!("{what} on a revoked key was charged: {other:?}"),
     }
     assert_eq!(engine.credits_micros("@ada").expect("balance"), balance);
 }

@@ -3762,6 +3762,48 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Makes `log` durable, stops its writer thread and returns a `Writer` in its place, for
+    /// a test to play the writer's steps one at a time (`rotate_at`: the event a checkpoint
+    /// asked a new segment for), with the active segment's length.
+    fn writer_taken_over(log: &EventLog, rotate_at: Option<u64>) -> (Writer, u64) {
+        log.sync().expect("written and durable");
+        log.shared.queue.lock().stop = true;
+        log.shared.queue_ready.notify_all();
+        let handle = log.writer.lock().take().expect("a writer");
+        handle.join().expect("the writer stops");
+        let file = Arc::clone(&log.shared.active_file.lock());
+        let len = file.metadata().expect("metadata").len();
+        let writer = Writer {
+            shared: Arc::clone(&log.shared),
+            active: Active {
+                file,
+                first: 1,
+                len,
+                zeroed: len,
+            },
+            buffer: Vec::new(),
+            spare: Batch::default(),
+            rotate_at,
+            unsynced_from: None,
+            durable_len: len,
+            wrote: true,
+            poll_for: WRITER_POLL,
+        };
+        (writer, len)
+    }
+
+    /// A group of one top-up event, numbered `seq`, as the writer takes it from the queue.
+    fn one_top_up_group(seq: u64) -> Batch {
+        let mut batch = Batch::default();
+        append_body_to(&mut batch.bytes, &top_up(2));
+        batch.events.push(Queued {
+            seq,
+            at_ms: 1_000,
+            end: batch.bytes.len(),
+        });
+        batch
+    }
+
     /// In the modes that do not wait for durability an fdatasync outside the writer (`sync`, a
     /// background snapshot's) fails the log from the first event not yet written, while the
     /// writer may be writing the group that starts there: its callers are told it failed (a
@@ -3774,37 +3816,8 @@ mod tests {
         let log = EventLog::open_with(&dir, Durability::Interval { ms: 60_000 }, None, 1 << 20)
             .expect("open");
         let first = log.append(1_000, encode_body(&top_up(1))).expect("append");
-        log.sync().expect("written and durable");
-        // The writer thread stops; this test plays its part.
-        log.shared.queue.lock().stop = true;
-        log.shared.queue_ready.notify_all();
-        let handle = log.writer.lock().take().expect("a writer");
-        handle.join().expect("the writer stops");
-        let file = Arc::clone(&log.shared.active_file.lock());
-        let len = file.metadata().expect("metadata").len();
-        let mut writer = Writer {
-            shared: Arc::clone(&log.shared),
-            active: Active {
-                file,
-                first: 1,
-                len,
-                zeroed: len,
-            },
-            buffer: Vec::new(),
-            spare: Batch::default(),
-            rotate_at: None,
-            unsynced_from: None,
-            durable_len: len,
-            wrote: true,
-            poll_for: WRITER_POLL,
-        };
-        let mut batch = Batch::default();
-        append_body_to(&mut batch.bytes, &top_up(2));
-        batch.events.push(Queued {
-            seq: first + 1,
-            at_ms: 1_000,
-            end: batch.bytes.len(),
-        });
+        let (mut writer, len) = writer_taken_over(&log, None);
+        let batch = one_top_up_group(first + 1);
         // The writer found the log sound and writes the group...
         writer.write_group(&batch, 0..1).expect("written");
         assert!(writer.active.len > len);
@@ -3840,36 +3853,8 @@ mod tests {
         let log = EventLog::open_with(&dir, Durability::Interval { ms: 60_000 }, None, 1 << 20)
             .expect("open");
         let first = log.append(1_000, encode_body(&top_up(1))).expect("append");
-        log.sync().expect("written and durable");
-        log.shared.queue.lock().stop = true;
-        log.shared.queue_ready.notify_all();
-        let handle = log.writer.lock().take().expect("a writer");
-        handle.join().expect("the writer stops");
-        let file = Arc::clone(&log.shared.active_file.lock());
-        let len = file.metadata().expect("metadata").len();
-        let mut writer = Writer {
-            shared: Arc::clone(&log.shared),
-            active: Active {
-                file,
-                first: 1,
-                len,
-                zeroed: len,
-            },
-            buffer: Vec::new(),
-            spare: Batch::default(),
-            rotate_at: Some(first + 1),
-            unsynced_from: None,
-            durable_len: len,
-            wrote: true,
-            poll_for: WRITER_POLL,
-        };
-        let mut batch = Batch::default();
-        append_body_to(&mut batch.bytes, &top_up(2));
-        batch.events.push(Queued {
-            seq: first + 1,
-            at_ms: 1_000,
-            end: batch.bytes.len(),
-        });
+        let (mut writer, len) = writer_taken_over(&log, Some(first + 1));
+        let batch = one_top_up_group(first + 1);
         writer.write_group(&batch, 0..1).expect("written");
         assert_eq!(writer.active.first, first + 1, "written into a new segment");
         log.shared

@@ -1117,6 +1117,70 @@ mod tests {
             const { std::cell::RefCell::new(None) };
     }
 
+    /// Settles a Plus key's one-request reservation for two (an extra beyond the hold) while
+    /// `race` runs on another thread from just after the extra is charged, given 300 ms to
+    /// log whatever nothing holds back; returns the sequence numbers of the reservation's
+    /// close and of the last `racer_kind` event.
+    fn settle_racing(
+        label: &str,
+        racer_kind: &str,
+        race: impl Fn(&Engine) + Send + Sync + 'static,
+    ) -> (u64, u64) {
+        const T0: u64 = 1_790_000_000_000;
+        let dir = std::env::temp_dir().join(format!("tally-settle-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine = Arc::new(
+            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
+        );
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Plus", Some(T0))
+            .expect("seat");
+        let one = [(Unit::Requests, 1)];
+        let request = UsageRequest::new("tp-u", "m2.7", &one).at(T0);
+        let reserved = engine.reserve(&request, None).expect("reserve");
+        let id = reserved.reservation.expect("admitted");
+        let racer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        let race = Arc::new(race);
+        {
+            let (engine, racer) = (Arc::clone(&engine), Arc::clone(&racer));
+            AFTER_EXTRA_CHARGE.with(|pause| {
+                *pause.borrow_mut() = Some(Box::new(move || {
+                    let (engine, race) = (Arc::clone(&engine), Arc::clone(&race));
+                    *racer.lock() = Some(std::thread::spawn(move || race(&engine)));
+                    // Long enough for the racer's event to be logged, if nothing holds it back.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }));
+            });
+        }
+        let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0));
+        AFTER_EXTRA_CHARGE.with(|pause| pause.borrow_mut().take());
+        assert!(
+            matches!(settled, Ok(SettleOutcome::Settled(_))),
+            "{settled:?}"
+        );
+        racer
+            .lock()
+            .take()
+            .expect("raced")
+            .join()
+            .expect(racer_kind);
+        let events = engine.events_after(0, 100).expect("events");
+        let last_seq_of = |kind: &str| {
+            events
+                .iter()
+                .rev()
+                .find(|event| event.body.kind() == kind)
+                .map(|event| event.seq)
+                .expect(kind)
+        };
+        let seqs = (last_seq_of("reservation_closed"), last_seq_of(racer_kind));
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+        seqs
+    }
+
     /// A seat change racing a settle that charges more than the estimate: the extra is
     /// decided on the old seat, so its event must come before the seat change's in the log, as
     /// a consume's does (appended under its key's lock). Before, the settle appended its close
@@ -1125,72 +1189,15 @@ mod tests {
     /// none of the old plan's left.
     #[test]
     fn a_seat_change_racing_a_settles_extra_charge_is_logged_after_it() {
-        const T0: u64 = 1_790_000_000_000;
-        let dir = std::env::temp_dir().join(format!("tally-settle-seat-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let clock = Arc::new(ManualClock::new(T0));
-        let engine = Arc::new(
-            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
-        );
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Plus", Some(T0))
-            .expect("seat");
-        let one = [(Unit::Requests, 1)];
-        let request = UsageRequest::new("tp-u", "m2.7", &one).at(T0);
-        let reserved = engine.reserve(&request, None).expect("reserve");
-        let id = reserved.reservation.expect("admitted");
-        let racer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
-        {
-            let (engine, racer) = (Arc::clone(&engine), Arc::clone(&racer));
-            AFTER_EXTRA_CHARGE.with(|pause| {
-                *pause.borrow_mut() = Some(Box::new(move || {
-                    let engine = Arc::clone(&engine);
-                    *racer.lock() = Some(std::thread::spawn(move || {
-                        engine
-                            .assign_seat("@u", "u", "Max", Some(T0))
-                            .expect("upgrade");
-                    }));
-                    // Long enough for the seat change to be logged, if nothing holds it back.
-                    std::thread::sleep(std::time::Duration::from_millis(300));
-                }));
-            });
-        }
-        let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0));
-        AFTER_EXTRA_CHARGE.with(|pause| pause.borrow_mut().take());
-        assert!(
-            matches!(settled, Ok(SettleOutcome::Settled(_))),
-            "{settled:?}"
-        );
-        racer
-            .lock()
-            .take()
-            .expect("raced")
-            .join()
-            .expect("seat change");
-        let events = engine.events_after(0, 100).expect("events");
-        let seq_of = |kind: &str| {
-            events
-                .iter()
-                .find(|event| event.body.kind() == kind)
-                .map(|event| event.seq)
-                .expect(kind)
-        };
-        let (closed, seat) = (
-            seq_of("reservation_closed"),
-            events
-                .iter()
-                .rev()
-                .find(|event| event.body.kind() == "seat_changed")
-                .map(|event| event.seq)
-                .expect("seat"),
-        );
+        let (closed, seat) = settle_racing("seat", "seat_changed", |engine| {
+            engine
+                .assign_seat("@u", "u", "Max", Some(1_790_000_000_000))
+                .expect("upgrade");
+        });
         assert!(
             closed < seat,
             "the close ({closed}) after the seat change ({seat})"
         );
-        drop(engine);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A revocation racing a settle that charges more than the estimate: the extra was
@@ -1199,62 +1206,13 @@ mod tests {
     /// append, and the log showed an extra charged to a key after its `key_revoked`.
     #[test]
     fn a_revocation_racing_a_settles_extra_charge_is_logged_after_it() {
-        const T0: u64 = 1_790_000_000_000;
-        let dir = std::env::temp_dir().join(format!("tally-settle-revoke-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let clock = Arc::new(ManualClock::new(T0));
-        let engine = Arc::new(
-            Engine::open(&dir, Policy::token_plan(), clock, OpenOptions::default()).expect("open"),
-        );
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Plus", Some(T0))
-            .expect("seat");
-        let one = [(Unit::Requests, 1)];
-        let request = UsageRequest::new("tp-u", "m2.7", &one).at(T0);
-        let reserved = engine.reserve(&request, None).expect("reserve");
-        let id = reserved.reservation.expect("admitted");
-        let racer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
-        {
-            let (engine, racer) = (Arc::clone(&engine), Arc::clone(&racer));
-            AFTER_EXTRA_CHARGE.with(|pause| {
-                *pause.borrow_mut() = Some(Box::new(move || {
-                    let engine = Arc::clone(&engine);
-                    *racer.lock() = Some(std::thread::spawn(move || {
-                        assert_eq!(engine.revoke_key("tp-u", Some(T0)), Ok(true));
-                    }));
-                    // Long enough for the revocation to be logged, if nothing holds it back.
-                    std::thread::sleep(std::time::Duration::from_millis(300));
-                }));
-            });
-        }
-        let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0));
-        AFTER_EXTRA_CHARGE.with(|pause| pause.borrow_mut().take());
-        assert!(
-            matches!(settled, Ok(SettleOutcome::Settled(_))),
-            "{settled:?}"
-        );
-        racer
-            .lock()
-            .take()
-            .expect("raced")
-            .join()
-            .expect("revocation");
-        let events = engine.events_after(0, 100).expect("events");
-        let seq_of = |kind: &str| {
-            events
-                .iter()
-                .find(|event| event.body.kind() == kind)
-                .map(|event| event.seq)
-                .expect(kind)
-        };
-        let (closed, revoked) = (seq_of("reservation_closed"), seq_of("key_revoked"));
+        let (closed, revoked) = settle_racing("revoke", "key_revoked", |engine| {
+            assert_eq!(engine.revoke_key("tp-u", Some(1_790_000_000_000)), Ok(true));
+        });
         assert!(
             closed < revoked,
             "the close ({closed}) after the revocation ({revoked})"
         );
-        drop(engine);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `forget_closed` forgets from the front while the front is older than the horizon, so
