@@ -23,8 +23,8 @@
 // short: 429 insufficient_quota on OpenAI's routes (the API's own answer), 403
 // permission_error on Anthropic's. A call without a key, with an unknown one, with one no key
 // can be (longer than tally.MaxIDBytes, not UTF-8) or with two different keys in the two
-// headers is answered 401, on every route. A model the policy has no resource for is answered
-// 404 (model_not_found; Anthropic's not_found_error).
+// headers is answered 401, on every route, whatever the request's body. A model the policy has
+// no resource for is answered 404 (model_not_found; Anthropic's not_found_error).
 //
 // Only the metered routes and the routes that pass through reach the upstream. A route passes
 // through, unmetered and for a key the engine knows, when Config.PassThrough lists it; by
@@ -237,7 +237,13 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.URL.Path, r.URL.RawPath = path, ""
 	body, request, failure := g.readRequest(w, r, api, key, route.metering)
 	if failure != nil {
-		failure.write(w, api)
+		// The credential is judged before the request: a key the engine does not know, or
+		// revoked, is 401 whatever its body (as the Python middleware answers), and learns
+		// nothing of the routes' models or bounds. Looked up only here, off the path of a
+		// well-formed request, whose reservation judges its key.
+		if failure.status == http.StatusUnauthorized || !g.keyRefused(w, api, key) {
+			failure.write(w, api)
+		}
 		return
 	}
 	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
@@ -248,7 +254,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	decision, reservation, err := g.config.Engine.Reserve(request, g.config.Lease)
 	if err != nil {
-		g.answerEngineError(w, api, err)
+		// The engine judges the model before the key: a model not served (404) is answered
+		// only to a key that may call, as above.
+		if status := engineError(api, err).status; status == http.StatusUnauthorized ||
+			status >= http.StatusInternalServerError || !g.keyRefused(w, api, key) {
+			g.answerEngineError(w, api, err)
+		}
 		return
 	}
 	c.decision, c.reservation = decision, reservation
@@ -441,13 +452,7 @@ func images(api API, n json.RawMessage) ([]tally.Quantity, *apiError) {
 // and charge nothing. The key is checked first, so an unknown key is 401 on every route and
 // learns nothing about routes.
 func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API, key, method, path string) {
-	usage, err := g.config.Engine.Usage(key, g.now())
-	if err != nil {
-		g.answerEngineError(w, api, err)
-		return
-	}
-	if usage.Revoked {
-		unauthorized(api, "This API key was revoked.").write(w, api)
+	if g.keyRefused(w, api, key) {
 		return
 	}
 	for _, pass := range g.passThrough {
@@ -458,6 +463,21 @@ func (g *Gateway) proxyUnmetered(w http.ResponseWriter, r *http.Request, api API
 		}
 	}
 	routeRefused(api, method, path).write(w, api)
+}
+
+// keyRefused answers a key the engine does not know or revoked (401), or an engine that
+// cannot say (503), and reports whether it did; a key that may call is left unanswered.
+func (g *Gateway) keyRefused(w http.ResponseWriter, api API, key string) bool {
+	usage, err := g.config.Engine.Usage(key, g.now())
+	if err != nil {
+		g.answerEngineError(w, api, err)
+		return true
+	}
+	if usage.Revoked {
+		unauthorized(api, "This API key was revoked.").write(w, api)
+		return true
+	}
+	return false
 }
 
 // direct points the request at the upstream and swaps in the upstream's key.

@@ -617,6 +617,57 @@ func TestARevokedKeyIs401OnEveryRoute(t *testing.T) {
 	}
 }
 
+// The credential is judged before the request: a key the engine does not know, or one it
+// revoked, is 401 whatever its body, never the 400 of a malformed body, the 404 of a model
+// not served or the 413 of a body too large, which a known key still gets; as in the Python
+// middleware.
+func TestAnUnknownOrRevokedKeyIs401WhateverItsBody(t *testing.T) {
+	engine, err := tally.OpenInMemory(unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer engine.Close()
+	addUser(t, engine, "rb", "tp-rb", "Max")
+	addUser(t, engine, "rc", "tp-rc", "Max")
+	if revoked, err := engine.RevokeKey("tp-rc", t0); err != nil || !revoked {
+		t.Fatalf("RevokeKey: %v %v", revoked, err)
+	}
+	upstreamURL, _ := url.Parse("http://127.0.0.1:1")
+	g, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL, MaxBodyBytes: 64,
+		Clock: func() time.Time { return t0 }, Logger: log.New(io.Discard, "", 0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		body string
+		want int
+	}{
+		{`{not json`, http.StatusBadRequest},
+		{`{"model":"no-such-model","messages":[]}`, http.StatusNotFound},
+		{`{"model":"speech-2.8-hd","messages":[]}`, http.StatusBadRequest},
+		{`{"model":"MiniMax-M2.7","messages":[{"role":"user","content":"` + strings.Repeat("x", 100) + `"}]}`, http.StatusRequestEntityTooLarge},
+	} {
+		for _, key := range []string{"tp-rb", "tp-nobody", "tp-rc"} {
+			want := c.want
+			if key != "tp-rb" {
+				want = http.StatusUnauthorized
+			}
+			recorder := httptest.NewRecorder()
+			request := httptest.NewRequest(http.MethodPost, "/v1/chat/completions", strings.NewReader(c.body))
+			request.Header.Set("Authorization", "Bearer "+key)
+			g.ServeHTTP(recorder, request)
+			if recorder.Code != want {
+				t.Fatalf("%s, %.20s: %d (want %d) %s", key, c.body, recorder.Code, want, recorder.Body.String())
+			}
+			if want == http.StatusUnauthorized {
+				a := answer{status: recorder.Code, raw: recorder.Body.String()}
+				_ = json.Unmarshal(recorder.Body.Bytes(), &a.body)
+				openAIError(t, a, "invalid_request_error")
+			}
+		}
+	}
+}
+
 // A route that costs nothing and shows nothing of other users (a model list, a model, token
 // counting: DefaultPassThrough) reaches the upstream unmetered on the operator's key: only for
 // a key the engine knows, as in the Python middleware; the refusal is in the shape of the API

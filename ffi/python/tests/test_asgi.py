@@ -20,6 +20,7 @@ from tally.asgi import (
     DEFAULT_PASS_THROUGH,
     MAX_EVENT_LINE_BYTES,
     MAX_QUANTITY,
+    MAX_REQUEST_BODY_BYTES,
     Api,
     Metering,
     QuotaMiddleware,
@@ -324,6 +325,30 @@ def test_a_revoked_key_gets_401_on_every_route(engine, gateway, upstream):
     models = request(gateway, "/v1/models", None, key=key, method="GET")
     assert models.status == 401, models.body
     assert len(upstream.calls) == served
+
+
+def test_an_unknown_or_revoked_key_gets_401_whatever_its_body(engine, gateway, upstream):
+    # The credential is judged before the request: a key the engine does not know, or one
+    # it revoked, learns nothing from a malformed body (400), a model not served (404) or a
+    # body too large (413); it is 401, as the Go gateway answers. A known key still gets the
+    # body's own answer.
+    key = seated(engine, "rb", "tp-rb-1", "Max")
+    revoked = seated(engine, "rc", "tp-rc-1", "Max")
+    assert engine.revoke_key(revoked, at_ms=T) is True
+    bodies = [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (json.dumps({"model": "no-such-model", "messages": []}).encode(), 404),
+        (json.dumps({"model": "speech-2.8-hd", "messages": []}).encode(), 400),
+        (b"x" * (MAX_REQUEST_BODY_BYTES + 1), 413),
+    ]
+    for raw, status in bodies:
+        assert request(gateway, CHAT, raw=raw, key=key).status == status, raw[:20]
+        for stranger in ["tp-nobody", revoked]:
+            answer = request(gateway, CHAT, raw=raw, key=stranger)
+            assert answer.status == 401, (stranger, raw[:20], answer.status, answer.body)
+            assert answer.json()["error"]["code"] == "invalid_api_key"
+    assert upstream.calls == []
 
 
 @pytest.mark.parametrize("path", [CHAT, MESSAGES, SPEECH])

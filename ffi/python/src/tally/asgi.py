@@ -18,7 +18,8 @@ batches). For each request on a metered route it:
 1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
    can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
 2. reads the JSON body (at most 32 MiB, else 413) and maps the route and its ``model`` to a
-   resource of the policy (a model it has none for, or none can be: 404), and the body to
+   resource of the policy (a model it has none for, or none can be: 404; a key the engine
+   does not know, or revoked, is 401 rather than any of these answers), and the body to
    quantities: 1 request; for chat, completions, responses, embeddings and messages the
    tokens; for speech the characters of ``input``; for images ``n``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens (the
@@ -772,6 +773,12 @@ class QuotaMiddleware:
                 return  # the client went away
             metered = self._metered(key, route, body)
         except _Refusal as refusal:
+            if refusal.status != 401:
+                # The credential is judged before the request: a key the engine does not
+                # know, or revoked, is 401 whatever its body (as the Go gateway answers), and
+                # learns nothing of the routes' models or bounds. Looked up only here, off
+                # the path of a well-formed request, whose reservation judges its key.
+                refusal = await self._known_key(scope) or refusal
             await _send_json(send, route.api, refusal, [])
             return
         # Every metered call holds a reservation while the app makes it, as in the Go gateway:
@@ -818,6 +825,14 @@ class QuotaMiddleware:
         engine fails, the 503) to answer."""
         try:
             key = _key(scope)
+        except _Refusal as refusal:
+            return refusal
+        return await self._key_refused(key)
+
+    async def _key_refused(self, key: str) -> _Refusal | None:
+        """None when the engine knows ``key`` and has not revoked it; else the 401 (or, when
+        the engine fails, the 503) to answer."""
+        try:
             usage = await self._call(self.engine.usage, key, at_ms=self._now())
             if usage.revoked:
                 return _Refusal(401, "authentication", _REVOKED, "invalid_api_key")
@@ -1052,17 +1067,20 @@ class QuotaMiddleware:
         api = metered.route.api
         try:
             result = await self._call(call)
-        except errors.UnknownResourceError as error:
-            refusal = _Refusal(404, "not_found", error.message, "model_not_found")
+        except (errors.UnknownResourceError, errors.BadQuantityError, *_STRING_ERRORS) as error:
+            if isinstance(error, errors.UnknownResourceError):
+                refusal = _Refusal(404, "not_found", error.message, "model_not_found")
+            elif isinstance(error, errors.BadQuantityError):
+                # Quantities the resource cannot take (a chat call on a speech model, which
+                # must carry characters): the request's fault, 400 as in the Go gateway.
+                refusal = _Refusal(400, "invalid_request", error.message)
+            else:
+                refusal = _string_refusal(error)
+            if refusal.status != 401:
+                # The engine judges the request before the key: answered only to a key that
+                # may call, as a malformed body is (``__call__``).
+                refusal = await self._key_refused(metered.key) or refusal
             await _send_json(send, api, refusal, [])
-            return None
-        except _STRING_ERRORS as error:
-            await _send_json(send, api, _string_refusal(error), [])
-            return None
-        except errors.BadQuantityError as error:
-            # Quantities the resource cannot take (a chat call on a speech model, which must
-            # carry characters): the request's fault, 400 as in the Go gateway, not an outage.
-            await _send_json(send, api, _Refusal(400, "invalid_request", error.message), [])
             return None
         except errors.TallyError as error:
             _log.error("tally: admission failed: %s", error)
