@@ -1984,7 +1984,11 @@ impl Engine {
     /// requests see it) before its event is durable. If the log fails, every request whose
     /// event it did not keep is given back and answers the error; those whose events it kept
     /// (made durable before the failure, as a full log file is sealed) stand, as they will
-    /// after a reopen.
+    /// after a reopen. A crash before the call returns may likewise keep the events of the
+    /// batch's first requests and lose the rest's: after a reopen the kept ones count and the
+    /// others never happened. A batch retried with the same request ids counts each request
+    /// once (the kept ones return their decisions); without ids, a retry counts the kept ones
+    /// again.
     ///
     /// The events are appended 64 at a time (one hold of the log queue's lock per chunk), while
     /// the batch's keys are looked up a few requests ahead so their cache misses overlap.

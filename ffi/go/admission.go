@@ -188,7 +188,10 @@ type Result struct {
 // ConsumeMany consumes up to MaxBatch requests with one wait for durability. Each is decided
 // on its own (its Result; an entry's error names it, "requests[3]", and a string refused in
 // it, "requests[3].key: holds a NUL byte at offset 2"); the error is for a batch that could
-// not run at all.
+// not run at all. A crash before the call returns may keep the events of the batch's first
+// requests and lose the rest's: retry the batch with the same request IDs and each request
+// counts once (the kept ones return their decisions); without IDs, a retry counts the kept
+// ones again.
 func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 	const op = "ConsumeMany"
 	if len(requests) == 0 || len(requests) > MaxBatch {

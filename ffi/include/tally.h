@@ -569,7 +569,10 @@ tally_status tally_engine_check(const struct tally_engine *engine,
 // when that is `TALLY_OK`, `decisions_out[i]` its decision (otherwise `decisions_out[i]` is
 // left as it was; `tally_last_error` does not describe individual entries). The call
 // itself returns `TALLY_OK` when the batch ran, or the status that kept it from running
-// (NULL arrays, closed handle, ...), in which case no entry is written.
+// (NULL arrays, closed handle, ...), in which case no entry is written. A crash before the
+// call returns may keep the events of the batch's first requests and lose the rest's: retry
+// the batch with the same request ids and each request counts once (the kept ones return
+// their decisions); without ids, a retry counts the kept ones again.
 tally_status tally_engine_consume_many(const struct tally_engine *engine,
                                        const struct tally_request *requests,
                                        size_t count,

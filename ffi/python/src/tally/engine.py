@@ -430,7 +430,10 @@ class Engine:
         """Consumes up to ``MAX_BATCH`` requests with one wait for durability. Each entry is
         its decision, or the error (not raised) that kept that request from being decided,
         whose message names the entry (``requests[3]``) and, for a refused string, the
-        argument (``requests[3].key: holds a NUL byte at offset 2``)."""
+        argument (``requests[3].key: holds a NUL byte at offset 2``). A crash before the call
+        returns may keep the events of the batch's first requests and lose the rest's: retry
+        the batch with the same request ids and each request counts once (the kept ones
+        return their decisions); without ids, a retry counts the kept ones again."""
         if not 1 <= len(requests) <= _native.MAX_BATCH:
             raise ValueError(f"consume_many takes 1..={_native.MAX_BATCH} requests")
         natives = (_native.Request * len(requests))()
