@@ -772,6 +772,9 @@ pub fn verify_text(database: &str, report: &VerifyReport) -> String {
         false => "replayed with the defaults (the database recorded none it could use)",
     };
     let _ = writeln!(out, "options:  {options}");
+    if let Some(torn_tail) = &report.torn_tail {
+        let _ = writeln!(out, "note:     {torn_tail}");
+    }
     if report.problems.is_empty() {
         let _ = writeln!(out, "problems: none");
     } else {
@@ -796,6 +799,7 @@ pub fn verify_json(report: &VerifyReport) -> Value {
         "snapshot_matches_replay": report.snapshot_matches_replay,
         "problems": report.problems,
         "replayed_with_recorded_options": report.replayed_with_recorded_options,
+        "torn_tail": report.torn_tail,
     })
 }
 
@@ -1004,6 +1008,7 @@ mod tests {
             snapshot_matches_replay: Some(false),
             problems: vec!["event 5 follows event 3: a gap".into()],
             replayed_with_recorded_options: false,
+            torn_tail: None,
         };
         let text = verify_text("db", &report);
         assert!(text.contains("DOES NOT match"), "{text}");
@@ -1014,5 +1019,29 @@ mod tests {
             "{text}"
         );
         assert_eq!(verify_json(&report)["sound"], json!(false));
+        assert_eq!(verify_json(&report)["torn_tail"], Value::Null);
+        assert!(!text.contains("note:"), "{text}");
+    }
+
+    #[test]
+    fn a_torn_tail_is_a_note_in_a_sound_report() {
+        let report = VerifyReport {
+            records: 2,
+            events: 5,
+            first_seq: 1,
+            last_seq: 5,
+            torn_tail: Some("log segment x ends in 9 bytes at offset 80".into()),
+            ..VerifyReport::default()
+        };
+        let text = verify_text("db", &report);
+        assert!(
+            text.contains("note:     log segment x ends in 9 bytes at offset 80\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("sound:    yes\n"), "{text}");
+        assert_eq!(
+            verify_json(&report)["torn_tail"],
+            json!("log segment x ends in 9 bytes at offset 80")
+        );
     }
 }

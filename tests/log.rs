@@ -4385,6 +4385,26 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         as_if_it_crashed(dir.path());
         let report = Engine::verify(dir.path(), sync_options()).unwrap();
         assert!(report.is_sound(), "{cut}: {:?}", report.problems);
+        // Verify says where the open will cut (zeros are no torn write: nothing to cut).
+        match (cut, &report.torn_tail) {
+            ("zeros appended", None) => {}
+            ("zeros appended", Some(note)) => panic!("{cut}: {note}"),
+            (_, None) => panic!("{cut}: verify said nothing of the torn tail"),
+            (_, Some(note)) => {
+                let at = format!("at offset {kept_len} ");
+                assert!(note.contains(&at), "{cut}: {note}");
+                assert!(note.contains(&last.path.display().to_string()), "{note}");
+                assert!(note.contains("the next open cuts them off"), "{note}");
+                let bytes = match cut {
+                    "a frame header only" => Some(6),
+                    "garbage appended" => Some(4096),
+                    _ => None,
+                };
+                if let Some(bytes) = bytes {
+                    assert!(note.contains(&format!(" ends in {bytes} bytes ")), "{note}");
+                }
+            }
+        }
         let engine = open_token_plan(dir.path(), sync_options());
         assert_eq!(
             std::fs::metadata(&last.path).unwrap().len(),
@@ -4405,6 +4425,7 @@ fn a_torn_record_at_the_tail_is_cut_off_and_the_database_reopens_and_goes_on() {
         drop(engine);
         let report = Engine::verify(dir.path(), sync_options()).unwrap();
         assert!(report.is_sound(), "{cut}: {:?}", report.problems);
+        assert_eq!(report.torn_tail, None, "{cut}: cut off by the open");
     }
 }
 

@@ -675,6 +675,8 @@ pub struct EventLog {
     format_upgrade_pending: AtomicBool,
     /// What a read-only open found wrong at the end of the log.
     open_problem: Option<String>,
+    /// The torn write a read-only open found at the end of the log (`torn_tail_note`).
+    open_torn_tail: Option<String>,
 }
 
 fn storage(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Error {
@@ -852,6 +854,22 @@ fn damage(path: &Path, offset: usize, seq: u64, why: impl std::fmt::Display) -> 
     }
 }
 
+/// What `verify` says of a torn write at the end of the last segment: the bytes of a write
+/// that was never acknowledged (`rest`, the file from `offset` on, less the zeros written
+/// ahead after it), which the next open cuts off. Not a problem: nothing acknowledged is in it.
+fn torn_tail_note(path: &Path, offset: usize, seq: u64, rest: &[u8]) -> String {
+    let bytes = rest
+        .iter()
+        .rposition(|&byte| byte != 0)
+        .map_or(0, |last| last + 1);
+    format!(
+        "log segment {} ends in {bytes} bytes at offset {offset} that hold no sound record (from \
+         event {seq} on): a write cut short by a crash, never acknowledged; the next open cuts \
+         them off",
+        path.display()
+    )
+}
+
 fn record_problem(path: &Path, offset: usize, error: RecordError) -> Error {
     match error {
         RecordError::Shape(seq) => damage(
@@ -945,8 +963,11 @@ struct Recovered {
     segments: Vec<u64>,
     active: Active,
     last_seq: u64,
-    /// Read-only: the damage or torn tail found at the end of the last segment (left alone).
+    /// Read-only: the damage found at the end of the last segment (left alone).
     problem: Option<String>,
+    /// Read-only: the torn write found at the end of the last segment, which an open would cut
+    /// off (left alone): what `torn_tail_note` says of it.
+    torn_tail: Option<String>,
     /// Whether it created the log's first segment (there was none).
     created: bool,
 }
@@ -966,6 +987,7 @@ fn recover_segments(
 ) -> Result<Recovered, Error> {
     let mut segments = list_segments(events_dir)?;
     let mut problem = None;
+    let mut torn_tail = None;
     while let Some(&first) = segments.last() {
         let path = segment_path(events_dir, first);
         let reading = |error| storage(format!("reading {}", path.display()), error);
@@ -1075,7 +1097,11 @@ fn recover_segments(
                         None => why,
                     };
                     if read_only {
-                        problem = (!torn).then(|| damage(&path, at, expected, why).to_string());
+                        if torn {
+                            torn_tail = Some(torn_tail_note(&path, at, expected, &rest));
+                        } else {
+                            problem = Some(damage(&path, at, expected, why).to_string());
+                        }
                         break;
                     }
                     if !torn {
@@ -1122,6 +1148,7 @@ fn recover_segments(
             },
             last_seq: expected - 1,
             problem,
+            torn_tail,
             created: false,
         });
     }
@@ -1143,6 +1170,7 @@ fn recover_segments(
             },
             last_seq: start_if_empty - 1,
             problem,
+            torn_tail,
             created: false,
         });
     }
@@ -1157,6 +1185,7 @@ fn recover_segments(
         },
         last_seq: start_if_empty - 1,
         problem,
+        torn_tail,
         created: true,
     })
 }
@@ -1553,6 +1582,7 @@ impl EventLog {
             read_only,
             format_upgrade_pending: AtomicBool::new(format_upgrade_pending),
             open_problem: recovered.problem,
+            open_torn_tail: recovered.torn_tail,
         };
         if read_only {
             // Nothing can be appended.
@@ -2048,6 +2078,12 @@ impl EventLog {
             *self.resume.lock() = stopped;
         }
         Ok(out)
+    }
+
+    /// The torn write a read-only open found at the end of the log, which an open that writes
+    /// cuts off: not a problem (it was never acknowledged), but `verify` says so.
+    pub fn torn_tail(&self) -> Option<&str> {
+        self.open_torn_tail.as_deref()
     }
 
     /// Walks every segment from the start (for `verify` and tools), checking each header,

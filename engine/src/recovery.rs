@@ -626,6 +626,9 @@ pub struct VerifyReport {
     /// Whether the replay ran with the options the database recorded (asked for with
     /// `use_recorded`, and a record was there and decoded), not the ones given.
     pub replayed_with_recorded_options: bool,
+    /// The log ends in a write a crash cut short, never acknowledged, which the next open
+    /// cuts off: where, and how many bytes. Not a problem (the database is sound with it).
+    pub torn_tail: Option<String>,
 }
 
 impl VerifyReport {
@@ -2093,7 +2096,10 @@ impl Engine {
     pub fn verify(dir: impl AsRef<Path>, mut options: OpenOptions) -> Result<VerifyReport, Error> {
         options.validate()?;
         let log = EventLog::open_read_only(dir.as_ref())?;
-        let mut report = VerifyReport::default();
+        let mut report = VerifyReport {
+            torn_tail: log.torn_tail().map(str::to_owned),
+            ..VerifyReport::default()
+        };
         if options.use_recorded {
             if let Some(bytes) = log.recorded_options()? {
                 match RecordedOptions::decode(&bytes)

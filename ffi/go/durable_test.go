@@ -151,6 +151,44 @@ func TestVerifyReplaysWithTheOptionsTheDatabaseWasOpenedWith(t *testing.T) {
 	}
 }
 
+// Verify says where the log ends in a write a crash cut short (never acknowledged, so the
+// database is sound), and the next open cuts it off.
+func TestVerifySaysWhereATornTailIsAndTheNextOpenCutsIt(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync), unbounded)
+	must(t, err)
+	must(t, engine.CreateTeam("acme", at(0)))
+	if _, err := engine.TopUp("acme", 1000, at(0)); err != nil {
+		t.Fatal(err)
+	}
+	must(t, engine.Close())
+	segments, err := os.ReadDir(filepath.Join(dir, "events"))
+	if err != nil || len(segments) == 0 {
+		t.Fatalf("%v %v", segments, err)
+	}
+	last := segments[len(segments)-1].Name()
+	file, err := os.OpenFile(filepath.Join(dir, "events", last), os.O_APPEND|os.O_WRONLY, 0)
+	must(t, err)
+	if _, err := file.Write([]byte(strings.Repeat("Z", 100))); err != nil {
+		t.Fatal(err)
+	}
+	must(t, file.Close())
+	report, err := tally.Verify(dir)
+	if err != nil || !report.Sound || !strings.Contains(report.TornTail, "ends in 100 bytes") ||
+		!strings.Contains(report.TornTail, last) {
+		t.Fatalf("a torn tail: %+v %v", report, err)
+	}
+	engine, err = tally.Open(dir, tally.WithDurability(tally.DurabilitySync), unbounded)
+	must(t, err)
+	if credits, err := engine.Credits("acme"); err != nil || credits != 1000 {
+		t.Fatalf("credits %d %v", credits, err)
+	}
+	must(t, engine.Close())
+	if report, err = tally.Verify(dir); err != nil || !report.Sound || report.TornTail != "" {
+		t.Fatalf("after the open cut it off: %+v %v", report, err)
+	}
+}
+
 // customPolicy gives Starter 7 m2.7 requests per 5 hours (the shipped Token Plan: 1,500).
 const customPolicy = `
 time_zone = "UTC"

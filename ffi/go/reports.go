@@ -251,6 +251,9 @@ type VerifyReport struct {
 	Problems              []string `json:"problems"`
 	// Whether the replay ran with the options the database's owner recorded.
 	ReplayedWithRecordedOptions bool `json:"replayed_with_recorded_options"`
+	// Where the log ends in a write a crash cut short (never acknowledged, so not a
+	// problem), which the next open cuts off; "" if it does not.
+	TornTail string `json:"torn_tail"`
 }
 
 // Verify checks the database in the directory path, which must not be open

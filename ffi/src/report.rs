@@ -271,7 +271,9 @@ pub extern "C" fn tally_engine_compact(
 /// otherwise): every record decodes, sequence numbers have no gaps, the latest snapshot equals
 /// a replay. Writes `*sound_out` and a JSON report into `buf`: `{"sound", "records", "events",
 /// "first_seq", "last_seq", "snapshot_seq", "snapshot_matches_replay", "problems": [text],
-/// "replayed_with_recorded_options"}`.
+/// "replayed_with_recorded_options", "torn_tail"}`. `torn_tail` is null, or says where the log
+/// ends in a write a crash cut short (never acknowledged, so not a problem), which the next
+/// open cuts off.
 /// Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 ///
 /// The replay must run with the options the database was opened with: the snapshot holds what
@@ -328,6 +330,7 @@ pub extern "C" fn tally_verify(
             "snapshot_matches_replay": report.snapshot_matches_replay,
             "problems": report.problems,
             "replayed_with_recorded_options": report.replayed_with_recorded_options,
+            "torn_tail": report.torn_tail,
         });
         write_text(&json.to_string(), out)?;
         sound.set(report.is_sound());

@@ -142,6 +142,24 @@ def test_verify_replays_with_the_options_the_database_was_opened_with(tmp_path):
         tally.verify(path, options=tally.Options(max_policy_generations=1))
 
 
+def test_verify_says_where_a_torn_tail_is_and_the_next_open_cuts_it(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, durability="sync", options=UNBOUNDED) as engine:
+        engine.create_team("acme", at_ms=T)
+        engine.top_up("acme", 1_000, at_ms=T)
+    segment = max((path / "events").iterdir())
+    with segment.open("ab") as file:
+        file.write(b"\x5a" * 100)  # a write a crash cut short
+    report = tally.verify(path)
+    assert report.sound and not report.problems
+    assert report.torn_tail is not None
+    assert "ends in 100 bytes" in report.torn_tail and segment.name in report.torn_tail
+    with tally.Engine.open(path, durability="sync", options=UNBOUNDED) as engine:
+        assert engine.credits("acme") == 1_000
+    report = tally.verify(path)
+    assert report.sound and report.torn_tail is None
+
+
 # Starter with 7 m2.7 requests per 5 hours (the shipped Token Plan's Starter has 1,500).
 CUSTOM_POLICY = """
 time_zone = "UTC"

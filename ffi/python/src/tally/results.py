@@ -282,6 +282,9 @@ class VerifyReport:
     problems: tuple[str, ...]
     #: Whether the replay ran with the options the database's owner recorded.
     replayed_with_recorded_options: bool = False
+    #: Where the log ends in a write a crash cut short (never acknowledged, so not a
+    #: problem), which the next open cuts off; None if it does not.
+    torn_tail: str | None = None
 
     @classmethod
     def from_json(cls, sound: bool, document: dict[str, Any]) -> VerifyReport:
@@ -295,4 +298,5 @@ class VerifyReport:
             snapshot_matches_replay=document.get("snapshot_matches_replay"),
             problems=tuple(document.get("problems", [])),
             replayed_with_recorded_options=document.get("replayed_with_recorded_options", False),
+            torn_tail=document.get("torn_tail"),
         )
