@@ -160,6 +160,10 @@ pub enum Action {
     DeleteCursor {
         name: String,
     },
+    /// `tally events --cursors`: the saved cursors and where each is.
+    ListCursors {
+        json: bool,
+    },
     Verify {
         json: bool,
     },
@@ -784,6 +788,7 @@ fn operator_spec_of(topic: HelpTopic) -> Spec {
                 ("--cursor", Takes::Value),
                 ("--limit", Takes::Value),
                 ("--delete-cursor", Takes::Value),
+                ("--cursors", Takes::Flag),
                 JSON,
             ],
         ),
@@ -943,6 +948,17 @@ fn parse_seat(spec: &Spec, scanned: &Scanned, at_ms: Option<u64>) -> Result<Acti
 
 fn parse_events(spec: &Spec, scanned: &Scanned) -> Result<Action, UsageError> {
     let topic = spec.topic;
+    if scanned.flag("--cursors") {
+        if let Some(other) = ["--after", "--cursor", "--limit", "--delete-cursor"]
+            .into_iter()
+            .find(|option| scanned.value(option).is_some())
+        {
+            return Err(spec.error(other, "given with --cursors, which prints no events"));
+        }
+        return Ok(Action::ListCursors {
+            json: scanned.flag("--json"),
+        });
+    }
     if let Some(name) = scanned.value("--delete-cursor") {
         if let Some(other) = ["--after", "--cursor", "--limit"]
             .into_iter()
@@ -1455,6 +1471,19 @@ mod tests {
             })
         );
         assert_eq!(error_of("events --after 1 --cursor b").option, "--cursor");
+        assert_eq!(
+            action("events --cursors"),
+            Action::ListCursors { json: false }
+        );
+        assert_eq!(
+            action("events --cursors --json"),
+            Action::ListCursors { json: true }
+        );
+        assert_eq!(error_of("events --cursors --cursor b").option, "--cursor");
+        assert_eq!(
+            error_of("events --delete-cursor b --cursors").option,
+            "--delete-cursor"
+        );
         assert_eq!(
             action("events --delete-cursor billing"),
             Action::DeleteCursor {

@@ -803,6 +803,39 @@ pub fn verify_json(report: &VerifyReport) -> Value {
     })
 }
 
+/// `tally events --cursors`: each saved cursor and the event it is after, with how many of
+/// the database's places they hold.
+pub fn cursors_text(cursors: &[(String, u64)]) -> String {
+    let mut out = format!(
+        "cursors: {} of {} places\n",
+        grouped(cursors.len() as u64),
+        grouped(tally_engine::log::MAX_CURSORS)
+    );
+    let names: Vec<String> = cursors
+        .iter()
+        .map(|(name, _)| format!("{name:?}"))
+        .collect();
+    let width = names
+        .iter()
+        .map(|name| name.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (name, (_, after)) in names.iter().zip(cursors) {
+        let _ = writeln!(out, "  {name:<width$}  after event {}", grouped(*after));
+    }
+    out
+}
+
+pub fn cursors_json(cursors: &[(String, u64)]) -> Value {
+    json!({
+        "cursors": cursors
+            .iter()
+            .map(|(name, after)| json!({"name": name, "after": after}))
+            .collect::<Vec<_>>(),
+        "capacity": tally_engine::log::MAX_CURSORS,
+    })
+}
+
 pub fn compact_text(report: &CompactReport) -> String {
     format!(
         "checkpoint: a snapshot of the whole state at event {}\n\

@@ -370,6 +370,8 @@ Options:
   --json               One JSON object per line
   --delete-cursor NAME Forget the named cursor (a reader that is done), printing no events:
                        a database keeps at most 1,024 cursors
+  --cursors            List the saved cursors and the event each is after, printing no
+                       events (with --json, as one JSON object)
 
 Exit status: 0 when the events were written out (or there were none) or the cursor deleted (or
 there was none); 1 when they could not be written (a closed pipe: the cursor does not move).

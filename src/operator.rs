@@ -202,6 +202,14 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
                 format!("no cursor {name:?}; nothing changed\n")
             }
         }
+        Action::ListCursors { json } => {
+            let cursors = engine.cursors()?;
+            if *json {
+                json_text(&describe::cursors_json(&cursors))
+            } else {
+                describe::cursors_text(&cursors)
+            }
+        }
         Action::Compact { at_ms } => describe::compact_text(&engine.compact(*at_ms)?),
         Action::Policy { path, at_ms } => {
             let policy = Policy::load(path).map_err(Error::Policy)?;

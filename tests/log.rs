@@ -2158,6 +2158,18 @@ fn a_new_cursor_past_the_bound_is_refused_and_a_saved_one_still_moves() {
     );
     assert_eq!(engine.cursor(&name(0)).unwrap(), 0, "still deleted");
     assert_eq!(engine.cursor(&name(bound + 1)).unwrap(), 1);
+    // The operator sees which readers hold the places, and how far each read.
+    let listed = engine.cursors().unwrap();
+    assert_eq!(listed.len(), bound as usize);
+    let mut expected: Vec<(String, u64)> = (1..bound - 1)
+        .map(|n| (name(n), 1))
+        .chain([(name(bound - 1), 2), (name(bound + 1), 1)])
+        .collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+    for (cursor, seq) in &listed {
+        assert_eq!(engine.cursor(cursor).unwrap(), *seq, "{cursor}");
+    }
 }
 
 /// The segment file being written: the one with the greatest first event.

@@ -266,6 +266,35 @@ fn events_come_in_order_and_a_named_cursor_survives_between_invocations() {
     let third = workspace.events(&["--cursor", "billing"]);
     assert_eq!(third.iter().map(seq).collect::<Vec<u64>>(), [9]);
 
+    // The operator lists the readers that hold the database's places, and where each is.
+    let _ = workspace.events(&["--cursor", "audit", "--limit", "2"]);
+    let listed = workspace.ok(&["events", "--cursors"]);
+    assert!(
+        listed.starts_with("cursors: 2 of 1,024 places\n"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("  \"audit\"    after event 2\n"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("  \"billing\"  after event 9\n"),
+        "{listed}"
+    );
+    let listed: Value = serde_json::from_str(&workspace.ok(&["events", "--cursors", "--json"]))
+        .expect("one JSON object");
+    assert_eq!(
+        listed,
+        serde_json::json!({"cursors": [{"name": "audit", "after": 2}, {"name": "billing", "after": 9}], "capacity": 1024})
+    );
+    assert_eq!(
+        workspace
+            .ok(&["events", "--delete-cursor", "audit"])
+            .lines()
+            .count(),
+        1
+    );
+
     // A reader that is done deletes its cursor; read again, it starts from the beginning.
     let deleted = workspace.ok(&["events", "--delete-cursor", "billing"]);
     assert!(

@@ -2323,6 +2323,23 @@ impl EventLog {
         }
     }
 
+    /// Every saved cursor, by name in byte order, with its sequence number (at most
+    /// `MAX_CURSORS`). One whose value is not a sequence number's 8 bytes is an error naming
+    /// it (`verify` reports it too).
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, Error> {
+        let mut cursors = Vec::new();
+        for entry in self.cursors.iter() {
+            let (name, value) = entry.map_err(|error| storage("reading the cursors", error))?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let bytes: [u8; 8] = value
+                .as_ref()
+                .try_into()
+                .map_err(|_| storage("reading the cursors", format!("{name:?} is not 8 bytes")))?;
+            cursors.push((name, u64::from_be_bytes(bytes)));
+        }
+        Ok(cursors)
+    }
+
     /// What is wrong with the saved cursors, one line each (`verify`): a value that is not a
     /// sequence number's 8 bytes, or one past `last_seq`, the log's last event (a cursor is
     /// saved only once the log is durable through it, so such a one means events are missing or

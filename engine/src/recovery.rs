@@ -2012,6 +2012,13 @@ impl Engine {
         journal.save_cursor(name, seq)
     }
 
+    /// Every saved export cursor, by name (in byte order), with its sequence number: the
+    /// readers that hold the database's places under `log::MAX_CURSORS`, and how far each
+    /// has read.
+    pub fn cursors(&self) -> Result<Vec<(String, u64)>, Error> {
+        self.require_journal()?.cursors()
+    }
+
     /// Deletes a named export cursor durably (a reader that is gone for good), freeing its
     /// place under `log::MAX_CURSORS`; returns whether it was saved. Reading it afterwards
     /// gives 0, as for a name never saved.

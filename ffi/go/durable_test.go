@@ -40,6 +40,11 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 	last := events[len(events)-1].Seq
 	must(t, engine.SaveCursor("billing", last))
 	must(t, engine.SaveCursor("gone", 1))
+	cursors, err := engine.Cursors()
+	if err != nil || len(cursors) != 2 || cursors[0] != (tally.SavedCursor{Name: "billing", After: last}) ||
+		cursors[1] != (tally.SavedCursor{Name: "gone", After: 1}) {
+		t.Fatalf("Cursors: %+v %v", cursors, err)
+	}
 	for _, want := range []bool{true, false} {
 		if existed, err := engine.DeleteCursor("gone"); err != nil || existed != want {
 			t.Fatalf("DeleteCursor: %v %v (want %v)", existed, err, want)
@@ -47,6 +52,9 @@ func TestADurableEngineKeepsUsageAcrossCloseAndReopen(t *testing.T) {
 	}
 	if seq, err := engine.Cursor("gone"); err != nil || seq != 0 {
 		t.Fatalf("a deleted cursor: %d %v", seq, err)
+	}
+	if cursors, err = engine.Cursors(); err != nil || len(cursors) != 1 || cursors[0].Name != "billing" {
+		t.Fatalf("Cursors after a delete: %+v %v", cursors, err)
 	}
 	seq, err := engine.Checkpoint()
 	if err != nil || seq != last {

@@ -158,6 +158,28 @@ func (e *Engine) SaveCursor(name string, seq uint64) error {
 	})
 }
 
+// SavedCursor is one saved export cursor: its name and the sequence number it is after.
+type SavedCursor struct {
+	Name  string `json:"name"`
+	After uint64 `json:"after"`
+}
+
+// Cursors lists every saved export cursor, by name (in the names' byte order): the readers
+// holding the database's places under MaxCursors, and how far each has read.
+func (e *Engine) Cursors() ([]SavedCursor, error) {
+	document, err := e.readText("Cursors", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_engine_cursors(handle, buf, bufLen, needed)
+	})
+	if err != nil {
+		return nil, err
+	}
+	cursors := []SavedCursor{}
+	if err := json.Unmarshal(document, &cursors); err != nil {
+		return nil, newError("Cursors", C.TALLY_PANIC, "the library's cursors JSON did not parse: "+err.Error())
+	}
+	return cursors, nil
+}
+
 // DeleteCursor deletes a named export cursor (a reader that is gone for good), freeing its
 // place under MaxCursors, and says whether it was saved. Reading it afterwards gives 0.
 func (e *Engine) DeleteCursor(name string) (bool, error) {

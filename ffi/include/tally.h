@@ -1070,6 +1070,15 @@ tally_status tally_engine_delete_cursor(const struct tally_engine *engine,
                                         size_t name_len,
                                         bool *existed_out);
 
+// Writes every saved export cursor as a JSON array into `buf`, by name (in byte order):
+// `[{"name", "after"}]`, `after` the sequence number the cursor is at; `[]` when none is.
+// At most `TALLY_MAX_CURSORS` entries: the readers holding the database's places, and how
+// far each has read. Size query as for usage.
+tally_status tally_engine_cursors(const struct tally_engine *engine,
+                                  char *buf,
+                                  size_t buf_len,
+                                  size_t *needed);
+
 // Takes a checkpoint (a snapshot of the whole state, so opening replays only what follows);
 // writes the sequence number it covers to `*seq_out`.
 tally_status tally_engine_checkpoint(const struct tally_engine *engine,

@@ -223,6 +223,29 @@ pub extern "C" fn tally_engine_delete_cursor(
     })
 }
 
+/// Writes every saved export cursor as a JSON array into `buf`, by name (in byte order):
+/// `[{"name", "after"}]`, `after` the sequence number the cursor is at; `[]` when none is.
+/// At most `TALLY_MAX_CURSORS` entries: the readers holding the database's places, and how
+/// far each has read. Size query as for usage.
+#[no_mangle]
+pub extern "C" fn tally_engine_cursors(
+    engine: *const tally_engine,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        let cursors = handle.with(|open| Ok(open.engine.cursors()?))?;
+        let array = cursors
+            .iter()
+            .map(|(name, after)| json!({"name": name, "after": after}))
+            .collect::<Vec<Value>>();
+        write_text(&Value::Array(array).to_string(), out)
+    })
+}
+
 /// Takes a checkpoint (a snapshot of the whole state, so opening replays only what follows);
 /// writes the sequence number it covers to `*seq_out`.
 #[no_mangle]

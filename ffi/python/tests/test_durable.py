@@ -49,7 +49,10 @@ def test_the_event_log_and_a_billing_cursor(tmp_path):
         engine.save_cursor("billing", events[-1].seq)
         assert engine.cursor("billing") == events[-1].seq
         engine.save_cursor("gone", 1)
+        assert engine.cursors() == {"billing": events[-1].seq, "gone": 1}
+        assert list(engine.cursors()) == ["billing", "gone"]
         assert engine.delete_cursor("gone") is True
+        assert engine.cursors() == {"billing": events[-1].seq}
         assert engine.delete_cursor("gone") is False
         assert engine.cursor("gone") == 0
         assert engine.events_after(events[-1].seq) == []

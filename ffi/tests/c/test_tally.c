@@ -640,7 +640,17 @@ static void test_log(tally_engine *engine) {
   CHECK(seq == 0);
   EXPECT(tally_engine_delete_cursor(engine, S("billing"), NULL), TALLY_NULL_POINTER);
   EXPECT(tally_engine_delete_cursor(engine, S(""), &existed), TALLY_EMPTY_STRING);
+  char listed[256];
+  EXPECT(tally_engine_cursors(engine, listed, sizeof listed, &needed), TALLY_OK);
+  CHECK(strcmp(listed, "[]") == 0 && needed == 3);
   EXPECT(tally_engine_save_cursor(engine, S("billing"), 3), TALLY_OK);
+  EXPECT(tally_engine_save_cursor(engine, S("audit"), 1), TALLY_OK);
+  EXPECT(tally_engine_cursors(engine, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(needed == strlen("[{\"after\":1,\"name\":\"audit\"},{\"after\":3,\"name\":\"billing\"}]") + 1);
+  EXPECT(tally_engine_cursors(engine, listed, sizeof listed, &needed), TALLY_OK);
+  CHECK(strcmp(listed, "[{\"after\":1,\"name\":\"audit\"},{\"after\":3,\"name\":\"billing\"}]") == 0);
+  EXPECT(tally_engine_delete_cursor(engine, S("audit"), &existed), TALLY_OK);
+  EXPECT(tally_engine_cursors(NULL, listed, sizeof listed, &needed), TALLY_NULL_POINTER);
 
   EXPECT(tally_engine_sync(engine), TALLY_OK);
   EXPECT(tally_engine_checkpoint(engine, &seq), TALLY_OK);

@@ -285,6 +285,7 @@ SIGNATURES = {
     "tally_engine_cursor": (_status, [Engine, _str, c_size_t, _u64_p]),
     "tally_engine_save_cursor": (_status, [Engine, _str, c_size_t, c_uint64]),
     "tally_engine_delete_cursor": (_status, [Engine, _str, c_size_t, POINTER(c_bool)]),
+    "tally_engine_cursors": (_status, [Engine, *_text_out]),
     "tally_engine_checkpoint": (_status, [Engine, _u64_p]),
     "tally_engine_sync": (_status, [Engine]),
     "tally_engine_compact": (_status, [Engine, c_uint64, _u64_p]),

@@ -882,6 +882,17 @@ class Engine:
             )
         )
 
+    def cursors(self) -> dict[str, int]:
+        """Every saved export cursor's sequence number, by name (in the names' byte order): the
+        readers holding the database's places under ``TALLY_MAX_CURSORS``, and how far each
+        has read."""
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_engine_cursors(
+                self._handle, buf, size, needed
+            )
+        )
+        return {item["name"]: item["after"] for item in json.loads(document)}
+
     def delete_cursor(self, name: Text) -> bool:
         """Deletes the named export cursor (a reader that is gone for good), freeing its place
         under ``TALLY_MAX_CURSORS``; returns whether it was saved. Reading it afterwards
