@@ -1649,3 +1649,40 @@ def test_a_request_cancelled_while_its_reserve_runs_off_the_loop_holds_nothing(
     asyncio.run(main())
     assert upstream.calls == []
     assert engine.usage(key, at_ms=T).open_reservations == 0
+
+
+@pytest.mark.parametrize("answered", [False, True])
+def test_a_reservation_is_closed_when_cancellation_is_delivered_at_every_await(
+    engine, upstream, clock, answered
+):
+    # anyio's cancel scopes and trio cancel at every await of a cancelled task, not once as
+    # asyncio does: the settle or void that `run_sync` should run after the app was then
+    # cancelled before it ran, and the reservation held its estimate and a call in flight
+    # until its 30-minute lease ended. The task is cancelled while the app runs (before it
+    # answers), or once it has answered (the client gone as the stream ends).
+    import threading
+
+    cancelled = threading.Event()
+
+    async def level_triggered(function):
+        if cancelled.is_set():
+            raise asyncio.CancelledError
+        return await asyncio.to_thread(function)
+
+    async def app(scope, receive, send):
+        if not answered:
+            cancelled.set()
+            raise asyncio.CancelledError
+        await upstream(scope, receive, send)
+        cancelled.set()
+
+    upstream.tokens = (120, 380)
+    gateway = QuotaMiddleware(app, engine, clock=clock, run_sync=level_triggered)
+    engine.create_user("lv", "tp-lv-1", at_ms=T)
+    engine.top_up("@lv", 1_000_000, at_ms=T)
+    with pytest.raises(asyncio.CancelledError):
+        request(gateway, CHAT, chat(max_tokens=1000), key="tp-lv-1")
+    assert engine.usage("tp-lv-1", at_ms=T + HOUR_MS).open_reservations == 0
+    # Answered: the actual tokens settled (2,000 micros a request, 1 a token); not answered:
+    # the hold given back.
+    assert engine.credits("@lv") == 1_000_000 - (2_000 + 500 if answered else 0)

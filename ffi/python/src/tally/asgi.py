@@ -641,6 +641,23 @@ class _Held:
             _log.exception("tally: voiding the reservation of a cancelled request failed")
 
 
+class _Once:
+    """A call run at most once: by ``run_sync``'s worker, or on the event loop when the task
+    was cancelled before the worker started it."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self._function = function
+        self._lock = threading.Lock()
+        self._started = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self._function()
+
+
 class QuotaMiddleware:
     """Enforces tally quotas on an ASGI app. HTTP requests on routes that are not metered pass
     through unmetered only where ``pass_through`` lists their route, and only with a key the
@@ -959,14 +976,39 @@ class QuotaMiddleware:
     async def _finish(
         self, reservation: Reservation, metered: _Metered, watcher: _ResponseWatcher
     ) -> None:
+        """Closes the reservation once the app ran (``_close``), through ``run_sync`` as every
+        engine call. If the task is cancelled there before the call started (anyio's cancel
+        scopes and trio cancel at every await of a cancelled task, so this ``finally``'s await
+        never runs it), it runs here on the loop instead: left open, the reservation would
+        hold its estimate and a call in flight until its lease ends. One already started in a
+        worker thread finishes there; it never runs twice (a usage correction is no repeat)."""
+        close = _Once(lambda: self._close(reservation, metered, watcher, self._now()))
+        try:
+            await self._call(close)
+        except BaseException as error:
+            if not isinstance(error, Exception):
+                close()
+            raise
+
+    def _close(
+        self,
+        reservation: Reservation,
+        metered: _Metered,
+        watcher: _ResponseWatcher,
+        at_ms: int | None,
+    ) -> None:
         """Settles the tokens the response reported (the estimate if a successful response
         reported none), or what a call not counted in tokens held; voids the reservation when
         the app failed without reporting any (a call not counted in tokens: only with
-        ``refund_on_error``, else it is charged what it held)."""
+        ``refund_on_error``, else it is charged what it held). An engine error is logged, not
+        raised, so it never hides the app's own outcome."""
         tokens = watcher.tokens()
         refund = self.refund_on_error or metered.route.metering in _BY_TOKENS
         if tokens is None and watcher.failed and refund:
-            await self._after_response(self.engine.void, reservation)
+            try:
+                self.engine.void(reservation, at_ms=at_ms)
+            except errors.TallyError:
+                _log.exception("tally: void failed after the response")
             return
         actual = dict(metered.quantities)
         if tokens is not None and "tokens" in actual:
@@ -980,22 +1022,21 @@ class QuotaMiddleware:
             actual["tokens"] = min(tokens, MAX_QUANTITY)
         # One time for both settles, as in the Go gateway: the fallback must not find the
         # lease ended where the first settle did not.
-        at_ms = self._now()
         try:
-            settled = await self._call(self.engine.settle, reservation, actual, at_ms=at_ms)
+            settled = self.engine.settle(reservation, actual, at_ms=at_ms)
             if not settled.admitted:
                 # More than the estimate, and the rest does not fit (credits short): charge
                 # what was held rather than leave the reservation open until its lease ends.
-                await self._call(self.engine.settle, reservation, metered.quantities, at_ms=at_ms)
+                self.engine.settle(reservation, metered.quantities, at_ms=at_ms)
         except errors.ReservationExpiredError:
             # Its lease ended before this settle (TALLY_RESERVATION_EXPIRED): the hold was
             # given back, so the usage is counted nowhere yet. Settled or voided already
             # (TALLY_RESERVATION_CLOSED) is no late usage, and is logged below.
-            await self._record_late(reservation, metered, actual, at_ms)
+            self._record_late(reservation, metered, actual, at_ms)
         except errors.TallyError:
             _log.exception("tally: settle failed after the response")
 
-    async def _record_late(
+    def _record_late(
         self,
         reservation: Reservation,
         metered: _Metered,
@@ -1026,8 +1067,7 @@ class QuotaMiddleware:
         # wall clock), not 1970, whose windows have all aged out.
         reserved_at_ms = decision.at_ms or (at_ms if at_ms is not None else int(time.time() * 1000))
         try:
-            await self._call(
-                self.engine.adjust_usage,
+            self.engine.adjust_usage(
                 metered.key,
                 metered.resource,
                 actual,
@@ -1051,15 +1091,6 @@ class QuotaMiddleware:
             metered.resource,
             _iso(reserved_at_ms),
         )
-
-    async def _after_response(self, function: Callable[..., R], *args: Any) -> R | None:
-        """A call after the app ran (settle, void, refund): an error is logged, not raised, so
-        it never hides the app's own outcome."""
-        try:
-            return await self._call(function, *args, at_ms=self._now())
-        except errors.TallyError:
-            _log.exception("tally: %s failed after the response", function.__name__)
-            return None
 
     async def _admit(self, send: Send, metered: _Metered, call: Callable[[], A]) -> A | None:
         """Runs the admission call (a reserve). On a denial or an error it answers
