@@ -776,3 +776,178 @@ fn a_policy_swap_that_lowers_a_limit_reports_none_left() {
         "{retry_at_ms}"
     );
 }
+
+// ---- What could help -------------------------------------------------------------------------
+
+/// Small allows 10 requests per 5 hours and 100 a day; Big 100 per 5 hours but only 20 a day;
+/// Huge 200 and 500. 30 requests at once exceed Small's 5-hour limit: Big's 5-hour limit would
+/// take them, but its daily 20 never can, so the plan to suggest is Huge.
+#[test]
+fn a_suggested_plan_takes_the_request_on_every_limit_it_touches() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.Small]
+limits = [
+  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
+  { resource = "chat", unit = "requests", amount = 100, window = "daily" },
+]
+[plans.Big]
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "rolling:5h" },
+  { resource = "chat", unit = "requests", amount = 20, window = "daily" },
+]
+[plans.Huge]
+limits = [
+  { resource = "chat", unit = "requests", amount = 200, window = "rolling:5h" },
+  { resource = "chat", unit = "requests", amount = 500, window = "daily" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let huge = policy.plan_id("Huge");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Small");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 30)],
+        T0_MS,
+    ));
+    assert!(
+        matches!(denial.reason, DenialReason::ExceedsLimit { limit: 0, .. }),
+        "{denial:?}"
+    );
+    assert_eq!(
+        denial.remedies.wait_until_ms, None,
+        "waiting never lets 30 into 10"
+    );
+    assert_eq!(
+        denial.remedies.upgrade_to, huge,
+        "Big's daily 20 can never take 30"
+    );
+    // 10 used, 10 more: Big takes them on both limits (20 of 100, 20 of 20).
+    admitted(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 10)],
+        T0_MS,
+    ));
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 10)],
+        T0_MS,
+    ));
+    assert!(
+        matches!(denial.reason, DenialReason::QuotaExhausted { .. }),
+        "{denial:?}"
+    );
+    assert_eq!(denial.remedies.upgrade_to, engine.policy().plan_id("Big"));
+    // 10 used, 15 more: Big's daily 20 cannot take 25 today; Huge can.
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 15)],
+        T0_MS,
+    ));
+    assert_eq!(
+        denial.remedies.upgrade_to, huge,
+        "Big's day would hold 25 of 20"
+    );
+}
+
+/// Big has more room than Small (10 a day) but caps a request at 5: neither 12 at once (over
+/// Small's whole day) nor 8 with 6 used (over what is left) is helped by it; Huge takes both.
+#[test]
+fn a_suggested_plan_allows_the_request_under_its_maximums() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.Small]
+limits = [{ resource = "chat", unit = "requests", amount = 10, window = "daily" }]
+[plans.Big]
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+maximums = [{ resource = "chat", unit = "requests", amount = 5 }]
+[plans.Huge]
+limits = [{ resource = "chat", unit = "requests", amount = 200, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    let huge = policy.plan_id("Huge");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Small");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 12)],
+        T0_MS,
+    ));
+    assert!(
+        matches!(denial.reason, DenialReason::ExceedsLimit { .. }),
+        "{denial:?}"
+    );
+    assert_eq!(
+        denial.remedies.upgrade_to, huge,
+        "Big refuses more than 5 per request"
+    );
+    admitted(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 6)],
+        T0_MS,
+    ));
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 8)],
+        T0_MS,
+    ));
+    assert!(
+        matches!(denial.reason, DenialReason::QuotaExhausted { .. }),
+        "{denial:?}"
+    );
+    assert_eq!(
+        denial.remedies.upgrade_to, huge,
+        "Big refuses more than 5 per request"
+    );
+    // 5 more: Big takes them.
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 5)],
+        T0_MS,
+    ));
+    assert_eq!(denial.remedies.upgrade_to, engine.policy().plan_id("Big"));
+}
+
+/// No plan of the default policy takes 60 videos of Hailuo 2.3 a day within its limits (5 at
+/// most, or the bars' 12,000,000 micro-credits per 5 hours = 42 videos at 280,000): a key without
+/// a seat is offered no plan rather than one that can never take them.
+#[test]
+fn no_plan_is_suggested_when_none_can_take_the_request() {
+    let engine = engine();
+    let key = user(&engine, "ada");
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "hailuo-2.3-768p-6s",
+        &[(Unit::Videos, 60)],
+        T0_MS,
+    ));
+    assert_eq!(denial.reason, DenialReason::NoResources);
+    assert_eq!(denial.remedies.upgrade_to, None, "{denial:?}");
+    assert_eq!(denial.remedies.credits_needed_micros, Some(60 * 280_000));
+}

@@ -384,12 +384,14 @@ pub enum DenialReason {
 pub struct Remedies {
     /// Credits the team would need to add for this request to be charged to credits.
     pub credits_needed_micros: Option<u64>,
-    /// A plan a seat on would help: for a limit that denied, the one with the smallest larger
-    /// amount on it that takes the request on top of what is used (a seat change keeps it),
-    /// else one that takes it once enough has reset; for a resource the key's plan does not
-    /// cover (or a key without a seat), the cheapest covering plan whose limits and maximums
-    /// take the request, else the cheapest covering it; for a key holding as many open
-    /// reservations as its plan allows, the covering plan with the fewest agents above that.
+    /// A plan a seat on would help, only ever one whose maximums allow the request and each of
+    /// whose limits it touches is at least the request's amount on it: for a limit that denied,
+    /// of those with a larger amount on it, the one with the smallest that takes the request on
+    /// top of what is used on every limit it touches (a seat change keeps it), else the
+    /// smallest that takes it once enough has reset; for a resource the key's plan does not
+    /// cover (or a key without a seat), the cheapest such plan covering it; `None` when no plan
+    /// can ever take the request; for a key holding as many open reservations as its plan
+    /// allows, the covering plan with the fewest agents above that.
     pub upgrade_to: Option<PlanId>,
     /// Waiting until then lets the request fit the plan.
     pub wait_until_ms: Option<u64>,
@@ -620,9 +622,10 @@ pub(crate) fn price_micros(
 
 /// The plan to suggest a seat on for a resource the key's plan does not cover (or a key with
 /// no seat): the cheapest plan covering it whose limits and maximums can each take the
-/// request, else the cheapest covering it (`Policy::cover_upgrade`). A denial's path only:
-/// kept out of line, inlined it changed how the admission path was inlined (5% more
-/// instructions per hot-key consume).
+/// request; `None` if no plan can (suggesting the cheapest covering plan anyway, as an earlier
+/// build did, offered a seat that would refuse the request too). A denial's path only: kept
+/// out of line, inlined it changed how the admission path was inlined (5% more instructions
+/// per hot-key consume).
 #[cold]
 #[inline(never)]
 pub(crate) fn cover_upgrade_for(
@@ -630,20 +633,95 @@ pub(crate) fn cover_upgrade_for(
     resource: ResourceId,
     quantities: &Quantities,
 ) -> Option<PlanId> {
-    let index = resource.index();
     policy
         .plans()
         .iter()
         .enumerate()
-        .filter(|(_, plan)| plan.covers[index])
-        .filter(|(_, plan)| over_maximum(&plan.maximums[index], quantities).is_none())
-        .filter(|(_, plan)| {
-            Amounts::of(&plan.touches[index], quantities)
-                .is_some_and(|amounts| amounts.first_over_its_limit(plan).is_none())
-        })
+        .filter(|(_, plan)| can_ever_take(plan, resource, quantities))
         .min_by_key(|(_, plan)| plan.price_micros_per_month.unwrap_or(u64::MAX))
         .map(|(plan, _)| PlanId(plan as u16))
-        .or_else(|| policy.cover_upgrade(resource))
+}
+
+/// Whether a seat on `plan` could ever admit `quantities` of `resource`: the plan covers it,
+/// its maximums allow them, and each limit they touch is at least their amount on it.
+fn can_ever_take(plan: &Plan, resource: ResourceId, quantities: &Quantities) -> bool {
+    let index = resource.index();
+    plan.covers[index]
+        && over_maximum(&plan.maximums[index], quantities).is_none()
+        && Amounts::of(&plan.touches[index], quantities)
+            .is_some_and(|amounts| amounts.first_over_its_limit(plan).is_none())
+}
+
+/// Whether a seat on `candidate` would admit `quantities` of `resource` now, counting on each
+/// of its limits what the key has used on the limit of its plan `plan_id` with the same meter
+/// and span (a seat change carries that count; nothing where the plan has no such limit).
+fn takes_now(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    candidate: &Plan,
+    request: (ResourceId, &Quantities),
+    at_ms: u64,
+) -> bool {
+    let (resource, quantities) = request;
+    let Some(amounts) = Amounts::of(&candidate.touches[resource.index()], quantities) else {
+        return false;
+    };
+    let plan = policy.plan(plan_id);
+    amounts.as_slice().iter().all(|&(limit_index, amount)| {
+        let limit = &candidate.limits[usize::from(limit_index)];
+        let used = plan
+            .limits
+            .iter()
+            .position(|own| own.meter == limit.meter && own.window.span_equals(limit.window))
+            .map_or(0, |own| {
+                let state = &usage.counters[own].state;
+                status_of(policy, &plan.limits[own], state, own as u8, at_ms).used
+            });
+        used.checked_add(amount)
+            .is_some_and(|total| total <= limit.amount)
+    })
+}
+
+/// The plan to suggest for a request of `quantities` of `resource` that limit `limit_index` of
+/// the key's plan refused: of the plans with a larger amount on that limit's meter and span
+/// (smallest first), the first that takes the request now on every limit it touches, else the
+/// first that ever can (`can_ever_take`); `None` if none can. A larger amount on the refusing
+/// limit alone is not enough: the plan's other limits, or its maximums, may refuse the
+/// request too.
+#[cold]
+#[inline(never)]
+fn upgrade_for(
+    policy: &Policy,
+    plan_id: PlanId,
+    usage: &KeyUsage,
+    limit_index: u8,
+    request: (ResourceId, &Quantities),
+    at_ms: u64,
+) -> Option<PlanId> {
+    let (resource, quantities) = request;
+    let upgrades = policy
+        .plan(plan_id)
+        .limit_upgrades
+        .get(usize::from(limit_index))?;
+    let mut able = upgrades
+        .iter()
+        .map(|&(_, candidate)| candidate)
+        .filter(|&candidate| can_ever_take(policy.plan(candidate), resource, quantities));
+    let first = able.next()?;
+    std::iter::once(first)
+        .chain(able)
+        .find(|&candidate| {
+            takes_now(
+                policy,
+                plan_id,
+                usage,
+                policy.plan(candidate),
+                request,
+                at_ms,
+            )
+        })
+        .or(Some(first))
 }
 
 /// Checks per-request maximums (the resource's, then the plan's).
@@ -958,13 +1036,12 @@ fn exceeded(
     plan_id: PlanId,
     usage: &KeyUsage,
     amounts: &Amounts,
+    request: (ResourceId, &Quantities),
     at_ms: u64,
 ) -> Option<Denial> {
     let plan = policy.plan(plan_id);
     let (limit_index, amount) = amounts.first_over_its_limit(plan)?;
     let limit = &plan.limits[usize::from(limit_index)];
-    let state = &usage.counters[usize::from(limit_index)].state;
-    let used = status_of(policy, limit, state, limit_index, at_ms).used;
     let reason = DenialReason::ExceedsLimit {
         limit: limit_index,
         amount: limit.amount,
@@ -972,7 +1049,7 @@ fn exceeded(
     };
     // A plan whose whole amount still cannot take the request would not help.
     let remedies = Remedies {
-        upgrade_to: plan.upgrade_for(usize::from(limit_index), used, amount),
+        upgrade_to: upgrade_for(policy, plan_id, usage, limit_index, request, at_ms),
         ..Remedies::default()
     };
     Some(quota_denial(
@@ -983,15 +1060,17 @@ fn exceeded(
 /// What a plan that could not take `amounts` says: a request larger than one of the limits
 /// itself can never fit, and says so (only a request some limit refused can be one: a take
 /// checks `used + amount`); otherwise which limit keeps it out longest and when it will fit.
+/// `request` is the resource and quantities asked for, to find a plan that would take them.
 pub(crate) fn plan_refusal(
     policy: &Policy,
     plan_id: PlanId,
     usage: &KeyUsage,
     amounts: &Amounts,
+    request: (ResourceId, &Quantities),
     at_ms: u64,
 ) -> Denial {
-    exceeded(policy, plan_id, usage, amounts, at_ms)
-        .unwrap_or_else(|| exhausted(policy, plan_id, usage, amounts, at_ms))
+    exceeded(policy, plan_id, usage, amounts, request, at_ms)
+        .unwrap_or_else(|| exhausted(policy, plan_id, usage, amounts, request, at_ms))
 }
 
 /// The status of every limit `amounts` touches, as of `at_ms`: what an admission charged to
@@ -1020,6 +1099,7 @@ fn exhausted(
     plan_id: PlanId,
     usage: &KeyUsage,
     amounts: &Amounts,
+    request: (ResourceId, &Quantities),
     at_ms: u64,
 ) -> Denial {
     let plan = policy.plan(plan_id);
@@ -1039,12 +1119,6 @@ fn exhausted(
     let state = &usage.counters[usize::from(limit_index)].state;
     let status = status_of(policy, limit, state, limit_index, at_ms);
     let reset_at_ms = status.reset_at_ms.unwrap_or(retry_at_ms).max(retry_at_ms);
-    // The request's amount on that limit, for the upgrade to suggest.
-    let amount = amounts
-        .as_slice()
-        .iter()
-        .find(|(index, _)| *index == limit_index)
-        .map_or(0, |(_, amount)| *amount);
     let reason = DenialReason::QuotaExhausted {
         limit: limit_index,
         retry_at_ms,
@@ -1052,7 +1126,7 @@ fn exhausted(
         reset_at_ms,
     };
     let remedies = Remedies {
-        upgrade_to: plan.upgrade_for(usize::from(limit_index), status.used, amount),
+        upgrade_to: upgrade_for(policy, plan_id, usage, limit_index, request, at_ms),
         wait_until_ms: Some(retry_at_ms),
         ..Remedies::default()
     };

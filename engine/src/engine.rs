@@ -2604,7 +2604,14 @@ fn decide_at_or_after_floor(
             // to expire it and decide again (`Verdict::ended_lease_may_hold`), rather than
             // charged to credits. A request over a limit itself is refused whatever is held.
             if verdict.ended_lease_may_hold && amounts.first_over_its_limit(plan).is_none() {
-                let denial = plan_refusal(policy, plan_id, usage, &amounts, at_ms);
+                let denial = plan_refusal(
+                    policy,
+                    plan_id,
+                    usage,
+                    &amounts,
+                    (resource, quantities),
+                    at_ms,
+                );
                 *verdict.decision = Decision::Denied(denial);
                 verdict.receipt = None;
                 return Ok(());
@@ -2627,7 +2634,14 @@ fn decide_at_or_after_floor(
                     return Ok(());
                 }
             }
-            quota_denial = Some(plan_refusal(policy, plan_id, usage, &amounts, at_ms));
+            quota_denial = Some(plan_refusal(
+                policy,
+                plan_id,
+                usage,
+                &amounts,
+                (resource, quantities),
+                at_ms,
+            ));
         } else {
             fallback = DenialReason::ResourceNotCovered { resource };
             suggest_cover = true;

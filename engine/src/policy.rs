@@ -550,7 +550,9 @@ impl Plan {
     /// The upgrade to suggest for a request of `amount` that limit `limit` refused with `used`
     /// counted: the smallest plan with a larger amount on the same meter and span that takes
     /// the request now (a seat change keeps what is used), else the smallest that takes it once
-    /// enough has reset or aged out; `None` if no plan's amount can ever take it.
+    /// enough has reset or aged out; `None` if no plan's amount can ever take it. This limit
+    /// alone: a denial suggests a plan only if its other limits and maximums take the request
+    /// too (`admission::upgrade_for`).
     pub fn upgrade_for(&self, limit: usize, used: u64, amount: u64) -> Option<PlanId> {
         let upgrades = self.limit_upgrades.get(limit)?;
         let taking = |needed: u64| {
@@ -606,7 +608,8 @@ pub struct Policy {
     counters: Vec<CounterSpec>,
     plans: Vec<Plan>,
     plan_ids: FxHashMap<Box<str>, PlanId>,
-    /// Indexed by `ResourceId`: the cheapest plan covering it, to suggest when none does.
+    /// Indexed by `ResourceId`: the cheapest plan covering it (whether or not its limits take a
+    /// given request: a denial suggests only one that does, `admission::cover_upgrade_for`).
     cover_upgrade: Vec<Option<PlanId>>,
     longest_window_ms: u64,
     /// Set by the engine when it installs the policy: receipts name counters of a generation.
