@@ -110,7 +110,7 @@ pub fn usage_text(report: &UsageReport) -> String {
             "  credits of team {}: {} left; {} charged so far",
             report.team,
             micro_credits(report.credits_balance_micros),
-            grouped(report.credits_charged_micros)
+            micro_credits(report.credits_charged_micros)
         );
     }
     if report.open_reservations > 0 {
@@ -852,6 +852,34 @@ pub fn compact_text(report: &CompactReport) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The text report gave the balance in micro-credits (and credits) but what was charged as
+    /// a bare number: "8,000 micro-credits (0.01 credits) left; 2,000 charged so far".
+    #[test]
+    fn a_usage_report_gives_the_credits_charged_in_the_same_units_as_the_balance() {
+        let report = UsageReport {
+            key: "tp-ada".into(),
+            kind: KeyKind::Plan,
+            revoked: false,
+            user: "ada".into(),
+            team: "@ada".into(),
+            plan: None,
+            limits: Vec::new(),
+            credits_balance_micros: 8_000,
+            credits_charged_micros: 2_500_000,
+            open_reservations: 0,
+            payg_micros: 0,
+            at_ms: 1_772_456_400_000,
+        };
+        let text = usage_text(&report);
+        assert!(
+            text.contains(
+                "8,000 micro-credits (0.01 credits) left; \
+                 2,500,000 micro-credits (2.50 credits) charged so far"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn a_field_is_bare_unless_it_could_be_misread() {
