@@ -190,6 +190,13 @@ fn denied_limit(policy: &Policy, denial: &Denial, limit: u8) -> String {
         .map_or_else(|| "a limit the plan no longer has".to_string(), limit_label)
 }
 
+/// The name of the limit a denial names, as its `limits` and the C ABI give it
+/// (`m2.7:requests per rolling:5h`); `None` for one the plan no longer has.
+fn denied_limit_name(policy: &Policy, denial: &Denial, limit: u8) -> Option<String> {
+    let plan = policy.plans().get(denial.plan?.index())?;
+    Some(plan.limits.get(usize::from(limit))?.name.to_string())
+}
+
 fn reason_words(policy: &Policy, denial: &Denial) -> String {
     match denial.reason {
         DenialReason::UnknownKey => "unknown key".into(),
@@ -321,7 +328,7 @@ fn reason_json(policy: &Policy, denial: &Denial) -> Value {
             retry_after_ms,
             reset_at_ms,
         } => json!({
-            "limit": denied_limit(policy, denial, limit),
+            "limit": denied_limit_name(policy, denial, limit),
             "retry_at_ms": retry_at_ms,
             "retry_after_ms": retry_after_ms,
             "reset_at_ms": reset_at_ms,
@@ -331,7 +338,7 @@ fn reason_json(policy: &Policy, denial: &Denial) -> Value {
             amount,
             requested,
         } => json!({
-            "limit": denied_limit(policy, denial, limit),
+            "limit": denied_limit_name(policy, denial, limit),
             "amount": amount,
             "requested": requested,
         }),
@@ -852,6 +859,40 @@ pub fn compact_text(report: &CompactReport) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `tally consume --json` named the denying limit by its label for people ("m2.7 requests
+    /// / rolling:5h") while its `limits` (and the C ABI's `limit_name`) give the engine's name
+    /// ("m2.7:requests per rolling:5h"): a script could not find the denying limit among them.
+    #[test]
+    fn a_denials_json_names_its_limit_as_its_limits_do() {
+        let at_ms = 1_795_363_200_000;
+        let engine = tally_engine::Engine::new(
+            Policy::token_plan(),
+            Arc::new(tally_engine::ManualClock::new(at_ms)),
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        engine
+            .create_user("ada", "tp-ada", Some(at_ms))
+            .expect("user");
+        engine
+            .assign_seat("@ada", "ada", "Starter", Some(at_ms))
+            .expect("seat");
+        let consume = |requests: u64| {
+            let quantities = [(tally_engine::Unit::Requests, requests)];
+            let request = tally_engine::UsageRequest::new("tp-ada", "m2.7", &quantities);
+            engine.consume(&request.at(at_ms)).expect("valid")
+        };
+        let policy = engine.policy();
+        for decision in [consume(2_000), consume(1_500), consume(1)] {
+            if decision.is_admitted() {
+                continue;
+            }
+            let json = decision_json(&policy, &decision);
+            assert_eq!(json["reason"]["limit"], json["limits"][0]["name"], "{json}");
+            assert_eq!(json["reason"]["limit"], "m2.7:requests per rolling:5h");
+        }
+    }
 
     /// The text report gave the balance in micro-credits (and credits) but what was charged as
     /// a bare number: "8,000 micro-credits (0.01 credits) left; 2,000 charged so far".
