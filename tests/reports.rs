@@ -951,3 +951,55 @@ fn no_plan_is_suggested_when_none_can_take_the_request() {
     assert_eq!(denial.remedies.upgrade_to, None, "{denial:?}");
     assert_eq!(denial.remedies.credits_needed_micros, Some(60 * 280_000));
 }
+
+/// Bar-Plus allows 4 open reservations, Bar-Max 5 and Bar-Ultra 7. A fifth reservation of 20
+/// Hailuo 2.3 videos (20 x 280,000 = 5,600,000 micro-credits) is refused for the agents; Bar-Max
+/// has one agent more but its 5-hour bar of 5,000,000 can never take the videos: the plan to
+/// suggest is Bar-Ultra (12,000,000).
+#[test]
+fn a_plan_suggested_for_more_agents_takes_the_request_too() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let one = [(Unit::Requests, 1)];
+    for _ in 0..4 {
+        let outcome = engine
+            .reserve(
+                &tally_engine::UsageRequest::new(&key, "m2.7", &one).at(T0_MS),
+                None,
+            )
+            .expect("valid");
+        admitted(outcome.decision);
+    }
+    let videos = [(Unit::Videos, 20)];
+    let outcome = engine
+        .reserve(
+            &tally_engine::UsageRequest::new(&key, "hailuo-2.3-768p-6s", &videos).at(T0_MS),
+            None,
+        )
+        .expect("valid");
+    let denial = denied(outcome.decision);
+    assert_eq!(
+        denial.reason,
+        DenialReason::TooManyReservations {
+            open: 4,
+            maximum: 4
+        }
+    );
+    assert_eq!(
+        denial.remedies.upgrade_to,
+        Some(plan_id(&engine, "Bar-Ultra")),
+        "Bar-Max's bar of 5,000,000 never takes 5,600,000"
+    );
+    // Two videos (560,000) fit Bar-Max: it is the plan with the fewest agents above 4.
+    let videos = [(Unit::Videos, 2)];
+    let outcome = engine
+        .reserve(
+            &tally_engine::UsageRequest::new(&key, "hailuo-2.3-768p-6s", &videos).at(T0_MS),
+            None,
+        )
+        .expect("valid");
+    assert_eq!(
+        denied(outcome.decision).remedies.upgrade_to,
+        Some(plan_id(&engine, "Bar-Max"))
+    );
+}

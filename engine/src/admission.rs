@@ -644,7 +644,7 @@ pub(crate) fn cover_upgrade_for(
 
 /// Whether a seat on `plan` could ever admit `quantities` of `resource`: the plan covers it,
 /// its maximums allow them, and each limit they touch is at least their amount on it.
-fn can_ever_take(plan: &Plan, resource: ResourceId, quantities: &Quantities) -> bool {
+pub(crate) fn can_ever_take(plan: &Plan, resource: ResourceId, quantities: &Quantities) -> bool {
     let index = resource.index();
     plan.covers[index]
         && over_maximum(&plan.maximums[index], quantities).is_none()

@@ -462,20 +462,22 @@ fn credits_hold_short(
 }
 
 /// The plan to suggest to a key refused for holding `maximum` open reservations (its plan's
-/// agents): of the plans that cover `resource` and cap open reservations above `maximum`, the
-/// one with the fewest (the cheapest of those, then the first). A plan without a cap is not
-/// suggested: it belongs to another family of plans (the standard ones, not the usage bar's),
-/// whose limits say nothing of agents.
+/// agents): of the plans that cap open reservations above `maximum` and could ever take the
+/// `estimate` of `resource` (they cover it, their maximums allow it, each limit it touches is
+/// at least its amount), the one with the fewest (the cheapest of those, then the first). A
+/// plan without a cap is not suggested: it belongs to another family of plans (the standard
+/// ones, not the usage bar's), whose limits say nothing of agents.
 fn more_agents(
     policy: &crate::policy::Policy,
     resource: crate::policy::ResourceId,
+    estimate: &Quantities,
     maximum: u32,
 ) -> Option<crate::policy::PlanId> {
     policy
         .plans()
         .iter()
         .enumerate()
-        .filter(|(_, plan)| plan.covers[resource.index()])
+        .filter(|(_, plan)| crate::admission::can_ever_take(plan, resource, estimate))
         .filter_map(|(index, plan)| {
             let cap = plan.max_open_reservations.filter(|&cap| cap > maximum)?;
             let price = plan.price_micros_per_month.unwrap_or(u64::MAX);
@@ -542,8 +544,8 @@ impl Engine {
                 let mut decision = Decision::denied(reason);
                 if let Decision::Denied(denial) = &mut decision {
                     denial.plan = state.seat;
-                    denial.remedies.upgrade_to =
-                        maximum.and_then(|maximum| more_agents(policy, resource, maximum));
+                    denial.remedies.upgrade_to = maximum
+                        .and_then(|maximum| more_agents(policy, resource, &estimate, maximum));
                 }
                 return Ok((decision, None, None));
             }
