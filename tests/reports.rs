@@ -1003,3 +1003,46 @@ fn a_plan_suggested_for_more_agents_takes_the_request_too() {
         Some(plan_id(&engine, "Bar-Max"))
     );
 }
+
+/// Bar-Plus's weekly bar of 10,000,000 filled by five 5-hour bars of 2,000,000, six hours
+/// apart from Monday 00:00 (Shanghai): on Tuesday at 06:01 the 5-hour bar is empty, and the
+/// weekly one refuses until next Monday 00:00, which is also when it resets; Bar-Max's
+/// 25,000,000 a week would take the request now.
+#[test]
+fn a_weekly_bar_denial_waits_for_the_next_week_start() {
+    let (engine, clock) = engine_on_clock();
+    let key = seated(&engine, "ada", "Bar-Plus");
+    let two_million = m27_worth(&engine, 2_000_000);
+    for step in 0..5 {
+        let at_ms = T0_MS + step * 6 * HOUR_MS;
+        admitted(consume(&engine, &key, "m2.7", &two_million, at_ms));
+    }
+    let asked_ms = T0_MS + 30 * HOUR_MS + MINUTE_MS;
+    clock.set_ms(asked_ms);
+    let decision = consume(&engine, &key, "m2.7", &[(Unit::Requests, 1)], asked_ms);
+    let (limit, retry_at_ms, retry_after_ms, reset_at_ms) = quota_exhausted(decision);
+    assert_eq!(
+        limit,
+        limit_index(&engine, "Bar-Plus", "usage-bar", weekly())
+    );
+    assert_eq!(
+        (retry_at_ms, reset_at_ms),
+        (T0_MS + WEEK_MS, T0_MS + WEEK_MS)
+    );
+    assert_eq!(retry_after_ms, T0_MS + WEEK_MS - asked_ms);
+    let denial = denied(decision);
+    assert_eq!(denial.remedies.wait_until_ms, Some(T0_MS + WEEK_MS));
+    assert_eq!(
+        denial.remedies.upgrade_to,
+        Some(plan_id(&engine, "Bar-Max"))
+    );
+    let report = report(&engine, &key, asked_ms);
+    assert_eq!(
+        (report[0].2, report[0].3, report[0].4),
+        (0, 2_000_000, None)
+    );
+    assert_eq!(
+        (report[1].2, report[1].3, report[1].4),
+        (10_000_000, 0, Some(T0_MS + WEEK_MS))
+    );
+}
