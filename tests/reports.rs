@@ -1046,3 +1046,36 @@ fn a_weekly_bar_denial_waits_for_the_next_week_start() {
         (10_000_000, 0, Some(T0_MS + WEEK_MS))
     );
 }
+
+/// Santiago de Chile skips local midnight when DST begins (2026-09-06 00:00 -04 becomes 01:00
+/// -03, 04:00Z): a day limit used on Sept 5 at 12:00 -04 (16:00Z) resets when Sept 6 begins,
+/// at 01:00 -03 = 04:00Z; the month's limit at Oct 1 00:00 -03 (03:00Z).
+#[test]
+fn a_day_whose_midnight_is_skipped_resets_when_the_next_day_begins() {
+    let mut document = new_york().document().clone();
+    document.time_zone = "America/Santiago".into();
+    let engine = engine_with(Policy::compile(document).expect("valid"));
+    let key = seated(&engine, "ada", "P");
+    let at_ms = utc_ms(2026, 9, 5, 16, 0, 0);
+    let admission = admitted(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 1)],
+        at_ms,
+    ));
+    let resets: Vec<_> = admission
+        .limits
+        .as_slice()
+        .iter()
+        .map(|status| status.reset_at_ms)
+        .collect();
+    assert_eq!(
+        resets,
+        [
+            Some(utc_ms(2026, 9, 6, 4, 0, 0)),
+            Some(utc_ms(2026, 9, 7, 3, 0, 0)),
+            Some(utc_ms(2026, 10, 1, 3, 0, 0)),
+        ]
+    );
+}
