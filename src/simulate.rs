@@ -31,12 +31,12 @@ pub const SLOT_MS: u64 = 5 * MINUTE_MS;
 const TOP_UP_CHECK_MS: u64 = 6 * HOUR_MS;
 /// One request in twenty carries a request id, and one of those in twelve is retried. Few:
 /// the engine keeps every id for at least the policy's longest window (a week and an hour
-/// here) at about 1.5 KB each, which dominates the run's memory.
+/// here) at about 400 bytes each, which dominates the run's memory.
 const REQUEST_ID_PER_MILLION: u64 = 50_000;
 const RETRY_PER_MILLION: u64 = 80_000;
 const RETRY_DELAY_MS: u64 = 1_500;
 /// The engine remembers a million request ids (`EngineOptions::idempotency_capacity`); a run
-/// stops attaching ids well before that bound (and before ~300 MB of them).
+/// stops attaching ids well before that bound (and the ~400 MB a full table takes).
 const MAX_REQUEST_IDS: u64 = 200_000;
 /// Now and then a revoked or mistyped key calls in.
 const STRAY_PER_MILLION_SLOTS: u64 = 300_000;

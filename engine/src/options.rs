@@ -16,9 +16,10 @@ use crate::reservation::MAX_LEASE_MS;
 use serde::{Deserialize, Serialize};
 
 /// The largest bound a table may be given (`max_keys`, `max_teams`, `max_users`,
-/// `idempotency_capacity`, `max_open_reservations`). Every entry lives in memory, from a few
-/// hundred bytes (a key) to about 1.5 KB (a request id with its first decision), so 2^32 of
-/// them is more than a terabyte: a larger bound would bound nothing.
+/// `idempotency_capacity`, `max_open_reservations`). Every entry lives in memory, a few
+/// hundred bytes at least (a key's entry; a request id with its first decision, 390 to 580
+/// bytes resident), so 2^32 of them is more than a terabyte: a larger bound would bound
+/// nothing.
 pub const MAX_TABLE_ENTRIES: u64 = 1 << 32;
 
 /// The longest `idempotency_horizon_ms`: the longest window a policy may have. The horizon is
