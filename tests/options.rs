@@ -442,6 +442,109 @@ fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_check
     }
 }
 
+/// The same for what ages out: an open with a lower `idempotency_capacity`,
+/// `max_open_reservations` and `max_policy_generations` than a database holds keeps every
+/// request id, reservation and policy generation it restores (each was acknowledged), answers
+/// a repeat and settles a reservation as before, and refuses a new id or reservation until
+/// enough age out or close; the older generations go at the next swap.
+#[test]
+fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_restores() {
+    let small = OpenOptions {
+        engine: EngineOptions {
+            idempotency_capacity: 2,
+            max_open_reservations: 2,
+            max_policy_generations: 2,
+            ..EngineOptions::default()
+        },
+        ..none_durability()
+    };
+    let request = |id| {
+        UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST)
+            .at(T0_MS)
+            .id(id)
+    };
+    let held = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS);
+    let kept = |engine: &Engine| {
+        (0..6)
+            .filter(|&generation| engine.policy_of_generation(generation).is_some())
+            .count()
+    };
+    for checkpoint in [false, true] {
+        let dir = TempDir::new(&format!("lower-bounds-ids-{checkpoint}"));
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability())
+            .expect("open");
+        engine
+            .create_user("ada", "tp-ada", Some(T0_MS))
+            .expect("user");
+        engine
+            .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+            .expect("seat");
+        for id in ["id-0", "id-1", "id-2", "id-3"] {
+            assert!(engine.consume(&request(id)).expect("consume").is_admitted());
+        }
+        let reservations: Vec<_> = (0..3)
+            .map(|_| {
+                engine
+                    .reserve(&held, Some(HOUR_MS))
+                    .expect("reserve")
+                    .reservation
+                    .expect("admitted")
+            })
+            .collect();
+        for _ in 0..4 {
+            engine
+                .swap_policy(Policy::token_plan(), Some(T0_MS))
+                .expect("swap");
+        }
+        assert_eq!(kept(&engine), 5, "the reservations hold every generation");
+        if checkpoint {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        let (_, replayed) = engine
+            .consume_noting_replay(&request("id-3"))
+            .expect("a repeat");
+        assert!(replayed, "checkpoint {checkpoint}: id-3 is remembered");
+        assert_eq!(
+            engine.consume(&request("id-4")),
+            Err(Error::CapacityExceeded {
+                what: "request_id (idempotency table)",
+                capacity: 2,
+            })
+        );
+        assert_eq!(engine.open_reservations(), 3, "checkpoint {checkpoint}");
+        assert_eq!(
+            engine
+                .reserve(&held, None)
+                .map(|outcome| outcome.reservation),
+            Err(Error::CapacityExceeded {
+                what: "reservations",
+                capacity: 2,
+            })
+        );
+        for reservation in reservations {
+            engine.void(reservation, Some(T0_MS)).expect("void");
+        }
+        assert_eq!(
+            kept(&engine),
+            5,
+            "checkpoint {checkpoint}: until the next swap"
+        );
+        engine
+            .swap_policy(Policy::token_plan(), Some(T0_MS))
+            .expect("swap");
+        assert_eq!(kept(&engine), 2, "checkpoint {checkpoint}");
+        assert!(engine
+            .reserve(&held, None)
+            .expect("reserve")
+            .reservation
+            .is_some());
+    }
+}
+
 #[test]
 fn at_least_two_and_at_most_65536_policy_generations_are_kept() {
     for bad in [0, 1, MAX_POLICY_GENERATIONS + 1, usize::MAX] {
