@@ -397,19 +397,69 @@ fn a_bad_usage_correction_is_an_error_and_changes_nothing() {
 
 /// An addition past what a rolling window's bucket can count is refused, changing nothing, and
 /// its error says that bound: not that the sum would overflow 64 bits, which 4,294,967,295
-/// units added to the 5 counted cannot.
+/// units added to the 5 counted cannot. (A limit above 65,535, so the buckets are 32-bit ones;
+/// it ran on Plus's 4,500 requests, whose buckets count 65,535 at most.)
 #[test]
 fn a_usage_correction_past_what_a_bucket_counts_says_the_bound() {
-    let world = world();
+    let engine = engine_with(
+        Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+[plans.Many]
+limits = [{ resource = "chat", unit = "requests", amount = 100000, window = "rolling:5h" }]
+"#,
+        )
+        .expect("a valid policy"),
+    );
+    let key = seated(&engine, "ada", "Many");
     let add = tally_engine::AdjustmentDirection::Add;
+    let five = [(Unit::Requests, 5)];
+    engine
+        .adjust_usage(&key, "chat", &five, T0_MS, add, Some(T0_MS))
+        .expect("five counted");
+    let before = engine.usage(&key, Some(T0_MS)).expect("report");
     let most = [(Unit::Requests, u64::from(u32::MAX))];
-    let error =
-        world.refuses(|e| e.adjust_usage(&world.key, "m2.7", &most, T0_MS, add, Some(T0_MS)));
+    let error = engine
+        .adjust_usage(&key, "chat", &most, T0_MS, add, Some(T0_MS))
+        .expect_err("past what the bucket counts");
     assert!(matches!(error, Error::Overflow { .. }), "{error:?}");
     let message = error.to_string();
     assert!(message.starts_with("quantities"), "{message}");
     assert!(message.contains("4,294,967,295"), "{message}");
     assert!(!message.contains("64-bit"), "{message}");
+    assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), before);
+}
+
+/// A limit of at most 65,535 (every seed plan's request quota) counts in buckets of 16 bits:
+/// an addition past that is refused, changing nothing, and its error says that bound, not the
+/// 4,294,967,295 of a larger limit's buckets, which the same addition would fit.
+#[test]
+fn a_usage_correction_past_what_a_small_limits_bucket_counts_says_its_bound() {
+    let world = world(); // Plus: 4,500 m2.7 requests per 5 hours, 5 counted
+    let add = tally_engine::AdjustmentDirection::Add;
+    let past = [(Unit::Requests, 65_536)];
+    let error =
+        world.refuses(|e| e.adjust_usage(&world.key, "m2.7", &past, T0_MS, add, Some(T0_MS)));
+    assert!(matches!(error, Error::Overflow { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.starts_with("quantities"), "{message}");
+    assert!(message.contains("65,535"), "{message}");
+    assert!(!message.contains("4,294,967,295"), "{message}");
+    // What the bucket still has room for is added; one more is refused with the same bound.
+    let room = [(Unit::Requests, 65_535 - 5)];
+    world
+        .engine
+        .adjust_usage(&world.key, "m2.7", &room, T0_MS, add, Some(T0_MS))
+        .expect("fits the bucket");
+    let one = [(Unit::Requests, 1)];
+    let error = world
+        .engine
+        .adjust_usage(&world.key, "m2.7", &one, T0_MS, add, Some(T0_MS))
+        .expect_err("the bucket is full");
+    assert!(error.to_string().contains("65,535"), "{error}");
 }
 
 /// A correction that no limit of the key's plan counts could move nothing: refused, naming the

@@ -374,7 +374,10 @@ impl Engine {
     /// Usage whose window has already reset or aged out is left alone (that limit moves 0); an
     /// addition every window has moved past moves nothing and logs nothing. All limits or none.
     /// A correction no limit of the plan counts is refused (`InvalidArgument` naming `resource`
-    /// if the plan does not limit it, else `quantities`) and logs nothing.
+    /// if the plan does not limit it, else `quantities`) and logs nothing; so is an addition
+    /// past what a rolling bucket counts (65,535 under a limit of at most 65,535, else
+    /// 4,294,967,295) or a calendar period (2^48 - 1): `Overflow` naming `quantities` and that
+    /// bound.
     pub fn adjust_usage(
         &self,
         key: &str,
@@ -999,6 +1002,7 @@ fn refund_hold(
 
 // The bounds `adjust_counter`'s errors state, in words.
 const _: () = assert!(crate::policy::MAX_ROLLING_AMOUNT == 4_294_967_295);
+const _: () = assert!(crate::window::NARROW_MAX_AMOUNT == 65_535);
 const _: () = assert!(crate::policy::MAX_CALENDAR_AMOUNT == 281_474_976_710_655);
 
 /// Moves one counter for an adjustment: `(epoch or period, amount moved)`.
@@ -1020,12 +1024,18 @@ fn adjust_counter(
             }
             match direction {
                 AdjustmentDirection::Remove => Ok((epoch, ring.refund(shape, epoch, amount))),
+                // A limit of at most 65,535 counts in 16-bit buckets: an error saying the wide
+                // buckets' bound told a caller that an addition it refused would fit.
                 AdjustmentDirection::Add => ring
                     .force(shape, epoch, amount)
                     .map(|_| (epoch, amount))
                     .ok_or(Error::Overflow {
-                        field:
-                            "quantities (a rolling window's bucket counts at most 4,294,967,295)",
+                        field: if ring.bucket_capacity() == crate::window::NARROW_MAX_AMOUNT {
+                            "quantities (a bucket of a rolling window whose limit is at most \
+                             65,535 counts at most 65,535)"
+                        } else {
+                            "quantities (a rolling window's bucket counts at most 4,294,967,295)"
+                        },
                     }),
             }
         }

@@ -765,10 +765,14 @@ impl RollingWindow {
         }
     }
 
+    /// The most one bucket counts: 65,535 in a narrow ring, 4,294,967,295 in a wide one.
+    pub fn bucket_capacity(&self) -> u64 {
+        self.slots.max_count()
+    }
+
     /// Adds units whatever the limit (an adjustment recording usage that really happened).
-    /// Returns false, changing nothing, if the bucket's count would overflow its slot.
     /// Returns where the bucket's slot lives (a prefetch hint, as `record_noting_slot`), or
-    /// `None`, changing nothing, if the bucket's count would overflow its slot.
+    /// `None`, changing nothing, if the bucket's count would pass `bucket_capacity`.
     pub fn force(&self, shape: RollingShape, epoch: u64, amount: u64) -> Option<*const u8> {
         let (lap, index) = shape.lap_and_slot(epoch);
         if amount > self.slots.max_count() {
