@@ -114,7 +114,9 @@ pub struct EngineOptions {
     /// `MIN_POLICY_GENERATIONS` (2) to `MAX_POLICY_GENERATIONS` (65,536). More while a
     /// reservation opened under an older one is open (at most its lease, 24 h): that
     /// generation and every later one are kept until it closes, so its settle gives back
-    /// exactly what it does not use.
+    /// exactly what it does not use; those past the bound are let go at the first swap after
+    /// that. An open with a lower bound than the database kept keeps them until its first
+    /// swap too.
     pub max_policy_generations: usize,
     /// How often, on the engine's clock, a round of `reclaim_idle` runs on its own: a step of
     /// at most 512 keys of one shard at a time from the admission path, the steps spread over

@@ -273,7 +273,8 @@ pub extern "C" fn tally_options_set_default_lease_ms(
 /// `TALLY_MIN_POLICY_GENERATIONS` to `TALLY_MAX_POLICY_GENERATIONS` (default 1,024). More while
 /// a reservation opened under an older one is open (at most its lease, 24 h): that generation
 /// and every later one are kept until it closes, so its settle gives back exactly what it does
-/// not use.
+/// not use; those past the bound are let go at the first swap after that. An open with a lower
+/// bound than the database kept keeps them until its first swap too.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]
