@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log_support::*;
-use tally_engine::{Clock, Decision, Engine, Policy, Unit, UsageRequest};
+use tally_engine::{Clock, Decision, Engine, OpenOptions, Policy, Unit, UsageRequest};
 
 /// A clock that runs a hook once, on its `trigger`th read after being armed: a way to make
 /// another thread act at a chosen point inside an engine call (the clock is read just before
@@ -492,4 +492,118 @@ fn a_check_after_a_reopen_refuses_a_new_id_stamped_before_what_was_forgotten_as_
         checked, consumed,
         "the check answered what no consume would"
     );
+}
+
+/// A request id denied because no valid key sent it (a key the engine does not know, or one
+/// it revoked) is neither remembered nor logged: before, each such denial took a place in the
+/// request-id table for the whole horizon (a month) and an event in the log, so a caller with
+/// no key could fill the table, and every new id of every key was refused `CapacityExceeded`
+/// until the month passed. Such an id is decided anew when it comes again: admitted once the
+/// key exists, or on the member's new key after a rotation.
+#[test]
+fn an_id_denied_for_want_of_a_valid_key_takes_no_place_and_logs_nothing() {
+    let dir = TempDir::new("ids-no-key");
+    let options = OpenOptions {
+        engine: tally_engine::EngineOptions {
+            idempotency_capacity: 5,
+            ..tally_engine::EngineOptions::default()
+        },
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    create_accounts(&engine);
+    engine.revoke_key("key-ada", Some(T0_MS)).expect("revoke");
+    let events = last_seq(&engine);
+    let ids: Vec<String> = (0..12).map(|n| format!("stray-{n}")).collect();
+    let unknown = |n: usize| {
+        UsageRequest::new(
+            if n % 2 == 0 { "key-nobody" } else { "key-ada" },
+            "m2.7",
+            &ONE,
+        )
+        .at(T0_MS)
+        .id(&ids[n])
+    };
+    for n in 0..4 {
+        let decision = engine.consume(&unknown(n)).expect("a denial, not an error");
+        assert!(!decision.is_admitted(), "{decision:?}");
+    }
+    let batch: Vec<UsageRequest<'_>> = (4..8).map(unknown).collect();
+    for decided in engine.consume_many(&batch) {
+        assert!(!decided.expect("a denial").is_admitted());
+    }
+    for n in 8..12 {
+        let (decision, _) = engine
+            .submit(&unknown(n))
+            .expect("submitted")
+            .complete()
+            .expect("a denial");
+        assert!(!decision.is_admitted());
+    }
+    assert_eq!(
+        last_seq(&engine),
+        events,
+        "a denial without a valid key is not logged"
+    );
+    // The table has every place left: new ids of a working key are admitted (four here,
+    // and one more below, of the five places).
+    for n in 0..4 {
+        let id = format!("eve-{n}");
+        let request = UsageRequest::new("key-eve", "m2.7", &ONE).at(T0_MS).id(&id);
+        assert!(engine.consume(&request).expect("a place").is_admitted());
+    }
+    // The key made after its id was denied: the retry is decided anew, and admitted.
+    engine
+        .create_user("nobody", "key-nobody", Some(T0_MS))
+        .expect("the key now");
+    engine
+        .assign_seat("@nobody", "nobody", "Plus", Some(T0_MS))
+        .expect("a seat");
+    let (decision, replayed) = engine
+        .consume_noting_replay(
+            &UsageRequest::new("key-nobody", "m2.7", &ONE)
+                .at(T0_MS)
+                .id("late"),
+        )
+        .expect("admitted");
+    assert!(decision.is_admitted() && !replayed);
+    drop(engine);
+    // Nothing of the strays comes back after a reopen either; the admitted ids do.
+    let engine = open_token_plan(dir.path(), options);
+    let (decision, replayed) = engine
+        .consume_noting_replay(
+            &UsageRequest::new("key-eve", "m2.7", &ONE)
+                .at(T0_MS)
+                .id("eve-0"),
+        )
+        .expect("a repeat");
+    assert!(decision.is_admitted() && replayed);
+}
+
+/// A member whose key was revoked and replaced retries, on the new key, a request the old key
+/// was denied under the same id: it is decided on the new key (before, the id was remembered
+/// for the old key and the retry was `RequestIdConflict` for a month).
+#[test]
+fn an_id_denied_on_a_revoked_key_is_decided_anew_on_its_replacement() {
+    let engine = twin(Policy::token_plan());
+    create_accounts(&engine);
+    engine.revoke_key("key-eve", Some(T0_MS)).expect("revoke");
+    let old = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("retry-me");
+    assert!(!engine.consume(&old).expect("denied").is_admitted());
+    engine
+        .add_member("@eve", "eve", "key-eve-2", Some(T0_MS))
+        .expect("a new key");
+    engine
+        .assign_seat("@eve", "eve", "Plus", Some(T0_MS))
+        .expect("its seat");
+    let new = UsageRequest::new("key-eve-2", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("retry-me");
+    let (decision, replayed) = engine.consume_noting_replay(&new).expect("no conflict");
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    // Remembered now, as any admitted id.
+    let (_, replayed) = engine.consume_noting_replay(&new).expect("a repeat");
+    assert!(replayed);
 }

@@ -195,6 +195,9 @@ impl<'a> UsageRequest<'a> {
         self
     }
 
+    /// An idempotency id: a repeat within the horizon answers the first decision and counts
+    /// nothing, unless that was a denial for want of a valid key (`UnknownKey`, `KeyRevoked`),
+    /// which is not remembered (`idempotency::remembers`): the id is decided anew.
     pub fn id(mut self, request_id: &'a str) -> UsageRequest<'a> {
         self.request_id = Some(request_id);
         self
@@ -1686,6 +1689,11 @@ impl Engine {
                         left = decision;
                         return Ok(None);
                     }
+                    if !crate::idempotency::remembers(verdict.decision) {
+                        // No valid key: answered, neither remembered nor logged.
+                        left = *verdict.decision;
+                        return Ok(None);
+                    }
                     let (awaits, logged_as) = match verdict.logged_seq {
                         0 => (Awaits::Nothing, LoggedAs::Durable),
                         seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
@@ -1869,8 +1877,10 @@ impl Engine {
                 };
                 let (Some(state), Some(receipt)) = (state, verdict.receipt) else {
                     // A denial under a request id is logged too, so its retry gets the same
-                    // answer after a restart.
-                    let Some(request_id) = request_id else {
+                    // answer after a restart; unless it is not remembered (no valid key).
+                    let Some(request_id) =
+                        request_id.filter(|_| crate::idempotency::remembers(verdict.decision))
+                    else {
                         return Ok(Logged::Not);
                     };
                     let body = EventBody::RequestDenied {
@@ -2278,6 +2288,7 @@ impl Engine {
             resource: request.resource,
             quantities,
         };
+        let mut unkept = None;
         let kept =
             self.requests
                 .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
@@ -2298,6 +2309,11 @@ impl Engine {
                         // Left for the expiry's error: not remembered.
                         return Ok(None);
                     }
+                    if !crate::idempotency::remembers(verdict.decision) {
+                        // No valid key: answered, neither remembered nor logged.
+                        unkept = Some(*verdict.decision);
+                        return Ok(None);
+                    }
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
                     let receipt = verdict.receipt;
                     let logged = match outcome {
@@ -2314,13 +2330,17 @@ impl Engine {
                     }
                     Ok(Some((decision, receipt, logged)))
                 })?;
-        match kept {
-            Some((kept, replay)) => {
+        match (kept, unkept) {
+            (Some((kept, replay)), _) => {
                 *decision = kept;
                 Ok(replay)
             }
+            (None, Some(unkept)) => {
+                *decision = unkept;
+                Ok(None)
+            }
             // Left undecided, which a batch's verdict is only once its expiry failed.
-            None => Err(expiry_failure
+            (None, None) => Err(expiry_failure
                 .cloned()
                 .expect("a batch leaves a denial undecided only when its expiry failed")),
         }

@@ -22,6 +22,24 @@ use crate::error::Error;
 
 pub(crate) const SHARDS: usize = 64;
 
+/// Whether a decision is remembered under its request id (and logged, so a restart remembers
+/// it too): every one but a denial for want of a valid key (one the engine does not know, or
+/// revoked). Such a caller is no principal the engine keeps anything for: its ids would each
+/// take a place in the table every key shares, for the whole horizon (a month), and an event
+/// in the log, so a caller with no key could fill the table and have every new id of every
+/// key refused. Its id, sent again, is decided anew: admitted once the key exists, or on the
+/// member's new key after a rotation.
+pub(crate) fn remembers(decision: &Decision) -> bool {
+    !matches!(
+        decision,
+        Decision::Denied(crate::admission::Denial {
+            reason: crate::admission::DenialReason::UnknownKey
+                | crate::admission::DenialReason::KeyRevoked,
+            ..
+        })
+    )
+}
+
 /// What a request id was first used for: borrowed from the request being decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Fingerprint<'a> {

@@ -91,7 +91,10 @@ type Request struct {
 	Resource   string     // the resource's name in the policy, e.g. "m2.7"
 	Quantities []Quantity // 1 to MaxQuantities, no unit twice
 	At         time.Time  // zero: the engine's clock
-	RequestID  string     // optional idempotency id
+	// RequestID is an optional idempotency id: a repeat within the horizon answers the first
+	// decision (Replayed) and counts nothing, unless that was a denial for want of a valid
+	// key (DenialUnknownKey, DenialKeyRevoked), which is not remembered: decided anew.
+	RequestID string
 }
 
 // LimitStatus is one limit as a decision saw it.

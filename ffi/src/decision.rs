@@ -126,7 +126,9 @@ pub struct tally_request {
     pub at_ms: u64,
     /// Optional idempotency id: NULL with length 0 for none. A repeat within the horizon
     /// answers with the first decision (`replayed`) and counts nothing; a repeat with another
-    /// key, resource or quantities is `TALLY_REQUEST_ID_CONFLICT`.
+    /// key, resource or quantities is `TALLY_REQUEST_ID_CONFLICT`. A denial for want of a
+    /// valid key (`TALLY_DENIAL_UNKNOWN_KEY`, `TALLY_DENIAL_KEY_REVOKED`) is not remembered:
+    /// the id is decided anew when it comes again.
     pub request_id: *const c_char,
     pub request_id_len: usize,
 }

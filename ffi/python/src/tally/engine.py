@@ -368,7 +368,10 @@ class Engine:
     ) -> Decision:
         """Decides the request and, if admitted, counts it (all of it or nothing).
 
-        A denial is a ``Decision`` with ``admitted`` False, not an exception."""
+        A denial is a ``Decision`` with ``admitted`` False, not an exception. A ``request_id``
+        seen again within the horizon answers its first decision (``replayed``) and counts
+        nothing, unless that was a denial for want of a valid key (``UNKNOWN_KEY``,
+        ``KEY_REVOKED``), which is not remembered: the id is decided anew."""
         request = _request(key, resource, quantities, at_ms, request_id)
         out = _native.Decision()
         errors.check(
