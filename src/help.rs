@@ -396,7 +396,8 @@ longest window plus the retention before the compaction's time (the database own
 `retention_ms`, 7 days by default) and logged at least the retention before it: a request
 delivered late, stamped long ago, stays the retention after it was logged for a reader. Their
 effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
-`verify` can still replay between the two.
+`verify` can still replay between the two. An engine that runs (a gateway, `simulate`) does the
+same after each periodic checkpoint on its own: this is for a database nothing runs.
 
 Usage: tally compact [OPTIONS]
 

@@ -2819,6 +2819,88 @@ fn compaction_removes_old_events_keeps_the_state_exactly_and_verify_stays_sound(
     assert_same_state(&state(&engine, &keys, &teams, later), &after, "state");
 }
 
+/// Retention applies on its own: each periodic checkpoint compacts once its snapshot is
+/// stored, with the engine's clock at the cut as "now". Before, segments were removed only by
+/// `compact`, which neither gateway calls (and `tally compact` cannot run beside a gateway
+/// holding the database), so a gateway's disk use grew for as long as it ran. What the
+/// retention keeps stays: with an hour's retention, nothing goes.
+#[test]
+fn periodic_checkpoints_compact_what_the_retention_lets_go() {
+    for (retention_ms, removes) in [(SECOND_MS, true), (HOUR_MS, false)] {
+        let dir = TempDir::new("auto-compact");
+        let clock = clock();
+        let options = OpenOptions {
+            retention_ms,
+            checkpoint_every_events: 8,
+            ..sync_options()
+        };
+        let engine = Engine::open(
+            dir.path(),
+            ten_seconds(),
+            std::sync::Arc::clone(&clock) as std::sync::Arc<dyn tally_engine::Clock>,
+            options.clone(),
+        )
+        .expect("open");
+        let twin = twin(ten_seconds());
+        let one = [(Unit::Requests, 1)];
+        let run = |engine: &Engine, at_ms: u64| -> Vec<String> {
+            (0..40)
+                .map(|index| {
+                    let request = UsageRequest::new("key-ben", "chat", &one).at(at_ms + index);
+                    format!("{:?}", engine.consume(&request))
+                })
+                .collect()
+        };
+        for engine in [&engine, &twin] {
+            engine.create_user("ben", "key-ben", Some(T0_MS)).unwrap();
+            engine
+                .assign_seat("@ben", "ben", "Small", Some(T0_MS))
+                .unwrap();
+            engine.top_up("@ben", 1_000_000, Some(T0_MS)).unwrap();
+        }
+        assert_eq!(run(&engine, T0_MS), run(&twin, T0_MS));
+        // Two minutes on, past the 20 s window plus a second's retention.
+        let later = T0_MS + 2 * MINUTE_MS;
+        clock.set_ms(later);
+        assert_eq!(run(&engine, later), run(&twin, later));
+        // The last periodic checkpoint's thread (and its compaction) is done once this one runs.
+        engine.checkpoint().expect("checkpoint");
+        let first_kept = engine.events_after(0, 1).unwrap()[0].seq;
+        assert_eq!(
+            first_kept > 1,
+            removes,
+            "retention {retention_ms} ms: log starts at {first_kept}"
+        );
+        let kept = engine.events_after(0, 1_000).unwrap();
+        assert!(
+            kept.iter().filter(|event| event.at_ms >= later).count() >= 40,
+            "every event the retention keeps is there"
+        );
+        let before = state(&engine, &["key-ben"], &["@ben"], later);
+        assert_same_state(
+            &before,
+            &state(&twin, &["key-ben"], &["@ben"], later),
+            "state",
+        );
+        drop(engine);
+        let verified = Engine::verify(dir.path(), options.clone()).expect("verify");
+        assert!(verified.is_sound(), "{:?}", verified.problems);
+        assert_eq!(verified.first_seq, first_kept);
+        let engine = Engine::open(
+            dir.path(),
+            ten_seconds(),
+            std::sync::Arc::clone(&clock) as std::sync::Arc<dyn tally_engine::Clock>,
+            options,
+        )
+        .expect("reopen");
+        assert_same_state(
+            &state(&engine, &["key-ben"], &["@ben"], later),
+            &before,
+            "reopened",
+        );
+    }
+}
+
 #[test]
 fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() {
     let dir = TempDir::new("compact-young");

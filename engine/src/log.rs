@@ -651,23 +651,15 @@ pub struct EventLog {
     /// Held while a cursor is saved: counting the cursors and adding one are a single step,
     /// so racing saves of new names cannot pass `MAX_CURSORS` together.
     cursor_saves: Mutex<()>,
-    /// Held while `compact` runs: two compactions at once both listed the same old segments,
-    /// and the second to reach one found it removed ("No such file"), failing a compaction
-    /// that lost nothing.
-    compacting: Mutex<()>,
     snapshots_dir: PathBuf,
     syncer: Arc<FileSyncer>,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Where the last `events_after` stopped: (first sequence number of a record, its segment,
-    /// its offset), so an export reading forward does not rescan the segment.
-    resume: Mutex<Option<(u64, u64, u64)>>,
+    /// What compaction shares with the snapshot thread, which compacts after each periodic
+    /// checkpoint (`Compactor`).
+    compaction: Arc<Compaction>,
     /// A snapshot being encoded and written by its own thread (`write_snapshot_in_background`).
     snapshot_thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
-    /// Held shared while the segment files are read (`scan`, `events_after`), exclusively
-    /// while compaction removes one: a reader never finds a file of its list gone, nor reads on
-    /// past events removed after it checked where the log starts.
-    files: parking_lot::RwLock<()>,
     /// Opened by `open_read_only`: no writer, nothing repaired.
     read_only: bool,
     /// The database is of an older format this build reads: `record_format` records this
@@ -956,6 +948,169 @@ impl SegmentWindow {
         self.file.read_exact(&mut rest)?;
         Ok(rest)
     }
+}
+
+/// What compaction shares with the snapshot thread, which compacts after each periodic
+/// checkpoint.
+#[derive(Debug, Default)]
+struct Compaction {
+    /// Held while a compaction runs: two at once both listed the same old segments, and the
+    /// second to reach one found it removed ("No such file"), failing a compaction that lost
+    /// nothing.
+    running: Mutex<()>,
+    /// Held shared while the segment files are read (`scan`, `events_after`), exclusively
+    /// while compaction removes one: a reader never finds a file of its list gone, nor reads on
+    /// past events removed after it checked where the log starts.
+    files: parking_lot::RwLock<()>,
+    /// Where the last `events_after` stopped: (first sequence number of a record, its segment,
+    /// its offset), so an export reading forward does not rescan the segment.
+    resume: Mutex<Option<(u64, u64, u64)>>,
+    /// The newest timestamp in each sealed segment compaction has read, by its first sequence
+    /// number: a sealed segment never changes, and one kept for its timestamps (stamped within
+    /// the longest window and the retention) is judged again at every periodic checkpoint, so
+    /// it is read once, not each time. At most one entry per segment on disk.
+    newest_at_ms: Mutex<std::collections::BTreeMap<u64, u64>>,
+}
+
+/// Compacts a log (`EventLog::compact`); a handle the snapshot thread takes along, as it
+/// compacts after each periodic checkpoint.
+#[derive(Debug, Clone)]
+pub struct Compactor {
+    shared: Arc<Shared>,
+    meta: sled::Tree,
+    snapshots_dir: PathBuf,
+    state: Arc<Compaction>,
+}
+
+impl Compactor {
+    /// The earliest clock time recorded by which every event up to `seq` was logged (the
+    /// record of the first sequence number at or after it); `None` when none covers it yet.
+    pub fn logged_by_ms(&self, seq: u64) -> Result<Option<u64>, Error> {
+        let reading = |error| storage("reading when events were logged", error);
+        let Some(entry) = self.meta.range(logged_by_key(seq)..).next() else {
+            return Ok(None);
+        };
+        let (key, value) = entry.map_err(reading)?;
+        if !key.starts_with(META_LOGGED_BY) {
+            return Ok(None);
+        }
+        logged_by_record(&key, &value)
+            .map(Some)
+            .map_err(|problem| storage("compaction", problem))
+    }
+
+    /// Forgets the records of when events before `seq` were logged (their segments are gone).
+    fn forget_logged_by_before(&self, seq: u64) -> Result<(), Error> {
+        let forgetting = |error| storage("forgetting when compacted events were logged", error);
+        let old: Vec<sled::IVec> = self
+            .meta
+            .range(logged_by_key(0)..logged_by_key(seq))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(forgetting)?;
+        for key in old {
+            self.meta.remove(key).map_err(forgetting)?;
+        }
+        Ok(())
+    }
+
+    /// The newest timestamp of the sealed segment at `path` (first event `first`), read once.
+    fn newest_at_ms(&self, path: &Path, first: u64) -> Result<u64, Error> {
+        if let Some(&newest_at_ms) = self.state.newest_at_ms.lock().get(&first) {
+            return Ok(newest_at_ms);
+        }
+        let mut newest_at_ms = 0u64;
+        let mut reader = FrameReader::open(path.to_path_buf(), first, 0, None)?;
+        let mut expected = first;
+        while let Some((at, payload)) = reader.next(expected)? {
+            let view = RecordView::parse(payload)
+                .ok_or_else(|| damage(path, at as usize, expected, NO_SOUND_HEADER))?;
+            newest_at_ms = newest_at_ms.max(view.newest_at_ms);
+            expected = view.last_seq() + 1;
+        }
+        self.state.newest_at_ms.lock().insert(first, newest_at_ms);
+        Ok(newest_at_ms)
+    }
+
+    /// Deletes whole sealed segments, oldest first, whose every event is at or before
+    /// `up_to_seq`, stamped before `before_ms`, and was logged by `logged_by_ms` on the
+    /// engine's clock (`logged_by_ms`: a segment no record covers stays); returns how many
+    /// events they held.
+    pub fn compact(&self, up_to_seq: u64, before_ms: u64, logged_by_ms: u64) -> Result<u64, Error> {
+        // One at a time, each listing the segments the one before it left.
+        let _one_at_a_time = self.state.running.lock();
+        let segments = self.shared.segments.lock().clone();
+        let mut removed = 0u64;
+        for pair in segments.windows(2) {
+            let (first, next) = (pair[0], pair[1]);
+            let last = next - 1;
+            if last > up_to_seq {
+                break;
+            }
+            // Judged before the segment is read: a late event's timestamp says nothing of
+            // when a reader could first see it.
+            let logged_ms = self.logged_by_ms(last)?;
+            if logged_ms.is_none_or(|logged_ms| logged_ms > logged_by_ms) {
+                break;
+            }
+            let path = segment_path(&self.shared.events_dir, first);
+            if self.newest_at_ms(&path, first)? >= before_ms {
+                break;
+            }
+            let files = self.state.files.write();
+            {
+                let mut list = self.shared.segments.lock();
+                list.retain(|segment| *segment != first);
+            }
+            *self.state.resume.lock() = None;
+            self.state.newest_at_ms.lock().remove(&first);
+            std::fs::remove_file(&path)
+                .map_err(|error| storage(format!("removing {}", path.display()), error))?;
+            drop(files);
+            // Each removal durable before the next: a power loss mid-compaction leaves the
+            // segments removed so far gone and the rest there, never an older one back in
+            // front of a gap (which `verify` would report as events missing). One directory
+            // fsync per segment, and compaction is rare.
+            sync_dir(&self.shared.events_dir)?;
+            removed += last + 1 - first;
+        }
+        if removed > 0 {
+            let log_start = self.shared.segments.lock().first().copied().unwrap_or(1);
+            self.forget_logged_by_before(log_start)?;
+        }
+        Ok(removed)
+    }
+
+    /// The compaction after a periodic checkpoint, whose snapshot is stored: as `compact`
+    /// after the checkpoint `Engine::compact` takes, the events after the snapshot before the
+    /// latest kept (so `verify` can replay between the two), with `now_ms` (the engine's clock
+    /// at the cut) the time retention is judged by (`retention_cut`).
+    pub fn compact_after_checkpoint(
+        &self,
+        now_ms: u64,
+        longest_window_ms: u64,
+        retention_ms: u64,
+    ) -> Result<u64, Error> {
+        let Some((before_ms, logged_by_ms)) =
+            retention_cut(now_ms, longest_window_ms, retention_ms)
+        else {
+            return Ok(0);
+        };
+        let Some(previous) = latest_snapshots(&self.snapshots_dir)?.get(1).copied() else {
+            return Ok(0);
+        };
+        self.compact(previous.seq, before_ms, logged_by_ms)
+    }
+}
+
+/// What retention lets compaction remove at `now_ms`: events stamped before the first time
+/// returned (the longest window plus the retention before now) and logged by the second (the
+/// retention before now, on the engine's clock); `None` when nothing can be that old (a `now_ms`
+/// less than `retention_ms` after 1970).
+pub fn retention_cut(now_ms: u64, longest_window_ms: u64, retention_ms: u64) -> Option<(u64, u64)> {
+    let logged_by_ms = now_ms.checked_sub(retention_ms)?;
+    let horizon_ms = longest_window_ms.saturating_add(retention_ms);
+    Some((now_ms.saturating_sub(horizon_ms), logged_by_ms))
 }
 
 /// What opening found at the end of the log.
@@ -1571,14 +1726,12 @@ impl EventLog {
             meta,
             cursors,
             cursor_saves: Mutex::new(()),
-            compacting: Mutex::new(()),
             snapshots_dir,
             syncer,
             shared,
             writer: Mutex::new(None),
-            resume: Mutex::new(None),
+            compaction: Arc::new(Compaction::default()),
             snapshot_thread: Mutex::new(None),
-            files: parking_lot::RwLock::new(()),
             read_only,
             format_upgrade_pending: AtomicBool::new(format_upgrade_pending),
             open_problem: recovered.problem,
@@ -1936,7 +2089,7 @@ impl EventLog {
         after: u64,
         mut visit: impl FnMut(RawEvent<'_>) -> Result<bool, Error>,
     ) -> Result<(), Error> {
-        let _files = self.files.read();
+        let _files = self.compaction.files.read();
         self.scan_from(after, None, &mut visit).map(|_| ())
     }
 
@@ -2037,7 +2190,7 @@ impl EventLog {
         if limit > 0 && self.shared.durability != Durability::Sync && !self.read_only {
             self.written_through(self.last_appended());
         }
-        let _files = self.files.read();
+        let _files = self.compaction.files.read();
         let start = self.log_start()?;
         if after > 0 && after.saturating_add(1) < start {
             return Err(Error::invalid(
@@ -2068,14 +2221,14 @@ impl EventLog {
         if limit == 0 {
             return Ok(out);
         }
-        let hint = *self.resume.lock();
+        let hint = *self.compaction.resume.lock();
         let hint = hint.filter(|(seq, _, _)| *seq <= after.saturating_add(1));
         let stopped = self.scan_from(after, hint, &mut |event| {
             out.push(decode_raw(event)?);
             Ok(out.len() < limit)
         })?;
         if stopped.is_some() {
-            *self.resume.lock() = stopped;
+            *self.compaction.resume.lock() = stopped;
         }
         Ok(out)
     }
@@ -2478,22 +2631,6 @@ impl EventLog {
         }
     }
 
-    /// The earliest clock time recorded by which every event up to `seq` was logged (the
-    /// record of the first sequence number at or after it); `None` when none covers it yet.
-    pub fn logged_by_ms(&self, seq: u64) -> Result<Option<u64>, Error> {
-        let reading = |error| storage("reading when events were logged", error);
-        let Some(entry) = self.meta.range(logged_by_key(seq)..).next() else {
-            return Ok(None);
-        };
-        let (key, value) = entry.map_err(reading)?;
-        if !key.starts_with(META_LOGGED_BY) {
-            return Ok(None);
-        }
-        logged_by_record(&key, &value)
-            .map(Some)
-            .map_err(|problem| storage("compaction", problem))
-    }
-
     /// What is wrong with the records of when events were logged, one line each (`verify`): a
     /// key or a value that does not read back (`compact` fails on it), or a record naming an
     /// event past `last_seq`, the log's last (one is written only once the log is durable
@@ -2525,75 +2662,28 @@ impl EventLog {
         problems
     }
 
-    /// Forgets the records of when events before `seq` were logged (their segments are gone).
-    fn forget_logged_by_before(&self, seq: u64) -> Result<(), Error> {
-        let forgetting = |error| storage("forgetting when compacted events were logged", error);
-        let old: Vec<sled::IVec> = self
-            .meta
-            .range(logged_by_key(0)..logged_by_key(seq))
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(forgetting)?;
-        for key in old {
-            self.meta.remove(key).map_err(forgetting)?;
-        }
-        Ok(())
+    /// The earliest clock time recorded by which every event up to `seq` was logged (the
+    /// record of the first sequence number at or after it); `None` when none covers it yet.
+    pub fn logged_by_ms(&self, seq: u64) -> Result<Option<u64>, Error> {
+        self.compactor().logged_by_ms(seq)
     }
 
     /// Deletes whole sealed segments, oldest first, whose every event is at or before
     /// `up_to_seq`, stamped before `before_ms`, and was logged by `logged_by_ms` on the
-    /// engine's clock (`logged_by_ms`: a segment no record covers stays); returns how many
-    /// events they held.
+    /// engine's clock (`Compactor::compact`); returns how many events they held.
     pub fn compact(&self, up_to_seq: u64, before_ms: u64, logged_by_ms: u64) -> Result<u64, Error> {
-        // One at a time, each listing the segments the one before it left.
-        let _one_at_a_time = self.compacting.lock();
-        let segments = self.segments();
-        let mut removed = 0u64;
-        for pair in segments.windows(2) {
-            let (first, next) = (pair[0], pair[1]);
-            let last = next - 1;
-            if last > up_to_seq {
-                break;
-            }
-            // Judged before the segment is read: a late event's timestamp says nothing of
-            // when a reader could first see it.
-            let logged_ms = self.logged_by_ms(last)?;
-            if logged_ms.is_none_or(|logged_ms| logged_ms > logged_by_ms) {
-                break;
-            }
-            let path = segment_path(&self.shared.events_dir, first);
-            let mut newest_at_ms = 0u64;
-            let mut reader = FrameReader::open(path.clone(), first, 0, None)?;
-            let mut expected = first;
-            while let Some((at, payload)) = reader.next(expected)? {
-                let view = RecordView::parse(payload)
-                    .ok_or_else(|| damage(&path, at as usize, expected, NO_SOUND_HEADER))?;
-                newest_at_ms = newest_at_ms.max(view.newest_at_ms);
-                expected = view.last_seq() + 1;
-            }
-            if newest_at_ms >= before_ms {
-                break;
-            }
-            let files = self.files.write();
-            {
-                let mut list = self.shared.segments.lock();
-                list.retain(|segment| *segment != first);
-            }
-            *self.resume.lock() = None;
-            std::fs::remove_file(&path)
-                .map_err(|error| storage(format!("removing {}", path.display()), error))?;
-            drop(files);
-            // Each removal durable before the next: a power loss mid-compaction leaves the
-            // segments removed so far gone and the rest there, never an older one back in
-            // front of a gap (which `verify` would report as events missing). One directory
-            // fsync per segment, and compaction is rare.
-            sync_dir(&self.shared.events_dir)?;
-            removed += last + 1 - first;
+        self.compactor().compact(up_to_seq, before_ms, logged_by_ms)
+    }
+
+    /// A handle that compacts this log from another thread (the snapshot thread's, after a
+    /// periodic checkpoint).
+    pub fn compactor(&self) -> Compactor {
+        Compactor {
+            shared: Arc::clone(&self.shared),
+            meta: self.meta.clone(),
+            snapshots_dir: self.snapshots_dir.clone(),
+            state: Arc::clone(&self.compaction),
         }
-        if removed > 0 {
-            self.forget_logged_by_before(self.log_start()?)?;
-        }
-        Ok(removed)
     }
 
     /// Bytes the database uses on disk: segments, snapshots and sled.

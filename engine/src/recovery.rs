@@ -291,10 +291,12 @@ pub struct OpenOptions {
     /// they take more). So opening replays up to about twice this many events (more after a
     /// crash while a checkpoint's snapshot was being written: the tail before it too).
     pub checkpoint_every_events: u64,
-    /// How long an export reader has: `compact` drops an event (its effect lives on in the
-    /// snapshot) only once its timestamp is this long past the longest window and it was
-    /// logged at least this long ago on the engine's clock, so a request delivered late,
-    /// stamped long ago, stays this long after it was logged too. 0 to `MAX_PERIOD_MS`.
+    /// How long an export reader has: `compact`, and each periodic checkpoint once its
+    /// snapshot is stored (judged at the engine clock's time at its cut), drop an event (its
+    /// effect lives on in the snapshot) only once its timestamp is this long past the longest
+    /// window and it was logged at least this long ago on the engine's clock, so a request
+    /// delivered late, stamped long ago, stays this long after it was logged too. 0 to
+    /// `MAX_PERIOD_MS`.
     pub retention_ms: u64,
     /// Faults to inject into the storage (tests).
     pub faults: Option<Arc<Faults>>,
@@ -1536,6 +1538,10 @@ impl Engine {
         // Every event up to the cut was logged by now.
         let logged_by_ms = self.now_ms();
         let record_logged_by = journal.logged_by_recorder();
+        // Retention after the snapshot is stored, judged at the cut's clock time.
+        let compactor = journal.compactor();
+        let longest_window_ms = self.policy().longest_window_ms();
+        let retention_ms = self.retention_ms.load(Ordering::Relaxed);
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
@@ -1554,7 +1560,17 @@ impl Engine {
                     record_logged_by(seq, logged_by_ms)
                 });
                 Cuts::keep_spare(&spare, cut);
-                stored
+                stored?;
+                // The segments retention lets go, as `compact` removes them. Best effort: one
+                // that fails stays (each removal is durable before the next) for the next
+                // checkpoint's compaction, or `compact`'s, which reports the error; the
+                // snapshot stands either way.
+                let _ = compactor.compact_after_checkpoint(
+                    logged_by_ms,
+                    longest_window_ms,
+                    retention_ms,
+                );
+                Ok(())
             }),
         );
     }
@@ -2057,18 +2073,16 @@ impl Engine {
             .previous_snapshot_pointer()?
             .map_or(0, |pointer| pointer.seq);
         let retention_ms = self.retention_ms.load(Ordering::Relaxed);
-        let horizon = self
-            .policy()
-            .longest_window_ms()
-            .saturating_add(retention_ms);
-        // Removable: logged at least `retention_ms` before `at_ms` on the engine's clock (an
-        // `at_ms` less than `retention_ms` after 1970 leaves nothing that old).
-        let removed = match at_ms.checked_sub(retention_ms) {
-            Some(logged_by_ms) => {
-                journal.compact(keep_after, at_ms.saturating_sub(horizon), logged_by_ms)?
-            }
-            None => 0,
-        };
+        // Removable: stamped before the longest window plus the retention before `at_ms`, and
+        // logged at least `retention_ms` before it on the engine's clock.
+        let removed =
+            match crate::log::retention_cut(at_ms, self.policy().longest_window_ms(), retention_ms)
+            {
+                Some((before_ms, logged_by_ms)) => {
+                    journal.compact(keep_after, before_ms, logged_by_ms)?
+                }
+                None => 0,
+            };
         Ok(CompactReport {
             snapshot_seq,
             events_removed: removed,

@@ -59,9 +59,9 @@ type Options struct {
 	// or more holds the next back until four times that has passed, or twice this many
 	// events came. Open only.
 	CheckpointEveryEvents uint64
-	// How long an export reader has (default 7 days): Compact drops an event only once its
-	// timestamp is this long past the longest window and it was logged at least this long
-	// ago on the engine's clock (a request delivered late stays this long after it was
+	// How long an export reader has (default 7 days): Compact, and each periodic checkpoint
+	// on its own, drop an event only once its timestamp is this long past the longest window
+	// and it was logged at least this long ago on the engine's clock (a request delivered late stays this long after it was
 	// logged); negative: none. Open only.
 	Retention time.Duration
 	// A clock of the engine's own, standing at this time (to the millisecond) until SetClock

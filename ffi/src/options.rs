@@ -362,9 +362,9 @@ pub extern "C" fn tally_options_set_checkpoint_every_events(
     })
 }
 
-/// How long an export reader has: `tally_engine_compact` drops an event only once its
-/// timestamp is this long past the policy's longest window and it was logged at least this
-/// long ago on the engine's clock (a request delivered late, stamped long ago, stays this long
+/// How long an export reader has: `tally_engine_compact`, and each periodic checkpoint on its
+/// own, drop an event only once its timestamp is this long past the policy's longest window
+/// and it was logged at least this long ago on the engine's clock (a request delivered late, stamped long ago, stays this long
 /// after it was logged): 0 to `TALLY_MAX_PERIOD_MS` (default 604,800,000, 7 days). Read by
 /// `tally_engine_open` only.
 ///

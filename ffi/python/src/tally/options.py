@@ -73,9 +73,10 @@ class Options:
     #: or more holds the next back until four times that has passed, or twice this many
     #: events came. ``Engine.open`` only.
     checkpoint_every_events: int | None = None
-    #: How long an export reader has (default 7 days): an event is compacted only once its
-    #: timestamp is this long past the longest window and it was logged at least this long
-    #: ago on the engine's clock. ``Engine.open``.
+    #: How long an export reader has (default 7 days): an event is compacted (by ``compact``,
+    #: and by each periodic checkpoint on its own) only once its timestamp is this long past
+    #: the longest window and it was logged at least this long ago on the engine's clock.
+    #: ``Engine.open``.
     retention_ms: int | None = None
     #: Open as a tool: an existing database runs with the options its owner recorded (an open
     #: without it records its own) instead of these, which then apply only to a database that
