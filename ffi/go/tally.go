@@ -71,9 +71,9 @@ var (
 	DurabilityNone = Durability{mode: C.TALLY_DURABILITY_NONE}
 )
 
-// DurabilityInterval: a call returns once its event is queued; the log fsyncs at the latest
-// `interval` (1 ms to 60 s, whole milliseconds) after its previous fsync ended (later while a
-// write or fsync is slow). A process crash loses the events not yet written (queued or being
+// DurabilityInterval: a call returns once its event is queued; the log starts its fsync at the
+// latest `interval` (1 ms to 60 s, whole milliseconds) after the call returned (later only
+// while an earlier write or fsync is still running then: a slow disk). A process crash loses the events not yet written (queued or being
 // written: at most 32,768); a power loss also those written since the last completed fsync. A
 // write or fsync that fails after its calls returned fails every later call (ErrLogFailed)
 // until the engine is reopened; the events it carried may be missing from the database. Open

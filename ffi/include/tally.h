@@ -325,9 +325,9 @@ enum tally_durability
   // A call returns after its event is written and fdatasynced (concurrent calls share a
   // flush). A crash, even a power loss, loses nothing acknowledged.
   TALLY_DURABILITY_SYNC = 0,
-  // A call returns once its event is queued; the log fdatasyncs at the latest `interval_ms`
-  // (1..=60,000) after its previous fdatasync ended (later while a write or fdatasync is
-  // slow). A process crash loses the events not yet written (queued or being written: at
+  // A call returns once its event is queued; the log starts its fdatasync at the latest
+  // `interval_ms` (1..=60,000) after the call returned (later only while an earlier write
+  // or fdatasync is still running then: a slow disk). A process crash loses the events not yet written (queued or being written: at
   // most 32,768); a power loss also those written since the last completed fdatasync. A
   // write or fdatasync that fails after its calls returned fails every later call
   // (`TALLY_LOG_FAILED`) until the engine is reopened; the events it carried may be missing

@@ -63,12 +63,13 @@ class Durability(enum.IntEnum):
 
     ``SYNC``: a call returns after its event is written and fsynced (concurrent calls share a
     flush); a crash, even a power loss, loses nothing acknowledged.
-    ``INTERVAL``: a call returns once its event is queued; the log fsyncs at the latest
-    ``interval_ms`` after its previous fsync ended (later while a write or fsync is slow). A
-    process crash loses the events not yet written (queued or being written: at most 32,768); a
-    power loss also those written since the last completed fsync. A write or fsync that fails
-    after its calls returned fails every later call (``LogFailedError``) until the engine is
-    reopened; the events it carried may be missing from the database.
+    ``INTERVAL``: a call returns once its event is queued; the log starts its fsync at the latest
+    ``interval_ms`` after the call returned (later only while an earlier write or fsync is still
+    running then: a slow disk). A process crash loses the events not yet written (queued or
+    being written: at most 32,768); a power loss also those written since the last completed
+    fsync. A write or fsync that fails after its calls returned fails every later call
+    (``LogFailedError``) until the engine is reopened; the events it carried may be missing from
+    the database.
     ``NONE``: no fsync of events (only when a log segment is sealed, on ``sync()`` and on
     close): a process crash loses what it loses with ``INTERVAL``, a power loss whatever the
     kernel had not written back. For tests and benchmarks.
