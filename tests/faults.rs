@@ -551,6 +551,51 @@ fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_wa
     }
 }
 
+/// In `Interval` mode the writer's own fdatasync, made in the background after the calls it
+/// covers returned, can fail with nobody waiting: the next call that logs is refused with that
+/// error (nothing of it applied), and so is `close`, so the caller learns of it either way.
+#[test]
+fn with_interval_a_failed_background_flush_fails_the_next_call_and_the_close() {
+    let dir = TempDir::new("fault-interval-flush");
+    let faults = Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Interval { ms: 5 },
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    create_accounts(&engine);
+    engine.sync().expect("written and durable");
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    // The writer's own flush, due 5 ms after the call, reaches the hold, then takes the fault.
+    let started = std::time::Instant::now();
+    while faults.flushes_held() == 0 && started.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(faults.flushes_held(), 1, "the writer flushed");
+    faults.release_flushes();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = state(&engine, &KEYS, &TEAMS, T0_MS);
+    let later = engine.consume(&request);
+    assert_storage_error(&later, "a consume after the failed flush");
+    assert!(
+        storage_problem(later.as_ref().unwrap_err()).contains("injected fault"),
+        "{later:?}"
+    );
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, T0_MS),
+        &before,
+        "the refused call changed nothing",
+    );
+    assert_storage_error(&engine.close(), "the close");
+    let report = Engine::verify(dir.path(), options).expect("verify");
+    assert!(report.is_sound(), "{:?}", report.problems);
+}
+
 /// A retried request id is answered with the first decision, and that answer is an
 /// acknowledgement too: the retry answers only once the first decision's event is durable. If
 /// that event is never made durable (its flush fails), the retry gets the log's error, as the
