@@ -553,7 +553,8 @@ fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_wa
 
 /// In `Interval` mode the writer's own fdatasync, made in the background after the calls it
 /// covers returned, can fail with nobody waiting: the next call that logs is refused with that
-/// error (nothing of it applied), and so is `close`, so the caller learns of it either way.
+/// error (nothing of it applied), which names the answered events it may have lost, and so is
+/// `close`, so the caller learns of it either way.
 #[test]
 fn with_interval_a_failed_background_flush_fails_the_next_call_and_the_close() {
     let dir = TempDir::new("fault-interval-flush");
@@ -577,14 +578,23 @@ fn with_interval_a_failed_background_flush_fails_the_next_call_and_the_close() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     assert_eq!(faults.flushes_held(), 1, "the writer flushed");
+    let unflushed = last_seq(&engine);
     faults.release_flushes();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let before = state(&engine, &KEYS, &TEAMS, T0_MS);
     let later = engine.consume(&request);
     assert_storage_error(&later, "a consume after the failed flush");
+    // The error says which answered events the failed flush may have lost: the acknowledged
+    // consume's, written but never made durable. (It said only that nothing from the next
+    // event on was kept, as if everything before it were safe.)
+    let problem = storage_problem(later.as_ref().unwrap_err());
+    assert!(problem.contains("injected fault"), "{problem}");
     assert!(
-        storage_problem(later.as_ref().unwrap_err()).contains("injected fault"),
-        "{later:?}"
+        problem.contains(&format!(
+            "events {unflushed} to {unflushed} were written since the last fdatasync that \
+             succeeded and may be missing after a reopen"
+        )),
+        "{problem}"
     );
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, T0_MS),

@@ -618,6 +618,10 @@ struct Shared {
     writer_dozing: std::sync::atomic::AtomicBool,
     // Relaxed: fdatasyncs of the log's segments by the writer so far (a statistic).
     writer_flushes: AtomicU64,
+    // Relaxed: every event up to here was made durable by an fdatasync outside the writer
+    // (`sync_active_file`); the writer reads it only to say which events a failed fdatasync
+    // of its own may have lost.
+    synced_outside: AtomicU64,
     // Set under the queue's lock by whoever wants the writer for something else than events
     // or a demand (a rotation, a wake, a close) / Relaxed, cleared under the lock by the
     // writer before it polls: the polling writer (`WRITER_POLL`) watches it without the lock.
@@ -1715,6 +1719,7 @@ impl EventLog {
             writer_asleep: std::sync::atomic::AtomicBool::new(false),
             writer_dozing: std::sync::atomic::AtomicBool::new(false),
             writer_flushes: AtomicU64::new(0),
+            synced_outside: AtomicU64::new(0),
             writer_poked: std::sync::atomic::AtomicBool::new(false),
             flush_micros: AtomicU64::new(0),
             caller_polling: std::sync::atomic::AtomicBool::new(false),
@@ -2861,6 +2866,22 @@ fn logged_by_key(seq: u64) -> Vec<u8> {
     key
 }
 
+/// `Interval` and `None`: a failed fdatasync's error, saying that answered events (`which`,
+/// those written since the last fdatasync that succeeded) may be lost. The log fails only from
+/// the first event not written (those before it were answered, and may well be on disk), so
+/// `failed`'s "nothing from then on was kept" alone read as if everything before were safe.
+fn may_be_missing(error: Error, which: &str) -> Error {
+    match error {
+        Error::Storage { problem } => Error::Storage {
+            problem: format!(
+                "{problem}; {which} written since the last fdatasync that succeeded and may be \
+                 missing after a reopen"
+            ),
+        },
+        other => other,
+    }
+}
+
 fn failed(seq: u64, problem: &str) -> Error {
     Error::Storage {
         problem: format!("the log failed at event {seq} ({problem}); nothing from then on was kept; reopen the engine"),
@@ -3520,12 +3541,25 @@ impl Writer {
     /// the pages it could not write) the file is cut back to its durable length in `Sync` mode
     /// and every event after the durable point fails.
     fn settle_flush(&mut self, result: Result<(), Error>) -> Result<(), Error> {
-        let result = match result {
-            Ok(()) => Ok(()),
-            Err(error) if self.shared.durability == Durability::Sync => {
+        let result = match (result, self.unsynced_from) {
+            (Ok(()), _) => Ok(()),
+            (Err(error), _) if self.shared.durability == Durability::Sync => {
                 Err(self.cut_back(self.durable_len, error))
             }
-            Err(error) => Err(error),
+            (Err(error), Some(first)) => {
+                let last = self.shared.progress.lock().written.seq;
+                // Those an fdatasync outside the writer made durable meanwhile are safe.
+                let first = first.max(self.shared.synced_outside.load(Ordering::Relaxed) + 1);
+                if first <= last {
+                    Err(may_be_missing(
+                        error,
+                        &format!("events {first} to {last} were"),
+                    ))
+                } else {
+                    Err(error)
+                }
+            }
+            (Err(error), None) => Err(error),
         };
         self.unsynced_from = None;
         self.unsynced_since = None;
@@ -3663,6 +3697,9 @@ impl Shared {
     /// fails the log, as the writer's own does: a later fdatasync can succeed after the kernel
     /// dropped the pages this one could not write.
     fn sync_active_file(&self) -> Result<(), Error> {
+        // What this fdatasync covers if it succeeds: read before the file is taken, so a
+        // rotation in between only seals (fdatasyncs) the segment holding them.
+        let written = self.progress.lock().written.seq;
         let file = Arc::clone(&self.active_file.lock());
         let synced = if self
             .faults
@@ -3674,8 +3711,17 @@ impl Shared {
             file.sync_data()
                 .map_err(|error| storage("fdatasync of the log", error))
         };
-        if let Err(error) = &synced {
-            self.fail_after_flush(error);
+        let synced = match synced {
+            Err(error) if self.durability != Durability::Sync => {
+                Err(may_be_missing(error, "the events (if any) were"))
+            }
+            synced => synced,
+        };
+        match &synced {
+            Ok(()) => {
+                self.synced_outside.fetch_max(written, Ordering::Relaxed);
+            }
+            Err(error) => self.fail_after_flush(error),
         }
         synced
     }
