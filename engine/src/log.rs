@@ -220,7 +220,8 @@ pub enum Durability {
     /// write's group and those queued behind it; for a failed fdatasync, those written since the
     /// last good one) stay counted in memory and are missing, or may be, after the reopen.
     Interval { ms: u64 },
-    /// No fsync of events at all (only when a segment is sealed, on `sync()` and on close). For
+    /// No fsync of events at all (only when a segment is sealed, on `sync()` and when the log
+    /// closes: `Engine::close` or dropping the engine, so a clean shutdown loses nothing). For
     /// tests and benchmarks: a process crash loses what it loses in `Interval` mode (the queued
     /// events and the group being written: at most twice `MAX_QUEUED_EVENTS`), a power loss
     /// whatever the kernel had not written back, and a failed write what it does there.
