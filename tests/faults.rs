@@ -551,6 +551,70 @@ fn without_sync_a_failed_write_fails_every_later_call_and_a_reopen_holds_what_wa
     }
 }
 
+/// `Sync` callers on many threads wait for one fdatasync (group commit); when it fails, every
+/// one of them gets the error, none is acknowledged, and what memory holds afterwards is what
+/// the reopened database holds: nothing of any of them.
+#[test]
+fn when_a_group_commits_fdatasync_fails_every_waiting_caller_fails_and_memory_equals_disk() {
+    let (dir, faults, engine) = accounts_in_sync_database("fault-group");
+    let before = state(&engine, &KEYS, &TEAMS, AT_MS);
+    let events = last_seq(&engine);
+    let keys = [
+        "key-ada",
+        "key-bob",
+        "key-eve",
+        "key-ada-acme",
+        "key-bob-acme",
+        "key-cy",
+    ];
+    faults.hold_flushes();
+    let results: Vec<Result<Decision, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let engine = &engine;
+                scope.spawn(move || {
+                    let one = [(Unit::Requests, 1)];
+                    engine.consume(&UsageRequest::new(key, "m2.7", &one).at(AT_MS))
+                })
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        while faults.flushes_held() == 0 && start.elapsed() < HOLD_AT_MOST {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // The callers that were not first append behind the held flush and wait too.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            handles.iter().all(|handle| !handle.is_finished()),
+            "a caller was answered before its flush"
+        );
+        faults.fail_next_flushes(1);
+        faults.release_flushes();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("no panic"))
+            .collect()
+    });
+    for result in &results {
+        assert_storage_error(result, "a caller of the failed group");
+    }
+    let in_memory = state(&engine, &KEYS, &TEAMS, AT_MS);
+    assert_same_state(&in_memory, &before, "in memory after the failed group");
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, AT_MS),
+        &in_memory,
+        "on disk, as in memory",
+    );
+    assert_eq!(
+        last_seq(&engine),
+        events,
+        "no event of the group is on disk"
+    );
+}
+
 /// In `Interval` mode the writer's own fdatasync, made in the background after the calls it
 /// covers returned, can fail with nobody waiting: the next call that logs is refused with that
 /// error (nothing of it applied), which names the answered events it may have lost, and so is
