@@ -1,11 +1,13 @@
 // Package tally is the Go binding of tally, an embedded quota-accounting engine, over its C
 // ABI (ffi/include/tally.h). It uses only the standard library and cgo.
 //
-// An Engine is safe to use from many goroutines at once. Close it when done; a finalizer
-// frees an engine that is dropped without Close. Every failed call returns an *Error that
-// wraps one sentinel per status (errors.Is(err, tally.ErrClosed)) and carries the library's
-// detail message; a status newer than this package wraps none (StatusOf gives its number).
-// A denial is not an error: it is a Decision with Admitted false.
+// An Engine is safe to use from many goroutines at once. Close it when done; a finalizer frees
+// (and closes) an engine that is dropped without Close, but finalizers do not run when the
+// program exits: exiting without Close is a crash to the database, which with
+// DurabilityInterval or DurabilityNone loses what a crash loses. Every failed call returns an
+// *Error that wraps one sentinel per status (errors.Is(err, tally.ErrClosed)) and carries the
+// library's detail message; a status newer than this package wraps none (StatusOf gives its
+// number). A denial is not an error: it is a Decision with Admitted false.
 //
 // Linking: the package links libtally statically from the repository's cargo target
 // directory (../../target/release, built by `cargo build -p tally-ffi --release`). With
