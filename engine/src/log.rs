@@ -207,9 +207,11 @@ pub enum Durability {
     /// A call returns once its event is queued (an append waits while `MAX_QUEUED_EVENTS` are).
     /// The writer writes it within `WRITER_DOZE` when idle (at once if it was asleep), once its
     /// current write or fdatasync is done when busy, and starts the fdatasync of what it wrote
-    /// at the latest `ms` after the oldest event in it was queued (acknowledged): an event's
+    /// at the latest `ms` after the oldest event in it was queued (acknowledged), at once if
+    /// its last fdatasync ended `ms` ago or more (a lone event after a quiet spell): an event's
     /// flush starts within `ms` of its acknowledgement and ends when the disk is done, later
-    /// only while an earlier write or fdatasync still runs at that time (a slow disk).
+    /// only while an earlier write or fdatasync still runs at that time (a slow disk); at most
+    /// one fdatasync starts per `ms` while events keep coming.
     ///
     /// A process crash loses the acknowledged events not yet written: those queued (at most
     /// `MAX_QUEUED_EVENTS`) and the group the writer took from the queue and is writing (as
@@ -1774,6 +1776,7 @@ impl EventLog {
             rotate_at: None,
             unsynced_from: None,
             unsynced_since: None,
+            last_flush_ended: None,
             durable_len: active_len,
             wrote: false,
             poll_for: WRITER_POLL,
@@ -3187,6 +3190,11 @@ struct Writer {
     /// fdatasync is due `ms` after it. (Counted from the end of the previous fdatasync, an
     /// event queued while a slow one ran waited for it and then the whole interval again.)
     unsynced_since: Option<Instant>,
+    /// `Interval`: when the writer's last fdatasync ended (none yet: none since the open). One
+    /// `ms` before that lets events written now be flushed at once: a lone event after a
+    /// quiet spell is not held the whole interval, which would only lengthen what a power
+    /// loss takes.
+    last_flush_ended: Option<Instant>,
     /// `Sync`: the active segment's length at its last fdatasync; a failed write or flush cuts
     /// the file back to it.
     durable_len: u64,
@@ -3253,9 +3261,18 @@ impl Writer {
     /// (none written: never).
     fn flush_due_at(&self) -> Option<Instant> {
         match self.shared.durability {
-            Durability::Interval { ms } if self.unsynced_from.is_some() => self
-                .unsynced_since
-                .map(|since| since + Duration::from_millis(ms)),
+            Durability::Interval { ms } if self.unsynced_from.is_some() => {
+                let interval = Duration::from_millis(ms);
+                // Within the interval of the oldest event's acknowledgement, and at once when
+                // no fdatasync ended within the interval before now.
+                let of_the_oldest = self.unsynced_since.map(|since| since + interval);
+                let of_the_last = self.last_flush_ended.map(|ended| ended + interval);
+                Some(match (of_the_oldest, of_the_last) {
+                    (_, None) => Instant::now(),
+                    (None, Some(last)) => last,
+                    (Some(oldest), Some(last)) => oldest.min(last),
+                })
+            }
             _ => None,
         }
     }
@@ -3567,6 +3584,7 @@ impl Writer {
         let mut progress = self.shared.progress.lock();
         match &result {
             Ok(()) if progress.failure.is_none() => {
+                self.last_flush_ended = Some(Instant::now());
                 self.durable_len = self.active.len;
                 progress.visible = progress.written;
                 self.shared
@@ -4004,6 +4022,7 @@ mod tests {
             rotate_at,
             unsynced_from: None,
             unsynced_since: None,
+            last_flush_ended: None,
             durable_len: len,
             wrote: true,
             poll_for: WRITER_POLL,
@@ -4473,6 +4492,26 @@ mod tests {
         assert!(
             waited < Duration::from_millis(INTERVAL_MS + LATE_MS),
             "flushed {waited:?} after it was queued, with an interval of {INTERVAL_MS} ms"
+        );
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lone event after a quiet spell (no fdatasync within the interval before it) is
+    /// flushed at once, as before the interval was counted from the acknowledgement: waiting
+    /// the whole interval would only lengthen what a power loss takes.
+    #[test]
+    fn with_interval_a_lone_event_after_a_quiet_spell_is_flushed_at_once() {
+        const INTERVAL_MS: u64 = 20_000;
+        let dir = fresh_dir("interval-quiet");
+        let log =
+            EventLog::open(&dir, Durability::Interval { ms: INTERVAL_MS }, None).expect("open");
+        let queued = Instant::now();
+        log.append(1_000, encode_body(&top_up(1))).expect("append");
+        assert!(
+            eventually(|| log.writer_flushes() >= 1),
+            "not flushed within {:?} of an interval of {INTERVAL_MS} ms",
+            queued.elapsed()
         );
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
