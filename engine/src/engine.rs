@@ -684,6 +684,12 @@ impl Engine {
         self.newest_event_ms.load(Ordering::Relaxed)
     }
 
+    /// Unique among the engines of the process: what a detached `Submission` names as the
+    /// engine that made it (`Submission::instance_id`).
+    pub fn instance_id(&self) -> u64 {
+        self.instance
+    }
+
     pub(crate) fn journal(&self) -> Option<&EventLog> {
         self.journal.get()
     }

@@ -235,6 +235,13 @@ impl Submission {
     pub fn replayed(&self) -> bool {
         self.replayed
     }
+
+    /// The engine that made it (`Engine::instance_id`). After that engine's `close` returned
+    /// `Ok`, which flushed every event it had queued, the submission's `decision` stands:
+    /// the C ABI's `tally_engine_complete` then answers it on the closed handle.
+    pub fn instance_id(&self) -> u64 {
+        self.engine
+    }
 }
 
 impl Engine {

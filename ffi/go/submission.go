@@ -70,8 +70,9 @@ func (s *Submission) Durable() (bool, error) {
 // Complete waits until the event is durable as the engine's durability mode says (fsynced
 // with DurabilitySync; with the other modes it was acknowledged once queued, and Complete
 // returns at once) and returns the decision (Replayed for a repeated request id). If it never will be durable, the effect is given back and the log's
-// error returned (ErrLogFailed): the request was not admitted. After Close, ErrClosed (the
-// close flushed the event if it returned nil). A second Complete is ErrInvalidArgument.
+// error returned (ErrLogFailed): the request was not admitted. After a Close that returned nil
+// (it flushed the event), the decision too; after one that failed, ErrClosed. A second
+// Complete is ErrInvalidArgument.
 func (s *Submission) Complete() (Decision, error) {
 	s.mu.Lock()
 	handle := s.handle

@@ -1178,8 +1178,10 @@ tally_status tally_engine_submission_durable(const struct tally_engine *engine,
 // its decision to `*decision_out` (`replayed` set for a repeated request id), or, if the event
 // never will be durable, gives the effect back, forgets the request id and returns the log's error
 // (`TALLY_LOG_FAILED`): then the request was not admitted. `TALLY_INVALID_ARGUMENT` if it was
-// submitted to another engine (which keeps its effect, unacknowledged). After
-// `tally_engine_close`, `TALLY_CLOSED`: the close flushed the event if it returned `TALLY_OK`.
+// submitted to another engine (which keeps its effect, unacknowledged). After a
+// `tally_engine_close` that returned `TALLY_OK`, which flushed every event the engine had
+// queued, its decision (the request stands, counted once); after a close that failed, or for
+// another engine's submission, `TALLY_CLOSED`.
 //
 // Ownership: takes `submission` and frees it, whatever the status (also when `engine` or
 // `decision_out` is NULL); do not use it again. NULL is `TALLY_NULL_POINTER`.

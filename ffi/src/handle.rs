@@ -7,7 +7,7 @@
 //! all safe and answer `TALLY_CLOSED`; only a call after free (or a double free) is undefined,
 //! as with any C API.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use ::tally_engine::{Engine, ManualClock, Policy};
@@ -98,6 +98,10 @@ pub(crate) struct EngineHandle {
     state: ShardedLock<Option<Open>>,
     /// Set when a call panicked inside the engine: its state may be half-changed.
     poisoned: AtomicBool,
+    // Release by a close that succeeded, before the calls waiting on the state see it closed /
+    // Acquire by `complete` after: the engine's `instance_id` (0: no such close). That close
+    // flushed every event the engine had queued, so its submissions' decisions stand.
+    closed_cleanly: AtomicU64,
 }
 
 // Many threads share one handle: it must be `Send + Sync`.
@@ -134,6 +138,7 @@ impl EngineHandle {
                 manual_clock,
             })),
             poisoned: AtomicBool::new(false),
+            closed_cleanly: AtomicU64::new(0),
         }
     }
 
@@ -169,20 +174,30 @@ impl EngineHandle {
     }
 
     /// Waits for the calls inside, marks the handle closed and closes the engine (checkpoint,
-    /// flush). The handle is closed even when closing the engine fails.
+    /// flush). The handle is closed even when closing the engine fails. Calls arriving
+    /// meanwhile wait for the close to end (the state stays locked), so a `complete` that
+    /// finds the handle closed knows whether the close succeeded (`closed_cleanly`).
     pub fn close(&self) -> Result<(), Failure> {
-        let open = self
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(closed)?;
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let open = state.take().ok_or_else(closed)?;
         if self.poisoned.load(Ordering::Acquire) {
             // The state may be inconsistent: drop the engine without a checkpoint.
             drop(open);
             return Ok(());
         }
-        open.engine.close().map_err(Failure::from)
+        let instance = open.engine.instance_id();
+        let closing = open.engine.close().map_err(Failure::from);
+        if closing.is_ok() {
+            self.closed_cleanly.store(instance, Ordering::Release);
+        }
+        drop(state);
+        closing
+    }
+
+    /// The `instance_id` of the engine a close that succeeded closed; 0 if the handle is open,
+    /// was poisoned, or its close failed.
+    pub fn closed_cleanly(&self) -> u64 {
+        self.closed_cleanly.load(Ordering::Acquire)
     }
 
     pub fn is_open(&self) -> bool {

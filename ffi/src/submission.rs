@@ -7,7 +7,7 @@
 //! own event is in flight, and the decision already converted for C), so the caller's strings
 //! may be freed as soon as `tally_engine_submit` returns.
 
-use ::tally_engine::{Decision, Submission};
+use ::tally_engine::Submission;
 
 use crate::checks::Out;
 use crate::decision::{tally_decision, tally_request, Request};
@@ -97,8 +97,10 @@ pub extern "C" fn tally_engine_submission_durable(
 /// its decision to `*decision_out` (`replayed` set for a repeated request id), or, if the event
 /// never will be durable, gives the effect back, forgets the request id and returns the log's error
 /// (`TALLY_LOG_FAILED`): then the request was not admitted. `TALLY_INVALID_ARGUMENT` if it was
-/// submitted to another engine (which keeps its effect, unacknowledged). After
-/// `tally_engine_close`, `TALLY_CLOSED`: the close flushed the event if it returned `TALLY_OK`.
+/// submitted to another engine (which keeps its effect, unacknowledged). After a
+/// `tally_engine_close` that returned `TALLY_OK`, which flushed every event the engine had
+/// queued, its decision (the request stands, counted once); after a close that failed, or for
+/// another engine's submission, `TALLY_CLOSED`.
 ///
 /// Ownership: takes `submission` and frees it, whatever the status (also when `engine` or
 /// `decision_out` is NULL); do not use it again. NULL is `TALLY_NULL_POINTER`.
@@ -123,8 +125,23 @@ pub extern "C" fn tally_engine_complete(
             submission,
             mut decision,
         } = *submission;
-        let (_, replayed): (Decision, bool) =
-            handle.with(|open| open.engine.complete(submission).map_err(Failure::from))?;
+        let mut pending = Some(submission);
+        let completed = handle.with(|open| {
+            let submission = pending.take().expect("taken once, here");
+            open.engine.complete(submission).map_err(Failure::from)
+        });
+        let replayed = match (completed, pending) {
+            (Ok((_, replayed)), _) => replayed,
+            // The close flushed its event: the decision stands (an error here read as "not
+            // admitted", and a retry without a request id counted it twice).
+            (Err(failure), Some(submission))
+                if failure.status == tally_status::TALLY_CLOSED
+                    && handle.closed_cleanly() == submission.instance_id() =>
+            {
+                submission.replayed()
+            }
+            (Err(failure), _) => return Err(failure),
+        };
         debug_assert_eq!(decision.replayed, replayed);
         decision.replayed = replayed;
         out.set(decision);

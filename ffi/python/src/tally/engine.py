@@ -998,8 +998,9 @@ class Submission:
         """Waits until the event is durable as the durability mode says (fsynced with
         ``Durability.SYNC``; with the others it returns at once) and returns the decision
         (``replayed`` for a repeated request id). Raises the log's error (e.g.
-        ``LogFailedError``) if it never will be: then the request was not admitted. Once only:
-        a second call raises ``ValueError``."""
+        ``LogFailedError``) if it never will be: then the request was not admitted. After the
+        engine's ``close()`` succeeded (it flushed the event), returns the decision too; after
+        one that failed, ``ClosedError``. Once only: a second call raises ``ValueError``."""
         # Everything the call needs is made first: a KeyboardInterrupt (or any error) until
         # the submission is given up leaves it this object's, to complete again or free.
         out = _native.Decision()
