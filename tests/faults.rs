@@ -670,6 +670,122 @@ fn with_interval_a_failed_background_flush_fails_the_next_call_and_the_close() {
     assert!(report.is_sound(), "{:?}", report.problems);
 }
 
+/// A background failure reaches a monitor through `health` before any call fails: the
+/// writer's own flush failing in `Interval` mode (a `check` and a `usage` report still answer,
+/// and never say), a periodic checkpoint that cannot store its snapshot, an automatic
+/// compaction that cannot read a segment. Each clears once one succeeds again; the log's stays.
+#[test]
+fn health_reports_what_failed_in_the_background() {
+    // The log, failed by its writer's flush after the call returned.
+    let dir = TempDir::new("health-log");
+    let faults = Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Interval { ms: 5 },
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    create_accounts(&engine);
+    engine.sync().expect("written and durable");
+    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+    let one = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS);
+    faults.fail_next_flushes(1);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let started = std::time::Instant::now();
+    while engine.health().log_failure.is_none() && started.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let health = engine.health();
+    let failure = health.log_failure.as_deref().expect("the log's failure");
+    assert!(failure.contains("injected fault"), "{failure}");
+    assert!(!health.is_healthy());
+    assert!(
+        engine.check(&request).is_ok(),
+        "read-only calls still answer"
+    );
+    drop(engine);
+
+    // A periodic checkpoint whose snapshot cannot be stored, then an automatic compaction
+    // that cannot read the segment it judges.
+    let dir = TempDir::new("health-background");
+    let clock = clock();
+    let options = OpenOptions {
+        retention_ms: SECOND_MS,
+        checkpoint_every_events: 4,
+        ..sync_options()
+    };
+    let engine = open_on_clock(
+        dir.path(),
+        Arc::clone(&clock) as Arc<dyn tally_engine::Clock>,
+        options,
+    );
+    create_accounts(&engine);
+    let consume_some = |at_ms: u64| {
+        for index in 0..12 {
+            let request = UsageRequest::new("key-bob", "m2.7", &one).at(at_ms + index);
+            assert!(engine.consume(&request).unwrap().is_admitted());
+        }
+        // Waits for the last periodic checkpoint (and its compaction) to end.
+        engine.checkpoint().expect("checkpoint")
+    };
+    consume_some(T0_MS);
+    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+    let snapshots = dir.path().join("snapshots");
+    let aside = dir.path().join("snapshots-aside");
+    std::fs::rename(&snapshots, &aside).unwrap();
+    std::fs::write(&snapshots, b"not a directory").unwrap();
+    for index in 0..12 {
+        let request = UsageRequest::new("key-bob", "m2.7", &one).at(T0_MS + 100 + index);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    let started = std::time::Instant::now();
+    while engine.health().checkpoint_failure.is_none() && started.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        engine.health().checkpoint_failure.is_some(),
+        "{:?}",
+        engine.health()
+    );
+    std::fs::remove_file(&snapshots).unwrap();
+    std::fs::rename(&aside, &snapshots).unwrap();
+    consume_some(T0_MS + 200);
+    assert_eq!(
+        engine.health().checkpoint_failure,
+        None,
+        "a later one stored"
+    );
+    // The oldest segment made unreadable (a directory where its file was), then events 40
+    // days on (past the policy's longest window, a month): their periodic checkpoints'
+    // compactions judge it and fail.
+    let events = dir.path().join("events");
+    let mut segments: Vec<_> = std::fs::read_dir(&events)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "seg"))
+        .collect();
+    segments.sort();
+    let oldest = segments[0].clone();
+    let kept = oldest.with_extension("kept");
+    std::fs::rename(&oldest, &kept).unwrap();
+    std::fs::create_dir(&oldest).unwrap();
+    let later = T0_MS + 40 * DAY_MS;
+    clock.set_ms(later);
+    consume_some(later);
+    let failure = engine.health().compaction_failure;
+    assert!(failure.is_some(), "{:?}", engine.health());
+    assert!(engine.health().log_failure.is_none());
+    std::fs::remove_dir(&oldest).unwrap();
+    std::fs::rename(&kept, &oldest).unwrap();
+    consume_some(later + 100);
+    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+    assert!(
+        engine.events_after(0, 1).unwrap()[0].seq > 1,
+        "the compaction went through once the segment read again"
+    );
+}
+
 /// A retried request id is answered with the first decision, and that answer is an
 /// acknowledgement too: the retry answers only once the first decision's event is durable. If
 /// that event is never made durable (its flush fails), the retry gets the log's error, as the

@@ -411,6 +411,9 @@ pub struct Engine {
     pub(crate) reclaim_due_ms: crossbeam_utils::CachePadded<AtomicU64>,
     /// Where the automatic reclaim's round has got to (see `adjustment`).
     pub(crate) reclaim_hand: Mutex<crate::adjustment::ReclaimHand>,
+    /// What the periodic checkpoints and compactions found wrong in the background, for
+    /// `health` (`recovery`).
+    pub(crate) background: Arc<crate::recovery::BackgroundProblems>,
 }
 
 /// Requests a thread decides between two looks at the engine's housekeeping: whether a reclaim
@@ -573,6 +576,7 @@ impl Engine {
             append_gate: ShardLock::new(()),
             options,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            background: Arc::default(),
         })
     }
 

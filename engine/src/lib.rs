@@ -62,7 +62,7 @@ pub use event::{Event, EventBody};
 pub use log::{Durability, Faults};
 pub use options::RecordedOptions;
 pub use policy::{PlanId, Policy, PolicyDocument, PolicyError, ResourceId, Unit, Window};
-pub use recovery::{CompactReport, OpenOptions, OpenReport, VerifyReport};
+pub use recovery::{CompactReport, Health, OpenOptions, OpenReport, VerifyReport};
 pub use reservation::{ReservationId, Settlement};
 pub use submission::{Submission, Submitted};
 

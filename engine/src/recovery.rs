@@ -648,6 +648,43 @@ enum PolicyChoice {
     Stored,
 }
 
+/// What has gone wrong where no call's answer reports it, for a monitor (`Engine::health`): a
+/// log that failed in the background (in `Interval` and `None` modes only the next call that
+/// logs is refused, and `check` and `usage` never are), or a periodic checkpoint or automatic
+/// compaction that failed (its error goes nowhere else: opening replays more, or the segments
+/// it would have removed stay, until one succeeds).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The log failed: every call that logs is refused until the engine is reopened.
+    pub log_failure: Option<String>,
+    /// The last periodic checkpoint could not store its snapshot (cleared by one that can).
+    pub checkpoint_failure: Option<String>,
+    /// The last automatic compaction failed (cleared by one that succeeds, or by `compact`).
+    pub compaction_failure: Option<String>,
+}
+
+impl Health {
+    pub fn is_healthy(&self) -> bool {
+        self.log_failure.is_none()
+            && self.checkpoint_failure.is_none()
+            && self.compaction_failure.is_none()
+    }
+}
+
+/// The last failures of the periodic checkpoints and compactions, which run on the snapshot
+/// thread (`checkpoint_in_background`): `Health`'s.
+#[derive(Debug, Default)]
+pub(crate) struct BackgroundProblems {
+    checkpoint: parking_lot::Mutex<Option<String>>,
+    compaction: parking_lot::Mutex<Option<String>>,
+}
+
+impl BackgroundProblems {
+    fn note<T>(slot: &parking_lot::Mutex<Option<String>>, outcome: &Result<T, Error>) {
+        *slot.lock() = outcome.as_ref().err().map(ToString::to_string);
+    }
+}
+
 /// What `compact` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactReport {
@@ -1506,6 +1543,7 @@ impl Engine {
             journal.record_logged_by(seq, logged_by_ms)
         });
         self.cuts.give_back(cut);
+        BackgroundProblems::note(&self.background.checkpoint, &written);
         written?;
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
@@ -1542,6 +1580,7 @@ impl Engine {
         let compactor = journal.compactor();
         let longest_window_ms = self.policy().longest_window_ms();
         let retention_ms = self.retention_ms.load(Ordering::Relaxed);
+        let background = Arc::clone(&self.background);
         self.checkpointed_seq.store(seq, Ordering::Relaxed);
         self.checkpoint_due.store(false, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
@@ -1560,19 +1599,35 @@ impl Engine {
                     record_logged_by(seq, logged_by_ms)
                 });
                 Cuts::keep_spare(&spare, cut);
+                BackgroundProblems::note(&background.checkpoint, &stored);
                 stored?;
-                // The segments retention lets go, as `compact` removes them. Best effort: one
-                // that fails stays (each removal is durable before the next) for the next
-                // checkpoint's compaction, or `compact`'s, which reports the error; the
-                // snapshot stands either way.
-                let _ = compactor.compact_after_checkpoint(
+                // The segments retention lets go, as `compact` removes them. One that fails
+                // stays (each removal is durable before the next) for the next checkpoint's
+                // compaction, or `compact`'s; `health` says so meanwhile. The snapshot stands
+                // either way.
+                let compacted = compactor.compact_after_checkpoint(
                     logged_by_ms,
                     longest_window_ms,
                     retention_ms,
                 );
+                BackgroundProblems::note(&background.compaction, &compacted);
                 Ok(())
             }),
         );
+    }
+
+    /// What has gone wrong where no call's answer reports it (`Health`): the log's failure,
+    /// and the last periodic checkpoint's and automatic compaction's. For a monitor: read-only
+    /// traffic (`check`, `usage`) never learns of them otherwise.
+    pub fn health(&self) -> Health {
+        Health {
+            log_failure: self
+                .journal()
+                .and_then(EventLog::failure)
+                .map(|error| error.to_string()),
+            checkpoint_failure: self.background.checkpoint.lock().clone(),
+            compaction_failure: self.background.compaction.lock().clone(),
+        }
     }
 
     /// Takes a checkpoint if enough events were logged since the last one and the last one's
@@ -2079,7 +2134,10 @@ impl Engine {
             match crate::log::retention_cut(at_ms, self.policy().longest_window_ms(), retention_ms)
             {
                 Some((before_ms, logged_by_ms)) => {
-                    journal.compact(keep_after, before_ms, logged_by_ms)?
+                    let removed = journal.compact(keep_after, before_ms, logged_by_ms);
+                    // This one's outcome is the compaction's health now.
+                    BackgroundProblems::note(&self.background.compaction, &removed);
+                    removed?
                 }
                 None => 0,
             };

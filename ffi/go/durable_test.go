@@ -197,6 +197,56 @@ func TestVerifySaysWhereATornTailIsAndTheNextOpenCutsIt(t *testing.T) {
 	}
 }
 
+// Health reports a compaction that failed in the background (each periodic checkpoint
+// compacts what the retention lets go), which no call's answer reports; it clears once one
+// succeeds.
+func TestHealthReportsACompactionThatFailedInTheBackground(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilitySync),
+		tally.WithOptions(tally.Options{Retention: time.Second, CheckpointEveryEvents: 4,
+			MaxAheadOfClock: -1, ManualClock: t0}))
+	must(t, err)
+	defer func() { must(t, engine.Close()) }()
+	seated(t, engine, "he", "tp-he", "Max")
+	if health, err := engine.Health(); err != nil || !health.Healthy() {
+		t.Fatalf("a fresh engine: %+v %v", health, err)
+	}
+	consumeSome := func(at time.Time) {
+		for i := 0; i < 12; i++ {
+			decision, err := engine.Consume(tally.Request{Key: "tp-he", Resource: "m2.7",
+				Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 1}},
+				At:         at.Add(time.Duration(i) * time.Millisecond)})
+			if err != nil || !decision.Admitted {
+				t.Fatalf("consume: %+v %v", decision, err)
+			}
+		}
+		if _, err := engine.Checkpoint(); err != nil { // the last periodic one ends first
+			t.Fatal(err)
+		}
+	}
+	consumeSome(t0)
+	segments, err := filepath.Glob(filepath.Join(dir, "events", "*.seg"))
+	if err != nil || len(segments) < 2 {
+		t.Fatalf("segments %v %v", segments, err)
+	}
+	oldest := segments[0]
+	must(t, os.Rename(oldest, oldest+".kept"))
+	must(t, os.Mkdir(oldest, 0o700))     // unreadable: a directory where the segment was
+	later := t0.Add(40 * 24 * time.Hour) // past the longest window (a month) and the retention
+	must(t, engine.SetClock(later))
+	consumeSome(later)
+	health, err := engine.Health()
+	if err != nil || health.Healthy() || health.CompactionFailure == "" || health.LogFailure != "" {
+		t.Fatalf("after the failed compaction: %+v %v", health, err)
+	}
+	must(t, os.Remove(oldest))
+	must(t, os.Rename(oldest+".kept", oldest))
+	consumeSome(later.Add(time.Second))
+	if health, err = engine.Health(); err != nil || !health.Healthy() {
+		t.Fatalf("after one that succeeded: %+v %v", health, err)
+	}
+}
+
 // customPolicy gives Starter 7 m2.7 requests per 5 hours (the shipped Token Plan: 1,500).
 const customPolicy = `
 time_zone = "UTC"

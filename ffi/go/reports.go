@@ -244,6 +244,40 @@ func (e *Engine) MemoryStats() (MemoryStats, error) {
 		UsageBytes: uint64(out.usage_bytes), TableBytes: uint64(out.table_bytes)}, nil
 }
 
+// Health is what has gone wrong where no call's answer reports it, each a message or "".
+// For a monitor: Check and Usage never learn of them.
+type Health struct {
+	// The log failed (with DurabilityInterval or DurabilityNone its writer may fail after the
+	// calls returned): every call that logs fails until the database is reopened.
+	LogFailure string `json:"log_failure"`
+	// The last periodic checkpoint could not store its snapshot (cleared by one that can).
+	CheckpointFailure string `json:"checkpoint_failure"`
+	// The last automatic compaction failed (cleared by one that succeeds, or by Compact).
+	CompactionFailure string `json:"compaction_failure"`
+}
+
+// Healthy says whether nothing went wrong.
+func (h Health) Healthy() bool {
+	return h.LogFailure == "" && h.CheckpointFailure == "" && h.CompactionFailure == ""
+}
+
+// Health reports what has gone wrong where no call's answer reports it: the log's failure,
+// the last periodic checkpoint's and the last automatic compaction's.
+func (e *Engine) Health() (Health, error) {
+	document, err := e.readText("Health", func(handle *C.tally_engine, buf *C.char, bufLen C.size_t, needed *C.size_t) C.uint32_t {
+		var healthy C.bool
+		return C.tally_engine_health(handle, &healthy, buf, bufLen, needed)
+	})
+	if err != nil {
+		return Health{}, err
+	}
+	var health Health
+	if err := json.Unmarshal(document, &health); err != nil {
+		return Health{}, newError("Health", C.TALLY_PANIC, "the library's health JSON did not parse: "+err.Error())
+	}
+	return health, nil
+}
+
 // ReclaimIdle frees the window memory of every key with nothing counted in any window as of
 // at (zero: now) and no open reservation, returning how many keys it freed. Their next
 // request starts from empty windows, exactly as if they had been kept. The engine also does

@@ -1130,6 +1130,23 @@ tally_status tally_verify(const char *path,
                           size_t buf_len,
                           size_t *needed);
 
+// What has gone wrong where no call's answer reports it, for a monitor: writes whether all
+// is well to `*healthy_out` and a JSON object into `buf`: `{"healthy", "log_failure",
+// "checkpoint_failure", "compaction_failure"}`, each failure a message or null.
+// `log_failure`: the log failed (in `TALLY_DURABILITY_INTERVAL` and `_NONE` modes its writer
+// may fail after the calls returned, and only the next call that logs is refused; `check`
+// and `usage` never are): every call that logs is refused until the database is reopened.
+// `checkpoint_failure`: the last periodic checkpoint could not store its snapshot (an open
+// replays more until one does; cleared by one that can). `compaction_failure`: the last
+// automatic compaction, run after each periodic checkpoint, failed (the segments it would
+// have removed stay; cleared by one that succeeds, or by `tally_engine_compact`). Size query
+// as for usage; on `TALLY_BUFFER_TOO_SMALL` `*healthy_out` is not written.
+tally_status tally_engine_health(const struct tally_engine *engine,
+                                 bool *healthy_out,
+                                 char *buf,
+                                 size_t buf_len,
+                                 size_t *needed);
+
 // Writes what the engine's keys hold in memory to `*stats_out`.
 tally_status tally_engine_memory_stats(const struct tally_engine *engine,
                                        struct tally_memory_stats *stats_out);

@@ -376,6 +376,42 @@ pub struct tally_memory_stats {
     pub table_bytes: u64,
 }
 
+/// What has gone wrong where no call's answer reports it, for a monitor: writes whether all
+/// is well to `*healthy_out` and a JSON object into `buf`: `{"healthy", "log_failure",
+/// "checkpoint_failure", "compaction_failure"}`, each failure a message or null.
+/// `log_failure`: the log failed (in `TALLY_DURABILITY_INTERVAL` and `_NONE` modes its writer
+/// may fail after the calls returned, and only the next call that logs is refused; `check`
+/// and `usage` never are): every call that logs is refused until the database is reopened.
+/// `checkpoint_failure`: the last periodic checkpoint could not store its snapshot (an open
+/// replays more until one does; cleared by one that can). `compaction_failure`: the last
+/// automatic compaction, run after each periodic checkpoint, failed (the segments it would
+/// have removed stay; cleared by one that succeeds, or by `tally_engine_compact`). Size query
+/// as for usage; on `TALLY_BUFFER_TOO_SMALL` `*healthy_out` is not written.
+#[no_mangle]
+pub extern "C" fn tally_engine_health(
+    engine: *const tally_engine,
+    healthy_out: *mut bool,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    boundary(|| {
+        let handle = try_ref(engine)?;
+        let healthy = Out::new("healthy_out", healthy_out)?;
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        let health = handle.with(|open| Ok(open.engine.health()))?;
+        let json = json!({
+            "healthy": health.is_healthy(),
+            "log_failure": health.log_failure,
+            "checkpoint_failure": health.checkpoint_failure,
+            "compaction_failure": health.compaction_failure,
+        });
+        write_text(&json.to_string(), out)?;
+        healthy.set(health.is_healthy());
+        Ok(())
+    })
+}
+
 /// Writes what the engine's keys hold in memory to `*stats_out`.
 #[no_mangle]
 pub extern "C" fn tally_engine_memory_stats(

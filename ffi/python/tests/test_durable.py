@@ -145,6 +145,39 @@ def test_verify_replays_with_the_options_the_database_was_opened_with(tmp_path):
         tally.verify(path, options=tally.Options(max_policy_generations=1))
 
 
+def test_health_reports_a_compaction_that_failed_in_the_background(tmp_path):
+    # Each periodic checkpoint compacts what the retention lets go; a failure there goes to
+    # no call's answer, only to ``health`` (cleared once one succeeds).
+    day = 24 * 3_600_000
+    path = tmp_path / "db"
+    options = unbounded(retention_ms=1_000, checkpoint_every_events=4)
+    with tally.Engine.open(path, durability="sync", options=options) as engine:
+        key = seated(engine, "he", "tp-he-1", "Max")
+        assert engine.health() == tally.Health(None, None, None) and engine.health().healthy
+
+        def consume_some(at_ms: int) -> None:
+            for i in range(12):
+                assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=at_ms + i).admitted
+            engine.checkpoint()  # the last periodic one (and its compaction) ends first
+
+        consume_some(T)
+        oldest = min((path / "events").glob("*.seg"))
+        aside = oldest.with_suffix(".kept")
+        oldest.rename(aside)
+        oldest.mkdir()  # unreadable: a directory where the segment was
+        later = T + 40 * day  # past the longest window (a month) and the retention
+        engine.set_clock(later)
+        consume_some(later)
+        health = engine.health()
+        assert not health.healthy and health.compaction_failure is not None
+        assert health.log_failure is None and health.checkpoint_failure is None
+        oldest.rmdir()
+        aside.rename(oldest)
+        consume_some(later + 100)
+        assert engine.health().healthy
+        assert engine.events_after(0, limit=1)[0].seq > 1
+
+
 def test_verify_says_where_a_torn_tail_is_and_the_next_open_cuts_it(tmp_path):
     path = tmp_path / "db"
     with tally.Engine.open(path, durability="sync", options=UNBOUNDED) as engine:

@@ -651,6 +651,16 @@ static void test_log(tally_engine *engine) {
   CHECK(strcmp(listed, "[{\"after\":1,\"name\":\"audit\"},{\"after\":3,\"name\":\"billing\"}]") == 0);
   EXPECT(tally_engine_delete_cursor(engine, S("audit"), &existed), TALLY_OK);
   EXPECT(tally_engine_cursors(NULL, listed, sizeof listed, &needed), TALLY_NULL_POINTER);
+  /* Nothing went wrong in the background. */
+  bool healthy = false;
+  char health[256];
+  EXPECT(tally_engine_health(engine, &healthy, NULL, 0, &needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(!healthy && needed > 1 && needed <= sizeof health);
+  EXPECT(tally_engine_health(engine, &healthy, health, sizeof health, &needed), TALLY_OK);
+  CHECK(healthy && strstr(health, "\"healthy\":true") != NULL);
+  CHECK(strstr(health, "\"log_failure\":null") != NULL);
+  CHECK(strstr(health, "\"compaction_failure\":null") != NULL);
+  EXPECT(tally_engine_health(engine, NULL, health, sizeof health, &needed), TALLY_NULL_POINTER);
 
   EXPECT(tally_engine_sync(engine), TALLY_OK);
   EXPECT(tally_engine_checkpoint(engine, &seq), TALLY_OK);

@@ -290,6 +290,7 @@ SIGNATURES = {
     "tally_engine_sync": (_status, [Engine]),
     "tally_engine_compact": (_status, [Engine, c_uint64, _u64_p]),
     "tally_engine_memory_stats": (_status, [Engine, POINTER(MemoryStats)]),
+    "tally_engine_health": (_status, [Engine, POINTER(c_bool), *_text_out]),
     "tally_engine_reclaim_idle": (_status, [Engine, c_uint64, _u64_p]),
     "tally_engine_set_clock": (_status, [Engine, c_uint64]),
     "tally_engine_clock": (_status, [Engine, _u64_p]),

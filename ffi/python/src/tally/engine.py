@@ -18,7 +18,16 @@ from . import options as _options
 from ._convert import Quantities, Text
 from .enums import AdjustmentDirection, Durability, PolicySource
 from .options import Options
-from .results import Adjustment, Decision, Event, MemoryStats, Reservation, Usage, VerifyReport
+from .results import (
+    Adjustment,
+    Decision,
+    Event,
+    Health,
+    MemoryStats,
+    Reservation,
+    Usage,
+    VerifyReport,
+)
 
 _EMPTY_QUANTITIES = (_native.Quantity * 0)()
 
@@ -799,6 +808,23 @@ class Engine:
             keys_with_usage=out.keys_with_usage,
             usage_bytes=out.usage_bytes,
             table_bytes=out.table_bytes,
+        )
+
+    def health(self) -> Health:
+        """What has gone wrong where no call's answer reports it: the log's failure (its
+        writer may fail after the calls returned, and only the next call that logs raises),
+        the last periodic checkpoint's and the last automatic compaction's. For a monitor."""
+        healthy = ctypes.c_bool(False)
+        document = _convert.read_text(
+            lambda buf, size, needed: _native.lib.tally_engine_health(
+                self._handle, ctypes.byref(healthy), buf, size, needed
+            )
+        )
+        found = json.loads(document)
+        return Health(
+            log_failure=found.get("log_failure"),
+            checkpoint_failure=found.get("checkpoint_failure"),
+            compaction_failure=found.get("compaction_failure"),
         )
 
     def reclaim_idle(self, *, at_ms: int | None = None) -> int:

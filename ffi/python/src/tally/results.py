@@ -192,6 +192,28 @@ class MemoryStats:
 
 
 @dataclass(frozen=True)
+class Health:
+    """What has gone wrong where no call's answer reports it (``Engine.health``), each a
+    message or None. For a monitor: ``check`` and ``usage`` never learn of them."""
+
+    #: The log failed (with ``INTERVAL`` or ``NONE`` its writer may fail after the calls
+    #: returned): every call that logs raises until the database is reopened.
+    log_failure: str | None
+    #: The last periodic checkpoint could not store its snapshot (cleared by one that can).
+    checkpoint_failure: str | None
+    #: The last automatic compaction failed (cleared by one that succeeds, or ``compact``).
+    compaction_failure: str | None
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self.log_failure is None
+            and self.checkpoint_failure is None
+            and self.compaction_failure is None
+        )
+
+
+@dataclass(frozen=True)
 class UsageLimit:
     """One limit of a usage report (the console's usage bar)."""
 
