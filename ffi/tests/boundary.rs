@@ -899,8 +899,11 @@ fn a_submission_whose_flush_fails_completes_with_log_failed_and_is_given_back() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A close that succeeded flushed every event the engine had queued: a submission completed
+/// after it answers its decision (`TALLY_CLOSED` there read as "not admitted", and a retry
+/// without a request id counted it twice). After a close that failed, `TALLY_CLOSED`.
 #[test]
-fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durable() {
+fn a_submission_completed_after_a_clean_close_answers_its_decision_the_close_made_durable() {
     let dir = temp_dir("submission-closed");
     let (handle, faults) = open_with_faults(&dir);
     user(&handle, "ada", "tp-ada", Some("Starter"));
@@ -914,10 +917,8 @@ fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durab
     faults.release_flushes();
     let submission = submission.expect("submitted");
     assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
-    assert_eq!(
-        complete(&handle, submission).err(),
-        Some(tally_status::TALLY_CLOSED)
-    );
+    let decision = complete(&handle, submission).expect("the decision the close kept");
+    assert!(decision.admitted && !decision.replayed);
     drop(handle);
     let reopened = open(&dir).expect("reopens");
     assert_eq!(remaining(&reopened), before - 1, "the close flushed it");
@@ -927,6 +928,21 @@ fn a_submission_completed_after_close_answers_closed_and_the_close_made_it_durab
     );
     assert!(replay.is_ok_and(|d| d.admitted && d.replayed));
     drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A close whose flush fails: no answer the close could vouch for.
+    let dir = temp_dir("submission-close-failed");
+    let (handle, faults) = open_with_faults(&dir);
+    user(&handle, "bo", "tp-bo", Some("Starter"));
+    let submission =
+        submit(&handle, &request(b"tp-bo", "m2.7", &one, T0, None)).expect("submitted");
+    faults.fail_next_flushes(1);
+    assert_ne!(tally_engine_close(handle.0), tally_status::TALLY_OK);
+    assert_eq!(
+        complete(&handle, submission).err(),
+        Some(tally_status::TALLY_CLOSED)
+    );
+    drop(handle);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
