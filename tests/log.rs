@@ -2710,6 +2710,68 @@ fn two_compactions_at_once_both_succeed_and_remove_each_old_segment_once() {
     );
 }
 
+/// A segment file compaction fails to remove (an I/O error) stays in the log, for the next
+/// compaction to remove, as the file stays on disk. Before, it was dropped from the log's list
+/// first: the log said it started after events still on disk, the next compaction removed the
+/// segments after it and left it in front of a gap, and after a reopen reading from 0 failed
+/// ("events are missing") and `verify` reported the gap.
+#[test]
+fn a_segment_compaction_fails_to_remove_stays_for_the_next_compaction() {
+    let dir = TempDir::new("compact-removal-fails");
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        segment_bytes: 256,
+        faults: Some(std::sync::Arc::clone(&faults)),
+        ..small_retention()
+    };
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..30 {
+        let request = UsageRequest::new("payg-ann", "chat", &one).at(T0_MS + offset);
+        engine.consume(&request).unwrap();
+    }
+    let snapshot = engine.checkpoint().unwrap();
+    let later = T0_MS + 10 * MINUTE_MS;
+    let request = UsageRequest::new("payg-ann", "chat", &one).at(later);
+    engine.consume(&request).unwrap();
+    assert!(segment_paths(dir.path()).len() > 3);
+    faults.fail_next_removals(1);
+    let failed = engine.compact(Some(later)).expect_err("the removal fails");
+    assert!(storage_problem(&failed).contains("removing"), "{failed:?}");
+    // Nothing was removed: the log still starts at event 1, whose file is still there.
+    assert!(dir.path().join(format!("events/{:020}.seg", 1)).exists());
+    let kept = engine.events_after(0, 1).unwrap();
+    assert_eq!(kept.first().map(|event| event.seq), Some(1));
+    // The next compaction removes it, and every other old segment.
+    let report = engine.compact(Some(later)).expect("compact");
+    assert_eq!(report.first_seq_kept, snapshot + 1, "{report:?}");
+    let first_file = segment_paths(dir.path()).into_iter().next();
+    assert_eq!(
+        first_file.and_then(|path| path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())),
+        Some(format!("{:020}", snapshot + 1))
+    );
+    let before = state(&engine, &["payg-ann"], &["@ann"], later);
+    drop(engine);
+    let verified = Engine::verify(dir.path(), options.clone()).expect("verify");
+    assert!(verified.is_sound(), "{:?}", verified.problems);
+    let engine = open(dir.path(), ten_seconds(), options);
+    let kept = engine
+        .events_after(0, 1_000)
+        .expect("read from the oldest event kept");
+    assert_eq!(kept.first().map(|event| event.seq), Some(snapshot + 1));
+    assert_same_state(
+        &state(&engine, &["payg-ann"], &["@ann"], later),
+        &before,
+        "reopened",
+    );
+}
+
 #[test]
 fn compaction_removes_old_events_keeps_the_state_exactly_and_verify_stays_sound() {
     let dir = TempDir::new("compact");

@@ -236,6 +236,8 @@ pub struct Faults {
     // Relaxed: counters read and decremented by the writer thread only; tests set them.
     fail_inserts: AtomicU64,
     fail_flushes: AtomicU64,
+    // Read and decremented by compaction (one at a time).
+    fail_removals: AtomicU64,
     /// The writer's fdatasyncs (see `hold_flushes`).
     flushes: Hold,
     /// Reads of the log files (see `hold_scans`).
@@ -285,6 +287,12 @@ impl Faults {
     /// The next `count` fdatasyncs of the log fail.
     pub fn fail_next_flushes(&self, count: u64) {
         self.fail_flushes.store(count, Ordering::Relaxed);
+    }
+
+    /// The next `count` removals of a segment file by compaction fail, leaving the file, as an
+    /// I/O error would.
+    pub fn fail_next_removals(&self, count: u64) {
+        self.fail_removals.store(count, Ordering::Relaxed);
     }
 
     /// The writer's fdatasyncs wait (before they start, and before an injected failure) until
@@ -1043,6 +1051,26 @@ impl Compactor {
         Ok(newest_at_ms)
     }
 
+    /// Removes a segment's file (one already gone counts as removed).
+    fn remove_segment_file(&self, path: &Path) -> Result<(), Error> {
+        let injected = self
+            .shared
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.fail_removals));
+        let removal = if injected {
+            Err(std::io::Error::other("injected fault"))
+        } else {
+            std::fs::remove_file(path)
+        };
+        match removal {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(storage(format!("removing {}", path.display()), error))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Deletes whole sealed segments, oldest first, whose every event is at or before
     /// `up_to_seq`, stamped before `before_ms`, and was logged by `logged_by_ms` on the
     /// engine's clock (`logged_by_ms`: a segment no record covers stays); returns how many
@@ -1069,14 +1097,17 @@ impl Compactor {
                 break;
             }
             let files = self.state.files.write();
-            {
-                let mut list = self.shared.segments.lock();
-                list.retain(|segment| *segment != first);
-            }
+            self.remove_segment_file(&path)?;
+            // Gone from the disk: gone from the list (not before: a file that stays, its
+            // removal failed, stays in the log, for the next compaction to remove; dropped
+            // from the list, it was left behind in front of a gap once the next one removed
+            // the segments after it).
+            self.shared
+                .segments
+                .lock()
+                .retain(|segment| *segment != first);
             *self.state.resume.lock() = None;
             self.state.newest_at_ms.lock().remove(&first);
-            std::fs::remove_file(&path)
-                .map_err(|error| storage(format!("removing {}", path.display()), error))?;
             drop(files);
             // Each removal durable before the next: a power loss mid-compaction leaves the
             // segments removed so far gone and the rest there, never an older one back in
