@@ -396,8 +396,9 @@ longest window plus the retention before the compaction's time (the database own
 `retention_ms`, 7 days by default) and logged at least the retention before it: a request
 delivered late, stamped long ago, stays the retention after it was logged for a reader. Their
 effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
-`verify` can still replay between the two. An engine that runs (a gateway, `simulate`) does the
-same after each periodic checkpoint on its own: this is for a database nothing runs.
+`verify` can still replay between the two. An engine that runs (a gateway) does the same after
+each periodic checkpoint on its own; `simulate` takes none (it checkpoints once, at its end), so
+its database keeps every event until this runs.
 
 Usage: tally compact [OPTIONS]
 
