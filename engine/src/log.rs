@@ -1078,6 +1078,18 @@ impl Compactor {
     pub fn compact(&self, up_to_seq: u64, before_ms: u64, logged_by_ms: u64) -> Result<u64, Error> {
         // One at a time, each listing the segments the one before it left.
         let _one_at_a_time = self.state.running.lock();
+        self.remove_old_segments(up_to_seq, before_ms, logged_by_ms, true)
+    }
+
+    /// `compact`'s work, its lock held; `wait_for_readers` false: stops at the first segment
+    /// a reader's listing holds (see `compact_after_checkpoint`).
+    fn remove_old_segments(
+        &self,
+        up_to_seq: u64,
+        before_ms: u64,
+        logged_by_ms: u64,
+        wait_for_readers: bool,
+    ) -> Result<u64, Error> {
         let segments = self.shared.segments.lock().clone();
         let mut removed = 0u64;
         for pair in segments.windows(2) {
@@ -1096,7 +1108,14 @@ impl Compactor {
             if self.newest_at_ms(&path, first)? >= before_ms {
                 break;
             }
-            let files = self.state.files.write();
+            let files = if wait_for_readers {
+                self.state.files.write()
+            } else {
+                match self.state.files.try_write() {
+                    Some(files) => files,
+                    None => break,
+                }
+            };
             self.remove_segment_file(&path)?;
             // Gone from the disk: gone from the list (not before: a file that stays, its
             // removal failed, stays in the log, for the next compaction to remove; dropped
@@ -1126,7 +1145,10 @@ impl Compactor {
     /// The compaction after a periodic checkpoint, whose snapshot is stored: as `compact`
     /// after the checkpoint `Engine::compact` takes, the events after the snapshot before the
     /// latest kept (so `verify` can replay between the two), with `now_ms` (the engine's clock
-    /// at the cut) the time retention is judged by (`retention_cut`).
+    /// at the cut) the time retention is judged by (`retention_cut`). It waits for no one: the
+    /// next periodic checkpoint's cut, taken by the request that crosses the interval, waits
+    /// for it, so one waiting for an export reader to let go of the files (or for a `compact`
+    /// that does) held that request up for as long. What it leaves goes at the next one.
     pub fn compact_after_checkpoint(
         &self,
         now_ms: u64,
@@ -1141,7 +1163,10 @@ impl Compactor {
         let Some(previous) = latest_snapshots(&self.snapshots_dir)?.get(1).copied() else {
             return Ok(0);
         };
-        self.compact(previous.seq, before_ms, logged_by_ms)
+        let Some(_one_at_a_time) = self.state.running.try_lock() else {
+            return Ok(0);
+        };
+        self.remove_old_segments(previous.seq, before_ms, logged_by_ms, false)
     }
 }
 
