@@ -3047,6 +3047,64 @@ fn a_request_crossing_a_periodic_checkpoint_does_not_wait_for_an_export_reader()
     assert!(first_kept > 40, "the log starts at {first_kept}");
 }
 
+/// Export readers polling back to back do not keep the compaction after each periodic
+/// checkpoint from removing what the retention lets go: it waits for them a little (a
+/// waiting compaction holds new readers back, so it gets in), not at all while they read.
+/// Taking the files only when no reader held them, it never did, and the disk grew.
+#[test]
+fn export_readers_polling_back_to_back_do_not_hold_back_periodic_compaction() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = TempDir::new("auto-compact-busy-readers");
+    let clock = clock();
+    let options = OpenOptions {
+        segment_bytes: 256,
+        checkpoint_every_events: 10,
+        ..small_retention()
+    };
+    let engine = Engine::open(
+        dir.path(),
+        ten_seconds(),
+        std::sync::Arc::clone(&clock) as std::sync::Arc<dyn tally_engine::Clock>,
+        options,
+    )
+    .expect("open");
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    let mut at_ms = T0_MS;
+    let mut consume = |count: usize| {
+        for _ in 0..count {
+            at_ms += 1;
+            let request = UsageRequest::new("payg-ann", "chat", &one).at(at_ms);
+            assert!(engine.consume(&request).unwrap().is_admitted());
+        }
+    };
+    consume(400);
+    // Past the 20 s window plus a second's retention.
+    clock.set_ms(T0_MS + 10 * MINUTE_MS);
+    let stop = AtomicBool::new(false);
+    let first_kept = std::thread::scope(|scope| {
+        for _ in 0..2 {
+            let (engine, stop) = (&engine, &stop);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = engine.events_after(0, 1_000);
+                }
+            });
+        }
+        // Across ten periodic checkpoints while the readers poll.
+        consume(100);
+        // The last one's compaction is done once this one runs (a checkpoint does not compact).
+        engine.checkpoint().expect("checkpoint");
+        let first_kept = engine.events_after(0, 1).unwrap()[0].seq;
+        stop.store(true, Ordering::Relaxed);
+        first_kept
+    });
+    assert!(first_kept > 400, "the log starts at {first_kept}");
+}
+
 #[test]
 fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() {
     let dir = TempDir::new("compact-young");

@@ -969,6 +969,12 @@ impl SegmentWindow {
     }
 }
 
+/// How long in all the compaction after a periodic checkpoint waits for export readers to let
+/// go of the files: a waiting compaction holds new readers back (the lock is fair), so readers
+/// polling back to back let it in within one `events_after` each, while one reading for longer
+/// holds up neither it nor, through it, the request taking the next periodic checkpoint.
+const COMPACTION_READERS_WAIT: Duration = Duration::from_millis(100);
+
 /// What compaction shares with the snapshot thread, which compacts after each periodic
 /// checkpoint.
 #[derive(Debug, Default)]
@@ -1078,17 +1084,17 @@ impl Compactor {
     pub fn compact(&self, up_to_seq: u64, before_ms: u64, logged_by_ms: u64) -> Result<u64, Error> {
         // One at a time, each listing the segments the one before it left.
         let _one_at_a_time = self.state.running.lock();
-        self.remove_old_segments(up_to_seq, before_ms, logged_by_ms, true)
+        self.remove_old_segments(up_to_seq, before_ms, logged_by_ms, None)
     }
 
-    /// `compact`'s work, its lock held; `wait_for_readers` false: stops at the first segment
-    /// a reader's listing holds (see `compact_after_checkpoint`).
+    /// `compact`'s work, its lock held; with a `readers_deadline`, it stops at the first
+    /// segment whose removal would wait for readers past it (see `compact_after_checkpoint`).
     fn remove_old_segments(
         &self,
         up_to_seq: u64,
         before_ms: u64,
         logged_by_ms: u64,
-        wait_for_readers: bool,
+        readers_deadline: Option<Instant>,
     ) -> Result<u64, Error> {
         let segments = self.shared.segments.lock().clone();
         let mut removed = 0u64;
@@ -1108,13 +1114,12 @@ impl Compactor {
             if self.newest_at_ms(&path, first)? >= before_ms {
                 break;
             }
-            let files = if wait_for_readers {
-                self.state.files.write()
-            } else {
-                match self.state.files.try_write() {
+            let files = match readers_deadline {
+                None => self.state.files.write(),
+                Some(deadline) => match self.state.files.try_write_until(deadline) {
                     Some(files) => files,
                     None => break,
-                }
+                },
             };
             self.remove_segment_file(&path)?;
             // Gone from the disk: gone from the list (not before: a file that stays, its
@@ -1145,10 +1150,11 @@ impl Compactor {
     /// The compaction after a periodic checkpoint, whose snapshot is stored: as `compact`
     /// after the checkpoint `Engine::compact` takes, the events after the snapshot before the
     /// latest kept (so `verify` can replay between the two), with `now_ms` (the engine's clock
-    /// at the cut) the time retention is judged by (`retention_cut`). It waits for no one: the
-    /// next periodic checkpoint's cut, taken by the request that crosses the interval, waits
-    /// for it, so one waiting for an export reader to let go of the files (or for a `compact`
-    /// that does) held that request up for as long. What it leaves goes at the next one.
+    /// at the cut) the time retention is judged by (`retention_cut`). It waits for export
+    /// readers to let go of the files `COMPACTION_READERS_WAIT` at most, and for a running
+    /// `compact` not at all: the next periodic checkpoint's cut, taken by the request that
+    /// crosses the interval, waits for it, so one waiting for a reader held that request up
+    /// for as long. What it leaves goes at the next one.
     pub fn compact_after_checkpoint(
         &self,
         now_ms: u64,
@@ -1166,7 +1172,13 @@ impl Compactor {
         let Some(_one_at_a_time) = self.state.running.try_lock() else {
             return Ok(0);
         };
-        self.remove_old_segments(previous.seq, before_ms, logged_by_ms, false)
+        let readers_deadline = Instant::now() + COMPACTION_READERS_WAIT;
+        self.remove_old_segments(
+            previous.seq,
+            before_ms,
+            logged_by_ms,
+            Some(readers_deadline),
+        )
     }
 }
 
