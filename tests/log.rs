@@ -2963,11 +2963,11 @@ fn periodic_checkpoints_compact_what_the_retention_lets_go() {
     }
 }
 
-/// The compaction after a periodic checkpoint does not wait for an export reader: the next
-/// periodic checkpoint's cut waits for the one before it, and is taken by the request that
-/// crosses the interval, so a compaction waiting for a reader to let go of the files made that
-/// request wait for the reader too (1.5 s behind a reader held 1.5 s; 8 ms before e0edd29).
-/// What it leaves goes at the next checkpoint after the reader is done.
+/// The compaction after a periodic checkpoint waits for an export reader 100 ms at most: the
+/// next periodic checkpoint's cut waits for the one before it, and is taken by the request
+/// that crosses the interval, so a compaction waiting for a reader to let go of the files made
+/// that request wait for the reader too (1.5 s behind a reader held 1.5 s; 8 ms before
+/// e0edd29). What it leaves goes at the next checkpoint after the reader is done.
 #[test]
 fn a_request_crossing_a_periodic_checkpoint_does_not_wait_for_an_export_reader() {
     use std::sync::atomic::{AtomicBool, Ordering};
