@@ -969,11 +969,13 @@ impl SegmentWindow {
     }
 }
 
-/// How long in all the compaction after a periodic checkpoint waits for export readers to let
-/// go of the files: a waiting compaction holds new readers back (the lock is fair), so readers
-/// polling back to back let it in within one `events_after` each, while one reading for longer
-/// holds up neither it nor, through it, the request taking the next periodic checkpoint.
-const COMPACTION_READERS_WAIT: Duration = Duration::from_millis(100);
+/// How long in all the compaction after a periodic checkpoint works, waiting for export readers
+/// to let go of the files included: a waiting compaction holds new readers back (the lock is
+/// fair), so readers polling back to back let it in within one `events_after` each, while one
+/// reading for longer, or a backlog of segments to read and remove (each a directory fsync),
+/// holds up neither it nor, through it, the request taking the next periodic checkpoint for
+/// longer. The rest goes at the next checkpoint.
+const COMPACTION_BUDGET: Duration = Duration::from_millis(100);
 
 /// What compaction shares with the snapshot thread, which compacts after each periodic
 /// checkpoint.
@@ -1087,14 +1089,15 @@ impl Compactor {
         self.remove_old_segments(up_to_seq, before_ms, logged_by_ms, None)
     }
 
-    /// `compact`'s work, its lock held; with a `readers_deadline`, it stops at the first
-    /// segment whose removal would wait for readers past it (see `compact_after_checkpoint`).
+    /// `compact`'s work, its lock held; with a `deadline`, it starts no segment after it (but
+    /// always the first) and stops at the first whose removal would wait for readers past it
+    /// (see `compact_after_checkpoint`).
     fn remove_old_segments(
         &self,
         up_to_seq: u64,
         before_ms: u64,
         logged_by_ms: u64,
-        readers_deadline: Option<Instant>,
+        deadline: Option<Instant>,
     ) -> Result<u64, Error> {
         let segments = self.shared.segments.lock().clone();
         let mut removed = 0u64;
@@ -1102,6 +1105,12 @@ impl Compactor {
             let (first, next) = (pair[0], pair[1]);
             let last = next - 1;
             if last > up_to_seq {
+                break;
+            }
+            // A backlog (after an upgrade, a retention lowered, a far-future stamp aged out)
+            // goes over several checkpoints: each segment read for its timestamps and removed
+            // costs a read and a directory fsync, and the next periodic cut waits for this.
+            if removed > 0 && deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 break;
             }
             // Judged before the segment is read: a late event's timestamp says nothing of
@@ -1114,7 +1123,7 @@ impl Compactor {
             if self.newest_at_ms(&path, first)? >= before_ms {
                 break;
             }
-            let files = match readers_deadline {
+            let files = match deadline {
                 None => self.state.files.write(),
                 Some(deadline) => match self.state.files.try_write_until(deadline) {
                     Some(files) => files,
@@ -1150,11 +1159,13 @@ impl Compactor {
     /// The compaction after a periodic checkpoint, whose snapshot is stored: as `compact`
     /// after the checkpoint `Engine::compact` takes, the events after the snapshot before the
     /// latest kept (so `verify` can replay between the two), with `now_ms` (the engine's clock
-    /// at the cut) the time retention is judged by (`retention_cut`). It waits for export
-    /// readers to let go of the files `COMPACTION_READERS_WAIT` at most, and for a running
-    /// `compact` not at all: the next periodic checkpoint's cut, taken by the request that
-    /// crosses the interval, waits for it, so one waiting for a reader held that request up
-    /// for as long. What it leaves goes at the next one.
+    /// at the cut) the time retention is judged by (`retention_cut`). It spends at most
+    /// `COMPACTION_BUDGET` in all, waiting for export readers to let go of the files
+    /// included (it starts no segment after that, but always the first), and waits for a
+    /// running `compact` not at all: the next periodic checkpoint's cut, taken by the request
+    /// that crosses the interval, waits for it, so one waiting for a reader, or removing a
+    /// backlog of segments, held that request up for as long. What it leaves goes at the next
+    /// one.
     pub fn compact_after_checkpoint(
         &self,
         now_ms: u64,
@@ -1172,13 +1183,8 @@ impl Compactor {
         let Some(_one_at_a_time) = self.state.running.try_lock() else {
             return Ok(0);
         };
-        let readers_deadline = Instant::now() + COMPACTION_READERS_WAIT;
-        self.remove_old_segments(
-            previous.seq,
-            before_ms,
-            logged_by_ms,
-            Some(readers_deadline),
-        )
+        let deadline = Instant::now() + COMPACTION_BUDGET;
+        self.remove_old_segments(previous.seq, before_ms, logged_by_ms, Some(deadline))
     }
 }
 
@@ -4560,6 +4566,50 @@ mod tests {
         assert!(
             waited < Duration::from_millis(INTERVAL_MS + LATE_MS),
             "flushed {waited:?} after it was queued, with an interval of {INTERVAL_MS} ms"
+        );
+        log.close().expect("close");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The compaction after a periodic checkpoint has a budget: once it is spent, it starts no
+    /// other segment (but always the first), and leaves the rest for the next checkpoint. A
+    /// backlog of segments, each read and removed with a directory fsync, held up the request
+    /// taking the next periodic checkpoint for as long as it took (279 ms for 1,000 tiny ones).
+    #[test]
+    fn a_compaction_whose_budget_is_spent_removes_one_segment_and_leaves_the_rest() {
+        let dir = fresh_dir("compaction-budget");
+        let log = EventLog::open_with(&dir, Durability::None, None, 256).expect("open");
+        for micros in 1..=40 {
+            // Written one at a time: a segment is sealed past its bytes after a write.
+            log.append(1_000, encode_body(&top_up(micros)))
+                .expect("append");
+            log.sync().expect("sync");
+        }
+        let segments = log.segments();
+        assert!(segments.len() >= 4, "{segments:?}");
+        let last_seq = log.next_seq() - 1;
+        log.record_logged_by(last_seq, 5_000).expect("record");
+        let compactor = log.compactor();
+        let spent = Some(Instant::now());
+        let removed = compactor
+            .remove_old_segments(last_seq, 2_000, 5_000, spent)
+            .expect("compact");
+        assert_eq!(removed, segments[1] - segments[0], "the first segment only");
+        // (The writer may have started a segment since, after the last full one.)
+        assert!(
+            log.segments().starts_with(&segments[1..]),
+            "{:?} after {segments:?}",
+            log.segments()
+        );
+        // Without a budget (`compact`), every sealed segment the rules let go.
+        compactor
+            .remove_old_segments(last_seq, 2_000, 5_000, None)
+            .expect("compact");
+        let newest = segments[segments.len() - 1];
+        assert!(
+            log.segments().iter().all(|&first| first >= newest),
+            "{:?} after {segments:?}",
+            log.segments()
         );
         log.close().expect("close");
         let _ = std::fs::remove_dir_all(&dir);
