@@ -607,3 +607,27 @@ fn an_id_denied_on_a_revoked_key_is_decided_anew_on_its_replacement() {
     let (_, replayed) = engine.consume_noting_replay(&new).expect("a repeat");
     assert!(replayed);
 }
+
+/// A request id denied because its key did not exist yet is decided anew when it is retried
+/// once the key does: admitted, not the old `UnknownKey` replayed. (The test above retries
+/// under a fresh id, as its table has no place left for this one.)
+#[test]
+fn an_id_denied_for_an_unknown_key_is_admitted_when_retried_once_the_key_exists() {
+    let engine = twin(Policy::token_plan());
+    create_accounts(&engine);
+    let request = UsageRequest::new("key-later", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("early");
+    let (decision, replayed) = engine.consume_noting_replay(&request).expect("a denial");
+    assert!(!decision.is_admitted() && !replayed, "{decision:?}");
+    engine
+        .create_user("later", "key-later", Some(T0_MS))
+        .expect("the key now");
+    engine
+        .assign_seat("@later", "later", "Plus", Some(T0_MS))
+        .expect("its seat");
+    let (decision, replayed) = engine.consume_noting_replay(&request).expect("admitted");
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    let (_, replayed) = engine.consume_noting_replay(&request).expect("a repeat");
+    assert!(replayed, "the admitted id is remembered");
+}
