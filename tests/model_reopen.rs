@@ -272,6 +272,10 @@ fn op() -> impl Strategy<Value = Op> {
 struct Setup {
     durability: Durability,
     checkpoint_every_events: u64,
+    /// How long an export reader has: with a periodic checkpoint every few events, a short
+    /// retention has each of them compact what it lets go (the log's start moves on, and what
+    /// came before lives on in the snapshots only).
+    retention_ms: u64,
     seats: Vec<Option<usize>>,
 }
 
@@ -282,12 +286,16 @@ fn setup() -> impl Strategy<Value = Setup> {
         Just(Durability::None),
     ];
     let every = prop_oneof![Just(3u64), Just(10), Just(1_000_000)];
+    let retention = prop_oneof![Just(0u64), Just(HOUR_MS), Just(7 * DAY_MS)];
     let seats = prop::collection::vec(prop::option::weighted(0.8, 0..PLANS.len()), MEMBERS.len());
-    (durability, every, seats).prop_map(|(durability, checkpoint_every_events, seats)| Setup {
-        durability,
-        checkpoint_every_events,
-        seats,
-    })
+    (durability, every, retention, seats).prop_map(
+        |(durability, checkpoint_every_events, retention_ms, seats)| Setup {
+            durability,
+            checkpoint_every_events,
+            retention_ms,
+            seats,
+        },
+    )
 }
 
 /// The durable engine, its twin and what the sequence has produced so far.
@@ -329,6 +337,7 @@ impl Run {
         let options = OpenOptions {
             durability: setup.durability,
             checkpoint_every_events: setup.checkpoint_every_events,
+            retention_ms: setup.retention_ms,
             engine: engine_options,
             ..OpenOptions::default()
         };
@@ -644,12 +653,14 @@ impl Run {
     }
 
     /// Closes the durable engine and checks the database: sound, and its latest snapshot
-    /// equal to a replay of the log.
-    fn verify(mut self) {
+    /// equal to a replay of the log. Returns the first event the log still holds (past 1 once
+    /// compaction removed some).
+    fn verify(mut self) -> u64 {
         self.durable.take().expect("open").close().expect("close");
         let report = Engine::verify(self.dir.path(), self.options.clone()).expect("verify");
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.snapshot_matches_replay, Some(true));
+        report.first_seq
     }
 
     fn reopen(&mut self, close: bool, as_tool: bool) {
@@ -757,14 +768,15 @@ proptest! {
 /// with few random cases still covers them all.
 #[test]
 fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
-    for (durability, every) in [
-        (Durability::Sync, 1_000_000),
-        (Durability::Sync, 3),
-        (Durability::None, 10),
+    for (durability, every, retention_ms) in [
+        (Durability::Sync, 1_000_000, 7 * DAY_MS),
+        (Durability::Sync, 3, 0),
+        (Durability::None, 10, HOUR_MS),
     ] {
         let setup = Setup {
             durability,
             checkpoint_every_events: every,
+            retention_ms,
             seats: vec![Some(0), Some(1), Some(2), None, Some(1), Some(0)],
         };
         let mut run = Run::new(&setup);
@@ -869,7 +881,18 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
                 ]);
             }
         }
+        // Two days on (past the daily window and the retention), requests enough for periodic
+        // checkpoints, which compact what the retention lets go, then a reopen.
         ops.push(Op::Advance { ms: DAY_MS });
+        ops.push(Op::Advance { ms: DAY_MS });
+        for key in 0..8 {
+            ops.push(Op::Consume {
+                key: key % 4,
+                resource: 0,
+                amount: 1,
+                id: RequestId::Fresh,
+            });
+        }
         ops.push(Op::Reopen {
             close: false,
             as_tool: false,
@@ -882,6 +905,13 @@ fn a_fixed_sequence_of_every_operation_with_reopens_keeps_the_twins_equal() {
         assert!(!run.answered.is_empty() && !run.reservations.is_empty());
         assert_eq!(run.keys.len(), KEYS.len() + 3, "three keys rotated");
         assert_eq!(run.revoked.len(), 4, "three rotated and p2");
-        run.verify();
+        let first_kept = run.verify();
+        // With a checkpoint every 3 events, the periodic ones compacted what the retention
+        // let go (and the twins still agreed, through the reopens after it).
+        assert_eq!(
+            first_kept > 1,
+            every == 3 || every == 10,
+            "{durability:?}, every {every}, retention {retention_ms} ms: log starts at {first_kept}"
+        );
     }
 }
