@@ -633,13 +633,9 @@ pub(crate) fn cover_upgrade_for(
     resource: ResourceId,
     quantities: &Quantities,
 ) -> Option<PlanId> {
-    policy
-        .plans()
-        .iter()
-        .enumerate()
-        .filter(|(_, plan)| can_ever_take(plan, resource, quantities))
-        .min_by_key(|(_, plan)| plan.price_micros_per_month.unwrap_or(u64::MAX))
-        .map(|(plan, _)| PlanId(plan as u16))
+    crate::policy::cheapest_plan(policy.plans(), |plan| {
+        can_ever_take(plan, resource, quantities)
+    })
 }
 
 /// Whether a seat on `plan` could ever admit `quantities` of `resource`: the plan covers it,

@@ -1699,11 +1699,6 @@ impl Engine {
                         left = decision;
                         return Ok(None);
                     }
-                    if !crate::idempotency::remembers(verdict.decision) {
-                        // No valid key: answered, neither remembered nor logged.
-                        left = *verdict.decision;
-                        return Ok(None);
-                    }
                     let (awaits, logged_as) = match verdict.logged_seq {
                         0 => (Awaits::Nothing, LoggedAs::Durable),
                         seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
@@ -2298,7 +2293,6 @@ impl Engine {
             resource: request.resource,
             quantities,
         };
-        let mut unkept = None;
         let kept =
             self.requests
                 .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
@@ -2319,11 +2313,6 @@ impl Engine {
                         // Left for the expiry's error: not remembered.
                         return Ok(None);
                     }
-                    if !crate::idempotency::remembers(verdict.decision) {
-                        // No valid key: answered, neither remembered nor logged.
-                        unkept = Some(*verdict.decision);
-                        return Ok(None);
-                    }
                     // Logged, admitted or denied: the batch's wait decides whether it stands.
                     let receipt = verdict.receipt;
                     let logged = match outcome {
@@ -2340,17 +2329,13 @@ impl Engine {
                     }
                     Ok(Some((decision, receipt, logged)))
                 })?;
-        match (kept, unkept) {
-            (Some((kept, replay)), _) => {
+        match kept {
+            Some((kept, replay)) => {
                 *decision = kept;
                 Ok(replay)
             }
-            (None, Some(unkept)) => {
-                *decision = unkept;
-                Ok(None)
-            }
             // Left undecided, which a batch's verdict is only once its expiry failed.
-            (None, None) => Err(expiry_failure
+            None => Err(expiry_failure
                 .cloned()
                 .expect("a batch leaves a denial undecided only when its expiry failed")),
         }

@@ -438,6 +438,8 @@ impl RequestTable {
     /// event stands (`Some`: the caller waits until it is durable before answering). `admit`
     /// returning `None` decided nothing to keep (it left a denial for its caller to decide
     /// again, see `Verdict::lease_ended_ms`): nothing is remembered, and `once` returns `None`.
+    /// A decision `remembers` refuses (no valid key; `admit` logged none) is returned as a
+    /// first decision and not remembered either.
     pub fn once(
         &self,
         request_id: &str,
@@ -472,7 +474,11 @@ impl RequestTable {
             }
         }
         let (decision, receipt, logged) = match admit() {
-            Ok(Some(first)) => first,
+            Ok(Some(first)) if remembers(&first.0) => first,
+            Ok(Some((unkept, ..))) => {
+                self.give_back_places(1);
+                return Ok(Some((unkept, None)));
+            }
             kept_nothing => {
                 self.give_back_places(1);
                 return kept_nothing.map(|_| None);
@@ -974,7 +980,7 @@ mod tests {
     fn first(table: &RequestTable, id: &str, at_ms: u64) -> Result<bool, Error> {
         table
             .once(id, &fingerprint(), at_ms, at_ms, || {
-                let decision = Decision::denied(DenialReason::UnknownKey);
+                let decision = Decision::denied(DenialReason::NoResources);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
             .map(|kept| matches!(kept, Some((_, None))))
@@ -1029,7 +1035,7 @@ mod tests {
         let table = RequestTable::new(100, HORIZON_MS);
         let stamped_ahead = table.once("ahead", &fingerprint(), 4_000_000_000_000, 0, || {
             Ok(Some((
-                Decision::denied(DenialReason::UnknownKey),
+                Decision::denied(DenialReason::NoResources),
                 None,
                 LoggedAs::Durable,
             )))
@@ -1056,7 +1062,7 @@ mod tests {
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
             table
                 .once(id, &fingerprint(), at_ms, now_ms, || {
-                    let decision = Decision::denied(DenialReason::UnknownKey);
+                    let decision = Decision::denied(DenialReason::NoResources);
                     Ok(Some((decision, None, LoggedAs::Durable)))
                 })
                 .map(|kept| matches!(kept, Some((_, Some(_)))))
@@ -1066,7 +1072,7 @@ mod tests {
         let record = RequestRecord::new(
             0,
             &fingerprint(),
-            &Decision::denied(DenialReason::UnknownKey),
+            &Decision::denied(DenialReason::NoResources),
             None,
             LoggedAs::Durable,
         );
@@ -1097,7 +1103,7 @@ mod tests {
             .expect("some id shares the shard");
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
             table.once(id, &fingerprint(), at_ms, now_ms, || {
-                let decision = Decision::denied(DenialReason::UnknownKey);
+                let decision = Decision::denied(DenialReason::NoResources);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
         };
@@ -1133,7 +1139,7 @@ mod tests {
         // policy swap grew the horizon: a retry within the horizon counted twice.
         let decide = |table: &RequestTable, at_ms: u64, now_ms: u64| {
             table.once("retried", &fingerprint(), at_ms, now_ms, || {
-                let decision = Decision::denied(DenialReason::UnknownKey);
+                let decision = Decision::denied(DenialReason::NoResources);
                 Ok(Some((decision, None, LoggedAs::Durable)))
             })
         };
@@ -1168,7 +1174,7 @@ mod tests {
                 forgotten_at_ms,
                 retried_at_ms,
                 || {
-                    let decision = Decision::denied(DenialReason::UnknownKey);
+                    let decision = Decision::denied(DenialReason::NoResources);
                     Ok(Some((decision, None, LoggedAs::Durable)))
                 },
             );
@@ -1188,5 +1194,28 @@ mod tests {
         assert_eq!(table.len(), 0);
         assert_eq!(first(&table, "kept", 0), Ok(true));
         assert_eq!(table.len(), 1);
+    }
+
+    /// A decision `remembers` refuses (no valid key) comes back as a first decision and keeps
+    /// no place, and its id is decided anew when it comes again.
+    #[test]
+    fn a_denial_for_want_of_a_valid_key_is_answered_and_not_remembered() {
+        let table = RequestTable::new(2, HORIZON_MS);
+        assert_eq!(first(&table, "kept", 0), Ok(true));
+        for reason in [DenialReason::UnknownKey, DenialReason::KeyRevoked] {
+            let mut decided = 0;
+            for _ in 0..2 {
+                let answered = table.once("stray", &fingerprint(), 0, 0, || {
+                    decided += 1;
+                    Ok(Some((Decision::denied(reason), None, LoggedAs::Durable)))
+                });
+                assert!(
+                    matches!(answered, Ok(Some((Decision::Denied(_), None)))),
+                    "{answered:?}"
+                );
+            }
+            assert_eq!(decided, 2, "{reason:?}: decided anew, not a repeat");
+            assert_eq!(table.len(), 1, "{reason:?}: no place taken");
+        }
     }
 }

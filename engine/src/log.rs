@@ -572,9 +572,6 @@ struct Queue {
     /// A checkpoint asked for a new segment starting at this sequence number.
     rotate_at: Option<u64>,
     stop: bool,
-    /// `Interval`: when the oldest event of `batch` was queued (acknowledged), from which its
-    /// fdatasync is due within the interval.
-    first_queued_at: Option<Instant>,
 }
 
 /// A position in the log: every event up to `seq` is in the segments up to the one starting at
@@ -1177,7 +1174,7 @@ impl Compactor {
         else {
             return Ok(0);
         };
-        let Some(previous) = latest_snapshots(&self.snapshots_dir)?.get(1).copied() else {
+        let Some(previous) = previous_snapshot(&self.snapshots_dir)? else {
             return Ok(0);
         };
         let Some(_one_at_a_time) = self.state.running.try_lock() else {
@@ -1851,6 +1848,7 @@ impl EventLog {
             unsynced_from: None,
             unsynced_since: None,
             last_flush_ended: None,
+            last_take: Instant::now(),
             durable_len: active_len,
             wrote: false,
             poll_for: WRITER_POLL,
@@ -1935,7 +1933,6 @@ impl EventLog {
                 problem: "the log is closed".into(),
             });
         }
-        self.shared.note_first_queued(&mut queue);
         let seq = queue.next_seq;
         queue.next_seq += 1;
         self.shared.last_appended.store(seq, Ordering::Relaxed);
@@ -1990,7 +1987,6 @@ impl EventLog {
                 problem: "the log is closed".into(),
             });
         }
-        self.shared.note_first_queued(&mut queue);
         let first_seq = queue.next_seq;
         let offset = queue.batch.bytes.len();
         queue.batch.bytes.extend_from_slice(&staged.bytes);
@@ -2440,7 +2436,7 @@ impl EventLog {
     }
 
     pub fn previous_snapshot_pointer(&self) -> Result<Option<SnapshotPointer>, Error> {
-        Ok(latest_snapshots(&self.snapshots_dir)?.get(1).copied())
+        previous_snapshot(&self.snapshots_dir)
     }
 
     /// Stores a snapshot covering events up to `seq` durably (temporary file, fsync, rename,
@@ -3031,6 +3027,12 @@ fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
 }
 
 /// The snapshots, newest first.
+/// The snapshot before the latest: what compaction keeps the events after, so `verify` can
+/// replay from it to the latest.
+fn previous_snapshot(dir: &Path) -> Result<Option<SnapshotPointer>, Error> {
+    Ok(latest_snapshots(dir)?.get(1).copied())
+}
+
 fn latest_snapshots(dir: &Path) -> Result<Vec<SnapshotPointer>, Error> {
     let mut pointers = Vec::new();
     for seq in list_snapshots(dir)?.into_iter().rev() {
@@ -3260,10 +3262,13 @@ struct Writer {
     /// The first event written since the last fdatasync (none: all durable). `Sync` flushes
     /// when asked (`sync_due`), `Interval` when its time is up, `None` only at a segment's end.
     unsynced_from: Option<u64>,
-    /// `Interval`: when the oldest event written since the last fdatasync was queued; the next
-    /// fdatasync is due `ms` after it. (Counted from the end of the previous fdatasync, an
-    /// event queued while a slow one ran waited for it and then the whole interval again.)
+    /// `Interval`: a time before the oldest event written since the last fdatasync was queued
+    /// (the writer's take before that event's); the next fdatasync is due `ms` after it.
+    /// (Counted from the end of the previous fdatasync, an event queued while a slow one ran
+    /// waited for it and then the whole interval again.)
     unsynced_since: Option<Instant>,
+    /// `Interval`: when the writer last took the queue's events.
+    last_take: Instant,
     /// `Interval`: when the writer's last fdatasync ended (none yet: none since the open). One
     /// `ms` before that lets events written now be flushed at once: a lone event after a
     /// quiet spell is not held the whole interval, which would only lengthen what a power
@@ -3283,7 +3288,7 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         loop {
-            let (mut batch, queued_at, stop) = self.next_batch();
+            let (mut batch, queued_after, stop) = self.next_batch();
             let events = batch.events.len();
             let mut start = 0;
             while start < events {
@@ -3299,7 +3304,7 @@ impl Writer {
                 if result.is_ok() {
                     self.unsynced_from.get_or_insert(batch.events[start].seq);
                     self.unsynced_since
-                        .get_or_insert_with(|| queued_at.unwrap_or_else(Instant::now));
+                        .get_or_insert_with(|| queued_after.unwrap_or_else(Instant::now));
                 }
                 let failed = result.is_err();
                 self.report(batch.events[start].seq, batch.events[end - 1].seq, result);
@@ -3352,7 +3357,7 @@ impl Writer {
     }
 
     /// Waits for events (or a rotation, the interval deadline, or stop) and takes them all,
-    /// with when the first of them was queued (`Interval`). In `None` and `Interval` modes it
+    /// with a time before the first of them was queued (`Interval`). In `None` and `Interval` modes it
     /// first dozes (`WRITER_DOZE`), then sleeps.
     fn next_batch(&mut self) -> (Batch, Option<Instant>, bool) {
         let mut queue = self.shared.queue.lock();
@@ -3412,11 +3417,15 @@ impl Writer {
             self.rotate_at = Some(at);
         }
         let batch = std::mem::replace(&mut queue.batch, std::mem::take(&mut self.spare));
-        let queued_at = queue.first_queued_at.take();
+        // `Interval`: every event of this batch was queued after the writer's previous take,
+        // the time its flush is due from (a little early, never late; the append path reads
+        // no clock for it).
+        let queued_after = matches!(self.shared.durability, Durability::Interval { .. })
+            .then(|| std::mem::replace(&mut self.last_take, Instant::now()));
         let stop = queue.stop;
         drop(queue);
         self.shared.queue_room.notify_all();
-        (batch, queued_at, stop)
+        (batch, queued_after, stop)
     }
 
     /// `Sync`: polls, without the queue's lock, for at most `poll_for`, until an event is queued
@@ -3777,14 +3786,6 @@ impl Writer {
 }
 
 impl Shared {
-    /// `Interval`: notes when the first event of an empty queue is queued (a clock read per
-    /// batch, not per event while the writer is busy), the time its flush is due from.
-    fn note_first_queued(&self, queue: &mut Queue) {
-        if matches!(self.durability, Durability::Interval { .. }) && queue.batch.events.is_empty() {
-            queue.first_queued_at = Some(Instant::now());
-        }
-    }
-
     /// fdatasyncs the active segment from outside the writer (`sync` in the modes that do not
     /// wait for durability, the snapshot thread, `close`), the fault hook first. A failure
     /// fails the log, as the writer's own does: a later fdatasync can succeed after the kernel
@@ -4097,6 +4098,7 @@ mod tests {
             unsynced_from: None,
             unsynced_since: None,
             last_flush_ended: None,
+            last_take: Instant::now(),
             durable_len: len,
             wrote: true,
             poll_for: WRITER_POLL,

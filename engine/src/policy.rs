@@ -532,7 +532,7 @@ pub struct Plan {
     pub max_open_reservations: Option<u32>,
     pub price_micros_per_month: Option<u64>,
     /// Indexed like `limits`: every plan with a larger amount on the same meter and span, smallest
-    /// amount first (`upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
+    /// amount first (`admission::upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
     /// on every request.
     pub limit_upgrades: Vec<Upgrades>,
 }
@@ -545,23 +545,6 @@ impl Plan {
             .get(limit)?
             .first()
             .map(|(_, plan)| *plan)
-    }
-
-    /// The upgrade to suggest for a request of `amount` that limit `limit` refused with `used`
-    /// counted: the smallest plan with a larger amount on the same meter and span that takes
-    /// the request now (a seat change keeps what is used), else the smallest that takes it once
-    /// enough has reset or aged out; `None` if no plan's amount can ever take it. This limit
-    /// alone: a denial suggests a plan only if its other limits and maximums take the request
-    /// too (`admission::upgrade_for`).
-    pub fn upgrade_for(&self, limit: usize, used: u64, amount: u64) -> Option<PlanId> {
-        let upgrades = self.limit_upgrades.get(limit)?;
-        let taking = |needed: u64| {
-            upgrades
-                .iter()
-                .find(|(bigger, _)| *bigger >= needed)
-                .map(|(_, plan)| *plan)
-        };
-        taking(used.saturating_add(amount)).or_else(|| taking(amount))
     }
 }
 
@@ -608,9 +591,6 @@ pub struct Policy {
     counters: Vec<CounterSpec>,
     plans: Vec<Plan>,
     plan_ids: FxHashMap<Box<str>, PlanId>,
-    /// Indexed by `ResourceId`: the cheapest plan covering it (whether or not its limits take a
-    /// given request: a denial suggests only one that does, `admission::cover_upgrade_for`).
-    cover_upgrade: Vec<Option<PlanId>>,
     longest_window_ms: u64,
     /// Set by the engine when it installs the policy: receipts name counters of a generation.
     pub(crate) generation: u32,
@@ -760,10 +740,6 @@ impl Policy {
 
     pub fn plans(&self) -> &[Plan] {
         &self.plans
-    }
-
-    pub fn cover_upgrade(&self, resource: ResourceId) -> Option<PlanId> {
-        self.cover_upgrade[resource.index()]
     }
 
     /// Which of the engine's policies this is: 0 for the first a database ran with, one more
@@ -1202,9 +1178,6 @@ impl Compiler {
             .map(|(index, plan)| (plan.name.clone(), PlanId(index as u16)))
             .collect();
         link_upgrades(&mut plans);
-        let cover_upgrade = (0..self.resources.len())
-            .map(|resource| cheapest_plan(&plans, |plan| plan.covers[resource]))
-            .collect();
         // Each window once: a calendar span looks at every offset change of the zone.
         let mut windows: Vec<Window> = Vec::new();
         for counter in &self.counters {
@@ -1237,7 +1210,6 @@ impl Compiler {
             counters: self.counters,
             plans,
             plan_ids,
-            cover_upgrade,
             longest_window_ms,
             generation: 0,
         })
@@ -1837,7 +1809,8 @@ fn same_window_ignoring_buckets(a: Window, b: Window) -> bool {
     }
 }
 
-fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanId> {
+/// The cheapest of the plans `accept` takes (by monthly price; unpriced last, then the first).
+pub(crate) fn cheapest_plan(plans: &[Plan], accept: impl Fn(&Plan) -> bool) -> Option<PlanId> {
     plans
         .iter()
         .enumerate()
@@ -2896,7 +2869,8 @@ limits = [{limit}]
         assert_eq!(error.field, r#"meters."m""#, "{error}");
     }
 
-    /// A denial suggests a plan with a larger amount on the limit that refused (`upgrade_for`).
+    /// A denial suggests a plan with a larger amount on the limit that refused
+    /// (`admission::upgrade_for`, from `next_bigger`'s list).
     /// Plans were linked by counter, which includes the bucket width, so a bigger plan counting
     /// the same meter over the same rolling span with other buckets was never suggested,
     /// though a seat change onto it carries the count (re-bucketed) as onto any other.
@@ -2913,8 +2887,6 @@ limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolli
         let (small, big) = (policy.plan_id("Small"), policy.plan_id("Big"));
         let plan = policy.plan(small.expect("plan"));
         assert_eq!(plan.next_bigger(0), big);
-        assert_eq!(plan.upgrade_for(0, 10, 1), big);
-        assert_eq!(plan.upgrade_for(0, 0, 101), None);
         // Another span is another limit: no upgrade.
         let other = text.replace(r#""rolling:5h", bucket = "120s""#, r#""rolling:6h""#);
         let policy = Policy::from_toml_str(&other).expect("valid");
