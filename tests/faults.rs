@@ -982,7 +982,7 @@ fn a_batch_on_another_key_goes_on_while_a_seat_change_waits_for_its_flush() {
         // The batch decides and counts before it appends its event; it then waits for its
         // own flush, held too.
         let start = std::time::Instant::now();
-        while used(&engine) == 0 && start.elapsed() < std::time::Duration::from_secs(2) {
+        while used(&engine) == 0 && start.elapsed() < HOLD_AT_MOST {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let counted_meanwhile = used(&engine) == 1 && !seat.is_finished();
