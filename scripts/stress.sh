@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The tests where threads race (checkpoints cut under load, group commit, concurrent consumers,
-# request ids, reservations, leases), run over and over for a while with every core kept busy
+# The tests where threads race (checkpoints cut under load, periodic compaction beside export
+# readers, group commit, concurrent consumers, request ids, reservations, leases), run over and
+# over for a while with every core kept busy
 # by a spinning process, so their threads are preempted at moments a quiet machine never shows.
 # A race that a plain run hits once in a hundred turns up here within a minute: that is how the
 # open-reservation count a checkpoint cut in the middle of a close left behind was found
@@ -17,6 +18,8 @@ runs=(
   "log checkpoints_cut_under_concurrent_load 10"
   "log every_kind_of_change_racing_checkpoints 1"
   "log reading_events_while_compaction 2"
+  "log export_readers_polling_back_to_back 2"
+  "log a_request_crossing_a_periodic_checkpoint 2"
   "concurrency - 2"
   "faults - 1"
   "leases racing 4"
