@@ -1004,6 +1004,173 @@ fn a_plan_suggested_for_more_agents_takes_the_request_too() {
     );
 }
 
+/// Plus has 50 image-01 images a day; Plus-Highspeed 100 (and no m2.7), Max 120 (and m2.7). A
+/// Plus key out of images is offered Max: the plan with the smallest step up that still covers
+/// every resource Plus covers. Plus-Highspeed, the smaller step, would take the image and
+/// refuse the key's every m2.7 request (an earlier build offered it).
+#[test]
+fn an_upgrade_out_of_a_limit_keeps_every_resource_the_plan_covers() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    admitted(consume(
+        &engine,
+        &key,
+        "m2.7",
+        &[(Unit::Requests, 1)],
+        T0_MS,
+    ));
+    for _ in 0..50 {
+        admitted(consume(
+            &engine,
+            &key,
+            "image-01",
+            &[(Unit::Images, 1)],
+            T0_MS,
+        ));
+    }
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "image-01",
+        &[(Unit::Images, 1)],
+        T0_MS,
+    ));
+    assert!(
+        matches!(denial.reason, DenialReason::QuotaExhausted { .. }),
+        "{denial:?}"
+    );
+    let policy = engine.policy();
+    let plus = policy.plan(plan_id(&engine, "Plus"));
+    let highspeed = policy.plan(plan_id(&engine, "Plus-Highspeed"));
+    assert!(
+        !highspeed.covers[resource_id(&engine, "m2.7").index()],
+        "the trap this test is about: Plus-Highspeed does not cover m2.7"
+    );
+    let upgrade = denial.remedies.upgrade_to.expect("a bigger plan");
+    assert_eq!(upgrade, plan_id(&engine, "Max"), "{denial:?}");
+    let offered = policy.plan(upgrade);
+    for (index, &covered) in plus.covers.iter().enumerate() {
+        assert!(
+            !covered || offered.covers[index],
+            "the plan offered drops resource {index}"
+        );
+    }
+    // Where no bigger plan keeps the coverage, the bigger one that does not is still offered:
+    // 121 images at once only Max-Highspeed (200) and Ultra-Highspeed (800) could ever take
+    // (Max's 120 never can), and neither covers m2.7.
+    let denial = denied(consume(
+        &engine,
+        &key,
+        "image-01",
+        &[(Unit::Images, 121)],
+        T0_MS,
+    ));
+    let upgrade = denial.remedies.upgrade_to.expect("a bigger plan");
+    assert!(
+        ["Max-Highspeed", "Ultra-Highspeed"].contains(&&*policy.plan(upgrade).name),
+        "{denial:?}"
+    );
+}
+
+/// Words covers chat, Pictures covers images (and is the cheaper), Both covers the two. A
+/// Words key asking for an image is offered Both: Pictures would take the image and refuse
+/// the key's chat. A key with no seat has no coverage to keep: it is offered the cheapest
+/// plan that takes the request, Pictures.
+#[test]
+fn a_plan_suggested_for_an_uncovered_resource_keeps_what_the_seat_covers() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[resources.images]
+units = ["images"]
+[plans.Words]
+price_micros_per_month = 10000000
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+[plans.Pictures]
+price_micros_per_month = 5000000
+limits = [{ resource = "images", unit = "images", amount = 10, window = "daily" }]
+[plans.Both]
+price_micros_per_month = 20000000
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "daily" },
+  { resource = "images", unit = "images", amount = 10, window = "daily" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let (pictures, both) = (policy.plan_id("Pictures"), policy.plan_id("Both"));
+    let engine = engine_with(policy);
+    let image = [(Unit::Images, 1)];
+    let key = seated(&engine, "ada", "Words");
+    let denial = denied(consume(&engine, &key, "images", &image, T0_MS));
+    assert!(
+        matches!(denial.reason, DenialReason::ResourceNotCovered { .. }),
+        "{denial:?}"
+    );
+    assert_eq!(denial.remedies.upgrade_to, both, "{denial:?}");
+    let unseated = user(&engine, "bea");
+    let denial = denied(consume(&engine, &unseated, "images", &image, T0_MS));
+    assert_eq!(denial.reason, DenialReason::NoResources);
+    assert_eq!(denial.remedies.upgrade_to, pictures, "{denial:?}");
+}
+
+/// Solo caps open reservations at 1 and covers chat and images; Crew caps them at 3 and covers
+/// chat only; Team caps them at 4 and covers both. A Solo key holding its one reservation is
+/// offered Team: Crew has fewer agents above 1 but would refuse the key's images.
+#[test]
+fn a_plan_suggested_for_more_agents_keeps_what_the_seat_covers() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[resources.images]
+units = ["images"]
+[plans.Solo]
+max_open_reservations = 1
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "daily" },
+  { resource = "images", unit = "images", amount = 10, window = "daily" },
+]
+[plans.Crew]
+max_open_reservations = 3
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+[plans.Team]
+max_open_reservations = 4
+limits = [
+  { resource = "chat", unit = "requests", amount = 100, window = "daily" },
+  { resource = "images", unit = "images", amount = 10, window = "daily" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let team = policy.plan_id("Team");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Solo");
+    let one = [(Unit::Requests, 1)];
+    let reserve = || {
+        engine
+            .reserve(
+                &tally_engine::UsageRequest::new(&key, "chat", &one).at(T0_MS),
+                None,
+            )
+            .expect("valid")
+            .decision
+    };
+    admitted(reserve());
+    let denial = denied(reserve());
+    assert_eq!(
+        denial.reason,
+        DenialReason::TooManyReservations {
+            open: 1,
+            maximum: 1
+        }
+    );
+    assert_eq!(denial.remedies.upgrade_to, team, "{denial:?}");
+}
+
 /// Bar-Plus's weekly bar of 10,000,000 filled by five 5-hour bars of 2,000,000, six hours
 /// apart from Monday 00:00 (Shanghai): on Tuesday at 06:01 the 5-hour bar is empty, and the
 /// weekly one refuses until next Monday 00:00, which is also when it resets; Bar-Max's

@@ -391,7 +391,9 @@ pub struct Remedies {
     /// smallest that takes it once enough has reset; for a resource the key's plan does not
     /// cover (or a key without a seat), the cheapest such plan covering it; `None` when no plan
     /// can ever take the request; for a key holding as many open reservations as its plan
-    /// allows, the covering plan with the fewest agents above that.
+    /// allows, the covering plan with the fewest agents above that. In each case a plan that
+    /// also covers every resource the key's plan covers comes first: one that drops some is
+    /// offered only where no other can take the request.
     pub upgrade_to: Option<PlanId>,
     /// Waiting until then lets the request fit the plan.
     pub wait_until_ms: Option<u64>,
@@ -623,19 +625,37 @@ pub(crate) fn price_micros(
 /// The plan to suggest a seat on for a resource the key's plan does not cover (or a key with
 /// no seat): the cheapest plan covering it whose limits and maximums can each take the
 /// request; `None` if no plan can (suggesting the cheapest covering plan anyway, as an earlier
-/// build did, offered a seat that would refuse the request too). A denial's path only: kept
-/// out of line, inlined it changed how the admission path was inlined (5% more instructions
-/// per hot-key consume).
+/// build did, offered a seat that would refuse the request too). For a key with a seat on
+/// `current`, the cheapest such plan that also covers everything `current` covers, if one
+/// does (else the cheapest of all): a move that gains the resource should not lose the key
+/// the others it works with. A denial's path only: kept out of line, inlined it changed how
+/// the admission path was inlined (5% more instructions per hot-key consume).
 #[cold]
 #[inline(never)]
 pub(crate) fn cover_upgrade_for(
     policy: &Policy,
+    current: Option<&Plan>,
     resource: ResourceId,
     quantities: &Quantities,
 ) -> Option<PlanId> {
-    crate::policy::cheapest_plan(policy.plans(), |plan| {
-        can_ever_take(plan, resource, quantities)
-    })
+    let able = |plan: &Plan| can_ever_take(plan, resource, quantities);
+    current
+        .and_then(|current| {
+            crate::policy::cheapest_plan(policy.plans(), |plan| {
+                able(plan) && keeps_coverage(current, plan)
+            })
+        })
+        .or_else(|| crate::policy::cheapest_plan(policy.plans(), able))
+}
+
+/// Whether `candidate` covers every resource `current` covers: a seat moved to it loses the
+/// key no resource it had.
+pub(crate) fn keeps_coverage(current: &Plan, candidate: &Plan) -> bool {
+    current
+        .covers
+        .iter()
+        .zip(&candidate.covers)
+        .all(|(&had, &has)| !had || has)
 }
 
 /// Whether a seat on `plan` could ever admit `quantities` of `resource`: the plan covers it,
@@ -681,10 +701,14 @@ fn takes_now(
 
 /// The plan to suggest for a request of `quantities` of `resource` that limit `limit_index` of
 /// the key's plan refused: of the plans with a larger amount on that limit's meter and span
-/// (smallest first), the first that takes the request now on every limit it touches, else the
-/// first that ever can (`can_ever_take`); `None` if none can. A larger amount on the refusing
-/// limit alone is not enough: the plan's other limits, or its maximums, may refuse the
-/// request too.
+/// (smallest first) that can ever take the request (`can_ever_take`), the first that covers
+/// every resource the key's plan covers (`keeps_coverage`) and takes the request now on every
+/// limit it touches, else the first that keeps the coverage, else the first that takes it
+/// now, else the first; `None` if none can. A larger amount on the refusing limit alone is
+/// not enough: the plan's other limits, or its maximums, may refuse the request too. And a
+/// plan that drops a resource the key works with is a trap, not a remedy (a Plus key out of
+/// image-01 images was offered Plus-Highspeed, which has more of them and no m2.7, where Max
+/// has both).
 #[cold]
 #[inline(never)]
 fn upgrade_for(
@@ -696,28 +720,30 @@ fn upgrade_for(
     at_ms: u64,
 ) -> Option<PlanId> {
     let (resource, quantities) = request;
-    let upgrades = policy
-        .plan(plan_id)
-        .limit_upgrades
-        .get(usize::from(limit_index))?;
-    let mut able = upgrades
-        .iter()
-        .map(|&(_, candidate)| candidate)
-        .filter(|&candidate| can_ever_take(policy.plan(candidate), resource, quantities));
-    let first = able.next()?;
-    std::iter::once(first)
-        .chain(able)
-        .find(|&candidate| {
-            takes_now(
-                policy,
-                plan_id,
-                usage,
-                policy.plan(candidate),
-                request,
-                at_ms,
-            )
-        })
-        .or(Some(first))
+    let plan = policy.plan(plan_id);
+    let upgrades = plan.limit_upgrades.get(usize::from(limit_index))?;
+    let able = || {
+        upgrades
+            .iter()
+            .map(|&(_, candidate)| candidate)
+            .filter(|&candidate| can_ever_take(policy.plan(candidate), resource, quantities))
+    };
+    let takes = |candidate: PlanId| {
+        takes_now(
+            policy,
+            plan_id,
+            usage,
+            policy.plan(candidate),
+            request,
+            at_ms,
+        )
+    };
+    let keeping = || able().filter(|&candidate| keeps_coverage(plan, policy.plan(candidate)));
+    keeping()
+        .find(|&candidate| takes(candidate))
+        .or_else(|| keeping().next())
+        .or_else(|| able().find(|&candidate| takes(candidate)))
+        .or_else(|| able().next())
 }
 
 /// Checks per-request maximums (the resource's, then the plan's).

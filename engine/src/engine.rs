@@ -2688,7 +2688,9 @@ fn decide_at_or_after_floor(
         }),
         Decision::Denied(denial) => {
             if denial.remedies.upgrade_to.is_none() && suggest_cover {
-                denial.remedies.upgrade_to = cover_upgrade_for(policy, resource, quantities);
+                let current = state.seat.map(|seat| policy.plan(seat));
+                denial.remedies.upgrade_to =
+                    cover_upgrade_for(policy, current, resource, quantities);
             }
             None
         }

@@ -462,13 +462,15 @@ fn credits_hold_short(
 }
 
 /// The plan to suggest to a key refused for holding `maximum` open reservations (its plan's
-/// agents): of the plans that cap open reservations above `maximum` and could ever take the
-/// `estimate` of `resource` (they cover it, their maximums allow it, each limit it touches is
-/// at least its amount), the one with the fewest (the cheapest of those, then the first). A
-/// plan without a cap is not suggested: it belongs to another family of plans (the standard
-/// ones, not the usage bar's), whose limits say nothing of agents.
+/// agents, on `current`): of the plans that cap open reservations above `maximum` and could
+/// ever take the `estimate` of `resource` (they cover it, their maximums allow it, each limit
+/// it touches is at least its amount), those covering every resource `current` covers first
+/// (`admission::keeps_coverage`), then the one with the fewest (the cheapest of those, then the
+/// first). A plan without a cap is not suggested: it belongs to another family of plans (the
+/// standard ones, not the usage bar's), whose limits say nothing of agents.
 fn more_agents(
     policy: &crate::policy::Policy,
+    current: &crate::policy::Plan,
     resource: crate::policy::ResourceId,
     estimate: &Quantities,
     maximum: u32,
@@ -481,7 +483,8 @@ fn more_agents(
         .filter_map(|(index, plan)| {
             let cap = plan.max_open_reservations.filter(|&cap| cap > maximum)?;
             let price = plan.price_micros_per_month.unwrap_or(u64::MAX);
-            Some(((cap, price, index), index))
+            let loses = !crate::admission::keeps_coverage(current, plan);
+            Some(((loses, cap, price, index), index))
         })
         .min()
         .map(|(_, index)| crate::policy::PlanId(index as u16))
@@ -533,9 +536,8 @@ impl Engine {
                 // Before its open reservations are counted: a revoked key is not at its agents.
                 return Ok((Decision::denied(DenialReason::KeyRevoked), None, None));
             }
-            let maximum = state
-                .seat
-                .and_then(|seat| policy.plan(seat).max_open_reservations);
+            let plan = state.seat.map(|seat| policy.plan(seat));
+            let maximum = plan.and_then(|plan| plan.max_open_reservations);
             if let Err(open) = state.open_reservation(maximum) {
                 let reason = DenialReason::TooManyReservations {
                     open,
@@ -544,8 +546,9 @@ impl Engine {
                 let mut decision = Decision::denied(reason);
                 if let Decision::Denied(denial) = &mut decision {
                     denial.plan = state.seat;
-                    denial.remedies.upgrade_to = maximum
-                        .and_then(|maximum| more_agents(policy, resource, &estimate, maximum));
+                    denial.remedies.upgrade_to = plan.zip(maximum).and_then(|(plan, maximum)| {
+                        more_agents(policy, plan, resource, &estimate, maximum)
+                    });
                 }
                 return Ok((decision, None, None));
             }
