@@ -786,6 +786,58 @@ fn health_reports_what_failed_in_the_background() {
     );
 }
 
+/// A periodic checkpoint's thread that panics never reaches the code noting its failure, and
+/// the next periodic checkpoint's join, which learns of it (once), skipped its own checkpoint
+/// without a word: a thread panicking every time left the log growing and `health` clear.
+/// Now the panic is the checkpoint's failure until one stores, and an explicit checkpoint
+/// that learns of it answers it and notes it too.
+#[test]
+fn health_reports_a_periodic_checkpoint_whose_thread_panicked() {
+    let dir = TempDir::new("health-panic");
+    let faults = Faults::new();
+    let options = OpenOptions {
+        checkpoint_every_events: 4,
+        faults: Some(Arc::clone(&faults)),
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options);
+    create_accounts(&engine);
+    engine.checkpoint().expect("checkpoint");
+    let one = [(Unit::Requests, 1)];
+    let mut at_ms = T0_MS;
+    let mut consume = |count: u64| {
+        for _ in 0..count {
+            at_ms += 1;
+            let request = UsageRequest::new("key-bob", "m2.7", &one).at(at_ms);
+            assert!(engine.consume(&request).unwrap().is_admitted());
+        }
+    };
+    faults.panic_next_snapshots(1);
+    // Past one periodic checkpoint (its thread panics), then past the next (which joins it).
+    consume(4);
+    let started = std::time::Instant::now();
+    while engine.health().checkpoint_failure.is_none() && started.elapsed().as_secs() < 10 {
+        consume(1);
+    }
+    let failure = engine.health().checkpoint_failure.expect("the panic noted");
+    assert!(failure.contains("panicked"), "{failure}");
+    // The next one stores: the failure clears.
+    consume(8);
+    engine.checkpoint().expect("checkpoint");
+    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+    // An explicit checkpoint joining a panicked periodic one answers the panic, and notes it.
+    faults.panic_next_snapshots(1);
+    consume(4);
+    let error = engine
+        .checkpoint()
+        .expect_err("the periodic checkpoint panicked");
+    assert!(error.to_string().contains("panicked"), "{error}");
+    let failure = engine.health().checkpoint_failure.expect("the panic noted");
+    assert!(failure.contains("panicked"), "{failure}");
+    engine.checkpoint().expect("checkpoint");
+    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+}
+
 /// A retried request id is answered with the first decision, and that answer is an
 /// acknowledgement too: the retry answers only once the first decision's event is durable. If
 /// that event is never made durable (its flush fails), the retry gets the log's error, as the

@@ -238,6 +238,8 @@ pub struct Faults {
     fail_flushes: AtomicU64,
     // Read and decremented by compaction (one at a time).
     fail_removals: AtomicU64,
+    // Read and decremented by the snapshot thread (one at a time).
+    panic_snapshots: AtomicU64,
     /// The writer's fdatasyncs (see `hold_flushes`).
     flushes: Hold,
     /// Reads of the log files (see `hold_scans`).
@@ -293,6 +295,12 @@ impl Faults {
     /// I/O error would.
     pub fn fail_next_removals(&self, count: u64) {
         self.fail_removals.store(count, Ordering::Relaxed);
+    }
+
+    /// The next `count` snapshot threads (a periodic checkpoint's) panic before they store
+    /// their snapshot, as a defect would.
+    pub fn panic_next_snapshots(&self, count: u64) {
+        self.panic_snapshots.store(count, Ordering::Relaxed);
     }
 
     /// The writer's fdatasyncs wait (before they start, and before an injected failure) until
@@ -2456,19 +2464,29 @@ impl EventLog {
     /// `encode` is called there with a `store` to hand its bytes to, which stores them once
     /// the log is durable up to `seq` (so the encoder can keep its buffer for the next
     /// snapshot). One at a time: call `finish_snapshot_in_background` before the next.
-    pub fn write_snapshot_in_background(&self, seq: u64, encode: EncodeSnapshot) {
+    /// An error if the thread could not be started (the snapshot is then not written).
+    pub fn write_snapshot_in_background(
+        &self,
+        seq: u64,
+        encode: EncodeSnapshot,
+    ) -> Result<(), Error> {
         let shared = Arc::clone(&self.shared);
         let snapshots_dir = self.snapshots_dir.clone();
-        let spawned = std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("tally-snapshot".into())
             .spawn(move || {
                 encode(&mut |bytes, usage_bytes| {
+                    let panic = shared
+                        .faults
+                        .as_deref()
+                        .is_some_and(|faults| Faults::take(&faults.panic_snapshots));
+                    assert!(!panic, "injected: the snapshot thread panics");
                     Self::store_when_durable(&shared, &snapshots_dir, seq, usage_bytes, bytes)
                 })
-            });
-        if let Ok(handle) = spawned {
-            *self.snapshot_thread.lock() = Some(handle);
-        }
+            })
+            .map_err(|error| storage("starting the snapshot thread", error))?;
+        *self.snapshot_thread.lock() = Some(handle);
+        Ok(())
     }
 
     /// Waits until the log is durable up to `seq` (asking for it with `Sync`, syncing it

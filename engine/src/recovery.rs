@@ -657,7 +657,8 @@ enum PolicyChoice {
 pub struct Health {
     /// The log failed: every call that logs is refused until the engine is reopened.
     pub log_failure: Option<String>,
-    /// The last periodic checkpoint could not store its snapshot (cleared by one that can).
+    /// The last periodic checkpoint could not store its snapshot, or could not start or
+    /// finish its thread (a panic) (cleared by one that stores).
     pub checkpoint_failure: Option<String>,
     /// The last automatic compaction failed (cleared by one that succeeds, or by `compact`).
     pub compaction_failure: Option<String>,
@@ -1531,7 +1532,12 @@ impl Engine {
         })?;
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
-        journal.finish_snapshot_in_background()?;
+        // Its thread's panic is the periodic checkpoint's failure, told once: noted as such.
+        let previous = journal.finish_snapshot_in_background();
+        if previous.is_err() {
+            BackgroundProblems::note(&self.background.checkpoint, &previous);
+        }
+        previous?;
         // A new segment and a snapshot are written in this build's format: recorded first.
         journal.record_format()?;
         let started = Instant::now();
@@ -1571,8 +1577,15 @@ impl Engine {
     /// back to work at once.
     fn checkpoint_in_background(&self, journal: &EventLog) {
         let _one_at_a_time = self.checkpointing.lock();
-        // (An append crossed the threshold: this build's format is recorded already.)
-        if journal.finish_snapshot_in_background().is_err() || journal.record_format().is_err() {
+        // (An append crossed the threshold: this build's format is recorded already.) The
+        // previous one's failure, its thread's panic included (told once, by this join), is
+        // noted for `health`: skipped silently, a checkpoint thread that panicked every time
+        // left the log growing with nothing reported.
+        let ready = journal
+            .finish_snapshot_in_background()
+            .and_then(|()| journal.record_format());
+        if ready.is_err() {
+            BackgroundProblems::note(&self.background.checkpoint, &ready);
             return;
         }
         let started = Instant::now();
@@ -1590,7 +1603,8 @@ impl Engine {
         self.checkpoint_due.store(false, Ordering::Relaxed);
         let spare = Arc::clone(&self.cuts.spare);
         let pacing = Arc::clone(&self.checkpoint_pacing);
-        journal.write_snapshot_in_background(
+        let background_noted = Arc::clone(&self.background);
+        let started_thread = journal.write_snapshot_in_background(
             seq,
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
@@ -1619,6 +1633,9 @@ impl Engine {
                 Ok(())
             }),
         );
+        if started_thread.is_err() {
+            BackgroundProblems::note(&background_noted.checkpoint, &started_thread);
+        }
     }
 
     /// What has gone wrong where no call's answer reports it (`Health`): the log's failure,

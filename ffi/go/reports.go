@@ -250,7 +250,8 @@ type Health struct {
 	// The log failed (with DurabilityInterval or DurabilityNone its writer may fail after the
 	// calls returned): every call that logs fails until the database is reopened.
 	LogFailure string `json:"log_failure"`
-	// The last periodic checkpoint could not store its snapshot (cleared by one that can).
+	// The last periodic checkpoint could not store its snapshot, or its thread could not
+	// start or panicked (cleared by one that stores).
 	CheckpointFailure string `json:"checkpoint_failure"`
 	// The last automatic compaction failed (cleared by one that succeeds, or by Compact).
 	CompactionFailure string `json:"compaction_failure"`

@@ -1136,8 +1136,9 @@ tally_status tally_verify(const char *path,
 // `log_failure`: the log failed (in `TALLY_DURABILITY_INTERVAL` and `_NONE` modes its writer
 // may fail after the calls returned, and only the next call that logs is refused; `check`
 // and `usage` never are): every call that logs is refused until the database is reopened.
-// `checkpoint_failure`: the last periodic checkpoint could not store its snapshot (an open
-// replays more until one does; cleared by one that can). `compaction_failure`: the last
+// `checkpoint_failure`: the last periodic checkpoint could not store its snapshot, or its
+// thread could not start or panicked (an open replays more until one does; cleared by one
+// that stores). `compaction_failure`: the last
 // automatic compaction, run after each periodic checkpoint, failed (the segments it would
 // have removed stay; cleared by one that succeeds, or by `tally_engine_compact`). Size query
 // as for usage; on `TALLY_BUFFER_TOO_SMALL` `*healthy_out` is not written.

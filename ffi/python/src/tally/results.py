@@ -199,7 +199,8 @@ class Health:
     #: The log failed (with ``INTERVAL`` or ``NONE`` its writer may fail after the calls
     #: returned): every call that logs raises until the database is reopened.
     log_failure: str | None
-    #: The last periodic checkpoint could not store its snapshot (cleared by one that can).
+    #: The last periodic checkpoint could not store its snapshot, or its thread could not
+    #: start or panicked (cleared by one that stores).
     checkpoint_failure: str | None
     #: The last automatic compaction failed (cleared by one that succeeds, or ``compact``).
     compaction_failure: str | None
