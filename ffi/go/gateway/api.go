@@ -226,6 +226,12 @@ func routeRefused(api API, method, path string) apiError {
 	return apiError{status: http.StatusForbidden, kind: "invalid_request_error", code: "route_not_served", message: message}
 }
 
+// methodNotAllowed: a method the path does not answer (405, with an Allow header the caller
+// sets), invalid_request_error in both APIs' shapes.
+func methodNotAllowed(api API, message string) apiError {
+	return apiError{status: http.StatusMethodNotAllowed, kind: "invalid_request_error", code: "method_not_allowed", message: message}
+}
+
 func unauthorized(api API, message string) apiError {
 	if api == Anthropic {
 		return apiError{status: http.StatusUnauthorized, kind: "authentication_error", message: message}

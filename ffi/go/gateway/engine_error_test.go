@@ -135,3 +135,30 @@ func TestALateSettleIsToldByItsStatusNotByTheMessagesWording(t *testing.T) {
 		}
 	}
 }
+
+// The health path's answer names every failure Health reports, in a fixed order, and not
+// their detail (a path, an OS error: the operator's log has it); a health call that fails
+// (a poisoned engine) is 503 naming its status, as the Python middleware answers.
+func TestTheHealthAnswerNamesEachFailureAndNoDetail(t *testing.T) {
+	for _, test := range []struct {
+		health tally.Health
+		err    error
+		status int
+		body   string
+	}{
+		{tally.Health{}, nil, http.StatusOK, `{"healthy":true,"failures":[],"error":null}`},
+		{tally.Health{LogFailure: "write /db/events/1.seg: no space", CheckpointFailure: "x", CompactionFailure: "y"}, nil,
+			http.StatusServiceUnavailable, `{"healthy":false,"failures":["log_failure","checkpoint_failure","compaction_failure"],"error":null}`},
+		{tally.Health{CheckpointFailure: "snapshot /db/snapshots: EIO"}, nil,
+			http.StatusServiceUnavailable, `{"healthy":false,"failures":["checkpoint_failure"],"error":null}`},
+		{tally.Health{}, fmt.Errorf("wrapped: %w", &tally.Error{Op: "Health", Status: statusOf(tally.ErrPoisoned), Message: "panicked at /db"}),
+			http.StatusServiceUnavailable, `{"healthy":false,"failures":[],"error":"the engine's health could not be read (TALLY_POISONED)"}`},
+		{tally.Health{}, &tally.Error{Op: "Health", Status: statusOf(tally.ErrClosed), Message: "closed"},
+			http.StatusServiceUnavailable, `{"healthy":false,"failures":[],"error":"the engine is closed (TALLY_CLOSED)"}`},
+	} {
+		status, body := healthAnswer(test.health, test.err)
+		if status != test.status || string(body) != test.body+"\n" {
+			t.Errorf("%+v %v: %d %s", test.health, test.err, status, body)
+		}
+	}
+}

@@ -39,6 +39,11 @@
 // realtime) or show other users' data (files, batches). An unknown key is 401 there as
 // everywhere, before the route is looked at. The Python middleware (tally.asgi) answers
 // alike.
+//
+// With Config.HealthPath set, a GET or HEAD on that path needs no key and is answered by the
+// gateway itself, never by the upstream, with the engine's health for a load balancer: 200
+// while Engine.Health reports nothing, 503 naming each failure it reports or saying that the
+// engine is closed (another method: 405), as the Python middleware's health_path answers.
 package gateway
 
 import (
@@ -98,6 +103,21 @@ type Config struct {
 	// nothing upstream and show nothing of other users: a route neither metered nor listed is
 	// refused with 403 before the upstream (a websocket's upgrade too: list "GET /path").
 	PassThrough []string
+	// HealthPath, if set, is a path the gateway answers itself, for a load balancer or an
+	// orchestrator: a GET or HEAD on it (its path cleaned as a route's is, whatever its query)
+	// needs no key and never reaches the upstream. It is 200 with
+	// {"healthy":true,"failures":[],"error":null} while the engine's Health reports nothing,
+	// and 503 otherwise: "failures" names each it reports ("log_failure",
+	// "checkpoint_failure", "compaction_failure"), "error" says when the engine is closed or
+	// its health could not be read. The failures' detail (a path, an OS error) goes to the
+	// Logger each time it changes, not to a caller who needs no key. Another method is 405
+	// with "Allow: GET, HEAD"; every answer has "Cache-Control: no-store". The path must start
+	// with / and be clean, as a PassThrough entry's (no doubled or trailing slash, no dot
+	// segment, no "?", "#" or "%"), and be neither a metered route's path nor one a
+	// PassThrough entry matches with any method, which it would hide; else New fails. ""
+	// (the default): no health path, so no route is answered without a key. The answers are
+	// the Python middleware's (health_path), byte for byte.
+	HealthPath string
 }
 
 // DefaultModels are model names as clients send them -> resources of the shipped Token Plan
@@ -125,6 +145,7 @@ type Gateway struct {
 	config      Config
 	passThrough []passRoute
 	proxy       *httputil.ReverseProxy
+	health      healthLog
 }
 
 // New builds a Gateway.
@@ -150,6 +171,11 @@ func New(config Config) (*Gateway, error) {
 	passThrough, err := parsePassThrough(config.PassThrough)
 	if err != nil {
 		return nil, err
+	}
+	if config.HealthPath != "" {
+		if err := checkHealthPath(config.HealthPath, passThrough); err != nil {
+			return nil, err
+		}
 	}
 	if config.Lease <= 0 {
 		config.Lease = 30 * time.Minute
@@ -216,6 +242,10 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// reads it.
 	path, method := routePath(r.URL.Path), strings.ToUpper(r.Method)
 	api := apiOf(path)
+	if g.config.HealthPath != "" && path == g.config.HealthPath {
+		g.serveHealth(w, api, method, path) // before the key: a probe has none
+		return
+	}
 	key, conflict := keyOf(r)
 	if conflict {
 		unauthorized(api, "the call carries two different API keys (Authorization: Bearer and x-api-key): send one").write(w, api)

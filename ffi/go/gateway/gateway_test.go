@@ -163,6 +163,12 @@ func startWith(t *testing.T, configure func(*gateway.Config)) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startOn(t, engine, configure)
+}
+
+// startOn is startWith on engine, which the test's end closes.
+func startOn(t *testing.T, engine *tally.Engine, configure func(*gateway.Config)) *harness {
+	t.Helper()
 	h := &harness{engine: engine, upstream: &fakeUpstream{}}
 	upstream := httptest.NewServer(h.upstream)
 	upstreamURL, _ := url.Parse(upstream.URL)

@@ -12,6 +12,14 @@
 // any one segment) opens one more, for a route the operator knows costs nothing:
 //
 //	tally-gateway -upstream https://api.example.com -pass-through "GET /v1/files/*"
+//
+// -health PATH has the gateway answer GET and HEAD on PATH itself, without a key, for a load
+// balancer or an orchestrator: 200 while the engine reports nothing wrong, 503 naming what
+// failed (its log, the last periodic checkpoint or automatic compaction, which no call
+// reports) or saying the engine is closed (see gateway.Config.HealthPath). Off by default, so
+// no upstream route is hidden; a path that is a metered route or passes through is refused:
+//
+//	tally-gateway -upstream https://api.example.com -db ./tally-data -health /healthz
 package main
 
 import (
@@ -61,6 +69,7 @@ func main() {
 	var passThrough routes
 	flag.Var(&passThrough, "pass-through", `a route to proxy unmetered besides the default ones (`+
 		strings.Join(gateway.DefaultPassThrough, ", ")+`), "METHOD /path", a segment "*" for any one segment: only one that costs nothing upstream and shows nothing of other users; repeatable`)
+	health := flag.String("health", "", "a path answered without a key with the engine's health (200, or 503 naming what failed), for a load balancer, e.g. /healthz; not a metered or pass-through route (default: none)")
 	var keys demoKeys
 	flag.Var(&keys, "demo-key", "create a key for the demo, KEY:PLAN (e.g. tp-demo:Starter; PLAN payg for pay-as-you-go); repeatable")
 	flag.Parse()
@@ -69,16 +78,16 @@ func main() {
 	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, passThrough, keys, stop, nil); err != nil {
+	if err := run(*listen, *upstream, *upstreamKey, *db, *policy, *estimate, *lease, passThrough, *health, keys, stop, nil); err != nil {
 		log.Fatalf("tally-gateway: %v", err)
 	}
 }
 
 // run serves until stop delivers a signal, then drains the calls in flight (up to 30 s) and
 // closes the engine; ready, if not nil, is told the address it listens on. passThrough adds to
-// gateway.DefaultPassThrough.
+// gateway.DefaultPassThrough; health is the health path ("": none).
 func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, lease time.Duration,
-	passThrough []string, keys demoKeys, stop <-chan os.Signal, ready func(addr string)) error {
+	passThrough []string, health string, keys demoKeys, stop <-chan os.Signal, ready func(addr string)) error {
 	// The engine's bound on a lease (TALLY_MAX_LEASE_MS), in whole milliseconds: refused here,
 	// not at every reserve.
 	if lease <= 0 || lease > maxLease || lease%time.Millisecond != 0 {
@@ -118,10 +127,16 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, leas
 	}
 	handler, err := gateway.New(gateway.Config{Engine: engine, Upstream: upstreamURL,
 		UpstreamKey: upstreamKey, EstimateTokens: estimate, Lease: lease,
-		PassThrough: append(append([]string(nil), gateway.DefaultPassThrough...), passThrough...)})
+		PassThrough: append(append([]string(nil), gateway.DefaultPassThrough...), passThrough...),
+		HealthPath:  health})
 	if err != nil {
-		// The lease and the estimate are checked above: what is left is an entry.
-		return fmt.Errorf("-pass-through: %w", err)
+		// The lease and the estimate are checked above: what is left is an entry, or the
+		// health path (checked after the entries, and named by its error).
+		option := "-pass-through"
+		if strings.HasPrefix(err.Error(), "gateway: HealthPath ") {
+			option = "-health"
+		}
+		return fmt.Errorf("%s: %w", option, err)
 	}
 	server := &http.Server{Addr: listen, Handler: handler, ReadHeaderTimeout: 30 * time.Second}
 	listener, err := net.Listen("tcp", listen)

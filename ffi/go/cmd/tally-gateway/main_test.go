@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -63,7 +64,7 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 	addresses := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, 30*time.Minute, nil, demoKeys{"tp-demo:Starter"}, stop,
+		done <- run("127.0.0.1:0", upstream.URL, "", db, "", 256, 30*time.Minute, nil, "", demoKeys{"tp-demo:Starter"}, stop,
 			func(addr string) { addresses <- addr })
 	}()
 	address := <-addresses
@@ -116,7 +117,7 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 // not answered 503 at every call.
 func TestALeaseTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
 	for _, lease := range []time.Duration{0, -time.Second, 24*time.Hour + time.Millisecond, 1500 * time.Microsecond} {
-		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", 256, lease, nil, nil, nil, nil)
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", 256, lease, nil, "", nil, nil, nil)
 		if err == nil || !strings.Contains(err.Error(), "-lease") {
 			t.Errorf("%s: %v", lease, err)
 		}
@@ -127,22 +128,23 @@ func TestALeaseTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
 // the gateway starts, not answered 400 at every call without a max_tokens.
 func TestAnEstimateTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
 	for _, estimate := range []uint64{tally.MaxQuantity, 1 << 63} {
-		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", estimate, 30*time.Minute, nil, nil, nil, nil)
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", estimate, 30*time.Minute, nil, "", nil, nil, nil)
 		if err == nil || !strings.Contains(err.Error(), "-estimate-tokens") {
 			t.Errorf("%d: %v", estimate, err)
 		}
 	}
 }
 
-// serve runs the command's gateway in front of upstream with the -pass-through entries and a
-// Starter key tp-demo, until the test ends; it returns the address it listens on.
-func serve(t *testing.T, upstream string, passThrough []string) string {
+// serve runs the command's gateway in front of upstream with the -pass-through entries, the
+// -health path and a Starter key tp-demo, until the test ends; it returns the address it
+// listens on.
+func serve(t *testing.T, upstream string, passThrough []string, health string) string {
 	t.Helper()
 	stop := make(chan os.Signal, 1)
 	addresses := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run("127.0.0.1:0", upstream, "", "", "", 256, 30*time.Minute, passThrough,
+		done <- run("127.0.0.1:0", upstream, "", "", "", 256, 30*time.Minute, passThrough, health,
 			demoKeys{"tp-demo:Starter"}, stop, func(addr string) { addresses <- addr })
 	}()
 	select {
@@ -172,7 +174,7 @@ func TestTheStartupLogNeverShowsTheUpstreamsPassword(t *testing.T) {
 	stop := make(chan os.Signal, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- run("127.0.0.1:0", withPassword, "", "", "", 256, 30*time.Minute, nil, nil, stop,
+		done <- run("127.0.0.1:0", withPassword, "", "", "", 256, 30*time.Minute, nil, "", nil, stop,
 			func(string) { stop <- syscall.SIGTERM })
 	}()
 	if err := <-done; err != nil {
@@ -191,7 +193,7 @@ func TestAPassThroughFlagOpensARouteAndABadOneFailsTheStart(t *testing.T) {
 		fmt.Fprintf(w, `{"path":%q}`, r.URL.Path)
 	}))
 	defer upstream.Close()
-	address := serve(t, upstream.URL, []string{"GET /v1/files/*"})
+	address := serve(t, upstream.URL, []string{"GET /v1/files/*"}, "")
 	for path, want := range map[string]int{"/v1/files/file-1": http.StatusOK, "/v1/models": http.StatusOK,
 		"/v1/files": http.StatusForbidden, "/v1/batches": http.StatusForbidden} {
 		request, _ := http.NewRequest(http.MethodGet, "http://"+address+path, nil)
@@ -207,9 +209,41 @@ func TestAPassThroughFlagOpensARouteAndABadOneFailsTheStart(t *testing.T) {
 		}
 	}
 	for _, entry := range []string{"POST /v1/messages", "GET v1/files"} {
-		err := run("127.0.0.1:0", upstream.URL, "", "", "", 256, 30*time.Minute, []string{entry}, nil, nil, nil)
+		err := run("127.0.0.1:0", upstream.URL, "", "", "", 256, 30*time.Minute, []string{entry}, "", nil, nil, nil)
 		if err == nil || !strings.Contains(err.Error(), "-pass-through") || !strings.Contains(err.Error(), entry) {
 			t.Errorf("%q: %v", entry, err)
+		}
+	}
+}
+
+// -health PATH has the gateway answer a probe on PATH without a key, never passed upstream;
+// a path that is no clean path, a metered route or one that passes through fails the start
+// naming -health.
+func TestAHealthFlagServesAProbeAndABadPathFailsTheStart(t *testing.T) {
+	var hits atomic.Int64
+	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		w.WriteHeader(http.StatusTeapot)
+	}))
+	defer upstream.Close()
+	address := serve(t, upstream.URL, nil, "/healthz")
+	response, err := http.Get("http://" + address + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, _ := io.ReadAll(response.Body)
+	response.Body.Close()
+	if response.StatusCode != http.StatusOK || string(payload) != `{"healthy":true,"failures":[],"error":null}`+"\n" ||
+		hits.Load() != 0 {
+		t.Fatalf("GET /healthz: %d %q, the upstream saw %d", response.StatusCode, payload, hits.Load())
+	}
+	for _, test := range []struct {
+		health      string
+		passThrough []string
+	}{{"healthz", nil}, {"/v1/messages", nil}, {"/v1/models", nil}, {"/status", []string{"POST /status"}}} {
+		err := run("127.0.0.1:0", upstream.URL, "", "", "", 256, 30*time.Minute, test.passThrough, test.health, nil, nil, nil)
+		if err == nil || !strings.HasPrefix(err.Error(), "-health: ") || !strings.Contains(err.Error(), test.health) {
+			t.Errorf("%q: %v", test.health, err)
 		}
 	}
 }
