@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from conftest import HOUR_MS, T, seated
+import tally
+from conftest import HOUR_MS, T, seated, unbounded
 from tally import _native, errors
 from tally.asgi import (
     DEFAULT_LEASE_MS,
@@ -1686,3 +1687,182 @@ def test_a_reservation_is_closed_when_cancellation_is_delivered_at_every_await(
     # Answered: the actual tokens settled (2,000 micros a request, 1 a token); not answered:
     # the hold given back.
     assert engine.credits("@lv") == 1_000_000 - (2_000 + 500 if answered else 0)
+
+
+# ---- the health path ---------------------------------------------------------------------------
+
+#: The health path's answers, byte for byte, as the Go gateway's tests expect them too.
+HEALTHY = b'{"healthy":true,"failures":[],"error":null}\n'
+COMPACTION_FAILED = b'{"healthy":false,"failures":["compaction_failure"],"error":null}\n'
+CLOSED = b'{"healthy":false,"failures":[],"error":"the engine is closed (TALLY_CLOSED)"}\n'
+
+
+def check_health_answer(answer: Response, status: int, body: bytes) -> None:
+    """A health answer: its status and body, in JSON, never cached."""
+    assert (answer.status, answer.body) == (status, body)
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["cache-control"] == "no-store"
+
+
+@pytest.fixture
+def probed(engine, upstream, clock):
+    return QuotaMiddleware(upstream, engine, clock=clock, health_path="/healthz")
+
+
+def test_the_health_path_answers_a_probe_without_a_key_and_never_reaches_the_upstream(
+    engine, probed, upstream
+):
+    # A load balancer's probe needs no key, and the middleware answers it itself: GET or HEAD
+    # on the health path (cleaned as a route is) is 200 while the engine reports nothing
+    # wrong, and the app never sees it. Before, no path told a monitor the engine had failed.
+    seated(engine, "hp", "tp-hp-1", "Starter")
+    for path in ["/healthz", "//healthz/", "/v1/../healthz"]:
+        for key in [None, "tp-nobody", "tp-hp-1"]:
+            answer = request(probed, path, key=key, method="GET", raw=b"")
+            check_health_answer(answer, 200, HEALTHY)
+    head = request(probed, "/healthz", key=None, method="HEAD", raw=b"")
+    check_health_answer(head, 200, b"")
+    assert head.headers["content-length"] == str(len(HEALTHY))
+    assert upstream.calls == []
+    # Only that path: one below it is an ordinary route (a key first).
+    assert request(probed, "/healthz/deeper", key=None, method="GET").status == 401
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_another_method_on_the_health_path_is_405_with_allow(engine, probed, upstream, method):
+    # As the Go gateway answers it: in the API's shape, and the app never sees it.
+    key = seated(engine, "hm", "tp-hm-1", "Starter")
+    answer = request(probed, "/healthz", chat(), key=key, method=method)
+    assert answer.status == 405, answer.body
+    assert answer.headers["allow"] == "GET, HEAD"
+    assert answer.headers["cache-control"] == "no-store"
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "method_not_allowed"
+    assert f"{method} /healthz" in error["message"]
+    assert upstream.calls == []
+
+
+def test_the_health_path_is_503_once_the_engine_is_closed(engine, probed):
+    engine.close()
+    check_health_answer(request(probed, "/healthz", key=None, method="GET"), 503, CLOSED)
+
+
+def test_a_health_call_that_fails_is_503_naming_its_status_not_its_detail(
+    engine, probed, monkeypatch
+):
+    def fail() -> Any:
+        raise errors.PoisonedError(errors.PoisonedError.status_code, "panicked at /db/secret")
+
+    monkeypatch.setattr(engine, "health", fail)
+    answer = request(probed, "/healthz", key=None, method="GET")
+    check_health_answer(
+        answer,
+        503,
+        b'{"healthy":false,"failures":[],'
+        b'"error":"the engine\'s health could not be read (TALLY_POISONED)"}\n',
+    )
+
+
+def test_every_failure_health_reports_is_named_in_order_without_its_detail(
+    engine, probed, monkeypatch
+):
+    monkeypatch.setattr(
+        engine, "health", lambda: tally.Health("write /db/events/1.seg: no space", "x", "y")
+    )
+    answer = request(probed, "/healthz", key=None, method="GET")
+    check_health_answer(
+        answer,
+        503,
+        b'{"healthy":false,"failures":["log_failure","checkpoint_failure",'
+        b'"compaction_failure"],"error":null}\n',
+    )
+
+
+def test_the_health_path_is_503_naming_a_failure_in_the_background(tmp_path, upstream, caplog):
+    # A compaction that fails in the background (each periodic checkpoint compacts what the
+    # retention lets go) reaches no call's answer: the health path is 503 naming it, its
+    # detail (a path, an OS error) goes to the log once, not to the caller, and the path is
+    # 200 again once a compaction succeeds. As in the Go gateway.
+    caplog.set_level(logging.INFO, logger="tally.asgi")
+    day = 24 * 3_600_000
+    path = tmp_path / "db"
+    options = unbounded(retention_ms=1_000, checkpoint_every_events=4)
+    with tally.Engine.open(path, durability="sync", options=options) as engine:
+        probed = QuotaMiddleware(upstream, engine, health_path="/healthz")
+        key = seated(engine, "hf", "tp-hf-1", "Max")
+
+        def consume_some(at_ms: int) -> None:
+            for i in range(12):
+                assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=at_ms + i).admitted
+            engine.checkpoint()  # the last periodic one (and its compaction) ends first
+
+        consume_some(T)
+        check_health_answer(request(probed, "/healthz", key=None, method="GET"), 200, HEALTHY)
+        oldest = min((path / "events").glob("*.seg"))
+        aside = oldest.with_suffix(".kept")
+        oldest.rename(aside)
+        oldest.mkdir()  # unreadable: a directory where the segment was
+        later = T + 40 * day  # past the longest window (a month) and the retention
+        engine.set_clock(later)
+        consume_some(later)
+        failure = engine.health().compaction_failure
+        assert failure is not None
+        for _ in range(3):
+            answer = request(probed, "/healthz", key=None, method="GET")
+            check_health_answer(answer, 503, COMPACTION_FAILED)
+        assert sum(failure in record.getMessage() for record in caplog.records) == 1
+        oldest.rmdir()
+        aside.rename(oldest)
+        consume_some(later + 100)
+        check_health_answer(request(probed, "/healthz", key=None, method="GET"), 200, HEALTHY)
+        assert "healthy again" in caplog.text
+    assert upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    ("health_path", "pass_through", "why"),
+    [
+        ("healthz", None, "clean"),
+        ("/healthz/", None, "clean"),
+        ("//healthz", None, "clean"),
+        ("/a/../healthz", None, "clean"),
+        ("/healthz?x=1", None, "clean"),
+        ("/healthz#x", None, "clean"),
+        ("/health%7A", None, "clean"),
+        ("", None, "clean"),
+        ("/v1/chat/completions", None, "metered route POST /v1/chat/completions"),
+        ("/v1/messages", None, "metered route POST /v1/messages"),
+        ("/v1/models", None, "GET /v1/models"),
+        ("/v1/models/health", None, "GET /v1/models/*"),
+        ("/v1/messages/count_tokens", None, "POST /v1/messages/count_tokens"),
+        ("/status", ["DELETE /status"], "DELETE /status"),
+    ],
+)
+def test_a_health_path_that_is_no_path_or_hides_a_route_fails_the_middleware(
+    engine, upstream, health_path, pass_through, why
+):
+    # The probe would hide the route from its callers; refused naming the option, as the Go
+    # gateway's New refuses it.
+    with pytest.raises(ValueError, match="health_path") as refused:
+        QuotaMiddleware(upstream, engine, pass_through=pass_through, health_path=health_path)
+    assert repr(health_path) in str(refused.value) and why in str(refused.value)
+
+
+def test_the_health_path_is_checked_against_the_routes_and_its_type(engine, upstream):
+    routes = {"/anthropic/v1/messages": Route(Api.ANTHROPIC, Metering.REQUESTS, "m2.7")}
+    with pytest.raises(ValueError, match="/anthropic/v1/messages"):
+        QuotaMiddleware(upstream, engine, routes=routes, health_path="/anthropic/v1/messages")
+    QuotaMiddleware(upstream, engine, routes=routes, health_path="/v1/messages")
+    # A route no list passes through is free to take.
+    QuotaMiddleware(upstream, engine, pass_through=[], health_path="/v1/models")
+    with pytest.raises(TypeError, match="health_path"):
+        QuotaMiddleware(upstream, engine, health_path=b"/healthz")  # type: ignore[arg-type]
+
+
+def test_without_a_health_path_no_path_is_answered_without_a_key(engine, gateway, upstream):
+    # The default: /healthz is an ordinary route, refused without a key as before and with one
+    # as not served, so no route of the app is hidden unless the operator names it.
+    key = seated(engine, "hd", "tp-hd-1", "Starter")
+    assert request(gateway, "/healthz", key=None, method="GET").status == 401
+    assert request(gateway, "/healthz", key=key, method="GET").status == 403
+    assert upstream.calls == []

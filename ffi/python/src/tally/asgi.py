@@ -13,7 +13,10 @@ permission_error), and a websocket on it is closed before it is accepted (403 fr
 server): passed on, it would spend the operator's account uncounted (message batches,
 Anthropic's legacy ``/v1/complete``, OpenAI's batches and files, transcriptions, image edits,
 moderations, fine-tuning, assistants' runs, realtime) or show other users' data (files,
-batches). For each request on a metered route it:
+batches). With ``health_path`` set, a GET or HEAD on that path needs no key and is answered
+by the middleware itself, never by the app, with the engine's health for a load balancer: 200
+while ``Engine.health`` reports nothing, 503 naming each failure it reports or saying that the
+engine is closed (other methods: 405). For each request on a metered route it:
 
 1. takes the key from ``Authorization: Bearer`` or ``x-api-key`` (none, unknown, one no key
    can be, longer than any or holding a NUL, or two different keys in the two headers: 401);
@@ -78,7 +81,7 @@ from typing import (
 from . import _convert, _native, errors
 from .engine import Engine
 from .enums import ChargedTo, Denial
-from .results import Decision, Reservation
+from .results import Decision, Health, Reservation
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -677,6 +680,18 @@ class QuotaMiddleware:
       route, or that matches a metered route (``"POST /v1/messages"``, ``"POST /v1/*"``),
       is a ``ValueError`` here. List only routes that cost nothing upstream and show nothing
       of other users;
+    - ``health_path``: a path answered here, for a load balancer or an orchestrator, without a
+      key and without calling the app (default None: none, so no route of the app is
+      hidden). A GET or HEAD on it (its path cleaned as a route's) is 200 with
+      ``{"healthy":true,"failures":[],"error":null}`` while ``Engine.health`` reports nothing,
+      and 503 otherwise: ``failures`` names each it reports (``"log_failure"``,
+      ``"checkpoint_failure"``, ``"compaction_failure"``), ``error`` says when the engine is
+      closed or its health could not be read. The failures' detail (a path, an OS error) is
+      logged (``tally.asgi``) each time it changes, not answered to a caller who needs no
+      key. Another method is 405 with ``Allow: GET, HEAD``; every answer has
+      ``Cache-Control: no-store``, and is the Go gateway's (``Config.HealthPath``) byte for
+      byte. The path is clean as a ``pass_through`` entry's is, and neither a metered route's
+      path nor one a route passing through matches with any method, else ``ValueError`` here;
     - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
       resource of the engine's policy maps to itself, any other is a 404;
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
@@ -709,6 +724,7 @@ class QuotaMiddleware:
         refund_on_error: bool = True,
         run_sync: RunSync | None = None,
         pass_through: Iterable[str] | None = None,
+        health_path: str | None = None,
     ) -> None:
         self.app = app
         self.engine = engine
@@ -734,6 +750,8 @@ class QuotaMiddleware:
             _PassRoute.parse(entry, self.routes)
             for entry in (DEFAULT_PASS_THROUGH if pass_through is None else pass_through)
         ]
+        self.health_path = _health_path(health_path, self.routes, self._pass_routes)
+        self._health_logged = ""  # what the health path last found wrong ("": nothing)
         # Checked here, so a lease the engine would refuse fails the gateway's start, not
         # every request it reserves for.
         if lease_ms is not None and _convert.lease_ms(lease_ms) > _native.MAX_LEASE_MS:
@@ -778,6 +796,9 @@ class QuotaMiddleware:
             await self.app(_cleaned(scope, path), receive, send)
             return
         method = str(scope.get("method", "GET")).upper()
+        if path == self.health_path:
+            await self._health(send, method, path)  # before the key: a probe has none
+            return
         route = self.routes.get(path) if method == "POST" else None
         if route is None:
             await self._pass_through(scope, receive, send, method, path)
@@ -822,6 +843,47 @@ class QuotaMiddleware:
             return
         watcher = _ResponseWatcher(send, [])
         await self.app(_cleaned(scope, path), receive, watcher.send)
+
+    async def _health(self, send: Send, method: str, path: str) -> None:
+        """A request on the health path, answered here without a key: GET and HEAD with the
+        engine's health (``_health_answer``), any other method 405."""
+        if method not in ("GET", "HEAD"):
+            message = f"{method} {path} is the gateway's health path: it answers GET and HEAD only."
+            refusal = _Refusal(405, "invalid_request", message, "method_not_allowed")
+            headers = [(b"allow", b"GET, HEAD"), (b"cache-control", b"no-store")]
+            await _send_json(send, self._api_of(path), refusal, headers)
+            return
+        health: Health | None = None
+        failed: errors.TallyError | None = None
+        try:
+            health = await self._call(self.engine.health)
+        except errors.TallyError as error:
+            failed = error
+        self._log_health(health, failed)
+        status, body = _health_answer(health, failed)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        payload = b"" if method == "HEAD" else body
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+    def _log_health(self, health: Health | None, failed: errors.TallyError | None) -> None:
+        """Logs what the health path found each time it changes (a probe comes every few
+        seconds; the same failure is logged once), with the detail its answer leaves out."""
+        if failed is not None:
+            found = str(failed)
+        else:
+            found = "; ".join(f"{name}: {detail}" for name, detail in _health_failures(health))
+        if found == self._health_logged:
+            return
+        if found:
+            _log.error("tally: health: unhealthy: %s", found)
+        else:
+            _log.info("tally: health: healthy again")
+        self._health_logged = found
 
     def _passes(self, method: str, path: str) -> bool:
         return any(route.matches(method, path) for route in self._pass_routes)
@@ -1195,6 +1257,66 @@ class _PassRoute:
             segment == want or (want == "*" and segment != "")
             for segment, want in zip(segments, self.segments, strict=True)
         )
+
+
+def _health_path(
+    path: object, routes: Mapping[str, Route], pass_routes: Iterable[_PassRoute]
+) -> str | None:
+    """``health_path`` checked: None, or a clean path (as a ``pass_through`` entry's path) that
+    is neither a metered route's path nor one a route passing through matches with any
+    method, which the health path would hide; else ``ValueError`` (``TypeError`` for no
+    string), naming it, as the Go gateway's New refuses its HealthPath."""
+    if path is None:
+        return None
+    if not isinstance(path, str):
+        raise TypeError(f"health_path: {path!r}: want a path such as '/healthz', or None")
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"health_path: {path!r}: {why}")
+
+    if not path.startswith("/") or route_path(path) != path or any(c in path for c in "?#%"):
+        raise bad(
+            "the path must start with / and be clean: no doubled or trailing slash, "
+            "no . or .. segment, no ?, # or %"
+        )
+    if path in routes:
+        raise bad(f"it is the metered route POST {path}, which the health path would hide")
+    for route in pass_routes:
+        if route.matches(route.method, path):
+            raise bad(
+                f"the route {route.method} /{'/'.join(route.segments)} passes through there "
+                "(pass_through), which the health path would hide"
+            )
+    return path
+
+
+def _health_failures(health: Health | None) -> list[tuple[str, str]]:
+    """The failures ``health`` reports, in its fields' order: each field's name and detail."""
+    if health is None:
+        return []
+    fields = [
+        ("log_failure", health.log_failure),
+        ("checkpoint_failure", health.checkpoint_failure),
+        ("compaction_failure", health.compaction_failure),
+    ]
+    return [(name, detail) for name, detail in fields if detail is not None]
+
+
+def _health_answer(health: Health | None, failed: errors.TallyError | None) -> tuple[int, bytes]:
+    """The status and body answering what ``Engine.health`` returned (or raised), byte for byte
+    as the Go gateway writes them: 200 when it reports nothing; 503 naming each failure it
+    reports (not its detail: a path, an OS error, for a caller who needs no key), or saying
+    why it could not be read."""
+    error = None
+    if isinstance(failed, errors.ClosedError):
+        error = f"the engine is closed ({failed.name})"
+    elif failed is not None:
+        error = f"the engine's health could not be read ({failed.name})"
+    failures = [name for name, _ in _health_failures(health)]
+    healthy = failed is None and not failures
+    document = {"healthy": healthy, "failures": failures, "error": error}
+    body = json.dumps(document, separators=(",", ":")).encode() + b"\n"
+    return (200 if healthy else 503), body
 
 
 def _cleaned(scope: Scope, path: str) -> Scope:
