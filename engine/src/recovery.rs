@@ -1629,7 +1629,11 @@ impl Engine {
                     longest_window_ms,
                     retention_ms,
                 );
-                BackgroundProblems::note(&background.compaction, &compacted);
+                // Skipped for a running `compact`: that one notes its own outcome (cleared
+                // here, its failure noted just before was lost).
+                if !matches!(compacted, Ok(None)) {
+                    BackgroundProblems::note(&background.compaction, &compacted);
+                }
                 Ok(())
             }),
         );
