@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log_support::*;
-use tally_engine::{Clock, Decision, Engine, OpenOptions, Policy, Unit, UsageRequest};
+use tally_engine::{
+    Clock, Decision, DenialReason, Engine, OpenOptions, Policy, Unit, UsageRequest,
+};
 
 /// A clock that runs a hook once, on its `trigger`th read after being armed: a way to make
 /// another thread act at a chosen point inside an engine call (the clock is read just before
@@ -459,6 +461,95 @@ fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
     assert_eq!(
         checked, consumed,
         "the check answered what no consume would"
+    );
+}
+
+/// A request with a new id from a key the engine does not know, or has revoked, is denied as
+/// such whatever the request-id table says: with the table full it was refused
+/// `CapacityExceeded`, and stamped too long ago the `at_ms` error, though such a denial is
+/// never remembered (it takes no place, needs no stamp) and the same request with room was
+/// denied `UnknownKey`. Every path alike: consume, check, consume_many, submit.
+#[test]
+fn a_new_id_without_a_valid_key_is_denied_as_such_whatever_the_table_says() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions {
+            idempotency_capacity: 1,
+            ..tally_engine::EngineOptions::default()
+        },
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    engine.revoke_key("key-ada", Some(T0_MS)).expect("revoke");
+    let filler = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("filler");
+    assert!(engine
+        .consume(&filler)
+        .expect("the table's one place")
+        .is_admitted());
+    let horizon_ms = engine.policy().longest_window_ms();
+    let answers = |key: &str, id: &str, at_ms: u64| {
+        let request = UsageRequest::new(key, "m2.7", &ONE).at(at_ms).id(id);
+        let submitted = engine
+            .submit(&request)
+            .and_then(|submission| submission.complete())
+            .map(|(decision, _)| decision);
+        [
+            engine.check(&request),
+            engine.consume(&request),
+            engine
+                .consume_many(std::slice::from_ref(&request))
+                .pop()
+                .expect("one"),
+            submitted,
+        ]
+    };
+    let stale_ms = T0_MS - horizon_ms - 1;
+    for (key, reason) in [
+        ("key-nobody", DenialReason::UnknownKey),
+        ("key-ada", DenialReason::KeyRevoked),
+    ] {
+        for (what, at_ms) in [("full", T0_MS), ("stale", stale_ms)] {
+            for answer in answers(key, &format!("{key}-{what}"), at_ms) {
+                match answer {
+                    Ok(Decision::Denied(denial)) => {
+                        assert_eq!(denial.reason, reason, "{key}, {what}")
+                    }
+                    other => panic!("{key}, {what}: {other:?}"),
+                }
+            }
+        }
+    }
+    // A working key still meets the table's refusals.
+    for answer in answers("key-eve", "eve-new", T0_MS) {
+        assert!(
+            matches!(answer, Err(tally_engine::Error::CapacityExceeded { .. })),
+            "{answer:?}"
+        );
+    }
+    for answer in answers("key-eve", "eve-stale", stale_ms) {
+        assert!(
+            matches!(
+                answer,
+                Err(tally_engine::Error::InvalidArgument { field: "at_ms", .. })
+            ),
+            "{answer:?}"
+        );
+    }
+    // An unknown resource is refused as such first, as with room.
+    let request = UsageRequest::new("key-nobody", "m9", &ONE)
+        .at(T0_MS)
+        .id("nobody-m9");
+    assert!(
+        matches!(
+            engine.consume(&request),
+            Err(tally_engine::Error::UnknownResource { .. })
+        ),
+        "{:?}",
+        engine.consume(&request)
     );
 }
 

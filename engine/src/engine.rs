@@ -1631,10 +1631,12 @@ impl Engine {
                 self.acknowledge(request, awaits, verdict.receipt.as_ref(), false)
             }
             Mode::Check => {
-                match self
-                    .requests
-                    .peek(request_id, &fingerprint, at_ms, self.clock.now_ms())?
-                {
+                match self.requests.peek(
+                    request_id,
+                    &fingerprint,
+                    (at_ms, self.clock.now_ms()),
+                    || self.key_refusal(request.key, request.resource, &quantities),
+                )? {
                     Some((decision, logged)) => {
                         // Answering the first decision acknowledges it, as a consume's
                         // repeat does: not before its event is durable.
@@ -1658,6 +1660,28 @@ impl Engine {
         }
     }
 
+    /// The denial a request on `key` gets whatever its request id carries: an unknown or a
+    /// revoked key's, which is never remembered (`idempotency::remembers`). The request-id
+    /// table answers it where it would refuse a new id (its stamp, no room), as it would
+    /// answer it with room; and the request's own error before the table's (an unknown
+    /// resource, quantities it does not take). `Ok(None)` for a usable key.
+    #[cold]
+    fn key_refusal(
+        &self,
+        key: &str,
+        resource: &str,
+        quantities: &Quantities,
+    ) -> Result<Option<Decision>, Error> {
+        self.keys.read(key, |policy, state| {
+            resolve_resource(policy, resource, quantities)?;
+            Ok(match state {
+                None => Some(Decision::denied(DenialReason::UnknownKey)),
+                Some(state) if state.revoked => Some(Decision::denied(DenialReason::KeyRevoked)),
+                Some(_) => None,
+            })
+        })
+    }
+
     /// A consume under a request id, decided once: the first call decides and logs it, a
     /// repeat gets the first decision, into `verdict` either way (its `receipt` is the effect
     /// this call made: none for a repeat). Returns what the answer waits for, which the caller
@@ -1678,35 +1702,39 @@ impl Engine {
         let may_expire_leases = verdict.may_expire_leases;
         let mut lease_ended_ms = 0;
         let mut left = Decision::denied(DenialReason::UnknownKey);
-        let kept =
-            self.requests
-                .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
-                    let mut decision = Decision::denied(DenialReason::UnknownKey);
-                    let mut verdict = Verdict::new(&mut decision);
-                    verdict.may_expire_leases = may_expire_leases;
-                    self.decide(
-                        request.key,
-                        request.resource,
-                        quantities,
-                        Some(request_id),
-                        at_ms,
-                        Mode::Consume,
-                        &mut verdict,
-                    )?;
-                    if verdict.lease_ended_ms != 0 {
-                        // Left for the caller to decide again, after expiring: not remembered.
-                        lease_ended_ms = verdict.lease_ended_ms;
-                        left = decision;
-                        return Ok(None);
-                    }
-                    let (awaits, logged_as) = match verdict.logged_seq {
-                        0 => (Awaits::Nothing, LoggedAs::Durable),
-                        seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
-                    };
-                    let receipt = verdict.receipt;
-                    first = (awaits, receipt);
-                    Ok(Some((decision, receipt, logged_as)))
-                })?;
+        let kept = self.requests.once(
+            request_id,
+            &fingerprint,
+            (at_ms, self.clock.now_ms()),
+            || self.key_refusal(request.key, request.resource, quantities),
+            || {
+                let mut decision = Decision::denied(DenialReason::UnknownKey);
+                let mut verdict = Verdict::new(&mut decision);
+                verdict.may_expire_leases = may_expire_leases;
+                self.decide(
+                    request.key,
+                    request.resource,
+                    quantities,
+                    Some(request_id),
+                    at_ms,
+                    Mode::Consume,
+                    &mut verdict,
+                )?;
+                if verdict.lease_ended_ms != 0 {
+                    // Left for the caller to decide again, after expiring: not remembered.
+                    lease_ended_ms = verdict.lease_ended_ms;
+                    left = decision;
+                    return Ok(None);
+                }
+                let (awaits, logged_as) = match verdict.logged_seq {
+                    0 => (Awaits::Nothing, LoggedAs::Durable),
+                    seq => (Awaits::Event(seq), LoggedAs::Event(seq)),
+                };
+                let receipt = verdict.receipt;
+                first = (awaits, receipt);
+                Ok(Some((decision, receipt, logged_as)))
+            },
+        )?;
         let Some((decision, replay)) = kept else {
             *verdict.decision = left;
             verdict.lease_ended_ms = lease_ended_ms;
@@ -2293,42 +2321,46 @@ impl Engine {
             resource: request.resource,
             quantities,
         };
-        let kept =
-            self.requests
-                .once(request_id, &fingerprint, at_ms, self.clock.now_ms(), || {
-                    let mut decision = Decision::denied(DenialReason::UnknownKey);
-                    let mut verdict = Verdict::new(&mut decision);
-                    verdict.may_expire_leases = expiry_failure.is_some();
-                    let outcome = self.decide_logged(
-                        request.key,
-                        request.resource,
-                        &quantities,
-                        Some(request_id),
-                        at_ms,
-                        Mode::Consume,
-                        &mut verdict,
-                        Some(batch),
-                    )?;
-                    if verdict.lease_ended_ms != 0 {
-                        // Left for the expiry's error: not remembered.
-                        return Ok(None);
-                    }
-                    // Logged, admitted or denied: the batch's wait decides whether it stands.
-                    let receipt = verdict.receipt;
-                    let logged = match outcome {
-                        Logged::Not => LoggedAs::Durable,
-                        Logged::Staged => LoggedAs::Chunk(chunk.get()),
-                        Logged::At(seq) => LoggedAs::Event(seq),
-                    };
-                    if outcome != Logged::Not {
-                        pending.push(PendingEvent {
-                            index,
-                            receipt,
-                            seq: outcome.seq(),
-                        });
-                    }
-                    Ok(Some((decision, receipt, logged)))
-                })?;
+        let kept = self.requests.once(
+            request_id,
+            &fingerprint,
+            (at_ms, self.clock.now_ms()),
+            || self.key_refusal(request.key, request.resource, &quantities),
+            || {
+                let mut decision = Decision::denied(DenialReason::UnknownKey);
+                let mut verdict = Verdict::new(&mut decision);
+                verdict.may_expire_leases = expiry_failure.is_some();
+                let outcome = self.decide_logged(
+                    request.key,
+                    request.resource,
+                    &quantities,
+                    Some(request_id),
+                    at_ms,
+                    Mode::Consume,
+                    &mut verdict,
+                    Some(batch),
+                )?;
+                if verdict.lease_ended_ms != 0 {
+                    // Left for the expiry's error: not remembered.
+                    return Ok(None);
+                }
+                // Logged, admitted or denied: the batch's wait decides whether it stands.
+                let receipt = verdict.receipt;
+                let logged = match outcome {
+                    Logged::Not => LoggedAs::Durable,
+                    Logged::Staged => LoggedAs::Chunk(chunk.get()),
+                    Logged::At(seq) => LoggedAs::Event(seq),
+                };
+                if outcome != Logged::Not {
+                    pending.push(PendingEvent {
+                        index,
+                        receipt,
+                        seq: outcome.seq(),
+                    });
+                }
+                Ok(Some((decision, receipt, logged)))
+            },
+        )?;
         match kept {
             Some((kept, replay)) => {
                 *decision = kept;

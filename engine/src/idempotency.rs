@@ -439,13 +439,17 @@ impl RequestTable {
     /// returning `None` decided nothing to keep (it left a denial for its caller to decide
     /// again, see `Verdict::lease_ended_ms`): nothing is remembered, and `once` returns `None`.
     /// A decision `remembers` refuses (no valid key; `admit` logged none) is returned as a
-    /// first decision and not remembered either.
+    /// first decision and not remembered either. Where the table would refuse a new id (its
+    /// stamp, no room), `key_refusal` is asked first: the denial it gives (an unknown or a
+    /// revoked key, never remembered) is the answer, as it would be with room. (A stray id
+    /// answered `CapacityExceeded` or the stamp's error where the same request with room
+    /// answered `UnknownKey`.)
     pub fn once(
         &self,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
-        at_ms: u64,
-        now_ms: u64,
+        (at_ms, now_ms): (u64, u64),
+        key_refusal: impl FnOnce() -> Result<Option<Decision>, Error>,
         admit: impl FnOnce() -> Result<Option<(Decision, Option<Receipt>, LoggedAs)>, Error>,
     ) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
@@ -455,7 +459,17 @@ impl RequestTable {
         if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
             return repeat.map(Some);
         }
-        shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms)?;
+        // The request's own refusal first: its error (say, an unknown resource), else the
+        // table's.
+        let mut key_refusal = Some(key_refusal);
+        let mut refused = |table_error: Error| match key_refusal.take().map(|refusal| refusal()) {
+            Some(Ok(Some(denial))) => Ok(Some((denial, None))),
+            Some(Err(error)) => Err(error),
+            _ => Err(table_error),
+        };
+        if let Err(error) = shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms) {
+            return refused(error);
+        }
         if !self.take_place() {
             // Full: the places of ids past the horizon in other shards come back only when
             // those shards are used, so drop them all now, one shard at a time (holding one
@@ -467,7 +481,7 @@ impl RequestTable {
                 return repeat.map(Some);
             }
             if !self.take_place() {
-                return Err(Error::CapacityExceeded {
+                return refused(Error::CapacityExceeded {
                     what: "request_id (idempotency table)",
                     capacity: self.capacity() as u64,
                 });
@@ -521,13 +535,15 @@ impl RequestTable {
     /// answered a decision for it that no consume would give; so is one the table has no
     /// place for (`CapacityExceeded`). A remembered decision comes
     /// with where its event stands, for the caller to wait until it is durable (after this
-    /// has let go of the shard), as a consume's repeat does.
+    /// has let go of the shard), as a consume's repeat does. Where `once` would answer
+    /// `key_refusal`'s denial instead of refusing the id, this is `None` (the check decides,
+    /// and denies the key as the consume would).
     pub fn peek(
         &self,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
-        at_ms: u64,
-        now_ms: u64,
+        (at_ms, now_ms): (u64, u64),
+        key_refusal: impl FnOnce() -> Result<Option<Decision>, Error>,
     ) -> Result<Option<(Decision, LoggedAs)>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
         let mut shard = self.shard(request_id).lock();
@@ -536,7 +552,16 @@ impl RequestTable {
         if let Some(known) = Self::known(&shard, request_id, fingerprint) {
             return known.map(Some);
         }
-        shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms)?;
+        let mut key_refusal = Some(key_refusal);
+        // The check decides (and refuses) such a request as the consume would.
+        let mut refused_key = || {
+            key_refusal
+                .take()
+                .is_some_and(|refusal| !matches!(refusal(), Ok(None)))
+        };
+        if let Err(error) = shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms) {
+            return if refused_key() { Ok(None) } else { Err(error) };
+        }
         if self.held.load(Ordering::Relaxed) < self.capacity {
             return Ok(None);
         }
@@ -548,7 +573,7 @@ impl RequestTable {
         if let Some(known) = Self::known(&shard, request_id, fingerprint) {
             return known.map(Some);
         }
-        if self.held.load(Ordering::Relaxed) < self.capacity {
+        if self.held.load(Ordering::Relaxed) < self.capacity || refused_key() {
             return Ok(None);
         }
         Err(Error::CapacityExceeded {
@@ -979,10 +1004,16 @@ mod tests {
     /// `once` for a new id at `at_ms` (the clock at the same time): `Ok(true)` if decided now.
     fn first(table: &RequestTable, id: &str, at_ms: u64) -> Result<bool, Error> {
         table
-            .once(id, &fingerprint(), at_ms, at_ms, || {
-                let decision = Decision::denied(DenialReason::NoResources);
-                Ok(Some((decision, None, LoggedAs::Durable)))
-            })
+            .once(
+                id,
+                &fingerprint(),
+                (at_ms, at_ms),
+                || Ok(None),
+                || {
+                    let decision = Decision::denied(DenialReason::NoResources);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            )
             .map(|kept| matches!(kept, Some((_, None))))
     }
 
@@ -1033,13 +1064,19 @@ mod tests {
         // Queued by its own timestamp, an id stamped in 2096 stayed at its shard's front, every
         // id behind it was never forgotten, and the table filled with ids past the horizon.
         let table = RequestTable::new(100, HORIZON_MS);
-        let stamped_ahead = table.once("ahead", &fingerprint(), 4_000_000_000_000, 0, || {
-            Ok(Some((
-                Decision::denied(DenialReason::NoResources),
-                None,
-                LoggedAs::Durable,
-            )))
-        });
+        let stamped_ahead = table.once(
+            "ahead",
+            &fingerprint(),
+            (4_000_000_000_000, 0),
+            || Ok(None),
+            || {
+                Ok(Some((
+                    Decision::denied(DenialReason::NoResources),
+                    None,
+                    LoggedAs::Durable,
+                )))
+            },
+        );
         assert!(matches!(stamped_ahead, Ok(Some((_, None)))));
         // Ten new ids a round, each round past the horizon of the last: never more than ten
         // (and the one ahead) live at once, so none is ever refused. The shard behind the id
@@ -1061,10 +1098,16 @@ mod tests {
         // `Ok(true)`: a repeat.
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
             table
-                .once(id, &fingerprint(), at_ms, now_ms, || {
-                    let decision = Decision::denied(DenialReason::NoResources);
-                    Ok(Some((decision, None, LoggedAs::Durable)))
-                })
+                .once(
+                    id,
+                    &fingerprint(),
+                    (at_ms, now_ms),
+                    || Ok(None),
+                    || {
+                        let decision = Decision::denied(DenialReason::NoResources);
+                        Ok(Some((decision, None, LoggedAs::Durable)))
+                    },
+                )
                 .map(|kept| matches!(kept, Some((_, Some(_)))))
         };
         let ahead_ms = 10 * HORIZON_MS;
@@ -1102,10 +1145,16 @@ mod tests {
             .find(|id| std::ptr::eq(table.shard(id), table.shard(first_id)))
             .expect("some id shares the shard");
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
-            table.once(id, &fingerprint(), at_ms, now_ms, || {
-                let decision = Decision::denied(DenialReason::NoResources);
-                Ok(Some((decision, None, LoggedAs::Durable)))
-            })
+            table.once(
+                id,
+                &fingerprint(),
+                (at_ms, now_ms),
+                || Ok(None),
+                || {
+                    let decision = Decision::denied(DenialReason::NoResources);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            )
         };
         assert!(matches!(
             decide(first_id, now_ms, now_ms),
@@ -1138,10 +1187,16 @@ mod tests {
         // stepped back to 1,500 (its stamp, 1,000, then seemed inside the horizon), or when a
         // policy swap grew the horizon: a retry within the horizon counted twice.
         let decide = |table: &RequestTable, at_ms: u64, now_ms: u64| {
-            table.once("retried", &fingerprint(), at_ms, now_ms, || {
-                let decision = Decision::denied(DenialReason::NoResources);
-                Ok(Some((decision, None, LoggedAs::Durable)))
-            })
+            table.once(
+                "retried",
+                &fingerprint(),
+                (at_ms, now_ms),
+                || Ok(None),
+                || {
+                    let decision = Decision::denied(DenialReason::NoResources);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            )
         };
         let stamp_ms = HORIZON_MS;
         let forgotten_at_ms = stamp_ms + HORIZON_MS + 1;
@@ -1152,7 +1207,12 @@ mod tests {
                 Ok(Some((_, None)))
             ));
             assert!(matches!(
-                table.peek("retried", &fingerprint(), forgotten_at_ms, forgotten_at_ms),
+                table.peek(
+                    "retried",
+                    &fingerprint(),
+                    (forgotten_at_ms, forgotten_at_ms),
+                    || Ok(None)
+                ),
                 Ok(None)
             ));
             let retried_at_ms = match grow_horizon {
@@ -1171,8 +1231,8 @@ mod tests {
             let later = table.once(
                 "later",
                 &fingerprint(),
-                forgotten_at_ms,
-                retried_at_ms,
+                (forgotten_at_ms, retried_at_ms),
+                || Ok(None),
                 || {
                     let decision = Decision::denied(DenialReason::NoResources);
                     Ok(Some((decision, None, LoggedAs::Durable)))
@@ -1185,11 +1245,15 @@ mod tests {
     #[test]
     fn a_decision_not_kept_or_failed_gives_its_place_back() {
         let table = RequestTable::new(1, HORIZON_MS);
-        let left = table.once("left", &fingerprint(), 0, 0, || Ok(None));
+        let left = table.once("left", &fingerprint(), (0, 0), || Ok(None), || Ok(None));
         assert!(matches!(left, Ok(None)));
-        let failed = table.once("failed", &fingerprint(), 0, 0, || {
-            Err(Error::invalid("quantities", "test"))
-        });
+        let failed = table.once(
+            "failed",
+            &fingerprint(),
+            (0, 0),
+            || Ok(None),
+            || Err(Error::invalid("quantities", "test")),
+        );
         assert!(failed.is_err());
         assert_eq!(table.len(), 0);
         assert_eq!(first(&table, "kept", 0), Ok(true));
@@ -1205,10 +1269,16 @@ mod tests {
         for reason in [DenialReason::UnknownKey, DenialReason::KeyRevoked] {
             let mut decided = 0;
             for _ in 0..2 {
-                let answered = table.once("stray", &fingerprint(), 0, 0, || {
-                    decided += 1;
-                    Ok(Some((Decision::denied(reason), None, LoggedAs::Durable)))
-                });
+                let answered = table.once(
+                    "stray",
+                    &fingerprint(),
+                    (0, 0),
+                    || Ok(None),
+                    || {
+                        decided += 1;
+                        Ok(Some((Decision::denied(reason), None, LoggedAs::Durable)))
+                    },
+                );
                 assert!(
                     matches!(answered, Ok(Some((Decision::Denied(_), None)))),
                     "{answered:?}"
