@@ -147,9 +147,9 @@ func (e *Engine) Refund(requestID string, at time.Time) error {
 // limit), AdjustRemove gives back usage that should not have been counted (only where its
 // window still counts it). Every limit of the plan that counts the resource moves, or none;
 // the correction is logged as its own event, except an addition every window has moved past
-// (it moves 0 and logs nothing). A key without a seat (a pay-as-you-go key too),
-// or a correction no limit of its plan counts, is ErrInvalidArgument, an unknown key
-// ErrUnknownKey.
+// (it moves 0 and logs nothing). A key without a seat (a pay-as-you-go key too), or a
+// resource its plan does not limit, is ErrInvalidArgument; units none of the plan's limits on
+// the resource count ErrBadQuantity; an unknown key ErrUnknownKey.
 func (e *Engine) AdjustUsage(key, resource string, quantities []Quantity, usageAt time.Time,
 	direction AdjustmentDirection, at time.Time) (Adjustment, error) {
 	const op = "AdjustUsage"

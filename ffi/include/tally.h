@@ -155,7 +155,9 @@ enum tally_status
   // A `uint32_t` that carries an enum (unit, durability, policy kind) was out of range.
   TALLY_BAD_ENUM = 7,
   // A quantity was 0 or above `TALLY_MAX_QUANTITY`, a unit was given twice, there were none
-  // or too many.
+  // or too many; or the quantities do not fit the resource (a unit it does not meter, or
+  // one it requires missing) or, for a usage correction, no limit of the key's plan counts
+  // any of their units. The last error says which.
   TALLY_BAD_QUANTITY = 8,
   // An amount, balance or weighted sum would overflow 64 bits; nothing changed.
   TALLY_OVERFLOW = 9,
@@ -639,9 +641,10 @@ tally_status tally_engine_refund(const struct tally_engine *engine,
 // limit of the plan that counts the resource, or none; logged as its own event (never an
 // edit of the original), except an addition every window has moved past, which moves 0 on
 // each limit and logs nothing. Writes what moved to `*adjustment_out`. A key without a seat
-// (including a pay-as-you-go key), or a correction no limit of its plan counts (a resource
-// the plan does not limit, or units none of its limits count), is `TALLY_INVALID_ARGUMENT`;
-// an unknown key `TALLY_UNKNOWN_KEY`, an unknown resource `TALLY_UNKNOWN_RESOURCE`.
+// (including a pay-as-you-go key), or a resource its plan does not limit, is
+// `TALLY_INVALID_ARGUMENT`; units none of the plan's limits on the resource count
+// `TALLY_BAD_QUANTITY`; an unknown key `TALLY_UNKNOWN_KEY`, an unknown resource
+// `TALLY_UNKNOWN_RESOURCE`.
 tally_status tally_engine_adjust_usage(const struct tally_engine *engine,
                                        const char *key,
                                        size_t key_len,

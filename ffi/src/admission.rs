@@ -361,9 +361,10 @@ pub struct tally_adjustment {
 /// limit of the plan that counts the resource, or none; logged as its own event (never an
 /// edit of the original), except an addition every window has moved past, which moves 0 on
 /// each limit and logs nothing. Writes what moved to `*adjustment_out`. A key without a seat
-/// (including a pay-as-you-go key), or a correction no limit of its plan counts (a resource
-/// the plan does not limit, or units none of its limits count), is `TALLY_INVALID_ARGUMENT`;
-/// an unknown key `TALLY_UNKNOWN_KEY`, an unknown resource `TALLY_UNKNOWN_RESOURCE`.
+/// (including a pay-as-you-go key), or a resource its plan does not limit, is
+/// `TALLY_INVALID_ARGUMENT`; units none of the plan's limits on the resource count
+/// `TALLY_BAD_QUANTITY`; an unknown key `TALLY_UNKNOWN_KEY`, an unknown resource
+/// `TALLY_UNKNOWN_RESOURCE`.
 #[no_mangle]
 pub extern "C" fn tally_engine_adjust_usage(
     engine: *const tally_engine,

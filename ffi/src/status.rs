@@ -33,7 +33,9 @@ pub enum tally_status {
     /// A `uint32_t` that carries an enum (unit, durability, policy kind) was out of range.
     TALLY_BAD_ENUM = 7,
     /// A quantity was 0 or above `TALLY_MAX_QUANTITY`, a unit was given twice, there were none
-    /// or too many.
+    /// or too many; or the quantities do not fit the resource (a unit it does not meter, or
+    /// one it requires missing) or, for a usage correction, no limit of the key's plan counts
+    /// any of their units. The last error says which.
     TALLY_BAD_QUANTITY = 8,
     /// An amount, balance or weighted sum would overflow 64 bits; nothing changed.
     TALLY_OVERFLOW = 9,

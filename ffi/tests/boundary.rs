@@ -1114,6 +1114,93 @@ fn an_adjustment_of_usage_past_the_time_range_is_a_bad_timestamp() {
     );
 }
 
+/// What `tally_engine_adjust_usage`'s documentation promises for a correction that could move
+/// nothing: a key without a seat, or a resource its plan does not limit, is
+/// `TALLY_INVALID_ARGUMENT`; units none of the plan's limits on the resource count are a
+/// problem with the quantities, `TALLY_BAD_QUANTITY` (the header said `INVALID_ARGUMENT`).
+/// Nothing moves either way.
+#[test]
+fn a_correction_no_limit_counts_names_the_resource_or_the_quantities_by_status() {
+    let policy = r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+required = ["requests"]
+[resources.speech]
+units = ["characters"]
+[plans.Tokens]
+limits = [{ resource = "chat", unit = "tokens", amount = 1000, window = "daily" }]
+"#;
+    let options = Unbounded::new();
+    let mut engine = ptr::null_mut();
+    let (p, pl) = s(policy);
+    assert_eq!(
+        tally_engine_open_in_memory(
+            tally_policy_source::TALLY_POLICY_TOML as u32,
+            p,
+            pl,
+            options.0,
+            &mut engine
+        ),
+        tally_status::TALLY_OK,
+        "{}",
+        last_error()
+    );
+    let handle = Handle(engine);
+    user(&handle, "ada", "k-seated", Some("Tokens"));
+    user(&handle, "bob", "k-unseated", None);
+    let add = tally_adjustment_direction::TALLY_ADJUST_ADD as u32;
+    let adjust = |key: &str, resource: &str, quantities: &[tally_quantity]| {
+        let ((k, kl), (r, rl)) = (s(key), s(resource));
+        // SAFETY: plain integers and char arrays, for which all-zero is a valid value.
+        let mut adjustment: tally_adjustment = unsafe { std::mem::zeroed() };
+        let status = tally_engine_adjust_usage(
+            handle.0,
+            k,
+            kl,
+            r,
+            rl,
+            quantities.as_ptr(),
+            quantities.len(),
+            T0,
+            add,
+            T0,
+            &mut adjustment,
+        );
+        (status, last_error())
+    };
+    let characters = [tally_quantity {
+        unit: tally_unit::TALLY_UNIT_CHARACTERS as u32,
+        amount: 5,
+    }];
+    let (status, message) = adjust("k-unseated", "chat", &requests(1));
+    assert_eq!(status, tally_status::TALLY_INVALID_ARGUMENT, "{message}");
+    assert!(message.starts_with("key: "), "{message}");
+    let (status, message) = adjust("k-seated", "speech", &characters);
+    assert_eq!(status, tally_status::TALLY_INVALID_ARGUMENT, "{message}");
+    assert!(message.starts_with("resource: "), "{message}");
+    let (status, message) = adjust("k-seated", "chat", &requests(1));
+    assert_eq!(status, tally_status::TALLY_BAD_QUANTITY, "{message}");
+    assert!(message.starts_with("quantities: "), "{message}");
+    let (k, kl) = s("k-seated");
+    let mut needed = 0;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        tally_engine_usage(
+            handle.0,
+            k,
+            kl,
+            T0,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut needed
+        ),
+        tally_status::TALLY_OK
+    );
+    let report = String::from_utf8_lossy(&buf[..needed - 1]).into_owned();
+    assert!(report.contains(r#""used":0"#), "{report}");
+}
+
 /// Reserves one m2.7 request for `key` at T0: the reservation's id.
 fn reserve_one_request(handle: &Handle, key: &[u8]) -> u64 {
     let one = requests(1);

@@ -580,8 +580,9 @@ class Engine:
         """Corrects the usage the key's plan counted at ``usage_at_ms`` (when it happened, not
         after ``at_ms``): ``"add"`` counts usage that was missed (whatever the limit),
         ``"remove"`` gives back usage counted by mistake where its window still counts it. An
-        addition every window has moved past moves 0 and logs nothing. A correction no limit
-        of the key's plan counts raises ``InvalidArgumentError``."""
+        addition every window has moved past moves 0 and logs nothing. A key without a seat, or
+        a resource its plan does not limit, raises ``InvalidArgumentError``; units none of the
+        plan's limits on the resource count raise ``BadQuantityError``."""
         key_bytes = _convert.text("key", key)
         resource_bytes = _convert.text("resource", resource)
         array = _convert.quantities("quantities", quantities)

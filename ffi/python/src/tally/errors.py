@@ -74,7 +74,9 @@ class BadEnumError(TallyError, ValueError):
 
 
 class BadQuantityError(TallyError, ValueError):
-    """TALLY_BAD_QUANTITY: a quantity was 0 or above 2^40, a unit twice, none or too many."""
+    """TALLY_BAD_QUANTITY: a quantity was 0 or above 2^40, a unit twice, none or too many; or
+    the quantities do not fit the resource (a unit it does not meter, one it requires missing)
+    or, for ``adjust_usage``, no limit of the key's plan counts their units."""
 
     status_code = 8
 
