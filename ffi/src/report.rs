@@ -25,7 +25,8 @@ pub const TALLY_MAX_CURSORS: u64 = 1_024;
 const _: () = assert!(TALLY_MAX_CURSORS == ::tally_engine::log::MAX_CURSORS);
 
 /// Writes the key's usage report as JSON into `buf`: `{"key", "kind": "plan" |
-/// "pay_as_you_go", "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
+/// "pay_as_you_go", "revoked" (`tally_engine_revoke_key`: every request on the key is
+/// denied), "user", "team", "plan": name or null, "at_ms", "limits": [{"name",
 /// "meter", "window", "used", "amount", "remaining", "reset_at_ms": ms or null}],
 /// "credits_balance_micros", "credits_charged_micros", "open_reservations",
 /// "pay_as_you_go_micros"}`. Size query: `*needed` = the JSON's length + 1 (NUL); a NULL or
