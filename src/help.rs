@@ -413,12 +413,12 @@ Swap the database's policy for the one in PATH (.toml or .json), as a logged eve
 carries over for every limit whose meter and window stay, and seats move to the plan of the
 same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on
 (a revoked key's seat aside: it is taken away with the plan), changes the time zone of daily,
-weekly or monthly windows that carry over, counts another unit under a meter's name, or moves
-a plan's limit to another window (rolling:5h to rolling:6h, daily to weekly: its count so far
-could not follow; remove the limit in one swap, its count dropped, and add the new window in
-the next). A policy equal to the one the database runs changes nothing. This is the one
-command that changes a database's policy: any other command given a --policy that differs is
-refused.
+weekly or monthly windows that carry over (or week_start, the first day of weekly ones),
+counts another unit under a meter's name, or moves a plan's limit to another window
+(rolling:5h to rolling:6h, daily to weekly: its count so far could not follow; remove the limit
+in one swap, its count dropped, and add the new window in the next). A policy equal to the one
+the database runs changes nothing. This is the one command that changes a database's policy:
+any other command given a --policy that differs is refused.
 
 Usage: tally policy PATH [OPTIONS]
 

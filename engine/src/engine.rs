@@ -1274,8 +1274,9 @@ impl Engine {
     /// name) and window stay; seats move to the plan of the same name, and a swap that would
     /// drop a plan someone is seated on is refused, changing nothing. So is one whose usage
     /// could not carry over as it means (`Policy::check_swap_to`: a meter kept by name that
-    /// counts something else, a time zone changed under calendar windows, a plan's limit moved
-    /// to another window, which would drop its count; a `Error::Policy` naming the new
+    /// counts something else, a time zone changed under calendar windows, the week's first
+    /// day changed under weekly windows, a plan's limit moved to another window, which would
+    /// drop its count; a `Error::Policy` naming the new
     /// document's field). Remembered decisions (a
     /// request id's repeat answers its first) are renumbered to name the same plans, limits
     /// and resources in the new policy; what it no longer has they no longer name

@@ -834,8 +834,10 @@ tally_status tally_engine_credits(const struct tally_engine *engine,
 // same name. A swap that would drop a plan someone is seated on is refused
 // (`TALLY_INVALID_ARGUMENT`), and so is one whose usage could not carry over as it means (a
 // meter kept by name that counts another unit, a time zone changed under a daily, weekly or
-// monthly window that carries over, a plan's limit moved to another window, whose count so
-// far would be dropped: `TALLY_POLICY_INVALID`, naming the field), changing nothing. Waits for the calls inside the handle.
+// monthly window that carries over, the week's first day (`week_start`) changed under a
+// weekly one, a plan's limit moved to another window, whose count so far would be dropped:
+// `TALLY_POLICY_INVALID`, naming the field), changing nothing. Waits for the calls inside
+// the handle.
 tally_status tally_engine_swap_policy(const struct tally_engine *engine,
                                       uint32_t policy_source,
                                       const char *policy,

@@ -766,9 +766,10 @@ class Engine:
         Refused, changing nothing: a swap that drops a plan someone is seated on
         (``InvalidArgumentError``), and one whose usage could not carry over as it means
         (``PolicyInvalidError`` naming the field): a meter kept by name that counts another
-        unit, a time zone changed under a calendar window that carries over, or a plan's
-        limit moved to another window (``rolling:5h`` to ``rolling:6h``, ``daily`` to
-        ``weekly``: its count so far would be dropped).
+        unit, a time zone changed under a calendar window that carries over (or the week's
+        first day, ``week_start``, under a weekly one), or a plan's limit moved to another
+        window (``rolling:5h`` to ``rolling:6h``, ``daily`` to ``weekly``: its count so far
+        would be dropped).
         """
         source, document, document_len = _policy(policy)
         errors.check(
