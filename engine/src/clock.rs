@@ -45,12 +45,16 @@ impl ManualClock {
         self.now_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Moves the clock forward, saturating at `u64::MAX`, and returns the new time.
+    /// Moves the clock forward, saturating at `u64::MAX`, and returns the new time. Advances
+    /// from several threads at once each count (one read-modify-write).
     pub fn advance_ms(&self, delta_ms: u64) -> u64 {
-        let before = self.now_ms.load(Ordering::Relaxed);
-        let after = before.saturating_add(delta_ms);
-        self.now_ms.store(after, Ordering::Relaxed);
-        after
+        let advance = |now_ms: u64| Some(now_ms.saturating_add(delta_ms));
+        // The closure always answers `Some`, so the update always succeeds.
+        let before = self
+            .now_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, advance)
+            .unwrap_or_else(|now_ms| now_ms);
+        before.saturating_add(delta_ms)
     }
 }
 
@@ -72,6 +76,29 @@ mod tests {
         clock.set_ms(10);
         assert_eq!(clock.now_ms(), 10);
         assert_eq!(clock.advance_ms(u64::MAX), u64::MAX);
+    }
+
+    /// Threads advancing one clock at once (a test's workers, each moving time on) each move
+    /// it by their own delta: the clock ends at the sum of them all and never goes back.
+    /// (A load and a store apart lost advances, and one stored after a larger one moved the
+    /// clock backwards.)
+    #[test]
+    fn advances_from_several_threads_all_count() {
+        const THREADS: u64 = 4;
+        const ADVANCES: u64 = 1_000_000;
+        let clock = ManualClock::new(1_000);
+        let start = std::sync::Barrier::new(THREADS as usize);
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| {
+                    start.wait();
+                    for _ in 0..ADVANCES {
+                        clock.advance_ms(1);
+                    }
+                });
+            }
+        });
+        assert_eq!(clock.now_ms(), 1_000 + THREADS * ADVANCES);
     }
 
     #[test]
