@@ -157,8 +157,8 @@ pub struct tally_decision {
     /// Whether the request was admitted (whole).
     pub admitted: bool,
     /// The answer is the stored first decision of an earlier request with the same id, and
-    /// nothing was counted now. (Two threads using a new id at the same moment: the one
-    /// answered with the other's decision may report false.)
+    /// nothing was counted now. Decided with the decision, under the id's lock: of threads
+    /// using a new id at the same moment, exactly one is told false.
     pub replayed: bool,
     /// Whether `credits_balance_micros` holds the team's balance (credits were involved).
     pub has_credits_balance: bool,

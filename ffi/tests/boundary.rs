@@ -682,6 +682,63 @@ fn close_while_other_threads_are_inside_calls_is_safe() {
     }
 }
 
+/// Threads racing to consume under the same new request ids: each id is counted once, and
+/// exactly one thread per id is told its decision is not a replay (`replayed` false), as the
+/// header says; the others get that first decision back with `replayed` set.
+#[test]
+fn of_threads_racing_on_a_new_request_id_exactly_one_is_told_it_was_first() {
+    const THREADS: usize = 4;
+    const IDS: usize = 200;
+    let handle = Arc::new(in_memory());
+    user(&handle, "ada", "tp-ada", Some("Max"));
+    let started = Arc::new(std::sync::Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let handle = Arc::clone(&handle);
+            let started = Arc::clone(&started);
+            std::thread::spawn(move || {
+                let one = requests(1);
+                started.wait();
+                (0..IDS)
+                    .map(|index| {
+                        let id = format!("race-{index}");
+                        let request = request(b"tp-ada", "m2.7", &one, T0, Some(id.as_bytes()));
+                        let decision = consume(&handle, &request).expect("decided");
+                        assert!(decision.admitted);
+                        decision.replayed
+                    })
+                    .collect::<Vec<bool>>()
+            })
+        })
+        .collect();
+    let replays: Vec<Vec<bool>> = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("no panic"))
+        .collect();
+    for index in 0..IDS {
+        let first = replays.iter().filter(|thread| !thread[index]).count();
+        assert_eq!(
+            first, 1,
+            "request id race-{index}: {first} threads told first"
+        );
+    }
+    let mut decision = std::mem::MaybeUninit::<tally_decision>::uninit();
+    let one = requests(1);
+    let probe = request(b"tp-ada", "m2.7", &one, T0, None);
+    assert_eq!(
+        tally_engine_check(handle.0, &probe, decision.as_mut_ptr()),
+        tally_status::TALLY_OK
+    );
+    // SAFETY: written on TALLY_OK.
+    let decision = unsafe { decision.assume_init() };
+    // A check answers the limit as its request would leave it: the ids' and its own.
+    assert_eq!(
+        decision.limits[0].used,
+        IDS as u64 + 1,
+        "each id counted once"
+    );
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "tally-ffi-{name}-{}-{:?}",
