@@ -130,7 +130,9 @@ func (e *Engine) ExpireReservations(at time.Time) (uint64, error) {
 	return uint64(expired), err
 }
 
-// Refund gives back in full what a request admitted under requestID was charged.
+// Refund gives back in full what a request admitted under requestID was charged. Twice, or
+// for an id whose request was denied, is ErrInvalidArgument; for an id no request used within
+// the horizon, ErrUnknownRequest.
 func (e *Engine) Refund(requestID string, at time.Time) error {
 	atMs, err := milliseconds("Refund", at)
 	if err != nil {

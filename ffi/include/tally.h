@@ -183,7 +183,8 @@ enum tally_status
   TALLY_UNKNOWN_RESOURCE = 18,
   TALLY_UNKNOWN_PLAN = 19,
   TALLY_UNKNOWN_RESERVATION = 20,
-  // `tally_engine_refund` named a request id no admitted request used (within the horizon).
+  // `tally_engine_refund` named a request id no request used (within the horizon); one whose
+  // request was denied is `TALLY_INVALID_ARGUMENT`.
   TALLY_UNKNOWN_REQUEST = 21,
   // The user, team, key or membership already exists.
   TALLY_ALREADY_EXISTS = 22,
@@ -627,9 +628,10 @@ tally_status tally_engine_expire_reservations(const struct tally_engine *engine,
 
 // Refunds in full a request admitted under `request_id`: its quota, credits or pay-as-you-go
 // spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
-// a rolling window or was counted on a day, week or month since ended). Refunding twice is an
-// error (`TALLY_INVALID_ARGUMENT`); an id no admitted request used is
-// `TALLY_UNKNOWN_REQUEST`.
+// a rolling window or was counted on a day, week or month since ended). Refunding twice, or
+// an id whose request was denied (nothing to give back), is `TALLY_INVALID_ARGUMENT` naming
+// `request_id`; an id no request used within the horizon (or only with a key the engine did
+// not know, a denial it does not remember) is `TALLY_UNKNOWN_REQUEST`.
 tally_status tally_engine_refund(const struct tally_engine *engine,
                                  const char *request_id,
                                  size_t request_id_len,

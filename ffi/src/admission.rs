@@ -298,9 +298,10 @@ pub extern "C" fn tally_engine_expire_reservations(
 
 /// Refunds in full a request admitted under `request_id`: its quota, credits or pay-as-you-go
 /// spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
-/// a rolling window or was counted on a day, week or month since ended). Refunding twice is an
-/// error (`TALLY_INVALID_ARGUMENT`); an id no admitted request used is
-/// `TALLY_UNKNOWN_REQUEST`.
+/// a rolling window or was counted on a day, week or month since ended). Refunding twice, or
+/// an id whose request was denied (nothing to give back), is `TALLY_INVALID_ARGUMENT` naming
+/// `request_id`; an id no request used within the horizon (or only with a key the engine did
+/// not know, a denial it does not remember) is `TALLY_UNKNOWN_REQUEST`.
 #[no_mangle]
 pub extern "C" fn tally_engine_refund(
     engine: *const tally_engine,

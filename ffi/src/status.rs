@@ -61,7 +61,8 @@ pub enum tally_status {
     TALLY_UNKNOWN_RESOURCE = 18,
     TALLY_UNKNOWN_PLAN = 19,
     TALLY_UNKNOWN_RESERVATION = 20,
-    /// `tally_engine_refund` named a request id no admitted request used (within the horizon).
+    /// `tally_engine_refund` named a request id no request used (within the horizon); one whose
+    /// request was denied is `TALLY_INVALID_ARGUMENT`.
     TALLY_UNKNOWN_REQUEST = 21,
     /// The user, team, key or membership already exists.
     TALLY_ALREADY_EXISTS = 22,

@@ -1258,6 +1258,66 @@ limits = [{ resource = "chat", unit = "tokens", amount = 1000, window = "daily" 
     assert!(report.contains(r#""used":0"#), "{report}");
 }
 
+/// What `tally_engine_refund` answers for an id with nothing to give back, as its comment
+/// says: an id no request used (or one whose denial is not remembered: an unknown key) is
+/// `TALLY_UNKNOWN_REQUEST`; an id whose remembered decision was a denial is
+/// `TALLY_INVALID_ARGUMENT` naming `request_id`, as is a second refund. Nothing changes.
+#[test]
+fn a_refund_of_an_unknown_a_denied_or_a_refunded_request_id_has_its_status() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Max"));
+    user(&handle, "bob", "tp-bob", None);
+    let one = requests(1);
+    let refund = |id: &str| {
+        let (r, rl) = s(id);
+        let status = tally_engine_refund(handle.0, r, rl, T0);
+        (status, last_error())
+    };
+    let denied = consume(
+        &handle,
+        &request(b"tp-bob", "m2.7", &one, T0, Some(b"denied")),
+    )
+    .expect("decided");
+    assert_eq!(
+        denied.denial,
+        tally_denial::TALLY_DENIAL_NO_RESOURCES as u32
+    );
+    let unknown_key = consume(
+        &handle,
+        &request(b"nobody", "m2.7", &one, T0, Some(b"nokey")),
+    )
+    .expect("decided");
+    assert_eq!(
+        unknown_key.denial,
+        tally_denial::TALLY_DENIAL_UNKNOWN_KEY as u32
+    );
+    let admitted = consume(
+        &handle,
+        &request(b"tp-ada", "m2.7", &one, T0, Some(b"admitted")),
+    )
+    .expect("decided");
+    assert!(admitted.admitted);
+
+    for never in ["never-used", "nokey"] {
+        let (status, message) = refund(never);
+        assert_eq!(
+            status,
+            tally_status::TALLY_UNKNOWN_REQUEST,
+            "{never}: {message}"
+        );
+    }
+    let (status, message) = refund("denied");
+    assert_eq!(status, tally_status::TALLY_INVALID_ARGUMENT, "{message}");
+    assert!(
+        message.starts_with("request_id: ") && message.contains("denied"),
+        "{message}"
+    );
+    assert_eq!(refund("admitted").0, tally_status::TALLY_OK);
+    let (status, message) = refund("admitted");
+    assert_eq!(status, tally_status::TALLY_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("already refunded"), "{message}");
+}
+
 /// Reserves one m2.7 request for `key` at T0: the reservation's id.
 fn reserve_one_request(handle: &Handle, key: &[u8]) -> u64 {
     let one = requests(1);

@@ -559,7 +559,9 @@ class Engine:
         return expired.value
 
     def refund(self, request_id: Text, *, at_ms: int | None = None) -> None:
-        """Refunds in full a request admitted under ``request_id``."""
+        """Refunds in full a request admitted under ``request_id``. Twice, or for an id whose
+        request was denied, raises ``InvalidArgumentError``; for an id no request used within
+        the horizon, ``UnknownRequestError``."""
         encoded = _convert.text("request_id", request_id)
         errors.check(
             _native.lib.tally_engine_refund(

@@ -157,7 +157,8 @@ class UnknownReservationError(TallyError, LookupError):
 
 
 class UnknownRequestError(TallyError, LookupError):
-    """TALLY_UNKNOWN_REQUEST: no admitted request used this id (within the horizon)."""
+    """TALLY_UNKNOWN_REQUEST: no request used this id (within the horizon); a refund of one
+    whose request was denied raises ``InvalidArgumentError``."""
 
     status_code = 21
 
