@@ -32,7 +32,7 @@ var (
 	ErrInvalidArgument     = errors.New("an argument was malformed")
 	ErrBadEnum             = errors.New("an enum value was out of range")
 	ErrBadQuantity         = errors.New("a quantity was 0, above 2^40, repeated, missing or too many")
-	ErrOverflow            = errors.New("an amount or balance would overflow 64 bits")
+	ErrOverflow            = errors.New("an amount, balance or count would pass the most it can hold")
 	ErrBadTimestamp        = errors.New("a timestamp is out of range")
 	ErrBufferTooSmall      = errors.New("an output buffer was too small")
 	ErrClosed              = errors.New("the engine is closed")

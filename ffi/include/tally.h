@@ -159,7 +159,9 @@ enum tally_status
   // one it requires missing) or, for a usage correction, no limit of the key's plan counts
   // any of their units. The last error says which.
   TALLY_BAD_QUANTITY = 8,
-  // An amount, balance or weighted sum would overflow 64 bits; nothing changed.
+  // An amount, balance, count or weighted sum would pass the most it can hold: 64 bits, or
+  // a smaller bound the last error names (a team's credits and charges together 2^63 - 1, a
+  // window's count under a usage correction); nothing changed.
   TALLY_OVERFLOW = 9,
   // A timestamp is at or after 2100-01-01T00:00:00Z, or further ahead of the engine's clock
   // than `max_ahead_of_clock_ms` allows; or a request with a request id is stamped longer

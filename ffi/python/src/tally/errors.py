@@ -82,7 +82,8 @@ class BadQuantityError(TallyError, ValueError):
 
 
 class AmountOverflowError(TallyError, ValueError):
-    """TALLY_OVERFLOW: an amount, balance or weighted sum would overflow 64 bits."""
+    """TALLY_OVERFLOW: an amount, balance, count or weighted sum would pass the most it can
+    hold: 64 bits, or a smaller bound the message names (a team's credits, a window's count)."""
 
     status_code = 9
 
