@@ -29,8 +29,9 @@ pub enum Error {
     UnknownUser {
         user: String,
     },
-    /// A pay-as-you-go key passed where a plan key is required, or an unknown key to an
-    /// admin call (the admission path reports unknown keys as a denial instead).
+    /// An unknown key named by a call that is not an admission (`revoke_key`, `usage`,
+    /// `adjust_usage`): the admission path reports unknown keys as a denial instead. (A
+    /// pay-as-you-go key where a plan's is needed, a correction's, is `InvalidArgument`.)
     UnknownKey {
         key: String,
     },
