@@ -197,7 +197,9 @@ impl<'a> UsageRequest<'a> {
 
     /// An idempotency id: a repeat within the horizon answers the first decision and counts
     /// nothing, unless that was a denial for want of a valid key (`UnknownKey`, `KeyRevoked`),
-    /// which is not remembered (`idempotency::remembers`): the id is decided anew.
+    /// which is not remembered (`idempotency::remembers`): the id is decided anew, and such a
+    /// request is denied so even where a new id would be refused (stamped before the horizon,
+    /// the table full).
     pub fn id(mut self, request_id: &'a str) -> UsageRequest<'a> {
         self.request_id = Some(request_id);
         self

@@ -93,7 +93,9 @@ type Request struct {
 	At         time.Time  // zero: the engine's clock
 	// RequestID is an optional idempotency id: a repeat within the horizon answers the first
 	// decision (Replayed) and counts nothing, unless that was a denial for want of a valid
-	// key (DenialUnknownKey, DenialKeyRevoked), which is not remembered: decided anew.
+	// key (DenialUnknownKey, DenialKeyRevoked), which is not remembered: decided anew, and
+	// denied so even where a new id would be refused (stamped before the horizon, the table
+	// full: ErrBadTimestamp, ErrCapacityExceeded).
 	RequestID string
 }
 

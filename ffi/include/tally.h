@@ -165,7 +165,8 @@ enum tally_status
   TALLY_OVERFLOW = 9,
   // A timestamp is at or after 2100-01-01T00:00:00Z, or further ahead of the engine's clock
   // than `max_ahead_of_clock_ms` allows; or a request with a request id is stamped longer
-  // ago than the idempotency horizon (its id could not be remembered).
+  // ago than the idempotency horizon (its id could not be remembered), unless its key is
+  // unknown or revoked: that denial, never remembered, is answered instead.
   TALLY_BAD_TIMESTAMP = 10,
   // An output buffer was NULL or too small; `*needed` holds the size to pass next time.
   TALLY_BUFFER_TOO_SMALL = 11,
@@ -444,7 +445,9 @@ typedef struct tally_request {
   // answers with the first decision (`replayed`) and counts nothing; a repeat with another
   // key, resource or quantities is `TALLY_REQUEST_ID_CONFLICT`. A denial for want of a
   // valid key (`TALLY_DENIAL_UNKNOWN_KEY`, `TALLY_DENIAL_KEY_REVOKED`) is not remembered:
-  // the id is decided anew when it comes again.
+  // the id is decided anew when it comes again, and such a request is denied so whatever
+  // its stamp or the request-id table's room (no `TALLY_BAD_TIMESTAMP` for an id stamped
+  // before the horizon, no `TALLY_CAPACITY_EXCEEDED` for a full table).
   const char *request_id;
   size_t request_id_len;
 } tally_request;

@@ -128,7 +128,9 @@ pub struct tally_request {
     /// answers with the first decision (`replayed`) and counts nothing; a repeat with another
     /// key, resource or quantities is `TALLY_REQUEST_ID_CONFLICT`. A denial for want of a
     /// valid key (`TALLY_DENIAL_UNKNOWN_KEY`, `TALLY_DENIAL_KEY_REVOKED`) is not remembered:
-    /// the id is decided anew when it comes again.
+    /// the id is decided anew when it comes again, and such a request is denied so whatever
+    /// its stamp or the request-id table's room (no `TALLY_BAD_TIMESTAMP` for an id stamped
+    /// before the horizon, no `TALLY_CAPACITY_EXCEEDED` for a full table).
     pub request_id: *const c_char,
     pub request_id_len: usize,
 }

@@ -43,7 +43,8 @@ pub enum tally_status {
     TALLY_OVERFLOW = 9,
     /// A timestamp is at or after 2100-01-01T00:00:00Z, or further ahead of the engine's clock
     /// than `max_ahead_of_clock_ms` allows; or a request with a request id is stamped longer
-    /// ago than the idempotency horizon (its id could not be remembered).
+    /// ago than the idempotency horizon (its id could not be remembered), unless its key is
+    /// unknown or revoked: that denial, never remembered, is answered instead.
     TALLY_BAD_TIMESTAMP = 10,
     /// An output buffer was NULL or too small; `*needed` holds the size to pass next time.
     TALLY_BUFFER_TOO_SMALL = 11,

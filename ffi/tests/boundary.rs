@@ -1318,6 +1318,36 @@ fn a_refund_of_an_unknown_a_denied_or_a_refunded_request_id_has_its_status() {
     assert!(message.contains("already refunded"), "{message}");
 }
 
+/// As `tally_request.request_id` says: a request whose key the engine does not know is denied
+/// `TALLY_DENIAL_UNKNOWN_KEY` (a gateway's 401) whatever its id, even stamped before the
+/// request-id horizon, where a known key's new id is `TALLY_BAD_TIMESTAMP`.
+#[test]
+fn an_unknown_keys_request_with_a_stale_request_id_is_denied_not_refused() {
+    let handle = in_memory();
+    user(&handle, "ada", "tp-ada", Some("Max"));
+    let one = requests(1);
+    let stale = T0 - 40 * 24 * HOUR_MS;
+    let unknown = consume(
+        &handle,
+        &request(b"nobody", "m2.7", &one, stale, Some(b"old")),
+    );
+    let unknown = unknown.expect("decided");
+    assert_eq!(
+        unknown.denial,
+        tally_denial::TALLY_DENIAL_UNKNOWN_KEY as u32
+    );
+    let known = consume(
+        &handle,
+        &request(b"tp-ada", "m2.7", &one, stale, Some(b"old")),
+    );
+    assert_eq!(
+        known.err(),
+        Some(tally_status::TALLY_BAD_TIMESTAMP),
+        "{}",
+        last_error()
+    );
+}
+
 /// Reserves one m2.7 request for `key` at T0: the reservation's id.
 fn reserve_one_request(handle: &Handle, key: &[u8]) -> u64 {
     let one = requests(1);

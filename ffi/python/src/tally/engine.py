@@ -380,7 +380,8 @@ class Engine:
         A denial is a ``Decision`` with ``admitted`` False, not an exception. A ``request_id``
         seen again within the horizon answers its first decision (``replayed``) and counts
         nothing, unless that was a denial for want of a valid key (``UNKNOWN_KEY``,
-        ``KEY_REVOKED``), which is not remembered: the id is decided anew."""
+        ``KEY_REVOKED``), which is not remembered: the id is decided anew, and denied so even
+        where a new id would be refused (stamped before the horizon, the table full)."""
         request = _request(key, resource, quantities, at_ms, request_id)
         out = _native.Decision()
         errors.check(
