@@ -2453,7 +2453,9 @@ pub(crate) fn resolve_resource(
 }
 
 /// `resolve_resource`, with the resource's definition (the admission path reads it next).
-#[inline]
+/// Always inlined: once a cold caller (`Engine::key_refusal`) called it too, the admission
+/// path called it out of line, 30 instructions more per hot-key consume (callgrind).
+#[inline(always)]
 pub(crate) fn resolve_resource_spec<'p>(
     policy: &'p Policy,
     resource: &str,
