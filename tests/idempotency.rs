@@ -553,6 +553,66 @@ fn a_new_id_without_a_valid_key_is_denied_as_such_whatever_the_table_says() {
     );
 }
 
+/// A key no key could ever be (a control character in it) under a new id is refused for
+/// the key, naming it, whatever the request-id table says, as the same request with room is:
+/// with the table full, or stamped too long ago, it was denied `UnknownKey` instead (the
+/// key's own refusal, asked first, skipped the key's shape). Every path alike.
+#[test]
+fn a_new_id_on_a_malformed_key_is_refused_for_the_key_whatever_the_table_says() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions {
+            idempotency_capacity: 1,
+            ..tally_engine::EngineOptions::default()
+        },
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    let answers = |id: &str, at_ms: u64| {
+        let request = UsageRequest::new("key\nnobody", "m2.7", &ONE)
+            .at(at_ms)
+            .id(id);
+        let submitted = engine
+            .submit(&request)
+            .and_then(|submission| submission.complete())
+            .map(|(decision, _)| decision);
+        [
+            engine.check(&request),
+            engine.consume(&request),
+            engine
+                .consume_many(std::slice::from_ref(&request))
+                .pop()
+                .expect("one"),
+            submitted,
+        ]
+    };
+    let is_key_error = |answer: &Result<Decision, tally_engine::Error>| {
+        matches!(
+            answer,
+            Err(tally_engine::Error::InvalidArgument { field: "key", .. })
+        )
+    };
+    // With room: the key's error.
+    for answer in answers("roomy", T0_MS) {
+        assert!(is_key_error(&answer), "with room: {answer:?}");
+    }
+    let filler = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("filler");
+    assert!(engine
+        .consume(&filler)
+        .expect("the table's one place")
+        .is_admitted());
+    for (what, at_ms) in [("full", T0_MS), ("stale", T0_MS - horizon_ms - 1)] {
+        for answer in answers(what, at_ms) {
+            assert!(is_key_error(&answer), "{what}: {answer:?}");
+        }
+    }
+}
+
 /// After a reopen, a new id stamped before the bound the open sets (the newest logged event's
 /// time less the horizon: ids stamped before it may have been forgotten) but within the
 /// horizon of the clock, stepped behind that event: `consume` refuses it, and `check` does too.

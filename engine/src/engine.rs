@@ -1667,7 +1667,8 @@ impl Engine {
     /// revoked key's, which is never remembered (`idempotency::remembers`). The request-id
     /// table answers it where it would refuse a new id (its stamp, no room), as it would
     /// answer it with room; and the request's own error before the table's (an unknown
-    /// resource, quantities it does not take). `Ok(None)` for a usable key.
+    /// resource, quantities it does not take, a key that can never be), in `decide_logged`'s
+    /// order. `Ok(None)` for a usable key.
     #[cold]
     fn key_refusal(
         &self,
@@ -1678,7 +1679,11 @@ impl Engine {
         self.keys.read(key, |policy, state| {
             resolve_resource(policy, resource, quantities)?;
             Ok(match state {
-                None => Some(Decision::denied(DenialReason::UnknownKey)),
+                None => {
+                    // As `decide_logged`: a key not there may be one that can never be.
+                    check_id("key", key, MAX_KEY_BYTES)?;
+                    Some(Decision::denied(DenialReason::UnknownKey))
+                }
                 Some(state) if state.revoked => Some(Decision::denied(DenialReason::KeyRevoked)),
                 Some(_) => None,
             })
