@@ -240,6 +240,8 @@ pub struct Faults {
     fail_removals: AtomicU64,
     // Read and decremented by the snapshot thread (one at a time).
     panic_snapshots: AtomicU64,
+    // Read and decremented by the compaction after a periodic checkpoint (one at a time).
+    panic_compactions: AtomicU64,
     /// The writer's fdatasyncs (see `hold_flushes`).
     flushes: Hold,
     /// Reads of the log files (see `hold_scans`).
@@ -301,6 +303,12 @@ impl Faults {
     /// their snapshot, as a defect would.
     pub fn panic_next_snapshots(&self, count: u64) {
         self.panic_snapshots.store(count, Ordering::Relaxed);
+    }
+
+    /// The next `count` compactions after a periodic checkpoint (on its snapshot thread, its
+    /// snapshot stored) panic, as a defect would.
+    pub fn panic_next_compactions(&self, count: u64) {
+        self.panic_compactions.store(count, Ordering::Relaxed);
     }
 
     /// The writer's fdatasyncs wait (before they start, and before an injected failure) until
@@ -1178,6 +1186,12 @@ impl Compactor {
         longest_window_ms: u64,
         retention_ms: u64,
     ) -> Result<Option<u64>, Error> {
+        let panic = self
+            .shared
+            .faults
+            .as_deref()
+            .is_some_and(|faults| Faults::take(&faults.panic_compactions));
+        assert!(!panic, "injected: the compaction after a checkpoint panics");
         let Some((before_ms, logged_by_ms)) =
             retention_cut(now_ms, longest_window_ms, retention_ms)
         else {

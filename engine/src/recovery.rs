@@ -686,6 +686,25 @@ impl BackgroundProblems {
     }
 }
 
+/// Runs a periodic checkpoint's step on its snapshot thread, a panic in it turned into the
+/// step's error, so that `health` reports it at once and as that step's failure. Left to
+/// unwind, a panic was learnt only when the next periodic checkpoint joined the thread (never,
+/// with no request crossing the next interval), always as the checkpoint's failure, which the
+/// thread that join started cleared a request later by storing its snapshot: a compaction
+/// panicking after every checkpoint went unreported while the log grew. Whatever the step
+/// holds is dropped or cleared after it (a cut's copies left on locks run into fragments of
+/// their own, and the cut is cleared before it is kept as the spare).
+fn unless_panicked<T>(step: &str, work: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|message| (*message).to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(storage(format!("{step}: its thread panicked ({message})")))
+    })
+}
+
 /// What `compact` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CompactReport {
@@ -1608,7 +1627,8 @@ impl Engine {
             seq,
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
-                let stored = cut.finish_copies().and_then(|()| {
+                let stored = unless_panicked("writing a snapshot", || {
+                    cut.finish_copies()?;
                     let usage_bytes = cut.usage_bytes;
                     let bytes = cut.encode()?;
                     // The work, not the disk: the store below waits for the log's flush.
@@ -1624,11 +1644,13 @@ impl Engine {
                 // stays (each removal is durable before the next) for the next checkpoint's
                 // compaction, or `compact`'s; `health` says so meanwhile. The snapshot stands
                 // either way.
-                let compacted = compactor.compact_after_checkpoint(
-                    logged_by_ms,
-                    longest_window_ms,
-                    retention_ms,
-                );
+                let compacted = unless_panicked("compacting the log", || {
+                    compactor.compact_after_checkpoint(
+                        logged_by_ms,
+                        longest_window_ms,
+                        retention_ms,
+                    )
+                });
                 // Skipped for a running `compact`: that one notes its own outcome (cleared
                 // here, its failure noted just before was lost).
                 if !matches!(compacted, Ok(None)) {
@@ -4814,6 +4836,61 @@ mod tests {
             engine.usage("tp-u", Some(T0 + DAY)).expect("usage").limits,
             used.limits
         );
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A periodic checkpoint's thread that panics is `health`'s checkpoint failure as soon as
+    /// it ends, and one whose compaction panics (its snapshot stored) is the compaction's: a
+    /// panic was learnt only by the next periodic checkpoint's join (with no request crossing
+    /// the next interval, never), always as the checkpoint's, and the thread that join started
+    /// cleared it a request later by storing its snapshot, so a compaction panicking every
+    /// time went unreported while the log grew.
+    #[test]
+    fn a_periodic_checkpoints_panic_is_reported_at_once_as_what_panicked() {
+        let dir = fresh_dir("panicked");
+        let faults = Faults::new();
+        let options = OpenOptions {
+            durability: Durability::None,
+            checkpoint_every_events: 50,
+            faults: Some(Arc::clone(&faults)),
+            ..OpenOptions::default()
+        };
+        let engine = seated_on_disk(&dir, "Max", options);
+        let step = std::cell::Cell::new(0);
+        // Consumes until a periodic checkpoint's cut (it moves `checkpointed_seq`), then
+        // waits (10 s at most) for `health` to say what `reported` reads.
+        let periodic_then = |reported: &dyn Fn(&Health) -> bool| {
+            let before = engine.checkpointed_seq.load(Ordering::Relaxed);
+            while engine.checkpointed_seq.load(Ordering::Relaxed) == before {
+                step.set(step.get() + 1);
+                assert!(step.get() < 10_000, "no periodic checkpoint");
+                let request = m27("tp-u", 1, T0 + step.get());
+                assert!(engine.consume(&request).expect("valid").is_admitted());
+            }
+            let started = Instant::now();
+            while !reported(&engine.health()) && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            engine.health()
+        };
+        faults.panic_next_snapshots(1);
+        let health = periodic_then(&|health| health.checkpoint_failure.is_some());
+        let failure = health
+            .checkpoint_failure
+            .expect("the snapshot thread's panic");
+        assert!(failure.contains("panicked"), "{failure}");
+        assert_eq!(health.compaction_failure, None);
+        faults.panic_next_compactions(1);
+        let health = periodic_then(&|health| health.compaction_failure.is_some());
+        let failure = health.compaction_failure.expect("the compaction's panic");
+        assert!(failure.contains("panicked"), "{failure}");
+        assert_eq!(health.checkpoint_failure, None, "its snapshot was stored");
+        // The next compaction that runs clears it, and the thread ended without a failure
+        // for the next checkpoint to learn.
+        let health = periodic_then(&|health| health.is_healthy());
+        assert!(health.is_healthy(), "{health:?}");
+        engine.checkpoint().expect("checkpoint");
         drop(engine);
         let _ = std::fs::remove_dir_all(&dir);
     }
