@@ -115,8 +115,9 @@ type Config struct {
 	// with / and be clean, as a PassThrough entry's (no doubled or trailing slash, no dot
 	// segment, no "?", "#" or "%"), and be neither a metered route's path nor one a
 	// PassThrough entry matches with any method, which it would hide; else New fails. ""
-	// (the default): no health path, so no route is answered without a key. The answers are
-	// the Python middleware's (health_path), byte for byte.
+	// (the default): no health path, so no route is answered without a key. The 200 and 503
+	// answers are the Python middleware's (health_path), byte for byte; a 405 has the same
+	// fields as the middleware's, not the same bytes, as every refusal of the two.
 	HealthPath string
 }
 

@@ -688,10 +688,11 @@ class QuotaMiddleware:
       ``"checkpoint_failure"``, ``"compaction_failure"``), ``error`` says when the engine is
       closed or its health could not be read. The failures' detail (a path, an OS error) is
       logged (``tally.asgi``) each time it changes, not answered to a caller who needs no
-      key. Another method is 405 with ``Allow: GET, HEAD``; every answer has
-      ``Cache-Control: no-store``, and is the Go gateway's (``Config.HealthPath``) byte for
-      byte. The path is clean as a ``pass_through`` entry's is, and neither a metered route's
-      path nor one a route passing through matches with any method, else ``ValueError`` here;
+      key. Another method is 405 with ``Allow: GET, HEAD`` (the Go gateway's fields, not its
+      bytes, as every refusal); every answer has ``Cache-Control: no-store``, and a 200 or 503
+      is the Go gateway's (``Config.HealthPath``) byte for byte. The path is clean as a
+      ``pass_through`` entry's is, and neither a metered route's path nor one a route passing
+      through matches with any method, else ``ValueError`` here;
     - ``models``: model name -> resource (default ``DEFAULT_MODELS``); a model that is a
       resource of the engine's policy maps to itself, any other is a 404;
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
