@@ -4455,7 +4455,7 @@ mod tests {
             quickest_refusal() < CALLER_POLL_MAX,
             "polled while another did"
         );
-        // A poll that ran frees the flag.
+        // Refused, it left the flag as it was (only a poll that ran frees it).
         assert!(shared.caller_polling.load(Ordering::Relaxed));
         shared.caller_polling.store(false, Ordering::Relaxed);
         let slow = u64::try_from(CALLER_POLL_MAX.as_micros()).expect("small") + 1;
