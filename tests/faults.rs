@@ -789,8 +789,9 @@ fn health_reports_what_failed_in_the_background() {
 /// A periodic checkpoint's thread that panics never reaches the code noting its failure, and
 /// the next periodic checkpoint's join, which learns of it (once), skipped its own checkpoint
 /// without a word: a thread panicking every time left the log growing and `health` clear.
-/// Now the panic is the checkpoint's failure until one stores, and an explicit checkpoint
-/// that learns of it answers it and notes it too.
+/// Now the panic is the checkpoint's failure until one stores; an explicit checkpoint, or a
+/// close's, is taken all the same (it answered the old panic and took none, and the close
+/// closed nothing).
 #[test]
 fn health_reports_a_periodic_checkpoint_whose_thread_panicked() {
     let dir = TempDir::new("health-panic");
@@ -825,17 +826,31 @@ fn health_reports_a_periodic_checkpoint_whose_thread_panicked() {
     consume(8);
     engine.checkpoint().expect("checkpoint");
     assert!(engine.health().is_healthy(), "{:?}", engine.health());
-    // An explicit checkpoint joining a panicked periodic one answers the panic, and notes it.
-    faults.panic_next_snapshots(1);
-    consume(4);
-    let error = engine
-        .checkpoint()
-        .expect_err("the periodic checkpoint panicked");
-    assert!(error.to_string().contains("panicked"), "{error}");
-    let failure = engine.health().checkpoint_failure.expect("the panic noted");
-    assert!(failure.contains("panicked"), "{failure}");
-    engine.checkpoint().expect("checkpoint");
-    assert!(engine.health().is_healthy(), "{:?}", engine.health());
+    // An explicit checkpoint after a panicked periodic one is taken all the same, and once
+    // stored supersedes it; so is a close's (it answered the old panic, and closed nothing).
+    for close in [false, true] {
+        faults.panic_next_snapshots(1);
+        consume(4);
+        let started = std::time::Instant::now();
+        while engine.health().checkpoint_failure.is_none() && started.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let failure = engine.health().checkpoint_failure.expect("the panic noted");
+        assert!(failure.contains("panicked"), "{failure}");
+        if !close {
+            let seq = engine.checkpoint().expect("a checkpoint of its own");
+            assert_eq!(seq, last_seq(&engine), "every event in it");
+            assert!(engine.health().is_healthy(), "{:?}", engine.health());
+        }
+    }
+    let last = last_seq(&engine);
+    engine
+        .close()
+        .expect("a clean close, its checkpoint stored");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let report = engine.open_report().expect("opened from disk");
+    assert_eq!(report.events_replayed, 0, "the close's checkpoint");
+    assert_eq!(last_seq(&engine), last);
 }
 
 /// A retried request id is answered with the first decision, and that answer is an

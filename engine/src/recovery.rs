@@ -1551,12 +1551,14 @@ impl Engine {
         })?;
         let _one_at_a_time = self.checkpointing.lock();
         // A periodic checkpoint still being written lands first (snapshots keep their order).
-        // Its thread's panic is the periodic checkpoint's failure, told once: noted as such.
+        // Its failure is the periodic checkpoint's (noted for `health`), and does not stop this
+        // one, which supersedes it once stored: returned here, it made `close` after a failed
+        // periodic checkpoint fail too, without its checkpoint (an open replayed the tail) and
+        // leaving the log to be closed by the drop.
         let previous = journal.finish_snapshot_in_background();
         if previous.is_err() {
             BackgroundProblems::note(&self.background.checkpoint, &previous);
         }
-        previous?;
         // A new segment and a snapshot are written in this build's format: recorded first.
         journal.record_format()?;
         let started = Instant::now();
