@@ -863,6 +863,67 @@ limits = [
     );
 }
 
+/// Small caps a request at 5, Big ($20) at 10, Huge ($50) at nothing: a request over Small's
+/// own maximum is offered the cheapest plan whose maximum and limits take it (Big for 8, Huge
+/// for 50), and none for more than any plan takes (2,000 a day over Huge's 1,000). It was
+/// offered nothing: a plan's maximum looked like the resource's, which no plan lifts.
+#[test]
+fn a_request_over_the_plans_own_maximum_is_offered_a_plan_that_allows_it() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+[plans.Small]
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+maximums = [{ resource = "chat", unit = "requests", amount = 5 }]
+[plans.Big]
+price_micros_per_month = 20000000
+limits = [{ resource = "chat", unit = "requests", amount = 100, window = "daily" }]
+maximums = [{ resource = "chat", unit = "requests", amount = 10 }]
+[plans.Huge]
+price_micros_per_month = 50000000
+limits = [{ resource = "chat", unit = "requests", amount = 1000, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    let (small, big, huge) = (
+        policy.plan_id("Small"),
+        policy.plan_id("Big"),
+        policy.plan_id("Huge"),
+    );
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Small");
+    for (requested, offered) in [(8, big), (50, huge), (2_000, None)] {
+        let denial = denied(consume(
+            &engine,
+            &key,
+            "chat",
+            &[(Unit::Requests, requested)],
+            T0_MS,
+        ));
+        assert_eq!(
+            denial.reason,
+            DenialReason::OverRequestMaximum {
+                unit: Unit::Requests,
+                maximum: 5,
+                requested
+            }
+        );
+        assert_eq!(denial.plan, small, "the plan whose maximum refused");
+        assert_eq!(
+            denial.remedies.upgrade_to, offered,
+            "{requested}: {denial:?}"
+        );
+        assert_eq!(denial.remedies.wait_until_ms, None);
+    }
+    assert_eq!(
+        report(&engine, &key, T0_MS)[0].2,
+        0,
+        "nothing counted for a refused request"
+    );
+}
+
 /// Big has more room than Small (10 a day) but caps a request at 5: neither 12 at once (over
 /// Small's whole day) nor 8 with 6 used (over what is left) is helped by it; Huge takes both.
 #[test]
