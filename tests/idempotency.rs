@@ -430,14 +430,12 @@ fn a_check_of_an_id_whose_batch_chunk_is_not_yet_appended_waits_for_it() {
     );
 }
 
-/// A new id when the request-id table is full of live ids: `consume` refuses it
-/// (`CapacityExceeded`, the id could not be remembered), so `check` must refuse it too.
-#[test]
-fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+/// An engine on a manual clock whose request-id table has one place, with the accounts of
+/// `create_accounts`.
+fn accounts_with_one_request_id_place() -> Engine {
     let engine = Engine::new(
         Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
+        Arc::new(tally_engine::ManualClock::new(T0_MS)) as Arc<dyn Clock>,
         tally_engine::EngineOptions {
             idempotency_capacity: 1,
             ..tally_engine::EngineOptions::default()
@@ -445,6 +443,34 @@ fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
     )
     .expect("an engine");
     create_accounts(&engine);
+    engine
+}
+
+/// `request` answered by check, consume, `consume_many` and submit, in that order.
+fn on_every_path(
+    engine: &Engine,
+    request: &UsageRequest<'_>,
+) -> [Result<Decision, tally_engine::Error>; 4] {
+    let submitted = engine
+        .submit(request)
+        .and_then(|submission| submission.complete())
+        .map(|(decision, _)| decision);
+    [
+        engine.check(request),
+        engine.consume(request),
+        engine
+            .consume_many(std::slice::from_ref(request))
+            .pop()
+            .expect("one"),
+        submitted,
+    ]
+}
+
+/// A new id when the request-id table is full of live ids: `consume` refuses it
+/// (`CapacityExceeded`, the id could not be remembered), so `check` must refuse it too.
+#[test]
+fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
+    let engine = accounts_with_one_request_id_place();
     let first = UsageRequest::new("key-eve", "m2.7", &ONE)
         .at(T0_MS)
         .id("first");
@@ -471,17 +497,7 @@ fn a_check_of_a_new_id_with_the_table_full_is_refused_as_a_consume_is() {
 /// denied `UnknownKey`. Every path alike: consume, check, consume_many, submit.
 #[test]
 fn a_new_id_without_a_valid_key_is_denied_as_such_whatever_the_table_says() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(
-        Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        tally_engine::EngineOptions {
-            idempotency_capacity: 1,
-            ..tally_engine::EngineOptions::default()
-        },
-    )
-    .expect("an engine");
-    create_accounts(&engine);
+    let engine = accounts_with_one_request_id_place();
     engine.revoke_key("key-ada", Some(T0_MS)).expect("revoke");
     let filler = UsageRequest::new("key-eve", "m2.7", &ONE)
         .at(T0_MS)
@@ -492,20 +508,10 @@ fn a_new_id_without_a_valid_key_is_denied_as_such_whatever_the_table_says() {
         .is_admitted());
     let horizon_ms = engine.policy().longest_window_ms();
     let answers = |key: &str, id: &str, at_ms: u64| {
-        let request = UsageRequest::new(key, "m2.7", &ONE).at(at_ms).id(id);
-        let submitted = engine
-            .submit(&request)
-            .and_then(|submission| submission.complete())
-            .map(|(decision, _)| decision);
-        [
-            engine.check(&request),
-            engine.consume(&request),
-            engine
-                .consume_many(std::slice::from_ref(&request))
-                .pop()
-                .expect("one"),
-            submitted,
-        ]
+        on_every_path(
+            &engine,
+            &UsageRequest::new(key, "m2.7", &ONE).at(at_ms).id(id),
+        )
     };
     let stale_ms = T0_MS - horizon_ms - 1;
     for (key, reason) in [
@@ -559,35 +565,15 @@ fn a_new_id_without_a_valid_key_is_denied_as_such_whatever_the_table_says() {
 /// key's own refusal, asked first, skipped the key's shape). Every path alike.
 #[test]
 fn a_new_id_on_a_malformed_key_is_refused_for_the_key_whatever_the_table_says() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(
-        Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        tally_engine::EngineOptions {
-            idempotency_capacity: 1,
-            ..tally_engine::EngineOptions::default()
-        },
-    )
-    .expect("an engine");
-    create_accounts(&engine);
+    let engine = accounts_with_one_request_id_place();
     let horizon_ms = engine.policy().longest_window_ms();
     let answers = |id: &str, at_ms: u64| {
-        let request = UsageRequest::new("key\nnobody", "m2.7", &ONE)
-            .at(at_ms)
-            .id(id);
-        let submitted = engine
-            .submit(&request)
-            .and_then(|submission| submission.complete())
-            .map(|(decision, _)| decision);
-        [
-            engine.check(&request),
-            engine.consume(&request),
-            engine
-                .consume_many(std::slice::from_ref(&request))
-                .pop()
-                .expect("one"),
-            submitted,
-        ]
+        on_every_path(
+            &engine,
+            &UsageRequest::new("key\nnobody", "m2.7", &ONE)
+                .at(at_ms)
+                .id(id),
+        )
     };
     let is_key_error = |answer: &Result<Decision, tally_engine::Error>| {
         matches!(

@@ -369,6 +369,19 @@ pub(crate) struct RequestTable {
 
 pub(crate) const MAX_REQUEST_ID_BYTES: usize = 128;
 
+/// `once`'s answer where the table refuses a new id with `table_error`: the request's own
+/// refusal first (`key_refusal`: the denial of a key that is not valid, or the request's own
+/// error, such as an unknown resource), else the table's error.
+fn own_refusal_first(
+    key_refusal: impl FnOnce() -> Result<Option<Decision>, Error>,
+    table_error: Error,
+) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
+    match key_refusal()? {
+        Some(denial) => Ok(Some((denial, None))),
+        None => Err(table_error),
+    }
+}
+
 impl RequestTable {
     pub fn new(capacity: usize, horizon_ms: u64) -> RequestTable {
         RequestTable {
@@ -459,16 +472,8 @@ impl RequestTable {
         if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
             return repeat.map(Some);
         }
-        // The request's own refusal first: its error (say, an unknown resource), else the
-        // table's.
-        let mut key_refusal = Some(key_refusal);
-        let mut refused = |table_error: Error| match key_refusal.take().map(|refusal| refusal()) {
-            Some(Ok(Some(denial))) => Ok(Some((denial, None))),
-            Some(Err(error)) => Err(error),
-            _ => Err(table_error),
-        };
         if let Err(error) = shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms) {
-            return refused(error);
+            return own_refusal_first(key_refusal, error);
         }
         if !self.take_place() {
             // Full: the places of ids past the horizon in other shards come back only when
@@ -481,10 +486,13 @@ impl RequestTable {
                 return repeat.map(Some);
             }
             if !self.take_place() {
-                return refused(Error::CapacityExceeded {
-                    what: "request_id (idempotency table)",
-                    capacity: self.capacity() as u64,
-                });
+                return own_refusal_first(
+                    key_refusal,
+                    Error::CapacityExceeded {
+                        what: "request_id (idempotency table)",
+                        capacity: self.capacity() as u64,
+                    },
+                );
             }
         }
         let (decision, receipt, logged) = match admit() {
@@ -552,15 +560,13 @@ impl RequestTable {
         if let Some(known) = Self::known(&shard, request_id, fingerprint) {
             return known.map(Some);
         }
-        let mut key_refusal = Some(key_refusal);
-        // The check decides (and refuses) such a request as the consume would.
-        let mut refused_key = || {
-            key_refusal
-                .take()
-                .is_some_and(|refusal| !matches!(refusal(), Ok(None)))
-        };
+        // Where `once` answers the request's own refusal (`key_refusal` not `Ok(None)`), the
+        // check decides (and refuses) the request as the consume would.
         if let Err(error) = shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms) {
-            return if refused_key() { Ok(None) } else { Err(error) };
+            return match key_refusal() {
+                Ok(None) => Err(error),
+                _ => Ok(None),
+            };
         }
         if self.held.load(Ordering::Relaxed) < self.capacity {
             return Ok(None);
@@ -573,7 +579,7 @@ impl RequestTable {
         if let Some(known) = Self::known(&shard, request_id, fingerprint) {
             return known.map(Some);
         }
-        if self.held.load(Ordering::Relaxed) < self.capacity || refused_key() {
+        if self.held.load(Ordering::Relaxed) < self.capacity || !matches!(key_refusal(), Ok(None)) {
             return Ok(None);
         }
         Err(Error::CapacityExceeded {

@@ -6,7 +6,9 @@ after ``T``): ``UNBOUNDED``, ``unbounded(...)``."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,26 @@ def seated(engine: tally.Engine, user: str, key: str, plan: str) -> str:
     engine.create_user(user, key, at_ms=T)
     engine.assign_seat(f"@{user}", user, plan, at_ms=T)
     return key
+
+
+def consume_and_checkpoint(engine: tally.Engine, key: str, at_ms: int) -> None:
+    """Twelve requests on ``key`` from ``at_ms``, a millisecond apart, then a checkpoint: the
+    last periodic checkpoint (and the compaction after it) ends first."""
+    for i in range(12):
+        assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=at_ms + i).admitted
+    engine.checkpoint()
+
+
+@contextlib.contextmanager
+def oldest_segment_unreadable(path: Path) -> Iterator[None]:
+    """The oldest log segment of the database at ``path`` replaced by a directory (a
+    compaction that judges it fails) until the block ends, then put back."""
+    oldest = min((path / "events").glob("*.seg"))
+    aside = oldest.with_suffix(".kept")
+    oldest.rename(aside)
+    oldest.mkdir()
+    try:
+        yield
+    finally:
+        oldest.rmdir()
+        aside.rename(oldest)

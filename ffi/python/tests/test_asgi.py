@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 import tally
-from conftest import HOUR_MS, T, seated, unbounded
+from conftest import (
+    HOUR_MS,
+    T,
+    consume_and_checkpoint,
+    oldest_segment_unreadable,
+    seated,
+    unbounded,
+)
 from tally import _native, errors
 from tally.asgi import (
     DEFAULT_LEASE_MS,
@@ -1790,30 +1797,19 @@ def test_the_health_path_is_503_naming_a_failure_in_the_background(tmp_path, ups
     with tally.Engine.open(path, durability="sync", options=options) as engine:
         probed = QuotaMiddleware(upstream, engine, health_path="/healthz")
         key = seated(engine, "hf", "tp-hf-1", "Max")
-
-        def consume_some(at_ms: int) -> None:
-            for i in range(12):
-                assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=at_ms + i).admitted
-            engine.checkpoint()  # the last periodic one (and its compaction) ends first
-
-        consume_some(T)
+        consume_and_checkpoint(engine, key, T)
         check_health_answer(request(probed, "/healthz", key=None, method="GET"), 200, HEALTHY)
-        oldest = min((path / "events").glob("*.seg"))
-        aside = oldest.with_suffix(".kept")
-        oldest.rename(aside)
-        oldest.mkdir()  # unreadable: a directory where the segment was
         later = T + 40 * day  # past the longest window (a month) and the retention
-        engine.set_clock(later)
-        consume_some(later)
-        failure = engine.health().compaction_failure
-        assert failure is not None
-        for _ in range(3):
-            answer = request(probed, "/healthz", key=None, method="GET")
-            check_health_answer(answer, 503, COMPACTION_FAILED)
-        assert sum(failure in record.getMessage() for record in caplog.records) == 1
-        oldest.rmdir()
-        aside.rename(oldest)
-        consume_some(later + 100)
+        with oldest_segment_unreadable(path):
+            engine.set_clock(later)
+            consume_and_checkpoint(engine, key, later)
+            failure = engine.health().compaction_failure
+            assert failure is not None
+            for _ in range(3):
+                answer = request(probed, "/healthz", key=None, method="GET")
+                check_health_answer(answer, 503, COMPACTION_FAILED)
+            assert sum(failure in record.getMessage() for record in caplog.records) == 1
+        consume_and_checkpoint(engine, key, later + 100)
         check_health_answer(request(probed, "/healthz", key=None, method="GET"), 200, HEALTHY)
         assert "healthy again" in caplog.text
     assert upstream.calls == []

@@ -8,7 +8,15 @@ import threading
 import pytest
 
 import tally
-from conftest import HOUR_MS, UNBOUNDED, T, seated, unbounded
+from conftest import (
+    HOUR_MS,
+    UNBOUNDED,
+    T,
+    consume_and_checkpoint,
+    oldest_segment_unreadable,
+    seated,
+    unbounded,
+)
 from tally import Durability
 
 
@@ -154,26 +162,15 @@ def test_health_reports_a_compaction_that_failed_in_the_background(tmp_path):
     with tally.Engine.open(path, durability="sync", options=options) as engine:
         key = seated(engine, "he", "tp-he-1", "Max")
         assert engine.health() == tally.Health(None, None, None) and engine.health().healthy
-
-        def consume_some(at_ms: int) -> None:
-            for i in range(12):
-                assert engine.consume(key, "m2.7", {"requests": 1}, at_ms=at_ms + i).admitted
-            engine.checkpoint()  # the last periodic one (and its compaction) ends first
-
-        consume_some(T)
-        oldest = min((path / "events").glob("*.seg"))
-        aside = oldest.with_suffix(".kept")
-        oldest.rename(aside)
-        oldest.mkdir()  # unreadable: a directory where the segment was
+        consume_and_checkpoint(engine, key, T)
         later = T + 40 * day  # past the longest window (a month) and the retention
-        engine.set_clock(later)
-        consume_some(later)
-        health = engine.health()
-        assert not health.healthy and health.compaction_failure is not None
-        assert health.log_failure is None and health.checkpoint_failure is None
-        oldest.rmdir()
-        aside.rename(oldest)
-        consume_some(later + 100)
+        with oldest_segment_unreadable(path):
+            engine.set_clock(later)
+            consume_and_checkpoint(engine, key, later)
+            health = engine.health()
+            assert not health.healthy and health.compaction_failure is not None
+            assert health.log_failure is None and health.checkpoint_failure is None
+        consume_and_checkpoint(engine, key, later + 100)
         assert engine.health().healthy
         assert engine.events_after(0, limit=1)[0].seq > 1
 
