@@ -7,11 +7,17 @@
 # open-reservation count a checkpoint cut in the middle of a close left behind was found
 # (3bd9c8a). Exits non-zero if any run failed, with each failure's output kept.
 #
+# A run still going after TALLY_STRESS_RUN_LIMIT seconds (default 300; a run takes a few) is a
+# hang: every thread's stack is printed (with gdb, when the machine has it), the run is killed and
+# counted as failed, so a deadlock is reported with where it waits instead of holding CI until
+# its time runs out.
+#
 #   bash scripts/stress.sh [SECONDS]      # default 120; TALLY_STRESS_SECONDS works too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds="${1:-${TALLY_STRESS_SECONDS:-120}}"
+run_limit="${TALLY_STRESS_RUN_LIMIT:-300}"
 # Test binaries (tests/*.rs), for each the tests to run (a name filter, or `-` for all of them)
 # and how many times a round runs them: the quick ones whose races are rare run more often.
 runs=(
@@ -62,6 +68,36 @@ for _ in $(seq 1 "$cores"); do
 done
 trap 'kill "${hogs[@]}" 2>/dev/null || true' EXIT
 
+# Runs a test binary with its output in $log; a watchdog beside it prints the stacks of a run
+# past the limit and kills it, so the run fails.
+run_watched() {
+  "$@" >"$log" 2>&1 &
+  local test_pid=$!
+  (
+    trap 'kill "$sleep_pid" 2>/dev/null; exit 0' TERM
+    sleep "$run_limit" &
+    sleep_pid=$!
+    wait "$sleep_pid"
+    kill -0 "$test_pid" 2>/dev/null || exit 0
+    echo "stress: still running after ${run_limit} s, taken as hung; its threads:" >>"$log.hung"
+    if command -v gdb >/dev/null 2>&1; then
+      timeout 120 gdb -p "$test_pid" -batch -ex "thread apply all bt" >>"$log.hung" 2>&1 || true
+    fi
+    kill -9 "$test_pid" 2>/dev/null || true
+  ) &
+  local watchdog_pid=$!
+  local status=0
+  wait "$test_pid" || status=$?
+  kill "$watchdog_pid" 2>/dev/null || true
+  wait "$watchdog_pid" 2>/dev/null || true
+  if [ -f "$log.hung" ]; then
+    cat "$log.hung" >>"$log"
+    rm -f "$log.hung"
+    return 1
+  fi
+  return "$status"
+}
+
 deadline=$(($(date +%s) + seconds))
 rounds=0
 runs_made=0
@@ -76,12 +112,16 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
     for repeat in $(seq 1 "$3"); do
       runs_made=$((runs_made + 1))
       log="$out/$name-$rounds-$repeat.log"
-      if "$(binary "$name")" -q $filter >"$log" 2>&1; then
+      if run_watched "$(binary "$name")" -q $filter; then
         rm -f "$log"
       else
         failures=$((failures + 1))
         echo "stress: round $rounds: $name ${filter:-(all)} FAILED; its output: $log" >&2
-        grep -m 5 -A 3 "panicked" "$log" >&2 || tail -n 20 "$log" >&2
+        if grep -q "taken as hung" "$log"; then
+          cat "$log" >&2
+        else
+          grep -m 5 -A 3 "panicked" "$log" >&2 || tail -n 20 "$log" >&2
+        fi
       fi
     done
   done

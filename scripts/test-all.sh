@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step's header says when it started (seconds into the run): how long each took.
+step() { printf '\n==> %s (at %d s)\n' "$*" "$SECONDS"; }
 
 step "toolchain"
 if ! command -v cargo >/dev/null 2>&1; then
@@ -53,3 +54,4 @@ cargo bench --bench durability -- --test
 step "main job: tally simulate"
 cargo run --quiet --release -- simulate --keys 500 --days 2 >/dev/null
 echo "simulate ran"
+echo "all steps passed in $SECONDS s"
