@@ -235,6 +235,7 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
         // The checkpoints stop with the first worker to finish, so the last one is cut while
         // the others still run.
         scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             for step in 0..1_500u64 {
                 let key = &keys[(step as usize * 7) % keys.len()];
                 let resource = if step % 3 == 0 { "image-01" } else { "m2.7" };
@@ -254,9 +255,9 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
                     engine.consume(&request).expect("consume");
                 }
             }
-            running.store(false, std::sync::atomic::Ordering::Relaxed);
         });
         scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             for step in 0..600u64 {
                 let key = &keys[(step as usize * 5) % (keys.len() - 1)];
                 let id = format!("id-{step}");
@@ -280,9 +281,9 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
                     }
                 }
             }
-            running.store(false, std::sync::atomic::Ordering::Relaxed);
         });
         scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             for step in 0..400u64 {
                 let team = &teams[step as usize % teams.len()];
                 engine
@@ -295,11 +296,11 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
                         .expect("user");
                 }
             }
-            running.store(false, std::sync::atomic::Ordering::Relaxed);
         });
         // Batches of several `consume_many` chunks: each chunk's effects are applied before its
         // events are appended, and a cut must never fall in between.
         scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             for round in 0..12u64 {
                 let ids: Vec<String> = (0..150)
                     .map(|index| format!("many-{round}-{index}"))
@@ -322,7 +323,6 @@ fn checkpoints_cut_under_concurrent_load_hold_exactly_the_events_up_to_them() {
                     result.expect("consume_many of several chunks");
                 }
             }
-            running.store(false, std::sync::atomic::Ordering::Relaxed);
         });
         scope.spawn(move || {
             while running.load(std::sync::atomic::Ordering::Relaxed) {
@@ -457,6 +457,7 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
         let (running, clock) = (&running, &clock);
         // Admission and its undoing: consumes, batches, ids, submissions, refunds, denials.
         scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             for step in 0..300 * rounds {
                 let key = &keys[(step as usize * 7) % keys.len()];
                 let (resource, unit) = if step % 3 == 0 {
@@ -494,12 +495,12 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
                     assert!(!decision.is_admitted(), "{id}: {decision:?}");
                 }
             }
-            running.store(false, Relaxed);
         });
         // Reservations on two threads, so a close is often waiting for its event to be
         // durable: settled within the estimate and past it, voided, left to expire.
         for thread in 0..2 {
             scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let closed = |result: Result<(), Error>| match result {
                     // Its lease ended first.
                     Ok(()) | Err(Error::ReservationClosed { .. }) => {}
@@ -534,12 +535,12 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
                             .expect("expire");
                     }
                 }
-                running.store(false, Relaxed);
             });
         }
         // Accounts and credits: top-ups, withdrawals, seats, corrections, new users, teams,
         // members and pay-as-you-go keys, policy swaps.
         let accounts = scope.spawn(move || {
+            let _stops_the_others = StoreOnDrop(running, false);
             let (mut later_keys, mut later_teams) = (Vec::new(), Vec::new());
             for step in 0..150 * rounds {
                 let index = step as usize % teams.len();
@@ -582,7 +583,6 @@ fn changes_of_every_kind_racing_checkpoints(run: u64) {
                     engine.swap_policy(Policy::token_plan(), now).expect("swap");
                 }
             }
-            running.store(false, Relaxed);
             (later_keys, later_teams)
         });
         // Back to back, until the first of the others is done: the last is cut under load.
@@ -2641,6 +2641,7 @@ fn reading_events_while_compaction_removes_files_reads_them_all() {
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| engine.events_after(0, 1_000));
         while faults.scans_held() == 0 {
+            assert!(!reader.is_finished(), "the reader ended before the hold");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         // The reader has listed the files; compaction runs now, and removes what it can.
@@ -3001,6 +3002,9 @@ fn a_request_crossing_a_periodic_checkpoint_does_not_wait_for_an_export_reader()
         }
     };
     consume(&engine, 40);
+    // A segment starts after the 40th event (as in the test below).
+    let report = engine.compact(Some(T0_MS)).expect("a checkpoint");
+    assert_eq!(report.events_removed, 0, "all are young at T0");
     // Past the 20 s window plus a second's retention: each periodic checkpoint from here on
     // has segments to remove.
     clock.set_ms(T0_MS + 10 * MINUTE_MS);
@@ -3010,6 +3014,7 @@ fn a_request_crossing_a_periodic_checkpoint_does_not_wait_for_an_export_reader()
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| engine.events_after(0, 10));
         while faults.scans_held() == 0 {
+            assert!(!reader.is_finished(), "the reader ended before the hold");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let watchdog = scope.spawn(|| {
@@ -3092,14 +3097,22 @@ fn export_readers_polling_back_to_back_do_not_hold_back_periodic_compaction() {
         }
     };
     consume(400);
+    // A segment starts after the 400th event (a compaction takes a checkpoint and waits for
+    // the new segment it asks for): one holding it and an event logged after the clock moved
+    // could never go, and where the periodic checkpoints' cuts put the segments' starts
+    // depends on the machine's timing.
+    let report = engine.compact(Some(T0_MS)).expect("a checkpoint");
+    assert_eq!(report.events_removed, 0, "all are young at T0");
     // Past the 20 s window plus a second's retention.
     clock.set_ms(T0_MS + 10 * MINUTE_MS);
-    let stop = AtomicBool::new(false);
+    let running = AtomicBool::new(true);
     let (first_kept, rounds) = std::thread::scope(|scope| {
+        // The readers stop however the checkpoints end.
+        let _stops_the_readers = StoreOnDrop(&running, false);
         for _ in 0..2 {
-            let (engine, stop) = (&engine, &stop);
+            let (engine, running) = (&engine, &running);
             scope.spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
+                while running.load(Ordering::Relaxed) {
                     let _ = engine.events_after(0, 1_000);
                 }
             });
@@ -3118,7 +3131,6 @@ fn export_readers_polling_back_to_back_do_not_hold_back_periodic_compaction() {
             first_kept = engine.events_after(0, 1).unwrap()[0].seq;
             rounds += 1;
         }
-        stop.store(true, Ordering::Relaxed);
         (first_kept, rounds)
     });
     assert!(
@@ -6495,6 +6507,7 @@ fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after
         let (ids, open, cursor) = std::thread::scope(|scope| {
             let (engine, keys, running, context) = (&engine, &keys, &running, &context);
             let singles = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut acknowledged = Vec::new();
                 for step in 0..200 * rounds {
                     let key = &keys[(step as usize * 3) % keys.len()];
@@ -6514,10 +6527,10 @@ fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after
                     assert!(!replayed, "{context}: {id} is new");
                     acknowledged.push((key.clone(), id, at(step), decision));
                 }
-                running.store(false, Relaxed);
                 acknowledged
             });
             let batches = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut acknowledged = Vec::new();
                 for round in 0..6 * rounds {
                     let ids: Vec<String> = (0..150)
@@ -6545,10 +6558,10 @@ fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after
                         ));
                     }
                 }
-                running.store(false, Relaxed);
                 acknowledged
             });
             let reservations = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut open = Vec::new();
                 for step in 0..120 * rounds {
                     let key = &keys[(step as usize * 5) % keys.len()];
@@ -6568,7 +6581,6 @@ fn ids_and_open_reservations_acknowledged_under_checkpoints_are_remembered_after
                         _ => open.push(reservation),
                     }
                 }
-                running.store(false, Relaxed);
                 open
             });
             scope.spawn(move || {
