@@ -70,16 +70,10 @@ fn a_correction_never_removes_units_a_refused_request_holds_for_a_moment() {
         assert!(consume(&engine, &key, "chat", &[(Unit::Requests, 1)], T0_MS).is_admitted());
     }
     let refused = std::sync::atomic::AtomicBool::new(false);
-    /// Stops the correcting thread however the refused one ends.
-    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     let removed = std::thread::scope(|scope| {
         scope.spawn(|| {
-            let _done = Done(&refused);
+            // Stops the correcting thread however this one ends.
+            let _done = log_support::StoreOnDrop(&refused, true);
             let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
             for _ in 0..20_000 {
                 assert!(!consume(&engine, &key, "chat", &quantities, T0_MS).is_admitted());
@@ -145,13 +139,6 @@ fn a_refund_never_gives_back_units_a_refused_request_holds_for_a_moment() {
         )
         .expect("a correction");
     let refunded = std::sync::atomic::AtomicBool::new(false);
-    /// Stops the refused thread however the refunding one ends.
-    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     let given_back = std::thread::scope(|scope| {
         scope.spawn(|| {
             let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
@@ -160,7 +147,8 @@ fn a_refund_never_gives_back_units_a_refused_request_holds_for_a_moment() {
             }
         });
         let refunding = scope.spawn(|| {
-            let _done = Done(&refunded);
+            // Stops the refused thread however this one ends.
+            let _done = log_support::StoreOnDrop(&refunded, true);
             ids.iter()
                 .map(|id| {
                     let refund = engine.refund(id, Some(T0_MS)).expect("a refund");
@@ -267,13 +255,6 @@ fn close_racing_refused_requests(
 ) -> u64 {
     let before = engine.events_after(0, usize::MAX).expect("the log").len() as u64;
     let closed = std::sync::atomic::AtomicBool::new(false);
-    /// Stops the refused thread however the closing one ends.
-    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
     std::thread::scope(|scope| {
         scope.spawn(|| {
             let quantities = [(Unit::Requests, 1), (Unit::Tokens, 2)];
@@ -282,7 +263,8 @@ fn close_racing_refused_requests(
             }
         });
         let closing = scope.spawn(|| {
-            let _done = Done(&closed);
+            // Stops the refused thread however this one ends.
+            let _done = log_support::StoreOnDrop(&closed, true);
             match close {
                 Close::Void => {
                     for &id in ids {

@@ -589,10 +589,12 @@ fn race_around_midnight(stepped_clock: bool) -> (Engine, Vec<Counted>) {
                 })
             })
             .collect();
+        // The sampler stops however the workers end.
+        let stops_the_sampler = log_support::StoreOnDrop(running, false);
         for worker in workers {
             counted.extend(worker.join().expect("worker"));
         }
-        running.store(false, Ordering::Relaxed);
+        drop(stops_the_sampler);
         assert!(sampler.join().expect("sampler") > 0);
     });
     (engine, counted)
@@ -724,10 +726,12 @@ fn seats_changing_under_busy_keys_never_lose_usage_nor_over_admit() {
                 })
             })
             .collect();
+        // The seat changer stops however the workers end.
+        let stops_the_seat_changer = log_support::StoreOnDrop(running, false);
         for worker in workers {
             worker.join().expect("worker");
         }
-        running.store(false, Ordering::Relaxed);
+        drop(stops_the_seat_changer);
         seats.join().expect("seat changer");
     });
     let end = Some(WEDNESDAY_NOON_MS + 100 * SECOND_MS);

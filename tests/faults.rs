@@ -1631,6 +1631,7 @@ fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds
         let (ids, open) = std::thread::scope(|scope| {
             let (engine, running) = (&engine, &running);
             let singles = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut acknowledged = Vec::new();
                 for step in 0..10_000u64 {
                     let key = keys[step as usize % keys.len()];
@@ -1643,10 +1644,10 @@ fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds
                         Err(_) => break,
                     }
                 }
-                running.store(false, Relaxed);
                 acknowledged
             });
             let batches = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut acknowledged = Vec::new();
                 'rounds: for round in 0..1_000u64 {
                     let ids: Vec<String> = (0..70)
@@ -1677,10 +1678,10 @@ fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds
                         }
                     }
                 }
-                running.store(false, Relaxed);
                 acknowledged
             });
             let reservations = scope.spawn(move || {
+                let _stops_the_others = StoreOnDrop(running, false);
                 let mut open = Vec::new();
                 for step in 0..10_000u64 {
                     let key = keys[step as usize % keys.len()];
@@ -1699,7 +1700,6 @@ fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds
                         break;
                     }
                 }
-                running.store(false, Relaxed);
                 open
             });
             scope.spawn(move || {

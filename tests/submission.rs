@@ -173,7 +173,9 @@ fn a_submitted_consume_is_applied_at_once_and_acknowledged_only_once_durable() {
     let (decision, replayed) = completed.expect("durable");
     assert!(decision.is_admitted() && !replayed, "{decision:?}");
     let again = engine.submit(&request).expect("valid");
+    let asked = std::time::Instant::now();
     while !again.is_durable() {
+        assert!(asked.elapsed().as_secs() < 60, "never durable");
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(again.complete().expect("durable").0.is_admitted());
@@ -508,7 +510,9 @@ fn a_submission_completed_on_another_engine_is_refused_and_changes_nothing_there
         "its own engine keeps the effect"
     );
     let second = engine.submit(&request).expect("valid").detach();
+    let asked = std::time::Instant::now();
     while !engine.is_durable(&second).expect("its own engine") {
+        assert!(asked.elapsed().as_secs() < 60, "never durable");
         std::thread::sleep(Duration::from_millis(1));
     }
     let (decision, replayed) = engine.complete(second).expect("durable");

@@ -249,7 +249,9 @@ pub struct Faults {
 }
 
 /// A test's pause of one kind of step: while on, each step that reaches it waits (polling: a
-/// test's pause, not a hot path) and is counted.
+/// test's pause, not a hot path) and is counted; for `HOLD_LIMIT` at most, so a test that
+/// fails while it holds a step (its release never comes) ends instead of hanging, its engine's
+/// threads waiting there forever.
 #[derive(Debug, Default)]
 struct Hold {
     // Relaxed: a test's switch, polled by the step.
@@ -257,6 +259,9 @@ struct Hold {
     // Relaxed: how many steps have waited so far; a test polls it.
     held: AtomicU64,
 }
+
+/// How long a `Hold` keeps a step waiting at most: far longer than any test holds one.
+const HOLD_LIMIT: Duration = Duration::from_secs(60);
 
 impl Hold {
     fn set(&self, on: bool) {
@@ -272,7 +277,8 @@ impl Hold {
             return;
         }
         self.held.fetch_add(1, Ordering::Relaxed);
-        while self.on.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        while self.on.load(Ordering::Relaxed) && start.elapsed() < HOLD_LIMIT {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

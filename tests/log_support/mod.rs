@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tally_engine::{
@@ -63,6 +63,18 @@ impl Drop for TempDir {
         } else {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Stores its value in a flag when dropped, however the thread holding it ends. A thread whose
+/// end stops the others' loops holds one, so that when it panics they stop too: the test then
+/// fails, where it hung in its `thread::scope`, which waits for every thread before it reports
+/// a panic (how a failure under load once held CI until its time ran out).
+pub struct StoreOnDrop<'a>(pub &'a AtomicBool, pub bool);
+
+impl Drop for StoreOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(self.1, Ordering::Relaxed);
     }
 }
 
