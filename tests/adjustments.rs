@@ -66,8 +66,14 @@ impl Clock for SecondReadHold {
             let mut state = self.state.lock().unwrap();
             state.0 = true;
             self.changed.notify_all();
-            while !state.1 {
-                state = self.changed.wait(state).unwrap();
+            // At most a minute: a test that failed before releasing it ends.
+            let held = std::time::Instant::now();
+            while !state.1 && held.elapsed().as_secs() < 60 {
+                state = self
+                    .changed
+                    .wait_timeout(state, Duration::from_secs(1))
+                    .unwrap()
+                    .0;
             }
         }
         self.now_ms
@@ -405,6 +411,7 @@ fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() 
         ];
         clock.arm();
         let refunded = AtomicBool::new(false);
+        let asked = std::time::Instant::now();
         std::thread::scope(|scope| {
             let batching = std::thread::Builder::new()
                 .name("batch".into())
@@ -412,7 +419,13 @@ fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() 
                 .unwrap();
             let refunding = scope.spawn(|| loop {
                 match engine.refund(&first, Some(T0_MS + 2)) {
-                    Err(tally_engine::Error::UnknownRequest { .. }) => continue,
+                    // Until the batch has decided it (within a minute: one that failed never
+                    // does).
+                    Err(tally_engine::Error::UnknownRequest { .. })
+                        if asked.elapsed().as_secs() < 60 =>
+                    {
+                        continue
+                    }
                     outcome => {
                         refunded.store(true, Ordering::SeqCst);
                         return outcome;
