@@ -9,8 +9,8 @@
 #
 # A run still going after TALLY_STRESS_RUN_LIMIT seconds (default 300; a run takes a few) is a
 # hang: every thread's stack is printed (with gdb, when the machine has it), the run is killed and
-# counted as failed, so a deadlock is reported with where it waits instead of holding CI until
-# its time runs out.
+# counted as failed, and no run follows: a deadlock is reported with where it waits instead of
+# holding CI until its time runs out.
 #
 #   bash scripts/stress.sh [SECONDS]      # default 120; TALLY_STRESS_SECONDS works too
 set -euo pipefail
@@ -102,7 +102,9 @@ deadline=$(($(date +%s) + seconds))
 rounds=0
 runs_made=0
 failures=0
-while [ "$(date +%s)" -lt "$deadline" ]; do
+hung=0
+# Rounds until the time is up; a hang ends them at once (each could take the limit again).
+while [ "$(date +%s)" -lt "$deadline" ] && [ "$hung" -eq 0 ]; do
   rounds=$((rounds + 1))
   for run in "${runs[@]}"; do
     set -- $run
@@ -119,6 +121,8 @@ while [ "$(date +%s)" -lt "$deadline" ]; do
         echo "stress: round $rounds: $name ${filter:-(all)} FAILED; its output: $log" >&2
         if grep -q "taken as hung" "$log"; then
           cat "$log" >&2
+          hung=1
+          break 2
         else
           grep -m 5 -A 3 "panicked" "$log" >&2 || tail -n 20 "$log" >&2
         fi

@@ -61,4 +61,6 @@ step "lint: ruff (check and format) and mypy --strict (settings in ffi/python/py
   && "$venv/bin/python" -m mypy src/tally)
 
 step "pytest"
-"$venv/bin/python" -m pytest ffi/python/tests -q
+# A test still running after 5 minutes (each takes well under a second) has every thread's
+# Python stack printed, so a hang says where it waits.
+"$venv/bin/python" -m pytest ffi/python/tests -q -o faulthandler_timeout=300
