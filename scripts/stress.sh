@@ -103,7 +103,8 @@ rounds=0
 runs_made=0
 failures=0
 hung=0
-# Rounds until the time is up; a hang ends them at once (each could take the limit again).
+# Rounds until the time is up (the first run always goes); a hang ends them at once (each could
+# take the limit again).
 while [ "$(date +%s)" -lt "$deadline" ] && [ "$hung" -eq 0 ]; do
   rounds=$((rounds + 1))
   for run in "${runs[@]}"; do
@@ -112,6 +113,9 @@ while [ "$(date +%s)" -lt "$deadline" ] && [ "$hung" -eq 0 ]; do
     filter="$2"
     [ "$filter" = "-" ] && filter=""
     for repeat in $(seq 1 "$3"); do
+      # The time is up: no more runs, even in the middle of a round (on a machine with a slow
+      # disk a round of some 40 runs can take many times the step's time).
+      [ "$(date +%s)" -lt "$deadline" ] || break 2
       runs_made=$((runs_made + 1))
       log="$out/$name-$rounds-$repeat.log"
       if run_watched "$(binary "$name")" -q $filter; then
