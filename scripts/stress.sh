@@ -69,7 +69,8 @@ done
 trap 'kill "${hogs[@]}" 2>/dev/null || true' EXIT
 
 # Runs a test binary with its output in $log; a watchdog beside it prints the stacks of a run
-# past the limit and kills it, so the run fails.
+# past the limit into it and kills it: status 124 (as timeout(1) answers), where a failed test
+# binary exits 101.
 run_watched() {
   "$@" >"$log" 2>&1 &
   local test_pid=$!
@@ -93,7 +94,7 @@ run_watched() {
   if [ -f "$log.hung" ]; then
     cat "$log.hung" >>"$log"
     rm -f "$log.hung"
-    return 1
+    return 124
   fi
   return "$status"
 }
@@ -118,19 +119,20 @@ while [ "$(date +%s)" -lt "$deadline" ] && [ "$hung" -eq 0 ]; do
       [ "$(date +%s)" -lt "$deadline" ] || break 2
       runs_made=$((runs_made + 1))
       log="$out/$name-$rounds-$repeat.log"
-      if run_watched "$(binary "$name")" -q $filter; then
+      status=0
+      run_watched "$(binary "$name")" -q $filter || status=$?
+      if [ "$status" -eq 0 ]; then
         rm -f "$log"
-      else
-        failures=$((failures + 1))
-        echo "stress: round $rounds: $name ${filter:-(all)} FAILED; its output: $log" >&2
-        if grep -q "taken as hung" "$log"; then
-          cat "$log" >&2
-          hung=1
-          break 2
-        else
-          grep -m 5 -A 3 "panicked" "$log" >&2 || tail -n 20 "$log" >&2
-        fi
+        continue
       fi
+      failures=$((failures + 1))
+      echo "stress: round $rounds: $name ${filter:-(all)} FAILED; its output: $log" >&2
+      if [ "$status" -eq 124 ]; then
+        cat "$log" >&2
+        hung=1
+        break 2
+      fi
+      grep -m 5 -A 3 "panicked" "$log" >&2 || tail -n 20 "$log" >&2
     done
   done
 done
