@@ -1063,3 +1063,81 @@ fn a_settle_trading_units_on_a_credits_hold_replays_to_the_same_credits() {
     let engine = open();
     assert_eq!(engine.usage(&key, Some(T0_MS)).expect("report"), after);
 }
+
+/// A settle over a credits hold whose extra costs nothing (a song held for 100 seconds runs
+/// 200; `seconds` are priced at 0) fits a balance the hold emptied, as it fits one with a
+/// micro to spare: admitted, the extra charged 0 micros. It was refused as insufficient credits,
+/// a balance of 0 against a price of 0, asking for a micro the settle would never use. On a
+/// seatless key and on one seated on Starter with its daily songs used up (the plan counts no
+/// seconds), and the same after a reopen.
+#[test]
+fn a_free_overrun_of_a_credits_hold_that_took_every_credit_is_admitted() {
+    const SONG_HELD: [(Unit, u64); 2] = [(Unit::Songs, 1), (Unit::Seconds, 100)];
+    const SONG_ACTUAL: [(Unit, u64); 2] = [(Unit::Songs, 1), (Unit::Seconds, 200)];
+    let dir = log_support::TempDir::new("credits-free-overrun");
+    let open = || {
+        Engine::open(
+            dir.path(),
+            Policy::token_plan(),
+            Arc::new(ManualClock::new(T0_MS)),
+            OpenOptions::default(),
+        )
+        .expect("open")
+    };
+    let engine = open();
+    let song = price_micros(&engine, "music-2.6", &[(Unit::Songs, 1)]);
+    assert!(song > 0);
+    let seatless = user(&engine, "ada");
+    let starter = seated(&engine, "bob", "Starter");
+    for _ in 0..100 {
+        admitted(consume(&engine, &starter, "music-2.6", &SONG_HELD, T0_MS));
+    }
+    let mut reports = Vec::new();
+    for (key, spare) in [(&seatless, 0), (&seatless, 1), (&starter, 0)] {
+        let team = team_of(if *key == seatless { "ada" } else { "bob" });
+        let before = engine.credits_micros(&team).expect("balance");
+        engine
+            .top_up(&team, song + spare, Some(T0_MS))
+            .expect("top up");
+        let outcome = engine
+            .reserve(
+                &UsageRequest::new(key, "music-2.6", &SONG_HELD).at(T0_MS),
+                None,
+            )
+            .expect("reserve");
+        assert_eq!(
+            admitted(outcome.decision).charged_to,
+            ChargedTo::Credits { micros: song },
+            "{key}: the song is held on credits"
+        );
+        let id = outcome.reservation.expect("held");
+        let outcome = engine
+            .settle(id, &SONG_ACTUAL, Some(T0_MS))
+            .expect("settle");
+        let SettleOutcome::Settled(settlement) = outcome else {
+            panic!("{key}, {spare} micro(s) to spare: a free overrun was refused: {outcome:?}");
+        };
+        assert_eq!(
+            settlement.extra,
+            Some(ChargedTo::Credits { micros: 0 }),
+            "{key}"
+        );
+        assert_eq!(
+            engine.credits_micros(&team).expect("balance"),
+            before + spare,
+            "{key}: only the song was charged"
+        );
+        assert_eq!(engine.open_reservations(), 0);
+        reports.push((key.clone(), engine.usage(key, Some(T0_MS)).expect("report")));
+    }
+    drop(engine);
+
+    let engine = open();
+    for (key, report) in &reports[1..] {
+        assert_eq!(
+            &engine.usage(key, Some(T0_MS)).expect("report"),
+            report,
+            "{key}"
+        );
+    }
+}

@@ -436,29 +436,54 @@ fn pay_extra_with_the_hold(
 
 /// A settle's `decision` on its `extra` beyond a credits hold, refused as "no resources" (the
 /// balance was empty, and nothing the hold gives back paid for it): the key does pay with
-/// credits (the hold is theirs), the balance is only short of the extra's price, so the denial
-/// says insufficient credits, as `pay_extra_with_the_hold` says when the hold gives some back.
-/// Any other decision is returned as it is.
+/// credits (the hold is theirs). An extra that costs nothing (an overrun in units priced at 0)
+/// fits an empty balance as it fits any other, and is charged 0 micros, as it is with a micro
+/// to spare (`try_credits` charges only a balance above 0: that is what gives a key without a
+/// seat access at all, which this key, holding credits, has). Otherwise the balance is only
+/// short of the extra's price, so the denial says insufficient credits, as
+/// `pay_extra_with_the_hold` says when the hold gives some back. Any other decision is
+/// returned as it is, with its receipt.
 fn credits_hold_short(
     policy: &crate::policy::Policy,
+    state: &crate::accounts::KeyState,
     resource: crate::policy::ResourceId,
     reservation: &Reservation,
     extra: &Quantities,
-    mut decision: Decision,
-) -> Result<Decision, Error> {
+    (mut decision, receipt): (Decision, Option<Receipt>),
+    at_ms: u64,
+) -> Result<(Decision, Option<Receipt>), Error> {
     if let (ChargedTo::Credits { .. }, Decision::Denied(denial)) =
         (reservation.receipt.charged_to, &mut decision)
     {
         if denial.reason == DenialReason::NoResources {
-            if let Some(price) = price_micros(policy, resource, extra)? {
-                denial.reason = DenialReason::InsufficientCredits {
-                    balance_micros: denial.credits_balance_micros.unwrap_or(0),
-                    price_micros: price,
-                };
+            match price_micros(policy, resource, extra)? {
+                Some(0) if state.kind == crate::accounts::KeyKind::Plan => {
+                    let charged_to = ChargedTo::Credits { micros: 0 };
+                    let admission = crate::admission::Admission {
+                        charged_to,
+                        at_ms,
+                        plan: state.seat,
+                        limits: denial.limits,
+                        credits_balance_micros: Some(state.team.balance_micros()),
+                    };
+                    let receipt = Receipt {
+                        charged_to,
+                        generation: policy.generation,
+                        holds: Default::default(),
+                    };
+                    return Ok((Decision::Admitted(admission), Some(receipt)));
+                }
+                Some(price) => {
+                    denial.reason = DenialReason::InsufficientCredits {
+                        balance_micros: denial.credits_balance_micros.unwrap_or(0),
+                        price_micros: price,
+                    };
+                }
+                None => {}
             }
         }
     }
-    Ok(decision)
+    Ok((decision, receipt))
 }
 
 /// The plan to suggest to a key refused for holding `maximum` open reservations (its plan's
@@ -852,7 +877,15 @@ impl Engine {
                 }
                 (decision, ..) => (decision, receipt, None),
             };
-            let decision = credits_hold_short(policy, resource, reservation, extra, decision)?;
+            let (decision, receipt) = credits_hold_short(
+                policy,
+                state,
+                resource,
+                reservation,
+                extra,
+                (decision, receipt),
+                at_ms,
+            )?;
             Ok((decision, receipt, given))
         })
     }
