@@ -338,7 +338,9 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		N                   json.RawMessage `json:"n"`
 		BestOf              json.RawMessage `json:"best_of"`
 	}
-	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" {
+	// Not UTF-8 is no JSON (RFC 8259), as the Python middleware reads it: encoding/json alone
+	// reads such bytes as U+FFFD and goes on.
+	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" || !utf8.Valid(body) {
 		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
 		return nil, tally.Request{}, &failure
 	}

@@ -1176,6 +1176,27 @@ func TestTheBodysFieldsAreReadByTheirExactNames(t *testing.T) {
 	}
 }
 
+// A body that is not JSON (RFC 8259 asks for UTF-8; NaN and Infinity are no JSON numbers) is
+// 400, neither metered nor passed on, as the Python middleware answers it: encoding/json alone
+// would read bytes that are not UTF-8 as U+FFFD and go on.
+func TestABodyThatIsNotJSONIs400(t *testing.T) {
+	h := start(t)
+	h.user(t, "nj", "tp-nj", "Plus")
+	for _, body := range []string{
+		"{\"model\":\"MiniMax-M2.7\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"\xff\"}]}",
+		`{"model":"MiniMax-M2.7","max_tokens":NaN,"messages":[]}`,
+		"\xef\xbb\xbf{\"model\":\"MiniMax-M2.7\",\"max_tokens\":16,\"messages\":[]}",
+	} {
+		a := h.post(t, false, "/v1/chat/completions", "tp-nj", body)
+		if a.status != http.StatusBadRequest {
+			t.Errorf("%q: %d %s", body, a.status, a.raw)
+		}
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a body that is not JSON")
+	}
+}
+
 // A chat call on a model whose resource cannot take what the call is counted in (a speech
 // model, which must carry characters) is the request's fault: 400 in the API's shape, not a 503
 // outage a client would retry, as the Python middleware answers it.

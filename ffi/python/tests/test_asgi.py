@@ -1345,6 +1345,27 @@ def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
     assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 4_000 - 2 * estimate)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"MiniMax-M2.7","max_tokens":NaN,"messages":[]}',
+        b'{"model":"MiniMax-M2.7","max_tokens":Infinity,"messages":[]}',
+        b'{"model":"MiniMax-M2.7","max_tokens":16,"messages":[{"role":"user","content":"\xff"}]}',
+        b'\xef\xbb\xbf{"model":"MiniMax-M2.7","max_tokens":16,"messages":[]}',
+        '{"model":"MiniMax-M2.7","max_tokens":16,"messages":[]}'.encode("utf-16"),
+    ],
+)
+def test_a_body_that_is_not_json_is_400(engine, gateway, upstream, raw):
+    # NaN and Infinity are no JSON numbers, and JSON is UTF-8 without a byte order mark (RFC
+    # 8259), as the Go gateway reads a body: json.loads alone takes all of these, and the call
+    # was metered and passed on.
+    key = seated(engine, "nj", "tp-nj-1", "Plus")
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    assert answer.status == 400, answer.body
+    assert answer.json()["error"]["message"] == "The request body is not valid JSON."
+    assert upstream.calls == []
+
+
 @pytest.mark.parametrize("path", [CHAT, MESSAGES])
 def test_a_model_that_cannot_take_the_call_is_400_not_an_outage(engine, gateway, upstream, path):
     # A chat call on a model whose resource cannot take what the call is counted in (a speech

@@ -418,6 +418,17 @@ def api_key(scope: Scope) -> str | None:
     return bearer or x_api_key
 
 
+def _json_body(body: bytes) -> Any:
+    """A request body read as JSON by RFC 8259, as the Go gateway reads it: UTF-8 without a byte
+    order mark, and no ``NaN`` or ``Infinity`` (``json.loads`` alone takes UTF-16 and UTF-32, a
+    byte order mark and those constants). Raises ``ValueError`` for anything else."""
+    return json.loads(body.decode("utf-8"), parse_constant=_not_a_json_number)
+
+
+def _not_a_json_number(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
     """A count from the body, 1 to the engine's largest quantity (a larger one is the client's
     error, not the engine's: refused here rather than by the engine or ctypes)."""
@@ -929,7 +940,7 @@ class QuotaMiddleware:
 
     def _metered(self, key: str, route: Route, body: bytes) -> _Metered:
         try:
-            document = json.loads(body) if body else {}
+            document = _json_body(body) if body else {}
         except ValueError:
             raise _Refusal(400, "invalid_request", "The request body is not valid JSON.") from None
         if not isinstance(document, Mapping):
