@@ -181,9 +181,20 @@ func (e *Engine) SwapPolicy(policy Option, at time.Time) error {
 		}
 	}
 	document, documentLen := o.policyText()
-	return e.call("SwapPolicy", func(handle *C.tally_engine) C.uint32_t {
+	err = e.call("SwapPolicy", func(handle *C.tally_engine) C.uint32_t {
 		return C.tally_engine_swap_policy(handle, C.uint32_t(o.policySource), document, documentLen, atMs)
 	})
+	if err == nil {
+		e.policyVersion.Add(1)
+	}
+	return err
+}
+
+// PolicyVersion changes each time SwapPolicy swaps in a policy (0 after Open): a cache of
+// what the policy says (PolicyJSON), as the gateway keeps each resource's units, is current
+// while the version it was read at is. A swap refused leaves it as it was.
+func (e *Engine) PolicyVersion() uint64 {
+	return e.policyVersion.Load()
 }
 
 // SetClock moves the engine's own clock (Options.ManualClock) to now, forward or back: from

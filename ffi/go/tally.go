@@ -35,6 +35,7 @@ import (
 	"math"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -173,6 +174,8 @@ type Engine struct {
 	// have closed the database before it returns (the library answers it at once).
 	closing sync.Mutex
 	closed  bool // under closing: set by the first Close, so a second one is a no-op
+	// policyVersion counts the policies SwapPolicy swapped in (PolicyVersion).
+	policyVersion atomic.Uint64
 }
 
 // Open opens (or creates) the database in the directory path. On an existing database a

@@ -6,7 +6,10 @@
 // engine one request plus, on chat, completions, responses, embeddings and messages, an
 // estimate of the tokens (the prompt's, a token per 4 bytes of body, and the most the model may
 // write times "n", or a legacy completion's "best_of" if more; an embedding writes nothing, so
-// only its input is held); on speech the characters of "input"; on images "n". Admitted calls
+// only its input is held); on speech the characters of "input"; on images "n"; of these,
+// only the units the model's resource meters (a model metered by calls alone holds one request;
+// none of them: 400), read from the engine's policy, and read again after Engine.SwapPolicy
+// (Engine.PolicyVersion). Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
 // what was held), and an upstream error voids it. A response that outlives the reservation's
 // Lease (the engine has no way to extend one) finds it expired (ErrReservationExpired), its
@@ -63,6 +66,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -147,6 +151,56 @@ type Gateway struct {
 	passThrough []passRoute
 	proxy       *httputil.ReverseProxy
 	health      healthLog
+	units       atomic.Pointer[policyUnits] // read on the first metered call, and after a swap
+}
+
+// policyUnits is what the gateway read of the engine's policy: the units each resource meters,
+// at the engine's PolicyVersion it was read at.
+type policyUnits struct {
+	version uint64
+	units   map[string]map[string]bool // resource -> the names of its units ("requests")
+}
+
+// resourceUnits is the units the policy's resource meters (known is false for a resource the
+// policy does not have), read from the engine's policy again once a swap changed it
+// (tally.Engine.PolicyVersion), as the Python middleware reads them.
+func (g *Gateway) resourceUnits(resource string) (units map[string]bool, known bool, err error) {
+	// The version before the document: a swap in between only makes the next call read again.
+	version := g.config.Engine.PolicyVersion()
+	read := g.units.Load()
+	if read == nil || read.version != version {
+		if read, err = readPolicyUnits(g.config.Engine, version); err != nil {
+			return nil, false, err
+		}
+		g.units.Store(read)
+	}
+	units, known = read.units[resource]
+	return units, known, nil
+}
+
+// readPolicyUnits reads each resource's units from the engine's policy (PolicyJSON).
+func readPolicyUnits(engine *tally.Engine, version uint64) (*policyUnits, error) {
+	document, err := engine.PolicyJSON()
+	if err != nil {
+		return nil, err
+	}
+	var policy struct {
+		Resources map[string]struct {
+			Units []string `json:"units"`
+		} `json:"resources"`
+	}
+	if err := json.Unmarshal([]byte(document), &policy); err != nil {
+		return nil, fmt.Errorf("the engine's policy document: %w", err)
+	}
+	read := &policyUnits{version: version, units: make(map[string]map[string]bool, len(policy.Resources))}
+	for name, resource := range policy.Resources {
+		units := make(map[string]bool, len(resource.Units))
+		for _, unit := range resource.Units {
+			units[unit] = true
+		}
+		read.units[name] = units
+	}
+	return read, nil
 }
 
 // New builds a Gateway.
@@ -278,9 +332,11 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
-	if route.metering.tokens() {
-		c.estimate = request.Quantities[1].Amount
+	if estimate, ok := tokensOf(request.Quantities); ok && route.metering.tokens() {
+		c.estimate = estimate
 	} else {
+		// Speech, images, and a token call on a model that meters no tokens: charged what
+		// was held, whatever the answer reports.
 		c.fixed = request.Quantities
 	}
 	decision, reservation, err := g.config.Engine.Reserve(request, g.config.Lease)
@@ -304,6 +360,16 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	g.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
+}
+
+// tokensOf is the amount of tokens among quantities, if they hold tokens.
+func tokensOf(quantities []tally.Quantity) (uint64, bool) {
+	for _, quantity := range quantities {
+		if quantity.Unit == tally.Tokens {
+			return quantity.Amount, true
+		}
+	}
+	return 0, false
 }
 
 // couldBeKey says whether the engine could hold key: not longer than tally.MaxIDBytes, UTF-8
@@ -344,6 +410,19 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		failure := invalidRequest(api, "", "the body must be a JSON object with a \"model\"")
 		return nil, tally.Request{}, &failure
 	}
+	// The model is judged before the quantities, which are a model's (an image call's "n": 0
+	// on a model not served is 404, not 400), as the Python middleware judges it.
+	resource := g.config.Resource(fields.Model)
+	units, known, err := g.resourceUnits(resource)
+	if err != nil {
+		g.config.Logger.Printf("tally-gateway: engine: %v", err)
+		failure := engineError(api, err)
+		return nil, tally.Request{}, &failure
+	}
+	if !known {
+		failure := modelNotFound(api, fmt.Sprintf("the model %q does not exist or is not served here", fields.Model))
+		return nil, tally.Request{}, &failure
+	}
 	var quantities []tally.Quantity
 	var failure *apiError
 	switch metering {
@@ -360,7 +439,19 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 	if failure != nil {
 		return nil, tally.Request{}, failure
 	}
-	request := tally.Request{Key: key, Resource: g.config.Resource(fields.Model), At: g.now(), Quantities: quantities}
+	// Only the units the resource meters are held (a model metered by calls alone holds no
+	// tokens), as the Python middleware holds them; none of them: the route cannot meter it.
+	counted := make([]tally.Quantity, 0, len(quantities))
+	for _, quantity := range quantities {
+		if units[quantity.Unit.String()] {
+			counted = append(counted, quantity)
+		}
+	}
+	if len(counted) == 0 {
+		failure := invalidRequest(api, "", fmt.Sprintf("the model maps to %s, which this route cannot meter", resource))
+		return nil, tally.Request{}, &failure
+	}
+	request := tally.Request{Key: key, Resource: resource, At: g.now(), Quantities: counted}
 	return body, request, nil
 }
 

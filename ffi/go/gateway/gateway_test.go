@@ -1176,6 +1176,115 @@ func TestTheBodysFieldsAreReadByTheirExactNames(t *testing.T) {
 	}
 }
 
+// callsOnlyPolicy meters its text model by calls alone: "m2.7" has the unit requests and no
+// tokens, as an operator with a flat price per call writes it.
+const callsOnlyPolicy = `
+time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests"]
+required = ["requests"]
+price_micros = { requests = 1 }
+[plans.Starter]
+limits = [{ resource = "m2.7", unit = "requests", amount = 7, window = "rolling:5h" }]
+`
+
+// A chat call on a model whose resource meters requests alone is admitted and charged one
+// request, as the Python middleware charges it: only the units the resource meters are held.
+// It was 400 (the engine refusing the tokens the resource does not meter).
+func TestAChatCallOnAModelMeteredByCallsAloneIsChargedOneRequest(t *testing.T) {
+	engine, err := tally.OpenInMemory(tally.WithPolicyTOML(callsOnlyPolicy), unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startOn(t, engine, nil)
+	h.user(t, "ada", "tp-ada-1", "Starter")
+	for _, anthropic := range []bool{false, true} {
+		path := "/v1/chat/completions"
+		if anthropic {
+			path = "/v1/messages"
+		}
+		a := h.post(t, anthropic, path, "tp-ada-1",
+			`{"model":"m2.7","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}`)
+		if a.status != http.StatusOK {
+			t.Fatalf("%s on a model metered by calls: %d %s", path, a.status, a.raw)
+		}
+	}
+	usage, err := engine.Usage("tp-ada-1", t0.Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(usage.Limits) != 1 || usage.Limits[0].Used != 2 {
+		t.Fatalf("counted: %+v", usage.Limits)
+	}
+	if served := h.upstream.served.Load(); served != 2 {
+		t.Fatalf("served %d calls", served)
+	}
+}
+
+// A model the policy has no resource for is 404 model_not_found whatever else the body holds,
+// as the Python middleware answers it: the model is judged before the quantities ("n": 0, an
+// empty "input"), which are a model's. It was 400.
+func TestAnUnknownModelIs404BeforeItsQuantitiesAreJudged(t *testing.T) {
+	h := start(t)
+	h.user(t, "ada", "tp-ada-1", "Plus")
+	for _, c := range []struct{ path, body string }{
+		{"/v1/images/generations", `{"model":"no-such-model","n":0}`},
+		{"/v1/audio/speech", `{"model":"no-such-model","input":""}`},
+	} {
+		a := h.post(t, false, c.path, "tp-ada-1", c.body)
+		if a.status != http.StatusNotFound || a.body["error"].(map[string]interface{})["code"] != "model_not_found" {
+			t.Errorf("%s %s: %d %s", c.path, c.body, a.status, a.raw)
+		}
+	}
+	// Still a key's answer first: an unknown key learns nothing of the models.
+	if a := h.post(t, false, "/v1/images/generations", "tp-nobody", `{"model":"no-such-model","n":0}`); a.status != http.StatusUnauthorized {
+		t.Errorf("an unknown key: %d %s", a.status, a.raw)
+	}
+}
+
+// The units a resource meters are read again after a swap (Engine.PolicyVersion): a model the
+// new policy adds is metered at once, and one it now meters by calls alone is charged so,
+// without a new gateway.
+func TestTheGatewayMetersWhatASwappedInPolicySays(t *testing.T) {
+	engine, err := tally.OpenInMemory(unbounded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := startOn(t, engine, nil)
+	h.user(t, "ada", "tp-ada-1", "Plus")
+	chat := `{"model":"m2.7","max_tokens":16,"messages":[]}`
+	if a := h.post(t, false, "/v1/chat/completions", "tp-ada-1", chat); a.status != http.StatusOK {
+		t.Fatalf("before the swap: %d %s", a.status, a.raw)
+	}
+	before := engine.PolicyVersion()
+	// The shipped policy's plan Plus, refused: a swap must keep every plan with seats.
+	if err := engine.SwapPolicy(tally.WithPolicyTOML(callsOnlyPolicy), t0.Add(time.Second)); err == nil {
+		t.Fatal("a swap dropping a seated plan was accepted")
+	}
+	if engine.PolicyVersion() != before {
+		t.Fatal("a refused swap changed the policy version")
+	}
+	if err := engine.UnassignSeat("@ada", "ada", t0.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if err := engine.SwapPolicy(tally.WithPolicyTOML(callsOnlyPolicy), t0.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if engine.PolicyVersion() == before {
+		t.Fatal("a swap left the policy version as it was")
+	}
+	if err := engine.AssignSeat("@ada", "ada", "Starter", t0.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if a := h.post(t, false, "/v1/chat/completions", "tp-ada-1", chat); a.status != http.StatusOK {
+		t.Fatalf("after the swap: %d %s", a.status, a.raw)
+	}
+	// speech-2.8-hd left the policy with the swap: not served any more.
+	if a := h.post(t, false, "/v1/audio/speech", "tp-ada-1", `{"model":"speech-2.8-hd","input":"hi"}`); a.status != http.StatusNotFound {
+		t.Fatalf("a model the swap removed: %d %s", a.status, a.raw)
+	}
+}
+
 // A body that is not JSON (RFC 8259 asks for UTF-8; NaN and Infinity are no JSON numbers) is
 // 400, neither metered nor passed on, as the Python middleware answers it: encoding/json alone
 // would read bytes that are not UTF-8 as U+FFFD and go on.

@@ -1345,6 +1345,41 @@ def test_the_bodys_fields_are_read_by_their_exact_names(engine, gateway):
     assert answer.headers["x-ratelimit-remaining-usage"] == str(2_000_000 - 4_000 - 2 * estimate)
 
 
+CALLS_ONLY_POLICY = """
+time_zone = "UTC"
+[resources."m2.7"]
+units = ["requests"]
+required = ["requests"]
+price_micros = { requests = 1 }
+[plans.Starter]
+limits = [{ resource = "m2.7", unit = "requests", amount = 7, window = "rolling:5h" }]
+"""
+
+
+def test_the_middleware_meters_what_a_swapped_in_policy_says(engine, gateway, upstream):
+    # The units a resource meters are read again after a swap on the engine
+    # (Engine.policy_version), as the Go gateway reads them: a model the new policy meters by
+    # calls alone is charged one request, and one it dropped is not served, without a new
+    # middleware or a call to refresh_policy.
+    key = seated(engine, "sw", "tp-sw-1", "Plus")
+    assert request(gateway, CHAT, chat(max_tokens=16), key=key).status == 200
+    before = engine.policy_version
+    with pytest.raises(tally.InvalidArgumentError):
+        engine.swap_policy(tally.Policy.toml(CALLS_ONLY_POLICY), at_ms=T)  # Plus has a seat
+    assert engine.policy_version == before
+    engine.unassign_seat("@sw", "sw", at_ms=T)
+    engine.swap_policy(tally.Policy.toml(CALLS_ONLY_POLICY), at_ms=T)
+    assert engine.policy_version == before + 1
+    engine.assign_seat("@sw", "sw", "Starter", at_ms=T)
+    # The request before the swap carries over (the same meter, on the same window).
+    assert [limit.used for limit in engine.usage(key, at_ms=T + 1).limits] == [1]
+    answer = request(gateway, CHAT, chat(model="m2.7", max_tokens=16), key=key)
+    assert answer.status == 200, answer.body
+    assert [limit.used for limit in engine.usage(key, at_ms=T + 1).limits] == [2]
+    answer = request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": "hi"}, key=key)
+    assert answer.status == 404, answer.body
+
+
 @pytest.mark.parametrize(
     "raw",
     [

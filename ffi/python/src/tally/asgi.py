@@ -24,7 +24,9 @@ engine is closed (other methods: 405). For each request on a metered route it:
    resource of the policy (a model it has none for, or none can be: 404; a key the engine
    does not know, or revoked, is 401 rather than any of these answers), and the body to
    quantities: 1 request; for chat, completions, responses, embeddings and messages the
-   tokens; for speech the characters of ``input``; for images ``n``;
+   tokens; for speech the characters of ``input``; for images ``n``; of these, only the units
+   the resource meters (a model metered by calls alone holds 1 request; none of them: 400),
+   read from the engine's policy, and read again after ``Engine.swap_policy``;
 3. for routes billed by tokens, *reserves* 1 request plus an estimate of the tokens (the
    prompt's, about one per 4 bytes of body, and the most the model may write times ``n``, or
    a legacy completion's ``best_of`` if more; an embedding writes nothing, so only its input
@@ -772,14 +774,27 @@ class QuotaMiddleware:
         self.refund_on_error = refund_on_error
         self._run_sync = run_sync
         self._resource_units: dict[str, set[str]] = {}
+        self._units_version = -1
         self.refresh_policy()
 
     def refresh_policy(self) -> None:
-        """Re-reads the resources and their units (after ``swap_policy``)."""
+        """Re-reads the resources and their units. Done on its own after ``swap_policy`` on
+        this engine (``Engine.policy_version``), as the Go gateway does."""
+        # The version before the document: a swap in between only makes the next call read
+        # again.
+        version = self.engine.policy_version
         resources = self.engine.policy().get("resources", {})
         self._resource_units = {
             name: set(spec.get("units", [])) for name, spec in resources.items()
         }
+        self._units_version = version
+
+    def _units_of(self, resource: str) -> set[str] | None:
+        """The units ``resource`` meters (``None``: the policy has no such resource), read again
+        once a swap changed the policy."""
+        if self._units_version != self.engine.policy_version:
+            self.refresh_policy()
+        return self._resource_units.get(resource)
 
     def _now(self) -> int | None:
         return self.clock() if self.clock is not None else None
@@ -947,7 +962,7 @@ class QuotaMiddleware:
             raise _Refusal(400, "invalid_request", "The request body must be a JSON object.")
         resource = self._resource(route, document)
         quantities = self._quantities(route, document, len(body))
-        units = self._resource_units.get(resource, set())
+        units = self._units_of(resource) or set()
         counted = {unit: amount for unit, amount in quantities.items() if unit in units}
         if not counted:
             raise _Refusal(
@@ -962,7 +977,7 @@ class QuotaMiddleware:
         if not isinstance(model, str) or not model:
             raise _Refusal(400, "invalid_request", "The request names no model.")
         resource = self.models.get(model, model)
-        if resource not in self._resource_units:
+        if self._units_of(resource) is None:
             raise _Refusal(
                 404,
                 "not_found",

@@ -213,6 +213,7 @@ def _abandon_engines_in_child() -> None:
         engine._closed = True
         # A close a parent's thread was in at the fork would hold the copied lock for ever.
         engine._close_lock = threading.Lock()
+        engine._policy_lock = threading.Lock()
     _open_engines.clear()
 
 
@@ -245,6 +246,9 @@ class Engine:
         # Held by a close for its whole call: the library answers a close racing another at
         # once, and a second close must not return while the first is still flushing.
         self._close_lock = threading.Lock()
+        # Policies `swap_policy` swapped in (`policy_version`); counted under its lock.
+        self._policy_version = 0
+        self._policy_lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _native.lib.tally_engine_free, handle)
         # Freed when collected, never at interpreter exit (`_close_open_engines` closes it).
         self._finalizer.atexit = False
@@ -780,6 +784,15 @@ class Engine:
                 self._handle, source, document, document_len, _convert.at_ms(at_ms)
             )
         )
+        with self._policy_lock:
+            self._policy_version += 1
+
+    @property
+    def policy_version(self) -> int:
+        """Changes each time ``swap_policy`` swaps in a policy (0 after opening): a cache of
+        what the policy says (``policy()``), as the ASGI middleware keeps each resource's units,
+        is current while the version it was read at is. A swap refused leaves it as it was."""
+        return self._policy_version
 
     def policy(self) -> dict[str, Any]:
         """The current policy document, parsed from its JSON."""
