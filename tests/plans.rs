@@ -900,3 +900,81 @@ fn the_usage_bar_plans_carry_the_older_seeds_prices_and_agent_counts() {
         );
     }
 }
+
+/// Mid limits tokens per day, Small does not; Max has more of both. A key on Mid fills its
+/// day's tokens, moves down to Small (the day's token count stays with the key, dormant: a seat
+/// change keeps usage counted), then runs out of Small's requests. The denial suggests a plan
+/// "that takes the request now on every limit it touches" (`upgrade_for`), but `takes_now`
+/// counted only the usage on limits of the *current* plan, so it saw 0 tokens used on Mid's
+/// daily limit and offered Mid. Moved to Mid, the key is refused the same request on that very
+/// limit (its dormant count came back with the seat). Max would have taken it. Now the
+/// suggestion counts what a seat change would bring back (`KeyUsage::rearranged`).
+#[test]
+fn a_suggested_upgrade_counts_the_usage_a_seat_change_would_bring_back() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+[plans.Small]
+price_micros_per_month = 10
+limits = [
+  { resource = "chat", unit = "requests", amount = 10, window = "rolling:5h" },
+]
+covers = ["chat"]
+[plans.Mid]
+price_micros_per_month = 20
+limits = [
+  { resource = "chat", unit = "requests", amount = 20, window = "rolling:5h" },
+  { resource = "chat", unit = "tokens", amount = 100, window = "daily" },
+]
+[plans.Max]
+price_micros_per_month = 50
+limits = [
+  { resource = "chat", unit = "requests", amount = 30, window = "rolling:5h" },
+  { resource = "chat", unit = "tokens", amount = 1000, window = "daily" },
+]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Mid");
+    let at_ms = T0_MS + HOUR_MS;
+    // Mid: one request with the day's 100 tokens.
+    admitted(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 1), (Unit::Tokens, 100)],
+        at_ms,
+    ));
+    // Down to Small: 9 more requests fill its 10.
+    engine
+        .assign_seat(&team_of("ada"), "ada", "Small", Some(at_ms))
+        .expect("seat change");
+    assert_eq!(
+        admit_count(&engine, &key, "chat", Unit::Requests, 9, at_ms),
+        9
+    );
+    let request = [(Unit::Requests, 1), (Unit::Tokens, 1)];
+    let denial = denied(consume(&engine, &key, "chat", &request, at_ms));
+    assert!(
+        matches!(denial.reason, DenialReason::QuotaExhausted { .. }),
+        "{denial:?}"
+    );
+    let offered = denial
+        .remedies
+        .upgrade_to
+        .expect("a bigger plan is offered");
+    let offered = engine.policy().plan(offered).name.to_string();
+
+    // Take the offer: the same request must now be admitted.
+    engine
+        .assign_seat(&team_of("ada"), "ada", &offered, Some(at_ms))
+        .expect("seat change");
+    let after = consume(&engine, &key, "chat", &request, at_ms);
+    assert!(
+        after.is_admitted(),
+        "offered {offered}, which refuses the same request once seated: {after:?}"
+    );
+}

@@ -671,11 +671,12 @@ pub(crate) fn can_ever_take(plan: &Plan, resource: ResourceId, quantities: &Quan
 }
 
 /// Whether a seat on `candidate` would admit `quantities` of `resource` now, counting on each
-/// of its limits what the key has used on the limit of its plan `plan_id` with the same meter
-/// and span (a seat change carries that count; nothing where the plan has no such limit).
+/// of its limits what the key has counted on the same meter and span: on a limit of its
+/// current plan, or on a counter kept dormant from an earlier seat (a seat change carries
+/// either to the candidate's limit, as `KeyUsage::rearranged` does); nothing where the key has
+/// none.
 fn takes_now(
     policy: &Policy,
-    plan_id: PlanId,
     usage: &KeyUsage,
     candidate: &Plan,
     request: (ResourceId, &Quantities),
@@ -685,16 +686,30 @@ fn takes_now(
     let Some(amounts) = Amounts::of(&candidate.touches[resource.index()], quantities) else {
         return false;
     };
-    let plan = policy.plan(plan_id);
     amounts.as_slice().iter().all(|&(limit_index, amount)| {
         let limit = &candidate.limits[usize::from(limit_index)];
-        let used = plan
-            .limits
+        // The counter a seat change would give this limit (`KeyUsage::rearranged`): the same
+        // one, else the same meter over the same span with other buckets.
+        let same_span = |counter: &&crate::ledger::Counter| {
+            let spec = policy.counter(counter.id);
+            spec.meter == limit.meter && spec.window.span_equals(limit.window)
+        };
+        let used = usage
+            .counters
             .iter()
-            .position(|own| own.meter == limit.meter && own.window.span_equals(limit.window))
-            .map_or(0, |own| {
-                let state = &usage.counters[own].state;
-                status_of(policy, &plan.limits[own], state, own as u8, at_ms).used
+            .find(|counter| counter.id == limit.counter)
+            .or_else(|| usage.counters.iter().find(same_span))
+            .map_or(0, |counter| {
+                let window = policy.counter(counter.id).window;
+                let own = Limit {
+                    name: Box::from(""),
+                    meter: limit.meter,
+                    counter: counter.id,
+                    amount: limit.amount,
+                    window,
+                    shape: window.shape(),
+                };
+                status_of(policy, &own, &counter.state, limit_index, at_ms).used
             });
         used.checked_add(amount)
             .is_some_and(|total| total <= limit.amount)
@@ -730,16 +745,8 @@ fn upgrade_for(
             .map(|&(_, candidate)| candidate)
             .filter(|&candidate| can_ever_take(policy.plan(candidate), resource, quantities))
     };
-    let takes = |candidate: PlanId| {
-        takes_now(
-            policy,
-            plan_id,
-            usage,
-            policy.plan(candidate),
-            request,
-            at_ms,
-        )
-    };
+    let takes =
+        |candidate: PlanId| takes_now(policy, usage, policy.plan(candidate), request, at_ms);
     let keeping = || able().filter(|&candidate| keeps_coverage(plan, policy.plan(candidate)));
     keeping()
         .find(|&candidate| takes(candidate))
