@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -265,53 +266,64 @@ type tokenCounter struct {
 	final                                                              bool
 }
 
-type usageFields struct {
-	TotalTokens              *uint64 `json:"total_tokens"`
-	PromptTokens             *uint64 `json:"prompt_tokens"`
-	CompletionTokens         *uint64 `json:"completion_tokens"`
-	InputTokens              *uint64 `json:"input_tokens"`
-	OutputTokens             *uint64 `json:"output_tokens"`
-	CacheCreationInputTokens *uint64 `json:"cache_creation_input_tokens"`
-	CacheReadInputTokens     *uint64 `json:"cache_read_input_tokens"`
-}
+// usageNames are the counts a usage holds, in tokenCounter's order.
+var usageNames = [...]string{"total_tokens", "prompt_tokens", "completion_tokens", "input_tokens",
+	"output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"}
 
+// observe keeps the counts of the "usage", "message.usage" and "response.usage" of one JSON
+// document (an answer, or one event), each read by its exact name and on its own, as the Python
+// middleware's UsageReader reads them: a field of another type ("message" a string, a count of
+// -1 or "15") leaves the rest read (encoding/json alone dropped the whole document), and a
+// "Usage" beside "usage" is not the usage (it matched case-insensitively, the last one winning).
 func (t *tokenCounter) observe(document []byte) {
-	var event struct {
-		Usage    *usageFields                  `json:"usage"`
-		Message  *struct{ Usage *usageFields } `json:"message"`
-		Response *struct{ Usage *usageFields } `json:"response"`
-	}
-	if json.Unmarshal(document, &event) != nil {
+	event := jsonObject(document)
+	if event == nil {
 		return
 	}
-	if event.Usage != nil || nestedUsage(event.Response) != nil {
+	usage := jsonObject(event["usage"])
+	messageUsage := jsonObject(jsonObject(event["message"])["usage"])
+	responseUsage := jsonObject(jsonObject(event["response"])["usage"])
+	if usage != nil || responseUsage != nil {
 		t.final = true
 	}
-	for _, usage := range []*usageFields{event.Usage, nestedUsage(event.Message), nestedUsage(event.Response)} {
-		if usage == nil {
-			continue
+	counts := [...]*uint64{&t.total, &t.prompt, &t.completion, &t.input, &t.output, &t.cacheCreation, &t.cacheRead}
+	for _, usage := range [...]map[string]json.RawMessage{usage, messageUsage, responseUsage} {
+		for i, name := range usageNames {
+			if count := tokenCount(usage[name]); count > *counts[i] {
+				*counts[i] = count
+			}
 		}
-		keepLargest(&t.total, usage.TotalTokens)
-		keepLargest(&t.prompt, usage.PromptTokens)
-		keepLargest(&t.completion, usage.CompletionTokens)
-		keepLargest(&t.input, usage.InputTokens)
-		keepLargest(&t.output, usage.OutputTokens)
-		keepLargest(&t.cacheCreation, usage.CacheCreationInputTokens)
-		keepLargest(&t.cacheRead, usage.CacheReadInputTokens)
 	}
 }
 
-func nestedUsage(holder *struct{ Usage *usageFields }) *usageFields {
-	if holder == nil {
+// jsonObject is raw as a JSON object's fields by name, nil if it is no object (null, a string,
+// absent, malformed).
+func jsonObject(raw json.RawMessage) map[string]json.RawMessage {
+	var object map[string]json.RawMessage
+	if len(raw) == 0 || json.Unmarshal(raw, &object) != nil {
 		return nil
 	}
-	return holder.Usage
+	return object
 }
 
-func keepLargest(into *uint64, value *uint64) {
-	if value != nil && *value > *into {
-		*into = *value
+// tokenCount is raw as a count of tokens: a JSON integer above 0 (saturated at the largest
+// uint64), else 0 (a negative, a fraction, a string, true, null), as the Python middleware
+// counts it.
+func tokenCount(raw json.RawMessage) uint64 {
+	digits := bytes.TrimSpace(raw)
+	if len(digits) == 0 {
+		return 0
 	}
+	for _, digit := range digits {
+		if digit < '0' || digit > '9' {
+			return 0
+		}
+	}
+	count, err := strconv.ParseUint(string(digits), 10, 64)
+	if err != nil {
+		return math.MaxUint64 // only digits: too large
+	}
+	return count
 }
 
 // tokens is the usage seen: the total if reported, else prompt + completion (OpenAI), else

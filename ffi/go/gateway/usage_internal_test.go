@@ -57,6 +57,17 @@ var usageCases = []struct {
 		body: "data: {\"choices\":[{\"delta\":{\"content\":\"" + strings.Repeat("x", 2*maxEventLineBytes) + "\"}}]}\n\n" +
 			"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":18,\"total_tokens\":30}}\n\ndata: [DONE]\n\n",
 		tokens: 30},
+	// Each count is read by its exact name and on its own: a field of another type leaves the
+	// rest read, and a "Usage" beside "usage" is not the usage.
+	{name: "a field of another type beside the counts", contentType: "application/json",
+		body:   `{"message":"done","usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":"15","input_tokens":-1}}`,
+		tokens: 15},
+	{name: "a usage named in another case", contentType: "application/json",
+		body:   `{"usage":{"total_tokens":15},"Usage":{"total_tokens":99}}`,
+		tokens: 15},
+	{name: "an event whose message is no object", contentType: "text/event-stream",
+		body:   "data: {\"type\":\"message_start\",\"message\":\"start\"}\n\ndata: {\"usage\":{\"output_tokens\":7,\"input_tokens\":3.0}}\n\n",
+		tokens: 7},
 	// Nothing used is no report a successful answer can make: settled at the estimate.
 	{name: "a usage of zeros", contentType: "application/json",
 		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},

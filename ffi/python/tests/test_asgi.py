@@ -966,6 +966,21 @@ USAGE_CASES = [
         b'"total_tokens":30}}\n\ndata: [DONE]\n\n',
         30,
     ),
+    # Each count is read by its exact name and on its own: a field of another type leaves the
+    # rest read, and a "Usage" beside "usage" is not the usage.
+    (
+        "application/json",
+        b'{"message":"done","usage":{"prompt_tokens":10,"completion_tokens":5,'
+        b'"total_tokens":"15","input_tokens":-1}}',
+        15,
+    ),
+    ("application/json", b'{"usage":{"total_tokens":15},"Usage":{"total_tokens":99}}', 15),
+    (
+        "text/event-stream",
+        b'data: {"type":"message_start","message":"start"}\n\n'
+        b'data: {"usage":{"output_tokens":7,"input_tokens":3.0}}\n\n',
+        7,
+    ),
     # Nothing used is no report a successful answer can make: settled at the estimate.
     (
         "application/json",
