@@ -95,7 +95,8 @@ type Request struct {
 	// decision (Replayed) and counts nothing, unless that was a denial for want of a valid
 	// key (DenialUnknownKey, DenialKeyRevoked), which is not remembered: decided anew, and
 	// denied so even where a new id would be refused (stamped before the horizon, the table
-	// full: ErrBadTimestamp, ErrCapacityExceeded).
+	// full: ErrBadTimestamp, ErrCapacityExceeded). "" is none (Go's zero value; Python, whose
+	// none is None, refuses an empty id).
 	RequestID string
 }
 
