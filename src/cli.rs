@@ -420,7 +420,13 @@ impl Spec {
                 only_arguments = true;
                 continue;
             }
-            if only_arguments || !argument.starts_with('-') || argument == "-" {
+            // `-5` is no option (none starts with a digit): a negative number given as an
+            // argument, which its parser refuses naming the argument (`MICROS`), not "unknown
+            // option".
+            let negative_number = argument
+                .strip_prefix('-')
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+            if only_arguments || !argument.starts_with('-') || argument == "-" || negative_number {
                 scanned.arguments.push(argument.to_string());
                 continue;
             }

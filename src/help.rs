@@ -374,7 +374,9 @@ Options:
                        events (with --json, as one JSON object)
 
 Exit status: 0 when the events were written out (or there were none) or the cursor deleted (or
-there was none); 1 when they could not be written (a closed pipe: the cursor does not move).
+there was none); 1 when they could not be written (a closed pipe: the cursor does not move);
+2 if the command could not run (a bad command line, an --after past the end of the log or
+compacted away, a database that cannot be opened): it then printed no events and moved no cursor.
 ";
 
 const VERIFY_HELP: &str = "\

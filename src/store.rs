@@ -58,9 +58,12 @@ pub fn durability_words(durability: Durability) -> String {
     }
 }
 
-/// Whether `path` is a directory sled has written (`db` or `conf` in it).
+/// Whether `path` is a directory sled has written: its `db` and `conf` files both in it. Either
+/// name alone is not enough: a project folder with a `db` directory, or a folder of the
+/// operator's files with a `conf` in it, was taken for a database, opened, and written into
+/// (sled overwrote that `conf` with its own).
 pub fn is_database(path: &Path) -> bool {
-    path.is_dir() && (path.join("db").exists() || path.join("conf").exists())
+    path.is_dir() && path.join("db").is_file() && path.join("conf").is_file()
 }
 
 /// Whether `path` is missing or an empty directory: a database may be created there.
@@ -353,6 +356,7 @@ mod tests {
         let database = scratch("database");
         std::fs::create_dir_all(&database).expect("created");
         std::fs::write(database.join("conf"), "").expect("written");
+        std::fs::write(database.join("db"), "").expect("written");
         assert_eq!(check_openable(&database, false), Ok(false));
         let problem = wipe(&database).expect_err("not simulate's");
         assert!(problem.contains("did not make"), "{problem}");
