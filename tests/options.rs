@@ -953,6 +953,48 @@ fn reading_options_or_verifying_where_there_is_no_database_creates_none() {
     assert_eq!(std::fs::read_dir(&other).expect("listed").count(), 1);
 }
 
+/// A folder that only looks like a database is refused and left as it was: a project with a
+/// `db` directory (a Rails app), or the operator's files with a `conf` among them. Either name
+/// was taken for sled's, and the open wrote its files into the folder (overwriting that
+/// `conf`). A database whose creation was cut short (sled's `conf` and `blobs` only) still opens.
+#[test]
+fn a_folder_that_only_looks_like_a_database_is_refused_and_left_alone() {
+    let dir = TempDir::new("options-looks-like-a-database");
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(project.join("db")).expect("a db directory");
+    std::fs::write(project.join("Gemfile"), "gem \"rails\"\n").expect("a file");
+    let settings = dir.path().join("settings");
+    std::fs::create_dir_all(&settings).expect("a directory");
+    std::fs::write(settings.join("conf"), "answer = 42\n").expect("a conf file");
+    std::fs::write(settings.join("notes.txt"), "keep me\n").expect("a file");
+    for folder in [&project, &settings] {
+        let before = files(folder);
+        let opened = open_with(folder, none_durability());
+        assert!(
+            matches!(&opened, Err(Error::Storage { problem })
+                if problem.contains("holds files that are not a tally database")),
+            "{folder:?}: {:?}",
+            opened.err()
+        );
+        assert_eq!(files(folder), before, "{folder:?} was written into");
+        assert_eq!(
+            std::fs::read_dir(folder).expect("listed").count(),
+            2,
+            "{folder:?}: nothing was added"
+        );
+    }
+
+    // Cut short: what sled wrote first, and nothing else.
+    let cut_short = dir.path().join("cut-short");
+    let whole = dir.path().join("whole");
+    drop(open_with(&whole, none_durability()).expect("a new database"));
+    std::fs::create_dir_all(cut_short.join("blobs")).expect("blobs");
+    std::fs::copy(whole.join("conf"), cut_short.join("conf")).expect("sled's conf");
+    let engine = open_with(&cut_short, none_durability()).expect("a database cut short opens");
+    drop(engine);
+    drop(open_with(&cut_short, none_durability()).expect("and opens again"));
+}
+
 #[test]
 fn a_refused_open_records_nothing() {
     let dir = TempDir::new("options-recorded-refused");

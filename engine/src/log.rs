@@ -3130,15 +3130,27 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
         .iter()
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
         .collect();
-    let is_sled = names.iter().any(|name| name == "db" || name == "conf");
-    // `quarantined-*` files are sled snapshot leftovers `open_sled` moved aside earlier.
-    if !names.is_empty() && !is_sled {
+    // A database: sled's `db` and `conf` files, or nothing but what a database holds (one
+    // whose creation was cut short). A name alone is not enough: a project folder with a `db`
+    // directory, or a folder of the operator's files with a `conf` among them, was taken for
+    // one, and sled wrote (or overwrote) its files into it.
+    let sled_files = dir.join("db").is_file() && dir.join("conf").is_file();
+    if !names.is_empty() && !sled_files && !names.iter().all(|name| of_a_database(name)) {
         return Err(storage(
             dir.display(),
             "exists and holds files that are not a tally database; choose an empty or new directory",
         ));
     }
     Ok(())
+}
+
+/// Whether a directory entry named `name` is one a tally database holds: sled's files, the
+/// log's segments and the snapshots, and the `quarantined-*` sled snapshot leftovers
+/// `open_sled` moved aside.
+fn of_a_database(name: &str) -> bool {
+    matches!(name, "db" | "conf" | "blobs" | EVENTS_DIR | SNAPSHOTS_DIR)
+        || name.starts_with("snap.")
+        || name.starts_with("quarantined-")
 }
 
 /// Moves aside every `snap.*.generating` file; whether there was one. After a crash in the
