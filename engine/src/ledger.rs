@@ -2,7 +2,7 @@
 //! and what each team holds (its credits balance in integer micro-credits).
 
 use std::alloc::Layout;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use allocator_api2::alloc::Allocator;
@@ -21,6 +21,17 @@ pub struct Team {
     credits_micros: AtomicU64,
     // Relaxed: a statistic (total charged so far), read only for reports.
     charged_micros: AtomicU64,
+    /// Micro-credits a reversal (`force_charge`) took back that the balance no longer held,
+    /// taken from the next credits added. Only after the log failed: its calls' effects are
+    /// undone one by one, in whatever order their callers see the failure, and a refund's
+    /// credits may have been charged to a later request meanwhile, whose own undo gives them
+    /// back after the refund's was taken. Stopping at zero there left the team with credits
+    /// no logged event gave it.
+    debt_micros: parking_lot::Mutex<u64>,
+    // SeqCst, set under `debt_micros`' lock, paired with the SeqCst balance additions in
+    // `credit` and `refund_and_charge`: whichever of a debt and a credit comes second sees
+    // the other and settles (`settle_debt`). Clear but for a debt.
+    in_debt: AtomicBool,
 }
 
 impl Team {
@@ -29,7 +40,46 @@ impl Team {
             name: name.into(),
             credits_micros: AtomicU64::new(0),
             charged_micros: AtomicU64::new(0),
+            debt_micros: parking_lot::Mutex::new(0),
+            in_debt: AtomicBool::new(false),
         }
+    }
+
+    /// Takes what the balance holds of the debt, if the team is in debt (`force_charge`).
+    #[cold]
+    fn settle_debt(&self) {
+        let mut debt = self.debt_micros.lock();
+        if *debt > 0 {
+            // SeqCst, as the additions it pairs with (`in_debt`).
+            if let Ok(before) =
+                self.credits_micros
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |balance| {
+                        (balance > 0).then(|| balance - balance.min(*debt))
+                    })
+            {
+                *debt -= before.min(*debt);
+            }
+        }
+        if *debt == 0 {
+            self.in_debt.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// After credits were added: settles a debt, if any; the balance then.
+    #[inline]
+    fn after_credit(&self, after: u64) -> u64 {
+        // SeqCst: see `in_debt`.
+        if self.in_debt.load(Ordering::SeqCst) {
+            self.settle_debt();
+            return self.balance_micros();
+        }
+        after
+    }
+
+    /// Micro-credits taken back that the balance did not hold (see `debt_micros`), still to
+    /// be taken from credits added later.
+    pub fn debt_micros(&self) -> u64 {
+        *self.debt_micros.lock()
     }
 
     pub fn balance_micros(&self) -> u64 {
@@ -71,6 +121,11 @@ impl Team {
             Some(net_credit) => balance.checked_add(net_credit),
             None => balance.checked_sub(price - given),
         })?;
+        let after = if given > price {
+            self.after_credit(after)
+        } else {
+            after
+        };
         // Relaxed: a statistic, as in `charge` and `refund`.
         match price.checked_sub(given) {
             Some(net_charge) => {
@@ -93,13 +148,14 @@ impl Team {
         let mut balance = self.balance_micros();
         loop {
             let after = balance.checked_add(micros)?;
+            // SeqCst (AcqRel would do but for `in_debt`, which it pairs with).
             match self.credits_micros.compare_exchange_weak(
                 balance,
                 after,
-                Ordering::AcqRel,
+                Ordering::SeqCst,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Some(after),
+                Ok(_) => return Some(self.after_credit(after)),
                 Err(current) => balance = current,
             }
         }
@@ -115,14 +171,19 @@ impl Team {
             .map(|before| before - micros)
     }
 
-    /// Takes `micros` whatever the balance, stopping at zero: only to reverse a refund whose
-    /// event could not be logged.
+    /// Takes `micros` back whatever the balance: only to reverse a refund (a give-back) whose
+    /// event could not be logged. What the balance does not hold is a debt, taken from the
+    /// credits added next (the give-back of a charge the refund's credits paid for, undone in
+    /// turn): the balance never goes below zero, and ends where the log says it is.
+    #[cold]
     pub fn force_charge(&self, micros: u64) {
-        let _ = self
-            .credits_micros
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |balance| {
-                Some(balance.saturating_sub(micros))
-            });
+        {
+            let mut debt = self.debt_micros.lock();
+            *debt = debt.saturating_add(micros);
+            // SeqCst: see `in_debt`.
+            self.in_debt.store(true, Ordering::SeqCst);
+        }
+        self.settle_debt();
         self.charged_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
@@ -573,6 +634,49 @@ mod tests {
         assert_eq!(team.balance_micros(), 1);
         assert_eq!(charged.load(Ordering::Relaxed), 999);
         assert_eq!(team.charged_micros(), 999);
+    }
+
+    /// A give-back taken back after its credits were spent (`force_charge`) leaves a debt,
+    /// never a negative balance, and the credits added next pay it first: the balance ends at
+    /// the sum of what was added and taken, as the log sums it.
+    #[test]
+    fn credits_taken_back_that_were_spent_are_a_debt_the_next_credits_pay() {
+        let team = Team::new("t");
+        team.credit(100).expect("room");
+        team.force_charge(30);
+        assert_eq!((team.balance_micros(), team.debt_micros()), (70, 0));
+        team.force_charge(100);
+        assert_eq!((team.balance_micros(), team.debt_micros()), (0, 30));
+        assert!(team.charge(1).is_err(), "nothing to charge while in debt");
+        assert_eq!(team.credit(20), Some(0), "paid into the debt");
+        assert_eq!((team.balance_micros(), team.debt_micros()), (0, 10));
+        assert_eq!(team.refund_and_charge(25, 5), Ok(10));
+        assert_eq!((team.balance_micros(), team.debt_micros()), (10, 0));
+        assert_eq!(team.credit(5), Some(15), "no debt left");
+    }
+
+    /// Debts and credits racing from two threads: however they interleave, the balance ends at
+    /// the sum, none of it lost to a debt that missed the credit that could pay it.
+    #[test]
+    fn debts_and_credits_racing_end_at_their_sum() {
+        for round in 0..200u64 {
+            let team = Team::new("t");
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        team.force_charge(3);
+                    }
+                });
+                scope.spawn(|| {
+                    for step in 0..50 {
+                        team.credit(3 + (round + step) % 2).expect("room");
+                    }
+                });
+            });
+            let added: u64 = (0..50).map(|step| 3 + (round + step) % 2).sum();
+            assert_eq!(team.balance_micros(), added - 150, "round {round}");
+            assert_eq!(team.debt_micros(), 0, "round {round}");
+        }
     }
 
     /// A refund and a charge in one step move the balance and the total charged as the two

@@ -1033,10 +1033,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes back what a close gave back and gives back what it charged beyond the estimate.
+    /// Gives back what a close charged beyond the estimate, then takes back what it gave back:
+    /// in that order, as the inverse of a settle that paid its extra with what its credits
+    /// hold gave back (`refund_and_charge`): the balance then holds the give-back less the
+    /// extra's price, and taking the give-back first (`force_charge`, which stops at zero)
+    /// took back less than was given, leaving the team with credits no event gave it.
     fn undo_close(&self, closing: &Closing) {
         let reservation = &closing.reservation;
-        self.take_back(&reservation.key, &closing.given_back);
         if let Some((receipt, extra)) = &closing.extra {
             self.give_back(
                 &reservation.key,
@@ -1047,6 +1050,7 @@ impl Engine {
                 None,
             );
         }
+        self.take_back(&reservation.key, &closing.given_back);
     }
 
     /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;

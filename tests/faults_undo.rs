@@ -1,0 +1,279 @@
+//! Undoing what a failed log refused, in whatever order the calls see the failure: the engine's
+//! state afterwards is what a reopen restores from the log. Each test had a refund's (a void's,
+//! a settle's) credits spent or paid before the failure, and the undo left the team with
+//! credits no logged event gives it (`Team::force_charge` stopped at zero).
+
+mod log_support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log_support::*;
+use tally_engine::{
+    ChargedTo, Decision, Durability, Error, Faults, OpenOptions, SettleOutcome, Unit, UsageRequest,
+};
+
+fn options(faults: &Arc<Faults>) -> OpenOptions {
+    OpenOptions {
+        durability: Durability::Sync,
+        faults: Some(Arc::clone(faults)),
+        ..OpenOptions::default()
+    }
+}
+
+fn credits_charge(decision: &Decision) -> u64 {
+    match decision {
+        Decision::Admitted(admission) => match admission.charged_to {
+            ChargedTo::Credits { micros } => micros,
+            ref other => panic!("expected a credits charge, got {other:?}"),
+        },
+        other => panic!("expected an admission, got {other:?}"),
+    }
+}
+
+fn wait_until_flush_held(faults: &Faults) {
+    let start = Instant::now();
+    while faults.flushes_held() == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(faults.flushes_held() > 0, "the writer reached its flush");
+}
+
+/// A refund gives credits back; another request spends them before the refund's event is
+/// durable; the flush fails, failing both. The refund is undone first (`Team::force_charge`,
+/// which stops at zero, so it takes back less than it gave), then the submitted consume gives
+/// back what it charged in full: the team ends with credits no event on disk gives it.
+#[test]
+fn a_failed_refund_undone_after_its_credits_were_spent_creates_credits() {
+    let dir = TempDir::new("faults-undo-refund-undo");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    // zed has no seat: every request is charged to @zed's credits.
+    engine.create_user("zed", "key-zed", at).expect("a user");
+    let one = [(Unit::Requests, 1)];
+    // What one request costs, from a twin.
+    let price = {
+        let twin = twin(tally_engine::Policy::token_plan());
+        twin.create_user("zed", "key-zed", at).unwrap();
+        twin.top_up("@zed", 1_000_000, at).unwrap();
+        credits_charge(
+            &twin
+                .consume(&UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS))
+                .unwrap(),
+        )
+    };
+    assert!(price > 0);
+    engine.top_up("@zed", price, at).expect("a top-up");
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-zed", "m2.7", &one)
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("admitted");
+    assert_eq!(credits_charge(&first), price);
+    assert_eq!(engine.credits_micros("@zed").unwrap(), 0);
+    engine.sync().expect("durable");
+
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let refunded = std::thread::scope(|scope| {
+        let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 1)));
+        wait_until_flush_held(&faults);
+        // The refund's credits are back in memory, its event waiting for the held flush.
+        let start = Instant::now();
+        while engine.credits_micros("@zed").unwrap() != price
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(engine.credits_micros("@zed").unwrap(), price);
+        // Another request spends them, its event queued behind the refund's.
+        let request = UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS + 2);
+        let submitted = engine.submit(&request).expect("submitted");
+        assert_eq!(credits_charge(submitted.decision()), price);
+        faults.release_flushes();
+        let refunded = refund.join().expect("no panic");
+        // The refund was undone first; now the submission is completed (and undone).
+        let completed = submitted.complete();
+        assert!(
+            matches!(completed, Err(Error::Storage { .. })),
+            "the submission fails with the log: {completed:?}"
+        );
+        refunded
+    });
+    assert!(
+        matches!(refunded, Err(Error::Storage { .. })),
+        "the refund fails: {refunded:?}"
+    );
+    let in_memory = engine.credits_micros("@zed").unwrap();
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = engine.credits_micros("@zed").unwrap();
+    assert_eq!(
+        on_disk, 0,
+        "on disk: r1 charged everything, nothing else stands"
+    );
+    assert_eq!(
+        in_memory, on_disk,
+        "in memory after both failed calls were undone, as on disk"
+    );
+}
+
+/// The same through a void: a credits hold voided gives its credits back, a submitted consume
+/// spends them before the void's event is durable, the flush fails. The void's undo
+/// (`take_back`, `force_charge`) stops at zero, then the consume gives back its charge in
+/// full: the reopened database has the reservation open and no credits, memory has the
+/// reservation open and the credits too.
+#[test]
+fn a_failed_void_undone_after_its_credits_were_spent_creates_credits() {
+    let dir = TempDir::new("faults-undo-void-undo");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    engine.create_user("zed", "key-zed", at).expect("a user");
+    let one = [(Unit::Requests, 1)];
+    let price = {
+        let twin = twin(tally_engine::Policy::token_plan());
+        twin.create_user("zed", "key-zed", at).unwrap();
+        twin.top_up("@zed", 1_000_000, at).unwrap();
+        credits_charge(
+            &twin
+                .consume(&UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS))
+                .unwrap(),
+        )
+    };
+    engine.top_up("@zed", price, at).expect("a top-up");
+    let reserved = engine
+        .reserve(
+            &UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS),
+            Some(HOUR_MS),
+        )
+        .expect("reserve");
+    let id = reserved.reservation.expect("a credits hold");
+    assert_eq!(
+        engine.credits_micros("@zed").unwrap(),
+        0,
+        "the hold took it all"
+    );
+    engine.sync().expect("durable");
+
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let voided = std::thread::scope(|scope| {
+        let void = scope.spawn(|| engine.void(id, Some(T0_MS + 1)));
+        wait_until_flush_held(&faults);
+        let start = Instant::now();
+        while engine.credits_micros("@zed").unwrap() != price
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(engine.credits_micros("@zed").unwrap(), price);
+        let request = UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS + 2);
+        let submitted = engine.submit(&request).expect("submitted");
+        assert_eq!(credits_charge(submitted.decision()), price);
+        faults.release_flushes();
+        let voided = void.join().expect("no panic");
+        let completed = submitted.complete();
+        assert!(
+            matches!(completed, Err(Error::Storage { .. })),
+            "the submission fails with the log: {completed:?}"
+        );
+        voided
+    });
+    assert!(
+        matches!(voided, Err(Error::Storage { .. })),
+        "the void fails: {voided:?}"
+    );
+    let in_memory = (
+        engine.credits_micros("@zed").unwrap(),
+        engine.open_reservations(),
+    );
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = (
+        engine.credits_micros("@zed").unwrap(),
+        engine.open_reservations(),
+    );
+    assert_eq!(
+        on_disk,
+        (0, 1),
+        "on disk: the hold stands and took everything"
+    );
+    assert_eq!(
+        in_memory, on_disk,
+        "in memory after the failed calls, as on disk"
+    );
+}
+
+/// No race at all: a settle of a credits hold that trades units (less of one, more of
+/// another) and pays its extra with what the hold gives back (`refund_and_charge`, the
+/// balance alone being short) fails to log. Its undo takes back what the hold gave back first
+/// (`force_charge`, stopping at zero, though the balance then holds only the give-back less
+/// the extra's price), then gives back the extra's price in full: the team gains credits.
+#[test]
+fn a_failed_settle_paying_its_extra_with_the_hold_is_undone_into_more_credits() {
+    let dir = TempDir::new("faults-undo-settle-undo");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    engine.create_user("zed", "key-zed", at).expect("a user");
+    // m2.7: 2,000 micros a request, 1 a token.
+    let estimate = [(Unit::Requests, 1), (Unit::Tokens, 5_000)];
+    engine.top_up("@zed", 7_000, at).expect("a top-up");
+    let reserved = engine
+        .reserve(
+            &UsageRequest::new("key-zed", "m2.7", &estimate).at(T0_MS),
+            Some(HOUR_MS),
+        )
+        .expect("reserve");
+    let id = reserved.reservation.expect("a credits hold");
+    assert_eq!(
+        engine.credits_micros("@zed").unwrap(),
+        0,
+        "the hold took it all"
+    );
+    engine.sync().expect("durable");
+    let before = state(&engine, &["key-zed"], &["@zed"], T0_MS + 1);
+
+    // Without a fault the settle is admitted: the 5,000 tokens given back pay the 2,000 of the
+    // second request (a twin shows it).
+    {
+        let twin = twin(tally_engine::Policy::token_plan());
+        twin.create_user("zed", "key-zed", at).unwrap();
+        twin.top_up("@zed", 7_000, at).unwrap();
+        let id = twin
+            .reserve(
+                &UsageRequest::new("key-zed", "m2.7", &estimate).at(T0_MS),
+                Some(HOUR_MS),
+            )
+            .unwrap()
+            .reservation
+            .unwrap();
+        let settled = twin.settle(id, &[(Unit::Requests, 2)], Some(T0_MS + 1));
+        assert!(
+            matches!(settled, Ok(SettleOutcome::Settled(_))),
+            "{settled:?}"
+        );
+        assert_eq!(twin.credits_micros("@zed").unwrap(), 3_000);
+    }
+
+    faults.fail_next_flushes(1);
+    let settled = engine.settle(id, &[(Unit::Requests, 2)], Some(T0_MS + 1));
+    assert!(
+        matches!(settled, Err(Error::Storage { .. })),
+        "the settle fails: {settled:?}"
+    );
+    let in_memory = state(&engine, &["key-zed"], &["@zed"], T0_MS + 1);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = state(&engine, &["key-zed"], &["@zed"], T0_MS + 1);
+    assert_same_state(
+        &on_disk,
+        &before,
+        "on disk: the hold stands, as before the settle",
+    );
+    assert_same_state(&in_memory, &before, "in memory after the failed settle");
+}
