@@ -543,12 +543,12 @@ impl Engine {
         // Leases that ended by the clock's now (not this request's stamp: one request stamped
         // far ahead must not expire everyone's reservations).
         self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
-        if table.open.len() >= self.reservations.capacity {
-            return Err(Error::CapacityExceeded {
-                what: "reservations",
-                capacity: self.reservations.capacity as u64,
-            });
-        }
+        // A full table refuses a new reservation, but only once the request could hold one:
+        // its own error (an unknown resource, units it does not meter) and the denial of a key
+        // that is not valid (unknown, revoked) answer first, as with room, where none of them
+        // takes a place (as the request-id table answers, `Engine::key_refusal`: a gateway
+        // answers a full table 503, an unknown key 401).
+        let full = table.open.len() >= self.reservations.capacity;
         let id = ReservationId(NonZeroU64::new(table.next_id + 1).unwrap_or(NonZeroU64::MIN));
         let expires_at_ms = at_ms.saturating_add(lease_ms);
         let journal = self.journal();
@@ -560,6 +560,12 @@ impl Engine {
             if state.revoked {
                 // Before its open reservations are counted: a revoked key is not at its agents.
                 return Ok((Decision::denied(DenialReason::KeyRevoked), None, None));
+            }
+            if full {
+                return Err(Error::CapacityExceeded {
+                    what: "reservations",
+                    capacity: self.reservations.capacity as u64,
+                });
             }
             let plan = state.seat.map(|seat| policy.plan(seat));
             let maximum = plan.and_then(|plan| plan.max_open_reservations);
