@@ -4314,28 +4314,17 @@ fn opening_refuses_a_reservation_on_no_key_or_under_an_open_id() {
 }
 
 /// `verify` replays the events after the latest snapshot even when something else is wrong
-/// (here the snapshot does not match a replay under other options): a tail that an open refuses
-/// is reported beside that, not hidden behind it.
+/// (here the snapshot does not match a replay: a top-up before it was rewritten): a tail that
+/// an open refuses is reported beside that, not hidden behind it.
 #[test]
 fn verify_reports_a_tail_an_open_refuses_beside_a_snapshot_mismatch() {
     let dir = TempDir::new("verify-tail-and-mismatch");
-    let options = OpenOptions {
-        engine: tally_engine::EngineOptions {
-            max_policy_generations: 2,
-            ..tally_engine::EngineOptions::default()
-        },
-        ..sync_options()
-    };
-    let engine = open(dir.path(), Policy::token_plan(), options);
-    for swap in 0..4 {
-        engine
-            .swap_policy(Policy::token_plan(), Some(T0_MS + swap))
-            .expect("swap");
-    }
+    let engine = open(dir.path(), Policy::token_plan(), sync_options());
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 1_000, Some(T0_MS)).unwrap();
     let checkpointed = engine.checkpoint().expect("checkpoint");
     // The tail: a seated user's admission, its receipt then rewritten to a counter its plan
     // does not have.
-    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
     engine
         .assign_seat("@ada", "ada", "Max", Some(T0_MS))
         .unwrap();
@@ -4343,11 +4332,19 @@ fn verify_reports_a_tail_an_open_refuses_beside_a_snapshot_mismatch() {
     let request = UsageRequest::new("key-ada", "m2.7", &quantities).at(T0_MS + 10);
     assert!(engine.consume(&request).unwrap().is_admitted());
     drop(engine);
+    let topped_up = rewrite_event(dir.path(), false, |body| match body {
+        EventBody::CreditsToppedUp { micros, .. } => {
+            *micros = 999;
+            true
+        }
+        _ => false,
+    });
+    assert!(topped_up <= checkpointed, "before the snapshot");
     let seq = rewrite_event(dir.path(), false, hold_on_counter_200);
     assert!(seq > checkpointed, "in the tail");
 
-    // Under the defaults (1,024 generations kept) the snapshot does not match a replay, and
-    // the tail's event is refused: both are reported.
+    // The snapshot (1,000 micros) does not match a replay (999), and the tail's event is
+    // refused: both are reported.
     let report = Engine::verify(dir.path(), sync_options()).expect("verify runs");
     assert_eq!(report.snapshot_matches_replay, Some(false), "{report:?}");
     assert!(

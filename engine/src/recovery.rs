@@ -2435,10 +2435,17 @@ fn verify_snapshot(
         )));
     }
     let policy = Policy::token_plan();
+    // Every generation the replay passes through is kept (`normalized` then compares only the
+    // ones the snapshot kept): the snapshots were taken under the bound of their time, which
+    // an open since may have raised or lowered (the recorded options are the latest), and a
+    // replay under another bound let go of other generations than the live engine did.
     let engine = Engine::new(
         policy,
         Arc::new(crate::clock::ManualClock::new(0)),
-        options.engine,
+        crate::EngineOptions {
+            max_policy_generations: crate::options::MAX_POLICY_GENERATIONS,
+            ..options.engine
+        },
     )?;
     let from = match &base {
         Some(snapshot) => {
@@ -2735,6 +2742,17 @@ fn normalized<'a>(snapshot: &Snapshot<'a>, reference: &Snapshot<'_>) -> Snapshot
             })
     };
     out.newest_at_ms = 0;
+    // The policy generations the reference let go (`max_policy_generations`, the bound of its
+    // time) are let go here too: `verify`'s replay keeps them all.
+    for (generation, document) in out.policies.iter_mut().enumerate() {
+        if reference
+            .policies
+            .get(generation)
+            .is_some_and(Option::is_none)
+        {
+            *document = None;
+        }
+    }
     // A snapshot an older build wrote says its own format version (one this build reads):
     // the state is what is compared.
     out.version = FORMAT_VERSION;
