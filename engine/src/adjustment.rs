@@ -59,6 +59,42 @@ pub struct AdjustedLimit {
     pub moved: u64,
 }
 
+/// When the credits a give-back returns reach the team's balance (`give_back_in`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CreditsBack {
+    /// At once: an undo of an effect whose event could not be logged (the log has failed:
+    /// no later event becomes durable either), or a give-back of units alone.
+    Now,
+    /// Once the give-back's event is appended (`CreditsLater`).
+    Later,
+}
+
+/// Credits a give-back (a refund, or a reservation's close) returns to the team, paid only once
+/// its event is appended (`Engine::pay_later`). Any request that spends them is then decided
+/// after that append, so its event comes after the give-back's in the log: it is durable only
+/// if the give-back is, and a replay applies the give-back first. Paid before the append, they
+/// could be spent by a request logged (and made durable) ahead of it; a failed write of the
+/// give-back then left the log holding a charge no logged credit paid for, and the database
+/// refused to open ("the log's credits sum to a negative balance").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct CreditsLater {
+    /// Micro-credits given back (the event's `GivenBack::credits_micros`).
+    pub given: u64,
+    /// What a settle's extra, paid with them, costs (at most `given`), taken in the same step.
+    pub price: u64,
+}
+
+impl CreditsLater {
+    /// What `given` moved before its append: all of it but these credits (an undo then takes
+    /// back only that).
+    pub(crate) fn moved_before_append(&self, given: &GivenBack) -> GivenBack {
+        GivenBack {
+            credits_micros: given.credits_micros - self.given,
+            ..given.clone()
+        }
+    }
+}
+
 impl Engine {
     /// Refunds a request admitted with `request_id`, in full. Refunding twice is an error.
     /// Credits and pay-as-you-go spend come back whole; plan usage comes back only where it
@@ -136,6 +172,7 @@ impl Engine {
             // units in flight in the same word as those recorded, and a refund that finds
             // fewer recorded than its receipt took (a correction removed some) took the
             // in-flight ones as its own under the read lock.
+            // Its credits reach the team only once its event is appended (`CreditsLater`).
             let given_back = self.give_back_locked(
                 true,
                 fingerprint.key,
@@ -144,13 +181,29 @@ impl Engine {
                 &fingerprint.quantities,
                 true,
                 Some(at_ms),
+                CreditsBack::Later,
             );
+            let later = CreditsLater {
+                given: given_back.credits_micros,
+                price: 0,
+            };
+            if let Some(journal) = self.journal() {
+                journal.hold_give_back();
+            }
             let body = EventBody::Refunded {
                 request_id: request_id.into(),
                 key: fingerprint.key.to_string(),
                 given_back: given_back.clone(),
             };
-            if let Err(error) = self.commit(at_ms, body) {
+            let seq = match self.append_event(at_ms, body) {
+                Ok(seq) => seq,
+                Err(error) => {
+                    self.take_back(fingerprint.key, &later.moved_before_append(&given_back));
+                    return Err(error);
+                }
+            };
+            self.pay_later(fingerprint.key, later);
+            if let Err(error) = self.wait_event(seq) {
                 self.take_back(fingerprint.key, &given_back);
                 return Err(error);
             }
@@ -163,7 +216,7 @@ impl Engine {
     }
 
     /// Gives back `quantities` (at most what the receipt moved), locking the key's shard.
-    /// `whole` and `as_of_ms` as in `give_back_in`.
+    /// `whole` and `as_of_ms` as in `give_back_in`; credits at once (an undo's give-back).
     pub(crate) fn give_back(
         &self,
         key: &str,
@@ -173,12 +226,61 @@ impl Engine {
         whole: bool,
         as_of_ms: Option<u64>,
     ) -> GivenBack {
-        self.give_back_locked(false, key, resource, receipt, quantities, whole, as_of_ms)
+        self.give_back_locked(
+            false,
+            key,
+            resource,
+            receipt,
+            quantities,
+            whole,
+            as_of_ms,
+            CreditsBack::Now,
+        )
+    }
+
+    /// `give_back`, but the credits it gives back are only worked out, not added to the
+    /// team's balance (`CreditsLater`): for a close, which appends its event next.
+    pub(crate) fn give_back_before_append(
+        &self,
+        key: &str,
+        resource: &str,
+        receipt: &Receipt,
+        quantities: &Quantities,
+        whole: bool,
+        as_of_ms: Option<u64>,
+    ) -> GivenBack {
+        self.give_back_locked(
+            false,
+            key,
+            resource,
+            receipt,
+            quantities,
+            whole,
+            as_of_ms,
+            CreditsBack::Later,
+        )
+    }
+
+    /// Pays the team of `key` what a give-back left for after its event's append
+    /// (`CreditsLater`), once that event is appended (or at once without a log).
+    pub(crate) fn pay_later(&self, key: &str, later: CreditsLater) {
+        if later == CreditsLater::default() {
+            return;
+        }
+        self.keys.read(key, |_, state| {
+            if let Some(state) = state {
+                // Net credits (`given >= price`): refused only past `u64::MAX`, which a balance
+                // plus what was charged to it never reaches (`MAX_CREDITS_MICROS`), and
+                // `give_back_in` checked the balance had room for them.
+                let paid = state.team.refund_and_charge(later.given, later.price);
+                debug_assert!(paid.is_ok(), "credits given back overflow the balance");
+            }
+        });
     }
 
     /// `give_back`, with the key's shard write-locked if `exclusive` or if the receipt holds
     /// units in a calendar period a correction left short (no admission in flight on the key
-    /// meanwhile), else read-locked.
+    /// meanwhile), else read-locked; credits as `credits` says.
     #[allow(clippy::too_many_arguments)]
     fn give_back_locked(
         &self,
@@ -189,6 +291,7 @@ impl Engine {
         quantities: &Quantities,
         whole: bool,
         as_of_ms: Option<u64>,
+        credits: CreditsBack,
     ) -> GivenBack {
         let (then, later) = self.policy_lineage(receipt.generation);
         let give = |policy: &Policy, state: Option<&KeyState>| match state {
@@ -201,6 +304,7 @@ impl Engine {
                 quantities,
                 whole,
                 as_of_ms,
+                credits,
             ),
             _ => GivenBack {
                 generation: policy.generation,
@@ -752,6 +856,10 @@ fn holds_in_short_period(then: Option<&Policy>, receipt: &Receipt, state: &KeySt
 /// back (its counters cannot be found), and credits or pay-as-you-go spend only when `whole`
 /// says `quantities` are everything the receipt moved (a refund, a void, an undo), as the
 /// receipt's charge, since no part of it can be priced.
+///
+/// Credits reach the team's balance at once if `credits` is `Now` (an undo), else they are
+/// only worked out and recorded, for the caller to pay once its event is appended
+/// (`CreditsLater`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn give_back_in(
     then: Option<(&Policy, &[Arc<Policy>])>,
@@ -762,6 +870,7 @@ pub(crate) fn give_back_in(
     quantities: &Quantities,
     whole: bool,
     as_of_ms: Option<u64>,
+    credits: CreditsBack,
 ) -> GivenBack {
     let mut given = GivenBack {
         generation: policy.generation,
@@ -773,7 +882,7 @@ pub(crate) fn give_back_in(
         let then = then.map(|(then, _)| then);
         let back = charge_given_back(then, resource, receipt, quantities, whole);
         if back > 0 {
-            give_back_charge(state, receipt, back, &mut given);
+            give_back_charge(state, receipt, back, credits, &mut given);
         }
         return given;
     }
@@ -834,12 +943,22 @@ pub(crate) fn charge_given_back(
 }
 
 /// Gives back `back` (from `charge_given_back`) of the credits or pay-as-you-go spend
-/// `receipt` charged.
-fn give_back_charge(state: &KeyState, receipt: &Receipt, back: u64, given: &mut GivenBack) {
+/// `receipt` charged; credits as `credits` says.
+fn give_back_charge(
+    state: &KeyState,
+    receipt: &Receipt,
+    back: u64,
+    credits: CreditsBack,
+    given: &mut GivenBack,
+) {
     match receipt.charged_to {
         ChargedTo::PlanQuota { .. } => {}
         ChargedTo::Credits { .. } => {
-            if state.team.refund(back).is_some() {
+            let room = match credits {
+                CreditsBack::Now => state.team.refund(back).is_some(),
+                CreditsBack::Later => state.team.balance_micros().checked_add(back).is_some(),
+            };
+            if room {
                 given.credits_micros = back;
             }
         }

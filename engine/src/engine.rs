@@ -1982,6 +1982,7 @@ impl Engine {
                             quantities,
                             true,
                             None,
+                            crate::adjustment::CreditsBack::Now,
                         );
                         Err(error)
                     }

@@ -246,6 +246,9 @@ pub struct Faults {
     flushes: Hold,
     /// Reads of the log files (see `hold_scans`).
     scans: Hold,
+    /// Refunds and reservation closes between their give-back and their append (see
+    /// `hold_give_backs`).
+    give_backs: Hold,
 }
 
 /// A test's pause of one kind of step: while on, each step that reaches it waits (polling: a
@@ -345,6 +348,22 @@ impl Faults {
     /// How many reads of the log files have waited at the hold so far.
     pub fn scans_held(&self) -> u64 {
         self.scans.held()
+    }
+
+    /// A refund or a reservation's close (settle, void, expiry) waits once it has given back
+    /// in memory what it frees, just before it appends its event, until `release_give_backs`:
+    /// a test's window for other requests to act (and be logged) between the two.
+    pub fn hold_give_backs(&self) {
+        self.give_backs.set(true);
+    }
+
+    pub fn release_give_backs(&self) {
+        self.give_backs.set(false);
+    }
+
+    /// How many refunds and closes have waited at the hold so far.
+    pub fn give_backs_held(&self) -> u64 {
+        self.give_backs.held()
     }
 
     fn take(counter: &AtomicU64) -> bool {
@@ -1931,6 +1950,14 @@ impl EventLog {
         self.syncer.flush(&self.db)?;
         self.format_upgrade_pending.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// A refund's or a close's pause between its give-back and its append, if a test holds
+    /// them (`Faults::hold_give_backs`).
+    pub(crate) fn hold_give_back(&self) {
+        if let Some(faults) = self.shared.faults.as_deref() {
+            faults.give_backs.wait();
+        }
     }
 
     /// Queues an encoded event body; returns its sequence number. Fails at once if the log has

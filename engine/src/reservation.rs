@@ -289,6 +289,7 @@ impl ReservationInner {
 // Expiry closes reservations and waits while holding the lock (it runs inside other calls that
 // hold it): it appends every overdue close first, so they share one flush.
 
+use crate::adjustment::{CreditsBack, CreditsLater};
 use crate::admission::{
     over_maximum, price_micros, try_credits, Amounts, Decision, DenialReason, Mode,
 };
@@ -320,6 +321,9 @@ struct Closing {
     given_back: GivenBack,
     /// What a settle charged beyond the estimate, and where.
     extra: Option<(Receipt, Quantities)>,
+    /// Credits `given_back` holds (and an extra they pay for) not yet moved: they are, once
+    /// the closing event is appended (`CreditsLater`); then nothing.
+    later: CreditsLater,
     /// The closing event's sequence number; 0 without a log.
     seq: u64,
 }
@@ -371,11 +375,14 @@ fn decide_extra(
 /// Pays a settle's `extra`, which the team's balance alone could not (`denial`), with the
 /// balance and `back` (what the credits hold gives back of its unused estimate) together, in
 /// one step (`Team::refund_and_charge`): no other key of the team can take the credits given
-/// back before the extra is paid. Admitted, it returns the extra's receipt and what was given
-/// back (for the close to log, instead of giving it back again); refused, `denial` with the
-/// credits it needs beside the hold (insufficient credits of the balance and `back` together,
-/// not "no resources" when the balance alone was empty nor the balance alone when it was
-/// short), and nothing changed.
+/// back before the extra is paid. If `back` pays for it alone, nothing moves yet: the rest of
+/// `back` reaches the balance once the close is appended (`CreditsLater`, returned), as any
+/// close's credits do; else the balance pays the difference now. Admitted, it returns the
+/// extra's receipt and what was given back (for the close to log, instead of giving it back
+/// again); refused, `denial` with the credits it needs beside the hold (insufficient credits
+/// of the balance and `back` together, not "no resources" when the balance alone was empty
+/// nor the balance alone when it was short), and nothing changed.
+#[allow(clippy::type_complexity)]
 fn pay_extra_with_the_hold(
     policy: &crate::policy::Policy,
     state: &crate::accounts::KeyState,
@@ -384,15 +391,31 @@ fn pay_extra_with_the_hold(
     back: u64,
     mut denial: crate::admission::Denial,
     at_ms: u64,
-) -> Result<(Decision, Option<Receipt>, Option<GivenBack>), Error> {
+) -> Result<(Decision, Option<Receipt>, Option<(GivenBack, CreditsLater)>), Error> {
     // Unpriced, the extra could not go to credits; with nothing given back, the balance alone
     // just refused it. A pay-as-you-go key never draws on credits.
     let price = price_micros(policy, resource, extra)?;
     let (Some(price), 1.., crate::accounts::KeyKind::Plan) = (price, back, state.kind) else {
         return Ok((Decision::Denied(denial), None, None));
     };
-    match state.team.refund_and_charge(back, price) {
-        Ok(after) => {
+    let balance = state.team.balance_micros();
+    let paid = match back.checked_sub(price) {
+        // The balance after, once the rest is paid (as `refund_and_charge` would refuse it,
+        // past `u64::MAX`).
+        Some(rest) => balance
+            .checked_add(rest)
+            .map(|after| {
+                let later = CreditsLater { given: back, price };
+                (after, later)
+            })
+            .ok_or(balance),
+        None => state
+            .team
+            .refund_and_charge(back, price)
+            .map(|after| (after, CreditsLater::default())),
+    };
+    match paid {
+        Ok((after, later)) => {
             let charged_to = ChargedTo::Credits { micros: price };
             let admission = crate::admission::Admission {
                 charged_to,
@@ -411,7 +434,11 @@ fn pay_extra_with_the_hold(
                 credits_micros: back,
                 ..GivenBack::default()
             };
-            Ok((Decision::Admitted(admission), Some(receipt), Some(given)))
+            Ok((
+                Decision::Admitted(admission),
+                Some(receipt),
+                Some((given, later)),
+            ))
         }
         Err(balance) => {
             if matches!(
@@ -611,6 +638,7 @@ impl Engine {
                         &estimate,
                         true,
                         None,
+                        CreditsBack::Now,
                     );
                     state.close_reservation();
                     Err(error)
@@ -730,7 +758,7 @@ impl Engine {
                     whole,
                     at_ms,
                 )?;
-                released_first = given;
+                released_first = given.map(|given| (given, CreditsLater::default()));
                 (decision, receipt)
             } else {
                 // A credits hold trading units pays its extra with what it gives back of the
@@ -806,6 +834,7 @@ impl Engine {
             if let Some(reason) = over_maximums(policy, state, resource, actual) {
                 return Ok((Decision::denied(reason), None, None));
             }
+            // A plan-quota hold: units only, no credits to pay after the append.
             let given = crate::adjustment::give_back_in(
                 then.as_deref().map(|then| (then, &later[..])),
                 policy,
@@ -815,6 +844,7 @@ impl Engine {
                 released,
                 whole,
                 Some(at_ms),
+                CreditsBack::Now,
             );
             match decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume) {
                 Ok((decision @ Decision::Admitted(_), receipt)) => {
@@ -837,7 +867,9 @@ impl Engine {
     /// With `released` (the settle also gives back part of the estimate, `whole` as in
     /// `give_back_in`), an extra of a credits hold that the balance alone cannot pay is paid
     /// with the balance and what the hold gives back together (`pay_extra_with_the_hold`).
-    /// Returns the extra's decision and receipt, and what was given back with it, if it was.
+    /// Returns the extra's decision and receipt, and what was given back with it, if it was
+    /// (with the credits still to move once the close is appended).
+    #[allow(clippy::type_complexity)]
     fn charge_extra(
         &self,
         reservation: &Reservation,
@@ -845,7 +877,7 @@ impl Engine {
         extra: &Quantities,
         released: Option<(&Quantities, bool)>,
         at_ms: u64,
-    ) -> Result<(Decision, Option<Receipt>, Option<GivenBack>), Error> {
+    ) -> Result<(Decision, Option<Receipt>, Option<(GivenBack, CreditsLater)>), Error> {
         // The hold's policy, looked up outside the key's shard lock (the policy list is
         // locked before the shards, never after).
         let then = match (released, reservation.receipt.charged_to) {
@@ -957,7 +989,11 @@ impl Engine {
     }
 
     /// `begin_close`, where `given` is what was already given back of `released` (by
-    /// `release_then_charge_extra`), if it was.
+    /// `release_then_charge_extra` or `charge_extra`), if it was, with the credits still to
+    /// move.
+    ///
+    /// The credits a close gives back reach the team only once its event is appended
+    /// (`CreditsLater`): a request they pay for comes after the close in the log.
     #[allow(clippy::too_many_arguments)]
     fn begin_close_given(
         &self,
@@ -965,30 +1001,37 @@ impl Engine {
         id: ReservationId,
         reservation: Reservation,
         released: &Quantities,
-        given: Option<GivenBack>,
+        given: Option<(GivenBack, CreditsLater)>,
         extra: Option<(Receipt, Quantities)>,
         end: ReservationEnd,
         at_ms: u64,
     ) -> Result<Closing, Error> {
         let closed = Closed::from(&end);
-        let given_back = given.unwrap_or_else(|| {
-            self.give_back(
+        let (given_back, later) = given.unwrap_or_else(|| {
+            let given = self.give_back_before_append(
                 &reservation.key,
                 &reservation.resource,
                 &reservation.receipt,
                 released,
                 *released == reservation.estimate,
                 Some(at_ms),
-            )
+            );
+            let later = CreditsLater {
+                given: given.credits_micros,
+                price: 0,
+            };
+            (given, later)
         });
         let mut closing = Closing {
             id,
             reservation,
             given_back,
             extra,
+            later,
             seq: 0,
         };
         if let Some(journal) = self.journal() {
+            journal.hold_give_back();
             let body = EventBody::ReservationClosed {
                 reservation: id.get(),
                 key: closing.reservation.key.to_string(),
@@ -1004,6 +1047,8 @@ impl Engine {
             }
             self.note_event_time(at_ms);
         }
+        self.pay_later(&closing.reservation.key, closing.later);
+        closing.later = CreditsLater::default();
         table.remove_open(id.get());
         table.close(id.get(), closed, at_ms, closing.seq);
         Ok(closing)
@@ -1044,19 +1089,25 @@ impl Engine {
     /// hold gave back (`refund_and_charge`): the balance then holds the give-back less the
     /// extra's price, and taking the give-back first (`force_charge`, which stops at zero)
     /// took back less than was given, leaving the team with credits no event gave it.
+    ///
+    /// Credits not yet moved (`Closing::later`: the append failed) are left out: the ones given
+    /// back, and an extra paid with them (a credits receipt, nothing else to give back).
     fn undo_close(&self, closing: &Closing) {
         let reservation = &closing.reservation;
         if let Some((receipt, extra)) = &closing.extra {
-            self.give_back(
-                &reservation.key,
-                &reservation.resource,
-                receipt,
-                extra,
-                true,
-                None,
-            );
+            if closing.later.price == 0 {
+                self.give_back(
+                    &reservation.key,
+                    &reservation.resource,
+                    receipt,
+                    extra,
+                    true,
+                    None,
+                );
+            }
         }
-        self.take_back(&reservation.key, &closing.given_back);
+        let moved = closing.later.moved_before_append(&closing.given_back);
+        self.take_back(&reservation.key, &moved);
     }
 
     /// Expires every reservation whose lease ended at or before `at_ms`, freeing what it held;
