@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tally_engine::log::holds_only_database_entries;
 use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions, Policy};
 
 /// The operator commands' database, in the working directory.
@@ -218,12 +219,15 @@ fn made_by_another(failure: &Error) -> bool {
 }
 
 /// Checks that `path` may be opened: an existing database, or (when `create` is true) a path
-/// that is missing or an empty directory. Returns whether the database is new.
+/// that is missing, an empty directory, or a database whose creation was cut short. Returns
+/// whether the database is new.
 pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
     if is_database(path) {
         return Ok(false);
     }
-    if !is_vacant(path) {
+    // A database whose creation was cut short (nothing but what a database holds, sled's
+    // `db` or `conf` missing) holds nothing yet: made anew, as `Engine::open` makes it.
+    if !is_vacant(path) && !holds_only_database_entries(path) {
         return Err(format!(
             "{} exists and is not a tally database",
             path.display()

@@ -16,8 +16,9 @@ use crate::window::{prefetch, CalendarCounter, RollingWindow};
 #[derive(Debug)]
 pub struct Team {
     pub name: Box<str>,
-    // AcqRel CAS: the balance is one word; a charge succeeds only against the value it replaced,
-    // so concurrent charges can never take it below zero.
+    // CAS (SeqCst where it adds credits: see `in_debt`): the balance is one word; a charge
+    // succeeds only against the value it replaced, so concurrent charges can never take it
+    // below zero.
     credits_micros: AtomicU64,
     // Relaxed: a statistic (total charged so far), read only for reports.
     charged_micros: AtomicU64,
@@ -104,9 +105,13 @@ impl Team {
     /// replaces.
     #[inline]
     fn move_balance(&self, to: impl Fn(u64) -> Option<u64>) -> Result<u64, u64> {
-        // AcqRel CAS: the new balance is checked against the one it replaces.
+        // A CAS: the new balance is checked against the one it replaces. SeqCst, not AcqRel:
+        // `refund_and_charge` adds credits through here, and an addition must be SeqCst to
+        // pair with `in_debt` (an AcqRel one and the debt's SeqCst store and load of the
+        // balance may each miss the other: store buffering). The same instructions on x86 and
+        // ARMv8 for a read-modify-write.
         self.credits_micros
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, &to)
+            .fetch_update(Ordering::SeqCst, Ordering::Acquire, &to)
             .map(|before| to(before).unwrap_or_else(|| unreachable!("just accepted")))
     }
 

@@ -3149,20 +3149,16 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
     if !dir.is_dir() {
         return Err(storage(dir.display(), "is not a directory"));
     }
-    let entries: Vec<_> = std::fs::read_dir(dir)
+    let is_empty = std::fs::read_dir(dir)
         .map_err(|error| storage(format!("reading {}", dir.display()), error))?
-        .filter_map(Result::ok)
-        .collect();
-    let names: Vec<String> = entries
-        .iter()
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
+        .next()
+        .is_none();
     // A database: sled's `db` and `conf` files, or nothing but what a database holds (one
     // whose creation was cut short). A name alone is not enough: a project folder with a `db`
     // directory, or a folder of the operator's files with a `conf` among them, was taken for
     // one, and sled wrote (or overwrote) its files into it.
     let sled_files = dir.join("db").is_file() && dir.join("conf").is_file();
-    if !names.is_empty() && !sled_files && !names.iter().all(|name| of_a_database(name)) {
+    if !is_empty && !sled_files && !holds_only_database_entries(dir) {
         return Err(storage(
             dir.display(),
             "exists and holds files that are not a tally database; choose an empty or new directory",
@@ -3171,13 +3167,28 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether a directory entry named `name` is one a tally database holds: sled's files, the
-/// log's segments and the snapshots, and the `quarantined-*` sled snapshot leftovers
-/// `open_sled` moved aside.
-fn of_a_database(name: &str) -> bool {
-    matches!(name, "db" | "conf" | "blobs" | EVENTS_DIR | SNAPSHOTS_DIR)
-        || name.starts_with("snap.")
-        || name.starts_with("quarantined-")
+/// Whether the directory `dir` holds nothing but entries a tally database holds (none at all
+/// too): what a database whose creation was cut short may hold, where a new one may be made.
+pub fn holds_only_database_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.into_iter().all(|entry| {
+            entry.is_ok_and(|entry| {
+                of_a_database(&entry.file_name().to_string_lossy(), entry.path().is_dir())
+            })
+        })
+    })
+}
+
+/// Whether a directory entry named `name` (a directory if `is_dir`) is one a tally database
+/// holds: sled's `db` and `conf` files and its `blobs` directory, the log's segments and the
+/// snapshots (directories), sled's `snap.*` files, and the `quarantined-*` sled snapshot
+/// leftovers `open_sled` moved aside. A `db` directory is a project's, not sled's.
+fn of_a_database(name: &str, is_dir: bool) -> bool {
+    match name {
+        "db" | "conf" => !is_dir,
+        "blobs" | EVENTS_DIR | SNAPSHOTS_DIR => is_dir,
+        _ => name.starts_with("snap.") || name.starts_with("quarantined-"),
+    }
 }
 
 /// Moves aside every `snap.*.generating` file; whether there was one. After a crash in the

@@ -1087,8 +1087,9 @@ impl Engine {
     /// Gives back what a close charged beyond the estimate, then takes back what it gave back:
     /// in that order, as the inverse of a settle that paid its extra with what its credits
     /// hold gave back (`refund_and_charge`): the balance then holds the give-back less the
-    /// extra's price, and taking the give-back first (`force_charge`, which stops at zero)
-    /// took back less than was given, leaving the team with credits no event gave it.
+    /// extra's price, so taking the give-back first (`force_charge`) would take more than the
+    /// balance may hold, a debt (`Team::debt_micros`) for the extra's give-back to pay: this
+    /// order needs none.
     ///
     /// Credits not yet moved (`Closing::later`: the append failed) are left out: the ones given
     /// back, and an extra paid with them (a credits receipt, nothing else to give back).

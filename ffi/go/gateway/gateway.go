@@ -281,6 +281,7 @@ type call struct {
 	reservation tally.ReservationID
 	estimate    uint64
 	fixed       []tally.Quantity // what a call not counted in tokens is charged (nil for tokens)
+	requests    bool             // a token call's hold counts the call: its resource meters requests
 	decision    tally.Decision
 	mutex       sync.Mutex
 	done        bool // settled or voided
@@ -334,6 +335,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
 	if estimate, ok := tokensOf(request.Quantities); ok && route.metering.tokens() {
 		c.estimate = estimate
+		_, c.requests = amountOf(request.Quantities, tally.Requests)
 	} else {
 		// Speech, images, and a token call on a model that meters no tokens: charged what
 		// was held, whatever the answer reports.
@@ -364,8 +366,13 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // tokensOf is the amount of tokens among quantities, if they hold tokens.
 func tokensOf(quantities []tally.Quantity) (uint64, bool) {
+	return amountOf(quantities, tally.Tokens)
+}
+
+// amountOf is the amount of unit among quantities, if they hold it.
+func amountOf(quantities []tally.Quantity, unit tally.Unit) (uint64, bool) {
 	for _, quantity := range quantities {
-		if quantity.Unit == tally.Tokens {
+		if quantity.Unit == unit {
 			return quantity.Amount, true
 		}
 	}

@@ -85,7 +85,7 @@ func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err erro
 	upstreamFailed(api, "the upstream could not be reached or failed").write(w, api)
 }
 
-// settle charges one request and the tokens the upstream reported (the estimate if it
+// settle charges one request (if held) and the tokens the upstream reported (the estimate if it
 // reported none); a call not counted in tokens, what it held. If more tokens than reserved no
 // longer fit, the estimate is charged: the tokens were spent either way. A call that outlived
 // its reservation's lease is charged by a usage correction (recordLate).
@@ -115,12 +115,18 @@ func (c *call) settle(counter tokenCounter) {
 	if tokens > tally.MaxQuantity {
 		tokens = tally.MaxQuantity
 	}
-	used := []tally.Quantity{{Unit: tally.Requests, Amount: 1}}
+	// One request if the hold counted it (a model metered by tokens alone holds none, and the
+	// engine refuses a unit its resource does not meter), as the Python middleware settles
+	// only the units it held.
+	var used []tally.Quantity
+	if c.requests {
+		used = append(used, tally.Quantity{Unit: tally.Requests, Amount: 1})
+	}
 	if tokens > 0 {
 		used = append(used, tally.Quantity{Unit: tally.Tokens, Amount: tokens})
 	}
 	decision, err := engine.Settle(c.reservation, used, at)
-	if err == nil && !decision.Admitted {
+	if err == nil && !decision.Admitted && tokens > 0 {
 		logger.Printf("tally-gateway: %d tokens beyond the estimate did not fit (%s); charging the estimate",
 			tokens, decision.Denial)
 		held := append([]tally.Quantity(nil), used...)

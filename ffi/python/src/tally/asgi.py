@@ -789,11 +789,21 @@ class QuotaMiddleware:
         }
         self._units_version = version
 
+    async def _units_current(self) -> None:
+        """Reads the units again if a swap changed the policy since they were read
+        (``Engine.policy_version``): through ``run_sync`` as every engine call, and an engine
+        that cannot answer (closed) is 503, as the Go gateway answers it."""
+        if self._units_version == self.engine.policy_version:
+            return
+        try:
+            await self._call(self.refresh_policy)
+        except errors.TallyError as error:
+            _log.error("tally: reading the policy failed: %s", error)
+            raise _unavailable(error) from None
+
     def _units_of(self, resource: str) -> set[str] | None:
-        """The units ``resource`` meters (``None``: the policy has no such resource), read again
-        once a swap changed the policy."""
-        if self._units_version != self.engine.policy_version:
-            self.refresh_policy()
+        """The units ``resource`` meters (``None``: the policy has no such resource), as last
+        read (``_units_current``)."""
         return self._resource_units.get(resource)
 
     def _now(self) -> int | None:
@@ -836,6 +846,7 @@ class QuotaMiddleware:
             body = await _read_body(receive)
             if body is None:
                 return  # the client went away
+            await self._units_current()
             metered = self._metered(key, route, body)
         except _Refusal as refusal:
             if refusal.status != 401:

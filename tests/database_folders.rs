@@ -1,0 +1,93 @@
+//! What a folder must hold to be opened as a database (`Engine::open`'s
+//! `prepare_directory`, the CLI's `store::is_database`).
+
+mod log_support;
+
+use std::path::Path;
+use std::process::Command;
+
+use log_support::*;
+use tally_engine::{Durability, Engine, Error, OpenOptions, Policy};
+
+fn open_none(dir: &Path) -> Result<Engine, Error> {
+    Engine::open(
+        dir,
+        Policy::token_plan(),
+        clock(),
+        OpenOptions {
+            durability: Durability::None,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+/// Every entry under `dir` (directories too) with a file's contents, in path order.
+fn entries(dir: &Path) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path.clone());
+                found.push((path, None));
+            } else {
+                let bytes = std::fs::read(&path).expect("read file");
+                found.push((path, Some(bytes)));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// A folder holding nothing but a `db` *directory* (a project's database scripts, say) is not
+/// a database cut short: sled's `db` is a file. The open must refuse it and leave it as it
+/// was, as it refuses a `db` directory beside other files; the names alone (`of_a_database`)
+/// took it for one, and sled wrote its files into it.
+#[test]
+fn a_folder_with_only_a_db_directory_is_refused_and_left_alone() {
+    let dir = TempDir::new("database-folders-db-directory");
+    let folder = dir.path().join("scripts");
+    std::fs::create_dir_all(folder.join("db")).expect("a db directory");
+    std::fs::write(folder.join("db").join("schema.sql"), "create table t;\n").expect("a file");
+    let before = entries(&folder);
+    let opened = open_none(&folder);
+    let after = entries(&folder);
+    assert_eq!(
+        after,
+        before,
+        "the folder was written into ({:?})",
+        opened.as_ref().err()
+    );
+    assert!(
+        matches!(&opened, Err(Error::Storage { problem })
+            if problem.contains("holds files that are not a tally database")),
+        "{:?}",
+        opened.as_ref().err()
+    );
+}
+
+/// A database whose creation was cut short (sled's `conf` and `blobs` only), which
+/// `Engine::open` opens (`options::a_folder_that_only_looks_like_a_database_is_refused_and_
+/// left_alone`), is one the CLI's operator commands open too: they must not call it "not a
+/// tally database", leaving the operator a folder only deleting by hand gets past.
+#[test]
+fn the_cli_opens_a_database_cut_short_as_the_engine_does() {
+    let dir = TempDir::new("database-folders-cli-cut-short");
+    let whole = dir.path().join("whole");
+    drop(open_none(&whole).expect("a new database"));
+    let cut_short = dir.path().join("cut-short");
+    std::fs::create_dir_all(cut_short.join("blobs")).expect("blobs");
+    std::fs::copy(whole.join("conf"), cut_short.join("conf")).expect("sled's conf");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["user", "ada", "tp-ada", "--db"])
+        .arg(&cut_short)
+        .output()
+        .expect("the tally binary runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
