@@ -318,8 +318,9 @@ type VerifyReport struct {
 // snapshot equals a replay.
 //
 // The replay must run with the options the database was opened with: the snapshot holds
-// what they keep (e.g. MaxPolicyGenerations policy generations), so a replay with other
-// options may not match it and a sound database is reported unsound. Without WithOptions
+// what their bounds allow (keys, users, teams, request ids, open reservations), so a replay
+// under smaller ones may refuse or not match it and a sound database is reported unsound (the
+// policy generations kept are compared on those the snapshot kept, whatever the bound). Without WithOptions
 // (the usual choice) it runs with those the database recorded when its owner last opened
 // it (the defaults if it recorded none); options given WithOptions are used as given (the zero
 // Options: the defaults; UseRecorded: the recorded ones where there are any). Bad options

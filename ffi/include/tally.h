@@ -1123,8 +1123,9 @@ tally_status tally_engine_compact(const struct tally_engine *engine,
 // Size query as for usage; on `TALLY_BUFFER_TOO_SMALL` `*sound_out` is not written.
 //
 // The replay must run with the options the database was opened with: the snapshot holds what
-// they keep (e.g. `max_policy_generations` policy generations), so a replay with other
-// options may not equal it and a sound database is reported unsound. `options` NULL (the
+// their bounds allow (keys, users, teams, request ids, open reservations), so a replay under
+// smaller ones may refuse or not equal it and a sound database is reported unsound (the
+// policy generations kept are compared on those the snapshot kept, whatever the bound). `options` NULL (the
 // usual choice) replays with the options the database recorded when its owner last opened
 // it, or the defaults if it recorded none (a database written before options were recorded).
 // Recorded options that do not decode or are out of range are one of the report's problems

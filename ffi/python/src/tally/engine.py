@@ -1089,8 +1089,9 @@ def _free_submission(handle: ctypes.c_void_p, owned: list[bool]) -> None:
 
 def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> VerifyReport:
     """Checks a database directory that no engine has open. The log is replayed with the
-    options the database was opened with, as the snapshot holds what they keep (e.g.
-    ``max_policy_generations``) and a replay with others may not match it: ``None`` (the
+    options the database was opened with, as the snapshot holds what their bounds allow (keys,
+    request ids, open reservations) and a replay under smaller ones may refuse or not match it
+    (the policy generations kept are compared on those the snapshot kept): ``None`` (the
     usual choice) reads those the database recorded when its owner last opened it (the
     defaults if it recorded none); a ``tally.Options`` is used as given (``Options()``: the
     defaults; ``use_recorded=True``: the recorded ones where there are any)."""
