@@ -1,5 +1,5 @@
 //! What a folder must hold to be opened as a database (`Engine::open`'s
-//! `prepare_directory`, the CLI's `store::is_database`).
+//! `prepare_directory`, the CLI's `store::is_database`, `verify`'s read-only open).
 
 mod log_support;
 
@@ -90,4 +90,24 @@ fn the_cli_opens_a_database_cut_short_as_the_engine_does() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// `verify` and `recorded_options` read a database and never make one: a folder holding only a
+/// `conf` file (the operator's, or sled's from a creation cut short) is none, and is left as it
+/// was. One name alone let it through to sled, which may rewrite that file.
+#[test]
+fn reading_a_folder_with_a_conf_file_alone_finds_no_database_and_leaves_it() {
+    let dir = TempDir::new("database-folders-conf-alone");
+    let folder = dir.path().join("settings");
+    std::fs::create_dir_all(&folder).expect("a directory");
+    std::fs::write(folder.join("conf"), "answer = 42\n").expect("a conf file");
+    let before = entries(&folder);
+    let verified = Engine::verify(&folder, OpenOptions::default());
+    assert!(
+        matches!(&verified, Err(Error::Storage { problem }) if problem.contains("holds no tally database")),
+        "{verified:?}"
+    );
+    let recorded = Engine::recorded_options(&folder);
+    assert!(recorded.is_err(), "{recorded:?}");
+    assert_eq!(entries(&folder), before, "the folder was written into");
 }

@@ -1623,18 +1623,18 @@ impl EventLog {
     /// Opens the log to read it only (`verify`, tools): no writer thread, no torn tail cut off,
     /// and damage at the end of the log reported by `walk` instead of refusing to open.
     /// A directory that holds no database (missing, empty, or other files: said apart in the
-    /// error) is an error: reading never creates one.
+    /// error) is an error: reading never creates one. A database has sled's `db` and `conf`
+    /// files: one of them alone (a creation cut short holds nothing to read; an operator's
+    /// `conf` is not sled's, which sled could rewrite) is none.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
         check_dir_named(dir)?;
-        if !(dir.join("db").is_file() || dir.join("conf").is_file()) {
-            let holds_files =
-                std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+        if !(dir.join("db").is_file() && dir.join("conf").is_file()) {
             return Err(storage(
                 dir.display(),
-                if holds_files {
-                    "holds files that are not a tally database"
-                } else {
+                if !dir.exists() || holds_only_database_entries(dir) {
                     "holds no tally database"
+                } else {
+                    "holds files that are not a tally database"
                 },
             ));
         }
