@@ -186,8 +186,9 @@ Database options:
                        shipped Token Plan policy]. An existing database runs with its own: a
                        --policy that differs from it is refused, changing nothing (swap it
                        with `tally policy PATH`).
-  --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
-                       only once its change is fsynced (see `tally simulate --help`)
+  --durability MODE    sync, interval:MS or none [default: sync]: the log's mode while the
+                       command runs (see `tally simulate --help`); whatever the mode, the
+                       command reports only once its change is fsynced
   -h, --help           Print this help
 ";
 
@@ -195,8 +196,9 @@ Database options:
 const POLICY_DATABASE_OPTIONS_HELP: &str = "
 Database options:
   --db PATH            The database [default: ./tally-data]; it must exist
-  --durability MODE    sync, interval:MS or none [default: sync]: whether the command returns
-                       only once its change is fsynced (see `tally simulate --help`)
+  --durability MODE    sync, interval:MS or none [default: sync]: the log's mode while the
+                       command runs (see `tally simulate --help`); whatever the mode, the
+                       command reports only once its change is fsynced
   -h, --help           Print this help
 ";
 
@@ -373,8 +375,9 @@ Options:
   --cursors            List the saved cursors and the event each is after, printing no
                        events (with --json, as one JSON object)
 
-Exit status: 0 when the events were written out (or there were none) or the cursor deleted (or
-there was none); 1 when they could not be written (a closed pipe: the cursor does not move);
+Exit status: 0 when the events (or, with --cursors, the saved cursors) were written out (or
+there were none) or the cursor deleted (or there was none); 1 when they could not be written
+(a closed pipe: the cursor does not move);
 2 if the command could not run (a bad command line, an --after past the end of the log or
 compacted away, a database that cannot be opened): it then printed no events and moved no cursor.
 ";

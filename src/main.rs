@@ -83,7 +83,7 @@ fn operate(operation: &Operation) -> ExitCode {
             let printed = print_out(&outcome.text);
             match operation.action {
                 // A report and nothing else: not written out, it did not happen.
-                Action::Usage { .. } if outcome.status == 0 => printed,
+                Action::Usage { .. } | Action::ListCursors { .. } if outcome.status == 0 => printed,
                 // What the command did (a change made, a decision, a verdict) stands whether
                 // or not its report could be written (stderr says when it could not): 1 would
                 // say "denied" of an admitted request, or invite a retry of a top-up.

@@ -1057,7 +1057,8 @@ fn a_cursor_does_not_move_past_events_that_could_not_be_written_out() {
 /// A command whose change was made but whose report could not be written out (stdout on
 /// `/dev/full`) exits with the status of what it did, not 1: for `consume`, 1 says "denied"
 /// of a request that was admitted and counted, and for `topup` a failure a script retries,
-/// adding the credits twice. A pure report (`usage`) that could not be written exits 1.
+/// adding the credits twice. A pure report (`usage`, `events --cursors`) that could not be
+/// written exits 1.
 #[test]
 fn a_change_whose_report_cannot_be_written_exits_with_what_it_did() {
     let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
@@ -1096,6 +1097,12 @@ fn a_change_whose_report_cannot_be_written_exits_with_what_it_did() {
         run_to_full(&["usage", "tp-ada"]),
         Some(1),
         "nothing reported"
+    );
+    // The saved cursors are a report too (it exited 0).
+    assert_eq!(
+        run_to_full(&["events", "--cursors"]),
+        Some(1),
+        "no cursors reported"
     );
     // A denial is still 1: two more from quota, three from the 3,000 micro-credits.
     for _ in 0..5 {
