@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tally_engine::log::holds_only_database_entries;
+use tally_engine::log::{holds_only_database_entries, holds_sled_files};
 use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions, Policy};
 
 /// The operator commands' database, in the working directory.
@@ -64,7 +64,7 @@ pub fn durability_words(durability: Durability) -> String {
 /// operator's files with a `conf` in it, was taken for a database, opened, and written into
 /// (sled overwrote that `conf` with its own).
 pub fn is_database(path: &Path) -> bool {
-    path.is_dir() && path.join("db").is_file() && path.join("conf").is_file()
+    path.is_dir() && holds_sled_files(path)
 }
 
 /// Whether `path` is missing or an empty directory: a database may be created there.

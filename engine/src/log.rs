@@ -1628,7 +1628,7 @@ impl EventLog {
     /// `conf` is not sled's, which sled could rewrite) is none.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
         check_dir_named(dir)?;
-        if !(dir.join("db").is_file() && dir.join("conf").is_file()) {
+        if !holds_sled_files(dir) {
             return Err(storage(
                 dir.display(),
                 if !dir.exists() || holds_only_database_entries(dir) {
@@ -3157,14 +3157,19 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
     // whose creation was cut short). A name alone is not enough: a project folder with a `db`
     // directory, or a folder of the operator's files with a `conf` among them, was taken for
     // one, and sled wrote (or overwrote) its files into it.
-    let sled_files = dir.join("db").is_file() && dir.join("conf").is_file();
-    if !is_empty && !sled_files && !holds_only_database_entries(dir) {
+    if !is_empty && !holds_sled_files(dir) && !holds_only_database_entries(dir) {
         return Err(storage(
             dir.display(),
             "exists and holds files that are not a tally database; choose an empty or new directory",
         ));
     }
     Ok(())
+}
+
+/// Whether the directory `dir` holds sled's `db` and `conf` files: a database (a name alone is
+/// not: a project's `db` directory, an operator's `conf`).
+pub fn holds_sled_files(dir: &Path) -> bool {
+    dir.join("db").is_file() && dir.join("conf").is_file()
 }
 
 /// Whether the directory `dir` holds nothing but entries a tally database holds (none at all

@@ -333,7 +333,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	c := &call{gateway: g, api: api, key: key, resource: request.Resource}
-	if estimate, ok := tokensOf(request.Quantities); ok && route.metering.tokens() {
+	if estimate, ok := amountOf(request.Quantities, tally.Tokens); ok && route.metering.tokens() {
 		c.estimate = estimate
 		_, c.requests = amountOf(request.Quantities, tally.Requests)
 	} else {
@@ -362,11 +362,6 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	g.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callKey{}, c)))
-}
-
-// tokensOf is the amount of tokens among quantities, if they hold tokens.
-func tokensOf(quantities []tally.Quantity) (uint64, bool) {
-	return amountOf(quantities, tally.Tokens)
 }
 
 // amountOf is the amount of unit among quantities, if they hold it.

@@ -801,11 +801,6 @@ class QuotaMiddleware:
             _log.error("tally: reading the policy failed: %s", error)
             raise _unavailable(error) from None
 
-    def _units_of(self, resource: str) -> set[str] | None:
-        """The units ``resource`` meters (``None``: the policy has no such resource), as last
-        read (``_units_current``)."""
-        return self._resource_units.get(resource)
-
     def _now(self) -> int | None:
         return self.clock() if self.clock is not None else None
 
@@ -973,7 +968,7 @@ class QuotaMiddleware:
             raise _Refusal(400, "invalid_request", "The request body must be a JSON object.")
         resource = self._resource(route, document)
         quantities = self._quantities(route, document, len(body))
-        units = self._units_of(resource) or set()
+        units = self._resource_units.get(resource, set())
         counted = {unit: amount for unit, amount in quantities.items() if unit in units}
         if not counted:
             raise _Refusal(
@@ -988,7 +983,7 @@ class QuotaMiddleware:
         if not isinstance(model, str) or not model:
             raise _Refusal(400, "invalid_request", "The request names no model.")
         resource = self.models.get(model, model)
-        if self._units_of(resource) is None:
+        if resource not in self._resource_units:
             raise _Refusal(
                 404,
                 "not_found",
