@@ -207,6 +207,11 @@ type streamedBody struct {
 // The longest event line kept for usage (longer ones are content, not usage).
 const maxEventLineBytes = 1 << 20
 
+// An answer or event nested deeper than this many levels of brackets is not read for usage (a
+// usage is a few levels deep), as in the Python middleware, whose decoder recurses once per
+// level within the interpreter's recursion limit.
+const maxUsageNesting = 512
+
 func (s *streamedBody) Read(p []byte) (int, error) {
 	n, err := s.body.Read(p)
 	s.scan(p[:n])
@@ -282,6 +287,9 @@ var usageNames = [...]string{"total_tokens", "prompt_tokens", "completion_tokens
 // -1 or "15") leaves the rest read (encoding/json alone dropped the whole document), and a
 // "Usage" beside "usage" is not the usage (it matched case-insensitively, the last one winning).
 func (t *tokenCounter) observe(document []byte) {
+	if nestedDeeperThan(document, maxUsageNesting) {
+		return
+	}
 	event := jsonObject(document)
 	if event == nil {
 		return
@@ -300,6 +308,37 @@ func (t *tokenCounter) observe(document []byte) {
 			}
 		}
 	}
+}
+
+// nestedDeeperThan reports whether the brackets of the JSON document (outside its strings) open
+// past bound levels.
+func nestedDeeperThan(document []byte, bound int) bool {
+	if bytes.Count(document, []byte("["))+bytes.Count(document, []byte("{")) <= bound {
+		return false
+	}
+	depth := 0
+	inString, escaped := false, false
+	for _, b := range document {
+		switch {
+		case inString && escaped:
+			escaped = false
+		case inString && b == '\\':
+			escaped = true
+		case inString && b == '"':
+			inString = false
+		case inString:
+		case b == '"':
+			inString = true
+		case b == '[' || b == '{':
+			depth++
+			if depth > bound {
+				return true
+			}
+		case b == ']' || b == '}':
+			depth--
+		}
+	}
+	return false
 }
 
 // jsonObject is raw as a JSON object's fields by name, nil if it is no object (null, a string,

@@ -3,6 +3,7 @@ package gateway
 import (
 	"strings"
 	"testing"
+	"unicode/utf16"
 )
 
 // usageCases are answers and the tokens they report, the same table as the Python middleware's
@@ -68,12 +69,50 @@ var usageCases = []struct {
 	{name: "an event whose message is no object", contentType: "text/event-stream",
 		body:   "data: {\"type\":\"message_start\",\"message\":\"start\"}\n\ndata: {\"usage\":{\"output_tokens\":7,\"input_tokens\":3.0}}\n\n",
 		tokens: 7},
+	// A document that is no JSON by RFC 8259 is not read: NaN or Infinity anywhere in it, a
+	// byte order mark, UTF-16. Nor is one nested past maxUsageNesting levels (the object
+	// itself is one). Bytes that are not UTF-8 inside a string are no reason to drop the usage
+	// beside them (read as U+FFFD). As the Python middleware's UsageReader reads them.
+	{name: "NaN beside the usage", contentType: "application/json",
+		body: `{"usage":{"total_tokens":15},"logprob":NaN}`, notSeen: true},
+	{name: "-Infinity in an event", contentType: "text/event-stream",
+		body: "data: {\"usage\":{\"total_tokens\":15},\"x\":-Infinity}\n\n", notSeen: true},
+	{name: "a byte order mark", contentType: "application/json",
+		body: "\xef\xbb\xbf{\"usage\":{\"total_tokens\":15}}", notSeen: true},
+	{name: "UTF-16", contentType: "application/json", body: utf16WithBOM(`{"usage":{"total_tokens":15}}`),
+		notSeen: true},
+	{name: "nesting at maxUsageNesting levels", contentType: "application/json",
+		body:   `{"usage":{"total_tokens":15},"deep":` + strings.Repeat("[", 511) + strings.Repeat("]", 511) + `}`,
+		tokens: 15},
+	{name: "nesting past maxUsageNesting levels", contentType: "application/json",
+		body:    `{"usage":{"total_tokens":15},"deep":` + strings.Repeat("[", 512) + strings.Repeat("]", 512) + `}`,
+		notSeen: true},
+	{name: "nesting past encoding/json's own bound", contentType: "application/json",
+		body:    `{"usage":{"total_tokens":15},"deep":` + strings.Repeat("[", 20_000) + strings.Repeat("]", 20_000) + `}`,
+		notSeen: true},
+	{name: "brackets in strings are no nesting", contentType: "application/json",
+		body:   `{"usage":{"total_tokens":15},"text":"` + strings.Repeat(`[{\"`, 600) + `"}`,
+		tokens: 15},
+	{name: "bytes not UTF-8 in a string", contentType: "application/json",
+		body: "{\"usage\":{\"total_tokens\":15},\"text\":\"\xff\xfe\"}", tokens: 15},
+	{name: "a cut UTF-8 sequence in an event's string", contentType: "text/event-stream",
+		body: "data: {\"text\":\"\xc3\",\"usage\":{\"total_tokens\":15}}\n\n", tokens: 15},
 	// Nothing used is no report a successful answer can make: settled at the estimate.
 	{name: "a usage of zeros", contentType: "application/json",
 		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},
 	{name: "no usage", contentType: "application/json", body: `{"choices":[]}`, notSeen: true},
 	{name: "a stream without usage", contentType: "text/event-stream",
 		body: "data: {\"choices\":[]}\n\ndata: [DONE]\n\n", notSeen: true},
+}
+
+// utf16WithBOM is text in UTF-16, little-endian with its byte order mark, as Python's
+// str.encode("utf-16") writes it.
+func utf16WithBOM(text string) string {
+	encoded := []byte{0xff, 0xfe}
+	for _, unit := range utf16.Encode([]rune(text)) {
+		encoded = append(encoded, byte(unit), byte(unit>>8))
+	}
+	return string(encoded)
 }
 
 func TestTheUsageCountsWhatEachAPIReports(t *testing.T) {

@@ -981,6 +981,38 @@ USAGE_CASES = [
         b'data: {"usage":{"output_tokens":7,"input_tokens":3.0}}\n\n',
         7,
     ),
+    # A document that is no JSON by RFC 8259 is not read, as Go's encoding/json reads none:
+    # NaN or Infinity anywhere in it, a byte order mark, UTF-16. Nor is one nested past
+    # MAX_USAGE_NESTING levels (the object itself is one; deeper than the interpreter's
+    # recursion limit, Python's decoder raised RecursionError, no ValueError). Bytes that are
+    # not UTF-8 inside a string are no reason to drop the usage beside them: Go reads them as
+    # U+FFFD.
+    ("application/json", b'{"usage":{"total_tokens":15},"logprob":NaN}', None),
+    ("text/event-stream", b'data: {"usage":{"total_tokens":15},"x":-Infinity}\n\n', None),
+    ("application/json", b'\xef\xbb\xbf{"usage":{"total_tokens":15}}', None),
+    ("application/json", '{"usage":{"total_tokens":15}}'.encode("utf-16"), None),
+    (
+        "application/json",
+        b'{"usage":{"total_tokens":15},"deep":' + b"[" * 511 + b"]" * 511 + b"}",
+        15,
+    ),
+    (
+        "application/json",
+        b'{"usage":{"total_tokens":15},"deep":' + b"[" * 512 + b"]" * 512 + b"}",
+        None,
+    ),
+    (
+        "application/json",
+        b'{"usage":{"total_tokens":15},"deep":' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+        None,
+    ),
+    (
+        "application/json",
+        b'{"usage":{"total_tokens":15},"text":"' + b'[{\\"' * 600 + b'"}',
+        15,
+    ),
+    ("application/json", b'{"usage":{"total_tokens":15},"text":"\xff\xfe"}', 15),
+    ("text/event-stream", b'data: {"text":"\xc3","usage":{"total_tokens":15}}\n\n', 15),
     # Nothing used is no report a successful answer can make: settled at the estimate.
     (
         "application/json",
@@ -1447,6 +1479,30 @@ def test_a_json_answer_broken_off_is_charged_its_estimate(engine, clock):
     raw = b'{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}'
     with pytest.raises(RuntimeError):
         request(gateway, CHAT, key=key, raw=raw)
+    usage = engine.usage(key, at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 2_000 + len(raw) // 4 + 1 + 100
+    assert usage.open_reservations == 0
+
+
+def test_an_answer_nested_too_deep_is_served_and_charged_its_estimate(engine, clock):
+    # An answer nested past the decoder's recursion limit raised RecursionError (no
+    # ValueError) out of the usage reader and the middleware, before the call was settled. It
+    # is served, and charged its estimate, as an answer without a usage is (and as the Go
+    # gateway settles it).
+    body = b'{"usage":{"total_tokens":15},"deep":' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+
+    async def deep(scope, receive, send):
+        await receive()
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    gateway = QuotaMiddleware(deep, engine, clock=clock)
+    key = seated(engine, "dp", "tp-dp-1", "Bar-Plus")
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}'
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    assert answer.status == 200
+    assert answer.body == body
     usage = engine.usage(key, at_ms=T + HOUR_MS)
     assert usage.limits[0].used == 2_000 + len(raw) // 4 + 1 + 100
     assert usage.open_reservations == 0

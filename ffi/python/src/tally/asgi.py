@@ -101,6 +101,10 @@ _log = logging.getLogger("tally.asgi")
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024  # the Go gateway's default; Anthropic's bound
 MAX_RESPONSE_JSON_BYTES = 32 * 1024 * 1024
 MAX_EVENT_LINE_BYTES = 1024 * 1024
+#: An upstream's answer or event nested deeper than this many levels of brackets is not read
+#: for usage (a usage is a few levels deep), as in the Go gateway: Python's decoder recurses
+#: once per level, within the interpreter's recursion limit (1,000 by default).
+MAX_USAGE_NESTING = 512
 #: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it): the wrapper's constant.
 MAX_QUANTITY = _native.MAX_QUANTITY
 #: The most tokens one estimate holds (the engine's bound on a quantity).
@@ -431,6 +435,45 @@ def _not_a_json_number(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _upstream_json(document: bytes) -> Any:
+    """An upstream's answer or event read as JSON the way the Go gateway reads it: no byte
+    order mark, no UTF-16 or UTF-32, no ``NaN`` or ``Infinity``, bytes that are not UTF-8 read
+    as U+FFFD (Python's decoder refused them, Go's ``encoding/json`` takes them), and at most
+    ``MAX_USAGE_NESTING`` levels of brackets (deeper, Python's decoder raised
+    ``RecursionError``, which is no ``ValueError``). Raises ``ValueError`` for a document that
+    is not read."""
+    text = document.decode("utf-8", errors="replace")
+    if _nesting_deeper_than(text, MAX_USAGE_NESTING):
+        raise ValueError(f"nested deeper than {MAX_USAGE_NESTING} levels")
+    return json.loads(text, parse_constant=_not_a_json_number)
+
+
+def _nesting_deeper_than(text: str, bound: int) -> bool:
+    """Whether the brackets of the JSON ``text`` (outside its strings) open past ``bound``
+    levels: a cheap look when the text has fewer brackets than that at all."""
+    if text.count("[") + text.count("{") <= bound:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > bound:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
     """A count from the body, 1 to the engine's largest quantity (a larger one is the client's
     error, not the engine's: refused here rather than by the engine or ctypes)."""
@@ -562,7 +605,7 @@ class UsageReader:
         if not line.startswith(b"data:") or b"usage" not in line:
             return
         try:
-            self._observe(json.loads(line[5:].strip()))
+            self._observe(_upstream_json(line[5:].strip()))
         except ValueError:
             return
 
@@ -594,7 +637,7 @@ class UsageReader:
                 self._buffer = bytearray()
         elif not self._overflowed:
             try:
-                self._observe(json.loads(bytes(self._buffer)))
+                self._observe(_upstream_json(bytes(self._buffer)))
             except ValueError:
                 pass
             self._buffer = bytearray()
