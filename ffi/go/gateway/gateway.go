@@ -406,6 +406,10 @@ func (g *Gateway) readRequest(w http.ResponseWriter, r *http.Request, api API, k
 		N                   json.RawMessage `json:"n"`
 		BestOf              json.RawMessage `json:"best_of"`
 	}
+	if nestedDeeperThan(body, maxJSONNesting) {
+		failure := invalidRequest(api, "", fmt.Sprintf("the body is nested deeper than %d levels", maxJSONNesting))
+		return nil, tally.Request{}, &failure
+	}
 	// Not UTF-8 is no JSON (RFC 8259), as the Python middleware reads it: encoding/json alone
 	// reads such bytes as U+FFFD and goes on.
 	if err := unmarshalExact(body, &fields); err != nil || fields.Model == "" || !utf8.Valid(body) {

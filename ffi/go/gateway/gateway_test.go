@@ -1306,6 +1306,29 @@ func TestABodyThatIsNotJSONIs400(t *testing.T) {
 	}
 }
 
+// A body nested past 512 levels (maxJSONNesting) is 400, neither metered nor passed on, as the Python
+// middleware refuses it (its decoder recurses once per level): encoding/json alone read up to
+// 10,000 levels and passed such a body on. At the bound, the body is read and passed on.
+func TestABodyNestedTooDeepIs400(t *testing.T) {
+	h := start(t)
+	h.user(t, "dn", "tp-dn", "Plus")
+	nested := func(depth int) string {
+		return `{"model":"MiniMax-M2.7","max_tokens":16,"messages":` + strings.Repeat("[", depth) + strings.Repeat("]", depth) + `}`
+	}
+	for _, depth := range []int{600, 5_000, 20_000} {
+		a := h.post(t, false, "/v1/chat/completions", "tp-dn", nested(depth))
+		if a.status != http.StatusBadRequest || !strings.Contains(string(a.raw), "nested deeper than 512 levels") {
+			t.Errorf("depth %d: %d %s", depth, a.status, a.raw)
+		}
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a body nested too deep")
+	}
+	if a := h.post(t, false, "/v1/chat/completions", "tp-dn", nested(511)); a.status != http.StatusOK {
+		t.Fatalf("at the bound: %d %s", a.status, a.raw)
+	}
+}
+
 // A chat call on a model whose resource cannot take what the call is counted in (a speech
 // model, which must carry characters) is the request's fault: 400 in the API's shape, not a 503
 // outage a client would retry, as the Python middleware answers it.

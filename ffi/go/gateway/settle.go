@@ -207,10 +207,11 @@ type streamedBody struct {
 // The longest event line kept for usage (longer ones are content, not usage).
 const maxEventLineBytes = 1 << 20
 
-// An answer or event nested deeper than this many levels of brackets is not read for usage (a
-// usage is a few levels deep), as in the Python middleware, whose decoder recurses once per
-// level within the interpreter's recursion limit.
-const maxUsageNesting = 512
+// A JSON document nested deeper than this many levels of brackets is not read, as in the Python
+// middleware (whose decoder recurses once per level, within the interpreter's recursion
+// limit): a request body is refused (400), an upstream's answer or event is read for no usage
+// (a usage is a few levels deep). encoding/json alone reads up to 10,000 levels.
+const maxJSONNesting = 512
 
 func (s *streamedBody) Read(p []byte) (int, error) {
 	n, err := s.body.Read(p)
@@ -287,7 +288,7 @@ var usageNames = [...]string{"total_tokens", "prompt_tokens", "completion_tokens
 // -1 or "15") leaves the rest read (encoding/json alone dropped the whole document), and a
 // "Usage" beside "usage" is not the usage (it matched case-insensitively, the last one winning).
 func (t *tokenCounter) observe(document []byte) {
-	if nestedDeeperThan(document, maxUsageNesting) {
+	if nestedDeeperThan(document, maxJSONNesting) {
 		return
 	}
 	event := jsonObject(document)

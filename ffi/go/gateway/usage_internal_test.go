@@ -70,7 +70,7 @@ var usageCases = []struct {
 		body:   "data: {\"type\":\"message_start\",\"message\":\"start\"}\n\ndata: {\"usage\":{\"output_tokens\":7,\"input_tokens\":3.0}}\n\n",
 		tokens: 7},
 	// A document that is no JSON by RFC 8259 is not read: NaN or Infinity anywhere in it, a
-	// byte order mark, UTF-16. Nor is one nested past maxUsageNesting levels (the object
+	// byte order mark, UTF-16. Nor is one nested past maxJSONNesting levels (the object
 	// itself is one). Bytes that are not UTF-8 inside a string are no reason to drop the usage
 	// beside them (read as U+FFFD). As the Python middleware's UsageReader reads them.
 	{name: "NaN beside the usage", contentType: "application/json",
@@ -81,10 +81,10 @@ var usageCases = []struct {
 		body: "\xef\xbb\xbf{\"usage\":{\"total_tokens\":15}}", notSeen: true},
 	{name: "UTF-16", contentType: "application/json", body: utf16WithBOM(`{"usage":{"total_tokens":15}}`),
 		notSeen: true},
-	{name: "nesting at maxUsageNesting levels", contentType: "application/json",
+	{name: "nesting at maxJSONNesting levels", contentType: "application/json",
 		body:   `{"usage":{"total_tokens":15},"deep":` + strings.Repeat("[", 511) + strings.Repeat("]", 511) + `}`,
 		tokens: 15},
-	{name: "nesting past maxUsageNesting levels", contentType: "application/json",
+	{name: "nesting past maxJSONNesting levels", contentType: "application/json",
 		body:    `{"usage":{"total_tokens":15},"deep":` + strings.Repeat("[", 512) + strings.Repeat("]", 512) + `}`,
 		notSeen: true},
 	{name: "nesting past encoding/json's own bound", contentType: "application/json",

@@ -27,6 +27,7 @@ from tally.asgi import (
     DEFAULT_LEASE_MS,
     DEFAULT_PASS_THROUGH,
     MAX_EVENT_LINE_BYTES,
+    MAX_JSON_NESTING,
     MAX_QUANTITY,
     MAX_REQUEST_BODY_BYTES,
     Api,
@@ -983,7 +984,7 @@ USAGE_CASES = [
     ),
     # A document that is no JSON by RFC 8259 is not read, as Go's encoding/json reads none:
     # NaN or Infinity anywhere in it, a byte order mark, UTF-16. Nor is one nested past
-    # MAX_USAGE_NESTING levels (the object itself is one; deeper than the interpreter's
+    # MAX_JSON_NESTING levels (the object itself is one; deeper than the interpreter's
     # recursion limit, Python's decoder raised RecursionError, no ValueError). Bytes that are
     # not UTF-8 inside a string are no reason to drop the usage beside them: Go reads them as
     # U+FFFD.
@@ -1446,6 +1447,28 @@ def test_a_body_that_is_not_json_is_400(engine, gateway, upstream, raw):
     assert answer.status == 400, answer.body
     assert answer.json()["error"]["message"] == "The request body is not valid JSON."
     assert upstream.calls == []
+
+
+@pytest.mark.parametrize("depth", [600, 5_000, 20_000])
+def test_a_body_nested_too_deep_is_400(engine, gateway, upstream, depth):
+    # A body nested past the decoder's recursion limit raised RecursionError (no ValueError)
+    # out of the middleware: a 500 for the client's own malformed call. Bodies nested past
+    # MAX_JSON_NESTING levels are refused, neither metered nor passed on, as the Go gateway
+    # refuses them (encoding/json alone read up to 10,000 levels and passed them on).
+    key = seated(engine, "dn", "tp-dn-1", "Plus")
+    content = b"[" * depth + b"]" * depth
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":16,"messages":' + content + b"}"
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    assert answer.status == 400, answer.body
+    assert answer.json()["error"]["message"] == (
+        f"The request body is nested deeper than {MAX_JSON_NESTING} levels."
+    )
+    assert upstream.calls == []
+    assert engine.usage(key, at_ms=T + 1).limits[0].used == 0
+    # At the bound, the body is read, metered and passed on.
+    shallow = b"[" * (MAX_JSON_NESTING - 1) + b"]" * (MAX_JSON_NESTING - 1)
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":16,"messages":' + shallow + b"}"
+    assert request(gateway, CHAT, key=key, raw=raw).status == 200
 
 
 @pytest.mark.parametrize("path", [CHAT, MESSAGES])

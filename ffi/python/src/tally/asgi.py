@@ -101,10 +101,11 @@ _log = logging.getLogger("tally.asgi")
 MAX_REQUEST_BODY_BYTES = 32 * 1024 * 1024  # the Go gateway's default; Anthropic's bound
 MAX_RESPONSE_JSON_BYTES = 32 * 1024 * 1024
 MAX_EVENT_LINE_BYTES = 1024 * 1024
-#: An upstream's answer or event nested deeper than this many levels of brackets is not read
-#: for usage (a usage is a few levels deep), as in the Go gateway: Python's decoder recurses
-#: once per level, within the interpreter's recursion limit (1,000 by default).
-MAX_USAGE_NESTING = 512
+#: A JSON document nested deeper than this many levels of brackets is not read, as in the Go
+#: gateway: a request body is refused (400), an upstream's answer or event is read for no usage
+#: (a usage is a few levels deep). Python's decoder recurses once per level, within the
+#: interpreter's recursion limit (1,000 by default).
+MAX_JSON_NESTING = 512
 #: The engine's bound on a quantity (TALLY_BAD_QUANTITY past it): the wrapper's constant.
 MAX_QUANTITY = _native.MAX_QUANTITY
 #: The most tokens one estimate holds (the engine's bound on a quantity).
@@ -424,11 +425,22 @@ def api_key(scope: Scope) -> str | None:
     return bearer or x_api_key
 
 
+class _NestedTooDeep(ValueError):
+    """A JSON document nested deeper than ``MAX_JSON_NESTING`` levels."""
+
+
 def _json_body(body: bytes) -> Any:
     """A request body read as JSON by RFC 8259, as the Go gateway reads it: UTF-8 without a byte
     order mark, and no ``NaN`` or ``Infinity`` (``json.loads`` alone takes UTF-16 and UTF-32, a
-    byte order mark and those constants). Raises ``ValueError`` for anything else."""
-    return json.loads(body.decode("utf-8"), parse_constant=_not_a_json_number)
+    byte order mark and those constants), nested at most ``MAX_JSON_NESTING`` levels. Raises
+    ``ValueError`` for anything else (``_NestedTooDeep`` for too deep)."""
+    return _json_text(body.decode("utf-8"))
+
+
+def _json_text(text: str) -> Any:
+    if _nesting_deeper_than(text, MAX_JSON_NESTING):
+        raise _NestedTooDeep(f"nested deeper than {MAX_JSON_NESTING} levels")
+    return json.loads(text, parse_constant=_not_a_json_number)
 
 
 def _not_a_json_number(name: str) -> Any:
@@ -439,13 +451,10 @@ def _upstream_json(document: bytes) -> Any:
     """An upstream's answer or event read as JSON the way the Go gateway reads it: no byte
     order mark, no UTF-16 or UTF-32, no ``NaN`` or ``Infinity``, bytes that are not UTF-8 read
     as U+FFFD (Python's decoder refused them, Go's ``encoding/json`` takes them), and at most
-    ``MAX_USAGE_NESTING`` levels of brackets (deeper, Python's decoder raised
+    ``MAX_JSON_NESTING`` levels of brackets (deeper, Python's decoder raised
     ``RecursionError``, which is no ``ValueError``). Raises ``ValueError`` for a document that
     is not read."""
-    text = document.decode("utf-8", errors="replace")
-    if _nesting_deeper_than(text, MAX_USAGE_NESTING):
-        raise ValueError(f"nested deeper than {MAX_USAGE_NESTING} levels")
-    return json.loads(text, parse_constant=_not_a_json_number)
+    return _json_text(document.decode("utf-8", errors="replace"))
 
 
 def _nesting_deeper_than(text: str, bound: int) -> bool:
@@ -1005,6 +1014,12 @@ class QuotaMiddleware:
     def _metered(self, key: str, route: Route, body: bytes) -> _Metered:
         try:
             document = _json_body(body) if body else {}
+        except _NestedTooDeep:
+            raise _Refusal(
+                400,
+                "invalid_request",
+                f"The request body is nested deeper than {MAX_JSON_NESTING} levels.",
+            ) from None
         except ValueError:
             raise _Refusal(400, "invalid_request", "The request body is not valid JSON.") from None
         if not isinstance(document, Mapping):
