@@ -1141,3 +1141,52 @@ fn a_free_overrun_of_a_credits_hold_that_took_every_credit_is_admitted() {
         );
     }
 }
+
+/// A key without a seat whose team holds credits, asking for a resource credits cannot pay (it
+/// has no price), is told the resource is not covered, and which plan would cover it: it was
+/// denied "no resources", which says the key has neither a seat nor credits. Without credits
+/// it has no resources.
+#[test]
+fn a_seatless_key_with_credits_asking_for_an_unpriced_resource_is_told_it_is_not_covered() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+[resources.free-model]
+units = ["requests"]
+[plans.Covers]
+limits = [{ resource = "free-model", unit = "requests", amount = 10, window = "rolling:5h" }]
+"#,
+    )
+    .expect("a valid policy");
+    let engine = engine_with(policy);
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.create_user("bob", "key-bob", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 1_000_000, Some(T0_MS)).unwrap();
+    let free = resource_id(&engine, "free-model");
+    let denial = denied(consume(
+        &engine,
+        "key-ada",
+        "free-model",
+        &ONE_REQUEST,
+        T0_MS,
+    ));
+    assert_eq!(
+        denial.reason,
+        DenialReason::ResourceNotCovered { resource: free }
+    );
+    assert_eq!(denial.remedies.upgrade_to, Some(plan_id(&engine, "Covers")));
+    // What credits pay they still pay.
+    assert!(consume(&engine, "key-ada", "chat", &ONE_REQUEST, T0_MS).is_admitted());
+    let denial = denied(consume(
+        &engine,
+        "key-bob",
+        "free-model",
+        &ONE_REQUEST,
+        T0_MS,
+    ));
+    assert_eq!(denial.reason, DenialReason::NoResources);
+    assert_eq!(denial.remedies.upgrade_to, Some(plan_id(&engine, "Covers")));
+}

@@ -344,7 +344,8 @@ pub enum DenialReason {
     UnknownKey,
     /// The key exists but has neither a seat nor credits.
     NoResources,
-    /// The key's plan does not cover the resource, and credits do not either.
+    /// The key's plan (or, without a seat, its team's credits) does not cover the resource, and
+    /// credits do not either: the resource has no price they could pay.
     ResourceNotCovered {
         resource: ResourceId,
     },

@@ -2735,6 +2735,11 @@ fn decide_at_or_after_floor(
         Some(price) => price,
         None => price_micros(policy, resource, quantities)?,
     };
+    // A key without a seat but with credits has resources: what it lacks for a resource
+    // without a price is a plan that covers it.
+    if price.is_none() && state.seat.is_none() && state.team.balance_micros() > 0 {
+        fallback = DenialReason::ResourceNotCovered { resource };
+    }
     let mut decision = try_credits(
         &state.team,
         price,
