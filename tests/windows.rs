@@ -1035,6 +1035,44 @@ limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{wind
     }
 }
 
+/// A usage report stamped before a reclaimed key's time floor reports as a request stamped then
+/// is decided: at the floor. Its daily window resets at the end of the floor's day, where such
+/// a request counts, not at the end of the day of the report's own stamp, which had already
+/// ended for the key (the report said the window reset a day early).
+#[test]
+fn a_usage_report_stamped_before_a_reclaim_resets_where_a_request_then_counts() {
+    let policy = Policy::from_toml_str(
+        r#"
+time_zone = "UTC"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{ resource = "widget", unit = "requests", amount = 2, window = "daily" }]
+"#,
+    )
+    .expect("a valid policy");
+    let (engine, clock) = engine_on_clock_with(policy);
+    let key = seated(&engine, "ada", "P");
+    let day_ms = T0_MS - T0_MS % DAY_MS + DAY_MS; // a UTC midnight
+    assert!(consume(&engine, &key, "widget", &ONE_REQUEST, day_ms - 3 * HOUR_MS).is_admitted());
+    let reclaim_ms = day_ms + 5 * HOUR_MS;
+    clock.set_ms(reclaim_ms);
+    assert_eq!(engine.reclaim_idle(Some(reclaim_ms)), Ok(1));
+    let early_ms = day_ms - HOUR_MS;
+    let report = engine.usage(&key, Some(early_ms)).expect("report");
+    assert_eq!(report.limits[0].used, 0);
+    assert_eq!(report.limits[0].reset_at_ms, Some(day_ms + DAY_MS));
+    // As a request stamped then is counted and told.
+    let both = [(Unit::Requests, 2)];
+    assert!(consume(&engine, &key, "widget", &both, early_ms).is_admitted());
+    let (_, retry_at_ms, _, _) =
+        quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, early_ms));
+    assert_eq!(retry_at_ms, day_ms + DAY_MS);
+    let report = engine.usage(&key, Some(early_ms)).expect("report");
+    assert_eq!(report.limits[0].used, 2);
+    assert_eq!(report.limits[0].reset_at_ms, Some(day_ms + DAY_MS));
+}
+
 /// The week's first day is the policy's `week_start` (Monday when it names none): a weekly
 /// window resets at local midnight of that day, across DST changes too. Before, weeks always
 /// started on Monday and a policy naming its first day was refused as an unknown field.

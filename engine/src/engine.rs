@@ -2391,6 +2391,8 @@ impl Engine {
         let _ = self.expire_leases_ended_by(Some(at_ms));
         self.keys.read(key, |policy, state| {
             let state = state.ok_or_else(|| Error::UnknownKey { key: key.into() })?;
+            // As a request stamped `at_ms` is decided: no earlier than the key's time floor.
+            let as_of_ms = at_ms.max(state.time_floor_ms);
             let mut limits = Vec::new();
             if let Some(plan_id) = state.seat {
                 let plan = policy.plan(plan_id);
@@ -2402,7 +2404,7 @@ impl Engine {
                             limit,
                             &usage.counters[index].state,
                             index as u8,
-                            at_ms,
+                            as_of_ms,
                         ),
                         // No usage yet: the same report as empty windows (a calendar window
                         // still resets at its period's end).
@@ -2412,7 +2414,7 @@ impl Engine {
                             amount: limit.amount,
                             reset_at_ms: match limit.window {
                                 Window::Calendar(kind) => {
-                                    Some(policy.calendar().period_of(kind, at_ms).end_ms)
+                                    Some(policy.calendar().period_of(kind, as_of_ms).end_ms)
                                 }
                                 Window::Rolling { .. } => None,
                             },
