@@ -5364,6 +5364,61 @@ fn verify_reports_damage_in_a_sealed_segment_without_inventing_a_gap_after_it() 
     );
 }
 
+/// A record that holds no events (its frame and crc sound: only crafted bytes make one) is
+/// damage to `verify` as it is to an open and a replay, which refuse it: the writer never
+/// writes one.
+#[test]
+fn verify_reports_a_record_that_holds_no_events() {
+    let dir = TempDir::new("verify-empty-record");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    // A snapshot past the first segment: a replay from it never reads that segment, only
+    // the walk over every segment does.
+    engine.checkpoint().expect("checkpoint");
+    drop(engine);
+    let paths = segment_paths(dir.path());
+    assert!(paths.len() >= 3, "{paths:?}");
+    let frame = frames_of(dir.path())
+        .into_iter()
+        .find(|frame| frame.path == paths[0])
+        .unwrap();
+    // An empty record, numbered as the first record of the first segment, put before it.
+    let mut payload = Vec::new();
+    encode_record_into(
+        &mut payload,
+        frame.first,
+        frame
+            .durable_before
+            .map_or(frame.first, |mark| mark.min(frame.first)),
+        std::iter::empty::<(u64, &[u8])>(),
+    );
+    assert_eq!(RecordView::parse(&payload).map(|view| view.count), Some(0));
+    let bytes = std::fs::read(&frame.path).unwrap();
+    let mut out = bytes[..frame.offset].to_vec();
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame_crc(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out.extend_from_slice(&bytes[frame.offset..]);
+    std::fs::write(&frame.path, out).unwrap();
+    let report = Engine::verify(dir.path(), options).expect("verify runs");
+    assert_eq!(
+        report
+            .problems
+            .iter()
+            .filter(|problem| problem.contains(&segment_name(&frame))
+                && problem.contains(&format!("offset {}", frame.offset))
+                && problem.contains("it holds no events"))
+            .count(),
+        1,
+        "{:?}",
+        report.problems
+    );
+}
+
 /// One damaged record is one problem in `verify`'s report: the walk that meets it and the
 /// replay up to the snapshot after it, which meets it again, do not both list it (an operator
 /// read "problems: 2" for one flipped byte).

@@ -75,6 +75,20 @@ use crate::event::{
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
+/// Why a record read where event `expected` comes next is damage: it starts elsewhere, or it
+/// holds no events (the writer never writes one).
+fn out_of_place(view: &RecordView<'_>, expected: u64) -> String {
+    if view.count == 0 {
+        "it holds no events".to_string()
+    } else {
+        format!(
+            "it holds events {} to {} where event {expected} comes next",
+            view.first_seq,
+            view.last_seq()
+        )
+    }
+}
+
 /// What a record is when `RecordView::parse` refuses its header.
 const NO_SOUND_HEADER: &str = "a record without a sound header (too short, numbering its events \
      from 0 or past 2^64, or saying events after its own first were durable)";
@@ -1324,16 +1338,9 @@ fn recover_segments(
                 Frame::Sound { payload, next } => {
                     let checked = match RecordView::parse(payload) {
                         None => Err(damage(&path, at, expected, NO_SOUND_HEADER)),
-                        Some(view) if view.first_seq != expected || view.count == 0 => Err(damage(
-                            &path,
-                            at,
-                            expected,
-                            format!(
-                                "it holds events {} to {} where event {expected} comes next",
-                                view.first_seq,
-                                view.last_seq()
-                            ),
-                        )),
+                        Some(view) if view.first_seq != expected || view.count == 0 => {
+                            Err(damage(&path, at, expected, out_of_place(&view, expected)))
+                        }
                         Some(view) => Ok(view),
                     };
                     let view = match checked {
@@ -2286,16 +2293,7 @@ impl EventLog {
                 let view = RecordView::parse(payload)
                     .ok_or_else(|| damage(&path, at as usize, next, NO_SOUND_HEADER))?;
                 if view.first_seq != next || view.count == 0 {
-                    return Err(damage(
-                        &path,
-                        at as usize,
-                        next,
-                        format!(
-                            "it holds events {} to {} where event {next} comes next",
-                            view.first_seq,
-                            view.last_seq()
-                        ),
-                    ));
+                    return Err(damage(&path, at as usize, next, out_of_place(&view, next)));
                 }
                 next = view.last_seq() + 1;
                 if view.last_seq() <= after {
@@ -2442,6 +2440,12 @@ impl EventLog {
                                 view.first_seq,
                                 next - 1
                             ));
+                        } else if view.count == 0 {
+                            // As an open or a replay refuses it (the same words: listed once).
+                            problems.push(
+                                damage(&path, at as usize, next, out_of_place(&view, next))
+                                    .to_string(),
+                            );
                         }
                         if let Err(error) = view.for_each(|_| Ok(true)) {
                             problems.push(record_problem(&path, at as usize, error).to_string());
