@@ -466,6 +466,19 @@ impl Spec {
                     let value = args
                         .get(index)
                         .ok_or_else(|| self.error(option, "needs a value"))?;
+                    // `--help` asks for help wherever it stands, and another of the command's
+                    // options is not this one's value (`--opt=VALUE` gives a value that looks
+                    // like one).
+                    if value == "-h" || value == "--help" {
+                        return Ok(None);
+                    }
+                    let value_name = value
+                        .split_once('=')
+                        .map_or(value.as_str(), |(name, _)| name);
+                    if self.option(value_name).is_some() {
+                        return Err(self
+                            .error(option, format!("needs a value ({value_name} is an option)")));
+                    }
                     index += 1;
                     Some(value.clone())
                 }
@@ -1186,6 +1199,39 @@ mod tests {
             (error.option.as_str(), error.problem.as_str()),
             ("--seed", "needs a value")
         );
+    }
+
+    #[test]
+    fn an_option_where_a_value_goes_is_no_value() {
+        // `--help` where a value goes asks for help, as it does anywhere else: it was taken
+        // for the value, and refused (or used) as one.
+        assert_eq!(
+            parse_words("simulate --seed --help"),
+            Ok(Command::Help(HelpTopic::Simulate))
+        );
+        assert_eq!(
+            parse_words("consume k m2.7 requests=1 --at -h"),
+            Ok(Command::Help(HelpTopic::Consume))
+        );
+        // Another of the command's options where a value goes: the value is missing.
+        for words in ["simulate --seed --json", "simulate --seed --keys=30"] {
+            let error = error_of(words);
+            assert_eq!(error.option, "--seed", "{words}");
+            assert!(
+                error.problem.starts_with("needs a value"),
+                "{words}: {error}"
+            );
+        }
+        assert!(error_of("simulate --seed --json")
+            .problem
+            .contains("--json is an option"));
+        // A value that only looks like an option is taken when given with `=`.
+        match parse_words("usage --db=--json k") {
+            Ok(Command::Operate(operation)) => {
+                assert_eq!(operation.database.path, PathBuf::from("--json"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
