@@ -1140,3 +1140,62 @@ limits = [{ resource = "widget", unit = "requests", amount = 2, window = "weekly
     assert_eq!(error.field, "week_start");
     assert!(error.problem.contains("funday"), "{error}");
 }
+
+// ---- A seat change between plans whose rolling windows have other buckets ---------------------
+
+/// Two plans limiting `chat` requests over the same hour, one in 60 s buckets, one in 45 s.
+const TWO_BUCKETS: &str = r#"
+time_zone = "UTC"
+
+[resources.chat]
+units = ["requests"]
+
+[plans.Minutes]
+limits = [{ resource = "chat", unit = "requests", amount = 10, window = "rolling:1h", bucket = "60s" }]
+
+[plans.Quarters]
+limits = [{ resource = "chat", unit = "requests", amount = 10, window = "rolling:1h", bucket = "45s" }]
+"#;
+
+/// A unit used at `t` comes back at most one bucket after `t + window`, and `retry_at` says so.
+/// A seat change to a plan whose window over the same span has other buckets carries the count
+/// across, re-bucketed to the new bucket holding the old one's last instant: the old bucket
+/// does not say where in its minute the unit was, so no carry that never releases early can do
+/// better. The bound after such a carry is one old bucket plus one new bucket (ARCHITECTURE.md,
+/// "Invariants"): a unit used at the start of a 60 s bucket comes back 90 s after its hour
+/// here, within 60 + 45 s, and `retry_at` is exactly when it fits again.
+#[test]
+fn after_a_seat_change_to_other_buckets_quota_comes_back_within_an_old_and_a_new_bucket() {
+    let engine = engine_with(Policy::from_toml_str(TWO_BUCKETS).expect("a valid policy"));
+    let key = seated(&engine, "ada", "Minutes");
+    let ten = [(Unit::Requests, 10)];
+    assert!(consume(&engine, &key, "chat", &ten, T0_MS).is_admitted());
+    engine
+        .assign_seat(&team_of("ada"), "ada", "Quarters", Some(T0_MS + MINUTE_MS))
+        .expect("a seat change");
+    let asked_ms = T0_MS + 2 * MINUTE_MS;
+    let (_, retry_at_ms, _, _) =
+        quota_exhausted(consume(&engine, &key, "chat", &ONE_REQUEST, asked_ms));
+    let truth_ms = T0_MS + HOUR_MS;
+    assert!(
+        retry_at_ms >= truth_ms,
+        "retry at {retry_at_ms}, before the truth {truth_ms}"
+    );
+    assert!(
+        retry_at_ms - truth_ms <= 60 * SECOND_MS + 45 * SECOND_MS,
+        "retry {} s after the hour",
+        (retry_at_ms - truth_ms) / SECOND_MS
+    );
+    let first_fit_ms = first_admitted_instant_of(&engine, &key, truth_ms, truth_ms + 5 * MINUTE_MS);
+    assert!(
+        first_fit_ms <= retry_at_ms && retry_at_ms - first_fit_ms < SECOND_MS,
+        "admitted again at {first_fit_ms}, retry at {retry_at_ms}"
+    );
+}
+
+fn first_admitted_instant_of(engine: &Engine, key: &str, from_ms: u64, to_ms: u64) -> u64 {
+    (from_ms..=to_ms)
+        .step_by(SECOND_MS as usize)
+        .find(|at_ms| check(engine, key, "chat", &ONE_REQUEST, *at_ms).is_admitted())
+        .expect("admitted within the range")
+}
