@@ -277,3 +277,201 @@ fn a_failed_settle_paying_its_extra_with_the_hold_is_undone_into_more_credits() 
     );
     assert_same_state(&in_memory, &before, "in memory after the failed settle");
 }
+
+fn wait_until_give_back_held(faults: &Faults) {
+    let start = Instant::now();
+    while faults.give_backs_held() == 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        faults.give_backs_held() > 0,
+        "the give-back reached its append"
+    );
+}
+
+/// The used count of `key`'s limit named `limit` at `at_ms`.
+fn used(engine: &tally_engine::Engine, key: &str, limit: &str, at_ms: u64) -> u64 {
+    let report = engine.usage(key, Some(at_ms)).expect("a report");
+    report
+        .limits
+        .iter()
+        .find(|report| report.name == limit)
+        .unwrap_or_else(|| panic!("no limit {limit:?} in {report:?}"))
+        .used
+}
+
+/// Usage counters, as credits were: a consume (submitted, not yet durable) adds units to a
+/// bucket a durable correction had emptied; a refund of an earlier request then takes them
+/// (its receipt names that bucket) and is held before its append; the flush fails. The
+/// consume's undo comes first and finds the bucket empty (`refund` stops at what it holds,
+/// giving back nothing); the refund's undo then forces its units back in full. Memory ends
+/// counting units that no logged event counts.
+fn a_failed_refund_undone_after_a_failed_consume(
+    label: &str,
+    resource: &str,
+    unit: Unit,
+    limit: &str,
+) {
+    let dir = TempDir::new(label);
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    engine.create_user("ada", "key-ada", at).expect("a user");
+    engine
+        .assign_seat("@ada", "ada", "Max", at)
+        .expect("a Max seat");
+    let five = [(unit, 5)];
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-ada", resource, &five)
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("decided");
+    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+    // A correction takes r1's units out again (durable): the bucket is empty, and r1's
+    // receipt still names it.
+    engine
+        .adjust_usage(
+            "key-ada",
+            resource,
+            &five,
+            T0_MS,
+            tally_engine::AdjustmentDirection::Remove,
+            Some(T0_MS),
+        )
+        .expect("a correction");
+    engine.sync().expect("durable");
+    assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
+
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    faults.hold_give_backs();
+    let refunded = std::thread::scope(|scope| {
+        // The consume fills the bucket again, its event written but held before its flush.
+        let request = UsageRequest::new("key-ada", resource, &five).at(T0_MS + 1);
+        let submitted = engine.submit(&request).expect("submitted");
+        assert!(
+            matches!(submitted.decision(), Decision::Admitted(_)),
+            "{:?}",
+            submitted.decision()
+        );
+        wait_until_flush_held(&faults);
+        assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 5);
+        // The refund of r1 takes the consume's units, then waits before its append.
+        let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 2)));
+        wait_until_give_back_held(&faults);
+        assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
+        // The flush fails: the consume is undone first.
+        faults.release_flushes();
+        let completed = submitted.complete();
+        assert!(
+            matches!(completed, Err(Error::Storage { .. })),
+            "the submission fails with the log: {completed:?}"
+        );
+        // Then the refund reaches its append, which the failed log refuses.
+        faults.release_give_backs();
+        refund.join().expect("no panic")
+    });
+    assert!(
+        matches!(refunded, Err(Error::Storage { .. })),
+        "the refund fails: {refunded:?}"
+    );
+    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    assert_eq!(
+        on_disk, 0,
+        "on disk: r1 and the correction stand, nothing else"
+    );
+    assert_eq!(
+        in_memory, on_disk,
+        "{limit}: in memory after both failed calls were undone, as on disk"
+    );
+}
+
+#[test]
+fn a_failed_refund_undone_after_a_failed_consume_leaves_a_rolling_counter_as_on_disk() {
+    a_failed_refund_undone_after_a_failed_consume(
+        "faults-undo-usage-rolling",
+        "m2.7",
+        Unit::Requests,
+        "m2.7:requests per rolling:5h",
+    );
+}
+
+#[test]
+fn a_failed_refund_undone_after_a_failed_consume_leaves_a_daily_counter_as_on_disk() {
+    a_failed_refund_undone_after_a_failed_consume(
+        "faults-undo-usage-daily",
+        "speech-2.8",
+        Unit::Characters,
+        "speech-2.8:characters per daily",
+    );
+}
+
+/// The same with a correction upwards in place of the consume: its undo (`unforce_counter`,
+/// stopping at what the counter holds) comes first and takes nothing, the refund's then puts
+/// its units back in full.
+#[test]
+fn a_failed_refund_undone_after_a_failed_correction_upwards_leaves_the_counter_as_on_disk() {
+    let dir = TempDir::new("faults-undo-usage-correction");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    let limit = "m2.7:requests per rolling:5h";
+    engine.create_user("ada", "key-ada", at).expect("a user");
+    engine
+        .assign_seat("@ada", "ada", "Max", at)
+        .expect("a Max seat");
+    let five = [(Unit::Requests, 5)];
+    let correct = |direction, at_ms| {
+        engine.adjust_usage("key-ada", "m2.7", &five, T0_MS, direction, Some(at_ms))
+    };
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-ada", "m2.7", &five)
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("decided");
+    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+    correct(tally_engine::AdjustmentDirection::Remove, T0_MS).expect("a correction");
+    engine.sync().expect("durable");
+    assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
+
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let (added, refunded) = std::thread::scope(|scope| {
+        let add = scope.spawn(|| correct(tally_engine::AdjustmentDirection::Add, T0_MS + 1));
+        wait_until_flush_held(&faults);
+        assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 5);
+        faults.hold_give_backs();
+        let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 2)));
+        wait_until_give_back_held(&faults);
+        assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
+        faults.release_flushes();
+        // The correction is undone first, then the refund reaches its append.
+        let added = add.join().expect("no panic");
+        faults.release_give_backs();
+        (added, refund.join().expect("no panic"))
+    });
+    assert!(
+        matches!(added, Err(Error::Storage { .. })),
+        "the correction fails: {added:?}"
+    );
+    assert!(
+        matches!(refunded, Err(Error::Storage { .. })),
+        "the refund fails: {refunded:?}"
+    );
+    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    assert_eq!(on_disk, 0, "on disk: r1 and the first correction stand");
+    assert_eq!(
+        in_memory, on_disk,
+        "in memory after both failed calls were undone, as on disk"
+    );
+}

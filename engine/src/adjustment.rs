@@ -84,6 +84,43 @@ pub(crate) struct CreditsLater {
     pub price: u64,
 }
 
+/// What an undo after a failed log could not take off a counter, noted for the undo of the
+/// removal that had taken it to pay (`Engine::undo_debts`): units a consume (a hold, a
+/// correction) added, which a refund (a close, a correction) not yet durable took, cannot be
+/// taken off again by the addition's undo (the counter no longer holds them); the removal's
+/// undo, if it comes after, then gives back only what is not owed. Without it the removal's
+/// undo put them back in full, and the counter ended counting units no logged event counts.
+#[derive(Clone, Copy)]
+pub(crate) struct Undo<'a> {
+    debts: &'a parking_lot::Mutex<crate::recovery::Debts>,
+    key: &'a str,
+}
+
+impl Undo<'_> {
+    /// Notes `short` units an undo could not take off `counter` at `time`.
+    fn owe(&self, counter: CounterId, time: u64, short: u64) {
+        if short > 0 {
+            self.debts.lock().add(self.key, counter, time, short);
+        }
+    }
+
+    /// Pays what is owed on `counter` at `time` with up to `amount` units an undo would add
+    /// back; how many it paid.
+    fn pay(&self, counter: CounterId, time: u64, amount: u64) -> u64 {
+        self.debts.lock().take(self.key, counter, time, amount)
+    }
+}
+
+impl Engine {
+    /// The undo of an effect on `key` whose event could not be logged.
+    pub(crate) fn undo<'a>(&'a self, key: &'a str) -> Undo<'a> {
+        Undo {
+            debts: &self.undo_debts,
+            key,
+        }
+    }
+}
+
 impl CreditsLater {
     /// What `given` moved before its append: all of it but these credits (an undo then takes
     /// back only that).
@@ -305,6 +342,8 @@ impl Engine {
                 whole,
                 as_of_ms,
                 credits,
+                // Without a time, an undo (`give_back`).
+                as_of_ms.is_none().then(|| self.undo(key)),
             ),
             _ => GivenBack {
                 generation: policy.generation,
@@ -469,7 +508,7 @@ impl Engine {
         let (then, later) = self.policy_lineage(given.generation);
         self.keys.read(key, |policy, state| {
             if let (Some(state), Some(then)) = (state, then.as_deref()) {
-                retake_in(then, &later, policy, state, given);
+                retake_in(then, &later, policy, state, given, Some(self.undo(key)));
             }
         });
     }
@@ -584,7 +623,8 @@ impl Engine {
                         moved.push((counter.id, time, amount));
                     }
                     Err(error) => {
-                        undo_adjustment(policy, usage, &moved, direction);
+                        // Under the same write lock: nothing else moved them since.
+                        undo_adjustment(policy, usage, &moved, direction, None);
                         return Err(error);
                     }
                 }
@@ -611,7 +651,7 @@ impl Engine {
                 .map(|journal| journal.append(at_ms, crate::event::encode_body(&body)))
             {
                 Some(Err(error)) => {
-                    undo_adjustment(policy, usage, &moved, direction);
+                    undo_adjustment(policy, usage, &moved, direction, Some(self.undo(key)));
                     return Err(error);
                 }
                 Some(Ok(seq)) => {
@@ -643,7 +683,7 @@ impl Engine {
                                 .map(|(counter, time, _)| (counter, time, amount))
                         })
                         .collect();
-                    undo_adjustment(policy, usage, &carried, direction);
+                    undo_adjustment(policy, usage, &carried, direction, Some(self.undo(key)));
                 });
                 return Err(error);
             }
@@ -860,6 +900,9 @@ fn holds_in_short_period(then: Option<&Policy>, receipt: &Receipt, state: &KeySt
 /// Credits reach the team's balance at once if `credits` is `Now` (an undo), else they are
 /// only worked out and recorded, for the caller to pay once its event is appended
 /// (`CreditsLater`).
+///
+/// `undo` (an undo after a failed log) notes the units a counter no longer held to take off
+/// (`Undo`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn give_back_in(
     then: Option<(&Policy, &[Arc<Policy>])>,
@@ -871,6 +914,7 @@ pub(crate) fn give_back_in(
     whole: bool,
     as_of_ms: Option<u64>,
     credits: CreditsBack,
+    undo: Option<Undo<'_>>,
 ) -> GivenBack {
     let mut given = GivenBack {
         generation: policy.generation,
@@ -899,7 +943,7 @@ pub(crate) fn give_back_in(
         return given;
     };
     for &hold in receipt.holds.as_slice() {
-        if let Some(moved) = refund_hold(
+        if let Some((moved, wanted)) = refund_hold(
             (then, later),
             policy,
             usage,
@@ -908,7 +952,13 @@ pub(crate) fn give_back_in(
             hold,
             as_of_ms,
         ) {
-            given.counters.push(moved);
+            let (counter, time, amount) = moved;
+            if let Some(undo) = undo {
+                undo.owe(counter, time, wanted - amount);
+            }
+            if amount > 0 {
+                given.counters.push(moved);
+            }
         }
     }
     given
@@ -970,13 +1020,15 @@ fn give_back_charge(
 }
 
 /// Takes again what `given` gave back (the give-back's event could not be logged). `then` is
-/// `given`'s generation and `later` the kept ones after it (`Engine::policy_lineage`).
+/// `given`'s generation and `later` the kept ones after it (`Engine::policy_lineage`). `undo`
+/// (an undo after a failed log) pays what undos of additions owe first (`Undo`).
 pub(crate) fn retake_in(
     then: &Policy,
     later: &[Arc<Policy>],
     policy: &Policy,
     state: &KeyState,
     given: &GivenBack,
+    undo: Option<Undo<'_>>,
 ) {
     if given.credits_micros > 0 {
         state.team.force_charge(given.credits_micros);
@@ -988,7 +1040,10 @@ pub(crate) fn retake_in(
         for &(counter, time, amount) in &given.counters {
             let located = usage.find_carried((then, later), policy, counter, time);
             if let Some((current, time, state)) = located {
-                let _ = force_state(policy, state, current, time, amount);
+                let owed = undo.map_or(0, |undo| undo.pay(current, time, amount));
+                if amount > owed {
+                    let _ = force_state(policy, state, current, time, amount - owed);
+                }
             }
         }
     }
@@ -1054,27 +1109,36 @@ pub(crate) fn unforce_counter(
     amount - taken
 }
 
+/// Reverses a correction's moves; `undo` as in `retake_in` and `give_back_in`.
 fn undo_adjustment(
     policy: &Policy,
     usage: &KeyUsage,
     moved: &[(CounterId, u64, u64)],
     direction: AdjustmentDirection,
+    undo: Option<Undo<'_>>,
 ) {
     for &(counter, time, amount) in moved {
         match direction {
             AdjustmentDirection::Add => {
-                unforce_counter(policy, usage, counter, time, amount);
+                let short = unforce_counter(policy, usage, counter, time, amount);
+                if let Some(undo) = undo {
+                    undo.owe(counter, time, short);
+                }
             }
             AdjustmentDirection::Remove => {
-                let _ = force_counter(policy, usage, counter, time, amount);
+                let owed = undo.map_or(0, |undo| undo.pay(counter, time, amount));
+                if amount > owed {
+                    let _ = force_counter(policy, usage, counter, time, amount - owed);
+                }
             }
         }
     }
 }
 
 /// Gives back the part of one hold that `quantities` accounts for: `(counter, time, amount)`
-/// in the current policy's ids, or `None` if its counter is gone or nothing was live (as of
-/// `as_of_ms`, see `give_back_in`). `then` is the receipt's generation and the kept ones after
+/// in the current policy's ids and how many it meant to give back (the counter may have held
+/// fewer), or `None` if its counter is gone or nothing was live (as of `as_of_ms`, see
+/// `give_back_in`). `then` is the receipt's generation and the kept ones after
 /// it, which carried the hold's units to where they are now.
 fn refund_hold(
     (then, later): (&Policy, &[Arc<Policy>]),
@@ -1084,7 +1148,7 @@ fn refund_hold(
     quantities: &Quantities,
     (counter, held, time): (CounterId, u64, u64),
     as_of_ms: Option<u64>,
-) -> Option<(CounterId, u64, u64)> {
+) -> Option<((CounterId, u64, u64), u64)> {
     // Where the swaps since, and a seat change between plans whose limits on this meter differ
     // only in their buckets, put the usage: give back there.
     let (current, time, state) = usage.find_carried((then, later), now, counter, time)?;
@@ -1116,7 +1180,7 @@ fn refund_hold(
             (time, counter_state.refund(period, amount))
         }
     };
-    (given > 0).then_some((current, time, given))
+    Some(((current, time, given), amount))
 }
 
 // The bounds `adjust_counter`'s errors state, in words.

@@ -416,6 +416,12 @@ pub struct Engine {
     /// What the periodic checkpoints and compactions found wrong in the background, for
     /// `health` (`recovery`).
     pub(crate) background: Arc<crate::recovery::BackgroundProblems>,
+    /// Units an undo of an addition (a consume's, a hold's, a correction's) could not take off
+    /// a counter after the log failed, by key, counter and time: a removal not yet undone (a
+    /// refund's, a correction's) had taken them. That removal's undo pays the debt before it
+    /// adds anything back (`adjustment::Undo`), so the counter ends where the log says, in
+    /// whatever order the failed calls are undone. Empty but after a failure.
+    pub(crate) undo_debts: Mutex<crate::recovery::Debts>,
 }
 
 /// Requests a thread decides between two looks at the engine's housekeeping: whether a reclaim
@@ -579,6 +585,7 @@ impl Engine {
             options,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             background: Arc::default(),
+            undo_debts: Mutex::default(),
         })
     }
 
@@ -1983,6 +1990,7 @@ impl Engine {
                             true,
                             None,
                             crate::adjustment::CreditsBack::Now,
+                            Some(self.undo(key)),
                         );
                         Err(error)
                     }

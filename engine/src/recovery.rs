@@ -3135,18 +3135,20 @@ fn unreadable_receipt(policies: &[Option<Arc<Policy>>], receipt: &Receipt) -> Op
 
 /// Amounts removed before the log's matching add (replay order differs from memory order only
 /// for commuting counter changes): paid off by the next add to the same counter and time.
+///
+/// Also, live, what an undo after a failed log could not take off a counter (`Engine::undo_debts`).
 #[derive(Debug, Default)]
-struct Debts {
+pub(crate) struct Debts {
     owed: HashMap<(String, CounterId, u64), u64>,
 }
 
 impl Debts {
-    fn add(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) {
+    pub(crate) fn add(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) {
         *self.owed.entry((key.into(), counter, time)).or_default() += amount;
     }
 
     /// Takes up to `amount` of debt; returns how much was owed and is now paid.
-    fn take(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) -> u64 {
+    pub(crate) fn take(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) -> u64 {
         if self.owed.is_empty() {
             return 0;
         }

@@ -639,6 +639,7 @@ impl Engine {
                         true,
                         None,
                         CreditsBack::Now,
+                        Some(self.undo(request.key)),
                     );
                     state.close_reservation();
                     Err(error)
@@ -845,6 +846,7 @@ impl Engine {
                 whole,
                 Some(at_ms),
                 CreditsBack::Now,
+                None,
             );
             match decide_for_key(policy, state, resource, extra, at_ms, Mode::Consume) {
                 Ok((decision @ Decision::Admitted(_), receipt)) => {
@@ -852,7 +854,7 @@ impl Engine {
                 }
                 other => {
                     // Under the same write lock: the policy is the one `given` names.
-                    crate::adjustment::retake_in(policy, &[], policy, state, &given);
+                    crate::adjustment::retake_in(policy, &[], policy, state, &given, None);
                     other.map(|(decision, receipt)| (decision, receipt, None))
                 }
             }
