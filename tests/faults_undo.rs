@@ -475,3 +475,89 @@ fn a_failed_refund_undone_after_a_failed_correction_upwards_leaves_the_counter_a
         "in memory after both failed calls were undone, as on disk"
     );
 }
+
+fn snapshot_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("snapshots"))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.expect("an entry").path())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// A debt lives in memory only: a snapshot cut while one is open (a refund's undo has taken
+/// credits a submitted consume spent, the consume not yet undone) would store a state no
+/// reopen could pay it from. No snapshot is stored once the log failed: `checkpoint` and
+/// `close` refuse, and the reopened database is the log's.
+#[test]
+fn no_snapshot_is_stored_while_a_failed_logs_undos_owe_credits() {
+    let dir = TempDir::new("faults-undo-debt-checkpoint");
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    engine.create_user("zed", "key-zed", at).expect("a user");
+    let one = [(Unit::Requests, 1)];
+    // m2.7: 2,000 micro-credits a request.
+    let price = 2_000;
+    engine.top_up("@zed", price, at).expect("a top-up");
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-zed", "m2.7", &one)
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("admitted");
+    assert_eq!(credits_charge(&first), price);
+    engine
+        .checkpoint()
+        .expect("a checkpoint while the log is sound");
+    let snapshots = snapshot_files(dir.path());
+    assert!(!snapshots.is_empty());
+
+    faults.hold_flushes();
+    faults.fail_next_flushes(1);
+    let (refunded, submitted) = std::thread::scope(|scope| {
+        let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 1)));
+        wait_until_flush_held(&faults);
+        let start = Instant::now();
+        while engine.credits_micros("@zed").unwrap() != price
+            && start.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let request = UsageRequest::new("key-zed", "m2.7", &one).at(T0_MS + 2);
+        let submitted = engine.submit(&request).expect("submitted");
+        assert_eq!(credits_charge(submitted.decision()), price);
+        faults.release_flushes();
+        (refund.join().expect("no panic"), submitted)
+    });
+    assert!(
+        matches!(refunded, Err(Error::Storage { .. })),
+        "{refunded:?}"
+    );
+    // The refund was undone; the consume's charge still stands, the debt open.
+    let checkpointed = engine.checkpoint();
+    assert!(
+        matches!(checkpointed, Err(Error::Storage { .. })),
+        "a checkpoint after the log failed: {checkpointed:?}"
+    );
+    assert_eq!(snapshot_files(dir.path()), snapshots, "no snapshot stored");
+    let completed = submitted.complete();
+    assert!(
+        matches!(completed, Err(Error::Storage { .. })),
+        "{completed:?}"
+    );
+    let in_memory = engine.credits_micros("@zed").unwrap();
+    let closed = engine.close();
+    assert!(
+        matches!(closed, Err(Error::Storage { .. })),
+        "close after the log failed: {closed:?}"
+    );
+    assert_eq!(snapshot_files(dir.path()), snapshots, "no snapshot stored");
+    let engine = open_token_plan(dir.path(), options(&faults));
+    assert_eq!(engine.credits_micros("@zed").unwrap(), 0);
+    assert_eq!(in_memory, 0, "in memory, as on disk");
+}
