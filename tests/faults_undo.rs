@@ -561,3 +561,74 @@ fn no_snapshot_is_stored_while_a_failed_logs_undos_owe_credits() {
     assert_eq!(engine.credits_micros("@zed").unwrap(), 0);
     assert_eq!(in_memory, 0, "in memory, as on disk");
 }
+
+/// A rolling bucket of a limit of at most 65,535 counts at most 65,535. A refund frees its
+/// units before its append (held there); a correction upwards then fills the bucket to the
+/// brim, logged ahead of the refund. A replay applies the correction before the refund, to a
+/// bucket still holding the refund's units: past the brim, refused (`force` changes nothing).
+/// `fail` makes the refund's write fail (its undo cannot put its units back either: the bucket
+/// is full); else it stands.
+fn a_correction_fills_a_bucket_a_held_refund_emptied(label: &str, fail: bool) {
+    let dir = TempDir::new(label);
+    let faults = Faults::new();
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let at = Some(T0_MS);
+    let limit = "m2.7:requests per rolling:5h";
+    engine.create_user("ada", "key-ada", at).expect("a user");
+    engine
+        .assign_seat("@ada", "ada", "Max", at)
+        .expect("a Max seat");
+    let five = [(Unit::Requests, 5)];
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-ada", "m2.7", &five)
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("decided");
+    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+    engine.sync().expect("durable");
+
+    faults.hold_give_backs();
+    let (added, refunded) = std::thread::scope(|scope| {
+        let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 1)));
+        wait_until_give_back_held(&faults);
+        assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
+        let added = engine.adjust_usage(
+            "key-ada",
+            "m2.7",
+            &[(Unit::Requests, 65_535)],
+            T0_MS,
+            tally_engine::AdjustmentDirection::Add,
+            Some(T0_MS + 2),
+        );
+        if fail {
+            faults.fail_next_inserts(1);
+        }
+        faults.release_give_backs();
+        (added, refund.join().expect("no panic"))
+    });
+    assert!(
+        added.is_ok(),
+        "the correction fits the emptied bucket: {added:?}"
+    );
+    assert_eq!(refunded.is_err(), fail, "the refund: {refunded:?}");
+    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
+    drop(engine);
+    let engine = open_token_plan(dir.path(), options(&faults));
+    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    assert_eq!(
+        in_memory, on_disk,
+        "{limit}: in memory, as the reopened database (refund failed: {fail})"
+    );
+}
+
+#[test]
+fn a_correction_filling_a_bucket_a_held_refund_emptied_replays_as_in_memory() {
+    a_correction_fills_a_bucket_a_held_refund_emptied("faults-undo-brim", false);
+}
+
+#[test]
+fn a_failed_refund_of_a_bucket_a_correction_filled_leaves_it_as_on_disk() {
+    a_correction_fills_a_bucket_a_held_refund_emptied("faults-undo-brim-failed", true);
+}

@@ -818,6 +818,13 @@ impl RollingWindow {
         }
     }
 
+    /// How many more units bucket `bucket` can count (`bucket_capacity` less its live count).
+    pub fn room(&self, shape: RollingShape, bucket: u64) -> u64 {
+        self.slots
+            .max_count()
+            .saturating_sub(self.live_count(shape, bucket))
+    }
+
     /// The live count of bucket `bucket`, or 0 if its slot holds another lap.
     fn live_count(&self, shape: RollingShape, bucket: u64) -> u64 {
         let (_, slot) = self.slots.load(shape.slot(bucket));
