@@ -632,3 +632,76 @@ fn a_correction_filling_a_bucket_a_held_refund_emptied_replays_as_in_memory() {
 fn a_failed_refund_of_a_bucket_a_correction_filled_leaves_it_as_on_disk() {
     a_correction_fills_a_bucket_a_held_refund_emptied("faults-undo-brim-failed", true);
 }
+
+/// The other way round: a refund frees a bucket's units (held before its append), a
+/// correction upwards fills the bucket to the brim (65,535), both share a flush that fails.
+/// If the refund is undone first, its units no longer fit (`force` refuses, changing
+/// nothing); the correction's undo then takes all it added, leaving the bucket below the
+/// log's (r1's 5). The order is the threads' (both wait for the same flush): tried a number of
+/// times, each must end as the log says.
+#[test]
+fn a_failed_refund_and_a_failed_correction_filling_its_bucket_leave_it_as_on_disk() {
+    for round in 0..24 {
+        let dir = TempDir::new(&format!("faults-undo-brim-race-{round}"));
+        let faults = Faults::new();
+        let engine = open_token_plan(dir.path(), options(&faults));
+        let at = Some(T0_MS);
+        let limit = "m2.7:requests per rolling:5h";
+        engine.create_user("ada", "key-ada", at).expect("a user");
+        engine
+            .assign_seat("@ada", "ada", "Max", at)
+            .expect("a Max seat");
+        let five = [(Unit::Requests, 5)];
+        let first = engine
+            .consume(
+                &UsageRequest::new("key-ada", "m2.7", &five)
+                    .at(T0_MS)
+                    .id("r1"),
+            )
+            .expect("decided");
+        assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+        engine.sync().expect("durable");
+
+        faults.hold_give_backs();
+        let (added, refunded) = std::thread::scope(|scope| {
+            let refund = scope.spawn(|| engine.refund("r1", Some(T0_MS + 1)));
+            wait_until_give_back_held(&faults);
+            faults.hold_flushes();
+            faults.fail_next_flushes(1);
+            let add = scope.spawn(|| {
+                engine.adjust_usage(
+                    "key-ada",
+                    "m2.7",
+                    &[(Unit::Requests, 65_535)],
+                    T0_MS,
+                    tally_engine::AdjustmentDirection::Add,
+                    Some(T0_MS + 2),
+                )
+            });
+            wait_until_flush_held(&faults);
+            assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 65_535);
+            // The refund appends behind the correction, and waits for the same flush.
+            faults.release_give_backs();
+            std::thread::sleep(Duration::from_millis(20));
+            faults.release_flushes();
+            (
+                add.join().expect("no panic"),
+                refund.join().expect("no panic"),
+            )
+        });
+        assert!(matches!(added, Err(Error::Storage { .. })), "{added:?}");
+        assert!(
+            matches!(refunded, Err(Error::Storage { .. })),
+            "{refunded:?}"
+        );
+        let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
+        drop(engine);
+        let engine = open_token_plan(dir.path(), options(&faults));
+        let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+        assert_eq!(on_disk, 5, "round {round}: on disk, r1 alone");
+        assert_eq!(
+            in_memory, on_disk,
+            "round {round}: in memory after both failed calls were undone, as on disk"
+        );
+    }
+}

@@ -104,10 +104,30 @@ impl Undo<'_> {
         }
     }
 
-    /// Pays what is owed on `counter` at `time` with up to `amount` units an undo would add
-    /// back; how many it paid.
-    fn pay(&self, counter: CounterId, time: u64, amount: u64) -> u64 {
-        self.debts.lock().take(self.key, counter, time, amount)
+    /// Puts `amount` units back on `counter` at `time` (the undo of a removal): what undos
+    /// of additions owe first, and what does not fit a full bucket is noted as a surplus for
+    /// the undo of the addition that filled it.
+    fn put_back(
+        &self,
+        policy: &Policy,
+        state: &WindowState,
+        counter: CounterId,
+        time: u64,
+        amount: u64,
+    ) {
+        let owed = self.debts.lock().take(self.key, counter, time, amount);
+        if amount > owed {
+            let (_, over) = force_fitting(policy, state, counter, time, amount - owed);
+            self.debts.lock().add_surplus(self.key, counter, time, over);
+        }
+    }
+
+    /// Of `amount` units an undo of an addition would take off `counter` at `time`, those a
+    /// removal's undo could not put back (a full bucket), taken instead.
+    fn take_surplus(&self, counter: CounterId, time: u64, amount: u64) -> u64 {
+        self.debts
+            .lock()
+            .take_surplus(self.key, counter, time, amount)
     }
 }
 
@@ -951,6 +971,7 @@ pub(crate) fn give_back_in(
             quantities,
             hold,
             as_of_ms,
+            undo,
         ) {
             let (counter, time, amount) = moved;
             if let Some(undo) = undo {
@@ -1040,9 +1061,11 @@ pub(crate) fn retake_in(
         for &(counter, time, amount) in &given.counters {
             let located = usage.find_carried((then, later), policy, counter, time);
             if let Some((current, time, state)) = located {
-                let owed = undo.map_or(0, |undo| undo.pay(current, time, amount));
-                if amount > owed {
-                    let _ = force_state(policy, state, current, time, amount - owed);
+                match undo {
+                    Some(undo) => undo.put_back(policy, state, current, time, amount),
+                    None => {
+                        let _ = force_state(policy, state, current, time, amount);
+                    }
                 }
             }
         }
@@ -1060,6 +1083,33 @@ pub(crate) fn force_counter(
     amount: u64,
 ) -> Option<*const u8> {
     force_state(policy, usage.counter(counter)?, counter, time, amount)
+}
+
+/// `force_state`, as much of it as fits: a rolling bucket counts at most `bucket_capacity`, and
+/// an add may meet a bucket a removal logged after it (a give-back moves before its append)
+/// still fills in a replay, or one an add since filled in an undo. Returns the slot written,
+/// if any, and the units that did not fit (`Debts`' surplus, for that removal, or that add's
+/// undo, to take first).
+pub(crate) fn force_fitting(
+    policy: &Policy,
+    state: &WindowState,
+    counter: CounterId,
+    time: u64,
+    amount: u64,
+) -> (Option<*const u8>, u64) {
+    let forced = force_state(policy, state, counter, time, amount);
+    if forced.is_some() {
+        return (forced, 0);
+    }
+    let (WindowState::Rolling(ring), Some(shape)) = (state, policy.counter(counter).window.shape())
+    else {
+        return (None, 0);
+    };
+    let room = ring.room(shape, time);
+    if room == 0 || room >= amount {
+        return (None, amount.saturating_sub(room));
+    }
+    (ring.force(shape, time, room), amount - room)
 }
 
 /// `force_counter` on the counter's state, already looked up.
@@ -1120,17 +1170,18 @@ fn undo_adjustment(
     for &(counter, time, amount) in moved {
         match direction {
             AdjustmentDirection::Add => {
-                let short = unforce_counter(policy, usage, counter, time, amount);
+                let surplus = undo.map_or(0, |undo| undo.take_surplus(counter, time, amount));
+                let short = unforce_counter(policy, usage, counter, time, amount - surplus);
                 if let Some(undo) = undo {
                     undo.owe(counter, time, short);
                 }
             }
-            AdjustmentDirection::Remove => {
-                let owed = undo.map_or(0, |undo| undo.pay(counter, time, amount));
-                if amount > owed {
-                    let _ = force_counter(policy, usage, counter, time, amount - owed);
+            AdjustmentDirection::Remove => match (undo, usage.counter(counter)) {
+                (Some(undo), Some(state)) => undo.put_back(policy, state, counter, time, amount),
+                _ => {
+                    let _ = force_counter(policy, usage, counter, time, amount);
                 }
-            }
+            },
         }
     }
 }
@@ -1139,7 +1190,9 @@ fn undo_adjustment(
 /// in the current policy's ids and how many it meant to give back (the counter may have held
 /// fewer), or `None` if its counter is gone or nothing was live (as of `as_of_ms`, see
 /// `give_back_in`). `then` is the receipt's generation and the kept ones after
-/// it, which carried the hold's units to where they are now.
+/// it, which carried the hold's units to where they are now. `undo` (an undo after a failed
+/// log) takes what a full bucket could not take back first (`Undo::take_surplus`).
+#[allow(clippy::too_many_arguments)]
 fn refund_hold(
     (then, later): (&Policy, &[Arc<Policy>]),
     now: &Policy,
@@ -1148,6 +1201,7 @@ fn refund_hold(
     quantities: &Quantities,
     (counter, held, time): (CounterId, u64, u64),
     as_of_ms: Option<u64>,
+    undo: Option<Undo<'_>>,
 ) -> Option<((CounterId, u64, u64), u64)> {
     // Where the swaps since, and a seat change between plans whose limits on this meter differ
     // only in their buckets, put the usage: give back there.
@@ -1165,7 +1219,11 @@ fn refund_hold(
                     return None; // aged out
                 }
             }
-            (epoch, window.refund(shape, epoch, amount))
+            let surplus = undo.map_or(0, |undo| undo.take_surplus(current, epoch, amount));
+            (
+                epoch,
+                surplus + window.refund(shape, epoch, amount - surplus),
+            )
         }
         WindowState::Calendar(counter_state) => {
             let period = time as u32;

@@ -24,7 +24,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{KeyKind, KeyState, KeyTable, Registry, TeamRecord, UserRecord};
-use crate::adjustment::{force_state, unforce_counter};
+use crate::adjustment::{force_fitting, unforce_counter};
 use crate::admission::{ChargedTo, Decision, Quantities, Receipt};
 use crate::clock::Clock;
 use crate::engine::{AdjustmentDirection, Engine, EngineOptions};
@@ -1455,7 +1455,7 @@ impl Engine {
                 let owed = debts.take(key, current, time, amount);
                 if amount > owed {
                     let (forced, over) =
-                        force_replayed(policy, counter_state, current, time, amount - owed);
+                        force_fitting(policy, counter_state, current, time, amount - owed);
                     debts.add_surplus(key, current, time, over);
                     if let Some(slot) = forced {
                         // So the key's next event prefetches the slots its sweep reads, as a
@@ -1533,7 +1533,7 @@ impl Engine {
                 let Some((current, time, _)) = located else {
                     continue;
                 };
-                // Units an add could not put in a full bucket first (see `force_replayed`).
+                // Units an add could not put in a full bucket first (see `force_fitting`).
                 let surplus = debts.take_surplus(key, current, time, amount);
                 let short = unforce_counter(policy, usage, current, time, amount - surplus);
                 if short > 0 {
@@ -3137,41 +3137,13 @@ fn unreadable_receipt(policies: &[Option<Arc<Policy>>], receipt: &Receipt) -> Op
         .map(|why| format!("it holds units on {why}"))
 }
 
-/// A replayed add to a counter (`force_state`), as much of it as fits: the live add may have
-/// found room a removal logged after it had freed first (a refund's or a close's give-back
-/// moves before its append), so the bucket, holding the removal's units still, cannot take it
-/// all. Returns the slot written, if any, and the units that did not fit (kept as a surplus
-/// for that removal to take: `Debts`). A bucket only holds `bucket_capacity`, as the live one
-/// does.
-fn force_replayed(
-    policy: &Policy,
-    state: &WindowState,
-    counter: CounterId,
-    time: u64,
-    amount: u64,
-) -> (Option<*const u8>, u64) {
-    let forced = force_state(policy, state, counter, time, amount);
-    if forced.is_some() {
-        return (forced, 0);
-    }
-    let (WindowState::Rolling(ring), Some(shape)) = (state, policy.counter(counter).window.shape())
-    else {
-        return (None, 0);
-    };
-    let room = ring.room(shape, time);
-    if room == 0 || room >= amount {
-        return (None, amount.saturating_sub(room));
-    }
-    (ring.force(shape, time, room), amount - room)
-}
-
 /// Amounts removed before the log's matching add (replay order differs from memory order only
 /// for commuting counter changes): paid off by the next add to the same counter and time.
 ///
 /// Also, live, what an undo after a failed log could not take off a counter (`Engine::undo_debts`).
 ///
 /// And, in a replay, the other way round: units an add could not put in a rolling bucket
-/// already full (`force_replayed`), taken by the next removal from the same counter and time
+/// already full (`adjustment::force_fitting`), taken by the next removal from the same counter and time
 /// before the counter (the live removal, logged after the add, had freed the room first).
 #[derive(Debug, Default)]
 pub(crate) struct Debts {
@@ -3180,14 +3152,20 @@ pub(crate) struct Debts {
 }
 
 impl Debts {
-    fn add_surplus(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) {
+    pub(crate) fn add_surplus(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) {
         if amount > 0 {
             *self.surplus.entry((key.into(), counter, time)).or_default() += amount;
         }
     }
 
     /// Takes up to `amount` of surplus; returns how much.
-    fn take_surplus(&mut self, key: &str, counter: CounterId, time: u64, amount: u64) -> u64 {
+    pub(crate) fn take_surplus(
+        &mut self,
+        key: &str,
+        counter: CounterId,
+        time: u64,
+        amount: u64,
+    ) -> u64 {
         if self.surplus.is_empty() {
             return 0;
         }
