@@ -477,3 +477,69 @@ fn a_refund_racing_the_first_decision_of_its_id_in_a_batch_is_logged_after_it() 
     let engine = open(dir.path(), Policy::token_plan(), sync_options());
     assert_eq!(engine.credits_micros("@ada").unwrap(), balance);
 }
+
+/// The policy generations kept past `max_policy_generations` for an open reservation are
+/// bounded by its lease (at most 24 h, ARCHITECTURE.md's bounds): once the lease has ended,
+/// a swap lets them go even when nothing else expired the reservation (no request, no
+/// reserve came since). Before, a reservation whose lease ended days ago, never expired for
+/// want of traffic, held every generation since its own: each swap added one for good.
+#[test]
+fn swaps_after_a_reservations_lease_ended_keep_no_more_generations_than_the_bound() {
+    let dir = TempDir::new("generations-after-lease");
+    let options = tally_engine::OpenOptions {
+        engine: EngineOptions {
+            max_policy_generations: 2,
+            ..EngineOptions::default()
+        },
+        ..sync_options()
+    };
+    let clock = clock();
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        clock.clone(),
+        options.clone(),
+    )
+    .unwrap();
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine.top_up("@ada", 10_000_000, Some(T0_MS)).unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)]).at(T0_MS);
+    let reserved = engine.reserve(&request, Some(MINUTE_MS)).unwrap();
+    assert!(reserved.reservation.is_some());
+    // Two days later (the lease, a minute, and the longest lease, a day, long over).
+    let later = T0_MS + 2 * DAY_MS;
+    clock.set_ms(later);
+    for swap in 0..10u64 {
+        engine
+            .swap_policy(plus_amount(2_000 + swap), Some(later + swap))
+            .unwrap();
+    }
+    let current = engine.policy().generation();
+    let kept = (0..=current)
+        .filter(|&generation| engine.policy_of_generation(generation).is_some())
+        .count();
+    assert!(
+        kept <= 2,
+        "{kept} policy generations kept of {} swapped in, with max_policy_generations 2 and \
+         the only reservation's lease ended two days ago",
+        current + 1
+    );
+    // Its hold came back (the reservation expired), and the credits with it.
+    assert_eq!(engine.open_reservations(), 0);
+    assert_eq!(engine.credits_micros("@ada").unwrap(), 10_000_000);
+    // The log says the same: the expiry, then the swaps.
+    let last = current + 1;
+    let before = state(&engine, &["key-ada"], &["@ada"], later + 20);
+    drop(engine);
+    let engine = Engine::open(dir.path(), plus_amount(2_009), clock, options.clone()).unwrap();
+    assert_same_state(
+        &state(&engine, &["key-ada"], &["@ada"], later + 20),
+        &before,
+        "after a reopen",
+    );
+    assert_eq!(engine.open_reservations(), 0);
+    assert_eq!(engine.policy().generation() + 1, last);
+    engine.close().unwrap();
+    let report = Engine::verify(dir.path(), options).unwrap();
+    assert!(report.is_sound(), "{:?}", report.problems);
+}

@@ -1313,7 +1313,15 @@ impl Engine {
         let _gate = self.append_gate.write();
         // The open reservations, unchanged until the swap is logged and the old generations
         // let go (below): as a checkpoint's cut, the reservation table comes after the gate.
-        let reservations = self.reservations.inner.lock();
+        let mut reservations = self.reservations.inner.lock();
+        // Leases that ended by the clock's now (as `reserve` expires them) close first: an open
+        // reservation keeps its generation and every later one past `max_policy_generations`
+        // (below), which is bounded by its lease only if a swap does not wait for something
+        // else to expire it. Without traffic, one whose lease ended days ago held every
+        // generation swapped in since. Not in a replay: the log holds the expiries.
+        if check_carry {
+            self.expire_locked(&mut reservations, at_ms.min(self.now_ms()))?;
+        }
         // The remembered decisions are renamed for the new policy with the rest (lock order:
         // append gate, then request-id shards before the policy list).
         let mut requests = self.requests.lock_all();

@@ -1126,7 +1126,11 @@ impl Engine {
     /// other, they share one flush (waited for one by one, each close cost an fdatasync of
     /// its own, under the table's lock: a thousand reservations of a crashed gateway held every
     /// reserve, settle and void for a thousand flushes).
-    fn expire_locked(&self, table: &mut ReservationInner, at_ms: u64) -> Result<usize, Error> {
+    pub(crate) fn expire_locked(
+        &self,
+        table: &mut ReservationInner,
+        at_ms: u64,
+    ) -> Result<usize, Error> {
         self.expire_locked_with(table, at_ms, None)
     }
 
