@@ -130,7 +130,7 @@ pub struct EngineOptions {
     /// again: before a denial a hold may explain is answered or a plan refusal is charged to
     /// credits (the request is then decided again), before a settle's extra is decided, before
     /// a batch or a usage report, and at a thread's look every 256 requests (as
-    /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle` and
+    /// for `reclaim_idle_every_ms`). False: only `reserve`, a late `settle`, a policy swap and
     /// `expire_reservations` expire them.
     pub expire_leases_on_its_own: bool,
     /// How far ahead of the engine's clock an operation's explicit timestamp may be: one
