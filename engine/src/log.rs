@@ -1908,6 +1908,7 @@ impl EventLog {
             durable_len: active_len,
             wrote: false,
             poll_for: WRITER_POLL,
+            group_bytes: 0,
         };
         let handle = std::thread::Builder::new()
             .name("tally-log-writer".into())
@@ -3382,6 +3383,9 @@ struct Writer {
     wrote: bool,
     /// `Sync`: how long the writer polls an empty queue before it sleeps (see `WRITER_POLL`).
     poll_for: Duration,
+    /// The bytes of the last group written (`write_group`), for `report` to cut off again:
+    /// the buffer itself is emptied and trimmed once the group is written.
+    group_bytes: u64,
 }
 
 impl Writer {
@@ -3679,9 +3683,16 @@ impl Writer {
             start = end;
         }
         let before = self.active.len;
-        match self.zero_ahead().and_then(|()| self.write_buffer()) {
+        let written = self.zero_ahead().and_then(|()| self.write_buffer());
+        self.group_bytes = self.buffer.len() as u64;
+        // A group is as large as the queue's batch (up to `MAX_QUEUED_EVENTS` events of up
+        // to `MAX_EVENT_BYTES`): kept, a burst of large events held its hundreds of MiB for
+        // good. Trimmed as the queue's arena is (`Batch::clear`).
+        self.buffer.clear();
+        self.buffer.shrink_to(QUEUE_KEPT_BYTES);
+        match written {
             Ok(()) => {
-                self.active.len = before + self.buffer.len() as u64;
+                self.active.len = before + self.group_bytes;
                 self.active.zeroed = self.active.zeroed.max(self.active.len);
                 self.wrote = true;
                 Ok(())
@@ -3870,7 +3881,7 @@ impl Writer {
                     .as_ref()
                     .is_some_and(|(failed_from, _)| *failed_from <= last)
                 {
-                    let group_start = self.active.len - self.buffer.len() as u64;
+                    let group_start = self.active.len - self.group_bytes;
                     let _ = self.cut_back(group_start, storage("the log", "failed meanwhile"));
                 }
             }
@@ -4111,6 +4122,45 @@ mod tests {
         assert_eq!(batch.bytes.capacity(), room);
     }
 
+    /// Nor the writer's: it encodes each group whole into its buffer, so a burst of large
+    /// events (policy swaps queued in `None` mode, a flood of long-keyed usage events) grew it
+    /// to the group's size, up to `MAX_QUEUED_EVENTS` of up to `MAX_EVENT_BYTES`, and it kept
+    /// that for good while the queue's arena went back to `QUEUE_KEPT_BYTES`.
+    #[test]
+    fn the_writers_buffer_keeps_a_bounded_capacity_once_a_group_is_written() {
+        let dir = fresh_dir("writer-buffer-kept");
+        let log = EventLog::open_with(&dir, Durability::Interval { ms: 60_000 }, None, 1 << 30)
+            .expect("open");
+        let first = log.append(1_000, encode_body(&top_up(1))).expect("append");
+        let (mut writer, _) = writer_taken_over(&log, None);
+        // 256 policy swaps of 40 KB: 10 MB in one group.
+        let swap = EventBody::PolicySwapped {
+            generation: 1,
+            document: "x".repeat(40_000),
+        };
+        let mut batch = Batch::default();
+        for index in 0..256 {
+            append_body_to(&mut batch.bytes, &swap);
+            batch.events.push(Queued {
+                seq: first + 1 + index,
+                at_ms: 1_000,
+                end: batch.bytes.len(),
+            });
+        }
+        assert!(batch.bytes.len() > 2 * QUEUE_KEPT_BYTES);
+        writer.write_group(&batch, 0..256).expect("written");
+        writer.report(first + 1, first + 256, Ok(()));
+        assert!(
+            writer.buffer.capacity() <= QUEUE_KEPT_BYTES,
+            "the writer keeps {} bytes of buffer after writing a group of {}",
+            writer.buffer.capacity(),
+            batch.bytes.len()
+        );
+        drop(writer);
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A close whose final fdatasync fails records nothing as durable, and neither does the
     /// close after it (the drop): a second fdatasync can succeed after the kernel dropped the
     /// pages the first could not write. Before, the drop's close recorded the log durable
@@ -4201,6 +4251,7 @@ mod tests {
             durable_len: len,
             wrote: true,
             poll_for: WRITER_POLL,
+            group_bytes: 0,
         };
         (writer, len)
     }
