@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tests where threads race (checkpoints cut under load, periodic compaction beside export
-# readers, group commit, concurrent consumers, request ids, reservations, leases), run over and
+# readers, group commit, concurrent consumers, request ids, reservations, leases, admin
+# operations beside admission, undos after a failed flush in whatever order), run over and
 # over for a while with every core kept busy
 # by a spinning process, so their threads are preempted at moments a quiet machine never shows.
 # A race that a plain run hits once in a hundred turns up here within a minute: that is how the
@@ -35,6 +36,8 @@ runs=(
   "adjustments racing 4"
   "adjustments still_in_a_batch 4"
   "idempotency - 1"
+  "admin_races - 1"
+  "faults_undo - 1"
 )
 
 out="$(mktemp -d "${TMPDIR:-/tmp}/tally-stress.XXXXXX")"
