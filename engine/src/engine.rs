@@ -43,6 +43,21 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's scratch value in `key`, or on a fresh one once the thread's
+/// thread-locals are destroyed: a call from a thread-exit destructor (a `pthread_key` one, which
+/// glibc runs after Rust's, or a C++ `thread_local`'s) is decided like any other. `with` would
+/// panic there, and a panic inside the engine poisons it for every thread.
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut f = Some(f);
+    match key.try_with(|cell| (f.take().expect("run once"))(&mut cell.borrow_mut())) {
+        Ok(result) => result,
+        Err(_) => (f.take().expect("not run: the value was destroyed"))(&mut T::default()),
+    }
+}
+
 /// A request of a `consume_many` batch whose event is logged, to give back should the event
 /// not become durable.
 #[derive(Clone, Copy)]
@@ -1970,7 +1985,7 @@ impl Engine {
                     Some(staged) => staged
                         .push_with(at_ms, |buffer| append_usage_to(buffer, &usage))
                         .map(|()| Logged::Staged),
-                    None => EVENT_BUFFER.with_borrow_mut(|buffer| {
+                    None => with_scratch(&EVENT_BUFFER, |buffer| {
                         encode_usage_into(buffer, &usage);
                         let appended = journal.append(at_ms, buffer.as_slice());
                         if buffer.capacity() > EVENT_BUFFER_KEPT_BYTES {
@@ -2088,7 +2103,7 @@ impl Engine {
         // What to give back should the append or wait fail, kept in a per-thread list reused
         // from call to call: built afresh it grew by doubling on every batch, a copy and a
         // large free (a consolidation of malloc's free lists) per call.
-        PENDING.with_borrow_mut(|pending| {
+        with_scratch(&PENDING, |pending| {
             pending.clear();
             if self.journal().is_some() {
                 // Room for every request at once: a batch larger than what is kept would
@@ -2127,7 +2142,7 @@ impl Engine {
             hashes[ahead] = KeyTable::hash(request.key);
             self.keys.prefetch_entry(hashes[ahead]);
         }
-        STAGED.with_borrow_mut(|staged| {
+        with_scratch(&STAGED, |staged| {
             for (chunk_index, chunk) in requests.chunks(STAGED_CHUNK).enumerate() {
                 let first_index = chunk_index * STAGED_CHUNK;
                 let first_pending = pending.len();

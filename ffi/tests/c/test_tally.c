@@ -734,6 +734,80 @@ static void test_close_while_in_use(tally_engine *engine) {
   EXPECT(tally_engine_credits(engine, S("acme"), &balance), TALLY_CLOSED);
 }
 
+/* A consume from a thread-exit destructor (a `pthread_key` one, which glibc runs after the
+ * thread's Rust thread-locals are destroyed): a gateway flushing a thread's last requests as
+ * the thread ends. It must be decided like any other, and above all must not poison the
+ * engine every other thread shares. */
+struct exit_consume {
+  tally_engine *engine;
+  tally_status in_destructor;
+  tally_status many_in_destructor;
+};
+
+static pthread_key_t exit_key;
+
+static void consume_on_exit(void *argument) {
+  struct exit_consume *exit_consume = argument;
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request r = request("tp-exit", "m2.7", one, 1, T0, NULL);
+  tally_decision d;
+  exit_consume->in_destructor = tally_engine_consume(exit_consume->engine, &r, &d);
+  tally_status entry = TALLY_PANIC;
+  exit_consume->many_in_destructor =
+      tally_engine_consume_many(exit_consume->engine, &r, 1, &entry, &d);
+  if (exit_consume->many_in_destructor == TALLY_OK) {
+    exit_consume->many_in_destructor = entry;
+  }
+}
+
+static void *consume_then_exit(void *argument) {
+  struct exit_consume *exit_consume = argument;
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request r = request("tp-exit", "m2.7", one, 1, T0, NULL);
+  tally_decision d;
+  /* A consume while the thread lives: its thread-locals are made (and so destroyed at exit). */
+  tally_status entry = TALLY_PANIC;
+  if (tally_engine_consume(exit_consume->engine, &r, &d) != TALLY_OK || !d.admitted ||
+      tally_engine_consume_many(exit_consume->engine, &r, 1, &entry, &d) != TALLY_OK ||
+      entry != TALLY_OK) {
+    return NULL;
+  }
+  pthread_setspecific(exit_key, exit_consume);
+  return NULL;
+}
+
+static void test_consume_from_a_thread_exit_destructor(void) {
+  char dir[] = "/tmp/tally-c-exit-XXXXXX";
+  CHECK(mkdtemp(dir) != NULL);
+  char db[256];
+  snprintf(db, sizeof db, "%s/db", dir);
+  tally_engine *engine = NULL;
+  EXPECT(tally_engine_open(S(db), TALLY_POLICY_DEFAULT, NULL, 0, TALLY_DURABILITY_NONE, 0,
+                           unbounded, &engine),
+         TALLY_OK);
+  EXPECT(tally_engine_create_user(engine, S("exit"), S("tp-exit"), T0), TALLY_OK);
+  EXPECT(tally_engine_assign_seat(engine, S("@exit"), S("exit"), S("Max"), T0), TALLY_OK);
+  CHECK(pthread_key_create(&exit_key, consume_on_exit) == 0);
+  struct exit_consume exit_consume = {engine, (tally_status)-1, (tally_status)-1};
+  pthread_t thread;
+  CHECK(pthread_create(&thread, NULL, consume_then_exit, &exit_consume) == 0);
+  CHECK(pthread_join(thread, NULL) == 0);
+  CHECK(exit_consume.in_destructor == TALLY_OK);
+  CHECK(exit_consume.many_in_destructor == TALLY_OK);
+  /* The engine is still everyone's: not poisoned by that thread's end. */
+  tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
+  tally_request r = request("tp-exit", "m2.7", one, 1, T0, NULL);
+  tally_decision d;
+  EXPECT(tally_engine_consume(engine, &r, &d), TALLY_OK);
+  CHECK(d.admitted);
+  pthread_key_delete(exit_key);
+  EXPECT(tally_engine_close(engine), TALLY_OK);
+  tally_engine_free(engine);
+  char command[600];
+  snprintf(command, sizeof command, "rm -rf '%s'", dir);
+  CHECK(system(command) == 0);
+}
+
 /* A directory holding a file that is not a tally database. */
 static int make_foreign(const char *dir) {
   if (mkdir(dir, 0700) != 0) {
@@ -1202,6 +1276,7 @@ int main(void) {
   test_database();
   test_verify_options();
   test_stored_policy();
+  test_consume_from_a_thread_exit_destructor();
   tally_options_free(unbounded);
   printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
