@@ -47,7 +47,7 @@ thread_local! {
 /// thread-locals are destroyed: a call from a thread-exit destructor (a `pthread_key` one, which
 /// glibc runs after Rust's, or a C++ `thread_local`'s) is decided like any other. `with` would
 /// panic there, and a panic inside the engine poisons it for every thread.
-fn with_scratch<T: Default, R>(
+pub(crate) fn with_scratch<T: Default, R>(
     key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
     f: impl FnOnce(&mut T) -> R,
 ) -> R {

@@ -168,11 +168,11 @@ thread_local! {
 
 impl Serialize for Packed<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        SCRATCH.with(|scratch| {
-            let mut bytes = scratch.borrow_mut();
+        // Not `with`: a checkpoint (or a close) from a thread-exit destructor would panic.
+        crate::engine::with_scratch(&SCRATCH, |bytes| {
             bytes.clear();
-            pack(self.head, self.buckets, &mut bytes).map_err(ser::Error::custom)?;
-            serializer.serialize_bytes(&bytes)
+            pack(self.head, self.buckets, bytes).map_err(ser::Error::custom)?;
+            serializer.serialize_bytes(bytes)
         })
     }
 }

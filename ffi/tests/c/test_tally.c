@@ -742,6 +742,7 @@ struct exit_consume {
   tally_engine *engine;
   tally_status in_destructor;
   tally_status many_in_destructor;
+  tally_status checkpoint_in_destructor;
 };
 
 static pthread_key_t exit_key;
@@ -758,6 +759,8 @@ static void consume_on_exit(void *argument) {
   if (exit_consume->many_in_destructor == TALLY_OK) {
     exit_consume->many_in_destructor = entry;
   }
+  uint64_t seq = 0;
+  exit_consume->checkpoint_in_destructor = tally_engine_checkpoint(exit_consume->engine, &seq);
 }
 
 static void *consume_then_exit(void *argument) {
@@ -765,11 +768,16 @@ static void *consume_then_exit(void *argument) {
   tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
   tally_request r = request("tp-exit", "m2.7", one, 1, T0, NULL);
   tally_decision d;
-  /* A consume while the thread lives: its thread-locals are made (and so destroyed at exit). */
+  /* A consume and a checkpoint while the thread lives: their thread-locals are made (and so
+   * destroyed at exit). */
   tally_status entry = TALLY_PANIC;
   if (tally_engine_consume(exit_consume->engine, &r, &d) != TALLY_OK || !d.admitted ||
       tally_engine_consume_many(exit_consume->engine, &r, 1, &entry, &d) != TALLY_OK ||
       entry != TALLY_OK) {
+    return NULL;
+  }
+  uint64_t seq = 0;
+  if (tally_engine_checkpoint(exit_consume->engine, &seq) != TALLY_OK) {
     return NULL;
   }
   pthread_setspecific(exit_key, exit_consume);
@@ -788,12 +796,14 @@ static void test_consume_from_a_thread_exit_destructor(void) {
   EXPECT(tally_engine_create_user(engine, S("exit"), S("tp-exit"), T0), TALLY_OK);
   EXPECT(tally_engine_assign_seat(engine, S("@exit"), S("exit"), S("Max"), T0), TALLY_OK);
   CHECK(pthread_key_create(&exit_key, consume_on_exit) == 0);
-  struct exit_consume exit_consume = {engine, (tally_status)-1, (tally_status)-1};
+  struct exit_consume exit_consume = {engine, (tally_status)-1, (tally_status)-1,
+                                       (tally_status)-1};
   pthread_t thread;
   CHECK(pthread_create(&thread, NULL, consume_then_exit, &exit_consume) == 0);
   CHECK(pthread_join(thread, NULL) == 0);
   CHECK(exit_consume.in_destructor == TALLY_OK);
   CHECK(exit_consume.many_in_destructor == TALLY_OK);
+  CHECK(exit_consume.checkpoint_in_destructor == TALLY_OK);
   /* The engine is still everyone's: not poisoned by that thread's end. */
   tally_quantity one[] = {{TALLY_UNIT_REQUESTS, 1}};
   tally_request r = request("tp-exit", "m2.7", one, 1, T0, NULL);
