@@ -198,6 +198,10 @@ func TestCompletingAfterCloseAnswersTheDecisionTheCloseKept(t *testing.T) {
 		Quantities: []tally.Quantity{{Unit: tally.Requests, Amount: 4}}, At: t0, RequestID: "late"})
 	must(t, err)
 	must(t, engine.Close())
+	// Durable says Complete would return at once, which it does (not ErrClosed).
+	if durable, err := submission.Durable(); err != nil || !durable {
+		t.Fatalf("Durable after Close: %v %v", durable, err)
+	}
 	if decision, err := submission.Complete(); err != nil || !decision.Admitted || decision.Replayed {
 		t.Fatalf("Complete after Close: %+v %v", decision, err)
 	}

@@ -1201,7 +1201,9 @@ tally_status tally_engine_submit(const struct tally_engine *engine,
 // take `submission`, and must not run while another thread passes it to
 // `tally_engine_complete` or `tally_submission_free` (which free it): a submission, unlike an
 // engine, is not guarded against that. `TALLY_INVALID_ARGUMENT` if it was submitted to
-// another engine.
+// another engine. After a `tally_engine_close` that returned `TALLY_OK` (which flushed every
+// event the engine had queued), `true`, as `tally_engine_complete` answers its decision then;
+// after a close that failed, or for another engine's submission, `TALLY_CLOSED`.
 tally_status tally_engine_submission_durable(const struct tally_engine *engine,
                                              const struct tally_submission *submission,
                                              bool *durable_out);

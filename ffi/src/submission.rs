@@ -77,7 +77,9 @@ pub extern "C" fn tally_engine_submit(
 /// take `submission`, and must not run while another thread passes it to
 /// `tally_engine_complete` or `tally_submission_free` (which free it): a submission, unlike an
 /// engine, is not guarded against that. `TALLY_INVALID_ARGUMENT` if it was submitted to
-/// another engine.
+/// another engine. After a `tally_engine_close` that returned `TALLY_OK` (which flushed every
+/// event the engine had queued), `true`, as `tally_engine_complete` answers its decision then;
+/// after a close that failed, or for another engine's submission, `TALLY_CLOSED`.
 #[no_mangle]
 pub extern "C" fn tally_engine_submission_durable(
     engine: *const tally_engine,
@@ -88,7 +90,20 @@ pub extern "C" fn tally_engine_submission_durable(
         let handle = try_ref(engine)?;
         let submission = try_ref(submission)?;
         let out = Out::new("durable_out", durable_out)?;
-        out.set(handle.with(|open| Ok(open.engine.is_durable(&submission.submission)?))?);
+        let durable =
+            match handle.with(|open| Ok(open.engine.is_durable(&submission.submission)?)) {
+                Ok(durable) => durable,
+                // The close flushed its event: `tally_engine_complete` answers its decision at once
+                // (an error here read as "not admitted", as it would there).
+                Err(failure)
+                    if failure.status == tally_status::TALLY_CLOSED
+                        && handle.closed_cleanly() == submission.submission.instance_id() =>
+                {
+                    true
+                }
+                Err(failure) => return Err(failure),
+            };
+        out.set(durable);
         Ok(())
     })
 }

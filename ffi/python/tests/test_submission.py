@@ -167,6 +167,17 @@ def test_completing_after_a_close_answers_the_decision_the_close_kept(tmp_path):
         assert reopened.usage(key, at_ms=T).limits[0].used == 4
 
 
+def test_a_submission_is_durable_after_a_close_that_kept_it(tmp_path):
+    # `durable` says whether `complete()` would return at once; after a clean close it returns
+    # the decision at once, so `durable` is True, not a ClosedError (read as "not admitted").
+    engine = tally.Engine.open(tmp_path / "db", durability=Durability.INTERVAL, options=UNBOUNDED)
+    key = seated(engine, "ada", "tp-ada-1", "Plus")
+    submission = engine.submit(key, "m2.7", {"requests": 1}, at_ms=T)
+    engine.close()
+    assert submission.durable is True
+    assert submission.complete().admitted
+
+
 def test_complete_waits_for_a_durable_inside_the_library_before_freeing_the_submission(
     monkeypatch,
 ):

@@ -719,6 +719,12 @@ static void test_close_while_in_use(tally_engine *engine) {
    * request id counted it twice). Another engine's submission is still no answer here. */
   tally_decision answered;
   memset(&answered, 0, sizeof answered);
+  /* And asked first whether completing it would return at once: it would (the close made it
+   * durable), so it is durable, not TALLY_CLOSED (read as "not admitted" the same way). */
+  bool durable = false;
+  EXPECT(tally_engine_submission_durable(engine, pending, &durable), TALLY_OK);
+  CHECK(durable);
+  EXPECT(tally_engine_submission_durable(engine, foreign, &durable), TALLY_CLOSED);
   EXPECT(tally_engine_complete(engine, pending, &answered), TALLY_OK);
   CHECK(answered.admitted && !answered.replayed && strcmp(answered.plan, "Starter") == 0);
   EXPECT(tally_engine_complete(engine, foreign, &answered), TALLY_CLOSED);
