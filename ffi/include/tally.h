@@ -26,9 +26,11 @@
  * function may be called from any thread. tally_engine_close may race other calls on the
  * same handle: calls already inside finish, later ones answer TALLY_CLOSED. After close the
  * only calls that do anything are tally_engine_free (and tally_engine_close again, which
- * answers TALLY_CLOSED); every other call answers TALLY_CLOSED (TALLY_POISONED on a handle a
- * panic poisoned before; a call with a bad argument may answer that argument's status
- * instead, as it would on an open handle). tally_engine_free must be the
+ * answers TALLY_CLOSED) and, after a close that returned TALLY_OK, tally_engine_complete and
+ * tally_engine_submission_durable of the engine's own submissions (the close made them
+ * durable: their decision, and true); every other call answers TALLY_CLOSED (TALLY_POISONED
+ * on a handle a panic poisoned before; a call with a bad argument may answer that argument's
+ * status instead, as it would on an open handle). tally_engine_free must be the
  * last use of a handle by any thread: calling anything on a freed handle, or freeing it twice,
  * is undefined behaviour, as with any C API. tally_engine_free(NULL) does nothing.
  * A tally_options is like a plain C struct: not to be set from two threads at once (or read
