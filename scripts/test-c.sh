@@ -47,6 +47,7 @@ step "run the C test"
 
 step "run the C test under Valgrind"
 valgrind --quiet --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+  --suppressions=ffi/tests/c/valgrind.supp \
   --show-leak-kinds=definite \
   "$out_dir/test_tally"
 
