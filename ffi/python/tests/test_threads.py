@@ -162,6 +162,55 @@ with tally.Engine.open(sys.argv[1], options=tally.Options(max_ahead_of_clock_ms=
     assert result.stdout.splitlines() == ["child: True True", "parent: True 1"], result.stdout
 
 
+def test_a_forked_child_gets_closed_errors_from_a_submission_a_parents_thread_was_completing():
+    # A fork while a thread is inside `Submission.complete()` (waiting for its fsync) copies
+    # the submission's lock held, by a thread the child does not have: `durable` there waited
+    # for it forever instead of raising ClosedError as every other call in the child does.
+    code = f"""
+import os, signal, sys, threading, tally
+from tally import _native
+engine = tally.Engine.in_memory(options=tally.Options(max_ahead_of_clock_ms=0))
+engine.create_user("ada", "tp-ada", at_ms={T})
+engine.assign_seat("@ada", "ada", "Max", at_ms={T})
+submission = engine.submit("tp-ada", "m2.7", {{"requests": 1}}, at_ms={T})
+inside, release = threading.Event(), threading.Event()
+complete = _native.lib.tally_engine_complete
+def slow_complete(*args):  # a complete waiting for its fsync
+    inside.set()
+    release.wait()
+    return complete(*args)
+_native.lib.tally_engine_complete = slow_complete
+completing = threading.Thread(target=submission.complete)
+completing.start()
+inside.wait()
+child = os.fork()
+if child == 0:
+    signal.alarm(5)  # a child that hangs dies rather than outlive the test
+    for name in ("durable", "complete"):
+        try:
+            getattr(submission, name) if name == "durable" else submission.complete()
+            print("child:", name, "answered", flush=True)
+        except tally.ClosedError:
+            print("child:", name, "closed", flush=True)
+        except ValueError as error:
+            print("child:", name, error, flush=True)
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+release.set()
+completing.join()
+print("parent:", status, flush=True)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.splitlines() == [
+        "child: durable closed",
+        "child: complete closed",
+        "parent: 0",
+    ], result.stdout
+
+
 def test_an_engine_or_a_submission_is_shared_never_copied():
     # A shallow copy shared the handle but not the finalizer's hold on it: once the original
     # was collected, the handle was freed under the copy, and its next call crashed.

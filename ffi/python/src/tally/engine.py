@@ -1029,11 +1029,14 @@ class Submission:
         """Whether ``complete()`` would return at once (the event is durable, or the log
         failed and it would raise)."""
         out = ctypes.c_bool()
+        # Before the lock, as in `complete`: in a process forked while a thread here held it
+        # (completing), the lock is held for ever, and this raises ClosedError instead.
+        engine = self._engine._handle
         with self._lock:
             if not self._owned[0]:
                 raise ValueError("the submission was completed already")
             status = _native.lib.tally_engine_submission_durable(
-                self._engine._handle, self._handle, ctypes.byref(out)
+                engine, self._handle, ctypes.byref(out)
             )
         errors.check(status)
         return bool(out.value)
