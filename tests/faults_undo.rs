@@ -289,6 +289,24 @@ fn wait_until_give_back_held(faults: &Faults) {
     );
 }
 
+/// `ada`'s key on a Max seat, with request `r1` of 5 `unit` of `resource` admitted at T0 (not
+/// yet made durable).
+fn max_key_with_r1(engine: &tally_engine::Engine, resource: &str, unit: Unit) {
+    let at = Some(T0_MS);
+    engine.create_user("ada", "key-ada", at).expect("a user");
+    engine
+        .assign_seat("@ada", "ada", "Max", at)
+        .expect("a Max seat");
+    let first = engine
+        .consume(
+            &UsageRequest::new("key-ada", resource, &[(unit, 5)])
+                .at(T0_MS)
+                .id("r1"),
+        )
+        .expect("decided");
+    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+}
+
 /// The used count of `key`'s limit named `limit` at `at_ms`.
 fn used(engine: &tally_engine::Engine, key: &str, limit: &str, at_ms: u64) -> u64 {
     let report = engine.usage(key, Some(at_ms)).expect("a report");
@@ -315,20 +333,8 @@ fn a_failed_refund_undone_after_a_failed_consume(
     let dir = TempDir::new(label);
     let faults = Faults::new();
     let engine = open_token_plan(dir.path(), options(&faults));
-    let at = Some(T0_MS);
-    engine.create_user("ada", "key-ada", at).expect("a user");
-    engine
-        .assign_seat("@ada", "ada", "Max", at)
-        .expect("a Max seat");
+    max_key_with_r1(&engine, resource, unit);
     let five = [(unit, 5)];
-    let first = engine
-        .consume(
-            &UsageRequest::new("key-ada", resource, &five)
-                .at(T0_MS)
-                .id("r1"),
-        )
-        .expect("decided");
-    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
     // A correction takes r1's units out again (durable): the bucket is empty, and r1's
     // receipt still names it.
     engine
@@ -419,24 +425,12 @@ fn a_failed_refund_undone_after_a_failed_correction_upwards_leaves_the_counter_a
     let dir = TempDir::new("faults-undo-usage-correction");
     let faults = Faults::new();
     let engine = open_token_plan(dir.path(), options(&faults));
-    let at = Some(T0_MS);
     let limit = "m2.7:requests per rolling:5h";
-    engine.create_user("ada", "key-ada", at).expect("a user");
-    engine
-        .assign_seat("@ada", "ada", "Max", at)
-        .expect("a Max seat");
+    max_key_with_r1(&engine, "m2.7", Unit::Requests);
     let five = [(Unit::Requests, 5)];
     let correct = |direction, at_ms| {
         engine.adjust_usage("key-ada", "m2.7", &five, T0_MS, direction, Some(at_ms))
     };
-    let first = engine
-        .consume(
-            &UsageRequest::new("key-ada", "m2.7", &five)
-                .at(T0_MS)
-                .id("r1"),
-        )
-        .expect("decided");
-    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
     correct(tally_engine::AdjustmentDirection::Remove, T0_MS).expect("a correction");
     engine.sync().expect("durable");
     assert_eq!(used(&engine, "key-ada", limit, T0_MS + 3), 0);
@@ -572,21 +566,8 @@ fn a_correction_fills_a_bucket_a_held_refund_emptied(label: &str, fail: bool) {
     let dir = TempDir::new(label);
     let faults = Faults::new();
     let engine = open_token_plan(dir.path(), options(&faults));
-    let at = Some(T0_MS);
     let limit = "m2.7:requests per rolling:5h";
-    engine.create_user("ada", "key-ada", at).expect("a user");
-    engine
-        .assign_seat("@ada", "ada", "Max", at)
-        .expect("a Max seat");
-    let five = [(Unit::Requests, 5)];
-    let first = engine
-        .consume(
-            &UsageRequest::new("key-ada", "m2.7", &five)
-                .at(T0_MS)
-                .id("r1"),
-        )
-        .expect("decided");
-    assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+    max_key_with_r1(&engine, "m2.7", Unit::Requests);
     engine.sync().expect("durable");
 
     faults.hold_give_backs();
@@ -645,21 +626,8 @@ fn a_failed_refund_and_a_failed_correction_filling_its_bucket_leave_it_as_on_dis
         let dir = TempDir::new(&format!("faults-undo-brim-race-{round}"));
         let faults = Faults::new();
         let engine = open_token_plan(dir.path(), options(&faults));
-        let at = Some(T0_MS);
         let limit = "m2.7:requests per rolling:5h";
-        engine.create_user("ada", "key-ada", at).expect("a user");
-        engine
-            .assign_seat("@ada", "ada", "Max", at)
-            .expect("a Max seat");
-        let five = [(Unit::Requests, 5)];
-        let first = engine
-            .consume(
-                &UsageRequest::new("key-ada", "m2.7", &five)
-                    .at(T0_MS)
-                    .id("r1"),
-            )
-            .expect("decided");
-        assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+        max_key_with_r1(&engine, "m2.7", Unit::Requests);
         engine.sync().expect("durable");
 
         faults.hold_give_backs();
