@@ -759,6 +759,37 @@ fn run_probe(seed: u64, start_ms: u64, steps: usize, back: bool) -> Result<(), S
     Ok(())
 }
 
+/// Runs `run_probe` on each `(seed, start)` (400 steps; `late`: a third of the requests
+/// stamped behind the key's newest time) and fails naming the first ten failing seeds.
+fn probe_all(cases: impl IntoIterator<Item = (u64, u64)>, late: bool) {
+    let failures: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(seed, start)| run_probe(seed, start, 400, late).err())
+        .collect();
+    for f in failures.iter().take(10) {
+        eprintln!("{f}");
+    }
+    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+}
+
+/// Seed `n` spread over the bits (so nearby seeds draw unlike sequences).
+fn spread(n: u64) -> u64 {
+    n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Fifteen seeds in each zone, starting 3 to 11 days before the 2026 autumn change; `salt`
+/// sets one test's sequences apart from another's. The zone is set as each case is drawn,
+/// just before `probe_all` runs it (the iterator is lazy).
+fn both_zones(salt: u64) -> impl Iterator<Item = (u64, u64)> {
+    [0u8, 1].into_iter().flat_map(move |zone| {
+        (1..=15u64).map(move |seed| {
+            ZONE.set(zone);
+            let start = AUTUMN_2026_MS - (3 + seed % 9) * DAY_MS + seed * 7_919_000;
+            (spread(seed) ^ u64::from(zone) ^ salt, start)
+        })
+    })
+}
+
 #[test]
 fn retry_times_reports_and_ids_agree_with_an_exact_reference_in_new_york() {
     let starts = [
@@ -768,34 +799,23 @@ fn retry_times_reports_and_ids_agree_with_an_exact_reference_in_new_york() {
         SPRING_2026_MS - 2 * DAY_MS,
         MODEL_START_MS + DAY_MS,
     ];
-    let mut failures = vec![];
-    for seed in 1..=15u64 {
-        let start = starts[(seed as usize) % starts.len()] + seed * 7_919_000;
-        if let Err(message) = run_probe(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), start, 400, false)
-        {
-            failures.push(message);
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(
+        (1..=15u64).map(|seed| {
+            (
+                spread(seed),
+                starts[(seed as usize) % starts.len()] + seed * 7_919_000,
+            )
+        }),
+        false,
+    );
 }
 
 #[test]
 fn a_request_stamped_behind_the_keys_newest_time_fits_when_retried_at_its_retry_at() {
-    let mut failures = vec![];
-    for seed in 1..=15u64 {
-        let start = AUTUMN_2026_MS - 3 * DAY_MS + seed * 7_919_000;
-        if let Err(message) = run_probe(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), start, 400, true)
-        {
-            failures.push(message);
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(
+        (1..=15u64).map(|seed| (spread(seed), AUTUMN_2026_MS - 3 * DAY_MS + seed * 7_919_000)),
+        true,
+    );
 }
 
 #[test]
@@ -808,77 +828,32 @@ fn retry_times_reports_and_ids_agree_with_an_exact_reference_in_havana_with_sund
         AUTUMN_2026_MS - 2 * DAY_MS,
         SPRING_2026_MS - 2 * DAY_MS,
     ];
-    let mut failures = vec![];
-    for seed in 1..=15u64 {
-        let start = starts[(seed as usize) % starts.len()] + seed * 7_919_000;
-        if let Err(message) = run_probe(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), start, 400, false)
-        {
-            failures.push(message);
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(
+        (1..=15u64).map(|seed| {
+            (
+                spread(seed),
+                starts[(seed as usize) % starts.len()] + seed * 7_919_000,
+            )
+        }),
+        false,
+    );
 }
 
 #[test]
 fn retry_times_reports_and_ids_agree_with_an_exact_reference_for_months_in_both_zones() {
     MONTHLY.set(true);
-    let mut failures = vec![];
-    for zone in [0, 1] {
-        ZONE.set(zone);
-        for seed in 1..=15u64 {
-            let start = AUTUMN_2026_MS - (3 + seed % 9) * DAY_MS + seed * 7_919_000;
-            let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(zone);
-            if let Err(message) = run_probe(seed, start, 400, false) {
-                failures.push(message);
-            }
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(both_zones(0), false);
 }
 
 #[test]
 fn retry_times_and_reports_agree_with_an_exact_reference_through_reservations() {
     HOLDS.set(true);
-    let mut failures = vec![];
-    for zone in [0, 1] {
-        ZONE.set(zone);
-        for seed in 1..=15u64 {
-            let start = AUTUMN_2026_MS - (3 + seed % 9) * DAY_MS + seed * 7_919_000;
-            let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(zone) ^ 0x55;
-            if let Err(message) = run_probe(seed, start, 400, false) {
-                failures.push(message);
-            }
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(both_zones(0x55), false);
 }
 
 #[test]
 fn retry_times_reports_and_ids_agree_with_an_exact_reference_through_policy_swaps() {
     SWAPS.set(true);
     HOLDS.set(true);
-    let mut failures = vec![];
-    for zone in [0, 1] {
-        ZONE.set(zone);
-        for seed in 1..=15u64 {
-            let start = AUTUMN_2026_MS - (3 + seed % 9) * DAY_MS + seed * 7_919_000;
-            let seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(zone) ^ 0x99;
-            if let Err(message) = run_probe(seed, start, 400, false) {
-                failures.push(message);
-            }
-        }
-    }
-    for f in failures.iter().take(10) {
-        eprintln!("{f}");
-    }
-    assert!(failures.is_empty(), "{} failing seeds", failures.len());
+    probe_all(both_zones(0x99), false);
 }
