@@ -1199,3 +1199,175 @@ fn first_admitted_instant_of(engine: &Engine, key: &str, from_ms: u64, to_ms: u6
         .find(|at_ms| check(engine, key, "chat", &ONE_REQUEST, *at_ms).is_admitted())
         .expect("admitted within the range")
 }
+
+// ---- Daily windows against an independent reference, in zones with unusual changes -----------
+
+/// The first instant whose local time (by the tz database as jiff reads it) is at or after
+/// 00:00 of `day` (days since 1970): the instant a daily window of that day starts. Built from
+/// the zone's offset changes alone: for each stretch of constant offset `o` from `from` to `to`,
+/// the candidate `max(from, midnight - o)` counts if it is before `to`; the first that does is it.
+fn reference_day_start(tz: &jiff::tz::TimeZone, day: i64) -> u64 {
+    let midnight_local_ms = day * DAY_MS as i64;
+    let from: jiff::Timestamp =
+        jiff::Timestamp::from_millisecond(midnight_local_ms - 2 * DAY_MS as i64).unwrap();
+    let mut stretch_from = from.as_millisecond();
+    let mut offset_ms = i64::from(tz.to_offset(from).seconds()) * 1000;
+    for transition in tz.following(from) {
+        let to = transition.timestamp().as_millisecond();
+        let candidate = stretch_from.max(midnight_local_ms - offset_ms);
+        if candidate < to {
+            return candidate as u64;
+        }
+        stretch_from = to;
+        offset_ms = i64::from(transition.offset().seconds()) * 1000;
+    }
+    stretch_from.max(midnight_local_ms - offset_ms) as u64
+}
+
+/// A daily limit of 2 admits two requests per local day and tells the third to retry at the
+/// next day's start (`reset_at` too), refusing until its last millisecond and admitting at its
+/// first, day after day through DST changes at midnight (Havana, Santiago, Asuncion), half-hour
+/// changes (Lord Howe), 45-minute offsets (Chatham, Kathmandu), a skipped day (Apia) and the
+/// southern hemisphere (Sydney).
+#[test]
+fn a_daily_limit_of_two_resets_at_each_local_day_start_in_zones_with_unusual_changes() {
+    for (zone, from, to) in [
+        ("America/Havana", (2026, 11, 20), (2028, 11, 10)),
+        ("America/Santiago", (2026, 11, 20), (2028, 11, 10)),
+        ("America/Asuncion", (2026, 11, 20), (2028, 11, 10)),
+        ("Australia/Lord_Howe", (2026, 11, 20), (2028, 11, 10)),
+        ("Pacific/Chatham", (2026, 11, 20), (2028, 11, 10)),
+        ("Asia/Kathmandu", (2026, 11, 20), (2027, 2, 10)),
+        ("Australia/Sydney", (2026, 11, 20), (2028, 11, 10)),
+        ("Pacific/Apia", (2011, 12, 20), (2012, 1, 10)),
+        ("America/Havana", (2099, 1, 1), (2099, 12, 30)),
+    ] {
+        let tz = jiff::tz::TimeZone::get(zone).unwrap();
+        let policy = Policy::from_toml_str(&format!(
+            r#"
+time_zone = "{zone}"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "daily" }}]
+"#
+        ))
+        .expect("a valid policy");
+        let (engine, clock) = engine_on_clock_with(policy);
+        let key = seated(&engine, "ada", "P");
+        let (first, last) = (
+            days_from_civil(from.0, from.1, from.2),
+            days_from_civil(to.0, to.1, to.2),
+        );
+        for day in first..last {
+            let (start, end) = (
+                reference_day_start(&tz, day),
+                reference_day_start(&tz, day + 1),
+            );
+            if start == end {
+                continue; // a day the zone skipped
+            }
+            clock.set_ms(start);
+            assert_eq!(
+                admit_count(&engine, &key, "widget", Unit::Requests, 2, start),
+                2,
+                "{zone} day {day} from {start}"
+            );
+            let (_, retry_at_ms, _, reset_at_ms) =
+                quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, start));
+            assert_eq!(
+                (retry_at_ms, reset_at_ms),
+                (end, end),
+                "{zone} day {day}: [{start}, {end})"
+            );
+            clock.set_ms(end - 1);
+            assert!(
+                !consume(&engine, &key, "widget", &ONE_REQUEST, end - 1).is_admitted(),
+                "{zone} day {day} at {}",
+                end - 1
+            );
+        }
+    }
+}
+
+/// Weekly (from the policy's `week_start`) and monthly limits of 2, period after period, against
+/// the same reference: a week starts as its first day does, a month as its 1st does.
+#[test]
+fn weekly_and_monthly_limits_of_two_reset_at_each_reference_period_start() {
+    let weekdays = [
+        ("monday", jiff::civil::Weekday::Monday),
+        ("sunday", jiff::civil::Weekday::Sunday),
+        ("saturday", jiff::civil::Weekday::Saturday),
+    ];
+    for (zone, from, to) in [
+        ("America/Havana", (2026, 11, 20), (2029, 11, 10)),
+        ("America/Santiago", (2026, 11, 20), (2029, 11, 10)),
+        ("America/Asuncion", (2026, 11, 20), (2029, 11, 10)),
+        ("Australia/Lord_Howe", (2026, 11, 20), (2029, 11, 10)),
+        ("Pacific/Chatham", (2026, 11, 20), (2029, 11, 10)),
+        ("Pacific/Apia", (2011, 11, 20), (2012, 3, 10)),
+        ("Pacific/Kiritimati", (1994, 11, 20), (1995, 3, 10)),
+        ("America/Santiago", (2098, 1, 1), (2099, 12, 1)),
+    ] {
+        let tz = jiff::tz::TimeZone::get(zone).unwrap();
+        for (window, week_start, day) in weekdays
+            .iter()
+            .map(|(name, day)| ("weekly", *name, Some(*day)))
+            .chain([("monthly", "monday", None)])
+        {
+            let policy = Policy::from_toml_str(&format!(
+                r#"
+time_zone = "{zone}"
+week_start = "{week_start}"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
+"#
+            ))
+            .expect("a valid policy");
+            let (engine, clock) = engine_on_clock_with(policy);
+            let key = seated(&engine, "ada", "P");
+            let (first, last) = (
+                days_from_civil(from.0, from.1, from.2),
+                days_from_civil(to.0, to.1, to.2),
+            );
+            // First days of the periods in the range, by jiff's calendar.
+            let epoch = jiff::civil::date(1970, 1, 1);
+            let firsts: Vec<i64> = (first..last)
+                .filter(|d| {
+                    let date = epoch.checked_add(jiff::Span::new().days(*d)).unwrap();
+                    match day {
+                        Some(weekday) => date.weekday() == weekday,
+                        None => date.day() == 1,
+                    }
+                })
+                .collect();
+            for pair in firsts.windows(2) {
+                let (start, end) = (
+                    reference_day_start(&tz, pair[0]),
+                    reference_day_start(&tz, pair[1]),
+                );
+                clock.set_ms(start);
+                assert_eq!(
+                    admit_count(&engine, &key, "widget", Unit::Requests, 2, start),
+                    2,
+                    "{zone} {window} {week_start} from {start}"
+                );
+                let (_, retry_at_ms, _, reset_at_ms) =
+                    quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, start));
+                assert_eq!(
+                    (retry_at_ms, reset_at_ms),
+                    (end, end),
+                    "{zone} {window} {week_start}: [{start}, {end})"
+                );
+                clock.set_ms(end - 1);
+                assert!(
+                    !consume(&engine, &key, "widget", &ONE_REQUEST, end - 1).is_admitted(),
+                    "{zone} {window} {week_start} at {}",
+                    end - 1
+                );
+            }
+        }
+    }
+}

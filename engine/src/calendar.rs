@@ -1076,3 +1076,194 @@ mod tests {
         assert!(!zone("Asia/Shanghai").same_offsets_as(&zone("Asia/Singapore")));
     }
 }
+
+#[cfg(test)]
+mod reference_tests {
+    //! Every period of a zone against a reference built only from the zone's offset changes:
+    //! a local date's period starts at the first instant `s` whose local time `s + offset(s)`
+    //! is at or after the date's 00:00 (`Calendar::start_of`'s rule), and `t` is in the last
+    //! period that starts at or before it.
+    use super::*;
+    use jiff::civil::date;
+
+    /// (from_ms, offset_ms) segments of constant offset, from before 1970 to past 2100.
+    fn segments(tz: &TimeZone) -> Vec<(i64, i64)> {
+        let t0: Timestamp = "1969-11-01T00:00:00Z".parse().unwrap();
+        let mut segs = vec![(
+            t0.as_millisecond(),
+            i64::from(tz.to_offset(t0).seconds()) * 1000,
+        )];
+        for tr in tz.following(t0) {
+            let at = tr.timestamp().as_millisecond();
+            if at > MAX_TIMESTAMP_MS as i64 + 40 * MS_PER_DAY {
+                break;
+            }
+            segs.push((at, i64::from(tr.offset().seconds()) * 1000));
+        }
+        segs
+    }
+
+    /// The first instant whose local time is at or after `local_ms` (local ms since 1970).
+    fn first_at_or_after(segs: &[(i64, i64)], local_ms: i64) -> i64 {
+        for (i, &(from, off)) in segs.iter().enumerate() {
+            let to = segs.get(i + 1).map_or(i64::MAX, |s| s.0);
+            let candidate = from.max(local_ms - off);
+            if candidate < to {
+                return candidate;
+            }
+        }
+        unreachable!()
+    }
+
+    fn days(d: Date) -> i64 {
+        i64::from(
+            d.since((jiff::Unit::Day, date(1970, 1, 1)))
+                .unwrap()
+                .get_days(),
+        )
+    }
+
+    /// Reference starts of every period index whose start is below `MAX_TIMESTAMP_MS`, plus
+    /// the next one.
+    fn reference_starts(c: &Calendar, segs: &[(i64, i64)], kind: CalendarPeriod) -> Vec<u64> {
+        let start_of_day = |day: i64| -> u64 {
+            if day <= 0 {
+                0
+            } else {
+                first_at_or_after(segs, day * MS_PER_DAY).max(0) as u64
+            }
+        };
+        let mut starts = Vec::new();
+        let mut index = 0i64;
+        loop {
+            let first_day = match kind {
+                CalendarPeriod::Daily => index,
+                CalendarPeriod::Weekly => {
+                    // The `week_start` on or before Thursday 1970-01-01, then whole weeks.
+                    let epoch = date(1970, 1, 1);
+                    let back = i64::from(epoch.weekday().since(c.week_start()));
+                    index * 7 - back
+                }
+                CalendarPeriod::Monthly => {
+                    let d = date(1970 + (index / 12) as i16, (index % 12 + 1) as i8, 1);
+                    days(d)
+                }
+            };
+            let s = start_of_day(first_day);
+            starts.push(s);
+            if s >= MAX_TIMESTAMP_MS {
+                return starts;
+            }
+            index += 1;
+        }
+    }
+
+    fn check_zone(name: &str, week_start: Weekday) -> Vec<String> {
+        let mut errors = Vec::new();
+        let c = Calendar::with_week_start(name, week_start).unwrap();
+        let segs = segments(&TimeZone::get(name).unwrap());
+        for kind in [
+            CalendarPeriod::Daily,
+            CalendarPeriod::Weekly,
+            CalendarPeriod::Monthly,
+        ] {
+            let starts = reference_starts(&c, &segs, kind);
+            // Reference period of t: the last index whose start is <= t.
+            let expect = |t: u64| -> Period {
+                let i = starts.partition_point(|&s| s <= t) - 1;
+                Period {
+                    index: i as u32,
+                    start_ms: starts[i],
+                    end_ms: starts[i + 1],
+                }
+            };
+            for i in 0..starts.len() - 1 {
+                let b = Calendar::with_week_start(name, week_start)
+                    .unwrap()
+                    .period_bounds(kind, i as u32);
+                if (b.start_ms, b.end_ms) != (starts[i], starts[i + 1]) {
+                    errors.push(format!(
+                        "{name} {kind:?} bounds({i}) = {b:?}, reference [{}, {})",
+                        starts[i],
+                        starts[i + 1]
+                    ));
+                }
+                if starts[i] == starts[i + 1] {
+                    continue;
+                }
+                for t in [
+                    starts[i],
+                    starts[i + 1] - 1,
+                    (starts[i] + starts[i + 1]) / 2,
+                ] {
+                    if t >= MAX_TIMESTAMP_MS {
+                        continue;
+                    }
+                    let want = expect(t);
+                    for got in [c.period_of(kind, t), c.compute(kind, t)] {
+                        if got != want {
+                            errors.push(format!(
+                                "{name} {kind:?} period_of({t}) = {got:?}, reference {want:?}"
+                            ));
+                        }
+                    }
+                }
+                if errors.len() > 20 {
+                    return errors;
+                }
+            }
+            // The same calendar asked in a scrambled order (its cache jumping back and forth,
+            // far from the last answer) gives the reference answers too.
+            let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+            for _ in 0..2_000 {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let i = (state >> 33) as usize % (starts.len() - 1);
+                let t = match (state >> 20) % 3 {
+                    0 => starts[i],
+                    1 => starts[i + 1].saturating_sub(1),
+                    _ => starts[i] + (state >> 40) % (starts[i + 1] - starts[i]).max(1),
+                };
+                if t >= MAX_TIMESTAMP_MS || starts[i] == starts[i + 1] {
+                    continue;
+                }
+                let got = c.period_of(kind, t);
+                let want = expect(t);
+                if got != want || c.period_bounds(kind, want.index) != want {
+                    errors.push(format!(
+                        "{name} {kind:?} scrambled period_of({t}) = {got:?}, reference {want:?}"
+                    ));
+                }
+            }
+        }
+        errors
+    }
+
+    #[test]
+    fn every_period_matches_the_reference_in_zones_with_unusual_changes() {
+        let mut errors = Vec::new();
+        for name in [
+            "UTC",
+            "America/Havana",
+            "America/Santiago",
+            "Asia/Beirut",
+            "America/Asuncion",
+            "Australia/Lord_Howe",
+            "Pacific/Chatham",
+            "Asia/Kathmandu",
+            "Pacific/Apia",
+            "Pacific/Kiritimati",
+            "Pacific/Kanton",
+            "Australia/Sydney",
+            "Antarctica/Troll",
+            "America/Godthab",
+            "Africa/Casablanca",
+            "Asia/Tehran",
+        ] {
+            errors.extend(check_zone(name, Weekday::Monday));
+            errors.extend(check_zone(name, Weekday::Thursday));
+        }
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+    }
+}
