@@ -281,12 +281,16 @@ impl Calendar {
         }
     }
 
-    /// The longest `period` of this zone that starts before 2100. A local day, week or month
-    /// lasts longer than its nominal 24 h, 7 or 31 days when clocks go back inside it, by as
-    /// much as they go back: a day of Antarctica/Troll (2 h) lasts 26 h, one of
-    /// Antarctica/Vostok in 1994 (7 h) 31 h. A period's length differs from its nominal one
+    /// The longest `period` of this zone that starts before 2100, period 0 aside. A local day,
+    /// week or month lasts longer than its nominal 24 h, 7 or 31 days when clocks go back
+    /// inside it, by as much as they go back: a day of Antarctica/Troll (2 h) lasts 26 h, one
+    /// of Antarctica/Vostok in 1994 (7 h) 31 h. A period's length differs from its nominal one
     /// only if the offset changes inside it, so only the periods around each transition are
     /// measured (a few hundred lookups for a zone with daylight saving time, none for UTC).
+    /// Period 0 starts at the epoch, clamped, so west of UTC it also holds the last local hours
+    /// of 1969 and may last longer by the zone's offset then (New York's first day 29 h): left
+    /// out, as counting it would lengthen every western zone's spans, horizons and retention
+    /// (`Window::span_ms`) for timestamps in the first local day, week or month of 1970.
     pub fn longest_period_ms(&self, period: CalendarPeriod) -> u64 {
         let day_ms = MS_PER_DAY.unsigned_abs();
         let mut longest_ms = match period {
@@ -1010,6 +1014,59 @@ mod tests {
                 });
             }
         });
+    }
+
+    /// `longest_period_ms` leaves period 0 out, as documented: every later period is at most
+    /// that long, and period 0 (clamped to start at the epoch) is longer west of UTC by no more
+    /// than the zone's offset then, ending where jiff says period 1 begins.
+    #[test]
+    fn the_longest_period_covers_every_period_but_period_zero() {
+        for (zone, week_start) in [
+            ("America/New_York", Weekday::Monday),
+            ("Pacific/Pago_Pago", Weekday::Thursday),
+            ("America/Los_Angeles", Weekday::Thursday),
+            ("Asia/Tokyo", Weekday::Monday),
+        ] {
+            let c = Calendar::with_week_start(zone, week_start).unwrap();
+            let tz = TimeZone::get(zone).unwrap();
+            let local_start = |d: Date| {
+                let zoned = d.to_zoned(tz.clone()).unwrap().start_of_day().unwrap();
+                u64::try_from(zoned.timestamp().as_millisecond()).unwrap()
+            };
+            // West of UTC, the epoch is still 1969-12-31 locally: period 0 holds that too.
+            let offset_west_ms = u64::try_from(
+                -i64::from(tz.to_offset(jiff::Timestamp::UNIX_EPOCH).seconds()) * 1_000,
+            )
+            .unwrap_or(0);
+            for kind in [
+                CalendarPeriod::Daily,
+                CalendarPeriod::Weekly,
+                CalendarPeriod::Monthly,
+            ] {
+                let longest = c.longest_period_ms(kind);
+                let zero = c.period_of(kind, 0);
+                assert_eq!((zero.index, zero.start_ms), (0, 0), "{zone} {kind:?}");
+                assert!(
+                    zero.end_ms <= longest + offset_west_ms,
+                    "{zone} {kind:?}: period 0 {zero:?} lasts past {longest} ms plus the offset"
+                );
+                let mut at_ms = zero.end_ms;
+                for _ in 0..200 {
+                    let period = c.period_of(kind, at_ms);
+                    assert!(
+                        period.end_ms - period.start_ms <= longest,
+                        "{zone} {kind:?}: {period:?} lasts past {longest} ms"
+                    );
+                    at_ms = period.end_ms;
+                }
+            }
+            // Period 1 of a day begins where jiff says 1970-01-02 begins.
+            assert_eq!(
+                c.period_of(CalendarPeriod::Daily, 0).end_ms,
+                local_start(date(1970, 1, 2)),
+                "{zone}"
+            );
+        }
     }
 
     const ZONES: [&str; 6] = [
