@@ -543,3 +543,55 @@ fn swaps_after_a_reservations_lease_ended_keep_no_more_generations_than_the_boun
     let report = Engine::verify(dir.path(), options).unwrap();
     assert!(report.is_sound(), "{:?}", report.problems);
 }
+
+/// A swap that is refused changes nothing (`swap_policy`'s contract, the CLI's and the
+/// wrappers' "refused, changing nothing"), not even the ended leases it would expire first
+/// had it gone ahead: the refusal is decided before anything is expired or logged.
+#[test]
+fn a_refused_swap_expires_no_ended_lease_and_logs_nothing() {
+    let dir = TempDir::new("refused-swap-expires-nothing");
+    let clock = clock();
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        clock.clone(),
+        sync_options(),
+    )
+    .unwrap();
+    engine.create_user("ada", "key-ada", Some(T0_MS)).unwrap();
+    engine
+        .assign_seat("@ada", "ada", "Plus", Some(T0_MS))
+        .unwrap();
+    let request = UsageRequest::new("key-ada", "m2.7", &[(Unit::Requests, 1)]).at(T0_MS);
+    assert!(engine
+        .reserve(&request, Some(MINUTE_MS))
+        .unwrap()
+        .reservation
+        .is_some());
+    let later = T0_MS + 2 * DAY_MS;
+    clock.set_ms(later);
+    let events_before = engine.events_after(0, 1_000).unwrap().len();
+    // Plus (ada's seat) renamed away: refused, ada being seated on it.
+    let without_plus = Policy::from_toml_str(
+        &tally_engine::policy::TOKEN_PLAN_TOML.replace("[plans.Plus]", "[plans.Plus-Renamed]"),
+    )
+    .expect("a valid policy");
+    let refused = engine.swap_policy(without_plus, Some(later));
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(
+        engine.open_reservations(),
+        1,
+        "the refused swap expired the ended lease"
+    );
+    let events_after = engine.events_after(0, 1_000).unwrap();
+    assert_eq!(
+        events_after.len(),
+        events_before,
+        "the refused swap logged {:?}",
+        events_after[events_before..]
+            .iter()
+            .map(|event| event.body.kind())
+            .collect::<Vec<_>>()
+    );
+    engine.close().unwrap();
+}

@@ -1329,47 +1329,37 @@ impl Engine {
         // The open reservations, unchanged until the swap is logged and the old generations
         // let go (below): as a checkpoint's cut, the reservation table comes after the gate.
         let mut reservations = self.reservations.inner.lock();
-        // Leases that ended by the clock's now (as `reserve` expires them) close first: an open
-        // reservation keeps its generation and every later one past `max_policy_generations`
-        // (below), which is bounded by its lease only if a swap does not wait for something
-        // else to expire it. Without traffic, one whose lease ended days ago held every
-        // generation swapped in since. Not in a replay: the log holds the expiries.
+        // The policy list changes only here, under the gate: the one read now is the one
+        // replaced below.
+        let old = self.policy();
+        let mut policy = policy;
+        policy.generation =
+            u32::try_from(self.policies.read().len()).map_err(|_| Error::Overflow {
+                field: "policy generation",
+            })?;
         if check_carry {
+            // Refused before anything changes: a refused swap changes nothing, not even the
+            // ended leases it expires first when it goes ahead (below). Seats and revocations
+            // change only under the gate, so what is checked here still holds at the append.
+            old.check_swap_to(&policy)?;
+            self.refuse_dropping_seated_plans(&self.keys.lock_all(), &old, &policy)?;
+            // Leases that ended by the clock's now (as `reserve` expires them) close first: an
+            // open reservation keeps its generation and every later one past
+            // `max_policy_generations` (below), which is bounded by its lease only if a swap
+            // does not wait for something else to expire it. Without traffic, one whose lease
+            // ended days ago held every generation swapped in since. Not in a replay: the log
+            // holds the expiries.
             self.expire_locked(&mut reservations, at_ms.min(self.now_ms()))?;
         }
         // The remembered decisions are renamed for the new policy with the rest (lock order:
         // append gate, then request-id shards before the policy list).
         let mut requests = self.requests.lock_all();
         let mut policies = self.policies.write();
-        let old = policies
-            .last()
-            .and_then(Clone::clone)
-            .unwrap_or_else(|| unreachable!());
-        let mut policy = policy;
-        policy.generation = u32::try_from(policies.len()).map_err(|_| Error::Overflow {
-            field: "policy generation",
-        })?;
-        if check_carry {
-            old.check_swap_to(&policy)?;
-        }
         let policy = Arc::new(policy);
         let mut shards = self.keys.lock_all();
-        for shard in shards.iter() {
-            // A revoked key's seat is left out: no command can take it away once the member
-            // has a new key (a seat change finds the member's key), and the key is denied
-            // everything, so it loses the seat with the plan (below) rather than refuse every
-            // such swap for good. A replay checks at the same point of the log, so it agrees.
-            for (_, state) in shard.iter().filter(|(_, state)| !state.revoked) {
-                if let Some(seat) = state.seat {
-                    let name = &old.plan(seat).name;
-                    if policy.plan_id(name).is_none() {
-                        return Err(Error::invalid(
-                            "policy",
-                            format!("plan {name:?} has seats assigned but is missing from the new policy"),
-                        ));
-                    }
-                }
-            }
+        if !check_carry {
+            // A replay checks at the same point of the log, so it agrees.
+            self.refuse_dropping_seated_plans(&shards, &old, &policy)?;
         }
         let document = serde_json::to_string(policy.document())
             .map_err(|error| Error::invalid("policy", error.to_string()))?;
@@ -1417,6 +1407,32 @@ impl Engine {
         let excess = policies.len().saturating_sub(kept).min(held);
         for generation in policies.iter_mut().take(excess) {
             *generation = None;
+        }
+        Ok(())
+    }
+
+    /// Refuses a swap to `policy` that drops a plan a key that works is seated on. A revoked
+    /// key's seat is left out: no command can take it away once the member has a new key (a
+    /// seat change finds the member's key), and the key is denied everything, so it loses the
+    /// seat with the plan rather than refuse every such swap for good.
+    fn refuse_dropping_seated_plans(
+        &self,
+        shards: &[impl std::ops::Deref<Target = crate::accounts::Shard>],
+        old: &Policy,
+        policy: &Policy,
+    ) -> Result<(), Error> {
+        for shard in shards {
+            for (_, state) in shard.iter().filter(|(_, state)| !state.revoked) {
+                if let Some(seat) = state.seat {
+                    let name = &old.plan(seat).name;
+                    if policy.plan_id(name).is_none() {
+                        return Err(Error::invalid(
+                            "policy",
+                            format!("plan {name:?} has seats assigned but is missing from the new policy"),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
