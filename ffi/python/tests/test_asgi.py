@@ -2012,3 +2012,23 @@ def test_without_a_health_path_no_path_is_answered_without_a_key(engine, gateway
     assert request(gateway, "/healthz", key=None, method="GET").status == 401
     assert request(gateway, "/healthz", key=key, method="GET").status == 403
     assert upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        ('["' + "[" * 600 + '"]', False),  # brackets in a string
+        ('["\\"' + "[" * 600 + '"]', False),  # after an escaped quote, still in the string
+        ('["\\\\"' + "[" * 600 + "]" * 600 + "]", True),  # an escaped backslash ends it
+        ('"' + "[" * 600, False),  # an unterminated string holds the rest
+        ('"\\' + "[" * 600, False),  # an escape at the string's end, as the Go gateway reads it
+        ("[" * 512 + "]" * 512, False),
+        ("[" * 513 + "]" * 513, True),
+        ("[]" * 600, False),
+        ('{"a":' * 300 + '"x\\n[{"' + "[" * 300, True),
+    ],
+)
+def test_the_nesting_check_counts_brackets_outside_strings(text, deeper):
+    from tally.asgi import _nesting_deeper_than
+
+    assert _nesting_deeper_than(text, MAX_JSON_NESTING) is deeper

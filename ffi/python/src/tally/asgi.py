@@ -64,10 +64,13 @@ from __future__ import annotations
 
 import datetime
 import enum
+import itertools
 import json
 import logging
 import math
+import operator
 import posixpath
+import re
 import threading
 import time
 import urllib.parse
@@ -457,30 +460,26 @@ def _upstream_json(document: bytes) -> Any:
     return _json_text(document.decode("utf-8", errors="replace"))
 
 
+#: A JSON string as the Go gateway's bracket count reads one: from its quote to the next
+#: unescaped one (or the text's end), ``\\`` escaping whatever follows it.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S]?[^"\\]*)*"?')
+_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
+#: An opening bracket 2, a closing one 0: after k brackets the depth is their sum less k.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
 def _nesting_deeper_than(text: str, bound: int) -> bool:
     """Whether the brackets of the JSON ``text`` (outside its strings) open past ``bound``
-    levels: a cheap look when the text has fewer brackets than that at all."""
+    levels: a cheap look when the text has fewer brackets than that at all. Runs on the event
+    loop for every body and answer so bracketed (an embeddings answer is), so it is worked out
+    by the regex engine and C iterators: walked a character at a time in Python it took
+    about 2.5 times ``json.loads``'s own time on the same text."""
     if text.count("[") + text.count("{") <= bound:
         return False
-    depth = 0
-    in_string = escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > bound:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
+    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
+    steps = brackets.encode("ascii").translate(_BRACKET_STEPS)
+    depths = map(operator.sub, itertools.accumulate(steps), itertools.count(1))
+    return max(depths, default=0) > bound
 
 
 def _positive_int(body: Mapping[str, Any], name: str, default: int) -> int:
