@@ -202,8 +202,14 @@ fn reason_words(policy: &Policy, denial: &Denial) -> String {
         DenialReason::UnknownKey => "unknown key".into(),
         DenialReason::NoResources => "the key has no seat and its team no credits".into(),
         DenialReason::ResourceNotCovered { resource } => format!(
-            "{} is not covered by the key's plan, and its team's credits cannot pay for it",
-            resource_name(policy, resource)
+            "{} is not covered by {}, and its team's credits cannot pay for it",
+            resource_name(policy, resource),
+            // A key without a seat (or a pay-as-you-go key) has no plan of its own.
+            if denial.plan.is_some() {
+                "the key's plan"
+            } else {
+                "any plan the key holds"
+            }
         ),
         DenialReason::OverRequestMaximum {
             unit,
@@ -859,6 +865,53 @@ pub fn compact_text(report: &CompactReport) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A key without a seat, its team holding credits, asking for a resource credits cannot
+    /// pay for (no price) is denied "not covered" since 7fa4722: the words must not speak of
+    /// a plan the key does not have.
+    #[test]
+    fn a_seatless_keys_resource_not_covered_names_no_plan_of_its_own() {
+        let at_ms = 1_795_363_200_000;
+        let policy = Policy::from_toml_str(
+            r#"
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+[resources.free-model]
+units = ["requests"]
+[plans.Covers]
+limits = [{ resource = "free-model", unit = "requests", amount = 10, window = "rolling:5h" }]
+"#,
+        )
+        .expect("a valid policy");
+        let engine = tally_engine::Engine::new(
+            policy,
+            Arc::new(tally_engine::ManualClock::new(at_ms)),
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        engine
+            .create_user("ada", "tp-ada", Some(at_ms))
+            .expect("user");
+        engine
+            .top_up("@ada", 1_000_000, Some(at_ms))
+            .expect("credits");
+        let quantities = [(tally_engine::Unit::Requests, 1)];
+        let request = tally_engine::UsageRequest::new("tp-ada", "free-model", &quantities);
+        let decision = engine.consume(&request.at(at_ms)).expect("valid");
+        let Decision::Denied(denial) = &decision else {
+            panic!("{decision:?}");
+        };
+        assert!(matches!(
+            denial.reason,
+            DenialReason::ResourceNotCovered { .. }
+        ));
+        let words = reason_words(&engine.policy(), denial);
+        assert!(!words.contains("key's plan"), "{words}");
+        assert!(words.contains("any plan the key holds"), "{words}");
+        assert!(words.contains("free-model"), "{words}");
+    }
 
     /// `tally consume --json` named the denying limit by its label for people ("m2.7 requests
     /// / rolling:5h") while its `limits` (and the C ABI's `limit_name`) give the engine's name
