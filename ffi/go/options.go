@@ -45,7 +45,7 @@ type Options struct {
 	// never (ReclaimIdle still works).
 	ReclaimIdleEvery time.Duration
 	// The engine does not expire reservations whose lease ended on its own; only Reserve, a
-	// late Settle and ExpireReservations do.
+	// late Settle, SwapPolicy and ExpireReservations do.
 	DisableLeaseExpiry bool
 	// How far ahead of the engine's clock an operation's time may be; one further ahead is
 	// refused (ErrBadTimestamp) and changes nothing (default 24 h). Negative: no bound, for

@@ -948,8 +948,8 @@ tally_status tally_options_set_reclaim_idle_every_ms(struct tally_options *optio
                                                      uint64_t reclaim_idle_every_ms);
 
 // Whether the engine expires reservations whose lease has ended on its own, from the
-// admission path (default true). False: only `tally_engine_reserve`, a late settle and
-// `tally_engine_expire_reservations` expire them.
+// admission path (default true). False: only `tally_engine_reserve`, a late settle, a policy
+// swap and `tally_engine_expire_reservations` expire them.
 //
 // Errors: `TALLY_NULL_POINTER` if `options` is NULL (every value is in range).
 tally_status tally_options_set_expire_leases_on_its_own(struct tally_options *options,
