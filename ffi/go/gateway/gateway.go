@@ -742,7 +742,11 @@ func denialMessage(resource string, d tally.Decision) string {
 	case tally.DenialNoResources:
 		message = "This key has no Token Plan seat and its team has no credits: assign a seat or top up credits."
 	case tally.DenialResourceNotCovered:
-		message = fmt.Sprintf("Plan %s does not cover %s and the team's credits cannot pay for it.", plan, resource)
+		if d.Plan == "" { // a key without a seat (its team's credits cannot pay), or pay-as-you-go
+			message = fmt.Sprintf("This key has no plan that covers %s and the team's credits cannot pay for it.", resource)
+		} else {
+			message = fmt.Sprintf("Plan %s does not cover %s and the team's credits cannot pay for it.", plan, resource)
+		}
 	case tally.DenialInsufficientCredits:
 		message = fmt.Sprintf("The plan's quota for %s is used up and the team's credits are short (%d micro-credits needed).",
 			resource, d.CreditsNeededMicros)
