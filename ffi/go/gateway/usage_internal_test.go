@@ -97,6 +97,14 @@ var usageCases = []struct {
 		body: "{\"usage\":{\"total_tokens\":15},\"text\":\"\xff\xfe\"}", tokens: 15},
 	{name: "a cut UTF-8 sequence in an event's string", contentType: "text/event-stream",
 		body: "data: {\"text\":\"\xc3\",\"usage\":{\"total_tokens\":15}}\n\n", tokens: 15},
+	// An event line is trimmed of Unicode spaces as bytes.TrimSpace trims them (a no-break
+	// space, U+0085), not of other control characters: the Python middleware trims alike.
+	{name: "a no-break space after an event's data", contentType: "text/event-stream",
+		body: "data: {\"usage\":{\"total_tokens\":15}}\xc2\xa0\n\n", tokens: 15},
+	{name: "U+0085 before an event line", contentType: "text/event-stream",
+		body: "\xc2\x85data:\xe3\x80\x80{\"usage\":{\"total_tokens\":15}}\n\n", tokens: 15},
+	{name: "a file separator after an event's data", contentType: "text/event-stream",
+		body: "data: {\"usage\":{\"total_tokens\":15}}\x1c\n\n", notSeen: true},
 	// Nothing used is no report a successful answer can make: settled at the estimate.
 	{name: "a usage of zeros", contentType: "application/json",
 		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},

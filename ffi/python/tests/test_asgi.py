@@ -1014,6 +1014,11 @@ USAGE_CASES = [
     ),
     ("application/json", b'{"usage":{"total_tokens":15},"text":"\xff\xfe"}', 15),
     ("text/event-stream", b'data: {"text":"\xc3","usage":{"total_tokens":15}}\n\n', 15),
+    # An event line is trimmed of Unicode spaces as Go's bytes.TrimSpace trims them (a no-break
+    # space, U+0085, an ideographic space), not of other control characters.
+    ("text/event-stream", b'data: {"usage":{"total_tokens":15}}\xc2\xa0\n\n', 15),
+    ("text/event-stream", b'\xc2\x85data:\xe3\x80\x80{"usage":{"total_tokens":15}}\n\n', 15),
+    ("text/event-stream", b'data: {"usage":{"total_tokens":15}}\x1c\n\n', None),
     # Nothing used is no report a successful answer can make: settled at the estimate.
     (
         "application/json",

@@ -560,6 +560,26 @@ def tokens_from_usage(usage: Any) -> int | None:
     return total or None
 
 
+#: The characters Go's ``bytes.TrimSpace`` trims beyond ASCII's (``unicode.IsSpace``): an event
+#: line is trimmed of them as the Go gateway trims it. ``bytes.strip`` trims ASCII's alone, and
+#: ``str.strip`` trims U+001C to U+001F too, which Go does not.
+_GO_SPACE = (
+    "\t\n\v\f\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def _trim_space(data: bytes) -> bytes:
+    """``data`` without the leading and trailing spaces Go's ``bytes.TrimSpace`` takes off:
+    ASCII's, and Unicode's encoded in UTF-8 (bytes that are not UTF-8 stop the trim, as in Go)."""
+    data = data.strip()
+    if data[:1] < b"\x80" and data[-1:] < b"\x80":
+        return data  # no Unicode space at either end
+    text = data.decode("utf-8", errors="surrogateescape").strip(_GO_SPACE)
+    return text.encode("utf-8", errors="surrogateescape")
+
+
 class UsageReader:
     """Finds the token usage in a response body as it streams past, without holding it up:
     a JSON body is kept (bounded) and parsed at the end; server-sent events are parsed line by
@@ -601,7 +621,7 @@ class UsageReader:
             if self._overflowed:
                 self._overflowed = False  # the long line ends here
             else:
-                self._event_line((bytes(self._buffer) + piece).strip())
+                self._event_line(_trim_space(bytes(self._buffer) + piece))
             self._buffer = bytearray()
         if not self._overflowed:
             self._buffer += rest
@@ -613,7 +633,7 @@ class UsageReader:
         if not line.startswith(b"data:") or b"usage" not in line:
             return
         try:
-            self._observe(_upstream_json(line[5:].strip()))
+            self._observe(_upstream_json(_trim_space(line[5:])))
         except ValueError:
             return
 
@@ -641,7 +661,7 @@ class UsageReader:
         """The tokens the response reported, or None if it reported none we could read."""
         if self.streaming:
             if self._buffer and not self._overflowed:
-                self._event_line(bytes(self._buffer).strip())
+                self._event_line(_trim_space(bytes(self._buffer)))
                 self._buffer = bytearray()
         elif not self._overflowed:
             try:
