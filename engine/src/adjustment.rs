@@ -93,10 +93,22 @@ pub(crate) struct CreditsLater {
 #[derive(Clone, Copy)]
 pub(crate) struct Undo<'a> {
     debts: &'a parking_lot::Mutex<crate::recovery::Debts>,
+    /// Held through each undo's counter moves (`Engine::undo_serial`).
+    serial: &'a parking_lot::Mutex<()>,
     key: &'a str,
 }
 
-impl Undo<'_> {
+impl<'a> Undo<'a> {
+    /// Holds off every other undo until the guard is dropped: an undo's move of a counter and
+    /// the debt or surplus it notes are one step to the others. Two failed calls' undos run at
+    /// once (both wake on the same failed flush); an addition's undo that had taken what it
+    /// could but not yet noted the rest let a removal's undo, run in between, find no debt
+    /// and put its units back in full. Undos run only after the log failed: never contended
+    /// on the hot path.
+    fn serialized(&self) -> parking_lot::MutexGuard<'a, ()> {
+        self.serial.lock()
+    }
+
     /// Notes `short` units an undo could not take off `counter` at `time`.
     fn owe(&self, counter: CounterId, time: u64, short: u64) {
         if short > 0 {
@@ -131,11 +143,36 @@ impl Undo<'_> {
     }
 }
 
+/// A test's pause at an undo's step (`UNDO_PAUSE`).
+#[cfg(test)]
+type UndoPause = Box<dyn Fn(&'static str)>;
+
+#[cfg(test)]
+thread_local! {
+    /// Run on this thread at an undo's step ("owe": an addition's undo between taking its units
+    /// off and noting what it could not): a test's window for another thread's undo.
+    pub(crate) static UNDO_PAUSE: std::cell::RefCell<Option<UndoPause>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(test)]
+fn undo_pause(step: &'static str) {
+    UNDO_PAUSE.with(|pause| {
+        if let Some(pause) = pause.borrow().as_ref() {
+            pause(step);
+        }
+    });
+}
+
+#[cfg(not(test))]
+fn undo_pause(_: &'static str) {}
+
 impl Engine {
     /// The undo of an effect on `key` whose event could not be logged.
     pub(crate) fn undo<'a>(&'a self, key: &'a str) -> Undo<'a> {
         Undo {
             debts: &self.undo_debts,
+            serial: &self.undo_serial,
             key,
         }
     }
@@ -962,6 +999,7 @@ pub(crate) fn give_back_in(
     let Some(usage) = state.usage.get() else {
         return given;
     };
+    let _serial = undo.map(|undo| undo.serialized());
     for &hold in receipt.holds.as_slice() {
         if let Some((moved, wanted)) = refund_hold(
             (then, later),
@@ -975,6 +1013,7 @@ pub(crate) fn give_back_in(
         ) {
             let (counter, time, amount) = moved;
             if let Some(undo) = undo {
+                undo_pause("owe");
                 undo.owe(counter, time, wanted - amount);
             }
             if amount > 0 {
@@ -1058,6 +1097,7 @@ pub(crate) fn retake_in(
         let _ = state.add_payg(given.payg_micros);
     }
     if let Some(usage) = state.usage.get() {
+        let _serial = undo.map(|undo| undo.serialized());
         for &(counter, time, amount) in &given.counters {
             let located = usage.find_carried((then, later), policy, counter, time);
             if let Some((current, time, state)) = located {
@@ -1167,6 +1207,7 @@ fn undo_adjustment(
     direction: AdjustmentDirection,
     undo: Option<Undo<'_>>,
 ) {
+    let _serial = undo.map(|undo| undo.serialized());
     for &(counter, time, amount) in moved {
         match direction {
             AdjustmentDirection::Add => {
@@ -1436,5 +1477,131 @@ mod tests {
         for receipt in [&the_day_after, &on_a_ring, &to_credits] {
             assert!(!holds_in_short_period(Some(&policy), receipt, &state));
         }
+    }
+
+    /// Two failed calls' undos on one key run at once (both wake on the same failed flush):
+    /// a consume's undo finds its units taken by a refund not yet undone and notes the
+    /// shortfall a moment after taking what it could; the refund's undo, run in that moment,
+    /// found no debt yet and put its units back in full. The counter then ended counting
+    /// units no logged event counts, as before `Engine::undo_debts`.
+    #[test]
+    fn a_refunds_undo_racing_a_consumes_undo_leaves_the_counter_as_on_disk() {
+        use crate::{
+            AdjustmentDirection, Decision, Durability, Faults, ManualClock, OpenOptions, Unit,
+            UsageRequest,
+        };
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+        const T0: u64 = 1_790_000_000_000;
+        let limit = "m2.7:requests per rolling:5h";
+        let dir = std::env::temp_dir().join(format!("tally-undo-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let faults = Faults::new();
+        let options = OpenOptions {
+            durability: Durability::Sync,
+            faults: Some(Arc::clone(&faults)),
+            ..OpenOptions::default()
+        };
+        let open = || {
+            Engine::open(
+                &dir,
+                Policy::token_plan(),
+                Arc::new(ManualClock::new(T0)),
+                options.clone(),
+            )
+            .expect("open")
+        };
+        let used = |engine: &Engine| {
+            let report = engine.usage("key-ada", Some(T0 + 3)).expect("a report");
+            let found = report.limits.iter().find(|report| report.name == limit);
+            found.expect("the limit").used
+        };
+        let engine = open();
+        engine
+            .create_user("ada", "key-ada", Some(T0))
+            .expect("a user");
+        engine
+            .assign_seat("@ada", "ada", "Max", Some(T0))
+            .expect("a seat");
+        let five = [(Unit::Requests, 5)];
+        let first = engine
+            .consume(&UsageRequest::new("key-ada", "m2.7", &five).at(T0).id("r1"))
+            .expect("decided");
+        assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
+        // A correction takes r1's units out again: the bucket is empty, r1's receipt names it.
+        engine
+            .adjust_usage(
+                "key-ada",
+                "m2.7",
+                &five,
+                T0,
+                AdjustmentDirection::Remove,
+                Some(T0),
+            )
+            .expect("a correction");
+        engine.sync().expect("durable");
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let start = Instant::now();
+            while !what() && start.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(what());
+        };
+        faults.hold_flushes();
+        faults.fail_next_flushes(1);
+        faults.hold_give_backs();
+        let refund_done = Arc::new(AtomicBool::new(false));
+        let refunded = std::thread::scope(|scope| {
+            let request = UsageRequest::new("key-ada", "m2.7", &five).at(T0 + 1);
+            let submitted = engine.submit(&request).expect("submitted");
+            wait_for(&|| faults.flushes_held() > 0);
+            assert_eq!(used(&engine), 5);
+            let refund = {
+                let (engine, done) = (&engine, Arc::clone(&refund_done));
+                scope.spawn(move || {
+                    let refunded = engine.refund("r1", Some(T0 + 2));
+                    done.store(true, Ordering::SeqCst);
+                    refunded
+                })
+            };
+            wait_for(&|| faults.give_backs_held() > 0);
+            assert_eq!(used(&engine), 0);
+            // The consume's undo takes what it can (nothing), then, before it notes what it
+            // could not, the refund's append fails and its undo runs (or waits its turn).
+            {
+                let (faults, done) = (Arc::clone(&faults), Arc::clone(&refund_done));
+                UNDO_PAUSE.with(|pause| {
+                    *pause.borrow_mut() = Some(Box::new(move |step| {
+                        if step == "owe" {
+                            faults.release_give_backs();
+                            let start = Instant::now();
+                            while !done.load(Ordering::SeqCst)
+                                && start.elapsed() < Duration::from_millis(500)
+                            {
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                        }
+                    }));
+                });
+            }
+            faults.release_flushes();
+            let completed = submitted.complete();
+            UNDO_PAUSE.with(|pause| pause.borrow_mut().take());
+            assert!(completed.is_err(), "{completed:?}");
+            faults.release_give_backs();
+            refund.join().expect("no panic")
+        });
+        assert!(refunded.is_err(), "{refunded:?}");
+        let in_memory = used(&engine);
+        drop(engine);
+        let engine = open();
+        let on_disk = used(&engine);
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(on_disk, 0, "r1 and the correction stand, nothing else");
+        assert_eq!(
+            in_memory, on_disk,
+            "{limit}: in memory after both undos, as on disk"
+        );
     }
 }

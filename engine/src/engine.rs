@@ -437,6 +437,9 @@ pub struct Engine {
     /// adds anything back (`adjustment::Undo`), so the counter ends where the log says, in
     /// whatever order the failed calls are undone. Empty but after a failure.
     pub(crate) undo_debts: Mutex<crate::recovery::Debts>,
+    /// Held through each undo's counter moves and the debts or surpluses they note
+    /// (`adjustment::Undo::serialized`), so no other undo runs between the two.
+    pub(crate) undo_serial: Mutex<()>,
 }
 
 /// Requests a thread decides between two looks at the engine's housekeeping: whether a reclaim
@@ -601,6 +604,7 @@ impl Engine {
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
             background: Arc::default(),
             undo_debts: Mutex::default(),
+            undo_serial: Mutex::new(()),
         })
     }
 
