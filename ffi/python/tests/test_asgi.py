@@ -35,6 +35,7 @@ from tally.asgi import (
     QuotaMiddleware,
     Route,
     UsageReader,
+    denial_message,
     lease_ended,
     rate_limit_headers,
     route_path,
@@ -571,6 +572,30 @@ def test_speech_is_counted_in_characters_of_its_input_against_the_daily_quota(en
     # The next local midnight in Asia/Shanghai is 2030-03-18T16:00:00Z.
     assert "2030-03-18T16:00:00Z" in denied.json()["error"]["message"]
     assert request(gateway, SPEECH, {"model": "speech-2.8-hd", "input": ""}, key=key).status == 400
+
+
+def test_a_seatless_keys_not_covered_denial_names_no_plan_of_its_own():
+    # A key without a seat whose team holds credits, asking for a model credits cannot pay for
+    # (no price), is denied "resource not covered": the message said "This key does not cover
+    # free-model", as if the key were a plan. As the Go gateway words it.
+    policy = """
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 1000 }
+[resources.free-model]
+units = ["requests"]
+[plans.Covers]
+limits = [{ resource = "free-model", unit = "requests", amount = 10, window = "rolling:5h" }]
+"""
+    engine = tally.Engine.in_memory(tally.Policy.toml(policy))
+    engine.create_user("ada", "key-ada")
+    engine.top_up("@ada", 1_000_000)
+    decision = engine.consume("key-ada", "free-model", {"requests": 1})
+    assert decision.denial is tally.Denial.RESOURCE_NOT_COVERED and decision.plan is None
+    message = denial_message(decision, "free-model")
+    assert message.startswith("This key has no plan that covers free-model."), message
+    assert "Upgrade to Covers" in message
 
 
 def test_images_are_counted_by_n_and_a_plan_without_them_is_insufficient_quota(engine, gateway):

@@ -295,7 +295,9 @@ def denial_message(decision: Decision, resource: str) -> str:
             f"credits. Assign a seat or top up credits (at least {needed:.6f} for this request)."
         )
     if denial is Denial.RESOURCE_NOT_COVERED:
-        return f"{plan[0].upper()}{plan[1:]} does not cover {resource}.{upgrade}{credits}"
+        if not decision.plan:  # a key without a seat (its team's credits cannot pay for it)
+            return f"This key has no plan that covers {resource}.{upgrade}{credits}"
+        return f"Plan {decision.plan} does not cover {resource}.{upgrade}{credits}"
     if denial is Denial.EXCEEDS_LIMIT:
         return (
             f"The request ({decision.requested}) is larger than the whole limit "
