@@ -307,6 +307,20 @@ fn max_key_with_r1(engine: &tally_engine::Engine, resource: &str, unit: Unit) {
     assert!(matches!(first, Decision::Admitted(_)), "{first:?}");
 }
 
+/// What `limit` counts on `key-ada` (at T0 + 3 ms) in `engine`, then in the same database
+/// reopened: `(in memory, on disk)`.
+fn counted_then_reopened(
+    engine: tally_engine::Engine,
+    dir: &std::path::Path,
+    faults: &Arc<Faults>,
+    limit: &str,
+) -> (u64, u64) {
+    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
+    drop(engine);
+    let engine = open_token_plan(dir, options(faults));
+    (in_memory, used(&engine, "key-ada", limit, T0_MS + 3))
+}
+
 /// The used count of `key`'s limit named `limit` at `at_ms`.
 fn used(engine: &tally_engine::Engine, key: &str, limit: &str, at_ms: u64) -> u64 {
     let report = engine.usage(key, Some(at_ms)).expect("a report");
@@ -383,10 +397,7 @@ fn a_failed_refund_undone_after_a_failed_consume(
         matches!(refunded, Err(Error::Storage { .. })),
         "the refund fails: {refunded:?}"
     );
-    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
-    drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
-    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    let (in_memory, on_disk) = counted_then_reopened(engine, dir.path(), &faults, limit);
     assert_eq!(
         on_disk, 0,
         "on disk: r1 and the correction stand, nothing else"
@@ -459,10 +470,7 @@ fn a_failed_refund_undone_after_a_failed_correction_upwards_leaves_the_counter_a
         matches!(refunded, Err(Error::Storage { .. })),
         "the refund fails: {refunded:?}"
     );
-    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
-    drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
-    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    let (in_memory, on_disk) = counted_then_reopened(engine, dir.path(), &faults, limit);
     assert_eq!(on_disk, 0, "on disk: r1 and the first correction stand");
     assert_eq!(
         in_memory, on_disk,
@@ -594,10 +602,7 @@ fn a_correction_fills_a_bucket_a_held_refund_emptied(label: &str, fail: bool) {
         "the correction fits the emptied bucket: {added:?}"
     );
     assert_eq!(refunded.is_err(), fail, "the refund: {refunded:?}");
-    let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
-    drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
-    let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+    let (in_memory, on_disk) = counted_then_reopened(engine, dir.path(), &faults, limit);
     assert_eq!(
         in_memory, on_disk,
         "{limit}: in memory, as the reopened database (refund failed: {fail})"
@@ -662,10 +667,7 @@ fn a_failed_refund_and_a_failed_correction_filling_its_bucket_leave_it_as_on_dis
             matches!(refunded, Err(Error::Storage { .. })),
             "{refunded:?}"
         );
-        let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
-        drop(engine);
-        let engine = open_token_plan(dir.path(), options(&faults));
-        let on_disk = used(&engine, "key-ada", limit, T0_MS + 3);
+        let (in_memory, on_disk) = counted_then_reopened(engine, dir.path(), &faults, limit);
         assert_eq!(on_disk, 5, "round {round}: on disk, r1 alone");
         assert_eq!(
             in_memory, on_disk,

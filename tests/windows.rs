@@ -1267,24 +1267,12 @@ limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "daily
             if start == end {
                 continue; // a day the zone skipped
             }
-            clock.set_ms(start);
-            assert_eq!(
-                admit_count(&engine, &key, "widget", Unit::Requests, 2, start),
-                2,
-                "{zone} day {day} from {start}"
-            );
-            let (_, retry_at_ms, _, reset_at_ms) =
-                quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, start));
-            assert_eq!(
-                (retry_at_ms, reset_at_ms),
-                (end, end),
-                "{zone} day {day}: [{start}, {end})"
-            );
-            clock.set_ms(end - 1);
-            assert!(
-                !consume(&engine, &key, "widget", &ONE_REQUEST, end - 1).is_admitted(),
-                "{zone} day {day} at {}",
-                end - 1
+            two_per_period(
+                &engine,
+                &clock,
+                &key,
+                (start, end),
+                &format!("{zone} day {day}"),
             );
         }
     }
@@ -1348,26 +1336,45 @@ limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{wind
                     reference_day_start(&tz, pair[0]),
                     reference_day_start(&tz, pair[1]),
                 );
-                clock.set_ms(start);
-                assert_eq!(
-                    admit_count(&engine, &key, "widget", Unit::Requests, 2, start),
-                    2,
-                    "{zone} {window} {week_start} from {start}"
-                );
-                let (_, retry_at_ms, _, reset_at_ms) =
-                    quota_exhausted(consume(&engine, &key, "widget", &ONE_REQUEST, start));
-                assert_eq!(
-                    (retry_at_ms, reset_at_ms),
-                    (end, end),
-                    "{zone} {window} {week_start}: [{start}, {end})"
-                );
-                clock.set_ms(end - 1);
-                assert!(
-                    !consume(&engine, &key, "widget", &ONE_REQUEST, end - 1).is_admitted(),
-                    "{zone} {window} {week_start} at {}",
-                    end - 1
+                two_per_period(
+                    &engine,
+                    &clock,
+                    &key,
+                    (start, end),
+                    &format!("{zone} {window} {week_start}"),
                 );
             }
         }
     }
+}
+
+/// A limit of 2 per period on `widget`, over the period `[start, end)` (the reference's): 2 are
+/// admitted at its start, the third is told to wait until `end`, which is also its reset, and
+/// a request at its last millisecond is still denied.
+fn two_per_period(
+    engine: &Engine,
+    clock: &ManualClock,
+    key: &str,
+    (start, end): (u64, u64),
+    context: &str,
+) {
+    clock.set_ms(start);
+    assert_eq!(
+        admit_count(engine, key, "widget", Unit::Requests, 2, start),
+        2,
+        "{context} from {start}"
+    );
+    let (_, retry_at_ms, _, reset_at_ms) =
+        quota_exhausted(consume(engine, key, "widget", &ONE_REQUEST, start));
+    assert_eq!(
+        (retry_at_ms, reset_at_ms),
+        (end, end),
+        "{context}: [{start}, {end})"
+    );
+    clock.set_ms(end - 1);
+    assert!(
+        !consume(engine, key, "widget", &ONE_REQUEST, end - 1).is_admitted(),
+        "{context} at {}",
+        end - 1
+    );
 }
