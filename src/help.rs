@@ -124,11 +124,11 @@ Options:
 
 Exit status: 0 on success (`consume`: admitted); 1 when `consume` is denied (an unknown key is a
 denial), `verify` finds the database unsound, `events` cannot write the events out (the cursor
-does not move), `usage` cannot write its report or `simulate`'s engine refuses the scenario; 2
-when the command could not run (a bad command line or policy, an argument the engine refuses
-such as an unknown team, or an unknown key given to another command, a database that cannot be
-opened): nothing changed. A command that made its change exits as it did even when its report
-cannot be written (stderr says so).
+does not move), `usage` cannot write its report (a closed pipe is no failure: 0) or `simulate`'s
+engine refuses the scenario; 2 when the command could not run (a bad command line or policy, an
+argument the engine refuses such as an unknown team, or an unknown key given to another command,
+a database that cannot be opened): nothing changed. A command that made its change exits as it
+did even when its report cannot be written (stderr says so).
 ";
 
 pub const SIMULATE_HELP: &str = "\
@@ -377,7 +377,8 @@ Options:
 
 Exit status: 0 when the events (or, with --cursors, the saved cursors) were written out (or
 there were none) or the cursor deleted (or there was none); 1 when they could not be written
-(a closed pipe: the cursor does not move);
+(events: a closed pipe too, and the cursor does not move; --cursors: a closed pipe is no
+failure);
 2 if the command could not run (a bad command line, an --after past the end of the log or
 compacted away, a database that cannot be opened): it then printed no events and moved no cursor.
 ";

@@ -18,15 +18,16 @@
 //!   `[payload length u32 LE][crc32 of length and payload u32 LE][payload]`, each payload one
 //!   record of consecutive events (`event::encode_record_into`); the running last segment may
 //!   end in zeros written ahead, which read as the end of the log. A segment is sealed (fsynced,
-//!   never written again) when it passes `SEGMENT_BYTES` or when a checkpoint asks for a new one
-//!   (so segments end at snapshots and compaction can drop whole files).
+//!   never written again) when it passes `OpenOptions::segment_bytes` (default `SEGMENT_BYTES`,
+//!   64 MiB) or when a checkpoint asks for a new one (so segments end at snapshots and
+//!   compaction can drop whole files).
 //! - `snapshots/<seq, 20 digits>.snap`: checkpoints, written to a temporary file, fsynced and
 //!   renamed (then the directory fsynced); the latest two are kept.
 //! - sled, for what is small and keyed: `meta` (the format version, the options the database
 //!   was last opened with: `options::RecordedOptions`, the last event a clean close found
-//!   durable, and the newest segment recorded as created) and `cursors` (named export cursors,
-//!   at most `MAX_CURSORS`). sled's file lock
-//!   also keeps a second process out of the directory.
+//!   durable, the newest segment recorded as created, and when events were logged:
+//!   `logged_by/<seq>`, one per checkpoint) and `cursors` (named export cursors, at most
+//!   `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. Zeros from a frame's start to the end of the file are the
 //! end of the log (unless a snapshot or a clean close found the log durable past there: then
