@@ -28,14 +28,6 @@ enum Fault {
     Flush,
 }
 
-fn options(faults: &Arc<Faults>) -> OpenOptions {
-    OpenOptions {
-        durability: Durability::Sync,
-        faults: Some(Arc::clone(faults)),
-        ..OpenOptions::default()
-    }
-}
-
 /// The time every call of a case runs at.
 const AT_MS: u64 = POPULATED_MS + 10 * 60 * 1_000;
 
@@ -90,7 +82,7 @@ type Call = dyn Fn(&Engine, &World) -> Result<String, Error>;
 fn fault_case(label: &str, fault: Fault, call: &Call, observed_at: u64) {
     let dir = TempDir::new(&format!("fault-{label}-{fault:?}"));
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let twin = twin(Policy::token_plan());
     let world = populate(&engine);
     assert_eq!(world, populate(&twin));
@@ -126,14 +118,14 @@ fn fault_case(label: &str, fault: Fault, call: &Call, observed_at: u64) {
     );
     drop(engine);
 
-    let report = Engine::verify(dir.path(), options(&faults)).expect("verify");
+    let report = Engine::verify(dir.path(), sync_options_with(&faults)).expect("verify");
     assert!(report.is_sound(), "{:?}", report.problems);
     assert_eq!(
         report.last_seq, events,
         "no event of the failed call is on disk"
     );
 
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     assert_same(&observe(&engine, observed_at), &before, "on disk");
     assert_eq!(last_seq(&engine), events);
     assert_eq!(
@@ -162,7 +154,7 @@ fn both_faults_observed_at(label: &str, call: &Call, observed_at: u64) {
 fn accounts_in_sync_database(label: &str) -> (TempDir, Arc<Faults>, Engine) {
     let dir = TempDir::new(label);
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     create_accounts(&engine);
     (dir, faults, engine)
 }
@@ -498,7 +490,7 @@ fn after_a_failure_the_engine_reopens_with_the_same_faults_object_and_works() {
         }
         assert_storage_error(&engine.consume(&request), "a failed consume");
         drop(engine);
-        engine = open_token_plan(dir.path(), options(&faults));
+        engine = open_token_plan(dir.path(), sync_options_with(&faults));
         let used = engine.usage("key-bob", Some(T0_MS)).unwrap().limits[0].used;
         assert_eq!(used, round, "only the successful consumes counted");
         assert!(engine.consume(&request).unwrap().is_admitted());
@@ -602,7 +594,7 @@ fn when_a_group_commits_fdatasync_fails_every_waiting_caller_fails_and_memory_eq
     let in_memory = state(&engine, &KEYS, &TEAMS, AT_MS);
     assert_same_state(&in_memory, &before, "in memory after the failed group");
     drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     assert_same_state(
         &state(&engine, &KEYS, &TEAMS, AT_MS),
         &in_memory,
@@ -1203,7 +1195,7 @@ fn concurrent_reserves_settles_and_voids_wait_for_their_flush_together() {
         "one request counted per settle, nothing per void"
     );
     drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     assert_eq!(engine.usage("key-bob", Some(at)).expect("usage"), after);
     assert_eq!(engine.open_reservations(), 0);
 }
@@ -1392,14 +1384,14 @@ fn a_checkpoint_cut_while_a_close_waits_for_its_flush_counts_the_reservation_clo
         assert_eq!(last_seq(&engine), seq, "{context}: the close is in the cut");
         // Dropped without `close`: the reopen restores the snapshot cut in the gap.
         drop(engine);
-        let engine = open_token_plan(dir.path(), options(&faults));
+        let engine = open_token_plan(dir.path(), sync_options_with(&faults));
         assert_eq!(open(&engine), 0, "{context}: reopened from the cut");
         assert_eq!(engine.open_reservations(), 0, "{context}: reopened");
         // A later snapshot agrees with a replay from that one.
         engine.reserve(&request, None).expect("reserve again");
         engine.checkpoint().expect("checkpoint");
         drop(engine);
-        let report = Engine::verify(dir.path(), options(&Faults::new())).expect("verify");
+        let report = Engine::verify(dir.path(), sync_options_with(&Faults::new())).expect("verify");
         assert!(report.is_sound(), "{context}: {:?}", report.problems);
         assert_eq!(
             report.snapshot_matches_replay,
@@ -1720,9 +1712,9 @@ fn a_flush_failing_while_checkpoints_are_cut_loses_nothing_acknowledged_and_adds
         assert!(engine.checkpoint().is_err(), "{context}: the log failed");
         let before = state(&engine, &KEYS, &TEAMS, AT_MS);
         drop(engine);
-        let report = Engine::verify(dir.path(), options(&Faults::new())).expect("verify");
+        let report = Engine::verify(dir.path(), sync_options_with(&Faults::new())).expect("verify");
         assert!(report.is_sound(), "{context}: {:?}", report.problems);
-        let reopened = open_token_plan(dir.path(), options(&Faults::new()));
+        let reopened = open_token_plan(dir.path(), sync_options_with(&Faults::new()));
         let after = state(&reopened, &KEYS, &TEAMS, AT_MS);
         assert_same_state(&after, &before, &format!("{context}: reopened"));
         for (key, id, admitted) in &ids {

@@ -9,17 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log_support::*;
-use tally_engine::{
-    ChargedTo, Decision, Durability, Error, Faults, OpenOptions, SettleOutcome, Unit, UsageRequest,
-};
-
-fn options(faults: &Arc<Faults>) -> OpenOptions {
-    OpenOptions {
-        durability: Durability::Sync,
-        faults: Some(Arc::clone(faults)),
-        ..OpenOptions::default()
-    }
-}
+use tally_engine::{ChargedTo, Decision, Error, Faults, SettleOutcome, Unit, UsageRequest};
 
 fn credits_charge(decision: &Decision) -> u64 {
     match decision {
@@ -31,14 +21,6 @@ fn credits_charge(decision: &Decision) -> u64 {
     }
 }
 
-fn wait_until_flush_held(faults: &Faults) {
-    let start = Instant::now();
-    while faults.flushes_held() == 0 && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(faults.flushes_held() > 0, "the writer reached its flush");
-}
-
 /// A refund gives credits back; another request spends them before the refund's event is
 /// durable; the flush fails, failing both. The refund is undone first (`Team::force_charge`,
 /// which stops at zero, so it takes back less than it gave), then the submitted consume gives
@@ -47,7 +29,7 @@ fn wait_until_flush_held(faults: &Faults) {
 fn a_failed_refund_undone_after_its_credits_were_spent_creates_credits() {
     let dir = TempDir::new("faults-undo-refund-undo");
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let at = Some(T0_MS);
     // zed has no seat: every request is charged to @zed's credits.
     engine.create_user("zed", "key-zed", at).expect("a user");
@@ -109,7 +91,7 @@ fn a_failed_refund_undone_after_its_credits_were_spent_creates_credits() {
     );
     let in_memory = engine.credits_micros("@zed").unwrap();
     drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let on_disk = engine.credits_micros("@zed").unwrap();
     assert_eq!(
         on_disk, 0,
@@ -130,7 +112,7 @@ fn a_failed_refund_undone_after_its_credits_were_spent_creates_credits() {
 fn a_failed_void_undone_after_its_credits_were_spent_creates_credits() {
     let dir = TempDir::new("faults-undo-void-undo");
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let at = Some(T0_MS);
     engine.create_user("zed", "key-zed", at).expect("a user");
     let one = [(Unit::Requests, 1)];
@@ -192,7 +174,7 @@ fn a_failed_void_undone_after_its_credits_were_spent_creates_credits() {
         engine.open_reservations(),
     );
     drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let on_disk = (
         engine.credits_micros("@zed").unwrap(),
         engine.open_reservations(),
@@ -217,7 +199,7 @@ fn a_failed_void_undone_after_its_credits_were_spent_creates_credits() {
 fn a_failed_settle_paying_its_extra_with_the_hold_is_undone_into_more_credits() {
     let dir = TempDir::new("faults-undo-settle-undo");
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let at = Some(T0_MS);
     engine.create_user("zed", "key-zed", at).expect("a user");
     // m2.7: 2,000 micros a request, 1 a token.
@@ -268,7 +250,7 @@ fn a_failed_settle_paying_its_extra_with_the_hold_is_undone_into_more_credits() 
     );
     let in_memory = state(&engine, &["key-zed"], &["@zed"], T0_MS + 1);
     drop(engine);
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let on_disk = state(&engine, &["key-zed"], &["@zed"], T0_MS + 1);
     assert_same_state(
         &on_disk,
@@ -276,17 +258,6 @@ fn a_failed_settle_paying_its_extra_with_the_hold_is_undone_into_more_credits() 
         "on disk: the hold stands, as before the settle",
     );
     assert_same_state(&in_memory, &before, "in memory after the failed settle");
-}
-
-fn wait_until_give_back_held(faults: &Faults) {
-    let start = Instant::now();
-    while faults.give_backs_held() == 0 && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        faults.give_backs_held() > 0,
-        "the give-back reached its append"
-    );
 }
 
 /// `ada`'s key on a Max seat, with request `r1` of 5 `unit` of `resource` admitted at T0 (not
@@ -317,7 +288,7 @@ fn counted_then_reopened(
 ) -> (u64, u64) {
     let in_memory = used(&engine, "key-ada", limit, T0_MS + 3);
     drop(engine);
-    let engine = open_token_plan(dir, options(faults));
+    let engine = open_token_plan(dir, sync_options_with(faults));
     (in_memory, used(&engine, "key-ada", limit, T0_MS + 3))
 }
 
@@ -346,7 +317,7 @@ fn a_failed_refund_undone_after_a_failed_consume(
 ) {
     let dir = TempDir::new(label);
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     max_key_with_r1(&engine, resource, unit);
     let five = [(unit, 5)];
     // A correction takes r1's units out again (durable): the bucket is empty, and r1's
@@ -435,7 +406,7 @@ fn a_failed_refund_undone_after_a_failed_consume_leaves_a_daily_counter_as_on_di
 fn a_failed_refund_undone_after_a_failed_correction_upwards_leaves_the_counter_as_on_disk() {
     let dir = TempDir::new("faults-undo-usage-correction");
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let limit = "m2.7:requests per rolling:5h";
     max_key_with_r1(&engine, "m2.7", Unit::Requests);
     let five = [(Unit::Requests, 5)];
@@ -498,7 +469,7 @@ fn snapshot_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn no_snapshot_is_stored_while_a_failed_logs_undos_owe_credits() {
     let dir = TempDir::new("faults-undo-debt-checkpoint");
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let at = Some(T0_MS);
     engine.create_user("zed", "key-zed", at).expect("a user");
     let one = [(Unit::Requests, 1)];
@@ -559,7 +530,7 @@ fn no_snapshot_is_stored_while_a_failed_logs_undos_owe_credits() {
         "close after the log failed: {closed:?}"
     );
     assert_eq!(snapshot_files(dir.path()), snapshots, "no snapshot stored");
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     assert_eq!(engine.credits_micros("@zed").unwrap(), 0);
     assert_eq!(in_memory, 0, "in memory, as on disk");
 }
@@ -573,7 +544,7 @@ fn no_snapshot_is_stored_while_a_failed_logs_undos_owe_credits() {
 fn a_correction_fills_a_bucket_a_held_refund_emptied(label: &str, fail: bool) {
     let dir = TempDir::new(label);
     let faults = Faults::new();
-    let engine = open_token_plan(dir.path(), options(&faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
     let limit = "m2.7:requests per rolling:5h";
     max_key_with_r1(&engine, "m2.7", Unit::Requests);
     engine.sync().expect("durable");
@@ -630,7 +601,7 @@ fn a_failed_refund_and_a_failed_correction_filling_its_bucket_leave_it_as_on_dis
     for round in 0..24 {
         let dir = TempDir::new(&format!("faults-undo-brim-race-{round}"));
         let faults = Faults::new();
-        let engine = open_token_plan(dir.path(), options(&faults));
+        let engine = open_token_plan(dir.path(), sync_options_with(&faults));
         let limit = "m2.7:requests per rolling:5h";
         max_key_with_r1(&engine, "m2.7", Unit::Requests);
         engine.sync().expect("durable");

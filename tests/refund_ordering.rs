@@ -13,39 +13,17 @@
 mod log_support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use log_support::*;
-use tally_engine::{
-    ChargedTo, Decision, Durability, Engine, Error, Faults, OpenOptions, Policy, Unit, UsageRequest,
-};
+use tally_engine::{ChargedTo, Decision, Engine, Error, Faults, Policy, Unit, UsageRequest};
 
 /// m2.7's price: 2,000 micro-credits a request, 1 a token.
 const REQUEST_MICROS: u64 = 2_000;
 
-fn options(faults: &Arc<Faults>) -> OpenOptions {
-    OpenOptions {
-        durability: Durability::Sync,
-        faults: Some(Arc::clone(faults)),
-        ..OpenOptions::default()
-    }
-}
-
-fn wait_until_give_back_held(faults: &Faults) {
-    let start = Instant::now();
-    while faults.give_backs_held() == 0 && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    assert!(
-        faults.give_backs_held() > 0,
-        "the give-back reached its append"
-    );
-}
-
 /// `zed` (no seat: every request is paid with @zed's credits) on a fresh durable engine,
 /// with `micros` topped up.
 fn open_zed(dir: &TempDir, faults: &Arc<Faults>, micros: u64) -> Engine {
-    let engine = open_token_plan(dir.path(), options(faults));
+    let engine = open_token_plan(dir.path(), sync_options_with(faults));
     let at = Some(T0_MS);
     engine.create_user("zed", "key-zed", at).expect("a user");
     engine.top_up("@zed", micros, at).expect("a top-up");

@@ -115,6 +115,36 @@ pub fn sync_options() -> OpenOptions {
     }
 }
 
+/// `Sync` durability with `faults` injected (the fault tests' engines).
+pub fn sync_options_with(faults: &Arc<tally_engine::Faults>) -> OpenOptions {
+    OpenOptions {
+        faults: Some(Arc::clone(faults)),
+        ..sync_options()
+    }
+}
+
+/// Waits (10 s at most) until the log writer is held at an fdatasync (`Faults::hold_flushes`).
+pub fn wait_until_flush_held(faults: &tally_engine::Faults) {
+    let start = std::time::Instant::now();
+    while faults.flushes_held() == 0 && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(faults.flushes_held() > 0, "the writer reached its flush");
+}
+
+/// Waits (10 s at most) until a refund or a reservation's close is held between its give-back
+/// and its append (`Faults::hold_give_backs`).
+pub fn wait_until_give_back_held(faults: &tally_engine::Faults) {
+    let start = std::time::Instant::now();
+    while faults.give_backs_held() == 0 && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(
+        faults.give_backs_held() > 0,
+        "the give-back reached its append"
+    );
+}
+
 pub fn open(dir: &Path, policy: Policy, options: OpenOptions) -> Engine {
     match Engine::open(dir, policy, clock(), options) {
         Ok(engine) => engine,
