@@ -991,17 +991,7 @@ limits = [
 #[test]
 fn a_request_stamped_before_a_reclaim_is_told_to_wait_from_its_own_timestamp() {
     for window in ["rolling:1h", "daily"] {
-        let policy = Policy::from_toml_str(&format!(
-            r#"
-time_zone = "UTC"
-[resources.widget]
-units = ["requests"]
-[plans.P]
-limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
-"#
-        ))
-        .expect("a valid policy");
-        let (engine, clock) = engine_on_clock_with(policy);
+        let (engine, clock) = engine_on_clock_with(two_per(window, "UTC", "monday"));
         let key = seated(&engine, "ada", "P");
         let day_ms = T0_MS - T0_MS % DAY_MS + DAY_MS; // a UTC midnight
         assert!(consume(&engine, &key, "widget", &ONE_REQUEST, day_ms - 3 * HOUR_MS).is_admitted());
@@ -1041,17 +1031,7 @@ limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{wind
 /// ended for the key (the report said the window reset a day early).
 #[test]
 fn a_usage_report_stamped_before_a_reclaim_resets_where_a_request_then_counts() {
-    let policy = Policy::from_toml_str(
-        r#"
-time_zone = "UTC"
-[resources.widget]
-units = ["requests"]
-[plans.P]
-limits = [{ resource = "widget", unit = "requests", amount = 2, window = "daily" }]
-"#,
-    )
-    .expect("a valid policy");
-    let (engine, clock) = engine_on_clock_with(policy);
+    let (engine, clock) = engine_on_clock_with(two_per("daily", "UTC", "monday"));
     let key = seated(&engine, "ada", "P");
     let day_ms = T0_MS - T0_MS % DAY_MS + DAY_MS; // a UTC midnight
     assert!(consume(&engine, &key, "widget", &ONE_REQUEST, day_ms - 3 * HOUR_MS).is_admitted());
@@ -1243,17 +1223,7 @@ fn a_daily_limit_of_two_resets_at_each_local_day_start_in_zones_with_unusual_cha
         ("America/Havana", (2099, 1, 1), (2099, 12, 30)),
     ] {
         let tz = jiff::tz::TimeZone::get(zone).unwrap();
-        let policy = Policy::from_toml_str(&format!(
-            r#"
-time_zone = "{zone}"
-[resources.widget]
-units = ["requests"]
-[plans.P]
-limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "daily" }}]
-"#
-        ))
-        .expect("a valid policy");
-        let (engine, clock) = engine_on_clock_with(policy);
+        let (engine, clock) = engine_on_clock_with(two_per("daily", zone, "monday"));
         let key = seated(&engine, "ada", "P");
         let (first, last) = (
             days_from_civil(from.0, from.1, from.2),
@@ -1303,18 +1273,7 @@ fn weekly_and_monthly_limits_of_two_reset_at_each_reference_period_start() {
             .map(|(name, day)| ("weekly", *name, Some(*day)))
             .chain([("monthly", "monday", None)])
         {
-            let policy = Policy::from_toml_str(&format!(
-                r#"
-time_zone = "{zone}"
-week_start = "{week_start}"
-[resources.widget]
-units = ["requests"]
-[plans.P]
-limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
-"#
-            ))
-            .expect("a valid policy");
-            let (engine, clock) = engine_on_clock_with(policy);
+            let (engine, clock) = engine_on_clock_with(two_per(window, zone, week_start));
             let key = seated(&engine, "ada", "P");
             let (first, last) = (
                 days_from_civil(from.0, from.1, from.2),
@@ -1377,4 +1336,20 @@ fn two_per_period(
         "{context} at {}",
         end - 1
     );
+}
+
+/// A plan `P` limiting `widget` requests to 2 per `window`, in `zone`, weeks starting on
+/// `week_start`.
+fn two_per(window: &str, zone: &str, week_start: &str) -> Policy {
+    Policy::from_toml_str(&format!(
+        r#"
+time_zone = "{zone}"
+week_start = "{week_start}"
+[resources.widget]
+units = ["requests"]
+[plans.P]
+limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
+"#
+    ))
+    .expect("a valid policy")
 }
