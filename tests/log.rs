@@ -3220,6 +3220,13 @@ fn frames_of(dir: &std::path::Path) -> Vec<Frame> {
     frames
 }
 
+/// Appends `payload` to `out` framed as the log frames a record (length, crc, payload).
+fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&frame_crc(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
 fn frame_crc(payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&(payload.len() as u32).to_le_bytes());
@@ -3284,9 +3291,7 @@ fn rewrite_record(frame: &Frame, events: &[(u64, Vec<u8>)]) {
         events.iter().map(|(at, body)| (*at, body.as_slice())),
     );
     let mut out = bytes[..frame.offset].to_vec();
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&frame_crc(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    push_frame(&mut out, &payload);
     out.extend_from_slice(&bytes[frame.offset + 8 + frame.len..]);
     std::fs::write(&frame.path, out).unwrap();
 }
@@ -5366,7 +5371,8 @@ fn verify_reports_damage_in_a_sealed_segment_without_inventing_a_gap_after_it() 
 
 /// A record that holds no events (its frame and crc sound: only crafted bytes make one) is
 /// damage to `verify` as it is to an open and a replay, which refuse it: the writer never
-/// writes one.
+/// writes one. It is named as such ("events 1 to 0" before), and listed once: the walk over
+/// every segment and the replay up to the snapshot both meet it, in the same words.
 #[test]
 fn verify_reports_a_record_that_holds_no_events() {
     let dir = TempDir::new("verify-empty-record");
@@ -5376,8 +5382,7 @@ fn verify_reports_a_record_that_holds_no_events() {
     };
     let engine = open_token_plan(dir.path(), options.clone());
     populate(&engine);
-    // A snapshot past the first segment: a replay from it never reads that segment, only
-    // the walk over every segment does.
+    // A snapshot after the damage: verify compares it with a replay of the log up to it.
     engine.checkpoint().expect("checkpoint");
     drop(engine);
     let paths = segment_paths(dir.path());
@@ -5399,9 +5404,7 @@ fn verify_reports_a_record_that_holds_no_events() {
     assert_eq!(RecordView::parse(&payload).map(|view| view.count), Some(0));
     let bytes = std::fs::read(&frame.path).unwrap();
     let mut out = bytes[..frame.offset].to_vec();
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&frame_crc(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    push_frame(&mut out, &payload);
     out.extend_from_slice(&bytes[frame.offset..]);
     std::fs::write(&frame.path, out).unwrap();
     let report = Engine::verify(dir.path(), options).expect("verify runs");
