@@ -105,6 +105,11 @@ var usageCases = []struct {
 		body: "\xc2\x85data:\xe3\x80\x80{\"usage\":{\"total_tokens\":15}}\n\n", tokens: 15},
 	{name: "a file separator after an event's data", contentType: "text/event-stream",
 		body: "data: {\"usage\":{\"total_tokens\":15}}\x1c\n\n", notSeen: true},
+	// A name written with JSON escapes is the same name: both gateways read it.
+	{name: "an event's usage named with an escape", contentType: "text/event-stream",
+		body: "data: {\"\\u0075sage\":{\"total_tokens\":15}}\n\n", tokens: 15},
+	{name: "an event's count named with an escape", contentType: "text/event-stream",
+		body: "data: {\"usage\":{\"total\\u005ftokens\":15}}\n\n", tokens: 15},
 	// Nothing used is no report a successful answer can make: settled at the estimate.
 	{name: "a usage of zeros", contentType: "application/json",
 		body: `{"usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}}`, notSeen: true},

@@ -1044,6 +1044,9 @@ USAGE_CASES = [
     ("text/event-stream", b'data: {"usage":{"total_tokens":15}}\xc2\xa0\n\n', 15),
     ("text/event-stream", b'\xc2\x85data:\xe3\x80\x80{"usage":{"total_tokens":15}}\n\n', 15),
     ("text/event-stream", b'data: {"usage":{"total_tokens":15}}\x1c\n\n', None),
+    # A name written with JSON escapes is the same name: both gateways read it.
+    ("text/event-stream", b'data: {"\\u0075sage":{"total_tokens":15}}\n\n', 15),
+    ("text/event-stream", b'data: {"usage":{"total\\u005ftokens":15}}\n\n', 15),
     # Nothing used is no report a successful answer can make: settled at the estimate.
     (
         "application/json",

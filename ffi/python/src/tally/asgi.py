@@ -632,7 +632,9 @@ class UsageReader:
                 self._buffer = bytearray()
 
     def _event_line(self, line: bytes) -> None:
-        if not line.startswith(b"data:") or b"usage" not in line:
+        # Only a line naming ``usage`` is parsed: literally, or through a JSON escape
+        # (``"\u0075sage"`` is the same name, and the Go gateway reads it too).
+        if not line.startswith(b"data:") or (b"usage" not in line and b"\\u" not in line):
             return
         try:
             self._observe(_upstream_json(_trim_space(line[5:])))
