@@ -232,7 +232,9 @@ impl Calendar {
         }
     }
 
-    /// The IANA name of the time zone (as canonicalised by the tz database).
+    /// The IANA name of the time zone, spelled as the tz database spells it (`utc` is `UTC`).
+    /// A link keeps its own name (`US/Samoa`, not `Pacific/Pago_Pago`): swaps compare offsets,
+    /// never names, so two names of one zone are the same zone to them.
     pub fn time_zone(&self) -> &str {
         &self.name
     }
@@ -480,6 +482,21 @@ mod tests {
     fn utc(s: &str) -> u64 {
         let ts: Timestamp = s.parse().unwrap();
         u64::try_from(ts.as_millisecond()).unwrap()
+    }
+
+    #[test]
+    fn a_zone_is_named_as_the_database_spells_it_and_a_link_by_its_own_name() {
+        assert_eq!(cal("utc").time_zone(), "UTC");
+        assert_eq!(cal("europe/berlin").time_zone(), "Europe/Berlin");
+        // A link is not followed to its target, and means the same periods as the target.
+        let link = cal("US/Samoa");
+        let target = cal("Pacific/Pago_Pago");
+        assert_eq!(link.time_zone(), "US/Samoa");
+        let at = utc("2026-07-01T12:00:00Z");
+        assert_eq!(
+            link.period_of(CalendarPeriod::Daily, at),
+            target.period_of(CalendarPeriod::Daily, at)
+        );
     }
 
     /// Days from 1970-01-01 to the given date, computed by jiff.
