@@ -321,13 +321,10 @@ impl<'a> Simulation<'a> {
         Ok(())
     }
 
-    /// The local hour (0-23) in the policy's time zone, from the day's calendar bounds.
+    /// The local clock's hour (0-23) in the policy's time zone: on the days a clock changes,
+    /// not the hours since local midnight.
     fn local_hour(&self, at_ms: u64) -> u64 {
-        let day = self
-            .policy
-            .calendar()
-            .period_of(CalendarPeriod::Daily, at_ms);
-        ((at_ms - day.start_ms) / HOUR_MS).min(23)
+        u64::from(self.policy.calendar().local_hour(at_ms))
     }
 
     /// Draws this key's requests for the slot: its ordinary rate plus any burst in progress.

@@ -263,6 +263,20 @@ impl Calendar {
         p
     }
 
+    /// The local clock's hour (0-23) at `at_ms`: on a day a clock changes this is not the
+    /// hours since local midnight (03:30 on a spring-forward day is hour 3, 2 hours after
+    /// midnight). Cold: for reports and simulated traffic, not admission.
+    pub fn local_hour(&self, at_ms: u64) -> u8 {
+        let at = i64::try_from(at_ms)
+            .ok()
+            .and_then(|ms| Timestamp::from_millisecond(ms).ok());
+        match at {
+            Some(at) => u8::try_from(at.to_zoned(self.tz.clone()).hour()).unwrap_or(0),
+            // Beyond jiff's range: no timestamp below `MAX_TIMESTAMP_MS` (2100) is.
+            None => 0,
+        }
+    }
+
     /// Bounds of the period with this index (the inverse of
     /// `period_of(..).index`).
     ///
@@ -482,6 +496,22 @@ mod tests {
     fn utc(s: &str) -> u64 {
         let ts: Timestamp = s.parse().unwrap();
         u64::try_from(ts.as_millisecond()).unwrap()
+    }
+
+    #[test]
+    fn the_local_hour_is_the_clocks_hour_on_days_the_clock_changes() {
+        let berlin = cal("Europe/Berlin");
+        // 2026-03-29: 02:00 CET became 03:00 CEST. 01:30Z is 03:30 local, 2.5 h after midnight.
+        assert_eq!(berlin.local_hour(utc("2026-03-29T01:30:00Z")), 3);
+        assert_eq!(berlin.local_hour(utc("2026-03-29T00:59:59Z")), 1);
+        // 2026-10-25: 03:00 CEST became 02:00 CET. 02:30Z is 03:30 local, 4.5 h after midnight.
+        assert_eq!(berlin.local_hour(utc("2026-10-25T02:30:00Z")), 3);
+        assert_eq!(berlin.local_hour(utc("2026-10-25T22:59:59Z")), 23);
+        assert_eq!(
+            cal("Asia/Shanghai").local_hour(utc("2026-03-02T13:00:00Z")),
+            21
+        );
+        assert_eq!(cal("UTC").local_hour(0), 0);
     }
 
     #[test]
