@@ -1066,6 +1066,27 @@ def test_the_usage_reader_counts_what_each_api_reports(content_type, body, token
     assert reader.tokens() == tokens
 
 
+def test_an_event_line_too_long_is_skipped_whole_however_it_arrives():
+    # A line longer than MAX_EVENT_LINE_BYTES is content, not usage: skipped to its end, as
+    # the Go gateway skips it, also when the whole line comes in one piece (an app sending
+    # its answer in one message). Read then, it reported 15 tokens where Go charges the
+    # estimate, and the bound held only for lines split over pieces.
+    line = (
+        b'data: {"usage":{"total_tokens":15},"text":"'
+        + b"x" * MAX_EVENT_LINE_BYTES
+        + b'"}\n\ndata: {"choices":[]}\n\n'
+    )
+    for pieces in ([line], [line[:100], line[100:]]):
+        reader = UsageReader("text/event-stream")
+        for piece in pieces:
+            reader.feed(piece)
+        assert reader.tokens() is None, [len(piece) for piece in pieces]
+    # The usage after it is still read.
+    reader = UsageReader("text/event-stream")
+    reader.feed(line + b'data: {"usage":{"total_tokens":30}}\n\n')
+    assert reader.tokens() == 30
+
+
 def test_without_a_clock_a_denials_reset_is_hours_away_not_decades(engine):
     # The default middleware has no clock: the engine's is the wall clock. A denial carries no
     # time of its own (at_ms 0), and the reset was counted from 1970.

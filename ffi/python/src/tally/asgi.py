@@ -617,12 +617,13 @@ class UsageReader:
     def _feed_events(self, chunk: bytes) -> None:
         """Reads the event lines ``chunk`` ends. A line longer than ``MAX_EVENT_LINE_BYTES``
         (content, not usage) is skipped to its end, and the lines after it read on, as the Go
-        gateway reads them: the usage that follows it is not lost."""
+        gateway reads them: the usage that follows it is not lost. So is one that ends in the
+        chunk it began in (or its last): the bound is the line's, not the piece's."""
         *ended, rest = chunk.split(b"\n")
         for piece in ended:
             if self._overflowed:
                 self._overflowed = False  # the long line ends here
-            else:
+            elif len(self._buffer) + len(piece) <= MAX_EVENT_LINE_BYTES:
                 self._event_line(_trim_space(bytes(self._buffer) + piece))
             self._buffer = bytearray()
         if not self._overflowed:
