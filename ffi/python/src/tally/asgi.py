@@ -1561,7 +1561,10 @@ class _Decoded:
         self._raw_deflate_may_follow = content_encoding.strip().lower() == "deflate"
         self.readable = True
         coding = content_encoding.strip().lower()
-        if coding in ("gzip", "x-gzip"):
+        # A gzip body is a series of members (RFC 1952), each read to its end in turn, as Go's
+        # gzip reader reads them: zlib's stops at the first member's end.
+        self._gzip = coding in ("gzip", "x-gzip")
+        if self._gzip:
             self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif coding == "deflate":
             self._inflater = zlib.decompressobj()
@@ -1582,6 +1585,10 @@ class _Decoded:
                     self._raw_deflate_may_follow = False
                 self._reader.feed(decoded)
                 data = self._inflater.unconsumed_tail
+                if not data and self._gzip and self._inflater.eof:
+                    data = self._inflater.unused_data  # the next member, if any
+                    if data:
+                        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         except zlib.error:
             if self._raw_deflate_may_follow:
                 # "deflate" as many servers send it: the raw stream, without zlib's header.
