@@ -1489,6 +1489,20 @@ def test_the_middleware_meters_what_a_swapped_in_policy_says(engine, gateway, up
     assert answer.status == 404, answer.body
 
 
+def test_a_model_metered_by_calls_alone_holds_no_token_estimate_to_refuse(engine, upstream, clock):
+    # Its tokens are not held, so no estimate of them is too large: a max_tokens past the
+    # engine's largest quantity is the upstream's to judge, and the call is charged one
+    # request, as the Go gateway charges it. It was 400 ("may use ... tokens"), refused for
+    # tokens the resource does not meter.
+    engine.swap_policy(tally.Policy.toml(CALLS_ONLY_POLICY), at_ms=T)
+    key = seated(engine, "ct", "tp-ct-1", "Starter")
+    gateway = QuotaMiddleware(upstream, engine, clock=clock)
+    for path in (CHAT, MESSAGES):
+        answer = request(gateway, path, chat(model="m2.7", max_tokens=MAX_QUANTITY), key=key)
+        assert answer.status == 200, answer.body
+    assert [limit.used for limit in engine.usage(key, at_ms=T + 1).limits] == [2]
+
+
 @pytest.mark.parametrize(
     "raw",
     [

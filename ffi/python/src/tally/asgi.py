@@ -504,7 +504,7 @@ def estimate_tokens(body: Mapping[str, Any], body_bytes: int, default_max_tokens
     candidates it writes and bills whatever ``n`` returns: the larger), as the Go gateway
     estimates. A maximum, an ``n`` or a ``best_of`` that is no positive integer is passed
     over: the upstream judges the body. Past ``MAX_TOKEN_ESTIMATE`` the middleware refuses the
-    call (400)."""
+    call (400) when the model's resource meters tokens (else none are held)."""
 
     def positive(value: Any) -> TypeGuard[int]:
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -1058,6 +1058,13 @@ class QuotaMiddleware:
                 "invalid_request",
                 f"The model maps to {resource}, which this route cannot meter.",
             )
+        tokens = counted.get("tokens", 0)
+        if tokens > MAX_TOKEN_ESTIMATE:
+            # Not cut down to what the engine holds and sent upstream: the client's error, as
+            # in the Go gateway. Only for tokens held: a model metered by calls alone holds
+            # none, and the upstream judges its body.
+            message = f"The request may use {tokens} tokens; at most {MAX_TOKEN_ESTIMATE}."
+            raise _Refusal(400, "invalid_request", message, None)
         return _Metered(route, key, resource, counted)
 
     def _resource(self, route: Route, document: Mapping[str, Any]) -> str:
@@ -1080,11 +1087,6 @@ class QuotaMiddleware:
             return {"requests": 1, "tokens": size // 4 + 1}
         if route.metering is Metering.TOKENS:
             tokens = estimate_tokens(document, size, self.default_max_tokens)
-            if tokens > MAX_TOKEN_ESTIMATE:
-                # Not cut down to what the engine holds and sent upstream: the client's error,
-                # as in the Go gateway.
-                message = f"The request may use {tokens} tokens; at most {MAX_TOKEN_ESTIMATE}."
-                raise _Refusal(400, "invalid_request", message, None)
             return {"requests": 1, "tokens": tokens}
         if route.metering is Metering.CHARACTERS:
             text = document.get("input")
