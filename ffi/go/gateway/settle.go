@@ -200,6 +200,7 @@ type streamedBody struct {
 	body    io.ReadCloser
 	call    *call
 	line    []byte
+	long    bool // the line being read is longer than maxEventLineBytes: skipped to its end
 	counter tokenCounter
 	once    sync.Once
 }
@@ -234,19 +235,31 @@ func (s *streamedBody) finish() {
 	})
 }
 
+// scan reads the lines chunk ends. A line longer than maxEventLineBytes is skipped whole, to
+// its end, as the Python middleware skips it: kept, the pieces of it that still fit after one
+// was dropped were read as a line, its start spliced to its end.
 func (s *streamedBody) scan(chunk []byte) {
 	for len(chunk) > 0 {
 		end := bytes.IndexByte(chunk, '\n')
+		piece := chunk
+		if end >= 0 {
+			piece = chunk[:end]
+		}
+		if !s.long && len(s.line)+len(piece) > maxEventLineBytes {
+			s.long = true
+			s.line = s.line[:0]
+		}
+		if !s.long {
+			s.line = append(s.line, piece...)
+		}
 		if end < 0 {
-			if len(s.line)+len(chunk) <= maxEventLineBytes {
-				s.line = append(s.line, chunk...)
-			}
 			return
 		}
-		if len(s.line)+end <= maxEventLineBytes {
-			s.line = append(s.line, chunk[:end]...)
+		if s.long {
+			s.long = false // the long line ends here
+		} else {
+			s.endLine()
 		}
-		s.endLine()
 		chunk = chunk[end+1:]
 	}
 }

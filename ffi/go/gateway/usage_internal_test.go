@@ -153,3 +153,27 @@ func TestTheUsageCountsWhatEachAPIReports(t *testing.T) {
 		}
 	}
 }
+
+// An event line longer than maxEventLineBytes is skipped whole, however it arrives: its pieces
+// that still fit after one was dropped (the line's end, arriving in a piece of its own) are
+// no line to read. Spliced to the line's start, they made a document the line never was,
+// here one reporting 15 tokens, while the Python middleware skips the line (it is content,
+// not usage) and charges the estimate.
+func TestAnEventLineTooLongIsSkippedWholeWhateverItsPieces(t *testing.T) {
+	line := "data: {\"usage\":{\"total_tokens\":15},\"text\":\"" + strings.Repeat("x", maxEventLineBytes) + "\"}\n\n"
+	start := maxEventLineBytes - 100 // fits
+	pieces := []string{line[:start], line[start : len(line)-4], line[len(line)-4:]}
+	stream := &streamedBody{}
+	for _, piece := range pieces {
+		stream.scan([]byte(piece))
+	}
+	stream.endLine()
+	if tokens, seen := stream.counter.tokens(); seen {
+		t.Fatalf("a line of %d bytes was read for usage (%d tokens): want it skipped", len(line)-2, tokens)
+	}
+	// The usage on the next line is still read.
+	stream.scan([]byte("data: {\"usage\":{\"total_tokens\":30}}\n"))
+	if tokens, seen := stream.counter.tokens(); !seen || tokens != 30 {
+		t.Fatalf("the line after the long one: %d tokens (seen %t), want 30", tokens, seen)
+	}
+}
