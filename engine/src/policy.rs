@@ -946,7 +946,17 @@ impl Policy {
     fn meter_counts(&self, meter: &Meter) -> MeterCounts<'_> {
         match meter.terms.as_slice() {
             [(resource, unit, 1)] => MeterCounts::Plain(&self.resource(*resource).name, *unit),
-            _ => MeterCounts::Weighted,
+            terms => {
+                // By name, in one order: the same sum listed otherwise counts the same.
+                let mut terms: Vec<_> = terms
+                    .iter()
+                    .map(|(resource, unit, weight)| {
+                        (&*self.resource(*resource).name, *unit, *weight)
+                    })
+                    .collect();
+                terms.sort_unstable();
+                MeterCounts::Weighted(terms)
+            }
         }
     }
 }
@@ -956,15 +966,23 @@ impl Policy {
 enum MeterCounts<'a> {
     /// One resource's unit.
     Plain(&'a str, Unit),
-    /// A weighted sum (a usage bar at prices).
-    Weighted,
+    /// A weighted sum (a usage bar at prices): its terms by resource name, unit and weight,
+    /// sorted. Another sum counts in another unit (a usage bar excepted: `check_swap_to`).
+    Weighted(Vec<(&'a str, Unit, u64)>),
 }
 
 impl fmt::Display for MeterCounts<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MeterCounts::Plain(resource, unit) => write!(f, "{resource:?} {}", unit.name()),
-            MeterCounts::Weighted => f.write_str("a weighted sum of several units"),
+            MeterCounts::Weighted(terms) => {
+                f.write_str("the weighted sum")?;
+                for (index, (resource, unit, weight)) in terms.iter().enumerate() {
+                    let plus = if index == 0 { "" } else { " +" };
+                    write!(f, "{plus} {weight} x {resource:?} {}", unit.name())?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -2822,6 +2840,46 @@ limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
             .check_swap_to(&terms("image", "images"))
             .expect_err("another unit");
         assert_eq!(error.field, r#"meters."m""#, "{error}");
+    }
+
+    /// A weighted meter that is no usage bar (`terms`) counts in a unit its terms define: kept
+    /// by name, it carries its count only where its terms stay. Every weighted sum was taken for
+    /// every other (`MeterCounts::Weighted` held no terms), so a meter redefined over other
+    /// resources, or with other weights, carried its count into the new one's unit.
+    #[test]
+    fn a_weighted_meter_that_counts_other_terms_is_refused_on_a_swap() {
+        let terms = |terms: &str| {
+            Policy::from_toml_str(&format!(
+                r#"time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+[resources.image]
+units = ["images", "requests"]
+[meters.m]
+terms = [{terms}]
+[plans.P]
+covers = ["*"]
+limits = [{{ meter = "m", amount = 1000, window = "daily" }}]
+"#
+            ))
+            .expect("valid")
+        };
+        let chat = r#"{ resource = "chat", unit = "requests", weight = 100 },
+ { resource = "chat", unit = "tokens", weight = 1 }"#;
+        let images = r#"{ resource = "image", unit = "images", weight = 100 },
+ { resource = "image", unit = "requests", weight = 1 }"#;
+        let heavier = r#"{ resource = "chat", unit = "requests", weight = 200 },
+ { resource = "chat", unit = "tokens", weight = 1 }"#;
+        let reordered = r#"{ resource = "chat", unit = "tokens", weight = 1 },
+ { resource = "chat", unit = "requests", weight = 100 }"#;
+        for other in [images, heavier] {
+            let error = terms(chat)
+                .check_swap_to(&terms(other))
+                .expect_err("another weighted sum");
+            assert_eq!(error.field, r#"meters."m""#, "{error}");
+        }
+        // The same sum, its terms listed in another order: the count carries.
+        assert_eq!(terms(chat).check_swap_to(&terms(reordered)), Ok(()));
     }
 
     /// A swap refuses a meter kept by name that counts something else, as its count so far
