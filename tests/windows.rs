@@ -1173,6 +1173,105 @@ fn after_a_seat_change_to_other_buckets_quota_comes_back_within_an_old_and_a_new
     );
 }
 
+/// Units that have aged out of a window stay out when a seat change or a swap re-buckets it.
+/// The ring forgets an aged bucket only once its head moves past it, so a key idle since then
+/// still held it, and the carry put it in the new bucket holding the old one's last instant,
+/// which ends later: counted again. Here 10 requests at 50 s (Quarters' bucket [45 s, 90 s))
+/// age out at 1 h 1 min 30 s, and the key has 10 left then; a seat change to Minutes (or a
+/// swap to 60 s buckets) at that instant moved them to [60 s, 120 s), counted to 1 h 2 min:
+/// the report went from 0 used to 10 and the next request was denied, though the upgrade
+/// should leave "the new limit minus what was already used".
+#[test]
+fn units_aged_out_stay_out_when_a_seat_change_or_swap_re_buckets_the_window() {
+    let policy = || Policy::from_toml_str(TWO_BUCKETS).expect("a valid policy");
+    let quarters = policy().plan(policy().plan_id("Quarters").unwrap()).limits[0].window;
+    let minutes = policy().plan(policy().plan_id("Minutes").unwrap()).limits[0].window;
+    let ten = [(Unit::Requests, 10)];
+    let used_at_ms = T0_MS + 50 * SECOND_MS;
+    let released_ms = T0_MS + HOUR_MS + 90 * SECOND_MS;
+    // A seat change, and a swap that only changes the bucket width.
+    for by_swap in [false, true] {
+        let engine = engine_with(policy());
+        let key = seated(&engine, "ada", "Quarters");
+        assert!(consume(&engine, &key, "chat", &ten, used_at_ms).is_admitted());
+        assert_eq!(
+            used(&engine, &key, "chat:requests", quarters, released_ms - 1),
+            10
+        );
+        assert_eq!(
+            used(&engine, &key, "chat:requests", quarters, released_ms),
+            0
+        );
+        if by_swap {
+            let wider = TWO_BUCKETS.replace("bucket = \"45s\"", "bucket = \"60s\"");
+            let wider = Policy::from_toml_str(&wider).expect("a valid policy");
+            engine
+                .swap_policy(wider, Some(released_ms))
+                .expect("a swap of bucket width");
+        } else {
+            engine
+                .assign_seat(&team_of("ada"), "ada", "Minutes", Some(released_ms))
+                .expect("a seat change");
+        }
+        assert_eq!(
+            used(&engine, &key, "chat:requests", minutes, released_ms),
+            0,
+            "by swap: {by_swap}"
+        );
+        assert!(
+            consume(&engine, &key, "chat", &ten, released_ms).is_admitted(),
+            "by swap: {by_swap}"
+        );
+    }
+}
+
+/// A refund of a request whose units aged out before a seat change re-bucketed the window
+/// takes nothing: the new bucket they would have been carried to holds only later units.
+/// Here 7 requests at 10 s and 5 at 30 s, in 20 s buckets, then a seat change to 60 s buckets
+/// at 1 h 30 s: the 7 aged out at 1 h 20 s, the 5 (to 1 h 40 s) go to [0 s, 60 s). Refunding
+/// the 7 then must leave the 5 counted.
+#[test]
+fn a_refund_of_units_aged_out_before_a_re_bucketing_takes_nothing_from_later_units() {
+    let text = format!(
+        "{TWO_BUCKETS}\n[plans.Thirds]\nlimits = [{{ resource = \"chat\", unit = \"requests\", \
+         amount = 100, window = \"rolling:1h\", bucket = \"20s\" }}]\n"
+    );
+    let policy = Policy::from_toml_str(&text).expect("a valid policy");
+    let minutes = policy.plan(policy.plan_id("Minutes").unwrap()).limits[0].window;
+    let engine = engine_with(policy);
+    let key = seated(&engine, "ada", "Thirds");
+    let early = UsageRequest::new(&key, "chat", &[(Unit::Requests, 7)])
+        .at(T0_MS + 10 * SECOND_MS)
+        .id("early");
+    assert!(engine.consume(&early).expect("consume").is_admitted());
+    assert!(consume(
+        &engine,
+        &key,
+        "chat",
+        &[(Unit::Requests, 5)],
+        T0_MS + 30 * SECOND_MS
+    )
+    .is_admitted());
+    let change_ms = T0_MS + HOUR_MS + 30 * SECOND_MS;
+    engine
+        .assign_seat(&team_of("ada"), "ada", "Minutes", Some(change_ms))
+        .expect("a seat change");
+    assert_eq!(used(&engine, &key, "chat:requests", minutes, change_ms), 5);
+    engine
+        .refund("early", Some(change_ms + SECOND_MS))
+        .expect("a refund");
+    assert_eq!(
+        used(
+            &engine,
+            &key,
+            "chat:requests",
+            minutes,
+            change_ms + SECOND_MS
+        ),
+        5
+    );
+}
+
 fn first_admitted_instant_of(engine: &Engine, key: &str, from_ms: u64, to_ms: u64) -> u64 {
     (from_ms..=to_ms)
         .step_by(SECOND_MS as usize)

@@ -1244,6 +1244,14 @@ fn refund_hold(
     as_of_ms: Option<u64>,
     undo: Option<Undo<'_>>,
 ) -> Option<((CounterId, u64, u64), u64)> {
+    // Units aged out of the window they were counted in stay out when a swap or seat change
+    // re-buckets it (`KeyUsage::rearranged`): the bucket they would have been carried to holds
+    // only later units, which are not this hold's to give back.
+    if let (Some(as_of_ms), Some(shape)) = (as_of_ms, then.counter(counter).window.shape()) {
+        if time.saturating_add(shape.buckets) < shape.epoch(as_of_ms) {
+            return None; // aged out
+        }
+    }
     // Where the swaps since, and a seat change between plans whose limits on this meter differ
     // only in their buckets, put the usage: give back there.
     let (current, time, state) = usage.find_carried((then, later), now, counter, time)?;

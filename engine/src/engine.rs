@@ -1197,7 +1197,7 @@ impl Engine {
             let usage = state
                 .usage
                 .take()
-                .map(|usage| KeyUsage::rearranged(usage, policy, policy, seat));
+                .map(|usage| KeyUsage::rearranged(usage, policy, policy, seat, at_ms));
             state.usage.set(usage);
             Ok(())
         })
@@ -1382,7 +1382,7 @@ impl Engine {
                 let usage = state
                     .usage
                     .take()
-                    .map(|usage| KeyUsage::rearranged(usage, &old, &policy, state.seat));
+                    .map(|usage| KeyUsage::rearranged(usage, &old, &policy, state.seat, at_ms));
                 state.usage.set(usage);
             }
             shard.policy = Arc::clone(&policy);

@@ -412,13 +412,17 @@ impl KeyUsage {
     }
 
     /// The same usage laid out for `plan` under `policy`, taking counters from `self` (laid
-    /// out under `old_policy`). Counters with the same meter and window carry over, even if the
-    /// bucket width changed; the rest stay dormant.
+    /// out under `old_policy`), at `at_ms` (the seat change's or swap's time). Counters with the
+    /// same meter and window carry over, even if the bucket width changed; the rest stay
+    /// dormant. A ring re-bucketed is first moved to `at_ms`: a bucket aged out by then stays
+    /// out (the ring forgets one only once its head passes it, and carried to the new bucket
+    /// holding its last instant, which ends later, it was counted again).
     pub fn rearranged(
         usage: UsageBox,
         old_policy: &Policy,
         policy: &Policy,
         plan: Option<PlanId>,
+        at_ms: u64,
     ) -> UsageBox {
         let old = KeyUsage::into_counters(usage);
         let mut carried: Vec<Counter> = Vec::with_capacity(old.len());
@@ -430,6 +434,7 @@ impl KeyUsage {
             let new_window = policy.counter(id).window;
             let state = match (counter.state, old_window.shape(), new_window.shape()) {
                 (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
+                    window.advance(from, from.epoch(at_ms));
                     WindowState::Rolling(window.reshaped(from, to, 0))
                 }
                 (state, _, _) => state,
@@ -456,6 +461,7 @@ impl KeyUsage {
                         let from = policy.counter(counter.id).window;
                         let state = match (counter.state, from.shape(), limit.window.shape()) {
                             (WindowState::Rolling(window), Some(from), Some(to)) if from != to => {
+                                window.advance(from, from.epoch(at_ms));
                                 WindowState::Rolling(window.reshaped(from, to, limit.amount))
                             }
                             (state, _, _) => state,
