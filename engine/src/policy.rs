@@ -1262,10 +1262,10 @@ impl Compiler {
                 ));
             }
             let mut units = [false; UNIT_COUNT];
-            for unit in &resource.units {
+            for (index, unit) in resource.units.iter().enumerate() {
                 if units[unit.index()] {
                     return Err(PolicyError::new(
-                        format!("{field}.units"),
+                        format!("{field}.units[{index}]"),
                         format!("{unit} is listed twice"),
                     ));
                 }
@@ -1293,7 +1293,7 @@ impl Compiler {
             for (index, unit) in resource.required.iter().enumerate() {
                 if !units[unit.index()] {
                     return Err(PolicyError::new(
-                        format!("{field}.required"),
+                        format!("{field}.required[{index}]"),
                         format!("{unit} is not one of the resource's units"),
                     ));
                 }
@@ -2968,6 +2968,28 @@ limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolli
             "required":["images","images"]}},"plans":{"P":{"covers":["*"]}}}"#;
         let policy = Policy::from_logged_json(logged).expect("replays");
         assert!(policy.resources()[0].required[Unit::Images.index()]);
+    }
+
+    /// An entry of a resource's `units` or `required` that is refused is named with its index,
+    /// as a unit repeated in `required` is (`required[2]`), and as a schema error names an entry
+    /// of a list: a unit listed twice in `units`, or one in `required` the resource does not
+    /// meter, named the whole list.
+    #[test]
+    fn a_refused_unit_entry_is_named_with_its_index() {
+        let twice = CHAT_AND_IMAGE.replace(
+            "units = [\"images\"]",
+            "units = [\"images\", \"requests\", \"images\"]",
+        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        let error = refused(&twice);
+        assert_eq!(error.field, r#"resources."image".units[2]"#, "{error}");
+        assert!(error.problem.contains("images is listed twice"), "{error}");
+        let not_a_unit = CHAT_AND_IMAGE.replace(
+            "units = [\"images\"]",
+            "units = [\"images\"]\nrequired = [\"images\", \"videos\"]",
+        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        let error = refused(&not_a_unit);
+        assert_eq!(error.field, r#"resources."image".required[1]"#, "{error}");
+        assert!(error.problem.contains("videos is not one of"), "{error}");
     }
 
     /// A policy file is read only up to a bound (the document it holds is at most
