@@ -1866,6 +1866,66 @@ fn a_request_ids_repeat_after_a_policy_swap_names_what_the_first_decision_named(
     assert_eq!(named(&without, &denied_again)[2], "plan None");
 }
 
+/// The plan a settlement names, in the policy in force when it is read.
+fn settlement_plans(engine: &Engine, settlement: &tally_engine::Settlement) -> Vec<String> {
+    let policy = engine.policy();
+    let name = |charged: ChargedTo| match charged {
+        ChargedTo::PlanQuota { plan } => policy
+            .plans()
+            .get(plan.index())
+            .map_or("?".to_string(), |plan| plan.name.to_string()),
+        other => format!("{other:?}"),
+    };
+    let mut names = vec![name(settlement.held)];
+    names.extend(settlement.extra.map(name));
+    names
+}
+
+/// A policy like `policy` with a plan `first` named before every other: every plan's number
+/// moves by one.
+fn with_a_plan_first(policy: &Policy, first: &str) -> Policy {
+    let mut document = policy.document().clone();
+    let starter = document.plans["Starter"].clone();
+    assert!(document.plans.insert(first.into(), starter).is_none());
+    Policy::compile(document).expect("a valid policy")
+}
+
+/// A settle after a policy swap that renumbered the plans said the estimate was held on the
+/// plan whose number the reservation's plan had before the swap (Plus held, Plus-Highspeed
+/// named beside its extra's Plus), and a settlement repeated after such a swap still named
+/// the plans by their old numbers; as a request id's repeat does, it names them as it did.
+#[test]
+fn a_settlement_names_the_plan_held_on_after_a_policy_swap_renumbers_the_plans() {
+    let engine = engine();
+    let key = seated(&engine, "ada", "Plus");
+    let estimate = [(Unit::Requests, 10)];
+    let reserved = engine
+        .reserve(&request(&key, &estimate, T0_MS), None)
+        .expect("reserve");
+    assert!(reserved.decision.is_admitted());
+    let id = reserved.reservation.expect("an id");
+
+    let renumbered = with_a_plan_first(&engine.policy(), "Aardvark");
+    assert_ne!(renumbered.plan_id("Plus"), engine.policy().plan_id("Plus"));
+    engine.swap_policy(renumbered, Some(T0_MS)).expect("swap");
+    let actual = [(Unit::Requests, 12)];
+    let SettleOutcome::Settled(settlement) =
+        engine.settle(id, &actual, Some(T0_MS)).expect("settle")
+    else {
+        panic!("a settle for two more within the plan was refused");
+    };
+    assert_eq!(settlement_plans(&engine, &settlement), ["Plus", "Plus"]);
+
+    let renumbered = with_a_plan_first(&engine.policy(), "Aaa");
+    assert_ne!(renumbered.plan_id("Plus"), engine.policy().plan_id("Plus"));
+    engine.swap_policy(renumbered, Some(T0_MS)).expect("swap");
+    let SettleOutcome::Settled(again) = engine.settle(id, &actual, Some(T0_MS)).expect("settle")
+    else {
+        panic!("a repeated settle was refused");
+    };
+    assert_eq!(settlement_plans(&engine, &again), ["Plus", "Plus"]);
+}
+
 #[test]
 fn a_policy_swap_that_drops_a_seated_plan_is_refused_and_changes_nothing() {
     let engine = engine();

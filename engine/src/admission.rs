@@ -445,6 +445,24 @@ const _: () = assert!(crate::policy::MAX_PLANS < GONE_PLAN.0 as usize);
 const _: () = assert!(crate::policy::MAX_RESOURCES < GONE_RESOURCE.0 as usize);
 const _: () = assert!(crate::policy::MAX_LIMITS_PER_PLAN < GONE_LIMIT as usize);
 
+impl ChargedTo {
+    /// This charge, made under `from`, with its plan numbered as `to` numbers it (by name;
+    /// `GONE_PLAN` if `to` no longer has it): a settlement names where its estimate was held
+    /// as `Decision::in_policy` names a remembered decision's charge.
+    pub(crate) fn in_policy(self, from: &Policy, to: &Policy) -> ChargedTo {
+        match self {
+            ChargedTo::PlanQuota { plan } => ChargedTo::PlanQuota {
+                plan: from
+                    .plans()
+                    .get(plan.index())
+                    .and_then(|plan| to.plan_id(&plan.name))
+                    .unwrap_or(GONE_PLAN),
+            },
+            other => other,
+        }
+    }
+}
+
 impl Decision {
     /// This decision, made under `from`, with the plan, limits and resource it names as `to`
     /// numbers them: a policy swap may add, remove or reorder plans, limits and resources, and
@@ -477,12 +495,7 @@ impl Decision {
         };
         match *self {
             Decision::Admitted(admission) => Decision::Admitted(Admission {
-                charged_to: match admission.charged_to {
-                    ChargedTo::PlanQuota { plan } => ChargedTo::PlanQuota {
-                        plan: plan_of(plan).unwrap_or(GONE_PLAN),
-                    },
-                    other => other,
-                },
+                charged_to: admission.charged_to.in_policy(from, to),
                 plan: admission.plan.and_then(plan_of),
                 limits: statuses(admission.plan, &admission.limits),
                 ..admission

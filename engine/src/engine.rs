@@ -1394,6 +1394,8 @@ impl Engine {
             RequestTable::rename_decisions(shard, |decision| decision.in_policy(&old, &policy));
         }
         drop(requests);
+        // So does a repeated settle its settlement.
+        reservations.rename_settlements(&old, &policy);
         self.set_horizons_for(&policy);
         policies.push(Some(policy));
         let kept = self.options.max_policy_generations.max(2);

@@ -213,6 +213,17 @@ impl ReservationInner {
         }
     }
 
+    /// Names the plans of the remembered settlements, made under `from`, as `to` numbers them
+    /// (a policy swap): a repeated settle answers the first settlement with the names it had.
+    pub fn rename_settlements(&mut self, from: &crate::policy::Policy, to: &crate::policy::Policy) {
+        for (closed, _) in self.closed.values_mut() {
+            if let Closed::Settled(settlement) = closed {
+                settlement.held = settlement.held.in_policy(from, to);
+                settlement.extra = settlement.extra.map(|extra| extra.in_policy(from, to));
+            }
+        }
+    }
+
     /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
     /// clock).
     pub fn forget_closed(&mut self, now_ms: u64, horizon_ms: u64) {
@@ -784,9 +795,19 @@ impl Engine {
                 pause();
             }
         });
+        // Where the estimate was held, as the policy in force names it (the hold's receipt
+        // numbers its plan as the policy it was reserved under did; a swap since may have
+        // renumbered them). The table's lock keeps the policy from changing meanwhile.
+        let policy = self.policy();
+        let held = match self.policy_lineage(reservation.receipt.generation).0 {
+            Some(then) if then.generation != policy.generation => {
+                reservation.receipt.charged_to.in_policy(&then, &policy)
+            }
+            _ => reservation.receipt.charged_to,
+        };
         let settlement = Settlement {
             reservation: id,
-            held: reservation.receipt.charged_to,
+            held,
             extra: extra_receipt.map(|receipt| receipt.charged_to),
             released,
             actual,
