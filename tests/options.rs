@@ -545,6 +545,95 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
     }
 }
 
+/// The same for the closed reservations a repeated settle answers from: an open with a lower
+/// `max_open_reservations` than the database ran with forgot, as it restored or replayed them,
+/// the oldest of the settlements it had acknowledged, so settling one again was
+/// `UnknownReservation` instead of its settlement. They are kept until enough age out or
+/// close: the next close forgets the oldest past the bound.
+#[test]
+fn an_open_with_a_lower_bound_on_reservations_keeps_the_closed_ones_it_restores() {
+    let small = OpenOptions {
+        engine: EngineOptions {
+            max_open_reservations: 2,
+            ..EngineOptions::default()
+        },
+        ..none_durability()
+    };
+    let held = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS);
+    for checkpoint in [false, true] {
+        let dir = TempDir::new(&format!("lower-bounds-closed-{checkpoint}"));
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability())
+            .expect("open");
+        engine
+            .create_user("ada", "tp-ada", Some(T0_MS))
+            .expect("user");
+        engine
+            .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+            .expect("seat");
+        let settled: Vec<_> = (0..3)
+            .map(|_| {
+                let id = engine
+                    .reserve(&held, Some(HOUR_MS))
+                    .expect("reserve")
+                    .reservation
+                    .expect("admitted");
+                let settlement = engine
+                    .settle(id, &ONE_REQUEST, Some(T0_MS))
+                    .expect("settle");
+                (id, settlement)
+            })
+            .collect();
+        if checkpoint {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        for (id, settlement) in &settled {
+            assert_eq!(
+                engine.settle(*id, &ONE_REQUEST, Some(T0_MS)).as_ref(),
+                Ok(settlement),
+                "checkpoint {checkpoint}: reservation {}",
+                id.get()
+            );
+        }
+        // Cut under the lower bound, the snapshot keeps them too, and `verify` finds it
+        // matches a replay of the log.
+        engine.checkpoint().expect("checkpoint");
+        drop(engine);
+        let verified = Engine::verify(dir.path(), small.clone()).expect("verify");
+        assert_eq!(
+            verified.problems,
+            Vec::<String>::new(),
+            "checkpoint {checkpoint}"
+        );
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        // A new close: the bound holds again, the oldest forgotten first.
+        let id = engine
+            .reserve(&held, Some(HOUR_MS))
+            .expect("reserve")
+            .reservation
+            .expect("admitted");
+        engine.void(id, Some(T0_MS)).expect("void");
+        let (oldest, _) = settled[0];
+        assert_eq!(
+            engine.settle(oldest, &ONE_REQUEST, Some(T0_MS)),
+            Err(Error::UnknownReservation {
+                reservation: oldest.get()
+            }),
+            "checkpoint {checkpoint}"
+        );
+        let (newest, settlement) = &settled[2];
+        assert_eq!(
+            engine.settle(*newest, &ONE_REQUEST, Some(T0_MS)).as_ref(),
+            Ok(settlement),
+            "checkpoint {checkpoint}"
+        );
+    }
+}
+
 #[test]
 fn at_least_two_and_at_most_65536_policy_generations_are_kept() {
     for bad in [0, 1, MAX_POLICY_GENERATIONS + 1, usize::MAX] {

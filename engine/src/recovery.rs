@@ -784,12 +784,18 @@ impl Engine {
         let recorded = log.recorded_options()?;
         // The request-id horizon option the database last ran with (see `forgotten_before`
         // below); unknown (none recorded, or a record that does not decode), the one given.
-        let last_horizon_option_ms = recorded
+        let last_recorded = recorded
             .as_deref()
-            .and_then(|bytes| RecordedOptions::decode(bytes).ok())
+            .and_then(|bytes| RecordedOptions::decode(bytes).ok());
+        let last_horizon_option_ms = last_recorded
+            .as_ref()
             .map_or(options.engine.idempotency_horizon_ms, |recorded| {
                 recorded.idempotency_horizon_ms
             });
+        // The closed reservations the database last ran with a bound on (see below).
+        let last_closed_capacity = last_recorded.as_ref().map_or(0, |recorded| {
+            usize::try_from(recorded.max_open_reservations).unwrap_or(usize::MAX)
+        });
         if options.use_recorded {
             if let Some(bytes) = recorded {
                 RecordedOptions::decode(&bytes)?.apply_to(&mut options)?;
@@ -799,6 +805,17 @@ impl Engine {
         let wanted =
             serde_json::to_string(policy.document()).map_err(|error| storage(error.to_string()))?;
         let engine = Engine::new(policy, clock, options.engine)?;
+        // Closed reservations were acknowledged (a repeated settle answers from them) and are
+        // kept whole under a lower bound than the database ran with, as request ids are: the
+        // snapshot's all of them, and a replayed close forgets the oldest past the bound the
+        // closes were made under (the one recorded, if higher), as they were live. The next
+        // close forgets the oldest past this open's bound.
+        let closed_capacity = engine.reservations.capacity;
+        engine
+            .reservations
+            .inner
+            .lock()
+            .set_closed_capacity(usize::MAX);
         let mut replayed_from = 0;
         // Whether the snapshot (an older format's) does not say which keys a correction left
         // short; a log replayed from its start, or after a newer snapshot, marks them as the
@@ -845,8 +862,18 @@ impl Engine {
                 dir.display()
             )));
         }
+        engine
+            .reservations
+            .inner
+            .lock()
+            .set_closed_capacity(closed_capacity.max(last_closed_capacity));
         let step = Instant::now();
         let replayed = engine.replay_log(&log, replayed_from, u64::MAX)?;
+        engine
+            .reservations
+            .inner
+            .lock()
+            .set_closed_capacity(closed_capacity);
         report.replay = step.elapsed();
         report.events_replayed = replayed;
         let fresh = replayed_from == 0 && replayed == 0;
@@ -2451,6 +2478,14 @@ fn verify_snapshot(
             ..options.engine
         },
     )?;
+    // So is every closed reservation (`normalized` compares only the ones the snapshot kept):
+    // an open keeps those it restores and replays under a lower bound than the closes were
+    // made under (`Engine::open`), forgetting the oldest past the bound only at a later close.
+    engine
+        .reservations
+        .inner
+        .lock()
+        .set_closed_capacity(usize::MAX);
     let from = match &base {
         Some(snapshot) => {
             engine.restore(snapshot)?;

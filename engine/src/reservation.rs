@@ -224,6 +224,13 @@ impl ReservationInner {
         }
     }
 
+    /// Sets how many closed reservations `close` keeps, forgetting none now: an open restores
+    /// and replays what the database acknowledged under the bound it ran with, and only a
+    /// later close forgets the oldest past this one (`Engine::open`).
+    pub fn set_closed_capacity(&mut self, capacity: usize) {
+        self.closed_capacity = capacity.max(1);
+    }
+
     /// Forgets closed reservations closed more than the horizon before `now_ms` (the engine's
     /// clock).
     pub fn forget_closed(&mut self, now_ms: u64, horizon_ms: u64) {
