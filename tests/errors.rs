@@ -367,10 +367,12 @@ fn a_bad_settlement_is_an_error_and_leaves_the_reservation_open() {
     ];
     for actual in bad {
         let error = world.refuses(|engine| engine.settle(id, actual, Some(T0_MS)));
-        assert_eq!(field(&error), "quantities", "{actual:?}");
+        // Named as settle's argument is, not as consume's field.
+        assert_eq!(field(&error), "actual", "{actual:?}");
     }
     let not_metered = [(Unit::Images, 1)];
-    world.refuses(|engine| engine.settle(id, &not_metered, Some(T0_MS)));
+    let error = world.refuses(|engine| engine.settle(id, &not_metered, Some(T0_MS)));
+    assert_eq!(field(&error), "actual", "{error}");
     let error = world.refuses(|engine| engine.settle(id, &estimate, Some(YEAR_2100_MS)));
     assert_eq!(field(&error), "at_ms");
     assert_eq!(world.engine.open_reservations(), 1);

@@ -88,6 +88,18 @@ impl Error {
             problem: problem.into(),
         }
     }
+
+    /// This error with its field `from` named `to`: a call whose argument has another name
+    /// than the field the shared check names (a settle's `actual` quantities).
+    pub(crate) fn naming(self, from: &'static str, to: &'static str) -> Error {
+        match self {
+            Error::InvalidArgument { field, problem } if field == from => {
+                Error::InvalidArgument { field: to, problem }
+            }
+            Error::Overflow { field } if field == from => Error::Overflow { field: to },
+            other => other,
+        }
+    }
 }
 
 impl fmt::Display for Error {

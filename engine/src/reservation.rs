@@ -730,6 +730,18 @@ impl Engine {
         actual: &[(Unit, u64)],
         at_ms: Option<u64>,
     ) -> Result<SettleOutcome, Error> {
+        // The quantities' checks are shared with consume and reserve, which name them
+        // `quantities`; here they are the `actual` argument.
+        self.settle_named(id, actual, at_ms)
+            .map_err(|error| error.naming("quantities", "actual"))
+    }
+
+    fn settle_named(
+        &self,
+        id: ReservationId,
+        actual: &[(Unit, u64)],
+        at_ms: Option<u64>,
+    ) -> Result<SettleOutcome, Error> {
         let at_ms = self.resolve_time(at_ms)?;
         let actual = Quantities::new_allowing_none(actual)?;
         let mut table = self.lock_settled(id)?;

@@ -237,10 +237,8 @@ pub extern "C" fn tally_engine_settle(
         let id = reservation_id(reservation)?;
         let actual = checked_quantities("actual", actual, actual_len, true)?;
         let decision = handle.with(|open| {
-            let outcome = open
-                .engine
-                .settle(id, actual.as_slice(), at(at_ms))
-                .map_err(|error| Failure::naming(error, "quantities", "actual"))?;
+            // The engine names the quantities `actual`, as this argument is.
+            let outcome = open.engine.settle(id, actual.as_slice(), at(at_ms))?;
             match outcome {
                 SettleOutcome::Settled(settlement) => {
                     let mut decision = tally_decision::empty();

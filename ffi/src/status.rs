@@ -268,7 +268,7 @@ pub(crate) fn status_of(error: &Error) -> tally_status {
             "at_ms" => TALLY_BAD_TIMESTAMP,
             // Past the end of the time range; usage "after now" is a plain invalid argument.
             "usage_at_ms" if problem.contains("time range") => TALLY_BAD_TIMESTAMP,
-            "quantities" => TALLY_BAD_QUANTITY,
+            "quantities" | "actual" => TALLY_BAD_QUANTITY,
             "engine" if problem.contains("in-memory") => TALLY_NOT_DURABLE,
             _ => TALLY_INVALID_ARGUMENT,
         },
