@@ -471,14 +471,7 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
     };
     for checkpoint in [false, true] {
         let dir = TempDir::new(&format!("lower-bounds-ids-{checkpoint}"));
-        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability())
-            .expect("open");
-        engine
-            .create_user("ada", "tp-ada", Some(T0_MS))
-            .expect("user");
-        engine
-            .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-            .expect("seat");
+        let engine = ada_on_max(&dir);
         for id in ["id-0", "id-1", "id-2", "id-3"] {
             assert!(engine.consume(&request(id)).expect("consume").is_admitted());
         }
@@ -545,6 +538,20 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
     }
 }
 
+/// A database opened in `dir` with the default bounds, holding user ada (key `tp-ada`) seated
+/// on Max in her Default Team.
+fn ada_on_max(dir: &TempDir) -> Engine {
+    let engine =
+        Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability()).expect("open");
+    engine
+        .create_user("ada", "tp-ada", Some(T0_MS))
+        .expect("user");
+    engine
+        .assign_seat("@ada", "ada", "Max", Some(T0_MS))
+        .expect("seat");
+    engine
+}
+
 /// The same for the closed reservations a repeated settle answers from: an open with a lower
 /// `max_open_reservations` than the database ran with forgot, as it restored or replayed them,
 /// the oldest of the settlements it had acknowledged, so settling one again was
@@ -562,14 +569,7 @@ fn an_open_with_a_lower_bound_on_reservations_keeps_the_closed_ones_it_restores(
     let held = UsageRequest::new("tp-ada", "m2.7", &ONE_REQUEST).at(T0_MS);
     for checkpoint in [false, true] {
         let dir = TempDir::new(&format!("lower-bounds-closed-{checkpoint}"));
-        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), none_durability())
-            .expect("open");
-        engine
-            .create_user("ada", "tp-ada", Some(T0_MS))
-            .expect("user");
-        engine
-            .assign_seat("@ada", "ada", "Max", Some(T0_MS))
-            .expect("seat");
+        let engine = ada_on_max(&dir);
         let settled: Vec<_> = (0..3)
             .map(|_| {
                 let id = engine
