@@ -2417,6 +2417,13 @@ units = ["requests"]
 units = ["images"]
 "#;
 
+    /// `CHAT_AND_IMAGE` with the image's units line replaced by `image_units` (its `units`, and
+    /// `required` if given), and a plan P covering everything.
+    fn with_image_units(image_units: &str) -> String {
+        CHAT_AND_IMAGE.replace("units = [\"images\"]", image_units)
+            + "[plans.P]\ncovers = [\"*\"]\n"
+    }
+
     /// Before, the meter below counted images and took over the plan's limit on chat requests:
     /// a chat request moved nothing, the limit filled with images.
     #[test]
@@ -2957,10 +2964,9 @@ limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolli
     /// as written). A logged document from an earlier build may hold one, and still compiles.
     #[test]
     fn a_required_unit_listed_twice_is_refused_naming_it() {
-        let text = CHAT_AND_IMAGE.replace(
-            "units = [\"images\"]",
+        let text = with_image_units(
             "units = [\"images\", \"requests\"]\nrequired = [\"images\", \"requests\", \"images\"]",
-        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        );
         let error = refused(&text);
         assert_eq!(error.field, r#"resources."image".required[2]"#, "{error}");
         assert!(error.problem.contains("images is listed twice"), "{error}");
@@ -2976,17 +2982,12 @@ limits = [{{ resource = "chat", unit = "requests", amount = 100, window = "rolli
     /// meter, named the whole list.
     #[test]
     fn a_refused_unit_entry_is_named_with_its_index() {
-        let twice = CHAT_AND_IMAGE.replace(
-            "units = [\"images\"]",
-            "units = [\"images\", \"requests\", \"images\"]",
-        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        let twice = with_image_units("units = [\"images\", \"requests\", \"images\"]");
         let error = refused(&twice);
         assert_eq!(error.field, r#"resources."image".units[2]"#, "{error}");
         assert!(error.problem.contains("images is listed twice"), "{error}");
-        let not_a_unit = CHAT_AND_IMAGE.replace(
-            "units = [\"images\"]",
-            "units = [\"images\"]\nrequired = [\"images\", \"videos\"]",
-        ) + "[plans.P]\ncovers = [\"*\"]\n";
+        let not_a_unit =
+            with_image_units("units = [\"images\"]\nrequired = [\"images\", \"videos\"]");
         let error = refused(&not_a_unit);
         assert_eq!(error.field, r#"resources."image".required[1]"#, "{error}");
         assert!(error.problem.contains("videos is not one of"), "{error}");
