@@ -18,7 +18,9 @@
 // correction cannot charge, is logged as not recorded. The routes, the models and the counting are
 // the Python middleware's (tally.asgi) defaults. Admitted calls' responses carry the same
 // x-ratelimit-* (and on /v1/messages anthropic-ratelimit-*) headers in place of the
-// upstream's own, which are the operator's account limits, not the caller's. Denied calls are answered
+// upstream's own, which are the operator's account limits, not the caller's, and the
+// x-tally-* the decision has (setRateLimitHeaders); every x-tally-* header the upstream sent
+// is dropped from every answer, so none passes for the gateway's. Denied calls are answered
 // 429 with Retry-After and x-ratelimit-* headers and an error body in the proxied API's
 // shape whose message says which quota ran out and when it resets (OpenAI's "type" is the
 // limit's unit: "requests", "tokens", ...). A denial waiting cannot help is no 429 to retry:

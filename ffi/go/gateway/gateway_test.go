@@ -1674,3 +1674,50 @@ func TestALeaseTheEngineWouldRefuseFailsNew(t *testing.T) {
 		t.Errorf("a lease of a day: %v", err)
 	}
 }
+
+// x-tally-* say where the gateway charged the call: an upstream's own would pass for the
+// gateway's where the decision sets none (a pay-as-you-go key has no plan, a denial no charge),
+// so every one the upstream sent is dropped, on a metered answer and a pass-through one alike,
+// as the Python middleware drops them.
+func TestNoXTallyHeaderOfTheUpstreamsReachesTheClient(t *testing.T) {
+	forging := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Tally-Plan", "Max")
+		w.Header().Set("x-tally-limit", "forged")
+		w.Header().Set("x-tally-charged-to", "nothing")
+		w.Header().Set("x-tally-note", "upstream")
+		w.Header().Set("x-request-id", "req-1")
+		fmt.Fprint(w, `{}`)
+	}))
+	t.Cleanup(forging.Close)
+	h := startWith(t, func(config *gateway.Config) { config.Upstream, _ = url.Parse(forging.URL) })
+	h.user(t, "sp", "tp-sp", "")
+	if err := h.engine.CreatePaygKey("sp", "pg-sp", t0); err != nil {
+		t.Fatal(err)
+	}
+	tallyHeaders := func(a answer) map[string][]string {
+		found := map[string][]string{}
+		for name, values := range a.header {
+			if strings.HasPrefix(strings.ToLower(name), "x-tally-") {
+				found[strings.ToLower(name)] = values
+			}
+		}
+		return found
+	}
+	metered := h.post(t, false, "/v1/chat/completions", "pg-sp", `{"model":"MiniMax-M2.7","max_tokens":16,"messages":[]}`)
+	if metered.status != http.StatusOK || metered.header.Get("x-request-id") != "req-1" {
+		t.Fatalf("%d %v %s", metered.status, metered.header, metered.raw)
+	}
+	if found := tallyHeaders(metered); len(found) != 1 || metered.header.Get("x-tally-charged-to") != "pay_as_you_go" ||
+		len(found["x-tally-charged-to"]) != 1 {
+		t.Fatalf("metered: %v", found)
+	}
+	passed := h.send(t, http.MethodGet, "/v1/models", "pg-sp", false, "", nil)
+	if passed.status != http.StatusOK || passed.header.Get("x-request-id") != "req-1" {
+		t.Fatalf("%d %v %s", passed.status, passed.header, passed.raw)
+	}
+	if found := tallyHeaders(passed); len(found) != 0 {
+		t.Fatalf("passed through: %v", found)
+	}
+}

@@ -25,10 +25,13 @@ const maxUsageBodyBytes = 32 << 20
 func (g *Gateway) modifyResponse(response *http.Response) error {
 	// The upstream's rate-limit headers are the operator's account's, not the caller's (and
 	// would leak it): dropped on every answer, a pass-through's too; a metered call's carry the
-	// gateway's in their place, as in the Python middleware.
+	// gateway's in their place, as in the Python middleware. So is every x-tally-* of the
+	// upstream's, whichever the gateway sets: one the decision sets none of (a pay-as-you-go
+	// key's x-tally-plan) would pass for the gateway's own.
 	for name := range response.Header {
 		lower := strings.ToLower(name)
-		if strings.HasPrefix(lower, "x-ratelimit-") || strings.HasPrefix(lower, "anthropic-ratelimit-") {
+		if strings.HasPrefix(lower, "x-ratelimit-") || strings.HasPrefix(lower, "anthropic-ratelimit-") ||
+			strings.HasPrefix(lower, "x-tally-") {
 			response.Header.Del(name)
 		}
 	}

@@ -869,6 +869,37 @@ def test_a_pass_through_answer_drops_the_upstreams_rate_limit_headers(engine, cl
         assert not [name for name in answer.headers if "ratelimit" in name], answer.headers
 
 
+def test_no_x_tally_header_of_the_upstreams_reaches_the_client(engine, clock):
+    # x-tally-* say where the gateway charged the call: the upstream's own would pass for the
+    # gateway's where the decision sets none (a pay-as-you-go key has no plan, a denial no
+    # charge), so every one the upstream sent is dropped, on a metered answer and a
+    # pass-through one alike, as in the Go gateway.
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"X-Tally-Plan", b"Max"),
+            (b"x-tally-limit", b"forged"),
+            (b"x-tally-charged-to", b"nothing"),
+            (b"x-tally-note", b"upstream"),
+            (b"x-request-id", b"req-1"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    engine.create_user("sp", "tp-sp-1", at_ms=T)
+    engine.create_payg_key("sp", "pg-sp-1", at_ms=T)
+    gateway = QuotaMiddleware(app, engine, clock=clock)
+    metered = request(gateway, CHAT, chat(max_tokens=16), key="pg-sp-1")
+    assert metered.status == 200 and metered.headers["x-request-id"] == "req-1"
+    tally_headers = {k: v for k, v in metered.headers.items() if k.startswith("x-tally-")}
+    assert tally_headers == {"x-tally-charged-to": "pay_as_you_go"}
+    passed = request(gateway, "/v1/models", {}, key="pg-sp-1", method="GET")
+    assert passed.status == 200 and passed.headers["x-request-id"] == "req-1"
+    assert not [k for k in passed.headers if k.startswith("x-tally-")], passed.headers
+
+
 @pytest.mark.parametrize("default_max_tokens", [MAX_QUANTITY, MAX_QUANTITY + 1, 2**63, -1])
 def test_an_estimate_the_engine_cannot_hold_fails_the_middleware_at_once(
     engine, upstream, default_max_tokens

@@ -47,7 +47,9 @@ engine is closed (other methods: 405). For each request on a metered route it:
    with a JSON body in the error shape of the API being proxied, whose message says which
    quota ran out and when it resets (OpenAI's ``type`` is the limit's unit, "requests",
    "tokens", ...); admitted responses carry the rate-limit headers too, in place of the
-   app's own (the operator's account limits upstream are not the caller's). A denial waiting
+   app's own (the operator's account limits upstream are not the caller's), and every
+   ``x-tally-*`` header of the app's is dropped from every answer, so none passes for the
+   middleware's (which say where the call was charged). A denial waiting
    cannot help is no 429 to retry: larger than the whole limit, 400; no seat, a plan that
    does not cover the model, credits short: 429 insufficient_quota on OpenAI's routes (the
    API's own answer), 403 permission_error on Anthropic's. An engine that cannot decide
@@ -1541,8 +1543,11 @@ def _string_refusal(error: errors.TallyError) -> _Refusal:
     return _Refusal(500, "internal", f"The gateway failed ({error.name}).", "internal_error")
 
 
-#: The upstream's rate-limit headers, which the gateway's replace on metered routes.
-_RATE_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+#: The upstream's headers dropped from every answer: its rate-limit headers (the operator's
+#: account limits), which the gateway's replace on metered routes, and every ``x-tally-*``,
+#: the gateway's own names, which an upstream's would forge where the decision sets none (a
+#: pay-as-you-go key's ``x-tally-plan``), as the Go gateway drops them.
+_DROPPED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"x-tally-")
 
 
 class _Decoded:
@@ -1648,13 +1653,14 @@ class _ResponseWatcher:
             self.status = int(message.get("status", 200))
             # The gateway's headers replace the app's rate-limit headers, all of them: the
             # client is limited by its key's quota, not by the operator's account upstream
-            # (whose limits would leak), as in the Go gateway.
+            # (whose limits would leak), as in the Go gateway. The app's x-tally-* go too,
+            # whichever the gateway sets: they would pass for its own.
             ours = {name for name, _ in self._headers}
             headers = [
                 (name, value)
                 for name, value in message.get("headers", [])
                 if bytes(name).lower() not in ours
-                and not bytes(name).lower().startswith(_RATE_LIMIT_PREFIXES)
+                and not bytes(name).lower().startswith(_DROPPED_PREFIXES)
             ]
             headers += self._headers
             message = dict(message, headers=headers)
