@@ -84,9 +84,12 @@ type Config struct {
 	UpstreamKey string
 	// Resource maps a request's model to a tally resource; nil: DefaultResource.
 	Resource func(model string) string
-	// EstimateTokens is reserved when the body gives no max_tokens (default 4096). Less than
-	// tally.MaxQuantity, else New fails: the estimate adds the prompt's tokens (at least one),
-	// and one past the largest quantity fails every call.
+	// EstimateTokens is the output tokens reserved when the body gives no max_tokens. 0 (the
+	// zero value) is the default, 4096, never 0: there is no holding none of what the model
+	// writes (the command's -estimate-tokens 0 and the Python middleware's
+	// default_max_tokens=0 are refused). Less than tally.MaxQuantity, else New fails: the
+	// estimate adds the prompt's tokens (at least one), and one past the largest quantity fails
+	// every call.
 	EstimateTokens uint64
 	// Lease bounds a reservation whose response never finishes (default 30 minutes, at most a
 	// day in whole milliseconds, else New fails, as the Python middleware's lease_ms). The engine cannot extend a lease: a response

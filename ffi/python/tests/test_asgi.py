@@ -900,7 +900,9 @@ def test_no_x_tally_header_of_the_upstreams_reaches_the_client(engine, clock):
     assert not [k for k in passed.headers if k.startswith("x-tally-")], passed.headers
 
 
-@pytest.mark.parametrize("default_max_tokens", [MAX_QUANTITY, MAX_QUANTITY + 1, 2**63, -1])
+# 0 too: it would hold none of what the model writes, and the Go gateway cannot take it (its
+# Config reads EstimateTokens 0 as its default, 4096; its command refuses -estimate-tokens 0).
+@pytest.mark.parametrize("default_max_tokens", [MAX_QUANTITY, MAX_QUANTITY + 1, 2**63, -1, 0])
 def test_an_estimate_the_engine_cannot_hold_fails_the_middleware_at_once(
     engine, upstream, default_max_tokens
 ):

@@ -64,7 +64,7 @@ func main() {
 	upstreamKey := flag.String("upstream-key", "", "the upstream's API key (default $UPSTREAM_API_KEY)")
 	db := flag.String("db", "", "database directory (default: in memory, lost on exit)")
 	policy := flag.String("policy", "", "policy file, .toml or .json (default: the shipped Token Plan)")
-	estimate := flag.Uint64("estimate-tokens", 4096, "tokens reserved when a request gives no max_tokens")
+	estimate := flag.Uint64("estimate-tokens", 4096, "output tokens reserved when a request gives no max_tokens (at least 1)")
 	lease := flag.Duration("lease", 30*time.Minute, "how long a reservation holds (at most 24h): above the longest stream served, which is otherwise charged by a usage correction")
 	var passThrough routes
 	flag.Var(&passThrough, "pass-through", `a route to proxy unmetered besides the default ones (`+
@@ -94,9 +94,11 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, leas
 		return fmt.Errorf("-lease: want whole milliseconds, more than 0 and at most %s, got %s", maxLease, lease)
 	}
 	// The engine's bound on a quantity: the estimate has the prompt's tokens (at least one)
-	// added to it, and one past the bound fails every call that names no maximum.
-	if estimate >= tally.MaxQuantity {
-		return fmt.Errorf("-estimate-tokens: want less than %d, the engine's largest quantity, got %d", uint64(tally.MaxQuantity), estimate)
+	// added to it, and one past the bound fails every call that names no maximum. 0 would hold
+	// none of what the model writes (and Config reads it as its default, 4096, not as 0): refused,
+	// as the Python middleware's default_max_tokens=0 is.
+	if estimate == 0 || estimate >= tally.MaxQuantity {
+		return fmt.Errorf("-estimate-tokens: want at least 1 and less than %d, the engine's largest quantity, got %d", uint64(tally.MaxQuantity), estimate)
 	}
 	upstreamURL, err := url.Parse(upstream)
 	if err != nil || upstreamURL.Scheme == "" || upstreamURL.Host == "" {

@@ -125,10 +125,15 @@ func TestALeaseTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
 }
 
 // An estimate the engine cannot hold (the prompt adds at least a token to it) is refused when
-// the gateway starts, not answered 400 at every call without a max_tokens.
+// the gateway starts, not answered 400 at every call without a max_tokens; so is 0, which
+// Config reads as its default (4096) and the Python middleware's default_max_tokens refuses:
+// it would hold none of what the model writes.
 func TestAnEstimateTheEngineCannotHoldIsRefusedAtStart(t *testing.T) {
-	for _, estimate := range []uint64{tally.MaxQuantity, 1 << 63} {
-		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", estimate, 30*time.Minute, nil, "", nil, nil, nil)
+	for _, estimate := range []uint64{0, tally.MaxQuantity, 1 << 63} {
+		// Stopped at once should it start: the test fails rather than serving on.
+		stop := make(chan os.Signal, 1)
+		stop <- os.Interrupt
+		err := run("127.0.0.1:0", "http://127.0.0.1:1", "", "", "", estimate, 30*time.Minute, nil, "", nil, stop, nil)
 		if err == nil || !strings.Contains(err.Error(), "-estimate-tokens") {
 			t.Errorf("%d: %v", estimate, err)
 		}

@@ -788,8 +788,11 @@ class QuotaMiddleware:
       resource of the engine's policy maps to itself, any other is a 404;
     - ``clock``: milliseconds since the epoch for every engine call (default: the engine's);
     - ``default_max_tokens``: the output tokens to hold when the request names no maximum
-      (0 or more and less than ``MAX_TOKEN_ESTIMATE``, else ``ValueError`` here: the prompt's
-      tokens are added to it, and one the engine cannot hold would fail every such request);
+      (default 4096; at least 1 and less than ``MAX_TOKEN_ESTIMATE``, else ``ValueError``
+      here: 0 would hold none of what the model writes, and the Go gateway has no way to say
+      it (its ``EstimateTokens`` 0 is its default, 4096; its command refuses
+      ``-estimate-tokens 0``); the prompt's tokens are added to it, and one the engine cannot
+      hold would fail every such request);
     - ``lease_ms``: how long a reservation holds if the gateway dies before settling it
       (default 30 minutes, as in the Go gateway; 1 ms to a day, else ``ValueError`` here;
       None: the engine's default lease). The engine cannot extend a lease: a response that
@@ -825,15 +828,16 @@ class QuotaMiddleware:
         self.clock = clock
         # Checked here, as the lease is: the prompt's tokens (at least one) are added to it, and
         # an estimate past the engine's largest quantity would fail every call that names no
-        # maximum (400).
+        # maximum (400); 0 is refused as the Go command refuses it.
         if (
             isinstance(default_max_tokens, bool)
             or not isinstance(default_max_tokens, int)
-            or not 0 <= default_max_tokens < MAX_TOKEN_ESTIMATE
+            or not 1 <= default_max_tokens < MAX_TOKEN_ESTIMATE
         ):
             raise ValueError(
-                f"default_max_tokens: {default_max_tokens!r}: want 0 or more and less than "
-                f"{MAX_TOKEN_ESTIMATE}, the engine's largest quantity"
+                f"default_max_tokens: {default_max_tokens!r}: want at least 1 (0 would hold "
+                f"none of what the model writes) and less than {MAX_TOKEN_ESTIMATE}, the "
+                "engine's largest quantity"
             )
         self.default_max_tokens = default_max_tokens
         if isinstance(pass_through, str):
