@@ -11,7 +11,10 @@
 // none of them: 400), read from the engine's policy, and read again after Engine.SwapPolicy
 // (Engine.PolicyVersion). Admitted calls
 // are proxied; the upstream's reported token usage settles the reservation (speech and images:
-// what was held), and an upstream error voids it. A response that outlives the reservation's
+// what was held), and an upstream error voids it. An answer the upstream began and broke off
+// (the connection, or a gzip body cut short, which the transport decodes) is passed on as far
+// as it arrived, then ended short, not replaced by a 502, and charged the usage that arrived or
+// else its estimate, as the Python middleware charges it. A response that outlives the reservation's
 // Lease (the engine has no way to extend one) finds it expired (ErrReservationExpired), its
 // hold given back: its usage is then added as a usage correction (AdjustUsage, AdjustAdd) at
 // the reservation's time, once, and logged; a hold on credits or pay-as-you-go, which a
@@ -256,7 +259,8 @@ func New(config Config) (*Gateway, error) {
 		Director:       g.direct,
 		ModifyResponse: g.modifyResponse,
 		ErrorHandler:   g.upstreamError,
-		FlushInterval:  -1, // stream server-sent events as they come
+		FlushInterval:  -1,            // stream server-sent events as they come
+		ErrorLog:       config.Logger, // an answer broken off while passed on, say
 	}
 	return g, nil
 }

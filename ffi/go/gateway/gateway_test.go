@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"bytes"
 	"compress/gzip"
 	"encoding/json"
 	"fmt"
@@ -1367,7 +1368,12 @@ func TestAJSONAnswerBrokenOffIsChargedItsEstimate(t *testing.T) {
 	h.user(t, "bk", "tp-bk", "Bar-Plus")
 	prices := h.policy.Resources["m2.7"].PriceMicros
 	body := `{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}`
-	h.post(t, false, "/v1/chat/completions", "tp-bk", body)
+	// The client gets what arrived and sees it broken off, as from the Python middleware (its
+	// app raising after the first piece), not a 502 in its place.
+	status, got, readErr := h.postRaw(t, "/v1/chat/completions", "tp-bk", body)
+	if status != http.StatusOK || got != `{"object":"chat.completion","choices":[{"message":{"content":"hi` || readErr == nil {
+		t.Fatalf("%d %q %v", status, got, readErr)
+	}
 	usage, err := h.engine.Usage("tp-bk", t0.Add(time.Minute))
 	if err != nil {
 		t.Fatal(err)
@@ -1720,4 +1726,81 @@ func TestNoXTallyHeaderOfTheUpstreamsReachesTheClient(t *testing.T) {
 	if found := tallyHeaders(passed); len(found) != 0 {
 		t.Fatalf("passed through: %v", found)
 	}
+}
+
+// A gzip answer cut short (its trailer missing, or its deflate stream broken off) that the
+// upstream sent whole, 200, was served upstream: the client gets what it decodes to, as the
+// Python middleware passes on what arrived (not a 502 for the read that failed), the answer
+// ending in an error it can see, and the call is charged the usage that arrived, or its
+// estimate when the usage went with the rest.
+func TestATruncatedGzipAnswerIsPassedOnAndChargedWhatArrived(t *testing.T) {
+	answer := []byte(`{"object":"chat.completion","choices":[{"message":{"content":"` + strings.Repeat("hi ", 200) +
+		`"}}],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}`)
+	var compressed bytes.Buffer
+	writer := gzip.NewWriter(&compressed)
+	_, _ = writer.Write(answer)
+	_ = writer.Close()
+	whole := compressed.Bytes()
+	for _, c := range []struct {
+		name   string
+		sent   []byte
+		usage  bool // whether the usage arrived
+		prefix int  // the answer's bytes the client must get, at least
+	}{
+		{"no trailer", whole[:len(whole)-8], true, len(answer)},
+		{"half the stream", whole[:len(whole)/2], false, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cut := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				_, _ = io.Copy(io.Discard, r.Body)
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Content-Encoding", "gzip")
+				w.Header().Set("Content-Length", strconv.Itoa(len(c.sent)))
+				_, _ = w.Write(c.sent)
+			}))
+			t.Cleanup(cut.Close)
+			h := startWith(t, func(config *gateway.Config) { config.Upstream, _ = url.Parse(cut.URL) })
+			h.user(t, "tg", "tp-tg", "Bar-Plus")
+			body := `{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}`
+			status, got, readErr := h.postRaw(t, "/v1/chat/completions", "tp-tg", body)
+			if status != http.StatusOK || len(got) < c.prefix || !bytes.HasPrefix(answer, []byte(got)) {
+				t.Fatalf("%d, %d bytes %q (want at least %d of the answer)", status, len(got), got, c.prefix)
+			}
+			if readErr == nil {
+				t.Fatalf("the answer cut short ended as if whole: %q", got)
+			}
+			prices := h.policy.Resources["m2.7"].PriceMicros
+			tokens := uint64(len(body))/4 + 1 + 100
+			if c.usage {
+				tokens = 30
+			}
+			want := prices["requests"] + tokens*prices["tokens"]
+			usage, err := h.engine.Usage("tp-tg", t0.Add(time.Minute))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if usage.Limits[0].Used != want || usage.OpenReservations != 0 {
+				t.Fatalf("the bar shows %d (want %d), %d open reservations", usage.Limits[0].Used, want, usage.OpenReservations)
+			}
+		})
+	}
+}
+
+// postRaw posts body to path with a Bearer key and reads the answer as far as it goes: its
+// status, its body, and the error that ended it early (nil for a whole answer).
+func (h *harness) postRaw(t *testing.T, path, key, body string) (int, string, error) {
+	t.Helper()
+	request, err := http.NewRequest(http.MethodPost, h.gateway.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	request.Header.Set("Content-Type", "application/json")
+	request.Header.Set("Authorization", "Bearer "+key)
+	response, err := http.DefaultClient.Do(request)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer response.Body.Close()
+	got, readErr := io.ReadAll(response.Body)
+	return response.StatusCode, string(got), readErr
 }

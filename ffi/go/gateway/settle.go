@@ -54,25 +54,33 @@ func (g *Gateway) modifyResponse(response *http.Response) error {
 		return nil
 	}
 	body, err := io.ReadAll(io.LimitReader(response.Body, maxUsageBodyBytes+1))
-	if err != nil {
-		// The upstream answered 200 and broke off: it served the call on the operator's
-		// account, so the call is charged its estimate (its usage went with the rest of the
-		// body), as a stream broken off is settled and as the Python middleware charges it;
-		// the client is answered 502 (upstreamError).
-		c.settle(tokenCounter{})
-		return err
-	}
 	var counter tokenCounter
 	if len(body) <= maxUsageBodyBytes {
 		counter.observe(body)
 	}
+	// An answer that broke off (the connection, or a gzip body cut short, which the transport
+	// decodes) was served upstream on the operator's account: it is charged the usage that
+	// arrived, or its estimate when the usage went with the rest, as a stream broken off is
+	// settled and as the Python middleware charges it.
 	c.settle(counter)
+	rest := io.Reader(response.Body)
+	if err != nil {
+		// The client gets what arrived, as from the Python middleware, not a 502 in its place;
+		// then the error, which the proxy answers by ending the answer short (the client sees
+		// it broken off, as the upstream's was), not as if it were whole.
+		rest = failingReader{err}
+	}
 	response.Body = struct {
 		io.Reader
 		io.Closer
-	}{io.MultiReader(bytes.NewReader(body), response.Body), response.Body}
+	}{io.MultiReader(bytes.NewReader(body), rest), response.Body}
 	return nil
 }
+
+// failingReader fails every read with err: what follows the part of an answer that arrived.
+type failingReader struct{ err error }
+
+func (f failingReader) Read([]byte) (int, error) { return 0, f.err }
 
 // upstreamError voids the reservation and answers 502 in the API's shape.
 func (g *Gateway) upstreamError(w http.ResponseWriter, r *http.Request, err error) {

@@ -1615,6 +1615,44 @@ def test_a_json_answer_broken_off_is_charged_its_estimate(engine, clock):
     assert usage.open_reservations == 0
 
 
+ANSWER = (
+    b'{"object":"chat.completion","choices":[{"message":{"content":"'
+    + b"hi " * 200
+    + b'"}}],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "tokens"),
+    [
+        (gzip.compress(ANSWER)[:-8], 30),  # no trailer: the usage arrived
+        (gzip.compress(ANSWER)[: len(gzip.compress(ANSWER)) // 2], None),  # it did not
+    ],
+)
+def test_a_truncated_gzip_answer_is_passed_on_and_charged_what_arrived(engine, clock, sent, tokens):
+    # A gzip answer the upstream sent whole, 200, but cut short inside was served upstream:
+    # the client gets it as sent (its decoder sees where it breaks off), and the call is charged
+    # the usage that arrived, or its estimate when the usage went with the rest, as the Go
+    # gateway's test of the same name charges it.
+    async def cut(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": sent[:9], "more_body": True})
+        await send({"type": "http.response.body", "body": sent[9:]})
+
+    gateway = QuotaMiddleware(cut, engine, clock=clock)
+    key = seated(engine, "tg", "tp-tg-1", "Bar-Plus")
+    raw = b'{"model":"MiniMax-M2.7","max_tokens":100,"messages":[]}'
+    answer = request(gateway, CHAT, key=key, raw=raw)
+    assert answer.status == 200 and answer.body == sent
+    charged = tokens if tokens is not None else len(raw) // 4 + 1 + 100
+    usage = engine.usage(key, at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 2_000 + charged
+    assert usage.open_reservations == 0
+
+
 def test_an_answer_nested_too_deep_is_served_and_charged_its_estimate(engine, clock):
     # An answer nested past the decoder's recursion limit raised RecursionError (no
     # ValueError) out of the usage reader and the middleware, before the call was settled. It

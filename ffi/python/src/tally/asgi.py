@@ -33,7 +33,9 @@ engine is closed (other methods: 405). For each request on a metered route it:
    is held), calls the app, reads ``usage`` from the JSON (or server-sent events) response
    and *settles* the actual tokens (the app is passed the client's ``Accept-Encoding`` cut
    down to gzip and deflate, which are decoded for reading; an answer in another coding
-   settles at the estimate, with a warning); an error response or an exception *voids* the
+   settles at the estimate, with a warning; one cut short, gzip without its end, is passed
+   on as sent and charged the usage that arrived, else the estimate, as the Go gateway
+   charges it); an error response or an exception *voids* the
    reservation; a response that outlives the reservation's lease (``lease_ms``; the engine
    has no way to extend one) finds it expired, its hold given back, and its usage is then
    added as a usage correction at the reservation's time, once, and logged (``tally.asgi``,
