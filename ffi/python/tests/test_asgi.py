@@ -425,6 +425,37 @@ def test_tokens_in_a_compressed_answer_are_settled(engine, gateway, upstream, en
     assert engine.usage("tp-ci-1", at_ms=T + HOUR_MS).open_reservations == 0
 
 
+def test_raw_deflate_whose_start_reads_as_a_zlib_header_is_read_from_its_first_byte(engine, clock):
+    # "deflate" sent raw (without zlib's header) is read raw once zlib's reading fails. This
+    # one starts with a stored block whose first two bytes, 78 01, are also a valid zlib
+    # header, so zlib's reading fails only in a later piece: the raw reading must start again
+    # from the body's first byte, not from the piece that failed (the usage went unread).
+    body = json.dumps({"object": "chat.completion", "usage": {"total_tokens": 120}}).encode()
+    deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    # A stored block, not the last, of 1 byte (LEN 0x0001, NLEN 0xfffe), its header's unused
+    # bits set so its first byte is 0x78; then the rest of the body.
+    sent = b"\x78\x01\x00\xfe\xff" + body[:1] + deflate.compress(body[1:]) + deflate.flush()
+    assert zlib.decompress(sent, -zlib.MAX_WBITS) == body
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", b"deflate")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for start in range(0, len(sent), 3):
+            piece = sent[start : start + 3]
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    gateway = QuotaMiddleware(app, engine, clock=clock)
+    key = seated(engine, "rd", "tp-rd-1", "Bar-Plus")
+    answer = request(gateway, CHAT, chat(max_tokens=4000), key=key)
+    assert answer.status == 200 and answer.body == sent
+    usage = engine.usage(key, at_ms=T + HOUR_MS)
+    assert usage.limits[0].used == 2_000 + 120  # the usage, not the 4,000 estimated
+    assert usage.open_reservations == 0
+
+
 def test_an_answer_in_a_coding_the_gateway_cannot_read_settles_at_the_estimate(
     engine, gateway, upstream, caplog
 ):

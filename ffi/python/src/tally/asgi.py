@@ -1566,12 +1566,19 @@ class _Decoded:
     estimate, and a warning says why."""
 
     _DECODED_STEP_BYTES = 1 << 16
+    #: The most bytes of a "deflate" body kept while zlib's reading has decoded nothing: a raw
+    #: reading, should zlib's fail, starts again from the body's first byte.
+    _RAW_RETRY_BYTES = 1 << 16
 
     def __init__(self, reader: UsageReader, content_encoding: str) -> None:
         self._reader = reader
         self._inflater: Any = None
         # "deflate" is tried with zlib's header first, and raw if its first bytes fail so.
         self._raw_deflate_may_follow = content_encoding.strip().lower() == "deflate"
+        # What was fed while zlib's reading decoded nothing: a raw stream whose first two bytes
+        # form a valid zlib header (78 01) fails zlib's reading only in a later piece, and the
+        # raw reading must have the pieces before it too.
+        self._fed = bytearray()
         self.readable = True
         coding = content_encoding.strip().lower()
         # A gzip body is a series of members (RFC 1952), each read to its end in turn, as Go's
@@ -1590,12 +1597,18 @@ class _Decoded:
         if self._inflater is None:
             self._reader.feed(chunk)
             return
+        if self._raw_deflate_may_follow:
+            self._fed += chunk
+            if len(self._fed) > self._RAW_RETRY_BYTES:
+                self._raw_deflate_may_follow = False  # zlib's, as far as can be told
+                self._fed = bytearray()
         data = chunk
         try:
             while data:
                 decoded = self._inflater.decompress(data, self._DECODED_STEP_BYTES)
                 if decoded:
                     self._raw_deflate_may_follow = False
+                    self._fed = bytearray()
                 self._reader.feed(decoded)
                 data = self._inflater.unconsumed_tail
                 if not data and self._gzip and self._inflater.eof:
@@ -1604,10 +1617,12 @@ class _Decoded:
                         self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
         except zlib.error:
             if self._raw_deflate_may_follow:
-                # "deflate" as many servers send it: the raw stream, without zlib's header.
+                # "deflate" as many servers send it: the raw stream, without zlib's header,
+                # read from its first byte (every piece fed so far, this one included).
                 self._raw_deflate_may_follow = False
+                fed, self._fed = bytes(self._fed), bytearray()
                 self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                self.feed(chunk)
+                self.feed(fed)
                 return
             self.readable = False
 
