@@ -28,6 +28,7 @@ def key(engine):
         ("", tally.EmptyStringError),
         ("tp\x00ada", tally.NulInStringError),
         (b"\xff\xfe", tally.InvalidUtf8Error),
+        ("tp\ud800ada", tally.InvalidUtf8Error),  # a lone surrogate has no UTF-8
         ("k" * 129, tally.StringTooLongError),
     ],
 )
@@ -387,8 +388,18 @@ def test_a_batch_entrys_error_names_the_request_and_the_argument_at_fault(engine
         tally.Request(key, "", {"requests": 1}, at_ms=T),
         tally.Request(key, "m2.7", {"requests": 1}, at_ms=T, request_id="r" * 129),
         tally.Request(key, "m2.7", {"requests": 1}, at_ms=T, request_id="r\x00"),
+        # A str with a lone surrogate is no UTF-8 either: its entry alone is refused, as
+        # invalid UTF-8 is (and as Go's consume_many refuses such a string's entry), not the
+        # whole batch with a plain ValueError.
+        tally.Request("tp\ud800", "m2.7", {"requests": 1}, at_ms=T),
+        tally.Request(key, "m2.\udcff", {"requests": 1}, at_ms=T),
+        tally.Request(key, "m2.7", {"requests": 1}, at_ms=T, request_id="r\udc80"),
     ]
     results = engine.consume_many([tally.Request(key, "m2.7", {"requests": 1}, at_ms=T), *bad])
+    for index, field in [(6, "key"), (7, "resource"), (8, "request_id")]:
+        result = results[index]
+        assert isinstance(result, tally.InvalidUtf8Error), result
+        assert result.message.startswith(f"requests[{index}].{field}: is not valid UTF-8")
     assert isinstance(results[0], tally.Decision) and results[0].admitted
     for index, (request, result) in enumerate(zip(bad, results[1:], strict=True), start=1):
         with pytest.raises(tally.TallyError) as alone:

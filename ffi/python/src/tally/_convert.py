@@ -97,12 +97,14 @@ def direction(value: object) -> AdjustmentDirection:
 
 def text(name: str, value: object) -> bytes:
     """A string argument as UTF-8 bytes. bytes pass as they are (the library checks UTF-8);
-    emptiness, NUL bytes and length are the library's to check, each with its own status."""
+    emptiness, NUL bytes and length are the library's to check, each with its own status. A
+    str holding a lone surrogate, which has no UTF-8, is passed as the bytes Python's
+    ``surrogatepass`` gives it (``"\\ud800"`` -> ``b"\\xed\\xa0\\x80"``), which are no
+    UTF-8 either: the library refuses it as it refuses any invalid UTF-8
+    (``InvalidUtf8Error``), in ``consume_many`` for its entry alone, as the Go wrapper passes
+    a string that is no UTF-8."""
     if isinstance(value, str):
-        try:
-            return value.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"{name} is not encodable as UTF-8: {error}") from None
+        return value.encode("utf-8", errors="surrogatepass")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     raise TypeError(f"{name} must be a str or bytes, not {type(value).__name__}")
