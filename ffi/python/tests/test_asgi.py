@@ -1903,6 +1903,43 @@ def test_a_websocket_needs_a_known_key_and_a_route_that_passes_through(engine, u
     assert lifespan == ["lifespan"]
 
 
+def test_a_websockets_accept_loses_the_upstreams_rate_limit_and_x_tally_headers(engine):
+    # As every answer passed through does, and as the Go gateway's modifyResponse drops them
+    # from the upgrade's 101: the operator's account limits, and x-tally-* that would pass for
+    # the middleware's own.
+    key = seated(engine, "wa", "tp-wa-1", "Starter")
+
+    async def app(scope, receive, send) -> None:
+        await receive()
+        headers = [
+            (b"x-tally-plan", b"Max"),
+            (b"X-RateLimit-Limit-Requests", b"99999"),
+            (b"anthropic-ratelimit-tokens-limit", b"2000000"),
+            (b"x-request-id", b"req-1"),
+        ]
+        await send({"type": "websocket.accept", "headers": headers})
+
+    realtime = QuotaMiddleware(
+        app, engine, pass_through=[*DEFAULT_PASS_THROUGH, "GET /v1/realtime"]
+    )
+    scope = {
+        "type": "websocket",
+        "path": "/v1/realtime",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(realtime(scope, receive, send))
+    assert [m["type"] for m in sent] == ["websocket.accept"]
+    assert sent[0]["headers"] == [(b"x-request-id", b"req-1")]
+
+
 def test_a_call_without_a_key_is_401_before_its_body_is_read(engine, gateway, upstream):
     # As the Go gateway answers: a missing or doubled key is refused before the body is read,
     # so a keyless client learns what is wrong (not 413) and costs no buffering.

@@ -760,8 +760,9 @@ class QuotaMiddleware:
     engine knows (401 otherwise): the app reaches the upstream on the operator's credentials,
     which an unknown key must not borrow. Any other route is 403 with a known key, and the app
     is not called. A websocket passes unmetered with a known key on a route that passes
-    through (its handshake is a GET: listed as ``"GET /path"``), and is closed before it is
-    accepted (403) otherwise; lifespan scopes pass through untouched.
+    through (its handshake is a GET: listed as ``"GET /path"``), its accept losing the app's
+    rate-limit and ``x-tally-*`` headers as any answer passed through does, and is closed
+    before it is accepted (403) otherwise; lifespan scopes pass through untouched.
 
     - ``routes``: path -> ``Route`` (default ``DEFAULT_ROUTES``), metered on POST;
     - ``pass_through``: the routes passed through unmetered, as ``"METHOD /path"`` entries
@@ -909,7 +910,7 @@ class QuotaMiddleware:
             if await self._known_key(scope) is not None or not self._passes("GET", path):
                 await send({"type": "websocket.close", "code": 1008})
                 return
-            await self.app(_cleaned(scope, path), receive, send)
+            await self.app(_cleaned(scope, path), receive, _without_dropped_headers(send))
             return
         method = str(scope.get("method", "GET")).upper()
         if path == self.health_path:
@@ -1554,6 +1555,24 @@ def _string_refusal(error: errors.TallyError) -> _Refusal:
 #: the gateway's own names, which an upstream's would forge where the decision sets none (a
 #: pay-as-you-go key's ``x-tally-plan``), as the Go gateway drops them.
 _DROPPED_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-", b"x-tally-")
+
+
+def _without_dropped_headers(send: Send) -> Send:
+    """``send`` for a websocket passed through: its accept (or refusal) loses the app's
+    headers named by ``_DROPPED_PREFIXES``, as every HTTP answer does, and as the Go gateway
+    drops them from the upgrade's 101."""
+
+    async def filtered(message: Message) -> None:
+        if message.get("type") in ("websocket.accept", "websocket.http.response.start"):
+            headers = [
+                (name, value)
+                for name, value in message.get("headers", [])
+                if not bytes(name).lower().startswith(_DROPPED_PREFIXES)
+            ]
+            message = dict(message, headers=headers)
+        await send(message)
+
+    return filtered
 
 
 class _Decoded:
