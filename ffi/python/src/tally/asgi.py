@@ -35,10 +35,12 @@ engine is closed (other methods: 405). For each request on a metered route it:
    down to gzip and deflate, which are decoded for reading; an answer in another coding
    settles at the estimate, with a warning; one cut short, gzip without its end, is passed
    on as sent and charged the usage that arrived, else the estimate, as the Go gateway
-   charges it); an error response or an exception *voids* the
-   reservation; a response that outlives the reservation's lease (``lease_ms``; the engine
-   has no way to extend one) finds it expired, its hold given back, and its usage is then
-   added as a usage correction at the reservation's time, once, and logged (``tally.asgi``,
+   charges it); an error response, or an exception before the app answers, *voids* the
+   reservation (one the app raises after answering 200, its answer broken off, is charged
+   the usage that arrived, else the estimate, as the Go gateway charges it); a response
+   that outlives the reservation's lease (``lease_ms``; the engine has no way to extend
+   one) finds it expired, its hold given back, and its usage is then added as a usage
+   correction at the reservation's time, once, and logged (``tally.asgi``,
    a warning; a hold on credits or pay-as-you-go, which a correction cannot charge, is
    logged as an error, not recorded); other routes reserve what they are counted in the same
    way, settle it when the app has answered and void it if the app answers an error, so
