@@ -37,8 +37,11 @@ pub fn parse_durability(value: &str) -> Result<Durability, String> {
                     "{value:?} is not a durability; use sync, interval:MS or none"
                 ));
             };
+            // Digits only: `u64::from_str` would take `+5` as 5, a sign every other number on
+            // the command line is refused for.
+            let digits = !ms.is_empty() && ms.bytes().all(|byte| byte.is_ascii_digit());
             match ms.parse::<u64>() {
-                Ok(ms) if (MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ms) => {
+                Ok(ms) if digits && (MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ms) => {
                     Ok(Durability::Interval { ms })
                 }
                 _ => Err(format!(

@@ -164,3 +164,25 @@ fn a_negative_amount_is_a_bad_micros_not_an_unknown_option() {
     );
     assert!(!stderr.contains("unknown option"), "{stderr}");
 }
+
+/// `--durability interval:+5` was taken as `interval:5` (Rust's integer parser accepts a
+/// leading `+`), while every other number on the command line (`--at +5`, `MICROS` `+5`,
+/// `--keys +5`) is refused as "not a whole number": a signed interval went through silently.
+/// It is refused, naming `--durability`, and no database is made.
+#[test]
+fn a_signed_durability_interval_is_refused_naming_durability() {
+    let scratch = Scratch::new();
+    for interval in ["interval:+5", "interval:-5", "interval: 5"] {
+        let output = tally_in(&scratch.0, &["team", "acme", "--durability", interval]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{interval}: {stderr}");
+        assert!(stderr.contains("--durability"), "{interval}: {stderr}");
+        assert!(
+            listing(&scratch.0).is_empty(),
+            "{interval} made {:?}",
+            listing(&scratch.0)
+        );
+    }
+    let plain = tally_in(&scratch.0, &["team", "acme", "--durability", "interval:5"]);
+    assert!(plain.status.success(), "{}", stderr_of(&plain));
+}
