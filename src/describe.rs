@@ -13,7 +13,7 @@ use tally_engine::{
     LimitReport, LimitStatus, PlanId, Policy, Quantities, UsageReport, VerifyReport,
 };
 
-use crate::format::{credits, grouped, short_duration, utc_iso8601_ms};
+use crate::format::{credits, credits_rounded_up, grouped, short_duration, utc_iso8601_ms};
 use crate::outcome::{reason_index, DENIAL_REASONS};
 use crate::report::{limit_label, limit_line};
 
@@ -276,9 +276,11 @@ fn remedy_words(policy: &Policy, denial: &Denial) -> Vec<String> {
     let remedies = &denial.remedies;
     let mut words = Vec::new();
     if let Some(micros) = remedies.credits_needed_micros {
+        // Rounded up: the credits named must be enough (0.00 for 1,000 micro-credits was not).
         words.push(format!(
-            "{} more in the team's credits",
-            micro_credits(micros)
+            "{} micro-credits ({} credits) more in the team's credits",
+            grouped(micros),
+            credits_rounded_up(micros)
         ));
     }
     if let Some(plan) = remedies.upgrade_to {

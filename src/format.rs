@@ -28,6 +28,19 @@ pub fn credits(micros: u64) -> String {
     format!("{}.{:02}", grouped(cents / 100), cents % 100)
 }
 
+/// Micro-credits as credits with two decimals, rounded up to the cent: for an amount that must
+/// be at least covered (credits a denial says would help), where rounding down would name too
+/// little.
+pub fn credits_rounded_up(micros: u64) -> String {
+    let per_cent = u128::from(MICROS_PER_CREDIT / 100);
+    let cents = u128::from(micros).div_ceil(per_cent);
+    format!(
+        "{}.{:02}",
+        grouped((cents / 100) as u64),
+        (cents % 100) as u64
+    )
+}
+
 /// `part / whole` as a whole percentage, rounded down so 99.9% never shows as 100%.
 pub fn percent(part: u64, whole: u64) -> u64 {
     if whole == 0 {
@@ -126,6 +139,16 @@ mod tests {
         assert_eq!(grouped(1_000), "1,000");
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(u64::MAX), "18,446,744,073,709,551,615");
+    }
+
+    #[test]
+    fn credits_needed_are_rounded_up_to_the_cent() {
+        assert_eq!(credits_rounded_up(0), "0.00");
+        assert_eq!(credits_rounded_up(1), "0.01");
+        assert_eq!(credits_rounded_up(10_000), "0.01");
+        assert_eq!(credits_rounded_up(10_001), "0.02");
+        assert_eq!(credits_rounded_up(1_234_560_001), "1,234.57");
+        assert_eq!(credits_rounded_up(u64::MAX), "18,446,744,073,709.56");
     }
 
     #[test]

@@ -1310,3 +1310,47 @@ fn a_denied_request_with_an_id_is_exported_with_its_key_and_id() {
         "{line}"
     );
 }
+
+/// The micro-credits and credits of a text such as `1,000 micro-credits (0.00 credits) more`:
+/// the first `N micro-credits (C credits)` after `after`.
+fn micros_and_credits_after(text: &str, after: &str) -> (u64, f64) {
+    let rest = &text[text
+        .find(after)
+        .unwrap_or_else(|| panic!("no {after:?}: {text}"))
+        + after.len()..];
+    let (micros, rest) = rest
+        .split_once(" micro-credits (")
+        .expect("N micro-credits (");
+    let (credits, _) = rest.split_once(" credits)").expect("C credits)");
+    let micros: u64 = micros
+        .trim()
+        .replace(',', "")
+        .parse()
+        .expect("micro-credits");
+    let credits: f64 = credits.replace(',', "").parse().expect("credits");
+    (micros, credits)
+}
+
+/// A denial's "what would help" said `1,000 micro-credits (0.00 credits) more in the team's
+/// credits`: the shortfall rounded to the nearest cent, so a shortfall under half a cent read
+/// as nothing, and any other one rounded down was a top-up that still left the request denied.
+/// What is needed is rounded up: the credits it names are enough.
+#[test]
+fn the_credits_a_denial_says_would_help_are_enough() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    for _ in 0..5 {
+        let output = consume(&workspace, at_ms, &[]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    }
+    let denied = consume(&workspace, at_ms, &[]);
+    assert_eq!(denied.status.code(), Some(1), "{}", stderr_of(&denied));
+    let text = stdout_of(&denied);
+    let (micros, credits) = micros_and_credits_after(&text, "what would help: ");
+    assert!(micros > 0, "{text}");
+    assert!(
+        credits * 1_000_000.0 >= micros as f64,
+        "{credits} credits are less than the {micros} micro-credits needed: {text}"
+    );
+}
