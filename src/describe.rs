@@ -13,7 +13,9 @@ use tally_engine::{
     LimitReport, LimitStatus, PlanId, Policy, Quantities, UsageReport, VerifyReport,
 };
 
-use crate::format::{credits, credits_rounded_up, grouped, short_duration, utc_iso8601_ms};
+use crate::format::{
+    credits, credits_rounded_up, grouped, short_duration_rounded_up, utc_iso8601_ms,
+};
 use crate::outcome::{reason_index, DENIAL_REASONS};
 use crate::report::{limit_label, limit_line};
 
@@ -228,7 +230,8 @@ fn reason_words(policy: &Policy, denial: &Denial) -> String {
         } => format!(
             "quota exhausted on {}; retry in {} (at {})",
             denied_limit(policy, denial, limit),
-            short_duration(retry_after_ms),
+            // Rounded up: a retry after the wait it names must not come too soon.
+            short_duration_rounded_up(retry_after_ms),
             utc_iso8601_ms(retry_at_ms)
         ),
         DenialReason::ExceedsLimit {

@@ -88,6 +88,20 @@ pub fn short_duration(ms: u64) -> String {
     parts.concat()
 }
 
+/// Like `short_duration`, rounded up to the last unit it shows (`1h0m14s` as `1h1m`): for a
+/// wait, so that waiting as long as it says is long enough.
+pub fn short_duration_rounded_up(ms: u64) -> String {
+    // The units `short_duration` shows are the largest one `ms` reaches and the next below it
+    // (seconds alone below a second): round up to the second of the two.
+    let scales = [MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE, MS_PER_SECOND];
+    let largest = scales
+        .iter()
+        .position(|scale| ms >= *scale)
+        .unwrap_or(scales.len() - 1);
+    let precision = scales[(largest + 1).min(scales.len() - 1)];
+    short_duration(ms.div_ceil(precision).saturating_mul(precision))
+}
+
 /// Milliseconds since the Unix epoch as UTC ISO-8601, e.g. `2026-03-02T01:00:00Z`.
 pub fn utc_iso8601(ms: u64) -> String {
     let days = ms / MS_PER_DAY;
@@ -139,6 +153,21 @@ mod tests {
         assert_eq!(grouped(1_000), "1,000");
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(u64::MAX), "18,446,744,073,709,551,615");
+    }
+
+    #[test]
+    fn a_wait_is_rounded_up_to_the_last_unit_shown() {
+        assert_eq!(short_duration_rounded_up(0), "0s");
+        assert_eq!(short_duration_rounded_up(1), "1s");
+        assert_eq!(short_duration_rounded_up(59_001), "1m0s");
+        assert_eq!(short_duration_rounded_up(MS_PER_HOUR), "1h0m");
+        assert_eq!(short_duration_rounded_up(MS_PER_HOUR + 1), "1h1m");
+        assert_eq!(short_duration_rounded_up(MS_PER_DAY - 1), "1d0h");
+        assert_eq!(short_duration_rounded_up(2 * MS_PER_DAY + 1), "2d1h");
+        assert_eq!(
+            short_duration_rounded_up(u64::MAX),
+            short_duration(u64::MAX)
+        );
     }
 
     #[test]

@@ -1354,3 +1354,56 @@ fn the_credits_a_denial_says_would_help_are_enough() {
         "{credits} credits are less than the {micros} micro-credits needed: {text}"
     );
 }
+
+/// A duration as `short_duration` prints it (`1h0m`, `59s`, `2d4h`), in milliseconds.
+fn duration_ms(text: &str) -> u64 {
+    let mut total = 0;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let scale = match c {
+            'd' => DAY_MS,
+            'h' => HOUR_MS,
+            'm' => 60_000,
+            's' => 1_000,
+            other => panic!("{other:?} in the duration {text:?}"),
+        };
+        total += number.parse::<u64>().expect("a number") * scale;
+        number.clear();
+    }
+    total
+}
+
+/// A denial said `retry in 59m` when the engine's retry_after_ms was 59 minutes and some
+/// seconds: the wait cut down to the minute, so a retry after the time it names is denied
+/// again. The wait it names is at least the engine's.
+#[test]
+fn the_retry_a_denial_names_is_not_sooner_than_the_engines() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    // A time off the second, as a request's usually is: the wait is then no whole minute.
+    let at_ms = now_ms() / 1_000 * 1_000 + 1;
+    for _ in 0..5 {
+        let output = consume(&workspace, at_ms, &[]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    }
+    let json = consume(&workspace, at_ms, &["--json"]);
+    assert_eq!(json.status.code(), Some(1), "{}", stderr_of(&json));
+    let decision: Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    let retry_after_ms = decision["reason"]["retry_after_ms"]
+        .as_u64()
+        .expect("retry_after_ms");
+    let text = stdout_of(&consume(&workspace, at_ms, &[]));
+    let named = text
+        .split_once("retry in ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(duration, _)| duration_ms(duration))
+        .unwrap_or_else(|| panic!("no retry in: {text}"));
+    assert!(
+        named >= retry_after_ms,
+        "retry in {named} ms, sooner than the engine's {retry_after_ms} ms: {text}"
+    );
+}
