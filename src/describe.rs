@@ -13,9 +13,7 @@ use tally_engine::{
     LimitReport, LimitStatus, PlanId, Policy, Quantities, UsageReport, VerifyReport,
 };
 
-use crate::format::{
-    credits, credits_rounded_up, grouped, short_duration_rounded_up, utc_iso8601_ms,
-};
+use crate::format::{credits_exact, grouped, short_duration_rounded_up, utc_iso8601_ms};
 use crate::outcome::{reason_index, DENIAL_REASONS};
 use crate::report::{limit_label, limit_line};
 
@@ -35,11 +33,13 @@ fn resource_name(policy: &Policy, resource: tally_engine::ResourceId) -> String 
     )
 }
 
+/// Micro-credits, and the same amount in credits: exactly, not rounded to the cent (which
+/// showed a charge of 1,000 micro-credits as 0.00 credits, and a shortfall as less than it is).
 fn micro_credits(micros: u64) -> String {
     format!(
         "{} micro-credits ({} credits)",
         grouped(micros),
-        credits(micros)
+        credits_exact(micros)
     )
 }
 
@@ -279,11 +279,9 @@ fn remedy_words(policy: &Policy, denial: &Denial) -> Vec<String> {
     let remedies = &denial.remedies;
     let mut words = Vec::new();
     if let Some(micros) = remedies.credits_needed_micros {
-        // Rounded up: the credits named must be enough (0.00 for 1,000 micro-credits was not).
         words.push(format!(
-            "{} micro-credits ({} credits) more in the team's credits",
-            grouped(micros),
-            credits_rounded_up(micros)
+            "{} more in the team's credits",
+            micro_credits(micros)
         ));
     }
     if let Some(plan) = remedies.upgrade_to {
@@ -973,7 +971,7 @@ limits = [{ resource = "free-model", unit = "requests", amount = 10, window = "r
         let text = usage_text(&report);
         assert!(
             text.contains(
-                "8,000 micro-credits (0.01 credits) left; \
+                "8,000 micro-credits (0.008 credits) left; \
                  2,500,000 micro-credits (2.50 credits) charged so far"
             ),
             "{text}"

@@ -28,17 +28,18 @@ pub fn credits(micros: u64) -> String {
     format!("{}.{:02}", grouped(cents / 100), cents % 100)
 }
 
-/// Micro-credits as credits with two decimals, rounded up to the cent: for an amount that must
-/// be at least covered (credits a denial says would help), where rounding down would name too
-/// little.
-pub fn credits_rounded_up(micros: u64) -> String {
-    let per_cent = u128::from(MICROS_PER_CREDIT / 100);
-    let cents = u128::from(micros).div_ceil(per_cent);
-    format!(
-        "{}.{:02}",
-        grouped((cents / 100) as u64),
-        (cents % 100) as u64
-    )
+/// Micro-credits as credits, exactly: two decimals, more where the amount needs them
+/// (`0.025`, `0.000011`), for a figure printed beside its micro-credits, where a rounded one
+/// would state another amount (a charge of 1,000 as `0.00`).
+pub fn credits_exact(micros: u64) -> String {
+    let fraction = format!("{:06}", micros % MICROS_PER_CREDIT);
+    let significant = fraction.trim_end_matches('0');
+    let shown = if significant.len() <= 2 {
+        &fraction[..2]
+    } else {
+        significant
+    };
+    format!("{}.{shown}", grouped(micros / MICROS_PER_CREDIT))
 }
 
 /// `part / whole` as a whole percentage, rounded down so 99.9% never shows as 100%.
@@ -171,13 +172,15 @@ mod tests {
     }
 
     #[test]
-    fn credits_needed_are_rounded_up_to_the_cent() {
-        assert_eq!(credits_rounded_up(0), "0.00");
-        assert_eq!(credits_rounded_up(1), "0.01");
-        assert_eq!(credits_rounded_up(10_000), "0.01");
-        assert_eq!(credits_rounded_up(10_001), "0.02");
-        assert_eq!(credits_rounded_up(1_234_560_001), "1,234.57");
-        assert_eq!(credits_rounded_up(u64::MAX), "18,446,744,073,709.56");
+    fn exact_credits_state_every_micro_credit() {
+        assert_eq!(credits_exact(0), "0.00");
+        assert_eq!(credits_exact(11), "0.000011");
+        assert_eq!(credits_exact(1_000), "0.001");
+        assert_eq!(credits_exact(25_000), "0.025");
+        assert_eq!(credits_exact(5_000_000), "5.00");
+        assert_eq!(credits_exact(1_234_500_000), "1,234.50");
+        assert_eq!(credits_exact(1_234_567_890), "1,234.56789");
+        assert_eq!(credits_exact(u64::MAX), "18,446,744,073,709.551615");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::cli::{
     Action, AdjustArgs, ConsumeArgs, Database, EventsArgs, EventsStart, Operation, UsageError,
 };
 use crate::describe;
-use crate::format::{credits, grouped, utc_iso8601_ms};
+use crate::format::{credits_exact, grouped, utc_iso8601_ms};
 use crate::help::HelpTopic;
 use crate::store;
 
@@ -173,9 +173,9 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
             format!(
                 "team {team}: +{} micro-credits ({} credits); balance {} micro-credits ({} credits)\n",
                 grouped(*micros),
-                credits(*micros),
+                credits_exact(*micros),
                 grouped(balance),
-                credits(balance)
+                credits_exact(balance)
             )
         }
         Action::Consume(args) => return consume(engine, args),
@@ -319,7 +319,7 @@ fn refund(
         ChargedTo::Credits { .. } => format!(
             "{} micro-credits ({} credits)",
             grouped(given.credits_micros),
-            credits(given.credits_micros)
+            credits_exact(given.credits_micros)
         ),
         ChargedTo::PayAsYouGo { .. } => {
             format!("{} pay-as-you-go micro-credits", grouped(given.payg_micros))

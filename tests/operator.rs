@@ -1311,24 +1311,36 @@ fn a_denied_request_with_an_id_is_exported_with_its_key_and_id() {
     );
 }
 
-/// The micro-credits and credits of a text such as `1,000 micro-credits (0.00 credits) more`:
-/// the first `N micro-credits (C credits)` after `after`.
-fn micros_and_credits_after(text: &str, after: &str) -> (u64, f64) {
-    let rest = &text[text
-        .find(after)
-        .unwrap_or_else(|| panic!("no {after:?}: {text}"))
-        + after.len()..];
-    let (micros, rest) = rest
-        .split_once(" micro-credits (")
-        .expect("N micro-credits (");
-    let (credits, _) = rest.split_once(" credits)").expect("C credits)");
-    let micros: u64 = micros
-        .trim()
-        .replace(',', "")
+/// Credits as printed (`1,234.5`, `0.001`) in micro-credits, exactly; `None` for a figure
+/// finer than a micro-credit.
+fn credits_in_micros(credits: &str) -> Option<u64> {
+    let credits = credits.replace(',', "");
+    let (whole, fraction) = credits.split_once('.').unwrap_or((&credits, ""));
+    if fraction.len() > 6 {
+        return None;
+    }
+    let whole: u64 = whole.parse().expect("whole credits");
+    let fraction: u64 = format!("{fraction:0<6}")
         .parse()
-        .expect("micro-credits");
-    let credits: f64 = credits.replace(',', "").parse().expect("credits");
-    (micros, credits)
+        .expect("a fraction of a credit");
+    Some(whole * 1_000_000 + fraction)
+}
+
+/// Every `N micro-credits (C credits)` of a text, as (N, C in micro-credits).
+fn micros_and_credits(text: &str) -> Vec<(u64, Option<u64>)> {
+    let mut pairs = Vec::new();
+    let mut rest = text;
+    while let Some((before, after)) = rest.split_once(" micro-credits (") {
+        let micros = before
+            .rsplit(|c: char| !c.is_ascii_digit() && c != ',')
+            .next()
+            .expect("N");
+        let (credits, after) = after.split_once(" credits)").expect("C credits)");
+        let micros: u64 = micros.replace(',', "").parse().expect("micro-credits");
+        pairs.push((micros, credits_in_micros(credits)));
+        rest = after;
+    }
+    pairs
 }
 
 /// A denial's "what would help" said `1,000 micro-credits (0.00 credits) more in the team's
@@ -1347,11 +1359,12 @@ fn the_credits_a_denial_says_would_help_are_enough() {
     let denied = consume(&workspace, at_ms, &[]);
     assert_eq!(denied.status.code(), Some(1), "{}", stderr_of(&denied));
     let text = stdout_of(&denied);
-    let (micros, credits) = micros_and_credits_after(&text, "what would help: ");
+    let help = &text[text.find("what would help: ").expect("what would help")..];
+    let (micros, credits) = micros_and_credits(help)[0];
     assert!(micros > 0, "{text}");
     assert!(
-        credits * 1_000_000.0 >= micros as f64,
-        "{credits} credits are less than the {micros} micro-credits needed: {text}"
+        credits.is_some_and(|credits| credits >= micros),
+        "the credits named are less than the {micros} micro-credits needed: {text}"
     );
 }
 
@@ -1406,4 +1419,29 @@ fn the_retry_a_denial_names_is_not_sooner_than_the_engines() {
         named >= retry_after_ms,
         "retry in {named} ms, sooner than the engine's {retry_after_ms} ms: {text}"
     );
+}
+
+/// `tally consume` said `charged to credits: 1,000 micro-credits (0.00 credits)` and `usage`
+/// `11 micro-credits (0.00 credits) left`: the credits beside an exact figure of micro-credits
+/// rounded to the cent, so a charge read as free, a balance as empty, and a 25,000 charge as
+/// 0.03 credits. Beside the micro-credits, the credits are the same amount.
+#[test]
+fn the_credits_beside_micro_credits_are_the_same_amount() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    let at_ms = now_ms();
+    let mut texts = Vec::new();
+    for _ in 0..6 {
+        texts.push(stdout_of(&consume(&workspace, at_ms, &[])));
+    }
+    texts.push(workspace.ok(&["usage", "tp-ada", "--at", &at_ms.to_string()]));
+    let all = texts.concat();
+    let pairs = micros_and_credits(&all);
+    assert!(
+        pairs.iter().any(|(micros, _)| micros % 10_000 != 0),
+        "no figure off the cent: {all}"
+    );
+    for (micros, credits) in pairs {
+        assert_eq!(Some(micros), credits, "{all}");
+    }
 }
