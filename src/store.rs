@@ -70,12 +70,31 @@ pub fn is_database(path: &Path) -> bool {
     path.is_dir() && holds_sled_files(path)
 }
 
-/// Whether `path` is missing or an empty directory: a database may be created there.
+/// Whether `path` is missing or an empty directory: a database may be created there. A
+/// symbolic link whose target is missing is not missing: it is the operator's.
 fn is_vacant(path: &Path) -> bool {
     match std::fs::read_dir(path) {
         Ok(mut entries) => entries.next().is_none(),
-        Err(_) => !path.exists(),
+        Err(_) => std::fs::symlink_metadata(path).is_err(),
     }
+}
+
+/// The symbolic link at `path` or at the nearest of its ancestors that is there at all, if its
+/// target does not exist, and that target: no database can be made through it (the open
+/// fails, "File exists"), and it is the operator's, never to be removed as one the command
+/// made.
+fn dangling_link(path: &Path) -> Option<(PathBuf, PathBuf)> {
+    let nearest = path
+        .ancestors()
+        .filter(|ancestor| !ancestor.as_os_str().is_empty())
+        .find(|ancestor| std::fs::symlink_metadata(ancestor).is_ok())?;
+    let is_link =
+        std::fs::symlink_metadata(nearest).is_ok_and(|meta| meta.file_type().is_symlink());
+    if !is_link || nearest.exists() {
+        return None;
+    }
+    let target = std::fs::read_link(nearest).unwrap_or_default();
+    Some((nearest.to_path_buf(), target))
 }
 
 /// The file `tally simulate` leaves in a database it made. Only such a database is wiped or
@@ -171,7 +190,10 @@ impl Before {
         }
         let highest_missing = path
             .ancestors()
-            .take_while(|ancestor| !ancestor.as_os_str().is_empty() && !ancestor.exists())
+            // Nothing there at all: a dangling symbolic link is there, the operator's.
+            .take_while(|ancestor| {
+                !ancestor.as_os_str().is_empty() && std::fs::symlink_metadata(ancestor).is_err()
+            })
             .last()
             .unwrap_or(path);
         Before::Missing(highest_missing.to_path_buf())
@@ -225,6 +247,14 @@ fn made_by_another(failure: &Error) -> bool {
 /// that is missing, an empty directory, or a database whose creation was cut short. Returns
 /// whether the database is new.
 pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
+    if let Some((link, target)) = dangling_link(path) {
+        return Err(format!(
+            "{} is a symbolic link to {}, which does not exist: make that directory, or give \
+             --db another path",
+            link.display(),
+            target.display()
+        ));
+    }
     if is_database(path) {
         return Ok(false);
     }

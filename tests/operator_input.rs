@@ -186,3 +186,26 @@ fn a_signed_durability_interval_is_refused_naming_durability() {
     let plain = tally_in(&scratch.0, &["team", "acme", "--durability", "interval:5"]);
     assert!(plain.status.success(), "{}", stderr_of(&plain));
 }
+
+/// `--db` naming a symbolic link whose target does not exist (yet): `tally user` could not
+/// create the database through it ("creating link: File exists") and then, cleaning up what
+/// it took for a path it had made, removed the operator's link itself, as it did a dangling
+/// link above the path (`--db link/sub`). It is refused, naming `--db`, and the link stays.
+#[cfg(unix)]
+#[test]
+fn a_dangling_symbolic_link_given_as_db_is_refused_and_left_in_place() {
+    let scratch = Scratch::new();
+    let link = scratch.0.join("link");
+    std::os::unix::fs::symlink(scratch.0.join("not-there"), &link).expect("a symbolic link");
+    for db in ["link", "link/sub"] {
+        let output = tally_in(&scratch.0, &["user", "ada", "tp-ada", "--db", db]);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{db}: {stderr}");
+        assert!(stderr.contains("tally: --db: "), "{db}: {stderr}");
+        assert!(
+            std::fs::symlink_metadata(&link).is_ok_and(|meta| meta.file_type().is_symlink()),
+            "--db {db} removed the operator's link: {stderr}"
+        );
+        assert_eq!(listing(&scratch.0), ["link"], "{db}");
+    }
+}
