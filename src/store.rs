@@ -79,6 +79,23 @@ fn is_vacant(path: &Path) -> bool {
     }
 }
 
+/// The first missing directory of `path` that a `..` follows (`x` of `x/../data`), if any:
+/// opening would make `x` and then put the database beside it, where a failed command's
+/// clean-up (which removes what the path says it made) would not find it.
+fn missing_before_parent(path: &Path) -> Option<PathBuf> {
+    let mut walked = PathBuf::new();
+    for component in path.components() {
+        if component == std::path::Component::ParentDir
+            && !walked.as_os_str().is_empty()
+            && std::fs::symlink_metadata(&walked).is_err()
+        {
+            return Some(walked);
+        }
+        walked.push(component);
+    }
+    None
+}
+
 /// The symbolic link at `path` or at the nearest of its ancestors that is there at all, if its
 /// target does not exist, and that target: no database can be made through it (the open
 /// fails, "File exists"), and it is the operator's, never to be removed as one the command
@@ -247,6 +264,14 @@ fn made_by_another(failure: &Error) -> bool {
 /// that is missing, an empty directory, or a database whose creation was cut short. Returns
 /// whether the database is new.
 pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
+    if let Some(missing) = missing_before_parent(path) {
+        return Err(format!(
+            "{}: {} does not exist, so the `..` after it leads nowhere yet (making it would \
+             put the database elsewhere); give the path without it",
+            path.display(),
+            missing.display()
+        ));
+    }
     if let Some((link, target)) = dangling_link(path) {
         return Err(format!(
             "{} is a symbolic link to {}, which does not exist: make that directory, or give \

@@ -209,3 +209,33 @@ fn a_dangling_symbolic_link_given_as_db_is_refused_and_left_in_place() {
         assert_eq!(listing(&scratch.0), ["link"], "{db}");
     }
 }
+
+/// `--db x/../data` with no `x`: the path is vacant (it cannot even be resolved), so the
+/// command took the database as its own to make, and the open made `x` and then `data`
+/// through it. When the command then failed (here a time too far ahead), the clean-up
+/// removed `x`, the highest directory it knew it made, and left the new database in `data`
+/// behind. Such a path is refused before anything is made, naming `--db`.
+#[test]
+fn a_db_path_going_up_out_of_a_missing_directory_is_refused_and_makes_nothing() {
+    let scratch = Scratch::new();
+    let output = tally_in(
+        &scratch.0,
+        &[
+            "user",
+            "ada",
+            "tp-ada",
+            "--db",
+            "x/../data",
+            "--at",
+            "4102444799999",
+        ],
+    );
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tally: --db: "), "{stderr}");
+    assert!(
+        listing(&scratch.0).is_empty(),
+        "left {:?}: {stderr}",
+        listing(&scratch.0)
+    );
+}
