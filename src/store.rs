@@ -37,18 +37,22 @@ pub fn parse_durability(value: &str) -> Result<Durability, String> {
                     "{value:?} is not a durability; use sync, interval:MS or none"
                 ));
             };
-            // Digits only: `u64::from_str` would take `+5` as 5, a sign every other number on
-            // the command line is refused for.
-            let digits = !ms.is_empty() && ms.bytes().all(|byte| byte.is_ascii_digit());
-            match ms.parse::<u64>() {
-                Ok(ms) if digits && (MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&ms) => {
-                    Ok(Durability::Interval { ms })
-                }
-                _ => Err(format!(
+            // Read as every other number on the command line is: digits, grouped in threes or
+            // not (`1,000`), no sign.
+            crate::cli::parse_count(
+                "--durability",
+                ms,
+                MIN_INTERVAL_MS,
+                MAX_INTERVAL_MS,
+                crate::cli::HelpTopic::Main,
+            )
+            .map(|ms| Durability::Interval { ms })
+            .map_err(|_| {
+                format!(
                     "{value:?}: the interval is whole milliseconds, {MIN_INTERVAL_MS} to {}",
                     crate::format::grouped(MAX_INTERVAL_MS)
-                )),
-            }
+                )
+            })
         }
     }
 }

@@ -239,3 +239,24 @@ fn a_db_path_going_up_out_of_a_missing_directory_is_refused_and_makes_nothing() 
         listing(&scratch.0)
     );
 }
+
+/// `--durability interval:60,000` was refused with "the interval is whole milliseconds, 1 to
+/// 60,000": the range it printed, in the grouping every other number on the command line
+/// takes (`--limit 1,000`, `MICROS` 5,000,000), was not a value it took. It takes it, and
+/// refuses a separator that does not group in threes, as the others do.
+#[test]
+fn a_durability_interval_takes_grouped_digits_as_every_other_number_does() {
+    let scratch = Scratch::new();
+    let grouped = tally_in(
+        &scratch.0,
+        &["team", "acme", "--durability", "interval:1,000"],
+    );
+    assert!(grouped.status.success(), "{}", stderr_of(&grouped));
+    let misgrouped = tally_in(
+        &scratch.0,
+        &["team", "beta", "--durability", "interval:1,00"],
+    );
+    let stderr = stderr_of(&misgrouped);
+    assert_eq!(misgrouped.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--durability"), "{stderr}");
+}
