@@ -404,7 +404,8 @@ delivered late, stamped long ago, stays the retention after it was logged for a 
 effect lives on in the snapshot. Events after the snapshot before the latest are kept, so
 `verify` can still replay between the two. An engine that runs (a gateway) does the same after
 each periodic checkpoint on its own; `simulate` takes none (it checkpoints once, at its end), so
-its database keeps every event until this runs.
+its database keeps every event, and so does this until an event is logged after that
+checkpoint: with one snapshot there is none before the latest, and every event stays.
 
 Usage: tally compact [OPTIONS]
 
