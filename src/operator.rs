@@ -376,6 +376,8 @@ fn adjust(engine: &Engine, args: &AdjustArgs) -> Result<String, Error> {
 /// Prints the events itself, before moving a cursor past them: a cursor only ever moves past
 /// events that were written out (a closed pipe leaves it where it was).
 fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
+    // A cursor this command saved for a new name, deleted again if the read fails.
+    let mut made = None;
     let after = match &args.start {
         EventsStart::After(seq) => *seq,
         EventsStart::Cursor(name) => {
@@ -384,7 +386,9 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
                 // Perhaps a new name: saved where it is before any event is printed, so one
                 // past the cursors' bound is refused with nothing printed, not after the
                 // events went out (a script that read them would read them again).
+                let known = engine.cursors()?.iter().any(|(saved, _)| saved == name);
                 engine.save_cursor(name, 0)?;
+                made = (!known).then_some(name);
             }
             at
         }
@@ -392,6 +396,13 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let events = engine
         .events_after(after, limit)
+        .inspect_err(|_| {
+            // Refused, the command changes nothing: a new name keeps no place under the bound.
+            // (Failing too, the read's error is the one to report.)
+            if let Some(name) = made {
+                let _ = engine.delete_cursor(name);
+            }
+        })
         .map_err(|error| match (&args.start, error) {
             // Events compacted away before a saved cursor's reader read them: the cursor is
             // what points there, not a `--after` the command line was not given.

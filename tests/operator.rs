@@ -464,6 +464,35 @@ fn reading_events_after_a_sequence_number_past_the_end_is_refused_naming_after()
     assert!(output.stdout.is_empty());
 }
 
+/// A reader's first `events --cursor NAME` on a database whose old segment is damaged (the
+/// open does not read it: a snapshot covers it) is refused naming the segment, and leaves no
+/// cursor behind. Before, the name was saved at 0 (to claim its place under the bound) before
+/// the read failed: the refused command took one of the database's cursor places for good.
+#[test]
+fn reading_a_damaged_segment_with_a_new_cursor_is_refused_and_saves_no_cursor() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    // A snapshot, and the events before it in a sealed segment of their own.
+    workspace.ok(&["compact"]);
+    let first = workspace.database().join("events/00000000000000000001.seg");
+    let mut bytes = std::fs::read(&first).expect("the first segment");
+    // Inside the first record's payload (after the 32-byte header and the 8-byte frame).
+    bytes[48] ^= 0xff;
+    std::fs::write(&first, &bytes).expect("the first segment is damaged");
+    let cursors_before = workspace.ok(&["events", "--cursors", "--json"]);
+    let output = workspace.run(&["events", "--cursor", "fresh-reader"]);
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("00000000000000000001.seg") && stderr.contains("crc"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "{}", stdout_of(&output));
+    let cursors_after = workspace.ok(&["events", "--cursors", "--json"]);
+    assert_eq!(cursors_after, cursors_before);
+    assert!(!cursors_after.contains("fresh-reader"), "{cursors_after}");
+}
+
 /// A new cursor name past the bound on cursors is refused (exit 2) before any event is
 /// printed: printed first, then refused, a script that read them read them again next time.
 #[test]
