@@ -195,9 +195,15 @@ fn act(engine: &Engine, action: &Action) -> Result<Outcome, Error> {
         }
         Action::Events(args) => return events(engine, args),
         Action::DeleteCursor { name } => {
-            let at = engine.cursor(name)?;
+            // A cursor whose value is damaged (`verify` reports it) is deleted all the same:
+            // this is how the operator frees it.
+            let at = match engine.cursor(name) {
+                Ok(at) => format!("it was after event {at}"),
+                Err(Error::Storage { problem }) => format!("its value was damaged: {problem}"),
+                Err(error) => return Err(error),
+            };
             if engine.delete_cursor(name)? {
-                format!("deleted cursor {name:?} (it was after event {at})\n")
+                format!("deleted cursor {name:?} ({at})\n")
             } else {
                 format!("no cursor {name:?}; nothing changed\n")
             }

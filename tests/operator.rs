@@ -493,6 +493,45 @@ fn reading_a_damaged_segment_with_a_new_cursor_is_refused_and_saves_no_cursor() 
     assert!(!cursors_after.contains("fresh-reader"), "{cursors_after}");
 }
 
+/// A cursor whose saved value is damaged (not a sequence number's 8 bytes), which `verify`
+/// reports, can be deleted: `events --delete-cursor` is the operator's way to free it. Before,
+/// the command read the cursor's position first (for its message) and was refused on the
+/// damage it was meant to remove, so only editing sled by hand got the database sound again.
+#[test]
+fn a_damaged_cursor_that_verify_reports_can_be_deleted() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    workspace.events(&["--cursor", "billing", "--limit", "2"]);
+    workspace.events(&["--cursor", "audit", "--limit", "1"]);
+    {
+        let db = sled::open(workspace.database()).expect("sled opens the database");
+        let cursors = db.open_tree("cursors").expect("the cursors tree");
+        cursors.insert("billing", &[0u8; 3]).expect("damaged");
+        db.flush().expect("flushed");
+    }
+    let output = workspace.bare(&["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stdout_of(&output));
+    assert!(
+        stdout_of(&output).contains("cursor \"billing\" holds 3 bytes"),
+        "{}",
+        stdout_of(&output)
+    );
+    let deleted = workspace.ok(&["events", "--delete-cursor", "billing"]);
+    assert!(
+        deleted.contains("deleted cursor \"billing\"") && deleted.contains("damaged"),
+        "{deleted}"
+    );
+    workspace.verify(&[]);
+    // The other reader's cursor is where it was.
+    let listed: Value =
+        serde_json::from_str(&workspace.ok(&["events", "--cursors", "--json"])).expect("JSON");
+    assert_eq!(
+        listed["cursors"],
+        serde_json::json!([{"name": "audit", "after": 1}]),
+        "{listed}"
+    );
+}
+
 /// A new cursor name past the bound on cursors is refused (exit 2) before any event is
 /// printed: printed first, then refused, a script that read them read them again next time.
 #[test]
