@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tally_engine::log::{holds_only_database_entries, holds_sled_files};
+use tally_engine::log::{holds_only_database_entries, holds_sled_files, lost_sled_files};
 use tally_engine::{Clock, Durability, Engine, EngineOptions, Error, OpenOptions, Policy};
 
 /// The operator commands' database, in the working directory.
@@ -286,6 +286,11 @@ pub fn check_openable(path: &Path, create: bool) -> Result<bool, String> {
     }
     if is_database(path) {
         return Ok(false);
+    }
+    // A database that lost sled's files is neither none nor one cut short: created over, a
+    // refused command removed its log as what it had made.
+    if let Some(problem) = lost_sled_files(path) {
+        return Err(format!("{} {problem}", path.display()));
     }
     // A database whose creation was cut short (nothing but what a database holds, sled's
     // `db` or `conf` missing) holds nothing yet: made anew, as `Engine::open` makes it.

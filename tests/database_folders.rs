@@ -111,3 +111,83 @@ fn reading_a_folder_with_a_conf_file_alone_finds_no_database_and_leaves_it() {
     assert!(recorded.is_err(), "{recorded:?}");
     assert_eq!(entries(&folder), before, "the folder was written into");
 }
+
+/// A database that lost sled's `db` file (and its `snap.*`) still holds its log and
+/// snapshots: it is damaged, not a creation cut short (the open makes sled's files before
+/// `events/`), so every command refuses it naming the missing file and leaves it as it was.
+/// Before, a command that may create a database took it for one cut short: a `tally user`
+/// refused (the user existed) then removed what it believed it had made, every entry of the
+/// folder, the whole event log and both snapshots with them; and the other commands called
+/// it "no database", pointing the operator at `tally user` to create one there.
+#[test]
+fn a_database_missing_sleds_db_file_is_refused_and_its_log_left_alone() {
+    let dir = TempDir::new("database-folders-db-file-lost");
+    let database = dir.path().join("tally-data");
+    {
+        let engine = open_none(&database).expect("a new database");
+        engine.create_user("ada", "tp-ada", None).expect("a user");
+        engine.checkpoint().expect("a checkpoint");
+        engine.top_up("@ada", 5, None).expect("a top-up");
+        engine.close().expect("close");
+    }
+    for entry in std::fs::read_dir(&database).expect("the database") {
+        let path = entry.expect("an entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "db" || name.starts_with("snap.") {
+            std::fs::remove_file(&path).expect("removed");
+        }
+    }
+    let kept = |database: &Path| {
+        let mut kept = entries(&database.join("events"));
+        kept.extend(entries(&database.join("snapshots")));
+        kept
+    };
+    let before = kept(&database);
+    assert!(
+        before
+            .iter()
+            .any(|(path, _)| path.extension().is_some_and(|ext| ext == "seg")),
+        "{before:?}"
+    );
+    // The engine refuses it too, as it does `verify`.
+    let opened = open_none(&database);
+    assert!(
+        matches!(&opened, Err(Error::Storage { problem }) if problem.contains("db file is missing")),
+        "{:?}",
+        opened.as_ref().err()
+    );
+    let verified = Engine::verify(&database, OpenOptions::default());
+    assert!(
+        matches!(&verified, Err(Error::Storage { problem }) if problem.contains("db file is missing")),
+        "{verified:?}"
+    );
+    assert_eq!(
+        kept(&database),
+        before,
+        "the engine changed the log or the snapshots"
+    );
+    for args in [
+        &["user", "ada", "tp-other"][..],
+        &["team", "acme"],
+        &["events"],
+        &["verify"],
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .arg("--db")
+            .arg(&database)
+            .output()
+            .expect("the tally binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("db") && stderr.contains("missing") && !stderr.contains("create one"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(
+            kept(&database),
+            before,
+            "{args:?} changed the log or the snapshots"
+        );
+    }
+}

@@ -1636,6 +1636,9 @@ impl EventLog {
     /// `conf` is not sled's, which sled could rewrite) is none.
     pub fn open_read_only(dir: &Path) -> Result<EventLog, Error> {
         check_dir_named(dir)?;
+        if let Some(problem) = lost_sled_files(dir) {
+            return Err(storage(dir.display(), problem));
+        }
         if !holds_sled_files(dir) {
             return Err(storage(
                 dir.display(),
@@ -3169,7 +3172,47 @@ fn prepare_directory(dir: &Path) -> Result<(), Error> {
             "exists and holds files that are not a tally database; choose an empty or new directory",
         ));
     }
+    if let Some(problem) = lost_sled_files(dir) {
+        return Err(storage(dir.display(), problem));
+    }
     Ok(())
+}
+
+/// What is wrong with `dir` if it holds a log segment or a snapshot but not sled's `db` and
+/// `conf` files: a database that lost them (its format, recorded options, export cursors and
+/// the records that check the log is whole), not one whose creation was cut short (sled's
+/// files are made, and their directory entries fsynced, before `events/` and `snapshots/`).
+/// Opened as new, it ran on without them; taken by the `tally` commands for a creation cut
+/// short, a refused command removed what it believed it had made: the log and snapshots.
+pub fn lost_sled_files(dir: &Path) -> Option<String> {
+    let missing: Vec<&str> = ["db", "conf"]
+        .into_iter()
+        .filter(|name| !dir.join(name).is_file())
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let holds = |sub: &str, suffix: &str| {
+        std::fs::read_dir(dir.join(sub)).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|entry| entry.file_name().to_string_lossy().ends_with(suffix))
+        })
+    };
+    let holding = match (holds(EVENTS_DIR, ".seg"), holds(SNAPSHOTS_DIR, ".snap")) {
+        (true, true) => format!("log segments in {EVENTS_DIR}/ and snapshots in {SNAPSHOTS_DIR}/"),
+        (true, false) => format!("log segments in {EVENTS_DIR}/"),
+        (false, true) => format!("snapshots in {SNAPSHOTS_DIR}/"),
+        (false, false) => return None,
+    };
+    Some(format!(
+        "holds {holding} but sled's {} file{} {} missing: a damaged database (its metadata and \
+         export cursors are gone), not a new one; restore the missing file{} from a backup",
+        missing.join(" and "),
+        if missing.len() > 1 { "s" } else { "" },
+        if missing.len() > 1 { "are" } else { "is" },
+        if missing.len() > 1 { "s" } else { "" },
+    ))
 }
 
 /// Whether the directory `dir` holds sled's `db` and `conf` files: a database (a name alone is
