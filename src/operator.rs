@@ -418,10 +418,23 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
                     field: "after",
                     problem,
                 },
-            ) => Error::InvalidArgument {
-                field: "cursor",
-                problem: format!("{name:?} is at event {after}: {problem}"),
-            },
+            ) => {
+                // Past events compacted away, `--after` reads without moving the cursor: it
+                // would stay stuck there, every run refused.
+                let way_on = if problem.contains("compacted away") {
+                    format!(
+                        "; to go on without them, delete the cursor (`tally events \
+                         --delete-cursor {name:?}`): read again, it starts from the oldest \
+                         event kept"
+                    )
+                } else {
+                    String::new()
+                };
+                Error::InvalidArgument {
+                    field: "cursor",
+                    problem: format!("{name:?} is at event {after}: {problem}{way_on}"),
+                }
+            }
             (_, error) => error,
         })?;
     let Some(last) = events.last() else {

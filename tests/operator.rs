@@ -443,6 +443,17 @@ fn reading_events_compaction_removed_names_the_after_or_the_cursor() {
     // Nothing moved: the cursor is where it was.
     let output = workspace.run(&["events", "--cursor", "billing"]);
     assert_eq!(output.status.code(), Some(2));
+    // The way on the refusal gives works for the cursor: `--after` reads without moving it
+    // (it stays stuck, every run refused), so it names `--delete-cursor`, after which the
+    // cursor reads from the oldest event kept. Before, it said only "read after 5".
+    let stderr = stderr_of(&output);
+    assert!(
+        stderr.contains("tally events --delete-cursor \"billing\""),
+        "{stderr}"
+    );
+    workspace.ok(&["events", "--delete-cursor", "billing"]);
+    let read = workspace.events(&["--cursor", "billing", "--limit", "1"]);
+    assert_eq!(read.iter().map(seq).collect::<Vec<u64>>(), [6]);
 }
 
 /// `--after` past the log's last event is refused naming it: answered "no events", a reader
