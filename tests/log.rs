@@ -6342,6 +6342,39 @@ fn verify_reports_a_cursor_that_cannot_be_read_after() {
     assert!(engine.events_after(after, 10).is_err());
 }
 
+/// A file in `snapshots/` whose name is a number but not a snapshot's (20 digits), such as an
+/// operator's copy `7.snap` of the latest one, is no snapshot: it was read as one more at the
+/// same event. Then the snapshot "before the latest" was the latest itself (compaction kept
+/// nothing for `verify` to replay from it), and once checkpoints had moved on and removed the
+/// real file of that event, every open and checkpoint failed reading a file that was gone.
+#[test]
+fn a_file_named_like_a_snapshot_but_not_one_is_left_alone() {
+    let dir = TempDir::new("snapshot-stray-name");
+    let engine = open_token_plan(dir.path(), sync_options());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    let mut micros = 0;
+    let mut checkpoint = |engine: &Engine| {
+        micros += 1;
+        engine.top_up("@ann", micros, Some(T0_MS)).unwrap();
+        engine.checkpoint().unwrap()
+    };
+    let latest = checkpoint(&engine);
+    let copy = dir.path().join("snapshots").join(format!("{latest}.snap"));
+    std::fs::copy(latest_snapshot(dir.path()), &copy).unwrap();
+    for _ in 0..3 {
+        checkpoint(&engine);
+    }
+    let balance = engine.credits_micros("@ann").unwrap();
+    engine.close().unwrap();
+    let verified = Engine::verify(dir.path(), sync_options()).unwrap();
+    assert!(verified.problems.is_empty(), "{verified:?}");
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_eq!(engine.credits_micros("@ann").unwrap(), balance);
+    checkpoint(&engine);
+    engine.close().unwrap();
+    assert!(copy.exists(), "the operator's file is left as it was");
+}
+
 /// A record of when events were logged (`logged_by/<seq>` in `meta`) that does not read back
 /// (not a time's 8 bytes) or names an event past the log's last (one is written only once the
 /// log is durable through it) is one of `verify`'s problems, naming its event: the first made

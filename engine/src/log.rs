@@ -3094,8 +3094,13 @@ fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
     let mut seqs: Vec<u64> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
+            // Only a snapshot's own name (20 digits, as `store_snapshot` writes it): another
+            // number (`7.snap`, an operator's copy) named the same event again, read through
+            // the snapshot's real name.
             let name = entry.file_name();
-            name.to_str()?.strip_suffix(".snap")?.parse().ok()
+            let stem = name.to_str()?.strip_suffix(".snap")?;
+            let digits = stem.len() == 20 && stem.bytes().all(|byte| byte.is_ascii_digit());
+            digits.then(|| stem.parse().ok()).flatten()
         })
         .collect();
     seqs.sort_unstable();
