@@ -191,3 +191,37 @@ fn a_database_missing_sleds_db_file_is_refused_and_its_log_left_alone() {
         );
     }
 }
+
+/// A database whose `events/` directory is gone is refused naming it, and left as it was:
+/// the open made the directory afresh (and `snapshots/`, were it gone too) before it found
+/// the log missing, so a refused command, `tally events` here, changed the database.
+#[test]
+fn a_database_whose_log_directory_is_gone_is_refused_and_left_as_it_was() {
+    let dir = TempDir::new("database-folders-events-gone");
+    let database = dir.path().join("tally-data");
+    {
+        let engine = open_none(&database).expect("a new database");
+        engine.create_user("ada", "tp-ada", None).expect("a user");
+        engine.close().expect("close");
+    }
+    std::fs::remove_dir_all(database.join("events")).expect("the log is gone");
+    let opened = open_none(&database);
+    assert!(
+        matches!(&opened, Err(Error::Storage { problem }) if problem.contains("no log segments")),
+        "{:?}",
+        opened.as_ref().err()
+    );
+    assert!(!database.join("events").exists(), "the open made events/");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["events", "--db"])
+        .arg(&database)
+        .output()
+        .expect("the tally binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("events/"), "{stderr}");
+    assert!(
+        !database.join("events").exists(),
+        "`tally events` made events/"
+    );
+}

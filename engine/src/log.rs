@@ -760,7 +760,7 @@ fn segment_path(events_dir: &Path, first: u64) -> PathBuf {
 /// The segments in `events_dir`, by first sequence number.
 fn list_segments(events_dir: &Path) -> Result<Vec<u64>, Error> {
     let entries = match std::fs::read_dir(events_dir) {
-        // Only a read-only open (`verify`) leaves a missing directory missing.
+        // Missing: none yet (an open makes it once nothing refused it; `verify` reads it so).
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         read => {
             read.map_err(|error| storage(format!("reading {}", events_dir.display()), error))?
@@ -1688,18 +1688,6 @@ impl EventLog {
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
         let format_upgrade_pending = check_format(dir, &db, &meta, &events_dir, read_only)?;
-        // Reading only (`verify`) changes nothing of tally's: a missing directory reads as
-        // empty (and is reported as the events it lacks), a crash's leftover stays.
-        if !read_only {
-            for sub in [&events_dir, &snapshots_dir] {
-                if !sub.exists() {
-                    std::fs::create_dir(sub)
-                        .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
-                    sync_dir(dir)?;
-                }
-            }
-            remove_temporary_snapshots(&snapshots_dir)?;
-        }
         let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
         // The segments as the open found them (`recover_segments` lists them again, once it
         // has removed a crash's leftover).
@@ -1773,6 +1761,20 @@ impl EventLog {
             if let Some(error) = missing.take() {
                 return Err(error);
             }
+        }
+        // Made once nothing above refused the open: a database refused for a log that is gone
+        // is left as it was. Reading only (`verify`) changes nothing of tally's: a missing
+        // directory reads as empty (and is reported as the events it lacks), a crash's
+        // leftover stays.
+        if !read_only {
+            for sub in [&events_dir, &snapshots_dir] {
+                if !sub.exists() {
+                    std::fs::create_dir(sub)
+                        .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
+                    sync_dir(dir)?;
+                }
+            }
+            remove_temporary_snapshots(&snapshots_dir)?;
         }
         let mut recovered = recover_segments(
             &events_dir,
@@ -3087,7 +3089,7 @@ fn store_snapshot(
 
 fn list_snapshots(dir: &Path) -> Result<Vec<u64>, Error> {
     let entries = match std::fs::read_dir(dir) {
-        // Only a read-only open (`verify`) leaves a missing directory missing.
+        // Missing: none yet (an open makes it once nothing refused it; `verify` reads it so).
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         read => read.map_err(|error| storage(format!("reading {}", dir.display()), error))?,
     };
