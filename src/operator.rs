@@ -392,7 +392,12 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
                 // Perhaps a new name: saved where it is before any event is printed, so one
                 // past the cursors' bound is refused with nothing printed, not after the
                 // events went out (a script that read them would read them again).
-                let known = engine.cursors()?.iter().any(|(saved, _)| saved == name);
+                // (Another cursor's damage must not hold a new reader up: unknown, taken as
+                // saved, so a failed read removes nothing.)
+                let known = match engine.cursors() {
+                    Ok(cursors) => cursors.iter().any(|(saved, _)| saved == name),
+                    Err(_) => true,
+                };
                 engine.save_cursor(name, 0)?;
                 made = (!known).then_some(name);
             }

@@ -527,6 +527,10 @@ fn a_damaged_cursor_that_verify_reports_can_be_deleted() {
         "{}",
         stdout_of(&output)
     );
+    // Another reader is not held up by it: a new one starts.
+    let read = workspace.events(&["--cursor", "fresh", "--limit", "1"]);
+    assert_eq!(read.iter().map(seq).collect::<Vec<u64>>(), [1]);
+    workspace.ok(&["events", "--delete-cursor", "fresh"]);
     let deleted = workspace.ok(&["events", "--delete-cursor", "billing"]);
     assert!(
         deleted.contains("deleted cursor \"billing\"") && deleted.contains("damaged"),
