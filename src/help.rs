@@ -370,7 +370,8 @@ Options:
                        printed: run again to get only what is new. It survives restarts.
   --limit N            At most this many events, 1 to 100,000 [default: 1,000]
   --json               One JSON object per line
-  --delete-cursor NAME Forget the named cursor (a reader that is done), printing no events:
+  --delete-cursor NAME Forget the named cursor (a reader that is done, one stuck behind
+                       compaction, or one whose value is damaged), printing no events:
                        a database keeps at most 1,024 cursors
   --cursors            List the saved cursors and the event each is after, printing no
                        events (with --json, as one JSON object)
@@ -380,7 +381,9 @@ there were none) or the cursor deleted (or there was none); 1 when they could no
 (events: a closed pipe too, and the cursor does not move; --cursors: a closed pipe is no
 failure);
 2 if the command could not run (a bad command line, an --after past the end of the log or
-compacted away, a database that cannot be opened): it then printed no events and moved no cursor.
+compacted away, a --cursor whose events were compacted away: delete it with --delete-cursor and
+it reads from the oldest event kept, a database that cannot be opened): it then printed no
+events and moved no cursor.
 ";
 
 const VERIFY_HELP: &str = "\
@@ -421,7 +424,8 @@ carries over for every limit whose meter and window stay, and seats move to the 
 same name. Refused, changing nothing, if the new policy drops a plan someone holds a seat on
 (a revoked key's seat aside: it is taken away with the plan), changes the time zone of daily,
 weekly or monthly windows that carry over (or week_start, the first day of weekly ones),
-counts another unit under a meter's name, or moves a plan's limit to another window
+counts another unit or another weighted sum under a meter's name (other terms or weights; a
+usage bar may change its prices), or moves a plan's limit to another window
 (rolling:5h to rolling:6h, daily to weekly: its count so far could not follow; remove the limit
 in one swap, its count dropped, and add the new window in the next). A policy equal to the one
 the database runs changes nothing. This is the one command that changes a database's policy:

@@ -121,7 +121,9 @@ pub struct EngineOptions {
     /// (366 days).
     pub idempotency_horizon_ms: u64,
     /// Reservations open at once, 1 to `MAX_TABLE_ENTRIES`; also how many closed ones are
-    /// remembered (the most recently closed) so a repeated settle or void is idempotent.
+    /// remembered (the most recently closed) so a repeated settle or void is idempotent. An
+    /// open with a lower bound than the database ran with keeps the closed ones it restores
+    /// until its first close.
     pub max_open_reservations: usize,
     /// The lease of a reservation made without one, 1 to `MAX_LEASE_MS` (24 h).
     pub default_lease_ms: u64,
@@ -1308,7 +1310,8 @@ impl Engine {
     /// document's field). Remembered decisions (a
     /// request id's repeat answers its first) are renumbered to name the same plans, limits
     /// and resources in the new policy; what it no longer has they no longer name
-    /// (`Decision::in_policy`).
+    /// (`Decision::in_policy`). So are remembered settlements (a repeated settle answers its
+    /// first with the same plans).
     pub fn swap_policy(&self, policy: Policy, at_ms: Option<u64>) -> Result<(), Error> {
         self.swap_policy_checked(policy, at_ms, true)
     }

@@ -811,9 +811,11 @@ impl Policy {
     /// a calendar window that carries over (the current day's, week's or month's count would
     /// be read as another one's; a calendar window new in `new` starts from 0 and may be in
     /// any zone; another name for the same offsets, such as an alias, is no change), and the
-    /// week's first day changed under a weekly window that carries over. A weighted
-    /// meter (a usage bar) may change its weights: its count is in its own unit (the price),
-    /// already charged at the old prices. And a plan kept by name whose limit on a meter kept
+    /// week's first day changed under a weekly window that carries over. A usage bar
+    /// (`priced = true`) may change its prices: its count is in micro-credits, already charged
+    /// at the old prices; a weighted meter of `terms` kept by name must keep its terms
+    /// (resources, units and weights, in any order), as other terms count another sum. And a
+    /// plan kept by name whose limit on a meter kept
     /// by name moves to another window (`rolling:5h` to `rolling:6h`, `daily` to `weekly`):
     /// its seated keys' count so far would be dropped and the new window start from 0
     /// (`check_windows_kept`).
@@ -966,7 +968,8 @@ impl Policy {
 enum MeterCounts<'a> {
     /// One resource's unit.
     Plain(&'a str, Unit),
-    /// A weighted sum (a usage bar at prices): its terms by resource name, unit and weight,
+    /// A weighted sum (a `terms` meter, or a usage bar at its prices): its terms by resource
+    /// name, unit and weight,
     /// sorted. Another sum counts in another unit (a usage bar excepted: `check_swap_to`).
     Weighted(Vec<(&'a str, Unit, u64)>),
 }

@@ -50,7 +50,8 @@ pub(crate) struct Reservation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub reservation: ReservationId,
-    /// Where the estimate was held.
+    /// Where the estimate was held, its plan numbered as the policy in force names it (a swap
+    /// since the reserve is followed).
     pub held: ChargedTo,
     /// Where the part of the actual amount beyond the estimate was charged, if any.
     pub extra: Option<ChargedTo>,

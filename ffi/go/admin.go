@@ -160,7 +160,8 @@ const noPolicySource = ^uint32(0)
 // WithDurability or WithOptions: ErrInvalidArgument, changing nothing). Usage carries over; a
 // swap that would drop a plan someone is seated on is refused (ErrInvalidArgument), and so is
 // one whose usage could not carry over as it means: a meter kept by name that counts another
-// unit, a time zone changed under a calendar window that carries over (or the week's first
+// unit or another weighted sum (other terms or weights; a usage bar may change its prices), a
+// time zone changed under a calendar window that carries over (or the week's first
 // day, week_start, under a weekly one), or a plan's limit moved to another window, rolling:5h
 // to rolling:6h or daily to weekly, whose count so far would be dropped (ErrPolicyInvalid,
 // naming the field).

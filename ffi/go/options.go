@@ -36,7 +36,8 @@ type Options struct {
 	// How long a request id is remembered; zero: the policy's longest window.
 	IdempotencyHorizon time.Duration
 	// Reservations open at once (default 1,000,000); also how many closed ones are remembered
-	// (the most recently closed) so a repeated settle or void is idempotent.
+	// (the most recently closed) so a repeated settle or void is idempotent. An open with a lower
+	// bound than the database ran with keeps the closed ones it restores until its first close.
 	MaxOpenReservations uint64
 	DefaultLease        time.Duration // lease of a reservation made without one (default 10 min)
 	// Policies kept so requests from before a swap are refunded exactly (default 1,024).

@@ -842,7 +842,8 @@ tally_status tally_engine_credits(const struct tally_engine *engine,
 // carries over for every counter whose meter and window stay; seats move to the plan of the
 // same name. A swap that would drop a plan someone is seated on is refused
 // (`TALLY_INVALID_ARGUMENT`), and so is one whose usage could not carry over as it means (a
-// meter kept by name that counts another unit, a time zone changed under a daily, weekly or
+// meter kept by name that counts another unit or another weighted sum (other terms or weights;
+// a usage bar may change its prices), a time zone changed under a daily, weekly or
 // monthly window that carries over, the week's first day (`week_start`) changed under a
 // weekly one, a plan's limit moved to another window, whose count so far would be dropped:
 // `TALLY_POLICY_INVALID`, naming the field), changing nothing. Waits for the calls inside
@@ -914,7 +915,8 @@ tally_status tally_options_set_idempotency_horizon_ms(struct tally_options *opti
 
 // Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000); also how many
 // closed ones are remembered (the most recently closed) so a repeated settle or void is
-// idempotent.
+// idempotent. An open with a lower bound than the database ran with keeps the closed ones it
+// restores until its first close.
 //
 // Errors: as `tally_options_set_max_keys`.
 tally_status tally_options_set_max_open_reservations(struct tally_options *options,

@@ -500,7 +500,8 @@ pub extern "C" fn tally_engine_credits(
 /// carries over for every counter whose meter and window stay; seats move to the plan of the
 /// same name. A swap that would drop a plan someone is seated on is refused
 /// (`TALLY_INVALID_ARGUMENT`), and so is one whose usage could not carry over as it means (a
-/// meter kept by name that counts another unit, a time zone changed under a daily, weekly or
+/// meter kept by name that counts another unit or another weighted sum (other terms or weights;
+/// a usage bar may change its prices), a time zone changed under a daily, weekly or
 /// monthly window that carries over, the week's first day (`week_start`) changed under a
 /// weekly one, a plan's limit moved to another window, whose count so far would be dropped:
 /// `TALLY_POLICY_INVALID`, naming the field), changing nothing. Waits for the calls inside

@@ -242,7 +242,8 @@ pub extern "C" fn tally_options_set_idempotency_horizon_ms(
 
 /// Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000); also how many
 /// closed ones are remembered (the most recently closed) so a repeated settle or void is
-/// idempotent.
+/// idempotent. An open with a lower bound than the database ran with keeps the closed ones it
+/// restores until its first close.
 ///
 /// Errors: as `tally_options_set_max_keys`.
 #[no_mangle]

@@ -1594,7 +1594,8 @@ class _Decoded:
     def __init__(self, reader: UsageReader, content_encoding: str) -> None:
         self._reader = reader
         self._inflater: Any = None
-        # "deflate" is tried with zlib's header first, and raw if its first bytes fail so.
+        # "deflate" is tried with zlib's header first, and raw, from the body's first byte, if
+        # zlib's reading fails before it has decoded anything (within `_RAW_RETRY_BYTES`).
         self._raw_deflate_may_follow = content_encoding.strip().lower() == "deflate"
         # What was fed while zlib's reading decoded nothing: a raw stream whose first two bytes
         # form a valid zlib header (78 01) fails zlib's reading only in a later piece, and the

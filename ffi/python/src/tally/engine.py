@@ -773,7 +773,8 @@ class Engine:
         Refused, changing nothing: a swap that drops a plan someone is seated on
         (``InvalidArgumentError``), and one whose usage could not carry over as it means
         (``PolicyInvalidError`` naming the field): a meter kept by name that counts another
-        unit, a time zone changed under a calendar window that carries over (or the week's
+        unit or another weighted sum (other terms or weights; a usage bar may change its
+        prices), a time zone changed under a calendar window that carries over (or the week's
         first day, ``week_start``, under a weekly one), or a plan's limit moved to another
         window (``rolling:5h`` to ``rolling:6h``, ``daily`` to ``weekly``: its count so far
         would be dropped).

@@ -44,7 +44,9 @@ class Options:
     #: How long a request id is remembered; 0 (the default): the policy's longest window.
     idempotency_horizon_ms: int | None = None
     #: Reservations open at once (default 1,000,000); also how many closed ones are remembered
-    #: (the most recently closed) so a repeated settle or void is idempotent.
+    #: (the most recently closed) so a repeated settle or void is idempotent. An open with a
+    #: lower bound than the database ran with keeps the closed ones it restores until its
+    #: first close.
     max_open_reservations: int | None = None
     #: The lease of a reservation made without one (default 600,000: 10 minutes).
     default_lease_ms: int | None = None
