@@ -419,13 +419,7 @@ fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_check
         engine
             .add_member("lab", "bob", "tp-bob-lab", Some(T0_MS))
             .expect("member");
-        if checkpoint {
-            engine.close().expect("close");
-        } else {
-            drop(engine);
-        }
-        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
-            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        let engine = reopened(engine, &dir, checkpoint, &small);
         assert_eq!(engine.memory_stats().keys, 4, "checkpoint {checkpoint}");
         assert!(matches!(
             engine.create_user("dee", "tp-dee", Some(T0_MS)),
@@ -490,13 +484,7 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
                 .expect("swap");
         }
         assert_eq!(kept(&engine), 5, "the reservations hold every generation");
-        if checkpoint {
-            engine.close().expect("close");
-        } else {
-            drop(engine);
-        }
-        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
-            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        let engine = reopened(engine, &dir, checkpoint, &small);
         let (_, replayed) = engine
             .consume_noting_replay(&request("id-3"))
             .expect("a repeat");
@@ -536,6 +524,18 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
             .reservation
             .is_some());
     }
+}
+
+/// `engine`'s database in `dir` opened again with `options`, after a `close()` (a checkpoint:
+/// the open restores a snapshot) or a drop (it replays the log).
+fn reopened(engine: Engine, dir: &TempDir, checkpoint: bool, options: &OpenOptions) -> Engine {
+    if checkpoint {
+        engine.close().expect("close");
+    } else {
+        drop(engine);
+    }
+    Engine::open(dir.path(), Policy::token_plan(), clock(), options.clone())
+        .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"))
 }
 
 /// A database opened in `dir` with the default bounds, holding user ada (key `tp-ada`) seated
@@ -583,13 +583,7 @@ fn an_open_with_a_lower_bound_on_reservations_keeps_the_closed_ones_it_restores(
                 (id, settlement)
             })
             .collect();
-        if checkpoint {
-            engine.close().expect("close");
-        } else {
-            drop(engine);
-        }
-        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), small.clone())
-            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
+        let engine = reopened(engine, &dir, checkpoint, &small);
         for (id, settlement) in &settled {
             assert_eq!(
                 engine.settle(*id, &ONE_REQUEST, Some(T0_MS)).as_ref(),
