@@ -876,21 +876,30 @@ def test_pass_through_is_checked_against_the_routes_metered(engine, upstream):
         QuotaMiddleware(upstream, engine, pass_through="GET /v1/files")
 
 
-def test_a_pass_through_answer_drops_the_upstreams_rate_limit_headers(engine, clock):
-    # They are the operator's account limits (a metered answer carries the key's in their
-    # place), as in the Go gateway.
+def answering_json_with_headers(headers):
+    """An upstream app that reads the request and answers 200 ``{}`` with ``headers``."""
+
     async def app(scope, receive, send) -> None:
         while (await receive()).get("more_body"):
             pass
-        headers = [
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    return app
+
+
+def test_a_pass_through_answer_drops_the_upstreams_rate_limit_headers(engine, clock):
+    # They are the operator's account limits (a metered answer carries the key's in their
+    # place), as in the Go gateway.
+    app = answering_json_with_headers(
+        [
             (b"content-type", b"application/json"),
             (b"x-ratelimit-limit-requests", b"99999"),
             (b"X-RateLimit-Remaining-Tokens", b"99998"),
             (b"anthropic-ratelimit-tokens-limit", b"2000000"),
             (b"x-request-id", b"req-1"),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+    )
 
     key = seated(engine, "pr", "tp-pr-1", "Starter")
     gateway = QuotaMiddleware(app, engine, clock=clock)
@@ -905,10 +914,8 @@ def test_no_x_tally_header_of_the_upstreams_reaches_the_client(engine, clock):
     # gateway's where the decision sets none (a pay-as-you-go key has no plan, a denial no
     # charge), so every one the upstream sent is dropped, on a metered answer and a
     # pass-through one alike, as in the Go gateway.
-    async def app(scope, receive, send) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        headers = [
+    app = answering_json_with_headers(
+        [
             (b"content-type", b"application/json"),
             (b"X-Tally-Plan", b"Max"),
             (b"x-tally-limit", b"forged"),
@@ -916,8 +923,7 @@ def test_no_x_tally_header_of_the_upstreams_reaches_the_client(engine, clock):
             (b"x-tally-note", b"upstream"),
             (b"x-request-id", b"req-1"),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+    )
 
     engine.create_user("sp", "tp-sp-1", at_ms=T)
     engine.create_payg_key("sp", "pg-sp-1", at_ms=T)
@@ -1396,10 +1402,8 @@ def test_the_gateways_rate_limit_headers_replace_the_upstreams(engine, clock):
     # The client is limited by the key's quota, not by the operator's account upstream (whose
     # limits would also leak): tally's headers replace the app's rate-limit headers, all of
     # them, once each, as in the Go gateway.
-    async def app(scope, receive, send) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        headers = [
+    app = answering_json_with_headers(
+        [
             (b"content-type", b"application/json"),
             (b"x-ratelimit-limit-requests", b"99999"),
             (b"X-RateLimit-Remaining-Requests", b"99998"),
@@ -1407,8 +1411,7 @@ def test_the_gateways_rate_limit_headers_replace_the_upstreams(engine, clock):
             (b"anthropic-ratelimit-tokens-limit", b"2000000"),
             (b"x-request-id", b"req-1"),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+    )
 
     key = seated(engine, "up", "tp-up-1", "Starter")
     sent: list[dict[str, Any]] = []
