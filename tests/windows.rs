@@ -1059,16 +1059,7 @@ fn a_usage_report_stamped_before_a_reclaim_resets_where_a_request_then_counts() 
 #[test]
 fn a_weekly_window_resets_at_local_midnight_of_the_configured_first_day() {
     let policy = |week_start: &str| {
-        Policy::from_toml_str(&format!(
-            r#"
-time_zone = "America/New_York"
-week_start = "{week_start}"
-[resources.widget]
-units = ["requests"]
-[plans.P]
-limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "weekly" }}]
-"#
-        ))
+        Policy::from_toml_str(&two_per_text("weekly", "America/New_York", week_start))
     };
     let engine = engine_with(policy("sunday").expect("a valid policy"));
     let key = seated(&engine, "ada", "P");
@@ -1440,7 +1431,12 @@ fn two_per_period(
 /// A plan `P` limiting `widget` requests to 2 per `window`, in `zone`, weeks starting on
 /// `week_start`.
 fn two_per(window: &str, zone: &str, week_start: &str) -> Policy {
-    Policy::from_toml_str(&format!(
+    Policy::from_toml_str(&two_per_text(window, zone, week_start)).expect("a valid policy")
+}
+
+/// `two_per`'s document, for a test that wants it refused too.
+fn two_per_text(window: &str, zone: &str, week_start: &str) -> String {
+    format!(
         r#"
 time_zone = "{zone}"
 week_start = "{week_start}"
@@ -1449,6 +1445,5 @@ units = ["requests"]
 [plans.P]
 limits = [{{ resource = "widget", unit = "requests", amount = 2, window = "{window}" }}]
 "#
-    ))
-    .expect("a valid policy")
+    )
 }
