@@ -382,38 +382,17 @@ fn adjust(engine: &Engine, args: &AdjustArgs) -> Result<String, Error> {
 /// Prints the events itself, before moving a cursor past them: a cursor only ever moves past
 /// events that were written out (a closed pipe leaves it where it was).
 fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
-    // A cursor this command saved for a new name, deleted again if the read fails.
-    let mut made = None;
-    let after = match &args.start {
-        EventsStart::After(seq) => *seq,
+    // A cursor at 0 (perhaps a new name), to save once the read has succeeded.
+    let (after, at_start) = match &args.start {
+        EventsStart::After(seq) => (*seq, None),
         EventsStart::Cursor(name) => {
             let at = engine.cursor(name)?;
-            if at == 0 {
-                // Perhaps a new name: saved where it is before any event is printed, so one
-                // past the cursors' bound is refused with nothing printed, not after the
-                // events went out (a script that read them would read them again).
-                // (Another cursor's damage must not hold a new reader up: unknown, taken as
-                // saved, so a failed read removes nothing.)
-                let known = match engine.cursors() {
-                    Ok(cursors) => cursors.iter().any(|(saved, _)| saved == name),
-                    Err(_) => true,
-                };
-                engine.save_cursor(name, 0)?;
-                made = (!known).then_some(name);
-            }
-            at
+            (at, (at == 0).then_some(name))
         }
     };
     let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
     let events = engine
         .events_after(after, limit)
-        .inspect_err(|_| {
-            // Refused, the command changes nothing: a new name keeps no place under the bound.
-            // (Failing too, the read's error is the one to report.)
-            if let Some(name) = made {
-                let _ = engine.delete_cursor(name);
-            }
-        })
         .map_err(|error| match (&args.start, error) {
             // Events compacted away before a saved cursor's reader read them: the cursor is
             // what points there, not a `--after` the command line was not given.
@@ -442,6 +421,12 @@ fn events(engine: &Engine, args: &EventsArgs) -> Result<Outcome, Error> {
             }
             (_, error) => error,
         })?;
+    if let Some(name) = at_start {
+        // Saved where it is before any event is printed, so a new name past the cursors'
+        // bound is refused with nothing printed, not after the events went out (a script that
+        // read them would read them again); and after the read, so a refused read saves none.
+        engine.save_cursor(name, 0)?;
+    }
     let Some(last) = events.last() else {
         // Nothing new: say so where a script reading stdout will not trip on it.
         crate::print_err(&format!("tally: no events after {after}"));
