@@ -1248,7 +1248,7 @@ fn refund_hold(
     // re-buckets it (`KeyUsage::rearranged`): the bucket they would have been carried to holds
     // only later units, which are not this hold's to give back.
     if let (Some(as_of_ms), Some(shape)) = (as_of_ms, then.counter(counter).window.shape()) {
-        if time.saturating_add(shape.buckets) < shape.epoch(as_of_ms) {
+        if shape.release_ms(time) <= as_of_ms {
             return None; // aged out
         }
     }

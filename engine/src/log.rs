@@ -3212,13 +3212,14 @@ pub fn lost_sled_files(dir: &Path) -> Option<String> {
         (false, true) => format!("snapshots in {SNAPSHOTS_DIR}/"),
         (false, false) => return None,
     };
+    let (files, are) = match missing.len() {
+        1 => ("file", "is"),
+        _ => ("files", "are"),
+    };
     Some(format!(
-        "holds {holding} but sled's {} file{} {} missing: a damaged database (its metadata and \
-         export cursors are gone), not a new one; restore the missing file{} from a backup",
+        "holds {holding} but sled's {} {files} {are} missing: a damaged database (its metadata \
+         and export cursors are gone), not a new one; restore the missing {files} from a backup",
         missing.join(" and "),
-        if missing.len() > 1 { "s" } else { "" },
-        if missing.len() > 1 { "are" } else { "is" },
-        if missing.len() > 1 { "s" } else { "" },
     ))
 }
 
