@@ -636,7 +636,10 @@ fn with_interval_a_failed_background_flush_fails_the_next_call_and_the_close() {
     assert_eq!(faults.flushes_held(), 1, "the writer flushed");
     let unflushed = last_seq(&engine);
     faults.release_flushes();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    while engine.health().log_failure.is_none() && started.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let before = state(&engine, &KEYS, &TEAMS, T0_MS);
     let later = engine.consume(&request);
     assert_storage_error(&later, "a consume after the failed flush");
