@@ -279,3 +279,15 @@ def test_idle_keys_windows_are_reclaimed_and_their_next_request_starts_empty(eng
     assert decision.admitted and decision.limits[0].used == 1
     assert decision.limits[0].remaining == 1499
     assert engine.memory_stats().keys_with_usage == 1
+
+
+@pytest.mark.parametrize("document", ["[plans]", bytearray(b"[plans]"), 42])
+def test_a_policy_made_with_a_document_that_is_not_bytes_raises_a_type_error(engine, document):
+    # Policy is a public dataclass: a str document (the TOML itself) reached ctypes, which
+    # raised its own ctypes.ArgumentError, neither a TypeError nor a ValueError.
+    policy = tally.Policy(tally.PolicySource.TOML, document)
+    with pytest.raises(TypeError, match="document"):
+        engine.swap_policy(policy, at_ms=T)
+    with pytest.raises(TypeError, match="document"):
+        tally.Engine.in_memory(policy)
+    assert engine.policy_version == 0

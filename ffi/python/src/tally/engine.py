@@ -88,6 +88,13 @@ def _policy(policy: PolicyLike) -> tuple[int, bytes | None, int]:
             f"or a dict, not {type(policy).__name__}"
         )
     document = policy.document
+    # A public dataclass: a document built by hand (a str, the TOML itself) would otherwise
+    # reach ctypes, which raises its own ArgumentError, and `len` would count characters.
+    if document is not None and not isinstance(document, bytes):
+        raise TypeError(
+            "Policy.document must be bytes or None (Policy.toml, Policy.json and Policy.file "
+            f"encode it), not {type(document).__name__}"
+        )
     return int(policy.source), document, 0 if document is None else len(document)
 
 
