@@ -103,7 +103,8 @@ func (d Durability) intervalMilliseconds(op string) (uint32, error) {
 	return clampMilliseconds(d.interval), nil
 }
 
-// Option configures Open and OpenInMemory.
+// Option configures Open, OpenInMemory and Verify. A nil Option is no option (as SwapPolicy
+// takes nil for the shipped default): the defaults stand.
 type Option func(*options)
 
 type options struct {
@@ -145,7 +146,9 @@ func WithDurability(d Durability) Option {
 func collect(opts []Option) options {
 	o := options{policySource: C.TALLY_POLICY_DEFAULT, durability: DurabilitySync}
 	for _, opt := range opts {
-		opt(&o)
+		if opt != nil { // a policy option left unset: the shipped default, not a panic
+			opt(&o)
+		}
 	}
 	return o
 }

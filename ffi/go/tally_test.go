@@ -974,3 +974,22 @@ func TestARevokedKeyIsDeniedAndItsMemberGivenANewOne(t *testing.T) {
 		t.Fatalf("the new key: %+v %v", usage, err)
 	}
 }
+
+// A nil Option is no option, as SwapPolicy takes nil for the shipped default: a policy option
+// left nil (`var policy tally.Option; if file != "" { policy = tally.WithPolicyFile(file) }`)
+// opens with the shipped policy, where collect called it and panicked.
+func TestANilOptionIsNoOptionAsSwapPolicysNilIs(t *testing.T) {
+	var policy tally.Option
+	engine, err := tally.OpenInMemory(policy, unbounded)
+	must(t, err)
+	seated(t, engine, "ni", "tp-ni", "Starter")
+	must(t, engine.SwapPolicy(policy, t0))
+	must(t, engine.Close())
+	path := t.TempDir() + "/db"
+	durable, err := tally.Open(path, nil, tally.WithDurability(tally.DurabilityNone), nil)
+	must(t, err)
+	must(t, durable.Close())
+	if report, err := tally.Verify(path, nil); err != nil || !report.Sound {
+		t.Fatalf("Verify with a nil option: %+v %v", report, err)
+	}
+}
