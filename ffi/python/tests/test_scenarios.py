@@ -291,3 +291,19 @@ def test_a_policy_made_with_a_document_that_is_not_bytes_raises_a_type_error(eng
     with pytest.raises(TypeError, match="document"):
         tally.Engine.in_memory(policy)
     assert engine.policy_version == 0
+
+
+def test_a_policy_given_as_any_mapping_is_swapped_in_as_a_dict_is(engine):
+    # Typed `Mapping[str, Any]` (and accepted as one by swap_policy and Engine.open), but
+    # json.dumps takes only dicts: a read-only view of the policy raised "Object of type
+    # mappingproxy is not JSON serializable".
+    from types import MappingProxyType
+
+    policy = engine.policy()
+    policy["plans"]["Starter"]["limits"][0]["amount"] = 20
+    policy["plans"] = MappingProxyType(policy["plans"])
+    engine.swap_policy(MappingProxyType(policy), at_ms=T)
+    assert engine.policy()["plans"]["Starter"]["limits"][0]["amount"] == 20
+    assert engine.policy_version == 1
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        tally.Policy.json({"plans": object()})

@@ -58,7 +58,7 @@ class Policy:
     @classmethod
     def json(cls, document: str | Mapping[str, Any]) -> Policy:
         if isinstance(document, Mapping):
-            document = json.dumps(document)
+            document = json.dumps(_plain(document))
         return cls(PolicySource.JSON, _convert.text("policy", document))
 
     @classmethod
@@ -70,6 +70,16 @@ class Policy:
         ``Engine.in_memory`` and ``swap_policy`` have no stored policy and raise
         ``InvalidArgumentError``."""
         return cls(PolicySource.STORED)
+
+
+def _plain(value: object) -> object:
+    """``value`` with every ``Mapping`` in it a ``dict``: json.dumps takes only dicts, and a
+    policy is typed (and accepted) as any mapping, e.g. a read-only view."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
