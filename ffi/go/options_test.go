@@ -290,3 +290,23 @@ func TestTheClockReadsInUTCAsTheDecisionsTimesDo(t *testing.T) {
 			clock, clock.Location(), decision.At, decision.At.Location())
 	}
 }
+
+// An interval past what a uint32 of milliseconds holds is refused naming the interval given:
+// clamped to 4294967295 ms before the call, the library's message named that number, which
+// the caller never passed (50 days here).
+func TestADurabilityIntervalPastAUint32OfMillisecondsIsNamedAsGiven(t *testing.T) {
+	for _, interval := range []time.Duration{50 * 24 * time.Hour, time.Duration(1<<63 - 1).Truncate(time.Millisecond)} {
+		dir := filepath.Join(t.TempDir(), "db")
+		engine, err := tally.Open(dir, tally.WithDurability(tally.DurabilityInterval(interval)), unbounded)
+		if engine != nil {
+			engine.Close()
+		}
+		if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), "DurabilityInterval: "+interval.String()) ||
+			strings.Contains(err.Error(), "4294967295") {
+			t.Errorf("an interval of %v: %v", interval, err)
+		}
+		if _, statErr := os.Stat(dir); !os.IsNotExist(statErr) {
+			t.Errorf("an interval of %v: the directory exists after a refused open: %v", interval, statErr)
+		}
+	}
+}

@@ -88,7 +88,8 @@ func DurabilityInterval(interval time.Duration) Durability {
 // intervalMilliseconds is the interval_ms argument of tally_engine_open (0 unless the mode is
 // INTERVAL). A negative interval or a fraction of a millisecond is refused here, naming the
 // option, rather than rounded to another interval; one past the library's range is passed on
-// (clamped to a uint32) for the library to refuse with its range.
+// for the library to refuse with its range, unless a uint32 cannot hold it: then it is
+// refused here too, as given (the library would name a value the caller never passed).
 func (d Durability) intervalMilliseconds(op string) (uint32, error) {
 	if d.mode != C.TALLY_DURABILITY_INTERVAL {
 		return 0, nil
@@ -100,7 +101,11 @@ func (d Durability) intervalMilliseconds(op string) (uint32, error) {
 		return 0, newError(op, C.TALLY_INVALID_ARGUMENT,
 			"DurabilityInterval: "+d.interval.String()+" is not a whole number of milliseconds")
 	}
-	return clampMilliseconds(d.interval), nil
+	if d.interval.Milliseconds() > math.MaxUint32 {
+		return 0, newError(op, C.TALLY_INVALID_ARGUMENT, "DurabilityInterval: "+d.interval.String()+
+			" is out of range: allowed are 1ms to 1m0s (the interval)")
+	}
+	return uint32(d.interval.Milliseconds()), nil
 }
 
 // Option configures Open, OpenInMemory and Verify. A nil Option is no option (as SwapPolicy
@@ -338,19 +343,6 @@ func milliseconds(op string, at time.Time) (C.uint64_t, error) {
 			"timestamp "+at.UTC().Format(time.RFC3339Nano)+" is not after 1970-01-01T00:00:00Z")
 	}
 	return C.uint64_t(ms), nil
-}
-
-// clampMilliseconds turns a duration into whole milliseconds for a uint32 argument; values
-// out of range are clamped so the library reports them (its message names the valid range).
-func clampMilliseconds(d time.Duration) uint32 {
-	ms := d.Milliseconds()
-	if ms < 0 {
-		return 0
-	}
-	if ms > math.MaxUint32 {
-		return math.MaxUint32
-	}
-	return uint32(ms)
 }
 
 // fromMilliseconds is the inverse of milliseconds for outputs: 0 is the zero time.
