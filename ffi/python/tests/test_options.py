@@ -185,3 +185,14 @@ def test_an_engine_with_a_clock_of_its_own_reads_the_time_it_was_set_to(tmp_path
     with tally.Engine.in_memory(options=tally.Options(manual_clock_ms=0)) as engine:
         with pytest.raises(tally.InvalidArgumentError, match="manual_clock"):
             engine.set_clock(T)
+
+
+@pytest.mark.parametrize("value", [-1, 2**64])
+def test_an_option_python_cannot_pass_raises_invalid_argument_as_the_docstring_says(value):
+    # Options promises InvalidArgumentError naming the option for a value out of range (Go's
+    # Options{DefaultLease: -1} is ErrInvalidArgument); a negative or oversized int raised a
+    # bare ValueError, which `except tally.InvalidArgumentError` does not catch.
+    with pytest.raises(tally.InvalidArgumentError, match="default_lease_ms"):
+        tally.Engine.in_memory(options=tally.Options(default_lease_ms=value))
+    with pytest.raises(tally.InvalidArgumentError, match="max_keys"):
+        tally.verify("unused", options=tally.Options(max_keys=value))

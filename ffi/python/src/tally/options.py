@@ -135,7 +135,16 @@ def native(options: Options | None) -> Iterator[ctypes.c_void_p | None]:
                 status = getattr(_native.lib, _BOOL_SETTERS[field.name])(handle, value)
             else:
                 setter = getattr(_native.lib, _SETTERS[field.name])
-                status = setter(handle, _convert.u64(field.name, value))
+                try:
+                    number = _convert.u64(field.name, value)
+                except ValueError as error:
+                    # Out of every option's range (negative, past 64 bits): the error the
+                    # library gives a value out of range, as the docstring says (and Go's
+                    # Options answer a negative duration), still a ValueError.
+                    raise errors.InvalidArgumentError(
+                        errors.InvalidArgumentError.status_code, str(error)
+                    ) from None
+                status = setter(handle, number)
             errors.check(status)
         yield handle
     finally:
