@@ -272,3 +272,14 @@ def test_a_second_close_returns_only_once_the_first_has_closed_the_database(monk
     second.join()
     assert still_waiting, "the second close returned while the first was still closing"
     assert engine.closed
+
+
+def test_a_database_path_given_as_bytes_opens_as_verify_and_policy_file_take_it(tmp_path):
+    # verify() and Policy.file() take a bytes path (os.fsencode), and so does Go's Open (a
+    # string of any bytes); Engine.open alone refused one with a TypeError.
+    path = bytes(tmp_path / "db")
+    with tally.Engine.open(path, durability="none", options=UNBOUNDED) as engine:
+        seated(engine, "by", "tp-by-1", "Starter")
+    assert tally.verify(path).sound
+    with pytest.raises(TypeError, match="path must be"):
+        tally.Engine.open(None)  # type: ignore[arg-type]

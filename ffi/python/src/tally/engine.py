@@ -284,7 +284,7 @@ class Engine:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
         policy: PolicyLike = None,
         *,
         durability: Durability | str = Durability.SYNC,
@@ -297,8 +297,10 @@ class Engine:
         ``Durability.INTERVAL``. ``options`` (``tally.Options``; ``None``: the defaults) are the
         engine's and the database's; a value out of range raises ``InvalidArgumentError`` naming
         it, and nothing is created or changed."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a str or a path, not {type(path).__name__}")
+        # bytes as os.fsencode gives them (verify and Policy.file take them too); anything
+        # else (None, a number) is refused here, naming the argument.
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"path must be a str, bytes or a path, not {type(path).__name__}")
         path_bytes = os.fsencode(path)
         source, document, document_len = _policy(policy)
         mode = _durability(durability)
@@ -1108,7 +1110,9 @@ def _free_submission(handle: ctypes.c_void_p, owned: list[bool]) -> None:
         _native.lib.tally_submission_free(handle)
 
 
-def verify(path: str | os.PathLike[str], *, options: Options | None = None) -> VerifyReport:
+def verify(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, options: Options | None = None
+) -> VerifyReport:
     """Checks a database directory that no engine has open. The log is replayed with the
     options the database was opened with, as the snapshot holds what their bounds allow (keys,
     request ids, open reservations) and a replay under smaller ones may refuse or not match it
