@@ -768,3 +768,51 @@ fn an_id_denied_for_an_unknown_key_is_admitted_when_retried_once_the_key_exists(
     let (_, replayed) = engine.consume_noting_replay(&request).expect("a repeat");
     assert!(replayed, "the admitted id is remembered");
 }
+
+/// An id forgotten by the clock (past the horizon), then a clean close (its checkpoint's
+/// snapshot no longer holds the id, and no event follows it) and a reopen on a clock stepped
+/// back within the id's horizon: the retry of the forgotten id, stamped as it first was, is
+/// refused as the engine that never closed refuses it (its shard forgot ids by that clock).
+/// The open bounded forgotten ids by the newest logged event's time alone, which was the id's
+/// own (nothing logged since): the retry was decided and charged again.
+#[test]
+fn an_id_forgotten_before_a_close_is_not_decided_again_after_a_reopen_on_a_clock_stepped_back() {
+    let dir = TempDir::new("idem-forgotten-close");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    // On the pay-as-you-go key: every admission is charged (its spend), none is refused.
+    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
+    let retried = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("forgotten");
+    let (_, replayed) = engine.consume_noting_replay(&retried).expect("the first");
+    assert!(!replayed);
+    let spent = spend(&engine);
+    assert!(spent > 0, "the first was charged");
+    // The clock passes the id's horizon; a check of it (nothing logged) forgets it.
+    clock.set_ms(T0_MS + horizon_ms + MINUTE_MS);
+    let live = engine.check(&retried);
+    assert!(
+        matches!(
+            live,
+            Err(tally_engine::Error::InvalidArgument { field: "at_ms", .. })
+        ),
+        "forgotten, and too old to be remembered again: {live:?}"
+    );
+    engine.close().expect("a clean close");
+    // The clock stepped back across the restart, to within the id's horizon.
+    clock.set_ms(T0_MS + horizon_ms - MINUTE_MS);
+    let reopened = open_on_clock(dir.path(), clock, sync_options());
+    let after = reopened.consume_noting_replay(&retried);
+    assert!(
+        matches!(
+            after,
+            Err(tally_engine::Error::InvalidArgument { field: "at_ms", .. })
+        ),
+        "the retry after the reopen: {after:?}, spent {} (first {spent})",
+        spend(&reopened)
+    );
+    assert_eq!(spend(&reopened), spent, "charged once");
+}

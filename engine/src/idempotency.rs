@@ -396,9 +396,9 @@ impl RequestTable {
     }
 
     /// Refuses, in every shard, new ids stamped before `bound_ms`, as if ids had been forgotten
-    /// by it (`Shard::forgotten_before_ms`). At open: the newest logged event's time less the
-    /// horizon, as the clock ran at least that far before the close and ids stamped before it
-    /// may have been forgotten; and, when the open grows the horizon, the clock's time less the
+    /// by it (`Shard::forgotten_before_ms`). At open: the later of the newest logged event's
+    /// time and the latest checkpoint's clock time, less the horizon, as the clock ran at least
+    /// that far before the close and ids stamped before it may have been forgotten; and, when the open grows the horizon, the clock's time less the
     /// horizon the database last ran with. The bound itself is not logged.
     pub fn forgotten_before(&self, bound_ms: u64) {
         for mut shard in self.lock_all() {

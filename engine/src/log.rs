@@ -2838,6 +2838,19 @@ impl EventLog {
         self.compactor().logged_by_ms(seq)
     }
 
+    /// The latest clock time a checkpoint recorded (`record_logged_by`): the engine's clock
+    /// read at least that far while it ran. `None` when none is recorded; a record that does
+    /// not read back is left out (`verify` reports it).
+    pub fn latest_logged_by_ms(&self) -> Option<u64> {
+        self.meta
+            .scan_prefix(META_LOGGED_BY)
+            .filter_map(|entry| {
+                let (key, value) = entry.ok()?;
+                logged_by_record(&key, &value).ok()
+            })
+            .max()
+    }
+
     /// Deletes whole sealed segments, oldest first, whose every event is at or before
     /// `up_to_seq`, stamped before `before_ms`, and was logged by `logged_by_ms` on the
     /// engine's clock (`Compactor::compact`); returns how many events they held.

@@ -890,11 +890,18 @@ impl Engine {
         // that horizon before the clock's time may have been forgotten too, as a swap growing
         // it live keeps refusing what each shard had already forgotten. Bounded by the grown
         // horizon alone, the retry of such an id was decided and charged again.
+        // So may ids stamped more than the horizon before a checkpoint's clock time: the
+        // clock read that far (the time is recorded with the snapshot), and an id forgotten by
+        // it before the cut is in neither the snapshot nor the log replayed after it. Bounded
+        // by the newest logged event alone (nothing logged since the id's own event, say),
+        // the retry on a clock stepped back was decided and charged again.
         let last_horizon_ms = last_horizon_option_ms.max(engine.policy().longest_window_ms());
         let horizon_ms = engine.requests.horizon_ms().min(last_horizon_ms);
+        let clock_ran_ms = engine
+            .newest_event_ms()
+            .max(log.latest_logged_by_ms().unwrap_or(0));
         engine.requests.forgotten_before(
-            engine
-                .newest_event_ms()
+            clock_ran_ms
                 .saturating_sub(horizon_ms)
                 .max(engine.now_ms().saturating_sub(last_horizon_ms)),
         );
