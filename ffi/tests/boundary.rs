@@ -650,21 +650,26 @@ fn double_close_and_use_after_close_are_closed() {
 fn close_while_other_threads_are_inside_calls_is_safe() {
     let handle = Arc::new(in_memory());
     user(&handle, "ada", "tp-ada", Some("Max"));
-    let started = Arc::new(std::sync::Barrier::new(5));
+    // How many threads have had a call answered: the close comes once all of them are
+    // calling. (A 20 ms sleep stood for that, and on a loaded machine a thread not yet run
+    // by then had no call answered before the close.)
+    let calling = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let handle = Arc::clone(&handle);
-            let started = Arc::clone(&started);
+            let calling = Arc::clone(&calling);
             std::thread::spawn(move || {
                 let one = requests(1);
                 let request = request(b"tp-ada", "m2.7", &one, T0, None);
-                started.wait();
                 let mut counts = (0u32, 0u32);
                 loop {
                     match consume(&handle, &request) {
                         Ok(_) => counts.0 += 1,
                         Err(tally_status::TALLY_CLOSED) => counts.1 += 1,
                         Err(other) => panic!("unexpected {other:?}"),
+                    }
+                    if counts.0 + counts.1 == 1 {
+                        calling.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     }
                     if counts.1 > 10 {
                         return counts;
@@ -673,8 +678,12 @@ fn close_while_other_threads_are_inside_calls_is_safe() {
             })
         })
         .collect();
-    started.wait();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // (A thread that ended, by a panic, is not waited for: its join below reports it.)
+    while calling.load(std::sync::atomic::Ordering::SeqCst) < threads.len()
+        && !threads.iter().any(|thread| thread.is_finished())
+    {
+        std::thread::yield_now();
+    }
     assert_eq!(tally_engine_close(handle.0), tally_status::TALLY_OK);
     for thread in threads {
         let (ok, closed) = thread.join().expect("no panic");
