@@ -53,7 +53,12 @@ func TestTheUsageNeverShowsTheUpstreamKey(t *testing.T) {
 // its reservation is settled before the engine closes. (Before, the process closed the
 // engine and exited at once: an empty reply, and a reservation left open to its lease's end.)
 func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
+	// Told when the call reaches the upstream (it has its reservation then): the stop comes
+	// after. (A 200 ms sleep stood for that; on a loaded machine the call had not arrived, the
+	// stop came first, and the call found the gateway gone.)
+	arrived := make(chan struct{}, 1)
 	upstream := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
 		time.Sleep(700 * time.Millisecond)
 		w.Header().Set("Content-Type", "application/json")
 		fmt.Fprint(w, `{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":18,"total_tokens":30}}`)
@@ -82,7 +87,11 @@ func TestAStopDrainsTheCallsInFlightBeforeTheEngineCloses(t *testing.T) {
 		}
 		answered <- response
 	}()
-	time.Sleep(200 * time.Millisecond) // the call is at the upstream now
+	select {
+	case <-arrived:
+	case <-time.After(time.Minute):
+		t.Fatal("the call never reached the upstream")
+	}
 	stop <- syscall.SIGTERM
 	response := <-answered
 	if response == nil {
