@@ -1424,7 +1424,7 @@ impl Engine {
     /// key's seat is left out: no command can take it away once the member has a new key (a
     /// seat change finds the member's key), and the key is denied everything, so it loses the
     /// seat with the plan rather than refuse every such swap for good.
-    fn refuse_dropping_seated_plans(
+    pub(crate) fn refuse_dropping_seated_plans(
         &self,
         shards: &[impl std::ops::Deref<Target = crate::accounts::Shard>],
         old: &Policy,

@@ -746,6 +746,24 @@ pub struct EventLog {
     open_problem: Option<String>,
     /// The torn write a read-only open found at the end of the log (`torn_tail_note`).
     open_torn_tail: Option<String>,
+    /// What an open that writes does once nothing refused it (`finish_open`), with the
+    /// segment the writer goes on in; `None` once done, or read only.
+    pending: Mutex<Option<(PendingOpen, Active)>>,
+}
+
+/// What `EventLog::finish_open` does, found by the open.
+#[derive(Debug)]
+struct PendingOpen {
+    /// A new database: its format is recorded.
+    record_format: bool,
+    /// Segments a crash left while creating them, removed.
+    leftovers: Vec<PathBuf>,
+    /// The active segment's torn tail is cut off (at its `len`).
+    torn: bool,
+    /// The log has no segment: its first is created.
+    create_first: bool,
+    /// The active segment is recorded as created.
+    record_segment: bool,
 }
 
 fn storage(context: impl std::fmt::Display, error: impl std::fmt::Display) -> Error {
@@ -1274,8 +1292,14 @@ struct Recovered {
     /// Read-only: the torn write found at the end of the last segment, which an open would cut
     /// off (left alone): what `torn_tail_note` says of it.
     torn_tail: Option<String>,
-    /// Whether it created the log's first segment (there was none).
+    /// Whether the log has no segment: the open makes its first one (`PendingOpen`).
     created: bool,
+    /// Crash leftovers (a segment whose header never became durable) the open removes once
+    /// nothing refused it.
+    leftovers: Vec<PathBuf>,
+    /// The torn write at the end of the last segment, cut off (the file set to `active.len`)
+    /// once nothing refused the open.
+    torn: bool,
 }
 
 /// Scans the last segment, truncating a torn tail, and makes what it keeps durable (so the
@@ -1294,6 +1318,8 @@ fn recover_segments(
     let mut segments = list_segments(events_dir)?;
     let mut problem = None;
     let mut torn_tail = None;
+    let mut leftovers = Vec::new();
+    let mut torn_at_end = false;
     while let Some(&first) = segments.last() {
         let path = segment_path(events_dir, first);
         let reading = |error| storage(format!("reading {}", path.display()), error);
@@ -1309,10 +1335,9 @@ fn recover_segments(
             // anything else, and it is recorded as created after that): it holds nothing. The
             // one before goes on, or a new first one. (One recorded had a durable header:
             // damaged, it is refused below.)
+            // Removed by `EventLog::finish_open`, once nothing refused the open.
             if !read_only {
-                std::fs::remove_file(&path)
-                    .map_err(|error| storage(format!("removing {}", path.display()), error))?;
-                sync_dir(events_dir)?;
+                leftovers.push(path);
             }
             segments.pop();
             continue;
@@ -1406,19 +1431,10 @@ fn recover_segments(
                     if !torn {
                         return Err(damage(&path, at, expected, why));
                     }
-                    // A torn write at the end: never acknowledged. Cut it off.
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|error| storage(format!("opening {}", path.display()), error))?;
-                    file.set_len(at as u64)
-                        .and_then(|()| file.sync_all())
-                        .map_err(|error| {
-                            storage(
-                                format!("truncating the torn tail of {}", path.display()),
-                                error,
-                            )
-                        })?;
+                    // A torn write at the end: never acknowledged. Cut off by
+                    // `EventLog::finish_open`, once nothing refused the open (a refused one
+                    // leaves the database as the crash left it); nothing reads past `at`.
+                    torn_at_end = true;
                     window.file_len = at as u64;
                     break;
                 }
@@ -1429,12 +1445,8 @@ fn recover_segments(
             .write(!read_only)
             .open(&path)
             .map_err(|error| storage(format!("opening {}", path.display()), error))?;
-        if !read_only {
-            // A crash in a mode that does not wait for durability can leave events in the page
-            // cache only: durable before anything is written after them with a durable point.
-            file.sync_data()
-                .map_err(|error| storage(format!("fdatasync of {}", path.display()), error))?;
-        }
+        // (Made durable by `EventLog::finish_open`: a crash in a mode that does not wait for
+        // durability can leave events in the page cache only.)
         file.seek(SeekFrom::Start(at as u64))
             .map_err(|error| storage(format!("seeking in {}", path.display()), error))?;
         return Ok(Recovered {
@@ -1449,43 +1461,32 @@ fn recover_segments(
             problem,
             torn_tail,
             created: false,
+            leftovers,
+            torn: torn_at_end,
         });
     }
-    if read_only {
-        // A placeholder, never written: the directory (or, missing, the database's).
-        let placeholder = match events_dir.parent() {
-            Some(parent) if !events_dir.exists() => parent,
-            _ => events_dir,
-        };
-        let file = File::open(placeholder)
-            .map_err(|error| storage(format!("opening {}", placeholder.display()), error))?;
-        return Ok(Recovered {
-            segments,
-            active: Active {
-                file: Arc::new(file),
-                first: start_if_empty,
-                len: 0,
-                zeroed: 0,
-            },
-            last_seq: start_if_empty - 1,
-            problem,
-            torn_tail,
-            created: false,
-        });
-    }
-    let file = create_segment(events_dir, start_if_empty)?;
+    // A placeholder, never written: the directory (or, missing, the database's).
+    let placeholder = match events_dir.parent() {
+        Some(parent) if !events_dir.exists() => parent,
+        _ => events_dir,
+    };
+    let file = File::open(placeholder)
+        .map_err(|error| storage(format!("opening {}", placeholder.display()), error))?;
     Ok(Recovered {
-        segments: vec![start_if_empty],
+        segments,
         active: Active {
             file: Arc::new(file),
             first: start_if_empty,
-            len: SEGMENT_HEADER_BYTES as u64,
-            zeroed: SEGMENT_HEADER_BYTES as u64,
+            len: 0,
+            zeroed: 0,
         },
         last_seq: start_if_empty - 1,
         problem,
         torn_tail,
-        created: true,
+        // No segment: an open that writes makes the first (`EventLog::finish_open`).
+        created: !read_only,
+        leftovers,
+        torn: false,
     })
 }
 
@@ -1664,6 +1665,20 @@ impl EventLog {
         faults: Option<Arc<Faults>>,
         segment_bytes: u64,
     ) -> Result<EventLog, Error> {
+        let log = EventLog::open_unfinished(dir, durability, faults, segment_bytes)?;
+        log.finish_open()?;
+        Ok(log)
+    }
+
+    /// `open_with`, without what `finish_open` does: the log reads, and nothing of the
+    /// database is changed (but sled's own files) until `finish_open`. Dropped before, it
+    /// leaves the database as it found it.
+    pub fn open_unfinished(
+        dir: &Path,
+        durability: Durability,
+        faults: Option<Arc<Faults>>,
+        segment_bytes: u64,
+    ) -> Result<EventLog, Error> {
         EventLog::open_inner(dir, durability, faults, segment_bytes, false)
     }
 
@@ -1692,7 +1707,8 @@ impl EventLog {
         let (meta, cursors) = (tree("meta")?, tree("cursors")?);
         let events_dir = dir.join(EVENTS_DIR);
         let snapshots_dir = dir.join(SNAPSHOTS_DIR);
-        let format_upgrade_pending = check_format(dir, &db, &meta, &events_dir, read_only)?;
+        let (format_upgrade_pending, format_new) =
+            check_format(dir, &meta, &events_dir, read_only)?;
         let snapshot = latest_snapshots(&snapshots_dir)?.first().copied();
         // The segments as the open found them (`recover_segments` lists them again, once it
         // has removed a crash's leftover).
@@ -1767,20 +1783,11 @@ impl EventLog {
                 return Err(error);
             }
         }
-        // Made once nothing above refused the open: a database refused for a log that is gone
-        // is left as it was. Reading only (`verify`) changes nothing of tally's: a missing
-        // directory reads as empty (and is reported as the events it lacks), a crash's
+        // The directories are made, and a crash's leftovers removed, by `finish_open`, once
+        // nothing refused the open (the engine's too: its snapshot and replay): a database
+        // refused is left as it was. Reading only (`verify`) changes nothing of tally's: a
+        // missing directory reads as empty (and is reported as the events it lacks), a crash's
         // leftover stays.
-        if !read_only {
-            for sub in [&events_dir, &snapshots_dir] {
-                if !sub.exists() {
-                    std::fs::create_dir(sub)
-                        .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
-                    sync_dir(dir)?;
-                }
-            }
-            remove_temporary_snapshots(&snapshots_dir)?;
-        }
         let mut recovered = recover_segments(
             &events_dir,
             start_if_empty,
@@ -1795,11 +1802,7 @@ impl EventLog {
         // left unrecorded (or a database from before the record) is recorded here, else the
         // record would stay behind until the next rotation.
         let active_first = recovered.active.first;
-        if !read_only && (recovered.created || active_first > last_created) {
-            meta.insert(META_LAST_SEGMENT, &active_first.to_le_bytes())
-                .map_err(|error| storage("writing metadata", error))?;
-            syncer.flush(&db)?;
-        }
+        let record_segment = recovered.created || active_first > last_created;
         let last_seq = recovered.last_seq;
         if let Some(pointer) = snapshot.filter(|pointer| pointer.seq > last_seq) {
             missing = Some(storage(
@@ -1836,6 +1839,13 @@ impl EventLog {
             segment: recovered.active.first,
             end: recovered.active.len,
         };
+        let pending = (!read_only).then(|| PendingOpen {
+            record_format: format_new,
+            leftovers: std::mem::take(&mut recovered.leftovers),
+            torn: recovered.torn,
+            create_first: recovered.created,
+            record_segment,
+        });
         let shared = Arc::new(Shared {
             last_appended: AtomicU64::new(last_seq),
             failed: std::sync::atomic::AtomicBool::new(false),
@@ -1887,14 +1897,99 @@ impl EventLog {
             format_upgrade_pending: AtomicBool::new(format_upgrade_pending),
             open_problem: recovered.problem,
             open_torn_tail: recovered.torn_tail,
+            pending: Mutex::new(pending.map(|pending| (pending, recovered.active))),
         };
-        if read_only {
-            // Nothing can be appended.
-            log.shared.queue.lock().stop = true;
-        } else {
-            log.start_writer(recovered.active)?;
-        }
+        // Nothing can be appended: read only, or until `finish_open`.
+        log.shared.queue.lock().stop = true;
         Ok(log)
+    }
+
+    /// Makes what an open found ready to write in, once nothing refused the open: records
+    /// the format of a new database, makes the directories, removes a crash's leftovers (a
+    /// snapshot's temporary file, a segment whose header never became durable), cuts off a
+    /// torn tail, makes the last segment durable (or creates the first), records the segment
+    /// the log goes on in and starts the writer. Until then the log only reads, and a log
+    /// dropped unfinished (its open refused) leaves the database as the open found it: what
+    /// an open repairs is repaired only by one that goes ahead. Nothing when read only or
+    /// done already.
+    pub fn finish_open(&self) -> Result<(), Error> {
+        let mut slot = self.pending.lock();
+        // Left in place until the writer starts: a finish that fails leaves a log that closes
+        // as an unfinished one, recording nothing (its open is refused).
+        let Some((pending, active)) = slot.as_mut() else {
+            return Ok(());
+        };
+        let events_dir = &self.shared.events_dir;
+        if pending.record_format {
+            self.meta
+                .insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
+                .map_err(|error| storage("writing metadata", error))?;
+            self.syncer.flush(&self.db)?;
+        }
+        for sub in [events_dir, &self.snapshots_dir] {
+            if !sub.exists() {
+                std::fs::create_dir(sub)
+                    .map_err(|error| storage(format!("creating {}", sub.display()), error))?;
+                sync_dir(&self.dir)?;
+            }
+        }
+        remove_temporary_snapshots(&self.snapshots_dir)?;
+        for path in &pending.leftovers {
+            std::fs::remove_file(path)
+                .map_err(|error| storage(format!("removing {}", path.display()), error))?;
+        }
+        if !pending.leftovers.is_empty() {
+            sync_dir(events_dir)?;
+        }
+        if pending.create_first {
+            let file = Arc::new(create_segment(events_dir, active.first)?);
+            *active = Active {
+                file: Arc::clone(&file),
+                first: active.first,
+                len: SEGMENT_HEADER_BYTES as u64,
+                zeroed: SEGMENT_HEADER_BYTES as u64,
+            };
+            *self.shared.segments.lock() = vec![active.first];
+            *self.shared.active_file.lock() = file;
+            let mut progress = self.shared.progress.lock();
+            progress.written.end = active.len;
+            progress.visible.end = active.len;
+        } else {
+            let path = segment_path(events_dir, active.first);
+            if pending.torn {
+                // A torn write at the end: never acknowledged. Cut off.
+                active
+                    .file
+                    .set_len(active.len)
+                    .and_then(|()| active.file.sync_all())
+                    .map_err(|error| {
+                        storage(
+                            format!("truncating the torn tail of {}", path.display()),
+                            error,
+                        )
+                    })?;
+            }
+            // A crash in a mode that does not wait for durability can leave events in the
+            // page cache only: durable before anything is written after them with a durable
+            // point.
+            active
+                .file
+                .sync_data()
+                .map_err(|error| storage(format!("fdatasync of {}", path.display()), error))?;
+        }
+        // The segment the log goes on in (or starts) is recorded before anything is written in
+        // it, like every later one (see `open_inner`).
+        if pending.record_segment {
+            self.meta
+                .insert(META_LAST_SEGMENT, &active.first.to_le_bytes())
+                .map_err(|error| storage("writing metadata", error))?;
+            self.syncer.flush(&self.db)?;
+        }
+        let Some((_, active)) = slot.take() else {
+            unreachable!("held under the lock");
+        };
+        self.shared.queue.lock().stop = false;
+        self.start_writer(active)
     }
 
     pub fn dir(&self) -> &Path {
@@ -2906,7 +3001,8 @@ impl EventLog {
         if let Some((seq, problem)) = failure {
             return Err(failed(seq, &problem));
         }
-        if self.read_only {
+        // An open refused before `finish_open` leaves everything as it found it.
+        if self.read_only || self.pending.lock().is_some() {
             return Ok(());
         }
         // Failed, it fails the log: a later close (the drop after this one) must not find it
@@ -3333,15 +3429,16 @@ fn open_sled(dir: &Path) -> Result<sled::Db, Error> {
     }
 }
 
-/// Checks the database's format version; true if it is an older one this build reads and
-/// will write in its own (`EventLog::record_format`; never when `read_only`).
+/// Checks the database's format version: whether it is an older one this build reads and
+/// will write in its own (`EventLog::record_format`; never when `read_only`), and whether it
+/// has none yet (a new database: `EventLog::finish_open` records this build's, never when
+/// `read_only`).
 fn check_format(
     dir: &Path,
-    meta_db: &sled::Db,
     meta: &sled::Tree,
     events_dir: &Path,
     read_only: bool,
-) -> Result<bool, Error> {
+) -> Result<(bool, bool), Error> {
     match meta
         .get(META_FORMAT)
         .map_err(|error| storage("reading metadata", error))?
@@ -3371,7 +3468,7 @@ fn check_format(
                 ));
             }
             // Recorded by `EventLog::record_format`, once the open has read the database.
-            Ok(version < FORMAT_VERSION && !read_only)
+            Ok((version < FORMAT_VERSION && !read_only, false))
         }
         None => {
             if events_dir.exists() && !list_segments(events_dir)?.is_empty() {
@@ -3380,15 +3477,10 @@ fn check_format(
                     "has events but no format version: not a tally database",
                 ));
             }
-            if read_only {
-                return Ok(false); // recorded by the first open that writes
-            }
-            meta.insert(META_FORMAT, &FORMAT_VERSION.to_le_bytes())
-                .map_err(|error| storage("writing metadata", error))?;
-            // Durable before the first segment exists: events without a format version would
-            // be refused as not a tally database.
-            FileSyncer::new(dir)?.flush(meta_db)?;
-            Ok(false)
+            // Recorded by the first open that writes, once nothing refused it, and durable
+            // before the first segment exists: events without a format version would be
+            // refused as not a tally database.
+            Ok((false, !read_only))
         }
     }
 }

@@ -775,7 +775,10 @@ impl Engine {
         options.validate()?;
         let started = Instant::now();
         let mut report = OpenReport::default();
-        let log = EventLog::open_with(
+        // Changes nothing of the database (but sled's own files) until `finish_open` below,
+        // once nothing refused the open: a refused open leaves it as it found it (a torn
+        // tail, a snapshot's leftover kept for the operator to look at).
+        let log = EventLog::open_unfinished(
             dir,
             options.durability,
             options.faults.clone(),
@@ -905,6 +908,21 @@ impl Engine {
                 .saturating_sub(horizon_ms)
                 .max(engine.now_ms().saturating_sub(last_horizon_ms)),
         );
+        // The policy given is swapped in below: refused as the swap refuses it, before the
+        // open changes anything.
+        let swap = !fresh
+            && choice == PolicyChoice::Given
+            && serde_json::to_string(engine.policy().document())
+                .ok()
+                .as_deref()
+                != Some(wanted.as_str());
+        if swap {
+            let old = engine.policy();
+            let new = Policy::from_json_str(&wanted)?;
+            old.check_swap_to(&new)?;
+            engine.refuse_dropping_seated_plans(&engine.keys.lock_all(), &old, &new)?;
+        }
+        log.finish_open()?;
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
         }
@@ -920,12 +938,7 @@ impl Engine {
                     document: wanted,
                 },
             )?;
-        } else if choice == PolicyChoice::Given
-            && serde_json::to_string(engine.policy().document())
-                .ok()
-                .as_deref()
-                != Some(wanted.as_str())
-        {
+        } else if swap {
             engine.swap_policy(Policy::from_json_str(&wanted)?, Some(at_ms))?;
         }
         if replayed > options.checkpoint_every_events / 2 {

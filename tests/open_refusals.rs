@@ -1,0 +1,227 @@
+//! An open that refuses a database leaves its files as they were: what it would have repaired on
+//! the way (a torn tail cut off, a snapshot's leftover temporary file removed) stays, so the
+//! operator finds the database as the crash or the damage left it.
+
+mod log_support;
+
+use std::path::{Path, PathBuf};
+
+use log_support::*;
+use tally_engine::{Engine, Policy};
+
+/// Every file under `dir`'s `events/` and `snapshots/`, with its bytes, in path order.
+fn log_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    for sub in ["events", "snapshots"] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            found.push((path, bytes));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Every record of sled's `meta` tree (format, recorded options, durable points, the last
+/// segment created, when events were logged).
+fn meta(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let db = open_sled_retrying(dir);
+    let tree = db.open_tree("meta").unwrap();
+    tree.iter()
+        .map(|entry| {
+            let (key, value) = entry.unwrap();
+            (key.to_vec(), value.to_vec())
+        })
+        .collect()
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir.join("events"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+fn crashed(dir: &Path) {
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    meta.remove("durable_through").unwrap();
+    db.flush().unwrap();
+}
+
+/// A populated database with two checkpoints and events after them, as a crash left it, with
+/// a torn write at the end of its last segment.
+fn torn_database(label: &str) -> TempDir {
+    let dir = TempDir::new(label);
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    engine.top_up("acme", 8, Some(POPULATED_MS)).unwrap();
+    engine.checkpoint().unwrap();
+    engine.top_up("acme", 9, Some(POPULATED_MS)).unwrap();
+    drop(engine);
+    crashed(dir.path());
+    let last = segments(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    // Trailing zeros written ahead: the records end before them.
+    while bytes.last() == Some(&0) {
+        bytes.pop();
+    }
+    bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]);
+    std::fs::write(&last, bytes).unwrap();
+    dir
+}
+
+fn expect_refused_untouched(dir: &Path, policy: Policy, what: &str) -> String {
+    let (before, meta_before) = (log_files(dir), meta(dir));
+    let opened = Engine::open(dir, policy, clock(), sync_options());
+    let error = match opened {
+        Ok(_) => panic!("{what}: opened"),
+        Err(error) => error.to_string(),
+    };
+    let (after, meta_after) = (log_files(dir), meta(dir));
+    assert_eq!(
+        meta_after, meta_before,
+        "{what}: refused ({error}) but changed meta"
+    );
+    let changed: Vec<_> = before
+        .iter()
+        .filter(|file| !after.contains(file))
+        .map(|(path, _)| path.display().to_string())
+        .chain(
+            after
+                .iter()
+                .filter(|file| !before.contains(file))
+                .map(|(path, _)| format!("{} (new)", path.display())),
+        )
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "{what}: refused ({error}) but changed {changed:?}"
+    );
+    error
+}
+
+#[test]
+fn a_torn_database_with_a_damaged_snapshot_is_refused_as_it_was() {
+    let dir = torn_database("refused-damaged-snapshot");
+    let snapshot = latest_snapshot(dir.path());
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&snapshot, bytes).unwrap();
+    expect_refused_untouched(dir.path(), Policy::token_plan(), "damaged snapshot");
+}
+
+#[test]
+fn a_torn_database_with_a_snapshot_leftover_and_a_damaged_snapshot_is_refused_as_it_was() {
+    let dir = torn_database("refused-leftover");
+    let snapshot = latest_snapshot(dir.path());
+    let mut leftover = snapshot.as_os_str().to_owned();
+    leftover.push(".tmp");
+    std::fs::write(&leftover, b"half a snapshot").unwrap();
+    std::fs::write(&snapshot, b"TALLYSNP garbage").unwrap();
+    // And a segment whose creation the crash cut short (never recorded, its header partial).
+    std::fs::write(
+        dir.path()
+            .join("events")
+            .join(format!("{:020}.seg", u64::MAX / 2)),
+        b"TALLYLO",
+    )
+    .unwrap();
+    expect_refused_untouched(dir.path(), Policy::token_plan(), "leftover");
+}
+
+#[test]
+fn a_torn_database_missing_events_after_its_snapshot_is_refused_as_it_was() {
+    let dir = torn_database("refused-missing-start");
+    // The latest snapshot gone, and the segments before the last: the log starts after the
+    // event following the earlier snapshot.
+    std::fs::remove_file(latest_snapshot(dir.path())).unwrap();
+    let all = segments(dir.path());
+    for path in &all[..all.len() - 1] {
+        std::fs::remove_file(path).unwrap();
+    }
+    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), "missing start");
+    assert!(error.contains("missing"), "{error}");
+}
+
+#[test]
+fn a_torn_database_whose_policy_swap_is_refused_is_left_as_it_was() {
+    let dir = torn_database("refused-swap");
+    // A policy without the plans the world is seated on.
+    let mut document: serde_json::Value =
+        serde_json::to_value(Policy::token_plan().document()).unwrap();
+    let plans = document["plans"].as_object_mut().unwrap();
+    let names: Vec<String> = plans.keys().cloned().collect();
+    for name in names.iter().skip(1) {
+        plans.remove(name);
+    }
+    let policy = Policy::from_json_str(&document.to_string()).unwrap();
+    expect_refused_untouched(dir.path(), policy, "refused swap");
+}
+
+/// The same crash's leftovers, with nothing else wrong: the open goes ahead and repairs them
+/// (the torn tail cut off, the temporary snapshot and the cut-short segment removed), and
+/// the state is the one before the crash.
+#[test]
+fn a_torn_database_with_leftovers_opens_and_is_repaired() {
+    let dir = TempDir::new("repaired-leftovers");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.checkpoint().unwrap();
+    engine.top_up("acme", 8, Some(POPULATED_MS)).unwrap();
+    let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
+    drop(engine);
+    crashed(dir.path());
+    let last = segments(dir.path()).pop().unwrap();
+    let sound = std::fs::read(&last).unwrap();
+    let mut torn = sound.clone();
+    while torn.last() == Some(&0) {
+        torn.pop();
+    }
+    let records_end = torn.len();
+    torn.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]);
+    std::fs::write(&last, torn).unwrap();
+    let mut leftover = latest_snapshot(dir.path()).into_os_string();
+    leftover.push(".tmp");
+    std::fs::write(&leftover, b"half a snapshot").unwrap();
+    let cut_short = dir
+        .path()
+        .join("events")
+        .join(format!("{:020}.seg", u64::MAX / 2));
+    std::fs::write(&cut_short, b"TALLYLO").unwrap();
+    let engine = open_token_plan(dir.path(), sync_options());
+    assert_same_state(
+        &state(&engine, &KEYS, &TEAMS, POPULATED_MS),
+        &before,
+        "reopened",
+    );
+    let kept = std::fs::read(&last).unwrap();
+    assert!(
+        kept.len() >= records_end && kept[records_end..].iter().all(|&byte| byte == 0),
+        "the torn write was not cut off"
+    );
+    assert!(
+        !Path::new(&leftover).exists(),
+        "the temporary snapshot stayed"
+    );
+    assert!(!cut_short.exists(), "the cut-short segment stayed");
+    engine.top_up("acme", 1, Some(POPULATED_MS)).unwrap();
+    drop(engine);
+    let report = Engine::verify(
+        dir.path(),
+        tally_engine::OpenOptions {
+            use_recorded: true,
+            ..tally_engine::OpenOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
