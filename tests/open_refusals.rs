@@ -225,3 +225,29 @@ fn a_torn_database_with_leftovers_opens_and_is_repaired() {
     .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// sled's `db` file of a database damaged or replaced (sled opens an emptied one as a new,
+/// empty store): the log's segments are tally's own, so the open and `verify` refuse it naming
+/// the metadata that was lost, not as a folder that holds no tally database.
+#[test]
+fn a_database_whose_metadata_was_lost_is_refused_naming_the_metadata() {
+    let dir = TempDir::new("refused-lost-metadata");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().unwrap();
+    std::fs::write(dir.path().join("db"), b"").unwrap();
+    let before = log_files(dir.path());
+    let error = Engine::open(dir.path(), Policy::token_plan(), clock(), sync_options())
+        .expect_err("refused")
+        .to_string();
+    let verified = Engine::verify(dir.path(), tally_engine::OpenOptions::default())
+        .expect_err("refused")
+        .to_string();
+    assert_eq!(log_files(dir.path()), before, "the log was changed");
+    for problem in [&error, &verified] {
+        assert!(
+            problem.contains("metadata") && !problem.contains("not a tally database"),
+            "{problem}"
+        );
+    }
+}

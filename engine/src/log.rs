@@ -3471,10 +3471,29 @@ fn check_format(
             Ok((version < FORMAT_VERSION && !read_only, false))
         }
         None => {
-            if events_dir.exists() && !list_segments(events_dir)?.is_empty() {
+            let segments = if events_dir.exists() {
+                list_segments(events_dir)?
+            } else {
+                Vec::new()
+            };
+            if let Some(&first) = segments.first() {
+                // Segments that say they are tally's: a database whose metadata was lost
+                // (sled opens a damaged or emptied `db` as a new, empty store), not a foreign
+                // folder; said so, or the operator takes it for someone else's files.
+                let mut magic = [0u8; 8];
+                let tallys = File::open(segment_path(events_dir, first))
+                    .and_then(|mut file| file.read_exact(&mut magic))
+                    .is_ok_and(|()| &magic == SEGMENT_MAGIC);
                 return Err(storage(
                     dir.display(),
-                    "has events but no format version: not a tally database",
+                    if tallys {
+                        "holds tally log segments but its metadata (sled's `db`) records no \
+                         format version: the metadata was lost or damaged (its recorded \
+                         options, export cursors and durable points with it), not a new \
+                         database; restore sled's `db` and `conf` from a backup"
+                    } else {
+                        "has events but no format version: not a tally database"
+                    },
                 ));
             }
             // Recorded by the first open that writes, once nothing refused it, and durable
