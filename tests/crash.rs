@@ -343,10 +343,15 @@ fn copy_directory(from: &Path, to: &Path) {
 
 /// Waits until the child printed `ready` (it opened the database and set it up) or exited.
 fn wait_until_ready(child: &mut std::process::Child, stdout_path: &Path) {
+    wait_until_printed(child, stdout_path, "ready\n");
+}
+
+/// Waits until the child has printed `what` (or has ended), for `MAX_STARTUP_MS` at most.
+fn wait_until_printed(child: &mut std::process::Child, stdout_path: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_millis(MAX_STARTUP_MS);
     while Instant::now() < deadline {
         let printed = std::fs::read_to_string(stdout_path).unwrap_or_default();
-        if printed.contains("ready\n") || child.try_wait().ok().flatten().is_some() {
+        if printed.contains(what) || child.try_wait().ok().flatten().is_some() {
             return;
         }
         std::thread::sleep(Duration::from_millis(READY_POLL_MS));
@@ -1001,6 +1006,10 @@ fn flood_and_kill(directory: &Path, kill: u64, durability: &str, wait_ms: u64) -
         .spawn()
         .expect("the child starts");
     wait_until_ready(&mut child, &stdout_path);
+    // Killed `wait_ms` into the flood, counted from its first acknowledgement: counted from
+    // `ready`, a child slow to get going on a loaded machine was killed before it had
+    // acknowledged anything, which proves nothing of the bound.
+    wait_until_printed(&mut child, &stdout_path, "\nacked ");
     std::thread::sleep(Duration::from_millis(wait_ms));
     let exited_early = child.try_wait().expect("the child's status").is_some();
     let _ = child.kill();
