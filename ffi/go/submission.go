@@ -99,8 +99,12 @@ func (s *Submission) Complete() (Decision, error) {
 // Discard frees a submission without completing it: its effect stays applied and its event
 // on its way to the log, unacknowledged (should the flush fail, nothing gives the effect back;
 // the log is failed then, and the engine admits nothing more until reopened). After Complete,
-// or a Discard before, it does nothing.
+// or a Discard before, it does nothing; so it does on a nil Submission (a `defer s.Discard()`
+// written before Submit's error is looked at).
 func (s *Submission) Discard() {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	handle := s.handle
 	s.handle = nil

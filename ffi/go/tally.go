@@ -262,10 +262,15 @@ func newEngine(handle *C.tally_engine) *Engine {
 // Close waits for calls in flight, checkpoints and flushes the database and releases its
 // lock. Later calls answer ErrClosed. Closing again does nothing and returns nil, once the
 // first Close has returned (a Close racing another returns only when the database is closed).
-// The engine is closed even when Close returns a storage error.
+// The engine is closed even when Close returns a storage error. Close of a zero Engine (not
+// made by Open or OpenInMemory) returns ErrNullPointer, every time.
 func (e *Engine) Close() error {
 	e.closing.Lock()
 	defer e.closing.Unlock()
+	if e.handle == nil {
+		// Every time: a zero Engine was never opened, and a second Close is no success.
+		return e.notOpened("Close")
+	}
 	if e.closed {
 		return nil
 	}
