@@ -171,8 +171,9 @@ func run(listen, upstream, upstreamKey, db, policy string, estimate uint64, leas
 	return nil
 }
 
-// seedKey creates the user "demo-KEY" with KEY on PLAN in their Default Team; a key that
-// exists (a reopened database) is kept as it is.
+// seedKey creates the user "demo-KEY" with KEY on PLAN in their Default Team. A user that
+// exists (a reopened database) keeps their key, and is given PLAN's seat again: a changed flag
+// changes the seat. A KEY that is another user's fails the seat, naming the flag.
 func seedKey(engine *tally.Engine, spec string) error {
 	key, plan, ok := strings.Cut(spec, ":")
 	if !ok || key == "" || plan == "" {
@@ -191,5 +192,8 @@ func seedKey(engine *tally.Engine, spec string) error {
 	if err := engine.CreateUser(user, key, time.Time{}); err != nil && !errors.Is(err, tally.ErrAlreadyExists) {
 		return err
 	}
-	return engine.AssignSeat("@"+user, user, plan, time.Time{})
+	if err := engine.AssignSeat("@"+user, user, plan, time.Time{}); err != nil {
+		return fmt.Errorf("-demo-key %s: %w", spec, err)
+	}
+	return nil
 }
