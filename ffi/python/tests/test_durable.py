@@ -283,3 +283,18 @@ def test_a_database_path_given_as_bytes_opens_as_verify_and_policy_file_take_it(
     assert tally.verify(path).sound
     with pytest.raises(TypeError, match="path must be"):
         tally.Engine.open(None)  # type: ignore[arg-type]
+
+
+def test_interval_ms_is_read_only_for_interval_durability(tmp_path):
+    # Documented as read only for INTERVAL: a stray value with another mode was range-checked
+    # and refused all the same (Go's Options ignore it).
+    with tally.Engine.open(
+        tmp_path / "sync", durability=Durability.SYNC, interval_ms=-1, options=UNBOUNDED
+    ) as engine:
+        seated(engine, "cy", "tp-cy-1", "Plus")
+    # (A ValueError, as for every int argument; InvalidArgumentError is one.)
+    with pytest.raises(ValueError, match="interval_ms"):
+        tally.Engine.open(
+            tmp_path / "interval", durability=Durability.INTERVAL, interval_ms=-1, options=UNBOUNDED
+        )
+    assert not (tmp_path / "interval").exists()

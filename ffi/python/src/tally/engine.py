@@ -304,7 +304,9 @@ class Engine:
         path_bytes = os.fsencode(path)
         source, document, document_len = _policy(policy)
         mode = _durability(durability)
-        interval = _convert.u32("interval_ms", interval_ms)
+        # Read only for INTERVAL, as documented (and as Go's Options read it): another mode
+        # with a stray value opens all the same.
+        interval = _convert.u32("interval_ms", interval_ms) if mode == Durability.INTERVAL else 0
         handle = ctypes.c_void_p()
         try:
             with _options.native(options) as native_options:
@@ -787,7 +789,8 @@ class Engine:
     # ---- policy and reports ----------------------------------------------------------------
 
     def swap_policy(self, policy: PolicyLike, *, at_ms: int | None = None) -> None:
-        """Replaces the policy at run time; usage carries over.
+        """Replaces the policy at run time; usage carries over. ``None`` is the shipped
+        Token Plan (as for ``Engine.open``).
 
         Refused, changing nothing: a swap that drops a plan someone is seated on
         (``InvalidArgumentError``), and one whose usage could not carry over as it means
