@@ -1972,16 +1972,20 @@ def test_a_request_cancelled_while_its_reserve_runs_off_the_loop_holds_nothing(
 
     entered = threading.Event()
     go_on = threading.Event()
+    finished = threading.Event()  # the worker thread's call returned (it voided, if it had to)
 
     async def slow_worker(function):
         def call():
             entered.set()
-            if reserved_first:
-                result = function()
-                go_on.wait(10)
-                return result
-            go_on.wait(10)
-            return function()
+            try:
+                if reserved_first:
+                    result = function()
+                    go_on.wait(60)
+                    return result
+                go_on.wait(60)
+                return function()
+            finally:
+                finished.set()
 
         return await asyncio.to_thread(call)
 
@@ -2016,10 +2020,12 @@ def test_a_request_cancelled_while_its_reserve_runs_off_the_loop_holds_nothing(
         with pytest.raises(asyncio.CancelledError):
             await task
         go_on.set()
-        for _ in range(1000):  # the worker thread finishes
-            if engine.usage(key, at_ms=T).open_reservations == 0:
-                break
-            await asyncio.sleep(0.001)
+        # The worker thread's call returns (it voids the reservation there when the request
+        # was cancelled first): waited for. A second of polling stood for it, and ran out when
+        # the worker was late; the check after asyncio.run held then only because asyncio.run
+        # joins its default executor, which a run_sync on another executor does not share.
+        assert finished.wait(60), "the worker thread never returned"
+        assert engine.usage(key, at_ms=T).open_reservations == 0
 
     asyncio.run(main())
     assert upstream.calls == []
