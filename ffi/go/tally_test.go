@@ -715,15 +715,25 @@ func TestCloseWhileGoroutinesAreCallingLetsThemFinishOrAnswerErrClosed(t *testin
 	must(t, err)
 	seated(t, engine, "ob", "tp-ob", "Max")
 	var wg sync.WaitGroup
-	start := make(chan struct{})
+	// Every goroutine has had a call answered before the Close: it races calls in flight.
+	// (A 1 ms sleep stood for that; on a loaded machine the goroutines had not run by then,
+	// and every call they made came after the Close.)
+	var calling sync.WaitGroup
 	for g := 0; g < 8; g++ {
 		wg.Add(1)
+		calling.Add(1)
 		go func() {
 			defer wg.Done()
-			<-start
 			for i := 0; i < 2000; i++ {
 				request := tally.Request{Key: "tp-ob", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
-				if _, err := engine.Consume(request); err != nil {
+				_, err := engine.Consume(request)
+				if i == 0 {
+					if err != nil {
+						t.Errorf("a call before the Close: %v", err)
+					}
+					calling.Done()
+				}
+				if err != nil {
 					if !errors.Is(err, tally.ErrClosed) {
 						t.Error(err)
 					}
@@ -732,8 +742,7 @@ func TestCloseWhileGoroutinesAreCallingLetsThemFinishOrAnswerErrClosed(t *testin
 			}
 		}()
 	}
-	close(start)
-	time.Sleep(time.Millisecond)
+	calling.Wait()
 	var closers sync.WaitGroup
 	for c := 0; c < 2; c++ {
 		closers.Add(1)
