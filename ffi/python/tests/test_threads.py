@@ -44,25 +44,39 @@ def test_threads_racing_a_close_either_finish_or_see_closed():
     key = seated(engine, "bo", "tp-bo-1", "Max")
     outcomes = {"admitted": 0, "closed": 0}
     lock = threading.Lock()
+    # Every thread has had a call answered before the close: it races calls in flight.
+    # (Closing at once after starting them, on a loaded machine the threads had not run yet,
+    # and every call they made came after the close.)
+    calling = [threading.Event() for _ in range(THREADS)]
+    first_outcomes: list[str] = []
 
-    def worker() -> None:
-        for _ in range(2_000):
-            try:
-                engine.consume(key, "m2.7", {"requests": 1}, at_ms=T)
-                outcome = "admitted"
-            except tally.ClosedError:
-                outcome = "closed"
-            with lock:
-                outcomes[outcome] += 1
-            if outcome == "closed":
-                return
+    def worker(called: threading.Event) -> None:
+        try:
+            for attempt in range(2_000):
+                try:
+                    engine.consume(key, "m2.7", {"requests": 1}, at_ms=T)
+                    outcome = "admitted"
+                except tally.ClosedError:
+                    outcome = "closed"
+                with lock:
+                    outcomes[outcome] += 1
+                    if attempt == 0:
+                        first_outcomes.append(outcome)
+                called.set()
+                if outcome == "closed":
+                    return
+        finally:
+            called.set()  # a thread that raised is not waited for: the checks below report it
 
-    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+    threads = [threading.Thread(target=worker, args=(called,)) for called in calling]
     for thread in threads:
         thread.start()
+    for called in calling:
+        assert called.wait(timeout=60), "a thread never had a call answered"
     engine.close()
     for thread in threads:
         thread.join()
+    assert first_outcomes == ["admitted"] * THREADS
     assert outcomes["closed"] + outcomes["admitted"] > 0
     assert engine.closed
 
