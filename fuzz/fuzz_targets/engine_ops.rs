@@ -4,7 +4,9 @@
 //! counted stays counted when a seat is downgraded; usage added by corrections aside); a
 //! repeated request id never counts twice; a revoked key is never admitted again (but for a
 //! repeat of a request id it had admitted), it is still reported with its usage, and its member
-//! is given a new key only once it is revoked.
+//! is given a new key only once it is revoked; an operation refused or denied, a repeat of a
+//! request id and a check leave the key's usage report (its limits' usage, its team's credits,
+//! its open reservations) as it was.
 //!
 //! An input is 3-byte operations: the first byte picks the operation (`op % 10`, but 240..=245,
 //! added with key revocation and used by no corpus entry before, which revoke a key or give
@@ -88,18 +90,25 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
     }
     let revoked = world.revoked.contains(&key);
     let (resource, quantities) = RESOURCES[usize::from(b) % RESOURCES.len()];
+    // What the key's usage report (its limits' usage, its team's credits) was before the
+    // operation: one refused, denied, replayed or only a check must leave it as it was.
+    let before = matches!(op % 10, 0 | 1 | 4 | 5 | 6 | 9).then(|| usage_now(world, &key));
     let engine = &world.engine;
     match op % 10 {
         0 => {
             let plan = PLANS[usize::from(b) % PLANS.len()];
             if engine.assign_seat(&team, &format!("u{user}"), plan, Some(world.at_ms)).is_ok() {
                 world.held[user].push(plan);
+            } else {
+                assert_unchanged(world, &key, before, "a refused assign_seat");
             }
         }
         1 => {
             let micros = u64::from(b) * 10_000 + 1;
             if engine.top_up(&team, micros, Some(world.at_ms)).is_ok() {
                 *world.credits.entry(team).or_default() += i128::from(micros);
+            } else {
+                assert_unchanged(world, &key, before, "a refused top_up");
             }
         }
         2 => world.at_ms += u64::from(b) * 61_000,
@@ -110,16 +119,23 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             let with_id = op % 2 == 0;
             let request = if with_id { request.id(&id) } else { request };
             let open = engine.open_reservations();
-            if let Ok(decision) = engine.consume(&request) {
+            let consumed = engine.consume(&request);
+            let mut changes = false;
+            if let Ok(decision) = consumed {
                 let repeat = with_id && world.answered.contains(&id);
                 if revoked && !repeat {
                     assert_revoked_denial(&key, &decision);
                 }
+                // A repeat of a request id answers as the first did and counts nothing again.
+                changes = !repeat && matches!(decision, Decision::Admitted(_));
                 if !with_id || world.answered.insert(id) {
                     account(world, &team, decision);
                 }
             }
             follow_expiry(world, open);
+            if !changes && world.engine.open_reservations() == open {
+                assert_unchanged(world, &key, before, "a consume refused, denied or repeated");
+            }
         }
         6 => {
             let open = engine.open_reservations();
@@ -128,6 +144,9 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 assert_revoked_denial(&key, decision);
             }
             follow_expiry(world, open);
+            if world.engine.open_reservations() == open {
+                assert_unchanged(world, &key, before, "a check");
+            }
         }
         7 => {
             let request = UsageRequest::new(&key, resource, quantities).at(world.at_ms);
@@ -198,6 +217,8 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
             let direction = if b % 2 == 0 { AdjustmentDirection::Remove } else { AdjustmentDirection::Add };
             if engine.adjust_usage(&key, resource, quantities, world.at_ms, direction, Some(world.at_ms)).is_ok() {
                 world.adjusted |= direction == AdjustmentDirection::Add;
+            } else {
+                assert_unchanged(world, &key, before, "a refused adjust_usage");
             }
         }
     }
@@ -232,6 +253,21 @@ fn revoke_or_rotate(world: &mut World, user: usize, rotate: bool, b: u8) {
         }
         Err(error) => panic!("{new_key} for u{user}: {error}"),
     }
+}
+
+/// The key's usage report as of the run's time (the model first expires the leases the report
+/// expires: those ended by then and by the clock's now, T0 here).
+fn usage_now(world: &mut World, key: &str) -> tally_engine::UsageReport {
+    expire(world, world.at_ms.min(T0_MS));
+    world.engine.usage(key, Some(world.at_ms)).expect("a known key")
+}
+
+/// The key's usage report is as it was `before` the operation (its limits' usage, its team's
+/// credits, its reservations).
+fn assert_unchanged(world: &mut World, key: &str, before: Option<tally_engine::UsageReport>, what: &str) {
+    let before = before.expect("a report taken before the operation");
+    let after = usage_now(world, key);
+    assert_eq!(after, before, "{what} changed {key}'s usage report");
 }
 
 /// A fresh decision on a revoked key: denied for that and nothing else.
