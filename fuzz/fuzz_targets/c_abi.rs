@@ -908,6 +908,13 @@ impl World {
                         u64::MAX - 7,
                         "top_up/withdraw: balance written on failure"
                     );
+                    // A refused top-up or withdrawal moves no credits.
+                    let mut after = u64::MAX - 7;
+                    let reread = tally_engine_credits(engine, team.ptr(), team.len, &mut after);
+                    assert_eq!(reread, read, "top_up/withdraw: the team's credits read differently after a refusal");
+                    if read == tally_status::TALLY_OK {
+                        assert_eq!(after, before, "top_up/withdraw: a refusal moved the credits ({micros:?})");
+                    }
                 }
             }
             Op::Credits(team) => {
