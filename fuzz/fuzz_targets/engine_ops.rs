@@ -128,7 +128,14 @@ fn step(world: &mut World, op: u8, a: u8, b: u8) {
                 }
                 // A repeat of a request id answers as the first did and counts nothing again.
                 changes = !repeat && matches!(decision, Decision::Admitted(_));
-                if !with_id || world.answered.insert(id) {
+                // A denial for a revoked key is not remembered under its id (the engine keeps
+                // nothing for a caller without a valid key): sent again, the id is decided
+                // anew, e.g. on the member's new key after a rotation.
+                let remembered = !matches!(&decision, Decision::Denied(denial) if denial.reason == DenialReason::KeyRevoked);
+                if with_id && remembered {
+                    world.answered.insert(id);
+                }
+                if !repeat {
                     account(world, &team, decision);
                 }
             }
