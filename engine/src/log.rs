@@ -2623,16 +2623,19 @@ impl EventLog {
 
     /// Encodes and stores a snapshot covering events up to `seq` on a thread of its own:
     /// `encode` is called there with a `store` to hand its bytes to, which stores them once
-    /// the log is durable up to `seq` (so the encoder can keep its buffer for the next
+    /// the log is durable up to `seq`, after recording that its events were logged by
+    /// `logged_by_ms` (`record_logged_by`; so the encoder can keep its buffer for the next
     /// snapshot). One at a time: call `finish_snapshot_in_background` before the next.
     /// An error if the thread could not be started (the snapshot is then not written).
     pub fn write_snapshot_in_background(
         &self,
         seq: u64,
+        logged_by_ms: u64,
         encode: EncodeSnapshot,
     ) -> Result<(), Error> {
         let shared = Arc::clone(&self.shared);
         let snapshots_dir = self.snapshots_dir.clone();
+        let record_logged_by = self.logged_by_recorder();
         let handle = std::thread::Builder::new()
             .name("tally-snapshot".into())
             .spawn(move || {
@@ -2642,7 +2645,10 @@ impl EventLog {
                         .as_deref()
                         .is_some_and(|faults| Faults::take(&faults.panic_snapshots));
                     assert!(!panic, "injected: the snapshot thread panics");
-                    Self::store_when_durable(&shared, &snapshots_dir, seq, usage_bytes, bytes)
+                    Self::wait_durable(&shared, seq)?;
+                    // Recorded before the snapshot is stored (see `Engine::checkpoint`).
+                    record_logged_by(seq, logged_by_ms)?;
+                    store_snapshot(&snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
                 })
             })
             .map_err(|error| storage("starting the snapshot thread", error))?;
@@ -2651,14 +2657,8 @@ impl EventLog {
     }
 
     /// Waits until the log is durable up to `seq` (asking for it with `Sync`, syncing it
-    /// otherwise), then stores the snapshot `bytes` of it.
-    fn store_when_durable(
-        shared: &Shared,
-        snapshots_dir: &Path,
-        seq: u64,
-        usage_bytes: usize,
-        bytes: &[u8],
-    ) -> Result<(), Error> {
+    /// otherwise).
+    fn wait_durable(shared: &Shared, seq: u64) -> Result<(), Error> {
         if shared.durability == Durability::Sync {
             shared.demand(seq);
         }
@@ -2677,7 +2677,7 @@ impl EventLog {
         if shared.durability != Durability::Sync {
             shared.sync_active_file()?;
         }
-        store_snapshot(snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
+        Ok(())
     }
 
     /// Waits for a snapshot being written in the background; returns its error, if any.
@@ -2871,27 +2871,26 @@ impl EventLog {
     }
 
     /// Records that every event up to `seq` was logged by `clock_ms` on the engine's clock
-    /// (unless it is recorded already: the earlier time stays), made durable by sled's next
-    /// flush. Call it only once the log is durable through `seq` (a record naming events a
-    /// crash then lost would date the events that take their numbers after it too early).
-    /// Lost in a crash, it only keeps segments longer: the next checkpoint's covers them.
-    /// Refused on a read-only log.
+    /// (unless it is recorded already: the earlier time stays), durably. Call it only once
+    /// the log is durable through `seq` (a record naming events a crash then lost would date
+    /// the events that take their numbers after it too early), and before a snapshot of
+    /// `seq` is stored: the open bounds the request ids a snapshot may have forgotten by the
+    /// latest record (`latest_logged_by_ms`), so a snapshot must never be found without its
+    /// record. Refused on a read-only log.
     pub fn record_logged_by(&self, seq: u64, clock_ms: u64) -> Result<(), Error> {
-        if self.read_only {
-            return Err(storage(
-                self.dir.display(),
-                "opened read-only: nothing is recorded",
-            ));
-        }
-        record_logged_by(&self.meta, seq, clock_ms)
+        self.logged_by_recorder()(seq, clock_ms)
     }
 
     /// `record_logged_by` for a snapshot thread: records into this log's `meta` (sled's
     /// trees are shared handles), with the same care.
-    pub fn logged_by_recorder(&self) -> impl Fn(u64, u64) -> Result<(), Error> + Send + 'static {
-        let meta = (!self.read_only).then(|| self.meta.clone());
-        move |seq, clock_ms| match &meta {
-            Some(meta) => record_logged_by(meta, seq, clock_ms),
+    fn logged_by_recorder(&self) -> impl Fn(u64, u64) -> Result<(), Error> + Send + 'static {
+        let writable = (!self.read_only)
+            .then(|| (self.meta.clone(), self.db.clone(), Arc::clone(&self.syncer)));
+        move |seq, clock_ms| match &writable {
+            Some((meta, db, syncer)) => {
+                record_logged_by(meta, seq, clock_ms)?;
+                syncer.flush(db)
+            }
             None => Err(storage("the log", "opened read-only: nothing is recorded")),
         }
     }

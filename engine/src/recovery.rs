@@ -1622,8 +1622,11 @@ impl Engine {
             let bytes = cut.encode()?;
             self.checkpoint_pacing.note(started, started.elapsed());
             journal.sync()?;
-            journal.write_snapshot(seq, usage_bytes, bytes)?;
-            journal.record_logged_by(seq, logged_by_ms)
+            // Recorded before the snapshot is stored: a snapshot without it (a crash between
+            // the two) would leave the open bounding forgotten request ids by the newest
+            // logged event alone, and an id the snapshot forgot could be decided again.
+            journal.record_logged_by(seq, logged_by_ms)?;
+            journal.write_snapshot(seq, usage_bytes, bytes)
         });
         self.cuts.give_back(cut);
         BackgroundProblems::note(&self.background.checkpoint, &written);
@@ -1665,7 +1668,6 @@ impl Engine {
         let seq = cut.seq;
         // Every event up to the cut was logged by now.
         let logged_by_ms = self.now_ms();
-        let record_logged_by = journal.logged_by_recorder();
         // Retention after the snapshot is stored, judged at the cut's clock time.
         let compactor = journal.compactor();
         let longest_window_ms = self.policy().longest_window_ms();
@@ -1678,6 +1680,7 @@ impl Engine {
         let background_noted = Arc::clone(&self.background);
         let started_thread = journal.write_snapshot_in_background(
             seq,
+            logged_by_ms,
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
                 let stored = unless_panicked("writing a snapshot", || {
@@ -1686,9 +1689,9 @@ impl Engine {
                     let bytes = cut.encode()?;
                     // The work, not the disk: the store below waits for the log's flush.
                     pacing.note(started, started.elapsed());
-                    // Stored once the log is durable through the cut, as its record must be.
-                    store(bytes, usage_bytes)?;
-                    record_logged_by(seq, logged_by_ms)
+                    // Stored once the log is durable through the cut, after the record of
+                    // when its events were logged (see `checkpoint`).
+                    store(bytes, usage_bytes)
                 });
                 Cuts::keep_spare(&spare, cut);
                 BackgroundProblems::note(&background.checkpoint, &stored);
@@ -4952,6 +4955,57 @@ mod tests {
             used.limits
         );
         drop(engine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A checkpoint records when its events were logged before it stores its snapshot, and
+    /// durably: the open bounds the request ids a snapshot may have forgotten by that record,
+    /// so a snapshot found without it (a crash between the two, when the record came after)
+    /// let the retry of a forgotten id be decided and charged again. Here the snapshot cannot
+    /// be stored (the folder is a file), the explicit checkpoint's and a periodic one's: the
+    /// record is there all the same.
+    #[test]
+    fn a_checkpoint_records_when_its_events_were_logged_before_storing_its_snapshot() {
+        let dir = fresh_dir("logged-by-first");
+        let options = OpenOptions {
+            durability: Durability::None,
+            checkpoint_every_events: 20,
+            ..OpenOptions::default()
+        };
+        let clock = Arc::new(ManualClock::new(T0));
+        let engine =
+            Engine::open(&dir, Policy::token_plan(), clock.clone(), options).expect("open");
+        engine.create_user("u", "tp-u", Some(T0)).expect("user");
+        engine
+            .assign_seat("@u", "u", "Max", Some(T0))
+            .expect("seat");
+        let journal = engine.journal().expect("on disk");
+        let snapshots = dir.join("snapshots");
+        std::fs::remove_dir_all(&snapshots).expect("the snapshots folder goes");
+        std::fs::write(&snapshots, b"").expect("a file in its place");
+        clock.set_ms(T0 + 1_000);
+        let stored = engine.checkpoint();
+        assert!(stored.is_err(), "no snapshot stored: {stored:?}");
+        assert_eq!(
+            journal.latest_logged_by_ms(),
+            Some(T0 + 1_000),
+            "after {stored:?}"
+        );
+        // A periodic one, on its own thread, a minute later on the clock.
+        clock.set_ms(T0 + 60_000);
+        let before = engine.checkpointed_seq.load(Ordering::Relaxed);
+        let mut step = 0;
+        while engine.checkpointed_seq.load(Ordering::Relaxed) == before {
+            step += 1;
+            assert!(step < 10_000, "no periodic checkpoint");
+            let request = m27("tp-u", 1, T0 + step);
+            assert!(engine.consume(&request).expect("valid").is_admitted());
+        }
+        let stored = journal.finish_snapshot_in_background();
+        assert!(stored.is_err(), "no snapshot stored: {stored:?}");
+        assert_eq!(journal.latest_logged_by_ms(), Some(T0 + 60_000));
+        drop(engine);
+        let _ = std::fs::remove_file(&snapshots);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
