@@ -67,15 +67,23 @@ fn torn_database(label: &str) -> TempDir {
     engine.top_up("acme", 9, Some(POPULATED_MS)).unwrap();
     drop(engine);
     crashed(dir.path());
-    let last = segments(dir.path()).pop().unwrap();
+    tear_last_segment(dir.path());
+    dir
+}
+
+/// Puts a torn write at the end of the last segment's records, as a crash leaves one; returns
+/// the segment and where its records end.
+fn tear_last_segment(dir: &Path) -> (PathBuf, usize) {
+    let last = segments(dir).pop().unwrap();
     let mut bytes = std::fs::read(&last).unwrap();
     // Trailing zeros written ahead: the records end before them.
     while bytes.last() == Some(&0) {
         bytes.pop();
     }
+    let records_end = bytes.len();
     bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]);
     std::fs::write(&last, bytes).unwrap();
-    dir
+    (last, records_end)
 }
 
 fn expect_refused_untouched(dir: &Path, policy: Policy, what: &str) -> String {
@@ -180,15 +188,7 @@ fn a_torn_database_with_leftovers_opens_and_is_repaired() {
     let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
     drop(engine);
     crashed(dir.path());
-    let last = segments(dir.path()).pop().unwrap();
-    let sound = std::fs::read(&last).unwrap();
-    let mut torn = sound.clone();
-    while torn.last() == Some(&0) {
-        torn.pop();
-    }
-    let records_end = torn.len();
-    torn.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7]);
-    std::fs::write(&last, torn).unwrap();
+    let (last, records_end) = tear_last_segment(dir.path());
     let mut leftover = latest_snapshot(dir.path()).into_os_string();
     leftover.push(".tmp");
     std::fs::write(&leftover, b"half a snapshot").unwrap();
