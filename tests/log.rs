@@ -3187,15 +3187,6 @@ struct Frame {
 
 const SEGMENT_HEADER: usize = 32;
 
-fn segment_paths(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut paths: Vec<_> = std::fs::read_dir(dir.join("events"))
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
-}
-
 /// Every record of every segment, read with the documented framing (the last segment may end
 /// in zeros written ahead of the records to come).
 fn frames_of(dir: &std::path::Path) -> Vec<Frame> {
@@ -3249,18 +3240,6 @@ fn damage_and_expect_refusal(dir: &std::path::Path, frame: &Frame, proof: &str) 
         damaged,
         "nothing cut off"
     );
-}
-
-/// Makes a closed database look as if its process had crashed instead: a clean close records
-/// that the log was durable through its last event, and a crash records nothing.
-fn as_if_it_crashed(dir: &std::path::Path) {
-    let db = open_sled_retrying(dir);
-    let meta = db.open_tree("meta").unwrap();
-    assert!(
-        meta.remove("durable_through").unwrap().is_some(),
-        "a clean close"
-    );
-    db.flush().unwrap();
 }
 
 /// Flips one byte of a record's payload: its crc no longer matches.

@@ -39,22 +39,6 @@ fn meta(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut paths: Vec<_> = std::fs::read_dir(dir.join("events"))
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
-}
-
-fn crashed(dir: &Path) {
-    let db = open_sled_retrying(dir);
-    let meta = db.open_tree("meta").unwrap();
-    meta.remove("durable_through").unwrap();
-    db.flush().unwrap();
-}
-
 /// A populated database with two checkpoints and events after them, as a crash left it, with
 /// a torn write at the end of its last segment.
 fn torn_database(label: &str) -> TempDir {
@@ -66,7 +50,7 @@ fn torn_database(label: &str) -> TempDir {
     engine.checkpoint().unwrap();
     engine.top_up("acme", 9, Some(POPULATED_MS)).unwrap();
     drop(engine);
-    crashed(dir.path());
+    as_if_it_crashed(dir.path());
     tear_last_segment(dir.path());
     dir
 }
@@ -74,7 +58,7 @@ fn torn_database(label: &str) -> TempDir {
 /// Puts a torn write at the end of the last segment's records, as a crash leaves one; returns
 /// the segment and where its records end.
 fn tear_last_segment(dir: &Path) -> (PathBuf, usize) {
-    let last = segments(dir).pop().unwrap();
+    let last = segment_paths(dir).pop().unwrap();
     let mut bytes = std::fs::read(&last).unwrap();
     // Trailing zeros written ahead: the records end before them.
     while bytes.last() == Some(&0) {
@@ -152,7 +136,7 @@ fn a_torn_database_missing_events_after_its_snapshot_is_refused_as_it_was() {
     // The latest snapshot gone, and the segments before the last: the log starts after the
     // event following the earlier snapshot.
     std::fs::remove_file(latest_snapshot(dir.path())).unwrap();
-    let all = segments(dir.path());
+    let all = segment_paths(dir.path());
     for path in &all[..all.len() - 1] {
         std::fs::remove_file(path).unwrap();
     }
@@ -187,7 +171,7 @@ fn a_torn_database_with_leftovers_opens_and_is_repaired() {
     engine.top_up("acme", 8, Some(POPULATED_MS)).unwrap();
     let before = state(&engine, &KEYS, &TEAMS, POPULATED_MS);
     drop(engine);
-    crashed(dir.path());
+    as_if_it_crashed(dir.path());
     let (last, records_end) = tear_last_segment(dir.path());
     let mut leftover = latest_snapshot(dir.path()).into_os_string();
     leftover.push(".tmp");

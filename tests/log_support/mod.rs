@@ -681,6 +681,28 @@ pub fn open_sled_retrying(dir: &std::path::Path) -> sled::Db {
     sled::open(dir).expect("sled opens the database")
 }
 
+/// The database's segment files, in order.
+pub fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir.join("events"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Makes a closed database look as if its process had crashed instead: a clean close records
+/// that the log was durable through its last event, and a crash records nothing.
+pub fn as_if_it_crashed(dir: &Path) {
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    assert!(
+        meta.remove("durable_through").unwrap().is_some(),
+        "a clean close"
+    );
+    db.flush().unwrap();
+}
+
 /// Rewrites a database's snapshots as a build of format `version` (2 or 3) wrote them (rolling
 /// buckets plain, not packed; integers fixed-width; no list of the keys a correction left
 /// short) and its metadata to say `version`; its log's records are left as they are (format
