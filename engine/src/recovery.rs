@@ -916,12 +916,15 @@ impl Engine {
                 .ok()
                 .as_deref()
                 != Some(wanted.as_str());
-        if swap {
+        let swap_to = if swap {
             let old = engine.policy();
             let new = Policy::from_json_str(&wanted)?;
             old.check_swap_to(&new)?;
             engine.refuse_dropping_seated_plans(&engine.keys.lock_all(), &old, &new)?;
-        }
+            Some(new)
+        } else {
+            None
+        };
         log.finish_open()?;
         if engine.journal.set(log).is_err() {
             unreachable!("a new engine has no journal yet");
@@ -938,8 +941,8 @@ impl Engine {
                     document: wanted,
                 },
             )?;
-        } else if swap {
-            engine.swap_policy(Policy::from_json_str(&wanted)?, Some(at_ms))?;
+        } else if let Some(new) = swap_to {
+            engine.swap_policy(new, Some(at_ms))?;
         }
         if replayed > options.checkpoint_every_events / 2 {
             // Checkpointed by the first commit after the open (or by close()), as a periodic
