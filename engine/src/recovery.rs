@@ -3296,7 +3296,16 @@ mod tests {
     /// An engine on a log in `dir` (the token plan, `options`), with user `u` seated on
     /// `plan` (key `tp-u`) at `T0`.
     fn seated_on_disk(dir: &Path, plan: &str, options: OpenOptions) -> Engine {
-        let clock = Arc::new(ManualClock::new(T0));
+        seated_on_disk_on(dir, plan, options, Arc::new(ManualClock::new(T0)))
+    }
+
+    /// `seated_on_disk` on `clock`, which the test keeps to move.
+    fn seated_on_disk_on(
+        dir: &Path,
+        plan: &str,
+        options: OpenOptions,
+        clock: Arc<ManualClock>,
+    ) -> Engine {
         let engine = Engine::open(dir, Policy::token_plan(), clock, options).expect("open");
         engine.create_user("u", "tp-u", Some(T0)).expect("user");
         engine.assign_seat("@u", "u", plan, Some(T0)).expect("seat");
@@ -4976,12 +4985,7 @@ mod tests {
             ..OpenOptions::default()
         };
         let clock = Arc::new(ManualClock::new(T0));
-        let engine =
-            Engine::open(&dir, Policy::token_plan(), clock.clone(), options).expect("open");
-        engine.create_user("u", "tp-u", Some(T0)).expect("user");
-        engine
-            .assign_seat("@u", "u", "Max", Some(T0))
-            .expect("seat");
+        let engine = seated_on_disk_on(&dir, "Max", options, clock.clone());
         let journal = engine.journal().expect("on disk");
         let snapshots = dir.join("snapshots");
         std::fs::remove_dir_all(&snapshots).expect("the snapshots folder goes");
