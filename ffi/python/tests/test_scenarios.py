@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 import tally
@@ -307,3 +310,47 @@ def test_a_policy_given_as_any_mapping_is_swapped_in_as_a_dict_is(engine):
     assert engine.policy_version == 1
     with pytest.raises(TypeError, match="not JSON serializable"):
         tally.Policy.json({"plans": object()})
+
+
+@pytest.mark.parametrize(
+    "amount", [float("nan"), float("inf"), float("-inf"), 1.5, 1e30, 20.0, 2**64]
+)
+def test_a_policy_number_that_is_no_integer_is_refused_naming_its_field(engine, amount):
+    # json.dumps writes NaN and Infinity by default, which are no JSON: the library refused
+    # them as "expected value at line 1 column 4433", a place in a text the caller never
+    # wrote, and 2**64 as "floating point `1.8446744073709552e+19`". Policy.json refuses
+    # every float (a policy's numbers are all integers) and every integer past 2^64 - 1
+    # itself, naming the field and the value as given.
+    policy = engine.policy()
+    policy["plans"]["Starter"]["limits"][0]["amount"] = amount
+    field = 'plans."Starter".limits[0].amount: ' + repr(amount)
+    with pytest.raises(tally.PolicyInvalidError, match=re.escape(field)) as refused:
+        tally.Policy.json(policy)
+    assert "line 1" not in str(refused.value)
+    with pytest.raises(tally.PolicyInvalidError, match=re.escape(field)):
+        engine.swap_policy(policy, at_ms=T)
+    assert engine.policy_version == 0
+
+
+def test_a_nan_anywhere_in_a_policy_mapping_is_refused_at_its_path(engine):
+    policy = engine.policy()
+    policy["resources"]["m2.7"]["units"] = ("requests", float("nan"))
+    with pytest.raises(tally.PolicyInvalidError, match=re.escape('resources."m2.7".units[1]: nan')):
+        tally.Policy.json(policy)
+    with pytest.raises(tally.PolicyInvalidError, match=re.escape("time_zone: inf")):
+        tally.Policy.json({"time_zone": float("inf")})
+    # A key is no number: json.dumps writes an integer key as text, a name like any other.
+    assert b'"7"' in (tally.Policy.json({"plans": {7: {}}}).document or b"")
+
+
+@pytest.mark.parametrize("amount", ["NaN", "Infinity", "-Infinity", "1.5", "1e30", "20.0"])
+def test_a_json_document_whose_number_is_no_integer_is_refused_naming_its_field(engine, amount):
+    # The same numbers written in a JSON document by hand reach the library's parser as written.
+    policy = engine.policy()
+    policy["plans"]["Starter"]["limits"][0]["amount"] = 987654321
+    document = json.dumps(policy).replace("987654321", amount)
+    assert amount in document
+    field = 'plans."Starter".limits[0].amount'
+    with pytest.raises(tally.PolicyInvalidError, match=re.escape(field)):
+        engine.swap_policy(tally.Policy.json(document), at_ms=T)
+    assert engine.policy_version == 0

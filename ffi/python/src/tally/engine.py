@@ -57,8 +57,14 @@ class Policy:
 
     @classmethod
     def json(cls, document: str | Mapping[str, Any]) -> Policy:
+        """A JSON document, as text or as a mapping. Every number of a policy is an integer
+        (0 to 2^64 - 1): a mapping holding a float (``1.5``, ``20.0``, NaN, an infinity) or
+        a larger integer raises ``PolicyInvalidError`` naming its field, as the library
+        names a field it refuses."""
         if isinstance(document, Mapping):
-            document = json.dumps(_plain(document))
+            # allow_nan=False: json.dumps would write NaN and Infinity, which are no JSON;
+            # `_plain` has refused every float already, naming its field.
+            document = json.dumps(_plain(document), allow_nan=False)
         return cls(PolicySource.JSON, _convert.text("policy", document))
 
     @classmethod
@@ -72,14 +78,51 @@ class Policy:
         return cls(PolicySource.STORED)
 
 
-def _plain(value: object) -> object:
+def _plain(value: object, path: tuple[object, ...] = ()) -> object:
     """``value`` with every ``Mapping`` in it a ``dict``: json.dumps takes only dicts, and a
-    policy is typed (and accepted) as any mapping, e.g. a read-only view."""
+    policy is typed (and accepted) as any mapping, e.g. a read-only view. A number no policy
+    field takes is refused here, at ``path``: a float (json.dumps writes NaN and Infinity,
+    which the library's parser refuses as "expected value at line 1 column 4433", a place in
+    a text the caller never wrote) or an integer past 2^64 - 1 (which it reads as a float)."""
     if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: _plain(item, (*path, key)) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [_plain(item, (*path, _Index(index))) for index, item in enumerate(value)]
+    if isinstance(value, float):
+        raise errors.PolicyInvalidError(
+            errors.PolicyInvalidError.status_code,
+            f"policy: {_field_path(path)}: {value!r} is not an integer (a policy's numbers "
+            "are whole, 0 to 2^64 - 1)",
+        )
+    if isinstance(value, int) and not isinstance(value, bool) and value > _native.U64_MAX:
+        raise errors.PolicyInvalidError(
+            errors.PolicyInvalidError.status_code,
+            f"policy: {_field_path(path)}: {value} is out of range (a policy's numbers are "
+            "0 to 2^64 - 1)",
+        )
     return value
+
+
+class _Index(int):
+    """A list's index in a field's path (``limits[0]``), told apart from a mapping's key."""
+
+
+def _field_path(path: tuple[object, ...]) -> str:
+    """A field's path as the library's policy errors write it: ``plans."Plus".limits[0].amount``
+    (the names a person chose, under resources, meters and plans, quoted; the schema's own
+    keys bare; ``.`` for the whole document)."""
+    text = ""
+    for depth, segment in enumerate(path):
+        if isinstance(segment, _Index):
+            text += f"[{int(segment)}]"
+            continue
+        if depth > 0:
+            text += "."
+        if depth == 1 and path[0] in ("resources", "meters", "plans"):
+            text += json.dumps(str(segment), ensure_ascii=False)
+        else:
+            text += str(segment)
+    return text or "."
 
 
 PolicyLike = Union[Policy, "os.PathLike[str]", Mapping[str, Any], None]
