@@ -38,7 +38,7 @@ impl Unit {
         Unit::Tokens,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Unit::Requests => "requests",
             Unit::Characters => "characters",
@@ -105,6 +105,32 @@ pub const MIN_ROLLING_WINDOW_MS: u64 = 2 * SECOND_MS;
 pub const MAX_BUCKETS_PER_WINDOW: u64 = 4_096;
 pub const MAX_ROLLING_WINDOW_MS: u64 = 366 * DAY_MS;
 pub const MAX_RESERVATIONS_PER_KEY: u32 = 4_096;
+/// The longest unit name ("characters").
+const MAX_UNIT_NAME_BYTES: usize = {
+    let mut longest = 0;
+    let mut index = 0;
+    while index < UNIT_COUNT {
+        let len = Unit::ALL[index].name().len();
+        if len > longest {
+            longest = len;
+        }
+        index += 1;
+    }
+    longest
+};
+/// The longest limit name (`Limit::name`, `"{meter} per {window}"`, which the C ABI copies into
+/// fixed arrays): the longest meter name, an implicit `resource:unit` (a named meter's has at
+/// most `MAX_NAME_BYTES` and no `:`), and the longest window, a rolling one just under
+/// `MAX_ROLLING_WINDOW_MS` with every part written (`compile_limit` asserts the bound).
+pub const MAX_LIMIT_NAME_BYTES: usize = MAX_NAME_BYTES
+    + ":".len()
+    + MAX_UNIT_NAME_BYTES
+    + " per ".len()
+    + "rolling:365d23h59m59s999ms".len();
+const _: () = assert!(
+    MAX_ROLLING_WINDOW_MS == 366 * DAY_MS,
+    "MAX_LIMIT_NAME_BYTES assumes it"
+);
 /// The default bucket width is the window divided by this: the error of a rolling window (how
 /// much later than the exact time a unit is released) is at most one bucket, 1/210 = 0.476%.
 pub const DEFAULT_BUCKETS_PER_WINDOW: u64 = 210;
@@ -1678,8 +1704,13 @@ impl Compiler {
             ));
         }
         let counter = self.counter(meter, window);
+        let name = format!("{} per {window}", self.meters[meter.index()].name);
+        debug_assert!(
+            name.len() <= MAX_LIMIT_NAME_BYTES,
+            "limit name {name:?} is longer than MAX_LIMIT_NAME_BYTES"
+        );
         Ok(Limit {
-            name: format!("{} per {window}", self.meters[meter.index()].name).into(),
+            name: name.into(),
             meter,
             counter,
             amount: limit.amount,
@@ -2094,6 +2125,32 @@ pub fn format_duration(mut ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest limit name a policy can make (a resource name of `MAX_NAME_BYTES`, the
+    /// longest unit, every part of a rolling window under `MAX_ROLLING_WINDOW_MS`) is
+    /// `MAX_LIMIT_NAME_BYTES` long: the bound the C ABI's name arrays are sized by is reached,
+    /// and the policy loads.
+    fn longest_names_json() -> String {
+        let resource = "r".repeat(MAX_NAME_BYTES);
+        let plan = "p".repeat(MAX_NAME_BYTES);
+        format!(
+            r#"{{"time_zone":"UTC","resources":{{"{resource}":{{"units":["characters"]}}}},"meters":{{}},"plans":{{"{plan}":{{"limits":[{{"resource":"{resource}","unit":"characters","amount":5,"window":"rolling:365d23h59m59s998ms","bucket":"182d23h59m59s999ms"}}]}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn the_longest_limit_name_is_max_limit_name_bytes_long() {
+        let policy = Policy::from_json_str(&longest_names_json()).unwrap();
+        let plan = &policy.plans[0];
+        assert_eq!(plan.name.len(), MAX_NAME_BYTES);
+        assert_eq!(
+            plan.limits[0].name.len(),
+            MAX_LIMIT_NAME_BYTES,
+            "{}",
+            plan.limits[0].name
+        );
+        assert_eq!(MAX_LIMIT_NAME_BYTES, 106);
+    }
 
     /// `same_name` agrees with `==` at every length it treats apart (and beyond), for equal
     /// names, a byte differing at each position, and names of different lengths.

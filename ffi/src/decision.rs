@@ -34,7 +34,11 @@ const _: () = assert!(TALLY_MAX_DECISION_LIMITS == ::tally_engine::policy::MAX_L
 const _: () = assert!(TALLY_MAX_QUANTITIES == ::tally_engine::policy::UNIT_COUNT);
 const _: () = assert!(TALLY_MAX_QUANTITY == ::tally_engine::policy::MAX_QUANTITY);
 const _: () = assert!(TALLY_MAX_QUANTITY == 1 << 40);
+// Every name a decision (or an adjustment) carries fits whole with its NUL: a plan's (at most
+// `TALLY_MAX_NAME_BYTES`) and a limit's (`"{meter} per {window}"`, at most
+// `MAX_LIMIT_NAME_BYTES`); `copy_name` would otherwise cut it silently.
 const _: () = assert!(TALLY_NAME_CAPACITY > crate::checks::TALLY_MAX_NAME_BYTES);
+const _: () = assert!(TALLY_NAME_CAPACITY > ::tally_engine::policy::MAX_LIMIT_NAME_BYTES);
 
 /// What a quantity counts. Passed as `uint32_t` (`tally_quantity.unit`) and checked: any other
 /// value is `TALLY_BAD_ENUM`.
@@ -529,6 +533,44 @@ mod tests {
         assert_eq!(gone.limit_index, TALLY_NO_INDEX);
         assert_eq!(gone.limit_name[0], 0, "no name");
         assert_eq!(gone.retry_at_ms, 2, "the rest as it was");
+    }
+
+    /// The longest plan and limit names a policy can have reach C whole: a 64-byte plan and
+    /// a 106-byte limit name (`MAX_LIMIT_NAME_BYTES`), under the 128-byte arrays.
+    #[test]
+    fn the_longest_plan_and_limit_names_are_copied_whole() {
+        use ::tally_engine::policy::{MAX_LIMIT_NAME_BYTES, MAX_NAME_BYTES};
+        let resource = "r".repeat(MAX_NAME_BYTES);
+        let plan = "p".repeat(MAX_NAME_BYTES);
+        let policy = Policy::from_json_str(&format!(
+            r#"{{"time_zone":"UTC","resources":{{"{resource}":{{"units":["characters"]}}}},"meters":{{}},"plans":{{"{plan}":{{"limits":[{{"resource":"{resource}","unit":"characters","amount":5,"window":"rolling:365d23h59m59s998ms","bucket":"182d23h59m59s999ms"}}]}}}}}}"#
+        ))
+        .expect("loads");
+        let id = policy.plan_id(&plan).expect("loaded");
+        let denial = Decision::Denied(Denial {
+            reason: DenialReason::QuotaExhausted {
+                limit: 0,
+                retry_at_ms: 2,
+                retry_after_ms: 1,
+                reset_at_ms: 3,
+            },
+            plan: Some(id),
+            limits: LimitStatuses::default(),
+            credits_balance_micros: None,
+            remedies: Remedies::default(),
+        });
+        let decision = tally_decision::from_engine(&denial, &policy, false);
+        let text = |name: &[c_char; TALLY_NAME_CAPACITY]| {
+            // SAFETY: `copy_name` always writes a NUL within the array.
+            unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                .to_str()
+                .expect("UTF-8")
+                .to_owned()
+        };
+        assert_eq!(text(&decision.plan), plan);
+        let limit_name = text(&decision.limit_name);
+        assert_eq!(limit_name.len(), MAX_LIMIT_NAME_BYTES, "{limit_name}");
+        assert_eq!(limit_name, policy.plan(id).limits[0].name.as_ref());
     }
 
     /// A count past the bound is refused by its value alone, before anything at the pointer is
