@@ -90,7 +90,7 @@ type Request struct {
 	Key        string     // the API key
 	Resource   string     // the resource's name in the policy, e.g. "m2.7"
 	Quantities []Quantity // 1 to MaxQuantities, no unit twice
-	At         time.Time  // zero: the engine's clock
+	At         time.Time  // zero: the engine's clock; else floored to the millisecond
 	// RequestID is an optional idempotency id: a repeat within the horizon answers the first
 	// decision (Replayed) and counts nothing, unless that was a denial for want of a valid
 	// key (DenialUnknownKey, DenialKeyRevoked), which is not remembered: decided anew, and

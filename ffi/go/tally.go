@@ -9,6 +9,14 @@
 // library's detail message; a status newer than this package wraps none (StatusOf gives its
 // number). A denial is not an error: it is a Decision with Admitted false.
 //
+// Time: tally counts whole milliseconds since the Unix epoch. A time.Time argument (Request.At,
+// `at`, Options.ManualClock) is passed floored to its millisecond, its fraction dropped, as
+// time.Time.UnixMilli does: the usage counts in the millisecond the time falls in (a time in
+// the epoch's first millisecond, which would floor to 0, the library's "now", is refused). A
+// time.Duration (a lease, Options' durations, DurabilityInterval) must be whole
+// milliseconds, else ErrInvalidArgument naming it: rounded, 1.5 ms would be another
+// duration, and 0.5 ms would be 0, the default.
+//
 // Linking: the package links libtally statically from the repository's cargo target
 // directory (../../target/release, built by `cargo build -p tally-ffi --release`). With
 // another CARGO_TARGET_DIR, point the linker at it:
@@ -329,8 +337,9 @@ func optionalText(s string) (*C.char, C.size_t) {
 	return text(s)
 }
 
-// milliseconds converts an optional time to at_ms: the zero time is TALLY_NOW (the engine's
-// clock). Times before 1970-01-01T00:00:00.001Z cannot be expressed and answer
+// milliseconds converts an optional time to at_ms, floored to the millisecond (the fraction
+// is dropped: see the package's doc): the zero time is TALLY_NOW (the engine's clock), and
+// a time that floors to 0 is refused rather than sent as TALLY_NOW. Times before 1970-01-01T00:00:00.001Z cannot be expressed and answer
 // ErrBadTimestamp without calling the library, and so do times whose milliseconds do not fit
 // in an int64 (UnixMilli would wrap them around, some into tally's range).
 func milliseconds(op string, at time.Time) (C.uint64_t, error) {

@@ -432,6 +432,29 @@ func TestBadInputIsAnErrorWithItsOwnSentinelAndTheLibrarysMessage(t *testing.T) 
 	}
 }
 
+// A time is passed to the millisecond, its fraction dropped (floored, as time.Time.UnixMilli
+// does): the usage is counted at the millisecond the time falls in. A time within the first
+// millisecond after the epoch would floor to 0, which the library reads as "now" (TALLY_NOW):
+// refused, not sent as the engine's clock.
+func TestATimesFractionOfAMillisecondIsDroppedNeverMakingItNow(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "fl", "tp-fl", "Starter")
+	at := t0.Add(999*time.Microsecond + 999*time.Nanosecond)
+	decision, err := engine.Consume(tally.Request{Key: "tp-fl", Resource: "m2.7", Quantities: one(tally.Requests), At: at})
+	if err != nil || !decision.Admitted || !decision.At.Equal(t0) {
+		t.Fatalf("at %v: %+v, %v; want admitted at %v", at, decision, err, t0)
+	}
+	for _, early := range []time.Time{time.Unix(0, 1), time.Unix(0, int64(time.Millisecond)-1)} {
+		request := tally.Request{Key: "tp-fl", Resource: "m2.7", Quantities: one(tally.Requests), At: early}
+		if _, err := engine.Check(request); !errors.Is(err, tally.ErrBadTimestamp) {
+			t.Fatalf("at %v: %v, want ErrBadTimestamp", early, err)
+		}
+		if err := engine.SetClock(early); !errors.Is(err, tally.ErrInvalidArgument) {
+			t.Fatalf("SetClock(%v): %v, want ErrInvalidArgument", early, err)
+		}
+	}
+}
+
 // A time far past 2100 is refused as past 2100, whatever its milliseconds do in an int64: the
 // last second whose milliseconds fit, with its last milliseconds, overflows into the negative.
 func TestATimeFarAheadIsRefusedAsAfter2100NotAsBefore1970(t *testing.T) {
