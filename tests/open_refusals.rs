@@ -7,7 +7,7 @@ mod log_support;
 use std::path::{Path, PathBuf};
 
 use log_support::*;
-use tally_engine::{Engine, Policy};
+use tally_engine::{Engine, EngineOptions, OpenOptions, Policy};
 
 /// Every file under `dir`'s `events/` and `snapshots/`, with its bytes, in path order.
 fn log_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -71,8 +71,17 @@ fn tear_last_segment(dir: &Path) -> (PathBuf, usize) {
 }
 
 fn expect_refused_untouched(dir: &Path, policy: Policy, what: &str) -> String {
+    expect_refused_untouched_with(dir, policy, sync_options(), what)
+}
+
+fn expect_refused_untouched_with(
+    dir: &Path,
+    policy: Policy,
+    options: OpenOptions,
+    what: &str,
+) -> String {
     let (before, meta_before) = (log_files(dir), meta(dir));
-    let opened = Engine::open(dir, policy, clock(), sync_options());
+    let opened = Engine::open(dir, policy, clock(), options);
     let error = match opened {
         Ok(_) => panic!("{what}: opened"),
         Err(error) => error.to_string(),
@@ -234,4 +243,117 @@ fn a_database_whose_metadata_was_lost_is_refused_naming_the_metadata() {
             "{problem}"
         );
     }
+}
+
+/// `sync_options` with `change` made to the engine's options.
+fn engine_options(change: impl FnOnce(&mut EngineOptions)) -> OpenOptions {
+    let mut options = sync_options();
+    change(&mut options.engine);
+    options
+}
+
+/// A table's bound given at reopen below what the database holds: the open is refused, naming
+/// the option, the bound given and how many the database holds, and changes nothing (replayed
+/// whole, the table ran above its own bound, and the smaller bound was recorded). At exactly
+/// what it holds, the open goes ahead, and the next entry is refused as at any full table.
+#[test]
+fn a_bound_below_what_the_database_holds_is_refused_as_it_was() {
+    let dir = TempDir::new("refused-bounds");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let world = populate(&engine);
+    engine.close().unwrap();
+    // What `populate` leaves: 8 keys; 5 users; their 5 Default Teams and acme; 5 request ids
+    // (req-a1 to req-b3; the clock, at T0_MS, has aged none out); the reservations left open
+    // (their leases end after the clock's now).
+    let open = world.open.len();
+    assert!(open >= 2, "populate leaves reservations open: {world:?}");
+    type Set = fn(&mut EngineOptions, u64);
+    let bounds: [(&str, u64, &str, Set); 5] = [
+        ("max_keys", 8, "keys", |options, bound| {
+            options.max_keys = bound
+        }),
+        ("max_users", 5, "users", |options, bound| {
+            options.max_users = bound
+        }),
+        ("max_teams", 6, "teams", |options, bound| {
+            options.max_teams = bound
+        }),
+        (
+            "max_open_reservations",
+            open as u64,
+            "reservations open",
+            |options, bound| options.max_open_reservations = bound as usize,
+        ),
+        (
+            "idempotency_capacity",
+            5,
+            "request ids",
+            |options, bound| options.idempotency_capacity = bound as usize,
+        ),
+    ];
+    for (option, held, what, set) in bounds {
+        let below = held - 1;
+        let error = expect_refused_untouched_with(
+            dir.path(),
+            Policy::token_plan(),
+            engine_options(|options| set(options, below)),
+            option,
+        );
+        assert!(
+            error.starts_with(&format!("{option}: {below} is below the {held} {what} ")),
+            "{error}"
+        );
+        let engine = Engine::open(
+            dir.path(),
+            Policy::token_plan(),
+            clock(),
+            engine_options(|options| set(options, held)),
+        )
+        .unwrap_or_else(|error| panic!("{option} at what is held: {error}"));
+        drop(engine);
+    }
+    // The last open recorded the options it ran with: back to the defaults.
+    open_token_plan(dir.path(), sync_options()).close().unwrap();
+    // At its bound, a full table refuses the next entry.
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        clock(),
+        engine_options(|options| options.max_keys = 8),
+    )
+    .unwrap();
+    let refused = engine.create_user("fay", "key-fay", Some(POPULATED_MS));
+    assert!(
+        matches!(refused, Err(tally_engine::Error::CapacityExceeded { .. })),
+        "{refused:?}"
+    );
+}
+
+/// What the live tables would drop before refusing does not count against a bound given at
+/// reopen: reservations whose lease the clock's now has ended (a reserve expires them first),
+/// and request ids stamped longer ago than the horizon (a full table drops them first).
+#[test]
+fn a_bound_below_what_the_database_holds_counts_only_what_the_tables_keep() {
+    let dir = TempDir::new("bounds-aged-out");
+    let engine = open_token_plan(dir.path(), sync_options());
+    let world = populate(&engine);
+    engine.close().unwrap();
+    assert!(world.open.len() >= 2, "{world:?}");
+    // Every lease (2 h from T0_MS + 5 h) has ended; every request id (T0_MS + 4 h) is older
+    // than the horizon (the token plan's longest window) by a day.
+    let horizon_ms = Policy::token_plan().longest_window_ms();
+    let later = std::sync::Arc::new(tally_engine::ManualClock::new(
+        T0_MS + 4 * HOUR_MS + horizon_ms + DAY_MS,
+    ));
+    let engine = Engine::open(
+        dir.path(),
+        Policy::token_plan(),
+        later,
+        engine_options(|options| {
+            options.max_open_reservations = 1;
+            options.idempotency_capacity = 1;
+        }),
+    )
+    .unwrap_or_else(|error| panic!("refused: {error}"));
+    drop(engine);
 }

@@ -390,18 +390,19 @@ fn events_logged_ahead_of_the_clock_replay_at_an_open_with_a_bound() {
     ));
 }
 
-/// What was logged was acknowledged: an open with table bounds lower than the ones the
-/// events were logged under replays them all, as restoring a snapshot of them does, and holds
-/// later creations to the new bounds. Before, the same database opened or was refused
-/// depending on whether a checkpoint had been taken ("replaying event 3 (user_created):
-/// users: the bound of 1 is reached").
+/// What was logged was acknowledged: an open with table bounds lower than what the database
+/// holds is refused, with or without a checkpoint, naming the option, the bound and how many
+/// are held (replayed whole, the engine ran above its own bounds). Before, the same database
+/// opened or was refused depending on whether a checkpoint had been taken ("replaying event 3
+/// (user_created): users: the bound of 1 is reached"), and then opened above its bounds
+/// either way. An open with bounds at what it holds keeps it all and refuses the next.
 #[test]
-fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_checkpoint() {
-    let small = OpenOptions {
+fn an_open_with_table_bounds_below_what_was_logged_is_refused_with_or_without_a_checkpoint() {
+    let bounds = |keys, users, teams| OpenOptions {
         engine: EngineOptions {
-            max_users: 1,
-            max_keys: 1,
-            max_teams: 1,
+            max_keys: keys,
+            max_users: users,
+            max_teams: teams,
             ..EngineOptions::default()
         },
         ..none_durability()
@@ -419,7 +420,27 @@ fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_check
         engine
             .add_member("lab", "bob", "tp-bob-lab", Some(T0_MS))
             .expect("member");
-        let engine = reopened(engine, &dir, checkpoint, &small);
+        if checkpoint {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        // 4 keys, 3 users, 4 teams (3 Default Teams and lab).
+        for (options, option, message) in [
+            (bounds(1, 1, 1), "max_keys", "1 is below the 4 keys"),
+            (bounds(4, 2, 4), "max_users", "2 is below the 3 users"),
+            (bounds(4, 3, 3), "max_teams", "3 is below the 4 teams"),
+        ] {
+            match Engine::open(dir.path(), Policy::token_plan(), clock(), options) {
+                Err(Error::InvalidArgument { field, problem }) => {
+                    assert_eq!(field, option, "checkpoint {checkpoint}: {problem}");
+                    assert!(problem.starts_with(message), "{problem}");
+                }
+                other => panic!("checkpoint {checkpoint}: {option}: {:?}", other.err()),
+            }
+        }
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), bounds(4, 3, 4))
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
         assert_eq!(engine.memory_stats().keys, 4, "checkpoint {checkpoint}");
         assert!(matches!(
             engine.create_user("dee", "tp-dee", Some(T0_MS)),
@@ -436,17 +457,20 @@ fn an_open_with_lower_table_bounds_keeps_what_was_logged_with_or_without_a_check
     }
 }
 
-/// The same for what ages out: an open with a lower `idempotency_capacity`,
-/// `max_open_reservations` and `max_policy_generations` than a database holds keeps every
-/// request id, reservation and policy generation it restores (each was acknowledged), answers
-/// a repeat and settles a reservation as before, and refuses a new id or reservation until
-/// enough age out or close; the older generations go at the next swap.
+/// The same for what ages out: an open with a lower `idempotency_capacity` or
+/// `max_open_reservations` than the request ids (within the horizon) or the open reservations
+/// (their leases not ended) the database holds is refused, naming the option; one at what it
+/// holds keeps every request id and reservation (each was acknowledged), answers a repeat and
+/// settles a reservation as before, and refuses a new id or reservation until one ages out or
+/// closes. Policy generations are kept past a lower `max_policy_generations` instead (a
+/// generation is only ever added by a swap, and the next swap lets go of those past the
+/// bound).
 #[test]
-fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_restores() {
-    let small = OpenOptions {
+fn an_open_with_lower_bounds_on_ids_reservations_and_generations_refuses_or_keeps_them() {
+    let bounds = |ids, reservations| OpenOptions {
         engine: EngineOptions {
-            idempotency_capacity: 2,
-            max_open_reservations: 2,
+            idempotency_capacity: ids,
+            max_open_reservations: reservations,
             max_policy_generations: 2,
             ..EngineOptions::default()
         },
@@ -484,7 +508,33 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
                 .expect("swap");
         }
         assert_eq!(kept(&engine), 5, "the reservations hold every generation");
-        let engine = reopened(engine, &dir, checkpoint, &small);
+        if checkpoint {
+            engine.close().expect("close");
+        } else {
+            drop(engine);
+        }
+        for (options, option, message) in [
+            (
+                bounds(3, 3),
+                "idempotency_capacity",
+                "3 is below the 4 request ids",
+            ),
+            (
+                bounds(4, 2),
+                "max_open_reservations",
+                "2 is below the 3 reservations open",
+            ),
+        ] {
+            match Engine::open(dir.path(), Policy::token_plan(), clock(), options) {
+                Err(Error::InvalidArgument { field, problem }) => {
+                    assert_eq!(field, option, "checkpoint {checkpoint}: {problem}");
+                    assert!(problem.starts_with(message), "{problem}");
+                }
+                other => panic!("checkpoint {checkpoint}: {option}: {:?}", other.err()),
+            }
+        }
+        let engine = Engine::open(dir.path(), Policy::token_plan(), clock(), bounds(4, 3))
+            .unwrap_or_else(|error| panic!("checkpoint {checkpoint}: {error}"));
         let (_, replayed) = engine
             .consume_noting_replay(&request("id-3"))
             .expect("a repeat");
@@ -493,7 +543,7 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
             engine.consume(&request("id-4")),
             Err(Error::CapacityExceeded {
                 what: "request_id (idempotency table)",
-                capacity: 2,
+                capacity: 4,
             })
         );
         assert_eq!(engine.open_reservations(), 3, "checkpoint {checkpoint}");
@@ -503,7 +553,7 @@ fn an_open_with_lower_bounds_on_ids_reservations_and_generations_keeps_what_it_r
                 .map(|outcome| outcome.reservation),
             Err(Error::CapacityExceeded {
                 what: "reservations",
-                capacity: 2,
+                capacity: 3,
             })
         );
         for reservation in reservations {

@@ -419,6 +419,24 @@ impl RequestTable {
         self.capacity
     }
 
+    /// Records held of ids stamped within `horizon_ms` of `now_ms` (the engine's clock): those
+    /// the table must keep, whatever its capacity (an id past the horizon is dropped when a
+    /// full table sweeps). Drops nothing: an open counts them before anything may change.
+    pub fn held_within(&self, now_ms: u64, horizon_ms: u64) -> usize {
+        let oldest_kept = now_ms.saturating_sub(horizon_ms);
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .lock()
+                    .records
+                    .values()
+                    .filter(|record| record.arrived_ms >= oldest_kept)
+                    .count()
+            })
+            .sum()
+    }
+
     /// Records held now, over every shard.
     #[cfg(test)]
     pub fn len(&self) -> usize {

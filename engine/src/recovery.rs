@@ -908,6 +908,8 @@ impl Engine {
                 .saturating_sub(horizon_ms)
                 .max(engine.now_ms().saturating_sub(last_horizon_ms)),
         );
+        // Before the open changes anything: a table's bound below what the database holds.
+        engine.refuse_bounds_below_held()?;
         // The policy given is swapped in below: refused as the swap refuses it, before the
         // open changes anything.
         let swap = !fresh
@@ -971,6 +973,73 @@ impl Engine {
         report.total = started.elapsed();
         let _ = engine.open_report.set(report);
         Ok(engine)
+    }
+
+    /// Refuses an open whose table bounds (`EngineOptions`) are below what the restored and
+    /// replayed database holds: the replay keeps everything acknowledged, so the engine would
+    /// run above its own bound (and record the smaller one). `InvalidArgument` naming the
+    /// first such option, the bound given and how many the database holds.
+    ///
+    /// Counted as the live tables count them when full: keys, users and teams (each user's
+    /// Default Team too) whole; reservations whose lease the clock's now has not ended (a
+    /// reserve expires the others before it counts); request ids stamped within the horizon
+    /// (a full table drops the others first). Not refused: the closed reservations remembered
+    /// for repeated settles and the policy generations kept (`max_open_reservations`,
+    /// `max_policy_generations`): acknowledged under the bound the database ran with, they are
+    /// kept until the first close or swap after the open forgets the oldest past this one.
+    fn refuse_bounds_below_held(&self) -> Result<(), Error> {
+        let now_ms = self.now_ms();
+        let (users, teams) = {
+            let registry = self.registry.lock();
+            (registry.users.len(), registry.teams.len())
+        };
+        let open_reservations = self
+            .reservations
+            .inner
+            .lock()
+            .open
+            .values()
+            .filter(|reservation| reservation.expires_at_ms > now_ms)
+            .count();
+        let request_ids = self
+            .requests
+            .held_within(now_ms, self.requests.horizon_ms());
+        let options = self.options();
+        let wide = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
+        let held: [(&'static str, u64, u64, &str); 5] = [
+            ("max_keys", options.max_keys, self.keys.len(), "keys"),
+            ("max_users", options.max_users, wide(users), "users"),
+            (
+                "max_teams",
+                options.max_teams,
+                wide(teams),
+                "teams (a Default Team for each user among them)",
+            ),
+            (
+                "max_open_reservations",
+                wide(options.max_open_reservations),
+                wide(open_reservations),
+                "reservations open (their leases not ended by the clock's now)",
+            ),
+            (
+                "idempotency_capacity",
+                wide(options.idempotency_capacity),
+                wide(request_ids),
+                "request ids remembered (stamped within the horizon of the clock's now)",
+            ),
+        ];
+        for (option, bound, held, what) in held {
+            if held > bound {
+                return Err(Error::invalid(
+                    option,
+                    format!(
+                        "{bound} is below the {held} {what} the database holds: open it with \
+                         {option} of at least {held}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Where the open that built this engine spent its time; `None` for an in-memory engine.
