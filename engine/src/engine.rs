@@ -101,29 +101,35 @@ use crate::reservation::{ReservationId, ReservationTable, Settlement, DEFAULT_LE
 
 /// Bounds and horizons, chosen when the engine opens. `Engine::new` and `Engine::open` check
 /// each against its range first (`EngineOptions::validate`; the constants are in `options`)
-/// and refuse a value out of it with `Error::InvalidArgument` naming the option.
+/// and refuse a value out of it with `Error::InvalidArgument` naming the option. `Engine::open`
+/// also refuses, changing nothing, a table bound (`max_keys`, `max_users`, `max_teams`,
+/// `max_open_reservations`, `idempotency_capacity`) below what the database holds, naming the
+/// option, the bound and how many are held: replayed whole, it would run above its bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineOptions {
-    /// Keys at most, 1 to `MAX_TABLE_ENTRIES` (2^32).
+    /// Keys at most, 1 to `MAX_TABLE_ENTRIES` (2^32); at an open, at least the keys held.
     pub max_keys: u64,
-    /// Teams at most (each user's Default Team counts), 1 to `MAX_TABLE_ENTRIES`.
+    /// Teams at most (each user's Default Team counts), 1 to `MAX_TABLE_ENTRIES`; at an open,
+    /// at least the teams held.
     pub max_teams: u64,
-    /// Users at most, 1 to `MAX_TABLE_ENTRIES`.
+    /// Users at most, 1 to `MAX_TABLE_ENTRIES`; at an open, at least the users held.
     pub max_users: u64,
     /// Request ids remembered at once, 1 to `MAX_TABLE_ENTRIES`, exactly: a full table first
     /// drops the ids past the horizon in every shard, then refuses a new id
     /// (`CapacityExceeded`). Each id with its first decision takes about 390 bytes resident
     /// (a UUID's length on a short key) to 580 (128-byte ids on 128-byte keys, the longest):
-    /// 0.4 to 0.6 GB for the default million.
+    /// 0.4 to 0.6 GB for the default million. At an open, at least the ids the database
+    /// holds stamped within the horizon of the clock's now.
     pub idempotency_capacity: usize,
     /// How long a request id is remembered; never less than the policy's longest window.
     /// 0 (the default): the policy's longest window; else 1 to `MAX_IDEMPOTENCY_HORIZON_MS`
     /// (366 days).
     pub idempotency_horizon_ms: u64,
     /// Reservations open at once, 1 to `MAX_TABLE_ENTRIES`; also how many closed ones are
-    /// remembered (the most recently closed) so a repeated settle or void is idempotent. An
-    /// open with a lower bound than the database ran with keeps the closed ones it restores
-    /// until its first close.
+    /// remembered (the most recently closed) so a repeated settle or void is idempotent. At an
+    /// open, at least the reservations open in the database whose lease has not ended by the
+    /// clock's now; one with a lower bound than the database ran with keeps the closed ones it
+    /// restores until its first close (they only ever shrink, and were acknowledged).
     pub max_open_reservations: usize,
     /// The lease of a reservation made without one, 1 to `MAX_LEASE_MS` (24 h).
     pub default_lease_ms: u64,

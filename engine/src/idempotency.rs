@@ -709,7 +709,8 @@ impl RequestTable {
     /// A later record of the same id replaces the earlier one (live, the earlier one had aged
     /// out of the horizon before the id was admitted anew).
     /// Restored records take places even past the capacity (they were acknowledged, under an
-    /// earlier and larger one): new ids are refused until enough age out.
+    /// earlier and larger one); an open then refuses a capacity below those still within the
+    /// horizon (`held_within`), so past it are only ids a full table drops before refusing.
     /// `arrived_ms` is the request's timestamp; `now_ms` the engine's clock (see
     /// `Shard::remember`).
     pub fn restore(

@@ -28,7 +28,10 @@ import "time"
 // up to 366 days, MaxPolicyGenerations 2 to 65,536, ReclaimIdleEvery and Retention up to the
 // span of timestamps (to 2100), MaxAheadOfClock too.
 type Options struct {
-	MaxKeys  uint64 // keys at most (default 16,000,000)
+	// Keys at most (default 16,000,000). Open refuses a table bound (this one, MaxTeams,
+	// MaxUsers, IdempotencyCapacity, MaxOpenReservations) below what the database holds:
+	// ErrInvalidArgument naming the option, the bound and how many it holds; nothing changed.
+	MaxKeys  uint64
 	MaxTeams uint64 // teams at most, each user's Default Team included (default 4,000,000)
 	MaxUsers uint64 // users at most (default 8,000,000)
 	// Request ids remembered at once (default 1,000,000).

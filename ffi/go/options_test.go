@@ -310,3 +310,25 @@ func TestADurabilityIntervalPastAUint32OfMillisecondsIsNamedAsGiven(t *testing.T
 		}
 	}
 }
+
+func TestOpenWithMaxKeysBelowTheKeysHeldIsErrInvalidArgumentNamingIt(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "db")
+	none := tally.WithDurability(tally.DurabilityNone)
+	engine, err := tally.Open(dir, none, unbounded)
+	must(t, err)
+	must(t, engine.CreateUser("ada", "tp-ada-1", t0))
+	must(t, engine.CreateUser("bo", "tp-bo-1", t0))
+	must(t, engine.Close())
+
+	_, err = tally.Open(dir, none, tally.WithOptions(tally.Options{MaxKeys: 1, MaxAheadOfClock: -1}))
+	want := "max_keys: 1 is below the 2 keys the database holds"
+	if !errors.Is(err, tally.ErrInvalidArgument) || !strings.Contains(err.Error(), want) {
+		t.Fatalf("open with MaxKeys 1 on 2 keys: %v", err)
+	}
+	engine, err = tally.Open(dir, none, tally.WithOptions(tally.Options{MaxKeys: 2, MaxAheadOfClock: -1}))
+	must(t, err)
+	defer func() { must(t, engine.Close()) }()
+	if err := engine.CreateUser("cy", "tp-cy-1", t0); !errors.Is(err, tally.ErrCapacityExceeded) {
+		t.Fatalf("a third key with MaxKeys 2: %v", err)
+	}
+}

@@ -877,7 +877,10 @@ tally_status tally_options_new(struct tally_options **options_out);
 void tally_options_free(struct tally_options *options);
 
 // Keys at most: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 16,000,000). A key past the bound
-// is refused with `TALLY_CAPACITY_EXCEEDED`.
+// is refused with `TALLY_CAPACITY_EXCEEDED`. An open given a table bound (this one,
+// `max_teams`, `max_users`, `idempotency_capacity`, `max_open_reservations`) below what the
+// database holds is refused with `TALLY_INVALID_ARGUMENT` and changes nothing: the last error
+// names the option, the bound and how many the database holds.
 //
 // Errors: `TALLY_NULL_POINTER` (`options` is NULL), `TALLY_INVALID_ARGUMENT` (out of range;
 // the last error names the option and the range); either way the options are unchanged.
@@ -915,7 +918,8 @@ tally_status tally_options_set_idempotency_horizon_ms(struct tally_options *opti
 
 // Reservations open at once: 1 to `TALLY_MAX_TABLE_ENTRIES` (default 1,000,000); also how many
 // closed ones are remembered (the most recently closed) so a repeated settle or void is
-// idempotent. An open with a lower bound than the database ran with keeps the closed ones it
+// idempotent. An open with a lower bound than the reservations open in the database (their
+// leases not ended) is refused; one lower than the database ran with keeps the closed ones it
 // restores until its first close.
 //
 // Errors: as `tally_options_set_max_keys`.

@@ -127,6 +127,19 @@ def test_use_recorded_reopens_a_database_with_the_options_it_recorded(tmp_path):
         engine.create_user("bo", "tp-bo-1", at_ms=T)
 
 
+def test_an_open_with_max_keys_below_the_keys_held_is_refused_naming_it(tmp_path):
+    path = tmp_path / "db"
+    with tally.Engine.open(path, durability="none", options=UNBOUNDED) as engine:
+        engine.create_user("ada", "tp-ada-1", at_ms=T)
+        engine.create_user("bo", "tp-bo-1", at_ms=T)
+    message = "max_keys: 1 is below the 2 keys the database holds"
+    with pytest.raises(tally.InvalidArgumentError, match=message):
+        tally.Engine.open(path, durability="none", options=unbounded(max_keys=1))
+    with tally.Engine.open(path, durability="none", options=unbounded(max_keys=2)) as engine:
+        with pytest.raises(tally.CapacityExceededError, match="keys"):
+            engine.create_user("cy", "tp-cy-1", at_ms=T)
+
+
 def test_values_python_cannot_pass_are_refused_before_the_library():
     with pytest.raises(ValueError, match="max_keys must not be negative"):
         tally.Engine.in_memory(options=tally.Options(max_keys=-1))

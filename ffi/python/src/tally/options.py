@@ -23,7 +23,9 @@ class Options:
         tally.Engine.open("tally-data", options=tally.Options(max_keys=100_000))
 
     Ranges (the header's ``TALLY_MAX_*`` constants): the tables (``max_keys``, ``max_teams``,
-    ``max_users``, ``idempotency_capacity``, ``max_open_reservations``) hold 1 to 2^32;
+    ``max_users``, ``idempotency_capacity``, ``max_open_reservations``) hold 1 to 2^32, and
+    an open given one below what the database holds is refused (``InvalidArgumentError``
+    naming the option, the bound and how many it holds; nothing changed);
     ``default_lease_ms`` is 1 to 86,400,000 (a day); ``max_policy_generations`` 2 to 65,536;
     ``idempotency_horizon_ms`` 0 (the policy's longest window) or up to 366 days;
     ``reclaim_idle_every_ms`` 0 (never) or up to the span of timestamps (to 2100);
