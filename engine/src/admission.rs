@@ -60,6 +60,15 @@ impl Quantities {
     #[inline(always)]
     pub(crate) fn parse(&mut self, pairs: &[(Unit, u64)]) -> Result<(), Error> {
         debug_assert!(self.is_empty() && self.1 == 0);
+        // The usual request, one unit: nothing to find twice (callgrind, hot key: 965 -> 953
+        // instructions per `consume_into`). Anything wrong goes to the loop, which names it.
+        if let [(unit, quantity)] = *pairs {
+            if (1..=MAX_QUANTITY).contains(&quantity) {
+                self.0[unit.index()] = quantity;
+                self.1 = 1 << unit.index();
+                return Ok(());
+            }
+        }
         if pairs.is_empty() {
             return Err(Error::invalid(
                 "quantities",
@@ -1338,6 +1347,22 @@ pub fn window_reset_words(window: Window) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pair shortcut of `Quantities::parse` takes exactly what the loop takes, and
+    /// leaves what it refuses to the loop's messages.
+    #[test]
+    fn one_pair_is_checked_as_the_loop_checks_it() {
+        let largest = Quantities::new(&[(Unit::Tokens, MAX_QUANTITY)]).expect("the largest");
+        assert_eq!(largest.get(Unit::Tokens), MAX_QUANTITY);
+        assert_eq!(largest.unit_mask(), 1 << Unit::Tokens.index());
+        assert_eq!(largest, Quantities::from_values(largest.0));
+        for (quantity, says) in [(0, "at least 1"), (MAX_QUANTITY + 1, "largest quantity")] {
+            let error = Quantities::new(&[(Unit::Tokens, quantity)]).expect_err("refused");
+            assert!(error.to_string().contains(says), "{error}");
+        }
+        let twice = Quantities::new(&[(Unit::Tokens, 1), (Unit::Tokens, 2)]).expect_err("twice");
+        assert!(twice.to_string().contains("given twice"), "{twice}");
+    }
 
     #[test]
     fn quantities_carry_the_mask_of_their_units_and_encode_as_the_quantities_alone() {
