@@ -618,6 +618,21 @@ impl Amounts {
         true
     }
 
+    /// `fill` for a resource whose every touch takes one unit at weight 1
+    /// (`ResourceAdmission::unit_at_weight_one`): `amount` (that unit's quantity) on each of
+    /// `limits`, none if it is 0, as `fill` would write them.
+    #[inline(always)]
+    pub fn fill_at_weight_one(&mut self, limits: &[u8], amount: u64) {
+        let mut len = 0;
+        if amount > 0 {
+            for (item, &limit) in self.items.iter_mut().zip(limits) {
+                item.write((limit, amount));
+                len += 1;
+            }
+        }
+        self.len = len;
+    }
+
     /// The first `(limit, amount)` larger than its limit's whole amount: a request no window
     /// can ever take.
     pub fn first_over_its_limit(&self, plan: &Plan) -> Option<(u8, u64)> {

@@ -2706,18 +2706,24 @@ fn decide_at_or_after_floor(
     let mut suggest_cover = state.seat.is_none();
     if let Some(plan_id) = state.seat {
         let plan = policy.plan(plan_id);
-        if plan.has_maximum[resource.index()] {
+        let summary = &plan.admission[resource.index()];
+        if summary.has_maximum {
             if let Some(reason) = over_maximum(&plan.maximums[resource.index()], quantities) {
                 deny_over_plan_maximum(verdict, policy, plan_id, reason, (resource, quantities));
                 return Ok(());
             }
         }
-        if plan.covers[resource.index()] {
+        if summary.covers {
             let mut amounts = Amounts::empty();
-            if !amounts.fill(&plan.touches[resource.index()], quantities) {
-                return Err(Error::Overflow {
-                    field: "quantities",
-                });
+            match summary.unit_at_weight_one {
+                Some(unit) => amounts.fill_at_weight_one(summary.limits(), quantities.get(unit)),
+                None => {
+                    if !amounts.fill(&plan.touches[resource.index()], quantities) {
+                        return Err(Error::Overflow {
+                            field: "quantities",
+                        });
+                    }
+                }
             }
             // A check on a key that never used anything looks at empty windows without keeping
             // them: a key with no usage holds no window memory. So does a consume larger than

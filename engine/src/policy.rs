@@ -561,6 +561,54 @@ pub struct Plan {
     /// amount first (`admission::upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
     /// on every request.
     pub limit_upgrades: Vec<Upgrades>,
+    /// Indexed by `ResourceId`: what admission reads of `covers`, `has_maximum` and `touches`,
+    /// in one place (one bounds check per request instead of one per list).
+    pub(crate) admission: Vec<ResourceAdmission>,
+}
+
+/// A plan's admission summary for one resource (`Plan::admission`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResourceAdmission {
+    pub covers: bool,
+    pub has_maximum: bool,
+    /// `Some(unit)` when every touch takes `unit` alone at weight 1 (the usual plan): each
+    /// touched limit's amount is then that unit's quantity, which cannot overflow.
+    pub unit_at_weight_one: Option<Unit>,
+    /// The touched limits' indexes, in `touches` order (the first `limit_count`).
+    pub limits: [u8; MAX_LIMITS_PER_RESOURCE],
+    pub limit_count: u8,
+}
+
+impl ResourceAdmission {
+    fn of(covers: bool, has_maximum: bool, touches: &[Touch]) -> ResourceAdmission {
+        let mut limits = [0; MAX_LIMITS_PER_RESOURCE];
+        let mut limit_count = 0;
+        for (slot, touch) in limits.iter_mut().zip(touches) {
+            *slot = touch.limit;
+            limit_count += 1;
+        }
+        let unit = touches
+            .first()
+            .and_then(|touch| touch.single)
+            .map(|(unit, _)| unit);
+        let plain = touches.len() <= MAX_LIMITS_PER_RESOURCE
+            && touches
+                .iter()
+                .all(|touch| touch.single.is_some() && touch.single == unit.map(|unit| (unit, 1)));
+        ResourceAdmission {
+            covers,
+            has_maximum,
+            unit_at_weight_one: unit.filter(|_| plain),
+            limits,
+            limit_count,
+        }
+    }
+
+    /// The touched limits' indexes.
+    #[inline]
+    pub fn limits(&self) -> &[u8] {
+        &self.limits[..usize::from(self.limit_count).min(MAX_LIMITS_PER_RESOURCE)]
+    }
 }
 
 impl Plan {
@@ -1626,9 +1674,14 @@ impl Compiler {
                 ));
             }
         }
-        let has_maximum = maximums
+        let has_maximum: Vec<bool> = maximums
             .iter()
             .map(|units| units.iter().any(|maximum| *maximum > 0))
+            .collect();
+        let admission = (covers.iter().zip(&has_maximum).zip(&touches))
+            .map(|((covers, has_maximum), touches)| {
+                ResourceAdmission::of(*covers, *has_maximum, touches)
+            })
             .collect();
         Ok(Plan {
             name: name.into(),
@@ -1640,6 +1693,7 @@ impl Compiler {
             max_open_reservations: plan.max_open_reservations,
             price_micros_per_month: plan.price_micros_per_month,
             limit_upgrades: Vec::new(),
+            admission,
         })
     }
 
@@ -2125,6 +2179,73 @@ pub fn format_duration(mut ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::{Amounts, Quantities};
+
+    /// A plan's admission summary says what `covers`, `has_maximum` and `touches` say, and
+    /// its weight-1 shortcut is taken only where it gives the amounts `Amounts::fill` gives.
+    #[test]
+    fn a_plans_admission_summary_agrees_with_its_touches() {
+        let policy = Policy::from_toml_str(
+            r#"time_zone = "UTC"
+[resources.chat]
+units = ["requests", "tokens"]
+[resources.image]
+units = ["images", "requests"]
+[meters.heavy]
+terms = [{ resource = "image", unit = "images", weight = 100 }]
+[meters.both]
+terms = [{ resource = "chat", unit = "requests", weight = 1 }, { resource = "chat", unit = "tokens", weight = 1 }]
+[meters.one]
+terms = [{ resource = "image", unit = "requests", weight = 1 }]
+[plans.Plain]
+limits = [
+ { resource = "chat", unit = "requests", amount = 50, window = "rolling:5h" },
+ { resource = "chat", unit = "requests", amount = 100, window = "daily" },
+]
+[plans.Mixed]
+covers = ["*"]
+limits = [
+ { meter = "both", amount = 1000, window = "daily" },
+ { meter = "heavy", amount = 1000, window = "daily" },
+ { meter = "one", amount = 10, window = "weekly" },
+ { resource = "image", unit = "requests", amount = 10, window = "daily" },
+]
+"#,
+        )
+        .expect("valid");
+        let (chat, image) = (policy.resource_id("chat"), policy.resource_id("image"));
+        let (chat, image) = (chat.expect("chat"), image.expect("image"));
+        let shortcut = |plan: &str, resource: ResourceId| {
+            let plan = policy.plan(policy.plan_id(plan).expect("plan"));
+            let summary = plan.admission[resource.index()];
+            assert_eq!(summary.covers, plan.covers[resource.index()]);
+            assert_eq!(summary.has_maximum, plan.has_maximum[resource.index()]);
+            let touches = &plan.touches[resource.index()];
+            let limits: Vec<u8> = touches.iter().map(|touch| touch.limit).collect();
+            assert_eq!(summary.limits(), &limits[..]);
+            for quantities in [
+                &[(Unit::Requests, 3)][..],
+                &[(Unit::Requests, 3), (Unit::Tokens, 7)],
+                &[(Unit::Images, 2), (Unit::Requests, 1)],
+                &[(Unit::Tokens, 5)],
+            ] {
+                let quantities = Quantities::new(quantities).expect("valid");
+                let mut filled = Amounts::empty();
+                assert!(filled.fill(touches, &quantities));
+                if let Some(unit) = summary.unit_at_weight_one {
+                    let mut shortcut = Amounts::empty();
+                    shortcut.fill_at_weight_one(summary.limits(), quantities.get(unit));
+                    assert_eq!(shortcut.as_slice(), filled.as_slice(), "{quantities:?}");
+                }
+            }
+            summary.unit_at_weight_one
+        };
+        assert_eq!(shortcut("Plain", chat), Some(Unit::Requests));
+        assert_eq!(shortcut("Plain", image), None);
+        // Two units on one meter, or a weight of 100: the general fill.
+        assert_eq!(shortcut("Mixed", chat), None);
+        assert_eq!(shortcut("Mixed", image), None);
+    }
 
     /// The longest limit name a policy can make (a resource name of `MAX_NAME_BYTES`, the
     /// longest unit, every part of a rolling window under `MAX_ROLLING_WINDOW_MS`) is
