@@ -18,6 +18,12 @@
 //!   known denial and `charged_to` NONE; names in it are NUL-terminated;
 //! - a Starter key set up before the operations never gets more `m2.7` requests admitted from
 //!   plan quota than its 5-hour limit (1,500) while every admission lies within 5 hours;
+//! - a consume, check, reserve or settle refused (a status other than OK), a consume denied or
+//!   answering a repeated request id, a check, a denied reserve or settle leaves the key's usage
+//!   report (read through `tally_engine_usage` at the call's stamp before and after: every
+//!   limit's used and remaining, the team's credits, the open reservations) as it was, in three
+//!   inputs in four; excused: an expiry of a lease that may have ended between the reads, and a
+//!   settle refused `TALLY_RESERVATION_EXPIRED` (documented: it gives the hold back);
 //! - a key revoked (`tally_engine_revoke_key` answered OK) is never admitted again, and a
 //!   fresh decision on it is denied `TALLY_DENIAL_KEY_REVOKED` (a repeat of a request id
 //!   answers as the first did); revoking reports whether it revoked the key now, and
@@ -471,6 +477,30 @@ struct World {
     tried_locked: bool,
     /// The keys revoked in this engine (or database) so far.
     revoked: HashSet<Vec<u8>>,
+    /// Whether this input reads a key's usage report around each consume, check, reserve and
+    /// settle that must change nothing (three inputs in four, by `durable`'s bits 4 and 5: the
+    /// read before the call expires the leases ended by then, which the call would otherwise
+    /// meet itself, so the other inputs keep reaching that path).
+    unchanged_check: bool,
+    /// When the lease of each reservation admitted ends, at the earliest and at the latest (a
+    /// reservation stamped `TALLY_NOW` ends `lease` after a clock reading the run brackets),
+    /// kept across reopens and closes: an expiry it may explain excuses a changed report.
+    lease_ends: Vec<(u64, u64)>,
+    /// The key each admitted reservation was made on (the report a refused settle re-reads).
+    reservation_keys: HashMap<u64, Vec<u8>>,
+}
+
+/// A key's usage report read before a call that must change nothing.
+struct Before {
+    key: Option<Vec<u8>>,
+    key_len: usize,
+    /// The call's stamp, and the time both reports are read at.
+    stamp: u64,
+    read_at: u64,
+    /// The system clock (the engine's) before the first read: the leases ended by then and by
+    /// `read_at` were expired by that read.
+    clock_before: u64,
+    report: Result<serde_json::Value, tally_status>,
 }
 
 fn name_of(status: u32) -> &'static str {
@@ -534,6 +564,9 @@ impl World {
             policy: None,
             tried_locked: false,
             revoked: HashSet::new(),
+            unchanged_check: false,
+            lease_ends: Vec::new(),
+            reservation_keys: HashMap::new(),
         };
         world.open_engine();
         world.set_up_fixed();
@@ -580,7 +613,13 @@ impl World {
                 self.policy = None;
                 let json = default_policy_json();
                 with_unbounded_options(|options| {
-                    tally_engine_open_in_memory(3, json.as_ptr().cast(), json.len(), options, &mut engine)
+                    tally_engine_open_in_memory(
+                        3,
+                        json.as_ptr().cast(),
+                        json.len(),
+                        options,
+                        &mut engine,
+                    )
                 })
             }
         };
@@ -740,6 +779,7 @@ impl World {
                 let consume = matches!(op, Op::Consume(_));
                 let built = self.build(req);
                 let request = built.raw();
+                let before = self.before(&built.key, built.at_ms);
                 let mut decision = sentinel_decision();
                 let status = if consume {
                     tally_engine_consume(engine, &request, &mut decision)
@@ -752,8 +792,14 @@ impl World {
                     if consume {
                         self.account(&built, &decision);
                     }
+                    // A denial counts nothing (one under a request id is remembered, not
+                    // counted), nor does a repeat of a request id or a check.
+                    if !consume || !decision.admitted || decision.replayed {
+                        self.assert_unchanged(before, "a consume denied or repeated, or a check");
+                    }
                 } else {
                     assert_untouched(&decision, "consume/check");
+                    self.assert_unchanged(before, "a refused consume/check");
                 }
             }
             Op::ConsumeMany(reqs) => {
@@ -911,9 +957,15 @@ impl World {
                     // A refused top-up or withdrawal moves no credits.
                     let mut after = u64::MAX - 7;
                     let reread = tally_engine_credits(engine, team.ptr(), team.len, &mut after);
-                    assert_eq!(reread, read, "top_up/withdraw: the team's credits read differently after a refusal");
+                    assert_eq!(
+                        reread, read,
+                        "top_up/withdraw: the team's credits read differently after a refusal"
+                    );
                     if read == tally_status::TALLY_OK {
-                        assert_eq!(after, before, "top_up/withdraw: a refusal moved the credits ({micros:?})");
+                        assert_eq!(
+                            after, before,
+                            "top_up/withdraw: a refusal moved the credits ({micros:?})"
+                        );
                     }
                 }
             }
@@ -928,6 +980,8 @@ impl World {
             Op::Reserve(req, lease_ms) => {
                 let built = self.build(req);
                 let request = built.raw();
+                let before = self.before(&built.key, built.at_ms);
+                let clock_before = system_ms();
                 let mut decision = sentinel_decision();
                 let mut reservation = u64::MAX - 7;
                 let status = tally_engine_reserve(
@@ -943,12 +997,26 @@ impl World {
                     if decision.admitted {
                         assert_ne!(reservation, 0, "reserve: admitted without a reservation id");
                         self.reservations.push(reservation);
+                        // 0: the default lease (the engine's option, 10 minutes here).
+                        let lease = if *lease_ms == 0 { 600_000 } else { *lease_ms };
+                        let (earliest, latest) = if built.at_ms == TALLY_NOW {
+                            (clock_before, system_ms())
+                        } else {
+                            (built.at_ms, built.at_ms)
+                        };
+                        self.lease_ends
+                            .push((earliest.saturating_add(lease), latest.saturating_add(lease)));
+                        if let Some(key) = &built.key.bytes {
+                            self.reservation_keys.insert(reservation, key.clone());
+                        }
                     } else {
                         assert_eq!(reservation, 0, "reserve: denied with a reservation id");
+                        self.assert_unchanged(before, "a denied reserve");
                     }
                 } else {
                     assert_untouched(&decision, "reserve");
                     assert_eq!(reservation, u64::MAX - 7, "reserve: id written on failure");
+                    self.assert_unchanged(before, "a refused reserve");
                 }
             }
             Op::Settle(which, quantities, at) => {
@@ -959,6 +1027,18 @@ impl World {
                 };
                 let actual = quantities.arg(&resource);
                 let at = self.time(*at);
+                // The report of the reservation's key (the fixed key's for an id the run
+                // made up, or one the engine never gave).
+                let key = self
+                    .reservation_keys
+                    .get(&reservation)
+                    .map_or(FIXED_KEY.as_bytes(), Vec::as_slice)
+                    .to_vec();
+                let key = Arg {
+                    len: key.len(),
+                    bytes: Some(key),
+                };
+                let before = self.before(&key, at);
                 let mut decision = sentinel_decision();
                 let status = tally_engine_settle(
                     engine,
@@ -970,8 +1050,18 @@ impl World {
                 );
                 if self.engine_status(status, "settle") == tally_status::TALLY_OK {
                     check_decision(&decision, "settle");
+                    // Denied: the part beyond the estimate did not fit; nothing changed and
+                    // the reservation stays open.
+                    if !decision.admitted {
+                        self.assert_unchanged(before, "a denied settle");
+                    }
                 } else {
                     assert_untouched(&decision, "settle");
+                    // Documented: a settle after the lease ended (by its stamp or the engine's
+                    // expiry) expires the reservation, giving back its hold.
+                    if status != tally_status::TALLY_RESERVATION_EXPIRED {
+                        self.assert_unchanged(before, "a refused settle");
+                    }
                 }
             }
             Op::Void(which, at) => {
@@ -1363,6 +1453,73 @@ impl World {
         );
     }
 
+    /// The key's usage report before a call stamped `stamp` that may have to change nothing
+    /// (None when this input does not check that). Read at the call's stamp, or at the run's
+    /// time when the stamp is `TALLY_NOW` or past 2100, the same before and after.
+    fn before(&self, key: &Arg, stamp: u64) -> Option<Before> {
+        if !self.unchanged_check {
+            return None;
+        }
+        let read_at = if stamp == TALLY_NOW || stamp >= Y2100 {
+            self.clock
+        } else {
+            stamp
+        };
+        let clock_before = system_ms();
+        Some(Before {
+            key: key.bytes.clone(),
+            key_len: key.len,
+            stamp,
+            read_at,
+            clock_before,
+            report: usage_report(self.engine, key.bytes.as_deref(), key.len, read_at),
+        })
+    }
+
+    /// The key's usage report is as `before` the call, which was refused, denied, replayed or
+    /// only a check: its limits' usage, its team's credits, its open reservations. Excused: an
+    /// expiry of a lease that may have ended between the reads (the engine expires the leases
+    /// ended by a call's stamp and its clock on many calls, housekeeping included), which
+    /// gives back what the lease held; nothing else may differ.
+    fn assert_unchanged(&self, before: Option<Before>, what: &str) {
+        let Some(before) = before else { return };
+        let after = usage_report(
+            self.engine,
+            before.key.as_deref(),
+            before.key_len,
+            before.read_at,
+        );
+        if after == before.report {
+            return;
+        }
+        let clock_after = system_ms();
+        // Every lease ended by this was expired by the first read (if it got that far: a key
+        // it refused expires nothing).
+        let expired_by = match before.report {
+            Ok(_) => before.read_at.min(before.clock_before),
+            Err(_) => 0,
+        };
+        // Nothing expires a lease ending after this: the reads and the call expire by their
+        // stamp and the clock, whichever is earlier (`TALLY_NOW`: the clock).
+        let may_expire_by = if before.stamp == TALLY_NOW {
+            clock_after
+        } else {
+            before.read_at.max(before.stamp).min(clock_after)
+        };
+        let ended_between = self
+            .lease_ends
+            .iter()
+            .any(|&(earliest, latest)| earliest <= may_expire_by && latest > expired_by);
+        assert!(
+            ended_between,
+            "{what} changed the usage report of {:?} (read at {}):\nbefore {:?}\nafter  {:?}",
+            before.key.as_deref().map(String::from_utf8_lossy),
+            before.read_at,
+            before.report,
+            after
+        );
+    }
+
     fn pick_reservation(&self, which: u8) -> u64 {
         match self.reservations.len() {
             0 => u64::from(which),
@@ -1659,7 +1816,10 @@ impl World {
 fn with_unbounded_options<T>(open: impl FnOnce(*const tally_options) -> T) -> T {
     let mut options = ptr::null_mut();
     assert_eq!(tally_options_new(&mut options), tally_status::TALLY_OK);
-    assert_eq!(tally_options_set_max_ahead_of_clock_ms(options, 0), tally_status::TALLY_OK);
+    assert_eq!(
+        tally_options_set_max_ahead_of_clock_ms(options, 0),
+        tally_status::TALLY_OK
+    );
     let opened = open(options);
     tally_options_free(options);
     opened
@@ -1731,6 +1891,9 @@ fn default_policy_json() -> &'static [u8] {
             policy: None,
             tried_locked: false,
             revoked: HashSet::new(),
+            unchanged_check: false,
+            lease_ends: Vec::new(),
+            reservation_keys: HashMap::new(),
         };
         let json = world.policy_json().expect("the shipped policy as JSON");
         tally_engine_free(engine);
@@ -1812,6 +1975,65 @@ fn check_text(storage: &Storage, needed: usize, json: bool, what: &str) {
 }
 
 /// A decision full of values no call writes, to see whether a failed call wrote it.
+/// The engine's clock (the system's), in milliseconds since the epoch.
+fn system_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// A key's usage report as JSON, without what follows the time it is read at rather than the
+/// state ("at_ms", each limit's "reset_at_ms"), or the status it was refused with.
+fn usage_report(
+    engine: *mut tally_engine,
+    key: Option<&[u8]>,
+    key_len: usize,
+    at_ms: u64,
+) -> Result<serde_json::Value, tally_status> {
+    let key_ptr: *const c_char = key.map_or(ptr::null(), |key| key.as_ptr().cast());
+    let mut needed = 0usize;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let status = tally_engine_usage(
+            engine,
+            key_ptr,
+            key_len,
+            at_ms,
+            if buf.is_empty() {
+                ptr::null_mut()
+            } else {
+                buf.as_mut_ptr().cast()
+            },
+            buf.len(),
+            &mut needed,
+        );
+        match known(status, "usage (re-read)") {
+            tally_status::TALLY_OK => break,
+            tally_status::TALLY_BUFFER_TOO_SMALL => buf = vec![0; needed],
+            other => return Err(other),
+        }
+    }
+    let mut report: serde_json::Value =
+        serde_json::from_slice(&buf[..needed - 1]).expect("the usage report is JSON");
+    let object = report
+        .as_object_mut()
+        .expect("the usage report is an object");
+    object.remove("at_ms");
+    for limit in object
+        .get_mut("limits")
+        .and_then(serde_json::Value::as_array_mut)
+        .expect("the usage report has limits")
+    {
+        limit
+            .as_object_mut()
+            .expect("a limit is an object")
+            .remove("reset_at_ms");
+    }
+    Ok(report)
+}
+
 fn sentinel_decision() -> tally_decision {
     tally_decision {
         admitted: false,
@@ -1898,6 +2120,7 @@ fn check_decision(decision: &tally_decision, what: &str) {
 
 fuzz_target!(|input: Input| {
     let mut world = World::open(input.durable % 8 == 1);
+    world.unchanged_check = (input.durable >> 4) % 4 != 3;
     for op in input.ops.iter().take(MAX_OPS) {
         world.step(op);
     }
