@@ -102,7 +102,7 @@ fn table(option: &'static str) -> Range {
 }
 
 /// A `usize` option as a `u64` (saturating: a value past `u64` is out of every range anyway).
-fn wide(value: usize) -> u64 {
+pub(crate) fn wide(value: usize) -> u64 {
     u64::try_from(value).unwrap_or(u64::MAX)
 }
 

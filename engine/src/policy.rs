@@ -553,16 +553,14 @@ pub struct Plan {
     pub touches: Vec<Vec<Touch>>,
     /// Indexed by `ResourceId`: per-request maximums, 0 where none.
     pub maximums: Vec<[u64; UNIT_COUNT]>,
-    /// Indexed by `ResourceId`: whether any maximum is set.
-    pub has_maximum: Vec<bool>,
     pub max_open_reservations: Option<u32>,
     pub price_micros_per_month: Option<u64>,
     /// Indexed like `limits`: every plan with a larger amount on the same meter and span, smallest
     /// amount first (`admission::upgrade_for`): a denial's, kept apart from the `Limit`s admission reads
     /// on every request.
     pub limit_upgrades: Vec<Upgrades>,
-    /// Indexed by `ResourceId`: what admission reads of `covers`, `has_maximum` and `touches`,
-    /// in one place (one bounds check per request instead of one per list).
+    /// Indexed by `ResourceId`: what admission reads of `covers`, `maximums` (whether any is
+    /// set) and `touches`, in one place (one bounds check per request instead of one per list).
     pub(crate) admission: Vec<ResourceAdmission>,
 }
 
@@ -1674,13 +1672,10 @@ impl Compiler {
                 ));
             }
         }
-        let has_maximum: Vec<bool> = maximums
-            .iter()
-            .map(|units| units.iter().any(|maximum| *maximum > 0))
-            .collect();
-        let admission = (covers.iter().zip(&has_maximum).zip(&touches))
-            .map(|((covers, has_maximum), touches)| {
-                ResourceAdmission::of(*covers, *has_maximum, touches)
+        let admission = (covers.iter().zip(&maximums).zip(&touches))
+            .map(|((covers, units), touches)| {
+                let has_maximum = units.iter().any(|maximum| *maximum > 0);
+                ResourceAdmission::of(*covers, has_maximum, touches)
             })
             .collect();
         Ok(Plan {
@@ -1689,7 +1684,6 @@ impl Compiler {
             covers,
             touches,
             maximums,
-            has_maximum,
             max_open_reservations: plan.max_open_reservations,
             price_micros_per_month: plan.price_micros_per_month,
             limit_upgrades: Vec::new(),
@@ -2181,7 +2175,7 @@ mod tests {
     use super::*;
     use crate::admission::{Amounts, Quantities};
 
-    /// A plan's admission summary says what `covers`, `has_maximum` and `touches` say, and
+    /// A plan's admission summary says what `covers`, `maximums` and `touches` say, and
     /// its weight-1 shortcut is taken only where it gives the amounts `Amounts::fill` gives.
     #[test]
     fn a_plans_admission_summary_agrees_with_its_touches() {
@@ -2219,7 +2213,11 @@ limits = [
             let plan = policy.plan(policy.plan_id(plan).expect("plan"));
             let summary = plan.admission[resource.index()];
             assert_eq!(summary.covers, plan.covers[resource.index()]);
-            assert_eq!(summary.has_maximum, plan.has_maximum[resource.index()]);
+            let maximums = &plan.maximums[resource.index()];
+            assert_eq!(
+                summary.has_maximum,
+                maximums.iter().any(|maximum| *maximum > 0)
+            );
             let touches = &plan.touches[resource.index()];
             let limits: Vec<u8> = touches.iter().map(|touch| touch.limit).collect();
             assert_eq!(summary.limits(), &limits[..]);

@@ -1005,7 +1005,7 @@ impl Engine {
             .requests
             .held_within(now_ms, self.requests.horizon_ms());
         let options = self.options();
-        let wide = |count: usize| u64::try_from(count).unwrap_or(u64::MAX);
+        use crate::options::wide;
         let held: [(&'static str, u64, u64, &str); 5] = [
             ("max_keys", options.max_keys, self.keys.len(), "keys"),
             ("max_users", options.max_users, wide(users), "users"),
