@@ -737,6 +737,12 @@ func deniedUnit(d tally.Decision) string {
 	return limitUnit(d.LimitName)
 }
 
+// credits writes micro-credits as credits with six decimals, exactly: 2500000001 is
+// "2500.000001". The Python middleware writes the same.
+func credits(micros uint64) string {
+	return fmt.Sprintf("%d.%06d", micros/1_000_000, micros%1_000_000)
+}
+
 // denialMessage says which quota ran out and when it resets.
 func denialMessage(resource string, d tally.Decision) string {
 	plan := d.Plan
@@ -749,7 +755,11 @@ func denialMessage(resource string, d tally.Decision) string {
 		message = fmt.Sprintf("Quota exhausted: %s (%d of %d used) on plan %s. It resets at %s; retry after %d seconds.",
 			d.LimitName, d.LimitUsed, d.LimitAmount, plan, d.RetryAt.UTC().Format(time.RFC3339), ceilSeconds(d.RetryAfter))
 	case tally.DenialNoResources:
-		message = "This key has no Token Plan seat and its team has no credits: assign a seat or top up credits."
+		message = "This key has no usable resources: it has no Token Plan seat and its team has no credits. Assign a seat or top up credits"
+		if d.CreditsNeededMicros > 0 {
+			message += " (at least " + credits(d.CreditsNeededMicros) + " for this request)"
+		}
+		message += "."
 	case tally.DenialResourceNotCovered:
 		if d.Plan == "" { // a key without a seat (its team's credits cannot pay), or pay-as-you-go
 			message = fmt.Sprintf("This key has no plan that covers %s and the team's credits cannot pay for it.", resource)
@@ -757,8 +767,12 @@ func denialMessage(resource string, d tally.Decision) string {
 			message = fmt.Sprintf("Plan %s does not cover %s and the team's credits cannot pay for it.", plan, resource)
 		}
 	case tally.DenialInsufficientCredits:
-		message = fmt.Sprintf("The plan's quota for %s is used up and the team's credits are short (%d micro-credits needed).",
-			resource, d.CreditsNeededMicros)
+		// Worded as the Python middleware words it, in credits (Requested is the price, in micros).
+		message = fmt.Sprintf("The plan's quota for %s cannot take this request and the team's credits are short: it costs %s credits, the balance is %s.",
+			resource, credits(d.Requested), credits(d.CreditsBalanceMicros))
+		if d.CreditsNeededMicros > 0 {
+			message += " Or top up at least " + credits(d.CreditsNeededMicros) + " credits to pay for it."
+		}
 	case tally.DenialTooManyReservations:
 		if d.Plan == "" {
 			message = fmt.Sprintf("Too many calls in flight for this key (%d of %d allowed at once).", d.Requested, d.Maximum)

@@ -35,6 +35,7 @@ from tally.asgi import (
     QuotaMiddleware,
     Route,
     UsageReader,
+    _credits,
     denial_message,
     lease_ended,
     rate_limit_headers,
@@ -634,6 +635,37 @@ limits = [{ resource = "free-model", unit = "requests", amount = 10, window = "r
     message = denial_message(decision, "free-model")
     assert message.startswith("This key has no plan that covers free-model."), message
     assert "Upgrade to Covers" in message
+
+
+def test_an_insufficient_credits_denial_says_the_amounts_in_credits_exactly():
+    # Worded as the Go gateway words it: the price, the balance and what to top up, in credits
+    # with six decimals, exactly (micro-credits divided as floats would round large balances).
+    policy = """
+time_zone = "UTC"
+[resources.chat]
+units = ["requests"]
+price_micros = { requests = 2500000001 }
+[plans.Plus]
+limits = [{ resource = "chat", unit = "requests", amount = 1, window = "rolling:5h" }]
+"""
+    engine = tally.Engine.in_memory(tally.Policy.toml(policy))
+    engine.create_user("ada", "key-ada")
+    engine.top_up("@ada", 1)
+    decision = engine.consume("key-ada", "chat", {"requests": 1})
+    assert decision.denial is tally.Denial.INSUFFICIENT_CREDITS
+    assert denial_message(decision, "chat") == (
+        "The plan's quota for chat cannot take this request and the team's credits are short: "
+        "it costs 2500.000001 credits, the balance is 0.000001. Upgrade to Plus for more. "
+        "Or top up at least 2500.000000 credits to pay for it."
+    )
+    # The largest balance, far past 2^53 micro-credits where a float is no longer exact.
+    assert _credits(2**64 - 1) == "18446744073709.551615"
+    engine.create_user("cy", "key-cy")
+    seatless = engine.consume("key-cy", "chat", {"requests": 1})
+    assert seatless.denial is tally.Denial.NO_RESOURCES
+    assert denial_message(seatless, "chat").endswith(
+        "Assign a seat or top up credits (at least 2500.000001 for this request)."
+    ), denial_message(seatless, "chat")
 
 
 def test_images_are_counted_by_n_and_a_plan_without_them_is_insufficient_quota(engine, gateway):

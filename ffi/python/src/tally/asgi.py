@@ -276,12 +276,19 @@ def _duration(ms: int) -> str:
     return f"{text}{seconds}s"
 
 
+def _credits(micros: int) -> str:
+    """Micro-credits as credits with six decimals, exactly: ``2500000001`` is ``"2500.000001"``
+    (a float would round balances above 2^53 micro-credits). The Go gateway writes the same."""
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"{whole}.{fraction:06d}"
+
+
 def denial_message(decision: Decision, resource: str) -> str:
     """Which quota ran out and when it resets, or why waiting cannot help."""
     plan = f"plan {decision.plan}" if decision.plan else "this key"
     upgrade = f" Upgrade to {decision.upgrade_plan} for more." if decision.upgrade_plan else ""
-    needed = decision.credits_needed_micros / 1e6
-    credits = f" Or top up at least {needed:.6f} credits to pay for it." if needed else ""
+    needed = decision.credits_needed_micros
+    credits = f" Or top up at least {_credits(needed)} credits to pay for it." if needed else ""
     denial = decision.denial
     if denial is Denial.QUOTA_EXHAUSTED:
         retry_at = (
@@ -296,9 +303,10 @@ def denial_message(decision: Decision, resource: str) -> str:
             f"{retry_at}.{upgrade}{credits}"
         )
     if denial is Denial.NO_RESOURCES:
+        at_least = f" (at least {_credits(needed)} for this request)" if needed else ""
         return (
             "This key has no usable resources: it has no Token Plan seat and its team has no "
-            f"credits. Assign a seat or top up credits (at least {needed:.6f} for this request)."
+            f"credits. Assign a seat or top up credits{at_least}."
         )
     if denial is Denial.RESOURCE_NOT_COVERED:
         if not decision.plan:  # a key without a seat (its team's credits cannot pay for it)
@@ -310,11 +318,12 @@ def denial_message(decision: Decision, resource: str) -> str:
             f"{decision.limit_name} ({decision.maximum}) on {plan}: waiting cannot help.{upgrade}"
         )
     if denial is Denial.INSUFFICIENT_CREDITS:
-        balance = (decision.credits_balance_micros or 0) / 1e6
+        # Worded as the Go gateway words it, in credits (`requested` is the price, in micros).
+        balance = decision.credits_balance_micros or 0
         return (
-            f"The plan's quota cannot take this request and the team's credits are short: it "
-            f"costs {decision.requested / 1e6:.6f} credits, the balance is {balance:.6f}."
-            f"{upgrade}"
+            f"The plan's quota for {resource} cannot take this request and the team's credits "
+            f"are short: it costs {_credits(decision.requested)} credits, the balance is "
+            f"{_credits(balance)}.{upgrade}{credits}"
         )
     if denial is Denial.OVER_REQUEST_MAXIMUM:
         unit = decision.unit.name.lower() if decision.unit is not None else "units"
