@@ -599,9 +599,9 @@ fn a_new_id_on_a_malformed_key_is_refused_for_the_key_whatever_the_table_says() 
     }
 }
 
-/// After a reopen, a new id stamped before the bound the open sets (the newest logged event's
-/// time less the horizon: ids stamped before it may have been forgotten) but within the
-/// horizon of the clock, stepped behind that event: `consume` refuses it, and `check` does too.
+/// After a reopen, a new id stamped before the bound the open sets (past the latest stamp of
+/// an id forgotten before the close: it may be a retry of that one) but within the horizon of
+/// the clock, stepped back: `consume` refuses it, and `check` does too.
 #[test]
 fn a_check_after_a_reopen_refuses_a_new_id_stamped_before_what_was_forgotten_as_a_consume_does() {
     let dir = TempDir::new("idem-check-forgotten");
@@ -609,15 +609,18 @@ fn a_check_after_a_reopen_refuses_a_new_id_stamped_before_what_was_forgotten_as_
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     create_accounts(&engine);
     let horizon_ms = engine.policy().longest_window_ms();
-    // Stamped 20 hours ahead of the clock: the newest logged event.
-    let ahead = UsageRequest::new("key-eve", "m2.7", &ONE)
-        .at(T0_MS + 20 * HOUR_MS)
-        .id("ahead");
-    assert!(engine.consume(&ahead).expect("the first").is_admitted());
+    let gone = UsageRequest::new("key-eve", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("gone");
+    assert!(engine.consume(&gone).expect("the first").is_admitted());
+    // Past its horizon, a check of it forgets it.
+    clock.set_ms(T0_MS + horizon_ms + 2 * HOUR_MS);
+    assert!(engine.check(&gone).is_err(), "forgotten");
     engine.close().expect("a clean close");
+    clock.set_ms(T0_MS + 2 * HOUR_MS);
     let engine = open_on_clock(dir.path(), clock, sync_options());
     let old = UsageRequest::new("key-eve", "m2.7", &ONE)
-        .at(T0_MS + HOUR_MS - horizon_ms)
+        .at(T0_MS)
         .id("maybe-forgotten");
     let checked = engine.check(&old);
     let consumed = engine.consume(&old);
@@ -815,4 +818,128 @@ fn an_id_forgotten_before_a_close_is_not_decided_again_after_a_reopen_on_a_clock
         spend(&reopened)
     );
     assert_eq!(spend(&reopened), spent, "charged once");
+}
+
+/// How far ahead the clock glitches in the tests below: a year, far past the horizon.
+const GLITCH_MS: u64 = 365 * DAY_MS;
+
+/// Whether `result` is the refusal of a new id stamped too early to be remembered.
+fn refused_as_too_old<T>(result: &Result<T, tally_engine::Error>) -> bool {
+    matches!(
+        result,
+        Err(tally_engine::Error::InvalidArgument { field: "at_ms", .. })
+    )
+}
+
+/// A clock that reads a year ahead for one checkpoint, then comes back: nothing was forgotten
+/// by that reading (no request came), so a fresh id stamped by the real clock is decided, live
+/// and after a reopen, and an id remembered before the glitch is still answered as a repeat.
+/// The open bounded forgotten ids by the latest checkpoint's clock reading less the horizon:
+/// every new id was refused for eleven months after every reopen (and the glitched record of
+/// when the checkpoint's events were logged stayed until compaction, which it held back too).
+#[test]
+fn a_clock_glitched_ahead_at_a_checkpoint_refuses_no_fresh_id_after_a_reopen() {
+    let dir = TempDir::new("idem-glitch-checkpoint");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("before");
+    let (_, replayed) = engine.consume_noting_replay(&before).expect("the first");
+    assert!(!replayed);
+    clock.set_ms(T0_MS + GLITCH_MS);
+    engine
+        .checkpoint()
+        .expect("a checkpoint on the glitched clock");
+    clock.set_ms(T0_MS + MINUTE_MS);
+    let live = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + MINUTE_MS)
+        .id("fresh-live");
+    let (decision, replayed) = engine
+        .consume_noting_replay(&live)
+        .expect("a fresh id live");
+    assert!(decision.is_admitted() && !replayed, "{decision:?}");
+    engine.close().expect("a clean close");
+    clock.set_ms(T0_MS + 2 * MINUTE_MS);
+    let reopened = open_on_clock(dir.path(), clock, sync_options());
+    let fresh = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + 2 * MINUTE_MS)
+        .id("fresh-after-reopen");
+    let after = reopened.consume_noting_replay(&fresh);
+    assert!(
+        matches!(&after, Ok((decision, false)) if decision.is_admitted()),
+        "a fresh id after the reopen: {after:?}"
+    );
+    let (_, replayed) = reopened.consume_noting_replay(&before).expect("a repeat");
+    assert!(replayed, "the id from before the glitch is remembered");
+}
+
+/// A request that comes while the clock reads a year ahead forgets the ids its shard held
+/// (their horizon has passed by that reading): their retries, stamped as they first were, are
+/// refused from then on, live and after a reopen, never decided and charged again. That is
+/// the whole of the glitch's consequence for request ids: a fresh id stamped after every id
+/// forgotten is decided as usual once the clock is back. The shard bounded what it forgot by
+/// the glitched clock less the horizon, refusing every new id stamped before that for eleven
+/// months; and the open, bounding by the clock's readings at checkpoints (none glitched),
+/// decided and charged the forgotten id's retry again.
+#[test]
+fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
+    let dir = TempDir::new("idem-glitch-request");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
+    let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("before");
+    let (_, replayed) = engine.consume_noting_replay(&before).expect("the first");
+    assert!(!replayed);
+    let price = spend(&engine);
+    assert!(price > 0, "the first was charged");
+    clock.set_ms(T0_MS + GLITCH_MS);
+    // Its retry, on the glitched clock: too old to be remembered, and forgotten.
+    assert!(refused_as_too_old(&engine.consume_noting_replay(&before)));
+    clock.set_ms(T0_MS + MINUTE_MS);
+    let retry = engine.consume_noting_replay(&before);
+    assert!(
+        refused_as_too_old(&retry),
+        "the forgotten id's retry: {retry:?}"
+    );
+    // Fresh ids enough to land in every one of the table's 64 shards, the forgetful one too.
+    const FRESH: u64 = 256;
+    let fresh_ids: Vec<String> = (0..FRESH).map(|n| format!("fresh-live-{n}")).collect();
+    for id in &fresh_ids {
+        let live = UsageRequest::new("payg-dee", "m2.7", &ONE)
+            .at(T0_MS + MINUTE_MS)
+            .id(id);
+        let after = engine.consume_noting_replay(&live);
+        assert!(
+            matches!(&after, Ok((decision, false)) if decision.is_admitted()),
+            "a fresh id ({id}) once the clock is back: {after:?}"
+        );
+    }
+    engine.close().expect("a clean close");
+    clock.set_ms(T0_MS + 2 * MINUTE_MS);
+    let reopened = open_on_clock(dir.path(), clock, sync_options());
+    let retry = reopened.consume_noting_replay(&before);
+    assert!(
+        refused_as_too_old(&retry),
+        "the retry after the reopen: {retry:?}"
+    );
+    let fresh = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + 2 * MINUTE_MS)
+        .id("fresh-after-reopen");
+    let after = reopened.consume_noting_replay(&fresh);
+    assert!(
+        matches!(&after, Ok((decision, false)) if decision.is_admitted()),
+        "a fresh id after the reopen: {after:?}"
+    );
+    let live = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + MINUTE_MS)
+        .id(&fresh_ids[0]);
+    let (_, replayed) = reopened.consume_noting_replay(&live).expect("a repeat");
+    assert!(replayed, "an id decided after the glitch is remembered");
+    // Charged for the first request and the fresh ones, never for a retry.
+    assert_eq!(spend(&reopened), (FRESH + 2) * price);
 }

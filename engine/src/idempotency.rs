@@ -327,10 +327,15 @@ pub(crate) struct Shard {
     out_of_order: BTreeMap<(u64, u64), Arc<str>>,
     /// The arrival number of the next id put in `out_of_order`.
     next_out_of_order: u64,
-    /// Every id stamped before this may have been forgotten (the latest `expire`'s bound): a
-    /// new id stamped before it is refused as too old, as one stamped more than the horizon
-    /// before the clock is. Without it, a clock stepped back (or a horizon grown by a policy
-    /// swap) let a retry of a forgotten id seem inside the horizon, and count again.
+    /// Every id stamped before this may have been forgotten: one past the latest stamp of an
+    /// id `expire` dropped (or an open's bound): a new id stamped before it is refused as too
+    /// old, as one stamped more than the horizon before the clock is. Without it, a clock
+    /// stepped back (or a horizon grown by a policy swap) let a retry of a forgotten id, stamped
+    /// as it first was, seem inside the horizon, and count again. Bounded by the stamps of the
+    /// ids dropped, not by the clock that dropped them: the clock's time less the horizon, a
+    /// clock that read a year ahead for one request refused every new id stamped by the real
+    /// clock for eleven months (and, recorded by a checkpoint, after every reopen), where only
+    /// the ids it forgot, all stamped before the glitch, could have their retries taken for new.
     forgotten_before_ms: u64,
 }
 
@@ -404,6 +409,18 @@ impl RequestTable {
         for mut shard in self.lock_all() {
             shard.forgotten_before_ms = shard.forgotten_before_ms.max(bound_ms);
         }
+    }
+
+    /// The latest bound any of `shards` refuses new ids stamped before (they may be retries of
+    /// ids it forgot): what a checkpoint's cut records (`EventLog::record_ids_forgotten_before`)
+    /// for the open that restores its snapshot, as the ids forgotten before the cut are in
+    /// neither the snapshot nor the log after it.
+    pub fn forgotten_before_ms(shards: &[LeavableGuard<'_, Shard>]) -> u64 {
+        shards
+            .iter()
+            .map(|shard| shard.forgotten_before_ms)
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn horizon_ms(&self) -> u64 {
@@ -799,17 +816,18 @@ impl Shard {
             .chain(self.out_of_order.values())
     }
 
-    /// Drops ids stamped more than the horizon before `now_ms` (the engine's clock).
-    /// Returns how many records it dropped.
+    /// Drops ids stamped more than the horizon before `now_ms` (the engine's clock), and
+    /// refuses from then on new ids stamped at or before the latest stamp dropped (a retry of
+    /// one of them). Returns how many records it dropped.
     fn expire(&mut self, now_ms: u64, horizon_ms: u64) -> usize {
         let oldest_kept = now_ms.saturating_sub(horizon_ms);
-        self.forgotten_before_ms = self.forgotten_before_ms.max(oldest_kept);
         let mut dropped = 0;
         while let Some((arrived_ms, _)) = self.arrivals.front() {
             if *arrived_ms >= oldest_kept {
                 break;
             }
-            if let Some((_, id)) = self.arrivals.pop_front() {
+            if let Some((arrived_ms, id)) = self.arrivals.pop_front() {
+                self.forgotten_before_ms = self.forgotten_before_ms.max(arrived_ms + 1);
                 dropped += self.drop_record_of(&id);
             }
         }
@@ -821,7 +839,9 @@ impl Shard {
             if entry.key().0 >= oldest_kept {
                 break;
             }
+            let arrived_ms = entry.key().0;
             let id = entry.remove();
+            self.forgotten_before_ms = self.forgotten_before_ms.max(arrived_ms + 1);
             dropped += self.drop_record_of(&id);
         }
         dropped

@@ -26,7 +26,8 @@
 //! - sled, for what is small and keyed: `meta` (the format version, the options the database
 //!   was last opened with: `options::RecordedOptions`, the last event a clean close found
 //!   durable, the newest segment recorded as created, and when events were logged:
-//!   `logged_by/<seq>`, one per checkpoint) and `cursors` (named export cursors, at most
+//!   `logged_by/<seq>`, one per checkpoint, and the latest one's request-id bound,
+//!   `ids_forgotten_before`) and `cursors` (named export cursors, at most
 //!   `MAX_CURSORS`). sled's file lock also keeps a second process out of the directory.
 //!
 //! Opening scans the last segment. Zeros from a frame's start to the end of the file are the
@@ -207,6 +208,15 @@ const META_LAST_SEGMENT: &[u8] = b"last_segment";
 /// (`compact`). A database an earlier build wrote has none for its segments: the first
 /// checkpoint this build takes covers them. Earlier builds ignore the keys (no format change).
 const META_LOGGED_BY: &[u8] = b"logged_by/";
+/// The bound the request-id shards refused new ids stamped before at the latest checkpoint's
+/// cut (`RequestTable::forgotten_before_ms`), recorded with its `logged_by/` record: the
+/// checkpoint's sequence number then the bound in ms (u64 LE each). An id stamped before it
+/// may have been forgotten before the cut, and is in neither the snapshot nor the log after
+/// it. The open bounds forgotten ids by it rather than by the clock's readings, which a clock
+/// glitched far ahead for a moment left far ahead for good. Earlier builds ignore the key;
+/// one naming an earlier checkpoint than the snapshot's (an earlier build took the later
+/// one) is not used.
+const META_IDS_FORGOTTEN_BEFORE: &[u8] = b"ids_forgotten_before";
 
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
 /// when the call that made it returns it (`consume`, each request of `consume_many` when the
@@ -2630,7 +2640,7 @@ impl EventLog {
     pub fn write_snapshot_in_background(
         &self,
         seq: u64,
-        logged_by_ms: u64,
+        (logged_by_ms, ids_forgotten_before_ms): (u64, u64),
         encode: EncodeSnapshot,
     ) -> Result<(), Error> {
         let shared = Arc::clone(&self.shared);
@@ -2647,7 +2657,7 @@ impl EventLog {
                     assert!(!panic, "injected: the snapshot thread panics");
                     Self::wait_durable(&shared, seq)?;
                     // Recorded before the snapshot is stored (see `Engine::checkpoint`).
-                    record_logged_by(seq, logged_by_ms)?;
+                    record_logged_by(seq, logged_by_ms, ids_forgotten_before_ms)?;
                     store_snapshot(&snapshots_dir, seq, usage_bytes, bytes).map(|_| ())
                 })
             })
@@ -2876,19 +2886,33 @@ impl EventLog {
     /// the events that take their numbers after it too early), and before a snapshot of
     /// `seq` is stored: the open bounds the request ids a snapshot may have forgotten by the
     /// latest record (`latest_logged_by_ms`), so a snapshot must never be found without its
-    /// record. Refused on a read-only log.
-    pub fn record_logged_by(&self, seq: u64, clock_ms: u64) -> Result<(), Error> {
-        self.logged_by_recorder()(seq, clock_ms)
+    /// record. With it, that the request-id shards refused new ids stamped before
+    /// `ids_forgotten_before_ms` at the cut (`META_IDS_FORGOTTEN_BEFORE`), replacing the
+    /// previous checkpoint's. Refused on a read-only log.
+    pub fn record_logged_by(
+        &self,
+        seq: u64,
+        clock_ms: u64,
+        ids_forgotten_before_ms: u64,
+    ) -> Result<(), Error> {
+        self.logged_by_recorder()(seq, clock_ms, ids_forgotten_before_ms)
     }
 
     /// `record_logged_by` for a snapshot thread: records into this log's `meta` (sled's
     /// trees are shared handles), with the same care.
-    fn logged_by_recorder(&self) -> impl Fn(u64, u64) -> Result<(), Error> + Send + 'static {
+    fn logged_by_recorder(&self) -> impl Fn(u64, u64, u64) -> Result<(), Error> + Send + 'static {
         let writable = (!self.read_only)
             .then(|| (self.meta.clone(), self.db.clone(), Arc::clone(&self.syncer)));
-        move |seq, clock_ms| match &writable {
+        move |seq, clock_ms, ids_forgotten_before_ms| match &writable {
             Some((meta, db, syncer)) => {
                 record_logged_by(meta, seq, clock_ms)?;
+                let mut value = [0u8; 16];
+                value[..8].copy_from_slice(&seq.to_le_bytes());
+                value[8..].copy_from_slice(&ids_forgotten_before_ms.to_le_bytes());
+                meta.insert(META_IDS_FORGOTTEN_BEFORE, &value[..])
+                    .map_err(|error| {
+                        storage("recording which request ids were forgotten", error)
+                    })?;
                 syncer.flush(db)
             }
             None => Err(storage("the log", "opened read-only: nothing is recorded")),
@@ -2930,6 +2954,20 @@ impl EventLog {
     /// record of the first sequence number at or after it); `None` when none covers it yet.
     pub fn logged_by_ms(&self, seq: u64) -> Result<Option<u64>, Error> {
         self.compactor().logged_by_ms(seq)
+    }
+
+    /// The latest checkpoint's record of the bound its request-id shards refused new ids
+    /// stamped before (`META_IDS_FORGOTTEN_BEFORE`), as `(its seq, the bound in ms)`. `None`
+    /// when none is recorded (a database no checkpoint of this build covers) or it does not
+    /// read back.
+    pub fn ids_forgotten_before(&self) -> Option<(u64, u64)> {
+        let value = self.meta.get(META_IDS_FORGOTTEN_BEFORE).ok()??;
+        let value = <[u8; 16]>::try_from(&value[..]).ok()?;
+        let (seq, bound) = value.split_at(8);
+        Some((
+            u64::from_le_bytes(seq.try_into().ok()?),
+            u64::from_le_bytes(bound.try_into().ok()?),
+        ))
     }
 
     /// The latest clock time a checkpoint recorded (`record_logged_by`): the engine's clock
@@ -4938,7 +4976,7 @@ mod tests {
         let segments = log.segments();
         assert!(segments.len() >= 4, "{segments:?}");
         let last_seq = log.next_seq() - 1;
-        log.record_logged_by(last_seq, 5_000).expect("record");
+        log.record_logged_by(last_seq, 5_000, 0).expect("record");
         let compactor = log.compactor();
         let spent = Some(Instant::now());
         let removed = compactor
@@ -4978,7 +5016,7 @@ mod tests {
             log.sync().expect("sync");
         }
         let last_seq = log.next_seq() - 1;
-        log.record_logged_by(last_seq, 5_000).expect("record");
+        log.record_logged_by(last_seq, 5_000, 0).expect("record");
         // Two snapshots: compaction keeps what follows the one before the latest.
         log.write_snapshot(last_seq - 1, 0, b"").expect("snapshot");
         log.write_snapshot(last_seq, 0, b"").expect("snapshot");

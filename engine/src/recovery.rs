@@ -884,8 +884,10 @@ impl Engine {
         if marks_unknown {
             engine.mark_short_periods();
         }
-        // Ids stamped more than the horizon before the newest logged event may have been
-        // forgotten before the close (the clock had run that far): their retry must not be
+        // Without a snapshot, the whole log is replayed and every id it names restored:
+        // nothing forgotten is missing. With one an earlier build took, the bound is guessed
+        // from the clock's readings, as that build did: ids stamped more than the horizon
+        // before the newest logged event may have been forgotten before the close (the clock had run that far): their retry must not be
         // decided again if the clock now reads earlier (stepped back across the restart).
         // The horizon they were forgotten by is the one the database last ran with (its
         // recorded option, and the longest window of the policy restored), which this open
@@ -898,16 +900,33 @@ impl Engine {
         // it before the cut is in neither the snapshot nor the log replayed after it. Bounded
         // by the newest logged event alone (nothing logged since the id's own event, say),
         // the retry on a clock stepped back was decided and charged again.
-        let last_horizon_ms = last_horizon_option_ms.max(engine.policy().longest_window_ms());
-        let horizon_ms = engine.requests.horizon_ms().min(last_horizon_ms);
-        let clock_ran_ms = engine
-            .newest_event_ms()
-            .max(log.latest_logged_by_ms().unwrap_or(0));
-        engine.requests.forgotten_before(
-            clock_ran_ms
-                .saturating_sub(horizon_ms)
-                .max(engine.now_ms().saturating_sub(last_horizon_ms)),
-        );
+        // A checkpoint of this build records the bound itself: what its cut's shards refused
+        // new ids stamped before, the stamps of the ids they forgot (`Shard::expire`), which
+        // an id forgotten since the cut, being in the snapshot or the log after it, needs not
+        // be under. That record is used whenever it covers the snapshot restored, and not the
+        // clock's readings: a clock that read a year ahead at one checkpoint (or for one
+        // request stamped by it) left every new id refused for eleven months after each
+        // reopen, though nothing, or only ids stamped before the glitch, had been forgotten.
+        let recorded_bound_ms = log
+            .ids_forgotten_before()
+            .filter(|(seq, _)| replayed_from > 0 && *seq >= replayed_from)
+            .map(|(_, bound_ms)| bound_ms);
+        let bound_ms = match recorded_bound_ms {
+            Some(bound_ms) => bound_ms,
+            None if replayed_from == 0 => 0,
+            None => {
+                let last_horizon_ms =
+                    last_horizon_option_ms.max(engine.policy().longest_window_ms());
+                let horizon_ms = engine.requests.horizon_ms().min(last_horizon_ms);
+                let clock_ran_ms = engine
+                    .newest_event_ms()
+                    .max(log.latest_logged_by_ms().unwrap_or(0));
+                clock_ran_ms
+                    .saturating_sub(horizon_ms)
+                    .max(engine.now_ms().saturating_sub(last_horizon_ms))
+            }
+        };
+        engine.requests.forgotten_before(bound_ms);
         // Before the open changes anything: a table's bound below what the database holds.
         engine.refuse_bounds_below_held()?;
         // The policy given is swapped in below: refused as the swap refuses it, before the
@@ -1687,6 +1706,7 @@ impl Engine {
         let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
+        let ids_forgotten_before_ms = cut.ids_forgotten_before_ms;
         // Every event up to the cut was logged by now.
         let logged_by_ms = self.now_ms();
         let written = cut.finish_copies().and_then(|()| {
@@ -1697,7 +1717,7 @@ impl Engine {
             // Recorded before the snapshot is stored: a snapshot without it (a crash between
             // the two) would leave the open bounding forgotten request ids by the newest
             // logged event alone, and an id the snapshot forgot could be decided again.
-            journal.record_logged_by(seq, logged_by_ms)?;
+            journal.record_logged_by(seq, logged_by_ms, ids_forgotten_before_ms)?;
             journal.write_snapshot(seq, usage_bytes, bytes)
         });
         self.cuts.give_back(cut);
@@ -1738,6 +1758,7 @@ impl Engine {
         let started = Instant::now();
         let mut cut = self.cut_rotating(journal);
         let seq = cut.seq;
+        let ids_forgotten_before_ms = cut.ids_forgotten_before_ms;
         // Every event up to the cut was logged by now.
         let logged_by_ms = self.now_ms();
         // Retention after the snapshot is stored, judged at the cut's clock time.
@@ -1752,7 +1773,7 @@ impl Engine {
         let background_noted = Arc::clone(&self.background);
         let started_thread = journal.write_snapshot_in_background(
             seq,
-            logged_by_ms,
+            (logged_by_ms, ids_forgotten_before_ms),
             Box::new(move |store| {
                 // The shard copies no admission ran yet run here, off the caller's thread.
                 let stored = unless_panicked("writing a snapshot", || {

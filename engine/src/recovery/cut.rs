@@ -250,6 +250,9 @@ struct RawReservation {
 #[derive(Debug, Default)]
 pub(crate) struct RawCut {
     pub(super) seq: u64,
+    /// The request-id shards' bound on the ids they forgot, read under their locks: an id
+    /// stamped before it may be in neither this snapshot nor the log after it.
+    pub(super) ids_forgotten_before_ms: u64,
     newest_at_ms: u64,
     policies: Vec<Option<Arc<Policy>>>,
     texts: Texts,
@@ -362,6 +365,7 @@ impl RawCut {
     fn clear(&mut self) {
         let RawCut {
             seq,
+            ids_forgotten_before_ms,
             newest_at_ms,
             policies,
             texts,
@@ -387,7 +391,8 @@ impl RawCut {
             spare_fragments,
             spare_request_fragments,
         } = self;
-        (*seq, *newest_at_ms, *next_reservation, *usage_bytes) = (0, 0, 0, 0);
+        (*seq, *ids_forgotten_before_ms, *newest_at_ms) = (0, 0, 0);
+        (*next_reservation, *usage_bytes) = (0, 0);
         policies.clear();
         texts.0.clear();
         shards.clear();
@@ -1372,6 +1377,7 @@ impl Engine {
         cut.copy_reservations(&table);
         // Their records are copied later, each shard's when it is next locked.
         let requests_guard = self.requests.lock_all();
+        cut.ids_forgotten_before_ms = RequestTable::forgotten_before_ms(&requests_guard);
         // The registry is copied later too; only its teams are listed now, for their balances.
         let registry = self.registry.lock();
         let teams = cut.team_list(&registry);
