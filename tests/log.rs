@@ -6911,3 +6911,70 @@ fn a_batch_racing_a_revocation_logs_its_usage_before_the_revocation() {
         "(round, usage events after the revocation): {after_revocation:?}"
     );
 }
+
+/// Two log segments whose events overlap (the first holds the second's events too, as a
+/// segment copied from another log or put back from a backup would): the open refuses the
+/// database and `verify` reports it, each saying the segments overlap, naming both and their
+/// events, not that events are missing (none is: some are there twice). Both said events were
+/// missing, or that there was a gap.
+#[test]
+fn an_open_and_verify_say_that_overlapping_segments_overlap_not_that_events_are_missing() {
+    let dir = TempDir::new("overlapping-segments");
+    let options = OpenOptions {
+        segment_bytes: 512,
+        ..sync_options()
+    };
+    let engine = open_token_plan(dir.path(), options.clone());
+    populate(&engine);
+    drop(engine);
+    let paths = segment_paths(dir.path());
+    assert!(paths.len() >= 3, "the second segment is sealed: {paths:?}");
+    let frames = frames_of(dir.path());
+    let of_second: Vec<&Frame> = frames.iter().filter(|f| f.path == paths[1]).collect();
+    let first_of_second = of_second.first().expect("a record").first;
+    let last_of_second = of_second
+        .last()
+        .map(|frame| frame.first + frame.count - 1)
+        .expect("a record");
+    // The first segment goes on with the second's records (sealed: no zeros after its own).
+    let mut grown = std::fs::read(&paths[0]).unwrap();
+    grown.extend_from_slice(&std::fs::read(&paths[1]).unwrap()[SEGMENT_HEADER..]);
+    std::fs::write(&paths[0], &grown).unwrap();
+    let name = |path: &std::path::PathBuf| path.file_name().unwrap().to_string_lossy().into_owned();
+    let says_they_overlap = |problem: &str| {
+        problem.contains("overlap")
+            && problem.contains(&format!(
+                "{} (events 1 to {last_of_second})",
+                name(&paths[0])
+            ))
+            && problem.contains(&format!(
+                "{} (from event {first_of_second})",
+                name(&paths[1])
+            ))
+            && problem.contains(&format!(
+                "events {first_of_second} to {last_of_second} are in both"
+            ))
+            && !problem.contains("missing")
+    };
+    let error = open_result(dir.path(), options.clone()).expect_err("overlapping segments");
+    assert!(says_they_overlap(storage_problem(&error)), "{error}");
+    let report = Engine::verify(dir.path(), options).expect("verify reports");
+    assert!(!report.is_sound());
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|problem| says_they_overlap(problem)),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        !report
+            .problems
+            .iter()
+            .any(|problem| problem.contains("missing") || problem.contains("a gap")),
+        "no event is missing: {:?}",
+        report.problems
+    );
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), grown, "nothing changed");
+}

@@ -77,6 +77,35 @@ use crate::event::{
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 /// A single event body is bounded too (a policy document is the largest).
 pub const MAX_EVENT_BYTES: usize = 48 * 1024;
+/// What is wrong where log segment `first` follows segment `previous` (named by their first
+/// events), whose events end before `expected`: `None` when it starts at `expected`; else a gap
+/// (events missing between them) or an overlap (events both segments hold: one from another
+/// log, or a copy of the other's), each naming both segments and their events. An overlap was
+/// reported as events missing, sending an operator to look for events that were there twice.
+fn segment_boundary_problem(previous: u64, expected: u64, first: u64) -> Option<String> {
+    let held = match expected.checked_sub(1).filter(|last| *last >= previous) {
+        Some(last) => format!("events {previous} to {last}"),
+        None => "no events".to_string(),
+    };
+    match first.cmp(&expected) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => Some(format!(
+            "log segment {} ({held}) is followed by log segment {}, which starts at event \
+             {first}: a gap, events {expected} to {} are missing",
+            segment_name(previous),
+            segment_name(first),
+            first - 1
+        )),
+        std::cmp::Ordering::Less => Some(format!(
+            "log segments {} ({held}) and {} (from event {first}) overlap: events {first} to {} \
+             are in both (a segment from another log, or a copy of one)",
+            segment_name(previous),
+            segment_name(first),
+            expected - 1
+        )),
+    }
+}
+
 /// Why a record read where event `expected` comes next is damage: it starts elsewhere, or it
 /// holds no events (the writer never writes one).
 fn out_of_place(view: &RecordView<'_>, expected: u64) -> String {
@@ -2379,21 +2408,15 @@ impl EventLog {
             .partition_point(|first| *first <= wanted)
             .saturating_sub(1);
         let mut stopped_at = None;
-        let mut expected_first: Option<u64> = None;
+        // The segment before (its first event) and the event its events end before.
+        let mut expected_first: Option<(u64, u64)> = None;
         for &first in &segments[index..] {
             if first > visible.segment {
                 break;
             }
-            if let Some(expected) = expected_first {
-                if first != expected {
-                    return Err(storage(
-                        "the log",
-                        format!(
-                            "segment {} starts at event {first} but the one before ends at event {}: events are missing",
-                            segment_name(first),
-                            expected - 1
-                        ),
-                    ));
+            if let Some((previous, expected)) = expected_first {
+                if let Some(problem) = segment_boundary_problem(previous, expected, first) {
+                    return Err(storage("the log", problem));
                 }
             }
             let path = segment_path(&self.shared.events_dir, first);
@@ -2431,7 +2454,7 @@ impl EventLog {
                     return Ok(stopped_at);
                 }
             }
-            expected_first = Some(next);
+            expected_first = Some((first, next));
         }
         Ok(stopped_at)
     }
@@ -2506,16 +2529,14 @@ impl EventLog {
         let visible = self.visible();
         let segments = self.shared.segments.lock().clone();
         let mut problems: Vec<String> = self.open_problem.iter().cloned().collect();
-        let mut expected: Option<u64> = None;
+        // The segment before (its first event) and the event its events end before.
+        let mut expected: Option<(u64, u64)> = None;
         for &first in &segments {
             if first > visible.segment {
                 break;
             }
-            if let Some(expected) = expected.filter(|expected| *expected != first) {
-                problems.push(format!(
-                    "log segment {} starts at event {first}, but event {expected} comes next: a gap",
-                    segment_name(first)
-                ));
+            if let Some((previous, expected)) = expected {
+                problems.extend(segment_boundary_problem(previous, expected, first));
             }
             let path = segment_path(&self.shared.events_dir, first);
             let limit = (first == visible.segment).then_some(visible.end);
@@ -2574,7 +2595,7 @@ impl EventLog {
                     }
                 }
             }
-            expected = readable.then_some(next);
+            expected = readable.then_some((first, next));
         }
         problems
     }
