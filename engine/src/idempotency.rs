@@ -401,10 +401,10 @@ impl RequestTable {
     }
 
     /// Refuses, in every shard, new ids stamped before `bound_ms`, as if ids had been forgotten
-    /// by it (`Shard::forgotten_before_ms`). At open: the later of the newest logged event's
-    /// time and the latest checkpoint's clock time, less the horizon, as the clock ran at least
-    /// that far before the close and ids stamped before it may have been forgotten; and, when the open grows the horizon, the clock's time less the
-    /// horizon the database last ran with. The bound itself is not logged.
+    /// by it (`Shard::forgotten_before_ms`). At open: the bound the latest checkpoint's cut
+    /// recorded (`forgotten_before_ms`), ids forgotten before it being in neither its snapshot
+    /// nor the log after it; for a snapshot an earlier build took, a guess from the clock's
+    /// readings (see `Engine::open`). The bound is not logged, only recorded by checkpoints.
     pub fn forgotten_before(&self, bound_ms: u64) {
         for mut shard in self.lock_all() {
             shard.forgotten_before_ms = shard.forgotten_before_ms.max(bound_ms);
@@ -1285,6 +1285,36 @@ mod tests {
             );
             assert!(matches!(later, Ok(Some((_, None)))), "{later:?}");
         }
+    }
+
+    #[test]
+    fn a_clock_glitched_ahead_leaves_refused_only_ids_stamped_up_to_the_latest_it_forgot() {
+        // A clock read far ahead for one expiry: the shard refused every new id stamped
+        // before that reading less the horizon, long after the clock came back, though the
+        // ids it dropped were all stamped before the glitch.
+        let mut shard = Shard::default();
+        let now_ms = 10 * HORIZON_MS;
+        shard.remember(now_ms - 5, now_ms, "in-order".into());
+        // Stamped ahead of the clock: kept by its stamp, out of the arrival order.
+        let ahead_ms = now_ms + 10 * IN_ORDER_AHEAD_MS;
+        shard.remember(ahead_ms, now_ms, "ahead".into());
+        let glitched_ms = now_ms + 100 * HORIZON_MS;
+        shard.expire(glitched_ms, HORIZON_MS);
+        assert_eq!(shard.forgotten_before_ms, ahead_ms + 1);
+        // The clock is back: a retry of either is refused, an id stamped after both is not.
+        for stamp_ms in [now_ms - 5, ahead_ms] {
+            assert!(shard
+                .refuse_new_id_stamped(stamp_ms, now_ms, HORIZON_MS)
+                .is_err());
+        }
+        assert!(shard
+            .refuse_new_id_stamped(ahead_ms + 1, now_ms, HORIZON_MS)
+            .is_ok());
+        // Nothing dropped, nothing refused: an expiry that drops no id moves no bound.
+        let mut untouched = Shard::default();
+        untouched.remember(now_ms, now_ms, "kept".into());
+        untouched.expire(now_ms + HORIZON_MS, HORIZON_MS);
+        assert_eq!(untouched.forgotten_before_ms, 0);
     }
 
     #[test]
