@@ -243,3 +243,33 @@ fn verify_with_the_recorded_options_is_sound_after_a_reopen_that_lowered_the_gen
     .unwrap();
     assert!(verified.is_sound(), "{:?}", verified.problems);
 }
+
+/// A clock that reads a year ahead for one checkpoint, then comes back: the record that the
+/// checkpoint's events were logged by then is lowered by the next checkpoint's (they were
+/// logged by its time too), so compaction goes on once the retention has passed on the real
+/// clock. The glitched record held back the removal of its segments and of every later one
+/// (compaction removes the oldest first) until the real clock passed the glitch plus the
+/// retention: a year of segments kept.
+#[test]
+fn a_clock_glitched_ahead_at_a_checkpoint_does_not_hold_compaction_back() {
+    let dir = TempDir::new("glitch-compaction");
+    let clock = std::sync::Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let request = UsageRequest::new("payg-dee", "m2.7", &[(Unit::Requests, 1)]);
+    engine.consume(&request).expect("a consume");
+    clock.set_ms(T0_MS + 365 * DAY_MS);
+    engine
+        .checkpoint()
+        .expect("a checkpoint on the glitched clock");
+    clock.set_ms(T0_MS + MINUTE_MS);
+    engine.consume(&request).expect("a consume");
+    engine.checkpoint().expect("a checkpoint on the real clock");
+    clock.set_ms(T0_MS + 60 * DAY_MS);
+    engine.consume(&request).expect("a consume");
+    let report = engine.compact(None).expect("a compaction");
+    assert!(
+        report.events_removed > 0 && report.first_seq_kept > 1,
+        "the segments before the glitched checkpoint are past the retention: {report:?}"
+    );
+}

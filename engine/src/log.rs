@@ -3145,16 +3145,40 @@ fn recorded_seq(meta: &sled::Tree, key: &[u8]) -> Result<u64, Error> {
 
 /// Records in `meta` that the events up to `seq` were logged by `clock_ms`, unless a record of
 /// them is there already: the first is the earliest (a later checkpoint with nothing logged
-/// since cuts at the same event, and its later time would hold their compaction back).
+/// since cuts at the same event, and its later time would hold their compaction back). The
+/// records before it that say a later time are lowered to `clock_ms`, as their events, before
+/// `seq`, were logged by then too: a clock read far ahead at one checkpoint recorded its
+/// events as logged a year on, and compaction (oldest first) removed neither its segments nor
+/// any later one until the real clock passed that time plus the retention. So the records'
+/// times never fall as their events rise, and the walk back stops at the first one not past
+/// `clock_ms` (one read, but after such a glitch).
 fn record_logged_by(meta: &sled::Tree, seq: u64, clock_ms: u64) -> Result<(), Error> {
-    meta.compare_and_swap(
-        logged_by_key(seq),
-        None as Option<&[u8]>,
-        Some(&clock_ms.to_le_bytes()[..]),
-    )
-    .map_err(|error| storage("recording when events were logged", error))?
-    // Recorded already: kept.
-    .ok();
+    let recording = |error| storage("recording when events were logged", error);
+    let recorded = meta
+        .compare_and_swap(
+            logged_by_key(seq),
+            None as Option<&[u8]>,
+            Some(&clock_ms.to_le_bytes()[..]),
+        )
+        .map_err(recording)?;
+    // Recorded already: kept, and so were the ones before it.
+    if recorded.is_err() {
+        return Ok(());
+    }
+    let mut later = Vec::new();
+    for entry in meta.range(logged_by_key(0)..logged_by_key(seq)).rev() {
+        let (key, value) = entry.map_err(recording)?;
+        // One that does not read back is left as it is (`verify` reports it).
+        match logged_by_record(&key, &value) {
+            Ok(logged_ms) if logged_ms > clock_ms => later.push(key),
+            Ok(_) => break,
+            Err(_) => {}
+        }
+    }
+    for key in later {
+        meta.insert(key, &clock_ms.to_le_bytes()[..])
+            .map_err(recording)?;
+    }
     Ok(())
 }
 
