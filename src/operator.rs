@@ -526,7 +526,7 @@ pub fn culprit(error: &Error) -> (String, String) {
         Error::AlreadyExists { what, id } => {
             (argument_of(what), format!("{what} {id:?} already exists"))
         }
-        Error::UnknownRequest { request_id } => (
+        Error::UnknownRequest { request_id, .. } => (
             "--id",
             format!("no admitted request used the id {request_id:?} within the horizon"),
         ),

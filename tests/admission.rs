@@ -1406,7 +1406,8 @@ fn refunding_a_denied_or_unknown_request_is_an_error() {
     assert_eq!(
         engine.refund("never-seen", Some(T0_MS)),
         Err(Error::UnknownRequest {
-            request_id: "never-seen".into()
+            request_id: "never-seen".into(),
+            horizon_ms: engine.policy().longest_window_ms(),
         })
     );
 }

@@ -310,6 +310,162 @@ fn a_check_of_a_new_id_stamped_before_the_horizon_is_refused_as_a_consume_is() {
     );
 }
 
+/// How many ids `admit_old_ids` admits: enough that some fall in another shard than the first
+/// (64 shards, by the id's hash).
+const OLD_IDS: usize = 16;
+
+/// The requests `admit_old_ids` admits, on the pay-as-you-go key (each admitted and charged)
+/// at `T0_MS`, ids "old-0" onwards.
+fn old_requests(ids: &[String]) -> Vec<UsageRequest<'_>> {
+    ids.iter()
+        .map(|id| UsageRequest::new("payg-dee", "m2.7", &ONE).at(T0_MS).id(id))
+        .collect()
+}
+
+fn old_ids() -> Vec<String> {
+    (0..OLD_IDS).map(|n| format!("old-{n}")).collect()
+}
+
+fn admit_old_ids(engine: &Engine) {
+    create_accounts(engine);
+    for request in old_requests(&old_ids()) {
+        assert!(engine.consume(&request).expect("admitted").is_admitted());
+    }
+}
+
+/// Past the horizon of the old ids, a check of "old-0" at the clock's time: its shard drops
+/// the ids past the horizon (a sweep), and no other shard is used. Returns the clock's time.
+fn sweep_the_first_shard_past_the_horizon(
+    engines: &[&Engine],
+    clock: &tally_engine::ManualClock,
+) -> u64 {
+    let horizon_ms = engines[0].policy().longest_window_ms();
+    let now_ms = T0_MS + horizon_ms + MINUTE_MS;
+    clock.set_ms(now_ms);
+    for engine in engines {
+        let check = UsageRequest::new("payg-dee", "m2.7", &ONE)
+            .at(now_ms)
+            .id("old-0");
+        let (_, replayed) = engine.check_noting_replay(&check).expect("the check");
+        assert!(!replayed, "old-0 is past its horizon");
+    }
+    now_ms
+}
+
+/// Each old id's refund at the clock's time.
+fn refund_every_old_id(
+    engine: &Engine,
+) -> Vec<(String, Result<tally_engine::Refund, tally_engine::Error>)> {
+    old_ids()
+        .into_iter()
+        .map(|id| {
+            let refunded = engine.refund(&id, None);
+            (id, refunded)
+        })
+        .collect()
+}
+
+fn payg_spend(engine: &Engine) -> u64 {
+    engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros
+}
+
+/// Ids past their horizon, some in a shard a check has since swept, the others in shards not
+/// used since: every refund is `UnknownRequest` and gives nothing back. The refund looked the
+/// id up without the horizon: the swept one was unknown and the others were refunded.
+#[test]
+fn a_refund_of_an_id_past_its_horizon_is_unknown_whether_or_not_its_shard_was_swept() {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    admit_old_ids(&engine);
+    let spent = payg_spend(&engine);
+    assert!(spent > 0, "the old requests were charged");
+    sweep_the_first_shard_past_the_horizon(&[&engine], &clock);
+    for (id, refunded) in refund_every_old_id(&engine) {
+        assert!(
+            matches!(&refunded, Err(tally_engine::Error::UnknownRequest { request_id, .. }) if *request_id == id),
+            "{id}: {refunded:?}"
+        );
+    }
+    assert_eq!(payg_spend(&engine), spent, "nothing given back");
+}
+
+/// An id is refunded up to the horizon after its stamp (the clock's time), and is unknown a
+/// millisecond later, though no sweep has dropped it.
+#[test]
+fn a_refund_is_answered_up_to_the_horizon_after_the_stamp_and_unknown_a_millisecond_later() {
+    for past_ms in [0, 1] {
+        let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+        let engine = Engine::new(
+            Policy::token_plan(),
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            tally_engine::EngineOptions::default(),
+        )
+        .expect("an engine");
+        admit_old_ids(&engine);
+        let horizon_ms = engine.policy().longest_window_ms();
+        clock.set_ms(T0_MS + horizon_ms + past_ms);
+        let refunded = engine.refund("old-1", None);
+        match past_ms {
+            0 => assert!(refunded.is_ok(), "within the horizon: {refunded:?}"),
+            _ => assert!(
+                matches!(refunded, Err(tally_engine::Error::UnknownRequest { .. })),
+                "past the horizon: {refunded:?}"
+            ),
+        }
+    }
+}
+
+/// A database whose engine stopped after a check swept one shard past the old ids' horizon
+/// (no checkpoint: the reopen replays every old id's admission), then closed cleanly (its
+/// snapshot holds the ids its cut found): each reopen answers every old id's refund, and its
+/// repeat, as an engine that never stopped does. The reopen restored the swept id, which the
+/// live engine had forgotten, and refunded it.
+#[test]
+fn a_reopened_engine_answers_refunds_and_repeats_past_the_horizon_as_the_live_one_does() {
+    let dir = TempDir::new("idem-refund-forgotten");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let durable = open_on_clock(dir.path(), clock.clone(), sync_options());
+    let live = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    admit_old_ids(&durable);
+    admit_old_ids(&live);
+    sweep_the_first_shard_past_the_horizon(&[&durable, &live], &clock);
+    drop(durable);
+    let ids = old_ids();
+    let repeats = |engine: &Engine| -> Vec<_> {
+        old_requests(&ids)
+            .iter()
+            .map(|request| {
+                engine
+                    .consume_noting_replay(request)
+                    .map(|(_, replayed)| replayed)
+            })
+            .collect()
+    };
+    let live_refunds = refund_every_old_id(&live);
+    let live_repeats = repeats(&live);
+    let replayed = open_on_clock(dir.path(), clock.clone(), sync_options());
+    assert_eq!(refund_every_old_id(&replayed), live_refunds, "replayed");
+    assert_eq!(repeats(&replayed), live_repeats, "replayed");
+    replayed.close().expect("a clean close");
+    let restored = open_on_clock(dir.path(), clock, sync_options());
+    assert_eq!(
+        refund_every_old_id(&restored),
+        live_refunds,
+        "from a snapshot"
+    );
+    assert_eq!(repeats(&restored), live_repeats, "from a snapshot");
+}
+
 #[test]
 fn a_seat_change_between_a_batch_chunks_decisions_and_its_append_keeps_the_usage_after_a_reopen() {
     let (dir, at_ms, clock, engine) = hooked_engine("idem-seat-chunk");

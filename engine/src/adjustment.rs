@@ -190,7 +190,11 @@ impl CreditsLater {
 }
 
 impl Engine {
-    /// Refunds a request admitted with `request_id`, in full. Refunding twice is an error.
+    /// Refunds a request admitted with `request_id`, in full. Refunding twice is an error. An
+    /// id is remembered until the idempotency horizon after its request's timestamp, by the
+    /// engine's clock (not `at_ms`), as for a repeat: past it, the id is forgotten and its
+    /// refund is `UnknownRequest`, as for an id never used, whether or not the table has dropped
+    /// it yet, and alike after a reopen.
     /// Credits and pay-as-you-go spend come back whole; plan usage comes back only where it
     /// still counts at `at_ms`: units aged out of a rolling window, or counted on a day (week,
     /// month) that has since ended, no longer hold anything back and are not given back.
@@ -209,14 +213,18 @@ impl Engine {
         // after the refund's in the log, and a replay would apply the refund before the usage
         // it gives back and restore the id unrefunded. A record staged after that first look
         // (the id's first decision made meanwhile) is waited for in turn.
+        // Whether the id is remembered is by the clock, as for a repeat (`Shard::remembered`).
+        let now_ms = self.now_ms();
         loop {
-            let logged = self.requests.with_record(request_id, |record| {
-                Ok(record.map(|record| record.logged.clone()))
-            })?;
+            let logged = self
+                .requests
+                .with_remembered(request_id, now_ms, |record| {
+                    Ok(record.map(|record| record.logged.clone()))
+                })?;
             if let Some(logged) = logged {
                 self.await_first_decision(&logged)?;
             }
-            if let Some(refund) = self.refund_logged(request_id, at_ms)? {
+            if let Some(refund) = self.refund_logged(request_id, (at_ms, now_ms))? {
                 return Ok(refund);
             }
         }
@@ -224,10 +232,15 @@ impl Engine {
 
     /// `refund` once the first decision's event is appended; `None` (nothing done) if the
     /// record is staged in a `consume_many` chunk not yet appended.
-    fn refund_logged(&self, request_id: &str, at_ms: u64) -> Result<Option<Refund>, Error> {
-        self.requests.with_record(request_id, |record| {
+    fn refund_logged(
+        &self,
+        request_id: &str,
+        (at_ms, now_ms): (u64, u64),
+    ) -> Result<Option<Refund>, Error> {
+        self.requests.with_remembered(request_id, now_ms, |record| {
             let record = record.ok_or_else(|| Error::UnknownRequest {
                 request_id: request_id.into(),
+                horizon_ms: self.requests.horizon_ms(),
             })?;
             if matches!(&record.logged, LoggedAs::Chunk(chunk) if chunk.get().is_none()) {
                 return Ok(None);

@@ -38,8 +38,12 @@ pub enum Error {
     UnknownReservation {
         reservation: u64,
     },
+    /// A refund named a request id that is not remembered: no request used it, or it is past
+    /// the idempotency horizon (`horizon_ms`, as set now) by the engine's clock, and so
+    /// forgotten, whether the table had dropped it yet or not.
     UnknownRequest {
         request_id: String,
+        horizon_ms: u64,
     },
     AlreadyExists {
         what: &'static str,
@@ -114,9 +118,15 @@ impl fmt::Display for Error {
             Error::UnknownReservation { reservation } => {
                 write!(f, "reservation: unknown reservation {reservation} (never opened, or closed and since forgotten)")
             }
-            Error::UnknownRequest { request_id } => {
-                write!(f, "request_id: no admitted request {request_id:?} within the idempotency horizon")
-            }
+            Error::UnknownRequest {
+                request_id,
+                horizon_ms,
+            } => write!(
+                f,
+                "request_id: no request {request_id:?} is remembered: none used it, or it was \
+                 stamped more than the idempotency horizon ({horizon_ms} ms) before the engine's \
+                 clock, and is forgotten"
+            ),
             Error::AlreadyExists { what, id } => write!(f, "{what}: {id:?} already exists"),
             Error::NotAMember { team, user } => write!(f, "user: {user:?} is not a member of team {team:?}"),
             Error::RequestIdConflict { request_id } => write!(

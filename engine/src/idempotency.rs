@@ -501,10 +501,11 @@ impl RequestTable {
         admit: impl FnOnce() -> Result<Option<(Decision, Option<Receipt>, LoggedAs)>, Error>,
     ) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
+        let oldest_kept_ms = now_ms.saturating_sub(horizon_ms);
         let mut shard = self.shard(request_id).lock();
         let dropped = shard.expire(now_ms, horizon_ms);
         self.give_back_places(dropped);
-        if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
+        if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint, oldest_kept_ms) {
             return repeat.map(Some);
         }
         if let Err(error) = shard.refuse_new_id_stamped(at_ms, now_ms, horizon_ms) {
@@ -517,7 +518,7 @@ impl RequestTable {
             drop(shard);
             self.expire_every_shard(now_ms, horizon_ms);
             shard = self.shard(request_id).lock();
-            if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint) {
+            if let Some(repeat) = Self::repeat(&shard, request_id, fingerprint, oldest_kept_ms) {
                 return repeat.map(Some);
             }
             if !self.take_place() {
@@ -544,7 +545,10 @@ impl RequestTable {
         let id: Arc<str> = request_id.into();
         shard.remember(at_ms, now_ms, Arc::clone(&id));
         let record = RequestRecord::new(at_ms, fingerprint, &decision, receipt.as_ref(), logged);
-        shard.records.insert(id, record);
+        // In place of a record past the horizon `expire` had not dropped (`Shard::remembered`).
+        if shard.records.insert(id, record).is_some() {
+            self.give_back_places(1);
+        }
         Ok(Some((decision, None)))
     }
 
@@ -553,8 +557,9 @@ impl RequestTable {
         shard: &Shard,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
+        oldest_kept_ms: u64,
     ) -> Option<Result<(Decision, Option<LoggedAs>), Error>> {
-        Self::known(shard, request_id, fingerprint)
+        Self::known(shard, request_id, fingerprint, oldest_kept_ms)
             .map(|known| known.map(|(decision, logged)| (decision, Some(logged))))
     }
 
@@ -589,10 +594,11 @@ impl RequestTable {
         key_refusal: impl FnOnce() -> Result<Option<Decision>, Error>,
     ) -> Result<Option<(Decision, LoggedAs)>, Error> {
         let horizon_ms = self.horizon_ms.load(Ordering::Relaxed);
+        let oldest_kept_ms = now_ms.saturating_sub(horizon_ms);
         let mut shard = self.shard(request_id).lock();
         let dropped = shard.expire(now_ms, horizon_ms);
         self.give_back_places(dropped);
-        if let Some(known) = Self::known(&shard, request_id, fingerprint) {
+        if let Some(known) = Self::known(&shard, request_id, fingerprint, oldest_kept_ms) {
             return known.map(Some);
         }
         // Where `once` answers the request's own refusal (`key_refusal` not `Ok(None)`), the
@@ -611,7 +617,7 @@ impl RequestTable {
         drop(shard);
         self.expire_every_shard(now_ms, horizon_ms);
         let shard = self.shard(request_id).lock();
-        if let Some(known) = Self::known(&shard, request_id, fingerprint) {
+        if let Some(known) = Self::known(&shard, request_id, fingerprint, oldest_kept_ms) {
             return known.map(Some);
         }
         if self.held.load(Ordering::Relaxed) < self.capacity || !matches!(key_refusal(), Ok(None)) {
@@ -624,13 +630,14 @@ impl RequestTable {
     }
 
     /// `request_id`'s first decision and where its event stands (for `peek` and `repeat`), or
-    /// a conflict; `None` for an id not remembered.
+    /// a conflict; `None` for an id not remembered (`Shard::remembered`).
     fn known(
         shard: &Shard,
         request_id: &str,
         fingerprint: &Fingerprint<'_>,
+        oldest_kept_ms: u64,
     ) -> Option<Result<(Decision, LoggedAs), Error>> {
-        let record = shard.records.get(request_id)?;
+        let record = shard.remembered(request_id, oldest_kept_ms)?;
         Some(match record.decision_for(fingerprint) {
             Some(decision) => Ok((decision, record.logged.clone())),
             None => Err(Error::RequestIdConflict {
@@ -747,7 +754,21 @@ impl RequestTable {
         shard.records.insert(id, record);
     }
 
-    /// Calls `f` with the record of `request_id` under its shard's lock.
+    /// Calls `f` with the record of `request_id` under its shard's lock, if it is remembered by
+    /// `now_ms` (the engine's clock; `Shard::remembered`): a refund's lookup.
+    pub fn with_remembered<R>(
+        &self,
+        request_id: &str,
+        now_ms: u64,
+        f: impl FnOnce(Option<&mut RequestRecord>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let oldest_kept_ms = now_ms.saturating_sub(self.horizon_ms());
+        let mut shard = self.shard(request_id).lock();
+        f(shard.remembered_mut(request_id, oldest_kept_ms))
+    }
+
+    /// Calls `f` with the record of `request_id` under its shard's lock, whatever its stamp: a
+    /// replayed refund's (the live one found it remembered).
     pub fn with_record<R>(
         &self,
         request_id: &str,
@@ -858,6 +879,28 @@ impl Shard {
             self.records.remove(id);
         }
         usize::from(same)
+    }
+
+    /// `request_id`'s record, unless its request was stamped before `oldest_kept_ms` (the
+    /// engine's clock less the horizon). Such an id is forgotten wherever it is looked up (a
+    /// repeat, a check, a refund), whether `expire` has dropped it yet or not: it drops ids
+    /// only in a shard something uses, and may keep one stamped up to `IN_ORDER_BEHIND_MS`
+    /// behind an id queued ahead of it. A refund of an id past its horizon was given back in
+    /// a shard not used since and refused in one swept, a repeat answered or decided anew,
+    /// and a reopen, restoring the ids its log and snapshot hold, answered otherwise again.
+    fn remembered(&self, request_id: &str, oldest_kept_ms: u64) -> Option<&RequestRecord> {
+        let record = self.records.get(request_id)?;
+        (record.arrived_ms >= oldest_kept_ms).then_some(record)
+    }
+
+    /// `remembered`, to change.
+    fn remembered_mut(
+        &mut self,
+        request_id: &str,
+        oldest_kept_ms: u64,
+    ) -> Option<&mut RequestRecord> {
+        let record = self.records.get_mut(request_id)?;
+        (record.arrived_ms >= oldest_kept_ms).then_some(record)
     }
 }
 
@@ -1362,5 +1405,55 @@ mod tests {
             assert_eq!(decided, 2, "{reason:?}: decided anew, not a repeat");
             assert_eq!(table.len(), 1, "{reason:?}: no place taken");
         }
+    }
+
+    #[test]
+    fn an_id_past_the_horizon_is_forgotten_though_one_queued_ahead_of_it_keeps_it_queued() {
+        // Stamped a moment after an id in its shard queued before it, an id stayed in the
+        // table past its horizon until that one's: a repeat, or a check, answered its first
+        // decision where, without the one ahead (its shard swept), it was decided anew.
+        let table = RequestTable::new(10, HORIZON_MS);
+        let ahead = "stamped-later";
+        let behind = (0..)
+            .map(|n| format!("stamped-earlier-{n}"))
+            .find(|id| std::ptr::eq(table.shard(id), table.shard(ahead)))
+            .expect("some id shares the shard");
+        let mut decided = 0;
+        let mut decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
+            table.once(
+                id,
+                &fingerprint(),
+                (at_ms, now_ms),
+                || Ok(None),
+                || {
+                    decided += 1;
+                    let decision = Decision::denied(DenialReason::NoResources);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            )
+        };
+        assert!(matches!(decide(ahead, (500, 500)), Ok(Some((_, None)))));
+        assert!(matches!(decide(&behind, (0, 500)), Ok(Some((_, None)))));
+        // The earlier id is past its horizon, the later one not.
+        let now_ms = HORIZON_MS + 1;
+        let peeked = table.peek(&behind, &fingerprint(), (now_ms, now_ms), || Ok(None));
+        assert!(matches!(peeked, Ok(None)), "the check: {peeked:?}");
+        // Sent again with its stamp: too old to be remembered, as if its shard were swept.
+        let again = decide(&behind, (0, now_ms));
+        assert!(
+            matches!(&again, Err(Error::InvalidArgument { field: "at_ms", .. })),
+            "{again:?}"
+        );
+        // Stamped now: decided anew, its place taken once (the forgotten record's given back).
+        assert!(matches!(
+            decide(&behind, (now_ms, now_ms)),
+            Ok(Some((_, None)))
+        ));
+        assert!(matches!(
+            decide(ahead, (500, now_ms)),
+            Ok(Some((_, Some(_))))
+        ));
+        assert_eq!(decided, 3);
+        assert_eq!(table.len(), 2);
     }
 }
