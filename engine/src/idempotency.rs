@@ -545,10 +545,14 @@ impl RequestTable {
         let id: Arc<str> = request_id.into();
         shard.remember(at_ms, now_ms, Arc::clone(&id));
         let record = RequestRecord::new(at_ms, fingerprint, &decision, receipt.as_ref(), logged);
-        // In place of a record past the horizon `expire` had not dropped (`Shard::remembered`).
-        if shard.records.insert(id, record).is_some() {
+        // In place of a record past the horizon `expire` had not dropped (`Shard::remembered`):
+        // removed first, as `insert` would keep the old key, and the sweep that drops the old
+        // arrival (`drop_record_of`, which knows its record by that key) would drop this one,
+        // within its horizon, and a retry be decided and charged again.
+        if shard.records.remove(&id).is_some() {
             self.give_back_places(1);
         }
+        shard.records.insert(id, record);
         Ok(Some((decision, None)))
     }
 
@@ -1418,15 +1422,15 @@ mod tests {
             .map(|n| format!("stamped-earlier-{n}"))
             .find(|id| std::ptr::eq(table.shard(id), table.shard(ahead)))
             .expect("some id shares the shard");
-        let mut decided = 0;
-        let mut decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
+        let decided = std::cell::Cell::new(0);
+        let decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
             table.once(
                 id,
                 &fingerprint(),
                 (at_ms, now_ms),
                 || Ok(None),
                 || {
-                    decided += 1;
+                    decided.set(decided.get() + 1);
                     let decision = Decision::denied(DenialReason::NoResources);
                     Ok(Some((decision, None, LoggedAs::Durable)))
                 },
@@ -1453,7 +1457,15 @@ mod tests {
             decide(ahead, (500, now_ms)),
             Ok(Some((_, Some(_))))
         ));
-        assert_eq!(decided, 3);
+        assert_eq!(decided.get(), 3);
         assert_eq!(table.len(), 2);
+        // Once the id ahead is past its horizon too, the sweep drops it and the forgotten
+        // record's arrival behind it: not the record decided anew, still within its horizon,
+        // whose repeat is answered, not decided and charged again.
+        let later_ms = 500 + HORIZON_MS + 1;
+        let repeat = decide(&behind, (now_ms, later_ms));
+        assert!(matches!(repeat, Ok(Some((_, Some(_))))), "{repeat:?}");
+        assert_eq!(decided.get(), 3);
+        assert_eq!(table.len(), 1);
     }
 }
