@@ -884,29 +884,27 @@ impl Engine {
         if marks_unknown {
             engine.mark_short_periods();
         }
-        // Without a snapshot, the whole log is replayed and every id it names restored:
-        // nothing forgotten is missing. With one an earlier build took, the bound is guessed
-        // from the clock's readings, as that build did: ids stamped more than the horizon
-        // before the newest logged event may have been forgotten before the close (the clock had run that far): their retry must not be
-        // decided again if the clock now reads earlier (stepped back across the restart).
-        // The horizon they were forgotten by is the one the database last ran with (its
-        // recorded option, and the longest window of the policy restored), which this open
-        // may grow (a larger option now, or a policy swapped in below): ids stamped more than
-        // that horizon before the clock's time may have been forgotten too, as a swap growing
-        // it live keeps refusing what each shard had already forgotten. Bounded by the grown
-        // horizon alone, the retry of such an id was decided and charged again.
-        // So may ids stamped more than the horizon before a checkpoint's clock time: the
-        // clock read that far (the time is recorded with the snapshot), and an id forgotten by
-        // it before the cut is in neither the snapshot nor the log replayed after it. Bounded
-        // by the newest logged event alone (nothing logged since the id's own event, say),
-        // the retry on a clock stepped back was decided and charged again.
-        // A checkpoint of this build records the bound itself: what its cut's shards refused
-        // new ids stamped before, the stamps of the ids they forgot (`Shard::expire`), which
-        // an id forgotten since the cut, being in the snapshot or the log after it, needs not
-        // be under. That record is used whenever it covers the snapshot restored, and not the
-        // clock's readings: a clock that read a year ahead at one checkpoint (or for one
-        // request stamped by it) left every new id refused for eleven months after each
-        // reopen, though nothing, or only ids stamped before the glitch, had been forgotten.
+        // The bound below which new request ids are refused, as they may be retries of ids
+        // forgotten before the close (`Shard::forgotten_before_ms`):
+        // - A checkpoint of this build records it (`ids_forgotten_before`): what its cut's
+        //   shards refused, past the stamps of the ids they forgot (`Shard::expire`). An id
+        //   forgotten since the cut is in the snapshot or the log after it, and restored. Used
+        //   whenever it covers the snapshot restored, and not the clock's readings: a clock
+        //   that read a year ahead at one checkpoint (or for one request stamped by it) left
+        //   every new id refused for eleven months after each reopen, though nothing, or only
+        //   ids stamped before the glitch, had been forgotten.
+        // - Without a snapshot, the whole log is replayed and every id it names restored:
+        //   nothing forgotten is missing, and nothing is refused.
+        // - With a snapshot an earlier build took, the bound is guessed from the clock's
+        //   readings, as that build did. Ids stamped more than the horizon before the newest
+        //   logged event, or before the latest checkpoint's clock time (recorded with the
+        //   snapshot), may have been forgotten before the close: their retry must not be
+        //   decided again if the clock now reads earlier (stepped back across the restart).
+        //   The horizon they were forgotten by is the one the database last ran with (its
+        //   recorded option, and the longest window of the policy restored), which this open
+        //   may grow: ids stamped more than that horizon before the clock's time may have been
+        //   forgotten too. Bounded by the grown horizon alone, or by the newest logged event
+        //   alone, the retry of such an id was decided and charged again.
         let recorded_bound_ms = log
             .ids_forgotten_before()
             .filter(|(seq, _)| replayed_from > 0 && *seq >= replayed_from)
