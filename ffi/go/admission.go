@@ -132,7 +132,8 @@ func (e *Engine) ExpireReservations(at time.Time) (uint64, error) {
 
 // Refund gives back in full what a request admitted under requestID was charged. Twice, or
 // for an id whose request was denied, is ErrInvalidArgument; for an id no request used within
-// the horizon, ErrUnknownRequest.
+// the horizon (after its request's timestamp, by the engine's clock, not at: past it the id is
+// forgotten, the same whenever the table drops it and after a reopen), ErrUnknownRequest.
 func (e *Engine) Refund(requestID string, at time.Time) error {
 	atMs, err := milliseconds("Refund", at)
 	if err != nil {

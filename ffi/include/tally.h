@@ -637,8 +637,10 @@ tally_status tally_engine_expire_reservations(const struct tally_engine *engine,
 // spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
 // a rolling window or was counted on a day, week or month since ended). Refunding twice, or
 // an id whose request was denied (nothing to give back), is `TALLY_INVALID_ARGUMENT` naming
-// `request_id`; an id no request used within the horizon (or only with a key the engine did
-// not know, a denial it does not remember) is `TALLY_UNKNOWN_REQUEST`.
+// `request_id`; an id no request used within the horizon (the idempotency horizon after the
+// request's timestamp, by the engine's clock, not `at_ms`: past it the id is forgotten, the
+// same whenever the table drops it and after a reopen), or only with a key the engine did
+// not know (a denial it does not remember), is `TALLY_UNKNOWN_REQUEST`.
 tally_status tally_engine_refund(const struct tally_engine *engine,
                                  const char *request_id,
                                  size_t request_id_len,

@@ -298,8 +298,10 @@ pub extern "C" fn tally_engine_expire_reservations(
 /// spend is given back (quota only where it still counts at `at_ms`: not what has aged out of
 /// a rolling window or was counted on a day, week or month since ended). Refunding twice, or
 /// an id whose request was denied (nothing to give back), is `TALLY_INVALID_ARGUMENT` naming
-/// `request_id`; an id no request used within the horizon (or only with a key the engine did
-/// not know, a denial it does not remember) is `TALLY_UNKNOWN_REQUEST`.
+/// `request_id`; an id no request used within the horizon (the idempotency horizon after the
+/// request's timestamp, by the engine's clock, not `at_ms`: past it the id is forgotten, the
+/// same whenever the table drops it and after a reopen), or only with a key the engine did
+/// not know (a denial it does not remember), is `TALLY_UNKNOWN_REQUEST`.
 #[no_mangle]
 pub extern "C" fn tally_engine_refund(
     engine: *const tally_engine,

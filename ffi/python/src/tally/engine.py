@@ -630,7 +630,9 @@ class Engine:
     def refund(self, request_id: Text, *, at_ms: int | None = None) -> None:
         """Refunds in full a request admitted under ``request_id``. Twice, or for an id whose
         request was denied, raises ``InvalidArgumentError``; for an id no request used within
-        the horizon, ``UnknownRequestError``."""
+        the horizon (after its request's timestamp, by the engine's clock, not ``at_ms``: past
+        it the id is forgotten, the same whenever the table drops it and after a reopen),
+        ``UnknownRequestError``."""
         encoded = _convert.text("request_id", request_id)
         errors.check(
             _native.lib.tally_engine_refund(
