@@ -328,7 +328,8 @@ pub(crate) struct Shard {
     /// The arrival number of the next id put in `out_of_order`.
     next_out_of_order: u64,
     /// Every id stamped before this may have been forgotten: one past the latest stamp of an
-    /// id `expire` dropped (or an open's bound): a new id stamped before it is refused as too
+    /// id `expire` dropped or a decision anew replaced (`RequestTable::once`), or an open's
+    /// bound: a new id stamped before it is refused as too
     /// old, as one stamped more than the horizon before the clock is. Without it, a clock
     /// stepped back (or a horizon grown by a policy swap) let a retry of a forgotten id, stamped
     /// as it first was, seem inside the horizon, and count again. Bounded by the stamps of the
@@ -548,8 +549,13 @@ impl RequestTable {
         // In place of a record past the horizon `expire` had not dropped (`Shard::remembered`):
         // removed first, as `insert` would keep the old key, and the sweep that drops the old
         // arrival (`drop_record_of`, which knows its record by that key) would drop this one,
-        // within its horizon, and a retry be decided and charged again.
-        if shard.records.remove(&id).is_some() {
+        // within its horizon, and a retry be decided and charged again. The stale record is
+        // forgotten here as a sweep forgets it (`Shard::expire`): new ids stamped at or before
+        // its stamp are refused from now on, for should this decision's log fail (`forget`),
+        // nothing would be left of the first, and on a clock stepped back (or a horizon grown)
+        // its retry would be decided and charged again.
+        if let Some(stale) = shard.records.remove(&id) {
+            shard.forgotten_before_ms = shard.forgotten_before_ms.max(stale.arrived_ms + 1);
             self.give_back_places(1);
         }
         shard.records.insert(id, record);
@@ -1467,5 +1473,56 @@ mod tests {
         assert!(matches!(repeat, Ok(Some((_, Some(_))))), "{repeat:?}");
         assert_eq!(decided.get(), 3);
         assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_record_past_the_horizon_replaced_by_a_decision_its_log_then_failed_stays_forgotten() {
+        // An id past its horizon but not swept (queued behind one stamped a moment later) was
+        // decided anew in its record's place; that decision's log failed and was forgotten,
+        // taking the only trace of the first decision with it, though its shard's bound had
+        // not moved past the first stamp: on a clock stepped back (or a horizon grown), the
+        // first request's retry was decided and charged again.
+        let table = RequestTable::new(10, HORIZON_MS);
+        let ahead = "stamped-later";
+        let behind = (0..)
+            .map(|n| format!("stamped-earlier-{n}"))
+            .find(|id| std::ptr::eq(table.shard(id), table.shard(ahead)))
+            .expect("some id shares the shard");
+        let decided = std::cell::Cell::new(0);
+        let decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
+            table.once(
+                id,
+                &fingerprint(),
+                (at_ms, now_ms),
+                || Ok(None),
+                || {
+                    decided.set(decided.get() + 1);
+                    let decision = Decision::denied(DenialReason::NoResources);
+                    Ok(Some((decision, None, LoggedAs::Durable)))
+                },
+            )
+        };
+        assert!(matches!(decide(ahead, (500, 500)), Ok(Some((_, None)))));
+        assert!(matches!(decide(&behind, (0, 500)), Ok(Some((_, None)))));
+        // Past its horizon, not swept: decided anew in its place, then that log fails.
+        let now_ms = HORIZON_MS + 1;
+        assert!(matches!(
+            decide(&behind, (now_ms, now_ms)),
+            Ok(Some((_, None)))
+        ));
+        table.forget(&behind);
+        assert_eq!(table.len(), 1, "only the id ahead holds a place");
+        // The clock steps back to where the first request is within its horizon: its retry,
+        // stamped as it was, may not be decided again, as after a sweep that dropped it.
+        let stepped_back_ms = 500;
+        let retry = decide(&behind, (0, stepped_back_ms));
+        assert!(
+            matches!(&retry, Err(Error::InvalidArgument { field: "at_ms", .. })),
+            "{retry:?}"
+        );
+        assert_eq!(decided.get(), 3);
+        // A new id stamped after the forgotten one is decided.
+        let fresh = decide(&behind, (1, stepped_back_ms));
+        assert!(matches!(fresh, Ok(Some((_, None)))), "{fresh:?}");
     }
 }
