@@ -1099,3 +1099,66 @@ fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
     // Charged for the first request and the fresh ones, never for a retry.
     assert_eq!(spend(&reopened), (FRESH + 2) * price);
 }
+
+/// An id forgotten before one checkpoint, then a later checkpoint that records its cut's
+/// request-id bound but cannot store its snapshot, then a crash: the open restores the earlier
+/// snapshot (which no longer holds the id) and bounds forgotten ids by the later cut's record,
+/// which covers it. The forgotten id's retry, stamped as it first was, on a clock back from a
+/// glitch, is refused, never decided and charged again; a fresh id is decided.
+#[test]
+fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bounds_the_open() {
+    let dir = TempDir::new("idem-failed-cut-bound");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
+    let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("before");
+    let (_, replayed) = engine.consume_noting_replay(&before).expect("the first");
+    assert!(!replayed);
+    let price = spend(&engine);
+    assert!(price > 0, "the first was charged");
+    // Forgotten by a glitched clock, then a checkpoint once it is back: its snapshot has no
+    // record of the id, and no event after it names it.
+    clock.set_ms(T0_MS + GLITCH_MS);
+    assert!(refused_as_too_old(&engine.consume_noting_replay(&before)));
+    clock.set_ms(T0_MS + MINUTE_MS);
+    engine.checkpoint().expect("the checkpoint that stores");
+    let between = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + MINUTE_MS)
+        .id("between");
+    let (decision, _) = engine.consume_noting_replay(&between).expect("between");
+    assert!(decision.is_admitted());
+    // A later checkpoint records its bound, then cannot store its snapshot.
+    let snapshots = dir.path().join("snapshots");
+    let aside = dir.path().join("snapshots-aside");
+    std::fs::rename(&snapshots, &aside).unwrap();
+    std::fs::write(&snapshots, b"not a directory").unwrap();
+    assert!(engine.checkpoint().is_err(), "its snapshot is not stored");
+    std::fs::remove_file(&snapshots).unwrap();
+    std::fs::rename(&aside, &snapshots).unwrap();
+    // A crash: no checkpoint at the close.
+    drop(engine);
+    clock.set_ms(T0_MS + 2 * MINUTE_MS);
+    let reopened = open_on_clock(dir.path(), clock, sync_options());
+    let retry = reopened.consume_noting_replay(&before);
+    assert!(
+        refused_as_too_old(&retry),
+        "the forgotten id's retry: {retry:?}"
+    );
+    let (_, replayed) = reopened.consume_noting_replay(&between).expect("a repeat");
+    assert!(
+        replayed,
+        "the id logged after the stored snapshot is restored"
+    );
+    let fresh = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS + 2 * MINUTE_MS)
+        .id("fresh");
+    let after = reopened.consume_noting_replay(&fresh);
+    assert!(
+        matches!(&after, Ok((decision, false)) if decision.is_admitted()),
+        "a fresh id after the reopen: {after:?}"
+    );
+    assert_eq!(spend(&reopened), 3 * price, "each id charged once");
+}
