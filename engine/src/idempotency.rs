@@ -413,7 +413,7 @@ impl RequestTable {
     }
 
     /// The latest bound any of `shards` refuses new ids stamped before (they may be retries of
-    /// ids it forgot): what a checkpoint's cut records (`EventLog::record_ids_forgotten_before`)
+    /// ids it forgot): what a checkpoint's cut records (`EventLog::record_logged_by`)
     /// for the open that restores its snapshot, as the ids forgotten before the cut are in
     /// neither the snapshot nor the log after it.
     pub fn forgotten_before_ms(shards: &[LeavableGuard<'_, Shard>]) -> u64 {
