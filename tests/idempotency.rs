@@ -1162,3 +1162,76 @@ fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bound
     );
     assert_eq!(spend(&reopened), 3 * price, "each id charged once");
 }
+
+/// An id decided anew once past its horizon (a second request, charged), then refunded: the
+/// refund gives back the second decision's charge. After a crash (the whole log replayed) and
+/// after a clean close (from its snapshot), the id answers as the live engine did: its repeat
+/// is the second decision, charged nothing (so is the first request's retry, stamped as it
+/// was: the id's record is the second's), and a second refund is refused; the spend is the
+/// first request's alone.
+#[test]
+fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reopen() {
+    for clean in [false, true] {
+        let dir = TempDir::new("idem-anew-refunded");
+        let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+        let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+        create_accounts(&engine);
+        let horizon_ms = engine.policy().longest_window_ms();
+        let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
+        let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
+            .at(T0_MS)
+            .id("anew");
+        assert!(!engine.consume_noting_replay(&first).expect("first").1);
+        let price = spend(&engine);
+        let later_ms = T0_MS + horizon_ms + MINUTE_MS;
+        clock.set_ms(later_ms);
+        let second = UsageRequest::new("payg-dee", "m2.7", &ONE)
+            .at(later_ms)
+            .id("anew");
+        let (decision, replayed) = engine.consume_noting_replay(&second).expect("anew");
+        assert!(decision.is_admitted() && !replayed, "{decision:?}");
+        assert_eq!(
+            spend(&engine),
+            2 * price,
+            "the forgotten id is charged anew"
+        );
+        engine
+            .refund("anew", None)
+            .expect("the refund of the second");
+        assert_eq!(
+            spend(&engine),
+            price,
+            "clean {clean}: the second given back"
+        );
+        let live_retry = engine.consume_noting_replay(&first);
+        assert!(
+            matches!(&live_retry, Ok((_, true))),
+            "clean {clean}: the first's retry, live: {live_retry:?}"
+        );
+        if clean {
+            engine.close().expect("a clean close");
+        } else {
+            drop(engine);
+        }
+        let reopened = open_on_clock(dir.path(), clock.clone(), sync_options());
+        assert_eq!(spend(&reopened), price, "clean {clean}: after the reopen");
+        let (_, replayed) = reopened.consume_noting_replay(&second).expect("a repeat");
+        assert!(replayed, "clean {clean}: the second decision is remembered");
+        assert!(
+            reopened.refund("anew", None).is_err(),
+            "clean {clean}: refunded once"
+        );
+        // The first request's retry (stamped as it was) finds the id's record, the second
+        // decision's: answered from it, never decided again.
+        let retry = reopened.consume_noting_replay(&first);
+        assert!(
+            matches!(&retry, Ok((_, true))),
+            "clean {clean}: the first's retry: {retry:?}"
+        );
+        assert_eq!(
+            spend(&reopened),
+            price,
+            "clean {clean}: nothing charged again"
+        );
+    }
+}
