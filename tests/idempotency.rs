@@ -1235,3 +1235,39 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
         );
     }
 }
+
+/// A batch naming, twice, an id whose record is past its horizon (not yet swept, or swept):
+/// the first is decided anew and charged, the second answers it; after a crash the log
+/// restores the new decision, whose repeat is answered, and nothing more is charged.
+#[test]
+fn a_batch_naming_twice_an_id_past_its_horizon_decides_it_once_and_a_reopen_agrees() {
+    let dir = TempDir::new("idem-batch-anew");
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
+    create_accounts(&engine);
+    let horizon_ms = engine.policy().longest_window_ms();
+    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
+    let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(T0_MS)
+        .id("batched");
+    assert!(!engine.consume_noting_replay(&first).expect("first").1);
+    let price = spend(&engine);
+    let later_ms = T0_MS + horizon_ms + MINUTE_MS;
+    clock.set_ms(later_ms);
+    let again = UsageRequest::new("payg-dee", "m2.7", &ONE)
+        .at(later_ms)
+        .id("batched");
+    let (results, replays) = engine.consume_many_noting_replay(&[again, again]);
+    assert!(
+        matches!(&results[0], Ok(decision) if decision.is_admitted()),
+        "{results:?}"
+    );
+    assert!(results[1].is_ok(), "{results:?}");
+    assert_eq!(replays, vec![false, true], "decided once, then answered");
+    assert_eq!(spend(&engine), 2 * price);
+    drop(engine);
+    let reopened = open_on_clock(dir.path(), clock, sync_options());
+    let (_, replayed) = reopened.consume_noting_replay(&again).expect("a repeat");
+    assert!(replayed, "the batch's decision is restored");
+    assert_eq!(spend(&reopened), 2 * price, "nothing charged again");
+}
