@@ -1525,4 +1525,81 @@ mod tests {
         let fresh = decide(&behind, (1, stepped_back_ms));
         assert!(matches!(fresh, Ok(Some((_, None)))), "{fresh:?}");
     }
+
+    #[test]
+    fn no_acknowledged_decision_is_decided_again_under_random_clocks_horizons_and_failed_logs() {
+        // A random walk over the table: ids decided (some then forgotten, as when their log
+        // fails), checked, retried with their first stamps, on a clock that runs, steps back
+        // and glitches ahead, with horizons that grow and shrink and a small capacity that
+        // sweeps every shard. An id decided and kept (acknowledged) at a stamp is never
+        // decided again at that stamp: its retry is answered or refused.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        for _round in 0..1_000 {
+            let table = RequestTable::new(6, HORIZON_MS);
+            // Ids in two shards, so that one queues behind another.
+            let ids: Vec<String> = (0..)
+                .map(|n| format!("id-{n}"))
+                .filter(|id| {
+                    std::ptr::eq(table.shard(id), table.shard("id-0"))
+                        || std::ptr::eq(table.shard(id), table.shard("id-1"))
+                })
+                .take(8)
+                .collect();
+            let mut now_ms: u64 = 10 * HORIZON_MS;
+            let mut acknowledged: std::collections::HashSet<(String, u64)> =
+                std::collections::HashSet::new();
+            for _step in 0..300 {
+                match next(10) {
+                    0 => now_ms += next(3 * HORIZON_MS),
+                    1 => now_ms = now_ms.saturating_sub(next(3 * HORIZON_MS)),
+                    2 => table.set_horizon_ms(HORIZON_MS / 2 + next(2 * HORIZON_MS)),
+                    3 => {
+                        let id = ids[next(ids.len() as u64) as usize].clone();
+                        let at_ms = now_ms;
+                        let _ = table.peek(&id, &fingerprint(), (at_ms, now_ms), || Ok(None));
+                    }
+                    _ => {
+                        // A fresh stamp near the clock, or the retry of a decision kept.
+                        let (id, at_ms) = if next(2) == 0 || acknowledged.is_empty() {
+                            let id = ids[next(ids.len() as u64) as usize].clone();
+                            (id, now_ms.saturating_sub(next(HORIZON_MS / 2)))
+                        } else {
+                            let nth = next(acknowledged.len() as u64) as usize;
+                            acknowledged.iter().nth(nth).cloned().expect("in range")
+                        };
+                        let decided = std::cell::Cell::new(false);
+                        let result = table.once(
+                            &id,
+                            &fingerprint(),
+                            (at_ms, now_ms),
+                            || Ok(None),
+                            || {
+                                assert!(
+                                    !acknowledged.contains(&(id.clone(), at_ms)),
+                                    "{id} decided again at {at_ms} (clock {now_ms})"
+                                );
+                                decided.set(true);
+                                let decision = Decision::denied(DenialReason::NoResources);
+                                Ok(Some((decision, None, LoggedAs::Durable)))
+                            },
+                        );
+                        if decided.get() {
+                            assert!(matches!(result, Ok(Some((_, None)))), "{result:?}");
+                            if next(4) == 0 {
+                                table.forget(&id);
+                            } else {
+                                acknowledged.insert((id, at_ms));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
