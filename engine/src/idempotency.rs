@@ -329,14 +329,14 @@ pub(crate) struct Shard {
     next_out_of_order: u64,
     /// Every id stamped before this may have been forgotten: one past the latest stamp of an
     /// id `expire` dropped or a decision anew replaced (`RequestTable::once`), or an open's
-    /// bound: a new id stamped before it is refused as too
-    /// old, as one stamped more than the horizon before the clock is. Without it, a clock
-    /// stepped back (or a horizon grown by a policy swap) let a retry of a forgotten id, stamped
-    /// as it first was, seem inside the horizon, and count again. Bounded by the stamps of the
-    /// ids dropped, not by the clock that dropped them: the clock's time less the horizon, a
-    /// clock that read a year ahead for one request refused every new id stamped by the real
-    /// clock for eleven months (and, recorded by a checkpoint, after every reopen), where only
-    /// the ids it forgot, all stamped before the glitch, could have their retries taken for new.
+    /// bound. A new id stamped before it is refused as too old, as one stamped more than the
+    /// horizon before the clock is. Without it, a clock stepped back (or a horizon grown by a
+    /// policy swap) let a retry of a forgotten id, stamped as it first was, seem inside the
+    /// horizon, and count again. Bounded by the stamps of the ids dropped, not by the clock
+    /// that dropped them: by the clock's time less the horizon, a clock that read a year ahead
+    /// for one request refused every new id stamped by the real clock for eleven months (and,
+    /// recorded by a checkpoint, after every reopen), where only the ids it forgot, all stamped
+    /// before the glitch, could have their retries taken for new.
     forgotten_before_ms: u64,
 }
 
