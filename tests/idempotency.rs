@@ -942,13 +942,12 @@ fn an_id_forgotten_before_a_close_is_not_decided_again_after_a_reopen_on_a_clock
     create_accounts(&engine);
     let horizon_ms = engine.policy().longest_window_ms();
     // On the pay-as-you-go key: every admission is charged (its spend), none is refused.
-    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
     let retried = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("forgotten");
     let (_, replayed) = engine.consume_noting_replay(&retried).expect("the first");
     assert!(!replayed);
-    let spent = spend(&engine);
+    let spent = payg_spend(&engine);
     assert!(spent > 0, "the first was charged");
     // The clock passes the id's horizon; a check of it (nothing logged) forgets it.
     clock.set_ms(T0_MS + horizon_ms + MINUTE_MS);
@@ -971,9 +970,9 @@ fn an_id_forgotten_before_a_close_is_not_decided_again_after_a_reopen_on_a_clock
             Err(tally_engine::Error::InvalidArgument { field: "at_ms", .. })
         ),
         "the retry after the reopen: {after:?}, spent {} (first {spent})",
-        spend(&reopened)
+        payg_spend(&reopened)
     );
-    assert_eq!(spend(&reopened), spent, "charged once");
+    assert_eq!(payg_spend(&reopened), spent, "charged once");
 }
 
 /// How far ahead the clock glitches in the tests below: a year, far past the horizon.
@@ -1045,13 +1044,12 @@ fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
     let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     create_accounts(&engine);
-    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
     let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("before");
     let (_, replayed) = engine.consume_noting_replay(&before).expect("the first");
     assert!(!replayed);
-    let price = spend(&engine);
+    let price = payg_spend(&engine);
     assert!(price > 0, "the first was charged");
     clock.set_ms(T0_MS + GLITCH_MS);
     // Its retry, on the glitched clock: too old to be remembered, and forgotten.
@@ -1097,7 +1095,7 @@ fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
     let (_, replayed) = reopened.consume_noting_replay(&live).expect("a repeat");
     assert!(replayed, "an id decided after the glitch is remembered");
     // Charged for the first request and the fresh ones, never for a retry.
-    assert_eq!(spend(&reopened), (FRESH + 2) * price);
+    assert_eq!(payg_spend(&reopened), (FRESH + 2) * price);
 }
 
 /// An id forgotten before one checkpoint, then a later checkpoint that records its cut's
@@ -1111,13 +1109,12 @@ fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bound
     let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     create_accounts(&engine);
-    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
     let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("before");
     let (_, replayed) = engine.consume_noting_replay(&before).expect("the first");
     assert!(!replayed);
-    let price = spend(&engine);
+    let price = payg_spend(&engine);
     assert!(price > 0, "the first was charged");
     // Forgotten by a glitched clock, then a checkpoint once it is back: its snapshot has no
     // record of the id, and no event after it names it.
@@ -1160,7 +1157,7 @@ fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bound
         matches!(&after, Ok((decision, false)) if decision.is_admitted()),
         "a fresh id after the reopen: {after:?}"
     );
-    assert_eq!(spend(&reopened), 3 * price, "each id charged once");
+    assert_eq!(payg_spend(&reopened), 3 * price, "each id charged once");
 }
 
 /// An id decided anew once past its horizon (a second request, charged), then refunded: the
@@ -1177,12 +1174,11 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
         let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
         create_accounts(&engine);
         let horizon_ms = engine.policy().longest_window_ms();
-        let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
         let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
             .at(T0_MS)
             .id("anew");
         assert!(!engine.consume_noting_replay(&first).expect("first").1);
-        let price = spend(&engine);
+        let price = payg_spend(&engine);
         let later_ms = T0_MS + horizon_ms + MINUTE_MS;
         clock.set_ms(later_ms);
         let second = UsageRequest::new("payg-dee", "m2.7", &ONE)
@@ -1191,7 +1187,7 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
         let (decision, replayed) = engine.consume_noting_replay(&second).expect("anew");
         assert!(decision.is_admitted() && !replayed, "{decision:?}");
         assert_eq!(
-            spend(&engine),
+            payg_spend(&engine),
             2 * price,
             "the forgotten id is charged anew"
         );
@@ -1199,7 +1195,7 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
             .refund("anew", None)
             .expect("the refund of the second");
         assert_eq!(
-            spend(&engine),
+            payg_spend(&engine),
             price,
             "clean {clean}: the second given back"
         );
@@ -1214,7 +1210,11 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
             drop(engine);
         }
         let reopened = open_on_clock(dir.path(), clock.clone(), sync_options());
-        assert_eq!(spend(&reopened), price, "clean {clean}: after the reopen");
+        assert_eq!(
+            payg_spend(&reopened),
+            price,
+            "clean {clean}: after the reopen"
+        );
         let (_, replayed) = reopened.consume_noting_replay(&second).expect("a repeat");
         assert!(replayed, "clean {clean}: the second decision is remembered");
         assert!(
@@ -1229,7 +1229,7 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
             "clean {clean}: the first's retry: {retry:?}"
         );
         assert_eq!(
-            spend(&reopened),
+            payg_spend(&reopened),
             price,
             "clean {clean}: nothing charged again"
         );
@@ -1246,12 +1246,11 @@ fn a_batch_naming_twice_an_id_past_its_horizon_decides_it_once_and_a_reopen_agre
     let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
     create_accounts(&engine);
     let horizon_ms = engine.policy().longest_window_ms();
-    let spend = |engine: &Engine| engine.usage("payg-dee", Some(T0_MS)).unwrap().payg_micros;
     let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("batched");
     assert!(!engine.consume_noting_replay(&first).expect("first").1);
-    let price = spend(&engine);
+    let price = payg_spend(&engine);
     let later_ms = T0_MS + horizon_ms + MINUTE_MS;
     clock.set_ms(later_ms);
     let again = UsageRequest::new("payg-dee", "m2.7", &ONE)
@@ -1264,10 +1263,10 @@ fn a_batch_naming_twice_an_id_past_its_horizon_decides_it_once_and_a_reopen_agre
     );
     assert!(results[1].is_ok(), "{results:?}");
     assert_eq!(replays, vec![false, true], "decided once, then answered");
-    assert_eq!(spend(&engine), 2 * price);
+    assert_eq!(payg_spend(&engine), 2 * price);
     drop(engine);
     let reopened = open_on_clock(dir.path(), clock, sync_options());
     let (_, replayed) = reopened.consume_noting_replay(&again).expect("a repeat");
     assert!(replayed, "the batch's decision is restored");
-    assert_eq!(spend(&reopened), 2 * price, "nothing charged again");
+    assert_eq!(payg_spend(&reopened), 2 * price, "nothing charged again");
 }

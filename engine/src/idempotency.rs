@@ -919,6 +919,7 @@ mod tests {
     use super::*;
     use crate::accounts::MAX_KEY_BYTES;
     use crate::admission::DenialReason;
+    use std::cell::Cell;
 
     const HORIZON_MS: u64 = 1_000;
 
@@ -1101,18 +1102,38 @@ mod tests {
 
     /// `once` for a new id at `at_ms` (the clock at the same time): `Ok(true)` if decided now.
     fn first(table: &RequestTable, id: &str, at_ms: u64) -> Result<bool, Error> {
-        table
-            .once(
-                id,
-                &fingerprint(),
-                (at_ms, at_ms),
-                || Ok(None),
-                || {
-                    let decision = Decision::denied(DenialReason::NoResources);
-                    Ok(Some((decision, None, LoggedAs::Durable)))
-                },
-            )
+        decide_denied(table, id, (at_ms, at_ms), &Cell::new(0))
             .map(|kept| matches!(kept, Some((_, None))))
+    }
+
+    /// `id` stamped `at_ms` on a clock at `now_ms` through `once`: a first decision is denied
+    /// (no resources), durable, and counted in `decided`.
+    fn decide_denied(
+        table: &RequestTable,
+        id: &str,
+        (at_ms, now_ms): (u64, u64),
+        decided: &Cell<u32>,
+    ) -> Result<Option<(Decision, Option<LoggedAs>)>, Error> {
+        table.once(
+            id,
+            &fingerprint(),
+            (at_ms, now_ms),
+            || Ok(None),
+            || {
+                decided.set(decided.get() + 1);
+                let decision = Decision::denied(DenialReason::NoResources);
+                Ok(Some((decision, None, LoggedAs::Durable)))
+            },
+        )
+    }
+
+    /// An id named `{prefix}{n}` for the first `n` whose shard is `id`'s, so that one queues
+    /// behind the other.
+    fn id_in_the_shard_of(table: &RequestTable, id: &str, prefix: &str) -> String {
+        (0..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|other| std::ptr::eq(table.shard(other), table.shard(id)))
+            .expect("some id shares the shard")
     }
 
     #[test]
@@ -1238,10 +1259,7 @@ mod tests {
         let table = RequestTable::new(2, horizon_ms);
         let now_ms = 10 * horizon_ms;
         let first_id = "stamped-now";
-        let same_shard = (0..)
-            .map(|n| format!("stamped-earlier-{n}"))
-            .find(|id| std::ptr::eq(table.shard(id), table.shard(first_id)))
-            .expect("some id shares the shard");
+        let same_shard = id_in_the_shard_of(&table, first_id, "stamped-earlier-");
         let decide = |id: &str, at_ms: u64, now_ms: u64| {
             table.once(
                 id,
@@ -1424,24 +1442,9 @@ mod tests {
         // decision where, without the one ahead (its shard swept), it was decided anew.
         let table = RequestTable::new(10, HORIZON_MS);
         let ahead = "stamped-later";
-        let behind = (0..)
-            .map(|n| format!("stamped-earlier-{n}"))
-            .find(|id| std::ptr::eq(table.shard(id), table.shard(ahead)))
-            .expect("some id shares the shard");
-        let decided = std::cell::Cell::new(0);
-        let decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
-            table.once(
-                id,
-                &fingerprint(),
-                (at_ms, now_ms),
-                || Ok(None),
-                || {
-                    decided.set(decided.get() + 1);
-                    let decision = Decision::denied(DenialReason::NoResources);
-                    Ok(Some((decision, None, LoggedAs::Durable)))
-                },
-            )
-        };
+        let behind = id_in_the_shard_of(&table, ahead, "stamped-earlier-");
+        let decided = Cell::new(0);
+        let decide = |id: &str, stamps| decide_denied(&table, id, stamps, &decided);
         assert!(matches!(decide(ahead, (500, 500)), Ok(Some((_, None)))));
         assert!(matches!(decide(&behind, (0, 500)), Ok(Some((_, None)))));
         // The earlier id is past its horizon, the later one not.
@@ -1484,24 +1487,9 @@ mod tests {
         // first request's retry was decided and charged again.
         let table = RequestTable::new(10, HORIZON_MS);
         let ahead = "stamped-later";
-        let behind = (0..)
-            .map(|n| format!("stamped-earlier-{n}"))
-            .find(|id| std::ptr::eq(table.shard(id), table.shard(ahead)))
-            .expect("some id shares the shard");
-        let decided = std::cell::Cell::new(0);
-        let decide = |id: &str, (at_ms, now_ms): (u64, u64)| {
-            table.once(
-                id,
-                &fingerprint(),
-                (at_ms, now_ms),
-                || Ok(None),
-                || {
-                    decided.set(decided.get() + 1);
-                    let decision = Decision::denied(DenialReason::NoResources);
-                    Ok(Some((decision, None, LoggedAs::Durable)))
-                },
-            )
-        };
+        let behind = id_in_the_shard_of(&table, ahead, "stamped-earlier-");
+        let decided = Cell::new(0);
+        let decide = |id: &str, stamps| decide_denied(&table, id, stamps, &decided);
         assert!(matches!(decide(ahead, (500, 500)), Ok(Some((_, None)))));
         assert!(matches!(decide(&behind, (0, 500)), Ok(Some((_, None)))));
         // Past its horizon, not swept: decided anew in its place, then that log fails.
@@ -1573,7 +1561,7 @@ mod tests {
                             let nth = next(acknowledged.len() as u64) as usize;
                             acknowledged.iter().nth(nth).cloned().expect("in range")
                         };
-                        let decided = std::cell::Cell::new(false);
+                        let decided = Cell::new(false);
                         let result = table.once(
                             &id,
                             &fingerprint(),
