@@ -16,17 +16,22 @@ thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-pub(crate) fn set(mut message: String) {
+pub(crate) fn set(message: String) {
+    // A NUL would cut the C string short; none of ours contain one, but a key echoed in a
+    // message could. Escaped before the cut, so the bound holds for the text as kept (each
+    // NUL becomes two bytes), and the cut never splits an escape.
+    let mut message = message.replace('\0', "\\0");
     if message.len() > MAX_MESSAGE_BYTES {
         let mut end = MAX_MESSAGE_BYTES;
         while !message.is_char_boundary(end) {
             end -= 1;
         }
+        // Not between the backslash of an escape and its `0`.
+        if message[..end].ends_with('\\') && message[end..].starts_with('0') {
+            end -= 1;
+        }
         message.truncate(end);
     }
-    // A NUL would cut the C string short; none of ours contain one, but a key echoed in a
-    // message could.
-    let message = message.replace('\0', "\\0");
     // `try_with`: a call from a thread-exit destructor (a `pthread_key` one, a C++
     // `thread_local`'s) may come after this thread's storage is gone; `with` would panic
     // there, outside any `catch_unwind`, and abort the process. The message is then lost,
@@ -57,4 +62,30 @@ pub extern "C" fn tally_last_error(
     });
     let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = saved);
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored() -> String {
+        LAST_ERROR.with(|last| last.borrow().clone())
+    }
+
+    /// The bound holds for the message as kept, after its NULs are written out as `\0` (two
+    /// bytes each): a message of NULs, or one ending in a NUL at the bound, stays within it
+    /// and is cut where a whole escape ends.
+    #[test]
+    fn a_message_with_nul_bytes_is_kept_within_the_bound() {
+        set("\0".repeat(MAX_MESSAGE_BYTES));
+        let kept = stored();
+        assert!(kept.len() <= MAX_MESSAGE_BYTES, "{} bytes kept", kept.len());
+        assert_eq!(kept, "\\0".repeat(MAX_MESSAGE_BYTES / 2));
+        set(format!("{}\0", "a".repeat(MAX_MESSAGE_BYTES - 1)));
+        let kept = stored();
+        assert!(kept.len() <= MAX_MESSAGE_BYTES, "{} bytes kept", kept.len());
+        assert!(!kept.ends_with('\\'), "an escape cut in half");
+        set(format!("key \"a\0b\": {}", "x".repeat(10)));
+        assert_eq!(stored(), "key \"a\\0b\": xxxxxxxxxx");
+    }
 }
