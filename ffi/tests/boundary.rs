@@ -1957,3 +1957,73 @@ fn a_settles_overflowing_quantities_are_named_by_its_argument_actual() {
         tally_status::TALLY_OK
     );
 }
+
+/// The last error is the calling thread's: two threads fail at once with different errors, and
+/// each reads its own message, whatever the other did meanwhile; a call that succeeds after
+/// leaves it, and so does a size query with no buffer, a short one, or a NULL `needed`.
+#[test]
+fn each_thread_reads_the_last_error_of_its_own_failed_call() {
+    let handle = Arc::new(in_memory());
+    let both_failed = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = [("team", 129usize), ("key", 0usize)]
+        .into_iter()
+        .map(|(field, len)| {
+            let (handle, both_failed) = (Arc::clone(&handle), Arc::clone(&both_failed));
+            std::thread::spawn(move || {
+                let text = "t".repeat(len);
+                let (p, l) = s(&text);
+                let status = if field == "team" {
+                    tally_engine_create_team(handle.0, p, l, T0)
+                } else {
+                    let (u, ul) = s("ada");
+                    tally_engine_create_user(handle.0, u, ul, p, l, T0)
+                };
+                // Both have failed before either reads.
+                both_failed.wait();
+                let message = last_error();
+                // A call that succeeds leaves it as it was.
+                let ok_team = format!("ok-{field}");
+                let (team, team_len) = s(&ok_team);
+                assert_eq!(
+                    tally_engine_create_team(handle.0, team, team_len, T0),
+                    tally_status::TALLY_OK
+                );
+                // So do failed size queries of the message itself.
+                let mut needed = 0;
+                let mut short = [0x55 as c_char; 4];
+                assert_eq!(
+                    tally_last_error(short.as_mut_ptr(), short.len(), &mut needed),
+                    tally_status::TALLY_BUFFER_TOO_SMALL
+                );
+                assert_eq!(needed, message.len() + 1);
+                assert!(short.iter().all(|&byte| byte == 0x55), "nothing copied");
+                assert_eq!(
+                    tally_last_error(short.as_mut_ptr(), short.len(), ptr::null_mut()),
+                    tally_status::TALLY_NULL_POINTER
+                );
+                (status, message, last_error())
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads
+        .into_iter()
+        .map(|thread| thread.join().expect("no panic"))
+        .collect();
+    assert_eq!(results[0].0, tally_status::TALLY_STRING_TOO_LONG);
+    assert_eq!(results[0].1, "team: is 129 bytes; at most 128");
+    assert_eq!(results[1].0, tally_status::TALLY_EMPTY_STRING);
+    assert_eq!(results[1].1, "key: must not be empty");
+    for (_, message, after) in &results {
+        assert_eq!(after, message, "a later success or size query changed it");
+    }
+    // A thread that never failed reads "" (needed 1), not another thread's message.
+    let fresh = std::thread::spawn(|| {
+        let mut needed = 0;
+        let mut buf = [0x55 as c_char; 8];
+        let status = tally_last_error(buf.as_mut_ptr(), buf.len(), &mut needed);
+        (status, needed, buf[0])
+    })
+    .join()
+    .expect("no panic");
+    assert_eq!(fresh, (tally_status::TALLY_OK, 1, 0));
+}
