@@ -283,3 +283,35 @@ def test_an_interrupt_as_reserve_returns_leaves_nothing_held(monkeypatch):
         assert usage.open_reservations == 0
         assert usage.limits[0].used == 0
         assert engine.reserve(key, "m2.7", {"requests": 1}, at_ms=T).decision.admitted
+
+
+def test_threads_failing_at_once_each_raise_their_own_calls_message(engine):
+    """The library's last error is per thread, and the wrapper reads it on the thread that
+    failed: threads failing with different errors at the same moment never swap messages."""
+    rounds = 200
+    start = threading.Barrier(THREADS)
+
+    def worker(thread: int) -> list[str]:
+        start.wait()
+        seen = []
+        for attempt in range(rounds):
+            # Each thread's own length, so a message from another thread shows.
+            too_long = "t" * (129 + thread)
+            try:
+                if attempt % 2:
+                    engine.create_team(too_long, at_ms=T)
+                else:
+                    engine.consume(too_long, "m2.7", {"requests": 1}, at_ms=T)
+            except tally.StringTooLongError as error:
+                seen.append(error.message)
+        return seen
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = list(pool.map(worker, range(THREADS)))
+    for thread, messages in enumerate(results):
+        length = 129 + thread
+        assert len(messages) == rounds
+        assert set(messages) == {
+            f"team: is {length} bytes; at most 128",
+            f"key: is {length} bytes; at most 128",
+        }, thread
