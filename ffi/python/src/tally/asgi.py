@@ -1051,6 +1051,8 @@ class QuotaMiddleware:
         except _STRING_ERRORS as error:
             return _string_refusal(error)
         except errors.TallyError as error:
+            if _refuses_the_key(error):
+                return _invalid_key()
             _log.error("tally: key lookup failed: %s", error)
             return _unavailable(error)
         return None
@@ -1313,8 +1315,11 @@ class QuotaMiddleware:
             await _send_json(send, api, refusal, [])
             return None
         except errors.TallyError as error:
-            _log.error("tally: admission failed: %s", error)
-            refusal = _unavailable(error)
+            if _refuses_the_key(error):
+                refusal = _invalid_key()
+            else:
+                _log.error("tally: admission failed: %s", error)
+                refusal = _unavailable(error)
             await _send_json(send, api, refusal, [])
             return None
         decision = result.decision if isinstance(result, Reservation) else result
@@ -1540,6 +1545,14 @@ def _field(error: errors.TallyError) -> str | None:
     """The argument an engine error names: ``"key"`` for ``"key: is 300 bytes; ..."``."""
     field, separator, _ = error.message.partition(": ")
     return field if separator and field.isidentifier() else None
+
+
+def _refuses_the_key(error: errors.TallyError) -> bool:
+    """Whether the engine refused the request's key for characters no key may hold (a control
+    character: a tab or U+0085, which a header can carry), an ``InvalidArgumentError`` naming
+    ``key``: a credential no key can be, 401 as an unknown key is, not the engine failing
+    (503), as the Go gateway answers it."""
+    return isinstance(error, errors.InvalidArgumentError) and _field(error) == "key"
 
 
 def _string_refusal(error: errors.TallyError) -> _Refusal:
