@@ -14,6 +14,7 @@ import (
 // A string the engine refuses is answered for the argument its message names, as the Python
 // middleware answers it: the key's is 401 (a credential no key can be), the resource's 404 (a
 // model no model can be), any other string the gateway's own: 500, its fault, not the client's.
+// A key the engine refuses for its characters (ErrInvalidArgument naming key) is 401 as well.
 func TestAStringErrorIsAnsweredForTheArgumentItNames(t *testing.T) {
 	for _, test := range []struct {
 		status  tally.Status
@@ -27,6 +28,9 @@ func TestAStringErrorIsAnsweredForTheArgumentItNames(t *testing.T) {
 		{2, "resource: is not valid UTF-8 (at byte 0)", http.StatusNotFound, "model_not_found"},
 		{4, "request_id: is 300 bytes; at most 256", http.StatusInternalServerError, "internal_error"},
 		{5, "request_id: contains a NUL at byte 0", http.StatusInternalServerError, "internal_error"},
+		// A key with a control character the engine refuses as an argument, not as a string.
+		{6, "key: must not contain control characters (NUL, newline, ...)", http.StatusUnauthorized, "invalid_api_key"},
+		{6, "engine: something else", http.StatusServiceUnavailable, "service_unavailable"},
 	} {
 		err := error(&tally.Error{Op: "Reserve", Status: test.status, Message: test.message})
 		answer := engineError(OpenAI, fmt.Errorf("wrapped: %w", err))

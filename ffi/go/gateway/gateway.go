@@ -73,6 +73,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	tally "github.com/tally-engine/tally/ffi/go"
@@ -384,11 +385,15 @@ func amountOf(quantities []tally.Quantity, unit tally.Unit) (uint64, bool) {
 }
 
 // couldBeKey says whether the engine could hold key: not longer than tally.MaxIDBytes, UTF-8
-// and without NUL. One it could not is not a valid credential, as an unknown key is not, and is
-// answered the same (401) rather than as a malformed request (the engine's ErrStringTooLong,
-// ErrInvalidUTF8, ErrNulInString, which the model name can still earn: 400).
+// and without a control character (NUL, or a tab or U+0085, which a header carries inside a
+// value; the engine's rule is Rust's char::is_control, the same set as unicode.IsControl). One
+// it could not is not a valid credential, as an unknown key is not, and is answered the same
+// (401) rather than as a malformed request (the engine's ErrStringTooLong, ErrInvalidUTF8,
+// ErrNulInString, which the model name can still earn: 400) or as the engine failing (its
+// ErrInvalidArgument naming key, which engineError answers 401 too).
 func couldBeKey(key string) bool {
-	return len(key) <= tally.MaxIDBytes && utf8.ValidString(key) && !strings.ContainsRune(key, 0)
+	return len(key) <= tally.MaxIDBytes && utf8.ValidString(key) &&
+		strings.IndexFunc(key, unicode.IsControl) < 0
 }
 
 // readRequest reads (and bounds) the body, finds the model and builds what the call holds:
@@ -664,7 +669,8 @@ func engineError(api API, err error) apiError {
 	stringError := errors.Is(err, tally.ErrEmptyString) || errors.Is(err, tally.ErrStringTooLong) ||
 		errors.Is(err, tally.ErrNulInString) || errors.Is(err, tally.ErrInvalidUTF8)
 	switch {
-	case errors.Is(err, tally.ErrUnknownKey), stringError && fieldOf(err) == "key":
+	case errors.Is(err, tally.ErrUnknownKey), stringError && fieldOf(err) == "key",
+		errors.Is(err, tally.ErrInvalidArgument) && fieldOf(err) == "key":
 		return unauthorized(api, "invalid API key")
 	case errors.Is(err, tally.ErrUnknownResource), stringError && fieldOf(err) == "resource":
 		return modelNotFound(api, "this model does not exist or is not served here: "+err.Error())
