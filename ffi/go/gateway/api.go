@@ -143,11 +143,11 @@ func apiOf(path string) API {
 // may not mean. The same key in both is one key.
 func keyOf(r *http.Request) (key string, conflict bool) {
 	var bearer string
-	authorization := strings.TrimSpace(r.Header.Get("Authorization"))
+	authorization := trimOWS(r.Header.Get("Authorization"))
 	if len(authorization) > 7 && strings.EqualFold(authorization[:7], "bearer ") {
-		bearer = strings.TrimSpace(authorization[7:])
+		bearer = trimOWS(authorization[7:])
 	}
-	xAPIKey := strings.TrimSpace(r.Header.Get("x-api-key"))
+	xAPIKey := trimOWS(r.Header.Get("x-api-key"))
 	if bearer != "" && xAPIKey != "" && bearer != xAPIKey {
 		return "", true
 	}
@@ -155,6 +155,15 @@ func keyOf(r *http.Request) (key string, conflict bool) {
 		return bearer, false
 	}
 	return xAPIKey, false
+}
+
+// trimOWS trims what HTTP lets surround a header's value and its parts: spaces and tabs
+// (RFC 9110's optional whitespace), and nothing else. strings.TrimSpace trimmed every Unicode
+// space too, so "tp-ada-1" followed by U+0085 or U+00A0 was taken for the key tp-ada-1: a
+// credential that is not the key matched it. The key is now the bytes sent, so such a one
+// is a key no key is (401).
+func trimOWS(value string) string {
+	return strings.Trim(value, " \t")
 }
 
 // apiError is one error answer: status, the API-specific type and code, and the message.

@@ -497,6 +497,29 @@ func TestAKeyNoKeyCanBeIs401LikeAnUnknownKey(t *testing.T) {
 	}
 }
 
+// A key is the bytes sent, trimmed of spaces and tabs only (what HTTP lets surround a value):
+// one followed or led by another Unicode space (U+0085, U+00A0, U+2003, U+3000) is not the
+// key and charges it nothing (as the Python middleware reads keys).
+func TestAKeyIsTheBytesSentTrimmedOfSpacesAndTabsOnly(t *testing.T) {
+	h := start(t)
+	h.user(t, "el", "tp-el", "Starter")
+	for _, anthropic := range []bool{false, true} {
+		for _, key := range []string{"tp-el\u0085", "tp-el\u00a0", "\u2003tp-el", "\u3000tp-el"} {
+			if a := h.call(t, anthropic, key, "MiniMax-M2.7", false); a.status != http.StatusUnauthorized {
+				t.Fatalf("anthropic %t, key %q: %d %s", anthropic, key, a.status, a.raw)
+			}
+		}
+	}
+	if h.upstream.served.Load() != 0 {
+		t.Fatal("the upstream served a call whose key is not tp-el")
+	}
+	for _, anthropic := range []bool{false, true} {
+		if a := h.call(t, anthropic, " \ttp-el\t ", "MiniMax-M2.7", false); a.status != http.StatusOK {
+			t.Fatalf("anthropic %t, tp-el between spaces and tabs: %d %s", anthropic, a.status, a.raw)
+		}
+	}
+}
+
 func TestAKeyWithoutASeatAndAnUnknownModelAreRefusedBeforeTheUpstream(t *testing.T) {
 	h := start(t)
 	h.user(t, "cy", "tp-cy", "")

@@ -385,6 +385,22 @@ def test_a_key_no_key_can_be_gets_401_like_an_unknown_key(engine, gateway, upstr
     assert upstream.calls == []
 
 
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_a_key_is_the_bytes_sent_trimmed_of_spaces_and_tabs_only(engine, gateway, upstream, header):
+    # HTTP lets spaces and tabs surround a header's value, and only those: a key followed or
+    # led by another Unicode space (U+0085, U+00A0, U+2003, U+3000) is not the key, so no
+    # quota is charged to tp-ada-1 for it (the Go gateway reads keys alike).
+    seated(engine, "ada", "tp-ada-1", "Starter")
+    for key in ["tp-ada-1\u0085", "tp-ada-1\u00a0", "\u2003tp-ada-1", "\u3000tp-ada-1"]:
+        answer = request(gateway, CHAT, chat(), key=key, header=header)
+        assert answer.status == 401, (key, answer.status, answer.body)
+    assert upstream.calls == []
+    assert all(limit.used == 0 for limit in engine.usage("tp-ada-1", at_ms=T).limits)
+    answer = request(gateway, CHAT, chat(), key=" \ttp-ada-1\t ", header=header)
+    assert answer.status == 200, (answer.status, answer.body)
+    assert len(upstream.calls) == 1
+
+
 def test_tokens_from_the_response_are_settled_through_a_reservation(engine, gateway, upstream):
     engine.create_user("di", "tp-di-1", at_ms=T)
     engine.create_payg_key("di", "pg-di-1", at_ms=T)

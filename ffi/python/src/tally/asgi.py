@@ -420,6 +420,10 @@ def _header(scope: Scope, name: bytes, encoding: str = "latin-1") -> str | None:
     return None
 
 
+# What HTTP lets surround a header's value: spaces and tabs (RFC 9110's OWS), nothing else.
+_OWS = " \t"
+
+
 class ConflictingKeys(ValueError):
     """A request carried two different keys, one in each header."""
 
@@ -432,14 +436,17 @@ def api_key(scope: Scope) -> str | None:
     gateway does, rather than charged to a key it may not mean. The same key in both is one."""
     # Read as UTF-8, as the engine holds keys and as the Go gateway reads them (bytes that are
     # no UTF-8 become U+FFFD, a key the engine does not know: 401, as the Go gateway answers).
+    # Only spaces and tabs are trimmed (RFC 9110's optional whitespace), as the Go gateway
+    # trims: str.strip() trimmed every Unicode space, so "tp-ada-1" followed by U+0085 or
+    # U+00A0 was taken for the key tp-ada-1, a credential that is not the key matching it.
     bearer = None
     authorization = _header(scope, b"authorization", "utf-8")
     if authorization:
-        scheme, _, credentials = authorization.strip().partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            bearer = credentials.strip()
+        scheme, _, credentials = authorization.strip(_OWS).partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip(_OWS):
+            bearer = credentials.strip(_OWS)
     header = _header(scope, b"x-api-key", "utf-8")
-    x_api_key = header.strip() if header and header.strip() else None
+    x_api_key = header.strip(_OWS) if header and header.strip(_OWS) else None
     if bearer is not None and x_api_key is not None and bearer != x_api_key:
         raise ConflictingKeys("two different API keys: Authorization: Bearer and x-api-key")
     return bearer or x_api_key
