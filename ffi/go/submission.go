@@ -55,6 +55,9 @@ func (e *Engine) Submit(request Request) (*Submission, error) {
 // Durable reports whether Complete would return at once: the event is durable, or the log
 // failed and Complete would return the error.
 func (s *Submission) Durable() (bool, error) {
+	if s == nil {
+		return false, nilSubmission("Durable")
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.handle == nil {
@@ -72,8 +75,11 @@ func (s *Submission) Durable() (bool, error) {
 // returns at once) and returns the decision (Replayed for a repeated request id). If it never will be durable, the effect is given back and the log's
 // error returned (ErrLogFailed): the request was not admitted. After a Close that returned nil
 // (it flushed the event), the decision too; after one that failed, ErrClosed. A second
-// Complete is ErrInvalidArgument.
+// Complete is ErrInvalidArgument; Complete on a nil Submission, ErrNullPointer.
 func (s *Submission) Complete() (Decision, error) {
+	if s == nil {
+		return Decision{}, nilSubmission("Complete")
+	}
 	s.mu.Lock()
 	handle := s.handle
 	s.handle = nil
@@ -119,6 +125,13 @@ func (s *Submission) Discard() {
 
 // finished is the error for a call on a submission already completed or discarded, or one
 // Submit did not make (a zero Submission); the caller holds mu.
+// nilSubmission is the error for op on a nil *Submission (what Submit returns with an error):
+// ErrNullPointer, as on a zero one, where a nil pointer's method would panic.
+func nilSubmission(op string) error {
+	return newError(op, C.TALLY_NULL_POINTER,
+		"submission: nil (Submit returned an error, not a submission)")
+}
+
 func (s *Submission) finished(op string) error {
 	if s.engine == nil {
 		return newError(op, C.TALLY_NULL_POINTER,

@@ -962,7 +962,7 @@ func TestAZeroEngineSaysItWasNotOpened(t *testing.T) {
 }
 
 // A Submission not made by Submit says so, as a zero Engine does, rather than that it was
-// completed already; Discard does nothing.
+// completed already; Discard does nothing. A nil one is ErrNullPointer too.
 func TestAZeroSubmissionSaysSubmitDidNotMakeIt(t *testing.T) {
 	var submission tally.Submission
 	_, err := submission.Complete()
@@ -978,6 +978,14 @@ func TestAZeroSubmissionSaysSubmitDidNotMakeIt(t *testing.T) {
 	// A nil one too, as a `defer s.Discard()` before Submit's error is looked at meets it.
 	var none *tally.Submission
 	none.Discard()
+	// Complete and Durable on a nil one are ErrNullPointer, not a panic.
+	if _, err := none.Complete(); !errors.Is(err, tally.ErrNullPointer) ||
+		!strings.Contains(err.Error(), "nil") {
+		t.Fatalf("Complete on a nil Submission: %v", err)
+	}
+	if _, err := none.Durable(); !errors.Is(err, tally.ErrNullPointer) {
+		t.Fatalf("Durable on a nil Submission: %v", err)
+	}
 }
 
 // A revoked key is denied DenialKeyRevoked whatever its seat, its usage report says Revoked,
