@@ -541,3 +541,82 @@ fn a_refund_after_swaps_that_re_bucket_there_and_back_gives_back_the_unit() {
         assert_eq!(used, [0, 0, 0], "{widths:?}");
     }
 }
+
+fn reserve_ten(engine: &Engine, key: &str, at_ms: u64) -> tally_engine::ReservationId {
+    let outcome = engine
+        .reserve(
+            &UsageRequest::new(key, "chat", &[(Unit::Requests, 10)]).at(at_ms),
+            Some(HOUR_MS),
+        )
+        .expect("reserve");
+    assert!(outcome.decision.is_admitted());
+    outcome.reservation.expect("a reservation")
+}
+
+/// A hold made before a swap that re-buckets the window and lowers the limit below it settles
+/// for less after it: what was not used is given back where the swap put it, and a hold voided
+/// after a swap back leaves nothing counted.
+#[test]
+fn a_hold_across_swaps_that_re_bucket_settles_and_voids_exactly() {
+    let engine = in_memory(policy());
+    let key = seated(&engine, "ada", "Big");
+    let at_ms = (T0_MS / TEN_MINUTES_MS + 1) * TEN_MINUTES_MS + 250 * 1_000;
+    let settled = reserve_ten(&engine, &key, at_ms);
+    let voided = reserve_ten(&engine, &key, at_ms);
+    engine
+        .swap_policy(policy_with(8, "5m", 1000), Some(at_ms))
+        .expect("swap");
+    assert_eq!(limits(&engine, &key, at_ms)[0], (20, 0, 8));
+    engine
+        .settle(settled, &[(Unit::Requests, 4)], Some(at_ms))
+        .expect("settle");
+    assert_eq!(limits(&engine, &key, at_ms)[0], (14, 0, 8));
+    engine
+        .swap_policy(policy_with(100, "60s", 1000), Some(at_ms))
+        .expect("swap back");
+    engine.void(voided, Some(at_ms)).expect("void");
+    assert_eq!(
+        limits(&engine, &key, at_ms),
+        vec![(4, 96, 100), (4, 796, 800), (4_000, 1_796_000, 1_800_000)]
+    );
+}
+
+/// The same with a seat change to a plan whose buckets are wider: one re-bucketing, found.
+#[test]
+fn a_hold_across_a_seat_change_that_re_buckets_settles_for_less_exactly() {
+    let engine = in_memory(Policy::from_toml_str(THREE_WIDTHS).expect("a valid policy"));
+    let key = seated(&engine, "ada", "Fine");
+    let at_ms = (T0_MS / TEN_MINUTES_MS + 1) * TEN_MINUTES_MS + 250 * 1_000;
+    let held = reserve_ten(&engine, &key, at_ms);
+    engine
+        .assign_seat("@ada", "ada", "Coarse", Some(at_ms))
+        .expect("seat change");
+    engine
+        .settle(held, &[(Unit::Requests, 4)], Some(at_ms))
+        .expect("settle");
+    assert_eq!(rolling_used(&engine, &key, at_ms), 4);
+}
+
+/// An open given another policy than the database's swaps it in at the clock's time: every key
+/// then reports what an engine never closed reports after the same swap, and the swap itself
+/// comes back from the log at the next open.
+#[test]
+fn a_swap_made_by_an_open_reports_as_the_same_swap_made_live_and_comes_back() {
+    let twin = in_memory(policy());
+    swaps_and_seat_changes(&twin, None);
+    let dir = TempDir::new("policy-swap-at-open");
+    {
+        let engine = open(dir.path(), policy(), sync_options());
+        swaps_and_seat_changes(&engine, None);
+    }
+    let swapped = || policy_with(70, "2m", 1200);
+    // The engines' clocks read T0_MS: the open swaps at that time.
+    twin.swap_policy(swapped(), Some(T0_MS)).expect("swap");
+    let expected = states(&twin);
+    for reopen in ["swapping at the open", "reopened after it"] {
+        let engine = open(dir.path(), swapped(), sync_options());
+        for (at, (actual, expected)) in states(&engine).iter().zip(&expected).enumerate() {
+            log_support::assert_same_state(actual, expected, &format!("{reopen}, report {at}"));
+        }
+    }
+}
