@@ -30,6 +30,7 @@ runs=(
   "concurrency - 2"
   "faults - 1"
   "leases racing 4"
+  "reservation_races - 2"
   "admission concurrent 2"
   "admission for_a_moment 4"
   "submission - 2"
