@@ -819,3 +819,97 @@ fn seat_changes_racing_closes_on_the_key_lose_no_give_back() {
     let engine = open(dir.path(), &clock);
     assert_eq!(engine.usage("tp-u", Some(at_ms)).expect("usage"), before);
 }
+
+/// A pay-as-you-go key's reservations: the hold counts in its spend at the price, a void takes
+/// it all off, a settle for less leaves the actual amount's price and a settle for more adds
+/// the extra's, and a crash replays the same spend.
+#[test]
+fn a_pay_as_you_go_keys_spend_holds_exactly_what_its_reservations_settled() {
+    let dir = TempDir::new("resv-payg");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let at = Some(T0_MS);
+    let engine = open(dir.path(), &clock);
+    engine.create_user("d", "tp-d", at).expect("user");
+    engine.create_payg_key("d", "payg-d", at).expect("payg key");
+    let spend = |engine: &Engine| engine.usage("payg-d", at).expect("usage").payg_micros;
+    let reserve = |engine: &Engine, n| {
+        let held = [(Unit::Requests, n)];
+        let request = UsageRequest::new("payg-d", "m2.7", &held).at(T0_MS);
+        let reserved = engine.reserve(&request, None).expect("reserve");
+        reserved.reservation.expect("admitted")
+    };
+    let voided = reserve(&engine, 4);
+    assert_eq!(spend(&engine), 4 * REQUEST_MICROS);
+    engine.void(voided, at).expect("void");
+    assert_eq!(spend(&engine), 0);
+    let less = reserve(&engine, 4);
+    let more = reserve(&engine, 4);
+    let settled = |id, n| match engine.settle(id, &[(Unit::Requests, n)], at) {
+        Ok(SettleOutcome::Settled(settlement)) => settlement,
+        other => panic!("{other:?}"),
+    };
+    settled(less, 1);
+    assert_eq!(spend(&engine), 5 * REQUEST_MICROS);
+    settled(more, 6);
+    assert_eq!(spend(&engine), 7 * REQUEST_MICROS);
+    let crashed = dir.sibling("crashed");
+    log_support::copy_dir(dir.path(), crashed.path());
+    drop(engine);
+    let engine = open(crashed.path(), &clock);
+    assert_eq!(spend(&engine), 7 * REQUEST_MICROS);
+}
+
+/// A plan hold on a nearly full usage bar settled trading units (fewer requests, many more
+/// tokens) beyond what the bar has left: the unused requests go back to the bar, the extra
+/// tokens are paid with credits, whole, and a crash replays the same bar and balance.
+#[test]
+fn a_plan_hold_trading_units_beyond_a_full_bar_pays_the_extra_with_credits_and_frees_the_rest() {
+    let dir = TempDir::new("resv-bar-extra");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let at = Some(T0_MS);
+    let engine = open(dir.path(), &clock);
+    engine.create_user("u", "tp-u", at).expect("user");
+    engine.assign_seat("@u", "u", "Bar-Plus", at).expect("seat");
+    engine.top_up("@u", 1_000_000, at).expect("top-up");
+    let filler = [(Unit::Requests, 1), (Unit::Tokens, 1_990_000)];
+    let request = UsageRequest::new("tp-u", "m2.7", &filler).at(T0_MS);
+    assert!(matches!(
+        engine.consume(&request),
+        Ok(Decision::Admitted(_))
+    ));
+    let held = [(Unit::Requests, 3)];
+    let request = UsageRequest::new("tp-u", "m2.7", &held).at(T0_MS);
+    let id = engine.reserve(&request, None).expect("reserve").reservation;
+    let id = id.expect("the bar has room for the hold");
+    assert_eq!(bar_used(&engine, "tp-u", T0_MS).0, 1_998_000);
+    let actual = [(Unit::Requests, 1), (Unit::Tokens, 10_000)];
+    let settlement = match engine.settle(id, &actual, at) {
+        Ok(SettleOutcome::Settled(settlement)) => settlement,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        settlement.extra,
+        Some(ChargedTo::Credits { micros: 10_000 })
+    );
+    assert_eq!(settlement.released.get(Unit::Requests), 2);
+    let live = (
+        bar_used(&engine, "tp-u", T0_MS),
+        engine.credits_micros("@u").expect("credits"),
+    );
+    assert_eq!(live, ((1_994_000, 1_994_000), 990_000));
+    let crashed = dir.sibling("crashed");
+    log_support::copy_dir(dir.path(), crashed.path());
+    drop(engine);
+    let engine = open(crashed.path(), &clock);
+    assert_eq!(
+        (
+            bar_used(&engine, "tp-u", T0_MS),
+            engine.credits_micros("@u").expect("credits")
+        ),
+        live
+    );
+    assert_eq!(
+        engine.settle(id, &actual, at),
+        Ok(SettleOutcome::Settled(settlement))
+    );
+}
