@@ -913,3 +913,66 @@ fn a_plan_hold_trading_units_beyond_a_full_bar_pays_the_extra_with_credits_and_f
         Ok(SettleOutcome::Settled(settlement))
     );
 }
+
+/// In `Interval` mode a reservation is acknowledged once its event is queued; a write that then
+/// fails loses it (the loss the mode accepts). Its id must not be handed out again after the
+/// reopen: the caller still holds it, and its settle or void would close another key's
+/// reservation.
+///
+/// Ignored: a known defect, not fixed here (see the hunt-resv report). An open sets the next id
+/// from what the snapshot and the log hold, so the lost id is the next one handed out.
+#[test]
+#[ignore = "defect: a reservation id acknowledged in Interval/None mode and lost is reused after a reopen"]
+fn a_reservation_id_lost_with_an_unwritten_event_is_not_handed_out_again_after_a_reopen() {
+    let dir = TempDir::new("resv-id-reuse");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let at = Some(T0_MS);
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Interval { ms: 50 },
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock.clone(), options).unwrap();
+    for (user, key) in [("a", "tp-a"), ("b", "tp-b")] {
+        engine.create_user(user, key, at).expect("user");
+        engine
+            .assign_seat(&format!("@{user}"), user, "Plus", at)
+            .expect("seat");
+    }
+    engine.sync().expect("sync");
+    faults.fail_next_inserts(1);
+    let held = [(Unit::Requests, 4)];
+    let request = UsageRequest::new("tp-a", "m2.7", &held).at(T0_MS);
+    let lost = engine
+        .reserve(&request, None)
+        .expect("acknowledged")
+        .reservation
+        .unwrap();
+    let start = std::time::Instant::now();
+    while engine.health().log_failure.is_none() && start.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(engine.health().log_failure.is_some(), "the write failed");
+    drop(engine);
+    let engine = open(dir.path(), &clock);
+    assert_eq!(
+        engine.open_reservations(),
+        0,
+        "the reservation was lost with its event"
+    );
+    let request = UsageRequest::new("tp-b", "m2.7", &held).at(T0_MS);
+    let other = engine
+        .reserve(&request, None)
+        .expect("reserve")
+        .reservation
+        .unwrap();
+    // What goes wrong otherwise: tp-a's caller voids what it was told it holds, and tp-b's
+    // reservation is closed under tp-b.
+    let voided = engine.void(lost, at);
+    let open = engine.usage("tp-b", at).expect("usage").open_reservations;
+    assert_ne!(
+        other, lost,
+        "tp-a's lost reservation id now names tp-b's (its void: {voided:?}; tp-b open: {open})"
+    );
+}
