@@ -37,7 +37,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tally_engine::{
     AdjustmentDirection, Decision, Durability, Engine, EngineOptions, Error, ManualClock,
-    OpenOptions, Policy, ReservationId, Unit, UsageRequest,
+    OpenOptions, Policy, ReservationId, SettleOutcome, Unit, UsageRequest,
 };
 
 /// 2026-09-22T00:00:00+08:00 minus 2 hours: cases cross a local midnight early on.
@@ -311,7 +311,10 @@ struct Run {
     answered: Vec<(String, usize, usize, u64, Decision)>,
     consumes: u64,
     next_id: u64,
-    reservations: Vec<ReservationId>,
+    /// Each reservation opened, as the durable engine and the twin numbered it: an open hands
+    /// out ids after every one an earlier run may have handed out (`reservation_ids_through`),
+    /// so after a reopen the durable engine's skip ahead of the twin's.
+    reservations: Vec<(ReservationId, ReservationId)>,
     reopens: u32,
     /// The policy in force (reopening passes it, as a deployment would).
     policy_version: usize,
@@ -511,11 +514,22 @@ impl Run {
                 let quantities = [(Unit::Requests, *amount)];
                 let request =
                     UsageRequest::new(self.key(*key), "chat", &quantities).at(self.now_ms);
-                let outcome = self.both("reserve", |engine| {
-                    engine.reserve(&request, Some(*lease_ms))
-                });
-                if let Ok(outcome) = outcome {
-                    self.reservations.extend(outcome.reservation);
+                let durable = self.durable().reserve(&request, Some(*lease_ms));
+                let twin = self.twin.reserve(&request, Some(*lease_ms));
+                let answer = |outcome: &Result<tally_engine::ReserveOutcome, Error>| {
+                    outcome
+                        .as_ref()
+                        .map(|outcome| (outcome.decision, outcome.reservation.is_some()))
+                        .map_err(Clone::clone)
+                };
+                assert_eq!(
+                    answer(&durable),
+                    answer(&twin),
+                    "reserve: the durable engine and the twin answer differently"
+                );
+                if let (Ok(durable), Ok(twin)) = (durable, twin) {
+                    self.reservations
+                        .extend(durable.reservation.zip(twin.reservation));
                 }
             }
             Op::Settle { which, amount } => {
@@ -526,13 +540,34 @@ impl Run {
                         vec![(Unit::Requests, *amount)]
                     };
                     let at = Some(self.now_ms);
-                    let _compared = self.both("settle", |engine| engine.settle(id, &actual, at));
+                    let durable = self.durable().settle(id.0, &actual, at);
+                    let twin = self
+                        .twin
+                        .settle(id.1, &actual, at)
+                        .map(|outcome| match outcome {
+                            SettleOutcome::Settled(mut settlement) => {
+                                settlement.reservation = id.0;
+                                SettleOutcome::Settled(settlement)
+                            }
+                            denied => denied,
+                        });
+                    assert_eq!(
+                        durable,
+                        twin.map_err(|error| as_durable(error, id)),
+                        "settle: the durable engine and the twin answer differently"
+                    );
                 }
             }
             Op::Void { which } => {
                 if let Some(id) = pick(&self.reservations, *which) {
                     let at = Some(self.now_ms);
-                    let _compared = self.both("void", |engine| engine.void(id, at));
+                    assert_eq!(
+                        self.durable().void(id.0, at),
+                        self.twin
+                            .void(id.1, at)
+                            .map_err(|error| as_durable(error, id)),
+                        "void: the durable engine and the twin answer differently"
+                    );
                 }
             }
             Op::Refund { which } => {
@@ -713,6 +748,24 @@ fn quantities(resource: usize, amount: u64) -> Vec<(Unit, u64)> {
     match resource {
         0 => vec![(Unit::Requests, amount), (Unit::Tokens, amount * 150)],
         _ => vec![(Unit::Images, amount)],
+    }
+}
+
+/// The twin's error about reservation `ids.1` as the durable engine says it of `ids.0`.
+fn as_durable(error: Error, ids: (ReservationId, ReservationId)) -> Error {
+    let durable = |reservation: u64| match reservation == ids.1.get() {
+        true => ids.0.get(),
+        false => reservation,
+    };
+    match error {
+        Error::UnknownReservation { reservation } => Error::UnknownReservation {
+            reservation: durable(reservation),
+        },
+        Error::ReservationClosed { reservation, state } => Error::ReservationClosed {
+            reservation: durable(reservation),
+            state,
+        },
+        other => other,
     }
 }
 

@@ -919,10 +919,10 @@ fn a_plan_hold_trading_units_beyond_a_full_bar_pays_the_extra_with_credits_and_f
 /// reopen: the caller still holds it, and its settle or void would close another key's
 /// reservation.
 ///
-/// Ignored: a known defect, not fixed here (see the hunt-resv report). An open sets the next id
-/// from what the snapshot and the log hold, so the lost id is the next one handed out.
+/// It was: an open set the next id from what the snapshot and the log held, so the lost id was
+/// the next one handed out. Now an id is recorded as handed out before it is answered
+/// (`reservation_ids_through`), and an open hands out ids after it.
 #[test]
-#[ignore = "defect: a reservation id acknowledged in Interval/None mode and lost is reused after a reopen"]
 fn a_reservation_id_lost_with_an_unwritten_event_is_not_handed_out_again_after_a_reopen() {
     let dir = TempDir::new("resv-id-reuse");
     let clock = Arc::new(ManualClock::new(T0_MS));

@@ -247,6 +247,15 @@ const META_LOGGED_BY: &[u8] = b"logged_by/";
 /// one) is not used.
 const META_IDS_FORGOTTEN_BEFORE: &[u8] = b"ids_forgotten_before";
 
+/// The last reservation id an engine on this log may hand out (u64 LE): one past it is
+/// recorded here, durably, before it is handed out (`Engine::reserve`, a block at a time), and
+/// an open hands out ids only after it. So an id acknowledged and then lost with its event (a
+/// reservation a crash or a failed write took back, in `Interval` or `None` mode) is never
+/// handed out again after the reopen, where the snapshot and the log end before it: its
+/// caller's settle or void would have closed another key's reservation. Earlier builds
+/// ignore the key.
+const META_RESERVATION_IDS_THROUGH: &[u8] = b"reservation_ids_through";
+
 /// When an acknowledged event is on disk, and what a crash can lose. A change is acknowledged
 /// when the call that made it returns it (`consume`, each request of `consume_many` when the
 /// batch returns, an admin call, `Submitted::complete` or `Engine::complete`; `submit` alone
@@ -2989,6 +2998,42 @@ impl EventLog {
             u64::from_le_bytes(seq.try_into().ok()?),
             u64::from_le_bytes(bound.try_into().ok()?),
         ))
+    }
+
+    /// The last reservation id recorded as handed out at most (`META_RESERVATION_IDS_THROUGH`);
+    /// 0 when none is (a new database, or one only earlier builds ran). A value that does not
+    /// read back is an error naming it: an open that went on without it could hand out an
+    /// id again.
+    pub fn reservation_ids_through(&self) -> Result<u64, Error> {
+        let value = self
+            .meta
+            .get(META_RESERVATION_IDS_THROUGH)
+            .map_err(|error| storage("reading the last reservation id handed out", error))?;
+        match value {
+            None => Ok(0),
+            Some(value) => match <[u8; 8]>::try_from(&value[..]) {
+                Ok(bytes) => Ok(u64::from_le_bytes(bytes)),
+                Err(_) => Err(storage(
+                    "reading the last reservation id handed out",
+                    format!(
+                        "the record `reservation_ids_through` is {} bytes, not 8: damaged",
+                        value.len()
+                    ),
+                )),
+            },
+        }
+    }
+
+    /// Records, durably (sled flushed before it returns), that reservation ids up to
+    /// `through` may be handed out (`reservation_ids_through`). Refused on a read-only log.
+    pub fn record_reservation_ids_through(&self, through: u64) -> Result<(), Error> {
+        if self.read_only {
+            return Err(storage("the log", "opened read-only: nothing is recorded"));
+        }
+        self.meta
+            .insert(META_RESERVATION_IDS_THROUGH, &through.to_le_bytes()[..])
+            .map_err(|error| storage("recording the last reservation id handed out", error))?;
+        self.syncer.flush(&self.db)
     }
 
     /// The latest clock time a checkpoint recorded (`record_logged_by`): the engine's clock

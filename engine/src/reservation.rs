@@ -33,6 +33,10 @@ impl ReservationId {
 
 pub const DEFAULT_LEASE_MS: u64 = 10 * 60 * 1_000;
 pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1_000;
+/// Reservation ids recorded as handed out at a time (`ReservationInner::ids_through`): one
+/// flush of sled's file per this many reservations, and at most this many ids skipped at an
+/// open.
+pub(crate) const RESERVATION_IDS_PER_RECORD: u64 = 4_096;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Reservation {
@@ -106,6 +110,9 @@ pub(crate) struct ReservationInner {
     /// the oldest, so reserve-and-void cycles cannot grow the table for a whole horizon.
     closed_capacity: usize,
     pub next_id: u64,
+    /// The last id the log records as handed out at most (`EventLog::reservation_ids_through`):
+    /// one past it is recorded before it is handed out. 0 without a log (nothing to outlive).
+    pub ids_through: u64,
 }
 
 impl ReservationInner {
@@ -118,6 +125,7 @@ impl ReservationInner {
             closed_order: VecDeque::new(),
             closed_capacity: closed_capacity.max(1),
             next_id: 0,
+            ids_through: 0,
         }
     }
 }
@@ -598,6 +606,13 @@ impl Engine {
         let id = ReservationId(NonZeroU64::new(table.next_id + 1).unwrap_or(NonZeroU64::MIN));
         let expires_at_ms = at_ms.saturating_add(lease_ms);
         let journal = self.journal();
+        if let (Some(journal), false) = (journal, id.get() <= table.ids_through) {
+            // Recorded before the id can be answered: an open hands out ids only after it, so
+            // one acknowledged and then lost with its event is never handed out again.
+            let through = id.get().saturating_add(RESERVATION_IDS_PER_RECORD - 1);
+            journal.record_reservation_ids_through(through)?;
+            table.ids_through = through;
+        }
         let (decision, receipt, seq) = self.keys.read(request.key, |policy, state| {
             let resource = resolve_resource(policy, request.resource, &estimate)?;
             let Some(state) = state else {
