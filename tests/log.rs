@@ -3139,6 +3139,186 @@ fn export_readers_polling_back_to_back_do_not_hold_back_periodic_compaction() {
     );
 }
 
+/// What a paging billing reader made of the log: the events it was handed, in the order it
+/// was handed them, and the ranges it was told were compacted away before it read them.
+#[derive(Default)]
+struct ReaderLedger {
+    seen: Vec<u64>,
+    lost: Vec<(u64, u64)>,
+}
+
+impl ReaderLedger {
+    /// One page after `cursor` (saved under `name` once read), `limit` events at most:
+    /// checks that it goes on exactly after the cursor, or that the error names exactly the
+    /// events from the cursor on that compaction removed. Returns the new cursor.
+    fn page(&mut self, engine: &Engine, name: &str, limit: usize) -> u64 {
+        let cursor = engine.cursor(name).expect("the cursor reads back");
+        match engine.events_after(cursor, limit) {
+            Ok(events) => {
+                assert!(events.len() <= limit, "{} events for {limit}", events.len());
+                let seqs: Vec<u64> = events.iter().map(|event| event.seq).collect();
+                let expected: Vec<u64> = (cursor + 1..=cursor + seqs.len() as u64).collect();
+                assert_eq!(seqs, expected, "the page after {cursor} skips or repeats");
+                self.seen.extend_from_slice(&seqs);
+                let last = seqs.last().copied().unwrap_or(cursor);
+                engine.save_cursor(name, last).expect("save the cursor");
+                last
+            }
+            Err(Error::InvalidArgument { field, problem }) => {
+                assert_eq!(field, "after", "{problem}");
+                let start = engine.events_after(0, 1).expect("the oldest event kept")[0].seq;
+                let lost = format!("events {} to {} were compacted away", cursor + 1, start - 1);
+                assert!(problem.contains(&lost), "{problem} (wanted {lost:?})");
+                self.lost.push((cursor + 1, start - 1));
+                engine
+                    .save_cursor(name, start - 1)
+                    .expect("save the cursor");
+                start - 1
+            }
+            Err(other) => panic!("reading after {cursor}: {other:?}"),
+        }
+    }
+
+    /// Every event from 1 to `last` was handed over once, in order, or reported lost.
+    fn assert_accounts_for(&self, last: u64) {
+        let mut all: Vec<u64> = self.seen.clone();
+        for &(from, to) in &self.lost {
+            all.extend(from..=to);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=last).collect::<Vec<_>>(), "lost {:?}", self.lost);
+        assert!(self.seen.windows(2).all(|pair| pair[0] < pair[1]));
+    }
+}
+
+/// A billing reader paging with a saved cursor (pages of 1 to 7 events) while requests cross
+/// periodic checkpoints, each sealing a segment and compacting what the retention lets go,
+/// and segments roll over every few events: in every durability mode, every event is handed
+/// over exactly once, in order, or, where compaction removed events before the reader got to
+/// them, reading fails naming exactly those; then the same across a reopen, from the saved
+/// cursor.
+#[test]
+fn a_reader_paging_while_checkpoints_compact_sees_each_event_once_or_hears_of_its_loss() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let modes = [
+        Durability::Sync,
+        Durability::Interval { ms: 2 },
+        Durability::None,
+    ];
+    for durability in modes {
+        let dir = TempDir::new("reader-paging-compaction");
+        let clock = clock();
+        let options = OpenOptions {
+            durability,
+            segment_bytes: 256,
+            checkpoint_every_events: 10,
+            ..small_retention()
+        };
+        let open = |options: OpenOptions| {
+            Engine::open(
+                dir.path(),
+                ten_seconds(),
+                std::sync::Arc::clone(&clock) as std::sync::Arc<dyn tally_engine::Clock>,
+                options,
+            )
+            .expect("open")
+        };
+        let engine = open(options.clone());
+        engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+        engine
+            .create_payg_key("ann", "payg-ann", Some(T0_MS))
+            .unwrap();
+        let one = [(Unit::Requests, 1)];
+        let writing = AtomicBool::new(true);
+        let mut ledger = ReaderLedger::default();
+        std::thread::scope(|scope| {
+            let (engine, clock, writing) = (&engine, &clock, &writing);
+            scope.spawn(move || {
+                let _stops_the_reader = StoreOnDrop(writing, false);
+                for step in 1..=600u64 {
+                    // A second a request: what is 21 s old may go at the next checkpoint.
+                    let at_ms = T0_MS + step * SECOND_MS;
+                    clock.set_ms(at_ms);
+                    let request = UsageRequest::new("payg-ann", "chat", &one).at(at_ms);
+                    assert!(engine.consume(&request).unwrap().is_admitted());
+                    if step % 97 == 0 {
+                        engine.compact(None).expect("compact");
+                    }
+                }
+            });
+            let mut round = 0usize;
+            while writing.load(Ordering::Relaxed) {
+                ledger.page(engine, "billing", 1 + round % 7);
+                round += 1;
+                if round % 50 == 0 {
+                    // Fall behind now and then.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        });
+        // The rest, then across a reopen from the saved cursor.
+        engine.sync().unwrap();
+        let last = last_seq(&engine);
+        while ledger.page(&engine, "billing", 5) < last {}
+        drop(engine);
+        let engine = open(options.clone());
+        let request = UsageRequest::new("payg-ann", "chat", &one).at(T0_MS + 601 * SECOND_MS);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+        engine.sync().unwrap();
+        let last = last_seq(&engine);
+        while ledger.page(&engine, "billing", 3) < last {}
+        assert!(matches!(
+            engine.events_after(last + 1, 1),
+            Err(Error::InvalidArgument { field: "after", .. })
+        ));
+        ledger.assert_accounts_for(last);
+        assert!(
+            engine.events_after(0, 1).unwrap()[0].seq > 1,
+            "{durability:?}: compaction removed something"
+        );
+    }
+}
+
+/// Checkpoints with nothing logged since the one before, each after a page read: the segments
+/// a checkpoint seals (some holding one event, some none) are read through one event a page,
+/// and again from the start after a reopen, each event once.
+#[test]
+fn paging_one_event_at_a_time_across_idle_checkpoints_and_a_reopen_skips_and_repeats_nothing() {
+    let dir = TempDir::new("paging-idle-checkpoints");
+    let options = OpenOptions {
+        segment_bytes: 256,
+        ..sync_options()
+    };
+    let engine = open(dir.path(), ten_seconds(), options.clone());
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    let mut ledger = ReaderLedger::default();
+    for step in 0..40u64 {
+        if step % 3 != 2 {
+            let request = UsageRequest::new("payg-ann", "chat", &one).at(T0_MS + step);
+            assert!(engine.consume(&request).unwrap().is_admitted());
+        }
+        ledger.page(&engine, "billing", 1);
+        engine.checkpoint().unwrap();
+        if step % 5 == 0 {
+            engine.checkpoint().unwrap();
+        }
+        ledger.page(&engine, "again", 2);
+    }
+    let last = last_seq(&engine);
+    while ledger.page(&engine, "billing", 1) < last {}
+    drop(engine);
+    let engine = open(dir.path(), ten_seconds(), options);
+    assert_eq!(last_seq(&engine), last);
+    let mut again = ReaderLedger::default();
+    while again.page(&engine, "after-reopen", 1) < last {}
+    again.assert_accounts_for(last);
+    assert!(again.lost.is_empty());
+}
+
 #[test]
 fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() {
     let dir = TempDir::new("compact-young");
