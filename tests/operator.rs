@@ -1528,3 +1528,122 @@ fn the_credits_beside_micro_credits_are_the_same_amount() {
         assert_eq!(Some(micros), credits, "{all}");
     }
 }
+
+/// Every file of the database's log and snapshots, by path, with its bytes (sled's own files
+/// aside: sled may rewrite them whenever it opens).
+fn log_and_snapshot_files(database: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    for folder in ["events", "snapshots"] {
+        let Ok(entries) = std::fs::read_dir(database.join(folder)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.expect("an entry").path();
+            let bytes = std::fs::read(&path).expect("a readable file");
+            files.insert(path, bytes);
+        }
+    }
+    files
+}
+
+/// While a gateway holds the database, every command is refused with exit status 2, naming
+/// `--db` and saying it is locked, and changes nothing: no event, no cursor, no snapshot, no
+/// compaction, whether it would only read or change something.
+#[test]
+fn every_command_on_a_database_another_engine_holds_is_refused_naming_db_and_changes_nothing() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    workspace.ok(&["events", "--cursor", "billing", "--limit", "2"]);
+    let policy = Policy::from_toml_str(POLICY).expect("the test policy");
+    let gateway = Engine::open(
+        workspace.database(),
+        policy,
+        Arc::new(SystemClock),
+        OpenOptions::default(),
+    )
+    .expect("the gateway opens the database");
+    let before = log_and_snapshot_files(&workspace.database());
+    let commands: [&[&str]; 14] = [
+        &["usage", "tp-ada"],
+        &["events"],
+        &["events", "--after", "1"],
+        &["events", "--cursor", "billing"],
+        &["events", "--cursor", "new-reader"],
+        &["events", "--cursors"],
+        &["events", "--delete-cursor", "billing"],
+        &["consume", "tp-ada", "chat", "requests=1"],
+        &["topup", "@ada", "5"],
+        &["team", "acme"],
+        &["compact"],
+        &["verify"],
+        &["revoke", "tp-ada"],
+        &["policy", "policy.toml"],
+    ];
+    for args in commands {
+        let output = workspace.bare(args);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}{}",
+            stdout_of(&output),
+            stderr_of(&output)
+        );
+        let stderr = stderr_of(&output);
+        assert!(
+            stderr.starts_with("tally: --db: ") && stderr.contains("is locked by another process"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stdout_of(&output), "", "{args:?}");
+    }
+    assert!(
+        log_and_snapshot_files(&workspace.database()) == before,
+        "a refused command changed the log or the snapshots"
+    );
+    assert_eq!(
+        gateway.cursors().expect("cursors"),
+        vec![("billing".to_string(), 2)]
+    );
+    let events = gateway.events_after(0, 1_000).expect("events");
+    drop(gateway);
+    assert_eq!(workspace.events(&[]).len(), events.len());
+    assert!(workspace.database().exists());
+}
+
+/// The commands that only read (`usage`, `events` without a cursor, `events --cursors`,
+/// `verify`, and deleting a cursor that is not there) leave the log and the snapshots as they
+/// were, byte for byte, and save no cursor.
+#[test]
+fn reading_commands_leave_the_log_and_the_snapshots_as_they_were() {
+    let workspace = Workspace::new();
+    set_up_ada(&workspace);
+    assert_eq!(consume(&workspace, now_ms(), &[]).status.code(), Some(0));
+    workspace.ok(&["compact"]);
+    assert_eq!(consume(&workspace, now_ms(), &[]).status.code(), Some(0));
+    let before = log_and_snapshot_files(&workspace.database());
+    let reads: [&[&str]; 7] = [
+        &["usage", "tp-ada"],
+        &[
+            "usage",
+            "tp-ada",
+            "--json",
+            "--at",
+            &(now_ms() + HOUR_MS).to_string(),
+        ],
+        &["events"],
+        &["events", "--after", "3", "--limit", "1", "--json"],
+        &["events", "--cursors"],
+        &["events", "--delete-cursor", "nobody"],
+        &["events", "--cursors", "--json"],
+    ];
+    for args in reads {
+        workspace.ok(args);
+    }
+    workspace.verify(&[]);
+    assert!(
+        log_and_snapshot_files(&workspace.database()) == before,
+        "a command that only reads changed the log or the snapshots"
+    );
+    let listed = workspace.ok(&["events", "--cursors", "--json"]);
+    let listed: Value = serde_json::from_str(&listed).expect("JSON");
+    assert_eq!(listed["cursors"], serde_json::json!([]), "{listed}");
+}
