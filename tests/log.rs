@@ -3319,6 +3319,63 @@ fn paging_one_event_at_a_time_across_idle_checkpoints_and_a_reopen_skips_and_rep
     assert!(again.lost.is_empty());
 }
 
+/// A limit of 0 reads nothing but still judges `after`: a cursor behind the retention hears of
+/// the events lost, one past the end is refused, and one within the log gets an empty page;
+/// a limit of `usize::MAX` reads every event after the cursor, across every segment, once.
+#[test]
+fn limits_of_zero_and_usize_max_judge_the_cursor_as_any_other_limit_does() {
+    let dir = TempDir::new("reader-limits");
+    let options = OpenOptions {
+        segment_bytes: 256,
+        ..small_retention()
+    };
+    let engine = open(dir.path(), ten_seconds(), options);
+    engine.create_user("ann", "key-ann", Some(T0_MS)).unwrap();
+    engine
+        .create_payg_key("ann", "payg-ann", Some(T0_MS))
+        .unwrap();
+    let one = [(Unit::Requests, 1)];
+    for offset in 0..30 {
+        let request = UsageRequest::new("payg-ann", "chat", &one).at(T0_MS + offset);
+        assert!(engine.consume(&request).unwrap().is_admitted());
+    }
+    engine.checkpoint().unwrap();
+    let later = T0_MS + 10 * MINUTE_MS;
+    let request = UsageRequest::new("payg-ann", "chat", &one).at(later);
+    assert!(engine.consume(&request).unwrap().is_admitted());
+    let report = engine.compact(Some(later)).unwrap();
+    let start = report.first_seq_kept;
+    assert!(start > 2, "{report:?}");
+    let last = last_seq(&engine);
+    for limit in [0, usize::MAX] {
+        assert!(
+            matches!(
+                engine.events_after(1, limit),
+                Err(Error::InvalidArgument { field: "after", ref problem })
+                    if problem.contains(&format!("events 2 to {} were compacted away", start - 1))
+            ),
+            "limit {limit}"
+        );
+        assert!(
+            matches!(
+                engine.events_after(last + 1, limit),
+                Err(Error::InvalidArgument { field: "after", .. })
+            ),
+            "limit {limit}"
+        );
+    }
+    assert_eq!(engine.events_after(start - 1, 0).unwrap(), vec![]);
+    assert_eq!(engine.events_after(last, 0).unwrap(), vec![]);
+    assert_eq!(engine.events_after(last, usize::MAX).unwrap(), vec![]);
+    let all: Vec<u64> = engine
+        .events_after(start - 1, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|event| event.seq)
+        .collect();
+    assert_eq!(all, (start..=last).collect::<Vec<_>>());
+}
+
 #[test]
 fn compaction_keeps_events_younger_than_the_longest_window_plus_the_retention() {
     let dir = TempDir::new("compact-young");
