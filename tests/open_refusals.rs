@@ -357,3 +357,94 @@ fn a_bound_below_what_the_database_holds_counts_only_what_the_tables_keep() {
     .unwrap_or_else(|error| panic!("refused: {error}"));
     drop(engine);
 }
+
+/// Writes `value` as the record of the last reservation id handed out (sled's `meta`), as
+/// damage or a bad copy leaves it.
+fn write_reservation_ids_through(dir: &Path, value: &[u8]) {
+    let db = open_sled_retrying(dir);
+    let meta = db.open_tree("meta").unwrap();
+    assert!(
+        meta.get(b"reservation_ids_through").unwrap().is_some(),
+        "a reserve records the ids it may hand out"
+    );
+    meta.insert(b"reservation_ids_through", value).unwrap();
+    db.flush().unwrap();
+}
+
+/// The record of the last reservation id an engine may hand out (`reservation_ids_through`)
+/// that does not read back (not 8 bytes): an open that went on without it could hand out an
+/// id an earlier run answered, so it is refused naming the record and changes nothing, and
+/// `verify` reports it (before, `verify` did not read the record: it found nothing wrong with
+/// a database every open refuses).
+#[test]
+fn a_damaged_record_of_reservation_ids_is_refused_by_the_open_and_reported_by_verify() {
+    let dir = TempDir::new("refused-damaged-reservation-ids");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().unwrap();
+    write_reservation_ids_through(dir.path(), &[1, 2, 3]);
+    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), "damaged record");
+    assert!(
+        error.contains("reservation_ids_through") && error.contains("3 bytes"),
+        "{error}"
+    );
+    let verified = Engine::verify(dir.path(), sync_options()).expect("verify reads on");
+    assert!(
+        verified
+            .problems
+            .iter()
+            .any(|problem| problem.contains("reservation_ids_through")
+                && problem.contains("3 bytes")),
+        "{verified:?}"
+    );
+}
+
+/// A record of 2^64 - 1 leaves no id to hand out: the open refuses it naming it (going on, the
+/// next id wrapped to 1, handed out again), and `verify` reports it. One below it opens, and a
+/// reserve is refused for want of ids rather than handing out 2^64 - 1, which every later
+/// replay refuses.
+#[test]
+fn a_record_of_reservation_ids_at_the_last_id_is_refused_and_no_reserve_wraps() {
+    let dir = TempDir::new("refused-last-reservation-id");
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().unwrap();
+    write_reservation_ids_through(dir.path(), &u64::MAX.to_le_bytes());
+    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), "last id");
+    assert!(
+        error.contains("reservation_ids_through") && error.contains("2^64 - 1"),
+        "{error}"
+    );
+    let verified = Engine::verify(dir.path(), sync_options()).expect("verify reads on");
+    assert!(
+        verified
+            .problems
+            .iter()
+            .any(|problem| problem.contains("reservation_ids_through")),
+        "{verified:?}"
+    );
+    write_reservation_ids_through(dir.path(), &(u64::MAX - 1).to_le_bytes());
+    let engine = open_token_plan(dir.path(), sync_options());
+    let held = [(tally_engine::Unit::Requests, 1)];
+    let request = tally_engine::UsageRequest::new("key-bob", "m2.7", &held).at(POPULATED_MS);
+    let open_before = engine.open_reservations();
+    let refused = engine.reserve(&request, None);
+    assert!(
+        matches!(
+            refused,
+            Err(tally_engine::Error::CapacityExceeded {
+                what: "reservation ids",
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        engine.open_reservations(),
+        open_before,
+        "nothing was reserved"
+    );
+    engine.close().unwrap();
+    let verified = Engine::verify(dir.path(), sync_options()).expect("verify");
+    assert!(verified.problems.is_empty(), "{verified:?}");
+}

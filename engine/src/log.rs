@@ -3002,8 +3002,8 @@ impl EventLog {
 
     /// The last reservation id recorded as handed out at most (`META_RESERVATION_IDS_THROUGH`);
     /// 0 when none is (a new database, or one only earlier builds ran). A value that does not
-    /// read back is an error naming it: an open that went on without it could hand out an
-    /// id again.
+    /// read back (not 8 bytes, or 2^64 - 1) is an error naming it: an open that went on
+    /// without it could hand out an id again; `verify` reports it.
     pub fn reservation_ids_through(&self) -> Result<u64, Error> {
         let value = self
             .meta
@@ -3012,6 +3012,12 @@ impl EventLog {
         match value {
             None => Ok(0),
             Some(value) => match <[u8; 8]>::try_from(&value[..]) {
+                // No id is left after it (an id of 2^64 - 1 is refused, as a snapshot's last
+                // one is): an engine going on from it would wrap to id 1.
+                Ok(bytes) if u64::from_le_bytes(bytes) == u64::MAX => Err(storage(
+                    "reading the last reservation id handed out",
+                    "the record `reservation_ids_through` is 2^64 - 1, past the last id: damaged",
+                )),
                 Ok(bytes) => Ok(u64::from_le_bytes(bytes)),
                 Err(_) => Err(storage(
                     "reading the last reservation id handed out",

@@ -2433,6 +2433,11 @@ impl Engine {
         report
             .problems
             .extend(log.logged_by_problems(log.next_seq() - 1));
+        // A record of the reservation ids handed out that does not read back: every open
+        // refuses it, as going on without it could hand out an id again.
+        if let Err(error) = log.reservation_ids_through() {
+            report.problems.push(error.to_string());
+        }
         // The latest snapshot, read and decoded once: compared with a replay of the log up to
         // it, then restored for the replay of the events after it.
         let latest = log.snapshot_pointer()?;

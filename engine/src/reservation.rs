@@ -603,13 +603,26 @@ impl Engine {
         // takes a place (as the request-id table answers, `Engine::key_refusal`: a gateway
         // answers a full table 503, an unknown key 401).
         let full = table.open.len() >= self.reservations.capacity;
-        let id = ReservationId(NonZeroU64::new(table.next_id + 1).unwrap_or(NonZeroU64::MIN));
+        // Never 2^64 - 1 (a replay and a restore refuse it) nor a wrap to 1 (handed out again).
+        let Some(id) = (table.next_id.checked_add(1))
+            .filter(|&id| id < u64::MAX)
+            .and_then(NonZeroU64::new)
+            .map(ReservationId)
+        else {
+            return Err(Error::CapacityExceeded {
+                what: "reservation ids",
+                capacity: u64::MAX - 1,
+            });
+        };
         let expires_at_ms = at_ms.saturating_add(lease_ms);
         let journal = self.journal();
         if let (Some(journal), false) = (journal, id.get() <= table.ids_through) {
             // Recorded before the id can be answered: an open hands out ids only after it, so
             // one acknowledged and then lost with its event is never handed out again.
-            let through = id.get().saturating_add(RESERVATION_IDS_PER_RECORD - 1);
+            let through = id
+                .get()
+                .saturating_add(RESERVATION_IDS_PER_RECORD - 1)
+                .min(u64::MAX - 1);
             journal.record_reservation_ids_through(through)?;
             table.ids_through = through;
         }
