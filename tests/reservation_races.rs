@@ -976,3 +976,66 @@ fn a_reservation_id_lost_with_an_unwritten_event_is_not_handed_out_again_after_a
         "tp-a's lost reservation id now names tp-b's (its void: {voided:?}; tp-b open: {open})"
     );
 }
+
+/// A reserve records a block of reservation ids durably (a flush of sled's file) with the
+/// table let go: a void (and a settle, an expiry, a checkpoint's cut) goes on meanwhile, and so
+/// do reserves while ids are left. Before, the flush ran under the table's lock, so every close
+/// on every key waited for it once every 4,096 reserves.
+#[test]
+fn a_void_does_not_wait_for_a_reserve_recording_a_block_of_ids() {
+    let dir = TempDir::new("resv-id-record-unlocked");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let at = Some(T0_MS);
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        durability: Durability::None,
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock, options).unwrap();
+    for (user, key) in [("a", "tp-a"), ("b", "tp-b")] {
+        engine.create_user(user, key, at).expect("user");
+        engine
+            .assign_seat(&format!("@{user}"), user, "Plus", at)
+            .expect("seat");
+    }
+    let held = [(Unit::Requests, 1)];
+    let reserve = |key: &str| {
+        let request = UsageRequest::new(key, "m2.7", &held).at(T0_MS);
+        engine
+            .reserve(&request, None)
+            .expect("reserve")
+            .reservation
+            .expect("admitted")
+    };
+    let kept = reserve("tp-b");
+    faults.hold_id_records();
+    std::thread::scope(|scope| {
+        let cycles = scope.spawn(|| {
+            for _ in 0..5_000 {
+                let id = reserve("tp-a");
+                engine.void(id, at).expect("void");
+            }
+        });
+        let start = std::time::Instant::now();
+        while faults.id_records_held() == 0 && start.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(
+            faults.id_records_held(),
+            1,
+            "a reserve records the next block"
+        );
+        let void = scope.spawn(|| engine.void(kept, at));
+        let start = std::time::Instant::now();
+        while !void.is_finished() && start.elapsed().as_secs() < 3 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let finished = void.is_finished();
+        faults.release_id_records();
+        assert!(finished, "the void waited for the record's flush");
+        void.join().unwrap().expect("void");
+        cycles.join().unwrap();
+    });
+    assert_eq!(engine.open_reservations(), 0);
+}

@@ -312,6 +312,8 @@ pub struct Faults {
     /// Refunds and reservation closes between their give-back and their append (see
     /// `hold_give_backs`).
     give_backs: Hold,
+    /// Records of the reservation ids handed out (see `hold_id_records`).
+    id_records: Hold,
 }
 
 /// A test's pause of one kind of step: while on, each step that reaches it waits (polling: a
@@ -427,6 +429,22 @@ impl Faults {
     /// How many refunds and closes have waited at the hold so far.
     pub fn give_backs_held(&self) -> u64 {
         self.give_backs.held()
+    }
+
+    /// A record of the reservation ids that may be handed out
+    /// (`EventLog::record_reservation_ids_through`) waits before it writes, until
+    /// `release_id_records`: a test's window to see what goes on during its flush.
+    pub fn hold_id_records(&self) {
+        self.id_records.set(true);
+    }
+
+    pub fn release_id_records(&self) {
+        self.id_records.set(false);
+    }
+
+    /// How many records of reservation ids have waited at the hold so far.
+    pub fn id_records_held(&self) -> u64 {
+        self.id_records.held()
     }
 
     fn take(counter: &AtomicU64) -> bool {
@@ -3035,6 +3053,9 @@ impl EventLog {
     pub fn record_reservation_ids_through(&self, through: u64) -> Result<(), Error> {
         if self.read_only {
             return Err(storage("the log", "opened read-only: nothing is recorded"));
+        }
+        if let Some(faults) = self.shared.faults.as_deref() {
+            faults.id_records.wait();
         }
         self.meta
             .insert(META_RESERVATION_IDS_THROUGH, &through.to_le_bytes()[..])

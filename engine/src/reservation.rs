@@ -35,8 +35,9 @@ pub const DEFAULT_LEASE_MS: u64 = 10 * 60 * 1_000;
 pub const MAX_LEASE_MS: u64 = 24 * 60 * 60 * 1_000;
 /// Reservation ids recorded as handed out at a time (`ReservationInner::ids_through`): one
 /// flush of sled's file per this many reservations, and at most this many ids skipped at an
-/// open.
+/// open. The next block is recorded once half of this many are left (`Engine::ids_recorded`).
 pub(crate) const RESERVATION_IDS_PER_RECORD: u64 = 4_096;
+const _: () = assert!(RESERVATION_IDS_PER_RECORD >= 2);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Reservation {
@@ -138,6 +139,9 @@ pub(crate) struct ReservationTable {
     pub capacity: usize,
     // Relaxed: a setting, changed by a policy swap.
     pub horizon_ms: std::sync::atomic::AtomicU64,
+    /// Held while a block of ids is recorded (`Engine::ids_recorded`), taken with `inner` let
+    /// go (never the other way round): the last id recorded by this engine (0: none yet).
+    recording: Mutex<u64>,
 }
 
 impl ReservationTable {
@@ -166,6 +170,7 @@ impl ReservationTable {
             inner: Mutex::new(inner),
             capacity: capacity.max(1),
             horizon_ms: std::sync::atomic::AtomicU64::new(horizon_ms),
+            recording: Mutex::new(0),
         }
     }
 }
@@ -593,7 +598,12 @@ impl Engine {
                 format!("must be between 1 and {MAX_LEASE_MS}"),
             ));
         }
+        let journal = self.journal();
         let mut table = self.reservations.inner.lock();
+        if let Some(journal) = journal {
+            // Before anything changes: a failed record leaves everything as it was.
+            table = self.ids_recorded(journal, table)?;
+        }
         // Leases that ended by the clock's now (not this request's stamp: one request stamped
         // far ahead must not expire everyone's reservations).
         self.expire_locked(&mut table, at_ms.min(self.now_ms()))?;
@@ -615,17 +625,7 @@ impl Engine {
             });
         };
         let expires_at_ms = at_ms.saturating_add(lease_ms);
-        let journal = self.journal();
-        if let (Some(journal), false) = (journal, id.get() <= table.ids_through) {
-            // Recorded before the id can be answered: an open hands out ids only after it, so
-            // one acknowledged and then lost with its event is never handed out again.
-            let through = id
-                .get()
-                .saturating_add(RESERVATION_IDS_PER_RECORD - 1)
-                .min(u64::MAX - 1);
-            journal.record_reservation_ids_through(through)?;
-            table.ids_through = through;
-        }
+        debug_assert!(journal.is_none() || id.get() <= table.ids_through);
         let (decision, receipt, seq) = self.keys.read(request.key, |policy, state| {
             let resource = resolve_resource(policy, request.resource, &estimate)?;
             let Some(state) = state else {
@@ -747,6 +747,61 @@ impl Engine {
             decision,
             reservation: Some(id),
         })
+    }
+
+    /// The table again, its next id recorded as handed out (`ReservationInner::ids_through`),
+    /// durably: an open hands out ids only after the record, so one acknowledged and then lost
+    /// with its event is never handed out again. A block is recorded at a time, the next once
+    /// half of one is left, and the flush runs with the table let go: settles, voids, expiry
+    /// and a checkpoint's cut go on meanwhile, and so do reserves while ids are left (one
+    /// recording, the others do not wait for it). Only a reserve with no recorded id left waits,
+    /// and fails if the record does (nothing changed). The id after 2^64 - 2 is left to the
+    /// caller to refuse.
+    fn ids_recorded<'t>(
+        &'t self,
+        journal: &crate::log::EventLog,
+        mut table: MutexGuard<'t, ReservationInner>,
+    ) -> Result<MutexGuard<'t, ReservationInner>, Error> {
+        loop {
+            let Some(next) = table.next_id.checked_add(1).filter(|&id| id < u64::MAX) else {
+                return Ok(table);
+            };
+            let left = table.ids_through.saturating_sub(table.next_id);
+            let through = next
+                .saturating_add(RESERVATION_IDS_PER_RECORD - 1)
+                .min(u64::MAX - 1);
+            if left > RESERVATION_IDS_PER_RECORD / 2 || through <= table.ids_through {
+                return Ok(table);
+            }
+            let needed = left == 0;
+            drop(table);
+            let recording = if needed {
+                Some(self.reservations.recording.lock())
+            } else {
+                // Another reserve is recording the next block: this one has an id meanwhile.
+                self.reservations.recording.try_lock()
+            };
+            let recorded = match recording {
+                Some(mut recorded) => {
+                    // Never lower: another reserve may have recorded further meanwhile.
+                    if *recorded < through {
+                        match journal.record_reservation_ids_through(through) {
+                            Ok(()) => *recorded = through,
+                            Err(error) if needed => return Err(error),
+                            // Ids are left: the next reserve tries again.
+                            Err(_) => {}
+                        }
+                    }
+                    *recorded
+                }
+                None => 0,
+            };
+            table = self.reservations.inner.lock();
+            table.ids_through = table.ids_through.max(recorded);
+            if !needed {
+                return Ok(table);
+            }
+        }
     }
 
     /// Charges the actual amount: less than the estimate gives the rest back; more is admitted
