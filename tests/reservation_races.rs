@@ -988,6 +988,11 @@ fn lost_reservation_id_is_not_handed_out_again(attempt: u32) -> Option<()> {
         other, lost,
         "tp-a's lost reservation id now names tp-b's (its void: {voided:?}; tp-b open: {open})"
     );
+    assert!(
+        matches!(voided, Err(Error::UnknownReservation { .. })),
+        "the lost reservation is unknown after the reopen: {voided:?}"
+    );
+    assert_eq!(open, 1, "tp-b's reservation stays open");
     Some(())
 }
 
