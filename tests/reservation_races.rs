@@ -1058,3 +1058,47 @@ fn a_void_does_not_wait_for_a_reserve_recording_a_block_of_ids() {
     });
     assert_eq!(engine.open_reservations(), 0);
 }
+
+/// A reserve whose record of the ids it may hand out fails (`reservation_ids_through`) is
+/// refused with the storage error and changes nothing: no reservation, the key's count of open
+/// ones as it was, no id used. The next reserve records and goes on, and after a reopen ids
+/// come after the recorded block.
+#[test]
+fn a_reserve_whose_record_of_ids_fails_changes_nothing() {
+    let dir = TempDir::new("resv-id-record-fails");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let at = Some(T0_MS);
+    let faults = tally_engine::Faults::new();
+    let options = OpenOptions {
+        durability: Durability::Interval { ms: 50 },
+        faults: Some(Arc::clone(&faults)),
+        ..OpenOptions::default()
+    };
+    let engine = Engine::open(dir.path(), Policy::token_plan(), clock.clone(), options).unwrap();
+    engine.create_user("a", "tp-a", at).expect("user");
+    engine.assign_seat("@a", "a", "Plus", at).expect("seat");
+    let held = [(Unit::Requests, 1)];
+    let request = UsageRequest::new("tp-a", "m2.7", &held).at(T0_MS);
+    let usage_before = engine.usage("tp-a", at).expect("usage");
+    faults.fail_next_id_records(1);
+    let refused = engine.reserve(&request, None);
+    assert!(
+        matches!(&refused, Err(Error::Storage { problem }) if problem.contains("reservation id")),
+        "{refused:?}"
+    );
+    assert_eq!(engine.open_reservations(), 0);
+    assert_eq!(engine.usage("tp-a", at).expect("usage"), usage_before);
+    let first = engine.reserve(&request, None).expect("reserve").reservation;
+    assert_eq!(
+        first.map(|id| id.get()),
+        Some(1),
+        "the refused reserve used no id"
+    );
+    engine.close().expect("close");
+    let engine = open(dir.path(), &clock);
+    let after = engine.reserve(&request, None).expect("reserve").reservation;
+    assert!(
+        after.is_some_and(|id| id.get() > 4_096),
+        "an open hands out ids after the recorded block: {after:?}"
+    );
+}

@@ -314,6 +314,8 @@ pub struct Faults {
     give_backs: Hold,
     /// Records of the reservation ids handed out (see `hold_id_records`).
     id_records: Hold,
+    // Read and decremented by a reserve recording a block of ids (one at a time).
+    fail_id_records: AtomicU64,
 }
 
 /// A test's pause of one kind of step: while on, each step that reaches it waits (polling: a
@@ -440,6 +442,12 @@ impl Faults {
 
     pub fn release_id_records(&self) {
         self.id_records.set(false);
+    }
+
+    /// The next `count` records of reservation ids (`EventLog::record_reservation_ids_through`)
+    /// fail before they write, as an I/O error would.
+    pub fn fail_next_id_records(&self, count: u64) {
+        self.fail_id_records.store(count, Ordering::Relaxed);
     }
 
     /// How many records of reservation ids have waited at the hold so far.
@@ -3056,6 +3064,12 @@ impl EventLog {
         }
         if let Some(faults) = self.shared.faults.as_deref() {
             faults.id_records.wait();
+            if Faults::take(&faults.fail_id_records) {
+                return Err(storage(
+                    "recording the last reservation id handed out",
+                    "injected fault",
+                ));
+            }
         }
         self.meta
             .insert(META_RESERVATION_IDS_THROUGH, &through.to_le_bytes()[..])
