@@ -625,7 +625,18 @@ impl Engine {
             });
         };
         let expires_at_ms = at_ms.saturating_add(lease_ms);
-        debug_assert!(journal.is_none() || id.get() <= table.ids_through);
+        // Recorded before it can be answered (`ids_recorded`): a real check, as an id past the
+        // record is the one a reopen could hand out again.
+        if journal.is_some() && id.get() > table.ids_through {
+            return Err(Error::Storage {
+                problem: format!(
+                    "reservation id {} is past the ids recorded as handed out ({}): not \
+                     handed out",
+                    id.get(),
+                    table.ids_through
+                ),
+            });
+        }
         let (decision, receipt, seq) = self.keys.read(request.key, |policy, state| {
             let resource = resolve_resource(policy, request.resource, &estimate)?;
             let Some(state) = state else {
@@ -798,7 +809,10 @@ impl Engine {
             };
             table = self.reservations.inner.lock();
             table.ids_through = table.ids_through.max(recorded);
-            if !needed {
+            // Other reserves went on while the table was let go, and may have taken every id
+            // recorded (this one's record ahead failed, or another was still flushing): then
+            // this one waits for a record as a reserve with none left does.
+            if !needed && table.ids_through > table.next_id {
                 return Ok(table);
             }
         }
