@@ -322,3 +322,408 @@ fn a_batch_that_fills_the_request_id_table_refuses_the_rest_and_counts_nothing_f
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A proptest: random batches against the same requests consumed one by one on a twin.
+
+mod twin_model {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::FileFailurePersistence;
+    use tally_engine::{Durability, Engine, ManualClock};
+
+    /// The keys a drawn request names: every kind of key (credits-charged ones among them) and
+    /// one that does not exist.
+    const DRAWN_KEYS: [&str; 9] = [
+        "key-ada",
+        "key-bob",
+        "key-cy",
+        "key-dee",
+        "payg-dee",
+        "key-ada-acme",
+        "key-bob-acme",
+        "key-eve",
+        "key-nobody",
+    ];
+
+    /// One drawn request of a batch.
+    #[derive(Debug, Clone)]
+    struct Entry {
+        key: usize,
+        /// 0..=2 m2.7 requests (the Starter quota fills and falls to credits), 3 m2.7 with
+        /// tokens, 4 image-01, 5 speech, 6 music.
+        resource: u8,
+        amount: u64,
+        /// An id from a pool of 6 (repeats within and across batches; a repeat with another
+        /// amount is a conflict).
+        id: Option<u8>,
+        /// Seconds from the case's current time: back as well as forward.
+        offset_s: i64,
+        unstamped: bool,
+        /// 0: sound; 1 a zero quantity; 2 an unknown resource; 3 an empty key; 4 an empty id;
+        /// 5 a time past 2100.
+        wrong: u8,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Batch(Vec<Entry>),
+        /// A hold on m2.7 by key (index), amount, lease (seconds), offset (seconds).
+        Reserve(usize, u64, u64, i64),
+        /// The case's current time (and the clock) moves on by this many seconds.
+        Advance(u64),
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            0..DRAWN_KEYS.len(),
+            0u8..7,
+            prop_oneof![3 => 1u64..4, 1 => 100u64..1_600, 1 => 1_000u64..4_000],
+            prop_oneof![1 => Just(None), 2 => (0u8..6).prop_map(Some)],
+            -600i64..600,
+            prop::bool::weighted(0.05),
+            prop_oneof![12 => Just(0u8), 1 => 1u8..6],
+        )
+            .prop_map(
+                |(key, resource, amount, id, offset_s, unstamped, wrong)| Entry {
+                    key,
+                    resource,
+                    amount,
+                    id,
+                    offset_s,
+                    unstamped,
+                    wrong,
+                },
+            )
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => prop::collection::vec(entry(), 0..80).prop_map(Op::Batch),
+            3 => (0..DRAWN_KEYS.len(), prop_oneof![1u64..4, 100u64..1_600, 1_000u64..4_500], 1u64..900, -300i64..300)
+                .prop_map(|(key, amount, lease_s, offset_s)| Op::Reserve(key, amount, lease_s, offset_s)),
+            2 => (1u64..2_400).prop_map(Op::Advance),
+        ]
+    }
+
+    /// An entry's strings, owned: `(key, resource, quantities, id, at_ms)`.
+    fn drawn_of(entry: &Entry, now_ms: u64) -> Drawn {
+        let mut key = DRAWN_KEYS[entry.key].to_string();
+        let (mut resource, mut quantities) = match entry.resource {
+            0..=2 => ("m2.7", vec![(Unit::Requests, entry.amount)]),
+            3 => (
+                "m2.7",
+                vec![(Unit::Requests, 1), (Unit::Tokens, entry.amount * 7)],
+            ),
+            4 => ("image-01", vec![(Unit::Images, 1 + entry.amount % 4)]),
+            5 => ("speech-2.8", vec![(Unit::Characters, entry.amount * 5)]),
+            _ => (
+                "music-2.6",
+                vec![(Unit::Songs, 1), (Unit::Seconds, 1 + entry.amount % 300)],
+            ),
+        };
+        let mut id = entry.id.map(|id| format!("id-{id}"));
+        let mut at =
+            (!entry.unstamped).then(|| now_ms.saturating_add_signed(entry.offset_s * 1_000));
+        match entry.wrong {
+            1 => quantities = vec![(Unit::Requests, 0)],
+            2 => resource = "m9",
+            3 => key = String::new(),
+            4 => id = Some(String::new()),
+            5 => at = Some(5_000_000_000_000),
+            _ => {}
+        }
+        (key, resource.to_string(), quantities, id, at)
+    }
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|cases| cases.parse().ok())
+            .unwrap_or(48);
+        ProptestConfig {
+            cases,
+            failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+                "proptest-regressions/batch.txt",
+            ))),
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn run(ops: &[Op], case: u64) -> Result<(), TestCaseError> {
+        let dir = TempDir::new(&format!("batch-twin-{case}"));
+        let clock = std::sync::Arc::new(ManualClock::new(T0_MS));
+        let options = OpenOptions {
+            durability: Durability::None,
+            ..OpenOptions::default()
+        };
+        let batched = open_on_clock(dir.path(), clock.clone(), options.clone());
+        let single = Engine::new(
+            Policy::token_plan(),
+            clock.clone(),
+            EngineOptions::default(),
+        )
+        .unwrap();
+        create_accounts(&batched);
+        create_accounts(&single);
+        let mut now_ms = T0_MS + 10 * MINUTE_MS;
+        clock.set_ms(now_ms);
+        let mut latest_ms = now_ms;
+        for (step, op) in ops.iter().enumerate() {
+            match op {
+                Op::Advance(seconds) => {
+                    now_ms += seconds * 1_000;
+                    clock.set_ms(now_ms);
+                }
+                Op::Reserve(key, amount, lease_s, offset_s) => {
+                    let quantities = [(Unit::Requests, *amount)];
+                    let at = now_ms.saturating_add_signed(offset_s * 1_000);
+                    latest_ms = latest_ms.max(at);
+                    let request = UsageRequest::new(DRAWN_KEYS[*key], "m2.7", &quantities).at(at);
+                    let lease = Some(lease_s * 1_000);
+                    let got = batched
+                        .reserve(&request, lease)
+                        .map(|o| (o.decision, o.reservation.is_some()));
+                    let expected = single
+                        .reserve(&request, lease)
+                        .map(|o| (o.decision, o.reservation.is_some()));
+                    prop_assert_eq!(
+                        format!("{got:?}"),
+                        format!("{expected:?}"),
+                        "step {}: reserve",
+                        step
+                    );
+                }
+                Op::Batch(entries) => {
+                    let drawn: Vec<Drawn> = entries.iter().map(|e| drawn_of(e, now_ms)).collect();
+                    let requests: Vec<UsageRequest<'_>> = drawn.iter().map(request_of).collect();
+                    for request in &requests {
+                        if let Some(at) = request.at_ms.filter(|at| *at < 4_000_000_000_000) {
+                            latest_ms = latest_ms.max(at);
+                        }
+                    }
+                    // A batch expires first the leases ended by its latest request's time and
+                    // the clock's (documented, `tests/leases.rs`): so does the twin, before its
+                    // requests. A request stamped after that point decides as a consume would.
+                    if !requests.is_empty() {
+                        let latest = match requests.iter().any(|r| r.at_ms.is_none()) {
+                            true => now_ms,
+                            false => requests
+                                .iter()
+                                .filter_map(|r| r.at_ms)
+                                .max()
+                                .unwrap()
+                                .min(now_ms),
+                        };
+                        single.expire_reservations(Some(latest)).unwrap();
+                    }
+                    let (results, replays) = batched.consume_many_noting_replay(&requests);
+                    prop_assert_eq!(results.len(), requests.len());
+                    prop_assert_eq!(replays.len(), requests.len());
+                    for (index, request) in requests.iter().enumerate() {
+                        let expected = single.consume_noting_replay(request);
+                        let got = results[index]
+                            .clone()
+                            .map(|decision| (decision, replays[index]));
+                        prop_assert_eq!(
+                            outcome(&got),
+                            outcome(&expected),
+                            "step {} entry {}: {:?}",
+                            step,
+                            index,
+                            drawn[index]
+                        );
+                    }
+                }
+            }
+        }
+        // Compared once at the end: a usage report expires the leases ended by the clock's
+        // time, so one after every step would leave no lease to end in a later batch.
+        let at = latest_ms.max(now_ms) + 20 * MINUTE_MS;
+        assert_same_state(
+            &state(&batched, &KEYS, &TEAMS, at),
+            &state(&single, &KEYS, &TEAMS, at),
+            &format!("case {case}: at the end"),
+        );
+        drop(batched);
+        let reopened = open_on_clock(dir.path(), clock.clone(), options);
+        let at = latest_ms.max(now_ms) + 20 * MINUTE_MS;
+        assert_same_state(
+            &state(&reopened, &KEYS, &TEAMS, at),
+            &state(&single, &KEYS, &TEAMS, at),
+            &format!("case {case}: after a reopen"),
+        );
+        Ok(())
+    }
+
+    static CASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn a_random_batch_decides_as_the_same_requests_consumed_one_by_one_on_a_twin(
+            ops in prop::collection::vec(op(), 1..24),
+        ) {
+            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            run(&ops, case)?;
+        }
+    }
+}
+
+/// A batch at the C ABI's bound (`TALLY_MAX_BATCH`, 4,096) and one past it, whose log fails
+/// mid-way (a short write, or a failed fdatasync) while small segments are sealed, and so made
+/// durable, on the way: every admission answered is on disk after a reopen, no entry answered
+/// with the error counts, in memory or on disk, and the answered request ids are remembered.
+#[test]
+fn a_batch_at_the_bound_whose_log_fails_mid_way_keeps_exactly_what_it_answered() {
+    const MAX_BATCH: usize = 4_096;
+    for (len, short_write) in [
+        (MAX_BATCH, true),
+        (MAX_BATCH + 1, false),
+        (MAX_BATCH, false),
+        (MAX_BATCH + 1, true),
+    ] {
+        let label = format!("batch-bound-{len}-{short_write}");
+        let dir = TempDir::new(&label);
+        let faults = tally_engine::Faults::new();
+        let options = OpenOptions {
+            // Sealed every few hundred events: the batch's first chunks are durable on their
+            // own before the failure.
+            segment_bytes: 16 * 1024,
+            ..sync_options_with(&faults)
+        };
+        let engine = open_token_plan(dir.path(), options.clone());
+        create_accounts(&engine);
+        let mut draw = Draw(len as u64 * 31 + u64::from(short_write));
+        let at_ms = T0_MS + 10 * MINUTE_MS;
+        // An id comes back with its first request (a replay), never another one: a conflict
+        // with an entry whose event the log then lost is answered before that loss is known
+        // (a conflict is pinned on its own).
+        let mut first_of_id = std::collections::HashMap::new();
+        let drawn: Vec<Drawn> = draw_batch(&mut draw, at_ms, len)
+            .into_iter()
+            .map(|(key, resource, quantities, id, at)| {
+                // Every entry sound and stamped, so the twin decides it as the batch did.
+                let at = at.filter(|at| *at < at_ms + DAY_MS).or(Some(at_ms));
+                let id = id.filter(|id| !id.is_empty() && id.len() <= 128);
+                let key = match key.is_empty() || key.contains('\u{7}') {
+                    true => "key-ada".to_string(),
+                    false => key,
+                };
+                let resource = match resource.as_str() {
+                    "m9" => "m2.7".to_string(),
+                    _ => resource,
+                };
+                let quantities = match quantities[0].1 {
+                    0 => vec![(Unit::Requests, 1)],
+                    _ => quantities,
+                };
+                let drawn = (key, resource, quantities, id, at);
+                match &drawn.3 {
+                    Some(id) => first_of_id.entry(id.clone()).or_insert(drawn).clone(),
+                    None => drawn,
+                }
+            })
+            .collect();
+        let requests: Vec<UsageRequest<'_>> = drawn.iter().map(request_of).collect();
+        let faults_now = std::sync::Arc::clone(&faults);
+        // The first events go through; the failure comes once the writer has written a few
+        // records (each write, each seal's fdatasync, counted down by the hold).
+        let failer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            match short_write {
+                true => faults_now.fail_next_inserts(1),
+                false => faults_now.fail_next_flushes(1),
+            }
+        });
+        let first_seq = last_seq(&engine) + 1;
+        let (results, first_replays) = engine.consume_many_noting_replay(&requests);
+        failer.join().unwrap();
+        assert_eq!(results.len(), len, "{label}: one result per entry");
+        let mut admitted = 0;
+        let mut failed = 0;
+        for (index, result) in results.iter().enumerate() {
+            match result {
+                Ok(decision) => {
+                    admitted += usize::from(decision.is_admitted() && !first_replays[index]);
+                }
+                Err(Error::Storage { .. }) => failed += 1,
+                // An entry made wrong by the drawing (music without songs): refused alike.
+                Err(Error::InvalidArgument { .. }) => {}
+                Err(other) => panic!("{label}: entry {index}: {other:?}"),
+            }
+        }
+        let at = at_ms + HOUR_MS;
+        let in_memory = state(&engine, &KEYS, &TEAMS, at);
+        drop(engine);
+        let reopened = open_token_plan(dir.path(), options.clone());
+        assert_same_state(
+            &state(&reopened, &KEYS, &TEAMS, at),
+            &in_memory,
+            &format!("{label}: after a reopen ({admitted} admitted, {failed} failed)"),
+        );
+        // Exactly the admissions answered (a replay's is its first's) are on disk.
+        let (mut logged, mut after) = (0, first_seq - 1);
+        loop {
+            let events = reopened.events_after(after, 100_000).unwrap();
+            let Some(last) = events.last() else {
+                break;
+            };
+            after = last.seq;
+            logged += events
+                .iter()
+                .filter(|event| matches!(event.body, tally_engine::EventBody::UsageAdmitted { .. }))
+                .count();
+        }
+        assert_eq!(
+            logged, admitted,
+            "{label}: admissions on disk ({failed} failed)"
+        );
+        if len == MAX_BATCH + 1 {
+            assert!(failed > 0, "{label}: the log failed within the batch");
+        }
+        // The answered ids are remembered as answered (but for a key's own refusal, which is
+        // never remembered), with the decision answered.
+        let (again, replays) = reopened.consume_many_noting_replay(&requests);
+        for (index, result) in results.iter().enumerate() {
+            let Ok(decision) = result else {
+                continue;
+            };
+            let keyless = matches!(
+                decision,
+                Decision::Denied(denial) if matches!(
+                    denial.reason,
+                    tally_engine::DenialReason::UnknownKey | tally_engine::DenialReason::KeyRevoked
+                )
+            );
+            if requests[index].request_id.is_some() && !keyless {
+                assert!(replays[index], "{label}: entry {index}'s id is remembered");
+                assert_eq!(
+                    again[index].as_ref().ok(),
+                    Some(decision),
+                    "{label}: entry {index}"
+                );
+            }
+        }
+    }
+}
+
+/// An empty batch answers nothing, logs nothing and changes nothing.
+#[test]
+fn an_empty_batch_answers_nothing_and_logs_nothing() {
+    let dir = TempDir::new("batch-empty");
+    let engine = open_token_plan(dir.path(), sync_options());
+    create_accounts(&engine);
+    let before = (
+        last_seq(&engine),
+        state(&engine, &KEYS, &TEAMS, T0_MS + MINUTE_MS),
+    );
+    let (results, replays) = engine.consume_many_noting_replay(&[]);
+    assert!(results.is_empty() && replays.is_empty());
+    let after = (
+        last_seq(&engine),
+        state(&engine, &KEYS, &TEAMS, T0_MS + MINUTE_MS),
+    );
+    assert_eq!(after, before);
+}
