@@ -599,7 +599,7 @@ fn a_batch_at_the_bound_whose_log_fails_mid_way_keeps_exactly_what_it_answered()
         let at_ms = T0_MS + 10 * MINUTE_MS;
         // An id comes back with its first request (a replay), never another one: a conflict
         // with an entry whose event the log then lost is answered before that loss is known
-        // (a conflict is pinned on its own).
+        // (see `a_conflict_with_a_first_decision_the_log_loses_answers_the_logs_error`).
         let mut first_of_id = std::collections::HashMap::new();
         let drawn: Vec<Drawn> = draw_batch(&mut draw, at_ms, len)
             .into_iter()
@@ -726,4 +726,37 @@ fn an_empty_batch_answers_nothing_and_logs_nothing() {
         state(&engine, &KEYS, &TEAMS, T0_MS + MINUTE_MS),
     );
     assert_eq!(after, before);
+}
+
+/// A request id used twice in one batch with other quantities, whose first entry's event the
+/// log then loses: consumed one by one, the first answers the log's error and is forgotten, and
+/// the second is decided afresh (and answers the log's error too). The batch answers the second
+/// `RequestIdConflict` instead, decided against a first decision that never stood, before its
+/// loss is known: a caller that takes a conflict for its own mistake does not retry a request
+/// that was never counted. A conflict with a first decision not yet durable waits for it, as a
+/// replay does, and answers the log's error if it never will be; so do `consume` and `submit`.
+#[test]
+fn a_conflict_with_a_first_decision_the_log_loses_answers_the_logs_error() {
+    let dir = TempDir::new("batch-conflict-lost");
+    let faults = tally_engine::Faults::new();
+    let engine = open_token_plan(dir.path(), sync_options_with(&faults));
+    create_accounts(&engine);
+    let (one, two) = ([(Unit::Requests, 1)], [(Unit::Requests, 2)]);
+    let at = T0_MS + MINUTE_MS;
+    let batch = [
+        UsageRequest::new("key-bob", "m2.7", &one).at(at).id("x"),
+        UsageRequest::new("key-bob", "m2.7", &two).at(at).id("x"),
+    ];
+    faults.fail_next_flushes(1);
+    let results = engine.consume_many(&batch);
+    assert!(
+        matches!(results[0], Err(Error::Storage { .. })),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(results[1], Err(Error::Storage { .. })),
+        "the second entry answers the log's error, as its consume would: {:?}",
+        results[1]
+    );
 }

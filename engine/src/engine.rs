@@ -1803,7 +1803,9 @@ impl Engine {
                 first = (awaits, receipt);
                 Ok(Some((decision, receipt, logged_as)))
             },
-        )?;
+        );
+        // A conflict is answered once the first decision stands.
+        let kept = kept.map_err(|error| self.conflict_once_first_stands(request_id, error))?;
         let Some((decision, replay)) = kept else {
             *verdict.decision = left;
             verdict.lease_ended_ms = lease_ended_ms;
@@ -1819,6 +1821,26 @@ impl Engine {
             None => first,
         };
         Ok(awaits)
+    }
+
+    /// `error` as the answer to a request under `request_id`, once a conflict's first decision
+    /// stands: a `RequestIdConflict` is decided against the first decision, so it is answered
+    /// only once that decision's event is durable, as a replay is, and the log's error is the
+    /// answer if it never will be (the first is then forgotten, and a request consumed after
+    /// it would have been decided afresh). Other errors are returned as they are.
+    #[cold]
+    pub(crate) fn conflict_once_first_stands(&self, request_id: &str, error: Error) -> Error {
+        if !matches!(error, Error::RequestIdConflict { .. }) {
+            return error;
+        }
+        let Some(journal) = self.journal() else {
+            return error;
+        };
+        match self.requests.logged_of(request_id) {
+            Some(logged) => self.await_first_decision(&logged).err().unwrap_or(error),
+            // Forgotten meanwhile: its log failed (or it aged out, the log sound).
+            None => journal.failure().unwrap_or(error),
+        }
     }
 
     /// Makes an admission's answer an acknowledgement: waits for what it `awaits` to be
@@ -2164,6 +2186,9 @@ impl Engine {
         let mut last_seq = None;
         // Replays whose first decision's event may not be durable yet, waited for at the end.
         let mut first_decisions = Vec::new();
+        // Entries refused as conflicts, answered so once their first decisions stand (at the
+        // end: a first staged in this batch is appended by then).
+        let mut conflicts = Vec::new();
         // Over many keys each request's lookup is a chain of cache misses (the table entry,
         // then the name and the usage it points to). A batch knows its keys in advance, so
         // the entry of the request `ENTRY_AHEAD` on and the pointees of the one
@@ -2219,7 +2244,14 @@ impl Engine {
                             replayed = true;
                             first_decisions.push((index, logged));
                         }
-                        Err(error) => results[index] = Err(error),
+                        Err(error) => {
+                            if let (Error::RequestIdConflict { .. }, Some(request_id)) =
+                                (&error, request.request_id)
+                            {
+                                conflicts.push((index, self.requests.logged_of(request_id)));
+                            }
+                            results[index] = Err(error);
+                        }
                     }
                     if let Some(replays) = replays.as_deref_mut() {
                         replays.push(replayed);
@@ -2290,6 +2322,18 @@ impl Engine {
                 results[index] = Err(error);
                 if let Some(replays) = replays.as_deref_mut() {
                     replays[index] = false;
+                }
+            }
+        }
+        if let (Some(journal), false) = (journal, conflicts.is_empty()) {
+            for (index, logged) in conflicts {
+                let failure = match logged {
+                    Some(logged) => self.await_first_decision(&logged).err(),
+                    // Forgotten before the conflict was answered: its log failed.
+                    None => journal.failure(),
+                };
+                if let Some(failure) = failure {
+                    results[index] = Err(failure);
                 }
             }
         }

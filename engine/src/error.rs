@@ -53,7 +53,9 @@ pub enum Error {
         team: String,
         user: String,
     },
-    /// The same request id came back with a different key, resource or quantities.
+    /// The same request id came back with a different key, resource or quantities (answered
+    /// by a consume once the first decision's event is durable: if the log loses it, the
+    /// log's error instead).
     RequestIdConflict {
         request_id: String,
     },

@@ -656,6 +656,17 @@ impl RequestTable {
         })
     }
 
+    /// Where the event of `request_id`'s first decision stands, if the id is still in the
+    /// table: for a caller told `RequestIdConflict`, which answers that only once the first
+    /// decision is durable (a first whose log fails is forgotten, and never stood).
+    pub fn logged_of(&self, request_id: &str) -> Option<LoggedAs> {
+        let shard = self.shard(request_id).lock();
+        shard
+            .records
+            .get(request_id)
+            .map(|record| record.logged.clone())
+    }
+
     /// Forgets `request_id` (its admission was given back because the log failed).
     pub fn forget(&self, request_id: &str) {
         let mut shard = self.shard(request_id).lock();
