@@ -235,6 +235,30 @@ fn a_swap_to_wider_buckets_keeps_each_unit_counted_until_its_old_release() {
     );
 }
 
+/// Four threads each consume one request at a time on `key` at `at_ms`, 60 times, while this
+/// one runs `change` (started together at a barrier): how many they were admitted.
+fn consumes_racing(engine: &Arc<Engine>, key: &str, at_ms: u64, change: impl FnOnce()) -> u64 {
+    const THREADS: usize = 4;
+    let barrier = Barrier::new(THREADS + 1);
+    let admitted = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..THREADS {
+            let (engine, barrier, admitted) = (engine, &barrier, &admitted);
+            scope.spawn(move || {
+                barrier.wait();
+                for _ in 0..60 {
+                    if one_request(engine, key, at_ms) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        barrier.wait();
+        change();
+    });
+    admitted.load(Ordering::Relaxed)
+}
+
 /// Threads consume one request at a time on one key while another swaps the policy back and
 /// forth between bucket widths and amounts: every admission is counted exactly once, and the
 /// key never holds more than the largest limit in force.
@@ -243,39 +267,15 @@ fn swaps_racing_consumes_on_one_key_count_every_admission_once_and_never_over_ad
     let engine = Arc::new(in_memory(policy()));
     let key = seated(&engine, "ada", "Big");
     let at_ms = T0_MS + MINUTE_MS;
-    const THREADS: usize = 4;
-    let barrier = Arc::new(Barrier::new(THREADS + 1));
-    let admitted = Arc::new(AtomicU64::new(0));
-    let consumers: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (engine, barrier, admitted, key) = (
-                Arc::clone(&engine),
-                Arc::clone(&barrier),
-                Arc::clone(&admitted),
-                key.clone(),
-            );
-            std::thread::spawn(move || {
-                barrier.wait();
-                for _ in 0..60 {
-                    if one_request(&engine, &key, at_ms) {
-                        admitted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
     let shapes = [("60s", 100), ("2m", 70), ("5m", 100), ("60s", 60)];
-    for step in 0..40 {
-        let (bucket, amount) = shapes[step % shapes.len()];
-        engine
-            .swap_policy(policy_with(amount, bucket, 1000), Some(at_ms))
-            .expect("swap");
-    }
-    for consumer in consumers {
-        consumer.join().expect("a consumer");
-    }
-    let admitted = admitted.load(Ordering::Relaxed);
+    let admitted = consumes_racing(&engine, &key, at_ms, || {
+        for step in 0..40 {
+            let (bucket, amount) = shapes[step % shapes.len()];
+            engine
+                .swap_policy(policy_with(amount, bucket, 1000), Some(at_ms))
+                .expect("swap");
+        }
+    });
     let report = limits(&engine, &key, at_ms);
     assert_eq!(
         report[0].0, admitted,
@@ -299,43 +299,19 @@ fn seat_changes_racing_consumes_on_one_key_count_every_admission_once_and_never_
     let engine = Arc::new(in_memory(policy()));
     let key = seated(&engine, "ada", "Small");
     let at_ms = T0_MS + MINUTE_MS;
-    const THREADS: usize = 4;
-    let barrier = Arc::new(Barrier::new(THREADS + 1));
-    let admitted = Arc::new(AtomicU64::new(0));
-    let consumers: Vec<_> = (0..THREADS)
-        .map(|_| {
-            let (engine, barrier, admitted, key) = (
-                Arc::clone(&engine),
-                Arc::clone(&barrier),
-                Arc::clone(&admitted),
-                key.clone(),
-            );
-            std::thread::spawn(move || {
-                barrier.wait();
-                for _ in 0..60 {
-                    if one_request(&engine, &key, at_ms) {
-                        admitted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    for step in 0..60 {
-        match step % 3 {
-            0 => engine.assign_seat("@ada", "ada", "Big", Some(at_ms)),
-            1 => engine.assign_seat("@ada", "ada", "Small", Some(at_ms)),
-            _ => engine.unassign_seat("@ada", "ada", Some(at_ms)),
+    let admitted = consumes_racing(&engine, &key, at_ms, || {
+        for step in 0..60 {
+            match step % 3 {
+                0 => engine.assign_seat("@ada", "ada", "Big", Some(at_ms)),
+                1 => engine.assign_seat("@ada", "ada", "Small", Some(at_ms)),
+                _ => engine.unassign_seat("@ada", "ada", Some(at_ms)),
+            }
+            .expect("seat change");
         }
-        .expect("seat change");
-    }
-    for consumer in consumers {
-        consumer.join().expect("a consumer");
-    }
+    });
     engine
         .assign_seat("@ada", "ada", "Big", Some(at_ms))
         .expect("seat");
-    let admitted = admitted.load(Ordering::Relaxed);
     let report = limits(&engine, &key, at_ms);
     assert_eq!(
         report[0].0, admitted,

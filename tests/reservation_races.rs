@@ -373,6 +373,26 @@ fn concurrent_reserves_fill_the_open_reservation_cap_exactly_and_every_close_fre
     }
 }
 
+/// Four requests of m2.7: what the holds below take.
+const HELD: [(Unit, u64); 1] = [(Unit::Requests, 4)];
+
+/// `tp-u` seated on Bar-Plus (the older seed's usage bar) and `tp-c`, with no seat and 50,000
+/// micro-credits, both at T0.
+fn bar_and_credits_keys(engine: &Engine) {
+    let at = Some(T0_MS);
+    engine.create_user("u", "tp-u", at).expect("user");
+    engine.assign_seat("@u", "u", "Bar-Plus", at).expect("seat");
+    engine.create_user("c", "tp-c", at).expect("user");
+    engine.top_up("@c", 50_000, at).expect("top-up");
+}
+
+/// Reserves `HELD` on `key` at T0 for `lease_ms`: the reservation, which must be admitted.
+fn reserve_held(engine: &Engine, key: &str, lease_ms: u64) -> ReservationId {
+    let request = UsageRequest::new(key, "m2.7", &HELD).at(T0_MS);
+    let reserved = engine.reserve(&request, Some(lease_ms)).expect("reserve");
+    reserved.reservation.expect("admitted")
+}
+
 /// A database reopened with reservations open (one on plan quota, one on credits, one settled
 /// before the close): the holds are restored exactly (the usage and the balance as before),
 /// the cap counts the open ones, a settle before the reopen answers the same after it (twice
@@ -384,16 +404,9 @@ fn reservations_open_at_a_reopen_keep_their_holds_settle_once_and_still_expire()
     let clock = Arc::new(ManualClock::new(T0_MS));
     let at = Some(T0_MS);
     let engine = open(dir.path(), &clock);
-    engine.create_user("u", "tp-u", at).expect("user");
-    engine.assign_seat("@u", "u", "Bar-Plus", at).expect("seat");
-    engine.create_user("c", "tp-c", at).expect("user");
-    engine.top_up("@c", 50_000, at).expect("top-up");
-    let held = [(Unit::Requests, 4)];
-    let reserve = |engine: &Engine, key: &str, lease_ms: u64| {
-        let request = UsageRequest::new(key, "m2.7", &held).at(T0_MS);
-        let reserved = engine.reserve(&request, Some(lease_ms)).expect("reserve");
-        reserved.reservation.expect("admitted")
-    };
+    bar_and_credits_keys(&engine);
+    let held = HELD;
+    let reserve = reserve_held;
     let plan_hold = reserve(&engine, "tp-u", 60_000);
     let settled_first = reserve(&engine, "tp-u", 60_000);
     let long_hold = reserve(&engine, "tp-u", DAY_MS);
@@ -489,16 +502,8 @@ fn a_price_swap_while_reservations_are_open_gives_back_exactly_what_each_hold_to
     let clock = Arc::new(ManualClock::new(T0_MS));
     let at = Some(T0_MS);
     let engine = open(dir.path(), &clock);
-    engine.create_user("u", "tp-u", at).expect("user");
-    engine.assign_seat("@u", "u", "Bar-Plus", at).expect("seat");
-    engine.create_user("c", "tp-c", at).expect("user");
-    engine.top_up("@c", 50_000, at).expect("top-up");
-    let held = [(Unit::Requests, 4)];
-    let reserve = |engine: &Engine, key: &str| {
-        let request = UsageRequest::new(key, "m2.7", &held).at(T0_MS);
-        let reserved = engine.reserve(&request, Some(60_000)).expect("reserve");
-        reserved.reservation.expect("admitted")
-    };
+    bar_and_credits_keys(&engine);
+    let reserve = |engine: &Engine, key: &str| reserve_held(engine, key, 60_000);
     let bar_void = reserve(&engine, "tp-u");
     let bar_settle = reserve(&engine, "tp-u");
     let credits_void = reserve(&engine, "tp-c");
@@ -606,16 +611,9 @@ fn reservations_open_at_a_crash_are_restored_from_the_snapshot_and_the_log_and_s
     let clock = Arc::new(ManualClock::new(T0_MS));
     let at = Some(T0_MS);
     let engine = open(dir.path(), &clock);
-    engine.create_user("u", "tp-u", at).expect("user");
-    engine.assign_seat("@u", "u", "Bar-Plus", at).expect("seat");
-    engine.create_user("c", "tp-c", at).expect("user");
-    engine.top_up("@c", 50_000, at).expect("top-up");
-    let held = [(Unit::Requests, 4)];
-    let reserve = |engine: &Engine, key: &str| {
-        let request = UsageRequest::new(key, "m2.7", &held).at(T0_MS);
-        let reserved = engine.reserve(&request, Some(60_000)).expect("reserve");
-        reserved.reservation.expect("admitted")
-    };
+    bar_and_credits_keys(&engine);
+    let held = HELD;
+    let reserve = |engine: &Engine, key: &str| reserve_held(engine, key, 60_000);
     let snapshotted = reserve(&engine, "tp-u");
     let credits_snapshotted = reserve(&engine, "tp-c");
     let settled_later = reserve(&engine, "tp-u");
