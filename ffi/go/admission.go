@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 	"unsafe"
 )
@@ -208,11 +209,20 @@ func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 	statuses := make([]C.uint32_t, len(requests))
 	decisions := make([]C.tally_decision, len(requests))
 	var ran C.uint32_t
+	// What the library said of each refused entry, read on the batch's own thread.
+	messages := make(map[int]string)
 	err = e.call(op, func(handle *C.tally_engine) C.uint32_t {
 		ran = C.tally_go_consume_many(handle, (*C.char)(unsafe.Pointer(&batch.text[0])), batch.quantitiesPointer(),
 			&batch.requests[0], C.size_t(len(requests)), &statuses[0], &decisions[0])
 		if ran == C.TALLY_GO_OUT_OF_MEMORY {
 			return C.TALLY_OK
+		}
+		if ran == C.TALLY_OK {
+			for i, status := range statuses {
+				if status != C.TALLY_OK {
+					messages[i] = batchEntryError(i)
+				}
+			}
 		}
 		return ran
 	})
@@ -228,16 +238,17 @@ func (e *Engine) ConsumeMany(requests []Request) ([]Result, error) {
 			results[i].Decision = decisionFrom(&decisions[i])
 		} else {
 			status := Status(statuses[i])
-			results[i].Err = newError(op, status, entryDetail(i, status, &requests[i]))
+			results[i].Err = newError(op, status, entryDetail(i, status, &requests[i], messages[i]))
 		}
 	}
 	return results, nil
 }
 
 // entryDetail is the message of a ConsumeMany entry the library refused with status: the
-// entry and, if a string was refused, which one, in the library's words (the library gives
-// no message per entry).
-func entryDetail(index int, status Status, request *Request) string {
+// entry and, if a string was refused, which one, in the library's words; else message, what
+// the library said of the entry (tally_batch_entry_error), naming its field as a single
+// call's error does.
+func entryDetail(index int, status Status, request *Request, message string) string {
 	type argument struct {
 		name, value string
 		maximum     int
@@ -254,10 +265,27 @@ func entryDetail(index int, status Status, request *Request) string {
 			break
 		}
 	}
+	if message != "" {
+		if field, _, found := strings.Cut(message, ":"); found && isIdentifier(field) {
+			return fmt.Sprintf("requests[%d].%s", index, message)
+		}
+		return fmt.Sprintf("requests[%d]: %s", index, message)
+	}
 	if sentinel := statusSentinel(status); sentinel != nil {
 		return fmt.Sprintf("requests[%d]: %s", index, sentinel)
 	}
 	return fmt.Sprintf("requests[%d]: refused", index)
+}
+
+// isIdentifier says whether s is a field's name as the library's messages start with one
+// ("quantities", "request_id"): letters, digits and underscores, not starting with a digit.
+func isIdentifier(s string) bool {
+	for i, r := range s {
+		if !(r == '_' || unicode.IsLetter(r) || (i > 0 && unicode.IsDigit(r))) {
+			return false
+		}
+	}
+	return s != ""
 }
 
 // textProblem is the status and detail the library answers for a string argument it refuses,

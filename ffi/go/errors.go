@@ -163,15 +163,31 @@ func newError(op string, status Status, message string) error {
 // lastError reads the calling thread's detail message. The caller must hold the OS thread
 // (runtime.LockOSThread) since the failed call, so the message is that call's.
 func lastError() string {
+	return readMessage(func(buf *C.char, size C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_last_error(buf, size, needed)
+	})
+}
+
+// batchEntryError reads what the library said was wrong with entry index of the calling
+// thread's last batch ("" if it was decided). The caller must hold the OS thread since the
+// batch's call, as for lastError.
+func batchEntryError(index int) string {
+	return readMessage(func(buf *C.char, size C.size_t, needed *C.size_t) C.uint32_t {
+		return C.tally_batch_entry_error(C.size_t(index), buf, size, needed)
+	})
+}
+
+// readMessage reads a message with a size query (tally_last_error's buffer protocol).
+func readMessage(read func(buf *C.char, size C.size_t, needed *C.size_t) C.uint32_t) string {
 	var small [256]C.char
 	var needed C.size_t
-	status := C.tally_last_error(&small[0], C.size_t(len(small)), &needed)
+	status := read(&small[0], C.size_t(len(small)), &needed)
 	if status == C.TALLY_OK {
 		return C.GoString(&small[0])
 	}
 	for attempt := 0; attempt < 4 && status == C.TALLY_BUFFER_TOO_SMALL; attempt++ {
 		buffer := make([]C.char, needed)
-		status = C.tally_last_error(&buffer[0], C.size_t(len(buffer)), &needed)
+		status = read(&buffer[0], C.size_t(len(buffer)), &needed)
 		if status == C.TALLY_OK {
 			return C.GoString(&buffer[0])
 		}

@@ -9,5 +9,5 @@ func NewErrorForTest(op string, status uint32, message string) error {
 // ConsumeManyEntryErrorForTest is the error of ConsumeMany's entry index had the library
 // refused it with status.
 func ConsumeManyEntryErrorForTest(index int, status uint32, request Request) error {
-	return newError("ConsumeMany", Status(status), entryDetail(index, Status(status), &request))
+	return newError("ConsumeMany", Status(status), entryDetail(index, Status(status), &request, ""))
 }

@@ -606,8 +606,8 @@ func TestConsumeManyDecidesEachRequestOnItsOwn(t *testing.T) {
 	}
 }
 
-// The library keeps no last error per batch entry: the package names the entry and, for a
-// string the library refused, the argument, in the words the library uses for it alone.
+// The package names the entry and, for a string the library refused, the argument, in the
+// words the library uses for it alone.
 func TestAConsumeManyEntrysErrorNamesTheRequestAndTheArgumentAtFault(t *testing.T) {
 	engine := openMemory(t)
 	seated(t, engine, "mo", "tp-mo", "Starter")
@@ -647,6 +647,42 @@ func TestAConsumeManyEntrysErrorNamesTheRequestAndTheArgumentAtFault(t *testing.
 	must(t, err)
 	if !errors.Is(results[0].Err, tally.ErrUnknownResource) || !strings.Contains(results[0].Err.Error(), "requests[0]") {
 		t.Errorf("an unknown resource: %v", results[0].Err)
+	}
+}
+
+// An entry the engine refuses, not for a string (a zero quantity, a unit the model does not
+// meter, an unknown model), says what the same request alone is refused with, in the
+// library's own words for the entry (tally_batch_entry_error), naming the entry.
+func TestAConsumeManyEntryTheEngineRefusesSaysWhatTheCallAloneSays(t *testing.T) {
+	engine := openMemory(t)
+	seated(t, engine, "mo", "tp-mo", "Starter")
+	good := tally.Request{Key: "tp-mo", Resource: "m2.7", Quantities: one(tally.Requests), At: t0}
+	zero, images, unknown := good, good, good
+	zero.Quantities = []tally.Quantity{{Unit: tally.Requests, Amount: 0}}
+	images.Quantities = []tally.Quantity{{Unit: tally.Requests, Amount: 1}, {Unit: tally.Images, Amount: 1}}
+	unknown.Resource = "gpt-9"
+	requests := []tally.Request{good, zero, images, unknown}
+	results, err := engine.ConsumeMany(requests)
+	must(t, err)
+	if !results[0].Decision.Admitted {
+		t.Fatalf("the good request: %+v", results[0])
+	}
+	for index := 1; index < len(requests); index++ {
+		_, alone := engine.Check(requests[index])
+		var want, got *tally.Error
+		if !errors.As(alone, &want) || !errors.As(results[index].Err, &got) {
+			t.Fatalf("requests[%d]: %v, alone %v", index, results[index].Err, alone)
+		}
+		named := ": "
+		if field, _, found := strings.Cut(want.Message, ":"); found && !strings.ContainsAny(field, " \"") {
+			named = "."
+		}
+		if got.Status != want.Status || got.Message != fmt.Sprintf("requests[%d]%s%s", index, named, want.Message) {
+			t.Errorf("requests[%d]: %q (%s), alone %q (%s)", index, got.Message, got.Status, want.Message, want.Status)
+		}
+	}
+	if !strings.Contains(results[1].Err.Error(), "quantities") || !strings.Contains(results[3].Err.Error(), "gpt-9") {
+		t.Errorf("the field and the model named: %v; %v", results[1].Err, results[3].Err)
 	}
 }
 

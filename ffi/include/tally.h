@@ -579,7 +579,8 @@ tally_status tally_engine_check(const struct tally_engine *engine,
 // Consumes `count` (1..=`TALLY_MAX_BATCH`) requests with one wait for durability (group
 // commit from one thread). Each is decided on its own: `statuses_out[i]` is its status and,
 // when that is `TALLY_OK`, `decisions_out[i]` its decision (otherwise `decisions_out[i]` is
-// left as it was; `tally_last_error` does not describe individual entries). The call
+// left as it was; `tally_batch_entry_error(i, ...)` says what was wrong with entry `i`, as
+// `tally_last_error` does for a single call, until the thread's next batch). The call
 // itself returns `TALLY_OK` when the batch ran, or the status that kept it from running
 // (NULL arrays, closed handle, ...), in which case no entry is written. A crash before the
 // call returns may keep the events of the batch's first requests and lose the rest's: retry
@@ -867,6 +868,22 @@ tally_status tally_engine_swap_policy(const struct tally_engine *engine,
 tally_status tally_last_error(char *buf,
                               size_t buf_len,
                               size_t *needed);
+
+// Copies the message of entry `index` of the calling thread's last
+// `tally_engine_consume_many` into `buf` as a NUL-terminated UTF-8 string: what was wrong
+// with the entry, naming the field, as `tally_last_error` says it of a single call (for
+// example `quantities: ...` or `key: must not be empty`). `""` if that entry was decided
+// (its status `TALLY_OK`), if `index` is past the batch, or if no batch ran on this thread
+// (a batch call that itself failed, returning other than `TALLY_OK`, leaves no entry
+// messages: `tally_last_error` says why). The messages stay until the thread's next
+// `tally_engine_consume_many`.
+//
+// Buffer and `needed` as `tally_last_error`'s (size query, `TALLY_BUFFER_TOO_SMALL`,
+// `needed` not NULL); it never changes the entry messages or the last error.
+tally_status tally_batch_entry_error(size_t index,
+                                     char *buf,
+                                     size_t buf_len,
+                                     size_t *needed);
 
 // Creates options with every value at its default and writes them to `*options_out`.
 //

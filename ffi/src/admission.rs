@@ -16,8 +16,9 @@ use crate::decision::{
     TALLY_MAX_DECISION_LIMITS, TALLY_NAME_CAPACITY,
 };
 use crate::handle::{tally_engine, try_ref, Open};
+use crate::last_error;
 use crate::panic::boundary;
-use crate::status::{status_of, tally_status, Failure};
+use crate::status::{tally_status, Failure};
 
 /// The most requests one `tally_engine_consume_many` takes.
 pub const TALLY_MAX_BATCH: usize = 4_096;
@@ -82,7 +83,8 @@ pub extern "C" fn tally_engine_check(
 /// Consumes `count` (1..=`TALLY_MAX_BATCH`) requests with one wait for durability (group
 /// commit from one thread). Each is decided on its own: `statuses_out[i]` is its status and,
 /// when that is `TALLY_OK`, `decisions_out[i]` its decision (otherwise `decisions_out[i]` is
-/// left as it was; `tally_last_error` does not describe individual entries). The call
+/// left as it was; `tally_batch_entry_error(i, ...)` says what was wrong with entry `i`, as
+/// `tally_last_error` does for a single call, until the thread's next batch). The call
 /// itself returns `TALLY_OK` when the batch ran, or the status that kept it from running
 /// (NULL arrays, closed handle, ...), in which case no entry is written. A crash before the
 /// call returns may keep the events of the batch's first requests and lose the rest's: retry
@@ -96,6 +98,8 @@ pub extern "C" fn tally_engine_consume_many(
     statuses_out: *mut tally_status,
     decisions_out: *mut tally_decision,
 ) -> tally_status {
+    // The previous batch's entry messages go first: a batch that fails as a whole leaves none.
+    last_error::set_entries(Vec::new());
     boundary(|| {
         let handle = try_ref(engine)?;
         if count == 0 || count > TALLY_MAX_BATCH {
@@ -120,16 +124,22 @@ pub extern "C" fn tally_engine_consume_many(
             .map(|request| Request::from_c(request))
             .collect();
         let results = handle.with(|open| Ok(consume_checked(open, &checked)))?;
+        let mut refused = Vec::new();
         for (index, result) in results.into_iter().enumerate() {
             let status = match result {
                 Ok(decision) => {
                     decisions_out.set(index, decision);
                     tally_status::TALLY_OK
                 }
-                Err(status) => status,
+                Err(failure) => {
+                    refused.push((index, failure.message));
+                    failure.status
+                }
             };
             statuses_out.set(index, status);
         }
+        // Each refused entry's message, for `tally_batch_entry_error`.
+        last_error::set_entries(refused);
         Ok(())
     })
 }
@@ -137,7 +147,7 @@ pub extern "C" fn tally_engine_consume_many(
 fn consume_checked(
     open: &Open,
     checked: &[Result<Request<'_>, Failure>],
-) -> Vec<Result<tally_decision, tally_status>> {
+) -> Vec<Result<tally_decision, Failure>> {
     let valid: Vec<&Request<'_>> = checked.iter().filter_map(|r| r.as_ref().ok()).collect();
     let engine_requests: Vec<_> = valid
         .iter()
@@ -148,15 +158,18 @@ fn consume_checked(
     checked
         .iter()
         .map(|request| match request {
-            Err(failure) => Err(failure.status),
+            Err(failure) => Err(failure.clone()),
             Ok(_) => match decided.next() {
                 Some((Ok(decision), replayed)) => Ok(tally_decision::from_engine(
                     &decision,
                     &open.policy,
                     replayed,
                 )),
-                Some((Err(error), _)) => Err(status_of(&error)),
-                None => Err(tally_status::TALLY_PANIC),
+                Some((Err(error), _)) => Err(Failure::from(error)),
+                None => Err(Failure::new(
+                    tally_status::TALLY_PANIC,
+                    "the engine answered fewer entries than it was given",
+                )),
             },
         })
         .collect()

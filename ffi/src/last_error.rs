@@ -14,9 +14,33 @@ const MAX_MESSAGE_BYTES: usize = 4_096;
 
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+    /// The messages of the entries the calling thread's last `tally_engine_consume_many`
+    /// refused, by index (in order; the entries decided are not listed).
+    static ENTRY_ERRORS: RefCell<Vec<(usize, String)>> = const { RefCell::new(Vec::new()) };
 }
 
 pub(crate) fn set(message: String) {
+    let message = bounded(message);
+    // `try_with`: a call from a thread-exit destructor (a `pthread_key` one, a C++
+    // `thread_local`'s) may come after this thread's storage is gone; `with` would panic
+    // there, outside any `catch_unwind`, and abort the process. The message is then lost,
+    // the status still returned.
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = message);
+}
+
+/// Replaces the calling thread's entry messages (`tally_batch_entry_error`) with `entries`:
+/// `(index, message)` of each entry a batch refused, in index order. Each message is bounded
+/// as the last error is.
+pub(crate) fn set_entries(entries: Vec<(usize, String)>) {
+    let entries = entries
+        .into_iter()
+        .map(|(index, message)| (index, bounded(message)))
+        .collect();
+    let _ = ENTRY_ERRORS.try_with(|kept| *kept.borrow_mut() = entries);
+}
+
+/// `message` as kept: its NULs written out as `\0`, then cut to `MAX_MESSAGE_BYTES`.
+fn bounded(message: String) -> String {
     // A NUL would cut the C string short; none of ours contain one, but a key echoed in a
     // message could. Escaped before the cut, so the bound holds for the text as kept (each
     // NUL becomes two bytes), and the cut never splits an escape.
@@ -32,11 +56,7 @@ pub(crate) fn set(message: String) {
         }
         message.truncate(end);
     }
-    // `try_with`: a call from a thread-exit destructor (a `pthread_key` one, a C++
-    // `thread_local`'s) may come after this thread's storage is gone; `with` would panic
-    // there, outside any `catch_unwind`, and abort the process. The message is then lost,
-    // the status still returned.
-    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = message);
+    message
 }
 
 /// Copies the calling thread's last error message into `buf` as a NUL-terminated UTF-8
@@ -59,6 +79,43 @@ pub extern "C" fn tally_last_error(
     let status = boundary(|| {
         let out = OutBuffer::new(buf, buf_len, needed)?;
         write_text(&saved, out)
+    });
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = saved);
+    status
+}
+
+/// Copies the message of entry `index` of the calling thread's last
+/// `tally_engine_consume_many` into `buf` as a NUL-terminated UTF-8 string: what was wrong
+/// with the entry, naming the field, as `tally_last_error` says it of a single call (for
+/// example `quantities: ...` or `key: must not be empty`). `""` if that entry was decided
+/// (its status `TALLY_OK`), if `index` is past the batch, or if no batch ran on this thread
+/// (a batch call that itself failed, returning other than `TALLY_OK`, leaves no entry
+/// messages: `tally_last_error` says why). The messages stay until the thread's next
+/// `tally_engine_consume_many`.
+///
+/// Buffer and `needed` as `tally_last_error`'s (size query, `TALLY_BUFFER_TOO_SMALL`,
+/// `needed` not NULL); it never changes the entry messages or the last error.
+#[no_mangle]
+pub extern "C" fn tally_batch_entry_error(
+    index: usize,
+    buf: *mut c_char,
+    buf_len: usize,
+    needed: *mut usize,
+) -> tally_status {
+    let message = ENTRY_ERRORS
+        .try_with(|kept| {
+            let kept = kept.borrow();
+            kept.binary_search_by_key(&index, |(entry, _)| *entry)
+                .map(|found| kept[found].1.clone())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let saved = LAST_ERROR
+        .try_with(|last| last.borrow().clone())
+        .unwrap_or_default();
+    let status = boundary(|| {
+        let out = OutBuffer::new(buf, buf_len, needed)?;
+        write_text(&message, out)
     });
     let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = saved);
     status

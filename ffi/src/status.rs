@@ -214,7 +214,7 @@ pub extern "C" fn tally_status_name(status: u32) -> *const c_char {
 }
 
 /// A failed call: the status to return and the message for `tally_last_error`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Failure {
     pub status: tally_status,
     pub message: String,

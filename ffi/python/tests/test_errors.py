@@ -380,8 +380,8 @@ def test_a_lease_of_0_is_refused_not_taken_for_the_default_lease(engine, key):
 
 
 def test_a_batch_entrys_error_names_the_request_and_the_argument_at_fault(engine, key):
-    # consume_many has no last error per entry: the wrapper names the entry and, for a string
-    # the library refused, the argument, with the words the library uses for it alone.
+    # The wrapper names the entry and, for a string the library refused, the argument, with
+    # the words the library uses for it alone.
     bad = [
         tally.Request("tp\x00ada", "m2.7", {"requests": 1}, at_ms=T),
         tally.Request(key, b"m2.\xff", {"requests": 1}, at_ms=T),
@@ -415,6 +415,27 @@ def test_a_batch_entrys_error_names_the_request_and_the_argument_at_fault(engine
     unknown = engine.consume_many([tally.Request(key, "gpt-9", {"requests": 1}, at_ms=T)])[0]
     assert isinstance(unknown, tally.UnknownResourceError)
     assert unknown.message.startswith("requests[0]")
+
+
+def test_a_batch_entry_the_engine_refuses_says_what_the_call_alone_says(engine, key):
+    # Refused by the engine, not for a string (a zero quantity, a unit the model does not
+    # meter, an unknown model): the library's own words for the entry
+    # (tally_batch_entry_error), as the same request alone is refused with, naming the entry.
+    bad = [
+        tally.Request(key, "m2.7", {"requests": 0}, at_ms=T),
+        tally.Request(key, "m2.7", {"requests": 1, "images": 1}, at_ms=T),
+        tally.Request(key, "gpt-9", {"requests": 1}, at_ms=T),
+    ]
+    results = engine.consume_many([tally.Request(key, "m2.7", {"requests": 1}, at_ms=T), *bad])
+    assert isinstance(results[0], tally.Decision) and results[0].admitted
+    for index, (request, result) in enumerate(zip(bad, results[1:], strict=True), start=1):
+        with pytest.raises(tally.TallyError) as alone:
+            engine.check(request.key, request.resource, request.quantities, at_ms=request.at_ms)
+        assert type(result) is type(alone.value), (index, result)
+        field, separator, _ = alone.value.message.partition(":")
+        named = "." if separator and field.isidentifier() else ": "
+        assert result.message == f"requests[{index}]{named}{alone.value.message}", index
+    assert "quantities" in results[1].message and "gpt-9" in results[3].message
 
 
 def test_a_batch_refused_before_the_call_names_the_request_at_fault(engine, key):

@@ -84,6 +84,21 @@ static int last_error_mentions(const char *text) {
          strstr(message, text) != NULL;
 }
 
+/* Whether entry `index` of this thread's last batch has the message `text` exactly. */
+static int batch_entry_error_is(size_t index, const char *text) {
+  char message[512];
+  size_t needed = 0;
+  return tally_batch_entry_error(index, message, sizeof message, &needed) == TALLY_OK &&
+         strcmp(message, text) == 0 && needed == strlen(text) + 1;
+}
+
+static int batch_entry_error_mentions(size_t index, const char *text) {
+  char message[512];
+  size_t needed = 0;
+  return tally_batch_entry_error(index, message, sizeof message, &needed) == TALLY_OK &&
+         strstr(message, text) != NULL;
+}
+
 static void test_library(void) {
   CHECK(strcmp(tally_version(), TALLY_VERSION) == 0);
   char expected[32];
@@ -331,7 +346,45 @@ static void test_admission(tally_engine *engine) {
   EXPECT(tally_engine_consume_many(engine, batch, 2, statuses, decisions), TALLY_OK);
   CHECK(statuses[0] == TALLY_OK && decisions[0].admitted);
   CHECK(statuses[1] == TALLY_UNKNOWN_RESOURCE);
+  CHECK(batch_entry_error_is(0, ""));
+  CHECK(batch_entry_error_mentions(1, "\"nope\""));
+  CHECK(batch_entry_error_is(2, "")); /* past the batch */
+
+  /* Each refused entry says what was wrong with it, naming the field, as a single call's
+   * last error does; the entries decided say nothing. */
+  tally_request mixed[4] = {request("tp-ada", "m2.7", one, 1, T0, NULL),
+                            request("tp-ada", "m2.7", one, 0, T0, NULL),
+                            request("", "m2.7", one, 1, T0, NULL),
+                            request("tp-ada", "m2.7", two, 1, T0, "req-1")};
+  tally_status mixed_statuses[4];
+  tally_decision mixed_decisions[4];
+  EXPECT(tally_engine_consume(engine, &mixed[1], &d), TALLY_BAD_QUANTITY);
+  char single[512];
+  size_t single_needed = 0;
+  EXPECT(tally_last_error(single, sizeof single, &single_needed), TALLY_OK);
+  EXPECT(tally_engine_consume_many(engine, mixed, 4, mixed_statuses, mixed_decisions), TALLY_OK);
+  CHECK(mixed_statuses[0] == TALLY_OK && mixed_statuses[1] == TALLY_BAD_QUANTITY &&
+        mixed_statuses[2] == TALLY_EMPTY_STRING && mixed_statuses[3] == TALLY_REQUEST_ID_CONFLICT);
+  CHECK(batch_entry_error_is(0, ""));
+  CHECK(batch_entry_error_is(1, single)); /* the words of the single call's */
+  CHECK(batch_entry_error_mentions(1, "quantities"));
+  CHECK(batch_entry_error_mentions(2, "key"));
+  CHECK(batch_entry_error_mentions(3, "req-1"));
+  /* The size query, and a buffer too small: nothing written, the message kept. */
+  size_t entry_needed = 0;
+  EXPECT(tally_batch_entry_error(1, NULL, 0, &entry_needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(entry_needed == strlen(single) + 1);
+  char tiny[2] = {'x', 'y'};
+  EXPECT(tally_batch_entry_error(1, tiny, sizeof tiny, &entry_needed), TALLY_BUFFER_TOO_SMALL);
+  CHECK(tiny[0] == 'x' && tiny[1] == 'y');
+  EXPECT(tally_batch_entry_error(1, tiny, sizeof tiny, NULL), TALLY_NULL_POINTER);
+  CHECK(batch_entry_error_is(1, single));
+  /* The last error is the single call's still: a batch that ran sets none. */
+  CHECK(last_error_mentions("quantities"));
+  /* A batch that fails as a whole leaves no entry messages (its own is the last error). */
   EXPECT(tally_engine_consume_many(engine, batch, 0, statuses, decisions), TALLY_INVALID_ARGUMENT);
+  CHECK(batch_entry_error_is(1, ""));
+  CHECK(last_error_mentions("count"));
   EXPECT(tally_engine_consume_many(engine, NULL, 2, statuses, decisions), TALLY_NULL_POINTER);
   EXPECT(tally_engine_consume_many(engine, batch, 2, NULL, decisions), TALLY_NULL_POINTER);
 

@@ -129,10 +129,16 @@ def text_problem(value: bytes, maximum: int) -> tuple[int, str] | None:
 
 
 def batch_entry_detail(
-    index: int, status: int, key: bytes, resource: bytes, request_id: bytes | None
+    index: int,
+    status: int,
+    key: bytes,
+    resource: bytes,
+    request_id: bytes | None,
+    message: str,
 ) -> str:
     """The message of a ``consume_many`` entry the library refused with ``status``: the entry,
-    and the string at fault if a string was (the library gives no message per entry)."""
+    and the string at fault if a string was, else ``message``, what the library said of the
+    entry (``tally_batch_entry_error``), naming its field as a single call's error does."""
     strings = [("key", key, _native.MAX_ID_BYTES), ("resource", resource, _native.MAX_NAME_BYTES)]
     if request_id is not None:
         strings.append(("request_id", request_id, _native.MAX_ID_BYTES))
@@ -142,7 +148,12 @@ def batch_entry_detail(
             if problem[0] == status:
                 return f"requests[{index}].{name}: {problem[1]}"
             break
-    return f"requests[{index}]: consume_many gives no detail per request (check() it alone)"
+    if not message:
+        return f"requests[{index}]: refused"
+    field, separator, _ = message.partition(":")
+    if separator and field.isidentifier():
+        return f"requests[{index}].{message}"
+    return f"requests[{index}]: {message}"
 
 
 def optional_text(name: str, value: object) -> tuple[bytes | None, int]:

@@ -186,6 +186,7 @@ SIGNATURES = {
     "tally_version": (c_char_p, []),
     "tally_status_name": (c_char_p, [c_uint32]),
     "tally_last_error": (_status, _text_out),
+    "tally_batch_entry_error": (_status, [c_size_t, *_text_out]),
     "tally_engine_consume": (_status, [Engine, POINTER(Request), POINTER(Decision)]),
     "tally_engine_check": (_status, [Engine, POINTER(Request), POINTER(Decision)]),
     "tally_engine_consume_many": (

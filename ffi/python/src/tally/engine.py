@@ -210,6 +210,7 @@ def _entry_detail(index: int, status: int, request: Request) -> str:
         _convert.text("key", request.key),
         _convert.text("resource", request.resource),
         request_id,
+        errors.batch_entry_error(index),
     )
 
 

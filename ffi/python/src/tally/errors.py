@@ -9,6 +9,7 @@ code that does not care about tally's taxonomy can catch the usual Python bases.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 from . import _native
 
@@ -311,11 +312,22 @@ def status_name(status: int) -> str:
 
 def last_error() -> str:
     """The calling thread's last error message from the library ("" if none)."""
+    return _read_message(_native.lib.tally_last_error)
+
+
+def batch_entry_error(index: int) -> str:
+    """What the library said was wrong with entry ``index`` of this thread's last
+    ``consume_many`` ("" if it was decided)."""
+    return _read_message(lambda *out: _native.lib.tally_batch_entry_error(index, *out))
+
+
+def _read_message(read: Callable[..., int]) -> str:
+    """A message read with a size query (``tally_last_error``'s buffer protocol)."""
     needed = ctypes.c_size_t(0)
     buffer: ctypes.Array[ctypes.c_char] | None = None
     for _ in range(4):  # the message cannot change between our calls on this thread
         size = len(buffer) if buffer is not None else 0
-        status = _native.lib.tally_last_error(buffer, size, ctypes.byref(needed))
+        status = read(buffer, size, ctypes.byref(needed))
         if status == _native.OK and buffer is not None:
             return buffer.value.decode("utf-8", errors="replace")
         if status != _native.BUFFER_TOO_SMALL:
