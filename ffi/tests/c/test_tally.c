@@ -387,6 +387,35 @@ static void test_admission(tally_engine *engine) {
   CHECK(last_error_mentions("count"));
   EXPECT(tally_engine_consume_many(engine, NULL, 2, statuses, decisions), TALLY_NULL_POINTER);
   EXPECT(tally_engine_consume_many(engine, batch, 2, NULL, decisions), TALLY_NULL_POINTER);
+  /* The bound: TALLY_MAX_BATCH entries are decided, one more refuses the batch (before it
+   * reads an entry) naming count. */
+  EXPECT(tally_engine_consume_many(engine, batch, TALLY_MAX_BATCH + 1, statuses, decisions),
+         TALLY_INVALID_ARGUMENT);
+  CHECK(last_error_mentions("count"));
+  tally_request *full = calloc(TALLY_MAX_BATCH, sizeof *full);
+  tally_status *full_statuses = calloc(TALLY_MAX_BATCH, sizeof *full_statuses);
+  tally_decision *full_decisions = calloc(TALLY_MAX_BATCH, sizeof *full_decisions);
+  CHECK(full != NULL && full_statuses != NULL && full_decisions != NULL);
+  if (full != NULL && full_statuses != NULL && full_decisions != NULL) {
+    /* An unknown key: each entry decided (a denial), nothing counted for the tests after. */
+    for (size_t i = 0; i < TALLY_MAX_BATCH; i++) {
+      full[i] = request("tp-nobody", "m2.7", one, 1, T0, NULL);
+    }
+    full[TALLY_MAX_BATCH - 1] = request("tp-ada", "nope", one, 1, T0, NULL);
+    EXPECT(tally_engine_consume_many(engine, full, TALLY_MAX_BATCH, full_statuses, full_decisions),
+           TALLY_OK);
+    size_t decided = 0;
+    for (size_t i = 0; i + 1 < TALLY_MAX_BATCH; i++) {
+      decided += full_statuses[i] == TALLY_OK && !full_decisions[i].admitted &&
+                 full_decisions[i].denial == TALLY_DENIAL_UNKNOWN_KEY;
+    }
+    CHECK(decided == TALLY_MAX_BATCH - 1);
+    CHECK(full_statuses[TALLY_MAX_BATCH - 1] == TALLY_UNKNOWN_RESOURCE);
+    CHECK(batch_entry_error_mentions(TALLY_MAX_BATCH - 1, "\"nope\""));
+  }
+  free(full);
+  free(full_statuses);
+  free(full_decisions);
 
   /* Refund the request admitted under req-1, once. */
   EXPECT(tally_engine_refund(engine, S("req-1"), T0), TALLY_OK);
