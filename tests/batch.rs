@@ -332,19 +332,12 @@ mod twin_model {
     use proptest::test_runner::FileFailurePersistence;
     use tally_engine::{Durability, Engine, ManualClock};
 
-    /// The keys a drawn request names: every kind of key (credits-charged ones among them) and
-    /// one that does not exist.
-    const DRAWN_KEYS: [&str; 9] = [
-        "key-ada",
-        "key-bob",
-        "key-cy",
-        "key-dee",
-        "payg-dee",
-        "key-ada-acme",
-        "key-bob-acme",
-        "key-eve",
-        "key-nobody",
-    ];
+    /// The keys a drawn request names: every kind of key of the populated world (`KEYS`,
+    /// credits-charged ones among them), then one that does not exist.
+    fn drawn_key(index: usize) -> &'static str {
+        KEYS.get(index).copied().unwrap_or("key-nobody")
+    }
+    const DRAWN_KEYS: usize = KEYS.len() + 1;
 
     /// One drawn request of a batch.
     #[derive(Debug, Clone)]
@@ -376,7 +369,7 @@ mod twin_model {
 
     fn entry() -> impl Strategy<Value = Entry> {
         (
-            0..DRAWN_KEYS.len(),
+            0..DRAWN_KEYS,
             0u8..7,
             prop_oneof![3 => 1u64..4, 1 => 100u64..1_600, 1 => 1_000u64..4_000],
             prop_oneof![1 => Just(None), 2 => (0u8..6).prop_map(Some)],
@@ -400,7 +393,7 @@ mod twin_model {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => prop::collection::vec(entry(), 0..80).prop_map(Op::Batch),
-            3 => (0..DRAWN_KEYS.len(), prop_oneof![1u64..4, 100u64..1_600, 1_000u64..4_500], 1u64..900, -300i64..300)
+            3 => (0..DRAWN_KEYS, prop_oneof![1u64..4, 100u64..1_600, 1_000u64..4_500], 1u64..900, -300i64..300)
                 .prop_map(|(key, amount, lease_s, offset_s)| Op::Reserve(key, amount, lease_s, offset_s)),
             2 => (1u64..2_400).prop_map(Op::Advance),
         ]
@@ -408,7 +401,7 @@ mod twin_model {
 
     /// An entry's strings, owned: `(key, resource, quantities, id, at_ms)`.
     fn drawn_of(entry: &Entry, now_ms: u64) -> Drawn {
-        let mut key = DRAWN_KEYS[entry.key].to_string();
+        let mut key = drawn_key(entry.key).to_string();
         let (mut resource, mut quantities) = match entry.resource {
             0..=2 => ("m2.7", vec![(Unit::Requests, entry.amount)]),
             3 => (
@@ -479,7 +472,7 @@ mod twin_model {
                     let quantities = [(Unit::Requests, *amount)];
                     let at = now_ms.saturating_add_signed(offset_s * 1_000);
                     latest_ms = latest_ms.max(at);
-                    let request = UsageRequest::new(DRAWN_KEYS[*key], "m2.7", &quantities).at(at);
+                    let request = UsageRequest::new(drawn_key(*key), "m2.7", &quantities).at(at);
                     let lease = Some(lease_s * 1_000);
                     let got = batched
                         .reserve(&request, lease)

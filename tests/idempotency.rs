@@ -15,6 +15,27 @@ use tally_engine::{
     Clock, Decision, DenialReason, Engine, OpenOptions, Policy, Unit, UsageRequest,
 };
 
+/// An in-memory engine on a manual clock at T0, with the populated accounts, and its clock.
+fn accounts_in_memory() -> (Arc<tally_engine::ManualClock>, Engine) {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = Engine::new(
+        Policy::token_plan(),
+        Arc::clone(&clock) as Arc<dyn Clock>,
+        tally_engine::EngineOptions::default(),
+    )
+    .expect("an engine");
+    create_accounts(&engine);
+    (clock, engine)
+}
+
+/// The same, logged in `dir` (`Sync`).
+fn accounts_logged(dir: &std::path::Path) -> (Arc<tally_engine::ManualClock>, Engine) {
+    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
+    let engine = open_on_clock(dir, clock.clone(), sync_options());
+    create_accounts(&engine);
+    (clock, engine)
+}
+
 /// A clock that runs a hook once, on its `trigger`th read after being armed: a way to make
 /// another thread act at a chosen point inside an engine call (the clock is read just before
 /// a `consume_many` request with an id takes its id's shard).
@@ -215,14 +236,7 @@ fn a_refund_of_an_id_whose_batch_chunk_is_not_yet_appended_stays_refunded_after_
 
 #[test]
 fn a_request_stamped_ahead_of_the_clock_is_remembered_for_the_horizon_after_its_stamp() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(
-        Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        tally_engine::EngineOptions::default(),
-    )
-    .expect("an engine");
-    create_accounts(&engine);
+    let (clock, engine) = accounts_in_memory();
     let horizon_ms = engine.policy().longest_window_ms();
     // A gateway whose clock is an hour ahead of the engine's.
     let at_ms = T0_MS + HOUR_MS;
@@ -245,14 +259,7 @@ fn a_request_stamped_ahead_of_the_clock_is_remembered_for_the_horizon_after_its_
 
 #[test]
 fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(
-        Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        tally_engine::EngineOptions::default(),
-    )
-    .expect("an engine");
-    create_accounts(&engine);
+    let (clock, engine) = accounts_in_memory();
     let horizon_ms = engine.policy().longest_window_ms();
     let first = UsageRequest::new("key-eve", "m2.7", &ONE)
         .at(T0_MS)
@@ -277,14 +284,7 @@ fn a_check_of_an_id_past_the_horizon_answers_what_a_consume_would() {
 /// recognised), so `check` must refuse it too rather than answer a decision no consume gives.
 #[test]
 fn a_check_of_a_new_id_stamped_before_the_horizon_is_refused_as_a_consume_is() {
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = Engine::new(
-        Policy::token_plan(),
-        Arc::clone(&clock) as Arc<dyn Clock>,
-        tally_engine::EngineOptions::default(),
-    )
-    .expect("an engine");
-    create_accounts(&engine);
+    let (clock, engine) = accounts_in_memory();
     let horizon_ms = engine.policy().longest_window_ms();
     clock.set_ms(T0_MS + horizon_ms + MINUTE_MS);
     let old = UsageRequest::new("key-eve", "m2.7", &ONE)
@@ -761,9 +761,7 @@ fn a_new_id_on_a_malformed_key_is_refused_for_the_key_whatever_the_table_says() 
 #[test]
 fn a_check_after_a_reopen_refuses_a_new_id_stamped_before_what_was_forgotten_as_a_consume_does() {
     let dir = TempDir::new("idem-check-forgotten");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let horizon_ms = engine.policy().longest_window_ms();
     let gone = UsageRequest::new("key-eve", "m2.7", &ONE)
         .at(T0_MS)
@@ -937,9 +935,7 @@ fn an_id_denied_for_an_unknown_key_is_admitted_when_retried_once_the_key_exists(
 #[test]
 fn an_id_forgotten_before_a_close_is_not_decided_again_after_a_reopen_on_a_clock_stepped_back() {
     let dir = TempDir::new("idem-forgotten-close");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let horizon_ms = engine.policy().longest_window_ms();
     // On the pay-as-you-go key: every admission is charged (its spend), none is refused.
     let retried = UsageRequest::new("payg-dee", "m2.7", &ONE)
@@ -995,9 +991,7 @@ fn refused_as_too_old<T>(result: &Result<T, tally_engine::Error>) -> bool {
 #[test]
 fn a_clock_glitched_ahead_at_a_checkpoint_refuses_no_fresh_id_after_a_reopen() {
     let dir = TempDir::new("idem-glitch-checkpoint");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("before");
@@ -1041,9 +1035,7 @@ fn a_clock_glitched_ahead_at_a_checkpoint_refuses_no_fresh_id_after_a_reopen() {
 #[test]
 fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
     let dir = TempDir::new("idem-glitch-request");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("before");
@@ -1106,9 +1098,7 @@ fn a_request_on_a_clock_glitched_ahead_refuses_only_the_ids_it_forgot() {
 #[test]
 fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bounds_the_open() {
     let dir = TempDir::new("idem-failed-cut-bound");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let before = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)
         .id("before");
@@ -1170,9 +1160,7 @@ fn a_later_checkpoint_that_recorded_its_bound_but_stored_no_snapshot_still_bound
 fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reopen() {
     for clean in [false, true] {
         let dir = TempDir::new("idem-anew-refunded");
-        let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-        let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-        create_accounts(&engine);
+        let (clock, engine) = accounts_logged(dir.path());
         let horizon_ms = engine.policy().longest_window_ms();
         let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
             .at(T0_MS)
@@ -1242,9 +1230,7 @@ fn an_id_decided_anew_past_its_horizon_then_refunded_answers_alike_after_a_reope
 #[test]
 fn a_batch_naming_twice_an_id_past_its_horizon_decides_it_once_and_a_reopen_agrees() {
     let dir = TempDir::new("idem-batch-anew");
-    let clock = Arc::new(tally_engine::ManualClock::new(T0_MS));
-    let engine = open_on_clock(dir.path(), clock.clone(), sync_options());
-    create_accounts(&engine);
+    let (clock, engine) = accounts_logged(dir.path());
     let horizon_ms = engine.policy().longest_window_ms();
     let first = UsageRequest::new("payg-dee", "m2.7", &ONE)
         .at(T0_MS)

@@ -371,6 +371,27 @@ fn write_reservation_ids_through(dir: &Path, value: &[u8]) {
     db.flush().unwrap();
 }
 
+/// Writes `value` as that record into a populated database, then checks that the open is
+/// refused, changing nothing, and that `verify` reports it, both in words holding each of
+/// `named`.
+fn reservation_ids_record_refused_and_reported(label: &str, value: &[u8], named: &[&str]) {
+    let dir = TempDir::new(&format!("refused-reservation-ids-{label}"));
+    let engine = open_token_plan(dir.path(), sync_options());
+    populate(&engine);
+    engine.close().unwrap();
+    write_reservation_ids_through(dir.path(), value);
+    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), label);
+    assert!(named.iter().all(|word| error.contains(word)), "{error}");
+    let verified = Engine::verify(dir.path(), sync_options()).expect("verify reads on");
+    assert!(
+        verified
+            .problems
+            .iter()
+            .any(|problem| named.iter().all(|word| problem.contains(word))),
+        "{verified:?}"
+    );
+}
+
 /// The record of the last reservation id an engine may hand out (`reservation_ids_through`)
 /// that does not read back (not 8 bytes): an open that went on without it could hand out an
 /// id an earlier run answered, so it is refused naming the record and changes nothing, and
@@ -378,24 +399,10 @@ fn write_reservation_ids_through(dir: &Path, value: &[u8]) {
 /// a database every open refuses).
 #[test]
 fn a_damaged_record_of_reservation_ids_is_refused_by_the_open_and_reported_by_verify() {
-    let dir = TempDir::new("refused-damaged-reservation-ids");
-    let engine = open_token_plan(dir.path(), sync_options());
-    populate(&engine);
-    engine.close().unwrap();
-    write_reservation_ids_through(dir.path(), &[1, 2, 3]);
-    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), "damaged record");
-    assert!(
-        error.contains("reservation_ids_through") && error.contains("3 bytes"),
-        "{error}"
-    );
-    let verified = Engine::verify(dir.path(), sync_options()).expect("verify reads on");
-    assert!(
-        verified
-            .problems
-            .iter()
-            .any(|problem| problem.contains("reservation_ids_through")
-                && problem.contains("3 bytes")),
-        "{verified:?}"
+    reservation_ids_record_refused_and_reported(
+        "damaged",
+        &[1, 2, 3],
+        &["reservation_ids_through", "3 bytes"],
     );
 }
 
@@ -405,24 +412,15 @@ fn a_damaged_record_of_reservation_ids_is_refused_by_the_open_and_reported_by_ve
 /// replay refuses.
 #[test]
 fn a_record_of_reservation_ids_at_the_last_id_is_refused_and_no_reserve_wraps() {
+    reservation_ids_record_refused_and_reported(
+        "last-id",
+        &u64::MAX.to_le_bytes(),
+        &["reservation_ids_through", "2^64 - 1"],
+    );
     let dir = TempDir::new("refused-last-reservation-id");
     let engine = open_token_plan(dir.path(), sync_options());
     populate(&engine);
     engine.close().unwrap();
-    write_reservation_ids_through(dir.path(), &u64::MAX.to_le_bytes());
-    let error = expect_refused_untouched(dir.path(), Policy::token_plan(), "last id");
-    assert!(
-        error.contains("reservation_ids_through") && error.contains("2^64 - 1"),
-        "{error}"
-    );
-    let verified = Engine::verify(dir.path(), sync_options()).expect("verify reads on");
-    assert!(
-        verified
-            .problems
-            .iter()
-            .any(|problem| problem.contains("reservation_ids_through")),
-        "{verified:?}"
-    );
     write_reservation_ids_through(dir.path(), &(u64::MAX - 1).to_le_bytes());
     let engine = open_token_plan(dir.path(), sync_options());
     let held = [(tally_engine::Unit::Requests, 1)];

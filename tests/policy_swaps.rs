@@ -83,6 +83,14 @@ fn one_request(engine: &Engine, key: &str, at_ms: u64) -> bool {
         .is_admitted()
 }
 
+/// How many of `tries` requests of one unit on `key` at `at_ms`, one after another, are
+/// admitted.
+fn requests_admitted(engine: &Engine, key: &str, at_ms: u64, tries: usize) -> usize {
+    (0..tries)
+        .filter(|_| one_request(engine, key, at_ms))
+        .count()
+}
+
 /// `(used, remaining, amount)` of each of the key's limits, in its plan's order.
 fn limits(engine: &Engine, key: &str, at_ms: u64) -> Vec<(u64, u64, u64)> {
     engine
@@ -109,12 +117,7 @@ fn a_downgrade_below_usage_leaves_nothing_remaining_and_an_upgrade_back_the_diff
     let engine = in_memory(policy());
     let key = seated(&engine, "ada", "Big");
     let at_ms = T0_MS + MINUTE_MS;
-    assert_eq!(
-        (0..80)
-            .filter(|_| one_request(&engine, &key, at_ms))
-            .count(),
-        80
-    );
+    assert_eq!(requests_admitted(&engine, &key, at_ms, 80), 80);
 
     engine
         .assign_seat("@ada", "ada", "Small", Some(at_ms))
@@ -130,12 +133,7 @@ fn a_downgrade_below_usage_leaves_nothing_remaining_and_an_upgrade_back_the_diff
         .assign_seat("@ada", "ada", "Big", Some(at_ms))
         .expect("upgrade");
     assert_eq!(limits(&engine, &key, at_ms)[0], (80, 20, 100));
-    assert_eq!(
-        (0..30)
-            .filter(|_| one_request(&engine, &key, at_ms))
-            .count(),
-        20
-    );
+    assert_eq!(requests_admitted(&engine, &key, at_ms, 30), 20);
 }
 
 #[test]
@@ -143,12 +141,7 @@ fn a_swap_lowering_a_limit_below_usage_leaves_nothing_remaining() {
     let engine = in_memory(policy());
     let key = seated(&engine, "ada", "Big");
     let at_ms = T0_MS + MINUTE_MS;
-    assert_eq!(
-        (0..90)
-            .filter(|_| one_request(&engine, &key, at_ms))
-            .count(),
-        90
-    );
+    assert_eq!(requests_admitted(&engine, &key, at_ms, 90), 90);
     engine
         .swap_policy(policy_with(40, "60s", 1000), Some(at_ms))
         .expect("swap");
@@ -159,12 +152,7 @@ fn a_swap_lowering_a_limit_below_usage_leaves_nothing_remaining() {
         .swap_policy(policy_with(95, "60s", 1000), Some(at_ms))
         .expect("swap");
     assert_eq!(limits(&engine, &key, at_ms)[0], (90, 5, 95));
-    assert_eq!(
-        (0..10)
-            .filter(|_| one_request(&engine, &key, at_ms))
-            .count(),
-        5
-    );
+    assert_eq!(requests_admitted(&engine, &key, at_ms, 10), 5);
 }
 
 #[test]
@@ -172,12 +160,7 @@ fn an_unassigned_seat_keeps_its_usage_for_when_a_seat_comes_back() {
     let engine = in_memory(policy());
     let key = seated(&engine, "ada", "Small");
     let at_ms = T0_MS + MINUTE_MS;
-    assert_eq!(
-        (0..50)
-            .filter(|_| one_request(&engine, &key, at_ms))
-            .count(),
-        50
-    );
+    assert_eq!(requests_admitted(&engine, &key, at_ms, 50), 50);
     engine
         .unassign_seat("@ada", "ada", Some(at_ms))
         .expect("unassign");

@@ -58,6 +58,21 @@ fn bar_used(engine: &Engine, key: &str, at_ms: u64) -> (u64, u64) {
     (report.limits[0].used, report.limits[1].used)
 }
 
+/// Runs each of `steps` on a thread of its own, all let go together at a barrier, and returns
+/// once every one has finished.
+fn race(steps: &[&(dyn Fn() + Sync)]) {
+    let barrier = Barrier::new(steps.len());
+    std::thread::scope(|scope| {
+        for step in steps {
+            let barrier = &barrier;
+            scope.spawn(move || {
+                barrier.wait();
+                step();
+            });
+        }
+    });
+}
+
 /// A settle, a void and an expiry of one plan-quota reservation race each other and a consume
 /// on the same key, 120 rounds (logged, `Sync`): one of them closes it, the key's usage bar
 /// holds exactly the settled amounts and the consumes, no reservation slot stays taken, a
@@ -83,63 +98,55 @@ fn a_settle_a_void_and_an_expiry_racing_close_a_plan_hold_once_and_count_only_wh
         let request = UsageRequest::new("tp-u", "m2.7", &HELD).at(at_ms);
         let reserved = engine.reserve(&request, Some(LEASE_MS)).expect("reserve");
         let id = reserved.reservation.expect("the bar has room");
-        // Every fourth round a checkpoint's cut races them too.
-        let checkpointing = round % 4 == 3;
-        let barrier = Barrier::new(4 + usize::from(checkpointing));
         let answers: Mutex<Vec<Answer>> = Mutex::default();
         let consumed = AtomicU64::new(0);
-        std::thread::scope(|scope| {
-            let (engine, barrier, answers, consumed) = (&engine, &barrier, &answers, &consumed);
-            if checkpointing {
-                scope.spawn(move || {
-                    barrier.wait();
-                    engine.checkpoint().expect("checkpoint");
-                });
-            }
-            scope.spawn(move || {
-                barrier.wait();
-                let answer = match engine.settle(id, &ACTUAL, Some(at_ms)) {
-                    Ok(SettleOutcome::Settled(settlement)) => {
-                        assert_eq!(settlement.released.get(Unit::Requests), 3);
-                        assert_eq!(settlement.extra, None);
-                        Answer::Settled
-                    }
-                    Ok(SettleOutcome::Denied(denial)) => panic!("a settle for less: {denial:?}"),
-                    Err(error) => Answer::Closed(closed_state(error)),
-                };
-                answers.lock().unwrap().push(answer);
-            });
-            scope.spawn(move || {
-                barrier.wait();
-                let answer = match engine.void(id, Some(at_ms)) {
-                    Ok(()) => Answer::Voided,
-                    Err(error) => Answer::Closed(closed_state(error)),
-                };
-                answers.lock().unwrap().push(answer);
-            });
-            scope.spawn(move || {
-                barrier.wait();
-                let expired = engine
-                    .expire_reservations(Some(at_ms + LEASE_MS))
-                    .expect("expire");
-                answers.lock().unwrap().push(match expired {
-                    1 => Answer::Expired,
-                    0 => Answer::NoOp,
-                    n => panic!("{n} expired with one open"),
-                });
-            });
-            scope.spawn(move || {
-                barrier.wait();
-                let request = UsageRequest::new("tp-u", "m2.7", &CONSUMED).at(at_ms);
-                match engine.consume(&request).expect("consume") {
-                    Decision::Admitted(admission) => {
-                        assert!(matches!(admission.charged_to, ChargedTo::PlanQuota { .. }));
-                        consumed.fetch_add(REQUEST_MICROS, Ordering::Relaxed);
-                    }
-                    Decision::Denied(denial) => panic!("the bar has room: {denial:?}"),
+        let settle = || {
+            let answer = match engine.settle(id, &ACTUAL, Some(at_ms)) {
+                Ok(SettleOutcome::Settled(settlement)) => {
+                    assert_eq!(settlement.released.get(Unit::Requests), 3);
+                    assert_eq!(settlement.extra, None);
+                    Answer::Settled
                 }
+                Ok(SettleOutcome::Denied(denial)) => panic!("a settle for less: {denial:?}"),
+                Err(error) => Answer::Closed(closed_state(error)),
+            };
+            answers.lock().unwrap().push(answer);
+        };
+        let void = || {
+            let answer = match engine.void(id, Some(at_ms)) {
+                Ok(()) => Answer::Voided,
+                Err(error) => Answer::Closed(closed_state(error)),
+            };
+            answers.lock().unwrap().push(answer);
+        };
+        let expire = || {
+            let expired = engine
+                .expire_reservations(Some(at_ms + LEASE_MS))
+                .expect("expire");
+            answers.lock().unwrap().push(match expired {
+                1 => Answer::Expired,
+                0 => Answer::NoOp,
+                n => panic!("{n} expired with one open"),
             });
-        });
+        };
+        let consume = || {
+            let request = UsageRequest::new("tp-u", "m2.7", &CONSUMED).at(at_ms);
+            match engine.consume(&request).expect("consume") {
+                Decision::Admitted(admission) => {
+                    assert!(matches!(admission.charged_to, ChargedTo::PlanQuota { .. }));
+                    consumed.fetch_add(REQUEST_MICROS, Ordering::Relaxed);
+                }
+                Decision::Denied(denial) => panic!("the bar has room: {denial:?}"),
+            }
+        };
+        let checkpoint = || {
+            engine.checkpoint().expect("checkpoint");
+        };
+        // Every fourth round a checkpoint's cut races them too.
+        match round % 4 == 3 {
+            true => race(&[&settle, &void, &expire, &consume, &checkpoint]),
+            false => race(&[&settle, &void, &expire, &consume]),
+        }
         let answers = answers.into_inner().unwrap();
         let settled = answers.contains(&Answer::Settled);
         let voided = answers.contains(&Answer::Voided);
@@ -222,49 +229,39 @@ fn a_settle_for_more_a_void_and_an_expiry_racing_a_teammate_charge_the_team_exac
         let Some(id) = reserved.reservation else {
             continue;
         };
-        let barrier = Barrier::new(4);
         let settled = AtomicU64::new(0);
         let consumed = AtomicU64::new(0);
         let closes = AtomicU64::new(0);
-        std::thread::scope(|scope| {
-            let (engine, barrier) = (&engine, &barrier);
-            let (settled, consumed, closes) = (&settled, &consumed, &closes);
-            scope.spawn(move || {
-                barrier.wait();
-                match engine.settle(id, &ACTUAL, Some(at_ms)) {
-                    Ok(SettleOutcome::Settled(settlement)) => {
-                        assert_eq!(
-                            settlement.extra,
-                            Some(ChargedTo::Credits {
-                                micros: 2 * REQUEST_MICROS
-                            })
-                        );
-                        settled.store(5 * REQUEST_MICROS, Ordering::Relaxed);
-                        closes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // The extra did not fit: still open, for the void or the expiry.
-                    Ok(SettleOutcome::Denied(_)) => {}
-                    Err(error) => {
-                        closed_state(error);
-                    }
+        race(&[
+            &|| match engine.settle(id, &ACTUAL, Some(at_ms)) {
+                Ok(SettleOutcome::Settled(settlement)) => {
+                    assert_eq!(
+                        settlement.extra,
+                        Some(ChargedTo::Credits {
+                            micros: 2 * REQUEST_MICROS
+                        })
+                    );
+                    settled.store(5 * REQUEST_MICROS, Ordering::Relaxed);
+                    closes.fetch_add(1, Ordering::Relaxed);
                 }
-            });
-            scope.spawn(move || {
-                barrier.wait();
-                match engine.void(id, Some(at_ms)) {
-                    Ok(()) => {}
-                    Err(error) => assert_eq!(closed_state(error), "settled"),
+                // The extra did not fit: still open, for the void or the expiry.
+                Ok(SettleOutcome::Denied(_)) => {}
+                Err(error) => {
+                    closed_state(error);
                 }
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
+                if let Err(error) = engine.void(id, Some(at_ms)) {
+                    assert_eq!(closed_state(error), "settled");
+                }
+            },
+            &|| {
                 let expired = engine
                     .expire_reservations(Some(at_ms + LEASE_MS))
                     .expect("expire");
                 closes.fetch_add(expired as u64, Ordering::Relaxed);
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
                 let request = UsageRequest::new("crew-b", "m2.7", &CONSUMED).at(at_ms);
                 if let Decision::Admitted(admission) = engine.consume(&request).expect("consume") {
                     assert_eq!(
@@ -275,8 +272,8 @@ fn a_settle_for_more_a_void_and_an_expiry_racing_a_teammate_charge_the_team_exac
                     );
                     consumed.fetch_add(REQUEST_MICROS, Ordering::Relaxed);
                 }
-            });
-        });
+            },
+        ]);
         // The void may have closed it too (not counted in `closes`); whatever is left open
         // (a settle denied, the void and the expiry after it... never: the expiry ends it).
         assert_eq!(engine.open_reservations(), 0, "round {round}");
@@ -774,39 +771,32 @@ fn seat_changes_racing_closes_on_the_key_lose_no_give_back() {
             let reserved = engine.reserve(&request, Some(5)).expect("reserve");
             reserved.reservation.expect("admitted")
         });
-        let barrier = Barrier::new(5);
         let counted = AtomicU64::new(0);
-        std::thread::scope(|scope| {
-            let (engine, barrier, counted) = (&engine, &barrier, &counted);
-            scope.spawn(move || {
-                barrier.wait();
+        race(&[
+            &|| {
                 let plan = if round % 2 == 0 { "Max" } else { "Plus" };
                 engine
                     .assign_seat("@u", "u", plan, Some(at_ms))
                     .expect("seat change");
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
                 if let Ok(SettleOutcome::Settled(_)) = engine.settle(ids[0], &two, Some(at_ms)) {
                     counted.fetch_add(2, Ordering::Relaxed);
                 }
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
                 let _ = engine.void(ids[1], Some(at_ms));
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
                 engine.expire_reservations(Some(at_ms + 5)).expect("expire");
-            });
-            scope.spawn(move || {
-                barrier.wait();
+            },
+            &|| {
                 let request = UsageRequest::new("tp-u", "m2.7", &one).at(at_ms);
                 if let Ok(Decision::Admitted(_)) = engine.consume(&request) {
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
-            });
-        });
+            },
+        ]);
         assert_eq!(engine.open_reservations(), 0, "round {round}");
         expected += counted.into_inner();
         assert_eq!(m27_used(&engine, at_ms), expected, "round {round}");
